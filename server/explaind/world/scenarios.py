@@ -1,0 +1,213 @@
+"""Scenarios: data sets of the shapes world described as attribute distributions.
+
+Scenarios live in ``scenarios.toml`` (or any TOML file of the same form), so adding
+one needs no code. A :class:`WorldDataset` streams scenes from the renderer: sample
+``i`` of a split is a pure function of (scenario seed, split, i).
+"""
+
+from __future__ import annotations
+
+import tomllib
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .render import ATTRIBUTE_VALUES, SHAPES, Scene, SceneSpec, render
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SCENARIOS_FILE = Path(__file__).with_name("scenarios.toml")
+_SAMPLED_ATTRIBUTES = ("colour", "texture", "background", "artifact")
+
+
+@dataclass(frozen=True)
+class Focus:
+    """The planted correlation: ``klass`` co-occurs with ``attribute == value`` in train."""
+
+    klass: str
+    attribute: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Per-split, per-class attribute distributions (probability vectors)."""
+
+    name: str
+    description: str
+    sizes: Mapping[str, int]
+    group_attribute: str
+    distributions: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] = field(repr=False)
+    focus: Focus | None = None
+    classes: tuple[str, ...] = SHAPES
+
+    def distribution(self, split: str, klass: str, attribute: str) -> np.ndarray:
+        """Probabilities over ``ATTRIBUTE_VALUES[attribute]`` for ``klass`` in ``split``."""
+        return self.distributions[split][klass][attribute]
+
+    def dataset(self, split: str, size: int | None = None, image_size: int = 64) -> WorldDataset:
+        return WorldDataset(self, split, size=size, image_size=image_size)
+
+
+def load_scenarios(path: str | Path = SCENARIOS_FILE) -> dict[str, Scenario]:
+    """Parse a scenarios TOML file; raises ``ValueError`` naming the bad entry."""
+    with open(path, "rb") as handle:
+        raw = tomllib.load(handle)
+    return {name: _parse_scenario(name, body) for name, body in raw.items()}
+
+
+@cache
+def _builtin_scenarios() -> dict[str, Scenario]:
+    return load_scenarios(SCENARIOS_FILE)
+
+
+def get_scenario(name: str) -> Scenario:
+    """A scenario shipped with explaind, by name."""
+    scenarios = _builtin_scenarios()
+    if name not in scenarios:
+        raise KeyError(f"unknown scenario {name!r}; known: {sorted(scenarios)}")
+    return scenarios[name]
+
+
+def scenario_names() -> list[str]:
+    return list(_builtin_scenarios())
+
+
+def _parse_scenario(name: str, body: dict) -> Scenario:
+    sizes = {split: int(body.get("sizes", {}).get(split, 1000)) for split in SPLITS}
+    distributions: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for split in SPLITS:
+        section = body.get(split, {})
+        if section.get("inherit"):
+            parent = section["inherit"]
+            if parent not in distributions:
+                raise ValueError(f"scenario {name}: split {split} inherits {parent!r}, which is not defined before it")
+            distributions[split] = distributions[parent]
+            continue
+        default = section.get("default", {})
+        per_class = section.get("classes", {})
+        unknown = set(per_class) - set(SHAPES)
+        if unknown:
+            raise ValueError(f"scenario {name}: unknown classes {sorted(unknown)} in {split}")
+        distributions[split] = {
+            klass: {
+                attribute: _probabilities(
+                    f"{name}.{split}.{klass}.{attribute}",
+                    attribute,
+                    per_class.get(klass, {}).get(attribute, default.get(attribute)),
+                )
+                for attribute in _SAMPLED_ATTRIBUTES
+            }
+            for klass in SHAPES
+        }
+    focus = body.get("focus")
+    group_attribute = body.get("groups", "background")
+    if group_attribute not in ATTRIBUTE_VALUES:
+        raise ValueError(f"scenario {name}: groups must name an attribute, got {group_attribute!r}")
+    return Scenario(
+        name=name,
+        description=body.get("description", ""),
+        sizes=sizes,
+        group_attribute=group_attribute,
+        distributions=distributions,
+        focus=Focus(focus["class"], focus["attribute"], focus["value"]) if focus else None,
+    )
+
+
+def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | None) -> np.ndarray:
+    values = ATTRIBUTE_VALUES[attribute]
+    if weights is None:
+        weights = {"none": 1.0} if attribute == "artifact" else {"*": 1.0}
+    unknown = set(weights) - set(values) - {"*"}
+    if unknown:
+        raise ValueError(f"{where}: unknown values {sorted(unknown)}; expected {values}")
+    named = {v: float(w) for v, w in weights.items() if v != "*"}
+    rest = [v for v in values if v not in named]
+    share = float(weights.get("*", 0.0)) / len(rest) if rest else 0.0
+    probs = np.array([named.get(v, share) for v in values], dtype=np.float64)
+    if probs.sum() <= 0 or (probs < 0).any():
+        raise ValueError(f"{where}: weights must be non-negative with a positive sum")
+    return probs / probs.sum()
+
+
+@dataclass
+class WorldBatch:
+    """A batch of scenes as tensors: ``images`` (N, 3, H, W) float in [0, 1]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    attributes: dict[str, np.ndarray]
+    captions: list[str]
+    specs: list[SceneSpec]
+
+    def groups(self, attribute: str) -> np.ndarray:
+        """Group names ``"<class>|<value>"`` per sample, (N,)."""
+        classes = np.array(SHAPES)[self.labels.numpy()]
+        return np.char.add(np.char.add(classes.astype(str), "|"), self.attributes[attribute].astype(str))
+
+
+class WorldDataset(torch.utils.data.Dataset):
+    """Scenes of one split of a scenario, rendered on demand (nothing is written to disk)."""
+
+    def __init__(self, scenario: Scenario, split: str, size: int | None = None, image_size: int = 64) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.scenario = scenario
+        self.split = split
+        self.size = scenario.sizes[split] if size is None else int(size)
+        self.image_size = image_size
+        self._seed = zlib.crc32(f"{scenario.name}/{split}".encode())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def spec(self, index: int) -> SceneSpec:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = np.random.default_rng([self._seed, index])
+        klass = SHAPES[index % len(SHAPES)]
+        drawn = {
+            attribute: ATTRIBUTE_VALUES[attribute][
+                rng.choice(len(ATTRIBUTE_VALUES[attribute]), p=self.scenario.distribution(self.split, klass, attribute))
+            ]
+            for attribute in _SAMPLED_ATTRIBUTES
+        }
+        return SceneSpec(
+            shape=klass,
+            colour=drawn["colour"],
+            texture=drawn["texture"],
+            background=drawn["background"],
+            artifact=drawn["artifact"] == "watermark",
+            seed=int(rng.integers(2**31)),
+            size=self.image_size,
+        )
+
+    def __getitem__(self, index: int) -> Scene:
+        return render(self.spec(index))
+
+    def batch(self, indices: range | list[int]) -> WorldBatch:
+        return collate([self[i] for i in indices])
+
+    def batches(self, batch_size: int) -> Iterator[WorldBatch]:
+        for start in range(0, self.size, batch_size):
+            yield self.batch(range(start, min(start + batch_size, self.size)))
+
+    def all(self) -> WorldBatch:
+        return self.batch(range(self.size))
+
+
+def collate(scenes: list[Scene]) -> WorldBatch:
+    images = np.stack([scene.image for scene in scenes])
+    return WorldBatch(
+        images=torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0),
+        labels=torch.tensor([SHAPES.index(scene.spec.shape) for scene in scenes], dtype=torch.long),
+        attributes={
+            attribute: np.array([scene.attributes[attribute] for scene in scenes]) for attribute in ATTRIBUTE_VALUES
+        },
+        captions=[scene.caption for scene in scenes],
+        specs=[scene.spec for scene in scenes],
+    )
