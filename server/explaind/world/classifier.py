@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .render import SHAPES
+from .weights import load_weights, save_weights
 
 # ImageNet-style normalisation applied inside the model, so callers feed [0, 1] RGB.
 PIXEL_MEAN = (0.5, 0.5, 0.5)
@@ -102,26 +103,18 @@ class WorldClassifier(nn.Module):
 
 def save_classifier(model: WorldClassifier, directory: str | Path, *, half: bool = True) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (fp16 by default) into ``directory``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(model.config.to_json())
-    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / "model.safetensors")
+    save_weights(model, directory / "model.safetensors", half=half)
     return directory
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> WorldClassifier:
     """Load a classifier written by :func:`save_classifier`; weights are cast to fp32."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier file missing: {path}")
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"classifier config missing: {config_path}")
     model = WorldClassifier(ClassifierConfig.from_json(config_path.read_text()))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights_path).items()}
-    model.load_state_dict(state)
+    load_weights(model, Path(directory) / "model.safetensors")
     return model.to(device).eval()
