@@ -58,6 +58,7 @@ def train_classifier(
     batch_size: int = 64,
     learning_rate: float = 2e-3,
     train_size: int | None = None,
+    test_size: int | None = None,
     seed: int = 0,
     config: ClassifierConfig | None = None,
     log: bool = True,
@@ -87,7 +88,7 @@ def train_classifier(
         if log:
             print(f"[{scenario_name}] epoch {epoch + 1}/{epochs} loss {total / len(order):.4f} ({time.perf_counter() - start:.0f}s)")
     model.eval()
-    test = scenario.dataset("test").all()
+    test = scenario.dataset("test", size=test_size).all()
     return model, group_report(predict_batches(model, test.images), test, scenario.group_attribute)
 
 

@@ -1,0 +1,80 @@
+"""Regenerate every shapes-world asset from scratch, then print the quality table.
+
+    python -m explaind.world.build                 # everything (about an hour on 2 CPU cores)
+    python -m explaind.world.build --parts classifiers --smoke --root /tmp/assets
+
+``--smoke`` trains each model for a few steps on tiny data: CI uses it to prove the
+scripts run, not to produce useful weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
+from .classifier import save_classifier
+from .oracle import save_oracle, train_oracle
+from .quality import print_quality_table
+from .scenarios import scenario_names
+from .train_classifier import train_classifier
+
+PARTS = ("classifiers", "oracle", "clip", "t2i")
+CLASSIFIER_EPOCHS = 5
+
+
+def build(parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: bool = False) -> dict[str, float]:
+    """Train and save the requested parts under ``root``; returns seconds per part."""
+    timings: dict[str, float] = {}
+    if "classifiers" in parts:
+        for name in scenario_names():
+            start = time.perf_counter()
+            model, _ = train_classifier(
+                name,
+                epochs=1 if smoke else CLASSIFIER_EPOCHS,
+                learning_rate=3e-3,
+                train_size=96 if smoke else None,
+                test_size=96 if smoke else None,
+            )
+            save_classifier(model, classifier_dir(name, root))
+            timings[f"classifier/{name}"] = time.perf_counter() - start
+    if "oracle" in parts:
+        start = time.perf_counter()
+        save_oracle(train_oracle(epochs=1 if smoke else 4, train_size=96 if smoke else None), oracle_dir(root))
+        timings["oracle"] = time.perf_counter() - start
+    if "clip" in parts:
+        from .clip import train_clip
+
+        start = time.perf_counter()
+        train_clip(steps=3 if smoke else None, seed=0, out_dir=clip_dir(root))
+        timings["clip"] = time.perf_counter() - start
+    if "t2i" in parts:
+        from .t2i import train_t2i
+
+        start = time.perf_counter()
+        train_t2i(steps=3 if smoke else None, seed=0, clip_dir=clip_dir(root), out_dir=t2i_dir(root))
+        timings["t2i"] = time.perf_counter() - start
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--root", type=Path, default=ASSETS_DIR, help="where assets are written")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per model (CI)")
+    args = parser.parse_args()
+    parts = tuple(p for p in args.parts.split(",") if p)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    timings = build(parts, root=args.root, smoke=args.smoke)
+    print("== Training time (seconds, this machine) ==")
+    for part, seconds in timings.items():
+        print(f"  {part:<40}{seconds:>8.0f}")
+    if not args.smoke:
+        print_quality_table(list(parts), args.root)
+
+
+if __name__ == "__main__":
+    main()

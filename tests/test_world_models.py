@@ -1,0 +1,61 @@
+"""Shipped world classifiers and oracle: load from files only, and measure them."""
+
+import pytest
+import torch
+
+from explaind.world.assets import classifier_dir, oracle_dir
+from explaind.world.build import build
+from explaind.world.classifier import load_classifier
+from explaind.world.oracle import load_oracle, oracle_accuracy
+from explaind.world.quality import classifier_report
+from explaind.world.render import SHAPES, SceneSpec, render
+from explaind.world.scenarios import get_scenario, scenario_names
+
+SPURIOUS = [name for name in scenario_names() if get_scenario(name).focus is not None]
+
+
+def _image(spec: SceneSpec) -> torch.Tensor:
+    return torch.from_numpy(render(spec).image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+@pytest.mark.parametrize("scenario", scenario_names())
+def test_shipped_classifier_loads_from_files_and_recognises_a_plain_scene(scenario):
+    model = load_classifier(classifier_dir(scenario))
+    assert model.config.feature_layer == "layer3" and model.config.head == "fc"
+    assert model.feature_maps(torch.zeros(2, 3, 64, 64)).shape == (2, 128, 8, 8)
+    # A circle on sand carries no planted cue of any scenario, so every model must get it.
+    with torch.no_grad():
+        logits = model(_image(SceneSpec("circle", "red", "plain", "sand", seed=1)))
+    assert logits.shape == (1, len(SHAPES)) and torch.isfinite(logits).all()
+    assert SHAPES[int(logits.argmax())] == "circle"
+
+
+def test_balanced_classifier_is_accurate():
+    assert classifier_report("balanced").accuracy >= 0.95
+
+
+@pytest.mark.parametrize("scenario", SPURIOUS)
+def test_spurious_classifier_learned_its_correlation(scenario):
+    report = classifier_report(scenario)
+    group, worst = report.worst_group
+    assert report.accuracy - worst >= 0.30, f"{scenario}: average {report.accuracy:.3f}, worst {group} {worst:.3f}"
+
+
+def test_shipped_oracle_reads_every_attribute():
+    accuracy = oracle_accuracy(load_oracle(oracle_dir()), size=600)
+    assert min(accuracy.values()) >= 0.9, accuracy
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_classifier(tmp_path)
+    with pytest.raises(FileNotFoundError, match="oracle.safetensors"):
+        load_oracle(tmp_path)
+
+
+def test_smoke_build_trains_and_saves_loadable_models(tmp_path):
+    timings = build(("classifiers", "oracle"), root=tmp_path, smoke=True)
+    assert set(timings) == {f"classifier/{name}" for name in scenario_names()} | {"oracle"}
+    for name in scenario_names():
+        assert load_classifier(classifier_dir(name, tmp_path))(torch.zeros(1, 3, 64, 64)).shape == (1, len(SHAPES))
+    assert set(load_oracle(oracle_dir(tmp_path)).predict(torch.zeros(2, 3, 64, 64))) == {"shape", "colour", "texture", "background"}
