@@ -1,1 +1,51 @@
-X=1
+"""Python SDK for explaind.
+
+    from explaind.client import Client
+    with Client("127.0.0.1:50051") as client:
+        client.wait_until_ready()
+        print(client.predict(images, top_k=3)[0].label)
+        report = client.evaluate_sample_set("my-set").result(progress=True)
+"""
+
+from ._client import Client
+from ._errors import (
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    ExplaindError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OperationError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from ._operations import Evaluation, Operation
+from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, Sample, SampleSet
+
+__all__ = [
+    "AlreadyExistsError",
+    "Artifact",
+    "CancelledError",
+    "Client",
+    "Component",
+    "DeadlineExceededError",
+    "Evaluation",
+    "ExplaindError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelMetadata",
+    "NotFoundError",
+    "Operation",
+    "OperationError",
+    "Prediction",
+    "Progress",
+    "ResourceExhaustedError",
+    "Sample",
+    "SampleSet",
+    "UnauthenticatedError",
+    "UnavailableError",
+]

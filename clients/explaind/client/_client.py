@@ -1,0 +1,252 @@
+"""The explaind Python SDK client."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from explaind.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    sample_sets_pb2,
+    sample_sets_pb2_grpc,
+)
+
+from ._errors import from_rpc_error
+from ._images import open_image, to_image_messages
+from ._operations import Operation
+from ._types import Component, ModelMetadata, Prediction, Sample, SampleSet
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_STATES = {"queued": 1, "running": 2, "succeeded": 3, "failed": 4, "cancelled": 5}
+
+
+def _time(stamp) -> dt.datetime:
+    return stamp.ToDatetime(tzinfo=dt.timezone.utc)
+
+
+def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
+    return SampleSet(
+        sample_set_id=message.sample_set_id,
+        display_name=message.display_name,
+        sample_count=message.sample_count,
+        class_counts=dict(sorted(message.class_counts.items())),
+        create_time=_time(message.create_time),
+        update_time=_time(message.update_time),
+    )
+
+
+class Client:
+    """A connection to an explaind server.
+
+    Every call has a deadline (``timeout`` seconds unless the method is given its own)
+    and failures raise typed :class:`ExplaindError` subclasses with the server's message.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        )
+        self._stubs = {
+            "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
+            "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
+            "operations": operations_pb2_grpc.OperationsServiceStub(self._channel),
+            "health": health_pb2_grpc.HealthStub(self._channel),
+        }
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # Plumbing ------------------------------------------------------------------------
+
+    def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stubs[service], method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
+        call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._metadata)
+        return _ErrorMappingStream(call)
+
+    # Health and metadata -------------------------------------------------------------
+
+    def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, ... for the server ("") or one service."""
+        response = self._call("health", "Check", health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_ready(self, timeout: float = 60.0) -> None:
+        """Block until health reports SERVING (models loaded)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except Exception as error:  # noqa: BLE001 - not up yet
+                last = error
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.target} was not SERVING within {timeout}s (last error: {last})")
+
+    def model_metadata(self) -> ModelMetadata:
+        response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
+        c = response.classifier
+        return ModelMetadata(
+            name=c.name,
+            loader=c.loader,
+            class_names=list(c.class_names),
+            feature_layer=c.feature_layer,
+            head=c.head,
+            feature_dim=c.feature_dim,
+            image_size=c.image_size,
+            model_version=c.model_version,
+            backend=c.backend,
+            device=c.device,
+            supports_features=c.supports_features,
+            components={s.name: Component(s.name, s.loaded, s.source, s.detail) for s in response.components},
+            max_batch_size=response.batching.max_batch_size,
+        )
+
+    # Predict -------------------------------------------------------------------------
+
+    def predict(self, images: Any, *, top_k: int = 5, return_features: bool = False, timeout: float | None = None) -> list[Prediction]:
+        """Classify images: a list (numpy arrays, torch tensors, PIL images, paths,
+        encoded bytes) or one (N, 3, H, W) / (N, H, W, 3) batch. One Prediction per image."""
+        request = inference_pb2.PredictRequest(images=to_image_messages(images), top_k=top_k, return_features=return_features)
+        response = self._call("inference", "Predict", request, timeout=timeout)
+        features = None
+        if response.HasField("features"):
+            f = response.features
+            features = np.frombuffer(f.data, dtype="<f4").reshape(tuple(f.shape))
+        return [
+            Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i])
+            for i, p in enumerate(response.predictions)
+        ]
+
+    # Sample sets ---------------------------------------------------------------------
+
+    @staticmethod
+    def _samples(images: Any, labels: Sequence[int], attributes: Sequence[Mapping[str, str]] | None) -> list[sample_sets_pb2.Sample]:
+        messages = to_image_messages(images)
+        labels = [int(label) for label in labels]
+        if len(labels) != len(messages):
+            raise ValueError(f"got {len(messages)} images but {len(labels)} labels")
+        if attributes is not None and len(attributes) != len(messages):
+            raise ValueError(f"got {len(messages)} images but {len(attributes)} attribute maps")
+        return [
+            sample_sets_pb2.Sample(image=image, label=label, attributes=dict(attributes[i]) if attributes is not None else {})
+            for i, (image, label) in enumerate(zip(messages, labels, strict=True))
+        ]
+
+    def create_sample_set(
+        self,
+        images: Any,
+        labels: Sequence[int],
+        *,
+        sample_set_id: str = "",
+        display_name: str = "",
+        attributes: Sequence[Mapping[str, str]] | None = None,
+        chunk_size: int = 512,
+    ) -> SampleSet:
+        """Store labelled images as a named set (uploaded in chunks of ``chunk_size``)."""
+        samples = self._samples(images, labels, attributes)
+        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=samples[:chunk_size])
+        created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
+        for start in range(chunk_size, len(samples), chunk_size):
+            append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=samples[start : start + chunk_size])
+            created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
+        return created
+
+    def append_samples(self, sample_set_id: str, images: Any, labels: Sequence[int], *, attributes: Sequence[Mapping[str, str]] | None = None) -> SampleSet:
+        request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=self._samples(images, labels, attributes))
+        return _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
+
+    def sample_set(self, sample_set_id: str) -> SampleSet:
+        return _sample_set(self._call("sample_sets", "GetSampleSet", sample_sets_pb2.GetSampleSetRequest(sample_set_id=sample_set_id)).sample_set)
+
+    def sample_sets(self) -> list[SampleSet]:
+        """Every sample set, oldest first."""
+        found, token = [], ""
+        while True:
+            response = self._call("sample_sets", "ListSampleSets", sample_sets_pb2.ListSampleSetsRequest(page_token=token))
+            found += [_sample_set(s) for s in response.sample_sets]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    def samples(self, sample_set_id: str) -> Iterator[Sample]:
+        """The set's samples in insertion order, images as PIL images."""
+        token = ""
+        while True:
+            request = sample_sets_pb2.ListSamplesRequest(sample_set_id=sample_set_id, page_token=token)
+            response = self._call("sample_sets", "ListSamples", request)
+            for sample in response.samples:
+                yield Sample(open_image(sample.image.encoded), sample.label, dict(sample.attributes))
+            token = response.next_page_token
+            if not token:
+                return
+
+    def delete_sample_set(self, sample_set_id: str) -> None:
+        self._call("sample_sets", "DeleteSampleSet", sample_sets_pb2.DeleteSampleSetRequest(sample_set_id=sample_set_id))
+
+    # Jobs ----------------------------------------------------------------------------
+
+    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> Operation:
+        """Start classifying a sample set; ``.result()`` gives an :class:`Evaluation` and the
+        operation has a ``mistakes.png`` artifact."""
+        request = inference_pb2.EvaluateSampleSetRequest(sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images)
+        return Operation(self, self._call("inference", "EvaluateSampleSet", request).operation)
+
+    def operation(self, name: str) -> Operation:
+        """An operation by name (``operations/<id>`` or the id)."""
+        return Operation(self, self._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=name)).operation)
+
+    def operations(self, *, kind: str = "", state: str = "", limit: int = 100) -> list[Operation]:
+        """Recent operations, newest first, optionally of one kind / state."""
+        if state and state not in _STATES:
+            raise ValueError(f"state must be one of {sorted(_STATES)}, got {state!r}")
+        request = operations_pb2.ListOperationsRequest(kind=kind, state=_STATES.get(state, 0), page_size=limit)
+        return [Operation(self, op) for op in self._call("operations", "ListOperations", request).operations]
+
+
+class _ErrorMappingStream:
+    """Iterates a server stream, raising typed errors; ``cancel()`` ends it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._call
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED or self._call.is_active():
+                raise from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()

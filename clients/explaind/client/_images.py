@@ -1,0 +1,58 @@
+"""Turning user images (arrays, tensors, PIL images, files, bytes) into Image messages."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from explaind.v1 import common_pb2
+
+_DTYPES = {np.dtype(np.uint8): common_pb2.DATA_TYPE_UINT8, np.dtype(np.float16): common_pb2.DATA_TYPE_FLOAT16, np.dtype(np.float32): common_pb2.DATA_TYPE_FLOAT32}
+
+
+def to_image_message(image: Any) -> common_pb2.Image:
+    """One image as a message. Arrays travel raw (uint8 (H, W, 3), or float (3, H, W) /
+    (H, W, 3) in [0, 1]); PIL images as raw uint8; paths and bytes as encoded files."""
+    if isinstance(image, common_pb2.Image):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return common_pb2.Image(encoded=bytes(image))
+    if isinstance(image, (str, os.PathLike)):
+        return common_pb2.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, PILImage.Image):
+        return _raw(np.asarray(image.convert("RGB")))
+    if hasattr(image, "detach") and hasattr(image, "numpy"):  # torch.Tensor without importing torch
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.float64:
+            image = image.astype(np.float32)
+        return _raw(image)
+    raise TypeError(f"cannot send {type(image).__name__} as an image; use a numpy array, torch tensor, PIL image, path or bytes")
+
+
+def to_image_messages(images: Any) -> list[common_pb2.Image]:
+    """A batch: a list of images, or one (N, 3, H, W) / (N, H, W, 3) array or tensor."""
+    if hasattr(images, "ndim") and images.ndim == 4:
+        return [to_image_message(image) for image in images]
+    if hasattr(images, "ndim") or isinstance(images, (bytes, str, os.PathLike, PILImage.Image)):
+        return [to_image_message(images)]
+    return [to_image_message(image) for image in images]
+
+
+def _raw(array: np.ndarray) -> common_pb2.Image:
+    array = np.ascontiguousarray(array)
+    if array.dtype not in _DTYPES:
+        raise TypeError(f"unsupported image dtype {array.dtype}; use uint8, float16 or float32")
+    tensor = common_pb2.Tensor(dtype=_DTYPES[array.dtype], shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return common_pb2.Image(tensor=tensor)
+
+
+def open_image(data: bytes) -> PILImage.Image:
+    image = PILImage.open(io.BytesIO(data))
+    image.load()
+    return image

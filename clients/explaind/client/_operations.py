@@ -1,0 +1,196 @@
+"""Handles on long-running operations: wait, watch with a progress bar, cancel, results."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from google.longrunning import operations_pb2 as lro_pb2
+from google.protobuf import descriptor_pool, duration_pb2, message_factory
+from google.protobuf.message import Message
+
+from explaind.v1 import inference_pb2, operations_pb2
+
+from ._errors import OperationError, error_from_code
+from ._images import open_image
+from ._types import Artifact, Progress
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+# Long enough for any job; the SDK never makes a call without a deadline.
+WATCH_DEADLINE_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Result of ``evaluate_sample_set``: ``confusion_matrix`` is (C, C), rows = true labels."""
+
+    sample_set_id: str
+    model_version: str
+    sample_count: int
+    accuracy: float
+    per_class_accuracy: dict[str, float]
+    confusion_matrix: np.ndarray
+    # (sample_index, label, predicted, probability), most confident mistakes first.
+    mistakes: list[tuple[int, int, int, float]]
+
+
+def _evaluation(message: inference_pb2.EvaluateSampleSetResult) -> Evaluation:
+    classes = len(message.per_class)
+    return Evaluation(
+        sample_set_id=message.sample_set_id,
+        model_version=message.model_version,
+        sample_count=message.sample_count,
+        accuracy=message.accuracy,
+        per_class_accuracy={c.class_name: c.accuracy for c in message.per_class},
+        confusion_matrix=np.array(message.confusion_matrix, dtype=np.int64).reshape(classes, classes),
+        mistakes=[(m.sample_index, m.label, m.predicted, m.probability) for m in message.mistakes],
+    )
+
+
+# Result message type -> SDK dataclass; later job kinds add theirs here.
+RESULT_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    inference_pb2.EvaluateSampleSetResult.DESCRIPTOR.full_name: _evaluation,
+}
+
+_STATE_NAMES = {value: name.removeprefix("OPERATION_STATE_").lower() for name, value in operations_pb2.OperationState.items()}
+
+
+class Operation:
+    """A server-side job. ``state`` is one of queued, running, succeeded, failed, cancelled."""
+
+    def __init__(self, client: Client, message: lro_pb2.Operation) -> None:
+        self._client = client
+        self._update(message)
+
+    def _update(self, message: lro_pb2.Operation) -> None:
+        self._message = message
+        self.metadata = operations_pb2.OperationMetadata()
+        message.metadata.Unpack(self.metadata)
+
+    def __repr__(self) -> str:
+        return f"Operation({self.name!r}, kind={self.kind!r}, state={self.state!r}, progress={self.progress.step}/{self.progress.total})"
+
+    @property
+    def name(self) -> str:
+        return self._message.name
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.kind
+
+    @property
+    def state(self) -> str:
+        return _STATE_NAMES[self.metadata.state]
+
+    @property
+    def done(self) -> bool:
+        return self._message.done
+
+    @property
+    def progress(self) -> Progress:
+        progress = self.metadata.progress
+        preview = open_image(progress.preview_png) if progress.preview_png else None
+        return Progress(progress.step, progress.total, progress.message, preview)
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        return [Artifact(a.name, a.media_type, a.digest, a.size_bytes) for a in self.metadata.artifacts]
+
+    @property
+    def create_time(self) -> dt.datetime:
+        return self.metadata.create_time.ToDatetime(tzinfo=dt.timezone.utc)
+
+    @property
+    def error(self) -> OperationError | None:
+        if not self._message.HasField("error"):
+            return None
+        code = next((c for c in grpc.StatusCode if c.value[0] == self._message.error.code), grpc.StatusCode.UNKNOWN)
+        return OperationError(self._message.error.message, code)
+
+    def refresh(self) -> Operation:
+        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name))
+        self._update(response.operation)
+        return self
+
+    def cancel(self) -> Operation:
+        """Ask the server to stop the job (it ends CANCELLED at its next checkpoint)."""
+        response = self._client._call("operations", "CancelOperation", operations_pb2.CancelOperationRequest(name=self.name))
+        self._update(response.operation)
+        return self
+
+    def wait(self, timeout: float | None = None) -> Operation:
+        """Block until done or ``timeout`` seconds (None: until done)."""
+        deadline = None if timeout is None else dt.datetime.now() + dt.timedelta(seconds=timeout)
+        while not self.done:
+            remaining = WATCH_DEADLINE_S if deadline is None else (deadline - dt.datetime.now()).total_seconds()
+            if remaining <= 0:
+                break
+            step = min(remaining, 60.0)
+            request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
+            response = self._client._call("operations", "WaitOperation", request, timeout=step + 10.0)
+            self._update(response.operation)
+        return self
+
+    def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Operation]:
+        """Yield this operation on every progress update until it is done."""
+        stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name), timeout=timeout)
+        try:
+            for response in stream:
+                self._update(response.operation)
+                yield self
+        finally:
+            stream.cancel()
+
+    def result(self, *, progress: bool = False, timeout: float | None = None) -> Any:
+        """Wait for the job and return its result (a dataclass where the SDK has one,
+        else the response message). ``progress=True`` shows a tqdm bar; Ctrl-C cancels
+        the job on the server before re-raising. Raises OperationError if it failed."""
+        try:
+            if progress:
+                self._follow_with_bar(timeout)
+            else:
+                self.wait(timeout)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        if not self.done:
+            raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self._unpack_response()
+
+    def _follow_with_bar(self, timeout: float | None) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(desc=self.kind or self.name, unit="step", dynamic_ncols=True) as bar:
+            for update in self.watch(timeout or WATCH_DEADLINE_S):
+                progress = update.progress
+                if progress.total and bar.total != progress.total:
+                    bar.total = progress.total
+                bar.n = progress.step
+                bar.set_postfix_str(f"{update.state}: {progress.message}", refresh=False)
+                bar.refresh()
+
+    def _unpack_response(self) -> Any:
+        response = self._message.response
+        name = response.type_url.rsplit("/", 1)[-1]
+        cls = message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))
+        message: Message = cls()
+        response.Unpack(message)
+        converter = RESULT_CONVERTERS.get(name)
+        return converter(message) if converter else message
+
+    def artifact(self, name: str) -> bytes:
+        """The content of an artifact listed in ``artifacts``."""
+        request = operations_pb2.GetArtifactRequest(name=self.name, artifact=name)
+        return self._client._call("operations", "GetArtifact", request).content
+
+    def artifact_image(self, name: str):
+        """An image artifact as a PIL image."""
+        return open_image(self.artifact(name))

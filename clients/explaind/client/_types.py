@@ -1,0 +1,86 @@
+"""Results returned by the SDK: plain dataclasses with numpy arrays and PIL images."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k for one image, highest first."""
+
+    labels: list[str]
+    class_indices: list[int]
+    probabilities: list[float]
+    # Penultimate activations (D,), when requested.
+    features: np.ndarray | None = None
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[0]
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    loaded: bool
+    source: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    loader: str
+    class_names: list[str]
+    feature_layer: str
+    head: str
+    feature_dim: int
+    image_size: int
+    model_version: str
+    backend: str
+    device: str
+    supports_features: bool
+    components: dict[str, Component]
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    sample_set_id: str
+    display_name: str
+    sample_count: int
+    class_counts: dict[int, int]
+    create_time: dt.datetime
+    update_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: "PIL.Image.Image"  # noqa: F821
+    label: int
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    media_type: str
+    digest: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+    message: str
+    # A PIL image of the partial result, when the job sends one.
+    preview: "PIL.Image.Image | None" = None  # noqa: F821

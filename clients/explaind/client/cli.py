@@ -1,0 +1,268 @@
+"""The ``explaind`` command line: serve, predict, sample sets, operations, demo.
+
+    explaind serve [--config FILE] [--port 50051] [--metrics-port 9464]
+    explaind predict cat.png dog.jpg --top-k 3
+    explaind sample-set create --id hearts --world spurious_background:test:300
+    explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
+    explaind operations list | get | wait | watch | cancel | artifact
+    explaind demo                            # a server on the shapes world + a session
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ._client import DEFAULT_TARGET, Client
+from ._errors import ExplaindError
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, timeout=args.timeout, token=args.token)
+
+
+def _print_predictions(names: list[str], predictions: list) -> None:
+    width = max((len(n) for n in names), default=8)
+    for name, prediction in zip(names, predictions, strict=True):
+        ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
+        print(f"{name:<{width}}  {ranked}")
+
+
+def _world_samples(spec: str):
+    """``scenario[:split[:count]]`` -> (images (N, H, W, 3) uint8, labels, attributes)."""
+    from explaind.world.scenarios import get_scenario
+
+    scenario, split, count = (spec.split(":") + ["test", "64"])[:3] if ":" in spec else (spec, "test", "64")
+    batch = get_scenario(scenario).dataset(split, size=int(count)).all()
+    images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    attributes = [{k: str(v[i]) for k, v in batch.attributes.items()} for i in range(len(batch.labels))]
+    return images, batch.labels.tolist(), attributes
+
+
+# Commands ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from explaind.config import load_config
+    from explaind.service import serve
+
+    config = load_config(args.config)
+    overrides = {key: getattr(args, key) for key in ("host", "port", "metrics_port", "data_dir") if getattr(args, key) is not None}
+    if overrides:
+        config = config.replace("server", **overrides)
+    if args.backend:
+        config = config.replace("runtime", backend=args.backend)
+    return serve(config)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        predictions = client.predict([Path(p) for p in args.images], top_k=args.top_k)
+    if args.json:
+        print(json.dumps([{"image": i, "labels": p.labels, "probabilities": p.probabilities} for i, p in zip(args.images, predictions, strict=True)]))
+    else:
+        _print_predictions(args.images, predictions)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        meta = client.model_metadata()
+    print(f"classifier  {meta.name} ({meta.loader}), version {meta.model_version}, backend {meta.backend} on {meta.device}")
+    print(f"            {len(meta.class_names)} classes: {', '.join(meta.class_names)}")
+    print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size}")
+    for component in meta.components.values():
+        print(f"{component.name:<11} {'loaded' if component.loaded else 'not loaded'}: {component.detail}")
+    return 0
+
+
+def cmd_sample_set(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "create":
+            if args.world:
+                images, labels, attributes = _world_samples(args.world)
+            else:
+                if not args.images or len(args.images) != len(args.labels or []):
+                    raise SystemExit("give --world SPEC, or --images FILE... with as many --labels INT...")
+                images, labels, attributes = [Path(p) for p in args.images], args.labels, None
+            created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+            print(f"created {created.sample_set_id}: {created.sample_count} samples, per class {created.class_counts}")
+        elif args.action == "list":
+            for s in client.sample_sets():
+                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {s.display_name}  (updated {s.update_time:%Y-%m-%d %H:%M:%S})")
+        elif args.action == "show":
+            s = client.sample_set(args.id)
+            print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {s.class_counts}, created {s.create_time:%Y-%m-%d %H:%M:%S}")
+        elif args.action == "delete":
+            client.delete_sample_set(args.id)
+            print(f"deleted {args.id}")
+    return 0
+
+
+def _print_evaluation(report, class_names: list[str] | None = None) -> None:
+    print(f"accuracy {report.accuracy:.3f} on {report.sample_count} samples (model {report.model_version})")
+    print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in report.per_class_accuracy.items()))
+    names = class_names or list(report.per_class_accuracy)
+    for index, label, predicted, probability in report.mistakes[:5]:
+        print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
+        print(f"started {operation.name}")
+        if args.no_wait:
+            return 0
+        _print_evaluation(operation.result(progress=True))
+        if args.grid:
+            Path(args.grid).write_bytes(operation.artifact("mistakes.png"))
+            print(f"wrote {args.grid}")
+    return 0
+
+
+def cmd_operations(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            for op in client.operations(kind=args.kind or "", state=args.state or ""):
+                p = op.progress
+                print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
+            return 0
+        operation = client.operation(args.name)
+        if args.action == "cancel":
+            operation.cancel()
+        elif args.action == "wait":
+            operation.wait()
+        elif args.action == "watch":
+            for update in operation.watch():
+                print(update, update.progress.message)
+        elif args.action == "artifact":
+            data = operation.artifact(args.artifact)
+            Path(args.output or args.artifact).write_bytes(data)
+            print(f"wrote {args.output or args.artifact} ({len(data)} bytes)")
+            return 0
+        print(operation)
+        if operation.error is not None:
+            print(f"error: {operation.error}")
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the shapes world on a loopback port and run a client session against it."""
+    port = _free_port()
+    data_dir = tempfile.mkdtemp(prefix="explaind-demo-")
+    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--port", str(port), "--data-dir", data_dir]
+    if args.config:
+        command += ["--config", args.config]
+    print(f"$ {' '.join(command)}")
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            started = time.monotonic()
+            client.wait_until_ready(timeout=300)
+            print(f"\nserver ready in {time.monotonic() - started:.1f}s")
+            args.target = client.target
+            cmd_info(args)
+            images, labels, attributes = _world_samples(f"{args.scenario}:test:{args.count}")
+            meta = client.model_metadata()
+            predictions = client.predict(images[:12], top_k=3)
+            print(f"\npredictions for {args.scenario} test images (true label first):")
+            _print_predictions([f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)], predictions)
+            created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)
+            print(f"\nsample set {created.sample_set_id}: {created.sample_count} samples; evaluating it as a job:")
+            operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
+            _print_evaluation(operation.result(progress=True), meta.class_names)
+            grid = Path(data_dir) / "mistakes.png"
+            grid.write_bytes(operation.artifact("mistakes.png"))
+            print(f"mistakes grid: {grid}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="explaind", description="Serve an image classifier and explain its mistakes.")
+    parser.add_argument("--target", default=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), help="server address (env EXPLAIND_TARGET)")
+    parser.add_argument("--token", default=os.environ.get("EXPLAIND_TOKEN"), help="bearer token (env EXPLAIND_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server (the shapes world without --config)")
+    serve.add_argument("--config", help="TOML config file")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int, dest="metrics_port")
+    serve.add_argument("--data-dir", dest="data_dir")
+    serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"))
+    serve.set_defaults(run=cmd_serve)
+
+    predict = commands.add_parser("predict", help="classify image files")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(run=cmd_predict)
+
+    commands.add_parser("info", help="what the server serves").set_defaults(run=cmd_info)
+
+    sample_set = commands.add_parser("sample-set", help="create, list, show, delete sample sets")
+    sample_set.add_argument("action", choices=("create", "list", "show", "delete"))
+    sample_set.add_argument("--id")
+    sample_set.add_argument("--name")
+    sample_set.add_argument("--world", help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200")
+    sample_set.add_argument("--images", nargs="*")
+    sample_set.add_argument("--labels", nargs="*", type=int)
+    sample_set.set_defaults(run=cmd_sample_set)
+
+    evaluate = commands.add_parser("evaluate", help="classify a sample set (a job with progress)")
+    evaluate.add_argument("id")
+    evaluate.add_argument("--batch-size", type=int, default=0)
+    evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
+    evaluate.add_argument("--no-wait", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    operations = commands.add_parser("operations", help="list, get, wait, watch, cancel jobs; fetch artifacts")
+    operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "artifact"))
+    operations.add_argument("name", nargs="?")
+    operations.add_argument("artifact", nargs="?")
+    operations.add_argument("--kind")
+    operations.add_argument("--state")
+    operations.add_argument("-o", "--output")
+    operations.set_defaults(run=cmd_operations)
+
+    demo = commands.add_parser("demo", help="serve the shapes world and run a client session end to end")
+    demo.add_argument("--config")
+    demo.add_argument("--scenario", default="balanced")
+    demo.add_argument("--count", type=int, default=240)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "operations" and args.action != "list" and not args.name:
+        raise SystemExit("explaind operations: give an operation name")
+    try:
+        return args.run(args)
+    except ExplaindError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

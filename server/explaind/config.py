@@ -1,0 +1,232 @@
+"""Server configuration: a TOML file, or the shapes world when there is none.
+
+Every section and key is optional; unknown keys are errors (a typo should not be
+silently ignored). Example::
+
+    [server]
+    host = "0.0.0.0"
+    port = 50051
+    metrics_port = 9464        # 0 disables the Prometheus endpoint
+    data_dir = "/var/lib/explaind"
+
+    [classifier]
+    loader = "torchvision"     # world | torchvision | torchscript | onnx | factory
+    name = "resnet50"          # torchvision architecture
+    weights = "/models/resnet50.pth"
+    feature_layer = "layer4"
+    head = "fc"
+    class_names_file = "/models/classes.txt"
+    image_size = 224
+    mean = [0.485, 0.456, 0.406]
+    std = [0.229, 0.224, 0.225]
+
+    [clip]
+    model = "ViT-B-32"
+    checkpoint = "/models/clip.safetensors"
+
+    [diffusion]
+    path = "/models/sd-turbo"  # a diffusers pipeline directory
+
+    [runtime]
+    backend = "eager"          # eager | compile | onnxruntime | tensorrt
+    device = "cpu"
+
+    [batching]
+    max_batch_size = 32
+    max_queue_delay_ms = 0.0
+    max_queue_size = 1024
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLASSIFIER_LOADERS = ("world", "torchvision", "torchscript", "onnx", "factory")
+BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Prometheus /metrics over HTTP on the same host; 0 disables it.
+    metrics_port: int = 0
+    data_dir: str = "var/explaind"
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Seconds that in-flight RPCs and jobs get to finish on shutdown before cancellation.
+    grace_period_s: float = 10.0
+    # gRPC worker threads (streams and unary calls share them).
+    max_workers: int = 64
+    # When set, every call must carry "authorization: Bearer <token>".
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class ClassifierSection:
+    loader: str = "world"
+    # world: directory with config.json + model.safetensors; torchscript/onnx: file;
+    # torchvision: unused (see name/weights).
+    path: str = ""
+    # torchvision architecture name (e.g. "resnet18").
+    name: str = ""
+    # torchvision state-dict file (.pth / .safetensors).
+    weights: str = ""
+    # factory: "package.module:function" returning an nn.Module.
+    factory: str = ""
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    feature_layer: str = ""
+    head: str = ""
+    class_names: tuple[str, ...] = ()
+    class_names_file: str = ""
+    # Square input size; images of another size are resized (bilinear).
+    image_size: int = 0
+    # Normalisation applied before the model; empty = the model normalises itself.
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClipSection:
+    # open_clip model name, or a directory holding open_clip_config.json + weights.
+    model: str = ""
+    checkpoint: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class DiffusionSection:
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    backend: str = "eager"
+    device: str = "cpu"
+    # torch intra-op threads; 0 keeps torch's default.
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class BatchingSection:
+    max_batch_size: int = 32
+    # How long the batcher waits for more requests once it has one; 0 = take what is
+    # queued right now (batches still form under load, and a lone request never waits).
+    max_queue_delay_ms: float = 0.0
+    # Images waiting for the model; beyond this Predict returns RESOURCE_EXHAUSTED.
+    max_queue_size: int = 1024
+    # Most images one Predict call may carry.
+    max_images_per_request: int = 1024
+
+
+@dataclass(frozen=True)
+class JobsSection:
+    # Jobs waiting to run; beyond this, submitting returns RESOURCE_EXHAUSTED.
+    max_queued: int = 64
+    # Concurrent accelerator-bound jobs (1 = they serialise).
+    gpu_workers: int = 1
+    evaluate_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSection = ServerSection()
+    classifier: ClassifierSection = ClassifierSection()
+    clip: ClipSection = ClipSection()
+    diffusion: DiffusionSection = DiffusionSection()
+    runtime: RuntimeSection = RuntimeSection()
+    batching: BatchingSection = BatchingSection()
+    jobs: JobsSection = JobsSection()
+    source: str = "<defaults: shapes world>"
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        """A copy with keys of one section changed, e.g. ``config.replace("server", port=0)``."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def default_config() -> Config:
+    """The shapes world: balanced classifier, CLIP and text-to-image when shipped."""
+    from .world import assets
+
+    return Config(
+        classifier=ClassifierSection(loader="world", path=str(assets.classifier_dir("balanced"))),
+        clip=ClipSection(path=str(assets.clip_dir())),
+        diffusion=DiffusionSection(path=str(assets.t2i_dir())),
+    )
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Parse a TOML config; with ``None`` the shapes-world defaults. Relative paths in
+    the file are resolved against the file's directory."""
+    if path is None:
+        return default_config()
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
+    defaults = default_config()
+    parsed: dict[str, Any] = {}
+    for name, section_field in sections.items():
+        if name not in raw:
+            # No [classifier]: the world's. No [clip]/[diffusion]: none (not the world's).
+            parsed[name] = defaults.classifier if name == "classifier" else section_field.default
+            continue
+        parsed[name] = _parse_section(path, name, section_field.default, raw[name])
+    config = Config(**parsed, source=str(path))
+    _validate(path, config)
+    return config
+
+
+def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(default)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in [{name}]; expected {sorted(fields)}")
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        expected = getattr(default, key)
+        where = f"{path}: [{name}].{key}"
+        if isinstance(expected, bool) or isinstance(expected, str):
+            if not isinstance(value, type(expected)):
+                raise ConfigError(f"{where} must be a {type(expected).__name__}, got {value!r}")
+        elif isinstance(expected, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where} must be a number, got {value!r}")
+            value = type(expected)(value)
+        elif isinstance(expected, tuple):
+            if not isinstance(value, list):
+                raise ConfigError(f"{where} must be a list, got {value!r}")
+            value = tuple(value)
+        if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir") and value:
+            value = str((path.parent / value).resolve()) if not Path(value).is_absolute() else value
+        values[key] = value
+    return dataclasses.replace(default, **values)
+
+
+def _validate(path: Path | str, config: Config) -> None:
+    classifier = config.classifier
+    if classifier.loader not in CLASSIFIER_LOADERS:
+        raise ConfigError(f"{path}: [classifier].loader must be one of {CLASSIFIER_LOADERS}, got {classifier.loader!r}")
+    if config.runtime.backend not in BACKENDS:
+        raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
+    if len(classifier.mean) != len(classifier.std):
+        raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
+    batching = config.batching
+    if batching.max_batch_size < 1 or batching.max_queue_size < 1 or batching.max_queue_delay_ms < 0:
+        raise ConfigError(f"{path}: [batching] sizes must be >= 1 and max_queue_delay_ms >= 0")

@@ -1,0 +1,134 @@
+"""Dynamic batching in front of the model.
+
+Requests (each a few images) queue up; one worker thread takes as many as fit in
+``max_batch_size`` images, runs them as one forward pass and hands each caller its
+slice. With ``max_queue_delay_s == 0`` the worker takes whatever is queued at that
+moment: a lone request never waits, and under load batches form by themselves while
+the previous batch runs. A positive delay waits up to that long for a fuller batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from ..errors import ResourceExhausted, Unavailable
+
+Output = TypeVar("Output")
+
+
+@dataclass
+class _Request:
+    images: torch.Tensor
+    future: Future
+
+
+class DynamicBatcher(Generic[Output]):
+    """``run(images (N, 3, S, S)) -> outputs`` batched across callers.
+
+    ``split(outputs, sizes)`` cuts a batch's outputs back into one per request.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[torch.Tensor], Output],
+        split: Callable[[Output, list[int]], list[Any]],
+        *,
+        max_batch_size: int = 32,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 1024,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        self._run = run
+        self._split = split
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch or (lambda size: None)
+        self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        self._pending: deque[_Request] = deque()
+        self._queued_images = 0
+        self._condition = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for the model."""
+        return self._queued_images
+
+    def submit(self, images: torch.Tensor) -> Future:
+        """Queue images (n, 3, S, S); the future resolves to this request's slice of outputs.
+
+        Raises :class:`ResourceExhausted` when the queue is full. Cancelling the future
+        before its batch starts drops the request.
+        """
+        request = _Request(images, Future())
+        with self._condition:
+            if self._closed:
+                raise Unavailable("the server is shutting down")
+            if self._queued_images + len(images) > self.max_queue_size:
+                raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff")
+            self._pending.append(request)
+            self._queued_images += len(images)
+            self._on_queue_depth(self._queued_images)
+            self._condition.notify()
+        return request.future
+
+    def close(self) -> None:
+        """Stop accepting; requests already queued still run."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._worker.join()
+
+    def _take_batch(self) -> list[_Request] | None:
+        with self._condition:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._condition.wait()
+            batch = [self._pending.popleft()]
+            size = len(batch[0].images)
+            deadline = time.monotonic() + self.max_queue_delay_s
+            while size < self.max_batch_size:
+                if self._pending:
+                    if size + len(self._pending[0].images) > self.max_batch_size:
+                        break
+                    request = self._pending.popleft()
+                    batch.append(request)
+                    size += len(request.images)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._condition.wait(remaining)
+            self._queued_images -= size
+            self._on_queue_depth(self._queued_images)
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [request for request in batch if request.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            images = live[0].images if len(live) == 1 else torch.cat([request.images for request in live])
+            self._on_batch(len(images))
+            try:
+                outputs = self._split(self._run(images), [len(request.images) for request in live])
+            except BaseException as error:  # noqa: BLE001 - every caller must hear about it
+                for request in live:
+                    request.future.set_exception(error)
+                continue
+            for request, output in zip(live, outputs, strict=True):
+                request.future.set_result(output)

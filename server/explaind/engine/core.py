@@ -1,0 +1,293 @@
+"""The engine: models, batching, sample sets, the feature cache and jobs, without gRPC.
+
+Explanation engines receive an :class:`Engine` and use ``engine.models.active``
+(the current :class:`ClassifierVersion`: ``features``, ``logits``, ``feature_maps``),
+``engine.sample_set_features(...)`` (cached penultimate features of a sample set),
+``engine.components`` (CLIP, diffusion) and ``engine.jobs.submit(...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..errors import FailedPrecondition, InvalidArgument
+from ..imaging import decode_encoded, encode_png, image_grid, resize_square, to_uint8_hwc
+from ..jobs import JobContext, JobManager, JobSnapshot
+from ..metrics import Metrics
+from ..store import SampleRecord, SampleSetInfo, Store
+from .backends import FeatureFn, build_feature_fn, check_device
+from .batcher import DynamicBatcher
+from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
+from .registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SET_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """One request's slice of a batch: logits (n, C), features (n, D) or None."""
+
+    version: ClassifierVersion
+    logits: torch.Tensor
+    features: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PredictOutput:
+    """Top-k per image: ``class_indices`` / ``probabilities`` (N, k), highest first."""
+
+    class_indices: np.ndarray
+    probabilities: np.ndarray
+    labels: list[list[str]]
+    features: np.ndarray | None
+    model_version: str
+
+
+@dataclass(frozen=True)
+class NewSample:
+    """A sample to store: encoded image bytes (kept as given), label, attributes."""
+
+    encoded: bytes
+    label: int
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_array(cls, pixels: np.ndarray, label: int, attributes: dict[str, str] | None = None) -> NewSample:
+        """From (H, W, 3) uint8 pixels, stored as PNG."""
+        return cls(encode_png(np.ascontiguousarray(pixels, dtype=np.uint8)), int(label), dict(attributes or {}))
+
+
+@dataclass(frozen=True)
+class SampleFeatures:
+    """Penultimate features (N, D) and labels (N,) of a sample set, in insertion order."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    digests: list[str]
+    version: ClassifierVersion
+
+
+def _split_outputs(output: BatchOutput, sizes: list[int]) -> list[BatchOutput]:
+    logits = output.logits.split(sizes)
+    features = output.features.split(sizes) if output.features is not None else [None] * len(sizes)
+    return [BatchOutput(output.version, l, f) for l, f in zip(logits, features, strict=True)]
+
+
+class Engine:
+    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.models = ModelRegistry()
+        self.components: dict[str, ComponentStatus] = {}
+        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, lanes={"gpu": config.jobs.gpu_workers, "cpu": 2})
+        self.device = torch.device("cpu")
+        self._feature_fns: dict[str, FeatureFn] = {}
+        self._batcher: DynamicBatcher[BatchOutput] | None = None
+
+    # Loading -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every configured model and start the batcher. Raises ModelLoadError."""
+        runtime = self.config.runtime
+        self.device = check_device(runtime.device)
+        if runtime.num_threads:
+            torch.set_num_threads(runtime.num_threads)
+        version = load_classifier(self.config.classifier)
+        # Models named in a config file must load; the world's optional ones may be absent.
+        required = not self.config.source.startswith("<defaults")
+        self.components = {
+            "classifier": ComponentStatus("classifier", True, version.source, f"{version.name} ({version.loader})"),
+            "clip": load_clip(self.config.clip, required=required),
+            "diffusion": load_diffusion(self.config.diffusion, required=required),
+        }
+        for name, status in self.components.items():
+            self.metrics.component_loaded.labels(component=name).set(int(status.loaded))
+            if not status.loaded:
+                log.info("%s not loaded: %s", name, status.detail)
+        self.activate(version)
+        batching = self.config.batching
+        self._batcher = DynamicBatcher(
+            self._run_batch,
+            _split_outputs,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
+            max_queue_size=batching.max_queue_size,
+            on_batch=self.metrics.batch_size.observe,
+            on_queue_depth=self.metrics.queue_depth.set,
+        )
+
+    def activate(self, version: ClassifierVersion) -> None:
+        """Serve ``version``: its backend is built (and warmed) first, then one swap.
+        Cached sample features of other feature versions are dropped."""
+        if version.feature_extractor is not None:
+            if version.head is not None:
+                version.feature_extractor.to(self.device)
+                version.head.to(self.device)
+            if version.feature_version not in self._feature_fns:
+                fn = build_feature_fn(version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled")
+                fn(torch.rand(2, 3, version.image_size, version.image_size, device=self.device))
+                self._feature_fns[version.feature_version] = fn
+        previous = self.models.activate(version)
+        if previous is None or previous.feature_version != version.feature_version:
+            dropped = self.store.retain_features(version.feature_version)
+            if dropped:
+                log.info("feature cache: dropped %d entries of other model versions", dropped)
+        self.metrics.model_info.info(
+            {"name": version.name, "loader": version.loader, "version": version.version, "backend": self.config.runtime.backend, "device": str(self.device)}
+        )
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Finish queued predictions, then let jobs finish for ``grace_s`` and cancel the rest."""
+        if self._batcher is not None:
+            self._batcher.close()
+        self.jobs.shutdown(grace_s)
+
+    # Predict -------------------------------------------------------------------------
+
+    def prepare_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(3, H, W) tensors in [0, 1] of any size -> (N, 3, S, S) at the model's input size."""
+        size = self.models.active.image_size
+        return torch.stack([resize_square(image, size) for image in images])
+
+    def submit_predict(self, images: torch.Tensor) -> Future:
+        """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`."""
+        if self._batcher is None:
+            self.models.active  # raises Unavailable while loading
+        return self._batcher.submit(images)
+
+    def _run_batch(self, images: torch.Tensor) -> BatchOutput:
+        version = self.models.active  # read once: the whole batch uses one version
+        images = images.to(self.device, non_blocking=True)
+        if version.feature_extractor is None:
+            return BatchOutput(version, version.predict_fn(images).float().cpu(), None)
+        features = self._feature_fns[version.feature_version](images)
+        return BatchOutput(version, version.logits(features).float().cpu(), features.float().cpu())
+
+    def finish_predict(self, output: BatchOutput, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> PredictOutput:
+        """Top-k labels and probabilities from a batch slice."""
+        names = output.version.class_names
+        if top_k < 0 or top_k > len(names):
+            raise InvalidArgument(f"must be between 1 and {len(names)} (the number of classes), or 0 for the default", field="top_k")
+        k = min(top_k or DEFAULT_TOP_K, len(names))
+        if return_features and output.features is None:
+            raise FailedPrecondition(f"the {output.version.loader} classifier is inference-only; it has no penultimate features", field="return_features")
+        self.metrics.predicted_images.inc(len(output.logits))
+        probabilities, indices = torch.softmax(output.logits, dim=1).topk(k, dim=1)
+        return PredictOutput(
+            class_indices=indices.numpy(),
+            probabilities=probabilities.numpy(),
+            labels=[[names[i] for i in row] for row in indices.tolist()],
+            features=output.features.numpy() if return_features else None,
+            model_version=output.version.version,
+        )
+
+    def predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False, timeout: float | None = None) -> PredictOutput:
+        """In-process Predict through the same batcher as the RPC."""
+        return self.finish_predict(self.submit_predict(images).result(timeout), top_k=top_k, return_features=return_features)
+
+    # Sample sets ---------------------------------------------------------------------
+
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample]) -> SampleSetInfo:
+        if not sample_set_id:
+            sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
+        elif not SAMPLE_SET_ID.match(sample_set_id):
+            raise InvalidArgument(f"{sample_set_id!r} is not a valid id; use 1-63 of a-z 0-9 _ - starting with a letter or digit", field="sample_set_id")
+        return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples))
+
+    def append_samples(self, sample_set_id: str, samples: Sequence[NewSample]) -> SampleSetInfo:
+        self.store.get_sample_set(sample_set_id)
+        if not samples:
+            raise InvalidArgument("no samples to append", field="samples")
+        return self.store.append_samples(sample_set_id, self._store_samples(samples))
+
+    def _store_samples(self, samples: Sequence[NewSample]) -> list[SampleRecord]:
+        num_classes = len(self.models.active.class_names)
+        for index, sample in enumerate(samples):
+            if not 0 <= sample.label < num_classes:
+                raise InvalidArgument(f"label {sample.label} is not a class index in [0, {num_classes})", field=f"samples[{index}].label")
+        return [SampleRecord(self.store.put_blob(s.encoded), s.label, dict(s.attributes)) for s in samples]
+
+    def load_sample_image(self, digest: str) -> torch.Tensor:
+        """A stored sample as (3, S, S) in [0, 1] at the model's input size."""
+        image = decode_encoded(self.store.get_blob(digest), field=f"sample {digest[:12]}")
+        return resize_square(image, self.models.active.image_size)
+
+    def sample_set_features(
+        self,
+        sample_set_id: str,
+        *,
+        version: ClassifierVersion | None = None,
+        batch_size: int = 0,
+        context: JobContext | None = None,
+    ) -> SampleFeatures:
+        """Penultimate features of every sample, from the (feature version, image) cache
+        where present; the rest are computed in batches, with progress and cancellation
+        through ``context`` when given."""
+        version = version or self.models.active
+        if version.feature_extractor is None:
+            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; explanation methods need a split classifier")
+        records = self.store.list_samples(sample_set_id)
+        if not records:
+            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field="sample_set_id")
+        digests = [record.digest for record in records]
+        cached = self.store.get_features(version.feature_version, digests)
+        missing = [digest for digest in dict.fromkeys(digests) if digest not in cached]
+        self.metrics.feature_cache_hits.inc(len(digests) - len(missing))
+        self.metrics.feature_cache_misses.inc(len(missing))
+        batch_size = batch_size or self.config.jobs.evaluate_batch_size
+        fn = self._feature_fns.get(version.feature_version, version.features)
+        for start in range(0, len(missing), batch_size):
+            if context is not None:
+                context.raise_if_cancelled()
+                context.report_progress(start, len(missing), f"computing features {start}/{len(missing)}")
+            chunk = missing[start : start + batch_size]
+            images = torch.stack([self.load_sample_image(digest) for digest in chunk]).to(self.device)
+            computed = fn(images).float().cpu().numpy()
+            fresh = dict(zip(chunk, computed, strict=True))
+            self.store.put_features(version.feature_version, fresh)
+            cached.update(fresh)
+        if context is not None:
+            context.report_progress(len(missing), len(missing), "features ready")
+        features = torch.from_numpy(np.stack([cached[digest] for digest in digests])).to(self.device)
+        labels = torch.tensor([record.label for record in records], dtype=torch.long)
+        return SampleFeatures(features, labels, digests, version)
+
+    # Jobs ----------------------------------------------------------------------------
+
+    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> JobSnapshot:
+        """Start a job that classifies a sample set: accuracy, confusion, mistakes grid."""
+        from .evaluation import evaluate
+
+        info = self.store.get_sample_set(sample_set_id)
+        if info.sample_count == 0:
+            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field="sample_set_id")
+        if batch_size < 0 or batch_size > 4096:
+            raise InvalidArgument("must be between 1 and 4096, or 0 for the default", field="batch_size")
+        if max_grid_images < 0 or max_grid_images > 1024:
+            raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
+        version = self.models.active
+        if version.feature_extractor is None:
+            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; evaluation needs a split classifier")
+        run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, version, batch_size, max_grid_images or 64)
+        return self.jobs.submit("evaluate_sample_set", run)
+
+    def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
+        """A (H', W', 3) uint8 tile image of stored samples."""
+        return image_grid([to_uint8_hwc(self.load_sample_image(d)) for d in digests], list(captions) if captions else None)
+
+
+__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOutput", "SampleFeatures"]

@@ -1,0 +1,48 @@
+"""The ``evaluate_sample_set`` job: how the served classifier does on a sample set."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from explaind.v1 import inference_pb2
+from ..jobs import JobContext
+from .models import ClassifierVersion
+
+if TYPE_CHECKING:
+    from .core import Engine
+
+
+def evaluate(engine: Engine, context: JobContext, sample_set_id: str, version: ClassifierVersion, batch_size: int, max_grid_images: int) -> inference_pb2.EvaluateSampleSetResult:
+    """Accuracy, per-class accuracy, confusion matrix, the mistakes (most confident
+    first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``."""
+    sample = engine.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context)
+    context.raise_if_cancelled()
+    probabilities = torch.softmax(version.logits(sample.features).float().cpu(), dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    labels = sample.labels
+    names = version.class_names
+    num_classes = len(names)
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+    correct = predicted == labels
+    wrong = torch.nonzero(~correct).flatten()
+    wrong = wrong[torch.argsort(confidence[wrong], descending=True)]
+    result = inference_pb2.EvaluateSampleSetResult(
+        sample_set_id=sample_set_id,
+        model_version=version.version,
+        sample_count=len(labels),
+        accuracy=float(correct.float().mean()),
+        confusion_matrix=confusion.tolist(),
+    )
+    for index, name in enumerate(names):
+        members = labels == index
+        count = int(members.sum())
+        result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].float().mean()) if count else 0.0)
+    for index in wrong.tolist():
+        result.mistakes.add(sample_index=index, label=int(labels[index]), predicted=int(predicted[index]), probability=float(confidence[index]))
+    shown = wrong[:max_grid_images].tolist()
+    context.report_progress(len(labels), len(labels), f"drawing {len(shown)} mistakes")
+    captions = [f"{names[int(labels[i])]}>{names[int(predicted[i])]}" for i in shown]
+    context.save_image("mistakes.png", engine.sample_grid([sample.digests[i] for i in shown], captions))
+    return result

@@ -1,0 +1,415 @@
+"""Loading classifiers and splitting them into feature extractor h_b and linear head h_t.
+
+A classifier is split by module name: ``h_b`` is the model with its head module
+replaced by ``Identity`` (a shallow copy that shares every parameter), so
+``h_b(x)`` is the penultimate feature vector (N, D) and ``head(h_b(x))`` equals
+``model(x)`` — checked on a probe input at load time. The feature layer's activation
+maps (N, C, h, w) are read with a forward hook on that module.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ClassifierSection, ClipSection, DiffusionSection
+from ..errors import ModelLoadError
+
+
+class Preprocess(nn.Module):
+    """Normalisation in front of a model that expects normalised input; identity otherwise."""
+
+    def __init__(self, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> None:
+        super().__init__()
+        self.enabled = bool(mean)
+        self.register_buffer("mean", torch.tensor(mean or (0.0,)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std or (1.0,)).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std if self.enabled else images
+
+
+class FeatureExtractor(nn.Module):
+    """h_b: images (N, 3, S, S) in [0, 1] -> penultimate features (N, D)."""
+
+    def __init__(self, preprocess: Preprocess, trunk: nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.trunk(self.preprocess(images)), 1)
+
+
+class _LayerTap:
+    """A permanent forward hook that records a module's output for the calling thread only."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._local = threading.local()
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if getattr(self._local, "armed", False):
+            self._local.output = output
+
+    def capture(self, run: Callable[[], Any]) -> torch.Tensor:
+        self._local.armed, self._local.output = True, None
+        try:
+            run()
+            return self._local.output
+        finally:
+            self._local.armed, self._local.output = False, None
+
+
+@dataclass(frozen=True)
+class ClassifierVersion:
+    """One immutable (feature extractor, head) pair; the unit the registry swaps.
+
+    ``feature_extractor`` is None for inference-only loaders (ONNX, TorchScript), whose
+    ``predict_fn`` maps images straight to logits.
+    """
+
+    name: str
+    loader: str
+    source: str
+    class_names: tuple[str, ...]
+    image_size: int
+    feature_layer: str
+    head_name: str
+    feature_extractor: FeatureExtractor | None
+    head: nn.Linear | None
+    # Content hashes: features depend only on h_b, so a head edit keeps the feature cache.
+    feature_version: str
+    head_version: str
+    predict_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _tap: _LayerTap | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def version(self) -> str:
+        return f"{self.feature_version[:12]}.{self.head_version[:8]}"
+
+    @property
+    def supports_features(self) -> bool:
+        return self.feature_extractor is not None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features if self.head is not None else 0
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, D) of images (N, 3, S, S) in [0, 1]."""
+        return self.feature_extractor(images)
+
+    @torch.inference_mode()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Head outputs (N, C) for features (N, D)."""
+        return self.head(features)
+
+    @torch.inference_mode()
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Activations of ``feature_layer`` (N, C, h, w) for images (N, 3, S, S) in [0, 1]."""
+        return self._tap.capture(lambda: self.feature_extractor(images))
+
+    def with_head(self, head: nn.Linear) -> ClassifierVersion:
+        """The same feature extractor with another head (what head edits produce)."""
+        return dataclasses.replace(self, head=head, head_version=_hash_module(head))
+
+
+def _hash_module(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _without_submodule(model: nn.Module, dotted: str) -> nn.Module:
+    """A shallow copy of ``model`` whose submodule ``dotted`` is ``Identity``; parameters shared."""
+    head, *rest = dotted.split(".", 1)
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    if head not in clone._modules:
+        raise KeyError(dotted)
+    clone._modules[head] = _without_submodule(model._modules[head], rest[0]) if rest else nn.Identity()
+    return clone
+
+
+def split_classifier(
+    model: nn.Module,
+    *,
+    name: str,
+    loader: str,
+    source: str,
+    feature_layer: str,
+    head: str,
+    class_names: tuple[str, ...],
+    image_size: int,
+    preprocess: Preprocess,
+) -> ClassifierVersion:
+    """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``."""
+    modules = dict(model.named_modules())
+    for role, module_name in (("head", head), ("feature_layer", feature_layer)):
+        if module_name not in modules:
+            candidates = [n for n in modules if n][-8:]
+            raise ModelLoadError(f"{source}: no module named {module_name!r} for {role}; last modules are {candidates}")
+    head_module = modules[head]
+    if not isinstance(head_module, nn.Linear):
+        raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, expected nn.Linear")
+    model.eval()
+    extractor = FeatureExtractor(preprocess, _without_submodule(model, head)).eval()
+    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(preprocess(probe))
+        features = extractor(probe)
+        if features.shape[1] != head_module.in_features or not torch.allclose(head_module(features), expected, atol=1e-4, rtol=1e-4):
+            raise ModelLoadError(f"{source}: {head!r} is not the last operation of the model (head(h_b(x)) != model(x)); name the final linear layer as head")
+    if head_module.out_features != len(class_names):
+        raise ModelLoadError(f"{source}: the head has {head_module.out_features} outputs but {len(class_names)} class names were given")
+    return ClassifierVersion(
+        name=name,
+        loader=loader,
+        source=source,
+        class_names=tuple(class_names),
+        image_size=image_size,
+        feature_layer=feature_layer,
+        head_name=head,
+        feature_extractor=extractor,
+        head=head_module,
+        feature_version=_hash_module(extractor),
+        head_version=_hash_module(head_module),
+        _tap=_LayerTap(modules[feature_layer]),
+    )
+
+
+def load_classifier(section: ClassifierSection) -> ClassifierVersion:
+    """Load the configured classifier; raises :class:`ModelLoadError` naming the file."""
+    loaders = {
+        "world": _load_world,
+        "torchvision": _load_torchvision,
+        "factory": _load_factory,
+        "torchscript": _load_torchscript,
+        "onnx": _load_onnx,
+    }
+    try:
+        return loaders[section.loader](section)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any loader failure becomes one clear message
+        where = section.path or section.weights or section.factory or section.name
+        raise ModelLoadError(f"cannot load classifier ({section.loader}) from {where}: {type(error).__name__}: {error}") from error
+
+
+def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ...]:
+    if section.class_names:
+        return tuple(section.class_names)
+    if section.class_names_file:
+        path = Path(section.class_names_file)
+        if not path.is_file():
+            raise ModelLoadError(f"class names file not found: {path}")
+        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if count is None:
+        raise ModelLoadError("class_names or class_names_file is required for this loader")
+    return tuple(f"class_{i}" for i in range(count))
+
+
+def _require_file(path: str, what: str) -> Path:
+    if not path:
+        raise ModelLoadError(f"[classifier] needs {what}")
+    if not Path(path).exists():
+        raise ModelLoadError(f"{what} not found: {path}")
+    return Path(path)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _load_world(section: ClassifierSection) -> ClassifierVersion:
+    from ..world.classifier import load_classifier as load_world_classifier
+
+    directory = _require_file(section.path, "path (a world classifier directory)")
+    model = load_world_classifier(directory)
+    config = model.config
+    return split_classifier(
+        model,
+        name=f"world:{directory.name}",
+        loader="world",
+        source=str(directory),
+        feature_layer=section.feature_layer or config.feature_layer,
+        head=section.head or config.head,
+        class_names=tuple(section.class_names) or tuple(config.class_names),
+        image_size=section.image_size or config.image_size,
+        preprocess=Preprocess(section.mean, section.std),
+    )
+
+
+def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
+    import torchvision
+
+    if not section.name:
+        raise ModelLoadError("[classifier] loader 'torchvision' needs name (e.g. 'resnet18')")
+    weights = _require_file(section.weights, "weights file")
+    state = _load_state_dict(weights)
+    head = section.head or "fc"
+    num_classes = state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None
+    class_names = _class_names(section, num_classes)
+    model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
+    model.load_state_dict(state)
+    return split_classifier(
+        model,
+        name=section.name,
+        loader="torchvision",
+        source=str(weights),
+        feature_layer=section.feature_layer or "layer4",
+        head=head,
+        class_names=class_names,
+        image_size=section.image_size or 224,
+        preprocess=Preprocess(section.mean, section.std),
+    )
+
+
+def _load_factory(section: ClassifierSection) -> ClassifierVersion:
+    module_name, _, function = section.factory.partition(":")
+    if not module_name or not function:
+        raise ModelLoadError(f"[classifier].factory must be 'package.module:function', got {section.factory!r}")
+    model = getattr(importlib.import_module(module_name), function)(**section.factory_kwargs)
+    if section.weights:
+        model.load_state_dict(_load_state_dict(_require_file(section.weights, "weights file")))
+    if not section.feature_layer or not section.head:
+        raise ModelLoadError("[classifier] loader 'factory' needs feature_layer and head")
+    head = dict(model.named_modules()).get(section.head)
+    return split_classifier(
+        model,
+        name=section.factory,
+        loader="factory",
+        source=section.weights or section.factory,
+        feature_layer=section.feature_layer,
+        head=section.head,
+        class_names=_class_names(section, getattr(head, "out_features", None)),
+        image_size=section.image_size or 224,
+        preprocess=Preprocess(section.mean, section.std),
+    )
+
+
+def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
+    image_size = section.image_size or 224
+    probe = fn(torch.zeros(1, 3, image_size, image_size))
+    digest = _hash_file(path)
+    return ClassifierVersion(
+        name=path.stem,
+        loader=loader,
+        source=str(path),
+        class_names=_class_names(section, int(probe.shape[-1])),
+        image_size=image_size,
+        feature_layer="",
+        head_name="",
+        feature_extractor=None,
+        head=None,
+        feature_version=digest,
+        head_version=digest,
+        predict_fn=fn,
+    )
+
+
+def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
+    path = _require_file(section.path, "path (a TorchScript file)")
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+    preprocess = Preprocess(section.mean, section.std)
+
+    @torch.inference_mode()
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return module(preprocess(images))
+
+    return _inference_only(section, "torchscript", path, run)
+
+
+def _load_onnx(section: ClassifierSection) -> ClassifierVersion:
+    import onnxruntime
+
+    path = _require_file(section.path, "path (an ONNX file)")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    preprocess = Preprocess(section.mean, section.std)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {input_name: preprocess(images).numpy()})[0])
+
+    return _inference_only(section, "onnx", path, run)
+
+
+@dataclass
+class ComponentStatus:
+    """Whether an optional model is loaded; ``detail`` says why not, or what it is."""
+
+    name: str
+    loaded: bool
+    source: str
+    detail: str
+    model: Any = None
+
+
+def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
+    """open_clip model + preprocessing + tokenizer, as ``status.model = (model, preprocess, tokenizer)``."""
+    source = section.path or section.checkpoint or section.model
+    if not source:
+        return ComponentStatus("clip", False, "", "not configured")
+    if section.path and not Path(section.path).exists():
+        return _optional_failure("clip", source, f"not found: {section.path}", required)
+    try:
+        import open_clip
+
+        if section.path:
+            model_name = f"local-dir:{section.path}"
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+        else:
+            _require_file(section.checkpoint, "CLIP checkpoint")
+            model_name = section.model
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=section.checkpoint)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except Exception as error:  # noqa: BLE001
+        return _optional_failure("clip", source, f"cannot load CLIP from {source}: {type(error).__name__}: {error}", required)
+    return ComponentStatus("clip", True, source, type(model).__name__, (model.eval(), preprocess, tokenizer))
+
+
+def load_diffusion(section: DiffusionSection, *, required: bool) -> ComponentStatus:
+    """A diffusers pipeline directory, as ``status.model``."""
+    if not section.path:
+        return ComponentStatus("diffusion", False, "", "not configured")
+    if not (Path(section.path) / "model_index.json").is_file():
+        return _optional_failure("diffusion", section.path, f"not found: {Path(section.path) / 'model_index.json'}", required)
+    try:
+        from diffusers import DiffusionPipeline
+
+        pipeline = DiffusionPipeline.from_pretrained(section.path)
+    except Exception as error:  # noqa: BLE001
+        return _optional_failure("diffusion", section.path, f"cannot load diffusion pipeline from {section.path}: {type(error).__name__}: {error}", required)
+    return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
+
+
+def _optional_failure(name: str, source: str, detail: str, required: bool) -> ComponentStatus:
+    if required:
+        raise ModelLoadError(detail)
+    return ComponentStatus(name, False, source, detail)

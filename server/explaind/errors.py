@@ -1,0 +1,54 @@
+"""Errors that engines raise and the gRPC layer maps to status codes.
+
+Engines know nothing of gRPC: they raise these, and ``explaind.service`` turns
+``error.code`` (a ``grpc.StatusCode`` name) into the call's status with ``str(error)``
+as the message. Messages name the offending request field where there is one.
+"""
+
+from __future__ import annotations
+
+
+class ExplaindError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class InvalidArgument(ExplaindError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ExplaindError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ExplaindError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ExplaindError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ExplaindError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ExplaindError):
+    code = "UNAVAILABLE"
+
+
+class Cancelled(ExplaindError):
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(ExplaindError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class ModelLoadError(ExplaindError):
+    """A model that could not be loaded; the message names the file."""
+
+    code = "FAILED_PRECONDITION"

@@ -1,0 +1,126 @@
+"""Image decoding, validation and encoding shared by the service and the engines.
+
+Decoded images are float32 tensors (3, H, W) in [0, 1], RGB. Every check raises
+:class:`~explaind.errors.InvalidArgument` naming the field it was given.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InvalidArgument
+
+# Largest accepted side in pixels; larger inputs are rejected before decoding.
+MAX_IMAGE_SIDE = 4096
+_DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
+
+
+def decode_encoded(data: bytes, *, field: str) -> torch.Tensor:
+    """PNG/JPEG/... bytes -> (3, H, W) float32 in [0, 1]."""
+    if not data:
+        raise InvalidArgument("image bytes are empty", field=field)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
+            if min(image.size) < 1:
+                raise InvalidArgument("image has zero size", field=field)
+            pixels = np.asarray(image.convert("RGB"))
+    except InvalidArgument:
+        raise
+    except Image.UnidentifiedImageError:
+        raise InvalidArgument("bytes are not an image format Pillow can read (PNG, JPEG, WebP, ...)", field=field) from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        raise InvalidArgument(f"cannot decode image bytes ({error})", field=field) from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
+    """A raw pixel array -> (3, H, W) float32 in [0, 1].
+
+    Accepts uint8 (H, W, 3) in [0, 255], or float (3, H, W) / (H, W, 3) in [0, 1].
+    """
+    if array.ndim != 3:
+        raise InvalidArgument(f"expected 3 dimensions (H, W, 3) or (3, H, W), got shape {tuple(array.shape)}", field=field)
+    if array.size == 0:
+        raise InvalidArgument(f"tensor is empty (shape {tuple(array.shape)})", field=field)
+    if array.dtype == np.uint8:
+        if array.shape[2] != 3:
+            raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    elif array.dtype in (np.float16, np.float32):
+        if array.shape[0] == 3:
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        elif array.shape[2] == 3:
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
+        else:
+            raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=field)
+        if not torch.isfinite(tensor).all():
+            raise InvalidArgument("tensor contains NaN or infinite values", field=field)
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise InvalidArgument(f"float pixels must lie in [0, 1], got [{low:.3g}, {high:.3g}] (normalisation happens on the server)", field=field)
+        tensor = tensor.clamp(0.0, 1.0)
+    else:
+        raise InvalidArgument(f"unsupported dtype {array.dtype}; use uint8, float16 or float32", field=field)
+    if max(tensor.shape[1:]) > MAX_IMAGE_SIDE:
+        raise InvalidArgument(f"image is {tensor.shape[2]}x{tensor.shape[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
+    return tensor
+
+
+def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field: str) -> np.ndarray:
+    """Interpret raw little-endian bytes; checks the byte count against dtype x shape."""
+    if dtype not in _DTYPES:
+        raise InvalidArgument(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}", field=f"{field}.dtype")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"negative dimension in shape {shape}", field=f"{field}.shape")
+    np_dtype = np.dtype(_DTYPES[dtype]).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if expected != len(data):
+        raise InvalidArgument(f"shape {shape} of {dtype} needs {expected} bytes, got {len(data)}", field=f"{field}.data")
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size), bilinear with antialiasing; unchanged if already that size."""
+    if image.shape[1] == size and image.shape[2] == size:
+        return image
+    resized = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp_(0.0, 1.0)
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    return image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_grid(images: list[np.ndarray], captions: list[str] | None = None, *, columns: int = 8) -> np.ndarray:
+    """Tile (H, W, 3) uint8 images into one (rows*(H+12), columns*W, 3) uint8 image, with
+    an optional caption strip under each tile."""
+    from PIL import ImageDraw
+
+    if not images:
+        return np.zeros((16, 16, 3), dtype=np.uint8)
+    height, width = images[0].shape[:2]
+    strip = 12 if captions else 0
+    columns = min(columns, len(images))
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * width, rows * (height + strip)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for index, pixels in enumerate(images):
+        x, y = (index % columns) * width, (index // columns) * (height + strip)
+        canvas.paste(Image.fromarray(pixels).resize((width, height)), (x, y))
+        if captions:
+            draw.text((x + 1, y + height), captions[index][: max(1, width // 6)], fill=(0, 0, 0))
+    return np.asarray(canvas)

@@ -1,0 +1,251 @@
+"""Long-running jobs: a bounded executor with progress, cancellation and persistence.
+
+Adding a job kind is one call from an engine::
+
+    def rank_neurons(ctx: JobContext) -> RankNeuronsResult:       # any protobuf message
+        for step, chunk in enumerate(chunks):
+            ctx.raise_if_cancelled()                              # ends the job CANCELLED
+            ...
+            ctx.report_progress(step + 1, len(chunks), "scoring neurons", preview=png_bytes)
+        ctx.save_image("top_neurons.png", grid)                   # artifact, downloadable
+        return RankNeuronsResult(...)
+
+    snapshot = engine.jobs.submit("rank_neurons", rank_neurons)   # returns at once
+
+The returned message is stored (as ``google.protobuf.Any``) and becomes the
+operation's response; an exception fails the job (an :class:`~explaind.errors.ExplaindError`
+keeps its status code, e.g. INVALID_ARGUMENT). Jobs in the ``"gpu"`` lane run one at a
+time (``jobs.gpu_workers``); Predict has its own batcher thread and keeps flowing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from .errors import ExplaindError, ResourceExhausted, Unavailable
+from .imaging import encode_png
+from .metrics import Metrics
+from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
+
+log = logging.getLogger(__name__)
+
+# Progress is written to the store at most this often (every update reaches watchers).
+PERSIST_INTERVAL_S = 1.0
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`JobContext.raise_if_cancelled`; ends the job CANCELLED."""
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A job's state at one moment; ``preview`` (PNG) is live-only, never persisted."""
+
+    record: JobRecord
+    preview: bytes = b""
+
+    @property
+    def done(self) -> bool:
+        return self.record.state in FINISHED_STATES
+
+
+class _LiveJob:
+    def __init__(self, record: JobRecord) -> None:
+        self.record = record
+        self.preview = b""
+        self.cancel_event = threading.Event()
+        self.persisted_at = 0.0
+
+
+class JobContext:
+    """What a running job sees: progress reporting, cancellation, artifact storage."""
+
+    def __init__(self, manager: JobManager, live: _LiveJob) -> None:
+        self._manager = manager
+        self._live = live
+
+    @property
+    def job_id(self) -> str:
+        return self._live.record.job_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._live.cancel_event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise JobCancelled(self.job_id)
+
+    def report_progress(self, step: int, total: int | None = None, message: str = "", preview: bytes | None = None) -> None:
+        """``step`` of ``total`` units done (total None keeps the last one, 0 = unknown);
+        ``preview`` is an optional PNG of the partial result."""
+        changes = {"step": int(step), "message": message}
+        if total is not None:
+            changes["total"] = int(total)
+        self._manager._update(self._live, preview=preview, **changes)
+
+    def save_artifact(self, name: str, data: bytes, media_type: str = "application/octet-stream") -> ArtifactRef:
+        """Store ``data`` content-addressed and list it in the operation's metadata."""
+        artifact = ArtifactRef(name, media_type, self._manager.store.put_blob(data), len(data))
+        artifacts = tuple(a for a in self._live.record.artifacts if a.name != name) + (artifact,)
+        self._manager._update(self._live, persist=True, artifacts=artifacts)
+        return artifact
+
+    def save_image(self, name: str, pixels) -> ArtifactRef:
+        """Save an (H, W, 3) uint8 image as a PNG artifact."""
+        return self.save_artifact(name, encode_png(pixels), "image/png")
+
+
+class JobManager:
+    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, lanes: dict[str, int] | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_queued = max_queued
+        self._executors = {lane: ThreadPoolExecutor(workers, thread_name_prefix=f"job-{lane}") for lane, workers in (lanes or {"gpu": 1, "cpu": 2}).items()}
+        self._live: dict[str, _LiveJob] = {}
+        self._changed = threading.Condition()
+        self._accepting = True
+
+    def recover(self) -> int:
+        """Mark jobs left queued/running by a previous process FAILED; returns how many."""
+        count = self.store.fail_unfinished_jobs("the server stopped while this job was queued or running (restart); submit it again")
+        if count:
+            log.warning("marked %d interrupted job(s) failed", count)
+        return count
+
+    # Submitting and running ----------------------------------------------------------
+
+    def submit(self, kind: str, fn: Callable[[JobContext], Message], *, lane: str = "gpu", message: str = "queued") -> JobSnapshot:
+        """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once."""
+        if lane not in self._executors:
+            raise ValueError(f"unknown lane {lane!r}; lanes: {sorted(self._executors)}")
+        with self._changed:
+            if not self._accepting:
+                raise Unavailable("the server is shutting down; no new jobs are accepted")
+            queued = sum(1 for live in self._live.values() if live.record.state == QUEUED)
+            if queued >= self.max_queued:
+                raise ResourceExhausted(f"job queue is full ({queued} queued, limit {self.max_queued}); retry later")
+            record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message)
+            self.store.insert_job(record)
+            live = _LiveJob(record)
+            self._live[record.job_id] = live
+            self.metrics.jobs_queued.inc()
+        self._executors[lane].submit(self._run, live, fn)
+        return JobSnapshot(record)
+
+    def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message]) -> None:
+        self.metrics.jobs_queued.dec()
+        if live.cancel_event.is_set():
+            self._finish(live, CANCELLED, error=("CANCELLED", "cancelled before it started"))
+            return
+        started = time.time()
+        self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
+        running = self.metrics.jobs_running.labels(kind=live.record.kind)
+        running.inc()
+        try:
+            result = fn(JobContext(self, live))
+        except JobCancelled:
+            self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
+        except ExplaindError as error:
+            self._finish(live, FAILED, error=(error.code, str(error)))
+        except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
+            log.exception("job %s (%s) failed", live.record.job_id, live.record.kind)
+            self._finish(live, FAILED, error=("INTERNAL", f"{type(error).__name__}: {error}"))
+        else:
+            packed = any_pb2.Any()
+            packed.Pack(result)
+            self._finish(live, SUCCEEDED, result=packed.SerializeToString())
+        finally:
+            running.dec()
+            self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
+
+    def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"") -> None:
+        message = {SUCCEEDED: "done", FAILED: "failed", CANCELLED: "cancelled"}[state]
+        self._update(live, persist=True, state=state, end_time=time.time(), error_code=error[0], error_message=error[1], result=result, message=message)
+        with self._changed:
+            self._live.pop(live.record.job_id, None)
+
+    def _update(self, live: _LiveJob, *, persist: bool = False, preview: bytes | None = None, **changes) -> None:
+        with self._changed:
+            live.record = dataclasses.replace(live.record, **changes)
+            if preview is not None:
+                live.preview = preview
+            now = time.monotonic()
+            if persist or now - live.persisted_at >= PERSIST_INTERVAL_S:
+                self.store.update_job(live.record)
+                live.persisted_at = now
+            self._changed.notify_all()
+
+    # Reading, cancelling, waiting ----------------------------------------------------
+
+    def get(self, job_id: str) -> JobSnapshot:
+        with self._changed:
+            live = self._live.get(job_id)
+            if live is not None:
+                return JobSnapshot(live.record, live.preview)
+        return JobSnapshot(self.store.get_job(job_id))
+
+    def list(self, *, kind: str = "", state: str = "", offset: int = 0, limit: int = 100) -> list[JobSnapshot]:
+        records = self.store.list_jobs(kind=kind, state=state, offset=offset, limit=limit)
+        return [self.get(record.job_id) if record.state not in FINISHED_STATES else JobSnapshot(record) for record in records]
+
+    def cancel(self, job_id: str) -> JobSnapshot:
+        """Ask a job to stop; a queued job ends at once, a running one at its next check."""
+        with self._changed:
+            live = self._live.get(job_id)
+            if live is None:
+                return self.get(job_id)
+            live.cancel_event.set()
+            self._update(live, persist=True, cancel_requested=True)
+        return self.get(job_id)
+
+    def watch(self, job_id: str, *, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.25) -> Iterator[JobSnapshot]:
+        """Yield the job now and after every change until it is done (or the caller leaves)."""
+        last = None
+        while True:
+            snapshot = self.get(job_id)
+            if snapshot != last:
+                yield snapshot
+                last = snapshot
+            if snapshot.done or not is_active():
+                return
+            with self._changed:
+                live = self._live.get(job_id)
+                if live is not None and live.record == snapshot.record and live.preview == snapshot.preview:
+                    self._changed.wait(poll_s)
+
+    def wait(self, job_id: str, timeout: float | None = None, *, is_active: Callable[[], bool] = lambda: True) -> JobSnapshot:
+        """The job once done, or as it is when ``timeout`` seconds pass or the caller leaves."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            snapshot = self.get(job_id)
+            remaining = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+            if snapshot.done or remaining <= 0 or not is_active():
+                return snapshot
+            with self._changed:
+                live = self._live.get(job_id)
+                if live is not None and live.record == snapshot.record:
+                    self._changed.wait(remaining)
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stop accepting; let running jobs finish for ``grace_s``, then cancel what is left."""
+        with self._changed:
+            self._accepting = False
+        deadline = time.monotonic() + grace_s
+        with self._changed:
+            while self._live and time.monotonic() < deadline:
+                self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            for live in list(self._live.values()):
+                live.cancel_event.set()
+        for executor in self._executors.values():
+            executor.shutdown(wait=True, cancel_futures=False)

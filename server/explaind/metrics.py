@@ -1,0 +1,42 @@
+"""Prometheus metrics of one server (own registry, so several servers can share a process).
+
+Conventions: base units (seconds), ``_total`` counters, histograms rather than
+summaries, label values from bounded sets only (rpc service/method, status code, job
+kind and outcome; never sample, neuron or operation ids).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+# RPCs range from sub-millisecond Predict calls to hour-long synchronous waits.
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
+JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rpc_duration = Histogram(
+            "explaind_rpc_duration_seconds", "Server-side RPC latency.", ("service", "method", "code"), buckets=RPC_BUCKETS, registry=r
+        )
+        self.rpcs_in_flight = Gauge("explaind_rpcs_in_flight", "RPCs being handled.", ("service", "method"), registry=r)
+        self.job_duration = Histogram(
+            "explaind_job_duration_seconds", "Job run time from start to end.", ("kind", "outcome"), buckets=JOB_BUCKETS, registry=r
+        )
+        self.jobs_queued = Gauge("explaind_jobs_queued", "Jobs waiting for an executor slot.", registry=r)
+        self.jobs_running = Gauge("explaind_jobs_running", "Jobs running.", ("kind",), registry=r)
+        self.batch_size = Histogram("explaind_batch_size_images", "Images per model forward pass.", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("explaind_predict_queue_depth_images", "Images waiting for the model.", registry=r)
+        self.predicted_images = Counter("explaind_predicted_images_total", "Images classified by Predict.", registry=r)
+        self.feature_cache_hits = Counter("explaind_feature_cache_hits_total", "Sample features served from the cache.", registry=r)
+        self.feature_cache_misses = Counter("explaind_feature_cache_misses_total", "Sample features computed.", registry=r)
+        self.model_info = Info("explaind_model", "The served classifier.", registry=r)
+        self.component_loaded = Gauge("explaind_component_loaded", "1 when the model component is loaded.", ("component",), registry=r)
+
+    def serve_http(self, host: str, port: int) -> tuple[object, int]:
+        """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns (server, port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_address[1]

@@ -1,0 +1,114 @@
+"""Translation between explaind.v1 messages and engine types (images, tensors, jobs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from google.longrunning import operations_pb2 as lro_pb2
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import status_pb2
+
+import grpc
+from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
+
+from ..engine import NewSample
+from ..errors import InvalidArgument
+from ..imaging import array_from_buffer, decode_array, decode_encoded, encode_png, to_uint8_hwc
+from ..jobs import JobSnapshot
+from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
+
+_DTYPE_NAMES = {
+    common_pb2.DATA_TYPE_UINT8: "uint8",
+    common_pb2.DATA_TYPE_FLOAT16: "float16",
+    common_pb2.DATA_TYPE_FLOAT32: "float32",
+}
+_STATES = {
+    QUEUED: operations_pb2.OPERATION_STATE_QUEUED,
+    RUNNING: operations_pb2.OPERATION_STATE_RUNNING,
+    SUCCEEDED: operations_pb2.OPERATION_STATE_SUCCEEDED,
+    FAILED: operations_pb2.OPERATION_STATE_FAILED,
+    CANCELLED: operations_pb2.OPERATION_STATE_CANCELLED,
+}
+STATE_NAMES = {value: key for key, value in _STATES.items()}
+OPERATION_PREFIX = "operations/"
+
+
+def decode_image(image: common_pb2.Image, *, field: str) -> torch.Tensor:
+    """An Image message -> (3, H, W) float32 in [0, 1]; INVALID_ARGUMENT naming ``field``."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return decode_encoded(image.encoded, field=f"{field}.encoded")
+    if kind == "tensor":
+        return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor")
+    raise InvalidArgument("image has neither encoded bytes nor a tensor", field=field)
+
+
+def tensor_to_array(tensor: common_pb2.Tensor, *, field: str) -> np.ndarray:
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise InvalidArgument(f"unsupported dtype {common_pb2.DataType.Name(tensor.dtype) if tensor.dtype in common_pb2.DataType.values() else tensor.dtype}; use UINT8, FLOAT16 or FLOAT32", field=f"{field}.dtype")
+    return array_from_buffer(_DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.data, field=field)
+
+
+def array_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
+    array = np.ascontiguousarray(array)
+    dtype = {np.dtype(np.uint8): common_pb2.DATA_TYPE_UINT8, np.dtype(np.float16): common_pb2.DATA_TYPE_FLOAT16, np.dtype(np.float32): common_pb2.DATA_TYPE_FLOAT32, np.dtype(np.int64): common_pb2.DATA_TYPE_INT64}[array.dtype]
+    return common_pb2.Tensor(dtype=dtype, shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def new_sample(sample: sample_sets_pb2.Sample, *, field: str) -> NewSample:
+    """Validate a Sample's image; keep encoded bytes as given, store raw tensors as PNG."""
+    decoded = decode_image(sample.image, field=f"{field}.image")
+    encoded = sample.image.encoded if sample.image.WhichOneof("data") == "encoded" else encode_png(to_uint8_hwc(decoded))
+    return NewSample(encoded, sample.label, dict(sample.attributes))
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def sample_set(info: SampleSetInfo) -> sample_sets_pb2.SampleSet:
+    return sample_sets_pb2.SampleSet(
+        sample_set_id=info.sample_set_id,
+        display_name=info.display_name,
+        sample_count=info.sample_count,
+        class_counts=info.class_counts,
+        create_time=timestamp(info.create_time),
+        update_time=timestamp(info.update_time),
+    )
+
+
+def job_id(name: str) -> str:
+    """``operations/<id>`` or ``<id>`` -> ``<id>``."""
+    bare = name.removeprefix(OPERATION_PREFIX)
+    if not bare or "/" in bare:
+        raise InvalidArgument(f"{name!r} is not an operation name; expected 'operations/<id>'", field="name")
+    return bare
+
+
+def operation(snapshot: JobSnapshot) -> lro_pb2.Operation:
+    """A job as a google.longrunning.Operation (metadata: OperationMetadata)."""
+    record = snapshot.record
+    metadata = operations_pb2.OperationMetadata(
+        kind=record.kind,
+        state=_STATES[record.state],
+        progress=operations_pb2.Progress(step=record.step, total=record.total, message=record.message, preview_png=snapshot.preview),
+        create_time=timestamp(record.create_time),
+        start_time=timestamp(record.start_time),
+        end_time=timestamp(record.end_time),
+        artifacts=[operations_pb2.Artifact(name=a.name, media_type=a.media_type, digest=a.digest, size_bytes=a.size_bytes) for a in record.artifacts],
+        cancel_requested=record.cancel_requested,
+    )
+    message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
+    message.metadata.Pack(metadata)
+    if record.state == SUCCEEDED:
+        response = any_pb2.Any()
+        response.ParseFromString(record.result)
+        message.response.CopyFrom(response)
+    elif record.state in (FAILED, CANCELLED):
+        code = grpc.StatusCode[record.error_code or ("CANCELLED" if record.state == CANCELLED else "UNKNOWN")]
+        message.error.CopyFrom(status_pb2.Status(code=code.value[0], message=record.error_message))
+    return message

@@ -1,0 +1,72 @@
+"""InferenceService: Predict, GetModelMetadata, EvaluateSampleSet."""
+
+from __future__ import annotations
+
+from concurrent.futures import CancelledError
+
+import grpc
+from explaind.v1 import inference_pb2, inference_pb2_grpc
+
+from ..engine import Engine
+from ..errors import Cancelled, DeadlineExceeded, InvalidArgument
+from . import convert
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def Predict(self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext) -> inference_pb2.PredictResponse:
+        limit = self._engine.config.batching.max_images_per_request
+        if not request.images:
+            raise InvalidArgument("at least one image is required", field="images")
+        if len(request.images) > limit:
+            raise InvalidArgument(f"{len(request.images)} images exceed the limit of {limit} per request; split them into several calls", field="images")
+        images = self._engine.prepare_images([convert.decode_image(image, field=f"images[{i}]") for i, image in enumerate(request.images)])
+        future = self._engine.submit_predict(images)
+        context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
+        try:
+            output = future.result(timeout=context.time_remaining())
+        except TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded("the prediction did not finish before the call's deadline") from None
+        except CancelledError:
+            raise Cancelled("the call was cancelled") from None
+        result = self._engine.finish_predict(output, top_k=request.top_k, return_features=request.return_features)
+        response = inference_pb2.PredictResponse(model_version=result.model_version)
+        for indices, probabilities, labels in zip(result.class_indices, result.probabilities, result.labels, strict=True):
+            response.predictions.add(class_indices=indices.tolist(), labels=labels, probabilities=probabilities.tolist())
+        if result.features is not None:
+            response.features.CopyFrom(convert.array_to_tensor(result.features))
+        return response
+
+    def GetModelMetadata(self, request: inference_pb2.GetModelMetadataRequest, context: grpc.ServicerContext) -> inference_pb2.GetModelMetadataResponse:
+        engine = self._engine
+        version = engine.models.active
+        batching = engine.config.batching
+        return inference_pb2.GetModelMetadataResponse(
+            classifier=inference_pb2.ClassifierInfo(
+                name=version.name,
+                loader=version.loader,
+                source=version.source,
+                class_names=version.class_names,
+                feature_layer=version.feature_layer,
+                head=version.head_name,
+                feature_dim=version.feature_dim,
+                image_size=version.image_size,
+                model_version=version.version,
+                backend=engine.config.runtime.backend,
+                device=str(engine.device),
+                supports_features=version.supports_features,
+            ),
+            components=[inference_pb2.ComponentStatus(name=s.name, loaded=s.loaded, source=s.source, detail=s.detail) for s in engine.components.values()],
+            batching=inference_pb2.BatchingInfo(
+                max_batch_size=batching.max_batch_size, max_queue_delay_seconds=batching.max_queue_delay_ms / 1000.0, max_queue_size=batching.max_queue_size
+            ),
+        )
+
+    def EvaluateSampleSet(self, request: inference_pb2.EvaluateSampleSetRequest, context: grpc.ServicerContext) -> inference_pb2.EvaluateSampleSetResponse:
+        if not request.sample_set_id:
+            raise InvalidArgument("required", field="sample_set_id")
+        snapshot = self._engine.evaluate_sample_set(request.sample_set_id, batch_size=request.batch_size, max_grid_images=request.max_grid_images)
+        return inference_pb2.EvaluateSampleSetResponse(operation=convert.operation(snapshot))

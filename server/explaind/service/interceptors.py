@@ -1,0 +1,107 @@
+"""One server interceptor for every RPC: auth, error mapping, metrics.
+
+Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
+code it names with its message. Anything else becomes INTERNAL with a one-line
+message (the traceback goes to the log, never to the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ..errors import ExplaindError
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Reachable without a token: probes and tooling.
+_PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: Metrics, token: str = "") -> None:
+        self._metrics = metrics
+        self._token = token
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").partition("/")
+        authorised = not self._token or service in _PUBLIC_SERVICES or (("authorization", f"Bearer {self._token}") in tuple(details.invocation_metadata or ()))
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised))
+        return handler
+
+    def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            with _Observed(self._metrics, service, method, context) as observed:
+                if not authorised:
+                    observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
+                return observed.call(behaviour, request, context)
+
+        return handle
+
+    def _wrap_stream(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
+        def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with _Observed(self._metrics, service, method, context) as observed:
+                if not authorised:
+                    observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
+                yield from observed.call_stream(behaviour, request, context)
+
+        return handle
+
+
+class _Observed:
+    """Times one call, counts it in flight, and records its final status code."""
+
+    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext) -> None:
+        self._metrics, self._service, self._method, self._context = metrics, service, method, context
+        self._code = "OK"
+
+    def __enter__(self) -> _Observed:
+        self._start = time.perf_counter()
+        self._metrics.rpcs_in_flight.labels(self._service, self._method).inc()
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is not None and self._code == "OK":
+            self._code = self._context.code().name if self._context.code() is not None else ("CANCELLED" if kind is GeneratorExit else "UNKNOWN")
+        elif kind is None and not self._context.is_active():
+            self._code = "CANCELLED"
+        self._metrics.rpcs_in_flight.labels(self._service, self._method).dec()
+        self._metrics.rpc_duration.labels(self._service, self._method, self._code).observe(time.perf_counter() - self._start)
+
+    def abort(self, code: str, message: str) -> None:
+        self._code = code
+        self._context.abort(grpc.StatusCode[code], message)
+
+    def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(request, context)
+        except ExplaindError as error:
+            self.abort(error.code, str(error))
+        except Exception as error:
+            self._map_unexpected(error)
+
+    def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behaviour(request, context)
+        except ExplaindError as error:
+            self.abort(error.code, str(error))
+        except Exception as error:
+            self._map_unexpected(error)
+
+    def _map_unexpected(self, error: Exception) -> None:
+        if self._context.code() is not None:  # the servicer aborted on its own
+            self._code = self._context.code().name
+            raise error
+        log.exception("unexpected error in %s/%s", self._service, self._method)
+        self.abort("INTERNAL", f"internal error ({type(error).__name__}): {error}")

@@ -1,0 +1,61 @@
+"""OperationsService: get, list, cancel, wait for and watch jobs; download artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from explaind.v1 import operations_pb2, operations_pb2_grpc
+
+from ..errors import InvalidArgument, NotFound
+from ..jobs import JobManager
+from . import convert
+from .sample_sets import next_token, page
+
+
+class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
+    def __init__(self, jobs: JobManager) -> None:
+        self._jobs = jobs
+
+    def GetOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.GetOperationResponse:
+        return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
+
+    def ListOperations(self, request, context: grpc.ServicerContext) -> operations_pb2.ListOperationsResponse:
+        offset, limit = page(request.page_token, request.page_size, 100, 1000)
+        state = ""
+        if request.state:
+            if request.state not in convert.STATE_NAMES:
+                raise InvalidArgument(f"unknown state {request.state}", field="state")
+            state = convert.STATE_NAMES[request.state]
+        snapshots = self._jobs.list(kind=request.kind, state=state, offset=offset, limit=limit)
+        return operations_pb2.ListOperationsResponse(
+            operations=[convert.operation(s) for s in snapshots], next_page_token=next_token(offset, limit, len(snapshots))
+        )
+
+    def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:
+        return operations_pb2.CancelOperationResponse(operation=convert.operation(self._jobs.cancel(convert.job_id(request.name))))
+
+    def WaitOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.WaitOperationResponse:
+        job_id = convert.job_id(request.name)
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+        remaining = context.time_remaining()
+        if remaining is not None and (timeout is None or remaining < timeout):
+            timeout = max(0.0, remaining - 0.05)  # answer before the caller's deadline
+        snapshot = self._jobs.wait(job_id, timeout, is_active=context.is_active)
+        return operations_pb2.WaitOperationResponse(operation=convert.operation(snapshot))
+
+    def WatchOperation(self, request, context: grpc.ServicerContext) -> Iterator[operations_pb2.WatchOperationResponse]:
+        for snapshot in self._jobs.watch(convert.job_id(request.name), is_active=context.is_active):
+            yield operations_pb2.WatchOperationResponse(operation=convert.operation(snapshot))
+
+    def GetArtifact(self, request, context: grpc.ServicerContext) -> operations_pb2.GetArtifactResponse:
+        snapshot = self._jobs.get(convert.job_id(request.name))
+        for artifact in snapshot.record.artifacts:
+            if artifact.name == request.artifact:
+                content = self._jobs.store.get_blob(artifact.digest)
+                return operations_pb2.GetArtifactResponse(
+                    artifact=operations_pb2.Artifact(name=artifact.name, media_type=artifact.media_type, digest=artifact.digest, size_bytes=artifact.size_bytes),
+                    content=content,
+                )
+        names = [a.name for a in snapshot.record.artifacts]
+        raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")

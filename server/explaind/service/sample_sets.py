@@ -1,0 +1,68 @@
+"""SampleSetService: named, persistent sets of labelled images."""
+
+from __future__ import annotations
+
+import grpc
+from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
+
+from ..engine import Engine
+from ..errors import InvalidArgument
+from . import convert
+
+
+def page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
+    """(offset, limit) from a page token (an offset) and a page size."""
+    if size < 0:
+        raise InvalidArgument("must not be negative", field="page_size")
+    try:
+        offset = int(token) if token else 0
+    except ValueError:
+        raise InvalidArgument(f"{token!r} is not a page token from a previous response", field="page_token") from None
+    if offset < 0:
+        raise InvalidArgument(f"{token!r} is not a page token from a previous response", field="page_token")
+    return offset, min(size or default, maximum)
+
+
+def next_token(offset: int, limit: int, returned: int) -> str:
+    return str(offset + limit) if returned == limit else ""
+
+
+class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _samples(self, samples) -> list:
+        return [convert.new_sample(sample, field=f"samples[{i}]") for i, sample in enumerate(samples)]
+
+    def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
+        if not request.samples:
+            raise InvalidArgument("a sample set needs at least one sample", field="samples")
+        info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples))
+        return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
+
+    def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
+        if not request.sample_set_id:
+            raise InvalidArgument("required", field="sample_set_id")
+        info = self._engine.append_samples(request.sample_set_id, self._samples(request.samples))
+        return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
+
+    def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:
+        return sample_sets_pb2.GetSampleSetResponse(sample_set=convert.sample_set(self._engine.store.get_sample_set(request.sample_set_id)))
+
+    def ListSampleSets(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSampleSetsResponse:
+        offset, limit = page(request.page_token, request.page_size, 100, 1000)
+        infos = self._engine.store.list_sample_sets(offset, limit)
+        return sample_sets_pb2.ListSampleSetsResponse(sample_sets=[convert.sample_set(i) for i in infos], next_page_token=next_token(offset, limit, len(infos)))
+
+    def ListSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSamplesResponse:
+        offset, limit = page(request.page_token, request.page_size, 256, 4096)
+        store = self._engine.store
+        records = store.list_samples(request.sample_set_id, offset, limit)
+        samples = [
+            sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(r.digest)), label=r.label, attributes=r.attributes) for r in records
+        ]
+        return sample_sets_pb2.ListSamplesResponse(samples=samples, next_page_token=next_token(offset, limit, len(records)))
+
+    def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
+        self._engine.store.delete_sample_set(request.sample_set_id)
+        return sample_sets_pb2.DeleteSampleSetResponse()

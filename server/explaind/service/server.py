@@ -1,0 +1,139 @@
+"""Server bootstrap: gRPC server, health, reflection, metrics endpoint, graceful shutdown.
+
+Start-up order: the store recovers (jobs left running are marked FAILED), gRPC starts
+with health NOT_SERVING, the models load, health turns SERVING. On SIGTERM/SIGINT
+health turns NOT_SERVING, new calls are refused, and in-flight calls and jobs get
+``server.grace_period_s`` to finish before they are cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from explaind.v1 import inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
+
+from ..config import Config
+from ..engine import Engine
+from ..metrics import Metrics
+from ..store import SQLiteStore
+from .inference import InferenceServicer
+from .interceptors import ServiceInterceptor
+from .operations import OperationsServicer
+from .sample_sets import SampleSetServicer
+
+log = logging.getLogger("explaind")
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    sample_sets_pb2.DESCRIPTOR.services_by_name["SampleSetService"].full_name,
+    operations_pb2.DESCRIPTOR.services_by_name["OperationsService"].full_name,
+)
+
+
+class ExplaindServer:
+    """One explaind process: ``start()`` (health NOT_SERVING), ``load_models()``
+    (SERVING), ``stop()``. ``port`` / ``metrics_port`` are the bound ports."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = SQLiteStore(config.server.data_dir)
+        self.engine = Engine(config, self.store, self.metrics)
+        self.health = health.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_http = None
+        self._grpc: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
+        settings = self.config.server
+        self.engine.jobs.recover()
+        if settings.metrics_port:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"),
+            interceptors=[ServiceInterceptor(self.metrics, settings.token)],
+            options=options,
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
+        sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
+        operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        server.start()
+        self._grpc = server
+        return self.port
+
+    def load_models(self) -> None:
+        """Load models (raises ModelLoadError naming the file), then report SERVING."""
+        self.engine.load()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new calls, give in-flight calls and jobs
+        ``grace_s`` (default from config) to finish, cancel the rest."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.server.grace_period_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        done = self._grpc.stop(grace) if self._grpc is not None else threading.Event()
+        self.engine.close(grace)
+        done.wait(grace + 5)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.store.close()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = ExplaindServer(config)
+    try:
+        port = server.start()
+    except OSError as error:
+        log.error("%s", error)
+        return 1
+    metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    log.info("listening on %s:%d%s (config: %s)", config.server.host, port, metrics, config.source)
+    stop_requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    try:
+        server.load_models()
+    except Exception as error:  # noqa: BLE001 - report the reason in one line and exit
+        log.error("cannot start: %s", error)
+        server.stop(0)
+        return 1
+    active = server.engine.models.active
+    log.info("serving %s (version %s, %d classes) on %s", active.name, active.version, len(active.class_names), server.engine.device)
+    while not stop_requested.wait(0.5):
+        pass
+    log.info("shutting down (grace %.1fs)", config.server.grace_period_s)
+    server.stop()
+    return 0

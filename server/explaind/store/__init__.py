@@ -1,0 +1,32 @@
+"""Persistence behind one small interface (:class:`Store`); :class:`SQLiteStore` is the
+embedded default (SQLite WAL + a content-addressed artifact directory)."""
+
+from .base import (
+    CANCELLED,
+    FAILED,
+    FINISHED_STATES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    ArtifactRef,
+    JobRecord,
+    SampleRecord,
+    SampleSetInfo,
+    Store,
+)
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "CANCELLED",
+    "FAILED",
+    "FINISHED_STATES",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "ArtifactRef",
+    "JobRecord",
+    "SQLiteStore",
+    "SampleRecord",
+    "SampleSetInfo",
+    "Store",
+]

@@ -1,0 +1,93 @@
+"""The store interface: sample sets, jobs, content-addressed artifacts, feature cache.
+
+Engines and the job manager talk to this protocol only, so a PostgreSQL (+ object
+store) implementation can replace the embedded SQLite one without touching them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+# Job states, stored as text.
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample: its image is the artifact ``digest`` (encoded image bytes)."""
+
+    digest: str
+    label: int
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleSetInfo:
+    sample_set_id: str
+    display_name: str
+    sample_count: int
+    class_counts: dict[int, int]
+    create_time: float
+    update_time: float
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    name: str
+    media_type: str
+    digest: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as persisted. ``result`` is a serialised ``google.protobuf.Any``; ``error_code``
+    a ``grpc.StatusCode`` name."""
+
+    job_id: str
+    kind: str
+    state: str
+    create_time: float
+    start_time: float | None = None
+    end_time: float | None = None
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    cancel_requested: bool = False
+    error_code: str = ""
+    error_message: str = ""
+    result: bytes = b""
+    artifacts: tuple[ArtifactRef, ...] = ()
+
+
+class Store(Protocol):
+    # Artifacts (content-addressed blobs).
+    def put_blob(self, data: bytes) -> str: ...
+    def get_blob(self, digest: str) -> bytes: ...
+
+    # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord]) -> SampleSetInfo: ...
+    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord]) -> SampleSetInfo: ...
+    def get_sample_set(self, sample_set_id: str) -> SampleSetInfo: ...
+    def list_sample_sets(self, offset: int, limit: int) -> list[SampleSetInfo]: ...
+    def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]: ...
+    def delete_sample_set(self, sample_set_id: str) -> None: ...
+
+    # Jobs.
+    def insert_job(self, job: JobRecord) -> None: ...
+    def update_job(self, job: JobRecord) -> None: ...
+    def get_job(self, job_id: str) -> JobRecord: ...
+    def list_jobs(self, *, kind: str = "", state: str = "", offset: int = 0, limit: int = 100) -> list[JobRecord]: ...
+    def fail_unfinished_jobs(self, reason: str) -> int: ...
+
+    # Feature cache, keyed by (feature version, image digest); rows (D,) float32.
+    def get_features(self, version: str, digests: Sequence[str]) -> dict[str, np.ndarray]: ...
+    def put_features(self, version: str, features: dict[str, np.ndarray]) -> None: ...
+    def retain_features(self, version: str) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,236 @@
+"""Embedded store: SQLite in WAL mode for records, a directory of sha256-named blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AlreadyExists, NotFound
+from .base import FINISHED_STATES, FAILED, ArtifactRef, JobRecord, SampleRecord, SampleSetInfo
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sample_sets (
+    id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, position INTEGER NOT NULL,
+    digest TEXT NOT NULL, label INTEGER NOT NULL, attributes TEXT NOT NULL, PRIMARY KEY (set_id, position)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, create_time REAL NOT NULL,
+    start_time REAL, end_time REAL, step INTEGER NOT NULL, total INTEGER NOT NULL, message TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL, error_code TEXT NOT NULL, error_message TEXT NOT NULL,
+    result BLOB NOT NULL, artifacts TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time);
+CREATE TABLE IF NOT EXISTS features (
+    version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
+);
+"""
+_JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
+
+
+class SQLiteStore:
+    """Thread-safe (one connection behind a lock); durable across restarts and kill -9."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.blob_dir = self.data_dir / "artifacts" / "sha256"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.data_dir / "explaind.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # Artifacts -----------------------------------------------------------------------
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.blob_dir / digest[:2] / digest
+
+    def put_blob(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._blob_path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        return digest
+
+    def get_blob(self, digest: str) -> bytes:
+        path = self._blob_path(digest)
+        if len(digest) != 64 or not path.is_file():
+            raise NotFound(f"no artifact with digest {digest!r}")
+        return path.read_bytes()
+
+    # Sample sets ---------------------------------------------------------------------
+
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord]) -> SampleSetInfo:
+        now = time.time()
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
+                raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
+            db.execute("INSERT INTO sample_sets VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
+            self._insert_samples(db, sample_set_id, 0, samples)
+        return self.get_sample_set(sample_set_id)
+
+    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord]) -> SampleSetInfo:
+        with self._transaction() as db:
+            self._require_set(db, sample_set_id)
+            (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
+            self._insert_samples(db, sample_set_id, count, samples)
+            db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
+        return self.get_sample_set(sample_set_id)
+
+    @staticmethod
+    def _insert_samples(db: sqlite3.Connection, set_id: str, start: int, samples: Sequence[SampleRecord]) -> None:
+        db.executemany(
+            "INSERT INTO samples VALUES (?, ?, ?, ?, ?)",
+            [(set_id, start + i, s.digest, s.label, json.dumps(s.attributes, sort_keys=True)) for i, s in enumerate(samples)],
+        )
+
+    @staticmethod
+    def _require_set(db: sqlite3.Connection, sample_set_id: str) -> tuple:
+        row = db.execute("SELECT id, display_name, create_time, update_time FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no sample set {sample_set_id!r}", field="sample_set_id")
+        return row
+
+    def _info(self, row: tuple) -> SampleSetInfo:
+        set_id, display_name, create_time, update_time = row
+        counts = dict(self._db.execute("SELECT label, COUNT(*) FROM samples WHERE set_id = ? GROUP BY label", (set_id,)).fetchall())
+        return SampleSetInfo(set_id, display_name, sum(counts.values()), counts, create_time, update_time)
+
+    def get_sample_set(self, sample_set_id: str) -> SampleSetInfo:
+        with self._lock:
+            return self._info(self._require_set(self._db, sample_set_id))
+
+    def list_sample_sets(self, offset: int, limit: int) -> list[SampleSetInfo]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, display_name, create_time, update_time FROM sample_sets ORDER BY create_time, id LIMIT ? OFFSET ?", (limit, offset)
+            ).fetchall()
+            return [self._info(row) for row in rows]
+
+    def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]:
+        with self._lock:
+            self._require_set(self._db, sample_set_id)
+            rows = self._db.execute(
+                "SELECT digest, label, attributes FROM samples WHERE set_id = ? ORDER BY position LIMIT ? OFFSET ?",
+                (sample_set_id, -1 if limit is None else limit, offset),
+            ).fetchall()
+        return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
+
+    def delete_sample_set(self, sample_set_id: str) -> None:
+        with self._transaction() as db:
+            self._require_set(db, sample_set_id)
+            db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
+
+    # Jobs ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _job_row(job: JobRecord) -> tuple:
+        values = asdict(job)
+        values["artifacts"] = json.dumps(values["artifacts"])
+        values["cancel_requested"] = int(job.cancel_requested)
+        values["id"] = values.pop("job_id")
+        return tuple(values[column] for column in _JOB_COLUMNS)
+
+    @staticmethod
+    def _job_from_row(row: tuple) -> JobRecord:
+        values = dict(zip(_JOB_COLUMNS, row, strict=True))
+        values["job_id"] = values.pop("id")
+        values["cancel_requested"] = bool(values["cancel_requested"])
+        values["artifacts"] = tuple(ArtifactRef(**a) for a in json.loads(values["artifacts"]))
+        return JobRecord(**values)
+
+    def insert_job(self, job: JobRecord) -> None:
+        with self._transaction() as db:
+            db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
+
+    def update_job(self, job: JobRecord) -> None:
+        row = self._job_row(job)
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _JOB_COLUMNS[1:])} WHERE id = ?", (*row[1:], row[0]))
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no operation {job_id!r}", field="name")
+        return self._job_from_row(row)
+
+    def list_jobs(self, *, kind: str = "", state: str = "", offset: int = 0, limit: int = 100) -> list[JobRecord]:
+        clauses, params = [], []
+        for column, value in (("kind", kind), ("state", state)):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY create_time DESC, id LIMIT ? OFFSET ?", (*params, limit, offset)
+            ).fetchall()
+        return [self._job_from_row(row) for row in rows]
+
+    def fail_unfinished_jobs(self, reason: str) -> int:
+        placeholders = ", ".join("?" * len(FINISHED_STATES))
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE jobs SET state = ?, error_code = 'ABORTED', error_message = ?, end_time = ? WHERE state NOT IN ({placeholders})",
+                (FAILED, reason, time.time(), *FINISHED_STATES),
+            )
+            return cursor.rowcount
+
+    # Feature cache -------------------------------------------------------------------
+
+    def get_features(self, version: str, digests: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(digests))
+        with self._lock:
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                rows = self._db.execute(
+                    f"SELECT digest, vector FROM features WHERE version = ? AND digest IN ({', '.join('?' * len(chunk))})", (version, *chunk)
+                ).fetchall()
+                found.update((digest, np.frombuffer(vector, dtype=np.float32)) for digest, vector in rows)
+        return found
+
+    def put_features(self, version: str, features: dict[str, np.ndarray]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
+                [(version, digest, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for digest, v in features.items()],
+            )
+
+    def retain_features(self, version: str) -> int:
+        """Drop cached features of every other model version; returns rows removed."""
+        with self._transaction() as db:
+            return db.execute("DELETE FROM features WHERE version != ?", (version,)).rowcount
