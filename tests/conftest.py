@@ -1,0 +1,143 @@
+"""Shared fixtures: a world classifier, and real explaind servers in subprocesses.
+
+The classifier is the shipped ``assets/classifiers/balanced`` when present; until that
+asset lands, a throwaway one is trained once per session (1 epoch, 600 images).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from explaind.world import assets
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shipped = assets.classifier_dir("balanced")
+    if (shipped / "model.safetensors").is_file():
+        return shipped
+    from explaind.world.classifier import save_classifier
+    from explaind.world.train_classifier import train_classifier
+
+    model, _ = train_classifier("balanced", epochs=1, train_size=600, log=False)
+    return save_classifier(model, tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(scope="session")
+def world_model(classifier_dir: Path) -> torch.nn.Module:
+    from explaind.world.classifier import load_classifier
+
+    return load_classifier(classifier_dir)
+
+
+@pytest.fixture(scope="session")
+def world_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """48 balanced test images (N, 3, 64, 64) in [0, 1] and their labels (N,)."""
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("balanced").dataset("test", size=48).all()
+    return batch.images, batch.labels
+
+
+def write_config(path: Path, classifier_dir: Path, **sections: dict[str, object]) -> Path:
+    """A TOML config serving ``classifier_dir``; ``sections`` add/override tables."""
+    tables: dict[str, dict[str, object]] = {"classifier": {"loader": "world", "path": str(classifier_dir)}}
+    for name, values in sections.items():
+        tables.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+class ServerProcess:
+    """``explaind serve`` in a subprocess on free loopback ports, with its log in ``log_path``."""
+
+    def __init__(self, config: Path, data_dir: Path, log_path: Path) -> None:
+        self.config, self.data_dir, self.log_path = config, data_dir, log_path
+        self.process: subprocess.Popen | None = None
+        self.port = self.metrics_port = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        from explaind.client import Client
+
+        self.port, self.metrics_port = free_port(), free_port()
+        command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir)]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        with Client(self.target, timeout=5) as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                try:
+                    client.wait_until_ready(timeout=1.0)
+                    return self
+                except TimeoutError:
+                    continue
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory: pytest.TempPathFactory, classifier_dir: Path):
+    """Start servers (stopped at module end): ``server_factory(**config_sections)``."""
+    started: list[ServerProcess] = []
+
+    def start(**sections: dict[str, object]) -> ServerProcess:
+        root = tmp_path_factory.mktemp("server")
+        config = write_config(root / "explaind.toml", classifier_dir, **sections)
+        server = ServerProcess(config, root / "data", root / "server.log").start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,247 @@
+"""Integration: a real server in a subprocess, driven through the SDK (one server per module)."""
+
+from __future__ import annotations
+
+import io
+import re
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from explaind.client import (
+    AlreadyExistsError,
+    Client,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from explaind.client.cli import main as cli_main
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    return server_factory(batching={"max_images_per_request": 256})
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.target, timeout=30) as client:
+        yield client
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float -> (N, H, W, 3) uint8, the exact pixels the server sees."""
+    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _metric(server, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{key}="{value}"' in line for key, value in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_health_serving_and_reflection_lists_services(server, client):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    assert client.health() == "SERVING"
+    assert client.health("explaind.v1.InferenceService") == "SERVING"
+    with grpc.insecure_channel(server.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"explaind.v1.InferenceService", "explaind.v1.SampleSetService", "explaind.v1.OperationsService", "grpc.health.v1.Health"} <= services
+
+
+def test_metadata_describes_the_split_classifier(client, world_model):
+    meta = client.model_metadata()
+    assert meta.class_names == list(world_model.config.class_names)
+    assert (meta.feature_layer, meta.head, meta.feature_dim, meta.image_size) == ("layer3", "fc", 128, 64)
+    assert meta.supports_features and meta.backend == "eager"
+    assert meta.components["classifier"].loaded
+    assert not meta.components["clip"].loaded and meta.components["clip"].detail == "not configured"
+
+
+def test_predict_matches_in_process_forward(client, world_model, world_images):
+    images, _ = world_images
+    pixels = _uint8(images[:8])
+    with torch.inference_mode():
+        expected = torch.softmax(world_model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255), dim=1)
+    predictions = client.predict(pixels, top_k=3, return_features=True)
+    assert len(predictions) == 8
+    for prediction, probabilities in zip(predictions, expected):
+        top = torch.topk(probabilities, 3)
+        assert prediction.class_indices == top.indices.tolist()
+        assert prediction.labels == [world_model.config.class_names[i] for i in top.indices]
+        np.testing.assert_allclose(prediction.probabilities, top.values.numpy(), atol=1e-5)
+        assert prediction.features.shape == (128,)
+    # head(features) reproduces the logits: the features really are the penultimate layer.
+    features = torch.from_numpy(np.stack([p.features for p in predictions]))
+    with torch.inference_mode():
+        np.testing.assert_allclose(torch.softmax(world_model.fc(features), 1).numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_predict_accepts_every_image_encoding_alike(client, world_images):
+    pixels = _uint8(world_images[0][:1])[0]
+    as_png = client.predict([_png(pixels)], top_k=6)[0]
+    as_uint8 = client.predict([pixels], top_k=6)[0]
+    as_float_chw = client.predict([pixels.transpose(2, 0, 1).astype(np.float32) / 255], top_k=6)[0]
+    as_pil = client.predict([Image.fromarray(pixels)], top_k=6)[0]
+    upscaled = client.predict([Image.fromarray(pixels).resize((128, 128), Image.NEAREST)], top_k=6)[0]
+    for other in (as_uint8, as_float_chw, as_pil):
+        assert other.class_indices == as_png.class_indices
+        np.testing.assert_allclose(other.probabilities, as_png.probabilities, atol=1e-5)
+    assert upscaled.label == as_png.label  # resized back to 64x64 on the server
+
+
+def _raw(dtype: int, shape: tuple[int, ...], data: bytes) -> common_pb2.Image:
+    return common_pb2.Image(tensor=common_pb2.Tensor(dtype=dtype, shape=list(shape), data=data))
+
+
+def _bad_inputs(pixels: np.ndarray) -> dict[str, tuple[list[common_pb2.Image], str, grpc.StatusCode]]:
+    png = _png(pixels)
+    nan = np.full((3, 64, 64), np.nan, dtype=np.float32)
+    return {
+        "truncated png": ([common_pb2.Image(encoded=png[: len(png) // 2])], "images[0].encoded", grpc.StatusCode.INVALID_ARGUMENT),
+        "not an image": ([common_pb2.Image(encoded=b"hello world")], "images[0].encoded", grpc.StatusCode.INVALID_ARGUMENT),
+        "zero-size tensor": ([_raw(common_pb2.DATA_TYPE_UINT8, (0, 64, 3), b"")], "images[0].tensor", grpc.StatusCode.INVALID_ARGUMENT),
+        "nan tensor": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (3, 64, 64), nan.tobytes())], "NaN", grpc.StatusCode.INVALID_ARGUMENT),
+        "wrong dtype": ([_raw(common_pb2.DATA_TYPE_INT64, (64, 64, 3), np.zeros((64, 64, 3), np.int64).tobytes())], "images[0].tensor.dtype", grpc.StatusCode.INVALID_ARGUMENT),
+        "unset dtype": ([_raw(0, (64, 64, 3), pixels.tobytes())], "dtype", grpc.StatusCode.INVALID_ARGUMENT),
+        "wrong shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 4), np.zeros((64, 64, 4), np.uint8).tobytes())], "(H, W, 3)", grpc.StatusCode.INVALID_ARGUMENT),
+        "2-d shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 192), pixels.tobytes())], "3 dimensions", grpc.StatusCode.INVALID_ARGUMENT),
+        "byte count mismatch": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 3), pixels.tobytes()[:-1])], "images[0].tensor.data", grpc.StatusCode.INVALID_ARGUMENT),
+        "out of range floats": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (3, 64, 64), np.full((3, 64, 64), 3.0, np.float32).tobytes())], "[0, 1]", grpc.StatusCode.INVALID_ARGUMENT),
+        "no data": ([common_pb2.Image()], "images[0]", grpc.StatusCode.INVALID_ARGUMENT),
+        "no images": ([], "images", grpc.StatusCode.INVALID_ARGUMENT),
+        "10k images": ([common_pb2.Image(encoded=_png(pixels[:16, :16]))] * 10_000, "limit of 256", grpc.StatusCode.INVALID_ARGUMENT),
+    }
+
+
+def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server, client, world_images):
+    pixels = _uint8(world_images[0][:1])[0]
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 256 << 20)]) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for case, (images, mention, code) in _bad_inputs(pixels).items():
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(inference_pb2.PredictRequest(images=images), timeout=30)
+            assert caught.value.code() == code, case
+            assert mention in caught.value.details(), (case, caught.value.details())
+            assert "Traceback" not in caught.value.details()
+        # 10k raw images (120 MiB) exceed the 64 MiB message limit itself.
+        huge = inference_pb2.PredictRequest(images=[_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 3), pixels.tobytes())] * 10_000)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(huge, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(InvalidArgumentError, match="top_k"):
+        client.predict([pixels], top_k=7)
+    with pytest.raises(NotFoundError, match="no sample set 'missing-set'"):
+        client.evaluate_sample_set("missing-set")
+    with pytest.raises(NotFoundError):
+        client.operation("operations/does-not-exist")
+    with pytest.raises(InvalidArgumentError, match="name"):
+        client.operation("operations/a/b")
+    assert client.health() == "SERVING"
+    assert len(client.predict([pixels])) == 1
+
+
+def test_the_client_honours_its_deadline(client, world_images):
+    with pytest.raises(DeadlineExceededError):
+        client.predict(_uint8(world_images[0][:32]), timeout=1e-4)
+    assert len(client.predict(_uint8(world_images[0][:1]))) == 1
+
+
+def test_sample_set_lifecycle(client, world_images):
+    images, labels = world_images
+    pixels = _uint8(images[:10])
+    created = client.create_sample_set(pixels[:6], labels[:6].tolist(), sample_set_id="lifecycle", display_name="first six", attributes=[{"i": str(i)} for i in range(6)], chunk_size=4)
+    assert (created.sample_set_id, created.display_name, created.sample_count) == ("lifecycle", "first six", 6)
+    appended = client.append_samples("lifecycle", [_png(p) for p in pixels[6:]], labels[6:10].tolist())
+    assert appended.sample_count == 10
+    assert sum(appended.class_counts.values()) == 10
+    assert "lifecycle" in [s.sample_set_id for s in client.sample_sets()]
+    samples = list(client.samples("lifecycle"))
+    assert [s.label for s in samples] == labels[:10].tolist()
+    assert samples[3].attributes == {"i": "3"}
+    for sample, expected in zip(samples, pixels):
+        np.testing.assert_array_equal(np.asarray(sample.image.convert("RGB")), expected)
+    with pytest.raises(AlreadyExistsError, match="lifecycle"):
+        client.create_sample_set(pixels[:1], [0], sample_set_id="lifecycle")
+    with pytest.raises(InvalidArgumentError, match="sample_set_id"):
+        client.create_sample_set(pixels[:1], [0], sample_set_id="Not Valid!")
+    with pytest.raises(InvalidArgumentError, match=r"samples\[1\].label"):
+        client.create_sample_set(pixels[:2], [0, 99])
+    with pytest.raises(InvalidArgumentError, match="at least one sample"):
+        client.create_sample_set([], [])
+    with pytest.raises(InvalidArgumentError, match=r"samples\[0\].image.encoded"):
+        client.append_samples("lifecycle", [b"\x89PNG broken"], [0])
+    assert client.sample_set("lifecycle").sample_count == 10  # nothing half-written
+    client.delete_sample_set("lifecycle")
+    with pytest.raises(NotFoundError):
+        client.sample_set("lifecycle")
+
+
+def test_evaluate_job_result_matches_in_process_and_has_artifact(client, world_model, world_images):
+    images, labels = world_images
+    pixels = _uint8(images)
+    client.create_sample_set(pixels, labels.tolist(), sample_set_id="evaluate")
+    operation = client.evaluate_sample_set("evaluate", batch_size=16)
+    report = operation.result(timeout=120)
+    with torch.inference_mode():
+        predicted = world_model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).argmax(1)
+    assert operation.state == "succeeded"
+    assert report.sample_count == len(labels)
+    assert report.accuracy == pytest.approx(float((predicted == labels).float().mean()))
+    assert report.confusion_matrix.sum() == len(labels)
+    assert np.trace(report.confusion_matrix) == int((predicted == labels).sum())
+    assert {m[0] for m in report.mistakes} == set(torch.nonzero(predicted != labels).flatten().tolist())
+    grid = operation.artifact_image("mistakes.png")
+    assert grid.width > 0 and [a.name for a in operation.artifacts] == ["mistakes.png"]
+    assert operation.name in [op.name for op in client.operations(kind="evaluate_sample_set", state="succeeded")]
+
+
+def test_metrics_count_calls_exactly(server, client, world_images):
+    pixels = _uint8(world_images[0][:1])
+    labels = {"service": "explaind.v1.InferenceService", "method": "Predict"}
+    ok_before = _metric(server, "explaind_rpc_duration_seconds_count", **labels, code="OK")
+    bad_before = _metric(server, "explaind_rpc_duration_seconds_count", **labels, code="INVALID_ARGUMENT")
+    images_before = _metric(server, "explaind_predicted_images_total")
+    jobs_before = _metric(server, "explaind_job_duration_seconds_count", kind="evaluate_sample_set", outcome="succeeded")
+    for _ in range(7):
+        client.predict(pixels)
+    for _ in range(3):
+        with pytest.raises(InvalidArgumentError):
+            client.predict([b"junk"])
+    client.create_sample_set(pixels, [0], sample_set_id="metrics")
+    client.evaluate_sample_set("metrics").result(timeout=60)
+    assert _metric(server, "explaind_rpc_duration_seconds_count", **labels, code="OK") == ok_before + 7
+    assert _metric(server, "explaind_rpc_duration_seconds_count", **labels, code="INVALID_ARGUMENT") == bad_before + 3
+    assert _metric(server, "explaind_predicted_images_total") == images_before + 7
+    assert _metric(server, "explaind_job_duration_seconds_count", kind="evaluate_sample_set", outcome="succeeded") == jobs_before + 1
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert re.search(r'explaind_rpc_duration_seconds_bucket\{code="OK",le="14400.0",method="Predict",service="explaind.v1.InferenceService"\}', text)
+    for family in ("explaind_batch_size_images_bucket", "explaind_predict_queue_depth_images", "explaind_rpcs_in_flight", "explaind_model_info", "explaind_jobs_queued"):
+        assert family in text
+
+
+def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
+    path = tmp_path / "image.png"
+    path.write_bytes(_png(_uint8(world_images[0][:1])[0]))
+    assert cli_main(["--target", server.target, "predict", str(path), "--top-k", "2"]) == 0
+    assert cli_main(["--target", server.target, "info"]) == 0
+    assert cli_main(["--target", server.target, "sample-set", "show", "--id", "nope"]) == 1
+    out, err = capsys.readouterr()
+    assert str(path) in out and "layer3 -> fc" in out
+    assert "NOT_FOUND" in err
