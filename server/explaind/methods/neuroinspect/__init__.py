@@ -1,0 +1,53 @@
+"""NeuroInspect (Ju et al., 2023): explain a classifier's mistakes through its neurons.
+
+Three engines, each one class with one entry method, on cached features or images:
+
+* :class:`MistakeNeuronRanker` ``.rank(features, labels)``: counterfactual shifts ω per
+  mistake and the neurons most often behind them (``faithful`` or ``proximal`` solver).
+* :class:`ClipIllusion` ``.visualize(pairs)``: class-conditional feature visualisation.
+* :class:`HeadEditor` ``.edit(features, labels, target_class=, neurons=)``: retrain the
+  linear head with the probability-ratio regulariser (or the ``constrain`` baseline).
+
+:class:`FeatureExtractor` turns images into the (N, D) features the first and last need.
+"""
+
+from ._counterfactual import (
+    SOLVERS,
+    CounterfactualSolution,
+    CounterfactualSolver,
+    FaithfulSGD,
+    ProximalGradient,
+    make_solver,
+)
+from ._editing import EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, evaluate_head
+from ._features import FeatureExtractor
+from ._fourier import FourierImage
+from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationResult
+from ._probing import neuron_auc
+from ._probability import neuron_importance, probability_ratio
+from ._ranking import MistakeNeuronRanker, NeuronRanking, RankedNeuron
+
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATES",
+    "SOLVERS",
+    "ClipIllusion",
+    "CounterfactualSolution",
+    "CounterfactualSolver",
+    "EpochRecord",
+    "FaithfulSGD",
+    "FeatureExtractor",
+    "FourierImage",
+    "HeadEdit",
+    "HeadEditor",
+    "HeadEvaluation",
+    "MistakeNeuronRanker",
+    "NeuronRanking",
+    "ProximalGradient",
+    "RankedNeuron",
+    "VisualizationResult",
+    "evaluate_head",
+    "make_solver",
+    "neuron_auc",
+    "neuron_importance",
+    "probability_ratio",
+]

@@ -1,0 +1,260 @@
+"""Edit the linear head to weaken false correlations (NeuroInspect §III-E).
+
+Only the head is retrained, on cached features, with cross-entropy plus a penalty on the
+neurons K found behind the mistakes:
+
+* ``probability_ratio`` (ours): λ3 ‖p_c / p'_c − o‖₂, p' the softmax with the features
+  in K zeroed and the norm taken over the minibatch as in the authors' code. With o = 1
+  class c may use K no more than the other classes do, which keeps the rest intact.
+* ``constrain`` (the paper's CON baseline, Eq. 9): λ ‖α_k β_{c,k} + b_c‖₂ over k ∈ K,
+  averaged over the minibatch; it shrinks class c's use of K directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._probability import neuron_importance, probability_ratio
+
+METHODS = ("probability_ratio", "constrain")
+SELECTIONS = ("accuracy", "worst_class")
+DEFAULT_STRENGTH = {"probability_ratio": 0.01, "constrain": 1.0}
+
+
+@dataclass
+class HeadEvaluation:
+    """Accuracy of a head on one labelled feature set."""
+
+    accuracy: float
+    class_accuracy: dict[int, float]  # classes present in the set
+    group_accuracy: dict[str, float] = field(default_factory=dict)  # empty without groups
+
+    @property
+    def worst_class(self) -> tuple[int, float]:
+        klass = min(self.class_accuracy, key=self.class_accuracy.__getitem__)
+        return klass, self.class_accuracy[klass]
+
+    @property
+    def worst_group(self) -> tuple[str, float] | None:
+        if not self.group_accuracy:
+            return None
+        group = min(self.group_accuracy, key=self.group_accuracy.__getitem__)
+        return group, self.group_accuracy[group]
+
+
+@torch.no_grad()
+def evaluate_head(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    groups: Sequence[str] | np.ndarray | None = None,
+) -> HeadEvaluation:
+    """Overall, per-class and (with ``groups``, one name per sample) per-group accuracy."""
+    correct = ((features.to(weight) @ weight.T + bias).argmax(1) == labels.to(weight.device)).cpu().numpy()
+    labels_np = labels.cpu().numpy()
+    class_accuracy = {int(c): float(correct[labels_np == c].mean()) for c in np.unique(labels_np)}
+    group_accuracy = {}
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != correct.shape:
+            raise ValueError(f"groups must have one entry per sample ({len(correct)}), got {groups.shape}")
+        group_accuracy = {str(g): float(correct[groups == g].mean()) for g in np.unique(groups)}
+    return HeadEvaluation(float(correct.mean()), class_accuracy, group_accuracy)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float  # mean total loss over the epoch's minibatches
+    penalty: float  # mean penalty term (before the strength factor)
+    validation_accuracy: float
+    validation_worst_class_accuracy: float
+
+
+@dataclass
+class HeadEdit:
+    """New head weights, how they were found, and their evaluation against the old head."""
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    method: str
+    target_class: int
+    neurons: tuple[int, ...]
+    strength: float
+    target_ratio: float  # o
+    best_epoch: int  # 1-based epoch whose weights were kept
+    history: list[EpochRecord]
+    before: HeadEvaluation  # old head on the evaluation set (the validation set by default)
+    after: HeadEvaluation  # new head on the same set
+    cancelled: bool = False
+
+    def as_linear(self) -> nn.Linear:
+        head = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(self.weight)
+            head.bias.copy_(self.bias)
+        return head
+
+
+# Progress hook: (epoch, max_epochs, record) -> True to stop after this epoch.
+EpochCallback = Callable[[int, int, EpochRecord], "bool | None"]
+
+
+class HeadEditor:
+    """Retrains only a linear head so that class ``target_class`` relies less on ``neurons``."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        if not isinstance(head, nn.Linear) or head.bias is None:
+            raise TypeError("head must be an nn.Linear with a bias")
+        self.head = head
+
+    def suggested_target_ratio(self, features: torch.Tensor, labels: torch.Tensor, *, target_class: int,
+                               neurons: Sequence[int]) -> float:
+        """The paper's o = (min_k importance_k − 1) / 3 + 1 on class ``target_class``'s mean feature."""
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        in_class = labels.to(weight.device) == target_class
+        if not in_class.any():
+            raise ValueError(f"labels hold no sample of target_class {target_class}")
+        importance = neuron_importance(weight, bias, features.to(weight)[in_class].mean(0), target_class)
+        return float((importance[list(neurons)].min() - 1) / 3 + 1)
+
+    def edit(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        target_class: int,
+        neurons: Sequence[int],
+        validation_features: torch.Tensor,
+        validation_labels: torch.Tensor,
+        method: str = "probability_ratio",
+        strength: float | None = None,
+        target_ratio: float | str = 1.0,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 32,
+        max_epochs: int = 20,
+        patience: int = 5,
+        selection: str = "accuracy",
+        seed: int = 0,
+        evaluation_features: torch.Tensor | None = None,
+        evaluation_labels: torch.Tensor | None = None,
+        evaluation_groups: Sequence[str] | np.ndarray | None = None,
+        callback_on_epoch_end: EpochCallback | None = None,
+    ) -> HeadEdit:
+        """Retrain the head on training ``features`` (N, D) / ``labels`` (N,) with Adam.
+
+        Args:
+            method: ``"probability_ratio"`` (ours) or ``"constrain"`` (the CON baseline).
+            strength: λ3 of the penalty; default 0.01 for ours, 1.0 for ``constrain``.
+            target_ratio: o, or ``"auto"`` for :meth:`suggested_target_ratio`.
+            max_epochs, patience: early stopping on the validation set; the best epoch's
+                weights are kept, judged by ``selection`` (``"accuracy"``, ties broken by
+                worst-class accuracy, or ``"worst_class"``, ties broken by accuracy).
+            evaluation_features, evaluation_labels, evaluation_groups: the set ``before`` and
+                ``after`` are measured on (default: the validation set, without groups).
+            callback_on_epoch_end: ``(epoch, max_epochs, record)``; return True to stop.
+        """
+        weight0, bias0 = self.head.weight.detach(), self.head.bias.detach()
+        device, dtype = weight0.device, weight0.dtype
+        features, validation_features = features.to(device, dtype), validation_features.to(device, dtype)
+        labels, validation_labels = labels.to(device), validation_labels.to(device)
+        neuron_ids = self._check_arguments(features, labels, validation_features, validation_labels,
+                                           target_class=target_class, neurons=neurons, method=method,
+                                           selection=selection, batch_size=batch_size, max_epochs=max_epochs)
+        strength = DEFAULT_STRENGTH[method] if strength is None else float(strength)
+        if target_ratio == "auto":
+            target_ratio = self.suggested_target_ratio(features, labels, target_class=target_class, neurons=neurons)
+        elif isinstance(target_ratio, str):
+            raise ValueError(f"target_ratio must be a number or 'auto', got {target_ratio!r}")
+        target_ratio = float(target_ratio)
+
+        weight = weight0.clone().requires_grad_(True)
+        bias = bias0.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([weight, bias], lr=learning_rate, weight_decay=weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        history: list[EpochRecord] = []
+        best_key, best_state, best_epoch, stale = None, (weight0, bias0), 0, 0
+        cancelled = False
+        for epoch in range(1, max_epochs + 1):
+            order = torch.randperm(len(features), generator=generator).to(device)
+            totals = torch.zeros(2, dtype=torch.float64)
+            batches = 0
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                x, y = features[index], labels[index]
+                ce = F.cross_entropy(x @ weight.T + bias, y)
+                if method == "probability_ratio":
+                    penalty = (probability_ratio(weight, bias, x, target_class, neuron_ids) - target_ratio).norm()
+                else:
+                    penalty = (x[:, neuron_ids] * weight[target_class, neuron_ids] + bias[target_class]).norm(dim=1).mean()
+                loss = ce + strength * penalty
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                totals += torch.tensor([loss.item(), penalty.item()], dtype=torch.float64)
+                batches += 1
+            validation = evaluate_head(weight.detach(), bias.detach(), validation_features, validation_labels)
+            record = EpochRecord(epoch, float(totals[0] / batches), float(totals[1] / batches),
+                                 validation.accuracy, validation.worst_class[1])
+            history.append(record)
+            key = (validation.accuracy, validation.worst_class[1])
+            key = key if selection == "accuracy" else key[::-1]
+            if best_key is None or key > best_key:
+                best_key, best_state, best_epoch, stale = key, (weight.detach().clone(), bias.detach().clone()), epoch, 0
+            else:
+                stale += 1
+            if callback_on_epoch_end is not None and callback_on_epoch_end(epoch, max_epochs, record):
+                cancelled = True
+                break
+            if stale >= patience:
+                break
+
+        if evaluation_features is None:
+            evaluation_features, evaluation_labels, evaluation_groups = validation_features, validation_labels, None
+        elif evaluation_labels is None:
+            raise ValueError("evaluation_labels must be given with evaluation_features")
+        new_weight, new_bias = best_state
+        return HeadEdit(
+            weight=new_weight,
+            bias=new_bias,
+            method=method,
+            target_class=target_class,
+            neurons=tuple(int(n) for n in neuron_ids.tolist()),
+            strength=strength,
+            target_ratio=target_ratio,
+            best_epoch=best_epoch,
+            history=history,
+            before=evaluate_head(weight0, bias0, evaluation_features, evaluation_labels, groups=evaluation_groups),
+            after=evaluate_head(new_weight, new_bias, evaluation_features, evaluation_labels, groups=evaluation_groups),
+            cancelled=cancelled,
+        )
+
+    def _check_arguments(self, features: torch.Tensor, labels: torch.Tensor, validation_features: torch.Tensor,
+                         validation_labels: torch.Tensor, *, target_class: int, neurons: Sequence[int], method: str,
+                         selection: str, batch_size: int, max_epochs: int) -> torch.Tensor:
+        num_classes, dim = self.head.weight.shape
+        for name, x, y in (("features", features, labels), ("validation_features", validation_features, validation_labels)):
+            if x.ndim != 2 or x.shape[1] != dim or len(x) == 0:
+                raise ValueError(f"{name} must be (N, {dim}) with N > 0, got {tuple(x.shape)}")
+            if y.shape != (len(x),):
+                raise ValueError(f"labels for {name} must be ({len(x)},), got {tuple(y.shape)}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if not 0 <= target_class < num_classes:
+            raise ValueError(f"target_class must lie in [0, {num_classes}), got {target_class}")
+        if len(neurons) == 0 or any(not 0 <= int(n) < dim for n in neurons):
+            raise ValueError(f"neurons must be a non-empty list of ids in [0, {dim}), got {list(neurons)}")
+        if batch_size < 1 or max_epochs < 1:
+            raise ValueError("batch_size and max_epochs must be positive")
+        return torch.tensor(sorted({int(n) for n in neurons}), device=features.device)

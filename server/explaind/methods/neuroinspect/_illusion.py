@@ -1,0 +1,249 @@
+"""CLIP-Illusion: class-conditional feature visualisation (NeuroInspect §III-D).
+
+An image is optimised to raise neuron n's mean activation α_n and class c's logit l_c,
+while CLIP keeps it looking like class c:
+
+    L = −(cos_CLIP(E_I(I), T_c) + ε) · (α_n + γ l_c)
+
+T_c is the mean of the normalised CLIP text embeddings of prompt templates filled with
+the class name. The ablations of the paper are ``no_clip`` (L = −(α_n + γ l_c)) and
+``feature_visualization`` (L = −α_n). Many (neuron, class) pairs are optimised together:
+the loss is a sum of per-image terms, so each image evolves independently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._features import capture_output
+from ._fourier import FourierImage, random_affine
+
+METHODS = ("clip_illusion", "feature_visualization", "no_clip")
+DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a {}.",
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+)
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Progress hook: (step, total steps, current images (B, 3, H, W) in [0, 1]) -> True to stop.
+VisualizationCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+@dataclass
+class VisualizationResult:
+    """One row per requested (neuron, class) pair, in request order."""
+
+    method: str
+    neurons: torch.Tensor  # (B,) int64
+    classes: torch.Tensor  # (B,) int64, the class each image was conditioned on (or scored by)
+    images: torch.Tensor = field(repr=False)  # (B, 3, H, W) in [0, 1]
+    masked_images: torch.Tensor = field(repr=False)  # (B, 3, H, W): low-activation regions dimmed
+    masks: torch.Tensor = field(repr=False)  # (B, H, W) bool: where the neuron's upsampled map is high
+    activations: torch.Tensor  # (B,) α_n of the final image (feature-layer units)
+    logits: torch.Tensor  # (B,) l_c of the final image
+    clip_similarity: torch.Tensor  # (B,) cosine to the class prompt embedding; NaN without CLIP
+    core_relevance: torch.Tensor  # (B,) clip_similarity minus the same with the mask region greyed out
+    steps: int  # optimisation steps run
+    cancelled: bool = False
+
+
+class ClipIllusion:
+    """Visualise what makes neuron ``n`` of ``feature_layer`` fire within class ``c``.
+
+    ``classifier`` takes RGB in [0, 1] (N, 3, H, W) and returns logits; ``head`` names
+    its final ``nn.Linear``. ``clip_model`` is any open_clip model (``encode_image``,
+    ``encode_text``) with its ``tokenizer``; without one only the ``no_clip`` and
+    ``feature_visualization`` methods run.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        feature_layer: str,
+        clip_model: nn.Module | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        head: str = "fc",
+        image_size: int | None = None,
+        prompt_templates: Sequence[str] = DEFAULT_PROMPT_TEMPLATES,
+    ) -> None:
+        config = getattr(classifier, "config", None)
+        self.classifier = classifier.eval()
+        self.feature_module = classifier.get_submodule(feature_layer)
+        self.head = classifier.get_submodule(head)
+        if not isinstance(self.head, nn.Linear):
+            raise TypeError(f"head {head!r} must be an nn.Linear")
+        self.class_names = tuple(class_names if class_names is not None else getattr(config, "class_names", ()))
+        if len(self.class_names) != self.head.out_features:
+            raise ValueError(f"class_names must name all {self.head.out_features} classes")
+        self.image_size = int(image_size or getattr(config, "image_size", 0))
+        if self.image_size <= 0:
+            raise ValueError("image_size must be given for a classifier without config.image_size")
+        if (clip_model is None) != (tokenizer is None):
+            raise ValueError("clip_model and tokenizer must be given together")
+        self.clip_model = clip_model.eval() if clip_model is not None else None
+        self.tokenizer = tokenizer
+        self.prompt_templates = tuple(prompt_templates)
+        self.device = self.head.weight.device
+        if clip_model is not None:
+            preprocess = getattr(clip_model.visual, "preprocess_cfg", None) or {}
+            size = clip_model.visual.image_size
+            self._clip_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            self._clip_mean = torch.tensor(preprocess.get("mean", _OPENAI_MEAN), device=self.device).view(1, 3, 1, 1)
+            self._clip_std = torch.tensor(preprocess.get("std", _OPENAI_STD), device=self.device).view(1, 3, 1, 1)
+        self._class_embeddings: dict[int, torch.Tensor] = {}
+
+    def top_classes(self, neuron: int, k: int = 1) -> list[int]:
+        """Classes whose head weight for ``neuron`` is largest: the automatic conditioning."""
+        return self.head.weight[:, neuron].topk(k).indices.tolist()
+
+    @torch.no_grad()
+    def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm mean of the unit-norm CLIP embeddings of ``prompts``, (E,)."""
+        embeddings = F.normalize(self._require_clip().encode_text(self.tokenizer(list(prompts)).to(self.device)), dim=-1)
+        return F.normalize(embeddings.mean(0), dim=-1)
+
+    def class_embedding(self, class_index: int) -> torch.Tensor:
+        """T_c (E,): the prompt templates filled with the class name."""
+        if class_index not in self._class_embeddings:
+            name = self.class_names[class_index]
+            self._class_embeddings[class_index] = self.text_embedding([t.format(name) for t in self.prompt_templates])
+        return self._class_embeddings[class_index]
+
+    def clip_similarity(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine (B,) between images (B, 3, H, W) in [0, 1] and unit text embeddings (B, E)."""
+        clip = self._require_clip()
+        pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
+        embeddings = F.normalize(clip.encode_image((pixels - self._clip_mean) / self._clip_std), dim=-1)
+        return (embeddings * text_embeddings).sum(-1)
+
+    def visualize(
+        self,
+        pairs: Sequence[tuple[int, int | None]],
+        *,
+        method: str = "clip_illusion",
+        steps: int = 400,
+        gamma: float = 0.5,
+        epsilon: float = 0.05,
+        learning_rate: float = 9e-3,
+        weight_decay: float = 1e-3,
+        noise_std: float = 0.05,
+        mask_threshold: float = 0.5,
+        mask_dim: float = 0.2,
+        seed: int = 0,
+        callback_on_step_end: VisualizationCallback | None = None,
+    ) -> VisualizationResult:
+        """Optimise one image per (neuron, class) pair; a ``None`` class means the class with
+        the largest head weight for the neuron.
+
+        Each step applies a random rotation (±15°), translation (±15 %), scale (0.7–1.2) and
+        Gaussian noise whose std decays linearly from ``noise_std`` to 0; AdamW with cosine
+        annealing updates the Fourier parameters. ``mask_threshold`` (0–1, of the min–max
+        normalised activation map) splits kept from dimmed regions; ``mask_dim`` is the
+        brightness factor of the dimmed ones. ``callback_on_step_end(step, steps, images)``
+        may return True to stop after that step (the result is then marked cancelled).
+        """
+        neurons, classes = self._resolve_pairs(pairs)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if not 0 < mask_threshold < 1:
+            raise ValueError(f"mask_threshold must lie in (0, 1), got {mask_threshold}")
+        use_clip = method == "clip_illusion"
+        if use_clip:
+            self._require_clip()
+        rows = torch.arange(len(neurons), device=self.device)
+        targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
+
+        generator = torch.Generator().manual_seed(seed)
+        image = FourierImage(len(neurons), self.image_size, generator=generator).to(self.device)
+        optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+        cancelled, step = False, 0
+        for step in range(1, steps + 1):
+            augmented = random_affine(image(), generator=generator)
+            noise = torch.randn(augmented.shape, generator=generator).to(self.device)
+            augmented = augmented + noise_std * (1 - (step - 1) / steps) * noise
+            with capture_output(self.feature_module) as captured:
+                logits = self.classifier(augmented)
+            activation = captured["output"][rows, neurons].mean(dim=(1, 2))
+            objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
+            if use_clip:
+                objective = (self.clip_similarity(augmented, targets) + epsilon) * objective
+            optimiser.zero_grad(set_to_none=True)
+            (-objective.sum()).backward(inputs=list(image.parameters()))
+            optimiser.step()
+            schedule.step()
+            if callback_on_step_end is not None:
+                with torch.no_grad():
+                    if callback_on_step_end(step, steps, image()):
+                        cancelled = True
+                        break
+        return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim)
+
+    @torch.no_grad()
+    def _finish(self, image: FourierImage, method: str, neurons: torch.Tensor, classes: torch.Tensor,
+                rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
+                mask_dim: float) -> VisualizationResult:
+        images = image()
+        with capture_output(self.feature_module) as captured:
+            logits = self.classifier(images)
+        maps = captured["output"][rows, neurons]  # (B, h, w)
+        heat = F.interpolate(maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        low = heat.amin(dim=(1, 2), keepdim=True)
+        high = heat.amax(dim=(1, 2), keepdim=True)
+        masks = (heat - low) / (high - low).clamp_min(1e-12) >= mask_threshold
+        keep = masks.unsqueeze(1).to(images.dtype)
+        masked = images * (keep + (1 - keep) * mask_dim)
+        nan = torch.full((len(rows),), float("nan"), device=self.device)
+        similarity, relevance = nan, nan
+        if self.clip_model is not None:
+            targets = torch.stack([self.class_embedding(int(c)) for c in classes])
+            similarity = self.clip_similarity(images, targets)
+            relevance = similarity - self.clip_similarity(images * (1 - keep) + 0.5 * keep, targets)
+        return VisualizationResult(
+            method=method,
+            neurons=neurons,
+            classes=classes,
+            images=images,
+            masked_images=masked,
+            masks=masks,
+            activations=maps.mean(dim=(1, 2)),
+            logits=logits[rows, classes],
+            clip_similarity=similarity,
+            core_relevance=relevance,
+            steps=steps,
+            cancelled=cancelled,
+        )
+
+    def _resolve_pairs(self, pairs: Sequence[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        num_classes, dim = self.head.weight.shape
+        if len(pairs) == 0:
+            raise ValueError("pairs must hold at least one (neuron, class) pair")
+        neurons, classes = [], []
+        for index, (neuron, klass) in enumerate(pairs):
+            if not 0 <= int(neuron) < dim:
+                raise ValueError(f"pairs[{index}]: neuron must lie in [0, {dim}), got {neuron}")
+            if klass is None:
+                klass = self.top_classes(int(neuron))[0]
+            if not 0 <= int(klass) < num_classes:
+                raise ValueError(f"pairs[{index}]: class must lie in [0, {num_classes}), got {klass}")
+            neurons.append(int(neuron))
+            classes.append(int(klass))
+        return torch.tensor(neurons, device=self.device), torch.tensor(classes, device=self.device)
+
+    def _require_clip(self) -> nn.Module:
+        if self.clip_model is None:
+            raise ValueError("this ClipIllusion has no CLIP model; use method 'no_clip' or 'feature_visualization'")
+        return self.clip_model

@@ -1,0 +1,33 @@
+"""Probability ratios p_c(f) / p_c(f with neurons zeroed) (NeuroInspect, Eq. 7).
+
+A ratio above 1 means the neurons raise class c's probability relative to the other
+classes; 1 means zeroing them leaves p_c unchanged. Computed in log space, so large
+ratios do not overflow the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
+    """Ratio (D,) for each neuron zeroed on its own, at one feature vector (D,)."""
+    logits = weight @ feature + bias  # (C,)
+    zeroed = logits.unsqueeze(0) - feature.unsqueeze(1) * weight.T  # (D, C): neuron k zeroed in row k
+    log_p = logits[class_index] - logits.logsumexp(0)
+    log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
+    return (log_p - log_p_zeroed).exp()
+
+
+def probability_ratio(
+    weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, class_index: int, neurons: torch.Tensor
+) -> torch.Tensor:
+    """Ratio (N,) per sample of features (N, D), with all ``neurons`` (K,) zeroed together.
+
+    Differentiable in ``weight`` and ``bias``: the head editor's regulariser.
+    """
+    logits = features @ weight.T + bias
+    zeroed = logits - features[:, neurons] @ weight[:, neurons].T
+    log_p = logits[:, class_index] - logits.logsumexp(1)
+    log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
+    return (log_p - log_p_zeroed).exp()

@@ -1,0 +1,231 @@
+"""Rank the neurons behind a class's mistakes from their counterfactual shifts ω."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
+from ._probability import neuron_importance
+
+INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
+EXCESSIVE = "excessive"  # ω < 0: the neuron pushed the sample away from its class
+BOTH = "both"
+
+
+@dataclass(frozen=True)
+class RankedNeuron:
+    """One neuron implicated in the mistakes."""
+
+    neuron: int
+    direction: str  # "insufficient", "excessive" or "both" (each list it passed the cut in)
+    insufficient_ratio: float  # share of mistakes with the neuron among their top-k positive ω
+    excessive_ratio: float  # share of mistakes with the neuron among their top-k negative ω
+    mean_omega: float  # mean ω over the mistakes (feature units)
+    importance: float  # p_c(f̄) / p_c(f̄ with the neuron zeroed), f̄ the class mean feature
+    top_classes: tuple[int, ...]  # classes with the largest head weight for the neuron
+
+    @property
+    def rank_ratio(self) -> float:
+        return max(self.insufficient_ratio, self.excessive_ratio)
+
+
+@dataclass
+class NeuronRanking:
+    """Ranked neurons plus the per-mistake ω they were ranked from.
+
+    ``neurons`` is ordered by rank ratio (the larger of the two), then by |mean ω|.
+
+    Per-mistake tensors have one row per mistake, in the order of ``mistake_indices``
+    (indices into the samples passed to :meth:`MistakeNeuronRanker.rank`).
+    """
+
+    neurons: list[RankedNeuron]
+    target_class: int
+    solver: str
+    num_samples: int
+    mistake_indices: torch.Tensor  # (M,) int64
+    omega: torch.Tensor = field(repr=False)  # (M, D)
+    converged: torch.Tensor = field(repr=False)  # (M,) bool: the shift flips the prediction
+    iterations: torch.Tensor = field(repr=False)  # (M,) solver steps taken
+    insufficient_top: torch.Tensor = field(repr=False)  # (M, k) neuron ids, -1 where ω > 0 has < k entries
+    excessive_top: torch.Tensor = field(repr=False)  # (M, k) neuron ids, -1 where ω < 0 has < k entries
+    cancelled: bool = False
+
+    @property
+    def num_mistakes(self) -> int:
+        return len(self.mistake_indices)
+
+    @property
+    def num_converged(self) -> int:
+        return int(self.converged.sum())
+
+    @property
+    def neuron_ids(self) -> list[int]:
+        return [n.neuron for n in self.neurons]
+
+    @property
+    def insufficient(self) -> list[RankedNeuron]:
+        """Neurons in the insufficient list, by insufficient ratio."""
+        chosen = [n for n in self.neurons if n.direction in (INSUFFICIENT, BOTH)]
+        return sorted(chosen, key=lambda n: (-n.insufficient_ratio, -abs(n.mean_omega), n.neuron))
+
+    @property
+    def excessive(self) -> list[RankedNeuron]:
+        """Neurons in the excessive list, by excessive ratio."""
+        chosen = [n for n in self.neurons if n.direction in (EXCESSIVE, BOTH)]
+        return sorted(chosen, key=lambda n: (-n.excessive_ratio, -abs(n.mean_omega), n.neuron))
+
+
+def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the ids of the k largest strictly positive scores; -1 pads rows with fewer."""
+    values, ids = scores.clamp_min(0).topk(k, dim=1)
+    return torch.where(values > 0, ids, -1)
+
+
+def _ratios(top: torch.Tensor, dim: int) -> torch.Tensor:
+    counts = torch.bincount(top[top >= 0], minlength=dim).to(torch.float64)
+    return counts / max(len(top), 1)
+
+
+class MistakeNeuronRanker:
+    """Neuron-based counterfactual explanation of a classifier's mistakes (NeuroInspect §III-C).
+
+    Works on cached penultimate features and the linear head only: for every mistake it
+    solves for the feature shift ω that flips the prediction to the true label, takes
+    each sample's top-k positive ω (insufficient features) and top-k negative ω
+    (excessive features), and ranks neurons by how often they appear there.
+    """
+
+    def __init__(self, head: nn.Linear) -> None:
+        if not isinstance(head, nn.Linear) or head.bias is None:
+            raise TypeError("head must be an nn.Linear with a bias")
+        self.head = head
+
+    @torch.no_grad()
+    def rank(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        solver: str | CounterfactualSolver = "faithful",
+        l1: float = 0.1,
+        l2: float = 0.01,
+        max_iterations: int = 1000,
+        cut_ratio: float = 0.03,
+        top_k: int = 5,
+        target_class: int | None = None,
+        class_mean_feature: torch.Tensor | None = None,
+        num_top_classes: int = 3,
+        callback_on_step_end: SolverCallback | None = None,
+    ) -> NeuronRanking:
+        """Rank the neurons behind the mistakes among ``features`` (N, D) with true ``labels`` (N,).
+
+        Args:
+            solver: ``"faithful"`` (the authors' SGD, batched), ``"proximal"`` (FISTA, exact
+                zeros, usually fewer steps) or a configured solver instance.
+            l1, l2: weights of ‖ω‖₁ / D and ‖ω‖₂ / D.
+            max_iterations: per-sample step cap; capped samples have ``converged`` False.
+            cut_ratio: neurons whose ratio is below this in both lists are dropped.
+            top_k: neurons taken per sample and direction.
+            target_class: explain only the mistakes whose true label is this class; by
+                default all mistakes, and the class for ``importance`` is their most
+                common true label.
+            class_mean_feature: f̄ (D,) for ``importance``; default the mean feature of the
+                given samples labelled ``target_class``.
+            num_top_classes: classes reported per neuron by head weight (at most C).
+            callback_on_step_end: ``(step, max_iterations, samples running)`` after each
+                solver step; return True to stop (the ranking is then marked cancelled).
+        """
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        num_classes, dim = weight.shape
+        features = features.to(weight.device, weight.dtype)
+        labels = labels.to(weight.device)
+        self._check_arguments(features, labels, l1=l1, l2=l2, max_iterations=max_iterations,
+                              cut_ratio=cut_ratio, top_k=top_k, target_class=target_class,
+                              num_top_classes=num_top_classes)
+        solver = make_solver(solver)
+
+        wrong = (features @ weight.T + bias).argmax(1) != labels
+        if target_class is not None:
+            wrong &= labels == target_class
+        mistake_indices = wrong.nonzero().squeeze(1)
+        if target_class is None:
+            pool = labels[mistake_indices] if len(mistake_indices) else labels
+            target_class = Counter(pool.tolist()).most_common(1)[0][0]
+
+        if class_mean_feature is None:
+            in_class = labels == target_class
+            class_mean_feature = features[in_class].mean(0) if in_class.any() else features.mean(0)
+        elif class_mean_feature.shape != (dim,):
+            raise ValueError(f"class_mean_feature must be ({dim},), got {tuple(class_mean_feature.shape)}")
+        importance = neuron_importance(weight, bias, class_mean_feature.to(weight), target_class)
+
+        solution = solver.solve(weight, bias, features[mistake_indices], labels[mistake_indices],
+                                l1=l1, l2=l2, max_iterations=max_iterations, callback=callback_on_step_end)
+        omega = solution.omega
+        insufficient_top = _top_neurons(omega, top_k)
+        excessive_top = _top_neurons(-omega, top_k)
+        insufficient_ratio = _ratios(insufficient_top, dim)
+        excessive_ratio = _ratios(excessive_top, dim)
+        mean_omega = omega.mean(0) if len(omega) else torch.zeros(dim, device=omega.device)
+        top_classes = weight.T.topk(min(num_top_classes, num_classes), dim=1).indices  # (D, num_top_classes)
+
+        ranked = []
+        for neuron in range(dim):
+            passes_insufficient = bool(insufficient_ratio[neuron] > 0 and insufficient_ratio[neuron] >= cut_ratio)
+            passes_excessive = bool(excessive_ratio[neuron] > 0 and excessive_ratio[neuron] >= cut_ratio)
+            if not (passes_insufficient or passes_excessive):
+                continue
+            direction = BOTH if passes_insufficient and passes_excessive else (
+                INSUFFICIENT if passes_insufficient else EXCESSIVE)
+            ranked.append(RankedNeuron(
+                neuron=neuron,
+                direction=direction,
+                insufficient_ratio=float(insufficient_ratio[neuron]),
+                excessive_ratio=float(excessive_ratio[neuron]),
+                mean_omega=float(mean_omega[neuron]),
+                importance=float(importance[neuron]),
+                top_classes=tuple(top_classes[neuron].tolist()),
+            ))
+        ranked.sort(key=lambda n: (-n.rank_ratio, -abs(n.mean_omega), n.neuron))
+        return NeuronRanking(
+            neurons=ranked,
+            target_class=int(target_class),
+            solver=solver.name,
+            num_samples=len(features),
+            mistake_indices=mistake_indices,
+            omega=omega,
+            converged=solution.converged,
+            iterations=solution.iterations,
+            insufficient_top=insufficient_top,
+            excessive_top=excessive_top,
+            cancelled=solution.cancelled,
+        )
+
+    def _check_arguments(self, features: torch.Tensor, labels: torch.Tensor, *, l1: float, l2: float,
+                         max_iterations: int, cut_ratio: float, top_k: int, target_class: int | None,
+                         num_top_classes: int) -> None:
+        num_classes, dim = self.head.weight.shape
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise ValueError(f"features must be (N, {dim}) to match the head, got {tuple(features.shape)}")
+        if len(features) == 0:
+            raise ValueError("features must hold at least one sample")
+        if labels.shape != (len(features),):
+            raise ValueError(f"labels must be ({len(features)},), got {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes})")
+        for name, value, ok in (
+            ("l1", l1, l1 >= 0),
+            ("l2", l2, l2 >= 0),
+            ("max_iterations", max_iterations, max_iterations >= 1),
+            ("cut_ratio", cut_ratio, 0 <= cut_ratio <= 1),
+            ("top_k", top_k, 1 <= top_k <= dim),
+            ("num_top_classes", num_top_classes, num_top_classes >= 1),
+            ("target_class", target_class, target_class is None or 0 <= target_class < num_classes),
+        ):
+            if not ok:
+                raise ValueError(f"{name} is out of range: {value!r}")

@@ -1,0 +1,114 @@
+"""Head editing on synthetic features with a planted spurious neuron."""
+
+import numpy as np
+import pytest
+import torch
+
+from explaind.methods.neuroinspect import HeadEditor, evaluate_head, neuron_importance
+
+SPURIOUS = 9
+
+
+def make_split(n, p_spurious_class0, p_spurious_other, seed):
+    """Class c fires core neuron c (noisily); neuron 9 fires with class 0 in train only."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    features = torch.rand(n, 16, generator=g) * 0.5
+    features[torch.arange(n), labels] += 0.6 + 0.3 * torch.randn(n, generator=g)
+    spurious = torch.rand(n, generator=g) < torch.where(labels == 0, p_spurious_class0, p_spurious_other)
+    features[:, SPURIOUS] = spurious.float() * 1.5
+    groups = np.array([f"{y}|{'on' if s else 'off'}" for y, s in zip(labels.tolist(), spurious.tolist())])
+    return features.clamp_min(0), labels, groups
+
+
+@pytest.fixture(scope="module")
+def world():
+    train = make_split(900, 0.95, 0.05, 0)
+    validation = make_split(300, 0.5, 0.5, 1)  # group-balanced, as in Waterbirds' validation split
+    test = make_split(1500, 0.5, 0.5, 2)  # the correlation is gone at test time
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 3)
+    optimiser = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(head(train[0]), train[1])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return head, train, validation, test
+
+
+def edit(world, **kwargs):
+    head, train, validation, test = world
+    options = dict(target_class=0, neurons=[SPURIOUS], validation_features=validation[0],
+                   validation_labels=validation[1], learning_rate=2e-2, patience=20, evaluation_features=test[0],
+                   evaluation_labels=test[1], evaluation_groups=test[2])
+    return HeadEditor(head).edit(train[0], train[1], **(options | kwargs))
+
+
+def test_probability_ratio_edit_repairs_the_worst_group(world):
+    head, train, _, _ = world
+    original = head.weight.detach().clone()
+    result = edit(world)
+    assert torch.equal(head.weight.detach(), original)  # the served head is untouched
+    assert result.before.worst_group[1] < 0.7
+    assert result.after.worst_group[1] >= result.before.worst_group[1] + 0.08
+    assert result.after.accuracy >= result.before.accuracy
+    # Class 0 now uses the spurious neuron much like the other classes do (Eq. 7 → 1).
+    class0_mean = train[0][train[1] == 0].mean(0)
+    before = neuron_importance(original, head.bias.detach(), class0_mean, 0)[SPURIOUS]
+    after = neuron_importance(result.weight, result.bias, class0_mean, 0)[SPURIOUS]
+    assert before > 1.3 and after - 1 < (before - 1) / 2
+    assert result.method == "probability_ratio" and result.strength == 0.01 and result.target_ratio == 1.0
+    assert 1 <= result.best_epoch <= len(result.history) <= 20
+
+
+def test_constrain_baseline_shrinks_the_class_contribution(world):
+    head, train, _, _ = world
+    result = edit(world, method="constrain")
+    on = train[0][:, SPURIOUS] > 0
+    contribution = lambda w, b: (train[0][on, SPURIOUS] * w[0, SPURIOUS] + b[0]).abs().mean()
+    assert contribution(result.weight, result.bias) < 0.5 * contribution(head.weight.detach(), head.bias.detach())
+    assert result.strength == 1.0
+
+
+def test_auto_target_ratio_follows_the_paper(world):
+    head, train, _, _ = world
+    editor = HeadEditor(head)
+    importance = neuron_importance(head.weight.detach(), head.bias.detach(), train[0][train[1] == 0].mean(0), 0)
+    expected = float((importance[SPURIOUS] - 1) / 3 + 1)
+    assert editor.suggested_target_ratio(train[0], train[1], target_class=0, neurons=[SPURIOUS]) == pytest.approx(expected)
+    result = edit(world, target_ratio="auto", max_epochs=1)
+    assert result.target_ratio == pytest.approx(expected)
+
+
+def test_evaluation_reports_classes_groups_and_the_new_head(world):
+    _, _, _, test = world
+    result = edit(world, max_epochs=2)
+    after = result.after
+    assert set(after.class_accuracy) == {0, 1, 2} and len(after.group_accuracy) == 6
+    assert after.worst_class[1] == min(after.class_accuracy.values())
+    assert after.worst_group[1] == min(after.group_accuracy.values())
+    head = result.as_linear()
+    with torch.no_grad():
+        correct = (head(test[0]).argmax(1) == test[1]).float().mean().item()
+    assert correct == pytest.approx(after.accuracy)
+    plain = evaluate_head(result.weight, result.bias, test[0], test[1])
+    assert plain.group_accuracy == {} and plain.worst_group is None
+
+
+def test_epoch_callback_reports_progress_and_stops(world):
+    seen = []
+    result = edit(world, callback_on_epoch_end=lambda epoch, total, record: seen.append((epoch, total, record)) or epoch == 2)
+    assert result.cancelled and len(result.history) == 2 and [s[0] for s in seen] == [1, 2]
+    assert seen[0][1] == 20 and seen[0][2].validation_accuracy == result.history[0].validation_accuracy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"method": "prune"}, "method"), ({"neurons": []}, "neurons"), ({"neurons": [99]}, "neurons"),
+     ({"target_class": 5}, "target_class"), ({"selection": "best"}, "selection"), ({"target_ratio": "max"}, "target_ratio"),
+     ({"validation_features": torch.zeros(4, 3)}, "validation_features")],
+)
+def test_bad_arguments_raise_value_errors_naming_the_field(world, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        edit(world, **kwargs)

@@ -1,0 +1,155 @@
+"""Mistake-neuron ranking: ratios, cut, both lists, importance, and a planted spurious neuron."""
+
+import math
+
+import pytest
+import torch
+
+from explaind.methods.neuroinspect import (
+    CounterfactualSolution,
+    MistakeNeuronRanker,
+    neuron_importance,
+    probability_ratio,
+)
+
+# Four mistakes with hand-written ω (D = 8): per sample, top-2 positive and top-2 negative.
+OMEGA = torch.tensor([
+    [3.0, 2.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0],  # insufficient {0, 1}, excessive {4}
+    [3.0, 0.0, 2.0, 0.0, 0.0, -2.0, -1.0, 0.0],  # insufficient {0, 2}, excessive {5, 6}
+    [0.0, 0.0, 0.0, 1.0, 0.0, -3.0, 0.0, 0.0],  # insufficient {3}, excessive {5}
+    [1.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0],  # insufficient {7, 0}, excessive {1}
+])
+
+
+class FixedShifts:
+    """A solver double returning OMEGA, to test the ranking on its own."""
+
+    name = "fixed"
+
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback=None):
+        n = len(features)
+        return CounterfactualSolution(OMEGA[:n], torch.ones(n, dtype=torch.bool), torch.full((n,), 7))
+
+
+def always_wrong_head():
+    head = torch.nn.Linear(8, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 10.0]))  # always predicts class 1
+    return head
+
+
+def test_rank_ratios_cut_and_both_lists():
+    ranker = MistakeNeuronRanker(always_wrong_head())
+    features, labels = torch.rand(4, 8), torch.zeros(4, dtype=torch.long)
+    ranking = ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.2)
+    by_id = {n.neuron: n for n in ranking.neurons}
+    assert ranking.num_mistakes == 4 and ranking.num_converged == 4 and ranking.target_class == 0
+    assert by_id[0].insufficient_ratio == 0.75 and by_id[0].direction == "insufficient"
+    assert by_id[5].excessive_ratio == 0.5 and by_id[5].direction == "excessive"
+    # Neuron 1 is in sample 0's insufficient and sample 3's excessive top-2: reported once.
+    assert by_id[1].direction == "both" and (by_id[1].insufficient_ratio, by_id[1].excessive_ratio) == (0.25, 0.25)
+    assert ranking.neuron_ids[:2] == [0, 5] and sorted(ranking.neuron_ids) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [n.neuron for n in ranking.insufficient] == [0, 1, 2, 7, 3]  # ties by |mean ω|
+    assert [n.neuron for n in ranking.excessive] == [5, 1, 4, 6]
+    assert by_id[0].mean_omega == pytest.approx(7 / 4)
+    # Sample 2 has a single positive ω: its second insufficient slot is empty.
+    assert ranking.insufficient_top[2].tolist() == [3, -1]
+
+    strict = ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.3)
+    assert strict.neuron_ids == [0, 5]
+
+
+def test_only_mistakes_of_the_target_class_are_explained():
+    ranker = MistakeNeuronRanker(always_wrong_head())
+    labels = torch.tensor([0, 1, 0, 1])  # samples 1 and 3 are predicted correctly
+    ranking = ranker.rank(torch.rand(4, 8), labels, solver=FixedShifts(), top_k=2)
+    assert ranking.mistake_indices.tolist() == [0, 2] and ranking.omega.shape == (2, 8)
+    none = ranker.rank(torch.rand(4, 8), labels, solver=FixedShifts(), target_class=1)
+    assert none.num_mistakes == 0 and none.neurons == [] and none.target_class == 1
+
+
+def test_neuron_importance_matches_zeroing_each_neuron():
+    torch.manual_seed(0)
+    weight, bias, feature = torch.randn(5, 12), torch.randn(5), torch.rand(12) * 3
+    ratios = neuron_importance(weight, bias, feature, 2)
+    for k in range(12):
+        zeroed = feature.clone()
+        zeroed[k] = 0
+        expected = (weight @ feature + bias).softmax(0)[2] / (weight @ zeroed + bias).softmax(0)[2]
+        assert ratios[k].item() == pytest.approx(expected.item(), rel=1e-4)
+    # Eq. 7: a neuron weighted equally by every class leaves the probabilities unchanged.
+    weight[:, 4] = 0.7
+    assert neuron_importance(weight, bias, feature, 2)[4].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_probability_ratio_zeroes_the_neurons_together():
+    torch.manual_seed(1)
+    weight, bias, features = torch.randn(4, 10), torch.randn(4), torch.rand(6, 10)
+    neurons = torch.tensor([1, 7])
+    zeroed = features.clone()
+    zeroed[:, neurons] = 0
+    expected = (features @ weight.T + bias).softmax(1)[:, 3] / (zeroed @ weight.T + bias).softmax(1)[:, 3]
+    torch.testing.assert_close(probability_ratio(weight, bias, features, 3, neurons), expected)
+
+
+def planted_problem(seed=0, n=400, dim=16):
+    """Class 0 was learnt with spurious neuron 9: its class-0 samples that lack it are mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    features = torch.rand(n, dim, generator=g) * 0.3
+    features[torch.arange(n), labels] += 1.0  # core neuron c for class c
+    features[:, 9] = (torch.rand(n, generator=g) < 0.5).float() * 1.5  # background, unrelated in test
+    head = torch.nn.Linear(dim, 3)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[[0, 1, 2], [0, 1, 2]] = 1.0
+        head.weight[0, 0] = 0.5
+        head.weight[0, 9] = 2.0  # class 0 leans on neuron 9
+        head.bias.copy_(torch.tensor([-0.5, 0.0, 0.0]))
+    return head, features, labels
+
+
+@pytest.mark.parametrize("solver", ["faithful", "proximal"])
+def test_planted_spurious_neuron_ranks_first_for_its_class(solver):
+    head, features, labels = planted_problem()
+    ranking = MistakeNeuronRanker(head).rank(features, labels, solver=solver, target_class=0)
+    class0 = labels == 0
+    lacking = class0 & (features[:, 9] == 0)
+    assert ranking.num_mistakes > 0.8 * int(lacking.sum()) and ranking.num_converged == ranking.num_mistakes
+    assert set(ranking.mistake_indices.tolist()) <= set(lacking.nonzero().squeeze(1).tolist())
+    top = ranking.neurons[0]
+    assert top.neuron == 9 and top.direction in ("insufficient", "both") and top.insufficient_ratio == 1.0
+    assert top.top_classes[0] == 0 and top.mean_omega > 0
+    # Zeroing neuron 9 on the class-0 mean feature lowers p_0: importance well above 1.
+    assert top.importance > 1.5
+    expected = neuron_importance(head.weight.detach(), head.bias.detach(), features[class0].mean(0), 0)[9]
+    assert top.importance == pytest.approx(expected.item())
+
+
+def test_rank_reports_cancellation():
+    head, features, labels = planted_problem()
+    ranking = MistakeNeuronRanker(head).rank(features, labels, callback_on_step_end=lambda step, total, n: True)
+    assert ranking.cancelled and not ranking.converged.any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"top_k": 0}, "top_k"), ({"cut_ratio": 1.5}, "cut_ratio"), ({"l1": -1.0}, "l1"),
+     ({"target_class": 7}, "target_class"), ({"max_iterations": 0}, "max_iterations"),
+     ({"class_mean_feature": torch.zeros(3)}, "class_mean_feature")],
+)
+def test_bad_arguments_raise_value_errors_naming_the_field(kwargs, field):
+    head, features, labels = planted_problem(n=30)
+    with pytest.raises(ValueError, match=field):
+        MistakeNeuronRanker(head).rank(features, labels, **kwargs)
+
+
+def test_bad_shapes_raise_value_errors():
+    head, features, labels = planted_problem(n=30)
+    ranker = MistakeNeuronRanker(head)
+    with pytest.raises(ValueError, match="features"):
+        ranker.rank(features[:, :4], labels)
+    with pytest.raises(ValueError, match="labels"):
+        ranker.rank(features, labels[:3])
+    assert math.isfinite(ranker.rank(features, labels).neurons[0].importance)

@@ -1,0 +1,128 @@
+"""Counterfactual solvers: the batched faithful solver against the authors' per-sample loop,
+and the proximal solver's sparsity, flips and stopping rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from explaind.methods.neuroinspect import FaithfulSGD, ProximalGradient, make_solver
+
+NUM_CLASSES, DIM = 6, 64
+
+
+def reference_omega(head, feature, label, *, l1=0.1, l2=0.01, max_iterations=1000):
+    """The authors' loop for one sample: torch.optim.SGD on ω, stop once the prediction is right."""
+    omega = torch.zeros(1, feature.shape[0], requires_grad=True)
+    optimiser = torch.optim.SGD([omega], lr=0.01, momentum=0.9)
+    for step in range(max_iterations + 1):
+        logits = head(feature.unsqueeze(0) + omega)
+        if logits.argmax(1).item() == label.item():
+            return omega.detach()[0], True, step
+        if step == max_iterations:
+            return omega.detach()[0], False, step
+        dim = omega.shape[1]
+        loss = F.cross_entropy(logits, label.view(1)) + l1 * omega.norm(p=1) / dim + l2 * omega.norm(p=2) / dim
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(DIM, NUM_CLASSES)
+    features = torch.relu(torch.randn(120, DIM)) * 2
+    labels = torch.randint(0, NUM_CLASSES, (120,))
+    return head, features, labels
+
+
+def solve(solver, head, features, labels, **kwargs):
+    return solver.solve(head.weight.detach(), head.bias.detach(), features, labels, **kwargs)
+
+
+def test_faithful_batch_reproduces_the_per_sample_reference_loop(problem):
+    head, features, labels = problem
+    reference = [reference_omega(head, f, y) for f, y in zip(features[:60], labels[:60])]
+    batched = solve(FaithfulSGD(), head, features[:60], labels[:60])
+    omega = torch.stack([r[0] for r in reference])
+    iterations = torch.tensor([r[2] for r in reference])
+    # Samples stop at very different steps, so per-sample momentum freezing is exercised.
+    assert iterations.min() == 0 and len(iterations.unique()) > 10
+    assert torch.equal(batched.iterations, iterations)
+    assert torch.equal(batched.converged, torch.tensor([r[1] for r in reference]))
+    torch.testing.assert_close(batched.omega, omega, atol=1e-5, rtol=1e-4)
+    same_top5 = (batched.omega.topk(5, 1).indices.sort(1).values == omega.topk(5, 1).indices.sort(1).values).all(1)
+    assert same_top5.float().mean() >= 0.99
+
+
+def test_faithful_flips_every_mistake_and_leaves_correct_samples_at_zero(problem):
+    head, features, labels = problem
+    solution = solve(FaithfulSGD(), head, features, labels)
+    correct = head(features).argmax(1) == labels
+    assert solution.converged.all()
+    assert (solution.omega[correct] == 0).all() and (solution.iterations[correct] == 0).all()
+    assert (head(features + solution.omega).argmax(1) == labels).all()
+
+
+def test_iteration_cap_marks_unfinished_samples(problem):
+    head, features, labels = problem
+    capped = solve(FaithfulSGD(), head, features, labels, max_iterations=3)
+    full = solve(FaithfulSGD(), head, features, labels)
+    slow = full.iterations > 3
+    assert slow.any()
+    assert (capped.iterations[slow] == 3).all() and not capped.converged[slow].any()
+    assert torch.equal(capped.converged[~slow], full.converged[~slow])
+    reference = reference_omega(head, features[slow][0], labels[slow][0], max_iterations=3)
+    torch.testing.assert_close(capped.omega[slow][0], reference[0], atol=1e-6, rtol=1e-5)
+
+
+def test_proximal_gives_exact_zeros_and_flips(problem):
+    head, features, labels = problem
+    proximal = solve(ProximalGradient(), head, features, labels)
+    faithful = solve(FaithfulSGD(), head, features, labels)
+    wrong = head(features).argmax(1) != labels
+    assert proximal.converged.all()
+    assert (head(features + proximal.omega).argmax(1) == labels).all()
+    assert (proximal.omega[wrong] == 0).any() and not (faithful.omega[wrong] == 0).any()
+    # A stronger L1 weight buys much sparser shifts that still flip every mistake.
+    sparse = solve(ProximalGradient(), head, features, labels, l1=3.0)
+    assert sparse.converged.all() and (sparse.omega[wrong] == 0).float().mean() > 0.3
+    # Both explain a mistake with largely the same neurons.
+    overlap = [len(set(p.topk(5).indices.tolist()) & set(f.topk(5).indices.tolist())) / 5
+               for p, f in zip(proximal.omega[wrong], faithful.omega[wrong])]
+    assert sum(overlap) / len(overlap) >= 0.6
+
+
+def test_proximal_stops_at_tolerance_when_the_penalty_forbids_a_flip(problem):
+    head, features, labels = problem
+    wrong = head(features).argmax(1) != labels
+    solution = solve(ProximalGradient(), head, features[wrong], labels[wrong], l1=1e6)
+    assert (solution.omega == 0).all() and not solution.converged.any()
+    assert (solution.iterations == 1).all()
+
+
+@pytest.mark.parametrize("name", ["faithful", "proximal"])
+def test_callback_reports_progress_and_cancels(problem, name):
+    head, features, labels = problem
+    calls = []
+
+    def stop_after_two(step, total, running):
+        calls.append((step, total, running))
+        return step == 2
+
+    solution = solve(make_solver(name), head, features, labels, callback=stop_after_two)
+    assert solution.cancelled and [c[0] for c in calls] == [1, 2] and calls[0][1] == 1000
+    assert (solution.iterations <= 2).all()
+    assert solution.omega.shape == features.shape
+
+
+def test_bad_inputs_raise_value_errors_naming_them(problem):
+    head, features, labels = problem
+    with pytest.raises(ValueError, match="features"):
+        solve(FaithfulSGD(), head, features[:, :10], labels)
+    with pytest.raises(ValueError, match="labels"):
+        solve(FaithfulSGD(), head, features, labels[:5])
+    with pytest.raises(ValueError, match="labels must lie"):
+        solve(FaithfulSGD(), head, features, labels + NUM_CLASSES)
+    with pytest.raises(ValueError, match="solver"):
+        make_solver("adam")
