@@ -308,7 +308,7 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
         source=section.weights or section.factory,
         feature_layer=section.feature_layer,
         head=section.head,
-        class_names=_class_names(section, getattr(head, "out_features", None)),
+        class_names=_class_names(section, getattr(head, "out_features", 0)),  # a missing head is reported by the split
         image_size=section.image_size or 224,
         preprocess=Preprocess(section.mean, section.std),
     )

@@ -1,0 +1,324 @@
+"""Engine pieces in-process: batcher, registry swaps, loaders and the split, backends,
+feature cache, jobs, config errors, health before load, auth."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explaind.config import ClassifierSection, ConfigError, default_config, load_config
+from explaind.engine import DynamicBatcher, Engine, NewSample
+from explaind.engine.models import load_classifier
+from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, ResourceExhausted
+from explaind.jobs import JobManager
+from explaind.metrics import Metrics
+from explaind.store import SQLiteStore
+
+from conftest import write_config
+
+
+def _engine(tmp_path: Path, classifier_dir: Path, **runtime) -> Engine:
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", data_dir=str(tmp_path / "data"))
+    if runtime:
+        config = config.replace("runtime", **runtime)
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    return engine
+
+
+@pytest.fixture
+def engine(tmp_path, classifier_dir):
+    engine = _engine(tmp_path, classifier_dir)
+    yield engine
+    engine.close()
+
+
+# Batcher -------------------------------------------------------------------------------
+
+
+def _sizes_batcher(delay: float = 0.0, max_queue: int = 1024, run=None) -> tuple[DynamicBatcher, list[int]]:
+    sizes: list[int] = []
+
+    def default_run(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.005)
+        return x.flatten(1).sum(1)
+
+    batcher = DynamicBatcher(run or default_run, lambda out, s: list(out.split(s)), max_batch_size=16, max_queue_delay_s=delay, max_queue_size=max_queue, on_batch=sizes.append)
+    return batcher, sizes
+
+
+def test_batcher_forms_batches_under_load_and_routes_results():
+    batcher, sizes = _sizes_batcher()
+    requests = [torch.full((2, 1, 1, 1), float(i)) for i in range(64)]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda r: batcher.submit(r).result(timeout=10), requests))
+    batcher.close()
+    for i, result in enumerate(results):
+        assert result.tolist() == [float(i), float(i)]
+    assert sum(sizes) == 128 and max(sizes) <= 16 and max(sizes) > 2  # batches formed, capped
+
+
+def test_batcher_queue_limit_and_cancelled_requests():
+    gate = threading.Event()
+    batcher, sizes = _sizes_batcher(max_queue=4, run=lambda x: (gate.wait(10), x.flatten(1).sum(1))[1])
+    first = batcher.submit(torch.ones(1, 1, 1, 1))  # taken by the worker, blocks on the gate
+    time.sleep(0.1)
+    queued = [batcher.submit(torch.ones(2, 1, 1, 1)) for _ in range(2)]
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        batcher.submit(torch.ones(1, 1, 1, 1))
+    assert queued[0].cancel()
+    gate.set()
+    assert first.result(10).tolist() == [1.0] and queued[1].result(10).tolist() == [1.0, 1.0]
+    batcher.close()
+    assert sum(sizes) == 3  # the cancelled request never ran
+
+
+# Registry, split, cache ------------------------------------------------------------------
+
+
+def _constant_head(klass: int) -> nn.Linear:
+    head = nn.Linear(128, 6)
+    nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(klass), 6).float() * 10)
+    return head
+
+
+def test_head_swaps_are_atomic_per_batch(engine):
+    base = engine.models.active
+    versions = [base.with_head(_constant_head(0)), base.with_head(_constant_head(1))]
+    expected_class = {v.version: k for k, v in enumerate(versions)}
+    stop = threading.Event()
+
+    def swap() -> None:
+        i = 0
+        while not stop.is_set():
+            engine.activate(versions[i % 2])
+            i += 1
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(lambda _: engine.predict(torch.rand(4, 3, 64, 64), top_k=1), range(200)))
+    finally:
+        stop.set()
+        swapper.join()
+    seen = set()
+    for output in outputs:
+        klass = expected_class[output.model_version]
+        assert output.class_indices[:, 0].tolist() == [klass] * 4  # never a mix of heads
+        seen.add(klass)
+    assert seen == {0, 1}
+
+
+def test_split_reproduces_the_model_and_exposes_feature_maps(engine, world_model):
+    version = engine.models.active
+    images = torch.rand(5, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), world_model(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(version.feature_maps(images), world_model.feature_maps(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(version.feature_maps(images).mean((2, 3)), version.features(images), atol=1e-5, rtol=1e-5)
+
+
+class _SoftmaxAfterHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(self.body(x)), 1)
+
+
+class _Tiny(_SoftmaxAfterHead):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def tiny_net(hidden: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return _Tiny()
+
+
+def softmax_net() -> nn.Module:
+    return _SoftmaxAfterHead()
+
+
+def test_loaders_split_or_explain_why_not(tmp_path):
+    good = ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="fc", image_size=32, class_names=("a", "b", "c"))
+    version = load_classifier(good)
+    assert version.feature_dim == 4 and version.class_names == ("a", "b", "c")
+    with pytest.raises(ModelLoadError, match="no module named 'classifier'"):
+        load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="classifier", image_size=32))
+    with pytest.raises(ModelLoadError, match="not the last operation"):
+        load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:softmax_net", feature_layer="body.0", head="fc", image_size=32))
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ModelLoadError, match=str(missing)):
+        load_classifier(ClassifierSection(loader="world", path=str(missing)))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not torchscript")
+    with pytest.raises(ModelLoadError, match="broken.pt"):
+        load_classifier(ClassifierSection(loader="torchscript", path=str(broken)))
+
+
+def test_torchvision_loader(tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    section = ClassifierSection(
+        loader="torchvision", name="resnet18", weights=str(weights), image_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    )
+    version = load_classifier(section)
+    assert (version.feature_layer, version.head_name, version.feature_dim, len(version.class_names)) == ("layer4", "fc", 512, 3)
+    assert version.feature_maps(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_onnx_classifier_is_inference_only(tmp_path, classifier_dir, world_model, engine):
+    path = tmp_path / "world.onnx"
+    torch.onnx.export(world_model, (torch.rand(1, 3, 64, 64),), str(path), input_names=["images"], dynamic_axes={"images": {0: "n"}}, dynamo=False)
+    onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
+    onnx_engine.activate(load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64)))
+    images = torch.rand(3, 3, 64, 64)
+    got = onnx_engine.predict(images, top_k=6)
+    want = engine.predict(images, top_k=6)
+    np.testing.assert_array_equal(got.class_indices, want.class_indices)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
+    with pytest.raises(FailedPrecondition, match="inference-only"):
+        onnx_engine.predict(images, return_features=True)
+    onnx_engine.close()
+
+
+def test_onnxruntime_backend_matches_eager(tmp_path, classifier_dir, engine):
+    ort_engine = _engine(tmp_path / "ort", classifier_dir, backend="onnxruntime")
+    images = torch.rand(6, 3, 64, 64)
+    got = ort_engine.predict(images, top_k=6, return_features=True)
+    want = engine.predict(images, top_k=6, return_features=True)
+    np.testing.assert_allclose(got.features, want.features, atol=1e-4)
+    np.testing.assert_array_equal(got.class_indices, want.class_indices)
+    assert any((tmp_path / "ort" / "data" / "compiled").glob("features-*.onnx"))
+    ort_engine.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
+@pytest.mark.parametrize("runtime", [{"device": "cuda"}, {"backend": "tensorrt"}])
+def test_gpu_only_settings_fail_clearly_without_cuda(tmp_path, classifier_dir, runtime):
+    with pytest.raises(FailedPrecondition, match="CUDA"):
+        _engine(tmp_path, classifier_dir, **runtime)
+
+
+def test_feature_cache_is_per_feature_version(engine):
+    rng = np.random.default_rng(0)
+    samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
+    engine.create_sample_set("cached", "", samples)
+    first = engine.sample_set_features("cached")
+    hits = engine.metrics.feature_cache_hits._value.get()
+    again = engine.sample_set_features("cached")
+    assert engine.metrics.feature_cache_hits._value.get() == hits + 10
+    torch.testing.assert_close(first.features, again.features)
+    version = engine.models.active
+    engine.activate(version.with_head(_constant_head(2)))  # head edit: cached features stay valid
+    assert len(engine.store.get_features(version.feature_version, first.digests)) == 10
+    changed = version.feature_extractor
+    with torch.no_grad():
+        changed.trunk.stem[0].weight.mul_(0.5)
+    import dataclasses
+    from explaind.engine.models import _hash_module
+
+    new_version = dataclasses.replace(version, feature_version=_hash_module(changed))
+    engine.activate(new_version)  # new feature extractor: the old cache is dropped
+    assert engine.store.get_features(version.feature_version, first.digests) == {}
+    recomputed = engine.sample_set_features("cached")
+    assert not torch.allclose(recomputed.features, first.features)
+
+
+def test_engine_rejects_bad_samples_and_empty_sets(engine):
+    with pytest.raises(InvalidArgument, match=r"samples\[0\].label"):
+        engine.create_sample_set("bad", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 6)])
+    with pytest.raises(InvalidArgument, match="top_k"):
+        engine.predict(torch.rand(1, 3, 64, 64), top_k=9)
+
+
+# Jobs and store --------------------------------------------------------------------------
+
+
+def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_path):
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), max_queued=2, lanes={"gpu": 1})
+    gate = threading.Event()
+    blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
+    time.sleep(0.1)
+    failing = jobs.submit("fail", lambda ctx: (_ for _ in ()).throw(InvalidArgument("bad thing", field="x")))
+    waiting = jobs.submit("wait", lambda ctx: _empty())
+    with pytest.raises(ResourceExhausted, match="job queue is full"):
+        jobs.submit("overflow", lambda ctx: _empty())
+    jobs.cancel(waiting.record.job_id)
+    gate.set()
+    assert jobs.wait(blocker.record.job_id, 10).record.state == "succeeded"
+    failed = jobs.wait(failing.record.job_id, 10).record
+    assert (failed.state, failed.error_code, failed.error_message) == ("failed", "INVALID_ARGUMENT", "x: bad thing")
+    assert jobs.wait(waiting.record.job_id, 10).record.state == "cancelled"
+    jobs.shutdown(1)
+
+
+def _empty():
+    from google.protobuf import empty_pb2
+
+    return empty_pb2.Empty()
+
+
+def test_restart_marks_unfinished_jobs_failed(tmp_path):
+    from explaind.store import JobRecord
+
+    store = SQLiteStore(tmp_path)
+    store.insert_job(JobRecord(job_id="a", kind="k", state="running", create_time=1.0))
+    store.insert_job(JobRecord(job_id="b", kind="k", state="succeeded", create_time=2.0))
+    store.close()
+    reopened = SQLiteStore(tmp_path)
+    assert JobManager(reopened, Metrics()).recover() == 1
+    assert reopened.get_job("a").state == "failed" and "restart" in reopened.get_job("a").error_message
+    assert reopened.get_job("b").state == "succeeded"
+
+
+# Config, health, auth --------------------------------------------------------------------
+
+
+def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
+    path = write_config(tmp_path / "bad.toml", classifier_dir, batching={"max_batch_sise": 3})
+    with pytest.raises(ConfigError, match=r"bad.toml.*max_batch_sise"):
+        load_config(path)
+    path = write_config(tmp_path / "type.toml", classifier_dir, server={"port": "fifty"})
+    with pytest.raises(ConfigError, match=r"\[server\].port must be a number"):
+        load_config(path)
+    good = load_config(write_config(tmp_path / "good.toml", classifier_dir, runtime={"backend": "onnxruntime"}))
+    assert good.runtime.backend == "onnxruntime" and good.classifier.path == str(classifier_dir) and good.clip.path == ""
+
+
+def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path, classifier_dir):
+    from explaind.client import Client, UnauthenticatedError, UnavailableError
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path), token="s3cret")
+    server = ExplaindServer(config)
+    port = server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10, token="s3cret") as client, Client(f"127.0.0.1:{port}", timeout=10) as anonymous:
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(UnavailableError, match="loading"):
+                client.model_metadata()
+            server.load_models()
+            assert client.health() == "SERVING" and anonymous.health() == "SERVING"
+            assert client.model_metadata().feature_dim == 128
+            with pytest.raises(UnauthenticatedError, match="token"):
+                anonymous.model_metadata()
+    finally:
+        server.stop(0)
+    assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
