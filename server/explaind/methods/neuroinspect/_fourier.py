@@ -21,9 +21,14 @@ _COLOUR_CORRELATION = _COLOUR_CORRELATION_SQRT / _COLOUR_CORRELATION_SQRT.norm(d
 
 
 class FourierImage(nn.Module):
-    """A batch of images (B, 3, H, W) in (0, 1), parametrised by a scaled FFT spectrum."""
+    """A batch of images (B, 3, H, W) in (0, 1), parametrised by a scaled FFT spectrum.
 
-    def __init__(self, batch_size: int, image_size: int, *, decay_power: float = 1.0, init_std: float = 0.01,
+    The default ``init_std`` starts from coloured Gaussian noise (pixel std about 0.2)
+    rather than Lucid's near-grey 0.01: on a flat grey image most post-ReLU channels are
+    zero everywhere, so activation maximisation would get no gradient at all.
+    """
+
+    def __init__(self, batch_size: int, image_size: int, *, decay_power: float = 1.0, init_std: float = 1.0,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.image_size = image_size

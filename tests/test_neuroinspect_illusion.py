@@ -1,0 +1,135 @@
+"""CLIP-Illusion mechanics on a tiny randomly initialised open_clip model (no weights, no
+network), and its quality on the shipped world CLIP when that asset exists."""
+
+import math
+
+import open_clip
+import pytest
+import torch
+
+from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor
+from explaind.world.assets import clip_dir
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return open_clip.CLIP(**TINY_CLIP).eval(), open_clip.get_tokenizer("ViT-B-32", context_length=16)
+
+
+@pytest.fixture(scope="module")
+def illusion(world_model, tiny_clip):
+    return ClipIllusion(world_model, "layer3", *tiny_clip)
+
+
+def test_batched_pairs_give_images_masks_and_scores(illusion, world_model):
+    result = illusion.visualize([(5, None), (17, 2), (5, 4)], steps=4)
+    assert result.images.shape == result.masked_images.shape == (3, 3, 64, 64)
+    assert result.masks.shape == (3, 64, 64) and result.masks.dtype == torch.bool
+    assert 0 <= result.images.min() and result.images.max() <= 1
+    assert result.neurons.tolist() == [5, 17, 5] and result.steps == 4 and not result.cancelled
+    assert result.classes.tolist() == [int(world_model.fc.weight[:, 5].argmax()), 2, 4]
+    # Kept regions are untouched, the rest dimmed to mask_dim.
+    keep = result.masks.unsqueeze(1).expand_as(result.images)
+    assert torch.equal(result.masked_images[keep], result.images[keep])
+    torch.testing.assert_close(result.masked_images[~keep], 0.2 * result.images[~keep])
+    for scores in (result.activations, result.logits, result.clip_similarity, result.core_relevance):
+        assert scores.shape == (3,) and torch.isfinite(scores).all()
+    assert (result.clip_similarity.abs() <= 1 + 1e-5).all()
+    # The reported activation and logit are those of the returned image.
+    with torch.no_grad():
+        logits = world_model(result.images)
+        maps = FeatureExtractor(world_model, feature_layer="layer3").feature_maps(result.images)
+    torch.testing.assert_close(result.logits, logits[[0, 1, 2], result.classes])
+    torch.testing.assert_close(result.activations, maps[[0, 1, 2], result.neurons].mean(dim=(1, 2)))
+
+
+def test_same_seed_same_images_other_seed_other_images(illusion):
+    first = illusion.visualize([(3, 1), (9, 0)], steps=3, seed=7)
+    again = illusion.visualize([(3, 1), (9, 0)], steps=3, seed=7)
+    other = illusion.visualize([(3, 1), (9, 0)], steps=3, seed=8)
+    assert torch.equal(first.images, again.images) and torch.equal(first.masks, again.masks)
+    assert not torch.equal(first.images, other.images)
+
+
+def test_callback_streams_progress_and_cancels_at_the_next_step(illusion):
+    seen = []
+
+    def progress(step, total, images):
+        seen.append((step, total, tuple(images.shape)))
+        return step == 3
+
+    result = illusion.visualize([(3, 1), (9, 0)], steps=50, callback_on_step_end=progress)
+    assert seen == [(1, 50, (2, 3, 64, 64)), (2, 50, (2, 3, 64, 64)), (3, 50, (2, 3, 64, 64))]
+    assert result.cancelled and result.steps == 3
+
+
+def test_optimisation_raises_the_neuron_and_the_clip_score(illusion):
+    pairs = [(n, None) for n in range(0, 128, 16)]
+    start = illusion.visualize(pairs, steps=1, method="feature_visualization")
+    raised = illusion.visualize(pairs, steps=25, method="feature_visualization")
+    assert raised.activations.mean() > 1.2 * start.activations.mean()
+    # The CLIP term pulls the image towards the class prompt; without it nothing does.
+    with_clip = illusion.visualize(pairs, steps=25, method="clip_illusion")
+    without = illusion.visualize(pairs, steps=25, method="no_clip")
+    assert with_clip.clip_similarity.mean() > without.clip_similarity.mean()
+
+
+def test_runs_without_clip_for_the_clip_free_methods(world_model):
+    plain = ClipIllusion(world_model, "layer3")
+    result = plain.visualize([(2, 0)], steps=2, method="no_clip")
+    assert math.isnan(result.clip_similarity.item()) and math.isnan(result.core_relevance.item())
+    with pytest.raises(ValueError, match="CLIP"):
+        plain.visualize([(2, 0)], steps=2, method="clip_illusion")
+
+
+@pytest.mark.parametrize(
+    ("pairs", "kwargs", "field"),
+    [([(500, 0)], {}, r"pairs\[0\]"), ([(1, 0), (2, 9)], {}, r"pairs\[1\]"), ([], {}, "pairs"),
+     ([(1, 0)], {"method": "dream"}, "method"), ([(1, 0)], {"steps": 0}, "steps"),
+     ([(1, 0)], {"mask_threshold": 1.5}, "mask_threshold")],
+)
+def test_bad_requests_raise_value_errors_naming_the_field(illusion, pairs, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        illusion.visualize(pairs, **kwargs)
+
+
+# --- Acceptance 4: quality on the shipped world CLIP -----------------------------------
+
+SHIPPED_CLIP = (clip_dir() / "open_clip_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not SHIPPED_CLIP, reason="shipped world CLIP not built yet (python -m explaind.world.clip)")
+def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualization(world_model):
+    from explaind.world.clip import load_world_clip
+    from explaind.world.probes import probe_batch
+
+    from explaind.methods.neuroinspect import neuron_auc
+
+    clip_model, tokenizer, _ = load_world_clip()
+    illusion = ClipIllusion(world_model, "layer3", clip_model, tokenizer)
+    probe = probe_batch(600, seed=1)
+    features = FeatureExtractor(world_model, feature_layer="layer3").features(probe.images)
+    # Neurons with a known attribute: the best background detector for each background.
+    chosen = []
+    for value in ("grass", "water", "sand", "snow", "brick"):
+        auc = neuron_auc(features, probe.attributes["background"] == value)
+        if auc.max() >= 0.9:
+            chosen.append((int(auc.argmax()), value))
+    assert len(chosen) >= 3, "the balanced classifier should have background detectors"
+    pairs = [(neuron, None) for neuron, _ in chosen]
+    ours = illusion.visualize(pairs, steps=400, method="clip_illusion")
+    baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
+    prompts = torch.stack([illusion.text_embedding([f"a photo of a {value}"]) for _, value in chosen])
+    with torch.no_grad():
+        ours_score = illusion.clip_similarity(ours.images, prompts).mean()
+        baseline_score = illusion.clip_similarity(baseline.images, prompts).mean()
+    assert ours_score > baseline_score
+    top_percent = features.quantile(0.99, dim=0)[[neuron for neuron, _ in chosen]]
+    assert (ours.activations >= top_percent).all(), (ours.activations, top_percent)
