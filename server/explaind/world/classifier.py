@@ -27,7 +27,7 @@ PIXEL_STD = (0.25, 0.25, 0.25)
 class ClassifierConfig:
     """Architecture of a world classifier; ``widths[-1]`` is the penultimate width D."""
 
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (16, 32, 128)
     blocks_per_stage: int = 1
     num_classes: int = len(SHAPES)
     class_names: tuple[str, ...] = SHAPES
