@@ -1,0 +1,34 @@
+# explaind: `make test` and `make demo` work on a fresh clone (they create .venv if needed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo proto bench world serve clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m explaind.client.cli demo
+
+serve: $(STAMP)
+	$(PY) -m explaind.client.cli serve
+
+proto: $(STAMP)
+	$(PY) proto/generate.py
+
+bench: $(STAMP)
+	$(PY) bench/predict.py
+
+world: $(STAMP)
+	$(PY) -m explaind.world.build
+
+clean:
+	rm -rf var/ .pytest_cache

@@ -1,0 +1,144 @@
+"""Predict performance, measured in one run on this machine.
+
+    python bench/predict.py [--seconds 3] [--iterations 300]
+
+Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
+(p50/p99, and the RPC overhead), and (2) Predict throughput with dynamic batching
+(max_batch_size 32) and without (max_batch_size 1) at 1, 8 and 32 concurrent clients.
+Servers run as subprocesses on loopback ports, like production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from explaind.client import Client
+from explaind.world import assets
+from explaind.world.classifier import load_classifier
+from explaind.world.scenarios import get_scenario
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int) -> tuple[subprocess.Popen, str]:
+    config = root / f"batch{max_batch_size}.toml"
+    config.write_text(
+        f'[classifier]\nloader = "world"\npath = "{classifier}"\n'
+        f"[batching]\nmax_batch_size = {max_batch_size}\n[runtime]\nnum_threads = {threads}\n"
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port), "--data-dir", str(root / f"data{max_batch_size}")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    with Client(target) as client:
+        client.wait_until_ready(timeout=300)
+    return process, target
+
+
+def percentiles(samples_s: list[float]) -> tuple[float, float]:
+    values = np.array(samples_s) * 1000
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+
+
+def forward_latency(model: torch.nn.Module, image: np.ndarray, iterations: int) -> list[float]:
+    """In-process: the same uint8 -> float conversion the server does, then the model."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(iterations + 20):
+            start = time.perf_counter()
+            x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)[None]
+            torch.softmax(model(x), 1).topk(5)
+            times.append(time.perf_counter() - start)
+    return times[20:]
+
+
+def rpc_latency(target: str, image: np.ndarray, iterations: int) -> list[float]:
+    times = []
+    with Client(target) as client:
+        for _ in range(iterations + 20):
+            start = time.perf_counter()
+            client.predict([image], top_k=5)
+            times.append(time.perf_counter() - start)
+    return times[20:]
+
+
+def throughput(target: str, images: np.ndarray, clients: int, seconds: float) -> float:
+    """Images per second with ``clients`` threads each sending one image per call."""
+    counts = [0] * clients
+    stop = threading.Event()
+    barrier = threading.Barrier(clients + 1)
+
+    def worker(index: int) -> None:
+        with Client(target) as client:
+            client.predict([images[index]])
+            barrier.wait()
+            while not stop.is_set():
+                client.predict([images[(index + counts[index]) % len(images)]])
+                counts[index] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - start
+    for thread in threads:
+        thread.join()
+    return sum(counts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    parser.add_argument("--iterations", type=int, default=300, help="latency samples")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the servers alike")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    classifier = assets.classifier_dir("balanced")
+    if not (classifier / "model.safetensors").is_file():
+        raise SystemExit(f"no shipped classifier at {classifier}; run `make world` first")
+    batch = get_scenario("balanced").dataset("test", size=64).all()
+    images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads, CUDA={torch.cuda.is_available()}")
+
+    with tempfile.TemporaryDirectory() as root:
+        servers = {size: start_server(Path(root), classifier, size, args.threads) for size in (32, 1)}
+        try:
+            model = load_classifier(classifier)
+            forward = percentiles(forward_latency(model, images[0], args.iterations))
+            rpc = percentiles(rpc_latency(servers[32][1], images[0], args.iterations))
+            print("\nlatency, one 64x64 image (ms)      p50      p99")
+            print(f"  in-process forward            {forward[0]:7.3f}  {forward[1]:7.3f}")
+            print(f"  Predict RPC (batching on)     {rpc[0]:7.3f}  {rpc[1]:7.3f}")
+            print(f"  RPC overhead                  {rpc[0] - forward[0]:7.3f}  {rpc[1] - forward[1]:7.3f}")
+            print("\nthroughput (images/s)   clients   no batching   dynamic batching   ratio")
+            for clients in (1, 8, 32):
+                single = throughput(servers[1][1], images, clients, args.seconds)
+                batched = throughput(servers[32][1], images, clients, args.seconds)
+                print(f"                        {clients:7d}   {single:11.1f}   {batched:16.1f}   {batched / single:5.2f}x")
+        finally:
+            for process, _ in servers.values():
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
