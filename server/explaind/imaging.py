@@ -48,6 +48,8 @@ def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
         raise InvalidArgument(f"expected 3 dimensions (H, W, 3) or (3, H, W), got shape {tuple(array.shape)}", field=field)
     if array.size == 0:
         raise InvalidArgument(f"tensor is empty (shape {tuple(array.shape)})", field=field)
+    if not array.flags.writeable:  # a view of the request's bytes; torch wants its own copy
+        array = array.copy()
     if array.dtype == np.uint8:
         if array.shape[2] != 3:
             raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
