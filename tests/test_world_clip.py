@@ -1,0 +1,134 @@
+"""The shapes world's tiny CLIP: open_clip loading path, caption matching, smoke training, shipped weights."""
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from explaind.world.assets import clip_dir
+from explaind.world.clip import (
+    CAPTION_WORDS,
+    CHECKPOINT_NAME,
+    CLIP_MODEL_NAME,
+    caption_constraints,
+    caption_match_matrix,
+    encode_images,
+    evaluate_clip_zero_shot,
+    load_world_clip,
+    multi_positive_clip_loss,
+    sample_caption,
+    text_token_states,
+    train_clip,
+    zero_shot_classifier,
+)
+from explaind.world.render import SceneSpec, render
+from explaind.world.scenarios import get_scenario
+
+SHIPPED = (clip_dir() / CHECKPOINT_NAME).is_file()
+needs_shipped = pytest.mark.skipif(not SHIPPED, reason="shipped CLIP weights not built yet (python -m explaind.world.clip)")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def smoke_clip(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    train_clip(steps=2, batch_size=16, out_dir=out, num_threads=1, log=False)
+    return out
+
+
+def _image(spec: SceneSpec) -> torch.Tensor:
+    return torch.from_numpy(render(spec).image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def test_captions_assert_exactly_what_they_name():
+    assert caption_constraints("a red striped triangle on water with a watermark") == {
+        "colour": "red",
+        "texture": "stripes",
+        "shape": "triangle",
+        "background": "water",
+        "artifact": "watermark",
+    }
+    assert caption_constraints("a photo of a checkered") == {"texture": "checker"}
+    assert caption_constraints("") == {}
+
+
+def test_sampled_captions_are_true_of_their_scene_and_only_of_matching_scenes():
+    batch = get_scenario("balanced").dataset("train", size=60).all()
+    attributes = [{a: str(batch.attributes[a][i]) for a in batch.attributes} for i in range(60)]
+    rng = np.random.default_rng(0)
+    captions = [sample_caption(a, c, rng) for a, c in zip(attributes, batch.captions)]
+    matches = caption_match_matrix(captions, attributes)
+    assert matches.diagonal().all()
+    assert len(set(captions)) > 20  # variants, not one template
+    for j, caption in enumerate(captions):
+        for i, scene in enumerate(attributes):
+            expected = all(scene[k] == v for k, v in caption_constraints(caption).items())
+            assert bool(matches[i, j]) == expected
+
+
+def test_multi_positive_loss_reduces_to_clip_loss_and_rewards_all_true_pairs():
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    identity = torch.eye(6, dtype=torch.bool)
+    clip_loss = (torch.nn.functional.cross_entropy(logits, torch.arange(6)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))) / 2
+    torch.testing.assert_close(multi_positive_clip_loss(logits, identity), clip_loss)
+    # Captions 0 and 1 are both true of images 0 and 1: preferring the other true caption
+    # is penalised only by plain CLIP's one-positive targets.
+    matches = identity.clone()
+    matches[0, 1] = matches[1, 0] = True
+    swapped = 10.0 * identity.float()
+    swapped[0, 0] = swapped[1, 1] = 0.0
+    swapped[0, 1] = swapped[1, 0] = 10.0
+    assert multi_positive_clip_loss(swapped, matches) < 0.6 * multi_positive_clip_loss(swapped, identity)
+
+
+def test_smoke_training_writes_a_checkpoint_that_open_clip_loads(smoke_clip):
+    model, tokenizer, preprocess = load_world_clip(smoke_clip)
+    tokens = tokenizer(["a photo of a star", "a red striped triangle on water"])
+    assert tokens.shape == (2, 16)
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        features = encode_images(model, images)
+        states = text_token_states(model, tokens)
+        pooled = model.encode_text(tokens)
+    assert features.shape == (3, 64) and torch.allclose(features.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert states.shape == (2, 16, 64)
+    # The token states are the final-layer-norm output the pooled text feature is projected from.
+    eot = tokens.argmax(dim=1)
+    torch.testing.assert_close(states[torch.arange(2), eot] @ model.text_projection, pooled)
+    # The same files also load through open_clip's local-dir: schema.
+    same = open_clip.create_model(f"local-dir:{smoke_clip}").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encode_images(same, images), features)
+    assert preprocess is not None
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_NAME):
+        load_world_clip(tmp_path)
+
+
+@needs_shipped
+def test_shipped_clip_loads_offline_and_reads_a_known_scene():
+    model, tokenizer, _ = load_world_clip()
+    assert CLIP_MODEL_NAME in open_clip.list_models()
+    image = _image(SceneSpec("star", "red", "plain", "sand", seed=3))
+    with torch.no_grad():
+        features = encode_images(model, image)
+        for attribute, value in {"shape": "star", "colour": "red", "background": "sand"}.items():
+            words = list(CAPTION_WORDS[attribute].values())
+            scores = features @ zero_shot_classifier(model, tokenizer, words).T
+            assert words[int(scores.argmax())] == value, attribute
+        # Full captions: the true one outranks captions that change one attribute.
+        captions = ["a red star on sand", "a blue star on sand", "a red heart on sand", "a red star on water"]
+        scores = features @ model.encode_text(tokenizer(captions), normalize=True).T
+    assert int(scores.argmax()) == 0
+
+
+@needs_shipped
+def test_shipped_clip_zero_shot_accuracy():
+    accuracy = evaluate_clip_zero_shot(size=600, attributes=("shape", "colour", "background"))
+    assert min(accuracy.values()) >= 0.9, accuracy
