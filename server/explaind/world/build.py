@@ -41,7 +41,7 @@ def build(parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: boo
             timings[f"classifier/{name}"] = time.perf_counter() - start
     if "oracle" in parts:
         start = time.perf_counter()
-        save_oracle(train_oracle(epochs=1 if smoke else 4, train_size=96 if smoke else None), oracle_dir(root))
+        save_oracle(train_oracle(epochs=1 if smoke else 8, train_size=96 if smoke else None), oracle_dir(root))
         timings["oracle"] = time.perf_counter() - start
     if "clip" in parts:
         from .clip import train_clip

@@ -27,7 +27,7 @@ ORACLE_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "texture", "background"
 class AttributeOracle(nn.Module):
     """One small CNN trunk, one linear head per attribute."""
 
-    def __init__(self, widths: tuple[int, ...] = (24, 48, 96)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 128)) -> None:
         super().__init__()
         self.trunk = WorldClassifier(ClassifierConfig(widths=widths))
         self.trunk.fc = nn.Identity()
@@ -62,7 +62,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-def train_oracle(*, epochs: int = 3, train_size: int | None = None, batch_size: int = 64, seed: int = 0, log: bool = True) -> AttributeOracle:
+def train_oracle(*, epochs: int = 8, train_size: int | None = None, batch_size: int = 64, seed: int = 0, log: bool = True) -> AttributeOracle:
     seed_everything(seed)
     batch = get_scenario("balanced").dataset("train", size=train_size).all()
     targets = {
@@ -72,7 +72,7 @@ def train_oracle(*, epochs: int = 3, train_size: int | None = None, batch_size: 
     oracle = AttributeOracle()
     optimiser = torch.optim.AdamW(oracle.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * ((len(batch.labels) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.15)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for epoch in range(epochs):

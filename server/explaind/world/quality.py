@@ -56,6 +56,27 @@ def print_quality_table(parts: list[str], root: Path = ASSETS_DIR) -> None:
         print("\n== Attribute oracle (balanced test) ==")
         for attribute, accuracy in oracle_accuracy(load_oracle(root / "oracle")).items():
             print(f"  {attribute:<12}{accuracy:.3f}")
+    if "clip" in parts:
+        from .clip import evaluate_clip_zero_shot, load_world_clip
+
+        print('\n== CLIP zero-shot top-1 (balanced test, "a photo of a {x}") ==')
+        model, tokenizer, _ = load_world_clip(root / "clip")
+        for attribute, accuracy in evaluate_clip_zero_shot(model, tokenizer).items():
+            print(f"  {attribute:<12}{accuracy:.3f}")
+    if "t2i" in parts:
+        from .clip import load_world_clip
+        from .oracle import load_oracle
+        from .t2i import evaluate_t2i, load_world_t2i
+
+        grid = root / "t2i_samples.png"
+        result = evaluate_t2i(load_oracle(root / "oracle"), load_world_t2i(root / "t2i", load_world_clip(root / "clip")), grid_path=grid)
+        print(
+            f"\n== Text-to-image: oracle recognises the prompted attribute ({result['num_images']} images, "
+            f"CFG {result['guidance_scale']}, {result['num_inference_steps']} DDIM steps) =="
+        )
+        for attribute, accuracy in result["accuracy"].items():
+            print(f"  {attribute:<12}{accuracy:.3f}")
+        print(f"  sample grid: {grid}")
 
 
 if __name__ == "__main__":
