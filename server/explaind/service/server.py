@@ -17,14 +17,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from explaind.v1 import inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
+from explaind.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    neuroinspect_pb2,
+    neuroinspect_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    sample_sets_pb2,
+    sample_sets_pb2_grpc,
+)
 
 from ..config import Config
 from ..engine import Engine
+from ..engine.neuroinspect import NeuroInspectEngine
 from ..metrics import Metrics
 from ..store import SQLiteStore
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
+from .neuroinspect import NeuroInspectServicer
 from .operations import OperationsServicer
 from .sample_sets import SampleSetServicer
 
@@ -34,6 +45,7 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     sample_sets_pb2.DESCRIPTOR.services_by_name["SampleSetService"].full_name,
     operations_pb2.DESCRIPTOR.services_by_name["OperationsService"].full_name,
+    neuroinspect_pb2.DESCRIPTOR.services_by_name["NeuroInspectService"].full_name,
 )
 
 
@@ -46,6 +58,7 @@ class ExplaindServer:
         self.metrics = Metrics()
         self.store = SQLiteStore(config.server.data_dir)
         self.engine = Engine(config, self.store, self.metrics)
+        self.neuroinspect = NeuroInspectEngine(self.engine)
         self.health = health.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -72,6 +85,7 @@ class ExplaindServer:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs), server)
+        neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(NeuroInspectServicer(self.neuroinspect), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -83,8 +97,10 @@ class ExplaindServer:
         return self.port
 
     def load_models(self) -> None:
-        """Load models (raises ModelLoadError naming the file), then report SERVING."""
+        """Load models (raises ModelLoadError naming the file), serve the stored active
+        head version, then report SERVING."""
         self.engine.load()
+        self.neuroinspect.restore()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _set_health(self, status: int) -> None:

@@ -65,6 +65,24 @@ class JobRecord:
     artifacts: tuple[ArtifactRef, ...] = ()
 
 
+@dataclass(frozen=True)
+class HeadVersionRecord:
+    """A classifier head stored for one feature extractor (``feature_version``).
+
+    ``weights_digest`` is the artifact holding the head's weights (safetensors bytes);
+    ``head_hash`` the content hash Predict's model_version is built from; ``details``
+    engine-defined metadata (method, neurons, evaluations), stored as JSON.
+    """
+
+    feature_version: str
+    version_id: str
+    head_hash: str
+    weights_digest: str
+    parent_version_id: str
+    create_time: float
+    details: dict = field(default_factory=dict)
+
+
 class Store(Protocol):
     # Artifacts (content-addressed blobs).
     def put_blob(self, data: bytes) -> str: ...
@@ -89,5 +107,12 @@ class Store(Protocol):
     def get_features(self, version: str, digests: Sequence[str]) -> dict[str, np.ndarray]: ...
     def put_features(self, version: str, features: dict[str, np.ndarray]) -> None: ...
     def retain_features(self, version: str) -> int: ...
+
+    # Head versions, per feature version. Unknown ids raise NotFound.
+    def insert_head_version(self, record: HeadVersionRecord) -> None: ...
+    def list_head_versions(self, feature_version: str) -> list[HeadVersionRecord]: ...
+    def get_head_version(self, feature_version: str, version_id: str) -> HeadVersionRecord: ...
+    def set_active_head_version(self, feature_version: str, version_id: str) -> None: ...
+    def active_head_version(self, feature_version: str) -> str | None: ...
 
     def close(self) -> None: ...

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AlreadyExists, NotFound
-from .base import FINISHED_STATES, FAILED, ArtifactRef, JobRecord, SampleRecord, SampleSetInfo
+from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
+);
+CREATE TABLE IF NOT EXISTS head_versions (
+    feature_version TEXT NOT NULL, version_id TEXT NOT NULL, head_hash TEXT NOT NULL, weights_digest TEXT NOT NULL,
+    parent_version_id TEXT NOT NULL, create_time REAL NOT NULL, details TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
+);
+CREATE TABLE IF NOT EXISTS active_heads (
+    feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
 """
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
@@ -234,3 +241,47 @@ class SQLiteStore:
         """Drop cached features of every other model version; returns rows removed."""
         with self._transaction() as db:
             return db.execute("DELETE FROM features WHERE version != ?", (version,)).rowcount
+
+    # Head versions --------------------------------------------------------------------
+
+    _HEAD_COLUMNS = "feature_version, version_id, head_hash, weights_digest, parent_version_id, create_time, details"
+
+    @staticmethod
+    def _head_from_row(row: tuple) -> HeadVersionRecord:
+        *values, details = row
+        return HeadVersionRecord(*values, details=json.loads(details))
+
+    def insert_head_version(self, record: HeadVersionRecord) -> None:
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM head_versions WHERE feature_version = ? AND version_id = ?", (record.feature_version, record.version_id)).fetchone():
+                raise AlreadyExists(f"head version {record.version_id!r} already exists", field="version_id")
+            db.execute(
+                f"INSERT INTO head_versions ({self._HEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.feature_version, record.version_id, record.head_hash, record.weights_digest, record.parent_version_id,
+                 record.create_time, json.dumps(record.details, sort_keys=True)),
+            )
+
+    def list_head_versions(self, feature_version: str) -> list[HeadVersionRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? ORDER BY create_time, rowid", (feature_version,)
+            ).fetchall()
+        return [self._head_from_row(row) for row in rows]
+
+    def get_head_version(self, feature_version: str, version_id: str) -> HeadVersionRecord:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
+        return self._head_from_row(row)
+
+    def set_active_head_version(self, feature_version: str, version_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO active_heads VALUES (?, ?)", (feature_version, version_id))
+
+    def active_head_version(self, feature_version: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT version_id FROM active_heads WHERE feature_version = ?", (feature_version,)).fetchone()
+        return row[0] if row else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,11 +12,16 @@ from torch import nn
 
 @contextmanager
 def capture_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``module``'s forward output under key ``"output"`` while the context is open."""
+    """Record ``module``'s forward output under key ``"output"`` while the context is open.
+
+    Only forwards run by the opening thread are recorded: a served model is shared with
+    Predict's batcher thread, whose forwards must not overwrite the capture."""
     captured: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        captured["output"] = output
+        if threading.get_ident() == owner:
+            captured["output"] = output
 
     handle = module.register_forward_hook(hook)
     try:

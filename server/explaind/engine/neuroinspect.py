@@ -1,0 +1,559 @@
+"""NeuroInspect as a service: ranking, visualisation and head edits on the served model.
+
+:class:`NeuroInspectEngine` validates requests (errors name the request field), runs the
+method engines of :mod:`explaind.methods.neuroinspect` on cached sample-set features,
+and keeps *head versions*: every edit stores a new head (weights as an artifact,
+metadata as a row) for the served feature extractor; promote and rollback swap the
+served head atomically through :meth:`Engine.activate`, and :meth:`restore` serves the
+stored active version again after a restart. No gRPC here; results are the
+``explaind.v1`` messages the job system stores.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from google.protobuf import timestamp_pb2
+
+from explaind.v1 import common_pb2, neuroinspect_pb2
+
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..imaging import encode_png, image_grid, to_uint8_hwc
+from ..jobs import JobContext, JobSnapshot
+from ..methods.neuroinspect import ClipIllusion, HeadEditor, MistakeNeuronRanker, evaluate_head
+from ..methods.neuroinspect._editing import HeadEvaluation
+from ..store import HeadVersionRecord
+from .models import ClassifierVersion
+
+# RankMistakeNeurons answers inline up to these sizes (execution "auto").
+INLINE_MAX_SAMPLES = 4096
+INLINE_MAX_MISTAKES = 256
+MAX_VISUALIZATION_PAIRS = 64
+SOLVERS = ("faithful", "proximal")
+VISUALIZATION_METHODS = ("clip_illusion", "feature_visualization", "no_clip")
+EDIT_METHODS = ("probability_ratio", "constrain")
+EXECUTIONS = ("auto", "inline", "operation")
+LOADED = "loaded"
+
+ClassRef = str | int  # a class name, or its index
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    solver: str = "faithful"
+    l1: float = 0.1
+    l2: float = 0.01
+    max_iterations: int = 1000
+    cut_ratio: float = 0.03
+    top_k: int = 5
+    include_samples: bool = False
+
+
+class _Classifier(nn.Module):
+    """h_t(h_b(x)) as one module, so ClipIllusion can hook ``features.trunk.<layer>``."""
+
+    def __init__(self, version: ClassifierVersion) -> None:
+        super().__init__()
+        self.features = version.feature_extractor
+        self.head = version.head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def _finite(value: float, field: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        raise InvalidArgument(f"{value} is not in {bounds}", field=field)
+    return value
+
+
+def _head_bytes(head: nn.Linear) -> bytes:
+    return save_safetensors({"weight": head.weight.detach().float().cpu().contiguous(), "bias": head.bias.detach().float().cpu().contiguous()})
+
+
+def _head_from_bytes(data: bytes) -> nn.Linear:
+    tensors = load_safetensors(data)
+    weight, bias = tensors["weight"], tensors["bias"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head.eval()
+
+
+class NeuroInspectEngine:
+    """The NeuroInspect debugging loop over one :class:`~explaind.engine.Engine`."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._versions_lock = threading.Lock()  # serialises id allocation, promote, rollback
+        self._heads: dict[tuple[str, str], nn.Linear] = {}
+
+    # Helpers -------------------------------------------------------------------------
+
+    def _split_version(self) -> ClassifierVersion:
+        version = self._engine.models.active
+        if version.feature_extractor is None:
+            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; NeuroInspect needs a split classifier (features + linear head)")
+        return version
+
+    @staticmethod
+    def _class_index(version: ClassifierVersion, target: ClassRef | None, *, field: str = "class") -> int:
+        """A class name or index -> index; INVALID_ARGUMENT names ``class_name``/``class_index``."""
+        names = version.class_names
+        if target is None or target == "":
+            raise InvalidArgument("a class is required (class_name or class_index)", field=f"{field}_name")
+        if isinstance(target, str):
+            if target not in names:
+                raise InvalidArgument(f"unknown class {target!r}; classes are {list(names)}", field=f"{field}_name")
+            return names.index(target)
+        if not 0 <= int(target) < len(names):
+            raise InvalidArgument(f"{target} is not a class index in [0, {len(names)})", field=f"{field}_index")
+        return int(target)
+
+    def _require_set(self, sample_set_id: str, field: str) -> int:
+        if not sample_set_id:
+            raise InvalidArgument("required", field=field)
+        try:
+            info = self._engine.store.get_sample_set(sample_set_id)
+        except NotFound:
+            raise NotFound(f"no sample set {sample_set_id!r}", field=field) from None
+        if info.sample_count == 0:
+            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field=field)
+        return info.sample_count
+
+    # Rank ----------------------------------------------------------------------------
+
+    def rank_mistake_neurons(
+        self,
+        sample_set_id: str,
+        *,
+        target_class: ClassRef | None,
+        settings: RankSettings = RankSettings(),
+        execution: str = "auto",
+    ) -> neuroinspect_pb2.NeuronRanking | JobSnapshot:
+        """Rank the neurons behind ``target_class``'s mistakes in a sample set: the
+        ranking itself when small (see ``INLINE_MAX_*``), else the job computing it."""
+        version = self._split_version()
+        class_index = self._class_index(version, target_class)
+        class_field = "class_name" if isinstance(target_class, str) else "class_index"
+        self._check_rank_settings(settings, version)
+        if execution not in EXECUTIONS:
+            raise InvalidArgument(f"must be one of {EXECUTIONS}", field="execution")
+        count = self._require_set(sample_set_id, "sample_set_id")
+        if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
+            return self._engine.jobs.submit("rank_mistake_neurons", lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
+        if count > INLINE_MAX_SAMPLES:
+            raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
+        features = self._engine.sample_set_features(sample_set_id, version=version)
+        mistakes = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
+        if len(mistakes) > INLINE_MAX_MISTAKES:
+            if execution == "inline":
+                raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
+            return self._engine.jobs.submit("rank_mistake_neurons", lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
+        return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features)
+
+    @staticmethod
+    def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:
+        if settings.solver not in SOLVERS:
+            raise InvalidArgument(f"must be one of {SOLVERS}", field="solver")
+        _finite(settings.l1, "l1")
+        _finite(settings.l2, "l2")
+        _finite(settings.cut_ratio, "cut_ratio", high=1.0)
+        if not 1 <= settings.max_iterations <= 100_000:
+            raise InvalidArgument(f"{settings.max_iterations} is not in [1, 100000] (0 means 1000)", field="max_iterations")
+        if not 1 <= settings.top_k <= version.feature_dim:
+            raise InvalidArgument(f"{settings.top_k} is not in [1, {version.feature_dim}] (0 means 5)", field="top_k")
+
+    @staticmethod
+    def _mistakes(version: ClassifierVersion, features: torch.Tensor, labels: torch.Tensor, class_index: int, class_field: str, sample_set_id: str) -> torch.Tensor:
+        labels = labels.to(features.device)
+        predicted = version.logits(features).argmax(1)
+        in_class = labels == class_index
+        name = version.class_names[class_index]
+        if not in_class.any():
+            raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {name!r}", field=class_field)
+        mistakes = (in_class & (predicted != labels)).nonzero().squeeze(1)
+        if len(mistakes) == 0:
+            raise InvalidArgument(f"the classifier makes no mistakes on class {name!r} in sample set {sample_set_id!r}", field=class_field)
+        return mistakes
+
+    def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
+              settings: RankSettings, features=None) -> neuroinspect_pb2.NeuronRanking:
+        if features is None:
+            features = self._engine.sample_set_features(sample_set_id, version=version, context=context)
+        self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
+
+        def on_step(step: int, total: int, running: int) -> bool:
+            if context is not None:
+                context.raise_if_cancelled()
+                if step % 25 == 0:
+                    context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
+            return False
+
+        ranking = MistakeNeuronRanker(version.head).rank(
+            features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
+            max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k,
+            target_class=class_index, callback_on_step_end=on_step,
+        )
+        names = version.class_names
+        mistake_indices = ranking.mistake_indices.cpu()
+        predicted = version.logits(features.features[ranking.mistake_indices]).argmax(1).cpu()
+        message = neuroinspect_pb2.NeuronRanking(
+            sample_set_id=sample_set_id,
+            model_version=version.version,
+            class_index=class_index,
+            class_name=names[class_index],
+            solver=ranking.solver,
+            sample_count=ranking.num_samples,
+            mistake_count=ranking.num_mistakes,
+            converged_count=ranking.num_converged,
+            predicted_as={names[c]: n for c, n in sorted(Counter(predicted.tolist()).items())},
+        )
+        directions = {"insufficient": 1, "excessive": 2, "both": 3}
+        for neuron in ranking.neurons:
+            message.neurons.add(
+                neuron=neuron.neuron, direction=directions[neuron.direction], insufficient_ratio=neuron.insufficient_ratio,
+                excessive_ratio=neuron.excessive_ratio, mean_omega=neuron.mean_omega, importance=neuron.importance,
+                top_classes=list(neuron.top_classes), top_class_names=[names[c] for c in neuron.top_classes],
+            )
+        if settings.include_samples:
+            omega = ranking.omega.float().cpu()
+            for row, index in enumerate(mistake_indices.tolist()):
+                message.mistakes.add(
+                    sample_index=index, predicted_class=int(predicted[row]), converged=bool(ranking.converged[row]),
+                    iterations=int(ranking.iterations[row]),
+                    insufficient_neurons=[n for n in ranking.insufficient_top[row].tolist() if n >= 0],
+                    excessive_neurons=[n for n in ranking.excessive_top[row].tolist() if n >= 0],
+                    omega_l1=float(omega[row].abs().sum()),
+                )
+            message.omega.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=list(omega.shape), data=omega.numpy().astype("<f4").tobytes()))
+        if context is not None:
+            context.report_progress(settings.max_iterations, settings.max_iterations, f"ranked {len(ranking.neurons)} neurons from {ranking.num_mistakes} mistakes")
+        return message
+
+    # Visualise -----------------------------------------------------------------------
+
+    def visualize_neurons(
+        self,
+        pairs: Sequence[tuple[int, ClassRef | None]],
+        *,
+        method: str = "clip_illusion",
+        steps: int = 400,
+        gamma: float = 0.5,
+        epsilon: float = 0.05,
+        learning_rate: float = 9e-3,
+        seed: int = 0,
+        preview_every: int = 10,
+    ) -> JobSnapshot:
+        """Start optimising one image per (neuron, class) pair (class None: the class with
+        the largest head weight); images and masked images become artifacts."""
+        version = self._split_version()
+        if not pairs:
+            raise InvalidArgument("at least one (neuron, class) pair is required", field="pairs")
+        if len(pairs) > MAX_VISUALIZATION_PAIRS:
+            raise InvalidArgument(f"{len(pairs)} pairs exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
+        resolved: list[tuple[int, int]] = []
+        for i, (neuron, target) in enumerate(pairs):
+            if not 0 <= int(neuron) < version.feature_dim:
+                raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"pairs[{i}].neuron")
+            if target is None or target == "":
+                klass = int(version.head.weight[:, int(neuron)].argmax())
+            else:
+                klass = self._class_index(version, target, field=f"pairs[{i}].class")
+            resolved.append((int(neuron), klass))
+        if method not in VISUALIZATION_METHODS:
+            raise InvalidArgument(f"must be one of {VISUALIZATION_METHODS}", field="method")
+        clip = self._engine.components.get("clip")
+        if method == "clip_illusion" and (clip is None or not clip.loaded):
+            raise FailedPrecondition(f"clip_illusion needs CLIP, which is not loaded ({clip.detail if clip else 'not configured'}); use no_clip or feature_visualization", field="method")
+        if not 1 <= steps <= 10_000:
+            raise InvalidArgument(f"{steps} is not in [1, 10000] (0 means 400)", field="steps")
+        _finite(gamma, "gamma")
+        _finite(epsilon, "epsilon")
+        _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
+        if preview_every < 1:
+            raise InvalidArgument("must be positive (0 means 10)", field="preview_every")
+        return self._engine.jobs.submit(
+            "visualize_neurons",
+            lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
+        )
+
+    def _visualize(self, context: JobContext, version: ClassifierVersion, pairs: list[tuple[int, int]], method: str, steps: int,
+                   gamma: float, epsilon: float, learning_rate: float, seed: int, preview_every: int) -> neuroinspect_pb2.VisualizeNeuronsResult:
+        clip = self._engine.components.get("clip")
+        clip_model, tokenizer = (clip.model[0], clip.model[2]) if clip is not None and clip.loaded else (None, None)
+        if clip_model is not None:
+            clip_model.to(self._engine.device)
+        illusion = ClipIllusion(
+            _Classifier(version), f"features.trunk.{version.feature_layer}", clip_model, tokenizer,
+            class_names=version.class_names, head="head", image_size=version.image_size,
+        )
+        names = version.class_names
+        captions = [f"n{n} {names[c]}" for n, c in pairs]
+
+        def on_step(step: int, total: int, images: torch.Tensor) -> bool:
+            context.raise_if_cancelled()
+            preview = None
+            if step % preview_every == 0 or step == total:
+                preview = encode_png(image_grid([to_uint8_hwc(image) for image in images.detach().float().cpu()], captions))
+            context.report_progress(step, total, f"optimising {len(pairs)} images", preview=preview)
+            return False
+
+        result = illusion.visualize(
+            pairs, method=method, steps=steps, gamma=gamma, epsilon=epsilon, learning_rate=learning_rate, seed=seed,
+            callback_on_step_end=on_step,
+        )
+        message = neuroinspect_pb2.VisualizeNeuronsResult(model_version=version.version, method=method, steps=result.steps)
+        for i, (neuron, klass) in enumerate(pairs):
+            stem = f"{i:02d}_neuron{neuron}_{names[klass]}"
+            context.save_image(f"{stem}.png", to_uint8_hwc(result.images[i].float().cpu()))
+            context.save_image(f"{stem}_masked.png", to_uint8_hwc(result.masked_images[i].float().cpu()))
+            message.visualizations.add(
+                neuron=neuron, class_index=klass, class_name=names[klass], image_artifact=f"{stem}.png",
+                masked_image_artifact=f"{stem}_masked.png", activation=float(result.activations[i]), logit=float(result.logits[i]),
+                clip_similarity=float(result.clip_similarity[i]), core_relevance=float(result.core_relevance[i]),
+                mask_fraction=float(result.masks[i].float().mean()),
+            )
+        return message
+
+    # Edit ----------------------------------------------------------------------------
+
+    def edit_head(
+        self,
+        sample_set_id: str,
+        *,
+        target_class: ClassRef | None,
+        neurons: Sequence[int],
+        method: str = "probability_ratio",
+        validation_sample_set_id: str = "",
+        evaluation_sample_set_id: str = "",
+        group_attribute: str = "",
+        strength: float | None = None,
+        target_ratio: float | str = 1.0,
+        learning_rate: float = 1e-3,
+        max_epochs: int = 20,
+        patience: int = 5,
+        seed: int = 0,
+        promote: bool = False,
+        description: str = "",
+    ) -> JobSnapshot:
+        """Start retraining the served head; the job stores a new head version (and
+        serves it when ``promote``). ``target_ratio`` may be ``"auto"``."""
+        version = self._split_version()
+        class_index = self._class_index(version, target_class)
+        if not neurons:
+            raise InvalidArgument("at least one neuron is required", field="neurons")
+        for i, neuron in enumerate(neurons):
+            if not 0 <= int(neuron) < version.feature_dim:
+                raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"neurons[{i}]")
+        if method not in EDIT_METHODS:
+            raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
+        self._require_set(sample_set_id, "sample_set_id")
+        for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
+            if value:
+                self._require_set(value, field)
+        if strength is not None:
+            _finite(strength, "strength")
+        if target_ratio != "auto":
+            target_ratio = _finite(target_ratio, "target_ratio", low_open=True)
+        _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
+        if not 1 <= max_epochs <= 1000:
+            raise InvalidArgument(f"{max_epochs} is not in [1, 1000] (0 means 20)", field="max_epochs")
+        if not 1 <= patience <= 1000:
+            raise InvalidArgument(f"{patience} is not in [1, 1000] (0 means 5)", field="patience")
+        parent = self.active_head_version()
+
+        def run(context: JobContext) -> neuroinspect_pb2.EditHeadResult:
+            train = self._engine.sample_set_features(sample_set_id, version=version, context=context)
+            features, labels = train.features, train.labels
+            if validation_sample_set_id:
+                validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context)
+                val_features, val_labels = validation.features, validation.labels
+            else:  # every 5th sample held out
+                if len(labels) < 5:
+                    raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
+                held = torch.zeros(len(labels), dtype=torch.bool)
+                held[::5] = True
+                val_features, val_labels = features[held.to(features.device)], labels[held]
+                features, labels = features[~held.to(features.device)], labels[~held]
+            eval_id = evaluation_sample_set_id or validation_sample_set_id
+            eval_features, eval_labels, groups = val_features, val_labels, None
+            if eval_id:
+                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context)
+                eval_features, eval_labels = evaluation.features, evaluation.labels
+            if group_attribute:
+                if not eval_id:
+                    raise InvalidArgument("groups need an evaluation_sample_set_id or validation_sample_set_id whose samples carry the attribute", field="group_attribute")
+                records = self._engine.store.list_samples(eval_id)
+                missing = sum(group_attribute not in r.attributes for r in records)
+                if missing == len(records):
+                    raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
+                groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in records])
+
+            def on_epoch(epoch: int, total: int, record) -> bool:
+                context.raise_if_cancelled()
+                context.report_progress(epoch, total, f"epoch {epoch}: validation accuracy {record.validation_accuracy:.3f}")
+                return False
+
+            try:
+                edit = HeadEditor(version.head).edit(
+                    features, labels, target_class=class_index, neurons=list(neurons), validation_features=val_features,
+                    validation_labels=val_labels, method=method, strength=strength, target_ratio=target_ratio,
+                    learning_rate=learning_rate, max_epochs=max_epochs, patience=patience, seed=seed,
+                    evaluation_features=eval_features, evaluation_labels=eval_labels, evaluation_groups=groups,
+                    callback_on_epoch_end=on_epoch,
+                )
+            except ValueError as error:
+                raise InvalidArgument(str(error)) from None
+            counts = Counter(eval_labels.tolist())
+            details = {
+                "method": method,
+                "class_name": version.class_names[class_index],
+                "neurons": sorted({int(n) for n in neurons}),
+                "description": description,
+                "parent_evaluation": self._evaluation_dict(edit.before, version, counts),
+                "evaluation": self._evaluation_dict(edit.after, version, counts),
+            }
+            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details)
+            if promote:
+                self.promote_head_version(record.version_id)
+            return neuroinspect_pb2.EditHeadResult(
+                version=self.head_version_message(record), best_epoch=edit.best_epoch, epochs_run=len(edit.history),
+                validation_accuracy=[r.validation_accuracy for r in edit.history],
+            )
+
+        return self._engine.jobs.submit("edit_head", run)
+
+    @staticmethod
+    def _evaluation_dict(evaluation: HeadEvaluation, version: ClassifierVersion, counts: Counter) -> dict:
+        return {
+            "accuracy": evaluation.accuracy,
+            "per_class": [[version.class_names[c], counts.get(c, 0), a] for c, a in sorted(evaluation.class_accuracy.items())],
+            "group_accuracy": dict(sorted(evaluation.group_accuracy.items())),
+        }
+
+    @staticmethod
+    def _evaluation_message(values: dict) -> neuroinspect_pb2.HeadEvaluation:
+        message = neuroinspect_pb2.HeadEvaluation(accuracy=values["accuracy"], group_accuracy=values["group_accuracy"])
+        for name, count, accuracy in values["per_class"]:
+            message.per_class.add(class_name=name, count=count, accuracy=accuracy)
+        if values["per_class"]:
+            name, _, accuracy = min(values["per_class"], key=lambda row: row[2])
+            message.worst_class_name, message.worst_class_accuracy = name, accuracy
+        if values["group_accuracy"]:
+            group = min(values["group_accuracy"], key=values["group_accuracy"].__getitem__)
+            message.worst_group, message.worst_group_accuracy = group, values["group_accuracy"][group]
+        return message
+
+    # Head versions -------------------------------------------------------------------
+
+    def _add_head_version(self, version: ClassifierVersion, head: nn.Linear, parent_id: str, details: dict) -> HeadVersionRecord:
+        store = self._engine.store
+        digest = store.put_blob(_head_bytes(head))
+        with self._versions_lock:
+            existing = store.list_head_versions(version.feature_version)
+            record = HeadVersionRecord(
+                feature_version=version.feature_version, version_id=f"v{len(existing)}", head_hash=version.with_head(head).head_version,
+                weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details,
+            )
+            store.insert_head_version(record)
+            self._heads[(record.feature_version, record.version_id)] = head.to(self._engine.device).eval()
+        return record
+
+    def restore(self) -> None:
+        """At start-up: register the loaded head (as ``v0`` the first time) and serve the
+        stored active head version of this feature extractor, if it is another one."""
+        version = self._engine.models.active
+        if version.feature_extractor is None:
+            return
+        store = self._engine.store
+        records = store.list_head_versions(version.feature_version)
+        loaded = next((r for r in records if r.head_hash == version.head_version), None)
+        if loaded is None:
+            loaded = self._add_head_version(version, version.head, "", {"method": LOADED, "description": f"loaded from {version.source}"})
+        self._heads[(version.feature_version, loaded.version_id)] = version.head
+        active_id = store.active_head_version(version.feature_version)
+        if active_id is None:
+            store.set_active_head_version(version.feature_version, loaded.version_id)
+        elif active_id != loaded.version_id:
+            self._activate(store.get_head_version(version.feature_version, active_id))
+
+    def _head(self, record: HeadVersionRecord) -> nn.Linear:
+        key = (record.feature_version, record.version_id)
+        if key not in self._heads:
+            self._heads[key] = _head_from_bytes(self._engine.store.get_blob(record.weights_digest)).to(self._engine.device)
+        return self._heads[key]
+
+    def _activate(self, record: HeadVersionRecord) -> None:
+        """Serve ``record``'s head: the new version object is complete before the one swap."""
+        self._engine.activate(self._engine.models.active.with_head(self._head(record)))
+        self._engine.store.set_active_head_version(record.feature_version, record.version_id)
+
+    def head_versions(self) -> tuple[list[HeadVersionRecord], str]:
+        version = self._split_version()
+        return self._engine.store.list_head_versions(version.feature_version), self.active_head_version().version_id
+
+    def active_head_version(self) -> HeadVersionRecord:
+        version = self._split_version()
+        store = self._engine.store
+        active_id = store.active_head_version(version.feature_version)
+        if active_id is None:
+            raise FailedPrecondition("head versions are not initialised yet; retry when health reports SERVING")
+        return store.get_head_version(version.feature_version, active_id)
+
+    def promote_head_version(self, version_id: str) -> tuple[HeadVersionRecord, str]:
+        """Serve ``version_id``; returns it and the previously active id."""
+        if not version_id:
+            raise InvalidArgument("required", field="version_id")
+        version = self._split_version()
+        with self._versions_lock:
+            record = self._engine.store.get_head_version(version.feature_version, version_id)
+            previous = self.active_head_version().version_id
+            self._activate(record)
+        return record, previous
+
+    def rollback_head_version(self, version_id: str = "") -> tuple[HeadVersionRecord, str]:
+        """Serve the active version's parent (or ``version_id``); returns it and the previous id."""
+        version = self._split_version()
+        with self._versions_lock:
+            active = self.active_head_version()
+            target = version_id or active.parent_version_id
+            if not target:
+                raise FailedPrecondition(f"head version {active.version_id!r} is the loaded head; there is nothing to roll back to", field="version_id")
+            record = self._engine.store.get_head_version(version.feature_version, target)
+            self._activate(record)
+        return record, active.version_id
+
+    def head_version_message(self, record: HeadVersionRecord, active_id: str | None = None) -> neuroinspect_pb2.HeadVersion:
+        if active_id is None:
+            active_id = self._engine.store.active_head_version(record.feature_version)
+        details = record.details
+        message = neuroinspect_pb2.HeadVersion(
+            version_id=record.version_id,
+            model_version=f"{record.feature_version[:12]}.{record.head_hash[:8]}",
+            parent_version_id=record.parent_version_id,
+            method=details.get("method", ""),
+            class_name=details.get("class_name", ""),
+            neurons=details.get("neurons", []),
+            description=details.get("description", ""),
+            create_time=timestamp_pb2.Timestamp(seconds=int(record.create_time), nanos=int(record.create_time % 1 * 1e9)),
+            active=record.version_id == active_id,
+        )
+        for key in ("parent_evaluation", "evaluation"):
+            if key in details:
+                getattr(message, key).CopyFrom(self._evaluation_message(details[key]))
+        return message

@@ -1,0 +1,100 @@
+"""NeuroInspectService: translate messages and call :class:`NeuroInspectEngine`."""
+
+from __future__ import annotations
+
+import grpc
+from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
+
+from ..engine.neuroinspect import NeuroInspectEngine, RankSettings
+from ..jobs import JobSnapshot
+from . import convert
+
+_SOLVERS = {0: "faithful", 1: "faithful", 2: "proximal"}
+_EXECUTIONS = {0: "auto", 1: "inline", 2: "operation"}
+_VISUALIZATION_METHODS = {0: "clip_illusion", 1: "clip_illusion", 2: "feature_visualization", 3: "no_clip"}
+_EDIT_METHODS = {0: "probability_ratio", 1: "probability_ratio", 2: "constrain"}
+
+
+def _target_class(message) -> str | int | None:
+    """The ``target_class`` oneof: a name, an index, or None when unset."""
+    which = message.WhichOneof("target_class")
+    return None if which is None else getattr(message, which)
+
+
+def _enum(values: dict[int, str], value: int, field: str) -> str:
+    # Unknown enum numbers fall through to the engine, which names the field.
+    return values.get(value, f"<unknown {field} {value}>")
+
+
+def _optional(message, field: str, default: float) -> float:
+    return getattr(message, field) if message.HasField(field) else default
+
+
+class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
+    def __init__(self, engine: NeuroInspectEngine) -> None:
+        self._engine = engine
+
+    def RankMistakeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
+        settings = RankSettings(
+            solver=_enum(_SOLVERS, request.solver, "solver"),
+            l1=_optional(request, "l1", 0.1),
+            l2=_optional(request, "l2", 0.01),
+            max_iterations=request.max_iterations or 1000,
+            cut_ratio=_optional(request, "cut_ratio", 0.03),
+            top_k=request.top_k or 5,
+            include_samples=request.include_samples,
+        )
+        outcome = self._engine.rank_mistake_neurons(
+            request.sample_set_id, target_class=_target_class(request), settings=settings,
+            execution=_enum(_EXECUTIONS, request.execution, "execution"),
+        )
+        if isinstance(outcome, JobSnapshot):
+            return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
+        return neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=outcome)
+
+    def VisualizeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.VisualizeNeuronsResponse:
+        snapshot = self._engine.visualize_neurons(
+            [(pair.neuron, _target_class(pair)) for pair in request.pairs],
+            method=_enum(_VISUALIZATION_METHODS, request.method, "method"),
+            steps=request.steps or 400,
+            gamma=_optional(request, "gamma", 0.5),
+            epsilon=_optional(request, "epsilon", 0.05),
+            learning_rate=_optional(request, "learning_rate", 9e-3),
+            seed=request.seed,
+            preview_every=request.preview_every or 10,
+        )
+        return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
+
+    def EditHead(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.EditHeadResponse:
+        snapshot = self._engine.edit_head(
+            request.sample_set_id,
+            target_class=_target_class(request),
+            neurons=list(request.neurons),
+            method=_enum(_EDIT_METHODS, request.method, "method"),
+            validation_sample_set_id=request.validation_sample_set_id,
+            evaluation_sample_set_id=request.evaluation_sample_set_id,
+            group_attribute=request.group_attribute,
+            strength=request.strength if request.HasField("strength") else None,
+            target_ratio="auto" if request.auto_target_ratio else _optional(request, "target_ratio", 1.0),
+            learning_rate=_optional(request, "learning_rate", 1e-3),
+            max_epochs=request.max_epochs or 20,
+            patience=request.patience or 5,
+            seed=request.seed,
+            promote=request.promote,
+            description=request.description,
+        )
+        return neuroinspect_pb2.EditHeadResponse(operation=convert.operation(snapshot))
+
+    def ListHeadVersions(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.ListHeadVersionsResponse:
+        records, active_id = self._engine.head_versions()
+        return neuroinspect_pb2.ListHeadVersionsResponse(
+            versions=[self._engine.head_version_message(r, active_id) for r in records], active_version_id=active_id
+        )
+
+    def PromoteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.PromoteHeadVersionResponse:
+        record, previous = self._engine.promote_head_version(request.version_id)
+        return neuroinspect_pb2.PromoteHeadVersionResponse(version=self._engine.head_version_message(record), previous_version_id=previous)
+
+    def RollbackHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RollbackHeadVersionResponse:
+        record, previous = self._engine.rollback_head_version(request.version_id)
+        return neuroinspect_pb2.RollbackHeadVersionResponse(version=self._engine.head_version_message(record), previous_version_id=previous)
