@@ -22,10 +22,18 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from ._neuroinspect import HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, RankedNeuron
 from ._operations import Evaluation, Operation
 from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, Sample, SampleSet
 
 __all__ = [
+    "HeadEdit",
+    "HeadEvaluation",
+    "HeadVersion",
+    "MistakeSummary",
+    "NeuronRanking",
+    "NeuronVisualization",
+    "RankedNeuron",
     "AlreadyExistsError",
     "Artifact",
     "CancelledError",

@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from explaind.v1 import (
     inference_pb2,
     inference_pb2_grpc,
+    neuroinspect_pb2,
+    neuroinspect_pb2_grpc,
     operations_pb2,
     operations_pb2_grpc,
     sample_sets_pb2,
@@ -21,7 +23,9 @@ from explaind.v1 import (
 )
 
 from ._errors import from_rpc_error
+from . import _neuroinspect
 from ._images import open_image, to_image_messages
+from ._neuroinspect import HeadVersion, NeuronRanking, class_fields
 from ._operations import Operation
 from ._types import Component, ModelMetadata, Prediction, Sample, SampleSet
 
@@ -70,6 +74,7 @@ class Client:
             "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
             "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
             "operations": operations_pb2_grpc.OperationsServiceStub(self._channel),
+            "neuroinspect": neuroinspect_pb2_grpc.NeuroInspectServiceStub(self._channel),
             "health": health_pb2_grpc.HealthStub(self._channel),
         }
 
@@ -233,6 +238,116 @@ class Client:
             raise ValueError(f"state must be one of {sorted(_STATES)}, got {state!r}")
         request = operations_pb2.ListOperationsRequest(kind=kind, state=_STATES.get(state, 0), page_size=limit)
         return [Operation(self, op) for op in self._call("operations", "ListOperations", request).operations]
+
+    # NeuroInspect ----------------------------------------------------------------------
+
+    def rank_mistake_neurons(
+        self,
+        sample_set_id: str,
+        target_class: str | int,
+        *,
+        solver: str = "faithful",
+        l1: float | None = None,
+        l2: float | None = None,
+        max_iterations: int = 0,
+        cut_ratio: float | None = None,
+        top_k: int = 0,
+        include_samples: bool = False,
+        execution: str = "auto",
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> NeuronRanking:
+        """Rank the neurons behind ``target_class``'s (name or index) mistakes in a sample
+        set. Small sets are answered inline; for large ones the server starts an operation
+        and this waits for it (``progress=True``: a tqdm bar; Ctrl-C cancels it).
+        ``execution``: "auto", "inline" or "operation". Unset numbers use the server's
+        defaults (l1 0.1, l2 0.01, 1000 iterations, cut 0.03, top 5)."""
+        optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
+        request = neuroinspect_pb2.RankMistakeNeuronsRequest(
+            sample_set_id=sample_set_id, solver={"faithful": 1, "proximal": 2}.get(solver, 99), max_iterations=max_iterations,
+            top_k=top_k, include_samples=include_samples, execution={"auto": 0, "inline": 1, "operation": 2}.get(execution, 99),
+            **class_fields(target_class), **optional,
+        )
+        response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=timeout or max(self.timeout, 300.0))
+        if response.WhichOneof("outcome") == "ranking":
+            return _neuroinspect.ranking(response.ranking)
+        return Operation(self, response.operation).result(progress=progress)
+
+    def visualize_neurons(
+        self,
+        pairs: Sequence[int | tuple[int, str | int | None]],
+        *,
+        method: str = "clip_illusion",
+        steps: int = 0,
+        gamma: float | None = None,
+        epsilon: float | None = None,
+        learning_rate: float | None = None,
+        seed: int = 0,
+        preview_every: int = 0,
+    ) -> Operation:
+        """Start visualising neurons: each entry is a neuron (conditioned on the class with
+        its largest head weight) or a (neuron, class) pair. ``method``: "clip_illusion",
+        "feature_visualization" or "no_clip"; ``steps`` 0 means 400. ``.result()`` gives a
+        list of :class:`NeuronVisualization` with PIL images; progress carries previews."""
+        messages = []
+        for pair in pairs:
+            neuron, target = (pair, None) if isinstance(pair, (int, np.integer)) else pair
+            messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target)))
+        optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
+        request = neuroinspect_pb2.VisualizeNeuronsRequest(
+            pairs=messages, method={"clip_illusion": 1, "feature_visualization": 2, "no_clip": 3}.get(method, 99), steps=steps,
+            seed=seed, preview_every=preview_every, **optional,
+        )
+        return Operation(self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
+
+    def edit_head(
+        self,
+        sample_set_id: str,
+        target_class: str | int,
+        neurons: Sequence[int],
+        *,
+        method: str = "probability_ratio",
+        validation_sample_set_id: str = "",
+        evaluation_sample_set_id: str = "",
+        group_attribute: str = "",
+        strength: float | None = None,
+        target_ratio: float | str | None = None,
+        learning_rate: float | None = None,
+        max_epochs: int = 0,
+        patience: int = 0,
+        seed: int = 0,
+        promote: bool = False,
+        description: str = "",
+    ) -> Operation:
+        """Start retraining the head so ``target_class`` relies less on ``neurons``;
+        ``.result()`` gives a :class:`HeadEdit` whose new version is served only once
+        promoted (or with ``promote=True``). ``method``: "probability_ratio" or
+        "constrain"; ``target_ratio`` a number or "auto"."""
+        optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
+        if target_ratio is not None and target_ratio != "auto":
+            optional["target_ratio"] = float(target_ratio)
+        request = neuroinspect_pb2.EditHeadRequest(
+            sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method={"probability_ratio": 1, "constrain": 2}.get(method, 99),
+            validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
+            group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
+            seed=seed, promote=promote, description=description, **class_fields(target_class), **optional,
+        )
+        return Operation(self, self._call("neuroinspect", "EditHead", request).operation)
+
+    def head_versions(self) -> list[HeadVersion]:
+        """Head versions of the served feature extractor, oldest first (``active`` marks the served one)."""
+        response = self._call("neuroinspect", "ListHeadVersions", neuroinspect_pb2.ListHeadVersionsRequest())
+        return [_neuroinspect.head_version(v) for v in response.versions]
+
+    def promote_head_version(self, version_id: str) -> HeadVersion:
+        """Serve ``version_id`` (atomically; persists across restarts)."""
+        request = neuroinspect_pb2.PromoteHeadVersionRequest(version_id=version_id)
+        return _neuroinspect.head_version(self._call("neuroinspect", "PromoteHeadVersion", request).version)
+
+    def rollback_head_version(self, version_id: str = "") -> HeadVersion:
+        """Serve the active version's parent (or ``version_id``)."""
+        request = neuroinspect_pb2.RollbackHeadVersionRequest(version_id=version_id)
+        return _neuroinspect.head_version(self._call("neuroinspect", "RollbackHeadVersion", request).version)
 
 
 class _ErrorMappingStream:

@@ -40,7 +40,7 @@ class Evaluation:
     mistakes: list[tuple[int, int, int, float]]
 
 
-def _evaluation(message: inference_pb2.EvaluateSampleSetResult) -> Evaluation:
+def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Operation | None = None) -> Evaluation:
     classes = len(message.per_class)
     return Evaluation(
         sample_set_id=message.sample_set_id,
@@ -53,8 +53,9 @@ def _evaluation(message: inference_pb2.EvaluateSampleSetResult) -> Evaluation:
     )
 
 
-# Result message type -> SDK dataclass; later job kinds add theirs here.
-RESULT_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+# Result message type -> SDK dataclass, as ``converter(message, operation)`` (the operation
+# lets a converter download artifacts); later job kinds add theirs here.
+RESULT_CONVERTERS: dict[str, Callable[[Any, Operation], Any]] = {
     inference_pb2.EvaluateSampleSetResult.DESCRIPTOR.full_name: _evaluation,
 }
 
@@ -184,7 +185,7 @@ class Operation:
         message: Message = cls()
         response.Unpack(message)
         converter = RESULT_CONVERTERS.get(name)
-        return converter(message) if converter else message
+        return converter(message, self) if converter else message
 
     def artifact(self, name: str) -> bytes:
         """The content of an artifact listed in ``artifacts``."""

@@ -1,0 +1,210 @@
+"""NeuroInspect results as dataclasses (numpy arrays, PIL images) and their converters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from explaind.v1 import neuroinspect_pb2
+
+from ._operations import RESULT_CONVERTERS
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ._operations import Operation
+
+_DIRECTIONS = {1: "insufficient", 2: "excessive", 3: "both"}
+
+
+@dataclass(frozen=True)
+class RankedNeuron:
+    """A neuron behind the mistakes; ratios are shares of mistakes (0-1)."""
+
+    neuron: int
+    direction: str  # "insufficient" (ω > 0), "excessive" (ω < 0) or "both"
+    insufficient_ratio: float
+    excessive_ratio: float
+    mean_omega: float
+    importance: float  # p_c(f̄) / p_c(f̄ with the neuron zeroed)
+    top_classes: list[str]  # classes with the largest head weight for the neuron
+
+    @property
+    def rank_ratio(self) -> float:
+        return max(self.insufficient_ratio, self.excessive_ratio)
+
+
+@dataclass(frozen=True)
+class MistakeSummary:
+    sample_index: int
+    predicted_class: int
+    converged: bool
+    iterations: int
+    insufficient_neurons: list[int]
+    excessive_neurons: list[int]
+    omega_l1: float
+
+
+@dataclass(frozen=True)
+class NeuronRanking:
+    """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) with ``include_samples``."""
+
+    sample_set_id: str
+    model_version: str
+    class_index: int
+    class_name: str
+    solver: str
+    sample_count: int
+    mistake_count: int
+    converged_count: int
+    neurons: list[RankedNeuron]
+    predicted_as: dict[str, int]  # what the mistakes were classified as
+    mistakes: list[MistakeSummary] = field(default_factory=list)
+    omega: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class NeuronVisualization:
+    neuron: int
+    class_index: int
+    class_name: str
+    image: Image
+    masked_image: Image  # low-activation regions dimmed
+    activation: float  # α_n of the final image
+    logit: float  # l_c of the final image
+    clip_similarity: float  # NaN without CLIP
+    core_relevance: float  # NaN without CLIP
+    mask_fraction: float
+
+
+@dataclass(frozen=True)
+class HeadEvaluation:
+    accuracy: float
+    class_accuracy: dict[str, float]
+    worst_class: str
+    worst_class_accuracy: float
+    group_accuracy: dict[str, float]  # empty without groups
+    worst_group: str
+    worst_group_accuracy: float
+
+
+@dataclass(frozen=True)
+class HeadVersion:
+    version_id: str
+    model_version: str  # what Predict reports while it serves
+    parent_version_id: str
+    method: str  # "loaded", "probability_ratio" or "constrain"
+    class_name: str
+    neurons: list[int]
+    description: str
+    create_time: dt.datetime
+    active: bool
+    parent_evaluation: HeadEvaluation | None  # None for a loaded head
+    evaluation: HeadEvaluation | None
+
+
+@dataclass(frozen=True)
+class HeadEdit:
+    """Result of ``edit_head``: the new version and how training went."""
+
+    version: HeadVersion
+    best_epoch: int
+    epochs_run: int
+    validation_accuracy: list[float]
+
+
+def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None = None) -> NeuronRanking:
+    omega = None
+    if message.HasField("omega"):
+        omega = np.frombuffer(message.omega.data, dtype="<f4").reshape(tuple(message.omega.shape))
+    return NeuronRanking(
+        sample_set_id=message.sample_set_id,
+        model_version=message.model_version,
+        class_index=message.class_index,
+        class_name=message.class_name,
+        solver=message.solver,
+        sample_count=message.sample_count,
+        mistake_count=message.mistake_count,
+        converged_count=message.converged_count,
+        neurons=[
+            RankedNeuron(n.neuron, _DIRECTIONS.get(n.direction, "unspecified"), n.insufficient_ratio, n.excessive_ratio, n.mean_omega, n.importance, list(n.top_class_names))
+            for n in message.neurons
+        ],
+        predicted_as=dict(sorted(message.predicted_as.items(), key=lambda item: -item[1])),
+        mistakes=[
+            MistakeSummary(m.sample_index, m.predicted_class, m.converged, m.iterations, list(m.insufficient_neurons), list(m.excessive_neurons), m.omega_l1)
+            for m in message.mistakes
+        ],
+        omega=omega,
+    )
+
+
+def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: Operation) -> list[NeuronVisualization]:
+    """One per requested pair, images downloaded from the operation's artifacts."""
+    return [
+        NeuronVisualization(
+            neuron=v.neuron,
+            class_index=v.class_index,
+            class_name=v.class_name,
+            image=operation.artifact_image(v.image_artifact),
+            masked_image=operation.artifact_image(v.masked_image_artifact),
+            activation=v.activation,
+            logit=v.logit,
+            clip_similarity=v.clip_similarity,
+            core_relevance=v.core_relevance,
+            mask_fraction=v.mask_fraction,
+        )
+        for v in message.visualizations
+    ]
+
+
+def head_evaluation(message: neuroinspect_pb2.HeadEvaluation) -> HeadEvaluation:
+    return HeadEvaluation(
+        accuracy=message.accuracy,
+        class_accuracy={c.class_name: c.accuracy for c in message.per_class},
+        worst_class=message.worst_class_name,
+        worst_class_accuracy=message.worst_class_accuracy,
+        group_accuracy=dict(sorted(message.group_accuracy.items())),
+        worst_group=message.worst_group,
+        worst_group_accuracy=message.worst_group_accuracy if message.worst_group else math.nan,
+    )
+
+
+def head_version(message: neuroinspect_pb2.HeadVersion) -> HeadVersion:
+    return HeadVersion(
+        version_id=message.version_id,
+        model_version=message.model_version,
+        parent_version_id=message.parent_version_id,
+        method=message.method,
+        class_name=message.class_name,
+        neurons=list(message.neurons),
+        description=message.description,
+        create_time=message.create_time.ToDatetime(tzinfo=dt.timezone.utc),
+        active=message.active,
+        parent_evaluation=head_evaluation(message.parent_evaluation) if message.HasField("parent_evaluation") else None,
+        evaluation=head_evaluation(message.evaluation) if message.HasField("evaluation") else None,
+    )
+
+
+def head_edit(message: neuroinspect_pb2.EditHeadResult, operation: Operation | None = None) -> HeadEdit:
+    return HeadEdit(head_version(message.version), message.best_epoch, message.epochs_run, list(message.validation_accuracy))
+
+
+RESULT_CONVERTERS.update({
+    neuroinspect_pb2.NeuronRanking.DESCRIPTOR.full_name: ranking,
+    neuroinspect_pb2.VisualizeNeuronsResult.DESCRIPTOR.full_name: visualizations,
+    neuroinspect_pb2.EditHeadResult.DESCRIPTOR.full_name: head_edit,
+})
+
+
+def class_fields(target: str | int | None) -> dict[str, Any]:
+    """The request's ``target_class`` oneof from a class name or index."""
+    if target is None:
+        return {}
+    if isinstance(target, str):
+        return {"class_name": target}
+    return {"class_index": int(target)}

@@ -1,0 +1,224 @@
+"""NeuroInspectService end to end: a real server on the shapes world's spurious_background
+classifier, driven through the SDK (ranking, visualisation, head edits and versions)."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from explaind.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from explaind.world import assets
+
+from conftest import ServerProcess, write_config
+
+SPURIOUS = assets.classifier_dir("spurious_background")
+pytestmark = pytest.mark.skipif(
+    not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped yet ({SPURIOUS})"
+)
+
+
+def _world_set(size: int, split: str = "test"):
+    """spurious_background images as (N, H, W, 3) uint8, labels, background attributes."""
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset(split, size=size).all()
+    pixels = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    attributes = [{"background": str(b)} for b in batch.attributes["background"]]
+    return pixels, batch.labels.numpy(), attributes
+
+
+@pytest.fixture(scope="module")
+def world_set():
+    return _world_set(300)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("neuroinspect")
+    config = write_config(root / "explaind.toml", SPURIOUS, batching={"max_images_per_request": 512})
+    server = ServerProcess(config, root / "data", root / "server.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server, world_set):
+    pixels, labels, attributes = world_set
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(pixels, labels, attributes=attributes, sample_set_id="spurious")
+        yield client
+
+
+def test_invalid_requests_name_the_field(client, world_set):
+    pixels, labels, _ = world_set
+    cases = [
+        (lambda: client.rank_mistake_neurons("spurious", "unicorn"), InvalidArgumentError, "class_name"),
+        (lambda: client.rank_mistake_neurons("spurious", 6), InvalidArgumentError, "class_index"),
+        (lambda: client.rank_mistake_neurons("", "heart"), InvalidArgumentError, "sample_set_id"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", solver="newton"), InvalidArgumentError, "solver"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", top_k=500), InvalidArgumentError, "top_k"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", cut_ratio=1.5), InvalidArgumentError, "cut_ratio"),
+        (lambda: client.rank_mistake_neurons("nope", "heart"), NotFoundError, "sample_set_id"),
+        (lambda: client.visualize_neurons([]), InvalidArgumentError, "pairs"),
+        (lambda: client.visualize_neurons([128], method="no_clip"), InvalidArgumentError, "pairs[0].neuron"),
+        (lambda: client.visualize_neurons([(3, "unicorn")], method="no_clip"), InvalidArgumentError, "pairs[0].class_name"),
+        (lambda: client.visualize_neurons([3]), FailedPreconditionError, "method"),  # no CLIP configured
+        (lambda: client.edit_head("spurious", "heart", []), InvalidArgumentError, "neurons"),
+        (lambda: client.edit_head("spurious", "heart", [1, 200]), InvalidArgumentError, "neurons[1]"),
+        (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="nope"), NotFoundError, "validation_sample_set_id"),
+        (lambda: client.promote_head_version("v99"), NotFoundError, "version_id"),
+        (lambda: client.promote_head_version(""), InvalidArgumentError, "version_id"),
+    ]
+    for call, error, field in cases:
+        with pytest.raises(error, match=re.escape(field)):
+            call()
+    # A class with no samples in the set, and a set without mistakes for the class.
+    only_hearts = labels == 5
+    client.create_sample_set(pixels[only_hearts][:3], labels[only_hearts][:3], sample_set_id="three-hearts")
+    with pytest.raises(InvalidArgumentError, match="class_name.*no sample of class 'circle'"):
+        client.rank_mistake_neurons("three-hearts", "circle")
+    correct = [i for i, p in enumerate(client.predict(pixels[:60], top_k=1)) if p.class_indices[0] == labels[i]]
+    client.create_sample_set(pixels[correct], labels[correct], sample_set_id="all-correct")
+    with pytest.raises(InvalidArgumentError, match="class_index.*no mistakes"):
+        client.rank_mistake_neurons("all-correct", int(labels[correct[0]]))
+
+
+def test_rank_matches_the_in_process_ranker(client, world_set):
+    from explaind.methods.neuroinspect import MistakeNeuronRanker
+    from explaind.world.classifier import load_classifier
+
+    pixels, labels, _ = world_set
+    ranking = client.rank_mistake_neurons("spurious", "heart", include_samples=True)
+    assert ranking.class_name == "heart" and ranking.sample_count == len(labels)
+    assert 0 < ranking.mistake_count <= int((labels == 5).sum())
+    assert ranking.neurons and all(0 <= n.neuron < 128 for n in ranking.neurons)
+    ratios = [n.rank_ratio for n in ranking.neurons]
+    assert ratios == sorted(ratios, reverse=True) and min(ratios) >= 0.03
+    assert ranking.omega.shape == (ranking.mistake_count, 128) and len(ranking.mistakes) == ranking.mistake_count
+    assert sum(ranking.predicted_as.values()) == ranking.mistake_count and "heart" not in ranking.predicted_as
+
+    model = load_classifier(SPURIOUS)
+    features = torch.from_numpy(np.stack([p.features for p in client.predict(pixels, return_features=True)]))
+    expected = MistakeNeuronRanker(model.fc).rank(features, torch.from_numpy(labels), target_class=5)
+    assert [n.neuron for n in ranking.neurons] == expected.neuron_ids
+    np.testing.assert_allclose(ranking.omega, expected.omega.numpy(), atol=1e-4)
+
+    as_operation = client.rank_mistake_neurons("spurious", "heart", execution="operation")
+    assert [n.neuron for n in as_operation.neurons] == expected.neuron_ids
+
+
+def test_visualize_streams_previews_and_stores_images(client):
+    operation = client.visualize_neurons([(7, "heart"), 11], method="no_clip", steps=6, preview_every=2)
+    previews = [update.progress.preview for update in operation.watch() if update.progress.preview is not None]
+    assert previews and previews[-1].size[0] >= 64
+    visualizations = operation.result()
+    assert [(v.neuron, v.class_name) for v in visualizations][0] == (7, "heart")
+    assert visualizations[1].neuron == 11 and visualizations[1].class_name  # automatic class
+    for v in visualizations:
+        assert v.image.size == (64, 64) and v.masked_image.size == (64, 64)
+        assert np.isfinite(v.activation) and np.isnan(v.clip_similarity) and 0 < v.mask_fraction <= 1
+        assert np.asarray(v.masked_image).sum() <= np.asarray(v.image).sum()
+    names = {a.name for a in operation.artifacts}
+    assert {"00_neuron7_heart.png", "00_neuron7_heart_masked.png"} <= names
+
+    long = client.visualize_neurons([3], method="feature_visualization", steps=5000)
+    for update in long.watch():
+        if update.progress.step >= 1:
+            long.cancel()
+            break
+    assert long.wait(30).state == "cancelled"
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _predict(client: Client, image: np.ndarray) -> np.ndarray:
+    """Class probabilities (C,) in class order."""
+    prediction = client.predict(image[None], top_k=6)[0]
+    order = np.argsort(prediction.class_indices)
+    return np.asarray(prediction.probabilities)[order]
+
+
+def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
+    pixels, labels, attributes = world_set
+    config = write_config(tmp_path / "explaind.toml", SPURIOUS, batching={"max_images_per_request": 512})
+    server = ServerProcess(config, tmp_path / "data", tmp_path / "server.log").start()
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.create_sample_set(pixels, labels, attributes=attributes, sample_set_id="train")
+            (base,) = client.head_versions()
+            assert (base.version_id, base.method, base.active) == ("v0", "loaded", True)
+            neurons = [n.neuron for n in client.rank_mistake_neurons("train", "heart").neurons[:3]]
+            edit = client.edit_head("train", "heart", neurons, evaluation_sample_set_id="train", group_attribute="background", max_epochs=4, strength=1.0).result()
+            version = edit.version
+            assert (version.version_id, version.parent_version_id, version.neurons, version.active) == ("v1", "v0", sorted(neurons), False)
+            assert version.evaluation.group_accuracy and version.parent_evaluation.worst_group
+            assert version.evaluation.class_accuracy.keys() == version.parent_evaluation.class_accuracy.keys()
+            assert client.model_metadata().model_version == base.model_version  # not served until promoted
+
+            image = pixels[int(np.flatnonzero(labels == 5)[0])]
+            before = _predict(client, image)
+            assert client.promote_head_version("v1").active
+            assert client.model_metadata().model_version == version.model_version
+            after = _predict(client, image)
+            assert np.abs(after - before).max() > 1e-3, "the edited head must change this prediction"
+
+            # Concurrent Predict while the head flips: each response is one head's output.
+            references = {base.model_version: before, version.model_version: after}
+            failures: list[str] = []
+            stop = threading.Event()
+
+            request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=_png(image))], top_k=6)
+            counts = {v: 0 for v in references}
+
+            def hammer() -> None:
+                with grpc.insecure_channel(server.target) as channel:
+                    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                    while not stop.is_set():
+                        response = stub.Predict(request, timeout=30)
+                        p = response.predictions[0]
+                        got = np.asarray(p.probabilities)[np.argsort(p.class_indices)]
+                        matches = [v for v, ref in references.items() if np.allclose(got, ref, atol=1e-5)]
+                        if matches != [response.model_version]:
+                            failures.append(f"{response.model_version} answered {got}, matching heads {matches}")
+                        else:
+                            counts[response.model_version] += 1
+
+            threads = [threading.Thread(target=hammer) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for _ in range(15):
+                client.rollback_head_version()
+                client.promote_head_version("v1")
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            assert not failures, failures[:3]
+            assert all(counts.values()), f"both heads should have answered during the flips: {counts}"
+            assert client.model_metadata().model_version == version.model_version
+
+        server.stop()
+        server.start()  # same data dir: v1 stays served
+        with Client(server.target, timeout=60) as client:
+            versions = client.head_versions()
+            assert [(v.version_id, v.active) for v in versions] == [("v0", False), ("v1", True)]
+            assert client.model_metadata().model_version == version.model_version
+            np.testing.assert_allclose(_predict(client, image), after, atol=1e-5)
+            rolled = client.rollback_head_version()
+            assert rolled.version_id == "v0" and client.model_metadata().model_version == base.model_version
+            with pytest.raises(FailedPreconditionError, match="nothing to roll back"):
+                client.rollback_head_version()
+    finally:
+        server.stop()
