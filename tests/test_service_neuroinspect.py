@@ -3,9 +3,15 @@ classifier, driven through the SDK (ranking, visualisation, head edits and versi
 
 from __future__ import annotations
 
+import base64
 import io
+import os
 import re
+import shutil
+import subprocess
 import threading
+from html.parser import HTMLParser
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -222,3 +228,67 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
                 client.rollback_head_version()
     finally:
         server.stop()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+ARTIFACTS = Path(os.environ.get("EXPLAIND_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "var" / "test-artifacts"))
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict[str, str]] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        values = dict(attrs)
+        if tag == "img":
+            self.images.append(values)
+        for key in ("src", "href"):
+            if values.get(key) and not values[key].startswith(("data:", "#")):
+                self.external.append(values[key])
+        if tag == "script":
+            self.external.append("<script>")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found (make test installs it with apt-get where it can)")
+def test_report_is_one_self_contained_page_that_chromium_renders(client, server, tmp_path):
+    from explaind.client.cli import main as cli_main
+    from PIL import Image
+
+    out = tmp_path / "report.html"
+    code = cli_main(["--target", server.target, "report", "--class", "heart", "--sample-set", "spurious", "--out", str(out), "--steps", "4", "--neurons", "3"])
+    assert code == 0
+    page = out.read_text(encoding="utf-8")
+    parser = _Images()
+    parser.feed(page)
+    assert not parser.external, f"the report must not load anything: {parser.external}"
+    ranking = client.rank_mistake_neurons("spurious", "heart")
+    shown = [n.neuron for n in ranking.neurons[:3]]
+    for kind in ("visualization", "mask"):
+        images = [i for i in parser.images if i.get("class") == kind]
+        assert [int(i["data-neuron"]) for i in images] == shown
+        for image in images:
+            decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
+            assert decoded.size == (64, 64)
+    for neuron in ranking.neurons:
+        assert f"<tr><td>{neuron.neuron}</td>" in page
+    assert "Suggested head edit" in page and "overall accuracy" in page
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "neuroinspect_report.png"
+    screenshot.unlink(missing_ok=True)
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--enable-logging=stderr", "--v=0",
+        "--window-size=1200,1600", f"--screenshot={screenshot}", out.as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console_errors = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console_errors, console_errors
+    shot = np.asarray(Image.open(screenshot).convert("RGB")).astype(np.float64)
+    assert shot.shape[0] >= 1000 and shot.std() > 10, "the screenshot is blank"
+    colours = len(np.unique(shot.reshape(-1, 3), axis=0))
+    assert colours > 500, f"only {colours} colours: the neuron images did not render"
+    (ARTIFACTS / "neuroinspect_report.html").write_text(page, encoding="utf-8")

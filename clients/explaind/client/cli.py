@@ -5,6 +5,8 @@
     explaind sample-set create --id hearts --world spurious_background:test:300
     explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
     explaind operations list | get | wait | watch | cancel | artifact
+    explaind report --class heart --sample-set hearts --out report.html
+    explaind head-versions list | promote v1 | rollback
     explaind demo                            # a server on the shapes world + a session
 """
 
@@ -193,6 +195,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report, render_report
+
+    target: str | int = int(args.target_class) if args.target_class.isdigit() else args.target_class
+    with _client(args) as client:
+        sample_set_id = args.sample_set
+        if not sample_set_id:
+            sets = client.sample_sets()
+            if not sets:
+                raise SystemExit("explaind report: the server has no sample set; create one (explaind sample-set create) or pass --sample-set")
+            sample_set_id = sets[-1].sample_set_id
+            print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
+        report = build_report(client, target, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute, progress=True)
+    Path(args.out).write_text(render_report(report), encoding="utf-8")
+    print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
+    return 0
+
+
+def cmd_head_versions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "promote":
+            if not args.version:
+                raise SystemExit("explaind head-versions promote: give a version id")
+            print(f"serving {client.promote_head_version(args.version).version_id}")
+        elif args.action == "rollback":
+            print(f"serving {client.rollback_head_version(args.version or '').version_id}")
+        else:
+            for v in client.head_versions():
+                accuracy = f", accuracy {v.evaluation.accuracy:.3f} (was {v.parent_evaluation.accuracy:.3f})" if v.evaluation and v.parent_evaluation else ""
+                neurons = f" {v.class_name} neurons {v.neurons}" if v.neurons else ""
+                print(f"{'*' if v.active else ' '} {v.version_id} {v.model_version} {v.method}{neurons}{accuracy}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="explaind", description="Serve an image classifier and explain its mistakes.")
     parser.add_argument("--target", default=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), help="server address (env EXPLAIND_TARGET)")
@@ -241,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--state")
     operations.add_argument("-o", "--output")
     operations.set_defaults(run=cmd_operations)
+
+    report = commands.add_parser("report", help="write one self-contained HTML report on a class's mistakes")
+    report.add_argument("--class", dest="target_class", required=True, help="class name or index")
+    report.add_argument("--sample-set", dest="sample_set", help="default: the newest sample set")
+    report.add_argument("--out", default="report.html")
+    report.add_argument("--neurons", type=int, default=5, help="neurons to visualise")
+    report.add_argument("--steps", type=int, default=100, help="visualisation steps")
+    report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
+    report.set_defaults(run=cmd_report)
+
+    head_versions = commands.add_parser("head-versions", help="list, promote or roll back classifier head versions")
+    head_versions.add_argument("action", choices=("list", "promote", "rollback"))
+    head_versions.add_argument("version", nargs="?")
+    head_versions.set_defaults(run=cmd_head_versions)
 
     demo = commands.add_parser("demo", help="serve the shapes world and run a client session end to end")
     demo.add_argument("--config")

@@ -1,0 +1,148 @@
+"""``explaind report``: one self-contained HTML page explaining a class's mistakes.
+
+Runs the NeuroInspect loop through the SDK (rank the neurons behind the class's
+mistakes, visualise the top ones, suggest a head edit on them and evaluate it) and
+renders it with every image inlined as a base64 PNG, no scripts and no external
+resources, so the file can be mailed or attached to a ticket as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+
+from ._client import Client
+from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
+
+__all__ = ["MistakeReport", "build_report", "render_report"]
+
+
+@dataclass(frozen=True)
+class MistakeReport:
+    ranking: NeuronRanking
+    visualizations: list[NeuronVisualization]  # one per shown neuron, in ranking order
+    edit: HeadEdit | None  # the suggested edit (stored as a version, not promoted)
+    visualization_method: str
+
+
+def build_report(
+    client: Client,
+    target_class: str | int,
+    sample_set_id: str,
+    *,
+    max_neurons: int = 5,
+    edit_neurons: int = 3,
+    steps: int = 100,
+    group_attribute: str = "",
+    progress: bool = False,
+) -> MistakeReport:
+    """Rank, visualise the top ``max_neurons`` (CLIP-Illusion when the server has CLIP,
+    else the no_clip ablation) and edit the head on the top ``edit_neurons``."""
+    ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
+    shown = ranking.neurons[:max_neurons]
+    clip = client.model_metadata().components.get("clip")
+    method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
+    visualizations = []
+    if shown:
+        visualizations = client.visualize_neurons([(n.neuron, ranking.class_name) for n in shown], method=method, steps=steps).result(progress=progress)
+    edit = None
+    if shown:
+        operation = client.edit_head(
+            sample_set_id, ranking.class_name, [n.neuron for n in shown[:edit_neurons]], group_attribute=group_attribute,
+            evaluation_sample_set_id=sample_set_id if group_attribute else "", description=f"suggested by explaind report for {ranking.class_name}",
+        )
+        edit = operation.result(progress=progress)
+    return MistakeReport(ranking, visualizations, edit, method)
+
+
+def _png_data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation) -> str:
+    rows = [("overall accuracy", before.accuracy, after.accuracy), (f"worst class ({after.worst_class})", before.worst_class_accuracy, after.worst_class_accuracy)]
+    if after.worst_group:
+        rows.append((f"worst group ({after.worst_group})", before.group_accuracy.get(after.worst_group, math.nan), after.worst_group_accuracy))
+        rows.append((f"worst group before ({before.worst_group})", before.worst_group_accuracy, after.group_accuracy.get(before.worst_group, math.nan)))
+    rows += [(f"class {name}", before.class_accuracy.get(name, math.nan), value) for name, value in after.class_accuracy.items()]
+    return "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_number(a - b, 3) if not (math.isnan(a) or math.isnan(b)) else '–'}</td></tr>"
+        for label, b, a in rows
+    )
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.neurons { display: flex; flex-wrap: wrap; gap: 1em; }
+.neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
+.neuron img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #ccc; }
+.muted { color: #777; font-size: .9em; }
+"""
+
+
+def render_report(report: MistakeReport) -> str:
+    """The report as one HTML document (UTF-8, images inlined, no scripts)."""
+    ranking = report.ranking
+    escape = html.escape
+    predicted = ", ".join(f"{escape(name)} ({count})" for name, count in ranking.predicted_as.items()) or "–"
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>explaind: mistakes of class {escape(ranking.class_name)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>Why the classifier gets <em>{escape(ranking.class_name)}</em> wrong</h1>",
+        f"<p class='muted'>sample set {escape(ranking.sample_set_id)} · model {escape(ranking.model_version)} · solver {escape(ranking.solver)}</p>",
+        "<h2>Mistakes</h2><table>",
+        f"<tr><td>samples in the set</td><td>{ranking.sample_count}</td></tr>",
+        f"<tr><td>mistakes on {escape(ranking.class_name)}</td><td>{ranking.mistake_count}</td></tr>",
+        f"<tr><td>counterfactuals that flip the prediction</td><td>{ranking.converged_count}</td></tr>",
+        f"<tr><td>predicted instead as</td><td>{predicted}</td></tr></table>",
+        "<h2>Ranked neurons</h2>",
+        "<table><tr><th>neuron</th><th>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th><th>importance</th><th>top classes</th></tr>",
+    ]
+    for n in ranking.neurons:
+        parts.append(
+            f"<tr><td>{n.neuron}</td><td>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
+            f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td>{escape(', '.join(n.top_classes))}</td></tr>"
+        )
+    parts.append("</table>")
+    if report.visualizations:
+        parts.append(f"<h2>What the top neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2><div class='neurons'>")
+        by_neuron = {n.neuron: n for n in ranking.neurons}
+        for v in report.visualizations:
+            ranked = by_neuron.get(v.neuron)
+            parts.append(
+                f"<div class='neuron' id='neuron-{v.neuron}'><b>neuron {v.neuron}</b> · class {escape(v.class_name)}<br>"
+                f"<img class='visualization' data-neuron='{v.neuron}' alt='neuron {v.neuron} visualisation' src='{_png_data_uri(v.image)}'> "
+                f"<img class='mask' data-neuron='{v.neuron}' alt='neuron {v.neuron} masked' src='{_png_data_uri(v.masked_image)}'>"
+                f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
+                f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
+                f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
+                f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></div>"
+            )
+        parts.append("</div>")
+    if report.edit is not None:
+        version = report.edit.version
+        parts.append(
+            f"<h2>Suggested head edit</h2><p>Retrain the head ({escape(version.method)}) so that <em>{escape(version.class_name)}</em> relies less on "
+            f"neurons {', '.join(map(str, version.neurons))}. Stored as head version <b>{escape(version.version_id)}</b> "
+            f"(from {escape(version.parent_version_id)}); not served until promoted: <code>explaind head-versions promote {escape(version.version_id)}</code>.</p>"
+        )
+        if version.evaluation is not None and version.parent_evaluation is not None:
+            parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
+            parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation))
+            parts.append("</table>")
+    elif not ranking.neurons:
+        parts.append("<p>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
