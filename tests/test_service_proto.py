@@ -24,9 +24,9 @@ def test_committed_stubs_match_the_protos(tmp_path):
 
 
 def test_every_rpc_takes_its_own_request_and_response():
-    from explaind.v1 import inference_pb2, operations_pb2, sample_sets_pb2
+    from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
 
-    for module in (inference_pb2, operations_pb2, sample_sets_pb2):
+    for module in (inference_pb2, operations_pb2, sample_sets_pb2, neuroinspect_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 assert method.input_type.name == f"{method.name}Request", method.full_name
