@@ -1,0 +1,163 @@
+"""NeuroInspect on the shapes world: are the ranked neurons the planted ones, and does
+editing them repair the worst group? Measured on the shipped classifiers in one run.
+
+    python bench/neuroinspect_eval.py [--scenarios spurious_background,...] [--solver faithful]
+
+Ground truth: a neuron carries a scenario's focus value (water, watermark, checker,
+yellow) when its activation separates that value from the other values on
+attribute-independent probe scenes: ROC AUC >= 0.8 (fires on it) or <= 0.2 (fires on
+everything but it). Mistakes of the focus class are ranked on the first half of the
+test split. Two precisions@3 are printed:
+
+* ``P@3 ins``: the top-3 of the insufficient list (ω > 0, where the paper reads false
+  correlations) against neurons that fire on the focus value (AUC >= 0.8), the issue's
+  definition;
+* ``P@3 all``: the top-3 of the merged ranking, direction-aware: an insufficient neuron
+  counts when it fires on the focus value, an excessive one (ω < 0) when it fires on
+  everything but it (AUC <= 0.2), e.g. "not water" for a heart missed on grass.
+
+The edit table retrains the head on the train split with the merged top-3 neurons and
+reports accuracy on the other half of the test split (balanced groups), for our
+probability-ratio regulariser, the constrain baseline, and plain retraining without a
+penalty (the control that shows what either regulariser adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from explaind.methods.neuroinspect import FeatureExtractor, HeadEditor, MistakeNeuronRanker, neuron_auc
+from explaind.world.assets import ASSETS_DIR, classifier_dir
+from explaind.world.classifier import load_classifier
+from explaind.world.probes import probe_batch
+from explaind.world.scenarios import WorldBatch, get_scenario, scenario_names
+
+AUC_THRESHOLD = 0.8
+
+
+@dataclass
+class Split:
+    features: torch.Tensor
+    labels: torch.Tensor
+    groups: np.ndarray
+
+    def __getitem__(self, index: slice) -> Split:
+        return Split(self.features[index], self.labels[index], self.groups[index])
+
+
+def split_features(extractor: FeatureExtractor, batch: WorldBatch, group_attribute: str) -> Split:
+    return Split(extractor.features(batch.images), batch.labels, batch.groups(group_attribute))
+
+
+def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
+    scenario = get_scenario(name)
+    focus = scenario.focus
+    model = load_classifier(classifier_dir(name, Path(args.assets)))
+    extractor = FeatureExtractor(model, feature_layer=model.config.feature_layer, head=model.config.head)
+    target_class = model.config.class_names.index(focus.klass)
+
+    probe = probe_batch(args.probe_size, seed=args.seed)
+    auc = neuron_auc(extractor.features(probe.images), probe.attributes[focus.attribute] == focus.value)
+    fires_on = set((auc >= AUC_THRESHOLD).nonzero().squeeze(1).tolist())
+    fires_off = set((auc <= 1 - AUC_THRESHOLD).nonzero().squeeze(1).tolist())
+
+    test = split_features(extractor, scenario.dataset("test", size=args.test_size).all(), scenario.group_attribute)
+    half = len(test.labels) // 2
+    rank_set, eval_set = test[:half], test[half:]
+    ranker = MistakeNeuronRanker(extractor.head)
+    rankings = {solver: ranker.rank(rank_set.features, rank_set.labels, solver=solver, target_class=target_class)
+                for solver in ("faithful", "proximal")}
+    top3 = {solver: ranking.neuron_ids[:3] for solver, ranking in rankings.items()}
+    precision = {
+        solver: {
+            "ins": sum(n.neuron in fires_on for n in ranking.insufficient[:3]) / 3,
+            "all": sum(n.neuron in (fires_on if n.direction == "insufficient" else fires_off if n.direction == "excessive"
+                                    else fires_on | fires_off) for n in ranking.neurons[:3]) / 3,
+        }
+        for solver, ranking in rankings.items()
+    }
+
+    train = split_features(extractor, scenario.dataset("train", size=args.train_size).all(), scenario.group_attribute)
+    validation_batch = scenario.dataset("val").all() if args.validation == "val" else probe_batch(
+        args.validation_size, seed=args.seed + 1)
+    validation = split_features(extractor, validation_batch, scenario.group_attribute)
+    editor = HeadEditor(extractor.head)
+    common = dict(target_class=target_class, neurons=top3[args.solver], validation_features=validation.features,
+                  validation_labels=validation.labels, learning_rate=args.learning_rate, max_epochs=args.epochs,
+                  patience=args.patience, selection=args.selection, evaluation_features=eval_set.features,
+                  evaluation_labels=eval_set.labels, evaluation_groups=eval_set.groups)
+    edits = {
+        "probability_ratio": editor.edit(train.features, train.labels, method="probability_ratio", **common),
+        "constrain": editor.edit(train.features, train.labels, method="constrain", **common),
+        # Control: the same retraining without any penalty, to see what the regulariser adds.
+        "retrain (λ=0)": editor.edit(train.features, train.labels, method="probability_ratio", strength=0.0, **common),
+    }
+    return {"name": name, "focus": focus, "rankings": rankings, "auc": auc, "precision": precision,
+            "num_on": len(fires_on), "num_off": len(fires_off), "edits": edits}
+
+
+def print_tables(results: list[dict], solver: str) -> None:
+    print(f"\n== Ranked mistake neurons vs neurons carrying the focus value (AUC >= {AUC_THRESHOLD} or <= {1 - AUC_THRESHOLD:.1f}) ==")
+    print(f"{'scenario':<28}{'focus':<28}{'mistakes':>9}{'#on/#off':>9}  {'solver':<10}"
+          f"{'insufficient top-3 (AUC)':<30}{'merged top-3 (dir, AUC)':<40}{'P@3 ins':>8}{'P@3 all':>8}")
+    for r in results:
+        focus = f"{r['focus'].klass} + {r['focus'].attribute}={r['focus'].value}"
+        for name, ranking in r["rankings"].items():
+            insufficient = " ".join(f"{n.neuron}({r['auc'][n.neuron]:.2f})" for n in ranking.insufficient[:3])
+            merged = " ".join(f"{n.neuron}({n.direction[:3]},{r['auc'][n.neuron]:.2f})" for n in ranking.neurons[:3])
+            counts = f"{r['num_on']}/{r['num_off']}"
+            print(f"{r['name']:<28}{focus:<28}{ranking.num_mistakes:>9}{counts:>9}  {name:<10}{insufficient:<30}{merged:<40}"
+                  f"{r['precision'][name]['ins']:>8.2f}{r['precision'][name]['all']:>8.2f}")
+    print(f"\n== Head edit with the {solver} top-3 neurons (held-out half of the test split) ==")
+    print(f"{'scenario':<28}{'method':<20}{'avg before':>11}{'avg after':>10}{'Δavg pts':>9}"
+          f"{'worst before':>13}{'worst after':>12}{'Δworst pts':>11}  {'worst group after':<22}{'epoch':>6}")
+    for r in results:
+        for method, edit in r["edits"].items():
+            before, after = edit.before, edit.after
+            group, worst = after.worst_group
+            print(f"{r['name']:<28}{method:<20}{before.accuracy:>11.3f}{after.accuracy:>10.3f}"
+                  f"{100 * (after.accuracy - before.accuracy):>9.1f}{before.worst_group[1]:>13.3f}{worst:>12.3f}"
+                  f"{100 * (worst - before.worst_group[1]):>11.1f}  {group:<22}{edit.best_epoch:>6}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    spurious = [n for n in scenario_names() if get_scenario(n).focus is not None]
+    parser.add_argument("--scenarios", default=",".join(spurious))
+    parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<scenario>")
+    parser.add_argument("--solver", default="faithful", choices=("faithful", "proximal"), help="whose top-3 is edited")
+    parser.add_argument("--probe-size", type=int, default=1200)
+    parser.add_argument("--test-size", type=int, default=None, help="default: the whole test split")
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--validation", default="heldout", choices=("heldout", "val"),
+                        help="early stopping on held-out attribute-independent scenes, or the scenario's own val split")
+    parser.add_argument("--validation-size", type=int, default=600)
+    parser.add_argument("--selection", default="accuracy", choices=("accuracy", "worst_class"))
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    results = []
+    for name in args.scenarios.split(","):
+        if not (classifier_dir(name, Path(args.assets)) / "model.safetensors").is_file():
+            print(f"skipping {name}: no shipped classifier under {args.assets}")
+            continue
+        start = time.perf_counter()
+        results.append(evaluate_scenario(name, args))
+        print(f"{name}: evaluated in {time.perf_counter() - start:.0f}s")
+    print_tables(results, args.solver)
+
+
+if __name__ == "__main__":
+    main()
