@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
