@@ -126,3 +126,15 @@ def test_bad_inputs_raise_value_errors_naming_them(problem):
         solve(FaithfulSGD(), head, features, labels + NUM_CLASSES)
     with pytest.raises(ValueError, match="solver"):
         make_solver("adam")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("solver", [FaithfulSGD(), ProximalGradient()])
+def test_cuda_solve_matches_cpu(problem, solver):
+    head, features, labels = problem
+    cpu = solve(solver, head, features, labels)
+    gpu = solver.solve(*(t.cuda() for t in (head.weight.detach(), head.bias.detach(), features, labels)))
+    assert (gpu.iterations.cpu() == cpu.iterations).float().mean() >= 0.99
+    same_top5 = (gpu.omega.cpu().topk(5, 1).indices.sort(1).values == cpu.omega.topk(5, 1).indices.sort(1).values).all(1)
+    assert same_top5.float().mean() >= 0.99
