@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor
-from explaind.world.assets import clip_dir
+from explaind.world.assets import classifier_dir, clip_dir
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -103,33 +103,32 @@ def test_bad_requests_raise_value_errors_naming_the_field(illusion, pairs, kwarg
 # --- Acceptance 4: quality on the shipped world CLIP -----------------------------------
 
 SHIPPED_CLIP = (clip_dir() / "open_clip_model.safetensors").is_file()
+SHIPPED_SPURIOUS = (classifier_dir("spurious_background") / "model.safetensors").is_file()
 
 
-@pytest.mark.skipif(not SHIPPED_CLIP, reason="shipped world CLIP not built yet (python -m explaind.world.clip)")
-def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualization(world_model):
+@pytest.mark.skipif(not (SHIPPED_CLIP and SHIPPED_SPURIOUS), reason="shipped world CLIP or spurious_background classifier not built yet")
+def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualization():
+    from explaind.methods.neuroinspect import neuron_auc
+    from explaind.world.classifier import load_classifier
     from explaind.world.clip import load_world_clip
     from explaind.world.probes import probe_batch
 
-    from explaind.methods.neuroinspect import neuron_auc
-
+    classifier = load_classifier(classifier_dir("spurious_background"))
     clip_model, tokenizer, _ = load_world_clip()
-    illusion = ClipIllusion(world_model, "layer3", clip_model, tokenizer)
+    illusion = ClipIllusion(classifier, "layer3", clip_model, tokenizer)
     probe = probe_batch(600, seed=1)
-    features = FeatureExtractor(world_model, feature_layer="layer3").features(probe.images)
-    # Neurons with a known attribute: the best background detector for each background.
-    chosen = []
-    for value in ("grass", "water", "sand", "snow", "brick"):
-        auc = neuron_auc(features, probe.attributes["background"] == value)
-        if auc.max() >= 0.9:
-            chosen.append((int(auc.argmax()), value))
-    assert len(chosen) >= 3, "the balanced classifier should have background detectors"
-    pairs = [(neuron, None) for neuron, _ in chosen]
+    features = FeatureExtractor(classifier, feature_layer="layer3").features(probe.images)
+    # Neurons with a known attribute: the strongest water detectors of the water-biased model.
+    auc = neuron_auc(features, probe.attributes["background"] == "water")
+    neurons = [n for n in features.mean(0).argsort(descending=True).tolist() if auc[n] >= 0.9][:4]
+    assert len(neurons) == 4
+    pairs = [(neuron, None) for neuron in neurons]  # conditioned on each neuron's top class
     ours = illusion.visualize(pairs, steps=400, method="clip_illusion")
     baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
-    prompts = torch.stack([illusion.text_embedding([f"a photo of a {value}"]) for _, value in chosen])
+    water = illusion.text_embedding(["a photo of a water"]).expand(len(pairs), -1)
     with torch.no_grad():
-        ours_score = illusion.clip_similarity(ours.images, prompts).mean()
-        baseline_score = illusion.clip_similarity(baseline.images, prompts).mean()
-    assert ours_score > baseline_score
-    top_percent = features.quantile(0.99, dim=0)[[neuron for neuron, _ in chosen]]
+        ours_score = illusion.clip_similarity(ours.images, water)
+        baseline_score = illusion.clip_similarity(baseline.images, water)
+    assert ours_score.mean() > baseline_score.mean(), (ours_score, baseline_score)
+    top_percent = features.quantile(0.99, dim=0)[neurons]
     assert (ours.activations >= top_percent).all(), (ours.activations, top_percent)
