@@ -23,12 +23,15 @@ _COLOUR_CORRELATION = _COLOUR_CORRELATION_SQRT / _COLOUR_CORRELATION_SQRT.norm(d
 class FourierImage(nn.Module):
     """A batch of images (B, 3, H, W) in (0, 1), parametrised by a scaled FFT spectrum.
 
-    The default ``init_std`` starts from coloured Gaussian noise (pixel std about 0.2)
-    rather than Lucid's near-grey 0.01: on a flat grey image most post-ReLU channels are
-    zero everywhere, so activation maximisation would get no gradient at all.
+    Spectrum amplitudes scale as 1 / f^``decay_power``. The default 1.5 and the missing
+    division by 4 follow the NeuroInspect authors' code (``(fx² + fy²) ** 0.75``), not
+    Lucid (1 / f, image / 4): on the shapes world, 400 AdamW steps at lr 9e-3 with Lucid's
+    settings leave most post-ReLU channels dead and the image full of pixel noise, while
+    this reaches several times a neuron's top-1 % real activation. ``init_std`` is the
+    std of the initial (Gaussian) spectrum.
     """
 
-    def __init__(self, batch_size: int, image_size: int, *, decay_power: float = 1.0, init_std: float = 1.0,
+    def __init__(self, batch_size: int, image_size: int, *, decay_power: float = 1.5, init_std: float = 0.05,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.image_size = image_size
@@ -42,7 +45,7 @@ class FourierImage(nn.Module):
 
     def forward(self) -> torch.Tensor:
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
-        image = torch.fft.irfft2(spectrum, s=(self.image_size, self.image_size), norm="ortho") / 4.0
+        image = torch.fft.irfft2(spectrum, s=(self.image_size, self.image_size), norm="ortho")
         image = torch.einsum("bchw,dc->bdhw", image, self.colour)
         return torch.sigmoid(image)
 
