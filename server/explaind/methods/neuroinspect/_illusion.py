@@ -140,6 +140,7 @@ class ClipIllusion:
         noise_std: float = 0.05,
         mask_threshold: float = 0.5,
         mask_dim: float = 0.2,
+        decay_power: float = 1.5,
         seed: int = 0,
         callback_on_step_end: VisualizationCallback | None = None,
     ) -> VisualizationResult:
@@ -150,7 +151,8 @@ class ClipIllusion:
         Gaussian noise whose std decays linearly from ``noise_std`` to 0; AdamW with cosine
         annealing updates the Fourier parameters. ``mask_threshold`` (0–1, of the min–max
         normalised activation map) splits kept from dimmed regions; ``mask_dim`` is the
-        brightness factor of the dimmed ones. ``callback_on_step_end(step, steps, images)``
+        brightness factor of the dimmed ones. ``decay_power`` shapes the spectrum (1.0 is
+        Lucid's 1/f; see :class:`FourierImage`). ``callback_on_step_end(step, steps, images)``
         may return True to stop after that step (the result is then marked cancelled).
         """
         neurons, classes = self._resolve_pairs(pairs)
@@ -167,7 +169,7 @@ class ClipIllusion:
         targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
 
         generator = torch.Generator().manual_seed(seed)
-        image = FourierImage(len(neurons), self.image_size, generator=generator).to(self.device)
+        image = FourierImage(len(neurons), self.image_size, decay_power=decay_power, generator=generator).to(self.device)
         optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
         cancelled, step = False, 0
