@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
-from .classifier import save_classifier
+from .classifier import load_classifier, save_classifier
 from .oracle import save_oracle, train_oracle
 from .quality import print_quality_table
 from .scenarios import scenario_names
@@ -41,7 +41,9 @@ def build(parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: boo
             timings[f"classifier/{name}"] = time.perf_counter() - start
     if "oracle" in parts:
         start = time.perf_counter()
-        save_oracle(train_oracle(epochs=1 if smoke else 8, train_size=96 if smoke else None), oracle_dir(root))
+        balanced = load_classifier(classifier_dir("balanced", root))
+        oracle = train_oracle(epochs=1 if smoke else 6, train_size=96 if smoke else None, init_from=balanced)
+        save_oracle(oracle, oracle_dir(root))
         timings["oracle"] = time.perf_counter() - start
     if "clip" in parts:
         from .clip import train_clip

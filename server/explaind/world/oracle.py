@@ -62,7 +62,21 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-def train_oracle(*, epochs: int = 8, train_size: int | None = None, batch_size: int = 64, seed: int = 0, log: bool = True) -> AttributeOracle:
+def train_oracle(
+    *,
+    epochs: int = 3,
+    train_size: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    init_from: WorldClassifier | None = None,
+    log: bool = True,
+) -> AttributeOracle:
+    """Multi-task training with augmentation; ``init_from`` (a balanced classifier) seeds the trunk.
+
+    Shape is the slow attribute to learn from scratch (a long plateau on 2 CPU cores), so
+    the build starts the trunk from the balanced classifier and lets augmentation make it
+    robust; colour, texture and background heads learn in the first epoch.
+    """
     seed_everything(seed)
     batch = get_scenario("balanced").dataset("train", size=train_size).all()
     targets = {
@@ -70,6 +84,9 @@ def train_oracle(*, epochs: int = 8, train_size: int | None = None, batch_size: 
         for attribute in ORACLE_ATTRIBUTES
     }
     oracle = AttributeOracle()
+    if init_from is not None:
+        trunk = {k: v for k, v in init_from.state_dict().items() if not k.startswith("fc.")}
+        oracle.trunk.load_state_dict(trunk)
     optimiser = torch.optim.AdamW(oracle.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * ((len(batch.labels) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.15)
