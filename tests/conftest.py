@@ -1,7 +1,6 @@
 """Shared fixtures: a world classifier, and real explaind servers in subprocesses.
 
-The classifier is the shipped ``assets/classifiers/balanced`` when present; until that
-asset lands, a throwaway one is trained once per session (1 epoch, 600 images).
+The classifier is the shipped ``assets/classifiers/balanced``.
 """
 
 from __future__ import annotations
@@ -27,15 +26,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    shipped = assets.classifier_dir("balanced")
-    if (shipped / "model.safetensors").is_file():
-        return shipped
-    from explaind.world.classifier import save_classifier
-    from explaind.world.train_classifier import train_classifier
-
-    model, _ = train_classifier("balanced", epochs=1, train_size=600, log=False)
-    return save_classifier(model, tmp_path_factory.mktemp("classifier"))
+def classifier_dir() -> Path:
+    return assets.classifier_dir("balanced")
 
 
 @pytest.fixture(scope="session")
