@@ -16,8 +16,8 @@ test: $(STAMP)
 	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "could not install chromium; the report rendering test will skip"
-	# One intra-op thread per process: the suite runs servers beside the test process on
-	# 2 cores, and oversubscribed torch thread pools are several times slower.
+	@# One intra-op thread per process: the suite runs servers beside the test process on
+	@# 2 cores, and oversubscribed torch thread pools are several times slower.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
