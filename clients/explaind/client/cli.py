@@ -166,8 +166,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     port = _free_port()
     data_dir = tempfile.mkdtemp(prefix="explaind-demo-")
     command = [sys.executable, "-m", "explaind.client.cli", "serve", "--port", str(port), "--data-dir", data_dir]
-    if args.config:
-        command += ["--config", args.config]
+    config = args.config or _world_config(args.scenario, Path(data_dir))
+    if config:
+        command += ["--config", config]
     print(f"$ {' '.join(command)}")
     server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -189,10 +190,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
             grid = Path(data_dir) / "mistakes.png"
             grid.write_bytes(operation.artifact("mistakes.png"))
             print(f"mistakes grid: {grid}")
+            _explain_worst_class(client, operation.result(), created.sample_set_id, Path(data_dir), args.scenario)
     finally:
         server.terminate()
         server.wait(timeout=30)
     return 0
+
+
+def _world_config(scenario: str, directory: Path) -> str | None:
+    """A config serving the shapes-world classifier of ``scenario`` (None: the default, balanced)."""
+    if scenario == "balanced":
+        return None
+    from explaind.world.assets import classifier_dir
+
+    path = directory / "explaind.toml"
+    path.write_text(f'[classifier]\nloader = "world"\npath = "{classifier_dir(scenario)}"\n')
+    return str(path)
+
+
+def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directory: Path, scenario: str) -> None:
+    """The debugging loop on the class with the lowest accuracy: rank, visualise, edit, report."""
+    from .report import build_report, render_report
+
+    worst, accuracy = min(evaluation.per_class_accuracy.items(), key=lambda item: item[1])
+    print(f"\nexplaining the mistakes of '{worst}' (accuracy {accuracy:.2f}):")
+    report = build_report(client, worst, sample_set_id, max_neurons=5, steps=60, group_attribute="background", progress=True)
+    ranking = report.ranking
+    print(f"{ranking.mistake_count} mistakes; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
+    for neuron in ranking.neurons[:8]:
+        print(
+            f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} insufficient {neuron.insufficient_ratio:.2f}  "
+            f"excessive {neuron.excessive_ratio:.2f}  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
+        )
+    out = directory / f"report-{scenario}-{worst}.html"
+    out.write_text(render_report(report), encoding="utf-8")
+    print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -294,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="serve the shapes world and run a client session end to end")
     demo.add_argument("--config")
-    demo.add_argument("--scenario", default="balanced")
+    demo.add_argument("--scenario", default="spurious_background", help="shapes-world scenario whose classifier is served")
     demo.add_argument("--count", type=int, default=240)
     demo.set_defaults(run=cmd_demo)
     return parser
