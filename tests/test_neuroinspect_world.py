@@ -79,7 +79,7 @@ def test_editing_neutralises_the_ranked_neurons_without_hurting_accuracy(setup, 
 
 @pytest.mark.xfail(reason="issue 4 acceptance 3 does not hold on the shipped classifier: its backbone encodes water "
                           "in ~60 of 128 channels, so retraining the head re-routes the shortcut through unedited "
-                          "ones (see bench/neuroinspect_eval.py)", strict=False)
+                          "ones (see bench/neuroinspect_eval.py)", strict=True)
 def test_editing_the_water_neurons_repairs_the_worst_group(edited):
     edit, _ = edited
     before, after = edit.before, edit.after
