@@ -1,0 +1,24 @@
+"""`make demo` runs `explaind demo`: a live server on the shapes world and a full client session."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_predicts_evaluates_and_explains_the_worst_class():
+    result = subprocess.run(
+        [sys.executable, "-m", "explaind.client.cli", "demo", "--count", "120"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "predictions for spurious_background test images" in out
+    # Every printed prediction line names a world class with a probability.
+    assert len(re.findall(r"^\w+ \(\w+\)\s+\w+ \d\.\d\d", out, flags=re.M)) == 12
+    assert re.search(r"accuracy 0\.\d+ on 120 samples", out)
+    # The planted shortcut makes hearts the worst class; the loop ranks neurons for it.
+    assert "explaining the mistakes of 'heart'" in out
+    assert re.search(r"neuron +\d+ +(insufficient|excessive|both)", out)
+    report = Path(re.search(r"HTML report .*: (\S+\.html)", out).group(1))
+    assert report.is_file() and report.read_text().count("<img") >= 2
