@@ -95,10 +95,11 @@ def test_head_swaps_are_atomic_per_batch(engine):
     base = engine.models.active
     versions = [base.with_head(_constant_head(0)), base.with_head(_constant_head(1))]
     expected_class = {v.version: k for k, v in enumerate(versions)}
+    engine.activate(versions[0])  # no request may see the base head, which maps to neither class
     stop = threading.Event()
 
     def swap() -> None:
-        i = 0
+        i = 1
         while not stop.is_set():
             engine.activate(versions[i % 2])
             i += 1
