@@ -16,6 +16,7 @@ from explaind.world.clip import (
     evaluate_clip_zero_shot,
     load_world_clip,
     multi_positive_clip_loss,
+    prompt_set_loss,
     sample_caption,
     text_token_states,
     train_clip,
@@ -83,6 +84,15 @@ def test_multi_positive_loss_reduces_to_clip_loss_and_rewards_all_true_pairs():
     swapped[0, 0] = swapped[1, 1] = 0.0
     swapped[0, 1] = swapped[1, 0] = 10.0
     assert multi_positive_clip_loss(swapped, matches) < 0.6 * multi_positive_clip_loss(swapped, identity)
+
+
+def test_prompt_set_loss_is_a_per_attribute_zero_shot_cross_entropy():
+    prompts = [("shape", "star"), ("shape", "circle"), ("colour", "red"), ("colour", "blue"), ("artifact", "watermark")]
+    scenes = [{"shape": "star", "colour": "blue", "artifact": "none"}, {"shape": "circle", "colour": "red", "artifact": "none"}]
+    right = torch.tensor([[9.0, 0.0, 0.0, 9.0, 5.0], [0.0, 9.0, 9.0, 0.0, 5.0]])
+    expected = (torch.nn.functional.cross_entropy(right[:, :2], torch.tensor([0, 1])) + torch.nn.functional.cross_entropy(right[:, 2:4], torch.tensor([1, 0])))
+    torch.testing.assert_close(prompt_set_loss(right, prompts, scenes), expected)
+    assert prompt_set_loss(right, prompts, scenes) < 0.01 < prompt_set_loss(right.flip(0), prompts, scenes)
 
 
 def test_smoke_training_writes_a_checkpoint_that_open_clip_loads(smoke_clip):
