@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor
 from explaind.world.assets import classifier_dir, clip_dir
 
@@ -123,12 +124,14 @@ def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualiza
     neurons = [n for n in features.mean(0).argsort(descending=True).tolist() if auc[n] >= 0.9][:4]
     assert len(neurons) == 4
     pairs = [(neuron, None) for neuron in neurons]  # conditioned on each neuron's top class
-    ours = illusion.visualize(pairs, steps=400, method="clip_illusion")
+    # The world CLIP's cosines go negative, so it runs with its configured ε (cos + ε >= 0).
+    ours = illusion.visualize(pairs, steps=400, method="clip_illusion", epsilon=WORLD_CLIP_ILLUSION_EPSILON)
     baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
     water = illusion.text_embedding(["a photo of a water"]).expand(len(pairs), -1)
     with torch.no_grad():
         ours_score = illusion.clip_similarity(ours.images, water)
         baseline_score = illusion.clip_similarity(baseline.images, water)
     assert ours_score.mean() > baseline_score.mean(), (ours_score, baseline_score)
+    assert (ours.clip_similarity > 0).all(), ours.clip_similarity  # each image reads as its class
     top_percent = features.quantile(0.99, dim=0)[neurons]
     assert (ours.activations >= top_percent).all(), (ours.activations, top_percent)

@@ -23,6 +23,7 @@ silently ignored). Example::
     [clip]
     model = "ViT-B-32"
     checkpoint = "/models/clip.safetensors"
+    illusion_epsilon = 0.05    # CLIP-Illusion's default ε (needs cos + ε > 0)
 
     [diffusion]
     path = "/models/sd-turbo"  # a diffusers pipeline directory
@@ -47,6 +48,8 @@ from typing import Any
 
 CLASSIFIER_LOADERS = ("world", "torchvision", "torchscript", "onnx", "factory")
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+# The world CLIP's cosines to a mismatching class prompt reach -0.75: ε = 1 keeps cos + ε >= 0.
+WORLD_CLIP_ILLUSION_EPSILON = 1.0
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,11 @@ class ClipSection:
     model: str = ""
     checkpoint: str = ""
     path: str = ""
+    # CLIP-Illusion's ε when a request sets none. The loss -(cos + ε)·(α_n + γ l_c)
+    # rewards the neuron only while cos + ε > 0: real CLIPs give image-text cosines of
+    # about 0.2-0.35, so the paper's 0.05 suffices; a CLIP whose cosines go negative
+    # (the shapes world's) needs about 1.
+    illusion_epsilon: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -157,7 +165,7 @@ def default_config() -> Config:
 
     return Config(
         classifier=ClassifierSection(loader="world", path=str(assets.classifier_dir("balanced"))),
-        clip=ClipSection(path=str(assets.clip_dir())),
+        clip=ClipSection(path=str(assets.clip_dir()), illusion_epsilon=WORLD_CLIP_ILLUSION_EPSILON),
         diffusion=DiffusionSection(path=str(assets.t2i_dir())),
     )
 

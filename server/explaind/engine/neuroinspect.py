@@ -254,14 +254,17 @@ class NeuroInspectEngine:
         method: str = "clip_illusion",
         steps: int = 400,
         gamma: float = 0.5,
-        epsilon: float = 0.05,
+        epsilon: float | None = None,
         learning_rate: float = 9e-3,
         seed: int = 0,
         preview_every: int = 10,
     ) -> JobSnapshot:
         """Start optimising one image per (neuron, class) pair (class None: the class with
-        the largest head weight); images and masked images become artifacts."""
+        the largest head weight); images and masked images become artifacts. ``epsilon``
+        None takes the configured ``[clip].illusion_epsilon``."""
         version = self._split_version()
+        if epsilon is None:
+            epsilon = self._engine.config.clip.illusion_epsilon
         if not pairs:
             raise InvalidArgument("at least one (neuron, class) pair is required", field="pairs")
         if len(pairs) > MAX_VISUALIZATION_PAIRS:

@@ -26,7 +26,7 @@ def _enum(values: dict[int, str], value: int, field: str) -> str:
     return values.get(value, f"<unknown {field} {value}>")
 
 
-def _optional(message, field: str, default: float) -> float:
+def _optional(message, field: str, default: float | None) -> float | None:
     return getattr(message, field) if message.HasField(field) else default
 
 
@@ -58,7 +58,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             method=_enum(_VISUALIZATION_METHODS, request.method, "method"),
             steps=request.steps or 400,
             gamma=_optional(request, "gamma", 0.5),
-            epsilon=_optional(request, "epsilon", 0.05),
+            epsilon=_optional(request, "epsilon", None),
             learning_rate=_optional(request, "learning_rate", 9e-3),
             seed=request.seed,
             preview_every=request.preview_every or 10,
