@@ -1,8 +1,11 @@
 """Text-to-image pipeline of the shapes world, shaped like diffusers' Stable Diffusion.
 
 Prompts are encoded by an open_clip text tower into per-token states (N, L, W), a
-``UNet2DConditionModel`` denoises ``AutoencoderKL`` latents with DDIM and
-classifier-free guidance, and the VAE decodes to RGB in [0, 1].
+``UNet2DConditionModel`` denoises latents with DDIM and classifier-free guidance
+(conditioned on the states by cross-attention, and on their mean by a ``projection``
+class embedding when its config has one), and
+the VAE (an ``AutoencoderKL`` or anything with its interface, such as
+:class:`PixelShuffleAutoencoder`) decodes them to RGB in [0, 1].
 
 Everything below ``__call__`` is differentiable: DiG-IN optimises the start latent
 and per-step conditionings through :meth:`denoise` and :meth:`decode_latents` (with
@@ -23,9 +26,17 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .autoencoder_pixel_shuffle import PixelShuffleAutoencoder
 from .clip import text_token_states
 
 StepCallback = Callable[["WorldTextToImagePipeline", int, int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def unet_output(unet: UNet2DConditionModel, latents: torch.Tensor, timestep: torch.Tensor | int, states: torch.Tensor) -> torch.Tensor:
+    """The UNet's prediction for token states (N, L, W); a UNet with a ``projection``
+    class embedding also gets their mean over tokens (N, W) as global conditioning."""
+    pooled = states.mean(dim=1) if unet.config.class_embed_type == "projection" else None
+    return unet(latents, timestep, encoder_hidden_states=states, class_labels=pooled).sample
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -76,7 +87,7 @@ class WorldTextToImagePipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | PixelShuffleAutoencoder,
         unet: UNet2DConditionModel,
         scheduler: DDIMScheduler,
         text_encoder: OpenCLIPTextEncoder,
@@ -123,10 +134,8 @@ class WorldTextToImagePipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Guided model output eps_uncond + w * (eps_cond - eps_uncond); no guidance when w <= 1."""
         if negative_prompt_embeds is None or guidance_scale <= 1.0:
-            return self.unet(latents, timestep, encoder_hidden_states=prompt_embeds).sample
-        both = self.unet(
-            torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds])
-        ).sample
+            return unet_output(self.unet, latents, timestep, prompt_embeds)
+        both = unet_output(self.unet, torch.cat([latents, latents]), timestep, torch.cat([negative_prompt_embeds, prompt_embeds]))
         uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 

@@ -1,16 +1,18 @@
-"""The shapes world's tiny text-to-image model, a latent diffusion model in diffusers format.
+"""The shapes world's tiny text-to-image model, a diffusion model in diffusers format.
 
-Like Stable Diffusion, a ``UNet2DConditionModel`` denoises ``AutoencoderKL`` latents
-(64x64x3 RGB <-> 16x16x4) conditioned through cross-attention on the per-token
-states of the (tiny) CLIP text transformer, and samples with DDIM and
-classifier-free guidance. It is trained in two stages on the balanced scenario's
-train split: the VAE (L1 + MSE reconstruction, weak KL), then the UNet on cached
-VAE posteriors (epsilon prediction, min-SNR-5 loss weights, 10 % empty prompts for
-guidance, EMA weights shipped).
+Like Stable Diffusion, a ``UNet2DConditionModel`` denoises latents conditioned
+through cross-attention on the per-token states of the (tiny) CLIP text transformer,
+and samples with DDIM and classifier-free guidance; like SDXL it also adds pooled text
+(here the mean token state) to every block's time embedding. The "VAE" is the documented
+pixel-space equivalent :class:`PixelShuffleAutoencoder` (64x64x3 RGB <-> 16x16x48,
+exact and weightless): a learned ``AutoencoderKL`` small enough to train here blurred
+shapes into blobs. The UNet is trained on the balanced scenario's train split
+(v-prediction, min-SNR-5 loss weights, 10 % empty prompts for guidance,
+horizontal flips); its EMA weights are shipped.
 
 Layout written by :func:`train_t2i`, loadable like an SD checkpoint::
 
-    <dir>/vae/        AutoencoderKL.from_pretrained(<dir>/vae)
+    <dir>/vae/        PixelShuffleAutoencoder.from_pretrained(<dir>/vae)  (config only)
     <dir>/unet/       UNet2DConditionModel.from_pretrained(<dir>/unet)
     <dir>/scheduler/  DDIMScheduler.from_pretrained(<dir>/scheduler)
 
@@ -27,58 +29,49 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .assets import clip_dir as default_clip_dir
 from .assets import t2i_dir
+from .autoencoder_pixel_shuffle import PixelShuffleAutoencoder
 from .clip import load_world_clip, sample_caption, text_token_states, training_scenes
-from .pipeline_world_t2i import OpenCLIPTextEncoder, WorldTextToImagePipeline
+from .pipeline_world_t2i import OpenCLIPTextEncoder, WorldTextToImagePipeline, unet_output
 from .render import BACKGROUNDS, COLOURS, SHAPES, TEXTURES, SceneSpec, caption_for
 from .scenarios import get_scenario
 from .train_classifier import seed_everything
 
-# Architectures and noise schedule, as data.
-VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [8, 16, 32],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-    "mid_block_add_attention": False,
-}
+# Architectures and noise schedule, as data. The UNet's in/out channels and
+# cross_attention_dim come from the autoencoder and the CLIP text width.
+AUTOENCODER_CONFIG: dict[str, Any] = {"in_channels": 3, "patch_size": 4, "sample_size": 64}
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
+    "block_out_channels": [48, 96, 96],
     "layers_per_block": 1,
     "attention_head_dim": 4,
     "norm_num_groups": 16,
-}  # cross_attention_dim is the CLIP text width, set at build time.
+    # Global conditioning besides cross-attention: the mean of the text token states is
+    # projected into the timestep embedding of every ResNet block (as SDXL adds pooled
+    # text). Background and colour are global attributes that cross-attention alone
+    # learned slowly.
+    "class_embed_type": "projection",
+}
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
     "beta_end": 0.012,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 0,
     "timestep_spacing": "trailing",
 }
-VAE_TRAIN_STEPS = 400
-UNET_TRAIN_STEPS = 2000
+UNET_TRAIN_STEPS = 5000
 EVAL_GUIDANCE_SCALE = 3.0
 EVAL_INFERENCE_STEPS = 25
 EVAL_SEEDS = (0, 1, 2, 3)
-_KL_WEIGHT = 1e-4  # per latent element; only keeps the latents bounded
 _MIN_SNR_GAMMA = 5.0
 _EMPTY_PROMPT_RATE = 0.1
 _PARTIAL_PROMPT_RATE = 0.2
@@ -100,71 +93,36 @@ def evaluation_prompts() -> list[str]:
     ]
 
 
-def train_vae(
-    images: torch.Tensor, *, steps: int, batch_size: int = 32, learning_rate: float = 2e-3, seed: int = 0, log: bool = True
-) -> AutoencoderKL:
-    """Fit the AutoencoderKL to uint8 images (N, 3, 64, 64); returns it in eval mode."""
-    seed_everything(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    vae.train()
-    for step in range(steps):
-        index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        x = images[index].float().div_(127.5).sub_(1.0)
-        posterior = vae.encode(x).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
-        error = reconstruction - x
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = error.abs().mean() + error.pow(2).mean() + _KL_WEIGHT * kl
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if log and (step % 50 == 0 or step == steps - 1):
-            print(f"[t2i/vae] step {step + 1}/{steps} L1 {error.abs().mean().item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
-    return vae.eval()
-
-
-@torch.no_grad()
-def encode_posteriors(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std (N, 4, 16, 16) of uint8 images (N, 3, 64, 64), unscaled."""
-    means, stds = [], []
-    for i in range(0, len(images), batch_size):
-        posterior = vae.encode(images[i : i + batch_size].float().div(127.5).sub(1.0)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 def min_snr_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, gamma: float = _MIN_SNR_GAMMA) -> torch.Tensor:
-    """Per-sample epsilon-loss weights min(SNR, gamma) / SNR (Hang et al., 2023): faster, steadier training."""
+    """Per-sample v-loss weights min(SNR, gamma) / (SNR + 1) (Hang et al., 2023): faster, steadier training."""
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr + 1)
 
 
 def train_unet(
-    means: torch.Tensor,
-    stds: torch.Tensor,
-    scaling_factor: float,
+    images: torch.Tensor,
     attributes: list[dict[str, str]],
     captions: list[str],
+    autoencoder: PixelShuffleAutoencoder,
     clip: tuple,
     *,
     steps: int,
     batch_size: int = 32,
-    learning_rate: float = 6e-4,
+    learning_rate: float = 1e-3,
     ema_decay: float = 0.998,
     seed: int = 0,
     log: bool = True,
 ) -> UNet2DConditionModel:
-    """Train the conditional UNet on cached VAE posteriors; returns its EMA weights in eval mode."""
+    """Train the conditional UNet on uint8 images (N, 3, 64, 64) and their captions; returns its EMA weights."""
     seed_everything(seed)
     text_model, tokenizer = clip[0].eval(), clip[1]
-    unet = UNet2DConditionModel(**UNET_CONFIG, cross_attention_dim=text_model.transformer.width)
+    channels = autoencoder.latent_channels
+    width = text_model.transformer.width
+    unet = UNet2DConditionModel(
+        **UNET_CONFIG, in_channels=channels, out_channels=channels, cross_attention_dim=width,
+        projection_class_embeddings_input_dim=width,
+    )
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -174,8 +132,11 @@ def train_unet(
     start = time.perf_counter()
     unet.train()
     for step in range(steps):
-        index = torch.randint(len(means), (min(batch_size, len(means)),), generator=generator)
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
+        index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        pixels = images[index].float().div_(127.5).sub_(1.0)
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        pixels[flip] = pixels[flip].flip(-1)
+        latents = autoencoder.encode(pixels).latent_dist.mean * autoencoder.config.scaling_factor
         prompts = []
         for i in index.tolist():
             draw = rng.random()
@@ -189,8 +150,9 @@ def train_unet(
             states = text_token_states(text_model, tokenizer(prompts))
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        predicted = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=states).sample
-        per_sample = (predicted - noise).pow(2).mean(dim=(1, 2, 3))
+        predicted = unet_output(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, states)
+        target = scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = (predicted - target).pow(2).mean(dim=(1, 2, 3))
         loss = (min_snr_weights(scheduler, timesteps) * per_sample).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,14 +164,13 @@ def train_unet(
             for target, source in zip(ema.parameters(), unet.parameters()):
                 target.lerp_(source, 1 - decay)
         if log and (step % 100 == 0 or step == steps - 1):
-            print(f"[t2i/unet] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+            print(f"[t2i] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return ema.eval()
 
 
 def train_t2i(
     *,
     steps: int | None = None,
-    vae_steps: int | None = None,
     seed: int = 0,
     clip_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -218,29 +179,22 @@ def train_t2i(
     num_threads: int = 2,
     log: bool = True,
 ) -> Path:
-    """Train VAE then UNet against the CLIP in ``clip_dir``, save the SD-style directory; returns ``out_dir``.
+    """Train the UNet against the CLIP in ``clip_dir`` and save the SD-style directory; returns ``out_dir``.
 
-    ``steps`` (UNet) defaults to :data:`UNET_TRAIN_STEPS`, ``vae_steps`` to
-    :data:`VAE_TRAIN_STEPS` (or ``steps`` when that is smaller). Only as many scenes
-    are rendered as the steps can visit, so a smoke run (``steps=3``) takes seconds.
+    ``steps`` defaults to :data:`UNET_TRAIN_STEPS`. Only as many scenes are rendered as
+    ``steps * batch_size`` can visit, so a smoke run (``steps=3``) takes seconds.
     """
     torch.set_num_threads(num_threads)
     steps = UNET_TRAIN_STEPS if steps is None else steps
-    vae_steps = (VAE_TRAIN_STEPS if steps >= VAE_TRAIN_STEPS else steps) if vae_steps is None else vae_steps
     out_dir = Path(out_dir or t2i_dir())
     clip = load_world_clip(clip_dir or default_clip_dir())
-    size = min(train_size or get_scenario("balanced").sizes["train"], max(steps, vae_steps) * batch_size)
+    size = min(train_size or get_scenario("balanced").sizes["train"], steps * batch_size)
     images, attributes, captions = training_scenes(size, seed, watermark_fraction=0.2)
-
-    vae = train_vae(images, steps=vae_steps, batch_size=batch_size, seed=seed, log=log)
-    means, stds = encode_posteriors(vae, images)
-    scaling_factor = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scaling_factor)
-    if log:
-        print(f"[t2i] latents {tuple(means.shape[1:])}, scaling factor {scaling_factor:.4f}", flush=True)
-
-    unet = train_unet(means, stds, scaling_factor, attributes, captions, clip, steps=steps, batch_size=batch_size, seed=seed, log=log)
-    vae.save_pretrained(out_dir / "vae")
+    # Unit-variance latents, as Stable Diffusion's scaling_factor gives its VAE latents.
+    autoencoder = PixelShuffleAutoencoder(**AUTOENCODER_CONFIG)
+    autoencoder.register_to_config(scaling_factor=float(1.0 / images.float().div(127.5).sub(1.0).std()))
+    unet = train_unet(images, attributes, captions, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed, log=log)
+    autoencoder.save_pretrained(out_dir / "vae")
     unet.save_pretrained(out_dir / "unet")
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
     _halve_weights(out_dir)
@@ -266,7 +220,7 @@ def load_world_t2i(
             raise FileNotFoundError(f"text-to-image component missing: {directory / part} (build it with python -m explaind.world.t2i)")
     model, tokenizer = (clip or load_world_clip())[:2]
     pipeline = WorldTextToImagePipeline(
-        vae=AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
+        vae=PixelShuffleAutoencoder.from_pretrained(directory / "vae"),
         unet=UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False),
         scheduler=DDIMScheduler.from_pretrained(directory / "scheduler"),
         text_encoder=OpenCLIPTextEncoder(model.eval()),
@@ -338,7 +292,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=t2i_dir())
     parser.add_argument("--clip", type=Path, default=default_clip_dir())
     parser.add_argument("--steps", type=int, default=UNET_TRAIN_STEPS)
-    parser.add_argument("--vae-steps", type=int, default=VAE_TRAIN_STEPS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
@@ -347,7 +300,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     out = train_t2i(
-        steps=args.steps, vae_steps=args.vae_steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
+        steps=args.steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
         batch_size=args.batch_size, num_threads=args.threads,
     )
     print(f"[t2i] trained in {time.perf_counter() - start:.0f}s -> {out}")
