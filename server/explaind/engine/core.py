@@ -109,10 +109,11 @@ class Engine:
         version = load_classifier(self.config.classifier)
         # Models named in a config file must load; the world's optional ones may be absent.
         required = not self.config.source.startswith("<defaults")
+        clip = load_clip(self.config.clip, required=required)
         self.components = {
             "classifier": ComponentStatus("classifier", True, version.source, f"{version.name} ({version.loader})"),
-            "clip": load_clip(self.config.clip, required=required),
-            "diffusion": load_diffusion(self.config.diffusion, required=required),
+            "clip": clip,
+            "diffusion": load_diffusion(self.config.diffusion, clip, required=required),
         }
         for name, status in self.components.items():
             self.metrics.component_loaded.labels(component=name).set(int(status.loaded))

@@ -394,16 +394,33 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
     return ComponentStatus("clip", True, source, type(model).__name__, (model.eval(), preprocess, tokenizer))
 
 
-def load_diffusion(section: DiffusionSection, *, required: bool) -> ComponentStatus:
-    """A diffusers pipeline directory, as ``status.model``."""
+def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required: bool) -> ComponentStatus:
+    """A diffusers pipeline directory (``model_index.json``), or one holding only
+    ``vae/``, ``unet/`` and ``scheduler/`` whose text encoder is the loaded open_clip
+    ``clip`` (the shapes world's layout, as Stable Diffusion conditions on CLIP's token
+    states), as ``status.model``."""
     if not section.path:
         return ComponentStatus("diffusion", False, "", "not configured")
-    if not (Path(section.path) / "model_index.json").is_file():
-        return _optional_failure("diffusion", section.path, f"not found: {Path(section.path) / 'model_index.json'}", required)
+    directory = Path(section.path)
+    clip_conditioned = all((directory / part).is_dir() for part in ("vae", "unet", "scheduler"))
+    if not (directory / "model_index.json").is_file() and not clip_conditioned:
+        return _optional_failure(
+            "diffusion", section.path, f"not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)", required
+        )
     try:
-        from diffusers import DiffusionPipeline
+        if (directory / "model_index.json").is_file():
+            from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(section.path)
+            pipeline = DiffusionPipeline.from_pretrained(section.path)
+        else:
+            if not clip.loaded:
+                return _optional_failure(
+                    "diffusion", section.path, f"{section.path} has no text encoder and takes CLIP's, which is not loaded ({clip.detail})", required
+                )
+            from ..world.t2i import load_world_t2i
+
+            model, _, tokenizer = clip.model
+            pipeline = load_world_t2i(directory, (model, tokenizer))
     except Exception as error:  # noqa: BLE001
         return _optional_failure("diffusion", section.path, f"cannot load diffusion pipeline from {section.path}: {type(error).__name__}: {error}", required)
     return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
