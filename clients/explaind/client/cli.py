@@ -201,13 +201,14 @@ def _world_config(scenario: str, directory: Path) -> str | None:
     """A config serving the shapes-world classifier of ``scenario`` (None: the default, balanced)."""
     if scenario == "balanced":
         return None
-    from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
-    from explaind.world.assets import classifier_dir, clip_dir
+    from explaind.config import default_config
+    from explaind.world.assets import classifier_dir
 
     path = directory / "explaind.toml"
     text = f'[classifier]\nloader = "world"\npath = "{classifier_dir(scenario)}"\n'
-    if (clip_dir() / "open_clip_config.json").is_file():
-        text += f'\n[clip]\npath = "{clip_dir()}"\nillusion_epsilon = {WORLD_CLIP_ILLUSION_EPSILON}\n'
+    clip = default_config().clip  # the world's, with its ε; a file's [clip] must load, so only when shipped
+    if (Path(clip.path) / "open_clip_config.json").is_file():
+        text += f'\n[clip]\npath = "{clip.path}"\nillusion_epsilon = {clip.illusion_epsilon}\n'
     path.write_text(text)
     return str(path)
 

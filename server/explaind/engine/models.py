@@ -402,21 +402,21 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
     if not section.path:
         return ComponentStatus("diffusion", False, "", "not configured")
     directory = Path(section.path)
-    clip_conditioned = all((directory / part).is_dir() for part in ("vae", "unet", "scheduler"))
-    if not (directory / "model_index.json").is_file() and not clip_conditioned:
+    has_index = (directory / "model_index.json").is_file()
+    if not has_index and not all((directory / part).is_dir() for part in ("vae", "unet", "scheduler")):
         return _optional_failure(
             "diffusion", section.path, f"not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)", required
         )
+    if not has_index and not clip.loaded:
+        return _optional_failure(
+            "diffusion", section.path, f"{section.path} has no text encoder and takes CLIP's, which is not loaded ({clip.detail})", required
+        )
     try:
-        if (directory / "model_index.json").is_file():
+        if has_index:
             from diffusers import DiffusionPipeline
 
             pipeline = DiffusionPipeline.from_pretrained(section.path)
         else:
-            if not clip.loaded:
-                return _optional_failure(
-                    "diffusion", section.path, f"{section.path} has no text encoder and takes CLIP's, which is not loaded ({clip.detail})", required
-                )
             from ..world.t2i import load_world_t2i
 
             model, _, tokenizer = clip.model

@@ -161,8 +161,8 @@ def train_unet(
         schedule.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
-            for target, source in zip(ema.parameters(), unet.parameters()):
-                target.lerp_(source, 1 - decay)
+            for averaged, source in zip(ema.parameters(), unet.parameters()):
+                averaged.lerp_(source, 1 - decay)
         if log and (step % 100 == 0 or step == steps - 1):
             print(f"[t2i] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return ema.eval()
