@@ -10,6 +10,7 @@ from explaind.world.oracle import load_oracle, oracle_accuracy
 from explaind.world.quality import classifier_report
 from explaind.world.render import SHAPES, SceneSpec, render
 from explaind.world.scenarios import get_scenario, scenario_names
+from explaind.world.train_classifier import one_cycle_schedule
 
 SPURIOUS = [name for name in scenario_names() if get_scenario(name).focus is not None]
 
@@ -62,3 +63,36 @@ def test_smoke_build_trains_and_saves_loadable_models(tmp_path):
     for name in scenario_names():
         assert load_classifier(classifier_dir(name, tmp_path))(torch.zeros(1, 3, 64, 64)).shape == (1, len(SHAPES))
     assert set(load_oracle(oracle_dir(tmp_path)).predict(torch.zeros(2, 3, 64, 64))) == {"shape", "colour", "texture", "background"}
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 10, 20, 40])
+@pytest.mark.parametrize("warmup_fraction", [0.05, 0.1, 0.15])
+def test_training_schedule_runs_any_step_count_and_peaks_at_the_maximum(total_steps, warmup_fraction):
+    # 20 steps at 5 % and 10 steps at 10 % used to divide by zero inside torch's OneCycleLR.
+    optimiser = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = one_cycle_schedule(optimiser, max_learning_rate=1e-3, total_steps=total_steps, warmup_fraction=warmup_fraction)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(schedule.get_last_lr()[0])
+        optimiser.step()
+        schedule.step()
+    assert max(rates) <= 1e-3 + 1e-12
+    if total_steps >= 3:
+        assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-4
+
+
+def test_full_length_schedules_are_torchs_one_cycle_unchanged():
+    """The shipped weights were trained with plain OneCycleLR; long runs must reproduce it."""
+    def rates(make):
+        optimiser = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        schedule = make(optimiser)
+        out = []
+        for _ in range(5000):
+            out.append(schedule.get_last_lr()[0])
+            optimiser.step()
+            schedule.step()
+        return out
+
+    ours = rates(lambda o: one_cycle_schedule(o, max_learning_rate=1e-3, total_steps=5000, warmup_fraction=0.05))
+    torchs = rates(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=5000, pct_start=0.05))
+    assert ours == torchs

@@ -35,7 +35,7 @@ from torch import nn
 from .assets import clip_dir
 from .render import ATTRIBUTE_VALUES, TEXTURE_WORDS, render
 from .scenarios import get_scenario
-from .train_classifier import seed_everything
+from .train_classifier import one_cycle_schedule, seed_everything
 
 CLIP_MODEL_NAME = "world-clip-tiny"
 MODEL_CONFIG_FILE = Path(__file__).with_name("model_configs") / f"{CLIP_MODEL_NAME}.json"
@@ -260,7 +260,7 @@ def train_clip(
     optimiser = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    schedule = one_cycle_schedule(optimiser, max_learning_rate=learning_rate, total_steps=steps, warmup_fraction=0.1)
     prompt_pairs = [(attribute, value) for attribute, words in CAPTION_WORDS.items() for value in words]
     prompt_set = [ZERO_SHOT_TEMPLATE.format(CAPTION_WORDS[a][v]) for a, v in prompt_pairs]
     generator = torch.Generator().manual_seed(seed)

@@ -18,7 +18,7 @@ from .assets import oracle_dir
 from .classifier import ClassifierConfig, WorldClassifier
 from .render import ATTRIBUTE_VALUES
 from .scenarios import get_scenario
-from .train_classifier import seed_everything
+from .train_classifier import one_cycle_schedule, seed_everything
 from .weights import load_weights, save_weights
 
 ORACLE_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "texture", "background")
@@ -89,7 +89,7 @@ def train_oracle(
         oracle.trunk.load_state_dict(trunk)
     optimiser = torch.optim.AdamW(oracle.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * ((len(batch.labels) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.15)
+    schedule = one_cycle_schedule(optimiser, max_learning_rate=3e-3, total_steps=steps, warmup_fraction=0.15)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for epoch in range(epochs):

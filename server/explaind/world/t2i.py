@@ -38,7 +38,7 @@ from .clip import load_world_clip, sample_caption, text_token_states, training_s
 from .pipeline_world_t2i import OpenCLIPTextEncoder, WorldTextToImagePipeline, unet_output
 from .render import BACKGROUNDS, COLOURS, SHAPES, TEXTURES, SceneSpec, caption_for
 from .scenarios import get_scenario
-from .train_classifier import seed_everything
+from .train_classifier import one_cycle_schedule, seed_everything
 
 # Architectures and noise schedule, as data. The UNet's in/out channels and
 # cross_attention_dim come from the autoencoder and the CLIP text width.
@@ -126,7 +126,7 @@ def train_unet(
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    schedule = one_cycle_schedule(optimiser, max_learning_rate=learning_rate, total_steps=steps, warmup_fraction=0.05)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     start = time.perf_counter()

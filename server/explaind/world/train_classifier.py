@@ -37,6 +37,23 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def one_cycle_schedule(
+    optimiser: torch.optim.Optimizer, *, max_learning_rate: float, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The world trainers' learning-rate schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay.
+
+    torch's OneCycleLR divides by zero when the warm-up is exactly one step (20 steps at
+    5 %, 10 at 10 %), so short runs with more than two steps warm up over two steps
+    instead; full-length runs get exactly the fraction asked for.
+    """
+    warmup_steps = warmup_fraction * total_steps
+    if total_steps > 2 and warmup_steps < 2:
+        warmup_steps = 2.0
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=max_learning_rate, total_steps=total_steps, pct_start=warmup_steps / total_steps
+    )
+
+
 @torch.no_grad()
 def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Argmax labels (N,) for images (N, 3, H, W)."""
@@ -70,7 +87,7 @@ def train_classifier(
     train = scenario.dataset("train", size=train_size).all()
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * ((len(train.labels) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.15)
+    schedule = one_cycle_schedule(optimiser, max_learning_rate=learning_rate, total_steps=steps, warmup_fraction=0.15)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for epoch in range(epochs):
