@@ -77,9 +77,10 @@ def test_editing_neutralises_the_ranked_neurons_without_hurting_accuracy(setup, 
     assert edit.history[-1].penalty < 0.5 * edit.history[0].penalty
 
 
-@pytest.mark.xfail(reason="issue 4 acceptance 3 does not hold on the shipped classifier: its backbone encodes water "
-                          "in ~60 of 128 channels, so retraining the head re-routes the shortcut through unedited "
-                          "ones (see bench/neuroinspect_eval.py)", strict=True)
+@pytest.mark.xfail(reason="issue 4 acceptance 3 does not hold on the shipped classifier: it recognises no heart off "
+                          "water (0 % in every such group), and a head edit cannot create the missing shape feature; "
+                          "classifiers trained longer learn it but then rank shape neurons first (docs/neuroinspect.md)",
+                   strict=True)
 def test_editing_the_water_neurons_repairs_the_worst_group(edited):
     edit, _ = edited
     before, after = edit.before, edit.after

@@ -58,7 +58,7 @@ def test_missing_weights_name_the_file(tmp_path):
 
 
 def test_smoke_build_trains_and_saves_loadable_models(tmp_path):
-    timings = build(("classifiers", "oracle"), root=tmp_path, smoke=True)
+    timings = build(("classifiers", "oracle"), root=tmp_path, smoke=True, num_threads=1)
     assert set(timings) == {f"classifier/{name}" for name in scenario_names()} | {"oracle"}
     for name in scenario_names():
         assert load_classifier(classifier_dir(name, tmp_path))(torch.zeros(1, 3, 64, 64)).shape == (1, len(SHAPES))

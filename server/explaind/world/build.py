@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from .assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
 from .classifier import load_classifier, save_classifier
 from .oracle import save_oracle, train_oracle
@@ -24,8 +26,15 @@ PARTS = ("classifiers", "oracle", "clip", "t2i")
 CLASSIFIER_EPOCHS = 5
 
 
-def build(parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: bool = False) -> dict[str, float]:
-    """Train and save the requested parts under ``root``; returns seconds per part."""
+def build(
+    parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: bool = False, num_threads: int = 2
+) -> dict[str, float]:
+    """Train and save the requested parts under ``root``; returns seconds per part.
+
+    ``num_threads`` pins torch's CPU threads: runs with different counts sum floats in a
+    different order and end in different weights (docs/neuroinspect.md).
+    """
+    torch.set_num_threads(num_threads)
     timings: dict[str, float] = {}
     if "classifiers" in parts:
         for name in scenario_names():
@@ -49,13 +58,13 @@ def build(parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: boo
         from .clip import train_clip
 
         start = time.perf_counter()
-        train_clip(steps=3 if smoke else None, seed=0, out_dir=clip_dir(root))
+        train_clip(steps=3 if smoke else None, seed=0, out_dir=clip_dir(root), num_threads=num_threads)
         timings["clip"] = time.perf_counter() - start
     if "t2i" in parts:
         from .t2i import train_t2i
 
         start = time.perf_counter()
-        train_t2i(steps=3 if smoke else None, seed=0, clip_dir=clip_dir(root), out_dir=t2i_dir(root))
+        train_t2i(steps=3 if smoke else None, seed=0, clip_dir=clip_dir(root), out_dir=t2i_dir(root), num_threads=num_threads)
         timings["t2i"] = time.perf_counter() - start
     return timings
 
@@ -65,12 +74,13 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--root", type=Path, default=ASSETS_DIR, help="where assets are written")
     parser.add_argument("--smoke", action="store_true", help="a few steps per model (CI)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; the shipped assets used 2")
     args = parser.parse_args()
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    timings = build(parts, root=args.root, smoke=args.smoke)
+    timings = build(parts, root=args.root, smoke=args.smoke, num_threads=args.threads)
     print("== Training time (seconds, this machine) ==")
     for part, seconds in timings.items():
         print(f"  {part:<40}{seconds:>8.0f}")
