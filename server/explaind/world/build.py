@@ -20,10 +20,9 @@ from .classifier import load_classifier, save_classifier
 from .oracle import save_oracle, train_oracle
 from .quality import print_quality_table
 from .scenarios import scenario_names
-from .train_classifier import train_classifier
+from .train_classifier import CLASSIFIER_EPOCHS, train_classifier
 
 PARTS = ("classifiers", "oracle", "clip", "t2i")
-CLASSIFIER_EPOCHS = 5
 
 
 def build(
@@ -42,7 +41,6 @@ def build(
             model, _ = train_classifier(
                 name,
                 epochs=1 if smoke else CLASSIFIER_EPOCHS,
-                learning_rate=3e-3,
                 train_size=96 if smoke else None,
                 test_size=96 if smoke else None,
             )

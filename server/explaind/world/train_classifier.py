@@ -31,6 +31,11 @@ class GroupReport:
         return name, self.group_accuracy[name]
 
 
+# The shipped classifiers' recipe (python -m explaind.world.build uses it for every scenario).
+CLASSIFIER_EPOCHS = 5
+CLASSIFIER_LEARNING_RATE = 3e-3
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -71,9 +76,9 @@ def group_report(predictions: torch.Tensor, batch: WorldBatch, group_attribute: 
 def train_classifier(
     scenario_name: str,
     *,
-    epochs: int = 4,
+    epochs: int = CLASSIFIER_EPOCHS,
     batch_size: int = 64,
-    learning_rate: float = 2e-3,
+    learning_rate: float = CLASSIFIER_LEARNING_RATE,
     train_size: int | None = None,
     test_size: int | None = None,
     seed: int = 0,
@@ -113,11 +118,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=CLASSIFIER_EPOCHS)
+    parser.add_argument("--learning-rate", type=float, default=CLASSIFIER_LEARNING_RATE)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; the shipped classifiers used 2")
     args = parser.parse_args()
-    model, report = train_classifier(args.scenario, epochs=args.epochs, train_size=args.train_size, seed=args.seed)
+    torch.set_num_threads(args.threads)
+    model, report = train_classifier(args.scenario, epochs=args.epochs, learning_rate=args.learning_rate,
+                                     train_size=args.train_size, seed=args.seed)
     save_classifier(model, args.out)
     name, worst = report.worst_group
     print(f"test accuracy {report.accuracy:.3f}, worst group {name} {worst:.3f}")
