@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--root", type=Path, default=ASSETS_DIR, help="where assets are written")
     parser.add_argument("--smoke", action="store_true", help="a few steps per model (CI)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; the shipped assets used 2")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, fixed so that reruns give the same weights")
     args = parser.parse_args()
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = set(parts) - set(PARTS)

@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=CLASSIFIER_LEARNING_RATE)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; the shipped classifiers used 2")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, fixed so that reruns give the same weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, report = train_classifier(args.scenario, epochs=args.epochs, learning_rate=args.learning_rate,
