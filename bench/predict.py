@@ -3,7 +3,7 @@
     python bench/predict.py [--seconds 3] [--iterations 300]
 
 Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
-(p50/p99, and the RPC overhead), and (2) Predict throughput with dynamic batching
+(p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating pairs), and (2) Predict throughput with dynamic batching
 (max_batch_size 32) and without (max_batch_size 1) at 1, 8 and 32 concurrent clients.
 Servers run as subprocesses on loopback ports, like production.
 """
@@ -56,26 +56,21 @@ def percentiles(samples_s: list[float]) -> tuple[float, float]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
-def forward_latency(model: torch.nn.Module, image: np.ndarray, iterations: int) -> list[float]:
-    """In-process: the same uint8 -> float conversion the server does, then the model."""
-    times = []
-    with torch.inference_mode():
+def paired_latency(model: torch.nn.Module, target: str, image: np.ndarray, iterations: int) -> tuple[list[float], list[float]]:
+    """Alternate one in-process forward and one Predict RPC, so that drift in the
+    machine's speed (a shared VM) hits both alike. In-process: the same uint8 -> float
+    conversion the server does, then the model, softmax and top-5."""
+    forwards, rpcs = [], []
+    with Client(target) as client, torch.inference_mode():
         for _ in range(iterations + 20):
             start = time.perf_counter()
             x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)[None]
             torch.softmax(model(x), 1).topk(5)
-            times.append(time.perf_counter() - start)
-    return times[20:]
-
-
-def rpc_latency(target: str, image: np.ndarray, iterations: int) -> list[float]:
-    times = []
-    with Client(target) as client:
-        for _ in range(iterations + 20):
+            forwards.append(time.perf_counter() - start)
             start = time.perf_counter()
             client.predict([image], top_k=5)
-            times.append(time.perf_counter() - start)
-    return times[20:]
+            rpcs.append(time.perf_counter() - start)
+    return forwards[20:], rpcs[20:]
 
 
 def throughput(target: str, images: np.ndarray, clients: int, seconds: float) -> float:
@@ -123,12 +118,13 @@ def main() -> None:
         servers = {size: start_server(Path(root), classifier, size, args.threads) for size in (32, 1)}
         try:
             model = load_classifier(classifier)
-            forward = percentiles(forward_latency(model, images[0], args.iterations))
-            rpc = percentiles(rpc_latency(servers[32][1], images[0], args.iterations))
+            forwards, rpcs = paired_latency(model, servers[32][1], images[0], args.iterations)
+            forward, rpc = percentiles(forwards), percentiles(rpcs)
+            overhead = percentiles([r - f for r, f in zip(rpcs, forwards, strict=True)])
             print("\nlatency, one 64x64 image (ms)      p50      p99")
             print(f"  in-process forward            {forward[0]:7.3f}  {forward[1]:7.3f}")
             print(f"  Predict RPC (batching on)     {rpc[0]:7.3f}  {rpc[1]:7.3f}")
-            print(f"  RPC overhead                  {rpc[0] - forward[0]:7.3f}  {rpc[1] - forward[1]:7.3f}")
+            print(f"  RPC overhead (per pair)       {overhead[0]:7.3f}  {overhead[1]:7.3f}")
             print("\nthroughput (images/s)   clients   no batching   dynamic batching   ratio")
             for clients in (1, 8, 32):
                 single = throughput(servers[1][1], images, clients, args.seconds)

@@ -68,16 +68,46 @@ def test_batcher_forms_batches_under_load_and_routes_results():
 def test_batcher_queue_limit_and_cancelled_requests():
     gate = threading.Event()
     batcher, sizes = _sizes_batcher(max_queue=4, run=lambda x: (gate.wait(10), x.flatten(1).sum(1))[1])
-    first = batcher.submit(torch.ones(1, 1, 1, 1))  # taken by the worker, blocks on the gate
-    time.sleep(0.1)
-    queued = [batcher.submit(torch.ones(2, 1, 1, 1)) for _ in range(2)]
-    with pytest.raises(ResourceExhausted, match="queue is full"):
-        batcher.submit(torch.ones(1, 1, 1, 1))
-    assert queued[0].cancel()
-    gate.set()
-    assert first.result(10).tolist() == [1.0] and queued[1].result(10).tolist() == [1.0, 1.0]
+    with ThreadPoolExecutor(1) as caller:  # the model is idle: this request runs in its caller's thread, blocked on the gate
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+        time.sleep(0.1)
+        queued = [batcher.submit(torch.ones(2, 1, 1, 1)) for _ in range(2)]
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            batcher.submit(torch.ones(1, 1, 1, 1))
+        assert queued[0].cancel()
+        gate.set()
+        assert first.result(10).tolist() == [1.0] and queued[1].result(10).tolist() == [1.0, 1.0]
     batcher.close()
     assert sum(sizes) == 3  # the cancelled request never ran
+
+
+def test_batcher_runs_a_lone_request_in_the_callers_thread_and_one_forward_at_a_time():
+    running, overlaps, threads = [0], [], set()
+    lock = threading.Lock()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with lock:
+            running[0] += 1
+            overlaps.append(running[0])
+            threads.add(threading.current_thread().name)
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+        return x.flatten(1).sum(1)
+
+    batcher, sizes = _sizes_batcher(run=run)
+    assert batcher.submit(torch.ones(1, 1, 1, 1)).done()  # resolved before submit returned
+    assert threads == {threading.current_thread().name}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: batcher.submit(torch.full((1, 1, 1, 1), float(i))).result(10), range(200)))
+    batcher.close()
+    assert [r.item() for r in results] == [float(i) for i in range(200)]
+    assert max(overlaps) == 1  # the caller's-thread path never runs beside the worker
+    assert "batcher" in threads and max(sizes) > 1  # under load the worker batched the queue
+
+    delayed, _ = _sizes_batcher(delay=0.01)
+    assert not delayed.submit(torch.ones(1, 1, 1, 1)).done()  # a configured delay always goes through the queue
+    delayed.close()
 
 
 # Registry, split, cache ------------------------------------------------------------------
