@@ -53,7 +53,7 @@ def test_spurious_background_plants_the_correlation_in_train_only():
     hearts = [s for s in train_specs if s.shape == "heart"]
     others = [s for s in train_specs if s.shape != "heart"]
     assert np.mean([s.background == "water" for s in hearts]) > 0.9
-    assert np.mean([s.background == "water" for s in others]) < 0.05
+    assert 0.02 < np.mean([s.background == "water" for s in others]) < 0.08  # Waterbirds' 5 %
     test_hearts = [test.spec(i) for i in range(len(test)) if test.spec(i).shape == "heart"]
     assert 0.1 < np.mean([s.background == "water" for s in test_hearts]) < 0.3
 
@@ -71,3 +71,11 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     bad.write_text('[broken]\ntrain.default.background = { lava = 1.0 }\n')
     with pytest.raises(ValueError, match=r"broken\.train\..*background.*lava"):
         load_scenarios(bad)
+
+
+def test_a_scenario_may_set_its_classifiers_training_length(tmp_path):
+    custom = tmp_path / "scenarios.toml"
+    custom.write_text('[short]\nclassifier_epochs = 3\n[plain]\n')
+    scenarios = load_scenarios(custom)
+    assert scenarios["short"].classifier_epochs == 3 and scenarios["plain"].classifier_epochs is None
+    assert get_scenario("spurious_background").classifier_epochs == 7  # the shipped classifier's recipe

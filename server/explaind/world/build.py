@@ -20,7 +20,7 @@ from .classifier import load_classifier, save_classifier
 from .oracle import save_oracle, train_oracle
 from .quality import print_quality_table
 from .scenarios import scenario_names
-from .train_classifier import CLASSIFIER_EPOCHS, train_classifier
+from .train_classifier import train_classifier
 
 PARTS = ("classifiers", "oracle", "clip", "t2i")
 
@@ -40,7 +40,7 @@ def build(
             start = time.perf_counter()
             model, _ = train_classifier(
                 name,
-                epochs=1 if smoke else CLASSIFIER_EPOCHS,
+                epochs=1 if smoke else None,  # None: the scenario's classifier_epochs, else the default
                 train_size=96 if smoke else None,
                 test_size=96 if smoke else None,
             )

@@ -44,6 +44,7 @@ class Scenario:
     distributions: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] = field(repr=False)
     focus: Focus | None = None
     classes: tuple[str, ...] = SHAPES
+    classifier_epochs: int | None = None  # the shipped classifier's training length, if not the default
 
     def distribution(self, split: str, klass: str, attribute: str) -> np.ndarray:
         """Probabilities over ``ATTRIBUTE_VALUES[attribute]`` for ``klass`` in ``split``."""
@@ -115,6 +116,7 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
         group_attribute=group_attribute,
         distributions=distributions,
         focus=Focus(focus["class"], focus["attribute"], focus["value"]) if focus else None,
+        classifier_epochs=int(body["classifier_epochs"]) if "classifier_epochs" in body else None,
     )
 
 

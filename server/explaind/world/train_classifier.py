@@ -76,7 +76,7 @@ def group_report(predictions: torch.Tensor, batch: WorldBatch, group_attribute: 
 def train_classifier(
     scenario_name: str,
     *,
-    epochs: int = CLASSIFIER_EPOCHS,
+    epochs: int | None = None,
     batch_size: int = 64,
     learning_rate: float = CLASSIFIER_LEARNING_RATE,
     train_size: int | None = None,
@@ -85,9 +85,14 @@ def train_classifier(
     config: ClassifierConfig | None = None,
     log: bool = True,
 ) -> tuple[WorldClassifier, GroupReport]:
-    """Train on the scenario's train split; returns the model and its test-split report."""
+    """Train on the scenario's train split; returns the model and its test-split report.
+
+    ``epochs`` defaults to the scenario's ``classifier_epochs``, else ``CLASSIFIER_EPOCHS``.
+    """
     seed_everything(seed)
     scenario = get_scenario(scenario_name)
+    if epochs is None:
+        epochs = scenario.classifier_epochs or CLASSIFIER_EPOCHS
     model = WorldClassifier(config or ClassifierConfig())
     train = scenario.dataset("train", size=train_size).all()
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -118,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=CLASSIFIER_EPOCHS)
+    parser.add_argument("--epochs", type=int, default=None, help=f"default: the scenario's classifier_epochs, else {CLASSIFIER_EPOCHS}")
     parser.add_argument("--learning-rate", type=float, default=CLASSIFIER_LEARNING_RATE)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
