@@ -3,8 +3,9 @@
     python bench/predict.py [--seconds 3] [--iterations 300]
 
 Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
-(p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating pairs), and (2) Predict throughput with dynamic batching
-(max_batch_size 32) and without (max_batch_size 1) at 1, 8 and 32 concurrent clients.
+(p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating
+pairs), and (2) Predict throughput with dynamic batching (max_batch_size 32) and
+without (max_batch_size 1) at 1, 8 and 32 concurrent clients.
 Servers run as subprocesses on loopback ports, like production.
 """
 

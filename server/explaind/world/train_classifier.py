@@ -31,7 +31,7 @@ class GroupReport:
         return name, self.group_accuracy[name]
 
 
-# The shipped classifiers' recipe (python -m explaind.world.build uses it for every scenario).
+# The shipped classifiers' recipe; a scenario's classifier_epochs overrides the epochs.
 CLASSIFIER_EPOCHS = 5
 CLASSIFIER_LEARNING_RATE = 3e-3
 
