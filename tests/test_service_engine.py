@@ -17,6 +17,7 @@ from explaind.config import ClassifierSection, ConfigError, default_config, load
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.models import load_classifier
 from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, ResourceExhausted
+from explaind.imaging import decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
@@ -269,6 +270,17 @@ def test_feature_cache_is_per_feature_version(engine):
     assert engine.store.get_features(version.feature_version, first.digests) == {}
     recomputed = engine.sample_set_features("cached")
     assert not torch.allclose(recomputed.features, first.features)
+
+
+def test_uint8_pixels_decode_to_exactly_the_reference_floats():
+    """Raw and PNG uint8 pixels reach the model as the plain x / 255 floats, bit for bit,
+    in a contiguous (3, H, W) tensor; the fast path must not change a prediction."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    reference = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+    request_bytes = np.frombuffer(pixels.tobytes(), dtype=np.uint8).reshape(pixels.shape)  # read-only, like a request's
+    for decoded in (decode_array(request_bytes, field="x"), decode_encoded(encode_png(pixels), field="x")):
+        assert decoded.is_contiguous() and decoded.dtype == torch.float32
+        assert torch.equal(decoded, reference)
 
 
 def test_engine_rejects_bad_samples_and_empty_sets(engine):

@@ -36,7 +36,17 @@ def decode_encoded(data: bytes, *, field: str) -> torch.Tensor:
         raise InvalidArgument("bytes are not an image format Pillow can read (PNG, JPEG, WebP, ...)", field=field) from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise InvalidArgument(f"cannot decode image bytes ({error})", field=field) from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+    return uint8_hwc_to_float_chw(pixels)
+
+
+def uint8_hwc_to_float_chw(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> contiguous (3, H, W) float32 in [0, 1].
+
+    One numpy ufunc rather than four torch ops: it runs once per Predict on a cold cache,
+    where it measured 0.10 ms against 0.26 ms. The division is the same IEEE float32
+    division torch's ``div`` does, so the pixels are bit-identical.
+    """
+    return torch.from_numpy(np.divide(pixels.transpose(2, 0, 1), np.float32(255), dtype=np.float32, order="C"))
 
 
 def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
@@ -48,13 +58,13 @@ def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
         raise InvalidArgument(f"expected 3 dimensions (H, W, 3) or (3, H, W), got shape {tuple(array.shape)}", field=field)
     if array.size == 0:
         raise InvalidArgument(f"tensor is empty (shape {tuple(array.shape)})", field=field)
-    if not array.flags.writeable:  # a view of the request's bytes; torch wants its own copy
-        array = array.copy()
     if array.dtype == np.uint8:
         if array.shape[2] != 3:
             raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+        tensor = uint8_hwc_to_float_chw(array)
     elif array.dtype in (np.float16, np.float32):
+        if not array.flags.writeable:  # a view of the request's bytes; torch wants its own copy
+            array = array.copy()
         if array.shape[0] == 3:
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         elif array.shape[2] == 3:
