@@ -68,7 +68,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 0,
     "timestep_spacing": "trailing",
 }
-UNET_TRAIN_STEPS = 5000
+UNET_TRAIN_STEPS = 10000
 EVAL_GUIDANCE_SCALE = 3.0
 EVAL_INFERENCE_STEPS = 25
 EVAL_SEEDS = (0, 1, 2, 3)
