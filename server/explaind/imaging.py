@@ -63,14 +63,12 @@ def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
             raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
         tensor = uint8_hwc_to_float_chw(array)
     elif array.dtype in (np.float16, np.float32):
-        if not array.flags.writeable:  # a view of the request's bytes; torch wants its own copy
-            array = array.copy()
-        if array.shape[0] == 3:
-            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        elif array.shape[2] == 3:
-            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
-        else:
+        if array.shape[0] != 3 and array.shape[2] != 3:
             raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=field)
+        # One copy, float32, writeable (the array may be a read-only view of the request's bytes).
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))
+        if array.shape[0] != 3:
+            tensor = tensor.permute(2, 0, 1)
         if not torch.isfinite(tensor).all():
             raise InvalidArgument("tensor contains NaN or infinite values", field=field)
         low, high = float(tensor.min()), float(tensor.max())
