@@ -21,7 +21,7 @@ from explaind.client import (
     ResourceExhaustedError,
 )
 from explaind.client.cli import main as cli_main
-from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,8 @@ def _bad_inputs(pixels: np.ndarray) -> dict[str, tuple[list[common_pb2.Image], s
         "wrong shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 4), np.zeros((64, 64, 4), np.uint8).tobytes())], "(H, W, 3)", grpc.StatusCode.INVALID_ARGUMENT),
         "2-d shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 192), pixels.tobytes())], "3 dimensions", grpc.StatusCode.INVALID_ARGUMENT),
         "byte count mismatch": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 3), pixels.tobytes()[:-1])], "images[0].tensor.data", grpc.StatusCode.INVALID_ARGUMENT),
+        # 2^31 x 2^31 x 3 bytes overflows int64 arithmetic; the message must give the true size.
+        "forged huge shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (2**31, 2**31, 3), b"x")], f"needs {3 * 2**62} bytes, got 1", grpc.StatusCode.INVALID_ARGUMENT),
         "out of range floats": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (3, 64, 64), np.full((3, 64, 64), 3.0, np.float32).tobytes())], "[0, 1]", grpc.StatusCode.INVALID_ARGUMENT),
         "no data": ([common_pb2.Image()], "images[0]", grpc.StatusCode.INVALID_ARGUMENT),
         "no images": ([], "images", grpc.StatusCode.INVALID_ARGUMENT),
@@ -149,6 +151,17 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
         client.predict([pixels], top_k=7)
     with pytest.raises(NotFoundError, match="no sample set 'missing-set'"):
         client.evaluate_sample_set("missing-set")
+    with grpc.insecure_channel(server.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        for rpc, request in (
+            (sets.GetSampleSet, sample_sets_pb2.GetSampleSetRequest()),
+            (sets.ListSamples, sample_sets_pb2.ListSamplesRequest()),
+            (sets.DeleteSampleSet, sample_sets_pb2.DeleteSampleSetRequest()),
+            (sets.AppendSamples, sample_sets_pb2.AppendSamplesRequest()),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                rpc(request, timeout=30)
+            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "sample_set_id: required"), rpc
     with pytest.raises(NotFoundError):
         client.operation("operations/does-not-exist")
     with pytest.raises(InvalidArgumentError, match="name"):

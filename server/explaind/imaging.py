@@ -7,6 +7,7 @@ Decoded images are float32 tensors (3, H, W) in [0, 1], RGB. Every check raises
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"negative dimension in shape {shape}", field=f"{field}.shape")
     np_dtype = np.dtype(_DTYPES[dtype]).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: a forged shape cannot overflow
     if expected != len(data):
         raise InvalidArgument(f"shape {shape} of {dtype} needs {expected} bytes, got {len(data)}", field=f"{field}.data")
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)

@@ -10,6 +10,7 @@ from explaind.v1 import inference_pb2, inference_pb2_grpc
 from ..engine import Engine
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument
 from . import convert
+from .sample_sets import required_set_id
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -66,7 +67,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     def EvaluateSampleSet(self, request: inference_pb2.EvaluateSampleSetRequest, context: grpc.ServicerContext) -> inference_pb2.EvaluateSampleSetResponse:
-        if not request.sample_set_id:
-            raise InvalidArgument("required", field="sample_set_id")
-        snapshot = self._engine.evaluate_sample_set(request.sample_set_id, batch_size=request.batch_size, max_grid_images=request.max_grid_images)
+        snapshot = self._engine.evaluate_sample_set(required_set_id(request), batch_size=request.batch_size, max_grid_images=request.max_grid_images)
         return inference_pb2.EvaluateSampleSetResponse(operation=convert.operation(snapshot))

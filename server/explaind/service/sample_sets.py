@@ -27,6 +27,13 @@ def next_token(offset: int, limit: int, returned: int) -> str:
     return str(offset + limit) if returned == limit else ""
 
 
+def required_set_id(request) -> str:
+    """The request's ``sample_set_id``; an empty one is a malformed request, not an unknown set."""
+    if not request.sample_set_id:
+        raise InvalidArgument("required", field="sample_set_id")
+    return request.sample_set_id
+
+
 class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -41,13 +48,11 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
-        if not request.sample_set_id:
-            raise InvalidArgument("required", field="sample_set_id")
-        info = self._engine.append_samples(request.sample_set_id, self._samples(request.samples))
+        info = self._engine.append_samples(required_set_id(request), self._samples(request.samples))
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 
     def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:
-        return sample_sets_pb2.GetSampleSetResponse(sample_set=convert.sample_set(self._engine.store.get_sample_set(request.sample_set_id)))
+        return sample_sets_pb2.GetSampleSetResponse(sample_set=convert.sample_set(self._engine.store.get_sample_set(required_set_id(request))))
 
     def ListSampleSets(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSampleSetsResponse:
         offset, limit = page(request.page_token, request.page_size, 100, 1000)
@@ -57,12 +62,12 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def ListSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSamplesResponse:
         offset, limit = page(request.page_token, request.page_size, 256, 4096)
         store = self._engine.store
-        records = store.list_samples(request.sample_set_id, offset, limit)
+        records = store.list_samples(required_set_id(request), offset, limit)
         samples = [
             sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(r.digest)), label=r.label, attributes=r.attributes) for r in records
         ]
         return sample_sets_pb2.ListSamplesResponse(samples=samples, next_page_token=next_token(offset, limit, len(records)))
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
-        self._engine.store.delete_sample_set(request.sample_set_id)
+        self._engine.store.delete_sample_set(required_set_id(request))
         return sample_sets_pb2.DeleteSampleSetResponse()
