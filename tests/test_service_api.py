@@ -222,6 +222,10 @@ def test_evaluate_job_result_matches_in_process_and_has_artifact(client, world_m
     assert {m[0] for m in report.mistakes} == set(torch.nonzero(predicted != labels).flatten().tolist())
     grid = operation.artifact_image("mistakes.png")
     assert grid.width > 0 and [a.name for a in operation.artifacts] == ["mistakes.png"]
+    with pytest.raises(NotFoundError, match=re.escape("artifact: operation has no artifact 'grid.png'; it has ['mistakes.png']")):
+        operation.artifact("grid.png")
+    with pytest.raises(InvalidArgumentError, match=re.escape("artifact: required; the operation has ['mistakes.png']")):
+        operation.artifact("")
     assert operation.name in [op.name for op in client.operations(kind="evaluate_sample_set", state="succeeded")]
 
 

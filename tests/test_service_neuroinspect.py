@@ -79,6 +79,10 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.edit_head("spurious", "heart", []), InvalidArgumentError, "neurons"),
         (lambda: client.edit_head("spurious", "heart", [1, 200]), InvalidArgumentError, "neurons[1]"),
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="nope"), NotFoundError, "validation_sample_set_id"),
+        (lambda: client.edit_head("spurious", "heart", [4, 1, 4]), InvalidArgumentError, "neurons[2]: neuron 4 is listed twice"),
+        # Rejected when submitted, not by a job that fails after extracting features.
+        (lambda: client.edit_head("spurious", "heart", [1], group_attribute="background"), InvalidArgumentError, "group_attribute: groups need"),
+        (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="spurious", group_attribute="mood"), InvalidArgumentError, "group_attribute: no sample"),
         (lambda: client.promote_head_version("v99"), NotFoundError, "version_id"),
         (lambda: client.promote_head_version(""), InvalidArgumentError, "version_id"),
     ]
@@ -90,6 +94,8 @@ def test_invalid_requests_name_the_field(client, world_set):
     client.create_sample_set(pixels[only_hearts][:3], labels[only_hearts][:3], sample_set_id="three-hearts")
     with pytest.raises(InvalidArgumentError, match="class_name.*no sample of class 'circle'"):
         client.rank_mistake_neurons("three-hearts", "circle")
+    with pytest.raises(InvalidArgumentError, match="sample_set_id: needs at least 5 samples"):
+        client.edit_head("three-hearts", "heart", [1])
     correct = [i for i, p in enumerate(client.predict(pixels[:60], top_k=1)) if p.class_indices[0] == labels[i]]
     client.create_sample_set(pixels[correct], labels[correct], sample_set_id="all-correct")
     with pytest.raises(InvalidArgumentError, match="class_index.*no mistakes"):

@@ -363,12 +363,22 @@ class NeuroInspectEngine:
         for i, neuron in enumerate(neurons):
             if not 0 <= int(neuron) < version.feature_dim:
                 raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"neurons[{i}]")
+            if neuron in neurons[:i]:
+                raise InvalidArgument(f"neuron {neuron} is listed twice", field=f"neurons[{i}]")
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
-        self._require_set(sample_set_id, "sample_set_id")
+        train_count = self._require_set(sample_set_id, "sample_set_id")
+        if not validation_sample_set_id and train_count < 5:
+            raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
             if value:
                 self._require_set(value, field)
+        eval_id = evaluation_sample_set_id or validation_sample_set_id
+        if group_attribute:
+            if not eval_id:
+                raise InvalidArgument("groups need an evaluation_sample_set_id or validation_sample_set_id whose samples carry the attribute", field="group_attribute")
+            if not any(group_attribute in r.attributes for r in self._engine.store.list_samples(eval_id)):
+                raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
         if strength is not None:
             _finite(strength, "strength")
         if target_ratio != "auto":
@@ -387,24 +397,16 @@ class NeuroInspectEngine:
                 validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context)
                 val_features, val_labels = validation.features, validation.labels
             else:  # every 5th sample held out
-                if len(labels) < 5:
-                    raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
                 held = torch.zeros(len(labels), dtype=torch.bool)
                 held[::5] = True
                 val_features, val_labels = features[held.to(features.device)], labels[held]
                 features, labels = features[~held.to(features.device)], labels[~held]
-            eval_id = evaluation_sample_set_id or validation_sample_set_id
             eval_features, eval_labels, groups = val_features, val_labels, None
             if eval_id:
                 evaluation = self._engine.sample_set_features(eval_id, version=version, context=context)
                 eval_features, eval_labels = evaluation.features, evaluation.labels
             if group_attribute:
-                if not eval_id:
-                    raise InvalidArgument("groups need an evaluation_sample_set_id or validation_sample_set_id whose samples carry the attribute", field="group_attribute")
                 records = self._engine.store.list_samples(eval_id)
-                missing = sum(group_attribute not in r.attributes for r in records)
-                if missing == len(records):
-                    raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
                 groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in records])
 
             def on_epoch(epoch: int, total: int, record) -> bool:

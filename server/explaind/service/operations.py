@@ -50,6 +50,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
 
     def GetArtifact(self, request, context: grpc.ServicerContext) -> operations_pb2.GetArtifactResponse:
         snapshot = self._jobs.get(convert.job_id(request.name))
+        names = [a.name for a in snapshot.record.artifacts]
+        if not request.artifact:
+            raise InvalidArgument(f"required; the operation has {names}", field="artifact")
         for artifact in snapshot.record.artifacts:
             if artifact.name == request.artifact:
                 content = self._jobs.store.get_blob(artifact.digest)
@@ -57,5 +60,4 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
                     artifact=operations_pb2.Artifact(name=artifact.name, media_type=artifact.media_type, digest=artifact.digest, size_bytes=artifact.size_bytes),
                     content=content,
                 )
-        names = [a.name for a in snapshot.record.artifacts]
         raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")
