@@ -1,6 +1,7 @@
 """The shapes world's text-to-image model: SD-style files, the DDIM pipeline's contract, shipped weights."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -37,6 +38,32 @@ def smoke(tmp_path_factory):
     out = train_t2i(steps=2, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path_factory.mktemp("t2i"), num_threads=1, log=False)
     clip = load_world_clip(clip_dir)
     return out, clip, load_world_t2i(out, clip), clip_dir
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_draws_the_same_examples_as_on_cpu(smoke, tmp_path):
+    """Random draws come from CPU generators: with one seed, the first step's loss (same
+    initial weights, batch, noise and timesteps) agrees across devices up to TF32 rounding."""
+    _, _, _, clip_dir = smoke
+    losses: dict[str, list[float]] = {"cpu": [], "cuda": []}
+    outputs = {
+        device: train_t2i(
+            steps=3, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path / device, num_threads=1, device=device,
+            on_step=lambda step, loss, device=device: losses[device].append(loss), log=False,
+        )
+        for device in losses
+    }
+    assert len(losses["cuda"]) == 3 and all(math.isfinite(loss) for loss in losses["cuda"])
+    assert losses["cuda"][0] == pytest.approx(losses["cpu"][0], rel=1e-2)
+    images = load_world_t2i(outputs["cuda"], load_world_clip(clip_dir)).to("cpu")("a red circle on grass", generator=_generators(0), num_inference_steps=2).images
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_training_reports_every_step_loss(smoke, tmp_path):
+    _, _, _, clip_dir = smoke
+    seen: list[tuple[int, float]] = []
+    train_t2i(steps=3, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path, num_threads=1, on_step=lambda *pair: seen.append(pair), log=False)
+    assert [step for step, _ in seen] == [0, 1, 2] and all(math.isfinite(loss) and loss > 0 for _, loss in seen)
 
 
 def _generators(*seeds):

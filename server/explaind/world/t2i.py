@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,17 +113,27 @@ def train_unet(
     learning_rate: float = 1e-3,
     ema_decay: float = 0.998,
     seed: int = 0,
+    device: str | torch.device = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
     log: bool = True,
 ) -> UNet2DConditionModel:
-    """Train the conditional UNet on uint8 images (N, 3, 64, 64) and their captions; returns its EMA weights."""
+    """Train the conditional UNet on uint8 images (N, 3, 64, 64) and their captions; returns its EMA weights (on CPU).
+
+    ``device`` runs the UNet and the text tower there (e.g. ``"cuda"``; the CLIP model
+    is moved in place); images stay on the CPU and go over one batch at a time. Every
+    random draw (batches, flips, noise, timesteps, prompt dropping) comes from CPU
+    generators, so a seed picks the same training examples on any device.
+    ``on_step(step, loss)`` follows every step (loss curves, progress bars).
+    """
     seed_everything(seed)
-    text_model, tokenizer = clip[0].eval(), clip[1]
+    device = torch.device(device)
+    text_model, tokenizer = clip[0].eval().to(device), clip[1]
     channels = autoencoder.latent_channels
     width = text_model.transformer.width
     unet = UNet2DConditionModel(
         **UNET_CONFIG, in_channels=channels, out_channels=channels, cross_attention_dim=width,
         projection_class_embeddings_input_dim=width,
-    )
+    ).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -133,8 +144,8 @@ def train_unet(
     unet.train()
     for step in range(steps):
         index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        pixels = images[index].float().div_(127.5).sub_(1.0)
-        flip = torch.rand(len(index), generator=generator) < 0.5
+        pixels = images[index].to(device).float().div_(127.5).sub_(1.0)
+        flip = (torch.rand(len(index), generator=generator) < 0.5).to(device)
         pixels[flip] = pixels[flip].flip(-1)
         latents = autoencoder.encode(pixels).latent_dist.mean * autoencoder.config.scaling_factor
         prompts = []
@@ -147,25 +158,29 @@ def train_unet(
             else:
                 prompts.append(captions[i])
         with torch.no_grad():
-            states = text_token_states(text_model, tokenizer(prompts))
-        noise = torch.randn(latents.shape, generator=generator)
+            states = text_token_states(text_model, tokenizer(prompts).to(device))
+        noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        weights = min_snr_weights(scheduler, timesteps).to(device)
+        timesteps = timesteps.to(device)
         predicted = unet_output(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, states)
         target = scheduler.get_velocity(latents, noise, timesteps)
         per_sample = (predicted - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(scheduler, timesteps) * per_sample).mean()
+        loss = (weights * per_sample).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimiser.step()
         schedule.step()
+        if on_step is not None:
+            on_step(step, loss.item())
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
             for averaged, source in zip(ema.parameters(), unet.parameters()):
                 averaged.lerp_(source, 1 - decay)
         if log and (step % 100 == 0 or step == steps - 1):
             print(f"[t2i] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
-    return ema.eval()
+    return ema.eval().cpu()
 
 
 def train_t2i(
@@ -177,6 +192,8 @@ def train_t2i(
     batch_size: int = 32,
     train_size: int | None = None,
     num_threads: int = 2,
+    device: str | torch.device = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
     log: bool = True,
 ) -> Path:
     """Train the UNet against the CLIP in ``clip_dir`` and save the SD-style directory; returns ``out_dir``.
@@ -193,7 +210,7 @@ def train_t2i(
     # Unit-variance latents, as Stable Diffusion's scaling_factor gives its VAE latents.
     autoencoder = PixelShuffleAutoencoder(**AUTOENCODER_CONFIG)
     autoencoder.register_to_config(scaling_factor=float(1.0 / images.float().div(127.5).sub(1.0).std()))
-    unet = train_unet(images, attributes, captions, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed, log=log)
+    unet = train_unet(images, attributes, captions, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed, device=device, on_step=on_step, log=log)
     autoencoder.save_pretrained(out_dir / "vae")
     unet.save_pretrained(out_dir / "unet")
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
@@ -295,17 +312,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
+    parser.add_argument("--device", default="cpu", help="train (and evaluate) on this torch device, e.g. cuda")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of evaluation samples here")
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
     out = train_t2i(
         steps=args.steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
-        batch_size=args.batch_size, num_threads=args.threads,
+        batch_size=args.batch_size, num_threads=args.threads, device=args.device,
     )
     print(f"[t2i] trained in {time.perf_counter() - start:.0f}s -> {out}")
     if not args.skip_eval:
-        report = evaluate_t2i(pipeline=load_world_t2i(out, load_world_clip(args.clip)), grid_path=args.grid)
+        pipeline = load_world_t2i(out, load_world_clip(args.clip, device=args.device), device=args.device)
+        report = evaluate_t2i(pipeline=pipeline, grid_path=args.grid)
         print(f"[t2i] oracle on {report['num_images']} samples (guidance {report['guidance_scale']}, "
               f"{report['num_inference_steps']} DDIM steps): "
               + ", ".join(f"{a} {v:.3f}" for a, v in report["accuracy"].items()))
