@@ -229,8 +229,23 @@ def test_onnx_classifier_is_inference_only(tmp_path, classifier_dir, world_model
     onnx_engine.close()
 
 
-def test_onnxruntime_backend_matches_eager(tmp_path, classifier_dir, engine):
-    ort_engine = _engine(tmp_path / "ort", classifier_dir, backend="onnxruntime")
+def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, classifier_dir, engine, monkeypatch):
+    import onnxruntime
+
+    session_threads = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording_session(path, sess_options=None, **kwargs):
+        session_threads.append(sess_options.intra_op_num_threads)
+        return real_session(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    torch_threads = torch.get_num_threads()
+    try:
+        ort_engine = _engine(tmp_path / "ort", classifier_dir, backend="onnxruntime", num_threads=1)
+    finally:
+        torch.set_num_threads(torch_threads)  # the engine set it process-wide
+    assert session_threads == [1]  # [runtime].num_threads caps ONNX Runtime too
     images = torch.rand(6, 3, 64, 64)
     got = ort_engine.predict(images, top_k=6, return_features=True)
     want = engine.predict(images, top_k=6, return_features=True)

@@ -29,8 +29,12 @@ def check_device(device: str) -> torch.device:
     return resolved
 
 
-def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path) -> FeatureFn:
-    """A function images (N, 3, S, S) in [0, 1] on ``device`` -> features (N, D) on ``device``."""
+def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, *, num_threads: int = 0) -> FeatureFn:
+    """A function images (N, 3, S, S) in [0, 1] on ``device`` -> features (N, D) on ``device``.
+
+    ``num_threads`` caps ONNX Runtime's intra-op threads as ``torch.set_num_threads``
+    caps torch's (0: the runtime's default, one per core).
+    """
     extractor = version.feature_extractor
     if extractor is None:
         raise FailedPrecondition(f"backend {backend!r} needs a split classifier; loader {version.loader!r} is inference-only")
@@ -45,11 +49,11 @@ def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cach
 
         return run_compiled
     if backend in ("onnxruntime", "tensorrt"):
-        return _onnxruntime_fn(version, backend, device, cache_dir)
+        return _onnxruntime_fn(version, backend, device, cache_dir, num_threads)
     raise FailedPrecondition(f"unknown backend {backend!r}")
 
 
-def _onnxruntime_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path) -> FeatureFn:
+def _onnxruntime_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int) -> FeatureFn:
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
@@ -66,6 +70,7 @@ def _onnxruntime_fn(version: ClassifierVersion, backend: str, device: str, cache
     path = export_onnx(version, cache_dir)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = num_threads
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
     target = torch.device(device)
 

@@ -139,7 +139,10 @@ class Engine:
                 version.feature_extractor.to(self.device)
                 version.head.to(self.device)
             if version.feature_version not in self._feature_fns:
-                fn = build_feature_fn(version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled")
+                fn = build_feature_fn(
+                    version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled",
+                    num_threads=self.config.runtime.num_threads,
+                )
                 fn(torch.rand(2, 3, version.image_size, version.image_size, device=self.device))
                 self._feature_fns[version.feature_version] = fn
         previous = self.models.activate(version)
