@@ -1,12 +1,13 @@
 """Predict performance, measured in one run on this machine.
 
-    python bench/predict.py [--seconds 3] [--iterations 300]
+    python bench/predict.py [--seconds 3] [--iterations 300] [--backend eager]
 
 Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
 (p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating
 pairs), and (2) Predict throughput with dynamic batching (max_batch_size 32) and
 without (max_batch_size 1) at 1, 8 and 32 concurrent clients.
-Servers run as subprocesses on loopback ports, like production.
+Servers run as subprocesses on loopback ports, like production, with ``--backend``
+for h_b; the in-process reference runs the same backend.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from explaind.client import Client
+from explaind.config import BACKENDS, ClassifierSection
+from explaind.engine.backends import build_feature_fn
+from explaind.engine.models import load_classifier
 from explaind.world import assets
-from explaind.world.classifier import load_classifier
 from explaind.world.scenarios import get_scenario
 
 
@@ -37,11 +41,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int, backend: str) -> tuple[subprocess.Popen, str]:
     config = root / f"batch{max_batch_size}.toml"
     config.write_text(
         f'[classifier]\nloader = "world"\npath = "{classifier}"\n'
-        f"[batching]\nmax_batch_size = {max_batch_size}\n[runtime]\nnum_threads = {threads}\n"
+        f'[batching]\nmax_batch_size = {max_batch_size}\n[runtime]\nnum_threads = {threads}\nbackend = "{backend}"\n'
     )
     port = free_port()
     command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port), "--data-dir", str(root / f"data{max_batch_size}")]
@@ -57,7 +61,15 @@ def percentiles(samples_s: list[float]) -> tuple[float, float]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
-def paired_latency(model: torch.nn.Module, target: str, image: np.ndarray, iterations: int) -> tuple[list[float], list[float]]:
+def in_process_model(classifier: Path, backend: str, threads: int, cache_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the server computes per batch, without the RPC: h_b through ``backend``,
+    then the head; images (N, 3, S, S) in [0, 1] -> logits (N, C)."""
+    version = load_classifier(ClassifierSection(loader="world", path=str(classifier)))
+    features = build_feature_fn(version, backend, "cpu", cache_dir, num_threads=threads)
+    return lambda images: version.logits(features(images))
+
+
+def paired_latency(model: Callable[[torch.Tensor], torch.Tensor], target: str, image: np.ndarray, iterations: int) -> tuple[list[float], list[float]]:
     """Alternate one in-process forward and one Predict RPC, so that drift in the
     machine's speed (a shared VM) hits both alike. In-process: the same uint8 -> float
     conversion the server does, then the model, softmax and top-5."""
@@ -105,7 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     parser.add_argument("--iterations", type=int, default=300, help="latency samples")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the servers alike")
+    parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) threads, in-process and in the servers alike")
+    parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "tensorrt"], default="eager", help="h_b backend, in-process and in the servers alike")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     classifier = assets.classifier_dir("balanced")
@@ -113,12 +126,12 @@ def main() -> None:
         raise SystemExit(f"no shipped classifier at {classifier}; run `make world` first")
     batch = get_scenario("balanced").dataset("test", size=64).all()
     images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads, CUDA={torch.cuda.is_available()}")
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads, CUDA={torch.cuda.is_available()}, backend {args.backend}")
 
     with tempfile.TemporaryDirectory() as root:
-        servers = {size: start_server(Path(root), classifier, size, args.threads) for size in (32, 1)}
+        servers = {size: start_server(Path(root), classifier, size, args.threads, args.backend) for size in (32, 1)}
         try:
-            model = load_classifier(classifier)
+            model = in_process_model(classifier, args.backend, args.threads, Path(root) / "compiled")
             forwards, rpcs = paired_latency(model, servers[32][1], images[0], args.iterations)
             forward, rpc = percentiles(forwards), percentiles(rpcs)
             overhead = percentiles([r - f for r, f in zip(rpcs, forwards, strict=True)])
