@@ -360,11 +360,13 @@ class NeuroInspectEngine:
         class_index = self._class_index(version, target_class)
         if not neurons:
             raise InvalidArgument("at least one neuron is required", field="neurons")
+        seen: set[int] = set()
         for i, neuron in enumerate(neurons):
             if not 0 <= int(neuron) < version.feature_dim:
                 raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"neurons[{i}]")
-            if neuron in neurons[:i]:
+            if neuron in seen:
                 raise InvalidArgument(f"neuron {neuron} is listed twice", field=f"neurons[{i}]")
+            seen.add(neuron)
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
         train_count = self._require_set(sample_set_id, "sample_set_id")
