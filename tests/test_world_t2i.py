@@ -15,6 +15,7 @@ from explaind.world.pipeline_world_t2i import WorldTextToImagePipeline, WorldTex
 from explaind.world.render import BACKGROUNDS, SHAPES, SceneSpec, render
 from explaind.world.t2i import (
     SCHEDULER_CONFIG,
+    TrainingPaused,
     evaluate_t2i,
     evaluation_prompts,
     load_world_t2i,
@@ -64,6 +65,38 @@ def test_training_reports_every_step_loss(smoke, tmp_path):
     seen: list[tuple[int, float]] = []
     train_t2i(steps=3, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path, num_threads=1, on_step=lambda *pair: seen.append(pair), log=False)
     assert [step for step, _ in seen] == [0, 1, 2] and all(math.isfinite(loss) and loss > 0 for _, loss in seen)
+
+
+def test_paused_training_resumes_to_the_same_weights_as_an_unbroken_run(smoke, tmp_path):
+    """A deadline already past stops after one step with the state saved; the same call
+    again continues from there and ends exactly where a run without a pause ends."""
+    _, _, _, clip_dir = smoke
+    run = {"steps": 4, "batch_size": 4, "clip_dir": clip_dir, "num_threads": 1, "log": False}
+    unbroken: list[float] = []
+    train_t2i(**run, out_dir=tmp_path / "unbroken", on_step=lambda step, loss: unbroken.append(loss))
+
+    checkpoint = tmp_path / "state" / "t2i.pt"
+    resumed: list[float] = []
+    with pytest.raises(TrainingPaused) as paused:
+        train_t2i(**run, out_dir=tmp_path / "resumed", on_step=lambda step, loss: resumed.append(loss), checkpoint=checkpoint, deadline=0.0)
+    assert paused.value.step == 1 and checkpoint.is_file() and not (tmp_path / "resumed" / "unet").exists()
+    train_t2i(**run, out_dir=tmp_path / "resumed", on_step=lambda step, loss: resumed.append(loss), checkpoint=checkpoint)
+
+    assert resumed == unbroken  # same batches, noise, timesteps and weights at every step
+    weights = [load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors") for name in ("unbroken", "resumed")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert not checkpoint.exists()  # the finished run's weights replace it
+
+
+def test_resuming_refuses_a_checkpoint_of_another_run(smoke, tmp_path):
+    _, _, _, clip_dir = smoke
+    checkpoint = tmp_path / "t2i.pt"
+    with pytest.raises(TrainingPaused):
+        train_t2i(steps=3, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path / "a", num_threads=1, checkpoint=checkpoint, deadline=0.0, log=False)
+    with pytest.raises(ValueError, match="steps 3 there, 4 here"):
+        train_t2i(steps=4, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path / "b", num_threads=1, checkpoint=checkpoint, log=False)
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        train_t2i(steps=3, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path / "c", num_threads=1, deadline=0.0, log=False)
 
 
 def _generators(*seeds):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +103,15 @@ def min_snr_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, gamma: fl
     return snr.clamp(max=gamma) / (snr + 1)
 
 
+class TrainingPaused(Exception):
+    """Training stopped at its deadline with its whole state saved in ``checkpoint``;
+    the same call again resumes from ``step`` and ends bit-identical to an unbroken run."""
+
+    def __init__(self, step: int, steps: int, checkpoint: Path) -> None:
+        super().__init__(f"paused after step {step} of {steps}; state saved to {checkpoint}; run the same command again to continue")
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
+
+
 def train_unet(
     images: torch.Tensor,
     attributes: list[dict[str, str]],
@@ -115,6 +126,9 @@ def train_unet(
     seed: int = 0,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 500,
+    deadline: float | None = None,
     log: bool = True,
 ) -> UNet2DConditionModel:
     """Train the conditional UNet on uint8 images (N, 3, 64, 64) and their captions; returns its EMA weights (on CPU).
@@ -124,7 +138,15 @@ def train_unet(
     random draw (batches, flips, noise, timesteps, prompt dropping) comes from CPU
     generators, so a seed picks the same training examples on any device.
     ``on_step(step, loss)`` follows every step (loss curves, progress bars).
+
+    With a ``checkpoint`` file the run survives interruption: its whole state (weights,
+    EMA, optimiser, schedule, random generators) is saved there every
+    ``checkpoint_every`` steps and a later call with the same arguments resumes from it.
+    ``deadline`` (a ``time.monotonic()`` value; needs ``checkpoint``) saves and raises
+    :class:`TrainingPaused` once a step ends past it, for machines lent minutes at a time.
     """
+    if deadline is not None and checkpoint is None:
+        raise ValueError("a deadline needs a checkpoint file to save the state in")
     seed_everything(seed)
     device = torch.device(device)
     text_model, tokenizer = clip[0].eval().to(device), clip[1]
@@ -140,9 +162,16 @@ def train_unet(
     schedule = one_cycle_schedule(optimiser, max_learning_rate=learning_rate, total_steps=steps, warmup_fraction=0.05)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
+    state = _TrainingState(
+        checkpoint, {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay, "seed": seed, "num_images": len(images)},
+        unet, ema, optimiser, schedule, generator, rng,
+    )
+    first_step = state.restore()
+    if log and first_step:
+        print(f"[t2i] resuming from {checkpoint} at step {first_step}/{steps}", flush=True)
     start = time.perf_counter()
     unet.train()
-    for step in range(steps):
+    for step in range(first_step, steps):
         index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
         pixels = images[index].to(device).float().div_(127.5).sub_(1.0)
         flip = (torch.rand(len(index), generator=generator) < 0.5).to(device)
@@ -180,7 +209,51 @@ def train_unet(
                 averaged.lerp_(source, 1 - decay)
         if log and (step % 100 == 0 or step == steps - 1):
             print(f"[t2i] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+        done = step + 1
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if checkpoint is not None and done < steps and (out_of_time or done % checkpoint_every == 0):
+            state.save(done)
+            if out_of_time:
+                raise TrainingPaused(done, steps, checkpoint)
     return ema.eval().cpu()
+
+
+class _TrainingState:
+    """Everything a resumed run needs to continue exactly where a stopped one ended,
+    saved atomically to one file and refused if it belongs to a different run."""
+
+    def __init__(self, path: Path | None, run: dict[str, Any], unet, ema, optimiser, schedule, generator: torch.Generator, rng: np.random.Generator) -> None:
+        self.path, self.run = path, run
+        self.unet, self.ema, self.optimiser, self.schedule, self.generator, self.rng = unet, ema, optimiser, schedule, generator, rng
+
+    def save(self, step: int) -> None:
+        state = {
+            "step": step, "run": self.run,
+            "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
+            "optimiser": self.optimiser.state_dict(), "schedule": self.schedule.state_dict(),
+            "generator": self.generator.get_state(), "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+    def restore(self) -> int:
+        """Load the checkpoint if there is one; returns the step to continue from (0 if none)."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        differences = [f"{key} {state['run'].get(key)} there, {value} here" for key, value in self.run.items() if state["run"].get(key) != value]
+        if differences:
+            raise ValueError(f"checkpoint {self.path} belongs to another run ({'; '.join(differences)}); delete it or name another checkpoint")
+        self.unet.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        return state["step"]
 
 
 def train_t2i(
@@ -194,12 +267,16 @@ def train_t2i(
     num_threads: int = 2,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint: str | Path | None = None,
+    deadline: float | None = None,
     log: bool = True,
 ) -> Path:
     """Train the UNet against the CLIP in ``clip_dir`` and save the SD-style directory; returns ``out_dir``.
 
     ``steps`` defaults to :data:`UNET_TRAIN_STEPS`. Only as many scenes are rendered as
     ``steps * batch_size`` can visit, so a smoke run (``steps=3``) takes seconds.
+    ``checkpoint`` and ``deadline`` as in :func:`train_unet` (raises
+    :class:`TrainingPaused`); the checkpoint is deleted once the weights are saved.
     """
     torch.set_num_threads(num_threads)
     steps = UNET_TRAIN_STEPS if steps is None else steps
@@ -210,11 +287,17 @@ def train_t2i(
     # Unit-variance latents, as Stable Diffusion's scaling_factor gives its VAE latents.
     autoencoder = PixelShuffleAutoencoder(**AUTOENCODER_CONFIG)
     autoencoder.register_to_config(scaling_factor=float(1.0 / images.float().div(127.5).sub(1.0).std()))
-    unet = train_unet(images, attributes, captions, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed, device=device, on_step=on_step, log=log)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    unet = train_unet(
+        images, attributes, captions, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed, device=device,
+        on_step=on_step, checkpoint=checkpoint, deadline=deadline, log=log,
+    )
     autoencoder.save_pretrained(out_dir / "vae")
     unet.save_pretrained(out_dir / "unet")
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
     _halve_weights(out_dir)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return out_dir
 
 
@@ -315,12 +398,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="train (and evaluate) on this torch device, e.g. cuda")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of evaluation samples here")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="save the training state here every 500 steps and resume from it")
+    parser.add_argument("--max-minutes", type=float, default=None, help="with --checkpoint: save and exit (code 75) once this long has passed since start; rerun to continue")
     args = parser.parse_args()
+    if args.max_minutes is not None and args.checkpoint is None:
+        parser.error("--max-minutes needs --checkpoint, where the state is saved for the next run")
     start = time.perf_counter()
-    out = train_t2i(
-        steps=args.steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
-        batch_size=args.batch_size, num_threads=args.threads, device=args.device,
-    )
+    deadline = None if args.max_minutes is None else time.monotonic() + args.max_minutes * 60
+    try:
+        out = train_t2i(
+            steps=args.steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
+            batch_size=args.batch_size, num_threads=args.threads, device=args.device,
+            checkpoint=args.checkpoint, deadline=deadline,
+        )
+    except TrainingPaused as paused:
+        print(f"[t2i] {paused}", flush=True)
+        sys.exit(75)  # EX_TEMPFAIL: not an error, the work continues on the next run
     print(f"[t2i] trained in {time.perf_counter() - start:.0f}s -> {out}")
     if not args.skip_eval:
         pipeline = load_world_t2i(out, load_world_clip(args.clip, device=args.device), device=args.device)
