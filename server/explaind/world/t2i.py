@@ -205,8 +205,7 @@ def train_unet(
             on_step(step, loss.item())
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
-            for averaged, source in zip(ema.parameters(), unet.parameters()):
-                averaged.lerp_(source, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)  # one call, not one kernel per tensor
         if log and (step % 100 == 0 or step == steps - 1):
             print(f"[t2i] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
         done = step + 1
