@@ -4,8 +4,10 @@
 
 Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
 (p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating
-pairs), and (2) Predict throughput with dynamic batching (max_batch_size 32) and
-without (max_batch_size 1) at 1, 8 and 32 concurrent clients.
+pairs), (2) Predict throughput with dynamic batching (max_batch_size 32) and
+without (max_batch_size 1) at 1, 8 and 32 concurrent clients, and (3) the model
+alone in-process at batch 1 and 32: the server runs one forward at a time in both
+modes, so batching's throughput gain cannot exceed the model's own batch-32 gain.
 Servers run as subprocesses on loopback ports, like production, with ``--backend``
 for h_b; the in-process reference runs the same backend.
 """
@@ -31,6 +33,7 @@ from explaind.client import Client
 from explaind.config import BACKENDS, ClassifierSection
 from explaind.engine.backends import build_feature_fn
 from explaind.engine.models import load_classifier
+from explaind.imaging import uint8_hwc_to_float_chw
 from explaind.world import assets
 from explaind.world.scenarios import get_scenario
 
@@ -71,13 +74,13 @@ def in_process_model(classifier: Path, backend: str, threads: int, cache_dir: Pa
 
 def paired_latency(model: Callable[[torch.Tensor], torch.Tensor], target: str, image: np.ndarray, iterations: int) -> tuple[list[float], list[float]]:
     """Alternate one in-process forward and one Predict RPC, so that drift in the
-    machine's speed (a shared VM) hits both alike. In-process: the same uint8 -> float
-    conversion the server does, then the model, softmax and top-5."""
+    machine's speed (a shared VM) hits both alike. In-process: the server's uint8 ->
+    float conversion, then the model, softmax and top-5."""
     forwards, rpcs = [], []
     with Client(target) as client, torch.inference_mode():
         for _ in range(iterations + 20):
             start = time.perf_counter()
-            x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)[None]
+            x = uint8_hwc_to_float_chw(image)[None]
             torch.softmax(model(x), 1).topk(5)
             forwards.append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -113,6 +116,20 @@ def throughput(target: str, images: np.ndarray, clients: int, seconds: float) ->
     return sum(counts) / elapsed
 
 
+def model_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int, seconds: float) -> float:
+    """Images per second through ``model`` alone, ``batch_size`` images per forward
+    (stacked as the server stacks them: contiguous (N, 3, S, S))."""
+    x = torch.stack([uint8_hwc_to_float_chw(image) for image in images[:batch_size]])
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        forwards, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            model(x)
+            forwards += 1
+    return forwards * batch_size / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
@@ -144,6 +161,9 @@ def main() -> None:
                 single = throughput(servers[1][1], images, clients, args.seconds)
                 batched = throughput(servers[32][1], images, clients, args.seconds)
                 print(f"                        {clients:7d}   {single:11.1f}   {batched:16.1f}   {batched / single:5.2f}x")
+            single, batched = (model_throughput(model, images, size, args.seconds) for size in (1, 32))
+            print("\nmodel alone, in-process (images/s)   batch 1   batch 32   ratio")
+            print(f"                                    {single:9.1f}  {batched:9.1f}   {batched / single:5.2f}x")
         finally:
             for process, _ in servers.values():
                 process.send_signal(signal.SIGTERM)
