@@ -1,6 +1,6 @@
 """Predict performance, measured in one run on this machine.
 
-    python bench/predict.py [--seconds 3] [--iterations 300] [--backend eager]
+    python bench/predict.py [--seconds 3] [--iterations 300] [--backend eager] [--device cpu]
 
 Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
 (p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating
@@ -9,7 +9,8 @@ without (max_batch_size 1) at 1, 8 and 32 concurrent clients, and (3) the model
 alone in-process at batch 1 and 32: the server runs one forward at a time in both
 modes, so batching's throughput gain cannot exceed the model's own batch-32 gain.
 Servers run as subprocesses on loopback ports, like production, with ``--backend``
-for h_b; the in-process reference runs the same backend.
+for h_b on ``--device``; the in-process reference runs the same backend on the same
+device and waits for each result, as the server must before it answers.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 
 from explaind.client import Client
 from explaind.config import BACKENDS, ClassifierSection
-from explaind.engine.backends import build_feature_fn
+from explaind.engine.backends import build_feature_fn, check_device
+from explaind.errors import FailedPrecondition
 from explaind.engine.models import load_classifier
 from explaind.imaging import uint8_hwc_to_float_chw
 from explaind.world import assets
@@ -44,11 +46,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int, backend: str) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int, backend: str, device: str) -> tuple[subprocess.Popen, str]:
     config = root / f"batch{max_batch_size}.toml"
     config.write_text(
         f'[classifier]\nloader = "world"\npath = "{classifier}"\n'
-        f'[batching]\nmax_batch_size = {max_batch_size}\n[runtime]\nnum_threads = {threads}\nbackend = "{backend}"\n'
+        f'[batching]\nmax_batch_size = {max_batch_size}\n'
+        f'[runtime]\nnum_threads = {threads}\nbackend = "{backend}"\ndevice = "{device}"\n'
     )
     port = free_port()
     command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port), "--data-dir", str(root / f"data{max_batch_size}")]
@@ -64,12 +67,15 @@ def percentiles(samples_s: list[float]) -> tuple[float, float]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
-def in_process_model(classifier: Path, backend: str, threads: int, cache_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the server computes per batch, without the RPC: h_b through ``backend``,
-    then the head; images (N, 3, S, S) in [0, 1] -> logits (N, C)."""
+def in_process_model(classifier: Path, backend: str, threads: int, device: str, cache_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the server computes per batch, without the RPC: images (N, 3, S, S) in
+    [0, 1] on the CPU go to ``device``, through h_b (``backend``) and the head; returns
+    the logits (N, C) back on the CPU, so every call includes the device's work."""
     version = load_classifier(ClassifierSection(loader="world", path=str(classifier)))
-    features = build_feature_fn(version, backend, "cpu", cache_dir, num_threads=threads)
-    return lambda images: version.logits(features(images))
+    version.feature_extractor.to(device)
+    version.head.to(device)
+    features = build_feature_fn(version, backend, device, cache_dir, num_threads=threads)
+    return lambda images: version.logits(features(images.to(device))).cpu()
 
 
 def paired_latency(model: Callable[[torch.Tensor], torch.Tensor], target: str, image: np.ndarray, iterations: int) -> tuple[list[float], list[float]]:
@@ -136,19 +142,24 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300, help="latency samples")
     parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) threads, in-process and in the servers alike")
     parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "tensorrt"], default="eager", help="h_b backend, in-process and in the servers alike")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (e.g. cuda), in-process and in the servers alike")
     args = parser.parse_args()
+    try:
+        check_device(args.device)
+    except FailedPrecondition as error:
+        raise SystemExit(str(error)) from None
     torch.set_num_threads(args.threads)
     classifier = assets.classifier_dir("balanced")
     if not (classifier / "model.safetensors").is_file():
         raise SystemExit(f"no shipped classifier at {classifier}; run `make world` first")
     batch = get_scenario("balanced").dataset("test", size=64).all()
     images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads, CUDA={torch.cuda.is_available()}, backend {args.backend}")
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads, CUDA={torch.cuda.is_available()}, backend {args.backend} on {args.device}")
 
     with tempfile.TemporaryDirectory() as root:
-        servers = {size: start_server(Path(root), classifier, size, args.threads, args.backend) for size in (32, 1)}
+        servers = {size: start_server(Path(root), classifier, size, args.threads, args.backend, args.device) for size in (32, 1)}
         try:
-            model = in_process_model(classifier, args.backend, args.threads, Path(root) / "compiled")
+            model = in_process_model(classifier, args.backend, args.threads, args.device, Path(root) / "compiled")
             forwards, rpcs = paired_latency(model, servers[32][1], images[0], args.iterations)
             forward, rpc = percentiles(forwards), percentiles(rpcs)
             overhead = percentiles([r - f for r, f in zip(rpcs, forwards, strict=True)])
