@@ -202,14 +202,14 @@ def multi_positive_clip_loss(logits: torch.Tensor, matches: torch.Tensor) -> tor
 
 def training_scenes(
     train_size: int, seed: int, watermark_fraction: float
-) -> tuple[torch.Tensor, list[dict[str, str]], list[str]]:
-    """Balanced train images (N, 3, 64, 64) uint8, attributes and captions.
+) -> tuple[torch.Tensor, list[dict[str, str]], list[str], torch.Tensor]:
+    """Balanced train images (N, 3, 64, 64) uint8, attributes, captions and object masks (N, 64, 64) bool.
 
     A fraction of scenes gets a watermark so CLIP learns the word (balanced has none).
     """
     dataset = get_scenario("balanced").dataset("train", size=train_size)
     rng = np.random.default_rng(seed)
-    images, attributes, captions = [], [], []
+    images, attributes, captions, object_masks = [], [], [], []
     for index in range(len(dataset)):
         spec = dataset.spec(index)
         if rng.random() < watermark_fraction:
@@ -218,7 +218,8 @@ def training_scenes(
         images.append(torch.from_numpy(scene.image).permute(2, 0, 1))
         attributes.append(scene.attributes)
         captions.append(scene.caption)
-    return torch.stack(images), attributes, captions
+        object_masks.append(torch.from_numpy(scene.object_mask))
+    return torch.stack(images), attributes, captions, torch.stack(object_masks)
 
 
 def train_clip(
@@ -254,7 +255,7 @@ def train_clip(
     name = register_world_clip_config()
     model = open_clip.create_model(name)
     tokenizer = open_clip.get_tokenizer(name)
-    images, attributes, full_captions = training_scenes(train_size, seed, watermark_fraction)
+    images, attributes, full_captions, _ = training_scenes(train_size, seed, watermark_fraction)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimiser = torch.optim.AdamW(

@@ -7,8 +7,8 @@ and samples with DDIM and classifier-free guidance; like SDXL it also adds poole
 pixel-space equivalent :class:`PixelShuffleAutoencoder` (64x64x3 RGB <-> 16x16x48,
 exact and weightless): a learned ``AutoencoderKL`` small enough to train here blurred
 shapes into blobs. The UNet is trained on the balanced scenario's train split
-(v-prediction, min-SNR-5 loss weights, 10 % empty prompts for guidance,
-horizontal flips); its EMA weights are shipped.
+(v-prediction, min-SNR-5 loss weights floored at 1 and raised around the object,
+10 % empty prompts for guidance, horizontal flips); its EMA weights are shipped.
 
 Layout written by :func:`train_t2i`, loadable like an SD checkpoint::
 
@@ -76,6 +76,10 @@ EVAL_GUIDANCE_SCALE = 3.0
 EVAL_INFERENCE_STEPS = 25
 EVAL_SEEDS = (0, 1, 2, 3)
 _MIN_SNR_GAMMA = 5.0
+# Clean-image loss weight floor for the noisiest steps and extra weight on the object's
+# neighbourhood; see min_snr_weights and object_region_weights for why.
+_CLEAN_WEIGHT_FLOOR = 1.0
+_OBJECT_LOSS_WEIGHT = 4.0
 _EMPTY_PROMPT_RATE = 0.1
 _PARTIAL_PROMPT_RATE = 0.2
 
@@ -96,11 +100,31 @@ def evaluation_prompts() -> list[str]:
     ]
 
 
-def min_snr_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, gamma: float = _MIN_SNR_GAMMA) -> torch.Tensor:
-    """Per-sample v-loss weights min(SNR, gamma) / (SNR + 1) (Hang et al., 2023): faster, steadier training."""
+def min_snr_weights(
+    scheduler: DDIMScheduler, timesteps: torch.Tensor, gamma: float = _MIN_SNR_GAMMA, floor: float = 0.0
+) -> torch.Tensor:
+    """Per-sample v-loss weights max(min(SNR, gamma), floor) / (SNR + 1) (min-SNR, Hang et al., 2023).
+
+    The v-loss is (SNR + 1) times the clean-image loss, so these weigh the clean image
+    by max(min(SNR, gamma), floor). Min-SNR alone (``floor`` 0) gives the noisiest steps a
+    clean-image weight of about SNR, near 0; yet in pixel space those are the only steps
+    where the outline is gone from the input and the prompt alone says which shape to draw.
+    """
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    return snr.clamp(max=gamma) / (snr + 1)
+    return snr.clamp(max=gamma).clamp(min=floor) / (snr + 1)
+
+
+def object_region_weights(object_masks: torch.Tensor, patch_size: int, weight: float) -> torch.Tensor:
+    """Per-latent-cell loss weights (N, 1, H/p, W/p): 1 + ``weight`` x the object's coverage
+    of the cell, dilated by one cell.
+
+    Why: the noisy backgrounds fill most of the image and most of the loss, while a wrong
+    shape differs from the right one only along the outline, a few dozen pixels in or just
+    outside the object. The dilation covers the outside where another shape would paint.
+    """
+    coverage = torch.nn.functional.avg_pool2d(object_masks.float()[:, None], patch_size)
+    return 1 + weight * torch.nn.functional.max_pool2d(coverage, 3, stride=1, padding=1)
 
 
 class TrainingPaused(Exception):
@@ -116,6 +140,7 @@ def train_unet(
     images: torch.Tensor,
     attributes: list[dict[str, str]],
     captions: list[str],
+    object_masks: torch.Tensor,
     autoencoder: PixelShuffleAutoencoder,
     clip: tuple,
     *,
@@ -124,6 +149,8 @@ def train_unet(
     learning_rate: float = 1e-3,
     ema_decay: float = 0.998,
     seed: int = 0,
+    clean_weight_floor: float = _CLEAN_WEIGHT_FLOOR,
+    object_weight: float = _OBJECT_LOSS_WEIGHT,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     checkpoint: Path | None = None,
@@ -131,7 +158,12 @@ def train_unet(
     deadline: float | None = None,
     log: bool = True,
 ) -> UNet2DConditionModel:
-    """Train the conditional UNet on uint8 images (N, 3, 64, 64) and their captions; returns its EMA weights (on CPU).
+    """Train the conditional UNet on uint8 images (N, 3, 64, 64), their captions and object
+    masks (N, 64, 64); returns its EMA weights (on CPU).
+
+    The loss is the v-prediction error weighted per sample by :func:`min_snr_weights`
+    (``clean_weight_floor``) and per latent cell by :func:`object_region_weights`
+    (``object_weight``; 0 weighs every cell alike).
 
     ``device`` runs the UNet and the text tower there (e.g. ``"cuda"``; the CLIP model
     is moved in place); images stay on the CPU and go over one batch at a time. Every
@@ -163,7 +195,10 @@ def train_unet(
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     state = _TrainingState(
-        checkpoint, {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay, "seed": seed, "num_images": len(images)},
+        checkpoint, {
+            "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay, "seed": seed,
+            "num_images": len(images), "clean_weight_floor": clean_weight_floor, "object_weight": object_weight,
+        },
         unet, ema, optimiser, schedule, generator, rng,
     )
     first_step = state.restore()
@@ -176,6 +211,8 @@ def train_unet(
         pixels = images[index].to(device).float().div_(127.5).sub_(1.0)
         flip = (torch.rand(len(index), generator=generator) < 0.5).to(device)
         pixels[flip] = pixels[flip].flip(-1)
+        cell_weights = object_region_weights(object_masks[index].to(device), autoencoder.config.patch_size, object_weight)
+        cell_weights[flip] = cell_weights[flip].flip(-1)
         latents = autoencoder.encode(pixels).latent_dist.mean * autoencoder.config.scaling_factor
         prompts = []
         for i in index.tolist():
@@ -190,11 +227,11 @@ def train_unet(
             states = text_token_states(text_model, tokenizer(prompts).to(device))
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        weights = min_snr_weights(scheduler, timesteps).to(device)
+        weights = min_snr_weights(scheduler, timesteps, floor=clean_weight_floor).to(device)
         timesteps = timesteps.to(device)
         predicted = unet_output(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, states)
         target = scheduler.get_velocity(latents, noise, timesteps)
-        per_sample = (predicted - target).pow(2).mean(dim=(1, 2, 3))
+        per_sample = ((predicted - target).pow(2) * cell_weights).mean(dim=(1, 2, 3)) / cell_weights.mean(dim=(1, 2, 3))
         loss = (weights * per_sample).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,6 +300,8 @@ def train_t2i(
     out_dir: str | Path | None = None,
     batch_size: int = 32,
     train_size: int | None = None,
+    clean_weight_floor: float = _CLEAN_WEIGHT_FLOOR,
+    object_weight: float = _OBJECT_LOSS_WEIGHT,
     num_threads: int = 2,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
@@ -272,8 +311,10 @@ def train_t2i(
 ) -> Path:
     """Train the UNet against the CLIP in ``clip_dir`` and save the SD-style directory; returns ``out_dir``.
 
-    ``steps`` defaults to :data:`UNET_TRAIN_STEPS`. Only as many scenes are rendered as
-    ``steps * batch_size`` can visit, so a smoke run (``steps=3``) takes seconds.
+    ``steps`` defaults to :data:`UNET_TRAIN_STEPS`; ``clean_weight_floor`` and
+    ``object_weight`` as in :func:`train_unet` (the defaults are the shipped recipe).
+    Only as many scenes are rendered as ``steps * batch_size`` can visit, so a smoke
+    run (``steps=3``) takes seconds.
     ``checkpoint`` and ``deadline`` as in :func:`train_unet` (raises
     :class:`TrainingPaused`); the checkpoint is deleted once the weights are saved.
     """
@@ -282,13 +323,14 @@ def train_t2i(
     out_dir = Path(out_dir or t2i_dir())
     clip = load_world_clip(clip_dir or default_clip_dir())
     size = min(train_size or get_scenario("balanced").sizes["train"], steps * batch_size)
-    images, attributes, captions = training_scenes(size, seed, watermark_fraction=0.2)
+    images, attributes, captions, object_masks = training_scenes(size, seed, watermark_fraction=0.2)
     # Unit-variance latents, as Stable Diffusion's scaling_factor gives its VAE latents.
     autoencoder = PixelShuffleAutoencoder(**AUTOENCODER_CONFIG)
     autoencoder.register_to_config(scaling_factor=float(1.0 / images.float().div(127.5).sub(1.0).std()))
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     unet = train_unet(
-        images, attributes, captions, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed, device=device,
+        images, attributes, captions, object_masks, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed,
+        clean_weight_floor=clean_weight_floor, object_weight=object_weight, device=device,
         on_step=on_step, checkpoint=checkpoint, deadline=deadline, log=log,
     )
     autoencoder.save_pretrained(out_dir / "vae")
@@ -393,6 +435,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=UNET_TRAIN_STEPS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clean-weight-floor", type=float, default=_CLEAN_WEIGHT_FLOOR, help="least clean-image loss weight of a noisy step (0: plain min-SNR)")
+    parser.add_argument("--object-weight", type=float, default=_OBJECT_LOSS_WEIGHT, help="extra loss weight around the object (0: every pixel alike)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
     parser.add_argument("--device", default="cpu", help="train (and evaluate) on this torch device, e.g. cuda")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of evaluation samples here")
@@ -407,7 +451,8 @@ def main() -> None:
     try:
         out = train_t2i(
             steps=args.steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
-            batch_size=args.batch_size, num_threads=args.threads, device=args.device,
+            batch_size=args.batch_size, clean_weight_floor=args.clean_weight_floor, object_weight=args.object_weight,
+            num_threads=args.threads, device=args.device,
             checkpoint=args.checkpoint, deadline=deadline,
         )
     except TrainingPaused as paused:
