@@ -33,8 +33,8 @@ import torch
 from explaind.client import Client
 from explaind.config import BACKENDS, ClassifierSection
 from explaind.engine.backends import build_feature_fn, check_device
-from explaind.errors import FailedPrecondition
 from explaind.engine.models import load_classifier
+from explaind.errors import FailedPrecondition
 from explaind.imaging import uint8_hwc_to_float_chw
 from explaind.world import assets
 from explaind.world.scenarios import get_scenario

@@ -202,6 +202,8 @@ def train_unet(
         unet, ema, optimiser, schedule, generator, rng,
     )
     first_step = state.restore()
+    # Once for every image, not per visit: (N, 1, 16, 16) instead of the (N, 64, 64) masks.
+    all_cell_weights = object_region_weights(object_masks, autoencoder.config.patch_size, object_weight)
     if log and first_step:
         print(f"[t2i] resuming from {checkpoint} at step {first_step}/{steps}", flush=True)
     start = time.perf_counter()
@@ -211,7 +213,7 @@ def train_unet(
         pixels = images[index].to(device).float().div_(127.5).sub_(1.0)
         flip = (torch.rand(len(index), generator=generator) < 0.5).to(device)
         pixels[flip] = pixels[flip].flip(-1)
-        cell_weights = object_region_weights(object_masks[index].to(device), autoencoder.config.patch_size, object_weight)
+        cell_weights = all_cell_weights[index].to(device)
         cell_weights[flip] = cell_weights[flip].flip(-1)
         latents = autoencoder.encode(pixels).latent_dist.mean * autoencoder.config.scaling_factor
         prompts = []
