@@ -89,6 +89,21 @@ def test_paused_training_resumes_to_the_same_weights_as_an_unbroken_run(smoke, t
     assert not checkpoint.exists()  # the finished run's weights replace it
 
 
+def test_warm_restart_continues_from_the_given_weights(smoke, tmp_path):
+    """``init_from`` starts the UNet at a saved model's weights: one small first step
+    leaves them nearly unchanged, where a run from random weights lands far away."""
+    out, _, _, clip_dir = smoke
+    run = {"steps": 1, "batch_size": 4, "clip_dir": clip_dir, "num_threads": 1, "seed": 1, "log": False}
+    train_t2i(**run, out_dir=tmp_path / "warm", init_from=out)
+    train_t2i(**run, out_dir=tmp_path / "cold")
+    weights = {name: load_file(path / "unet" / "diffusion_pytorch_model.safetensors") for name, path in (("init", out), ("warm", tmp_path / "warm"), ("cold", tmp_path / "cold"))}
+
+    def distance(name: str) -> float:
+        return max((weights[name][key].float() - weights["init"][key].float()).abs().max().item() for key in weights["init"])
+
+    assert distance("warm") < 1e-3 < distance("cold")
+
+
 def test_resuming_refuses_a_checkpoint_of_another_run(smoke, tmp_path):
     _, _, _, clip_dir = smoke
     checkpoint = tmp_path / "t2i.pt"

@@ -151,6 +151,7 @@ def train_unet(
     seed: int = 0,
     clean_weight_floor: float = _CLEAN_WEIGHT_FLOOR,
     object_weight: float = _OBJECT_LOSS_WEIGHT,
+    init_from: Path | None = None,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     checkpoint: Path | None = None,
@@ -164,6 +165,10 @@ def train_unet(
     The loss is the v-prediction error weighted per sample by :func:`min_snr_weights`
     (``clean_weight_floor``) and per latent cell by :func:`object_region_weights`
     (``object_weight``; 0 weighs every cell alike).
+
+    ``init_from`` (a saved UNet directory, e.g. ``<t2i dir>/unet``) starts the UNet and
+    its EMA from those weights instead of at random: a warm restart that adds training to
+    shipped weights without their optimiser state, so training can grow in pieces.
 
     ``device`` runs the UNet and the text tower there (e.g. ``"cuda"``; the CLIP model
     is moved in place); images stay on the CPU and go over one batch at a time. Every
@@ -187,7 +192,10 @@ def train_unet(
     unet = UNet2DConditionModel(
         **UNET_CONFIG, in_channels=channels, out_channels=channels, cross_attention_dim=width,
         projection_class_embeddings_input_dim=width,
-    ).to(device)
+    )
+    if init_from is not None:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from, torch_dtype=torch.float32, low_cpu_mem_usage=False).state_dict())
+    unet = unet.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -198,6 +206,7 @@ def train_unet(
         checkpoint, {
             "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay, "seed": seed,
             "num_images": len(images), "clean_weight_floor": clean_weight_floor, "object_weight": object_weight,
+            "init_from": None if init_from is None else str(init_from),
         },
         unet, ema, optimiser, schedule, generator, rng,
     )
@@ -304,6 +313,7 @@ def train_t2i(
     train_size: int | None = None,
     clean_weight_floor: float = _CLEAN_WEIGHT_FLOOR,
     object_weight: float = _OBJECT_LOSS_WEIGHT,
+    init_from: str | Path | None = None,
     num_threads: int = 2,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
@@ -314,7 +324,8 @@ def train_t2i(
     """Train the UNet against the CLIP in ``clip_dir`` and save the SD-style directory; returns ``out_dir``.
 
     ``steps`` defaults to :data:`UNET_TRAIN_STEPS`; ``clean_weight_floor`` and
-    ``object_weight`` as in :func:`train_unet` (the defaults are the shipped recipe).
+    ``object_weight`` as in :func:`train_unet` (the defaults are the shipped recipe);
+    ``init_from`` a saved text-to-image directory whose UNet is trained further.
     Only as many scenes are rendered as ``steps * batch_size`` can visit, so a smoke
     run (``steps=3``) takes seconds.
     ``checkpoint`` and ``deadline`` as in :func:`train_unet` (raises
@@ -332,7 +343,8 @@ def train_t2i(
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     unet = train_unet(
         images, attributes, captions, object_masks, autoencoder, clip, steps=steps, batch_size=batch_size, seed=seed,
-        clean_weight_floor=clean_weight_floor, object_weight=object_weight, device=device,
+        clean_weight_floor=clean_weight_floor, object_weight=object_weight,
+        init_from=None if init_from is None else Path(init_from) / "unet", device=device,
         on_step=on_step, checkpoint=checkpoint, deadline=deadline, log=log,
     )
     autoencoder.save_pretrained(out_dir / "vae")
@@ -439,6 +451,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clean-weight-floor", type=float, default=_CLEAN_WEIGHT_FLOOR, help="least clean-image loss weight of a noisy step (0: plain min-SNR)")
     parser.add_argument("--object-weight", type=float, default=_OBJECT_LOSS_WEIGHT, help="extra loss weight around the object (0: every pixel alike)")
+    parser.add_argument("--init-from", type=Path, default=None, help="continue training the UNet of this text-to-image directory (a warm restart)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
     parser.add_argument("--device", default="cpu", help="train (and evaluate) on this torch device, e.g. cuda")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of evaluation samples here")
@@ -454,7 +467,7 @@ def main() -> None:
         out = train_t2i(
             steps=args.steps, seed=args.seed, clip_dir=args.clip, out_dir=args.out,
             batch_size=args.batch_size, clean_weight_floor=args.clean_weight_floor, object_weight=args.object_weight,
-            num_threads=args.threads, device=args.device,
+            init_from=args.init_from, num_threads=args.threads, device=args.device,
             checkpoint=args.checkpoint, deadline=deadline,
         )
     except TrainingPaused as paused:
