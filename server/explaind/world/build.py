@@ -1,6 +1,6 @@
 """Regenerate every shapes-world asset from scratch, then print the quality table.
 
-    python -m explaind.world.build                 # everything (well over an hour on 2 CPU cores; t2i alone about 60 min)
+    python -m explaind.world.build                 # everything (well over an hour on 2 CPU cores; t2i alone about 95 min)
     python -m explaind.world.build --parts classifiers --smoke --root /tmp/assets
 
 ``--smoke`` trains each model for a few steps on tiny data: CI uses it to prove the
@@ -59,10 +59,14 @@ def build(
         train_clip(steps=3 if smoke else None, seed=0, out_dir=clip_dir(root), num_threads=num_threads)
         timings["clip"] = time.perf_counter() - start
     if "t2i" in parts:
-        from .t2i import train_t2i
+        from .t2i import UNET_TRAIN_STAGES, train_t2i
 
         start = time.perf_counter()
-        train_t2i(steps=3 if smoke else None, seed=0, clip_dir=clip_dir(root), out_dir=t2i_dir(root), num_threads=num_threads)
+        for stage, (steps, seed) in enumerate(UNET_TRAIN_STAGES):
+            train_t2i(
+                steps=3 if smoke else steps, seed=seed, clip_dir=clip_dir(root), out_dir=t2i_dir(root),
+                init_from=t2i_dir(root) if stage else None, num_threads=num_threads,
+            )
         timings["t2i"] = time.perf_counter() - start
     return timings
 

@@ -71,7 +71,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 0,
     "timestep_spacing": "trailing",
 }
-UNET_TRAIN_STEPS = 10000
+# The shipped recipe, (steps, seed) per run: every run after the first continues the
+# UNet the previous one saved (``init_from``, a warm restart with a fresh one-cycle
+# schedule), so that 2-core sessions can add training in pieces of about an hour.
+UNET_TRAIN_STAGES: tuple[tuple[int, int], ...] = ((10000, 0), (6000, 1))
+UNET_TRAIN_STEPS = UNET_TRAIN_STAGES[0][0]
 EVAL_GUIDANCE_SCALE = 3.0
 EVAL_INFERENCE_STEPS = 25
 EVAL_SEEDS = (0, 1, 2, 3)
