@@ -325,8 +325,5 @@ def test_shipped_model_draws_the_prompted_background_and_colour(shipped_report):
 
 @needs_shipped
 @needs_oracle
-@pytest.mark.xfail(reason="issue 2 acceptance 4 does not hold for shapes yet: the shipped model draws the prompted "
-                          "shape in 68 % of the 192 evaluation images (10000 + 6000 CPU steps; squares and stars are the weak shapes)",
-                   strict=True)
 def test_shipped_model_draws_the_prompted_shape(shipped_report):
     assert shipped_report["accuracy"]["shape"] >= 0.7, shipped_report

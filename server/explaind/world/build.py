@@ -1,6 +1,6 @@
 """Regenerate every shapes-world asset from scratch, then print the quality table.
 
-    python -m explaind.world.build                 # everything (well over an hour on 2 CPU cores; t2i alone about 95 min)
+    python -m explaind.world.build                 # everything (about three hours on 2 CPU cores; t2i alone about 2.5 h in three runs)
     python -m explaind.world.build --parts classifiers --smoke --root /tmp/assets
 
 ``--smoke`` trains each model for a few steps on tiny data: CI uses it to prove the

@@ -74,7 +74,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 # The shipped recipe, (steps, seed) per run: every run after the first continues the
 # UNet the previous one saved (``init_from``, a warm restart with a fresh one-cycle
 # schedule), so that 2-core sessions can add training in pieces of about an hour.
-UNET_TRAIN_STAGES: tuple[tuple[int, int], ...] = ((10000, 0), (6000, 1))
+UNET_TRAIN_STAGES: tuple[tuple[int, int], ...] = ((10000, 0), (6000, 1), (8000, 2))
 UNET_TRAIN_STEPS = UNET_TRAIN_STAGES[0][0]
 EVAL_GUIDANCE_SCALE = 3.0
 EVAL_INFERENCE_STEPS = 25
