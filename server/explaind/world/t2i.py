@@ -16,7 +16,10 @@ Layout written by :func:`train_t2i`, loadable like an SD checkpoint::
     <dir>/unet/       UNet2DConditionModel.from_pretrained(<dir>/unet)
     <dir>/scheduler/  DDIMScheduler.from_pretrained(<dir>/scheduler)
 
-    python -m explaind.world.t2i --out server/explaind/world/assets/t2i
+    python -m explaind.world.t2i --out server/explaind/world/assets/t2i    # one run, 10000 steps
+
+The shipped weights are :data:`UNET_TRAIN_STAGES` run in turn (``python -m explaind.world.build
+--parts t2i``): each stage after the first adds ``--steps S --seed K --init-from <the same dir>``.
 """
 
 from __future__ import annotations
