@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
-from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor
+from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
 from explaind.world.assets import classifier_dir, clip_dir
+from explaind.world.scenarios import WorldBatch
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -104,28 +105,66 @@ def test_bad_requests_raise_value_errors_naming_the_field(illusion, pairs, kwarg
 # --- Acceptance 4: quality on the shipped world CLIP -----------------------------------
 
 SHIPPED_CLIP = (clip_dir() / "open_clip_model.safetensors").is_file()
-SHIPPED_SPURIOUS = (classifier_dir("spurious_background") / "model.safetensors").is_file()
+
+
+def shipped_illusion(scenario: str) -> tuple[ClipIllusion, torch.Tensor, WorldBatch]:
+    """ClipIllusion on a shipped classifier and the world CLIP, with its layer3 features
+    (600, D) on attribute-independent probe scenes and the scenes themselves."""
+    if not (SHIPPED_CLIP and (classifier_dir(scenario) / "model.safetensors").is_file()):
+        pytest.skip(f"shipped world CLIP or {scenario} classifier not built yet")
+    from explaind.world.classifier import load_classifier
+    from explaind.world.clip import load_world_clip
+    from explaind.world.probes import probe_batch
+
+    classifier = load_classifier(classifier_dir(scenario))
+    clip_model, tokenizer, _ = load_world_clip()
+    probe = probe_batch(600, seed=1)
+    features = FeatureExtractor(classifier, feature_layer="layer3").features(probe.images)
+    return ClipIllusion(classifier, "layer3", clip_model, tokenizer), features, probe
+
+
+def attribute_similarity(illusion: ClipIllusion, images: torch.Tensor, words: list[str]) -> torch.Tensor:
+    """CLIP cosine (B,) of each image to its attribute's prompt "a photo of a {word}"."""
+    prompts = torch.stack([illusion.text_embedding([f"a photo of a {word}"]) for word in words])
+    with torch.no_grad():
+        return illusion.clip_similarity(images, prompts)
+
+
+@pytest.fixture(scope="module")
+def own_shape_neuron_images():
+    """The world's default (balanced) classifier: the strongest detector of each shape
+    (AUC >= 0.9), conditioned on that shape's class, by CLIP-Illusion and by feature
+    visualisation."""
+    illusion, features, probe = shipped_illusion("balanced")
+    found = concept_neurons(features, {shape: probe.attributes["shape"] == shape for shape in illusion.class_names},
+                            per_concept=1)
+    shapes = [shape for shape, neurons in found.items() if neurons]
+    assert len(shapes) >= 3, found
+    pairs = [(found[shape][0], illusion.class_names.index(shape)) for shape in shapes]
+    ours = illusion.visualize(pairs, steps=400, method="clip_illusion", epsilon=WORLD_CLIP_ILLUSION_EPSILON)
+    baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
+    return illusion, shapes, features[:, [neuron for neuron, _ in pairs]], ours, baseline
+
+
+def test_conditioned_on_its_own_shape_clip_illusion_shows_the_shape_and_fires_the_neuron(own_shape_neuron_images):
+    """The case CLIP-Illusion is built for: the class it is conditioned on is the neuron's
+    attribute. The similarity half guards the CLIP term (its sign, preprocessing and
+    prompts); the activation half guards against the class term drowning the neuron."""
+    illusion, shapes, neuron_features, ours, baseline = own_shape_neuron_images
+    ours_score = attribute_similarity(illusion, ours.images, shapes)
+    baseline_score = attribute_similarity(illusion, baseline.images, shapes)
+    assert ours_score.mean() > baseline_score.mean() + 0.1, (ours_score, baseline_score)
+    assert (ours_score > 0).all(), ours_score
+    assert (ours.activations >= neuron_features.quantile(0.99, dim=0)).all(), ours.activations
 
 
 @pytest.fixture(scope="module")
 def water_neuron_images():
     """CLIP-Illusion and feature-visualisation images of the spurious_background
     classifier's four strongest water neurons, each conditioned on its top class."""
-    if not (SHIPPED_CLIP and SHIPPED_SPURIOUS):
-        pytest.skip("shipped world CLIP or spurious_background classifier not built yet")
-    from explaind.methods.neuroinspect import neuron_auc
-    from explaind.world.classifier import load_classifier
-    from explaind.world.clip import load_world_clip
-    from explaind.world.probes import probe_batch
-
-    classifier = load_classifier(classifier_dir("spurious_background"))
-    clip_model, tokenizer, _ = load_world_clip()
-    illusion = ClipIllusion(classifier, "layer3", clip_model, tokenizer)
-    probe = probe_batch(600, seed=1)
-    features = FeatureExtractor(classifier, feature_layer="layer3").features(probe.images)
+    illusion, features, probe = shipped_illusion("spurious_background")
     # Neurons with a known attribute: the strongest water detectors of the water-biased model.
-    auc = neuron_auc(features, probe.attributes["background"] == "water")
-    neurons = [n for n in features.mean(0).argsort(descending=True).tolist() if auc[n] >= 0.9][:4]
+    neurons = concept_neurons(features, {"water": probe.attributes["background"] == "water"}, per_concept=4)["water"]
     assert len(neurons) == 4
     pairs = [(neuron, None) for neuron in neurons]  # conditioned on each neuron's top class
     # The world CLIP's cosines go negative, so it runs with its configured ε (cos + ε >= 0).
@@ -152,8 +191,6 @@ def test_clip_illusion_reaches_the_neurons_top_activations_and_reads_as_the_clas
                           "conditioned on heart). It held on the previous classifier (docs/neuroinspect.md)", strict=True)
 def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualization(water_neuron_images):
     illusion, _, ours, baseline = water_neuron_images
-    water = illusion.text_embedding(["a photo of a water"]).expand(len(ours.images), -1)
-    with torch.no_grad():
-        ours_score = illusion.clip_similarity(ours.images, water)
-        baseline_score = illusion.clip_similarity(baseline.images, water)
+    ours_score = attribute_similarity(illusion, ours.images, ["water"] * len(ours.images))
+    baseline_score = attribute_similarity(illusion, baseline.images, ["water"] * len(baseline.images))
     assert ours_score.mean() > baseline_score.mean(), (ours_score, baseline_score)

@@ -23,7 +23,7 @@ from ._editing import EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, evaluat
 from ._features import FeatureExtractor
 from ._fourier import FourierImage
 from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationResult
-from ._probing import neuron_auc
+from ._probing import concept_neurons, neuron_auc
 from ._probability import neuron_importance, probability_ratio
 from ._ranking import MistakeNeuronRanker, NeuronRanking, RankedNeuron
 
@@ -45,6 +45,7 @@ __all__ = [
     "ProximalGradient",
     "RankedNeuron",
     "VisualizationResult",
+    "concept_neurons",
     "evaluate_head",
     "make_solver",
     "neuron_auc",

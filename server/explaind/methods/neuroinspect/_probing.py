@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
+
 import numpy as np
 import torch
 from scipy.stats import rankdata
+
+Concept = TypeVar("Concept", bound=Hashable)
 
 
 def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -22,3 +27,24 @@ def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> t
     ranks = rankdata(features.detach().cpu().double().numpy(), axis=0)
     u = ranks[positive].sum(0) - num_positive * (num_positive + 1) / 2
     return torch.from_numpy(u / (num_positive * num_negative))
+
+
+def concept_neurons(
+    features: torch.Tensor, concepts: Mapping[Concept, torch.Tensor | np.ndarray], *, min_auc: float = 0.9,
+    per_concept: int = 3,
+) -> dict[Concept, list[int]]:
+    """Neurons that detect each concept: AUC >= ``min_auc`` for it, strongest first.
+
+    ``features`` (N, D); ``concepts`` maps a concept (any hashable key) to its (N,) bool positive mask.
+    "Strongest" is the mean activation over all N samples, so a detector that fires
+    often and hard comes before a faint one. At most ``per_concept`` per concept; a
+    concept no neuron detects maps to an empty list.
+    """
+    if not 0.5 < min_auc <= 1:
+        raise ValueError(f"min_auc must lie in (0.5, 1], got {min_auc}")
+    by_strength = features.mean(0).argsort(descending=True)
+    found = {}
+    for name, positive in concepts.items():
+        detects = neuron_auc(features, positive)[by_strength] >= min_auc
+        found[name] = by_strength[detects][:per_concept].tolist()
+    return found
