@@ -1,5 +1,6 @@
 """Backends that run the feature extractor h_b for Predict: eager, torch.compile,
-ONNX Runtime, TensorRT (via ONNX Runtime's TensorRT execution provider).
+ONNX Runtime, TensorRT (via ONNX Runtime's TensorRT execution provider; both engines
+live in ``explaind.kernels``).
 
 Only h_b goes through a backend; the linear head always runs in eager PyTorch, so a
 head edit never needs a recompile or re-export.
@@ -7,16 +8,14 @@ head edit never needs a recompile or re-export.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import FailedPrecondition
+from ..kernels import ENGINES, export_onnx, onnx_runtime_features
 from .models import ClassifierVersion
-
-log = logging.getLogger(__name__)
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,58 +47,13 @@ def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cach
             return compiled(images)
 
         return run_compiled
-    if backend in ("onnxruntime", "tensorrt"):
-        return _onnxruntime_fn(version, backend, device, cache_dir, num_threads)
+    if backend in ENGINES:
+        return _onnx_engine_fn(version, backend, device, cache_dir, num_threads)
     raise FailedPrecondition(f"unknown backend {backend!r}")
 
 
-def _onnxruntime_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int) -> FeatureFn:
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    if backend == "tensorrt":
-        if not torch.cuda.is_available() or "TensorrtExecutionProvider" not in available:
-            raise FailedPrecondition(f"backend 'tensorrt' needs CUDA and onnxruntime's TensorrtExecutionProvider; this machine has CUDA={torch.cuda.is_available()}, providers={available}")
-        providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif torch.device(device).type == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise FailedPrecondition(f"device {device!r} with backend 'onnxruntime' needs onnxruntime-gpu (CUDAExecutionProvider); providers here: {available}")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    path = export_onnx(version, cache_dir)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = num_threads
-    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
-    target = torch.device(device)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        (features,) = session.run(None, {"images": images.detach().cpu().numpy()})
-        return torch.from_numpy(features).to(target)
-
-    return run
-
-
-def export_onnx(version: ClassifierVersion, cache_dir: Path) -> Path:
-    """Export h_b to ONNX (dynamic batch) once per feature version; returns the file."""
-    path = Path(cache_dir) / f"features-{version.feature_version[:16]}.onnx"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    probe = torch.rand(2, 3, version.image_size, version.image_size)
-    temporary = path.with_suffix(".tmp")
-    extractor = version.feature_extractor.cpu()
-    torch.onnx.export(
-        extractor,
-        (probe,),
-        str(temporary),
-        input_names=["images"],
-        output_names=["features"],
-        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    temporary.replace(path)
-    log.info("exported feature extractor to %s", path)
-    return path
+def _onnx_engine_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int) -> FeatureFn:
+    """h_b exported once per feature version under ``cache_dir``, run by ONNX Runtime."""
+    path = export_onnx(version.feature_extractor, version.image_size,
+                       Path(cache_dir) / f"features-{version.feature_version[:16]}.onnx")
+    return onnx_runtime_features(path, engine=backend, device=device, num_threads=num_threads)

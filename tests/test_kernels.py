@@ -1,0 +1,47 @@
+"""ONNX Runtime engines for h_b (explaind.kernels), apart from the engine that picks them."""
+
+import pytest
+import torch
+from torch import nn
+
+from explaind.errors import FailedPrecondition
+from explaind.kernels import export_onnx, onnx_runtime_features
+
+
+def small_extractor() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monkeypatch):
+    extractor = small_extractor()
+    path = export_onnx(extractor, 16, tmp_path / "features.onnx")
+    features = onnx_runtime_features(path, num_threads=1)
+    for batch in (1, 5):
+        images = torch.rand(batch, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(features(images), extractor(images), atol=1e-5, rtol=1e-4)
+
+    def no_second_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_second_export)
+    assert export_onnx(extractor, 16, path) == path
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unknown_engine_and_missing_providers_fail_clearly(tmp_path):
+    path = export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
+    with pytest.raises(ValueError, match="engine"):
+        onnx_runtime_features(path, engine="openvino")
+    if not torch.cuda.is_available():
+        with pytest.raises(FailedPrecondition, match="TensorrtExecutionProvider"):
+            onnx_runtime_features(path, engine="tensorrt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_export_leaves_a_cuda_model_on_the_gpu(tmp_path):
+    extractor = small_extractor().cuda()
+    export_onnx(extractor, 16, tmp_path / "features.onnx")
+    assert all(p.is_cuda for p in extractor.parameters())
