@@ -229,6 +229,19 @@ def test_evaluate_job_result_matches_in_process_and_has_artifact(client, world_m
     assert operation.name in [op.name for op in client.operations(kind="evaluate_sample_set", state="succeeded")]
 
 
+def test_job_progress_goes_to_logs_as_lines_when_stderr_is_not_a_terminal(client, world_images, capsys):
+    images, labels = world_images
+    client.create_sample_set(_uint8(images), labels.tolist(), sample_set_id="progress-lines")
+    report = client.evaluate_sample_set("progress-lines", batch_size=8).result(progress=True, timeout=120)
+    assert report.sample_count == len(labels)
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    assert all(line.startswith("evaluate_sample_set: ") for line in lines), lines
+    # Updates a fast job coalesces are skipped; the last line is the outcome, shown once.
+    assert lines[-1] == f"evaluate_sample_set: succeeded {len(labels)}/{len(labels)} done", lines
+    assert len(lines) == len(set(lines))
+
+
 def test_metrics_count_calls_exactly(server, client, world_images):
     pixels = _uint8(world_images[0][:1])
     labels = {"service": "explaind.v1.InferenceService", "method": "Predict"}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 # Long enough for any job; the SDK never makes a call without a deadline.
 WATCH_DEADLINE_S = 24 * 3600.0
+PROGRESS_LINE_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -150,11 +154,14 @@ class Operation:
 
     def result(self, *, progress: bool = False, timeout: float | None = None) -> Any:
         """Wait for the job and return its result (a dataclass where the SDK has one,
-        else the response message). ``progress=True`` shows a tqdm bar; Ctrl-C cancels
-        the job on the server before re-raising. Raises OperationError if it failed."""
+        else the response message). ``progress=True`` shows a tqdm bar, or plain lines
+        when stderr is not a terminal; Ctrl-C cancels the job on the server before
+        re-raising. Raises OperationError if it failed."""
         try:
-            if progress:
+            if progress and sys.stderr.isatty():
                 self._follow_with_bar(timeout)
+            elif progress:
+                self._follow_with_lines(timeout)
             else:
                 self.wait(timeout)
         except KeyboardInterrupt:
@@ -177,6 +184,21 @@ class Operation:
                 bar.n = progress.step
                 bar.set_postfix_str(f"{update.state}: {progress.message}", refresh=False)
                 bar.refresh()
+
+    def _follow_with_lines(self, timeout: float | None) -> None:
+        """Progress for logs (stderr not a terminal): a line when the state or message
+        changes, and at most every ``PROGRESS_LINE_INTERVAL_S`` otherwise, instead of a
+        bar redrawn with carriage returns into one endless line."""
+        shown, shown_at = None, -math.inf
+        for update in self.watch(timeout or WATCH_DEADLINE_S):
+            progress = update.progress
+            now = time.monotonic()
+            if (update.state, progress.message) != shown or now - shown_at >= PROGRESS_LINE_INTERVAL_S:
+                count = f"{progress.step}/{progress.total}" if progress.total else str(progress.step or "")
+                message = progress.message if progress.message != update.state else ""
+                print(" ".join(part for part in (f"{self.kind or self.name}:", update.state, count, message) if part),
+                      file=sys.stderr, flush=True)
+                shown, shown_at = (update.state, progress.message), now
 
     def _unpack_response(self) -> Any:
         response = self._message.response
