@@ -128,7 +128,9 @@ class ExplaindServer:
 
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our own INFO lines; libraries only from WARNING (open_clip logs every load step at INFO).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     server = ExplaindServer(config)
     try:
         port = server.start()
