@@ -10,6 +10,7 @@ import torch
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
 from explaind.world.assets import classifier_dir, clip_dir
+from explaind.world.clip import ZERO_SHOT_TEMPLATE
 from explaind.world.scenarios import WorldBatch
 
 TINY_CLIP = {
@@ -125,7 +126,7 @@ def shipped_illusion(scenario: str) -> tuple[ClipIllusion, torch.Tensor, WorldBa
 
 def attribute_similarity(illusion: ClipIllusion, images: torch.Tensor, words: list[str]) -> torch.Tensor:
     """CLIP cosine (B,) of each image to its attribute's prompt "a photo of a {word}"."""
-    prompts = torch.stack([illusion.text_embedding([f"a photo of a {word}"]) for word in words])
+    prompts = torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(word)]) for word in words])
     with torch.no_grad():
         return illusion.clip_similarity(images, prompts)
 
