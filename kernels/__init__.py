@@ -6,6 +6,6 @@ one by ``[runtime].backend``; the linear head stays in eager PyTorch, so a head 
 never needs a new engine.
 """
 
-from ._onnx_runtime import ENGINES, export_onnx, onnx_runtime_features
+from ._onnx_runtime import ENGINES, execution_providers, export_onnx, onnx_runtime_features
 
-__all__ = ["ENGINES", "export_onnx", "onnx_runtime_features"]
+__all__ = ["ENGINES", "execution_providers", "export_onnx", "onnx_runtime_features"]

@@ -45,16 +45,13 @@ def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
     return path
 
 
-def onnx_runtime_features(
-    path: Path, *, engine: str = "onnxruntime", device: str = "cpu", num_threads: int = 0
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images (N, 3, S, S) in [0, 1] -> features (N, D) on ``device``, running
-    the ONNX file at ``path``.
+def execution_providers(engine: str = "onnxruntime", device: str = "cpu") -> list[str]:
+    """ONNX Runtime providers for ``engine`` on ``device``, best first; checked before any
+    export so a machine without them fails at once with a ``FailedPrecondition`` naming
+    what is missing.
 
-    ``engine`` "tensorrt" uses TensorRT (falling back to CUDA, then CPU, per node);
-    "onnxruntime" uses CUDA when ``device`` is a CUDA device, else the CPU. A provider
-    this machine lacks is a ``FailedPrecondition`` naming what is missing.
-    ``num_threads`` caps intra-op threads (0: one per core).
+    "tensorrt" uses TensorRT, falling back to CUDA, then CPU, per node; "onnxruntime"
+    uses CUDA when ``device`` is a CUDA device, else the CPU.
     """
     import onnxruntime
 
@@ -66,15 +63,25 @@ def onnx_runtime_features(
             raise FailedPrecondition(
                 f"backend 'tensorrt' needs CUDA and onnxruntime's TensorrtExecutionProvider; this machine has "
                 f"CUDA={torch.cuda.is_available()}, providers={available}")
-        providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif torch.device(device).type == "cuda":
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise FailedPrecondition(
                 f"device {device!r} with backend 'onnxruntime' needs onnxruntime-gpu (CUDAExecutionProvider); "
                 f"providers here: {available}")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def onnx_runtime_features(
+    path: Path, providers: list[str], *, device: str = "cpu", num_threads: int = 0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function images (N, 3, S, S) in [0, 1] -> features (N, D) on ``device``, running
+    the ONNX file at ``path`` on ``providers`` (from :func:`execution_providers`).
+    ``num_threads`` caps intra-op threads (0: one per core).
+    """
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = num_threads

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from explaind.errors import FailedPrecondition
-from explaind.kernels import export_onnx, onnx_runtime_features
+from explaind.kernels import execution_providers, export_onnx, onnx_runtime_features
 
 
 def small_extractor() -> nn.Module:
@@ -16,7 +16,7 @@ def small_extractor() -> nn.Module:
 def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monkeypatch):
     extractor = small_extractor()
     path = export_onnx(extractor, 16, tmp_path / "features.onnx")
-    features = onnx_runtime_features(path, num_threads=1)
+    features = onnx_runtime_features(path, execution_providers(), num_threads=1)
     for batch in (1, 5):
         images = torch.rand(batch, 3, 16, 16)
         with torch.no_grad():
@@ -30,13 +30,15 @@ def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monke
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_unknown_engine_and_missing_providers_fail_clearly(tmp_path):
-    path = export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
+def test_unknown_engine_and_missing_providers_fail_clearly():
+    assert execution_providers() == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="engine"):
-        onnx_runtime_features(path, engine="openvino")
+        execution_providers("openvino")
     if not torch.cuda.is_available():
         with pytest.raises(FailedPrecondition, match="TensorrtExecutionProvider"):
-            onnx_runtime_features(path, engine="tensorrt")
+            execution_providers("tensorrt")
+        with pytest.raises(FailedPrecondition, match="CUDAExecutionProvider"):
+            execution_providers("onnxruntime", "cuda")
 
 
 @pytest.mark.gpu

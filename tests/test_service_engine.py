@@ -260,6 +260,7 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
 def test_gpu_only_settings_fail_clearly_without_cuda(tmp_path, classifier_dir, runtime):
     with pytest.raises(FailedPrecondition, match="CUDA"):
         _engine(tmp_path, classifier_dir, **runtime)
+    assert not list(tmp_path.rglob("*.onnx"))  # it fails before exporting anything
 
 
 def test_feature_cache_is_per_feature_version(engine):

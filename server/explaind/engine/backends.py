@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import FailedPrecondition
-from ..kernels import ENGINES, export_onnx, onnx_runtime_features
+from ..kernels import ENGINES, execution_providers, export_onnx, onnx_runtime_features
 from .models import ClassifierVersion
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -54,6 +54,7 @@ def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cach
 
 def _onnx_engine_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int) -> FeatureFn:
     """h_b exported once per feature version under ``cache_dir``, run by ONNX Runtime."""
+    providers = execution_providers(backend, device)
     path = export_onnx(version.feature_extractor, version.image_size,
                        Path(cache_dir) / f"features-{version.feature_version[:16]}.onnx")
-    return onnx_runtime_features(path, engine=backend, device=device, num_threads=num_threads)
+    return onnx_runtime_features(path, providers, device=device, num_threads=num_threads)
