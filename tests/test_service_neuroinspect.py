@@ -76,6 +76,10 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.visualize_neurons([128], method="no_clip"), InvalidArgumentError, "pairs[0].neuron"),
         (lambda: client.visualize_neurons([(3, "unicorn")], method="no_clip"), InvalidArgumentError, "pairs[0].class_name"),
         (lambda: client.visualize_neurons([3]), FailedPreconditionError, "method"),  # no CLIP configured
+        (lambda: client.visualize_neurons([3], method="no_clip", classes_per_neuron=7), InvalidArgumentError,
+         "classes_per_neuron: 7 is not in [1, 6]"),
+        (lambda: client.visualize_neurons(list(range(22)), method="no_clip", classes_per_neuron=3), InvalidArgumentError,
+         "pairs: 66 images exceed the limit of 64"),
         (lambda: client.edit_head("spurious", "heart", []), InvalidArgumentError, "neurons"),
         (lambda: client.edit_head("spurious", "heart", [1, 200]), InvalidArgumentError, "neurons[1]"),
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="nope"), NotFoundError, "validation_sample_set_id"),
@@ -146,6 +150,18 @@ def test_visualize_streams_previews_and_stores_images(client):
             long.cancel()
             break
     assert long.wait(30).state == "cancelled"
+
+
+def test_a_neuron_without_a_class_shows_its_top_classes(client):
+    from explaind.world.classifier import load_classifier
+
+    weights = load_classifier(SPURIOUS).fc.weight
+    names = client.model_metadata().class_names
+    top3 = [names[c] for c in weights[:, 11].topk(3).indices.tolist()]
+    visualizations = client.visualize_neurons([(7, "heart"), 11], method="no_clip", steps=2,
+                                              classes_per_neuron=3).result(timeout=120)
+    assert [(v.neuron, v.class_name) for v in visualizations] == [(7, "heart")] + [(11, name) for name in top3]
+    assert len({np.asarray(v.image).tobytes() for v in visualizations[1:]}) == 3
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -284,11 +284,14 @@ class Client:
         learning_rate: float | None = None,
         seed: int = 0,
         preview_every: int = 0,
+        classes_per_neuron: int = 0,
     ) -> Operation:
         """Start visualising neurons: each entry is a neuron (conditioned on the class with
-        its largest head weight) or a (neuron, class) pair. ``method``: "clip_illusion",
-        "feature_visualization" or "no_clip"; ``steps`` 0 means 400. ``.result()`` gives a
-        list of :class:`NeuronVisualization` with PIL images; progress carries previews."""
+        its largest head weight, or on each of the ``classes_per_neuron`` largest) or a
+        (neuron, class) pair. ``method``: "clip_illusion", "feature_visualization" or
+        "no_clip"; ``steps`` 0 means 400. ``.result()`` gives a list of
+        :class:`NeuronVisualization` with PIL images, in request order; progress carries
+        previews."""
         messages = []
         for pair in pairs:
             neuron, target = (pair, None) if isinstance(pair, (int, np.integer)) else pair
@@ -296,7 +299,7 @@ class Client:
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
         request = neuroinspect_pb2.VisualizeNeuronsRequest(
             pairs=messages, method={"clip_illusion": 1, "feature_visualization": 2, "no_clip": 3}.get(method, 99), steps=steps,
-            seed=seed, preview_every=preview_every, **optional,
+            seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, **optional,
         )
         return Operation(self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
 

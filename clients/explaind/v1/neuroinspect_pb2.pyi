@@ -180,7 +180,7 @@ class NeuronClassPair(_message.Message):
     def __init__(self, neuron: _Optional[int] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ...) -> None: ...
 
 class VisualizeNeuronsRequest(_message.Message):
-    __slots__ = ("pairs", "method", "steps", "gamma", "epsilon", "learning_rate", "seed", "preview_every")
+    __slots__ = ("pairs", "method", "steps", "gamma", "epsilon", "learning_rate", "seed", "preview_every", "classes_per_neuron")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class VisualizeNeuronsRequest(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_PER_NEURON_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[NeuronClassPair]
     method: VisualizationMethod
     steps: int
@@ -197,7 +198,8 @@ class VisualizeNeuronsRequest(_message.Message):
     learning_rate: float
     seed: int
     preview_every: int
-    def __init__(self, pairs: _Optional[_Iterable[_Union[NeuronClassPair, _Mapping]]] = ..., method: _Optional[_Union[VisualizationMethod, str]] = ..., steps: _Optional[int] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    classes_per_neuron: int
+    def __init__(self, pairs: _Optional[_Iterable[_Union[NeuronClassPair, _Mapping]]] = ..., method: _Optional[_Union[VisualizationMethod, str]] = ..., steps: _Optional[int] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ..., classes_per_neuron: _Optional[int] = ...) -> None: ...
 
 class VisualizeNeuronsResponse(_message.Message):
     __slots__ = ("operation",)

@@ -258,26 +258,31 @@ class NeuroInspectEngine:
         learning_rate: float = 9e-3,
         seed: int = 0,
         preview_every: int = 10,
+        classes_per_neuron: int = 1,
     ) -> JobSnapshot:
-        """Start optimising one image per (neuron, class) pair (class None: the class with
-        the largest head weight); images and masked images become artifacts. ``epsilon``
+        """Start optimising one image per (neuron, class) pair; a pair with class None
+        gives one image per class among the ``classes_per_neuron`` with the largest head
+        weights for the neuron. Images and masked images become artifacts. ``epsilon``
         None takes the configured ``[clip].illusion_epsilon``."""
         version = self._split_version()
         if epsilon is None:
             epsilon = self._engine.config.clip.illusion_epsilon
         if not pairs:
             raise InvalidArgument("at least one (neuron, class) pair is required", field="pairs")
-        if len(pairs) > MAX_VISUALIZATION_PAIRS:
-            raise InvalidArgument(f"{len(pairs)} pairs exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
+        num_classes = len(version.class_names)
+        if not 1 <= classes_per_neuron <= num_classes:
+            raise InvalidArgument(f"{classes_per_neuron} is not in [1, {num_classes}] (0 means 1)", field="classes_per_neuron")
         resolved: list[tuple[int, int]] = []
         for i, (neuron, target) in enumerate(pairs):
             if not 0 <= int(neuron) < version.feature_dim:
                 raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"pairs[{i}].neuron")
             if target is None or target == "":
-                klass = int(version.head.weight[:, int(neuron)].argmax())
+                classes = version.head.weight[:, int(neuron)].topk(classes_per_neuron).indices.tolist()
             else:
-                klass = self._class_index(version, target, field=f"pairs[{i}].class")
-            resolved.append((int(neuron), klass))
+                classes = [self._class_index(version, target, field=f"pairs[{i}].class")]
+            resolved += [(int(neuron), klass) for klass in classes]
+        if len(resolved) > MAX_VISUALIZATION_PAIRS:
+            raise InvalidArgument(f"{len(resolved)} images exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
         if method not in VISUALIZATION_METHODS:
             raise InvalidArgument(f"must be one of {VISUALIZATION_METHODS}", field="method")
         clip = self._engine.components.get("clip")

@@ -62,6 +62,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             learning_rate=_optional(request, "learning_rate", 9e-3),
             seed=request.seed,
             preview_every=request.preview_every or 10,
+            classes_per_neuron=request.classes_per_neuron or 1,
         )
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 
