@@ -69,10 +69,19 @@ def _number(value: float, digits: int = 3) -> str:
 
 
 def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation) -> str:
-    rows = [("overall accuracy", before.accuracy, after.accuracy), (f"worst class ({after.worst_class})", before.worst_class_accuracy, after.worst_class_accuracy)]
+    """Overall, worst-class and worst-group accuracy (each version's own worst, which may
+    be different classes or groups), then every group that was worst in either version
+    and every class, before and after."""
+
+    def worst(kind: str, old: str, new: str) -> str:
+        return f"worst {kind} ({old})" if old == new else f"worst {kind} ({old} → {new})"
+
+    rows = [("overall accuracy", before.accuracy, after.accuracy),
+            (worst("class", before.worst_class, after.worst_class), before.worst_class_accuracy, after.worst_class_accuracy)]
     if after.worst_group:
-        rows.append((f"worst group ({after.worst_group})", before.group_accuracy.get(after.worst_group, math.nan), after.worst_group_accuracy))
-        rows.append((f"worst group before ({before.worst_group})", before.worst_group_accuracy, after.group_accuracy.get(before.worst_group, math.nan)))
+        rows.append((worst("group", before.worst_group, after.worst_group), before.worst_group_accuracy, after.worst_group_accuracy))
+        rows += [(f"group {group}", before.group_accuracy.get(group, math.nan), after.group_accuracy.get(group, math.nan))
+                 for group in dict.fromkeys((before.worst_group, after.worst_group)) if group]
     rows += [(f"class {name}", before.class_accuracy.get(name, math.nan), value) for name, value in after.class_accuracy.items()]
     return "".join(
         f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_number(a - b, 3) if not (math.isnan(a) or math.isnan(b)) else '–'}</td></tr>"
