@@ -19,7 +19,9 @@ attribute:
   asks ours > FV on average;
 * ``act>=top1%``: neurons whose CLIP-Illusion activation reaches their top-1 %
   activation on the probe scenes; acceptance 4 asks this of every neuron;
-* ``holds`` when both do, then one line per neuron that stays below its top 1 %.
+* ``holds`` when both do, then one line per neuron that stays below its top 1 %;
+* ``masked ours`` / ``FV``: the mean cosine of the masked images (regions where the
+  neuron's map is low dimmed), the paper's final visualisation, not part of the verdict.
 
 ``--per-neuron`` adds a row per neuron. The images' random draws depend on the batch,
 so a neuron's numbers move (by up to about 0.06 of cosine) with ``--per-value``.
@@ -52,6 +54,8 @@ class NeuronResult:
     conditioned_on: str
     similarity_ours: float
     similarity_baseline: float
+    masked_similarity_ours: float  # the same for the masked images (low-activation regions dimmed)
+    masked_similarity_baseline: float
     activation_ours: float
     activation_baseline: float
     top_percent: float  # the neuron's top-1 % activation on the probe scenes
@@ -81,13 +85,14 @@ def evaluate_classifier(name: str, clip: tuple, args: argparse.Namespace) -> lis
     baseline = illusion.visualize(pairs, steps=args.steps, method="feature_visualization", seed=args.seed)
     prompts = torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(CAPTION_WORDS[a][v])]) for a, v, _ in rows])
     with torch.no_grad():
-        similarity_ours = illusion.clip_similarity(ours.images, prompts)
-        similarity_baseline = illusion.clip_similarity(baseline.images, prompts)
+        similarity = {(run, masked): illusion.clip_similarity(result.masked_images if masked else result.images, prompts)
+                      for run, result in (("ours", ours), ("baseline", baseline)) for masked in (False, True)}
     top_percent = features[:, [neuron for *_, neuron in rows]].quantile(0.99, dim=0)
     return [
         NeuronResult(name, attribute, value, neuron, model.config.class_names[int(ours.classes[i])],
-                     float(similarity_ours[i]), float(similarity_baseline[i]), float(ours.activations[i]),
-                     float(baseline.activations[i]), float(top_percent[i]))
+                     float(similarity["ours", False][i]), float(similarity["baseline", False][i]),
+                     float(similarity["ours", True][i]), float(similarity["baseline", True][i]),
+                     float(ours.activations[i]), float(baseline.activations[i]), float(top_percent[i]))
         for i, (attribute, value, neuron) in enumerate(rows)
     ]
 
@@ -98,9 +103,11 @@ def summary_line(label: str, results: list[NeuronResult]) -> str:
     wins = sum(r.similarity_ours > r.similarity_baseline for r in results)
     reached = sum(r.reaches_top_percent for r in results)
     own = sum(r.own_class for r in results)
+    masked_ours = sum(r.masked_similarity_ours for r in results) / len(results)
+    masked_baseline = sum(r.masked_similarity_baseline for r in results) / len(results)
     verdict = "holds" if ours > baseline and reached == len(results) else "fails"
     return (f"{label:<40}{len(results):>4}{own:>5}{ours:>9.3f}{baseline:>8.3f}{f'{wins}/{len(results)}':>8}"
-            f"{f'{reached}/{len(results)}':>12}{verdict:>7}")
+            f"{f'{reached}/{len(results)}':>12}{verdict:>7}{masked_ours:>11.3f}{masked_baseline:>8.3f}")
 
 
 def print_tables(results: list[NeuronResult], per_neuron: bool) -> None:
@@ -112,7 +119,8 @@ def print_tables(results: list[NeuronResult], per_neuron: bool) -> None:
                   f"{r.similarity_ours:>9.3f}{r.similarity_baseline:>8.3f}{r.activation_ours:>9.2f}"
                   f"{r.activation_baseline:>8.2f}{r.top_percent:>7.2f}")
     print("\n== CLIP-Illusion vs feature visualisation on neurons with a known attribute ==")
-    print(f"{'classifier / attribute':<40}{'n':>4}{'own':>5}{'sim ours':>9}{'FV':>8}{'wins':>8}{'act>=top1%':>12}")
+    print(f"{'classifier / attribute':<40}{'n':>4}{'own':>5}{'sim ours':>9}{'FV':>8}{'wins':>8}{'act>=top1%':>12}{'':>7}"
+          f"{'masked ours':>11}{'FV':>8}")
     for classifier in dict.fromkeys(r.classifier for r in results):
         mine = [r for r in results if r.classifier == classifier]
         print(summary_line(classifier, mine))
