@@ -7,7 +7,8 @@ A neuron has a known attribute when its activation separates one attribute value
 (shape, colour, texture, background, watermark) from the rest with ROC AUC >= 0.9 on
 attribute-independent probe scenes; the ``--per-value`` strongest such neurons per
 value are taken. Each is visualised with ``clip_illusion`` conditioned on its top class
-(largest head weight, the method's automatic choice) and with ``feature_visualization``,
+(largest head weight, the method's automatic choice; ``--condition own-shape`` conditions
+shape neurons on their own shape instead) and with ``feature_visualization``,
 400 steps each, all neurons of a classifier in one batch. Printed per classifier and
 attribute:
 
@@ -80,7 +81,9 @@ def evaluate_classifier(name: str, clip: tuple, args: argparse.Namespace) -> lis
     if not rows:
         return []
     illusion = ClipIllusion(model, model.config.feature_layer, *clip, head=model.config.head)
-    pairs = [(neuron, None) for *_, neuron in rows]
+    names = model.config.class_names
+    pairs = [(neuron, names.index(value) if args.condition == "own-shape" and attribute == "shape" else None)
+             for attribute, value, neuron in rows]
     ours = illusion.visualize(pairs, steps=args.steps, method="clip_illusion", epsilon=args.epsilon, seed=args.seed)
     baseline = illusion.visualize(pairs, steps=args.steps, method="feature_visualization", seed=args.seed)
     prompts = torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(CAPTION_WORDS[a][v])]) for a, v, _ in rows])
@@ -150,6 +153,8 @@ def main() -> None:
     parser.add_argument("--probe-size", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--condition", default="top-class", choices=("top-class", "own-shape"),
+                        help="own-shape: condition shape neurons on their shape's class, the others on their top class")
     parser.add_argument("--per-neuron", action="store_true", help="also print one row per neuron")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
