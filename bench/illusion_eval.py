@@ -43,7 +43,7 @@ from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.classifier import load_classifier
 from explaind.world.clip import CAPTION_WORDS, ZERO_SHOT_TEMPLATE, load_world_clip
 from explaind.world.probes import probe_batch
-from explaind.world.scenarios import scenario_names
+from explaind.world.scenarios import WorldBatch, scenario_names
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,8 @@ class NeuronResult:
         return self.activation_ours >= self.top_percent
 
 
-def evaluate_classifier(name: str, clip: tuple, args: argparse.Namespace) -> list[NeuronResult]:
+def evaluate_classifier(name: str, clip: tuple, probe: WorldBatch, args: argparse.Namespace) -> list[NeuronResult]:
     model = load_classifier(classifier_dir(name, Path(args.assets)))
-    probe = probe_batch(args.probe_size, seed=args.seed)
     features = FeatureExtractor(model, feature_layer=model.config.feature_layer).features(probe.images)
     concepts = {(attribute, value): probe.attributes[attribute] == value
                 for attribute, words in CAPTION_WORDS.items() for value in words}
@@ -160,13 +159,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     clip_model, tokenizer, _ = load_world_clip(Path(args.assets) / "clip")
+    probe = probe_batch(args.probe_size, seed=args.seed)  # the same scenes label every classifier's neurons
     results = []
     for name in args.classifiers.split(","):
         if not (classifier_dir(name, Path(args.assets)) / "model.safetensors").is_file():
             print(f"skipping {name}: no shipped classifier under {args.assets}")
             continue
         start = time.perf_counter()
-        found = evaluate_classifier(name, (clip_model, tokenizer), args)
+        found = evaluate_classifier(name, (clip_model, tokenizer), probe, args)
         print(f"{name}: {len(found)} neurons with a known attribute, evaluated in {time.perf_counter() - start:.0f}s")
         results += found
     if results:
