@@ -21,7 +21,15 @@ from explaind.client import (
     ResourceExhaustedError,
 )
 from explaind.client.cli import main as cli_main
-from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
+from explaind.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    sample_sets_pb2,
+    sample_sets_pb2_grpc,
+)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +176,25 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
         client.operation("operations/a/b")
     assert client.health() == "SERVING"
     assert len(client.predict([pixels])) == 1
+
+
+def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, world_images):
+    client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="paged")
+    with grpc.insecure_channel(server.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        operations = operations_pb2_grpc.OperationsServiceStub(channel)
+        for token in ("9" * 30, str(2**63), "+1", " 1", "1_0", "\u0661", "-1"):
+            for rpc, request in (
+                (sets.ListSampleSets, sample_sets_pb2.ListSampleSetsRequest(page_token=token)),
+                (sets.ListSamples, sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=token)),
+                (operations.ListOperations, operations_pb2.ListOperationsRequest(page_token=token)),
+            ):
+                with pytest.raises(grpc.RpcError) as caught:
+                    rpc(request, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, rpc)
+                assert caught.value.details().startswith("page_token: "), caught.value.details()
+        largest = sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=str(2**63 - 1))
+        assert sets.ListSamples(largest, timeout=30).samples == []
 
 
 def test_the_client_honours_its_deadline(client, world_images):

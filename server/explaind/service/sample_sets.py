@@ -9,18 +9,17 @@ from ..engine import Engine
 from ..errors import InvalidArgument
 from . import convert
 
+_MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
+
 
 def page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
     """(offset, limit) from a page token (an offset) and a page size."""
     if size < 0:
         raise InvalidArgument("must not be negative", field="page_size")
-    try:
-        offset = int(token) if token else 0
-    except ValueError:
-        raise InvalidArgument(f"{token!r} is not a page token from a previous response", field="page_token") from None
-    if offset < 0:
-        raise InvalidArgument(f"{token!r} is not a page token from a previous response", field="page_token")
-    return offset, min(size or default, maximum)
+    # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
+    if token and not (token.isascii() and token.isdigit() and len(token) <= 19 and int(token) <= _MAX_OFFSET):
+        raise InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
+    return int(token or 0), min(size or default, maximum)
 
 
 def next_token(offset: int, limit: int, returned: int) -> str:
