@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import duration_pb2
 from PIL import Image
 
 from explaind.client import (
@@ -195,6 +196,22 @@ def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, 
                 assert caught.value.details().startswith("page_token: "), caught.value.details()
         largest = sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=str(2**63 - 1))
         assert sets.ListSamples(largest, timeout=30).samples == []
+
+
+def test_wait_operation_rejects_timeouts_outside_the_duration_range(server, client, world_images):
+    client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="waited")
+    name = client.evaluate_sample_set("waited").name
+    with grpc.insecure_channel(server.target) as channel:
+        operations = operations_pb2_grpc.OperationsServiceStub(channel)
+        for seconds, nanos in ((10**15, 0), (-1, 0), (0, -5), (1, 10**9)):
+            request = operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=seconds, nanos=nanos))
+            with pytest.raises(grpc.RpcError) as caught:
+                operations.WaitOperation(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (seconds, nanos)
+            assert caught.value.details().startswith("timeout: "), caught.value.details()
+        # The longest valid Duration waits until done (or the call deadline), like no timeout.
+        longest = operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=315_576_000_000))
+        assert operations.WaitOperation(longest, timeout=60).operation.done
 
 
 def test_the_client_honours_its_deadline(client, world_images):

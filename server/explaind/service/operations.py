@@ -6,11 +6,26 @@ from collections.abc import Iterator
 
 import grpc
 from explaind.v1 import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
 
 from ..errors import InvalidArgument, NotFound
 from ..jobs import JobManager
 from . import convert
 from .sample_sets import next_token, page
+
+
+# google.protobuf.Duration's documented range: about 10,000 years.
+_MAX_DURATION_S = 315_576_000_000
+
+
+def _wait_timeout(duration: duration_pb2.Duration) -> float:
+    """Seconds to wait; a negative or malformed Duration is the caller's mistake, not INTERNAL."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if seconds < 0 or nanos < 0:
+        raise InvalidArgument("must not be negative (0 returns the operation at once)", field="timeout")
+    if seconds > _MAX_DURATION_S or nanos > 999_999_999:
+        raise InvalidArgument(f"{seconds}s {nanos}ns is outside google.protobuf.Duration's range (at most {_MAX_DURATION_S}s)", field="timeout")
+    return seconds + nanos / 1e9
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
@@ -37,7 +52,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
 
     def WaitOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.WaitOperationResponse:
         job_id = convert.job_id(request.name)
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+        timeout = _wait_timeout(request.timeout) if request.HasField("timeout") else None
         remaining = context.time_remaining()
         if remaining is not None and (timeout is None or remaining < timeout):
             timeout = max(0.0, remaining - 0.05)  # answer before the caller's deadline
