@@ -116,6 +116,23 @@ def test_callback_reports_progress_and_cancels(problem, name):
     assert solution.omega.shape == features.shape
 
 
+@pytest.mark.parametrize("name", ["faithful", "proximal"])
+def test_no_samples_solve_at_once(problem, name):
+    head, features, labels = problem
+    calls = []
+    solution = solve(make_solver(name), head, features[:0], labels[:0], callback=lambda *a: calls.append(a))
+    assert solution.omega.shape == (0, DIM) and len(solution.converged) == 0 and calls == []
+
+
+def test_a_sample_flipped_by_the_last_update_before_a_cancel_counts_as_converged(problem):
+    head, features, labels = problem
+    full = solve(FaithfulSGD(), head, features, labels)
+    first_flips = int(full.iterations[full.iterations > 0].min())
+    cancelled = solve(FaithfulSGD(), head, features, labels, callback=lambda step, total, running: step == first_flips)
+    assert cancelled.converged[full.iterations == first_flips].all()
+    assert torch.equal(cancelled.converged, full.converged & (full.iterations <= first_flips))
+
+
 def test_bad_inputs_raise_value_errors_naming_them(problem):
     head, features, labels = problem
     with pytest.raises(ValueError, match="features"):

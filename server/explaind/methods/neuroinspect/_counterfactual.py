@@ -59,10 +59,11 @@ class _BatchState:
         )
         return keep
 
-    def cancel(self, omega: torch.Tensor, step: int) -> CounterfactualSolution:
-        """Retire every running row as not converged and return the partial solution."""
-        running = torch.ones(len(omega), dtype=torch.bool, device=omega.device)
-        self.retire(running, ~running, omega, step)
+    def cancel(self, omega: torch.Tensor, step: int, weight: torch.Tensor, bias: torch.Tensor) -> CounterfactualSolution:
+        """Retire every running row (converged if its last update flipped it) and return the
+        partial solution."""
+        flipped = F.linear(self.features + omega, weight, bias).argmax(1) == self.labels
+        self.retire(torch.ones_like(flipped), flipped, omega, step)
         return self.solution(cancelled=True)
 
     def solution(self, cancelled: bool = False) -> CounterfactualSolution:
@@ -119,8 +120,8 @@ class FaithfulSGD:
             if finished.any():
                 keep = state.retire(finished, flipped, omega, step)
                 omega, velocity, logits = omega[keep], velocity[keep], logits[keep]
-                if len(omega) == 0:
-                    break
+            if len(omega) == 0:
+                break
             gradient = (logits.softmax(1) - state.onehot) @ weight
             gradient += (l1 / dim) * omega.sign()
             norms = omega.norm(dim=1, keepdim=True)
@@ -128,7 +129,7 @@ class FaithfulSGD:
             velocity = velocity.mul_(self.momentum).add_(gradient)
             omega = omega.add(velocity, alpha=-self.learning_rate)
             if callback is not None and callback(step + 1, max_iterations, len(omega)):
-                return state.cancel(omega, step + 1)
+                return state.cancel(omega, step + 1, weight, bias)
         return state.solution()
 
 
@@ -175,8 +176,8 @@ class ProximalGradient:
             if finished.any():
                 keep = state.retire(finished, flipped, omega, step)
                 omega, lookahead, change = omega[keep], lookahead[keep], change[keep]
-                if len(omega) == 0:
-                    break
+            if len(omega) == 0:
+                break
             logits = F.linear(state.features + lookahead, weight, bias)
             gradient = (logits.softmax(1) - state.onehot) @ weight
             shrunk = torch.nn.functional.softshrink(lookahead - step_size * gradient, l1_threshold)
@@ -187,7 +188,7 @@ class ProximalGradient:
             change = (new_omega - omega).abs().amax(1)
             omega, t = new_omega, t_next
             if callback is not None and callback(step + 1, max_iterations, len(omega)):
-                return state.cancel(omega, step + 1)
+                return state.cancel(omega, step + 1, weight, bias)
         return state.solution()
 
 
