@@ -93,6 +93,17 @@ def test_probability_ratio_zeroes_the_neurons_together():
     torch.testing.assert_close(probability_ratio(weight, bias, features, 3, neurons), expected)
 
 
+def test_probability_ratios_are_capped_at_1e15_instead_of_overflowing():
+    # Both classes score 1000; zeroing neuron 0 drops class 0's score to 0, so the exact
+    # ratio p_0 / p'_0 is e^1000 / 2, far beyond float32.
+    weight = torch.tensor([[1000.0, 0.0, 0.0], [0.0, 1000.0, 0.0]])
+    bias, feature = torch.zeros(2), torch.tensor([1.0, 1.0, 0.0])
+    ratio = probability_ratio(weight, bias, feature.unsqueeze(0), 0, torch.tensor([0]))
+    importance = neuron_importance(weight, bias, feature, 0)
+    assert ratio.item() == pytest.approx(1e15, rel=1e-3) and importance[0].item() == pytest.approx(1e15, rel=1e-3)
+    assert importance[2].item() == pytest.approx(1.0)
+
+
 def planted_problem(seed=0, n=400, dim=16):
     """Class 0 was learnt with spurious neuron 9: its class-0 samples that lack it are mistakes."""
     g = torch.Generator().manual_seed(seed)
@@ -129,8 +140,12 @@ def test_planted_spurious_neuron_ranks_first_for_its_class(solver):
 
 def test_rank_reports_cancellation():
     head, features, labels = planted_problem()
+    full = MistakeNeuronRanker(head).rank(features, labels)
     ranking = MistakeNeuronRanker(head).rank(features, labels, callback_on_step_end=lambda step, total, n: True)
-    assert ranking.cancelled and not ranking.converged.any()
+    # Stopped after one step: only mistakes that one update flipped are converged.
+    assert ranking.cancelled and (ranking.iterations <= 1).all()
+    assert torch.equal(ranking.converged, full.converged & (full.iterations <= 1))
+    assert not ranking.converged.all()
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,17 @@
 
 A ratio above 1 means the neurons raise class c's probability relative to the other
 classes; 1 means zeroing them leaves p_c unchanged. Computed in log space, so large
-ratios do not overflow the softmax.
+ratios do not overflow the softmax, and capped at 1e15, the bound the authors' 1e-15
+floor on p'_c sets, so they stay finite in float32 (and a penalty on them trainable).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+_MAX_LOG_RATIO = math.log(1e15)
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
@@ -16,7 +21,7 @@ def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.T
     zeroed = logits.unsqueeze(0) - feature.unsqueeze(1) * weight.T  # (D, C): neuron k zeroed in row k
     log_p = logits[class_index] - logits.logsumexp(0)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
-    return (log_p - log_p_zeroed).exp()
+    return (log_p - log_p_zeroed).clamp_max(_MAX_LOG_RATIO).exp()
 
 
 def probability_ratio(
@@ -30,4 +35,4 @@ def probability_ratio(
     zeroed = logits - features[:, neurons] @ weight[:, neurons].T
     log_p = logits[:, class_index] - logits.logsumexp(1)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
-    return (log_p - log_p_zeroed).exp()
+    return (log_p - log_p_zeroed).clamp_max(_MAX_LOG_RATIO).exp()
