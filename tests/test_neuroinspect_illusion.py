@@ -9,6 +9,8 @@ import torch
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
+from explaind.methods.neuroinspect._fourier import random_affine
+from explaind.methods.neuroinspect._illusion import activation_masks
 from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.clip import ZERO_SHOT_TEMPLATE
 from explaind.world.scenarios import WorldBatch
@@ -59,6 +61,38 @@ def test_same_seed_same_images_other_seed_other_images(illusion):
     other = illusion.visualize([(3, 1), (9, 0)], steps=3, seed=8)
     assert torch.equal(first.images, again.images) and torch.equal(first.masks, again.masks)
     assert not torch.equal(first.images, other.images)
+
+
+def test_an_image_does_not_depend_on_the_rest_of_its_batch(illusion):
+    alone = illusion.visualize([(3, 1)], steps=5, seed=7)
+    batched = illusion.visualize([(9, 0), (3, 1), (40, 2)], steps=5, seed=7)
+    torch.testing.assert_close(batched.images[1], alone.images[0], rtol=0, atol=1e-4)
+    # Each method starts from the pair's own spectrum, so ablations compare like with like.
+    first = illusion.visualize([(3, 1)], steps=1, seed=7, method="feature_visualization", learning_rate=0.0)
+    assert torch.equal(first.images, illusion.visualize([(3, 1)], steps=1, seed=7, learning_rate=0.0).images)
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.2])
+def test_random_affine_translates_up_to_15_percent_at_every_scale(scale):
+    size = 65
+    dot = torch.zeros(1, 3, size, size)
+    dot[..., size // 2, size // 2] = 1
+    generators = [torch.Generator().manual_seed(i) for i in range(300)]
+    moved = random_affine(dot.expand(300, -1, -1, -1), generators=generators, max_rotation_degrees=0.0,
+                          scale_range=(scale, scale))[:, 0]
+    coords = torch.arange(size, dtype=torch.float32)
+    weight = moved.sum(dim=(1, 2))
+    shift_x = (moved.sum(1) * coords).sum(1) / weight - size // 2
+    shift_y = (moved.sum(2) * coords).sum(1) / weight - size // 2
+    largest = torch.stack([shift_x, shift_y]).abs().amax(1) / size
+    assert (largest <= 0.15 + 1 / size).all() and (largest >= 0.14).all(), largest
+
+
+def test_activation_masks_keep_the_high_part_of_a_map_and_all_of_a_flat_one():
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 4.0]], [[3.0, 3.0], [3.0, 3.0]]])
+    masks = activation_masks(maps, (2, 2), 0.5)
+    assert masks[0].tolist() == [[False, False], [True, True]]
+    assert masks[1].all()
 
 
 def test_callback_streams_progress_and_cancels_at_the_next_step(illusion):

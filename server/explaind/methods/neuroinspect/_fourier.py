@@ -9,6 +9,7 @@ learning rate, which suppresses the high-frequency noise pixel-space optimisatio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +28,16 @@ class FourierImage(nn.Module):
     division by 4 follow the NeuroInspect authors' code (``(fx² + fy²) ** 0.75``), not
     Lucid (1 / f, image / 4): on the shapes world, 400 AdamW steps at lr 9e-3 with Lucid's
     settings leave most post-ReLU channels dead and the image full of pixel noise, while
-    this reaches several times a neuron's top-1 % real activation. ``init_std`` is the
-    std of the initial (Gaussian) spectrum.
+    this reaches several times a neuron's top-1 % real activation. The lowest frequencies
+    are floored as in Lucid (f clamped to 1/S before the power), not as in the authors'
+    code (which floors the scaled power, flattening them): at S = 64 the DC amplitude is
+    about 180 times the Nyquist one here, about 27 times there. ``init_std`` is the std of
+    the initial (Gaussian) spectrum. Each image draws its initial spectrum from its own
+    generator in ``generators``, so an image does not depend on the rest of the batch.
     """
 
-    def __init__(self, batch_size: int, image_size: int, *, decay_power: float = 1.5, init_std: float = 0.05,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, generators: Sequence[torch.Generator], image_size: int, *, decay_power: float = 1.5,
+                 init_std: float = 0.05) -> None:
         super().__init__()
         self.image_size = image_size
         fy = torch.fft.fftfreq(image_size).unsqueeze(1)
@@ -40,8 +45,8 @@ class FourierImage(nn.Module):
         frequency = (fx * fx + fy * fy).sqrt()
         self.register_buffer("scale", 1.0 / frequency.clamp_min(1.0 / image_size) ** decay_power, persistent=False)
         self.register_buffer("colour", _COLOUR_CORRELATION.clone(), persistent=False)
-        shape = (batch_size, 3, image_size, image_size // 2 + 1, 2)
-        self.spectrum = nn.Parameter(torch.randn(shape, generator=generator) * init_std)
+        shape = (3, image_size, image_size // 2 + 1, 2)
+        self.spectrum = nn.Parameter(torch.stack([torch.randn(shape, generator=g) for g in generators]) * init_std)
 
     def forward(self) -> torch.Tensor:
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
@@ -50,14 +55,26 @@ class FourierImage(nn.Module):
         return torch.sigmoid(image)
 
 
-def random_affine(images: torch.Tensor, *, generator: torch.Generator, max_rotation_degrees: float = 15.0,
+def random_affine(images: torch.Tensor, *, generators: Sequence[torch.Generator], max_rotation_degrees: float = 15.0,
                   max_translation: float = 0.15, scale_range: tuple[float, float] = (0.7, 1.2)) -> torch.Tensor:
-    """Rotate, translate (fraction of the image size) and scale each image independently."""
-    n = len(images)
-    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation_degrees)
-    scale = torch.empty(n).uniform_(*scale_range, generator=generator)
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_translation * 2  # grid coords span 2
+    """Rotate, scale and then translate each image (B, 3, H, W) by its own generator's draw.
+
+    The translation moves the content by up to ``max_translation`` of the image size
+    whatever the scale: ``affine_grid`` maps output to input coordinates, so the shift d
+    enters its matrix as −A·d, with A the inverse rotation/scale.
+    """
+    draws = torch.stack([torch.rand(4, generator=g) for g in generators])  # (B, 4) in [0, 1)
+    angle = (draws[:, 0] * 2 - 1) * math.radians(max_rotation_degrees)
+    low, high = scale_range
+    scale = low + (high - low) * draws[:, 1]
+    shift = (draws[:, 2:] * 2 - 1) * max_translation * 2  # grid coordinates span 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    inverse = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # (B, 2, 2)
+    theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(2))], 2)
     grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def gaussian_noise(like: torch.Tensor, *, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` (B, ...), each row from its own generator."""
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)

@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._features import capture_output
-from ._fourier import FourierImage, random_affine
+from ._fourier import FourierImage, gaussian_noise, random_affine
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
 DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -168,15 +169,14 @@ class ClipIllusion:
         rows = torch.arange(len(neurons), device=self.device)
         targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
 
-        generator = torch.Generator().manual_seed(seed)
-        image = FourierImage(len(neurons), self.image_size, decay_power=decay_power, generator=generator).to(self.device)
+        generators = [_pair_generator(seed, int(n), int(c)) for n, c in zip(neurons, classes)]
+        image = FourierImage(generators, self.image_size, decay_power=decay_power).to(self.device)
         optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
         cancelled, step = False, 0
         for step in range(1, steps + 1):
-            augmented = random_affine(image(), generator=generator)
-            noise = torch.randn(augmented.shape, generator=generator).to(self.device)
-            augmented = augmented + noise_std * (1 - (step - 1) / steps) * noise
+            augmented = random_affine(image(), generators=generators)
+            augmented = augmented + noise_std * (1 - (step - 1) / steps) * gaussian_noise(augmented, generators=generators)
             with capture_output(self.feature_module) as captured:
                 logits = self.classifier(augmented)
             activation = captured["output"][rows, neurons].mean(dim=(1, 2))
@@ -202,10 +202,7 @@ class ClipIllusion:
         with capture_output(self.feature_module) as captured:
             logits = self.classifier(images)
         maps = captured["output"][rows, neurons]  # (B, h, w)
-        heat = F.interpolate(maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        low = heat.amin(dim=(1, 2), keepdim=True)
-        high = heat.amax(dim=(1, 2), keepdim=True)
-        masks = (heat - low) / (high - low).clamp_min(1e-12) >= mask_threshold
+        masks = activation_masks(maps, images.shape[-2:], mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
         masked = images * (keep + (1 - keep) * mask_dim)
         nan = torch.full((len(rows),), float("nan"), device=self.device)
@@ -249,3 +246,23 @@ class ClipIllusion:
         if self.clip_model is None:
             raise ValueError("this ClipIllusion has no CLIP model; use method 'no_clip' or 'feature_visualization'")
         return self.clip_model
+
+
+def _pair_generator(seed: int, neuron: int, class_index: int) -> torch.Generator:
+    """The random stream of one (neuron, class) image: the same seed gives the same image
+    whatever else shares its batch, and every method starts from the same spectrum. A
+    negative (int64) seed is taken as its two's complement."""
+    state = np.random.SeedSequence((seed & 0xFFFF_FFFF_FFFF_FFFF, neuron, class_index)).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def activation_masks(maps: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Where each activation map (B, h, w), upsampled to ``size``, is high: (B, H, W) bool.
+
+    High means at least ``threshold`` (0–1) of the way from the map's minimum to its
+    maximum. A flat map has no low region, so nothing of it is dimmed.
+    """
+    heat = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    low = heat.amin(dim=(1, 2), keepdim=True)
+    high = heat.amax(dim=(1, 2), keepdim=True)
+    return heat - low >= threshold * (high - low)
