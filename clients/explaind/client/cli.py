@@ -22,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._client import DEFAULT_TARGET, Client
+from ._client import _STATES, DEFAULT_TARGET, Client
 from ._errors import ExplaindError
+
+
+class CommandError(Exception):
+    """A user error the CLI reports as one ``error:`` line on stderr, exit code 1."""
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -37,12 +41,51 @@ def _print_predictions(names: list[str], predictions: list) -> None:
         print(f"{name:<{width}}  {ranked}")
 
 
-def _world_samples(spec: str):
-    """``scenario[:split[:count]]`` -> (images (N, H, W, 3) uint8, labels, attributes)."""
+def _existing_file(path: str) -> str:
+    """argparse type: a file that exists (else a usage error, not a traceback later)."""
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+
+def _scenario(name: str) -> str:
+    """argparse type: a shapes-world scenario name."""
+    from explaind.world.scenarios import scenario_names
+
+    if name not in scenario_names():
+        raise argparse.ArgumentTypeError(f"unknown scenario {name!r}; known: {', '.join(scenario_names())}")
+    return name
+
+
+def _world_spec(spec: str) -> tuple[str, str, int]:
+    """argparse type: ``scenario[:split[:count]]`` (split test, count 64 by default), checked."""
+    from explaind.world.scenarios import SPLITS
+
+    parts = spec.split(":")
+    if len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not scenario[:split[:count]]")
+    scenario, split, count = parts + ["test", "64"][len(parts) - 1 :]
+    _scenario(scenario)
+    if split not in SPLITS:
+        raise argparse.ArgumentTypeError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"count must be a positive integer, got {count!r}")
+    return scenario, split, int(count)
+
+
+def _write(path: str | Path, data: bytes) -> None:
+    """Write an output file; a missing directory or no permission is a user error."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError as error:
+        raise CommandError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def _world_samples(scenario: str, split: str, count: int):
+    """(images (N, H, W, 3) uint8, labels, attributes) of a shapes-world split."""
     from explaind.world.scenarios import get_scenario
 
-    scenario, split, count = (spec.split(":") + ["test", "64"])[:3] if ":" in spec else (spec, "test", "64")
-    batch = get_scenario(scenario).dataset(split, size=int(count)).all()
+    batch = get_scenario(scenario).dataset(split, size=count).all()
     images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     attributes = [{k: str(v[i]) for k, v in batch.attributes.items()} for i in range(len(batch.labels))]
     return images, batch.labels.tolist(), attributes
@@ -52,16 +95,24 @@ def _world_samples(spec: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from explaind.config import load_config
+    from explaind.config import ConfigError, load_config
     from explaind.service import serve
 
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
     overrides = {key: getattr(args, key) for key in ("host", "port", "metrics_port", "data_dir") if getattr(args, key) is not None}
     if overrides:
         config = config.replace("server", **overrides)
     if args.backend:
         config = config.replace("runtime", backend=args.backend)
-    return serve(config)
+    try:
+        return serve(config)
+    except RuntimeError as error:  # grpcio raises this, not OSError, for an address in use
+        if not str(error).startswith("Failed to bind"):
+            raise
+        raise CommandError(f"{str(error).split(';')[0]}: is another server using the port?") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -89,10 +140,10 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "create":
             if args.world:
-                images, labels, attributes = _world_samples(args.world)
+                images, labels, attributes = _world_samples(*args.world)
             else:
                 if not args.images or len(args.images) != len(args.labels or []):
-                    raise SystemExit("give --world SPEC, or --images FILE... with as many --labels INT...")
+                    raise CommandError("give --world SPEC, or --images FILE... with as many --labels INT...")
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
             print(f"created {created.sample_set_id}: {created.sample_count} samples, per class {created.class_counts}")
@@ -124,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
         _print_evaluation(operation.result(progress=True))
         if args.grid:
-            Path(args.grid).write_bytes(operation.artifact("mistakes.png"))
+            _write(args.grid, operation.artifact("mistakes.png"))
             print(f"wrote {args.grid}")
     return 0
 
@@ -146,7 +197,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 print(update, update.progress.message)
         elif args.action == "artifact":
             data = operation.artifact(args.artifact)
-            Path(args.output or args.artifact).write_bytes(data)
+            _write(args.output or args.artifact, data)
             print(f"wrote {args.output or args.artifact} ({len(data)} bytes)")
             return 0
         print(operation)
@@ -178,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"\nserver ready in {time.monotonic() - started:.1f}s")
             args.target = client.target
             cmd_info(args)
-            images, labels, attributes = _world_samples(f"{args.scenario}:test:{args.count}")
+            images, labels, attributes = _world_samples(args.scenario, "test", args.count)
             meta = client.model_metadata()
             predictions = client.predict(images[:12], top_k=3)
             print(f"\npredictions for {args.scenario} test images (true label first):")
@@ -241,11 +292,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not sample_set_id:
             sets = client.sample_sets()
             if not sets:
-                raise SystemExit("explaind report: the server has no sample set; create one (explaind sample-set create) or pass --sample-set")
+                raise CommandError("the server has no sample set; create one (explaind sample-set create) or pass --sample-set")
             sample_set_id = sets[-1].sample_set_id
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
         report = build_report(client, target, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute, progress=True)
-    Path(args.out).write_text(render_report(report), encoding="utf-8")
+    _write(args.out, render_report(report).encode("utf-8"))
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
     return 0
 
@@ -254,7 +305,7 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "promote":
             if not args.version:
-                raise SystemExit("explaind head-versions promote: give a version id")
+                raise CommandError("head-versions promote: give a version id")
             print(f"serving {client.promote_head_version(args.version).version_id}")
         elif args.action == "rollback":
             print(f"serving {client.rollback_head_version(args.version or '').version_id}")
@@ -283,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     predict = commands.add_parser("predict", help="classify image files")
-    predict.add_argument("images", nargs="+")
+    predict.add_argument("images", nargs="+", type=_existing_file)
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(run=cmd_predict)
@@ -294,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("action", choices=("create", "list", "show", "delete"))
     sample_set.add_argument("--id")
     sample_set.add_argument("--name")
-    sample_set.add_argument("--world", help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200")
-    sample_set.add_argument("--images", nargs="*")
+    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200")
+    sample_set.add_argument("--images", nargs="*", type=_existing_file)
     sample_set.add_argument("--labels", nargs="*", type=int)
     sample_set.set_defaults(run=cmd_sample_set)
 
@@ -311,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("name", nargs="?")
     operations.add_argument("artifact", nargs="?")
     operations.add_argument("--kind")
-    operations.add_argument("--state")
+    operations.add_argument("--state", choices=tuple(_STATES))
     operations.add_argument("-o", "--output")
     operations.set_defaults(run=cmd_operations)
 
@@ -331,19 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="serve the shapes world and run a client session end to end")
     demo.add_argument("--config")
-    demo.add_argument("--scenario", default="spurious_background", help="shapes-world scenario whose classifier is served")
+    demo.add_argument("--scenario", type=_scenario, default="spurious_background", help="shapes-world scenario whose classifier is served")
     demo.add_argument("--count", type=int, default=240)
     demo.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "operations" and args.action != "list" and not args.name:
-        raise SystemExit("explaind operations: give an operation name")
+        parser.error("operations: give an operation name")
+    if args.command == "operations" and args.action == "artifact" and not args.artifact:
+        parser.error("operations artifact: give an artifact name, e.g. mistakes.png")
     try:
         return args.run(args)
-    except ExplaindError as error:
+    except (ExplaindError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

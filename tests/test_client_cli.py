@@ -1,0 +1,72 @@
+"""The ``explaind`` CLI: user errors are one ``error:`` line and an exit code, not a traceback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from explaind.client.cli import main
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """Run ``argv`` expecting argparse's usage error (exit 2); returns stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def _error(capsys, argv: list[str]) -> str:
+    """Run ``argv`` expecting exit code 1 and exactly one ``error:`` line; returns it."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_predict_of_a_missing_file_is_a_usage_error(capsys, tmp_path):
+    assert "no such file: " + str(tmp_path / "missing.png") in _usage_error(capsys, ["predict", str(tmp_path / "missing.png")])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nosuch", "unknown scenario 'nosuch'; known: balanced"),
+        ("balanced:tset:10", "unknown split 'tset'; known: train, val, test"),
+        ("balanced:test:abc", "count must be a positive integer, got 'abc'"),
+        ("balanced:test:0", "count must be a positive integer, got '0'"),
+    ],
+)
+def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
+    assert message in _usage_error(capsys, ["sample-set", "create", "--world", spec])
+
+
+def test_operations_state_must_be_a_known_state(capsys):
+    err = _usage_error(capsys, ["operations", "list", "--state", "done"])
+    assert "invalid choice: 'done'" in err and "'succeeded'" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 5\n", "unknown key(s) ['prot'] in [server]"),
+        ('[server]\nport = "5"\n', "[server].port must be a number, got '5'"),
+        (None, "config file not found"),
+    ],
+)
+def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, message):
+    config = tmp_path / "bad.toml"
+    if text is not None:
+        config.write_text(text)
+    assert message in _error(capsys, ["serve", "--config", str(config)])
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")])
+    assert f"Failed to bind to address 127.0.0.1:{port}" in line
