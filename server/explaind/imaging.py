@@ -17,15 +17,18 @@ from .errors import InvalidArgument
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
 MAX_IMAGE_SIDE = 4096
+# Encoded formats accepted. Pillow's other decoders (DDS, SPIDER, ...) see little use and
+# fail on malformed input with errors other than OSError.
+ENCODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 
 
 def decode_encoded(data: bytes, *, field: str) -> torch.Tensor:
-    """PNG/JPEG/... bytes -> (3, H, W) float32 in [0, 1]."""
+    """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (3, H, W) float32 in [0, 1]; any failure is INVALID_ARGUMENT."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
             if min(image.size) < 1:
@@ -34,9 +37,9 @@ def decode_encoded(data: bytes, *, field: str) -> torch.Tensor:
     except InvalidArgument:
         raise
     except Image.UnidentifiedImageError:
-        raise InvalidArgument("bytes are not an image format Pillow can read (PNG, JPEG, WebP, ...)", field=field) from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise InvalidArgument(f"cannot decode image bytes ({error})", field=field) from None
+        raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
+    except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
+        raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
     return uint8_hwc_to_float_chw(pixels)
 
 
