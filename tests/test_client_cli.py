@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from explaind.client.cli import main
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    return server_factory()
+
+
+def _png(path, value: int) -> str:
+    Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(path)
+    return str(path)
 
 
 def _usage_error(capsys, argv: list[str]) -> str:
@@ -70,3 +82,11 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
         port = busy.getsockname()[1]
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")])
     assert f"Failed to bind to address 127.0.0.1:{port}" in line
+
+
+def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):
+    images = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 255)]
+    assert main(["--target", server.target, "sample-set", "create", "--id", "named", "--images", *images, "--labels", "heart", "2"]) == 0
+    assert "created named: 2 samples, per class {2: 1, 5: 1}" in capsys.readouterr().out
+    assert main(["--target", server.target, "sample-set", "create", "--images", images[0], "--labels", "dog"]) == 1
+    assert "'dog' is not a class of the served model" in capsys.readouterr().err

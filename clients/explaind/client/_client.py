@@ -25,7 +25,7 @@ from explaind.v1 import (
 from ._errors import from_rpc_error
 from . import _neuroinspect
 from ._images import open_image, to_image_messages
-from ._neuroinspect import HeadVersion, NeuronRanking, class_fields
+from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
 from ._operations import Operation
 from ._types import Component, ModelMetadata, Prediction, Sample, SampleSet
 
@@ -156,10 +156,21 @@ class Client:
 
     # Sample sets ---------------------------------------------------------------------
 
-    @staticmethod
-    def _samples(images: Any, labels: Sequence[int], attributes: Sequence[Mapping[str, str]] | None) -> list[sample_sets_pb2.Sample]:
+    def _labels(self, labels: Any) -> list[int]:
+        """Class indices from class names or indices (a list, or an int array or tensor);
+        names are resolved with the served model's class names."""
+        given = [class_ref(label, f"labels[{i}]") for i, label in enumerate(labels.tolist() if hasattr(labels, "tolist") else labels)]
+        if not any(isinstance(label, str) for label in given):
+            return given
+        names = self.model_metadata().class_names
+        for i, label in enumerate(given):
+            if isinstance(label, str) and label not in names:
+                raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({', '.join(names)})")
+        return [names.index(label) if isinstance(label, str) else label for label in given]
+
+    def _samples(self, images: Any, labels: Sequence[int | str], attributes: Sequence[Mapping[str, str]] | None) -> list[sample_sets_pb2.Sample]:
         messages = to_image_messages(images)
-        labels = [int(label) for label in labels]
+        labels = self._labels(labels)
         if len(labels) != len(messages):
             raise ValueError(f"got {len(messages)} images but {len(labels)} labels")
         if attributes is not None and len(attributes) != len(messages):
@@ -172,14 +183,16 @@ class Client:
     def create_sample_set(
         self,
         images: Any,
-        labels: Sequence[int],
+        labels: Sequence[int | str],
         *,
         sample_set_id: str = "",
         display_name: str = "",
         attributes: Sequence[Mapping[str, str]] | None = None,
         chunk_size: int = 512,
     ) -> SampleSet:
-        """Store labelled images as a named set (uploaded in chunks of ``chunk_size``)."""
+        """Store labelled images as a named set (uploaded in chunks of ``chunk_size``).
+        ``labels``: one class index or class name per image; ``attributes``: optional
+        ``{name: value}`` per image, e.g. for per-group accuracy in ``edit_head``."""
         samples = self._samples(images, labels, attributes)
         request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=samples[:chunk_size])
         created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
@@ -188,7 +201,7 @@ class Client:
             created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
         return created
 
-    def append_samples(self, sample_set_id: str, images: Any, labels: Sequence[int], *, attributes: Sequence[Mapping[str, str]] | None = None) -> SampleSet:
+    def append_samples(self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None) -> SampleSet:
         request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=self._samples(images, labels, attributes))
         return _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
 

@@ -201,10 +201,18 @@ RESULT_CONVERTERS.update({
 })
 
 
-def class_fields(target: str | int | None) -> dict[str, Any]:
-    """The request's ``target_class`` oneof from a class name or index."""
+def class_ref(value: Any, argument: str) -> str | int:
+    """A class name or index as given; floats and bools are errors, not truncated."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{argument} must be a class name (str) or index (int), got {value!r}")
+
+
+def class_fields(target: Any, argument: str = "target_class") -> dict[str, Any]:
+    """The request's ``target_class`` oneof from a class name or index (None: unset)."""
     if target is None:
         return {}
-    if isinstance(target, str):
-        return {"class_name": target}
-    return {"class_index": int(target)}
+    target = class_ref(target, argument)
+    return {"class_name": target} if isinstance(target, str) else {"class_index": target}

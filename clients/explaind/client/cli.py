@@ -48,6 +48,11 @@ def _existing_file(path: str) -> str:
     return path
 
 
+def _class_ref(value: str) -> str | int:
+    """argparse type: a class index (digits) or name."""
+    return int(value) if value.isdigit() else value
+
+
 def _scenario(name: str) -> str:
     """argparse type: a shapes-world scenario name."""
     from explaind.world.scenarios import scenario_names
@@ -143,9 +148,12 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 images, labels, attributes = _world_samples(*args.world)
             else:
                 if not args.images or len(args.images) != len(args.labels or []):
-                    raise CommandError("give --world SPEC, or --images FILE... with as many --labels INT...")
+                    raise CommandError("give --world SPEC, or --images FILE... with as many --labels CLASS...")
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
-            created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+            try:
+                created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+            except ValueError as error:  # a label that is no class of the served model
+                raise CommandError(str(error)) from None
             print(f"created {created.sample_set_id}: {created.sample_count} samples, per class {created.class_counts}")
         elif args.action == "list":
             for s in client.sample_sets():
@@ -286,7 +294,6 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report, render_report
 
-    target: str | int = int(args.target_class) if args.target_class.isdigit() else args.target_class
     with _client(args) as client:
         sample_set_id = args.sample_set
         if not sample_set_id:
@@ -295,7 +302,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 raise CommandError("the server has no sample set; create one (explaind sample-set create) or pass --sample-set")
             sample_set_id = sets[-1].sample_set_id
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
-        report = build_report(client, target, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute, progress=True)
+        report = build_report(client, args.target_class, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute, progress=True)
     _write(args.out, render_report(report).encode("utf-8"))
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
     return 0
@@ -347,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--name")
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200")
     sample_set.add_argument("--images", nargs="*", type=_existing_file)
-    sample_set.add_argument("--labels", nargs="*", type=int)
+    sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.set_defaults(run=cmd_sample_set)
 
     evaluate = commands.add_parser("evaluate", help="classify a sample set (a job with progress)")
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.set_defaults(run=cmd_operations)
 
     report = commands.add_parser("report", help="write one self-contained HTML report on a class's mistakes")
-    report.add_argument("--class", dest="target_class", required=True, help="class name or index")
+    report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
     report.add_argument("--sample-set", dest="sample_set", help="default: the newest sample set")
     report.add_argument("--out", default="report.html")
     report.add_argument("--neurons", type=int, default=5, help="neurons to visualise")

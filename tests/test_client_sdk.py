@@ -1,0 +1,47 @@
+"""The Python SDK against a real server (balanced classifier): argument checks and messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explaind.client import Client
+
+IMAGE = np.zeros((64, 64, 3), np.uint8)
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    return server_factory()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.target, timeout=30) as client:
+        yield client
+
+
+def test_sample_labels_may_be_class_names_or_indices(client):
+    created = client.create_sample_set([IMAGE] * 3, ["heart", 1, np.int64(5)])
+    assert created.class_counts == {1: 1, 5: 2}
+    appended = client.append_samples(created.sample_set_id, [IMAGE], np.array(["circle"]))
+    assert appended.class_counts == {0: 1, 1: 1, 5: 2}
+
+
+def test_an_unknown_class_name_is_a_value_error_naming_the_label(client):
+    with pytest.raises(ValueError, match=r"labels\[1\]: 'dog' is not a class of the served model \(circle, square"):
+        client.create_sample_set([IMAGE] * 2, ["heart", "dog"])
+
+
+@pytest.mark.parametrize("label", [1.7, 1.0, True, None])
+def test_a_label_that_is_no_class_index_is_rejected_not_truncated(client, label):
+    with pytest.raises(TypeError, match=r"labels\[0\] must be a class name \(str\) or index \(int\)"):
+        client.create_sample_set([IMAGE], [label])
+
+
+@pytest.mark.parametrize("target", [5.9, False])
+def test_a_target_class_that_is_no_class_index_is_rejected_not_truncated(client, target):
+    with pytest.raises(TypeError, match="target_class must be a class name"):
+        client.rank_mistake_neurons("any", target)
+    with pytest.raises(TypeError, match="target_class must be a class name"):
+        client.edit_head("any", target, [3])
