@@ -45,3 +45,23 @@ def test_a_target_class_that_is_no_class_index_is_rejected_not_truncated(client,
         client.rank_mistake_neurons("any", target)
     with pytest.raises(TypeError, match="target_class must be a class name"):
         client.edit_head("any", target, [3])
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["3"], r"pairs\[0\] is '3': expected a list of neuron indices or \(neuron, class\) pairs"),
+        ([3, (4, "heart", 1)], r"pairs\[1\] is \(4, 'heart', 1\): expected a list"),
+        ([3.0], r"pairs\[0\] is 3.0: expected a list"),
+        (3, r"pairs: expected a list of neuron indices or \(neuron, class\) pairs, got 3"),
+        ([(3, 1.5)], r"pairs\[0\] class must be a class name \(str\) or index \(int\), got 1.5"),
+    ],
+)
+def test_visualize_neurons_says_what_it_expects(client, pairs, message):
+    with pytest.raises(TypeError, match=message):
+        client.visualize_neurons(pairs)
+
+
+def test_edit_head_neurons_must_be_indices(client):
+    with pytest.raises(TypeError, match=r"neurons\[1\] must be a neuron index \(int\), got 4.5"):
+        client.edit_head("any", "heart", [3, 4.5])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -32,6 +32,11 @@ from ._types import Component, ModelMetadata, Prediction, Sample, SampleSet
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _STATES = {"queued": 1, "running": 2, "succeeded": 3, "failed": 4, "cancelled": 5}
+
+
+def _is_index(value: Any) -> bool:
+    """An int or numpy integer, not a bool (a float or string is never truncated to one)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _time(stamp) -> dt.datetime:
@@ -305,10 +310,15 @@ class Client:
         "no_clip"; ``steps`` 0 means 400. ``.result()`` gives a list of
         :class:`NeuronVisualization` with PIL images, in request order; progress carries
         previews."""
+        expected = "expected a list of neuron indices or (neuron, class) pairs"
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+            raise TypeError(f"pairs: {expected}, got {pairs!r}")
         messages = []
-        for pair in pairs:
-            neuron, target = (pair, None) if isinstance(pair, (int, np.integer)) else pair
-            messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target)))
+        for i, pair in enumerate(pairs):
+            neuron, target = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (pair, None)
+            if not _is_index(neuron):
+                raise TypeError(f"pairs[{i}] is {pair!r}: {expected}")
+            messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target, f"pairs[{i}] class")))
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
         request = neuroinspect_pb2.VisualizeNeuronsRequest(
             pairs=messages, method={"clip_illusion": 1, "feature_visualization": 2, "no_clip": 3}.get(method, 99), steps=steps,
@@ -342,6 +352,9 @@ class Client:
         optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
         if target_ratio is not None and target_ratio != "auto":
             optional["target_ratio"] = float(target_ratio)
+        for i, neuron in enumerate(neurons):
+            if not _is_index(neuron):
+                raise TypeError(f"neurons[{i}] must be a neuron index (int), got {neuron!r}")
         request = neuroinspect_pb2.EditHeadRequest(
             sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method={"probability_ratio": 1, "constrain": 2}.get(method, 99),
             validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
