@@ -35,7 +35,7 @@ from explaind.v1 import (
 
 @pytest.fixture(scope="module")
 def server(server_factory):
-    return server_factory(batching={"max_images_per_request": 256})
+    return server_factory(batching={"max_images_per_request": 256}, server={"max_pixels_per_request": 1024 * 1024})
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +212,19 @@ def test_wait_operation_rejects_timeouts_outside_the_duration_range(server, clie
         # The longest valid Duration waits until done (or the call deadline), like no timeout.
         longest = operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=315_576_000_000))
         assert operations.WaitOperation(longest, timeout=60).operation.done
+
+
+def test_requests_decoding_to_too_many_pixels_are_refused(client):
+    # The module's server allows 1024 x 1024 decoded pixels per request, PNG and raw alike.
+    black = np.zeros((1024, 1024, 3), np.uint8)
+    assert len(client.predict([_png(black)])) == 1
+    limit = "the images decode to more than the limit of 1048576 pixels per request"
+    with pytest.raises(InvalidArgumentError, match=f"INVALID_ARGUMENT: images: {limit}"):
+        client.predict([_png(black), black[:1, :1]])
+    with pytest.raises(InvalidArgumentError, match=f"INVALID_ARGUMENT: samples: {limit}"):
+        client.create_sample_set([black, _png(black[:1, :1])], [0, 0], sample_set_id="too-many-pixels")
+    with pytest.raises(NotFoundError):
+        client.sample_set("too-many-pixels")
 
 
 def test_the_client_honours_its_deadline(client, world_images):

@@ -7,6 +7,7 @@ import io
 import random
 import threading
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -300,6 +301,20 @@ def test_uint8_pixels_decode_to_exactly_the_reference_floats():
     for decoded in (decode_array(request_bytes, field="x"), decode_encoded(encode_png(pixels), field="x")):
         assert decoded.is_contiguous() and decoded.dtype == torch.float32
         assert torch.equal(decoded, reference)
+
+
+def test_a_large_image_is_resized_before_it_becomes_float():
+    # A 4096x4096 image as float32 is 192 MiB; decoded straight to the model's size it
+    # never exists (its uint8 pixels are 48 MiB).
+    data = encode_png(np.zeros((4096, 4096, 3), np.uint8))
+    tracemalloc.start()
+    try:
+        image = decode_encoded(data, field="images[0].encoded", size=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert peak < 150 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
 @pytest.mark.filterwarnings("ignore")  # Pillow warns about the corrupt files

@@ -64,6 +64,9 @@ class ServerSection:
     metrics_port: int = 0
     data_dir: str = "var/explaind"
     max_message_bytes: int = 64 * 1024 * 1024
+    # Pixels the images of one Predict / CreateSampleSet / AppendSamples call may decode
+    # to in all (8 images of 4096x4096); bounds the memory and time a small request costs.
+    max_pixels_per_request: int = 128 * 1024 * 1024
     # Seconds that in-flight RPCs and jobs get to finish on shutdown before cancellation.
     grace_period_s: float = 10.0
     # gRPC worker threads (streams and unary calls share them).

@@ -23,8 +23,25 @@ ENCODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 
 
-def decode_encoded(data: bytes, *, field: str) -> torch.Tensor:
-    """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (3, H, W) float32 in [0, 1]; any failure is INVALID_ARGUMENT."""
+class PixelBudget:
+    """The decoded pixels one request may still use: each image is charged from its size
+    before its pixels are decoded, so many small files cannot decode to gigabytes."""
+
+    def __init__(self, limit: int, *, field: str) -> None:
+        self.limit, self.field, self.used = limit, field, 0
+
+    def charge(self, width: int, height: int) -> None:
+        self.used += width * height
+        if self.used > self.limit:
+            raise InvalidArgument(
+                f"the images decode to more than the limit of {self.limit} pixels per request ([server].max_pixels_per_request); "
+                "send fewer or smaller images per call",
+                field=self.field,
+            )
+
+
+def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None) -> np.ndarray:
+    """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (H, W, 3) uint8 RGB; any failure is INVALID_ARGUMENT."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
     try:
@@ -33,14 +50,30 @@ def decode_encoded(data: bytes, *, field: str) -> torch.Tensor:
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
             if min(image.size) < 1:
                 raise InvalidArgument("image has zero size", field=field)
-            pixels = np.asarray(image.convert("RGB"))
+            if budget is not None:
+                budget.charge(*image.size)
+            return np.asarray(image.convert("RGB"))
     except InvalidArgument:
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
-    return uint8_hwc_to_float_chw(pixels)
+
+
+def decode_encoded(data: bytes, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
+    """Encoded bytes -> (3, H, W) float32 in [0, 1]; with ``size``, (3, size, size), resized
+    while still uint8 so a large image never exists as float."""
+    return uint8_hwc_to_float_chw(_resize_uint8(decode_pixels(data, field=field, budget=budget), size))
+
+
+def _resize_uint8(pixels: np.ndarray, size: int | None) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: :func:`resize_square`'s filter, in uint8."""
+    if size is None or pixels.shape[:2] == (size, size):
+        return pixels
+    channels_last = torch.from_numpy(np.require(pixels, requirements=("C", "W"))).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(channels_last, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].permute(1, 2, 0).numpy()
 
 
 def uint8_hwc_to_float_chw(pixels: np.ndarray) -> torch.Tensor:
@@ -53,10 +86,12 @@ def uint8_hwc_to_float_chw(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.divide(pixels.transpose(2, 0, 1), np.float32(255), dtype=np.float32, order="C"))
 
 
-def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
-    """A raw pixel array -> (3, H, W) float32 in [0, 1].
+def decode_array(array: np.ndarray, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
+    """A raw pixel array -> (3, H, W) float32 in [0, 1]; with ``size``, (3, size, size).
 
     Accepts uint8 (H, W, 3) in [0, 255], or float (3, H, W) / (H, W, 3) in [0, 1].
+    uint8 pixels are resized as :func:`decode_encoded` does, so a PNG and its raw pixels
+    give the same input.
     """
     if array.ndim != 3:
         raise InvalidArgument(f"expected 3 dimensions (H, W, 3) or (3, H, W), got shape {tuple(array.shape)}", field=field)
@@ -65,10 +100,13 @@ def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
     if array.dtype == np.uint8:
         if array.shape[2] != 3:
             raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
-        tensor = uint8_hwc_to_float_chw(array)
-    elif array.dtype in (np.float16, np.float32):
+        _check_side(array.shape[1], array.shape[0], field, budget)
+        return uint8_hwc_to_float_chw(_resize_uint8(array, size))
+    if array.dtype in (np.float16, np.float32):
         if array.shape[0] != 3 and array.shape[2] != 3:
             raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=field)
+        height, width = array.shape[1:] if array.shape[0] == 3 else array.shape[:2]
+        _check_side(width, height, field, budget)
         # One copy, float32, writeable (the array may be a read-only view of the request's bytes).
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))
         if array.shape[0] != 3:
@@ -79,11 +117,15 @@ def decode_array(array: np.ndarray, *, field: str) -> torch.Tensor:
         if low < -1e-3 or high > 1 + 1e-3:
             raise InvalidArgument(f"float pixels must lie in [0, 1], got [{low:.3g}, {high:.3g}] (normalisation happens on the server)", field=field)
         tensor = tensor.clamp(0.0, 1.0)
-    else:
-        raise InvalidArgument(f"unsupported dtype {array.dtype}; use uint8, float16 or float32", field=field)
-    if max(tensor.shape[1:]) > MAX_IMAGE_SIDE:
-        raise InvalidArgument(f"image is {tensor.shape[2]}x{tensor.shape[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
-    return tensor
+        return tensor if size is None else resize_square(tensor, size)
+    raise InvalidArgument(f"unsupported dtype {array.dtype}; use uint8, float16 or float32", field=field)
+
+
+def _check_side(width: int, height: int, field: str, budget: PixelBudget | None) -> None:
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise InvalidArgument(f"image is {width}x{height}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
+    if budget is not None:
+        budget.charge(width, height)
 
 
 def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field: str) -> np.ndarray:

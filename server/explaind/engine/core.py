@@ -21,7 +21,7 @@ import torch
 
 from ..config import Config
 from ..errors import FailedPrecondition, InvalidArgument
-from ..imaging import decode_encoded, encode_png, image_grid, resize_square, to_uint8_hwc
+from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
 from ..store import SampleRecord, SampleSetInfo, Store
@@ -162,11 +162,6 @@ class Engine:
 
     # Predict -------------------------------------------------------------------------
 
-    def prepare_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(3, H, W) tensors in [0, 1] of any size -> (N, 3, S, S) at the model's input size."""
-        size = self.models.active.image_size
-        return torch.stack([resize_square(image, size) for image in images])
-
     def submit_predict(self, images: torch.Tensor) -> Future:
         """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`."""
         if self._batcher is None:
@@ -227,8 +222,7 @@ class Engine:
 
     def load_sample_image(self, digest: str) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1] at the model's input size."""
-        image = decode_encoded(self.store.get_blob(digest), field=f"sample {digest[:12]}")
-        return resize_square(image, self.models.active.image_size)
+        return decode_encoded(self.store.get_blob(digest), field=f"sample {digest[:12]}", size=self.models.active.image_size)
 
     def sample_set_features(
         self,

@@ -13,7 +13,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 
 from ..engine import NewSample
 from ..errors import InvalidArgument
-from ..imaging import array_from_buffer, decode_array, decode_encoded, encode_png, to_uint8_hwc
+from ..imaging import PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JobSnapshot
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
 
@@ -33,13 +33,14 @@ STATE_NAMES = {value: key for key, value in _STATES.items()}
 OPERATION_PREFIX = "operations/"
 
 
-def decode_image(image: common_pb2.Image, *, field: str) -> torch.Tensor:
-    """An Image message -> (3, H, W) float32 in [0, 1]; INVALID_ARGUMENT naming ``field``."""
+def decode_image(image: common_pb2.Image, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
+    """An Image message -> (3, H, W) float32 in [0, 1] ((3, size, size) with ``size``);
+    INVALID_ARGUMENT naming ``field``."""
     kind = image.WhichOneof("data")
     if kind == "encoded":
-        return decode_encoded(image.encoded, field=f"{field}.encoded")
+        return decode_encoded(image.encoded, field=f"{field}.encoded", size=size, budget=budget)
     if kind == "tensor":
-        return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor")
+        return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor", size=size, budget=budget)
     raise InvalidArgument("image has neither encoded bytes nor a tensor", field=field)
 
 
@@ -55,11 +56,15 @@ def array_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
     return common_pb2.Tensor(dtype=dtype, shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
-def new_sample(sample: sample_sets_pb2.Sample, *, field: str) -> NewSample:
-    """Validate a Sample's image; keep encoded bytes as given, store raw tensors as PNG."""
-    decoded = decode_image(sample.image, field=f"{field}.image")
-    encoded = sample.image.encoded if sample.image.WhichOneof("data") == "encoded" else encode_png(to_uint8_hwc(decoded))
-    return NewSample(encoded, sample.label, dict(sample.attributes))
+def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudget) -> NewSample:
+    """Validate a Sample's image; keep encoded bytes as given (decoded only to check them,
+    never to float), store raw tensors as PNG."""
+    image = sample.image
+    if image.WhichOneof("data") == "encoded":
+        decode_pixels(image.encoded, field=f"{field}.image.encoded", budget=budget)
+        return NewSample(image.encoded, sample.label, dict(sample.attributes))
+    pixels = to_uint8_hwc(decode_image(image, field=f"{field}.image", budget=budget))
+    return NewSample(encode_png(pixels), sample.label, dict(sample.attributes))
 
 
 def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:

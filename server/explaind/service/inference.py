@@ -5,10 +5,12 @@ from __future__ import annotations
 from concurrent.futures import CancelledError
 
 import grpc
+import torch
 from explaind.v1 import inference_pb2, inference_pb2_grpc
 
 from ..engine import Engine
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument
+from ..imaging import PixelBudget
 from . import convert
 from .sample_sets import required_set_id
 
@@ -23,7 +25,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("at least one image is required", field="images")
         if len(request.images) > limit:
             raise InvalidArgument(f"{len(request.images)} images exceed the limit of {limit} per request; split them into several calls", field="images")
-        images = self._engine.prepare_images([convert.decode_image(image, field=f"images[{i}]") for i, image in enumerate(request.images)])
+        # Each image is resized as it is decoded: the request never holds full-size floats.
+        size, budget = self._engine.models.active.image_size, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
+        images = torch.stack([convert.decode_image(image, field=f"images[{i}]", size=size, budget=budget) for i, image in enumerate(request.images)])
         future = self._engine.submit_predict(images)
         context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
         try:

@@ -7,6 +7,7 @@ from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 
 from ..engine import Engine
 from ..errors import InvalidArgument
+from ..imaging import PixelBudget
 from . import convert
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
@@ -38,7 +39,8 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         self._engine = engine
 
     def _samples(self, samples) -> list:
-        return [convert.new_sample(sample, field=f"samples[{i}]") for i, sample in enumerate(samples)]
+        budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="samples")
+        return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget) for i, sample in enumerate(samples)]
 
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
         if not request.samples:
