@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from explaind.client import Client
+from explaind.client import Client, DeadlineExceededError
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -65,3 +65,14 @@ def test_visualize_neurons_says_what_it_expects(client, pairs, message):
 def test_edit_head_neurons_must_be_indices(client):
     with pytest.raises(TypeError, match=r"neurons\[1\] must be a neuron index \(int\), got 4.5"):
         client.edit_head("any", "heart", [3, 4.5])
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_result_timeout_says_the_job_is_still_running_with_or_without_progress(client, progress):
+    operation = client.visualize_neurons([3], method="no_clip", steps=10_000)
+    try:
+        with pytest.raises(DeadlineExceededError, match=rf"^DEADLINE_EXCEEDED: {operation.name} is still (queued|running) after 0.5s$"):
+            operation.result(progress=progress, timeout=0.5)
+        assert not operation.refresh().done  # the timeout ends the wait, not the job
+    finally:
+        operation.cancel()

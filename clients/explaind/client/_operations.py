@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from explaind.v1 import inference_pb2, operations_pb2
 
-from ._errors import OperationError, error_from_code
+from ._errors import DeadlineExceededError, OperationError, error_from_code
 from ._images import open_image
 from ._types import Artifact, Progress
 
@@ -156,7 +156,9 @@ class Operation:
         """Wait for the job and return its result (a dataclass where the SDK has one,
         else the response message). ``progress=True`` shows a tqdm bar, or plain lines
         when stderr is not a terminal; Ctrl-C cancels the job on the server before
-        re-raising. Raises OperationError if it failed."""
+        re-raising. Raises OperationError if it failed, and DeadlineExceededError if it
+        is not done within ``timeout`` seconds (None: no limit); the job keeps running
+        then (``cancel()`` stops it, ``result()`` again waits on)."""
         try:
             if progress and sys.stderr.isatty():
                 self._follow_with_bar(timeout)
@@ -164,6 +166,10 @@ class Operation:
                 self._follow_with_lines(timeout)
             else:
                 self.wait(timeout)
+        except DeadlineExceededError:
+            if timeout is None:
+                raise
+            # The watch stream hit ``timeout``: report it as wait() does, below.
         except KeyboardInterrupt:
             self.cancel()
             raise
