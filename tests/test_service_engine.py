@@ -372,6 +372,26 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     jobs.shutdown(1)
 
 
+def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
+    store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
+    jobs = JobManager(store, metrics, max_queued=1, lanes={"gpu": 1})
+    blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
+    while jobs.get(blocker.record.job_id).record.state != "running":
+        time.sleep(0.01)
+    queued = jobs.submit("queued", lambda ctx: (ran.append("queued"), _empty())[1])
+    cancelled = jobs.cancel(queued.record.job_id)
+    assert cancelled.done and cancelled.record.cancel_requested
+    assert (cancelled.record.state, cancelled.record.error_message) == ("cancelled", "cancelled before it started")
+    assert store.get_job(queued.record.job_id).state == "cancelled"
+    assert metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+    after = jobs.submit("after", lambda ctx: _empty())  # max_queued 1: the slot is free again
+    gate.set()
+    assert jobs.wait(after.record.job_id, 10).record.state == "succeeded"
+    assert ran == [] and jobs.get(queued.record.job_id).record.state == "cancelled"
+    assert metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+    jobs.shutdown(1)
+
+
 def _empty():
     from google.protobuf import empty_pb2
 

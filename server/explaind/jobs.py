@@ -144,12 +144,15 @@ class JobManager:
         return JobSnapshot(record)
 
     def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message]) -> None:
-        self.metrics.jobs_queued.dec()
-        if live.cancel_event.is_set():
-            self._finish(live, CANCELLED, error=("CANCELLED", "cancelled before it started"))
-            return
-        started = time.time()
-        self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
+        with self._changed:  # one transition: a cancel either finished it already or sees RUNNING
+            if live.record.state != QUEUED:
+                return
+            self.metrics.jobs_queued.dec()
+            if live.cancel_event.is_set():  # shutting down
+                self._finish(live, CANCELLED, error=("CANCELLED", "cancelled before it started"))
+                return
+            started = time.time()
+            self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
         try:
@@ -169,9 +172,11 @@ class JobManager:
             running.dec()
             self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
 
-    def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"") -> None:
+    def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"", **changes) -> None:
         message = {SUCCEEDED: "done", FAILED: "failed", CANCELLED: "cancelled"}[state]
-        self._update(live, persist=True, state=state, end_time=time.time(), error_code=error[0], error_message=error[1], result=result, message=message)
+        self._update(
+            live, persist=True, state=state, end_time=time.time(), error_code=error[0], error_message=error[1], result=result, message=message, **changes
+        )
         with self._changed:
             self._live.pop(live.record.job_id, None)
 
@@ -200,13 +205,18 @@ class JobManager:
         return [self.get(record.job_id) if record.state not in FINISHED_STATES else JobSnapshot(record) for record in records]
 
     def cancel(self, job_id: str) -> JobSnapshot:
-        """Ask a job to stop; a queued job ends at once, a running one at its next check."""
+        """Ask a job to stop; a queued job ends at once (its worker skips it), a running
+        one at its next check."""
         with self._changed:
             live = self._live.get(job_id)
             if live is None:
                 return self.get(job_id)
             live.cancel_event.set()
-            self._update(live, persist=True, cancel_requested=True)
+            if live.record.state == QUEUED:
+                self.metrics.jobs_queued.dec()
+                self._finish(live, CANCELLED, error=("CANCELLED", "cancelled before it started"), cancel_requested=True)
+            else:
+                self._update(live, persist=True, cancel_requested=True)
         return self.get(job_id)
 
     def watch(self, job_id: str, *, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.25) -> Iterator[JobSnapshot]:
