@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from explaind.client import Client
 from explaind.client.cli import main
 
 
@@ -90,3 +92,21 @@ def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):
     assert "created named: 2 samples, per class {2: 1, 5: 1}" in capsys.readouterr().out
     assert main(["--target", server.target, "sample-set", "create", "--images", images[0], "--labels", "dog"]) == 1
     assert "'dog' is not a class of the served model" in capsys.readouterr().err
+
+
+def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, capsys, world_images):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, labels, sample_set_id="finished")
+        edit = client.edit_head("finished", "heart", [3, 7])
+        edit.wait(60)
+    assert main(["--target", server.target, "evaluate", "finished", "--no-wait"]) == 0
+    name = capsys.readouterr().out.split()[-1]
+    assert main(["--target", server.target, "operations", "wait", name]) == 0
+    waited = capsys.readouterr().out
+    assert re.search(r"^accuracy \d\.\d{3} on 48 samples", waited, flags=re.M), waited
+    assert "per class: circle" in waited and "artifacts: mistakes.png" in waited
+    assert main(["--target", server.target, "operations", "get", name]) == 0
+    assert capsys.readouterr().out == waited
+    assert main(["--target", server.target, "operations", "get", edit.name]) == 0
+    assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)

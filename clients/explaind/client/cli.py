@@ -175,6 +175,41 @@ def _print_evaluation(report, class_names: list[str] | None = None) -> None:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
 
 
+def _print_ranking(ranking) -> None:
+    print(f"{ranking.mistake_count} mistakes of {ranking.class_name} in {ranking.sample_set_id}; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
+    for neuron in ranking.neurons[:8]:
+        print(
+            f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} insufficient {neuron.insufficient_ratio:.2f}  "
+            f"excessive {neuron.excessive_ratio:.2f}  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
+        )
+
+
+def _print_visualizations(visualizations) -> None:
+    for v in visualizations:
+        print(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
+              f"CLIP similarity {v.clip_similarity:.3f}, mask area {v.mask_fraction:.0%}")
+
+
+def _version_line(v) -> str:
+    accuracy = f", accuracy {v.evaluation.accuracy:.3f} (was {v.parent_evaluation.accuracy:.3f})" if v.evaluation and v.parent_evaluation else ""
+    neurons = f" {v.class_name} neurons {v.neurons}" if v.neurons else ""
+    return f"{'*' if v.active else ' '} {v.version_id} {v.model_version} {v.method}{neurons}{accuracy}"
+
+
+def _print_head_edit(edit) -> None:
+    print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; served only once promoted):")
+    print(_version_line(edit.version))
+
+
+# What ``operations get/wait/watch`` print for a succeeded operation, by kind.
+_RESULT_PRINTERS = {
+    "evaluate_sample_set": _print_evaluation,
+    "rank_mistake_neurons": _print_ranking,
+    "visualize_neurons": _print_visualizations,
+    "edit_head": _print_head_edit,
+}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
@@ -209,8 +244,12 @@ def cmd_operations(args: argparse.Namespace) -> int:
             print(f"wrote {args.output or args.artifact} ({len(data)} bytes)")
             return 0
         print(operation)
+        if operation.artifacts:
+            print(f"artifacts: {', '.join(a.name for a in operation.artifacts)}")
         if operation.error is not None:
             print(f"error: {operation.error}")
+        elif operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
+            _RESULT_PRINTERS[operation.kind](operation.result())
     return 0
 
 
@@ -279,13 +318,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     worst, accuracy = min(evaluation.per_class_accuracy.items(), key=lambda item: item[1])
     print(f"\nexplaining the mistakes of '{worst}' (accuracy {accuracy:.2f}):")
     report = build_report(client, worst, sample_set_id, max_neurons=5, steps=60, group_attribute="background", progress=True)
-    ranking = report.ranking
-    print(f"{ranking.mistake_count} mistakes; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
-    for neuron in ranking.neurons[:8]:
-        print(
-            f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} insufficient {neuron.insufficient_ratio:.2f}  "
-            f"excessive {neuron.excessive_ratio:.2f}  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
-        )
+    _print_ranking(report.ranking)
     out = directory / f"report-{scenario}-{worst}.html"
     out.write_text(render_report(report), encoding="utf-8")
     print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
@@ -318,9 +351,7 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
             print(f"serving {client.rollback_head_version(args.version or '').version_id}")
         else:
             for v in client.head_versions():
-                accuracy = f", accuracy {v.evaluation.accuracy:.3f} (was {v.parent_evaluation.accuracy:.3f})" if v.evaluation and v.parent_evaluation else ""
-                neurons = f" {v.class_name} neurons {v.neurons}" if v.neurons else ""
-                print(f"{'*' if v.active else ' '} {v.version_id} {v.model_version} {v.method}{neurons}{accuracy}")
+                print(_version_line(v))
     return 0
 
 
