@@ -392,6 +392,27 @@ def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_pa
     jobs.shutdown(1)
 
 
+def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
+    store, metrics, ran = SQLiteStore(tmp_path), Metrics(), []
+
+    def checks_until_stopped(ctx):
+        while True:
+            ctx.raise_if_cancelled()
+            time.sleep(0.01)
+
+    jobs = JobManager(store, metrics, lanes={"gpu": 1})
+    running = jobs.submit("running", checks_until_stopped)
+    while jobs.get(running.record.job_id).record.state != "running":
+        time.sleep(0.01)
+    queued = jobs.submit("queued", lambda ctx: (ran.append("queued"), _empty())[1])
+    jobs.shutdown(0.1)
+    for job, when in ((running, "while this job was running"), (queued, "before this job started")):
+        record = store.get_job(job.record.job_id)
+        assert (record.state, record.error_code, record.cancel_requested) == ("failed", "ABORTED", False)
+        assert record.error_message == f"the server shut down {when}; submit it again"
+    assert ran == [] and metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+
+
 def _empty():
     from google.protobuf import empty_pb2
 

@@ -67,7 +67,8 @@ class ServerSection:
     # Pixels the images of one Predict / CreateSampleSet / AppendSamples call may decode
     # to in all (8 images of 4096x4096); bounds the memory and time a small request costs.
     max_pixels_per_request: int = 128 * 1024 * 1024
-    # Seconds that in-flight RPCs and jobs get to finish on shutdown before cancellation.
+    # Seconds that in-flight RPCs and jobs get to finish on shutdown; then RPCs are
+    # cancelled and jobs end FAILED with code ABORTED.
     grace_period_s: float = 10.0
     # gRPC worker threads (streams and unary calls share them).
     max_workers: int = 64

@@ -148,9 +148,6 @@ class JobManager:
             if live.record.state != QUEUED:
                 return
             self.metrics.jobs_queued.dec()
-            if live.cancel_event.is_set():  # shutting down
-                self._finish(live, CANCELLED, error=("CANCELLED", "cancelled before it started"))
-                return
             started = time.time()
             self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
@@ -158,7 +155,10 @@ class JobManager:
         try:
             result = fn(JobContext(self, live))
         except JobCancelled:
-            self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
+            if live.record.cancel_requested:
+                self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
+            else:  # only shutdown() stops a job nobody cancelled
+                self._finish(live, FAILED, error=("ABORTED", "the server shut down while this job was running; submit it again"))
         except ExplaindError as error:
             self._finish(live, FAILED, error=(error.code, str(error)))
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
@@ -248,7 +248,9 @@ class JobManager:
                     self._changed.wait(remaining)
 
     def shutdown(self, grace_s: float) -> None:
-        """Stop accepting; let running jobs finish for ``grace_s``, then cancel what is left."""
+        """Stop accepting; let jobs finish for ``grace_s``, then end what is left FAILED with
+        code ABORTED, as :meth:`recover` does after a crash: the job was fine, the server
+        went away (queued ones at once, running ones at their next cancellation check)."""
         with self._changed:
             self._accepting = False
         deadline = time.monotonic() + grace_s
@@ -256,6 +258,10 @@ class JobManager:
             while self._live and time.monotonic() < deadline:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             for live in list(self._live.values()):
-                live.cancel_event.set()
+                if live.record.state == QUEUED:
+                    self.metrics.jobs_queued.dec()
+                    self._finish(live, FAILED, error=("ABORTED", "the server shut down before this job started; submit it again"))
+                else:
+                    live.cancel_event.set()
         for executor in self._executors.values():
             executor.shutdown(wait=True, cancel_futures=False)

@@ -155,7 +155,7 @@ class Engine:
         )
 
     def close(self, grace_s: float = 0.0) -> None:
-        """Finish queued predictions, then let jobs finish for ``grace_s`` and cancel the rest."""
+        """Finish queued predictions, then let jobs finish for ``grace_s`` and abort the rest."""
         if self._batcher is not None:
             self._batcher.close()
         self.jobs.shutdown(grace_s)

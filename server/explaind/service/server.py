@@ -3,7 +3,8 @@
 Start-up order: the store recovers (jobs left running are marked FAILED), gRPC starts
 with health NOT_SERVING, the models load, health turns SERVING. On SIGTERM/SIGINT
 health turns NOT_SERVING, new calls are refused, and in-flight calls and jobs get
-``server.grace_period_s`` to finish before they are cancelled.
+``server.grace_period_s`` to finish; calls left are cancelled and jobs left end FAILED
+with code ABORTED ("submit it again"), as after a crash.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class ExplaindServer:
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, give in-flight calls and jobs
-        ``grace_s`` (default from config) to finish, cancel the rest."""
+        ``grace_s`` (default from config) to finish, cancel the calls and abort the jobs left."""
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
