@@ -446,6 +446,26 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
     assert good.runtime.backend == "onnxruntime" and good.classifier.path == str(classifier_dir) and good.clip.path == ""
 
 
+@pytest.mark.parametrize(
+    ("sections", "error"),
+    [
+        ({"jobs": {"evaluate_batch_size": 0}}, r"\[jobs\].evaluate_batch_size must be at least 1, got 0"),
+        ({"jobs": {"gpu_workers": 0}}, r"\[jobs\].gpu_workers must be at least 1, got 0"),
+        ({"jobs": {"max_queued": -1}}, r"\[jobs\].max_queued must be at least 1, got -1"),
+        ({"batching": {"max_images_per_request": 0}}, r"\[batching\].max_images_per_request must be at least 1"),
+        ({"server": {"max_workers": 0}}, r"\[server\].max_workers must be at least 1"),
+        ({"server": {"max_pixels_per_request": 0}}, r"\[server\].max_pixels_per_request must be at least 1"),
+        ({"server": {"grace_period_s": -5}}, r"\[server\].grace_period_s must be at least 0, got -5.0"),
+        ({"jobs": {"gpu_workers": 1.5}}, r"\[jobs\].gpu_workers must be an integer, got 1.5"),
+        ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
+        ({"classifier": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"\[classifier\].std must hold positive numbers"),
+    ],
+)
+def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path, classifier_dir, sections, error):
+    with pytest.raises(ConfigError, match=r"bad.toml: " + error):
+        load_config(write_config(tmp_path / "bad.toml", classifier_dir, **sections))
+
+
 def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path, classifier_dir):
     # A configured CLIP gets the paper's ε; the world CLIP, whose cosines go negative, gets 1.
     assert load_config(write_config(tmp_path / "a.toml", classifier_dir, clip={"model": "ViT-B-32"})).clip.illusion_epsilon == 0.05

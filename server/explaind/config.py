@@ -52,6 +52,20 @@ BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 WORLD_CLIP_ILLUSION_EPSILON = 1.0
 
 
+# Sizes, counts and thread pools: 0 or less would fail later as a traceback or INTERNAL.
+_AT_LEAST_ONE = (
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers",
+    "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
+    "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
+)
+# 0 means something here (any port, no metrics, no grace, the model's size, torch's
+# threads); below 0 nothing does.
+_NOT_NEGATIVE = (
+    "server.port", "server.metrics_port", "server.grace_period_s", "batching.max_queue_delay_ms",
+    "runtime.num_threads", "classifier.image_size",
+)
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and key."""
 
@@ -220,7 +234,12 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
         elif isinstance(expected, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where} must be a number, got {value!r}")
+            if isinstance(expected, int) and not isinstance(value, int):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
             value = type(expected)(value)
+        elif isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a table, got {value!r}")
         elif isinstance(expected, tuple):
             if not isinstance(value, list):
                 raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -239,6 +258,11 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
     if len(classifier.mean) != len(classifier.std):
         raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
-    batching = config.batching
-    if batching.max_batch_size < 1 or batching.max_queue_size < 1 or batching.max_queue_delay_ms < 0:
-        raise ConfigError(f"{path}: [batching] sizes must be >= 1 and max_queue_delay_ms >= 0")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in classifier.std):
+        raise ConfigError(f"{path}: [classifier].std must hold positive numbers, got {list(classifier.std)}")
+    for least, keys in ((1, _AT_LEAST_ONE), (0, _NOT_NEGATIVE)):
+        for key in keys:
+            section, _, name = key.partition(".")
+            value = getattr(getattr(config, section), name)
+            if value < least:
+                raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
