@@ -1,9 +1,17 @@
-"""The report's evaluation table: each version's own worst class and group, labelled as such."""
+"""The report's evaluation table: each version's own worst class and group, labelled as such,
+measured on samples the suggested edit did not train on."""
 
 import re
 
+import numpy as np
+import pytest
+
+from explaind.client import Client
 from explaind.client._neuroinspect import HeadEvaluation
-from explaind.client.report import _evaluation_rows
+from explaind.client.report import _evaluation_rows, build_report, render_report
+from explaind.world import assets
+
+from conftest import ServerProcess, write_config
 
 
 def evaluation(classes: dict[str, float], groups: dict[str, float]) -> HeadEvaluation:
@@ -35,3 +43,43 @@ def test_an_unchanged_worst_is_named_once_and_no_groups_means_no_group_rows():
     rows = table(_evaluation_rows(before, after))
     assert rows["worst class (heart)"] == ["0.200", "0.500", "0.300"]
     assert not [label for label in rows if "group" in label]
+
+
+SPURIOUS = assets.classifier_dir("spurious_background")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    if not (SPURIOUS / "model.safetensors").is_file():
+        pytest.skip(f"the spurious_background classifier is not shipped ({SPURIOUS})")
+    root = tmp_path_factory.mktemp("report")
+    server = ServerProcess(write_config(root / "explaind.toml", SPURIOUS), root / "data", root / "server.log").start()
+    with Client(server.target, timeout=60) as client:
+        yield client
+    server.stop()
+
+
+def test_the_suggested_edit_is_evaluated_on_the_held_out_fifth_with_or_without_groups(client):
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=200).all()
+    backgrounds = [str(b) for b in batch.attributes["background"]]
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="spurious", attributes=[{"background": b} for b in backgrounds])
+    plain = build_report(client, "heart", "spurious", max_neurons=1, steps=2)
+    grouped = build_report(client, "heart", "spurious", max_neurons=1, steps=2, group_attribute="background")
+
+    names = client.model_metadata().class_names
+    predicted = np.array([p.class_indices[0] for p in client.predict(batch.images[::5], top_k=1)])
+    labels = batch.labels[::5].numpy()
+    correct = predicted == labels
+    groups = np.array([f"{names[label]}/{background}" for label, background in zip(labels, backgrounds[::5], strict=True)])
+    assert (predicted != labels).sum() and correct.mean() != np.mean([p.class_indices[0] for p in client.predict(batch.images)] == batch.labels.numpy())
+    for report in (plain, grouped):
+        before = report.edit.version.parent_evaluation
+        assert before.accuracy == pytest.approx(correct.mean())
+        assert report.evaluated_on == "the 40 samples of spurious held out from training (every 5th, from sample 0)"
+        assert f"Evaluated on {report.evaluated_on}." in render_report(report)
+    # The same held-out fifth and training samples: groups only add per-group rows.
+    assert grouped.edit.version.evaluation.accuracy == pytest.approx(plain.edit.version.evaluation.accuracy)
+    assert grouped.edit.version.parent_evaluation.group_accuracy == pytest.approx({g: correct[groups == g].mean() for g in set(groups)})
+    assert [s.sample_set_id for s in client.sample_sets()] == ["spurious"]  # the temporary split is gone

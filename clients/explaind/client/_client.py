@@ -348,7 +348,17 @@ class Client:
         """Start retraining the head so ``target_class`` relies less on ``neurons``;
         ``.result()`` gives a :class:`HeadEdit` whose new version is served only once
         promoted (or with ``promote=True``). ``method``: "probability_ratio" or
-        "constrain"; ``target_ratio`` a number or "auto"."""
+        "constrain"; ``target_ratio`` a number or "auto".
+
+        Sets: an empty ``validation_sample_set_id`` holds out every 5th sample of
+        ``sample_set_id`` for early stopping (training on the rest; the set needs at
+        least 5 samples); an empty ``evaluation_sample_set_id`` evaluates before/after
+        on the validation set. ``group_attribute`` (per-group accuracy) needs an
+        explicit evaluation or validation set whose samples carry that attribute, so
+        pass held-out samples there, not the training set (that table would be
+        in-sample). ``max_epochs`` 0 means 20 and ``patience`` 0 means 5 epochs without
+        a better validation accuracy; unset ``strength``/``learning_rate`` use the
+        server's defaults (λ3 0.01 or 1.0 for constrain; Adam lr 1e-3)."""
         optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
         if target_ratio is not None and target_ratio != "auto":
             optional["target_ratio"] = float(target_ratio)

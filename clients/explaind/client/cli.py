@@ -335,9 +335,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                 raise CommandError("the server has no sample set; create one (explaind sample-set create) or pass --sample-set")
             sample_set_id = sets[-1].sample_set_id
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
-        report = build_report(client, args.target_class, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute, progress=True)
+        report = build_report(
+            client, args.target_class, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute,
+            evaluation_sample_set_id=args.evaluation_sample_set, progress=True,
+        )
     _write(args.out, render_report(report).encode("utf-8"))
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
+    if report.edit is not None:
+        print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")
     return 0
 
 
@@ -411,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--neurons", type=int, default=5, help="neurons to visualise")
     report.add_argument("--steps", type=int, default=100, help="visualisation steps")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
+    report.add_argument(
+        "--evaluation-sample-set", dest="evaluation_sample_set", default="",
+        help="held-out set for the suggested edit's before/after table (default: every 5th sample of --sample-set, which the edit does not train on)",
+    )
     report.set_defaults(run=cmd_report)
 
     head_versions = commands.add_parser("head-versions", help="list, promote or roll back classifier head versions")

@@ -13,6 +13,7 @@ import html
 import io
 import math
 from dataclasses import dataclass
+from functools import partial
 
 from ._client import Client
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
@@ -26,6 +27,7 @@ class MistakeReport:
     visualizations: list[NeuronVisualization]  # one per shown neuron, in ranking order
     edit: HeadEdit | None  # the suggested edit (stored as a version, not promoted)
     visualization_method: str
+    evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
 
 
 def build_report(
@@ -37,10 +39,14 @@ def build_report(
     edit_neurons: int = 3,
     steps: int = 100,
     group_attribute: str = "",
+    evaluation_sample_set_id: str = "",
     progress: bool = False,
 ) -> MistakeReport:
     """Rank, visualise the top ``max_neurons`` (CLIP-Illusion when the server has CLIP,
-    else the no_clip ablation) and edit the head on the top ``edit_neurons``."""
+    else the no_clip ablation) and edit the head on the top ``edit_neurons``. The edit is
+    evaluated on data it did not train on: ``evaluation_sample_set_id``, else the fifth
+    of the set the server holds out (every 5th sample); ``group_attribute`` adds
+    per-group accuracy (e.g. "background")."""
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
     shown = ranking.neurons[:max_neurons]
     clip = client.model_metadata().components.get("clip")
@@ -48,14 +54,42 @@ def build_report(
     visualizations = []
     if shown:
         visualizations = client.visualize_neurons([(n.neuron, ranking.class_name) for n in shown], method=method, steps=steps).result(progress=progress)
-    edit = None
+    edit, evaluated_on = None, ""
     if shown:
-        operation = client.edit_head(
-            sample_set_id, ranking.class_name, [n.neuron for n in shown[:edit_neurons]], group_attribute=group_attribute,
-            evaluation_sample_set_id=sample_set_id if group_attribute else "", description=f"suggested by explaind report for {ranking.class_name}",
-        )
-        edit = operation.result(progress=progress)
-    return MistakeReport(ranking, visualizations, edit, method)
+        neurons = [n.neuron for n in shown[:edit_neurons]]
+        edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id, group_attribute, progress)
+    return MistakeReport(ranking, visualizations, edit, method, evaluated_on)
+
+
+def _suggest_edit(
+    client: Client, class_name: str, neurons: list[int], sample_set_id: str, evaluation_sample_set_id: str, group_attribute: str, progress: bool
+) -> tuple[HeadEdit, str]:
+    """The edit, and which samples its before/after evaluation used."""
+    edit_head = partial(client.edit_head, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
+                        description=f"suggested by explaind report for {class_name}")
+    if evaluation_sample_set_id:
+        edit = edit_head(sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id).result(progress=progress)
+        return edit, f"sample set {evaluation_sample_set_id} ({client.sample_set(evaluation_sample_set_id).sample_count} samples)"
+    held_out = f"samples of {sample_set_id} held out from training (every 5th, from sample 0)"
+    if not group_attribute:  # the server holds out the fifth and evaluates on it
+        edit = edit_head(sample_set_id).result(progress=progress)
+        return edit, f"the {len(range(0, client.sample_set(sample_set_id).sample_count, 5))} {held_out}"
+    # Groups need the evaluation samples in a set of their own: split off the same fifth
+    # into temporary sets (deleted afterwards), training on the rest.
+    samples = list(client.samples(sample_set_id))
+    parts = {"training": [s for i, s in enumerate(samples) if i % 5], "held-out": samples[::5]}
+    created: list[str] = []
+    try:
+        for part, chosen in parts.items():
+            created.append(client.create_sample_set(
+                [s.image for s in chosen], [s.label for s in chosen], attributes=[s.attributes for s in chosen],
+                display_name=f"{part} part of {sample_set_id} (explaind report, temporary)",
+            ).sample_set_id)
+        edit = edit_head(created[0], validation_sample_set_id=created[1], evaluation_sample_set_id=created[1]).result(progress=progress)
+    finally:
+        for created_id in created:
+            client.delete_sample_set(created_id)
+    return edit, f"the {len(parts['held-out'])} {held_out}"
 
 
 def _png_data_uri(image) -> str:
@@ -150,7 +184,7 @@ def render_report(report: MistakeReport) -> str:
         if version.evaluation is not None and version.parent_evaluation is not None:
             parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation))
-            parts.append("</table>")
+            parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
     elif not ranking.neurons:
         parts.append("<p>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
     parts.append("</body></html>")
