@@ -87,6 +87,12 @@ def test_invalid_requests_name_the_field(client, world_set):
         # Rejected when submitted, not by a job that fails after extracting features.
         (lambda: client.edit_head("spurious", "heart", [1], group_attribute="background"), InvalidArgumentError, "group_attribute: groups need"),
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="spurious", group_attribute="mood"), InvalidArgumentError, "group_attribute: no sample"),
+        # Finite but huge weights would overflow the losses and store (and serve) a NaN head.
+        (lambda: client.edit_head("spurious", "heart", [1], strength=1e308), InvalidArgumentError, "strength: 1e+308 is not in [0.0, 1000.0]"),
+        (lambda: client.edit_head("spurious", "heart", [1], target_ratio=1e308), InvalidArgumentError, "target_ratio: 1e+308 is not in (0.0, 1000000.0]"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", l1=1e308), InvalidArgumentError, "l1: 1e+308 is not in [0.0, 1000.0]"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", l2=1e308), InvalidArgumentError, "l2: 1e+308 is not in [0.0, 1000.0]"),
+        (lambda: client.visualize_neurons([3], method="no_clip", gamma=1e308), InvalidArgumentError, "gamma: 1e+308 is not in [0.0, 1000.0]"),
         (lambda: client.promote_head_version("v99"), NotFoundError, "version_id"),
         (lambda: client.promote_head_version(""), InvalidArgumentError, "version_id"),
     ]
@@ -250,6 +256,62 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
                 client.rollback_head_version()
     finally:
         server.stop()
+
+
+def _in_process(data_dir: Path):
+    """An engine and its NeuroInspect engine serving SPURIOUS from ``data_dir``, as a server would."""
+    from explaind.config import ClassifierSection, Config, ServerSection
+    from explaind.engine import Engine
+    from explaind.engine.neuroinspect import NeuroInspectEngine
+    from explaind.metrics import Metrics
+    from explaind.store import SQLiteStore
+
+    config = Config(classifier=ClassifierSection(loader="world", path=str(SPURIOUS)), server=ServerSection(data_dir=str(data_dir)))
+    engine = Engine(config, SQLiteStore(data_dir), Metrics())
+    engine.load()
+    inspect = NeuroInspectEngine(engine)
+    inspect.restore()
+    return engine, inspect
+
+
+def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, monkeypatch):
+    from explaind.engine import NewSample
+    from explaind.errors import FailedPrecondition
+    from explaind.methods.neuroinspect import HeadEditor
+
+    pixels, labels, _ = world_set
+    engine, inspect = _in_process(tmp_path)
+    engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
+    edit = HeadEditor.edit
+
+    def diverging(self, *args, **kwargs):
+        result = edit(self, *args, **kwargs)
+        result.weight.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(HeadEditor, "edit", diverging)
+    job = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+    failed = engine.jobs.wait(job, 60).record
+    assert (failed.state, failed.error_code) == ("failed", "FAILED_PRECONDITION")
+    assert failed.error_message.startswith("training diverged: the edited head has NaN or infinite weights")
+    assert [r.version_id for r in inspect.head_versions()[0]] == ["v0"]
+
+    # A NaN head stored by an older server is refused, and not served after a restart either.
+    version = engine.models.active
+    nan_head = torch.nn.Linear(version.feature_dim, len(version.class_names))
+    torch.nn.init.constant_(nan_head.weight, float("nan"))
+    stored = inspect._add_head_version(version, nan_head, "v0", {"method": "probability_ratio"})
+    with pytest.raises(FailedPrecondition, match="version_id: head version 'v1' has NaN or infinite weights"):
+        inspect.promote_head_version(stored.version_id)
+    assert inspect.active_head_version().version_id == "v0" and engine.models.active is version
+    engine.store.set_active_head_version(version.feature_version, stored.version_id)
+    engine.close()
+    restarted, restarted_inspect = _in_process(tmp_path)
+    try:
+        assert restarted_inspect.active_head_version().version_id == "v0"
+        assert torch.isfinite(restarted.models.active.logits(torch.rand(2, version.feature_dim))).all()
+    finally:
+        restarted.close()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)

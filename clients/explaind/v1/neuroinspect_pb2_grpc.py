@@ -108,7 +108,8 @@ class NeuroInspectServiceServicer:
         """Retrains only the linear head (operation, kind "edit_head", response
         EditHeadResult) and stores the result as a new head version with its evaluation
         against the version it started from. The new version is not served until promoted
-        (or `promote` is set).
+        (or `promote` is set). If training diverges to NaN or infinite weights the
+        operation fails FAILED_PRECONDITION and nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,7 +125,7 @@ class NeuroInspectServiceServicer:
     def PromoteHeadVersion(self, request, context):
         """Serves a head version. Atomic: every Predict is computed entirely with the old head
         or entirely with the new one, and reports which (model_version). Persists across
-        restarts.
+        restarts. A version with NaN or infinite weights is refused (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,6 +11,7 @@ stored active version again after a restart. No gRPC here; results are the
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,8 @@ from ..methods.neuroinspect._editing import HeadEvaluation
 from ..store import HeadVersionRecord
 from .models import ClassifierVersion
 
+log = logging.getLogger(__name__)
+
 # RankMistakeNeurons answers inline up to these sizes (execution "auto").
 INLINE_MAX_SAMPLES = 4096
 INLINE_MAX_MISTAKES = 256
@@ -44,6 +47,11 @@ SOLVERS = ("faithful", "proximal")
 VISUALIZATION_METHODS = ("clip_illusion", "feature_visualization", "no_clip")
 EDIT_METHODS = ("probability_ratio", "constrain")
 EXECUTIONS = ("auto", "inline", "operation")
+# Upper bounds of loss weights (defaults 0.01-1) and of the edit's target probability ratio
+# (auto picks about 1-10): far above any useful value, far below where float32 losses
+# overflow to inf and the weights they train turn NaN.
+MAX_LOSS_WEIGHT = 1e3
+MAX_TARGET_RATIO = 1e6
 LOADED = "loaded"
 
 ClassRef = str | int  # a class name, or its index
@@ -78,6 +86,10 @@ def _finite(value: float, field: str, *, low: float = 0.0, high: float = math.in
         bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
         raise InvalidArgument(f"{value} is not in {bounds}", field=field)
     return value
+
+
+def _is_finite(head: nn.Linear) -> bool:
+    return bool(torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all())
 
 
 def _head_bytes(head: nn.Linear) -> bytes:
@@ -170,8 +182,8 @@ class NeuroInspectEngine:
     def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:
         if settings.solver not in SOLVERS:
             raise InvalidArgument(f"must be one of {SOLVERS}", field="solver")
-        _finite(settings.l1, "l1")
-        _finite(settings.l2, "l2")
+        _finite(settings.l1, "l1", high=MAX_LOSS_WEIGHT)
+        _finite(settings.l2, "l2", high=MAX_LOSS_WEIGHT)
         _finite(settings.cut_ratio, "cut_ratio", high=1.0)
         if not 1 <= settings.max_iterations <= 100_000:
             raise InvalidArgument(f"{settings.max_iterations} is not in [1, 100000] (0 means 1000)", field="max_iterations")
@@ -290,8 +302,8 @@ class NeuroInspectEngine:
             raise FailedPrecondition(f"clip_illusion needs CLIP, which is not loaded ({clip.detail if clip else 'not configured'}); use no_clip or feature_visualization", field="method")
         if not 1 <= steps <= 10_000:
             raise InvalidArgument(f"{steps} is not in [1, 10000] (0 means 400)", field="steps")
-        _finite(gamma, "gamma")
-        _finite(epsilon, "epsilon")
+        _finite(gamma, "gamma", high=MAX_LOSS_WEIGHT)
+        _finite(epsilon, "epsilon", high=MAX_LOSS_WEIGHT)
         _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
         if preview_every < 1:
             raise InvalidArgument("must be positive (0 means 10)", field="preview_every")
@@ -387,9 +399,9 @@ class NeuroInspectEngine:
             if not any(group_attribute in r.attributes for r in self._engine.store.list_samples(eval_id)):
                 raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
         if strength is not None:
-            _finite(strength, "strength")
+            _finite(strength, "strength", high=MAX_LOSS_WEIGHT)
         if target_ratio != "auto":
-            target_ratio = _finite(target_ratio, "target_ratio", low_open=True)
+            target_ratio = _finite(target_ratio, "target_ratio", low_open=True, high=MAX_TARGET_RATIO)
         _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
         if not 1 <= max_epochs <= 1000:
             raise InvalidArgument(f"{max_epochs} is not in [1, 1000] (0 means 20)", field="max_epochs")
@@ -440,7 +452,13 @@ class NeuroInspectEngine:
                 "parent_evaluation": self._evaluation_dict(edit.before, version, counts),
                 "evaluation": self._evaluation_dict(edit.after, version, counts),
             }
-            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details)
+            head = edit.as_linear()
+            if not _is_finite(head):
+                raise FailedPrecondition(
+                    "training diverged: the edited head has NaN or infinite weights and was not stored; "
+                    "retry with a lower strength, target_ratio or learning_rate"
+                )
+            record = self._add_head_version(version, head, parent.version_id, details)
             if promote:
                 self.promote_head_version(record.version_id)
             return neuroinspect_pb2.EditHeadResult(
@@ -502,7 +520,11 @@ class NeuroInspectEngine:
         if active_id is None:
             store.set_active_head_version(version.feature_version, loaded.version_id)
         elif active_id != loaded.version_id:
-            self._activate(store.get_head_version(version.feature_version, active_id))
+            try:
+                self._activate(store.get_head_version(version.feature_version, active_id))
+            except FailedPrecondition as error:  # a NaN head promoted before promotions were checked
+                log.warning("%s; serving the loaded head %s instead", error, loaded.version_id)
+                store.set_active_head_version(version.feature_version, loaded.version_id)
 
     def _head(self, record: HeadVersionRecord) -> nn.Linear:
         key = (record.feature_version, record.version_id)
@@ -511,8 +533,13 @@ class NeuroInspectEngine:
         return self._heads[key]
 
     def _activate(self, record: HeadVersionRecord) -> None:
-        """Serve ``record``'s head: the new version object is complete before the one swap."""
-        self._engine.activate(self._engine.models.active.with_head(self._head(record)))
+        """Serve ``record``'s head: the new version object is complete before the one swap.
+        A head with NaN or infinite weights (stored before edits were checked) would make
+        every Predict NaN, so it is refused."""
+        head = self._head(record)
+        if not _is_finite(head):
+            raise FailedPrecondition(f"head version {record.version_id!r} has NaN or infinite weights; it cannot be served", field="version_id")
+        self._engine.activate(self._engine.models.active.with_head(head))
         self._engine.store.set_active_head_version(record.feature_version, record.version_id)
 
     def head_versions(self) -> tuple[list[HeadVersionRecord], str]:
