@@ -110,3 +110,41 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
     assert capsys.readouterr().out == waited
     assert main(["--target", server.target, "operations", "get", edit.name]) == 0
     assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)
+
+
+def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:5], labels[:5], sample_set_id="positional")
+    assert main(["sample-set", "show", "positional", "--target", server.target]) == 0
+    assert capsys.readouterr().out.startswith("positional: '', 5 samples")
+    assert main(["--target", server.target, "sample-set", "show", "--id", "positional"]) == 0
+    assert main(["--target", "127.0.0.1:1", "sample-set", "delete", "positional", "--target", server.target]) == 0
+    assert "deleted positional" in capsys.readouterr().out
+    assert "sample-set show: give a sample set id" in _usage_error(capsys, ["sample-set", "show"])
+
+
+def test_operations_kind_must_be_a_known_kind(capsys):
+    err = _usage_error(capsys, ["operations", "list", "--kind", "nonsense"])
+    assert "invalid choice: 'nonsense'" in err and "'evaluate_sample_set'" in err and "'edit_head'" in err
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkeypatch):
+    monkeypatch.setenv("EXPLAIND_TOKEN", "s3cret")
+    top = _help(capsys, [])
+    assert "go before or after the command" in top and "(default: 60.0)" in top and "s3cret" not in top
+    operations = _help(capsys, ["operations"])
+    assert "--state {queued,running,succeeded,failed,cancelled}" in operations
+    assert "--kind {evaluate_sample_set,rank_mistake_neurons,visualize_neurons,edit_head}" in operations
+    assert "rollback serves the active version's parent (the version it was edited from)" in _help(capsys, ["head-versions"])
+    assert "0: the server's [jobs].evaluate_batch_size" in _help(capsys, ["evaluate"])
+    serve = _help(capsys, ["serve"])
+    assert "gRPC port (default: [server].port, 50051)" in serve and "(default: [server].metrics_port, 0 = off)" in serve
+    assert "--top-k TOP_K classes per image (default: 3)" in _help(capsys, ["predict"])

@@ -125,6 +125,8 @@ class Client:
         raise TimeoutError(f"{self.target} was not SERVING within {timeout}s (last error: {last})")
 
     def model_metadata(self) -> ModelMetadata:
+        """What the server serves: the classifier (class names, feature dim D, input size,
+        the serving head's ``model_version``), its components (CLIP, diffusion) and batching."""
         response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
         c = response.classifier
         return ModelMetadata(
@@ -207,10 +209,13 @@ class Client:
         return created
 
     def append_samples(self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None) -> SampleSet:
+        """Add labelled images to an existing set, as in :meth:`create_sample_set` (one
+        request: keep it under the server's message size). Returns the updated set."""
         request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=self._samples(images, labels, attributes))
         return _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
+        """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""
         return _sample_set(self._call("sample_sets", "GetSampleSet", sample_sets_pb2.GetSampleSetRequest(sample_set_id=sample_set_id)).sample_set)
 
     def sample_sets(self) -> list[SampleSet]:
@@ -236,6 +241,7 @@ class Client:
                 return
 
     def delete_sample_set(self, sample_set_id: str) -> None:
+        """Delete a set and its samples; finished operations' results and head versions stay."""
         self._call("sample_sets", "DeleteSampleSet", sample_sets_pb2.DeleteSampleSetRequest(sample_set_id=sample_set_id))
 
     # Jobs ----------------------------------------------------------------------------

@@ -83,42 +83,51 @@ class Operation:
 
     @property
     def name(self) -> str:
+        """``operations/<id>``, for :meth:`Client.operation` and the CLI."""
         return self._message.name
 
     @property
     def kind(self) -> str:
+        """The job kind: evaluate_sample_set, rank_mistake_neurons, visualize_neurons or edit_head."""
         return self.metadata.kind
 
     @property
     def state(self) -> str:
+        """As of the last update from the server (``refresh()``, ``wait()``, ``watch()``)."""
         return _STATE_NAMES[self.metadata.state]
 
     @property
     def done(self) -> bool:
+        """True once succeeded, failed or cancelled (as of the last update)."""
         return self._message.done
 
     @property
     def progress(self) -> Progress:
+        """Step of total and a message; ``preview`` a PIL image of the partial result, if sent."""
         progress = self.metadata.progress
         preview = open_image(progress.preview_png) if progress.preview_png else None
         return Progress(progress.step, progress.total, progress.message, preview)
 
     @property
     def artifacts(self) -> list[Artifact]:
+        """Files the job stored (e.g. ``mistakes.png``); download with :meth:`artifact`."""
         return [Artifact(a.name, a.media_type, a.digest, a.size_bytes) for a in self.metadata.artifacts]
 
     @property
     def create_time(self) -> dt.datetime:
+        """When the job was submitted (UTC)."""
         return self.metadata.create_time.ToDatetime(tzinfo=dt.timezone.utc)
 
     @property
     def error(self) -> OperationError | None:
+        """Why a failed or cancelled job ended (None otherwise); ``result()`` raises it."""
         if not self._message.HasField("error"):
             return None
         code = next((c for c in grpc.StatusCode if c.value[0] == self._message.error.code), grpc.StatusCode.UNKNOWN)
         return OperationError(self._message.error.message, code)
 
     def refresh(self) -> Operation:
+        """Fetch the current state once (no waiting); returns self."""
         response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name))
         self._update(response.operation)
         return self

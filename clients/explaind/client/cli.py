@@ -2,9 +2,10 @@
 
     explaind serve [--config FILE] [--port 50051] [--metrics-port 9464]
     explaind predict cat.png dog.jpg --top-k 3
-    explaind sample-set create --id hearts --world spurious_background:test:300
+    explaind sample-set create hearts --world spurious_background:test:300
     explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
     explaind operations list | get | wait | watch | cancel | artifact
+    explaind --target host:50051 info        # or: explaind info --target host:50051
     explaind report --class heart --sample-set hearts --out report.html
     explaind head-versions list | promote v1 | rollback
     explaind demo                            # a server on the shapes world + a session
@@ -31,7 +32,7 @@ class CommandError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout, token=args.token)
+    return Client(args.target, timeout=args.timeout, token=args.token or os.environ.get("EXPLAIND_TOKEN"))
 
 
 def _print_predictions(names: list[str], predictions: list) -> None:
@@ -360,59 +361,83 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="explaind", description="Serve an image classifier and explain its mistakes.")
-    parser.add_argument("--target", default=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), help="server address (env EXPLAIND_TARGET)")
-    parser.add_argument("--token", default=os.environ.get("EXPLAIND_TOKEN"), help="bearer token (env EXPLAIND_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to options with a real default (not None, False or "")."""
 
-    serve = commands.add_parser("serve", help="run the server (the shapes world without --config)")
-    serve.add_argument("--config", help="TOML config file")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--metrics-port", type=int, dest="metrics_port")
-    serve.add_argument("--data-dir", dest="data_dir")
-    serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"))
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--target", help="server address (env EXPLAIND_TARGET)")
+    parser.add_argument("--token", help="bearer token (env EXPLAIND_TOKEN)")
+    parser.add_argument("--timeout", type=float, help="seconds per call")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _global_options(argparse.ArgumentParser(
+        prog="explaind", description="Serve an image classifier and explain its mistakes.", formatter_class=_HelpFormatter,
+        epilog="The options above (--target, --token, --timeout) go before or after the command. "
+               "'explaind COMMAND --help' lists a command's options.",
+    ))
+    parser.set_defaults(target=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), timeout=60.0)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Client commands also take the options after their name; unset there, the top level's hold.
+    after = _global_options(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))
+
+    def command(name: str, help: str, *, client: bool = True) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, parents=[after] if client else [])
+
+    serve = command("serve", "run the server (the shapes world without --config)", client=False)
+    serve.add_argument("--config", help="TOML config file (default: the shapes world; see README, Configuration)")
+    serve.add_argument("--host", help="listen address (default: the config's [server].host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default: [server].port, 50051)")
+    serve.add_argument("--metrics-port", type=int, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
+    serve.add_argument("--data-dir", dest="data_dir", help="sample sets, jobs and artifacts (default: [server].data_dir, var/explaind)")
+    serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), help="inference backend (default: [runtime].backend, eager)")
     serve.set_defaults(run=cmd_serve)
 
-    predict = commands.add_parser("predict", help="classify image files")
-    predict.add_argument("images", nargs="+", type=_existing_file)
-    predict.add_argument("--top-k", type=int, default=3)
-    predict.add_argument("--json", action="store_true")
+    predict = command("predict", "classify image files")
+    predict.add_argument("images", nargs="+", type=_existing_file, help="image files (PNG, JPEG, ...)")
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image")
+    predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
-    commands.add_parser("info", help="what the server serves").set_defaults(run=cmd_info)
+    command("info", "what the server serves").set_defaults(run=cmd_info)
 
-    sample_set = commands.add_parser("sample-set", help="create, list, show, delete sample sets")
+    sample_set = command("sample-set", "create, list, show, delete sample sets")
     sample_set.add_argument("action", choices=("create", "list", "show", "delete"))
-    sample_set.add_argument("--id")
-    sample_set.add_argument("--name")
-    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200")
-    sample_set.add_argument("--images", nargs="*", type=_existing_file)
+    sample_set.add_argument("id", nargs="?", help="sample set id (create: optional, the server picks one)")
+    sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
+    sample_set.add_argument("--name", help="display name (create)")
+    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create)")
+    sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.set_defaults(run=cmd_sample_set)
 
-    evaluate = commands.add_parser("evaluate", help="classify a sample set (a job with progress)")
-    evaluate.add_argument("id")
-    evaluate.add_argument("--batch-size", type=int, default=0)
+    evaluate = command("evaluate", "classify a sample set (a job with progress; Ctrl-C cancels it)")
+    evaluate.add_argument("id", help="sample set id")
+    evaluate.add_argument("--batch-size", type=int, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
     evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
-    evaluate.add_argument("--no-wait", action="store_true")
+    evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    operations = commands.add_parser("operations", help="list, get, wait, watch, cancel jobs; fetch artifacts")
+    operations = command("operations", "list, get, wait, watch, cancel jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "artifact"))
-    operations.add_argument("name", nargs="?")
-    operations.add_argument("artifact", nargs="?")
-    operations.add_argument("--kind")
-    operations.add_argument("--state", choices=tuple(_STATES))
-    operations.add_argument("-o", "--output")
+    operations.add_argument("name", nargs="?", help="operation name (operations/ID or ID); all actions but list")
+    operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
+    operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
+    operations.add_argument("--state", choices=tuple(_STATES), help="list only this state")
+    operations.add_argument("-o", "--output", help="file for the artifact (default: its name)")
     operations.set_defaults(run=cmd_operations)
 
-    report = commands.add_parser("report", help="write one self-contained HTML report on a class's mistakes")
+    report = command("report", "write one self-contained HTML report on a class's mistakes")
     report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
-    report.add_argument("--sample-set", dest="sample_set", help="default: the newest sample set")
-    report.add_argument("--out", default="report.html")
+    report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
+    report.add_argument("--out", default="report.html", help="HTML file to write")
     report.add_argument("--neurons", type=int, default=5, help="neurons to visualise")
     report.add_argument("--steps", type=int, default=100, help="visualisation steps")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
@@ -422,15 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(run=cmd_report)
 
-    head_versions = commands.add_parser("head-versions", help="list, promote or roll back classifier head versions")
-    head_versions.add_argument("action", choices=("list", "promote", "rollback"))
-    head_versions.add_argument("version", nargs="?")
+    head_versions = command("head-versions", "list, promote or roll back classifier head versions")
+    head_versions.add_argument(
+        "action", choices=("list", "promote", "rollback"),
+        help="promote VERSION serves it; rollback serves the active version's parent (the version it was edited from), or VERSION",
+    )
+    head_versions.add_argument("version", nargs="?", help="a version id from list, e.g. v1")
     head_versions.set_defaults(run=cmd_head_versions)
 
-    demo = commands.add_parser("demo", help="serve the shapes world and run a client session end to end")
-    demo.add_argument("--config")
+    demo = command("demo", "serve the shapes world and run a client session end to end", client=False)
+    demo.add_argument("--config", help="serve this config instead of the scenario's classifier")
     demo.add_argument("--scenario", type=_scenario, default="spurious_background", help="shapes-world scenario whose classifier is served")
-    demo.add_argument("--count", type=int, default=240)
+    demo.add_argument("--count", type=int, default=240, help="test images in the demo's sample set")
     demo.set_defaults(run=cmd_demo)
     return parser
 
@@ -438,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "sample-set":
+        args.id = args.id or args.id_option
+        if args.action in ("show", "delete") and not args.id:
+            parser.error(f"sample-set {args.action}: give a sample set id")
     if args.command == "operations" and args.action != "list" and not args.name:
         parser.error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
