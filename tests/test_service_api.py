@@ -227,6 +227,31 @@ def test_requests_decoding_to_too_many_pixels_are_refused(client):
         client.sample_set("too-many-pixels")
 
 
+@pytest.fixture(scope="module")
+def small_messages(server_factory):
+    """A server whose messages are limited to 1 MiB."""
+    return server_factory(server={"max_message_bytes": 1 << 20})
+
+
+def test_list_samples_pages_end_before_the_message_size_limit(small_messages):
+    # Ten 300x300 noise PNGs of about 270 kB: the default page of 256 would be 2.7 MB.
+    images = [_png(np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)) for i in range(10)]
+    with Client(small_messages.target, timeout=30) as client:
+        client.create_sample_set(images, list(range(6)) + [0] * 4, sample_set_id="big-images", chunk_size=3)
+        assert [s.label for s in client.samples("big-images")] == list(range(6)) + [0] * 4
+    with grpc.insecure_channel(small_messages.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        token, pages, listed = "", 0, []
+        while True:
+            response = sets.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="big-images", page_token=token), timeout=30)
+            assert 1 <= len(response.samples) and response.ByteSize() <= 1 << 20
+            listed += [sample.image.encoded for sample in response.samples]
+            pages, token = pages + 1, response.next_page_token
+            if not token:
+                break
+    assert listed == images and pages >= 3
+
+
 def test_the_client_honours_its_deadline(client, world_images):
     with pytest.raises(DeadlineExceededError):
         client.predict(_uint8(world_images[0][:32]), timeout=1e-4)

@@ -11,6 +11,10 @@ from ..imaging import PixelBudget
 from . import convert
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
+# A repeated message field costs a tag byte and a length varint (at most 5 bytes for
+# sizes below 4 GiB); the headroom covers next_page_token.
+_FIELD_OVERHEAD = 6
+_RESPONSE_HEADROOM = 1024
 
 
 def page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
@@ -61,13 +65,22 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.ListSampleSetsResponse(sample_sets=[convert.sample_set(i) for i in infos], next_page_token=next_token(offset, limit, len(infos)))
 
     def ListSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSamplesResponse:
+        """A page of samples that ends early (but never empty) where one more would exceed the
+        server's send limit: large images would otherwise fail the whole page."""
         offset, limit = page(request.page_token, request.page_size, 256, 4096)
         store = self._engine.store
         records = store.list_samples(required_set_id(request), offset, limit)
-        samples = [
-            sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(r.digest)), label=r.label, attributes=r.attributes) for r in records
-        ]
-        return sample_sets_pb2.ListSamplesResponse(samples=samples, next_page_token=next_token(offset, limit, len(records)))
+        budget = self._engine.config.server.max_message_bytes - _RESPONSE_HEADROOM
+        response, size = sample_sets_pb2.ListSamplesResponse(), 0
+        for record in records:
+            sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(record.digest)), label=record.label, attributes=record.attributes)
+            size += sample.ByteSize() + _FIELD_OVERHEAD
+            if response.samples and size > budget:
+                response.next_page_token = str(offset + len(response.samples))
+                return response
+            response.samples.append(sample)
+        response.next_page_token = next_token(offset, limit, len(records))
+        return response
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
         self._engine.store.delete_sample_set(required_set_id(request))
