@@ -229,13 +229,13 @@ def test_requests_decoding_to_too_many_pixels_are_refused(client):
 
 @pytest.fixture(scope="module")
 def small_messages(server_factory):
-    """A server whose messages are limited to 1 MiB."""
-    return server_factory(server={"max_message_bytes": 1 << 20})
+    """A server whose messages are limited to 256 KiB."""
+    return server_factory(server={"max_message_bytes": 1 << 18})
 
 
 def test_list_samples_pages_end_before_the_message_size_limit(small_messages):
-    # Ten 300x300 noise PNGs of about 270 kB: the default page of 256 would be 2.7 MB.
-    images = [_png(np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)) for i in range(10)]
+    # Ten 150x150 noise PNGs of about 68 kB: the default page of 256 would be 680 kB.
+    images = [_png(np.random.default_rng(i).integers(0, 256, (150, 150, 3), dtype=np.uint8)) for i in range(10)]
     with Client(small_messages.target, timeout=30) as client:
         client.create_sample_set(images, list(range(6)) + [0] * 4, sample_set_id="big-images", chunk_size=3)
         assert [s.label for s in client.samples("big-images")] == list(range(6)) + [0] * 4
@@ -244,12 +244,25 @@ def test_list_samples_pages_end_before_the_message_size_limit(small_messages):
         token, pages, listed = "", 0, []
         while True:
             response = sets.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="big-images", page_token=token), timeout=30)
-            assert 1 <= len(response.samples) and response.ByteSize() <= 1 << 20
+            assert 1 <= len(response.samples) and response.ByteSize() <= 1 << 18
             listed += [sample.image.encoded for sample in response.samples]
             pages, token = pages + 1, response.next_page_token
             if not token:
                 break
     assert listed == images and pages >= 3
+
+
+def test_a_response_over_the_send_limit_is_counted_with_the_code_the_caller_gets(small_messages):
+    # 600 images with their 128 features are a 350 kB response; the request is only 50 kB.
+    request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=_png(np.zeros((16, 16, 3), np.uint8)))] * 600, return_features=True)
+    labels = {"service": "explaind.v1.InferenceService", "method": "Predict", "code": "RESOURCE_EXHAUSTED"}
+    before = _metric(small_messages, "explaind_rpc_duration_seconds_count", **labels)
+    with grpc.insecure_channel(small_messages.target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            inference_pb2_grpc.InferenceServiceStub(channel).Predict(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _metric(small_messages, "explaind_rpc_duration_seconds_count", **labels) == before + 1
+    assert "more than the server's limit of 262144" in caught.value.details()
 
 
 def test_the_client_honours_its_deadline(client, world_images):

@@ -2,7 +2,9 @@
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
 code it names with its message. Anything else becomes INTERNAL with a one-line
-message (the traceback goes to the log, never to the caller).
+message (the traceback goes to the log, never to the caller). A response larger than
+the send limit becomes RESOURCE_EXHAUSTED here, before gRPC would fail to send it
+after the call had been counted OK.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ _PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefl
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, token: str = "") -> None:
+    def __init__(self, metrics: Metrics, token: str, max_send_bytes: int) -> None:
         self._metrics = metrics
         self._token = token
+        self._max_send_bytes = max_send_bytes
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
@@ -42,7 +45,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            with _Observed(self._metrics, service, method, context) as observed:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
                     observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
                 return observed.call(behaviour, request, context)
@@ -51,7 +54,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap_stream(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with _Observed(self._metrics, service, method, context) as observed:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
                     observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
                 yield from observed.call_stream(behaviour, request, context)
@@ -62,8 +65,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 class _Observed:
     """Times one call, counts it in flight, and records its final status code."""
 
-    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext) -> None:
+    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext, max_send_bytes: int) -> None:
         self._metrics, self._service, self._method, self._context = metrics, service, method, context
+        self._max_send_bytes = max_send_bytes
         self._code = "OK"
 
     def __enter__(self) -> _Observed:
@@ -85,19 +89,28 @@ class _Observed:
 
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return behaviour(request, context)
+            response = behaviour(request, context)
+        except ExplaindError as error:
+            self.abort(error.code, str(error))
+        except Exception as error:
+            self._map_unexpected(error)
+        else:
+            return self._sendable(response)
+
+    def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            for response in behaviour(request, context):
+                yield self._sendable(response)
         except ExplaindError as error:
             self.abort(error.code, str(error))
         except Exception as error:
             self._map_unexpected(error)
 
-    def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from behaviour(request, context)
-        except ExplaindError as error:
-            self.abort(error.code, str(error))
-        except Exception as error:
-            self._map_unexpected(error)
+    def _sendable(self, response: Any) -> Any:
+        size = response.ByteSize()
+        if size > self._max_send_bytes:
+            self.abort("RESOURCE_EXHAUSTED", f"the response is {size} bytes, more than the server's limit of {self._max_send_bytes} ([server].max_message_bytes)")
+        return response
 
     def _map_unexpected(self, error: Exception) -> None:
         if self._context.code() is not None:  # the servicer aborted on its own

@@ -80,7 +80,7 @@ class ExplaindServer:
         ]
         server = grpc.server(
             ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ServiceInterceptor(self.metrics, settings.token)],
+            interceptors=[ServiceInterceptor(self.metrics, settings.token, settings.max_message_bytes)],
             options=options,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
