@@ -24,8 +24,9 @@ attribute:
 * ``masked ours`` / ``FV``: the mean cosine of the masked images (regions where the
   neuron's map is low dimmed), the paper's final visualisation, not part of the verdict.
 
-``--per-neuron`` adds a row per neuron. The images' random draws depend on the batch,
-so a neuron's numbers move (by up to about 0.06 of cosine) with ``--per-value``.
+``--per-neuron`` adds a row per neuron. Each image's random draws depend only on its
+(neuron, class, seed), but batched kernels round differently per batch shape, so a
+neuron's numbers still move slightly (a few hundredths of cosine) with ``--per-value``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class FourierImage(nn.Module):
     code (which floors the scaled power, flattening them): at S = 64 the DC amplitude is
     about 180 times the Nyquist one here, about 27 times there. ``init_std`` is the std of
     the initial (Gaussian) spectrum. Each image draws its initial spectrum from its own
-    generator in ``generators``, so an image does not depend on the rest of the batch.
+    generator in ``generators``, so its start does not depend on the rest of the batch.
     """
 
     def __init__(self, generators: Sequence[torch.Generator], image_size: int, *, decay_power: float = 1.5,

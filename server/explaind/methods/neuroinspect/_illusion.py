@@ -249,9 +249,11 @@ class ClipIllusion:
 
 
 def _pair_generator(seed: int, neuron: int, class_index: int) -> torch.Generator:
-    """The random stream of one (neuron, class) image: the same seed gives the same image
-    whatever else shares its batch, and every method starts from the same spectrum. A
-    negative (int64) seed is taken as its two's complement."""
+    """The random stream of one (neuron, class) image: its start and augmentations are the
+    same whatever else shares its batch, and every method starts from the same spectrum.
+    (Batched kernels still round differently per batch shape, so after hundreds of steps
+    an image can drift slightly, a few hundredths of CLIP cosine.) A negative (int64)
+    seed is taken as its two's complement."""
     state = np.random.SeedSequence((seed & 0xFFFF_FFFF_FFFF_FFFF, neuron, class_index)).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
