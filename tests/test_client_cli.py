@@ -83,7 +83,17 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")])
-    assert f"Failed to bind to address 127.0.0.1:{port}" in line
+    assert f"cannot bind 127.0.0.1:{port}: is another server using the port?" in line
+
+
+def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port),
+                               "--data-dir", str(tmp_path / "data")])
+    assert f"cannot bind metrics 127.0.0.1:{port}" in line
 
 
 def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):

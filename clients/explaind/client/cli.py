@@ -115,10 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.replace("runtime", backend=args.backend)
     try:
         return serve(config)
-    except RuntimeError as error:  # grpcio raises this, not OSError, for an address in use
-        if not str(error).startswith("Failed to bind"):
-            raise
-        raise CommandError(f"{str(error).split(';')[0]}: is another server using the port?") from None
+    except OSError as error:  # an address in use
+        raise CommandError(str(error)) from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -72,7 +72,10 @@ class ExplaindServer:
         settings = self.config.server
         self.engine.jobs.recover()
         if settings.metrics_port:
-            self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
+            try:
+                self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
+            except OSError as error:
+                raise OSError(f"cannot bind metrics {settings.host}:{settings.metrics_port}: {error.strerror}") from None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -90,9 +93,15 @@ class ExplaindServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        try:  # grpcio raises RuntimeError for an address in use; older versions returned 0
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+            raise OSError(f"cannot bind {address}: is another server using the port?")
         server.start()
         self._grpc = server
         return self.port
@@ -128,16 +137,13 @@ class ExplaindServer:
 
 
 def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
+    gRPC or metrics address cannot be bound."""
     # Our own INFO lines; libraries only from WARNING (open_clip logs every load step at INFO).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     server = ExplaindServer(config)
-    try:
-        port = server.start()
-    except OSError as error:
-        log.error("%s", error)
-        return 1
+    port = server.start()  # OSError (address in use) goes to the caller, before any model loads
     metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     log.info("listening on %s:%d%s (config: %s)", config.server.host, port, metrics, config.source)
     stop_requested = threading.Event()
