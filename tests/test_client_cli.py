@@ -122,6 +122,15 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
     assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)
 
 
+def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
+        job.cancel()
+    assert main(["--target", server.target, "operations", "wait", job.name]) == 1
+    assert "state='cancelled'" in capsys.readouterr().out
+    assert main(["--target", server.target, "operations", "get", job.name]) == 0
+
+
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

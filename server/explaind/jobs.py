@@ -213,8 +213,7 @@ class JobManager:
                 return self.get(job_id)
             live.cancel_event.set()
             if live.record.state == QUEUED:
-                self.metrics.jobs_queued.dec()
-                self._finish(live, CANCELLED, error=("CANCELLED", "cancelled before it started"), cancel_requested=True)
+                self._end_queued(live, CANCELLED, ("CANCELLED", "cancelled before it started"), cancel_requested=True)
             else:
                 self._update(live, persist=True, cancel_requested=True)
         return self.get(job_id)
@@ -247,6 +246,11 @@ class JobManager:
                 if live is not None and live.record == snapshot.record:
                     self._changed.wait(remaining)
 
+    def _end_queued(self, live: _LiveJob, state: str, error: tuple[str, str], **changes: object) -> None:
+        """Finish a job that never started; its worker skips it when its turn comes."""
+        self.metrics.jobs_queued.dec()
+        self._finish(live, state, error=error, **changes)
+
     def shutdown(self, grace_s: float) -> None:
         """Stop accepting; let jobs finish for ``grace_s``, then end what is left FAILED with
         code ABORTED, as :meth:`recover` does after a crash: the job was fine, the server
@@ -259,8 +263,7 @@ class JobManager:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             for live in list(self._live.values()):
                 if live.record.state == QUEUED:
-                    self.metrics.jobs_queued.dec()
-                    self._finish(live, FAILED, error=("ABORTED", "the server shut down before this job started; submit it again"))
+                    self._end_queued(live, FAILED, ("ABORTED", "the server shut down before this job started; submit it again"))
                 else:
                     live.cancel_event.set()
         for executor in self._executors.values():

@@ -249,7 +249,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
             print(f"error: {operation.error}")
         elif operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
             _RESULT_PRINTERS[operation.kind](operation.result())
-    return 0
+    # Like `kubectl wait`: a script waiting on a job learns from the exit code that it failed.
+    return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0
 
 
 def _free_port() -> int:
@@ -424,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     operations = command("operations", "list, get, wait, watch, cancel jobs; fetch artifacts")
-    operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "artifact"))
+    operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "artifact"),
+                            help="wait and watch exit 1 unless the job succeeded")
     operations.add_argument("name", nargs="?", help="operation name (operations/ID or ID); all actions but list")
     operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
     operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
