@@ -459,6 +459,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"jobs": {"gpu_workers": 1.5}}, r"\[jobs\].gpu_workers must be an integer, got 1.5"),
         ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
         ({"classifier": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"\[classifier\].std must hold positive numbers"),
+        ({"batching": {"max_queue_size": 64}}, r"\[batching\].max_images_per_request \(1024\) must not exceed "
+                                                r"\[batching\].max_queue_size \(64\)"),
     ],
 )
 def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path, classifier_dir, sections, error):

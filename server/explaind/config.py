@@ -266,3 +266,8 @@ def _validate(path: Path | str, config: Config) -> None:
             value = getattr(getattr(config, section), name)
             if value < least:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
+    batching = config.batching
+    if batching.max_images_per_request > batching.max_queue_size:
+        # A request larger than the queue could never be admitted: RESOURCE_EXHAUSTED forever.
+        raise ConfigError(f"{path}: [batching].max_images_per_request ({batching.max_images_per_request}) must not "
+                          f"exceed [batching].max_queue_size ({batching.max_queue_size})")
