@@ -4,7 +4,9 @@ feature cache, jobs, config errors, health before load, auth."""
 from __future__ import annotations
 
 import io
+import os
 import random
+import stat
 import threading
 import time
 import tracemalloc
@@ -496,3 +498,15 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     finally:
         server.stop(0)
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
+
+
+def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path, monkeypatch):
+    store = SQLiteStore(tmp_path)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
+    digest = store.put_blob(b"artifact bytes")
+    # The file's data, then the directory entry of the rename.
+    assert [stat.S_ISREG(mode) for mode in synced] == [True, False]
+    assert store.get_blob(digest) == b"artifact bytes"
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -87,8 +87,17 @@ class SQLiteStore:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
-            temporary.write_bytes(data)
+            # Durable before the database can point at it: data, then the rename, on disk.
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temporary, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         return digest
 
     def get_blob(self, digest: str) -> bytes:
