@@ -179,12 +179,31 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
     assert len(client.predict([pixels])) == 1
 
 
+def test_operations_submitted_while_a_client_pages_repeat_none(server, client, world_images):
+    client.create_sample_set(_uint8(world_images[0][:2]), [0, 1], sample_set_id="keyset")
+    first = [client.evaluate_sample_set("keyset").name for _ in range(5)]
+    with grpc.insecure_channel(server.target) as channel:
+        operations = operations_pb2_grpc.OperationsServiceStub(channel)
+        seen, token = [], ""
+        while True:
+            response = operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=2, page_token=token), timeout=30)
+            seen += [op.name for op in response.operations]
+            if len(seen) == 2:  # new jobs arrive between pages: with offsets, page 2 would repeat page 1
+                client.evaluate_sample_set("keyset")
+                client.evaluate_sample_set("keyset")
+            token = response.next_page_token
+            if not token:
+                break
+    assert len(seen) == len(set(seen)) and set(first) <= set(seen)
+    assert [op.name for op in client.operations(limit=3)] == [op.name for op in client.operations(limit=1000)][:3]
+
+
 def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, world_images):
     client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="paged")
     with grpc.insecure_channel(server.target) as channel:
         sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
         operations = operations_pb2_grpc.OperationsServiceStub(channel)
-        for token in ("9" * 30, str(2**63), "+1", " 1", "1_0", "\u0661", "-1"):
+        for token in ("9" * 30, str(2**63), "+1", " 1", "1_0", "\u0661", "-1", "1.5/", "nan/x", "x/y"):
             for rpc, request in (
                 (sets.ListSampleSets, sample_sets_pb2.ListSampleSetsRequest(page_token=token)),
                 (sets.ListSamples, sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=token)),

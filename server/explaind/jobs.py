@@ -200,8 +200,10 @@ class JobManager:
                 return JobSnapshot(live.record, live.preview)
         return JobSnapshot(self.store.get_job(job_id))
 
-    def list(self, *, kind: str = "", state: str = "", offset: int = 0, limit: int = 100) -> list[JobSnapshot]:
-        records = self.store.list_jobs(kind=kind, state=state, offset=offset, limit=limit)
+    def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
+             limit: int = 100) -> list[JobSnapshot]:
+        """Newest first, resuming after the (create_time, job_id) of a previous page's last job."""
+        records = self.store.list_jobs(kind=kind, state=state, after=after, limit=limit)
         return [self.get(record.job_id) if record.state not in FINISHED_STATES else JobSnapshot(record) for record in records]
 
     def cancel(self, job_id: str) -> JobSnapshot:

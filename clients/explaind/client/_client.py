@@ -257,11 +257,23 @@ class Client:
         return Operation(self, self._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=name)).operation)
 
     def operations(self, *, kind: str = "", state: str = "", limit: int = 100) -> list[Operation]:
-        """Recent operations, newest first, optionally of one kind / state."""
+        """Up to ``limit`` recent operations, newest first, optionally of one kind / state
+        (fetched a page of at most 1000 at a time)."""
         if state and state not in _STATES:
             raise ValueError(f"state must be one of {sorted(_STATES)}, got {state!r}")
-        request = operations_pb2.ListOperationsRequest(kind=kind, state=_STATES.get(state, 0), page_size=limit)
-        return [Operation(self, op) for op in self._call("operations", "ListOperations", request).operations]
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        found: list[Operation] = []
+        token = ""
+        while len(found) < limit:
+            request = operations_pb2.ListOperationsRequest(kind=kind, state=_STATES.get(state, 0),
+                                                           page_size=min(limit - len(found), 1000), page_token=token)
+            response = self._call("operations", "ListOperations", request)
+            found += [Operation(self, op) for op in response.operations]
+            token = response.next_page_token
+            if not token:
+                break
+        return found
 
     # NeuroInspect ----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -11,7 +12,7 @@ from google.protobuf import duration_pb2
 from ..errors import InvalidArgument, NotFound
 from ..jobs import JobManager
 from . import convert
-from .sample_sets import next_token, page
+from .sample_sets import bad_page_token, page_limit
 
 
 # google.protobuf.Duration's documented range: about 10,000 years.
@@ -36,15 +37,17 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
 
     def ListOperations(self, request, context: grpc.ServicerContext) -> operations_pb2.ListOperationsResponse:
-        offset, limit = page(request.page_token, request.page_size, 100, 1000)
+        after, limit = _resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
         state = ""
         if request.state:
             if request.state not in convert.STATE_NAMES:
                 raise InvalidArgument(f"unknown state {request.state}", field="state")
             state = convert.STATE_NAMES[request.state]
-        snapshots = self._jobs.list(kind=request.kind, state=state, offset=offset, limit=limit)
+        snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit)
+        last = snapshots[-1].record if len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
-            operations=[convert.operation(s) for s in snapshots], next_page_token=next_token(offset, limit, len(snapshots))
+            operations=[convert.operation(s) for s in snapshots],
+            next_page_token=f"{last.create_time!r}/{last.job_id}" if last is not None else "",
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:
@@ -76,3 +79,18 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
                     content=content,
                 )
         raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")
+
+
+def _resume_point(token: str) -> tuple[float, str] | None:
+    """(create_time, job_id) of the last job of the previous page, from its token. Keyed, not
+    an offset: jobs submitted while a client pages would shift offsets and repeat jobs."""
+    if not token:
+        return None
+    create_time, _, job_id = token.partition("/")
+    try:
+        resume = float(create_time)
+    except ValueError:
+        raise bad_page_token(token) from None
+    if not job_id or not math.isfinite(resume):
+        raise bad_page_token(token)
+    return resume, job_id

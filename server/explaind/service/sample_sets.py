@@ -17,14 +17,24 @@ _FIELD_OVERHEAD = 6
 _RESPONSE_HEADROOM = 1024
 
 
-def page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
-    """(offset, limit) from a page token (an offset) and a page size."""
+def page_limit(size: int, default: int, maximum: int) -> int:
+    """The number of items to return for a request's ``page_size`` (0 means ``default``)."""
     if size < 0:
         raise InvalidArgument("must not be negative", field="page_size")
+    return min(size or default, maximum)
+
+
+def bad_page_token(token: str) -> InvalidArgument:
+    return InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
+
+
+def page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
+    """(offset, limit) from a page token (an offset) and a page size."""
+    limit = page_limit(size, default, maximum)
     # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
     if token and not (token.isascii() and token.isdigit() and len(token) <= 19 and int(token) <= _MAX_OFFSET):
-        raise InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
-    return int(token or 0), min(size or default, maximum)
+        raise bad_page_token(token)
+    return int(token or 0), limit
 
 
 def next_token(offset: int, limit: int, returned: int) -> str:

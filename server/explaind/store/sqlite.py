@@ -203,16 +203,20 @@ class SQLiteStore:
             raise NotFound(f"no operation {job_id!r}", field="name")
         return self._job_from_row(row)
 
-    def list_jobs(self, *, kind: str = "", state: str = "", offset: int = 0, limit: int = 100) -> list[JobRecord]:
+    def list_jobs(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
+                  limit: int = 100) -> list[JobRecord]:
         clauses, params = [], []
         for column, value in (("kind", kind), ("state", state)):
             if value:
                 clauses.append(f"{column} = ?")
                 params.append(value)
+        if after is not None:
+            clauses.append("(create_time < ? OR (create_time = ? AND id > ?))")
+            params.extend((after[0], after[0], after[1]))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY create_time DESC, id LIMIT ? OFFSET ?", (*params, limit, offset)
+                f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
 
