@@ -77,6 +77,18 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
     assert message in _error(capsys, ["serve", "--config", str(config)])
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "-1"], "[server].port must be at least 0, got -1 (given on the command line)"),
+        (["--port", "70000"], "[server].port must be at most 65535, got 70000 (given on the command line)"),
+        (["--metrics-port", "65536"], "[server].metrics_port must be at most 65535, got 65536"),
+    ],
+)
+def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):
+    assert message in _error(capsys, ["serve", *flags, "--data-dir", str(tmp_path / "data")])
+
+
 def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -470,6 +470,14 @@ def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path
         load_config(write_config(tmp_path / "bad.toml", classifier_dir, **sections))
 
 
+def test_config_replace_checks_the_result_like_a_loaded_file():
+    with pytest.raises(ConfigError, match=r"\[batching\].max_batch_size must be at least 1, got 0"):
+        default_config().replace("batching", max_batch_size=0)
+    with pytest.raises(ConfigError, match=r"\[server\].port must be at most 65535"):
+        default_config().replace("server", port=65536)
+    assert default_config().replace("server", port=65535).server.port == 65535
+
+
 def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path, classifier_dir):
     # A configured CLIP gets the paper's ε; the world CLIP, whose cosines go negative, gets 1.
     assert load_config(write_config(tmp_path / "a.toml", classifier_dir, clip={"model": "ViT-B-32"})).clip.illusion_epsilon == 0.05

@@ -64,6 +64,7 @@ _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.grace_period_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size",
 )
+_MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -173,8 +174,11 @@ class Config:
     source: str = "<defaults: shapes world>"
 
     def replace(self, section: str, **changes: Any) -> Config:
-        """A copy with keys of one section changed, e.g. ``config.replace("server", port=0)``."""
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+        """A copy with keys of one section changed, e.g. ``config.replace("server", port=0)``,
+        checked like a loaded file (ConfigError): command-line overrides get no free pass."""
+        changed = dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+        _validate(self.source, changed)
+        return changed
 
 
 def default_config() -> Config:
@@ -266,6 +270,9 @@ def _validate(path: Path | str, config: Config) -> None:
             value = getattr(getattr(config, section), name)
             if value < least:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
+    for name in ("port", "metrics_port"):
+        if getattr(config.server, name) > _MAX_PORT:
+            raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")
     batching = config.batching
     if batching.max_images_per_request > batching.max_queue_size:
         # A request larger than the queue could never be admitted: RESOURCE_EXHAUSTED forever.

@@ -109,10 +109,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         raise CommandError(str(error)) from None
     overrides = {key: getattr(args, key) for key in ("host", "port", "metrics_port", "data_dir") if getattr(args, key) is not None}
-    if overrides:
-        config = config.replace("server", **overrides)
-    if args.backend:
-        config = config.replace("runtime", backend=args.backend)
+    try:
+        if overrides:
+            config = config.replace("server", **overrides)
+        if args.backend:
+            config = config.replace("runtime", backend=args.backend)
+    except ConfigError as error:  # a flag's value the config file would not allow either
+        raise CommandError(f"{error} (given on the command line)") from None
     try:
         return serve(config)
     except OSError as error:  # an address in use
