@@ -16,6 +16,7 @@ from PIL import Image
 from explaind.client import (
     AlreadyExistsError,
     Client,
+    DataLossError,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -341,6 +342,61 @@ def test_evaluate_job_result_matches_in_process_and_has_artifact(client, world_m
     with pytest.raises(InvalidArgumentError, match=re.escape("artifact: required; the operation has ['mistakes.png']")):
         operation.artifact("")
     assert operation.name in [op.name for op in client.operations(kind="evaluate_sample_set", state="succeeded")]
+
+
+def test_artifacts_are_read_in_ranges_and_checked_against_their_digest(server, client, world_images, monkeypatch):
+    from explaind.client import _operations
+
+    images, labels = world_images
+    client.create_sample_set(_uint8(images), labels.tolist(), sample_set_id="artifact-ranges")
+    operation = client.evaluate_sample_set("artifact-ranges", batch_size=16)
+    operation.wait(120)
+    whole = operation.artifact("mistakes.png")
+    (listed,) = operation.artifacts
+    assert len(whole) == listed.size_bytes > 40
+    with grpc.insecure_channel(server.target) as channel:
+        stub = operations_pb2_grpc.OperationsServiceStub(channel)
+
+        def read(**fields):
+            return stub.GetArtifact(operations_pb2.GetArtifactRequest(name=operation.name, artifact="mistakes.png", **fields), timeout=30)
+
+        assert read().content == whole
+        middle = read(offset=10, max_bytes=20)
+        assert middle.content == whole[10:30] and middle.artifact.size_bytes == len(whole)
+        assert read(offset=len(whole) - 5, max_bytes=20).content == whole[-5:]
+        assert read(offset=len(whole)).content == b""
+        for fields, message in (({"offset": len(whole) + 1}, f"offset: {len(whole) + 1} is not in [0, {len(whole)}]"),
+                                ({"offset": -1}, "offset: -1 is not in"), ({"max_bytes": -3}, "max_bytes: must not be negative")):
+            with pytest.raises(grpc.RpcError) as raised:
+                read(**fields)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in raised.value.details()
+
+    calls = []
+    original = client._call
+    monkeypatch.setattr(client, "_call", lambda *args, **kwargs: calls.append(args[1]) or original(*args, **kwargs))
+    monkeypatch.setattr(_operations, "ARTIFACT_RANGE_BYTES", 16)
+    assert operation.artifact("mistakes.png") == whole
+    assert calls.count("GetArtifact") == -(-len(whole) // 16)
+
+    blob = next(server.data_dir.glob(f"artifacts/sha256/*/{listed.digest}"))
+    blob.write_bytes(bytes(len(whole)))  # same size, other bytes: a corrupted disk
+    try:
+        with pytest.raises(DataLossError, match="does not match its digest"):
+            operation.artifact("mistakes.png")
+    finally:  # content-addressed: other operations may share the blob
+        blob.write_bytes(whole)
+
+
+def test_an_artifact_range_larger_than_a_message_is_refused_not_cut():
+    from explaind.errors import ResourceExhausted
+    from explaind.service.operations import OperationsServicer
+
+    servicer = OperationsServicer(None, max_message_bytes=64 * 1024 + 1000)
+    whole = operations_pb2.GetArtifactRequest(name="operations/x", artifact="a")
+    assert servicer._artifact_range(whole, 1000) == (0, 1000)
+    with pytest.raises(ResourceExhausted, match=r"max_bytes: 1001 bytes do not fit in one response \(at most 1000\)"):
+        servicer._artifact_range(whole, 1001)
+    assert servicer._artifact_range(operations_pb2.GetArtifactRequest(offset=1, max_bytes=1000), 5000) == (1, 1000)
 
 
 def test_job_progress_goes_to_logs_as_lines_when_stderr_is_not_a_terminal(client, world_images, capsys):

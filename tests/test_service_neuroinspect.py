@@ -132,8 +132,12 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
     assert [n.neuron for n in ranking.neurons] == expected.neuron_ids
     np.testing.assert_allclose(ranking.omega, expected.omega.numpy(), atol=1e-4)
 
-    as_operation = client.rank_mistake_neurons("spurious", "heart", execution="operation")
+    as_operation = client.rank_mistake_neurons("spurious", "heart", execution="operation", include_samples=True)
     assert [n.neuron for n in as_operation.neurons] == expected.neuron_ids
+    np.testing.assert_array_equal(as_operation.omega, ranking.omega)
+    assert as_operation.mistakes == ranking.mistakes
+    (operation,) = client.operations(kind="rank_mistake_neurons", limit=1)
+    assert [(a.name, a.media_type) for a in operation.artifacts] == [("omega.npy", "application/x-npy")]
 
 
 def test_visualize_streams_previews_and_stores_images(client):

@@ -11,6 +11,7 @@ from ._client import Client
 from ._errors import (
     AlreadyExistsError,
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     ExplaindError,
     FailedPreconditionError,
@@ -39,6 +40,7 @@ __all__ = [
     "CancelledError",
     "Client",
     "Component",
+    "DataLossError",
     "DeadlineExceededError",
     "Evaluation",
     "ExplaindError",

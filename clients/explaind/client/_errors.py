@@ -60,6 +60,12 @@ class InternalError(ExplaindError):
     code = grpc.StatusCode.INTERNAL
 
 
+class DataLossError(ExplaindError):
+    """Downloaded bytes that do not match their digest."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class OperationError(ExplaindError):
     """A job that ended FAILED or CANCELLED; ``code`` is its error status."""
 

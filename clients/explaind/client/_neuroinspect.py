@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,9 @@ class MistakeSummary:
 
 @dataclass(frozen=True)
 class NeuronRanking:
-    """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) with ``include_samples``."""
+    """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) float32 with
+    ``include_samples`` (downloaded from the operation's ``omega.npy`` artifact when the
+    ranking ran as an operation)."""
 
     sample_set_id: str
     model_version: str
@@ -121,6 +124,8 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
     omega = None
     if message.HasField("omega"):
         omega = np.frombuffer(message.omega.data, dtype="<f4").reshape(tuple(message.omega.shape))
+    elif message.omega_artifact and operation is not None:
+        omega = np.load(io.BytesIO(operation.artifact(message.omega_artifact)), allow_pickle=False)
     return NeuronRanking(
         sample_set_id=message.sample_set_id,
         model_version=message.model_version,

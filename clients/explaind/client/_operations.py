@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 import sys
 import time
@@ -18,7 +19,7 @@ from google.protobuf.message import Message
 
 from explaind.v1 import inference_pb2, operations_pb2
 
-from ._errors import DeadlineExceededError, OperationError, error_from_code
+from ._errors import DataLossError, DeadlineExceededError, OperationError, error_from_code
 from ._images import open_image
 from ._types import Artifact, Progress
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 # Long enough for any job; the SDK never makes a call without a deadline.
 WATCH_DEADLINE_S = 24 * 3600.0
 PROGRESS_LINE_INTERVAL_S = 10.0
+# Bytes per GetArtifact call: under any sensible message limit (gRPC's default is 4 MiB
+# less framing), and large enough that a 100 MB array takes a few dozen calls.
+ARTIFACT_RANGE_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -225,9 +229,23 @@ class Operation:
         return converter(message, self) if converter else message
 
     def artifact(self, name: str) -> bytes:
-        """The content of an artifact listed in ``artifacts``."""
-        request = operations_pb2.GetArtifactRequest(name=self.name, artifact=name)
-        return self._client._call("operations", "GetArtifact", request).content
+        """The content of an artifact listed in ``artifacts``, read in ranges of
+        ``ARTIFACT_RANGE_BYTES`` (so no size outgrows a message) and checked against its
+        sha256 digest (DataLossError if it does not match)."""
+        parts: list[bytes] = []
+        offset, size, digest = 0, None, ""
+        while size is None or offset < size:
+            request = operations_pb2.GetArtifactRequest(name=self.name, artifact=name, offset=offset, max_bytes=ARTIFACT_RANGE_BYTES)
+            response = self._client._call("operations", "GetArtifact", request)
+            size, digest = response.artifact.size_bytes, response.artifact.digest
+            if not response.content and offset < size:
+                raise DataLossError(f"artifact {name!r} of {self.name} ended at byte {offset} of {size}")
+            parts.append(response.content)
+            offset += len(response.content)
+        content = b"".join(parts)
+        if hashlib.sha256(content).hexdigest() != digest:
+            raise DataLossError(f"artifact {name!r} of {self.name} does not match its digest {digest}")
+        return content
 
     def artifact_image(self, name: str):
         """An image artifact as a PIL image."""

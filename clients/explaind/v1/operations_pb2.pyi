@@ -142,12 +142,16 @@ class WatchOperationResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class GetArtifactRequest(_message.Message):
-    __slots__ = ("name", "artifact")
+    __slots__ = ("name", "artifact", "offset", "max_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     artifact: str
-    def __init__(self, name: _Optional[str] = ..., artifact: _Optional[str] = ...) -> None: ...
+    offset: int
+    max_bytes: int
+    def __init__(self, name: _Optional[str] = ..., artifact: _Optional[str] = ..., offset: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class GetArtifactResponse(_message.Message):
     __slots__ = ("artifact", "content")

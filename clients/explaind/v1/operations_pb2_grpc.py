@@ -109,7 +109,11 @@ class OperationsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetArtifact(self, request, context):
-        """Downloads an artifact a job wrote (images, tables), listed in its metadata.
+        """Downloads an artifact a job wrote (images, tables, arrays), listed in its metadata,
+        whole or a byte range of it: one response carries at most [server].max_message_bytes
+        less 64 KiB of content, and a larger artifact is read in ranges (the SDK does this
+        and checks the digest). A range that does not fit is RESOURCE_EXHAUSTED naming
+        max_bytes, never silently cut.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

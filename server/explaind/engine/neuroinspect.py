@@ -11,6 +11,7 @@ stored active version again after a restart. No gRPC here; results are the
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import threading
@@ -47,6 +48,8 @@ SOLVERS = ("faithful", "proximal")
 VISUALIZATION_METHODS = ("clip_illusion", "feature_visualization", "no_clip")
 EDIT_METHODS = ("probability_ratio", "constrain")
 EXECUTIONS = ("auto", "inline", "operation")
+# The artifact that holds ω (float32 (M, D), .npy) when a ranking ran as an operation.
+OMEGA_ARTIFACT = "omega.npy"
 # Upper bounds of loss weights (defaults 0.01-1) and of the edit's target probability ratio
 # (auto picks about 1-10): far above any useful value, far below where float32 losses
 # overflow to inf and the weights they train turn NaN.
@@ -252,7 +255,13 @@ class NeuroInspectEngine:
                     excessive_neurons=[n for n in ranking.excessive_top[row].tolist() if n >= 0],
                     omega_l1=float(omega[row].abs().sum()),
                 )
-            message.omega.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=list(omega.shape), data=omega.numpy().astype("<f4").tobytes()))
+            omega_le = omega.numpy().astype("<f4")
+            if context is None:
+                message.omega.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=list(omega.shape), data=omega_le.tobytes()))
+            else:  # (M, D) floats of a large set outgrow one message: an artifact, read in ranges
+                buffer = io.BytesIO()
+                np.save(buffer, omega_le, allow_pickle=False)
+                message.omega_artifact = context.save_artifact(OMEGA_ARTIFACT, buffer.getvalue(), "application/x-npy").name
         if context is not None:
             context.report_progress(settings.max_iterations, settings.max_iterations, f"ranked {len(ranking.neurons)} neurons from {ranking.num_mistakes} mistakes")
         return message

@@ -9,7 +9,7 @@ import grpc
 from explaind.v1 import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
 from . import convert
 from .sample_sets import bad_page_token, page_limit
@@ -17,6 +17,9 @@ from .sample_sets import bad_page_token, page_limit
 
 # google.protobuf.Duration's documented range: about 10,000 years.
 _MAX_DURATION_S = 315_576_000_000
+# Room in a GetArtifact response for everything but the content (the Artifact
+# description and framing), so a range of max_message_bytes - this always fits.
+_ARTIFACT_HEADROOM_BYTES = 64 * 1024
 
 
 def _wait_timeout(duration: duration_pb2.Duration) -> float:
@@ -30,8 +33,9 @@ def _wait_timeout(duration: duration_pb2.Duration) -> float:
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
-    def __init__(self, jobs: JobManager) -> None:
+    def __init__(self, jobs: JobManager, *, max_message_bytes: int) -> None:
         self._jobs = jobs
+        self._max_content_bytes = max(1, max_message_bytes - _ARTIFACT_HEADROOM_BYTES)
 
     def GetOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.GetOperationResponse:
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
@@ -73,12 +77,28 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
             raise InvalidArgument(f"required; the operation has {names}", field="artifact")
         for artifact in snapshot.record.artifacts:
             if artifact.name == request.artifact:
-                content = self._jobs.store.get_blob(artifact.digest)
+                offset, length = self._artifact_range(request, artifact.size_bytes)
                 return operations_pb2.GetArtifactResponse(
                     artifact=operations_pb2.Artifact(name=artifact.name, media_type=artifact.media_type, digest=artifact.digest, size_bytes=artifact.size_bytes),
-                    content=content,
+                    content=self._jobs.store.get_blob(artifact.digest, offset=offset, length=length),
                 )
         raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")
+
+
+    def _artifact_range(self, request: operations_pb2.GetArtifactRequest, size: int) -> tuple[int, int]:
+        """(offset, length) of the requested bytes; a range one response cannot carry is
+        refused rather than cut, so no client mistakes a prefix for the artifact."""
+        if not 0 <= request.offset <= size:
+            raise InvalidArgument(f"{request.offset} is not in [0, {size}] (the artifact's size in bytes)", field="offset")
+        if request.max_bytes < 0:
+            raise InvalidArgument(f"must not be negative, got {request.max_bytes} (0 means to the end)", field="max_bytes")
+        remaining = size - request.offset
+        length = min(request.max_bytes, remaining) if request.max_bytes else remaining
+        if length > self._max_content_bytes:
+            raise ResourceExhausted(
+                f"{length} bytes do not fit in one response (at most {self._max_content_bytes}); read the artifact "
+                f"in ranges with offset and max_bytes", field="max_bytes")
+        return request.offset, length
 
 
 def _resume_point(token: str) -> tuple[float, str] | None:

@@ -100,11 +100,13 @@ class SQLiteStore:
                 os.close(directory)
         return digest
 
-    def get_blob(self, digest: str) -> bytes:
+    def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes:
         path = self._blob_path(digest)
         if len(digest) != 64 or not path.is_file():
             raise NotFound(f"no artifact with digest {digest!r}")
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read() if length is None else file.read(length)
 
     # Sample sets ---------------------------------------------------------------------
 
