@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,33 +15,43 @@ from explaind.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 ENGINES = ("onnxruntime", "tensorrt")
+# The torch.export-based exporter's own default; ONNX Runtime and TensorRT 10 run it.
+ONNX_OPSET = 18
 
 
 def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
     """Export ``extractor`` (images (N, 3, S, S) -> features (N, D), dynamic N) to ``path``
     unless it is already there.
 
-    The module is traced where it lives (moving it would move the serving model's
-    shared parameters), and the file is renamed into place, so a crash never leaves a
-    half-written engine at ``path``.
+    torch.export-based (the TorchScript exporter is deprecated). Weights go to
+    ``<path>.data`` beside the graph, so models over protobuf's 2 GB limit export too.
+    The module is traced where it lives (moving it would move the serving model's shared
+    parameters), and both files are written elsewhere and renamed into place, the graph
+    last, so a crash never leaves a half-written engine at ``path``.
     """
     path = Path(path)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
     device = next(extractor.parameters()).device
-    torch.onnx.export(
-        extractor,
-        (torch.rand(2, 3, image_size, image_size, device=device),),
-        str(temporary),
-        input_names=["images"],
-        output_names=["features"],
-        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    temporary.replace(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        staged = Path(scratch) / path.name
+        torch.onnx.export(
+            extractor,
+            (torch.rand(2, 3, image_size, image_size, device=device),),
+            str(staged),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+        )
+        weights = staged.with_name(staged.name + ".data")
+        if weights.is_file():  # referenced by its bare name, so it moves beside the graph unchanged
+            weights.replace(path.with_name(weights.name))
+        staged.replace(path)
     log.info("exported feature extractor to %s", path)
     return path
 

@@ -27,7 +27,21 @@ def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monke
 
     monkeypatch.setattr(torch.onnx, "export", no_second_export)
     assert export_onnx(extractor, 16, path) == path
-    assert not list(tmp_path.glob("*.tmp"))
+    # The graph and its weights side by side, no scratch left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.onnx", "features.onnx.data"]
+
+
+def test_export_moves_the_engine_into_place_only_when_complete(tmp_path, monkeypatch):
+    real_export = torch.onnx.export
+
+    def crash_after_writing(*args, **kwargs):
+        real_export(*args, **kwargs)
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(torch.onnx, "export", crash_after_writing)
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_engine_and_missing_providers_fail_clearly():

@@ -222,7 +222,8 @@ def test_torchvision_loader(tmp_path):
 
 def test_onnx_classifier_is_inference_only(tmp_path, classifier_dir, world_model, engine):
     path = tmp_path / "world.onnx"
-    torch.onnx.export(world_model, (torch.rand(1, 3, 64, 64),), str(path), input_names=["images"], dynamic_axes={"images": {0: "n"}}, dynamo=False)
+    torch.onnx.export(world_model, (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
+                      dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
     onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
     onnx_engine.activate(load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64)))
     images = torch.rand(3, 3, 64, 64)
