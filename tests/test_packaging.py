@@ -1,0 +1,28 @@
+"""The wheel (what `pip install .` and the container install) carries everything the
+server needs at run time, not only what an editable checkout happens to have."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_ships_the_embedded_default_and_the_stubs(tmp_path):
+    # From a copy without build/: setuptools reuses files an earlier build left there.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "var", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+                   check=True, timeout=600, capture_output=True)
+    (wheel,) = tmp_path.glob("explaind-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assets = ROOT / "server" / "explaind" / "world" / "assets"
+    weights = {f"explaind/world/assets/{p.relative_to(assets).as_posix()}" for p in assets.rglob("*") if p.is_file()
+               and p.suffix in {".json", ".safetensors", ".txt"}}
+    assert any(name.endswith(".safetensors") for name in weights)
+    assert weights - names == set()
+    assert {"explaind/v1/neuroinspect_pb2.py", "explaind/kernels/_onnx_runtime.py", "explaind/client/cli.py"} <= names
+    entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
+    assert "explaind = explaind.client.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
