@@ -83,6 +83,7 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
         (["--port", "-1"], "[server].port must be at least 0, got -1 (given on the command line)"),
         (["--port", "70000"], "[server].port must be at most 65535, got 70000 (given on the command line)"),
         (["--metrics-port", "65536"], "[server].metrics_port must be at most 65535, got 65536"),
+        (["--device", "gpu"], "[runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
     ],
 )
 def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):

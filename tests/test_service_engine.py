@@ -461,6 +461,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"server": {"grace_period_s": -5}}, r"\[server\].grace_period_s must be at least 0, got -5.0"),
         ({"jobs": {"gpu_workers": 1.5}}, r"\[jobs\].gpu_workers must be an integer, got 1.5"),
         ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
+        ({"runtime": {"device": "gpu0"}}, r"\[runtime\].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu0'"),
         ({"classifier": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"\[classifier\].std must hold positive numbers"),
         ({"batching": {"max_queue_size": 64}}, r"\[batching\].max_images_per_request \(1024\) must not exceed "
                                                 r"\[batching\].max_queue_size \(64\)"),

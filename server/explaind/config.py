@@ -254,12 +254,24 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
     return dataclasses.replace(default, **values)
 
 
+def _validate_device(path: Path | str, device: str) -> None:
+    """A malformed device string is a config mistake; whether CUDA is present is checked
+    when the models load (FailedPrecondition), since configs travel between machines."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{path}: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got {device!r}") from None
+
+
 def _validate(path: Path | str, config: Config) -> None:
     classifier = config.classifier
     if classifier.loader not in CLASSIFIER_LOADERS:
         raise ConfigError(f"{path}: [classifier].loader must be one of {CLASSIFIER_LOADERS}, got {classifier.loader!r}")
     if config.runtime.backend not in BACKENDS:
         raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
+    _validate_device(path, config.runtime.device)
     if len(classifier.mean) != len(classifier.std):
         raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in classifier.std):

@@ -112,8 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if overrides:
             config = config.replace("server", **overrides)
-        if args.backend:
-            config = config.replace("runtime", backend=args.backend)
+        runtime = {key: getattr(args, key) for key in ("backend", "device") if getattr(args, key)}
+        if runtime:
+            config = config.replace("runtime", **runtime)
     except ConfigError as error:  # a flag's value the config file would not allow either
         raise CommandError(f"{error} (given on the command line)") from None
     try:
@@ -400,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
     serve.add_argument("--data-dir", dest="data_dir", help="sample sets, jobs and artifacts (default: [server].data_dir, var/explaind)")
     serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), help="inference backend (default: [runtime].backend, eager)")
+    serve.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: [runtime].device, cpu)")
     serve.set_defaults(run=cmd_serve)
 
     predict = command("predict", "classify image files")

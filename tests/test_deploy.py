@@ -1,0 +1,89 @@
+"""deploy/ agrees with the server: the dashboard queries series the server exports, by
+labels they carry; Prometheus scrapes the port the image serves metrics on; the Helm
+templates read only values the chart defines. (No Docker daemon or helm binary in CI,
+so the files are checked as data.)"""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import Counter, Gauge, Histogram, Info, generate_latest
+
+from explaind.metrics import Metrics
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+SERIES = re.compile(r"(explaind_\w+)(?:\{([^}]*)\})?")
+MATCHER_LABEL = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Series name -> label names, as a scrape shows them once every metric has a value."""
+    metrics = Metrics()
+    for metric in vars(metrics).values():
+        if isinstance(metric, (Counter, Gauge, Histogram, Info)):
+            child = metric.labels(*["x"] * len(metric._labelnames)) if metric._labelnames else metric
+            if isinstance(child, Histogram):
+                child.observe(1)
+            elif isinstance(child, Info):
+                child.info({"name": "x"})
+            else:
+                child.inc()
+    series: dict[str, set[str]] = {}
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, labels = line.split(" ")[0].partition("{")
+            series.setdefault(name, set()).update(re.findall(r'(\w+)="', labels))
+    return series
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_dashboard_queries_only_series_and_labels_the_server_exports():
+    series = exported_series()
+    queries = dashboard_queries()
+    assert len(queries) >= 6
+    for title, expr in queries:
+        used = SERIES.findall(expr)
+        assert used, f"{title}: no explaind series in {expr!r}"
+        labels: set[str] = set()
+        for name, matchers in used:
+            assert name in series, f"{title}: {name} is not exported; the server has {sorted(series)}"
+            assert set(MATCHER_LABEL.findall(matchers)) <= series[name], f"{title}: {name}{{{matchers}}}"
+            labels |= series[name]
+        for grouping in GROUPING.findall(expr):
+            assert {label.strip() for label in grouping.split(",")} <= labels, f"{title}: by ({grouping}) in {expr!r}"
+
+
+def test_dashboard_datasource_is_the_provisioned_prometheus():
+    provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uids = {source["uid"] for source in provisioned["datasources"] if source["type"] == "prometheus"}
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text())
+    assert {panel["datasource"]["uid"] for panel in dashboard["panels"]} <= uids
+
+
+def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
+    entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
+    command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
+    metrics_port = command[command.index("--metrics-port") + 1]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert f"{metrics_port}:{metrics_port}" in compose["services"]["explaind"]["ports"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = [t for job in scrape["scrape_configs"] for config in job["static_configs"] for t in config["targets"]]
+    assert targets == [f"explaind:{metrics_port}"]
+
+
+def test_helm_templates_read_only_values_the_chart_defines():
+    chart = DEPLOY / "helm" / "explaind"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    used = {path for template in (chart / "templates").glob("*.yaml") for path in re.findall(r"\.Values\.([\w.]+)", template.read_text())}
+    assert "image.repository" in used
+    for path in used:
+        node = values
+        for key in path.split("."):
+            assert isinstance(node, dict) and key in node, f".Values.{path} is not in values.yaml"
+            node = node[key]
