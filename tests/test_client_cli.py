@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 
@@ -180,3 +181,62 @@ def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkey
     serve = _help(capsys, ["serve"])
     assert "gRPC port (default: [server].port, 50051)" in serve and "(default: [server].metrics_port, 0 = off)" in serve
     assert "--top-k TOP_K classes per image (default: 3)" in _help(capsys, ["predict"])
+
+
+@pytest.fixture(scope="module")
+def relabelled_set(server, world_images):
+    """A set whose every image is labelled heart: all non-hearts are heart mistakes."""
+    images, _ = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, ["heart"] * len(images), sample_set_id="all-hearts")
+        expected = client.rank_mistake_neurons("all-hearts", "heart")
+    return "all-hearts", expected
+
+
+def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
+    sample_set_id, expected = relabelled_set
+    assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--show", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{expected.mistake_count} mistakes of heart in all-hearts")
+    assert [int(line.split()[1]) for line in out[1:4]] == [n.neuron for n in expected.neurons[:3]]
+    assert out[4].startswith("predicted as: ") and f"of {expected.mistake_count} counterfactuals flipped" in out[4]
+    assert main(["--target", server.target, "rank", sample_set_id, "--class", "5", "--json"]) == 0
+    ranking = json.loads(capsys.readouterr().out)
+    assert [n["neuron"] for n in ranking["neurons"]] == [n.neuron for n in expected.neurons]
+    assert ranking["neurons"][0]["rank_ratio"] == expected.neurons[0].rank_ratio and ranking["class_name"] == "heart"
+    line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "circle"])
+    assert "class_name: sample set 'all-hearts' has no sample of class 'circle'" in line
+
+
+def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_path):
+    out_dir = tmp_path / "images"
+    assert main(["--target", server.target, "visualize", "3", "5:heart", "--method", "feature_visualization", "--steps", "3",
+                 "--out-dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("started operations/") and "wrote 4 images to" in out
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert "neuron5_heart.png" in names and "neuron5_heart_masked.png" in names and len(names) == 4
+    assert Image.open(out_dir / "neuron5_heart.png").size == (64, 64)
+    assert "'5:' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "5:"])
+    assert "'x:heart' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "x:heart"])
+
+
+def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, relabelled_set, world_images):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, labels, sample_set_id="edit-cli")
+        before = client.head_versions()
+        served_before = next(v.version_id for v in before if v.active)
+    assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "served only once promoted" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
+    assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "--method", "constrain",
+                 "--promote"]) == 0
+    assert "served now" in capsys.readouterr().out
+    with Client(server.target, timeout=30) as client:
+        versions = client.head_versions()
+        assert [v.method for v in versions[len(before):]] == ["probability_ratio", "constrain"]
+        assert versions[-1].active
+        client.promote_head_version(served_before)  # leave the module's server as it was
+    line = _error(capsys, ["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "9999"])
+    assert "neurons" in line and "9999" in line

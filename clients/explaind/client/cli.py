@@ -6,6 +6,9 @@
     explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
     explaind operations list | get | wait | watch | cancel | artifact
     explaind --target host:50051 info        # or: explaind info --target host:50051
+    explaind rank hearts --class heart       # the neurons behind the class's mistakes
+    explaind visualize 8 21:heart --out-dir images
+    explaind edit-head hearts --class heart --neurons 8 21 63 [--promote]
     explaind report --class heart --sample-set hearts --out report.html
     explaind head-versions list | promote v1 | rollback
     explaind demo                            # a server on the shapes world + a session
@@ -14,6 +17,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import os
 import socket
@@ -52,6 +57,14 @@ def _existing_file(path: str) -> str:
 def _class_ref(value: str) -> str | int:
     """argparse type: a class index (digits) or name."""
     return int(value) if value.isdigit() else value
+
+
+def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
+    """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
+    neuron, _, target = spec.partition(":")
+    if not neuron.isdigit() or (_ and not target):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not NEURON or NEURON:CLASS, e.g. 8 or 8:heart")
+    return (int(neuron), _class_ref(target)) if target else int(neuron)
 
 
 def _scenario(name: str) -> str:
@@ -178,9 +191,9 @@ def _print_evaluation(report, class_names: list[str] | None = None) -> None:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
 
 
-def _print_ranking(ranking) -> None:
+def _print_ranking(ranking, limit: int = 8) -> None:
     print(f"{ranking.mistake_count} mistakes of {ranking.class_name} in {ranking.sample_set_id}; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
-    for neuron in ranking.neurons[:8]:
+    for neuron in ranking.neurons[:limit or None]:
         print(
             f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} insufficient {neuron.insufficient_ratio:.2f}  "
             f"excessive {neuron.excessive_ratio:.2f}  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
@@ -200,8 +213,14 @@ def _version_line(v) -> str:
 
 
 def _print_head_edit(edit) -> None:
-    print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; served only once promoted):")
+    served = "served now" if edit.version.active else "served only once promoted"
+    print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; {served}):")
     print(_version_line(edit.version))
+    before, after = edit.version.parent_evaluation, edit.version.evaluation
+    if before and after:
+        print(f"  worst class {before.worst_class} {before.worst_class_accuracy:.3f} -> {after.worst_class} {after.worst_class_accuracy:.3f}")
+        if after.group_accuracy:
+            print(f"  worst group {before.worst_group} {before.worst_group_accuracy:.3f} -> {after.worst_group} {after.worst_group_accuracy:.3f}")
 
 
 # What ``operations get/wait/watch`` print for a succeeded operation, by kind.
@@ -223,6 +242,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.grid:
             _write(args.grid, operation.artifact("mistakes.png"))
             print(f"wrote {args.grid}")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=not args.json)
+    if args.json:
+        fields = ("sample_set_id", "model_version", "class_name", "solver", "sample_count", "mistake_count", "converged_count", "predicted_as")
+        neurons = [{**dataclasses.asdict(n), "rank_ratio": n.rank_ratio} for n in ranking.neurons]
+        print(json.dumps({**{f: getattr(ranking, f) for f in fields}, "neurons": neurons}))
+        return 0
+    _print_ranking(ranking, args.show)
+    predicted = ", ".join(f"{name} {count}" for name, count in ranking.predicted_as.items())
+    print(f"predicted as: {predicted}; {ranking.converged_count} of {ranking.mistake_count} counterfactuals flipped the prediction")
+    return 0
+
+
+def _wait_and_print(operation, args: argparse.Namespace):
+    """Print the operation's name, then (unless --no-wait) its result with a progress bar."""
+    print(f"started {operation.name}")
+    if args.no_wait:
+        return None
+    return operation.result(progress=True)
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot create {out_dir}: {error.strerror or error}") from None
+    with _client(args) as client:
+        operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
+                                             seed=args.seed)
+        visualizations = _wait_and_print(operation, args)
+    if visualizations is None:
+        return 0
+    _print_visualizations(visualizations)
+    for v in visualizations:
+        for suffix, image in (("", v.image), ("_masked", v.masked_image)):
+            path = out_dir / f"neuron{v.neuron}_{v.class_name}{suffix}.png"
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            _write(path, buffer.getvalue())
+    print(f"wrote {2 * len(visualizations)} images to {out_dir}")
+    return 0
+
+
+def cmd_edit_head(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        operation = client.edit_head(
+            args.id, args.target_class, args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
+            evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, promote=args.promote,
+        )
+        edit = _wait_and_print(operation, args)
+    if edit is not None:
+        _print_head_edit(edit)
     return 0
 
 
@@ -428,6 +504,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    rank = command("rank", "rank the neurons behind a class's mistakes in a sample set (NeuroInspect)")
+    rank.add_argument("id", help="sample set id")
+    rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained (name or index)")
+    rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
+    rank.add_argument("--show", type=int, default=10, help="neurons to print; 0: all")
+    rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
+    rank.set_defaults(run=cmd_rank)
+
+    visualize = command("visualize", "optimise images of what neurons respond to (a job with progress; Ctrl-C cancels it)")
+    visualize.add_argument("neurons", nargs="+", type=_neuron_pair, metavar="NEURON[:CLASS]",
+                           help="a neuron, conditioned on its top classes by head weight, or on CLASS (name or index)")
+    visualize.add_argument("--method", choices=("clip_illusion", "feature_visualization", "no_clip"), default="clip_illusion",
+                           help="clip_illusion needs the server's CLIP")
+    visualize.add_argument("--steps", type=int, default=0, help="optimisation steps; 0: 400")
+    visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=int, default=0,
+                           help="images per neuron without a CLASS, one per top class; 0: 1")
+    visualize.add_argument("--seed", type=int, default=0, help="random seed of the start images and augmentations")
+    visualize.add_argument("--out-dir", dest="out_dir", default=".", help="directory for neuron<N>_<class>.png and its _masked.png")
+    visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
+    visualize.set_defaults(run=cmd_visualize)
+
+    edit_head = command("edit-head", "retrain the head so a class relies less on some neurons (a new head version)")
+    edit_head.add_argument("id", help="training sample set id")
+    edit_head.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
+    edit_head.add_argument("--neurons", nargs="+", type=int, required=True, help="neuron indices, e.g. from explaind rank")
+    edit_head.add_argument("--method", choices=("probability_ratio", "constrain"), default="probability_ratio", help="the regulariser")
+    edit_head.add_argument("--validation-sample-set", dest="validation_sample_set", default="",
+                           help="early-stopping set (default: every 5th sample of the training set, held out)")
+    edit_head.add_argument("--evaluation-sample-set", dest="evaluation_sample_set", default="",
+                           help="set for the before/after evaluation (default: the validation set)")
+    edit_head.add_argument("--group-attribute", dest="group_attribute", default="",
+                           help="sample attribute for per-group accuracy, e.g. background (needs a validation or evaluation set)")
+    edit_head.add_argument("--promote", action="store_true", help="serve the new version at once")
+    edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
+    edit_head.set_defaults(run=cmd_edit_head)
 
     operations = command("operations", "list, get, wait, watch, cancel jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "artifact"),
