@@ -262,15 +262,15 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
         server.stop()
 
 
-def _in_process(data_dir: Path):
-    """An engine and its NeuroInspect engine serving SPURIOUS from ``data_dir``, as a server would."""
+def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS):
+    """An engine and its NeuroInspect engine serving ``classifier_dir`` from ``data_dir``, as a server would."""
     from explaind.config import ClassifierSection, Config, ServerSection
     from explaind.engine import Engine
     from explaind.engine.neuroinspect import NeuroInspectEngine
     from explaind.metrics import Metrics
     from explaind.store import SQLiteStore
 
-    config = Config(classifier=ClassifierSection(loader="world", path=str(SPURIOUS)), server=ServerSection(data_dir=str(data_dir)))
+    config = Config(classifier=ClassifierSection(loader="world", path=str(classifier_dir)), server=ServerSection(data_dir=str(data_dir)))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
     engine.load()
     inspect = NeuroInspectEngine(engine)
@@ -316,6 +316,40 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
         assert torch.isfinite(restarted.models.active.logits(torch.rand(2, version.feature_dim))).all()
     finally:
         restarted.close()
+
+
+def test_a_restart_serves_the_promoted_head_unless_the_model_file_brings_a_new_one(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    engine, inspect = _in_process(tmp_path / "data")
+    version = engine.models.active
+    edited = inspect._add_head_version(version, torch.nn.Linear(version.feature_dim, len(version.class_names)), "v0",
+                                       {"method": "probability_ratio"})
+    inspect.promote_head_version(edited.version_id)
+    engine.close()
+    engine, inspect = _in_process(tmp_path / "data")  # the same file: the promoted edit is served again
+    assert inspect.active_head_version().version_id == "v1"
+    engine.close()
+
+    replaced = tmp_path / "replaced"  # the operator deploys a retrained head on the same h_b
+    shutil.copytree(SPURIOUS, replaced)
+    weights = load_file(str(replaced / "model.safetensors"))
+    weights["fc.weight"] = weights["fc.weight"] * 0.5
+    save_file(weights, str(replaced / "model.safetensors"))
+    engine, inspect = _in_process(tmp_path / "data", replaced)
+    try:
+        versions, active = inspect.head_versions()
+        assert [(r.version_id, r.details["method"]) for r in versions] == [("v0", "loaded"), ("v1", "probability_ratio"), ("v2", "loaded")]
+        assert active == "v2"
+        torch.testing.assert_close(engine.models.active.head.weight.cpu(), weights["fc.weight"].float())
+        inspect.promote_head_version("v1")  # the edit served before stays one promote away
+    finally:
+        engine.close()
+    engine, inspect = _in_process(tmp_path / "data", replaced)  # and, promoted, survives the next restart
+    try:
+        assert inspect.active_head_version().version_id == "v1"
+    finally:
+        engine.close()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)

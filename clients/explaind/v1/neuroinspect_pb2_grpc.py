@@ -125,7 +125,9 @@ class NeuroInspectServiceServicer:
     def PromoteHeadVersion(self, request, context):
         """Serves a head version. Atomic: every Predict is computed entirely with the old head
         or entirely with the new one, and reports which (model_version). Persists across
-        restarts. A version with NaN or infinite weights is refused (FAILED_PRECONDITION).
+        restarts, unless the model file brings a head not seen before (a redeployed model),
+        which is then served. A version with NaN or infinite weights is refused
+        (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
