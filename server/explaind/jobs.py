@@ -14,8 +14,9 @@ Adding a job kind is one call from an engine::
 
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
 operation's response; an exception fails the job (an :class:`~explaind.errors.ExplaindError`
-keeps its status code, e.g. INVALID_ARGUMENT). Jobs in the ``"gpu"`` lane run one at a
-time (``jobs.gpu_workers``); Predict has its own batcher thread and keeps flowing.
+keeps its status code, e.g. INVALID_ARGUMENT). Every job kind uses the models, so all run
+in the ``"gpu"`` lane, ``jobs.gpu_workers`` at a time (one by default: GPU memory holds one
+job's batch); Predict has its own batcher thread and keeps flowing.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class JobManager:
         self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
-        self._executors = {lane: ThreadPoolExecutor(workers, thread_name_prefix=f"job-{lane}") for lane, workers in (lanes or {"gpu": 1, "cpu": 2}).items()}
+        self._executors = {lane: ThreadPoolExecutor(workers, thread_name_prefix=f"job-{lane}") for lane, workers in (lanes or {"gpu": 1}).items()}
         self._live: dict[str, _LiveJob] = {}
         self._changed = threading.Condition()
         self._accepting = True

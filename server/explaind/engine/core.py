@@ -93,7 +93,7 @@ class Engine:
         self.metrics = metrics
         self.models = ModelRegistry()
         self.components: dict[str, ComponentStatus] = {}
-        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, lanes={"gpu": config.jobs.gpu_workers, "cpu": 2})
+        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, lanes={"gpu": config.jobs.gpu_workers})
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
         self._batcher: DynamicBatcher[BatchOutput] | None = None
@@ -134,6 +134,9 @@ class Engine:
     def activate(self, version: ClassifierVersion) -> None:
         """Serve ``version``: its backend is built (and warmed) first, then one swap.
         Cached sample features of other feature versions are dropped."""
+        if version.feature_extractor is None and (self.device.type != "cpu" or self.config.runtime.backend != "eager"):
+            log.warning("the %s classifier is inference-only and runs on the CPU with its own runtime; [runtime].device "
+                        "and .backend apply to split classifiers only", version.loader)
         if version.feature_extractor is not None:
             if version.head is not None:
                 version.feature_extractor.to(self.device)
@@ -170,9 +173,9 @@ class Engine:
 
     def _run_batch(self, images: torch.Tensor) -> BatchOutput:
         version = self.models.active  # read once: the whole batch uses one version
+        if version.feature_extractor is None:  # inference-only loaders run on the CPU, where they loaded
+            return BatchOutput(version, version.predict_fn(images.cpu()).float().cpu(), None)
         images = images.to(self.device, non_blocking=True)
-        if version.feature_extractor is None:
-            return BatchOutput(version, version.predict_fn(images).float().cpu(), None)
         features = self._feature_fns[version.feature_version](images)
         return BatchOutput(version, version.logits(features).float().cpu(), features.float().cpu())
 
