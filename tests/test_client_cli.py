@@ -91,6 +91,14 @@ def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, m
     assert message in _error(capsys, ["serve", *flags, "--data-dir", str(tmp_path / "data")])
 
 
+@pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"]])
+def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys, argv):
+    err = _usage_error(capsys, argv)
+    command = "demo" if "demo" in argv else "serve"
+    flag = argv[0].partition("=")[0]
+    assert f"{command}: {flag} are options of the client commands" in err and "its token from [server].token" in err
+
+
 def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -172,7 +180,7 @@ def _help(capsys, argv: list[str]) -> str:
 def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkeypatch):
     monkeypatch.setenv("EXPLAIND_TOKEN", "s3cret")
     top = _help(capsys, [])
-    assert "go before or after the command" in top and "(default: 60.0)" in top and "s3cret" not in top
+    assert "go before or after a client command (all but serve and demo)" in top and "(default: 60.0)" in top and "s3cret" not in top
     operations = _help(capsys, ["operations"])
     assert "--state {queued,running,succeeded,failed,cancelled}" in operations
     assert "--kind {evaluate_sample_set,rank_mistake_neurons,visualize_neurons,edit_head}" in operations

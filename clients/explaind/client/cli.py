@@ -459,7 +459,7 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _global_options(argparse.ArgumentParser(
         prog="explaind", description="Serve an image classifier and explain its mistakes.", formatter_class=_HelpFormatter,
-        epilog="The options above (--target, --token, --timeout) go before or after the command. "
+        epilog="The options above (--target, --token, --timeout) go before or after a client command (all but serve and demo). "
                "'explaind COMMAND --help' lists a command's options.",
     ))
     parser.set_defaults(target=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), timeout=60.0)
@@ -580,9 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run a server rather than call one.
+_SERVER_COMMANDS = ("serve", "demo")
+_CLIENT_OPTIONS = ("--target", "--token", "--timeout")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.command in _SERVER_COMMANDS:
+        # Silently ignored, `explaind --token T serve` would start a server without auth.
+        given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
+        if given:
+            parser.error(f"{args.command}: {', '.join(given)} are options of the client commands; a server takes its address "
+                         "from --host/--port or [server].host/.port and its token from [server].token")
     if args.command == "sample-set":
         args.id = args.id or args.id_option
         if args.action in ("show", "delete") and not args.id:
