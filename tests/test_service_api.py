@@ -272,6 +272,27 @@ def test_list_samples_pages_end_before_the_message_size_limit(small_messages):
     assert listed == images and pages >= 3
 
 
+def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_messages):
+    # Ten 68 kB PNGs: one request of 680 kB would exceed the 256 KiB limit on both ends.
+    images = [_png(np.random.default_rng(i).integers(0, 256, (150, 150, 3), dtype=np.uint8)) for i in range(10)]
+    with Client(small_messages.target, timeout=30, max_message_bytes=1 << 18) as client:
+        created = client.create_sample_set(images, [0] * 10, sample_set_id="split-upload")
+        assert created.sample_count == 10 and [s.image.tobytes() for s in client.samples("split-upload")][:1]
+        assert client.append_samples("split-upload", images[:4], [1] * 4).sample_count == 14
+        broken = images[:3] + [b"not an image"]
+        with pytest.raises(InvalidArgumentError, match=r"samples\[1\].image.encoded: bytes are not an image") as raised:
+            client.create_sample_set(broken, [0] * 4, sample_set_id="half-uploaded")
+        assert raised.value.__notes__ == ["the failing request began at sample 2 of 4: samples[i] there is sample 2 + i here",
+                                          "the partly uploaded sample set 'half-uploaded' was deleted"]
+        with pytest.raises(NotFoundError):
+            client.sample_set("half-uploaded")
+        with pytest.raises(InvalidArgumentError) as raised:
+            client.append_samples("split-upload", broken, [0] * 4)
+        assert raised.value.__notes__[-1] == "the first 2 of 4 samples were appended to 'split-upload'"
+        with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+            client.create_sample_set(images[:1], [0], chunk_size=0)
+
+
 def test_a_response_over_the_send_limit_is_counted_with_the_code_the_caller_gets(small_messages):
     # 600 images with their 128 features are a 350 kB response; the request is only 50 kB.
     request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=_png(np.zeros((16, 16, 3), np.uint8)))] * 600, return_features=True)

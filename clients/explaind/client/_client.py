@@ -22,7 +22,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import from_rpc_error
+from ._errors import ExplaindError, from_rpc_error
 from . import _neuroinspect
 from ._images import open_image, to_image_messages
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
@@ -54,6 +54,13 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
     )
 
 
+def _note_chunk(error: BaseException, start: int, total: int) -> None:
+    """Say where a failed upload request began: the server numbers ``samples[i]`` within
+    the request, not within the caller's list."""
+    if start:
+        error.add_note(f"the failing request began at sample {start} of {total}: samples[i] there is sample {start} + i here")
+
+
 class Client:
     """A connection to an explaind server.
 
@@ -71,6 +78,7 @@ class Client:
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._max_message_bytes = max_message_bytes
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             target, options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
@@ -197,22 +205,72 @@ class Client:
         attributes: Sequence[Mapping[str, str]] | None = None,
         chunk_size: int = 512,
     ) -> SampleSet:
-        """Store labelled images as a named set (uploaded in chunks of ``chunk_size``).
-        ``labels``: one class index or class name per image; ``attributes``: optional
-        ``{name: value}`` per image, e.g. for per-group accuracy in ``edit_head``."""
+        """Store labelled images as a named set. ``labels``: one class index or class name
+        per image; ``attributes``: optional ``{name: value}`` per image, e.g. for per-group
+        accuracy in ``edit_head``.
+
+        Uploaded in requests of at most ``chunk_size`` images and half the client's
+        ``max_message_bytes``. All or nothing: if a later request fails (or is
+        interrupted), the partly uploaded set is deleted before the error is raised."""
         samples = self._samples(images, labels, attributes)
-        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=samples[:chunk_size])
+        chunks = self._upload_chunks(samples, chunk_size)
+        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=chunks[0])
         created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
-        for start in range(chunk_size, len(samples), chunk_size):
-            append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=samples[start : start + chunk_size])
-            created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
+        start = 0
+        try:
+            for previous, chunk in zip(chunks, chunks[1:]):
+                start += len(previous)
+                append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk)
+                created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
+        except BaseException as error:
+            _note_chunk(error, start, len(samples))
+            try:
+                self.delete_sample_set(created.sample_set_id)
+            except ExplaindError:
+                error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {len(samples)} samples")
+            else:
+                error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted")
+            raise
         return created
 
-    def append_samples(self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None) -> SampleSet:
-        """Add labelled images to an existing set, as in :meth:`create_sample_set` (one
-        request: keep it under the server's message size). Returns the updated set."""
-        request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=self._samples(images, labels, attributes))
-        return _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
+    def append_samples(
+        self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None,
+        chunk_size: int = 512,
+    ) -> SampleSet:
+        """Add labelled images to an existing set, as in :meth:`create_sample_set` and in
+        the same chunks; a request that fails raises with a note of how many samples
+        were appended before it. Returns the updated set."""
+        samples = self._samples(images, labels, attributes)
+        appended = 0
+        try:
+            for chunk in self._upload_chunks(samples, chunk_size):
+                request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=chunk)
+                updated = _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
+                appended += len(chunk)
+        except BaseException as error:
+            _note_chunk(error, appended, len(samples))
+            if appended:
+                error.add_note(f"the first {appended} of {len(samples)} samples were appended to {sample_set_id!r}")
+            raise
+        return updated
+
+    def _upload_chunks(self, samples: list[sample_sets_pb2.Sample], chunk_size: int) -> list[list[sample_sets_pb2.Sample]]:
+        """Consecutive runs of at most ``chunk_size`` samples whose request stays under half
+        the message limit (raw 224² arrays are 150 kB each: 512 of them would not fit 64 MiB).
+        A sample larger than that goes alone, for the server to refuse by name."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        budget = self._max_message_bytes // 2
+        chunks: list[list[sample_sets_pb2.Sample]] = [[]]
+        size = 0
+        for sample in samples:
+            sample_bytes = sample.ByteSize() + 8  # field tag and length prefix
+            if chunks[-1] and (len(chunks[-1]) == chunk_size or size + sample_bytes > budget):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(sample)
+            size += sample_bytes
+        return chunks
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
         """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""

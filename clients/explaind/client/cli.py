@@ -607,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ExplaindError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
+        for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
+            print(f"  {note}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
