@@ -223,8 +223,8 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     out = capsys.readouterr().out
     assert out.startswith("started operations/") and "wrote 4 images to" in out
     names = sorted(p.name for p in out_dir.iterdir())
-    assert "neuron5_heart.png" in names and "neuron5_heart_masked.png" in names and len(names) == 4
-    assert Image.open(out_dir / "neuron5_heart.png").size == (64, 64)
+    assert names[0].startswith("00_neuron3_") and names[2:] == ["01_neuron5_heart.png", "01_neuron5_heart_masked.png"]
+    assert Image.open(out_dir / "01_neuron5_heart.png").size == (64, 64)
     assert "'5:' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "5:"])
     assert "'x:heart' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "x:heart"])
 

@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -280,9 +281,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if visualizations is None:
         return 0
     _print_visualizations(visualizations)
-    for v in visualizations:
+    for i, v in enumerate(visualizations):
+        # Numbered like the server's artifacts (a pair may repeat); a class name becomes a safe file name.
+        stem = f"{i:02d}_neuron{v.neuron}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', v.class_name)}"
         for suffix, image in (("", v.image), ("_masked", v.masked_image)):
-            path = out_dir / f"neuron{v.neuron}_{v.class_name}{suffix}.png"
+            path = out_dir / f"{stem}{suffix}.png"
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             _write(path, buffer.getvalue())
@@ -522,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=int, default=0,
                            help="images per neuron without a CLASS, one per top class; 0: 1")
     visualize.add_argument("--seed", type=int, default=0, help="random seed of the start images and augmentations")
-    visualize.add_argument("--out-dir", dest="out_dir", default=".", help="directory for neuron<N>_<class>.png and its _masked.png")
+    visualize.add_argument("--out-dir", dest="out_dir", default=".", help="directory for <i>_neuron<N>_<class>.png and its _masked.png")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     visualize.set_defaults(run=cmd_visualize)
 
