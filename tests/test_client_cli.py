@@ -227,6 +227,7 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert Image.open(out_dir / "01_neuron5_heart.png").size == (64, 64)
     assert "'5:' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "5:"])
     assert "'x:heart' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "x:heart"])
+    assert "--show: expected an integer >= 0, got '-1'" in _usage_error(capsys, ["rank", "s", "--class", "heart", "--show", "-1"])
 
 
 def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, relabelled_set, world_images):

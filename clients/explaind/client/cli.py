@@ -60,6 +60,13 @@ def _class_ref(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
+def _non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
     neuron, _, target = spec.partition(":")
@@ -512,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("id", help="sample set id")
     rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained (name or index)")
     rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
-    rank.add_argument("--show", type=int, default=10, help="neurons to print; 0: all")
+    rank.add_argument("--show", type=_non_negative_int, default=10, help="neurons to print; 0: all")
     rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     rank.set_defaults(run=cmd_rank)
 
