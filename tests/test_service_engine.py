@@ -3,6 +3,7 @@ feature cache, jobs, config errors, health before load, auth."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
@@ -218,6 +219,41 @@ def test_torchvision_loader(tmp_path):
     version = load_classifier(section)
     assert (version.feature_layer, version.head_name, version.feature_dim, len(version.class_names)) == ("layer4", "fc", 512, 3)
     assert version.feature_maps(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, world_model, engine):
+    from explaind.errors import ModelLoadError
+
+    path = tmp_path / "world.pt2"
+    world_model.eval()
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(world_model, (torch.rand(2, 3, 64, 64),), dynamic_shapes=({0: batch},)), str(path))
+    section = ClassifierSection(loader="export", path=str(path), image_size=64, feature_layer="layer3", class_names=engine.models.active.class_names)
+    version = load_classifier(section)
+    eager = engine.models.active
+    assert (version.feature_layer, version.head_name, version.feature_dim) == ("layer3", "fc", eager.feature_dim)
+    images = torch.rand(5, 3, 64, 64)
+    torch.testing.assert_close(version.features(images), eager.features(images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(version.feature_maps(images), eager.feature_maps(images), atol=1e-5, rtol=1e-5)
+    assert isinstance(version.head, torch.nn.Linear) and version.head_version == eager.head_version  # head edits apply as-is
+    config = engine.config.replace("classifier", **dataclasses.asdict(section)).replace("server", data_dir=str(tmp_path / "data"))
+    served = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    served.load()
+    try:
+        got, want = served.predict(images, top_k=6, return_features=True), engine.predict(images, top_k=6, return_features=True)
+        np.testing.assert_array_equal(got.class_indices, want.class_indices)
+        np.testing.assert_allclose(got.features, want.features, atol=1e-5)
+    finally:
+        served.close()
+
+    static = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(world_model, (torch.rand(2, 3, 64, 64),)), str(static))
+    with pytest.raises(ModelLoadError, match=r"static.pt2: the program does not run on \(1 \| 3, 3, 64, 64\) images .* dynamic batch"):
+        load_classifier(dataclasses.replace(section, path=str(static)))
+    with pytest.raises(ModelLoadError, match=r"head 'layer3' has parameters \[\], expected a linear layer's weight"):
+        load_classifier(dataclasses.replace(section, head="layer3"))
+    with pytest.raises(ModelLoadError, match=r"no module named 'classifier' for head"):
+        load_classifier(dataclasses.replace(section, head="classifier"))
 
 
 def test_onnx_classifier_is_inference_only(tmp_path, classifier_dir, world_model, engine):

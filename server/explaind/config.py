@@ -10,7 +10,7 @@ silently ignored). Example::
     data_dir = "/var/lib/explaind"
 
     [classifier]
-    loader = "torchvision"     # world | torchvision | torchscript | onnx | factory
+    loader = "torchvision"     # world | torchvision | export | torchscript | onnx | factory
     name = "resnet50"          # torchvision architecture
     weights = "/models/resnet50.pth"
     feature_layer = "layer4"
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CLASSIFIER_LOADERS = ("world", "torchvision", "torchscript", "onnx", "factory")
+CLASSIFIER_LOADERS = ("world", "torchvision", "export", "torchscript", "onnx", "factory")
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 # The world CLIP's cosines to a mismatching class prompt reach -0.75: ε = 1 keeps cos + ε >= 0.
 WORLD_CLIP_ILLUSION_EPSILON = 1.0
@@ -94,7 +94,7 @@ class ServerSection:
 @dataclass(frozen=True)
 class ClassifierSection:
     loader: str = "world"
-    # world: directory with config.json + model.safetensors; torchscript/onnx: file;
+    # world: directory with config.json + model.safetensors; export (.pt2)/torchscript/onnx: file;
     # torchvision: unused (see name/weights).
     path: str = ""
     # torchvision architecture name (e.g. "resnet18").

@@ -204,6 +204,7 @@ def load_classifier(section: ClassifierSection) -> ClassifierVersion:
     loaders = {
         "world": _load_world,
         "torchvision": _load_torchvision,
+        "export": _load_export,
         "factory": _load_factory,
         "torchscript": _load_torchscript,
         "onnx": _load_onnx,
@@ -289,6 +290,61 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         image_size=section.image_size or 224,
         preprocess=Preprocess(section.mean, section.std),
     )
+
+
+def _load_export(section: ClassifierSection) -> ClassifierVersion:
+    """A ``torch.export.save`` program (.pt2), unflattened back into its module tree so it
+    splits like an eager model: TorchScript's successor, with explanations."""
+    path = _require_file(section.path, "path (a .pt2 file from torch.export.save)")
+    model = torch.export.unflatten(torch.export.load(str(path)))
+    head = section.head or "fc"
+    image_size = section.image_size or 224
+    preprocess = Preprocess(section.mean, section.std)
+    probe = preprocess(torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)))
+    try:
+        with torch.inference_mode():
+            expected = model(probe)
+            model(probe[:1])
+    except Exception as error:  # noqa: BLE001 - a static batch size or input size fails here
+        raise ModelLoadError(
+            f"{path}: the program does not run on (1 | 3, 3, {image_size}, {image_size}) images ({type(error).__name__}); export "
+            f"it with a dynamic batch, dynamic_shapes=({{0: torch.export.Dim('batch')}},), at [classifier].image_size") from None
+    _replace_with_linear(model, head, path)
+    with torch.inference_mode():
+        if not torch.allclose(model(probe), expected, atol=1e-5, rtol=1e-5):
+            raise ModelLoadError(f"{path}: head {head!r} is not a plain linear layer (x @ weight.T + bias)")
+    return split_classifier(
+        model,
+        name=path.stem,
+        loader="export",
+        source=str(path),
+        feature_layer=section.feature_layer or "layer4",
+        head=head,
+        class_names=_class_names(section, model.get_submodule(head).out_features),
+        image_size=image_size,
+        preprocess=preprocess,
+    )
+
+
+def _replace_with_linear(model: nn.Module, name: str, source: Path) -> None:
+    """Put an ``nn.Linear`` with the same parameters in place of submodule ``name``: an
+    unflattened program's layers are graph interpreters, and head edits need a Linear."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        candidates = [n for n, _ in model.named_modules() if n][-8:]
+        raise ModelLoadError(f"{source}: no module named {name!r} for head; last modules are {candidates}") from None
+    parameters = dict(module.named_parameters(recurse=False))
+    weight, bias = parameters.get("weight"), parameters.get("bias")
+    if weight is None or weight.dim() != 2 or set(parameters) - {"weight", "bias"}:
+        raise ModelLoadError(f"{source}: head {name!r} has parameters {sorted(parameters)}, expected a linear layer's weight (C, D) and bias")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, linear)
 
 
 def _load_factory(section: ClassifierSection) -> ClassifierVersion:
