@@ -234,17 +234,24 @@ def test_wait_operation_rejects_timeouts_outside_the_duration_range(server, clie
         assert operations.WaitOperation(longest, timeout=60).operation.done
 
 
-def test_requests_decoding_to_too_many_pixels_are_refused(client):
+def test_requests_decoding_to_too_many_pixels_are_refused(server, client):
     # The module's server allows 1024 x 1024 decoded pixels per request, PNG and raw alike.
     black = np.zeros((1024, 1024, 3), np.uint8)
     assert len(client.predict([_png(black)])) == 1
     limit = "the images decode to more than the limit of 1048576 pixels per request"
     with pytest.raises(InvalidArgumentError, match=f"INVALID_ARGUMENT: images: {limit}"):
         client.predict([_png(black), black[:1, :1]])
-    with pytest.raises(InvalidArgumentError, match=f"INVALID_ARGUMENT: samples: {limit}"):
-        client.create_sample_set([black, _png(black[:1, :1])], [0, 0], sample_set_id="too-many-pixels")
+    samples = [sample_sets_pb2.Sample(image=image, label=0) for image in (common_pb2.Image(encoded=_png(black)), common_pb2.Image(encoded=_png(black[:1, :1])))]
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            sample_sets_pb2_grpc.SampleSetServiceStub(channel).CreateSampleSet(
+                sample_sets_pb2.CreateSampleSetRequest(sample_set_id="too-many-pixels", samples=samples), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and raised.value.details().startswith(f"samples: {limit}")
     with pytest.raises(NotFoundError):
         client.sample_set("too-many-pixels")
+    # The SDK knows the server's limit and uploads the two in separate requests.
+    assert client.model_metadata().limits.max_pixels_per_request == 1024 * 1024
+    assert client.create_sample_set([black, _png(black[:1, :1])], [0, 0], sample_set_id="split-by-pixels").sample_count == 2
 
 
 @pytest.fixture(scope="module")
@@ -465,4 +472,6 @@ def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     assert cli_main(["--target", server.target, "sample-set", "show", "--id", "nope"]) == 1
     out, err = capsys.readouterr()
     assert str(path) in out and "layer3 -> fc" in out
+    # The module's server: 64 MiB messages, 1 Mi pixels, 256 images per Predict.
+    assert "limits      64 MiB per message, 1 Mi decoded pixels per request, 256 images per predict, sides up to 4096 px" in out
     assert "NOT_FOUND" in err

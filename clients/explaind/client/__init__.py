@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._neuroinspect import HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, RankedNeuron
 from ._operations import Evaluation, Operation
-from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, Sample, SampleSet
+from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, RequestLimits, Sample, SampleSet
 
 __all__ = [
     "HeadEdit",
@@ -53,6 +53,7 @@ __all__ = [
     "OperationError",
     "Prediction",
     "Progress",
+    "RequestLimits",
     "ResourceExhaustedError",
     "Sample",
     "SampleSet",

@@ -24,10 +24,10 @@ from explaind.v1 import (
 
 from ._errors import ExplaindError, from_rpc_error
 from . import _neuroinspect
-from ._images import open_image, to_image_messages
+from ._images import open_image, pixel_count, to_image_messages
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
 from ._operations import Operation
-from ._types import Component, ModelMetadata, Prediction, Sample, SampleSet
+from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -79,6 +79,7 @@ class Client:
         self.target = target
         self.timeout = timeout
         self._max_message_bytes = max_message_bytes
+        self._limits: RequestLimits | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             target, options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
@@ -134,7 +135,8 @@ class Client:
 
     def model_metadata(self) -> ModelMetadata:
         """What the server serves: the classifier (class names, feature dim D, input size,
-        the serving head's ``model_version``), its components (CLIP, diffusion) and batching."""
+        the serving head's ``model_version``), its components (CLIP, diffusion), batching
+        and per-request limits."""
         response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
         c = response.classifier
         return ModelMetadata(
@@ -151,6 +153,10 @@ class Client:
             supports_features=c.supports_features,
             components={s.name: Component(s.name, s.loaded, s.source, s.detail) for s in response.components},
             max_batch_size=response.batching.max_batch_size,
+            limits=RequestLimits(
+                response.limits.max_message_bytes, response.limits.max_pixels_per_request, response.limits.max_images_per_request,
+                response.limits.max_image_side,
+            ),
         )
 
     # Predict -------------------------------------------------------------------------
@@ -256,21 +262,30 @@ class Client:
 
     def _upload_chunks(self, samples: list[sample_sets_pb2.Sample], chunk_size: int) -> list[list[sample_sets_pb2.Sample]]:
         """Consecutive runs of at most ``chunk_size`` samples whose request stays under half
-        the message limit (raw 224² arrays are 150 kB each: 512 of them would not fit 64 MiB).
-        A sample larger than that goes alone, for the server to refuse by name."""
+        the message limit (raw 224² arrays are 150 kB each: 512 of them would not fit 64 MiB)
+        and under the server's decoded-pixel limit (512 JPEG photos of 12 MP exceed its
+        128 Mi). A sample over either goes alone, for the server to refuse by name."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        budget = self._max_message_bytes // 2
+        limits = self._request_limits()
+        byte_budget = min(self._max_message_bytes, limits.max_message_bytes or self._max_message_bytes) // 2
+        pixel_budget = limits.max_pixels_per_request or float("inf")
         chunks: list[list[sample_sets_pb2.Sample]] = [[]]
-        size = 0
+        size = pixels = 0
         for sample in samples:
-            sample_bytes = sample.ByteSize() + 8  # field tag and length prefix
-            if chunks[-1] and (len(chunks[-1]) == chunk_size or size + sample_bytes > budget):
+            sample_bytes, sample_pixels = sample.ByteSize() + 8, pixel_count(sample.image)  # + field tag and length prefix
+            if chunks[-1] and (len(chunks[-1]) == chunk_size or size + sample_bytes > byte_budget or pixels + sample_pixels > pixel_budget):
                 chunks.append([])
-                size = 0
+                size = pixels = 0
             chunks[-1].append(sample)
-            size += sample_bytes
+            size, pixels = size + sample_bytes, pixels + sample_pixels
         return chunks
+
+    def _request_limits(self) -> RequestLimits:
+        """The server's limits, asked once per client."""
+        if self._limits is None:
+            self._limits = self.model_metadata().limits
+        return self._limits
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
         """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""

@@ -44,6 +44,19 @@ def to_image_messages(images: Any) -> list[common_pb2.Image]:
     return [to_image_message(image) for image in images]
 
 
+def pixel_count(image: common_pb2.Image) -> int:
+    """Pixels the server will decode ``image`` to (H x W), from the tensor's shape or the
+    encoded file's header (no decoding); 0 where the header cannot be read."""
+    if image.HasField("tensor"):
+        shape = list(image.tensor.shape)
+        return int(np.prod(shape)) // 3 if len(shape) == 3 else 0
+    try:
+        with PILImage.open(io.BytesIO(image.encoded)) as opened:
+            return opened.size[0] * opened.size[1]
+    except Exception:  # noqa: BLE001 - unreadable bytes: the server says why
+        return 0
+
+
 def _raw(array: np.ndarray) -> common_pb2.Image:
     array = np.ascontiguousarray(array)
     if array.dtype not in _DTYPES:

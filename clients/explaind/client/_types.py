@@ -36,6 +36,16 @@ class Component:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one request may carry on this server; 0 where the server does not say."""
+
+    max_message_bytes: int
+    max_pixels_per_request: int  # decoded pixels of one request's images, in all
+    max_images_per_request: int  # images in one Predict
+    max_image_side: int
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     name: str
     loader: str
@@ -50,6 +60,7 @@ class ModelMetadata:
     supports_features: bool
     components: dict[str, Component]
     max_batch_size: int
+    limits: RequestLimits
 
 
 @dataclass(frozen=True)

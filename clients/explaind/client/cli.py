@@ -162,6 +162,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size}")
     for component in meta.components.values():
         print(f"{component.name:<11} {'loaded' if component.loaded else 'not loaded'}: {component.detail}")
+    limits = meta.limits
+    if limits.max_message_bytes:
+        print(f"limits      {limits.max_message_bytes / 2**20:g} MiB per message, {limits.max_pixels_per_request / 2**20:g} Mi decoded pixels "
+              f"per request, {limits.max_images_per_request} images per predict, sides up to {limits.max_image_side} px")
     return 0
 
 

@@ -43,14 +43,28 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
-    __slots__ = ("classifier", "components", "batching")
+    __slots__ = ("classifier", "components", "batching", "limits")
     CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     classifier: ClassifierInfo
     components: _containers.RepeatedCompositeFieldContainer[ComponentStatus]
     batching: BatchingInfo
-    def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ...) -> None: ...
+    limits: RequestLimits
+    def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+
+class RequestLimits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_pixels_per_request", "max_images_per_request", "max_image_side")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_pixels_per_request: int
+    max_images_per_request: int
+    max_image_side: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels_per_request: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_side: _Optional[int] = ...) -> None: ...
 
 class ClassifierInfo(_message.Message):
     __slots__ = ("name", "loader", "source", "class_names", "feature_layer", "head", "feature_dim", "image_size", "model_version", "backend", "device", "supports_features")

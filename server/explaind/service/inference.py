@@ -10,7 +10,7 @@ from explaind.v1 import inference_pb2, inference_pb2_grpc
 
 from ..engine import Engine
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument
-from ..imaging import PixelBudget
+from ..imaging import MAX_IMAGE_SIDE, PixelBudget
 from . import convert
 from .sample_sets import required_set_id
 
@@ -48,7 +48,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def GetModelMetadata(self, request: inference_pb2.GetModelMetadataRequest, context: grpc.ServicerContext) -> inference_pb2.GetModelMetadataResponse:
         engine = self._engine
         version = engine.models.active
-        batching = engine.config.batching
+        batching, server = engine.config.batching, engine.config.server
         return inference_pb2.GetModelMetadataResponse(
             classifier=inference_pb2.ClassifierInfo(
                 name=version.name,
@@ -67,6 +67,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             components=[inference_pb2.ComponentStatus(name=s.name, loaded=s.loaded, source=s.source, detail=s.detail) for s in engine.components.values()],
             batching=inference_pb2.BatchingInfo(
                 max_batch_size=batching.max_batch_size, max_queue_delay_seconds=batching.max_queue_delay_ms / 1000.0, max_queue_size=batching.max_queue_size
+            ),
+            limits=inference_pb2.RequestLimits(
+                max_message_bytes=server.max_message_bytes, max_pixels_per_request=server.max_pixels_per_request,
+                max_images_per_request=batching.max_images_per_request, max_image_side=MAX_IMAGE_SIDE,
             ),
         )
 
