@@ -210,6 +210,7 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
             before = _predict(client, image)
             assert client.promote_head_version("v1").active
             assert client.model_metadata().model_version == version.model_version
+            assert client.predict(image[None])[0].model_version == version.model_version
             after = _predict(client, image)
             assert np.abs(after - before).max() > 1e-3, "the edited head must change this prediction"
 

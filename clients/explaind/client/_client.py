@@ -171,7 +171,7 @@ class Client:
             f = response.features
             features = np.frombuffer(f.data, dtype="<f4").reshape(tuple(f.shape))
         return [
-            Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i])
+            Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
             for i, p in enumerate(response.predictions)
         ]
 

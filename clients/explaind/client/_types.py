@@ -17,6 +17,8 @@ class Prediction:
     probabilities: list[float]
     # Penultimate activations (D,), when requested.
     features: np.ndarray | None = None
+    # The classifier and head version that computed it (changes on promote/rollback).
+    model_version: str = ""
 
     @property
     def label(self) -> str:
