@@ -300,6 +300,15 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.create_sample_set(images[:1], [0], chunk_size=0)
 
 
+def test_an_artifact_larger_than_the_servers_message_limit_downloads_in_ranges_that_fit(small_messages, world_images):
+    # 624 images all labelled heart: about 520 mistakes, so omega.npy is (M, 128) float32 > 256 KiB.
+    pixels = np.tile(_uint8(world_images[0]), (13, 1, 1, 1))
+    with Client(small_messages.target, timeout=60) as client:
+        client.create_sample_set(pixels, ["heart"] * len(pixels), sample_set_id="wide-omega")
+        ranking = client.rank_mistake_neurons("wide-omega", "heart", execution="operation", include_samples=True)
+    assert ranking.omega.shape == (ranking.mistake_count, 128) and ranking.omega.nbytes > 1 << 18
+
+
 def test_a_response_over_the_send_limit_is_counted_with_the_code_the_caller_gets(small_messages):
     # 600 images with their 128 features are a 350 kB response; the request is only 50 kB.
     request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=_png(np.zeros((16, 16, 3), np.uint8)))] * 600, return_features=True)

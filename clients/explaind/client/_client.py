@@ -22,7 +22,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, from_rpc_error
+from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import open_image, pixel_count, to_image_messages
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
@@ -215,8 +215,9 @@ class Client:
         per image; ``attributes``: optional ``{name: value}`` per image, e.g. for per-group
         accuracy in ``edit_head``.
 
-        Uploaded in requests of at most ``chunk_size`` images and half the client's
-        ``max_message_bytes``. All or nothing: if a later request fails (or is
+        Uploaded in requests of at most ``chunk_size`` images, half the smaller of the
+        client's and the server's message limits, and the server's decoded-pixel limit
+        (asked once with ``model_metadata``). All or nothing: if a later request fails (or is
         interrupted), the partly uploaded set is deleted before the error is raised."""
         samples = self._samples(images, labels, attributes)
         chunks = self._upload_chunks(samples, chunk_size)
@@ -282,9 +283,13 @@ class Client:
         return chunks
 
     def _request_limits(self) -> RequestLimits:
-        """The server's limits, asked once per client."""
+        """The server's limits, asked once per client; all 0 (unknown) while it is still
+        loading its models, when metadata is unavailable."""
         if self._limits is None:
-            self._limits = self.model_metadata().limits
+            try:
+                self._limits = self.model_metadata().limits
+            except UnavailableError:
+                return RequestLimits(0, 0, 0, 0)
         return self._limits
 
     def sample_set(self, sample_set_id: str) -> SampleSet:

@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 # Long enough for any job; the SDK never makes a call without a deadline.
 WATCH_DEADLINE_S = 24 * 3600.0
 PROGRESS_LINE_INTERVAL_S = 10.0
-# Bytes per GetArtifact call: under any sensible message limit (gRPC's default is 4 MiB
-# less framing), and large enough that a 100 MB array takes a few dozen calls.
+# Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
+# that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
 ARTIFACT_RANGE_BYTES = 2 * 1024 * 1024
+# What a GetArtifact response needs besides its content (the server keeps the same room).
+ARTIFACT_HEADROOM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -230,12 +232,16 @@ class Operation:
 
     def artifact(self, name: str) -> bytes:
         """The content of an artifact listed in ``artifacts``, read in ranges of
-        ``ARTIFACT_RANGE_BYTES`` (so no size outgrows a message) and checked against its
-        sha256 digest (DataLossError if it does not match)."""
+        ``ARTIFACT_RANGE_BYTES`` or less, so that no response outgrows the client's or the
+        server's message limit, and checked against its sha256 digest (DataLossError if it
+        does not match)."""
+        client = self._client
+        server_limit = client._request_limits().max_message_bytes or client._max_message_bytes
+        range_bytes = max(1, min(ARTIFACT_RANGE_BYTES, min(client._max_message_bytes, server_limit) - ARTIFACT_HEADROOM_BYTES))
         parts: list[bytes] = []
         offset, size, digest = 0, None, ""
         while size is None or offset < size:
-            request = operations_pb2.GetArtifactRequest(name=self.name, artifact=name, offset=offset, max_bytes=ARTIFACT_RANGE_BYTES)
+            request = operations_pb2.GetArtifactRequest(name=self.name, artifact=name, offset=offset, max_bytes=range_bytes)
             response = self._client._call("operations", "GetArtifact", request)
             size, digest = response.artifact.size_bytes, response.artifact.digest
             if not response.content and offset < size:
