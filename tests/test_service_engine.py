@@ -3,6 +3,7 @@ feature cache, jobs, config errors, health before load, auth."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -250,10 +251,48 @@ def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, 
     torch.export.save(torch.export.export(world_model, (torch.rand(2, 3, 64, 64),)), str(static))
     with pytest.raises(ModelLoadError, match=r"static.pt2: the program does not run on \(1 \| 3, 3, 64, 64\) images .* dynamic batch"):
         load_classifier(dataclasses.replace(section, path=str(static)))
+    training = tmp_path / "training.pt2"
+    torch.export.save(torch.export.export(copy.deepcopy(world_model).train(), (torch.rand(2, 3, 64, 64),), dynamic_shapes=({0: batch},)), str(training))
+    with pytest.raises(ModelLoadError, match=r"training.pt2: an image's output depends on the rest of its batch; .* model.eval\(\)"):
+        load_classifier(dataclasses.replace(section, path=str(training)))
     with pytest.raises(ModelLoadError, match=r"head 'layer3' has parameters \[\], expected a linear layer's weight"):
         load_classifier(dataclasses.replace(section, head="layer3"))
     with pytest.raises(ModelLoadError, match=r"no module named 'classifier' for head"):
         load_classifier(dataclasses.replace(section, head="classifier"))
+
+    class Doubled(torch.nn.Linear):  # a head with a linear layer's parameters that is not one
+        def forward(self, features):
+            return 2 * super().forward(features)
+
+    doubled_head = torch.nn.Sequential()
+    doubled_head.layer4 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    doubled_head.fc = Doubled(4, 2)
+    doubled = tmp_path / "doubled.pt2"
+    torch.export.save(torch.export.export(doubled_head.eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: batch},)), str(doubled))
+    with pytest.raises(ModelLoadError, match=r"doubled.pt2: head 'fc' is not a plain linear layer"):
+        load_classifier(ClassifierSection(loader="export", path=str(doubled), image_size=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_exported_program_with_baked_in_devices_is_placed_on_the_gpu(tmp_path):
+    class WithConstants(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.full((1, 3, 1, 1), 0.5), persistent=False)  # a lifted constant
+            self.layer4 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, images):
+            features = self.layer4(images * self.scale) + torch.ones(images.shape[0], 4, device=images.device)  # device baked in
+            return self.fc(features)
+
+    path = tmp_path / "constants.pt2"
+    model = WithConstants().eval()
+    torch.export.save(torch.export.export(model, (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+    version = load_classifier(ClassifierSection(loader="export", path=str(path), image_size=16), device="cuda")
+    images = torch.rand(3, 3, 16, 16)
+    torch.testing.assert_close(version.logits(version.features(images.cuda())).cpu(), model(images), atol=1e-4, rtol=1e-4)
 
 
 def test_onnx_classifier_is_inference_only(tmp_path, classifier_dir, world_model, engine):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import threading
@@ -175,7 +176,8 @@ def split_classifier(
         raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, expected nn.Linear")
     model.eval()
     extractor = FeatureExtractor(preprocess, _without_submodule(model, head)).eval()
-    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device  # the CPU but for an exported program placed at load
+    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         expected = model(preprocess(probe))
         features = extractor(probe)
@@ -199,12 +201,14 @@ def split_classifier(
     )
 
 
-def load_classifier(section: ClassifierSection) -> ClassifierVersion:
-    """Load the configured classifier; raises :class:`ModelLoadError` naming the file."""
+def load_classifier(section: ClassifierSection, *, device: str | torch.device = "cpu") -> ClassifierVersion:
+    """Load the configured classifier; raises :class:`ModelLoadError` naming the file.
+    Models load on the CPU and the engine moves them to ``device``, except an exported
+    program, which is placed on ``device`` as it loads (see :func:`_load_export`)."""
     loaders = {
         "world": _load_world,
         "torchvision": _load_torchvision,
-        "export": _load_export,
+        "export": functools.partial(_load_export, device=torch.device(device)),
         "factory": _load_factory,
         "torchscript": _load_torchscript,
         "onnx": _load_onnx,
@@ -292,23 +296,33 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     )
 
 
-def _load_export(section: ClassifierSection) -> ClassifierVersion:
+def _load_export(section: ClassifierSection, device: torch.device) -> ClassifierVersion:
     """A ``torch.export.save`` program (.pt2), unflattened back into its module tree so it
-    splits like an eager model: TorchScript's successor, with explanations."""
+    splits like an eager model: TorchScript's successor, with explanations. Tracing bakes
+    devices into the graph (constants, ``device=`` arguments), so the program is moved to
+    ``device`` before it is unflattened; ``.to()`` on the result would miss them."""
     path = _require_file(section.path, "path (a .pt2 file from torch.export.save)")
-    model = torch.export.unflatten(torch.export.load(str(path)))
+    program = torch.export.load(str(path))
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    model = torch.export.unflatten(program)
     head = section.head or "fc"
     image_size = section.image_size or 224
-    preprocess = Preprocess(section.mean, section.std)
-    probe = preprocess(torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)))
+    preprocess = Preprocess(section.mean, section.std).to(device)
+    probe = preprocess(torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device))
     try:
         with torch.inference_mode():
-            expected = model(probe)
-            model(probe[:1])
+            expected, alone = model(probe), model(probe[:1])
     except Exception as error:  # noqa: BLE001 - a static batch size or input size fails here
         raise ModelLoadError(
             f"{path}: the program does not run on (1 | 3, 3, {image_size}, {image_size}) images ({type(error).__name__}); export "
             f"it with a dynamic batch, dynamic_shapes=({{0: torch.export.Dim('batch')}},), at [classifier].image_size") from None
+    if not torch.allclose(alone, expected[:1], atol=1e-4, rtol=1e-4):
+        # .eval() cannot reach into a traced graph: batch norm would mix the batcher's callers.
+        raise ModelLoadError(f"{path}: an image's output depends on the rest of its batch; the program was exported in "
+                             "training mode: call model.eval() before torch.export.export")
     _replace_with_linear(model, head, path)
     with torch.inference_mode():
         if not torch.allclose(model(probe), expected, atol=1e-5, rtol=1e-5):
@@ -338,7 +352,7 @@ def _replace_with_linear(model: nn.Module, name: str, source: Path) -> None:
     weight, bias = parameters.get("weight"), parameters.get("bias")
     if weight is None or weight.dim() != 2 or set(parameters) - {"weight", "bias"}:
         raise ModelLoadError(f"{source}: head {name!r} has parameters {sorted(parameters)}, expected a linear layer's weight (C, D) and bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
