@@ -81,10 +81,11 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--port", "-1"], "[server].port must be at least 0, got -1 (given on the command line)"),
-        (["--port", "70000"], "[server].port must be at most 65535, got 70000 (given on the command line)"),
-        (["--metrics-port", "65536"], "[server].metrics_port must be at most 65535, got 65536"),
-        (["--device", "gpu"], "[runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
+        (["--port", "-1"], "error: --port: [server].port must be at least 0, got -1"),
+        (["--port", "70000"], "error: --port: [server].port must be at most 65535, got 70000"),
+        (["--metrics-port", "65536"], "error: --metrics-port: [server].metrics_port must be at most 65535, got 65536"),
+        (["--device", "gpu"], "error: --device: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
+        (["--device", ""], "error: --device: [runtime].device must be a torch device"),
     ],
 )
 def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):
@@ -99,6 +100,12 @@ def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys
     assert f"{command}: {flag} are options of the client commands" in err and "its token from [server].token" in err
 
 
+@pytest.mark.parametrize(("argv", "message"), [(["--tok", "s3cret", "serve"], "invalid choice: 's3cret'"),
+                                             (["--targ=127.0.0.1:1", "info"], "unrecognized arguments: --targ=127.0.0.1:1")])
+def test_options_are_never_abbreviated(capsys, argv, message):
+    assert message in _usage_error(capsys, argv)  # `--tok` is no `--token`, so serve cannot start without auth by it
+
+
 def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -106,6 +113,16 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
         port = busy.getsockname()[1]
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")])
     assert f"cannot bind 127.0.0.1:{port}: is another server using the port?" in line
+
+
+def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPLAIND_TOKEN", "s3cret")
+    with socket.socket() as busy:  # the warning comes before the server binds; a busy port ends the run there
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--port", str(busy.getsockname()[1]), "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert "warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)" in err
 
 
 def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):

@@ -175,7 +175,8 @@ class Config:
 
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with keys of one section changed, e.g. ``config.replace("server", port=0)``,
-        checked like a loaded file (ConfigError): command-line overrides get no free pass."""
+        whose values are checked like a loaded file's (ranges and formats; ConfigError), so
+        command-line overrides get no free pass. Types are the caller's to get right."""
         changed = dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
         _validate(self.source, changed)
         return changed

@@ -121,6 +121,13 @@ def _world_samples(scenario: str, split: str, count: int):
 # Commands ----------------------------------------------------------------------------
 
 
+# serve flags -> the config key each one overrides.
+_SERVE_OVERRIDES = {
+    "host": ("server", "--host"), "port": ("server", "--port"), "metrics_port": ("server", "--metrics-port"),
+    "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
+}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from explaind.config import ConfigError, load_config
     from explaind.service import serve
@@ -129,15 +136,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as error:
         raise CommandError(str(error)) from None
-    overrides = {key: getattr(args, key) for key in ("host", "port", "metrics_port", "data_dir") if getattr(args, key) is not None}
-    try:
-        if overrides:
-            config = config.replace("server", **overrides)
-        runtime = {key: getattr(args, key) for key in ("backend", "device") if getattr(args, key)}
-        if runtime:
-            config = config.replace("runtime", **runtime)
-    except ConfigError as error:  # a flag's value the config file would not allow either
-        raise CommandError(f"{error} (given on the command line)") from None
+    for key, (section, flag) in _SERVE_OVERRIDES.items():
+        if getattr(args, key) is None:
+            continue
+        try:
+            config = config.replace(section, **{key: getattr(args, key)})
+        except ConfigError as error:  # a value the config file would not allow either
+            raise CommandError(f"{flag}: {str(error).removeprefix(f'{config.source}: ')}") from None
+    if os.environ.get("EXPLAIND_TOKEN") and not config.server.token:
+        print("warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)", file=sys.stderr)
     try:
         return serve(config)
     except OSError as error:  # an address in use
@@ -473,6 +480,7 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _global_options(argparse.ArgumentParser(
         prog="explaind", description="Serve an image classifier and explain its mistakes.", formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # `--tok T serve` must be refused like `--token T serve`, not slip past the check
         epilog="The options above (--target, --token, --timeout) go before or after a client command (all but serve and demo). "
                "'explaind COMMAND --help' lists a command's options.",
     ))
@@ -624,8 +632,10 @@ def main(argv: list[str] | None = None) -> int:
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
+        for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted
+            print(f"  {note}", file=sys.stderr)
         return 130
 
 
