@@ -319,7 +319,7 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
         restarted.close()
 
 
-def test_a_restart_serves_the_promoted_head_unless_the_model_file_brings_a_new_one(tmp_path):
+def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_path):
     from safetensors.torch import load_file, save_file
 
     engine, inspect = _in_process(tmp_path / "data")
@@ -349,6 +349,12 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_brings_a_new_o
     engine, inspect = _in_process(tmp_path / "data", replaced)  # and, promoted, survives the next restart
     try:
         assert inspect.active_head_version().version_id == "v1"
+    finally:
+        engine.close()
+    engine, inspect = _in_process(tmp_path / "data")  # the original file put back: its head, known as v0, is served
+    try:
+        versions, active = inspect.head_versions()
+        assert active == "v0" and len(versions) == 3
     finally:
         engine.close()
 

@@ -125,8 +125,8 @@ class NeuroInspectServiceServicer:
     def PromoteHeadVersion(self, request, context):
         """Serves a head version. Atomic: every Predict is computed entirely with the old head
         or entirely with the new one, and reports which (model_version). Persists across
-        restarts, unless the model file brings a head not seen before (a redeployed model),
-        which is then served. A version with NaN or infinite weights is refused
+        restarts, unless the model file's head changed since the last start (a redeployed
+        model), which is then served. A version with NaN or infinite weights is refused
         (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -517,23 +517,28 @@ class NeuroInspectEngine:
         """At start-up: register the loaded head (as ``v0`` the first time) and serve the
         stored active head version of this feature extractor, if it is another one.
 
-        A head never seen before means the model file was replaced (same h_b, new head):
-        the operator deployed it, so it is served, and the version active until now stays
-        stored for a promote."""
+        If the model file's head differs from the one it held at the last start, the
+        operator deployed another model file (same h_b, new or earlier head): its head is
+        served, and the version active until now stays stored for a promote."""
         version = self._engine.models.active
         if version.feature_extractor is None:
             return
         store = self._engine.store
         records = store.list_head_versions(version.feature_version)
         loaded = next((r for r in records if r.head_hash == version.head_version), None)
-        active_id = store.active_head_version(version.feature_version)
+        newly_seen = loaded is None
         if loaded is None:
             loaded = self._add_head_version(version, version.head, "", {"method": LOADED, "description": f"loaded from {version.source}"})
-            if active_id is not None and active_id != loaded.version_id:
-                log.info("the head in %s is new (%s): serving it instead of head version %s, which `promote` serves again",
-                         version.source, loaded.version_id, active_id)
-                active_id = None
         self._heads[(version.feature_version, loaded.version_id)] = version.head
+        previous_file_head = store.file_head_version(version.feature_version)
+        store.set_file_head_version(version.feature_version, loaded.version_id)
+        # Stores from before file heads were recorded know only whether the head is new.
+        file_changed = newly_seen if previous_file_head is None else previous_file_head != loaded.version_id
+        active_id = store.active_head_version(version.feature_version)
+        if active_id is not None and active_id != loaded.version_id and file_changed:
+            log.warning("the head in %s (%s) is not the one it held at the last start: serving it instead of head version %s, "
+                        "which `promote` serves again", version.source, loaded.version_id, active_id)
+            active_id = None
         if active_id is None:
             store.set_active_head_version(version.feature_version, loaded.version_id)
         elif active_id != loaded.version_id:

@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS head_versions (
 CREATE TABLE IF NOT EXISTS active_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS file_heads (
+    feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
+);
 """
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
@@ -299,4 +302,13 @@ class SQLiteStore:
     def active_head_version(self, feature_version: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT version_id FROM active_heads WHERE feature_version = ?", (feature_version,)).fetchone()
+        return row[0] if row else None
+
+    def set_file_head_version(self, feature_version: str, version_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO file_heads VALUES (?, ?)", (feature_version, version_id))
+
+    def file_head_version(self, feature_version: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT version_id FROM file_heads WHERE feature_version = ?", (feature_version,)).fetchone()
         return row[0] if row else None
