@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +35,9 @@ def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_scratch(path)
     device = next(extractor.parameters()).device
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.") as scratch:
         staged = Path(scratch) / path.name
         torch.onnx.export(
             extractor,
@@ -54,6 +57,25 @@ def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
         staged.replace(path)
     log.info("exported feature extractor to %s", path)
     return path
+
+
+def _remove_abandoned_scratch(path: Path) -> None:
+    """Delete scratch folders of exports to ``path`` whose process is gone (killed mid-way):
+    each may hold a model's weights. Folders of live processes, exporting now, stay."""
+    for scratch in path.parent.glob(f".{path.name}.*"):
+        pid = scratch.name.removeprefix(f".{path.name}.").partition(".")[0]
+        if scratch.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def execution_providers(engine: str = "onnxruntime", device: str = "cpu") -> list[str]:

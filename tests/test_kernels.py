@@ -1,5 +1,9 @@
 """ONNX Runtime engines for h_b (explaind.kernels), apart from the engine that picks them."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +33,17 @@ def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monke
     assert export_onnx(extractor, 16, path) == path
     # The graph and its weights side by side, no scratch left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.onnx", "features.onnx.data"]
+
+
+def test_export_removes_scratch_left_by_killed_exports_but_not_by_running_ones(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    abandoned = tmp_path / f".features.onnx.{finished.stdout.strip()}.x1"  # its process has exited
+    running = tmp_path / f".features.onnx.{os.getpid()}.x2"
+    for scratch in (abandoned, running):
+        scratch.mkdir()
+        (scratch / "features.onnx.data").write_bytes(b"weights")
+    export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
+    assert not abandoned.exists() and (running / "features.onnx.data").is_file()
 
 
 def test_export_moves_the_engine_into_place_only_when_complete(tmp_path, monkeypatch):
