@@ -247,7 +247,15 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert "--show: expected an integer >= 0, got '-1'" in _usage_error(capsys, ["rank", "s", "--class", "heart", "--show", "-1"])
 
 
-def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, relabelled_set, world_images):
+@pytest.mark.parametrize(("class_name", "stem"), [("heart", "03_neuron7_heart"), ("n02085620 Chihuahua/toy", "03_neuron7_n02085620-Chihuahua-toy"),
+                                                 ("../..", "03_neuron7_class"), ("é", "03_neuron7_class")])
+def test_visualization_files_are_safe_names_whatever_the_class(class_name, stem):
+    from explaind.client.cli import _visualization_stem
+
+    assert _visualization_stem(3, 7, class_name) == stem
+
+
+def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images, labels, sample_set_id="edit-cli")

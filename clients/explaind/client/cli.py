@@ -210,7 +210,11 @@ def _print_evaluation(report, class_names: list[str] | None = None) -> None:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
 
 
-def _print_ranking(ranking, limit: int = 8) -> None:
+# Ranked neurons printed by default (rank --show, operations get).
+RANKING_LINES = 10
+
+
+def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
     print(f"{ranking.mistake_count} mistakes of {ranking.class_name} in {ranking.sample_set_id}; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
     for neuron in ranking.neurons[:limit or None]:
         print(
@@ -300,8 +304,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 0
     _print_visualizations(visualizations)
     for i, v in enumerate(visualizations):
-        # Numbered like the server's artifacts (a pair may repeat); a class name becomes a safe file name.
-        stem = f"{i:02d}_neuron{v.neuron}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', v.class_name)}"
+        stem = _visualization_stem(i, v.neuron, v.class_name)
         for suffix, image in (("", v.image), ("_masked", v.masked_image)):
             path = out_dir / f"{stem}{suffix}.png"
             buffer = io.BytesIO()
@@ -309,6 +312,12 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             _write(path, buffer.getvalue())
     print(f"wrote {2 * len(visualizations)} images to {out_dir}")
     return 0
+
+
+def _visualization_stem(index: int, neuron: int, class_name: str) -> str:
+    """File name stem numbered like the server's artifacts (a pair may repeat), with the
+    class name made safe for any file system ("n02085620 Chihuahua/toy" -> "n02085620-Chihuahua-toy")."""
+    return f"{index:02d}_neuron{neuron}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', class_name).strip('.-') or 'class'}"
 
 
 def cmd_edit_head(args: argparse.Namespace) -> int:
@@ -531,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("id", help="sample set id")
     rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained (name or index)")
     rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
-    rank.add_argument("--show", type=_non_negative_int, default=10, help="neurons to print; 0: all")
+    rank.add_argument("--show", type=_non_negative_int, default=RANKING_LINES, help="neurons to print; 0: all")
     rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     rank.set_defaults(run=cmd_rank)
 
