@@ -437,7 +437,7 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
 
 def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_path):
     store = SQLiteStore(tmp_path)
-    jobs = JobManager(store, Metrics(), max_queued=2, lanes={"gpu": 1})
+    jobs = JobManager(store, Metrics(), max_queued=2, workers=1)
     gate = threading.Event()
     blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
     time.sleep(0.1)
@@ -456,7 +456,7 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
 
 def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
     store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
-    jobs = JobManager(store, metrics, max_queued=1, lanes={"gpu": 1})
+    jobs = JobManager(store, metrics, max_queued=1, workers=1)
     blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
     while jobs.get(blocker.record.job_id).record.state != "running":
         time.sleep(0.01)
@@ -482,7 +482,7 @@ def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
             ctx.raise_if_cancelled()
             time.sleep(0.01)
 
-    jobs = JobManager(store, metrics, lanes={"gpu": 1})
+    jobs = JobManager(store, metrics, workers=1)
     running = jobs.submit("running", checks_until_stopped)
     while jobs.get(running.record.job_id).record.state != "running":
         time.sleep(0.01)

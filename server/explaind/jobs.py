@@ -14,9 +14,9 @@ Adding a job kind is one call from an engine::
 
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
 operation's response; an exception fails the job (an :class:`~explaind.errors.ExplaindError`
-keeps its status code, e.g. INVALID_ARGUMENT). Every job kind uses the models, so all run
-in the ``"gpu"`` lane, ``jobs.gpu_workers`` at a time (one by default: GPU memory holds one
-job's batch); Predict has its own batcher thread and keeps flowing.
+keeps its status code, e.g. INVALID_ARGUMENT). Every job kind uses the models, so all
+share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds one job's
+batch); Predict has its own batcher thread and keeps flowing.
 """
 
 from __future__ import annotations
@@ -108,11 +108,11 @@ class JobContext:
 
 
 class JobManager:
-    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, lanes: dict[str, int] | None = None) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1) -> None:
         self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
-        self._executors = {lane: ThreadPoolExecutor(workers, thread_name_prefix=f"job-{lane}") for lane, workers in (lanes or {"gpu": 1}).items()}
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
         self._live: dict[str, _LiveJob] = {}
         self._changed = threading.Condition()
         self._accepting = True
@@ -126,10 +126,8 @@ class JobManager:
 
     # Submitting and running ----------------------------------------------------------
 
-    def submit(self, kind: str, fn: Callable[[JobContext], Message], *, lane: str = "gpu", message: str = "queued") -> JobSnapshot:
+    def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued") -> JobSnapshot:
         """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once."""
-        if lane not in self._executors:
-            raise ValueError(f"unknown lane {lane!r}; lanes: {sorted(self._executors)}")
         with self._changed:
             if not self._accepting:
                 raise Unavailable("the server is shutting down; no new jobs are accepted")
@@ -141,7 +139,7 @@ class JobManager:
             live = _LiveJob(record)
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
-        self._executors[lane].submit(self._run, live, fn)
+        self._executor.submit(self._run, live, fn)
         return JobSnapshot(record)
 
     def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message]) -> None:
@@ -269,5 +267,4 @@ class JobManager:
                     self._end_queued(live, FAILED, ("ABORTED", "the server shut down before this job started; submit it again"))
                 else:
                     live.cancel_event.set()
-        for executor in self._executors.values():
-            executor.shutdown(wait=True, cancel_futures=False)
+        self._executor.shutdown(wait=True, cancel_futures=False)

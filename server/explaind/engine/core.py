@@ -93,7 +93,7 @@ class Engine:
         self.metrics = metrics
         self.models = ModelRegistry()
         self.components: dict[str, ComponentStatus] = {}
-        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, lanes={"gpu": config.jobs.gpu_workers})
+        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
         self._batcher: DynamicBatcher[BatchOutput] | None = None

@@ -153,6 +153,15 @@ def _without_submodule(model: nn.Module, dotted: str) -> nn.Module:
     return clone
 
 
+def _require_module(model: nn.Module, name: str, role: str, source: str | Path) -> nn.Module:
+    """Submodule ``name`` of ``model``; ModelLoadError naming the role and the last module names if absent."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        candidates = [n for n in modules if n][-8:]
+        raise ModelLoadError(f"{source}: no module named {name!r} for {role}; last modules are {candidates}")
+    return modules[name]
+
+
 def split_classifier(
     model: nn.Module,
     *,
@@ -166,12 +175,8 @@ def split_classifier(
     preprocess: Preprocess,
 ) -> ClassifierVersion:
     """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``."""
-    modules = dict(model.named_modules())
-    for role, module_name in (("head", head), ("feature_layer", feature_layer)):
-        if module_name not in modules:
-            candidates = [n for n in modules if n][-8:]
-            raise ModelLoadError(f"{source}: no module named {module_name!r} for {role}; last modules are {candidates}")
-    head_module = modules[head]
+    head_module = _require_module(model, head, "head", source)
+    tapped = _require_module(model, feature_layer, "feature_layer", source)
     if not isinstance(head_module, nn.Linear):
         raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, expected nn.Linear")
     model.eval()
@@ -197,7 +202,7 @@ def split_classifier(
         head=head_module,
         feature_version=_hash_module(extractor),
         head_version=_hash_module(head_module),
-        _tap=_LayerTap(modules[feature_layer]),
+        _tap=_LayerTap(tapped),
     )
 
 
@@ -343,11 +348,7 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
 def _replace_with_linear(model: nn.Module, name: str, source: Path) -> None:
     """Put an ``nn.Linear`` with the same parameters in place of submodule ``name``: an
     unflattened program's layers are graph interpreters, and head edits need a Linear."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        candidates = [n for n, _ in model.named_modules() if n][-8:]
-        raise ModelLoadError(f"{source}: no module named {name!r} for head; last modules are {candidates}") from None
+    module = _require_module(model, name, "head", source)
     parameters = dict(module.named_parameters(recurse=False))
     weight, bias = parameters.get("weight"), parameters.get("bias")
     if weight is None or weight.dim() != 2 or set(parameters) - {"weight", "bias"}:
