@@ -59,6 +59,21 @@ def test_dashboard_queries_only_series_and_labels_the_server_exports():
             assert {label.strip() for label in grouping.split(",")} <= labels, f"{title}: by ({grouping}) in {expr!r}"
 
 
+def test_dashboard_label_values_name_real_rpcs():
+    from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
+
+    services = {service.name: service for module in (inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2)
+                for service in module.DESCRIPTOR.services_by_name.values()}
+    methods = {method.name for service in services.values() for method in service.methods}
+    for title, expr in dashboard_queries():
+        for label, operator, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', expr):
+            if label == "method" and operator == "=":
+                assert value in methods, f"{title}: no RPC method {value!r}"
+            if label == "service":  # names in a pattern such as explaind.v1.(InferenceService|SampleSetService)
+                named = re.findall(r"[A-Z]\w*Service", value)
+                assert named and set(named) <= set(services), f"{title}: {value!r} names services that do not exist"
+
+
 def test_dashboard_datasource_is_the_provisioned_prometheus():
     provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     uids = {source["uid"] for source in provisioned["datasources"] if source["type"] == "prometheus"}
