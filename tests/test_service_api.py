@@ -239,19 +239,37 @@ def test_requests_decoding_to_too_many_pixels_are_refused(server, client):
     black = np.zeros((1024, 1024, 3), np.uint8)
     assert len(client.predict([_png(black)])) == 1
     limit = "the images decode to more than the limit of 1048576 pixels per request"
-    with pytest.raises(InvalidArgumentError, match=f"INVALID_ARGUMENT: images: {limit}"):
-        client.predict([_png(black), black[:1, :1]])
-    samples = [sample_sets_pb2.Sample(image=image, label=0) for image in (common_pb2.Image(encoded=_png(black)), common_pb2.Image(encoded=_png(black[:1, :1])))]
+    images = [common_pb2.Image(encoded=_png(black)), common_pb2.Image(encoded=_png(black[:1, :1]))]
     with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            inference_pb2_grpc.InferenceServiceStub(channel).Predict(inference_pb2.PredictRequest(images=images), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and raised.value.details().startswith(f"images: {limit}")
+        samples = [sample_sets_pb2.Sample(image=image, label=0) for image in images]
         with pytest.raises(grpc.RpcError) as raised:
             sample_sets_pb2_grpc.SampleSetServiceStub(channel).CreateSampleSet(
                 sample_sets_pb2.CreateSampleSetRequest(sample_set_id="too-many-pixels", samples=samples), timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and raised.value.details().startswith(f"samples: {limit}")
     with pytest.raises(NotFoundError):
         client.sample_set("too-many-pixels")
-    # The SDK knows the server's limit and uploads the two in separate requests.
+    # The SDK knows the server's limits and sends the two in separate requests.
     assert client.model_metadata().limits.max_pixels_per_request == 1024 * 1024
+    assert len(client.predict([_png(black), black[:1, :1]])) == 2
     assert client.create_sample_set([black, _png(black[:1, :1])], [0, 0], sample_set_id="split-by-pixels").sample_count == 2
+
+
+def test_predict_splits_a_long_list_by_the_servers_image_limit_and_keeps_the_order(server, client, world_images, monkeypatch):
+    pixels = np.tile(_uint8(world_images[0]), (6, 1, 1, 1))[:260]  # the module's server takes 256 per request
+    calls = []
+    original = client._call
+    monkeypatch.setattr(client, "_call", lambda *args, **kwargs: calls.append(args[1]) or original(*args, **kwargs))
+    predictions = client.predict(pixels, top_k=1, return_features=True)
+    assert calls.count("Predict") == 2 and len(predictions) == 260
+    once = client.predict(pixels[250:], top_k=1, return_features=True)
+    assert [p.class_indices for p in predictions[250:]] == [p.class_indices for p in once]
+    np.testing.assert_allclose(np.stack([p.features for p in predictions[250:]]), np.stack([p.features for p in once]), atol=1e-5)
+    with pytest.raises(InvalidArgumentError) as raised:
+        client.predict([*pixels[:256], b"not an image"])
+    assert raised.value.__notes__ == ["the failing request began at item 256 of 257: [i] there is item 256 + i here"]
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +309,7 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
         broken = images[:3] + [b"not an image"]
         with pytest.raises(InvalidArgumentError, match=r"samples\[1\].image.encoded: bytes are not an image") as raised:
             client.create_sample_set(broken, [0] * 4, sample_set_id="half-uploaded")
-        assert raised.value.__notes__ == ["the failing request began at sample 2 of 4: samples[i] there is sample 2 + i here",
+        assert raised.value.__notes__ == ["the failing request began at item 2 of 4: [i] there is item 2 + i here",
                                           "the partly uploaded sample set 'half-uploaded' was deleted"]
         with pytest.raises(NotFoundError):
             client.sample_set("half-uploaded")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explaind.v1 import (
+    common_pb2,
     inference_pb2,
     inference_pb2_grpc,
     neuroinspect_pb2,
@@ -54,11 +55,18 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
     )
 
 
+T = TypeVar("T", sample_sets_pb2.Sample, common_pb2.Image)
+
+
+def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
+    return sample.image
+
+
 def _note_chunk(error: BaseException, start: int, total: int) -> None:
-    """Say where a failed upload request began: the server numbers ``samples[i]`` within
-    the request, not within the caller's list."""
+    """Say where a failed request of a split call began: the server numbers ``samples[i]``
+    or ``images[i]`` within the request, not within the caller's list."""
     if start:
-        error.add_note(f"the failing request began at sample {start} of {total}: samples[i] there is sample {start} + i here")
+        error.add_note(f"the failing request began at item {start} of {total}: [i] there is item {start} + i here")
 
 
 class Client:
@@ -163,17 +171,29 @@ class Client:
 
     def predict(self, images: Any, *, top_k: int = 5, return_features: bool = False, timeout: float | None = None) -> list[Prediction]:
         """Classify images: a list (numpy arrays, torch tensors, PIL images, paths,
-        encoded bytes) or one (N, 3, H, W) / (N, H, W, 3) batch. One Prediction per image."""
-        request = inference_pb2.PredictRequest(images=to_image_messages(images), top_k=top_k, return_features=return_features)
-        response = self._call("inference", "Predict", request, timeout=timeout)
-        features = None
-        if response.HasField("features"):
-            f = response.features
-            features = np.frombuffer(f.data, dtype="<f4").reshape(tuple(f.shape))
-        return [
-            Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
-            for i, p in enumerate(response.predictions)
-        ]
+        encoded bytes) or one (N, 3, H, W) / (N, H, W, 3) batch. One Prediction per image,
+        in order. More images than one request may carry (the server's image, pixel and
+        message limits) go in consecutive requests, each with ``timeout``; a head promoted
+        in between shows in the predictions' ``model_version``."""
+        messages = to_image_messages(images)
+        max_images = self._request_limits().max_images_per_request or max(1, len(messages))
+        predictions: list[Prediction] = []
+        for chunk in self._request_chunks(messages, max_images, lambda image: image):
+            request = inference_pb2.PredictRequest(images=chunk, top_k=top_k, return_features=return_features)
+            try:
+                response = self._call("inference", "Predict", request, timeout=timeout)
+            except ExplaindError as error:
+                _note_chunk(error, len(predictions), len(messages))
+                raise
+            features = None
+            if response.HasField("features"):
+                f = response.features
+                features = np.frombuffer(f.data, dtype="<f4").reshape(tuple(f.shape))
+            predictions += [
+                Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
+                for i, p in enumerate(response.predictions)
+            ]
+        return predictions
 
     # Sample sets ---------------------------------------------------------------------
 
@@ -220,7 +240,7 @@ class Client:
         (asked once with ``model_metadata``). All or nothing: if a later request fails (or is
         interrupted), the partly uploaded set is deleted before the error is raised."""
         samples = self._samples(images, labels, attributes)
-        chunks = self._upload_chunks(samples, chunk_size)
+        chunks = self._request_chunks(samples, chunk_size, _sample_image)
         request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=chunks[0])
         created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
         start = 0
@@ -250,7 +270,7 @@ class Client:
         samples = self._samples(images, labels, attributes)
         appended = 0
         try:
-            for chunk in self._upload_chunks(samples, chunk_size):
+            for chunk in self._request_chunks(samples, chunk_size, _sample_image):
                 request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=chunk)
                 updated = _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
                 appended += len(chunk)
@@ -261,25 +281,26 @@ class Client:
             raise
         return updated
 
-    def _upload_chunks(self, samples: list[sample_sets_pb2.Sample], chunk_size: int) -> list[list[sample_sets_pb2.Sample]]:
-        """Consecutive runs of at most ``chunk_size`` samples whose request stays under half
-        the message limit (raw 224² arrays are 150 kB each: 512 of them would not fit 64 MiB)
-        and under the server's decoded-pixel limit (512 JPEG photos of 12 MP exceed its
-        128 Mi). A sample over either goes alone, for the server to refuse by name."""
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    def _request_chunks(self, items: list[T], max_count: int, image_of: Callable[[T], common_pb2.Image]) -> list[list[T]]:
+        """Consecutive runs of at most ``max_count`` items (samples or images) whose request
+        stays under half the smaller of the client's and the server's message limits (raw
+        224² arrays are 150 kB each: 512 of them would not fit 64 MiB) and under the
+        server's decoded-pixel limit (512 JPEG photos of 12 MP exceed its 128 Mi). An item
+        over either goes alone, for the server to refuse by name."""
+        if max_count < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {max_count}")
         limits = self._request_limits()
         byte_budget = min(self._max_message_bytes, limits.max_message_bytes or self._max_message_bytes) // 2
         pixel_budget = limits.max_pixels_per_request or float("inf")
-        chunks: list[list[sample_sets_pb2.Sample]] = [[]]
+        chunks: list[list[T]] = [[]]
         size = pixels = 0
-        for sample in samples:
-            sample_bytes, sample_pixels = sample.ByteSize() + 8, pixel_count(sample.image)  # + field tag and length prefix
-            if chunks[-1] and (len(chunks[-1]) == chunk_size or size + sample_bytes > byte_budget or pixels + sample_pixels > pixel_budget):
+        for item in items:
+            item_bytes, item_pixels = item.ByteSize() + 8, pixel_count(image_of(item))  # + field tag and length prefix
+            if chunks[-1] and (len(chunks[-1]) == max_count or size + item_bytes > byte_budget or pixels + item_pixels > pixel_budget):
                 chunks.append([])
                 size = pixels = 0
-            chunks[-1].append(sample)
-            size, pixels = size + sample_bytes, pixels + sample_pixels
+            chunks[-1].append(item)
+            size, pixels = size + item_bytes, pixels + item_pixels
         return chunks
 
     def _request_limits(self) -> RequestLimits:
