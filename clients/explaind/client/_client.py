@@ -176,7 +176,8 @@ class Client:
         message limits) go in consecutive requests, each with ``timeout``; a head promoted
         in between shows in the predictions' ``model_version``."""
         messages = to_image_messages(images)
-        max_images = self._request_limits().max_images_per_request or max(1, len(messages))
+        # One image needs no limits (the usual low-latency call); 0 from an old server: no limit known.
+        max_images = (self._request_limits().max_images_per_request or len(messages)) if len(messages) > 1 else 1
         predictions: list[Prediction] = []
         for chunk in self._request_chunks(messages, max_images, lambda image: image):
             request = inference_pb2.PredictRequest(images=chunk, top_k=top_k, return_features=return_features)
@@ -289,6 +290,8 @@ class Client:
         over either goes alone, for the server to refuse by name."""
         if max_count < 1:
             raise ValueError(f"chunk_size must be at least 1, got {max_count}")
+        if len(items) <= 1:  # nothing to split (the common one-image predict skips the header reads)
+            return [items]
         limits = self._request_limits()
         byte_budget = min(self._max_message_bytes, limits.max_message_bytes or self._max_message_bytes) // 2
         pixel_budget = limits.max_pixels_per_request or float("inf")
