@@ -23,7 +23,7 @@ from torch import nn
 
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
 from explaind.engine import DynamicBatcher, Engine, NewSample
-from explaind.engine.models import load_classifier
+from explaind.engine.models import Preprocess, load_classifier
 from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, ResourceExhausted
 from explaind.imaging import decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
@@ -271,6 +271,28 @@ def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, 
     torch.export.save(torch.export.export(doubled_head.eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: batch},)), str(doubled))
     with pytest.raises(ModelLoadError, match=r"doubled.pt2: head 'fc' is not a plain linear layer"):
         load_classifier(ClassifierSection(loader="export", path=str(doubled), image_size=16))
+
+
+def test_a_head_without_bias_gets_a_zero_one_so_edits_and_versions_work(tmp_path):
+    from explaind.engine.models import split_classifier
+    from explaind.engine.neuroinspect import NeuroInspectEngine
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.layer4 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model.fc = torch.nn.Linear(4, 2, bias=False)
+    images = torch.rand(3, 3, 16, 16)
+    expected = model(images)
+    version = split_classifier(model, name="tiny", loader="factory", source="tiny", feature_layer="layer4", head="fc",
+                               class_names=("a", "b"), image_size=16, preprocess=Preprocess())
+    assert version.head.bias is not None and not version.head.bias.any()
+    torch.testing.assert_close(version.logits(version.features(images)), expected)
+    engine = Engine(default_config().replace("server", data_dir=str(tmp_path)), SQLiteStore(tmp_path), Metrics())
+    engine.activate(version)
+    inspect = NeuroInspectEngine(engine)
+    inspect.restore()  # stores v0: its weights and bias are serialised
+    assert [r.version_id for r in inspect.head_versions()[0]] == ["v0"]
+    engine.close()
 
 
 @pytest.mark.gpu

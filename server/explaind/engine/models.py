@@ -179,6 +179,8 @@ def split_classifier(
     tapped = _require_module(model, feature_layer, "feature_layer", source)
     if not isinstance(head_module, nn.Linear):
         raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, expected nn.Linear")
+    if head_module.bias is None:  # ranking and head edits work with a bias; a zero one changes no output
+        head_module = _replace_with_linear(model, head, source)
     model.eval()
     extractor = FeatureExtractor(preprocess, _without_submodule(model, head)).eval()
     device = next(model.parameters()).device  # the CPU but for an exported program placed at load
@@ -345,21 +347,22 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
     )
 
 
-def _replace_with_linear(model: nn.Module, name: str, source: Path) -> None:
-    """Put an ``nn.Linear`` with the same parameters in place of submodule ``name``: an
-    unflattened program's layers are graph interpreters, and head edits need a Linear."""
+def _replace_with_linear(model: nn.Module, name: str, source: str | Path) -> nn.Linear:
+    """Put an ``nn.Linear`` with the same parameters in place of submodule ``name``, with a
+    zero bias where it had none: an unflattened program's layers are graph interpreters,
+    and the ranking and head edits need a Linear with a bias. Returns the new layer."""
     module = _require_module(model, name, "head", source)
     parameters = dict(module.named_parameters(recurse=False))
     weight, bias = parameters.get("weight"), parameters.get("bias")
     if weight is None or weight.dim() != 2 or set(parameters) - {"weight", "bias"}:
         raise ModelLoadError(f"{source}: head {name!r} has parameters {sorted(parameters)}, expected a linear layer's weight (C, D) and bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
+        linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+    return linear
 
 
 def _load_factory(section: ClassifierSection) -> ClassifierVersion:
