@@ -69,8 +69,8 @@ def _non_negative_int(value: str) -> int:
 
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
-    neuron, _, target = spec.partition(":")
-    if not neuron.isdigit() or (_ and not target):
+    neuron, colon, target = spec.partition(":")
+    if not neuron.isdigit() or (colon and not target):
         raise argparse.ArgumentTypeError(f"{spec!r} is not NEURON or NEURON:CLASS, e.g. 8 or 8:heart")
     return (int(neuron), _class_ref(target)) if target else int(neuron)
 
@@ -282,8 +282,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_and_print(operation, args: argparse.Namespace):
-    """Print the operation's name, then (unless --no-wait) its result with a progress bar."""
+def _announce_and_wait(operation, args: argparse.Namespace):
+    """Print the operation's name, then (unless --no-wait) wait for its result with a
+    progress bar; None with --no-wait."""
     print(f"started {operation.name}")
     if args.no_wait:
         return None
@@ -299,7 +300,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
                                              seed=args.seed)
-        visualizations = _wait_and_print(operation, args)
+        visualizations = _announce_and_wait(operation, args)
     if visualizations is None:
         return 0
     _print_visualizations(visualizations)
@@ -326,7 +327,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
             args.id, args.target_class, args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
             evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, promote=args.promote,
         )
-        edit = _wait_and_print(operation, args)
+        edit = _announce_and_wait(operation, args)
     if edit is not None:
         _print_head_edit(edit)
     return 0
