@@ -8,6 +8,7 @@ import dataclasses
 import io
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -579,6 +580,15 @@ def test_config_replace_checks_the_result_like_a_loaded_file():
     with pytest.raises(ConfigError, match=r"\[server\].port must be at most 65535"):
         default_config().replace("server", port=65536)
     assert default_config().replace("server", port=65535).server.port == 65535
+
+
+def test_the_readme_config_examples_parse(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    assert examples
+    for i, example in enumerate(examples):
+        (tmp_path / f"{i}.toml").write_text(example)
+        assert load_config(tmp_path / f"{i}.toml").source.endswith(f"{i}.toml")
 
 
 def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path, classifier_dir):
