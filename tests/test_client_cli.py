@@ -143,6 +143,24 @@ def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):
     assert "'dog' is not a class of the served model" in capsys.readouterr().err
 
 
+def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
+    root = tmp_path / "images"
+    for name, count in (("heart", 2), ("circle", 3)):
+        (root / name / "nested").mkdir(parents=True)
+        for i in range(count):
+            _png(root / name / ("nested" if i else "") / f"{i}.PNG", 40 * i)
+    (root / "heart" / "notes.txt").write_text("not an image")
+    (root / ".thumbnails").mkdir()
+    _png(root / ".thumbnails" / "x.png", 0)
+    assert main(["--target", server.target, "sample-set", "create", "folder", "--folder", str(root)]) == 0
+    assert "created folder: 5 samples, per class {0: 3, 5: 2}" in capsys.readouterr().out
+    (root / "dog").mkdir()
+    _png(root / "dog" / "0.png", 0)
+    assert "'dog' is not a class of the served model" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root)])
+    assert "--folder: no images in" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "images" / "heart" / "nested")])
+    assert "--folder: no such directory" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "nope")])
+
+
 def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

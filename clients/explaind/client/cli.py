@@ -3,6 +3,7 @@
     explaind serve [--config FILE] [--port 50051] [--metrics-port 9464]
     explaind predict cat.png dog.jpg --top-k 3
     explaind sample-set create hearts --world spurious_background:test:300
+    explaind sample-set create production --folder images/   # images/<class name>/*.png
     explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
     explaind operations list | get | wait | watch | cancel | artifact
     explaind --target host:50051 info        # or: explaind info --target host:50051
@@ -108,6 +109,26 @@ def _write(path: str | Path, data: bytes) -> None:
         raise CommandError(f"cannot write {path}: {error.strerror or error}") from None
 
 
+# Image files a --folder upload takes, by suffix (what the server decodes).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _folder_samples(folder: str) -> tuple[list[Path], list[str]]:
+    """Image files and labels of an ImageFolder tree, ``folder/<class name>/*.png`` (the
+    layout torchvision's ImageFolder reads), in sorted order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CommandError(f"--folder: no such directory: {folder}")
+    images, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images += files
+        labels += [class_dir.name] * len(files)
+    if not images:
+        raise CommandError(f"--folder: no images in {folder}/<class name>/ ({', '.join(IMAGE_SUFFIXES)})")
+    return images, labels
+
+
 def _world_samples(scenario: str, split: str, count: int):
     """(images (N, H, W, 3) uint8, labels, attributes) of a shapes-world split."""
     from explaind.world.scenarios import get_scenario
@@ -181,9 +202,12 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
         if args.action == "create":
             if args.world:
                 images, labels, attributes = _world_samples(*args.world)
+            elif args.folder:
+                images, labels = _folder_samples(args.folder)
+                attributes = None
             else:
                 if not args.images or len(args.images) != len(args.labels or []):
-                    raise CommandError("give --world SPEC, or --images FILE... with as many --labels CLASS...")
+                    raise CommandError("give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             try:
                 created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
@@ -526,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create)")
+    sample_set.add_argument("--folder", help="create from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
     sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.set_defaults(run=cmd_sample_set)
