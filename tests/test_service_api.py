@@ -127,6 +127,7 @@ def _bad_inputs(pixels: np.ndarray) -> dict[str, tuple[list[common_pb2.Image], s
         "truncated png": ([common_pb2.Image(encoded=png[: len(png) // 2])], "images[0].encoded", grpc.StatusCode.INVALID_ARGUMENT),
         "not an image": ([common_pb2.Image(encoded=b"hello world")], "images[0].encoded", grpc.StatusCode.INVALID_ARGUMENT),
         "zero-size tensor": ([_raw(common_pb2.DATA_TYPE_UINT8, (0, 64, 3), b"")], "images[0].tensor", grpc.StatusCode.INVALID_ARGUMENT),
+        "empty tensor with huge sides": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (2**62, 2**62, 0), b"")], "images[0].tensor.shape: tensor is empty", grpc.StatusCode.INVALID_ARGUMENT),
         "nan tensor": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (3, 64, 64), nan.tobytes())], "NaN", grpc.StatusCode.INVALID_ARGUMENT),
         "wrong dtype": ([_raw(common_pb2.DATA_TYPE_INT64, (64, 64, 3), np.zeros((64, 64, 3), np.int64).tobytes())], "images[0].tensor.dtype", grpc.StatusCode.INVALID_ARGUMENT),
         "unset dtype": ([_raw(0, (64, 64, 3), pixels.tobytes())], "dtype", grpc.StatusCode.INVALID_ARGUMENT),

@@ -408,6 +408,25 @@ def test_uint8_pixels_decode_to_exactly_the_reference_floats():
         assert torch.equal(decoded, reference)
 
 
+def _encoded(array: np.ndarray, format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def test_16_bit_greyscale_files_are_scaled_not_clipped():
+    # Pillow's convert("RGB") turned every 16-bit value above 255 into white.
+    grey16 = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)
+    grey8 = ((grey16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    expected = decode_array(np.repeat(grey8[:, :, None], 3, axis=2), field="x")
+    for data in (_encoded(grey16, "PNG"), _encoded(grey16, "TIFF"), _encoded(grey16.astype(np.int32), "TIFF")):
+        assert torch.equal(decode_encoded(data, field="images[0].encoded"), expected)
+    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: integer greyscale pixels must lie in \[0, 65535\], got \[0, 70000\]"):
+        decode_encoded(_encoded(np.array([[0, 70000]], np.int32), "TIFF"), field="images[0].encoded")
+    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: floating-point image files are not supported"):
+        decode_encoded(_encoded(np.full((4, 4), 0.5, np.float32), "TIFF"), field="images[0].encoded")
+
+
 def test_a_large_image_is_resized_before_it_becomes_float():
     # A 4096x4096 image as float32 is 192 MiB; decoded straight to the model's size it
     # never exists (its uint8 pixels are 48 MiB).

@@ -52,6 +52,10 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
                 raise InvalidArgument("image has zero size", field=field)
             if budget is not None:
                 budget.charge(*image.size)
+            if image.mode == "F":
+                raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
+            if image.mode == "I" or image.mode.startswith("I;16"):
+                return _grey16_to_rgb8(np.asarray(image), field=field)
             return np.asarray(image.convert("RGB"))
     except InvalidArgument:
         raise
@@ -59,6 +63,16 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
+
+
+def _grey16_to_rgb8(values: np.ndarray, *, field: str) -> np.ndarray:
+    """16-bit greyscale (H, W) -> (H, W, 3) uint8, 65535 -> 255 rounded. Pillow's own
+    ``convert("RGB")`` clips every value above 255 to white instead of scaling."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise InvalidArgument(f"integer greyscale pixels must lie in [0, 65535], got [{low}, {high}]", field=field)
+    grey = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def decode_encoded(data: bytes, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
@@ -134,6 +148,8 @@ def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field:
         raise InvalidArgument(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}", field=f"{field}.dtype")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"negative dimension in shape {shape}", field=f"{field}.shape")
+    if 0 in shape:  # before the byte count: a zero dimension makes any other dimension "fit" no bytes
+        raise InvalidArgument(f"tensor is empty (shape {shape})", field=f"{field}.shape")
     np_dtype = np.dtype(_DTYPES[dtype]).newbyteorder("<")
     expected = math.prod(shape) * np_dtype.itemsize  # Python ints: a forged shape cannot overflow
     if expected != len(data):
