@@ -470,6 +470,9 @@ def test_image_bytes_of_any_format_fail_as_invalid_argument_naming_the_field():
 def test_engine_rejects_bad_samples_and_empty_sets(engine):
     with pytest.raises(InvalidArgument, match=r"samples\[0\].label"):
         engine.create_sample_set("bad", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 6)])
+    for bad_id in ("Bad", "-bad", "bad\n", "bad/x", "b" * 64):  # "bad\n" got through a "$"-anchored pattern
+        with pytest.raises(InvalidArgument, match=r"^sample_set_id: .* is not a valid id"):
+            engine.create_sample_set(bad_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
     with pytest.raises(InvalidArgument, match="top_k"):
         engine.predict(torch.rand(1, 3, 64, 64), top_k=9)
 

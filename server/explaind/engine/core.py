@@ -32,7 +32,7 @@ from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SET_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SAMPLE_SET_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: "$" would accept a final "\n"
 DEFAULT_TOP_K = 5
 
 
@@ -206,7 +206,7 @@ class Engine:
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample]) -> SampleSetInfo:
         if not sample_set_id:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
-        elif not SAMPLE_SET_ID.match(sample_set_id):
+        elif not SAMPLE_SET_ID.fullmatch(sample_set_id):
             raise InvalidArgument(f"{sample_set_id!r} is not a valid id; use 1-63 of a-z 0-9 _ - starting with a letter or digit", field="sample_set_id")
         return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples))
 
