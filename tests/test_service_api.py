@@ -143,6 +143,23 @@ def _bad_inputs(pixels: np.ndarray) -> dict[str, tuple[list[common_pb2.Image], s
     }
 
 
+def test_errors_quoting_a_huge_id_keep_their_code(server):
+    # The message quotes the id; uncut, it overflowed gRPC's 16 KiB header limit and the
+    # caller got RESOURCE_EXHAUSTED ("received metadata size exceeds hard limit").
+    with grpc.insecure_channel(server.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        operations = operations_pb2_grpc.OperationsServiceStub(channel)
+        for long_id in ("x" * 20_000, "\U0001F600" * 2_000):
+            with pytest.raises(grpc.RpcError) as caught:
+                sets.GetSampleSet(sample_sets_pb2.GetSampleSetRequest(sample_set_id=long_id), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert caught.value.details().startswith("sample_set_id: no sample set")
+            assert re.search(r"\.\.\. \(\d+ characters left out\)$", caught.value.details())
+            with pytest.raises(grpc.RpcError) as caught:
+                operations.GetOperation(operations_pb2.GetOperationRequest(name=f"operations/{long_id}"), timeout=30)
+            assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+
+
 def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server, client, world_images):
     pixels = _uint8(world_images[0][:1])[0]
     with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 256 << 20)]) as channel:

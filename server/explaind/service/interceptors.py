@@ -25,6 +25,29 @@ log = logging.getLogger(__name__)
 _PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
 
+# Longest status message sent, in bytes as gRPC percent-encodes it into the grpc-message
+# header. Messages quote the caller's ids; a header over gRPC's 8 KiB soft limit made the
+# caller see RESOURCE_EXHAUSTED ("received metadata size exceeds ... limit") instead.
+MAX_STATUS_MESSAGE_BYTES = 4096
+
+
+def _encoded_size(character: str) -> int:
+    """Bytes one character takes percent-encoded: printable ASCII but '%' stays as it is."""
+    return 1 if " " <= character <= "~" and character != "%" else 3 * len(character.encode("utf-8", "surrogatepass"))
+
+
+def _shorten(message: str) -> str:
+    """``message`` cut to fit :data:`MAX_STATUS_MESSAGE_BYTES` encoded, keeping its start
+    (the field and the problem) and saying how many characters were left out."""
+    budget, kept = MAX_STATUS_MESSAGE_BYTES - 64, 0  # room for the note
+    for character in message:
+        budget -= _encoded_size(character)
+        if budget < 0:
+            return f"{message[:kept]} ... ({len(message) - kept} characters left out)"
+        kept += 1
+    return message
+
+
 class ServiceInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, token: str, max_send_bytes: int) -> None:
         self._metrics = metrics
@@ -85,7 +108,7 @@ class _Observed:
 
     def abort(self, code: str, message: str) -> None:
         self._code = code
-        self._context.abort(grpc.StatusCode[code], message)
+        self._context.abort(grpc.StatusCode[code], _shorten(message))
 
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
