@@ -65,7 +65,8 @@ def client(server, world_set):
 def test_invalid_requests_name_the_field(client, world_set):
     pixels, labels, _ = world_set
     cases = [
-        (lambda: client.rank_mistake_neurons("spurious", "unicorn"), InvalidArgumentError, "class_name"),
+        (lambda: client.rank_mistake_neurons("spurious", "unicorn"), InvalidArgumentError,
+         "class_name: unknown class 'unicorn'; classes are 'circle', 'square', 'triangle', 'star', 'cross', 'heart'"),
         (lambda: client.rank_mistake_neurons("spurious", 6), InvalidArgumentError, "class_index"),
         (lambda: client.rank_mistake_neurons("", "heart"), InvalidArgumentError, "sample_set_id"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", solver="newton"), InvalidArgumentError, "solver"),
@@ -106,10 +107,24 @@ def test_invalid_requests_name_the_field(client, world_set):
         client.rank_mistake_neurons("three-hearts", "circle")
     with pytest.raises(InvalidArgumentError, match="sample_set_id: needs at least 5 samples"):
         client.edit_head("three-hearts", "heart", [1])
+    with pytest.raises(InvalidArgumentError, match="class_name: sample set 'three-hearts' has no sample of class 'circle' to train"):
+        client.edit_head("three-hearts", "circle", [1], validation_sample_set_id="three-hearts")
     correct = [i for i, p in enumerate(client.predict(pixels[:60], top_k=1)) if p.class_indices[0] == labels[i]]
     client.create_sample_set(pixels[correct], labels[correct], sample_set_id="all-correct")
     with pytest.raises(InvalidArgumentError, match="class_index.*no mistakes"):
         client.rank_mistake_neurons("all-correct", int(labels[correct[0]]))
+
+
+def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import NeuroInspectEngine
+    from explaind.errors import InvalidArgument
+
+    version = SimpleNamespace(class_names=tuple(f"class{i}" for i in range(1000)))
+    with pytest.raises(InvalidArgument) as raised:
+        NeuroInspectEngine._class_index(version, "unicorn")
+    assert str(raised.value).endswith("'class18', 'class19' and 980 more")
 
 
 def test_rank_matches_the_in_process_ranker(client, world_set):

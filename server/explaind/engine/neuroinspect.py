@@ -133,7 +133,8 @@ class NeuroInspectEngine:
             raise InvalidArgument("a class is required (class_name or class_index)", field=f"{field}_name")
         if isinstance(target, str):
             if target not in names:
-                raise InvalidArgument(f"unknown class {target!r}; classes are {list(names)}", field=f"{field}_name")
+                shown = ", ".join(map(repr, names[:20])) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+                raise InvalidArgument(f"unknown class {target!r}; classes are {shown}", field=f"{field}_name")
             return names.index(target)
         if not 0 <= int(target) < len(names):
             raise InvalidArgument(f"{target} is not a class index in [0, {len(names)})", field=f"{field}_index")
@@ -396,6 +397,9 @@ class NeuroInspectEngine:
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
         train_count = self._require_set(sample_set_id, "sample_set_id")
+        if not any(record.label == class_index for record in self._engine.store.list_samples(sample_set_id)):
+            raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {version.class_names[class_index]!r} to train the edit on",
+                                  field="class_name" if isinstance(target_class, str) else "class_index")
         if not validation_sample_set_id and train_count < 5:
             raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
