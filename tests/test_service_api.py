@@ -232,6 +232,11 @@ def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, 
                     rpc(request, timeout=30)
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, rpc)
                 assert caught.value.details().startswith("page_token: "), caught.value.details()
+        # Operations' tokens are "<create time>/<job id>"; float() alone took all of these.
+        for token in ("1_0/x", " 5 /x", "\u0661/x", "-1e300/x", "5.e3/x", "inf/x"):
+            with pytest.raises(grpc.RpcError) as caught:
+                operations.ListOperations(operations_pb2.ListOperationsRequest(page_token=token), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
         largest = sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=str(2**63 - 1))
         assert sets.ListSamples(largest, timeout=30).samples == []
 

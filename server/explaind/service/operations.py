@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import grpc
@@ -101,16 +102,16 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return request.offset, length
 
 
+_FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
+
+
 def _resume_point(token: str) -> tuple[float, str] | None:
     """(create_time, job_id) of the last job of the previous page, from its token. Keyed, not
     an offset: jobs submitted while a client pages would shift offsets and repeat jobs."""
     if not token:
         return None
     create_time, _, job_id = token.partition("/")
-    try:
-        resume = float(create_time)
-    except ValueError:
-        raise bad_page_token(token) from None
-    if not job_id or not math.isfinite(resume):
+    # As repr() writes a non-negative float; float() alone also takes " 5 ", "1_0", "-1e300", "١".
+    if not job_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
         raise bad_page_token(token)
     return resume, job_id
