@@ -179,6 +179,26 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
     assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)
 
 
+def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, capsys, world_images):
+    # Absent classes were reported with accuracy 0.00, and the demo went on to explain one.
+    images, labels = world_images
+    names = ["circle", "square", "triangle", "star", "cross", "heart"]
+    chosen = [i for i, label in enumerate(labels) if names[label] in ("circle", "heart")][:8]
+    given = [names[labels[i]] for i in chosen]
+    wrong = given.index("circle")
+    given[wrong] = "heart"  # a circle labelled heart: a mistake
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[chosen], given, sample_set_id="two-classes")
+        evaluation = client.evaluate_sample_set("two-classes").result(timeout=60)
+    assert set(evaluation.per_class_accuracy) == {"circle", "heart"}
+    assert evaluation.class_names == names and evaluation.class_counts["star"] == 0
+    assert evaluation.mistakes and all(evaluation.class_names[label] == given[index] for index, label, _, _ in evaluation.mistakes)
+    assert main(["--target", server.target, "evaluate", "two-classes"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^per class: circle \d\.\d\d, heart \d\.\d\d; no samples of square, triangle, star, cross$", out, flags=re.M), out
+    assert re.search(rf"^  mistake: sample {wrong} is heart, predicted circle", out, flags=re.M), out
+
+
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     with Client(server.target, timeout=30) as client:
         job = client.visualize_neurons([3], method="feature_visualization", steps=10000)

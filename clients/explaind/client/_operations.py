@@ -44,7 +44,9 @@ class Evaluation:
     model_version: str
     sample_count: int
     accuracy: float
-    per_class_accuracy: dict[str, float]
+    per_class_accuracy: dict[str, float]  # the classes with samples in the set
+    class_counts: dict[str, int]  # samples per class, every class of the model (0 when absent)
+    class_names: list[str]  # every class of the model, by index (mistakes' labels index it)
     confusion_matrix: np.ndarray
     # (sample_index, label, predicted, probability), most confident mistakes first.
     mistakes: list[tuple[int, int, int, float]]
@@ -57,7 +59,9 @@ def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Opera
         model_version=message.model_version,
         sample_count=message.sample_count,
         accuracy=message.accuracy,
-        per_class_accuracy={c.class_name: c.accuracy for c in message.per_class},
+        per_class_accuracy={c.class_name: c.accuracy for c in message.per_class if c.count},
+        class_counts={c.class_name: c.count for c in message.per_class},
+        class_names=[c.class_name for c in message.per_class],
         confusion_matrix=np.array(message.confusion_matrix, dtype=np.int64).reshape(classes, classes),
         mistakes=[(m.sample_index, m.label, m.predicted, m.probability) for m in message.mistakes],
     )

@@ -226,10 +226,12 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_evaluation(report, class_names: list[str] | None = None) -> None:
+def _print_evaluation(report) -> None:
     print(f"accuracy {report.accuracy:.3f} on {report.sample_count} samples (model {report.model_version})")
-    print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in report.per_class_accuracy.items()))
-    names = class_names or list(report.per_class_accuracy)
+    absent = [name for name, count in report.class_counts.items() if not count]
+    print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in report.per_class_accuracy.items())
+          + (f"; no samples of {', '.join(absent)}" if absent else ""))
+    names = report.class_names
     for index, label, predicted, probability in report.mistakes[:5]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
 
@@ -419,7 +421,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)
             print(f"\nsample set {created.sample_set_id}: {created.sample_count} samples; evaluating it as a job:")
             operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
-            _print_evaluation(operation.result(progress=True), meta.class_names)
+            _print_evaluation(operation.result(progress=True))
             grid = Path(data_dir) / "mistakes.png"
             grid.write_bytes(operation.artifact("mistakes.png"))
             print(f"mistakes grid: {grid}")

@@ -38,7 +38,7 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, version: C
     for index, name in enumerate(names):
         members = labels == index
         count = int(members.sum())
-        result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].float().mean()) if count else 0.0)
+        result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].float().mean()) if count else float("nan"))
     for index in wrong.tolist():
         result.mistakes.add(sample_index=index, label=int(labels[index]), predicted=int(predicted[index]), probability=float(confidence[index]))
     shown = wrong[:max_grid_images].tolist()
