@@ -83,3 +83,22 @@ def test_the_suggested_edit_is_evaluated_on_the_held_out_fifth_with_or_without_g
     assert grouped.edit.version.evaluation.accuracy == pytest.approx(plain.edit.version.evaluation.accuracy)
     assert grouped.edit.version.parent_evaluation.group_accuracy == pytest.approx({g: correct[groups == g].mean() for g in set(groups)})
     assert [s.sample_set_id for s in client.sample_sets()] == ["spurious"]  # the temporary split is gone
+
+
+def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
+    # The edit was refused after the ranking and images had been computed, and the
+    # command failed without writing the page.
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=200).all()
+    hearts = (batch.labels == 5).nonzero().flatten()
+    predicted = [p.class_indices[0] for p in client.predict(batch.images[hearts], top_k=1)]
+    missed = [int(i) for i, p in zip(hearts, predicted, strict=True) if p != 5][:3]
+    client.create_sample_set(batch.images[missed], batch.labels[missed], sample_set_id="three-missed-hearts")
+    try:
+        report = build_report(client, "heart", "three-missed-hearts", max_neurons=1, steps=2)
+    finally:
+        client.delete_sample_set("three-missed-hearts")
+    assert report.edit is None and report.visualizations
+    assert report.no_edit_reason.startswith("sample_set_id: needs at least 5 samples")
+    assert f"<p id='no-edit'>None: the server refused the edit ({report.no_edit_reason})" in render_report(report)

@@ -22,3 +22,17 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class():
     assert re.search(r"neuron +\d+ +(insufficient|excessive|both)", out)
     report = Path(re.search(r"HTML report .*: (\S+\.html)", out).group(1))
     assert report.is_file() and report.read_text().count("<img") >= 2
+
+
+def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path):
+    # The demo's client sent no token, so the first call after "server ready" failed
+    # UNAUTHENTICATED; and a set without mistakes has nothing to explain (not an error).
+    config = tmp_path / "explaind.toml"
+    config.write_text('[server]\ntoken = "s3cret"\n')  # the balanced classifier, no CLIP
+    result = subprocess.run(
+        [sys.executable, "-m", "explaind.client.cli", "demo", "--count", "6", "--config", str(config)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"accuracy \d\.\d+ on 6 samples", result.stdout)
+    assert "UNAUTHENTICATED" not in result.stderr

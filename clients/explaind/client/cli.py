@@ -398,6 +398,14 @@ def _free_port() -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Serve the shapes world on a loopback port and run a client session against it."""
+    token = ""
+    if args.config:  # the session must send the token the config's server will ask for
+        from explaind.config import ConfigError, load_config
+
+        try:
+            token = load_config(args.config).server.token
+        except ConfigError as error:
+            raise CommandError(str(error)) from None
     port = _free_port()
     data_dir = tempfile.mkdtemp(prefix="explaind-demo-")
     command = [sys.executable, "-m", "explaind.client.cli", "serve", "--port", str(port), "--data-dir", data_dir]
@@ -407,11 +415,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"$ {' '.join(command)}")
     server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+        with Client(f"127.0.0.1:{port}", timeout=60, token=token or None) as client:
             started = time.monotonic()
             client.wait_until_ready(timeout=300)
             print(f"\nserver ready in {time.monotonic() - started:.1f}s")
-            args.target = client.target
+            args.target, args.token = client.target, token
             cmd_info(args)
             images, labels, attributes = _world_samples(args.scenario, "test", args.count)
             meta = client.model_metadata()
@@ -453,11 +461,16 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     from .report import build_report, render_report
 
     worst, accuracy = min(evaluation.per_class_accuracy.items(), key=lambda item: item[1])
+    if accuracy == 1.0:
+        print("\nno mistakes to explain: every class of the set is classified correctly")
+        return
     print(f"\nexplaining the mistakes of '{worst}' (accuracy {accuracy:.2f}):")
     report = build_report(client, worst, sample_set_id, max_neurons=5, steps=60, group_attribute="background", progress=True)
     _print_ranking(report.ranking)
     out = directory / f"report-{scenario}-{worst}.html"
     out.write_text(render_report(report), encoding="utf-8")
+    if report.no_edit_reason:
+        print(f"no head edit suggested: {report.no_edit_reason}")
     print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
 
 
@@ -480,6 +493,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
     if report.edit is not None:
         print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")
+    elif report.no_edit_reason:
+        print(f"no head edit suggested: {report.no_edit_reason}")
     return 0
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from ._client import Client
+from ._errors import InvalidArgumentError
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
@@ -28,6 +29,7 @@ class MistakeReport:
     edit: HeadEdit | None  # the suggested edit (stored as a version, not promoted)
     visualization_method: str
     evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
+    no_edit_reason: str = ""  # why no edit was suggested, when the server refused one (e.g. too few samples)
 
 
 def build_report(
@@ -54,11 +56,14 @@ def build_report(
     visualizations = []
     if shown:
         visualizations = client.visualize_neurons([(n.neuron, ranking.class_name) for n in shown], method=method, steps=steps).result(progress=progress)
-    edit, evaluated_on = None, ""
+    edit, evaluated_on, no_edit_reason = None, "", ""
     if shown:
         neurons = [n.neuron for n in shown[:edit_neurons]]
-        edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id, group_attribute, progress)
-    return MistakeReport(ranking, visualizations, edit, method, evaluated_on)
+        try:
+            edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id, group_attribute, progress)
+        except InvalidArgumentError as error:  # refused before it ran: the page still shows the ranking and images
+            no_edit_reason = error.details
+    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason)
 
 
 def _suggest_edit(
@@ -187,5 +192,7 @@ def render_report(report: MistakeReport) -> str:
             parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
     elif not ranking.neurons:
         parts.append("<p>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
+    elif report.no_edit_reason:
+        parts.append(f"<h2>Suggested head edit</h2><p id='no-edit'>None: the server refused the edit ({escape(report.no_edit_reason)}).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
