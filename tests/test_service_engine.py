@@ -9,6 +9,7 @@ import io
 import os
 import random
 import re
+import sqlite3
 import stat
 import threading
 import time
@@ -538,6 +539,37 @@ def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
         assert (record.state, record.error_code, record.cancel_requested) == ("failed", "ABORTED", False)
         assert record.error_message == f"the server shut down {when}; submit it again"
     assert ran == [] and metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+
+
+class _FailingWrites(SQLiteStore):
+    """A store whose job writes fail once ``failures`` is set (a disk that just filled)."""
+
+    failures = 0
+
+    def update_job(self, record):
+        if self.failures and record.state in ("succeeded", "failed"):
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().update_job(record)
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path, failures, caplog):
+    # The record in memory used to run ahead of the store: the operation read SUCCEEDED,
+    # the store said running, nothing was logged, and shutdown waited out its grace.
+    store = _FailingWrites(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    store.failures = failures
+    job = jobs.submit("evaluate", lambda ctx: _empty())
+    record = jobs.wait(job.record.job_id, 10).record
+    assert (record.state, record.error_code) == ("failed", "INTERNAL")
+    assert record.error_message == "the job ended succeeded but the store failed to record it (OperationalError); submit it again"
+    assert "storing its end (succeeded) failed" in caplog.text
+    # Stored FAILED when the second write worked; else still "running" there until a restart.
+    assert store.get_job(job.record.job_id).state == ("failed" if failures == 1 else "running")
+    started = time.monotonic()
+    jobs.shutdown(5)
+    assert time.monotonic() - started < 1
 
 
 def _empty():

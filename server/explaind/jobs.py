@@ -148,7 +148,12 @@ class JobManager:
                 return
             self.metrics.jobs_queued.dec()
             started = time.time()
-            self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
+            try:
+                self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
+            except Exception as error:  # noqa: BLE001 - the store refused the write; the job cannot run
+                log.exception("job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
+                self._finish(live, FAILED, error=("INTERNAL", f"the job could not be started: the store failed ({type(error).__name__})"))
+                return
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
         try:
@@ -172,22 +177,40 @@ class JobManager:
             self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
 
     def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"", **changes) -> None:
+        """Store the job's end, then drop it from the live jobs (readers go to the store).
+        If the store refuses, the job ends FAILED instead; if it refuses that too, the job
+        stays live as FAILED in memory (the store says running until a restart fails it)."""
         message = {SUCCEEDED: "done", FAILED: "failed", CANCELLED: "cancelled"}[state]
-        self._update(
-            live, persist=True, state=state, end_time=time.time(), error_code=error[0], error_message=error[1], result=result, message=message, **changes
-        )
+        try:
+            self._update(live, persist=True, state=state, end_time=time.time(), error_code=error[0], error_message=error[1],
+                         result=result, message=message, **changes)
+        except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
+            log.exception("job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
+            failed = dict(state=FAILED, end_time=time.time(), error_code="INTERNAL", result=b"", message="failed",
+                          error_message=f"the job ended {state} but the store failed to record it ({type(write_error).__name__}); submit it again")
+            try:
+                self._update(live, persist=True, **failed)
+            except Exception:  # noqa: BLE001
+                log.exception("job %s: storing its failure failed too", live.record.job_id)
+                with self._changed:
+                    live.record = dataclasses.replace(live.record, **failed)
+                    self._changed.notify_all()
+                return
         with self._changed:
             self._live.pop(live.record.job_id, None)
 
     def _update(self, live: _LiveJob, *, persist: bool = False, preview: bytes | None = None, **changes) -> None:
+        """Apply ``changes``; a write that is due goes to the store first, so readers never
+        see a state the store does not have (a failed write raises and changes nothing)."""
         with self._changed:
-            live.record = dataclasses.replace(live.record, **changes)
-            if preview is not None:
-                live.preview = preview
+            record = dataclasses.replace(live.record, **changes)
             now = time.monotonic()
             if persist or now - live.persisted_at >= PERSIST_INTERVAL_S:
-                self.store.update_job(live.record)
+                self.store.update_job(record)
                 live.persisted_at = now
+            live.record = record
+            if preview is not None:
+                live.preview = preview
             self._changed.notify_all()
 
     # Reading, cancelling, waiting ----------------------------------------------------
@@ -252,6 +275,10 @@ class JobManager:
         self.metrics.jobs_queued.dec()
         self._finish(live, state, error=error, **changes)
 
+    def _unfinished(self) -> list[_LiveJob]:
+        """Live jobs not yet done (a done one stays live only when its end could not be stored)."""
+        return [live for live in self._live.values() if live.record.state not in FINISHED_STATES]
+
     def shutdown(self, grace_s: float) -> None:
         """Stop accepting; let jobs finish for ``grace_s``, then end what is left FAILED with
         code ABORTED, as :meth:`recover` does after a crash: the job was fine, the server
@@ -260,9 +287,9 @@ class JobManager:
             self._accepting = False
         deadline = time.monotonic() + grace_s
         with self._changed:
-            while self._live and time.monotonic() < deadline:
+            while self._unfinished() and time.monotonic() < deadline:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            for live in list(self._live.values()):
+            for live in self._unfinished():
                 if live.record.state == QUEUED:
                     self._end_queued(live, FAILED, ("ABORTED", "the server shut down before this job started; submit it again"))
                 else:
