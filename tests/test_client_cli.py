@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 
@@ -133,6 +134,25 @@ def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port),
                                "--data-dir", str(tmp_path / "data")])
     assert f"cannot bind metrics 127.0.0.1:{port}" in line
+
+
+def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsys, tmp_path):
+    # The second server used to mark the first one's running jobs FAILED, then fail to bind.
+    from explaind.store import JobRecord, SQLiteStore
+
+    first = SQLiteStore(tmp_path / "data")
+    try:
+        first.insert_job(JobRecord(job_id="live", kind="evaluate_sample_set", state="running", create_time=1.0))
+        line = _error(capsys, ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
+        assert f"error: the data dir {tmp_path / 'data'} is in use by explaind server pid {os.getpid()}; give each server its own" in line
+        assert first.get_job("live").state == "running"
+    finally:
+        first.close()
+    (tmp_path / "data" / "explaind.sqlite3").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "data" / f"explaind.sqlite3{suffix}").unlink(missing_ok=True)
+    line = _error(capsys, ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
+    assert re.search(r"error: cannot open the store .*explaind.sqlite3: file is not a database$", line), line
 
 
 def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):

@@ -26,7 +26,7 @@ from torch import nn
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.models import Preprocess, load_classifier
-from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, ResourceExhausted
+from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
 from explaind.imaging import decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
@@ -239,8 +239,8 @@ def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, 
     torch.testing.assert_close(version.features(images), eager.features(images), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(version.feature_maps(images), eager.feature_maps(images), atol=1e-5, rtol=1e-5)
     assert isinstance(version.head, torch.nn.Linear) and version.head_version == eager.head_version  # head edits apply as-is
-    config = engine.config.replace("classifier", **dataclasses.asdict(section)).replace("server", data_dir=str(tmp_path / "data"))
-    served = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    config = engine.config.replace("classifier", **dataclasses.asdict(section)).replace("server", data_dir=str(tmp_path / "served"))
+    served = Engine(config, SQLiteStore(tmp_path / "served"), Metrics())
     served.load()
     try:
         got, want = served.predict(images, top_k=6, return_features=True), engine.predict(images, top_k=6, return_features=True)
@@ -539,6 +539,35 @@ def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
         assert (record.state, record.error_code, record.cancel_requested) == ("failed", "ABORTED", False)
         assert record.error_message == f"the server shut down {when}; submit it again"
     assert ran == [] and metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+
+
+def test_a_failed_commit_is_rolled_back_so_the_next_write_works(tmp_path):
+    from explaind.store import JobRecord
+
+    store = SQLiteStore(tmp_path)
+
+    class CommitFailsOnce:  # SQLITE_BUSY / disk I/O error at COMMIT
+        def __init__(self, connection):
+            self.connection, self.failed = connection, False
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT" and not self.failed:
+                self.failed = True
+                raise sqlite3.OperationalError("database is locked")
+            return self.connection.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.connection, name)
+
+    real, store._db = store._db, CommitFailsOnce(store._db)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.insert_job(JobRecord(job_id="a", kind="k", state="queued", create_time=1.0))
+    store.insert_job(JobRecord(job_id="b", kind="k", state="queued", create_time=2.0))  # "cannot start a transaction within a transaction" before
+    store._db = real
+    assert store.get_job("b").state == "queued"
+    with pytest.raises(NotFound):
+        store.get_job("a")
+    store.close()
 
 
 class _FailingWrites(SQLiteStore):

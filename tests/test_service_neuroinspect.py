@@ -294,6 +294,12 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS):
     return engine, inspect
 
 
+def _shut(engine) -> None:
+    """Stop an in-process engine and close its store (releasing the data dir's lock), as a server's stop does."""
+    engine.close()
+    engine.store.close()
+
+
 def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, monkeypatch):
     from explaind.engine import NewSample
     from explaind.errors import FailedPrecondition
@@ -325,13 +331,13 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
         inspect.promote_head_version(stored.version_id)
     assert inspect.active_head_version().version_id == "v0" and engine.models.active is version
     engine.store.set_active_head_version(version.feature_version, stored.version_id)
-    engine.close()
+    _shut(engine)
     restarted, restarted_inspect = _in_process(tmp_path)
     try:
         assert restarted_inspect.active_head_version().version_id == "v0"
         assert torch.isfinite(restarted.models.active.logits(torch.rand(2, version.feature_dim))).all()
     finally:
-        restarted.close()
+        _shut(restarted)
 
 
 def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_path):
@@ -342,10 +348,10 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_pa
     edited = inspect._add_head_version(version, torch.nn.Linear(version.feature_dim, len(version.class_names)), "v0",
                                        {"method": "probability_ratio"})
     inspect.promote_head_version(edited.version_id)
-    engine.close()
+    _shut(engine)
     engine, inspect = _in_process(tmp_path / "data")  # the same file: the promoted edit is served again
     assert inspect.active_head_version().version_id == "v1"
-    engine.close()
+    _shut(engine)
 
     replaced = tmp_path / "replaced"  # the operator deploys a retrained head on the same h_b
     shutil.copytree(SPURIOUS, replaced)
@@ -360,18 +366,18 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_pa
         torch.testing.assert_close(engine.models.active.head.weight.cpu(), weights["fc.weight"].float())
         inspect.promote_head_version("v1")  # the edit served before stays one promote away
     finally:
-        engine.close()
+        _shut(engine)
     engine, inspect = _in_process(tmp_path / "data", replaced)  # and, promoted, survives the next restart
     try:
         assert inspect.active_head_version().version_id == "v1"
     finally:
-        engine.close()
+        _shut(engine)
     engine, inspect = _in_process(tmp_path / "data")  # the original file put back: its head, known as v0, is served
     try:
         versions, active = inspect.head_versions()
         assert active == "v0" and len(versions) == 3
     finally:
-        engine.close()
+        _shut(engine)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)

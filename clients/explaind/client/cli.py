@@ -152,6 +152,7 @@ _SERVE_OVERRIDES = {
 def cmd_serve(args: argparse.Namespace) -> int:
     from explaind.config import ConfigError, load_config
     from explaind.service import serve
+    from explaind.store import StoreOpenError
 
     try:
         config = load_config(args.config)
@@ -168,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)", file=sys.stderr)
     try:
         return serve(config)
-    except OSError as error:  # an address in use
+    except (OSError, StoreOpenError) as error:  # an address or the data dir in use, a corrupt database
         raise CommandError(str(error)) from None
 
 

@@ -33,7 +33,7 @@ from ..config import Config
 from ..engine import Engine
 from ..engine.neuroinspect import NeuroInspectEngine
 from ..metrics import Metrics
-from ..store import SQLiteStore
+from ..store import SQLiteStore, StoreOpenError
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .neuroinspect import NeuroInspectServicer
@@ -70,7 +70,10 @@ class ExplaindServer:
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
         settings = self.config.server
-        self.engine.jobs.recover()
+        try:
+            self.engine.jobs.recover()
+        except Exception as error:  # noqa: BLE001 - the store's first write: a read-only or corrupt database
+            raise StoreOpenError(f"cannot use the store in {settings.data_dir}: {error}") from error
         if settings.metrics_port:
             try:
                 self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
@@ -138,12 +141,17 @@ class ExplaindServer:
 
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
-    gRPC or metrics address cannot be bound."""
+    gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
+    by another server or its database cannot be opened or written."""
     # Our own INFO lines; libraries only from WARNING (open_clip logs every load step at INFO).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     server = ExplaindServer(config)
-    port = server.start()  # OSError (address in use) goes to the caller, before any model loads
+    try:
+        port = server.start()  # OSError (address in use) goes to the caller, before any model loads
+    except BaseException:
+        server.store.close()  # and with it the data dir's lock
+        raise
     metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     log.info("listening on %s:%d%s (config: %s)", config.server.host, port, metrics, config.source)
     stop_requested = threading.Event()

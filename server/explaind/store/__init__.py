@@ -14,6 +14,7 @@ from .base import (
     SampleRecord,
     SampleSetInfo,
     Store,
+    StoreOpenError,
 )
 from .sqlite import SQLiteStore
 
@@ -28,6 +29,7 @@ __all__ = [
     "HeadVersionRecord",
     "JobRecord",
     "SQLiteStore",
+    "StoreOpenError",
     "SampleRecord",
     "SampleSetInfo",
     "Store",

@@ -17,6 +17,11 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
 
 
+class StoreOpenError(Exception):
+    """The store cannot be used: its data dir is held by another server, or its files are
+    unreadable, read-only or corrupt. Raised at start-up, with the path in the message."""
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """One sample: its image is the artifact ``digest`` (encoded image bytes)."""

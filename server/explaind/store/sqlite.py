@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -12,11 +13,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from ..errors import AlreadyExists, NotFound
-from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo
+from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -58,11 +60,33 @@ class SQLiteStore:
         self.blob_dir = self.data_dir / "artifacts" / "sha256"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.data_dir / "explaind.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._dir_lock = self._lock_data_dir()
+        path = self.data_dir / "explaind.sqlite3"
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            self._dir_lock.close()
+            raise StoreOpenError(f"cannot open the store {path}: {error}") from None
+
+    def _lock_data_dir(self) -> IO[str]:
+        """Hold an exclusive lock on the data dir while open. Two servers on one store would
+        each fail the other's running jobs at start-up and serve different heads."""
+        lock = open(self.data_dir / "explaind.lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise StoreOpenError(f"the data dir {self.data_dir} is in use by {holder}; give each server its own [server].data_dir") from None
+        lock.truncate(0)
+        lock.write(f"explaind server pid {os.getpid()}")
+        lock.flush()
+        return lock
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -70,14 +94,16 @@ class SQLiteStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT may leave it open; the next BEGIN would fail
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._dir_lock.close()  # releases the flock
 
     # Artifacts -----------------------------------------------------------------------
 
