@@ -340,6 +340,30 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
         _shut(restarted)
 
 
+def test_a_promote_the_store_refuses_changes_neither_the_served_head_nor_the_active_version(tmp_path, monkeypatch):
+    # Predict used to serve the promoted head while the store still called v0 active.
+    import sqlite3
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        served = engine.models.active
+        other = torch.nn.Linear(served.feature_dim, len(served.class_names))
+        stored = inspect._add_head_version(served, other, "v0", {"method": "probability_ratio"})
+
+        def disk_full(*args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(engine.store, "set_active_head_version", disk_full)
+        with pytest.raises(sqlite3.OperationalError):
+            inspect.promote_head_version(stored.version_id)
+        assert engine.models.active is served and inspect.active_head_version().version_id == "v0"
+        monkeypatch.undo()
+        inspect.promote_head_version(stored.version_id)
+        assert engine.models.active.head_version != served.head_version and inspect.active_head_version().version_id == stored.version_id
+    finally:
+        _shut(engine)
+
+
 def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -561,12 +561,20 @@ class NeuroInspectEngine:
     def _activate(self, record: HeadVersionRecord) -> None:
         """Serve ``record``'s head: the new version object is complete before the one swap.
         A head with NaN or infinite weights (stored before edits were checked) would make
-        every Predict NaN, so it is refused."""
+        every Predict NaN, so it is refused. The store learns of it first, so a failed write
+        never leaves Predict serving a head the store does not call active."""
         head = self._head(record)
         if not _is_finite(head):
             raise FailedPrecondition(f"head version {record.version_id!r} has NaN or infinite weights; it cannot be served", field="version_id")
-        self._engine.activate(self._engine.models.active.with_head(head))
-        self._engine.store.set_active_head_version(record.feature_version, record.version_id)
+        store = self._engine.store
+        previous = store.active_head_version(record.feature_version)
+        store.set_active_head_version(record.feature_version, record.version_id)
+        try:
+            self._engine.activate(self._engine.models.active.with_head(head))
+        except BaseException:
+            if previous is not None:
+                store.set_active_head_version(record.feature_version, previous)
+            raise
 
     def head_versions(self) -> tuple[list[HeadVersionRecord], str]:
         version = self._split_version()
