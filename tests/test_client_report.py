@@ -102,3 +102,41 @@ def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
     assert report.edit is None and report.visualizations
     assert report.no_edit_reason.startswith("sample_set_id: needs at least 5 samples")
     assert f"<p id='no-edit'>None: the server refused the edit ({report.no_edit_reason})" in render_report(report)
+
+
+def test_when_the_edit_fails_its_error_is_raised_and_undeleted_temporary_sets_are_named(client):
+    # A failed cleanup replaced the cause with "Connection refused", and the first failed
+    # delete skipped the second.
+    from explaind.client import UnavailableError
+    from explaind.client.report import _suggest_edit
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=20).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="grouped",
+                             attributes=[{"background": str(b)} for b in batch.attributes["background"]])
+
+    class ServerGoesAway:
+        def __init__(self, client):
+            self.client, self.deletes = client, []
+
+        def edit_head(self, *args, **kwargs):
+            raise UnavailableError("the server went away")
+
+        def delete_sample_set(self, sample_set_id):
+            self.deletes.append(sample_set_id)
+            if len(self.deletes) == 1:
+                raise UnavailableError("Connection refused")
+            self.client.delete_sample_set(sample_set_id)
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+    flaky = ServerGoesAway(client)
+    with pytest.raises(UnavailableError, match="the server went away") as raised:
+        _suggest_edit(flaky, "heart", [1], "grouped", "", "background", False)
+    first, second = flaky.deletes
+    assert raised.value.__notes__ == [f"the report's temporary sample sets {first} are left on the server; delete them (explaind sample-set delete ID)"]
+    left = {s.sample_set_id for s in client.sample_sets()}
+    assert first in left and second not in left
+    client.delete_sample_set(first)
+    client.delete_sample_set("grouped")

@@ -12,11 +12,12 @@ import base64
 import html
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
 from ._client import Client
-from ._errors import InvalidArgumentError
+from ._errors import ExplaindError, InvalidArgumentError
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
@@ -91,10 +92,24 @@ def _suggest_edit(
                 display_name=f"{part} part of {sample_set_id} (explaind report, temporary)",
             ).sample_set_id)
         edit = edit_head(created[0], validation_sample_set_id=created[1], evaluation_sample_set_id=created[1]).result(progress=progress)
-    finally:
-        for created_id in created:
-            client.delete_sample_set(created_id)
+    except BaseException as error:  # the cause stays the error; what could not be cleaned up is a note on it
+        if left := _delete_sample_sets(client, created):
+            error.add_note(f"the report's temporary sample sets {', '.join(left)} are left on the server; delete them (explaind sample-set delete ID)")
+        raise
+    if left := _delete_sample_sets(client, created):
+        warnings.warn(f"the report's temporary sample sets {', '.join(left)} could not be deleted; delete them (explaind sample-set delete ID)", stacklevel=2)
     return edit, f"the {len(parts['held-out'])} {held_out}"
+
+
+def _delete_sample_sets(client: Client, sample_set_ids: list[str]) -> list[str]:
+    """Delete each set, going on past failures; returns the ids still on the server."""
+    left = []
+    for sample_set_id in sample_set_ids:
+        try:
+            client.delete_sample_set(sample_set_id)
+        except ExplaindError:
+            left.append(sample_set_id)
+    return left
 
 
 def _png_data_uri(image) -> str:
