@@ -714,3 +714,18 @@ def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path
     assert [stat.S_ISREG(mode) for mode in synced] == [True, False]
     assert store.get_blob(digest) == b"artifact bytes"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name_the_key(tmp_path):
+    from explaind.config import ClipSection
+    from explaind.engine.models import load_clip
+    from explaind.world.clip import CHECKPOINT_NAME, clip_dir, register_world_clip_config
+
+    missing = load_clip(ClipSection(path=str(tmp_path / "nope")), required=False)
+    assert not missing.loaded and missing.detail == f"[clip].path not found: {tmp_path / 'nope'}"
+    unknown = load_clip(ClipSection(model="RN50", checkpoint="nonsense"), required=False)
+    assert not unknown.loaded
+    assert "[clip].checkpoint 'nonsense' is neither a file nor a pretrained tag of 'RN50' (tags: openai, " in unknown.detail
+    name = register_world_clip_config()
+    from_file = load_clip(ClipSection(model=name, checkpoint=str(clip_dir() / CHECKPOINT_NAME)), required=True)
+    assert from_file.loaded and from_file.model[0].encode_text(from_file.model[2](["a photo of a heart"])).shape[0] == 1

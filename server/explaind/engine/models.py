@@ -451,7 +451,7 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
     if not source:
         return ComponentStatus("clip", False, "", "not configured")
     if section.path and not Path(section.path).exists():
-        return _optional_failure("clip", source, f"not found: {section.path}", required)
+        return _optional_failure("clip", source, f"[clip].path not found: {section.path}", required)
     try:
         import open_clip
 
@@ -459,12 +459,17 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
             model_name = f"local-dir:{section.path}"
             model, _, preprocess = open_clip.create_model_and_transforms(model_name)
         else:
-            _require_file(section.checkpoint, "CLIP checkpoint")
+            if not section.checkpoint:
+                raise ModelLoadError("[clip].model needs [clip].checkpoint (a weights file or an open_clip pretrained tag)")
+            tags = open_clip.list_pretrained_tags_by_model(section.model)
+            if not Path(section.checkpoint).is_file() and section.checkpoint not in tags:
+                raise ModelLoadError(f"[clip].checkpoint {section.checkpoint!r} is neither a file nor a pretrained tag of {section.model!r} "
+                                     f"(tags: {', '.join(tags) or 'none'}; a tag is downloaded, so it needs the hub)")
             model_name = section.model
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=section.checkpoint)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:  # noqa: BLE001
-        return _optional_failure("clip", source, f"cannot load CLIP from {source}: {type(error).__name__}: {error}", required)
+        return _optional_failure("clip", source, f"cannot load CLIP ([clip]) from {source}: {type(error).__name__}: {error}", required)
     return ComponentStatus("clip", True, source, type(model).__name__, (model.eval(), preprocess, tokenizer))
 
 
@@ -479,7 +484,7 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
     has_index = (directory / "model_index.json").is_file()
     if not has_index and not all((directory / part).is_dir() for part in ("vae", "unet", "scheduler")):
         return _optional_failure(
-            "diffusion", section.path, f"not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)", required
+            "diffusion", section.path, f"[diffusion].path: not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)", required
         )
     if not has_index and not clip.loaded:
         return _optional_failure(
@@ -496,7 +501,7 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
             model, _, tokenizer = clip.model
             pipeline = load_world_t2i(directory, (model, tokenizer))
     except Exception as error:  # noqa: BLE001
-        return _optional_failure("diffusion", section.path, f"cannot load diffusion pipeline from {section.path}: {type(error).__name__}: {error}", required)
+        return _optional_failure("diffusion", section.path, f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {type(error).__name__}: {error}", required)
     return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
 
 
