@@ -59,6 +59,59 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
     assert message in _usage_error(capsys, ["sample-set", "create", "--world", spec])
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", __file__, "--top-k", "0"], "--top-k: expected an integer >= 1, got '0'"),
+        (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 1, got '-19'"),
+        (["info", "--timeout", "-1"], "--timeout: expected a number of seconds > 0, got '-1'"),
+        (["head-versions", "promote"], "head-versions promote: give a version id"),
+        (["head-versions", "list", "v1"], "head-versions list takes no version id"),
+        (["operations", "list", "junk"], "operations list takes no operation name"),
+        (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),
+        (["sample-set", "create", "--world", "balanced", "--images", __file__, "--labels", "0"], "sample-set create: give one of --world, --images"),
+        (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images, --labels and --name are options of create"),
+    ],
+)
+def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
+    # Each used to be accepted and ignored or misread (a negative --neurons sliced the ranking).
+    assert message in _usage_error(capsys, argv)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path):
+    for argv in (["report", "--class", "heart", "--out", str(tmp_path / "missing" / "r.html")],
+                 ["evaluate", "some-set", "--grid", str(tmp_path / "missing" / "g.png")]):
+        # No server at the target: the command fails on the path before it calls one.
+        assert f"cannot write {tmp_path / 'missing'}" in _error(capsys, ["--target", "127.0.0.1:1", *argv])
+    assert f"cannot write {tmp_path}: it is a directory" in _error(capsys, ["report", "--class", "heart", "--out", str(tmp_path)])
+
+
+def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_path):
+    good, bad = _png(tmp_path / "good.png", 10), tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["--target", server.target, "predict", good, str(bad)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"  that is file {bad}"
+    folder = tmp_path / "folder"
+    (folder / "heart").mkdir(parents=True)
+    for i in range(3):
+        _png(folder / "heart" / f"{i}.png", i)
+    (folder / "heart" / "1.png").write_bytes(b"broken")
+    assert main(["--target", server.target, "sample-set", "create", "--folder", str(folder)]) == 1
+    assert f"  that is file {folder / 'heart' / '1.png'}" in capsys.readouterr().err.splitlines()
+
+
+def test_a_closed_pipe_ends_the_command_quietly(server, world_images):
+    # `explaind info | head -1` printed a BrokenPipeError traceback.
+    import subprocess
+    import sys
+
+    command = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", "--target", server.target, "info"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # the reader is gone before the first line is printed
+    stderr = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 141 and "Traceback" not in stderr, stderr
+
+
 def test_operations_state_must_be_a_known_state(capsys):
     err = _usage_error(capsys, ["operations", "list", "--state", "done"])
     assert "invalid choice: 'done'" in err and "'succeeded'" in err
@@ -303,6 +356,12 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert "'5:' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "5:"])
     assert "'x:heart' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "x:heart"])
     assert "--show: expected an integer >= 0, got '-1'" in _usage_error(capsys, ["rank", "s", "--class", "heart", "--show", "-1"])
+    # --no-wait writes no images, so it makes no directory; without CLIP the similarity is n/a.
+    assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--out-dir", str(tmp_path / "unused"),
+                 "--no-wait"]) == 0
+    assert not (tmp_path / "unused").exists()
+    assert main(["--target", server.target, "operations", "wait", capsys.readouterr().out.split()[-1]]) == 0
+    assert re.search(r"CLIP similarity n/a \(no CLIP\), mask area", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(("class_name", "stem"), [("heart", "03_neuron7_heart"), ("n02085620 Chihuahua/toy", "03_neuron7_n02085620-Chihuahua-toy"),
@@ -321,14 +380,19 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         served_before = next(v.version_id for v in before if v.active)
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "7"]) == 0
     out = capsys.readouterr().out
-    assert "served only once promoted" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
+    assert "not served; promote it to serve it" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "--method", "constrain",
                  "--promote"]) == 0
-    assert "served now" in capsys.readouterr().out
+    promoted = capsys.readouterr().out
+    assert "served now" in promoted
     with Client(server.target, timeout=30) as client:
         versions = client.head_versions()
         assert [v.method for v in versions[len(before):]] == ["probability_ratio", "constrain"]
         assert versions[-1].active
         client.promote_head_version(served_before)  # leave the module's server as it was
+    # Later, `operations get` of that job says what is served now, not what was at its end.
+    assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0
+    later = capsys.readouterr().out
+    assert "not served; promote it to serve it" in later and f"  {versions[-1].version_id} " in later
     line = _error(capsys, ["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "9999"])
     assert "neurons" in line and "9999" in line

@@ -64,7 +64,9 @@ def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
 
 def _note_chunk(error: BaseException, start: int, total: int) -> None:
     """Say where a failed request of a split call began: the server numbers ``samples[i]``
-    or ``images[i]`` within the request, not within the caller's list."""
+    or ``images[i]`` within the request, not within the caller's list. Also kept as
+    ``error.request_offset`` (item ``request_offset + i`` of the caller's list)."""
+    error.request_offset = start
     if start:
         error.add_note(f"the failing request began at item {start} of {total}: [i] there is item {start} + i here")
 

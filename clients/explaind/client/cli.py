@@ -18,9 +18,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ._client import _STATES, DEFAULT_TARGET, Client
@@ -68,6 +71,24 @@ def _non_negative_int(value: str) -> int:
     return int(value)
 
 
+def _positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _positive_seconds(value: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
+    return seconds
+
+
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
     neuron, colon, target = spec.partition(":")
@@ -101,12 +122,36 @@ def _world_spec(spec: str) -> tuple[str, str, int]:
     return scenario, split, int(count)
 
 
+@contextlib.contextmanager
+def _naming_failing_file(files: list | None) -> Iterator[None]:
+    """Add the file name to a server error about ``images[i]`` / ``samples[i]``: the index
+    counts within the failing request, which may not be the first (``request_offset``)."""
+    try:
+        yield
+    except ExplaindError as error:
+        match = re.match(r"(?:images|samples)\[(\d+)\]", error.details)
+        if files and match:
+            index = getattr(error, "request_offset", 0) + int(match.group(1))
+            if index < len(files):
+                error.add_note(f"that is file {files[index]}")
+        raise
+
+
 def _write(path: str | Path, data: bytes) -> None:
     """Write an output file; a missing directory or no permission is a user error."""
     try:
         Path(path).write_bytes(data)
     except OSError as error:
         raise CommandError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def _require_writable(path: str) -> None:
+    """Refuse an output file that could not be written, before any work is done for it."""
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"cannot write {path}: it is a directory")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CommandError(f"cannot write {path}: {'no such directory' if not target.parent.is_dir() else 'permission denied'}")
 
 
 # Image files a --folder upload takes, by suffix (what the server decodes).
@@ -174,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args) as client, _naming_failing_file(args.images):
         predictions = client.predict([Path(p) for p in args.images], top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": i, "labels": p.labels, "probabilities": p.probabilities} for i, p in zip(args.images, predictions, strict=True)]))
@@ -211,7 +256,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                     raise CommandError("give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             try:
-                created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+                with _naming_failing_file(None if args.world else images):
+                    created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
             print(f"created {created.sample_set_id}: {created.sample_count} samples, per class {created.class_counts}")
@@ -252,8 +298,9 @@ def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
 
 def _print_visualizations(visualizations) -> None:
     for v in visualizations:
+        similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
         print(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
-              f"CLIP similarity {v.clip_similarity:.3f}, mask area {v.mask_fraction:.0%}")
+              f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}")
 
 
 def _version_line(v) -> str:
@@ -263,7 +310,7 @@ def _version_line(v) -> str:
 
 
 def _print_head_edit(edit) -> None:
-    served = "served now" if edit.version.active else "served only once promoted"
+    served = "served now" if edit.version.active else "not served; promote it to serve it"
     print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; {served}):")
     print(_version_line(edit.version))
     before, after = edit.version.parent_evaluation, edit.version.evaluation
@@ -283,13 +330,18 @@ _RESULT_PRINTERS = {
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.grid:
+        _require_writable(args.grid)
     with _client(args) as client:
         operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
         print(f"started {operation.name}")
         if args.no_wait:
             return 0
-        _print_evaluation(operation.result(progress=True))
-        if args.grid:
+        evaluation = operation.result(progress=True)
+        _print_evaluation(evaluation)
+        if args.grid and not evaluation.mistakes:
+            print(f"no mistakes: {args.grid} not written")
+        elif args.grid:
             _write(args.grid, operation.artifact("mistakes.png"))
             print(f"wrote {args.grid}")
     return 0
@@ -320,10 +372,11 @@ def _announce_and_wait(operation, args: argparse.Namespace):
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CommandError(f"cannot create {out_dir}: {error.strerror or error}") from None
+    if not args.no_wait:  # before the job runs, so a bad directory does not waste it
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(f"cannot create {out_dir}: {error.strerror or error}") from None
     with _client(args) as client:
         operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
                                              seed=args.seed)
@@ -369,6 +422,9 @@ def cmd_operations(args: argparse.Namespace) -> int:
             return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
+            if operation.done:
+                print(f"{operation.name} had already finished ({operation.state}); nothing to cancel")
+                return 0
             operation.cancel()
         elif args.action == "wait":
             operation.wait()
@@ -386,7 +442,11 @@ def cmd_operations(args: argparse.Namespace) -> int:
         if operation.error is not None:
             print(f"error: {operation.error}")
         elif operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
-            _RESULT_PRINTERS[operation.kind](operation.result())
+            result = operation.result()
+            if operation.kind == "edit_head":  # stored when the job ended; the served head may have changed since
+                served = any(v.active and v.version_id == result.version.version_id for v in client.head_versions())
+                result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=served))
+            _RESULT_PRINTERS[operation.kind](result)
     # Like `kubectl wait`: a script waiting on a job learns from the exit code that it failed.
     return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0
 
@@ -478,6 +538,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report, render_report
 
+    _require_writable(args.out)
     with _client(args) as client:
         sample_set_id = args.sample_set
         if not sample_set_id:
@@ -502,8 +563,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_head_versions(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "promote":
-            if not args.version:
-                raise CommandError("head-versions promote: give a version id")
             print(f"serving {client.promote_head_version(args.version).version_id}")
         elif args.action == "rollback":
             print(f"serving {client.rollback_head_version(args.version or '').version_id}")
@@ -525,7 +584,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--target", help="server address (env EXPLAIND_TARGET)")
     parser.add_argument("--token", help="bearer token (env EXPLAIND_TOKEN)")
-    parser.add_argument("--timeout", type=float, help="seconds per call")
+    parser.add_argument("--timeout", type=_positive_seconds, help="seconds per call")
     return parser
 
 
@@ -556,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = command("predict", "classify image files")
     predict.add_argument("images", nargs="+", type=_existing_file, help="image files (PNG, JPEG, ...)")
-    predict.add_argument("--top-k", type=int, default=3, help="classes per image")
+    predict.add_argument("--top-k", type=_positive_int, default=3, help="classes per image")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
@@ -630,8 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
     report.add_argument("--out", default="report.html", help="HTML file to write")
-    report.add_argument("--neurons", type=int, default=5, help="neurons to visualise")
-    report.add_argument("--steps", type=int, default=100, help="visualisation steps")
+    report.add_argument("--neurons", type=_positive_int, default=5, help="neurons to visualise")
+    report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(
         "--evaluation-sample-set", dest="evaluation_sample_set", default="",
@@ -674,6 +733,19 @@ def main(argv: list[str] | None = None) -> int:
         args.id = args.id or args.id_option
         if args.action in ("show", "delete") and not args.id:
             parser.error(f"sample-set {args.action}: give a sample set id")
+        if args.action == "list" and args.id:
+            parser.error("sample-set list takes no sample set id")
+        sources = [flag for flag, value in (("--world", args.world), ("--folder", args.folder), ("--images", args.images)) if value]
+        if len(sources) > 1:
+            parser.error(f"sample-set create: give one of {', '.join(sources)}")
+        if args.action != "create" and (sources or args.labels or args.name):
+            parser.error(f"sample-set {args.action}: --world, --folder, --images, --labels and --name are options of create")
+    if args.command == "head-versions" and args.action == "promote" and not args.version:
+        parser.error("head-versions promote: give a version id")
+    if args.command == "head-versions" and args.action == "list" and args.version:
+        parser.error("head-versions list takes no version id")
+    if args.command == "operations" and args.action == "list" and args.name:
+        parser.error("operations list takes no operation name (filter with --kind or --state)")
     if args.command == "operations" and args.action != "list" and not args.name:
         parser.error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
@@ -685,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`explaind operations list | head -1`): stop quietly like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush would fail too
+        return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
     except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
         for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted
