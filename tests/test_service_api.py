@@ -343,6 +343,39 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.create_sample_set(images[:1], [0], chunk_size=0)
 
 
+def test_a_set_being_uploaded_in_several_requests_is_unusable_until_its_last(server, client, world_images):
+    # A crash mid-upload used to leave a partial set that jobs ran on as if it were complete.
+    from explaind.client import FailedPreconditionError
+
+    pixels, labels = _uint8(world_images[0][:6]), world_images[1][:6].tolist()
+    samples = [sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(p)), label=l) for p, l in zip(pixels, labels, strict=True)]
+    with grpc.insecure_channel(server.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        created = sets.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="in-flight", samples=samples[:2], upload_continues=True))
+        assert created.sample_set.uploading
+        sets.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="in-flight", samples=samples[2:4]))
+        assert client.sample_set("in-flight").uploading
+        for start_job in (lambda: client.evaluate_sample_set("in-flight"), lambda: client.rank_mistake_neurons("in-flight", "heart"),
+                          lambda: client.edit_head("in-flight", "heart", [1])):
+            with pytest.raises(FailedPreconditionError, match=r"^FAILED_PRECONDITION: sample_set_id: sample set 'in-flight' is still being uploaded \(4 samples so far\)"):
+                start_job()
+        done = sets.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="in-flight", samples=samples[4:], finish_upload=True))
+        assert not done.sample_set.uploading and done.sample_set.sample_count == 6
+    assert client.evaluate_sample_set("in-flight").result(timeout=60).sample_count == 6
+    # The SDK marks its split uploads the same way: uploading until the last request.
+    sent = []
+    call = client._call
+    client._call = lambda service, method, request, **kwargs: (sent.append(request), call(service, method, request, **kwargs))[1]
+    try:
+        assert not client.create_sample_set(pixels, labels, sample_set_id="sdk-split", chunk_size=4).uploading
+    finally:
+        client._call = call
+    uploads = [r for r in sent if isinstance(r, (sample_sets_pb2.CreateSampleSetRequest, sample_sets_pb2.AppendSamplesRequest))]
+    assert [(type(r).__name__, len(r.samples)) for r in uploads] == [("CreateSampleSetRequest", 4), ("AppendSamplesRequest", 2)]
+    assert uploads[0].upload_continues and uploads[1].finish_upload
+    assert not client.create_sample_set(pixels[:2], labels[:2], sample_set_id="sdk-one-request").uploading
+
+
 def test_an_artifact_larger_than_the_servers_message_limit_downloads_in_ranges_that_fit(small_messages, world_images):
     # 624 images all labelled heart: about 520 mistakes, so omega.npy is (M, 128) float32 > 256 KiB.
     pixels = np.tile(_uint8(world_images[0]), (13, 1, 1, 1))

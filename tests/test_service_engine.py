@@ -541,6 +541,20 @@ def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
     assert ran == [] and metrics.registry.get_sample_value("explaind_jobs_queued") == 0
 
 
+def test_a_store_written_before_sample_sets_had_an_upload_state_opens_with_its_sets_usable(tmp_path):
+    with sqlite3.connect(tmp_path / "explaind.sqlite3") as old:
+        old.execute("CREATE TABLE sample_sets (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL)")
+        old.execute("INSERT INTO sample_sets VALUES ('old', 'from before', 1.0, 1.0)")
+    old.close()
+    store = SQLiteStore(tmp_path)
+    try:
+        assert store.get_sample_set("old").uploading is False and store.delete_unfinished_uploads() == []
+        assert store.create_sample_set("new", "", [], uploading=True).uploading
+        assert store.delete_unfinished_uploads() == ["new"] and [i.sample_set_id for i in store.list_sample_sets(0, 10)] == ["old"]
+    finally:
+        store.close()
+
+
 def test_a_failed_commit_is_rolled_back_so_the_next_write_works(tmp_path):
     from explaind.store import JobRecord
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 import pytest
 
 from explaind.client import Client, OperationError
+from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,19 @@ def client(server):
 def _distinct_images(count: int, seed: int) -> np.ndarray:
     """(count, 64, 64, 3) uint8 noise: every image distinct, so none hits the feature cache."""
     return np.random.default_rng(seed).integers(0, 256, size=(count, 64, 64, 3), dtype=np.uint8)
+
+
+def _pngs(count: int) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    encoded = []
+    for pixels in _distinct_images(count, 11):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded
 
 
 def _long_set(client: Client, name: str, count: int = 1500, seed: int = 0) -> None:
@@ -63,9 +78,16 @@ def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_set
     for update in operation.watch(timeout=120):
         if update.state == "running" and update.progress.step > 0:
             break
+    client.create_sample_set(_distinct_images(4, 7), [0, 1, 2, 3], sample_set_id="uploaded-in-two", chunk_size=2)
+    with grpc.insecure_channel(server.target) as channel:  # an upload the crash interrupts
+        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="interrupted", upload_continues=True, samples=[
+            sample_sets_pb2.Sample(image=common_pb2.Image(encoded=png), label=0) for png in _pngs(2)])
+        sample_sets_pb2_grpc.SampleSetServiceStub(channel).CreateSampleSet(request, timeout=30)
     server.kill()
     server.start()
     with Client(server.target, timeout=60) as restarted:
+        # The restart deletes the interrupted upload, never a finished one.
+        assert [s.sample_set_id for s in restarted.sample_sets() if s.sample_set_id in ("uploaded-in-two", "interrupted")] == ["uploaded-in-two"]
         after = restarted.operation(operation.name)
         assert after.state == "failed" and after.done
         assert "restart" in after.error.details

@@ -52,6 +52,7 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
         class_counts=dict(sorted(message.class_counts.items())),
         create_time=_time(message.create_time),
         update_time=_time(message.update_time),
+        uploading=message.uploading,
     )
 
 
@@ -240,17 +241,20 @@ class Client:
 
         Uploaded in requests of at most ``chunk_size`` images, half the smaller of the
         client's and the server's message limits, and the server's decoded-pixel limit
-        (asked once with ``model_metadata``). All or nothing: if a later request fails (or is
-        interrupted), the partly uploaded set is deleted before the error is raised."""
+        (asked once with ``model_metadata``). All or nothing: until its last request the set
+        is marked uploading, which jobs refuse and a server restart deletes; if a later
+        request fails (or is interrupted), the partly uploaded set is deleted before the
+        error is raised."""
         samples = self._samples(images, labels, attributes)
         chunks = self._request_chunks(samples, chunk_size, _sample_image)
-        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=chunks[0])
+        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=chunks[0],
+                                                         upload_continues=len(chunks) > 1)
         created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
         start = 0
         try:
             for previous, chunk in zip(chunks, chunks[1:]):
                 start += len(previous)
-                append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk)
+                append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk, finish_upload=chunk is chunks[-1])
                 created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
         except BaseException as error:
             _note_chunk(error, start, len(samples))

@@ -73,6 +73,7 @@ class SampleSet:
     class_counts: dict[int, int]
     create_time: dt.datetime
     update_time: dt.datetime
+    uploading: bool = False  # an upload in several requests is unfinished; jobs refuse the set until it ends
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             print(f"created {created.sample_set_id}: {created.sample_count} samples, per class {created.class_counts}")
         elif args.action == "list":
             for s in client.sample_sets():
-                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {s.display_name}  (updated {s.update_time:%Y-%m-%d %H:%M:%S})")
+                uploading = ", still uploading" if s.uploading else ""
+                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {s.display_name}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading})")
         elif args.action == "show":
             s = client.sample_set(args.id)
             print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {s.class_counts}, created {s.create_time:%Y-%m-%d %H:%M:%S}")

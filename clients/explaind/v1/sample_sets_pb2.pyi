@@ -28,7 +28,7 @@ class Sample(_message.Message):
     def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., label: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SampleSet(_message.Message):
-    __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time")
+    __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time", "uploading")
     class ClassCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,23 +42,27 @@ class SampleSet(_message.Message):
     CLASS_COUNTS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPLOADING_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     display_name: str
     sample_count: int
     class_counts: _containers.ScalarMap[int, int]
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    uploading: bool
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uploading: _Optional[bool] = ...) -> None: ...
 
 class CreateSampleSetRequest(_message.Message):
-    __slots__ = ("sample_set_id", "display_name", "samples")
+    __slots__ = ("sample_set_id", "display_name", "samples", "upload_continues")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_CONTINUES_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     display_name: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
+    upload_continues: bool
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., upload_continues: _Optional[bool] = ...) -> None: ...
 
 class CreateSampleSetResponse(_message.Message):
     __slots__ = ("sample_set",)
@@ -67,12 +71,14 @@ class CreateSampleSetResponse(_message.Message):
     def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping]] = ...) -> None: ...
 
 class AppendSamplesRequest(_message.Message):
-    __slots__ = ("sample_set_id", "samples")
+    __slots__ = ("sample_set_id", "samples", "finish_upload")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FINISH_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
-    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
+    finish_upload: bool
+    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., finish_upload: _Optional[bool] = ...) -> None: ...
 
 class AppendSamplesResponse(_message.Message):
     __slots__ = ("sample_set",)

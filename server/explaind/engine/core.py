@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
@@ -203,18 +203,35 @@ class Engine:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample]) -> SampleSetInfo:
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False) -> SampleSetInfo:
+        """``uploading``: more samples follow (``append_samples(..., finish_upload=True)``
+        ends it); until then jobs refuse the set."""
         if not sample_set_id:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
         elif not SAMPLE_SET_ID.fullmatch(sample_set_id):
             raise InvalidArgument(f"{sample_set_id!r} is not a valid id; use 1-63 of a-z 0-9 _ - starting with a letter or digit", field="sample_set_id")
-        return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples))
+        return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples), uploading=uploading)
 
-    def append_samples(self, sample_set_id: str, samples: Sequence[NewSample]) -> SampleSetInfo:
+    def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False) -> SampleSetInfo:
         self.store.get_sample_set(sample_set_id)
         if not samples:
             raise InvalidArgument("no samples to append", field="samples")
-        return self.store.append_samples(sample_set_id, self._store_samples(samples))
+        return self.store.append_samples(sample_set_id, self._store_samples(samples), finish_upload=finish_upload)
+
+    def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id") -> SampleSetInfo:
+        """The set a job is asked to run on: it must exist, hold samples and be fully uploaded."""
+        if not sample_set_id:
+            raise InvalidArgument("required", field=field)
+        try:
+            info = self.store.get_sample_set(sample_set_id)
+        except NotFound:
+            raise NotFound(f"no sample set {sample_set_id!r}", field=field) from None
+        if info.sample_count == 0:
+            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field=field)
+        if info.uploading:
+            raise FailedPrecondition(f"sample set {sample_set_id!r} is still being uploaded ({info.sample_count} samples so far); "
+                                     "use it once its upload has finished", field=field)
+        return info
 
     def _store_samples(self, samples: Sequence[NewSample]) -> list[SampleRecord]:
         num_classes = len(self.models.active.class_names)
@@ -273,9 +290,7 @@ class Engine:
         """Start a job that classifies a sample set: accuracy, confusion, mistakes grid."""
         from .evaluation import evaluate
 
-        info = self.store.get_sample_set(sample_set_id)
-        if info.sample_count == 0:
-            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field="sample_set_id")
+        self.usable_sample_set(sample_set_id)
         if batch_size < 0 or batch_size > 4096:
             raise InvalidArgument("must be between 1 and 4096, or 0 for the default", field="batch_size")
         if max_grid_images < 0 or max_grid_images > 1024:

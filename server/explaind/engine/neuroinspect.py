@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2
 
 from explaind.v1 import common_pb2, neuroinspect_pb2
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..methods.neuroinspect import ClipIllusion, HeadEditor, MistakeNeuronRanker, evaluate_head
@@ -140,17 +140,6 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{target} is not a class index in [0, {len(names)})", field=f"{field}_index")
         return int(target)
 
-    def _require_set(self, sample_set_id: str, field: str) -> int:
-        if not sample_set_id:
-            raise InvalidArgument("required", field=field)
-        try:
-            info = self._engine.store.get_sample_set(sample_set_id)
-        except NotFound:
-            raise NotFound(f"no sample set {sample_set_id!r}", field=field) from None
-        if info.sample_count == 0:
-            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field=field)
-        return info.sample_count
-
     # Rank ----------------------------------------------------------------------------
 
     def rank_mistake_neurons(
@@ -169,7 +158,7 @@ class NeuroInspectEngine:
         self._check_rank_settings(settings, version)
         if execution not in EXECUTIONS:
             raise InvalidArgument(f"must be one of {EXECUTIONS}", field="execution")
-        count = self._require_set(sample_set_id, "sample_set_id")
+        count = self._engine.usable_sample_set(sample_set_id).sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
             return self._engine.jobs.submit("rank_mistake_neurons", lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
         if count > INLINE_MAX_SAMPLES:
@@ -396,7 +385,7 @@ class NeuroInspectEngine:
             seen.add(neuron)
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
-        train_count = self._require_set(sample_set_id, "sample_set_id")
+        train_count = self._engine.usable_sample_set(sample_set_id).sample_count
         if not any(record.label == class_index for record in self._engine.store.list_samples(sample_set_id)):
             raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {version.class_names[class_index]!r} to train the edit on",
                                   field="class_name" if isinstance(target_class, str) else "class_index")
@@ -404,7 +393,7 @@ class NeuroInspectEngine:
             raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
             if value:
-                self._require_set(value, field)
+                self._engine.usable_sample_set(value, field)
         eval_id = evaluation_sample_set_id or validation_sample_set_id
         if group_attribute:
             if not eval_id:

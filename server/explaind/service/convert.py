@@ -83,6 +83,7 @@ def sample_set(info: SampleSetInfo) -> sample_sets_pb2.SampleSet:
         class_counts=info.class_counts,
         create_time=timestamp(info.create_time),
         update_time=timestamp(info.update_time),
+        uploading=info.uploading,
     )
 
 

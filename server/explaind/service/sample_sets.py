@@ -59,11 +59,11 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
         if not request.samples:
             raise InvalidArgument("a sample set needs at least one sample", field="samples")
-        info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples))
+        info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples), uploading=request.upload_continues)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
-        info = self._engine.append_samples(required_set_id(request), self._samples(request.samples))
+        info = self._engine.append_samples(required_set_id(request), self._samples(request.samples), finish_upload=request.finish_upload)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 
     def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:

@@ -74,6 +74,9 @@ class ExplaindServer:
             self.engine.jobs.recover()
         except Exception as error:  # noqa: BLE001 - the store's first write: a read-only or corrupt database
             raise StoreOpenError(f"cannot use the store in {settings.data_dir}: {error}") from error
+        abandoned = self.store.delete_unfinished_uploads()
+        if abandoned:
+            log.warning("deleted %d sample set(s) whose upload an earlier process left unfinished: %s", len(abandoned), ", ".join(abandoned))
         if settings.metrics_port:
             try:
                 self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)

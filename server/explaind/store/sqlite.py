@@ -22,7 +22,8 @@ from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRe
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
-    id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL
+    id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL,
+    uploading INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS samples (
     set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, position INTEGER NOT NULL,
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
 """
+_SET_COLUMNS = "id, display_name, create_time, update_time, uploading"
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
 
@@ -68,9 +70,16 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
         except sqlite3.Error as error:
             self._dir_lock.close()
             raise StoreOpenError(f"cannot open the store {path}: {error}") from None
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store written by an earlier version up to the schema (columns added since)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sample_sets)")}
+        if "uploading" not in columns:
+            self._db.execute("ALTER TABLE sample_sets ADD COLUMN uploading INTEGER NOT NULL DEFAULT 0")
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
@@ -139,22 +148,29 @@ class SQLiteStore:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord]) -> SampleSetInfo:
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False) -> SampleSetInfo:
         now = time.time()
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
-            db.execute("INSERT INTO sample_sets VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
+            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time, uploading) VALUES (?, ?, ?, ?, ?)",
+                       (sample_set_id, display_name, now, now, int(uploading)))
             self._insert_samples(db, sample_set_id, 0, samples)
         return self.get_sample_set(sample_set_id)
 
-    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord]) -> SampleSetInfo:
+    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False) -> SampleSetInfo:
         with self._transaction() as db:
             self._require_set(db, sample_set_id)
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
-            db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
+            db.execute("UPDATE sample_sets SET update_time = ?, uploading = uploading AND NOT ? WHERE id = ?", (time.time(), finish_upload, sample_set_id))
         return self.get_sample_set(sample_set_id)
+
+    def delete_unfinished_uploads(self) -> list[str]:
+        with self._transaction() as db:
+            abandoned = [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]
+            db.execute("DELETE FROM sample_sets WHERE uploading")
+        return abandoned
 
     @staticmethod
     def _insert_samples(db: sqlite3.Connection, set_id: str, start: int, samples: Sequence[SampleRecord]) -> None:
@@ -165,15 +181,15 @@ class SQLiteStore:
 
     @staticmethod
     def _require_set(db: sqlite3.Connection, sample_set_id: str) -> tuple:
-        row = db.execute("SELECT id, display_name, create_time, update_time FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone()
+        row = db.execute(f"SELECT {_SET_COLUMNS} FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone()
         if row is None:
             raise NotFound(f"no sample set {sample_set_id!r}", field="sample_set_id")
         return row
 
     def _info(self, row: tuple) -> SampleSetInfo:
-        set_id, display_name, create_time, update_time = row
+        set_id, display_name, create_time, update_time, uploading = row
         counts = dict(self._db.execute("SELECT label, COUNT(*) FROM samples WHERE set_id = ? GROUP BY label", (set_id,)).fetchall())
-        return SampleSetInfo(set_id, display_name, sum(counts.values()), counts, create_time, update_time)
+        return SampleSetInfo(set_id, display_name, sum(counts.values()), counts, create_time, update_time, bool(uploading))
 
     def get_sample_set(self, sample_set_id: str) -> SampleSetInfo:
         with self._lock:
@@ -182,7 +198,7 @@ class SQLiteStore:
     def list_sample_sets(self, offset: int, limit: int) -> list[SampleSetInfo]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, display_name, create_time, update_time FROM sample_sets ORDER BY create_time, id LIMIT ? OFFSET ?", (limit, offset)
+                f"SELECT {_SET_COLUMNS} FROM sample_sets ORDER BY create_time, id LIMIT ? OFFSET ?", (limit, offset)
             ).fetchall()
             return [self._info(row) for row in rows]
 
