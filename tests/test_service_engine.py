@@ -224,6 +224,35 @@ def test_torchvision_loader(tmp_path):
     assert version.feature_maps(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)
 
 
+def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(tmp_path, monkeypatch):
+    # weights = "DEFAULT" was read as a file next to the config ("weights file not found").
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    # The download is the one part replaced: its state dict comes from a fresh model.
+    downloads = []
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda weights, *a, **k: downloads.append(weights) or torchvision.models.resnet18().state_dict())
+    config = tmp_path / "explaind.toml"
+    config.write_text('[classifier]\nloader = "torchvision"\nname = "resnet18"\nweights = "DEFAULT"\n')
+    section = load_config(config).classifier
+    assert section.weights == "DEFAULT"
+    version = load_classifier(section)
+    assert downloads == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    assert (len(version.class_names), version.class_names[0], version.image_size, version.source) == (1000, "tench", 224, "ResNet18_Weights.IMAGENET1K_V1")
+    assert version.feature_extractor.preprocess.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    explicit = load_classifier(dataclasses.replace(section, weights="ResNet18_Weights.IMAGENET1K_V1", class_names=tuple(f"c{i}" for i in range(1000)), image_size=64))
+    assert (explicit.class_names[0], explicit.image_size) == ("c0", 64)
+    with pytest.raises(ModelLoadError, match=r"\[classifier\].weights 'IMAGENET1K_V9' is neither a file nor a weights name of torchvision's resnet18 \(IMAGENET1K_V1, DEFAULT\)"):
+        load_classifier(dataclasses.replace(section, weights="IMAGENET1K_V9"))
+    with pytest.raises(ModelLoadError, match=r"\[classifier\].name: torchvision has no model 'resnet19'"):
+        load_classifier(dataclasses.replace(section, name="resnet19"))
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda *a, **k: (_ for _ in ()).throw(OSError("Name or service not known")))
+    with pytest.raises(ModelLoadError, match=r"cannot get torchvision weights .* so the first start needs the network\): OSError"):
+        load_classifier(section)
+    (tmp_path / "DEFAULT").write_bytes(b"")  # a file of that name next to the config is a file again
+    assert load_config(config).classifier.weights == str(tmp_path / "DEFAULT")
+
+
 def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, world_model, engine):
     from explaind.errors import ModelLoadError
 

@@ -12,7 +12,7 @@ silently ignored). Example::
     [classifier]
     loader = "torchvision"     # world | torchvision | export | torchscript | onnx | factory
     name = "resnet50"          # torchvision architecture
-    weights = "/models/resnet50.pth"
+    weights = "/models/resnet50.pth"   # or torchvision weights by name: "DEFAULT", "IMAGENET1K_V2"
     feature_layer = "layer4"
     head = "fc"
     class_names_file = "/models/classes.txt"
@@ -249,8 +249,11 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{where} must be a list, got {value!r}")
             value = tuple(value)
-        if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir") and value:
-            value = str((path.parent / value).resolve()) if not Path(value).is_absolute() else value
+        if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir") and value and not Path(value).is_absolute():
+            resolved = (path.parent / value).resolve()
+            # weights/checkpoint may name pretrained weights instead (torchvision "DEFAULT", open_clip "openai")
+            if key not in ("weights", "checkpoint") or resolved.exists():
+                value = str(resolved)
         values[key] = value
     return dataclasses.replace(default, **values)
 

@@ -283,6 +283,8 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
 
     if not section.name:
         raise ModelLoadError("[classifier] loader 'torchvision' needs name (e.g. 'resnet18')")
+    if section.weights and not Path(section.weights).exists():
+        return _load_torchvision_pretrained(section)
     weights = _require_file(section.weights, "weights file")
     state = _load_state_dict(weights)
     head = section.head or "fc"
@@ -300,6 +302,40 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         class_names=class_names,
         image_size=section.image_size or 224,
         preprocess=Preprocess(section.mean, section.std),
+    )
+
+
+def _load_torchvision_pretrained(section: ClassifierSection) -> ClassifierVersion:
+    """``weights`` names torchvision weights ("DEFAULT", "IMAGENET1K_V2" or
+    "ResNet50_Weights.IMAGENET1K_V2"): downloaded once into the torch hub cache, with the
+    weights' own class names, input size and normalisation unless the config sets them."""
+    import torchvision
+
+    try:
+        known = torchvision.models.get_model_weights(section.name)
+    except (KeyError, ValueError):
+        raise ModelLoadError(f"[classifier].name: torchvision has no model {section.name!r}") from None
+    try:
+        weights = known[section.weights.removeprefix(f"{known.__name__}.")]
+    except KeyError:
+        raise ModelLoadError(f"[classifier].weights {section.weights!r} is neither a file nor a weights name of torchvision's "
+                             f"{section.name} ({', '.join(known.__members__)})") from None
+    try:
+        model = torchvision.models.get_model(section.name, weights=weights)
+    except Exception as error:  # noqa: BLE001 - a download: no network, a full disk, a bad cache file
+        raise ModelLoadError(f"cannot get torchvision weights {weights} (downloaded once into {torch.hub.get_dir()}, "
+                             f"so the first start needs the network): {type(error).__name__}: {error}") from None
+    transforms = weights.transforms()
+    return split_classifier(
+        model,
+        name=section.name,
+        loader="torchvision",
+        source=str(weights),
+        feature_layer=section.feature_layer or "layer4",
+        head=section.head or "fc",
+        class_names=_class_names(section, None) if section.class_names or section.class_names_file else tuple(weights.meta["categories"]),
+        image_size=section.image_size or transforms.crop_size[0],
+        preprocess=Preprocess(section.mean or transforms.mean, section.std or transforms.std),
     )
 
 
