@@ -747,6 +747,30 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
 
 
+def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_path, classifier_dir):
+    # The calls were cancelled at the same deadline as the jobs: the waiter saw UNAVAILABLE.
+    import threading
+
+    from explaind.client import Client
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path))
+    server = ExplaindServer(config)
+    port = server.start()
+    server.load_models()
+    seen = {}
+    with Client(f"127.0.0.1:{port}", timeout=30) as client:
+        operation = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
+        while client.operation(operation.name).state != "running":
+            time.sleep(0.01)
+        waiter = threading.Thread(target=lambda: seen.update(state=operation.wait(timeout=30).state, error=operation.error))
+        waiter.start()
+        time.sleep(0.2)
+        server.stop(0.5)
+        waiter.join(30)
+    assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
+
+
 def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path, monkeypatch):
     store = SQLiteStore(tmp_path)
     synced = []

@@ -50,6 +50,10 @@ SERVICE_NAMES = (
 )
 
 
+# Seconds in-flight calls get beyond the grace period at shutdown (see ``stop``).
+FINAL_STATE_MARGIN_S = 1.0
+
+
 class ExplaindServer:
     """One explaind process: ``start()`` (health NOT_SERVING), ``load_models()``
     (SERVING), ``stop()``. ``port`` / ``metrics_port`` are the bound ports."""
@@ -124,13 +128,15 @@ class ExplaindServer:
             self.health.set(name, status)
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Graceful stop: NOT_SERVING, refuse new calls, give in-flight calls and jobs
-        ``grace_s`` (default from config) to finish, cancel the calls and abort the jobs left."""
+        """Graceful stop: NOT_SERVING, refuse new calls, give jobs ``grace_s`` (default from
+        config) to finish and abort the rest, give in-flight calls a second more, then cancel them."""
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         self.health.enter_graceful_shutdown()
-        done = self._grpc.stop(grace) if self._grpc is not None else threading.Event()
+        # Calls outlast the jobs a little, so a client waiting on a job the shutdown aborts
+        # receives its final state rather than UNAVAILABLE.
+        done = self._grpc.stop(grace + FINAL_STATE_MARGIN_S) if self._grpc is not None else threading.Event()
         self.engine.close(grace)
         done.wait(grace + 5)
         if self._metrics_http is not None:
