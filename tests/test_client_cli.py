@@ -227,6 +227,11 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     _png(root / ".thumbnails" / "x.png", 0)
     assert main(["--target", server.target, "sample-set", "create", "folder", "--folder", str(root)]) == 0
     assert "created folder: 5 samples, per class {0: 3, 5: 2}" in capsys.readouterr().out
+    assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root / "heart" / "nested")]) == 1
+    capsys.readouterr()  # images directly in the folder have no class folder: nothing to append
+    assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root)]) == 0
+    assert "appended to folder: 10 samples, per class {0: 6, 5: 4}" in capsys.readouterr().out
+    assert "sample-set append: give a sample set id" in _usage_error(capsys, ["sample-set", "append", "--folder", str(root)])
     (root / "dog").mkdir()
     _png(root / "dog" / "0.png", 0)
     assert "'dog' is not a class of the served model" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root)])

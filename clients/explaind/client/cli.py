@@ -4,6 +4,7 @@
     explaind predict cat.png dog.jpg --top-k 3
     explaind sample-set create hearts --world spurious_background:test:300
     explaind sample-set create production --folder images/   # images/<class name>/*.png
+    explaind sample-set append production --folder more/
     explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
     explaind operations list | get | wait | watch | cancel | artifact
     explaind --target host:50051 info        # or: explaind info --target host:50051
@@ -245,7 +246,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        if args.action == "create":
+        if args.action in ("create", "append"):
             if args.world:
                 images, labels, attributes = _world_samples(*args.world)
             elif args.folder:
@@ -257,10 +258,13 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             try:
                 with _naming_failing_file(None if args.world else images):
-                    created = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+                    if args.action == "create":
+                        stored = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+                    else:
+                        stored = client.append_samples(args.id, images, labels, attributes=attributes)
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
-            print(f"created {created.sample_set_id}: {created.sample_count} samples, per class {created.class_counts}")
+            print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {stored.sample_count} samples, per class {stored.class_counts}")
         elif args.action == "list":
             for s in client.sample_sets():
                 uploading = ", still uploading" if s.uploading else ""
@@ -622,14 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("info", "what the server serves").set_defaults(run=cmd_info)
 
-    sample_set = command("sample-set", "create, list, show, delete sample sets")
-    sample_set.add_argument("action", choices=("create", "list", "show", "delete"))
+    sample_set = command("sample-set", "create, append to, list, show, delete sample sets")
+    sample_set.add_argument("action", choices=("create", "append", "list", "show", "delete"))
     sample_set.add_argument("id", nargs="?", help="sample set id (create: optional, the server picks one)")
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
-    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create)")
-    sample_set.add_argument("--folder", help="create from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
-    sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, with --labels)")
+    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
+    sample_set.add_argument("--folder", help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
+    sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.set_defaults(run=cmd_sample_set)
 
@@ -732,15 +736,17 @@ def main(argv: list[str] | None = None) -> int:
                          "from --host/--port or [server].host/.port and its token from [server].token")
     if args.command == "sample-set":
         args.id = args.id or args.id_option
-        if args.action in ("show", "delete") and not args.id:
+        if args.action in ("append", "show", "delete") and not args.id:
             parser.error(f"sample-set {args.action}: give a sample set id")
         if args.action == "list" and args.id:
             parser.error("sample-set list takes no sample set id")
         sources = [flag for flag, value in (("--world", args.world), ("--folder", args.folder), ("--images", args.images)) if value]
         if len(sources) > 1:
             parser.error(f"sample-set create: give one of {', '.join(sources)}")
-        if args.action != "create" and (sources or args.labels or args.name):
-            parser.error(f"sample-set {args.action}: --world, --folder, --images, --labels and --name are options of create")
+        if args.action in ("list", "show", "delete") and (sources or args.labels or args.name):
+            parser.error(f"sample-set {args.action}: --world, --folder, --images, --labels and --name are options of create and append")
+        if args.action == "append" and args.name:
+            parser.error("sample-set append: --name is an option of create")
     if args.command == "head-versions" and args.action == "promote" and not args.version:
         parser.error("head-versions promote: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
