@@ -1,0 +1,75 @@
+"""Visualising many (neuron, class) pairs in one batch vs one pair at a time, in one run.
+
+    python bench/illusion_batching.py [--classifier balanced] [--pairs 16] [--steps 50]
+                                      [--method clip_illusion] [--device cpu|cuda]
+
+A VisualizeNeurons job optimises all its pairs together (``ClipIllusion.visualize``
+with every pair). This bench runs the same pairs that way and once per pair, on the
+same device, and prints seconds per image and the ratio. Each pair's random draws
+depend only on (neuron, class, seed), so both runs optimise the same problems; the
+bench also prints how far their final activations differ (batched kernels round
+differently per batch shape, so not exactly zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
+from explaind.methods.neuroinspect import ClipIllusion
+from explaind.world.assets import ASSETS_DIR, classifier_dir
+from explaind.world.classifier import load_classifier
+from explaind.world.clip import load_world_clip
+
+
+def timed(run) -> tuple[float, object]:
+    """(seconds, result) of ``run()``, synchronising CUDA around it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<name> and clip/")
+    parser.add_argument("--classifier", default="balanced")
+    parser.add_argument("--pairs", type=int, default=16, help="neurons 0..pairs-1, each on its top class")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--method", default="clip_illusion", choices=("clip_illusion", "feature_visualization", "no_clip"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_classifier(classifier_dir(args.classifier, Path(args.assets))).to(args.device)
+    clip_model, tokenizer, _ = load_world_clip(Path(args.assets) / "clip", device=args.device)
+    illusion = ClipIllusion(model, model.config.feature_layer, clip_model, tokenizer, head=model.config.head)
+    pairs = [(neuron, None) for neuron in range(args.pairs)]
+    options = dict(method=args.method, steps=args.steps, epsilon=WORLD_CLIP_ILLUSION_EPSILON)
+    illusion.visualize(pairs[:1], **{**options, "steps": 2})  # warm-up: text embeddings, allocator, kernels
+
+    batched_seconds, batched = timed(lambda: illusion.visualize(pairs, **options))
+    single_seconds, singles = timed(lambda: [illusion.visualize([pair], **options) for pair in pairs])
+    single_activations = torch.cat([result.activations for result in singles])
+    difference = (batched.activations - single_activations).abs().max().item()
+
+    print(f"{args.classifier}: {args.pairs} pairs, {args.steps} steps of {args.method}, on {args.device}, "
+          f"{args.threads} threads")
+    print(f"{'':<24}{'seconds':>10}{'s/image':>10}{'ratio':>8}")
+    print(f"{'one pair at a time':<24}{single_seconds:>10.2f}{single_seconds / args.pairs:>10.3f}{1.0:>8.2f}")
+    print(f"{'all pairs in one batch':<24}{batched_seconds:>10.2f}{batched_seconds / args.pairs:>10.3f}"
+          f"{single_seconds / batched_seconds:>8.2f}")
+    print(f"largest activation difference between the two runs: {difference:.4f} "
+          f"(activations {batched.activations.min():.2f} to {batched.activations.max():.2f})")
+
+
+if __name__ == "__main__":
+    main()
