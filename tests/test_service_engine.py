@@ -444,6 +444,19 @@ def _encoded(array: np.ndarray, format: str) -> bytes:
     return buffer.getvalue()
 
 
+def test_captioned_grid_tiles_are_wide_enough_for_their_captions():
+    # 64 px tiles cut "triangle>square" to "triangle>s".
+    from explaind.imaging import image_grid
+
+    tiles = [np.zeros((64, 64, 3), np.uint8)] * 3
+    grid = image_grid(tiles, ["triangle>square"] * 3, columns=2)
+    assert grid.shape == (2 * (128 + 12), 2 * 128, 3)
+    caption = grid[128:140, :128]  # under the first tile
+    inked = np.nonzero((caption < 128).all(axis=2).any(axis=0))[0]
+    assert inked.max() > 6 * len("triangle>s")  # drawn past where the cut one ended
+    assert image_grid(tiles).shape == (64, 3 * 64, 3)  # without captions, as they are
+
+
 def test_16_bit_greyscale_files_are_scaled_not_clipped():
     # Pillow's convert("RGB") turned every 16-bit value above 255 into white.
     grey16 = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)

@@ -177,14 +177,22 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# Captioned tiles are at least this wide (small images scaled up by a whole factor), so a
+# caption like "triangle>square" fits in the default font's 6 px per character.
+MIN_CAPTIONED_TILE_WIDTH = 128
+
+
 def image_grid(images: list[np.ndarray], captions: list[str] | None = None, *, columns: int = 8) -> np.ndarray:
-    """Tile (H, W, 3) uint8 images into one (rows*(H+12), columns*W, 3) uint8 image, with
-    an optional caption strip under each tile."""
+    """Tile (H, W, 3) uint8 images into one (rows*(H'+12), columns*W', 3) uint8 image, with
+    an optional caption strip under each tile; with captions, tiles narrower than
+    :data:`MIN_CAPTIONED_TILE_WIDTH` are scaled up (nearest neighbour)."""
     from PIL import ImageDraw
 
     if not images:
         return np.zeros((16, 16, 3), dtype=np.uint8)
     height, width = images[0].shape[:2]
+    scale = -(-MIN_CAPTIONED_TILE_WIDTH // width) if captions else 1
+    height, width = height * scale, width * scale
     strip = 12 if captions else 0
     columns = min(columns, len(images))
     rows = (len(images) + columns - 1) // columns
@@ -192,7 +200,7 @@ def image_grid(images: list[np.ndarray], captions: list[str] | None = None, *, c
     draw = ImageDraw.Draw(canvas)
     for index, pixels in enumerate(images):
         x, y = (index % columns) * width, (index // columns) * (height + strip)
-        canvas.paste(Image.fromarray(pixels).resize((width, height)), (x, y))
+        canvas.paste(Image.fromarray(pixels).resize((width, height), Image.NEAREST), (x, y))
         if captions:
             draw.text((x + 1, y + height), captions[index][: max(1, width // 6)], fill=(0, 0, 0))
     return np.asarray(canvas)
