@@ -657,6 +657,31 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     assert time.monotonic() - started < 1
 
 
+def test_a_cancelled_job_ends_cancelled_however_slow_the_store(tmp_path):
+    # The job could see the cancel before the request was recorded and end FAILED/ABORTED
+    # as if the server had shut down (seen with a store write in between).
+    class SlowCancelWrites(SQLiteStore):
+        def update_job(self, record):
+            if record.cancel_requested and record.state == "running":
+                time.sleep(0.3)
+            return super().update_job(record)
+
+    jobs = JobManager(SlowCancelWrites(tmp_path), Metrics(), workers=1)
+
+    def checks_until_stopped(ctx):
+        while True:
+            ctx.raise_if_cancelled()
+            time.sleep(0.001)
+
+    job = jobs.submit("spin", checks_until_stopped)
+    while jobs.get(job.record.job_id).record.state != "running":
+        time.sleep(0.01)
+    jobs.cancel(job.record.job_id)
+    record = jobs.wait(job.record.job_id, 10).record
+    assert (record.state, record.error_code) == ("cancelled", "CANCELLED")
+    jobs.shutdown(1)
+
+
 def _empty():
     from google.protobuf import empty_pb2
 

@@ -174,7 +174,7 @@ def test_visualize_streams_previews_and_stores_images(client):
         if update.progress.step >= 1:
             long.cancel()
             break
-    assert long.wait(30).state == "cancelled"
+    assert long.wait(30).state == "cancelled", long.error
 
 
 def test_a_neuron_without_a_class_shows_its_top_classes(client):

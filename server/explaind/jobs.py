@@ -235,11 +235,14 @@ class JobManager:
             live = self._live.get(job_id)
             if live is None:
                 return self.get(job_id)
-            live.cancel_event.set()
             if live.record.state == QUEUED:
+                live.cancel_event.set()
                 self._end_queued(live, CANCELLED, ("CANCELLED", "cancelled before it started"), cancel_requested=True)
             else:
+                # Recorded before the job can see the event: a job that stops reads it to
+                # tell a cancel (CANCELLED) from a shutdown (FAILED, ABORTED).
                 self._update(live, persist=True, cancel_requested=True)
+                live.cancel_event.set()
         return self.get(job_id)
 
     def watch(self, job_id: str, *, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.25) -> Iterator[JobSnapshot]:
