@@ -63,7 +63,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
     ("argv", "message"),
     [
         (["predict", __file__, "--top-k", "0"], "--top-k: expected an integer >= 1, got '0'"),
-        (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 1, got '-19'"),
+        (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 0, got '-19'"),
         (["info", "--timeout", "-1"], "--timeout: expected a number of seconds > 0, got '-1'"),
         (["head-versions", "promote"], "head-versions promote: give a version id"),
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),

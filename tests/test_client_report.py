@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from explaind.client import Client
+from explaind.client import Client, InvalidArgumentError
 from explaind.client._neuroinspect import HeadEvaluation
 from explaind.client.report import _evaluation_rows, build_report, render_report
 from explaind.world import assets
@@ -140,3 +140,29 @@ def test_when_the_edit_fails_its_error_is_raised_and_undeleted_temporary_sets_ar
     assert first in left and second not in left
     client.delete_sample_set(first)
     client.delete_sample_set("grouped")
+
+
+def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
+    # Acceptance 6: the page shows every ranked neuron's image, however many were ranked.
+    from types import SimpleNamespace
+
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    neurons = [RankedNeuron(n, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"]) for n in range(70)]
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 70, 70, neurons, {}, [], None)
+    requests = []
+
+    def visualize_neurons(pairs, **options):
+        requests.append(pairs)
+        return SimpleNamespace(result=lambda progress: [SimpleNamespace(neuron=n) for n, _ in pairs])
+
+    def edit_head(*args, **kwargs):
+        raise InvalidArgumentError("sample_set_id: needs at least 5 samples")
+
+    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons, edit_head=edit_head,
+                             model_metadata=lambda: SimpleNamespace(components={}))
+    report = build_report(client, "heart", "s", steps=2)
+    assert [len(pairs) for pairs in requests] == [64, 6] and [v.neuron for v in report.visualizations] == list(range(70))
+    requests.clear()
+    assert len(build_report(client, "heart", "s", max_neurons=3).visualizations) == 3
+    assert [len(pairs) for pairs in requests] == [3]

@@ -531,7 +531,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
         print("\nno mistakes to explain: every class of the set is classified correctly")
         return
     print(f"\nexplaining the mistakes of '{worst}' (accuracy {accuracy:.2f}):")
-    report = build_report(client, worst, sample_set_id, max_neurons=5, steps=60, group_attribute="background", progress=True)
+    report = build_report(client, worst, sample_set_id, steps=60, group_attribute="background", progress=True)
     _print_ranking(report.ranking)
     out = directory / f"report-{scenario}-{worst}.html"
     out.write_text(render_report(report), encoding="utf-8")
@@ -553,7 +553,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             sample_set_id = sets[-1].sample_set_id
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
         report = build_report(
-            client, args.target_class, sample_set_id, max_neurons=args.neurons, steps=args.steps, group_attribute=args.group_attribute,
+            client, args.target_class, sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
             evaluation_sample_set_id=args.evaluation_sample_set, progress=True,
         )
     _write(args.out, render_report(report).encode("utf-8"))
@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
     report.add_argument("--out", default="report.html", help="HTML file to write")
-    report.add_argument("--neurons", type=_positive_int, default=5, help="neurons to visualise")
+    report.add_argument("--neurons", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
     report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(

@@ -23,10 +23,14 @@ from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisual
 __all__ = ["MistakeReport", "build_report", "render_report"]
 
 
+# VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).
+VISUALIZATION_PAIRS_PER_REQUEST = 64
+
+
 @dataclass(frozen=True)
 class MistakeReport:
     ranking: NeuronRanking
-    visualizations: list[NeuronVisualization]  # one per shown neuron, in ranking order
+    visualizations: list[NeuronVisualization]  # one per shown neuron (every ranked one by default), in ranking order
     edit: HeadEdit | None  # the suggested edit (stored as a version, not promoted)
     visualization_method: str
     evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
@@ -38,25 +42,27 @@ def build_report(
     target_class: str | int,
     sample_set_id: str,
     *,
-    max_neurons: int = 5,
+    max_neurons: int | None = None,
     edit_neurons: int = 3,
     steps: int = 100,
     group_attribute: str = "",
     evaluation_sample_set_id: str = "",
     progress: bool = False,
 ) -> MistakeReport:
-    """Rank, visualise the top ``max_neurons`` (CLIP-Illusion when the server has CLIP,
-    else the no_clip ablation) and edit the head on the top ``edit_neurons``. The edit is
+    """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class, with
+    CLIP-Illusion when the server has CLIP, else the no_clip ablation, and edit the head on
+    the top ``edit_neurons``. The edit is
     evaluated on data it did not train on: ``evaluation_sample_set_id``, else the fifth
     of the set the server holds out (every 5th sample); ``group_attribute`` adds
     per-group accuracy (e.g. "background")."""
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
-    shown = ranking.neurons[:max_neurons]
+    shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     clip = client.model_metadata().components.get("clip")
     method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
     visualizations = []
-    if shown:
-        visualizations = client.visualize_neurons([(n.neuron, ranking.class_name) for n in shown], method=method, steps=steps).result(progress=progress)
+    for start in range(0, len(shown), VISUALIZATION_PAIRS_PER_REQUEST):
+        pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
+        visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress)
     edit, evaluated_on, no_edit_reason = None, "", ""
     if shown:
         neurons = [n.neuron for n in shown[:edit_neurons]]
@@ -180,7 +186,7 @@ def render_report(report: MistakeReport) -> str:
         )
     parts.append("</table>")
     if report.visualizations:
-        parts.append(f"<h2>What the top neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2><div class='neurons'>")
+        parts.append(f"<h2>What the ranked neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2><div class='neurons'>")
         by_neuron = {n.neuron: n for n in ranking.neurons}
         for v in report.visualizations:
             ranked = by_neuron.get(v.neuron)
