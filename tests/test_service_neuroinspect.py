@@ -4,6 +4,7 @@ classifier, driven through the SDK (ranking, visualisation, head edits and versi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import re
@@ -360,6 +361,37 @@ def test_a_promote_the_store_refuses_changes_neither_the_served_head_nor_the_act
         monkeypatch.undo()
         inspect.promote_head_version(stored.version_id)
         assert engine.models.active.head_version != served.head_version and inspect.active_head_version().version_id == stored.version_id
+    finally:
+        _shut(engine)
+
+
+def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_unique(tmp_path, world_set):
+    # A crash between storing the version (even promoting it) and the job's success left a
+    # FAILED job ("submit it again") beside a served version, which a resubmission duplicated.
+    from explaind.engine import NewSample
+
+    pixels, labels, _ = world_set
+    engine, inspect = _in_process(tmp_path)
+    try:
+        engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
+        kept = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1).record.job_id, 60).record
+        assert kept.state == "succeeded"
+        crashed = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[2], max_epochs=1, promote=True).record.job_id, 60).record
+        assert inspect.active_head_version().version_id == "v2"
+        # As the next start finds it after a crash just before the job's end was stored:
+        engine.store.update_job(dataclasses.replace(crashed, state="failed", error_code="ABORTED", result=b""))
+    finally:
+        _shut(engine)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        versions, active = inspect.head_versions()
+        assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v0"
+        assert engine.models.active.head_version == versions[0].head_hash  # the parent is served again
+        again = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[2], max_epochs=1).record.job_id, 60).record
+        assert again.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v2"]
+        engine.store.delete_head_version(versions[0].feature_version, "v1")
+        third = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[3], max_epochs=1).record.job_id, 60).record
+        assert third.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v2", "v3"]
     finally:
         _shut(engine)
 

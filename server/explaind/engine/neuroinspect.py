@@ -30,12 +30,12 @@ from google.protobuf import timestamp_pb2
 
 from explaind.v1 import common_pb2, neuroinspect_pb2
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..methods.neuroinspect import ClipIllusion, HeadEditor, MistakeNeuronRanker, evaluate_head
 from ..methods.neuroinspect._editing import HeadEvaluation
-from ..store import HeadVersionRecord
+from ..store import CANCELLED, FAILED, HeadVersionRecord
 from .models import ClassifierVersion
 
 log = logging.getLogger(__name__)
@@ -451,6 +451,7 @@ class NeuroInspectEngine:
                 "class_name": version.class_names[class_index],
                 "neurons": sorted({int(n) for n in neurons}),
                 "description": description,
+                "edit_job_id": context.job_id,  # the version stands only if this job succeeds (see restore)
                 "parent_evaluation": self._evaluation_dict(edit.before, version, counts),
                 "evaluation": self._evaluation_dict(edit.after, version, counts),
             }
@@ -462,7 +463,11 @@ class NeuroInspectEngine:
                 )
             record = self._add_head_version(version, head, parent.version_id, details)
             if promote:
-                self.promote_head_version(record.version_id)
+                try:
+                    self.promote_head_version(record.version_id)
+                except BaseException:  # the job fails, so its version goes too
+                    self._engine.store.delete_head_version(version.feature_version, record.version_id)
+                    raise
             return neuroinspect_pb2.EditHeadResult(
                 version=self.head_version_message(record), best_epoch=edit.best_epoch, epochs_run=len(edit.history),
                 validation_accuracy=[r.validation_accuracy for r in edit.history],
@@ -498,8 +503,9 @@ class NeuroInspectEngine:
         digest = store.put_blob(_head_bytes(head))
         with self._versions_lock:
             existing = store.list_head_versions(version.feature_version)
+            number = 1 + max((int(r.version_id[1:]) for r in existing if r.version_id[1:].isdigit()), default=-1)  # ids stay unique after a delete
             record = HeadVersionRecord(
-                feature_version=version.feature_version, version_id=f"v{len(existing)}", head_hash=version.with_head(head).head_version,
+                feature_version=version.feature_version, version_id=f"v{number}", head_hash=version.with_head(head).head_version,
                 weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details,
             )
             store.insert_head_version(record)
@@ -517,6 +523,7 @@ class NeuroInspectEngine:
         if version.feature_extractor is None:
             return
         store = self._engine.store
+        self._drop_versions_of_failed_edits(version.feature_version)
         records = store.list_head_versions(version.feature_version)
         loaded = next((r for r in records if r.head_hash == version.head_version), None)
         newly_seen = loaded is None
@@ -540,6 +547,23 @@ class NeuroInspectEngine:
             except FailedPrecondition as error:  # a NaN head promoted before promotions were checked
                 log.warning("%s; serving the loaded head %s instead", error, loaded.version_id)
                 store.set_active_head_version(version.feature_version, loaded.version_id)
+
+    def _drop_versions_of_failed_edits(self, feature_version: str) -> None:
+        """Delete the versions whose EditHead job did not succeed: a crash after the version
+        was stored but before the job's success was leaves the job FAILED ("submit it
+        again") beside a version, possibly promoted, that a resubmission would duplicate."""
+        store = self._engine.store
+        for record in store.list_head_versions(feature_version):
+            job_id = record.details.get("edit_job_id")
+            if not job_id:
+                continue
+            try:
+                state = store.get_job(job_id).state
+            except NotFound:
+                continue
+            if state in (FAILED, CANCELLED):
+                log.warning("deleting head version %s: the edit that stored it (operations/%s) did not succeed", record.version_id, job_id)
+                store.delete_head_version(feature_version, record.version_id)
 
     def _head(self, record: HeadVersionRecord) -> nn.Linear:
         key = (record.feature_version, record.version_id)

@@ -337,6 +337,15 @@ class SQLiteStore:
             raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
         return self._head_from_row(row)
 
+    def delete_head_version(self, feature_version: str, version_id: str) -> None:
+        with self._transaction() as db:
+            row = db.execute("SELECT parent_version_id FROM head_versions WHERE feature_version = ? AND version_id = ?",
+                             (feature_version, version_id)).fetchone()
+            if row is None:
+                raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
+            db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
+            db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
+
     def set_active_head_version(self, feature_version: str, version_id: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO active_heads VALUES (?, ?)", (feature_version, version_id))
