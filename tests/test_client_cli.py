@@ -6,6 +6,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),
         (["operations", "list", "junk"], "operations list takes no operation name"),
         (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),
-        (["sample-set", "create", "--world", "balanced", "--images", __file__, "--labels", "0"], "sample-set create: give one of --world, --images"),
+        (["sample-set", "create", "--world", "balanced", "--images", __file__, "--labels", "0"], "sample-set create: give only one of --world, --folder and --images (got --world and --images)"),
         (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images, --labels and --name are options of create"),
     ],
 )
@@ -102,9 +104,6 @@ def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_pa
 
 def test_a_closed_pipe_ends_the_command_quietly(server, world_images):
     # `explaind info | head -1` printed a BrokenPipeError traceback.
-    import subprocess
-    import sys
-
     command = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", "--target", server.target, "info"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     command.stdout.close()  # the reader is gone before the first line is printed
@@ -206,6 +205,7 @@ def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsy
         (tmp_path / "data" / f"explaind.sqlite3{suffix}").unlink(missing_ok=True)
     line = _error(capsys, ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
     assert re.search(r"error: cannot open the store .*explaind.sqlite3: file is not a database$", line), line
+
 
 
 def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):

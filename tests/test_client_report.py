@@ -3,10 +3,11 @@ measured on samples the suggested edit did not train on."""
 
 import re
 
+import grpc
 import numpy as np
 import pytest
 
-from explaind.client import Client, InvalidArgumentError
+from explaind.client import Client, InvalidArgumentError, OperationError
 from explaind.client._neuroinspect import HeadEvaluation
 from explaind.client.report import _evaluation_rows, build_report, render_report
 from explaind.world import assets
@@ -166,3 +167,10 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
     requests.clear()
     assert len(build_report(client, "heart", "s", max_neurons=3).visualizations) == 3
     assert [len(pairs) for pairs in requests] == [3]
+    # An edit the job itself refuses or cannot finish (training diverged) also leaves the page without one.
+    diverged = OperationError("training diverged: the edited head has NaN weights", grpc.StatusCode.FAILED_PRECONDITION)
+    client.edit_head = lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(diverged))
+    assert build_report(client, "heart", "s", max_neurons=1).no_edit_reason.startswith("training diverged")
+    client.edit_head = lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(OperationError("disk full", grpc.StatusCode.INTERNAL)))
+    with pytest.raises(OperationError, match="disk full"):
+        build_report(client, "heart", "s", max_neurons=1)

@@ -361,6 +361,9 @@ def test_a_set_being_uploaded_in_several_requests_is_unusable_until_its_last(ser
                 start_job()
         done = sets.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="in-flight", samples=samples[4:], finish_upload=True))
         assert not done.sample_set.uploading and done.sample_set.sample_count == 6
+        sets.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="ended-late", samples=samples[:1], upload_continues=True))
+        ended = sets.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="ended-late", finish_upload=True))  # nothing left to send
+        assert not ended.sample_set.uploading and ended.sample_set.sample_count == 1
     assert client.evaluate_sample_set("in-flight").result(timeout=60).sample_count == 6
     # The SDK marks its split uploads the same way: uploading until the last request.
     sent = []

@@ -251,6 +251,9 @@ def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(
         load_classifier(section)
     (tmp_path / "DEFAULT").write_bytes(b"")  # a file of that name next to the config is a file again
     assert load_config(config).classifier.weights == str(tmp_path / "DEFAULT")
+    for relative in ("models/resnet18.pth", "resnet18.pth"):  # paths stay relative to the config, existing or not
+        config.write_text(f'[classifier]\nloader = "torchvision"\nname = "resnet18"\nweights = "{relative}"\n')
+        assert load_config(config).classifier.weights == str(tmp_path / relative)
 
 
 def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, world_model, engine):
@@ -595,6 +598,39 @@ def test_a_store_written_before_sample_sets_had_an_upload_state_opens_with_its_s
         assert store.delete_unfinished_uploads() == ["new"] and [i.sample_set_id for i in store.list_sample_sets(0, 10)] == ["old"]
     finally:
         store.close()
+    # ... and the release before still writes to it after this one opened it (a rollback).
+    with sqlite3.connect(tmp_path / "explaind.sqlite3") as previous:
+        previous.execute("INSERT INTO sample_sets VALUES ('written-by-the-previous-release', '', 2.0, 2.0)")
+    previous.close()
+
+
+def test_a_data_dir_that_cannot_be_written_or_locked_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from explaind.store import StoreOpenError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreOpenError, match=r"cannot use the data dir .*a-file/data: Not a directory; the server must be able to write there"):
+        SQLiteStore(tmp_path / "a-file" / "data")
+    monkeypatch.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))))
+    with pytest.raises(StoreOpenError, match=r"cannot lock the data dir .*: No locks available; use a local file system"):
+        SQLiteStore(tmp_path / "nfs")
+
+
+def test_a_store_that_fails_its_first_writes_stops_the_start_with_one_error(tmp_path, classifier_dir, monkeypatch):
+    # Deleting unfinished uploads on a damaged database escaped as a traceback.
+    from explaind.service import ExplaindServer
+    from explaind.store import StoreOpenError
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path))
+    server = ExplaindServer(config)
+    monkeypatch.setattr(server.store, "delete_unfinished_uploads", lambda: (_ for _ in ()).throw(sqlite3.DatabaseError("database disk image is malformed")))
+    try:
+        with pytest.raises(StoreOpenError, match=rf"^cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed$"):
+            server.start()
+    finally:
+        server.store.close()
 
 
 def test_a_failed_commit_is_rolled_back_so_the_next_write_works(tmp_path):

@@ -110,6 +110,11 @@ def test_invalid_requests_name_the_field(client, world_set):
         client.edit_head("three-hearts", "heart", [1])
     with pytest.raises(InvalidArgumentError, match="class_name: sample set 'three-hearts' has no sample of class 'circle' to train"):
         client.edit_head("three-hearts", "circle", [1], validation_sample_set_id="three-hearts")
+    # Without a validation set every 5th sample is held out: a class only there cannot be trained on.
+    others = np.nonzero(labels != 5)[0][:9]
+    client.create_sample_set(np.concatenate([pixels[only_hearts][:1], pixels[others]]), np.concatenate([[5], labels[others]]), sample_set_id="heart-held-out")
+    with pytest.raises(InvalidArgumentError, match=r"class_name: sample set 'heart-held-out' has no sample of class 'heart' to train the edit on \(without a validation set"):
+        client.edit_head("heart-held-out", "heart", [1])
     correct = [i for i, p in enumerate(client.predict(pixels[:60], top_k=1)) if p.class_indices[0] == labels[i]]
     client.create_sample_set(pixels[correct], labels[correct], sample_set_id="all-correct")
     with pytest.raises(InvalidArgumentError, match="class_index.*no mistakes"):

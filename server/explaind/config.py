@@ -250,12 +250,20 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
                 raise ConfigError(f"{where} must be a list, got {value!r}")
             value = tuple(value)
         if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir") and value and not Path(value).is_absolute():
-            resolved = (path.parent / value).resolve()
-            # weights/checkpoint may name pretrained weights instead (torchvision "DEFAULT", open_clip "openai")
-            if key not in ("weights", "checkpoint") or resolved.exists():
-                value = str(resolved)
+            if key not in ("weights", "checkpoint") or not _names_pretrained_weights(value) or (path.parent / value).exists():
+                value = str((path.parent / value).resolve())
         values[key] = value
     return dataclasses.replace(default, **values)
+
+
+# Suffixes of weight files; a weights/checkpoint value without a path separator or one
+# of these names pretrained weights instead (torchvision "DEFAULT" or
+# "ResNet50_Weights.IMAGENET1K_V2", open_clip "openai" or "laion2b_s34b_b79k").
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".npz")
+
+
+def _names_pretrained_weights(value: str) -> bool:
+    return "/" not in value and "\\" not in value and Path(value).suffix.lower() not in WEIGHT_FILE_SUFFIXES
 
 
 def _validate_device(path: Path | str, device: str) -> None:

@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -45,11 +45,11 @@ class Evaluation:
     sample_count: int
     accuracy: float
     per_class_accuracy: dict[str, float]  # the classes with samples in the set
-    class_counts: dict[str, int]  # samples per class, every class of the model (0 when absent)
-    class_names: list[str]  # every class of the model, by index (mistakes' labels index it)
     confusion_matrix: np.ndarray
     # (sample_index, label, predicted, probability), most confident mistakes first.
     mistakes: list[tuple[int, int, int, float]]
+    class_counts: dict[str, int] = field(default_factory=dict)  # samples per class, every class of the model (0 when absent)
+    class_names: list[str] = field(default_factory=list)  # every class of the model, by index (mistakes' labels index it)
 
 
 def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Operation | None = None) -> Evaluation:

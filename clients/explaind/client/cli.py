@@ -281,8 +281,9 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
 def _print_evaluation(report) -> None:
     print(f"accuracy {report.accuracy:.3f} on {report.sample_count} samples (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
+    listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
     print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in report.per_class_accuracy.items())
-          + (f"; no samples of {', '.join(absent)}" if absent else ""))
+          + (f"; no samples of {listed}" if absent else ""))
     names = report.class_names
     for index, label, predicted, probability in report.mistakes[:5]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
@@ -742,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("sample-set list takes no sample set id")
         sources = [flag for flag, value in (("--world", args.world), ("--folder", args.folder), ("--images", args.images)) if value]
         if len(sources) > 1:
-            parser.error(f"sample-set create: give one of {', '.join(sources)}")
+            parser.error(f"sample-set {args.action}: give only one of --world, --folder and --images (got {' and '.join(sources)})")
         if args.action in ("list", "show", "delete") and (sources or args.labels or args.name):
             parser.error(f"sample-set {args.action}: --world, --folder, --images, --labels and --name are options of create and append")
         if args.action == "append" and args.name:

@@ -16,8 +16,10 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 
+import grpc
+
 from ._client import Client
-from ._errors import ExplaindError, InvalidArgumentError
+from ._errors import ExplaindError, InvalidArgumentError, OperationError
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
@@ -68,7 +70,9 @@ def build_report(
         neurons = [n.neuron for n in shown[:edit_neurons]]
         try:
             edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id, group_attribute, progress)
-        except InvalidArgumentError as error:  # refused before it ran: the page still shows the ranking and images
+        except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
+            if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
             no_edit_reason = error.details
     return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason)
 

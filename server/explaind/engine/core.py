@@ -214,7 +214,7 @@ class Engine:
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False) -> SampleSetInfo:
         self.store.get_sample_set(sample_set_id)
-        if not samples:
+        if not samples and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
         return self.store.append_samples(sample_set_id, self._store_samples(samples), finish_upload=finish_upload)
 
@@ -251,16 +251,17 @@ class Engine:
         version: ClassifierVersion | None = None,
         batch_size: int = 0,
         context: JobContext | None = None,
+        field: str = "sample_set_id",
     ) -> SampleFeatures:
         """Penultimate features of every sample, from the (feature version, image) cache
         where present; the rest are computed in batches, with progress and cancellation
-        through ``context`` when given."""
+        through ``context`` when given. The set is checked again here, when a job runs: it
+        may have been deleted, or replaced by one still uploading, since the job was queued."""
         version = version or self.models.active
         if version.feature_extractor is None:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; explanation methods need a split classifier")
+        self.usable_sample_set(sample_set_id, field)
         records = self.store.list_samples(sample_set_id)
-        if not records:
-            raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field="sample_set_id")
         digests = [record.digest for record in records]
         cached = self.store.get_features(version.feature_version, digests)
         missing = [digest for digest in dict.fromkeys(digests) if digest not in cached]

@@ -95,6 +95,14 @@ def _is_finite(head: nn.Linear) -> bool:
     return bool(torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all())
 
 
+def _require_training_samples(labels: list[int], class_index: int, version: ClassifierVersion, sample_set_id: str, field: str) -> None:
+    """An edit of class c learns from c's training samples; with none it stores a
+    meaningless head version."""
+    if class_index not in labels:
+        raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {version.class_names[class_index]!r} to train the edit on "
+                              "(without a validation set every 5th sample is held out)", field=field)
+
+
 def _head_bytes(head: nn.Linear) -> bytes:
     return save_safetensors({"weight": head.weight.detach().float().cpu().contiguous(), "bias": head.bias.detach().float().cpu().contiguous()})
 
@@ -386,9 +394,10 @@ class NeuroInspectEngine:
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
         train_count = self._engine.usable_sample_set(sample_set_id).sample_count
-        if not any(record.label == class_index for record in self._engine.store.list_samples(sample_set_id)):
-            raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {version.class_names[class_index]!r} to train the edit on",
-                                  field="class_name" if isinstance(target_class, str) else "class_index")
+        class_field = "class_name" if isinstance(target_class, str) else "class_index"
+        stored_labels = [r.label for r in self._engine.store.list_samples(sample_set_id)]
+        training_labels = stored_labels if validation_sample_set_id else [label for i, label in enumerate(stored_labels) if i % 5]  # as run() splits
+        _require_training_samples(training_labels, class_index, version, sample_set_id, class_field)
         if not validation_sample_set_id and train_count < 5:
             raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
@@ -415,16 +424,19 @@ class NeuroInspectEngine:
             train = self._engine.sample_set_features(sample_set_id, version=version, context=context)
             features, labels = train.features, train.labels
             if validation_sample_set_id:
-                validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context)
+                validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context, field="validation_sample_set_id")
                 val_features, val_labels = validation.features, validation.labels
             else:  # every 5th sample held out
                 held = torch.zeros(len(labels), dtype=torch.bool)
                 held[::5] = True
                 val_features, val_labels = features[held.to(features.device)], labels[held]
                 features, labels = features[~held.to(features.device)], labels[~held]
+            # Again now it runs: the set may have been replaced since, or hold the class only in the held-out fifth.
+            _require_training_samples(labels.tolist(), class_index, version, sample_set_id, class_field)
             eval_features, eval_labels, groups = val_features, val_labels, None
             if eval_id:
-                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context)
+                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context,
+                                                              field="evaluation_sample_set_id" if evaluation_sample_set_id else "validation_sample_set_id")
                 eval_features, eval_labels = evaluation.features, evaluation.labels
             if group_attribute:
                 records = self._engine.store.list_samples(eval_id)

@@ -74,11 +74,11 @@ class ExplaindServer:
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
         settings = self.config.server
-        try:
+        try:  # the store's first writes: a read-only or corrupt database fails here
             self.engine.jobs.recover()
-        except Exception as error:  # noqa: BLE001 - the store's first write: a read-only or corrupt database
+            abandoned = self.store.delete_unfinished_uploads()
+        except Exception as error:  # noqa: BLE001
             raise StoreOpenError(f"cannot use the store in {settings.data_dir}: {error}") from error
-        abandoned = self.store.delete_unfinished_uploads()
         if abandoned:
             log.warning("deleted %d sample set(s) whose upload an earlier process left unfinished: %s", len(abandoned), ", ".join(abandoned))
         if settings.metrics_port:

@@ -22,8 +22,12 @@ from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRe
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
-    id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL,
-    uploading INTEGER NOT NULL DEFAULT 0
+    id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL
+);
+-- Sets whose upload in several requests is unfinished. A table of its own, not a column,
+-- so a store stays usable by the release before it (rolling back adds no column trouble).
+CREATE TABLE IF NOT EXISTS uploading_sets (
+    id TEXT PRIMARY KEY REFERENCES sample_sets(id) ON DELETE CASCADE
 );
 CREATE TABLE IF NOT EXISTS samples (
     set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, position INTEGER NOT NULL,
@@ -50,7 +54,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
 """
-_SET_COLUMNS = "id, display_name, create_time, update_time, uploading"
+_SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
 
@@ -60,7 +64,10 @@ class SQLiteStore:
     def __init__(self, data_dir: str | Path) -> None:
         self.data_dir = Path(data_dir)
         self.blob_dir = self.data_dir / "artifacts" / "sha256"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreOpenError(f"cannot use the data dir {self.data_dir}: {error.strerror}; the server must be able to write there") from None
         self._lock = threading.Lock()
         self._dir_lock = self._lock_data_dir()
         path = self.data_dir / "explaind.sqlite3"
@@ -70,21 +77,17 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
-            self._add_missing_columns()
         except sqlite3.Error as error:
             self._dir_lock.close()
             raise StoreOpenError(f"cannot open the store {path}: {error}") from None
 
-    def _add_missing_columns(self) -> None:
-        """Bring a store written by an earlier version up to the schema (columns added since)."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sample_sets)")}
-        if "uploading" not in columns:
-            self._db.execute("ALTER TABLE sample_sets ADD COLUMN uploading INTEGER NOT NULL DEFAULT 0")
-
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
         each fail the other's running jobs at start-up and serve different heads."""
-        lock = open(self.data_dir / "explaind.lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            lock = open(self.data_dir / "explaind.lock", "a+")  # noqa: SIM115 - held until close()
+        except OSError as error:
+            raise StoreOpenError(f"cannot use the data dir {self.data_dir}: {error.strerror}; the server must be able to write there") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,6 +95,9 @@ class SQLiteStore:
             holder = lock.read().strip() or "another process"
             lock.close()
             raise StoreOpenError(f"the data dir {self.data_dir} is in use by {holder}; give each server its own [server].data_dir") from None
+        except OSError as error:  # e.g. ENOLCK: a file system without locks, where SQLite's WAL is not safe either
+            lock.close()
+            raise StoreOpenError(f"cannot lock the data dir {self.data_dir}: {error.strerror}; use a local file system") from None
         lock.truncate(0)
         lock.write(f"explaind server pid {os.getpid()}")
         lock.flush()
@@ -153,8 +159,9 @@ class SQLiteStore:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
-            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time, uploading) VALUES (?, ?, ?, ?, ?)",
-                       (sample_set_id, display_name, now, now, int(uploading)))
+            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
+            if uploading:
+                db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
             self._insert_samples(db, sample_set_id, 0, samples)
         return self.get_sample_set(sample_set_id)
 
@@ -163,13 +170,15 @@ class SQLiteStore:
             self._require_set(db, sample_set_id)
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
-            db.execute("UPDATE sample_sets SET update_time = ?, uploading = uploading AND NOT ? WHERE id = ?", (time.time(), finish_upload, sample_set_id))
+            db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
+            if finish_upload:
+                db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,))
         return self.get_sample_set(sample_set_id)
 
     def delete_unfinished_uploads(self) -> list[str]:
         with self._transaction() as db:
-            abandoned = [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]
-            db.execute("DELETE FROM sample_sets WHERE uploading")
+            abandoned = [row[0] for row in db.execute("SELECT id FROM uploading_sets ORDER BY id")]
+            db.execute("DELETE FROM sample_sets WHERE id IN (SELECT id FROM uploading_sets)")  # cascades to samples and uploading_sets
         return abandoned
 
     @staticmethod
