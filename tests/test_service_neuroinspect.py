@@ -397,6 +397,12 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         engine.store.delete_head_version(versions[0].feature_version, "v1")
         third = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[3], max_epochs=1).record.job_id, 60).record
         assert third.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v2", "v3"]
+        # A deleted version's children descend from its parent instead (rollback stays possible).
+        inspect.promote_head_version("v3")
+        child = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[4], max_epochs=1).record.job_id, 60).record
+        assert child.state == "succeeded"
+        engine.store.delete_head_version(versions[0].feature_version, "v3")
+        assert {v.version_id: v.parent_version_id for v in inspect.head_versions()[0]}["v4"] == "v0"
     finally:
         _shut(engine)
 

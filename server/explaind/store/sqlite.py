@@ -354,6 +354,7 @@ class SQLiteStore:
                 raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
             db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
             db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
+            db.execute("UPDATE head_versions SET parent_version_id = ? WHERE feature_version = ? AND parent_version_id = ?", (row[0], feature_version, version_id))
 
     def set_active_head_version(self, feature_version: str, version_id: str) -> None:
         with self._transaction() as db:
