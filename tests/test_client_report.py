@@ -169,8 +169,10 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
     assert [len(pairs) for pairs in requests] == [3]
     # An edit the job itself refuses or cannot finish (training diverged) also leaves the page without one.
     diverged = OperationError("training diverged: the edited head has NaN weights", grpc.StatusCode.FAILED_PRECONDITION)
+    diverged.add_note("the report's temporary sample sets set-1 are left on the server")
     client.edit_head = lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(diverged))
-    assert build_report(client, "heart", "s", max_neurons=1).no_edit_reason.startswith("training diverged")
+    assert build_report(client, "heart", "s", max_neurons=1).no_edit_reason == (
+        "training diverged: the edited head has NaN weights; the report's temporary sample sets set-1 are left on the server")
     client.edit_head = lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(OperationError("disk full", grpc.StatusCode.INTERNAL)))
     with pytest.raises(OperationError, match="disk full"):
         build_report(client, "heart", "s", max_neurons=1)

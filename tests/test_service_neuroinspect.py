@@ -284,7 +284,7 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
         server.stop()
 
 
-def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS):
+def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True):
     """An engine and its NeuroInspect engine serving ``classifier_dir`` from ``data_dir``, as a server would."""
     from explaind.config import ClassifierSection, Config, ServerSection
     from explaind.engine import Engine
@@ -296,8 +296,25 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS):
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
     engine.load()
     inspect = NeuroInspectEngine(engine)
-    inspect.restore()
+    if restore:
+        inspect.restore()
     return engine, inspect
+
+
+def test_neuroinspect_waits_until_the_head_versions_are_restored(tmp_path):
+    # Between loading the model and restoring the promoted head, an edit took the file's
+    # head as its start and a promote could race the restore.
+    from explaind.errors import Unavailable
+
+    engine, inspect = _in_process(tmp_path, restore=False)
+    try:
+        for call in (inspect.head_versions, lambda: inspect.promote_head_version("v0"), lambda: inspect.edit_head("s", target_class="heart", neurons=[1])):
+            with pytest.raises(Unavailable, match="still restoring its head versions"):
+                call()
+        inspect.restore()
+        assert inspect.head_versions()[1] == "v0"
+    finally:
+        _shut(engine)
 
 
 def _shut(engine) -> None:
@@ -393,16 +410,36 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v0"
         assert engine.models.active.head_version == versions[0].head_hash  # the parent is served again
         again = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[2], max_epochs=1).record.job_id, 60).record
-        assert again.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v2"]
-        engine.store.delete_head_version(versions[0].feature_version, "v1")
+        assert again.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v3"]  # v2 stays retired
+        engine.store.delete_head_version(versions[0].feature_version, "v3")  # the newest: its id is not given out again either
         third = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[3], max_epochs=1).record.job_id, 60).record
-        assert third.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v2", "v3"]
-        # A deleted version's children descend from its parent instead (rollback stays possible).
-        inspect.promote_head_version("v3")
-        child = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[4], max_epochs=1).record.job_id, 60).record
-        assert child.state == "succeeded"
-        engine.store.delete_head_version(versions[0].feature_version, "v3")
-        assert {v.version_id: v.parent_version_id for v in inspect.head_versions()[0]}["v4"] == "v0"
+        assert third.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v4"]
+    finally:
+        _shut(engine)
+
+
+def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, world_set):
+    # v2 was edited from v1 while v1 was served; both jobs failed. Deleting v1 left v2's
+    # parent, and then the active version, pointing at nothing: every start failed.
+    from explaind.engine import NewSample
+
+    pixels, labels, _ = world_set
+    engine, inspect = _in_process(tmp_path)
+    try:
+        engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
+        good = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[5], max_epochs=1).record.job_id, 60).record
+        jobs = []
+        for neuron in (1, 2):
+            jobs.append(engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[neuron], max_epochs=1, promote=True).record.job_id, 60).record)
+        assert good.state == "succeeded" and [v.parent_version_id for v in inspect.head_versions()[0]] == ["", "v0", "v0", "v2"]
+        for job in jobs:
+            engine.store.update_job(dataclasses.replace(job, state="failed", error_code="ABORTED", result=b""))
+    finally:
+        _shut(engine)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        versions, active = inspect.head_versions()
+        assert [(v.version_id, v.parent_version_id) for v in versions] == [("v0", ""), ("v1", "v0")] and active == "v0"
     finally:
         _shut(engine)
 

@@ -73,7 +73,7 @@ def build_report(
         except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
-            no_edit_reason = error.details
+            no_edit_reason = "; ".join([error.details, *getattr(error, "__notes__", ())])  # e.g. temporary sets left behind
     return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason)
 
 

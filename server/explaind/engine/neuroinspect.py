@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2
 
 from explaind.v1 import common_pb2, neuroinspect_pb2
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..methods.neuroinspect import ClipIllusion, HeadEditor, MistakeNeuronRanker, evaluate_head
@@ -124,10 +124,13 @@ class NeuroInspectEngine:
         self._engine = engine
         self._versions_lock = threading.Lock()  # serialises id allocation, promote, rollback
         self._heads: dict[tuple[str, str], nn.Linear] = {}
+        self._restored = threading.Event()  # set by restore(): until then the served head may still change
 
     # Helpers -------------------------------------------------------------------------
 
     def _split_version(self) -> ClassifierVersion:
+        if not self._restored.is_set():
+            raise Unavailable("the server is still restoring its head versions; retry when health reports SERVING")
         version = self._engine.models.active
         if version.feature_extractor is None:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; NeuroInspect needs a split classifier (features + linear head)")
@@ -514,8 +517,9 @@ class NeuroInspectEngine:
         store = self._engine.store
         digest = store.put_blob(_head_bytes(head))
         with self._versions_lock:
-            existing = store.list_head_versions(version.feature_version)
-            number = 1 + max((int(r.version_id[1:]) for r in existing if r.version_id[1:].isdigit()), default=-1)  # ids stay unique after a delete
+            # Deleted ids count too: an id never names two different heads.
+            ids = [r.version_id for r in store.list_head_versions(version.feature_version)] + store.deleted_head_versions(version.feature_version)
+            number = 1 + max((int(i[1:]) for i in ids if i[1:].isdigit()), default=-1)
             record = HeadVersionRecord(
                 feature_version=version.feature_version, version_id=f"v{number}", head_hash=version.with_head(head).head_version,
                 weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details,
@@ -530,7 +534,15 @@ class NeuroInspectEngine:
 
         If the model file's head differs from the one it held at the last start, the
         operator deployed another model file (same h_b, new or earlier head): its head is
-        served, and the version active until now stays stored for a promote."""
+        served, and the version active until now stays stored for a promote. Versions
+        whose EditHead job did not succeed are deleted first. NeuroInspect calls wait
+        (UNAVAILABLE) until this has run."""
+        try:
+            self._restore()
+        finally:
+            self._restored.set()
+
+    def _restore(self) -> None:
         version = self._engine.models.active
         if version.feature_extractor is None:
             return
@@ -556,7 +568,7 @@ class NeuroInspectEngine:
         elif active_id != loaded.version_id:
             try:
                 self._activate(store.get_head_version(version.feature_version, active_id))
-            except FailedPrecondition as error:  # a NaN head promoted before promotions were checked
+            except (FailedPrecondition, NotFound) as error:  # a NaN head promoted before promotions were checked; a lost record
                 log.warning("%s; serving the loaded head %s instead", error, loaded.version_id)
                 store.set_active_head_version(version.feature_version, loaded.version_id)
 

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS head_versions (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, head_hash TEXT NOT NULL, weights_digest TEXT NOT NULL,
     parent_version_id TEXT NOT NULL, create_time REAL NOT NULL, details TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
+CREATE TABLE IF NOT EXISTS deleted_head_versions (
+    feature_version TEXT NOT NULL, version_id TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
+);
 CREATE TABLE IF NOT EXISTS active_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
@@ -353,8 +356,13 @@ class SQLiteStore:
             if row is None:
                 raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
             db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
+            db.execute("INSERT OR IGNORE INTO deleted_head_versions VALUES (?, ?)", (feature_version, version_id))
             db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
             db.execute("UPDATE head_versions SET parent_version_id = ? WHERE feature_version = ? AND parent_version_id = ?", (row[0], feature_version, version_id))
+
+    def deleted_head_versions(self, feature_version: str) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT version_id FROM deleted_head_versions WHERE feature_version = ?", (feature_version,))]
 
     def set_active_head_version(self, feature_version: str, version_id: str) -> None:
         with self._transaction() as db:
