@@ -340,6 +340,8 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{expected.mistake_count} mistakes of heart in all-hearts")
     assert [int(line.split()[1]) for line in out[1:4]] == [n.neuron for n in expected.neurons[:3]]
+    first = expected.neurons[0]
+    assert f"top 5 in {first.insufficient_ratio:.0%} of mistakes as insufficient, {first.excessive_ratio:.0%} as excessive" in out[1]
     assert out[4].startswith("predicted as: ") and f"of {expected.mistake_count} counterfactuals flipped" in out[4]
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "5", "--json"]) == 0
     ranking = json.loads(capsys.readouterr().out)

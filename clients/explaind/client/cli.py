@@ -297,8 +297,8 @@ def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
     print(f"{ranking.mistake_count} mistakes of {ranking.class_name} in {ranking.sample_set_id}; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
     for neuron in ranking.neurons[:limit or None]:
         print(
-            f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} insufficient {neuron.insufficient_ratio:.2f}  "
-            f"excessive {neuron.excessive_ratio:.2f}  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
+            f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} top 5 in {neuron.insufficient_ratio:.0%} of mistakes as insufficient, "
+            f"{neuron.excessive_ratio:.0%} as excessive  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
         )
 
 
