@@ -279,36 +279,42 @@ def _load_world(section: ClassifierSection) -> ClassifierVersion:
 
 
 def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
+    """A torchvision architecture with a state-dict file, or with torchvision weights by
+    name (then with their class names, input size and normalisation unless configured)."""
     import torchvision
 
     if not section.name:
         raise ModelLoadError("[classifier] loader 'torchvision' needs name (e.g. 'resnet18')")
-    if section.weights and not Path(section.weights).exists():
-        return _load_torchvision_pretrained(section)
-    weights = _require_file(section.weights, "weights file")
-    state = _load_state_dict(weights)
     head = section.head or "fc"
-    num_classes = state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None
-    class_names = _class_names(section, num_classes)
-    model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
-    model.load_state_dict(state)
+    if section.weights and not Path(section.weights).exists():
+        model, weights = _torchvision_pretrained(section)
+        transforms = weights.transforms()
+        source, image_size, mean, std = str(weights), transforms.crop_size[0], tuple(transforms.mean), tuple(transforms.std)
+        class_names = _class_names(section, None) if section.class_names or section.class_names_file else tuple(weights.meta["categories"])
+    else:
+        path = _require_file(section.weights, "weights file")
+        state = _load_state_dict(path)
+        class_names = _class_names(section, state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None)
+        model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
+        model.load_state_dict(state)
+        source, image_size, mean, std = str(path), 224, (), ()
     return split_classifier(
         model,
         name=section.name,
         loader="torchvision",
-        source=str(weights),
+        source=source,
         feature_layer=section.feature_layer or "layer4",
         head=head,
         class_names=class_names,
-        image_size=section.image_size or 224,
-        preprocess=Preprocess(section.mean, section.std),
+        image_size=section.image_size or image_size,
+        preprocess=Preprocess(section.mean or mean, section.std or std),
     )
 
 
-def _load_torchvision_pretrained(section: ClassifierSection) -> ClassifierVersion:
-    """``weights`` names torchvision weights ("DEFAULT", "IMAGENET1K_V2" or
-    "ResNet50_Weights.IMAGENET1K_V2"): downloaded once into the torch hub cache, with the
-    weights' own class names, input size and normalisation unless the config sets them."""
+def _torchvision_pretrained(section: ClassifierSection) -> tuple[nn.Module, Any]:
+    """(model, weights enum member) for ``weights`` naming torchvision weights ("DEFAULT",
+    "IMAGENET1K_V2" or "ResNet50_Weights.IMAGENET1K_V2"), downloaded once into the torch
+    hub cache."""
     import torchvision
 
     try:
@@ -321,22 +327,10 @@ def _load_torchvision_pretrained(section: ClassifierSection) -> ClassifierVersio
         raise ModelLoadError(f"[classifier].weights {section.weights!r} is neither a file nor a weights name of torchvision's "
                              f"{section.name} ({', '.join(known.__members__)})") from None
     try:
-        model = torchvision.models.get_model(section.name, weights=weights)
+        return torchvision.models.get_model(section.name, weights=weights), weights
     except Exception as error:  # noqa: BLE001 - a download: no network, a full disk, a bad cache file
         raise ModelLoadError(f"cannot get torchvision weights {weights} (downloaded once into {torch.hub.get_dir()}, "
                              f"so the first start needs the network): {type(error).__name__}: {error}") from None
-    transforms = weights.transforms()
-    return split_classifier(
-        model,
-        name=section.name,
-        loader="torchvision",
-        source=str(weights),
-        feature_layer=section.feature_layer or "layer4",
-        head=section.head or "fc",
-        class_names=_class_names(section, None) if section.class_names or section.class_names_file else tuple(weights.meta["categories"]),
-        image_size=section.image_size or transforms.crop_size[0],
-        preprocess=Preprocess(section.mean or transforms.mean, section.std or transforms.std),
-    )
 
 
 def _load_export(section: ClassifierSection, device: torch.device) -> ClassifierVersion:
