@@ -324,13 +324,11 @@ def _shut(engine) -> None:
 
 
 def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, monkeypatch):
-    from explaind.engine import NewSample
     from explaind.errors import FailedPrecondition
     from explaind.methods.neuroinspect import HeadEditor
 
-    pixels, labels, _ = world_set
     engine, inspect = _in_process(tmp_path)
-    engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
+    _create_train_set(engine, world_set)
     edit = HeadEditor.edit
 
     def diverging(self, *args, **kwargs):
@@ -387,18 +385,27 @@ def test_a_promote_the_store_refuses_changes_neither_the_served_head_nor_the_act
         _shut(engine)
 
 
-def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_unique(tmp_path, world_set):
-    # A crash between storing the version (even promoting it) and the job's success left a
-    # FAILED job ("submit it again") beside a served version, which a resubmission duplicated.
+def _edit(engine, inspect, neuron: int, **options):
+    """Run an edit of "heart" on neuron ``neuron`` of the set "train" to its end; its job record."""
+    return engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[neuron], max_epochs=1, **options).record.job_id, 60).record
+
+
+def _create_train_set(engine, world_set) -> None:
     from explaind.engine import NewSample
 
     pixels, labels, _ = world_set
+    engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
+
+
+def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_unique(tmp_path, world_set):
+    # A crash between storing the version (even promoting it) and the job's success left a
+    # FAILED job ("submit it again") beside a served version, which a resubmission duplicated.
     engine, inspect = _in_process(tmp_path)
     try:
-        engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
-        kept = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1).record.job_id, 60).record
+        _create_train_set(engine, world_set)
+        kept = _edit(engine, inspect, 1)
         assert kept.state == "succeeded"
-        crashed = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[2], max_epochs=1, promote=True).record.job_id, 60).record
+        crashed = _edit(engine, inspect, 2, promote=True)
         assert inspect.active_head_version().version_id == "v2"
         # As the next start finds it after a crash just before the job's end was stored:
         engine.store.update_job(dataclasses.replace(crashed, state="failed", error_code="ABORTED", result=b""))
@@ -409,10 +416,10 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         versions, active = inspect.head_versions()
         assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v0"
         assert engine.models.active.head_version == versions[0].head_hash  # the parent is served again
-        again = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[2], max_epochs=1).record.job_id, 60).record
+        again = _edit(engine, inspect, 2)
         assert again.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v3"]  # v2 stays retired
         engine.store.delete_head_version(versions[0].feature_version, "v3")  # the newest: its id is not given out again either
-        third = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[3], max_epochs=1).record.job_id, 60).record
+        third = _edit(engine, inspect, 3)
         assert third.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v4"]
     finally:
         _shut(engine)
@@ -421,16 +428,13 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
 def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, world_set):
     # v2 was edited from v1 while v1 was served; both jobs failed. Deleting v1 left v2's
     # parent, and then the active version, pointing at nothing: every start failed.
-    from explaind.engine import NewSample
-
-    pixels, labels, _ = world_set
     engine, inspect = _in_process(tmp_path)
     try:
-        engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
-        good = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[5], max_epochs=1).record.job_id, 60).record
+        _create_train_set(engine, world_set)
+        good = _edit(engine, inspect, 5)
         jobs = []
         for neuron in (1, 2):
-            jobs.append(engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[neuron], max_epochs=1, promote=True).record.job_id, 60).record)
+            jobs.append(_edit(engine, inspect, neuron, promote=True))
         assert good.state == "succeeded" and [v.parent_version_id for v in inspect.head_versions()[0]] == ["", "v0", "v0", "v2"]
         for job in jobs:
             engine.store.update_job(dataclasses.replace(job, state="failed", error_code="ABORTED", result=b""))
