@@ -390,6 +390,11 @@ def _edit(engine, inspect, neuron: int, **options):
     return engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[neuron], max_epochs=1, **options).record.job_id, 60).record
 
 
+def _as_if_the_server_died_before_its_end(engine, job) -> None:
+    """Store ``job`` as the next start finds a job whose end was never stored: FAILED, ABORTED."""
+    engine.store.update_job(dataclasses.replace(job, state="failed", error_code="ABORTED", result=b""))
+
+
 def _create_train_set(engine, world_set) -> None:
     from explaind.engine import NewSample
 
@@ -407,8 +412,7 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         assert kept.state == "succeeded"
         crashed = _edit(engine, inspect, 2, promote=True)
         assert inspect.active_head_version().version_id == "v2"
-        # As the next start finds it after a crash just before the job's end was stored:
-        engine.store.update_job(dataclasses.replace(crashed, state="failed", error_code="ABORTED", result=b""))
+        _as_if_the_server_died_before_its_end(engine, crashed)
     finally:
         _shut(engine)
     engine, inspect = _in_process(tmp_path)
@@ -437,7 +441,7 @@ def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, w
             jobs.append(_edit(engine, inspect, neuron, promote=True))
         assert good.state == "succeeded" and [v.parent_version_id for v in inspect.head_versions()[0]] == ["", "v0", "v0", "v2"]
         for job in jobs:
-            engine.store.update_job(dataclasses.replace(job, state="failed", error_code="ABORTED", result=b""))
+            _as_if_the_server_died_before_its_end(engine, job)
     finally:
         _shut(engine)
     engine, inspect = _in_process(tmp_path)
