@@ -870,3 +870,48 @@ def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name
     name = register_world_clip_config()
     from_file = load_clip(ClipSection(model=name, checkpoint=str(clip_dir() / CHECKPOINT_NAME)), required=True)
     assert from_file.loaded and from_file.model[0].encode_text(from_file.model[2](["a photo of a heart"])).shape[0] == 1
+
+
+_SECRET_TEXT = "cannot open /srv/models/private/head.pt"
+
+
+def _unexpected_failure(*args):
+    raise RuntimeError(_SECRET_TEXT)
+
+
+def _incident_in(message: str, log_text: str) -> None:
+    """The caller's message names the exception type and an incident id, never its text;
+    the log holds the text and the traceback under the same id."""
+    found = re.fullmatch(r"internal error \(RuntimeError\); the server log has the details under incident ([0-9a-f]{8})", message)
+    assert found, message
+    assert f"(incident {found.group(1)})" in log_text and _SECRET_TEXT in log_text and "Traceback" in log_text
+
+
+def test_an_unexpected_job_failure_reaches_the_caller_without_server_internals(tmp_path, caplog):
+    # The exception's text (it can hold server paths) used to be the operation's error message.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    try:
+        record = jobs.wait(jobs.submit("evaluate", _unexpected_failure).record.job_id, 10).record
+        assert (record.state, record.error_code) == ("failed", "INTERNAL")
+        _incident_in(record.error_message, caplog.text)
+    finally:
+        jobs.shutdown(5)
+
+
+def test_an_unexpected_rpc_failure_reaches_the_caller_without_server_internals(caplog):
+    import grpc
+
+    from explaind.service.interceptors import ServiceInterceptor
+
+    metrics = Metrics()
+    handler = grpc.method_handlers_generic_handler("test.Broken", {"Call": grpc.unary_unary_rpc_method_handler(_unexpected_failure)})
+    server = grpc.server(ThreadPoolExecutor(2), interceptors=[ServiceInterceptor(metrics, token="", max_send_bytes=1 << 20)], handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/test.Broken/Call")(b"", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        _incident_in(caught.value.details(), caplog.text)
+    finally:
+        server.stop(None)

@@ -7,6 +7,9 @@ as the message. Messages name the offending request field where there is one.
 
 from __future__ import annotations
 
+import logging
+import secrets
+
 
 class ExplaindError(Exception):
     code = "INTERNAL"
@@ -52,3 +55,12 @@ class ModelLoadError(ExplaindError):
     """A model that could not be loaded; the message names the file."""
 
     code = "FAILED_PRECONDITION"
+
+
+def report_internal(logger: logging.Logger, what: str, error: BaseException) -> str:
+    """Log an unexpected ``error`` with its traceback under a fresh incident id and return
+    the message for the caller. Why: an exception's text can hold server file paths and
+    internals; the caller gets its type and an id to quote, the operator's log the rest."""
+    incident = secrets.token_hex(4)
+    logger.error("%s (incident %s)", what, incident, exc_info=error)
+    return f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"

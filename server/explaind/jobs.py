@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from .errors import ExplaindError, ResourceExhausted, Unavailable
+from .errors import ExplaindError, ResourceExhausted, Unavailable, report_internal
 from .imaging import encode_png
 from .metrics import Metrics
 from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
@@ -166,8 +166,7 @@ class JobManager:
         except ExplaindError as error:
             self._finish(live, FAILED, error=(error.code, str(error)))
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
-            log.exception("job %s (%s) failed", live.record.job_id, live.record.kind)
-            self._finish(live, FAILED, error=("INTERNAL", f"{type(error).__name__}: {error}"))
+            self._finish(live, FAILED, error=("INTERNAL", report_internal(log, f"job {live.record.job_id} ({live.record.kind}) failed", error)))
         else:
             packed = any_pb2.Any()
             packed.Pack(result)

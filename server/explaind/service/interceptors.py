@@ -1,10 +1,11 @@
 """One server interceptor for every RPC: auth, error mapping, metrics.
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
-code it names with its message. Anything else becomes INTERNAL with a one-line
-message (the traceback goes to the log, never to the caller). A response larger than
-the send limit becomes RESOURCE_EXHAUSTED here, before gRPC would fail to send it
-after the call had been counted OK.
+code it names with its message. Anything else becomes INTERNAL with the exception's
+type and an incident id (its text and traceback go to the log, never to the caller:
+they can hold server paths). A response larger than the send limit becomes
+RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been
+counted OK.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from ..errors import ExplaindError
+from ..errors import ExplaindError, report_internal
 from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -139,5 +140,4 @@ class _Observed:
         if self._context.code() is not None:  # the servicer aborted on its own
             self._code = self._context.code().name
             raise error
-        log.exception("unexpected error in %s/%s", self._service, self._method)
-        self.abort("INTERNAL", f"internal error ({type(error).__name__}): {error}")
+        self.abort("INTERNAL", report_internal(log, f"unexpected error in {self._service}/{self._method}", error))
