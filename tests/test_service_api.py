@@ -217,6 +217,28 @@ def test_operations_submitted_while_a_client_pages_repeat_none(server, client, w
     assert [op.name for op in client.operations(limit=3)] == [op.name for op in client.operations(limit=1000)][:3]
 
 
+def test_sample_sets_deleted_while_a_client_pages_skip_no_other_set(server, client, world_images):
+    # Page tokens were offsets: deleting a set already listed shifted the rest, and the
+    # next page started one set too late.
+    pixels = _uint8(world_images[0][:1])
+    mine = [f"paging-{i}" for i in range(5)]
+    for name in mine:
+        client.create_sample_set(pixels, [0], sample_set_id=name)
+    with grpc.insecure_channel(server.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        seen, token = [], ""
+        while True:
+            response = sets.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=2, page_token=token), timeout=30)
+            page = [s.sample_set_id for s in response.sample_sets]
+            seen += page
+            for name in set(page) & set(mine):
+                client.delete_sample_set(name)  # each of mine is gone as soon as it was listed
+            token = response.next_page_token
+            if not token:
+                break
+    assert [name for name in seen if name in mine] == mine and len(seen) == len(set(seen))
+
+
 def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, world_images):
     client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="paged")
     with grpc.insecure_channel(server.target) as channel:
@@ -232,11 +254,13 @@ def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, 
                     rpc(request, timeout=30)
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, rpc)
                 assert caught.value.details().startswith("page_token: "), caught.value.details()
-        # Operations' tokens are "<create time>/<job id>"; float() alone took all of these.
+        # Operations' and sample sets' tokens are "<create time>/<id>"; float() alone took all of these.
         for token in ("1_0/x", " 5 /x", "\u0661/x", "-1e300/x", "5.e3/x", "inf/x"):
-            with pytest.raises(grpc.RpcError) as caught:
-                operations.ListOperations(operations_pb2.ListOperationsRequest(page_token=token), timeout=30)
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
+            for rpc, request in ((sets.ListSampleSets, sample_sets_pb2.ListSampleSetsRequest(page_token=token)),
+                                 (operations.ListOperations, operations_pb2.ListOperationsRequest(page_token=token))):
+                with pytest.raises(grpc.RpcError) as caught:
+                    rpc(request, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, rpc)
         largest = sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=str(2**63 - 1))
         assert sets.ListSamples(largest, timeout=30).samples == []
 

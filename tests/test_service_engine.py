@@ -595,7 +595,7 @@ def test_a_store_written_before_sample_sets_had_an_upload_state_opens_with_its_s
     try:
         assert store.get_sample_set("old").uploading is False and store.delete_unfinished_uploads() == []
         assert store.create_sample_set("new", "", [], uploading=True).uploading
-        assert store.delete_unfinished_uploads() == ["new"] and [i.sample_set_id for i in store.list_sample_sets(0, 10)] == ["old"]
+        assert store.delete_unfinished_uploads() == ["new"] and [i.sample_set_id for i in store.list_sample_sets(limit=10)] == ["old"]
     finally:
         store.close()
     # ... and the release before still writes to it after this one opened it (a rollback).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterator
 
 import grpc
@@ -13,7 +11,7 @@ from google.protobuf import duration_pb2
 from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
 from . import convert
-from .sample_sets import bad_page_token, page_limit
+from .paging import page_limit, resume_point, resume_token
 
 
 # google.protobuf.Duration's documented range: about 10,000 years.
@@ -42,7 +40,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
 
     def ListOperations(self, request, context: grpc.ServicerContext) -> operations_pb2.ListOperationsResponse:
-        after, limit = _resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
+        after, limit = resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
         state = ""
         if request.state:
             if request.state not in convert.STATE_NAMES:
@@ -52,7 +50,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         last = snapshots[-1].record if len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
             operations=[convert.operation(s) for s in snapshots],
-            next_page_token=f"{last.create_time!r}/{last.job_id}" if last is not None else "",
+            next_page_token=resume_token(last.create_time, last.job_id) if last is not None else "",
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:
@@ -102,16 +100,3 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return request.offset, length
 
 
-_FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
-
-
-def _resume_point(token: str) -> tuple[float, str] | None:
-    """(create_time, job_id) of the last job of the previous page, from its token. Keyed, not
-    an offset: jobs submitted while a client pages would shift offsets and repeat jobs."""
-    if not token:
-        return None
-    create_time, _, job_id = token.partition("/")
-    # As repr() writes a non-negative float; float() alone also takes " 5 ", "1_0", "-1e300", "١".
-    if not job_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
-        raise bad_page_token(token)
-    return resume, job_id

@@ -9,36 +9,12 @@ from ..engine import Engine
 from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
+from .paging import next_offset_token, offset_page, page_limit, resume_point, resume_token
 
-_MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
 # A repeated message field costs a tag byte and a length varint (at most 5 bytes for
 # sizes below 4 GiB); the headroom covers next_page_token.
 _FIELD_OVERHEAD = 6
 _RESPONSE_HEADROOM = 1024
-
-
-def page_limit(size: int, default: int, maximum: int) -> int:
-    """The number of items to return for a request's ``page_size`` (0 means ``default``)."""
-    if size < 0:
-        raise InvalidArgument("must not be negative", field="page_size")
-    return min(size or default, maximum)
-
-
-def bad_page_token(token: str) -> InvalidArgument:
-    return InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
-
-
-def page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
-    """(offset, limit) from a page token (an offset) and a page size."""
-    limit = page_limit(size, default, maximum)
-    # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
-    if token and not (token.isascii() and token.isdigit() and len(token) <= 19 and int(token) <= _MAX_OFFSET):
-        raise bad_page_token(token)
-    return int(token or 0), limit
-
-
-def next_token(offset: int, limit: int, returned: int) -> str:
-    return str(offset + limit) if returned == limit else ""
 
 
 def required_set_id(request) -> str:
@@ -70,14 +46,16 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.GetSampleSetResponse(sample_set=convert.sample_set(self._engine.store.get_sample_set(required_set_id(request))))
 
     def ListSampleSets(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSampleSetsResponse:
-        offset, limit = page(request.page_token, request.page_size, 100, 1000)
-        infos = self._engine.store.list_sample_sets(offset, limit)
-        return sample_sets_pb2.ListSampleSetsResponse(sample_sets=[convert.sample_set(i) for i in infos], next_page_token=next_token(offset, limit, len(infos)))
+        after, limit = resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
+        infos = self._engine.store.list_sample_sets(after=after, limit=limit)
+        last = infos[-1] if len(infos) == limit else None
+        return sample_sets_pb2.ListSampleSetsResponse(sample_sets=[convert.sample_set(i) for i in infos],
+                                                      next_page_token=resume_token(last.create_time, last.sample_set_id) if last else "")
 
     def ListSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSamplesResponse:
         """A page of samples that ends early (but never empty) where one more would exceed the
         server's send limit: large images would otherwise fail the whole page."""
-        offset, limit = page(request.page_token, request.page_size, 256, 4096)
+        offset, limit = offset_page(request.page_token, request.page_size, 256, 4096)
         store = self._engine.store
         records = store.list_samples(required_set_id(request), offset, limit)
         budget = self._engine.config.server.max_message_bytes - _RESPONSE_HEADROOM
@@ -89,7 +67,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
                 response.next_page_token = str(offset + len(response.samples))
                 return response
             response.samples.append(sample)
-        response.next_page_token = next_token(offset, limit, len(records))
+        response.next_page_token = next_offset_token(offset, limit, len(records))
         return response
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:

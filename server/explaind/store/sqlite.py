@@ -207,10 +207,11 @@ class SQLiteStore:
         with self._lock:
             return self._info(self._require_set(self._db, sample_set_id))
 
-    def list_sample_sets(self, offset: int, limit: int) -> list[SampleSetInfo]:
+    def list_sample_sets(self, *, after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]:
+        where, params = ("WHERE create_time > ? OR (create_time = ? AND id > ?)", (after[0], after[0], after[1])) if after else ("", ())
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_SET_COLUMNS} FROM sample_sets ORDER BY create_time, id LIMIT ? OFFSET ?", (limit, offset)
+                f"SELECT {_SET_COLUMNS} FROM sample_sets {where} ORDER BY create_time, id LIMIT ?", (*params, limit)
             ).fetchall()
             return [self._info(row) for row in rows]
 

@@ -1,0 +1,56 @@
+"""Page sizes and page tokens of the List RPCs.
+
+Two kinds of token: an offset, for lists that only grow at their end (a set's samples),
+and a resume point ``"<create_time>/<id>"``, for lists whose items come and go while a
+client pages (operations, sample sets): an offset would then skip or repeat items.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ..errors import InvalidArgument
+
+_MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
+_FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
+
+
+def page_limit(size: int, default: int, maximum: int) -> int:
+    """The number of items to return for a request's ``page_size`` (0 means ``default``)."""
+    if size < 0:
+        raise InvalidArgument("must not be negative", field="page_size")
+    return min(size or default, maximum)
+
+
+def bad_page_token(token: str) -> InvalidArgument:
+    return InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
+
+
+def offset_page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
+    """(offset, limit) from an offset page token and a page size."""
+    limit = page_limit(size, default, maximum)
+    # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
+    if token and not (token.isascii() and token.isdigit() and len(token) <= 19 and int(token) <= _MAX_OFFSET):
+        raise bad_page_token(token)
+    return int(token or 0), limit
+
+
+def next_offset_token(offset: int, limit: int, returned: int) -> str:
+    return str(offset + limit) if returned == limit else ""
+
+
+def resume_token(create_time: float, item_id: str) -> str:
+    """The token that resumes after the item created at ``create_time`` (s) with ``item_id``."""
+    return f"{create_time!r}/{item_id}"
+
+
+def resume_point(token: str) -> tuple[float, str] | None:
+    """(create_time, id) of the last item of the previous page, from its token."""
+    if not token:
+        return None
+    create_time, _, item_id = token.partition("/")
+    # As repr() writes a non-negative float; float() alone also takes " 5 ", "1_0", "-1e300", "١".
+    if not item_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
+        raise bad_page_token(token)
+    return resume, item_id
