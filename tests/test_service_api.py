@@ -175,8 +175,10 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
         with pytest.raises(grpc.RpcError) as caught:
             stub.Predict(huge, timeout=60)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    forward_passes = _metric(server, "explaind_batch_size_images_count")
     with pytest.raises(InvalidArgumentError, match="top_k"):
         client.predict([pixels], top_k=7)
+    assert _metric(server, "explaind_batch_size_images_count") == forward_passes  # refused before the model ran
     with pytest.raises(NotFoundError, match="no sample set 'missing-set'"):
         client.evaluate_sample_set("missing-set")
     with grpc.insecure_channel(server.target) as channel:
@@ -190,6 +192,12 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
             with pytest.raises(grpc.RpcError) as caught:
                 rpc(request, timeout=30)
             assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "sample_set_id: required"), rpc
+        # Proto3 reads an unset int as 0: a sample without a label was stored as class 0.
+        unlabelled = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="unlabelled", samples=[
+            sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels)), label=0), sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels)))])
+        with pytest.raises(grpc.RpcError) as caught:
+            sets.CreateSampleSet(unlabelled, timeout=30)
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "samples[1].label: required: the sample's class index")
     with pytest.raises(NotFoundError):
         client.operation("operations/does-not-exist")
     with pytest.raises(InvalidArgumentError, match="name"):

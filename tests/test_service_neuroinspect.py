@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from explaind.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
-from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
 from conftest import ServerProcess, write_config
@@ -102,6 +102,12 @@ def test_invalid_requests_name_the_field(client, world_set):
     for call, error, field in cases:
         with pytest.raises(error, match=re.escape(field)):
             call()
+    # Proto3 reads an unset int as 0: a pair without a neuron visualised neuron 0.
+    with grpc.insecure_channel(client.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        request = neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[neuroinspect_pb2.NeuronClassPair(neuron=0), neuroinspect_pb2.NeuronClassPair(class_name="heart")],
+                                                           method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP)
+        neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).VisualizeNeurons(request, timeout=30)
+    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "pairs[1].neuron: required: the neuron to visualise")
     # A class with no samples in the set, and a set without mistakes for the class.
     only_hearts = labels == 5
     client.create_sample_set(pixels[only_hearts][:3], labels[only_hearts][:3], sample_set_id="three-hearts")

@@ -119,8 +119,8 @@ class Engine:
             self.metrics.component_loaded.labels(component=name).set(int(status.loaded))
             if not status.loaded:
                 log.info("%s not loaded: %s", name, status.detail)
-        self.activate(version)
         batching = self.config.batching
+        # Before the first version is active: a Predict that sees a version finds the batcher.
         self._batcher = DynamicBatcher(
             self._run_batch,
             _split_outputs,
@@ -130,6 +130,7 @@ class Engine:
             on_batch=self.metrics.batch_size.observe,
             on_queue_depth=self.metrics.queue_depth.set,
         )
+        self.activate(version)
 
     def activate(self, version: ClassifierVersion) -> None:
         """Serve ``version``: its backend is built (and warmed) first, then one swap.
@@ -165,10 +166,16 @@ class Engine:
 
     # Predict -------------------------------------------------------------------------
 
-    def submit_predict(self, images: torch.Tensor) -> Future:
-        """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`."""
-        if self._batcher is None:
-            self.models.active  # raises Unavailable while loading
+    def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> Future:
+        """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`
+        for :meth:`finish_predict` with the same options. The options are checked first, so
+        a request they refuse never costs a forward pass. Head versions share the classes
+        and the feature layer, so what is checked here still holds when the batch runs."""
+        version = self.models.active  # raises Unavailable while loading
+        if top_k < 0 or top_k > len(version.class_names):
+            raise InvalidArgument(f"must be between 1 and {len(version.class_names)} (the number of classes), or 0 for the default", field="top_k")
+        if return_features and version.feature_extractor is None:
+            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; it has no penultimate features", field="return_features")
         return self._batcher.submit(images)
 
     def _run_batch(self, images: torch.Tensor) -> BatchOutput:
@@ -182,11 +189,7 @@ class Engine:
     def finish_predict(self, output: BatchOutput, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> PredictOutput:
         """Top-k labels and probabilities from a batch slice."""
         names = output.version.class_names
-        if top_k < 0 or top_k > len(names):
-            raise InvalidArgument(f"must be between 1 and {len(names)} (the number of classes), or 0 for the default", field="top_k")
         k = min(top_k or DEFAULT_TOP_K, len(names))
-        if return_features and output.features is None:
-            raise FailedPrecondition(f"the {output.version.loader} classifier is inference-only; it has no penultimate features", field="return_features")
         self.metrics.predicted_images.inc(len(output.logits))
         probabilities, indices = torch.softmax(output.logits, dim=1).topk(k, dim=1)
         return PredictOutput(
@@ -199,7 +202,8 @@ class Engine:
 
     def predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False, timeout: float | None = None) -> PredictOutput:
         """In-process Predict through the same batcher as the RPC."""
-        return self.finish_predict(self.submit_predict(images).result(timeout), top_k=top_k, return_features=return_features)
+        future = self.submit_predict(images, top_k=top_k, return_features=return_features)
+        return self.finish_predict(future.result(timeout), top_k=top_k, return_features=return_features)
 
     # Sample sets ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Each image is resized as it is decoded: the request never holds full-size floats.
         size, budget = self._engine.models.active.image_size, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
         images = torch.stack([convert.decode_image(image, field=f"images[{i}]", size=size, budget=budget) for i, image in enumerate(request.images)])
-        future = self._engine.submit_predict(images)
+        future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features)
         context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
         try:
             output = future.result(timeout=context.time_remaining())

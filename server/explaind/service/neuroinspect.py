@@ -6,6 +6,7 @@ import grpc
 from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
 
 from ..engine.neuroinspect import NeuroInspectEngine, RankSettings
+from ..errors import InvalidArgument
 from ..jobs import JobSnapshot
 from . import convert
 
@@ -19,6 +20,12 @@ def _target_class(message) -> str | int | None:
     """The ``target_class`` oneof: a name, an index, or None when unset."""
     which = message.WhichOneof("target_class")
     return None if which is None else getattr(message, which)
+
+
+def _neuron(pair, field: str) -> int:
+    if not pair.HasField("neuron"):
+        raise InvalidArgument("required: the neuron to visualise", field=field)
+    return pair.neuron
 
 
 def _enum(values: dict[int, str], value: int, field: str) -> str:
@@ -54,7 +61,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
 
     def VisualizeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.VisualizeNeuronsResponse:
         snapshot = self._engine.visualize_neurons(
-            [(pair.neuron, _target_class(pair)) for pair in request.pairs],
+            [(_neuron(pair, f"pairs[{i}].neuron"), _target_class(pair)) for i, pair in enumerate(request.pairs)],
             method=_enum(_VISUALIZATION_METHODS, request.method, "method"),
             steps=request.steps or 400,
             gamma=_optional(request, "gamma", 0.5),
