@@ -350,22 +350,17 @@ def _shut(engine) -> None:
 
 def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, monkeypatch):
     from explaind.errors import FailedPrecondition
-    from explaind.methods.neuroinspect import HeadEditor
+    from explaind.methods.neuroinspect import _editing
 
     engine, inspect = _in_process(tmp_path)
     _create_train_set(engine, world_set)
-    edit = HeadEditor.edit
-
-    def diverging(self, *args, **kwargs):
-        result = edit(self, *args, **kwargs)
-        result.weight.fill_(float("nan"))
-        return result
-
-    monkeypatch.setattr(HeadEditor, "edit", diverging)
+    # A NaN penalty: its gradients make the weights NaN in the first step.
+    monkeypatch.setattr(_editing, "probability_ratio", lambda weight, *args: weight.sum() * float("nan"))
     job = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
     failed = engine.jobs.wait(job, 60).record
     assert (failed.state, failed.error_code) == ("failed", "FAILED_PRECONDITION")
-    assert failed.error_message.startswith("training diverged: the edited head has NaN or infinite weights")
+    assert failed.error_message == ("training diverged: the edited head has NaN or infinite weights after epoch 1; "
+                                    "retry with a lower strength, target_ratio or learning_rate; nothing was stored")
     assert [r.version_id for r in inspect.head_versions()[0]] == ["v0"]
 
     # A NaN head stored by an older server is refused, and not served after a restart either.

@@ -33,8 +33,7 @@ from explaind.v1 import common_pb2, neuroinspect_pb2
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
-from ..methods.neuroinspect import ClipIllusion, HeadEditor, MistakeNeuronRanker, evaluate_head
-from ..methods.neuroinspect._editing import HeadEvaluation
+from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged, evaluate_head
 from ..store import CANCELLED, FAILED, HeadVersionRecord
 from .models import ClassifierVersion
 
@@ -460,6 +459,8 @@ class NeuroInspectEngine:
                 )
             except ValueError as error:
                 raise InvalidArgument(str(error)) from None
+            except TrainingDiverged as error:
+                raise FailedPrecondition(f"{error}; nothing was stored") from None
             counts = Counter(eval_labels.tolist())
             details = {
                 "method": method,
@@ -470,13 +471,7 @@ class NeuroInspectEngine:
                 "parent_evaluation": self._evaluation_dict(edit.before, version, counts),
                 "evaluation": self._evaluation_dict(edit.after, version, counts),
             }
-            head = edit.as_linear()
-            if not _is_finite(head):
-                raise FailedPrecondition(
-                    "training diverged: the edited head has NaN or infinite weights and was not stored; "
-                    "retry with a lower strength, target_ratio or learning_rate"
-                )
-            record = self._add_head_version(version, head, parent.version_id, details)
+            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details)
             if promote:
                 try:
                     self.promote_head_version(record.version_id)

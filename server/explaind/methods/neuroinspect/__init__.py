@@ -5,10 +5,12 @@ Three engines, each one class with one entry method, on cached features or image
 * :class:`MistakeNeuronRanker` ``.rank(features, labels)``: counterfactual shifts ω per
   mistake and the neurons most often behind them (``faithful`` or ``proximal`` solver).
 * :class:`ClipIllusion` ``.visualize(pairs)``: class-conditional feature visualisation.
-* :class:`HeadEditor` ``.edit(features, labels, target_class=, neurons=)``: retrain the
-  linear head with the probability-ratio regulariser (or the ``constrain`` baseline).
+* :class:`HeadEditor` ``.edit(features, labels, target_class=, neurons=,
+  validation_features=, validation_labels=)``: retrain the linear head with the
+  probability-ratio regulariser (or the ``constrain`` baseline).
 
 :class:`FeatureExtractor` turns images into the (N, D) features the first and last need.
+README.md ("The methods in-process") has a worked example on the shapes world.
 """
 
 from ._counterfactual import (
@@ -17,22 +19,25 @@ from ._counterfactual import (
     CounterfactualSolver,
     FaithfulSGD,
     ProximalGradient,
+    SolverCallback,
     make_solver,
 )
-from ._editing import EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, evaluate_head
+from ._editing import EpochCallback, EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, TrainingDiverged, evaluate_head
 from ._features import FeatureExtractor
 from ._fourier import FourierImage
-from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationResult
+from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationCallback, VisualizationResult, activation_masks
 from ._probing import concept_neurons, neuron_auc
 from ._probability import neuron_importance, probability_ratio
-from ._ranking import MistakeNeuronRanker, NeuronRanking, RankedNeuron
+from ._ranking import BOTH, EXCESSIVE, INSUFFICIENT, MistakeNeuronRanker, NeuronRanking, RankedNeuron
 
 __all__ = [
-    "DEFAULT_PROMPT_TEMPLATES",
-    "SOLVERS",
+    "BOTH",
     "ClipIllusion",
     "CounterfactualSolution",
     "CounterfactualSolver",
+    "DEFAULT_PROMPT_TEMPLATES",
+    "EXCESSIVE",
+    "EpochCallback",
     "EpochRecord",
     "FaithfulSGD",
     "FeatureExtractor",
@@ -40,11 +45,17 @@ __all__ = [
     "HeadEdit",
     "HeadEditor",
     "HeadEvaluation",
+    "INSUFFICIENT",
     "MistakeNeuronRanker",
     "NeuronRanking",
     "ProximalGradient",
     "RankedNeuron",
+    "SOLVERS",
+    "SolverCallback",
+    "TrainingDiverged",
+    "VisualizationCallback",
     "VisualizationResult",
+    "activation_masks",
     "concept_neurons",
     "evaluate_head",
     "make_solver",

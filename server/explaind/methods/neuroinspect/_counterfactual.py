@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ._checks import labels_tensor
+
 # Progress hook: (step, max_iterations, samples still running) -> True to stop now.
 SolverCallback = Callable[[int, int, int], "bool | None"]
 
@@ -70,15 +72,15 @@ class _BatchState:
         return CounterfactualSolution(self.omega_out, self.converged, self.iterations, cancelled)
 
 
-def _check_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
-    if features.ndim != 2 or features.shape[1] != weight.shape[1]:
-        raise ValueError(f"features must be (N, {weight.shape[1]}), got {tuple(features.shape)}")
-    if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= weight.shape[0]):
-        raise ValueError(f"labels must lie in [0, {weight.shape[0]}), got {int(labels.min())}..{int(labels.max())}")
+def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features`` in the head's dtype and int64 ``labels``, after checking their shapes."""
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if features.ndim != 2 or features.shape[1] != weight.shape[1] or not features.is_floating_point():
+        raise ValueError(f"features must be floating-point (N, {weight.shape[1]}), got {features.dtype} {tuple(features.shape)}")
+    labels = labels_tensor(labels, "labels", count=len(features), num_classes=weight.shape[0], device=weight.device)
+    return features.to(weight.device, weight.dtype), labels
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class FaithfulSGD:
         callback: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
-        _check_inputs(weight, bias, features, labels)
+        features, labels = _checked_inputs(weight, bias, features, labels)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
         omega = torch.zeros_like(features)
@@ -161,10 +163,11 @@ class ProximalGradient:
         callback: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
-        _check_inputs(weight, bias, features, labels)
+        features, labels = _checked_inputs(weight, bias, features, labels)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
-        step_size = 2.0 / float(torch.linalg.matrix_norm(weight, ord=2)) ** 2
+        lipschitz = float(torch.linalg.matrix_norm(weight, ord=2)) ** 2 / 2
+        step_size = 1.0 / lipschitz if lipschitz > 0 else 1.0  # an all-zero head: no step moves a prediction
         l1_threshold, l2_threshold = step_size * l1 / dim, step_size * l2 / dim
         omega = torch.zeros_like(features)  # x_k
         lookahead = torch.zeros_like(features)  # y_k, the extrapolated point

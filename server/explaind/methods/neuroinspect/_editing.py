@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import count, index, indices, labelled_features, number
 from ._probability import neuron_importance, probability_ratio
 
 METHODS = ("probability_ratio", "constrain")
@@ -57,8 +58,10 @@ def evaluate_head(
     *,
     groups: Sequence[str] | np.ndarray | None = None,
 ) -> HeadEvaluation:
-    """Overall, per-class and (with ``groups``, one name per sample) per-group accuracy."""
-    correct = ((features.to(weight) @ weight.T + bias).argmax(1) == labels.to(weight.device)).cpu().numpy()
+    """Overall, per-class and (with ``groups``, one name per sample) per-group accuracy of
+    the head ``weight`` (C, D), ``bias`` (C,) on ``features`` (N, D) with ``labels`` (N,)."""
+    features, labels = labelled_features(features, labels, like=weight)
+    correct = ((features @ weight.T + bias).argmax(1) == labels).cpu().numpy()
     labels_np = labels.cpu().numpy()
     class_accuracy = {int(c): float(correct[labels_np == c].mean()) for c in np.unique(labels_np)}
     group_accuracy = {}
@@ -108,6 +111,10 @@ class HeadEdit:
 EpochCallback = Callable[[int, int, EpochRecord], "bool | None"]
 
 
+class TrainingDiverged(ArithmeticError):
+    """The head's weights became NaN or infinite: the settings were too aggressive."""
+
+
 class HeadEditor:
     """Retrains only a linear head so that class ``target_class`` relies less on ``neurons``."""
 
@@ -120,11 +127,15 @@ class HeadEditor:
                                neurons: Sequence[int]) -> float:
         """The paper's o = (min_k importance_k − 1) / 3 + 1 on class ``target_class``'s mean feature."""
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
-        in_class = labels.to(weight.device) == target_class
+        num_classes, dim = weight.shape
+        features, labels = labelled_features(features, labels, like=weight)
+        target_class = index(target_class, "target_class", num_classes)
+        neuron_ids = indices(neurons, "neurons", dim)
+        in_class = labels == target_class
         if not in_class.any():
             raise ValueError(f"labels hold no sample of target_class {target_class}")
-        importance = neuron_importance(weight, bias, features.to(weight)[in_class].mean(0), target_class)
-        return float((importance[list(neurons)].min() - 1) / 3 + 1)
+        importance = neuron_importance(weight, bias, features[in_class].mean(0), target_class)
+        return float((importance[neuron_ids].min() - 1) / 3 + 1)
 
     def edit(
         self,
@@ -153,9 +164,14 @@ class HeadEditor:
         """Retrain the head on training ``features`` (N, D) / ``labels`` (N,) with Adam.
 
         Args:
+            target_class: the class c whose reliance on ``neurons`` is penalised.
+            neurons: the neuron ids K (feature indices), e.g. a ranking's top ids.
+            validation_features, validation_labels: (M, D) / (M,), for early stopping.
             method: ``"probability_ratio"`` (ours) or ``"constrain"`` (the CON baseline).
             strength: λ3 of the penalty; default 0.01 for ours, 1.0 for ``constrain``.
             target_ratio: o, or ``"auto"`` for :meth:`suggested_target_ratio`.
+            learning_rate, weight_decay, batch_size: Adam's step size and L2 decay, and
+                the minibatch size; ``seed`` fixes the minibatch order.
             max_epochs, patience: early stopping on the validation set; the best epoch's
                 weights are kept, judged by ``selection`` (``"accuracy"``, ties broken by
                 worst-class accuracy, or ``"worst_class"``, ties broken by accuracy).
@@ -164,18 +180,38 @@ class HeadEditor:
             callback_on_epoch_end: ``(epoch, max_epochs, record)``; return True to stop.
         """
         weight0, bias0 = self.head.weight.detach(), self.head.bias.detach()
-        device, dtype = weight0.device, weight0.dtype
-        features, validation_features = features.to(device, dtype), validation_features.to(device, dtype)
-        labels, validation_labels = labels.to(device), validation_labels.to(device)
-        neuron_ids = self._check_arguments(features, labels, validation_features, validation_labels,
-                                           target_class=target_class, neurons=neurons, method=method,
-                                           selection=selection, batch_size=batch_size, max_epochs=max_epochs)
-        strength = DEFAULT_STRENGTH[method] if strength is None else float(strength)
+        device = weight0.device
+        num_classes, dim = weight0.shape
+        features, labels = labelled_features(features, labels, like=weight0)
+        validation_features, validation_labels = labelled_features(validation_features, validation_labels, like=weight0,
+                                                                   names=("validation_features", "validation_labels"))
+        if evaluation_features is None:
+            if evaluation_labels is not None or evaluation_groups is not None:
+                raise ValueError("evaluation_labels and evaluation_groups need evaluation_features (without them "
+                                 "the validation set is evaluated, without groups)")
+            evaluation_features, evaluation_labels = validation_features, validation_labels
+        elif evaluation_labels is None:
+            raise ValueError("evaluation_labels must be given with evaluation_features")
+        else:
+            evaluation_features, evaluation_labels = labelled_features(evaluation_features, evaluation_labels, like=weight0,
+                                                                       names=("evaluation_features", "evaluation_labels"))
+            if evaluation_groups is not None and len(evaluation_groups) != len(evaluation_features):
+                raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)}), got {len(evaluation_groups)}")
+        target_class = index(target_class, "target_class", num_classes)
+        neuron_ids = torch.tensor(sorted(set(indices(neurons, "neurons", dim))), device=device)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        strength = number(DEFAULT_STRENGTH[method] if strength is None else strength, "strength")
+        learning_rate = number(learning_rate, "learning_rate", low_open=True)
+        weight_decay = number(weight_decay, "weight_decay")
+        batch_size, max_epochs, patience = count(batch_size, "batch_size"), count(max_epochs, "max_epochs"), count(patience, "patience")
         if target_ratio == "auto":
-            target_ratio = self.suggested_target_ratio(features, labels, target_class=target_class, neurons=neurons)
+            target_ratio = self.suggested_target_ratio(features, labels, target_class=target_class, neurons=neuron_ids.tolist())
         elif isinstance(target_ratio, str):
             raise ValueError(f"target_ratio must be a number or 'auto', got {target_ratio!r}")
-        target_ratio = float(target_ratio)
+        target_ratio = number(target_ratio, "target_ratio", low_open=True)
 
         weight = weight0.clone().requires_grad_(True)
         bias = bias0.clone().requires_grad_(True)
@@ -189,8 +225,8 @@ class HeadEditor:
             totals = torch.zeros(2, dtype=torch.float64)
             batches = 0
             for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
-                x, y = features[index], labels[index]
+                batch = order[start : start + batch_size]
+                x, y = features[batch], labels[batch]
                 ce = F.cross_entropy(x @ weight.T + bias, y)
                 if method == "probability_ratio":
                     penalty = (probability_ratio(weight, bias, x, target_class, neuron_ids) - target_ratio).norm()
@@ -202,6 +238,9 @@ class HeadEditor:
                 optimiser.step()
                 totals += torch.tensor([loss.item(), penalty.item()], dtype=torch.float64)
                 batches += 1
+            if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+                raise TrainingDiverged(f"training diverged: the edited head has NaN or infinite weights after epoch {epoch}; "
+                                       f"retry with a lower strength, target_ratio or learning_rate")
             validation = evaluate_head(weight.detach(), bias.detach(), validation_features, validation_labels)
             record = EpochRecord(epoch, float(totals[0] / batches), float(totals[1] / batches),
                                  validation.accuracy, validation.worst_class[1])
@@ -218,10 +257,6 @@ class HeadEditor:
             if stale >= patience:
                 break
 
-        if evaluation_features is None:
-            evaluation_features, evaluation_labels, evaluation_groups = validation_features, validation_labels, None
-        elif evaluation_labels is None:
-            raise ValueError("evaluation_labels must be given with evaluation_features")
         new_weight, new_bias = best_state
         return HeadEdit(
             weight=new_weight,
@@ -237,24 +272,3 @@ class HeadEditor:
             after=evaluate_head(new_weight, new_bias, evaluation_features, evaluation_labels, groups=evaluation_groups),
             cancelled=cancelled,
         )
-
-    def _check_arguments(self, features: torch.Tensor, labels: torch.Tensor, validation_features: torch.Tensor,
-                         validation_labels: torch.Tensor, *, target_class: int, neurons: Sequence[int], method: str,
-                         selection: str, batch_size: int, max_epochs: int) -> torch.Tensor:
-        num_classes, dim = self.head.weight.shape
-        for name, x, y in (("features", features, labels), ("validation_features", validation_features, validation_labels)):
-            if x.ndim != 2 or x.shape[1] != dim or len(x) == 0:
-                raise ValueError(f"{name} must be (N, {dim}) with N > 0, got {tuple(x.shape)}")
-            if y.shape != (len(x),):
-                raise ValueError(f"labels for {name} must be ({len(x)},), got {tuple(y.shape)}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if not 0 <= target_class < num_classes:
-            raise ValueError(f"target_class must lie in [0, {num_classes}), got {target_class}")
-        if len(neurons) == 0 or any(not 0 <= int(n) < dim for n in neurons):
-            raise ValueError(f"neurons must be a non-empty list of ids in [0, {dim}), got {list(neurons)}")
-        if batch_size < 1 or max_epochs < 1:
-            raise ValueError("batch_size and max_epochs must be positive")
-        return torch.tensor(sorted({int(n) for n in neurons}), device=features.device)

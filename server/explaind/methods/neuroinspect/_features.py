@@ -9,6 +9,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ._checks import count, eval_mode, images_tensor
+
 
 @contextmanager
 def capture_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
@@ -38,7 +40,7 @@ class FeatureExtractor:
     vector the head sees after global average pooling.
     """
 
-    def __init__(self, classifier: nn.Module, *, feature_layer: str, head: str = "fc") -> None:
+    def __init__(self, classifier: nn.Module, feature_layer: str, *, head: str = "fc") -> None:
         self.classifier = classifier
         self.feature_module = classifier.get_submodule(feature_layer)
         head_module = classifier.get_submodule(head)
@@ -48,13 +50,11 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def _map_chunks(self, images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-        if len(images) == 0:
-            raise ValueError("images must hold at least one image")
-        self.classifier.eval()
-        device = self.head.weight.device
-        with capture_output(self.feature_module) as captured:
+        batch_size = count(batch_size, "batch_size")
+        images = images_tensor(images, "images", like=self.head.weight)
+        with eval_mode(self.classifier), capture_output(self.feature_module) as captured:
             for start in range(0, len(images), batch_size):
-                self.classifier(images[start : start + batch_size].to(device))
+                self.classifier(images[start : start + batch_size])
                 yield captured["output"]
 
     def feature_maps(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:

@@ -13,6 +13,7 @@ the loss is a sum of per-image terms, so each image evolves independently.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import count, eval_mode, index, number
 from ._features import capture_output
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
@@ -79,7 +81,7 @@ class ClipIllusion:
         prompt_templates: Sequence[str] = DEFAULT_PROMPT_TEMPLATES,
     ) -> None:
         config = getattr(classifier, "config", None)
-        self.classifier = classifier.eval()
+        self.classifier = classifier
         self.feature_module = classifier.get_submodule(feature_layer)
         self.head = classifier.get_submodule(head)
         if not isinstance(self.head, nn.Linear):
@@ -92,7 +94,7 @@ class ClipIllusion:
             raise ValueError("image_size must be given for a classifier without config.image_size")
         if (clip_model is None) != (tokenizer is None):
             raise ValueError("clip_model and tokenizer must be given together")
-        self.clip_model = clip_model.eval() if clip_model is not None else None
+        self.clip_model = clip_model
         self.tokenizer = tokenizer
         self.prompt_templates = tuple(prompt_templates)
         self.device = self.head.weight.device
@@ -111,7 +113,8 @@ class ClipIllusion:
     @torch.no_grad()
     def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit-norm mean of the unit-norm CLIP embeddings of ``prompts``, (E,)."""
-        embeddings = F.normalize(self._require_clip().encode_text(self.tokenizer(list(prompts)).to(self.device)), dim=-1)
+        with eval_mode(self._require_clip()):
+            embeddings = F.normalize(self.clip_model.encode_text(self.tokenizer(list(prompts)).to(self.device)), dim=-1)
         return F.normalize(embeddings.mean(0), dim=-1)
 
     def class_embedding(self, class_index: int) -> torch.Tensor:
@@ -125,7 +128,8 @@ class ClipIllusion:
         """Cosine (B,) between images (B, 3, H, W) in [0, 1] and unit text embeddings (B, E)."""
         clip = self._require_clip()
         pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
-        embeddings = F.normalize(clip.encode_image((pixels - self._clip_mean) / self._clip_std), dim=-1)
+        with eval_mode(clip):
+            embeddings = F.normalize(clip.encode_image((pixels - self._clip_mean) / self._clip_std), dim=-1)
         return (embeddings * text_embeddings).sum(-1)
 
     def visualize(
@@ -148,6 +152,14 @@ class ClipIllusion:
         """Optimise one image per (neuron, class) pair; a ``None`` class means the class with
         the largest head weight for the neuron.
 
+        ``gamma`` weighs the class logit against the activation (γ); ``epsilon`` (ε) keeps
+        the CLIP factor cos + ε positive. The paper's ε = 0.05 assumes a CLIP whose cosine
+        to a class prompt stays well above −0.05; a smaller CLIP can go below, where the
+        factor turns negative and the objective lowers the activation it should raise (the
+        shapes world's CLIP needs ε = 1.0, the value its server config sets).
+        ``learning_rate`` is AdamW's, annealed to 0 over ``steps``; ``seed`` fixes each
+        pair's start and augmentations (see :func:`_pair_generator`).
+
         Each step applies a random rotation (±15°), translation (±15 %), scale (0.7–1.2) and
         Gaussian noise whose std decays linearly from ``noise_std`` to 0; AdamW with cosine
         annealing updates the Fourier parameters. ``mask_threshold`` (0–1, of the min–max
@@ -159,40 +171,47 @@ class ClipIllusion:
         neurons, classes = self._resolve_pairs(pairs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if not 0 < mask_threshold < 1:
+        steps = count(steps, "steps")
+        gamma, epsilon, noise_std = number(gamma, "gamma"), number(epsilon, "epsilon", low=-math.inf), number(noise_std, "noise_std")
+        learning_rate, weight_decay = number(learning_rate, "learning_rate"), number(weight_decay, "weight_decay")
+        decay_power = number(decay_power, "decay_power")
+        if not 0 < number(mask_threshold, "mask_threshold") < 1:
             raise ValueError(f"mask_threshold must lie in (0, 1), got {mask_threshold}")
-        use_clip = method == "clip_illusion"
-        if use_clip:
-            self._require_clip()
-        rows = torch.arange(len(neurons), device=self.device)
-        targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
-
-        generators = [_pair_generator(seed, int(n), int(c)) for n, c in zip(neurons, classes)]
-        image = FourierImage(generators, self.image_size, decay_power=decay_power).to(self.device)
-        optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-        cancelled, step = False, 0
-        for step in range(1, steps + 1):
-            augmented = random_affine(image(), generators=generators)
-            augmented = augmented + noise_std * (1 - (step - 1) / steps) * gaussian_noise(augmented, generators=generators)
-            with capture_output(self.feature_module) as captured:
-                logits = self.classifier(augmented)
-            activation = captured["output"][rows, neurons].mean(dim=(1, 2))
-            objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
+        if not 0 <= number(mask_dim, "mask_dim") <= 1:
+            raise ValueError(f"mask_dim must lie in [0, 1] (a brightness factor), got {mask_dim}")
+        # Eval mode for our forwards only (a caller's BatchNorm statistics stay as they
+        # were), and gradients even when the caller runs us under torch.no_grad().
+        with eval_mode(self.classifier, self.clip_model), torch.enable_grad():
+            use_clip = method == "clip_illusion"
             if use_clip:
-                objective = (self.clip_similarity(augmented, targets) + epsilon) * objective
-            optimiser.zero_grad(set_to_none=True)
-            (-objective.sum()).backward(inputs=list(image.parameters()))
-            optimiser.step()
-            schedule.step()
-            if callback_on_step_end is not None:
-                with torch.no_grad():
-                    if callback_on_step_end(step, steps, image()):
-                        cancelled = True
-                        break
-        return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim)
+                self._require_clip()
+            rows = torch.arange(len(neurons), device=self.device)
+            targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
+
+            generators = [_pair_generator(seed, int(n), int(c)) for n, c in zip(neurons, classes)]
+            image = FourierImage(generators, self.image_size, decay_power=decay_power).to(self.device)
+            optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+            cancelled, step = False, 0
+            for step in range(1, steps + 1):
+                augmented = random_affine(image(), generators=generators)
+                augmented = augmented + noise_std * (1 - (step - 1) / steps) * gaussian_noise(augmented, generators=generators)
+                with capture_output(self.feature_module) as captured:
+                    logits = self.classifier(augmented)
+                activation = captured["output"][rows, neurons].mean(dim=(1, 2))
+                objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
+                if use_clip:
+                    objective = (self.clip_similarity(augmented, targets) + epsilon) * objective
+                optimiser.zero_grad(set_to_none=True)
+                (-objective.sum()).backward(inputs=list(image.parameters()))
+                optimiser.step()
+                schedule.step()
+                if callback_on_step_end is not None:
+                    with torch.no_grad():
+                        if callback_on_step_end(step, steps, image()):
+                            cancelled = True
+                            break
+            return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim)
 
     @torch.no_grad()
     def _finish(self, image: FourierImage, method: str, neurons: torch.Tensor, classes: torch.Tensor,
@@ -231,15 +250,13 @@ class ClipIllusion:
         if len(pairs) == 0:
             raise ValueError("pairs must hold at least one (neuron, class) pair")
         neurons, classes = [], []
-        for index, (neuron, klass) in enumerate(pairs):
-            if not 0 <= int(neuron) < dim:
-                raise ValueError(f"pairs[{index}]: neuron must lie in [0, {dim}), got {neuron}")
-            if klass is None:
-                klass = self.top_classes(int(neuron))[0]
-            if not 0 <= int(klass) < num_classes:
-                raise ValueError(f"pairs[{index}]: class must lie in [0, {num_classes}), got {klass}")
-            neurons.append(int(neuron))
-            classes.append(int(klass))
+        for position, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"pairs[{position}] must be a (neuron, class or None) pair, got {pair!r}")
+            neuron = index(pair[0], f"pairs[{position}] neuron", dim)
+            klass = self.top_classes(neuron)[0] if pair[1] is None else index(pair[1], f"pairs[{position}] class", num_classes)
+            neurons.append(neuron)
+            classes.append(klass)
         return torch.tensor(neurons, device=self.device), torch.tensor(classes, device=self.device)
 
     def _require_clip(self) -> nn.Module:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from ._checks import count
+
 Concept = TypeVar("Concept", bound=Hashable)
 
 
@@ -18,7 +20,11 @@ def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> t
     1.0: the neuron is higher on every positive than on every negative; 0.5: chance.
     Ties count half (Mann–Whitney U).
     """
-    positive = np.asarray(positive, dtype=bool)
+    if isinstance(positive, torch.Tensor):
+        positive = positive.cpu().numpy()
+    positive = np.asarray(positive)
+    if positive.dtype != bool:  # class labels read as a mask would make every non-zero class positive
+        raise TypeError(f"positive must be a boolean mask, got {positive.dtype}")
     if features.ndim != 2 or positive.shape != (len(features),):
         raise ValueError(f"positive must be ({len(features)},) for features (N, D), got {positive.shape}")
     num_positive, num_negative = int(positive.sum()), int((~positive).sum())
@@ -42,6 +48,7 @@ def concept_neurons(
     """
     if not 0.5 < min_auc <= 1:
         raise ValueError(f"min_auc must lie in (0.5, 1], got {min_auc}")
+    per_concept = count(per_concept, "per_concept")
     by_strength = features.mean(0).argsort(descending=True)
     found = {}
     for name, positive in concepts.items():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
+from ._checks import count, features_tensor, index, labelled_features, number
 from ._probability import neuron_importance
 
 INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
@@ -149,11 +150,17 @@ class MistakeNeuronRanker:
         """
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
         num_classes, dim = weight.shape
-        features = features.to(weight.device, weight.dtype)
-        labels = labels.to(weight.device, torch.long)
-        self._check_arguments(features, labels, l1=l1, l2=l2, max_iterations=max_iterations,
-                              cut_ratio=cut_ratio, top_k=top_k, target_class=target_class,
-                              num_top_classes=num_top_classes)
+        features, labels = labelled_features(features, labels, like=weight)
+        l1, l2 = number(l1, "l1"), number(l2, "l2")
+        max_iterations, top_k, num_top_classes = (count(max_iterations, "max_iterations"), count(top_k, "top_k"),
+                                                  count(num_top_classes, "num_top_classes"))
+        if top_k > dim:
+            raise ValueError(f"top_k must be at most {dim} (the feature dimension), got {top_k}")
+        cut_ratio = number(cut_ratio, "cut_ratio")
+        if cut_ratio > 1:
+            raise ValueError(f"cut_ratio must lie in [0, 1], got {cut_ratio}")
+        if target_class is not None:
+            target_class = index(target_class, "target_class", num_classes)
         solver = make_solver(solver)
 
         wrong = (features @ weight.T + bias).argmax(1) != labels
@@ -167,9 +174,11 @@ class MistakeNeuronRanker:
         if class_mean_feature is None:
             in_class = labels == target_class
             class_mean_feature = features[in_class].mean(0) if in_class.any() else features.mean(0)
-        elif class_mean_feature.shape != (dim,):
-            raise ValueError(f"class_mean_feature must be ({dim},), got {tuple(class_mean_feature.shape)}")
-        importance = neuron_importance(weight, bias, class_mean_feature.to(weight), target_class)
+        elif getattr(class_mean_feature, "shape", None) != (dim,):
+            raise ValueError(f"class_mean_feature must be a ({dim},) tensor, got {getattr(class_mean_feature, 'shape', type(class_mean_feature).__name__)}")
+        else:
+            class_mean_feature = features_tensor(class_mean_feature.unsqueeze(0), "class_mean_feature", dim=dim, like=weight)[0]
+        importance = neuron_importance(weight, bias, class_mean_feature, target_class)
 
         solution = solver.solve(weight, bias, features[mistake_indices], labels[mistake_indices],
                                 l1=l1, l2=l2, max_iterations=max_iterations, callback=callback_on_step_end)
@@ -212,27 +221,3 @@ class MistakeNeuronRanker:
             excessive_top=excessive_top,
             cancelled=solution.cancelled,
         )
-
-    def _check_arguments(self, features: torch.Tensor, labels: torch.Tensor, *, l1: float, l2: float,
-                         max_iterations: int, cut_ratio: float, top_k: int, target_class: int | None,
-                         num_top_classes: int) -> None:
-        num_classes, dim = self.head.weight.shape
-        if features.ndim != 2 or features.shape[1] != dim:
-            raise ValueError(f"features must be (N, {dim}) to match the head, got {tuple(features.shape)}")
-        if len(features) == 0:
-            raise ValueError("features must hold at least one sample")
-        if labels.shape != (len(features),):
-            raise ValueError(f"labels must be ({len(features)},), got {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes})")
-        for name, value, ok in (
-            ("l1", l1, l1 >= 0),
-            ("l2", l2, l2 >= 0),
-            ("max_iterations", max_iterations, max_iterations >= 1),
-            ("cut_ratio", cut_ratio, 0 <= cut_ratio <= 1),
-            ("top_k", top_k, 1 <= top_k <= dim),
-            ("num_top_classes", num_top_classes, num_top_classes >= 1),
-            ("target_class", target_class, target_class is None or 0 <= target_class < num_classes),
-        ):
-            if not ok:
-                raise ValueError(f"{name} is out of range: {value!r}")

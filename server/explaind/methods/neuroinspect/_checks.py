@@ -1,0 +1,127 @@
+"""Argument checks shared by the NeuroInspect engines.
+
+Why here and not in the server: the engines are used in-process too, where nothing else
+stands between a caller's tensor and a silently wrong result (a NaN row that counts as
+class 0, uint8 pixels read as [0, 255] floats, a float label truncated to a class). Each
+check names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from numbers import Integral, Real
+
+import torch
+from torch import nn
+
+
+def _tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        hint = " (use torch.from_numpy)" if type(value).__module__ == "numpy" else ""
+        raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(value).__name__}")
+    return value
+
+
+def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, dim) finite features with N > 0, on ``like``'s device and dtype."""
+    features = _tensor(value, name)
+    if features.ndim != 2 or features.shape[1] != dim or len(features) == 0:
+        raise ValueError(f"{name} must be (N, {dim}) with N > 0 to match the head, got {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
+    features = features.detach().to(like.device, like.dtype)
+    bad = ~torch.isfinite(features).all(1)
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)
+        raise ValueError(f"{name} holds NaN or infinite values in {len(rows)} rows (first: row {int(rows[0])})")
+    return features
+
+
+def labels_tensor(value: object, name: str, *, count: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """(count,) int64 class indices in [0, num_classes)."""
+    labels = _tensor(value, name)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}")
+    if labels.shape != (count,):
+        raise ValueError(f"{name} must be ({count},), one class index per sample, got {tuple(labels.shape)}")
+    labels = labels.to(device, torch.long)
+    if count and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
+    return labels
+
+
+def labelled_features(features: object, labels: object, *, like: torch.Tensor,
+                      names: tuple[str, str] = ("features", "labels")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked (N, D) features and (N,) labels for the head whose weight ``like`` is (C, D)."""
+    num_classes, dim = like.shape
+    checked = features_tensor(features, names[0], dim=dim, like=like)
+    return checked, labels_tensor(labels, names[1], count=len(checked), num_classes=num_classes, device=like.device)
+
+
+def index(value: object, name: str, upper: int) -> int:
+    """An integer in [0, upper): a class or a neuron. Floats, bools and strings are refused,
+    never truncated."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer index, got {value!r} ({type(value).__name__})")
+    if not 0 <= int(value) < upper:
+        raise ValueError(f"{name} must lie in [0, {upper}), got {int(value)}")
+    return int(value)
+
+
+def indices(values: Sequence[object], name: str, upper: int) -> list[int]:
+    """A non-empty list of integers in [0, upper), each checked by :func:`index`."""
+    if isinstance(values, (str, bytes)) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of indices in [0, {upper}), got {values!r}")
+    return [index(value, f"{name}[{i}]", upper) for i, value in enumerate(values)]
+
+
+def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False) -> float:
+    """A finite real number ≥ ``low`` (> ``low`` with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '≥'} {low}, got {value!r}")
+    return float(value)
+
+
+def count(value: object, name: str, *, low: int = 1) -> int:
+    """An integer ≥ ``low``: steps, epochs, sizes."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def images_tensor(value: object, name: str, *, like: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float images in [0, 1] with N > 0, on ``like``'s device and dtype.
+
+    uint8 pixels are refused rather than scaled: a caller passing 0–255 floats would get
+    the same silent nonsense, so both are told what the range is."""
+    images = _tensor(value, name)
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be float images in [0, 1] (divide uint8 pixels by 255), got {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
+        raise ValueError(f"{name} must be (N, 3, H, W) RGB with N > 0, got {tuple(images.shape)}")
+    low, high = float(images.amin()), float(images.amax())
+    if not (-1e-3 <= low and high <= 1 + 1e-3):  # also False for NaN
+        raise ValueError(f"{name} must lie in [0, 1] (the engines normalise themselves), got values in [{low:.3g}, {high:.3g}]")
+    return images.to(like.device, like.dtype)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block and restore each submodule's own mode
+    after: a caller's model in training mode must not update its BatchNorm statistics
+    from our forwards, nor come back switched to eval."""
+    saved = [(module, module.training) for root in modules if root is not None for module in root.modules()]
+    try:
+        for root in modules:
+            if root is not None:
+                root.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training

@@ -1,0 +1,152 @@
+"""The NeuroInspect engines used in-process: bad arguments fail early and name themselves,
+nothing silently wrong comes back, and the caller's models keep their mode."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explaind.methods.neuroinspect import (
+    ClipIllusion,
+    FeatureExtractor,
+    HeadEditor,
+    MistakeNeuronRanker,
+    ProximalGradient,
+    TrainingDiverged,
+    evaluate_head,
+    neuron_auc,
+)
+
+DIM, CLASSES = 16, 4
+
+
+@pytest.fixture
+def head() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(DIM, CLASSES)
+
+
+def _data(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIM, generator=generator), torch.randint(0, CLASSES, (n,), generator=generator)
+
+
+def test_the_ranker_refuses_what_it_would_silently_misread(head):
+    features, labels = _data()
+    ranker = MistakeNeuronRanker(head)
+    nan_row = features.clone()
+    nan_row[7, 3] = float("nan")  # was predicted as class 0: a NaN row labelled 0 counted as correct
+    cases = [
+        (dict(features=nan_row), ValueError, r"features holds NaN or infinite values in 1 rows \(first: row 7\)"),
+        (dict(labels=labels.float()), TypeError, "labels must be an integer tensor"),
+        (dict(features=features.numpy()), TypeError, r"features must be a torch.Tensor \(use torch.from_numpy\)"),
+        (dict(l1=float("inf")), ValueError, "l1 must be a finite number"),
+        (dict(target_class=2.0), TypeError, "target_class must be an integer index"),
+        (dict(target_class="heart"), TypeError, "target_class must be an integer index"),
+        (dict(top_k=DIM + 1), ValueError, f"top_k must be at most {DIM}"),
+    ]
+    for changes, error, message in cases:
+        arguments = dict(features=features, labels=labels) | changes
+        with pytest.raises(error, match=message):
+            ranker.rank(arguments.pop("features"), arguments.pop("labels"), **arguments)
+    # Integer labels of any width and float64 features are converted, not refused.
+    assert ranker.rank(features.double(), labels.int()).neuron_ids == ranker.rank(features, labels).neuron_ids
+
+
+def test_the_proximal_solver_runs_on_an_all_zero_head():
+    # The step size is 1 / (‖W‖² / 2): it divided by zero.
+    features, labels = _data(8)
+    solution = ProximalGradient().solve(torch.zeros(CLASSES, DIM), torch.arange(CLASSES, dtype=torch.float32), features, labels)
+    assert (solution.omega == 0).all() and torch.equal(solution.converged, labels == CLASSES - 1)
+
+
+def test_the_editor_checks_every_set_before_training(head):
+    features, labels = _data()
+    validation_features, validation_labels = _data(20, seed=1)
+    editor = HeadEditor(head)
+    base = dict(target_class=1, neurons=[2, 5], validation_features=validation_features, validation_labels=validation_labels, max_epochs=1)
+    bad_validation = validation_labels.clone()
+    bad_validation[3] = 9  # was accepted: a class 9 in the evaluation and in early stopping
+    cases = [
+        (dict(labels=labels.float()), TypeError, "labels must be an integer tensor"),
+        (dict(labels=torch.full_like(labels, CLASSES)), ValueError, rf"labels must lie in \[0, {CLASSES}\)"),
+        (dict(validation_labels=bad_validation), ValueError, r"validation_labels must lie in \[0, 4\), got 0..9"),
+        (dict(evaluation_labels=labels), ValueError, "evaluation_labels and evaluation_groups need evaluation_features"),
+        (dict(evaluation_groups=["a"] * 20), ValueError, "evaluation_labels and evaluation_groups need evaluation_features"),
+        (dict(evaluation_features=features), ValueError, "evaluation_labels must be given with evaluation_features"),
+        (dict(evaluation_features=features, evaluation_labels=labels, evaluation_groups=["a"]), ValueError, "one entry per evaluation sample"),
+        (dict(neurons=[8.7]), TypeError, r"neurons\[0\] must be an integer index, got 8.7"),
+        (dict(strength=-5.0), ValueError, "strength must be ≥ 0"),
+        (dict(strength=float("nan")), ValueError, "strength must be a finite number"),
+        (dict(target_ratio=float("nan")), ValueError, "target_ratio must be a finite number"),
+        (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
+        (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
+    ]
+    for changes, error, message in cases:
+        arguments = dict(features=features, labels=labels) | base | changes
+        with pytest.raises(error, match=message):
+            editor.edit(arguments.pop("features"), arguments.pop("labels"), **arguments)
+
+
+def test_an_edit_that_diverges_raises_instead_of_returning_a_nan_head(head):
+    features, labels = _data()
+    with pytest.raises(TrainingDiverged, match="NaN or infinite weights after epoch 1; retry with a lower"):
+        # Adam moves each weight by about the learning rate per step: 40 steps of 1e37 pass float32's 3.4e38.
+        HeadEditor(head).edit(features, labels, target_class=1, neurons=[2], validation_features=features,
+                              validation_labels=labels, learning_rate=1e37, batch_size=1, max_epochs=3)
+
+
+def test_evaluate_head_refuses_labels_the_head_cannot_predict(head):
+    features, labels = _data()
+    labels[0] = CLASSES
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        evaluate_head(head.weight.detach(), head.bias.detach(), features, labels)
+
+
+def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_images):
+    images = world_images[0][:4]
+    extractor = FeatureExtractor(world_model, "layer3")  # positional like ClipIllusion's
+    with pytest.raises(TypeError, match=r"images must be float images in \[0, 1\] \(divide uint8 pixels by 255\)"):
+        extractor.features((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\].*got values in \[0, 255\]"):
+        extractor.features(images * 255)
+    torch.testing.assert_close(extractor.features(images.double()), extractor.features(images))
+
+
+def test_a_model_in_training_mode_keeps_its_mode_and_batchnorm_statistics(classifier_dir, world_images):
+    # ClipIllusion switched the model to eval when built and never back; visualising a model
+    # put back in training mode updated its BatchNorm statistics with every step.
+    from explaind.world.classifier import load_classifier
+
+    model = load_classifier(classifier_dir).train()
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    illusion = ClipIllusion(model, "layer3")
+    FeatureExtractor(model, "layer3").features(world_images[0][:4])
+    illusion.visualize([(3, 1)], method="no_clip", steps=2)
+    assert all(module.training for module in model.modules())
+    assert all(torch.equal(buffers[name], value) for name, value in model.named_buffers())
+
+
+def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
+    illusion = ClipIllusion(world_model, "layer3")
+    with torch.no_grad():  # "element 0 of tensors does not require grad"
+        expected = illusion.visualize([(3, 1)], method="no_clip", steps=2).images
+    torch.testing.assert_close(illusion.visualize([(3, 1)], method="no_clip", steps=2).images, expected)
+    for pairs, error, message in (
+        ([8, 21], TypeError, r"pairs\[0\] must be a \(neuron, class or None\) pair, got 8"),
+        ([(8.7, 1)], TypeError, r"pairs\[0\] neuron must be an integer index, got 8.7"),
+        ([(8, "heart")], TypeError, r"pairs\[0\] class must be an integer index, got 'heart'"),
+        ([(np.int64(8), torch.tensor(9))], ValueError, r"pairs\[0\] class must lie in \[0, 6\), got 9"),
+    ):
+        with pytest.raises(error, match=message):
+            illusion.visualize(pairs, method="no_clip", steps=1)
+    with pytest.raises(ValueError, match=r"mask_dim must lie in \[0, 1\]"):
+        illusion.visualize([(3, 1)], method="no_clip", steps=1, mask_dim=5)
+
+
+def test_neuron_auc_takes_a_boolean_mask_not_class_labels():
+    # Labels read as a mask made every non-zero class the positive one.
+    features, labels = _data()
+    with pytest.raises(TypeError, match="positive must be a boolean mask, got int64"):
+        neuron_auc(features, labels)
+    torch.testing.assert_close(neuron_auc(features, labels == 2), neuron_auc(features, (labels == 2).numpy()))
