@@ -24,5 +24,6 @@ def test_the_wheel_ships_the_embedded_default_and_the_stubs(tmp_path):
     assert any(name.endswith(".safetensors") for name in weights)
     assert weights - names == set()
     assert {"explaind/v1/neuroinspect_pb2.py", "explaind/kernels/_onnx_runtime.py", "explaind/client/cli.py"} <= names
+    assert "explaind/py.typed" in names  # without it a user's mypy ignores every annotation
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     assert "explaind = explaind.client.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
