@@ -95,10 +95,23 @@ class DynamicBatcher(Generic[Output]):
                 self._queued_images += len(images)
                 self._on_queue_depth(self._queued_images)
                 self._condition.notify()
+        if not run_here:
+            request.future.add_done_callback(lambda _future: self._forget_if_cancelled(request))
         if run_here:
             request.future.set_running_or_notify_cancel()
             self._run_live([request])
         return request.future
+
+    def _forget_if_cancelled(self, request: _Request) -> None:
+        """A caller that left frees its place in the queue at once, not when the worker
+        reaches it: until then its images would refuse live callers as "queue full"."""
+        if not request.future.cancelled():
+            return
+        with self._condition:
+            if request in self._pending:  # else the worker took it already (and skips it)
+                self._pending.remove(request)
+                self._queued_images -= len(request.images)
+                self._on_queue_depth(self._queued_images)
 
     def close(self) -> None:
         """Stop accepting; requests already queued still run."""
