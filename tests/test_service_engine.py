@@ -901,20 +901,51 @@ def test_an_unexpected_job_failure_reaches_the_caller_without_server_internals(t
         jobs.shutdown(5)
 
 
-def test_an_unexpected_rpc_failure_reaches_the_caller_without_server_internals(caplog):
+def _intercepted_server(metrics: Metrics, behaviour):
+    """A gRPC server on a free port with one unary method ``/test.Service/Call`` behind the service interceptor."""
     import grpc
 
     from explaind.service.interceptors import ServiceInterceptor
 
-    metrics = Metrics()
-    handler = grpc.method_handlers_generic_handler("test.Broken", {"Call": grpc.unary_unary_rpc_method_handler(_unexpected_failure)})
+    method = grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=lambda message: message.SerializeToString())
+    handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method})
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[ServiceInterceptor(metrics, token="", max_send_bytes=1 << 20)], handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
+    return server, server.add_insecure_port("127.0.0.1:0")
+
+
+def test_an_unexpected_rpc_failure_reaches_the_caller_without_server_internals(caplog):
+    import grpc
+
+    server, port = _intercepted_server(Metrics(), _unexpected_failure)
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as caught:
-            channel.unary_unary("/test.Broken/Call")(b"", timeout=10)
+            channel.unary_unary("/test.Service/Call")(b"", timeout=10)
         assert caught.value.code() == grpc.StatusCode.INTERNAL
         _incident_in(caught.value.details(), caplog.text)
     finally:
         server.stop(None)
+
+
+def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
+    # Both were counted CANCELLED: a dashboard could not tell server timeouts from callers that gave up.
+    import grpc
+
+    metrics = Metrics()
+    server, port = _intercepted_server(metrics, lambda request, context: (time.sleep(0.5), _empty())[1])
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Service/Call")
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"", timeout=0.1)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            future = call.future(b"", timeout=30)
+            time.sleep(0.1)
+            future.cancel()
+        time.sleep(0.8)  # both handlers return
+    finally:
+        server.stop(None)
+    counts = {code: metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {"service": "test.Service", "method": "Call", "code": code})
+              for code in ("DEADLINE_EXCEEDED", "CANCELLED", "OK")}
+    assert counts == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0, "OK": None}

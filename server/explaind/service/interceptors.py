@@ -101,11 +101,17 @@ class _Observed:
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
         if kind is not None and self._code == "OK":
-            self._code = self._context.code().name if self._context.code() is not None else ("CANCELLED" if kind is GeneratorExit else "UNKNOWN")
+            self._code = self._context.code().name if self._context.code() is not None else (self._gone() if kind is GeneratorExit else "UNKNOWN")
         elif kind is None and not self._context.is_active():
-            self._code = "CANCELLED"
+            self._code = self._gone()
         self._metrics.rpcs_in_flight.labels(self._service, self._method).dec()
         self._metrics.rpc_duration.labels(self._service, self._method, self._code).observe(time.perf_counter() - self._start)
+
+    def _gone(self) -> str:
+        """The code of a call whose caller is gone: its deadline passed, or it cancelled.
+        Dashboards must tell server timeouts from callers that gave up."""
+        remaining = self._context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
     def abort(self, code: str, message: str) -> None:
         self._code = code
