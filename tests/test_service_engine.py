@@ -853,11 +853,68 @@ def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
-    digest = store.put_blob(b"artifact bytes")
+    with store.writing_blobs() as put:
+        digest = put(b"artifact bytes")
     # The file's data, then the directory entry of the rename.
     assert [stat.S_ISREG(mode) for mode in synced] == [True, False]
     assert store.get_blob(digest) == b"artifact bytes"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _blob_files(store: SQLiteStore) -> set[str]:
+    return {path.name for path in store.blob_dir.glob("*/*")}
+
+
+def _samples(put, *images: bytes) -> list:
+    from explaind.store import SampleRecord
+
+    return [SampleRecord(put(image), 0, {}) for image in images]
+
+
+def test_deleting_a_set_removes_the_images_and_features_only_it_used(tmp_path):
+    # They stayed on disk for good: a pipeline that uploads new sets and deletes old ones
+    # filled the disk.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("old", "", _samples(put, b"shared", b"only-old"))
+        store.create_sample_set("new", "", _samples(put, b"shared", b"only-new"))
+        artifact = put(b"only-old")  # identical bytes saved as a job's artifact too
+        weights = put(b"head weights")
+    store.put_features("v", {digest: np.ones(2, np.float32) for digest in _blob_files(store)})
+    kept = _blob_files(store)
+    store.delete_sample_set("new")
+    assert kept - _blob_files(store) == {_digest(b"only-new")}
+    assert store.get_features("v", [_digest(b"only-new")]) == {}
+    assert set(store.get_features("v", [_digest(b"shared")])) == {_digest(b"shared")}
+    # A job artifact or a head version keeps its blob; the start-up sweep removes the rest.
+    from explaind.store import ArtifactRef, HeadVersionRecord, JobRecord
+
+    store.insert_job(JobRecord(job_id="j", kind="evaluate", state="succeeded", create_time=0.0, artifacts=(ArtifactRef("a", "x", artifact, 8),)))
+    store.insert_head_version(HeadVersionRecord("f", "v0", "h", weights, "", 0.0))
+    store.delete_sample_set("old")
+    assert _blob_files(store) == {artifact, weights}
+    with store.writing_blobs() as put:
+        put(b"written but never referenced")  # e.g. a request that failed after writing its images
+    assert store.delete_unused_blobs() == 1 and _blob_files(store) == {artifact, weights}
+
+
+def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
+    # A blob is written before the record that references it; in between nothing points at it.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("old", "", _samples(put, b"image"))
+    with store.writing_blobs() as put:
+        records = _samples(put, b"image")  # the same image, uploaded again
+        store.delete_sample_set("old")
+        assert store.delete_unused_blobs() == 0
+        store.create_sample_set("new", "", records)
+    assert store.get_blob(records[0].digest) == b"image"
 
 
 def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name_the_key(tmp_path):

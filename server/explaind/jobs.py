@@ -97,9 +97,10 @@ class JobContext:
 
     def save_artifact(self, name: str, data: bytes, media_type: str = "application/octet-stream") -> ArtifactRef:
         """Store ``data`` content-addressed and list it in the operation's metadata."""
-        artifact = ArtifactRef(name, media_type, self._manager.store.put_blob(data), len(data))
-        artifacts = tuple(a for a in self._live.record.artifacts if a.name != name) + (artifact,)
-        self._manager._update(self._live, persist=True, artifacts=artifacts)
+        with self._manager.store.writing_blobs() as put:
+            artifact = ArtifactRef(name, media_type, put(data), len(data))
+            artifacts = tuple(a for a in self._live.record.artifacts if a.name != name) + (artifact,)
+            self._manager._update(self._live, persist=True, artifacts=artifacts)
         return artifact
 
     def save_image(self, name: str, pixels) -> ArtifactRef:

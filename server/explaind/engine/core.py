@@ -214,13 +214,15 @@ class Engine:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
         elif not SAMPLE_SET_ID.fullmatch(sample_set_id):
             raise InvalidArgument(f"{sample_set_id!r} is not a valid id; use 1-63 of a-z 0-9 _ - starting with a letter or digit", field="sample_set_id")
-        return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples), uploading=uploading)
+        with self.store.writing_blobs() as put:
+            return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put), uploading=uploading)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False) -> SampleSetInfo:
         self.store.get_sample_set(sample_set_id)
         if not samples and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
-        return self.store.append_samples(sample_set_id, self._store_samples(samples), finish_upload=finish_upload)
+        with self.store.writing_blobs() as put:
+            return self.store.append_samples(sample_set_id, self._store_samples(samples, put), finish_upload=finish_upload)
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id") -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples and be fully uploaded."""
@@ -237,12 +239,13 @@ class Engine:
                                      "use it once its upload has finished", field=field)
         return info
 
-    def _store_samples(self, samples: Sequence[NewSample]) -> list[SampleRecord]:
+    def _store_samples(self, samples: Sequence[NewSample], put: Callable[[bytes], str]) -> list[SampleRecord]:
+        """Records for ``samples`` after checking their labels, images written with ``put``."""
         num_classes = len(self.models.active.class_names)
         for index, sample in enumerate(samples):
             if not 0 <= sample.label < num_classes:
                 raise InvalidArgument(f"label {sample.label} is not a class index in [0, {num_classes})", field=f"samples[{index}].label")
-        return [SampleRecord(self.store.put_blob(s.encoded), s.label, dict(s.attributes)) for s in samples]
+        return [SampleRecord(put(s.encoded), s.label, dict(s.attributes)) for s in samples]
 
     def load_sample_image(self, digest: str) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1] at the model's input size."""

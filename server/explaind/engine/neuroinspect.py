@@ -33,7 +33,7 @@ from explaind.v1 import common_pb2, neuroinspect_pb2
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
-from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged, evaluate_head
+from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged
 from ..store import CANCELLED, FAILED, HeadVersionRecord
 from .models import ClassifierVersion
 
@@ -510,8 +510,8 @@ class NeuroInspectEngine:
 
     def _add_head_version(self, version: ClassifierVersion, head: nn.Linear, parent_id: str, details: dict) -> HeadVersionRecord:
         store = self._engine.store
-        digest = store.put_blob(_head_bytes(head))
-        with self._versions_lock:
+        with store.writing_blobs() as put, self._versions_lock:
+            digest = put(_head_bytes(head))
             # Deleted ids count too: an id never names two different heads.
             ids = [r.version_id for r in store.list_head_versions(version.feature_version)] + store.deleted_head_versions(version.feature_version)
             number = 1 + max((int(i[1:]) for i in ids if i[1:].isdigit()), default=-1)

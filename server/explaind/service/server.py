@@ -121,6 +121,9 @@ class ExplaindServer:
         head version, then report SERVING."""
         self.engine.load()
         self.neuroinspect.restore()
+        # After restore, which may have deleted head versions: their weights are unused now.
+        if removed := self.store.delete_unused_blobs():
+            log.info("deleted %d stored file(s) nothing used any more", removed)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _set_health(self, status: int) -> None:

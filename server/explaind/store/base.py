@@ -6,7 +6,8 @@ store) implementation can replace the embedded SQLite one without touching them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,8 +91,12 @@ class HeadVersionRecord:
 
 
 class Store(Protocol):
-    # Artifacts (content-addressed blobs).
-    def put_blob(self, data: bytes) -> str: ...
+    # Artifacts (content-addressed blobs). ``with store.writing_blobs() as put:`` gives
+    # ``put(data) -> digest``; write the records that reference the blobs inside the block
+    # (deletes leave its blobs alone until it ends).
+    def writing_blobs(self) -> AbstractContextManager[Callable[[bytes], str]]: ...
+    # At start-up: remove the blobs nothing references; returns how many.
+    def delete_unused_blobs(self) -> int: ...
     # ``length`` bytes from ``offset`` (None: to the end), so large artifacts are served in ranges.
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes: ...
 
@@ -103,6 +108,7 @@ class Store(Protocol):
     # created or deleted while a client pages do not shift the pages.
     def list_sample_sets(self, *, after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]: ...
     def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]: ...
+    # Also removes the blobs (and cached features) of images no other record uses.
     def delete_sample_set(self, sample_set_id: str) -> None: ...
     # At start-up: delete the sets an earlier process left uploading; returns their ids.
     def delete_unfinished_uploads(self) -> list[str]: ...

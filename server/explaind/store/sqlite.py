@@ -5,11 +5,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +35,8 @@ CREATE TABLE IF NOT EXISTS samples (
     set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, position INTEGER NOT NULL,
     digest TEXT NOT NULL, label INTEGER NOT NULL, attributes TEXT NOT NULL, PRIMARY KEY (set_id, position)
 );
+-- Whether a blob is still used, when a set is deleted.
+CREATE INDEX IF NOT EXISTS samples_by_digest ON samples (digest);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, create_time REAL NOT NULL,
     start_time REAL, end_time REAL, step INTEGER NOT NULL, total INTEGER NOT NULL, message TEXT NOT NULL,
@@ -57,6 +61,8 @@ CREATE TABLE IF NOT EXISTS file_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
 """
+log = logging.getLogger(__name__)
+
 _SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
@@ -71,7 +77,8 @@ class SQLiteStore:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreOpenError(f"cannot use the data dir {self.data_dir}: {error.strerror}; the server must be able to write there") from None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: blob deletion runs a transaction under it
+        self._writing: Counter[str] = Counter()  # digests written but maybe not yet referenced (writing_blobs)
         self._dir_lock = self._lock_data_dir()
         path = self.data_dir / "explaind.sqlite3"
         try:
@@ -128,24 +135,75 @@ class SQLiteStore:
     def _blob_path(self, digest: str) -> Path:
         return self.blob_dir / digest[:2] / digest
 
-    def put_blob(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
+    @contextmanager
+    def writing_blobs(self) -> Iterator[Callable[[bytes], str]]:
+        """``put(data) -> digest`` for content-addressed blobs. A blob is written before the
+        record that references it; deletes leave the blobs put in this block alone until it
+        ends, so write those records inside it."""
+        written: list[str] = []
+
+        def put(data: bytes) -> str:
+            digest = hashlib.sha256(data).hexdigest()
+            with self._lock:  # a delete either removed the file already or sees it kept
+                self._writing[digest] += 1
+                written.append(digest)
+                missing = not self._blob_path(digest).exists()
+            if missing:
+                self._write_blob(digest, data)
+            return digest
+
+        try:
+            yield put
+        finally:
+            with self._lock:
+                self._writing.subtract(written)
+                self._writing += Counter()  # drops the zeros
+
+    def _write_blob(self, digest: str, data: bytes) -> None:
         path = self._blob_path(digest)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
-            # Durable before the database can point at it: data, then the rename, on disk.
-            with open(temporary, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        return digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+        # Durable before the database can point at it: data, then the rename, on disk.
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _delete_unused_blobs(self, candidates: Iterable[str]) -> int:
+        """Remove the blob files (and cached features) of ``candidates`` that no sample, job
+        artifact or head version uses and no writer is about to; returns files removed."""
+        with self._lock:
+            unused = {digest for digest in candidates if not self._writing[digest]}
+            listed = sorted(unused)
+            for start in range(0, len(listed), 500):
+                chunk = listed[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                unused -= {row[0] for row in self._db.execute(f"SELECT DISTINCT digest FROM samples WHERE digest IN ({marks})", chunk)}
+                unused -= {row[0] for row in self._db.execute(f"SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})", chunk)}
+            for (artifacts,) in self._db.execute("SELECT artifacts FROM jobs WHERE artifacts != '[]'"):
+                unused -= {artifact["digest"] for artifact in json.loads(artifacts)}
+            if not unused:
+                return 0
+            with self._transaction() as db:
+                versions = [row[0] for row in db.execute("SELECT DISTINCT version FROM features")]
+                db.executemany("DELETE FROM features WHERE version = ? AND digest = ?", [(v, d) for v in versions for d in unused])
+            for digest in unused:  # after the commit: no record points at them any more
+                try:
+                    self._blob_path(digest).unlink(missing_ok=True)
+                except OSError as error:  # the records are gone; a file left over costs only space
+                    log.warning("cannot delete the unused blob %s: %s", digest, error.strerror)
+        return len(unused)
+
+    def delete_unused_blobs(self) -> int:
+        """At start-up: remove every blob file nothing uses (left by deleted head versions,
+        failed requests, and releases that did not collect them); returns files removed."""
+        return self._delete_unused_blobs(path.name for path in self.blob_dir.glob("*/*") if len(path.name) == 64)
 
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes:
         path = self._blob_path(digest)
@@ -225,9 +283,12 @@ class SQLiteStore:
         return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
 
     def delete_sample_set(self, sample_set_id: str) -> None:
+        """Delete the set, then the images only it used (and their cached features)."""
         with self._transaction() as db:
             self._require_set(db, sample_set_id)
+            digests = [row[0] for row in db.execute("SELECT DISTINCT digest FROM samples WHERE set_id = ?", (sample_set_id,))]
             db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
+        self._delete_unused_blobs(digests)
 
     # Jobs ----------------------------------------------------------------------------
 
