@@ -904,6 +904,18 @@ def test_deleting_a_set_removes_the_images_and_features_only_it_used(tmp_path):
     assert store.delete_unused_blobs() == 1 and _blob_files(store) == {artifact, weights}
 
 
+def test_finishing_an_upload_that_is_finished_changes_nothing(tmp_path):
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        created = store.create_sample_set("s", "", _samples(put, b"image"), uploading=True)
+        time.sleep(0.01)
+        finished = store.append_samples("s", [], finish_upload=True)
+        time.sleep(0.01)
+        again = store.append_samples("s", [], finish_upload=True)  # used to move update_time
+    assert created.uploading and not finished.uploading and finished.update_time > created.update_time
+    assert again == finished
+
+
 def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
     # A blob is written before the record that references it; in between nothing points at it.
     store = SQLiteStore(tmp_path)

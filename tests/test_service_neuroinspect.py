@@ -96,6 +96,11 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.rank_mistake_neurons("spurious", "heart", l1=1e308), InvalidArgumentError, "l1: 1e+308 is not in [0.0, 1000.0]"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", l2=1e308), InvalidArgumentError, "l2: 1e+308 is not in [0.0, 1000.0]"),
         (lambda: client.visualize_neurons([3], method="no_clip", gamma=1e308), InvalidArgumentError, "gamma: 1e+308 is not in [0.0, 1000.0]"),
+        # Options the method would ignore are refused, not dropped.
+        (lambda: client.edit_head("spurious", "heart", [1], method="constrain", target_ratio=2.0), InvalidArgumentError,
+         "target_ratio: applies to the probability_ratio method only"),
+        (lambda: client.edit_head("spurious", "heart", [1], method="constrain", target_ratio="auto"), InvalidArgumentError,
+         "auto_target_ratio: applies to the probability_ratio method only"),
         (lambda: client.promote_head_version("v99"), NotFoundError, "version_id"),
         (lambda: client.promote_head_version(""), InvalidArgumentError, "version_id"),
     ]
@@ -108,6 +113,10 @@ def test_invalid_requests_name_the_field(client, world_set):
                                                            method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP)
         neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).VisualizeNeurons(request, timeout=30)
     assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "pairs[1].neuron: required: the neuron to visualise")
+    with grpc.insecure_channel(client.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        request = neuroinspect_pb2.EditHeadRequest(sample_set_id="spurious", class_name="heart", neurons=[1], target_ratio=2.0, auto_target_ratio=True)
+        neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).EditHead(request, timeout=30)
+    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "target_ratio: set either target_ratio or auto_target_ratio, not both")
     # A class with no samples in the set, and a set without mistakes for the class.
     only_hearts = labels == 5
     client.create_sample_set(pixels[only_hearts][:3], labels[only_hearts][:3], sample_set_id="three-hearts")

@@ -74,6 +74,12 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 
     def EditHead(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.EditHeadResponse:
+        # Options that would be ignored are refused: the caller believes they took effect.
+        if request.auto_target_ratio and request.HasField("target_ratio"):
+            raise InvalidArgument("set either target_ratio or auto_target_ratio, not both", field="target_ratio")
+        if request.method == neuroinspect_pb2.HEAD_EDIT_METHOD_CONSTRAIN and (request.auto_target_ratio or request.HasField("target_ratio")):
+            raise InvalidArgument("applies to the probability_ratio method only; constrain has no target ratio",
+                                  field="auto_target_ratio" if request.auto_target_ratio else "target_ratio")
         snapshot = self._engine.edit_head(
             request.sample_set_id,
             target_class=_target_class(request),

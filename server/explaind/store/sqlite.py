@@ -231,9 +231,9 @@ class SQLiteStore:
             self._require_set(db, sample_set_id)
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
-            db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
-            if finish_upload:
-                db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,))
+            finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
+            if samples or finished:  # a finish_upload of a finished set changes nothing
+                db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
         return self.get_sample_set(sample_set_id)
 
     def delete_unfinished_uploads(self) -> list[str]:
