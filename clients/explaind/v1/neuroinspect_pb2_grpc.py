@@ -30,7 +30,13 @@ class NeuroInspectServiceStub:
     what those neurons respond to, and a repaired classifier head.
 
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
-    INVALID_ARGUMENT naming the field. Unknown sample sets and head versions are NOT_FOUND.
+    INVALID_ARGUMENT naming the field, as is any value outside the range its comment
+    gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
+    FAILED_PRECONDITION, and so is any method on an inference-only classifier (ONNX,
+    TorchScript: no feature/head split). Every RPC is UNAVAILABLE until the models have
+    loaded and the stored head versions are restored. Arguments are checked when the
+    request arrives; a job re-checks what may have changed since (the sets) and fails
+    with the same code.
     """
 
     def __init__(self, channel):
@@ -76,7 +82,13 @@ class NeuroInspectServiceServicer:
     what those neurons respond to, and a repaired classifier head.
 
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
-    INVALID_ARGUMENT naming the field. Unknown sample sets and head versions are NOT_FOUND.
+    INVALID_ARGUMENT naming the field, as is any value outside the range its comment
+    gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
+    FAILED_PRECONDITION, and so is any method on an inference-only classifier (ONNX,
+    TorchScript: no feature/head split). Every RPC is UNAVAILABLE until the models have
+    loaded and the stored head versions are restored. Arguments are checked when the
+    request arrives; a job re-checks what may have changed since (the sets) and fails
+    with the same code.
     """
 
     def RankMistakeNeurons(self, request, context):
@@ -89,6 +101,9 @@ class NeuroInspectServiceServicer:
         "rank_mistake_neurons", response NeuronRanking). INLINE refuses large work with
         FAILED_PRECONDITION; OPERATION always returns an operation. The SDK hides the
         difference: `rank_mistake_neurons` waits for the operation when there is one.
+
+        A class with no sample in the set, or no mistake, is INVALID_ARGUMENT naming the
+        class field: from the call when it runs inline, as the operation's error otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,7 +204,13 @@ class NeuroInspectService:
     what those neurons respond to, and a repaired classifier head.
 
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
-    INVALID_ARGUMENT naming the field. Unknown sample sets and head versions are NOT_FOUND.
+    INVALID_ARGUMENT naming the field, as is any value outside the range its comment
+    gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
+    FAILED_PRECONDITION, and so is any method on an inference-only classifier (ONNX,
+    TorchScript: no feature/head split). Every RPC is UNAVAILABLE until the models have
+    loaded and the stored head versions are restored. Arguments are checked when the
+    request arrives; a job re-checks what may have changed since (the sets) and fails
+    with the same code.
     """
 
     @staticmethod

@@ -29,6 +29,13 @@ class OperationsServiceStub:
     """Long-running jobs (AIP-151). Every job-starting RPC returns a
     google.longrunning.Operation named "operations/<id>" whose metadata is an
     OperationMetadata and whose response, once done, is the job's result message.
+
+    A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
+    server shut down or restarted while the job was queued or running: nothing is wrong
+    with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
+    codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
+    changed since the job was submitted). Operations and their artifacts persist across
+    restarts. Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -73,22 +80,32 @@ class OperationsServiceServicer:
     """Long-running jobs (AIP-151). Every job-starting RPC returns a
     google.longrunning.Operation named "operations/<id>" whose metadata is an
     OperationMetadata and whose response, once done, is the job's result message.
+
+    A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
+    server shut down or restarted while the job was queued or running: nothing is wrong
+    with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
+    codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
+    changed since the job was submitted). Operations and their artifacts persist across
+    restarts. Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
 
     def GetOperation(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The operation's current state (metadata, and the result or error once done).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListOperations(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Operations newest first, optionally filtered by kind and state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelOperation(self, request, context):
-        """Asks the job to stop; it ends CANCELLED at its next checkpoint.
+        """Asks the job to stop; it ends CANCELLED at its next checkpoint (a queued job at
+        once). Cancelling a finished operation changes nothing and returns it as it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +181,13 @@ class OperationsService:
     """Long-running jobs (AIP-151). Every job-starting RPC returns a
     google.longrunning.Operation named "operations/<id>" whose metadata is an
     OperationMetadata and whose response, once done, is the job's result message.
+
+    A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
+    server shut down or restarted while the job was queued or running: nothing is wrong
+    with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
+    codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
+    changed since the job was submitted). Operations and their artifacts persist across
+    restarts. Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
 
     @staticmethod

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class SampleSetServiceStub:
     """Named, persistent sets of labelled images that explanation methods run on.
+
+    Errors: INVALID_ARGUMENT naming the field (a malformed id, an undecodable or oversized
+    image, a label outside the classes, images decoding to more than
+    RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
+    sample_set_id; UNAVAILABLE while the models load (labels are checked against them).
     """
 
     def __init__(self, channel):
@@ -69,16 +74,24 @@ class SampleSetServiceStub:
 
 class SampleSetServiceServicer:
     """Named, persistent sets of labelled images that explanation methods run on.
+
+    Errors: INVALID_ARGUMENT naming the field (a malformed id, an undecodable or oversized
+    image, a label outside the classes, images decoding to more than
+    RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
+    sample_set_id; UNAVAILABLE while the models load (labels are checked against them).
     """
 
     def CreateSampleSet(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stores a new set (all of its samples, or the first part of an upload: see
+        upload_continues). ALREADY_EXISTS if the id is taken; at least one sample is needed.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AppendSamples(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Adds samples at the end of a set, in order; all or none of one request's samples.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,7 +103,8 @@ class SampleSetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSampleSets(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Sets oldest first, without their samples.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -103,7 +117,9 @@ class SampleSetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSampleSet(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes the set and the stored images no other set, artifact or head uses.
+        Operations that ran on it keep their results.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -151,6 +167,11 @@ def add_SampleSetServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SampleSetService:
     """Named, persistent sets of labelled images that explanation methods run on.
+
+    Errors: INVALID_ARGUMENT naming the field (a malformed id, an undecodable or oversized
+    image, a label outside the classes, images decoding to more than
+    RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
+    sample_set_id; UNAVAILABLE while the models load (labels are checked against them).
     """
 
     @staticmethod
