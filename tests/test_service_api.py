@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
 from explaind.client import (
@@ -176,8 +177,9 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
             stub.Predict(huge, timeout=60)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     forward_passes = _metric(server, "explaind_batch_size_images_count")
-    with pytest.raises(InvalidArgumentError, match="top_k"):
+    with pytest.raises(InvalidArgumentError, match="top_k") as refused:
         client.predict([pixels], top_k=7)
+    assert refused.value.field == "top_k" and refused.value.field_violations[0][1].startswith("must be between 1 and 6")
     assert _metric(server, "explaind_batch_size_images_count") == forward_passes  # refused before the model ran
     with pytest.raises(NotFoundError, match="no sample set 'missing-set'"):
         client.evaluate_sample_set("missing-set")
@@ -198,6 +200,11 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
         with pytest.raises(grpc.RpcError) as caught:
             sets.CreateSampleSet(unlabelled, timeout=30)
         assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "samples[1].label: required: the sample's class index")
+        # The field also travels as a google.rpc.BadRequest in the status details (AIP-193).
+        status = status_pb2.Status.FromString(dict(caught.value.trailing_metadata())["grpc-status-details-bin"])
+        violation = error_details_pb2.BadRequest()
+        assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], caught.value.details()) and status.details[0].Unpack(violation)
+        assert [(v.field, v.description) for v in violation.field_violations] == [("samples[1].label", "required: the sample's class index")]
     with pytest.raises(NotFoundError):
         client.operation("operations/does-not-exist")
     with pytest.raises(InvalidArgumentError, match="name"):

@@ -16,6 +16,7 @@ class ExplaindError(Exception):
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
+        self.description = message  # without the field
         super().__init__(f"{field}: {message}" if field else message)
 
 

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 
 class ExplaindError(Exception):
-    """Base class; ``code`` is the ``grpc.StatusCode``, ``details`` the server's message."""
+    """Base class; ``code`` is the ``grpc.StatusCode``, ``details`` the server's message.
+
+    ``field_violations`` lists ``(field, description)`` for each request field the server
+    refused (``google.rpc.BadRequest`` details of an INVALID_ARGUMENT), e.g.
+    ``("samples[3].label", "required: ...")``; ``field`` is the first one's field."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, details: str, code: grpc.StatusCode | None = None,
+                 field_violations: list[tuple[str, str]] | None = None) -> None:
         super().__init__(details)
         self.details = details
+        self.field_violations = field_violations or []
         if code is not None:
             self.code = code
+
+    @property
+    def field(self) -> str | None:
+        return self.field_violations[0][0] if self.field_violations else None
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -73,13 +84,27 @@ class OperationError(ExplaindError):
 _BY_CODE = {cls.code: cls for cls in ExplaindError.__subclasses__() if cls is not OperationError}
 
 
-def error_from_code(code: grpc.StatusCode, details: str) -> ExplaindError:
+def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
-    return cls(details, code)
+    return cls(details, code, field_violations)
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:
-    """The typed exception for a failed call."""
+    """The typed exception for a failed call, with the field violations of its status details."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return error_from_code(code, details or code.name)
+    return error_from_code(code, details or code.name, _field_violations(error))
+
+
+def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in metadata or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            violations = []
+            for detail in status.details:
+                bad_request = error_details_pb2.BadRequest()
+                if detail.Unpack(bad_request):
+                    violations += [(v.field, v.description) for v in bad_request.field_violations]
+            return violations
+    return []

@@ -130,7 +130,7 @@ def _naming_failing_file(files: list | None) -> Iterator[None]:
     try:
         yield
     except ExplaindError as error:
-        match = re.match(r"(?:images|samples)\[(\d+)\]", error.details)
+        match = re.match(r"(?:images|samples)\[(\d+)\]", error.field or "")
         if files and match:
             index = getattr(error, "request_offset", 0) + int(match.group(1))
             if index < len(files):

@@ -1,7 +1,9 @@
 """One server interceptor for every RPC: auth, error mapping, metrics.
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
-code it names with its message. Anything else becomes INTERNAL with the exception's
+code it names with its message, and an INVALID_ARGUMENT naming a field also carries a
+``google.rpc.BadRequest`` field violation in the status details (AIP-193), so clients
+in any language read the field without parsing the message. Anything else becomes INTERNAL with the exception's
 type and an incident id (its text and traceback go to the log, never to the caller:
 they can hold server paths). A response larger than the send limit becomes
 RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from ..errors import ExplaindError, report_internal
 from ..metrics import Metrics
@@ -113,15 +116,25 @@ class _Observed:
         remaining = self._context.time_remaining()
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
-    def abort(self, code: str, message: str) -> None:
+    def abort(self, code: str, message: str, *, field: str | None = None, description: str = "") -> None:
         self._code = code
-        self._context.abort(grpc.StatusCode[code], _shorten(message))
+        status_code, message = grpc.StatusCode[code], _shorten(message)
+        if field and code == "INVALID_ARGUMENT":
+            violation = error_details_pb2.BadRequest(field_violations=[{"field": field, "description": _shorten(description)}])
+            status = status_pb2.Status(code=status_code.value[0], message=message)
+            status.details.add().Pack(violation)
+            # What grpcio-status's abort_with_status sends: the message must match the status's.
+            self._context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+        self._context.abort(status_code, message)
+
+    def _abort_with(self, error: ExplaindError) -> None:
+        self.abort(error.code, str(error), field=error.field, description=error.description)
 
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             response = behaviour(request, context)
         except ExplaindError as error:
-            self.abort(error.code, str(error))
+            self._abort_with(error)
         except Exception as error:
             self._map_unexpected(error)
         else:
@@ -132,7 +145,7 @@ class _Observed:
             for response in behaviour(request, context):
                 yield self._sendable(response)
         except ExplaindError as error:
-            self.abort(error.code, str(error))
+            self._abort_with(error)
         except Exception as error:
             self._map_unexpected(error)
 
