@@ -565,6 +565,11 @@ def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_pa
     assert jobs.wait(after.record.job_id, 10).record.state == "succeeded"
     assert ran == [] and jobs.get(queued.record.job_id).record.state == "cancelled"
     assert metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+    # It never ran, so only the ended counter sees it (job_duration counts jobs that ran).
+    ended = {(kind, outcome): metrics.registry.get_sample_value("explaind_jobs_ended_total", {"kind": kind, "outcome": outcome})
+             for kind, outcome in (("queued", "cancelled"), ("block", "succeeded"), ("after", "succeeded"))}
+    assert ended == {("queued", "cancelled"): 1.0, ("block", "succeeded"): 1.0, ("after", "succeeded"): 1.0}
+    assert metrics.registry.get_sample_value("explaind_job_duration_seconds_count", {"kind": "queued", "outcome": "cancelled"}) is None
     jobs.shutdown(1)
 
 

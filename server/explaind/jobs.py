@@ -193,8 +193,7 @@ class JobManager:
             except Exception:  # noqa: BLE001
                 log.exception("job %s: storing its failure failed too", live.record.job_id)
                 with self._changed:
-                    live.record = dataclasses.replace(live.record, **failed)
-                    self._changed.notify_all()
+                    self._set_record(live, dataclasses.replace(live.record, **failed))
                 return
         with self._changed:
             self._live.pop(live.record.job_id, None)
@@ -208,10 +207,17 @@ class JobManager:
             if persist or now - live.persisted_at >= PERSIST_INTERVAL_S:
                 self.store.update_job(record)
                 live.persisted_at = now
-            live.record = record
             if preview is not None:
                 live.preview = preview
-            self._changed.notify_all()
+            self._set_record(live, record)
+
+    def _set_record(self, live: _LiveJob, record: JobRecord) -> None:
+        """Replace the job's record and wake its readers (holding ``_changed``); a job
+        reaching its end is counted before anyone can see it ended."""
+        if record.state in FINISHED_STATES and live.record.state not in FINISHED_STATES:
+            self.metrics.jobs_ended.labels(kind=record.kind, outcome=record.state).inc()
+        live.record = record
+        self._changed.notify_all()
 
     # Reading, cancelling, waiting ----------------------------------------------------
 
