@@ -85,14 +85,14 @@ def test_batcher_queue_limit_and_cancelled_requests():
         queued = [batcher.submit(torch.ones(2, 1, 1, 1)) for _ in range(2)]
         with pytest.raises(ResourceExhausted, match="queue is full"):
             batcher.submit(torch.ones(1, 1, 1, 1))
-        assert queued[0].cancel()
-        # Its place is free at once: it used to count as waiting until the worker reached it.
-        assert batcher.queue_depth == 2
-        queued.append(batcher.submit(torch.ones(2, 1, 1, 1)))
+        assert queued[1].cancel() and queued[0].cancel()  # not only the first in line
+        # Their places are free at once: they counted as waiting until the worker reached them.
+        assert batcher.queue_depth == 0
+        queued += [batcher.submit(torch.ones(2, 1, 1, 1)) for _ in range(2)]
         gate.set()
-        assert first.result(10).tolist() == [1.0] and queued[1].result(10).tolist() == queued[2].result(10).tolist() == [1.0, 1.0]
+        assert first.result(10).tolist() == [1.0] and queued[2].result(10).tolist() == queued[3].result(10).tolist() == [1.0, 1.0]
     batcher.close()
-    assert sum(sizes) == 5  # the cancelled request never ran
+    assert sum(sizes) == 5  # the cancelled requests never ran
 
 
 def test_batcher_runs_a_lone_request_in_the_callers_thread_and_one_forward_at_a_time():
