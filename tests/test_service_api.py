@@ -194,17 +194,16 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
             with pytest.raises(grpc.RpcError) as caught:
                 rpc(request, timeout=30)
             assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "sample_set_id: required"), rpc
-        # Proto3 reads an unset int as 0: a sample without a label was stored as class 0.
-        unlabelled = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="unlabelled", samples=[
-            sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels)), label=0), sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels)))])
+        mislabelled = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="mislabelled", samples=[
+            sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels)), label=0), sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels)), label=9)])
         with pytest.raises(grpc.RpcError) as caught:
-            sets.CreateSampleSet(unlabelled, timeout=30)
-        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "samples[1].label: required: the sample's class index")
+            sets.CreateSampleSet(mislabelled, timeout=30)
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "samples[1].label: label 9 is not a class index in [0, 6)")
         # The field also travels as a google.rpc.BadRequest in the status details (AIP-193).
         status = status_pb2.Status.FromString(dict(caught.value.trailing_metadata())["grpc-status-details-bin"])
         violation = error_details_pb2.BadRequest()
         assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], caught.value.details()) and status.details[0].Unpack(violation)
-        assert [(v.field, v.description) for v in violation.field_violations] == [("samples[1].label", "required: the sample's class index")]
+        assert [(v.field, v.description) for v in violation.field_violations] == [("samples[1].label", "label 9 is not a class index in [0, 6)")]
     with pytest.raises(NotFoundError):
         client.operation("operations/does-not-exist")
     with pytest.raises(InvalidArgumentError, match="name"):

@@ -107,12 +107,6 @@ def test_invalid_requests_name_the_field(client, world_set):
     for call, error, field in cases:
         with pytest.raises(error, match=re.escape(field)):
             call()
-    # Proto3 reads an unset int as 0: a pair without a neuron visualised neuron 0.
-    with grpc.insecure_channel(client.target) as channel, pytest.raises(grpc.RpcError) as caught:
-        request = neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[neuroinspect_pb2.NeuronClassPair(neuron=0), neuroinspect_pb2.NeuronClassPair(class_name="heart")],
-                                                           method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP)
-        neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).VisualizeNeurons(request, timeout=30)
-    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "pairs[1].neuron: required: the neuron to visualise")
     with grpc.insecure_channel(client.target) as channel, pytest.raises(grpc.RpcError) as caught:
         request = neuroinspect_pb2.EditHeadRequest(sample_set_id="spurious", class_name="heart", neurons=[1], target_ratio=2.0, auto_target_ratio=True)
         neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).EditHead(request, timeout=30)

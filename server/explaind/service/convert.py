@@ -59,8 +59,6 @@ def array_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
 def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudget) -> NewSample:
     """Validate a Sample's image; keep encoded bytes as given (decoded only to check them,
     never to float), store raw tensors as PNG."""
-    if not sample.HasField("label"):
-        raise InvalidArgument("required: the sample's class index", field=f"{field}.label")
     image = sample.image
     if image.WhichOneof("data") == "encoded":
         decode_pixels(image.encoded, field=f"{field}.image.encoded", budget=budget)

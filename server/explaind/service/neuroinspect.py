@@ -22,12 +22,6 @@ def _target_class(message) -> str | int | None:
     return None if which is None else getattr(message, which)
 
 
-def _neuron(pair, field: str) -> int:
-    if not pair.HasField("neuron"):
-        raise InvalidArgument("required: the neuron to visualise", field=field)
-    return pair.neuron
-
-
 def _enum(values: dict[int, str], value: int, field: str) -> str:
     # Unknown enum numbers fall through to the engine, which names the field.
     return values.get(value, f"<unknown {field} {value}>")
@@ -61,7 +55,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
 
     def VisualizeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.VisualizeNeuronsResponse:
         snapshot = self._engine.visualize_neurons(
-            [(_neuron(pair, f"pairs[{i}].neuron"), _target_class(pair)) for i, pair in enumerate(request.pairs)],
+            [(pair.neuron, _target_class(pair)) for pair in request.pairs],
             method=_enum(_VISUALIZATION_METHODS, request.method, "method"),
             steps=request.steps or 400,
             gamma=_optional(request, "gamma", 0.5),
