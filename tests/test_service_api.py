@@ -159,6 +159,12 @@ def test_errors_quoting_a_huge_id_keep_their_code(server):
             with pytest.raises(grpc.RpcError) as caught:
                 operations.GetOperation(operations_pb2.GetOperationRequest(name=f"operations/{long_id}"), timeout=30)
             assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            # An INVALID_ARGUMENT also carries the message in its details: all of it must fit.
+            for _ in range(10):
+                with pytest.raises(grpc.RpcError) as caught:
+                    sets.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id=long_id + "!", samples=[sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(np.zeros((8, 8, 3), np.uint8))))]), timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("sample_set_id: "), caught.value.details()
+                assert sum(len(key) + len(value) for key, value in caught.value.trailing_metadata()) < 6000
 
 
 def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server, client, world_images):

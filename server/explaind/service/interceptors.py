@@ -33,6 +33,11 @@ _PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefl
 # header. Messages quote the caller's ids; a header over gRPC's 8 KiB soft limit made the
 # caller see RESOURCE_EXHAUSTED ("received metadata size exceeds ... limit") instead.
 MAX_STATUS_MESSAGE_BYTES = 4096
+# With BadRequest details the message travels twice more, base64-encoded in
+# grpc-status-details-bin (as the Status's message, and the violation's description):
+# 2 KiB + 4/3 · (2 KiB + 512 B) stays under 6 KB in all.
+MAX_DETAILED_MESSAGE_BYTES = 2048
+MAX_VIOLATION_BYTES = 512
 
 
 def _encoded_size(character: str) -> int:
@@ -40,10 +45,11 @@ def _encoded_size(character: str) -> int:
     return 1 if " " <= character <= "~" and character != "%" else 3 * len(character.encode("utf-8", "surrogatepass"))
 
 
-def _shorten(message: str) -> str:
-    """``message`` cut to fit :data:`MAX_STATUS_MESSAGE_BYTES` encoded, keeping its start
-    (the field and the problem) and saying how many characters were left out."""
-    budget, kept = MAX_STATUS_MESSAGE_BYTES - 64, 0  # room for the note
+def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``message`` cut to fit ``limit`` bytes percent-encoded (never fewer than its UTF-8
+    bytes), keeping its start (the field and the problem) and saying how many characters
+    were left out."""
+    budget, kept = limit - 64, 0  # room for the note
     for character in message:
         budget -= _encoded_size(character)
         if budget < 0:
@@ -118,9 +124,12 @@ class _Observed:
 
     def abort(self, code: str, message: str, *, field: str | None = None, description: str = "") -> None:
         self._code = code
-        status_code, message = grpc.StatusCode[code], _shorten(message)
-        if field and code == "INVALID_ARGUMENT":
-            violation = error_details_pb2.BadRequest(field_violations=[{"field": field, "description": _shorten(description)}])
+        status_code = grpc.StatusCode[code]
+        detailed = bool(field) and code == "INVALID_ARGUMENT"
+        message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if detailed else MAX_STATUS_MESSAGE_BYTES)
+        if detailed:
+            described = {"field": _shorten(field, MAX_VIOLATION_BYTES), "description": _shorten(description, MAX_VIOLATION_BYTES)}
+            violation = error_details_pb2.BadRequest(field_violations=[described])
             status = status_pb2.Status(code=status_code.value[0], message=message)
             status.details.add().Pack(violation)
             # What grpcio-status's abort_with_status sends: the message must match the status's.
