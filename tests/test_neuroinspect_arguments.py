@@ -81,6 +81,7 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(target_ratio=float("nan")), ValueError, "target_ratio must be a finite number"),
         (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
         (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
+        (dict(method="constrain", target_ratio=2.0), ValueError, "target_ratio applies to the probability_ratio method only"),
     ]
     for changes, error, message in cases:
         arguments = dict(features=features, labels=labels) | base | changes

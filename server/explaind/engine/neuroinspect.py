@@ -372,7 +372,7 @@ class NeuroInspectEngine:
         evaluation_sample_set_id: str = "",
         group_attribute: str = "",
         strength: float | None = None,
-        target_ratio: float | str = 1.0,
+        target_ratio: float | str | None = None,
         learning_rate: float = 1e-3,
         max_epochs: int = 20,
         patience: int = 5,
@@ -381,7 +381,8 @@ class NeuroInspectEngine:
         description: str = "",
     ) -> JobSnapshot:
         """Start retraining the served head; the job stores a new head version (and
-        serves it when ``promote``). ``target_ratio`` may be ``"auto"``."""
+        serves it when ``promote``). ``target_ratio`` may be ``"auto"``; None is 1 for
+        probability_ratio, and the only value constrain takes (it has no target ratio)."""
         version = self._split_version()
         class_index = self._class_index(version, target_class)
         if not neurons:
@@ -413,7 +414,10 @@ class NeuroInspectEngine:
                 raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
         if strength is not None:
             _finite(strength, "strength", high=MAX_LOSS_WEIGHT)
-        if target_ratio != "auto":
+        if method == "constrain" and target_ratio is not None:  # refused, not silently ignored
+            raise InvalidArgument("applies to the probability_ratio method only; constrain has no target ratio",
+                                  field="auto_target_ratio" if target_ratio == "auto" else "target_ratio")
+        if target_ratio not in (None, "auto"):
             target_ratio = _finite(target_ratio, "target_ratio", low_open=True, high=MAX_TARGET_RATIO)
         _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
         if not 1 <= max_epochs <= 1000:

@@ -68,12 +68,9 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 
     def EditHead(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.EditHeadResponse:
-        # Options that would be ignored are refused: the caller believes they took effect.
+        # Both set: one would be ignored, and the caller believes it took effect.
         if request.auto_target_ratio and request.HasField("target_ratio"):
             raise InvalidArgument("set either target_ratio or auto_target_ratio, not both", field="target_ratio")
-        if request.method == neuroinspect_pb2.HEAD_EDIT_METHOD_CONSTRAIN and (request.auto_target_ratio or request.HasField("target_ratio")):
-            raise InvalidArgument("applies to the probability_ratio method only; constrain has no target ratio",
-                                  field="auto_target_ratio" if request.auto_target_ratio else "target_ratio")
         snapshot = self._engine.edit_head(
             request.sample_set_id,
             target_class=_target_class(request),
@@ -83,7 +80,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             evaluation_sample_set_id=request.evaluation_sample_set_id,
             group_attribute=request.group_attribute,
             strength=request.strength if request.HasField("strength") else None,
-            target_ratio="auto" if request.auto_target_ratio else _optional(request, "target_ratio", 1.0),
+            target_ratio="auto" if request.auto_target_ratio else _optional(request, "target_ratio", None),
             learning_rate=_optional(request, "learning_rate", 1e-3),
             max_epochs=request.max_epochs or 20,
             patience=request.patience or 5,

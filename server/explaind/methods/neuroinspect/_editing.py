@@ -92,7 +92,7 @@ class HeadEdit:
     target_class: int
     neurons: tuple[int, ...]
     strength: float
-    target_ratio: float  # o
+    target_ratio: float  # o; NaN for constrain, which has none
     best_epoch: int  # 1-based epoch whose weights were kept
     history: list[EpochRecord]
     before: HeadEvaluation  # old head on the evaluation set (the validation set by default)
@@ -148,7 +148,7 @@ class HeadEditor:
         validation_labels: torch.Tensor,
         method: str = "probability_ratio",
         strength: float | None = None,
-        target_ratio: float | str = 1.0,
+        target_ratio: float | str | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         batch_size: int = 32,
@@ -169,7 +169,8 @@ class HeadEditor:
             validation_features, validation_labels: (M, D) / (M,), for early stopping.
             method: ``"probability_ratio"`` (ours) or ``"constrain"`` (the CON baseline).
             strength: λ3 of the penalty; default 0.01 for ours, 1.0 for ``constrain``.
-            target_ratio: o, or ``"auto"`` for :meth:`suggested_target_ratio`.
+            target_ratio: o (default 1), or ``"auto"`` for :meth:`suggested_target_ratio`;
+                ``probability_ratio`` only (``constrain`` refuses one rather than ignore it).
             learning_rate, weight_decay, batch_size: Adam's step size and L2 decay, and
                 the minibatch size; ``seed`` fixes the minibatch order.
             max_epochs, patience: early stopping on the validation set; the best epoch's
@@ -207,11 +208,16 @@ class HeadEditor:
         learning_rate = number(learning_rate, "learning_rate", low_open=True)
         weight_decay = number(weight_decay, "weight_decay")
         batch_size, max_epochs, patience = count(batch_size, "batch_size"), count(max_epochs, "max_epochs"), count(patience, "patience")
-        if target_ratio == "auto":
+        if method == "constrain":
+            if target_ratio is not None:
+                raise ValueError("target_ratio applies to the probability_ratio method only; constrain has no target ratio")
+            target_ratio = float("nan")
+        elif target_ratio == "auto":
             target_ratio = self.suggested_target_ratio(features, labels, target_class=target_class, neurons=neuron_ids.tolist())
         elif isinstance(target_ratio, str):
             raise ValueError(f"target_ratio must be a number or 'auto', got {target_ratio!r}")
-        target_ratio = number(target_ratio, "target_ratio", low_open=True)
+        else:
+            target_ratio = number(1.0 if target_ratio is None else target_ratio, "target_ratio", low_open=True)
 
         weight = weight0.clone().requires_grad_(True)
         bias = bias0.clone().requires_grad_(True)
