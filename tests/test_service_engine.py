@@ -882,31 +882,63 @@ def _samples(put, *images: bytes) -> list:
     return [SampleRecord(put(image), 0, {}) for image in images]
 
 
-def test_deleting_a_set_removes_the_images_and_features_only_it_used(tmp_path):
+def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path):
     # They stayed on disk for good: a pipeline that uploads new sets and deletes old ones
     # filled the disk.
+    from explaind.store import ArtifactRef, HeadVersionRecord, JobRecord
+
     store = SQLiteStore(tmp_path)
     with store.writing_blobs() as put:
         store.create_sample_set("old", "", _samples(put, b"shared", b"only-old"))
         store.create_sample_set("new", "", _samples(put, b"shared", b"only-new"))
         artifact = put(b"only-old")  # identical bytes saved as a job's artifact too
+        store.insert_job(JobRecord(job_id="j", kind="evaluate", state="succeeded", create_time=0.0, artifacts=(ArtifactRef("a", "x", artifact, 8),)))
         weights = put(b"head weights")
+        store.insert_head_version(HeadVersionRecord("f", "v1", "h", weights, "", 0.0))
     store.put_features("v", {digest: np.ones(2, np.float32) for digest in _blob_files(store)})
     kept = _blob_files(store)
     store.delete_sample_set("new")
-    assert kept - _blob_files(store) == {_digest(b"only-new")}
+    assert _blob_files(store) == kept  # deleting is quick: the files go in a sweep
+    assert store.delete_unused_blobs() == 1 and kept - _blob_files(store) == {_digest(b"only-new")}
     assert store.get_features("v", [_digest(b"only-new")]) == {}
     assert set(store.get_features("v", [_digest(b"shared")])) == {_digest(b"shared")}
-    # A job artifact or a head version keeps its blob; the start-up sweep removes the rest.
-    from explaind.store import ArtifactRef, HeadVersionRecord, JobRecord
-
-    store.insert_job(JobRecord(job_id="j", kind="evaluate", state="succeeded", create_time=0.0, artifacts=(ArtifactRef("a", "x", artifact, 8),)))
-    store.insert_head_version(HeadVersionRecord("f", "v0", "h", weights, "", 0.0))
+    # A job artifact keeps its blob; a deleted head version's weights go.
     store.delete_sample_set("old")
-    assert _blob_files(store) == {artifact, weights}
+    store.delete_head_version("f", "v1")
+    assert store.delete_unused_blobs() == 2 and _blob_files(store) == {artifact}
+    # At start-up every file is checked, and killed writers' scratch files go.
     with store.writing_blobs() as put:
         put(b"written but never referenced")  # e.g. a request that failed after writing its images
-    assert store.delete_unused_blobs() == 1 and _blob_files(store) == {artifact, weights}
+    scratch = store.blob_dir / "ab" / f"{'ab' * 32}.99999999.1.tmp"
+    scratch.parent.mkdir(exist_ok=True)
+    scratch.write_bytes(b"half")
+    assert store.delete_unused_blobs() == 0
+    assert store.delete_unused_blobs(everything=True) == 1 and _blob_files(store) == {artifact}
+
+
+def test_a_sweep_keeps_what_lost_its_reference_after_before(tmp_path):
+    # A job submitted before a set was deleted may still be reading its images: the
+    # server sweeps only what lost its last reference before the oldest unfinished job.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, b"image"))
+    job_submitted = time.time()
+    store.delete_sample_set("s")
+    assert store.delete_unused_blobs(before=job_submitted) == 0 and _blob_files(store) == {_digest(b"image")}
+    assert store.delete_unused_blobs(before=time.time()) == 1 and _blob_files(store) == set()
+
+
+def test_the_oldest_unfinished_job_bounds_the_sweep(tmp_path):
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    gate = threading.Event()
+    assert jobs.oldest_unfinished_create_time() is None
+    running = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
+    queued = jobs.submit("queued", lambda ctx: _empty())
+    assert jobs.oldest_unfinished_create_time() == running.record.create_time <= queued.record.create_time
+    gate.set()
+    jobs.wait(queued.record.job_id, 10)
+    assert jobs.oldest_unfinished_create_time() is None
+    jobs.shutdown(1)
 
 
 def test_finishing_an_upload_that_is_finished_changes_nothing(tmp_path):
@@ -929,8 +961,9 @@ def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
     with store.writing_blobs() as put:
         records = _samples(put, b"image")  # the same image, uploaded again
         store.delete_sample_set("old")
-        assert store.delete_unused_blobs() == 0
+        assert store.delete_unused_blobs() == 0 and store.delete_unused_blobs(everything=True) == 0
         store.create_sample_set("new", "", records)
+    assert store.delete_unused_blobs() == 0
     assert store.get_blob(records[0].digest) == b"image"
 
 

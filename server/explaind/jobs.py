@@ -284,6 +284,11 @@ class JobManager:
         self.metrics.jobs_queued.dec()
         self._finish(live, state, error=error, **changes)
 
+    def oldest_unfinished_create_time(self) -> float | None:
+        """When the oldest queued or running job was submitted (epoch s); None if none is."""
+        with self._changed:
+            return min((live.record.create_time for live in self._unfinished()), default=None)
+
     def _unfinished(self) -> list[_LiveJob]:
         """Live jobs not yet done (a done one stays live only when its end could not be stored)."""
         return [live for live in self._live.values() if live.record.state not in FINISHED_STATES]

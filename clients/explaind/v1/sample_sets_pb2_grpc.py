@@ -117,8 +117,10 @@ class SampleSetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSampleSet(self, request, context):
-        """Deletes the set and the stored images no other set, artifact or head uses.
-        Operations that ran on it keep their results.
+        """Deletes the set. Its stored images that nothing else uses (no other set, artifact or
+        head) are removed by a sweep within about a minute, or once the operations that were
+        already queued or running when it was deleted have ended. Operations that ran on it
+        keep their results.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

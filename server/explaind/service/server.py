@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -52,6 +53,8 @@ SERVICE_NAMES = (
 
 # Seconds in-flight calls get beyond the grace period at shutdown (see ``stop``).
 FINAL_STATE_MARGIN_S = 1.0
+# How often deleted sets' and head versions' files are removed (seconds).
+BLOB_SWEEP_INTERVAL_S = 60.0
 
 
 class ExplaindServer:
@@ -70,6 +73,8 @@ class ExplaindServer:
         self._metrics_http = None
         self._grpc: grpc.Server | None = None
         self._stopped = threading.Event()
+        self._closing = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_unused_blobs, name="blob-sweeper", daemon=True)
 
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
@@ -122,9 +127,21 @@ class ExplaindServer:
         self.engine.load()
         self.neuroinspect.restore()
         # After restore, which may have deleted head versions: their weights are unused now.
-        if removed := self.store.delete_unused_blobs():
+        if removed := self.store.delete_unused_blobs(everything=True):
             log.info("deleted %d stored file(s) nothing used any more", removed)
+        self._sweeper.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _sweep_unused_blobs(self) -> None:
+        """Every BLOB_SWEEP_INTERVAL_S: remove the files of deleted sets and head versions.
+        Only what lost its last reference before the oldest unfinished job was submitted:
+        that job may still be reading a set deleted since."""
+        while not self._closing.wait(BLOB_SWEEP_INTERVAL_S):
+            try:
+                if removed := self.store.delete_unused_blobs(before=self.engine.jobs.oldest_unfinished_create_time() or time.time()):
+                    log.info("deleted %d stored file(s) nothing uses any more", removed)
+            except Exception:  # noqa: BLE001 - the next sweep retries; serving goes on
+                log.exception("sweeping unused stored files failed")
 
     def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -136,6 +153,7 @@ class ExplaindServer:
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
+        self._closing.set()
         self.health.enter_graceful_shutdown()
         # Calls outlast the jobs a little, so a client waiting on a job the shutdown aborts
         # receives its final state rather than UNAVAILABLE.
@@ -144,6 +162,8 @@ class ExplaindServer:
         done.wait(grace + 5)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self._sweeper.is_alive():
+            self._sweeper.join()  # before the store closes under it
         self.store.close()
         self._stopped.set()
 

@@ -6,12 +6,13 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,10 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 -- Whether a blob is still used, when a set is deleted.
 CREATE INDEX IF NOT EXISTS samples_by_digest ON samples (digest);
+-- Blobs that may have lost their last reference, and since when (epoch seconds): the
+-- images of deleted sets, the weights of deleted head versions. A sweep removes those
+-- nothing uses any more (delete_unused_blobs).
+CREATE TABLE IF NOT EXISTS blob_candidates (digest TEXT PRIMARY KEY, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, create_time REAL NOT NULL,
     start_time REAL, end_time REAL, step INTEGER NOT NULL, total INTEGER NOT NULL, message TEXT NOT NULL,
@@ -63,6 +68,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
 """
 log = logging.getLogger(__name__)
 
+_SWEEP_CHUNK = 500  # candidates checked per hold of the store's lock
 _SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
@@ -175,35 +181,66 @@ class SQLiteStore:
         finally:
             os.close(directory)
 
-    def _delete_unused_blobs(self, candidates: Iterable[str]) -> int:
-        """Remove the blob files (and cached features) of ``candidates`` that no sample, job
-        artifact or head version uses and no writer is about to; returns files removed."""
-        with self._lock:
-            unused = {digest for digest in candidates if not self._writing[digest]}
-            listed = sorted(unused)
-            for start in range(0, len(listed), 500):
-                chunk = listed[start : start + 500]
-                marks = ", ".join("?" * len(chunk))
-                unused -= {row[0] for row in self._db.execute(f"SELECT DISTINCT digest FROM samples WHERE digest IN ({marks})", chunk)}
-                unused -= {row[0] for row in self._db.execute(f"SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})", chunk)}
-            for (artifacts,) in self._db.execute("SELECT artifacts FROM jobs WHERE artifacts != '[]'"):
-                unused -= {artifact["digest"] for artifact in json.loads(artifacts)}
-            if not unused:
-                return 0
+    def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False) -> int:
+        """Remove the blob files, and their cached features, that lost their last
+        reference (a deleted set's images, a deleted head version's weights) before
+        ``before`` (epoch seconds; None: any time) and that no writer is about to
+        reference. ``everything``: every blob file on disk is a candidate, and scratch
+        files of killed writers go too (at start-up). Returns the blob files removed.
+
+        Works in chunks, holding the store's lock for one chunk at a time, so requests are
+        never held up for long."""
+        if everything:
+            self._forget_stray_files()
+        removed, after = 0, ""
+        while True:
+            with self._lock:
+                chunk = [row[0] for row in self._db.execute(
+                    "SELECT digest FROM blob_candidates WHERE digest > ? AND since < ? ORDER BY digest LIMIT ?",
+                    (after, math.inf if before is None else before, _SWEEP_CHUNK))]
+                if not chunk:
+                    return removed
+                removed += self._delete_unreferenced(chunk)
+            after = chunk[-1]
+
+    def _forget_stray_files(self) -> None:
+        """Make every blob file a candidate; delete scratch files no live writer owns."""
+        for directory in (path for path in self.blob_dir.iterdir() if path.is_dir()):
+            names = [path.name for path in directory.iterdir()]
+            for name in names:
+                if name.endswith(".tmp") and name.split(".")[1] != str(os.getpid()):
+                    (directory / name).unlink(missing_ok=True)
+            digests = [name for name in names if len(name) == 64]
+            with self._transaction() as db:
+                db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, 0)", [(digest,) for digest in digests])
+
+    def _delete_unreferenced(self, chunk: list[str]) -> int:
+        """One sweep step (holding the lock): drop the candidates of ``chunk`` that are
+        referenced, remove the files and features of the rest, keep those a writer holds."""
+        marks = ", ".join("?" * len(chunk))
+        held = {digest for digest in chunk if self._writing[digest]}
+        used = {row[0] for row in self._db.execute(
+            f"""SELECT digest FROM samples WHERE digest IN ({marks})
+                UNION SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})
+                UNION SELECT json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact
+                      WHERE json_extract(artifact.value, '$.digest') IN ({marks})""", chunk * 3)}
+        unused = [digest for digest in chunk if digest not in used and digest not in held]
+        # FULL for this commit: it makes the earlier ones durable too (WAL is in order), so
+        # no power loss can bring back a record of a file deleted below.
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
             with self._transaction() as db:
                 versions = [row[0] for row in db.execute("SELECT DISTINCT version FROM features")]
                 db.executemany("DELETE FROM features WHERE version = ? AND digest = ?", [(v, d) for v in versions for d in unused])
-            for digest in unused:  # after the commit: no record points at them any more
-                try:
-                    self._blob_path(digest).unlink(missing_ok=True)
-                except OSError as error:  # the records are gone; a file left over costs only space
-                    log.warning("cannot delete the unused blob %s: %s", digest, error.strerror)
+                db.executemany("DELETE FROM blob_candidates WHERE digest = ?", [(digest,) for digest in chunk if digest not in held])
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        for digest in unused:
+            try:
+                self._blob_path(digest).unlink(missing_ok=True)
+            except OSError as error:  # the records are gone; a file left over costs only space
+                log.warning("cannot delete the unused blob %s: %s", digest, error.strerror)
         return len(unused)
-
-    def delete_unused_blobs(self) -> int:
-        """At start-up: remove every blob file nothing uses (left by deleted head versions,
-        failed requests, and releases that did not collect them); returns files removed."""
-        return self._delete_unused_blobs(path.name for path in self.blob_dir.glob("*/*") if len(path.name) == 64)
 
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes:
         path = self._blob_path(digest)
@@ -283,12 +320,12 @@ class SQLiteStore:
         return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
 
     def delete_sample_set(self, sample_set_id: str) -> None:
-        """Delete the set, then the images only it used (and their cached features)."""
+        """Delete the set; its images become candidates for :meth:`delete_unused_blobs`."""
         with self._transaction() as db:
             self._require_set(db, sample_set_id)
-            digests = [row[0] for row in db.execute("SELECT DISTINCT digest FROM samples WHERE set_id = ?", (sample_set_id,))]
+            db.execute("INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM samples WHERE set_id = ?",
+                       (time.time(), sample_set_id))
             db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
-        self._delete_unused_blobs(digests)
 
     # Jobs ----------------------------------------------------------------------------
 
@@ -417,6 +454,8 @@ class SQLiteStore:
                              (feature_version, version_id)).fetchone()
             if row is None:
                 raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
+            db.execute("INSERT OR REPLACE INTO blob_candidates SELECT weights_digest, ? FROM head_versions WHERE feature_version = ? AND version_id = ?",
+                       (time.time(), feature_version, version_id))
             db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
             db.execute("INSERT OR IGNORE INTO deleted_head_versions VALUES (?, ?)", (feature_version, version_id))
             db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
