@@ -912,8 +912,10 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     scratch = store.blob_dir / "ab" / f"{'ab' * 32}.99999999.1.tmp"
     scratch.parent.mkdir(exist_ok=True)
     scratch.write_bytes(b"half")
+    store.put_features("v", {_digest(b"only-old"): np.ones(2, np.float32)})  # cached by a job after the sweep
     assert store.delete_unused_blobs() == 0
     assert store.delete_unused_blobs(everything=True) == 1 and _blob_files(store) == {artifact}
+    assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
 def test_a_sweep_keeps_what_lost_its_reference_after_before(tmp_path):

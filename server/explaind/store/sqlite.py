@@ -185,8 +185,9 @@ class SQLiteStore:
         """Remove the blob files, and their cached features, that lost their last
         reference (a deleted set's images, a deleted head version's weights) before
         ``before`` (epoch seconds; None: any time) and that no writer is about to
-        reference. ``everything``: every blob file on disk is a candidate, and scratch
-        files of killed writers go too (at start-up). Returns the blob files removed.
+        reference. ``everything`` (at start-up): every blob file on disk is a candidate,
+        and killed writers' scratch files and stray cached features go too. Returns the
+        blob files removed.
 
         Works in chunks, holding the store's lock for one chunk at a time, so requests are
         never held up for long."""
@@ -204,7 +205,10 @@ class SQLiteStore:
             after = chunk[-1]
 
     def _forget_stray_files(self) -> None:
-        """Make every blob file a candidate; delete scratch files no live writer owns."""
+        """Make every blob file a candidate; delete scratch files no live writer owns, and
+        cached features of images no set holds (a job may cache them after a sweep)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM features WHERE digest NOT IN (SELECT digest FROM samples)")
         for directory in (path for path in self.blob_dir.iterdir() if path.is_dir()):
             names = [path.name for path in directory.iterdir()]
             for name in names:
