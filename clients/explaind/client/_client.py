@@ -415,10 +415,7 @@ class Client:
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=timeout or max(self.timeout, 300.0))
         if response.WhichOneof("outcome") == "ranking":
             return _neuroinspect.ranking(response.ranking)
-        ranking = Operation(self, response.operation).result(progress=progress)
-        if include_samples:  # asked for: downloaded now, while this client is open
-            ranking.omega  # noqa: B018
-        return ranking
+        return Operation(self, response.operation).result(progress=progress)
 
     def visualize_neurons(
         self,

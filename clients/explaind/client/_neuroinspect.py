@@ -72,10 +72,9 @@ class NeuronRanking:
 
     @functools.cached_property
     def omega(self) -> np.ndarray | None:
-        """(M, D) float32 per-mistake offsets. ``rank_mistake_neurons(include_samples=True)``
-        returns them downloaded; a ranking from an :class:`Operation`'s ``result()``
-        downloads its ``omega.npy`` artifact on the first read (the client must still be
-        open): it is M·D·4 bytes, and ``explaind operations get`` never shows it."""
+        """(M, D) float32 per-mistake offsets. An operation's ``omega.npy`` artifact is
+        downloaded on the first read, not with the ranking: it is M·D·4 bytes, and most
+        callers (the CLI, the report) only need the ranked neurons."""
         return self._read_omega()
 
     def __getstate__(self) -> dict[str, Any]:
