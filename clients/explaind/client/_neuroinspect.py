@@ -77,10 +77,6 @@ class NeuronRanking:
         callers (the CLI, the report) only need the ranked neurons."""
         return self._read_omega()
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled with ω read: its reader holds the message and a live connection."""
-        return {**self.__dict__, "omega": self.omega, "_read_omega": None}
-
 
 @dataclass(frozen=True)
 class NeuronVisualization:
