@@ -170,19 +170,6 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
     assert [(a.name, a.media_type) for a in operation.artifacts] == [("omega.npy", "application/x-npy")]
 
 
-def test_an_operations_omega_is_downloaded_on_first_read_only(client, monkeypatch):
-    # It was downloaded with every converted ranking, e.g. by `explaind operations get`,
-    # which never shows it: M·D·4 bytes for nothing.
-    methods = []
-    original = client._call
-    monkeypatch.setattr(client, "_call", lambda service, method, *args, **kwargs: methods.append(method) or original(service, method, *args, **kwargs))
-    ranking = client.rank_mistake_neurons("spurious", "heart", execution="operation", include_samples=True)
-    assert ranking.neurons and "GetArtifact" not in methods
-    assert ranking.omega.shape == (ranking.mistake_count, 128)
-    downloads = methods.count("GetArtifact")
-    assert downloads >= 1 and ranking.omega is ranking.omega and methods.count("GetArtifact") == downloads
-
-
 def test_visualize_streams_previews_and_stores_images(client):
     operation = client.visualize_neurons([(7, "heart"), 11], method="no_clip", steps=6, preview_every=2)
     previews = [update.progress.preview for update in operation.watch() if update.progress.preview is not None]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import io
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +53,8 @@ class MistakeSummary:
 @dataclass(frozen=True)
 class NeuronRanking:
     """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) float32 with
-    ``include_samples``, else None."""
+    ``include_samples`` (downloaded from the operation's ``omega.npy`` artifact when the
+    ranking ran as an operation)."""
 
     sample_set_id: str
     model_version: str
@@ -68,14 +67,7 @@ class NeuronRanking:
     neurons: list[RankedNeuron]
     predicted_as: dict[str, int]  # what the mistakes were classified as
     mistakes: list[MistakeSummary] = field(default_factory=list)
-    _read_omega: Callable[[], np.ndarray | None] = field(default=lambda: None, repr=False, compare=False)
-
-    @functools.cached_property
-    def omega(self) -> np.ndarray | None:
-        """(M, D) float32 per-mistake offsets. An operation's ``omega.npy`` artifact is
-        downloaded on the first read, not with the ranking: it is M·D·4 bytes, and most
-        callers (the CLI, the report) only need the ranked neurons."""
-        return self._read_omega()
+    omega: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -129,13 +121,11 @@ class HeadEdit:
 
 
 def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None = None) -> NeuronRanking:
-    def read_omega() -> np.ndarray | None:
-        if message.HasField("omega"):
-            return np.frombuffer(message.omega.data, dtype="<f4").reshape(tuple(message.omega.shape))
-        if message.omega_artifact and operation is not None:
-            return np.load(io.BytesIO(operation.artifact(message.omega_artifact)), allow_pickle=False)
-        return None
-
+    omega = None
+    if message.HasField("omega"):
+        omega = np.frombuffer(message.omega.data, dtype="<f4").reshape(tuple(message.omega.shape))
+    elif message.omega_artifact and operation is not None:
+        omega = np.load(io.BytesIO(operation.artifact(message.omega_artifact)), allow_pickle=False)
     return NeuronRanking(
         sample_set_id=message.sample_set_id,
         model_version=message.model_version,
@@ -154,7 +144,7 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
             MistakeSummary(m.sample_index, m.predicted_class, m.converged, m.iterations, list(m.insufficient_neurons), list(m.excessive_neurons), m.omega_l1)
             for m in message.mistakes
         ],
-        _read_omega=read_omega,
+        omega=omega,
     )
 
 
