@@ -49,8 +49,10 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
         arguments = dict(features=features, labels=labels) | changes
         with pytest.raises(error, match=message):
             ranker.rank(arguments.pop("features"), arguments.pop("labels"), **arguments)
-    # Integer labels of any width and float64 features are converted, not refused.
-    assert ranker.rank(features.double(), labels.int()).neuron_ids == ranker.rank(features, labels).neuron_ids
+    # Integer labels of any width, float64 features and one-element tensors as numbers are
+    # converted, not refused.
+    expected = ranker.rank(features, labels, l1=0.1, max_iterations=50).neuron_ids
+    assert ranker.rank(features.double(), labels.int(), l1=torch.tensor(0.1), max_iterations=torch.tensor(50)).neuron_ids == expected
 
 
 def test_the_proximal_solver_runs_on_an_all_zero_head():
@@ -83,10 +85,12 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
         (dict(method="constrain", target_ratio=2.0), ValueError, "target_ratio applies to the probability_ratio method only"),
     ]
+    epochs = []
     for changes, error, message in cases:
-        arguments = dict(features=features, labels=labels) | base | changes
+        arguments = dict(features=features, labels=labels, callback_on_epoch_end=lambda *args: epochs.append(args)) | base | changes
         with pytest.raises(error, match=message):
             editor.edit(arguments.pop("features"), arguments.pop("labels"), **arguments)
+    assert epochs == []  # every one was refused before training began
 
 
 def test_an_edit_that_diverges_raises_instead_of_returning_a_nan_head(head):
@@ -112,6 +116,10 @@ def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_ima
     with pytest.raises(ValueError, match=r"images must lie in \[0, 1\].*got values in \[0, 255\]"):
         extractor.features(images * 255)
     torch.testing.assert_close(extractor.features(images.double()), extractor.features(images))
+    # A bicubic resize overshoots [0, 1] a little: that is still an image in [0, 1].
+    resized = torch.nn.functional.interpolate(images, scale_factor=1.5, mode="bicubic")
+    assert resized.min() < 0 or resized.max() > 1
+    assert extractor.features(resized).shape == (4, 128)
 
 
 def test_a_model_in_training_mode_keeps_its_mode_and_batchnorm_statistics(classifier_dir, world_images):
@@ -143,11 +151,31 @@ def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
             illusion.visualize(pairs, method="no_clip", steps=1)
     with pytest.raises(ValueError, match=r"mask_dim must lie in \[0, 1\]"):
         illusion.visualize([(3, 1)], method="no_clip", steps=1, mask_dim=5)
+    as_array = illusion.visualize(np.array([[3, 1]]), method="no_clip", steps=2).images  # a (P, 2) array of pairs
+    torch.testing.assert_close(as_array, expected)
+
+
+def test_overlapping_uses_of_a_training_model_restore_its_mode_when_the_last_ends(classifier_dir):
+    # Threads sharing a model: the second saved the modes the first had set (eval), and
+    # the model stayed in eval for good after both.
+    from explaind.methods.neuroinspect._checks import eval_mode
+    from explaind.world.classifier import load_classifier
+
+    model = load_classifier(classifier_dir).train()
+    first, second = eval_mode(model), eval_mode(model)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not any(module.training for module in model.modules())  # the second is still running
+    second.__exit__(None, None, None)
+    assert all(module.training for module in model.modules())
 
 
 def test_neuron_auc_takes_a_boolean_mask_not_class_labels():
     # Labels read as a mask made every non-zero class the positive one.
     features, labels = _data()
-    with pytest.raises(TypeError, match="positive must be a boolean mask, got int64"):
+    with pytest.raises(TypeError, match=r"positive must be a boolean \(or 0/1\) mask, got int64 values \[0, 1, 2, 3\]"):
         neuron_auc(features, labels)
-    torch.testing.assert_close(neuron_auc(features, labels == 2), neuron_auc(features, (labels == 2).numpy()))
+    expected = neuron_auc(features, labels == 2)
+    torch.testing.assert_close(neuron_auc(features, (labels == 2).numpy()), expected)
+    torch.testing.assert_close(neuron_auc(features, (labels == 2).to(torch.uint8)), expected)

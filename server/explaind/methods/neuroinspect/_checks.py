@@ -9,10 +9,12 @@ check names the argument and says what was expected.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +34,9 @@ def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -
     if not features.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
     features = features.detach().to(like.device, like.dtype)
-    bad = ~torch.isfinite(features).all(1)
+    # A row sums (in float64, which no sum of float32s overflows) to a finite number only
+    # if every element is finite: one pass and an (N,) result, not an (N, D) mask.
+    bad = ~torch.isfinite(features.sum(1, dtype=torch.float64))
     if bad.any():
         rows = bad.nonzero().squeeze(1)
         raise ValueError(f"{name} holds NaN or infinite values in {len(rows)} rows (first: row {int(rows[0])})")
@@ -60,11 +64,17 @@ def labelled_features(features: object, labels: object, *, like: torch.Tensor,
     return checked, labels_tensor(labels, names[1], count=len(checked), num_classes=num_classes, device=like.device)
 
 
+def _scalar(value: object) -> object:
+    """A one-element tensor or array as the Python number it holds; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, np.ndarray) and value.size == 1:
+        return value.item()
+    return value
+
+
 def index(value: object, name: str, upper: int) -> int:
     """An integer in [0, upper): a class or a neuron. Floats, bools and strings are refused,
     never truncated."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
-        value = value.item()
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer index, got {value!r} ({type(value).__name__})")
     if not 0 <= int(value) < upper:
@@ -81,6 +91,7 @@ def indices(values: Sequence[object], name: str, upper: int) -> list[int]:
 
 def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False) -> float:
     """A finite real number ≥ ``low`` (> ``low`` with ``low_open``)."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or (low_open and value == low):
@@ -90,13 +101,20 @@ def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False
 
 def count(value: object, name: str, *, low: int = 1) -> int:
     """An integer ≥ ``low``: steps, epochs, sizes."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
     return int(value)
 
 
+# Bicubic resizing overshoots [0, 1] by up to about 0.1; 0–255 pixels and images already
+# normalised with a mean and std (about −2.1 … 2.6) fall well outside.
+_IMAGE_RANGE = (-0.25, 1.25)
+
+
 def images_tensor(value: object, name: str, *, like: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) float images in [0, 1] with N > 0, on ``like``'s device and dtype.
+    """(N, 3, H, W) float images in [0, 1] with N > 0, on ``like``'s device and dtype
+    (``like``: the model's first parameter, its input dtype).
 
     uint8 pixels are refused rather than scaled: a caller passing 0–255 floats would get
     the same silent nonsense, so both are told what the range is."""
@@ -105,23 +123,37 @@ def images_tensor(value: object, name: str, *, like: torch.Tensor) -> torch.Tens
         raise TypeError(f"{name} must be float images in [0, 1] (divide uint8 pixels by 255), got {images.dtype}")
     if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
         raise ValueError(f"{name} must be (N, 3, H, W) RGB with N > 0, got {tuple(images.shape)}")
-    low, high = float(images.amin()), float(images.amax())
-    if not (-1e-3 <= low and high <= 1 + 1e-3):  # also False for NaN
-        raise ValueError(f"{name} must lie in [0, 1] (the engines normalise themselves), got values in [{low:.3g}, {high:.3g}]")
+    if not images.is_meta:
+        low, high = float(images.amin()), float(images.amax())
+        if not (_IMAGE_RANGE[0] <= low and high <= _IMAGE_RANGE[1]):  # also False for NaN
+            raise ValueError(f"{name} must lie in [0, 1] (the engines normalise themselves), got values in [{low:.3g}, {high:.3g}]")
     return images.to(like.device, like.dtype)
+
+
+_modes_lock = threading.Lock()
+_saved_modes: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}  # id(root) -> (blocks open, modes)
 
 
 @contextmanager
 def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
     """Put ``modules`` in eval mode for the block and restore each submodule's own mode
     after: a caller's model in training mode must not update its BatchNorm statistics
-    from our forwards, nor come back switched to eval."""
-    saved = [(module, module.training) for root in modules if root is not None for module in root.modules()]
+    from our forwards, nor come back switched to eval. Blocks on one model may overlap
+    (threads): the first saves its modes, the last to leave restores them."""
+    roots = list({id(root): root for root in modules if root is not None}.values())
+    with _modes_lock:
+        for root in roots:
+            count, saved = _saved_modes.get(id(root), (0, [(module, module.training) for module in root.modules()]))
+            _saved_modes[id(root)] = (count + 1, saved)
+            root.eval()
     try:
-        for root in modules:
-            if root is not None:
-                root.eval()
         yield
     finally:
-        for module, training in saved:
-            module.training = training
+        with _modes_lock:
+            for root in roots:
+                count, saved = _saved_modes.pop(id(root))
+                if count > 1:
+                    _saved_modes[id(root)] = (count - 1, saved)
+                else:
+                    for module, training in saved:
+                        module.training = training

@@ -60,7 +60,12 @@ def evaluate_head(
 ) -> HeadEvaluation:
     """Overall, per-class and (with ``groups``, one name per sample) per-group accuracy of
     the head ``weight`` (C, D), ``bias`` (C,) on ``features`` (N, D) with ``labels`` (N,)."""
-    features, labels = labelled_features(features, labels, like=weight)
+    return _evaluate(weight, bias, *labelled_features(features, labels, like=weight), groups)
+
+
+def _evaluate(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+              groups: Sequence[str] | np.ndarray | None = None) -> HeadEvaluation:
+    """:func:`evaluate_head` on features and labels already checked (each epoch of an edit)."""
     correct = ((features @ weight.T + bias).argmax(1) == labels).cpu().numpy()
     labels_np = labels.cpu().numpy()
     class_accuracy = {int(c): float(correct[labels_np == c].mean()) for c in np.unique(labels_np)}
@@ -126,14 +131,17 @@ class HeadEditor:
     def suggested_target_ratio(self, features: torch.Tensor, labels: torch.Tensor, *, target_class: int,
                                neurons: Sequence[int]) -> float:
         """The paper's o = (min_k importance_k − 1) / 3 + 1 on class ``target_class``'s mean feature."""
-        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        weight = self.head.weight.detach()
         num_classes, dim = weight.shape
         features, labels = labelled_features(features, labels, like=weight)
-        target_class = index(target_class, "target_class", num_classes)
-        neuron_ids = indices(neurons, "neurons", dim)
+        return self._target_ratio(features, labels, index(target_class, "target_class", num_classes), indices(neurons, "neurons", dim))
+
+    def _target_ratio(self, features: torch.Tensor, labels: torch.Tensor, target_class: int, neuron_ids: list[int]) -> float:
+        """:meth:`suggested_target_ratio` on arguments already checked."""
         in_class = labels == target_class
         if not in_class.any():
             raise ValueError(f"labels hold no sample of target_class {target_class}")
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
         importance = neuron_importance(weight, bias, features[in_class].mean(0), target_class)
         return float((importance[neuron_ids].min() - 1) / 3 + 1)
 
@@ -213,7 +221,7 @@ class HeadEditor:
                 raise ValueError("target_ratio applies to the probability_ratio method only; constrain has no target ratio")
             target_ratio = float("nan")
         elif target_ratio == "auto":
-            target_ratio = self.suggested_target_ratio(features, labels, target_class=target_class, neurons=neuron_ids.tolist())
+            target_ratio = self._target_ratio(features, labels, target_class, neuron_ids.tolist())
         elif isinstance(target_ratio, str):
             raise ValueError(f"target_ratio must be a number or 'auto', got {target_ratio!r}")
         else:
@@ -247,7 +255,7 @@ class HeadEditor:
             if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
                 raise TrainingDiverged(f"training diverged: the edited head has NaN or infinite weights after epoch {epoch}; "
                                        f"retry with a lower strength, target_ratio or learning_rate")
-            validation = evaluate_head(weight.detach(), bias.detach(), validation_features, validation_labels)
+            validation = _evaluate(weight.detach(), bias.detach(), validation_features, validation_labels)
             record = EpochRecord(epoch, float(totals[0] / batches), float(totals[1] / batches),
                                  validation.accuracy, validation.worst_class[1])
             history.append(record)
@@ -274,7 +282,7 @@ class HeadEditor:
             target_ratio=target_ratio,
             best_epoch=best_epoch,
             history=history,
-            before=evaluate_head(weight0, bias0, evaluation_features, evaluation_labels, groups=evaluation_groups),
-            after=evaluate_head(new_weight, new_bias, evaluation_features, evaluation_labels, groups=evaluation_groups),
+            before=_evaluate(weight0, bias0, evaluation_features, evaluation_labels, evaluation_groups),
+            after=_evaluate(new_weight, new_bias, evaluation_features, evaluation_labels, evaluation_groups),
             cancelled=cancelled,
         )

@@ -51,7 +51,7 @@ class FeatureExtractor:
     @torch.no_grad()
     def _map_chunks(self, images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         batch_size = count(batch_size, "batch_size")
-        images = images_tensor(images, "images", like=self.head.weight)
+        images = images_tensor(images, "images", like=next(self.classifier.parameters()))
         with eval_mode(self.classifier), capture_output(self.feature_module) as captured:
             for start in range(0, len(images), batch_size):
                 self.classifier(images[start : start + batch_size])

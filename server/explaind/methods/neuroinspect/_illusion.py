@@ -247,6 +247,8 @@ class ClipIllusion:
 
     def _resolve_pairs(self, pairs: Sequence[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
         num_classes, dim = self.head.weight.shape
+        if isinstance(pairs, torch.Tensor | np.ndarray):  # a (P, 2) array of (neuron, class)
+            pairs = pairs.tolist()
         if len(pairs) == 0:
             raise ValueError("pairs must hold at least one (neuron, class) pair")
         neurons, classes = [], []

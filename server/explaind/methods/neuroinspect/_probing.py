@@ -24,7 +24,9 @@ def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> t
         positive = positive.cpu().numpy()
     positive = np.asarray(positive)
     if positive.dtype != bool:  # class labels read as a mask would make every non-zero class positive
-        raise TypeError(f"positive must be a boolean mask, got {positive.dtype}")
+        if positive.dtype.kind not in "iu" or not np.isin(positive, (0, 1)).all():
+            raise TypeError(f"positive must be a boolean (or 0/1) mask, got {positive.dtype} values {np.unique(positive)[:5].tolist()}")
+        positive = positive.astype(bool)
     if features.ndim != 2 or positive.shape != (len(features),):
         raise ValueError(f"positive must be ({len(features)},) for features (N, D), got {positive.shape}")
     num_positive, num_negative = int(positive.sum()), int((~positive).sum())

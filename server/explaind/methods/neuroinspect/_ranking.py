@@ -174,8 +174,10 @@ class MistakeNeuronRanker:
         if class_mean_feature is None:
             in_class = labels == target_class
             class_mean_feature = features[in_class].mean(0) if in_class.any() else features.mean(0)
-        elif getattr(class_mean_feature, "shape", None) != (dim,):
-            raise ValueError(f"class_mean_feature must be a ({dim},) tensor, got {getattr(class_mean_feature, 'shape', type(class_mean_feature).__name__)}")
+        elif not isinstance(class_mean_feature, torch.Tensor):
+            raise TypeError(f"class_mean_feature must be a ({dim},) torch.Tensor, got {type(class_mean_feature).__name__}")
+        elif class_mean_feature.shape != (dim,):
+            raise ValueError(f"class_mean_feature must be ({dim},), got {tuple(class_mean_feature.shape)}")
         else:
             class_mean_feature = features_tensor(class_mean_feature.unsqueeze(0), "class_mean_feature", dim=dim, like=weight)[0]
         importance = neuron_importance(weight, bias, class_mean_feature, target_class)
