@@ -1041,20 +1041,27 @@ def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
     import grpc
 
     metrics = Metrics()
-    server, port = _intercepted_server(metrics, lambda request, context: (time.sleep(0.5), _empty())[1])
+    started = threading.Event()
+    server, port = _intercepted_server(metrics, lambda request, context: (started.set(), time.sleep(1.0), _empty())[2])
     server.start()
+    def counts() -> dict[str, float | None]:
+        return {code: metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {"service": "test.Service", "method": "Call", "code": code})
+                for code in ("DEADLINE_EXCEEDED", "CANCELLED", "OK")}
+
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)  # the deadline must not be spent connecting
             call = channel.unary_unary("/test.Service/Call")
             with pytest.raises(grpc.RpcError) as caught:
-                call(b"", timeout=0.1)
+                call(b"", timeout=0.3)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            started.clear()
             future = call.future(b"", timeout=30)
-            time.sleep(0.1)
+            assert started.wait(10)  # cancelled while its handler runs
             future.cancel()
-        time.sleep(0.8)  # both handlers return
+        deadline = time.monotonic() + 10
+        while None in (counts()["DEADLINE_EXCEEDED"], counts()["CANCELLED"]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # both handlers return after their 1 s
     finally:
         server.stop(None)
-    counts = {code: metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {"service": "test.Service", "method": "Call", "code": code})
-              for code in ("DEADLINE_EXCEEDED", "CANCELLED", "OK")}
-    assert counts == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0, "OK": None}
+    assert counts() == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0, "OK": None}
