@@ -943,6 +943,60 @@ def test_the_oldest_unfinished_job_bounds_the_sweep(tmp_path):
     jobs.shutdown(1)
 
 
+def test_a_deleted_job_frees_the_artifacts_only_it_used(tmp_path):
+    from explaind.store import ArtifactRef, JobRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        shared, own = put(b"shared"), put(b"own")
+        store.create_sample_set("s", "", [_samples(put, b"shared")[0]])
+        store.insert_job(JobRecord("done", "k", "succeeded", 0.0, end_time=1.0,
+                                   artifacts=(ArtifactRef("a", "x", own, 3), ArtifactRef("b", "x", shared, 6))))
+        store.insert_job(JobRecord("running", "k", "running", 0.0))
+    with pytest.raises(FailedPrecondition, match="operations/running is running; cancel it"):
+        store.delete_job("running")
+    with pytest.raises(NotFound, match="no operation 'gone'"):
+        store.delete_job("gone")
+    store.delete_job("done")
+    with pytest.raises(NotFound):
+        store.get_job("done")
+    assert store.get_job("running").state == "running"
+    assert store.delete_unused_blobs() == 1 and _blob_files(store) == {shared}
+
+
+def test_retention_deletes_the_jobs_that_ended_before_the_cut_in_chunks(tmp_path, monkeypatch):
+    import explaind.store.sqlite as sqlite_store
+    from explaind.store import ArtifactRef, JobRecord
+
+    monkeypatch.setattr(sqlite_store, "_SWEEP_CHUNK", 3)
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        for end in range(1, 8):
+            artifact = ArtifactRef("a", "x", put(f"artifact {end}".encode()), 10)
+            store.insert_job(JobRecord(f"ended-{end}", "k", ("succeeded", "failed", "cancelled")[end % 3], 0.0, end_time=float(end), artifacts=(artifact,)))
+        store.insert_job(JobRecord("queued", "k", "queued", 0.0))
+        store.insert_job(JobRecord("running", "k", "running", 0.0, start_time=1.0))
+    assert store.delete_jobs_ended_before(6.5) == 6  # two full chunks and none left over
+    assert sorted(job.job_id for job in store.list_jobs()) == ["ended-7", "queued", "running"]
+    assert store.delete_unused_blobs() == 6 and len(_blob_files(store)) == 1
+    assert store.delete_jobs_ended_before(6.5) == 0
+
+
+def test_a_job_manager_deletes_a_job_only_once_it_ended(tmp_path):
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    gate = threading.Event()
+    running = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1]).record.job_id
+    queued = jobs.submit("queued", lambda ctx: _empty()).record.job_id
+    for job_id in (running, queued):
+        with pytest.raises(FailedPrecondition, match=f"operations/{job_id} is (queued|running)"):
+            jobs.delete(job_id)
+    gate.set()
+    jobs.wait(queued, 10)
+    jobs.delete(running)
+    assert [s.record.job_id for s in jobs.list()] == [queued]
+    jobs.shutdown(1)
+
+
 def test_finishing_an_upload_that_is_finished_changes_nothing(tmp_path):
     store = SQLiteStore(tmp_path)
     with store.writing_blobs() as put:

@@ -59,10 +59,10 @@ _AT_LEAST_ONE = (
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
 # 0 means something here (any port, no metrics, no grace, the model's size, torch's
-# threads); below 0 nothing does.
+# threads, keeping operations); below 0 nothing does.
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.grace_period_s", "batching.max_queue_delay_ms",
-    "runtime.num_threads", "classifier.image_size",
+    "runtime.num_threads", "classifier.image_size", "jobs.retention_days",
 )
 _MAX_PORT = 65535
 
@@ -160,6 +160,9 @@ class JobsSection:
     # Concurrent accelerator-bound jobs (1 = they serialise).
     gpu_workers: int = 1
     evaluate_batch_size: int = 64
+    # Finished operations (records, results, artifacts) are deleted this many days after
+    # they ended; 0 keeps them until DeleteOperation.
+    retention_days: float = 30.0
 
 
 @dataclass(frozen=True)

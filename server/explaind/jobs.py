@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from .errors import ExplaindError, ResourceExhausted, Unavailable, report_internal
+from .errors import ExplaindError, FailedPrecondition, ResourceExhausted, Unavailable, report_internal
 from .imaging import encode_png
 from .metrics import Metrics
 from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
@@ -250,6 +250,18 @@ class JobManager:
                 self._update(live, persist=True, cancel_requested=True)
                 live.cancel_event.set()
         return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job (FailedPrecondition while it is queued or running)."""
+        with self._changed:  # a job ends (store first, then here) under this lock
+            live = self._live.get(job_id)
+            if live is not None and live.record.state not in FINISHED_STATES:
+                raise FailedPrecondition(f"operations/{job_id} is {live.record.state}; cancel it and wait for it to end, then delete it", field="name")
+            self.store.delete_job(job_id)
+
+    def delete_ended_before(self, end_time: float) -> int:
+        """Retention: forget the jobs that finished before ``end_time`` (epoch s)."""
+        return self.store.delete_jobs_ended_before(end_time)
 
     def watch(self, job_id: str, *, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.25) -> Iterator[JobSnapshot]:
         """Yield the job now and after every change until it is done (or the caller leaves)."""

@@ -160,3 +160,13 @@ class GetArtifactResponse(_message.Message):
     artifact: Artifact
     content: bytes
     def __init__(self, artifact: _Optional[_Union[Artifact, _Mapping]] = ..., content: _Optional[bytes] = ...) -> None: ...
+
+class DeleteOperationRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteOperationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -35,7 +35,9 @@ class OperationsServiceStub:
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted). Operations and their artifacts persist across
-    restarts. Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
+    restarts until DeleteOperation removes them, or the server's retention
+    ([jobs].retention_days, 30 by default) does once they have been finished that long.
+    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -74,6 +76,11 @@ class OperationsServiceStub:
                 request_serializer=explaind_dot_v1_dot_operations__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=explaind_dot_v1_dot_operations__pb2.GetArtifactResponse.FromString,
                 _registered_method=True)
+        self.DeleteOperation = channel.unary_unary(
+                '/explaind.v1.OperationsService/DeleteOperation',
+                request_serializer=explaind_dot_v1_dot_operations__pb2.DeleteOperationRequest.SerializeToString,
+                response_deserializer=explaind_dot_v1_dot_operations__pb2.DeleteOperationResponse.FromString,
+                _registered_method=True)
 
 
 class OperationsServiceServicer:
@@ -86,7 +93,9 @@ class OperationsServiceServicer:
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted). Operations and their artifacts persist across
-    restarts. Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
+    restarts until DeleteOperation removes them, or the server's retention
+    ([jobs].retention_days, 30 by default) does once they have been finished that long.
+    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
 
     def GetOperation(self, request, context):
@@ -136,6 +145,15 @@ class OperationsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteOperation(self, request, context):
+        """Forgets a finished operation: its record, result and artifacts (their files go once
+        nothing else uses them). A queued or running operation is FAILED_PRECONDITION:
+        cancel it and wait for it first. Head versions an EditHead operation created stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperationsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +187,11 @@ def add_OperationsServiceServicer_to_server(servicer, server):
                     request_deserializer=explaind_dot_v1_dot_operations__pb2.GetArtifactRequest.FromString,
                     response_serializer=explaind_dot_v1_dot_operations__pb2.GetArtifactResponse.SerializeToString,
             ),
+            'DeleteOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOperation,
+                    request_deserializer=explaind_dot_v1_dot_operations__pb2.DeleteOperationRequest.FromString,
+                    response_serializer=explaind_dot_v1_dot_operations__pb2.DeleteOperationResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'explaind.v1.OperationsService', rpc_method_handlers)
@@ -187,7 +210,9 @@ class OperationsService:
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted). Operations and their artifacts persist across
-    restarts. Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
+    restarts until DeleteOperation removes them, or the server's retention
+    ([jobs].retention_days, 30 by default) does once they have been finished that long.
+    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
 
     @staticmethod
@@ -342,6 +367,33 @@ class OperationsService:
             '/explaind.v1.OperationsService/GetArtifact',
             explaind_dot_v1_dot_operations__pb2.GetArtifactRequest.SerializeToString,
             explaind_dot_v1_dot_operations__pb2.GetArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/explaind.v1.OperationsService/DeleteOperation',
+            explaind_dot_v1_dot_operations__pb2.DeleteOperationRequest.SerializeToString,
+            explaind_dot_v1_dot_operations__pb2.DeleteOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

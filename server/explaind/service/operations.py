@@ -1,4 +1,4 @@
-"""OperationsService: get, list, cancel, wait for and watch jobs; download artifacts."""
+"""OperationsService: get, list, cancel, wait for, watch and delete jobs; download artifacts."""
 
 from __future__ import annotations
 
@@ -83,6 +83,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
                 )
         raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")
 
+    def DeleteOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.DeleteOperationResponse:
+        self._jobs.delete(convert.job_id(request.name))
+        return operations_pb2.DeleteOperationResponse()
 
     def _artifact_range(self, request: operations_pb2.GetArtifactRequest, size: int) -> tuple[int, int]:
         """(offset, length) of the requested bytes; a range one response cannot carry is

@@ -53,8 +53,9 @@ SERVICE_NAMES = (
 
 # Seconds in-flight calls get beyond the grace period at shutdown (see ``stop``).
 FINAL_STATE_MARGIN_S = 1.0
-# How often deleted sets' and head versions' files are removed (seconds).
-BLOB_SWEEP_INTERVAL_S = 60.0
+# How often operations past their retention, and the files of deleted sets, head
+# versions and operations, are removed (seconds).
+SWEEP_INTERVAL_S = 60.0
 
 
 class ExplaindServer:
@@ -74,7 +75,7 @@ class ExplaindServer:
         self._grpc: grpc.Server | None = None
         self._stopped = threading.Event()
         self._closing = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep_unused_blobs, name="blob-sweeper", daemon=True)
+        self._sweeper = threading.Thread(target=self._sweep, name="sweeper", daemon=True)
 
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
@@ -127,21 +128,29 @@ class ExplaindServer:
         self.engine.load()
         self.neuroinspect.restore()
         # After restore, which may have deleted head versions: their weights are unused now.
-        if removed := self.store.delete_unused_blobs(everything=True):
-            log.info("deleted %d stored file(s) nothing used any more", removed)
+        self._sweep_once(everything=True)
         self._sweeper.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
-    def _sweep_unused_blobs(self) -> None:
-        """Every BLOB_SWEEP_INTERVAL_S: remove the files of deleted sets and head versions.
-        Only what lost its last reference before the oldest unfinished job was submitted:
-        that job may still be reading a set deleted since."""
-        while not self._closing.wait(BLOB_SWEEP_INTERVAL_S):
+    def _sweep(self) -> None:
+        """Every SWEEP_INTERVAL_S, :meth:`_sweep_once`; a failed sweep is retried at the next."""
+        while not self._closing.wait(SWEEP_INTERVAL_S):
             try:
-                if removed := self.store.delete_unused_blobs(before=self.engine.jobs.oldest_unfinished_create_time() or time.time()):
-                    log.info("deleted %d stored file(s) nothing uses any more", removed)
-            except Exception:  # noqa: BLE001 - the next sweep retries; serving goes on
-                log.exception("sweeping unused stored files failed")
+                self._sweep_once()
+            except Exception:  # noqa: BLE001 - serving goes on
+                log.exception("sweeping old operations and unused stored files failed")
+
+    def _sweep_once(self, *, everything: bool = False) -> None:
+        """Delete the operations past ``[jobs].retention_days``, then the files nothing uses
+        any more: only those that lost their last reference before the oldest unfinished
+        job was submitted (it may still read a set deleted since), or, ``everything`` (at
+        start-up, no job running yet), every file on disk nothing uses."""
+        if retention_days := self.config.jobs.retention_days:
+            if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400):
+                log.info("deleted %d operation(s) that ended over %g day(s) ago ([jobs].retention_days)", deleted, retention_days)
+        before = None if everything else self.engine.jobs.oldest_unfinished_create_time() or time.time()
+        if removed := self.store.delete_unused_blobs(before=before, everything=everything):
+            log.info("deleted %d stored file(s) nothing uses any more", removed)
 
     def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):

@@ -20,7 +20,7 @@ from typing import IO
 
 import numpy as np
 
-from ..errors import AlreadyExists, NotFound
+from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
 
 _SCHEMA = """
@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB NOT NULL, artifacts TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time);
+-- Retention: finished jobs oldest first.
+CREATE INDEX IF NOT EXISTS jobs_by_end_time ON jobs (end_time);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -381,6 +383,38 @@ class SQLiteStore:
                 f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a finished job; its artifacts become candidates for :meth:`delete_unused_blobs`."""
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no operation {job_id!r}", field="name")
+            if row[0] not in FINISHED_STATES:
+                raise FailedPrecondition(f"operations/{job_id} is {row[0].lower()}; cancel it and wait for it to end, then delete it", field="name")
+            self._forget_jobs(db, "id = ?", (job_id,))
+
+    def delete_jobs_ended_before(self, end_time: float) -> int:
+        """Forget the finished jobs that ended before ``end_time`` (epoch s), at most
+        ``_SWEEP_CHUNK`` per hold of the lock; returns how many."""
+        placeholders = ", ".join("?" * len(FINISHED_STATES))
+        deleted = 0
+        while True:
+            with self._transaction() as db:
+                count = self._forget_jobs(
+                    db, f"id IN (SELECT id FROM jobs WHERE end_time < ? AND state IN ({placeholders}) ORDER BY end_time LIMIT ?)",
+                    (end_time, *FINISHED_STATES, _SWEEP_CHUNK))
+            deleted += count
+            if count < _SWEEP_CHUNK:
+                return deleted
+
+    @staticmethod
+    def _forget_jobs(db: sqlite3.Connection, where: str, params: tuple) -> int:
+        """Delete the jobs matching ``where``, recording their artifacts as blob candidates."""
+        db.execute(f"""INSERT OR REPLACE INTO blob_candidates
+                       SELECT DISTINCT json_extract(artifact.value, '$.digest'), ?
+                       FROM jobs, json_each(jobs.artifacts) AS artifact WHERE jobs.{where}""", (time.time(), *params))
+        return db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
 
     def fail_unfinished_jobs(self, reason: str) -> int:
         placeholders = ", ".join("?" * len(FINISHED_STATES))
