@@ -351,6 +351,30 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert "class_name: sample set 'all-hearts' has no sample of class 'circle'" in line
 
 
+def _artifact_reads(server) -> float:
+    from test_service_api import _metric
+
+    return _metric(server, "explaind_rpc_duration_seconds_count", method="GetArtifact", code="OK")
+
+
+def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_forgets_it(server, capsys, relabelled_set):
+    sample_set_id, expected = relabelled_set
+    with Client(server.target, timeout=30) as client:
+        ranking = client.rank_mistake_neurons(sample_set_id, "heart", execution="operation", include_samples=True)
+        (operation,) = client.operations(kind="rank_mistake_neurons", limit=1)
+        assert ranking.omega.shape == (expected.mistake_count, 128)
+        assert operation.result(download=False).omega is None and operation.result(download=False).neurons == ranking.neurons
+    reads = _artifact_reads(server)
+    assert reads > 0  # the SDK's result() above read ω
+    assert main(["--target", server.target, "operations", "get", operation.name]) == 0
+    out = capsys.readouterr().out
+    assert "artifacts: omega.npy" in out and f"{expected.mistake_count} mistakes of heart in all-hearts" in out
+    assert _artifact_reads(server) == reads  # ω can be gigabytes; the printout shows none of it
+    assert main(["--target", server.target, "operations", "delete", operation.name]) == 0
+    assert capsys.readouterr().out == f"deleted {operation.name}\n"
+    assert "NOT_FOUND" in _error(capsys, ["--target", server.target, "operations", "get", operation.name])
+
+
 def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_path):
     out_dir = tmp_path / "images"
     assert main(["--target", server.target, "visualize", "3", "5:heart", "--method", "feature_visualization", "--steps", "3",

@@ -21,7 +21,6 @@ from explaind.client import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
 )
 from explaind.client.cli import main as cli_main
 from explaind.v1 import (

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from explaind.client import Client, OperationError
+from explaind.client import Client, FailedPreconditionError, NotFoundError, OperationError
 from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 
 
@@ -99,3 +99,55 @@ def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_set
             np.testing.assert_array_equal(np.asarray(kept_sample.image), original)
         # The store still works after the crash: the job can simply be run again.
         assert restarted.evaluate_sample_set("survivor", batch_size=256).result(timeout=120).sample_count == 1200
+
+
+def test_delete_operation_refuses_an_unfinished_job_and_forgets_a_finished_one(server):
+    # After the restart above: the module's client points at the old port.
+    with Client(server.target, timeout=60) as client:
+        _delete_finished_and_unfinished(client)
+
+
+def _delete_finished_and_unfinished(client: Client) -> None:
+    client.create_sample_set(_distinct_images(8, 3), [i % 6 for i in range(8)], sample_set_id="delete-ops")
+    finished = client.evaluate_sample_set("delete-ops")
+    finished.result(timeout=60)
+    assert [a.name for a in finished.artifacts] == ["mistakes.png"]
+    _long_set(client, "delete-ops-long", count=600, seed=2)
+    running = client.evaluate_sample_set("delete-ops-long", batch_size=2)
+    with pytest.raises(FailedPreconditionError, match="cancel it and wait"):
+        running.delete()
+    running.cancel().wait(timeout=30)
+    finished.delete()
+    running.delete()
+    for name in (finished.name, running.name):
+        with pytest.raises(NotFoundError):
+            client.operation(name)
+        with pytest.raises(NotFoundError):
+            client.delete_operation(name)
+    assert not {finished.name, running.name} & {op.name for op in client.operations(limit=1000)}
+    assert client.sample_set("delete-ops").sample_count == 8  # the set it read stays
+
+
+def test_retention_deletes_ended_operations_and_their_files_at_start_up(server):
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(8, 4), [i % 6 for i in range(8)], sample_set_id="retained")
+        operation = client.evaluate_sample_set("retained")
+        operation.result(timeout=60)
+    grid = server.data_dir / "artifacts" / "sha256" / operation.artifacts[0].digest[:2] / operation.artifacts[0].digest
+    assert grid.is_file()
+    original = server.config.read_text()
+    server.stop()
+    assert "[jobs]\n" in original
+    server.config.write_text(original.replace("[jobs]\n", "[jobs]\nretention_days = 1e-9\n"))  # 86 µs
+    try:
+        server.start()
+        with Client(server.target, timeout=60) as restarted:
+            with pytest.raises(NotFoundError):
+                restarted.operation(operation.name)
+            assert restarted.operations(state="succeeded") == []
+            assert restarted.sample_set("retained").sample_count == 8
+        assert not grid.exists()
+    finally:
+        server.stop()
+        server.config.write_text(original)
+        server.start()

@@ -183,6 +183,9 @@ def test_visualize_streams_previews_and_stores_images(client):
         assert np.asarray(v.masked_image).sum() <= np.asarray(v.image).sum()
     names = {a.name for a in operation.artifacts}
     assert {"00_neuron7_heart.png", "00_neuron7_heart_masked.png"} <= names
+    listed = operation.result(download=False)
+    assert all(v.image is None and v.masked_image is None for v in listed)
+    assert [(v.neuron, v.class_name, v.activation, v.logit) for v in visualizations] == [(v.neuron, v.class_name, v.activation, v.logit) for v in listed]
 
     long = client.visualize_neurons([3], method="feature_visualization", steps=5000)
     for update in long.watch():

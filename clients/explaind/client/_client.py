@@ -383,6 +383,11 @@ class Client:
                 break
         return found
 
+    def delete_operation(self, name: str) -> None:
+        """Forget a finished operation: its result and artifacts (head versions an edit
+        created stay). FailedPreconditionError while it is queued or running."""
+        self._call("operations", "DeleteOperation", operations_pb2.DeleteOperationRequest(name=name))
+
     # NeuroInspect ----------------------------------------------------------------------
 
     def rank_mistake_neurons(

@@ -54,7 +54,7 @@ class MistakeSummary:
 class NeuronRanking:
     """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) float32 with
     ``include_samples`` (downloaded from the operation's ``omega.npy`` artifact when the
-    ranking ran as an operation)."""
+    ranking ran as an operation, unless read with ``result(download=False)``)."""
 
     sample_set_id: str
     model_version: str
@@ -75,8 +75,8 @@ class NeuronVisualization:
     neuron: int
     class_index: int
     class_name: str
-    image: Image
-    masked_image: Image  # low-activation regions dimmed
+    image: Image | None  # None: read with result(download=False)
+    masked_image: Image | None  # low-activation regions dimmed
     activation: float  # α_n of the final image
     logit: float  # l_c of the final image
     clip_similarity: float  # NaN without CLIP
@@ -148,15 +148,15 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
     )
 
 
-def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: Operation) -> list[NeuronVisualization]:
-    """One per requested pair, images downloaded from the operation's artifacts."""
+def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: Operation | None) -> list[NeuronVisualization]:
+    """One per requested pair, images downloaded from the operation's artifacts (None without it)."""
     return [
         NeuronVisualization(
             neuron=v.neuron,
             class_index=v.class_index,
             class_name=v.class_name,
-            image=operation.artifact_image(v.image_artifact),
-            masked_image=operation.artifact_image(v.masked_image_artifact),
+            image=operation.artifact_image(v.image_artifact) if operation else None,
+            masked_image=operation.artifact_image(v.masked_image_artifact) if operation else None,
             activation=v.activation,
             logit=v.logit,
             clip_similarity=v.clip_similarity,

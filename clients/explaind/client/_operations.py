@@ -68,8 +68,8 @@ def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Opera
 
 
 # Result message type -> SDK dataclass, as ``converter(message, operation)`` (the operation
-# lets a converter download artifacts); later job kinds add theirs here.
-RESULT_CONVERTERS: dict[str, Callable[[Any, Operation], Any]] = {
+# lets a converter download artifacts; None: leave them out); later job kinds add theirs here.
+RESULT_CONVERTERS: dict[str, Callable[[Any, Operation | None], Any]] = {
     inference_pb2.EvaluateSampleSetResult.DESCRIPTOR.full_name: _evaluation,
 }
 
@@ -148,6 +148,10 @@ class Operation:
         self._update(response.operation)
         return self
 
+    def delete(self) -> None:
+        """Forget the finished operation on the server (see :meth:`Client.delete_operation`)."""
+        self._client.delete_operation(self.name)
+
     def wait(self, timeout: float | None = None) -> Operation:
         """Block until done or ``timeout`` seconds (None: until done)."""
         deadline = None if timeout is None else dt.datetime.now() + dt.timedelta(seconds=timeout)
@@ -171,13 +175,15 @@ class Operation:
         finally:
             stream.cancel()
 
-    def result(self, *, progress: bool = False, timeout: float | None = None) -> Any:
+    def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:
         """Wait for the job and return its result (a dataclass where the SDK has one,
         else the response message). ``progress=True`` shows a tqdm bar, or plain lines
         when stderr is not a terminal; Ctrl-C cancels the job on the server before
         re-raising. Raises OperationError if it failed, and DeadlineExceededError if it
         is not done within ``timeout`` seconds (None: no limit); the job keeps running
-        then (``cancel()`` stops it, ``result()`` again waits on)."""
+        then (``cancel()`` stops it, ``result()`` again waits on). ``download=False``
+        leaves out what the result keeps in artifacts (a ranking's ω, which can be
+        gigabytes, and visualisation images): those fields are None."""
         try:
             if progress and sys.stderr.isatty():
                 self._follow_with_bar(timeout)
@@ -196,7 +202,7 @@ class Operation:
             raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
         if self.error is not None:
             raise self.error
-        return self._unpack_response()
+        return self._unpack_response(download)
 
     def _follow_with_bar(self, timeout: float | None) -> None:
         from tqdm.auto import tqdm
@@ -225,14 +231,14 @@ class Operation:
                       file=sys.stderr, flush=True)
                 shown, shown_at = (update.state, progress.message), now
 
-    def _unpack_response(self) -> Any:
+    def _unpack_response(self, download: bool) -> Any:
         response = self._message.response
         name = response.type_url.rsplit("/", 1)[-1]
         cls = message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))
         message: Message = cls()
         response.Unpack(message)
         converter = RESULT_CONVERTERS.get(name)
-        return converter(message, self) if converter else message
+        return converter(message, self if download else None) if converter else message
 
     def artifact(self, name: str) -> bytes:
         """The content of an artifact listed in ``artifacts``, read in ranges of

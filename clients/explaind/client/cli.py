@@ -6,7 +6,7 @@
     explaind sample-set create production --folder images/   # images/<class name>/*.png
     explaind sample-set append production --folder more/
     explaind evaluate hearts                 # progress bar; Ctrl-C cancels the job
-    explaind operations list | get | wait | watch | cancel | artifact
+    explaind operations list | get | wait | watch | cancel | delete | artifact
     explaind --target host:50051 info        # or: explaind info --target host:50051
     explaind rank hearts --class heart       # the neurons behind the class's mistakes
     explaind visualize 8 21:heart --out-dir images
@@ -426,6 +426,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 p = op.progress
                 print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
             return 0
+        if args.action == "delete":
+            client.delete_operation(args.name)
+            print(f"deleted {args.name}")
+            return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
             if operation.done:
@@ -448,7 +452,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
         if operation.error is not None:
             print(f"error: {operation.error}")
         elif operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
-            result = operation.result()
+            result = operation.result(download=False)  # the printers show no ω or images
             if operation.kind == "edit_head":  # stored when the job ended; the served head may have changed since
                 served = any(v.active and v.version_id == result.version.version_id for v in client.head_versions())
                 result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=served))
@@ -681,8 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     edit_head.set_defaults(run=cmd_edit_head)
 
-    operations = command("operations", "list, get, wait, watch, cancel jobs; fetch artifacts")
-    operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "artifact"),
+    operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
+    operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
                             help="wait and watch exit 1 unless the job succeeded")
     operations.add_argument("name", nargs="?", help="operation name (operations/ID or ID); all actions but list")
     operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
