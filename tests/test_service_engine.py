@@ -964,6 +964,30 @@ def test_a_deleted_job_frees_the_artifacts_only_it_used(tmp_path):
     assert store.delete_unused_blobs() == 1 and _blob_files(store) == {shared}
 
 
+def test_artifacts_of_jobs_an_earlier_release_stored_keep_their_blobs(tmp_path):
+    # The sweep asks an index of job artifacts, which releases before it did not keep:
+    # opening the store indexes the jobs they stored.
+    from explaind.store import ArtifactRef, JobRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, b"image"))
+        store.insert_job(JobRecord("old", "k", "succeeded", 0.0, end_time=1.0, artifacts=(ArtifactRef("a", "x", _digest(b"image"), 5),)))
+    store.close()
+    with sqlite3.connect(tmp_path / "explaind.sqlite3") as db:
+        db.execute("DELETE FROM job_artifacts")  # as the earlier release left it
+    store = SQLiteStore(tmp_path)
+    store.delete_sample_set("s")
+    assert store.delete_unused_blobs(everything=True) == 0 and store.get_blob(_digest(b"image")) == b"image"
+    # An artifact replaced under the same name keeps its first blob until the job goes.
+    with store.writing_blobs() as put:
+        job = store.get_job("old")
+        store.update_job(dataclasses.replace(job, artifacts=(ArtifactRef("a", "x", put(b"new"), 3),)))
+    assert store.delete_unused_blobs(everything=True) == 0
+    store.delete_job("old")
+    assert store.delete_unused_blobs() == 2 and _blob_files(store) == set()
+
+
 def test_retention_deletes_the_jobs_that_ended_before_the_cut_in_chunks(tmp_path, monkeypatch):
     import explaind.store.sqlite as sqlite_store
     from explaind.store import ArtifactRef, JobRecord

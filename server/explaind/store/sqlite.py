@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time);
 -- Retention: finished jobs oldest first.
 CREATE INDEX IF NOT EXISTS jobs_by_end_time ON jobs (end_time);
+-- Every blob a job's artifacts point at, or did (a replaced artifact's blob stays until
+-- the job goes): whether a blob is still used, without reading every job's artifacts.
+CREATE TABLE IF NOT EXISTS job_artifacts (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, digest TEXT NOT NULL, PRIMARY KEY (job_id, digest)
+);
+CREATE INDEX IF NOT EXISTS job_artifacts_by_digest ON job_artifacts (digest);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -95,6 +101,9 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            # Jobs an earlier release stored (it kept no job_artifacts) are indexed here.
+            self._db.execute("""INSERT OR IGNORE INTO job_artifacts
+                                SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""")
         except sqlite3.Error as error:
             self._dir_lock.close()
             raise StoreOpenError(f"cannot open the store {path}: {error}") from None
@@ -228,8 +237,7 @@ class SQLiteStore:
         used = {row[0] for row in self._db.execute(
             f"""SELECT digest FROM samples WHERE digest IN ({marks})
                 UNION SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})
-                UNION SELECT json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact
-                      WHERE json_extract(artifact.value, '$.digest') IN ({marks})""", chunk * 3)}
+                UNION SELECT digest FROM job_artifacts WHERE digest IN ({marks})""", chunk * 3)}
         unused = [digest for digest in chunk if digest not in used and digest not in held]
         # FULL for this commit: it makes the earlier ones durable too (WAL is in order), so
         # no power loss can bring back a record of a file deleted below.
@@ -354,11 +362,17 @@ class SQLiteStore:
     def insert_job(self, job: JobRecord) -> None:
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
+            self._index_artifacts(db, job)
 
     def update_job(self, job: JobRecord) -> None:
         row = self._job_row(job)
         with self._transaction() as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _JOB_COLUMNS[1:])} WHERE id = ?", (*row[1:], row[0]))
+            self._index_artifacts(db, job)
+
+    @staticmethod
+    def _index_artifacts(db: sqlite3.Connection, job: JobRecord) -> None:
+        db.executemany("INSERT OR IGNORE INTO job_artifacts VALUES (?, ?)", [(job.job_id, a.digest) for a in job.artifacts])
 
     def get_job(self, job_id: str) -> JobRecord:
         with self._lock:
@@ -411,10 +425,9 @@ class SQLiteStore:
     @staticmethod
     def _forget_jobs(db: sqlite3.Connection, where: str, params: tuple) -> int:
         """Delete the jobs matching ``where``, recording their artifacts as blob candidates."""
-        db.execute(f"""INSERT OR REPLACE INTO blob_candidates
-                       SELECT DISTINCT json_extract(artifact.value, '$.digest'), ?
-                       FROM jobs, json_each(jobs.artifacts) AS artifact WHERE jobs.{where}""", (time.time(), *params))
-        return db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
+        db.execute(f"INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM job_artifacts WHERE job_id IN (SELECT id FROM jobs WHERE {where})",
+                   (time.time(), *params))
+        return db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount  # and, cascading, their job_artifacts
 
     def fail_unfinished_jobs(self, reason: str) -> int:
         placeholders = ", ".join("?" * len(FINISHED_STATES))
