@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from explaind.client import Client, DeadlineExceededError
+from explaind.v1 import sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -76,3 +77,73 @@ def test_result_timeout_says_the_job_is_still_running_with_or_without_progress(c
         assert not operation.refresh().done  # the timeout ends the wait, not the job
     finally:
         operation.cancel()
+
+
+class _FlakySampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
+    """A SampleSetService that answers UNAVAILABLE to the first ``failures`` calls of each
+    method, as a restarting server does, and counts the attempts."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts: dict[str, int] = {}
+
+    def _attempt(self, method: str, context) -> None:
+        import grpc
+
+        self.attempts[method] = self.attempts.get(method, 0) + 1
+        if self.attempts[method] <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+
+    def GetSampleSet(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        self._attempt("GetSampleSet", context)
+        return sample_sets_pb2.GetSampleSetResponse(sample_set=sample_sets_pb2.SampleSet(sample_set_id=request.sample_set_id))
+
+    def DeleteSampleSet(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        self._attempt("DeleteSampleSet", context)
+        return sample_sets_pb2.DeleteSampleSetResponse()
+
+
+@pytest.fixture
+def flaky_server():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    servicer = _FlakySampleSets(failures=2)
+    server = grpc.server(ThreadPoolExecutor(2))
+    sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(0)
+
+
+def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable(flaky_server):
+    from explaind.client import UnavailableError
+
+    target, servicer = flaky_server
+    with Client(target, timeout=10) as client:
+        assert client.sample_set("s").sample_set_id == "s"
+        with pytest.raises(UnavailableError, match="loading"):
+            client.delete_sample_set("s")  # it may have taken effect: never sent twice
+    assert servicer.attempts == {"GetSampleSet": 3, "DeleteSampleSet": 1}
+    servicer.attempts.clear()
+    with Client(target, timeout=10, retry=False) as client, pytest.raises(UnavailableError):
+        client.sample_set("s")
+    assert servicer.attempts == {"GetSampleSet": 1}
+
+
+def test_the_retried_methods_are_read_only_methods_of_the_api():
+    from explaind.client._client import READ_ONLY_METHODS
+    from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
+
+    files = (inference_pb2, sample_sets_pb2, operations_pb2, neuroinspect_pb2)
+    methods = {service.full_name: set(service.methods_by_name) for module in files for service in module.DESCRIPTOR.services_by_name.values()}
+    for service, names in READ_ONLY_METHODS.items():
+        assert set(names) <= methods[service], service  # a misspelt name would silently never retry
+        assert not {name for name in names if name.startswith(("Create", "Append", "Delete", "Edit", "Promote", "Rollback", "Cancel", "Evaluate", "Visualize", "Rank"))}

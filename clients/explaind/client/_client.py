@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -33,6 +34,33 @@ from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample,
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _STATES = {"queued": 1, "running": 2, "succeeded": 3, "failed": 4, "cancelled": 5}
+
+# Calls that change nothing on the server, retried by gRPC when it answers UNAVAILABLE (it
+# is restarting or still loading its models, a connection dropped), within the call's
+# deadline: 5 attempts, backoff up to 0.2, 0.4, 0.8, 1.6 s. A call that creates or changes
+# something is never retried: its first attempt may have taken effect.
+READ_ONLY_METHODS = {
+    "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
+    "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
+    "explaind.v1.OperationsService": ("GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"),
+    "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
+}
+_RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "1.6s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+
+
+def _channel_options(max_message_bytes: int, retry: bool) -> list[tuple[str, Any]]:
+    names = [{"service": service, "method": method} for service, methods in READ_ONLY_METHODS.items() for method in methods]
+    config = {"methodConfig": [{"name": names, "retryPolicy": _RETRY_POLICY}]} if retry else {}
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", int(retry)),
+        ("grpc.service_config", json.dumps(config)),
+        # A request larger than gRPC's retry buffer (256 KiB by default) is never retried:
+        # room for the largest request the client sends.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ("grpc.retry_buffer_size", max_message_bytes),
+    ]
 
 
 def _is_index(value: Any) -> bool:
@@ -77,6 +105,8 @@ class Client:
 
     Every call has a deadline (``timeout`` seconds unless the method is given its own)
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
+    With ``retry`` (the default), calls that change nothing (``READ_ONLY_METHODS``) are
+    retried while the server is UNAVAILABLE, up to 5 attempts within the deadline.
     """
 
     def __init__(
@@ -86,15 +116,14 @@ class Client:
         timeout: float = 30.0,
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._max_message_bytes = max_message_bytes
         self._limits: RequestLimits | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        )
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes, retry))
         self._stubs = {
             "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
             "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
