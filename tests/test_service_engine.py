@@ -696,6 +696,11 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     assert "storing its end (succeeded) failed" in caplog.text
     # Stored FAILED when the second write worked; else still "running" there until a restart.
     assert store.get_job(job.record.job_id).state == ("failed" if failures == 1 else "running")
+    if failures == 2:  # cancelling and waiting cannot help: say what does
+        with pytest.raises(FailedPrecondition, match="ended failed but the store failed to record its end; it can be deleted after the server restarts"):
+            jobs.delete(job.record.job_id)
+    else:
+        jobs.delete(job.record.job_id)
     started = time.monotonic()
     jobs.shutdown(5)
     assert time.monotonic() - started < 1
@@ -770,6 +775,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"server": {"max_pixels_per_request": 0}}, r"\[server\].max_pixels_per_request must be at least 1"),
         ({"server": {"grace_period_s": -5}}, r"\[server\].grace_period_s must be at least 0, got -5.0"),
         ({"jobs": {"gpu_workers": 1.5}}, r"\[jobs\].gpu_workers must be an integer, got 1.5"),
+        ({"jobs": {"retention_days": -1}}, r"\[jobs\].retention_days must be at least 0, got -1.0"),
+        ({"jobs": {"retention_days": float("nan")}}, r"\[jobs\].retention_days must be a number, got nan"),  # it meant keep forever
         ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
         ({"runtime": {"device": "gpu0"}}, r"\[runtime\].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu0'"),
         ({"classifier": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"\[classifier\].std must hold positive numbers"),
@@ -1004,6 +1011,38 @@ def test_retention_deletes_the_jobs_that_ended_before_the_cut_in_chunks(tmp_path
     assert sorted(job.job_id for job in store.list_jobs()) == ["ended-7", "queued", "running"]
     assert store.delete_unused_blobs() == 6 and len(_blob_files(store)) == 1
     assert store.delete_jobs_ended_before(6.5) == 0
+
+
+def test_an_edit_that_did_not_succeed_is_kept_while_the_version_it_stored_is(tmp_path):
+    # Restore drops such a version by its job's state; with the job gone it stayed for good.
+    from explaind.store import EDIT_JOB_ID, HeadVersionRecord, JobRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        weights = put(b"weights")
+        store.insert_job(JobRecord("failed-edit", "edit_head", "failed", 0.0, end_time=1.0))
+        store.insert_job(JobRecord("good-edit", "edit_head", "succeeded", 0.0, end_time=1.0))
+        store.insert_head_version(HeadVersionRecord("f", "v1", "h", weights, "", 0.0, details={EDIT_JOB_ID: "failed-edit"}))
+        store.insert_head_version(HeadVersionRecord("f", "v2", "h", weights, "v1", 0.0, details={EDIT_JOB_ID: "good-edit"}))
+    with pytest.raises(FailedPrecondition, match="operations/failed-edit stored head version v1 but did not succeed"):
+        store.delete_job("failed-edit")
+    assert store.delete_jobs_ended_before(10.0) == 1 and store.get_job("failed-edit").state == "failed"
+    store.delete_head_version("f", "v1")  # as restore does
+    assert store.delete_jobs_ended_before(10.0) == 1
+
+
+def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_path, monkeypatch):
+    # A running job that ended and was deleted while the page was read failed the whole page.
+    from explaind.store import JobRecord
+
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    done = jobs.submit("quick", lambda ctx: _empty()).record.job_id
+    jobs.wait(done, 10)
+    listed = store.list_jobs
+    monkeypatch.setattr(store, "list_jobs", lambda **query: [JobRecord("gone", "k", "running", 1e12)] + listed(**query))
+    assert [s.record.job_id for s in jobs.list()] == [done]
+    jobs.shutdown(1)
 
 
 def test_a_job_manager_deletes_a_job_only_once_it_ended(tmp_path):

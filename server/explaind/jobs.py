@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from .errors import ExplaindError, FailedPrecondition, ResourceExhausted, Unavailable, report_internal
+from .errors import ExplaindError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, report_internal
 from .imaging import encode_png
 from .metrics import Metrics
 from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
@@ -231,8 +231,16 @@ class JobManager:
     def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
              limit: int = 100) -> list[JobSnapshot]:
         """Newest first, resuming after the (create_time, job_id) of a previous page's last job."""
-        records = self.store.list_jobs(kind=kind, state=state, after=after, limit=limit)
-        return [self.get(record.job_id) if record.state not in FINISHED_STATES else JobSnapshot(record) for record in records]
+        snapshots = []
+        for record in self.store.list_jobs(kind=kind, state=state, after=after, limit=limit):
+            if record.state in FINISHED_STATES:
+                snapshots.append(JobSnapshot(record))
+                continue
+            try:  # the live state of a running one, which may have ended and been deleted since
+                snapshots.append(self.get(record.job_id))
+            except NotFound:
+                pass
+        return snapshots
 
     def cancel(self, job_id: str) -> JobSnapshot:
         """Ask a job to stop; a queued job ends at once (its worker skips it), a running
@@ -257,6 +265,9 @@ class JobManager:
             live = self._live.get(job_id)
             if live is not None and live.record.state not in FINISHED_STATES:
                 raise FailedPrecondition(f"operations/{job_id} is {live.record.state}; cancel it and wait for it to end, then delete it", field="name")
+            if live is not None:  # ended, but the store refused to record it (see _finish)
+                raise FailedPrecondition(f"operations/{job_id} ended {live.record.state} but the store failed to record its end; "
+                                         f"it can be deleted after the server restarts", field="name")
             self.store.delete_job(job_id)
 
     def delete_ended_before(self, end_time: float) -> int:

@@ -34,7 +34,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged
-from ..store import CANCELLED, FAILED, HeadVersionRecord
+from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord
 from .models import ClassifierVersion
 
 log = logging.getLogger(__name__)
@@ -471,7 +471,7 @@ class NeuroInspectEngine:
                 "class_name": version.class_names[class_index],
                 "neurons": sorted({int(n) for n in neurons}),
                 "description": description,
-                "edit_job_id": context.job_id,  # the version stands only if this job succeeds (see restore)
+                EDIT_JOB_ID: context.job_id,  # the version stands only if this job succeeds (see restore)
                 "parent_evaluation": self._evaluation_dict(edit.before, version, counts),
                 "evaluation": self._evaluation_dict(edit.after, version, counts),
             }
@@ -577,7 +577,7 @@ class NeuroInspectEngine:
         again") beside a version, possibly promoted, that a resubmission would duplicate."""
         store = self._engine.store
         for record in store.list_head_versions(feature_version):
-            job_id = record.details.get("edit_job_id")
+            job_id = record.details.get(EDIT_JOB_ID)
             if not job_id:
                 continue
             try:

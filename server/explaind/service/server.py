@@ -133,24 +133,28 @@ class ExplaindServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _sweep(self) -> None:
-        """Every SWEEP_INTERVAL_S, :meth:`_sweep_once`; a failed sweep is retried at the next."""
+        """Every SWEEP_INTERVAL_S, :meth:`_sweep_once`."""
         while not self._closing.wait(SWEEP_INTERVAL_S):
-            try:
-                self._sweep_once()
-            except Exception:  # noqa: BLE001 - serving goes on
-                log.exception("sweeping old operations and unused stored files failed")
+            self._sweep_once()
 
     def _sweep_once(self, *, everything: bool = False) -> None:
         """Delete the operations past ``[jobs].retention_days``, then the files nothing uses
         any more: only those that lost their last reference before the oldest unfinished
         job was submitted (it may still read a set deleted since), or, ``everything`` (at
-        start-up, no job running yet), every file on disk nothing uses."""
-        if retention_days := self.config.jobs.retention_days:
-            if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400):
-                log.info("deleted %d operation(s) that ended over %g day(s) ago ([jobs].retention_days)", deleted, retention_days)
-        before = None if everything else self.engine.jobs.oldest_unfinished_create_time() or time.time()
-        if removed := self.store.delete_unused_blobs(before=before, everything=everything):
-            log.info("deleted %d stored file(s) nothing uses any more", removed)
+        start-up, no job running yet), every file on disk nothing uses. A step that fails
+        is logged and retried at the next sweep; the other still runs."""
+        try:
+            if retention_days := self.config.jobs.retention_days:
+                if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400):
+                    log.info("deleted %d operation(s) that ended over %g day(s) ago ([jobs].retention_days)", deleted, retention_days)
+        except Exception:  # noqa: BLE001 - serving goes on
+            log.exception("deleting operations past their retention failed")
+        try:
+            before = None if everything else self.engine.jobs.oldest_unfinished_create_time() or time.time()
+            if removed := self.store.delete_unused_blobs(before=before, everything=everything):
+                log.info("deleted %d stored file(s) nothing uses any more", removed)
+        except Exception:  # noqa: BLE001
+            log.exception("deleting unused stored files failed")
 
     def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):

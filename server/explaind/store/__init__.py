@@ -3,6 +3,7 @@ embedded default (SQLite WAL + a content-addressed artifact directory)."""
 
 from .base import (
     CANCELLED,
+    EDIT_JOB_ID,
     FAILED,
     FINISHED_STATES,
     QUEUED,
@@ -20,6 +21,7 @@ from .sqlite import SQLiteStore
 
 __all__ = [
     "CANCELLED",
+    "EDIT_JOB_ID",
     "FAILED",
     "FINISHED_STATES",
     "QUEUED",

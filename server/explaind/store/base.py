@@ -16,6 +16,9 @@ import numpy as np
 # Job states, stored as text.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
+# The key of a head version's details naming the job that stored it: the version stands
+# only if that job succeeds, so the job of a version not yet dropped must not be forgotten.
+EDIT_JOB_ID = "edit_job_id"
 
 
 class StoreOpenError(Exception):

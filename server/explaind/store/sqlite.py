@@ -21,7 +21,7 @@ from typing import IO
 import numpy as np
 
 from ..errors import AlreadyExists, FailedPrecondition, NotFound
-from .base import FINISHED_STATES, FAILED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
+from .base import EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
 log = logging.getLogger(__name__)
 
 _SWEEP_CHUNK = 500  # candidates checked per hold of the store's lock
+_STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"  # the job that stored a head version
 _SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
@@ -406,18 +407,25 @@ class SQLiteStore:
                 raise NotFound(f"no operation {job_id!r}", field="name")
             if row[0] not in FINISHED_STATES:
                 raise FailedPrecondition(f"operations/{job_id} is {row[0].lower()}; cancel it and wait for it to end, then delete it", field="name")
+            if row[0] != SUCCEEDED and (version := db.execute(
+                    f"SELECT version_id FROM head_versions WHERE {_STORED_BY} = ?", (job_id,)).fetchone()):
+                raise FailedPrecondition(f"operations/{job_id} stored head version {version[0]} but did not succeed; the server deletes "
+                                         f"that version at its next start, and the operation can be deleted then", field="name")
             self._forget_jobs(db, "id = ?", (job_id,))
 
     def delete_jobs_ended_before(self, end_time: float) -> int:
         """Forget the finished jobs that ended before ``end_time`` (epoch s), at most
-        ``_SWEEP_CHUNK`` per hold of the lock; returns how many."""
+        ``_SWEEP_CHUNK`` per hold of the lock; returns how many. An edit that did not
+        succeed stays while the head version it stored does (restore drops that first)."""
         placeholders = ", ".join("?" * len(FINISHED_STATES))
         deleted = 0
         while True:
             with self._transaction() as db:
                 count = self._forget_jobs(
-                    db, f"id IN (SELECT id FROM jobs WHERE end_time < ? AND state IN ({placeholders}) ORDER BY end_time LIMIT ?)",
-                    (end_time, *FINISHED_STATES, _SWEEP_CHUNK))
+                    db, f"""id IN (SELECT id FROM jobs WHERE end_time < ? AND state IN ({placeholders})
+                                   AND (state = ? OR id NOT IN (SELECT {_STORED_BY} FROM head_versions WHERE {_STORED_BY} IS NOT NULL))
+                                   ORDER BY end_time LIMIT ?)""",
+                    (end_time, *FINISHED_STATES, SUCCEEDED, _SWEEP_CHUNK))
             deleted += count
             if count < _SWEEP_CHUNK:
                 return deleted
