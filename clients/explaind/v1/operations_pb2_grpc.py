@@ -148,7 +148,9 @@ class OperationsServiceServicer:
     def DeleteOperation(self, request, context):
         """Forgets a finished operation: its record, result and artifacts (their files go once
         nothing else uses them). A queued or running operation is FAILED_PRECONDITION:
-        cancel it and wait for it first. Head versions an EditHead operation created stay.
+        cancel it and wait for it first. Head versions an EditHead operation created stay;
+        an EditHead that did not succeed is FAILED_PRECONDITION while the version it stored
+        remains (the server's next start removes that version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
