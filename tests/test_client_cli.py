@@ -70,6 +70,8 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["head-versions", "promote"], "head-versions promote: give a version id"),
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),
         (["operations", "list", "junk"], "operations list takes no operation name"),
+        (["operations", "get", "x", "--state", "failed"], "operations get: --kind, --state and --limit are options of list"),
+        (["operations", "list", "--limit", "0"], "--limit: expected an integer >= 1, got '0'"),
         (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),
         (["sample-set", "create", "--world", "balanced", "--images", __file__, "--labels", "0"], "sample-set create: give only one of --world, --folder and --images (got --world and --images)"),
         (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images, --labels and --name are options of create"),
@@ -370,6 +372,9 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
     out = capsys.readouterr().out
     assert "artifacts: omega.npy" in out and f"{expected.mistake_count} mistakes of heart in all-hearts" in out
     assert _artifact_reads(server) == reads  # ω can be gigabytes; the printout shows none of it
+    assert main(["--target", server.target, "operations", "list", "--kind", "rank_mistake_neurons", "--limit", "1"]) == 0
+    listed = capsys.readouterr()
+    assert listed.out.split()[0] == operation.name and listed.err == "(the newest 1; --limit N lists more)\n"
     assert main(["--target", server.target, "operations", "delete", operation.name]) == 0
     assert capsys.readouterr().out == f"deleted {operation.name}\n"
     assert "NOT_FOUND" in _error(capsys, ["--target", server.target, "operations", "get", operation.name])

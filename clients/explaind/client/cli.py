@@ -289,6 +289,8 @@ def _print_evaluation(report) -> None:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
 
 
+# Operations ``operations list`` prints unless given --limit.
+OPERATIONS_LISTED = 100
 # Ranked neurons printed by default (rank --show, operations get).
 RANKING_LINES = 10
 
@@ -422,9 +424,13 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
 def cmd_operations(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "list":
-            for op in client.operations(kind=args.kind or "", state=args.state or ""):
+            limit = args.limit or OPERATIONS_LISTED
+            listed = client.operations(kind=args.kind or "", state=args.state or "", limit=limit)
+            for op in listed:
                 p = op.progress
                 print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
+            if len(listed) == limit:
+                print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
@@ -692,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
     operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
     operations.add_argument("--state", choices=tuple(_STATES), help="list only this state")
+    operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
     operations.add_argument("-o", "--output", help="file for the artifact (default: its name)")
     operations.set_defaults(run=cmd_operations)
 
@@ -758,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("head-versions list takes no version id")
     if args.command == "operations" and args.action == "list" and args.name:
         parser.error("operations list takes no operation name (filter with --kind or --state)")
+    if args.command == "operations" and args.action != "list" and (args.kind or args.state or args.limit):
+        parser.error(f"operations {args.action}: --kind, --state and --limit are options of list")
     if args.command == "operations" and args.action != "list" and not args.name:
         parser.error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
