@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -79,20 +81,20 @@ def test_result_timeout_says_the_job_is_still_running_with_or_without_progress(c
         operation.cancel()
 
 
-class _FlakySampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
-    """A SampleSetService that answers UNAVAILABLE to the first ``failures`` calls of each
-    method, as a restarting server does, and counts the attempts."""
+class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
+    """A SampleSetService that answers UNAVAILABLE for its first ``loading_s`` seconds, as
+    a server does while it loads its models (or shuts down), and counts the attempts."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, loading_s: float) -> None:
         super().__init__()
-        self.failures = failures
+        self.ready_at = time.monotonic() + loading_s
         self.attempts: dict[str, int] = {}
 
     def _attempt(self, method: str, context) -> None:
         import grpc
 
         self.attempts[method] = self.attempts.get(method, 0) + 1
-        if self.attempts[method] <= self.failures:
+        if time.monotonic() < self.ready_at:
             context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
 
     def GetSampleSet(self, request, context):
@@ -108,34 +110,38 @@ class _FlakySampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
-@pytest.fixture
-def flaky_server():
+def _serve(servicer: _LoadingSampleSets):
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
-    servicer = _FlakySampleSets(failures=2)
     server = grpc.server(ThreadPoolExecutor(2))
     sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield f"127.0.0.1:{port}", servicer
-    server.stop(0)
+    return server, f"127.0.0.1:{port}"
 
 
-def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable(flaky_server):
+def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable():
     from explaind.client import UnavailableError
 
-    target, servicer = flaky_server
-    with Client(target, timeout=10) as client:
-        assert client.sample_set("s").sample_set_id == "s"
-        with pytest.raises(UnavailableError, match="loading"):
-            client.delete_sample_set("s")  # it may have taken effect: never sent twice
-    assert servicer.attempts == {"GetSampleSet": 3, "DeleteSampleSet": 1}
-    servicer.attempts.clear()
-    with Client(target, timeout=10, retry=False) as client, pytest.raises(UnavailableError):
-        client.sample_set("s")
-    assert servicer.attempts == {"GetSampleSet": 1}
+    # 6 s: gRPC's own retry policy (at most 5 attempts) gave up after at most 3 s.
+    servicer = _LoadingSampleSets(loading_s=6.0)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=30) as client:
+            with pytest.raises(UnavailableError, match="loading"):
+                client.delete_sample_set("s")  # it may have taken effect: never sent twice
+            assert client.sample_set("s").sample_set_id == "s"
+        assert servicer.attempts["DeleteSampleSet"] == 1 and servicer.attempts["GetSampleSet"] > 1
+        servicer.ready_at, servicer.attempts = float("inf"), {}
+        with Client(target, timeout=30, retry=False) as client, pytest.raises(UnavailableError):
+            client.sample_set("s")
+        assert servicer.attempts == {"GetSampleSet": 1}
+        with Client(target, timeout=1) as client, pytest.raises(UnavailableError):
+            client.sample_set("s")  # retried until the deadline, then the server's answer
+    finally:
+        server.stop(0)
 
 
 def test_the_retried_methods_are_read_only_methods_of_the_api():

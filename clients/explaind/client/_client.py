@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -35,31 +34,27 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _STATES = {"queued": 1, "running": 2, "succeeded": 3, "failed": 4, "cancelled": 5}
 
-# Calls that change nothing on the server, retried by gRPC when it answers UNAVAILABLE (it
-# is restarting or still loading its models, a connection dropped), within the call's
-# deadline: 5 attempts, backoff up to 0.2, 0.4, 0.8, 1.6 s. A call that creates or changes
-# something is never retried: its first attempt may have taken effect.
+# Calls that change nothing on the server, retried while it answers UNAVAILABLE (it is
+# restarting or still loading its models, a connection dropped) until the call's
+# deadline, with backoff from 0.1 s doubling to at most RETRY_MAX_BACKOFF_S. A call that
+# creates or changes something is never retried: its first attempt may have taken effect.
 READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
-    "explaind.v1.OperationsService": ("GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"),
+    "explaind.v1.OperationsService": ("GetOperation", "ListOperations", "WaitOperation", "GetArtifact"),
     "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
 }
-_RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "1.6s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+_READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
+RETRY_MAX_BACKOFF_S = 2.0
 
 
-def _channel_options(max_message_bytes: int, retry: bool) -> list[tuple[str, Any]]:
-    names = [{"service": service, "method": method} for service, methods in READ_ONLY_METHODS.items() for method in methods]
-    config = {"methodConfig": [{"name": names, "retryPolicy": _RETRY_POLICY}]} if retry else {}
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.enable_retries", int(retry)),
-        ("grpc.service_config", json.dumps(config)),
-        # A request larger than gRPC's retry buffer (256 KiB by default) is never retried:
-        # room for the largest request the client sends.
-        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
-        ("grpc.retry_buffer_size", max_message_bytes),
+        # Reconnect to a restarted server within 2 s (gRPC's backoff otherwise grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(RETRY_MAX_BACKOFF_S * 1000)),
     ]
 
 
@@ -106,7 +101,8 @@ class Client:
     Every call has a deadline (``timeout`` seconds unless the method is given its own)
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
     With ``retry`` (the default), calls that change nothing (``READ_ONLY_METHODS``) are
-    retried while the server is UNAVAILABLE, up to 5 attempts within the deadline.
+    retried while the server is UNAVAILABLE, until their deadline: a restart or a model
+    load shorter than the timeout delays them instead of failing them.
     """
 
     def __init__(
@@ -123,7 +119,8 @@ class Client:
         self._max_message_bytes = max_message_bytes
         self._limits: RequestLimits | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes, retry))
+        self._retry = retry
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
         self._stubs = {
             "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
             "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
@@ -144,10 +141,17 @@ class Client:
     # Plumbing ------------------------------------------------------------------------
 
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        try:
-            return getattr(self._stubs[service], method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        deadline = time.monotonic() + (timeout or self.timeout)
+        backoff = 0.1
+        while True:
+            try:
+                return getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+            except grpc.RpcError as error:
+                if not (self._retry and method in _READ_ONLY and error.code() == grpc.StatusCode.UNAVAILABLE
+                        and time.monotonic() + backoff < deadline):
+                    raise from_rpc_error(error) from None
+            time.sleep(backoff)
+            backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._metadata)
