@@ -995,6 +995,17 @@ def test_artifacts_of_jobs_an_earlier_release_stored_keep_their_blobs(tmp_path):
     assert store.delete_unused_blobs() == 2 and _blob_files(store) == set()
 
 
+def test_an_artifact_whose_file_a_sweep_removes_while_it_is_read_is_not_found(tmp_path, monkeypatch):
+    # The file was checked, then opened: a sweep in between made GetArtifact INTERNAL.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        digest = put(b"artifact")
+    store._blob_path(digest).unlink()  # as the sweep does, right after any check
+    monkeypatch.setattr(Path, "is_file", lambda path: True)
+    with pytest.raises(NotFound, match="no artifact with digest"):
+        store.get_blob(digest)
+
+
 def test_retention_deletes_the_jobs_that_ended_before_the_cut_in_chunks(tmp_path, monkeypatch):
     import explaind.store.sqlite as sqlite_store
     from explaind.store import ArtifactRef, JobRecord

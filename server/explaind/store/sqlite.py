@@ -258,12 +258,14 @@ class SQLiteStore:
         return len(unused)
 
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        path = self._blob_path(digest)
-        if len(digest) != 64 or not path.is_file():
+        if len(digest) != 64:
             raise NotFound(f"no artifact with digest {digest!r}")
-        with open(path, "rb") as file:
-            file.seek(offset)
-            return file.read() if length is None else file.read(length)
+        try:  # a sweep may remove the file of an operation deleted meanwhile
+            with open(self._blob_path(digest), "rb") as file:
+                file.seek(offset)
+                return file.read() if length is None else file.read(length)
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"no artifact with digest {digest!r}") from None
 
     # Sample sets ---------------------------------------------------------------------
 
