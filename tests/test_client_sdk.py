@@ -110,14 +110,14 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
-def _serve(servicer: _LoadingSampleSets):
+def _serve(servicer: _LoadingSampleSets, port: int = 0):
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
     server = grpc.server(ThreadPoolExecutor(2))
     sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -142,6 +142,35 @@ def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable()
             client.sample_set("s")  # retried until the deadline, then the server's answer
     finally:
         server.stop(0)
+
+
+def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once():
+    import threading
+
+    from explaind.client import UnavailableError
+
+    from conftest import free_port
+
+    first, target = _serve(_LoadingSampleSets(loading_s=0))
+    port = int(target.rsplit(":", 1)[1])
+    restarted = []
+    with Client(target, timeout=30) as client:
+        assert client.sample_set("s").sample_set_id == "s"
+        first.stop(0).wait()
+        # The port stays closed for 4 s, as when a server process restarts.
+        restart = threading.Timer(4.0, lambda: restarted.append(_serve(_LoadingSampleSets(loading_s=0), port)[0]))
+        restart.start()
+        try:
+            assert client.sample_set("s").sample_set_id == "s"
+        finally:
+            restart.join()
+            restarted[0].stop(0)
+    nowhere = f"127.0.0.1:{free_port()}"
+    with Client(nowhere, timeout=30) as client:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="failed to connect"):
+            client.sample_set("s")
+        assert time.monotonic() - started < 10  # said at once, not retried for the 30 s
 
 
 def test_the_retried_methods_are_read_only_methods_of_the_api():
