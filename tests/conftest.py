@@ -81,10 +81,12 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> ServerProcess:
+    def start(self, timeout: float = 120.0, *, same_ports: bool = False) -> ServerProcess:
+        """Start (or restart) the server, on new free ports unless ``same_ports``."""
         from explaind.client import Client
 
-        self.port, self.metrics_port = free_port(), free_port()
+        if not (same_ports and self.port):
+            self.port, self.metrics_port = free_port(), free_port()
         command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir)]
         log = open(self.log_path, "ab")

@@ -101,6 +101,23 @@ def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_set
         assert restarted.evaluate_sample_set("survivor", batch_size=256).result(timeout=120).sample_count == 1200
 
 
+def test_a_watch_the_restart_of_its_server_drops_ends_with_the_jobs_abort(server):
+    # The dropped stream raised UNAVAILABLE; the job's own end (ABORTED: submit it again)
+    # is what the caller needs, and the restarted server has it.
+    with Client(server.target, timeout=60) as client:
+        operation = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
+        states = []
+        for update in operation.watch():
+            states.append(update.state)
+            if update.state == "running" and "restarted" not in states:
+                states.append("restarted")
+                server.kill()
+                server.start(same_ports=True)
+        assert states[-1] == "failed" and "restarted" in states and operation.error.code.name == "ABORTED"
+        with pytest.raises(OperationError, match="restart"):
+            operation.result()
+
+
 def test_delete_operation_refuses_an_unfinished_job_and_forgets_a_finished_one(server):
     # After the restart above: the module's client points at the old port.
     with Client(server.target, timeout=60) as client:

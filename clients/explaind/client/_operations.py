@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from explaind.v1 import inference_pb2, operations_pb2
 
-from ._errors import DataLossError, DeadlineExceededError, OperationError, error_from_code
+from ._errors import DataLossError, DeadlineExceededError, OperationError, UnavailableError, error_from_code
 from ._images import open_image
 from ._types import Artifact, Progress
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 # Long enough for any job; the SDK never makes a call without a deadline.
 WATCH_DEADLINE_S = 24 * 3600.0
+# Before a dropped WatchOperation stream is opened again (never a busy loop).
+WATCH_REOPEN_PAUSE_S = 0.5
 PROGRESS_LINE_INTERVAL_S = 10.0
 # Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
 # that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
@@ -166,14 +168,27 @@ class Operation:
         return self
 
     def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Operation]:
-        """Yield this operation on every progress update until it is done."""
-        stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name), timeout=timeout)
-        try:
-            for response in stream:
-                self._update(response.operation)
-                yield self
-        finally:
-            stream.cancel()
+        """Yield this operation on every progress update until it is done. A stream the
+        server dropped (a restart) is opened again once :meth:`refresh` reaches it (within
+        the client's timeout; the operation then usually reads ABORTED: submit it again)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name),
+                                          timeout=deadline - time.monotonic())
+            try:
+                for response in stream:
+                    self._update(response.operation)
+                    yield self
+                return
+            except UnavailableError:
+                if not self._client._retry or time.monotonic() >= deadline:
+                    raise
+            finally:
+                stream.cancel()
+            yield self.refresh()
+            if self.done:
+                return
+            time.sleep(WATCH_REOPEN_PAUSE_S)
 
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:
         """Wait for the job and return its result (a dataclass where the SDK has one,
