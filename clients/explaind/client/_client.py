@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -102,9 +101,10 @@ class Client:
     Every call has a deadline (``timeout`` seconds unless the method is given its own)
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
     With ``retry`` (the default), calls that change nothing (``READ_ONLY_METHODS``) are
-    retried while the server is UNAVAILABLE, until their deadline, once the client has
-    reached the server: a restart or a model load shorter than the timeout delays them
-    instead of failing them, and a wrong address still fails at once.
+    retried while the server is UNAVAILABLE, until their deadline, once the server has
+    answered this client (e.g. :meth:`wait_until_ready`): a restart or a model load
+    shorter than the timeout delays them instead of failing them, and a wrong address
+    still fails at once.
     """
 
     def __init__(
@@ -123,10 +123,9 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
         self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
-        # Whether a server ever accepted the connection: only then is UNAVAILABLE a server
-        # restarting, worth waiting for, rather than a wrong address, worth saying at once.
-        self._reached = threading.Event()
-        self._channel.subscribe(self._note_state)
+        # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
+        # worth waiting for, rather than a wrong address, worth saying at once.
+        self._reached = False
         self._stubs = {
             "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
             "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
@@ -136,12 +135,7 @@ class Client:
         }
 
     def close(self) -> None:
-        self._channel.unsubscribe(self._note_state)
         self._channel.close()
-
-    def _note_state(self, state: grpc.ChannelConnectivity) -> None:
-        if state == grpc.ChannelConnectivity.READY:
-            self._reached.set()
 
     def __enter__(self) -> Client:
         return self
@@ -156,11 +150,15 @@ class Client:
         backoff = 0.1
         while True:
             try:
-                return getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+                response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
             except grpc.RpcError as error:
-                if not (self._retry and method in _READ_ONLY and error.code() == grpc.StatusCode.UNAVAILABLE
-                        and self._reached.is_set() and time.monotonic() + backoff < deadline):
+                unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+                self._reached = self._reached or not unavailable
+                if not (self._retry and method in _READ_ONLY and unavailable and self._reached and time.monotonic() + backoff < deadline):
                     raise from_rpc_error(error) from None
+            else:
+                self._reached = True
+                return response
             time.sleep(backoff)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
 
