@@ -10,6 +10,7 @@ import pytest
 
 from explaind.client import Client, FailedPreconditionError, NotFoundError, OperationError
 from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
+from test_service_api import _metric
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,7 @@ def test_delete_operation_refuses_an_unfinished_job_and_forgets_a_finished_one(s
     # After the restart above: the module's client points at the old port.
     with Client(server.target, timeout=60) as client:
         _delete_finished_and_unfinished(client)
+    assert _metric(server, "explaind_operations_deleted_total", reason="request") == 2
 
 
 def _delete_finished_and_unfinished(client: Client) -> None:
@@ -164,6 +166,8 @@ def test_retention_deletes_ended_operations_and_their_files_at_start_up(server):
             assert restarted.operations(state="succeeded") == []
             assert restarted.sample_set("retained").sample_count == 8
         assert not grid.exists()
+        assert _metric(server, "explaind_operations_deleted_total", reason="retention") >= 1
+        assert _metric(server, "explaind_stored_files_deleted_total") >= 1
     finally:
         server.stop()
         server.config.write_text(original)

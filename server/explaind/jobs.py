@@ -269,10 +269,13 @@ class JobManager:
                 raise FailedPrecondition(f"operations/{job_id} ended {live.record.state} but the store failed to record its end; "
                                          f"it can be deleted after the server restarts", field="name")
             self.store.delete_job(job_id)
+        self.metrics.operations_deleted.labels(reason="request").inc()
 
     def delete_ended_before(self, end_time: float) -> int:
         """Retention: forget the jobs that finished before ``end_time`` (epoch s)."""
-        return self.store.delete_jobs_ended_before(end_time)
+        deleted = self.store.delete_jobs_ended_before(end_time)
+        self.metrics.operations_deleted.labels(reason="retention").inc(deleted)
+        return deleted
 
     def watch(self, job_id: str, *, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.25) -> Iterator[JobSnapshot]:
         """Yield the job now and after every change until it is done (or the caller leaves)."""

@@ -36,6 +36,12 @@ class Metrics:
         self.predicted_images = Counter("explaind_predicted_images_total", "Images classified by Predict.", registry=r)
         self.feature_cache_hits = Counter("explaind_feature_cache_hits_total", "Sample features served from the cache.", registry=r)
         self.feature_cache_misses = Counter("explaind_feature_cache_misses_total", "Sample features computed.", registry=r)
+        self.operations_deleted = Counter(
+            "explaind_operations_deleted_total", "Finished operations deleted, by DeleteOperation or retention.", ("reason",), registry=r
+        )
+        self.stored_files_deleted = Counter(
+            "explaind_stored_files_deleted_total", "Stored files (images, artifacts, head weights) the sweeps removed.", registry=r
+        )
         self.model_info = Info("explaind_model", "The served classifier.", registry=r)
         self.component_loaded = Gauge("explaind_component_loaded", "1 when the model component is loaded.", ("component",), registry=r)
 

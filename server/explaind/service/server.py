@@ -152,6 +152,7 @@ class ExplaindServer:
         try:
             before = None if everything else self.engine.jobs.oldest_unfinished_create_time() or time.time()
             if removed := self.store.delete_unused_blobs(before=before, everything=everything):
+                self.metrics.stored_files_deleted.inc(removed)
                 log.info("deleted %d stored file(s) nothing uses any more", removed)
         except Exception:  # noqa: BLE001
             log.exception("deleting unused stored files failed")
