@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 import pytest
+from google.longrunning import operations_pb2 as operations_lro
+from google.protobuf import any_pb2
 
 from explaind.client import Client, DeadlineExceededError
-from explaind.v1 import sample_sets_pb2_grpc
+from explaind.v1 import operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -91,8 +94,6 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         self.attempts: dict[str, int] = {}
 
     def _attempt(self, method: str, context) -> None:
-        import grpc
-
         self.attempts[method] = self.attempts.get(method, 0) + 1
         if time.monotonic() < self.ready_at:
             context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
@@ -112,8 +113,6 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
 
 def _serve(servicer: _LoadingSampleSets, port: int = 0):
     from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
 
     server = grpc.server(ThreadPoolExecutor(2))
     sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
@@ -175,6 +174,62 @@ def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once
         with pytest.raises(UnavailableError, match="failed to connect"):
             client.sample_set("s")
         assert time.monotonic() - started < 10  # said at once, not retried for the 30 s
+
+
+def test_the_last_retry_comes_just_before_the_deadline():
+    # Backoff 0.1 s doubling to 2 s: tries at 0, 0.1, 0.3, 0.7, 1.5 and 3.1 s. The next,
+    # at 5.1 s, is past a 4 s deadline; retrying stopped at 3.1 s, though the server
+    # answered from 3.3 s on. Now the last try is sent shortly before the deadline.
+    servicer = _LoadingSampleSets(loading_s=0)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=4) as client:
+            client.sample_set("s")
+            servicer.ready_at = time.monotonic() + 3.3
+            assert client.sample_set("s").sample_set_id == "s"
+    finally:
+        server.stop(0)
+
+
+class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """Knows one running operation, but WaitOperation and CancelOperation answer
+    UNAVAILABLE, as a server shutting down does."""
+
+    def GetOperation(self, request, context):
+        metadata = any_pb2.Any()
+        metadata.Pack(operations_pb2.OperationMetadata(kind="visualize_neurons", state=operations_pb2.OPERATION_STATE_RUNNING))
+        return operations_pb2.GetOperationResponse(operation=operations_lro.Operation(name=request.name, metadata=metadata))
+
+    def WaitOperation(self, request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+    def CancelOperation(self, request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+
+def test_waiting_for_an_operation_keeps_its_own_timeout_while_the_server_is_unavailable(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client import UnavailableError
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_StoppingOperations(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=30) as client:
+            operation = client.operation("operations/x")
+            started = time.monotonic()
+            with pytest.raises(UnavailableError, match="shutting down"):
+                operation.wait(timeout=1)
+            assert time.monotonic() - started < 5  # the call's own deadline was 11 s away
+            # Ctrl-C while waiting: the cancel fails, and the interrupt still reaches the caller.
+            monkeypatch.setattr(type(operation), "wait", lambda self, timeout=None: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt) as interrupted:
+                operation.result()
+            assert interrupted.value.__notes__ == ["operations/x may still be running: cancelling it failed (UNAVAILABLE: the server is shutting down)"]
+    finally:
+        server.stop(0)
 
 
 def test_the_retried_methods_are_read_only_methods_of_the_api():

@@ -46,6 +46,8 @@ READ_ONLY_METHODS = {
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
 RETRY_MAX_BACKOFF_S = 2.0
+# The last retry is sent this long before the deadline, so that it has time to be answered.
+_LAST_ATTEMPT_S = 0.25
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -145,21 +147,27 @@ class Client:
 
     # Plumbing ------------------------------------------------------------------------
 
-    def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:
+    def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None) -> Any:
+        """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
+        read-only one is retried on UNAVAILABLE (see the class), the last attempt just
+        before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first."""
         deadline = time.monotonic() + (timeout or self.timeout)
+        retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = 0.1
         while True:
             try:
                 response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
             except grpc.RpcError as error:
                 unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
-                self._reached = self._reached or not unavailable
-                if not (self._retry and method in _READ_ONLY and unavailable and self._reached and time.monotonic() + backoff < deadline):
+                if not unavailable:  # the server answered
+                    self._reached = True
+                pause = min(backoff, retry_end - time.monotonic() - _LAST_ATTEMPT_S)
+                if not (self._retry and method in _READ_ONLY and unavailable and self._reached and pause >= 0):
                     raise from_rpc_error(error) from None
             else:
                 self._reached = True
                 return response
-            time.sleep(backoff)
+            time.sleep(pause)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from explaind.v1 import inference_pb2, operations_pb2
 
-from ._errors import DataLossError, DeadlineExceededError, OperationError, UnavailableError, error_from_code
+from ._errors import DataLossError, DeadlineExceededError, ExplaindError, OperationError, UnavailableError, error_from_code
 from ._images import open_image
 from ._types import Artifact, Progress
 
@@ -156,21 +156,23 @@ class Operation:
 
     def wait(self, timeout: float | None = None) -> Operation:
         """Block until done or ``timeout`` seconds (None: until done)."""
-        deadline = None if timeout is None else dt.datetime.now() + dt.timedelta(seconds=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
-            remaining = WATCH_DEADLINE_S if deadline is None else (deadline - dt.datetime.now()).total_seconds()
+            remaining = WATCH_DEADLINE_S if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 break
             step = min(remaining, 60.0)
             request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
-            response = self._client._call("operations", "WaitOperation", request, timeout=step + 10.0)
+            # The call may take a little longer than the server's wait; retries may not.
+            response = self._client._call("operations", "WaitOperation", request, timeout=step + 10.0, retry_until=deadline)
             self._update(response.operation)
         return self
 
     def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Operation]:
         """Yield this operation on every progress update until it is done. A stream the
-        server dropped (a restart) is opened again once :meth:`refresh` reaches it (within
-        the client's timeout; the operation then usually reads ABORTED: submit it again)."""
+        server dropped (a restart) is opened again once GetOperation reaches the server
+        (within the client's timeout and this one; the operation then usually reads
+        ABORTED: submit it again)."""
         deadline = time.monotonic() + timeout
         while True:
             stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name),
@@ -185,10 +187,14 @@ class Operation:
                     raise
             finally:
                 stream.cancel()
-            yield self.refresh()
+            # Retried while the server restarts: within the client's timeout and this deadline.
+            request = operations_pb2.GetOperationRequest(name=self.name)
+            wait_s = min(self._client.timeout, deadline - time.monotonic())
+            self._update(self._client._call("operations", "GetOperation", request, timeout=max(wait_s, 1e-3)).operation)  # 0: the client's
+            yield self
             if self.done:
                 return
-            time.sleep(WATCH_REOPEN_PAUSE_S)
+            time.sleep(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
 
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:
         """Wait for the job and return its result (a dataclass where the SDK has one,
@@ -210,8 +216,11 @@ class Operation:
             if timeout is None:
                 raise
             # The watch stream hit ``timeout``: report it as wait() does, below.
-        except KeyboardInterrupt:
-            self.cancel()
+        except KeyboardInterrupt as interrupt:
+            try:
+                self.cancel()
+            except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
+                interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
             raise
         if not self.done:
             raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
