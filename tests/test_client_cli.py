@@ -213,7 +213,7 @@ def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsy
 def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):
     images = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 255)]
     assert main(["--target", server.target, "sample-set", "create", "--id", "named", "--images", *images, "--labels", "heart", "2"]) == 0
-    assert "created named: 2 samples, per class {2: 1, 5: 1}" in capsys.readouterr().out
+    assert "created named: 2 samples, per class triangle 1, heart 1" in capsys.readouterr().out
     assert main(["--target", server.target, "sample-set", "create", "--images", images[0], "--labels", "dog"]) == 1
     assert "'dog' is not a class of the served model" in capsys.readouterr().err
 
@@ -228,11 +228,11 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     (root / ".thumbnails").mkdir()
     _png(root / ".thumbnails" / "x.png", 0)
     assert main(["--target", server.target, "sample-set", "create", "folder", "--folder", str(root)]) == 0
-    assert "created folder: 5 samples, per class {0: 3, 5: 2}" in capsys.readouterr().out
+    assert "created folder: 5 samples, per class circle 3, heart 2" in capsys.readouterr().out
     assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root / "heart" / "nested")]) == 1
     capsys.readouterr()  # images directly in the folder have no class folder: nothing to append
     assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root)]) == 0
-    assert "appended to folder: 10 samples, per class {0: 6, 5: 4}" in capsys.readouterr().out
+    assert "appended to folder: 10 samples, per class circle 6, heart 4" in capsys.readouterr().out
     assert "sample-set append: give a sample set id" in _usage_error(capsys, ["sample-set", "append", "--folder", str(root)])
     (root / "dog").mkdir()
     _png(root / "dog" / "0.png", 0)
@@ -362,6 +362,7 @@ def _artifact_reads(server) -> float:
 def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_forgets_it(server, capsys, relabelled_set):
     sample_set_id, expected = relabelled_set
     with Client(server.target, timeout=30) as client:
+        client.rank_mistake_neurons(sample_set_id, "heart", execution="operation")  # an older one, for the list below
         ranking = client.rank_mistake_neurons(sample_set_id, "heart", execution="operation", include_samples=True)
         (operation,) = client.operations(kind="rank_mistake_neurons", limit=1)
         assert ranking.omega.shape == (expected.mistake_count, 128)
@@ -375,6 +376,10 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
     assert main(["--target", server.target, "operations", "list", "--kind", "rank_mistake_neurons", "--limit", "1"]) == 0
     listed = capsys.readouterr()
     assert listed.out.split()[0] == operation.name and listed.err == "(the newest 1; --limit N lists more)\n"
+    assert main(["--target", server.target, "operations", "list", "--kind", "rank_mistake_neurons", "--limit", "1000"]) == 0
+    assert capsys.readouterr().err == ""  # all listed: no hint (it showed whenever the count was the limit)
+    assert main(["--target", server.target, "operations", "list", "--state", "queued"]) == 0
+    assert capsys.readouterr() == ("", "no operations of that kind or state\n")
     assert main(["--target", server.target, "operations", "delete", operation.name]) == 0
     assert capsys.readouterr().out == f"deleted {operation.name}\n"
     assert "NOT_FOUND" in _error(capsys, ["--target", server.target, "operations", "get", operation.name])

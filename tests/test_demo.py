@@ -22,6 +22,8 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class():
     assert re.search(r"neuron +\d+ +(insufficient|excessive|both)", out)
     report = Path(re.search(r"HTML report .*: (\S+\.html)", out).group(1))
     assert report.is_file() and report.read_text().count("<img") >= 2
+    # What it wrote for the user stays; the server's store (images, database) does not.
+    assert sorted(path.name for path in report.parent.iterdir()) == ["explaind.toml", "mistakes.png", report.name]
 
 
 def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path):

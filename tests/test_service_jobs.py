@@ -90,7 +90,7 @@ def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_set
         # The restart deletes the interrupted upload, never a finished one.
         assert [s.sample_set_id for s in restarted.sample_sets() if s.sample_set_id in ("uploaded-in-two", "interrupted")] == ["uploaded-in-two"]
         after = restarted.operation(operation.name)
-        assert after.state == "failed" and after.done
+        assert after.state == "failed" and after.done and after.progress.message == "failed"  # it said "running" beside "failed"
         assert "restart" in after.error.details
         with pytest.raises(OperationError, match="restart"):
             after.result()

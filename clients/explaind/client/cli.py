@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -244,6 +245,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_counts(client: Client, counts: dict[int, int]) -> str:
+    """``{0: 20, 5: 3}`` as "circle 20, heart 3" (the index where the served model has no such class)."""
+    names = client.model_metadata().class_names
+    return ", ".join(f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in sorted(counts.items())) or "none"
+
+
 def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action in ("create", "append"):
@@ -264,14 +271,16 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                         stored = client.append_samples(args.id, images, labels, attributes=attributes)
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
-            print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {stored.sample_count} samples, per class {stored.class_counts}")
+            print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {stored.sample_count} samples, "
+                  f"per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
             for s in client.sample_sets():
                 uploading = ", still uploading" if s.uploading else ""
                 print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {s.display_name}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading})")
         elif args.action == "show":
             s = client.sample_set(args.id)
-            print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {s.class_counts}, created {s.create_time:%Y-%m-%d %H:%M:%S}")
+            print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {_named_counts(client, s.class_counts)}, "
+                  f"created {s.create_time:%Y-%m-%d %H:%M:%S}")
         elif args.action == "delete":
             client.delete_sample_set(args.id)
             print(f"deleted {args.id}")
@@ -425,12 +434,14 @@ def cmd_operations(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "list":
             limit = args.limit or OPERATIONS_LISTED
-            listed = client.operations(kind=args.kind or "", state=args.state or "", limit=limit)
-            for op in listed:
+            listed = client.operations(kind=args.kind or "", state=args.state or "", limit=limit + 1)  # one more: are there more?
+            for op in listed[:limit]:
                 p = op.progress
                 print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
-            if len(listed) == limit:
+            if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
+            elif not listed:
+                print("no operations" + (" of that kind or state" if args.kind or args.state else ""), file=sys.stderr)
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
@@ -484,8 +495,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except ConfigError as error:
             raise CommandError(str(error)) from None
     port = _free_port()
-    data_dir = tempfile.mkdtemp(prefix="explaind-demo-")
-    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--port", str(port), "--data-dir", data_dir]
+    data_dir = tempfile.mkdtemp(prefix="explaind-demo-")  # the report and grid it writes stay; the server's store goes
+    store = Path(data_dir) / "store"
+    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--port", str(port), "--data-dir", str(store)]
     config = args.config or _world_config(args.scenario, Path(data_dir))
     if config:
         command += ["--config", config]
@@ -514,6 +526,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(store, ignore_errors=True)
     return 0
 
 

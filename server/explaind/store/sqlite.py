@@ -443,7 +443,7 @@ class SQLiteStore:
         placeholders = ", ".join("?" * len(FINISHED_STATES))
         with self._transaction() as db:
             cursor = db.execute(
-                f"UPDATE jobs SET state = ?, error_code = 'ABORTED', error_message = ?, end_time = ? WHERE state NOT IN ({placeholders})",
+                f"UPDATE jobs SET state = ?, error_code = 'ABORTED', error_message = ?, end_time = ?, message = 'failed' WHERE state NOT IN ({placeholders})",
                 (FAILED, reason, time.time(), *FINISHED_STATES),
             )
             return cursor.rowcount
