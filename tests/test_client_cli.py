@@ -437,3 +437,15 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert "not served; promote it to serve it" in later and f"  {versions[-1].version_id} " in later
     line = _error(capsys, ["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "9999"])
     assert "neurons" in line and "9999" in line
+
+
+def test_class_counts_fall_back_to_indices_when_the_server_cannot_name_them():
+    # The upload was stored; a failed metadata call made the command exit 1 and a rerun hit ALREADY_EXISTS.
+    from explaind.client import UnavailableError
+    from explaind.client.cli import _named_counts
+
+    class Restarting:
+        def model_metadata(self):
+            raise UnavailableError("models are still loading")
+
+    assert _named_counts(Restarting(), {5: 2, 0: 3}) == "0 3, 5 2"

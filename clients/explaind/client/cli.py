@@ -246,8 +246,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _named_counts(client: Client, counts: dict[int, int]) -> str:
-    """``{0: 20, 5: 3}`` as "circle 20, heart 3" (the index where the served model has no such class)."""
-    names = client.model_metadata().class_names
+    """``{0: 20, 5: 3}`` as "circle 20, heart 3" (the index where the served model has no
+    such class, or cannot say: the set is stored, whatever the names)."""
+    try:
+        names = client.model_metadata().class_names
+    except ExplaindError:
+        names = []
     return ", ".join(f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in sorted(counts.items())) or "none"
 
 
@@ -525,7 +529,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _explain_worst_class(client, operation.result(), created.sample_set_id, Path(data_dir), args.scenario)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # e.g. still loading large models: it acts on SIGTERM after
+            server.kill()
+            server.wait()
         shutil.rmtree(store, ignore_errors=True)
     return 0
 
