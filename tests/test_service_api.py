@@ -444,6 +444,21 @@ def test_a_response_over_the_send_limit_is_counted_with_the_code_the_caller_gets
     assert "more than the server's limit of 262144" in caught.value.details()
 
 
+def test_a_request_over_the_limit_is_counted_as_started_though_no_handler_runs(small_messages):
+    # gRPC refuses it before the handler (RESOURCE_EXHAUSTED), so rpc_duration never sees it.
+    request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="too-big", samples=[
+        sample_sets_pb2.Sample(image=common_pb2.Image(encoded=bytes(300_000)))])
+    labels = {"service": "explaind.v1.SampleSetService", "method": "CreateSampleSet"}
+    refused = {**labels, "code": "RESOURCE_EXHAUSTED"}
+    started, handled = _metric(small_messages, "explaind_rpcs_started_total", **labels), _metric(small_messages, "explaind_rpc_duration_seconds_count", **refused)
+    with grpc.insecure_channel(small_messages.target, options=[("grpc.max_send_message_length", 1 << 20)]) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            sample_sets_pb2_grpc.SampleSetServiceStub(channel).CreateSampleSet(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _metric(small_messages, "explaind_rpcs_started_total", **labels) == started + 1
+    assert _metric(small_messages, "explaind_rpc_duration_seconds_count", **refused) == handled
+
+
 def test_the_client_honours_its_deadline(client, world_images):
     with pytest.raises(DeadlineExceededError):
         client.predict(_uint8(world_images[0][:32]), timeout=1e-4)

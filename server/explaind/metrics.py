@@ -22,6 +22,10 @@ class Metrics:
         self.rpc_duration = Histogram(
             "explaind_rpc_duration_seconds", "Server-side RPC latency.", ("service", "method", "code"), buckets=RPC_BUCKETS, registry=r
         )
+        # Counted when a call arrives, before its request is read: started minus the calls in
+        # rpc_duration are those gRPC failed before any handler ran (a request over
+        # [server].max_message_bytes, one that does not parse), which no handler can time.
+        self.rpcs_started = Counter("explaind_rpcs_started_total", "RPCs received.", ("service", "method"), registry=r)
         self.rpcs_in_flight = Gauge("explaind_rpcs_in_flight", "RPCs being handled.", ("service", "method"), registry=r)
         self.job_duration = Histogram(
             "explaind_job_duration_seconds", "Job run time from start to end.", ("kind", "outcome"), buckets=JOB_BUCKETS, registry=r

@@ -69,6 +69,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service, _, method = details.method.lstrip("/").partition("/")
+        self._metrics.rpcs_started.labels(service, method).inc()
         authorised = not self._token or service in _PUBLIC_SERVICES or (("authorization", f"Bearer {self._token}") in tuple(details.invocation_metadata or ()))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
