@@ -104,8 +104,8 @@ class Client:
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
     With ``retry`` (the default), calls that change nothing (``READ_ONLY_METHODS``) are
     retried while the server is UNAVAILABLE, until their deadline, once the server has
-    answered this client (e.g. :meth:`wait_until_ready`): a restart or a model load
-    shorter than the timeout delays them instead of failing them, and a wrong address
+    answered this client (e.g. :meth:`wait_until_ready`): a restart or a model load that
+    ends before the deadline delays them instead of failing them, and a wrong address
     still fails at once.
     """
 
