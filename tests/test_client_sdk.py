@@ -241,3 +241,12 @@ def test_the_retried_methods_are_read_only_methods_of_the_api():
     for service, names in READ_ONLY_METHODS.items():
         assert set(names) <= methods[service], service  # a misspelt name would silently never retry
         assert not {name for name in names if name.startswith(("Create", "Append", "Delete", "Edit", "Promote", "Rollback", "Cancel", "Evaluate", "Visualize", "Rank"))}
+
+
+def test_listing_operations_of_an_unknown_kind_names_the_field_and_the_kinds(client):
+    from explaind.client import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError) as raised:
+        client.operations(kind="rank_neurons")
+    assert raised.value.field == "kind"
+    assert "the kinds are edit_head, evaluate_sample_set, rank_mistake_neurons, visualize_neurons" in str(raised.value)

@@ -1193,3 +1193,16 @@ def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
     finally:
         server.stop(None)
     assert counts() == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0, "OK": None}
+
+
+def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
+    # A misspelt kind listed nothing, as if no such job had ever run.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    jobs.register_kinds("edit_head")
+    assert jobs.list(kind="edit_head") == []
+    with pytest.raises(InvalidArgument, match="unknown kind 'edit-head'; the kinds are edit_head") as raised:
+        jobs.list(kind="edit-head")
+    assert raised.value.field == "kind"
+    jobs.wait(jobs.submit("quick", lambda ctx: _empty()).record.job_id, 10)
+    assert [s.record.kind for s in jobs.list(kind="quick")] == ["quick"]
+    jobs.shutdown(1)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from .errors import ExplaindError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, report_internal
+from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, report_internal
 from .imaging import encode_png
 from .metrics import Metrics
 from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
@@ -113,6 +113,7 @@ class JobManager:
         self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
+        self._kinds: set[str] = set()  # what list() may filter by: registered or submitted
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
         self._live: dict[str, _LiveJob] = {}
         self._changed = threading.Condition()
@@ -127,6 +128,11 @@ class JobManager:
 
     # Submitting and running ----------------------------------------------------------
 
+    def register_kinds(self, *kinds: str) -> None:
+        """Declare the job kinds an engine submits, so that listing by one of them is valid
+        before the first is submitted (an unknown kind is INVALID_ARGUMENT, not [])."""
+        self._kinds.update(kinds)
+
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued") -> JobSnapshot:
         """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once."""
         with self._changed:
@@ -135,6 +141,7 @@ class JobManager:
             queued = sum(1 for live in self._live.values() if live.record.state == QUEUED)
             if queued >= self.max_queued:
                 raise ResourceExhausted(f"job queue is full ({queued} queued, limit {self.max_queued}); retry later")
+            self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message)
             self.store.insert_job(record)
             live = _LiveJob(record)
@@ -231,6 +238,8 @@ class JobManager:
     def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
              limit: int = 100) -> list[JobSnapshot]:
         """Newest first, resuming after the (create_time, job_id) of a previous page's last job."""
+        if kind and kind not in self._kinds:
+            raise InvalidArgument(f"unknown kind {kind!r}; the kinds are {', '.join(sorted(self._kinds))}", field="kind")
         snapshots = []
         for record in self.store.list_jobs(kind=kind, state=state, after=after, limit=limit):
             if record.state in FINISHED_STATES:

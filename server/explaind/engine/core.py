@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SET_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: "$" would accept a final "\n"
 DEFAULT_TOP_K = 5
+EVALUATE_KIND = "evaluate_sample_set"  # the job kind of EvaluateSampleSet
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Engine:
         self.models = ModelRegistry()
         self.components: dict[str, ComponentStatus] = {}
         self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers)
+        self.jobs.register_kinds(EVALUATE_KIND)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
         self._batcher: DynamicBatcher[BatchOutput] | None = None
@@ -307,7 +309,7 @@ class Engine:
         if version.feature_extractor is None:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; evaluation needs a split classifier")
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, version, batch_size, max_grid_images or 64)
-        return self.jobs.submit("evaluate_sample_set", run)
+        return self.jobs.submit(EVALUATE_KIND, run)
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples."""

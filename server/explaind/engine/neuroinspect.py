@@ -47,6 +47,8 @@ SOLVERS = ("faithful", "proximal")
 VISUALIZATION_METHODS = ("clip_illusion", "feature_visualization", "no_clip")
 EDIT_METHODS = ("probability_ratio", "constrain")
 EXECUTIONS = ("auto", "inline", "operation")
+# The job kinds, as operations report them.
+RANK_KIND, VISUALIZE_KIND, EDIT_KIND = "rank_mistake_neurons", "visualize_neurons", "edit_head"
 # The artifact that holds ω (float32 (M, D), .npy) when a ranking ran as an operation.
 OMEGA_ARTIFACT = "omega.npy"
 # Upper bounds of loss weights (defaults 0.01-1) and of the edit's target probability ratio
@@ -121,6 +123,7 @@ class NeuroInspectEngine:
 
     def __init__(self, engine) -> None:
         self._engine = engine
+        engine.jobs.register_kinds(RANK_KIND, VISUALIZE_KIND, EDIT_KIND)
         self._versions_lock = threading.Lock()  # serialises id allocation, promote, rollback
         self._heads: dict[tuple[str, str], nn.Linear] = {}
         self._restored = threading.Event()  # set by restore(): until then the served head may still change
@@ -170,7 +173,7 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"must be one of {EXECUTIONS}", field="execution")
         count = self._engine.usable_sample_set(sample_set_id).sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
-            return self._engine.jobs.submit("rank_mistake_neurons", lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
+            return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         features = self._engine.sample_set_features(sample_set_id, version=version)
@@ -178,7 +181,7 @@ class NeuroInspectEngine:
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
-            return self._engine.jobs.submit("rank_mistake_neurons", lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
+            return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features)
 
     @staticmethod
@@ -317,7 +320,7 @@ class NeuroInspectEngine:
         if preview_every < 1:
             raise InvalidArgument("must be positive (0 means 10)", field="preview_every")
         return self._engine.jobs.submit(
-            "visualize_neurons",
+            VISUALIZE_KIND,
             lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
         )
 
@@ -487,7 +490,7 @@ class NeuroInspectEngine:
                 validation_accuracy=[r.validation_accuracy for r in edit.history],
             )
 
-        return self._engine.jobs.submit("edit_head", run)
+        return self._engine.jobs.submit(EDIT_KIND, run)
 
     @staticmethod
     def _evaluation_dict(evaluation: HeadEvaluation, version: ClassifierVersion, counts: Counter) -> dict:
