@@ -293,11 +293,11 @@ def _validate(path: Path | str, config: Config) -> None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in classifier.std):
         raise ConfigError(f"{path}: [classifier].std must hold positive numbers, got {list(classifier.std)}")
     for section_field in dataclasses.fields(config):
-        section = getattr(config, section_field.name)
-        for key in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
-            value = getattr(section, key.name)
+        values = getattr(config, section_field.name)
+        for key_field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, key_field.name)
             if isinstance(value, float) and math.isnan(value):  # it compares false with every limit
-                raise ConfigError(f"{path}: [{section_field.name}].{key.name} must be a number, got nan")
+                raise ConfigError(f"{path}: [{section_field.name}].{key_field.name} must be a number, got nan")
     for least, keys in ((1, _AT_LEAST_ONE), (0, _NOT_NEGATIVE)):
         for key in keys:
             section, _, name = key.partition(".")
