@@ -69,6 +69,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["info", "--timeout", "-1"], "--timeout: expected a number of seconds > 0, got '-1'"),
         (["head-versions", "promote"], "head-versions promote: give a version id"),
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),
+        (["head-versions", "delete"], "head-versions delete: give a version id"),
         (["operations", "list", "junk"], "operations list takes no operation name"),
         (["operations", "get", "x", "--state", "failed"], "operations get: --kind, --state and --limit are options of list"),
         (["operations", "list", "--limit", "0"], "--limit: expected an integer >= 1, got '0'"),
@@ -437,6 +438,14 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert "not served; promote it to serve it" in later and f"  {versions[-1].version_id} " in later
     line = _error(capsys, ["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "9999"])
     assert "neurons" in line and "9999" in line
+    # The two versions go again; the served one stays.
+    for created in versions[len(before):]:
+        assert main(["--target", server.target, "head-versions", "delete", created.version_id]) == 0
+        assert capsys.readouterr().out == f"deleted {created.version_id}\n"
+    line = _error(capsys, ["--target", server.target, "head-versions", "delete", served_before])
+    assert f"FAILED_PRECONDITION: version_id: head version '{served_before}' is" in line
+    with Client(server.target, timeout=30) as client:
+        assert [v.version_id for v in client.head_versions()] == [v.version_id for v in before]
 
 
 def test_class_counts_fall_back_to_indices_when_the_server_cannot_name_them():

@@ -436,6 +436,47 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         _shut(engine)
 
 
+def test_a_head_version_is_deleted_unless_served_loaded_or_edited_from(tmp_path, world_set):
+    # Every edit (and every `explaind report`) stores a version, and none could be deleted.
+    import threading
+
+    from explaind.errors import FailedPrecondition, NotFound
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        assert _edit(engine, inspect, 1, promote=True).state == "succeeded"  # v1, served
+        assert _edit(engine, inspect, 2).state == "succeeded"  # v2, edited from v1
+        for version_id, reason in (("v1", "is served; promote or roll back"), ("v0", "is the model file's head"), ("v9", None)):
+            with pytest.raises(NotFound if reason is None else FailedPrecondition, match=reason or "no head version 'v9'"):
+                inspect.delete_head_version(version_id)
+        # An edit still running from v2 keeps it: the version it stores names v2 as its parent.
+        inspect.promote_head_version("v2")
+        gate = threading.Event()
+        blocker = engine.jobs.submit("block", lambda ctx: (gate.wait(30), _empty_message())[1])  # holds the one worker
+        queued = inspect.edit_head("train", target_class="heart", neurons=[3], max_epochs=1)
+        inspect.promote_head_version("v1")
+        with pytest.raises(FailedPrecondition, match=f"operations/{queued.record.job_id} is editing from head version 'v2'"):
+            inspect.delete_head_version("v2")
+        gate.set()
+        engine.jobs.wait(blocker.record.job_id, 30)
+        assert engine.jobs.wait(queued.record.job_id, 60).record.state == "succeeded"  # v3, edited from v2
+        inspect.delete_head_version("v2")
+        versions = {v.version_id: v for v in inspect.head_versions()[0]}
+        assert sorted(versions) == ["v0", "v1", "v3"] and versions["v3"].parent_version_id == "v1"
+        weights = engine.store.delete_unused_blobs()
+        assert weights == 1  # v2's weights
+        assert _edit(engine, inspect, 4).state == "succeeded" and "v4" in {v.version_id for v in inspect.head_versions()[0]}  # v2 not reused
+    finally:
+        _shut(engine)
+
+
+def _empty_message():
+    from google.protobuf import empty_pb2
+
+    return empty_pb2.Empty()
+
+
 def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, world_set):
     # v2 was edited from v1 while v1 was served; both jobs failed. Deleting v1 left v2's
     # parent, and then the active version, pointing at nothing: every start failed.

@@ -569,6 +569,12 @@ class Client:
         request = neuroinspect_pb2.RollbackHeadVersionRequest(version_id=version_id)
         return _neuroinspect.head_version(self._call("neuroinspect", "RollbackHeadVersion", request).version)
 
+    def delete_head_version(self, version_id: str) -> None:
+        """Delete a stored head version that is not served (its children take its parent as
+        theirs). FailedPreconditionError for the served version, the model file's head, and
+        a version an unfinished edit started from."""
+        self._call("neuroinspect", "DeleteHeadVersion", neuroinspect_pb2.DeleteHeadVersionRequest(version_id=version_id))
+
 
 class _ErrorMappingStream:
     """Iterates a server stream, raising typed errors; ``cancel()`` ends it."""

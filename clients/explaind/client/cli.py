@@ -12,7 +12,7 @@
     explaind visualize 8 21:heart --out-dir images
     explaind edit-head hearts --class heart --neurons 8 21 63 [--promote]
     explaind report --class heart --sample-set hearts --out report.html
-    explaind head-versions list | promote v1 | rollback
+    explaind head-versions list | promote v1 | rollback | delete v2
     explaind demo                            # a server on the shapes world + a session
 """
 
@@ -603,6 +603,9 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
             print(f"serving {client.promote_head_version(args.version).version_id}")
         elif args.action == "rollback":
             print(f"serving {client.rollback_head_version(args.version or '').version_id}")
+        elif args.action == "delete":
+            client.delete_head_version(args.version)
+            print(f"deleted {args.version}")
         else:
             for v in client.head_versions():
                 print(_version_line(v))
@@ -736,10 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(run=cmd_report)
 
-    head_versions = command("head-versions", "list, promote or roll back classifier head versions")
+    head_versions = command("head-versions", "list, promote, roll back or delete classifier head versions")
     head_versions.add_argument(
-        "action", choices=("list", "promote", "rollback"),
-        help="promote VERSION serves it; rollback serves the active version's parent (the version it was edited from), or VERSION",
+        "action", choices=("list", "promote", "rollback", "delete"),
+        help="promote VERSION serves it; rollback serves the active version's parent (the version it was edited from), or VERSION; "
+             "delete VERSION removes a version not served",
     )
     head_versions.add_argument("version", nargs="?", help="a version id from list, e.g. v1")
     head_versions.set_defaults(run=cmd_head_versions)
@@ -780,8 +784,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"sample-set {args.action}: --world, --folder, --images, --labels and --name are options of create and append")
         if args.action == "append" and args.name:
             parser.error("sample-set append: --name is an option of create")
-    if args.command == "head-versions" and args.action == "promote" and not args.version:
-        parser.error("head-versions promote: give a version id")
+    if args.command == "head-versions" and args.action in ("promote", "delete") and not args.version:
+        parser.error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
         parser.error("head-versions list takes no version id")
     if args.command == "operations" and args.action == "list" and args.name:

@@ -391,3 +391,13 @@ class RollbackHeadVersionResponse(_message.Message):
     version: HeadVersion
     previous_version_id: str
     def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping]] = ..., previous_version_id: _Optional[str] = ...) -> None: ...
+
+class DeleteHeadVersionRequest(_message.Message):
+    __slots__ = ("version_id",)
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    def __init__(self, version_id: _Optional[str] = ...) -> None: ...
+
+class DeleteHeadVersionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

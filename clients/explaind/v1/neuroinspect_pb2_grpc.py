@@ -75,6 +75,11 @@ class NeuroInspectServiceStub:
                 request_serializer=explaind_dot_v1_dot_neuroinspect__pb2.RollbackHeadVersionRequest.SerializeToString,
                 response_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.RollbackHeadVersionResponse.FromString,
                 _registered_method=True)
+        self.DeleteHeadVersion = channel.unary_unary(
+                '/explaind.v1.NeuroInspectService/DeleteHeadVersion',
+                request_serializer=explaind_dot_v1_dot_neuroinspect__pb2.DeleteHeadVersionRequest.SerializeToString,
+                response_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.DeleteHeadVersionResponse.FromString,
+                _registered_method=True)
 
 
 class NeuroInspectServiceServicer:
@@ -158,6 +163,17 @@ class NeuroInspectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteHeadVersion(self, request, context):
+        """Deletes a stored head version (each EditHead, and each `explaind report`, stores
+        one); its children take its parent as theirs, and its weights go in the next sweep.
+        Its id is never given to another version. FAILED_PRECONDITION for the served version
+        (promote or roll back first), the model file's head (stored again at every start),
+        and a version an EditHead operation is still editing from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NeuroInspectServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +206,11 @@ def add_NeuroInspectServiceServicer_to_server(servicer, server):
                     servicer.RollbackHeadVersion,
                     request_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.RollbackHeadVersionRequest.FromString,
                     response_serializer=explaind_dot_v1_dot_neuroinspect__pb2.RollbackHeadVersionResponse.SerializeToString,
+            ),
+            'DeleteHeadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteHeadVersion,
+                    request_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.DeleteHeadVersionRequest.FromString,
+                    response_serializer=explaind_dot_v1_dot_neuroinspect__pb2.DeleteHeadVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +386,33 @@ class NeuroInspectService:
             '/explaind.v1.NeuroInspectService/RollbackHeadVersion',
             explaind_dot_v1_dot_neuroinspect__pb2.RollbackHeadVersionRequest.SerializeToString,
             explaind_dot_v1_dot_neuroinspect__pb2.RollbackHeadVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteHeadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/explaind.v1.NeuroInspectService/DeleteHeadVersion',
+            explaind_dot_v1_dot_neuroinspect__pb2.DeleteHeadVersionRequest.SerializeToString,
+            explaind_dot_v1_dot_neuroinspect__pb2.DeleteHeadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -150,7 +150,7 @@ class OperationsServiceServicer:
         nothing else uses them). A queued or running operation is FAILED_PRECONDITION:
         cancel it and wait for it first. Head versions an EditHead operation created stay;
         an EditHead that did not succeed is FAILED_PRECONDITION while the version it stored
-        remains (the server's next start removes that version).
+        remains (DeleteHeadVersion, or the server's next start, removes that version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -124,7 +124,10 @@ class NeuroInspectEngine:
     def __init__(self, engine) -> None:
         self._engine = engine
         engine.jobs.register_kinds(RANK_KIND, VISUALIZE_KIND, EDIT_KIND)
-        self._versions_lock = threading.Lock()  # serialises id allocation, promote, rollback
+        self._versions_lock = threading.Lock()  # serialises id allocation, promote, rollback, delete
+        # EditHead jobs and the (feature version, version id) each edits from: a version
+        # an unfinished edit will name as its parent is not deleted.
+        self._edits_from: dict[str, tuple[str, str]] = {}
         self._heads: dict[tuple[str, str], nn.Linear] = {}
         self._restored = threading.Event()  # set by restore(): until then the served head may still change
 
@@ -427,7 +430,6 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{max_epochs} is not in [1, 1000] (0 means 20)", field="max_epochs")
         if not 1 <= patience <= 1000:
             raise InvalidArgument(f"{patience} is not in [1, 1000] (0 means 5)", field="patience")
-        parent = self.active_head_version()
 
         def run(context: JobContext) -> neuroinspect_pb2.EditHeadResult:
             train = self._engine.sample_set_features(sample_set_id, version=version, context=context)
@@ -490,7 +492,11 @@ class NeuroInspectEngine:
                 validation_accuracy=[r.validation_accuracy for r in edit.history],
             )
 
-        return self._engine.jobs.submit(EDIT_KIND, run)
+        with self._versions_lock:  # no delete between choosing the parent and noting the edit
+            parent = self.active_head_version()
+            snapshot = self._engine.jobs.submit(EDIT_KIND, run)
+            self._edits_from[snapshot.record.job_id] = (version.feature_version, parent.version_id)
+        return snapshot
 
     @staticmethod
     def _evaluation_dict(evaluation: HeadEvaluation, version: ClassifierVersion, counts: Counter) -> dict:
@@ -649,6 +655,37 @@ class NeuroInspectEngine:
             record = self._engine.store.get_head_version(version.feature_version, target)
             self._activate(record)
         return record, active.version_id
+
+    def delete_head_version(self, version_id: str) -> None:
+        """Delete a stored version that is not served, not the model file's head (stored
+        again at every start) and not the parent of an unfinished edit; its children take
+        its parent as theirs, and its weights go in a sweep."""
+        if not version_id:
+            raise InvalidArgument("required", field="version_id")
+        version = self._split_version()
+        store = self._engine.store
+        with self._versions_lock:
+            store.get_head_version(version.feature_version, version_id)  # NotFound naming it
+            if version_id == self.active_head_version().version_id:
+                raise FailedPrecondition(f"head version {version_id!r} is served; promote or roll back to another first", field="version_id")
+            if version_id == store.file_head_version(version.feature_version):
+                raise FailedPrecondition(f"head version {version_id!r} is the model file's head, stored again at every start", field="version_id")
+            self._forget_finished_edits()
+            editing = [job_id for job_id, parent in self._edits_from.items() if parent == (version.feature_version, version_id)]
+            if editing:
+                raise FailedPrecondition(f"operations/{editing[0]} is editing from head version {version_id!r}; "
+                                         f"delete it once that operation has ended", field="version_id")
+            store.delete_head_version(version.feature_version, version_id)
+            self._heads.pop((version.feature_version, version_id), None)
+
+    def _forget_finished_edits(self) -> None:
+        for job_id in list(self._edits_from):
+            try:
+                done = self._engine.jobs.get(job_id).done
+            except NotFound:  # deleted, so finished
+                done = True
+            if done:
+                del self._edits_from[job_id]
 
     def head_version_message(self, record: HeadVersionRecord, active_id: str | None = None) -> neuroinspect_pb2.HeadVersion:
         if active_id is None:

@@ -103,3 +103,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
     def RollbackHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RollbackHeadVersionResponse:
         record, previous = self._engine.rollback_head_version(request.version_id)
         return neuroinspect_pb2.RollbackHeadVersionResponse(version=self._engine.head_version_message(record), previous_version_id=previous)
+
+    def DeleteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.DeleteHeadVersionResponse:
+        self._engine.delete_head_version(request.version_id)
+        return neuroinspect_pb2.DeleteHeadVersionResponse()

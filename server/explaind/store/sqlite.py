@@ -411,8 +411,8 @@ class SQLiteStore:
                 raise FailedPrecondition(f"operations/{job_id} is {row[0].lower()}; cancel it and wait for it to end, then delete it", field="name")
             if row[0] != SUCCEEDED and (version := db.execute(
                     f"SELECT version_id FROM head_versions WHERE {_STORED_BY} = ?", (job_id,)).fetchone()):
-                raise FailedPrecondition(f"operations/{job_id} stored head version {version[0]} but did not succeed; the server deletes "
-                                         f"that version at its next start, and the operation can be deleted then", field="name")
+                raise FailedPrecondition(f"operations/{job_id} stored head version {version[0]} but did not succeed; delete that version "
+                                         f"first (DeleteHeadVersion), or the server's next start does", field="name")
             self._forget_jobs(db, "id = ?", (job_id,))
 
     def delete_jobs_ended_before(self, end_time: float) -> int:
