@@ -446,6 +446,8 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert f"FAILED_PRECONDITION: version_id: head version '{served_before}' is" in line
     with Client(server.target, timeout=30) as client:
         assert [v.version_id for v in client.head_versions()] == [v.version_id for v in before]
+    assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0  # it offered a promote
+    assert capsys.readouterr().out.splitlines()[-1] == f"head version {versions[-1].version_id} has been deleted since"
 
 
 def test_class_counts_fall_back_to_indices_when_the_server_cannot_name_them():

@@ -438,8 +438,6 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
 
 def test_a_head_version_is_deleted_unless_served_loaded_or_edited_from(tmp_path, world_set):
     # Every edit (and every `explaind report`) stores a version, and none could be deleted.
-    import threading
-
     from explaind.errors import FailedPrecondition, NotFound
 
     engine, inspect = _in_process(tmp_path)
@@ -467,6 +465,67 @@ def test_a_head_version_is_deleted_unless_served_loaded_or_edited_from(tmp_path,
         weights = engine.store.delete_unused_blobs()
         assert weights == 1  # v2's weights
         assert _edit(engine, inspect, 4).state == "succeeded" and "v4" in {v.version_id for v in inspect.head_versions()[0]}  # v2 not reused
+    finally:
+        _shut(engine)
+
+
+def test_a_version_being_stored_or_a_loaded_head_with_edits_is_not_deleted(tmp_path, world_set, monkeypatch):
+    from explaind.errors import FailedPrecondition
+    from explaind.store import HeadVersionRecord
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        # An edit that stored v1 and is about to promote it: a delete then failed the job NOT_FOUND.
+        storing, stored = threading.Event(), threading.Event()
+        promote = inspect.promote_head_version
+        monkeypatch.setattr(inspect, "promote_head_version", lambda version_id: (stored.set(), storing.wait(30), promote(version_id))[2])
+        job = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+        assert stored.wait(60)
+        with pytest.raises(FailedPrecondition, match=f"operations/{job}, which stored head version 'v1', has not ended"):
+            inspect.delete_head_version("v1")
+        storing.set()
+        assert engine.jobs.wait(job, 60).record.state == "succeeded"
+        # A loaded head of an earlier model file, with an edit of it: the edit would look loaded.
+        feature_version = engine.models.active.feature_version
+        with engine.store.writing_blobs() as put:
+            weights = engine.store.get_head_version(feature_version, "v0").weights_digest
+            engine.store.insert_head_version(HeadVersionRecord(feature_version, "v7", "old", weights, "", 0.0, details={"method": "loaded"}))
+            engine.store.insert_head_version(HeadVersionRecord(feature_version, "v8", "edit", put(b"w"), "v7", 0.0, details={"method": "constrain"}))
+        with pytest.raises(FailedPrecondition, match="head version 'v7' is a loaded head that v8 were edited from; delete those first"):
+            inspect.delete_head_version("v7")
+        inspect.delete_head_version("v8")
+        inspect.delete_head_version("v7")
+    finally:
+        _shut(engine)
+
+
+def test_an_edit_trains_from_and_names_the_head_served_when_it_is_submitted(tmp_path, world_set, monkeypatch):
+    # A promote (and a delete) while the edit's arguments were checked: it trained from the
+    # head served when the call began, but named the newly served version as its parent.
+    from explaind.engine import neuroinspect as engine_module
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        assert _edit(engine, inspect, 1, promote=True).state == "succeeded"  # v1 served
+        assert _edit(engine, inspect, 2, promote=True).state == "succeeded"  # v2 served, edited from v1
+        check = engine.usable_sample_set
+        trained_from = []
+        editor = engine_module.HeadEditor
+        monkeypatch.setattr(engine_module, "HeadEditor", lambda head: (trained_from.append(head.weight.detach().clone()), editor(head))[1])
+
+        def meanwhile_another_client_switches_to_v1(*args, **kwargs):
+            if inspect.active_head_version().version_id == "v2":
+                inspect.promote_head_version("v1")
+                inspect.delete_head_version("v2")
+            return check(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "usable_sample_set", meanwhile_another_client_switches_to_v1)
+        assert _edit(engine, inspect, 3).state == "succeeded"
+        v1 = engine.store.get_head_version(engine.models.active.feature_version, "v1")
+        assert engine.store.get_head_version(v1.feature_version, "v3").parent_version_id == "v1"
+        assert torch.equal(trained_from[0], inspect._head(v1).weight.detach())
     finally:
         _shut(engine)
 

@@ -1,6 +1,8 @@
 """Long-running jobs: a bounded executor with progress, cancellation and persistence.
 
-Adding a job kind is one call from an engine::
+Adding a job kind is a registration and one call from an engine::
+
+    engine.jobs.register_kinds("rank_neurons")                    # ListOperations may filter by it
 
     def rank_neurons(ctx: JobContext) -> RankNeuronsResult:       # any protobuf message
         for step, chunk in enumerate(chunks):

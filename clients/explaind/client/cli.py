@@ -475,8 +475,11 @@ def cmd_operations(args: argparse.Namespace) -> int:
         elif operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
             result = operation.result(download=False)  # the printers show no ω or images
             if operation.kind == "edit_head":  # stored when the job ended; the served head may have changed since
-                served = any(v.active and v.version_id == result.version.version_id for v in client.head_versions())
-                result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=served))
+                stored = {v.version_id: v for v in client.head_versions()}.get(result.version.version_id)
+                if stored is None:
+                    print(f"head version {result.version.version_id} has been deleted since")
+                    return 0
+                result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=stored.active))
             _RESULT_PRINTERS[operation.kind](result)
     # Like `kubectl wait`: a script waiting on a job learns from the exit code that it failed.
     return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0

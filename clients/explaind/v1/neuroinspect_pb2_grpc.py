@@ -165,10 +165,12 @@ class NeuroInspectServiceServicer:
 
     def DeleteHeadVersion(self, request, context):
         """Deletes a stored head version (each EditHead, and each `explaind report`, stores
-        one); its children take its parent as theirs, and its weights go in the next sweep.
-        Its id is never given to another version. FAILED_PRECONDITION for the served version
-        (promote or roll back first), the model file's head (stored again at every start),
-        and a version an EditHead operation is still editing from.
+        one); its children take its parent as theirs, and a sweep removes its weights once
+        the jobs running at the time have ended. Its id is never given to another version.
+        FAILED_PRECONDITION for the served version (promote or roll back first), the model
+        file's head (stored again at every start), a loaded head that versions were edited
+        from (delete those first), a version an EditHead operation is still editing from,
+        and one whose EditHead operation has not ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -492,8 +492,10 @@ class NeuroInspectEngine:
                 validation_accuracy=[r.validation_accuracy for r in edit.history],
             )
 
-        with self._versions_lock:  # no delete between choosing the parent and noting the edit
+        with self._versions_lock:  # no promote or delete between reading the served head, its version and noting the edit
+            version = self._split_version()  # what run() trains from: the head served now, not when the checks began
             parent = self.active_head_version()
+            self._forget_finished_edits()
             snapshot = self._engine.jobs.submit(EDIT_KIND, run)
             self._edits_from[snapshot.record.job_id] = (version.feature_version, parent.version_id)
         return snapshot
@@ -665,11 +667,18 @@ class NeuroInspectEngine:
         version = self._split_version()
         store = self._engine.store
         with self._versions_lock:
-            store.get_head_version(version.feature_version, version_id)  # NotFound naming it
+            record = store.get_head_version(version.feature_version, version_id)  # NotFound naming it
             if version_id == self.active_head_version().version_id:
                 raise FailedPrecondition(f"head version {version_id!r} is served; promote or roll back to another first", field="version_id")
             if version_id == store.file_head_version(version.feature_version):
                 raise FailedPrecondition(f"head version {version_id!r} is the model file's head, stored again at every start", field="version_id")
+            children = [r.version_id for r in store.list_head_versions(version.feature_version) if r.parent_version_id == version_id]
+            if record.details.get("method") == LOADED and children:  # they would look loaded themselves
+                raise FailedPrecondition(f"head version {version_id!r} is a loaded head that {', '.join(children)} were edited from; "
+                                         f"delete those first", field="version_id")
+            storing_job = record.details.get(EDIT_JOB_ID)
+            if storing_job and not self._job_done(storing_job):  # it may still promote (or, failing, delete) it
+                raise FailedPrecondition(f"operations/{storing_job}, which stored head version {version_id!r}, has not ended", field="version_id")
             self._forget_finished_edits()
             editing = [job_id for job_id, parent in self._edits_from.items() if parent == (version.feature_version, version_id)]
             if editing:
@@ -679,13 +688,14 @@ class NeuroInspectEngine:
             self._heads.pop((version.feature_version, version_id), None)
 
     def _forget_finished_edits(self) -> None:
-        for job_id in list(self._edits_from):
-            try:
-                done = self._engine.jobs.get(job_id).done
-            except NotFound:  # deleted, so finished
-                done = True
-            if done:
-                del self._edits_from[job_id]
+        for job_id in [job_id for job_id in self._edits_from if self._job_done(job_id)]:
+            del self._edits_from[job_id]
+
+    def _job_done(self, job_id: str) -> bool:
+        try:
+            return self._engine.jobs.get(job_id).done
+        except NotFound:  # deleted, so it had ended
+            return True
 
     def head_version_message(self, record: HeadVersionRecord, active_id: str | None = None) -> neuroinspect_pb2.HeadVersion:
         if active_id is None:
