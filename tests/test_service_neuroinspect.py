@@ -644,6 +644,8 @@ def test_report_is_one_self_contained_page_that_chromium_renders(client, server,
     for neuron in ranking.neurons:
         assert f"<tr><td>{neuron.neuron}</td>" in page
     assert "Suggested head edit" in page and "overall accuracy" in page
+    stored = re.search(r"<code>explaind head-versions promote (v\d+)</code>", page).group(1)
+    assert f"<code>explaind head-versions delete {stored}</code>" in page  # each report stores a version
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     screenshot = ARTIFACTS / "neuroinspect_report.png"

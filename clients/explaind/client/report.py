@@ -209,7 +209,8 @@ def render_report(report: MistakeReport) -> str:
         parts.append(
             f"<h2>Suggested head edit</h2><p>Retrain the head ({escape(version.method)}) so that <em>{escape(version.class_name)}</em> relies less on "
             f"neurons {', '.join(map(str, version.neurons))}. Stored as head version <b>{escape(version.version_id)}</b> "
-            f"(from {escape(version.parent_version_id)}); not served until promoted: <code>explaind head-versions promote {escape(version.version_id)}</code>.</p>"
+            f"(from {escape(version.parent_version_id)}); not served until promoted: <code>explaind head-versions promote {escape(version.version_id)}</code>, "
+            f"or, if you do not want it, <code>explaind head-versions delete {escape(version.version_id)}</code>.</p>"
         )
         if version.evaluation is not None and version.parent_evaluation is not None:
             parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
