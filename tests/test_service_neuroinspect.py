@@ -530,6 +530,34 @@ def test_an_edit_trains_from_and_names_the_head_served_when_it_is_submitted(tmp_
         _shut(engine)
 
 
+def test_listed_head_versions_always_hold_the_active_one(tmp_path, world_set, monkeypatch):
+    # The list and the active id were read apart: an edit that stored and promoted a
+    # version in between made the list hold no active version (12 in 1,493 in a soak).
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        gate = threading.Event()
+        blocker = engine.jobs.submit("block", lambda ctx: (gate.wait(30), _empty_message())[1])
+        edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+        listed = engine.store.list_head_versions
+
+        def list_while_the_edit_promotes(feature_version):
+            versions = listed(feature_version)
+            if not gate.is_set():  # the listing's own read, not the edit's
+                gate.set()
+                engine.jobs.wait(edit, 5)  # with the list and the active id read together, it waits for them
+            return versions
+
+        monkeypatch.setattr(engine.store, "list_head_versions", list_while_the_edit_promotes)
+        versions, active = inspect.head_versions()
+        assert active in {v.version_id for v in versions}
+        monkeypatch.undo()
+        engine.jobs.wait(blocker.record.job_id, 30)
+        assert engine.jobs.wait(edit, 60).record.state == "succeeded" and inspect.head_versions()[1] == "v1"
+    finally:
+        _shut(engine)
+
+
 def _empty_message():
     from google.protobuf import empty_pb2
 

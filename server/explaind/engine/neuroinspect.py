@@ -624,8 +624,11 @@ class NeuroInspectEngine:
             raise
 
     def head_versions(self) -> tuple[list[HeadVersionRecord], str]:
+        """The versions and the active id, read together: an edit storing and promoting a
+        version in between would give an active id the list does not hold."""
         version = self._split_version()
-        return self._engine.store.list_head_versions(version.feature_version), self.active_head_version().version_id
+        with self._versions_lock:
+            return self._engine.store.list_head_versions(version.feature_version), self.active_head_version().version_id
 
     def active_head_version(self) -> HeadVersionRecord:
         version = self._split_version()
