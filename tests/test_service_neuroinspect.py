@@ -450,8 +450,7 @@ def test_a_head_version_is_deleted_unless_served_loaded_or_edited_from(tmp_path,
                 inspect.delete_head_version(version_id)
         # An edit still running from v2 keeps it: the version it stores names v2 as its parent.
         inspect.promote_head_version("v2")
-        gate = threading.Event()
-        blocker = engine.jobs.submit("block", lambda ctx: (gate.wait(30), _empty_message())[1])  # holds the one worker
+        gate, blocker = _hold_the_job_worker(engine)
         queued = inspect.edit_head("train", target_class="heart", neurons=[3], max_epochs=1)
         inspect.promote_head_version("v1")
         with pytest.raises(FailedPrecondition, match=f"operations/{queued.record.job_id} is editing from head version 'v2'"):
@@ -536,8 +535,7 @@ def test_listed_head_versions_always_hold_the_active_one(tmp_path, world_set, mo
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
-        gate = threading.Event()
-        blocker = engine.jobs.submit("block", lambda ctx: (gate.wait(30), _empty_message())[1])
+        gate, blocker = _hold_the_job_worker(engine)
         edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
         listed = engine.store.list_head_versions
 
@@ -558,10 +556,13 @@ def test_listed_head_versions_always_hold_the_active_one(tmp_path, world_set, mo
         _shut(engine)
 
 
-def _empty_message():
-    from google.protobuf import empty_pb2
+def _hold_the_job_worker(engine):
+    """Occupy the engine's one job worker until the returned gate is set, so that the next
+    jobs wait queued; returns (gate, the holding job's snapshot)."""
+    from test_service_engine import _empty
 
-    return empty_pb2.Empty()
+    gate = threading.Event()
+    return gate, engine.jobs.submit("block", lambda ctx: (gate.wait(30), _empty())[1])
 
 
 def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, world_set):
