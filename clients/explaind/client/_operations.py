@@ -138,9 +138,10 @@ class Operation:
         code = next((c for c in grpc.StatusCode if c.value[0] == self._message.error.code), grpc.StatusCode.UNKNOWN)
         return OperationError(self._message.error.message, code)
 
-    def refresh(self) -> Operation:
-        """Fetch the current state once (no waiting); returns self."""
-        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name))
+    def refresh(self, *, timeout: float | None = None) -> Operation:
+        """Fetch the current state once (no waiting; retried while the server restarts, for
+        at most ``timeout`` seconds, default the client's); returns self."""
+        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=timeout)
         self._update(response.operation)
         return self
 
@@ -187,11 +188,8 @@ class Operation:
                     raise
             finally:
                 stream.cancel()
-            # Retried while the server restarts: within the client's timeout and this deadline.
-            request = operations_pb2.GetOperationRequest(name=self.name)
-            wait_s = min(self._client.timeout, deadline - time.monotonic())
-            self._update(self._client._call("operations", "GetOperation", request, timeout=max(wait_s, 1e-3)).operation)  # 0: the client's
-            yield self
+            # Within the client's timeout and this deadline (0 would mean the client's).
+            yield self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
             if self.done:
                 return
             time.sleep(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
