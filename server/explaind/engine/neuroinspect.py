@@ -663,8 +663,9 @@ class NeuroInspectEngine:
 
     def delete_head_version(self, version_id: str) -> None:
         """Delete a stored version that is not served, not the model file's head (stored
-        again at every start) and not the parent of an unfinished edit; its children take
-        its parent as theirs, and its weights go in a sweep."""
+        again at every start), not a loaded head with edits of it, and not one an
+        unfinished edit started from or is storing; its children take its parent as
+        theirs, and its weights go in a sweep."""
         if not version_id:
             raise InvalidArgument("required", field="version_id")
         version = self._split_version()
