@@ -529,9 +529,14 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
 # Jobs and store --------------------------------------------------------------------------
 
 
+def jobs_ended(metrics: Metrics, *labels: tuple[str, str, str]) -> list[float | None]:
+    """explaind_jobs_ended_total for each (kind, outcome, code)."""
+    return [metrics.registry.get_sample_value("explaind_jobs_ended_total", dict(zip(("kind", "outcome", "code"), each))) for each in labels]
+
+
 def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_path):
-    store = SQLiteStore(tmp_path)
-    jobs = JobManager(store, Metrics(), max_queued=2, workers=1)
+    store, metrics = SQLiteStore(tmp_path), Metrics()
+    jobs = JobManager(store, metrics, max_queued=2, workers=1)
     gate = threading.Event()
     blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
     time.sleep(0.1)
@@ -545,6 +550,12 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     failed = jobs.wait(failing.record.job_id, 10).record
     assert (failed.state, failed.error_code, failed.error_message) == ("failed", "INVALID_ARGUMENT", "x: bad thing")
     assert jobs.wait(waiting.record.job_id, 10).record.state == "cancelled"
+    crashing = jobs.submit("crash", lambda ctx: 1 / 0)
+    assert jobs.wait(crashing.record.job_id, 10).record.error_code == "INTERNAL"
+    # The ended counter carries each operation's code, so an alert can tell a server fault
+    # from a refused input.
+    assert jobs_ended(metrics, ("block", "succeeded", "OK"), ("fail", "failed", "INVALID_ARGUMENT"),
+                      ("wait", "cancelled", "CANCELLED"), ("crash", "failed", "INTERNAL")) == [1.0] * 4
     jobs.shutdown(1)
 
 
@@ -566,9 +577,7 @@ def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_pa
     assert ran == [] and jobs.get(queued.record.job_id).record.state == "cancelled"
     assert metrics.registry.get_sample_value("explaind_jobs_queued") == 0
     # It never ran, so only the ended counter sees it (job_duration counts jobs that ran).
-    ended = {(kind, outcome): metrics.registry.get_sample_value("explaind_jobs_ended_total", {"kind": kind, "outcome": outcome})
-             for kind, outcome in (("queued", "cancelled"), ("block", "succeeded"), ("after", "succeeded"))}
-    assert ended == {("queued", "cancelled"): 1.0, ("block", "succeeded"): 1.0, ("after", "succeeded"): 1.0}
+    assert jobs_ended(metrics, ("queued", "cancelled", "CANCELLED"), ("block", "succeeded", "OK"), ("after", "succeeded", "OK")) == [1.0] * 3
     assert metrics.registry.get_sample_value("explaind_job_duration_seconds_count", {"kind": "queued", "outcome": "cancelled"}) is None
     jobs.shutdown(1)
 

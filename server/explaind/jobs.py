@@ -224,7 +224,7 @@ class JobManager:
         """Replace the job's record and wake its readers (holding ``_changed``); a job
         reaching its end is counted before anyone can see it ended."""
         if record.state in FINISHED_STATES and live.record.state not in FINISHED_STATES:
-            self.metrics.jobs_ended.labels(kind=record.kind, outcome=record.state).inc()
+            self.metrics.jobs_ended.labels(kind=record.kind, outcome=record.state, code=record.error_code or "OK").inc()
         live.record = record
         self._changed.notify_all()
 

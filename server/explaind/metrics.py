@@ -31,8 +31,12 @@ class Metrics:
             "explaind_job_duration_seconds", "Job run time from start to end.", ("kind", "outcome"), buckets=JOB_BUCKETS, registry=r
         )
         # Every job's end, also those that never ran (cancelled or aborted while queued),
-        # which job_duration does not see.
-        self.jobs_ended = Counter("explaind_jobs_ended_total", "Jobs that reached a final state.", ("kind", "outcome"), registry=r)
+        # which job_duration does not see. ``code`` is the operation's status code (OK when
+        # it succeeded), so alerts can tell the server's failures (INTERNAL) from refused
+        # input (INVALID_ARGUMENT) or restarts (ABORTED).
+        self.jobs_ended = Counter(
+            "explaind_jobs_ended_total", "Jobs that reached a final state.", ("kind", "outcome", "code"), registry=r
+        )
         self.jobs_queued = Gauge("explaind_jobs_queued", "Jobs waiting for an executor slot.", registry=r)
         self.jobs_running = Gauge("explaind_jobs_running", "Jobs running.", ("kind",), registry=r)
         self.batch_size = Histogram("explaind_batch_size_images", "Images per model forward pass.", buckets=BATCH_BUCKETS, registry=r)
