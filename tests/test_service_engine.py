@@ -559,6 +559,27 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     jobs.shutdown(1)
 
 
+def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_zeros(tmp_path):
+    metrics, gate = Metrics(), threading.Event()
+    jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
+    value = metrics.registry.get_sample_value
+    jobs.register_kinds("visualize")
+    # Before any job: a rate over these sees the first one (a series born with it would not).
+    assert value("explaind_job_queue_wait_seconds_count", {"kind": "visualize"}) == 0
+    assert value("explaind_jobs_running", {"kind": "visualize"}) == 0
+    blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
+    while jobs.get(blocker.record.job_id).record.state != "running":
+        time.sleep(0.01)
+    queued = jobs.submit("visualize", lambda ctx: _empty())
+    time.sleep(0.3)
+    gate.set()
+    assert jobs.wait(queued.record.job_id, 10).record.state == "succeeded"
+    assert value("explaind_job_queue_wait_seconds_count", {"kind": "visualize"}) == 1
+    assert value("explaind_job_queue_wait_seconds_sum", {"kind": "visualize"}) >= 0.3  # it waited for the blocker
+    assert value("explaind_job_queue_wait_seconds_count", {"kind": "block"}) == 1
+    jobs.shutdown(1)
+
+
 def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
     store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
     jobs = JobManager(store, metrics, max_queued=1, workers=1)

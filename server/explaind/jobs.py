@@ -132,8 +132,13 @@ class JobManager:
 
     def register_kinds(self, *kinds: str) -> None:
         """Declare the job kinds an engine submits, so that listing by one of them is valid
-        before the first is submitted (an unknown kind is INVALID_ARGUMENT, not [])."""
+        before the first is submitted (an unknown kind is INVALID_ARGUMENT, not []). Their
+        per-kind series are exported at zero from now on: a rate or an alert then sees the
+        first job of a kind, which a series born with it would hide."""
         self._kinds.update(kinds)
+        for kind in kinds:
+            self.metrics.job_queue_wait.labels(kind=kind)
+            self.metrics.jobs_running.labels(kind=kind)
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued") -> JobSnapshot:
         """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once."""
@@ -164,6 +169,7 @@ class JobManager:
                 log.exception("job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
                 self._finish(live, FAILED, error=("INTERNAL", f"the job could not be started: the store failed ({type(error).__name__})"))
                 return
+        self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(max(0.0, started - live.record.create_time))
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
         try:

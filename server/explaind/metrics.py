@@ -37,6 +37,10 @@ class Metrics:
         self.jobs_ended = Counter(
             "explaind_jobs_ended_total", "Jobs that reached a final state.", ("kind", "outcome", "code"), registry=r
         )
+        # Observed when a job starts: with job_duration, the whole wait a caller sees.
+        self.job_queue_wait = Histogram(
+            "explaind_job_queue_wait_seconds", "Time from a job's submission to its start.", ("kind",), buckets=JOB_BUCKETS, registry=r
+        )
         self.jobs_queued = Gauge("explaind_jobs_queued", "Jobs waiting for an executor slot.", registry=r)
         self.jobs_running = Gauge("explaind_jobs_running", "Jobs running.", ("kind",), registry=r)
         self.batch_size = Histogram("explaind_batch_size_images", "Images per model forward pass.", buckets=BATCH_BUCKETS, registry=r)
