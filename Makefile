@@ -12,10 +12,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	@# The HTML report test renders in headless Chromium; CI runs as root on a fresh machine.
-	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-		echo "could not install chromium; the report rendering test will skip"
+	@# The HTML report test renders in headless Chromium, and deploy/'s alerts and dashboard
+	@# are checked against a real Prometheus; CI runs as root on a fresh machine.
+	@missing="$$(test -x /usr/bin/chromium || echo chromium) $$(command -v prometheus >/dev/null || echo prometheus)"; \
+	[ -z "$$(echo $$missing)" ] || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
+		echo "could not install $$missing; the tests that need it will skip"
 	@# One intra-op thread per process: the suite runs servers beside the test process on
 	@# 2 cores, and oversubscribed torch thread pools are several times slower.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

@@ -1,15 +1,28 @@
-"""deploy/ agrees with the server: the dashboard queries series the server exports, by
-labels they carry; Prometheus scrapes the port the image serves metrics on; the Helm
-templates read only values the chart defines. (No Docker daemon or helm binary in CI,
-so the files are checked as data.)"""
+"""deploy/ agrees with the server: the dashboard and the alert rules query series the
+server exports, by labels they carry; Prometheus scrapes the port the image serves
+metrics on; the Helm templates read only values the chart defines. There is no Docker
+daemon or helm binary in CI, so those files are checked as data; Prometheus itself is
+there (``make test`` installs Debian's), so the alert rules pass their promtool unit
+tests, and a real Prometheus with the shipped config scrapes a real server: every
+dashboard panel shows data, no alert fires on a healthy server, and one does once it
+is killed."""
 
 import json
+import math
 import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info, generate_latest
 
+from conftest import free_port
+from explaind.client import Client
 from explaind.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -43,13 +56,22 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
 
 
-def test_dashboard_queries_only_series_and_labels_the_server_exports():
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def queries() -> list[tuple[str, str]]:
+    """(panel title or "alert NAME", PromQL) of the dashboard and the alert rules."""
+    return dashboard_queries() + [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+
+
+def test_dashboard_and_alert_queries_only_series_and_labels_the_server_exports():
     series = exported_series()
-    queries = dashboard_queries()
-    assert len(queries) >= 6
-    for title, expr in queries:
+    assert len(dashboard_queries()) >= 6 and len(alert_rules()) >= 4
+    for title, expr in queries():
         used = SERIES.findall(expr)
-        assert used, f"{title}: no explaind series in {expr!r}"
+        assert used or expr.startswith("up{"), f"{title}: no explaind series in {expr!r}"
         labels: set[str] = set()
         for name, matchers in used:
             assert name in series, f"{title}: {name} is not exported; the server has {sorted(series)}"
@@ -59,13 +81,13 @@ def test_dashboard_queries_only_series_and_labels_the_server_exports():
             assert {label.strip() for label in grouping.split(",")} <= labels, f"{title}: by ({grouping}) in {expr!r}"
 
 
-def test_dashboard_label_values_name_real_rpcs():
+def test_dashboard_and_alert_label_values_name_real_rpcs():
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
 
     services = {service.name: service for module in (inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2)
                 for service in module.DESCRIPTOR.services_by_name.values()}
     methods = {method.name for service in services.values() for method in service.methods}
-    for title, expr in dashboard_queries():
+    for title, expr in queries():
         for label, operator, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', expr):
             if label == "method" and operator == "=":
                 assert value in methods, f"{title}: no RPC method {value!r}"
@@ -90,6 +112,26 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for config in job["static_configs"] for t in config["targets"]]
     assert targets == [f"explaind:{metrics_port}"]
+    # The rules Prometheus loads are the file compose mounts beside its config.
+    assert scrape["rule_files"] == ["alerts.yml"]
+    assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not installed (make test installs Debian's prometheus)")
+    return path
+
+
+def test_alert_rules_pass_their_promtool_unit_tests():
+    check = subprocess.run([promtool(), "check", "config", str(DEPLOY / "prometheus.yml")], capture_output=True, text=True)
+    assert check.returncode == 0 and f"SUCCESS: {len(alert_rules())} rules found" in check.stdout, check.stdout + check.stderr
+    unit = Path(__file__).parent / "promtool" / "alerts_test.yml"
+    tested = subprocess.run([promtool(), "test", "rules", str(unit)], capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    # Every alert has a unit test that expects it to fire.
+    assert {rule["alert"] for rule in alert_rules()} <= set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n", unit.read_text()))
 
 
 def test_helm_templates_read_only_values_the_chart_defines():
