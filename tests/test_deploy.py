@@ -144,3 +144,90 @@ def test_helm_templates_read_only_values_the_chart_defines():
         for key in path.split("."):
             assert isinstance(node, dict) and key in node, f".Values.{path} is not in values.yaml"
             node = node[key]
+
+
+class Prometheus:
+    """Debian's prometheus on a loopback port, with the shipped config pointed at ``target``
+    and sped up (1 s scrapes and rule evaluations); its HTTP API answers the queries."""
+
+    def __init__(self, root: Path, target: str) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.skip("prometheus is not installed (make test installs Debian's)")
+        config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["rule_files"] = [str(DEPLOY / rules) for rules in config["rule_files"]]
+        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = root / "prometheus.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}"], stdout=log, stderr=subprocess.STDOUT)
+        self.wait_until(lambda: self._get("/-/ready") is not None, "ready")
+
+    def _get(self, path: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return response.read()
+        except OSError:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            return None
+
+    def api(self, path: str, **params: str) -> object:
+        body = json.loads(self._get(f"/api/v1/{path}?{urllib.parse.urlencode(params)}"))
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[float]:
+        """The values of an instant query's vector, now."""
+        return [float(sample["value"][1]) for sample in self.api("query", query=expr)["result"]]
+
+    def wait_until(self, condition, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"Prometheus: not {what} in {timeout} s\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def test_a_real_prometheus_shows_every_panel_and_alerts_only_when_the_server_is_down(server_factory, world_images, tmp_path):
+    server = server_factory()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{server.metrics_port}")
+    try:
+        prometheus.wait_until(lambda: prometheus.query('up{job="explaind"}') == [1.0], "scraping the server")
+        images, labels = world_images
+        with Client(server.target, timeout=60) as client:
+            # The classifier gets these right; labels shifted by one make every sample a mistake.
+            client.create_sample_set(images.numpy(), ((labels + 1) % 6).numpy(), sample_set_id="probe")
+            # Two rounds, each scraped: a rate needs a series to grow between two samples.
+            for round_ in (1, 2):
+                client.predict(images[:8])
+                client.rank_mistake_neurons("probe", 0, execution="operation")
+                operation = client.visualize_neurons([3], method="no_clip", steps=2)
+                operation.result()
+                client.delete_operation(operation.name)
+                prometheus.wait_until(lambda: prometheus.query('explaind_operations_deleted_total{reason="request"}') == [float(round_)],
+                                      f"scraping round {round_}")
+        for title, expr in dashboard_queries():
+            values = prometheus.query(expr)
+            assert any(math.isfinite(value) for value in values), f"{title}: no data from {expr!r}: {values}"
+        assert 0 < prometheus.query(dict(dashboard_queries())["Predict latency p50 / p99"])[0] < 60
+        # Every rule evaluates without error, and none holds on a healthy server (once the
+        # rules have seen the last scrape: evaluated in a later second, timestamps in UTC).
+        after = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1))
+        prometheus.wait_until(lambda: all(rule["lastEvaluation"] >= after for group in prometheus.api("rules")["groups"]
+                                          for rule in group["rules"]), "evaluating the rules")
+        rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+        assert {rule["name"] for rule in rules} == {rule["alert"] for rule in alert_rules()}
+        assert all(rule["health"] == "ok" for rule in rules), rules
+        assert prometheus.api("alerts")["alerts"] == []
+        server.kill()
+        prometheus.wait_until(lambda: [alert["labels"]["alertname"] for alert in prometheus.api("alerts")["alerts"]] == ["ExplaindDown"],
+                              "alerting that the server is down")
+    finally:
+        prometheus.stop()
