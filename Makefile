@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GOCODE := /usr/share/gocode/src
 
 .PHONY: test demo proto bench world serve clean
 
@@ -12,9 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	@# The HTML report test renders in headless Chromium, and deploy/'s alerts and dashboard
-	@# are checked against a real Prometheus; CI runs as root on a fresh machine.
-	@missing="$$(test -x /usr/bin/chromium || echo chromium) $$(command -v prometheus >/dev/null || echo prometheus)"; \
+	@# The HTML report test renders in headless Chromium; deploy/'s alerts and dashboard are
+	@# checked against a real Prometheus, and the Helm chart is rendered with Go's templates
+	@# and Sprig (tests/helmtemplate); CI runs as root on a fresh machine.
+	@missing="$$(test -x /usr/bin/chromium || echo chromium) $$(command -v prometheus >/dev/null || echo prometheus) \
+		$$(test -d $(GOCODE)/github.com/Masterminds/sprig -a -d $(GOCODE)/gopkg.in/yaml.v2 || \
+			echo golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev)"; \
 	[ -z "$$(echo $$missing)" ] || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
 		echo "could not install $$missing; the tests that need it will skip"

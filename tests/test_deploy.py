@@ -1,14 +1,17 @@
 """deploy/ agrees with the server: the dashboard and the alert rules query series the
 server exports, by labels they carry; Prometheus scrapes the port the image serves
 metrics on; the Helm templates read only values the chart defines. There is no Docker
-daemon or helm binary in CI, so those files are checked as data; Prometheus itself is
+daemon or helm binary in CI, so those files are checked as data. Prometheus itself is
 there (``make test`` installs Debian's), so the alert rules pass their promtool unit
 tests, and a real Prometheus with the shipped config scrapes a real server: every
 dashboard panel shows data, no alert fires on a healthy server, and one does once it
-is killed."""
+is killed. Helm's template engine is there too (Go's text/template with Sprig, from
+Debian, in tests/helmtemplate), so the chart renders to manifests that Kubernetes'
+schemas accept."""
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -132,6 +135,66 @@ def test_alert_rules_pass_their_promtool_unit_tests():
     assert tested.returncode == 0, tested.stdout + tested.stderr
     # Every alert has a unit test that expects it to fire.
     assert {rule["alert"] for rule in alert_rules()} <= set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n", unit.read_text()))
+
+
+def render_chart(renderer: Path, **overrides: object) -> subprocess.CompletedProcess:
+    return subprocess.run([str(renderer), str(DEPLOY / "helm" / "explaind"), json.dumps(overrides)], capture_output=True, text=True)
+
+
+def rendered(renderer: Path, **overrides: object) -> dict[str, dict]:
+    """The chart's manifests for these values, by kind, each valid (strictly: no unknown
+    field) for the oldest Kubernetes with gRPC probes (1.27) and the newest known."""
+    import kubernetes_validate
+
+    result = render_chart(renderer, **overrides)
+    assert result.returncode == 0, result.stderr
+    manifests = [document for document in yaml.safe_load_all(result.stdout) if document]
+    for manifest in manifests:
+        for version in ("1.27.0", kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(manifest, version, strict=True)
+    return {manifest["kind"]: manifest for manifest in manifests}
+
+
+@pytest.fixture(scope="module")
+def chart_renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/helmtemplate built: Helm's template engine (Go text/template + Sprig)."""
+    go, sources = shutil.which("go"), Path("/usr/share/gocode/src")
+    if go is None or not all((sources / package).is_dir() for package in ("github.com/Masterminds/sprig", "gopkg.in/yaml.v2")):
+        pytest.skip("Go, Sprig or yaml.v2 is not installed (make test installs them from Debian)")
+    root = tmp_path_factory.mktemp("helmtemplate")
+    environment = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOCACHE": str(root / "cache"), "GOFLAGS": ""}
+    built = subprocess.run([go, "build", "-o", str(root / "helmtemplate"), "."], cwd=Path(__file__).parent / "helmtemplate",
+                           env=environment, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    return root / "helmtemplate"
+
+
+def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_renderer):
+    default = rendered(chart_renderer)
+    assert set(default) == {"Service", "StatefulSet"}  # no config: the image serves the shapes world
+    pod = default["StatefulSet"]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["args"] == ["--device", "cuda"] and container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
+    # Prometheus finds the metrics port the pod, the service and the image agree on.
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == ports["metrics"]
+    assert {port["name"]: port["port"] for port in default["Service"]["spec"]["ports"]} == ports
+    assert default["StatefulSet"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+    config = '[runtime]\ndevice = "cpu"\n\n[jobs]\nretention_days = 7\n'
+    cpu = rendered(chart_renderer, device="cpu", config=config, resources={"limits": None}, startupSeconds=125)
+    assert cpu["ConfigMap"]["data"]["explaind.toml"] == config  # the TOML arrives as written
+    container = cpu["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["--device", "cpu", "--config", "/etc/explaind/explaind.toml"]
+    assert not container["resources"] and container["startupProbe"]["failureThreshold"] == 12
+    volume = cpu["StatefulSet"]["spec"]["template"]["spec"]["volumes"][0]
+    assert volume["configMap"]["name"] == cpu["ConfigMap"]["metadata"]["name"]
+    assert {"name": volume["name"], "mountPath": "/etc/explaind"} in container["volumeMounts"]
+
+    assert "args" not in rendered(chart_renderer, device="")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    refused = render_chart(chart_renderer, startupSeconds=5)
+    assert refused.returncode != 0 and "startupSeconds must be a number of seconds, at least 10" in refused.stderr
 
 
 def test_helm_templates_read_only_values_the_chart_defines():
