@@ -1227,7 +1227,8 @@ def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
 
 def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
     # A misspelt kind listed nothing, as if no such job had ever run.
-    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
     jobs.register_kinds("edit_head")
     assert jobs.list(kind="edit_head") == []
     with pytest.raises(InvalidArgument, match="unknown kind 'edit-head'; the kinds are edit_head") as raised:
@@ -1236,3 +1237,11 @@ def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
     jobs.wait(jobs.submit("quick", lambda ctx: _empty()).record.job_id, 10)
     assert [s.record.kind for s in jobs.list(kind="quick")] == ["quick"]
     jobs.shutdown(1)
+    store.close()
+    # After a restart whose engines no longer run "quick", its stored jobs still list.
+    restarted = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    restarted.register_kinds("edit_head")
+    assert [s.record.kind for s in restarted.list(kind="quick")] == ["quick"]
+    with pytest.raises(InvalidArgument, match="unknown kind 'edit-head'"):
+        restarted.list(kind="edit-head")
+    restarted.shutdown(1)

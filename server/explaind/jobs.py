@@ -246,7 +246,8 @@ class JobManager:
     def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
              limit: int = 100) -> list[JobSnapshot]:
         """Newest first, resuming after the (create_time, job_id) of a previous page's last job."""
-        if kind and kind not in self._kinds:
+        # A kind no engine runs any more still lists the jobs stored under it.
+        if kind and kind not in self._kinds and not self.store.list_jobs(kind=kind, limit=1):
             raise InvalidArgument(f"unknown kind {kind!r}; the kinds are {', '.join(sorted(self._kinds))}", field="kind")
         snapshots = []
         for record in self.store.list_jobs(kind=kind, state=state, after=after, limit=limit):

@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB NOT NULL, artifacts TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time);
+-- Listing by kind, newest first, without reading other kinds' jobs.
+CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs (kind, create_time);
 -- Retention: finished jobs oldest first.
 CREATE INDEX IF NOT EXISTS jobs_by_end_time ON jobs (end_time);
 -- Every blob a job's artifacts point at, or did (a replaced artifact's blob stays until
