@@ -181,6 +181,22 @@ def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys,
     assert "warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)" in err
 
 
+@pytest.mark.parametrize(("content", "message"), [(None, "cannot read {path}: No such file or directory"), ("\n  \n", "{path} is empty")])
+def test_serve_with_an_unusable_token_file_says_why_in_one_line_before_serving(capsys, tmp_path, content, message):
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    line = _error(capsys, ["serve", "--port", "0", "--token-file", str(token_file), "--data-dir", str(tmp_path / "data")])
+    assert f"error: [server].token_file: {message.format(path=token_file)}" in line
+
+
+def test_serve_refuses_a_token_and_a_token_file_together(capsys, tmp_path):
+    config = tmp_path / "explaind.toml"
+    config.write_text('[server]\ntoken = "s3cret"\n')
+    line = _error(capsys, ["serve", "--config", str(config), "--token-file", str(tmp_path / "token")])
+    assert "--token-file: set one of [server].token and [server].token_file, not both" in line
+
+
 def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -867,6 +867,29 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
 
 
+def test_a_token_file_is_read_at_start_up_and_enforced_like_a_token(tmp_path, classifier_dir):
+    from explaind.client import Client, UnauthenticatedError
+    from explaind.service import ExplaindServer
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token").write_text("s3cret\n")  # as `kubectl create secret` or an editor leaves it
+    # Relative to the config file, like every path in it.
+    config = load_config(write_config(tmp_path / "explaind.toml", classifier_dir,
+                                      server={"token_file": "secrets/token", "port": 0, "data_dir": str(tmp_path / "data")}))
+    assert config.server.token_file == str(tmp_path / "secrets" / "token")
+    server = ExplaindServer(config)
+    port = server.start()
+    try:
+        server.load_models()
+        with Client(f"127.0.0.1:{port}", timeout=10, token="s3cret") as client, Client(f"127.0.0.1:{port}", timeout=10) as anonymous:
+            assert client.model_metadata().feature_dim == 128
+            assert anonymous.health() == "SERVING"  # probes need no token
+            with pytest.raises(UnauthenticatedError, match="token"):
+                anonymous.model_metadata()
+    finally:
+        server.stop(0)
+
+
 def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_path, classifier_dir):
     # The calls were cancelled at the same deadline as the jobs: the waiter saw UNAVAILABLE.
     import threading

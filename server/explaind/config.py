@@ -90,6 +90,22 @@ class ServerSection:
     max_workers: int = 64
     # When set, every call must carry "authorization: Bearer <token>".
     token: str = ""
+    # A file whose content (less surrounding whitespace) is the token, read at start-up:
+    # a mounted Kubernetes or Docker secret, so the token is in no config file.
+    token_file: str = ""
+
+    def bearer_token(self) -> str:
+        """The token calls must carry ("" = none): ``token``, or ``token_file``'s content.
+        Raises ConfigError when the file cannot be read or holds no token."""
+        if not self.token_file:
+            return self.token
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"[server].token_file: cannot read {self.token_file}: {getattr(error, 'strerror', None) or error}") from None
+        if not token:
+            raise ConfigError(f"[server].token_file: {self.token_file} is empty")
+        return token
 
 
 @dataclass(frozen=True)
@@ -253,7 +269,7 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{where} must be a list, got {value!r}")
             value = tuple(value)
-        if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir") and value and not Path(value).is_absolute():
+        if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file") and value and not Path(value).is_absolute():
             if key not in ("weights", "checkpoint") or not _names_pretrained_weights(value) or (path.parent / value).exists():
                 value = str((path.parent / value).resolve())
         values[key] = value
@@ -304,6 +320,8 @@ def _validate(path: Path | str, config: Config) -> None:
             value = getattr(getattr(config, section), name)
             if value < least:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
+    if config.server.token and config.server.token_file:
+        raise ConfigError(f"{path}: set one of [server].token and [server].token_file, not both")
     for name in ("port", "metrics_port"):
         if getattr(config.server, name) > _MAX_PORT:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")

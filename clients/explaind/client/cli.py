@@ -193,6 +193,7 @@ def _world_samples(scenario: str, split: str, count: int):
 _SERVE_OVERRIDES = {
     "host": ("server", "--host"), "port": ("server", "--port"), "metrics_port": ("server", "--metrics-port"),
     "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
+    "token_file": ("server", "--token-file"),
 }
 
 
@@ -212,11 +213,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = config.replace(section, **{key: getattr(args, key)})
         except ConfigError as error:  # a value the config file would not allow either
             raise CommandError(f"{flag}: {str(error).removeprefix(f'{config.source}: ')}") from None
-    if os.environ.get("EXPLAIND_TOKEN") and not config.server.token:
+    if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file):
         print("warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)", file=sys.stderr)
     try:
         return serve(config)
-    except (OSError, StoreOpenError) as error:  # an address or the data dir in use, a corrupt database
+    except (OSError, StoreOpenError, ConfigError) as error:  # an address or the data dir in use, a corrupt database, a token file
         raise CommandError(str(error)) from None
 
 
@@ -498,7 +499,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from explaind.config import ConfigError, load_config
 
         try:
-            token = load_config(args.config).server.token
+            token = load_config(args.config).server.bearer_token()
         except ConfigError as error:
             raise CommandError(str(error)) from None
     port = _free_port()
@@ -654,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", dest="data_dir", help="sample sets, jobs and artifacts (default: [server].data_dir, var/explaind)")
     serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), help="inference backend (default: [runtime].backend, eager)")
     serve.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: [runtime].device, cpu)")
+    serve.add_argument("--token-file", dest="token_file",
+                       help="file holding the bearer token calls must carry, e.g. a mounted secret (default: [server].token_file)")
     serve.set_defaults(run=cmd_serve)
 
     predict = command("predict", "classify image files")
@@ -773,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
         if given:
             parser.error(f"{args.command}: {', '.join(given)} are options of the client commands; a server takes its address "
-                         "from --host/--port or [server].host/.port and its token from [server].token")
+                         "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
     if args.command == "sample-set":
         args.id = args.id or args.id_option
         if args.action in ("append", "show", "delete") and not args.id:

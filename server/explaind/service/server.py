@@ -80,6 +80,7 @@ class ExplaindServer:
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
         settings = self.config.server
+        token = settings.bearer_token()  # ConfigError (an unreadable token file) before anything starts
         try:  # the store's first writes: a read-only or corrupt database fails here
             self.engine.jobs.recover()
             abandoned = self.store.delete_unfinished_uploads()
@@ -99,7 +100,7 @@ class ExplaindServer:
         ]
         server = grpc.server(
             ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ServiceInterceptor(self.metrics, settings.token, settings.max_message_bytes)],
+            interceptors=[ServiceInterceptor(self.metrics, token, settings.max_message_bytes)],
             options=options,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
@@ -188,7 +189,8 @@ class ExplaindServer:
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
-    by another server or its database cannot be opened or written."""
+    by another server or its database cannot be opened or written, ConfigError when the
+    token file cannot be read."""
     # Our own INFO lines; libraries only from WARNING (open_clip logs every load step at INFO).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
