@@ -133,13 +133,14 @@ class JobManager:
     def register_kinds(self, *kinds: str) -> None:
         """Declare the job kinds an engine submits, so that listing by one of them is valid
         before the first is submitted (an unknown kind is INVALID_ARGUMENT, not []). Their
-        per-kind series are exported at zero from now on (and the count of its server-side
-        failures): a rate or an alert then sees the first such job, which a series born
-        with it would hide."""
+        queue-wait and running series, and their counts of successes and server-side
+        failures, are exported at zero from now on: a rate or an alert then sees the first
+        such job, which a series born with it would hide."""
         self._kinds.update(kinds)
         for kind in kinds:
             self.metrics.job_queue_wait.labels(kind=kind)
             self.metrics.jobs_running.labels(kind=kind)
+            self.metrics.jobs_ended.labels(kind=kind, outcome=SUCCEEDED, code="OK")
             self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code="INTERNAL")
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued") -> JobSnapshot:
