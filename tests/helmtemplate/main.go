@@ -1,8 +1,9 @@
 // Command helmtemplate renders a Helm chart's templates the way `helm template` does, for
-// machines without a helm binary: Go's text/template with Sprig v3 and Helm's toYaml and
-// required, values from values.yaml merged with a JSON object of overrides (numbers as
-// float64, as Helm reads them), missing keys rendered empty. It knows only what the
-// explaind chart uses; a function it lacks fails the parse, so it cannot pass silently.
+// machines without a helm binary: Go's text/template with Sprig v3 and Helm's toYaml,
+// include and required, values from values.yaml merged with a JSON object of overrides
+// (numbers as float64, as Helm reads them), missing values rendered empty. It knows only
+// what the explaind chart uses; a function it lacks fails the parse, and a .Release or
+// .Chart field it lacks fails the render, so neither can pass silently.
 //
 //	helmtemplate CHART_DIR '{"startupSeconds": 5}'
 //
@@ -12,6 +13,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -36,8 +38,8 @@ func main() {
 	meta := readYAML(filepath.Join(chart, "Chart.yaml"))
 	context := map[string]interface{}{
 		"Values":  values,
-		"Release": map[string]interface{}{"Name": "release", "Namespace": "default", "Service": "Helm"},
-		"Chart":   map[string]interface{}{"Name": meta["name"], "Version": meta["version"], "AppVersion": meta["appVersion"]},
+		"Release": release{Name: "release", Namespace: "default", Service: "Helm", Revision: 1, IsInstall: true},
+		"Chart":   chartMetadata{Name: fmt.Sprint(meta["name"]), Version: fmt.Sprint(meta["version"]), AppVersion: fmt.Sprint(meta["appVersion"])},
 	}
 	functions := sprig.TxtFuncMap()
 	functions["toYaml"] = func(v interface{}) string {
@@ -47,32 +49,63 @@ func main() {
 		}
 		return strings.TrimSuffix(string(data), "\n")
 	}
+	var templates *template.Template
+	functions["include"] = func(name string, data interface{}) (string, error) {
+		var out strings.Builder
+		err := templates.ExecuteTemplate(&out, name, data)
+		return out.String(), err
+	}
 	functions["required"] = func(message string, v interface{}) (interface{}, error) {
 		if v == nil || v == "" {
 			return nil, fmt.Errorf(message)
 		}
 		return v, nil
 	}
-	names, err := filepath.Glob(filepath.Join(chart, "templates", "*.yaml"))
+	// Like Helm: every file under templates/ is parsed into one set (so partials can be
+	// included), and each whose name does not start with "_" is rendered, NOTES.txt aside.
+	templates = template.New("").Funcs(functions).Option("missingkey=zero")
+	var rendered []string
+	root := filepath.Join(chart, "templates")
+	err := filepath.WalkDir(root, func(path string, entry fs.DirEntry, err error) error {
+		if err != nil || entry.IsDir() {
+			return err
+		}
+		text, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		name, _ := filepath.Rel(root, path)
+		if _, err := templates.New(name).Parse(string(text)); err != nil {
+			return err
+		}
+		if !strings.HasPrefix(entry.Name(), "_") && entry.Name() != "NOTES.txt" {
+			rendered = append(rendered, name)
+		}
+		return nil
+	})
 	if err != nil {
 		fail(err)
 	}
-	sort.Strings(names)
-	for _, name := range names {
-		text, err := os.ReadFile(name)
-		if err != nil {
-			fail(err)
-		}
-		parsed, err := template.New(filepath.Base(name)).Funcs(functions).Option("missingkey=zero").Parse(string(text))
-		if err != nil {
-			fail(err)
-		}
+	sort.Strings(rendered)
+	for _, name := range rendered {
 		var out strings.Builder
-		if err := parsed.Execute(&out, context); err != nil {
+		if err := templates.ExecuteTemplate(&out, name, context); err != nil {
 			fail(err)
 		}
-		fmt.Printf("---\n# Source: %s\n%s\n", filepath.Base(name), strings.ReplaceAll(out.String(), "<no value>", ""))
+		fmt.Printf("---\n# Source: %s\n%s\n", name, strings.ReplaceAll(out.String(), "<no value>", ""))
 	}
+}
+
+// release and chartMetadata are the .Release and .Chart fields Helm gives a template; a
+// misspelt field is an error, as in Helm.
+type release struct {
+	Name, Namespace, Service string
+	Revision                 int
+	IsInstall, IsUpgrade     bool
+}
+
+type chartMetadata struct {
+	Name, Version, AppVersion string
 }
 
 // readYAML reads a YAML mapping as JSON would hold it (string keys, float64 numbers).
