@@ -9,6 +9,7 @@ goes pending once it is killed. Helm's template engine is there too (Go's text/t
 Debian, in tests/helmtemplate), so the chart renders to manifests that Kubernetes'
 schemas accept."""
 
+import argparse
 import json
 import math
 import os
@@ -156,6 +157,17 @@ def rendered(renderer: Path, **overrides: object) -> dict[str, dict]:
     return {manifest["kind"]: manifest for manifest in manifests}
 
 
+def serve_arguments(container: dict) -> argparse.Namespace:
+    """What `explaind serve` makes of the image's entrypoint followed by the pod's args
+    (a flag it does not know is a usage error, SystemExit)."""
+    from explaind.client.cli import build_parser
+
+    entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
+    command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
+    assert command[:2] == ["explaind", "serve"]
+    return build_parser().parse_args([*command[1:], *container.get("args", [])])
+
+
 @pytest.fixture(scope="module")
 def chart_renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/helmtemplate built: Helm's template engine (Go text/template + Sprig)."""
@@ -176,6 +188,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     pod = default["StatefulSet"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["args"] == ["--device", "cuda"] and container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert serve_arguments(container).device == "cuda"
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
     # Prometheus finds the metrics port the pod, the service and the image agree on.
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -188,12 +201,22 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert cpu["ConfigMap"]["data"]["explaind.toml"] == config  # the TOML arrives as written
     container = cpu["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["--device", "cpu", "--config", "/etc/explaind/explaind.toml"]
+    assert serve_arguments(container).config == "/etc/explaind/explaind.toml"
     assert not container["resources"] and container["startupProbe"]["failureThreshold"] == 12
     volume = cpu["StatefulSet"]["spec"]["template"]["spec"]["volumes"][0]
     assert volume["configMap"]["name"] == cpu["ConfigMap"]["metadata"]["name"]
     assert {"name": volume["name"], "mountPath": "/etc/explaind"} in container["volumeMounts"]
 
     assert "args" not in rendered(chart_renderer, device="")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+
+    secured = rendered(chart_renderer, tokenSecret="explaind-token")["StatefulSet"]["spec"]["template"]["spec"]
+    container = secured["containers"][0]
+    token_file = Path(serve_arguments(container).token_file)
+    mount = next(mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == token_file.parent)
+    volume = next(volume for volume in secured["volumes"] if volume["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": "explaind-token", "items": [{"key": "token", "path": token_file.name}]}
+    assert mount["readOnly"]
+
     refused = render_chart(chart_renderer, startupSeconds=5)
     assert refused.returncode != 0 and "startupSeconds must be a number of seconds, at least 10" in refused.stderr
 
