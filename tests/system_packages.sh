@@ -26,6 +26,8 @@ need() {
 need chromium "test -x /usr/bin/chromium" chromium
 # deploy/'s alert rules and dashboard run in a real Prometheus (no exporters or daemons).
 need prometheus "command -v prometheus && command -v promtool" --no-install-recommends prometheus
+# deploy/docker-compose.yml is checked against the Compose schema (`docker-compose config`).
+need docker-compose "command -v docker-compose" --no-install-recommends docker-compose
 # The Helm chart renders with Go's text/template and Sprig (tests/helmtemplate).
 gocode=/usr/share/gocode/src
 need "Go with Sprig" "command -v go && test -d $gocode/github.com/Masterminds/sprig && test -d $gocode/gopkg.in/yaml.v2" \

@@ -1,7 +1,8 @@
 """deploy/ agrees with the server: the dashboard and the alert rules query series the
 server exports, by labels they carry; Prometheus scrapes the port the image serves
 metrics on; the Helm templates read only values the chart defines. There is no Docker
-daemon or helm binary in CI, so those files are checked as data. Prometheus itself is
+daemon or helm binary in CI, so those files are checked as data (the compose file by
+docker-compose's schema, its healthcheck against a real server). Prometheus itself is
 there (``make test`` installs Debian's), so the alert rules pass their promtool unit
 tests, and a real Prometheus with the shipped config scrapes a real server: every
 dashboard panel shows data, no alert is pending on a healthy server, and ExplaindDown
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -120,6 +122,27 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     # The rules Prometheus loads are the file compose mounts beside its config.
     assert scrape["rule_files"] == ["alerts.yml"]
     assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
+
+
+def test_compose_file_is_valid_compose():
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose is not installed (make test installs Debian's)")
+    checked = subprocess.run([compose, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_compose_healthcheck_passes_on_a_serving_server_only(server_factory):
+    entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
+    command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
+    test = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    address = f"127.0.0.1:{command[command.index('--port') + 1]}"
+    assert f"'{address}'" in test[3]  # the port the image serves on
+    server = server_factory()
+    for target, healthy in ((server.target, True), (f"127.0.0.1:{free_port()}", False)):
+        checked = subprocess.run([sys.executable, "-c", test[3].replace(address, target)], capture_output=True, text=True, timeout=60)
+        assert (checked.returncode == 0) == healthy, (target, checked.stderr[-2000:])
 
 
 def promtool() -> str:
