@@ -867,12 +867,13 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
 
 
-def test_a_token_file_is_read_at_start_up_and_enforced_like_a_token(tmp_path, classifier_dir):
+def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_without_a_restart(tmp_path, classifier_dir, caplog):
     from explaind.client import Client, UnauthenticatedError
     from explaind.service import ExplaindServer
 
     (tmp_path / "secrets").mkdir()
-    (tmp_path / "secrets" / "token").write_text("s3cret\n")  # as `kubectl create secret` or an editor leaves it
+    token_file = tmp_path / "secrets" / "token"
+    token_file.write_text("s3cret\n")  # as `kubectl create secret` or an editor leaves it
     # Relative to the config file, like every path in it.
     config = load_config(write_config(tmp_path / "explaind.toml", classifier_dir,
                                       server={"token_file": "secrets/token", "port": 0, "data_dir": str(tmp_path / "data")}))
@@ -886,8 +887,41 @@ def test_a_token_file_is_read_at_start_up_and_enforced_like_a_token(tmp_path, cl
             assert anonymous.health() == "SERVING"  # probes need no token
             with pytest.raises(UnauthenticatedError, match="token"):
                 anonymous.model_metadata()
+            # Rotation as Kubernetes does it: a new file swapped in under the same name.
+            (tmp_path / "secrets" / "new").write_text("r0tated")
+            os.replace(tmp_path / "secrets" / "new", token_file)
+            with Client(f"127.0.0.1:{port}", timeout=10, token="r0tated") as rotated:
+                deadline = time.monotonic() + 10
+                while not _authorised(rotated) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert _authorised(rotated) and not _authorised(client)
+                # A rotation caught half-way (an empty file) keeps the token in force.
+                token_file.write_text("")
+                time.sleep(1.5)
+                assert _authorised(rotated) and "is empty; the previous token stays in force" in caplog.text
     finally:
         server.stop(0)
+
+
+def test_bearer_token_matches_the_whole_authorization_value_only():
+    from explaind.service.auth import BearerToken
+
+    assert BearerToken("").allows(None)  # no token: no auth
+    token = BearerToken("s3cret")
+    assert token.allows([("x-trace", "1"), ("authorization", "Bearer s3cret")])
+    for metadata in (None, [], [("authorization", "Bearer s3cret2")], [("authorization", "Bearer s3cre")],
+                     [("authorization", "s3cret")], [("x-authorization", "Bearer s3cret")]):
+        assert not token.allows(metadata), metadata
+
+
+def _authorised(client) -> bool:
+    from explaind.client import UnauthenticatedError
+
+    try:
+        client.model_metadata()
+    except UnauthenticatedError:
+        return False
+    return True
 
 
 def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_path, classifier_dir):
@@ -1196,11 +1230,13 @@ def _intercepted_server(metrics: Metrics, behaviour):
     """A gRPC server on a free port with one unary method ``/test.Service/Call`` behind the service interceptor."""
     import grpc
 
+    from explaind.service.auth import BearerToken
     from explaind.service.interceptors import ServiceInterceptor
 
     method = grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=lambda message: message.SerializeToString())
     handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method})
-    server = grpc.server(ThreadPoolExecutor(2), interceptors=[ServiceInterceptor(metrics, token="", max_send_bytes=1 << 20)], handlers=[handler])
+    interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20)
+    server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
     return server, server.add_insecure_port("127.0.0.1:0")
 
 

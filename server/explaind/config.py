@@ -90,8 +90,9 @@ class ServerSection:
     max_workers: int = 64
     # When set, every call must carry "authorization: Bearer <token>".
     token: str = ""
-    # A file whose content (less surrounding whitespace) is the token, read at start-up:
-    # a mounted Kubernetes or Docker secret, so the token is in no config file.
+    # A file whose content (less surrounding whitespace) is the token: a mounted Kubernetes
+    # or Docker secret, so the token is in no config file. Read at start-up, and again when
+    # it changes (explaind.service.auth), so a rotated secret needs no restart.
     token_file: str = ""
 
     def bearer_token(self) -> str:

@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from ..errors import ExplaindError, report_internal
 from ..metrics import Metrics
+from .auth import BearerToken
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, token: str, max_send_bytes: int) -> None:
+    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int) -> None:
         self._metrics = metrics
         self._token = token
         self._max_send_bytes = max_send_bytes
@@ -70,7 +71,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return None
         service, _, method = details.method.lstrip("/").partition("/")
         self._metrics.rpcs_started.labels(service, method).inc()
-        authorised = not self._token or service in _PUBLIC_SERVICES or (("authorization", f"Bearer {self._token}") in tuple(details.invocation_metadata or ()))
+        authorised = service in _PUBLIC_SERVICES or self._token.allows(details.invocation_metadata)
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
         if handler.unary_stream is not None:

@@ -35,6 +35,7 @@ from ..engine import Engine
 from ..engine.neuroinspect import NeuroInspectEngine
 from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError
+from .auth import BearerToken
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .neuroinspect import NeuroInspectServicer
@@ -80,7 +81,7 @@ class ExplaindServer:
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
         settings = self.config.server
-        token = settings.bearer_token()  # ConfigError (an unreadable token file) before anything starts
+        token = BearerToken(settings.bearer_token(), settings.token_file)  # ConfigError (an unreadable file) before anything starts
         try:  # the store's first writes: a read-only or corrupt database fails here
             self.engine.jobs.recover()
             abandoned = self.store.delete_unfinished_uploads()
