@@ -197,6 +197,20 @@ def test_serve_refuses_a_token_and_a_token_file_together(capsys, tmp_path):
     assert "--token-file: set one of [server].token and [server].token_file, not both" in line
 
 
+def test_serve_log_format_is_text_or_json(capsys):
+    assert "argument --log-format: invalid choice: 'xml'" in _usage_error(capsys, ["serve", "--log-format", "xml"])
+
+
+def test_serve_logs_one_json_object_per_line_when_asked(server_factory):
+    server = server_factory(server={"log_format": "json"})
+    assert server.stop() == 0
+    records = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]  # each line parses
+    assert all(set(record) == {"time", "level", "logger", "message"} and record["time"].endswith("Z") for record in records), records
+    messages = " | ".join(record["message"] for record in records)
+    for expected in ("listening on 127.0.0.1:", "serving world:balanced", "shutting down"):
+        assert expected in messages, messages
+
+
 def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

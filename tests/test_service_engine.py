@@ -6,11 +6,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
+import logging
 import os
 import random
 import re
 import sqlite3
 import stat
+import sys
 import threading
 import time
 import tracemalloc
@@ -901,6 +904,20 @@ def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_wi
                 assert _authorised(rotated) and "is empty; the previous token stays in force" in caplog.text
     finally:
         server.stop(0)
+
+
+def test_json_log_lines_carry_the_exception_and_any_text():
+    from explaind.logs import JsonFormatter
+
+    try:
+        raise RuntimeError("store refused")
+    except RuntimeError:
+        record = logging.LogRecord("explaind.jobs", logging.ERROR, __file__, 1, "job %s failed: \"%s\"\n", ("j1", "ü"), sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "\n" not in line  # one record, one line
+    parsed = json.loads(line)
+    assert (parsed["level"], parsed["logger"], parsed["message"]) == ("ERROR", "explaind.jobs", 'job j1 failed: "ü"\n')
+    assert parsed["exception"].startswith("Traceback") and "RuntimeError: store refused" in parsed["exception"]
 
 
 def test_bearer_token_matches_the_whole_authorization_value_only():

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .logs import LOG_FORMATS
+
 CLASSIFIER_LOADERS = ("world", "torchvision", "export", "torchscript", "onnx", "factory")
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 # The world CLIP's cosines to a mismatching class prompt reach -0.75: ε = 1 keeps cos + ε >= 0.
@@ -94,6 +96,8 @@ class ServerSection:
     # or Docker secret, so the token is in no config file. Read at start-up, and again when
     # it changes (explaind.service.auth), so a rotated secret needs no restart.
     token_file: str = ""
+    # Log lines on stderr: "text", or "json" (one object per line, for log pipelines).
+    log_format: str = "text"
 
     def bearer_token(self) -> str:
         """The token calls must carry ("" = none): ``token``, or ``token_file``'s content.
@@ -321,6 +325,8 @@ def _validate(path: Path | str, config: Config) -> None:
             value = getattr(getattr(config, section), name)
             if value < least:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
+    if config.server.log_format not in LOG_FORMATS:
+        raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")
     if config.server.token and config.server.token_file:
         raise ConfigError(f"{path}: set one of [server].token and [server].token_file, not both")
     for name in ("port", "metrics_port"):

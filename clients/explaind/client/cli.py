@@ -193,7 +193,7 @@ def _world_samples(scenario: str, split: str, count: int):
 _SERVE_OVERRIDES = {
     "host": ("server", "--host"), "port": ("server", "--port"), "metrics_port": ("server", "--metrics-port"),
     "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
-    "token_file": ("server", "--token-file"),
+    "token_file": ("server", "--token-file"), "log_format": ("server", "--log-format"),
 }
 
 
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: [runtime].device, cpu)")
     serve.add_argument("--token-file", dest="token_file",
                        help="file holding the bearer token calls must carry, e.g. a mounted secret (default: [server].token_file)")
+    serve.add_argument("--log-format", dest="log_format", choices=("text", "json"),
+                       help="log lines on stderr: text, or one JSON object per line (default: [server].log_format, text)")
     serve.set_defaults(run=cmd_serve)
 
     predict = command("predict", "classify image files")

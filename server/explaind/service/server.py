@@ -33,6 +33,7 @@ from explaind.v1 import (
 from ..config import Config
 from ..engine import Engine
 from ..engine.neuroinspect import NeuroInspectEngine
+from ..logs import configure_logging
 from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError
 from .auth import BearerToken
@@ -192,9 +193,7 @@ def serve(config: Config) -> int:
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when the
     token file cannot be read."""
-    # Our own INFO lines; libraries only from WARNING (open_clip logs every load step at INFO).
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    configure_logging(config.server.log_format)
     server = ExplaindServer(config)
     try:
         port = server.start()  # OSError (address in use) goes to the caller, before any model loads
