@@ -157,7 +157,8 @@ def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--tok", "s3cret", "serve"], "invalid choice: 's3cret'"),
-                                             (["--targ=127.0.0.1:1", "info"], "unrecognized arguments: --targ=127.0.0.1:1")])
+                                             (["--targ=127.0.0.1:1", "info"], "unrecognized arguments: --targ=127.0.0.1:1"),
+                                             (["serve", "--tok", "s3cret"], "unrecognized arguments: --tok s3cret")])
 def test_options_are_never_abbreviated(capsys, argv, message):
     assert message in _usage_error(capsys, argv)  # `--tok` is no `--token`, so serve cannot start without auth by it
 
@@ -181,13 +182,22 @@ def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys,
     assert "warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)" in err
 
 
-@pytest.mark.parametrize(("content", "message"), [(None, "cannot read {path}: No such file or directory"), ("\n  \n", "{path} is empty")])
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read {path}: No such file or directory"),
+    ("\n  \n", "{path} is empty"),
+    ("two\nlines", "{path} holds a character other than printable ASCII"),
+    ("s\u00e9cret", "{path} holds a character other than printable ASCII"),
+])
 def test_serve_with_an_unusable_token_file_says_why_in_one_line_before_serving(capsys, tmp_path, content, message):
     token_file = tmp_path / "token"
     if content is not None:
         token_file.write_text(content)
     line = _error(capsys, ["serve", "--port", "0", "--token-file", str(token_file), "--data-dir", str(tmp_path / "data")])
     assert f"error: [server].token_file: {message.format(path=token_file)}" in line
+
+
+def test_serve_refuses_an_empty_token_file_name_rather_than_serving_without_auth(capsys):
+    assert "serve: --token-file needs a file name" in _usage_error(capsys, ["serve", "--token-file", ""])
 
 
 def test_serve_refuses_a_token_and_a_token_file_together(capsys, tmp_path):

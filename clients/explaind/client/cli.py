@@ -645,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     after = _global_options(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))
 
     def command(name: str, help: str, *, client: bool = True) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, parents=[after] if client else [])
+        # No abbreviations here either: `serve --tok T` must not be taken as --token-file T.
+        return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, allow_abbrev=False,
+                                   parents=[after] if client else [])
 
     serve = command("serve", "run the server (the shapes world without --config)", client=False)
     serve.add_argument("--config", help="TOML config file (default: the shapes world; see README, Configuration)")
@@ -769,9 +771,10 @@ _SERVER_COMMANDS = ("serve", "demo")
 _CLIENT_OPTIONS = ("--target", "--token", "--timeout")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line as main() runs it: parsed, and refused (a usage error, SystemExit 2)
+    where argparse alone would let a mistake through."""
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command in _SERVER_COMMANDS:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
@@ -804,6 +807,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
         parser.error("operations artifact: give an artifact name, e.g. mistakes.png")
+    if args.command == "serve" and args.token_file == "":  # an unset $VAR: serving without auth would be silent
+        parser.error("serve: --token-file needs a file name")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except (ExplaindError, CommandError) as error:
