@@ -29,8 +29,10 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class():
 def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path):
     # The demo's client sent no token, so the first call after "server ready" failed
     # UNAUTHENTICATED; and a set without mistakes has nothing to explain (not an error).
+    # The token is in a file beside the config, as a mounted secret would be.
     config = tmp_path / "explaind.toml"
-    config.write_text('[server]\ntoken = "s3cret"\n')  # the balanced classifier, no CLIP
+    (tmp_path / "token").write_text("s3cret\n")
+    config.write_text('[server]\ntoken_file = "token"\n')  # the balanced classifier, no CLIP
     result = subprocess.run(
         [sys.executable, "-m", "explaind.client.cli", "demo", "--count", "6", "--config", str(config)],
         capture_output=True, text=True, timeout=600, check=False,

@@ -920,6 +920,17 @@ def test_json_log_lines_carry_the_exception_and_any_text():
     assert parsed["exception"].startswith("Traceback") and "RuntimeError: store refused" in parsed["exception"]
 
 
+def test_a_bad_token_is_refused_at_start_up_before_the_store_is_locked(tmp_path, classifier_dir):
+    from explaind.service import ExplaindServer
+
+    with pytest.raises(ConfigError, match=r"\[server\].token holds a character other than printable ASCII"):
+        load_config(write_config(tmp_path / "a.toml", classifier_dir, server={"token": "two words"}))
+    config = default_config().replace("server", data_dir=str(tmp_path / "data"), token_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        ExplaindServer(config)
+    SQLiteStore(tmp_path / "data").close()  # the data dir is free: the failed server never locked it
+
+
 def test_bearer_token_matches_the_whole_authorization_value_only():
     from explaind.service.auth import BearerToken
 

@@ -101,16 +101,27 @@ class ServerSection:
 
     def bearer_token(self) -> str:
         """The token calls must carry ("" = none): ``token``, or ``token_file``'s content.
-        Raises ConfigError when the file cannot be read or holds no token."""
+        Raises ConfigError when the file cannot be read or holds no usable token."""
         if not self.token_file:
             return self.token
         try:
             token = Path(self.token_file).read_text().strip()
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"[server].token_file: cannot read {self.token_file}: {getattr(error, 'strerror', None) or error}") from None
-        if not token:
-            raise ConfigError(f"[server].token_file: {self.token_file} is empty")
+        if problem := token_problem(token):
+            raise ConfigError(f"[server].token_file: {self.token_file} {problem}")
         return token
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token (None if it can): callers send it in gRPC
+    metadata, which carries printable ASCII only, so any other character (a second line,
+    an accent) would make every call fail. Never quotes the token."""
+    if not token:
+        return "is empty"
+    if not all("!" <= character <= "~" for character in token):
+        return "holds a character other than printable ASCII (spaces and line breaks included), which no caller could send"
+    return None
 
 
 @dataclass(frozen=True)
@@ -327,6 +338,8 @@ def _validate(path: Path | str, config: Config) -> None:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
     if config.server.log_format not in LOG_FORMATS:
         raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")
+    if config.server.token and (problem := token_problem(config.server.token)):
+        raise ConfigError(f"{path}: [server].token {problem}")
     if config.server.token and config.server.token_file:
         raise ConfigError(f"{path}: set one of [server].token and [server].token_file, not both")
     for name in ("port", "metrics_port"):

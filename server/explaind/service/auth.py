@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Iterable
 
+from ..config import token_problem
+
 log = logging.getLogger(__name__)
 
 # How often a call may look at the token file's modification time, in seconds.
@@ -68,8 +70,8 @@ class BearerToken:
         except (OSError, UnicodeDecodeError) as error:
             log.warning("token file %s could not be read (%s); the previous token stays in force", self._path, type(error).__name__)
             return
-        if not token:
-            log.warning("token file %s is empty; the previous token stays in force", self._path)
+        if problem := token_problem(token):
+            log.warning("token file %s %s; the previous token stays in force", self._path, problem)
             return
         if token != self._token:
             self._token = token

@@ -66,6 +66,8 @@ class ExplaindServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # ConfigError (an unreadable token file) before the store takes the data dir's lock.
+        self._token = BearerToken(config.server.bearer_token(), config.server.token_file)
         self.metrics = Metrics()
         self.store = SQLiteStore(config.server.data_dir)
         self.engine = Engine(config, self.store, self.metrics)
@@ -82,7 +84,6 @@ class ExplaindServer:
     def start(self) -> int:
         """Serve gRPC (and /metrics); models are not loaded yet. Returns the gRPC port."""
         settings = self.config.server
-        token = BearerToken(settings.bearer_token(), settings.token_file)  # ConfigError (an unreadable file) before anything starts
         try:  # the store's first writes: a read-only or corrupt database fails here
             self.engine.jobs.recover()
             abandoned = self.store.delete_unfinished_uploads()
@@ -102,7 +103,7 @@ class ExplaindServer:
         ]
         server = grpc.server(
             ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ServiceInterceptor(self.metrics, token, settings.max_message_bytes)],
+            interceptors=[ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes)],
             options=options,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
