@@ -132,17 +132,25 @@ def test_compose_file_is_valid_compose():
     assert checked.returncode == 0, checked.stderr
 
 
-def test_compose_healthcheck_passes_on_a_serving_server_only(server_factory):
+def test_compose_healthcheck_passes_on_a_serving_server_only(server_factory, tmp_path):
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
     entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
     command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
     test = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
     address = f"127.0.0.1:{command[command.index('--port') + 1]}"
     assert f"'{address}'" in test[3]  # the port the image serves on
-    server = server_factory()
-    for target, healthy in ((server.target, True), (f"127.0.0.1:{free_port()}", False)):
-        checked = subprocess.run([sys.executable, "-c", test[3].replace(address, target)], capture_output=True, text=True, timeout=60)
-        assert (checked.returncode == 0) == healthy, (target, checked.stderr[-2000:])
+    serving = server_factory()
+    loading = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)))  # started, models not loaded
+    try:
+        port = loading.start()
+        for target, healthy in ((serving.target, True), (f"127.0.0.1:{port}", False), (f"127.0.0.1:{free_port()}", False)):
+            checked = subprocess.run([sys.executable, "-c", test[3].replace(address, target)], capture_output=True, text=True, timeout=60)
+            assert (checked.returncode == 0) == healthy, (target, checked.stderr[-2000:])
+    finally:
+        loading.stop(0)
 
 
 def promtool() -> str:
@@ -181,14 +189,14 @@ def rendered(renderer: Path, **overrides: object) -> dict[str, dict]:
 
 
 def serve_arguments(container: dict) -> argparse.Namespace:
-    """What `explaind serve` makes of the image's entrypoint followed by the pod's args
-    (a flag it does not know is a usage error, SystemExit)."""
-    from explaind.client.cli import build_parser
+    """What `explaind serve` makes of the image's entrypoint followed by the pod's args,
+    with every check the command line gets (one it refuses is SystemExit)."""
+    from explaind.client.cli import parse_arguments
 
     entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
     command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
     assert command[:2] == ["explaind", "serve"]
-    return build_parser().parse_args([*command[1:], *container.get("args", [])])
+    return parse_arguments([*command[1:], *container.get("args", [])])
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +250,10 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
 
     refused = render_chart(chart_renderer, startupSeconds=5)
     assert refused.returncode != 0 and "startupSeconds must be a number of seconds, at least 10" in refused.stderr
+    # The server would refuse both at start-up and the pod would restart in a loop.
+    refused = render_chart(chart_renderer, tokenSecret="explaind-token", config='[server]\n  token = "s3cret"\n')
+    assert refused.returncode != 0 and "tokenSecret and a config that sets [server].token" in refused.stderr
+    assert render_chart(chart_renderer, tokenSecret="explaind-token", config='[server]\nmax_workers = 8  # no token = here\n').returncode == 0
 
 
 def test_helm_templates_read_only_values_the_chart_defines():
