@@ -98,6 +98,12 @@ class ServerSection:
     token_file: str = ""
     # Log lines on stderr: "text", or "json" (one object per line, for log pipelines).
     log_format: str = "text"
+    # gRPC over TLS with this certificate chain and private key (PEM files), both or
+    # neither; read again when they change, so a renewed certificate needs no restart.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # With it, every client must present a certificate this CA (PEM) signed: mutual TLS.
+    tls_client_ca_file: str = ""
 
     def bearer_token(self) -> str:
         """The token calls must carry ("" = none): ``token``, or ``token_file``'s content.
@@ -285,12 +291,16 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{where} must be a list, got {value!r}")
             value = tuple(value)
-        if key in ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file") and value and not Path(value).is_absolute():
+        if key in _PATH_KEYS and value and not Path(value).is_absolute():
             if key not in ("weights", "checkpoint") or not _names_pretrained_weights(value) or (path.parent / value).exists():
                 value = str((path.parent / value).resolve())
         values[key] = value
     return dataclasses.replace(default, **values)
 
+
+# Keys holding a file or directory: relative values are relative to the config file.
+_PATH_KEYS = ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file",
+              "tls_cert_file", "tls_key_file", "tls_client_ca_file")
 
 # Suffixes of weight files; a weights/checkpoint value without a path separator or one
 # of these names pretrained weights instead (torchvision "DEFAULT" or
@@ -340,6 +350,11 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")
     if config.server.token and (problem := token_problem(config.server.token)):
         raise ConfigError(f"{path}: [server].token {problem}")
+    server = config.server
+    if bool(server.tls_cert_file) != bool(server.tls_key_file):
+        raise ConfigError(f"{path}: set both [server].tls_cert_file and [server].tls_key_file, or neither")
+    if server.tls_client_ca_file and not server.tls_cert_file:
+        raise ConfigError(f"{path}: [server].tls_client_ca_file needs TLS: set [server].tls_cert_file and .tls_key_file too")
     if config.server.token and config.server.token_file:
         raise ConfigError(f"{path}: set one of [server].token and [server].token_file, not both")
     for name in ("port", "metrics_port"):

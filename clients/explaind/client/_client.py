@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -60,6 +61,19 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _read_pem(path: str | Path | None, name: str) -> bytes | None:
+    """A PEM file's bytes (None when there is none); FileNotFoundError or ValueError naming ``name``."""
+    if not path:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: no file {path}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{name}: {path} is not a PEM file")
+    return data
+
+
 def _is_index(value: Any) -> bool:
     """An int or numpy integer, not a bool (a float or string is never truncated to one)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -107,6 +121,11 @@ class Client:
     answered this client (e.g. :meth:`wait_until_ready`): a restart or a model load that
     ends before the deadline delays them instead of failing them, and a wrong address
     still fails at once.
+
+    ``tls`` connects over TLS, trusting the system's CAs or the PEM file
+    ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
+    a client certificate to a server that asks for one (mutual TLS). Any of the three
+    implies ``tls``.
     """
 
     def __init__(
@@ -117,6 +136,10 @@ class Client:
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: bool = True,
+        tls: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -124,7 +147,15 @@ class Client:
         self._limits: RequestLimits | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        if tls or root_certificates or private_key or certificate_chain:
+            if bool(private_key) != bool(certificate_chain):
+                raise ValueError("private_key and certificate_chain go together (a client certificate needs both)")
+            credentials = grpc.ssl_channel_credentials(*(_read_pem(path, name) for path, name in (
+                (root_certificates, "root_certificates"), (private_key, "private_key"), (certificate_chain, "certificate_chain"))))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
         # worth waiting for, rather than a wrong address, worth saying at once.
         self._reached = False

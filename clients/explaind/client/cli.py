@@ -44,7 +44,12 @@ class CommandError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout, token=args.token or os.environ.get("EXPLAIND_TOKEN"))
+    try:
+        return Client(args.target, timeout=args.timeout, token=args.token or os.environ.get("EXPLAIND_TOKEN"), tls=args.tls,
+                      root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
+    except (OSError, ValueError) as error:  # a missing or non-PEM certificate file
+        raise CommandError(str(error).replace("root_certificates", "--ca-file").replace("private_key", "--key-file")
+                           .replace("certificate_chain", "--cert-file")) from None
 
 
 def _print_predictions(names: list[str], predictions: list) -> None:
@@ -194,6 +199,8 @@ _SERVE_OVERRIDES = {
     "host": ("server", "--host"), "port": ("server", "--port"), "metrics_port": ("server", "--metrics-port"),
     "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
     "token_file": ("server", "--token-file"), "log_format": ("server", "--log-format"),
+    "tls_cert_file": ("server", "--tls-cert-file"), "tls_key_file": ("server", "--tls-key-file"),
+    "tls_client_ca_file": ("server", "--tls-client-ca-file"),
 }
 
 
@@ -206,13 +213,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as error:
         raise CommandError(str(error)) from None
-    for key, (section, flag) in _SERVE_OVERRIDES.items():
-        if getattr(args, key) is None:
-            continue
+    # One replace per section, so flags that only go together (--tls-cert-file and
+    # --tls-key-file) are checked together; an error names the flag of the key it quotes.
+    given = [(key, section, flag) for key, (section, flag) in _SERVE_OVERRIDES.items() if getattr(args, key) is not None]
+    for section in dict.fromkeys(section for _, section, _ in given):
+        flags = {f"[{section}].{key}": flag for key, in_section, flag in given if in_section == section}
         try:
-            config = config.replace(section, **{key: getattr(args, key)})
+            config = config.replace(section, **{key: getattr(args, key) for key, in_section, _ in given if in_section == section})
         except ConfigError as error:  # a value the config file would not allow either
-            raise CommandError(f"{flag}: {str(error).removeprefix(f'{config.source}: ')}") from None
+            message = str(error).removeprefix(f"{config.source}: ")
+            named = [flag for key, flag in flags.items() if re.search(re.escape(key) + r"\b", message)] or list(flags.values())
+            raise CommandError(f"{named[0]}: {message}") from None
     if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file):
         print("warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)", file=sys.stderr)
     try:
@@ -499,9 +510,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from explaind.config import ConfigError, load_config
 
         try:
-            token = load_config(args.config).server.bearer_token()
+            settings = load_config(args.config).server
+            token = settings.bearer_token()
         except ConfigError as error:
             raise CommandError(str(error)) from None
+        if settings.tls_cert_file:
+            raise CommandError("demo serves on loopback without TLS; for a config with [server].tls_cert_file, "
+                               "run `explaind serve --config ...` and the client commands with --tls")
     port = _free_port()
     data_dir = tempfile.mkdtemp(prefix="explaind-demo-")  # the report and grid it writes stay; the server's store goes
     store = Path(data_dir) / "store"
@@ -629,6 +644,10 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--target", help="server address (env EXPLAIND_TARGET)")
     parser.add_argument("--token", help="bearer token (env EXPLAIND_TOKEN)")
     parser.add_argument("--timeout", type=_positive_seconds, help="seconds per call")
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the three options below)")
+    parser.add_argument("--ca-file", dest="ca_file", help="PEM file of the CAs to trust (default: the system's)")
+    parser.add_argument("--cert-file", dest="cert_file", help="PEM client certificate, for a server that asks for one (with --key-file)")
+    parser.add_argument("--key-file", dest="key_file", help="PEM private key of --cert-file")
     return parser
 
 
@@ -636,10 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _global_options(argparse.ArgumentParser(
         prog="explaind", description="Serve an image classifier and explain its mistakes.", formatter_class=_HelpFormatter,
         allow_abbrev=False,  # `--tok T serve` must be refused like `--token T serve`, not slip past the check
-        epilog="The options above (--target, --token, --timeout) go before or after a client command (all but serve and demo). "
+        epilog="The options above (--target, --token, --timeout, --tls and its files) go before or after a client command "
+               "(all but serve and demo). "
                "'explaind COMMAND --help' lists a command's options.",
     ))
-    parser.set_defaults(target=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), timeout=60.0)
+    parser.set_defaults(target=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), timeout=60.0, tls=False,
+                        ca_file=None, cert_file=None, key_file=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Client commands also take the options after their name; unset there, the top level's hold.
     after = _global_options(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))
@@ -659,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: [runtime].device, cpu)")
     serve.add_argument("--token-file", dest="token_file",
                        help="file holding the bearer token calls must carry, e.g. a mounted secret (default: [server].token_file)")
+    serve.add_argument("--tls-cert-file", dest="tls_cert_file", help="serve TLS with this PEM certificate chain (default: [server].tls_cert_file)")
+    serve.add_argument("--tls-key-file", dest="tls_key_file", help="the PEM private key of --tls-cert-file (default: [server].tls_key_file)")
+    serve.add_argument("--tls-client-ca-file", dest="tls_client_ca_file",
+                       help="require client certificates this PEM CA signed: mutual TLS (default: [server].tls_client_ca_file)")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"),
                        help="log lines on stderr: text, or one JSON object per line (default: [server].log_format, text)")
     serve.set_defaults(run=cmd_serve)
@@ -768,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that run a server rather than call one.
 _SERVER_COMMANDS = ("serve", "demo")
-_CLIENT_OPTIONS = ("--target", "--token", "--timeout")
+_CLIENT_OPTIONS = ("--target", "--token", "--timeout", "--tls", "--ca-file", "--cert-file", "--key-file")
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

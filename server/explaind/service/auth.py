@@ -1,6 +1,11 @@
-"""The bearer token calls must carry: fixed ([server].token), or a file's content
-([server].token_file) that is read again when the file changes, so a rotated secret
-(Kubernetes swaps a mounted Secret's files in place) takes effect without a restart."""
+"""Who may call: the bearer token calls must carry, and the TLS credentials of the port.
+
+Both may come from files ([server].token_file, .tls_cert_file, .tls_key_file,
+.tls_client_ca_file) that are read again when they change, so a rotated secret or a
+renewed certificate (Kubernetes swaps a mounted Secret's files in place; cert-manager
+renews them) takes effect without a restart. A change that leaves a file unusable keeps
+what was in force: a half-done rotation must not lock every caller out.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,50 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
-from ..config import token_problem
+import grpc
+
+from ..config import ConfigError, ServerSection, token_problem
 
 log = logging.getLogger(__name__)
 
-# How often a call may look at the token file's modification time, in seconds.
+# How often the files may be looked at for a change, in seconds.
 RECHECK_INTERVAL_S = 1.0
+
+
+class _WatchedFiles:
+    """Tells, at most once per RECHECK_INTERVAL_S, whether any of some files changed
+    (by inode, size or modification time, following links: a swapped-in file counts)."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self._paths = [path for path in paths if path]
+        self._lock = threading.Lock()
+        self._checked_at = time.monotonic()
+        self._stamps = self._read_stamps()
+
+    def changed(self) -> bool:
+        if not self._paths:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at < RECHECK_INTERVAL_S:
+                return False
+            self._checked_at = now
+            stamps = self._read_stamps()
+            changed, self._stamps = stamps != self._stamps, stamps
+            return changed
+
+    def _read_stamps(self) -> list[tuple[int, int, int] | None]:
+        stamps = []
+        for path in self._paths:
+            try:
+                status = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((status.st_ino, status.st_size, status.st_mtime_ns))
+        return stamps
 
 
 class BearerToken:
@@ -24,9 +66,7 @@ class BearerToken:
         """``token`` is the current one ("" = no auth), already read from ``path`` if any."""
         self._token = token
         self._path = path
-        self._lock = threading.Lock()
-        self._checked_at = time.monotonic()
-        self._stamp = self._file_stamp()
+        self._files = _WatchedFiles([path])
 
     def allows(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
         """Whether the call's metadata carries ``authorization: Bearer <token>``, compared in
@@ -40,33 +80,13 @@ class BearerToken:
 
     def current(self) -> str:
         """The token, re-read from the file when it has changed since the last look."""
-        if not self._path:
-            return self._token
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at >= RECHECK_INTERVAL_S:
-                self._checked_at = now
-                stamp = self._file_stamp()
-                if stamp != self._stamp:
-                    self._stamp = stamp
-                    self._reload()
-            return self._token
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        """(inode, size, mtime ns) of the file, following links; None when there is none."""
-        if not self._path:
-            return None
-        try:
-            status = os.stat(self._path)
-        except OSError:
-            return None
-        return status.st_ino, status.st_size, status.st_mtime_ns
+        if self._files.changed():
+            self._reload()
+        return self._token
 
     def _reload(self) -> None:
-        # A file that cannot be read or is empty keeps the old token: a half-done rotation
-        # must not lock every caller out (nor open the server to all).
         try:
-            token = open(self._path, encoding="utf-8").read().strip()
+            token = Path(self._path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
             log.warning("token file %s could not be read (%s); the previous token stays in force", self._path, type(error).__name__)
             return
@@ -76,3 +96,45 @@ class BearerToken:
         if token != self._token:
             self._token = token
             log.info("token file %s changed; calls now need the new token", self._path)
+
+
+class TlsCredentials:
+    """The port's TLS certificate, key and (for mutual TLS) client CA, from PEM files.
+    Raises ConfigError when they cannot be read at start-up."""
+
+    def __init__(self, settings: ServerSection) -> None:
+        self._cert_file, self._key_file, self._ca_file = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        self._files = _WatchedFiles([self._cert_file, self._key_file, self._ca_file])
+        self._initial = self._configuration()  # ConfigError now; later failures keep the old files
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials gRPC asks on each new connection whether the files have changed."""
+        return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch, require_client_authentication=bool(self._ca_file))
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        if not self._files.changed():
+            return None
+        try:
+            configuration = self._configuration()
+        except ConfigError as error:
+            log.warning("%s; the previous certificate stays in force", error)
+            return None
+        log.info("TLS files changed (%s); new connections use them", self._cert_file)
+        return configuration
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        key, chain = _pem(self._key_file, "tls_key_file", "PRIVATE KEY"), _pem(self._cert_file, "tls_cert_file", "CERTIFICATE")
+        client_ca = _pem(self._ca_file, "tls_client_ca_file", "CERTIFICATE") if self._ca_file else None
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
+
+
+def _pem(path: str, key: str, kind: str) -> bytes:
+    """A PEM file's bytes; ConfigError naming the [server] key when it is unreadable or
+    holds no ``kind`` block (gRPC would only fail later, at each handshake)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"[server].{key}: cannot read {path}: {error.strerror}") from None
+    if b"-----BEGIN " not in data or kind.encode() not in data:
+        raise ConfigError(f"[server].{key}: {path} holds no PEM {kind}")
+    return data

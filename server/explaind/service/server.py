@@ -36,7 +36,7 @@ from ..engine.neuroinspect import NeuroInspectEngine
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError
-from .auth import BearerToken
+from .auth import BearerToken, TlsCredentials
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .neuroinspect import NeuroInspectServicer
@@ -66,8 +66,9 @@ class ExplaindServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # ConfigError (an unreadable token file) before the store takes the data dir's lock.
+        # ConfigError (an unreadable token or TLS file) before the store takes the data dir's lock.
         self._token = BearerToken(config.server.bearer_token(), config.server.token_file)
+        self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
         self.metrics = Metrics()
         self.store = SQLiteStore(config.server.data_dir)
         self.engine = Engine(config, self.store, self.metrics)
@@ -115,7 +116,10 @@ class ExplaindServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.host}:{settings.port}"
         try:  # grpcio raises RuntimeError for an address in use; older versions returned 0
-            self.port = server.add_insecure_port(address)
+            if self._tls is not None:
+                self.port = server.add_secure_port(address, self._tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -192,8 +196,8 @@ class ExplaindServer:
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
-    by another server or its database cannot be opened or written, ConfigError when the
-    token file cannot be read."""
+    by another server or its database cannot be opened or written, ConfigError when a
+    token or TLS file cannot be read."""
     configure_logging(config.server.log_format)
     server = ExplaindServer(config)
     try:
@@ -202,7 +206,8 @@ def serve(config: Config) -> int:
         server.store.close()  # and with it the data dir's lock
         raise
     metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    log.info("listening on %s:%d%s (config: %s)", config.server.host, port, metrics, config.source)
+    tls = (" with mutual TLS" if config.server.tls_client_ca_file else " with TLS") if config.server.tls_cert_file else ""
+    log.info("listening on %s:%d%s%s (config: %s)", config.server.host, port, tls, metrics, config.source)
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())

@@ -1,0 +1,169 @@
+"""gRPC over TLS and mutual TLS: the server answers only clients that trust its
+certificate (and, with a client CA, present one it signed), picks up a renewed
+certificate without a restart, and refuses unusable files in one line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from explaind.client import Client, UnavailableError
+from explaind.client.cli import main
+from explaind.config import ConfigError, default_config
+from explaind.service import ExplaindServer
+
+
+class Authority:
+    """A throwaway CA that writes PEM files: itself, and certificates it signs for
+    127.0.0.1 / localhost."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory, self.name = directory, name
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.certificate = self._sign(subject, self.key.public_key(), ca=True)
+        self.file = self._write(f"{name}-ca.pem", self.certificate.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, name: str) -> tuple[Path, Path]:
+        """(certificate file, key file) of a leaf certificate for ``name``."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), ca=False)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        return (self._write(f"{name}.pem", certificate.public_bytes(serialization.Encoding.PEM)),
+                self._write(f"{name}.key", key_pem))
+
+    def _sign(self, subject: x509.Name, public_key, *, ca: bool) -> x509.Certificate:
+        now = dt.datetime.now(dt.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(subject).public_key(public_key)
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)]))
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def _write(self, name: str, data: bytes) -> Path:
+        path = self.directory / f"{self.name}-{name}"
+        path.write_bytes(data)
+        return path
+
+
+def tls_server(tmp_path: Path, classifier_dir: Path, cert: Path, key: Path, client_ca: Path | None = None) -> ExplaindServer:
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), tls_cert_file=str(cert), tls_key_file=str(key),
+        tls_client_ca_file=str(client_ca or ""))
+    server = ExplaindServer(config)
+    server.start()
+    server.load_models()
+    return server
+
+
+def answers(target: str, **credentials) -> bool:
+    """Whether a new connection with these credentials gets a model's metadata."""
+    try:
+        with Client(target, timeout=5, **credentials) as client:
+            return client.model_metadata().feature_dim == 128
+    except UnavailableError:  # the handshake failed
+        return False
+
+
+def test_a_tls_server_answers_only_clients_that_trust_its_certificate(tmp_path, classifier_dir, capsys):
+    authority = Authority(tmp_path, "ca")
+    server = tls_server(tmp_path, classifier_dir, *authority.issue("server"))
+    target = f"127.0.0.1:{server.port}"
+    try:
+        assert answers(target, root_certificates=authority.file)
+        assert answers(f"localhost:{server.port}", root_certificates=str(authority.file))
+        assert not answers(target)  # plaintext
+        assert not answers(target, tls=True)  # the system's CAs never signed it
+        assert not answers(target, root_certificates=Authority(tmp_path, "other").file)
+        assert main(["--target", target, "--ca-file", str(authority.file), "info"]) == 0
+        assert "classes" in capsys.readouterr().out
+    finally:
+        server.stop(0)
+
+
+def test_mutual_tls_asks_every_client_for_a_certificate_its_ca_signed(tmp_path, classifier_dir):
+    servers, clients, strangers = Authority(tmp_path, "servers"), Authority(tmp_path, "clients"), Authority(tmp_path, "strangers")
+    server = tls_server(tmp_path, classifier_dir, *servers.issue("server"), client_ca=clients.file)
+    target = f"127.0.0.1:{server.port}"
+    try:
+        cert, key = clients.issue("analyst")
+        assert answers(target, root_certificates=servers.file, certificate_chain=cert, private_key=key)
+        assert not answers(target, root_certificates=servers.file)
+        stranger_cert, stranger_key = strangers.issue("analyst")
+        assert not answers(target, root_certificates=servers.file, certificate_chain=stranger_cert, private_key=stranger_key)
+    finally:
+        server.stop(0)
+
+
+def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path, classifier_dir, caplog):
+    old, new = Authority(tmp_path, "old"), Authority(tmp_path, "new")
+    cert, key = old.issue("server")
+    server = tls_server(tmp_path, classifier_dir, cert, key)
+    target = f"127.0.0.1:{server.port}"
+    try:
+        assert answers(target, root_certificates=old.file)
+        # As cert-manager and Kubernetes do it: new files swapped in under the same names.
+        renewed_cert, renewed_key = new.issue("server")
+        os.replace(renewed_key, key)
+        os.replace(renewed_cert, cert)
+        deadline = time.monotonic() + 15
+        while not answers(target, root_certificates=new.file) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert answers(target, root_certificates=new.file) and not answers(target, root_certificates=old.file)
+        # A renewal caught half-way (a file that is no certificate) keeps the one in force.
+        cert.write_text("not yet")
+        time.sleep(1.5)
+        assert answers(target, root_certificates=new.file)
+        assert "holds no PEM CERTIFICATE; the previous certificate stays in force" in caplog.text
+    finally:
+        server.stop(0)
+
+
+def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
+    authority = Authority(tmp_path, "ca")
+    cert, key = authority.issue("server")
+    with pytest.raises(ConfigError, match=r"set both \[server\].tls_cert_file and \[server\].tls_key_file"):
+        default_config().replace("server", tls_cert_file=str(cert))
+    with pytest.raises(ConfigError, match=r"tls_client_ca_file needs TLS"):
+        default_config().replace("server", tls_client_ca_file=str(authority.file))
+    data = ["--port", "0", "--data-dir", str(tmp_path / "data")]
+    for flags, message in (
+        (["--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", str(key)], "cannot read"),
+        (["--tls-cert-file", str(key), "--tls-key-file", str(key)], f"[server].tls_cert_file: {key} holds no PEM CERTIFICATE"),
+        (["--tls-cert-file", str(cert), "--tls-key-file", str(cert)], f"[server].tls_key_file: {cert} holds no PEM PRIVATE KEY"),
+    ):
+        assert main(["serve", *flags, *data]) == 1
+        assert message in capsys.readouterr().err, flags
+    with pytest.raises(ValueError, match="private_key and certificate_chain go together"):
+        Client("127.0.0.1:1", private_key=key)
+    with pytest.raises(ValueError, match="root_certificates: .* is not a PEM file"):
+        Client("127.0.0.1:1", root_certificates=_not_pem(tmp_path))
+    assert main(["--target", "127.0.0.1:1", "--ca-file", str(tmp_path / "nowhere.pem"), "info"]) == 1
+    assert f"error: --ca-file: no file {tmp_path / 'nowhere.pem'}" in capsys.readouterr().err
+    assert "demo serves on loopback without TLS" in _demo_error(tmp_path, cert, key, capsys)
+
+
+def _not_pem(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.txt"
+    path.write_text("hello")
+    return path
+
+
+def _demo_error(tmp_path: Path, cert: Path, key: Path, capsys) -> str:
+    config = tmp_path / "tls.toml"
+    config.write_text(f'[server]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
+    assert main(["demo", "--config", str(config)]) == 1
+    return capsys.readouterr().err
