@@ -148,7 +148,9 @@ def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, m
     assert message in _error(capsys, ["serve", *flags, "--data-dir", str(tmp_path / "data")])
 
 
-@pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"]])
+@pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"],
+                                  ["--tls", "serve"], ["--ca-file", "ca.pem", "serve"], ["--cert-file=me.pem", "demo"],
+                                  ["--key-file", "me.key", "serve"]])
 def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys, argv):
     err = _usage_error(capsys, argv)
     command = "demo" if "demo" in argv else "serve"
@@ -196,8 +198,9 @@ def test_serve_with_an_unusable_token_file_says_why_in_one_line_before_serving(c
     assert f"error: [server].token_file: {message.format(path=token_file)}" in line
 
 
-def test_serve_refuses_an_empty_token_file_name_rather_than_serving_without_auth(capsys):
-    assert "serve: --token-file needs a file name" in _usage_error(capsys, ["serve", "--token-file", ""])
+@pytest.mark.parametrize("flag", ["--token-file", "--tls-cert-file", "--tls-key-file", "--tls-client-ca-file"])
+def test_serve_refuses_an_empty_file_name_rather_than_serving_without_auth_or_tls(capsys, flag):
+    assert f"serve: {flag} needs a file name" in _usage_error(capsys, ["serve", flag, ""])
 
 
 def test_serve_refuses_a_token_and_a_token_file_together(capsys, tmp_path):

@@ -901,7 +901,7 @@ def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_wi
                 # A rotation caught half-way (an empty file) keeps the token in force.
                 token_file.write_text("")
                 time.sleep(1.5)
-                assert _authorised(rotated) and "is empty; the previous token stays in force" in caplog.text
+                assert _authorised(rotated) and "is empty; what was in force stays in force" in caplog.text
     finally:
         server.stop(0)
 

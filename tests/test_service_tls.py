@@ -109,25 +109,43 @@ def test_mutual_tls_asks_every_client_for_a_certificate_its_ca_signed(tmp_path, 
 
 
 def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path, classifier_dir, caplog):
-    old, new = Authority(tmp_path, "old"), Authority(tmp_path, "new")
-    cert, key = old.issue("server")
-    server = tls_server(tmp_path, classifier_dir, cert, key)
+    # A mounted Kubernetes Secret: tls.crt -> ..data/tls.crt, ..data -> ..v1, and a renewal
+    # swaps the ..data link to a new folder in one step.
+    secret = tmp_path / "secret"
+    old, new, third = Authority(tmp_path, "old"), Authority(tmp_path, "new"), Authority(tmp_path, "third")
+
+    def mount(version: str, authority: Authority) -> None:
+        (secret / version).mkdir(parents=True)
+        for name, source in zip(("tls.crt", "tls.key"), authority.issue("server")):
+            os.replace(source, secret / version / name)
+        (secret / "..data.new").symlink_to(version)
+        os.replace(secret / "..data.new", secret / "..data")
+
+    mount("..v1", old)
+    for name in ("tls.crt", "tls.key"):
+        (secret / name).symlink_to(Path("..data") / name)
+    server = tls_server(tmp_path, classifier_dir, secret / "tls.crt", secret / "tls.key")
     target = f"127.0.0.1:{server.port}"
+
+    def switches_to(authority: Authority) -> bool:
+        deadline = time.monotonic() + 15
+        while not answers(target, root_certificates=authority.file) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return answers(target, root_certificates=authority.file)
+
     try:
         assert answers(target, root_certificates=old.file)
-        # As cert-manager and Kubernetes do it: new files swapped in under the same names.
-        renewed_cert, renewed_key = new.issue("server")
-        os.replace(renewed_key, key)
-        os.replace(renewed_cert, cert)
-        deadline = time.monotonic() + 15
-        while not answers(target, root_certificates=new.file) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert answers(target, root_certificates=new.file) and not answers(target, root_certificates=old.file)
-        # A renewal caught half-way (a file that is no certificate) keeps the one in force.
-        cert.write_text("not yet")
-        time.sleep(1.5)
+        mount("..v2", new)
+        assert switches_to(new) and not answers(target, root_certificates=old.file)
+        # Renewed by hand, one file at a time: the new certificate with the old key is not
+        # taken (it is no pair), and the pair is once its key arrives.
+        third_cert, third_key = third.issue("server")
+        os.replace(third_cert, secret / "..v2" / "tls.crt")
+        time.sleep(2.5)
         assert answers(target, root_certificates=new.file)
-        assert "holds no PEM CERTIFICATE; the previous certificate stays in force" in caplog.text
+        assert "is not an unencrypted private key of the certificate" in caplog.text
+        os.replace(third_key, secret / "..v2" / "tls.key")
+        assert switches_to(third) and not answers(target, root_certificates=new.file)
     finally:
         server.stop(0)
 
@@ -144,6 +162,10 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
         (["--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", str(key)], "cannot read"),
         (["--tls-cert-file", str(key), "--tls-key-file", str(key)], f"[server].tls_cert_file: {key} holds no PEM CERTIFICATE"),
         (["--tls-cert-file", str(cert), "--tls-key-file", str(cert)], f"[server].tls_key_file: {cert} holds no PEM PRIVATE KEY"),
+        (["--tls-cert-file", str(cert), "--tls-key-file", str(authority.issue("another")[1])],
+         "is not an unencrypted private key of the certificate in"),
+        (["--tls-key-file", str(key)], "error: --tls-key-file: set both [server].tls_cert_file and [server].tls_key_file"),
+        (["--tls-client-ca-file", str(authority.file)], "error: --tls-client-ca-file: [server].tls_client_ca_file needs TLS"),
     ):
         assert main(["serve", *flags, *data]) == 1
         assert message in capsys.readouterr().err, flags
@@ -151,8 +173,11 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
         Client("127.0.0.1:1", private_key=key)
     with pytest.raises(ValueError, match="root_certificates: .* is not a PEM file"):
         Client("127.0.0.1:1", root_certificates=_not_pem(tmp_path))
-    assert main(["--target", "127.0.0.1:1", "--ca-file", str(tmp_path / "nowhere.pem"), "info"]) == 1
-    assert f"error: --ca-file: no file {tmp_path / 'nowhere.pem'}" in capsys.readouterr().err
+    (tmp_path / "private_key_dir").mkdir()  # a path holding a parameter's name stays as it is
+    assert main(["--target", "127.0.0.1:1", "--ca-file", str(tmp_path / "private_key_dir" / "ca.pem"), "info"]) == 1
+    assert f"error: --ca-file: no file {tmp_path / 'private_key_dir' / 'ca.pem'}" in capsys.readouterr().err
+    assert main(["--target", "127.0.0.1:1", "--cert-file", str(cert), "--key-file", str(tmp_path / "private_key_dir"), "info"]) == 1
+    assert f"error: --key-file: cannot read {tmp_path / 'private_key_dir'}: Is a directory" in capsys.readouterr().err
     assert "demo serves on loopback without TLS" in _demo_error(tmp_path, cert, key, capsys)
 
 

@@ -69,6 +69,8 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: no file {path}") from None
+    except OSError as error:  # a directory, no permission
+        raise OSError(f"{name}: cannot read {path}: {error.strerror}") from None
     if b"-----BEGIN " not in data:
         raise ValueError(f"{name}: {path} is not a PEM file")
     return data

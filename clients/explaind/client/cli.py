@@ -47,9 +47,10 @@ def _client(args: argparse.Namespace) -> Client:
     try:
         return Client(args.target, timeout=args.timeout, token=args.token or os.environ.get("EXPLAIND_TOKEN"), tls=args.tls,
                       root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
-    except (OSError, ValueError) as error:  # a missing or non-PEM certificate file
-        raise CommandError(str(error).replace("root_certificates", "--ca-file").replace("private_key", "--key-file")
-                           .replace("certificate_chain", "--cert-file")) from None
+    except (OSError, ValueError) as error:  # a certificate file that is missing or not PEM: "root_certificates: ..."
+        argument, _, problem = str(error).partition(": ")
+        flag = {"root_certificates": "--ca-file", "private_key": "--key-file", "certificate_chain": "--cert-file"}.get(argument)
+        raise CommandError(f"{flag}: {problem}" if flag else str(error)) from None
 
 
 def _print_predictions(names: list[str], predictions: list) -> None:
@@ -832,8 +833,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         parser.error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
         parser.error("operations artifact: give an artifact name, e.g. mistakes.png")
-    if args.command == "serve" and args.token_file == "":  # an unset $VAR: serving without auth would be silent
-        parser.error("serve: --token-file needs a file name")
+    if args.command == "serve":  # an unset $VAR would silently serve without auth or TLS
+        for key in ("token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            if getattr(args, key) == "":
+                parser.error(f"serve: {_SERVE_OVERRIDES[key][1]} needs a file name")
     return args
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -29,13 +30,26 @@ RECHECK_INTERVAL_S = 1.0
 
 class _WatchedFiles:
     """Tells, at most once per RECHECK_INTERVAL_S, whether any of some files changed
-    (by inode, size or modification time, following links: a swapped-in file counts)."""
+    (by inode, size or modification time, following links: a swapped-in file counts),
+    and logs why a reload failed once per reason."""
 
     def __init__(self, paths: Iterable[str]) -> None:
         self._paths = [path for path in paths if path]
         self._lock = threading.Lock()
         self._checked_at = time.monotonic()
-        self._stamps = self._read_stamps()
+        self._stamps: list[tuple[int, int, int] | None] | None = self._read_stamps()
+        self._last_failure = ""
+
+    def reload_failed(self, reason: str) -> None:
+        """Look again at the next check even if nothing changes: a reload may have read
+        the files half-way through a rotation (a new certificate, the old key)."""
+        self._stamps = None
+        if reason != self._last_failure:
+            log.warning("%s; what was in force stays in force", reason)
+            self._last_failure = reason
+
+    def reloaded(self) -> None:
+        self._last_failure = ""
 
     def changed(self) -> bool:
         if not self._paths:
@@ -88,11 +102,12 @@ class BearerToken:
         try:
             token = Path(self._path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            log.warning("token file %s could not be read (%s); the previous token stays in force", self._path, type(error).__name__)
+            self._files.reload_failed(f"token file {self._path} could not be read ({type(error).__name__})")
             return
         if problem := token_problem(token):
-            log.warning("token file %s %s; the previous token stays in force", self._path, problem)
+            self._files.reload_failed(f"token file {self._path} {problem}")
             return
+        self._files.reloaded()
         if token != self._token:
             self._token = token
             log.info("token file %s changed; calls now need the new token", self._path)
@@ -117,14 +132,26 @@ class TlsCredentials:
         try:
             configuration = self._configuration()
         except ConfigError as error:
-            log.warning("%s; the previous certificate stays in force", error)
+            self._files.reload_failed(str(error))
             return None
+        self._files.reloaded()
         log.info("TLS files changed (%s); new connections use them", self._cert_file)
         return configuration
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The files as gRPC takes them, once they hold a certificate and its own key
+        (gRPC would refuse a mismatched pair at the handshake, or at start-up as a port
+        it cannot bind)."""
         key, chain = _pem(self._key_file, "tls_key_file", "PRIVATE KEY"), _pem(self._cert_file, "tls_cert_file", "CERTIFICATE")
         client_ca = _pem(self._ca_file, "tls_client_ca_file", "CERTIFICATE") if self._ca_file else None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self._cert_file, self._key_file, password=lambda: b"")  # an encrypted key fails here
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(f"[server].tls_key_file: {self._key_file} is not an unencrypted private key of the certificate in "
+                              f"{self._cert_file} ({getattr(error, 'reason', None) or error})") from None
+        if (Path(self._key_file).read_bytes(), Path(self._cert_file).read_bytes()) != (key, chain):
+            raise ConfigError(f"[server].tls_cert_file: {self._cert_file} changed while being read")
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
 
 
