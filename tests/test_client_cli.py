@@ -140,6 +140,7 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
         (["--port", "-1"], "error: --port: [server].port must be at least 0, got -1"),
         (["--port", "70000"], "error: --port: [server].port must be at most 65535, got 70000"),
         (["--metrics-port", "65536"], "error: --metrics-port: [server].metrics_port must be at most 65535, got 65536"),
+        (["--health-port", "-5"], "error: --health-port: [server].health_port must be at least 0, got -5"),
         (["--device", "gpu"], "error: --device: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
         (["--device", ""], "error: --device: [runtime].device must be a torch device"),
     ],
@@ -232,6 +233,16 @@ def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port),
                                "--data-dir", str(tmp_path / "data")])
     assert f"cannot bind metrics 127.0.0.1:{port}" in line
+
+
+def test_serve_on_a_busy_health_port_says_so_in_one_line(capsys, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", "--health-port", str(port),
+                               "--data-dir", str(tmp_path / "data")])
+    assert f"cannot bind health 127.0.0.1:{port}: is another server using the port?" in line
 
 
 def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsys, tmp_path):

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from explaind.client import Client, UnavailableError
+from conftest import free_port
+from explaind.client import Client, ExplaindError, UnavailableError
 from explaind.client.cli import main
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer
@@ -59,10 +60,11 @@ class Authority:
         return path
 
 
-def tls_server(tmp_path: Path, classifier_dir: Path, cert: Path, key: Path, client_ca: Path | None = None) -> ExplaindServer:
+def tls_server(tmp_path: Path, classifier_dir: Path, cert: Path, key: Path, client_ca: Path | None = None,
+               health_port: int = 0) -> ExplaindServer:
     config = default_config().replace("classifier", path=str(classifier_dir)).replace(
         "server", port=0, data_dir=str(tmp_path / "data"), tls_cert_file=str(cert), tls_key_file=str(key),
-        tls_client_ca_file=str(client_ca or ""))
+        tls_client_ca_file=str(client_ca or ""), health_port=health_port)
     server = ExplaindServer(config)
     server.start()
     server.load_models()
@@ -106,6 +108,23 @@ def test_mutual_tls_asks_every_client_for_a_certificate_its_ca_signed(tmp_path, 
         assert not answers(target, root_certificates=servers.file, certificate_chain=stranger_cert, private_key=stranger_key)
     finally:
         server.stop(0)
+
+
+def test_the_health_port_tells_plaintext_probes_whether_a_mutual_tls_server_serves_and_nothing_else(tmp_path, classifier_dir):
+    servers, clients = Authority(tmp_path, "servers"), Authority(tmp_path, "clients")
+    health_port = free_port()
+    server = tls_server(tmp_path, classifier_dir, *servers.issue("server"), client_ca=clients.file, health_port=health_port)
+    assert server.health_port == health_port
+    try:
+        with Client(f"127.0.0.1:{health_port}", timeout=5) as probe:
+            assert probe.health() == "SERVING"
+            with pytest.raises(ExplaindError, match="UNIMPLEMENTED|not implemented|Method not found"):
+                probe.model_metadata()  # the classifier stays behind mutual TLS
+        assert not answers(f"127.0.0.1:{server.port}", root_certificates=servers.file)
+    finally:
+        server.stop(0)
+    with Client(f"127.0.0.1:{health_port}", timeout=5) as probe, pytest.raises(UnavailableError):
+        probe.health()  # stopped with the server
 
 
 def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path, classifier_dir, caplog):

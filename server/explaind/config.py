@@ -64,7 +64,7 @@ _AT_LEAST_ONE = (
 # 0 means something here (any port, no metrics, no grace, the model's size, torch's
 # threads, keeping operations); below 0 nothing does.
 _NOT_NEGATIVE = (
-    "server.port", "server.metrics_port", "server.grace_period_s", "batching.max_queue_delay_ms",
+    "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "jobs.retention_days",
 )
 _MAX_PORT = 65535
@@ -80,6 +80,9 @@ class ServerSection:
     port: int = 50051
     # Prometheus /metrics over HTTP on the same host; 0 disables it.
     metrics_port: int = 0
+    # The gRPC health service alone, in plaintext, on the same host (for probes that
+    # cannot speak TLS, such as Kubernetes' gRPC probes); 0 disables it.
+    health_port: int = 0
     data_dir: str = "var/explaind"
     max_message_bytes: int = 64 * 1024 * 1024
     # Pixels the images of one Predict / CreateSampleSet / AppendSamples call may decode
@@ -357,7 +360,7 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [server].tls_client_ca_file needs TLS: set [server].tls_cert_file and .tls_key_file too")
     if config.server.token and config.server.token_file:
         raise ConfigError(f"{path}: set one of [server].token and [server].token_file, not both")
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "health_port"):
         if getattr(config.server, name) > _MAX_PORT:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")
     batching = config.batching

@@ -198,6 +198,7 @@ def _world_samples(scenario: str, split: str, count: int):
 # serve flags -> the config key each one overrides.
 _SERVE_OVERRIDES = {
     "host": ("server", "--host"), "port": ("server", "--port"), "metrics_port": ("server", "--metrics-port"),
+    "health_port": ("server", "--health-port"),
     "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
     "token_file": ("server", "--token-file"), "log_format": ("server", "--log-format"),
     "tls_cert_file": ("server", "--tls-cert-file"), "tls_key_file": ("server", "--tls-key-file"),
@@ -676,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: the config's [server].host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="gRPC port (default: [server].port, 50051)")
     serve.add_argument("--metrics-port", type=int, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
+    serve.add_argument("--health-port", type=int, dest="health_port",
+                       help="plaintext gRPC health port, for probes that cannot speak TLS (default: [server].health_port, 0 = off)")
     serve.add_argument("--data-dir", dest="data_dir", help="sample sets, jobs and artifacts (default: [server].data_dir, var/explaind)")
     serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), help="inference backend (default: [runtime].backend, eager)")
     serve.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: [runtime].device, cpu)")

@@ -77,6 +77,8 @@ class ExplaindServer:
         self.port = 0
         self.metrics_port = 0
         self._metrics_http = None
+        self.health_port = 0
+        self._health_grpc: grpc.Server | None = None
         self._grpc: grpc.Server | None = None
         self._stopped = threading.Event()
         self._closing = threading.Event()
@@ -102,11 +104,8 @@ class ExplaindServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.server(
-            ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes)],
-            options=options,
-        )
+        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes)
+        server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes), server)
@@ -126,9 +125,27 @@ class ExplaindServer:
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
             raise OSError(f"cannot bind {address}: is another server using the port?")
+        if settings.health_port:
+            self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port, interceptor)
         server.start()
         self._grpc = server
         return self.port
+
+    def _serve_health(self, host: str, port: int, interceptor: ServiceInterceptor) -> tuple[grpc.Server, int]:
+        """The health service alone, in plaintext on its own port: probes that cannot
+        speak TLS (kubelet's gRPC probes) still see whether a TLS server is SERVING."""
+        server = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="health"), interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+            raise OSError(f"cannot bind health {host}:{port}: is another server using the port?")
+        server.start()
+        return server, bound
 
     def load_models(self) -> None:
         """Load models (raises ModelLoadError naming the file), serve the stored active
@@ -182,6 +199,8 @@ class ExplaindServer:
         done = self._grpc.stop(grace + FINAL_STATE_MARGIN_S) if self._grpc is not None else threading.Event()
         self.engine.close(grace)
         done.wait(grace + 5)
+        if self._health_grpc is not None:  # last: probes see NOT_SERVING until the end
+            self._health_grpc.stop(0).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self._sweeper.is_alive():
@@ -207,7 +226,8 @@ def serve(config: Config) -> int:
         raise
     metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     tls = (" with mutual TLS" if config.server.tls_client_ca_file else " with TLS") if config.server.tls_cert_file else ""
-    log.info("listening on %s:%d%s%s (config: %s)", config.server.host, port, tls, metrics, config.source)
+    health_port = f", health (plaintext) {config.server.host}:{server.health_port}" if server.health_port else ""
+    log.info("listening on %s:%d%s%s%s (config: %s)", config.server.host, port, tls, metrics, health_port, config.source)
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
