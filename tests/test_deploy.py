@@ -220,6 +220,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     container = pod["spec"]["containers"][0]
     assert container["args"] == ["--device", "cuda"] and container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     assert serve_arguments(container).device == "cuda"
+    assert container["readinessProbe"]["grpc"]["port"] == {port["name"]: port["containerPort"] for port in container["ports"]}["grpc"]
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
     # Prometheus finds the metrics port the pod, the service and the image agree on.
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -247,6 +248,24 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     volume = next(volume for volume in secured["volumes"] if volume["name"] == mount["name"])
     assert volume["secret"] == {"secretName": "explaind-token", "items": [{"key": "token", "path": token_file.name}]}
     assert mount["readOnly"]
+
+    # TLS from a kubernetes.io/tls Secret; kubelet's plaintext gRPC probes ask the health port.
+    tls = rendered(chart_renderer, tlsSecret="explaind-tls", tlsClientCertificates=True)["StatefulSet"]["spec"]["template"]["spec"]
+    container = tls["containers"][0]
+    arguments = serve_arguments(container)
+    files = {Path(arguments.tls_cert_file), Path(arguments.tls_key_file), Path(arguments.tls_client_ca_file)}
+    assert {file.name for file in files} == {"tls.crt", "tls.key", "ca.crt"}  # the keys of a kubernetes.io/tls Secret
+    mount = next(mount for mount in container["volumeMounts"] if {Path(mount["mountPath"])} == {file.parent for file in files})
+    assert mount["readOnly"] and {"name": mount["name"], "secret": {"secretName": "explaind-tls"}} in tls["volumes"]
+    health = {port["name"]: port["containerPort"] for port in container["ports"]}["health"]
+    assert arguments.health_port == health != 50051
+    assert {container[probe]["grpc"]["port"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")} == {health}
+    one_way = rendered(chart_renderer, tlsSecret="explaind-tls")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert serve_arguments(one_way).tls_client_ca_file is None and serve_arguments(one_way).tls_cert_file
+    for values, message in (({"tlsClientCertificates": True}, "tlsClientCertificates needs tlsSecret"),
+                            ({"tlsSecret": "x", "config": '[server]\ntls_cert_file = "a.pem"\n'}, "tlsSecret and a config that sets [server].tls_*")):
+        refused = render_chart(chart_renderer, **values)
+        assert refused.returncode != 0 and message in refused.stderr, values
 
     refused = render_chart(chart_renderer, startupSeconds=5)
     assert refused.returncode != 0 and "startupSeconds must be a number of seconds, at least 10" in refused.stderr
