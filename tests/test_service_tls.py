@@ -127,6 +127,56 @@ def test_the_health_port_tells_plaintext_probes_whether_a_mutual_tls_server_serv
         probe.health()  # stopped with the server
 
 
+def test_open_health_watches_never_starve_the_probes(tmp_path, classifier_dir):
+    # Each Watch (no token needed) held a worker thread: two of them silenced the health
+    # port's two threads, so kubelet's probes timed out and the pod was restarted.
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), health_port=free_port(), max_workers=2)
+    server = ExplaindServer(config)
+    server.start()
+    server.load_models()
+    channels, watches = [], []
+    try:
+        for port in (server.health_port, server.port):  # two worker threads each
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            channels.append(channel)
+            started = time.monotonic()
+            for _ in range(4):
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=20)
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a third waited for the first's deadline
+                watches.append(watch)
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - started < 10, port
+    finally:
+        for watch in watches:
+            watch.cancel()
+        for channel in channels:
+            channel.close()
+        server.stop(0)
+
+
+def test_a_port_that_cannot_be_bound_frees_the_ones_already_bound(tmp_path, classifier_dir):
+    import socket
+
+    port, metrics_port = free_port(), free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+            "server", port=port, metrics_port=metrics_port, health_port=busy.getsockname()[1], data_dir=str(tmp_path / "data"))
+        server = ExplaindServer(config)
+        with pytest.raises(OSError, match="cannot bind health"):
+            server.start()
+        server.store.close()
+    for freed in (port, metrics_port):
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", freed))  # OSError (address in use) if the failed start kept it
+
+
 def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path, classifier_dir, caplog):
     # A mounted Kubernetes Secret: tls.crt -> ..data/tls.crt, ..data -> ..v1, and a renewal
     # swaps the ..data link to a new folder in one step.

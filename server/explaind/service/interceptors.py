@@ -75,6 +75,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
         if handler.unary_stream is not None:
+            if service in _PUBLIC_SERVICES and getattr(handler.unary_stream, "experimental_non_blocking", False):
+                # Health's Watch answers through callbacks and holds no worker thread;
+                # wrapped, every open Watch (no token needed) would hold one until all
+                # calls, probes included, wait. It stays unwrapped, so untimed.
+                return handler
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised))
         return handler
 

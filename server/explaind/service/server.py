@@ -121,15 +121,27 @@ class ExplaindServer:
                 self.port = server.add_insecure_port(address)
         except RuntimeError:
             self.port = 0
-        if self.port == 0:
-            if self._metrics_http is not None:
-                self._metrics_http.shutdown()
-            raise OSError(f"cannot bind {address}: is another server using the port?")
-        if settings.health_port:
-            self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port, interceptor)
+        try:
+            if self.port == 0:
+                raise OSError(f"cannot bind {address}: is another server using the port?")
+            if settings.health_port:
+                self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port, interceptor)
+        except OSError:
+            if self.port:  # gRPC frees a port only by stopping a started server
+                server.start()
+                server.stop(None).wait()
+            self._close_metrics_http()
+            raise
         server.start()
         self._grpc = server
         return self.port
+
+    def _close_metrics_http(self) -> None:
+        """Stop /metrics and free its port (shutdown alone leaves the socket bound)."""
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     def _serve_health(self, host: str, port: int, interceptor: ServiceInterceptor) -> tuple[grpc.Server, int]:
         """The health service alone, in plaintext on its own port: probes that cannot
@@ -141,8 +153,6 @@ class ExplaindServer:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            if self._metrics_http is not None:
-                self._metrics_http.shutdown()
             raise OSError(f"cannot bind health {host}:{port}: is another server using the port?")
         server.start()
         return server, bound
@@ -201,8 +211,7 @@ class ExplaindServer:
         done.wait(grace + 5)
         if self._health_grpc is not None:  # last: probes see NOT_SERVING until the end
             self._health_grpc.stop(0).wait()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+        self._close_metrics_http()
         if self._sweeper.is_alive():
             self._sweeper.join()  # before the store closes under it
         self.store.close()
