@@ -262,8 +262,13 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert {container[probe]["grpc"]["port"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")} == {health}
     one_way = rendered(chart_renderer, tlsSecret="explaind-tls")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     assert serve_arguments(one_way).tls_client_ca_file is None and serve_arguments(one_way).tls_cert_file
+    moved = rendered(chart_renderer, tlsSecret="explaind-tls", healthPort=50060)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert serve_arguments(moved).health_port == moved["livenessProbe"]["grpc"]["port"] == 50060
     for values, message in (({"tlsClientCertificates": True}, "tlsClientCertificates needs tlsSecret"),
-                            ({"tlsSecret": "x", "config": '[server]\ntls_cert_file = "a.pem"\n'}, "tlsSecret and a config that sets [server].tls_*")):
+                            ({"tlsSecret": "x", "config": '[server]\ntls_cert_file = "a.pem"\n'}, "set TLS with tlsSecret"),
+                            ({"config": '[server]\ntls_cert_file = "a.pem"\n'}, "set TLS with tlsSecret"),
+                            ({"tlsSecret": "x", "healthPort": 50051}, "healthPort must be a free port"),
+                            ({"tlsSecret": "x", "healthPort": 0}, "healthPort must be a free port")):
         refused = render_chart(chart_renderer, **values)
         assert refused.returncode != 0 and message in refused.stderr, values
 
