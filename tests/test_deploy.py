@@ -58,6 +58,12 @@ def exported_series() -> dict[str, set[str]]:
     return series
 
 
+def image_entrypoint() -> list[str]:
+    """The image's ENTRYPOINT (exec form), e.g. ["explaind", "serve", "--port", ...]."""
+    line = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
+    return json.loads(line.removeprefix("ENTRYPOINT"))
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
@@ -111,8 +117,7 @@ def test_dashboard_datasource_is_the_provisioned_prometheus():
 
 
 def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
-    entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
-    command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
+    command = image_entrypoint()
     metrics_port = command[command.index("--metrics-port") + 1]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert f"{metrics_port}:{metrics_port}" in compose["services"]["explaind"]["ports"]
@@ -136,8 +141,7 @@ def test_compose_healthcheck_passes_on_a_serving_server_only(server_factory, tmp
     from explaind.config import default_config
     from explaind.service import ExplaindServer
 
-    entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
-    command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
+    command = image_entrypoint()
     test = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
     address = f"127.0.0.1:{command[command.index('--port') + 1]}"
@@ -193,8 +197,7 @@ def serve_arguments(container: dict) -> argparse.Namespace:
     with every check the command line gets (one it refuses is SystemExit)."""
     from explaind.client.cli import parse_arguments
 
-    entrypoint = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
-    command = json.loads(entrypoint.removeprefix("ENTRYPOINT"))
+    command = image_entrypoint()
     assert command[:2] == ["explaind", "serve"]
     return parse_arguments([*command[1:], *container.get("args", [])])
 

@@ -217,15 +217,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     # One replace per section, so flags that only go together (--tls-cert-file and
     # --tls-key-file) are checked together; an error names the flag of the key it quotes.
-    given = [(key, section, flag) for key, (section, flag) in _SERVE_OVERRIDES.items() if getattr(args, key) is not None]
-    for section in dict.fromkeys(section for _, section, _ in given):
-        flags = {f"[{section}].{key}": flag for key, in_section, flag in given if in_section == section}
+    changes: dict[str, dict[str, object]] = {}
+    for key, (section, _flag) in _SERVE_OVERRIDES.items():
+        if getattr(args, key) is not None:
+            changes.setdefault(section, {})[key] = getattr(args, key)
+    for section, values in changes.items():
         try:
-            config = config.replace(section, **{key: getattr(args, key) for key, in_section, _ in given if in_section == section})
+            config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
             message = str(error).removeprefix(f"{config.source}: ")
-            named = [flag for key, flag in flags.items() if re.search(re.escape(key) + r"\b", message)] or list(flags.values())
-            raise CommandError(f"{named[0]}: {message}") from None
+            quoted = [key for key in values if re.search(rf"\[{section}\]\.{key}\b", message)] or list(values)
+            raise CommandError(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}") from None
     if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file):
         print("warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)", file=sys.stderr)
     try:

@@ -113,17 +113,8 @@ class ExplaindServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{settings.host}:{settings.port}"
-        try:  # grpcio raises RuntimeError for an address in use; older versions returned 0
-            if self._tls is not None:
-                self.port = server.add_secure_port(address, self._tls.server_credentials())
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
         try:
-            if self.port == 0:
-                raise OSError(f"cannot bind {address}: is another server using the port?")
+            self.port = _bind(server, f"{settings.host}:{settings.port}", self._tls.server_credentials() if self._tls else None)
             if settings.health_port:
                 self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port, interceptor)
         except OSError:
@@ -148,12 +139,7 @@ class ExplaindServer:
         speak TLS (kubelet's gRPC probes) still see whether a TLS server is SERVING."""
         server = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="health"), interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        try:
-            bound = server.add_insecure_port(f"{host}:{port}")
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise OSError(f"cannot bind health {host}:{port}: is another server using the port?")
+        bound = _bind(server, f"{host}:{port}", None, what="health ")
         server.start()
         return server, bound
 
@@ -219,6 +205,18 @@ class ExplaindServer:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, what: str = "") -> int:
+    """Bind ``address`` (host:port) with TLS ``credentials`` or in plaintext; the port, or
+    OSError naming the address."""
+    try:  # grpcio raises RuntimeError for an address in use; older versions returned 0
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind {what}{address}: is another server using the port?")
+    return port
 
 
 def serve(config: Config) -> int:
