@@ -225,24 +225,15 @@ def test_serve_logs_one_json_object_per_line_when_asked(server_factory):
         assert expected in messages, messages
 
 
-def test_serve_on_a_busy_metrics_port_says_so_in_one_line(capsys, tmp_path):
+@pytest.mark.parametrize(("flag", "message"), [("--metrics-port", "cannot bind metrics 127.0.0.1:{port}"),
+                                             ("--health-port", "cannot bind health 127.0.0.1:{port}: is another server using the port?")])
+def test_serve_on_a_busy_metrics_or_health_port_says_so_in_one_line(capsys, tmp_path, flag, message):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port),
-                               "--data-dir", str(tmp_path / "data")])
-    assert f"cannot bind metrics 127.0.0.1:{port}" in line
-
-
-def test_serve_on_a_busy_health_port_says_so_in_one_line(capsys, tmp_path):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", "--health-port", str(port),
-                               "--data-dir", str(tmp_path / "data")])
-    assert f"cannot bind health 127.0.0.1:{port}: is another server using the port?" in line
+        line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", flag, str(port), "--data-dir", str(tmp_path / "data")])
+    assert message.format(port=port) in line
 
 
 def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsys, tmp_path):
