@@ -1263,7 +1263,7 @@ def _intercepted_server(metrics: Metrics, behaviour):
 
     method = grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=lambda message: message.SerializeToString())
     handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method})
-    interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20)
+    interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20, max_streams=1)
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
     return server, server.add_insecure_port("127.0.0.1:0")
 

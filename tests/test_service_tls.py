@@ -127,9 +127,11 @@ def test_the_health_port_tells_plaintext_probes_whether_a_mutual_tls_server_serv
         probe.health()  # stopped with the server
 
 
-def test_open_health_watches_never_starve_the_probes(tmp_path, classifier_dir):
-    # Each Watch (no token needed) held a worker thread: two of them silenced the health
-    # port's two threads, so kubelet's probes timed out and the pod was restarted.
+def test_open_streams_never_starve_the_probes_or_the_shutdown(tmp_path, classifier_dir):
+    # Each open stream holds a worker thread, and health's Watch needs no token: two idle
+    # Watch streams silenced the health port's two threads, so kubelet's probes timed out.
+    import threading
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -138,24 +140,41 @@ def test_open_health_watches_never_starve_the_probes(tmp_path, classifier_dir):
     server = ExplaindServer(config)
     server.start()
     server.load_models()
-    channels, watches = [], []
+    main, probe = grpc.insecure_channel(f"127.0.0.1:{server.port}"), grpc.insecure_channel(f"127.0.0.1:{server.health_port}")
+    request, serving = health_pb2.HealthCheckRequest(), health_pb2.HealthCheckResponse.SERVING
     try:
-        for port in (server.health_port, server.port):  # two worker threads each
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            channels.append(channel)
-            started = time.monotonic()
-            for _ in range(4):
-                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=20)
-                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a third waited for the first's deadline
-                watches.append(watch)
-            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
-            assert check.status == health_pb2.HealthCheckResponse.SERVING
-            assert time.monotonic() - started < 10, port
+        with pytest.raises(grpc.RpcError) as refused:  # the probe port answers Check only
+            next(health_pb2_grpc.HealthStub(probe).Watch(request, timeout=5))
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # max_workers 2: one stream at a time; a second is refused, and calls still get a thread.
+        first = health_pb2_grpc.HealthStub(main).Watch(request, timeout=60)
+        assert next(first).status == serving
+        with pytest.raises(grpc.RpcError) as refused:
+            next(health_pb2_grpc.HealthStub(main).Watch(request, timeout=5))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for channel in (main, probe):
+            assert health_pb2_grpc.HealthStub(channel).Check(request, timeout=3).status == serving
+        first.cancel()
+        deadline = time.monotonic() + 10
+        while True:  # the slot comes back once the cancelled stream has ended on the server
+            try:
+                second = health_pb2_grpc.HealthStub(main).Watch(request, timeout=60)
+                assert next(second).status == serving
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)
+        # Shutting down with a stream open (and one just cancelled) ends.
+        second.cancel()
+        third = health_pb2_grpc.HealthStub(main).Watch(request, timeout=60)
+        stopper = threading.Thread(target=server.stop, args=(0,))
+        stopper.start()
+        stopper.join(30)
+        assert not stopper.is_alive(), "stop() hung on an open Watch stream"
+        third.cancel()
     finally:
-        for watch in watches:
-            watch.cancel()
-        for channel in channels:
-            channel.close()
+        main.close()
+        probe.close()
         server.stop(0)
 
 

@@ -13,6 +13,7 @@ counted OK.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,10 +61,15 @@ def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int) -> None:
+    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, max_streams: int) -> None:
+        """``max_streams``: server streams (WatchOperation, health's Watch) open at once.
+        Each holds a worker thread while open, and health's Watch needs no token, so
+        without a bound a few idle streams could leave no thread for any other call."""
         self._metrics = metrics
         self._token = token
         self._max_send_bytes = max_send_bytes
+        self._max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
@@ -75,11 +81,6 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
         if handler.unary_stream is not None:
-            if service in _PUBLIC_SERVICES and getattr(handler.unary_stream, "experimental_non_blocking", False):
-                # Health's Watch answers through callbacks and holds no worker thread;
-                # wrapped, every open Watch (no token needed) would hold one until all
-                # calls, probes included, wait. It stays unwrapped, so untimed.
-                return handler
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised))
         return handler
 
@@ -97,7 +98,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
                     observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
-                yield from observed.call_stream(behaviour, request, context)
+                if not self._streams.acquire(blocking=False):
+                    observed.abort("RESOURCE_EXHAUSTED", f"{self._max_streams} streams are open, the most this server keeps at once "
+                                   "(half of [server].max_workers); try again later")
+                try:
+                    yield from observed.call_stream(behaviour, request, context)
+                finally:
+                    self._streams.release()
 
         return handle
 

@@ -104,7 +104,7 @@ class ExplaindServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes)
+        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, max_streams=max(1, settings.max_workers // 2))
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
@@ -116,7 +116,7 @@ class ExplaindServer:
         try:
             self.port = _bind(server, f"{settings.host}:{settings.port}", self._tls.server_credentials() if self._tls else None)
             if settings.health_port:
-                self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port, interceptor)
+                self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port)
         except OSError:
             if self.port:  # gRPC frees a port only by stopping a started server
                 server.start()
@@ -134,11 +134,12 @@ class ExplaindServer:
             self._metrics_http.server_close()
             self._metrics_http = None
 
-    def _serve_health(self, host: str, port: int, interceptor: ServiceInterceptor) -> tuple[grpc.Server, int]:
-        """The health service alone, in plaintext on its own port: probes that cannot
-        speak TLS (kubelet's gRPC probes) still see whether a TLS server is SERVING."""
-        server = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="health"), interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+    def _serve_health(self, host: str, port: int) -> tuple[grpc.Server, int]:
+        """Health's Check alone, in plaintext on its own port: probes that cannot speak TLS
+        (kubelet's gRPC probes) still see whether a TLS server is SERVING. No Watch: a
+        stream would hold one of the port's few threads, which the probes need."""
+        server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), server)
         bound = _bind(server, f"{host}:{port}", None, what="health ")
         server.start()
         return server, bound
@@ -205,6 +206,16 @@ class ExplaindServer:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+class _ProbeHealth(health_pb2_grpc.HealthServicer):
+    """Check from the server's health servicer; Watch, inherited, is UNIMPLEMENTED."""
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
+        self._health = servicer
+
+    def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:  # noqa: N802
+        return self._health.Check(request, context)
 
 
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, what: str = "") -> int:
