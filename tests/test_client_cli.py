@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import re
@@ -505,3 +508,38 @@ def test_class_counts_fall_back_to_indices_when_the_server_cannot_name_them():
             raise UnavailableError("models are still loading")
 
     assert _named_counts(Restarting(), {5: 2, 0: 3}) == "0 3, 5 2"
+
+
+def test_info_prints_the_served_models_and_json_with_every_class(server, capsys):
+    assert main(["--target", server.target, "info"]) == 0
+    text = capsys.readouterr().out
+    assert main(["--target", server.target, "info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    with Client(server.target, timeout=30) as client:
+        meta = client.model_metadata()
+    assert info["class_names"] == meta.class_names and info["feature_dim"] == meta.feature_dim
+    assert info["components"]["classifier"]["loaded"] and info["limits"]["max_images_per_request"] == meta.limits.max_images_per_request
+    assert f"{len(meta.class_names)} classes: {', '.join(meta.class_names)}\n" in text  # few enough to name them all
+    classifier = meta.components["classifier"]
+    assert f"classifier  loaded: {classifier.detail}, from {classifier.source}\n" in text
+
+
+def test_info_names_the_first_classes_of_a_large_classifier():
+    # An ImageNet classifier's info printed 1000 names on one line.
+    from explaind.client._types import Component, ModelMetadata, RequestLimits
+    from explaind.client.cli import _print_metadata
+
+    meta = ModelMetadata(
+        name="resnet50", loader="export", class_names=[f"c{i}" for i in range(1000)], feature_layer="layer4", head="fc",
+        feature_dim=2048, image_size=224, model_version="v", backend="eager", device="cuda", supports_features=True,
+        components={"clip": Component("clip", False, "", "not configured")}, max_batch_size=32, limits=RequestLimits(0, 0, 0, 0),
+    )
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _print_metadata(meta)
+    listed = out.getvalue().splitlines()[1]
+    assert listed.startswith("            1000 classes: c0, c1,") and ", c19, ... and 980 more (--json lists them all)" in listed
+    assert "c20" not in listed
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _print_metadata(dataclasses.replace(meta, class_names=meta.class_names[:20]))
+    assert out.getvalue().splitlines()[1].endswith(", c19")
+    assert "clip        not loaded: not configured\n" in out.getvalue()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ._client import _STATES, DEFAULT_TARGET, Client
 from ._errors import ExplaindError
+from ._types import ModelMetadata
 
 
 class CommandError(Exception):
@@ -249,16 +250,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         meta = client.model_metadata()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(meta)))
+    else:
+        _print_metadata(meta)
+    return 0
+
+
+# An ImageNet classifier has 1000 classes: the text view names this many, --json all.
+_CLASSES_SHOWN = 20
+
+
+def _print_metadata(meta: ModelMetadata) -> None:
     print(f"classifier  {meta.name} ({meta.loader}), version {meta.model_version}, backend {meta.backend} on {meta.device}")
-    print(f"            {len(meta.class_names)} classes: {', '.join(meta.class_names)}")
+    names = ", ".join(meta.class_names[:_CLASSES_SHOWN])
+    if len(meta.class_names) > _CLASSES_SHOWN:
+        names += f", ... and {len(meta.class_names) - _CLASSES_SHOWN} more (--json lists them all)"
+    print(f"            {len(meta.class_names)} classes: {names}")
     print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size}")
     for component in meta.components.values():
-        print(f"{component.name:<11} {'loaded' if component.loaded else 'not loaded'}: {component.detail}")
+        origin = f", from {component.source}" if component.loaded and component.source else ""
+        print(f"{component.name:<11} {'loaded' if component.loaded else 'not loaded'}: {component.detail}{origin}")
     limits = meta.limits
     if limits.max_message_bytes:
         print(f"limits      {limits.max_message_bytes / 2**20:g} MiB per message, {limits.max_pixels_per_request / 2**20:g} Mi decoded pixels "
               f"per request, {limits.max_images_per_request} images per predict, sides up to {limits.max_image_side} px")
-    return 0
 
 
 def _named_counts(client: Client, counts: dict[int, int]) -> str:
@@ -700,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
-    command("info", "what the server serves").set_defaults(run=cmd_info)
+    info = command("info", "what the server serves")
+    info.add_argument("--json", action="store_true", help="print JSON (with every class name)")
+    info.set_defaults(run=cmd_info)
 
     sample_set = command("sample-set", "create, append to, list, show, delete sample sets")
     sample_set.add_argument("action", choices=("create", "append", "list", "show", "delete"))

@@ -500,7 +500,7 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:  # noqa: BLE001
         return _optional_failure("clip", source, f"cannot load CLIP ([clip]) from {source}: {type(error).__name__}: {error}", required)
-    return ComponentStatus("clip", True, source, type(model).__name__, (model.eval(), preprocess, tokenizer))
+    return ComponentStatus("clip", True, source, f"open_clip {section.model or type(model).__name__}", (model.eval(), preprocess, tokenizer))
 
 
 def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required: bool) -> ComponentStatus:
