@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -308,7 +309,7 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
     assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)
 
 
-def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, capsys, world_images):
+def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, capsys, world_images, tmp_path):
     # Absent classes were reported with accuracy 0.00, and the demo went on to explain one.
     images, labels = world_images
     names = ["circle", "square", "triangle", "star", "cross", "heart"]
@@ -326,6 +327,16 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     out = capsys.readouterr().out
     assert re.search(r"^per class: circle \d\.\d\d, heart \d\.\d\d; no samples of square, triangle, star, cross$", out, flags=re.M), out
     assert re.search(rf"^  mistake: sample {wrong} is heart, predicted circle", out, flags=re.M), out
+    grid = tmp_path / "grid.png"
+    assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--grid", str(grid)]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # nothing but the JSON on stdout
+    assert result["per_class_accuracy"] == pytest.approx(evaluation.per_class_accuracy)
+    assert result["class_counts"] == {"circle": given.count("circle"), "heart": given.count("heart")}
+    assert [(m["sample_index"], m["label"], m["predicted"], m["probability"]) for m in result["mistakes"]] == evaluation.mistakes  # floats round-trip exactly
+    assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted"]] == "circle" for m in result["mistakes"])
+    assert result["confusion_matrix"] == evaluation.confusion_matrix.tolist() and result["class_names"] == names
+    assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
@@ -543,3 +554,29 @@ def test_info_names_the_first_classes_of_a_large_classifier():
         _print_metadata(dataclasses.replace(meta, class_names=meta.class_names[:20]))
     assert out.getvalue().splitlines()[1].endswith(", c19")
     assert "clip        not loaded: not configured\n" in out.getvalue()
+
+
+def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_the_rest(capsys):
+    import numpy as np
+
+    from explaind.client._operations import Evaluation
+    from explaind.client.cli import _named_counts, _print_evaluation
+
+    names = [f"c{i}" for i in range(1000)]
+    accuracy = {name: (i % 7) / 7 for i, name in enumerate(names[:300])}  # 300 classes with samples
+    _print_evaluation(Evaluation(
+        sample_set_id="s", model_version="v", sample_count=600, accuracy=0.4, per_class_accuracy=accuracy,
+        confusion_matrix=np.zeros((1000, 1000), np.int64), mistakes=[(3, 1, 2, 0.9)],
+        class_counts={name: 2 if i < 300 else 0 for i, name in enumerate(names)}, class_names=names,
+    ))
+    line = capsys.readouterr().out.splitlines()[1]
+    worst = ", ".join(f"c{i} 0.00" for i in range(0, 140, 7))  # the 20 lowest, in class order among equals
+    assert line.startswith(f"per class, the 20 lowest of 300 (evaluate --json gives all): {worst}; no samples of c300, c301,"), line
+    assert line.endswith("c309 and 690 more")
+
+    class Server:
+        def model_metadata(self):
+            return types.SimpleNamespace(class_names=names)
+
+    assert _named_counts(Server(), {i: 1 for i in range(999, -1, -1)}) == ", ".join(f"c{i} 1" for i in range(20)) + ", ... and 980 more classes"
+    assert _named_counts(Server(), {i: 1 for i in range(20)}) == ", ".join(f"c{i} 1" for i in range(20))

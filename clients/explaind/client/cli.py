@@ -279,12 +279,17 @@ def _print_metadata(meta: ModelMetadata) -> None:
 
 def _named_counts(client: Client, counts: dict[int, int]) -> str:
     """``{0: 20, 5: 3}`` as "circle 20, heart 3" (the index where the served model has no
-    such class, or cannot say: the set is stored, whatever the names)."""
+    such class, or cannot say: the set is stored, whatever the names); the first
+    ``_CLASSES_SHOWN`` classes and how many more."""
     try:
         names = client.model_metadata().class_names
     except ExplaindError:
         names = []
-    return ", ".join(f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in sorted(counts.items())) or "none"
+    counted = sorted(counts.items())
+    text = ", ".join(f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in counted[:_CLASSES_SHOWN])
+    if len(counted) > _CLASSES_SHOWN:
+        text += f", ... and {len(counted) - _CLASSES_SHOWN} more classes"
+    return text or "none"
 
 
 def cmd_sample_set(args: argparse.Namespace) -> int:
@@ -327,8 +332,12 @@ def _print_evaluation(report) -> None:
     print(f"accuracy {report.accuracy:.3f} on {report.sample_count} samples (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
-    print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in report.per_class_accuracy.items())
-          + (f"; no samples of {listed}" if absent else ""))
+    scored = list(report.per_class_accuracy.items())
+    heading = "per class"
+    if len(scored) > _CLASSES_SHOWN:  # the classes to look at first: the worst, stable in class order
+        heading = f"per class, the {_CLASSES_SHOWN} lowest of {len(scored)} (evaluate --json gives all)"
+        scored = sorted(scored, key=lambda item: item[1])[:_CLASSES_SHOWN]
+    print(f"{heading}: " + ", ".join(f"{name} {acc:.2f}" for name, acc in scored) + (f"; no samples of {listed}" if absent else ""))
     names = report.class_names
     for index, label, predicted, probability in report.mistakes[:5]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
@@ -385,19 +394,38 @@ _RESULT_PRINTERS = {
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.grid:
         _require_writable(args.grid)
+    notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
         operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
-        print(f"started {operation.name}")
+        print(f"started {operation.name}", file=sys.stdout if args.no_wait else notes)
         if args.no_wait:
             return 0
         evaluation = operation.result(progress=True)
-        _print_evaluation(evaluation)
+        if args.json:
+            print(json.dumps(_evaluation_json(evaluation)))
+        else:
+            _print_evaluation(evaluation)
         if args.grid and not evaluation.mistakes:
-            print(f"no mistakes: {args.grid} not written")
+            print(f"no mistakes: {args.grid} not written", file=notes)
         elif args.grid:
             _write(args.grid, operation.artifact("mistakes.png"))
-            print(f"wrote {args.grid}")
+            print(f"wrote {args.grid}", file=notes)
     return 0
+
+
+def _evaluation_json(evaluation) -> dict:
+    """The evaluation as JSON: classes without samples are left out of ``class_counts``
+    and ``per_class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
+    objects, the confusion matrix is rows of counts (true label by row)."""
+    mistakes = [{"sample_index": i, "label": label, "predicted": predicted, "probability": probability}
+                for i, label, predicted, probability in evaluation.mistakes]
+    return {
+        "sample_set_id": evaluation.sample_set_id, "model_version": evaluation.model_version,
+        "sample_count": evaluation.sample_count, "accuracy": evaluation.accuracy,
+        "per_class_accuracy": evaluation.per_class_accuracy,
+        "class_counts": {name: count for name, count in evaluation.class_counts.items() if count},
+        "class_names": evaluation.class_names, "mistakes": mistakes, "confusion_matrix": evaluation.confusion_matrix.tolist(),
+    }
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -736,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
     evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class, every mistake, the confusion matrix)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     rank = command("rank", "rank the neurons behind a class's mistakes in a sample set (NeuroInspect)")
