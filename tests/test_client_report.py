@@ -46,6 +46,20 @@ def test_an_unchanged_worst_is_named_once_and_no_groups_means_no_group_rows():
     assert not [label for label in rows if "group" in label]
 
 
+def test_a_set_of_many_classes_shows_the_edited_class_and_the_largest_changes_then_the_rest_as_a_mean():
+    # An ImageNet-sized evaluation gave the table a row per class, a thousand of them.
+    names = [f"c{i}" for i in range(100)]
+    before = evaluation({name: 0.5 for name in names}, {})
+    changed = {"c7": 0.9, "c3": 0.1, "c50": 0.6, "c99": 0.45}  # changes 0.4, -0.4, 0.1, -0.05
+    after = evaluation({name: changed.get(name, 0.5) for name in names}, {})
+    rows = list(table(_evaluation_rows(before, after, edited_class="c42")).items())
+    classes = [label for label, _ in rows if label.startswith("class ")]
+    assert classes[:5] == ["class c42", "class c3", "class c7", "class c50", "class c99"]  # then the unchanged, in class order
+    assert len(classes) == 19 and classes[5:7] == ["class c0", "class c1"]
+    assert rows[-1] == ("the other 81 classes, mean", ["0.500", "0.500", "0.000"])
+    assert len(table(_evaluation_rows(before, evaluation({n: 0.5 for n in names[:20]}, {}), "c42"))) == 2 + 20  # 20 classes: every one
+
+
 SPURIOUS = assets.classifier_dir("spurious_background")
 
 

@@ -132,10 +132,21 @@ def _number(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation) -> str:
+# Class rows of the edit's table; an ImageNet-sized set would give a thousand.
+_CLASS_ROWS = 20
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the values that are numbers; NaN if none is."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return sum(numbers) / len(numbers) if numbers else math.nan
+
+
+def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class: str = "") -> str:
     """Overall, worst-class and worst-group accuracy (each version's own worst, which may
     be different classes or groups), then every group that was worst in either version
-    and every class, before and after."""
+    and every class, before and after. Beyond ``_CLASS_ROWS`` classes: the edited class
+    and those whose accuracy changed most, then the mean of the rest."""
 
     def worst(kind: str, old: str, new: str) -> str:
         return f"worst {kind} ({old})" if old == new else f"worst {kind} ({old} → {new})"
@@ -146,7 +157,18 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation) -> str:
         rows.append((worst("group", before.worst_group, after.worst_group), before.worst_group_accuracy, after.worst_group_accuracy))
         rows += [(f"group {group}", before.group_accuracy.get(group, math.nan), after.group_accuracy.get(group, math.nan))
                  for group in dict.fromkeys((before.worst_group, after.worst_group)) if group]
-    rows += [(f"class {name}", before.class_accuracy.get(name, math.nan), value) for name, value in after.class_accuracy.items()]
+    classes = [(name, before.class_accuracy.get(name, math.nan), value) for name, value in after.class_accuracy.items()]
+    rest: list[tuple[str, float, float]] = []
+    if len(classes) > _CLASS_ROWS:
+        def shown_first(row: tuple[str, float, float]) -> tuple[bool, float]:
+            name, old, new = row
+            return name != edited_class, 0.0 if math.isnan(old) else -abs(new - old)
+
+        classes.sort(key=shown_first)  # stable: equal changes stay in class order
+        classes, rest = classes[:_CLASS_ROWS - 1], classes[_CLASS_ROWS - 1:]
+    rows += [(f"class {name}", old, new) for name, old, new in classes]
+    if rest:
+        rows.append((f"the other {len(rest)} classes, mean", _mean([old for _, old, _ in rest]), _mean([new for _, _, new in rest])))
     return "".join(
         f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_number(a - b, 3) if not (math.isnan(a) or math.isnan(b)) else '–'}</td></tr>"
         for label, b, a in rows
@@ -214,7 +236,7 @@ def render_report(report: MistakeReport) -> str:
         )
         if version.evaluation is not None and version.parent_evaluation is not None:
             parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
-            parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation))
+            parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
             parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
     elif not ranking.neurons:
         parts.append("<p>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
