@@ -78,10 +78,38 @@ def test_health_serving_and_reflection_lists_services(server, client):
 def test_metadata_describes_the_split_classifier(client, world_model):
     meta = client.model_metadata()
     assert meta.class_names == list(world_model.config.class_names)
-    assert (meta.feature_layer, meta.head, meta.feature_dim, meta.image_size) == ("layer3", "fc", 128, 64)
+    assert (meta.feature_layer, meta.head, meta.feature_dim, meta.image_size, meta.resize_size) == ("layer3", "fc", 128, 64, 0)
     assert meta.supports_features and meta.backend == "eager"
     assert meta.components["classifier"].loaded
     assert not meta.components["clip"].loaded and meta.components["clip"].detail == "not configured"
+
+
+def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(server_factory, world_model, capsys):
+    # Predict and the jobs on stored samples fit images alike: what the model sees is the
+    # centre crop, whatever the image's aspect ratio.
+    from explaind.imaging import InputGeometry, decode_array
+
+    server = server_factory(classifier={"resize_size": 80})
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 96, 3), (120, 70, 3), (80, 80, 3), (50, 200, 3)] * 3]
+    labels = [i % 6 for i in range(len(pixels))]
+    with torch.inference_mode():
+        inputs = torch.stack([decode_array(p, field="x", geometry=InputGeometry(64, 80)) for p in pixels])
+        expected = torch.softmax(world_model(inputs), dim=1)
+    with Client(server.target, timeout=60) as client:
+        meta = client.model_metadata()
+        predictions = client.predict(pixels, top_k=6)
+        client.create_sample_set(pixels, labels, sample_set_id="shapes-of-all-sizes")
+        evaluation = client.evaluate_sample_set("shapes-of-all-sizes").result(timeout=60)
+    assert (meta.image_size, meta.resize_size) == (64, 80)
+    for prediction, probabilities in zip(predictions, expected, strict=True):
+        np.testing.assert_allclose(prediction.probabilities, probabilities[prediction.class_indices].numpy(), atol=1e-5)
+        assert prediction.class_indices[0] == int(probabilities.argmax())
+    confusion = np.zeros((6, 6), np.int64)
+    np.add.at(confusion, (labels, expected.argmax(1).numpy()), 1)
+    np.testing.assert_array_equal(evaluation.confusion_matrix, confusion)
+    assert cli_main(["--target", server.target, "info"]) == 0
+    assert "input 64x64 (shorter side resized to 80, centre crop)" in capsys.readouterr().out
 
 
 def test_predict_matches_in_process_forward(client, world_model, world_images):

@@ -30,7 +30,7 @@ from explaind.config import ClassifierSection, ConfigError, default_config, load
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.models import Preprocess, load_classifier
 from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
-from explaind.imaging import decode_array, decode_encoded, encode_png
+from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
@@ -245,9 +245,13 @@ def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(
     version = load_classifier(section)
     assert downloads == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
     assert (len(version.class_names), version.class_names[0], version.image_size, version.source) == (1000, "tench", 224, "ResNet18_Weights.IMAGENET1K_V1")
+    assert version.resize_size == 256  # the weights' evaluation transform: shorter side 256, centre crop 224
     assert version.feature_extractor.preprocess.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     explicit = load_classifier(dataclasses.replace(section, weights="ResNet18_Weights.IMAGENET1K_V1", class_names=tuple(f"c{i}" for i in range(1000)), image_size=64))
-    assert (explicit.class_names[0], explicit.image_size) == ("c0", 64)
+    assert (explicit.class_names[0], explicit.image_size, explicit.resize_size) == ("c0", 64, 256)
+    assert load_classifier(dataclasses.replace(section, resize_size=240)).resize_size == 240
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].resize_size 200 is below the input size 224: the centre crop would not fit"):
+        load_classifier(dataclasses.replace(section, resize_size=200))
     with pytest.raises(ModelLoadError, match=r"\[classifier\].weights 'IMAGENET1K_V9' is neither a file nor a weights name of torchvision's resnet18 \(IMAGENET1K_V1, DEFAULT\)"):
         load_classifier(dataclasses.replace(section, weights="IMAGENET1K_V9"))
     with pytest.raises(ModelLoadError, match=r"\[classifier\].name: torchvision has no model 'resnet19'"):
@@ -422,16 +426,22 @@ def test_feature_cache_is_per_feature_version(engine):
     torch.testing.assert_close(first.features, again.features)
     version = engine.models.active
     engine.activate(version.with_head(_constant_head(2)))  # head edit: cached features stay valid
-    assert len(engine.store.get_features(version.feature_version, first.digests)) == 10
+    assert len(engine.store.get_features(version.feature_cache_key, first.digests)) == 10
+    cropped = dataclasses.replace(version, resize_size=80)  # same h_b, images fitted otherwise: other features
+    assert cropped.feature_version == version.feature_version and cropped.feature_cache_key != version.feature_cache_key
+    engine.activate(cropped)
+    assert engine.store.get_features(version.feature_cache_key, first.digests) == {}
+    assert not torch.allclose(engine.sample_set_features("cached").features, first.features)
+    engine.activate(version)
+    torch.testing.assert_close(engine.sample_set_features("cached").features, first.features)
     changed = version.feature_extractor
     with torch.no_grad():
         changed.trunk.stem[0].weight.mul_(0.5)
-    import dataclasses
     from explaind.engine.models import _hash_module
 
     new_version = dataclasses.replace(version, feature_version=_hash_module(changed))
     engine.activate(new_version)  # new feature extractor: the old cache is dropped
-    assert engine.store.get_features(version.feature_version, first.digests) == {}
+    assert engine.store.get_features(version.feature_cache_key, first.digests) == {}
     recomputed = engine.sample_set_features("cached")
     assert not torch.allclose(recomputed.features, first.features)
 
@@ -479,13 +489,39 @@ def test_16_bit_greyscale_files_are_scaled_not_clipped():
         decode_encoded(_encoded(np.full((4, 4), 0.5, np.float32), "TIFF"), field="images[0].encoded")
 
 
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 333), (256, 256), (224, 224), (150, 200), (1000, 257)])
+def test_resize_and_centre_crop_give_what_torchvisions_evaluation_transform_gives(height, width):
+    # Images were only ever stretched to the input square: an ImageNet model saw other
+    # aspect ratios distorted, unlike in the pipeline its accuracy was measured with.
+    import torchvision
+
+    reference = torchvision.models.ResNet18_Weights.DEFAULT.transforms()  # Resize(256), CenterCrop(224), normalise
+    mean, std = torch.tensor(reference.mean)[:, None, None], torch.tensor(reference.std)[:, None, None]
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)) * std + mean  # back to [0, 1]
+    geometry = InputGeometry(224, 256)
+    for ours in (decode_encoded(encode_png(pixels), field="x", geometry=geometry), decode_array(pixels, field="x", geometry=geometry),
+                 decode_array(pixels.astype(np.float32) / 255, field="x", geometry=geometry)):
+        # torchvision resizes uint8 in float and rounds; we resize uint8 as uint8 (a large
+        # image never becomes float): at most one level of 255 apart.
+        assert ours.shape == (3, 224, 224) and (ours - expected).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_the_centre_crop_takes_the_middle_of_the_resized_image():
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    cropped = decode_array(pixels, field="x", geometry=InputGeometry(200, 300))  # the shorter side is already 300: no resampling
+    assert torch.equal(cropped, decode_array(np.ascontiguousarray(pixels[50:250, 100:300]), field="x"))
+    stretched = decode_array(pixels, field="x", geometry=InputGeometry(200))
+    assert stretched.shape == (3, 200, 200) and not torch.equal(stretched, cropped)
+
+
 def test_a_large_image_is_resized_before_it_becomes_float():
     # A 4096x4096 image as float32 is 192 MiB; decoded straight to the model's size it
     # never exists (its uint8 pixels are 48 MiB).
     data = encode_png(np.zeros((4096, 4096, 3), np.uint8))
     tracemalloc.start()
     try:
-        image = decode_encoded(data, field="images[0].encoded", size=64)
+        image = decode_encoded(data, field="images[0].encoded", geometry=InputGeometry(64, 80))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -61,11 +61,11 @@ _AT_LEAST_ONE = (
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
-# 0 means something here (any port, no metrics, no grace, the model's size, torch's
+# 0 means something here (any port, no metrics, no grace, the model's size, stretched images, torch's
 # threads, keeping operations); below 0 nothing does.
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "batching.max_queue_delay_ms",
-    "runtime.num_threads", "classifier.image_size", "jobs.retention_days",
+    "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days",
 )
 _MAX_PORT = 65535
 
@@ -152,6 +152,10 @@ class ClassifierSection:
     class_names_file: str = ""
     # Square input size; images of another size are resized (bilinear).
     image_size: int = 0
+    # 0: images are stretched to image_size. Else their shorter side is resized to this
+    # and the central image_size square cropped (torchvision's evaluation transform);
+    # torchvision weights by name bring theirs.
+    resize_size: int = 0
     # Normalisation applied before the model; empty = the model normalises itself.
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()

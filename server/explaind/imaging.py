@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,19 +76,52 @@ def _grey16_to_rgb8(values: np.ndarray, *, field: str) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def decode_encoded(data: bytes, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
-    """Encoded bytes -> (3, H, W) float32 in [0, 1]; with ``size``, (3, size, size), resized
-    while still uint8 so a large image never exists as float."""
-    return uint8_hwc_to_float_chw(_resize_uint8(decode_pixels(data, field=field, budget=budget), size))
+@dataclass(frozen=True)
+class InputGeometry:
+    """How an image of any size becomes the classifier's (size, size) input.
+
+    ``resize_size`` 0 resizes the whole image to (size, size), so other aspect ratios are
+    stretched. Otherwise the shorter side is resized to ``resize_size``, keeping the aspect
+    ratio, and the central (size, size) square is cropped: torchvision's evaluation
+    transform (``Resize(resize_size)``, ``CenterCrop(size)``; 256 then 224 for most ImageNet
+    weights), so a model sees what its reference pipeline would show it.
+    """
+
+    size: int
+    resize_size: int = 0
+
+    def fit(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 or float in [0, 1] -> (3, size, size), same dtype: bilinear with
+        antialiasing, as torchvision resizes tensors."""
+        height, width = image.shape[1:]
+        if self.resize_size:  # torchvision's output size for Resize(int): the long side truncated
+            short, long = min(height, width), max(height, width)
+            scaled = self.resize_size, int(self.resize_size * long / short)
+            target = scaled if height <= width else scaled[::-1]
+        else:
+            target = self.size, self.size
+        if (height, width) != target:
+            image = torch.nn.functional.interpolate(image[None], size=target, mode="bilinear", antialias=True, align_corners=False)[0]
+            if image.is_floating_point():
+                image = image.clamp_(0.0, 1.0)
+        if self.resize_size:  # torchvision's CenterCrop: offsets rounded half to even
+            top, left = round((target[0] - self.size) / 2.0), round((target[1] - self.size) / 2.0)
+            image = image[:, top:top + self.size, left:left + self.size]
+        return image
 
 
-def _resize_uint8(pixels: np.ndarray, size: int | None) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8: :func:`resize_square`'s filter, in uint8."""
-    if size is None or pixels.shape[:2] == (size, size):
+def decode_encoded(data: bytes, *, field: str, geometry: InputGeometry | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
+    """Encoded bytes -> (3, H, W) float32 in [0, 1]; with ``geometry``, (3, size, size),
+    resized while still uint8 so a large image never exists as float."""
+    return uint8_hwc_to_float_chw(_fit_uint8(decode_pixels(data, field=field, budget=budget), geometry))
+
+
+def _fit_uint8(pixels: np.ndarray, geometry: InputGeometry | None) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 by ``geometry``, resized as uint8."""
+    if geometry is None or (pixels.shape[:2] == (geometry.size, geometry.size) and not geometry.resize_size):
         return pixels
-    channels_last = torch.from_numpy(np.require(pixels, requirements=("C", "W"))).permute(2, 0, 1)[None]
-    resized = torch.nn.functional.interpolate(channels_last, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].permute(1, 2, 0).numpy()
+    channels_last = torch.from_numpy(np.require(pixels, requirements=("C", "W"))).permute(2, 0, 1)
+    return geometry.fit(channels_last).permute(1, 2, 0).numpy()
 
 
 def uint8_hwc_to_float_chw(pixels: np.ndarray) -> torch.Tensor:
@@ -100,8 +134,8 @@ def uint8_hwc_to_float_chw(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.divide(pixels.transpose(2, 0, 1), np.float32(255), dtype=np.float32, order="C"))
 
 
-def decode_array(array: np.ndarray, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
-    """A raw pixel array -> (3, H, W) float32 in [0, 1]; with ``size``, (3, size, size).
+def decode_array(array: np.ndarray, *, field: str, geometry: InputGeometry | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
+    """A raw pixel array -> (3, H, W) float32 in [0, 1]; with ``geometry``, (3, size, size).
 
     Accepts uint8 (H, W, 3) in [0, 255], or float (3, H, W) / (H, W, 3) in [0, 1].
     uint8 pixels are resized as :func:`decode_encoded` does, so a PNG and its raw pixels
@@ -115,7 +149,7 @@ def decode_array(array: np.ndarray, *, field: str, size: int | None = None, budg
         if array.shape[2] != 3:
             raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
         _check_side(array.shape[1], array.shape[0], field, budget)
-        return uint8_hwc_to_float_chw(_resize_uint8(array, size))
+        return uint8_hwc_to_float_chw(_fit_uint8(array, geometry))
     if array.dtype in (np.float16, np.float32):
         if array.shape[0] != 3 and array.shape[2] != 3:
             raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=field)
@@ -131,7 +165,7 @@ def decode_array(array: np.ndarray, *, field: str, size: int | None = None, budg
         if low < -1e-3 or high > 1 + 1e-3:
             raise InvalidArgument(f"float pixels must lie in [0, 1], got [{low:.3g}, {high:.3g}] (normalisation happens on the server)", field=field)
         tensor = tensor.clamp(0.0, 1.0)
-        return tensor if size is None else resize_square(tensor, size)
+        return tensor if geometry is None else geometry.fit(tensor)
     raise InvalidArgument(f"unsupported dtype {array.dtype}; use uint8, float16 or float32", field=field)
 
 
@@ -155,14 +189,6 @@ def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field:
     if expected != len(data):
         raise InvalidArgument(f"shape {shape} of {dtype} needs {expected} bytes, got {len(data)}", field=f"{field}.data")
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
-
-
-def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) -> (3, size, size), bilinear with antialiasing; unchanged if already that size."""
-    if image.shape[1] == size and image.shape[2] == size:
-        return image
-    resized = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].clamp_(0.0, 1.0)
 
 
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:

@@ -251,6 +251,7 @@ class Client:
                 response.limits.max_message_bytes, response.limits.max_pixels_per_request, response.limits.max_images_per_request,
                 response.limits.max_image_side,
             ),
+            resize_size=c.resize_size,
         )
 
     # Predict -------------------------------------------------------------------------

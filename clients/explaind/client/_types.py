@@ -63,6 +63,9 @@ class ModelMetadata:
     components: dict[str, Component]
     max_batch_size: int
     limits: RequestLimits
+    # 0: images are stretched to image_size; else their shorter side is resized to this and
+    # the central image_size square cropped.
+    resize_size: int = 0
 
 
 @dataclass(frozen=True)

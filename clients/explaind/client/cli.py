@@ -267,7 +267,8 @@ def _print_metadata(meta: ModelMetadata) -> None:
     if len(meta.class_names) > _CLASSES_SHOWN:
         names += f", ... and {len(meta.class_names) - _CLASSES_SHOWN} more (--json lists them all)"
     print(f"            {len(meta.class_names)} classes: {names}")
-    print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size}")
+    fit = f"shorter side resized to {meta.resize_size}, centre crop" if meta.resize_size else "images stretched to it"
+    print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size} ({fit})")
     for component in meta.components.values():
         origin = f", from {component.source}" if component.loaded and component.source else ""
         print(f"{component.name:<11} {'loaded' if component.loaded else 'not loaded'}: {component.detail}{origin}")

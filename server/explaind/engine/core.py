@@ -152,8 +152,8 @@ class Engine:
                 fn(torch.rand(2, 3, version.image_size, version.image_size, device=self.device))
                 self._feature_fns[version.feature_version] = fn
         previous = self.models.activate(version)
-        if previous is None or previous.feature_version != version.feature_version:
-            dropped = self.store.retain_features(version.feature_version)
+        if previous is None or previous.feature_cache_key != version.feature_cache_key:
+            dropped = self.store.retain_features(version.feature_cache_key)
             if dropped:
                 log.info("feature cache: dropped %d entries of other model versions", dropped)
         self.metrics.model_info.info(
@@ -249,9 +249,11 @@ class Engine:
                 raise InvalidArgument(f"label {sample.label} is not a class index in [0, {num_classes})", field=f"samples[{index}].label")
         return [SampleRecord(put(s.encoded), s.label, dict(s.attributes)) for s in samples]
 
-    def load_sample_image(self, digest: str) -> torch.Tensor:
-        """A stored sample as (3, S, S) in [0, 1] at the model's input size."""
-        return decode_encoded(self.store.get_blob(digest), field=f"sample {digest[:12]}", size=self.models.active.image_size)
+    def load_sample_image(self, digest: str, version: ClassifierVersion | None = None) -> torch.Tensor:
+        """A stored sample as (3, S, S) in [0, 1], fitted to the input of ``version`` (the
+        active one by default)."""
+        geometry = (version or self.models.active).input_geometry
+        return decode_encoded(self.store.get_blob(digest), field=f"sample {digest[:12]}", geometry=geometry)
 
     def sample_set_features(
         self,
@@ -272,7 +274,7 @@ class Engine:
         self.usable_sample_set(sample_set_id, field)
         records = self.store.list_samples(sample_set_id)
         digests = [record.digest for record in records]
-        cached = self.store.get_features(version.feature_version, digests)
+        cached = self.store.get_features(version.feature_cache_key, digests)
         missing = [digest for digest in dict.fromkeys(digests) if digest not in cached]
         self.metrics.feature_cache_hits.inc(len(digests) - len(missing))
         self.metrics.feature_cache_misses.inc(len(missing))
@@ -283,10 +285,10 @@ class Engine:
                 context.raise_if_cancelled()
                 context.report_progress(start, len(missing), f"computing features {start}/{len(missing)}")
             chunk = missing[start : start + batch_size]
-            images = torch.stack([self.load_sample_image(digest) for digest in chunk]).to(self.device)
+            images = torch.stack([self.load_sample_image(digest, version) for digest in chunk]).to(self.device)
             computed = fn(images).float().cpu().numpy()
             fresh = dict(zip(chunk, computed, strict=True))
-            self.store.put_features(version.feature_version, fresh)
+            self.store.put_features(version.feature_cache_key, fresh)
             cached.update(fresh)
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import ClassifierSection, ClipSection, DiffusionSection
 from ..errors import ModelLoadError
+from ..imaging import InputGeometry
 
 
 class Preprocess(nn.Module):
@@ -92,11 +93,24 @@ class ClassifierVersion:
     feature_version: str
     head_version: str
     predict_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # 0: images are stretched to image_size; else shorter side to this, then centre crop.
+    resize_size: int = 0
     _tap: _LayerTap | None = field(default=None, repr=False, compare=False)
 
     @property
     def version(self) -> str:
         return f"{self.feature_version[:12]}.{self.head_version[:8]}"
+
+    @property
+    def input_geometry(self) -> InputGeometry:
+        """How images of any size become this model's (image_size, image_size) input."""
+        return InputGeometry(self.image_size, self.resize_size)
+
+    @property
+    def feature_cache_key(self) -> str:
+        """What a stored image's cached features depend on: h_b and how the image is fitted
+        to its input (a head version's identity, ``feature_version``, is h_b's alone)."""
+        return hashlib.sha256(f"{self.feature_version}:{self.image_size}:{self.resize_size}".encode()).hexdigest()
 
     @property
     def supports_features(self) -> bool:
@@ -172,9 +186,11 @@ def split_classifier(
     head: str,
     class_names: tuple[str, ...],
     image_size: int,
+    resize_size: int = 0,
     preprocess: Preprocess,
 ) -> ClassifierVersion:
     """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``."""
+    _check_resize_size(resize_size, image_size)
     head_module = _require_module(model, head, "head", source)
     tapped = _require_module(model, feature_layer, "feature_layer", source)
     if not isinstance(head_module, nn.Linear):
@@ -204,8 +220,15 @@ def split_classifier(
         head=head_module,
         feature_version=_hash_module(extractor),
         head_version=_hash_module(head_module),
+        resize_size=resize_size,
         _tap=_LayerTap(tapped),
     )
+
+
+def _check_resize_size(resize_size: int, image_size: int) -> None:
+    if resize_size and resize_size < image_size:
+        raise ModelLoadError(f"[classifier].resize_size {resize_size} is below the input size {image_size}: the centre crop "
+                             "would not fit (0 stretches whole images to the input size instead)")
 
 
 def load_classifier(section: ClassifierSection, *, device: str | torch.device = "cpu") -> ClassifierVersion:
@@ -274,13 +297,14 @@ def _load_world(section: ClassifierSection) -> ClassifierVersion:
         head=section.head or config.head,
         class_names=tuple(section.class_names) or tuple(config.class_names),
         image_size=section.image_size or config.image_size,
+        resize_size=section.resize_size,
         preprocess=Preprocess(section.mean, section.std),
     )
 
 
 def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     """A torchvision architecture with a state-dict file, or with torchvision weights by
-    name (then with their class names, input size and normalisation unless configured)."""
+    name (then with their class names, input size, resize and normalisation unless configured)."""
     import torchvision
 
     if not section.name:
@@ -290,6 +314,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         model, weights = _torchvision_pretrained(section)
         transforms = weights.transforms()
         source, image_size, mean, std = str(weights), transforms.crop_size[0], tuple(transforms.mean), tuple(transforms.std)
+        resize_size = transforms.resize_size[0]
         class_names = _class_names(section, None) if section.class_names or section.class_names_file else tuple(weights.meta["categories"])
     else:
         path = _require_file(section.weights, "weights file")
@@ -297,7 +322,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         class_names = _class_names(section, state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None)
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
         model.load_state_dict(state)
-        source, image_size, mean, std = str(path), 224, (), ()
+        source, image_size, mean, std, resize_size = str(path), 224, (), (), 0
     return split_classifier(
         model,
         name=section.name,
@@ -307,6 +332,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         head=head,
         class_names=class_names,
         image_size=section.image_size or image_size,
+        resize_size=section.resize_size or resize_size,
         preprocess=Preprocess(section.mean or mean, section.std or std),
     )
 
@@ -373,6 +399,7 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
         head=head,
         class_names=_class_names(section, model.get_submodule(head).out_features),
         image_size=image_size,
+        resize_size=section.resize_size,
         preprocess=preprocess,
     )
 
@@ -414,12 +441,14 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
         head=section.head,
         class_names=_class_names(section, getattr(head, "out_features", 0)),  # a missing head is reported by the split
         image_size=section.image_size or 224,
+        resize_size=section.resize_size,
         preprocess=Preprocess(section.mean, section.std),
     )
 
 
 def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
     image_size = section.image_size or 224
+    _check_resize_size(section.resize_size, image_size)
     probe = fn(torch.zeros(1, 3, image_size, image_size))
     digest = _hash_file(path)
     return ClassifierVersion(
@@ -435,6 +464,7 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Cal
         feature_version=digest,
         head_version=digest,
         predict_fn=fn,
+        resize_size=section.resize_size,
     )
 
 

@@ -13,7 +13,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 
 from ..engine import NewSample
 from ..errors import InvalidArgument
-from ..imaging import PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
+from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JobSnapshot
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
 
@@ -33,14 +33,14 @@ STATE_NAMES = {value: key for key, value in _STATES.items()}
 OPERATION_PREFIX = "operations/"
 
 
-def decode_image(image: common_pb2.Image, *, field: str, size: int | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
-    """An Image message -> (3, H, W) float32 in [0, 1] ((3, size, size) with ``size``);
+def decode_image(image: common_pb2.Image, *, field: str, geometry: InputGeometry | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
+    """An Image message -> (3, H, W) float32 in [0, 1] (fitted to ``geometry`` if given);
     INVALID_ARGUMENT naming ``field``."""
     kind = image.WhichOneof("data")
     if kind == "encoded":
-        return decode_encoded(image.encoded, field=f"{field}.encoded", size=size, budget=budget)
+        return decode_encoded(image.encoded, field=f"{field}.encoded", geometry=geometry, budget=budget)
     if kind == "tensor":
-        return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor", size=size, budget=budget)
+        return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor", geometry=geometry, budget=budget)
     raise InvalidArgument("image has neither encoded bytes nor a tensor", field=field)
 
 

@@ -26,8 +26,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if len(request.images) > limit:
             raise InvalidArgument(f"{len(request.images)} images exceed the limit of {limit} per request; split them into several calls", field="images")
         # Each image is resized as it is decoded: the request never holds full-size floats.
-        size, budget = self._engine.models.active.image_size, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
-        images = torch.stack([convert.decode_image(image, field=f"images[{i}]", size=size, budget=budget) for i, image in enumerate(request.images)])
+        geometry, budget = self._engine.models.active.input_geometry, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
+        images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
         future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features)
         context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
         try:
@@ -59,6 +59,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 head=version.head_name,
                 feature_dim=version.feature_dim,
                 image_size=version.image_size,
+                resize_size=version.resize_size,
                 model_version=version.version,
                 backend=engine.config.runtime.backend,
                 device=str(engine.device),
