@@ -429,6 +429,7 @@ def test_feature_cache_is_per_feature_version(engine):
     assert len(engine.store.get_features(version.feature_cache_key, first.digests)) == 10
     cropped = dataclasses.replace(version, resize_size=80)  # same h_b, images fitted otherwise: other features
     assert cropped.feature_version == version.feature_version and cropped.feature_cache_key != version.feature_cache_key
+    assert dataclasses.replace(version, image_size=48).feature_cache_key != version.feature_cache_key  # features at another size
     engine.activate(cropped)
     assert engine.store.get_features(version.feature_cache_key, first.digests) == {}
     assert not torch.allclose(engine.sample_set_features("cached").features, first.features)
