@@ -337,6 +337,10 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted"]] == "circle" for m in result["mistakes"])
     assert result["confusion_matrix"] == evaluation.confusion_matrix.tolist() and result["class_names"] == names
     assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
+    assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--no-wait"]) == 0
+    started = json.loads(capsys.readouterr().out)["name"]
+    with Client(server.target, timeout=30) as client:
+        assert client.operation(started).result(timeout=60).confusion_matrix.tolist() == result["confusion_matrix"]
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):

@@ -109,7 +109,7 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     np.add.at(confusion, (labels, expected.argmax(1).numpy()), 1)
     np.testing.assert_array_equal(evaluation.confusion_matrix, confusion)
     assert cli_main(["--target", server.target, "info"]) == 0
-    assert "input 64x64 (shorter side resized to 80, centre crop)" in capsys.readouterr().out
+    assert "input 64x64 (shorter side resized to 80, centre crop, bilinear)" in capsys.readouterr().out
 
 
 def test_predict_matches_in_process_forward(client, world_model, world_images):

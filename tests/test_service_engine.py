@@ -245,13 +245,21 @@ def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(
     version = load_classifier(section)
     assert downloads == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
     assert (len(version.class_names), version.class_names[0], version.image_size, version.source) == (1000, "tench", 224, "ResNet18_Weights.IMAGENET1K_V1")
-    assert version.resize_size == 256  # the weights' evaluation transform: shorter side 256, centre crop 224
+    assert (version.resize_size, version.interpolation) == (256, "bilinear")  # the weights' evaluation transform
     assert version.feature_extractor.preprocess.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     explicit = load_classifier(dataclasses.replace(section, weights="ResNet18_Weights.IMAGENET1K_V1", class_names=tuple(f"c{i}" for i in range(1000)), image_size=64))
-    assert (explicit.class_names[0], explicit.image_size, explicit.resize_size) == ("c0", 64, 256)
+    assert (explicit.class_names[0], explicit.image_size, explicit.resize_size) == ("c0", 64, 73)  # 256:224 at 64
     assert load_classifier(dataclasses.replace(section, resize_size=240)).resize_size == 240
+    assert load_classifier(dataclasses.replace(section, resize_size=0)).resize_size == 0  # a config may still stretch
+    larger = load_classifier(dataclasses.replace(section, image_size=288))
+    assert (larger.image_size, larger.resize_size) == (288, 329)  # the weights' 256:224, at 288
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].resize_size 200 is below the input size 224: the centre crop would not fit"):
         load_classifier(dataclasses.replace(section, resize_size=200))
+    assert load_classifier(dataclasses.replace(section, interpolation="bicubic")).interpolation == "bicubic"
+    with monkeypatch.context() as patch:
+        patch.setattr(WeightsEnum, "get_state_dict", lambda weights, *a, **k: torchvision.models.efficientnet_b0().state_dict())
+        bicubic = load_classifier(ClassifierSection(loader="torchvision", name="efficientnet_b0", weights="DEFAULT", feature_layer="features", head="classifier.1"))
+    assert (bicubic.image_size, bicubic.resize_size, bicubic.interpolation) == (224, 256, "bicubic")
     with pytest.raises(ModelLoadError, match=r"\[classifier\].weights 'IMAGENET1K_V9' is neither a file nor a weights name of torchvision's resnet18 \(IMAGENET1K_V1, DEFAULT\)"):
         load_classifier(dataclasses.replace(section, weights="IMAGENET1K_V9"))
     with pytest.raises(ModelLoadError, match=r"\[classifier\].name: torchvision has no model 'resnet19'"):
@@ -405,6 +413,15 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
     np.testing.assert_array_equal(got.class_indices, want.class_indices)
     assert any((tmp_path / "ort" / "data" / "compiled").glob("features-*.onnx"))
     ort_engine.close()
+    ort_engine.store.close()
+    # A restart at another input size exports again: the cached graph's height and width are fixed.
+    config = ort_engine.config.replace("classifier", image_size=48)
+    smaller = Engine(config, SQLiteStore(tmp_path / "ort" / "data"), Metrics())
+    smaller.load()
+    assert smaller.predict(torch.rand(2, 3, 48, 48), top_k=1, return_features=True).features.shape == (2, 128)
+    assert len(list((tmp_path / "ort" / "data" / "compiled").glob("features-*.onnx"))) == 2
+    smaller.close()
+    smaller.store.close()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
@@ -490,22 +507,53 @@ def test_16_bit_greyscale_files_are_scaled_not_clipped():
         decode_encoded(_encoded(np.full((4, 4), 0.5, np.float32), "TIFF"), field="images[0].encoded")
 
 
+@pytest.mark.parametrize("weights", ["ResNet18_Weights", "EfficientNet_B0_Weights"])  # bilinear, bicubic
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 333), (256, 256), (224, 224), (150, 200), (1000, 257)])
-def test_resize_and_centre_crop_give_what_torchvisions_evaluation_transform_gives(height, width):
+def test_resize_and_centre_crop_give_what_torchvisions_evaluation_transform_gives(weights, height, width, world_images):
     # Images were only ever stretched to the input square: an ImageNet model saw other
     # aspect ratios distorted, unlike in the pipeline its accuracy was measured with.
     import torchvision
 
-    reference = torchvision.models.ResNet18_Weights.DEFAULT.transforms()  # Resize(256), CenterCrop(224), normalise
+    reference = getattr(torchvision.models, weights).DEFAULT.transforms()  # Resize(256), CenterCrop(224), normalise
     mean, std = torch.tensor(reference.mean)[:, None, None], torch.tensor(reference.std)[:, None, None]
-    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)) * std + mean  # back to [0, 1]
+    scene = torch.nn.functional.interpolate(world_images[0][:1], size=(height, width), mode="bilinear")[0]  # a picture, not noise
+    pictures = [scene.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()]
+    if reference.interpolation.value == "bilinear":  # and noise, but not for bicubic, see below
+        pictures.append(np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    geometry = InputGeometry(reference.crop_size[0], reference.resize_size[0], reference.interpolation.value)
+    for pixels in pictures:
+        expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)) * std + mean  # back to [0, 1]
+        for ours in (decode_encoded(encode_png(pixels), field="x", geometry=geometry), decode_array(pixels, field="x", geometry=geometry),
+                     decode_array(pixels.astype(np.float32) / 255, field="x", geometry=geometry)):
+            # torchvision resizes uint8 in float and rounds; we resize uint8 as uint8 (a large
+            # image never becomes float): at most one level of 255 apart. (Bicubic overshoots
+            # on pixel noise, and the uint8 kernel clips between its two passes: up to 10
+            # levels on 0.3 % of a noise image's pixels.)
+            assert ours.shape == (3, 224, 224) and (ours - expected).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_an_extreme_aspect_ratio_resizes_only_the_middle_the_crop_keeps(monkeypatch):
+    # A 1x4096 strip was resized whole to 256x1048576 first: 3 s and 2 GiB for one image.
+    import explaind.imaging
+
     geometry = InputGeometry(224, 256)
-    for ours in (decode_encoded(encode_png(pixels), field="x", geometry=geometry), decode_array(pixels, field="x", geometry=geometry),
-                 decode_array(pixels.astype(np.float32) / 255, field="x", geometry=geometry)):
-        # torchvision resizes uint8 in float and rounds; we resize uint8 as uint8 (a large
-        # image never becomes float): at most one level of 255 apart.
-        assert ours.shape == (3, 224, 224) and (ours - expected).abs().max() <= 1 / 255 + 1e-6
+    tracemalloc.start()
+    try:
+        strip = decode_encoded(encode_png(np.full((1, 4096, 3), 200, np.uint8)), field="x", geometry=geometry)
+        float_strip = decode_array(np.full((3, 4096, 1), 0.5, np.float32), field="x", geometry=geometry)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert strip.shape == float_strip.shape == (3, 224, 224) and float_strip.is_contiguous()
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    # Where the whole image can still be resized, the middle alone gives nearly what it gives.
+    for pixels in (np.random.default_rng(0).integers(0, 256, (30, 3000, 3), dtype=np.uint8),
+                   np.random.default_rng(1).integers(0, 256, (2999, 31, 3), dtype=np.uint8)):
+        middle = decode_array(pixels, field="x", geometry=geometry)
+        monkeypatch.setattr(explaind.imaging, "_MAX_RESIZED_SIDE", 10**9)
+        whole = decode_array(pixels, field="x", geometry=geometry)
+        monkeypatch.undo()
+        assert (middle - whole).abs().max() <= 3 / 255 and (middle - whole).abs().mean() < 0.5 / 255
 
 
 def test_the_centre_crop_takes_the_middle_of_the_resized_image():
@@ -833,6 +881,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         load_config(path)
     good = load_config(write_config(tmp_path / "good.toml", classifier_dir, runtime={"backend": "onnxruntime"}))
     assert good.runtime.backend == "onnxruntime" and good.classifier.path == str(classifier_dir) and good.clip.path == ""
+    assert good.classifier.resize_size is None  # unset: the model's own
+    assert load_config(write_config(tmp_path / "crop.toml", classifier_dir, classifier={"resize_size": 0})).classifier.resize_size == 0
 
 
 @pytest.mark.parametrize(
@@ -851,6 +901,10 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
         ({"runtime": {"device": "gpu0"}}, r"\[runtime\].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu0'"),
         ({"classifier": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"\[classifier\].std must hold positive numbers"),
+        ({"classifier": {"resize_size": -1}}, r"\[classifier\].resize_size must be at least 0, got -1"),
+        ({"classifier": {"resize_size": "256"}}, r"\[classifier\].resize_size must be a number, got '256'"),
+        ({"classifier": {"resize_size": 256.5}}, r"\[classifier\].resize_size must be an integer, got 256.5"),
+        ({"classifier": {"interpolation": "nearest"}}, r"\[classifier\].interpolation must be one of \('bilinear', 'bicubic'\), got 'nearest'"),
         ({"batching": {"max_queue_size": 64}}, r"\[batching\].max_images_per_request \(1024\) must not exceed "
                                                 r"\[batching\].max_queue_size \(64\)"),
     ],

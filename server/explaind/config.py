@@ -153,9 +153,12 @@ class ClassifierSection:
     # Square input size; images of another size are resized (bilinear).
     image_size: int = 0
     # 0: images are stretched to image_size. Else their shorter side is resized to this
-    # and the central image_size square cropped (torchvision's evaluation transform);
-    # torchvision weights by name bring theirs.
-    resize_size: int = 0
+    # and the central image_size square cropped (torchvision's evaluation transform).
+    # Unset: torchvision weights by name bring theirs; other models stretch.
+    resize_size: int | None = None
+    # "bilinear" or "bicubic" (antialiased); empty: torchvision weights by name bring
+    # theirs, other models are resized bilinearly.
+    interpolation: str = ""
     # Normalisation applied before the model; empty = the model normalises itself.
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -281,6 +284,8 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
     values: dict[str, Any] = {}
     for key, value in body.items():
         expected = getattr(default, key)
+        if expected is None:  # an optional key, unset by default: typed by its annotation
+            expected = _OPTIONAL_TYPE_EXAMPLES[fields[key].type]
         where = f"{path}: [{name}].{key}"
         if isinstance(expected, bool) or isinstance(expected, str):
             if not isinstance(value, type(expected)):
@@ -304,6 +309,12 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
         values[key] = value
     return dataclasses.replace(default, **values)
 
+
+# Interpolations a classifier's inputs may be resized with (torchvision's names).
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+# A value of each type optional keys are annotated with, to check a given value against.
+_OPTIONAL_TYPE_EXAMPLES = {"int | None": 0}
 
 # Keys holding a file or directory: relative values are relative to the config file.
 _PATH_KEYS = ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file",
@@ -337,6 +348,8 @@ def _validate(path: Path | str, config: Config) -> None:
     if config.runtime.backend not in BACKENDS:
         raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
     _validate_device(path, config.runtime.device)
+    if classifier.interpolation not in ("", *INTERPOLATIONS):
+        raise ConfigError(f"{path}: [classifier].interpolation must be one of {INTERPOLATIONS}, got {classifier.interpolation!r}")
     if len(classifier.mean) != len(classifier.std):
         raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in classifier.std):
@@ -351,7 +364,7 @@ def _validate(path: Path | str, config: Config) -> None:
         for key in keys:
             section, _, name = key.partition(".")
             value = getattr(getattr(config, section), name)
-            if value < least:
+            if value is not None and value < least:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
     if config.server.log_format not in LOG_FORMATS:
         raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")

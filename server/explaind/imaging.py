@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import INTERPOLATIONS
 from .errors import InvalidArgument
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
@@ -76,6 +77,11 @@ def _grey16_to_rgb8(values: np.ndarray, *, field: str) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
+# Longest side an image is resized to before its centre crop; a longer one (an extreme
+# aspect ratio, such as 1x4096) has only its central part resized.
+_MAX_RESIZED_SIDE = MAX_IMAGE_SIDE
+
+
 @dataclass(frozen=True)
 class InputGeometry:
     """How an image of any size becomes the classifier's (size, size) input.
@@ -85,29 +91,50 @@ class InputGeometry:
     ratio, and the central (size, size) square is cropped: torchvision's evaluation
     transform (``Resize(resize_size)``, ``CenterCrop(size)``; 256 then 224 for most ImageNet
     weights), so a model sees what its reference pipeline would show it.
+    ``interpolation`` is "bilinear" or "bicubic", antialiased as torchvision resizes tensors.
     """
 
     size: int
     resize_size: int = 0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
 
     def fit(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 or float in [0, 1] -> (3, size, size), same dtype: bilinear with
-        antialiasing, as torchvision resizes tensors."""
+        """(3, H, W) uint8 or float in [0, 1] -> contiguous (3, size, size), same dtype."""
+        if not self.resize_size:
+            return self._resize(image, (self.size, self.size)).contiguous()
+        image = self._central_window(image)
         height, width = image.shape[1:]
-        if self.resize_size:  # torchvision's output size for Resize(int): the long side truncated
-            short, long = min(height, width), max(height, width)
-            scaled = self.resize_size, int(self.resize_size * long / short)
-            target = scaled if height <= width else scaled[::-1]
-        else:
-            target = self.size, self.size
-        if (height, width) != target:
-            image = torch.nn.functional.interpolate(image[None], size=target, mode="bilinear", antialias=True, align_corners=False)[0]
-            if image.is_floating_point():
-                image = image.clamp_(0.0, 1.0)
-        if self.resize_size:  # torchvision's CenterCrop: offsets rounded half to even
-            top, left = round((target[0] - self.size) / 2.0), round((target[1] - self.size) / 2.0)
-            image = image[:, top:top + self.size, left:left + self.size]
-        return image
+        short, long = min(height, width), max(height, width)
+        scaled = self.resize_size, int(self.resize_size * long / short)  # torchvision's size for Resize(int)
+        target = scaled if height <= width else scaled[::-1]
+        image = self._resize(image, target)
+        top, left = round((target[0] - self.size) / 2.0), round((target[1] - self.size) / 2.0)  # CenterCrop's offsets
+        return image[:, top:top + self.size, left:left + self.size].contiguous()
+
+    def _central_window(self, image: torch.Tensor) -> torch.Tensor:
+        """The image, or, if its resized long side would exceed ``_MAX_RESIZED_SIDE`` (a
+        1x4096 strip would become 256x1048576), the central part of its long side that the
+        crop keeps, with a margin for the filter, centred as the whole image is. The crop
+        then lands within a pixel of where it would on the whole image."""
+        height, width = image.shape[1:]
+        short, long = min(height, width), max(height, width)
+        if self.resize_size * long / short <= _MAX_RESIZED_SIDE:
+            return image
+        scale = self.resize_size / short  # resized pixels per source pixel
+        keep = max(short, math.ceil(self.size / scale) + 2 * (math.ceil(2 / scale) + 2))
+        keep += (long - keep) % 2  # an even remainder: the window's centre is the image's
+        start = (long - keep) // 2
+        return image[:, start:start + keep] if height > width else image[:, :, start:start + keep]
+
+    def _resize(self, image: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
+        if tuple(image.shape[1:]) == target:
+            return image
+        resized = torch.nn.functional.interpolate(image[None], size=target, mode=self.interpolation, antialias=True, align_corners=False)[0]
+        return resized.clamp_(0.0, 1.0) if resized.is_floating_point() else resized
 
 
 def decode_encoded(data: bytes, *, field: str, geometry: InputGeometry | None = None, budget: PixelBudget | None = None) -> torch.Tensor:

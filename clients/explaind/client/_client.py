@@ -252,6 +252,7 @@ class Client:
                 response.limits.max_image_side,
             ),
             resize_size=c.resize_size,
+            interpolation=c.interpolation,
         )
 
     # Predict -------------------------------------------------------------------------

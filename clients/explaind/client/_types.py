@@ -66,6 +66,7 @@ class ModelMetadata:
     # 0: images are stretched to image_size; else their shorter side is resized to this and
     # the central image_size square cropped.
     resize_size: int = 0
+    interpolation: str = ""  # "bilinear" or "bicubic"; empty from a server that does not say
 
 
 @dataclass(frozen=True)

@@ -268,6 +268,7 @@ def _print_metadata(meta: ModelMetadata) -> None:
         names += f", ... and {len(meta.class_names) - _CLASSES_SHOWN} more (--json lists them all)"
     print(f"            {len(meta.class_names)} classes: {names}")
     fit = f"shorter side resized to {meta.resize_size}, centre crop" if meta.resize_size else "images stretched to it"
+    fit += f", {meta.interpolation}" if meta.interpolation else ""
     print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size} ({fit})")
     for component in meta.components.values():
         origin = f", from {component.source}" if component.loaded and component.source else ""
@@ -398,9 +399,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
         operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
-        print(f"started {operation.name}", file=sys.stdout if args.no_wait else notes)
         if args.no_wait:
+            print(json.dumps({"name": operation.name}) if args.json else f"started {operation.name}")
             return 0
+        print(f"started {operation.name}", file=notes)
         evaluation = operation.result(progress=True)
         if args.json:
             print(json.dumps(_evaluation_json(evaluation)))
@@ -580,10 +582,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             started = time.monotonic()
             client.wait_until_ready(timeout=300)
             print(f"\nserver ready in {time.monotonic() - started:.1f}s")
-            args.target, args.token = client.target, token
-            cmd_info(args)
-            images, labels, attributes = _world_samples(args.scenario, "test", args.count)
             meta = client.model_metadata()
+            _print_metadata(meta)
+            images, labels, attributes = _world_samples(args.scenario, "test", args.count)
             predictions = client.predict(images[:12], top_k=3)
             print(f"\npredictions for {args.scenario} test images (true label first):")
             _print_predictions([f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)], predictions)

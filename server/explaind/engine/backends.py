@@ -53,8 +53,9 @@ def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cach
 
 
 def _onnx_engine_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int) -> FeatureFn:
-    """h_b exported once per feature version under ``cache_dir``, run by ONNX Runtime."""
+    """h_b exported once per feature version and input size under ``cache_dir`` (the graph
+    has a fixed height and width), run by ONNX Runtime."""
     providers = execution_providers(backend, device)
     path = export_onnx(version.feature_extractor, version.image_size,
-                       Path(cache_dir) / f"features-{version.feature_version[:16]}.onnx")
+                       Path(cache_dir) / f"features-{version.feature_version[:16]}-{version.image_size}px.onnx")
     return onnx_runtime_features(path, providers, device=device, num_threads=num_threads)

@@ -144,13 +144,13 @@ class Engine:
             if version.head is not None:
                 version.feature_extractor.to(self.device)
                 version.head.to(self.device)
-            if version.feature_version not in self._feature_fns:
+            if version.feature_cache_key not in self._feature_fns:
                 fn = build_feature_fn(
                     version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled",
                     num_threads=self.config.runtime.num_threads,
                 )
                 fn(torch.rand(2, 3, version.image_size, version.image_size, device=self.device))
-                self._feature_fns[version.feature_version] = fn
+                self._feature_fns[version.feature_cache_key] = fn
         previous = self.models.activate(version)
         if previous is None or previous.feature_cache_key != version.feature_cache_key:
             dropped = self.store.retain_features(version.feature_cache_key)
@@ -185,7 +185,7 @@ class Engine:
         if version.feature_extractor is None:  # inference-only loaders run on the CPU, where they loaded
             return BatchOutput(version, version.predict_fn(images.cpu()).float().cpu(), None)
         images = images.to(self.device, non_blocking=True)
-        features = self._feature_fns[version.feature_version](images)
+        features = self._feature_fns[version.feature_cache_key](images)
         return BatchOutput(version, version.logits(features).float().cpu(), features.float().cpu())
 
     def finish_predict(self, output: BatchOutput, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> PredictOutput:
@@ -279,7 +279,7 @@ class Engine:
         self.metrics.feature_cache_hits.inc(len(digests) - len(missing))
         self.metrics.feature_cache_misses.inc(len(missing))
         batch_size = batch_size or self.config.jobs.evaluate_batch_size
-        fn = self._feature_fns.get(version.feature_version, version.features)
+        fn = self._feature_fns.get(version.feature_cache_key, version.features)
         for start in range(0, len(missing), batch_size):
             if context is not None:
                 context.raise_if_cancelled()

@@ -95,22 +95,23 @@ class ClassifierVersion:
     predict_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     # 0: images are stretched to image_size; else shorter side to this, then centre crop.
     resize_size: int = 0
+    interpolation: str = "bilinear"
     _tap: _LayerTap | None = field(default=None, repr=False, compare=False)
 
     @property
     def version(self) -> str:
         return f"{self.feature_version[:12]}.{self.head_version[:8]}"
 
-    @property
+    @functools.cached_property
     def input_geometry(self) -> InputGeometry:
         """How images of any size become this model's (image_size, image_size) input."""
-        return InputGeometry(self.image_size, self.resize_size)
+        return InputGeometry(self.image_size, self.resize_size, self.interpolation)
 
-    @property
+    @functools.cached_property  # read on every Predict
     def feature_cache_key(self) -> str:
         """What a stored image's cached features depend on: h_b and how the image is fitted
         to its input (a head version's identity, ``feature_version``, is h_b's alone)."""
-        return hashlib.sha256(f"{self.feature_version}:{self.image_size}:{self.resize_size}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.feature_version}:{self.input_geometry}".encode()).hexdigest()
 
     @property
     def supports_features(self) -> bool:
@@ -187,6 +188,7 @@ def split_classifier(
     class_names: tuple[str, ...],
     image_size: int,
     resize_size: int = 0,
+    interpolation: str = "bilinear",
     preprocess: Preprocess,
 ) -> ClassifierVersion:
     """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``."""
@@ -221,8 +223,16 @@ def split_classifier(
         feature_version=_hash_module(extractor),
         head_version=_hash_module(head_module),
         resize_size=resize_size,
+        interpolation=interpolation,
         _tap=_LayerTap(tapped),
     )
+
+
+def _fitting(section: ClassifierSection, resize_size: int = 0, interpolation: str = "bilinear") -> dict[str, Any]:
+    """How images are fitted to the input: what the config sets, else the model's own
+    (``resize_size`` and ``interpolation`` of torchvision weights by name)."""
+    return {"resize_size": resize_size if section.resize_size is None else section.resize_size,
+            "interpolation": section.interpolation or interpolation}
 
 
 def _check_resize_size(resize_size: int, image_size: int) -> None:
@@ -297,7 +307,7 @@ def _load_world(section: ClassifierSection) -> ClassifierVersion:
         head=section.head or config.head,
         class_names=tuple(section.class_names) or tuple(config.class_names),
         image_size=section.image_size or config.image_size,
-        resize_size=section.resize_size,
+        **_fitting(section),
         preprocess=Preprocess(section.mean, section.std),
     )
 
@@ -314,7 +324,9 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         model, weights = _torchvision_pretrained(section)
         transforms = weights.transforms()
         source, image_size, mean, std = str(weights), transforms.crop_size[0], tuple(transforms.mean), tuple(transforms.std)
-        resize_size = transforms.resize_size[0]
+        # Their resize for their crop (256 for 224); at another input size, in that ratio.
+        resize_size = round((section.image_size or image_size) * transforms.resize_size[0] / image_size)
+        interpolation = transforms.interpolation.value
         class_names = _class_names(section, None) if section.class_names or section.class_names_file else tuple(weights.meta["categories"])
     else:
         path = _require_file(section.weights, "weights file")
@@ -322,7 +334,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         class_names = _class_names(section, state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None)
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
         model.load_state_dict(state)
-        source, image_size, mean, std, resize_size = str(path), 224, (), (), 0
+        source, image_size, mean, std, resize_size, interpolation = str(path), 224, (), (), 0, "bilinear"
     return split_classifier(
         model,
         name=section.name,
@@ -332,7 +344,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         head=head,
         class_names=class_names,
         image_size=section.image_size or image_size,
-        resize_size=section.resize_size or resize_size,
+        **_fitting(section, resize_size, interpolation),
         preprocess=Preprocess(section.mean or mean, section.std or std),
     )
 
@@ -399,7 +411,7 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
         head=head,
         class_names=_class_names(section, model.get_submodule(head).out_features),
         image_size=image_size,
-        resize_size=section.resize_size,
+        **_fitting(section),
         preprocess=preprocess,
     )
 
@@ -441,14 +453,15 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
         head=section.head,
         class_names=_class_names(section, getattr(head, "out_features", 0)),  # a missing head is reported by the split
         image_size=section.image_size or 224,
-        resize_size=section.resize_size,
+        **_fitting(section),
         preprocess=Preprocess(section.mean, section.std),
     )
 
 
 def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
     image_size = section.image_size or 224
-    _check_resize_size(section.resize_size, image_size)
+    fitting = _fitting(section)
+    _check_resize_size(fitting["resize_size"], image_size)
     probe = fn(torch.zeros(1, 3, image_size, image_size))
     digest = _hash_file(path)
     return ClassifierVersion(
@@ -464,7 +477,7 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Cal
         feature_version=digest,
         head_version=digest,
         predict_fn=fn,
-        resize_size=section.resize_size,
+        **fitting,
     )
 
 

@@ -60,6 +60,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 feature_dim=version.feature_dim,
                 image_size=version.image_size,
                 resize_size=version.resize_size,
+                interpolation=version.interpolation,
                 model_version=version.version,
                 backend=engine.config.runtime.backend,
                 device=str(engine.device),
