@@ -72,6 +72,29 @@ def test_an_image_follows_the_same_random_draws_whatever_shares_its_batch(illusi
     assert torch.equal(first.images, illusion.visualize([(3, 1)], steps=1, seed=7, learning_rate=0.0).images)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_every_random_draw_is_made_there_and_still_follows_its_pair(world_model, tiny_clip):
+    # The per-step noise was drawn on the CPU and copied over: slower than the step itself.
+    import copy
+
+    clip, tokenizer = tiny_clip
+    illusion = ClipIllusion(copy.deepcopy(world_model).cuda(), "layer3", copy.deepcopy(clip).cuda(), tokenizer)
+    drawn_on = []
+    real_randn = torch.randn
+
+    def recording_randn(*args, **kwargs):
+        drawn_on.append(kwargs["generator"].device.type if "generator" in kwargs else "unseeded")
+        return real_randn(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "randn", recording_randn)
+        alone = illusion.visualize([(3, 1)], steps=5, seed=7)
+    assert drawn_on and set(drawn_on) == {"cuda"}
+    batched = illusion.visualize([(9, 0), (3, 1), (40, 2)], steps=5, seed=7)
+    torch.testing.assert_close(batched.images[1], alone.images[0], rtol=0, atol=1e-4)
+    assert alone.images.device.type == "cuda" and torch.isfinite(alone.activations).all()
+
+
 @pytest.mark.parametrize("scale", [0.7, 1.2])
 def test_random_affine_translates_up_to_15_percent_at_every_scale(scale):
     size = 65

@@ -46,7 +46,7 @@ class FourierImage(nn.Module):
         self.register_buffer("scale", 1.0 / frequency.clamp_min(1.0 / image_size) ** decay_power, persistent=False)
         self.register_buffer("colour", _COLOUR_CORRELATION.clone(), persistent=False)
         shape = (3, image_size, image_size // 2 + 1, 2)
-        self.spectrum = nn.Parameter(torch.stack([torch.randn(shape, generator=g) for g in generators]) * init_std)
+        self.spectrum = nn.Parameter(torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]) * init_std)
 
     def forward(self) -> torch.Tensor:
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
@@ -63,7 +63,7 @@ def random_affine(images: torch.Tensor, *, generators: Sequence[torch.Generator]
     whatever the scale: ``affine_grid`` maps output to input coordinates, so the shift d
     enters its matrix as −A·d, with A the inverse rotation/scale.
     """
-    draws = torch.stack([torch.rand(4, generator=g) for g in generators])  # (B, 4) in [0, 1)
+    draws = torch.stack([torch.rand(4, generator=g, device=g.device) for g in generators])  # (B, 4) in [0, 1)
     angle = (draws[:, 0] * 2 - 1) * math.radians(max_rotation_degrees)
     low, high = scale_range
     scale = low + (high - low) * draws[:, 1]
@@ -76,5 +76,7 @@ def random_affine(images: torch.Tensor, *, generators: Sequence[torch.Generator]
 
 
 def gaussian_noise(like: torch.Tensor, *, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise shaped like ``like`` (B, ...), each row from its own generator."""
-    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
+    """Standard normal noise shaped like ``like`` (B, ...), each row from its own generator,
+    drawn on the generator's device (on a GPU, drawing each step's noise on the CPU and
+    copying it over took longer than the step)."""
+    return torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device) for g in generators]).to(like)

@@ -188,7 +188,7 @@ class ClipIllusion:
             rows = torch.arange(len(neurons), device=self.device)
             targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
 
-            generators = [_pair_generator(seed, int(n), int(c)) for n, c in zip(neurons, classes)]
+            generators = [_pair_generator(seed, int(n), int(c), self.device) for n, c in zip(neurons, classes)]
             image = FourierImage(generators, self.image_size, decay_power=decay_power).to(self.device)
             optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
@@ -267,14 +267,15 @@ class ClipIllusion:
         return self.clip_model
 
 
-def _pair_generator(seed: int, neuron: int, class_index: int) -> torch.Generator:
+def _pair_generator(seed: int, neuron: int, class_index: int, device: torch.device) -> torch.Generator:
     """The random stream of one (neuron, class) image: its start and augmentations are the
     same whatever else shares its batch, and every method starts from the same spectrum.
     (Batched kernels still round differently per batch shape, so after hundreds of steps
-    an image can drift slightly, a few hundredths of CLIP cosine.) A negative (int64)
-    seed is taken as its two's complement."""
+    an image can drift slightly, a few hundredths of CLIP cosine.) Drawn on ``device``,
+    so a GPU's draws differ from the CPU's for the same seed. A negative (int64) seed is
+    taken as its two's complement."""
     state = np.random.SeedSequence((seed & 0xFFFF_FFFF_FFFF_FFFF, neuron, class_index)).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def activation_masks(maps: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
