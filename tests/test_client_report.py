@@ -190,3 +190,26 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
     client.edit_head = lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(OperationError("disk full", grpc.StatusCode.INTERNAL)))
     with pytest.raises(OperationError, match="disk full"):
         build_report(client, "heart", "s", max_neurons=1)
+
+
+def test_only_images_smaller_than_their_box_are_drawn_as_crisp_pixels():
+    # 224 px visualisations were shrunk nearest-neighbour into the 128 px box: jagged.
+    from PIL import Image
+
+    from explaind.client._neuroinspect import NeuronRanking, NeuronVisualization, RankedNeuron
+    from explaind.client.report import MistakeReport
+
+    ranking = NeuronRanking(sample_set_id="s", model_version="v", class_index=0, class_name="tench", solver="faithful", sample_count=10,
+                            mistake_count=2, converged_count=2, neurons=[RankedNeuron(7, "excessive", 0.0, 1.0, -1.0, 0.9, ["tench"])],
+                            predicted_as={"goldfish": 2})
+
+    def shown(side: int) -> NeuronVisualization:
+        image = Image.new("RGB", (side, side), (10, 200, 30))
+        return NeuronVisualization(neuron=7, class_index=0, class_name="tench", image=image, masked_image=image, activation=1.0,
+                                   logit=2.0, clip_similarity=0.3, core_relevance=0.1, mask_fraction=0.5)
+
+    for side, upscaled in ((64, True), (224, False)):
+        page = render_report(MistakeReport(ranking=ranking, visualizations=[shown(side)], edit=None, visualization_method="clip_illusion"))
+        images = re.findall(r"<img [^>]*>", page)
+        assert len(images) == 2 and all(("data-upscaled" in image) == upscaled for image in images)
+    assert ".neuron img[data-upscaled] { image-rendering: pixelated; }" in page and "width: 128px; height: 128px;" in page

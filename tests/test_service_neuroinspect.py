@@ -669,7 +669,7 @@ def test_report_is_one_self_contained_page_that_chromium_renders(client, server,
         assert [int(i["data-neuron"]) for i in images] == shown
         for image in images:
             decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
-            assert decoded.size == (64, 64)
+            assert decoded.size == (64, 64) and "data-upscaled" in image  # shown as crisp pixels in the 128 px box
     for neuron in ranking.neurons:
         assert f"<tr><td>{neuron.neuron}</td>" in page
     assert "Suggested head edit" in page and "overall accuracy" in page

@@ -175,6 +175,9 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     )
 
 
+# Side in CSS pixels of each neuron image in the report.
+_IMAGE_BOX = 128
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -182,9 +185,10 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .25em .7e
 td:first-child, th:first-child { text-align: left; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
-.neuron img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #ccc; }
 .muted { color: #777; font-size: .9em; }
 """
+_STYLE += (f".neuron img {{ width: {_IMAGE_BOX}px; height: {_IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
+           ".neuron img[data-upscaled] { image-rendering: pixelated; }\n")  # small inputs as crisp pixels, larger smoothly scaled
 
 
 def render_report(report: MistakeReport) -> str:
@@ -216,10 +220,11 @@ def render_report(report: MistakeReport) -> str:
         by_neuron = {n.neuron: n for n in ranking.neurons}
         for v in report.visualizations:
             ranked = by_neuron.get(v.neuron)
+            upscaled = " data-upscaled" if v.image.width < _IMAGE_BOX else ""
             parts.append(
                 f"<div class='neuron' id='neuron-{v.neuron}'><b>neuron {v.neuron}</b> · class {escape(v.class_name)}<br>"
-                f"<img class='visualization' data-neuron='{v.neuron}' alt='neuron {v.neuron} visualisation' src='{_png_data_uri(v.image)}'> "
-                f"<img class='mask' data-neuron='{v.neuron}' alt='neuron {v.neuron} masked' src='{_png_data_uri(v.masked_image)}'>"
+                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{_png_data_uri(v.image)}'> "
+                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{_png_data_uri(v.masked_image)}'>"
                 f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
                 f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
