@@ -192,22 +192,25 @@ class MistakeNeuronRanker:
         mean_omega = omega.mean(0) if len(omega) else torch.zeros(dim, device=omega.device)
         top_classes = weight.T.topk(min(num_top_classes, num_classes), dim=1).indices  # (D, num_top_classes)
 
+        # The per-neuron loop reads Python lists: indexing device tensors neuron by neuron
+        # synchronised with a GPU several times per neuron (8000 times for D = 2048).
+        passes_insufficient = ((insufficient_ratio > 0) & (insufficient_ratio >= cut_ratio)).tolist()
+        passes_excessive = ((excessive_ratio > 0) & (excessive_ratio >= cut_ratio)).tolist()
+        columns = zip(insufficient_ratio.tolist(), excessive_ratio.tolist(), mean_omega.tolist(), importance.tolist(), top_classes.tolist())
         ranked = []
-        for neuron in range(dim):
-            passes_insufficient = bool(insufficient_ratio[neuron] > 0 and insufficient_ratio[neuron] >= cut_ratio)
-            passes_excessive = bool(excessive_ratio[neuron] > 0 and excessive_ratio[neuron] >= cut_ratio)
-            if not (passes_insufficient or passes_excessive):
+        for neuron, (insufficient, excessive, omega_mean, probability_ratio, classes) in enumerate(columns):
+            if not (passes_insufficient[neuron] or passes_excessive[neuron]):
                 continue
-            direction = BOTH if passes_insufficient and passes_excessive else (
-                INSUFFICIENT if passes_insufficient else EXCESSIVE)
+            direction = BOTH if passes_insufficient[neuron] and passes_excessive[neuron] else (
+                INSUFFICIENT if passes_insufficient[neuron] else EXCESSIVE)
             ranked.append(RankedNeuron(
                 neuron=neuron,
                 direction=direction,
-                insufficient_ratio=float(insufficient_ratio[neuron]),
-                excessive_ratio=float(excessive_ratio[neuron]),
-                mean_omega=float(mean_omega[neuron]),
-                importance=float(importance[neuron]),
-                top_classes=tuple(top_classes[neuron].tolist()),
+                insufficient_ratio=insufficient,
+                excessive_ratio=excessive,
+                mean_omega=omega_mean,
+                importance=probability_ratio,
+                top_classes=tuple(classes),
             ))
         ranked.sort(key=lambda n: (-n.rank_ratio, -abs(n.mean_omega), n.neuron))
         return NeuronRanking(
