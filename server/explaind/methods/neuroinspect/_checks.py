@@ -112,9 +112,9 @@ def count(value: object, name: str, *, low: int = 1) -> int:
 _IMAGE_RANGE = (-0.25, 1.25)
 
 
-def images_tensor(value: object, name: str, *, like: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) float images in [0, 1] with N > 0, on ``like``'s device and dtype
-    (``like``: the model's first parameter, its input dtype).
+def images_tensor(value: object, name: str) -> torch.Tensor:
+    """(N, 3, H, W) float images in [0, 1] with N > 0, where they are (a model moves them
+    batch by batch: 50,000 ImageNet images would not fit on a GPU at once).
 
     uint8 pixels are refused rather than scaled: a caller passing 0–255 floats would get
     the same silent nonsense, so both are told what the range is."""
@@ -127,7 +127,7 @@ def images_tensor(value: object, name: str, *, like: torch.Tensor) -> torch.Tens
         low, high = float(images.amin()), float(images.amax())
         if not (_IMAGE_RANGE[0] <= low and high <= _IMAGE_RANGE[1]):  # also False for NaN
             raise ValueError(f"{name} must lie in [0, 1] (the engines normalise themselves), got values in [{low:.3g}, {high:.3g}]")
-    return images.to(like.device, like.dtype)
+    return images
 
 
 _modes_lock = threading.Lock()

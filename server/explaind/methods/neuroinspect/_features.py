@@ -51,10 +51,11 @@ class FeatureExtractor:
     @torch.no_grad()
     def _map_chunks(self, images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         batch_size = count(batch_size, "batch_size")
-        images = images_tensor(images, "images", like=next(self.classifier.parameters()))
+        images = images_tensor(images, "images")
+        parameter = next(self.classifier.parameters())  # the model's device and input dtype
         with eval_mode(self.classifier), capture_output(self.feature_module) as captured:
             for start in range(0, len(images), batch_size):
-                self.classifier(images[start : start + batch_size])
+                self.classifier(images[start : start + batch_size].to(parameter.device, parameter.dtype))
                 yield captured["output"]
 
     def feature_maps(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:

@@ -51,7 +51,7 @@ def concept_neurons(
     if not 0.5 < min_auc <= 1:
         raise ValueError(f"min_auc must lie in (0.5, 1], got {min_auc}")
     per_concept = count(per_concept, "per_concept")
-    by_strength = features.mean(0).argsort(descending=True)
+    by_strength = features.mean(0).argsort(descending=True).cpu()  # indexes neuron_auc's host tensor
     found = {}
     for name, positive in concepts.items():
         detects = neuron_auc(features, positive)[by_strength] >= min_auc
