@@ -236,7 +236,7 @@ class HeadEditor:
         cancelled = False
         for epoch in range(1, max_epochs + 1):
             order = torch.randperm(len(features), generator=generator).to(device)
-            totals = torch.zeros(2, dtype=torch.float64)
+            totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed where computed: .item() would sync a GPU every step
             batches = 0
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
@@ -250,13 +250,14 @@ class HeadEditor:
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                totals += torch.tensor([loss.item(), penalty.item()], dtype=torch.float64)
+                totals += torch.stack([loss.detach(), penalty.detach()]).double()
                 batches += 1
             if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
                 raise TrainingDiverged(f"training diverged: the edited head has NaN or infinite weights after epoch {epoch}; "
                                        f"retry with a lower strength, target_ratio or learning_rate")
             validation = _evaluate(weight.detach(), bias.detach(), validation_features, validation_labels)
-            record = EpochRecord(epoch, float(totals[0] / batches), float(totals[1] / batches),
+            mean_loss, mean_penalty = (totals / batches).tolist()
+            record = EpochRecord(epoch, mean_loss, mean_penalty,
                                  validation.accuracy, validation.worst_class[1])
             history.append(record)
             key = (validation.accuracy, validation.worst_class[1])
