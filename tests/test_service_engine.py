@@ -1428,3 +1428,33 @@ def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
     with pytest.raises(InvalidArgument, match="unknown kind 'edit-head'"):
         restarted.list(kind="edit-head")
     restarted.shutdown(1)
+
+
+def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(engine):
+    from explaind.jobs import JobCancelled
+
+    rng = np.random.default_rng(3)
+    samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
+    engine.create_sample_set("ahead", "", samples)
+    computed = engine.sample_set_features("ahead", batch_size=3)  # 4 batches, decoded by the pool
+    version = engine.models.active
+    with torch.no_grad():
+        expected = version.features(torch.stack([engine.load_sample_image(d) for d in computed.digests]))
+    torch.testing.assert_close(computed.features, expected, rtol=0, atol=1e-5)
+
+    class CancelledAfterOneBatch:
+        checks = 0
+
+        def raise_if_cancelled(self):
+            self.checks += 1
+            if self.checks > 1:
+                raise JobCancelled("job")
+
+        def report_progress(self, *args, **kwargs):
+            pass
+
+    engine.store.retain_features("")
+    with pytest.raises(JobCancelled) as cancelled:  # held: its traceback keeps the job's frames alive, as a job's error handling may
+        engine.sample_set_features("ahead", batch_size=3, context=CancelledAfterOneBatch())
+    assert len(engine.store.get_features(version.feature_cache_key, computed.digests)) == 3  # the first batch only
+    assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")], cancelled  # the pool is gone
