@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -1436,8 +1437,26 @@ def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(eng
     rng = np.random.default_rng(3)
     samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
     engine.create_sample_set("ahead", "", samples)
-    computed = engine.sample_set_features("ahead", batch_size=3)  # 4 batches, decoded by the pool
     version = engine.models.active
+    decoded, alive_while_running = [], []  # weak references to each decoded image; live ones counted in each forward
+    load, forward = engine.load_sample_image, engine._feature_fns[version.feature_cache_key]
+
+    def loading(digest, version=None):
+        image = load(digest, version)
+        decoded.append(weakref.ref(image))
+        return image
+
+    def running(images):
+        alive_while_running.append(sum(ref() is not None for ref in decoded))
+        return forward(images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "load_sample_image", loading)
+        patch.setitem(engine._feature_fns, version.feature_cache_key, running)
+        computed = engine.sample_set_features("ahead", batch_size=3)  # 4 batches, decoded by the pool
+    # While the model runs on a batch, only the next one's images exist one by one: the
+    # running batch lives in its stacked tensor alone (its single images are let go).
+    assert len(alive_while_running) == 4 and max(alive_while_running) <= 3, alive_while_running
     with torch.no_grad():
         expected = version.features(torch.stack([engine.load_sample_image(d) for d in computed.digests]))
     torch.testing.assert_close(computed.features, expected, rtol=0, atol=1e-5)

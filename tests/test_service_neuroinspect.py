@@ -313,6 +313,29 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: boo
     return engine, inspect
 
 
+def test_the_model_files_head_is_served_again_without_its_stored_copy(tmp_path):
+    # Head versions are read from the store when served, but the file's own head is kept:
+    # a rollback to it cannot fail on a lost weights file.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        served = engine.models.active
+        edited = torch.nn.Linear(served.head.in_features, served.head.out_features)
+        with torch.no_grad():
+            edited.weight.copy_(served.head.weight)
+            edited.bias.copy_(served.head.bias + 1.0)
+        record = inspect._add_head_version(served, edited, "v0", {"method": "probability_ratio"})
+        inspect.promote_head_version(record.version_id)
+        assert engine.models.active.head_version == served.with_head(edited).head_version
+        file_head = engine.store.get_head_version(served.feature_version, "v0")
+        engine.store._blob_path(file_head.weights_digest).unlink()
+        inspect.rollback_head_version()
+        assert engine.models.active.head_version == served.head_version and inspect.head_versions()[1] == "v0"
+        inspect.promote_head_version(record.version_id)  # read from the store again
+        assert engine.models.active.head_version == served.with_head(edited).head_version
+    finally:
+        _shut(engine)
+
+
 def test_neuroinspect_waits_until_the_head_versions_are_restored(tmp_path):
     # Between loading the model and restoring the promoted head, an edit took the file's
     # head as its start and a promote could race the restore.

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SET_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: "$" would accept a final "\n"
 DEFAULT_TOP_K = 5
-# Threads decoding stored samples for feature computation (PIL and torch release the GIL).
-_DECODE_THREADS = min(8, os.cpu_count() or 1)
+# Threads decoding stored samples for feature computation (PIL and torch release the GIL),
+# at most one per CPU this process may run on (a container's cpuset, taskset).
+_DECODE_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 EVALUATE_KIND = "evaluate_sample_set"  # the job kind of EvaluateSampleSet
 
 
@@ -313,9 +314,10 @@ class Engine:
         try:
             upcoming = [pool.submit(self.load_sample_image, digest, version) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
-                current = upcoming
+                images = torch.stack([future.result() for future in upcoming])
+                # Nothing else holds this chunk's decoded images while the model runs on it.
                 upcoming = [pool.submit(self.load_sample_image, digest, version) for digest in following] if following else []
-                yield torch.stack([future.result() for future in current])
+                yield images
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

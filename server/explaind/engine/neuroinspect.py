@@ -128,6 +128,9 @@ class NeuroInspectEngine:
         # EditHead jobs and the (feature version, version id) each edits from: a version
         # an unfinished edit will name as its parent is not deleted.
         self._edits_from: dict[str, tuple[str, str]] = {}
+        # The model file's head, (feature version, version id) and module: serving it again
+        # never depends on its stored copy (the others are read from the store when served).
+        self._file_head: tuple[tuple[str, str], nn.Linear] | None = None
         self._restored = threading.Event()  # set by restore(): until then the served head may still change
 
     # Helpers -------------------------------------------------------------------------
@@ -562,6 +565,7 @@ class NeuroInspectEngine:
         newly_seen = loaded is None
         if loaded is None:
             loaded = self._add_head_version(version, version.head, "", {"method": LOADED, "description": f"loaded from {version.source}"})
+        self._file_head = (version.feature_version, loaded.version_id), version.head
         previous_file_head = store.file_head_version(version.feature_version)
         store.set_file_head_version(version.feature_version, loaded.version_id)
         # Stores from before file heads were recorded know only whether the head is new.
@@ -598,9 +602,11 @@ class NeuroInspectEngine:
                 store.delete_head_version(feature_version, record.version_id)
 
     def _head(self, record: HeadVersionRecord) -> nn.Linear:
-        """The stored head of ``record`` on the device, read when it is to be served: only
-        the served head stays on the device (caching every version's kept 8 MB of GPU
-        memory per edit of a 1000-class, D = 2048 head)."""
+        """The head of ``record`` on the device: the model file's as loaded, any other read
+        from the store when it is to be served. Only those two stay on the device (caching
+        every version's kept 8 MB of GPU memory per edit of a 1000-class, D = 2048 head)."""
+        if self._file_head is not None and self._file_head[0] == (record.feature_version, record.version_id):
+            return self._file_head[1]
         return _head_from_bytes(self._engine.store.get_blob(record.weights_digest)).to(self._engine.device).eval()
 
     def _activate(self, record: HeadVersionRecord) -> None:
