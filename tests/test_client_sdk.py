@@ -250,3 +250,13 @@ def test_listing_operations_of_an_unknown_kind_names_the_field_and_the_kinds(cli
         client.operations(kind="rank_neurons")
     assert raised.value.field == "kind"
     assert "the kinds are edit_head, evaluate_sample_set, rank_mistake_neurons, visualize_neurons" in str(raised.value)
+
+
+def test_an_unknown_label_of_a_large_classifier_is_answered_with_the_closest_names():
+    # The error listed every class: 1000 names for an ImageNet model.
+    from explaind.client._client import _classes_hint
+
+    names = ["tench", "goldfish", "great white shark"] + [f"class {i}" for i in range(997)]
+    assert _classes_hint("goldfsh", names) == "1000 classes; did you mean 'goldfish'?"
+    assert _classes_hint("zzzz", names) == "1000 classes"
+    assert _classes_hint("dog", names[:3]) == "tench, goldfish, great white shark"

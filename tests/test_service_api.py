@@ -413,6 +413,33 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
         with pytest.raises(ValueError, match="chunk_size must be at least 1"):
             client.create_sample_set(images[:1], [0], chunk_size=0)
 
+        # Images are read as they are sent, from any iterable: a folder of 50,000 files was
+        # read into memory whole before the first request.
+        read, sent_after = [], []
+
+        def files():
+            for i, image in enumerate(images):
+                read.append(i)
+                yield image
+
+        call = client._call
+
+        def counting(service, method, request, **kwargs):
+            if method in ("CreateSampleSet", "AppendSamples"):
+                sent_after.append(len(read))
+            return call(service, method, request, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(client, "_call", counting)
+            streamed = client.create_sample_set(files(), [0] * 10, sample_set_id="streamed")
+        assert streamed.sample_count == 10 and [np.asarray(s.image).shape for s in client.samples("streamed")] == [(150, 150, 3)] * 10
+        assert len(sent_after) >= 3 and sent_after[0] < 10, sent_after  # the first request went before the last file was read
+        assert all(later - earlier <= 2 * 3 for earlier, later in zip([0, *sent_after], sent_after)), sent_after  # at most two runs ahead
+        with pytest.raises(ValueError, match=r"^the images are not as many as the 3 labels$"):  # found once the images ran out
+            client.create_sample_set(iter(images[:2]), [0] * 3, sample_set_id="short")
+        with pytest.raises(NotFoundError):  # the part uploaded by then is deleted
+            client.sample_set("short")
+
 
 def test_a_set_being_uploaded_in_several_requests_is_unusable_until_its_last(server, client, world_images):
     # A crash mid-upload used to leave a partial set that jobs ran on as if it were complete.

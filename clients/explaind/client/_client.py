@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from explaind.v1 import (
 
 from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
-from ._images import open_image, pixel_count, to_image_messages
+from ._images import image_count, iter_image_messages, open_image, pixel_count
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
 from ._operations import Operation
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
@@ -98,19 +99,43 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
 
 
 T = TypeVar("T", sample_sets_pb2.Sample, common_pb2.Image)
+Run = TypeVar("Run")
 
 
 def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
     return sample.image
 
 
-def _note_chunk(error: BaseException, start: int, total: int) -> None:
+def _note_chunk(error: BaseException, start: int, total: int | None) -> None:
     """Say where a failed request of a split call began: the server numbers ``samples[i]``
     or ``images[i]`` within the request, not within the caller's list. Also kept as
     ``error.request_offset`` (item ``request_offset + i`` of the caller's list)."""
     error.request_offset = start
     if start:
-        error.add_note(f"the failing request began at item {start} of {total}: [i] there is item {start} + i here")
+        of = f" of {total}" if total is not None else ""
+        error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
+
+
+def _classes_hint(name: str, names: Sequence[str]) -> str:
+    """The class names, or for many (an ImageNet model has 1000) their count and the
+    closest to ``name``."""
+    if len(names) <= 20:
+        return ", ".join(names)
+    close = difflib.get_close_matches(name, names, n=3)
+    return f"{len(names)} classes" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+
+
+# Images per Predict request where the server states no limit (one before limits existed).
+_UNLIMITED = 2**31 - 1
+
+
+def _with_last(items: Iterator[Run]) -> Iterator[tuple[Run, bool]]:
+    """Each item and whether it is the last, reading one item ahead."""
+    current = next(items)
+    for following in items:
+        yield current, False
+        current = following
+    yield current, True
 
 
 class Client:
@@ -263,16 +288,16 @@ class Client:
         in order. More images than one request may carry (the server's image, pixel and
         message limits) go in consecutive requests, each with ``timeout``; a head promoted
         in between shows in the predictions' ``model_version``."""
-        messages = to_image_messages(images)
+        count = image_count(images)
         # One image needs no limits (the usual low-latency call); 0 from an old server: no limit known.
-        max_images = (self._request_limits().max_images_per_request or len(messages)) if len(messages) > 1 else 1
+        max_images = 1 if count == 1 else self._request_limits().max_images_per_request or _UNLIMITED
         predictions: list[Prediction] = []
-        for chunk in self._request_chunks(messages, max_images, lambda image: image):
+        for chunk in self._request_chunks(iter_image_messages(images), max_images, lambda image: image, single=count == 1):
             request = inference_pb2.PredictRequest(images=chunk, top_k=top_k, return_features=return_features)
             try:
                 response = self._call("inference", "Predict", request, timeout=timeout)
             except ExplaindError as error:
-                _note_chunk(error, len(predictions), len(messages))
+                _note_chunk(error, len(predictions), count)
                 raise
             features = None
             if response.HasField("features"):
@@ -293,22 +318,33 @@ class Client:
         if not any(isinstance(label, str) for label in given):
             return given
         names = self.model_metadata().class_names
+        indices = {name: index for index, name in reversed(list(enumerate(names)))}  # the first of a repeated name, as list.index
         for i, label in enumerate(given):
-            if isinstance(label, str) and label not in names:
-                raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({', '.join(names)})")
-        return [names.index(label) if isinstance(label, str) else label for label in given]
+            if isinstance(label, str) and label not in indices:
+                raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({_classes_hint(label, names)})")
+        return [indices[label] if isinstance(label, str) else label for label in given]
 
-    def _samples(self, images: Any, labels: Sequence[int | str], attributes: Sequence[Mapping[str, str]] | None) -> list[sample_sets_pb2.Sample]:
-        messages = to_image_messages(images)
+    def _samples(self, images: Any, labels: Sequence[int | str],
+                 attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int]:
+        """The samples, made one at a time as they are sent (the images of a large set are
+        never all in memory), and how many there are (one per label)."""
         labels = self._labels(labels)
-        if len(labels) != len(messages):
-            raise ValueError(f"got {len(messages)} images but {len(labels)} labels")
-        if attributes is not None and len(attributes) != len(messages):
-            raise ValueError(f"got {len(messages)} images but {len(attributes)} attribute maps")
-        return [
-            sample_sets_pb2.Sample(image=image, label=label, attributes=dict(attributes[i]) if attributes is not None else {})
-            for i, (image, label) in enumerate(zip(messages, labels, strict=True))
-        ]
+        count = image_count(images)
+        if count is not None and count != len(labels):
+            raise ValueError(f"got {count} images but {len(labels)} labels")
+        if attributes is not None and len(attributes) != len(labels):
+            raise ValueError(f"got {len(labels)} images but {len(attributes)} attribute maps")
+
+        def samples() -> Iterator[sample_sets_pb2.Sample]:
+            try:
+                for i, (image, label) in enumerate(zip(iter_image_messages(images), labels, strict=True)):
+                    yield sample_sets_pb2.Sample(image=image, label=label, attributes=dict(attributes[i]) if attributes is not None else {})
+            except ValueError as error:
+                if "zip()" not in str(error):
+                    raise
+                raise ValueError(f"the images are not as many as the {len(labels)} labels") from None
+
+        return samples(), len(labels)
 
     def create_sample_set(
         self,
@@ -330,23 +366,24 @@ class Client:
         is marked uploading, which jobs refuse and a server restart deletes; if a later
         request fails (or is interrupted), the partly uploaded set is deleted before the
         error is raised."""
-        samples = self._samples(images, labels, attributes)
-        chunks = self._request_chunks(samples, chunk_size, _sample_image)
-        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=chunks[0],
-                                                         upload_continues=len(chunks) > 1)
+        samples, total = self._samples(images, labels, attributes)
+        chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
+        first, last = next(chunks)
+        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=first,
+                                                         upload_continues=not last)
         created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
-        start = 0
+        sent = len(first)
         try:
-            for previous, chunk in zip(chunks, chunks[1:]):
-                start += len(previous)
-                append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk, finish_upload=chunk is chunks[-1])
+            for chunk, last in chunks:
+                append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last)
                 created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
+                sent += len(chunk)
         except BaseException as error:
-            _note_chunk(error, start, len(samples))
+            _note_chunk(error, sent, total)
             try:
                 self.delete_sample_set(created.sample_set_id)
             except ExplaindError:
-                error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {len(samples)} samples")
+                error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
             else:
                 error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted")
             raise
@@ -359,7 +396,7 @@ class Client:
         """Add labelled images to an existing set, as in :meth:`create_sample_set` and in
         the same chunks; a request that fails raises with a note of how many samples
         were appended before it. Returns the updated set."""
-        samples = self._samples(images, labels, attributes)
+        samples, total = self._samples(images, labels, attributes)
         appended = 0
         try:
             for chunk in self._request_chunks(samples, chunk_size, _sample_image):
@@ -367,35 +404,40 @@ class Client:
                 updated = _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
                 appended += len(chunk)
         except BaseException as error:
-            _note_chunk(error, appended, len(samples))
+            _note_chunk(error, appended, total)
             if appended:
-                error.add_note(f"the first {appended} of {len(samples)} samples were appended to {sample_set_id!r}")
+                error.add_note(f"the first {appended} of {total} samples were appended to {sample_set_id!r}")
             raise
         return updated
 
-    def _request_chunks(self, items: list[T], max_count: int, image_of: Callable[[T], common_pb2.Image]) -> list[list[T]]:
+    def _request_chunks(self, items: Iterable[T], max_count: int, image_of: Callable[[T], common_pb2.Image], *,
+                        single: bool = False) -> Iterator[list[T]]:
         """Consecutive runs of at most ``max_count`` items (samples or images) whose request
         stays under half the smaller of the client's and the server's message limits (raw
         224² arrays are 150 kB each: 512 of them would not fit 64 MiB) and under the
         server's decoded-pixel limit (512 JPEG photos of 12 MP exceed its 128 Mi). An item
-        over either goes alone, for the server to refuse by name."""
+        over either goes alone, for the server to refuse by name. Items are taken as the
+        runs are sent, so only one run is in memory; no items give one empty run.
+        ``single``: there is one item, sent as it is (the common one-image predict skips
+        the reads of the server's limits)."""
         if max_count < 1:
             raise ValueError(f"chunk_size must be at least 1, got {max_count}")
-        if len(items) <= 1:  # nothing to split (the common one-image predict skips the header reads)
-            return [items]
+        if single:
+            yield list(items)
+            return
         limits = self._request_limits()
         byte_budget = min(self._max_message_bytes, limits.max_message_bytes or self._max_message_bytes) // 2
         pixel_budget = limits.max_pixels_per_request or float("inf")
-        chunks: list[list[T]] = [[]]
+        chunk: list[T] = []
         size = pixels = 0
         for item in items:
             item_bytes, item_pixels = item.ByteSize() + 8, pixel_count(image_of(item))  # + field tag and length prefix
-            if chunks[-1] and (len(chunks[-1]) == max_count or size + item_bytes > byte_budget or pixels + item_pixels > pixel_budget):
-                chunks.append([])
-                size = pixels = 0
-            chunks[-1].append(item)
+            if chunk and (len(chunk) == max_count or size + item_bytes > byte_budget or pixels + item_pixels > pixel_budget):
+                yield chunk
+                chunk, size, pixels = [], 0, 0
+            chunk.append(item)
             size, pixels = size + item_bytes, pixels + item_pixels
-        return chunks
+        yield chunk
 
     def _request_limits(self) -> RequestLimits:
         """The server's limits, asked once per client; all 0 (unknown) while it is still

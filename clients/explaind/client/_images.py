@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,26 @@ def to_image_message(image: Any) -> common_pb2.Image:
 
 def to_image_messages(images: Any) -> list[common_pb2.Image]:
     """A batch: a list of images, or one (N, 3, H, W) / (N, H, W, 3) array or tensor."""
+    return list(iter_image_messages(images))
+
+
+def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
+    """The messages of :func:`to_image_messages` one at a time, each made when it is needed:
+    a folder of 50,000 photographs is read file by file, not into memory at once."""
     if hasattr(images, "ndim") and images.ndim == 4:
-        return [to_image_message(image) for image in images]
+        return (to_image_message(image) for image in images)
     if hasattr(images, "ndim") or isinstance(images, (bytes, str, os.PathLike, PILImage.Image)):
-        return [to_image_message(images)]
-    return [to_image_message(image) for image in images]
+        return iter([to_image_message(images)])
+    return (to_image_message(image) for image in images)
+
+
+def image_count(images: Any) -> int | None:
+    """How many images :func:`iter_image_messages` will give; None for an iterator."""
+    if hasattr(images, "ndim") and images.ndim == 4:
+        return len(images)
+    if hasattr(images, "ndim") or isinstance(images, (bytes, str, os.PathLike, PILImage.Image)):
+        return 1
+    return len(images) if hasattr(images, "__len__") else None
 
 
 def pixel_count(image: common_pb2.Image) -> int:
