@@ -260,3 +260,4 @@ def test_an_unknown_label_of_a_large_classifier_is_answered_with_the_closest_nam
     assert _classes_hint("goldfsh", names) == "1000 classes; did you mean 'goldfish'?"
     assert _classes_hint("zzzz", names) == "1000 classes"
     assert _classes_hint("dog", names[:3]) == "tench, goldfish, great white shark"
+    assert _classes_hint("cta", ["cat", "cat"] + names) == "1002 classes; did you mean 'cat'?"  # a repeated name once

@@ -441,6 +441,31 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.sample_set("short")
 
 
+def test_local_files_that_cannot_be_read_stop_an_upload_before_or_without_leaving_anything(client, tmp_path):
+    # Images are read as their requests are made, so a missing file failed an append part
+    # way through, leaving a part appended; a list of paths is now checked first.
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(_png(np.full((8, 8, 3), 40 * i, np.uint8)))
+    created = client.create_sample_set(np.array([str(p) for p in paths[:2]]), [0, 1], sample_set_id="from-files")  # an array of paths is a list
+    assert created.sample_count == 2
+    missing = paths[:5] + [tmp_path / "gone.png"]
+    with pytest.raises(FileNotFoundError, match=r"^images\[5\]: no such file: .*gone.png$"):
+        client.append_samples("from-files", missing, [0] * 6, chunk_size=2)
+    assert client.sample_set("from-files").sample_count == 2  # nothing was appended
+
+    def files():  # an iterable is read as it goes: the error comes once the upload has begun
+        yield from missing
+
+    with pytest.raises(FileNotFoundError) as raised:
+        client.create_sample_set(files(), [0] * 6, sample_set_id="half-read", chunk_size=2)
+    assert raised.value.__notes__ == ["the partly uploaded sample set 'half-read' was deleted"]  # no request failed: no offset note
+    assert not hasattr(raised.value, "request_offset")
+    with pytest.raises(NotFoundError):
+        client.sample_set("half-read")
+
+
 def test_a_set_being_uploaded_in_several_requests_is_unusable_until_its_last(server, client, world_images):
     # A crash mid-upload used to leave a partial set that jobs ran on as if it were complete.
     from explaind.client import FailedPreconditionError

@@ -27,7 +27,7 @@ from explaind.v1 import (
 
 from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
-from ._images import image_count, iter_image_messages, open_image, pixel_count
+from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
 from ._operations import Operation
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
@@ -121,7 +121,7 @@ def _classes_hint(name: str, names: Sequence[str]) -> str:
     closest to ``name``."""
     if len(names) <= 20:
         return ", ".join(names)
-    close = difflib.get_close_matches(name, names, n=3)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(names)), n=3)
     return f"{len(names)} classes" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
 
 
@@ -294,11 +294,7 @@ class Client:
         predictions: list[Prediction] = []
         for chunk in self._request_chunks(iter_image_messages(images), max_images, lambda image: image, single=count == 1):
             request = inference_pb2.PredictRequest(images=chunk, top_k=top_k, return_features=return_features)
-            try:
-                response = self._call("inference", "Predict", request, timeout=timeout)
-            except ExplaindError as error:
-                _note_chunk(error, len(predictions), count)
-                raise
+            response = self._call_at(len(predictions), count, "inference", "Predict", request, timeout=timeout)
             features = None
             if response.HasField("features"):
                 f = response.features
@@ -334,6 +330,8 @@ class Client:
             raise ValueError(f"got {count} images but {len(labels)} labels")
         if attributes is not None and len(attributes) != len(labels):
             raise ValueError(f"got {len(labels)} images but {len(attributes)} attribute maps")
+        if missing := first_missing_file(images):
+            raise FileNotFoundError(f"images[{missing[0]}]: no such file: {missing[1]}")
 
         def samples() -> Iterator[sample_sets_pb2.Sample]:
             try:
@@ -371,15 +369,20 @@ class Client:
         first, last = next(chunks)
         request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=first,
                                                          upload_continues=not last)
-        created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
+        try:
+            created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
+        except BaseException as error:
+            if request.upload_continues and not isinstance(error, ExplaindError):  # e.g. Ctrl-C as the answer came
+                error.add_note("if the server created the set before this, it stays uploading: jobs refuse it, and the server's "
+                               "next start deletes it (or delete_sample_set)")
+            raise
         sent = len(first)
         try:
-            for chunk, last in chunks:
+            for chunk, last in chunks:  # reading the next chunk's images may fail here too
                 append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last)
-                created = _sample_set(self._call("sample_sets", "AppendSamples", append).sample_set)
+                created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
                 sent += len(chunk)
         except BaseException as error:
-            _note_chunk(error, sent, total)
             try:
                 self.delete_sample_set(created.sample_set_id)
             except ExplaindError:
@@ -401,10 +404,9 @@ class Client:
         try:
             for chunk in self._request_chunks(samples, chunk_size, _sample_image):
                 request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=chunk)
-                updated = _sample_set(self._call("sample_sets", "AppendSamples", request).sample_set)
+                updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
                 appended += len(chunk)
         except BaseException as error:
-            _note_chunk(error, appended, total)
             if appended:
                 error.add_note(f"the first {appended} of {total} samples were appended to {sample_set_id!r}")
             raise
@@ -438,6 +440,15 @@ class Client:
             chunk.append(item)
             size, pixels = size + item_bytes, pixels + item_pixels
         yield chunk
+
+    def _call_at(self, offset: int, total: int | None, service: str, method: str, request: Any, **kwargs: Any) -> Any:
+        """One request of a split call (items ``offset`` on of ``total``): its failure says
+        where the request began in the caller's list (see :func:`_note_chunk`)."""
+        try:
+            return self._call(service, method, request, **kwargs)
+        except BaseException as error:
+            _note_chunk(error, offset, total)
+            raise
 
     def _request_limits(self) -> RequestLimits:
         """The server's limits, asked once per client; all 0 (unknown) while it is still

@@ -44,20 +44,32 @@ def to_image_messages(images: Any) -> list[common_pb2.Image]:
 def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
     """The messages of :func:`to_image_messages` one at a time, each made when it is needed:
     a folder of 50,000 photographs is read file by file, not into memory at once."""
-    if hasattr(images, "ndim") and images.ndim == 4:
-        return (to_image_message(image) for image in images)
-    if hasattr(images, "ndim") or isinstance(images, (bytes, str, os.PathLike, PILImage.Image)):
+    if _is_one_image(images):
         return iter([to_image_message(images)])
     return (to_image_message(image) for image in images)
 
 
 def image_count(images: Any) -> int | None:
     """How many images :func:`iter_image_messages` will give; None for an iterator."""
-    if hasattr(images, "ndim") and images.ndim == 4:
-        return len(images)
-    if hasattr(images, "ndim") or isinstance(images, (bytes, str, os.PathLike, PILImage.Image)):
+    if _is_one_image(images):
         return 1
     return len(images) if hasattr(images, "__len__") else None
+
+
+def first_missing_file(images: Any) -> tuple[int, Any] | None:
+    """(index, path) of the first path in a list of images that is no file; checked before
+    an upload starts, since a streamed upload would otherwise fail part way through."""
+    if _is_one_image(images) or not isinstance(images, (list, tuple, np.ndarray)):
+        return None
+    return next(((i, image) for i, image in enumerate(images) if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image)), None)
+
+
+def _is_one_image(images: Any) -> bool:
+    """One image rather than several: an array of 2 or 3 dimensions (a 4-D one is a batch,
+    a 1-D one a list, such as an array of paths), a path, bytes or a PIL image."""
+    if hasattr(images, "ndim"):
+        return images.ndim not in (1, 4)
+    return isinstance(images, (bytes, str, os.PathLike, PILImage.Image))
 
 
 def pixel_count(image: common_pb2.Image) -> int:
