@@ -150,7 +150,7 @@ class ClassifierSection:
     head: str = ""
     class_names: tuple[str, ...] = ()
     class_names_file: str = ""
-    # Square input size; images of another size are resized (bilinear).
+    # Square input size; images of other sizes are fitted to it (see resize_size).
     image_size: int = 0
     # 0: images are stretched to image_size. Else their shorter side is resized to this
     # and the central image_size square cropped (torchvision's evaluation transform).
