@@ -334,13 +334,15 @@ class Client:
             raise FileNotFoundError(f"images[{missing[0]}]: no such file: {missing[1]}")
 
         def samples() -> Iterator[sample_sets_pb2.Sample]:
-            try:
-                for i, (image, label) in enumerate(zip(iter_image_messages(images), labels, strict=True)):
-                    yield sample_sets_pb2.Sample(image=image, label=label, attributes=dict(attributes[i]) if attributes is not None else {})
-            except ValueError as error:
-                if "zip()" not in str(error):
-                    raise
-                raise ValueError(f"the images are not as many as the {len(labels)} labels") from None
+            mismatch = f"the images are not as many as the {len(labels)} labels"  # found once an iterable runs out or over
+            made = 0
+            for image in iter_image_messages(images):
+                if made == len(labels):
+                    raise ValueError(mismatch)
+                yield sample_sets_pb2.Sample(image=image, label=labels[made], attributes=dict(attributes[made]) if attributes is not None else {})
+                made += 1
+            if made != len(labels):
+                raise ValueError(mismatch)
 
         return samples(), len(labels)
 
