@@ -52,7 +52,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    data_dir = tempfile.mkdtemp(prefix="explaind-bench-")
+    with tempfile.TemporaryDirectory(prefix="explaind-bench-") as data_dir:
+        _measure(args, data_dir)
+
+
+def _measure(args: argparse.Namespace, data_dir: str) -> None:
+    """Both runs on a set stored under ``data_dir``; prints their times and ratio."""
     config = (default_config().replace("server", data_dir=data_dir).replace("runtime", device=args.device)
               .replace("classifier", image_size=224, resize_size=256))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
@@ -82,6 +87,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - started)
     engine.close()
+    engine.store.close()
     seconds = {name: statistics.median(values) for name, values in timings.items()}
     print(f"{args.images} images of 500x375 -> 224, batches of {batch_size}, on {args.device}, "
           f"{engine_core._DECODE_THREADS} decode threads (median of {args.repeats}):")

@@ -89,8 +89,9 @@ class InputGeometry:
     ``resize_size`` 0 resizes the whole image to (size, size), so other aspect ratios are
     stretched. Otherwise the shorter side is resized to ``resize_size``, keeping the aspect
     ratio, and the central (size, size) square is cropped: torchvision's evaluation
-    transform (``Resize(resize_size)``, ``CenterCrop(size)``; 256 then 224 for most ImageNet
-    weights), so a model sees what its reference pipeline would show it.
+    transform (``Resize(resize_size)``, ``CenterCrop(size)``; e.g. 256 then 224 for ResNet-50's
+    IMAGENET1K_V1 weights, 232 then 224 for V2), so a model sees what its reference pipeline
+    would show it.
     ``interpolation`` is "bilinear" or "bicubic", antialiased as torchvision resizes tensors.
     """
 

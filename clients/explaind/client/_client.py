@@ -253,9 +253,10 @@ class Client:
         raise TimeoutError(f"{self.target} was not SERVING within {timeout}s (last error: {last})")
 
     def model_metadata(self) -> ModelMetadata:
-        """What the server serves: the classifier (class names, feature dim D, input size,
-        the serving head's ``model_version``), its components (CLIP, diffusion), batching
-        and per-request limits."""
+        """What the server serves: the classifier (class names, feature dim D, input size
+        and how images are fitted to it: ``resize_size``, ``interpolation``; the serving
+        head's ``model_version``), its components (CLIP, diffusion), batching and
+        per-request limits."""
         response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
         c = response.classifier
         return ModelMetadata(
@@ -283,11 +284,12 @@ class Client:
     # Predict -------------------------------------------------------------------------
 
     def predict(self, images: Any, *, top_k: int = 5, return_features: bool = False, timeout: float | None = None) -> list[Prediction]:
-        """Classify images: a list (numpy arrays, torch tensors, PIL images, paths,
-        encoded bytes) or one (N, 3, H, W) / (N, H, W, 3) batch. One Prediction per image,
-        in order. More images than one request may carry (the server's image, pixel and
-        message limits) go in consecutive requests, each with ``timeout``; a head promoted
-        in between shows in the predictions' ``model_version``."""
+        """Classify images: a list or any iterable (numpy arrays, torch tensors, PIL images,
+        paths, encoded bytes, each read as its request is made) or one (N, 3, H, W) /
+        (N, H, W, 3) batch. One Prediction per image, in order. More images than one
+        request may carry (the server's image, pixel and message limits) go in consecutive
+        requests, each with ``timeout``; a head promoted in between shows in the
+        predictions' ``model_version``."""
         count = image_count(images)
         # One image needs no limits (the usual low-latency call); 0 from an old server: no limit known.
         max_images = 1 if count == 1 else self._request_limits().max_images_per_request or _UNLIMITED

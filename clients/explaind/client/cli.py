@@ -766,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
     evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class, every mistake, the confusion matrix)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class with samples, every mistake, the confusion matrix)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     rank = command("rank", "rank the neurons behind a class's mistakes in a sample set (NeuroInspect)")
