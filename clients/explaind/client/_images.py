@@ -36,14 +36,10 @@ def to_image_message(image: Any) -> common_pb2.Image:
     raise TypeError(f"cannot send {type(image).__name__} as an image; use a numpy array, torch tensor, PIL image, path or bytes")
 
 
-def to_image_messages(images: Any) -> list[common_pb2.Image]:
-    """A batch: a list of images, or one (N, 3, H, W) / (N, H, W, 3) array or tensor."""
-    return list(iter_image_messages(images))
-
-
 def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
-    """The messages of :func:`to_image_messages` one at a time, each made when it is needed:
-    a folder of 50,000 photographs is read file by file, not into memory at once."""
+    """The messages of a batch (a list or iterable of images, or one (N, 3, H, W) /
+    (N, H, W, 3) array or tensor), each made when it is needed: a folder of 50,000
+    photographs is read file by file, not into memory at once."""
     if _is_one_image(images):
         return iter([to_image_message(images)])
     return (to_image_message(image) for image in images)

@@ -261,12 +261,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 _CLASSES_SHOWN = 20
 
 
+def _first_classes(texts: list[str], more: str) -> str:
+    """The first ``_CLASSES_SHOWN`` of ``texts``, then how many more (followed by ``more``)."""
+    shown = ", ".join(texts[:_CLASSES_SHOWN])
+    return shown + (f", ... and {len(texts) - _CLASSES_SHOWN} more{more}" if len(texts) > _CLASSES_SHOWN else "")
+
+
 def _print_metadata(meta: ModelMetadata) -> None:
     print(f"classifier  {meta.name} ({meta.loader}), version {meta.model_version}, backend {meta.backend} on {meta.device}")
-    names = ", ".join(meta.class_names[:_CLASSES_SHOWN])
-    if len(meta.class_names) > _CLASSES_SHOWN:
-        names += f", ... and {len(meta.class_names) - _CLASSES_SHOWN} more (--json lists them all)"
-    print(f"            {len(meta.class_names)} classes: {names}")
+    print(f"            {len(meta.class_names)} classes: {_first_classes(meta.class_names, ' (--json lists them all)')}")
     fit = f"shorter side resized to {meta.resize_size}, centre crop" if meta.resize_size else "images stretched to it"
     fit += f", {meta.interpolation}" if meta.interpolation else ""
     print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size} ({fit})")
@@ -287,11 +290,8 @@ def _named_counts(client: Client, counts: dict[int, int]) -> str:
         names = client.model_metadata().class_names
     except ExplaindError:
         names = []
-    counted = sorted(counts.items())
-    text = ", ".join(f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in counted[:_CLASSES_SHOWN])
-    if len(counted) > _CLASSES_SHOWN:
-        text += f", ... and {len(counted) - _CLASSES_SHOWN} more classes"
-    return text or "none"
+    counted = [f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in sorted(counts.items())]
+    return _first_classes(counted, " classes") or "none"
 
 
 def cmd_sample_set(args: argparse.Namespace) -> int:
