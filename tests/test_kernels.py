@@ -59,8 +59,43 @@ def test_export_moves_the_engine_into_place_only_when_complete(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_engine_reads_images_of_any_layout_and_slices_batches_beyond_its_limit(tmp_path):
+    """Images are bound by address, so a strided tensor must be made contiguous first;
+    a batch over ``max_batch_size`` (TensorRT's profile) runs in slices, in order."""
+    extractor = small_extractor()
+    path = export_onnx(extractor, 16, tmp_path / "features.onnx")
+    sliced = onnx_runtime_features(path, execution_providers(), num_threads=1, max_batch_size=2)
+    images = torch.rand(10, 3, 16, 16)
+    for layout in (images[::2], images[:5].to(memory_format=torch.channels_last), images[:5, :, :, :]):
+        with torch.no_grad():
+            torch.testing.assert_close(sliced(layout), extractor(layout), atol=1e-5, rtol=1e-4)
+
+
+def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_per_runtime_and_gpu(tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert execution_providers("onnxruntime", "cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert execution_providers("onnxruntime", "cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        execution_providers("tensorrt", "cuda:1", image_size=224)
+    providers = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
+    assert [name for name, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = providers[0][1]
+    cache = tmp_path / "engines" / f"onnxruntime-{onnxruntime.__version__}-sm90"
+    assert cache.is_dir() and options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(cache)
+    assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"] and options["device_id"] == 1
+    assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) == (
+        "images:1x3x224x224", "images:64x3x224x224", "images:64x3x224x224")
+    assert providers[1] == ("CUDAExecutionProvider", {"device_id": 1})
+
+
 def test_unknown_engine_and_missing_providers_fail_clearly():
-    assert execution_providers() == ["CPUExecutionProvider"]
+    assert execution_providers() == [("CPUExecutionProvider", {})]
     with pytest.raises(ValueError, match="engine"):
         execution_providers("openvino")
     if not torch.cuda.is_available():
@@ -76,3 +111,21 @@ def test_export_leaves_a_cuda_model_on_the_gpu(tmp_path):
     extractor = small_extractor().cuda()
     export_onnx(extractor, 16, tmp_path / "features.onnx")
     assert all(p.is_cuda for p in extractor.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_cuda_returns_features_on_the_gpu_that_match_eager(tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    extractor = small_extractor().cuda()
+    path = export_onnx(extractor, 16, tmp_path / "features.onnx")
+    features = onnx_runtime_features(path, execution_providers("onnxruntime", "cuda"), device="cuda")
+    images = torch.rand(5, 3, 16, 16, device="cuda") * 2  # written by a kernel just before the call
+    with torch.no_grad():
+        expected = extractor(images)
+    computed = features(images)
+    assert computed.is_cuda
+    torch.testing.assert_close(computed, expected, atol=1e-4, rtol=1e-3)

@@ -28,11 +28,14 @@ def check_device(device: str) -> torch.device:
     return resolved
 
 
-def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, *, num_threads: int = 0) -> FeatureFn:
+def build_feature_fn(
+    version: ClassifierVersion, backend: str, device: str, cache_dir: Path, *, num_threads: int = 0, max_batch_size: int = 32
+) -> FeatureFn:
     """A function images (N, 3, S, S) in [0, 1] on ``device`` -> features (N, D) on ``device``.
 
     ``num_threads`` caps ONNX Runtime's intra-op threads as ``torch.set_num_threads``
-    caps torch's (0: the runtime's default, one per core).
+    caps torch's (0: the runtime's default, one per core). ``max_batch_size`` is the
+    largest batch TensorRT's engine is built for; larger ones run in slices.
     """
     extractor = version.feature_extractor
     if extractor is None:
@@ -48,14 +51,21 @@ def build_feature_fn(version: ClassifierVersion, backend: str, device: str, cach
 
         return run_compiled
     if backend in ENGINES:
-        return _onnx_engine_fn(version, backend, device, cache_dir, num_threads)
+        return _onnx_engine_fn(version, backend, device, cache_dir, num_threads, max_batch_size)
     raise FailedPrecondition(f"unknown backend {backend!r}")
 
 
-def _onnx_engine_fn(version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int) -> FeatureFn:
+def _onnx_engine_fn(
+    version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int, max_batch_size: int
+) -> FeatureFn:
     """h_b exported once per feature version and input size under ``cache_dir`` (the graph
-    has a fixed height and width), run by ONNX Runtime."""
-    providers = execution_providers(backend, device)
-    path = export_onnx(version.feature_extractor, version.image_size,
-                       Path(cache_dir) / f"features-{version.feature_version[:16]}-{version.image_size}px.onnx")
-    return onnx_runtime_features(path, providers, device=device, num_threads=num_threads)
+    has a fixed height and width), run by ONNX Runtime; TensorRT's engines are kept
+    beside that file, in a folder of its name, so each model version has its own."""
+    path = Path(cache_dir) / f"features-{version.feature_version[:16]}-{version.image_size}px.onnx"
+    tensorrt = backend == "tensorrt"
+    providers = execution_providers(
+        backend, device, image_size=version.image_size, max_batch_size=max_batch_size,
+        engine_cache_dir=path.with_name(f"{path.stem}.tensorrt") if tensorrt else None)
+    export_onnx(version.feature_extractor, version.image_size, path)
+    return onnx_runtime_features(path, providers, device=device, num_threads=num_threads,
+                                 max_batch_size=max_batch_size if tensorrt else 0)

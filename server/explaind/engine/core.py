@@ -153,6 +153,7 @@ class Engine:
                 fn = build_feature_fn(
                     version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled",
                     num_threads=self.config.runtime.num_threads,
+                    max_batch_size=max(self.config.batching.max_batch_size, self.config.jobs.evaluate_batch_size),
                 )
                 fn(torch.rand(2, 3, version.image_size, version.image_size, device=self.device))
                 self._feature_fns[version.feature_cache_key] = fn
