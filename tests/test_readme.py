@@ -8,7 +8,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_the_in_process_example_runs_as_written(capsys):
     section = README.read_text().split("## The methods in-process", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()
@@ -16,6 +16,27 @@ def test_the_in_process_example_runs_as_written(capsys):
     edit = namespace["edit"]
     assert edit.after.worst_group[1] > edit.before.worst_group[1]  # the example's point: the edit repairs the worst group
     assert namespace["images"].shape == (1, 3, 64, 64) and 0 <= namespace["images"].min() and namespace["images"].max() <= 1
+
+
+def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exactly(monkeypatch):
+    """The second block, on a ResNet-50 with random weights (nothing is downloaded): the
+    features it takes are exactly what the head sees behind the normalisation."""
+    import torch
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda weights, *a, **k: torchvision.models.resnet50().state_dict())
+    section = README.read_text().split("## The methods in-process", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[1]
+    generator = torch.Generator().manual_seed(0)
+    namespace: dict = {"images": torch.rand(6, 3, 224, 224, generator=generator), "labels": torch.arange(6) % 3}
+    exec(compile(code, str(README), "exec"), namespace)
+    classifier, extractor, ranking = namespace["classifier"], namespace["extractor"], namespace["ranking"]
+    with torch.no_grad():
+        torch.testing.assert_close(extractor.head(namespace["features"]), classifier(namespace["images"]), atol=1e-4, rtol=1e-4)
+        unnormalised = classifier[1](namespace["images"])
+    assert not torch.allclose(unnormalised, classifier(namespace["images"]), atol=1e-3)  # the normalisation is in the path
+    assert ranking.num_mistakes > 0 and ranking.neuron_ids
 
 
 def test_the_production_config_is_a_valid_config(tmp_path):
