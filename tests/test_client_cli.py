@@ -584,3 +584,54 @@ def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_
 
     assert _named_counts(Server(), {i: 1 for i in range(999, -1, -1)}) == ", ".join(f"c{i} 1" for i in range(20)) + ", ... and 980 more classes"
     assert _named_counts(Server(), {i: 1 for i in range(20)}) == ", ".join(f"c{i} 1" for i in range(20))
+
+
+def _json_out(capsys, argv: list[str]):
+    """Run ``argv`` expecting success; its stdout must be one JSON value (strict: no NaN)."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON: {out}")
+
+    return json.loads(out, parse_constant=refuse)
+
+
+def test_sample_sets_visualisations_operations_and_head_versions_print_json_alone(server, capsys, world_images, tmp_path):
+    images, labels = world_images
+    paths = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 255)]
+    target = ["--target", server.target]
+    created = _json_out(capsys, [*target, "sample-set", "create", "--id", "json", "--name", "two", "--images", *paths, "--labels", "heart", "2", "--json"])
+    assert (created["sample_set_id"], created["display_name"], created["sample_count"]) == ("json", "two", 2)
+    assert created["class_counts"] == {"triangle": 1, "heart": 1} and created["create_time"].endswith("+00:00")
+    assert _json_out(capsys, [*target, "sample-set", "show", "json", "--json"]) == created
+    assert "json" in [s["sample_set_id"] for s in _json_out(capsys, [*target, "sample-set", "list", "--json"])]
+
+    # Without CLIP there is no similarity: null, not NaN. Image files are named, not embedded.
+    shown = _json_out(capsys, [*target, "visualize", "3", "5:heart", "--method", "no_clip", "--steps", "2", "--out-dir", str(tmp_path), "--json"])
+    assert [(v["neuron"], v["class_name"]) for v in shown][1] == (5, "heart") and shown[1]["clip_similarity"] is None
+    assert all(Image.open(v["image_file"]).size == Image.open(v["masked_image_file"]).size == (64, 64) for v in shown)
+    assert "image" not in shown[0] and shown[0]["activation"] > 0
+
+    name = _json_out(capsys, [*target, "evaluate", "json", "--no-wait", "--json"])["name"]
+    waited = _json_out(capsys, [*target, "operations", "wait", name, "--json"])
+    assert (waited["name"], waited["kind"], waited["state"], waited["error"]) == (name, "evaluate_sample_set", "succeeded", None)
+    assert waited["result"]["sample_count"] == 2 and [a["name"] for a in waited["artifacts"]] == ["mistakes.png"]
+    assert _json_out(capsys, [*target, "operations", "get", name, "--json"]) == waited
+    assert main([*target, "operations", "watch", name, "--json"]) == 0  # done already: one line, the final state
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [waited]
+    listed = _json_out(capsys, [*target, "operations", "list", "--kind", "evaluate_sample_set", "--limit", "1", "--json"])
+    assert [op["name"] for op in listed] == [name] and "result" not in listed[0]
+
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, labels, sample_set_id="edit-json")
+        served_before = next(v.version_id for v in client.head_versions() if v.active)
+    edit = _json_out(capsys, [*target, "edit-head", "edit-json", "--class", "heart", "--neurons", "3", "--json"])
+    version = edit["version"]
+    assert version["method"] == "probability_ratio" and version["neurons"] == [3] and version["active"] is False
+    assert version["evaluation"]["accuracy"] >= 0 and edit["best_epoch"] <= edit["epochs_run"]
+    assert _json_out(capsys, [*target, "head-versions", "list", "--json"])[-1] == version
+    promoted = _json_out(capsys, [*target, "head-versions", "promote", version["version_id"], "--json"])
+    assert promoted == {**version, "active": True}
+    assert _json_out(capsys, [*target, "head-versions", "rollback", "--json"])["version_id"] == served_before
+    assert _json_out(capsys, [*target, "head-versions", "delete", version["version_id"], "--json"]) == {"deleted": version["version_id"]}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import io
 import json
 import math
@@ -34,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ._client import _STATES, DEFAULT_TARGET, Client
 from ._errors import ExplaindError
@@ -251,7 +253,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         meta = client.model_metadata()
     if args.json:
-        print(json.dumps(dataclasses.asdict(meta)))
+        _print_json(meta)
     else:
         _print_metadata(meta)
     return 0
@@ -314,20 +316,69 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                         stored = client.append_samples(args.id, images, labels, attributes=attributes)
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
+            if args.json:
+                _print_json(_sample_set_json(client, stored))
+                return 0
             print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {stored.sample_count} samples, "
                   f"per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
-            for s in client.sample_sets():
+            listed = client.sample_sets()
+            if args.json:
+                _print_json([_sample_set_json(client, s) for s in listed])
+                return 0
+            for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
                 print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {s.display_name}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading})")
         elif args.action == "show":
             s = client.sample_set(args.id)
+            if args.json:
+                _print_json(_sample_set_json(client, s))
+                return 0
             print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {_named_counts(client, s.class_counts)}, "
                   f"created {s.create_time:%Y-%m-%d %H:%M:%S}")
         elif args.action == "delete":
             client.delete_sample_set(args.id)
-            print(f"deleted {args.id}")
+            print(json.dumps({"deleted": args.id}) if args.json else f"deleted {args.id}")
     return 0
+
+
+def _sample_set_json(client: Client, sample_set) -> dict:
+    """A sample set as JSON, its ``class_counts`` keyed by class name like ``evaluate``'s
+    (by index where the served model has no such class)."""
+    try:
+        names = client.model_metadata().class_names
+    except ExplaindError:
+        names = []
+    counts = {names[label] if 0 <= label < len(names) else str(label): count for label, count in sorted(sample_set.class_counts.items())}
+    return {**_json_value(sample_set), "class_counts": counts}
+
+
+# Results --json commands leave out: images (their files are named instead) and ω, which
+# can be (mistakes x features) floats (the SDK's result(), or its omega.npy artifact, has it).
+_NOT_IN_JSON = ("image", "masked_image", "preview", "omega")
+
+
+def _json_value(value: Any) -> Any:
+    """An SDK result as a JSON value: dataclasses as objects (``_NOT_IN_JSON`` fields left
+    out), times in ISO 8601, arrays as lists, and NaN or infinity as null, since JSON has
+    neither (a visualisation without CLIP has no similarity)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _NOT_IN_JSON}
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return _json_value(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(_json_value(value)))
 
 
 def _print_evaluation(report) -> None:
@@ -384,7 +435,8 @@ def _print_head_edit(edit) -> None:
             print(f"  worst group {before.worst_group} {before.worst_group_accuracy:.3f} -> {after.worst_group} {after.worst_group_accuracy:.3f}")
 
 
-# What ``operations get/wait/watch`` print for a succeeded operation, by kind.
+# What ``operations get/wait/watch`` print for a succeeded operation, by kind (--json:
+# ``_RESULT_JSON``, else every field).
 _RESULT_PRINTERS = {
     "evaluate_sample_set": _print_evaluation,
     "rank_mistake_neurons": _print_ranking,
@@ -399,11 +451,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
         operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
-        if args.no_wait:
-            print(json.dumps({"name": operation.name}) if args.json else f"started {operation.name}")
+        evaluation = _announce_and_wait(operation, args)
+        if evaluation is None:
             return 0
-        print(f"started {operation.name}", file=notes)
-        evaluation = operation.result(progress=True)
         if args.json:
             print(json.dumps(_evaluation_json(evaluation)))
         else:
@@ -435,9 +485,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=not args.json)
     if args.json:
-        fields = ("sample_set_id", "model_version", "class_name", "solver", "sample_count", "mistake_count", "converged_count", "predicted_as")
-        neurons = [{**dataclasses.asdict(n), "rank_ratio": n.rank_ratio} for n in ranking.neurons]
-        print(json.dumps({**{f: getattr(ranking, f) for f in fields}, "neurons": neurons}))
+        _print_json(_ranking_json(ranking))
         return 0
     _print_ranking(ranking, args.show)
     predicted = ", ".join(f"{name} {count}" for name, count in ranking.predicted_as.items())
@@ -445,12 +493,22 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranking_json(ranking) -> dict:
+    return {**_json_value(ranking), "neurons": [{**_json_value(n), "rank_ratio": n.rank_ratio} for n in ranking.neurons]}
+
+
+# Results whose --json differs from their fields (see each function); the rest print every field.
+_RESULT_JSON = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json}
+
+
 def _announce_and_wait(operation, args: argparse.Namespace):
     """Print the operation's name, then (unless --no-wait) wait for its result with a
-    progress bar; None with --no-wait."""
-    print(f"started {operation.name}")
+    progress bar; None with --no-wait. With --json, stdout gets only the JSON: the name
+    alone as {"name": ...} with --no-wait, else the notes go to stderr."""
     if args.no_wait:
+        print(json.dumps({"name": operation.name}) if args.json else f"started {operation.name}")
         return None
+    print(f"started {operation.name}", file=sys.stderr if args.json else sys.stdout)
     return operation.result(progress=True)
 
 
@@ -467,15 +525,23 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         visualizations = _announce_and_wait(operation, args)
     if visualizations is None:
         return 0
-    _print_visualizations(visualizations)
+    if not args.json:
+        _print_visualizations(visualizations)
+    written = []
     for i, v in enumerate(visualizations):
         stem = _visualization_stem(i, v.neuron, v.class_name)
-        for suffix, image in (("", v.image), ("_masked", v.masked_image)):
+        files = {}
+        for key, suffix, image in (("image_file", "", v.image), ("masked_image_file", "_masked", v.masked_image)):
             path = out_dir / f"{stem}{suffix}.png"
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             _write(path, buffer.getvalue())
-    print(f"wrote {2 * len(visualizations)} images to {out_dir}")
+            files[key] = str(path)
+        written.append({**_json_value(v), **files})
+    if args.json:
+        _print_json(written)
+    else:
+        print(f"wrote {2 * len(visualizations)} images to {out_dir}")
     return 0
 
 
@@ -492,7 +558,9 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
             evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, promote=args.promote,
         )
         edit = _announce_and_wait(operation, args)
-    if edit is not None:
+    if edit is not None and args.json:
+        _print_json(edit)
+    elif edit is not None:
         _print_head_edit(edit)
     return 0
 
@@ -502,9 +570,12 @@ def cmd_operations(args: argparse.Namespace) -> int:
         if args.action == "list":
             limit = args.limit or OPERATIONS_LISTED
             listed = client.operations(kind=args.kind or "", state=args.state or "", limit=limit + 1)  # one more: are there more?
-            for op in listed[:limit]:
-                p = op.progress
-                print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
+            if args.json:
+                _print_json([_operation_json(op) for op in listed[:limit]])
+            else:
+                for op in listed[:limit]:
+                    p = op.progress
+                    print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
             if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             elif not listed:
@@ -512,40 +583,69 @@ def cmd_operations(args: argparse.Namespace) -> int:
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
-            print(f"deleted {args.name}")
+            print(json.dumps({"deleted": args.name}) if args.json else f"deleted {args.name}")
             return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
-            if operation.done:
+            if operation.done and not args.json:
                 print(f"{operation.name} had already finished ({operation.state}); nothing to cancel")
                 return 0
-            operation.cancel()
+            if not operation.done:
+                operation.cancel()
         elif args.action == "wait":
             operation.wait()
         elif args.action == "watch":
             for update in operation.watch():
-                print(update, update.progress.message)
+                if not args.json:
+                    print(update, update.progress.message)
+                elif not update.done:  # JSON Lines; the last line, below, carries the result
+                    print(json.dumps(_operation_json(update)), flush=True)
         elif args.action == "artifact":
             data = operation.artifact(args.artifact)
             _write(args.output or args.artifact, data)
-            print(f"wrote {args.output or args.artifact} ({len(data)} bytes)")
+            print(json.dumps({"file": args.output or args.artifact, "size_bytes": len(data)}) if args.json
+                  else f"wrote {args.output or args.artifact} ({len(data)} bytes)")
             return 0
-        print(operation)
-        if operation.artifacts:
-            print(f"artifacts: {', '.join(a.name for a in operation.artifacts)}")
-        if operation.error is not None:
-            print(f"error: {operation.error}")
-        elif operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
+        result, deleted_version = None, False
+        if operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
             result = operation.result(download=False)  # the printers show no ω or images
             if operation.kind == "edit_head":  # stored when the job ended; the served head may have changed since
                 stored = {v.version_id: v for v in client.head_versions()}.get(result.version.version_id)
-                if stored is None:
-                    print(f"head version {result.version.version_id} has been deleted since")
-                    return 0
-                result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=stored.active))
-            _RESULT_PRINTERS[operation.kind](result)
+                deleted_version = stored is None
+                if stored is not None:
+                    result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=stored.active))
+        if args.json:
+            value = _operation_json(operation, result)
+            if deleted_version:
+                value["result"]["version"].update(active=False, deleted=True)
+            _print_json(value)
+        else:
+            print(operation)
+            if operation.artifacts:
+                print(f"artifacts: {', '.join(a.name for a in operation.artifacts)}")
+            if operation.error is not None:
+                print(f"error: {operation.error}")
+            elif deleted_version:
+                print(f"head version {result.version.version_id} has been deleted since")
+            elif result is not None:
+                _RESULT_PRINTERS[operation.kind](result)
     # Like `kubectl wait`: a script waiting on a job learns from the exit code that it failed.
     return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0
+
+
+def _operation_json(operation, result: Any = None) -> dict:
+    """An operation as JSON: state, progress and artifacts; its error as its gRPC code and
+    message; ``result`` (when given) as the kind's command prints it with --json."""
+    error = operation.error
+    value = {
+        "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
+        "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
+        "artifacts": _json_value(operation.artifacts),
+        "error": {"code": error.code.name, "message": error.details} if error is not None else None,
+    }
+    if result is not None:
+        value["result"] = _RESULT_JSON.get(operation.kind, _json_value)(result)
+    return value
 
 
 def _free_port() -> int:
@@ -668,13 +768,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_head_versions(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        if args.action == "promote":
-            print(f"serving {client.promote_head_version(args.version).version_id}")
-        elif args.action == "rollback":
-            print(f"serving {client.rollback_head_version(args.version or '').version_id}")
+        if args.action in ("promote", "rollback"):
+            served = client.promote_head_version(args.version) if args.action == "promote" else client.rollback_head_version(args.version or "")
+            if args.json:
+                _print_json(served)
+            else:
+                print(f"serving {served.version_id}")
         elif args.action == "delete":
             client.delete_head_version(args.version)
-            print(f"deleted {args.version}")
+            print(json.dumps({"deleted": args.version}) if args.json else f"deleted {args.version}")
+        elif args.json:
+            _print_json(client.head_versions())
         else:
             for v in client.head_versions():
                 print(_version_line(v))
@@ -759,6 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--folder", help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
     sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
+    sample_set.add_argument("--json", action="store_true", help="print the set (create, append, show) or the sets (list) as JSON")
     sample_set.set_defaults(run=cmd_sample_set)
 
     evaluate = command("evaluate", "classify a sample set (a job with progress; Ctrl-C cancels it)")
@@ -788,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--seed", type=int, default=0, help="random seed of the start images and augmentations")
     visualize.add_argument("--out-dir", dest="out_dir", default=".", help="directory for <i>_neuron<N>_<class>.png and its _masked.png")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
+    visualize.add_argument("--json", action="store_true", help="print the visualisations and the files written as JSON")
     visualize.set_defaults(run=cmd_visualize)
 
     edit_head = command("edit-head", "retrain the head so a class relies less on some neurons (a new head version)")
@@ -803,6 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="sample attribute for per-group accuracy, e.g. background (needs a validation or evaluation set)")
     edit_head.add_argument("--promote", action="store_true", help="serve the new version at once")
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
+    edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")
     edit_head.set_defaults(run=cmd_edit_head)
 
     operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
@@ -814,6 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--state", choices=tuple(_STATES), help="list only this state")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
     operations.add_argument("-o", "--output", help="file for the artifact (default: its name)")
+    operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
+                                                                "one per line as it changes (watch)")
     operations.set_defaults(run=cmd_operations)
 
     report = command("report", "write one self-contained HTML report on a class's mistakes")
@@ -836,6 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
              "delete VERSION removes a version not served",
     )
     head_versions.add_argument("version", nargs="?", help="a version id from list, e.g. v1")
+    head_versions.add_argument("--json", action="store_true", help="print the versions (list) or the served version as JSON")
     head_versions.set_defaults(run=cmd_head_versions)
 
     demo = command("demo", "serve the shapes world and run a client session end to end", client=False)
