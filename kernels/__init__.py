@@ -4,9 +4,10 @@ h_b is exported to ONNX once per feature version and run by an ONNX Runtime sess
 on the CPU, CUDA or TensorRT execution provider, with images and features bound in
 place on the device. ``explaind.engine.backends`` picks
 one by ``[runtime].backend``; the linear head stays in eager PyTorch, so a head edit
-never needs a new engine.
+never needs a new engine. ``split_onnx_classifier`` cuts a classifier given as ONNX
+before its final linear layer, so its features and head are explained the same way.
 """
 
-from ._onnx_runtime import ENGINES, execution_providers, export_onnx, onnx_runtime_features
+from ._onnx_runtime import ENGINES, OnnxClassifierSplit, execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
 
-__all__ = ["ENGINES", "execution_providers", "export_onnx", "onnx_runtime_features"]
+__all__ = ["ENGINES", "OnnxClassifierSplit", "execution_providers", "export_onnx", "onnx_runtime_features", "split_onnx_classifier"]

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +151,11 @@ def _cuda_index(device: str) -> int:
 
 
 def onnx_runtime_features(
-    path: Path, providers: list[Provider], *, device: str = "cpu", num_threads: int = 0, max_batch_size: int = 0
+    model: Path | bytes, providers: list[Provider], *, device: str = "cpu", num_threads: int = 0, max_batch_size: int = 0
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images (N, 3, S, S) in [0, 1] -> features (N, D) on ``device``, running
-    the ONNX file at ``path`` on ``providers`` (from :func:`execution_providers`).
+    """A function images (N, 3, S, S) -> features (N, D) on ``device``, running the ONNX
+    graph ``model`` (a file, or the serialised graph) with one float input and one float
+    output (N, D) on ``providers`` (from :func:`execution_providers`).
     ``num_threads`` caps intra-op threads (0: one per core); ``max_batch_size`` > 0 runs
     larger batches in slices of that size (TensorRT's profile ends there).
 
@@ -165,10 +167,11 @@ def onnx_runtime_features(
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = num_threads
-    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
-    width = session.get_outputs()[0].shape[1]
+    session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers)
+    (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
+    width = graph_output.shape[-1]
     if not isinstance(width, int):
-        raise FailedPrecondition(f"{path}: the feature width must be fixed in the graph, got {width!r}")
+        raise FailedPrecondition(f"the feature width must be fixed in the graph, got {width!r}")
     target = torch.device(device)
     bound_device = ("cuda", _cuda_index(device)) if target.type == "cuda" else ("cpu", 0)
 
@@ -176,8 +179,8 @@ def onnx_runtime_features(
         images = images.detach().to(target, torch.float32).contiguous()
         features = torch.empty(len(images), width, device=target)
         binding = session.io_binding()
-        binding.bind_input(INPUT_NAME, *bound_device, np.float32, tuple(images.shape), images.data_ptr())
-        binding.bind_output(OUTPUT_NAME, *bound_device, np.float32, tuple(features.shape), features.data_ptr())
+        binding.bind_input(graph_input.name, *bound_device, np.float32, tuple(images.shape), images.data_ptr())
+        binding.bind_output(graph_output.name, *bound_device, np.float32, tuple(features.shape), features.data_ptr())
         if target.type == "cuda":  # ONNX Runtime reads the images on its own stream
             torch.cuda.current_stream(target).synchronize()
         session.run_with_iobinding(binding)
@@ -190,3 +193,74 @@ def onnx_runtime_features(
         return torch.cat([run_slice(part) for part in images.split(max_batch_size)])
 
     return run
+
+
+@dataclass(frozen=True)
+class OnnxClassifierSplit:
+    """An ONNX classifier cut before its final linear layer: ``feature_graph`` (serialised
+    ONNX, images -> features (N, D), the tensor ``feature_name``) and that layer,
+    ``head_name``, as ``weight`` (C, D) and ``bias`` (C,)."""
+
+    feature_graph: bytes
+    weight: torch.Tensor
+    bias: torch.Tensor
+    feature_name: str
+    head_name: str
+
+
+def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
+    """Cut the classifier at ``path`` (one input, one output: the logits) before the linear
+    layer that computes its logits: a ``Gemm`` (what torch exports for ``nn.Linear``), or a
+    ``MatMul`` with an optional ``Add``, whose weights are constants. Raises ``ValueError``
+    saying why a graph cannot be cut (e.g. it ends in a softmax)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))  # with external weights beside it
+    graph = model.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    if len([i for i in graph.input if i.name not in constants]) != 1 or len(graph.output) != 1:
+        raise ValueError("a splittable classifier has one input, the images, and one output, the logits")
+
+    def constant(name: str) -> np.ndarray:
+        if name not in constants:
+            raise ValueError(f"the final linear layer's {name!r} is computed, not a constant")
+        return numpy_helper.to_array(constants[name]).astype(np.float32)
+
+    last = producers.get(graph.output[0].name)
+    head_nodes, bias_name = [last], ""
+    if last is not None and last.op_type == "Add":  # MatMul, then the bias
+        computed = [name for name in last.input if name not in constants]
+        bias_name = next((name for name in last.input if name in constants), "")
+        last = producers.get(computed[0]) if len(computed) == 1 else None
+        if last is None or last.op_type != "MatMul":
+            raise ValueError("its logits come from an Add that is not a MatMul's bias")
+        head_nodes.append(last)
+    if last is None or last.op_type not in ("Gemm", "MatMul"):
+        raise ValueError(f"its logits come from {'a ' + last.op_type + ' node' if last else 'its input'}, not a linear layer (Gemm, or MatMul and Add)")
+    features = last.input[0]
+    if last.op_type == "Gemm":
+        attributes = {a.name: helper.get_attribute_value(a) for a in last.attribute}
+        if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+            raise ValueError("its final Gemm scales or transposes its input")
+        weight = constant(last.input[1])
+        weight = weight if attributes.get("transB", 0) else weight.T
+        bias_name = last.input[2] if len(last.input) > 2 else ""
+    else:
+        weight = constant(last.input[1]).T
+    if weight.ndim != 2:
+        raise ValueError(f"its final linear layer's weight has shape {weight.shape}, not (classes, features)")
+    bias = np.broadcast_to(constant(bias_name).reshape(-1), weight.shape[:1]) if bias_name else np.zeros(weight.shape[0], np.float32)
+    element_type = constants[last.input[1]].data_type
+    for node in head_nodes:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for name in {last.input[1], bias_name} - used - {""}:
+        graph.initializer.remove(constants[name])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(features, element_type, [None, weight.shape[1]]))
+    if model.ByteSize() >= 2**31:
+        raise ValueError("its feature graph is over protobuf's 2 GiB limit for one message")
+    return OnnxClassifierSplit(model.SerializeToString(), torch.from_numpy(weight.copy()), torch.from_numpy(bias.copy()),
+                               feature_name=features, head_name=last.name or last.input[1])

@@ -175,7 +175,7 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
         raise InvalidArgumentError("sample_set_id: needs at least 5 samples")
 
     client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons, edit_head=edit_head,
-                             model_metadata=lambda: SimpleNamespace(components={}))
+                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
     report = build_report(client, "heart", "s", steps=2)
     assert [len(pairs) for pairs in requests] == [64, 6] and [v.neuron for v in report.visualizations] == list(range(70))
     requests.clear()

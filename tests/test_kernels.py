@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from explaind.errors import FailedPrecondition
-from explaind.kernels import execution_providers, export_onnx, onnx_runtime_features
+from explaind.kernels import execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
 
 
 def small_extractor() -> nn.Module:
@@ -129,3 +130,64 @@ def test_engine_on_cuda_returns_features_on_the_gpu_that_match_eager(tmp_path):
     computed = features(images)
     assert computed.is_cuda
     torch.testing.assert_close(computed, expected, atol=1e-4, rtol=1e-3)
+
+
+def _linear_classifier_graph(tmp_path, tail: str) -> tuple[str, np.ndarray]:
+    """A tiny ONNX classifier: images (N, 3, 4, 4) -> mean over space (N, 3) -> a final
+    linear layer of the form ``tail`` -> logits (N, 2); returns its path and W (2, 3)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(2).astype(np.float32)
+    nodes = [helper.make_node("ReduceMean", ["images", "axes"], ["pooled"], keepdims=0)]
+    constants = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    if tail == "gemm_transposed":  # what torch exports for nn.Linear
+        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1))
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "gemm":
+        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"]))
+        constants += [numpy_helper.from_array(weight.T.copy(), "W"), numpy_helper.from_array(bias, "b")]
+    elif tail in ("matmul_add", "matmul"):
+        nodes.append(helper.make_node("MatMul", ["pooled", "W"], ["product" if tail == "matmul_add" else "logits"]))
+        constants.append(numpy_helper.from_array(weight.T.copy(), "W"))
+        if tail == "matmul_add":
+            nodes.append(helper.make_node("Add", ["b", "product"], ["logits"]))
+            constants.append(numpy_helper.from_array(bias, "b"))
+    elif tail == "softmax":
+        nodes += [helper.make_node("Gemm", ["pooled", "W", "b"], ["scores"], transB=1), helper.make_node("Softmax", ["scores"], ["logits"])]
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "scaled_gemm":
+        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1, alpha=2.0))
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "computed_weight":
+        nodes += [helper.make_node("Relu", ["W"], ["W_relu"]), helper.make_node("Gemm", ["pooled", "W_relu", "b"], ["logits"], transB=1)]
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], constants)
+    path = str(tmp_path / f"{tail}.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path, weight
+
+
+@pytest.mark.parametrize("tail", ["gemm_transposed", "gemm", "matmul_add", "matmul"])
+def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail):
+    import onnxruntime
+
+    path, weight = _linear_classifier_graph(tmp_path, tail)
+    split = split_onnx_classifier(path)
+    images = torch.rand(5, 3, 4, 4)
+    features = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=1)(images)
+    torch.testing.assert_close(features, images.mean(dim=(2, 3)))
+    torch.testing.assert_close(split.weight, torch.from_numpy(weight))
+    whole = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
+    torch.testing.assert_close(features @ split.weight.T + split.bias, torch.from_numpy(whole))
+    assert split.feature_name == "pooled" and (split.bias == 0).all() == (tail == "matmul")
+
+
+@pytest.mark.parametrize(("tail", "reason"), [("softmax", "from a Softmax node"), ("scaled_gemm", "scales or transposes"),
+                                              ("computed_weight", "is computed, not a constant")])
+def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp_path, tail, reason):
+    path, _ = _linear_classifier_graph(tmp_path, tail)
+    with pytest.raises(ValueError, match=reason):
+        split_onnx_classifier(path)

@@ -370,23 +370,38 @@ def test_an_exported_program_with_baked_in_devices_is_placed_on_the_gpu(tmp_path
     torch.testing.assert_close(version.logits(version.features(images.cuda())).cpu(), model(images), atol=1e-4, rtol=1e-4)
 
 
-def test_onnx_classifier_is_inference_only(tmp_path, classifier_dir, world_model, engine):
-    path = tmp_path / "world.onnx"
-    torch.onnx.export(world_model, (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
-                      dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
-    onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
-    onnx_engine.activate(load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64)))
+def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_inference_only(tmp_path, classifier_dir, world_model, engine):
+    def exported(model: torch.nn.Module, name: str) -> str:
+        path = tmp_path / name
+        torch.onnx.export(model, (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
+                          dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
+        return str(path)
+
     images = torch.rand(3, 3, 64, 64)
-    got = onnx_engine.predict(images, top_k=6)
-    want = engine.predict(images, top_k=6)
+    want = engine.predict(images, top_k=6, return_features=True)
+    onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
+    split = load_classifier(ClassifierSection(loader="onnx", path=exported(world_model, "world.onnx"), image_size=64))
+    assert split.supports_features and not split.differentiable and split.feature_dim == world_model.fc.in_features
+    onnx_engine.activate(split)
+    got = onnx_engine.predict(images, top_k=6, return_features=True)
     np.testing.assert_array_equal(got.class_indices, want.class_indices)
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
+    np.testing.assert_allclose(got.features, want.features, atol=1e-4)
+    assert onnx_engine.runtime(split) == ("onnxruntime", "cpu")
+
+    # A graph that ends in a softmax has no linear layer to split at: predictions only.
+    ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1)).eval()
+    whole = load_classifier(ClassifierSection(loader="onnx", path=exported(ending_in_softmax, "softmax.onnx"), image_size=64))
+    assert not whole.supports_features
+    onnx_engine.activate(whole)
+    np.testing.assert_array_equal(onnx_engine.predict(images, top_k=6).class_indices, want.class_indices)
     with pytest.raises(FailedPrecondition, match="inference-only"):
         onnx_engine.predict(images, return_features=True)
-    # [runtime].device names where split classifiers run; an ONNX Runtime CPU session takes
-    # CPU tensors whatever it says (any non-CPU device would fail the same way as meta).
+    # [runtime].device names where split classifiers run; an inference-only ONNX Runtime CPU
+    # session takes CPU tensors whatever it says (any non-CPU device would fail the same way as meta).
     onnx_engine.device = torch.device("meta")
     np.testing.assert_array_equal(onnx_engine.predict(images, top_k=6).class_indices, want.class_indices)
+    assert onnx_engine.runtime(whole) == ("onnxruntime", "cpu")
     onnx_engine.close()
 
 

@@ -279,6 +279,7 @@ class Client:
             ),
             resize_size=c.resize_size,
             interpolation=c.interpolation,
+            supports_visualization=c.supports_visualization,
         )
 
     # Predict -------------------------------------------------------------------------

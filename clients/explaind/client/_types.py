@@ -67,6 +67,8 @@ class ModelMetadata:
     # the central image_size square cropped.
     resize_size: int = 0
     interpolation: str = ""  # "bilinear" or "bicubic"; empty from a server that does not say
+    # The feature extractor has gradients (a PyTorch classifier): neurons can be visualised.
+    supports_visualization: bool = False
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,12 @@ def _print_metadata(meta: ModelMetadata) -> None:
     print(f"            {len(meta.class_names)} classes: {_first_classes(meta.class_names, ' (--json lists them all)')}")
     fit = f"shorter side resized to {meta.resize_size}, centre crop" if meta.resize_size else "images stretched to it"
     fit += f", {meta.interpolation}" if meta.interpolation else ""
-    print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}), input {meta.image_size}x{meta.image_size} ({fit})")
+    if meta.supports_features:
+        gradients = "" if meta.supports_visualization else "; no gradients, so no neuron visualisations"
+        print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}){gradients}")
+    else:
+        print("            inference only: no penultimate features, so no evaluation, ranking or head edits")
+    print(f"            input {meta.image_size}x{meta.image_size} ({fit})")
     for component in meta.components.values():
         origin = f", from {component.source}" if component.loaded and component.source else ""
         print(f"{component.name:<11} {'loaded' if component.loaded else 'not loaded'}: {component.detail}{origin}")
@@ -763,6 +768,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")
     elif report.no_edit_reason:
         print(f"no head edit suggested: {report.no_edit_reason}")
+    if report.no_visualization_reason:
+        print(f"no visualisations: {report.no_visualization_reason}")
     return 0
 
 

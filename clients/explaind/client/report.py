@@ -37,6 +37,7 @@ class MistakeReport:
     visualization_method: str
     evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
     no_edit_reason: str = ""  # why no edit was suggested, when the server refused one (e.g. too few samples)
+    no_visualization_reason: str = ""  # why there are no visualisations (a classifier without gradients)
 
 
 def build_report(
@@ -52,17 +53,21 @@ def build_report(
     progress: bool = False,
 ) -> MistakeReport:
     """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class, with
-    CLIP-Illusion when the server has CLIP, else the no_clip ablation, and edit the head on
+    CLIP-Illusion when the server has CLIP, else the no_clip ablation (none when the
+    classifier has no gradients, e.g. ONNX: ``no_visualization_reason`` says so), and edit the head on
     the top ``edit_neurons``. The edit is
     evaluated on data it did not train on: ``evaluation_sample_set_id``, else the fifth
     of the set the server holds out (every 5th sample); ``group_attribute`` adds
     per-group accuracy (e.g. "background")."""
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
-    clip = client.model_metadata().components.get("clip")
+    meta = client.model_metadata()
+    clip = meta.components.get("clip")
     method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
     visualizations = []
-    for start in range(0, len(shown), VISUALIZATION_PAIRS_PER_REQUEST):
+    no_visualization_reason = "" if meta.supports_visualization else (
+        f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
+    for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
         visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress)
     edit, evaluated_on, no_edit_reason = None, "", ""
@@ -74,7 +79,7 @@ def build_report(
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
             no_edit_reason = "; ".join([error.details, *getattr(error, "__notes__", ())])  # e.g. temporary sets left behind
-    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason)
+    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
 
 
 def _suggest_edit(
@@ -231,6 +236,8 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></div>"
             )
         parts.append("</div>")
+    elif ranking.neurons and report.no_visualization_reason:
+        parts.append(f"<h2>What the ranked neurons respond to</h2><p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
     if report.edit is not None:
         version = report.edit.version
         parts.append(

@@ -32,8 +32,10 @@ class NeuroInspectServiceStub:
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
     INVALID_ARGUMENT naming the field, as is any value outside the range its comment
     gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
-    FAILED_PRECONDITION, and so is any method on an inference-only classifier (ONNX,
-    TorchScript: no feature/head split). Every RPC is UNAVAILABLE until the models have
+    FAILED_PRECONDITION, and so is any method on an inference-only classifier
+    (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
+    split), and VisualizeNeurons on one without gradients (ONNX; see
+    ClassifierInfo.supports_visualization). Every RPC is UNAVAILABLE until the models have
     loaded and the stored head versions are restored. Arguments are checked when the
     request arrives; a job re-checks what may have changed since (the sets) and fails
     with the same code.
@@ -89,8 +91,10 @@ class NeuroInspectServiceServicer:
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
     INVALID_ARGUMENT naming the field, as is any value outside the range its comment
     gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
-    FAILED_PRECONDITION, and so is any method on an inference-only classifier (ONNX,
-    TorchScript: no feature/head split). Every RPC is UNAVAILABLE until the models have
+    FAILED_PRECONDITION, and so is any method on an inference-only classifier
+    (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
+    split), and VisualizeNeurons on one without gradients (ONNX; see
+    ClassifierInfo.supports_visualization). Every RPC is UNAVAILABLE until the models have
     loaded and the stored head versions are restored. Arguments are checked when the
     request arrives; a job re-checks what may have changed since (the sets) and fails
     with the same code.
@@ -229,8 +233,10 @@ class NeuroInspectService:
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
     INVALID_ARGUMENT naming the field, as is any value outside the range its comment
     gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
-    FAILED_PRECONDITION, and so is any method on an inference-only classifier (ONNX,
-    TorchScript: no feature/head split). Every RPC is UNAVAILABLE until the models have
+    FAILED_PRECONDITION, and so is any method on an inference-only classifier
+    (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
+    split), and VisualizeNeurons on one without gradients (ONNX; see
+    ClassifierInfo.supports_visualization). Every RPC is UNAVAILABLE until the models have
     loaded and the stored head versions are restored. Arguments are checked when the
     request arrives; a job re-checks what may have changed since (the sets) and fails
     with the same code.

@@ -142,13 +142,15 @@ class Engine:
     def activate(self, version: ClassifierVersion) -> None:
         """Serve ``version``: its backend is built (and warmed) first, then one swap.
         Cached sample features of other feature versions are dropped."""
-        if version.feature_extractor is None and (self.device.type != "cpu" or self.config.runtime.backend != "eager"):
+        if not version.supports_features and self.device.type != "cpu":
             log.warning("the %s classifier is inference-only and runs on the CPU with its own runtime; [runtime].device "
-                        "and .backend apply to split classifiers only", version.loader)
-        if version.feature_extractor is not None:
-            if version.head is not None:
-                version.feature_extractor.to(self.device)
-                version.head.to(self.device)
+                        "applies to classifiers split into features and a linear head", version.loader)
+        if not version.differentiable and self.config.runtime.backend != "eager":
+            log.warning("the %s classifier runs on its own runtime; [runtime].backend applies to PyTorch classifiers only", version.loader)
+        if version.supports_features:
+            version.head.to(self.device)
+        if version.differentiable:
+            version.feature_extractor.to(self.device)
             if version.feature_cache_key not in self._feature_fns:
                 fn = build_feature_fn(
                     version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled",
@@ -162,9 +164,15 @@ class Engine:
             dropped = self.store.retain_features(version.feature_cache_key)
             if dropped:
                 log.info("feature cache: dropped %d entries of other model versions", dropped)
-        self.metrics.model_info.info(
-            {"name": version.name, "loader": version.loader, "version": version.version, "backend": self.config.runtime.backend, "device": str(self.device)}
-        )
+        backend, device = self.runtime(version)
+        self.metrics.model_info.info({"name": version.name, "loader": version.loader, "version": version.version, "backend": backend, "device": device})
+
+    def runtime(self, version: ClassifierVersion) -> tuple[str, str]:
+        """(backend, device) that run ``version``'s forward pass: the configured ones for a
+        PyTorch classifier, its own runtime for the others (on the CPU when inference-only)."""
+        if version.differentiable:
+            return self.config.runtime.backend, str(self.device)
+        return "onnxruntime" if version.loader == "onnx" else version.loader, str(self.device) if version.supports_features else "cpu"
 
     def close(self, grace_s: float = 0.0) -> None:
         """Finish queued predictions, then let jobs finish for ``grace_s`` and abort the rest."""
@@ -182,16 +190,16 @@ class Engine:
         version = self.models.active  # raises Unavailable while loading
         if top_k < 0 or top_k > len(version.class_names):
             raise InvalidArgument(f"must be between 1 and {len(version.class_names)} (the number of classes), or 0 for the default", field="top_k")
-        if return_features and version.feature_extractor is None:
+        if return_features and not version.supports_features:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; it has no penultimate features", field="return_features")
         return self._batcher.submit(images)
 
     def _run_batch(self, images: torch.Tensor) -> BatchOutput:
         version = self.models.active  # read once: the whole batch uses one version
-        if version.feature_extractor is None:  # inference-only loaders run on the CPU, where they loaded
+        if not version.supports_features:  # inference-only loaders run on the CPU, where they loaded
             return BatchOutput(version, version.predict_fn(images.cpu()).float().cpu(), None)
         images = images.to(self.device, non_blocking=True)
-        features = self._feature_fns[version.feature_cache_key](images)
+        features = self._feature_fns.get(version.feature_cache_key, version.features)(images)
         return BatchOutput(version, version.logits(features).float().cpu(), features.float().cpu())
 
     def finish_predict(self, output: BatchOutput, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> PredictOutput:
@@ -275,7 +283,7 @@ class Engine:
         through ``context`` when given. The set is checked again here, when a job runs: it
         may have been deleted, or replaced by one still uploading, since the job was queued."""
         version = version or self.models.active
-        if version.feature_extractor is None:
+        if not version.supports_features:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; explanation methods need a split classifier")
         self.usable_sample_set(sample_set_id, field)
         records = self.store.list_samples(sample_set_id)
@@ -334,7 +342,7 @@ class Engine:
         if max_grid_images < 0 or max_grid_images > 1024:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
-        if version.feature_extractor is None:
+        if not version.supports_features:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; evaluation needs a split classifier")
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, version, batch_size, max_grid_images or 64)
         return self.jobs.submit(EVALUATE_KIND, run)

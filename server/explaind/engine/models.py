@@ -4,7 +4,10 @@ A classifier is split by module name: ``h_b`` is the model with its head module
 replaced by ``Identity`` (a shallow copy that shares every parameter), so
 ``h_b(x)`` is the penultimate feature vector (N, D) and ``head(h_b(x))`` equals
 ``model(x)`` — checked on a probe input at load time. The feature layer's activation
-maps (N, C, h, w) are read with a forward hook on that module.
+maps (N, C, h, w) are read with a forward hook on that module. An ONNX classifier is
+split as a graph instead, before its final linear layer (``split_onnx_classifier``):
+its features come from ONNX Runtime and its head is an ``nn.Linear``, so it is ranked,
+evaluated and edited like the others, but has no gradients to visualise neurons with.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,9 @@ from torch import nn
 from ..config import ClassifierSection, ClipSection, DiffusionSection
 from ..errors import ModelLoadError
 from ..imaging import InputGeometry
+from ..kernels import execution_providers, onnx_runtime_features, split_onnx_classifier
+
+log = logging.getLogger(__name__)
 
 
 class Preprocess(nn.Module):
@@ -76,8 +83,10 @@ class _LayerTap:
 class ClassifierVersion:
     """One immutable (feature extractor, head) pair; the unit the registry swaps.
 
-    ``feature_extractor`` is None for inference-only loaders (ONNX, TorchScript), whose
-    ``predict_fn`` maps images straight to logits.
+    ``feature_extractor`` is None where h_b is not a PyTorch module: an ONNX classifier
+    split as a graph computes its features with ``feature_graph`` (no gradients), and
+    inference-only ones (TorchScript, an ONNX graph that does not end in a linear layer)
+    have no head and map images straight to logits with ``predict_fn``.
     """
 
     name: str
@@ -93,6 +102,7 @@ class ClassifierVersion:
     feature_version: str
     head_version: str
     predict_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    feature_graph: Callable[[torch.Tensor], torch.Tensor] | None = None
     # 0: images are stretched to image_size; else shorter side to this, then centre crop.
     resize_size: int = 0
     interpolation: str = "bilinear"
@@ -115,6 +125,12 @@ class ClassifierVersion:
 
     @property
     def supports_features(self) -> bool:
+        """Penultimate features and a linear head: what ranking, evaluation and edits need."""
+        return self.head is not None
+
+    @property
+    def differentiable(self) -> bool:
+        """h_b is a PyTorch module: gradients for visualisations, and the torch backends."""
         return self.feature_extractor is not None
 
     @property
@@ -124,7 +140,7 @@ class ClassifierVersion:
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, D) of images (N, 3, S, S) in [0, 1]."""
-        return self.feature_extractor(images)
+        return self.feature_extractor(images) if self.feature_extractor is not None else self.feature_graph(images)
 
     @torch.inference_mode()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -251,7 +267,7 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
         "export": functools.partial(_load_export, device=torch.device(device)),
         "factory": _load_factory,
         "torchscript": _load_torchscript,
-        "onnx": _load_onnx,
+        "onnx": functools.partial(_load_onnx, device=torch.device(device)),
     }
     try:
         return loaders[section.loader](section)
@@ -493,7 +509,10 @@ def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     return _inference_only(section, "torchscript", path, run)
 
 
-def _load_onnx(section: ClassifierSection) -> ClassifierVersion:
+def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVersion:
+    """Split before the final linear layer when the graph ends in one (checked on a probe:
+    head(features) must equal the graph's logits), running the features on ``device``;
+    else inference-only, on the CPU."""
     import onnxruntime
 
     path = _require_file(section.path, "path (an ONNX file)")
@@ -504,7 +523,28 @@ def _load_onnx(section: ClassifierSection) -> ClassifierVersion:
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: preprocess(images).numpy()})[0])
 
-    return _inference_only(section, "onnx", path, run)
+    whole = _inference_only(section, "onnx", path, run)
+    providers = execution_providers("onnxruntime", str(device))  # a device without them is a config error, not a reason to fall back
+    try:
+        split = split_onnx_classifier(path)
+        on_device = Preprocess(section.mean, section.std).to(device)
+        features = onnx_runtime_features(split.feature_graph, providers, device=str(device))
+        head = nn.Linear(*reversed(split.weight.shape))
+        with torch.no_grad():
+            head.weight.copy_(split.weight)
+            head.bias.copy_(split.bias)
+        probe = torch.rand(2, 3, whole.image_size, whole.image_size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected, computed = run(probe), head(features(on_device(probe.to(device))).cpu())
+        if computed.shape != expected.shape or not torch.allclose(computed, expected, atol=1e-4, rtol=1e-4):
+            raise ValueError("its final linear layer, applied to the features before it, does not give its logits")
+    except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
+        log.warning("%s: serving it inference-only (no features for evaluation, ranking or head edits): %s", path, reason)
+        return whole
+    return dataclasses.replace(
+        whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
+        feature_graph=lambda images: features(on_device(images)),
+    )
 
 
 @dataclass

@@ -139,7 +139,7 @@ class NeuroInspectEngine:
         if not self._restored.is_set():
             raise Unavailable("the server is still restoring its head versions; retry when health reports SERVING")
         version = self._engine.models.active
-        if version.feature_extractor is None:
+        if not version.supports_features:
             raise FailedPrecondition(f"the {version.loader} classifier is inference-only; NeuroInspect needs a split classifier (features + linear head)")
         return version
 
@@ -295,6 +295,9 @@ class NeuroInspectEngine:
         weights for the neuron. Images and masked images become artifacts. ``epsilon``
         None takes the configured ``[clip].illusion_epsilon``."""
         version = self._split_version()
+        if not version.differentiable:
+            raise FailedPrecondition(f"the {version.loader} classifier runs as a graph without gradients; visualising neurons needs a "
+                                     "PyTorch classifier (loader world, torchvision, export or factory)")
         if epsilon is None:
             epsilon = self._engine.config.clip.illusion_epsilon
         if not pairs:
@@ -556,7 +559,7 @@ class NeuroInspectEngine:
 
     def _restore(self) -> None:
         version = self._engine.models.active
-        if version.feature_extractor is None:
+        if not version.supports_features:
             return
         store = self._engine.store
         self._drop_versions_of_failed_edits(version.feature_version)

@@ -49,6 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = self._engine
         version = engine.models.active
         batching, server = engine.config.batching, engine.config.server
+        backend, device = engine.runtime(version)
         return inference_pb2.GetModelMetadataResponse(
             classifier=inference_pb2.ClassifierInfo(
                 name=version.name,
@@ -62,9 +63,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 resize_size=version.resize_size,
                 interpolation=version.interpolation,
                 model_version=version.version,
-                backend=engine.config.runtime.backend,
-                device=str(engine.device),
+                backend=backend,
+                device=device,
                 supports_features=version.supports_features,
+                supports_visualization=version.differentiable,
             ),
             components=[inference_pb2.ComponentStatus(name=s.name, loaded=s.loaded, source=s.source, detail=s.detail) for s in engine.components.values()],
             batching=inference_pb2.BatchingInfo(

@@ -1,0 +1,100 @@
+"""A classifier given as ONNX: split before its final linear layer, it is evaluated,
+ranked and edited through a real server like a PyTorch one; only visualisation, which
+needs gradients, is refused. One that does not end in a linear layer stays inference-only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explaind.client import Client, FailedPreconditionError
+from explaind.client.report import build_report, render_report
+from explaind.methods.neuroinspect import MistakeNeuronRanker
+from explaind.world import assets
+from explaind.world.classifier import load_classifier
+
+from conftest import write_config, ServerProcess
+from test_service_neuroinspect import _world_set
+
+SPURIOUS = assets.classifier_dir("spurious_background")
+pytestmark = pytest.mark.skipif(
+    not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped yet ({SPURIOUS})"
+)
+
+
+def _export(model: nn.Module, path) -> str:
+    torch.onnx.export(model.eval(), (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
+                      dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    return load_classifier(SPURIOUS)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, torch_model):
+    root = tmp_path_factory.mktemp("onnx")
+    classifier = {"loader": "onnx", "path": _export(torch_model, root / "classifier.onnx"), "image_size": 64,
+                  "class_names": list(torch_model.config.class_names)}
+    config = write_config(root / "explaind.toml", SPURIOUS, classifier=classifier, batching={"max_images_per_request": 512})
+    server = ServerProcess(config, root / "data", root / "server.log").start()
+    yield server
+    server.stop()
+
+
+def test_an_onnx_classifier_is_evaluated_ranked_and_edited_like_its_pytorch_model(server, torch_model):
+    pixels, labels, attributes = _world_set(300)
+    with Client(server.target, timeout=60) as client:
+        meta = client.model_metadata()
+        assert (meta.loader, meta.backend, meta.feature_dim, meta.supports_features, meta.supports_visualization) == ("onnx", "onnxruntime", 128, True, False)
+        predictions = client.predict(pixels[:8], return_features=True)
+        images = torch.from_numpy(pixels[:8]).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            expected_features = torch.flatten(torch_model.avgpool(torch_model.feature_maps(images)), 1)
+        np.testing.assert_allclose(np.stack([p.features for p in predictions]), expected_features.numpy(), atol=1e-4)
+
+        client.create_sample_set(pixels, labels, attributes=attributes, sample_set_id="spurious")
+        evaluation = client.evaluate_sample_set("spurious").result()
+        features = torch.from_numpy(np.stack([p.features for p in client.predict(pixels, return_features=True)]))
+        with torch.no_grad():
+            assert evaluation.accuracy == pytest.approx(float((torch_model.fc(features).argmax(1).numpy() == labels).mean()))
+
+        ranking = client.rank_mistake_neurons("spurious", "heart")
+        assert ranking.mistake_count > 0
+        in_process = MistakeNeuronRanker(torch_model.fc).rank(features, torch.from_numpy(labels), target_class=5)
+        assert [n.neuron for n in ranking.neurons] == in_process.neuron_ids
+
+        neurons = [n.neuron for n in ranking.neurons[:3]]
+        edit = client.edit_head("spurious", "heart", neurons, promote=True).result()
+        assert edit.version.active and edit.version.neurons == sorted(neurons)
+        edited = client.predict(pixels[:8], return_features=True)
+        assert {p.model_version for p in edited} == {client.model_metadata().model_version} != {predictions[0].model_version}
+
+        with pytest.raises(FailedPreconditionError, match="without gradients; visualising neurons needs a PyTorch classifier"):
+            client.visualize_neurons([(neurons[0], "heart")], method="no_clip")
+        report = build_report(client, "heart", "spurious", steps=2)
+        assert report.visualizations == [] and "onnx classifier has no gradients" in report.no_visualization_reason
+        assert "id='no-visualization'" in render_report(report)
+        client.rollback_head_version()
+
+
+def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only(tmp_path, torch_model):
+    model = nn.Sequential(torch_model, nn.Softmax(dim=1))
+    classifier = {"loader": "onnx", "path": _export(model, tmp_path / "softmax.onnx"), "image_size": 64}
+    config = write_config(tmp_path / "explaind.toml", SPURIOUS, classifier=classifier)
+    server = ServerProcess(config, tmp_path / "data", tmp_path / "server.log").start()
+    try:
+        with Client(server.target, timeout=60) as client:
+            meta = client.model_metadata()
+            assert (meta.supports_features, meta.supports_visualization, meta.device) == (False, False, "cpu")
+            pixels, labels, _ = _world_set(4)
+            assert len(client.predict(pixels)) == 4
+            with pytest.raises(FailedPreconditionError, match="inference-only"):
+                client.predict(pixels, return_features=True)
+        assert "serving it inference-only" in server.log_path.read_text()
+    finally:
+        server.stop()
