@@ -389,12 +389,15 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     np.testing.assert_allclose(got.features, want.features, atol=1e-4)
     assert onnx_engine.runtime(split) == ("onnxruntime", "cpu")
 
-    # A graph that ends in a softmax has no linear layer to split at: predictions only.
+    # A graph that ends in a softmax has no linear layer to split at: predictions only,
+    # with its own probabilities (not flattened by a second softmax).
     ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1)).eval()
     whole = load_classifier(ClassifierSection(loader="onnx", path=exported(ending_in_softmax, "softmax.onnx"), image_size=64))
     assert not whole.supports_features
     onnx_engine.activate(whole)
-    np.testing.assert_array_equal(onnx_engine.predict(images, top_k=6).class_indices, want.class_indices)
+    got = onnx_engine.predict(images, top_k=6)
+    np.testing.assert_array_equal(got.class_indices, want.class_indices)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
     with pytest.raises(FailedPrecondition, match="inference-only"):
         onnx_engine.predict(images, return_features=True)
     # [runtime].device names where split classifiers run; an inference-only ONNX Runtime CPU

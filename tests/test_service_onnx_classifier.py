@@ -1,6 +1,7 @@
 """A classifier given as ONNX: split before its final linear layer, it is evaluated,
 ranked and edited through a real server like a PyTorch one; only visualisation, which
-needs gradients, is refused. One that does not end in a linear layer stays inference-only."""
+needs gradients, is refused. One that does not end in a linear layer stays inference-only:
+predicted and evaluated, not explained."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_an_onnx_classifier_is_evaluated_ranked_and_edited_like_its_pytorch_mode
         client.rollback_head_version()
 
 
-def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only(tmp_path, torch_model):
+def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only_and_still_evaluated(tmp_path, torch_model):
     model = nn.Sequential(torch_model, nn.Softmax(dim=1))
     classifier = {"loader": "onnx", "path": _export(model, tmp_path / "softmax.onnx"), "image_size": 64}
     config = write_config(tmp_path / "explaind.toml", SPURIOUS, classifier=classifier)
@@ -91,10 +92,20 @@ def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only(tmp_pat
         with Client(server.target, timeout=60) as client:
             meta = client.model_metadata()
             assert (meta.supports_features, meta.supports_visualization, meta.device) == (False, False, "cpu")
-            pixels, labels, _ = _world_set(4)
-            assert len(client.predict(pixels)) == 4
+            pixels, labels, _ = _world_set(40)
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+            with torch.no_grad():
+                probabilities = torch.softmax(torch_model(images), dim=1)
+            predictions = client.predict(pixels, top_k=1)
+            np.testing.assert_allclose([p.probability for p in predictions], probabilities.max(dim=1).values.numpy(), atol=1e-4)
             with pytest.raises(FailedPreconditionError, match="inference-only"):
                 client.predict(pixels, return_features=True)
+            client.create_sample_set(pixels, labels, sample_set_id="softmax")
+            evaluation = client.evaluate_sample_set("softmax", batch_size=16).result()  # the whole model on every image, in 3 batches
+            assert evaluation.accuracy == pytest.approx(float((probabilities.argmax(dim=1).numpy() == labels).mean()))
+            assert [m[2] for m in evaluation.mistakes] == [int(probabilities[m[0]].argmax()) for m in evaluation.mistakes]
+            with pytest.raises(FailedPreconditionError, match="inference-only"):
+                client.rank_mistake_neurons("softmax", "heart")
         assert "serving it inference-only" in server.log_path.read_text()
     finally:
         server.stop()

@@ -278,7 +278,7 @@ def _print_metadata(meta: ModelMetadata) -> None:
         gradients = "" if meta.supports_visualization else "; no gradients, so no neuron visualisations"
         print(f"            features: {meta.feature_layer} -> {meta.head} (D={meta.feature_dim}){gradients}")
     else:
-        print("            inference only: no penultimate features, so no evaluation, ranking or head edits")
+        print("            inference only: no penultimate features, so no ranking or head edits")
     print(f"            input {meta.image_size}x{meta.image_size} ({fit})")
     for component in meta.components.values():
         origin = f", from {component.source}" if component.loaded and component.source else ""

@@ -292,25 +292,50 @@ class Engine:
         missing = [digest for digest in dict.fromkeys(digests) if digest not in cached]
         self.metrics.feature_cache_hits.inc(len(digests) - len(missing))
         self.metrics.feature_cache_misses.inc(len(missing))
-        batch_size = batch_size or self.config.jobs.evaluate_batch_size
         fn = self._feature_fns.get(version.feature_cache_key, version.features)
-        chunks = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
-        done = 0
-        with contextlib.closing(self._decoded_chunks(chunks, version)) as decoded:  # a cancel stops the decoding too
-            for chunk, images in zip(chunks, decoded, strict=True):
-                if context is not None:
-                    context.raise_if_cancelled()
-                    context.report_progress(done, len(missing), f"computing features {done}/{len(missing)}")
-                computed = fn(images.to(self.device)).float().cpu().numpy()
-                fresh = dict(zip(chunk, computed, strict=True))
-                self.store.put_features(version.feature_cache_key, fresh)
-                cached.update(fresh)
-                done += len(chunk)
+        for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context, "computing features"):
+            fresh = dict(zip(chunk, computed, strict=True))
+            self.store.put_features(version.feature_cache_key, fresh)
+            cached.update(fresh)
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
         features = torch.from_numpy(np.stack([cached[digest] for digest in digests])).to(self.device)
         labels = torch.tensor([record.label for record in records], dtype=torch.long)
         return SampleFeatures(features, labels, digests, version)
+
+    def sample_set_logits(self, sample_set_id: str, *, version: ClassifierVersion, batch_size: int = 0,
+                          context: JobContext | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Logits (N, C) on the CPU, labels (N,) and digests of every sample: the head on the
+        cached features, or for an inference-only classifier the whole model on every image
+        (it has no features to cache)."""
+        if version.supports_features:
+            sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context)
+            return version.logits(sample.features).float().cpu(), sample.labels, sample.digests
+        self.usable_sample_set(sample_set_id, "sample_set_id")
+        records = self.store.list_samples(sample_set_id)
+        digests = [record.digest for record in records]
+        unique = list(dict.fromkeys(digests))
+        computed: dict[str, np.ndarray] = {}
+        for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
+            computed.update(zip(chunk, logits, strict=True))
+        logits = torch.from_numpy(np.stack([computed[digest] for digest in digests])) if digests else torch.empty(0, len(version.class_names))
+        return logits, torch.tensor([record.label for record in records], dtype=torch.long), digests
+
+    def _run_on_samples(self, digests: list[str], version: ClassifierVersion, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+                        context: JobContext | None, activity: str) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``fn`` on the stored images ``digests`` (decoded on the CPU) in batches of
+        ``batch_size`` (0: ``[jobs].evaluate_batch_size``): each batch's digests and float
+        outputs, with progress ("<activity> i/n") and cancellation through ``context``."""
+        batch_size = batch_size or self.config.jobs.evaluate_batch_size
+        chunks = [digests[start : start + batch_size] for start in range(0, len(digests), batch_size)]
+        done = 0
+        with contextlib.closing(self._decoded_chunks(chunks, version)) as decoded:  # a cancel stops the decoding too
+            for chunk, images in zip(chunks, decoded, strict=True):
+                if context is not None:
+                    context.raise_if_cancelled()
+                    context.report_progress(done, len(digests), f"{activity} {done}/{len(digests)}")
+                yield chunk, fn(images).float().cpu().numpy()
+                done += len(chunk)
 
     def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion) -> Iterator[torch.Tensor]:
         """Each chunk of stored samples as images (n, 3, S, S), decoded by a thread pool
@@ -342,8 +367,6 @@ class Engine:
         if max_grid_images < 0 or max_grid_images > 1024:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
-        if not version.supports_features:
-            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; evaluation needs a split classifier")
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, version, batch_size, max_grid_images or 64)
         return self.jobs.submit(EVALUATE_KIND, run)
 

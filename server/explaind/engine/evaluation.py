@@ -17,11 +17,10 @@ if TYPE_CHECKING:
 def evaluate(engine: Engine, context: JobContext, sample_set_id: str, version: ClassifierVersion, batch_size: int, max_grid_images: int) -> inference_pb2.EvaluateSampleSetResult:
     """Accuracy, per-class accuracy, confusion matrix, the mistakes (most confident
     first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``."""
-    sample = engine.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context)
+    logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context)
     context.raise_if_cancelled()
-    probabilities = torch.softmax(version.logits(sample.features).float().cpu(), dim=1)
+    probabilities = torch.softmax(logits, dim=1)
     confidence, predicted = probabilities.max(dim=1)
-    labels = sample.labels
     names = version.class_names
     num_classes = len(names)
     confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
@@ -44,5 +43,5 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, version: C
     shown = wrong[:max_grid_images].tolist()
     context.report_progress(len(labels), len(labels), f"drawing {len(shown)} mistakes")
     captions = [f"{names[int(labels[i])]}>{names[int(predicted[i])]}" for i in shown]
-    context.save_image("mistakes.png", engine.sample_grid([sample.digests[i] for i in shown], captions))
+    context.save_image("mistakes.png", engine.sample_grid([digests[i] for i in shown], captions))
     return result

@@ -475,10 +475,16 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
 
 
 def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
+    """``fn`` maps images to logits, or to probabilities where the model ends in a softmax:
+    then it is served their logarithms, logits whose softmax gives back the same
+    probabilities (the softmax of probabilities would flatten them)."""
     image_size = section.image_size or 224
     fitting = _fitting(section)
     _check_resize_size(fitting["resize_size"], image_size)
-    probe = fn(torch.zeros(1, 3, image_size, image_size))
+    probe = fn(torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))).float()
+    if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe)), atol=1e-4):
+        log.info("%s: its outputs are probabilities (each row sums to 1); serving their logarithms as logits", path)
+        fn = _logarithm_of(fn)
     digest = _hash_file(path)
     return ClassifierVersion(
         name=path.stem,
@@ -495,6 +501,13 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Cal
         predict_fn=fn,
         **fitting,
     )
+
+
+def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def log_probabilities(images: torch.Tensor) -> torch.Tensor:
+        return probabilities(images).float().clamp_min(torch.finfo(torch.float32).tiny).log()
+
+    return log_probabilities
 
 
 def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
@@ -539,7 +552,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
         if computed.shape != expected.shape or not torch.allclose(computed, expected, atol=1e-4, rtol=1e-4):
             raise ValueError("its final linear layer, applied to the features before it, does not give its logits")
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
-        log.warning("%s: serving it inference-only (no features for evaluation, ranking or head edits): %s", path, reason)
+        log.warning("%s: serving it inference-only (no features for ranking or head edits): %s", path, reason)
         return whole
     return dataclasses.replace(
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
