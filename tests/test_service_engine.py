@@ -408,6 +408,24 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     onnx_engine.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_onnx_classifier_computes_its_features_on_the_gpu(tmp_path, world_model):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    path = tmp_path / "world.onnx"
+    torch.onnx.export(world_model, (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
+                      dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
+    version = load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64), device="cuda")
+    images = torch.rand(5, 3, 64, 64)
+    features = version.features(images.cuda())
+    assert features.is_cuda and version.supports_features
+    with torch.no_grad():
+        torch.testing.assert_close(version.logits(features.cpu()), world_model(images), atol=1e-4, rtol=1e-4)
+
+
 def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, classifier_dir, engine, monkeypatch):
     import onnxruntime
 
