@@ -231,6 +231,58 @@ def test_torchvision_loader(tmp_path):
     assert version.feature_maps(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)
 
 
+def test_a_feature_version_changes_with_the_normalisation_in_front_of_the_model(tmp_path):
+    # Cached features and head versions are keyed by it: a changed [classifier].mean
+    # served features of the old normalisation.
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    versions = [load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(weights), image_size=32, **normalisation))
+                for normalisation in ({}, {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}, {"mean": (0.4, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})]
+    assert len({v.feature_version for v in versions}) == 3
+
+
+def _export_onnx(model: torch.nn.Module, path: Path, *, batch: int | None = None, external_data: bool = False) -> str:
+    """``model`` as ONNX with a dynamic batch, or a fixed ``batch``."""
+    dynamic = {} if batch else {"dynamic_shapes": ({0: torch.export.Dim("n")},)}
+    torch.onnx.export(model.eval(), (torch.rand(batch or 2, 3, 64, 64),), str(path), input_names=["images"], dynamo=True,
+                      external_data=external_data, verbose=False, **dynamic)
+    return str(path)
+
+
+def test_onnx_models_are_told_apart_by_their_external_weights_and_checked_against_their_class_names(tmp_path, world_model):
+    retrained = copy.deepcopy(world_model)
+    with torch.no_grad():
+        retrained.fc.weight.mul_(2.0)  # large enough to be stored outside the graph file
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = (load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(model, tmp_path / name / "model.onnx", external_data=True),
+                                                       image_size=64))
+                     for model, name in ((world_model, "a"), (retrained, "b")))
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()  # only the weights differ
+    assert first.feature_version != second.feature_version and first.supports_features
+    names = ("circle", "square", "triangle")
+    with pytest.raises(ModelLoadError, match="the model has 6 outputs but 3 class names were given"):
+        load_classifier(ClassifierSection(loader="onnx", path=str(tmp_path / "a" / "model.onnx"), image_size=64, class_names=names))
+
+
+def test_an_onnx_model_with_a_fixed_batch_of_one_loads_split(tmp_path, world_model):
+    version = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "one.onnx", batch=1), image_size=64))
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(version.logits(version.features(image)), world_model(image), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_on_a_cuda_device_without_onnxruntime_gpu_only_a_splittable_onnx_model_is_refused(tmp_path, world_model):
+    ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1))
+    whole = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(ending_in_softmax, tmp_path / "softmax.onnx"), image_size=64),
+                            device="cuda")
+    assert not whole.supports_features  # served inference-only on the CPU, as before
+    with pytest.raises(ModelLoadError, match="needs onnxruntime-gpu"):
+        load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "split.onnx"), image_size=64), device="cuda")
+
+
 def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(tmp_path, monkeypatch):
     # weights = "DEFAULT" was read as a file next to the config ("weights file not found").
     import torchvision
@@ -371,16 +423,10 @@ def test_an_exported_program_with_baked_in_devices_is_placed_on_the_gpu(tmp_path
 
 
 def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_inference_only(tmp_path, classifier_dir, world_model, engine):
-    def exported(model: torch.nn.Module, name: str) -> str:
-        path = tmp_path / name
-        torch.onnx.export(model, (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
-                          dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
-        return str(path)
-
     images = torch.rand(3, 3, 64, 64)
     want = engine.predict(images, top_k=6, return_features=True)
     onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
-    split = load_classifier(ClassifierSection(loader="onnx", path=exported(world_model, "world.onnx"), image_size=64))
+    split = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "world.onnx"), image_size=64))
     assert split.supports_features and not split.differentiable and split.feature_dim == world_model.fc.in_features
     onnx_engine.activate(split)
     got = onnx_engine.predict(images, top_k=6, return_features=True)
@@ -392,7 +438,7 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     # A graph that ends in a softmax has no linear layer to split at: predictions only,
     # with its own probabilities (not flattened by a second softmax).
     ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1)).eval()
-    whole = load_classifier(ClassifierSection(loader="onnx", path=exported(ending_in_softmax, "softmax.onnx"), image_size=64))
+    whole = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(ending_in_softmax, tmp_path / "softmax.onnx"), image_size=64))
     assert not whole.supports_features
     onnx_engine.activate(whole)
     got = onnx_engine.predict(images, top_k=6)
@@ -415,10 +461,7 @@ def test_an_onnx_classifier_computes_its_features_on_the_gpu(tmp_path, world_mod
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("needs onnxruntime-gpu")
-    path = tmp_path / "world.onnx"
-    torch.onnx.export(world_model, (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
-                      dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
-    version = load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64), device="cuda")
+    version = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "world.onnx"), image_size=64), device="cuda")
     images = torch.rand(5, 3, 64, 64)
     features = version.features(images.cuda())
     assert features.is_cuda and version.supports_features

@@ -17,18 +17,13 @@ from explaind.world import assets
 from explaind.world.classifier import load_classifier
 
 from conftest import write_config, ServerProcess
+from test_service_engine import _export_onnx
 from test_service_neuroinspect import _world_set
 
 SPURIOUS = assets.classifier_dir("spurious_background")
 pytestmark = pytest.mark.skipif(
     not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped yet ({SPURIOUS})"
 )
-
-
-def _export(model: nn.Module, path) -> str:
-    torch.onnx.export(model.eval(), (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
-                      dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True, external_data=False, verbose=False)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def torch_model():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, torch_model):
     root = tmp_path_factory.mktemp("onnx")
-    classifier = {"loader": "onnx", "path": _export(torch_model, root / "classifier.onnx"), "image_size": 64,
+    classifier = {"loader": "onnx", "path": _export_onnx(torch_model, root / "classifier.onnx"), "image_size": 64,
                   "class_names": list(torch_model.config.class_names)}
     config = write_config(root / "explaind.toml", SPURIOUS, classifier=classifier, batching={"max_images_per_request": 512})
     server = ServerProcess(config, root / "data", root / "server.log").start()
@@ -85,7 +80,7 @@ def test_an_onnx_classifier_is_evaluated_ranked_and_edited_like_its_pytorch_mode
 
 def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only_and_still_evaluated(tmp_path, torch_model):
     model = nn.Sequential(torch_model, nn.Softmax(dim=1))
-    classifier = {"loader": "onnx", "path": _export(model, tmp_path / "softmax.onnx"), "image_size": 64}
+    classifier = {"loader": "onnx", "path": _export_onnx(model, tmp_path / "softmax.onnx"), "image_size": 64}
     config = write_config(tmp_path / "explaind.toml", SPURIOUS, classifier=classifier)
     server = ServerProcess(config, tmp_path / "data", tmp_path / "server.log").start()
     try:

@@ -243,7 +243,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as client, _naming_failing_file(args.images):
         predictions = client.predict([Path(p) for p in args.images], top_k=args.top_k)
     if args.json:
-        print(json.dumps([{"image": i, "labels": p.labels, "probabilities": p.probabilities} for i, p in zip(args.images, predictions, strict=True)]))
+        _print_json([{"image": i, "labels": p.labels, "probabilities": p.probabilities} for i, p in zip(args.images, predictions, strict=True)])
     else:
         _print_predictions(args.images, predictions)
     return 0
@@ -460,7 +460,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if evaluation is None:
             return 0
         if args.json:
-            print(json.dumps(_evaluation_json(evaluation)))
+            _print_json(_evaluation_json(evaluation))
         else:
             _print_evaluation(evaluation)
         if args.grid and not evaluation.mistakes:

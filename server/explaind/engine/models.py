@@ -35,13 +35,14 @@ log = logging.getLogger(__name__)
 
 
 class Preprocess(nn.Module):
-    """Normalisation in front of a model that expects normalised input; identity otherwise."""
+    """Normalisation in front of a model that expects normalised input; identity otherwise.
+    Its mean and std are in the state dict, so a feature version's hash changes with them."""
 
     def __init__(self, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.enabled = bool(mean)
-        self.register_buffer("mean", torch.tensor(mean or (0.0,)).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std or (1.0,)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean or (0.0,)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std or (1.0,)).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std if self.enabled else images
@@ -279,13 +280,20 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
 
 
 def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ...]:
+    """The configured class names, or ``class_<i>`` for each of the model's ``count``
+    outputs; configured names must be one per output (``count`` 0: not known yet)."""
+    names: tuple[str, ...] = ()
     if section.class_names:
-        return tuple(section.class_names)
-    if section.class_names_file:
+        names = tuple(section.class_names)
+    elif section.class_names_file:
         path = Path(section.class_names_file)
         if not path.is_file():
             raise ModelLoadError(f"class names file not found: {path}")
-        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if names:
+        if count and len(names) != count:
+            raise ModelLoadError(f"the model has {count} outputs but {len(names)} class names were given")
+        return names
     if count is None:
         raise ModelLoadError("class_names or class_names_file is required for this loader")
     return tuple(f"class_{i}" for i in range(count))
@@ -474,18 +482,19 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
     )
 
 
-def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
+def _inference_only(section: ClassifierSection, loader: str, path: Path, digest: str,
+                    fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
     """``fn`` maps images to logits, or to probabilities where the model ends in a softmax:
     then it is served their logarithms, logits whose softmax gives back the same
-    probabilities (the softmax of probabilities would flatten them)."""
+    probabilities (the softmax of probabilities would flatten them). ``digest`` identifies
+    the model's files and normalisation."""
     image_size = section.image_size or 224
     fitting = _fitting(section)
     _check_resize_size(fitting["resize_size"], image_size)
-    probe = fn(torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))).float()
+    probe = torch.cat([fn(image) for image in _probe_images(image_size).split(1)]).float()  # one at a time: a fixed batch of 1 loads too
     if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe)), atol=1e-4):
         log.info("%s: its outputs are probabilities (each row sums to 1); serving their logarithms as logits", path)
         fn = _logarithm_of(fn)
-    digest = _hash_file(path)
     return ClassifierVersion(
         name=path.stem,
         loader=loader,
@@ -501,6 +510,16 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, fn: Cal
         predict_fn=fn,
         **fitting,
     )
+
+
+def _probe_images(image_size: int) -> torch.Tensor:
+    """Two fixed random images (2, 3, S, S) that a loader checks a model's outputs on."""
+    return torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def _normalised_digest(digest: str, section: ClassifierSection) -> str:
+    """A model file's digest joined with the normalisation in front of it."""
+    return hashlib.sha256(f"{digest}:{tuple(section.mean)}:{tuple(section.std)}".encode()).hexdigest()
 
 
 def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -519,13 +538,13 @@ def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     def run(images: torch.Tensor) -> torch.Tensor:
         return module(preprocess(images))
 
-    return _inference_only(section, "torchscript", path, run)
+    return _inference_only(section, "torchscript", path, _normalised_digest(_hash_file(path), section), run)
 
 
 def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVersion:
-    """Split before the final linear layer when the graph ends in one (checked on a probe:
-    head(features) must equal the graph's logits), running the features on ``device``;
-    else inference-only, on the CPU."""
+    """Split before the final linear layer when the graph ends in one (checked on a CPU
+    probe: head(features) must equal the graph's logits), running the features on
+    ``device``; else inference-only, on the CPU."""
     import onnxruntime
 
     path = _require_file(section.path, "path (an ONNX file)")
@@ -536,28 +555,39 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: preprocess(images).numpy()})[0])
 
-    whole = _inference_only(section, "onnx", path, run)
-    providers = execution_providers("onnxruntime", str(device))  # a device without them is a config error, not a reason to fall back
+    whole = _inference_only(section, "onnx", path, _normalised_digest(_hash_onnx(path), section), run)
     try:
         split = split_onnx_classifier(path)
-        on_device = Preprocess(section.mean, section.std).to(device)
-        features = onnx_runtime_features(split.feature_graph, providers, device=str(device))
         head = nn.Linear(*reversed(split.weight.shape))
         with torch.no_grad():
             head.weight.copy_(split.weight)
             head.bias.copy_(split.bias)
-        probe = torch.rand(2, 3, whole.image_size, whole.image_size, generator=torch.Generator().manual_seed(0))
+        on_cpu = onnx_runtime_features(split.feature_graph, execution_providers())
         with torch.inference_mode():
-            expected, computed = run(probe), head(features(on_device(probe.to(device))).cpu())
-        if computed.shape != expected.shape or not torch.allclose(computed, expected, atol=1e-4, rtol=1e-4):
+            pairs = [(run(image), head(on_cpu(preprocess(image)))) for image in _probe_images(whole.image_size).split(1)]
+        if any(cut.shape != expected.shape or not torch.allclose(cut, expected, atol=1e-4, rtol=1e-4) for expected, cut in pairs):
             raise ValueError("its final linear layer, applied to the features before it, does not give its logits")
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
         log.warning("%s: serving it inference-only (no features for ranking or head edits): %s", path, reason)
         return whole
+    features = on_cpu if device.type == "cpu" else onnx_runtime_features(split.feature_graph, execution_providers("onnxruntime", str(device)), device=str(device))
+    on_device = Preprocess(section.mean, section.std).to(device)
     return dataclasses.replace(
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
         feature_graph=lambda images: features(on_device(images)),
     )
+
+
+def _hash_onnx(path: Path) -> str:
+    """The digest of an ONNX graph and the external weight files it names (a retrained
+    model saved with external data can keep a byte-identical graph file)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = sorted({entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
+                        for entry in tensor.external_data if entry.key == "location"})
+    return hashlib.sha256(":".join([_hash_file(path), *(_hash_file(path.parent / location) for location in locations)]).encode()).hexdigest()
 
 
 @dataclass
