@@ -39,7 +39,7 @@ def build_feature_fn(
     """
     extractor = version.feature_extractor
     if extractor is None:
-        raise FailedPrecondition(f"backend {backend!r} needs a split classifier; loader {version.loader!r} is inference-only")
+        raise FailedPrecondition(f"backend {backend!r} runs a PyTorch feature extractor; the {version.loader} classifier has none")
     if backend == "eager":
         return version.features
     if backend == "compile":
