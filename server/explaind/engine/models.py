@@ -85,7 +85,7 @@ class ClassifierVersion:
     """One immutable (feature extractor, head) pair; the unit the registry swaps.
 
     ``feature_extractor`` is None where h_b is not a PyTorch module: an ONNX classifier
-    split as a graph computes its features with ``feature_graph`` (no gradients), and
+    split as a graph computes its features with ``onnx_features`` (no gradients), and
     inference-only ones (TorchScript, an ONNX graph that does not end in a linear layer)
     have no head and map images straight to logits with ``predict_fn``.
     """
@@ -103,7 +103,7 @@ class ClassifierVersion:
     feature_version: str
     head_version: str
     predict_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    feature_graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+    onnx_features: Callable[[torch.Tensor], torch.Tensor] | None = None
     # 0: images are stretched to image_size; else shorter side to this, then centre crop.
     resize_size: int = 0
     interpolation: str = "bilinear"
@@ -141,7 +141,7 @@ class ClassifierVersion:
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, D) of images (N, 3, S, S) in [0, 1]."""
-        return self.feature_extractor(images) if self.feature_extractor is not None else self.feature_graph(images)
+        return self.feature_extractor(images) if self.feature_extractor is not None else self.onnx_features(images)
 
     @torch.inference_mode()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ def split_classifier(
     model.eval()
     extractor = FeatureExtractor(preprocess, _without_submodule(model, head)).eval()
     device = next(model.parameters()).device  # the CPU but for an exported program placed at load
-    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    probe = _probe_images(image_size).to(device)
     with torch.inference_mode():
         expected = model(preprocess(probe))
         features = extractor(probe)
@@ -574,7 +574,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
     on_device = Preprocess(section.mean, section.std).to(device)
     return dataclasses.replace(
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
-        feature_graph=lambda images: features(on_device(images)),
+        onnx_features=lambda images: features(on_device(images)),
     )
 
 
