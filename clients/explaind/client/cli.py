@@ -289,15 +289,19 @@ def _print_metadata(meta: ModelMetadata) -> None:
               f"per request, {limits.max_images_per_request} images per predict, sides up to {limits.max_image_side} px")
 
 
-def _named_counts(client: Client, counts: dict[int, int]) -> str:
-    """``{0: 20, 5: 3}`` as "circle 20, heart 3" (the index where the served model has no
-    such class, or cannot say: the set is stored, whatever the names); the first
-    ``_CLASSES_SHOWN`` classes and how many more."""
+def _counts_by_name(client: Client, counts: dict[int, int]) -> dict[str, int]:
+    """``{0: 20, 5: 3}`` as ``{"circle": 20, "heart": 3}`` (by index where the served model
+    has no such class, or cannot say: the set is stored, whatever the names)."""
     try:
         names = client.model_metadata().class_names
     except ExplaindError:
         names = []
-    counted = [f"{names[label] if 0 <= label < len(names) else label} {count}" for label, count in sorted(counts.items())]
+    return {names[label] if 0 <= label < len(names) else str(label): count for label, count in sorted(counts.items())}
+
+
+def _named_counts(client: Client, counts: dict[int, int]) -> str:
+    """The counts as "circle 20, heart 3": the first ``_CLASSES_SHOWN`` classes and how many more."""
+    counted = [f"{name} {count}" for name, count in _counts_by_name(client, counts).items()]
     return _first_classes(counted, " classes") or "none"
 
 
@@ -348,14 +352,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
 
 
 def _sample_set_json(client: Client, sample_set) -> dict:
-    """A sample set as JSON, its ``class_counts`` keyed by class name like ``evaluate``'s
-    (by index where the served model has no such class)."""
-    try:
-        names = client.model_metadata().class_names
-    except ExplaindError:
-        names = []
-    counts = {names[label] if 0 <= label < len(names) else str(label): count for label, count in sorted(sample_set.class_counts.items())}
-    return {**_json_value(sample_set), "class_counts": counts}
+    """A sample set as JSON, its ``class_counts`` keyed by class name like ``evaluate``'s."""
+    return {**_json_value(sample_set), "class_counts": _counts_by_name(client, sample_set.class_counts)}
 
 
 # Results --json commands leave out: images (their files are named instead) and ω, which
