@@ -104,3 +104,16 @@ def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only_and_sti
         assert "serving it inference-only" in server.log_path.read_text()
     finally:
         server.stop()
+
+
+def test_the_cli_report_on_an_onnx_classifier_says_why_it_has_no_visualisations(server, capsys, tmp_path):
+    from explaind.client.cli import main
+
+    pixels, labels, _ = _world_set(120)
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(pixels, labels, sample_set_id="cli-report")
+    out = tmp_path / "report.html"
+    assert main(["--target", server.target, "report", "--class", "heart", "--sample-set", "cli-report", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ", 0 visualised" in printed and "no visualisations: the served onnx classifier has no gradients" in printed
+    assert "id='no-visualization'" in out.read_text()

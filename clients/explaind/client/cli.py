@@ -739,9 +739,16 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     _print_ranking(report.ranking)
     out = directory / f"report-{scenario}-{worst}.html"
     out.write_text(render_report(report), encoding="utf-8")
+    _print_report_gaps(report)
+    print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
+
+
+def _print_report_gaps(report) -> None:
+    """Why a report lacks its head edit or its visualisations, where it does."""
     if report.no_edit_reason:
         print(f"no head edit suggested: {report.no_edit_reason}")
-    print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
+    if report.no_visualization_reason:
+        print(f"no visualisations: {report.no_visualization_reason}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -764,10 +771,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
     if report.edit is not None:
         print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")
-    elif report.no_edit_reason:
-        print(f"no head edit suggested: {report.no_edit_reason}")
-    if report.no_visualization_reason:
-        print(f"no visualisations: {report.no_visualization_reason}")
+    _print_report_gaps(report)
     return 0
 
 
