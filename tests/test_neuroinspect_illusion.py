@@ -252,3 +252,43 @@ def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualiza
     ours_score = attribute_similarity(illusion, ours.images, ["water"] * len(ours.images))
     baseline_score = attribute_similarity(illusion, baseline.images, ["water"] * len(baseline.images))
     assert ours_score.mean() > baseline_score.mean(), (ours_score, baseline_score)
+
+
+def _tiny_vit() -> torch.nn.Module:
+    """A torchvision ViT on 32 px images: 16 patch tokens of width 16 after a class token."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision starts it at zero: every class would score 0
+    return vit
+
+
+def test_channel_maps_read_cnn_channels_last_and_token_layouts():
+    from explaind.methods.neuroinspect import channel_maps
+
+    maps = torch.rand(2, 5, 3, 3)
+    assert channel_maps(maps, 5) is maps
+    torch.testing.assert_close(channel_maps(maps.permute(0, 2, 3, 1), 5), maps)  # Swin: (N, h, w, C)
+    tokens = torch.rand(2, 1 + 9, 5)  # ViT: a class token, then 3 x 3 patches in row order
+    read = channel_maps(tokens, 5)
+    assert read.shape == (2, 5, 3, 3) and torch.equal(read[:, 4, 1, 2], tokens[:, 1 + 1 * 3 + 2, 4])
+    torch.testing.assert_close(channel_maps(tokens[:, 1:], 5), read)  # no class token
+    assert channel_maps(torch.rand(2, 5), 5).shape == (2, 5, 1, 1)
+    with pytest.raises(ValueError, match=r"output \(2, 7, 5\) cannot be read as maps of 5 channels"):
+        channel_maps(torch.rand(2, 7, 5), 5)
+
+
+def test_a_vit_is_split_at_its_class_token_and_its_neurons_are_visualised_on_the_patch_grid():
+    vit = _tiny_vit()
+    images = torch.rand(4, 3, 32, 32)
+    extractor = FeatureExtractor(vit, "encoder", head="heads.head")
+    features = extractor.features(images)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor.head(features), vit(images))  # the class token, not a mean over patches
+    assert extractor.feature_maps(images).shape == (4, 16, 4, 4)
+    result = ClipIllusion(vit, "encoder", class_names=["a", "b", "c"], head="heads.head", image_size=32).visualize(
+        [(3, 0), (11, None)], method="no_clip", steps=3)
+    assert result.images.shape == (2, 3, 32, 32) and result.masks.shape == (2, 32, 32)
+    maps = extractor.feature_maps(result.images)
+    torch.testing.assert_close(result.activations, maps[[0, 1], [3, 11]].mean(dim=(1, 2)))

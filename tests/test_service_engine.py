@@ -229,6 +229,9 @@ def test_torchvision_loader(tmp_path):
     version = load_classifier(section)
     assert (version.feature_layer, version.head_name, version.feature_dim, len(version.class_names)) == ("layer4", "fc", 512, 3)
     assert version.feature_maps(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+    # Its maps are one per feature: a layer of another width is refused at load, not when a visualisation runs.
+    with pytest.raises(ModelLoadError, match=r"feature_layer 'layer3': the feature layer's output \(2, 256, 4, 4\) cannot be read as maps of 512"):
+        load_classifier(dataclasses.replace(section, feature_layer="layer3"))
 
 
 def test_a_feature_version_changes_with_the_normalisation_in_front_of_the_model(tmp_path):

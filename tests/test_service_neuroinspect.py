@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import math
 import os
 import re
 import shutil
@@ -716,3 +717,17 @@ def test_report_is_one_self_contained_page_that_chromium_renders(client, server,
     colours = len(np.unique(shot.reshape(-1, 3), axis=0))
     assert colours > 500, f"only {colours} colours: the neuron images did not render"
     (ARTIFACTS / "neuroinspect_report.html").write_text(page, encoding="utf-8")
+
+
+def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_patch_grid(server_factory):
+    # Its feature layer gives tokens (N, 1 + 16, 16), not maps; they are read as a 4 x 4 grid.
+    vit = {"loader": "factory", "factory": "torchvision.models.vision_transformer:VisionTransformer", "path": "",
+           "factory_kwargs": {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32,
+                              "num_classes": 3},
+           "feature_layer": "encoder", "head": "heads.head", "image_size": 32}
+    server = server_factory(classifier=vit)
+    with Client(server.target, timeout=60) as client:
+        meta = client.model_metadata()
+        assert (meta.feature_layer, meta.head, meta.feature_dim, meta.supports_visualization) == ("encoder", "heads.head", 16, True)
+        (visualization,) = client.visualize_neurons([(5, "class_1")], method="no_clip", steps=3).result()
+        assert visualization.image.size == (32, 32) and math.isfinite(visualization.activation) and 0 < visualization.mask_fraction < 1

@@ -30,6 +30,7 @@ from ..config import ClassifierSection, ClipSection, DiffusionSection
 from ..errors import ModelLoadError
 from ..imaging import InputGeometry
 from ..kernels import execution_providers, onnx_runtime_features, split_onnx_classifier
+from ..methods.neuroinspect import channel_maps
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ class ClassifierVersion:
 
     @torch.inference_mode()
     def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Activations of ``feature_layer`` (N, C, h, w) for images (N, 3, S, S) in [0, 1]."""
-        return self._tap.capture(lambda: self.feature_extractor(images))
+        """Activations of ``feature_layer`` as maps (N, D, h, w) for images (N, 3, S, S) in
+        [0, 1], whatever the layer's layout (see :func:`channel_maps`)."""
+        return channel_maps(self._tap.capture(lambda: self.feature_extractor(images)), self.feature_dim)
 
     def with_head(self, head: nn.Linear) -> ClassifierVersion:
         """The same feature extractor with another head (what head edits produce)."""
@@ -218,13 +220,19 @@ def split_classifier(
         head_module = _replace_with_linear(model, head, source)
     model.eval()
     extractor = FeatureExtractor(preprocess, _without_submodule(model, head)).eval()
+    tap = _LayerTap(tapped)
     device = next(model.parameters()).device  # the CPU but for an exported program placed at load
     probe = _probe_images(image_size).to(device)
     with torch.inference_mode():
         expected = model(preprocess(probe))
+        layer_output = tap.capture(lambda: extractor(probe))
         features = extractor(probe)
         if features.shape[1] != head_module.in_features or not torch.allclose(head_module(features), expected, atol=1e-4, rtol=1e-4):
             raise ModelLoadError(f"{source}: {head!r} is not the last operation of the model (head(h_b(x)) != model(x)); name the final linear layer as head")
+    try:
+        channel_maps(layer_output, head_module.in_features)
+    except ValueError as error:
+        raise ModelLoadError(f"{source}: feature_layer {feature_layer!r}: {error}; name the layer whose channels the head reads") from None
     if head_module.out_features != len(class_names):
         raise ModelLoadError(f"{source}: the head has {head_module.out_features} outputs but {len(class_names)} class names were given")
     return ClassifierVersion(
@@ -241,7 +249,7 @@ def split_classifier(
         head_version=_hash_module(head_module),
         resize_size=resize_size,
         interpolation=interpolation,
-        _tap=_LayerTap(tapped),
+        _tap=tap,
     )
 
 

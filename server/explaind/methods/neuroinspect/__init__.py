@@ -23,7 +23,7 @@ from ._counterfactual import (
     make_solver,
 )
 from ._editing import EpochCallback, EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, TrainingDiverged, evaluate_head
-from ._features import FeatureExtractor
+from ._features import FeatureExtractor, channel_maps
 from ._fourier import FourierImage
 from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationCallback, VisualizationResult, activation_masks
 from ._probing import concept_neurons, neuron_auc
@@ -56,6 +56,7 @@ __all__ = [
     "VisualizationCallback",
     "VisualizationResult",
     "activation_masks",
+    "channel_maps",
     "concept_neurons",
     "evaluate_head",
     "make_solver",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import count, eval_mode, index, number
-from ._features import capture_output
+from ._features import capture_forward, channel_maps
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
@@ -196,9 +196,9 @@ class ClipIllusion:
             for step in range(1, steps + 1):
                 augmented = random_affine(image(), generators=generators)
                 augmented = augmented + noise_std * (1 - (step - 1) / steps) * gaussian_noise(augmented, generators=generators)
-                with capture_output(self.feature_module) as captured:
+                with capture_forward(self.feature_module) as captured:
                     logits = self.classifier(augmented)
-                activation = captured["output"][rows, neurons].mean(dim=(1, 2))
+                activation = channel_maps(captured["output"], self.head.in_features)[rows, neurons].mean(dim=(1, 2))
                 objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
                 if use_clip:
                     objective = (self.clip_similarity(augmented, targets) + epsilon) * objective
@@ -218,9 +218,9 @@ class ClipIllusion:
                 rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
                 mask_dim: float) -> VisualizationResult:
         images = image()
-        with capture_output(self.feature_module) as captured:
+        with capture_forward(self.feature_module) as captured:
             logits = self.classifier(images)
-        maps = captured["output"][rows, neurons]  # (B, h, w)
+        maps = channel_maps(captured["output"], self.head.in_features)[rows, neurons]  # (B, h, w)
         masks = activation_masks(maps, images.shape[-2:], mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
         masked = images * (keep + (1 - keep) * mask_dim)
