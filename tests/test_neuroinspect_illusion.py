@@ -290,5 +290,6 @@ def test_a_vit_is_split_at_its_class_token_and_its_neurons_are_visualised_on_the
     result = ClipIllusion(vit, "encoder", class_names=["a", "b", "c"], head="heads.head", image_size=32).visualize(
         [(3, 0), (11, None)], method="no_clip", steps=3)
     assert result.images.shape == (2, 3, 32, 32) and result.masks.shape == (2, 32, 32)
-    maps = extractor.feature_maps(result.images)
-    torch.testing.assert_close(result.activations, maps[[0, 1], [3, 11]].mean(dim=(1, 2)))
+    # α_n is the feature the head reads (the class token's channel n), which ranking and edits use too.
+    torch.testing.assert_close(result.activations, extractor.features(result.images)[[0, 1], [3, 11]])
+    assert not torch.allclose(result.activations, extractor.feature_maps(result.images)[[0, 1], [3, 11]].mean(dim=(1, 2)))

@@ -234,6 +234,18 @@ def test_torchvision_loader(tmp_path):
         load_classifier(dataclasses.replace(section, feature_layer="layer3"))
 
 
+def test_a_vit_splits_at_its_class_token_without_keeping_its_other_tokens():
+    vit = ClassifierSection(loader="factory", factory="torchvision.models.vision_transformer:VisionTransformer", image_size=32,
+                            factory_kwargs={"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16,
+                                            "mlp_dim": 32, "num_classes": 3}, feature_layer="encoder", head="heads.head")
+    features = load_classifier(vit).features(torch.rand(3, 3, 32, 32))
+    # Cached as they are: a view of the class token would hold all 17 tokens' memory.
+    assert features.shape == (3, 16) and features.untyped_storage().nbytes() == features.numel() * 4
+    attention = "encoder.layers.encoder_layer_0.self_attention"  # returns (output, weights)
+    with pytest.raises(ModelLoadError, match=f"feature_layer '{attention}' does not run in the model's forward or returns no single tensor"):
+        load_classifier(dataclasses.replace(vit, feature_layer=attention))
+
+
 def test_a_feature_version_changes_with_the_normalisation_in_front_of_the_model(tmp_path):
     # Cached features and head versions are keyed by it: a changed [classifier].mean
     # served features of the old normalisation.

@@ -65,7 +65,7 @@ def build_report(
     clip = meta.components.get("clip")
     method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
     visualizations = []
-    no_visualization_reason = "" if meta.supports_visualization else (
+    no_visualization_reason = "" if meta.supports_visualization or not shown else (
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
     for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
@@ -236,7 +236,7 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></div>"
             )
         parts.append("</div>")
-    elif ranking.neurons and report.no_visualization_reason:
+    elif report.no_visualization_reason:
         parts.append(f"<h2>What the ranked neurons respond to</h2><p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
     if report.edit is not None:
         version = report.edit.version

@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 class Preprocess(nn.Module):
     """Normalisation in front of a model that expects normalised input; identity otherwise.
-    Its mean and std are in the state dict, so a feature version's hash changes with them."""
+    When enabled, its mean and std are in the state dict, so a feature version's hash
+    changes with them (a model without one keeps the identity it had before they were)."""
 
     def __init__(self, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.enabled = bool(mean)
-        self.register_buffer("mean", torch.tensor(mean or (0.0,)).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std or (1.0,)).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean or (0.0,)).view(1, -1, 1, 1), persistent=self.enabled)
+        self.register_buffer("std", torch.tensor(std or (1.0,)).view(1, -1, 1, 1), persistent=self.enabled)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std if self.enabled else images
@@ -58,7 +59,8 @@ class FeatureExtractor(nn.Module):
         self.trunk = trunk
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.trunk(self.preprocess(images)), 1)
+        # contiguous: a ViT's class token is a view of all its tokens, which caching it would keep
+        return torch.flatten(self.trunk(self.preprocess(images)), 1).contiguous()
 
 
 class _LayerTap:
@@ -229,6 +231,9 @@ def split_classifier(
         features = extractor(probe)
         if features.shape[1] != head_module.in_features or not torch.allclose(head_module(features), expected, atol=1e-4, rtol=1e-4):
             raise ModelLoadError(f"{source}: {head!r} is not the last operation of the model (head(h_b(x)) != model(x)); name the final linear layer as head")
+    if not isinstance(layer_output, torch.Tensor):
+        raise ModelLoadError(f"{source}: feature_layer {feature_layer!r} does not run in the model's forward or returns no single tensor; "
+                             "name the layer whose channels the head reads")
     try:
         channel_maps(layer_output, head_module.in_features)
     except ValueError as error:

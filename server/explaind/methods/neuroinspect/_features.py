@@ -89,5 +89,9 @@ class FeatureExtractor:
         return torch.cat([channel_maps(output, self.head.in_features) for output in chunks])
 
     def features(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-        """Penultimate features (N, D): the head's input, chunk by chunk."""
-        return torch.cat(list(self._captured_chunks(images, batch_size, self.head, "input")))
+        """Penultimate features (N, D): the head's input, chunk by chunk (copied: a ViT's
+        class token is a view that would keep every token of the chunk)."""
+        features = torch.cat([inputs.contiguous() for inputs in self._captured_chunks(images, batch_size, self.head, "input")])
+        if features.dim() != 2:
+            raise ValueError(f"the head reads inputs of shape {tuple(features.shape[1:])} per image, not one feature vector")
+        return features

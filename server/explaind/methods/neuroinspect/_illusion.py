@@ -9,6 +9,10 @@ T_c is the mean of the normalised CLIP text embeddings of prompt templates fille
 the class name. The ablations of the paper are ``no_clip`` (L = −(α_n + γ l_c)) and
 ``feature_visualization`` (L = −α_n). Many (neuron, class) pairs are optimised together:
 the loss is a sum of per-image terms, so each image evolves independently.
+
+α_n is feature n as the head reads it: for a CNN the spatial mean of channel n of the
+feature layer, for a ViT channel n of its class token. The masks come from channel n of
+the feature layer's maps (a ViT's patch grid).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class VisualizationResult:
     images: torch.Tensor = field(repr=False)  # (B, 3, H, W) in [0, 1]
     masked_images: torch.Tensor = field(repr=False)  # (B, 3, H, W): low-activation regions dimmed
     masks: torch.Tensor = field(repr=False)  # (B, H, W) bool: where the neuron's upsampled map is high
-    activations: torch.Tensor  # (B,) α_n of the final image (feature-layer units)
+    activations: torch.Tensor  # (B,) α_n of the final image: feature n as the head reads it
     logits: torch.Tensor  # (B,) l_c of the final image
     clip_similarity: torch.Tensor  # (B,) cosine to the class prompt embedding; NaN without CLIP
     core_relevance: torch.Tensor  # (B,) clip_similarity minus the same with the mask region greyed out
@@ -196,9 +200,9 @@ class ClipIllusion:
             for step in range(1, steps + 1):
                 augmented = random_affine(image(), generators=generators)
                 augmented = augmented + noise_std * (1 - (step - 1) / steps) * gaussian_noise(augmented, generators=generators)
-                with capture_forward(self.feature_module) as captured:
+                with capture_forward(self.head) as captured:
                     logits = self.classifier(augmented)
-                activation = channel_maps(captured["output"], self.head.in_features)[rows, neurons].mean(dim=(1, 2))
+                activation = captured["input"][rows, neurons]
                 objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
                 if use_clip:
                     objective = (self.clip_similarity(augmented, targets) + epsilon) * objective
@@ -218,9 +222,9 @@ class ClipIllusion:
                 rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
                 mask_dim: float) -> VisualizationResult:
         images = image()
-        with capture_forward(self.feature_module) as captured:
+        with capture_forward(self.feature_module) as layer, capture_forward(self.head) as head:
             logits = self.classifier(images)
-        maps = channel_maps(captured["output"], self.head.in_features)[rows, neurons]  # (B, h, w)
+        maps = channel_maps(layer["output"], self.head.in_features)[rows, neurons]  # (B, h, w)
         masks = activation_masks(maps, images.shape[-2:], mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
         masked = images * (keep + (1 - keep) * mask_dim)
@@ -237,7 +241,7 @@ class ClipIllusion:
             images=images,
             masked_images=masked,
             masks=masks,
-            activations=maps.mean(dim=(1, 2)),
+            activations=head["input"][rows, neurons],
             logits=logits[rows, classes],
             clip_similarity=similarity,
             core_relevance=relevance,
