@@ -18,6 +18,12 @@ import torch
 
 from explaind.world import assets
 
+# A torchvision VisionTransformer on 32 px images: a class token, then 4 x 4 patch tokens
+# of width 16; `[classifier]` keys for the factory loader, and the constructor's arguments.
+TINY_VIT_KWARGS = {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "num_classes": 3}
+TINY_VIT_CLASSIFIER = {"loader": "factory", "factory": "torchvision.models.vision_transformer:VisionTransformer",
+                       "factory_kwargs": TINY_VIT_KWARGS, "feature_layer": "encoder", "head": "heads.head", "image_size": 32}
+
 
 def free_port() -> int:
     with socket.socket() as probe:

@@ -15,6 +15,8 @@ from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.clip import ZERO_SHOT_TEMPLATE
 from explaind.world.scenarios import WorldBatch
 
+from conftest import TINY_VIT_KWARGS
+
 TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -259,7 +261,7 @@ def _tiny_vit() -> torch.nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    vit = VisionTransformer(**TINY_VIT_KWARGS).eval()
     torch.nn.init.normal_(vit.heads.head.weight)  # torchvision starts it at zero: every class would score 0
     return vit
 

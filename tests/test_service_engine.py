@@ -36,7 +36,7 @@ from explaind.jobs import JobManager
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
 
-from conftest import write_config
+from conftest import TINY_VIT_CLASSIFIER, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, **runtime) -> Engine:
@@ -235,9 +235,7 @@ def test_torchvision_loader(tmp_path):
 
 
 def test_a_vit_splits_at_its_class_token_without_keeping_its_other_tokens():
-    vit = ClassifierSection(loader="factory", factory="torchvision.models.vision_transformer:VisionTransformer", image_size=32,
-                            factory_kwargs={"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16,
-                                            "mlp_dim": 32, "num_classes": 3}, feature_layer="encoder", head="heads.head")
+    vit = ClassifierSection(**TINY_VIT_CLASSIFIER)
     features = load_classifier(vit).features(torch.rand(3, 3, 32, 32))
     # Cached as they are: a view of the class token would hold all 17 tokens' memory.
     assert features.shape == (3, 16) and features.untyped_storage().nbytes() == features.numel() * 4

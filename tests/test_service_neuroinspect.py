@@ -24,7 +24,7 @@ from explaind.client import Client, FailedPreconditionError, InvalidArgumentErro
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
-from conftest import ServerProcess, write_config
+from conftest import TINY_VIT_CLASSIFIER, ServerProcess, write_config
 
 SPURIOUS = assets.classifier_dir("spurious_background")
 pytestmark = pytest.mark.skipif(
@@ -721,11 +721,7 @@ def test_report_is_one_self_contained_page_that_chromium_renders(client, server,
 
 def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_patch_grid(server_factory):
     # Its feature layer gives tokens (N, 1 + 16, 16), not maps; they are read as a 4 x 4 grid.
-    vit = {"loader": "factory", "factory": "torchvision.models.vision_transformer:VisionTransformer", "path": "",
-           "factory_kwargs": {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32,
-                              "num_classes": 3},
-           "feature_layer": "encoder", "head": "heads.head", "image_size": 32}
-    server = server_factory(classifier=vit)
+    server = server_factory(classifier={**TINY_VIT_CLASSIFIER, "path": ""})
     with Client(server.target, timeout=60) as client:
         meta = client.model_metadata()
         assert (meta.feature_layer, meta.head, meta.feature_dim, meta.supports_visualization) == ("encoder", "heads.head", 16, True)
