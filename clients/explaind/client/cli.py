@@ -289,19 +289,22 @@ def _print_metadata(meta: ModelMetadata) -> None:
               f"per request, {limits.max_images_per_request} images per predict, sides up to {limits.max_image_side} px")
 
 
-def _counts_by_name(client: Client, counts: dict[int, int]) -> dict[str, int]:
-    """``{0: 20, 5: 3}`` as ``{"circle": 20, "heart": 3}`` (by index where the served model
-    has no such class, or cannot say: the set is stored, whatever the names)."""
+def _served_class_names(client: Client) -> list[str]:
+    """The served model's class names; none where it cannot say (a set is stored, whatever the names)."""
     try:
-        names = client.model_metadata().class_names
+        return client.model_metadata().class_names
     except ExplaindError:
-        names = []
+        return []
+
+
+def _counts_by_name(names: list[str], counts: dict[int, int]) -> dict[str, int]:
+    """``{0: 20, 5: 3}`` as ``{"circle": 20, "heart": 3}`` (by index where ``names`` has no such class)."""
     return {names[label] if 0 <= label < len(names) else str(label): count for label, count in sorted(counts.items())}
 
 
 def _named_counts(client: Client, counts: dict[int, int]) -> str:
     """The counts as "circle 20, heart 3": the first ``_CLASSES_SHOWN`` classes and how many more."""
-    counted = [f"{name} {count}" for name, count in _counts_by_name(client, counts).items()]
+    counted = [f"{name} {count}" for name, count in _counts_by_name(_served_class_names(client), counts).items()]
     return _first_classes(counted, " classes") or "none"
 
 
@@ -326,14 +329,15 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
             if args.json:
-                _print_json(_sample_set_json(client, stored))
+                _print_json(_sample_set_json(_served_class_names(client), stored))
                 return 0
             print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {stored.sample_count} samples, "
                   f"per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
             listed = client.sample_sets()
             if args.json:
-                _print_json([_sample_set_json(client, s) for s in listed])
+                names = _served_class_names(client)  # once for every set
+                _print_json([_sample_set_json(names, s) for s in listed])
                 return 0
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
@@ -341,7 +345,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
         elif args.action == "show":
             s = client.sample_set(args.id)
             if args.json:
-                _print_json(_sample_set_json(client, s))
+                _print_json(_sample_set_json(_served_class_names(client), s))
                 return 0
             print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {_named_counts(client, s.class_counts)}, "
                   f"created {s.create_time:%Y-%m-%d %H:%M:%S}")
@@ -351,9 +355,9 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_set_json(client: Client, sample_set) -> dict:
+def _sample_set_json(names: list[str], sample_set) -> dict:
     """A sample set as JSON, its ``class_counts`` keyed by class name like ``evaluate``'s."""
-    return {**_json_value(sample_set), "class_counts": _counts_by_name(client, sample_set.class_counts)}
+    return {**_json_value(sample_set), "class_counts": _counts_by_name(names, sample_set.class_counts)}
 
 
 # Results --json commands leave out: images (their files are named instead) and ω, which

@@ -74,11 +74,11 @@ class _LayerTap:
         if getattr(self._local, "armed", False):
             self._local.output = output
 
-    def capture(self, run: Callable[[], Any]) -> torch.Tensor:
+    def capture(self, run: Callable[[], Any]) -> tuple[Any, torch.Tensor]:
+        """``run()``'s result and the module's output during it."""
         self._local.armed, self._local.output = True, None
         try:
-            run()
-            return self._local.output
+            return run(), self._local.output
         finally:
             self._local.armed, self._local.output = False, None
 
@@ -155,7 +155,8 @@ class ClassifierVersion:
     def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Activations of ``feature_layer`` as maps (N, D, h, w) for images (N, 3, S, S) in
         [0, 1], whatever the layer's layout (see :func:`channel_maps`)."""
-        return channel_maps(self._tap.capture(lambda: self.feature_extractor(images)), self.feature_dim)
+        _, output = self._tap.capture(lambda: self.feature_extractor(images))
+        return channel_maps(output, self.feature_dim)
 
     def with_head(self, head: nn.Linear) -> ClassifierVersion:
         """The same feature extractor with another head (what head edits produce)."""
@@ -227,8 +228,7 @@ def split_classifier(
     probe = _probe_images(image_size).to(device)
     with torch.inference_mode():
         expected = model(preprocess(probe))
-        layer_output = tap.capture(lambda: extractor(probe))
-        features = extractor(probe)
+        features, layer_output = tap.capture(lambda: extractor(probe))
         if features.shape[1] != head_module.in_features or not torch.allclose(head_module(features), expected, atol=1e-4, rtol=1e-4):
             raise ModelLoadError(f"{source}: {head!r} is not the last operation of the model (head(h_b(x)) != model(x)); name the final linear layer as head")
     if not isinstance(layer_output, torch.Tensor):
