@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_wheel_ships_the_embedded_default_and_the_stubs(tmp_path):
+def test_the_wheel_ships_every_data_file_and_the_stubs(tmp_path):
     # From a copy without build/: setuptools reuses files an earlier build left there.
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "var", "*.egg-info", "__pycache__"))
@@ -18,11 +18,17 @@ def test_the_wheel_ships_the_embedded_default_and_the_stubs(tmp_path):
                    check=True, timeout=600, capture_output=True)
     (wheel,) = tmp_path.glob("explaind-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assets = ROOT / "server" / "explaind" / "world" / "assets"
-    weights = {f"explaind/world/assets/{p.relative_to(assets).as_posix()}" for p in assets.rglob("*") if p.is_file()
-               and p.suffix in {".json", ".safetensors", ".txt"}}
-    assert any(name.endswith(".safetensors") for name in weights)
-    assert weights - names == set()
+    # Every data file the packages hold in git (weights, configs, scenarios, stubs' .pyi)
+    # must be installed: the code opens them by path next to itself.
+    packaged_dirs = {"server/explaind/": "explaind/", "kernels/": "explaind/kernels/",
+                     "clients/explaind/client/": "explaind/client/", "clients/explaind/v1/": "explaind/v1/"}
+    tracked = subprocess.run(["git", "ls-files", *packaged_dirs], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.split()
+    data = {installed + path.removeprefix(source_dir) for path in tracked if not path.endswith(".py")
+            for source_dir, installed in packaged_dirs.items() if path.startswith(source_dir)}
+    assert "explaind/world/model_configs/world-clip-tiny.json" in data
+    assert any(name.endswith(".safetensors") for name in data)
+    assert data - names == set()
     assert {"explaind/v1/neuroinspect_pb2.py", "explaind/kernels/_onnx_runtime.py", "explaind/client/cli.py"} <= names
     assert "explaind/py.typed" in names  # without it a user's mypy ignores every annotation
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
