@@ -179,8 +179,9 @@ def render_chart(renderer: Path, **overrides: object) -> subprocess.CompletedPro
 
 
 def rendered(renderer: Path, **overrides: object) -> dict[str, dict]:
-    """The chart's manifests for these values, by kind, each valid (strictly: no unknown
-    field) for the oldest Kubernetes with gRPC probes (1.27) and the newest known."""
+    """The chart's manifests for these values, by kind (the StatefulSet's headless
+    Service as "HeadlessService"), each valid (strictly: no unknown field) for
+    Kubernetes 1.27, where gRPC probes are GA, and the newest known."""
     import kubernetes_validate
 
     result = render_chart(renderer, **overrides)
@@ -189,7 +190,10 @@ def rendered(renderer: Path, **overrides: object) -> dict[str, dict]:
     for manifest in manifests:
         for version in ("1.27.0", kubernetes_validate.latest_version()):
             kubernetes_validate.validate(manifest, version, strict=True)
-    return {manifest["kind"]: manifest for manifest in manifests}
+    by_kind = {"HeadlessService" if manifest.get("spec", {}).get("clusterIP") == "None" else manifest["kind"]: manifest
+               for manifest in manifests}
+    assert len(by_kind) == len(manifests), [manifest["kind"] for manifest in manifests]
+    return by_kind
 
 
 def serve_arguments(container: dict) -> argparse.Namespace:
@@ -218,7 +222,7 @@ def chart_renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_renderer):
     default = rendered(chart_renderer)
-    assert set(default) == {"Service", "StatefulSet"}  # no config: the image serves the shapes world
+    assert set(default) == {"Service", "HeadlessService", "StatefulSet"}  # no config: the image serves the shapes world
     pod = default["StatefulSet"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["args"] == ["--device", "cuda"] and container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
@@ -229,7 +233,11 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == ports["metrics"]
     assert {port["name"]: port["port"] for port in default["Service"]["spec"]["ports"]} == ports
-    assert default["StatefulSet"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # Each release's Services pick its own pod only: another release's server has another store.
+    selector = default["StatefulSet"]["spec"]["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/instance"] == "release" and selector.items() <= pod["metadata"]["labels"].items()
+    assert default["Service"]["spec"]["selector"] == default["HeadlessService"]["spec"]["selector"] == selector
+    assert default["StatefulSet"]["spec"]["serviceName"] == default["HeadlessService"]["metadata"]["name"]
 
     config = '[runtime]\ndevice = "cpu"\n\n[jobs]\nretention_days = 7\n'
     cpu = rendered(chart_renderer, device="cpu", config=config, resources={"limits": None}, startupSeconds=125)
