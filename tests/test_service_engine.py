@@ -1164,6 +1164,48 @@ def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_
     assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
 
 
+def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, classifier_dir, world_images):
+    # Each WaitOperation held a worker thread for its whole wait: 64 clients waiting on one
+    # job left none, and health checks, cancels and Predict timed out.
+    import grpc
+    from explaind.v1 import operations_pb2, operations_pb2_grpc
+    from google.protobuf import duration_pb2
+
+    from explaind.client import Client
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path), max_workers=4)  # two threads may wait or stream at once
+    server = ExplaindServer(config)
+    port = server.start()
+    server.load_models()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            operation = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
+            stub = operations_pb2_grpc.OperationsServiceStub(channel)
+            request = operations_pb2.WaitOperationRequest(name=operation.name, timeout=duration_pb2.Duration(seconds=30))
+            held = [stub.WaitOperation.future(request, timeout=60) for _ in range(2)]
+            time.sleep(0.5)  # both reach the server and take the two waiting threads
+            started = time.monotonic()
+            answered = stub.WaitOperation(request, timeout=10)  # a third answers at once
+            assert time.monotonic() - started < 5 and not answered.operation.done
+            assert not any(future.done() for future in held)
+            assert client.health() == "SERVING"
+            assert len(client.predict(world_images[0][:2].numpy())) == 2
+            # The SDK's wait polls a busy server with backoff and keeps its own timeout.
+            def waits() -> float:
+                labels = {"service": "explaind.v1.OperationsService", "method": "WaitOperation", "code": "OK"}
+                return server.metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels)
+
+            before, started = waits(), time.monotonic()
+            assert not operation.wait(timeout=1.5).done
+            assert 1.4 < time.monotonic() - started < 5 and waits() - before <= 8  # not a busy loop
+            operation.cancel()
+            assert {future.result(timeout=30).operation.done for future in held} == {True}
+    finally:
+        server.stop(0)
+
+
 def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path, monkeypatch):
     store = SQLiteStore(tmp_path)
     synced = []
@@ -1447,11 +1489,11 @@ def _intercepted_server(metrics: Metrics, behaviour):
     import grpc
 
     from explaind.service.auth import BearerToken
-    from explaind.service.interceptors import ServiceInterceptor
+    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
 
     method = grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=lambda message: message.SerializeToString())
     handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method})
-    interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20, max_streams=1)
+    interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
     return server, server.add_insecure_port("127.0.0.1:0")
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 WATCH_DEADLINE_S = 24 * 3600.0
 # Before a dropped WatchOperation stream is opened again (never a busy loop).
 WATCH_REOPEN_PAUSE_S = 0.5
+# Longest pause between waits a busy server answered at once (see Operation.wait).
+BUSY_WAIT_MAX_PAUSE_S = 2.0
 PROGRESS_LINE_INTERVAL_S = 10.0
 # Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
 # that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
@@ -158,15 +160,21 @@ class Operation:
     def wait(self, timeout: float | None = None) -> Operation:
         """Block until done or ``timeout`` seconds (None: until done)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.1
         while not self.done:
             remaining = WATCH_DEADLINE_S if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 break
             step = min(remaining, 60.0)
             request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
+            asked = time.monotonic()
             # The call may take a little longer than the server's wait; retries may not.
             response = self._client._call("operations", "WaitOperation", request, timeout=step + 10.0, retry_until=deadline)
             self._update(response.operation)
+            if not self.done and time.monotonic() - asked < step / 2:
+                # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
+                time.sleep(min(pause, max(0.0, remaining - (time.monotonic() - asked))))
+                pause = min(2 * pause, BUSY_WAIT_MAX_PAUSE_S)
         return self
 
     def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Operation]:

@@ -122,6 +122,8 @@ class OperationsServiceServicer:
 
     def WaitOperation(self, request, context):
         """Blocks until the operation is done or the timeout (or the call deadline) passes.
+        Best effort, as google.longrunning's: when half of [server].max_workers are already
+        held by waits and streams, it answers at once with the operation as it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

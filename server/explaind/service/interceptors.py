@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -60,16 +61,34 @@ def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     return message
 
 
+class HeldCalls:
+    """The calls that hold a worker thread while they wait on something: server streams
+    (WatchOperation, health's Watch) and WaitOperation. At most ``limit`` at once (half
+    of [server].max_workers), so the other threads always serve the short calls: health
+    probes, CancelOperation, Predict. Health's Watch needs no token, so without a bound
+    a few idle callers could leave no thread for anything else."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def slot(self) -> Iterator[bool]:
+        """Whether a slot was free; it is held until the block ends."""
+        held = self._slots.acquire(blocking=False)
+        try:
+            yield held
+        finally:
+            if held:
+                self._slots.release()
+
+
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, max_streams: int) -> None:
-        """``max_streams``: server streams (WatchOperation, health's Watch) open at once.
-        Each holds a worker thread while open, and health's Watch needs no token, so
-        without a bound a few idle streams could leave no thread for any other call."""
+    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, held_calls: HeldCalls) -> None:
         self._metrics = metrics
         self._token = token
         self._max_send_bytes = max_send_bytes
-        self._max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams)
+        self._held_calls = held_calls
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
@@ -98,13 +117,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
                     observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
-                if not self._streams.acquire(blocking=False):
-                    observed.abort("RESOURCE_EXHAUSTED", f"{self._max_streams} streams are open, the most this server keeps at once "
-                                   "(half of [server].max_workers); try again later")
-                try:
+                with self._held_calls.slot() as held:
+                    if not held:
+                        observed.abort("RESOURCE_EXHAUSTED", f"{self._held_calls.limit} streams and waits are open, the most "
+                                       "this server keeps at once (half of [server].max_workers); try again later")
                     yield from observed.call_stream(behaviour, request, context)
-                finally:
-                    self._streams.release()
 
         return handle
 

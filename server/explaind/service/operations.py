@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2
 from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
 from . import convert
+from .interceptors import HeldCalls
 from .paging import page_limit, resume_point, resume_token
 
 
@@ -32,8 +33,9 @@ def _wait_timeout(duration: duration_pb2.Duration) -> float:
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
-    def __init__(self, jobs: JobManager, *, max_message_bytes: int) -> None:
+    def __init__(self, jobs: JobManager, *, max_message_bytes: int, held_calls: HeldCalls) -> None:
         self._jobs = jobs
+        self._held_calls = held_calls
         self._max_content_bytes = max(1, max_message_bytes - _ARTIFACT_HEADROOM_BYTES)
 
     def GetOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.GetOperationResponse:
@@ -62,7 +64,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None and (timeout is None or remaining < timeout):
             timeout = max(0.0, remaining - 0.05)  # answer before the caller's deadline
-        snapshot = self._jobs.wait(job_id, timeout, is_active=context.is_active)
+        with self._held_calls.slot() as held:
+            # Best effort, as google.longrunning's WaitOperation: with every waiting slot
+            # taken, the current state at once (the SDK then polls with backoff).
+            snapshot = self._jobs.wait(job_id, timeout if held else 0.0, is_active=context.is_active)
         return operations_pb2.WaitOperationResponse(operation=convert.operation(snapshot))
 
     def WatchOperation(self, request, context: grpc.ServicerContext) -> Iterator[operations_pb2.WatchOperationResponse]:

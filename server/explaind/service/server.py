@@ -38,7 +38,7 @@ from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError
 from .auth import BearerToken, TlsCredentials
 from .inference import InferenceServicer
-from .interceptors import ServiceInterceptor
+from .interceptors import HeldCalls, ServiceInterceptor
 from .neuroinspect import NeuroInspectServicer
 from .operations import OperationsServicer
 from .sample_sets import SampleSetServicer
@@ -104,11 +104,12 @@ class ExplaindServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, max_streams=max(1, settings.max_workers // 2))
+        held_calls = HeldCalls(max(1, settings.max_workers // 2))
+        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls)
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
-        operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes), server)
+        operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes, held_calls=held_calls), server)
         neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(NeuroInspectServicer(self.neuroinspect), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
