@@ -245,6 +245,42 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
     assert len(client.predict([pixels])) == 1
 
 
+def test_requests_that_are_not_their_message_or_carry_malformed_ids_or_ignored_options_are_invalid_arguments(server, client, world_images):
+    # Each was accepted, or answered NOT_FOUND or INTERNAL (with a traceback in the log).
+    with grpc.insecure_channel(server.target) as channel:
+        for data in (b"\x0a\x02\xff\xfe", b"\xff\xff\xff"):  # invalid UTF-8 in sample_set_id; no message at all
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary("/explaind.v1.SampleSetService/GetSampleSet")(data, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            assert "not a valid explaind.v1.SampleSetService/GetSampleSet request message" in caught.value.details()
+    assert "Traceback" not in server.log_path.read_text()
+    for call in (lambda: client.sample_set("Bad Id!"), lambda: client.delete_sample_set("NOPE!"),
+                 lambda: client.evaluate_sample_set("Bad Id!"), lambda: client.rank_mistake_neurons("Bad Id!", 0)):
+        with pytest.raises(InvalidArgumentError, match="is not a valid id") as refused:
+            call()
+        assert refused.value.field == "sample_set_id"
+    with pytest.raises(InvalidArgumentError, match="257 characters, more than the 256 allowed") as refused:
+        client.create_sample_set(_uint8(world_images[0][:1]), [0], display_name="d" * 257)
+    assert refused.value.field == "display_name"
+    for options, field in (({"method": "feature_visualization", "gamma": 5.0}, "gamma"),
+                           ({"method": "feature_visualization", "epsilon": 3.0}, "epsilon"),
+                           ({"method": "no_clip", "epsilon": 3.0}, "epsilon")):
+        with pytest.raises(InvalidArgumentError) as refused:
+            client.visualize_neurons([1], steps=1, **options)
+        assert refused.value.field == field, options
+    with pytest.raises(InvalidArgumentError, match="every pair names its class") as refused:
+        client.visualize_neurons([(1, 2)], method="no_clip", steps=1, classes_per_neuron=4)
+    assert refused.value.field == "classes_per_neuron"
+    client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="one-circle")
+    with pytest.raises(InvalidArgumentError, match="at least 5 samples") as refused:  # not "no sample of class"
+        client.edit_head("one-circle", 0, [1])
+    assert refused.value.field == "sample_set_id"
+    client.create_sample_set(_uint8(world_images[0][:6]), world_images[1][:6].tolist(), sample_set_id="six")
+    with pytest.raises(InvalidArgumentError, match="4097 characters, more than the 4096 allowed") as refused:
+        client.edit_head("six", int(world_images[1][0]), [1], description="d" * 4097)
+    assert refused.value.field == "description"
+
+
 def test_operations_submitted_while_a_client_pages_repeat_none(server, client, world_images):
     client.create_sample_set(_uint8(world_images[0][:2]), [0, 1], sample_set_id="keyset")
     first = [client.evaluate_sample_set("keyset").name for _ in range(5)]

@@ -1206,6 +1206,49 @@ def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, cla
         server.stop(0)
 
 
+def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
+    # Operations are listed with their results (an evaluation's confusion matrix is C²
+    # counts): a page of them could exceed the send limit, and every later page with it.
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.v1 import operations_pb2
+
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    try:
+        submitted = [jobs.submit("evaluate", lambda context, i=i: operations_pb2.Progress(message=str(i) * 5000)).record.job_id
+                     for i in range(5)]
+        for job_id in submitted:
+            assert jobs.wait(job_id, 30).record.state == "succeeded"
+        servicer = OperationsServicer(jobs, max_message_bytes=16 * 1024, held_calls=HeldCalls(1))
+        token, pages, listed = "", 0, []
+        while True:
+            response = servicer.ListOperations(operations_pb2.ListOperationsRequest(page_token=token), None)
+            assert 1 <= len(response.operations) and response.ByteSize() <= 16 * 1024
+            listed += [operation.name.removeprefix("operations/") for operation in response.operations]
+            pages, token = pages + 1, response.next_page_token
+            if not token:
+                break
+        assert sorted(listed) == sorted(submitted) and pages >= 2
+    finally:
+        jobs.shutdown(5)
+
+
+def test_the_files_of_a_write_that_failed_go_at_the_next_sweep(tmp_path):
+    # A CreateSampleSet whose id was taken left its images on disk until a restart.
+    from explaind.errors import AlreadyExists
+    from explaind.store import SampleRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("taken", "", [SampleRecord(put(b"kept image"), 0, {})])
+    with pytest.raises(AlreadyExists), store.writing_blobs() as put:
+        store.create_sample_set("taken", "", [SampleRecord(put(b"kept image"), 0, {}), SampleRecord(put(b"new image"), 1, {})])
+    assert store.delete_unused_blobs() == 1
+    assert store.get_blob(_digest(b"kept image")) == b"kept image"
+    with pytest.raises(NotFound):
+        store.get_blob(_digest(b"new image"))
+
+
 def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path, monkeypatch):
     store = SQLiteStore(tmp_path)
     synced = []

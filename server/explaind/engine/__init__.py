@@ -2,7 +2,7 @@
 batching, the model registry and the :class:`Engine` that ties them to the store and jobs."""
 
 from .batcher import DynamicBatcher
-from .core import BatchOutput, Engine, NewSample, PredictOutput, SampleFeatures
+from .core import BatchOutput, Engine, NewSample, PredictOutput, SampleFeatures, check_sample_set_id
 from .models import ClassifierVersion, ComponentStatus, FeatureExtractor, load_classifier, split_classifier
 from .registry import ModelRegistry
 
@@ -17,6 +17,7 @@ __all__ = [
     "NewSample",
     "PredictOutput",
     "SampleFeatures",
+    "check_sample_set_id",
     "load_classifier",
     "split_classifier",
 ]

@@ -35,11 +35,26 @@ from .registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 SAMPLE_SET_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: "$" would accept a final "\n"
+# Free text the server stores and lists back: unbounded, a few large ones made every
+# page of their list exceed the send limit.
+MAX_DISPLAY_NAME_CHARS = 256
+MAX_DESCRIPTION_CHARS = 4096
 DEFAULT_TOP_K = 5
 # Threads decoding stored samples for feature computation (PIL and torch release the GIL),
 # at most one per CPU this process may run on (a container's cpuset, taskset).
 _DECODE_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 EVALUATE_KIND = "evaluate_sample_set"  # the job kind of EvaluateSampleSet
+
+
+def check_sample_set_id(sample_set_id: str, field: str = "sample_set_id") -> None:
+    """A malformed id is the caller's mistake (INVALID_ARGUMENT), not an unknown set."""
+    if not SAMPLE_SET_ID.fullmatch(sample_set_id):
+        raise InvalidArgument(f"{sample_set_id!r} is not a valid id; use 1-63 of a-z 0-9 _ - starting with a letter or digit", field=field)
+
+
+def check_text_length(text: str, limit: int, field: str) -> None:
+    if len(text) > limit:
+        raise InvalidArgument(f"{len(text)} characters, more than the {limit} allowed", field=field)
 
 
 @dataclass(frozen=True)
@@ -226,10 +241,11 @@ class Engine:
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False) -> SampleSetInfo:
         """``uploading``: more samples follow (``append_samples(..., finish_upload=True)``
         ends it); until then jobs refuse the set."""
+        check_text_length(display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
         if not sample_set_id:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
-        elif not SAMPLE_SET_ID.fullmatch(sample_set_id):
-            raise InvalidArgument(f"{sample_set_id!r} is not a valid id; use 1-63 of a-z 0-9 _ - starting with a letter or digit", field="sample_set_id")
+        else:
+            check_sample_set_id(sample_set_id)
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put), uploading=uploading)
 
@@ -244,6 +260,7 @@ class Engine:
         """The set a job is asked to run on: it must exist, hold samples and be fully uploaded."""
         if not sample_set_id:
             raise InvalidArgument("required", field=field)
+        check_sample_set_id(sample_set_id, field)
         try:
             info = self.store.get_sample_set(sample_set_id)
         except NotFound:

@@ -35,6 +35,7 @@ from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged
 from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord
+from .core import MAX_DESCRIPTION_CHARS, check_text_length
 from .models import ClassifierVersion
 
 log = logging.getLogger(__name__)
@@ -283,25 +284,36 @@ class NeuroInspectEngine:
         *,
         method: str = "clip_illusion",
         steps: int = 400,
-        gamma: float = 0.5,
+        gamma: float | None = None,
         epsilon: float | None = None,
         learning_rate: float = 9e-3,
         seed: int = 0,
         preview_every: int = 10,
-        classes_per_neuron: int = 1,
+        classes_per_neuron: int | None = None,
     ) -> JobSnapshot:
         """Start optimising one image per (neuron, class) pair; a pair with class None
-        gives one image per class among the ``classes_per_neuron`` with the largest head
-        weights for the neuron. Images and masked images become artifacts. ``epsilon``
-        None takes the configured ``[clip].illusion_epsilon``."""
+        gives one image per class among the ``classes_per_neuron`` (None: 1) with the
+        largest head weights for the neuron. Images and masked images become artifacts.
+        ``gamma`` None is 0.5; ``epsilon`` None takes the configured
+        ``[clip].illusion_epsilon``. An option the method would ignore is refused, so
+        no caller believes it took effect."""
         version = self._split_version()
         if not version.differentiable:
             raise FailedPrecondition(f"the {version.loader} classifier runs as a graph without gradients; visualising neurons needs a "
                                      "PyTorch classifier (loader world, torchvision, export or factory)")
-        if epsilon is None:
-            epsilon = self._engine.config.clip.illusion_epsilon
+        if method not in VISUALIZATION_METHODS:
+            raise InvalidArgument(f"must be one of {VISUALIZATION_METHODS}", field="method")
+        if method == "feature_visualization" and gamma is not None:
+            raise InvalidArgument("feature_visualization has no class term to weigh; gamma is for clip_illusion and no_clip", field="gamma")
+        if method != "clip_illusion" and epsilon is not None:
+            raise InvalidArgument(f"{method} has no CLIP term; epsilon is for clip_illusion", field="epsilon")
         if not pairs:
             raise InvalidArgument("at least one (neuron, class) pair is required", field="pairs")
+        if classes_per_neuron is not None and all(target not in (None, "") for _, target in pairs):
+            raise InvalidArgument("every pair names its class; classes_per_neuron is for pairs without one", field="classes_per_neuron")
+        gamma = 0.5 if gamma is None else gamma
+        epsilon = self._engine.config.clip.illusion_epsilon if epsilon is None else epsilon
+        classes_per_neuron = 1 if classes_per_neuron is None else classes_per_neuron
         num_classes = len(version.class_names)
         if not 1 <= classes_per_neuron <= num_classes:
             raise InvalidArgument(f"{classes_per_neuron} is not in [1, {num_classes}] (0 means 1)", field="classes_per_neuron")
@@ -316,8 +328,6 @@ class NeuroInspectEngine:
             resolved += [(int(neuron), klass) for klass in classes]
         if len(resolved) > MAX_VISUALIZATION_PAIRS:
             raise InvalidArgument(f"{len(resolved)} images exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
-        if method not in VISUALIZATION_METHODS:
-            raise InvalidArgument(f"must be one of {VISUALIZATION_METHODS}", field="method")
         clip = self._engine.components.get("clip")
         if method == "clip_illusion" and (clip is None or not clip.loaded):
             raise FailedPrecondition(f"clip_illusion needs CLIP, which is not loaded ({clip.detail if clip else 'not configured'}); use no_clip or feature_visualization", field="method")
@@ -408,13 +418,14 @@ class NeuroInspectEngine:
             seen.add(neuron)
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
+        check_text_length(description, MAX_DESCRIPTION_CHARS, "description")
         train_count = self._engine.usable_sample_set(sample_set_id).sample_count
         class_field = "class_name" if isinstance(target_class, str) else "class_index"
+        if not validation_sample_set_id and train_count < 5:
+            raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         stored_labels = [r.label for r in self._engine.store.list_samples(sample_set_id)]
         training_labels = stored_labels if validation_sample_set_id else [label for i, label in enumerate(stored_labels) if i % 5]  # as run() splits
         _require_training_samples(training_labels, class_index, version, sample_set_id, class_field)
-        if not validation_sample_set_id and train_count < 5:
-            raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
             if value:
                 self._engine.usable_sample_set(value, field)

@@ -97,6 +97,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         self._metrics.rpcs_started.labels(service, method).inc()
         authorised = service in _PUBLIC_SERVICES or self._token.allows(details.invocation_metadata)
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_parsing(handler.request_deserializer))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
         if handler.unary_stream is not None:
@@ -108,6 +110,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
                     observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
+                observed.refuse_if_unparsed(request)
                 return observed.call(behaviour, request, context)
 
         return handle
@@ -117,6 +120,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
                     observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
+                observed.refuse_if_unparsed(request)
                 with self._held_calls.slot() as held:
                     if not held:
                         observed.abort("RESOURCE_EXHAUSTED", f"{self._held_calls.limit} streams and waits are open, the most "
@@ -124,6 +128,24 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     yield from observed.call_stream(behaviour, request, context)
 
         return handle
+
+
+class _Unparsed:
+    """What a request that is not its method's message becomes, so the call can answer
+    INVALID_ARGUMENT (grpcio's own answer is INTERNAL, with a traceback in the log)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _parsing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, or whatever a deserializer raises
+            return _Unparsed(error)
+
+    return parse
 
 
 class _Observed:
@@ -166,6 +188,11 @@ class _Observed:
             # What grpcio-status's abort_with_status sends: the message must match the status's.
             self._context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
         self._context.abort(status_code, message)
+
+    def refuse_if_unparsed(self, request: Any) -> None:
+        if isinstance(request, _Unparsed):
+            self.abort("INVALID_ARGUMENT", f"the request is not a valid {self._service}/{self._method} request message "
+                       f"({request.error}); is the client built from the same .proto?")
 
     def _abort_with(self, error: ExplaindError) -> None:
         self.abort(error.code, str(error), field=error.field, description=error.description)

@@ -58,12 +58,12 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             [(pair.neuron, _target_class(pair)) for pair in request.pairs],
             method=_enum(_VISUALIZATION_METHODS, request.method, "method"),
             steps=request.steps or 400,
-            gamma=_optional(request, "gamma", 0.5),
+            gamma=_optional(request, "gamma", None),
             epsilon=_optional(request, "epsilon", None),
             learning_rate=_optional(request, "learning_rate", 9e-3),
             seed=request.seed,
             preview_every=request.preview_every or 10,
-            classes_per_neuron=request.classes_per_neuron or 1,
+            classes_per_neuron=request.classes_per_neuron or None,
         )
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 

@@ -12,7 +12,7 @@ from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
 from . import convert
 from .interceptors import HeldCalls
-from .paging import page_limit, resume_point, resume_token
+from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
 
 # google.protobuf.Duration's documented range: about 10,000 years.
@@ -36,6 +36,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
     def __init__(self, jobs: JobManager, *, max_message_bytes: int, held_calls: HeldCalls) -> None:
         self._jobs = jobs
         self._held_calls = held_calls
+        self._max_message_bytes = max_message_bytes
         self._max_content_bytes = max(1, max_message_bytes - _ARTIFACT_HEADROOM_BYTES)
 
     def GetOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.GetOperationResponse:
@@ -49,9 +50,11 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
                 raise InvalidArgument(f"unknown state {request.state}", field="state")
             state = convert.STATE_NAMES[request.state]
         snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit)
-        last = snapshots[-1].record if len(snapshots) == limit else None
+        # Results can be large (an evaluation's confusion matrix is C² counts).
+        operations = messages_that_fit((convert.operation(s) for s in snapshots), self._max_message_bytes)
+        last = snapshots[len(operations) - 1].record if len(operations) < len(snapshots) or len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
-            operations=[convert.operation(s) for s in snapshots],
+            operations=operations,
             next_page_token=resume_token(last.create_time, last.job_id) if last is not None else "",
         )
 

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from ..errors import InvalidArgument
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
 _FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
+# A repeated message field costs a tag byte and a length varint (at most 5 bytes for
+# sizes below 4 GiB); the headroom covers next_page_token.
+_FIELD_OVERHEAD = 6
+_RESPONSE_HEADROOM = 1024
+_M = TypeVar("_M", bound=Message)
 
 
 def page_limit(size: int, default: int, maximum: int) -> int:
@@ -54,3 +63,17 @@ def resume_point(token: str) -> tuple[float, str] | None:
     if not item_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
         raise bad_page_token(token)
     return resume, item_id
+
+
+def messages_that_fit(messages: Iterable[_M], max_message_bytes: int) -> list[_M]:
+    """The first of ``messages`` that one response can carry as a repeated field within
+    ``max_message_bytes``; never none when there is one. A page ends there, early, rather
+    than failing whole on the send limit (large images, large results). Reads at most
+    one message past them, so a lazy iterable reads no more than it must."""
+    budget, size, page = max_message_bytes - _RESPONSE_HEADROOM, 0, []
+    for message in messages:
+        size += message.ByteSize() + _FIELD_OVERHEAD
+        if page and size > budget:
+            break
+        page.append(message)
+    return page

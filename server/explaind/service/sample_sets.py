@@ -5,22 +5,17 @@ from __future__ import annotations
 import grpc
 from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 
-from ..engine import Engine
+from ..engine import Engine, check_sample_set_id
 from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
-from .paging import next_offset_token, offset_page, page_limit, resume_point, resume_token
-
-# A repeated message field costs a tag byte and a length varint (at most 5 bytes for
-# sizes below 4 GiB); the headroom covers next_page_token.
-_FIELD_OVERHEAD = 6
-_RESPONSE_HEADROOM = 1024
-
+from .paging import messages_that_fit, next_offset_token, offset_page, page_limit, resume_point, resume_token
 
 def required_set_id(request) -> str:
-    """The request's ``sample_set_id``; an empty one is a malformed request, not an unknown set."""
+    """The request's ``sample_set_id``; an empty or malformed one is a bad request, not an unknown set."""
     if not request.sample_set_id:
         raise InvalidArgument("required", field="sample_set_id")
+    check_sample_set_id(request.sample_set_id)
     return request.sample_set_id
 
 
@@ -58,17 +53,13 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         offset, limit = offset_page(request.page_token, request.page_size, 256, 4096)
         store = self._engine.store
         records = store.list_samples(required_set_id(request), offset, limit)
-        budget = self._engine.config.server.max_message_bytes - _RESPONSE_HEADROOM
-        response, size = sample_sets_pb2.ListSamplesResponse(), 0
-        for record in records:
-            sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(record.digest)), label=record.label, attributes=record.attributes)
-            size += sample.ByteSize() + _FIELD_OVERHEAD
-            if response.samples and size > budget:
-                response.next_page_token = str(offset + len(response.samples))
-                return response
-            response.samples.append(sample)
-        response.next_page_token = next_offset_token(offset, limit, len(records))
-        return response
+        stored = (sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(record.digest)), label=record.label,
+                                         attributes=record.attributes) for record in records)  # read as the page fills
+        samples = messages_that_fit(stored, self._engine.config.server.max_message_bytes)
+        ended_early = len(samples) < len(records)
+        return sample_sets_pb2.ListSamplesResponse(
+            samples=samples,
+            next_page_token=str(offset + len(samples)) if ended_early else next_offset_token(offset, limit, len(records)))
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
         self._engine.store.delete_sample_set(required_set_id(request))

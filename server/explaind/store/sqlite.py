@@ -159,7 +159,8 @@ class SQLiteStore:
     def writing_blobs(self) -> Iterator[Callable[[bytes], str]]:
         """``put(data) -> digest`` for content-addressed blobs. A blob is written before the
         record that references it; deletes leave the blobs put in this block alone until it
-        ends, so write those records inside it."""
+        ends, so write those records inside it. If the block fails, its blobs become
+        candidates for :meth:`delete_unused_blobs`."""
         written: list[str] = []
 
         def put(data: bytes) -> str:
@@ -174,6 +175,15 @@ class SQLiteStore:
 
         try:
             yield put
+        except BaseException:
+            # The records that were to reference them were not written (a set id taken,
+            # a bad label): the next sweep removes those nothing else uses.
+            try:
+                with self._transaction() as db:
+                    db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, ?)", [(digest, time.time()) for digest in set(written)])
+            except sqlite3.Error as error:  # the caller's error matters more; a restart's sweep finds the files
+                log.warning("cannot mark %d blob(s) of a failed write for deletion: %s", len(written), error)
+            raise
         finally:
             with self._lock:
                 self._writing.subtract(written)
