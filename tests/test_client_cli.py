@@ -160,7 +160,7 @@ def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys
     err = _usage_error(capsys, argv)
     command = "demo" if "demo" in argv else "serve"
     flag = argv[0].partition("=")[0]
-    assert f"{command}: {flag} are options of the client commands" in err and "its token from [server].token" in err
+    assert f"{command}: {flag} is an option of the client commands" in err and "its token from [server].token" in err
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--tok", "s3cret", "serve"], "invalid choice: 's3cret'"),
@@ -357,7 +357,7 @@ def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_foll
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images[:5], labels[:5], sample_set_id="positional")
     assert main(["sample-set", "show", "positional", "--target", server.target]) == 0
-    assert capsys.readouterr().out.startswith("positional: '', 5 samples")
+    assert capsys.readouterr().out.startswith("positional: 5 samples")
     assert main(["--target", server.target, "sample-set", "show", "--id", "positional"]) == 0
     assert main(["--target", "127.0.0.1:1", "sample-set", "delete", "positional", "--target", server.target]) == 0
     assert "deleted positional" in capsys.readouterr().out

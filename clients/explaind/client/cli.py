@@ -166,6 +166,7 @@ def _require_writable(path: str) -> None:
 
 
 # Image files a --folder upload takes, by suffix (what the server decodes).
+DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -347,7 +348,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(_sample_set_json(_served_class_names(client), s))
                 return 0
-            print(f"{s.sample_set_id}: {s.display_name!r}, {s.sample_count} samples, per class {_named_counts(client, s.class_counts)}, "
+            named = f" ({s.display_name!r})" if s.display_name else ""
+            print(f"{s.sample_set_id}{named}: {s.sample_count} samples, per class {_named_counts(client, s.class_counts)}, "
                   f"created {s.create_time:%Y-%m-%d %H:%M:%S}")
         elif args.action == "delete":
             client.delete_sample_set(args.id)
@@ -808,9 +810,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--target", help="server address (env EXPLAIND_TARGET)")
-    parser.add_argument("--token", help="bearer token (env EXPLAIND_TOKEN)")
-    parser.add_argument("--timeout", type=_positive_seconds, help="seconds per call")
+    # Their defaults live in build_parser's set_defaults (a command's own copy must not
+    # overwrite a value given before the command), so the help states them.
+    parser.add_argument("--target", help=f"server address (default: env EXPLAIND_TARGET, else {DEFAULT_TARGET})")
+    parser.add_argument("--token", help="bearer token (default: env EXPLAIND_TOKEN)")
+    parser.add_argument("--timeout", type=_positive_seconds, help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the three options below)")
     parser.add_argument("--ca-file", dest="ca_file", help="PEM file of the CAs to trust (default: the system's)")
     parser.add_argument("--cert-file", dest="cert_file", help="PEM client certificate, for a server that asks for one (with --key-file)")
@@ -826,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(all but serve and demo). "
                "'explaind COMMAND --help' lists a command's options.",
     ))
-    parser.set_defaults(target=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), timeout=60.0, tls=False,
+    parser.set_defaults(target=os.environ.get("EXPLAIND_TARGET", DEFAULT_TARGET), timeout=DEFAULT_TIMEOUT_S, tls=False,
                         ca_file=None, cert_file=None, key_file=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Client commands also take the options after their name; unset there, the top level's hold.
@@ -983,7 +987,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
         if given:
-            parser.error(f"{args.command}: {', '.join(given)} are options of the client commands; a server takes its address "
+            parser.error(f"{args.command}: {', '.join(given)} {'are options' if len(given) > 1 else 'is an option'} of the client "
+                         "commands; a server takes its address "
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
     if args.command == "sample-set":
         args.id = args.id or args.id_option
