@@ -33,74 +33,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
-from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
 from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.classifier import load_classifier
-from explaind.world.clip import CAPTION_WORDS, ZERO_SHOT_TEMPLATE, load_world_clip
+from explaind.world.clip import load_world_clip
+from explaind.world.illusion_check import NeuronComparison, compare_on_known_attributes
 from explaind.world.probes import probe_batch
-from explaind.world.scenarios import WorldBatch, scenario_names
+from explaind.world.scenarios import scenario_names
 
 
-@dataclass(frozen=True)
-class NeuronResult:
-    classifier: str
-    attribute: str
-    value: str
-    neuron: int
-    conditioned_on: str
-    similarity_ours: float
-    similarity_baseline: float
-    masked_similarity_ours: float  # the same for the masked images (low-activation regions dimmed)
-    masked_similarity_baseline: float
-    activation_ours: float
-    activation_baseline: float
-    top_percent: float  # the neuron's top-1 % activation on the probe scenes
-
-    @property
-    def own_class(self) -> bool:
-        return self.attribute == "shape" and self.conditioned_on == self.value
-
-    @property
-    def reaches_top_percent(self) -> bool:
-        return self.activation_ours >= self.top_percent
-
-
-def evaluate_classifier(name: str, clip: tuple, probe: WorldBatch, args: argparse.Namespace) -> list[NeuronResult]:
-    model = load_classifier(classifier_dir(name, Path(args.assets)))
-    features = FeatureExtractor(model, feature_layer=model.config.feature_layer).features(probe.images)
-    concepts = {(attribute, value): probe.attributes[attribute] == value
-                for attribute, words in CAPTION_WORDS.items() for value in words}
-    found = concept_neurons(features, concepts, min_auc=args.min_auc, per_concept=args.per_value)
-    rows = [(attribute, value, neuron) for (attribute, value), neurons in found.items() for neuron in neurons]
-    if not rows:
-        return []
-    illusion = ClipIllusion(model, model.config.feature_layer, *clip, head=model.config.head)
-    names = model.config.class_names
-    pairs = [(neuron, names.index(value) if args.condition == "own-shape" and attribute == "shape" else None)
-             for attribute, value, neuron in rows]
-    ours = illusion.visualize(pairs, steps=args.steps, method="clip_illusion", epsilon=args.epsilon, seed=args.seed)
-    baseline = illusion.visualize(pairs, steps=args.steps, method="feature_visualization", seed=args.seed)
-    prompts = torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(CAPTION_WORDS[a][v])]) for a, v, _ in rows])
-    with torch.no_grad():
-        similarity = {(run, masked): illusion.clip_similarity(result.masked_images if masked else result.images, prompts)
-                      for run, result in (("ours", ours), ("baseline", baseline)) for masked in (False, True)}
-    top_percent = features[:, [neuron for *_, neuron in rows]].quantile(0.99, dim=0)
-    return [
-        NeuronResult(name, attribute, value, neuron, model.config.class_names[int(ours.classes[i])],
-                     float(similarity["ours", False][i]), float(similarity["baseline", False][i]),
-                     float(similarity["ours", True][i]), float(similarity["baseline", True][i]),
-                     float(ours.activations[i]), float(baseline.activations[i]), float(top_percent[i]))
-        for i, (attribute, value, neuron) in enumerate(rows)
-    ]
-
-
-def summary_line(label: str, results: list[NeuronResult]) -> str:
+def summary_line(label: str, results: list[NeuronComparison]) -> str:
     ours = sum(r.similarity_ours for r in results) / len(results)
     baseline = sum(r.similarity_baseline for r in results) / len(results)
     wins = sum(r.similarity_ours > r.similarity_baseline for r in results)
@@ -113,7 +59,7 @@ def summary_line(label: str, results: list[NeuronResult]) -> str:
             f"{f'{reached}/{len(results)}':>12}{verdict:>7}{masked_ours:>11.3f}{masked_baseline:>8.3f}")
 
 
-def print_tables(results: list[NeuronResult], per_neuron: bool) -> None:
+def print_tables(results: list[NeuronComparison], per_neuron: bool) -> None:
     if per_neuron:
         print(f"\n{'classifier':<28}{'attribute=value':<22}{'neuron':>7}  {'conditioned on':<15}"
               f"{'sim ours':>9}{'FV':>8}{'act ours':>9}{'FV':>8}{'top1%':>7}")
@@ -167,7 +113,10 @@ def main() -> None:
             print(f"skipping {name}: no shipped classifier under {args.assets}")
             continue
         start = time.perf_counter()
-        found = evaluate_classifier(name, (clip_model, tokenizer), probe, args)
+        found = compare_on_known_attributes(
+            name, load_classifier(classifier_dir(name, Path(args.assets))), (clip_model, tokenizer), probe,
+            per_value=args.per_value, min_auc=args.min_auc, steps=args.steps, epsilon=args.epsilon, seed=args.seed,
+            condition=args.condition)
         print(f"{name}: {len(found)} neurons with a known attribute, evaluated in {time.perf_counter() - start:.0f}s")
         results += found
     if results:

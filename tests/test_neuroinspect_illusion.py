@@ -256,6 +256,49 @@ def test_clip_illusion_shows_the_neurons_attribute_better_than_feature_visualiza
     assert ours_score.mean() > baseline_score.mean(), (ours_score, baseline_score)
 
 
+@pytest.fixture(scope="module")
+def known_attribute_comparisons():
+    """Acceptance 4 as the issue words it, and the protocol of ``bench/illusion_eval.py``:
+    every neuron with a known attribute (the three strongest per attribute value, AUC >=
+    0.9 on 600 probe scenes) of the five shipped classifiers, each conditioned on its top
+    class (the automatic choice), against feature visualisation, 400 steps each."""
+    from explaind.world.classifier import load_classifier
+    from explaind.world.clip import load_world_clip
+    from explaind.world.illusion_check import compare_on_known_attributes
+    from explaind.world.probes import probe_batch
+    from explaind.world.scenarios import scenario_names
+
+    names = scenario_names()
+    if not (SHIPPED_CLIP and all((classifier_dir(name) / "model.safetensors").is_file() for name in names)):
+        pytest.skip("shipped world CLIP or classifiers not built yet")
+    clip_model, tokenizer, _ = load_world_clip()
+    probe = probe_batch(600, seed=0)
+    return [comparison for name in names
+            for comparison in compare_on_known_attributes(name, load_classifier(classifier_dir(name)),
+                                                          (clip_model, tokenizer), probe,
+                                                          epsilon=WORLD_CLIP_ILLUSION_EPSILON)]
+
+
+def test_on_every_neuron_with_a_known_attribute_clip_illusion_shows_it_better_on_average(known_attribute_comparisons):
+    from explaind.world.scenarios import scenario_names
+
+    comparisons = known_attribute_comparisons
+    assert {c.classifier for c in comparisons} == set(scenario_names())
+    ours = sum(c.similarity_ours for c in comparisons) / len(comparisons)
+    baseline = sum(c.similarity_baseline for c in comparisons) / len(comparisons)
+    assert ours > baseline, (ours, baseline)
+
+
+@pytest.mark.xfail(reason="issue 4 acceptance 4 (activation) misses on 2 of the 69 neurons with a known attribute: two "
+                          "cross detectors of class_plus_context_colour weigh most for the triangle, and conditioned on it "
+                          "end at 1.62-1.63 and 1.40-1.42 (by thread count) against top-1 % activations of 1.74 and 1.68 "
+                          "(docs/neuroinspect.md, 'Which protocol is the acceptance test')",
+                   strict=True)
+def test_on_every_neuron_with_a_known_attribute_clip_illusion_reaches_its_top_percent(known_attribute_comparisons):
+    missed = [c for c in known_attribute_comparisons if not c.reaches_top_percent]
+    assert not missed, missed
+
+
 def _tiny_vit() -> torch.nn.Module:
     """A torchvision ViT on 32 px images: 16 patch tokens of width 16 after a class token."""
     from torchvision.models.vision_transformer import VisionTransformer
