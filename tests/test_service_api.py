@@ -679,9 +679,10 @@ def test_artifacts_are_read_in_ranges_and_checked_against_their_digest(server, c
 
 def test_an_artifact_range_larger_than_a_message_is_refused_not_cut():
     from explaind.errors import ResourceExhausted
+    from explaind.service.interceptors import HeldCalls
     from explaind.service.operations import OperationsServicer
 
-    servicer = OperationsServicer(None, max_message_bytes=64 * 1024 + 1000)
+    servicer = OperationsServicer(None, max_message_bytes=64 * 1024 + 1000, held_calls=HeldCalls(1))
     whole = operations_pb2.GetArtifactRequest(name="operations/x", artifact="a")
     assert servicer._artifact_range(whole, 1000) == (0, 1000)
     with pytest.raises(ResourceExhausted, match=r"max_bytes: 1001 bytes do not fit in one response \(at most 1000\)"):

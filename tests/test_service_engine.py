@@ -1185,7 +1185,11 @@ def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, cla
             stub = operations_pb2_grpc.OperationsServiceStub(channel)
             request = operations_pb2.WaitOperationRequest(name=operation.name, timeout=duration_pb2.Duration(seconds=30))
             held = [stub.WaitOperation.future(request, timeout=60) for _ in range(2)]
-            time.sleep(0.5)  # both reach the server and take the two waiting threads
+            waiting = {"service": "explaind.v1.OperationsService", "method": "WaitOperation"}
+            deadline = time.monotonic() + 30
+            while server.metrics.registry.get_sample_value("explaind_rpcs_in_flight", waiting) != 2:
+                assert time.monotonic() < deadline, "the two waits never reached the server"
+                time.sleep(0.02)
             started = time.monotonic()
             answered = stub.WaitOperation(request, timeout=10)  # a third answers at once
             assert time.monotonic() - started < 5 and not answered.operation.done
@@ -1200,6 +1204,8 @@ def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, cla
             before, started = waits(), time.monotonic()
             assert not operation.wait(timeout=1.5).done
             assert 1.4 < time.monotonic() - started < 5 and waits() - before <= 8  # not a busy loop
+            # A watch finds no thread for its stream either: it polls instead of failing.
+            assert next(operation.watch(timeout=10)).state == "running"
             operation.cancel()
             assert {future.result(timeout=30).operation.done for future in held} == {True}
     finally:

@@ -19,7 +19,15 @@ from google.protobuf.message import Message
 
 from explaind.v1 import inference_pb2, operations_pb2
 
-from ._errors import DataLossError, DeadlineExceededError, ExplaindError, OperationError, UnavailableError, error_from_code
+from ._errors import (
+    DataLossError,
+    DeadlineExceededError,
+    ExplaindError,
+    OperationError,
+    ResourceExhaustedError,
+    UnavailableError,
+    error_from_code,
+)
 from ._images import open_image
 from ._types import Artifact, Progress
 
@@ -32,6 +40,8 @@ WATCH_DEADLINE_S = 24 * 3600.0
 WATCH_REOPEN_PAUSE_S = 0.5
 # Longest pause between waits a busy server answered at once (see Operation.wait).
 BUSY_WAIT_MAX_PAUSE_S = 2.0
+# Between GetOperation calls when a busy server has no thread for a watch stream.
+WATCH_POLL_INTERVAL_S = 1.0
 PROGRESS_LINE_INTERVAL_S = 10.0
 # Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
 # that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
@@ -175,13 +185,16 @@ class Operation:
                 # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
                 time.sleep(min(pause, max(0.0, remaining - (time.monotonic() - asked))))
                 pause = min(2 * pause, BUSY_WAIT_MAX_PAUSE_S)
+            else:
+                pause = 0.1
         return self
 
     def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Operation]:
         """Yield this operation on every progress update until it is done. A stream the
         server dropped (a restart) is opened again once GetOperation reaches the server
         (within the client's timeout and this one; the operation then usually reads
-        ABORTED: submit it again)."""
+        ABORTED: submit it again). A busy server, whose threads for streams are all
+        taken, is polled instead, every WATCH_POLL_INTERVAL_S."""
         deadline = time.monotonic() + timeout
         while True:
             stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name),
@@ -194,6 +207,11 @@ class Operation:
             except UnavailableError:
                 if not self._client._retry or time.monotonic() >= deadline:
                     raise
+            except ResourceExhaustedError:
+                # Every thread for streams is taken. (An operation too large to send fails
+                # the polls' GetOperation the same way, and that error reaches the caller.)
+                yield from self._poll(deadline)
+                return
             finally:
                 stream.cancel()
             # Within the client's timeout and this deadline (0 would mean the client's).
@@ -201,6 +219,16 @@ class Operation:
             if self.done:
                 return
             time.sleep(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
+
+    def _poll(self, deadline: float) -> Iterator[Operation]:
+        """Yield this operation every WATCH_POLL_INTERVAL_S until it is done or ``deadline``
+        (``time.monotonic()``) passes."""
+        while not self.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(WATCH_POLL_INTERVAL_S, left))
+            yield self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
 
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:
         """Wait for the job and return its result (a dataclass where the SDK has one,

@@ -123,7 +123,9 @@ class OperationsServiceServicer:
     def WaitOperation(self, request, context):
         """Blocks until the operation is done or the timeout (or the call deadline) passes.
         Best effort, as google.longrunning's: when half of [server].max_workers are already
-        held by waits and streams, it answers at once with the operation as it is.
+        held by waits and streams, it answers at once with the operation as it is: poll
+        with backoff then (the SDK does). WatchOperation is RESOURCE_EXHAUSTED then, and
+        the SDK's watch polls GetOperation instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

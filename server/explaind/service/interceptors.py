@@ -97,12 +97,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         self._metrics.rpcs_started.labels(service, method).inc()
         authorised = service in _PUBLIC_SERVICES or self._token.allows(details.invocation_metadata)
-        if handler.request_deserializer is not None:
-            handler = handler._replace(request_deserializer=_parsing(handler.request_deserializer))
+        # The wrappers answer a request that did not parse; other kinds (reflection's
+        # stream-stream call) keep grpcio's own handling.
+        parsing = {} if handler.request_deserializer is None else {"request_deserializer": _parsing(handler.request_deserializer)}
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised))
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised), **parsing)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised))
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised), **parsing)
         return handler
 
     def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
