@@ -379,7 +379,10 @@ def _help(capsys, argv: list[str]) -> str:
 def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkeypatch):
     monkeypatch.setenv("EXPLAIND_TOKEN", "s3cret")
     top = _help(capsys, [])
-    assert "go before or after a client command (all but serve and demo)" in top and "(default: 60.0)" in top and "s3cret" not in top
+    assert "go before or after a client command (all but serve and demo)" in top and "s3cret" not in top
+    for command_help in (top, _help(capsys, ["predict"])):  # each default stated once, where set_defaults keeps it too
+        assert command_help.count("seconds per call (default: 60)") == 1 and "(default: 60.0)" not in command_help
+        assert "server address (default: env EXPLAIND_TARGET, else 127.0.0.1:50051) -" in command_help
     operations = _help(capsys, ["operations"])
     assert "--state {queued,running,succeeded,failed,cancelled}" in operations
     assert "--kind {evaluate_sample_set,rank_mistake_neurons,visualize_neurons,edit_head}" in operations

@@ -165,8 +165,8 @@ def _require_writable(path: str) -> None:
         raise CommandError(f"cannot write {path}: {'no such directory' if not target.parent.is_dir() else 'permission denied'}")
 
 
-# Image files a --folder upload takes, by suffix (what the server decodes).
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
+# Image files a --folder upload takes, by suffix (what the server decodes).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -801,10 +801,11 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: X)" to options with a real default (not None, False or "")."""
+    """Adds "(default: X)" to options with a real default (not None, False or "") whose
+    help does not state it already."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == "":
+        if action.default is None or action.default is False or action.default == "" or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
