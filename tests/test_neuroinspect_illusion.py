@@ -279,6 +279,7 @@ def known_attribute_comparisons():
                                                           epsilon=WORLD_CLIP_ILLUSION_EPSILON)]
 
 
+@pytest.mark.timeout(1200)  # as above: whichever test runs first builds the fixture
 def test_on_every_neuron_with_a_known_attribute_clip_illusion_shows_it_better_on_average(known_attribute_comparisons):
     from explaind.world.scenarios import scenario_names
 
@@ -287,6 +288,17 @@ def test_on_every_neuron_with_a_known_attribute_clip_illusion_shows_it_better_on
     ours = sum(c.similarity_ours for c in comparisons) / len(comparisons)
     baseline = sum(c.similarity_baseline for c in comparisons) / len(comparisons)
     assert ours > baseline, (ours, baseline)
+
+
+# Acceptance 4's activation half misses on these (classifier, neuron) pairs, and only these.
+KNOWN_ACTIVATION_MISSES = {("class_plus_context_colour", 75), ("class_plus_context_colour", 83)}
+
+
+@pytest.mark.timeout(1200)  # the fixture: 69 neurons, twice 400 steps, about 4 minutes on one thread
+def test_no_neuron_with_a_known_attribute_misses_its_top_percent_but_the_two_known_ones(known_attribute_comparisons):
+    """The strict xfail below cannot tell two misses from forty; this can."""
+    missed = {(c.classifier, c.neuron) for c in known_attribute_comparisons if not c.reaches_top_percent}
+    assert missed <= KNOWN_ACTIVATION_MISSES, missed
 
 
 @pytest.mark.xfail(reason="issue 4 acceptance 4 (activation) misses on 2 of the 69 neurons with a known attribute: two "
