@@ -129,6 +129,11 @@ def test_invalid_requests_name_the_field(client, world_set):
     client.create_sample_set(pixels[correct], labels[correct], sample_set_id="all-correct")
     with pytest.raises(InvalidArgumentError, match="class_index.*no mistakes"):
         client.rank_mistake_neurons("all-correct", int(labels[correct[0]]))
+    # Run as an operation (as large sets are), the job finds it: the same error, field and all.
+    for target, field in (("circle", "class_name"), (int(labels[correct[0]]), "class_index")):
+        with pytest.raises(InvalidArgumentError, match=f"{field}: ") as refused:
+            client.rank_mistake_neurons("all-correct" if field == "class_index" else "three-hearts", target, execution="operation")
+        assert refused.value.field == field
 
 
 def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
@@ -433,6 +438,32 @@ def _create_train_set(engine, world_set) -> None:
     engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
 
 
+def test_a_set_labelled_for_another_classifier_is_refused_naming_its_field(tmp_path, world_set):
+    # Sets outlive a change of classifier in the same data dir: labels 0..9 kept for a
+    # 6-class model failed evaluation and ranking with INTERNAL, and an edit only in its job.
+    from explaind.errors import InvalidArgument
+    from explaind.store import SampleRecord
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        image = engine.store.list_samples("train")[0].digest
+        with engine.store.writing_blobs():
+            engine.store.create_sample_set("ten-classes", "", [SampleRecord(image, label, {}) for label in (0, 9)])
+        refusal = "sample set 'ten-classes' has labels up to 9, but the served classifier has 6 classes"
+        for call, field in ((lambda: engine.evaluate_sample_set("ten-classes"), "sample_set_id"),
+                            (lambda: inspect.rank_mistake_neurons("ten-classes", target_class="heart"), "sample_set_id"),
+                            (lambda: inspect.edit_head("train", target_class="heart", neurons=[3], validation_sample_set_id="ten-classes"),
+                             "validation_sample_set_id"),
+                            (lambda: inspect.edit_head("train", target_class="heart", neurons=[3], evaluation_sample_set_id="ten-classes"),
+                             "evaluation_sample_set_id")):
+            with pytest.raises(InvalidArgument, match=refusal) as refused:
+                call()
+            assert refused.value.field == field
+    finally:
+        _shut(engine)
+
+
 def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_unique(tmp_path, world_set):
     # A crash between storing the version (even promoting it) and the job's success left a
     # FAILED job ("submit it again") beside a served version, which a resubmission duplicated.
@@ -485,6 +516,9 @@ def test_a_head_version_is_deleted_unless_served_loaded_or_edited_from(tmp_path,
         inspect.delete_head_version("v2")
         versions = {v.version_id: v for v in inspect.head_versions()[0]}
         assert sorted(versions) == ["v0", "v1", "v3"] and versions["v3"].parent_version_id == "v1"
+        # v3 was compared with v2, not with v1: that comparison goes with v2.
+        assert "parent_evaluation" not in versions["v3"].details and "parent_evaluation" in versions["v1"].details
+        assert not inspect.head_version_message(versions["v3"]).HasField("parent_evaluation")
         weights = engine.store.delete_unused_blobs()
         assert weights == 1  # v2's weights
         assert _edit(engine, inspect, 4).state == "succeeded" and "v4" in {v.version_id for v in inspect.head_versions()[0]}  # v2 not reused

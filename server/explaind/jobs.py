@@ -16,7 +16,7 @@ Adding a job kind is a registration and one call from an engine::
 
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
 operation's response; an exception fails the job (an :class:`~explaind.errors.ExplaindError`
-keeps its status code, e.g. INVALID_ARGUMENT). Every job kind uses the models, so all
+keeps its status code, e.g. INVALID_ARGUMENT, and the field it names). Every job kind uses the models, so all
 share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds one job's
 batch); Predict has its own batcher thread and keeps flowing.
 """
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 
 from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, report_internal
 from .imaging import encode_png
@@ -110,6 +111,17 @@ class JobContext:
         return self.save_artifact(name, encode_png(pixels), "image/png")
 
 
+def _field_violation(error: ExplaindError) -> bytes:
+    """A failed job's ``result``: the field an INVALID_ARGUMENT names, as a serialised Any
+    of ``google.rpc.BadRequest`` (the operation's error carries it as the call's would), or
+    nothing."""
+    if error.code != "INVALID_ARGUMENT" or not error.field:
+        return b""
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.BadRequest(field_violations=[{"field": error.field, "description": error.description}]))
+    return packed.SerializeToString()
+
+
 class JobManager:
     def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1) -> None:
         self.store = store
@@ -183,7 +195,7 @@ class JobManager:
             else:  # only shutdown() stops a job nobody cancelled
                 self._finish(live, FAILED, error=("ABORTED", "the server shut down while this job was running; submit it again"))
         except ExplaindError as error:
-            self._finish(live, FAILED, error=(error.code, str(error)))
+            self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error))
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
             self._finish(live, FAILED, error=("INTERNAL", report_internal(log, f"job {live.record.job_id} ({live.record.kind}) failed", error)))
         else:

@@ -25,7 +25,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, UnavailableError, from_rpc_error
+from ._errors import ExplaindError, OperationError, UnavailableError, error_from_code, from_rpc_error
 from . import _neuroinspect
 from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
@@ -563,7 +563,14 @@ class Client:
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=timeout or max(self.timeout, 300.0))
         if response.WhichOneof("outcome") == "ranking":
             return _neuroinspect.ranking(response.ranking)
-        return Operation(self, response.operation).result(progress=progress)
+        try:
+            return Operation(self, response.operation).result(progress=progress)
+        except OperationError as error:
+            if not error.field_violations:
+                raise
+            # Refused when its job ran: raised as an inline ranking's refusal is, so one
+            # `except InvalidArgumentError` serves small and large sets alike.
+            raise error_from_code(error.code, error.details, error.field_violations) from None
 
     def visualize_neurons(
         self,

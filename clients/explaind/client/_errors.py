@@ -100,11 +100,16 @@ def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in metadata or ():
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            violations = []
-            for detail in status.details:
-                bad_request = error_details_pb2.BadRequest()
-                if detail.Unpack(bad_request):
-                    violations += [(v.field, v.description) for v in bad_request.field_violations]
-            return violations
+            return field_violations(status_pb2.Status.FromString(value))
     return []
+
+
+def field_violations(status: status_pb2.Status) -> list[tuple[str, str]]:
+    """``(field, description)`` of each ``google.rpc.BadRequest`` violation in a status's
+    details: a call's error, or a failed operation's."""
+    violations = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations += [(v.field, v.description) for v in bad_request.field_violations]
+    return violations

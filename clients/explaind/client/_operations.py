@@ -27,6 +27,7 @@ from ._errors import (
     ResourceExhaustedError,
     UnavailableError,
     error_from_code,
+    field_violations,
 )
 from ._images import open_image
 from ._types import Artifact, Progress
@@ -148,7 +149,7 @@ class Operation:
         if not self._message.HasField("error"):
             return None
         code = next((c for c in grpc.StatusCode if c.value[0] == self._message.error.code), grpc.StatusCode.UNKNOWN)
-        return OperationError(self._message.error.message, code)
+        return OperationError(self._message.error.message, code, field_violations(self._message.error))
 
     def refresh(self, *, timeout: float | None = None) -> Operation:
         """Fetch the current state once (no waiting; retried while the server restarts, for

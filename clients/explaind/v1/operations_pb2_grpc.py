@@ -34,8 +34,10 @@ class OperationsServiceStub:
     server shut down or restarted while the job was queued or running: nothing is wrong
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
-    changed since the job was submitted). Operations and their artifacts persist across
-    restarts until DeleteOperation removes them, or the server's retention
+    changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
+    as a google.rpc.BadRequest in the status's details, as a call's error does.
+    Operations and their artifacts persist across restarts until DeleteOperation removes
+    them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
     Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
@@ -92,8 +94,10 @@ class OperationsServiceServicer:
     server shut down or restarted while the job was queued or running: nothing is wrong
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
-    changed since the job was submitted). Operations and their artifacts persist across
-    restarts until DeleteOperation removes them, or the server's retention
+    changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
+    as a google.rpc.BadRequest in the status's details, as a call's error does.
+    Operations and their artifacts persist across restarts until DeleteOperation removes
+    them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
     Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """
@@ -215,8 +219,10 @@ class OperationsService:
     server shut down or restarted while the job was queued or running: nothing is wrong
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
-    changed since the job was submitted). Operations and their artifacts persist across
-    restarts until DeleteOperation removes them, or the server's retention
+    changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
+    as a google.rpc.BadRequest in the status's details, as a call's error does.
+    Operations and their artifacts persist across restarts until DeleteOperation removes
+    them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
     Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     """

@@ -257,7 +257,8 @@ class Engine:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put), finish_upload=finish_upload)
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id") -> SampleSetInfo:
-        """The set a job is asked to run on: it must exist, hold samples and be fully uploaded."""
+        """The set a job is asked to run on: it must exist, hold samples, be fully uploaded
+        and be labelled for the served classifier."""
         if not sample_set_id:
             raise InvalidArgument("required", field=field)
         check_sample_set_id(sample_set_id, field)
@@ -270,6 +271,11 @@ class Engine:
         if info.uploading:
             raise FailedPrecondition(f"sample set {sample_set_id!r} is still being uploaded ({info.sample_count} samples so far); "
                                      "use it once its upload has finished", field=field)
+        # Sets outlive a change of classifier in the same data dir; labels were checked only at upload.
+        num_classes = len(self.models.active.class_names)
+        if (largest := max(info.class_counts, default=0)) >= num_classes:
+            raise InvalidArgument(f"sample set {sample_set_id!r} has labels up to {largest}, but the served classifier has "
+                                  f"{num_classes} classes: it was uploaded for another classifier", field=field)
         return info
 
     def _store_samples(self, samples: Sequence[NewSample], put: Callable[[bytes], str]) -> list[SampleRecord]:

@@ -117,4 +117,6 @@ def operation(snapshot: JobSnapshot) -> lro_pb2.Operation:
     elif record.state in (FAILED, CANCELLED):
         code = grpc.StatusCode[record.error_code or ("CANCELLED" if record.state == CANCELLED else "UNKNOWN")]
         message.error.CopyFrom(status_pb2.Status(code=code.value[0], message=record.error_message))
+        if record.result:  # the field a refused request names (jobs.py)
+            message.error.details.add().ParseFromString(record.result)
     return message

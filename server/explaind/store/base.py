@@ -56,8 +56,9 @@ class ArtifactRef:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job as persisted. ``result`` is a serialised ``google.protobuf.Any``; ``error_code``
-    a ``grpc.StatusCode`` name."""
+    """A job as persisted. ``result`` is a serialised ``google.protobuf.Any``: the response
+    of a succeeded job, the error's details of a failed one (if any); ``error_code`` a
+    ``grpc.StatusCode`` name."""
 
     job_id: str
     kind: str

@@ -532,7 +532,13 @@ class SQLiteStore:
             db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
             db.execute("INSERT OR IGNORE INTO deleted_head_versions VALUES (?, ?)", (feature_version, version_id))
             db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
-            db.execute("UPDATE head_versions SET parent_version_id = ? WHERE feature_version = ? AND parent_version_id = ?", (row[0], feature_version, version_id))
+            # Its children now descend from its parent; their comparison was with it, not
+            # with that parent, so it goes with it.
+            children = db.execute("SELECT version_id, details FROM head_versions WHERE feature_version = ? AND parent_version_id = ?",
+                                  (feature_version, version_id)).fetchall()
+            db.executemany("UPDATE head_versions SET parent_version_id = ?, details = ? WHERE feature_version = ? AND version_id = ?",
+                           [(row[0], json.dumps({k: v for k, v in json.loads(details).items() if k != "parent_evaluation"}, sort_keys=True),
+                             feature_version, child) for child, details in children])
 
     def deleted_head_versions(self, feature_version: str) -> list[str]:
         with self._lock:
