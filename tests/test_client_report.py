@@ -92,7 +92,9 @@ def test_the_suggested_edit_is_evaluated_on_the_held_out_fifth_with_or_without_g
     for report in (plain, grouped):
         before = report.edit.version.parent_evaluation
         assert before.accuracy == pytest.approx(correct.mean())
-        assert report.evaluated_on == "the 40 samples of spurious held out from training (every 5th, from sample 0)"
+        assert report.evaluated_on == ("the 40 samples of spurious held out from training (every 5th, from sample 0); they also "
+                                       "chose the best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an "
+                                       "independent set")
         assert f"Evaluated on {report.evaluated_on}." in render_report(report)
     # The same held-out fifth and training samples: groups only add per-group rows.
     assert grouped.edit.version.evaluation.accuracy == pytest.approx(plain.edit.version.evaluation.accuracy)
@@ -155,6 +157,25 @@ def test_when_the_edit_fails_its_error_is_raised_and_undeleted_temporary_sets_ar
     assert first in left and second not in left
     client.delete_sample_set(first)
     client.delete_sample_set("grouped")
+
+
+def test_a_group_attribute_the_set_lacks_is_refused_naming_the_set_not_a_temporary_copy(client):
+    # The server's refusal named the report's temporary copy, deleted by then.
+    from explaind.client.report import _suggest_edit
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=20).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="no-attributes")
+    before = {s.sample_set_id for s in client.sample_sets()}
+    try:
+        with pytest.raises(InvalidArgumentError) as refused:
+            _suggest_edit(client, "heart", [1], "no-attributes", "", "background", False)
+        assert refused.value.field == "group_attribute"
+        assert refused.value.details == ("group_attribute: no sample of 'no-attributes' held out for the evaluation (every 5th) "
+                                         "has attribute 'background'")
+        assert {s.sample_set_id for s in client.sample_sets()} == before  # refused before copying anything
+    finally:
+        client.delete_sample_set("no-attributes")
 
 
 def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():

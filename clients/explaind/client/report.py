@@ -91,7 +91,8 @@ def _suggest_edit(
     if evaluation_sample_set_id:
         edit = edit_head(sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id).result(progress=progress)
         return edit, f"sample set {evaluation_sample_set_id} ({client.sample_set(evaluation_sample_set_id).sample_count} samples)"
-    held_out = f"samples of {sample_set_id} held out from training (every 5th, from sample 0)"
+    held_out = (f"samples of {sample_set_id} held out from training (every 5th, from sample 0); they also chose the "
+                "best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an independent set")
     if not group_attribute:  # the server holds out the fifth and evaluates on it
         edit = edit_head(sample_set_id).result(progress=progress)
         return edit, f"the {len(range(0, client.sample_set(sample_set_id).sample_count, 5))} {held_out}"
@@ -99,6 +100,9 @@ def _suggest_edit(
     # into temporary sets (deleted afterwards), training on the rest.
     samples = list(client.samples(sample_set_id))
     parts = {"training": [s for i, s in enumerate(samples) if i % 5], "held-out": samples[::5]}
+    if not any(group_attribute in s.attributes for s in parts["held-out"]):  # the server would name the temporary set
+        message = f"no sample of {sample_set_id!r} held out for the evaluation (every 5th) has attribute {group_attribute!r}"
+        raise InvalidArgumentError(f"group_attribute: {message}", field_violations=[("group_attribute", message)])
     created: list[str] = []
     try:
         for part, chosen in parts.items():
@@ -241,8 +245,8 @@ def render_report(report: MistakeReport) -> str:
     if report.edit is not None:
         version = report.edit.version
         parts.append(
-            f"<h2>Suggested head edit</h2><p>Retrain the head ({escape(version.method)}) so that <em>{escape(version.class_name)}</em> relies less on "
-            f"neurons {', '.join(map(str, version.neurons))}. Stored as head version <b>{escape(version.version_id)}</b> "
+            f"<h2>Suggested head edit</h2><p>Retrain the head ({escape(version.method)}) to shrink the effect of neurons "
+            f"{', '.join(map(str, version.neurons))} on the decision for <em>{escape(version.class_name)}</em>. Stored as head version <b>{escape(version.version_id)}</b> "
             f"(from {escape(version.parent_version_id)}); not served until promoted: <code>explaind head-versions promote {escape(version.version_id)}</code>, "
             f"or, if you do not want it, <code>explaind head-versions delete {escape(version.version_id)}</code>.</p>"
         )
