@@ -28,13 +28,13 @@ def table(html: str) -> dict[str, list[str]]:
 
 
 def test_worst_rows_compare_each_versions_worst_and_name_both():
-    before = evaluation({"circle": 0.825, "heart": 0.175}, {"heart|grass": 0.0, "circle|water": 0.125})
-    after = evaluation({"circle": 0.800, "heart": 0.850}, {"heart|grass": 0.889, "circle|water": 0.0})
+    before = evaluation({"circle": 0.825, "heart": 0.175}, {"heart/grass": 0.0, "circle/water": 0.125})
+    after = evaluation({"circle": 0.800, "heart": 0.850}, {"heart/grass": 0.889, "circle/water": 0.0})
     rows = table(_evaluation_rows(before, after))
     assert rows["worst class (heart → circle)"] == ["0.175", "0.800", "0.625"]
-    assert rows["worst group (heart|grass → circle|water)"] == ["0.000", "0.000", "0.000"]
-    assert rows["group heart|grass"] == ["0.000", "0.889", "0.889"]
-    assert rows["group circle|water"] == ["0.125", "0.000", "-0.125"]
+    assert rows["worst group (heart/grass → circle/water)"] == ["0.000", "0.000", "0.000"]
+    assert rows["group heart/grass"] == ["0.000", "0.889", "0.889"]
+    assert rows["group circle/water"] == ["0.125", "0.000", "-0.125"]
     assert rows["class heart"] == ["0.175", "0.850", "0.675"]
 
 

@@ -30,7 +30,7 @@ def format_classifier_table(reports: dict[str, GroupReport], per_group: bool = T
         lines.append(f"{name:<28}{report.accuracy:>10.3f}{group:>26}{worst:>8.3f}{gap:>11.1f}")
     if per_group:
         for name, report in reports.items():
-            lines.append(f"\n{name}: accuracy per group (class|{get_scenario(name).group_attribute})")
+            lines.append(f"\n{name}: accuracy per group (class/{get_scenario(name).group_attribute})")
             items = sorted(report.group_accuracy.items())
             for start in range(0, len(items), 5):
                 lines.append("  " + "  ".join(f"{g:<18}{a:.2f}" for g, a in items[start : start + 5]))

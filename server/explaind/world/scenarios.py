@@ -147,9 +147,9 @@ class WorldBatch:
     specs: list[SceneSpec]
 
     def groups(self, attribute: str) -> np.ndarray:
-        """Group names ``"<class>|<value>"`` per sample, (N,)."""
+        """Group names ``"<class>/<value>"`` per sample, (N,): as the service names groups."""
         classes = np.array(SHAPES)[self.labels.numpy()]
-        return np.char.add(np.char.add(classes.astype(str), "|"), self.attributes[attribute].astype(str))
+        return np.char.add(np.char.add(classes.astype(str), "/"), self.attributes[attribute].astype(str))
 
 
 class WorldDataset(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ from .scenarios import WorldBatch, get_scenario
 
 @dataclass
 class GroupReport:
-    """Accuracy on a split: overall, per group ("<class>|<value>") and the worst group."""
+    """Accuracy on a split: overall, per group ("<class>/<value>") and the worst group."""
 
     accuracy: float
     group_accuracy: dict[str, float]
