@@ -418,6 +418,8 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert ranking["neurons"][0]["rank_ratio"] == expected.neurons[0].rank_ratio and ranking["class_name"] == "heart"
     line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "circle"])
     assert "class_name: sample set 'all-hearts' has no sample of class 'circle'" in line
+    line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "-1"])
+    assert "class_index: -1 is not a class index in [0, 6)" in line  # was "unknown class '-1'"
 
 
 def _artifact_reads(server) -> float:

@@ -106,6 +106,7 @@ def test_epoch_callback_reports_progress_and_stops(world):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"method": "prune"}, "method"), ({"neurons": []}, "neurons"), ({"neurons": [99]}, "neurons"),
+     ({"neurons": [1, 0, 1]}, "neurons lists neuron 1 twice"),  # as the service refuses it; it was silently merged
      ({"target_class": 5}, "target_class"), ({"selection": "best"}, "selection"), ({"target_ratio": "max"}, "target_ratio"),
      ({"validation_features": torch.zeros(4, 3)}, "validation_features")],
 )

@@ -71,8 +71,9 @@ def _existing_file(path: str) -> str:
 
 
 def _class_ref(value: str) -> str | int:
-    """argparse type: a class index (digits) or name."""
-    return int(value) if value.isdigit() else value
+    """argparse type: a class index (digits; a negative one is the server's to refuse as
+    an index, not as an unknown name) or a name."""
+    return int(value) if value.removeprefix("-").isdigit() else value
 
 
 def _non_negative_int(value: str) -> int:

@@ -207,7 +207,11 @@ class HeadEditor:
             if evaluation_groups is not None and len(evaluation_groups) != len(evaluation_features):
                 raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)}), got {len(evaluation_groups)}")
         target_class = index(target_class, "target_class", num_classes)
-        neuron_ids = torch.tensor(sorted(set(indices(neurons, "neurons", dim))), device=device)
+        listed = indices(neurons, "neurons", dim)
+        if len(set(listed)) < len(listed):  # as the service refuses it: a caller may have meant another neuron
+            twice = next(n for i, n in enumerate(listed) if n in listed[:i])
+            raise ValueError(f"neurons lists neuron {twice} twice")
+        neuron_ids = torch.tensor(sorted(listed), device=device)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if selection not in SELECTIONS:
