@@ -1255,6 +1255,47 @@ def test_the_files_of_a_write_that_failed_go_at_the_next_sweep(tmp_path):
         store.get_blob(_digest(b"new image"))
 
 
+def test_until_the_stored_head_is_restored_predict_and_evaluate_wait_and_the_start_up_sweep_spares_running_jobs(tmp_path, classifier_dir, world_images):
+    # Between loading the model file and restoring the promoted head version, Predict
+    # answered with the file's head; and the start-up sweep, which assumed no job ran
+    # yet, deleted the images of a set an accepted evaluation was about to read.
+    import grpc
+
+    from explaind.client import Client
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path))
+    server = ExplaindServer(config)
+    port = server.start()
+    try:
+        server.engine.load()
+        with Client(f"127.0.0.1:{port}", timeout=30, retry=False) as client:
+            for call in (lambda: client.predict(world_images[0][:1].numpy()), lambda: client.evaluate_sample_set("any")):
+                with pytest.raises(Exception) as refused:
+                    call()
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "models are still loading" in refused.value.details
+            server.neuroinspect.restore()
+            assert len(client.predict(world_images[0][:1].numpy())) == 1
+            client.create_sample_set(world_images[0][:8].numpy(), world_images[1][:8].numpy(), sample_set_id="deleted-soon")
+            reading, swept = threading.Event(), threading.Event()
+            load = server.engine.load_sample_image
+
+            def load_after_the_sweep(digest, version=None):  # the job has read the set's records, not yet its images
+                reading.set()
+                swept.wait(30)
+                return load(digest, version)
+
+            server.engine.load_sample_image = load_after_the_sweep
+            evaluation = client.evaluate_sample_set("deleted-soon")
+            assert reading.wait(30)
+            client.delete_sample_set("deleted-soon")
+            server._sweep_once(everything=True)
+            swept.set()
+            assert evaluation.wait(timeout=60).state == "succeeded", evaluation.error
+    finally:
+        server.stop(0)
+
+
 def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path, monkeypatch):
     store = SQLiteStore(tmp_path)
     synced = []
@@ -1314,10 +1355,25 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     scratch = store.blob_dir / "ab" / f"{'ab' * 32}.99999999.1.tmp"
     scratch.parent.mkdir(exist_ok=True)
     scratch.write_bytes(b"half")
+    # An earlier server's, though it had this pid: in a container every server is pid 1.
+    (scratch.parent / f"{'ab' * 32}.{os.getpid()}.1.tmp").write_bytes(b"half")
     store.put_features("v", {_digest(b"only-old"): np.ones(2, np.float32)})  # cached by a job after the sweep
     assert store.delete_unused_blobs() == 0
     assert store.delete_unused_blobs(everything=True) == 1 and _blob_files(store) == {artifact}
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
+
+
+def test_a_blob_write_that_fails_leaves_no_scratch_file(tmp_path, monkeypatch):
+    # A full disk left half-written scratch files, which only a restart under another pid removed.
+    store = SQLiteStore(tmp_path)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"), store.writing_blobs() as put:
+        put(b"image")
+    assert not list(store.blob_dir.rglob("*.tmp")) and not list(store.blob_dir.rglob(_digest(b"image")))
 
 
 def test_a_sweep_keeps_what_lost_its_reference_after_before(tmp_path):

@@ -686,6 +686,29 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_pa
         _shut(engine)
 
 
+def test_a_promoted_head_whose_stored_weights_are_corrupt_is_not_served_and_start_up_goes_on(tmp_path, caplog):
+    # A truncated weights file stopped every start with a safetensors error (a missing one did not).
+    from explaind.errors import DataLoss
+
+    engine, inspect = _in_process(tmp_path)
+    version = engine.models.active
+    edited = inspect._add_head_version(version, torch.nn.Linear(version.feature_dim, len(version.class_names)), "v0",
+                                       {"method": "probability_ratio"})
+    inspect.promote_head_version(edited.version_id)
+    weights = engine.store._blob_path(edited.weights_digest)
+    _shut(engine)
+    weights.write_bytes(weights.read_bytes()[:100])
+    engine, inspect = _in_process(tmp_path)
+    try:
+        assert inspect.active_head_version().version_id == "v0"
+        assert "the stored weights of head version 'v1' cannot be read" in caplog.text
+        with pytest.raises(DataLoss, match="roll back or delete it") as refused:
+            inspect.promote_head_version("v1")
+        assert refused.value.field == "version_id"
+    finally:
+        _shut(engine)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 ARTIFACTS = Path(os.environ.get("EXPLAIND_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "var" / "test-artifacts"))
 

@@ -52,6 +52,12 @@ class DeadlineExceeded(ExplaindError):
     code = "DEADLINE_EXCEEDED"
 
 
+class DataLoss(ExplaindError):
+    """Stored data that cannot be read back (a truncated or corrupt file)."""
+
+    code = "DATA_LOSS"
+
+
 class ModelLoadError(ExplaindError):
     """A model that could not be loaded; the message names the file."""
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -30,7 +31,7 @@ from google.protobuf import timestamp_pb2
 
 from explaind.v1 import common_pb2, neuroinspect_pb2
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged
@@ -133,6 +134,11 @@ class NeuroInspectEngine:
         # never depends on its stored copy (the others are read from the store when served).
         self._file_head: tuple[tuple[str, str], nn.Linear] | None = None
         self._restored = threading.Event()  # set by restore(): until then the served head may still change
+
+    @property
+    def restored(self) -> bool:
+        """Whether :meth:`restore` has run: the served head is the one to serve."""
+        return self._restored.is_set()
 
     # Helpers -------------------------------------------------------------------------
 
@@ -594,7 +600,7 @@ class NeuroInspectEngine:
         elif active_id != loaded.version_id:
             try:
                 self._activate(store.get_head_version(version.feature_version, active_id))
-            except (FailedPrecondition, NotFound) as error:  # a NaN head promoted before promotions were checked; a lost record
+            except (FailedPrecondition, NotFound, DataLoss) as error:  # a NaN head promoted before promotions were checked; a lost or corrupt file
                 log.warning("%s; serving the loaded head %s instead", error, loaded.version_id)
                 store.set_active_head_version(version.feature_version, loaded.version_id)
 
@@ -621,7 +627,12 @@ class NeuroInspectEngine:
         every version's kept 8 MB of GPU memory per edit of a 1000-class, D = 2048 head)."""
         if self._file_head is not None and self._file_head[0] == (record.feature_version, record.version_id):
             return self._file_head[1]
-        return _head_from_bytes(self._engine.store.get_blob(record.weights_digest)).to(self._engine.device).eval()
+        try:
+            head = _head_from_bytes(self._engine.store.get_blob(record.weights_digest))
+        except (SafetensorError, KeyError, RuntimeError) as error:  # not safetensors; no weight or bias; shapes that disagree
+            raise DataLoss(f"the stored weights of head version {record.version_id!r} cannot be read ({type(error).__name__}: "
+                           f"{error}); roll back or delete it", field="version_id") from None
+        return head.to(self._engine.device).eval()
 
     def _activate(self, record: HeadVersionRecord) -> None:
         """Serve ``record``'s head: the new version object is complete before the one swap.

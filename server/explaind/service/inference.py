@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 
 import grpc
@@ -9,17 +10,26 @@ import torch
 from explaind.v1 import inference_pb2, inference_pb2_grpc
 
 from ..engine import Engine
-from ..errors import Cancelled, DeadlineExceeded, InvalidArgument
+from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from ..imaging import MAX_IMAGE_SIDE, PixelBudget
 from . import convert
 from .sample_sets import required_set_id
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, serving: Callable[[], bool]) -> None:
+        """``serving``: whether the served head is final. At start-up the model file's head
+        is loaded before the stored active head version replaces it; until then Predict and
+        EvaluateSampleSet are UNAVAILABLE, so no answer comes from a head about to go."""
         self._engine = engine
+        self._serving = serving
+
+    def _require_serving(self) -> None:
+        if not self._serving():
+            raise Unavailable("models are still loading; retry when health reports SERVING")
 
     def Predict(self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext) -> inference_pb2.PredictResponse:
+        self._require_serving()
         limit = self._engine.config.batching.max_images_per_request
         if not request.images:
             raise InvalidArgument("at least one image is required", field="images")
@@ -79,5 +89,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     def EvaluateSampleSet(self, request: inference_pb2.EvaluateSampleSetRequest, context: grpc.ServicerContext) -> inference_pb2.EvaluateSampleSetResponse:
+        self._require_serving()
         snapshot = self._engine.evaluate_sample_set(required_set_id(request), batch_size=request.batch_size, max_grid_images=request.max_grid_images)
         return inference_pb2.EvaluateSampleSetResponse(operation=convert.operation(snapshot))

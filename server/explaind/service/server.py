@@ -107,7 +107,7 @@ class ExplaindServer:
         held_calls = HeldCalls(max(1, settings.max_workers // 2))
         interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls)
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine, serving=lambda: self.neuroinspect.restored), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes, held_calls=held_calls), server)
         neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(NeuroInspectServicer(self.neuroinspect), server)
@@ -163,9 +163,10 @@ class ExplaindServer:
     def _sweep_once(self, *, everything: bool = False) -> None:
         """Delete the operations past ``[jobs].retention_days``, then the files nothing uses
         any more: only those that lost their last reference before the oldest unfinished
-        job was submitted (it may still read a set deleted since), or, ``everything`` (at
-        start-up, no job running yet), every file on disk nothing uses. A step that fails
-        is logged and retried at the next sweep; the other still runs."""
+        job was submitted (it may still read a set deleted since). ``everything`` (at
+        start-up) also takes every file on disk nothing references, as having lost it
+        then; jobs may already run (calls are served while models load). A step that
+        fails is logged and retried at the next sweep; the other still runs."""
         try:
             if retention_days := self.config.jobs.retention_days:
                 if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400):
@@ -173,7 +174,7 @@ class ExplaindServer:
         except Exception:  # noqa: BLE001 - serving goes on
             log.exception("deleting operations past their retention failed")
         try:
-            before = None if everything else self.engine.jobs.oldest_unfinished_create_time() or time.time()
+            before = self.engine.jobs.oldest_unfinished_create_time() or time.time()
             if removed := self.store.delete_unused_blobs(before=before, everything=everything):
                 self.metrics.stored_files_deleted.inc(removed)
                 log.info("deleted %d stored file(s) nothing uses any more", removed)

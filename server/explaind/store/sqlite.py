@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -96,6 +97,9 @@ class SQLiteStore:
             raise StoreOpenError(f"cannot use the data dir {self.data_dir}: {error.strerror}; the server must be able to write there") from None
         self._lock = threading.RLock()  # re-entered: blob deletion runs a transaction under it
         self._writing: Counter[str] = Counter()  # digests written but maybe not yet referenced (writing_blobs)
+        # Names this store's scratch files, so start-up removes only those of earlier ones.
+        # Not the pid: in a container every server is pid 1.
+        self._scratch_tag = uuid.uuid4().hex[:12]
         self._dir_lock = self._lock_data_dir()
         path = self.data_dir / "explaind.sqlite3"
         try:
@@ -192,13 +196,17 @@ class SQLiteStore:
     def _write_blob(self, digest: str, data: bytes) -> None:
         path = self._blob_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary = path.with_name(f"{digest}.{self._scratch_tag}.{threading.get_ident()}.tmp")
         # Durable before the database can point at it: data, then the rename, on disk.
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:  # a full disk, say: leave no half file behind
+            temporary.unlink(missing_ok=True)
+            raise
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -236,7 +244,7 @@ class SQLiteStore:
         for directory in (path for path in self.blob_dir.iterdir() if path.is_dir()):
             names = [path.name for path in directory.iterdir()]
             for name in names:
-                if name.endswith(".tmp") and name.split(".")[1] != str(os.getpid()):
+                if name.endswith(".tmp") and name.split(".")[1] != self._scratch_tag:
                     (directory / name).unlink(missing_ok=True)
             digests = [name for name in names if len(name) == 64]
             with self._transaction() as db:
