@@ -1363,17 +1363,31 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
-def test_a_blob_write_that_fails_leaves_no_scratch_file(tmp_path, monkeypatch):
-    # A full disk left half-written scratch files, which only a restart under another pid removed.
+def test_a_full_data_dir_is_resource_exhausted_and_a_failed_blob_write_leaves_no_scratch_file(tmp_path, monkeypatch):
+    # A full disk was INTERNAL on every write call, and left half-written scratch files,
+    # which only a restart under another pid removed.
     store = SQLiteStore(tmp_path)
-
-    def disk_full(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space left"), store.writing_blobs() as put:
-        put(b"image")
+    full = f"the server's data dir {tmp_path} is full"
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        with pytest.raises(ResourceExhausted, match=re.escape(f"{full} (No space left on device)")), store.writing_blobs() as put:
+            put(b"image")
     assert not list(store.blob_dir.rglob("*.tmp")) and not list(store.blob_dir.rglob(_digest(b"image")))
+    # The database full: SQLite's own SQLITE_FULL, here from a page limit.
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(ResourceExhausted, match=re.escape(f"{full} (database or disk is full)")), store.writing_blobs() as put:
+        store.create_sample_set("s", "x" * 100_000, _samples(put, b"image"))
+
+
+def test_the_data_dir_s_free_space_is_read_at_each_scrape(tmp_path):
+    import shutil
+
+    metrics = Metrics()
+    metrics.watch_data_dir(tmp_path)
+    usage = shutil.disk_usage(tmp_path)
+    assert metrics.registry.get_sample_value("explaind_data_dir_size_bytes") == usage.total
+    assert abs(metrics.registry.get_sample_value("explaind_data_dir_free_bytes") - usage.free) < 64 << 20  # others write meanwhile
 
 
 def test_a_sweep_keeps_what_lost_its_reference_after_before(tmp_path):

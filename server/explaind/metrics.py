@@ -7,6 +7,9 @@ kind and outcome; never sample, neuron or operation ids).
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 # RPCs range from sub-millisecond Predict calls to hour-long synchronous waits.
@@ -56,6 +59,14 @@ class Metrics:
         )
         self.model_info = Info("explaind_model", "The served classifier.", registry=r)
         self.component_loaded = Gauge("explaind_component_loaded", "1 when the model component is loaded.", ("component",), registry=r)
+        # Read at each scrape: a full data dir refuses every write (RESOURCE_EXHAUSTED),
+        # and the image has no node exporter to warn of it first.
+        self.data_dir_free = Gauge("explaind_data_dir_free_bytes", "Free space on the data dir's file system.", registry=r)
+        self.data_dir_size = Gauge("explaind_data_dir_size_bytes", "Size of the data dir's file system.", registry=r)
+
+    def watch_data_dir(self, path: Path) -> None:
+        self.data_dir_free.set_function(lambda: shutil.disk_usage(path).free)
+        self.data_dir_size.set_function(lambda: shutil.disk_usage(path).total)
 
     def serve_http(self, host: str, port: int) -> tuple[object, int]:
         """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns (server, port)."""

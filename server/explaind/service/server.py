@@ -71,6 +71,7 @@ class ExplaindServer:
         self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
         self.metrics = Metrics()
         self.store = SQLiteStore(config.server.data_dir)
+        self.metrics.watch_data_dir(self.store.data_dir)
         self.engine = Engine(config, self.store, self.metrics)
         self.neuroinspect = NeuroInspectEngine(self.engine)
         self.health = health.HealthServicer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,7 +22,7 @@ from typing import IO
 
 import numpy as np
 
-from ..errors import AlreadyExists, FailedPrecondition, NotFound
+from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from .base import EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
 
 _SCHEMA = """
@@ -144,9 +145,11 @@ class SQLiteStore:
             try:
                 yield self._db
                 self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as error:
                 if self._db.in_transaction:  # a failed COMMIT may leave it open; the next BEGIN would fail
                     self._db.execute("ROLLBACK")
+                if isinstance(error, sqlite3.Error) and error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    raise self._full(str(error)) from None
                 raise
 
     def close(self) -> None:
@@ -185,7 +188,7 @@ class SQLiteStore:
             try:
                 with self._transaction() as db:
                     db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, ?)", [(digest, time.time()) for digest in set(written)])
-            except sqlite3.Error as error:  # the caller's error matters more; a restart's sweep finds the files
+            except (sqlite3.Error, ResourceExhausted) as error:  # the caller's error matters more; a restart's sweep finds the files
                 log.warning("cannot mark %d blob(s) of a failed write for deletion: %s", len(written), error)
             raise
         finally:
@@ -204,14 +207,20 @@ class SQLiteStore:
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
-        except BaseException:  # a full disk, say: leave no half file behind
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except BaseException as error:  # a full disk, say: leave no half file behind
             temporary.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(error.strerror) from None
             raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+
+    def _full(self, detail: str) -> ResourceExhausted:
+        """A write refused for want of space: the caller's answer, the operator's cue."""
+        return ResourceExhausted(f"the server's data dir {self.data_dir} is full ({detail}); the operator must free space there")
 
     def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False) -> int:
         """Remove the blob files, and their cached features, that lost their last
