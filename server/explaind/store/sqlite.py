@@ -148,7 +148,7 @@ class SQLiteStore:
             except BaseException as error:
                 if self._db.in_transaction:  # a failed COMMIT may leave it open; the next BEGIN would fail
                     self._db.execute("ROLLBACK")
-                if isinstance(error, sqlite3.Error) and error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:  # raised by SQLite, not constructed
                     raise self._full(str(error)) from None
                 raise
 
