@@ -12,7 +12,7 @@ from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concep
 from explaind.methods.neuroinspect._fourier import random_affine
 from explaind.methods.neuroinspect._illusion import activation_masks
 from explaind.world.assets import classifier_dir, clip_dir
-from explaind.world.clip import ZERO_SHOT_TEMPLATE
+from explaind.world.illusion_check import attribute_similarity
 from explaind.world.scenarios import WorldBatch
 
 from conftest import TINY_VIT_KWARGS
@@ -181,13 +181,6 @@ def shipped_illusion(scenario: str) -> tuple[ClipIllusion, torch.Tensor, WorldBa
     probe = probe_batch(600, seed=1)
     features = FeatureExtractor(classifier, feature_layer="layer3").features(probe.images)
     return ClipIllusion(classifier, "layer3", clip_model, tokenizer), features, probe
-
-
-def attribute_similarity(illusion: ClipIllusion, images: torch.Tensor, words: list[str]) -> torch.Tensor:
-    """CLIP cosine (B,) of each image to its attribute's prompt "a photo of a {word}"."""
-    prompts = torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(word)]) for word in words])
-    with torch.no_grad():
-        return illusion.clip_similarity(images, prompts)
 
 
 @pytest.fixture(scope="module")

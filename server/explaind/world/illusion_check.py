@@ -23,6 +23,17 @@ from .scenarios import WorldBatch
 Conditioning = Literal["top-class", "own-shape"]
 
 
+def attribute_prompts(illusion: ClipIllusion, words: list[str]) -> torch.Tensor:
+    """CLIP text embeddings (B, E) of "a photo of a {word}", one per image to score."""
+    return torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(word)]) for word in words])
+
+
+def attribute_similarity(illusion: ClipIllusion, images: torch.Tensor, words: list[str]) -> torch.Tensor:
+    """CLIP cosine (B,) of each image (B, 3, H, W) to its attribute's prompt."""
+    with torch.no_grad():
+        return illusion.clip_similarity(images, attribute_prompts(illusion, words))
+
+
 @dataclass(frozen=True)
 class NeuronComparison:
     """One neuron with a known attribute, visualised both ways. Similarities are CLIP
@@ -77,7 +88,7 @@ def compare_on_known_attributes(
              for attribute, value, neuron in rows]
     ours = illusion.visualize(pairs, steps=steps, method="clip_illusion", epsilon=epsilon, seed=seed)
     baseline = illusion.visualize(pairs, steps=steps, method="feature_visualization", seed=seed)
-    prompts = torch.stack([illusion.text_embedding([ZERO_SHOT_TEMPLATE.format(CAPTION_WORDS[a][v])]) for a, v, _ in rows])
+    prompts = attribute_prompts(illusion, [CAPTION_WORDS[a][v] for a, v, _ in rows])
     with torch.no_grad():
         similarity = {(run, masked): illusion.clip_similarity(result.masked_images if masked else result.images, prompts)
                       for run, result in (("ours", ours), ("baseline", baseline)) for masked in (False, True)}
