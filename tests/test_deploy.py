@@ -225,7 +225,13 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert set(default) == {"Service", "HeadlessService", "StatefulSet"}  # no config: the image serves the shapes world
     pod = default["StatefulSet"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["args"] == ["--device", "cuda"] and container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container["args"] == ["--device", "cuda"] and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Bounded memory (a leak restarts the pod, not the node), requested as much as it may use.
+    assert {"memory"} <= container["resources"]["requests"].keys() and {"memory"} <= container["resources"]["limits"].keys()
+    # Not root: the image's user, with the data volume made writable to its group.
+    user = re.search(r"^USER (\d+):(\d+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
+    assert pod["spec"]["securityContext"].items() >= {"runAsNonRoot": True, "runAsUser": int(user[1]), "runAsGroup": int(user[2]), "fsGroup": int(user[2])}.items()
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     assert serve_arguments(container).device == "cuda"
     assert container["readinessProbe"]["grpc"]["port"] == {port["name"]: port["containerPort"] for port in container["ports"]}["grpc"]
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
@@ -240,12 +246,16 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert default["StatefulSet"]["spec"]["serviceName"] == default["HeadlessService"]["metadata"]["name"]
 
     config = '[runtime]\ndevice = "cpu"\n\n[jobs]\nretention_days = 7\n'
-    cpu = rendered(chart_renderer, device="cpu", config=config, resources={"limits": None}, startupSeconds=125)
+    cpu = rendered(chart_renderer, device="cpu", config=config, resources={"limits": {"nvidia.com/gpu": None}}, startupSeconds=125)
     assert cpu["ConfigMap"]["data"]["explaind.toml"] == config  # the TOML arrives as written
+    # Another config is another pod template, so an upgrade restarts the server on it.
+    checksums = {release["StatefulSet"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+                 for release in (default, cpu, rendered(chart_renderer, device="cpu", config=config + "\n[server]\nmax_workers = 8\n"))}
+    assert len(checksums) == 3
     container = cpu["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["--device", "cpu", "--config", "/etc/explaind/explaind.toml"]
     assert serve_arguments(container).config == "/etc/explaind/explaind.toml"
-    assert not container["resources"] and container["startupProbe"]["failureThreshold"] == 12
+    assert "nvidia.com/gpu" not in container["resources"]["limits"] and container["startupProbe"]["failureThreshold"] == 12
     volume = cpu["StatefulSet"]["spec"]["template"]["spec"]["volumes"][0]
     assert volume["configMap"]["name"] == cpu["ConfigMap"]["metadata"]["name"]
     assert {"name": volume["name"], "mountPath": "/etc/explaind"} in container["volumeMounts"]
