@@ -725,6 +725,10 @@ def test_metrics_count_calls_exactly(server, client, world_images):
     assert re.search(r'explaind_rpc_duration_seconds_bucket\{code="OK",le="14400.0",method="Predict",service="explaind.v1.InferenceService"\}', text)
     for family in ("explaind_batch_size_images_bucket", "explaind_predict_queue_depth_images", "explaind_rpcs_in_flight", "explaind_model_info", "explaind_jobs_queued"):
         assert family in text
+    # The process's own series: the server's registry had none, so no memory or restart alert.
+    resident = re.search(r"^process_resident_memory_bytes (\S+)$", text, re.MULTILINE)
+    assert resident and float(resident[1]) > 100 * 2**20  # torch and the models are loaded
+    assert re.search(r"^process_start_time_seconds \S+$", text, re.MULTILINE) and "python_gc_collections_total" in text
 
 
 def test_cli_predict_and_info(server, tmp_path, world_images, capsys):

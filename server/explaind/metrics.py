@@ -10,11 +10,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector, ProcessCollector, start_http_server
 
 # RPCs range from sub-millisecond Predict calls to hour-long synchronous waits.
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600)
+# A job on an idle server starts within a millisecond; behind others, after their hours.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -22,6 +24,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process's own series (process_resident_memory_bytes, process_cpu_seconds_total,
+        # process_start_time_seconds, ...): an operator's first look at a leak or a restart.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.rpc_duration = Histogram(
             "explaind_rpc_duration_seconds", "Server-side RPC latency.", ("service", "method", "code"), buckets=RPC_BUCKETS, registry=r
         )
@@ -42,11 +49,11 @@ class Metrics:
         )
         # Observed when a job starts: with job_duration, the whole wait a caller sees.
         self.job_queue_wait = Histogram(
-            "explaind_job_queue_wait_seconds", "Time from a job's submission to its start.", ("kind",), buckets=JOB_BUCKETS, registry=r
+            "explaind_job_queue_wait_seconds", "Time from a job's submission to its start.", ("kind",), buckets=QUEUE_WAIT_BUCKETS, registry=r
         )
         self.jobs_queued = Gauge("explaind_jobs_queued", "Jobs waiting for an executor slot.", registry=r)
         self.jobs_running = Gauge("explaind_jobs_running", "Jobs running.", ("kind",), registry=r)
-        self.batch_size = Histogram("explaind_batch_size_images", "Images per model forward pass.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("explaind_batch_size_images", "Images per forward pass of Predict's batcher (jobs' forwards are not counted).", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("explaind_predict_queue_depth_images", "Images waiting for the model.", registry=r)
         self.predicted_images = Counter("explaind_predicted_images_total", "Images classified by Predict.", registry=r)
         self.feature_cache_hits = Counter("explaind_feature_cache_hits_total", "Sample features served from the cache.", registry=r)
