@@ -215,6 +215,16 @@ def test_serve_refuses_a_token_and_a_token_file_together(capsys, tmp_path):
     assert "--token-file: set one of [server].token and [server].token_file, not both" in line
 
 
+@pytest.mark.parametrize("value", ['["hunter2-secret"]', "123456789"])
+def test_a_mistyped_token_is_refused_without_quoting_it(capsys, tmp_path, value):
+    # The refusal reaches logs and terminals: it printed the would-be token.
+    config = tmp_path / "explaind.toml"
+    config.write_text(f"[server]\ntoken = {value}\n")
+    line = _error(capsys, ["serve", "--config", str(config)])
+    assert "[server].token must be a str, got a value not shown" in line
+    assert "hunter2" not in line and "123456789" not in line
+
+
 def test_serve_log_format_is_text_or_json(capsys):
     assert "argument --log-format: invalid choice: 'xml'" in _usage_error(capsys, ["serve", "--log-format", "xml"])
 

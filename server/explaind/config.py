@@ -274,6 +274,10 @@ def load_config(path: str | Path | None = None) -> Config:
     return config
 
 
+# Keys whose value a refusal must not quote: it reaches logs and terminals.
+_SECRET_KEYS = frozenset({"token"})
+
+
 def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: [{name}] must be a table")
@@ -287,21 +291,22 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
         if expected is None:  # an optional key, unset by default: typed by its annotation
             expected = _OPTIONAL_TYPE_EXAMPLES[fields[key].type]
         where = f"{path}: [{name}].{key}"
+        shown = "a value not shown (a secret's)" if key in _SECRET_KEYS else repr(value)
         if isinstance(expected, bool) or isinstance(expected, str):
             if not isinstance(value, type(expected)):
-                raise ConfigError(f"{where} must be a {type(expected).__name__}, got {value!r}")
+                raise ConfigError(f"{where} must be a {type(expected).__name__}, got {shown}")
         elif isinstance(expected, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{where} must be a number, got {value!r}")
+                raise ConfigError(f"{where} must be a number, got {shown}")
             if isinstance(expected, int) and not isinstance(value, int):
-                raise ConfigError(f"{where} must be an integer, got {value!r}")
+                raise ConfigError(f"{where} must be an integer, got {shown}")
             value = type(expected)(value)
         elif isinstance(expected, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where} must be a table, got {value!r}")
+                raise ConfigError(f"{where} must be a table, got {shown}")
         elif isinstance(expected, tuple):
             if not isinstance(value, list):
-                raise ConfigError(f"{where} must be a list, got {value!r}")
+                raise ConfigError(f"{where} must be a list, got {shown}")
             value = tuple(value)
         if key in _PATH_KEYS and value and not Path(value).is_absolute():
             if key not in ("weights", "checkpoint") or not _names_pretrained_weights(value) or (path.parent / value).exists():
