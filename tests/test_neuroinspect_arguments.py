@@ -179,3 +179,150 @@ def test_neuron_auc_takes_a_boolean_mask_not_class_labels():
     expected = neuron_auc(features, labels == 2)
     torch.testing.assert_close(neuron_auc(features, (labels == 2).numpy()), expected)
     torch.testing.assert_close(neuron_auc(features, (labels == 2).to(torch.uint8)), expected)
+
+
+class _MobileNetLike(nn.Module):
+    """A conv layer of 4 channels, then a hidden linear layer of 6 before the head (3
+    classes), as MobileNetV3 has: its conv maps are not what the head reads. (Inputs of
+    9 pixels: 6x6 maps of 4 channels would read as channels-last maps of 6.) ``unused``
+    is defined but never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features, self.hidden, self.classifier = nn.Conv2d(3, 4, 3), nn.Linear(4, 6), nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.hidden(torch.relu(self.features(images)).mean((2, 3)))))
+
+
+def _mobilenet_like() -> nn.Module:
+    return _MobileNetLike().train()
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def test_a_failing_feature_extractor_call_leaves_the_model_as_it_was():
+    # The mode and the hooks were restored in a generator's cleanup, which waits until
+    # the error's traceback is freed: a notebook keeps it, so the model stayed in eval
+    # mode with a hook on it.
+    model = _mobilenet_like()
+    images = torch.rand(2, 3, 9, 9)
+    try:
+        FeatureExtractor(model, "features", head="classifier").feature_maps(images)  # 4 conv channels, the head reads 6
+    except ValueError as error:
+        kept = error  # held, as a notebook holds the last error
+    assert "cannot be read as maps of 6 channels" in str(kept)
+    assert all(module.training for module in model.modules()) and _hooks(model) == 0
+
+
+def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given():
+    model = _mobilenet_like()  # its unused layer gave a bare KeyError 'input'
+    images = torch.rand(2, 3, 9, 9)
+    for feature_layer, head, message in (
+        ("hidden", "hidden", r"head 'hidden' is not the classifier's last operation"),  # explained the wrong decision
+        ("hidden", "unused", r"head 'unused' does not run in the classifier's forward"),
+        ("unused", "classifier", r"feature_layer 'unused' does not run in the classifier's forward"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            FeatureExtractor(model, feature_layer, head=head).features(images)
+        illusion = ClipIllusion(model, feature_layer, head=head, image_size=9, class_names=list("abcdef")[: model.get_submodule(head).out_features])
+        steps = []
+        with pytest.raises(ValueError, match=message):
+            illusion.visualize([(0, 0)], method="no_clip", steps=3, callback_on_step_end=lambda step, *_: steps.append(step))
+        assert steps == []  # refused before the first step, not after the last
+    assert _hooks(model) == 0 and all(module.training for module in model.modules())
+    # Channels that do not match the head are also found before the steps.
+    with pytest.raises(ValueError, match=r"feature_layer 'features': the feature layer's output .* cannot be read as maps of 6 channels"):
+        ClipIllusion(model, "features", head="classifier", image_size=9, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
+    with pytest.raises(ValueError, match=r"the classifier fails on a 2x2 image \(image_size\)"):
+        ClipIllusion(model, "features", head="classifier", image_size=2, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
+    assert FeatureExtractor(model, "hidden", head="classifier").features(images).shape == (2, 6)
+
+
+def test_clip_illusion_runs_a_float64_model_and_explains_inference_mode():
+    model = _mobilenet_like().double()
+    illusion = ClipIllusion(model, "hidden", head="classifier", image_size=9, class_names=list("abc"))
+    result = illusion.visualize([(1, 2), (3, None)], method="no_clip", steps=2)
+    assert result.activations.dtype == torch.float64 and torch.isfinite(result.activations).all()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside inference mode"):
+        illusion.visualize([(1, 2)], method="no_clip", steps=2)
+
+
+def test_the_proximal_solver_runs_on_a_half_precision_head(head):
+    # linalg.matrix_norm has no float16 or bfloat16 kernel.
+    features, labels = _data()
+    expected = MistakeNeuronRanker(head).rank(features, labels, solver="proximal")
+    for dtype in (torch.float16, torch.bfloat16):
+        ranking = MistakeNeuronRanker(nn.Linear(DIM, CLASSES).to(dtype).requires_grad_(False)).rank(features, labels, solver="proximal")
+        assert ranking.num_mistakes > 0
+    half = nn.Linear(DIM, CLASSES)
+    half.load_state_dict(head.state_dict())
+    ranking = MistakeNeuronRanker(half.to(torch.bfloat16)).rank(features, labels, solver="proximal")
+    assert len(set(ranking.neuron_ids) & set(expected.neuron_ids)) >= len(expected.neuron_ids) // 2
+
+
+def test_a_head_edit_as_a_module_keeps_the_dtype_and_draws_no_random_numbers(head):
+    features, labels = _data()
+    edit = HeadEditor(head.double()).edit(features, labels, target_class=1, neurons=[2], validation_features=features,
+                                          validation_labels=labels, max_epochs=1)
+    state = torch.get_rng_state()
+    linear = edit.as_linear()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert linear.weight.dtype == torch.float64 and torch.equal(linear.weight, edit.weight) and torch.equal(linear.bias, edit.bias)
+
+
+def test_a_flat_activation_map_dims_nothing():
+    from explaind.methods.neuroinspect import activation_masks
+
+    # Upsampling rounded a constant map into one varying in its last bits, and the
+    # threshold split it: a 1x1 map (a feature layer of vectors) dimmed 2 % of the image.
+    for value, side in ((0.3, 1), (1.7, 2), (0.0, 3)):
+        assert activation_masks(torch.full((1, side, side), value), (32, 32), 0.5).all()
+    peaked = torch.zeros(1, 4, 4)
+    peaked[0, 1, 1] = 1.0
+    mask = activation_masks(peaked, (32, 32), 0.5)
+    assert 0 < mask.float().mean() < 0.25
+
+
+def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
+    head = nn.Linear(3, 4)
+    features, labels = torch.randn(30, 3, generator=torch.Generator().manual_seed(1)), torch.arange(30) % 4
+    ranking = MistakeNeuronRanker(head).rank(features, labels)
+    assert ranking.neuron_ids == MistakeNeuronRanker(head).rank(features, labels, top_k=3).neuron_ids
+
+
+def test_public_helpers_name_the_argument_they_refuse(head):
+    from explaind.methods.neuroinspect import FaithfulSGD, concept_neurons, neuron_importance, probability_ratio
+
+    features, labels = _data()
+    weight, bias = head.weight.detach(), head.bias.detach()
+    illusion = ClipIllusion(_mobilenet_like(), "hidden", head="classifier", image_size=9, class_names=list("abc"))
+    nan_features = features.clone()
+    nan_features[3, 1] = float("nan")
+    for call, error, message in (
+        (lambda: neuron_importance(weight, bias, features[0], CLASSES), ValueError, r"class_index must lie in \[0, 4\)"),
+        (lambda: neuron_importance(weight, bias, features, 1), ValueError, rf"feature must be \({DIM},\) for this head"),
+        (lambda: probability_ratio(weight, bias, features, 9, torch.tensor([0])), ValueError, r"class_index must lie in \[0, 4\)"),
+        (lambda: illusion.top_classes(6), ValueError, r"neuron must lie in \[0, 6\)"),
+        (lambda: illusion.top_classes(0, k=9), ValueError, r"k must lie in \[1, 3\]"),
+        (lambda: illusion.visualize([(0, 0)], method="no_clip", steps=1, seed=1.5), TypeError, "seed must be an integer"),
+        (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons=[2], validation_features=features,
+                                       validation_labels=labels, seed=None), TypeError, "seed must be an integer"),
+        (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons=2, validation_features=features,
+                                       validation_labels=labels), TypeError, r"neurons must be a sequence of indices"),
+        (lambda: FaithfulSGD().solve(weight, bias, features, labels, max_iterations=-1), ValueError, "max_iterations must be an integer ≥ 1"),
+        (lambda: ProximalGradient().solve(weight, bias, features, labels, l1=-0.1), ValueError, "l1 must be ≥ 0"),
+        (lambda: neuron_auc(nan_features, labels == 1), ValueError, r"features holds NaN or infinite values in 1 rows \(first: row 3\)"),
+        (lambda: neuron_auc(features.numpy(), labels == 1), TypeError, r"features must be a torch.Tensor \(use torch.from_numpy\)"),
+        (lambda: concept_neurons(features.numpy(), {"a": labels == 1}), TypeError, r"features must be a torch.Tensor"),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+    # Neurons as a set or a 1-D tensor are still neuron lists.
+    edits = [HeadEditor(head).edit(features, labels, target_class=1, neurons=neurons, validation_features=features,
+                                   validation_labels=labels, max_epochs=1).neurons for neurons in ({5, 2}, torch.tensor([2, 5]))]
+    assert edits == [(2, 5), (2, 5)]

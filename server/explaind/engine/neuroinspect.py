@@ -70,7 +70,7 @@ class RankSettings:
     l2: float = 0.01
     max_iterations: int = 1000
     cut_ratio: float = 0.03
-    top_k: int = 5
+    top_k: int = 0  # 0: the ranker's default, 5 (D where D < 5)
     include_samples: bool = False
 
 
@@ -205,8 +205,8 @@ class NeuroInspectEngine:
         _finite(settings.cut_ratio, "cut_ratio", high=1.0)
         if not 1 <= settings.max_iterations <= 100_000:
             raise InvalidArgument(f"{settings.max_iterations} is not in [1, 100000] (0 means 1000)", field="max_iterations")
-        if not 1 <= settings.top_k <= version.feature_dim:
-            raise InvalidArgument(f"{settings.top_k} is not in [1, {version.feature_dim}] (0 means 5)", field="top_k")
+        if settings.top_k and not 1 <= settings.top_k <= version.feature_dim:
+            raise InvalidArgument(f"{settings.top_k} is not in [1, {version.feature_dim}] (0 means 5, or D where D < 5)", field="top_k")
 
     @staticmethod
     def _mistakes(version: ClassifierVersion, features: torch.Tensor, labels: torch.Tensor, class_index: int, class_field: str, sample_set_id: str) -> torch.Tensor:
@@ -236,7 +236,7 @@ class NeuroInspectEngine:
 
         ranking = MistakeNeuronRanker(version.head).rank(
             features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
-            max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k,
+            max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
             target_class=class_index, callback_on_step_end=on_step,
         )
         names = version.class_names

@@ -42,7 +42,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             l2=_optional(request, "l2", 0.01),
             max_iterations=request.max_iterations or 1000,
             cut_ratio=_optional(request, "cut_ratio", 0.03),
-            top_k=request.top_k or 5,
+            top_k=request.top_k,
             include_samples=request.include_samples,
         )
         outcome = self._engine.rank_mistake_neurons(

@@ -26,14 +26,18 @@ def _tensor(value: object, name: str) -> torch.Tensor:
     return value
 
 
-def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """(N, dim) finite features with N > 0, on ``like``'s device and dtype."""
+def _matrix(value: object, name: str, dim: int | None) -> torch.Tensor:
+    """(N, D) floating-point, N > 0 (and D = ``dim`` when given), detached."""
     features = _tensor(value, name)
-    if features.ndim != 2 or features.shape[1] != dim or len(features) == 0:
-        raise ValueError(f"{name} must be (N, {dim}) with N > 0 to match the head, got {tuple(features.shape)}")
+    if features.ndim != 2 or len(features) == 0 or (dim is not None and features.shape[1] != dim):
+        expected = "(N, D) with N > 0" if dim is None else f"(N, {dim}) with N > 0 to match the head"
+        raise ValueError(f"{name} must be {expected}, got {tuple(features.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
-    features = features.detach().to(like.device, like.dtype)
+    return features.detach()
+
+
+def _finite(features: torch.Tensor, name: str) -> torch.Tensor:
     # A row sums (in float64, which no sum of float32s overflows) to a finite number only
     # if every element is finite: one pass and an (N,) result, not an (N, D) mask.
     bad = ~torch.isfinite(features.sum(1, dtype=torch.float64))
@@ -41,6 +45,17 @@ def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -
         rows = bad.nonzero().squeeze(1)
         raise ValueError(f"{name} holds NaN or infinite values in {len(rows)} rows (first: row {int(rows[0])})")
     return features
+
+
+def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, dim) finite features with N > 0, on ``like``'s device and dtype (checked finite
+    after the cast: a float64 value too large for float32 becomes infinite there)."""
+    return _finite(_matrix(value, name, dim).to(like.device, like.dtype), name)
+
+
+def feature_matrix(value: object, name: str) -> torch.Tensor:
+    """(N, D) finite floating-point features with N > 0, any D, detached."""
+    return _finite(_matrix(value, name, None), name)
 
 
 def labels_tensor(value: object, name: str, *, count: int, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -82,11 +97,16 @@ def index(value: object, name: str, upper: int) -> int:
     return int(value)
 
 
-def indices(values: Sequence[object], name: str, upper: int) -> list[int]:
-    """A non-empty list of integers in [0, upper), each checked by :func:`index`."""
-    if isinstance(values, (str, bytes)) or len(values) == 0:
+def indices(values: object, name: str, upper: int) -> list[int]:
+    """A non-empty list of integers in [0, upper), each checked by :func:`index`; from a
+    sequence, a set, or a 1-D tensor or array."""
+    if isinstance(values, torch.Tensor | np.ndarray) and values.ndim == 1:
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | set | frozenset):
+        raise TypeError(f"{name} must be a sequence of indices in [0, {upper}), got {values!r} ({type(values).__name__})")
+    if len(values) == 0:
         raise ValueError(f"{name} must be a non-empty sequence of indices in [0, {upper}), got {values!r}")
-    return [index(value, f"{name}[{i}]", upper) for i, value in enumerate(values)]
+    return [index(value, f"{name}[{i}]", upper) for i, value in enumerate(sorted(values) if isinstance(values, set | frozenset) else values)]
 
 
 def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False) -> float:
@@ -104,6 +124,14 @@ def count(value: object, name: str, *, low: int = 1) -> int:
     value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def seed_value(value: object, name: str = "seed") -> int:
+    """An integer seed (any sign); floats and bools are refused, never truncated."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)
 
 

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._checks import labels_tensor
+from ._checks import count, labels_tensor, number
 
 # Progress hook: (step, max_iterations, samples still running) -> True to stop now.
 SolverCallback = Callable[[int, int, int], "bool | None"]
@@ -72,13 +72,17 @@ class _BatchState:
         return CounterfactualSolution(self.omega_out, self.converged, self.iterations, cancelled)
 
 
-def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``features`` in the head's dtype and int64 ``labels``, after checking their shapes."""
+def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
+                    l1: float, l2: float, max_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features`` in the head's dtype and int64 ``labels``, after checking their shapes
+    and the settings (a solver may be called without the ranker's checks)."""
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if features.ndim != 2 or features.shape[1] != weight.shape[1] or not features.is_floating_point():
         raise ValueError(f"features must be floating-point (N, {weight.shape[1]}), got {features.dtype} {tuple(features.shape)}")
+    number(l1, "l1")
+    number(l2, "l2")
+    count(max_iterations, "max_iterations")
     labels = labels_tensor(labels, "labels", count=len(features), num_classes=weight.shape[0], device=weight.device)
     return features.to(weight.device, weight.dtype), labels
 
@@ -110,7 +114,7 @@ class FaithfulSGD:
         callback: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
-        features, labels = _checked_inputs(weight, bias, features, labels)
+        features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
         omega = torch.zeros_like(features)
@@ -163,10 +167,11 @@ class ProximalGradient:
         callback: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
-        features, labels = _checked_inputs(weight, bias, features, labels)
+        features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
-        lipschitz = float(torch.linalg.matrix_norm(weight, ord=2)) ** 2 / 2
+        # At least float32: there is no half-precision matrix norm.
+        lipschitz = float(torch.linalg.matrix_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), ord=2)) ** 2 / 2
         step_size = 1.0 / lipschitz if lipschitz > 0 else 1.0  # an all-zero head: no step moves a prediction
         l1_threshold, l2_threshold = step_size * l1 / dim, step_size * l2 / dim
         omega = torch.zeros_like(features)  # x_k

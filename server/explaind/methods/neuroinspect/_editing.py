@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, index, indices, labelled_features, number
+from ._checks import count, index, indices, labelled_features, number, seed_value
 from ._probability import neuron_importance, probability_ratio
 
 METHODS = ("probability_ratio", "constrain")
@@ -105,7 +105,11 @@ class HeadEdit:
     cancelled: bool = False
 
     def as_linear(self) -> nn.Linear:
-        head = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        """The edited head as a module on the weights' device and dtype, to put in place of
+        the model's head. Built without initialising it first: that would draw from the
+        global random generator a caller may have seeded."""
+        head = nn.utils.skip_init(nn.Linear, self.weight.shape[1], self.weight.shape[0],
+                                  device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             head.weight.copy_(self.weight)
             head.bias.copy_(self.bias)
@@ -220,6 +224,7 @@ class HeadEditor:
         learning_rate = number(learning_rate, "learning_rate", low_open=True)
         weight_decay = number(weight_decay, "weight_decay")
         batch_size, max_epochs, patience = count(batch_size, "batch_size"), count(max_epochs, "max_epochs"), count(patience, "patience")
+        seed = seed_value(seed)
         if method == "constrain":
             if target_ratio is not None:
                 raise ValueError("target_ratio applies to the probability_ratio method only; constrain has no target ratio")
@@ -234,7 +239,7 @@ class HeadEditor:
         weight = weight0.clone().requires_grad_(True)
         bias = bias0.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([weight, bias], lr=learning_rate, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # a negative seed as its two's complement
         history: list[EpochRecord] = []
         best_key, best_state, best_epoch, stale = None, (weight0, bias0), 0, 0
         cancelled = False

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,14 +55,50 @@ def channel_maps(output: torch.Tensor, channels: int) -> torch.Tensor:
                      "(N, C, h, w), (N, h, w, C), tokens (N, T, C) on a square grid, or (N, C)")
 
 
+@dataclass
+class SplitForward:
+    """One forward of a classifier seen through its split: the logits (N, C), the feature
+    layer's output (any layout :func:`channel_maps` reads) and the head's input (N, D)."""
+
+    logits: torch.Tensor
+    layer_output: torch.Tensor
+    head_input: torch.Tensor
+
+
+def split_forward(classifier: nn.Module, images: torch.Tensor, feature_module: nn.Module, head: nn.Linear,
+                  names: tuple[str, str]) -> SplitForward:
+    """Run ``classifier`` on ``images`` (on its device and dtype already) and check the split
+    named ``names`` = (feature_layer, head): both modules run, the head reads one vector
+    per image, and the head's output is the classifier's (the head is its last operation:
+    a hidden linear layer named as the head would explain the wrong decision). ValueError
+    naming the module otherwise."""
+    feature_layer, head_name = names
+    with capture_forward(feature_module) as layer, capture_forward(head) as read:
+        logits = classifier(images)
+    if "output" not in layer:
+        raise ValueError(f"feature_layer {feature_layer!r} does not run in the classifier's forward; name a layer it runs")
+    if "input" not in read:
+        raise ValueError(f"head {head_name!r} does not run in the classifier's forward; name its final nn.Linear")
+    if read["input"].dim() != 2:
+        raise ValueError(f"head {head_name!r} reads inputs of shape {tuple(read['input'].shape[1:])} per image, not one feature vector")
+    last = isinstance(logits, torch.Tensor) and (logits is read["output"] or (
+        logits.shape == read["output"].shape and torch.allclose(logits, read["output"], atol=1e-4, rtol=1e-4)))
+    if not last:
+        raise ValueError(f"head {head_name!r} is not the classifier's last operation (its output is not the classifier's "
+                         "logits); name the final nn.Linear as head")
+    return SplitForward(logits, layer["output"], read["input"])
+
+
 class FeatureExtractor:
     """Splits a classifier into h_b (up to its linear head) and h_t (the head).
 
     ``feature_layer`` and ``head`` are module names (``"layer3"``, ``"fc"`` for the shapes
     world; ``"encoder"``, ``"heads.head"`` for a torchvision ViT). Features are what the
-    head reads: for a CNN the spatial mean of the feature layer's maps, for a ViT its class
-    token. The feature layer's output, in any layout :func:`channel_maps` reads, gives
-    the maps (one per feature) that visualisations mask with.
+    head reads: for a ResNet the spatial mean of the feature layer's maps, for a ViT its
+    class token, for a model with hidden layers before the head (MobileNetV3) the last
+    hidden layer. The feature layer's output, in any layout :func:`channel_maps` reads,
+    gives the maps (one per feature) that visualisations mask with. Every call checks
+    the split (:func:`split_forward`).
     """
 
     def __init__(self, classifier: nn.Module, feature_layer: str, *, head: str = "fc") -> None:
@@ -71,27 +108,27 @@ class FeatureExtractor:
         if not isinstance(head_module, nn.Linear):
             raise TypeError(f"head {head!r} must be an nn.Linear, got {type(head_module).__name__}")
         self.head: nn.Linear = head_module
+        self._names = (feature_layer, head)
 
-    @torch.no_grad()
-    def _captured_chunks(self, images: torch.Tensor, batch_size: int, module: nn.Module, key: str) -> Iterator[torch.Tensor]:
-        """``module``'s ``key`` ("input" or "output") for each chunk of ``batch_size`` images."""
+    def _forward_chunks(self, images: torch.Tensor, batch_size: int, read: Callable[[SplitForward], torch.Tensor]) -> torch.Tensor:
+        """``read`` of each chunk of ``batch_size`` images' forward, concatenated. Not a
+        generator: the model's mode and hooks are restored before an error reaches the
+        caller (a generator's cleanup waits until its traceback is freed)."""
         batch_size = count(batch_size, "batch_size")
         images = images_tensor(images, "images")
         parameter = next(self.classifier.parameters())  # the model's device and input dtype
-        with eval_mode(self.classifier), capture_forward(module) as captured:
+        parts = []
+        with torch.no_grad(), eval_mode(self.classifier):
             for start in range(0, len(images), batch_size):
-                self.classifier(images[start : start + batch_size].to(parameter.device, parameter.dtype))
-                yield captured[key]
+                chunk = images[start : start + batch_size].to(parameter.device, parameter.dtype)
+                parts.append(read(split_forward(self.classifier, chunk, self.feature_module, self.head, self._names)))
+        return torch.cat(parts)
 
     def feature_maps(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
         """Feature-layer maps (N, D, h, w) for images (N, 3, H, W) in [0, 1]."""
-        chunks = self._captured_chunks(images, batch_size, self.feature_module, "output")
-        return torch.cat([channel_maps(output, self.head.in_features) for output in chunks])
+        return self._forward_chunks(images, batch_size, lambda forward: channel_maps(forward.layer_output, self.head.in_features))
 
     def features(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
         """Penultimate features (N, D): the head's input, chunk by chunk (copied: a ViT's
         class token is a view that would keep every token of the chunk)."""
-        features = torch.cat([inputs.contiguous() for inputs in self._captured_chunks(images, batch_size, self.head, "input")])
-        if features.dim() != 2:
-            raise ValueError(f"the head reads inputs of shape {tuple(features.shape[1:])} per image, not one feature vector")
-        return features
+        return self._forward_chunks(images, batch_size, lambda forward: forward.head_input.contiguous())

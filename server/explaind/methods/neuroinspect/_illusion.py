@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, eval_mode, index, number
-from ._features import capture_forward, channel_maps
+from ._checks import count, eval_mode, index, number, seed_value
+from ._features import capture_forward, channel_maps, split_forward
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
@@ -89,7 +89,8 @@ class ClipIllusion:
         self.feature_module = classifier.get_submodule(feature_layer)
         self.head = classifier.get_submodule(head)
         if not isinstance(self.head, nn.Linear):
-            raise TypeError(f"head {head!r} must be an nn.Linear")
+            raise TypeError(f"head {head!r} must be an nn.Linear, got {type(self.head).__name__}")
+        self._names = (feature_layer, head)
         self.class_names = tuple(class_names if class_names is not None else getattr(config, "class_names", ()))
         if len(self.class_names) != self.head.out_features:
             raise ValueError(f"class_names must name all {self.head.out_features} classes")
@@ -102,6 +103,7 @@ class ClipIllusion:
         self.tokenizer = tokenizer
         self.prompt_templates = tuple(prompt_templates)
         self.device = self.head.weight.device
+        self._dtype = self.head.weight.dtype  # the classifier's; the image is optimised in float32
         if clip_model is not None:
             preprocess = getattr(clip_model.visual, "preprocess_cfg", None) or {}
             size = clip_model.visual.image_size
@@ -111,7 +113,12 @@ class ClipIllusion:
         self._class_embeddings: dict[int, torch.Tensor] = {}
 
     def top_classes(self, neuron: int, k: int = 1) -> list[int]:
-        """Classes whose head weight for ``neuron`` is largest: the automatic conditioning."""
+        """The ``k`` classes whose head weight for ``neuron`` is largest, largest first: the
+        automatic conditioning."""
+        num_classes, dim = self.head.weight.shape
+        neuron = index(neuron, "neuron", dim)
+        if not 1 <= count(k, "k") <= num_classes:
+            raise ValueError(f"k must lie in [1, {num_classes}] (the number of classes), got {k}")
         return self.head.weight[:, neuron].topk(k).indices.tolist()
 
     @torch.no_grad()
@@ -132,9 +139,10 @@ class ClipIllusion:
         """Cosine (B,) between images (B, 3, H, W) in [0, 1] and unit text embeddings (B, E)."""
         clip = self._require_clip()
         pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
+        pixels = ((pixels - self._clip_mean) / self._clip_std).to(next(clip.parameters()).dtype)
         with eval_mode(clip):
-            embeddings = F.normalize(clip.encode_image((pixels - self._clip_mean) / self._clip_std), dim=-1)
-        return (embeddings * text_embeddings).sum(-1)
+            embeddings = F.normalize(clip.encode_image(pixels).float(), dim=-1)
+        return (embeddings * text_embeddings.float()).sum(-1)
 
     def visualize(
         self,
@@ -172,7 +180,11 @@ class ClipIllusion:
         Lucid's 1/f; see :class:`FourierImage`). ``callback_on_step_end(step, steps, images)``
         may return True to stop after that step (the result is then marked cancelled).
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("visualize optimises images by gradient descent, which torch.inference_mode() turns off; "
+                               "call it outside inference mode (under torch.no_grad() it works)")
         neurons, classes = self._resolve_pairs(pairs)
+        seed = seed_value(seed)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         steps = count(steps, "steps")
@@ -189,6 +201,7 @@ class ClipIllusion:
             use_clip = method == "clip_illusion"
             if use_clip:
                 self._require_clip()
+            self._check_split()
             rows = torch.arange(len(neurons), device=self.device)
             targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
 
@@ -201,7 +214,7 @@ class ClipIllusion:
                 augmented = random_affine(image(), generators=generators)
                 augmented = augmented + noise_std * (1 - (step - 1) / steps) * gaussian_noise(augmented, generators=generators)
                 with capture_forward(self.head) as captured:
-                    logits = self.classifier(augmented)
+                    logits = self.classifier(augmented.to(self._dtype))
                 activation = captured["input"][rows, neurons]
                 objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
                 if use_clip:
@@ -222,9 +235,8 @@ class ClipIllusion:
                 rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
                 mask_dim: float) -> VisualizationResult:
         images = image()
-        with capture_forward(self.feature_module) as layer, capture_forward(self.head) as head:
-            logits = self.classifier(images)
-        maps = channel_maps(layer["output"], self.head.in_features)[rows, neurons]  # (B, h, w)
+        forward = split_forward(self.classifier, images.to(self._dtype), self.feature_module, self.head, self._names)
+        maps = channel_maps(forward.layer_output, self.head.in_features)[rows, neurons].float()  # (B, h, w)
         masks = activation_masks(maps, images.shape[-2:], mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
         masked = images * (keep + (1 - keep) * mask_dim)
@@ -241,13 +253,28 @@ class ClipIllusion:
             images=images,
             masked_images=masked,
             masks=masks,
-            activations=head["input"][rows, neurons],
-            logits=logits[rows, classes],
+            activations=forward.head_input[rows, neurons],
+            logits=forward.logits[rows, classes],
             clip_similarity=similarity,
             core_relevance=relevance,
             steps=steps,
             cancelled=cancelled,
         )
+
+    @torch.no_grad()
+    def _check_split(self) -> None:
+        """Run the classifier once on a grey image of ``image_size`` and check its split
+        (:func:`split_forward`) and the feature layer's maps: a wrong layer name fails
+        here, before the steps, not after them."""
+        probe = torch.full((1, 3, self.image_size, self.image_size), 0.5, device=self.device, dtype=self._dtype)
+        try:
+            forward = split_forward(self.classifier, probe, self.feature_module, self.head, self._names)
+        except RuntimeError as error:
+            raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): {error}") from error
+        try:
+            channel_maps(forward.layer_output, self.head.in_features)
+        except ValueError as error:
+            raise ValueError(f"feature_layer {self._names[0]!r}: {error}; name the layer whose channels the head reads") from None
 
     def _resolve_pairs(self, pairs: Sequence[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
         num_classes, dim = self.head.weight.shape
@@ -291,4 +318,7 @@ def activation_masks(maps: torch.Tensor, size: tuple[int, int], threshold: float
     heat = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
     low = heat.amin(dim=(1, 2), keepdim=True)
     high = heat.amax(dim=(1, 2), keepdim=True)
-    return heat - low >= threshold * (high - low)
+    # Flat is judged on the maps themselves: upsampling a constant map rounds it into one
+    # that varies in its last bits, which the threshold would split.
+    flat = (maps.amax(dim=(1, 2)) == maps.amin(dim=(1, 2)))[:, None, None]
+    return (heat - low >= threshold * (high - low)) | flat

@@ -12,11 +12,16 @@ import math
 
 import torch
 
+from ._checks import index
+
 _MAX_LOG_RATIO = math.log(1e15)
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
-    """Ratio (D,) for each neuron zeroed on its own, at one feature vector (D,)."""
+    """Ratio (D,) for each neuron zeroed on its own, at one feature vector (D,), under the
+    head ``weight`` (C, D), ``bias`` (C,)."""
+    _check_head_inputs(weight, bias, feature, "feature", batched=False)
+    class_index = index(class_index, "class_index", weight.shape[0])
     logits = weight @ feature + bias  # (C,)
     zeroed = logits.unsqueeze(0) - feature.unsqueeze(1) * weight.T  # (D, C): neuron k zeroed in row k
     log_p = logits[class_index] - logits.logsumexp(0)
@@ -31,8 +36,21 @@ def probability_ratio(
 
     Differentiable in ``weight`` and ``bias``: the head editor's regulariser.
     """
+    _check_head_inputs(weight, bias, features, "features", batched=True)
+    class_index = index(class_index, "class_index", weight.shape[0])
     logits = features @ weight.T + bias
     zeroed = logits - features[:, neurons] @ weight[:, neurons].T
     log_p = logits[:, class_index] - logits.logsumexp(1)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
     return (log_p - log_p_zeroed).clamp_max(_MAX_LOG_RATIO).exp()
+
+
+def _check_head_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, name: str, *, batched: bool) -> None:
+    """Shapes only (no values: this runs per minibatch of an edit, and reading values
+    would wait for a GPU)."""
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"weight must be (C, D) and bias (C,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    dim = weight.shape[1]
+    if features.ndim != 1 + batched or features.shape[-1] != dim:
+        expected = f"(N, {dim})" if batched else f"({dim},)"
+        raise ValueError(f"{name} must be {expected} for this head, got {tuple(features.shape)}")

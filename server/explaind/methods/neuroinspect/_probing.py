@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from ._checks import count
+from ._checks import count, feature_matrix
 
 Concept = TypeVar("Concept", bound=Hashable)
 
@@ -20,6 +20,7 @@ def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> t
     1.0: the neuron is higher on every positive than on every negative; 0.5: chance.
     Ties count half (Mann–Whitney U).
     """
+    features = feature_matrix(features, "features")
     if isinstance(positive, torch.Tensor):
         positive = positive.cpu().numpy()
     positive = np.asarray(positive)
@@ -27,12 +28,12 @@ def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> t
         if positive.dtype.kind not in "iu" or not np.isin(positive, (0, 1)).all():
             raise TypeError(f"positive must be a boolean (or 0/1) mask, got {positive.dtype} values {np.unique(positive)[:5].tolist()}")
         positive = positive.astype(bool)
-    if features.ndim != 2 or positive.shape != (len(features),):
+    if positive.shape != (len(features),):
         raise ValueError(f"positive must be ({len(features)},) for features (N, D), got {positive.shape}")
     num_positive, num_negative = int(positive.sum()), int((~positive).sum())
     if num_positive == 0 or num_negative == 0:
         raise ValueError("positive must mark at least one positive and one negative sample")
-    ranks = rankdata(features.detach().cpu().double().numpy(), axis=0)
+    ranks = rankdata(features.cpu().double().numpy(), axis=0)
     u = ranks[positive].sum(0) - num_positive * (num_positive + 1) / 2
     return torch.from_numpy(u / (num_positive * num_negative))
 
@@ -51,6 +52,7 @@ def concept_neurons(
     if not 0.5 < min_auc <= 1:
         raise ValueError(f"min_auc must lie in (0.5, 1], got {min_auc}")
     per_concept = count(per_concept, "per_concept")
+    features = feature_matrix(features, "features")
     by_strength = features.mean(0).argsort(descending=True).cpu()  # indexes neuron_auc's host tensor
     found = {}
     for name, positive in concepts.items():

@@ -124,7 +124,7 @@ class MistakeNeuronRanker:
         l2: float = 0.01,
         max_iterations: int = 1000,
         cut_ratio: float = 0.03,
-        top_k: int = 5,
+        top_k: int | None = None,
         target_class: int | None = None,
         class_mean_feature: torch.Tensor | None = None,
         num_top_classes: int = 3,
@@ -142,7 +142,8 @@ class MistakeNeuronRanker:
             l1, l2: weights of ‖ω‖₁ / D and ‖ω‖₂ / D.
             max_iterations: per-sample step cap; capped samples have ``converged`` False.
             cut_ratio: neurons whose ratio is below this in both lists are dropped.
-            top_k: neurons taken per sample and direction.
+            top_k: neurons taken per sample and direction; default 5 (the paper's), or D
+                where the features have fewer.
             target_class: explain only the mistakes whose true label is this class; by
                 default all mistakes, and the class for ``importance`` is their most
                 common true label.
@@ -156,6 +157,7 @@ class MistakeNeuronRanker:
         num_classes, dim = weight.shape
         features, labels = labelled_features(features, labels, like=weight)
         l1, l2 = number(l1, "l1"), number(l2, "l2")
+        top_k = min(5, dim) if top_k is None else top_k
         max_iterations, top_k, num_top_classes = (count(max_iterations, "max_iterations"), count(top_k, "top_k"),
                                                   count(num_top_classes, "num_top_classes"))
         if top_k > dim:
