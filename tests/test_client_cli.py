@@ -8,9 +8,11 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -227,6 +229,30 @@ def test_a_mistyped_token_is_refused_without_quoting_it(capsys, tmp_path, value)
 
 def test_serve_log_format_is_text_or_json(capsys):
     assert "argument --log-format: invalid choice: 'xml'" in _usage_error(capsys, ["serve", "--log-format", "xml"])
+
+
+def test_serve_stops_at_once_when_asked_while_its_models_load(tmp_path):
+    # The signal was heeded only once the load ended: a load of minutes outlasted
+    # Kubernetes' grace period, and the pod was killed.
+    (tmp_path / "slow_model.py").write_text("import time\n\ndef build():\n    time.sleep(120)\n")
+    config = tmp_path / "explaind.toml"
+    config.write_text('[classifier]\nloader = "factory"\nfactory = "slow_model:build"\nfeature_layer = "0"\nhead = "1"\n')
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", "0",
+                                "--data-dir", str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        lines = []
+        while not any("listening on" in line for line in lines):
+            lines.append(process.stdout.readline())
+            assert lines[-1], "".join(lines)  # exited before listening
+        time.sleep(1)  # well into the two-minute load
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and time.monotonic() - started < 30
+    assert "stop requested while the models load: shutting down" in output and "serving" not in output
 
 
 def test_serve_logs_one_json_object_per_line_when_asked(server_factory):

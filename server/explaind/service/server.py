@@ -233,6 +233,14 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     return port
 
 
+def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
+    """:meth:`ExplaindServer.load_models`, its failure appended to ``failures``."""
+    try:
+        server.load_models()
+    except Exception as error:  # noqa: BLE001 - serve() reports it in one line
+        failures.append(error)
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
@@ -252,10 +260,18 @@ def serve(config: Config) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
-    try:
-        server.load_models()
-    except Exception as error:  # noqa: BLE001 - report the reason in one line and exit
-        log.error("cannot start: %s", error)
+    # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
+    # take minutes, longer than Kubernetes waits before it kills the pod.
+    load_failures: list[Exception] = []
+    loaded = threading.Thread(target=_load_models, args=(server, load_failures), name="load-models", daemon=True)
+    loaded.start()
+    while loaded.is_alive():
+        if stop_requested.wait(0.5):
+            log.info("stop requested while the models load: shutting down")
+            server.stop()
+            return 0
+    if load_failures:
+        log.error("cannot start: %s", load_failures[0])
         server.stop(0)
         return 1
     active = server.engine.models.active
