@@ -744,6 +744,34 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     jobs.shutdown(1)
 
 
+def test_each_operation_s_queueing_cancel_and_end_is_a_log_line_with_its_id(tmp_path, caplog):
+    # An operator had only metrics: no line said which operation ended how.
+    caplog.set_level(logging.INFO, logger="explaind.jobs")
+    jobs, gate = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event()
+    done = jobs.submit("evaluate", lambda ctx: _empty())
+    refused = jobs.submit("rank", lambda ctx: (_ for _ in ()).throw(InvalidArgument("bad thing", field="x")))
+    crashed = jobs.submit("crash", lambda ctx: 1 / 0)
+    cancelled = jobs.submit("visualize", lambda ctx: (gate.wait(10), ctx.raise_if_cancelled(), _empty())[2])
+    while jobs.get(cancelled.record.job_id).record.state != "running":
+        time.sleep(0.01)
+    jobs.cancel(cancelled.record.job_id)
+    gate.set()
+    for snapshot in (done, refused, crashed, cancelled):
+        jobs.wait(snapshot.record.job_id, 10)
+    lines = [(record.levelname, record.getMessage()) for record in caplog.records if record.name == "explaind.jobs"]
+    ids = {name: snapshot.record.job_id for name, snapshot in dict(done=done, refused=refused, crashed=crashed, cancelled=cancelled).items()}
+    for name, job_id in ids.items():
+        assert ("INFO", f"operation {job_id} ({jobs.get(job_id).record.kind}) queued") in lines
+    assert any(level == "INFO" and re.fullmatch(rf"operation {ids['done']} \(evaluate\) succeeded in \d+\.\d\d s", line) for level, line in lines)
+    assert any(level == "INFO" and line.startswith(f"operation {ids['refused']} (rank) failed after") and line.endswith("INVALID_ARGUMENT x: bad thing")
+               for level, line in lines)  # the caller's mistake: not a warning
+    assert any(level == "WARNING" and line.startswith(f"operation {ids['crashed']} (crash) failed after") and "INTERNAL" in line
+               for level, line in lines)
+    assert ("INFO", f"operation {ids['cancelled']} (visualize): cancel requested") in lines
+    assert any(line.startswith(f"operation {ids['cancelled']} (visualize) cancelled after") for _, line in lines)
+    jobs.shutdown(1)
+
+
 def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_zeros(tmp_path):
     metrics, gate = Metrics(), threading.Event()
     jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
@@ -953,7 +981,7 @@ def _empty():
     return empty_pb2.Empty()
 
 
-def test_restart_marks_unfinished_jobs_failed(tmp_path):
+def test_restart_marks_unfinished_jobs_failed(tmp_path, caplog):
     from explaind.store import JobRecord
 
     store = SQLiteStore(tmp_path)
@@ -961,7 +989,9 @@ def test_restart_marks_unfinished_jobs_failed(tmp_path):
     store.insert_job(JobRecord(job_id="b", kind="k", state="succeeded", create_time=2.0))
     store.close()
     reopened = SQLiteStore(tmp_path)
-    assert JobManager(reopened, Metrics()).recover() == 1
+    with caplog.at_level(logging.WARNING, logger="explaind.jobs"):
+        assert JobManager(reopened, Metrics()).recover() == ["a"]
+    assert "left queued or running FAILED (ABORTED): a (k)" in caplog.text  # which ones, not only how many
     assert reopened.get_job("a").state == "failed" and "restart" in reopened.get_job("a").error_message
     assert reopened.get_job("b").state == "succeeded"
 
@@ -1036,7 +1066,7 @@ def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path
     assert tuned.clip.illusion_epsilon == 0.3
 
 
-def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path, classifier_dir):
+def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path, classifier_dir, caplog):
     from explaind.client import Client, UnauthenticatedError, UnavailableError
     from explaind.service import ExplaindServer
 
@@ -1051,11 +1081,18 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
             server.load_models()
             assert client.health() == "SERVING" and anonymous.health() == "SERVING"
             assert client.model_metadata().feature_dim == 128
-            with pytest.raises(UnauthenticatedError, match="token"):
-                anonymous.model_metadata()
+            with caplog.at_level(logging.WARNING, logger="explaind.service.interceptors"):
+                for _ in range(3):
+                    with pytest.raises(UnauthenticatedError, match="token"):
+                        anonymous.model_metadata()
     finally:
         server.stop(0)
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
+    # The operator sees who was refused, once a minute however fast a client retries.
+    refusals = [record.getMessage() for record in caplog.records if "refused" in record.getMessage()]
+    assert len(refusals) == 1 and re.match(r"refused explaind\.v1\.InferenceService/GetModelMetadata from ipv4:127\.0\.0\.1:\d+: "
+                                           r"missing or wrong bearer token$", refusals[0])
+    assert "s3cret" not in caplog.text
 
 
 def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_without_a_restart(tmp_path, classifier_dir, caplog):

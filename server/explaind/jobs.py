@@ -122,6 +122,22 @@ def _field_violation(error: ExplaindError) -> bytes:
     return packed.SerializeToString()
 
 
+# Failures that are the server's to fix; others (refused input, cancels, restarts) are
+# the caller's or expected, and logged at INFO.
+_SERVER_FAILURES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED"})
+
+
+def _log_end(record: JobRecord) -> None:
+    """One line per operation's end, with its id, kind, outcome and time since submission."""
+    took = (record.end_time or time.time()) - record.create_time
+    if record.state == SUCCEEDED:
+        log.info("operation %s (%s) succeeded in %.2f s", record.job_id, record.kind, took)
+        return
+    level = logging.WARNING if record.error_code in _SERVER_FAILURES else logging.INFO
+    log.log(level, "operation %s (%s) %s after %.2f s: %s %s", record.job_id, record.kind, record.state, took,
+            record.error_code, record.error_message)
+
+
 class JobManager:
     def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1) -> None:
         self.store = store
@@ -133,12 +149,13 @@ class JobManager:
         self._changed = threading.Condition()
         self._accepting = True
 
-    def recover(self) -> int:
-        """Mark jobs left queued/running by a previous process FAILED; returns how many."""
-        count = self.store.fail_unfinished_jobs("the server stopped while this job was queued or running (restart); submit it again")
-        if count:
-            log.warning("marked %d interrupted job(s) failed", count)
-        return count
+    def recover(self) -> list[str]:
+        """Mark jobs left queued/running by a previous process FAILED (ABORTED); returns their ids."""
+        ended = self.store.fail_unfinished_jobs("the server stopped while this job was queued or running (restart); submit it again")
+        if ended:
+            log.warning("marked %d operation(s) an earlier process left queued or running FAILED (ABORTED): %s",
+                        len(ended), ", ".join(f"{job_id} ({kind})" for job_id, kind in ended))
+        return [job_id for job_id, _ in ended]
 
     # Submitting and running ----------------------------------------------------------
 
@@ -169,6 +186,7 @@ class JobManager:
             live = _LiveJob(record)
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
+        log.info("operation %s (%s) queued", record.job_id, kind)
         self._executor.submit(self._run, live, fn)
         return JobSnapshot(record)
 
@@ -246,6 +264,7 @@ class JobManager:
         reaching its end is counted before anyone can see it ended."""
         if record.state in FINISHED_STATES and live.record.state not in FINISHED_STATES:
             self.metrics.jobs_ended.labels(kind=record.kind, outcome=record.state, code=record.error_code or "OK").inc()
+            _log_end(record)
         live.record = record
         self._changed.notify_all()
 
@@ -290,6 +309,7 @@ class JobManager:
                 # tell a cancel (CANCELLED) from a shutdown (FAILED, ABORTED).
                 self._update(live, persist=True, cancel_requested=True)
                 live.cancel_event.set()
+                log.info("operation %s (%s): cancel requested", job_id, live.record.kind)
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:

@@ -651,6 +651,8 @@ class NeuroInspectEngine:
             if previous is not None:
                 store.set_active_head_version(record.feature_version, previous)
             raise
+        log.info("serving head version %s of classifier %s (was %s)", record.version_id, self._engine.models.active.name,
+                 previous or "none")
 
     def head_versions(self) -> tuple[list[HeadVersionRecord], str]:
         """The versions and the active id, read together: an edit storing and promoting a
@@ -718,6 +720,7 @@ class NeuroInspectEngine:
                 raise FailedPrecondition(f"operations/{editing[0]} is editing from head version {version_id!r}; "
                                          f"delete it once that operation has ended", field="version_id")
             store.delete_head_version(version.feature_version, version_id)
+        log.info("deleted head version %s of classifier %s", version_id, version.name)
 
     def _forget_finished_edits(self) -> None:
         for job_id in [job_id for job_id in self._edits_from if self._job_done(job_id)]:

@@ -83,12 +83,39 @@ class HeldCalls:
                 self._slots.release()
 
 
+class _ThrottledLog:
+    """A recurring warning logged at most once per ``interval_s``, with how many were left
+    out: a misconfigured client retrying fast must not flood the log."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next_time = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_time:
+                self._left_out += 1
+                return
+            left_out, self._left_out, self._next_time = self._left_out, 0, now + self._interval_s
+        if left_out:
+            message += f" ({left_out} more since the last such line, not logged)"
+        log.warning(message, *args)
+
+
 class ServiceInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, held_calls: HeldCalls) -> None:
         self._metrics = metrics
         self._token = token
         self._max_send_bytes = max_send_bytes
         self._held_calls = held_calls
+        self._refusals = _ThrottledLog()
+
+    def _refuse_unauthenticated(self, observed: _Observed, service: str, method: str, context: grpc.ServicerContext) -> None:
+        self._refusals.warning("refused %s/%s from %s: missing or wrong bearer token", service, method, context.peer())
+        observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
@@ -110,7 +137,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
-                    observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
+                    self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
                 return observed.call(behaviour, request, context)
 
@@ -120,7 +147,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
                 if not authorised:
-                    observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
+                    self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
                 with self._held_calls.slot() as held:
                     if not held:

@@ -468,14 +468,14 @@ class SQLiteStore:
                    (time.time(), *params))
         return db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount  # and, cascading, their job_artifacts
 
-    def fail_unfinished_jobs(self, reason: str) -> int:
+    def fail_unfinished_jobs(self, reason: str) -> list[tuple[str, str]]:
         placeholders = ", ".join("?" * len(FINISHED_STATES))
         with self._transaction() as db:
-            cursor = db.execute(
-                f"UPDATE jobs SET state = ?, error_code = 'ABORTED', error_message = ?, end_time = ?, message = 'failed' WHERE state NOT IN ({placeholders})",
+            return [(job_id, kind) for job_id, kind in db.execute(
+                f"""UPDATE jobs SET state = ?, error_code = 'ABORTED', error_message = ?, end_time = ?, message = 'failed'
+                    WHERE state NOT IN ({placeholders}) RETURNING id, kind""",
                 (FAILED, reason, time.time(), *FINISHED_STATES),
-            )
-            return cursor.rowcount
+            ).fetchall()]
 
     # Feature cache -------------------------------------------------------------------
 
