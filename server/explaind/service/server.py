@@ -77,6 +77,7 @@ class ExplaindServer:
         self.health = health.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.serving = False  # models loaded, health SERVING
         self._metrics_http = None
         self.health_port = 0
         self._health_grpc: grpc.Server | None = None
@@ -154,6 +155,10 @@ class ExplaindServer:
         # After restore, which may have deleted head versions: their weights are unused now.
         self._sweep_once(everything=True)
         self._sweeper.start()
+        active = self.engine.models.active
+        # Logged before health says SERVING: a caller that sees SERVING finds this line.
+        log.info("serving %s (version %s, %d classes) on %s", active.name, active.version, len(active.class_names), self.engine.device)
+        self.serving = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _sweep(self) -> None:
@@ -265,19 +270,17 @@ def serve(config: Config) -> int:
     load_failures: list[Exception] = []
     loaded = threading.Thread(target=_load_models, args=(server, load_failures), name="load-models", daemon=True)
     loaded.start()
-    while loaded.is_alive():
-        if stop_requested.wait(0.5):
-            log.info("stop requested while the models load: shutting down")
-            server.stop()
-            return 0
+    while loaded.is_alive() and not stop_requested.wait(0.5):
+        pass
     if load_failures:
         log.error("cannot start: %s", load_failures[0])
         server.stop(0)
         return 1
-    active = server.engine.models.active
-    log.info("serving %s (version %s, %d classes) on %s", active.name, active.version, len(active.class_names), server.engine.device)
     while not stop_requested.wait(0.5):
         pass
-    log.info("shutting down (grace %.1fs)", config.server.grace_period_s)
+    if server.serving:
+        log.info("shutting down (grace %.1fs)", config.server.grace_period_s)
+    else:
+        log.info("stop requested while the models load: shutting down")
     server.stop()
     return 0
