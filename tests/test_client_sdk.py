@@ -232,6 +232,71 @@ def test_waiting_for_an_operation_keeps_its_own_timeout_while_the_server_is_unav
         server.stop(0)
 
 
+class _RestartingOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """One operation, answered UNAVAILABLE (a server restarting) until ``ready_at``
+    (``time.monotonic()``), then done; its watch stream always fails."""
+
+    def __init__(self) -> None:
+        self.ready_at = 0.0
+
+    def _operation(self, name: str, context) -> operations_lro.Operation:
+        if time.monotonic() < self.ready_at:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        metadata = any_pb2.Any()
+        metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head", state=operations_pb2.OPERATION_STATE_SUCCEEDED))
+        return operations_lro.Operation(name=name, metadata=metadata, done=True)
+
+    def GetOperation(self, request, context):
+        return operations_pb2.GetOperationResponse(operation=self._operation(request.name, context))
+
+    def WaitOperation(self, request, context):
+        return operations_pb2.WaitOperationResponse(operation=self._operation(request.name, context))
+
+    def WatchOperation(self, request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+
+def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
+    # wait() gave up when one WaitOperation call's retries ended (its deadline, 70 s at
+    # most, scaled down here), and watch() when one GetOperation's did (the client's
+    # timeout), whatever their own timeouts said.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client import _operations
+
+    monkeypatch.setattr(_operations, "WAIT_STEP_S", 0.5)
+    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
+    servicer = _RestartingOperations()
+    server = grpc.server(ThreadPoolExecutor(2))
+    operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=0.5) as client:
+            for follow in (lambda operation: operation.wait(timeout=20), lambda operation: list(operation.watch(timeout=20))):
+                operation = client.operation("operations/x")
+                operation._message.done = False  # as if it were still running
+                servicer.ready_at = time.monotonic() + 2.0  # four times one call's retries
+                follow(operation)
+                assert operation.done and time.monotonic() >= servicer.ready_at
+    finally:
+        server.stop(0)
+
+
+def test_wait_until_ready_keeps_its_timeout_on_a_server_that_never_answers():
+    # Each probe took the client's whole timeout (8 s) however little of the wait was left.
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        with Client(f"127.0.0.1:{silent.getsockname()[1]}", timeout=8) as client:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match="was not SERVING within 1"):
+                client.wait_until_ready(timeout=1)
+            assert time.monotonic() - started < 3
+
+
 def test_the_retried_methods_are_read_only_methods_of_the_api():
     from explaind.client._client import READ_ONLY_METHODS
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2

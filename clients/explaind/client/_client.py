@@ -29,7 +29,7 @@ from ._errors import ExplaindError, OperationError, UnavailableError, error_from
 from . import _neuroinspect
 from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
-from ._operations import Operation
+from ._operations import _LAST_ATTEMPT_S, Operation
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -48,8 +48,6 @@ READ_ONLY_METHODS = {
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
 RETRY_MAX_BACKOFF_S = 2.0
-# The last retry is sent this long before the deadline, so that it has time to be answered.
-_LAST_ATTEMPT_S = 0.25
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -234,18 +232,20 @@ class Client:
 
     # Health and metadata -------------------------------------------------------------
 
-    def health(self, service: str = "") -> str:
-        """SERVING, NOT_SERVING, ... for the server ("") or one service."""
-        response = self._call("health", "Check", health_pb2.HealthCheckRequest(service=service))
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... for the server ("") or one service, asked within
+        ``timeout`` seconds (default: the client's)."""
+        response = self._call("health", "Check", health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
-        """Block until health reports SERVING (models loaded)."""
+        """Block until health reports SERVING (models loaded), for at most ``timeout``
+        seconds: each probe gets what is left of it, not the client's whole timeout."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                if self.health() == "SERVING":
+                if self.health(timeout=max(min(self.timeout, deadline - time.monotonic()), 1e-3)) == "SERVING":
                     return
             except Exception as error:  # noqa: BLE001 - not up yet
                 last = error

@@ -35,6 +35,8 @@ from ._types import Artifact, Progress
 if TYPE_CHECKING:
     from ._client import Client
 
+# The last retry is sent this long before the deadline, so that it has time to be answered.
+_LAST_ATTEMPT_S = 0.25
 # Long enough for any job; the SDK never makes a call without a deadline.
 WATCH_DEADLINE_S = 24 * 3600.0
 # Before a dropped WatchOperation stream is opened again (never a busy loop).
@@ -43,6 +45,10 @@ WATCH_REOPEN_PAUSE_S = 0.5
 BUSY_WAIT_MAX_PAUSE_S = 2.0
 # Between GetOperation calls when a busy server has no thread for a watch stream.
 WATCH_POLL_INTERVAL_S = 1.0
+# Longest single WaitOperation the SDK asks for, and how much longer than it the call's
+# deadline is (the server answers when its wait ends).
+WAIT_STEP_S = 60.0
+WAIT_CALL_MARGIN_S = 10.0
 PROGRESS_LINE_INTERVAL_S = 10.0
 # Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
 # that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
@@ -176,11 +182,18 @@ class Operation:
             remaining = WATCH_DEADLINE_S if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 break
-            step = min(remaining, 60.0)
+            step = min(remaining, WAIT_STEP_S)
             request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
             asked = time.monotonic()
             # The call may take a little longer than the server's wait; retries may not.
-            response = self._client._call("operations", "WaitOperation", request, timeout=step + 10.0, retry_until=deadline)
+            try:
+                response = self._client._call("operations", "WaitOperation", request, timeout=step + WAIT_CALL_MARGIN_S, retry_until=deadline)
+            except UnavailableError:
+                # One call's retries end at its deadline; a server restarting for longer
+                # is waited for within this wait's own timeout.
+                if not self._client._retry or (deadline is not None and time.monotonic() >= deadline - _LAST_ATTEMPT_S):
+                    raise
+                continue
             self._update(response.operation)
             if not self.done and time.monotonic() - asked < step / 2:
                 # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
@@ -215,8 +228,7 @@ class Operation:
                 return
             finally:
                 stream.cancel()
-            # Within the client's timeout and this deadline (0 would mean the client's).
-            yield self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
+            yield self._refresh_before(deadline)
             if self.done:
                 return
             time.sleep(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
@@ -229,7 +241,17 @@ class Operation:
             if left <= 0:
                 return
             time.sleep(min(WATCH_POLL_INTERVAL_S, left))
-            yield self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
+            yield self._refresh_before(deadline)
+
+    def _refresh_before(self, deadline: float) -> Operation:
+        """:meth:`refresh`, retried while the server is unavailable until ``deadline``
+        (``time.monotonic()``), not only for the client's timeout: a watch keeps its own."""
+        while True:
+            try:  # each try within the client's timeout and the deadline (0 would mean the client's)
+                return self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
+            except UnavailableError:
+                if not self._client._retry or time.monotonic() >= deadline - _LAST_ATTEMPT_S:
+                    raise
 
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:
         """Wait for the job and return its result (a dataclass where the SDK has one,
