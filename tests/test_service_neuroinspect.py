@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from explaind.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from explaind.client import Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
@@ -174,6 +174,16 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
     assert as_operation.mistakes == ranking.mistakes
     (operation,) = client.operations(kind="rank_mistake_neurons", limit=1)
     assert [(a.name, a.media_type) for a in operation.artifacts] == [("omega.npy", "application/x-npy")]
+    # ω may stay on the server; and the timeout bounds the operation's wait too (it had no limit).
+    kept = client.rank_mistake_neurons("spurious", "heart", execution="operation", include_samples=True, download=False)
+    assert kept.omega is None and [n.neuron for n in kept.neurons] == expected.neuron_ids
+    blocker = client.visualize_neurons([7], method="no_clip", steps=5000)  # holds the job worker
+    try:
+        with pytest.raises(DeadlineExceededError, match=r"operations/\w+ is still queued after"):
+            client.rank_mistake_neurons("spurious", "heart", execution="operation", timeout=2)
+    finally:
+        blocker.cancel()
+        client.operations(kind="rank_mistake_neurons", limit=1)[0].cancel()
 
 
 def test_visualize_streams_previews_and_stores_images(client):

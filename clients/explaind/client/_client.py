@@ -548,23 +548,31 @@ class Client:
         execution: str = "auto",
         progress: bool = False,
         timeout: float | None = None,
+        download: bool = True,
     ) -> NeuronRanking:
         """Rank the neurons behind ``target_class``'s (name or index) mistakes in a sample
         set. Small sets are answered inline; for large ones the server starts an operation
         and this waits for it (``progress=True``: a tqdm bar; Ctrl-C cancels it).
         ``execution``: "auto", "inline" or "operation". Unset numbers use the server's
-        defaults (l1 0.1, l2 0.01, 1000 iterations, cut 0.03, top 5)."""
+        defaults (l1 0.1, l2 0.01, 1000 iterations, cut 0.03, top 5).
+
+        ``timeout`` (seconds) bounds the whole ranking, the operation's wait included:
+        DeadlineExceededError names the operation, which keeps running (``None``: the
+        request gets at least 300 s and the operation no limit). ``download=False`` leaves
+        a large set's ω (``include_samples``) on the server: ``omega`` is then None."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
         request = neuroinspect_pb2.RankMistakeNeuronsRequest(
             sample_set_id=sample_set_id, solver={"faithful": 1, "proximal": 2}.get(solver, 99), max_iterations=max_iterations,
             top_k=top_k, include_samples=include_samples, execution={"auto": 0, "inline": 1, "operation": 2}.get(execution, 99),
             **class_fields(target_class), **optional,
         )
+        started = time.monotonic()
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=timeout or max(self.timeout, 300.0))
         if response.WhichOneof("outcome") == "ranking":
             return _neuroinspect.ranking(response.ranking)
+        left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
         try:
-            return Operation(self, response.operation).result(progress=progress)
+            return Operation(self, response.operation).result(progress=progress, timeout=left, download=download)
         except OperationError as error:
             if not error.field_violations:
                 raise
