@@ -426,7 +426,7 @@ def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkey
     assert "0: the server's [jobs].evaluate_batch_size" in _help(capsys, ["evaluate"])
     serve = _help(capsys, ["serve"])
     assert "gRPC port (default: [server].port, 50051)" in serve and "(default: [server].metrics_port, 0 = off)" in serve
-    assert "--top-k TOP_K classes per image (default: 3)" in _help(capsys, ["predict"])
+    assert "--top-k TOP_K classes per image (default 3, or all of a classifier with fewer)" in _help(capsys, ["predict"])
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import urllib.request
 
@@ -742,3 +743,10 @@ def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     # The module's server: 64 MiB messages, 1 Mi pixels, 256 images per Predict.
     assert "limits      64 MiB per message, 1 Mi decoded pixels per request, 256 images per predict, sides up to 4096 px" in out
     assert "NOT_FOUND" in err
+    # --json carries every field of a prediction; unset --top-k gives 3 classes.
+    assert cli_main(["--target", server.target, "predict", str(path), "--json"]) == 0
+    (printed,) = json.loads(capsys.readouterr().out)
+    assert printed.keys() == {"image", "labels", "class_indices", "probabilities", "model_version"}
+    assert len(printed["labels"]) == len(printed["class_indices"]) == 3 and printed["model_version"]
+    class_names = Client(server.target).model_metadata().class_names
+    assert [class_names[i] for i in printed["class_indices"]] == printed["labels"]

@@ -284,8 +284,9 @@ class Client:
 
     # Predict -------------------------------------------------------------------------
 
-    def predict(self, images: Any, *, top_k: int = 5, return_features: bool = False, timeout: float | None = None) -> list[Prediction]:
-        """Classify images: a list or any iterable (numpy arrays, torch tensors, PIL images,
+    def predict(self, images: Any, *, top_k: int = 0, return_features: bool = False, timeout: float | None = None) -> list[Prediction]:
+        """Classify images, the ``top_k`` classes each (0: the server's default, 5, or every
+        class of a classifier with fewer): a list or any iterable (numpy arrays, torch tensors, PIL images,
         paths, encoded bytes, each read as its request is made) or one (N, 3, H, W) /
         (N, H, W, 3) batch. One Prediction per image, in order. More images than one
         request may carry (the server's image, pixel and message limits) go in consecutive

@@ -167,6 +167,7 @@ def _require_writable(path: str) -> None:
 
 
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
+DEFAULT_PREDICT_CLASSES = 3  # predict's lines per image, when --top-k is not given
 # Image files a --folder upload takes, by suffix (what the server decodes).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -243,9 +244,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as client, _naming_failing_file(args.images):
-        predictions = client.predict([Path(p) for p in args.images], top_k=args.top_k)
+        # Unset: 3 classes, or all of a classifier with fewer (more would be refused).
+        top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, len(client.model_metadata().class_names))
+        predictions = client.predict([Path(p) for p in args.images], top_k=top_k)
     if args.json:
-        _print_json([{"image": i, "labels": p.labels, "probabilities": p.probabilities} for i, p in zip(args.images, predictions, strict=True)])
+        _print_json([{"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
+                      "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
     else:
         _print_predictions(args.images, predictions)
     return 0
@@ -865,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = command("predict", "classify image files")
     predict.add_argument("images", nargs="+", type=_existing_file, help="image files (PNG, JPEG, ...)")
-    predict.add_argument("--top-k", type=_positive_int, default=3, help="classes per image")
+    predict.add_argument("--top-k", type=_positive_int, help=f"classes per image (default {DEFAULT_PREDICT_CLASSES}, or all of a classifier with fewer)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
