@@ -377,6 +377,8 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     started = json.loads(capsys.readouterr().out)["name"]
     with Client(server.target, timeout=30) as client:
         assert client.operation(started).result(timeout=60).confusion_matrix.tolist() == result["confusion_matrix"]
+    # --max-grid-images reaches the server (which bounds it).
+    assert "max_grid_images: " in _error(capsys, ["--target", server.target, "evaluate", "two-classes", "--max-grid-images", "5000"])
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):

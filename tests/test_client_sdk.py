@@ -326,3 +326,18 @@ def test_an_unknown_label_of_a_large_classifier_is_answered_with_the_closest_nam
     assert _classes_hint("zzzz", names) == "1000 classes"
     assert _classes_hint("dog", names[:3]) == "tench, goldfish, great white shark"
     assert _classes_hint("cta", ["cat", "cat"] + names) == "1002 classes; did you mean 'cat'?"  # a repeated name once
+
+
+def test_every_status_code_but_ok_and_unknown_has_its_typed_error():
+    # ABORTED (an operation a restart ended), PERMISSION_DENIED, UNIMPLEMENTED and
+    # OUT_OF_RANGE were bare ExplaindErrors: `except AbortedError` was impossible.
+    from explaind.client import ExplaindError, OperationError
+    from explaind.client._errors import error_from_code, operation_error
+
+    for code in grpc.StatusCode:
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+            continue
+        error = error_from_code(code, "why", [("field", "what")])
+        assert type(error) is not ExplaindError and error.code == code and error.field == "field", code
+        failed = operation_error(code, "why")
+        assert isinstance(failed, OperationError) and isinstance(failed, type(error)) and failed.code == code

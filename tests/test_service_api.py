@@ -76,13 +76,15 @@ def test_health_serving_and_reflection_lists_services(server, client):
     assert {"explaind.v1.InferenceService", "explaind.v1.SampleSetService", "explaind.v1.OperationsService", "grpc.health.v1.Health"} <= services
 
 
-def test_metadata_describes_the_split_classifier(client, world_model):
+def test_metadata_describes_the_split_classifier(client, world_model, classifier_dir):
     meta = client.model_metadata()
     assert meta.class_names == list(world_model.config.class_names)
     assert (meta.feature_layer, meta.head, meta.feature_dim, meta.image_size, meta.resize_size) == ("layer3", "fc", 128, 64, 0)
     assert meta.supports_features and meta.backend == "eager"
     assert meta.components["classifier"].loaded
     assert not meta.components["clip"].loaded and meta.components["clip"].detail == "not configured"
+    # What the server fills is reachable (the SDK had dropped these).
+    assert meta.source == str(classifier_dir) and (meta.max_queue_size, meta.max_queue_delay_seconds) == (1024, 0.0)
 
 
 def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(server_factory, world_model, capsys):

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from explaind.client import Client, FailedPreconditionError, NotFoundError, OperationError
+from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
 from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 from test_service_api import _metric
 
@@ -68,7 +68,8 @@ def test_watch_streams_progress_then_cancel_stops_within_a_second(client):
     assert operation.progress.step < 1500
     with pytest.raises(OperationError, match="cancelled") as caught:
         operation.result()
-    assert caught.value.code.name == "CANCELLED"
+    assert caught.value.code.name == "CANCELLED" and isinstance(caught.value, CancelledError)  # the code's typed error too
+    assert operation.cancel_requested and operation.create_time <= operation.start_time <= operation.end_time
 
 
 def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_sets(server, client):
@@ -92,8 +93,9 @@ def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_set
         after = restarted.operation(operation.name)
         assert after.state == "failed" and after.done and after.progress.message == "failed"  # it said "running" beside "failed"
         assert "restart" in after.error.details
-        with pytest.raises(OperationError, match="restart"):
+        with pytest.raises(AbortedError, match="restart") as aborted:  # ABORTED: submit it again
             after.result()
+        assert isinstance(aborted.value, OperationError)
         kept = restarted.sample_set("survivor")
         assert (kept.sample_count, kept.class_counts, kept.create_time) == (before.sample_count, before.class_counts, before.create_time)
         for kept_sample, original in zip(restarted.samples("survivor"), first_samples):

@@ -167,6 +167,8 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
     expected = MistakeNeuronRanker(model.fc).rank(features, torch.from_numpy(labels), target_class=5)
     assert [n.neuron for n in ranking.neurons] == expected.neuron_ids
     np.testing.assert_allclose(ranking.omega, expected.omega.numpy(), atol=1e-4)
+    names = client.model_metadata().class_names
+    assert all(n.top_class_indices and [names[i] for i in n.top_class_indices] == n.top_classes for n in ranking.neurons)
 
     as_operation = client.rank_mistake_neurons("spurious", "heart", execution="operation", include_samples=True)
     assert [n.neuron for n in as_operation.neurons] == expected.neuron_ids

@@ -9,6 +9,7 @@
 
 from ._client import Client
 from ._errors import (
+    AbortedError,
     AlreadyExistsError,
     CancelledError,
     DataLossError,
@@ -19,22 +20,19 @@ from ._errors import (
     InvalidArgumentError,
     NotFoundError,
     OperationError,
+    OutOfRangeError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
 )
 from ._neuroinspect import HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, RankedNeuron
 from ._operations import Evaluation, Operation
 from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, RequestLimits, Sample, SampleSet
 
 __all__ = [
-    "HeadEdit",
-    "HeadEvaluation",
-    "HeadVersion",
-    "MistakeSummary",
-    "NeuronRanking",
-    "NeuronVisualization",
-    "RankedNeuron",
+    "AbortedError",
     "AlreadyExistsError",
     "Artifact",
     "CancelledError",
@@ -45,18 +43,28 @@ __all__ = [
     "Evaluation",
     "ExplaindError",
     "FailedPreconditionError",
+    "HeadEdit",
+    "HeadEvaluation",
+    "HeadVersion",
     "InternalError",
     "InvalidArgumentError",
+    "MistakeSummary",
     "ModelMetadata",
+    "NeuronRanking",
+    "NeuronVisualization",
     "NotFoundError",
     "Operation",
     "OperationError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
     "Prediction",
     "Progress",
+    "RankedNeuron",
     "RequestLimits",
     "ResourceExhaustedError",
     "Sample",
     "SampleSet",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
 ]

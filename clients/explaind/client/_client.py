@@ -25,7 +25,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, OperationError, UnavailableError, error_from_code, from_rpc_error
+from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
 from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
@@ -280,6 +280,9 @@ class Client:
             resize_size=c.resize_size,
             interpolation=c.interpolation,
             supports_visualization=c.supports_visualization,
+            source=c.source,
+            max_queue_delay_seconds=response.batching.max_queue_delay_seconds,
+            max_queue_size=response.batching.max_queue_size,
         )
 
     # Predict -------------------------------------------------------------------------
@@ -572,14 +575,9 @@ class Client:
         if response.WhichOneof("outcome") == "ranking":
             return _neuroinspect.ranking(response.ranking)
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
-        try:
-            return Operation(self, response.operation).result(progress=progress, timeout=left, download=download)
-        except OperationError as error:
-            if not error.field_violations:
-                raise
-            # Refused when its job ran: raised as an inline ranking's refusal is, so one
-            # `except InvalidArgumentError` serves small and large sets alike.
-            raise error_from_code(error.code, error.details, error.field_violations) from None
+        # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
+        # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
+        return Operation(self, response.operation).result(progress=progress, timeout=left, download=download)
 
     def visualize_neurons(
         self,

@@ -71,6 +71,26 @@ class InternalError(ExplaindError):
     code = grpc.StatusCode.INTERNAL
 
 
+class AbortedError(ExplaindError):
+    """An operation the server aborted (it restarted or shut down): submit it again."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class PermissionDeniedError(ExplaindError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnimplementedError(ExplaindError):
+    """A method this server does not have (an older server than the SDK)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class OutOfRangeError(ExplaindError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class DataLossError(ExplaindError):
     """Downloaded bytes that do not match their digest."""
 
@@ -78,15 +98,25 @@ class DataLossError(ExplaindError):
 
 
 class OperationError(ExplaindError):
-    """A job that ended FAILED or CANCELLED; ``code`` is its error status."""
+    """A job that ended FAILED or CANCELLED; ``code`` is its error status. It is also the
+    typed error of that code (:func:`operation_error`): ``except InvalidArgumentError``
+    catches a job's refusal as it catches a call's, ``except OperationError`` any job's end."""
 
 
 _BY_CODE = {cls.code: cls for cls in ExplaindError.__subclasses__() if cls is not OperationError}
+# One OperationError subclass per typed error, e.g. an OperationError that is a FailedPreconditionError.
+_OPERATION_BY_CODE = {code: type(f"Operation{cls.__name__}", (OperationError, cls), {"__module__": __name__})
+                      for code, cls in _BY_CODE.items()}
 
 
 def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
     return cls(details, code, field_violations)
+
+
+def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None) -> OperationError:
+    """A failed or cancelled job's error: an OperationError and the typed error of ``code``."""
+    return _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations)
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:

@@ -32,7 +32,8 @@ class RankedNeuron:
     excessive_ratio: float
     mean_omega: float
     importance: float  # p_c(f̄) / p_c(f̄ with the neuron zeroed)
-    top_classes: list[str]  # classes with the largest head weight for the neuron
+    top_classes: list[str]  # names of the classes with the largest head weight for the neuron, largest first
+    top_class_indices: list[int] = field(default_factory=list)  # the same classes' indices
 
     @property
     def rank_ratio(self) -> float:
@@ -136,7 +137,8 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
         mistake_count=message.mistake_count,
         converged_count=message.converged_count,
         neurons=[
-            RankedNeuron(n.neuron, _DIRECTIONS.get(n.direction, "unspecified"), n.insufficient_ratio, n.excessive_ratio, n.mean_omega, n.importance, list(n.top_class_names))
+            RankedNeuron(n.neuron, _DIRECTIONS.get(n.direction, "unspecified"), n.insufficient_ratio, n.excessive_ratio, n.mean_omega, n.importance, list(n.top_class_names),
+                         list(n.top_classes))
             for n in message.neurons
         ],
         predicted_as=dict(sorted(message.predicted_as.items(), key=lambda item: -item[1])),

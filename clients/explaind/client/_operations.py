@@ -28,6 +28,7 @@ from ._errors import (
     UnavailableError,
     error_from_code,
     field_violations,
+    operation_error,
 )
 from ._images import open_image
 from ._types import Artifact, Progress
@@ -150,12 +151,27 @@ class Operation:
         return self.metadata.create_time.ToDatetime(tzinfo=dt.timezone.utc)
 
     @property
+    def start_time(self) -> dt.datetime | None:
+        """When the job started running (UTC); None while queued, or if it never ran."""
+        return self.metadata.start_time.ToDatetime(tzinfo=dt.timezone.utc) if self.metadata.HasField("start_time") else None
+
+    @property
+    def end_time(self) -> dt.datetime | None:
+        """When the job ended (UTC); None until done."""
+        return self.metadata.end_time.ToDatetime(tzinfo=dt.timezone.utc) if self.metadata.HasField("end_time") else None
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether a cancel was asked for (the job ends CANCELLED at its next check)."""
+        return self.metadata.cancel_requested
+
+    @property
     def error(self) -> OperationError | None:
         """Why a failed or cancelled job ended (None otherwise); ``result()`` raises it."""
         if not self._message.HasField("error"):
             return None
         code = next((c for c in grpc.StatusCode if c.value[0] == self._message.error.code), grpc.StatusCode.UNKNOWN)
-        return OperationError(self._message.error.message, code, field_violations(self._message.error))
+        return operation_error(code, self._message.error.message, field_violations(self._message.error))
 
     def refresh(self, *, timeout: float | None = None) -> Operation:
         """Fetch the current state once (no waiting; retried while the server restarts, for

@@ -69,6 +69,12 @@ class ModelMetadata:
     interpolation: str = ""  # "bilinear" or "bicubic"; empty from a server that does not say
     # The feature extractor has gradients (a PyTorch classifier): neurons can be visualised.
     supports_visualization: bool = False
+    # The weights file, directory or torchvision weights name the classifier was loaded from.
+    source: str = ""
+    # Predict's batcher: longest a request waits for a fuller batch (seconds), and most
+    # images waiting for the model (more is RESOURCE_EXHAUSTED).
+    max_queue_delay_seconds: float = 0.0
+    max_queue_size: int = 0
 
 
 @dataclass(frozen=True)

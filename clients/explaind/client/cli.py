@@ -464,7 +464,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _require_writable(args.grid)
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
-        operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size)
+        operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images)
         evaluation = _announce_and_wait(operation, args)
         if evaluation is None:
             return 0
@@ -497,7 +497,8 @@ def _evaluation_json(evaluation) -> dict:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=not args.json)
+        # Progress goes to stderr, so --json's stdout stays JSON alone.
+        ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=True)
     if args.json:
         _print_json(_ranking_json(ranking))
         return 0
@@ -893,6 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("id", help="sample set id")
     evaluate.add_argument("--batch-size", type=int, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
     evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
+    evaluate.add_argument("--max-grid-images", type=int, default=0, help="mistakes drawn in the --grid PNG, 1..1024; 0: 64")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class with samples, every mistake, the confusion matrix)")
     evaluate.set_defaults(run=cmd_evaluate)
