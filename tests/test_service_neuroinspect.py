@@ -204,6 +204,9 @@ def test_visualize_streams_previews_and_stores_images(client):
     listed = operation.result(download=False)
     assert all(v.image is None and v.masked_image is None for v in listed)
     assert [(v.neuron, v.class_name, v.activation, v.logit) for v in visualizations] == [(v.neuron, v.class_name, v.activation, v.logit) for v in listed]
+    # Which artifact is whose, to fetch one image later.
+    assert (listed[0].image_artifact, listed[0].masked_image_artifact) == ("00_neuron7_heart.png", "00_neuron7_heart_masked.png")
+    assert np.array_equal(np.asarray(operation.artifact_image(listed[1].image_artifact)), np.asarray(visualizations[1].image))
 
     long = client.visualize_neurons([3], method="feature_visualization", steps=5000)
     for update in long.watch():

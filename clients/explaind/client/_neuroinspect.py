@@ -83,6 +83,10 @@ class NeuronVisualization:
     clip_similarity: float  # NaN without CLIP
     core_relevance: float  # NaN without CLIP
     mask_fraction: float
+    # The operation's artifacts holding the two images (Operation.artifact_image(name)),
+    # to fetch them later after result(download=False).
+    image_artifact: str = ""
+    masked_image_artifact: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: 
             clip_similarity=v.clip_similarity,
             core_relevance=v.core_relevance,
             mask_fraction=v.mask_fraction,
+            image_artifact=v.image_artifact,
+            masked_image_artifact=v.masked_image_artifact,
         )
         for v in message.visualizations
     ]
