@@ -33,7 +33,7 @@ from explaind.client import Client
 from explaind.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-SERIES = re.compile(r"(explaind_\w+)(?:\{([^}]*)\})?")
+SERIES = re.compile(r"((?:explaind|process)_\w+)(?:\{([^}]*)\})?")  # the server's own series and its process's
 MATCHER_LABEL = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 
@@ -88,7 +88,8 @@ def test_dashboard_and_alert_queries_only_series_and_labels_the_server_exports()
         labels: set[str] = set()
         for name, matchers in used:
             assert name in series, f"{title}: {name} is not exported; the server has {sorted(series)}"
-            assert set(MATCHER_LABEL.findall(matchers)) <= series[name], f"{title}: {name}{{{matchers}}}"
+            # job and instance: the target labels Prometheus adds (process_* series need job to be explaind's)
+            assert set(MATCHER_LABEL.findall(matchers)) <= series[name] | {"job", "instance"}, f"{title}: {name}{{{matchers}}}"
             labels |= series[name]
         for grouping in GROUPING.findall(expr):  # or the labels Prometheus gives every scraped series
             assert {label.strip() for label in grouping.split(",")} <= labels | {"job", "instance"}, f"{title}: by ({grouping}) in {expr!r}"
