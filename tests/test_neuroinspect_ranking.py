@@ -58,6 +58,24 @@ def test_rank_ratios_cut_and_both_lists():
 
     strict = ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.3)
     assert strict.neuron_ids == [0, 5]
+    # A ratio equal to the cut stays, in either list: 2, 3 and 7 are insufficient in a
+    # quarter of the mistakes, 4 and 6 excessive in a quarter, 1 both.
+    assert sorted(ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.25).neuron_ids) == list(range(8))
+
+
+class ShiftsWithOneMoreMistake(FixedShifts):
+    """OMEGA and a fifth mistake that needs no neuron lowered (no ω < 0)."""
+
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback=None):
+        omega = torch.cat([OMEGA, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]])])
+        return CounterfactualSolution(omega, torch.ones(5, dtype=torch.bool), torch.full((5,), 7))
+
+
+def test_ratios_are_shares_of_all_mistakes_not_of_those_with_a_neuron_in_that_direction():
+    ranking = MistakeNeuronRanker(always_wrong_head()).rank(torch.rand(5, 8), torch.zeros(5, dtype=torch.long),
+                                                            solver=ShiftsWithOneMoreMistake(), top_k=2, cut_ratio=0)
+    by_id = {n.neuron: n for n in ranking.neurons}
+    assert by_id[5].excessive_ratio == pytest.approx(2 / 5) and by_id[7].insufficient_ratio == pytest.approx(2 / 5)
 
 
 def test_only_mistakes_of_the_target_class_are_explained():

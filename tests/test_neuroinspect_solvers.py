@@ -101,6 +101,22 @@ def test_proximal_stops_at_tolerance_when_the_penalty_forbids_a_flip(problem):
     assert (solution.iterations == 1).all()
 
 
+def test_one_proximal_step_is_the_prox_of_a_gradient_step_of_size_2_over_the_squared_norm(problem):
+    # The step 1 / L with L = ‖W‖₂² / 2 (the softmax Hessian's norm is at most 1/2), then
+    # soft-thresholding by step·λ1/D and group shrinkage by step·λ2/D.
+    head, features, labels = problem
+    weight, bias = head.weight.detach(), head.bias.detach()
+    l1, l2 = 2.0, 20.0  # both shrinkages act: about a quarter of the coordinates zeroed, the rest shrunk
+    mistakes = (F.linear(features, weight, bias).argmax(1) != labels).nonzero().squeeze(1)
+    solution = ProximalGradient(tolerance=0).solve(weight, bias, features[mistakes], labels[mistakes], l1=l1, l2=l2, max_iterations=1)
+    step = 2 / torch.linalg.matrix_norm(weight, ord=2) ** 2
+    gradient = (F.linear(features[mistakes], weight, bias).softmax(1) - F.one_hot(labels[mistakes], NUM_CLASSES)) @ weight
+    shrunk = F.softshrink(-step * gradient, float(step * l1 / DIM))
+    expected = shrunk * (1 - step * l2 / DIM / shrunk.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp_min(0)
+    assert (expected == 0).any() and (expected != 0).any()
+    torch.testing.assert_close(solution.omega, expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["faithful", "proximal"])
 def test_callback_reports_progress_and_cancels(problem, name):
     head, features, labels = problem
