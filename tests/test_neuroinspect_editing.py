@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from explaind.methods.neuroinspect import HeadEditor, evaluate_head, neuron_importance
+from explaind.methods.neuroinspect import HeadEditor, evaluate_head, neuron_importance, probability_ratio
 
 SPURIOUS = 9
 
@@ -79,6 +79,46 @@ def test_auto_target_ratio_follows_the_paper(world):
     assert editor.suggested_target_ratio(train[0], train[1], target_class=0, neurons=[SPURIOUS]) == pytest.approx(expected)
     result = edit(world, target_ratio="auto", max_epochs=1)
     assert result.target_ratio == pytest.approx(expected)
+
+
+def test_auto_target_ratio_takes_the_least_important_of_several_neurons(world):
+    head, train, _, _ = world
+    importance = neuron_importance(head.weight.detach(), head.bias.detach(), train[0][train[1] == 0].mean(0), 0)
+    neurons = [SPURIOUS, 0, 5]
+    assert len({round(float(importance[n]), 3) for n in neurons}) == 3  # they differ, so min ≠ max ≠ mean
+    expected = float((importance[neurons].min() - 1) / 3 + 1)
+    assert HeadEditor(head).suggested_target_ratio(train[0], train[1], target_class=0, neurons=neurons) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method", ["probability_ratio", "constrain"])
+def test_the_penalty_is_the_one_the_paper_writes(world, method):
+    # One epoch of one minibatch: the recorded penalty is the loss term at the old head.
+    # probability_ratio: ‖p_c/p'_c − o‖₂ over the batch; constrain: the mean over the batch
+    # of ‖α_K β_{c,K} + b_c‖₂.
+    head, train, _, _ = world
+    features, weight, bias = train[0], head.weight.detach(), head.bias.detach()
+    result = edit(world, method=method, max_epochs=1, batch_size=len(features))
+    if method == "probability_ratio":
+        expected = (probability_ratio(weight, bias, features, 0, torch.tensor([SPURIOUS])) - 1).norm()
+    else:
+        expected = (features[:, [SPURIOUS]] * weight[0, [SPURIOUS]] + bias[0]).norm(dim=1).mean()
+    assert result.history[0].penalty == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["accuracy", "worst_class"])
+def test_early_stopping_keeps_the_best_epoch_s_weights(world, selection):
+    # At this step size the validation scores peak after a few epochs (3 by accuracy, 4 by
+    # the worst class), so early stopping and the selection both show.
+    result = edit(world, patience=1, selection=selection, learning_rate=0.1)
+    keys = [(r.validation_accuracy, r.validation_worst_class_accuracy) for r in result.history]
+    keys = keys if selection == "accuracy" else [key[::-1] for key in keys]
+    assert result.best_epoch == 1 + max(range(len(keys)), key=keys.__getitem__)  # the first best
+    # It stopped after `patience` epochs without a better one, well before the cap of 20.
+    assert len(result.history) == result.best_epoch + 1 < 20
+    # The weights are that epoch's: a run cut there (same seed, same minibatches) ends with them.
+    cut = edit(world, patience=100, selection=selection, learning_rate=0.1, max_epochs=result.best_epoch)
+    assert torch.equal(cut.weight, result.weight) and torch.equal(cut.bias, result.bias)
+    assert not torch.equal(result.weight, world[0].weight.detach())
 
 
 def test_evaluation_reports_classes_groups_and_the_new_head(world):
