@@ -169,6 +169,14 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
     np.testing.assert_allclose(ranking.omega, expected.omega.numpy(), atol=1e-4)
     names = client.model_metadata().class_names
     assert all(n.top_class_indices and [names[i] for i in n.top_class_indices] == n.top_classes for n in ranking.neurons)
+    # Everything else of each neuron, and each mistake's ω summary, is the in-process ranker's too.
+    by_id = {n.neuron: n for n in expected.neurons}
+    for neuron in ranking.neurons:
+        mine = by_id[neuron.neuron]
+        assert (neuron.direction, neuron.insufficient_ratio, neuron.excessive_ratio) == (mine.direction, mine.insufficient_ratio, mine.excessive_ratio)
+        assert neuron.importance == pytest.approx(mine.importance, rel=1e-4) and neuron.mean_omega == pytest.approx(mine.mean_omega, abs=1e-5)
+        assert tuple(neuron.top_class_indices) == mine.top_classes
+    np.testing.assert_allclose([m.omega_l1 for m in ranking.mistakes], np.abs(ranking.omega).sum(1), rtol=1e-4)
 
     as_operation = client.rank_mistake_neurons("spurious", "heart", execution="operation", include_samples=True)
     assert [n.neuron for n in as_operation.neurons] == expected.neuron_ids
@@ -214,6 +222,20 @@ def test_visualize_streams_previews_and_stores_images(client):
             long.cancel()
             break
     assert long.wait(30).state == "cancelled", long.error
+
+
+def test_a_visualisation_is_the_in_process_one_with_the_same_settings(client):
+    # The service passes γ, the learning rate and the seed on, and defaults γ to the paper's 0.5.
+    from explaind.methods.neuroinspect import ClipIllusion
+    from explaind.world.classifier import load_classifier
+
+    model = load_classifier(SPURIOUS)
+    illusion = ClipIllusion(model, "layer3", class_names=client.model_metadata().class_names)
+    for options in ({}, {"gamma": 2.0, "learning_rate": 0.05, "seed": 3}):
+        served = client.visualize_neurons([(7, "heart")], method="no_clip", steps=5, **options).result(timeout=120)[0]
+        local = illusion.visualize([(7, 5)], method="no_clip", steps=5, **({"gamma": 0.5} | options))
+        assert served.activation == pytest.approx(float(local.activations[0]), rel=1e-3)
+        assert served.logit == pytest.approx(float(local.logits[0]), rel=1e-3, abs=1e-3)
 
 
 def test_a_neuron_without_a_class_shows_its_top_classes(client):
