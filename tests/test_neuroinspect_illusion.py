@@ -57,6 +57,84 @@ def test_batched_pairs_give_images_masks_and_scores(illusion, world_model):
     torch.testing.assert_close(result.activations, maps[[0, 1, 2], result.neurons].mean(dim=(1, 2)))
 
 
+def test_core_relevance_is_the_similarity_lost_when_the_neuron_s_region_is_greyed(illusion):
+    result = illusion.visualize([(5, None), (17, 2)], steps=3)
+    keep = result.masks.unsqueeze(1).to(result.images.dtype)
+    targets = torch.stack([illusion.class_embedding(int(c)) for c in result.classes])
+    with torch.no_grad():
+        greyed = illusion.clip_similarity(result.images * (1 - keep) + 0.5 * keep, targets)
+    torch.testing.assert_close(result.core_relevance, result.clip_similarity - greyed)
+
+
+def test_the_defaults_are_the_papers():
+    # NeuroInspect's settings as the issue states them: a wrong default changes every result
+    # a caller gets without passing the option, and no end-to-end test pins it exactly.
+    import inspect
+
+    from explaind.methods.neuroinspect import FaithfulSGD, HeadEditor, MistakeNeuronRanker
+    from explaind.methods.neuroinspect._editing import DEFAULT_STRENGTH
+
+    def defaults(function):
+        return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+
+    assert defaults(ClipIllusion.visualize).items() >= {"steps": 400, "gamma": 0.5, "epsilon": 0.05, "learning_rate": 9e-3}.items()
+    assert defaults(MistakeNeuronRanker.rank).items() >= {"l1": 0.1, "l2": 0.01, "max_iterations": 1000, "cut_ratio": 0.03}.items()
+    assert (FaithfulSGD().learning_rate, FaithfulSGD().momentum) == (0.01, 0.9)
+    assert defaults(HeadEditor.edit)["learning_rate"] == 1e-3 and DEFAULT_STRENGTH["probability_ratio"] == 0.01
+
+
+def test_feature_visualization_has_no_class_term(world_model):
+    # L = −α_n alone: γ, which weighs the class logit, changes nothing.
+    illusion = ClipIllusion(world_model, "layer3")
+    plain = illusion.visualize([(3, 1)], method="feature_visualization", steps=3, gamma=0.5)
+    weighted = illusion.visualize([(3, 1)], method="feature_visualization", steps=3, gamma=5.0)
+    assert torch.equal(plain.images, weighted.images)
+    assert not torch.equal(plain.images, illusion.visualize([(3, 1)], method="no_clip", steps=3, gamma=5.0).images)
+
+
+def test_each_step_anneals_the_learning_rate_by_a_cosine_and_the_noise_linearly(world_model, monkeypatch):
+    from explaind.methods.neuroinspect import _illusion
+
+    illusion = ClipIllusion(world_model, "layer3")
+    rates = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (rates.append(self.param_groups[0]["lr"]), adamw_step(self, *a, **k))[1])
+    illusion.visualize([(3, 1)], method="no_clip", steps=8)
+    assert rates == pytest.approx([9e-3 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(8)])
+
+    # With a learning rate of 0 the image stays put: what the classifier sees beyond it is
+    # the noise, here ones times its std, which falls from noise_std to 0 over the steps.
+    monkeypatch.setattr(_illusion, "random_affine", lambda images, generators: images)
+    monkeypatch.setattr(_illusion, "gaussian_noise", lambda like, generators: torch.ones_like(like))
+    seen = []
+    hook = world_model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    try:
+        result = illusion.visualize([(3, 1), (4, 2)], method="no_clip", steps=4, learning_rate=0.0, noise_std=0.1)
+    finally:
+        hook.remove()
+    stepped = [images for images in seen if len(images) == 2][:-1]  # the last forward scores the final images
+    assert len(stepped) == 4
+    for k, images in enumerate(stepped):
+        torch.testing.assert_close(images - result.images, torch.full_like(images, 0.1 * (1 - k / 4)))
+
+
+def test_the_augmentations_span_the_specified_ranges(monkeypatch):
+    # Rotation ±15°, scale 0.7–1.2, translation ±15 % of the image, read back from the
+    # affine matrices (which map output to input coordinates: the inverse transform).
+    captured = []
+    affine_grid = torch.nn.functional.affine_grid
+    monkeypatch.setattr(torch.nn.functional, "affine_grid", lambda theta, *a, **k: (captured.append(theta), affine_grid(theta, *a, **k))[1])
+    generators = [torch.Generator().manual_seed(i) for i in range(3000)]
+    random_affine(torch.rand(3000, 3, 4, 4), generators=generators)
+    (theta,) = captured
+    inverse = theta[:, :, :2]
+    scale = 1 / inverse.det().sqrt()
+    angle = torch.rad2deg(torch.atan2(inverse[:, 1, 0], inverse[:, 0, 0]))
+    shift = -(torch.linalg.inv(inverse) @ theta[:, :, 2:]).squeeze(2) / 2  # in image widths
+    for values, low, high in ((scale, 0.7, 1.2), (angle, -15.0, 15.0), (shift, -0.15, 0.15)):
+        assert low - 1e-4 <= values.min() < low + 0.02 * (high - low) and high - 0.02 * (high - low) < values.max() <= high + 1e-4
+
+
 def test_same_seed_same_images_other_seed_other_images(illusion):
     first = illusion.visualize([(3, 1), (9, 0)], steps=3, seed=7)
     again = illusion.visualize([(3, 1), (9, 0)], steps=3, seed=7)
