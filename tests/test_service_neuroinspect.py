@@ -825,3 +825,27 @@ def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_pa
         assert (meta.feature_layer, meta.head, meta.feature_dim, meta.supports_visualization) == ("encoder", "heads.head", 16, True)
         (visualization,) = client.visualize_neurons([(5, "class_1")], method="no_clip", steps=3).result()
         assert visualization.image.size == (32, 32) and math.isfinite(visualization.activation) and 0 < visualization.mask_fraction < 1
+
+
+def test_an_edit_without_a_validation_set_holds_out_every_fifth_sample_and_follows_its_seed(tmp_path, world_set):
+    from google.protobuf import any_pb2
+
+    from explaind.v1 import neuroinspect_pb2
+
+    def result(record) -> neuroinspect_pb2.EditHeadResult:
+        assert record.state == "succeeded", record.error_message
+        packed, message = any_pb2.Any.FromString(record.result), neuroinspect_pb2.EditHeadResult()
+        packed.Unpack(message)
+        return message
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)  # 40 samples
+        first, again, other = (result(_edit(engine, inspect, 3, seed=seed)) for seed in (1, 1, 2))
+        # Evaluated (by default) on the held-out fifth: samples 0, 5, ..., 35.
+        assert sum(c.count for c in first.version.parent_evaluation.per_class) == 8
+        assert sum(c.count for c in first.version.evaluation.per_class) == 8
+        # The seed orders the minibatches: the same seed, the same head; another, another.
+        assert first.version.model_version == again.version.model_version != other.version.model_version
+    finally:
+        _shut(engine)
