@@ -359,6 +359,8 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert set(evaluation.per_class_accuracy) == {"circle", "heart"}
     assert evaluation.class_names == names and evaluation.class_counts["star"] == 0
     assert evaluation.mistakes and all(evaluation.class_names[label] == given[index] for index, label, _, _ in evaluation.mistakes)
+    mistake = evaluation.mistakes[0]  # named fields as well as a tuple
+    assert (mistake.sample_index, mistake.label, mistake.predicted_class, mistake.probability) == tuple(mistake)
     assert main(["--target", server.target, "evaluate", "two-classes"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^per class: circle \d\.\d\d, heart \d\.\d\d; no samples of square, triangle, star, cross$", out, flags=re.M), out

@@ -28,7 +28,7 @@ from ._errors import (
     UnimplementedError,
 )
 from ._neuroinspect import HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, RankedNeuron
-from ._operations import Evaluation, Operation
+from ._operations import EvaluatedMistake, Evaluation, Operation
 from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, RequestLimits, Sample, SampleSet
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Component",
     "DataLossError",
     "DeadlineExceededError",
+    "EvaluatedMistake",
     "Evaluation",
     "ExplaindError",
     "FailedPreconditionError",

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -58,6 +58,15 @@ ARTIFACT_RANGE_BYTES = 2 * 1024 * 1024
 ARTIFACT_HEADROOM_BYTES = 64 * 1024
 
 
+class EvaluatedMistake(NamedTuple):
+    """One misclassified sample of an evaluation; a tuple, so it also unpacks in this order."""
+
+    sample_index: int  # position in the sample set
+    label: int  # the true class's index
+    predicted_class: int
+    probability: float  # of the predicted class
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Result of ``evaluate_sample_set``: ``confusion_matrix`` is (C, C), rows = true labels."""
@@ -68,8 +77,8 @@ class Evaluation:
     accuracy: float
     per_class_accuracy: dict[str, float]  # the classes with samples in the set
     confusion_matrix: np.ndarray
-    # (sample_index, label, predicted, probability), most confident mistakes first.
-    mistakes: list[tuple[int, int, int, float]]
+    # Most confident mistakes first.
+    mistakes: list[EvaluatedMistake]
     class_counts: dict[str, int] = field(default_factory=dict)  # samples per class, every class of the model (0 when absent)
     class_names: list[str] = field(default_factory=list)  # every class of the model, by index (mistakes' labels index it)
 
@@ -85,7 +94,7 @@ def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Opera
         class_counts={c.class_name: c.count for c in message.per_class},
         class_names=[c.class_name for c in message.per_class],
         confusion_matrix=np.array(message.confusion_matrix, dtype=np.int64).reshape(classes, classes),
-        mistakes=[(m.sample_index, m.label, m.predicted, m.probability) for m in message.mistakes],
+        mistakes=[EvaluatedMistake(m.sample_index, m.label, m.predicted, m.probability) for m in message.mistakes],
     )
 
 
