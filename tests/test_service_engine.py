@@ -1249,6 +1249,44 @@ def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, cla
         server.stop(0)
 
 
+def test_idle_reflection_streams_without_a_token_never_starve_the_callers_with_one(tmp_path, classifier_dir):
+    # Reflection is public and its call a two-way stream, which the bound on held calls did
+    # not cover: as many idle streams as worker threads left no thread for anyone.
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from explaind.client import Client
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path), max_workers=4, token="s3cret")
+    server = ExplaindServer(config)
+    port = server.start()
+    server.load_models()
+    idle = threading.Event()
+
+    def nothing_more():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        idle.wait(60)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, Client(f"127.0.0.1:{port}", timeout=10, token="s3cret") as client:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            streams = [stub.ServerReflectionInfo(nothing_more(), timeout=60) for _ in range(4)]
+            answered = [next(stream).list_services_response.service for stream in streams[:2]]  # two hold their threads
+            assert all(answered)
+            with pytest.raises(grpc.RpcError) as refused:
+                for stream in streams[2:]:
+                    next(stream)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            started = time.monotonic()
+            assert client.model_metadata().feature_dim == 128 and client.health() == "SERVING"
+            assert time.monotonic() - started < 5
+    finally:
+        idle.set()
+        server.stop(0)
+
+
 def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
     # Operations are listed with their results (an evaluation's confusion matrix is C²
     # counts): a page of them could exceed the send limit, and every later page with it.

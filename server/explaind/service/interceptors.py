@@ -63,10 +63,11 @@ def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
 
 class HeldCalls:
     """The calls that hold a worker thread while they wait on something: server streams
-    (WatchOperation, health's Watch) and WaitOperation. At most ``limit`` at once (half
-    of [server].max_workers), so the other threads always serve the short calls: health
-    probes, CancelOperation, Predict. Health's Watch needs no token, so without a bound
-    a few idle callers could leave no thread for anything else."""
+    (WatchOperation, health's Watch), reflection's two-way stream and WaitOperation. At
+    most ``limit`` at once (half of [server].max_workers), so the other threads always
+    serve the short calls: health probes, CancelOperation, Predict. Health's Watch and
+    reflection need no token, so without a bound a few idle callers could leave no
+    thread for anything else."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -124,13 +125,15 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         self._metrics.rpcs_started.labels(service, method).inc()
         authorised = service in _PUBLIC_SERVICES or self._token.allows(details.invocation_metadata)
-        # The wrappers answer a request that did not parse; other kinds (reflection's
-        # stream-stream call) keep grpcio's own handling.
+        # The wrappers answer a request that did not parse; a two-way stream's messages
+        # (reflection's) keep grpcio's own handling.
         parsing = {} if handler.request_deserializer is None else {"request_deserializer": _parsing(handler.request_deserializer)}
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised), **parsing)
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised), **parsing)
+        if handler.stream_stream is not None:  # its request is the stream of the caller's messages
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, authorised))
         return handler
 
     def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
