@@ -707,6 +707,17 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
     for bad_id in ("Bad", "-bad", "bad\n", "bad/x", "b" * 64):  # "bad\n" got through a "$"-anchored pattern
         with pytest.raises(InvalidArgument, match=r"^sample_set_id: .* is not a valid id"):
             engine.create_sample_set(bad_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    # Attributes are bounded: a sample's record is read back with every page of its set.
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for attributes, field, message in (
+        ({f"a{i}": "x" for i in range(65)}, "samples[1].attributes", "65 attributes, more than the 64 allowed"),
+        ({"n" * 129: "x"}, "samples[1].attributes", "an attribute name of 129 characters"),
+        ({"source": "u" * 1025}, "samples[1].attributes['source']", "1025 characters, more than the 1024 allowed"),
+    ):
+        with pytest.raises(InvalidArgument, match=re.escape(message)) as refused:
+            engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0), NewSample.from_array(pixels, 0, attributes)])
+        assert refused.value.field == field
+    engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0, {f"a{i}": "u" * 1024 for i in range(64)})])
     with pytest.raises(InvalidArgument, match="top_k"):
         engine.predict(torch.rand(1, 3, 64, 64), top_k=9)
 

@@ -39,6 +39,11 @@ SAMPLE_SET_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: 
 # page of their list exceed the send limit.
 MAX_DISPLAY_NAME_CHARS = 256
 MAX_DESCRIPTION_CHARS = 4096
+# A sample's attributes: metadata such as background=water or a source URL, bounded so
+# that no one sample's record grows without limit (it is read back with every page).
+MAX_ATTRIBUTES_PER_SAMPLE = 64
+MAX_ATTRIBUTE_NAME_CHARS = 128
+MAX_ATTRIBUTE_VALUE_CHARS = 1024
 DEFAULT_TOP_K = 5
 # Threads decoding stored samples for feature computation (PIL and torch release the GIL),
 # at most one per CPU this process may run on (a container's cpuset, taskset).
@@ -55,6 +60,15 @@ def check_sample_set_id(sample_set_id: str, field: str = "sample_set_id") -> Non
 def check_text_length(text: str, limit: int, field: str) -> None:
     if len(text) > limit:
         raise InvalidArgument(f"{len(text)} characters, more than the {limit} allowed", field=field)
+
+
+def _check_attributes(attributes: dict[str, str], field: str) -> None:
+    if len(attributes) > MAX_ATTRIBUTES_PER_SAMPLE:
+        raise InvalidArgument(f"{len(attributes)} attributes, more than the {MAX_ATTRIBUTES_PER_SAMPLE} allowed", field=field)
+    for name, value in attributes.items():
+        if len(name) > MAX_ATTRIBUTE_NAME_CHARS:
+            raise InvalidArgument(f"an attribute name of {len(name)} characters, more than the {MAX_ATTRIBUTE_NAME_CHARS} allowed", field=field)
+        check_text_length(value, MAX_ATTRIBUTE_VALUE_CHARS, f"{field}[{name!r}]")
 
 
 @dataclass(frozen=True)
@@ -284,6 +298,7 @@ class Engine:
         for index, sample in enumerate(samples):
             if not 0 <= sample.label < num_classes:
                 raise InvalidArgument(f"label {sample.label} is not a class index in [0, {num_classes})", field=f"samples[{index}].label")
+            _check_attributes(sample.attributes, f"samples[{index}].attributes")
         return [SampleRecord(put(s.encoded), s.label, dict(s.attributes)) for s in samples]
 
     def load_sample_image(self, digest: str, version: ClassifierVersion | None = None) -> torch.Tensor:
