@@ -257,4 +257,9 @@ class _Observed:
         if self._context.code() is not None:  # the servicer aborted on its own
             self._code = self._context.code().name
             raise error
+        if isinstance(error, grpc.RpcError) and not self._context.is_active():
+            # A two-way stream's request iterator raises this once the caller has left
+            # (reflection's, when a client closes its channel): no failure of the server's.
+            self._code = self._gone()
+            return
         self.abort("INTERNAL", report_internal(log, f"unexpected error in {self._service}/{self._method}", error))
