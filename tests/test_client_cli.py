@@ -356,7 +356,7 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images[chosen], given, sample_set_id="two-classes")
         evaluation = client.evaluate_sample_set("two-classes").result(timeout=60)
-    assert set(evaluation.per_class_accuracy) == {"circle", "heart"}
+    assert set(evaluation.class_accuracy) == {"circle", "heart"}
     assert evaluation.class_names == names and evaluation.class_counts["star"] == 0
     assert evaluation.mistakes and all(evaluation.class_names[label] == given[index] for index, label, _, _ in evaluation.mistakes)
     mistake = evaluation.mistakes[0]  # named fields as well as a tuple
@@ -369,7 +369,7 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--grid", str(grid)]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)  # nothing but the JSON on stdout
-    assert result["per_class_accuracy"] == pytest.approx(evaluation.per_class_accuracy)
+    assert result["class_accuracy"] == pytest.approx(evaluation.class_accuracy)
     assert result["class_counts"] == {"circle": given.count("circle"), "heart": given.count("heart")}
     assert [(m["sample_index"], m["label"], m["predicted"], m["probability"]) for m in result["mistakes"]] == evaluation.mistakes  # floats round-trip exactly
     assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted"]] == "circle" for m in result["mistakes"])
@@ -614,7 +614,7 @@ def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_
     names = [f"c{i}" for i in range(1000)]
     accuracy = {name: (i % 7) / 7 for i, name in enumerate(names[:300])}  # 300 classes with samples
     _print_evaluation(Evaluation(
-        sample_set_id="s", model_version="v", sample_count=600, accuracy=0.4, per_class_accuracy=accuracy,
+        sample_set_id="s", model_version="v", sample_count=600, accuracy=0.4, class_accuracy=accuracy,
         confusion_matrix=np.zeros((1000, 1000), np.int64), mistakes=[(3, 1, 2, 0.9)],
         class_counts={name: 2 if i < 300 else 0 for i, name in enumerate(names)}, class_names=names,
     ))

@@ -92,7 +92,7 @@ class NeuronVisualization:
 @dataclass(frozen=True)
 class HeadEvaluation:
     accuracy: float
-    class_accuracy: dict[str, float]
+    class_accuracy: dict[str, float]  # the classes with samples in the evaluated set, as Evaluation's
     worst_class: str
     worst_class_accuracy: float
     group_accuracy: dict[str, float]  # empty without groups

@@ -75,7 +75,7 @@ class Evaluation:
     model_version: str
     sample_count: int
     accuracy: float
-    per_class_accuracy: dict[str, float]  # the classes with samples in the set
+    class_accuracy: dict[str, float]  # the classes with samples in the set
     confusion_matrix: np.ndarray
     # Most confident mistakes first.
     mistakes: list[EvaluatedMistake]
@@ -90,7 +90,7 @@ def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Opera
         model_version=message.model_version,
         sample_count=message.sample_count,
         accuracy=message.accuracy,
-        per_class_accuracy={c.class_name: c.accuracy for c in message.per_class if c.count},
+        class_accuracy={c.class_name: c.accuracy for c in message.per_class if c.count},
         class_counts={c.class_name: c.count for c in message.per_class},
         class_names=[c.class_name for c in message.per_class],
         confusion_matrix=np.array(message.confusion_matrix, dtype=np.int64).reshape(classes, classes),

@@ -399,7 +399,7 @@ def _print_evaluation(report) -> None:
     print(f"accuracy {report.accuracy:.3f} on {report.sample_count} samples (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
-    scored = list(report.per_class_accuracy.items())
+    scored = list(report.class_accuracy.items())
     heading = "per class"
     if len(scored) > _CLASSES_SHOWN:  # the classes to look at first: the worst, stable in class order
         heading = f"per class, the {_CLASSES_SHOWN} lowest of {len(scored)} (evaluate --json gives all)"
@@ -482,14 +482,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluation_json(evaluation) -> dict:
     """The evaluation as JSON: classes without samples are left out of ``class_counts``
-    and ``per_class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
+    and ``class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
     objects, the confusion matrix is rows of counts (true label by row)."""
     mistakes = [{"sample_index": i, "label": label, "predicted": predicted, "probability": probability}
                 for i, label, predicted, probability in evaluation.mistakes]
     return {
         "sample_set_id": evaluation.sample_set_id, "model_version": evaluation.model_version,
         "sample_count": evaluation.sample_count, "accuracy": evaluation.accuracy,
-        "per_class_accuracy": evaluation.per_class_accuracy,
+        "class_accuracy": evaluation.class_accuracy,
         "class_counts": {name: count for name, count in evaluation.class_counts.items() if count},
         "class_names": evaluation.class_names, "mistakes": mistakes, "confusion_matrix": evaluation.confusion_matrix.tolist(),
     }
@@ -742,7 +742,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     """The debugging loop on the class with the lowest accuracy: rank, visualise, edit, report."""
     from .report import build_report, render_report
 
-    worst, accuracy = min(evaluation.per_class_accuracy.items(), key=lambda item: item[1])
+    worst, accuracy = min(evaluation.class_accuracy.items(), key=lambda item: item[1])
     if accuracy == 1.0:
         print("\nno mistakes to explain: every class of the set is classified correctly")
         return
