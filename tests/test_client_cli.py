@@ -500,6 +500,9 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
                  "--out-dir", str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("started operations/") and "wrote 4 images to" in out
+    with Client(server.target, timeout=30) as client:
+        served = client.model_metadata().model_version
+    assert f"\n2 neurons visualised with feature_visualization, 3 steps, against head {served}:\n" in out, out
     names = sorted(p.name for p in out_dir.iterdir())
     assert names[0].startswith("00_neuron3_") and names[2:] == ["01_neuron5_heart.png", "01_neuron5_heart_masked.png"]
     assert Image.open(out_dir / "01_neuron5_heart.png").size == (64, 64)
@@ -539,7 +542,8 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         versions = client.head_versions()
         assert [v.method for v in versions[len(before):]] == ["probability_ratio", "constrain"]
         assert versions[-1].active
-        client.promote_head_version(served_before)  # leave the module's server as it was
+    assert main(["--target", server.target, "head-versions", "promote", served_before]) == 0  # leave the module's server as it was
+    assert capsys.readouterr().out == f"serving {served_before} (was {versions[-1].version_id})\n"
     # Later, `operations get` of that job says what is served now, not what was at its end.
     assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0
     later = capsys.readouterr().out
@@ -653,7 +657,11 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert "json" in [s["sample_set_id"] for s in _json_out(capsys, [*target, "sample-set", "list", "--json"])]
 
     # Without CLIP there is no similarity: null, not NaN. Image files are named, not embedded.
-    shown = _json_out(capsys, [*target, "visualize", "3", "5:heart", "--method", "no_clip", "--steps", "2", "--out-dir", str(tmp_path), "--json"])
+    result = _json_out(capsys, [*target, "visualize", "3", "5:heart", "--method", "no_clip", "--steps", "2", "--out-dir", str(tmp_path), "--json"])
+    with Client(server.target, timeout=30) as client:
+        served = client.model_metadata().model_version
+    assert (result["method"], result["steps"], result["model_version"]) == ("no_clip", 2, served)
+    shown = result["visualizations"]
     assert [(v["neuron"], v["class_name"]) for v in shown][1] == (5, "heart") and shown[1]["clip_similarity"] is None
     assert all(Image.open(v["image_file"]).size == Image.open(v["masked_image_file"]).size == (64, 64) for v in shown)
     assert "image" not in shown[0] and shown[0]["activation"] > 0
@@ -677,6 +685,7 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert version["evaluation"]["accuracy"] >= 0 and edit["best_epoch"] <= edit["epochs_run"]
     assert _json_out(capsys, [*target, "head-versions", "list", "--json"])[-1] == version
     promoted = _json_out(capsys, [*target, "head-versions", "promote", version["version_id"], "--json"])
-    assert promoted == {**version, "active": True}
-    assert _json_out(capsys, [*target, "head-versions", "rollback", "--json"])["version_id"] == served_before
+    assert promoted == {"version": {**version, "active": True}, "previous_version_id": served_before}
+    rolled = _json_out(capsys, [*target, "head-versions", "rollback", "--json"])
+    assert (rolled["version"]["version_id"], rolled["previous_version_id"]) == (served_before, version["version_id"])
     assert _json_out(capsys, [*target, "head-versions", "delete", version["version_id"], "--json"]) == {"deleted": version["version_id"]}

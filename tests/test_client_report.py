@@ -190,7 +190,7 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
 
     def visualize_neurons(pairs, **options):
         requests.append(pairs)
-        return SimpleNamespace(result=lambda progress: [SimpleNamespace(neuron=n) for n, _ in pairs])
+        return SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[SimpleNamespace(neuron=n) for n, _ in pairs]))
 
     def edit_head(*args, **kwargs):
         raise InvalidArgumentError("sample_set_id: needs at least 5 samples")

@@ -200,7 +200,9 @@ def test_visualize_streams_previews_and_stores_images(client):
     operation = client.visualize_neurons([(7, "heart"), 11], method="no_clip", steps=6, preview_every=2)
     previews = [update.progress.preview for update in operation.watch() if update.progress.preview is not None]
     assert previews and previews[-1].size[0] >= 64
-    visualizations = operation.result()
+    result = operation.result()
+    assert (result.method, result.steps, result.model_version) == ("no_clip", 6, client.model_metadata().model_version)
+    visualizations = result.visualizations
     assert [(v.neuron, v.class_name) for v in visualizations][0] == (7, "heart")
     assert visualizations[1].neuron == 11 and visualizations[1].class_name  # automatic class
     for v in visualizations:
@@ -209,7 +211,7 @@ def test_visualize_streams_previews_and_stores_images(client):
         assert np.asarray(v.masked_image).sum() <= np.asarray(v.image).sum()
     names = {a.name for a in operation.artifacts}
     assert {"00_neuron7_heart.png", "00_neuron7_heart_masked.png"} <= names
-    listed = operation.result(download=False)
+    listed = operation.result(download=False).visualizations
     assert all(v.image is None and v.masked_image is None for v in listed)
     assert [(v.neuron, v.class_name, v.activation, v.logit) for v in visualizations] == [(v.neuron, v.class_name, v.activation, v.logit) for v in listed]
     # Which artifact is whose, to fetch one image later.
@@ -232,7 +234,7 @@ def test_a_visualisation_is_the_in_process_one_with_the_same_settings(client):
     model = load_classifier(SPURIOUS)
     illusion = ClipIllusion(model, "layer3", class_names=client.model_metadata().class_names)
     for options in ({}, {"gamma": 2.0, "learning_rate": 0.05, "seed": 3}):
-        served = client.visualize_neurons([(7, "heart")], method="no_clip", steps=5, **options).result(timeout=120)[0]
+        served = client.visualize_neurons([(7, "heart")], method="no_clip", steps=5, **options).result(timeout=120).visualizations[0]
         local = illusion.visualize([(7, 5)], method="no_clip", steps=5, **({"gamma": 0.5} | options))
         assert served.activation == pytest.approx(float(local.activations[0]), rel=1e-3)
         assert served.logit == pytest.approx(float(local.logits[0]), rel=1e-3, abs=1e-3)
@@ -245,7 +247,7 @@ def test_a_neuron_without_a_class_shows_its_top_classes(client):
     names = client.model_metadata().class_names
     top3 = [names[c] for c in weights[:, 11].topk(3).indices.tolist()]
     visualizations = client.visualize_neurons([(7, "heart"), 11], method="no_clip", steps=2,
-                                              classes_per_neuron=3).result(timeout=120)
+                                              classes_per_neuron=3).result(timeout=120).visualizations
     assert [(v.neuron, v.class_name) for v in visualizations] == [(7, "heart")] + [(11, name) for name in top3]
     assert len({np.asarray(v.image).tobytes() for v in visualizations[1:]}) == 3
 
@@ -284,7 +286,8 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
 
             image = pixels[int(np.flatnonzero(labels == 5)[0])]
             before = _predict(client, image)
-            assert client.promote_head_version("v1").active
+            promoted = client.promote_head_version("v1")
+            assert (promoted.version.version_id, promoted.version.active, promoted.previous_version_id) == ("v1", True, "v0")
             assert client.model_metadata().model_version == version.model_version
             assert client.predict(image[None])[0].model_version == version.model_version
             after = _predict(client, image)
@@ -332,7 +335,8 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
             assert client.model_metadata().model_version == version.model_version
             np.testing.assert_allclose(_predict(client, image), after, atol=1e-5)
             rolled = client.rollback_head_version()
-            assert rolled.version_id == "v0" and client.model_metadata().model_version == base.model_version
+            assert (rolled.version.version_id, rolled.previous_version_id) == ("v0", "v1")
+            assert client.model_metadata().model_version == base.model_version
             with pytest.raises(FailedPreconditionError, match="nothing to roll back"):
                 client.rollback_head_version()
     finally:
@@ -823,7 +827,7 @@ def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_pa
     with Client(server.target, timeout=60) as client:
         meta = client.model_metadata()
         assert (meta.feature_layer, meta.head, meta.feature_dim, meta.supports_visualization) == ("encoder", "heads.head", 16, True)
-        (visualization,) = client.visualize_neurons([(5, "class_1")], method="no_clip", steps=3).result()
+        (visualization,) = client.visualize_neurons([(5, "class_1")], method="no_clip", steps=3).result().visualizations
         assert visualization.image.size == (32, 32) and math.isfinite(visualization.activation) and 0 < visualization.mask_fraction < 1
 
 

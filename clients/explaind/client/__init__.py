@@ -27,12 +27,13 @@ from ._errors import (
     UnavailableError,
     UnimplementedError,
 )
-from ._neuroinspect import HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, RankedNeuron
+from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron
 from ._operations import EvaluatedMistake, Evaluation, Operation
 from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, RequestLimits, Sample, SampleSet
 
 __all__ = [
     "AbortedError",
+    "ActiveHeadChange",
     "AlreadyExistsError",
     "Artifact",
     "CancelledError",
@@ -53,6 +54,7 @@ __all__ = [
     "ModelMetadata",
     "NeuronRanking",
     "NeuronVisualization",
+    "NeuronVisualizations",
     "NotFoundError",
     "Operation",
     "OperationError",

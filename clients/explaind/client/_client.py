@@ -28,7 +28,7 @@ from explaind.v1 import (
 from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
-from ._neuroinspect import HeadVersion, NeuronRanking, class_fields, class_ref
+from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, class_fields, class_ref
 from ._operations import _LAST_ATTEMPT_S, Operation
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
 
@@ -595,9 +595,8 @@ class Client:
         """Start visualising neurons: each entry is a neuron (conditioned on the class with
         its largest head weight, or on each of the ``classes_per_neuron`` largest) or a
         (neuron, class) pair. ``method``: "clip_illusion", "feature_visualization" or
-        "no_clip"; ``steps`` 0 means 400. ``.result()`` gives a list of
-        :class:`NeuronVisualization` with PIL images, in request order; progress carries
-        previews."""
+        "no_clip"; ``steps`` 0 means 400. ``.result()`` gives :class:`NeuronVisualizations`, whose
+        ``visualizations`` hold PIL images, in request order; progress carries previews."""
         expected = "expected a list of neuron indices or (neuron, class) pairs"
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
             raise TypeError(f"pairs: {expected}, got {pairs!r}")
@@ -666,15 +665,16 @@ class Client:
         response = self._call("neuroinspect", "ListHeadVersions", neuroinspect_pb2.ListHeadVersionsRequest())
         return [_neuroinspect.head_version(v) for v in response.versions]
 
-    def promote_head_version(self, version_id: str) -> HeadVersion:
-        """Serve ``version_id`` (atomically; persists across restarts)."""
+    def promote_head_version(self, version_id: str) -> ActiveHeadChange:
+        """Serve ``version_id`` (atomically; persists across restarts). The result names
+        the version served before, to undo the change with."""
         request = neuroinspect_pb2.PromoteHeadVersionRequest(version_id=version_id)
-        return _neuroinspect.head_version(self._call("neuroinspect", "PromoteHeadVersion", request).version)
+        return _neuroinspect.active_head_change(self._call("neuroinspect", "PromoteHeadVersion", request))
 
-    def rollback_head_version(self, version_id: str = "") -> HeadVersion:
-        """Serve the active version's parent (or ``version_id``)."""
+    def rollback_head_version(self, version_id: str = "") -> ActiveHeadChange:
+        """Serve the active version's parent (or ``version_id``), as :meth:`promote_head_version`."""
         request = neuroinspect_pb2.RollbackHeadVersionRequest(version_id=version_id)
-        return _neuroinspect.head_version(self._call("neuroinspect", "RollbackHeadVersion", request).version)
+        return _neuroinspect.active_head_change(self._call("neuroinspect", "RollbackHeadVersion", request))
 
     def delete_head_version(self, version_id: str) -> None:
         """Delete a stored head version that is not served (its children take its parent as

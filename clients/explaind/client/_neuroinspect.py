@@ -90,6 +90,17 @@ class NeuronVisualization:
 
 
 @dataclass(frozen=True)
+class NeuronVisualizations:
+    """Result of ``visualize_neurons``: how the images were made, and one visualisation
+    per requested pair, in request order."""
+
+    model_version: str  # the head the images were optimised against (its logit l_c)
+    method: str  # "clip_illusion", "feature_visualization" or "no_clip"
+    steps: int
+    visualizations: list[NeuronVisualization]
+
+
+@dataclass(frozen=True)
 class HeadEvaluation:
     accuracy: float
     class_accuracy: dict[str, float]  # the classes with samples in the evaluated set, as Evaluation's
@@ -113,6 +124,14 @@ class HeadVersion:
     active: bool
     parent_evaluation: HeadEvaluation | None  # None for a loaded head
     evaluation: HeadEvaluation | None
+
+
+@dataclass(frozen=True)
+class ActiveHeadChange:
+    """Result of ``promote_head_version`` and ``rollback_head_version``."""
+
+    version: HeadVersion  # served from now on
+    previous_version_id: str  # served until the call: promote_head_version(previous_version_id) undoes it
 
 
 @dataclass(frozen=True)
@@ -154,9 +173,9 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
     )
 
 
-def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: Operation | None) -> list[NeuronVisualization]:
-    """One per requested pair, images downloaded from the operation's artifacts (None without it)."""
-    return [
+def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: Operation | None) -> NeuronVisualizations:
+    """Images downloaded from the operation's artifacts (None without it)."""
+    return NeuronVisualizations(message.model_version, message.method, message.steps, [
         NeuronVisualization(
             neuron=v.neuron,
             class_index=v.class_index,
@@ -172,7 +191,7 @@ def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: 
             masked_image_artifact=v.masked_image_artifact,
         )
         for v in message.visualizations
-    ]
+    ])
 
 
 def head_evaluation(message: neuroinspect_pb2.HeadEvaluation) -> HeadEvaluation:
@@ -201,6 +220,10 @@ def head_version(message: neuroinspect_pb2.HeadVersion) -> HeadVersion:
         parent_evaluation=head_evaluation(message.parent_evaluation) if message.HasField("parent_evaluation") else None,
         evaluation=head_evaluation(message.evaluation) if message.HasField("evaluation") else None,
     )
+
+
+def active_head_change(message: neuroinspect_pb2.PromoteHeadVersionResponse | neuroinspect_pb2.RollbackHeadVersionResponse) -> ActiveHeadChange:
+    return ActiveHeadChange(head_version(message.version), message.previous_version_id)
 
 
 def head_edit(message: neuroinspect_pb2.EditHeadResult, operation: Operation | None = None) -> HeadEdit:

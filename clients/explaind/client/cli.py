@@ -425,8 +425,9 @@ def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
         )
 
 
-def _print_visualizations(visualizations) -> None:
-    for v in visualizations:
+def _print_visualizations(result) -> None:
+    print(f"{len(result.visualizations)} neurons visualised with {result.method}, {result.steps} steps, against head {result.model_version}:")
+    for v in result.visualizations:
         similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
         print(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
               f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}")
@@ -537,13 +538,13 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
                                              seed=args.seed)
-        visualizations = _announce_and_wait(operation, args)
-    if visualizations is None:
+        result = _announce_and_wait(operation, args)
+    if result is None:
         return 0
     if not args.json:
-        _print_visualizations(visualizations)
+        _print_visualizations(result)
     written = []
-    for i, v in enumerate(visualizations):
+    for i, v in enumerate(result.visualizations):
         stem = _visualization_stem(i, v.neuron, v.class_name)
         files = {}
         for key, suffix, image in (("image_file", "", v.image), ("masked_image_file", "_masked", v.masked_image)):
@@ -554,9 +555,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             files[key] = str(path)
         written.append({**_json_value(v), **files})
     if args.json:
-        _print_json(written)
+        _print_json({**_json_value(result), "visualizations": written})
     else:
-        print(f"wrote {2 * len(visualizations)} images to {out_dir}")
+        print(f"wrote {2 * len(written)} images to {out_dir}")
     return 0
 
 
@@ -790,11 +791,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_head_versions(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action in ("promote", "rollback"):
-            served = client.promote_head_version(args.version) if args.action == "promote" else client.rollback_head_version(args.version or "")
+            change = client.promote_head_version(args.version) if args.action == "promote" else client.rollback_head_version(args.version or "")
             if args.json:
-                _print_json(served)
+                _print_json(change)
             else:
-                print(f"serving {served.version_id}")
+                print(f"serving {change.version.version_id} (was {change.previous_version_id})")
         elif args.action == "delete":
             client.delete_head_version(args.version)
             print(json.dumps({"deleted": args.version}) if args.json else f"deleted {args.version}")

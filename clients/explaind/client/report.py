@@ -69,7 +69,7 @@ def build_report(
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
     for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
-        visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress)
+        visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
     edit, evaluated_on, no_edit_reason = None, "", ""
     if shown:
         neurons = [n.neuron for n in shown[:edit_neurons]]
