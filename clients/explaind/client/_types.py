@@ -82,6 +82,8 @@ class SampleSet:
     sample_set_id: str
     display_name: str
     sample_count: int
+    # Samples per class index, as stored (Evaluation's are by name): a set is readable while
+    # the models load, before their class names are known; model_metadata().class_names names them.
     class_counts: dict[int, int]
     create_time: dt.datetime
     update_time: dt.datetime
