@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sqlite3
 import stat
 import sys
@@ -34,7 +35,7 @@ from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError,
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
-from explaind.store import SQLiteStore
+from explaind.store import SQLiteStore, StoreOpenError
 
 from conftest import TINY_VIT_CLASSIFIER, write_config
 
@@ -871,8 +872,6 @@ def test_a_data_dir_that_cannot_be_written_or_locked_is_one_clear_error(tmp_path
     import errno
     import fcntl
 
-    from explaind.store import StoreOpenError
-
     (tmp_path / "a-file").write_text("")
     with pytest.raises(StoreOpenError, match=r"cannot use the data dir .*a-file/data: Not a directory; the server must be able to write there"):
         SQLiteStore(tmp_path / "a-file" / "data")
@@ -1466,9 +1465,128 @@ def test_a_full_data_dir_is_resource_exhausted_and_a_failed_blob_write_leaves_no
         store.create_sample_set("s", "x" * 100_000, _samples(put, b"image"))
 
 
-def test_the_data_dir_s_free_space_is_read_at_each_scrape(tmp_path):
-    import shutil
+def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, monkeypatch, caplog):
+    # Full, a data dir could neither restart (SQLite in WAL mode needs room even to read)
+    # nor be freed through the API (a delete is a write): the operator's only way out was
+    # by hand. Here the file system is full while the reserve is held.
+    from explaind.store.sqlite import RESERVE_FILE
 
+    size = 1 << 20
+    store = SQLiteStore(tmp_path, reserve_bytes=size)
+    reserve = tmp_path / RESERVE_FILE
+    assert reserve.stat().st_blocks * 512 >= size  # allocated, not a sparse file
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, b"image"))
+    transaction = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda: transaction() if not reserve.exists() else (_ for _ in ()).throw(
+        store._full("database or disk is full")))
+    with pytest.raises(ResourceExhausted), store.writing_blobs() as put:  # what fills it is still refused
+        store.create_sample_set("t", "", _samples(put, b"other"))
+    assert reserve.exists()
+    with caplog.at_level(logging.WARNING, "explaind.store.sqlite"):
+        store.delete_sample_set("s")  # the reserve goes, so that this can
+    assert not reserve.exists() and f"the data dir {tmp_path} is full: released its reserve of {size} bytes for a delete" in caplog.text
+    with pytest.raises(NotFound):
+        store.get_sample_set("s")
+    # What it freed is for deletes and bookkeeping: no new files, no cached features.
+    with pytest.raises(ResourceExhausted, match="is full \\(what is left is kept for deletes\\)"), store.writing_blobs() as put:
+        put(b"new")
+    store.put_features("v", {_digest(b"image"): np.ones(2, np.float32)})
+    assert store.get_features("v", [_digest(b"image")]) == {}
+    monkeypatch.setattr(store, "_transaction", lambda: (_ for _ in ()).throw(store._full("database or disk is full")))
+    with pytest.raises(ResourceExhausted):  # still full, and nothing left to release
+        store.delete_job("j")
+    monkeypatch.undo()
+    store.keep_reserve()  # a sweep, once deletes made room
+    assert reserve.stat().st_size == size
+    with store.writing_blobs() as put:
+        store.create_sample_set("u", "", _samples(put, b"new"))
+    store.close()
+
+    # Restarted full: the reserve goes before SQLite opens.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "explaind.store.sqlite"):
+        SQLiteStore(tmp_path, reserve_bytes=size).close()
+    assert not reserve.exists() and "released its reserve of 1048576 bytes at start-up" in caplog.text
+    # Without a reserve to release, a store that cannot open says the file system is full.
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+    with pytest.raises(StoreOpenError, match=re.escape(f"disk I/O error; its file system is full ({size - 1} bytes free): free space there")):
+        SQLiteStore(tmp_path, reserve_bytes=size)
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size * 3 // 2))
+    SQLiteStore(tmp_path, reserve_bytes=size).close()  # room, but not twice the reserve: still not set aside
+    assert not reserve.exists()
+    monkeypatch.undo()
+    SQLiteStore(tmp_path, reserve_bytes=size).close()  # room again: set aside at start-up
+    assert reserve.stat().st_size == size
+    SQLiteStore(tmp_path).close()  # no reserve configured: none kept
+    assert not reserve.exists()
+
+
+def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):
+    from explaind.service import ExplaindServer
+    from explaind.store.sqlite import RESERVE_FILE
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path), data_dir_reserve_bytes=1 << 20))
+    try:
+        assert (tmp_path / RESERVE_FILE).stat().st_size == 1 << 20
+        server.store._release_reserve("for a test")
+        server._sweep_once()
+        assert (tmp_path / RESERVE_FILE).stat().st_size == 1 << 20
+        with server.store.writing_blobs() as put:
+            put(b"new file")
+    finally:
+        server.store.close()
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 4 MiB tmpfs at tmp_path / "fs" (skips where mounting is not allowed)."""
+    import subprocess
+
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_data_dir_on_a_full_file_system_restarts_and_frees_space_by_deleting(small_file_system):
+    # A real full file system: without the reserve, the store failed to open ("disk I/O
+    # error") and every delete was RESOURCE_EXHAUSTED.
+    data_dir = small_file_system / "data"
+    store = SQLiteStore(data_dir, reserve_bytes=1 << 20)
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, os.urandom(256 << 10)))
+    store.close()  # a clean close removes SQLite's -wal and -shm, which the next open must make again
+    with open(small_file_system / "filler", "wb") as filler:  # the file system fills up
+        try:
+            while True:
+                filler.write(bytes(64 << 10))
+                filler.flush()
+        except OSError as error:
+            assert error.errno == 28
+    store = SQLiteStore(data_dir, reserve_bytes=1 << 20)
+    assert not (data_dir / "explaind.reserve").exists()
+    image = os.urandom(256 << 10)
+    with pytest.raises(ResourceExhausted, match="kept for deletes"), store.writing_blobs() as put:
+        store.create_sample_set("t", "", _samples(put, image))
+    store.delete_sample_set("s")
+    assert store.delete_unused_blobs() == 1 and shutil.disk_usage(small_file_system).free >= 256 << 10
+    (small_file_system / "filler").unlink()
+    store.keep_reserve()
+    assert (data_dir / "explaind.reserve").stat().st_size == 1 << 20
+    with store.writing_blobs() as put:
+        store.create_sample_set("t", "", _samples(put, image))
+    store.close()
+
+
+def test_the_data_dir_s_free_space_is_read_at_each_scrape(tmp_path):
     metrics = Metrics()
     metrics.watch_data_dir(tmp_path)
     usage = shutil.disk_usage(tmp_path)

@@ -61,10 +61,10 @@ _AT_LEAST_ONE = (
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
-# 0 means something here (any port, no metrics, no grace, the model's size, stretched images, torch's
-# threads, keeping operations); below 0 nothing does.
+# 0 means something here (any port, no metrics, no grace, no reserve, the model's size, stretched images,
+# torch's threads, keeping operations); below 0 nothing does.
 _NOT_NEGATIVE = (
-    "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "batching.max_queue_delay_ms",
+    "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days",
 )
 _MAX_PORT = 65535
@@ -84,6 +84,9 @@ class ServerSection:
     # cannot speak TLS, such as Kubernetes' gRPC probes); 0 disables it.
     health_port: int = 0
     data_dir: str = "var/explaind"
+    # Bytes kept aside in the data dir (a file, explaind.reserve) and released when its file
+    # system is full, so the server still starts and deletes still free space; 0: none.
+    data_dir_reserve_bytes: int = 16 * 1024 * 1024
     max_message_bytes: int = 64 * 1024 * 1024
     # Pixels the images of one Predict / CreateSampleSet / AppendSamples call may decode
     # to in all (8 images of 4096x4096); bounds the memory and time a small request costs.

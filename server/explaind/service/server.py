@@ -70,7 +70,7 @@ class ExplaindServer:
         self._token = BearerToken(config.server.bearer_token(), config.server.token_file)
         self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
         self.metrics = Metrics()
-        self.store = SQLiteStore(config.server.data_dir)
+        self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes)
         self.metrics.watch_data_dir(self.store.data_dir)
         self.engine = Engine(config, self.store, self.metrics)
         self.neuroinspect = NeuroInspectEngine(self.engine)
@@ -169,7 +169,8 @@ class ExplaindServer:
     def _sweep_once(self, *, everything: bool = False) -> None:
         """Delete the operations past ``[jobs].retention_days``, then the files nothing uses
         any more: only those that lost their last reference before the oldest unfinished
-        job was submitted (it may still read a set deleted since). ``everything`` (at
+        job was submitted (it may still read a set deleted since); then set the store's
+        reserve aside again if it was released. ``everything`` (at
         start-up) also takes every file on disk nothing references, as having lost it
         then; jobs may already run (calls are served while models load). A step that
         fails is logged and retried at the next sweep; the other still runs."""
@@ -184,6 +185,7 @@ class ExplaindServer:
             if removed := self.store.delete_unused_blobs(before=before, everything=everything):
                 self.metrics.stored_files_deleted.inc(removed)
                 log.info("deleted %d stored file(s) nothing uses any more", removed)
+            self.store.keep_reserve()  # released when the file system was full; taken again once there is room
         except Exception:  # noqa: BLE001
             log.exception("deleting unused stored files failed")
 

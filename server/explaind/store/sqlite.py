@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 
@@ -79,17 +81,39 @@ CREATE TABLE IF NOT EXISTS file_heads (
 );
 """
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SWEEP_CHUNK = 500  # candidates checked per hold of the store's lock
+# Space kept aside in the data dir, released when its file system is full: SQLite in WAL
+# mode cannot even read without room for its -shm and -wal files, and a delete is a write,
+# so without it a full data dir could neither restart nor be freed by deleting.
+RESERVE_FILE = "explaind.reserve"
 _STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"  # the job that stored a head version
 _SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
 
+def _frees_space(delete: Callable[..., T]) -> Callable[..., T]:
+    """Marks a store method that deletes: when the file system is full, it releases the
+    reserve and runs again, so freeing space stays possible."""
+
+    @functools.wraps(delete)
+    def run(self: SQLiteStore, *args: object, **kwargs: object) -> T:
+        try:
+            return delete(self, *args, **kwargs)
+        except ResourceExhausted:
+            if not self._release_reserve("for a delete"):
+                raise
+            return delete(self, *args, **kwargs)
+
+    return run
+
+
 class SQLiteStore:
     """Thread-safe (one connection behind a lock); durable across restarts and kill -9."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, *, reserve_bytes: int = 0) -> None:
+        """``reserve_bytes``: how much to keep aside for a full file system (see RESERVE_FILE); 0: none."""
         self.data_dir = Path(data_dir)
         self.blob_dir = self.data_dir / "artifacts" / "sha256"
         try:
@@ -102,6 +126,14 @@ class SQLiteStore:
         # Not the pid: in a container every server is pid 1.
         self._scratch_tag = uuid.uuid4().hex[:12]
         self._dir_lock = self._lock_data_dir()
+        self._reserve, self._reserve_bytes = self.data_dir / RESERVE_FILE, reserve_bytes
+        # Released for a full file system: what it freed is for deletes and for bookkeeping
+        # (job states, small records), so new files are refused until it is set aside again.
+        self._reserve_released = False
+        if not reserve_bytes:
+            self._reserve.unlink(missing_ok=True)  # set aside under an earlier configuration
+        elif self._free_bytes() < reserve_bytes:
+            self._release_reserve("at start-up")
         path = self.data_dir / "explaind.sqlite3"
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -114,7 +146,10 @@ class SQLiteStore:
                                 SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""")
         except sqlite3.Error as error:
             self._dir_lock.close()
-            raise StoreOpenError(f"cannot open the store {path}: {error}") from None
+            free = self._free_bytes()
+            full = f"; its file system is full ({free} bytes free): free space there" if free < max(reserve_bytes, 1 << 20) else ""
+            raise StoreOpenError(f"cannot open the store {path}: {error}{full}") from None
+        self.keep_reserve()
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
@@ -137,6 +172,39 @@ class SQLiteStore:
         lock.write(f"explaind server pid {os.getpid()}")
         lock.flush()
         return lock
+
+    # Reserve --------------------------------------------------------------------------
+
+    def _free_bytes(self) -> int:
+        return shutil.disk_usage(self.data_dir).free
+
+    def keep_reserve(self) -> None:
+        """Set the reserve aside (again) once the file system has room for it and as much
+        again: at start-up, and at each sweep after a release, when deletes freed space."""
+        if not self._reserve_bytes or self._reserve.exists() or self._free_bytes() < 2 * self._reserve_bytes:
+            return
+        temporary = self._reserve.with_name(f"{RESERVE_FILE}.{self._scratch_tag}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                os.posix_fallocate(file.fileno(), 0, self._reserve_bytes)  # blocks taken, none written
+            os.replace(temporary, self._reserve)
+            self._reserve_released = False
+        except OSError as error:  # others took the room meanwhile: the next sweep tries again
+            temporary.unlink(missing_ok=True)
+            log.warning("cannot set %d bytes aside in the data dir %s: %s", self._reserve_bytes, self.data_dir, error.strerror)
+
+    def _release_reserve(self, when: str) -> bool:
+        """Free the reserve for the writes that must go on with the file system full
+        (start-up, deletes); False when it is already gone."""
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            return False
+        self._reserve_released = True
+        log.warning("the data dir %s is full: released its reserve of %d bytes %s; new files are refused until it is set aside "
+                    "again, once there is room: delete sample sets, operations or head versions, or grow the volume",
+                    self.data_dir, self._reserve_bytes, when)
+        return True
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -173,9 +241,11 @@ class SQLiteStore:
         def put(data: bytes) -> str:
             digest = hashlib.sha256(data).hexdigest()
             with self._lock:  # a delete either removed the file already or sees it kept
+                missing = not self._blob_path(digest).exists()
+                if missing and self._reserve_released:
+                    raise self._full("what is left is kept for deletes")
                 self._writing[digest] += 1
                 written.append(digest)
-                missing = not self._blob_path(digest).exists()
             if missing:
                 self._write_blob(digest, data)
             return digest
@@ -222,6 +292,7 @@ class SQLiteStore:
         """A write refused for want of space: the caller's answer, the operator's cue."""
         return ResourceExhausted(f"the server's data dir {self.data_dir} is full ({detail}); the operator must free space there")
 
+    @_frees_space
     def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False) -> int:
         """Remove the blob files, and their cached features, that lost their last
         reference (a deleted set's images, a deleted head version's weights) before
@@ -365,6 +436,7 @@ class SQLiteStore:
             ).fetchall()
         return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
 
+    @_frees_space
     def delete_sample_set(self, sample_set_id: str) -> None:
         """Delete the set; its images become candidates for :meth:`delete_unused_blobs`."""
         with self._transaction() as db:
@@ -430,6 +502,7 @@ class SQLiteStore:
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
 
+    @_frees_space
     def delete_job(self, job_id: str) -> None:
         """Forget a finished job; its artifacts become candidates for :meth:`delete_unused_blobs`."""
         with self._transaction() as db:
@@ -444,6 +517,7 @@ class SQLiteStore:
                                          f"first (DeleteHeadVersion), or the server's next start does", field="name")
             self._forget_jobs(db, "id = ?", (job_id,))
 
+    @_frees_space
     def delete_jobs_ended_before(self, end_time: float) -> int:
         """Forget the finished jobs that ended before ``end_time`` (epoch s), at most
         ``_SWEEP_CHUNK`` per hold of the lock; returns how many. An edit that did not
@@ -492,6 +566,9 @@ class SQLiteStore:
         return found
 
     def put_features(self, version: str, features: dict[str, np.ndarray]) -> None:
+        """Cache computed features; skipped while the data dir is full (the reserve released)."""
+        if self._reserve_released:
+            return
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
@@ -538,6 +615,7 @@ class SQLiteStore:
             raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
         return self._head_from_row(row)
 
+    @_frees_space
     def delete_head_version(self, feature_version: str, version_id: str) -> None:
         with self._transaction() as db:
             row = db.execute("SELECT parent_version_id FROM head_versions WHERE feature_version = ? AND version_id = ?",
