@@ -18,7 +18,7 @@ from explaind.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("onnxruntime", "tensorrt")
+ONNX_BACKENDS = ("onnxruntime", "tensorrt")  # the [runtime].backend values that run h_b on ONNX Runtime
 # The torch.export-based exporter's own default; ONNX Runtime and TensorRT 10 run it.
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "features"
@@ -85,14 +85,14 @@ Provider = tuple[str, dict[str, object]]
 
 
 def execution_providers(
-    engine: str = "onnxruntime",
+    backend: str = "onnxruntime",
     device: str = "cpu",
     *,
     image_size: int = 0,
     max_batch_size: int = 0,
     engine_cache_dir: Path | None = None,
 ) -> list[Provider]:
-    """ONNX Runtime providers with their options for ``engine`` on ``device``, best first;
+    """ONNX Runtime providers with their options for ``backend`` on ``device``, best first;
     checked before any export so a machine without them fails at once with a
     ``FailedPrecondition`` naming what is missing.
 
@@ -108,11 +108,11 @@ def execution_providers(
     """
     import onnxruntime
 
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"backend must be one of {ONNX_BACKENDS}, got {backend!r}")
     available = onnxruntime.get_available_providers()
     cpu: Provider = ("CPUExecutionProvider", {})
-    if engine == "tensorrt":
+    if backend == "tensorrt":
         if not torch.cuda.is_available() or "TensorrtExecutionProvider" not in available:
             raise FailedPrecondition(
                 f"backend 'tensorrt' needs CUDA and onnxruntime's TensorrtExecutionProvider; this machine has "

@@ -95,9 +95,9 @@ def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_p
     assert providers[1] == ("CUDAExecutionProvider", {"device_id": 1})
 
 
-def test_unknown_engine_and_missing_providers_fail_clearly():
+def test_an_unknown_backend_and_missing_providers_fail_clearly():
     assert execution_providers() == [("CPUExecutionProvider", {})]
-    with pytest.raises(ValueError, match="engine"):
+    with pytest.raises(ValueError, match=r"backend must be one of \(.onnxruntime., .tensorrt.\), got .openvino."):
         execution_providers("openvino")
     if not torch.cuda.is_available():
         with pytest.raises(FailedPrecondition, match="TensorrtExecutionProvider"):

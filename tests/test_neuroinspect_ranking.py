@@ -26,7 +26,7 @@ class FixedShifts:
 
     name = "fixed"
 
-    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback=None):
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback_on_step_end=None):
         n = len(features)
         return CounterfactualSolution(OMEGA[:n], torch.ones(n, dtype=torch.bool), torch.full((n,), 7))
 
@@ -66,7 +66,7 @@ def test_rank_ratios_cut_and_both_lists():
 class ShiftsWithOneMoreMistake(FixedShifts):
     """OMEGA and a fifth mistake that needs no neuron lowered (no ω < 0)."""
 
-    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback=None):
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback_on_step_end=None):
         omega = torch.cat([OMEGA, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]])])
         return CounterfactualSolution(omega, torch.ones(5, dtype=torch.bool), torch.full((5,), 7))
 

@@ -126,7 +126,7 @@ def test_callback_reports_progress_and_cancels(problem, name):
         calls.append((step, total, running))
         return step == 2
 
-    solution = solve(make_solver(name), head, features, labels, callback=stop_after_two)
+    solution = solve(make_solver(name), head, features, labels, callback_on_step_end=stop_after_two)
     assert solution.cancelled and [c[0] for c in calls] == [1, 2] and calls[0][1] == 1000
     assert (solution.iterations <= 2).all()
     assert solution.omega.shape == features.shape
@@ -136,7 +136,7 @@ def test_callback_reports_progress_and_cancels(problem, name):
 def test_no_samples_solve_at_once(problem, name):
     head, features, labels = problem
     calls = []
-    solution = solve(make_solver(name), head, features[:0], labels[:0], callback=lambda *a: calls.append(a))
+    solution = solve(make_solver(name), head, features[:0], labels[:0], callback_on_step_end=lambda *a: calls.append(a))
     assert solution.omega.shape == (0, DIM) and len(solution.converged) == 0 and calls == []
 
 
@@ -144,7 +144,7 @@ def test_a_sample_flipped_by_the_last_update_before_a_cancel_counts_as_converged
     head, features, labels = problem
     full = solve(FaithfulSGD(), head, features, labels)
     first_flips = int(full.iterations[full.iterations > 0].min())
-    cancelled = solve(FaithfulSGD(), head, features, labels, callback=lambda step, total, running: step == first_flips)
+    cancelled = solve(FaithfulSGD(), head, features, labels, callback_on_step_end=lambda step, total, running: step == first_flips)
     assert cancelled.converged[full.iterations == first_flips].all()
     assert torch.equal(cancelled.converged, full.converged & (full.iterations <= first_flips))
 

@@ -189,7 +189,7 @@ class DiffusionSection:
 class RuntimeSection:
     backend: str = "eager"
     device: str = "cpu"
-    # torch intra-op threads; 0 keeps torch's default.
+    # torch's and ONNX Runtime's intra-op threads; 0 keeps their defaults.
     num_threads: int = 0
 
 

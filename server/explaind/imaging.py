@@ -237,9 +237,9 @@ MIN_CAPTIONED_TILE_WIDTH = 128
 
 
 def image_grid(images: list[np.ndarray], captions: list[str] | None = None, *, columns: int = 8) -> np.ndarray:
-    """Tile (H, W, 3) uint8 images into one (rows*(H'+12), columns*W', 3) uint8 image, with
-    an optional caption strip under each tile; with captions, tiles narrower than
-    :data:`MIN_CAPTIONED_TILE_WIDTH` are scaled up (nearest neighbour)."""
+    """Tile (H, W, 3) uint8 images into one (rows*H', columns*W', 3) uint8 image, H' x W'
+    a tile: H x W, or with captions scaled up (nearest neighbour) to at least
+    :data:`MIN_CAPTIONED_TILE_WIDTH` wide, with a 12-pixel caption strip under it."""
     from PIL import ImageDraw
 
     if not images:

@@ -139,6 +139,10 @@ def _log_end(record: JobRecord) -> None:
 
 
 class JobManager:
+    """Long-running work as operations: queued (at most ``max_queued``) and run on
+    ``workers`` threads, with progress, cancellation and results kept in the store, so
+    callers may poll, wait or watch, and a restart reports what it cut short."""
+
     def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1) -> None:
         self.store = store
         self.metrics = metrics

@@ -21,6 +21,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
+    """The server's Prometheus series, in their own registry (so tests can start several
+    servers in one process); ``serve_http`` exposes them at /metrics."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

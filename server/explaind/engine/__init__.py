@@ -1,21 +1,25 @@
 """Model serving without gRPC: loading and splitting classifiers, backends, dynamic
-batching, the model registry and the :class:`Engine` that ties them to the store and jobs."""
+batching, the model registry, the :class:`Engine` that ties them to the store and jobs,
+and the :class:`NeuroInspectEngine` that runs the method's jobs on it."""
 
 from .batcher import DynamicBatcher
 from .core import BatchOutput, Engine, NewSample, PredictOutput, SampleFeatures, check_sample_set_id
-from .models import ClassifierVersion, ComponentStatus, FeatureExtractor, load_classifier, split_classifier
+from .models import Backbone, ClassifierVersion, ComponentStatus, load_classifier, split_classifier
+from .neuroinspect import NeuroInspectEngine, RankSettings
 from .registry import ModelRegistry
 
 __all__ = [
+    "Backbone",
     "BatchOutput",
     "ClassifierVersion",
     "ComponentStatus",
     "DynamicBatcher",
     "Engine",
-    "FeatureExtractor",
     "ModelRegistry",
+    "NeuroInspectEngine",
     "NewSample",
     "PredictOutput",
+    "RankSettings",
     "SampleFeatures",
     "check_sample_set_id",
     "load_classifier",

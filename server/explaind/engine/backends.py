@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import FailedPrecondition
-from ..kernels import ENGINES, execution_providers, export_onnx, onnx_runtime_features
+from ..kernels import ONNX_BACKENDS, execution_providers, export_onnx, onnx_runtime_features
 from .models import ClassifierVersion
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -50,7 +50,7 @@ def build_feature_fn(
             return compiled(images)
 
         return run_compiled
-    if backend in ENGINES:
+    if backend in ONNX_BACKENDS:
         return _onnx_engine_fn(version, backend, device, cache_dir, num_threads, max_batch_size)
     raise FailedPrecondition(f"unknown backend {backend!r}")
 

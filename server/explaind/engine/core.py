@@ -122,6 +122,10 @@ def _split_outputs(output: BatchOutput, sizes: list[int]) -> list[BatchOutput]:
 
 
 class Engine:
+    """Serving without gRPC: loads the models, answers Predict through the dynamic batcher,
+    stores sample sets and computes (and caches) their features for the method jobs, which
+    run on its :class:`JobManager`."""
+
     def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
         self.config = config
         self.store = store
@@ -413,4 +417,4 @@ class Engine:
         return image_grid([to_uint8_hwc(self.load_sample_image(d)) for d in digests], list(captions) if captions else None)
 
 
-__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOutput", "SampleFeatures"]
+__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOutput", "SampleFeatures", "check_sample_set_id"]

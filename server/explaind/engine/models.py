@@ -50,8 +50,10 @@ class Preprocess(nn.Module):
         return (images - self.mean) / self.std if self.enabled else images
 
 
-class FeatureExtractor(nn.Module):
-    """h_b: images (N, 3, S, S) in [0, 1] -> penultimate features (N, D)."""
+class Backbone(nn.Module):
+    """h_b, the classifier without its head: images (N, 3, S, S) in [0, 1] -> penultimate
+    features (N, D). (``explaind.methods.neuroinspect.FeatureExtractor`` is the in-process
+    API's counterpart, which reads the features off the whole classifier.)"""
 
     def __init__(self, preprocess: Preprocess, trunk: nn.Module) -> None:
         super().__init__()
@@ -83,6 +85,12 @@ class _LayerTap:
             self._local.armed, self._local.output = False, None
 
 
+def model_version(feature_version: str, head_version: str) -> str:
+    """What Predict reports for a classifier: short content hashes of h_b and of the head,
+    so a head version's (HeadVersion.model_version) is the one Predict gives once served."""
+    return f"{feature_version[:12]}.{head_version[:8]}"
+
+
 @dataclass(frozen=True)
 class ClassifierVersion:
     """One immutable (feature extractor, head) pair; the unit the registry swaps.
@@ -100,7 +108,7 @@ class ClassifierVersion:
     image_size: int
     feature_layer: str
     head_name: str
-    feature_extractor: FeatureExtractor | None
+    feature_extractor: Backbone | None
     head: nn.Linear | None
     # Content hashes: features depend only on h_b, so a head edit keeps the feature cache.
     feature_version: str
@@ -114,7 +122,7 @@ class ClassifierVersion:
 
     @property
     def version(self) -> str:
-        return f"{self.feature_version[:12]}.{self.head_version[:8]}"
+        return model_version(self.feature_version, self.head_version)
 
     @functools.cached_property
     def input_geometry(self) -> InputGeometry:
@@ -222,7 +230,7 @@ def split_classifier(
     if head_module.bias is None:  # ranking and head edits work with a bias; a zero one changes no output
         head_module = _replace_with_linear(model, head, source)
     model.eval()
-    extractor = FeatureExtractor(preprocess, _without_submodule(model, head)).eval()
+    extractor = Backbone(preprocess, _without_submodule(model, head)).eval()
     tap = _LayerTap(tapped)
     device = next(model.parameters()).device  # the CPU but for an exported program placed at load
     probe = _probe_images(image_size).to(device)

@@ -27,17 +27,25 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from google.protobuf import timestamp_pb2
-
-from explaind.v1 import common_pb2, neuroinspect_pb2
+from explaind.v1 import neuroinspect_pb2
 
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
-from ..methods.neuroinspect import ClipIllusion, HeadEditor, HeadEvaluation, MistakeNeuronRanker, TrainingDiverged
+from ..messages import array_to_tensor, timestamp
+from ..methods.neuroinspect import (
+    EDIT_METHODS,
+    SOLVERS,
+    VISUALIZATION_METHODS,
+    ClipIllusion,
+    HeadEditor,
+    HeadEvaluation,
+    MistakeNeuronRanker,
+    TrainingDiverged,
+)
 from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord
 from .core import MAX_DESCRIPTION_CHARS, check_text_length
-from .models import ClassifierVersion
+from .models import ClassifierVersion, model_version
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +53,6 @@ log = logging.getLogger(__name__)
 INLINE_MAX_SAMPLES = 4096
 INLINE_MAX_MISTAKES = 256
 MAX_VISUALIZATION_PAIRS = 64
-SOLVERS = ("faithful", "proximal")
-VISUALIZATION_METHODS = ("clip_illusion", "feature_visualization", "no_clip")
-EDIT_METHODS = ("probability_ratio", "constrain")
 EXECUTIONS = ("auto", "inline", "operation")
 # The job kinds, as operations report them.
 RANK_KIND, VISUALIZE_KIND, EDIT_KIND = "rank_mistake_neurons", "visualize_neurons", "edit_head"
@@ -65,6 +70,9 @@ ClassRef = str | int  # a class name, or its index
 
 @dataclass(frozen=True)
 class RankSettings:
+    """A ranking's parameters, with the issue's defaults: ω's penalties λ1 ‖ω‖₁/D and
+    λ2 ‖ω‖₂/D, and the share of mistakes under which a neuron is dropped."""
+
     solver: str = "faithful"
     l1: float = 0.1
     l2: float = 0.01
@@ -86,7 +94,9 @@ class _Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def _finite(value: float, field: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+def _bounded(value: float, field: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+    """A request's number within the service's bounds, upper ones too (the methods check
+    only what makes sense at all); INVALID_ARGUMENT naming ``field``."""
     value = float(value)
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
@@ -199,10 +209,10 @@ class NeuroInspectEngine:
     @staticmethod
     def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:
         if settings.solver not in SOLVERS:
-            raise InvalidArgument(f"must be one of {SOLVERS}", field="solver")
-        _finite(settings.l1, "l1", high=MAX_LOSS_WEIGHT)
-        _finite(settings.l2, "l2", high=MAX_LOSS_WEIGHT)
-        _finite(settings.cut_ratio, "cut_ratio", high=1.0)
+            raise InvalidArgument(f"must be one of {tuple(SOLVERS)}", field="solver")
+        _bounded(settings.l1, "l1", high=MAX_LOSS_WEIGHT)
+        _bounded(settings.l2, "l2", high=MAX_LOSS_WEIGHT)
+        _bounded(settings.cut_ratio, "cut_ratio", high=1.0)
         if not 1 <= settings.max_iterations <= 100_000:
             raise InvalidArgument(f"{settings.max_iterations} is not in [1, 100000] (0 means 1000)", field="max_iterations")
         if settings.top_k and not 1 <= settings.top_k <= version.feature_dim:
@@ -253,11 +263,10 @@ class NeuroInspectEngine:
             converged_count=ranking.num_converged,
             predicted_as={names[c]: n for c, n in sorted(Counter(predicted.tolist()).items())},
         )
-        directions = {"insufficient": 1, "excessive": 2, "both": 3}
         for neuron in ranking.neurons:
             message.neurons.add(
-                neuron=neuron.neuron, direction=directions[neuron.direction], insufficient_ratio=neuron.insufficient_ratio,
-                excessive_ratio=neuron.excessive_ratio, mean_omega=neuron.mean_omega, importance=neuron.importance,
+                neuron=neuron.neuron, direction=neuroinspect_pb2.NeuronDirection.Value(f"NEURON_DIRECTION_{neuron.direction.upper()}"),
+                insufficient_ratio=neuron.insufficient_ratio, excessive_ratio=neuron.excessive_ratio, mean_omega=neuron.mean_omega, importance=neuron.importance,
                 top_classes=list(neuron.top_classes), top_class_names=[names[c] for c in neuron.top_classes],
             )
         if settings.include_samples:
@@ -271,12 +280,11 @@ class NeuroInspectEngine:
                     insufficient_neurons=[n for n in insufficient if n >= 0], excessive_neurons=[n for n in excessive if n >= 0],
                     omega_l1=omega_l1,
                 )
-            omega_le = omega.numpy().astype("<f4")
             if context is None:
-                message.omega.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=list(omega.shape), data=omega_le.tobytes()))
+                message.omega.CopyFrom(array_to_tensor(omega.numpy()))
             else:  # (M, D) floats of a large set outgrow one message: an artifact, read in ranges
                 buffer = io.BytesIO()
-                np.save(buffer, omega_le, allow_pickle=False)
+                np.save(buffer, omega.numpy().astype("<f4"), allow_pickle=False)
                 message.omega_artifact = context.save_artifact(OMEGA_ARTIFACT, buffer.getvalue(), "application/x-npy").name
         if context is not None:
             context.report_progress(settings.max_iterations, settings.max_iterations, f"ranked {len(ranking.neurons)} neurons from {ranking.num_mistakes} mistakes")
@@ -339,9 +347,9 @@ class NeuroInspectEngine:
             raise FailedPrecondition(f"clip_illusion needs CLIP, which is not loaded ({clip.detail if clip else 'not configured'}); use no_clip or feature_visualization", field="method")
         if not 1 <= steps <= 10_000:
             raise InvalidArgument(f"{steps} is not in [1, 10000] (0 means 400)", field="steps")
-        _finite(gamma, "gamma", high=MAX_LOSS_WEIGHT)
-        _finite(epsilon, "epsilon", high=MAX_LOSS_WEIGHT)
-        _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
+        _bounded(gamma, "gamma", high=MAX_LOSS_WEIGHT)
+        _bounded(epsilon, "epsilon", high=MAX_LOSS_WEIGHT)
+        _bounded(learning_rate, "learning_rate", low_open=True, high=10.0)
         if preview_every < 1:
             raise InvalidArgument("must be positive (0 means 10)", field="preview_every")
         return self._engine.jobs.submit(
@@ -442,13 +450,13 @@ class NeuroInspectEngine:
             if not any(group_attribute in r.attributes for r in self._engine.store.list_samples(eval_id)):
                 raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
         if strength is not None:
-            _finite(strength, "strength", high=MAX_LOSS_WEIGHT)
+            _bounded(strength, "strength", high=MAX_LOSS_WEIGHT)
         if method == "constrain" and target_ratio is not None:  # refused, not silently ignored
             raise InvalidArgument("applies to the probability_ratio method only; constrain has no target ratio",
                                   field="auto_target_ratio" if target_ratio == "auto" else "target_ratio")
         if target_ratio not in (None, "auto"):
-            target_ratio = _finite(target_ratio, "target_ratio", low_open=True, high=MAX_TARGET_RATIO)
-        _finite(learning_rate, "learning_rate", low_open=True, high=10.0)
+            target_ratio = _bounded(target_ratio, "target_ratio", low_open=True, high=MAX_TARGET_RATIO)
+        _bounded(learning_rate, "learning_rate", low_open=True, high=10.0)
         if not 1 <= max_epochs <= 1000:
             raise InvalidArgument(f"{max_epochs} is not in [1, 1000] (0 means 20)", field="max_epochs")
         if not 1 <= patience <= 1000:
@@ -738,13 +746,13 @@ class NeuroInspectEngine:
         details = record.details
         message = neuroinspect_pb2.HeadVersion(
             version_id=record.version_id,
-            model_version=f"{record.feature_version[:12]}.{record.head_hash[:8]}",
+            model_version=model_version(record.feature_version, record.head_hash),
             parent_version_id=record.parent_version_id,
             method=details.get("method", ""),
             class_name=details.get("class_name", ""),
             neurons=details.get("neurons", []),
             description=details.get("description", ""),
-            create_time=timestamp_pb2.Timestamp(seconds=int(record.create_time), nanos=int(record.create_time % 1 * 1e9)),
+            create_time=timestamp(record.create_time),
             active=record.version_id == active_id,
         )
         for key in ("parent_evaluation", "evaluation"):

@@ -2,8 +2,8 @@
 
 Readers take ``registry.active`` once per batch and use that object throughout, so a
 swap (one reference assignment) never lets a batch mix a new head with old features:
-every request sees the old pair or the new one. Head versions (issue 4) slot in as
-``engine.activate(registry.active.with_head(new_head))``.
+every request sees the old pair or the new one; a head version is served by
+``engine.activate(engine.models.active.with_head(head))``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from .models import ClassifierVersion
 
 
 class ModelRegistry:
+    """Holds the served :class:`ClassifierVersion`; ``active`` is UNAVAILABLE until one is."""
+
     def __init__(self) -> None:
         self._active: ClassifierVersion | None = None
         self._lock = threading.Lock()
@@ -25,10 +27,6 @@ class ModelRegistry:
         if active is None:
             raise Unavailable("models are still loading; retry when health reports SERVING")
         return active
-
-    @property
-    def loaded(self) -> bool:
-        return self._active is not None
 
     def activate(self, version: ClassifierVersion) -> ClassifierVersion | None:
         """Make ``version`` the served one; returns the previous version."""

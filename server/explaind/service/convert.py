@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from google.longrunning import operations_pb2 as lro_pb2
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 import grpc
@@ -15,6 +15,7 @@ from ..engine import NewSample
 from ..errors import InvalidArgument
 from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JobSnapshot
+from ..messages import timestamp
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
 
 _DTYPE_NAMES = {
@@ -50,12 +51,6 @@ def tensor_to_array(tensor: common_pb2.Tensor, *, field: str) -> np.ndarray:
     return array_from_buffer(_DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.data, field=field)
 
 
-def array_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
-    array = np.ascontiguousarray(array)
-    dtype = {np.dtype(np.uint8): common_pb2.DATA_TYPE_UINT8, np.dtype(np.float16): common_pb2.DATA_TYPE_FLOAT16, np.dtype(np.float32): common_pb2.DATA_TYPE_FLOAT32, np.dtype(np.int64): common_pb2.DATA_TYPE_INT64}[array.dtype]
-    return common_pb2.Tensor(dtype=dtype, shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-
-
 def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudget) -> NewSample:
     """Validate a Sample's image; keep encoded bytes as given (decoded only to check them,
     never to float), store raw tensors as PNG."""
@@ -65,14 +60,6 @@ def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudge
         return NewSample(image.encoded, sample.label, dict(sample.attributes))
     pixels = to_uint8_hwc(decode_image(image, field=f"{field}.image", budget=budget))
     return NewSample(encode_png(pixels), sample.label, dict(sample.attributes))
-
-
-def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def sample_set(info: SampleSetInfo) -> sample_sets_pb2.SampleSet:

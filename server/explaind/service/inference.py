@@ -12,6 +12,7 @@ from explaind.v1 import inference_pb2, inference_pb2_grpc
 from ..engine import Engine
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from ..imaging import MAX_IMAGE_SIDE, PixelBudget
+from ..messages import array_to_tensor
 from . import convert
 from .sample_sets import required_set_id
 
@@ -52,7 +53,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         for indices, probabilities, labels in zip(result.class_indices, result.probabilities, result.labels, strict=True):
             response.predictions.add(class_indices=indices.tolist(), labels=labels, probabilities=probabilities.tolist())
         if result.features is not None:
-            response.features.CopyFrom(convert.array_to_tensor(result.features))
+            response.features.CopyFrom(array_to_tensor(result.features))
         return response
 
     def GetModelMetadata(self, request: inference_pb2.GetModelMetadataRequest, context: grpc.ServicerContext) -> inference_pb2.GetModelMetadataResponse:

@@ -5,15 +5,21 @@ from __future__ import annotations
 import grpc
 from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
 
-from ..engine.neuroinspect import NeuroInspectEngine, RankSettings
+from ..engine import NeuroInspectEngine, RankSettings
 from ..errors import InvalidArgument
 from ..jobs import JobSnapshot
 from . import convert
 
-_SOLVERS = {0: "faithful", 1: "faithful", 2: "proximal"}
-_EXECUTIONS = {0: "auto", 1: "inline", 2: "operation"}
-_VISUALIZATION_METHODS = {0: "clip_illusion", 1: "clip_illusion", 2: "feature_visualization", 3: "no_clip"}
-_EDIT_METHODS = {0: "probability_ratio", 1: "probability_ratio", 2: "constrain"}
+def _names(enum, prefix: str, *, unset: str) -> dict[int, str]:
+    """A proto enum's numbers -> the engine's names (COUNTERFACTUAL_SOLVER_PROXIMAL ->
+    "proximal"); the unspecified 0 -> ``unset``, the default."""
+    return {number: name.removeprefix(prefix).lower() if number else unset for name, number in enum.items()}
+
+
+_SOLVERS = _names(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", unset="faithful")
+_EXECUTIONS = _names(neuroinspect_pb2.Execution, "EXECUTION_", unset="auto")
+_VISUALIZATION_METHODS = _names(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", unset="clip_illusion")
+_EDIT_METHODS = _names(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", unset="probability_ratio")
 
 
 def _target_class(message) -> str | int | None:

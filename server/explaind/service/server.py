@@ -31,8 +31,7 @@ from explaind.v1 import (
 )
 
 from ..config import Config
-from ..engine import Engine
-from ..engine.neuroinspect import NeuroInspectEngine
+from ..engine import Engine, NeuroInspectEngine
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError

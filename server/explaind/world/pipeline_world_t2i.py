@@ -57,11 +57,6 @@ class OpenCLIPTextEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    @property
-    def hidden_size(self) -> int:
-        """W, the width of the token states (the UNet's ``cross_attention_dim``)."""
-        return self.clip.transformer.width
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return text_token_states(self.clip, tokens)
 

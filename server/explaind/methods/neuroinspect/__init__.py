@@ -22,10 +22,12 @@ from ._counterfactual import (
     SolverCallback,
     make_solver,
 )
+from ._editing import METHODS as EDIT_METHODS
 from ._editing import EpochCallback, EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, TrainingDiverged, evaluate_head
 from ._features import FeatureExtractor, channel_maps
 from ._fourier import FourierImage
 from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationCallback, VisualizationResult, activation_masks
+from ._illusion import METHODS as VISUALIZATION_METHODS
 from ._probing import concept_neurons, neuron_auc
 from ._probability import neuron_importance, probability_ratio
 from ._ranking import BOTH, EXCESSIVE, INSUFFICIENT, MistakeNeuronRanker, NeuronRanking, RankedNeuron
@@ -36,6 +38,7 @@ __all__ = [
     "CounterfactualSolution",
     "CounterfactualSolver",
     "DEFAULT_PROMPT_TEMPLATES",
+    "EDIT_METHODS",
     "EXCESSIVE",
     "EpochCallback",
     "EpochRecord",
@@ -53,6 +56,7 @@ __all__ = [
     "SOLVERS",
     "SolverCallback",
     "TrainingDiverged",
+    "VISUALIZATION_METHODS",
     "VisualizationCallback",
     "VisualizationResult",
     "activation_masks",

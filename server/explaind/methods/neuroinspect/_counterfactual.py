@@ -111,7 +111,7 @@ class FaithfulSGD:
         l1: float = 0.1,
         l2: float = 0.01,
         max_iterations: int = 1000,
-        callback: SolverCallback | None = None,
+        callback_on_step_end: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
         features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
@@ -134,7 +134,7 @@ class FaithfulSGD:
             gradient += (l2 / dim) * torch.where(norms > 0, omega / norms.clamp_min(1e-30), 0.0)
             velocity = velocity.mul_(self.momentum).add_(gradient)
             omega = omega.add(velocity, alpha=-self.learning_rate)
-            if callback is not None and callback(step + 1, max_iterations, len(omega)):
+            if callback_on_step_end is not None and callback_on_step_end(step + 1, max_iterations, len(omega)):
                 return state.cancel(omega, step + 1, weight, bias)
         return state.solution()
 
@@ -164,7 +164,7 @@ class ProximalGradient:
         l1: float = 0.1,
         l2: float = 0.01,
         max_iterations: int = 1000,
-        callback: SolverCallback | None = None,
+        callback_on_step_end: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
         features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
@@ -195,7 +195,7 @@ class ProximalGradient:
             lookahead = new_omega + ((t - 1) / t_next) * (new_omega - omega)
             change = (new_omega - omega).abs().amax(1)
             omega, t = new_omega, t_next
-            if callback is not None and callback(step + 1, max_iterations, len(omega)):
+            if callback_on_step_end is not None and callback_on_step_end(step + 1, max_iterations, len(omega)):
                 return state.cancel(omega, step + 1, weight, bias)
         return state.solution()
 
@@ -207,7 +207,7 @@ class CounterfactualSolver(Protocol):
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
               l1: float, l2: float, max_iterations: int,
-              callback: SolverCallback | None = None) -> CounterfactualSolution: ...
+              callback_on_step_end: SolverCallback | None = None) -> CounterfactualSolution: ...
 
 
 SOLVERS: dict[str, Callable[[], CounterfactualSolver]] = {"faithful": FaithfulSGD, "proximal": ProximalGradient}

@@ -80,6 +80,8 @@ def _evaluate(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, 
 
 @dataclass(frozen=True)
 class EpochRecord:
+    """One epoch of an edit, as ``callback_on_epoch_end`` receives it and the result keeps."""
+
     epoch: int
     train_loss: float  # mean total loss over the epoch's minibatches
     penalty: float  # mean penalty term (before the strength factor)

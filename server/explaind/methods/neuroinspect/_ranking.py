@@ -189,7 +189,7 @@ class MistakeNeuronRanker:
         importance = neuron_importance(weight, bias, class_mean_feature, target_class)
 
         solution = solver.solve(weight, bias, features[mistake_indices], labels[mistake_indices],
-                                l1=l1, l2=l2, max_iterations=max_iterations, callback=callback_on_step_end)
+                                l1=l1, l2=l2, max_iterations=max_iterations, callback_on_step_end=callback_on_step_end)
         omega = solution.omega
         insufficient_top = _top_neurons(omega, top_k)
         excessive_top = _top_neurons(-omega, top_k)
