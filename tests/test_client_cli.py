@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,7 +82,15 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["operations", "list", "--limit", "0"], "--limit: expected an integer >= 1, got '0'"),
         (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),
         (["sample-set", "create", "--world", "balanced", "--images", __file__, "--labels", "0"], "sample-set create: give only one of --world, --folder and --images (got --world and --images)"),
-        (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images, --labels and --name are options of create"),
+        (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images and --labels are options of create and append, --name of create"),
+        (["sample-set", "create", "a", "--id", "b", "--world", "balanced"], "sample-set create: two ids, 'a' and --id 'b'; give one"),
+        (["sample-set", "create", "a"], "sample-set create: give --world SPEC, --folder DIR, or --images FILE... with as many --labels"),
+        (["sample-set", "append", "a", "--world", "balanced", "--labels", "heart"], "sample-set append: --labels goes with --images (--world brings its own labels)"),
+        (["sample-set", "create", "--images", __file__, __file__, "--labels", "heart"], "sample-set create: 2 --images but 1 --labels; give one label per image"),
+        (["evaluate", "s", "--grid", "g.png", "--no-wait"], "evaluate: --grid needs the result, which --no-wait does not wait for; drop --no-wait, "
+                                                           "or fetch the files later: explaind operations artifact NAME mistakes.png --output FILE"),
+        (["visualize", "3", "--out-dir", "x", "--no-wait"], "visualize: --out-dir needs the result"),
+        (["predict", str(Path(__file__).parent)], f"{Path(__file__).parent} is a directory, not an image file"),
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
@@ -386,9 +395,13 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     with Client(server.target, timeout=30) as client:
         job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
-        job.cancel()
+    assert main(["--target", server.target, "operations", "cancel", job.name]) == 0
+    said = capsys.readouterr().out  # it printed the operation, whose state still read running
+    assert re.fullmatch(rf"(cancelled {job.name}|cancel requested for {job.name} \((queued|running)\); it ends at its next check "
+                        rf"\(explaind operations wait {job.name}\))\n", said), said
     assert main(["--target", server.target, "operations", "wait", job.name]) == 1
     assert "state='cancelled'" in capsys.readouterr().out
+    assert _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])["cancel_requested"] is True
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
 
 
@@ -494,7 +507,7 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
     assert "NOT_FOUND" in _error(capsys, ["--target", server.target, "operations", "get", operation.name])
 
 
-def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_path):
+def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_path, monkeypatch):
     out_dir = tmp_path / "images"
     assert main(["--target", server.target, "visualize", "3", "5:heart", "--method", "feature_visualization", "--steps", "3",
                  "--out-dir", str(out_dir)]) == 0
@@ -509,10 +522,10 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert "'5:' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "5:"])
     assert "'x:heart' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "x:heart"])
     assert "--show: expected an integer >= 0, got '-1'" in _usage_error(capsys, ["rank", "s", "--class", "heart", "--show", "-1"])
-    # --no-wait writes no images, so it makes no directory; without CLIP the similarity is n/a.
-    assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--out-dir", str(tmp_path / "unused"),
-                 "--no-wait"]) == 0
-    assert not (tmp_path / "unused").exists()
+    # --no-wait writes no images (nor takes --out-dir); without CLIP the similarity is n/a.
+    monkeypatch.chdir(tmp_path / "images")
+    assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--no-wait"]) == 0
+    assert len(list(out_dir.iterdir())) == 4
     assert main(["--target", server.target, "operations", "wait", capsys.readouterr().out.split()[-1]]) == 0
     assert re.search(r"CLIP similarity n/a \(no CLIP\), mask area", capsys.readouterr().out)
 

@@ -112,13 +112,18 @@ def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
     predicted = [p.class_indices[0] for p in client.predict(batch.images[hearts], top_k=1)]
     missed = [int(i) for i, p in zip(hearts, predicted, strict=True) if p != 5][:3]
     client.create_sample_set(batch.images[missed], batch.labels[missed], sample_set_id="three-missed-hearts")
+    client.create_sample_set(batch.images[:40], batch.labels[:40], sample_set_id="validation")
     try:
         report = build_report(client, "heart", "three-missed-hearts", max_neurons=1, steps=2)
+        # With a validation set of its own, the small set is edited: it trains on all three.
+        validated = build_report(client, "heart", "three-missed-hearts", max_neurons=1, steps=2, validation_sample_set_id="validation")
     finally:
         client.delete_sample_set("three-missed-hearts")
+        client.delete_sample_set("validation")
     assert report.edit is None and report.visualizations
     assert report.no_edit_reason.startswith("sample_set_id: needs at least 5 samples")
     assert f"<p id='no-edit'>None: the server refused the edit ({report.no_edit_reason})" in render_report(report)
+    assert validated.edit is not None and validated.evaluated_on.startswith("sample set validation (40 samples); they also chose the best epoch")
 
 
 def test_when_the_edit_fails_its_error_is_raised_and_undeleted_temporary_sets_are_named(client):
@@ -150,7 +155,7 @@ def test_when_the_edit_fails_its_error_is_raised_and_undeleted_temporary_sets_ar
 
     flaky = ServerGoesAway(client)
     with pytest.raises(UnavailableError, match="the server went away") as raised:
-        _suggest_edit(flaky, "heart", [1], "grouped", "", "background", False)
+        _suggest_edit(flaky, "heart", [1], "grouped", "", "", "background", False)
     first, second = flaky.deletes
     assert raised.value.__notes__ == [f"the report's temporary sample sets {first} are left on the server; delete them (explaind sample-set delete ID)"]
     left = {s.sample_set_id for s in client.sample_sets()}
@@ -169,7 +174,7 @@ def test_a_group_attribute_the_set_lacks_is_refused_naming_the_set_not_a_tempora
     before = {s.sample_set_id for s in client.sample_sets()}
     try:
         with pytest.raises(InvalidArgumentError) as refused:
-            _suggest_edit(client, "heart", [1], "no-attributes", "", "background", False)
+            _suggest_edit(client, "heart", [1], "no-attributes", "", "", "background", False)
         assert refused.value.field == "group_attribute"
         assert refused.value.details == ("group_attribute: no sample of 'no-attributes' held out for the evaluation (every 5th) "
                                          "has attribute 'background'")
@@ -193,15 +198,19 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
         return SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[SimpleNamespace(neuron=n) for n, _ in pairs]))
 
     def edit_head(*args, **kwargs):
+        edited.append(kwargs["neurons"])
         raise InvalidArgumentError("sample_set_id: needs at least 5 samples")
+
+    edited = []
 
     client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons, edit_head=edit_head,
                              model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
     report = build_report(client, "heart", "s", steps=2)
     assert [len(pairs) for pairs in requests] == [64, 6] and [v.neuron for v in report.visualizations] == list(range(70))
     requests.clear()
-    assert len(build_report(client, "heart", "s", max_neurons=3).visualizations) == 3
-    assert [len(pairs) for pairs in requests] == [3]
+    assert len(build_report(client, "heart", "s", max_neurons=1).visualizations) == 1
+    assert [len(pairs) for pairs in requests] == [1]
+    assert edited == [[0, 1, 2], [0, 1, 2]]  # the top three of the ranking, however many are shown
     # An edit the job itself refuses or cannot finish (training diverged) also leaves the page without one.
     diverged = OperationError("training diverged: the edited head has NaN weights", grpc.StatusCode.FAILED_PRECONDITION)
     diverged.add_note("the report's temporary sample sets set-1 are left on the server")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import grpc
@@ -66,6 +67,22 @@ def test_a_target_class_that_is_no_class_index_is_rejected_not_truncated(client,
 def test_visualize_neurons_says_what_it_expects(client, pairs, message):
     with pytest.raises(TypeError, match=message):
         client.visualize_neurons(pairs)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.rank_mistake_neurons("s", "heart", solver="newton"), "solver must be one of 'faithful', 'proximal', got 'newton'"),
+        (lambda c: c.rank_mistake_neurons("s", "heart", execution="later"), "execution must be one of 'inline', 'operation', 'auto', got 'later'"),
+        (lambda c: c.visualize_neurons([3], method="dream"), "method must be one of 'clip_illusion', 'feature_visualization', 'no_clip', got 'dream'"),
+        (lambda c: c.edit_head("s", "heart", [3], method="retrain"), "method must be one of 'probability_ratio', 'constrain', got 'retrain'"),
+        (lambda c: c.operations(state="done"), "state must be one of 'queued', 'running', 'succeeded', 'failed', 'cancelled', got 'done'"),
+    ],
+)
+def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, message):
+    # Unknown names went to the server as the number 99, which it reported as such.
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline, pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call(offline)
 
 
 def test_edit_head_neurons_must_be_indices(client):

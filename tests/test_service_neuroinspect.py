@@ -71,7 +71,6 @@ def test_invalid_requests_name_the_field(client, world_set):
          "class_name: unknown class 'unicorn'; classes are 'circle', 'square', 'triangle', 'star', 'cross', 'heart'"),
         (lambda: client.rank_mistake_neurons("spurious", 6), InvalidArgumentError, "class_index"),
         (lambda: client.rank_mistake_neurons("", "heart"), InvalidArgumentError, "sample_set_id"),
-        (lambda: client.rank_mistake_neurons("spurious", "heart", solver="newton"), InvalidArgumentError, "solver"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", top_k=500), InvalidArgumentError, "top_k"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", cut_ratio=1.5), InvalidArgumentError, "cut_ratio"),
         (lambda: client.rank_mistake_neurons("nope", "heart"), NotFoundError, "sample_set_id"),

@@ -29,12 +29,11 @@ from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
 from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, class_fields, class_ref
-from ._operations import _LAST_ATTEMPT_S, Operation
+from ._operations import LAST_ATTEMPT_S, Operation, enum_number
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_STATES = {"queued": 1, "running": 2, "succeeded": 3, "failed": 4, "cancelled": 5}
 
 # Calls that change nothing on the server, retried while it answers UNAVAILABLE (it is
 # restarting or still loading its models, a connection dropped) until the call's
@@ -217,7 +216,7 @@ class Client:
                 unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
                 if not unavailable:  # the server answered
                     self._reached = True
-                pause = min(backoff, retry_end - time.monotonic() - _LAST_ATTEMPT_S)
+                pause = min(backoff, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 if not (self._retry and method in _READ_ONLY and unavailable and self._reached and pause >= 0):
                     raise from_rpc_error(error) from None
             else:
@@ -514,14 +513,13 @@ class Client:
     def operations(self, *, kind: str = "", state: str = "", limit: int = 100) -> list[Operation]:
         """Up to ``limit`` recent operations, newest first, optionally of one kind / state
         (fetched a page of at most 1000 at a time)."""
-        if state and state not in _STATES:
-            raise ValueError(f"state must be one of {sorted(_STATES)}, got {state!r}")
+        state_number = enum_number(operations_pb2.OperationState, "OPERATION_STATE_", state, "state") if state else 0
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         found: list[Operation] = []
         token = ""
         while len(found) < limit:
-            request = operations_pb2.ListOperationsRequest(kind=kind, state=_STATES.get(state, 0),
+            request = operations_pb2.ListOperationsRequest(kind=kind, state=state_number,
                                                            page_size=min(limit - len(found), 1000), page_token=token)
             response = self._call("operations", "ListOperations", request)
             found += [Operation(self, op) for op in response.operations]
@@ -566,8 +564,8 @@ class Client:
         a large set's ω (``include_samples``) on the server: ``omega`` is then None."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
         request = neuroinspect_pb2.RankMistakeNeuronsRequest(
-            sample_set_id=sample_set_id, solver={"faithful": 1, "proximal": 2}.get(solver, 99), max_iterations=max_iterations,
-            top_k=top_k, include_samples=include_samples, execution={"auto": 0, "inline": 1, "operation": 2}.get(execution, 99),
+            sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
+            top_k=top_k, include_samples=include_samples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
             **class_fields(target_class), **optional,
         )
         started = time.monotonic()
@@ -608,7 +606,7 @@ class Client:
             messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target, f"pairs[{i}] class")))
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
         request = neuroinspect_pb2.VisualizeNeuronsRequest(
-            pairs=messages, method={"clip_illusion": 1, "feature_visualization": 2, "no_clip": 3}.get(method, 99), steps=steps,
+            pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,
             seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, **optional,
         )
         return Operation(self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
@@ -653,7 +651,7 @@ class Client:
             if not _is_index(neuron):
                 raise TypeError(f"neurons[{i}] must be a neuron index (int), got {neuron!r}")
         request = neuroinspect_pb2.EditHeadRequest(
-            sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method={"probability_ratio": 1, "constrain": 2}.get(method, 99),
+            sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method=enum_number(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", method, "method"),
             validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
             group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
             seed=seed, promote=promote, description=description, **class_fields(target_class), **optional,

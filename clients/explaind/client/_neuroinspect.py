@@ -12,14 +12,14 @@ import numpy as np
 
 from explaind.v1 import neuroinspect_pb2
 
-from ._operations import RESULT_CONVERTERS
+from ._operations import RESULT_CONVERTERS, enum_names
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from ._operations import Operation
 
-_DIRECTIONS = {1: "insufficient", 2: "excessive", 3: "both"}
+_DIRECTIONS = enum_names(neuroinspect_pb2.NeuronDirection, "NEURON_DIRECTION_")
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,16 @@ class RankedNeuron:
 
 @dataclass(frozen=True)
 class MistakeSummary:
-    sample_index: int
-    predicted_class: int
-    converged: bool
+    """One mistake's counterfactual ω (``include_samples``): the shift of its features that
+    makes the classifier predict the true class."""
+
+    sample_index: int  # position in the sample set
+    predicted_class: int  # the class index it was predicted as
+    converged: bool  # ω reached the true class within max_iterations
     iterations: int
-    insufficient_neurons: list[int]
-    excessive_neurons: list[int]
-    omega_l1: float
+    insufficient_neurons: list[int]  # its top-k largest ω > 0: features it lacked
+    excessive_neurons: list[int]  # its top-k most negative ω: features it had too much of
+    omega_l1: float  # ‖ω‖₁
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class NeuronRanking:
 
 @dataclass(frozen=True)
 class NeuronVisualization:
+    """An image optimised to excite ``neuron`` (conditioned on ``class_name``), and its mask."""
+
     neuron: int
     class_index: int
     class_name: str
@@ -102,6 +107,8 @@ class NeuronVisualizations:
 
 @dataclass(frozen=True)
 class HeadEvaluation:
+    """A head's accuracy on the edit's evaluation samples; groups with ``group_attribute``."""
+
     accuracy: float
     class_accuracy: dict[str, float]  # the classes with samples in the evaluated set, as Evaluation's
     worst_class: str
@@ -113,6 +120,9 @@ class HeadEvaluation:
 
 @dataclass(frozen=True)
 class HeadVersion:
+    """A stored classifier head: the model file's (v0) or an edit's, with its evaluation
+    against its parent's on the same samples."""
+
     version_id: str
     model_version: str  # what Predict reports while it serves
     parent_version_id: str

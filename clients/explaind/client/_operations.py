@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ._client import Client
 
 # The last retry is sent this long before the deadline, so that it has time to be answered.
-_LAST_ATTEMPT_S = 0.25
+LAST_ATTEMPT_S = 0.25
 # Long enough for any job; the SDK never makes a call without a deadline.
 WATCH_DEADLINE_S = 24 * 3600.0
 # Before a dropped WatchOperation stream is opened again (never a busy loop).
@@ -104,7 +104,23 @@ RESULT_CONVERTERS: dict[str, Callable[[Any, Operation | None], Any]] = {
     inference_pb2.EvaluateSampleSetResult.DESCRIPTOR.full_name: _evaluation,
 }
 
-_STATE_NAMES = {value: name.removeprefix("OPERATION_STATE_").lower() for name, value in operations_pb2.OperationState.items()}
+def enum_names(enum: Any, prefix: str) -> dict[int, str]:
+    """A proto enum's numbers -> the SDK's names for them: lower case, without ``prefix``
+    (OPERATION_STATE_QUEUED -> "queued"); the unset 0 is left out."""
+    return {number: name.removeprefix(prefix).lower() for name, number in enum.items() if number}
+
+
+def enum_number(enum: Any, prefix: str, name: str, parameter: str, *, unset: str = "") -> int:
+    """The number of the SDK's ``name`` for a value of ``enum`` (``unset`` names 0, the
+    server's default); ValueError naming ``parameter`` and its choices for any other."""
+    numbers = {value: number for number, value in enum_names(enum, prefix).items()} | ({unset: 0} if unset else {})
+    if name not in numbers:
+        raise ValueError(f"{parameter} must be one of {', '.join(map(repr, numbers))}, got {name!r}")
+    return numbers[name]
+
+
+_STATE_NAMES = enum_names(operations_pb2.OperationState, "OPERATION_STATE_")
+OPERATION_STATES = tuple(_STATE_NAMES.values())  # "queued", "running", "succeeded", "failed", "cancelled"
 
 
 class Operation:
@@ -120,7 +136,8 @@ class Operation:
         message.metadata.Unpack(self.metadata)
 
     def __repr__(self) -> str:
-        return f"Operation({self.name!r}, kind={self.kind!r}, state={self.state!r}, progress={self.progress.step}/{self.progress.total})"
+        cancel = ", cancel_requested=True" if self.cancel_requested and not self.done else ""
+        return f"Operation({self.name!r}, kind={self.kind!r}, state={self.state!r}, progress={self.progress.step}/{self.progress.total}{cancel})"
 
     @property
     def name(self) -> str:
@@ -216,7 +233,7 @@ class Operation:
             except UnavailableError:
                 # One call's retries end at its deadline; a server restarting for longer
                 # is waited for within this wait's own timeout.
-                if not self._client._retry or (deadline is not None and time.monotonic() >= deadline - _LAST_ATTEMPT_S):
+                if not self._client._retry or (deadline is not None and time.monotonic() >= deadline - LAST_ATTEMPT_S):
                     raise
                 continue
             self._update(response.operation)
@@ -275,7 +292,7 @@ class Operation:
             try:  # each try within the client's timeout and the deadline (0 would mean the client's)
                 return self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
             except UnavailableError:
-                if not self._client._retry or time.monotonic() >= deadline - _LAST_ATTEMPT_S:
+                if not self._client._retry or time.monotonic() >= deadline - LAST_ATTEMPT_S:
                     raise
 
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Component:
+    """A model the server loads (classifier, CLIP, text-to-image) and whether it is usable."""
+
     name: str
     loaded: bool
     source: str
@@ -49,6 +55,9 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class ModelMetadata:
+    """What the server serves: the classifier, its split (``feature_layer``, ``head``,
+    ``feature_dim`` D), how it runs, the other components, and the limits on requests."""
+
     name: str
     loader: str
     class_names: list[str]
@@ -79,6 +88,8 @@ class ModelMetadata:
 
 @dataclass(frozen=True)
 class SampleSet:
+    """A stored set of labelled images (without them: see ``Client.samples``)."""
+
     sample_set_id: str
     display_name: str
     sample_count: int
@@ -92,13 +103,17 @@ class SampleSet:
 
 @dataclass(frozen=True)
 class Sample:
-    image: "PIL.Image.Image"  # noqa: F821
+    """One stored image with its label (class index) and attributes."""
+
+    image: Image
     label: int
     attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Artifact:
+    """A file an operation produced (``Operation.artifact(name)`` reads it)."""
+
     name: str
     media_type: str
     digest: str
@@ -107,8 +122,10 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Progress:
+    """How far a job is: ``step`` of ``total`` (units depend on the job), and what it does."""
+
     step: int
     total: int
     message: str
     # A PIL image of the partial result, when the job sends one.
-    preview: "PIL.Image.Image | None" = None  # noqa: F821
+    preview: Image | None = None

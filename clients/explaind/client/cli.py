@@ -37,8 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._client import _STATES, DEFAULT_TARGET, Client
+from ._client import DEFAULT_TARGET, Client
 from ._errors import ExplaindError
+from ._operations import OPERATION_STATES
 from ._types import ModelMetadata
 
 
@@ -63,10 +64,15 @@ def _print_predictions(names: list[str], predictions: list) -> None:
         print(f"{name:<{width}}  {ranked}")
 
 
+def _samples(count: int) -> str:
+    """ "1 sample", "2 samples"."""
+    return f"{count} sample{'' if count == 1 else 's'}"
+
+
 def _existing_file(path: str) -> str:
     """argparse type: a file that exists (else a usage error, not a traceback later)."""
     if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {path}")
+        raise argparse.ArgumentTypeError(f"{path} is a directory, not an image file" if Path(path).is_dir() else f"no such file: {path}")
     return path
 
 
@@ -322,9 +328,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             elif args.folder:
                 images, labels = _folder_samples(args.folder)
                 attributes = None
-            else:
-                if not args.images or len(args.images) != len(args.labels or []):
-                    raise CommandError("give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
+            else:  # parse_arguments saw as many --labels
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             try:
                 with _naming_failing_file(None if args.world else images):
@@ -337,7 +341,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(_sample_set_json(_served_class_names(client), stored))
                 return 0
-            print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {stored.sample_count} samples, "
+            print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {_samples(stored.sample_count)}, "
                   f"per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
             listed = client.sample_sets()
@@ -354,7 +358,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 _print_json(_sample_set_json(_served_class_names(client), s))
                 return 0
             named = f" ({s.display_name!r})" if s.display_name else ""
-            print(f"{s.sample_set_id}{named}: {s.sample_count} samples, per class {_named_counts(client, s.class_counts)}, "
+            print(f"{s.sample_set_id}{named}: {_samples(s.sample_count)}, per class {_named_counts(client, s.class_counts)}, "
                   f"created {s.create_time:%Y-%m-%d %H:%M:%S}")
         elif args.action == "delete":
             client.delete_sample_set(args.id)
@@ -396,7 +400,7 @@ def _print_json(value: Any) -> None:
 
 
 def _print_evaluation(report) -> None:
-    print(f"accuracy {report.accuracy:.3f} on {report.sample_count} samples (model {report.model_version})")
+    print(f"accuracy {report.accuracy:.3f} on {_samples(report.sample_count)} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
     scored = list(report.class_accuracy.items())
@@ -529,7 +533,7 @@ def _announce_and_wait(operation, args: argparse.Namespace):
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or ".")
     if not args.no_wait:  # before the job runs, so a bad directory does not waste it
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -608,6 +612,11 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 return 0
             if not operation.done:
                 operation.cancel()
+                if not args.json:  # a queued job ends at once, a running one at its next check
+                    print(f"cancelled {operation.name}" if operation.done else
+                          f"cancel requested for {operation.name} ({operation.state}); it ends at its next check "
+                          f"(explaind operations wait {operation.name})")
+                    return 0
         elif args.action == "wait":
             operation.wait()
         elif args.action == "watch":
@@ -655,6 +664,7 @@ def _operation_json(operation, result: Any = None) -> dict:
     error = operation.error
     value = {
         "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
+        "cancel_requested": operation.cancel_requested,
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
         "artifacts": _json_value(operation.artifacts),
         "error": {"code": error.code.name, "message": error.details} if error is not None else None,
@@ -705,7 +715,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"\npredictions for {args.scenario} test images (true label first):")
             _print_predictions([f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)], predictions)
             created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)
-            print(f"\nsample set {created.sample_set_id}: {created.sample_count} samples; evaluating it as a job:")
+            print(f"\nsample set {created.sample_set_id}: {_samples(created.sample_count)}; evaluating it as a job:")
             operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
             _print_evaluation(operation.result(progress=True))
             grid = Path(data_dir) / "mistakes.png"
@@ -778,7 +788,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
         report = build_report(
             client, args.target_class, sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
-            evaluation_sample_set_id=args.evaluation_sample_set, progress=True,
+            evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
         )
     _write(args.out, render_report(report).encode("utf-8"))
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
@@ -917,7 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=int, default=0,
                            help="images per neuron without a CLASS, one per top class; 0: 1")
     visualize.add_argument("--seed", type=int, default=0, help="random seed of the start images and augmentations")
-    visualize.add_argument("--out-dir", dest="out_dir", default=".", help="directory for <i>_neuron<N>_<class>.png and its _masked.png")
+    visualize.add_argument("--out-dir", dest="out_dir", help="directory for <i>_neuron<N>_<class>.png and its _masked.png (default: .)")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     visualize.add_argument("--json", action="store_true", help="print the visualisations and the files written as JSON")
     visualize.set_defaults(run=cmd_visualize)
@@ -944,7 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("name", nargs="?", help="operation name (operations/ID or ID); all actions but list")
     operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
     operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
-    operations.add_argument("--state", choices=tuple(_STATES), help="list only this state")
+    operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
     operations.add_argument("-o", "--output", help="file for the artifact (default: its name)")
     operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
@@ -960,7 +970,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(
         "--evaluation-sample-set", dest="evaluation_sample_set", default="",
-        help="held-out set for the suggested edit's before/after table (default: every 5th sample of --sample-set, which the edit does not train on)",
+        help="held-out set for the suggested edit's before/after table (default: the validation samples)",
+    )
+    report.add_argument(
+        "--validation-sample-set", dest="validation_sample_set", default="",
+        help="set for the suggested edit's early stopping (default: every 5th sample of --sample-set, which the edit does not train on)",
     )
     report.set_defaults(run=cmd_report)
 
@@ -1000,6 +1014,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                          "commands; a server takes its address "
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
     if args.command == "sample-set":
+        if args.id and args.id_option and args.id != args.id_option:
+            parser.error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
         args.id = args.id or args.id_option
         if args.action in ("append", "show", "delete") and not args.id:
             parser.error(f"sample-set {args.action}: give a sample set id")
@@ -1009,9 +1025,22 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if len(sources) > 1:
             parser.error(f"sample-set {args.action}: give only one of --world, --folder and --images (got {' and '.join(sources)})")
         if args.action in ("list", "show", "delete") and (sources or args.labels or args.name):
-            parser.error(f"sample-set {args.action}: --world, --folder, --images, --labels and --name are options of create and append")
+            parser.error(f"sample-set {args.action}: --world, --folder, --images and --labels are options of create and append, --name of create")
         if args.action == "append" and args.name:
             parser.error("sample-set append: --name is an option of create")
+        if args.action in ("create", "append"):
+            if not sources:
+                parser.error(f"sample-set {args.action}: give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
+            if args.labels and not args.images:
+                parser.error(f"sample-set {args.action}: --labels goes with --images ({sources[0]} brings its own labels)")
+            if args.images and len(args.images) != len(args.labels or []):
+                parser.error(f"sample-set {args.action}: {len(args.images)} --images but {len(args.labels or [])} --labels; give one label per image")
+    # What a job's result fills in is not written when the command does not wait for it.
+    for command, option, later in (("evaluate", "grid", "operations artifact NAME mistakes.png --output FILE"),
+                                   ("visualize", "out_dir", "operations artifact NAME ARTIFACT (operations get NAME lists them)")):
+        if args.command == command and args.no_wait and getattr(args, option):
+            parser.error(f"{command}: --{option.replace('_', '-')} needs the result, which --no-wait does not wait for; "
+                         f"drop --no-wait, or fetch the files later: explaind {later}")
     if args.command == "head-versions" and args.action in ("promote", "delete") and not args.version:
         parser.error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:

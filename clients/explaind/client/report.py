@@ -50,14 +50,16 @@ def build_report(
     steps: int = 100,
     group_attribute: str = "",
     evaluation_sample_set_id: str = "",
+    validation_sample_set_id: str = "",
     progress: bool = False,
 ) -> MistakeReport:
     """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class, with
     CLIP-Illusion when the server has CLIP, else the no_clip ablation (none when the
     classifier has no gradients, e.g. ONNX: ``no_visualization_reason`` says so), and edit the head on
-    the top ``edit_neurons``. The edit is
-    evaluated on data it did not train on: ``evaluation_sample_set_id``, else the fifth
-    of the set the server holds out (every 5th sample); ``group_attribute`` adds
+    the top ``edit_neurons`` of the ranking (however many are shown). The edit stops
+    early on ``validation_sample_set_id``, else on the fifth of the set the server holds
+    out (every 5th sample), and is evaluated on data it did not train on:
+    ``evaluation_sample_set_id``, else that validation data; ``group_attribute`` adds
     per-group accuracy (e.g. "background")."""
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
@@ -71,10 +73,11 @@ def build_report(
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
         visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
     edit, evaluated_on, no_edit_reason = None, "", ""
-    if shown:
-        neurons = [n.neuron for n in shown[:edit_neurons]]
+    if ranking.neurons:
+        neurons = [n.neuron for n in ranking.neurons[:edit_neurons]]
         try:
-            edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id, group_attribute, progress)
+            edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id,
+                                               validation_sample_set_id, group_attribute, progress)
         except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
@@ -83,16 +86,20 @@ def build_report(
 
 
 def _suggest_edit(
-    client: Client, class_name: str, neurons: list[int], sample_set_id: str, evaluation_sample_set_id: str, group_attribute: str, progress: bool
+    client: Client, class_name: str, neurons: list[int], sample_set_id: str, evaluation_sample_set_id: str, validation_sample_set_id: str,
+    group_attribute: str, progress: bool,
 ) -> tuple[HeadEdit, str]:
     """The edit, and which samples its before/after evaluation used."""
     edit_head = partial(client.edit_head, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
                         description=f"suggested by explaind report for {class_name}")
-    if evaluation_sample_set_id:
-        edit = edit_head(sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id).result(progress=progress)
-        return edit, f"sample set {evaluation_sample_set_id} ({client.sample_set(evaluation_sample_set_id).sample_count} samples)"
-    held_out = (f"samples of {sample_set_id} held out from training (every 5th, from sample 0); they also chose the "
-                "best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an independent set")
+    optimistic = "; they also chose the best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an independent set"
+    if evaluation_sample_set_id or validation_sample_set_id:
+        edit = edit_head(sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
+                         validation_sample_set_id=validation_sample_set_id).result(progress=progress)
+        evaluated = evaluation_sample_set_id or validation_sample_set_id
+        return edit, (f"sample set {evaluated} ({client.sample_set(evaluated).sample_count} samples)"
+                      + ("" if evaluation_sample_set_id else optimistic))
+    held_out = f"samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
     if not group_attribute:  # the server holds out the fifth and evaluates on it
         edit = edit_head(sample_set_id).result(progress=progress)
         return edit, f"the {len(range(0, client.sample_set(sample_set_id).sample_count, 5))} {held_out}"
