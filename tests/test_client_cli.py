@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from explaind.client import Client
 from explaind.client.cli import main
 
@@ -96,6 +97,17 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
     # Each used to be accepted and ignored or misread (a negative --neurons sliced the ranking).
     assert message in _usage_error(capsys, argv)
+
+
+def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(capsys, server_factory):
+    target = f"127.0.0.1:{free_port()}"
+    assert main(["--target", target, "--timeout", "2", "info"]) == 1
+    assert capsys.readouterr().err.endswith(f"\n  (is a server running at {target}? --target or EXPLAIND_TARGET names another)\n")
+    server = server_factory(server={"token": "s3cret"})
+    assert main(["--target", server.target, "--timeout", "10", "info"]) == 1
+    assert capsys.readouterr().err.endswith("\n  (the server asks for a token: --token or EXPLAIND_TOKEN)\n")
+    assert main(["--target", server.target, "--timeout", "10", "--tls", "info"]) == 1
+    assert capsys.readouterr().err.endswith(f"\n  ({server.target} does not speak TLS: drop --tls (and its files) for a plaintext server)\n")
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path):
@@ -388,8 +400,9 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     started = json.loads(capsys.readouterr().out)["name"]
     with Client(server.target, timeout=30) as client:
         assert client.operation(started).result(timeout=60).confusion_matrix.tolist() == result["confusion_matrix"]
-    # --max-grid-images reaches the server (which bounds it).
-    assert "max_grid_images: " in _error(capsys, ["--target", server.target, "evaluate", "two-classes", "--max-grid-images", "5000"])
+    # --max-grid-images reaches the server (which bounds it); the error names the option too.
+    assert main(["--target", server.target, "evaluate", "two-classes", "--max-grid-images", "5000"]) == 1
+    assert re.fullmatch(r"error: INVALID_ARGUMENT: max_grid_images: .*\n  \(max_grid_images is --max-grid-images here\)\n", capsys.readouterr().err)
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):

@@ -92,6 +92,12 @@ def test_a_tls_server_answers_only_clients_that_trust_its_certificate(tmp_path, 
         assert not answers(target, root_certificates=Authority(tmp_path, "other").file)
         assert main(["--target", target, "--ca-file", str(authority.file), "info"]) == 0
         assert "classes" in capsys.readouterr().out
+        # The CLI says what to check: --tls, or the CA.
+        assert main(["--target", target, "--timeout", "5", "info"]) == 1
+        assert f"\n  (if {target} serves TLS, add --tls (and --ca-file for a private CA))\n" in capsys.readouterr().err
+        assert main(["--target", target, "--timeout", "5", "--tls", "info"]) == 1
+        assert f"\n  (the certificate of {target} is not signed by a CA this client trusts: --ca-file names the CA that signed it)\n" \
+            in capsys.readouterr().err
     finally:
         server.stop(0)
 

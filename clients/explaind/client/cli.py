@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ._client import DEFAULT_TARGET, Client
-from ._errors import ExplaindError
+from ._errors import ExplaindError, UnauthenticatedError, UnavailableError
 from ._operations import OPERATION_STATES
 from ._types import ModelMetadata
 
@@ -1006,6 +1006,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     where argparse alone would let a mistake through."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    args.option_names = {action.dest: max(action.option_strings, key=len)  # for errors that name a request field
+                         for action in subcommands.choices[args.command]._actions if action.option_strings}
     if args.command in _SERVER_COMMANDS:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
@@ -1060,12 +1063,47 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# Request fields whose option is not named after them.
+_OPTION_DESTS = {"class_name": "target_class", "class_index": "target_class", "sample_set_id": "sample_set"}
+
+
+def _option_of_field(args: argparse.Namespace, field: str) -> str | None:
+    """The command's option that set the request ``field`` an error names (``batch_size``:
+    --batch-size, ``evaluation_sample_set_id``: --evaluation-sample-set), if it has one."""
+    name = re.split(r"[.\[]", field, maxsplit=1)[0]
+    return next((args.option_names[dest] for dest in (name, name.removesuffix("_id"), _OPTION_DESTS.get(name)) if dest in args.option_names), None)
+
+
+def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
+    """What to check when the call never reached the server, or it refused the caller."""
+    details = str(error)
+    if isinstance(error, UnauthenticatedError):
+        return "the server asks for a token: --token or EXPLAIND_TOKEN"
+    if not isinstance(error, UnavailableError):
+        return None
+    tls = args.tls or args.ca_file or args.cert_file
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return f"the certificate of {args.target} is not signed by a CA this client trusts: --ca-file names the CA that signed it"
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return f"{args.target} does not speak TLS: drop --tls (and its files) for a plaintext server"
+    if not tls and "Socket closed" in details:
+        return f"if {args.target} serves TLS, add --tls (and --ca-file for a private CA)"
+    if "Connection refused" in details:
+        return f"is a server running at {args.target}? --target or EXPLAIND_TARGET names another"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except (ExplaindError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
+        for field in dict(getattr(error, "field_violations", ())):
+            if option := _option_of_field(args, field):
+                print(f"  ({field} is {option} here)", file=sys.stderr)
+        if hint := _connection_hint(args, error):
+            print(f"  ({hint})", file=sys.stderr)
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
         return 1
