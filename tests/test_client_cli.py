@@ -386,6 +386,14 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     out = capsys.readouterr().out
     assert re.search(r"^per class: circle \d\.\d\d, heart \d\.\d\d; no samples of square, triangle, star, cross$", out, flags=re.M), out
     assert re.search(rf"^  mistake: sample {wrong} is heart, predicted circle", out, flags=re.M), out
+    assert "more mistakes" not in out
+    with Client(server.target, timeout=30) as client:  # every label wrong: more mistakes than are printed
+        client.create_sample_set(images[:12], [(int(label) + 1) % 6 for label in labels[:12]], sample_set_id="mislabelled")
+        mistakes = len(client.evaluate_sample_set("mislabelled").result(timeout=60).mistakes)
+    assert main(["--target", server.target, "evaluate", "mislabelled"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^  mistake: ", out, flags=re.M)) == 5 and mistakes > 5
+    assert f"\n  and {mistakes - 5} more mistakes, less confident (evaluate --json lists all)\n" in out
     grid = tmp_path / "grid.png"
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--grid", str(grid)]) == 0
     out, err = capsys.readouterr()
@@ -416,6 +424,9 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     assert "state='cancelled'" in capsys.readouterr().out
     assert _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])["cancel_requested"] is True
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
+    got = capsys.readouterr().out
+    assert main(["--target", server.target, "operations", "watch", job.name]) == 1  # ended: its state once, as get prints it
+    assert capsys.readouterr().out == got
 
 
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):

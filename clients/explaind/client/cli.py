@@ -399,6 +399,10 @@ def _print_json(value: Any) -> None:
     print(json.dumps(_json_value(value)))
 
 
+# The most confident mistakes an evaluation prints.
+MISTAKES_SHOWN = 5
+
+
 def _print_evaluation(report) -> None:
     print(f"accuracy {report.accuracy:.3f} on {_samples(report.sample_count)} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
@@ -410,8 +414,10 @@ def _print_evaluation(report) -> None:
         scored = sorted(scored, key=lambda item: item[1])[:_CLASSES_SHOWN]
     print(f"{heading}: " + ", ".join(f"{name} {acc:.2f}" for name, acc in scored) + (f"; no samples of {listed}" if absent else ""))
     names = report.class_names
-    for index, label, predicted, probability in report.mistakes[:5]:
+    for index, label, predicted, probability in report.mistakes[:MISTAKES_SHOWN]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
+    if len(report.mistakes) > MISTAKES_SHOWN:
+        print(f"  and {len(report.mistakes) - MISTAKES_SHOWN} more mistakes, less confident (evaluate --json lists all)")
 
 
 # Operations ``operations list`` prints unless given --limit.
@@ -621,10 +627,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
             operation.wait()
         elif args.action == "watch":
             for update in operation.watch():
-                if not args.json:
-                    print(update, update.progress.message)
-                elif not update.done:  # JSON Lines; the last line, below, carries the result
-                    print(json.dumps(_operation_json(update)), flush=True)
+                if not update.done:  # the last state is printed below, with the result
+                    print(json.dumps(_operation_json(update)) if args.json else f"{update} {update.progress.message}", flush=True)
         elif args.action == "artifact":
             data = operation.artifact(args.artifact)
             _write(args.output or args.artifact, data)
