@@ -91,7 +91,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["evaluate", "s", "--grid", "g.png", "--no-wait"], "evaluate: --grid needs the result, which --no-wait does not wait for; drop --no-wait, "
                                                            "or fetch the files later: explaind operations artifact NAME mistakes.png --output FILE"),
         (["visualize", "3", "--out-dir", "x", "--no-wait"], "visualize: --out-dir needs the result"),
-        (["predict", str(Path(__file__).parent)], f"{Path(__file__).parent} is a directory, not an image file"),
+        (["predict", str(Path(__file__).parent)], f"{Path(__file__).parent} is a directory, not a file"),
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):

@@ -72,7 +72,7 @@ def _samples(count: int) -> str:
 def _existing_file(path: str) -> str:
     """argparse type: a file that exists (else a usage error, not a traceback later)."""
     if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"{path} is a directory, not an image file" if Path(path).is_dir() else f"no such file: {path}")
+        raise argparse.ArgumentTypeError(f"{path} is a directory, not a file" if Path(path).is_dir() else f"no such file: {path}")
     return path
 
 
