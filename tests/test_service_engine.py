@@ -784,6 +784,33 @@ def test_each_operation_s_queueing_cancel_and_end_is_a_log_line_with_its_id(tmp_
     jobs.shutdown(1)
 
 
+def test_a_watch_sends_each_change_once_and_an_artifact_saved_again_replaces_its_namesake(tmp_path):
+    # WatchOperation polls the job: a job that does not change must not be resent at each
+    # poll. And a job that saves an artifact again under its name (a refreshed image)
+    # lists it once, with the new content.
+    store = SQLiteStore(tmp_path)
+    jobs, gate = JobManager(store, Metrics(), workers=1), threading.Event()
+
+    def job(ctx):
+        ctx.save_artifact("preview.png", b"first")
+        gate.wait(10)
+        ctx.save_artifact("preview.png", b"second")
+        return _empty()
+
+    job_id = jobs.submit("visualize", job).record.job_id
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.extend(jobs.watch(job_id, poll_s=0.01)))
+    watcher.start()
+    time.sleep(0.5)  # some 50 polls while the job waits
+    gate.set()
+    watcher.join(10)
+    assert seen[-1].done and all(before != after for before, after in zip(seen, seen[1:]))
+    assert len(seen) <= 6, [s.record.state for s in seen]  # queued, running, first artifact, second, succeeded (and one more at most)
+    artifacts = jobs.get(job_id).record.artifacts
+    assert [a.name for a in artifacts] == ["preview.png"] and store.get_blob(artifacts[0].digest) == b"second"
+    jobs.shutdown(1)
+
+
 def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_zeros(tmp_path):
     metrics, gate = Metrics(), threading.Event()
     jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
@@ -1077,8 +1104,11 @@ def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path
 
 
 def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path, classifier_dir, caplog):
+    import grpc
+
     from explaind.client import Client, UnauthenticatedError, UnavailableError
     from explaind.service import ExplaindServer
+    from explaind.v1 import operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 
     config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path), token="s3cret")
     server = ExplaindServer(config)
@@ -1095,6 +1125,21 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
                 for _ in range(3):
                     with pytest.raises(UnauthenticatedError, match="token"):
                         anonymous.model_metadata()
+            # Server streams too: a job's progress is as private as its result.
+            job = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                watch = operations_pb2_grpc.OperationsServiceStub(channel).WatchOperation(
+                    operations_pb2.WatchOperationRequest(name=job.name), timeout=10)
+                with pytest.raises(grpc.RpcError) as refused:
+                    next(watch)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            job.cancel()
+            # Only INVALID_ARGUMENT carries a BadRequest (AIP-193), though a NOT_FOUND names its field too.
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as missing:
+                sample_sets_pb2_grpc.SampleSetServiceStub(channel).GetSampleSet(
+                    sample_sets_pb2.GetSampleSetRequest(sample_set_id="nothing-here"), timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND and missing.value.details().startswith("sample_set_id: ")
+            assert "grpc-status-details-bin" not in dict(missing.value.trailing_metadata())
     finally:
         server.stop(0)
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown
@@ -1103,6 +1148,24 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     assert len(refusals) == 1 and re.match(r"refused explaind\.v1\.InferenceService/GetModelMetadata from ipv4:127\.0\.0\.1:\d+: "
                                            r"missing or wrong bearer token$", refusals[0])
     assert "s3cret" not in caplog.text
+
+
+@pytest.mark.parametrize("character", ["x", "%", "é", "\U0001F600"])
+def test_a_long_status_message_is_cut_to_its_percent_encoded_budget(character):
+    # gRPC percent-encodes the message into the grpc-message header: '%' and anything
+    # outside printable ASCII take 3 bytes per UTF-8 byte. Counted as one, a message of
+    # '%'s went out at three times the budget, past gRPC's 8 KiB soft limit.
+    from explaind.service.interceptors import MAX_STATUS_MESSAGE_BYTES, _shorten
+
+    def header_bytes(text: str) -> int:
+        return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in text.encode("utf-8"))
+
+    message = "sample_set_id: " + character * 20_000
+    cut = _shorten(message)
+    assert header_bytes(cut) <= MAX_STATUS_MESSAGE_BYTES
+    assert cut.startswith("sample_set_id: " + character * 100) and re.search(r" \.\.\. \(\d+ characters left out\)$", cut)
+    assert header_bytes(cut) > MAX_STATUS_MESSAGE_BYTES - 64 - 12  # cut where the budget ends, not far before
+    assert _shorten("fits") == "fits"
 
 
 def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_without_a_restart(tmp_path, classifier_dir, caplog):
@@ -1710,6 +1773,25 @@ def test_an_edit_that_did_not_succeed_is_kept_while_the_version_it_stored_is(tmp
     assert store.delete_jobs_ended_before(10.0) == 1 and store.get_job("failed-edit").state == "failed"
     store.delete_head_version("f", "v1")  # as restore does
     assert store.delete_jobs_ended_before(10.0) == 1
+
+
+def test_deleting_the_active_head_version_makes_its_parent_active(tmp_path):
+    # Restore deletes an edit's version whose job did not succeed; promoted by the edit
+    # (promote=True) before the server died, it was the active one, and start-up then
+    # found the active version missing and served the model file's head.
+    from explaind.store import HeadVersionRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        weights = put(b"weights")
+        store.insert_head_version(HeadVersionRecord("f", "v0", "h0", weights, "", 0.0))
+        store.insert_head_version(HeadVersionRecord("f", "v1", "h1", weights, "v0", 1.0))
+        store.insert_head_version(HeadVersionRecord("f", "v2", "h2", weights, "v1", 2.0))
+    store.set_active_head_version("f", "v1")
+    store.delete_head_version("f", "v1")
+    assert store.active_head_version("f") == "v0" and store.get_head_version("f", "v2").parent_version_id == "v0"
+    store.delete_head_version("f", "v2")  # not the active one: the active stays
+    assert store.active_head_version("f") == "v0"
 
 
 def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_path, monkeypatch):
