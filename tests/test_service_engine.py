@@ -211,7 +211,7 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     with pytest.raises(ModelLoadError, match="not the last operation"):
         load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:softmax_net", feature_layer="body.0", head="fc", image_size=32))
     missing = tmp_path / "nowhere"
-    with pytest.raises(ModelLoadError, match=str(missing)):
+    with pytest.raises(ModelLoadError, match=re.escape(f"[classifier].path (a world classifier directory) not found: {missing}")):
         load_classifier(ClassifierSection(loader="world", path=str(missing)))
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not torchscript")

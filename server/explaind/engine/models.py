@@ -324,7 +324,7 @@ def _require_file(path: str, what: str) -> Path:
     if not path:
         raise ModelLoadError(f"[classifier] needs {what}")
     if not Path(path).exists():
-        raise ModelLoadError(f"{what} not found: {path}")
+        raise ModelLoadError(f"[classifier].{what} not found: {path}")
     return Path(path)
 
 
