@@ -31,7 +31,7 @@ from torch import nn
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.models import Preprocess, load_classifier
-from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
+from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted, Unavailable
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
@@ -127,6 +127,120 @@ def test_batcher_runs_a_lone_request_in_the_callers_thread_and_one_forward_at_a_
     delayed, _ = _sizes_batcher(delay=0.01)
     assert not delayed.submit(torch.ones(1, 1, 1, 1)).done()  # a configured delay always goes through the queue
     delayed.close()
+
+
+def _gated_batcher(**options) -> tuple[DynamicBatcher, list[int], threading.Event, threading.Event]:
+    """A batcher whose model blocks on ``gate``; ``entered`` is set once a forward started."""
+    sizes: list[int] = []
+    gate, entered = threading.Event(), threading.Event()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        entered.set()
+        gate.wait(10)
+        return x.flatten(1).sum(1)
+
+    options.setdefault("max_batch_size", 16)
+    batcher = DynamicBatcher(run, lambda out, s: list(out.split(s)), on_batch=sizes.append, **options)
+    return batcher, sizes, gate, entered
+
+
+def test_batcher_frees_the_model_after_a_forward_raises():
+    # A forward that fails (an OOM, say) must still free the model: otherwise every later
+    # request queues behind a forward that never ends, and Predict hangs for good.
+    calls = [0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return x.flatten(1).sum(1)
+
+    batcher, _ = _sizes_batcher(run=run)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        batcher.submit(torch.ones(1, 1, 1, 1)).result(timeout=2)  # the caller that hit it hears about it
+    # A bounded wait: a model left marked busy would queue these forever.
+    assert [batcher.submit(torch.full((2, 1, 1, 1), float(i))).result(timeout=2).tolist() for i in range(3)] == [[float(i)] * 2 for i in range(3)]
+    batcher.close()  # only reached when the worker is not stuck: close() would wait on it
+
+
+def test_batcher_queue_depth_returns_to_zero_once_batches_are_taken():
+    # Images leave the queue when the worker takes them: if they still counted, the
+    # depth gauge would only grow and the queue limit would soon refuse every request.
+    depths: list[int] = []
+    batcher = DynamicBatcher(lambda x: x.flatten(1).sum(1), lambda out, s: list(out.split(s)), max_batch_size=16,
+                             max_queue_delay_s=0.001, max_queue_size=4, on_queue_depth=depths.append)  # a delay: every request queues
+    for i in range(10):  # 20 images in all, 2 at a time: five times the queue limit
+        assert batcher.submit(torch.full((2, 1, 1, 1), float(i))).result(timeout=2).tolist() == [float(i)] * 2
+        assert batcher.queue_depth == 0 and depths[-1] == 0
+    assert max(depths) == 2  # the gauge saw each request queue, then leave
+    batcher.close()
+
+
+def test_batcher_close_still_answers_requests_queued_before_it():
+    # close() stops new requests but must run those already queued: an abandoned future
+    # never resolves and its caller hangs until its deadline.
+    batcher, sizes, gate, entered = _gated_batcher()
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+        assert entered.wait(5)  # the model is busy with the first request: the next two queue
+        queued = [batcher.submit(torch.full((2, 1, 1, 1), float(i))) for i in (2, 3)]
+        closer = threading.Thread(target=batcher.close)
+        closer.start()
+        try:
+            closer.join(0.2)  # time enough for a worker that wrongly gives up on its queue to quit
+            assert closer.is_alive()  # close() waits for the queued requests, which cannot run yet
+            with pytest.raises(Unavailable, match="shutting down"):
+                batcher.submit(torch.ones(1, 1, 1, 1))
+        finally:
+            gate.set()
+        assert first.result(5).tolist() == [1.0]
+        assert [future.result(timeout=5).tolist() for future in queued] == [[2.0, 2.0], [3.0, 3.0]]
+    closer.join(5)
+    assert not closer.is_alive() and sizes == [1, 4]
+
+
+def test_batcher_never_merges_requests_past_max_batch_size():
+    # Requests are merged whole, and only while they fit: 15 + 2 images would be a batch
+    # of 17 with a maximum of 16 (more memory than the model was sized for).
+    batcher, sizes, gate, entered = _gated_batcher(max_batch_size=16)
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+        assert entered.wait(5)  # the model is busy: the rest queue, and the worker takes them together
+        counts = [15, 2, 9, 7]
+        queued = [batcher.submit(torch.full((n, 1, 1, 1), float(i))) for i, n in enumerate(counts)]
+        gate.set()
+        assert first.result(5).tolist() == [1.0]
+        for i, (n, future) in enumerate(zip(counts, queued, strict=True)):
+            assert future.result(timeout=5).tolist() == [float(i)] * n
+    batcher.close()
+    assert sizes == [1, 15, 11, 7] and max(sizes) <= 16  # 15 | 2 + 9 | 7: the next request never pushed past 16
+
+
+def test_batcher_with_a_queue_delay_waits_for_more_requests_to_batch():
+    # max_queue_delay is what lets a request that arrives a little after another share
+    # its forward: the worker holds the first for up to the delay instead of running it alone.
+    batcher, sizes, gate, entered = _gated_batcher(max_batch_size=16, max_queue_delay_s=2.0)
+    gate.set()  # the model does not block here
+    first = batcher.submit(torch.full((8, 1, 1, 1), 1.0))
+    # Not a race to submit the second before the worker wakes: a worker that ignored the
+    # delay runs the first alone at once, which ends this wait early.
+    assert not entered.wait(0.2)  # well inside the 2 s delay, nothing ran yet
+    second = batcher.submit(torch.full((8, 1, 1, 1), 2.0))
+    # 8 + 8 fill the batch, so it runs now rather than when the delay ends.
+    assert first.result(timeout=1).tolist() == [1.0] * 8 and second.result(timeout=1).tolist() == [2.0] * 8
+    batcher.close()
+    assert sizes == [16]
+
+
+def test_batcher_close_does_not_wait_out_the_queue_delay():
+    # A worker holding a batch open for its delay stops waiting when the batcher closes:
+    # shutdown (and each registry swap that closes a batcher) would otherwise take the full delay.
+    batcher, sizes = _sizes_batcher(delay=5.0)
+    queued = batcher.submit(torch.ones(3, 1, 1, 1))
+    started = time.monotonic()
+    batcher.close()
+    assert time.monotonic() - started < 2.0  # far less than the 5 s delay
+    assert queued.result(timeout=0).tolist() == [1.0, 1.0, 1.0] and sizes == [3]  # and the held request still ran
 
 
 # Registry, split, cache ------------------------------------------------------------------
