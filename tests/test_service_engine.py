@@ -1282,6 +1282,52 @@ def test_a_long_status_message_is_cut_to_its_percent_encoded_budget(character):
     assert _shorten("fits") == "fits"
 
 
+class _AbortingContext:
+    """What the interceptor uses of a grpc.ServicerContext; ``abort`` raises, as grpc's does."""
+
+    def __init__(self) -> None:
+        self.status, self.details = None, ""
+
+    def abort(self, code, details):
+        self.status, self.details = code, details
+        raise RuntimeError("aborted")
+
+    def code(self):
+        return self.status
+
+    def is_active(self) -> bool:
+        return True
+
+    def time_remaining(self) -> float:
+        return 10.0
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass
+
+
+def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_unary_one():
+    # A server stream's messages skipped the size check: gRPC then failed the call itself,
+    # after the metric had counted it OK; once checked, the abort must not turn INTERNAL.
+    import grpc
+
+    from explaind.service.interceptors import _Observed
+    from explaind.v1 import common_pb2
+
+    metrics, context = Metrics(), _AbortingContext()
+
+    def watch(request, context):
+        yield common_pb2.Image(encoded=b"x" * 100)
+        yield common_pb2.Image(encoded=b"x" * 2000)
+
+    sent = []
+    with pytest.raises(RuntimeError, match="aborted"), _Observed(metrics, "explaind.v1.Svc", "Watch", context, 1000) as observed:
+        sent.extend(observed.call_stream(watch, None, context))
+    assert len(sent) == 1 and context.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert context.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
+    labels = {"service": "explaind.v1.Svc", "method": "Watch", "code": "RESOURCE_EXHAUSTED"}
+    assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
+
+
 def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_without_a_restart(tmp_path, classifier_dir, caplog):
     from explaind.client import Client, UnauthenticatedError
     from explaind.service import ExplaindServer
