@@ -54,7 +54,9 @@ def world_images() -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_config(path: Path, classifier_dir: Path, **sections: dict[str, object]) -> Path:
     """A TOML config serving ``classifier_dir``; ``sections`` add/override tables."""
-    tables: dict[str, dict[str, object]] = {"classifier": {"loader": "world", "path": str(classifier_dir)}}
+    # A 1 MiB reserve, not the default 16: pytest keeps the data dirs of its last runs.
+    tables: dict[str, dict[str, object]] = {"classifier": {"loader": "world", "path": str(classifier_dir)},
+                                            "server": {"data_dir_reserve_bytes": 1 << 20}}
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)
     lines = []
