@@ -429,6 +429,61 @@ def test_page_sizes_are_capped_and_a_full_page_with_its_token_fits_the_message_l
     assert messages_that_fit([huge, small], limit) == [huge] and messages_that_fit([small, huge], limit) == [small]
 
 
+def test_float16_tensors_decode_as_half_floats_and_raw_samples_count_against_the_pixel_budget():
+    # In process: no test sent FLOAT16 or a raw-tensor sample over the budget to a server.
+    from explaind.errors import InvalidArgument
+    from explaind.imaging import PixelBudget
+    from explaind.service import convert
+
+    half = np.linspace(0, 1, 3 * 4 * 5, dtype=np.float16).reshape(3, 4, 5)
+    decoded = convert.decode_image(_raw(common_pb2.DATA_TYPE_FLOAT16, half.shape, half.tobytes()), field="images[0]")
+    assert torch.equal(decoded, torch.from_numpy(half.astype(np.float32)))
+    with pytest.raises(InvalidArgument, match="NaN") as refused:  # errors of the pixels name the tensor, like those of its bytes
+        convert.decode_image(_raw(common_pb2.DATA_TYPE_FLOAT16, half.shape, np.full_like(half, np.nan).tobytes()), field="images[2]")
+    assert refused.value.field == "images[2].tensor"
+    budget = PixelBudget(100, field="samples")
+    raw = sample_sets_pb2.Sample(image=_raw(common_pb2.DATA_TYPE_UINT8, (10, 10, 3), bytes(300)))
+    convert.new_sample(raw, field="samples[0]", budget=budget)
+    with pytest.raises(InvalidArgument, match="more than the limit of 100 pixels per request") as refused:
+        convert.new_sample(raw, field="samples[1]", budget=budget)
+    assert refused.value.field == "samples"
+    # A raw float sample is stored as a PNG of the nearest levels: rounded, not truncated.
+    every_level = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    floats = np.clip((every_level.astype(np.float32) - 0.3) / 255, 0, 1)  # each a little under its level
+    stored = convert.new_sample(sample_sets_pb2.Sample(image=_raw(common_pb2.DATA_TYPE_FLOAT32, floats.shape, floats.tobytes())),
+                                field="samples[0]", budget=PixelBudget(1000, field="samples"))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored.encoded))), every_level)
+
+
+def test_a_sample_set_message_keeps_when_it_was_created_apart_from_when_it_last_changed():
+    from explaind.service import convert
+    from explaind.store import SampleSetInfo
+
+    message = convert.sample_set(SampleSetInfo("s", "", 3, {0: 2, 5: 1}, create_time=100.5, update_time=200.25, uploading=True))
+    assert (message.create_time.ToNanoseconds(), message.update_time.ToNanoseconds()) == (100_500_000_000, 200_250_000_000)
+    assert dict(message.class_counts) == {0: 2, 5: 1} and message.uploading
+
+
+def test_a_failed_operation_carries_its_code_and_the_field_it_names_as_a_bad_request():
+    # In process: the operation's error is what a client gets instead of the call's status.
+    from google.protobuf import any_pb2
+
+    from explaind.jobs import JobSnapshot
+    from explaind.service import convert
+    from explaind.store import CANCELLED, FAILED, JobRecord
+
+    details = any_pb2.Any()
+    details.Pack(error_details_pb2.BadRequest(field_violations=[{"field": "target_class", "description": "no such class"}]))
+    failed = convert.operation(JobSnapshot(JobRecord("j1", "edit_head", FAILED, 1.0, error_code="INVALID_ARGUMENT", error_message="target_class: no such class",
+                                                     result=details.SerializeToString())))
+    violation = error_details_pb2.BadRequest()
+    assert failed.done and failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and failed.error.details[0].Unpack(violation)
+    assert [(v.field, v.description) for v in violation.field_violations] == [("target_class", "no such class")]
+    # A record without a code (none is written so now) still reads as its state's code.
+    for state, code in ((FAILED, grpc.StatusCode.UNKNOWN), (CANCELLED, grpc.StatusCode.CANCELLED)):
+        assert convert.operation(JobSnapshot(JobRecord("j2", "edit_head", state, 1.0))).error.code == code.value[0], state
+
+
 def test_wait_operation_answers_at_the_sooner_of_its_timeout_and_the_call_deadline(server, client):
     # The wait is bounded by both: a short timeout must not wait out the whole call deadline,
     # and a timeout past the deadline must not leave the caller with DEADLINE_EXCEEDED, not the operation.

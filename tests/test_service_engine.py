@@ -672,6 +672,19 @@ def test_feature_cache_is_per_feature_version(engine):
     assert not torch.allclose(recomputed.features, first.features)
 
 
+def test_a_set_holding_one_image_several_times_computes_its_features_once(engine):
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    engine.create_sample_set("repeats", "", [NewSample.from_array(p, 0) for p in (a, b, a, a)])
+    misses = engine.metrics.feature_cache_misses._value.get()
+    features = engine.sample_set_features("repeats").features
+    assert engine.metrics.feature_cache_misses._value.get() == misses + 2  # two distinct images, not four
+    assert torch.equal(features[0], features[2]) and torch.equal(features[0], features[3])
+    # Stored images are fitted to the version a job was given, not whichever is active by then.
+    other_size = dataclasses.replace(engine.models.active, image_size=48)
+    assert engine.load_sample_image(engine.store.list_samples("repeats")[0].digest, other_size).shape == (3, 48, 48)
+
+
 def test_uint8_pixels_decode_to_exactly_the_reference_floats():
     """Raw and PNG uint8 pixels reach the model as the plain x / 255 floats, bit for bit,
     in a contiguous (3, H, W) tensor; the fast path must not change a prediction."""
@@ -713,6 +726,8 @@ def test_16_bit_greyscale_files_are_scaled_not_clipped():
         decode_encoded(_encoded(np.array([[0, 70000]], np.int32), "TIFF"), field="images[0].encoded")
     with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: floating-point image files are not supported"):
         decode_encoded(_encoded(np.full((4, 4), 0.5, np.float32), "TIFF"), field="images[0].encoded")
+    # 65535 is the top of the 16-bit range, white: valid, not out of range.
+    assert torch.equal(decode_encoded(_encoded(np.array([[0, 65535]], np.uint16), "PNG"), field="x")[:, 0], torch.tensor([[0.0, 1.0]] * 3))
 
 
 @pytest.mark.parametrize("weights", ["ResNet18_Weights", "EfficientNet_B0_Weights"])  # bilinear, bicubic
@@ -772,8 +787,42 @@ def test_the_centre_crop_takes_the_middle_of_the_resized_image():
     pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     cropped = decode_array(pixels, field="x", geometry=InputGeometry(200, 300))  # the shorter side is already 300: no resampling
     assert torch.equal(cropped, decode_array(np.ascontiguousarray(pixels[50:250, 100:300]), field="x"))
+    # An odd margin splits as CenterCrop splits it: int(round(203 / 2)) = 102 pixels on the left, not 101.
+    odd = np.random.default_rng(1).integers(0, 256, (300, 403, 3), dtype=np.uint8)
+    assert torch.equal(decode_array(odd, field="x", geometry=InputGeometry(200, 300)), decode_array(np.ascontiguousarray(odd[50:250, 102:302]), field="x"))
     stretched = decode_array(pixels, field="x", geometry=InputGeometry(200))
     assert stretched.shape == (3, 200, 200) and not torch.equal(stretched, cropped)
+
+
+def test_float_pixels_stay_in_0_1_after_a_bicubic_resize():
+    # Bicubic overshoots at sharp edges; uint8 saturates, floats must be clamped back to [0, 1].
+    squares = np.kron(np.indices((8, 8)).sum(axis=0) % 2, np.ones((8, 8))).astype(np.float32)  # a 64 px checkerboard of 0 and 1
+    for geometry in (InputGeometry(24, 0, "bicubic"), InputGeometry(24, 28, "bicubic")):
+        fitted = decode_array(np.stack([squares] * 3), field="x", geometry=geometry)
+        assert fitted.shape == (3, 24, 24) and float(fitted.min()) >= 0.0 and float(fitted.max()) <= 1.0
+
+
+def test_float_pixels_are_checked_for_range_side_and_budget_like_uint8_ones():
+    from explaind.imaging import PixelBudget
+
+    with pytest.raises(InvalidArgument, match=r"^x: float pixels must lie in \[0, 1\], got \[-0.5, "):
+        decode_array(np.full((3, 4, 4), -0.5, np.float32), field="x")  # negative: normalised on the client, not raw
+    # Within the 1e-3 tolerance for rounding, but the model still sees [0, 1].
+    nearly = decode_array(np.array([[[-4e-4, 1.0004]]] * 3, np.float32), field="x")
+    assert torch.equal(nearly, torch.tensor([[[0.0, 1.0]]] * 3))
+    for shape in ((3, 1, 4097), (4097, 1, 3)):
+        with pytest.raises(InvalidArgument, match="the largest side allowed is 4096"):
+            decode_array(np.zeros(shape, np.float16), field="x")
+    with pytest.raises(InvalidArgument, match=r"float images must be \(3, H, W\) or \(H, W, 3\), got shape \(4, 5, 6\)"):
+        decode_array(np.zeros((4, 5, 6), np.float32), field="x")
+    # (3, H, 3) could be either layout: it is read as (3, H, W), as its size was checked.
+    ambiguous = np.random.default_rng(0).random((3, 5, 3), dtype=np.float32)
+    assert torch.equal(decode_array(ambiguous, field="x"), torch.from_numpy(ambiguous))
+    budget = PixelBudget(100, field="images")
+    decode_array(np.zeros((3, 10, 10), np.float32), field="x", budget=budget)
+    with pytest.raises(InvalidArgument, match="more than the limit of 100 pixels per request") as refused:
+        decode_array(np.zeros((1, 1, 3), np.float32), field="x", budget=budget)
+    assert refused.value.field == "images"
 
 
 def test_a_large_image_is_resized_before_it_becomes_float():
@@ -833,8 +882,147 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
             engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0), NewSample.from_array(pixels, 0, attributes)])
         assert refused.value.field == field
     engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0, {f"a{i}": "u" * 1024 for i in range(64)})])
-    with pytest.raises(InvalidArgument, match="top_k"):
-        engine.predict(torch.rand(1, 3, 64, 64), top_k=9)
+    for top_k in (9, -1):  # a negative k reached topk() and failed as INTERNAL
+        with pytest.raises(InvalidArgument, match="top_k"):
+            engine.predict(torch.rand(1, 3, 64, 64), top_k=top_k)
+
+
+def test_top_k_zero_means_five_labels_and_may_be_every_class(engine):
+    images = torch.rand(2, 3, 64, 64)
+    assert engine.predict(images, top_k=0).class_indices.shape == (2, 5)
+    assert engine.predict(images, top_k=6).class_indices.shape == (2, 6)  # all six classes of the world classifier
+
+
+def test_a_stored_set_the_served_classifier_cannot_use_is_refused_saying_why(engine):
+    # Labels are checked at upload, but a data dir outlives its classifier: a set uploaded
+    # for seven classes, or left empty, reaches the jobs only through the store.
+    from explaind.store import SampleRecord
+
+    with engine.store.writing_blobs() as put:
+        digest = put(encode_png(np.zeros((8, 8, 3), np.uint8)))
+        engine.store.create_sample_set("seven-classes", "", [SampleRecord(digest, 0), SampleRecord(digest, 6)])
+        engine.store.create_sample_set("empty", "", [])
+    with pytest.raises(InvalidArgument, match="has labels up to 6, but the served classifier has 6 classes") as refused:
+        engine.evaluate_sample_set("seven-classes")
+    assert refused.value.field == "sample_set_id"
+    with pytest.raises(InvalidArgument, match="sample set 'empty' is empty"):
+        engine.evaluate_sample_set("empty")
+    # Checked again when a job runs (the set may be gone by then), naming the request's field.
+    with pytest.raises(NotFound) as missing:
+        engine.sample_set_features("gone", field="validation_sample_set_id")
+    assert missing.value.field == "validation_sample_set_id"
+
+
+def test_model_metadata_gives_the_queue_delay_in_seconds_and_the_request_limits(engine):
+    # The config's delay is in milliseconds; the default 0 hid a wrong conversion.
+    from explaind.imaging import MAX_IMAGE_SIDE
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import inference_pb2
+
+    engine.config = engine.config.replace("batching", max_queue_delay_ms=250, max_images_per_request=77).replace("server", max_pixels_per_request=12345)
+    meta = InferenceServicer(engine, serving=lambda: True).GetModelMetadata(inference_pb2.GetModelMetadataRequest(), None)
+    assert meta.batching.max_queue_delay_seconds == pytest.approx(0.25)
+    limits = meta.limits
+    assert (limits.max_images_per_request, limits.max_pixels_per_request, limits.max_image_side) == (77, 12345, MAX_IMAGE_SIDE)
+
+
+def test_a_predict_past_its_deadline_is_deadline_exceeded_and_its_queued_batch_is_dropped(engine, monkeypatch):
+    # The caller's own deadline hides the server's code from it; the server's code is what
+    # its metrics and logs count, and the queued request must not still run.
+    from concurrent.futures import Future
+
+    from explaind.errors import DeadlineExceeded
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import common_pb2, inference_pb2
+
+    never = Future()
+    monkeypatch.setattr(engine, "submit_predict", lambda images, **options: never)
+
+    class Context:
+        def add_callback(self, callback):
+            pass
+
+        def time_remaining(self):
+            return 0.05
+
+    request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8)))])
+    with pytest.raises(DeadlineExceeded):
+        InferenceServicer(engine, serving=lambda: True).Predict(request, Context())
+    assert never.cancelled()
+
+
+def test_sample_set_listings_use_the_documented_default_and_largest_page_sizes(engine, monkeypatch):
+    # ListSampleSets: 0 means 100, at most 1000; ListSamples: 0 means 256, at most 4096.
+    # Unit level: thousands of sets or samples are too slow to build here.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    engine.create_sample_set("paged", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    limits = []
+    list_sets, list_samples = engine.store.list_sample_sets, engine.store.list_samples
+    monkeypatch.setattr(engine.store, "list_sample_sets", lambda *, after, limit: limits.append(limit) or list_sets(after=after, limit=limit))
+    monkeypatch.setattr(engine.store, "list_samples", lambda set_id, offset, limit: limits.append(limit) or list_samples(set_id, offset, limit))
+    servicer = SampleSetServicer(engine)
+    for page_size in (0, 1000, 1001):
+        servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=page_size), None)
+    for page_size in (0, 4096, 4097):
+        servicer.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_size=page_size), None)
+    assert limits == [100, 1000, 1000, 256, 4096, 4096]
+
+
+def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident_first(engine, monkeypatch):
+    # Sums and the diagonal are the same for a transposed matrix or mistakes in any order;
+    # fixed logits pin which cell, which order, which captions.
+    from explaind.engine.evaluation import evaluate
+
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    logits = torch.full((5, 6), -5.0)
+    for row, (predicted, value) in enumerate([(0, 5.0), (1, 1.0), (1, 5.0), (2, 3.0), (1, 0.0)]):
+        logits[row, predicted] = value  # mistakes: 1 (circle as square), 3 (square as triangle, surest), 4 (triangle as square, least sure)
+    digests = [f"d{i}" for i in range(5)]
+    monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, digests))
+    grids = []
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: grids.append((shown, captions)) or np.zeros((4, 4, 3), np.uint8))
+
+    class Context:
+        def raise_if_cancelled(self):
+            pass
+
+        def report_progress(self, *args, **kwargs):
+            pass
+
+        def save_image(self, name, pixels):
+            assert name == "mistakes.png"
+
+    version = engine.models.active
+    result = evaluate(engine, Context(), "fixed", version, 0, 2)
+    confusion = np.array(result.confusion_matrix).reshape(6, 6)
+    assert (confusion[0, 1], confusion[1, 2], confusion[2, 1]) == (1, 1, 1) and confusion[1, 0] == confusion[2, 0] == 0
+    assert [(m.sample_index, m.label, m.predicted) for m in result.mistakes] == [(3, 1, 2), (1, 0, 1), (4, 2, 1)]
+    confidence = torch.softmax(logits, dim=1).max(dim=1).values
+    assert [m.probability for m in result.mistakes] == pytest.approx(confidence[[3, 1, 4]].tolist())
+    assert [(c.count, c.accuracy) for c in result.per_class[:3]] == [(2, 0.5), (2, 0.5), (1, 0.0)]  # by true label (predicted: 1, 3, 1)
+    assert all(c.count == 0 and np.isnan(c.accuracy) for c in result.per_class[3:])  # absent classes are not scored 0
+    # The grid: the max_grid_images most confident mistakes, captioned true>predicted.
+    assert grids == [(["d3", "d1"], ["square>triangle", "circle>square"])]
+
+
+def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monkeypatch):
+    import explaind.engine.evaluation
+
+    rng = np.random.default_rng(0)
+    engine.create_sample_set("bounds", "", [NewSample.from_array(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 0)])
+    started = []
+    monkeypatch.setattr(explaind.engine.evaluation, "evaluate", lambda engine, context, set_id, version, batch_size, grid: started.append((batch_size, grid)))
+    monkeypatch.setattr(engine.jobs, "submit", lambda kind, run: run(None))  # run the job's function at once
+    for batch_size, grid in ((4096, 1024), (0, 0)):
+        engine.evaluate_sample_set("bounds", batch_size=batch_size, max_grid_images=grid)
+    assert started == [(4096, 1024), (0, 64)]
+    for options, field in (({"batch_size": 4097}, "batch_size"), ({"batch_size": -1}, "batch_size"),
+                           ({"max_grid_images": 1025}, "max_grid_images"), ({"max_grid_images": -1}, "max_grid_images")):
+        with pytest.raises(InvalidArgument) as refused:
+            engine.evaluate_sample_set("bounds", **options)
+        assert refused.value.field == field, options
 
 
 # Jobs and store --------------------------------------------------------------------------
