@@ -12,7 +12,7 @@ from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2
 
 from explaind.client import Client, DeadlineExceededError
-from explaind.v1 import operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
+from explaind.v1 import inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -33,6 +33,15 @@ def test_sample_labels_may_be_class_names_or_indices(client):
     assert created.class_counts == {1: 1, 5: 2}
     appended = client.append_samples(created.sample_set_id, [IMAGE], np.array(["circle"]))
     assert appended.class_counts == {0: 1, 1: 1, 5: 2}
+
+
+def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
+    # As list.index: a model whose class names repeat ("cat" at 0 and 2) labels "cat" as 0.
+    from types import SimpleNamespace
+
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
+        monkeypatch.setattr(offline, "model_metadata", lambda: SimpleNamespace(class_names=["cat", "dog", "cat"]))
+        assert offline._labels(["cat", "dog", 2]) == [0, 1, 2]
 
 
 def test_an_unknown_class_name_is_a_value_error_naming_the_label(client):
@@ -85,6 +94,22 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         call(offline)
 
 
+def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_refused_before_any_call(tmp_path):
+    # A list (or tuple) is counted and its paths checked before the first request: an
+    # upload that could only fail part way is never begun (this client reaches no server).
+    present = tmp_path / "present.png"
+    present.write_bytes(b"png")
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
+        with pytest.raises(ValueError, match=r"^got 3 images but 2 labels$"):
+            offline.create_sample_set([IMAGE] * 3, [0, 1])
+        with pytest.raises(ValueError, match=r"^got 1 images but 2 labels$"):
+            offline.append_samples("any", IMAGE, [0, 1])
+        with pytest.raises(ValueError, match=r"^the images are not as many as the 2 labels$"):  # an iterator is counted as it is read
+            offline.create_sample_set(iter([IMAGE] * 3), [0, 1])
+        with pytest.raises(FileNotFoundError, match=r"^images\[1\]: no such file: .*gone.png$"):
+            offline.create_sample_set((present, tmp_path / "gone.png"), [0, 0])
+
+
 def test_edit_head_neurons_must_be_indices(client):
     with pytest.raises(TypeError, match=r"neurons\[1\] must be a neuron index \(int\), got 4.5"):
         client.edit_head("any", "heart", [3, 4.5])
@@ -94,8 +119,10 @@ def test_edit_head_neurons_must_be_indices(client):
 def test_result_timeout_says_the_job_is_still_running_with_or_without_progress(client, progress):
     operation = client.visualize_neurons([3], method="no_clip", steps=10_000)
     try:
+        started = time.monotonic()
         with pytest.raises(DeadlineExceededError, match=rf"^DEADLINE_EXCEEDED: {operation.name} is still (queued|running) after 0.5s$"):
             operation.result(progress=progress, timeout=0.5)
+        assert time.monotonic() - started < 10  # the server is asked to wait what is left of 0.5 s, not WAIT_STEP_S (60 s)
         assert not operation.refresh().done  # the timeout ends the wait, not the job
     finally:
         operation.cancel()
@@ -119,6 +146,8 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         from explaind.v1 import sample_sets_pb2
 
         self._attempt("GetSampleSet", context)
+        if request.sample_set_id == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no sample set 'missing'")
         return sample_sets_pb2.GetSampleSetResponse(sample_set=sample_sets_pb2.SampleSet(sample_set_id=request.sample_set_id))
 
     def DeleteSampleSet(self, request, context):
@@ -208,6 +237,87 @@ def test_the_last_retry_comes_just_before_the_deadline():
         server.stop(0)
 
 
+def test_retries_back_off_from_a_tenth_of_a_second_doubling_to_at_most_two_seconds(monkeypatch):
+    # A server loading for minutes must be retried every 2 s (RETRY_MAX_BACKOFF_S), not
+    # after pauses that keep doubling. The pauses are recorded, not slept.
+    from types import SimpleNamespace
+
+    from explaind.client import _client
+
+    servicer = _LoadingSampleSets(loading_s=float("inf"))
+    pauses = []
+
+    def sleep(seconds):
+        pauses.append(round(seconds, 3))
+        if len(pauses) == 7:
+            servicer.ready_at = 0.0
+
+    monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=30) as client:
+            client._reached = True  # as after any earlier answer
+            assert client.sample_set("s").sample_set_id == "s"
+        assert pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    finally:
+        server.stop(0)
+
+
+def test_a_server_that_answered_with_an_error_is_retried_when_it_restarts():
+    # Any answer, a refusal too, shows the address is right: a later UNAVAILABLE is a
+    # restart worth waiting for, not a wrong address to report at once.
+    from explaind.client import NotFoundError
+
+    servicer = _LoadingSampleSets(loading_s=0)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=30) as client:
+            with pytest.raises(NotFoundError):
+                client.sample_set("missing")
+            servicer.ready_at = time.monotonic() + 1.0
+            assert client.sample_set("s").sample_set_id == "s"
+        assert servicer.attempts["GetSampleSet"] > 2
+    finally:
+        server.stop(0)
+
+
+class _LoadingInference(inference_pb2_grpc.InferenceServiceServicer):
+    """An InferenceService whose metadata is UNAVAILABLE until ``loaded``, then states a
+    limit of 2 images per Predict; Predict records how many images each request carried."""
+
+    def __init__(self) -> None:
+        self.loaded, self.requests = False, []
+
+    def GetModelMetadata(self, request, context):
+        if not self.loaded:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+        return inference_pb2.GetModelMetadataResponse(limits=inference_pb2.RequestLimits(max_images_per_request=2))
+
+    def Predict(self, request, context):
+        self.requests.append(len(request.images))
+        return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction() for _ in request.images])
+
+
+def test_limits_unknown_while_the_server_loads_are_asked_again_once_it_has_loaded():
+    # Limits are asked once per client; an answer of "still loading" must not stand for
+    # them for the client's lifetime, or its requests would never be split.
+    from concurrent.futures import ThreadPoolExecutor
+
+    servicer = _LoadingInference()
+    server = grpc.server(ThreadPoolExecutor(2))
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=30) as client:
+            assert len(client.predict([IMAGE] * 3)) == 3  # no limit known: one request
+            servicer.loaded = True
+            assert len(client.predict([IMAGE] * 3)) == 3
+        assert servicer.requests == [3, 2, 1]
+    finally:
+        server.stop(0)
+
+
 class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Knows one running operation, but WaitOperation and CancelOperation answer
     UNAVAILABLE, as a server shutting down does."""
@@ -245,6 +355,40 @@ def test_waiting_for_an_operation_keeps_its_own_timeout_while_the_server_is_unav
             with pytest.raises(KeyboardInterrupt) as interrupted:
                 operation.result()
             assert interrupted.value.__notes__ == ["operations/x may still be running: cancelling it failed (UNAVAILABLE: the server is shutting down)"]
+    finally:
+        server.stop(0)
+
+
+def _running_operation(name: str) -> operations_lro.Operation:
+    metadata = any_pb2.Any()
+    metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head", state=operations_pb2.OPERATION_STATE_RUNNING))
+    return operations_lro.Operation(name=name, metadata=metadata)
+
+
+class _SlowWaitOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """Answers a WaitOperation a little after the wait it was asked for (as over a slow
+    network, or a server that only checks its deadline at the end): still running."""
+
+    def WaitOperation(self, request, context):
+        time.sleep(request.timeout.ToTimedelta().total_seconds() + 0.2)
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+
+def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exceeded():
+    # Each WaitOperation call's deadline is WAIT_CALL_MARGIN_S past the wait it asks for;
+    # a deadline of the wait alone failed the caller's wait with DEADLINE_EXCEEDED.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client._operations import Operation
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_SlowWaitOperations(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=30) as client:
+            operation = Operation(client, _running_operation("operations/x"))
+            assert not operation.wait(timeout=0.5).done
     finally:
         server.stop(0)
 
@@ -298,6 +442,115 @@ def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
                 assert operation.done and time.monotonic() >= servicer.ready_at
     finally:
         server.stop(0)
+
+
+class _TruncatedArtifacts(operations_pb2_grpc.OperationsServiceServicer):
+    """Lists a 10-byte artifact but has only its first 4 bytes (a blob cut short on disk):
+    past them it answers with no content, and after 20 such calls with INTERNAL."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def GetArtifact(self, request, context):
+        self.calls += 1
+        if self.calls > 20:
+            context.abort(grpc.StatusCode.INTERNAL, "asked for the same range again and again")
+        content = b"abcd"[request.offset:request.offset + request.max_bytes]
+        return operations_pb2.GetArtifactResponse(artifact=operations_pb2.Artifact(name=request.artifact, size_bytes=10), content=content)
+
+
+def test_an_artifact_that_ends_before_its_size_is_a_data_loss_not_an_endless_download(monkeypatch):
+    # Without the check the download asked for byte 4 on and on, appending nothing.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client import DataLossError
+    from explaind.client._operations import Operation
+    from explaind.client._types import RequestLimits
+
+    servicer = _TruncatedArtifacts()
+    server = grpc.server(ThreadPoolExecutor(2))
+    operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=30) as client:
+            monkeypatch.setattr(client, "_request_limits", lambda: RequestLimits(0, 0, 0, 0))  # this server has no metadata
+            operation = Operation(client, operations_lro.Operation(name="operations/x", done=True))
+            with pytest.raises(DataLossError, match=r"^DATA_LOSS: artifact 'omega.npy' of operations/x ended at byte 4 of 10$"):
+                operation.artifact("omega.npy")
+        assert servicer.calls == 2
+    finally:
+        server.stop(0)
+
+
+class _HangingOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """A server half up: its watch stream fails UNAVAILABLE and GetOperation answers only
+    after 5 s (still running)."""
+
+    def GetOperation(self, request, context):
+        time.sleep(5)
+        return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
+
+    def WatchOperation(self, request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+
+def test_a_watch_refreshing_after_a_dropped_stream_keeps_its_own_timeout():
+    # The refresh after a dropped stream took the client's whole timeout (30 s here), not
+    # what was left of the watch's.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client._operations import Operation
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_HangingOperations(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=30) as client:
+            operation = Operation(client, _running_operation("operations/x"))
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError, match="operations/x is still .* after 1s"):
+                operation.result(progress=True, timeout=1)
+            assert time.monotonic() - started < 3.5
+    finally:
+        server.stop(0)
+
+
+class _StreamedOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """Streams a job's updates at once: queued, running at 1 of 2 steps, then cancelled."""
+
+    def WatchOperation(self, request, context):
+        from google.rpc import status_pb2
+
+        updates = [(operations_pb2.OPERATION_STATE_QUEUED, 0, ""), (operations_pb2.OPERATION_STATE_RUNNING, 1, "epoch 1"),
+                   (operations_pb2.OPERATION_STATE_CANCELLED, 1, "")]
+        for state, step, message in updates:
+            metadata = any_pb2.Any()
+            metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head", state=state, progress=operations_pb2.Progress(step=step, total=2, message=message)))
+            done = state == operations_pb2.OPERATION_STATE_CANCELLED
+            error = status_pb2.Status(code=grpc.StatusCode.CANCELLED.value[0], message="cancelled") if done else None
+            yield operations_pb2.WatchOperationResponse(operation=operations_lro.Operation(name=request.name, metadata=metadata, done=done, error=error))
+
+
+def test_progress_lines_show_every_change_of_state_or_message_at_once(capsys):
+    # Only a change *and* PROGRESS_LINE_INTERVAL_S since the last line printed one: a job
+    # ending within 10 s showed its first state only, never its outcome.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client import CancelledError
+    from explaind.client._operations import Operation
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_StreamedOperations(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(CancelledError):
+            Operation(client, _running_operation("operations/x")).result(progress=True, timeout=10)
+    finally:
+        server.stop(0)
+    assert capsys.readouterr().err.splitlines() == ["edit_head: queued 0/2", "edit_head: running 1/2 epoch 1", "edit_head: cancelled 1/2"]
 
 
 def test_wait_until_ready_keeps_its_timeout_on_a_server_that_never_answers():
@@ -358,3 +611,69 @@ def test_every_status_code_but_ok_and_unknown_has_its_typed_error():
         assert type(error) is not ExplaindError and error.code == code and error.field == "field", code
         failed = operation_error(code, "why")
         assert isinstance(failed, OperationError) and isinstance(failed, type(error)) and failed.code == code
+
+
+def test_a_code_without_its_own_error_stays_a_plain_explaind_error_of_that_code():
+    # UNKNOWN (e.g. an exception a proxy or an older server did not map) must not pass for
+    # a typed error such as InternalError; a job failing with it is still an OperationError.
+    from explaind.client import ExplaindError, InternalError, OperationError
+    from explaind.client._errors import error_from_code, operation_error
+
+    error = error_from_code(grpc.StatusCode.UNKNOWN, "why")
+    assert type(error) is ExplaindError and not isinstance(error, InternalError)
+    assert error.code == grpc.StatusCode.UNKNOWN and str(error) == "UNKNOWN: why"
+    failed = operation_error(grpc.StatusCode.UNKNOWN, "why")
+    assert type(failed) is OperationError and failed.code == grpc.StatusCode.UNKNOWN
+
+
+def _bad_request(*fields: str) -> any_pb2.Any:
+    """A ``google.rpc.BadRequest`` status detail refusing ``fields``."""
+    from google.rpc import error_details_pb2
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=field, description=f"{field} is wrong") for field in fields]))
+    return detail
+
+
+def test_a_call_error_keeps_every_field_violation_in_order_and_names_its_code_without_a_message():
+    # A status may carry several BadRequest details of several violations each: none is
+    # dropped and ``field`` is the first. A status without a message still says what it is.
+    from google.rpc import status_pb2
+
+    from explaind.client import InvalidArgumentError
+    from explaind.client._errors import from_rpc_error
+
+    status = status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], details=[_bad_request("images[0]", "top_k"), _bad_request("labels[2]")])
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self):
+            return ""
+
+        def trailing_metadata(self):
+            return (("other-bin", b"x"), ("grpc-status-details-bin", status.SerializeToString()))
+
+    error = from_rpc_error(Refused())
+    assert isinstance(error, InvalidArgumentError) and str(error) == "INVALID_ARGUMENT: INVALID_ARGUMENT"
+    assert error.field == "images[0]"
+    assert error.field_violations == [("images[0]", "images[0] is wrong"), ("top_k", "top_k is wrong"), ("labels[2]", "labels[2] is wrong")]
+
+
+def test_a_failed_jobs_error_is_its_typed_error_with_the_field_it_refused():
+    # A job refused at run time reads as the call would have: an InvalidArgumentError (and
+    # an OperationError) whose ``field`` names what to fix.
+    from google.rpc import status_pb2
+
+    from explaind.client import InvalidArgumentError, OperationError
+    from explaind.client._operations import Operation
+
+    status = status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="group_attribute: no sample has it",
+                               details=[_bad_request("group_attribute")])
+    operation = Operation(None, operations_lro.Operation(name="operations/x", done=True, error=status))
+    with pytest.raises(InvalidArgumentError) as raised:
+        operation.result()  # done: no call is made
+    assert isinstance(raised.value, OperationError) and raised.value.field == "group_attribute"
+    assert str(raised.value) == "INVALID_ARGUMENT: group_attribute: no sample has it"

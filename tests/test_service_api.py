@@ -148,6 +148,20 @@ def test_predict_accepts_every_image_encoding_alike(client, world_images):
     assert upscaled.label == as_png.label  # resized back to 64x64 on the server
 
 
+def test_predict_sends_other_dtypes_tensors_pil_modes_and_single_images_as_the_same_pixels(client, world_images):
+    # float64 (numpy's default) goes as float32, float16 as float16 (its bytes labelled
+    # float32 would be other pixels), a torch tensor as its array, a PIL image of any mode
+    # as RGB (RGBA went as (H, W, 4)); one image alone, not in a list, is one prediction.
+    pixels = _uint8(world_images[0][:1])[0]
+    reference = client.predict([pixels], top_k=6)[0]
+    chw = pixels.transpose(2, 0, 1) / 255
+    for image, atol in ((chw, 1e-5), (chw.astype(np.float16), 1e-2), (torch.from_numpy(chw.astype(np.float32)), 1e-5),
+                        (Image.fromarray(pixels).convert("RGBA"), 1e-5), (Image.fromarray(pixels), 1e-5)):
+        (prediction,) = client.predict(image, top_k=6)
+        assert prediction.label == reference.label, type(image)
+        np.testing.assert_allclose(sorted(prediction.probabilities), sorted(reference.probabilities), atol=atol)
+
+
 def _raw(dtype: int, shape: tuple[int, ...], data: bytes) -> common_pb2.Image:
     return common_pb2.Image(tensor=common_pb2.Tensor(dtype=dtype, shape=list(shape), data=data))
 
@@ -540,6 +554,10 @@ def test_requests_decoding_to_too_many_pixels_are_refused(server, client):
     assert client.model_metadata().limits.max_pixels_per_request == 1024 * 1024
     assert len(client.predict([_png(black), black[:1, :1]])) == 2
     assert client.create_sample_set([black, _png(black[:1, :1])], [0, 0], sample_set_id="split-by-pixels").sample_count == 2
+    # An image over the limit by itself goes alone, as the first request too (not after an
+    # empty one), for the server to refuse by what it decodes to.
+    with pytest.raises(InvalidArgumentError, match=re.escape(limit)):
+        client.predict([_png(np.zeros((1025, 1024, 3), np.uint8)), black[:1, :1]])
 
 
 def test_predict_splits_a_long_list_by_the_servers_image_limit_and_keeps_the_order(server, client, world_images, monkeypatch):
@@ -555,6 +573,10 @@ def test_predict_splits_a_long_list_by_the_servers_image_limit_and_keeps_the_ord
     with pytest.raises(InvalidArgumentError) as raised:
         client.predict([*pixels[:256], b"not an image"])
     assert raised.value.__notes__ == ["the failing request began at item 256 of 257: [i] there is item 256 + i here"]
+    with pytest.raises(InvalidArgumentError) as raised:
+        client.predict([pixels[0], b"not an image"])
+    # The first request's [i] is the caller's item i already: no note to say so.
+    assert raised.value.field == "images[1].encoded" and raised.value.request_offset == 0 and not hasattr(raised.value, "__notes__")
 
 
 @pytest.fixture(scope="module")
