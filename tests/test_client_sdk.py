@@ -157,11 +157,13 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
-def _serve(servicer: _LoadingSampleSets, port: int = 0):
+def _serve(servicer, port: int = 0, *, add=sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server) -> tuple[grpc.Server, str]:
+    """A local gRPC server of ``servicer`` (``add``: its service's add_*_to_server) on
+    ``port`` (0: any free one); the server and its address."""
     from concurrent.futures import ThreadPoolExecutor
 
     server = grpc.server(ThreadPoolExecutor(2))
-    sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+    add(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, f"127.0.0.1:{port}"
@@ -301,13 +303,8 @@ class _LoadingInference(inference_pb2_grpc.InferenceServiceServicer):
 def test_limits_unknown_while_the_server_loads_are_asked_again_once_it_has_loaded():
     # Limits are asked once per client; an answer of "still loading" must not stand for
     # them for the client's lifetime, or its requests would never be split.
-    from concurrent.futures import ThreadPoolExecutor
-
     servicer = _LoadingInference()
-    server = grpc.server(ThreadPoolExecutor(2))
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
             assert len(client.predict([IMAGE] * 3)) == 3  # no limit known: one request
@@ -335,14 +332,9 @@ class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):
 
 
 def test_waiting_for_an_operation_keeps_its_own_timeout_while_the_server_is_unavailable(monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
-
     from explaind.client import UnavailableError
 
-    server = grpc.server(ThreadPoolExecutor(2))
-    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_StoppingOperations(), server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(_StoppingOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
             operation = client.operation("operations/x")
@@ -377,14 +369,9 @@ class _SlowWaitOperations(operations_pb2_grpc.OperationsServiceServicer):
 def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exceeded():
     # Each WaitOperation call's deadline is WAIT_CALL_MARGIN_S past the wait it asks for;
     # a deadline of the wait alone failed the caller's wait with DEADLINE_EXCEEDED.
-    from concurrent.futures import ThreadPoolExecutor
-
     from explaind.client._operations import Operation
 
-    server = grpc.server(ThreadPoolExecutor(2))
-    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_SlowWaitOperations(), server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(_SlowWaitOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
             operation = Operation(client, _running_operation("operations/x"))
@@ -421,17 +408,12 @@ def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
     # wait() gave up when one WaitOperation call's retries ended (its deadline, 70 s at
     # most, scaled down here), and watch() when one GetOperation's did (the client's
     # timeout), whatever their own timeouts said.
-    from concurrent.futures import ThreadPoolExecutor
-
     from explaind.client import _operations
 
     monkeypatch.setattr(_operations, "WAIT_STEP_S", 0.5)
     monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
     servicer = _RestartingOperations()
-    server = grpc.server(ThreadPoolExecutor(2))
-    operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=0.5) as client:
             for follow in (lambda operation: operation.wait(timeout=20), lambda operation: list(operation.watch(timeout=20))):
@@ -461,17 +443,12 @@ class _TruncatedArtifacts(operations_pb2_grpc.OperationsServiceServicer):
 
 def test_an_artifact_that_ends_before_its_size_is_a_data_loss_not_an_endless_download(monkeypatch):
     # Without the check the download asked for byte 4 on and on, appending nothing.
-    from concurrent.futures import ThreadPoolExecutor
-
     from explaind.client import DataLossError
     from explaind.client._operations import Operation
     from explaind.client._types import RequestLimits
 
     servicer = _TruncatedArtifacts()
-    server = grpc.server(ThreadPoolExecutor(2))
-    operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
             monkeypatch.setattr(client, "_request_limits", lambda: RequestLimits(0, 0, 0, 0))  # this server has no metadata
@@ -498,14 +475,9 @@ class _HangingOperations(operations_pb2_grpc.OperationsServiceServicer):
 def test_a_watch_refreshing_after_a_dropped_stream_keeps_its_own_timeout():
     # The refresh after a dropped stream took the client's whole timeout (30 s here), not
     # what was left of the watch's.
-    from concurrent.futures import ThreadPoolExecutor
-
     from explaind.client._operations import Operation
 
-    server = grpc.server(ThreadPoolExecutor(2))
-    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_HangingOperations(), server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(_HangingOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
             operation = Operation(client, _running_operation("operations/x"))
@@ -536,15 +508,10 @@ class _StreamedOperations(operations_pb2_grpc.OperationsServiceServicer):
 def test_progress_lines_show_every_change_of_state_or_message_at_once(capsys):
     # Only a change *and* PROGRESS_LINE_INTERVAL_S since the last line printed one: a job
     # ending within 10 s showed its first state only, never its outcome.
-    from concurrent.futures import ThreadPoolExecutor
-
     from explaind.client import CancelledError
     from explaind.client._operations import Operation
 
-    server = grpc.server(ThreadPoolExecutor(2))
-    operations_pb2_grpc.add_OperationsServiceServicer_to_server(_StreamedOperations(), server)
-    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
+    server, target = _serve(_StreamedOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client, pytest.raises(CancelledError):
             Operation(client, _running_operation("operations/x")).result(progress=True, timeout=10)
