@@ -1935,6 +1935,9 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
     assert reserve.stat().st_size == size
     SQLiteStore(tmp_path).close()  # no reserve configured: none kept
     assert not reserve.exists()
+    monkeypatch.delattr(os, "posix_fallocate")  # as on macOS
+    SQLiteStore(tmp_path, reserve_bytes=size + 5).close()
+    assert reserve.stat().st_size == size + 5 and reserve.stat().st_blocks * 512 >= size
 
 
 def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):

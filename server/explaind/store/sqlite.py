@@ -186,7 +186,11 @@ class SQLiteStore:
         temporary = self._reserve.with_name(f"{RESERVE_FILE}.{self._scratch_tag}.tmp")
         try:
             with open(temporary, "wb") as file:
-                os.posix_fallocate(file.fileno(), 0, self._reserve_bytes)  # blocks taken, none written
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(file.fileno(), 0, self._reserve_bytes)  # blocks taken, none written
+                else:  # macOS: zeros written (a sparse file would hold no space)
+                    for start in range(0, self._reserve_bytes, 1 << 20):
+                        file.write(bytes(min(1 << 20, self._reserve_bytes - start)))
             os.replace(temporary, self._reserve)
             self._reserve_released = False
         except OSError as error:  # others took the room meanwhile: the next sweep tries again
