@@ -130,16 +130,28 @@ def test_result_timeout_says_the_job_is_still_running_with_or_without_progress(c
 
 class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
     """A SampleSetService that answers UNAVAILABLE for its first ``loading_s`` seconds, as
-    a server does while it loads its models (or shuts down), and counts the attempts."""
+    a server does while it loads its models (or shuts down), and counts the attempts.
+    With ``retry_delay_s`` the UNAVAILABLE carries a RetryInfo, as explaind's does; without,
+    it looks like one gRPC makes for a connection that failed."""
 
-    def __init__(self, loading_s: float) -> None:
+    def __init__(self, loading_s: float, *, retry_delay_s: float | None = None) -> None:
         super().__init__()
         self.ready_at = time.monotonic() + loading_s
+        self.retry_delay_s = retry_delay_s
         self.attempts: dict[str, int] = {}
 
     def _attempt(self, method: str, context) -> None:
+        from google.protobuf import duration_pb2
+        from google.rpc import error_details_pb2, status_pb2
+
         self.attempts[method] = self.attempts.get(method, 0) + 1
         if time.monotonic() < self.ready_at:
+            if self.retry_delay_s is not None:
+                delay = duration_pb2.Duration()
+                delay.FromNanoseconds(round(self.retry_delay_s * 1e9))
+                status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="models are still loading")
+                status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
             context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
 
     def GetSampleSet(self, request, context):
@@ -261,6 +273,37 @@ def test_retries_back_off_from_a_tenth_of_a_second_doubling_to_at_most_two_secon
             client._reached = True  # as after any earlier answer
             assert client.sample_set("s").sample_set_id == "s"
         assert pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    finally:
+        server.stop(0)
+
+
+def test_a_first_call_to_a_loading_server_waits_the_delay_it_asks_for(monkeypatch):
+    # explaind's own UNAVAILABLE carries a RetryInfo: the address is right, so even a
+    # client's first call is retried (it failed at once, though the server would answer
+    # in a moment), after the server's delay rather than the doubling backoff. The
+    # pauses are recorded, not slept.
+    from types import SimpleNamespace
+
+    from explaind.client import UnavailableError, _client
+
+    servicer = _LoadingSampleSets(loading_s=float("inf"), retry_delay_s=0.25)
+    pauses = []
+
+    def sleep(seconds):
+        pauses.append(round(seconds, 3))
+        if len(pauses) == 5:
+            servicer.ready_at = 0.0
+
+    monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=30) as client:
+            assert client.sample_set("s").sample_set_id == "s"
+        assert pauses == [0.25] * 5 and servicer.attempts == {"GetSampleSet": 6}
+        servicer.ready_at = float("inf")
+        with Client(target, timeout=30, retry=False) as client, pytest.raises(UnavailableError, match="loading") as loading:
+            client.sample_set("s")
+        assert loading.value.retry_delay == 0.25
     finally:
         server.stop(0)
 

@@ -1418,11 +1418,17 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     try:
         with Client(f"127.0.0.1:{port}", timeout=10, token="s3cret") as client, Client(f"127.0.0.1:{port}", timeout=10) as anonymous:
             assert client.health() == "NOT_SERVING"
-            with pytest.raises(UnavailableError, match="loading"):
-                client.model_metadata()
-            server.load_models()
+            with Client(f"127.0.0.1:{port}", timeout=10, token="s3cret", retry=False) as unretried, \
+                    pytest.raises(UnavailableError, match="loading") as loading:
+                unretried.model_metadata()
+            assert loading.value.retry_delay == 0.5  # a RetryInfo: the server answered, the call is worth repeating
+            # So a client's first call waits for the load instead of failing at once.
+            loader = threading.Timer(1.0, server.load_models)
+            loader.start()
+            with Client(f"127.0.0.1:{port}", timeout=30, token="s3cret") as first_call:
+                assert first_call.model_metadata().feature_dim == 128
+            loader.join()
             assert client.health() == "SERVING" and anonymous.health() == "SERVING"
-            assert client.model_metadata().feature_dim == 128
             with caplog.at_level(logging.WARNING, logger="explaind.service.interceptors"):
                 for _ in range(3):
                     with pytest.raises(UnauthenticatedError, match="token"):

@@ -13,6 +13,9 @@ import secrets
 
 class ExplaindError(Exception):
     code = "INTERNAL"
+    # Seconds after which the same request may succeed, sent as google.rpc.RetryInfo
+    # (AIP-194); None where retrying would not help.
+    retry_delay_s: float | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
@@ -41,7 +44,12 @@ class ResourceExhausted(ExplaindError):
 
 
 class Unavailable(ExplaindError):
+    """The server cannot take the request yet (loading its models, shutting down); it
+    did nothing with it. The RetryInfo tells clients it was the server that answered, so
+    the address is right and the call is worth repeating."""
+
     code = "UNAVAILABLE"
+    retry_delay_s = 0.5
 
 
 class Cancelled(ExplaindError):

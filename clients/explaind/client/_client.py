@@ -37,8 +37,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Calls that change nothing on the server, retried while it answers UNAVAILABLE (it is
 # restarting or still loading its models, a connection dropped) until the call's
-# deadline, with backoff from 0.1 s doubling to at most RETRY_MAX_BACKOFF_S. A call that
-# creates or changes something is never retried: its first attempt may have taken effect.
+# deadline, after the delay the server asked for (its RetryInfo) or with backoff from
+# 0.1 s doubling to at most RETRY_MAX_BACKOFF_S. A call that creates or changes
+# something is never retried: its first attempt may have taken effect.
 READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
@@ -142,9 +143,9 @@ class Client:
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
     With ``retry`` (the default), calls that change nothing (``READ_ONLY_METHODS``) are
     retried while the server is UNAVAILABLE, until their deadline, once the server has
-    answered this client (e.g. :meth:`wait_until_ready`): a restart or a model load that
-    ends before the deadline delays them instead of failing them, and a wrong address
-    still fails at once.
+    answered this client (an UNAVAILABLE it sent itself, saying it is loading its models,
+    counts): a restart or a model load that ends before the deadline delays them instead
+    of failing them, and a wrong address still fails at once.
 
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
     ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
@@ -212,13 +213,14 @@ class Client:
         while True:
             try:
                 response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
-            except grpc.RpcError as error:
-                unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
-                if not unavailable:  # the server answered
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                unavailable = error.code == grpc.StatusCode.UNAVAILABLE
+                if not unavailable or error.retry_delay is not None:  # the server answered
                     self._reached = True
-                pause = min(backoff, retry_end - time.monotonic() - LAST_ATTEMPT_S)
+                pause = min(backoff if error.retry_delay is None else error.retry_delay, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 if not (self._retry and method in _READ_ONLY and unavailable and self._reached and pause >= 0):
-                    raise from_rpc_error(error) from None
+                    raise error from None
             else:
                 self._reached = True
                 return response

@@ -11,15 +11,19 @@ class ExplaindError(Exception):
 
     ``field_violations`` lists ``(field, description)`` for each request field the server
     refused (``google.rpc.BadRequest`` details of an INVALID_ARGUMENT), e.g.
-    ``("samples[3].label", "required: ...")``; ``field`` is the first one's field."""
+    ``("samples[3].label", "required: ...")``; ``field`` is the first one's field.
+    ``retry_delay`` is the seconds the server asked to wait before the same call may
+    succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
+    not say."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None,
-                 field_violations: list[tuple[str, str]] | None = None) -> None:
+                 field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None) -> None:
         super().__init__(details)
         self.details = details
         self.field_violations = field_violations or []
+        self.retry_delay = retry_delay
         if code is not None:
             self.code = code
 
@@ -109,9 +113,10 @@ _OPERATION_BY_CODE = {code: type(f"Operation{cls.__name__}", (OperationError, cl
                       for code, cls in _BY_CODE.items()}
 
 
-def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None) -> ExplaindError:
+def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
+                    retry_delay: float | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
-    return cls(details, code, field_violations)
+    return cls(details, code, field_violations, retry_delay=retry_delay)
 
 
 def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None) -> OperationError:
@@ -120,18 +125,28 @@ def operation_error(code: grpc.StatusCode, details: str, field_violations: list[
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:
-    """The typed exception for a failed call, with the field violations of its status details."""
+    """The typed exception for a failed call, with the field violations and retry delay
+    of its status details."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return error_from_code(code, details or code.name, _field_violations(error))
+    status = _status(error)
+    return error_from_code(code, details or code.name, field_violations(status), retry_delay=_retry_delay(status))
 
 
-def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+def _status(error: grpc.RpcError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` a server sent with ``error`` (empty if none)."""
     metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in metadata or ():
         if key == "grpc-status-details-bin":
-            return field_violations(status_pb2.Status.FromString(value))
-    return []
+            return status_pb2.Status.FromString(value)
+    return status_pb2.Status()
+
+
+def _retry_delay(status: status_pb2.Status) -> float | None:
+    retry_info = error_details_pb2.RetryInfo()
+    if any(detail.Unpack(retry_info) for detail in status.details):
+        return retry_info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 def field_violations(status: status_pb2.Status) -> list[tuple[str, str]]:

@@ -3,9 +3,10 @@
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
 code it names with its message, and an INVALID_ARGUMENT naming a field also carries a
 ``google.rpc.BadRequest`` field violation in the status details (AIP-193), so clients
-in any language read the field without parsing the message. Anything else becomes INTERNAL with the exception's
-type and an incident id (its text and traceback go to the log, never to the caller:
-they can hold server paths). A response larger than the send limit becomes
+in any language read the field without parsing the message, and an UNAVAILABLE the
+server sends itself carries a ``google.rpc.RetryInfo`` (AIP-194). Anything else becomes
+INTERNAL with the exception's type and an incident id (its text and traceback go to the
+log, never to the caller: they can hold server paths). A response larger than the send limit becomes
 RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been
 counted OK.
 """
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from ..errors import ExplaindError, report_internal
@@ -206,16 +209,22 @@ class _Observed:
         remaining = self._context.time_remaining()
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
-    def abort(self, code: str, message: str, *, field: str | None = None, description: str = "") -> None:
+    def abort(self, code: str, message: str, *, field: str | None = None, description: str = "", retry_delay_s: float | None = None) -> None:
         self._code = code
         status_code = grpc.StatusCode[code]
-        detailed = bool(field) and code == "INVALID_ARGUMENT"
-        message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if detailed else MAX_STATUS_MESSAGE_BYTES)
-        if detailed:
+        details: list[Message] = []
+        if field and code == "INVALID_ARGUMENT":
             described = {"field": _shorten(field, MAX_VIOLATION_BYTES), "description": _shorten(description, MAX_VIOLATION_BYTES)}
-            violation = error_details_pb2.BadRequest(field_violations=[described])
+            details.append(error_details_pb2.BadRequest(field_violations=[described]))
+        if retry_delay_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(round(retry_delay_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if details else MAX_STATUS_MESSAGE_BYTES)
+        if details:
             status = status_pb2.Status(code=status_code.value[0], message=message)
-            status.details.add().Pack(violation)
+            for detail in details:
+                status.details.add().Pack(detail)
             # What grpcio-status's abort_with_status sends: the message must match the status's.
             self._context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
         self._context.abort(status_code, message)
@@ -226,7 +235,7 @@ class _Observed:
                        f"({request.error}); is the client built from the same .proto?")
 
     def _abort_with(self, error: ExplaindError) -> None:
-        self.abort(error.code, str(error), field=error.field, description=error.description)
+        self.abort(error.code, str(error), field=error.field, description=error.description, retry_delay_s=error.retry_delay_s)
 
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
