@@ -604,6 +604,41 @@ def test_list_samples_pages_end_before_the_message_size_limit(small_messages):
     assert listed == images and pages >= 3
 
 
+def test_an_evaluation_too_large_for_a_message_is_listed_cut_and_read_whole(server_factory, capsys):
+    # 1000 mistakes are 12 kB of result, over an 8 KiB limit. Such an operation could be
+    # neither fetched nor listed: its list page failed RESOURCE_EXHAUSTED and the pages
+    # after it were out of reach.
+    limit = 1 << 13
+    server = server_factory(server={"max_message_bytes": limit})
+    image = _png(np.full((8, 8, 3), 200, np.uint8))
+    with Client(server.target, timeout=60) as client:
+        predicted = client.predict([image])[0].class_indices[0]
+        wrong = (predicted + 1) % len(client.model_metadata().class_names)
+        client.create_sample_set([image] * 1000, [wrong] * 1000, sample_set_id="all-wrong")
+        client.create_sample_set([image], [wrong], sample_set_id="one-wrong")
+        operation = client.evaluate_sample_set("all-wrong")
+        whole = operation.result()
+        assert operation.response_cut and len(whole.mistakes) == 1000 == whole.mistake_count
+        cut = operation.result(download=False)
+        assert 0 < len(cut.mistakes) < 1000 and cut.mistake_count == 1000 and cut.mistakes == whole.mistakes[:len(cut.mistakes)]
+        assert cut.accuracy == whole.accuracy == 0.0
+        assert len(client.evaluate_sample_set("one-wrong").result().mistakes) == 1  # listed after it
+    with grpc.insecure_channel(server.target) as channel:
+        operations = operations_pb2_grpc.OperationsServiceStub(channel)
+        fetched = operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name), timeout=30)
+        assert fetched.ByteSize() <= limit // 2 + 4096
+        listed, token = [], ""
+        while True:
+            page = operations.ListOperations(operations_pb2.ListOperationsRequest(page_token=token), timeout=30)
+            listed += [op.name for op in page.operations]
+            if not (token := page.next_page_token):
+                break
+        assert operation.name in listed and len(listed) == 2
+    assert cli_main(["--target", server.target, "operations", "get", operation.name]) == 0
+    printed = capsys.readouterr().out
+    assert "too large for one message" in printed and "and 995 more mistakes" in printed
+
+
 def _padded_png(size: int) -> bytes:
     """An 8x8 PNG padded with a text chunk to exactly ``size`` bytes."""
     from PIL import PngImagePlugin

@@ -1113,6 +1113,59 @@ def test_a_watch_sends_each_change_once_and_an_artifact_saved_again_replaces_its
     jobs.shutdown(1)
 
 
+def _evaluation_with_mistakes(count: int):
+    from explaind.v1 import inference_pb2
+
+    return inference_pb2.EvaluateSampleSetResult(
+        sample_set_id="big", sample_count=count, confusion_matrix=[0, count, 0, 0],
+        per_class=[inference_pb2.ClassAccuracy(class_name=name, count=count // 2) for name in ("a", "b")],
+        mistakes=[inference_pb2.Mistake(sample_index=i, label=0, predicted=1, probability=1 - i / count) for i in range(count)])
+
+
+def test_leading_items_that_fit_keeps_the_head_of_the_longest_list_and_everything_else():
+    from explaind.messages import leading_items_that_fit
+
+    result = _evaluation_with_mistakes(3000)
+    for limit in (20_000, 5_000, 1_000):
+        cut = leading_items_that_fit(result, limit)
+        kept = len(cut.mistakes)
+        assert cut.ByteSize() <= limit and 0 < kept < 3000
+        assert list(cut.mistakes) == list(result.mistakes[:kept])  # the most confident, in order
+        assert cut.ByteSize() > 0.98 * limit  # not much more cut than needed
+        cut.ClearField("mistakes")
+        whole = type(result)()
+        whole.CopyFrom(result)
+        whole.ClearField("mistakes")
+        assert cut == whole
+    assert leading_items_that_fit(result, result.ByteSize()) == result
+    # The next-longest list goes once the longest is empty; the scalars and nested messages stay.
+    assert list(leading_items_that_fit(result, 20).per_class) == [] and leading_items_that_fit(result, 20).sample_count == 3000
+    assert leading_items_that_fit(result, 5) == type(result)()
+
+
+def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_artifact(tmp_path):
+    # An operation larger than the message limit could be neither fetched nor listed (its
+    # page failed RESOURCE_EXHAUSTED, and the pages after it were out of reach).
+    from google.protobuf import any_pb2
+
+    from explaind.jobs import RESULT_ARTIFACT
+
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1, max_result_bytes=4096)
+    result = _evaluation_with_mistakes(2000)
+    big = jobs.wait(jobs.submit("evaluate", lambda ctx: result).record.job_id, 10).record
+    small = jobs.wait(jobs.submit("evaluate", lambda ctx: _evaluation_with_mistakes(10)).record.job_id, 10).record
+    assert big.state == "succeeded" and len(big.result) <= 4096
+    response = any_pb2.Any.FromString(big.result)
+    cut = type(result)()
+    assert response.Unpack(cut) and 0 < len(cut.mistakes) < 2000 and list(cut.mistakes) == list(result.mistakes[:len(cut.mistakes)])
+    [artifact] = big.artifacts
+    assert (artifact.name, artifact.media_type) == (RESULT_ARTIFACT, "application/x-protobuf")
+    assert type(result).FromString(store.get_blob(artifact.digest)) == result
+    assert small.artifacts == () and any_pb2.Any.FromString(small.result).Unpack(cut) and len(cut.mistakes) == 10
+    jobs.shutdown(1)
+
+
 def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_zeros(tmp_path):
     metrics, gate = Metrics(), threading.Event()
     jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)

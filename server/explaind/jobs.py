@@ -15,7 +15,8 @@ Adding a job kind is a registration and one call from an engine::
     snapshot = engine.jobs.submit("rank_neurons", rank_neurons)   # returns at once
 
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
-operation's response; an exception fails the job (an :class:`~explaind.errors.ExplaindError`
+operation's response (cut to fit a message, and stored whole as an artifact, when it is
+larger than ``max_result_bytes``); an exception fails the job (an :class:`~explaind.errors.ExplaindError`
 keeps its status code, e.g. INVALID_ARGUMENT, and the field it names). Every job kind uses the models, so all
 share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds one job's
 batch); Predict has its own batcher thread and keeps flowing.
@@ -38,6 +39,7 @@ from google.rpc import error_details_pb2
 
 from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, report_internal
 from .imaging import encode_png
+from .messages import leading_items_that_fit
 from .metrics import Metrics
 from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # Progress is written to the store at most this often (every update reaches watchers).
 PERSIST_INTERVAL_S = 1.0
+# The artifact holding a result too large to be the response whole (JobManager.max_result_bytes).
+RESULT_ARTIFACT = "result.binpb"
+RESULT_MEDIA_TYPE = "application/x-protobuf"
 
 
 class JobCancelled(Exception):
@@ -143,10 +148,14 @@ class JobManager:
     ``workers`` threads, with progress, cancellation and results kept in the store, so
     callers may poll, wait or watch, and a restart reports what it cut short."""
 
-    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1, max_result_bytes: int | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
+        # A result larger than this (serialised, in bytes) is stored whole as the artifact
+        # RESULT_ARTIFACT and kept cut to fit (leading_items_that_fit): an operation too
+        # large for one message could neither be fetched nor listed. None: no limit.
+        self.max_result_bytes = max_result_bytes
         self._kinds: set[str] = set()  # what list() may filter by: registered or submitted
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
         self._live: dict[str, _LiveJob] = {}
@@ -210,7 +219,8 @@ class JobManager:
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
         try:
-            result = fn(JobContext(self, live))
+            context = JobContext(self, live)
+            packed = self._packed(context, fn(context))
         except JobCancelled:
             if live.record.cancel_requested:
                 self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
@@ -221,12 +231,21 @@ class JobManager:
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
             self._finish(live, FAILED, error=("INTERNAL", report_internal(log, f"job {live.record.job_id} ({live.record.kind}) failed", error)))
         else:
-            packed = any_pb2.Any()
-            packed.Pack(result)
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
         finally:
             running.dec()
             self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
+
+    def _packed(self, context: JobContext, result: Message) -> any_pb2.Any:
+        """``result`` as the operation's response, cut to ``max_result_bytes`` with the
+        whole of it saved as the artifact RESULT_ARTIFACT when it is larger."""
+        packed = any_pb2.Any()
+        packed.Pack(result)
+        if self.max_result_bytes is not None and packed.ByteSize() > self.max_result_bytes:
+            context.save_artifact(RESULT_ARTIFACT, result.SerializeToString(), RESULT_MEDIA_TYPE)
+            envelope = packed.ByteSize() - result.ByteSize()  # type URL, tags, length prefix
+            packed.Pack(leading_items_that_fit(result, self.max_result_bytes - envelope))
+        return packed
 
     def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"", **changes) -> None:
         """Store the job's end, then drop it from the live jobs (readers go to the store).

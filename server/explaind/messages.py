@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from explaind.v1 import common_pb2
 
@@ -15,7 +17,7 @@ _TENSOR_TYPES = {
     np.dtype(np.int64): common_pb2.DATA_TYPE_INT64,
 }
 
-__all__ = ["array_to_tensor", "timestamp"]
+__all__ = ["array_to_tensor", "leading_items_that_fit", "timestamp"]
 
 
 def array_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
@@ -32,3 +34,28 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def leading_items_that_fit(message: Message, max_bytes: int) -> Message:
+    """A copy of ``message`` that serialises to at most ``max_bytes``, made by dropping
+    the trailing items of its repeated message fields, longest (in bytes) first. Why
+    trailing: results list what matters most first (mistakes most confident first,
+    neurons by rank), so what is kept is the head of each list. Nested messages are
+    kept whole; an empty message of the type if even that does not fit."""
+    cut = type(message)()
+    cut.CopyFrom(message)
+    while (excess := cut.ByteSize() - max_bytes) > 0:
+        lists = [(field, items) for field, items in cut.ListFields()
+                 if field.is_repeated and field.type == FieldDescriptor.TYPE_MESSAGE
+                 and not field.message_type.GetOptions().map_entry]
+        if not lists:
+            return type(message)()
+        _, longest = max(lists, key=lambda pair: sum(item.ByteSize() for item in pair[1]))
+        # An item costs its bytes plus a tag and a length prefix: 2 bytes for items under
+        # 128 bytes, a little more above, so counting 2 drops enough and at most ~1 % extra.
+        keep, dropped = len(longest), 0
+        while keep and dropped < excess:
+            keep -= 1
+            dropped += longest[keep].ByteSize() + 2
+        del longest[keep:]
+    return cut

@@ -82,6 +82,12 @@ class Evaluation:
     class_counts: dict[str, int] = field(default_factory=dict)  # samples per class, every class of the model (0 when absent)
     class_names: list[str] = field(default_factory=list)  # every class of the model, by index (mistakes' labels index it)
 
+    @property
+    def mistake_count(self) -> int:
+        """Samples predicted wrong: all of them, also where ``mistakes`` holds only the most
+        confident (``result(download=False)`` of a cut response)."""
+        return int(self.confusion_matrix.sum() - np.trace(self.confusion_matrix))
+
 
 def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Operation | None = None) -> Evaluation:
     classes = len(message.per_class)
@@ -190,6 +196,13 @@ class Operation:
     def cancel_requested(self) -> bool:
         """Whether a cancel was asked for (the job ends CANCELLED at its next check)."""
         return self.metadata.cancel_requested
+
+    @property
+    def response_cut(self) -> bool:
+        """Whether the server's response keeps only the leading items of the result's
+        longest lists, the result being over half its message limit (e.g. an evaluation
+        with millions of mistakes); ``result()`` downloads the whole of it."""
+        return bool(self.metadata.full_response_artifact)
 
     @property
     def error(self) -> OperationError | None:
@@ -303,7 +316,9 @@ class Operation:
         is not done within ``timeout`` seconds (None: no limit); the job keeps running
         then (``cancel()`` stops it, ``result()`` again waits on). ``download=False``
         leaves out what the result keeps in artifacts (a ranking's ω, which can be
-        gigabytes, and visualisation images): those fields are None."""
+        gigabytes, and visualisation images): those fields are None; and a result over
+        half the server's message limit has only the leading items of its longest lists
+        (:attr:`response_cut`)."""
         try:
             if progress and sys.stderr.isatty():
                 self._follow_with_bar(timeout)
@@ -359,7 +374,10 @@ class Operation:
         name = response.type_url.rsplit("/", 1)[-1]
         cls = message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))
         message: Message = cls()
-        response.Unpack(message)
+        if download and self.response_cut:
+            message.ParseFromString(self.artifact(self.metadata.full_response_artifact))
+        else:
+            response.Unpack(message)
         converter = RESULT_CONVERTERS.get(name)
         return converter(message, self if download else None) if converter else message
 

@@ -416,8 +416,8 @@ def _print_evaluation(report) -> None:
     names = report.class_names
     for index, label, predicted, probability in report.mistakes[:MISTAKES_SHOWN]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
-    if len(report.mistakes) > MISTAKES_SHOWN:
-        print(f"  and {len(report.mistakes) - MISTAKES_SHOWN} more mistakes, less confident (evaluate --json lists all)")
+    if report.mistake_count > MISTAKES_SHOWN:
+        print(f"  and {report.mistake_count - MISTAKES_SHOWN} more mistakes, less confident (evaluate --json lists all)")
 
 
 # Operations ``operations list`` prints unless given --limit.
@@ -652,6 +652,9 @@ def cmd_operations(args: argparse.Namespace) -> int:
             print(operation)
             if operation.artifacts:
                 print(f"artifacts: {', '.join(a.name for a in operation.artifacts)}")
+            if operation.response_cut:
+                print(f"the result is too large for one message: below are its leading items; "
+                      f"`explaind operations artifact {operation.name} {operation.metadata.full_response_artifact}` has it whole")
             if operation.error is not None:
                 print(f"error: {operation.error}")
             elif deleted_version:
@@ -668,7 +671,7 @@ def _operation_json(operation, result: Any = None) -> dict:
     error = operation.error
     value = {
         "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
-        "cancel_requested": operation.cancel_requested,
+        "cancel_requested": operation.cancel_requested, "response_cut": operation.response_cut,
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
         "artifacts": _json_value(operation.artifacts),
         "error": {"code": error.code.name, "message": error.details} if error is not None else None,

@@ -132,7 +132,10 @@ class Engine:
         self.metrics = metrics
         self.models = ModelRegistry()
         self.components: dict[str, ComponentStatus] = {}
-        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers)
+        # Half a message for the result leaves the other half to the operation's metadata
+        # (its artifacts list) and to a list page's framing.
+        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers,
+                               max_result_bytes=config.server.max_message_bytes // 2)
         self.jobs.register_kinds(EVALUATE_KIND)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}

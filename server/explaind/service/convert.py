@@ -14,7 +14,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 from ..engine import NewSample
 from ..errors import InvalidArgument
 from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
-from ..jobs import JobSnapshot
+from ..jobs import RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
 
@@ -94,6 +94,7 @@ def operation(snapshot: JobSnapshot) -> lro_pb2.Operation:
         end_time=timestamp(record.end_time),
         artifacts=[operations_pb2.Artifact(name=a.name, media_type=a.media_type, digest=a.digest, size_bytes=a.size_bytes) for a in record.artifacts],
         cancel_requested=record.cancel_requested,
+        full_response_artifact=RESULT_ARTIFACT if any(a.name == RESULT_ARTIFACT for a in record.artifacts) else "",
     )
     message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
     message.metadata.Pack(metadata)
