@@ -1141,6 +1141,13 @@ def test_leading_items_that_fit_keeps_the_head_of_the_longest_list_and_everythin
     # The next-longest list goes once the longest is empty; the scalars and nested messages stay.
     assert list(leading_items_that_fit(result, 20).per_class) == [] and leading_items_that_fit(result, 20).sample_count == 3000
     assert leading_items_that_fit(result, 5) == type(result)()
+    # A map is kept whole: it is no list with a head (here the larger field).
+    from explaind.v1 import neuroinspect_pb2
+
+    ranking = neuroinspect_pb2.NeuronRanking(predicted_as={f"class {i}": i for i in range(500)},
+                                             mistakes=[neuroinspect_pb2.MistakeSummary(sample_index=i) for i in range(300)])
+    cut = leading_items_that_fit(ranking, ranking.ByteSize() - 100)
+    assert cut.predicted_as == ranking.predicted_as and 250 < len(cut.mistakes) < 300
 
 
 def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_artifact(tmp_path):
