@@ -288,6 +288,52 @@ def test_a_flat_activation_map_dims_nothing():
     assert 0 < mask.float().mean() < 0.25
 
 
+class _RedGreen(nn.Module):
+    """Maps of red and green (a 1x1 convolution), pooled; hidden neuron 0 is red less
+    green, neuron 1 green (a vector feature layer, as MobileNetV3's); a head of 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.colours, self.pool, self.hidden, self.classifier = nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Linear(2, 2), nn.Linear(2, 3)
+        with torch.no_grad():
+            self.colours.weight.copy_(torch.eye(2, 3)[:, :, None, None])
+            self.colours.bias.zero_()
+            self.hidden.weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 1.0]]))
+            self.hidden.bias.zero_()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.hidden(self.pool(self.colours(images)).flatten(1))))
+
+
+def test_a_neuron_of_a_vector_feature_layer_is_mapped_where_its_evidence_is():
+    # A hidden linear layer's neuron has a 1x1 map: its masks kept the whole image. Its
+    # Grad-CAM map on the last spatial layer (the pooled maps are 1x1) shows where it looks.
+    from explaind.methods.neuroinspect import activation_masks, last_spatial_module, neuron_gradient_maps
+
+    model = _RedGreen().eval()
+    image = torch.zeros(1, 3, 8, 8)
+    image[0, 0, :, :5] = 1.0  # red on the left
+    image[0, 1, :, 5:] = 1.0  # green on the right
+    spatial = last_spatial_module(model, image, model.hidden)
+    assert spatial is model.colours
+    maps = neuron_gradient_maps(model, image.repeat(2, 1, 1, 1), spatial, model.classifier, torch.tensor([0, 1]))
+    red, green = activation_masks(maps, (8, 8), 0.5)
+    assert red[:, :5].all() and not red[:, 5:].any()
+    assert green[:, 5:].all() and not green[:, :5].any()
+    assert (maps[0, :, :5] > 0).all() and (maps[0, :, 5:] == 0).all()  # green speaks against neuron 0: cut off, not negative
+    assert last_spatial_module(model, image, model.colours) is None  # nothing spatial before the first layer
+    # A real MobileNetV3 (random weights, in 2x2 maps at 64 pixels) visualised by its hidden layer.
+    import torchvision
+
+    torch.manual_seed(0)
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    illusion = ClipIllusion(mobilenet, "classifier.1", head="classifier.3", image_size=64, class_names=list("abc"))
+    result = illusion.visualize([(5, 0), (7, 1)], method="no_clip", steps=2)
+    expected = neuron_gradient_maps(mobilenet, result.images, mobilenet.features, mobilenet.classifier[3], torch.tensor([5, 7]))
+    assert torch.equal(result.masks, activation_masks(expected, (64, 64), 0.5))
+    assert not result.masks.all()
+
+
 def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
     head = nn.Linear(3, 4)
     features, labels = torch.randn(30, 3, generator=torch.Generator().manual_seed(1)), torch.arange(30) % 4

@@ -24,7 +24,7 @@ from ._counterfactual import (
 )
 from ._editing import METHODS as EDIT_METHODS
 from ._editing import EpochCallback, EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, TrainingDiverged, evaluate_head
-from ._features import FeatureExtractor, channel_maps
+from ._features import FeatureExtractor, channel_maps, last_spatial_module, neuron_gradient_maps
 from ._fourier import FourierImage
 from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationCallback, VisualizationResult, activation_masks
 from ._illusion import METHODS as VISUALIZATION_METHODS
@@ -63,8 +63,10 @@ __all__ = [
     "channel_maps",
     "concept_neurons",
     "evaluate_head",
+    "last_spatial_module",
     "make_solver",
     "neuron_auc",
+    "neuron_gradient_maps",
     "neuron_importance",
     "probability_ratio",
 ]

@@ -35,6 +35,57 @@ def capture_forward(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
+def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_module: nn.Module) -> nn.Module | None:
+    """The module whose output is the last maps (N, C, h, w) with h·w > 1 that
+    ``classifier`` computes on ``images`` before ``feature_module``'s output; None if
+    there is none. Why: where the feature layer holds vectors (a hidden linear layer
+    before the head, as MobileNetV3 has), a neuron's map has to come from there
+    (:func:`neuron_gradient_maps`)."""
+    owner, seen, handles = threading.get_ident(), {"last": None, "done": False}, []
+
+    def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
+        if threading.get_ident() != owner or seen["done"]:
+            return
+        if module is feature_module:
+            seen["done"] = True
+        elif isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+            seen["last"] = module
+
+    try:
+        handles = [module.register_forward_hook(hook) for module in classifier.modules() if module is not classifier]
+        classifier(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["last"]
+
+
+def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial_module: nn.Module, head: nn.Linear,
+                         neurons: torch.Tensor) -> torch.Tensor:
+    """Maps (B, h, w) of feature ``neurons[b]`` on image b (B, 3, H, W), for a feature
+    layer without spatial extent: Grad-CAM (Selvaraju et al., 2017) for a neuron instead
+    of a class. The maps of ``spatial_module`` (B, K, h, w) are weighted by the spatial
+    mean of the neuron's gradient with respect to each, summed over K, and what speaks
+    against the neuron is cut off (ReLU)."""
+    owner, captured = threading.get_ident(), {}
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() != owner or "maps" in captured:
+            return None
+        captured["maps"] = output.detach().requires_grad_()  # a leaf: its gradient is all that is computed
+        return captured["maps"]
+
+    handle = spatial_module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad(), capture_forward(head) as read:
+            classifier(images)
+            picked = read["input"][torch.arange(len(images), device=images.device), neurons].sum()
+            (gradient,) = torch.autograd.grad(picked, captured["maps"])
+    finally:
+        handle.remove()
+    return torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * captured["maps"].detach()).sum(dim=1))
+
+
 def channel_maps(output: torch.Tensor, channels: int) -> torch.Tensor:
     """A feature layer's output as maps (N, channels, h, w), whatever its layout: maps
     (N, C, h, w) as CNNs give them, channels last (N, h, w, C) as Swin does, tokens

@@ -12,7 +12,9 @@ the loss is a sum of per-image terms, so each image evolves independently.
 
 α_n is feature n as the head reads it: for a CNN the spatial mean of channel n of the
 feature layer, for a ViT channel n of its class token. The masks come from channel n of
-the feature layer's maps (a ViT's patch grid).
+the feature layer's maps (a ViT's patch grid); where that layer holds vectors (a hidden
+linear layer before the head, as MobileNetV3's), from the neuron's Grad-CAM map on the
+last spatial layer before it (:func:`neuron_gradient_maps`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import count, eval_mode, index, number, seed_value
-from ._features import capture_forward, channel_maps, split_forward
+from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
@@ -201,7 +203,7 @@ class ClipIllusion:
             use_clip = method == "clip_illusion"
             if use_clip:
                 self._require_clip()
-            self._check_split()
+            map_module = self._check_split()
             rows = torch.arange(len(neurons), device=self.device)
             targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
 
@@ -228,15 +230,19 @@ class ClipIllusion:
                         if callback_on_step_end(step, steps, image()):
                             cancelled = True
                             break
-            return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim)
+            return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim, map_module)
 
     @torch.no_grad()
     def _finish(self, image: FourierImage, method: str, neurons: torch.Tensor, classes: torch.Tensor,
                 rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
-                mask_dim: float) -> VisualizationResult:
+                mask_dim: float, map_module: nn.Module | None) -> VisualizationResult:
         images = image()
         forward = split_forward(self.classifier, images.to(self._dtype), self.feature_module, self.head, self._names)
-        maps = channel_maps(forward.layer_output, self.head.in_features)[rows, neurons].float()  # (B, h, w)
+        if map_module is None:
+            maps = channel_maps(forward.layer_output, self.head.in_features)[rows, neurons]  # (B, h, w)
+        else:
+            maps = neuron_gradient_maps(self.classifier, images.to(self._dtype), map_module, self.head, neurons)
+        maps = maps.float()
         masks = activation_masks(maps, images.shape[-2:], mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
         masked = images * (keep + (1 - keep) * mask_dim)
@@ -262,19 +268,21 @@ class ClipIllusion:
         )
 
     @torch.no_grad()
-    def _check_split(self) -> None:
+    def _check_split(self) -> nn.Module | None:
         """Run the classifier once on a grey image of ``image_size`` and check its split
         (:func:`split_forward`) and the feature layer's maps: a wrong layer name fails
-        here, before the steps, not after them."""
+        here, before the steps, not after them. Returns the module the masks' maps come
+        from where the feature layer's are 1x1 (:func:`last_spatial_module`), else None."""
         probe = torch.full((1, 3, self.image_size, self.image_size), 0.5, device=self.device, dtype=self._dtype)
         try:
             forward = split_forward(self.classifier, probe, self.feature_module, self.head, self._names)
         except RuntimeError as error:
             raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): {error}") from error
         try:
-            channel_maps(forward.layer_output, self.head.in_features)
+            maps = channel_maps(forward.layer_output, self.head.in_features)
         except ValueError as error:
             raise ValueError(f"feature_layer {self._names[0]!r}: {error}; name the layer whose channels the head reads") from None
+        return last_spatial_module(self.classifier, probe, self.feature_module) if maps.shape[-2:] == (1, 1) else None
 
     def _resolve_pairs(self, pairs: Sequence[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
         num_classes, dim = self.head.weight.shape
