@@ -280,8 +280,8 @@ def test_retries_back_off_from_a_tenth_of_a_second_doubling_to_at_most_two_secon
 def test_a_first_call_to_a_loading_server_waits_the_delay_it_asks_for(monkeypatch):
     # explaind's own UNAVAILABLE carries a RetryInfo: the address is right, so even a
     # client's first call is retried (it failed at once, though the server would answer
-    # in a moment), after the server's delay rather than the doubling backoff. The
-    # pauses are recorded, not slept.
+    # in a moment), after the server's delay rather than the doubling backoff, and so is
+    # a call that changes something. The pauses are recorded, not slept.
     from types import SimpleNamespace
 
     from explaind.client import UnavailableError, _client
@@ -300,6 +300,11 @@ def test_a_first_call_to_a_loading_server_waits_the_delay_it_asks_for(monkeypatc
         with Client(target, timeout=30) as client:
             assert client.sample_set("s").sample_set_id == "s"
         assert pauses == [0.25] * 5 and servicer.attempts == {"GetSampleSet": 6}
+        # The RetryInfo says the server did nothing with the call: a change is repeated too.
+        servicer.ready_at, servicer.attempts, pauses[:] = float("inf"), {}, []
+        with Client(target, timeout=30) as client:
+            client.delete_sample_set("s")
+        assert pauses == [0.25] * 5 and servicer.attempts == {"DeleteSampleSet": 6}
         servicer.ready_at = float("inf")
         with Client(target, timeout=30, retry=False) as client, pytest.raises(UnavailableError, match="loading") as loading:
             client.sample_set("s")

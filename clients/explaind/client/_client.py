@@ -39,7 +39,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # restarting or still loading its models, a connection dropped) until the call's
 # deadline, after the delay the server asked for (its RetryInfo) or with backoff from
 # 0.1 s doubling to at most RETRY_MAX_BACKOFF_S. A call that creates or changes
-# something is never retried: its first attempt may have taken effect.
+# something is retried only on the server's own UNAVAILABLE (its RetryInfo says it did
+# nothing with the call): after a dropped connection its first attempt may have taken effect.
 READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
@@ -219,7 +220,9 @@ class Client:
                 if not unavailable or error.retry_delay is not None:  # the server answered
                     self._reached = True
                 pause = min(backoff if error.retry_delay is None else error.retry_delay, retry_end - time.monotonic() - LAST_ATTEMPT_S)
-                if not (self._retry and method in _READ_ONLY and unavailable and self._reached and pause >= 0):
+                # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
+                repeatable = method in _READ_ONLY or error.retry_delay is not None
+                if not (self._retry and repeatable and unavailable and self._reached and pause >= 0):
                     raise error from None
             else:
                 self._reached = True
