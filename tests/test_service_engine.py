@@ -1171,6 +1171,16 @@ def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_a
     assert type(result).FromString(store.get_blob(artifact.digest)) == result
     assert small.artifacts == () and any_pb2.Any.FromString(small.result).Unpack(cut) and len(cut.mistakes) == 10
     jobs.shutdown(1)
+    # The operation points at the whole result once it has ended: the artifact is saved a
+    # moment before, while it still runs without a response.
+    from explaind.jobs import JobSnapshot
+    from explaind.service import convert
+    from explaind.v1 import operations_pb2
+
+    for state, expected in (("running", ""), ("succeeded", RESULT_ARTIFACT)):
+        metadata = operations_pb2.OperationMetadata()
+        convert.operation(JobSnapshot(dataclasses.replace(big, state=state))).metadata.Unpack(metadata)
+        assert metadata.full_response_artifact == expected
 
 
 def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_zeros(tmp_path):

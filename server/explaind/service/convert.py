@@ -94,7 +94,8 @@ def operation(snapshot: JobSnapshot) -> lro_pb2.Operation:
         end_time=timestamp(record.end_time),
         artifacts=[operations_pb2.Artifact(name=a.name, media_type=a.media_type, digest=a.digest, size_bytes=a.size_bytes) for a in record.artifacts],
         cancel_requested=record.cancel_requested,
-        full_response_artifact=RESULT_ARTIFACT if any(a.name == RESULT_ARTIFACT for a in record.artifacts) else "",
+        # Only once the cut response is there: the whole is saved just before the job ends.
+        full_response_artifact=RESULT_ARTIFACT if record.state == SUCCEEDED and any(a.name == RESULT_ARTIFACT for a in record.artifacts) else "",
     )
     message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
     message.metadata.Pack(metadata)
