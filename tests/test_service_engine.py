@@ -316,6 +316,7 @@ def softmax_net() -> nn.Module:
     return _SoftmaxAfterHead()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
 def test_loaders_split_or_explain_why_not(tmp_path):
     good = ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="fc", image_size=32, class_names=("a", "b", "c"))
     version = load_classifier(good)
@@ -331,6 +332,18 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     broken.write_bytes(b"not torchscript")
     with pytest.raises(ModelLoadError, match="broken.pt"):
         load_classifier(ClassifierSection(loader="torchscript", path=str(broken)))
+    # A TorchScript model predicts as it is; what would explain it is said where it is refused.
+    scripted = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(tiny_net().eval(), torch.rand(1, 3, 32, 32)), scripted)
+    served = load_classifier(ClassifierSection(loader="torchscript", path=str(scripted), image_size=32))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(served.predict_fn(images), tiny_net().eval()(images))
+    with pytest.raises(FailedPrecondition, match=r"^return_features: the torchscript classifier is inference-only, and features need .*: a TorchScript "
+                                                 r"model cannot be split .* \[classifier\]\.loader = 'export'") as refused:
+        served.require_split("features need a split classifier", field="return_features")
+    assert refused.value.field == "return_features"
+    version.require_split("anything")  # a split one passes
 
 
 def test_torchvision_loader(tmp_path):
@@ -572,7 +585,7 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     got = onnx_engine.predict(images, top_k=6)
     np.testing.assert_array_equal(got.class_indices, want.class_indices)
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
-    with pytest.raises(FailedPrecondition, match="inference-only"):
+    with pytest.raises(FailedPrecondition, match="inference-only, and features need a split classifier: its graph could not be split before a final linear layer: "):
         onnx_engine.predict(images, return_features=True)
     # [runtime].device names where split classifiers run; an inference-only ONNX Runtime CPU
     # session takes CPU tensors whatever it says (any non-CPU device would fail the same way as meta).

@@ -226,8 +226,8 @@ class Engine:
         version = self.models.active  # raises Unavailable while loading
         if top_k < 0 or top_k > len(version.class_names):
             raise InvalidArgument(f"must be between 1 and {len(version.class_names)} (the number of classes), or 0 for the default", field="top_k")
-        if return_features and not version.supports_features:
-            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; it has no penultimate features", field="return_features")
+        if return_features:
+            version.require_split("features need a split classifier", field="return_features")
         return self._batcher.submit(images)
 
     def _run_batch(self, images: torch.Tensor) -> BatchOutput:
@@ -328,8 +328,7 @@ class Engine:
         through ``context`` when given. The set is checked again here, when a job runs: it
         may have been deleted, or replaced by one still uploading, since the job was queued."""
         version = version or self.models.active
-        if not version.supports_features:
-            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; explanation methods need a split classifier")
+        version.require_split("explanation methods need a split classifier")
         self.usable_sample_set(sample_set_id, field)
         records = self.store.list_samples(sample_set_id)
         digests = [record.digest for record in records]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ClassifierSection, ClipSection, DiffusionSection
-from ..errors import ModelLoadError
+from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
 from ..kernels import execution_providers, onnx_runtime_features, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
@@ -118,6 +118,8 @@ class ClassifierVersion:
     # 0: images are stretched to image_size; else shorter side to this, then centre crop.
     resize_size: int = 0
     interpolation: str = "bilinear"
+    # Why an inference-only classifier (no head) is not split, and what would split it.
+    inference_only_reason: str = ""
     _tap: _LayerTap | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -139,6 +141,12 @@ class ClassifierVersion:
     def supports_features(self) -> bool:
         """Penultimate features and a linear head: what ranking, evaluation and edits need."""
         return self.head is not None
+
+    def require_split(self, needs: str, *, field: str | None = None) -> None:
+        """FailedPrecondition for a call that ``needs`` something only a split classifier
+        has (features, a head), saying why this one is not and what would make it so."""
+        if not self.supports_features:
+            raise FailedPrecondition(f"the {self.loader} classifier is inference-only, and {needs}: {self.inference_only_reason}", field=field)
 
     @property
     def differentiable(self) -> bool:
@@ -504,11 +512,12 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
 
 
 def _inference_only(section: ClassifierSection, loader: str, path: Path, digest: str,
-                    fn: Callable[[torch.Tensor], torch.Tensor]) -> ClassifierVersion:
+                    fn: Callable[[torch.Tensor], torch.Tensor], reason: str) -> ClassifierVersion:
     """``fn`` maps images to logits, or to probabilities where the model ends in a softmax:
     then it is served their logarithms, logits whose softmax gives back the same
     probabilities (the softmax of probabilities would flatten them). ``digest`` identifies
-    the model's files and normalisation."""
+    the model's files and normalisation; ``reason`` says why it is not split, and what
+    would split it, for the calls it refuses."""
     image_size = section.image_size or 224
     fitting = _fitting(section)
     _check_resize_size(fitting["resize_size"], image_size)
@@ -529,6 +538,7 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, digest:
         feature_version=digest,
         head_version=digest,
         predict_fn=fn,
+        inference_only_reason=reason,
         **fitting,
     )
 
@@ -559,7 +569,9 @@ def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     def run(images: torch.Tensor) -> torch.Tensor:
         return module(preprocess(images))
 
-    return _inference_only(section, "torchscript", path, _normalised_digest(_hash_file(path), section), run)
+    return _inference_only(section, "torchscript", path, _normalised_digest(_hash_file(path), section), run,
+                           "a TorchScript model cannot be split into features and a head; to explain it, serve it with "
+                           "[classifier].loader = 'export' (a torch.export.save .pt2 of the model) or 'factory'")
 
 
 def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVersion:
@@ -576,7 +588,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: preprocess(images).numpy()})[0])
 
-    whole = _inference_only(section, "onnx", path, _normalised_digest(_hash_onnx(path), section), run)
+    whole = _inference_only(section, "onnx", path, _normalised_digest(_hash_onnx(path), section), run, "")
     try:
         split = split_onnx_classifier(path)
         head = nn.Linear(*reversed(split.weight.shape))
@@ -590,7 +602,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
             raise ValueError("its final linear layer, applied to the features before it, does not give its logits")
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
         log.warning("%s: serving it inference-only (no features for ranking or head edits): %s", path, reason)
-        return whole
+        return dataclasses.replace(whole, inference_only_reason=f"its graph could not be split before a final linear layer: {reason}")
     features = on_cpu if device.type == "cpu" else onnx_runtime_features(split.feature_graph, execution_providers("onnxruntime", str(device)), device=str(device))
     on_device = Preprocess(section.mean, section.std).to(device)
     return dataclasses.replace(

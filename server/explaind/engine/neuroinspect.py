@@ -156,8 +156,7 @@ class NeuroInspectEngine:
         if not self._restored.is_set():
             raise Unavailable("the server is still restoring its head versions; retry when health reports SERVING")
         version = self._engine.models.active
-        if not version.supports_features:
-            raise FailedPrecondition(f"the {version.loader} classifier is inference-only; NeuroInspect needs a split classifier (features + linear head)")
+        version.require_split("NeuroInspect needs a split classifier (features and a linear head)")
         return version
 
     @staticmethod
