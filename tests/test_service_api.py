@@ -617,12 +617,22 @@ def test_an_evaluation_too_large_for_a_message_is_listed_cut_and_read_whole(serv
         client.create_sample_set([image] * 1000, [wrong] * 1000, sample_set_id="all-wrong")
         client.create_sample_set([image], [wrong], sample_set_id="one-wrong")
         operation = client.evaluate_sample_set("all-wrong")
+        ranges = {"service": "explaind.v1.OperationsService", "method": "GetArtifact", "code": "OK"}
+        before = _metric(server, "explaind_rpc_duration_seconds_count", **ranges)
         whole = operation.result()
         assert operation.response_cut and len(whole.mistakes) == 1000 == whole.mistake_count
+        # In ranges of half the limit: 64 KiB of room made them 1 byte each.
+        size = next(a.size_bytes for a in operation.artifacts if a.name == "result.binpb")
+        assert _metric(server, "explaind_rpc_duration_seconds_count", **ranges) - before == -(-size // (limit // 2))
         cut = operation.result(download=False)
         assert 0 < len(cut.mistakes) < 1000 and cut.mistake_count == 1000 and cut.mistakes == whole.mistakes[:len(cut.mistakes)]
         assert cut.accuracy == whole.accuracy == 0.0
         assert len(client.evaluate_sample_set("one-wrong").result().mistakes) == 1  # listed after it
+        # A ranking's per-mistake summaries are cut likewise, and read whole.
+        ranking = client.rank_mistake_neurons("all-wrong", wrong, include_samples=True, execution="operation", max_iterations=20)
+        assert ranking.mistake_count == len(ranking.mistakes) == 1000 and ranking.omega.shape == (1000, 128)
+        ranked = client.operations(kind="rank_mistake_neurons")[0]
+        assert ranked.response_cut and 0 < len(ranked.result(download=False).mistakes) < 1000
     with grpc.insecure_channel(server.target) as channel:
         operations = operations_pb2_grpc.OperationsServiceStub(channel)
         fetched = operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name), timeout=30)
@@ -633,7 +643,7 @@ def test_an_evaluation_too_large_for_a_message_is_listed_cut_and_read_whole(serv
             listed += [op.name for op in page.operations]
             if not (token := page.next_page_token):
                 break
-        assert operation.name in listed and len(listed) == 2
+        assert operation.name in listed and len(listed) == 3
     assert cli_main(["--target", server.target, "operations", "get", operation.name]) == 0
     printed = capsys.readouterr().out
     assert "too large for one message" in printed and "and 995 more mistakes" in printed
@@ -928,12 +938,17 @@ def test_an_artifact_range_larger_than_a_message_is_refused_not_cut():
     from explaind.service.interceptors import HeldCalls
     from explaind.service.operations import OperationsServicer
 
-    servicer = OperationsServicer(None, max_message_bytes=64 * 1024 + 1000, held_calls=HeldCalls(1))
+    servicer = OperationsServicer(None, max_message_bytes=128 * 1024 + 1000, held_calls=HeldCalls(1))  # 64 KiB of room
     whole = operations_pb2.GetArtifactRequest(name="operations/x", artifact="a")
-    assert servicer._artifact_range(whole, 1000) == (0, 1000)
-    with pytest.raises(ResourceExhausted, match=r"max_bytes: 1001 bytes do not fit in one response \(at most 1000\)"):
-        servicer._artifact_range(whole, 1001)
+    assert servicer._artifact_range(whole, 64 * 1024 + 1000) == (0, 64 * 1024 + 1000)
+    with pytest.raises(ResourceExhausted, match=r"max_bytes: 66537 bytes do not fit in one response \(at most 66536\)"):
+        servicer._artifact_range(whole, 64 * 1024 + 1001)
     assert servicer._artifact_range(operations_pb2.GetArtifactRequest(offset=1, max_bytes=1000), 5000) == (1, 1000)
+    # Under 128 KiB, half the limit is left for the rest: 64 KiB of room left 1-byte ranges under 64 KiB.
+    small = OperationsServicer(None, max_message_bytes=8192, held_calls=HeldCalls(1))
+    assert small._artifact_range(whole, 4096) == (0, 4096)
+    with pytest.raises(ResourceExhausted, match=r"at most 4096"):
+        small._artifact_range(whole, 4097)
 
 
 def test_job_progress_goes_to_logs_as_lines_when_stderr_is_not_a_terminal(client, world_images, capsys):

@@ -1135,12 +1135,12 @@ def _evaluation_with_mistakes(count: int):
         mistakes=[inference_pb2.Mistake(sample_index=i, label=0, predicted=1, probability=1 - i / count) for i in range(count)])
 
 
-def test_leading_items_that_fit_keeps_the_head_of_the_longest_list_and_everything_else():
+def test_leading_items_that_fit_cuts_the_named_lists_only_and_keeps_their_heads():
     from explaind.messages import leading_items_that_fit
 
     result = _evaluation_with_mistakes(3000)
     for limit in (20_000, 5_000, 1_000):
-        cut = leading_items_that_fit(result, limit)
+        cut = leading_items_that_fit(result, limit, ("mistakes",))
         kept = len(cut.mistakes)
         assert cut.ByteSize() <= limit and 0 < kept < 3000
         assert list(cut.mistakes) == list(result.mistakes[:kept])  # the most confident, in order
@@ -1150,17 +1150,19 @@ def test_leading_items_that_fit_keeps_the_head_of_the_longest_list_and_everythin
         whole.CopyFrom(result)
         whole.ClearField("mistakes")
         assert cut == whole
-    assert leading_items_that_fit(result, result.ByteSize()) == result
-    # The next-longest list goes once the longest is empty; the scalars and nested messages stay.
-    assert list(leading_items_that_fit(result, 20).per_class) == [] and leading_items_that_fit(result, 20).sample_count == 3000
-    assert leading_items_that_fit(result, 5) == type(result)()
-    # A map is kept whole: it is no list with a head (here the larger field).
+    assert leading_items_that_fit(result, result.ByteSize(), ("mistakes",)) == result
+    # Other lists stay whole (per_class gives the confusion matrix its shape): no fit is None.
+    rest = result.ByteSize() - sum(m.ByteSize() + 2 for m in result.mistakes)
+    assert len(leading_items_that_fit(result, rest, ("mistakes",)).mistakes) == 0
+    assert leading_items_that_fit(result, rest - 1, ("mistakes",)) is None
+    assert leading_items_that_fit(result, result.ByteSize() - 1, ()) is None
+    # Of several named lists, the longest in bytes loses items first.
     from explaind.v1 import neuroinspect_pb2
 
-    ranking = neuroinspect_pb2.NeuronRanking(predicted_as={f"class {i}": i for i in range(500)},
+    ranking = neuroinspect_pb2.NeuronRanking(neurons=[neuroinspect_pb2.RankedNeuron(neuron=i) for i in range(100)],
                                              mistakes=[neuroinspect_pb2.MistakeSummary(sample_index=i) for i in range(300)])
-    cut = leading_items_that_fit(ranking, ranking.ByteSize() - 100)
-    assert cut.predicted_as == ranking.predicted_as and 250 < len(cut.mistakes) < 300
+    cut = leading_items_that_fit(ranking, ranking.ByteSize() - 100, ("mistakes", "neurons"))
+    assert len(cut.neurons) == 100 and 250 < len(cut.mistakes) < 300
 
 
 def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_artifact(tmp_path):
@@ -1173,8 +1175,12 @@ def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_a
     store = SQLiteStore(tmp_path)
     jobs = JobManager(store, Metrics(), workers=1, max_result_bytes=4096)
     result = _evaluation_with_mistakes(2000)
-    big = jobs.wait(jobs.submit("evaluate", lambda ctx: result).record.job_id, 10).record
-    small = jobs.wait(jobs.submit("evaluate", lambda ctx: _evaluation_with_mistakes(10)).record.job_id, 10).record
+    big = jobs.wait(jobs.submit("evaluate", lambda ctx: result, cut_lists=("mistakes",)).record.job_id, 10).record
+    small = jobs.wait(jobs.submit("evaluate", lambda ctx: _evaluation_with_mistakes(10), cut_lists=("mistakes",)).record.job_id, 10).record
+    # A result that does not fit even cut fails, and says where the whole of it is.
+    uncut = jobs.wait(jobs.submit("evaluate", lambda ctx: result).record.job_id, 10).record
+    assert (uncut.state, uncut.error_code) == ("failed", "RESOURCE_EXHAUSTED") and RESULT_ARTIFACT in uncut.error_message
+    assert type(result).FromString(store.get_blob(uncut.artifacts[0].digest)) == result
     assert big.state == "succeeded" and len(big.result) <= 4096
     response = any_pb2.Any.FromString(big.result)
     cut = type(result)()

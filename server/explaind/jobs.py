@@ -15,8 +15,8 @@ Adding a job kind is a registration and one call from an engine::
     snapshot = engine.jobs.submit("rank_neurons", rank_neurons)   # returns at once
 
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
-operation's response (cut to fit a message, and stored whole as an artifact, when it is
-larger than ``max_result_bytes``); an exception fails the job (an :class:`~explaind.errors.ExplaindError`
+operation's response (stored whole as an artifact, and cut to fit a message, when it is
+larger than ``max_result_bytes``: ``submit(..., cut_lists=...)``); an exception fails the job (an :class:`~explaind.errors.ExplaindError`
 keeps its status code, e.g. INVALID_ARGUMENT, and the field it names). Every job kind uses the models, so all
 share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds one job's
 batch); Predict has its own batcher thread and keeps flowing.
@@ -185,8 +185,11 @@ class JobManager:
             self.metrics.jobs_ended.labels(kind=kind, outcome=SUCCEEDED, code="OK")
             self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code="INTERNAL")
 
-    def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued") -> JobSnapshot:
-        """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once."""
+    def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
+               cut_lists: tuple[str, ...] = ()) -> JobSnapshot:
+        """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once.
+        ``cut_lists`` names the repeated fields of its result that may lose trailing items
+        when the result is over ``max_result_bytes`` (see :meth:`_packed`)."""
         with self._changed:
             if not self._accepting:
                 raise Unavailable("the server is shutting down; no new jobs are accepted")
@@ -200,10 +203,10 @@ class JobManager:
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
         log.info("operation %s (%s) queued", record.job_id, kind)
-        self._executor.submit(self._run, live, fn)
+        self._executor.submit(self._run, live, fn, cut_lists)
         return JobSnapshot(record)
 
-    def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message]) -> None:
+    def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
         with self._changed:  # one transition: a cancel either finished it already or sees RUNNING
             if live.record.state != QUEUED:
                 return
@@ -220,7 +223,7 @@ class JobManager:
         running.inc()
         try:
             context = JobContext(self, live)
-            packed = self._packed(context, fn(context))
+            packed = self._packed(context, fn(context), cut_lists)
         except JobCancelled:
             if live.record.cancel_requested:
                 self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
@@ -236,15 +239,22 @@ class JobManager:
             running.dec()
             self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
 
-    def _packed(self, context: JobContext, result: Message) -> any_pb2.Any:
-        """``result`` as the operation's response, cut to ``max_result_bytes`` with the
-        whole of it saved as the artifact RESULT_ARTIFACT when it is larger."""
+    def _packed(self, context: JobContext, result: Message, cut_lists: tuple[str, ...]) -> any_pb2.Any:
+        """``result`` as the operation's response. Over ``max_result_bytes``, the whole of
+        it is saved as the artifact RESULT_ARTIFACT and the response keeps the leading
+        items of its ``cut_lists``; ResourceExhausted (the job fails, the artifact stays)
+        if it does not fit even with those empty."""
         packed = any_pb2.Any()
         packed.Pack(result)
-        if self.max_result_bytes is not None and packed.ByteSize() > self.max_result_bytes:
-            context.save_artifact(RESULT_ARTIFACT, result.SerializeToString(), RESULT_MEDIA_TYPE)
-            envelope = packed.ByteSize() - result.ByteSize()  # type URL, tags, length prefix
-            packed.Pack(leading_items_that_fit(result, self.max_result_bytes - envelope))
+        if self.max_result_bytes is None or packed.ByteSize() <= self.max_result_bytes:
+            return packed
+        context.save_artifact(RESULT_ARTIFACT, result.SerializeToString(), RESULT_MEDIA_TYPE)
+        envelope = packed.ByteSize() - result.ByteSize()  # type URL, tags, length prefix
+        cut = leading_items_that_fit(result, self.max_result_bytes - envelope, cut_lists)
+        if cut is None:
+            raise ResourceExhausted(f"the result is {result.ByteSize()} bytes, over the {self.max_result_bytes} an operation's "
+                                    f"response may hold (half of [server].max_message_bytes); it is whole in the artifact {RESULT_ARTIFACT}")
+        packed.Pack(cut)
         return packed
 
     def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"", **changes) -> None:

@@ -3,9 +3,10 @@ results as messages (``JobManager.submit``), so it needs them too, without the g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from google.protobuf import timestamp_pb2
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from explaind.v1 import common_pb2
@@ -36,21 +37,19 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def leading_items_that_fit(message: Message, max_bytes: int) -> Message:
+def leading_items_that_fit(message: Message, max_bytes: int, lists: Sequence[str]) -> Message | None:
     """A copy of ``message`` that serialises to at most ``max_bytes``, made by dropping
-    the trailing items of its repeated message fields, longest (in bytes) first. Why
-    trailing: results list what matters most first (mistakes most confident first,
-    neurons by rank), so what is kept is the head of each list. Nested messages are
-    kept whole; an empty message of the type if even that does not fit."""
+    trailing items of its repeated fields named in ``lists``, the longest (in bytes)
+    first; None if it does not fit even with them all empty. Only named lists: a result's
+    other lists must stay whole (an evaluation's per-class rows make its confusion matrix
+    readable), and the head of a named one is worth keeping (e.g. the most confident
+    mistakes)."""
     cut = type(message)()
     cut.CopyFrom(message)
     while (excess := cut.ByteSize() - max_bytes) > 0:
-        lists = [(field, items) for field, items in cut.ListFields()
-                 if field.is_repeated and field.type == FieldDescriptor.TYPE_MESSAGE
-                 and not field.message_type.GetOptions().map_entry]
-        if not lists:
-            return type(message)()
-        _, longest = max(lists, key=lambda pair: sum(item.ByteSize() for item in pair[1]))
+        longest = max((getattr(cut, name) for name in lists), key=lambda items: sum(item.ByteSize() for item in items), default=None)
+        if longest is None or not longest:
+            return None
         # An item costs its bytes plus a tag and a length prefix: 2 bytes for items under
         # 128 bytes, a little more above, so counting 2 drops enough and at most ~1 % extra.
         keep, dropped = len(longest), 0

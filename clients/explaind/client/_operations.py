@@ -54,7 +54,8 @@ PROGRESS_LINE_INTERVAL_S = 10.0
 # Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
 # that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
 ARTIFACT_RANGE_BYTES = 2 * 1024 * 1024
-# What a GetArtifact response needs besides its content (the server keeps the same room).
+# What a GetArtifact response needs besides its content, or half a smaller message limit
+# (the server keeps the same room). Beyond half, a limit under 64 KiB left 1-byte ranges.
 ARTIFACT_HEADROOM_BYTES = 64 * 1024
 
 
@@ -199,9 +200,9 @@ class Operation:
 
     @property
     def response_cut(self) -> bool:
-        """Whether the server's response keeps only the leading items of the result's
-        longest lists, the result being over half its message limit (e.g. an evaluation
-        with millions of mistakes); ``result()`` downloads the whole of it."""
+        """Whether the server's response keeps only the leading items of the result's long
+        lists (an evaluation's most confident mistakes), the result being over half its
+        message limit (e.g. millions of mistakes); ``result()`` downloads the whole of it."""
         return bool(self.metadata.full_response_artifact)
 
     @property
@@ -317,7 +318,7 @@ class Operation:
         then (``cancel()`` stops it, ``result()`` again waits on). ``download=False``
         leaves out what the result keeps in artifacts (a ranking's ω, which can be
         gigabytes, and visualisation images): those fields are None; and a result over
-        half the server's message limit has only the leading items of its longest lists
+        half the server's message limit has only the leading items of its long lists
         (:attr:`response_cut`)."""
         try:
             if progress and sys.stderr.isatty():
@@ -388,7 +389,8 @@ class Operation:
         does not match)."""
         client = self._client
         server_limit = client._request_limits().max_message_bytes or client._max_message_bytes
-        range_bytes = max(1, min(ARTIFACT_RANGE_BYTES, min(client._max_message_bytes, server_limit) - ARTIFACT_HEADROOM_BYTES))
+        limit = min(client._max_message_bytes, server_limit)
+        range_bytes = max(1, min(ARTIFACT_RANGE_BYTES, limit - min(ARTIFACT_HEADROOM_BYTES, limit // 2)))
         parts: list[bytes] = []
         offset, size, digest = 0, None, ""
         while size is None or offset < size:

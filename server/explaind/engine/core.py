@@ -412,7 +412,7 @@ class Engine:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, version, batch_size, max_grid_images or 64)
-        return self.jobs.submit(EVALUATE_KIND, run)
+        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",))  # most confident first
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples."""

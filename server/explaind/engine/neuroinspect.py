@@ -194,7 +194,7 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"must be one of {EXECUTIONS}", field="execution")
         count = self._engine.usable_sample_set(sample_set_id).sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
-            return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
+            return self._submit_ranking(sample_set_id, version, class_index, class_field, settings)
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         features = self._engine.sample_set_features(sample_set_id, version=version)
@@ -202,8 +202,14 @@ class NeuroInspectEngine:
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
-            return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings))
+            return self._submit_ranking(sample_set_id, version, class_index, class_field, settings)
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features)
+
+    def _submit_ranking(self, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
+                        settings: RankSettings) -> JobSnapshot:
+        # Cut to fit a message, a ranking keeps its top neurons and its first mistakes' summaries.
+        return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings),
+                                        cut_lists=("mistakes", "neurons"))
 
     @staticmethod
     def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:

@@ -18,7 +18,8 @@ from .paging import messages_that_fit, page_limit, resume_point, resume_token
 # google.protobuf.Duration's documented range: about 10,000 years.
 _MAX_DURATION_S = 315_576_000_000
 # Room in a GetArtifact response for everything but the content (the Artifact
-# description and framing), so a range of max_message_bytes - this always fits.
+# description and framing), so a range of max_message_bytes - this always fits; half of
+# a smaller limit (the whole of it left ranges of 1 byte).
 _ARTIFACT_HEADROOM_BYTES = 64 * 1024
 
 
@@ -37,7 +38,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         self._jobs = jobs
         self._held_calls = held_calls
         self._max_message_bytes = max_message_bytes
-        self._max_content_bytes = max(1, max_message_bytes - _ARTIFACT_HEADROOM_BYTES)
+        self._max_content_bytes = max(1, max_message_bytes - min(_ARTIFACT_HEADROOM_BYTES, max_message_bytes // 2))
 
     def GetOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.GetOperationResponse:
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
