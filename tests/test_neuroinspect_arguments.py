@@ -315,7 +315,7 @@ def test_a_neuron_of_a_vector_feature_layer_is_mapped_where_its_evidence_is():
     image[0, 0, :, :5] = 1.0  # red on the left
     image[0, 1, :, 5:] = 1.0  # green on the right
     spatial = last_spatial_module(model, image, model.hidden)
-    assert spatial is model.colours
+    assert spatial == (model.colours, 0)
     maps = neuron_gradient_maps(model, image.repeat(2, 1, 1, 1), spatial, model.classifier, torch.tensor([0, 1]))
     red, green = activation_masks(maps, (8, 8), 0.5)
     assert red[:, :5].all() and not red[:, 5:].any()
@@ -329,9 +329,25 @@ def test_a_neuron_of_a_vector_feature_layer_is_mapped_where_its_evidence_is():
     mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
     illusion = ClipIllusion(mobilenet, "classifier.1", head="classifier.3", image_size=64, class_names=list("abc"))
     result = illusion.visualize([(5, 0), (7, 1)], method="no_clip", steps=2)
-    expected = neuron_gradient_maps(mobilenet, result.images, mobilenet.features, mobilenet.classifier[3], torch.tensor([5, 7]))
+    expected = neuron_gradient_maps(mobilenet, result.images, (mobilenet.features, 0), mobilenet.classifier[3], torch.tensor([5, 7]))
     assert torch.equal(result.masks, activation_masks(expected, (64, 64), 0.5))
     assert not result.masks.all()
+    # A module run twice (a shared activation, after 16x16 and 8x8 maps) is mapped at its last run.
+    shared = _SharedActivation().eval()
+    spatial = last_spatial_module(shared, torch.rand(1, 3, 16, 16), shared.hidden)
+    assert spatial == (shared.act, 1)
+    assert neuron_gradient_maps(shared, torch.rand(2, 3, 16, 16), spatial, shared.head, torch.tensor([0, 1])).shape == (2, 8, 8)
+
+
+class _SharedActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()
+        self.hidden, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.act(self.conv2(self.act(self.conv1(images)))).mean((2, 3)))))
 
 
 def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():

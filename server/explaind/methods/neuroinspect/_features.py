@@ -35,21 +35,25 @@ def capture_forward(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
-def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_module: nn.Module) -> nn.Module | None:
-    """The module whose output is the last maps (N, C, h, w) with h·w > 1 that
-    ``classifier`` computes on ``images`` before ``feature_module``'s output; None if
-    there is none. Why: where the feature layer holds vectors (a hidden linear layer
-    before the head, as MobileNetV3 has), a neuron's map has to come from there
-    (:func:`neuron_gradient_maps`)."""
-    owner, seen, handles = threading.get_ident(), {"last": None, "done": False}, []
+def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_module: nn.Module) -> tuple[nn.Module, int] | None:
+    """(module, call) whose output is the last maps (N, C, h, w) with h·w > 1 that
+    ``classifier`` computes on ``images`` before ``feature_module``'s output, ``call``
+    counting that module's calls in the forward from 0 (a shared activation runs more
+    than once); None if there are none. Why: where the feature layer holds vectors (a
+    hidden linear layer before the head, as MobileNetV3 has), a neuron's map has to come
+    from there (:func:`neuron_gradient_maps`). Outputs are read as (N, C, h, w): a layer
+    giving channels last (N, h, w, C) would be misread."""
+    owner, calls, handles = threading.get_ident(), {}, []
+    seen: dict[str, tuple[nn.Module, int] | None | bool] = {"last": None, "done": False}
 
     def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
         if threading.get_ident() != owner or seen["done"]:
             return
+        call = calls[module] = calls.get(module, -1) + 1
         if module is feature_module:
             seen["done"] = True
         elif isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-            seen["last"] = module
+            seen["last"] = (module, call)
 
     try:
         handles = [module.register_forward_hook(hook) for module in classifier.modules() if module is not classifier]
@@ -60,22 +64,27 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
     return seen["last"]
 
 
-def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial_module: nn.Module, head: nn.Linear,
+def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: tuple[nn.Module, int], head: nn.Linear,
                          neurons: torch.Tensor) -> torch.Tensor:
     """Maps (B, h, w) of feature ``neurons[b]`` on image b (B, 3, H, W), for a feature
     layer without spatial extent: Grad-CAM (Selvaraju et al., 2017) for a neuron instead
-    of a class. The maps of ``spatial_module`` (B, K, h, w) are weighted by the spatial
-    mean of the neuron's gradient with respect to each, summed over K, and what speaks
-    against the neuron is cut off (ReLU)."""
-    owner, captured = threading.get_ident(), {}
+    of a class. The maps (B, K, h, w) of ``spatial`` = (module, call), as
+    :func:`last_spatial_module` gives it, are weighted by the spatial mean of the neuron's
+    gradient with respect to each, summed over K, and what speaks against the neuron is
+    cut off (ReLU)."""
+    module, wanted = spatial
+    owner, captured, calls = threading.get_ident(), {}, [0]
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if threading.get_ident() != owner or "maps" in captured:
+        if threading.get_ident() != owner:
+            return None
+        calls[0] += 1
+        if calls[0] - 1 != wanted:
             return None
         captured["maps"] = output.detach().requires_grad_()  # a leaf: its gradient is all that is computed
         return captured["maps"]
 
-    handle = spatial_module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad(), capture_forward(head) as read:
             classifier(images)

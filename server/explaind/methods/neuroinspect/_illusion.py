@@ -203,7 +203,7 @@ class ClipIllusion:
             use_clip = method == "clip_illusion"
             if use_clip:
                 self._require_clip()
-            map_module = self._check_split()
+            map_source = self._check_split()
             rows = torch.arange(len(neurons), device=self.device)
             targets = torch.stack([self.class_embedding(int(c)) for c in classes]) if use_clip else None
 
@@ -230,18 +230,18 @@ class ClipIllusion:
                         if callback_on_step_end(step, steps, image()):
                             cancelled = True
                             break
-            return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim, map_module)
+            return self._finish(image, method, neurons, classes, rows, step, cancelled, mask_threshold, mask_dim, map_source)
 
     @torch.no_grad()
     def _finish(self, image: FourierImage, method: str, neurons: torch.Tensor, classes: torch.Tensor,
                 rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
-                mask_dim: float, map_module: nn.Module | None) -> VisualizationResult:
+                mask_dim: float, map_source: tuple[nn.Module, int] | None) -> VisualizationResult:
         images = image()
         forward = split_forward(self.classifier, images.to(self._dtype), self.feature_module, self.head, self._names)
-        if map_module is None:
+        if map_source is None:
             maps = channel_maps(forward.layer_output, self.head.in_features)[rows, neurons]  # (B, h, w)
         else:
-            maps = neuron_gradient_maps(self.classifier, images.to(self._dtype), map_module, self.head, neurons)
+            maps = neuron_gradient_maps(self.classifier, images.to(self._dtype), map_source, self.head, neurons)
         maps = maps.float()
         masks = activation_masks(maps, images.shape[-2:], mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
@@ -268,11 +268,11 @@ class ClipIllusion:
         )
 
     @torch.no_grad()
-    def _check_split(self) -> nn.Module | None:
+    def _check_split(self) -> tuple[nn.Module, int] | None:
         """Run the classifier once on a grey image of ``image_size`` and check its split
         (:func:`split_forward`) and the feature layer's maps: a wrong layer name fails
-        here, before the steps, not after them. Returns the module the masks' maps come
-        from where the feature layer's are 1x1 (:func:`last_spatial_module`), else None."""
+        here, before the steps, not after them. Returns the (module, call) the masks' maps
+        come from where the feature layer's are 1x1 (:func:`last_spatial_module`), else None."""
         probe = torch.full((1, 3, self.image_size, self.image_size), 0.5, device=self.device, dtype=self._dtype)
         try:
             forward = split_forward(self.classifier, probe, self.feature_module, self.head, self._names)
