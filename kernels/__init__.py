@@ -8,6 +8,22 @@ never needs a new engine. ``split_onnx_classifier`` cuts a classifier given as O
 before its final linear layer, so its features and head are explained the same way.
 """
 
-from ._onnx_runtime import ONNX_BACKENDS, OnnxClassifierSplit, execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
+from ._onnx_runtime import (
+    ONNX_BACKENDS,
+    OnnxClassifierSplit,
+    UnsplittableGraph,
+    execution_providers,
+    export_onnx,
+    onnx_runtime_features,
+    split_onnx_classifier,
+)
 
-__all__ = ["ONNX_BACKENDS", "OnnxClassifierSplit", "execution_providers", "export_onnx", "onnx_runtime_features", "split_onnx_classifier"]
+__all__ = [
+    "ONNX_BACKENDS",
+    "OnnxClassifierSplit",
+    "UnsplittableGraph",
+    "execution_providers",
+    "export_onnx",
+    "onnx_runtime_features",
+    "split_onnx_classifier",
+]

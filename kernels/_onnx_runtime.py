@@ -195,6 +195,11 @@ def onnx_runtime_features(
     return run
 
 
+class UnsplittableGraph(ValueError):
+    """Why an ONNX classifier cannot be cut before a final linear layer; its message is
+    about the graph alone (no file paths), so it may be shown to callers."""
+
+
 @dataclass(frozen=True)
 class OnnxClassifierSplit:
     """An ONNX classifier cut before its final linear layer: ``feature_graph`` (serialised
@@ -211,8 +216,8 @@ class OnnxClassifierSplit:
 def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
     """Cut the classifier at ``path`` (one input, one output: the logits) before the linear
     layer that computes its logits: a ``Gemm`` (what torch exports for ``nn.Linear``), or a
-    ``MatMul`` with an optional ``Add``, whose weights are constants. Raises ``ValueError``
-    saying why a graph cannot be cut (e.g. it ends in a softmax)."""
+    ``MatMul`` with an optional ``Add``, whose weights are constants. Raises
+    :class:`UnsplittableGraph` saying why a graph cannot be cut (e.g. it ends in a softmax)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -221,11 +226,11 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
     producers = {name: node for node in graph.node for name in node.output}
     constants = {tensor.name: tensor for tensor in graph.initializer}
     if len([i for i in graph.input if i.name not in constants]) != 1 or len(graph.output) != 1:
-        raise ValueError("a splittable classifier has one input, the images, and one output, the logits")
+        raise UnsplittableGraph("a splittable classifier has one input, the images, and one output, the logits")
 
     def constant(name: str) -> np.ndarray:
         if name not in constants:
-            raise ValueError(f"the final linear layer's {name!r} is computed, not a constant")
+            raise UnsplittableGraph(f"the final linear layer's {name!r} is computed, not a constant")
         return numpy_helper.to_array(constants[name]).astype(np.float32)
 
     last = producers.get(graph.output[0].name)
@@ -235,22 +240,22 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
         bias_name = next((name for name in last.input if name in constants), "")
         last = producers.get(computed[0]) if len(computed) == 1 else None
         if last is None or last.op_type != "MatMul":
-            raise ValueError("its logits come from an Add that is not a MatMul's bias")
+            raise UnsplittableGraph("its logits come from an Add that is not a MatMul's bias")
         head_nodes.append(last)
     if last is None or last.op_type not in ("Gemm", "MatMul"):
-        raise ValueError(f"its logits come from {'a ' + last.op_type + ' node' if last else 'its input'}, not a linear layer (Gemm, or MatMul and Add)")
+        raise UnsplittableGraph(f"its logits come from {'a ' + last.op_type + ' node' if last else 'its input'}, not a linear layer (Gemm, or MatMul and Add)")
     features = last.input[0]
     if last.op_type == "Gemm":
         attributes = {a.name: helper.get_attribute_value(a) for a in last.attribute}
         if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
-            raise ValueError("its final Gemm scales or transposes its input")
+            raise UnsplittableGraph("its final Gemm scales or transposes its input")
         weight = constant(last.input[1])
         weight = weight if attributes.get("transB", 0) else weight.T
         bias_name = last.input[2] if len(last.input) > 2 else ""
     else:
         weight = constant(last.input[1]).T
     if weight.ndim != 2:
-        raise ValueError(f"its final linear layer's weight has shape {weight.shape}, not (classes, features)")
+        raise UnsplittableGraph(f"its final linear layer's weight has shape {weight.shape}, not (classes, features)")
     bias = np.broadcast_to(constant(bias_name).reshape(-1), weight.shape[:1]) if bias_name else np.zeros(weight.shape[0], np.float32)
     element_type = constants[last.input[1]].data_type
     for node in head_nodes:
@@ -261,6 +266,6 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(features, element_type, [None, weight.shape[1]]))
     if model.ByteSize() >= 2**31:
-        raise ValueError("its feature graph is over protobuf's 2 GiB limit for one message")
+        raise UnsplittableGraph("its feature graph is over protobuf's 2 GiB limit for one message")
     return OnnxClassifierSplit(model.SerializeToString(), torch.from_numpy(weight.copy()), torch.from_numpy(bias.copy()),
                                feature_name=features, head_name=last.name or last.input[1])

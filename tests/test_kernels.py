@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from explaind.errors import FailedPrecondition
-from explaind.kernels import execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
+from explaind.kernels import UnsplittableGraph, execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
 
 
 def small_extractor() -> nn.Module:
@@ -189,5 +189,5 @@ def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail)
                                               ("computed_weight", "is computed, not a constant")])
 def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp_path, tail, reason):
     path, _ = _linear_classifier_graph(tmp_path, tail)
-    with pytest.raises(ValueError, match=reason):
+    with pytest.raises(UnsplittableGraph, match=reason):
         split_onnx_classifier(path)

@@ -585,7 +585,8 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     got = onnx_engine.predict(images, top_k=6)
     np.testing.assert_array_equal(got.class_indices, want.class_indices)
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
-    with pytest.raises(FailedPrecondition, match="inference-only, and features need a split classifier: its graph could not be split before a final linear layer: "):
+    with pytest.raises(FailedPrecondition, match="inference-only, and features need a split classifier: its graph could not be split before a "
+                                                 "final linear layer: its logits come from a Softmax node"):
         onnx_engine.predict(images, return_features=True)
     # [runtime].device names where split classifiers run; an inference-only ONNX Runtime CPU
     # session takes CPU tensors whatever it says (any non-CPU device would fail the same way as meta).
@@ -597,6 +598,20 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server(tmp_path, world_model, monkeypatch):
+    # The reason goes into every refusal's message: another error's text (e.g. a missing
+    # external-data file) can name server paths, which only the log may show.
+    from explaind.engine import models
+
+    def failing(path):
+        raise OSError(f"cannot read {path}.data")
+
+    monkeypatch.setattr(models, "split_onnx_classifier", failing)
+    path = _export_onnx(world_model, tmp_path / "world.onnx")
+    version = load_classifier(ClassifierSection(loader="onnx", path=path, image_size=64))
+    assert version.inference_only_reason == "its graph could not be split before a final linear layer: OSError (the server log says more)"
+
+
 def test_an_onnx_classifier_computes_its_features_on_the_gpu(tmp_path, world_model):
     import onnxruntime
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import ClassifierSection, ClipSection, DiffusionSection
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
-from ..kernels import execution_providers, onnx_runtime_features, split_onnx_classifier
+from ..kernels import UnsplittableGraph, execution_providers, onnx_runtime_features, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
 
 log = logging.getLogger(__name__)
@@ -599,10 +599,12 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
         with torch.inference_mode():
             pairs = [(run(image), head(on_cpu(preprocess(image)))) for image in _probe_images(whole.image_size).split(1)]
         if any(cut.shape != expected.shape or not torch.allclose(cut, expected, atol=1e-4, rtol=1e-4) for expected, cut in pairs):
-            raise ValueError("its final linear layer, applied to the features before it, does not give its logits")
+            raise UnsplittableGraph("its final linear layer, applied to the features before it, does not give its logits")
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
         log.warning("%s: serving it inference-only (no features for ranking or head edits): %s", path, reason)
-        return dataclasses.replace(whole, inference_only_reason=f"its graph could not be split before a final linear layer: {reason}")
+        # Callers see why the graph is not cut; other errors' text can hold server paths.
+        said = str(reason) if isinstance(reason, UnsplittableGraph) else f"{type(reason).__name__} (the server log says more)"
+        return dataclasses.replace(whole, inference_only_reason=f"its graph could not be split before a final linear layer: {said}")
     features = on_cpu if device.type == "cpu" else onnx_runtime_features(split.feature_graph, execution_providers("onnxruntime", str(device)), device=str(device))
     on_device = Preprocess(section.mean, section.std).to(device)
     return dataclasses.replace(
