@@ -309,6 +309,11 @@ def test_a_first_call_to_a_loading_server_waits_the_delay_it_asks_for(monkeypatc
         with Client(target, timeout=30, retry=False) as client, pytest.raises(UnavailableError, match="loading") as loading:
             client.sample_set("s")
         assert loading.value.retry_delay == 0.25
+        # A delay of 0 (another server, a proxy) is not taken as "retry at once, forever".
+        servicer.ready_at, servicer.attempts, servicer.retry_delay_s, pauses[:] = float("inf"), {}, 0.0, []
+        with Client(target, timeout=30) as client:
+            client.sample_set("s")
+        assert pauses == [0.1] * 5
     finally:
         server.stop(0)
 

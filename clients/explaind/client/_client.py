@@ -37,10 +37,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Calls that change nothing on the server, retried while it answers UNAVAILABLE (it is
 # restarting or still loading its models, a connection dropped) until the call's
-# deadline, after the delay the server asked for (its RetryInfo) or with backoff from
-# 0.1 s doubling to at most RETRY_MAX_BACKOFF_S. A call that creates or changes
-# something is retried only on the server's own UNAVAILABLE (its RetryInfo says it did
-# nothing with the call): after a dropped connection its first attempt may have taken effect.
+# deadline, after the delay the server asked for (its RetryInfo; at least
+# RETRY_MIN_BACKOFF_S) or with backoff from RETRY_MIN_BACKOFF_S doubling to at most
+# RETRY_MAX_BACKOFF_S. A call that creates or changes something is retried only on the
+# server's own UNAVAILABLE (its RetryInfo says it did nothing with the call): after a
+# dropped connection its first attempt may have taken effect.
 READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
@@ -48,6 +49,7 @@ READ_ONLY_METHODS = {
     "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
+RETRY_MIN_BACKOFF_S = 0.1  # also the least pause, whatever delay a server asks for
 RETRY_MAX_BACKOFF_S = 2.0
 
 
@@ -210,7 +212,7 @@ class Client:
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first."""
         deadline = time.monotonic() + (timeout or self.timeout)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
-        backoff = 0.1
+        backoff = RETRY_MIN_BACKOFF_S
         while True:
             try:
                 response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
@@ -219,7 +221,8 @@ class Client:
                 unavailable = error.code == grpc.StatusCode.UNAVAILABLE
                 if not unavailable or error.retry_delay is not None:  # the server answered
                     self._reached = True
-                pause = min(backoff if error.retry_delay is None else error.retry_delay, retry_end - time.monotonic() - LAST_ATTEMPT_S)
+                wanted = backoff if error.retry_delay is None else max(error.retry_delay, RETRY_MIN_BACKOFF_S)  # 0 s would spin
+                pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
                 if not (self._retry and repeatable and unavailable and self._reached and pause >= 0):
