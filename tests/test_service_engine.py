@@ -1042,7 +1042,7 @@ def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monke
     engine.create_sample_set("bounds", "", [NewSample.from_array(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 0)])
     started = []
     monkeypatch.setattr(explaind.engine.evaluation, "evaluate", lambda engine, context, set_id, version, batch_size, grid: started.append((batch_size, grid)))
-    monkeypatch.setattr(engine.jobs, "submit", lambda kind, run: run(None))  # run the job's function at once
+    monkeypatch.setattr(engine.jobs, "submit", lambda kind, run, **options: run(None))  # run the job's function at once
     for batch_size, grid in ((4096, 1024), (0, 0)):
         engine.evaluate_sample_set("bounds", batch_size=batch_size, max_grid_images=grid)
     assert started == [(4096, 1024), (0, 64)]
