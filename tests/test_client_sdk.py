@@ -251,22 +251,29 @@ def test_the_last_retry_comes_just_before_the_deadline():
         server.stop(0)
 
 
-def test_retries_back_off_from_a_tenth_of_a_second_doubling_to_at_most_two_seconds(monkeypatch):
-    # A server loading for minutes must be retried every 2 s (RETRY_MAX_BACKOFF_S), not
-    # after pauses that keep doubling. The pauses are recorded, not slept.
+def _recorded_pauses(monkeypatch, servicer: _LoadingSampleSets, *, ready_after: int) -> list[float]:
+    """The SDK's retry pauses (s), recorded instead of slept; ``servicer`` gets ready after
+    ``ready_after`` of them (clear the list to count again)."""
     from types import SimpleNamespace
 
     from explaind.client import _client
 
-    servicer = _LoadingSampleSets(loading_s=float("inf"))
-    pauses = []
+    pauses: list[float] = []
 
-    def sleep(seconds):
+    def sleep(seconds: float) -> None:
         pauses.append(round(seconds, 3))
-        if len(pauses) == 7:
+        if len(pauses) == ready_after:
             servicer.ready_at = 0.0
 
     monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    return pauses
+
+
+def test_retries_back_off_from_a_tenth_of_a_second_doubling_to_at_most_two_seconds(monkeypatch):
+    # A server loading for minutes must be retried every 2 s (RETRY_MAX_BACKOFF_S), not
+    # after pauses that keep doubling.
+    servicer = _LoadingSampleSets(loading_s=float("inf"))
+    pauses = _recorded_pauses(monkeypatch, servicer, ready_after=7)
     server, target = _serve(servicer)
     try:
         with Client(target, timeout=30) as client:
@@ -281,20 +288,11 @@ def test_a_first_call_to_a_loading_server_waits_the_delay_it_asks_for(monkeypatc
     # explaind's own UNAVAILABLE carries a RetryInfo: the address is right, so even a
     # client's first call is retried (it failed at once, though the server would answer
     # in a moment), after the server's delay rather than the doubling backoff, and so is
-    # a call that changes something. The pauses are recorded, not slept.
-    from types import SimpleNamespace
-
-    from explaind.client import UnavailableError, _client
+    # a call that changes something.
+    from explaind.client import UnavailableError
 
     servicer = _LoadingSampleSets(loading_s=float("inf"), retry_delay_s=0.25)
-    pauses = []
-
-    def sleep(seconds):
-        pauses.append(round(seconds, 3))
-        if len(pauses) == 5:
-            servicer.ready_at = 0.0
-
-    monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    pauses = _recorded_pauses(monkeypatch, servicer, ready_after=5)
     server, target = _serve(servicer)
     try:
         with Client(target, timeout=30) as client:

@@ -44,16 +44,18 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
     from there (:func:`neuron_gradient_maps`). Outputs are read as (N, C, h, w): a layer
     giving channels last (N, h, w, C) would be misread."""
     owner, calls, handles = threading.get_ident(), {}, []
-    seen: dict[str, tuple[nn.Module, int] | None | bool] = {"last": None, "done": False}
+    last: tuple[nn.Module, int] | None = None
+    done = False
 
     def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
-        if threading.get_ident() != owner or seen["done"]:
+        nonlocal last, done
+        if threading.get_ident() != owner or done:
             return
         call = calls[module] = calls.get(module, -1) + 1
         if module is feature_module:
-            seen["done"] = True
+            done = True
         elif isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-            seen["last"] = (module, call)
+            last = (module, call)
 
     try:
         handles = [module.register_forward_hook(hook) for module in classifier.modules() if module is not classifier]
@@ -61,7 +63,7 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
     finally:
         for handle in handles:
             handle.remove()
-    return seen["last"]
+    return last
 
 
 def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: tuple[nn.Module, int], head: nn.Linear,
