@@ -441,6 +441,38 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
         _shut(restarted)
 
 
+def test_an_edit_whose_result_would_not_fit_an_operation_stores_nothing(tmp_path, world_set, monkeypatch):
+    # Groups by a per-sample attribute made the result too large: the job failed after
+    # storing (and, with promote, serving) its version, which the next start then deleted.
+    from explaind.engine import NewSample
+    from explaind.engine import neuroinspect as engine_neuroinspect
+    from explaind.errors import InvalidArgument
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        pixels, labels, attributes = world_set
+        engine.create_sample_set("named", "", [NewSample.from_array(p, int(l), {**a, "file": f"{i}.png"})
+                                               for i, (p, l, a) in enumerate(zip(pixels[:60], labels[:60], attributes))])
+        served = engine.models.active
+        monkeypatch.setattr(engine_neuroinspect, "MAX_EDIT_GROUPS", 59)
+        with pytest.raises(InvalidArgument, match="'named' has 60 groups .class, file value., more than the 59") as refused:
+            inspect.edit_head("train", target_class="heart", neurons=[1], evaluation_sample_set_id="named", group_attribute="file")
+        assert refused.value.field == "group_attribute"
+
+        monkeypatch.undo()
+        engine.jobs.max_result_bytes = 2000  # the 28 (class, background) groups fit, the 60 files do not
+        fits = _edit(engine, inspect, 1, evaluation_sample_set_id="named", group_attribute="background")
+        assert fits.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1"]
+        failed = _edit(engine, inspect, 2, evaluation_sample_set_id="named", group_attribute="file", promote=True)
+        assert (failed.state, failed.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+        assert failed.error_message.endswith("; nothing was stored; a group_attribute with fewer values gives a smaller result")
+        assert [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1"] and inspect.active_head_version().version_id == "v0"
+        assert engine.models.active is served
+    finally:
+        _shut(engine)
+
+
 def test_a_promote_the_store_refuses_changes_neither_the_served_head_nor_the_active_version(tmp_path, monkeypatch):
     # Predict used to serve the promoted head while the store still called v0 active.
     import sqlite3

@@ -249,13 +249,31 @@ class JobManager:
         if self.max_result_bytes is None or packed.ByteSize() <= self.max_result_bytes:
             return packed
         context.save_artifact(RESULT_ARTIFACT, result.SerializeToString(), RESULT_MEDIA_TYPE)
-        envelope = packed.ByteSize() - result.ByteSize()  # type URL, tags, length prefix
-        cut = leading_items_that_fit(result, self.max_result_bytes - envelope, cut_lists)
+        cut = self._cut(result, cut_lists)
         if cut is None:
-            raise ResourceExhausted(f"the result is {result.ByteSize()} bytes, over the {self.max_result_bytes} an operation's "
-                                    f"response may hold (half of [server].max_message_bytes); it is whole in the artifact {RESULT_ARTIFACT}")
+            raise self._too_large(result, f"it is whole in the artifact {RESULT_ARTIFACT}")
         packed.Pack(cut)
         return packed
+
+    def require_result_fits(self, result: Message, *, cut_lists: tuple[str, ...] = (), consequence: str = "") -> None:
+        """Raise the ResourceExhausted a job returning ``result`` would fail with, so that a
+        job with side effects checks before them (an edit stores a head version only for a
+        result that can be returned). ``consequence`` ends the error's message."""
+        if self.max_result_bytes is not None and self._cut(result, cut_lists) is None:
+            raise self._too_large(result, consequence)
+
+    def _cut(self, result: Message, cut_lists: tuple[str, ...]) -> Message | None:
+        """``result``, or its leading items of ``cut_lists``, packed within ``max_result_bytes``; None if nothing fits."""
+        packed = any_pb2.Any()
+        packed.Pack(result)
+        if packed.ByteSize() <= self.max_result_bytes:
+            return result
+        envelope = packed.ByteSize() - result.ByteSize()  # type URL, tags, length prefix
+        return leading_items_that_fit(result, self.max_result_bytes - envelope, cut_lists)
+
+    def _too_large(self, result: Message, consequence: str) -> ResourceExhausted:
+        return ResourceExhausted(f"the result is {result.ByteSize()} bytes, over the {self.max_result_bytes} an operation's "
+                                 f"response may hold (half of [server].max_message_bytes)" + (f"; {consequence}" if consequence else ""))
 
     def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"", **changes) -> None:
         """Store the job's end, then drop it from the live jobs (readers go to the store).

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +38,7 @@ from ..methods.neuroinspect import (
     SOLVERS,
     VISUALIZATION_METHODS,
     ClipIllusion,
+    HeadEdit,
     HeadEditor,
     HeadEvaluation,
     MistakeNeuronRanker,
@@ -63,6 +64,10 @@ OMEGA_ARTIFACT = "omega.npy"
 # overflow to inf and the weights they train turn NaN.
 MAX_LOSS_WEIGHT = 1e3
 MAX_TARGET_RATIO = 1e6
+# Groups (class, attribute value) an edit's evaluation may have: per-group accuracy is for
+# attributes of a few values (a background, a colour); one of a value per sample (a file
+# name) would make each version's evaluation, stored and listed, as large as its set.
+MAX_EDIT_GROUPS = 10_000
 LOADED = "loaded"
 
 ClassRef = str | int  # a class name, or its index
@@ -452,8 +457,12 @@ class NeuroInspectEngine:
         if group_attribute:
             if not eval_id:
                 raise InvalidArgument("groups need an evaluation_sample_set_id or validation_sample_set_id whose samples carry the attribute", field="group_attribute")
-            if not any(group_attribute in r.attributes for r in self._engine.store.list_samples(eval_id)):
+            records = self._engine.store.list_samples(eval_id)
+            if not any(group_attribute in r.attributes for r in records):
                 raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
+            if (count := len({(r.label, r.attributes.get(group_attribute, "")) for r in records})) > MAX_EDIT_GROUPS:
+                raise InvalidArgument(f"{eval_id!r} has {count} groups (class, {group_attribute} value), more than the {MAX_EDIT_GROUPS} "
+                                      f"an edit evaluates; choose an attribute with fewer values", field="group_attribute")
         if strength is not None:
             _bounded(strength, "strength", high=MAX_LOSS_WEIGHT)
         if method == "constrain" and target_ratio is not None:  # refused, not silently ignored
@@ -516,17 +525,19 @@ class NeuroInspectEngine:
                 "parent_evaluation": self._evaluation_dict(edit.before, version, counts),
                 "evaluation": self._evaluation_dict(edit.after, version, counts),
             }
-            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details)
+            stored_only_if = "nothing was stored" + ("; a group_attribute with fewer values gives a smaller result" if group_attribute else "")
+
+            def require_result_fits(record: HeadVersionRecord) -> None:  # else the job would fail with its version stored
+                self._engine.jobs.require_result_fits(self._edit_result(record, edit, active_id=record.version_id), consequence=stored_only_if)
+
+            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details, check=require_result_fits)
             if promote:
                 try:
                     self.promote_head_version(record.version_id)
                 except BaseException:  # the job fails, so its version goes too
                     self._engine.store.delete_head_version(version.feature_version, record.version_id)
                     raise
-            return neuroinspect_pb2.EditHeadResult(
-                version=self.head_version_message(record), best_epoch=edit.best_epoch, epochs_run=len(edit.history),
-                validation_accuracy=[r.validation_accuracy for r in edit.history],
-            )
+            return self._edit_result(record, edit)
 
         with self._versions_lock:  # no promote or delete between reading the served head, its version and noting the edit
             version = self._split_version()  # what run() trains from: the head served now, not when the checks began
@@ -535,6 +546,12 @@ class NeuroInspectEngine:
             snapshot = self._engine.jobs.submit(EDIT_KIND, run)
             self._edits_from[snapshot.record.job_id] = (version.feature_version, parent.version_id)
         return snapshot
+
+    def _edit_result(self, record: HeadVersionRecord, edit: HeadEdit, active_id: str | None = None) -> neuroinspect_pb2.EditHeadResult:
+        return neuroinspect_pb2.EditHeadResult(
+            version=self.head_version_message(record, active_id), best_epoch=edit.best_epoch, epochs_run=len(edit.history),
+            validation_accuracy=[r.validation_accuracy for r in edit.history],
+        )
 
     @staticmethod
     def _evaluation_dict(evaluation: HeadEvaluation, version: ClassifierVersion, counts: Counter) -> dict:
@@ -559,7 +576,9 @@ class NeuroInspectEngine:
 
     # Head versions -------------------------------------------------------------------
 
-    def _add_head_version(self, version: ClassifierVersion, head: nn.Linear, parent_id: str, details: dict) -> HeadVersionRecord:
+    def _add_head_version(self, version: ClassifierVersion, head: nn.Linear, parent_id: str, details: dict,
+                          check: Callable[[HeadVersionRecord], None] | None = None) -> HeadVersionRecord:
+        """Store ``head`` as a new version; ``check`` may refuse the record (by raising) before it is stored."""
         store = self._engine.store
         with store.writing_blobs() as put, self._versions_lock:
             digest = put(_head_bytes(head))
@@ -570,6 +589,8 @@ class NeuroInspectEngine:
                 feature_version=version.feature_version, version_id=f"v{number}", head_hash=version.with_head(head).head_version,
                 weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details,
             )
+            if check is not None:
+                check(record)
             store.insert_head_version(record)
         return record
 
