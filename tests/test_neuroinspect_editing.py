@@ -153,3 +153,14 @@ def test_epoch_callback_reports_progress_and_stops(world):
 def test_bad_arguments_raise_value_errors_naming_the_field(world, kwargs, field):
     with pytest.raises(ValueError, match=field):
         edit(world, **kwargs)
+
+
+def test_a_float16_head_is_edited_in_float32_and_kept_in_float16(world):
+    # Adam in float16 (its eps 1e-8 rounds to 0, its second moment underflows) made every
+    # float16 head's edit end in TrainingDiverged after the first epoch.
+    head, (x, y, _), (vx, vy, _), _ = world
+    half = torch.nn.Linear(16, 3).half()
+    half.load_state_dict(head.state_dict())
+    result = HeadEditor(half).edit(x, y, target_class=0, neurons=[SPURIOUS], validation_features=vx, validation_labels=vy, max_epochs=3)
+    assert result.weight.dtype == result.bias.dtype == torch.float16
+    assert torch.isfinite(result.weight).all() and result.after.accuracy >= result.before.accuracy - 0.05

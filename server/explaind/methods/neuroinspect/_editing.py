@@ -238,8 +238,12 @@ class HeadEditor:
         else:
             target_ratio = number(1.0 if target_ratio is None else target_ratio, "target_ratio", low_open=True)
 
-        weight = weight0.clone().requires_grad_(True)
-        bias = bias0.clone().requires_grad_(True)
+        # Adam's moments and its eps (1e-8 is 0 in float16) need at least float32: a float16
+        # head is trained on float32 copies, and evaluated and kept in its own dtype.
+        train_dtype = torch.promote_types(weight0.dtype, torch.float32)
+        train_features = features.to(train_dtype)
+        weight = weight0.to(train_dtype).clone().requires_grad_(True)
+        bias = bias0.to(train_dtype).clone().requires_grad_(True)
         optimiser = torch.optim.Adam([weight, bias], lr=learning_rate, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # a negative seed as its two's complement
         history: list[EpochRecord] = []
@@ -251,7 +255,7 @@ class HeadEditor:
             batches = 0
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                x, y = features[batch], labels[batch]
+                x, y = train_features[batch], labels[batch]
                 ce = F.cross_entropy(x @ weight.T + bias, y)
                 if method == "probability_ratio":
                     penalty = (probability_ratio(weight, bias, x, target_class, neuron_ids) - target_ratio).norm()
@@ -263,10 +267,11 @@ class HeadEditor:
                 optimiser.step()
                 totals += torch.stack([loss.detach(), penalty.detach()]).double()
                 batches += 1
-            if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            current = weight.detach().to(weight0.dtype).clone(), bias.detach().to(weight0.dtype).clone()
+            if not (torch.isfinite(current[0]).all() and torch.isfinite(current[1]).all()):
                 raise TrainingDiverged(f"training diverged: the edited head has NaN or infinite weights after epoch {epoch}; "
                                        f"retry with a lower strength, target_ratio or learning_rate")
-            validation = _evaluate(weight.detach(), bias.detach(), validation_features, validation_labels)
+            validation = _evaluate(*current, validation_features, validation_labels)
             mean_loss, mean_penalty = (totals / batches).tolist()
             record = EpochRecord(epoch, mean_loss, mean_penalty,
                                  validation.accuracy, validation.worst_class[1])
@@ -274,7 +279,7 @@ class HeadEditor:
             key = (validation.accuracy, validation.worst_class[1])
             key = key if selection == "accuracy" else key[::-1]
             if best_key is None or key > best_key:
-                best_key, best_state, best_epoch, stale = key, (weight.detach().clone(), bias.detach().clone()), epoch, 0
+                best_key, best_state, best_epoch, stale = key, current, epoch, 0
             else:
                 stale += 1
             if callback_on_epoch_end is not None and callback_on_epoch_end(epoch, max_epochs, record):
