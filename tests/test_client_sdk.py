@@ -540,6 +540,59 @@ def test_a_watch_refreshing_after_a_dropped_stream_keeps_its_own_timeout():
         server.stop(0)
 
 
+class _EndlessOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """A job that runs until the watcher leaves; its state is read in 0.5 s."""
+
+    def GetOperation(self, request, context):
+        time.sleep(0.5)
+        return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
+
+    def WatchOperation(self, request, context):
+        yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+        while context.is_active():
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_result_timeout_of_zero_is_no_wait_with_or_without_progress(progress):
+    # With progress the 0 was read as "no timeout": the watch ran for WATCH_DEADLINE_S (24 h).
+    import threading
+
+    from explaind.client._operations import Operation
+
+    server, target = _serve(_EndlessOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            operation, raised = Operation(client, _running_operation("operations/x")), []
+
+            def follow() -> None:
+                with pytest.raises(DeadlineExceededError, match=r"operations/x is still running after 0s$"):
+                    operation.result(progress=progress, timeout=0)
+                raised.append(True)
+
+            thread = threading.Thread(target=follow, daemon=True)
+            thread.start()
+            thread.join(5)
+            assert raised == [True]
+    finally:
+        server.stop(0)
+
+
+def test_a_call_timeout_of_zero_is_no_wait_not_the_clients_default():
+    # 0 was read as "unset": the call got the client's 30 s.
+    from explaind.client._operations import Operation
+
+    server, target = _serve(_EndlessOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            operation = Operation(client, _running_operation("operations/x"))
+            assert not operation.refresh().done
+            with pytest.raises(DeadlineExceededError):
+                operation.refresh(timeout=0)
+    finally:
+        server.stop(0)
+
+
 class _StreamedOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Streams a job's updates at once: queued, running at 1 of 2 steps, then cancelled."""
 

@@ -210,7 +210,7 @@ class Client:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
         while True:
@@ -577,7 +577,7 @@ class Client:
             **class_fields(target_class), **optional,
         )
         started = time.monotonic()
-        response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=timeout or max(self.timeout, 300.0))
+        response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
         if response.WhichOneof("outcome") == "ranking":
             return _neuroinspect.ranking(response.ranking)
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)

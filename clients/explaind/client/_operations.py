@@ -347,7 +347,7 @@ class Operation:
         from tqdm.auto import tqdm
 
         with tqdm(desc=self.kind or self.name, unit="step", dynamic_ncols=True) as bar:
-            for update in self.watch(timeout or WATCH_DEADLINE_S):
+            for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
                 progress = update.progress
                 if progress.total and bar.total != progress.total:
                     bar.total = progress.total
@@ -360,7 +360,7 @@ class Operation:
         changes, and at most every ``PROGRESS_LINE_INTERVAL_S`` otherwise, instead of a
         bar redrawn with carriage returns into one endless line."""
         shown, shown_at = None, -math.inf
-        for update in self.watch(timeout or WATCH_DEADLINE_S):
+        for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
             progress = update.progress
             now = time.monotonic()
             if (update.state, progress.message) != shown or now - shown_at >= PROGRESS_LINE_INTERVAL_S:
