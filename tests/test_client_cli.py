@@ -92,6 +92,14 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
                                                            "or fetch the files later: explaind operations artifact NAME mistakes.png --output FILE"),
         (["visualize", "3", "--out-dir", "x", "--no-wait"], "visualize: --out-dir needs the result"),
         (["predict", str(Path(__file__).parent)], f"{Path(__file__).parent} is a directory, not a file"),
+        # Integers no request field holds were a protobuf ValueError traceback (the report's after its ranking).
+        (["rank", "s", "--class", "99999999999"], "--class: 99999999999 is out of range [-2147483648, 2147483647]"),
+        (["visualize", "99999999999"], "NEURON[:CLASS]: 99999999999 is out of range"),
+        (["visualize", "3", "--seed", "99999999999999999999"], "--seed: 99999999999999999999 is out of range"),
+        (["evaluate", "s", "--batch-size", "99999999999"], "--batch-size: 99999999999 is out of range"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range"),
+        (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
+        (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),  # was a traceback once the server had started
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):

@@ -76,24 +76,41 @@ def _existing_file(path: str) -> str:
     return path
 
 
+def _integer(value: str, bits: int = 32) -> int:
+    """argparse type: an integer that a request's int32 (int64) field holds; protobuf
+    refuses a larger one with a ValueError, which reached the user as a traceback."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
+        raise argparse.ArgumentTypeError(f"{value} is out of range [{-(2 ** (bits - 1))}, {2 ** (bits - 1) - 1}]")
+    return number
+
+
+def _int64(value: str) -> int:
+    """argparse type: an integer an int64 field holds (a seed)."""
+    return _integer(value, 64)
+
+
 def _class_ref(value: str) -> str | int:
     """argparse type: a class index (digits; a negative one is the server's to refuse as
     an index, not as an unknown name) or a name."""
-    return int(value) if value.removeprefix("-").isdigit() else value
+    return _integer(value) if value.removeprefix("-").isdigit() else value
 
 
 def _non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return int(value)
+    return _integer(value)
 
 
 def _positive_int(value: str) -> int:
     """argparse type: an integer >= 1."""
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return int(value)
+    return _integer(value)
 
 
 def _positive_seconds(value: str) -> float:
@@ -112,7 +129,7 @@ def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     neuron, colon, target = spec.partition(":")
     if not neuron.isdigit() or (colon and not target):
         raise argparse.ArgumentTypeError(f"{spec!r} is not NEURON or NEURON:CLASS, e.g. 8 or 8:heart")
-    return (int(neuron), _class_ref(target)) if target else int(neuron)
+    return (_integer(neuron), _class_ref(target)) if target else _integer(neuron)
 
 
 def _scenario(name: str) -> str:
@@ -910,9 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("evaluate", "classify a sample set (a job with progress; Ctrl-C cancels it)")
     evaluate.add_argument("id", help="sample set id")
-    evaluate.add_argument("--batch-size", type=int, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
+    evaluate.add_argument("--batch-size", type=_integer, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
     evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
-    evaluate.add_argument("--max-grid-images", type=int, default=0, help="mistakes drawn in the --grid PNG, 1..1024; 0: 64")
+    evaluate.add_argument("--max-grid-images", type=_integer, default=0, help="mistakes drawn in the --grid PNG, 1..1024; 0: 64")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class with samples, every mistake, the confusion matrix)")
     evaluate.set_defaults(run=cmd_evaluate)
@@ -930,10 +947,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a neuron, conditioned on its top classes by head weight, or on CLASS (name or index)")
     visualize.add_argument("--method", choices=("clip_illusion", "feature_visualization", "no_clip"), default="clip_illusion",
                            help="clip_illusion needs the server's CLIP")
-    visualize.add_argument("--steps", type=int, default=0, help="optimisation steps; 0: 400")
-    visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=int, default=0,
+    visualize.add_argument("--steps", type=_integer, default=0, help="optimisation steps; 0: 400")
+    visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=_integer, default=0,
                            help="images per neuron without a CLASS, one per top class; 0: 1")
-    visualize.add_argument("--seed", type=int, default=0, help="random seed of the start images and augmentations")
+    visualize.add_argument("--seed", type=_int64, default=0, help="random seed of the start images and augmentations")
     visualize.add_argument("--out-dir", dest="out_dir", help="directory for <i>_neuron<N>_<class>.png and its _masked.png (default: .)")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     visualize.add_argument("--json", action="store_true", help="print the visualisations and the files written as JSON")
@@ -942,7 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head = command("edit-head", "retrain the head so a class relies less on some neurons (a new head version)")
     edit_head.add_argument("id", help="training sample set id")
     edit_head.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
-    edit_head.add_argument("--neurons", nargs="+", type=int, required=True, help="neuron indices, e.g. from explaind rank")
+    edit_head.add_argument("--neurons", nargs="+", type=_integer, required=True, help="neuron indices, e.g. from explaind rank")
     edit_head.add_argument("--method", choices=("probability_ratio", "constrain"), default="probability_ratio", help="the regulariser")
     edit_head.add_argument("--validation-sample-set", dest="validation_sample_set", default="",
                            help="early-stopping set (default: every 5th sample of the training set, held out)")
@@ -998,7 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "serve the shapes world and run a client session end to end", client=False)
     demo.add_argument("--config", help="serve this config instead of the scenario's classifier")
     demo.add_argument("--scenario", type=_scenario, default="spurious_background", help="shapes-world scenario whose classifier is served")
-    demo.add_argument("--count", type=int, default=240, help="test images in the demo's sample set")
+    demo.add_argument("--count", type=_positive_int, default=240, help="test images in the demo's sample set")
     demo.set_defaults(run=cmd_demo)
     return parser
 
