@@ -29,6 +29,8 @@ from explaind.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
+    neuroinspect_pb2,
+    neuroinspect_pb2_grpc,
     operations_pb2,
     operations_pb2_grpc,
     sample_sets_pb2,
@@ -647,6 +649,49 @@ def test_an_evaluation_too_large_for_a_message_is_listed_cut_and_read_whole(serv
     assert cli_main(["--target", server.target, "operations", "get", operation.name]) == 0
     printed = capsys.readouterr().out
     assert "too large for one message" in printed and "and 995 more mistakes" in printed
+
+
+def test_head_versions_are_listed_in_pages_that_fit_the_message_limit(server_factory):
+    # Every version went into one response, each with two evaluations: once they passed
+    # max_message_bytes, listing them failed RESOURCE_EXHAUSTED for good.
+    limit = 1 << 13
+    server = server_factory(server={"max_message_bytes": limit})
+    image = _png(np.full((8, 8, 3), 200, np.uint8))
+    with Client(server.target, timeout=60) as client:
+        classes = len(client.model_metadata().class_names)
+        client.create_sample_set([image] * 10, [i % classes for i in range(10)], sample_set_id="train")
+        for neuron in range(3):  # a description of 3500 characters: one version to a page (each result fits in half the limit)
+            client.edit_head("train", 1, [neuron], max_epochs=1, description=str(neuron) * 3500).result()
+        versions = client.head_versions()
+        assert [(v.version_id, v.active) for v in versions] == [("v0", True), ("v1", False), ("v2", False), ("v3", False)]
+        assert versions[2].description == "1" * 3500
+
+        with grpc.insecure_channel(server.target) as channel:
+            stub = neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel)
+
+            def page(size: int = 0, token: str = "") -> neuroinspect_pb2.ListHeadVersionsResponse:
+                response = stub.ListHeadVersions(neuroinspect_pb2.ListHeadVersionsRequest(page_size=size, page_token=token), timeout=30)
+                assert response.ByteSize() <= limit and response.active_version_id == "v0"
+                return response
+
+            pages, token = [], ""
+            while True:
+                response = page(token=token)
+                pages.append([v.version_id for v in response.versions])
+                if not (token := response.next_page_token):
+                    break
+            assert sum(pages, []) == ["v0", "v1", "v2", "v3"] and len(pages) >= 3
+            first = page(size=1)
+            assert [v.version_id for v in first.versions] == ["v0"] and first.versions[0].active
+            second = page(size=1, token=first.next_page_token)
+            assert [v.version_id for v in second.versions] == ["v1"]
+            client.delete_head_version("v1")  # the token resumes after it all the same
+            assert [v.version_id for v in page(size=2, token=second.next_page_token).versions] == ["v2"]
+            for request, field in ((neuroinspect_pb2.ListHeadVersionsRequest(page_token="v1"), "page_token"),
+                                   (neuroinspect_pb2.ListHeadVersionsRequest(page_size=-1), "page_size")):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.ListHeadVersions(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.value.details().startswith(f"{field}: ")
 
 
 def _padded_png(size: int) -> bytes:

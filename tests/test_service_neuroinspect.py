@@ -673,8 +673,8 @@ def test_listed_head_versions_always_hold_the_active_one(tmp_path, world_set, mo
         edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
         listed = engine.store.list_head_versions
 
-        def list_while_the_edit_promotes(feature_version):
-            versions = listed(feature_version)
+        def list_while_the_edit_promotes(feature_version, **page):
+            versions = listed(feature_version, **page)
             if not gate.is_set():  # the listing's own read, not the edit's
                 gate.set()
                 engine.jobs.wait(edit, 5)  # with the list and the active id read together, it waits for them

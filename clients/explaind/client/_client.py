@@ -668,8 +668,13 @@ class Client:
 
     def head_versions(self) -> list[HeadVersion]:
         """Head versions of the served feature extractor, oldest first (``active`` marks the served one)."""
-        response = self._call("neuroinspect", "ListHeadVersions", neuroinspect_pb2.ListHeadVersionsRequest())
-        return [_neuroinspect.head_version(v) for v in response.versions]
+        found, token = [], ""
+        while True:
+            response = self._call("neuroinspect", "ListHeadVersions", neuroinspect_pb2.ListHeadVersionsRequest(page_token=token))
+            found += [_neuroinspect.head_version(v) for v in response.versions]
+            token = response.next_page_token
+            if not token:
+                return found
 
     def promote_head_version(self, version_id: str) -> ActiveHeadChange:
         """Serve ``version_id`` (atomically; persists across restarts). The result names

@@ -353,16 +353,22 @@ class EditHeadResult(_message.Message):
     def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping]] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ListHeadVersionsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListHeadVersionsResponse(_message.Message):
-    __slots__ = ("versions", "active_version_id")
+    __slots__ = ("versions", "active_version_id", "next_page_token")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[HeadVersion]
     active_version_id: str
-    def __init__(self, versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping]]] = ..., active_version_id: _Optional[str] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping]]] = ..., active_version_id: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PromoteHeadVersionRequest(_message.Message):
     __slots__ = ("version_id",)

@@ -142,7 +142,9 @@ class NeuroInspectServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListHeadVersions(self, request, context):
-        """Head versions of the served feature extractor, oldest first.
+        """Head versions of the served feature extractor, oldest first, a page at a time. A
+        page ends early (never empty) where one more version would pass the server's
+        max_message_bytes: each carries two evaluations, per class and per group.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

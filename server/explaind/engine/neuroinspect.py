@@ -688,12 +688,13 @@ class NeuroInspectEngine:
         log.info("serving head version %s of classifier %s (was %s)", record.version_id, self._engine.models.active.name,
                  previous or "none")
 
-    def head_versions(self) -> tuple[list[HeadVersionRecord], str]:
-        """The versions and the active id, read together: an edit storing and promoting a
+    def head_versions(self, *, after: tuple[float, str] | None = None, limit: int | None = None) -> tuple[list[HeadVersionRecord], str]:
+        """The versions, oldest first (``limit`` of them after ``after`` = (create_time,
+        version_id)), and the active id, read together: an edit storing and promoting a
         version in between would give an active id the list does not hold."""
         version = self._split_version()
         with self._versions_lock:
-            return self._engine.store.list_head_versions(version.feature_version), self.active_head_version().version_id
+            return self._engine.store.list_head_versions(version.feature_version, after=after, limit=limit), self.active_head_version().version_id
 
     def active_head_version(self) -> HeadVersionRecord:
         version = self._split_version()

@@ -9,6 +9,7 @@ from ..engine import NeuroInspectEngine, RankSettings
 from ..errors import InvalidArgument
 from ..jobs import JobSnapshot
 from . import convert
+from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
 def _names(enum, prefix: str, *, unset: str) -> dict[int, str]:
     """A proto enum's numbers -> the engine's names (COUNTERFACTUAL_SOLVER_PROXIMAL ->
@@ -38,8 +39,9 @@ def _optional(message, field: str, default: float | None) -> float | None:
 
 
 class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
-    def __init__(self, engine: NeuroInspectEngine) -> None:
+    def __init__(self, engine: NeuroInspectEngine, *, max_message_bytes: int) -> None:
         self._engine = engine
+        self._max_message_bytes = max_message_bytes  # a ListHeadVersions page ends before it
 
     def RankMistakeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
         settings = RankSettings(
@@ -97,9 +99,13 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         return neuroinspect_pb2.EditHeadResponse(operation=convert.operation(snapshot))
 
     def ListHeadVersions(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.ListHeadVersionsResponse:
-        records, active_id = self._engine.head_versions()
+        after, limit = resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
+        records, active_id = self._engine.head_versions(after=after, limit=limit)
+        versions = messages_that_fit((self._engine.head_version_message(r, active_id) for r in records), self._max_message_bytes)
+        last = records[len(versions) - 1] if versions and (len(versions) < len(records) or len(records) == limit) else None
         return neuroinspect_pb2.ListHeadVersionsResponse(
-            versions=[self._engine.head_version_message(r, active_id) for r in records], active_version_id=active_id
+            versions=versions, active_version_id=active_id,
+            next_page_token=resume_token(last.create_time, last.version_id) if last else "",
         )
 
     def PromoteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.PromoteHeadVersionResponse:

@@ -603,10 +603,13 @@ class SQLiteStore:
                  record.create_time, json.dumps(record.details, sort_keys=True)),
             )
 
-    def list_head_versions(self, feature_version: str) -> list[HeadVersionRecord]:
+    def list_head_versions(self, feature_version: str, *, after: tuple[float, str] | None = None,
+                           limit: int | None = None) -> list[HeadVersionRecord]:
+        where, params = ("AND (create_time > ? OR (create_time = ? AND version_id > ?))", (after[0], after[0], after[1])) if after else ("", ())
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? ORDER BY create_time, rowid", (feature_version,)
+                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? {where} ORDER BY create_time, version_id LIMIT ?",
+                (feature_version, *params, -1 if limit is None else limit),
             ).fetchall()
         return [self._head_from_row(row) for row in rows]
 
