@@ -2269,6 +2269,32 @@ def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_pat
     jobs.shutdown(1)
 
 
+def test_a_page_missing_a_job_deleted_while_it_was_read_is_filled_from_the_next(tmp_path, monkeypatch):
+    # The page came back short, which a caller reads as the last: ListOperations gave no
+    # next_page_token and the older jobs were out of reach.
+    from explaind.store import JobRecord
+
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    done = [jobs.submit("quick", lambda ctx: _empty()).record.job_id for _ in range(3)]
+    for job_id in done:
+        jobs.wait(job_id, 10)
+    newest_first = done[::-1]
+    listed = store.list_jobs
+
+    def a_deleted_job_first(*, after=None, limit=100, **query):  # as read just before that running job ended and was deleted
+        if after is not None:
+            return listed(after=after, limit=limit, **query)
+        return [JobRecord("gone", "k", "running", 1e12)] + listed(limit=limit - 1, **query)
+
+    monkeypatch.setattr(store, "list_jobs", a_deleted_job_first)
+    first = jobs.list(limit=2)
+    assert [s.record.job_id for s in first] == newest_first[:2]
+    last = first[-1].record
+    assert [s.record.job_id for s in jobs.list(after=(last.create_time, last.job_id), limit=2)] == newest_first[2:]
+    jobs.shutdown(1)
+
+
 def test_a_job_manager_deletes_a_job_only_once_it_ended(tmp_path):
     jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
     gate = threading.Event()

@@ -330,19 +330,26 @@ class JobManager:
 
     def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
              limit: int = 100) -> list[JobSnapshot]:
-        """Newest first, resuming after the (create_time, job_id) of a previous page's last job."""
+        """Newest first, resuming after the (create_time, job_id) of a previous page's last
+        job; fewer than ``limit`` only at the end (a page's size is how a caller tells)."""
         # A kind no engine runs any more still lists the jobs stored under it.
         if kind and kind not in self._kinds and not self.store.list_jobs(kind=kind, limit=1):
             raise InvalidArgument(f"unknown kind {kind!r}; the kinds are {', '.join(sorted(self._kinds))}", field="kind")
-        snapshots = []
-        for record in self.store.list_jobs(kind=kind, state=state, after=after, limit=limit):
-            if record.state in FINISHED_STATES:
-                snapshots.append(JobSnapshot(record))
-                continue
-            try:  # the live state of a running one, which may have ended and been deleted since
-                snapshots.append(self.get(record.job_id))
-            except NotFound:
-                pass
+        snapshots: list[JobSnapshot] = []
+        while len(snapshots) < limit:
+            wanted = limit - len(snapshots)
+            records = self.store.list_jobs(kind=kind, state=state, after=after, limit=wanted)
+            for record in records:
+                if record.state in FINISHED_STATES:
+                    snapshots.append(JobSnapshot(record))
+                    continue
+                try:  # the live state of a running one, which may have ended and been deleted since
+                    snapshots.append(self.get(record.job_id))
+                except NotFound:  # read on past it: a short page would end a caller's listing
+                    pass
+            if len(records) < wanted:
+                break
+            after = (records[-1].create_time, records[-1].job_id)
         return snapshots
 
     def cancel(self, job_id: str) -> JobSnapshot:
