@@ -2066,6 +2066,20 @@ def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):
         server.store.close()
 
 
+def test_a_reserve_an_earlier_server_died_setting_aside_is_removed_at_start_up(tmp_path):
+    # Its scratch file, as large as the reserve, stayed in the data dir for good.
+    from explaind.store.sqlite import RESERVE_FILE
+
+    stale = tmp_path / f"{RESERVE_FILE}.0123456789ab.tmp"
+    stale.write_bytes(bytes(1 << 16))
+    store = SQLiteStore(tmp_path, reserve_bytes=1 << 20)
+    try:
+        assert not stale.exists() and (tmp_path / RESERVE_FILE).stat().st_size == 1 << 20
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(RESERVE_FILE)] == [RESERVE_FILE]
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def small_file_system(tmp_path):
     """A 4 MiB tmpfs at tmp_path / "fs" (skips where mounting is not allowed)."""

@@ -127,6 +127,8 @@ class SQLiteStore:
         self._scratch_tag = uuid.uuid4().hex[:12]
         self._dir_lock = self._lock_data_dir()
         self._reserve, self._reserve_bytes = self.data_dir / RESERVE_FILE, reserve_bytes
+        for stale in self.data_dir.glob(f"{RESERVE_FILE}.*.tmp"):  # being set aside when an earlier server died (the lock is ours)
+            stale.unlink(missing_ok=True)
         # Released for a full file system: what it freed is for deletes and for bookkeeping
         # (job states, small records), so new files are refused until it is set aside again.
         self._reserve_released = False
