@@ -261,8 +261,13 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
     for node in head_nodes:
         graph.node.remove(node)
     used = {name for node in graph.node for name in node.input}
-    for name in {last.input[1], bias_name} - used - {""}:
+    unused = {last.input[1], bias_name} - used - {""}
+    for name in unused:
         graph.initializer.remove(constants[name])
+    # Older exporters (keep_initializers_as_inputs, IR < 4, the ONNX model zoo) also list
+    # initializers among the inputs: one left without its initializer is a required input.
+    for graph_input in [i for i in graph.input if i.name in unused]:
+        graph.input.remove(graph_input)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(features, element_type, [None, weight.shape[1]]))
     if model.ByteSize() >= 2**31:

@@ -132,9 +132,11 @@ def test_engine_on_cuda_returns_features_on_the_gpu_that_match_eager(tmp_path):
     torch.testing.assert_close(computed, expected, atol=1e-4, rtol=1e-3)
 
 
-def _linear_classifier_graph(tmp_path, tail: str) -> tuple[str, np.ndarray]:
+def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: bool = False) -> tuple[str, np.ndarray]:
     """A tiny ONNX classifier: images (N, 3, 4, 4) -> mean over space (N, 3) -> a final
-    linear layer of the form ``tail`` -> logits (N, 2); returns its path and W (2, 3)."""
+    linear layer of the form ``tail`` -> logits (N, 2); returns its path and W (2, 3).
+    ``initializers_as_inputs`` also lists the constants among the graph's inputs, as older
+    exporters (keep_initializers_as_inputs) and the ONNX model zoo do."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -163,8 +165,10 @@ def _linear_classifier_graph(tmp_path, tail: str) -> tuple[str, np.ndarray]:
     elif tail == "computed_weight":
         nodes += [helper.make_node("Relu", ["W"], ["W_relu"]), helper.make_node("Gemm", ["pooled", "W_relu", "b"], ["logits"], transB=1)]
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
-    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], constants)
+    inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])]
+    if initializers_as_inputs:
+        inputs += [helper.make_tensor_value_info(c.name, c.data_type, list(c.dims)) for c in constants]
+    graph = helper.make_graph(nodes, "classifier", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], constants)
     path = str(tmp_path / f"{tail}.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path, weight
@@ -183,6 +187,19 @@ def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail)
     whole = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
     torch.testing.assert_close(features @ split.weight.T + split.bias, torch.from_numpy(whole))
     assert split.feature_name == "pooled" and (split.bias == 0).all() == (tail == "matmul")
+
+
+@pytest.mark.parametrize("tail", ["gemm_transposed", "matmul_add"])
+def test_an_onnx_classifier_listing_its_initializers_as_inputs_splits_into_a_one_input_feature_graph(tmp_path, tail):
+    import onnx
+
+    path, weight = _linear_classifier_graph(tmp_path, tail, initializers_as_inputs=True)
+    split = split_onnx_classifier(path)
+    assert [i.name for i in onnx.load_from_string(split.feature_graph).graph.input] == ["images", "axes"]  # the head's went with it
+    images = torch.rand(5, 3, 4, 4)
+    features = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=1)(images)
+    torch.testing.assert_close(features, images.mean(dim=(2, 3)))
+    torch.testing.assert_close(split.weight, torch.from_numpy(weight))
 
 
 @pytest.mark.parametrize(("tail", "reason"), [("softmax", "from a Softmax node"), ("scaled_gemm", "scales or transposes"),
