@@ -660,6 +660,31 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
     smaller.store.close()
 
 
+def test_an_onnx_classifier_runs_its_sessions_on_the_configured_threads(tmp_path, world_model, monkeypatch):
+    import onnxruntime
+
+    session_threads = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording_session(path, sess_options=None, **kwargs):
+        session_threads.append(None if sess_options is None else sess_options.intra_op_num_threads)
+        return real_session(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    classifier = ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "model.onnx"), image_size=64)
+    config = default_config().replace("classifier", **dataclasses.asdict(classifier)).replace("server", data_dir=str(tmp_path / "data"))
+    torch_threads = torch.get_num_threads()
+    engine = Engine(config.replace("runtime", num_threads=1), SQLiteStore(tmp_path / "data"), Metrics())
+    try:
+        engine.load()
+    finally:
+        torch.set_num_threads(torch_threads)  # the engine set it process-wide
+    assert engine.models.active.supports_features
+    assert session_threads == [1, 1]  # the whole graph's session and the cut feature graph's: [runtime].num_threads caps both
+    engine.close()
+    engine.store.close()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
 @pytest.mark.parametrize("runtime", [{"device": "cuda"}, {"backend": "tensorrt"}])
 def test_gpu_only_settings_fail_clearly_without_cuda(tmp_path, classifier_dir, runtime):

@@ -149,7 +149,7 @@ class Engine:
         self.device = check_device(runtime.device)
         if runtime.num_threads:
             torch.set_num_threads(runtime.num_threads)
-        version = load_classifier(self.config.classifier, device=self.device)
+        version = load_classifier(self.config.classifier, device=self.device, num_threads=runtime.num_threads)
         # Models named in a config file must load; the world's optional ones may be absent.
         required = not self.config.source.startswith("<defaults")
         clip = load_clip(self.config.clip, required=required)

@@ -287,17 +287,19 @@ def _check_resize_size(resize_size: int, image_size: int) -> None:
                              "would not fit (0 stretches whole images to the input size instead)")
 
 
-def load_classifier(section: ClassifierSection, *, device: str | torch.device = "cpu") -> ClassifierVersion:
+def load_classifier(section: ClassifierSection, *, device: str | torch.device = "cpu", num_threads: int = 0) -> ClassifierVersion:
     """Load the configured classifier; raises :class:`ModelLoadError` naming the file.
     Models load on the CPU and the engine moves them to ``device``, except an exported
-    program, which is placed on ``device`` as it loads (see :func:`_load_export`)."""
+    program, which is placed on ``device`` as it loads (see :func:`_load_export`).
+    ``num_threads`` caps the intra-op threads of an ONNX classifier's ONNX Runtime
+    sessions ([runtime].num_threads; 0: one per core)."""
     loaders = {
         "world": _load_world,
         "torchvision": _load_torchvision,
         "export": functools.partial(_load_export, device=torch.device(device)),
         "factory": _load_factory,
         "torchscript": _load_torchscript,
-        "onnx": functools.partial(_load_onnx, device=torch.device(device)),
+        "onnx": functools.partial(_load_onnx, device=torch.device(device), num_threads=num_threads),
     }
     try:
         return loaders[section.loader](section)
@@ -574,14 +576,16 @@ def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
                            "[classifier].loader = 'export' (a torch.export.save .pt2 of the model) or 'factory'")
 
 
-def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVersion:
+def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: int = 0) -> ClassifierVersion:
     """Split before the final linear layer when the graph ends in one (checked on a CPU
     probe: head(features) must equal the graph's logits), running the features on
     ``device``; else inference-only, on the CPU."""
     import onnxruntime
 
     path = _require_file(section.path, "path (an ONNX file)")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     preprocess = Preprocess(section.mean, section.std)
 
@@ -595,7 +599,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
         with torch.no_grad():
             head.weight.copy_(split.weight)
             head.bias.copy_(split.bias)
-        on_cpu = onnx_runtime_features(split.feature_graph, execution_providers())
+        on_cpu = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=num_threads)
         with torch.inference_mode():
             pairs = [(run(image), head(on_cpu(preprocess(image)))) for image in _probe_images(whole.image_size).split(1)]
         if any(cut.shape != expected.shape or not torch.allclose(cut, expected, atol=1e-4, rtol=1e-4) for expected, cut in pairs):
@@ -605,7 +609,8 @@ def _load_onnx(section: ClassifierSection, device: torch.device) -> ClassifierVe
         # Callers see why the graph is not cut; other errors' text can hold server paths.
         said = str(reason) if isinstance(reason, UnsplittableGraph) else f"{type(reason).__name__} (the server log says more)"
         return dataclasses.replace(whole, inference_only_reason=f"its graph could not be split before a final linear layer: {said}")
-    features = on_cpu if device.type == "cpu" else onnx_runtime_features(split.feature_graph, execution_providers("onnxruntime", str(device)), device=str(device))
+    features = on_cpu if device.type == "cpu" else onnx_runtime_features(
+        split.feature_graph, execution_providers("onnxruntime", str(device)), device=str(device), num_threads=num_threads)
     on_device = Preprocess(section.mean, section.std).to(device)
     return dataclasses.replace(
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
