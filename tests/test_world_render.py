@@ -73,6 +73,21 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
         load_scenarios(bad)
 
 
+@pytest.mark.parametrize(("body", "named"), [
+    ('train.default.color = { red = 1.0 }', "color"),  # the American spelling of colour
+    ('train.classes.heart.backgrund = { water = 1.0 }', "backgrund"),
+    ('trian.default.background = { water = 1.0 }', "trian"),
+    ('sizes = { validation = 10 }', "validation"),
+    ('focus = { class = "hart", attribute = "background", value = "water" }', "hart"),
+    ('focus = { class = "heart", attribute = "background", value = "ocean" }', "ocean"),
+])
+def test_misspelt_scenario_keys_are_errors_not_ignored(tmp_path, body, named):
+    bad = tmp_path / "scenarios.toml"
+    bad.write_text(f"[typo]\n{body}\n")
+    with pytest.raises(ValueError, match=rf"typo.*{named}"):
+        load_scenarios(bad)
+
+
 def test_a_scenario_may_set_its_classifiers_training_length(tmp_path):
     custom = tmp_path / "scenarios.toml"
     custom.write_text('[short]\nclassifier_epochs = 3\n[plain]\n')

@@ -78,11 +78,25 @@ def scenario_names() -> list[str]:
     return list(_builtin_scenarios())
 
 
+_SCENARIO_KEYS = ("description", "sizes", "groups", "focus", "classifier_epochs", *SPLITS)
+_SPLIT_KEYS = ("inherit", "default", "classes")
+
+
+def _refuse_unknown(where: str, kind: str, given, known) -> None:
+    """A misspelt key (``color``, ``trian``) would otherwise be ignored without a word."""
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {kind} {sorted(unknown)}; expected {tuple(known)}")
+
+
 def _parse_scenario(name: str, body: dict) -> Scenario:
+    _refuse_unknown(f"scenario {name}", "keys", body, _SCENARIO_KEYS)
+    _refuse_unknown(f"scenario {name}: sizes", "splits", body.get("sizes", {}), SPLITS)
     sizes = {split: int(body.get("sizes", {}).get(split, 1000)) for split in SPLITS}
     distributions: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for split in SPLITS:
         section = body.get(split, {})
+        _refuse_unknown(f"scenario {name}: {split}", "keys", section, _SPLIT_KEYS)
         if section.get("inherit"):
             parent = section["inherit"]
             if parent not in distributions:
@@ -94,6 +108,9 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
         unknown = set(per_class) - set(SHAPES)
         if unknown:
             raise ValueError(f"scenario {name}: unknown classes {sorted(unknown)} in {split}")
+        _refuse_unknown(f"scenario {name}: {split}.default", "attributes", default, _SAMPLED_ATTRIBUTES)
+        for klass, attributes in per_class.items():
+            _refuse_unknown(f"scenario {name}: {split}.classes.{klass}", "attributes", attributes, _SAMPLED_ATTRIBUTES)
         distributions[split] = {
             klass: {
                 attribute: _probabilities(
@@ -106,6 +123,11 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
             for klass in SHAPES
         }
     focus = body.get("focus")
+    if focus:
+        _refuse_unknown(f"scenario {name}: focus", "keys", focus, ("class", "attribute", "value"))
+        attribute = focus.get("attribute")
+        if focus.get("class") not in SHAPES or attribute not in ATTRIBUTE_VALUES or focus.get("value") not in ATTRIBUTE_VALUES[attribute]:
+            raise ValueError(f"scenario {name}: focus must name a class of {SHAPES}, an attribute and one of its values, got {focus}")
     group_attribute = body.get("groups", "background")
     if group_attribute not in ATTRIBUTE_VALUES:
         raise ValueError(f"scenario {name}: groups must name an attribute, got {group_attribute!r}")
