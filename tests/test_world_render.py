@@ -80,8 +80,9 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('sizes = { validation = 10 }', "validation"),
     ('focus = { class = "hart", attribute = "background", value = "water" }', "hart"),
     ('focus = { class = "heart", attribute = "background", value = "ocean" }', "ocean"),
+    ('train.default.background = { water = nan }', "background: weights must be finite"),  # failed later, in sampling
 ])
-def test_misspelt_scenario_keys_are_errors_not_ignored(tmp_path, body, named):
+def test_misspelt_or_impossible_scenario_entries_are_errors_not_ignored(tmp_path, body, named):
     bad = tmp_path / "scenarios.toml"
     bad.write_text(f"[typo]\n{body}\n")
     with pytest.raises(ValueError, match=rf"typo.*{named}"):

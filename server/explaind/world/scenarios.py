@@ -153,8 +153,8 @@ def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | No
     rest = [v for v in values if v not in named]
     share = float(weights.get("*", 0.0)) / len(rest) if rest else 0.0
     probs = np.array([named.get(v, share) for v in values], dtype=np.float64)
-    if probs.sum() <= 0 or (probs < 0).any():
-        raise ValueError(f"{where}: weights must be non-negative with a positive sum")
+    if not np.isfinite(probs).all() or probs.sum() <= 0 or (probs < 0).any():  # nan passes the comparisons
+        raise ValueError(f"{where}: weights must be finite and non-negative with a positive sum")
     return probs / probs.sum()
 
 
