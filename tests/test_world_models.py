@@ -96,3 +96,20 @@ def test_full_length_schedules_are_torchs_one_cycle_unchanged():
     ours = rates(lambda o: one_cycle_schedule(o, max_learning_rate=1e-3, total_steps=5000, warmup_fraction=0.05))
     torchs = rates(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=5000, pct_start=0.05))
     assert ours == torchs
+
+
+def test_a_classifier_is_trained_and_tested_at_its_configured_image_size(monkeypatch):
+    # The data sets were drawn at 64 px whatever the config's image_size.
+    from explaind.world import train_classifier as training
+    from explaind.world.classifier import ClassifierConfig, WorldClassifier
+
+    sizes = set()
+
+    class Recording(WorldClassifier):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            sizes.add(tuple(images.shape[-2:]))
+            return super().forward(images)
+
+    monkeypatch.setattr(training, "WorldClassifier", Recording)
+    training.train_classifier("balanced", epochs=1, train_size=12, test_size=12, config=ClassifierConfig(image_size=32), log=False)
+    assert sizes == {(32, 32)}

@@ -93,8 +93,9 @@ def train_classifier(
     scenario = get_scenario(scenario_name)
     if epochs is None:
         epochs = scenario.classifier_epochs or CLASSIFIER_EPOCHS
-    model = WorldClassifier(config or ClassifierConfig())
-    train = scenario.dataset("train", size=train_size).all()
+    config = config or ClassifierConfig()
+    model = WorldClassifier(config)
+    train = scenario.dataset("train", size=train_size, image_size=config.image_size).all()
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * ((len(train.labels) + batch_size - 1) // batch_size)
     schedule = one_cycle_schedule(optimiser, max_learning_rate=learning_rate, total_steps=steps, warmup_fraction=0.15)
@@ -115,7 +116,7 @@ def train_classifier(
         if log:
             print(f"[{scenario_name}] epoch {epoch + 1}/{epochs} loss {total / len(order):.4f} ({time.perf_counter() - start:.0f}s)")
     model.eval()
-    test = scenario.dataset("test", size=test_size).all()
+    test = scenario.dataset("test", size=test_size, image_size=config.image_size).all()
     return model, group_report(predict_batches(model, test.images), test, scenario.group_attribute)
 
 
