@@ -105,9 +105,7 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
             continue
         default = section.get("default", {})
         per_class = section.get("classes", {})
-        unknown = set(per_class) - set(SHAPES)
-        if unknown:
-            raise ValueError(f"scenario {name}: unknown classes {sorted(unknown)} in {split}")
+        _refuse_unknown(f"scenario {name}: {split}.classes", "classes", per_class, SHAPES)
         _refuse_unknown(f"scenario {name}: {split}.default", "attributes", default, _SAMPLED_ATTRIBUTES)
         for klass, attributes in per_class.items():
             _refuse_unknown(f"scenario {name}: {split}.classes.{klass}", "attributes", attributes, _SAMPLED_ATTRIBUTES)
@@ -146,9 +144,7 @@ def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | No
     values = ATTRIBUTE_VALUES[attribute]
     if weights is None:
         weights = {"none": 1.0} if attribute == "artifact" else {"*": 1.0}
-    unknown = set(weights) - set(values) - {"*"}
-    if unknown:
-        raise ValueError(f"{where}: unknown values {sorted(unknown)}; expected {values}")
+    _refuse_unknown(where, "values", weights, (*values, "*"))
     named = {v: float(w) for v, w in weights.items() if v != "*"}
     rest = [v for v in values if v not in named]
     share = float(weights.get("*", 0.0)) / len(rest) if rest else 0.0
