@@ -1,7 +1,7 @@
 """CLIP-Illusion against feature visualisation on every neuron with a known attribute
 (issue 4, acceptance 4), on the shipped world classifiers in one run.
 
-    python bench/illusion_eval.py [--classifiers balanced,...] [--per-value 3] [--per-neuron]
+    python bench/illusion_eval.py [--classifiers balanced,...] [--per-value 3] [--workers 2 --threads 1] [--per-neuron]
 
 A neuron has a known attribute when its activation separates one attribute value
 (shape, colour, texture, background, watermark) from the rest with ROC AUC >= 0.9 on
@@ -39,10 +39,7 @@ import torch
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.world.assets import ASSETS_DIR, classifier_dir
-from explaind.world.classifier import load_classifier
-from explaind.world.clip import load_world_clip
-from explaind.world.illusion_check import NeuronComparison, compare_on_known_attributes
-from explaind.world.probes import probe_batch
+from explaind.world.illusion_check import NeuronComparison, compare_shipped_classifiers
 from explaind.world.scenarios import scenario_names
 
 
@@ -98,27 +95,31 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=WORLD_CLIP_ILLUSION_EPSILON)
     parser.add_argument("--probe-size", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (of each worker with --workers > 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="classifiers evaluated at once, each in its own process (the same numbers, sooner)")
     parser.add_argument("--condition", default="top-class", choices=("top-class", "own-shape"),
                         help="own-shape: condition shape neurons on their shape's class, the others on their top class")
     parser.add_argument("--per-neuron", action="store_true", help="also print one row per neuron")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    clip_model, tokenizer, _ = load_world_clip(Path(args.assets) / "clip")
-    probe = probe_batch(args.probe_size, seed=args.seed)  # the same scenes label every classifier's neurons
-    results = []
+    assets = Path(args.assets)
+    names = []
     for name in args.classifiers.split(","):
-        if not (classifier_dir(name, Path(args.assets)) / "model.safetensors").is_file():
+        if (classifier_dir(name, assets) / "model.safetensors").is_file():
+            names.append(name)
+        else:
             print(f"skipping {name}: no shipped classifier under {args.assets}")
-            continue
-        start = time.perf_counter()
-        found = compare_on_known_attributes(
-            name, load_classifier(classifier_dir(name, Path(args.assets))), (clip_model, tokenizer), probe,
-            per_value=args.per_value, min_auc=args.min_auc, steps=args.steps, epsilon=args.epsilon, seed=args.seed,
-            condition=args.condition)
-        print(f"{name}: {len(found)} neurons with a known attribute, evaluated in {time.perf_counter() - start:.0f}s")
-        results += found
+    start = time.perf_counter()
+    found = compare_shipped_classifiers(
+        names, assets=assets, probe_size=args.probe_size, seed=args.seed, workers=args.workers,
+        threads_per_worker=args.threads, per_value=args.per_value, min_auc=args.min_auc, steps=args.steps,
+        epsilon=args.epsilon, condition=args.condition)
+    for name, comparisons in found.items():
+        print(f"{name}: {len(comparisons)} neurons with a known attribute")
+    print(f"evaluated in {time.perf_counter() - start:.0f}s ({args.workers} worker(s), {args.threads} thread(s) each)")
+    results = [comparison for comparisons in found.values() for comparison in comparisons]
     if results:
         print_tables(results, args.per_neuron)
 
