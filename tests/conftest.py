@@ -5,12 +5,14 @@ The classifier is the shipped ``assets/classifiers/balanced``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,24 @@ from explaind.world import assets
 TINY_VIT_KWARGS = {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "num_classes": 3}
 TINY_VIT_CLASSIFIER = {"loader": "factory", "factory": "torchvision.models.vision_transformer:VisionTransformer",
                        "factory_kwargs": TINY_VIT_KWARGS, "feature_layer": "encoder", "head": "heads.head", "image_size": 32}
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None = None) -> Iterator[None]:
+    """Run the block on ``count`` torch threads (None: as they are; code under test may
+    change them process-wide), then give the process back the count it had."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 network), and its quality on the shipped world CLIP when that asset exists."""
 
 import math
-import os
 
 import open_clip
 import pytest
@@ -16,7 +15,7 @@ from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.illusion_check import attribute_similarity
 from explaind.world.scenarios import WorldBatch
 
-from conftest import TINY_VIT_KWARGS
+from conftest import TINY_VIT_KWARGS, cores, torch_threads
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -279,8 +278,9 @@ def own_shape_neuron_images():
     shapes = [shape for shape, neurons in found.items() if neurons]
     assert len(shapes) >= 3, found
     pairs = [(found[shape][0], illusion.class_names.index(shape)) for shape in shapes]
-    ours = illusion.visualize(pairs, steps=400, method="clip_illusion", epsilon=WORLD_CLIP_ILLUSION_EPSILON)
-    baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
+    with torch_threads(min(2, cores())):
+        ours = illusion.visualize(pairs, steps=400, method="clip_illusion", epsilon=WORLD_CLIP_ILLUSION_EPSILON)
+        baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
     return illusion, shapes, features[:, [neuron for neuron, _ in pairs]], ours, baseline
 
 
@@ -306,8 +306,9 @@ def water_neuron_images():
     assert len(neurons) == 4
     pairs = [(neuron, None) for neuron in neurons]  # conditioned on each neuron's top class
     # The world CLIP's cosines go negative, so it runs with its configured ε (cos + ε >= 0).
-    ours = illusion.visualize(pairs, steps=400, method="clip_illusion", epsilon=WORLD_CLIP_ILLUSION_EPSILON)
-    baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
+    with torch_threads(min(2, cores())):
+        ours = illusion.visualize(pairs, steps=400, method="clip_illusion", epsilon=WORLD_CLIP_ILLUSION_EPSILON)
+        baseline = illusion.visualize(pairs, steps=400, method="feature_visualization")
     return illusion, features[:, neurons], ours, baseline
 
 
@@ -364,7 +365,7 @@ def known_attribute_comparisons():
     names = scenario_names()
     require_shipped(*names)
     found = compare_shipped_classifiers(names, epsilon=WORLD_CLIP_ILLUSION_EPSILON,
-                                        workers=min(2, len(os.sched_getaffinity(0))))
+                                        workers=min(2, cores()))
     return [comparison for name in names for comparison in found[name]]
 
 

@@ -37,7 +37,7 @@ from explaind.jobs import JobManager
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore, StoreOpenError
 
-from conftest import TINY_VIT_CLASSIFIER, write_config
+from conftest import TINY_VIT_CLASSIFIER, torch_threads, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, **runtime) -> Engine:
@@ -636,11 +636,8 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
         return real_session(path, sess_options=sess_options, **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
-    torch_threads = torch.get_num_threads()
-    try:
+    with torch_threads():  # the engine sets them process-wide
         ort_engine = _engine(tmp_path / "ort", classifier_dir, backend="onnxruntime", num_threads=1)
-    finally:
-        torch.set_num_threads(torch_threads)  # the engine set it process-wide
     assert session_threads == [1]  # [runtime].num_threads caps ONNX Runtime too
     images = torch.rand(6, 3, 64, 64)
     got = ort_engine.predict(images, top_k=6, return_features=True)
@@ -673,12 +670,9 @@ def test_an_onnx_classifier_runs_its_sessions_on_the_configured_threads(tmp_path
     monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
     classifier = ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "model.onnx"), image_size=64)
     config = default_config().replace("classifier", **dataclasses.asdict(classifier)).replace("server", data_dir=str(tmp_path / "data"))
-    torch_threads = torch.get_num_threads()
     engine = Engine(config.replace("runtime", num_threads=1), SQLiteStore(tmp_path / "data"), Metrics())
-    try:
+    with torch_threads():  # the engine sets them process-wide
         engine.load()
-    finally:
-        torch.set_num_threads(torch_threads)  # the engine set it process-wide
     assert engine.models.active.supports_features
     assert session_threads == [1, 1]  # the whole graph's session and the cut feature graph's: [runtime].num_threads caps both
     engine.close()
