@@ -105,6 +105,7 @@ class ServerProcess:
     def __init__(self, config: Path, data_dir: Path, log_path: Path) -> None:
         self.config, self.data_dir, self.log_path = config, data_dir, log_path
         self.process: subprocess.Popen | None = None
+        self._stopping = False
         self.port = self.metrics_port = 0
 
     @property
@@ -121,6 +122,7 @@ class ServerProcess:
         command += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir)]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._stopping = False
         log.close()
         with Client(self.target, timeout=5) as client:
             deadline = time.monotonic() + timeout
@@ -134,10 +136,16 @@ class ServerProcess:
                     continue
         raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
 
+    def begin_stop(self) -> None:
+        """SIGTERM, once, without waiting: servers asked together exit together."""
+        if self.process is not None and self.process.poll() is None and not self._stopping:
+            self.process.send_signal(signal.SIGTERM)
+            self._stopping = True
+
     def stop(self) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
+        self.begin_stop()
         try:
             return self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -163,5 +171,7 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory, classifier_dir: Pat
         return server
 
     yield start
+    for server in started:  # each takes about a second to exit
+        server.begin_stop()
     for server in started:
         server.stop()
