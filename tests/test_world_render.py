@@ -81,6 +81,7 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('focus = { class = "hart", attribute = "background", value = "water" }', "hart"),
     ('focus = { class = "heart", attribute = "background", value = "ocean" }', "ocean"),
     ('train.default.background = { water = nan }', "background: weights must be finite"),  # failed later, in sampling
+    ('val = { inherit = "train", default = { background = { water = 1.0 } } }', r"val inherits 'train', so .*'default'"),
 ])
 def test_misspelt_or_impossible_scenario_entries_are_errors_not_ignored(tmp_path, body, named):
     bad = tmp_path / "scenarios.toml"

@@ -101,6 +101,9 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
             parent = section["inherit"]
             if parent not in distributions:
                 raise ValueError(f"scenario {name}: split {split} inherits {parent!r}, which is not defined before it")
+            if set(section) != {"inherit"}:  # they would be ignored without a word
+                raise ValueError(f"scenario {name}: split {split} inherits {parent!r}, so it cannot also set "
+                                 f"{sorted(set(section) - {'inherit'})}")
             distributions[split] = distributions[parent]
             continue
         default = section.get("default", {})
