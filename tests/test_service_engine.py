@@ -31,11 +31,11 @@ from torch import nn
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.models import Preprocess, load_classifier
-from explaind.errors import FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted, Unavailable
+from explaind.errors import DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted, Unavailable
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
-from explaind.store import SQLiteStore, StoreOpenError
+from explaind.store import SampleRecord, SQLiteStore, StoreOpenError
 
 from conftest import TINY_VIT_CLASSIFIER, torch_threads, write_config
 
@@ -943,7 +943,6 @@ def test_top_k_zero_means_five_labels_and_may_be_every_class(engine):
 def test_a_stored_set_the_served_classifier_cannot_use_is_refused_saying_why(engine):
     # Labels are checked at upload, but a data dir outlives its classifier: a set uploaded
     # for seven classes, or left empty, reaches the jobs only through the store.
-    from explaind.store import SampleRecord
 
     with engine.store.writing_blobs() as put:
         digest = put(encode_png(np.zeros((8, 8, 3), np.uint8)))
@@ -1300,6 +1299,23 @@ def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
         assert (record.state, record.error_code, record.cancel_requested) == ("failed", "ABORTED", False)
         assert record.error_message == f"the server shut down {when}; submit it again"
     assert ran == [] and metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+
+
+def test_a_lost_file_the_store_still_references_is_data_loss_and_logged_not_not_found(tmp_path, caplog):
+    """NOT_FOUND blamed the caller and no alert saw it; a set whose image is gone failed
+    every job on it without the operator hearing of it."""
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        held, orphan = put(b"an image"), put(b"an image of a deleted set")
+        store.create_sample_set("s", "", [SampleRecord(held, 0)])
+    for digest in (held, orphan):
+        store._blob_path(digest).unlink()
+    with caplog.at_level(logging.ERROR, logger="explaind.store.sqlite"), pytest.raises(DataLoss, match="missing from the server's data dir"):
+        store.get_blob(held)
+    assert f"{store._blob_path(held)} is missing" in caplog.text
+    with pytest.raises(NotFound):  # what a sweep removes after a delete: the caller's race, not a loss
+        store.get_blob(orphan)
+    store.close()
 
 
 def test_a_store_written_before_sample_sets_had_an_upload_state_opens_with_its_sets_usable(tmp_path):
@@ -1868,7 +1884,7 @@ def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
 def test_the_files_of_a_write_that_failed_go_at_the_next_sweep(tmp_path):
     # A CreateSampleSet whose id was taken left its images on disk until a restart.
     from explaind.errors import AlreadyExists
-    from explaind.store import SampleRecord
+
 
     store = SQLiteStore(tmp_path)
     with store.writing_blobs() as put:
@@ -1946,8 +1962,6 @@ def _blob_files(store: SQLiteStore) -> set[str]:
 
 
 def _samples(put, *images: bytes) -> list:
-    from explaind.store import SampleRecord
-
     return [SampleRecord(put(image), 0, {}) for image in images]
 
 

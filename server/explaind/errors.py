@@ -61,7 +61,7 @@ class DeadlineExceeded(ExplaindError):
 
 
 class DataLoss(ExplaindError):
-    """Stored data that cannot be read back (a truncated or corrupt file)."""
+    """Stored data that cannot be read back (a truncated, corrupt or missing file)."""
 
     code = "DATA_LOSS"
 

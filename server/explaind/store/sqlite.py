@@ -24,7 +24,7 @@ from typing import IO, TypeVar
 
 import numpy as np
 
-from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
 from .base import EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
 
 _SCHEMA = """
@@ -339,12 +339,8 @@ class SQLiteStore:
     def _delete_unreferenced(self, chunk: list[str]) -> int:
         """One sweep step (holding the lock): drop the candidates of ``chunk`` that are
         referenced, remove the files and features of the rest, keep those a writer holds."""
-        marks = ", ".join("?" * len(chunk))
         held = {digest for digest in chunk if self._writing[digest]}
-        used = {row[0] for row in self._db.execute(
-            f"""SELECT digest FROM samples WHERE digest IN ({marks})
-                UNION SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})
-                UNION SELECT digest FROM job_artifacts WHERE digest IN ({marks})""", chunk * 3)}
+        used = self._referenced(chunk)
         unused = [digest for digest in chunk if digest not in used and digest not in held]
         # FULL for this commit: it makes the earlier ones durable too (WAL is in order), so
         # no power loss can bring back a record of a file deleted below.
@@ -363,14 +359,34 @@ class SQLiteStore:
                 log.warning("cannot delete the unused blob %s: %s", digest, error.strerror)
         return len(unused)
 
+    def _referenced(self, digests: Sequence[str]) -> set[str]:
+        """Those of ``digests`` a sample, head version or operation's artifact references
+        (the caller holds the lock)."""
+        marks = ", ".join("?" * len(digests))
+        return {row[0] for row in self._db.execute(
+            f"""SELECT digest FROM samples WHERE digest IN ({marks})
+                UNION SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})
+                UNION SELECT digest FROM job_artifacts WHERE digest IN ({marks})""", [*digests] * 3)}
+
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes of the blob ``digest``. NotFound where nothing references it any more (a
+        sweep removed the file of a set or operation deleted meanwhile); DataLoss where
+        something still does, for its file is written before the record that points at
+        it: the file was lost, which is the operator's to hear of, not the caller's."""
         if len(digest) != 64:
             raise NotFound(f"no artifact with digest {digest!r}")
-        try:  # a sweep may remove the file of an operation deleted meanwhile
-            with open(self._blob_path(digest), "rb") as file:
+        path = self._blob_path(digest)
+        try:
+            with open(path, "rb") as file:
                 file.seek(offset)
                 return file.read() if length is None else file.read(length)
         except (FileNotFoundError, IsADirectoryError):
+            with self._lock:
+                lost = bool(self._referenced([digest]))
+            if lost:
+                log.error("the stored file %s is missing from the data dir though the store references it", path)
+                raise DataLoss(f"the stored file of {digest!r} is missing from the server's data dir; "
+                               f"the operator must restore it or delete what holds it") from None
             raise NotFound(f"no artifact with digest {digest!r}") from None
 
     # Sample sets ---------------------------------------------------------------------
