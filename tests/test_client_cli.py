@@ -294,6 +294,26 @@ def test_serve_logs_one_json_object_per_line_when_asked(server_factory):
         assert expected in messages, messages
 
 
+@pytest.mark.parametrize("failure", ["busy port", "bad config"])
+def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure):
+    # It was the CLI's plain `error:` line, which a JSON log pipeline drops or fails on.
+    config = tmp_path / "explaind.toml"
+    config.write_text("[server]\ngrace_period_s = -1\n" if failure == "bad config" else "")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = subprocess.run([sys.executable, "-m", "explaind.client.cli", "serve", "--log-format", "json", "--config", str(config),
+                                 "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]), "--data-dir", str(tmp_path / "data")],
+                                capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    # gRPC's C core writes its own plain line about the port; every line of ours is JSON.
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    failures = [record for record in records if record["level"] == "ERROR"]
+    assert len(failures) == 1 and failures[0]["message"].startswith("cannot start: "), result.stderr
+    assert ("cannot bind" if failure == "busy port" else "grace_period_s") in failures[0]["message"]
+    assert "error:" not in result.stderr
+
+
 @pytest.mark.parametrize(("flag", "message"), [("--metrics-port", "cannot bind metrics 127.0.0.1:{port}"),
                                              ("--health-port", "cannot bind health 127.0.0.1:{port}: is another server using the port?")])
 def test_serve_on_a_busy_metrics_or_health_port_says_so_in_one_line(capsys, tmp_path, flag, message):

@@ -243,26 +243,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as error:
-        raise CommandError(str(error)) from None
+        return _start_failed(str(error), json_logs=args.log_format == "json")
     # One replace per section, so flags that only go together (--tls-cert-file and
     # --tls-key-file) are checked together; an error names the flag of the key it quotes.
     changes: dict[str, dict[str, object]] = {}
     for key, (section, _flag) in _SERVE_OVERRIDES.items():
         if getattr(args, key) is not None:
             changes.setdefault(section, {})[key] = getattr(args, key)
+    json_logs = (args.log_format or config.server.log_format) == "json"
     for section, values in changes.items():
         try:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
             message = str(error).removeprefix(f"{config.source}: ")
             quoted = [key for key in values if re.search(rf"\[{section}\]\.{key}\b", message)] or list(values)
-            raise CommandError(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}") from None
+            return _start_failed(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}", json_logs=json_logs)
     if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file):
-        print("warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)", file=sys.stderr)
+        warning = "EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)"
+        if json_logs:
+            _json_log().warning(warning)
+        else:
+            print(f"warning: {warning}", file=sys.stderr)
     try:
         return serve(config)
     except (OSError, StoreOpenError, ConfigError) as error:  # an address or the data dir in use, a corrupt database, a token file
-        raise CommandError(str(error)) from None
+        return _start_failed(str(error), json_logs=json_logs)
+
+
+def _start_failed(message: str, *, json_logs: bool) -> int:
+    """Report why ``serve`` cannot start: the CLI's ``error:`` line, or with JSON logs one
+    JSON object like every other line, which log pipelines parse. Exit code 1."""
+    if not json_logs:
+        raise CommandError(message)
+    _json_log().error("cannot start: %s", message)
+    return 1
+
+
+def _json_log() -> Any:
+    """The server's logger, writing JSON (as it does once the server configured it)."""
+    import logging
+
+    from explaind.logs import configure_logging
+
+    configure_logging("json")  # changes nothing where the server configured logging already
+    return logging.getLogger("explaind")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
