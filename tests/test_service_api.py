@@ -164,6 +164,22 @@ def test_predict_sends_other_dtypes_tensors_pil_modes_and_single_images_as_the_s
         np.testing.assert_allclose(sorted(prediction.probabilities), sorted(reference.probabilities), atol=atol)
 
 
+def test_a_16_bit_pil_image_is_predicted_as_its_file_is_and_a_float_one_is_refused(client, world_images):
+    # Pillow's convert("RGB") made every value above 255 white: the SDK sent a white
+    # image and got a confident prediction for it.
+    grey = _uint8(world_images[0][:1])[0].mean(axis=2)
+    grey16 = (grey * 257).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey16).save(buffer, format="PNG")
+    as_file = client.predict([buffer.getvalue()], top_k=6)[0]
+    for image in (Image.fromarray(grey16), Image.fromarray(grey16.astype(np.int32))):  # modes I;16 and I
+        (prediction,) = client.predict(image, top_k=6)
+        assert prediction.class_indices == as_file.class_indices, image.mode
+        np.testing.assert_allclose(prediction.probabilities, as_file.probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match="mode F"):
+        client.predict(Image.fromarray(grey.astype(np.float32) / 255), top_k=1)
+
+
 def _raw(dtype: int, shape: tuple[int, ...], data: bytes) -> common_pb2.Image:
     return common_pb2.Image(tensor=common_pb2.Tensor(dtype=dtype, shape=list(shape), data=data))
 

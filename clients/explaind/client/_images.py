@@ -18,7 +18,8 @@ _DTYPES = {np.dtype(np.uint8): common_pb2.DATA_TYPE_UINT8, np.dtype(np.float16):
 
 def to_image_message(image: Any) -> common_pb2.Image:
     """One image as a message. Arrays travel raw (uint8 (H, W, 3), or float (3, H, W) /
-    (H, W, 3) in [0, 1]); PIL images as raw uint8; paths and bytes as encoded files."""
+    (H, W, 3) in [0, 1]); PIL images as raw uint8 (see :func:`_pil_message`); paths and
+    bytes as encoded files."""
     if isinstance(image, common_pb2.Image):
         return image
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -26,7 +27,7 @@ def to_image_message(image: Any) -> common_pb2.Image:
     if isinstance(image, (str, os.PathLike)):
         return common_pb2.Image(encoded=Path(image).read_bytes())
     if isinstance(image, PILImage.Image):
-        return _raw(np.asarray(image.convert("RGB")))
+        return _pil_message(image)
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # torch.Tensor without importing torch
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -79,6 +80,20 @@ def pixel_count(image: common_pb2.Image) -> int:
             return opened.size[0] * opened.size[1]
     except Exception:  # noqa: BLE001 - unreadable bytes: the server says why
         return 0
+
+
+def _pil_message(image: PILImage.Image) -> common_pb2.Image:
+    """An 8-bit PIL image travels as raw RGB uint8. Integer greyscale (modes I and I;16)
+    travels as a lossless TIFF, which the server scales to 8 bits as it does such files:
+    Pillow's ``convert("RGB")`` would clip every value above 255 to white. A float (F)
+    image is refused, for its pixel range is unknown."""
+    if image.mode == "F":
+        raise ValueError("a PIL image of mode F (float) has no known pixel range; send a float32 array with pixels in [0, 1]")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        buffer = io.BytesIO()
+        image.save(buffer, format="TIFF")
+        return common_pb2.Image(encoded=buffer.getvalue())
+    return _raw(np.asarray(image.convert("RGB")))
 
 
 def _raw(array: np.ndarray) -> common_pb2.Image:
