@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -106,7 +107,11 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
         meta = client.model_metadata()
         predictions = client.predict(pixels, top_k=6)
         client.create_sample_set(pixels, labels, sample_set_id="shapes-of-all-sizes")
-        evaluation = client.evaluate_sample_set("shapes-of-all-sizes").result(timeout=60)
+        operation = client.evaluate_sample_set("shapes-of-all-sizes")
+        evaluation = operation.result(timeout=60)
+        # Results holding arrays compare by value (== raised, an array's truth being ambiguous).
+        assert evaluation == operation.result(timeout=60) and predictions == client.predict(pixels, top_k=6)
+        assert evaluation != dataclasses.replace(evaluation, confusion_matrix=evaluation.confusion_matrix + 1)
     assert (meta.image_size, meta.resize_size) == (64, 80)
     for prediction, probabilities in zip(predictions, expected, strict=True):
         np.testing.assert_allclose(prediction.probabilities, probabilities[prediction.class_indices].numpy(), atol=1e-5)

@@ -153,6 +153,7 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
 
     pixels, labels, _ = world_set
     ranking = client.rank_mistake_neurons("spurious", "heart", include_samples=True)
+    assert ranking == client.rank_mistake_neurons("spurious", "heart", include_samples=True)  # ω compared by value
     assert ranking.class_name == "heart" and ranking.sample_count == len(labels)
     assert 0 < ranking.mistake_count <= int((labels == 5).sum())
     assert ranking.neurons and all(0 <= n.neuron < 128 for n in ranking.neurons)

@@ -13,6 +13,7 @@ import numpy as np
 from explaind.v1 import neuroinspect_pb2
 
 from ._operations import RESULT_CONVERTERS, enum_names
+from ._types import ComparedByValue
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -54,8 +55,8 @@ class MistakeSummary:
     omega_l1: float  # ‖ω‖₁
 
 
-@dataclass(frozen=True)
-class NeuronRanking:
+@dataclass(frozen=True, eq=False)
+class NeuronRanking(ComparedByValue):
     """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) float32 with
     ``include_samples`` (downloaded from the operation's ``omega.npy`` artifact when the
     ranking ran as an operation, unless read with ``result(download=False)``)."""

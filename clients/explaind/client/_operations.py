@@ -31,7 +31,7 @@ from ._errors import (
     operation_error,
 )
 from ._images import open_image
-from ._types import Artifact, Progress
+from ._types import Artifact, ComparedByValue, Progress
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -68,8 +68,8 @@ class EvaluatedMistake(NamedTuple):
     probability: float  # of the predicted class
 
 
-@dataclass(frozen=True)
-class Evaluation:
+@dataclass(frozen=True, eq=False)
+class Evaluation(ComparedByValue):
     """Result of ``evaluate_sample_set``: ``confusion_matrix`` is (C, C), rows = true labels."""
 
     sample_set_id: str

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,8 +12,27 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
-@dataclass(frozen=True)
-class Prediction:
+class ComparedByValue:
+    """``==`` for result dataclasses holding numpy arrays (declared with ``eq=False``):
+    the generated ``__eq__`` compares field tuples, where an array's ``==`` gives an
+    array whose truth value raises. Unhashable, as arrays are."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(_equal(getattr(self, item.name), getattr(other, item.name)) for item in fields(self))  # type: ignore[arg-type]
+
+
+def _equal(first: object, second: object) -> bool:
+    if isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
+        return isinstance(first, np.ndarray) and isinstance(second, np.ndarray) and np.array_equal(first, second)
+    return first == second
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction(ComparedByValue):
     """Top-k for one image, highest first."""
 
     labels: list[str]
