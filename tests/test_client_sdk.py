@@ -553,6 +553,22 @@ class _EndlessOperations(operations_pb2_grpc.OperationsServiceServicer):
             time.sleep(0.05)
 
 
+def test_a_watch_ends_at_its_timeout_like_wait_with_the_operation_still_running():
+    # The stream's deadline escaped as a bare "Stream removed (Deadline Exceeded)".
+    from explaind.client._operations import Operation
+
+    server, target = _serve(_EndlessOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            operation = Operation(client, _running_operation("operations/x"))
+            started = time.monotonic()
+            updates = list(operation.watch(timeout=1))
+            assert 1 <= time.monotonic() - started < 3
+            assert updates and not operation.done and operation.state == "running"
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_a_result_timeout_of_zero_is_no_wait_with_or_without_progress(progress):
     # With progress the 0 was read as "no timeout": the watch ran for WATCH_DEADLINE_S (24 h).

@@ -264,7 +264,9 @@ class Operation:
         server dropped (a restart) is opened again once GetOperation reaches the server
         (within the client's timeout and this one; the operation then usually reads
         ABORTED: submit it again). A busy server, whose threads for streams are all
-        taken, is polled instead, every WATCH_POLL_INTERVAL_S."""
+        taken, is polled instead, every WATCH_POLL_INTERVAL_S. After ``timeout`` seconds
+        the watch ends, as :meth:`wait` does, though the operation may still run: see
+        :attr:`done`."""
         deadline = time.monotonic() + timeout
         while True:
             stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name),
@@ -277,6 +279,10 @@ class Operation:
             except UnavailableError:
                 if not self._client._retry or time.monotonic() >= deadline:
                     raise
+            except DeadlineExceededError:
+                if time.monotonic() < deadline - LAST_ATTEMPT_S:  # not the watch's own timeout
+                    raise
+                return
             except ResourceExhaustedError:
                 # Every thread for streams is taken. (An operation too large to send fails
                 # the polls' GetOperation the same way, and that error reaches the caller.)
