@@ -94,6 +94,19 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         call(offline)
 
 
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"timeout": 0}, ValueError, "timeout must be a positive number of seconds, got 0"),
+    ({"timeout": -1}, ValueError, "timeout must be a positive number of seconds, got -1"),
+    ({"timeout": float("inf")}, ValueError, "timeout must be a positive number of seconds, got inf"),
+    ({"timeout": "30"}, TypeError, "timeout must be a number of seconds, got '30'"),
+    ({"max_message_bytes": 0}, ValueError, "max_message_bytes must be a positive integer, got 0"),
+])
+def test_a_client_refuses_a_timeout_or_message_size_every_call_would_fail_on(options, error, message):
+    # Accepted, they failed every call later: DEADLINE_EXCEEDED at once, or a TypeError.
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        Client("127.0.0.1:1", **options)
+
+
 def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_refused_before_any_call(tmp_path):
     # A list (or tuple) is counted and its paths checked before the first request: an
     # upload that could only fail part way is never begun (this client reaches no server).

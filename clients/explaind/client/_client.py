@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import math
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -169,6 +170,13 @@ class Client:
         private_key: str | Path | None = None,
         certificate_chain: str | Path | None = None,
     ) -> None:
+        # Checked here: a bad one failed every call later, as a deadline or a TypeError.
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
         self.target = target
         self.timeout = timeout
         self._max_message_bytes = max_message_bytes
