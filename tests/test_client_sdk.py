@@ -94,6 +94,26 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         call(offline)
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda c: c.evaluate_sample_set(5), TypeError, "sample_set_id must be a string, got 5"),
+        (lambda c: c.evaluate_sample_set("s", batch_size=2**40), ValueError, "batch_size must be a 32-bit integer, got 1099511627776"),
+        (lambda c: c.predict(np.zeros((8, 8, 3), np.uint8), top_k="3"), TypeError, "top_k must be a 32-bit integer, got '3'"),
+        (lambda c: c.predict(None), TypeError, "images must be an image, or a list, batch array or iterable of images, got None"),
+        (lambda c: c.visualize_neurons([1], steps=1.5), TypeError, "steps must be a 32-bit integer, got 1.5"),
+        (lambda c: c.edit_head("s", "heart", 5), TypeError, "neurons must be a sequence of neuron indices, got 5"),
+        (lambda c: c.edit_head("s", "heart", [1], target_ratio="abc"), TypeError, 'target_ratio must be a number or "auto", got \'abc\''),
+        (lambda c: c.create_sample_set([np.zeros((8, 8, 3), np.uint8)], [1], attributes=[{"a": 1}]), TypeError,
+         "attributes[0] must map strings to strings, got {'a': 1}"),
+    ],
+)
+def test_an_argument_of_the_wrong_type_or_range_is_refused_by_name_before_any_call(call, error, message):
+    # Protobuf's own errors named no argument: "bad argument type for built-in operation".
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline, pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call(offline)
+
+
 @pytest.mark.parametrize(("options", "error", "message"), [
     ({"timeout": 0}, ValueError, "timeout must be a positive number of seconds, got 0"),
     ({"timeout": -1}, ValueError, "timeout must be a positive number of seconds, got -1"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import math
+import numbers
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explaind.v1 import (
@@ -315,7 +317,7 @@ class Client:
         max_images = 1 if count == 1 else self._request_limits().max_images_per_request or _UNLIMITED
         predictions: list[Prediction] = []
         for chunk in self._request_chunks(iter_image_messages(images), max_images, lambda image: image, single=count == 1):
-            request = inference_pb2.PredictRequest(images=chunk, top_k=top_k, return_features=return_features)
+            request = _request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features)
             response = self._call_at(len(predictions), count, "inference", "Predict", request, timeout=timeout)
             features = None
             if response.HasField("features"):
@@ -352,6 +354,9 @@ class Client:
             raise ValueError(f"got {count} images but {len(labels)} labels")
         if attributes is not None and len(attributes) != len(labels):
             raise ValueError(f"got {len(labels)} images but {len(attributes)} attribute maps")
+        for i, mapping in enumerate(attributes or ()):
+            if not isinstance(mapping, Mapping) or not all(isinstance(item, str) for pair in mapping.items() for item in pair):
+                raise TypeError(f"attributes[{i}] must map strings to strings, got {mapping!r}")
         if missing := first_missing_file(images):
             raise FileNotFoundError(f"images[{missing[0]}]: no such file: {missing[1]}")
 
@@ -391,7 +396,7 @@ class Client:
         samples, total = self._samples(images, labels, attributes)
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
-        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, display_name=display_name, samples=first,
+        request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
                                                          upload_continues=not last)
         try:
             created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
@@ -403,7 +408,7 @@ class Client:
         sent = len(first)
         try:
             for chunk, last in chunks:  # reading the next chunk's images may fail here too
-                append = sample_sets_pb2.AppendSamplesRequest(sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last)
+                append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last)
                 created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
                 sent += len(chunk)
         except BaseException as error:
@@ -427,7 +432,7 @@ class Client:
         appended = 0
         try:
             for chunk in self._request_chunks(samples, chunk_size, _sample_image):
-                request = sample_sets_pb2.AppendSamplesRequest(sample_set_id=sample_set_id, samples=chunk)
+                request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk)
                 updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
                 appended += len(chunk)
         except BaseException as error:
@@ -486,13 +491,13 @@ class Client:
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
         """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""
-        return _sample_set(self._call("sample_sets", "GetSampleSet", sample_sets_pb2.GetSampleSetRequest(sample_set_id=sample_set_id)).sample_set)
+        return _sample_set(self._call("sample_sets", "GetSampleSet", _request(sample_sets_pb2.GetSampleSetRequest, sample_set_id=sample_set_id)).sample_set)
 
     def sample_sets(self) -> list[SampleSet]:
         """Every sample set, oldest first."""
         found, token = [], ""
         while True:
-            response = self._call("sample_sets", "ListSampleSets", sample_sets_pb2.ListSampleSetsRequest(page_token=token))
+            response = self._call("sample_sets", "ListSampleSets", _request(sample_sets_pb2.ListSampleSetsRequest, page_token=token))
             found += [_sample_set(s) for s in response.sample_sets]
             token = response.next_page_token
             if not token:
@@ -502,7 +507,7 @@ class Client:
         """The set's samples in insertion order, images as PIL images."""
         token = ""
         while True:
-            request = sample_sets_pb2.ListSamplesRequest(sample_set_id=sample_set_id, page_token=token)
+            request = _request(sample_sets_pb2.ListSamplesRequest, sample_set_id=sample_set_id, page_token=token)
             response = self._call("sample_sets", "ListSamples", request)
             for sample in response.samples:
                 yield Sample(open_image(sample.image.encoded), sample.label, dict(sample.attributes))
@@ -512,19 +517,19 @@ class Client:
 
     def delete_sample_set(self, sample_set_id: str) -> None:
         """Delete a set and its samples; finished operations' results and head versions stay."""
-        self._call("sample_sets", "DeleteSampleSet", sample_sets_pb2.DeleteSampleSetRequest(sample_set_id=sample_set_id))
+        self._call("sample_sets", "DeleteSampleSet", _request(sample_sets_pb2.DeleteSampleSetRequest, sample_set_id=sample_set_id))
 
     # Jobs ----------------------------------------------------------------------------
 
     def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> Operation:
         """Start classifying a sample set; ``.result()`` gives an :class:`Evaluation` and the
         operation has a ``mistakes.png`` artifact."""
-        request = inference_pb2.EvaluateSampleSetRequest(sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images)
+        request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images)
         return Operation(self, self._call("inference", "EvaluateSampleSet", request).operation)
 
     def operation(self, name: str) -> Operation:
         """An operation by name (``operations/<id>`` or the id)."""
-        return Operation(self, self._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=name)).operation)
+        return Operation(self, self._call("operations", "GetOperation", _request(operations_pb2.GetOperationRequest, name=name)).operation)
 
     def operations(self, *, kind: str = "", state: str = "", limit: int = 100) -> list[Operation]:
         """Up to ``limit`` recent operations, newest first, optionally of one kind / state
@@ -535,7 +540,7 @@ class Client:
         found: list[Operation] = []
         token = ""
         while len(found) < limit:
-            request = operations_pb2.ListOperationsRequest(kind=kind, state=state_number,
+            request = _request(operations_pb2.ListOperationsRequest, kind=kind, state=state_number,
                                                            page_size=min(limit - len(found), 1000), page_token=token)
             response = self._call("operations", "ListOperations", request)
             found += [Operation(self, op) for op in response.operations]
@@ -547,7 +552,7 @@ class Client:
     def delete_operation(self, name: str) -> None:
         """Forget a finished operation: its result and artifacts (head versions an edit
         created stay). FailedPreconditionError while it is queued or running."""
-        self._call("operations", "DeleteOperation", operations_pb2.DeleteOperationRequest(name=name))
+        self._call("operations", "DeleteOperation", _request(operations_pb2.DeleteOperationRequest, name=name))
 
     # NeuroInspect ----------------------------------------------------------------------
 
@@ -579,7 +584,7 @@ class Client:
         request gets at least 300 s and the operation no limit). ``download=False`` leaves
         a large set's ω (``include_samples``) on the server: ``omega`` is then None."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
-        request = neuroinspect_pb2.RankMistakeNeuronsRequest(
+        request = _request(neuroinspect_pb2.RankMistakeNeuronsRequest,
             sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
             top_k=top_k, include_samples=include_samples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
             **class_fields(target_class), **optional,
@@ -621,7 +626,7 @@ class Client:
                 raise TypeError(f"pairs[{i}] is {pair!r}: {expected}")
             messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target, f"pairs[{i}] class")))
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
-        request = neuroinspect_pb2.VisualizeNeuronsRequest(
+        request = _request(neuroinspect_pb2.VisualizeNeuronsRequest,
             pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,
             seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, **optional,
         )
@@ -662,11 +667,15 @@ class Client:
         server's defaults (λ3 0.01 or 1.0 for constrain; Adam lr 1e-3)."""
         optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
         if target_ratio is not None and target_ratio != "auto":
+            if isinstance(target_ratio, (str, bool)) or not isinstance(target_ratio, numbers.Real):
+                raise TypeError(f'target_ratio must be a number or "auto", got {target_ratio!r}')
             optional["target_ratio"] = float(target_ratio)
+        if isinstance(neurons, (str, bytes)) or not isinstance(neurons, Iterable):
+            raise TypeError(f"neurons must be a sequence of neuron indices, got {neurons!r}")
         for i, neuron in enumerate(neurons):
             if not _is_index(neuron):
                 raise TypeError(f"neurons[{i}] must be a neuron index (int), got {neuron!r}")
-        request = neuroinspect_pb2.EditHeadRequest(
+        request = _request(neuroinspect_pb2.EditHeadRequest,
             sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method=enum_number(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", method, "method"),
             validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
             group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
@@ -678,7 +687,7 @@ class Client:
         """Head versions of the served feature extractor, oldest first (``active`` marks the served one)."""
         found, token = [], ""
         while True:
-            response = self._call("neuroinspect", "ListHeadVersions", neuroinspect_pb2.ListHeadVersionsRequest(page_token=token))
+            response = self._call("neuroinspect", "ListHeadVersions", _request(neuroinspect_pb2.ListHeadVersionsRequest, page_token=token))
             found += [_neuroinspect.head_version(v) for v in response.versions]
             token = response.next_page_token
             if not token:
@@ -687,19 +696,46 @@ class Client:
     def promote_head_version(self, version_id: str) -> ActiveHeadChange:
         """Serve ``version_id`` (atomically; persists across restarts). The result names
         the version served before, to undo the change with."""
-        request = neuroinspect_pb2.PromoteHeadVersionRequest(version_id=version_id)
+        request = _request(neuroinspect_pb2.PromoteHeadVersionRequest, version_id=version_id)
         return _neuroinspect.active_head_change(self._call("neuroinspect", "PromoteHeadVersion", request))
 
     def rollback_head_version(self, version_id: str = "") -> ActiveHeadChange:
         """Serve the active version's parent (or ``version_id``), as :meth:`promote_head_version`."""
-        request = neuroinspect_pb2.RollbackHeadVersionRequest(version_id=version_id)
+        request = _request(neuroinspect_pb2.RollbackHeadVersionRequest, version_id=version_id)
         return _neuroinspect.active_head_change(self._call("neuroinspect", "RollbackHeadVersion", request))
 
     def delete_head_version(self, version_id: str) -> None:
         """Delete a stored head version that is not served (its children take its parent as
         theirs). FailedPreconditionError for the served version, the model file's head, and
         a version an unfinished edit started from."""
-        self._call("neuroinspect", "DeleteHeadVersion", neuroinspect_pb2.DeleteHeadVersionRequest(version_id=version_id))
+        self._call("neuroinspect", "DeleteHeadVersion", _request(neuroinspect_pb2.DeleteHeadVersionRequest, version_id=version_id))
+
+
+_FIELD_KINDS = {
+    FieldDescriptor.CPPTYPE_INT32: "a 32-bit integer", FieldDescriptor.CPPTYPE_INT64: "a 64-bit integer",
+    FieldDescriptor.CPPTYPE_UINT32: "a 32-bit unsigned integer", FieldDescriptor.CPPTYPE_UINT64: "a 64-bit unsigned integer",
+    FieldDescriptor.CPPTYPE_DOUBLE: "a number", FieldDescriptor.CPPTYPE_FLOAT: "a number",
+    FieldDescriptor.CPPTYPE_BOOL: "a bool", FieldDescriptor.CPPTYPE_STRING: "a string", FieldDescriptor.CPPTYPE_ENUM: "a name",
+}
+
+
+def _request(message_class: Any, **fields: Any) -> Any:
+    """``message_class(**fields)``: the caller's arguments as a request, where a value of
+    the wrong type or range raises naming its argument (protobuf's own errors name none:
+    "bad argument type for built-in operation")."""
+    try:
+        return message_class(**fields)
+    except (TypeError, ValueError):
+        for name, value in fields.items():
+            try:
+                message_class(**{name: value})
+            except (TypeError, ValueError) as error:
+                field = message_class.DESCRIPTOR.fields_by_name[name]
+                kind = _FIELD_KINDS.get(field.cpp_type, f"a {field.message_type.name}" if field.message_type else "another type")
+                if field.is_repeated:
+                    kind = f"a sequence of which each is {kind}"
+                raise type(error)(f"{name} must be {kind}, got {value!r}") from None
+        raise
 
 
 class _ErrorMappingStream:

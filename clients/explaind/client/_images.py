@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
     photographs is read file by file, not into memory at once."""
     if _is_one_image(images):
         return iter([to_image_message(images)])
+    if not isinstance(images, Iterable):
+        raise TypeError(f"images must be an image, or a list, batch array or iterable of images, got {images!r}")
     return (to_image_message(image) for image in images)
 
 
