@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -441,6 +444,20 @@ def _running_operation(name: str) -> operations_lro.Operation:
     return operations_lro.Operation(name=name, metadata=metadata)
 
 
+@contextlib.contextmanager
+def _running_operation_of(servicer: operations_pb2_grpc.OperationsServiceServicer) -> Iterator[Any]:
+    """The running operation "operations/x" of a client (timeout 30 s) of a local server of
+    ``servicer``, a stand-in OperationsService."""
+    from explaind.client._operations import Operation
+
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            yield Operation(client, _running_operation("operations/x"))
+    finally:
+        server.stop(0)
+
+
 class _SlowWaitOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Answers a WaitOperation a little after the wait it was asked for (as over a slow
     network, or a server that only checks its deadline at the end): still running."""
@@ -453,15 +470,8 @@ class _SlowWaitOperations(operations_pb2_grpc.OperationsServiceServicer):
 def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exceeded():
     # Each WaitOperation call's deadline is WAIT_CALL_MARGIN_S past the wait it asks for;
     # a deadline of the wait alone failed the caller's wait with DEADLINE_EXCEEDED.
-    from explaind.client._operations import Operation
-
-    server, target = _serve(_SlowWaitOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
-    try:
-        with Client(target, timeout=30) as client:
-            operation = Operation(client, _running_operation("operations/x"))
-            assert not operation.wait(timeout=0.5).done
-    finally:
-        server.stop(0)
+    with _running_operation_of(_SlowWaitOperations()) as operation:
+        assert not operation.wait(timeout=0.5).done
 
 
 class _RestartingOperations(operations_pb2_grpc.OperationsServiceServicer):
@@ -559,18 +569,11 @@ class _HangingOperations(operations_pb2_grpc.OperationsServiceServicer):
 def test_a_watch_refreshing_after_a_dropped_stream_keeps_its_own_timeout():
     # The refresh after a dropped stream took the client's whole timeout (30 s here), not
     # what was left of the watch's.
-    from explaind.client._operations import Operation
-
-    server, target = _serve(_HangingOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
-    try:
-        with Client(target, timeout=30) as client:
-            operation = Operation(client, _running_operation("operations/x"))
-            started = time.monotonic()
-            with pytest.raises(DeadlineExceededError, match="operations/x is still .* after 1s"):
-                operation.result(progress=True, timeout=1)
-            assert time.monotonic() - started < 3.5
-    finally:
-        server.stop(0)
+    with _running_operation_of(_HangingOperations()) as operation:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="operations/x is still .* after 1s"):
+            operation.result(progress=True, timeout=1)
+        assert time.monotonic() - started < 3.5
 
 
 class _EndlessOperations(operations_pb2_grpc.OperationsServiceServicer):
@@ -588,18 +591,11 @@ class _EndlessOperations(operations_pb2_grpc.OperationsServiceServicer):
 
 def test_a_watch_ends_at_its_timeout_like_wait_with_the_operation_still_running():
     # The stream's deadline escaped as a bare "Stream removed (Deadline Exceeded)".
-    from explaind.client._operations import Operation
-
-    server, target = _serve(_EndlessOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
-    try:
-        with Client(target, timeout=30) as client:
-            operation = Operation(client, _running_operation("operations/x"))
-            started = time.monotonic()
-            updates = list(operation.watch(timeout=1))
-            assert 1 <= time.monotonic() - started < 3
-            assert updates and not operation.done and operation.state == "running"
-    finally:
-        server.stop(0)
+    with _running_operation_of(_EndlessOperations()) as operation:
+        started = time.monotonic()
+        updates = list(operation.watch(timeout=1))
+        assert 1 <= time.monotonic() - started < 3
+        assert updates and not operation.done and operation.state == "running"
 
 
 @pytest.mark.parametrize("progress", [False, True])
@@ -607,39 +603,26 @@ def test_a_result_timeout_of_zero_is_no_wait_with_or_without_progress(progress):
     # With progress the 0 was read as "no timeout": the watch ran for WATCH_DEADLINE_S (24 h).
     import threading
 
-    from explaind.client._operations import Operation
+    with _running_operation_of(_EndlessOperations()) as operation:
+        raised = []
 
-    server, target = _serve(_EndlessOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
-    try:
-        with Client(target, timeout=30) as client:
-            operation, raised = Operation(client, _running_operation("operations/x")), []
+        def follow() -> None:
+            with pytest.raises(DeadlineExceededError, match=r"operations/x is still running after 0s$"):
+                operation.result(progress=progress, timeout=0)
+            raised.append(True)
 
-            def follow() -> None:
-                with pytest.raises(DeadlineExceededError, match=r"operations/x is still running after 0s$"):
-                    operation.result(progress=progress, timeout=0)
-                raised.append(True)
-
-            thread = threading.Thread(target=follow, daemon=True)
-            thread.start()
-            thread.join(5)
-            assert raised == [True]
-    finally:
-        server.stop(0)
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert raised == [True]
 
 
 def test_a_call_timeout_of_zero_is_no_wait_not_the_clients_default():
     # 0 was read as "unset": the call got the client's 30 s.
-    from explaind.client._operations import Operation
-
-    server, target = _serve(_EndlessOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
-    try:
-        with Client(target, timeout=30) as client:
-            operation = Operation(client, _running_operation("operations/x"))
-            assert not operation.refresh().done
-            with pytest.raises(DeadlineExceededError):
-                operation.refresh(timeout=0)
-    finally:
-        server.stop(0)
+    with _running_operation_of(_EndlessOperations()) as operation:
+        assert not operation.refresh().done
+        with pytest.raises(DeadlineExceededError):
+            operation.refresh(timeout=0)
 
 
 class _StreamedOperations(operations_pb2_grpc.OperationsServiceServicer):
@@ -662,14 +645,9 @@ def test_progress_lines_show_every_change_of_state_or_message_at_once(capsys):
     # Only a change *and* PROGRESS_LINE_INTERVAL_S since the last line printed one: a job
     # ending within 10 s showed its first state only, never its outcome.
     from explaind.client import CancelledError
-    from explaind.client._operations import Operation
 
-    server, target = _serve(_StreamedOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
-    try:
-        with Client(target, timeout=30) as client, pytest.raises(CancelledError):
-            Operation(client, _running_operation("operations/x")).result(progress=True, timeout=10)
-    finally:
-        server.stop(0)
+    with _running_operation_of(_StreamedOperations()) as operation, pytest.raises(CancelledError):
+        operation.result(progress=True, timeout=10)
     assert capsys.readouterr().err.splitlines() == ["edit_head: queued 0/2", "edit_head: running 1/2 epoch 1", "edit_head: cancelled 1/2"]
 
 
