@@ -397,7 +397,7 @@ class Client:
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
-                                                         upload_continues=not last)
+                           upload_continues=not last)
         try:
             created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
         except BaseException as error:
@@ -541,7 +541,7 @@ class Client:
         token = ""
         while len(found) < limit:
             request = _request(operations_pb2.ListOperationsRequest, kind=kind, state=state_number,
-                                                           page_size=min(limit - len(found), 1000), page_token=token)
+                               page_size=min(limit - len(found), 1000), page_token=token)
             response = self._call("operations", "ListOperations", request)
             found += [Operation(self, op) for op in response.operations]
             token = response.next_page_token

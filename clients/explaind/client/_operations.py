@@ -336,7 +336,7 @@ class Operation:
         except DeadlineExceededError:
             if timeout is None:
                 raise
-            # The watch stream hit ``timeout``: report it as wait() does, below.
+            # A call of the watch or the wait hit ``timeout``: report it as below.
         except KeyboardInterrupt as interrupt:
             try:
                 self.cancel()
