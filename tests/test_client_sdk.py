@@ -272,6 +272,32 @@ def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once
         assert time.monotonic() - started < 10  # said at once, not retried for the 30 s
 
 
+def test_a_deadline_met_before_any_answer_does_not_count_as_the_server_answering(monkeypatch):
+    # A listener that accepts the connection but never speaks gRPC (a wrong port, a
+    # stuck proxy) makes the call run out of time on the client's side. That is no
+    # answer from a server: when the port then refuses, the wrong address is still
+    # said at once, not retried until the deadline as a restarting server would be.
+    import socket
+    from types import SimpleNamespace
+
+    from explaind.client import DeadlineExceededError, UnavailableError
+    from explaind.client import _client
+
+    mute = socket.create_server(("127.0.0.1", 0))
+    target = f"127.0.0.1:{mute.getsockname()[1]}"
+    pauses: list[float] = []
+    monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=pauses.append))
+    with Client(target, timeout=30) as client:
+        try:
+            with pytest.raises(DeadlineExceededError):
+                client.health(timeout=0.5)
+        finally:
+            mute.close()
+        with pytest.raises(UnavailableError):
+            client.sample_set("s")
+    assert pauses == []
+
+
 def test_the_last_retry_comes_just_before_the_deadline():
     # Backoff 0.1 s doubling to 2 s: tries at 0, 0.1, 0.3, 0.7, 1.5 and 3.1 s. The next,
     # at 5.1 s, is past a 4 s deadline; retrying stopped at 3.1 s, though the server

@@ -52,6 +52,9 @@ READ_ONLY_METHODS = {
     "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
+# Codes the client's own gRPC library raises when nothing answered: no connection, or
+# the deadline passed first (a listener that accepts but never speaks gRPC).
+_NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RETRY_MIN_BACKOFF_S = 0.1  # also the least pause, whatever delay a server asks for
 RETRY_MAX_BACKOFF_S = 2.0
 
@@ -229,7 +232,7 @@ class Client:
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 unavailable = error.code == grpc.StatusCode.UNAVAILABLE
-                if not unavailable or error.retry_delay is not None:  # the server answered
+                if error.code not in _NO_ANSWER or error.retry_delay is not None:  # the server answered
                     self._reached = True
                 wanted = backoff if error.retry_delay is None else max(error.retry_delay, RETRY_MIN_BACKOFF_S)  # 0 s would spin
                 pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
