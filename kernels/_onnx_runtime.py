@@ -103,8 +103,9 @@ def execution_providers(
     TensorRT needs ``image_size``, ``max_batch_size`` and ``engine_cache_dir``: it builds
     one engine for batches 1 to ``max_batch_size`` (without a profile it would rebuild,
     for minutes on a large model, each time a larger batch came) and keeps it, with its
-    timing cache, in ``engine_cache_dir`` under a folder per ONNX Runtime version and GPU
-    architecture, so a restart loads it instead of building it again.
+    timing cache, in ``engine_cache_dir`` under a folder per ONNX Runtime version,
+    TensorRT version and GPU architecture (an engine serialised by another TensorRT does
+    not load), so a restart loads it instead of building it again.
     """
     import onnxruntime
 
@@ -121,7 +122,7 @@ def execution_providers(
             raise ValueError("TensorRT needs image_size, max_batch_size and engine_cache_dir")
         index = _cuda_index(device)
         major, minor = torch.cuda.get_device_capability(index)
-        cache = Path(engine_cache_dir) / f"onnxruntime-{onnxruntime.__version__}-sm{major}{minor}"
+        cache = Path(engine_cache_dir) / f"onnxruntime-{onnxruntime.__version__}-tensorrt-{_tensorrt_version()}-sm{major}{minor}"
         cache.mkdir(parents=True, exist_ok=True)
         shape = f"3x{image_size}x{image_size}"
         tensorrt: Provider = ("TensorrtExecutionProvider", {
@@ -142,6 +143,26 @@ def execution_providers(
                 f"providers here: {available}")
         return [("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), cpu]
     return [cpu]
+
+
+def _tensorrt_version() -> str:
+    """The TensorRT that ONNX Runtime's TensorRT provider will load: the ``tensorrt``
+    package's version, else ``getInferLibVersion()`` of the shared library (e.g. 100900
+    for 10.9.0), else "unknown"."""
+    try:
+        import tensorrt
+    except ImportError:
+        pass
+    else:
+        return tensorrt.__version__
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            return str(ctypes.CDLL(name).getInferLibVersion())
+        except (OSError, AttributeError):
+            continue
+    return "unknown"
 
 
 def _cuda_index(device: str) -> int:

@@ -72,7 +72,10 @@ def test_engine_reads_images_of_any_layout_and_slices_batches_beyond_its_limit(t
             torch.testing.assert_close(sliced(layout), extractor(layout), atol=1e-5, rtol=1e-4)
 
 
-def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_per_runtime_and_gpu(tmp_path, monkeypatch):
+def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_per_runtime_tensorrt_and_gpu(tmp_path, monkeypatch):
+    import ctypes
+    from types import SimpleNamespace
+
     import onnxruntime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -80,6 +83,7 @@ def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_p
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.8.0.43"))
     assert execution_providers("onnxruntime", "cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
     assert execution_providers("onnxruntime", "cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
     with pytest.raises(ValueError, match="max_batch_size"):
@@ -87,12 +91,28 @@ def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_p
     providers = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
     assert [name for name, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     options = providers[0][1]
-    cache = tmp_path / "engines" / f"onnxruntime-{onnxruntime.__version__}-sm90"
+    cache = tmp_path / "engines" / f"onnxruntime-{onnxruntime.__version__}-tensorrt-10.8.0.43-sm90"
     assert cache.is_dir() and options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(cache)
     assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"] and options["device_id"] == 1
     assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) == (
         "images:1x3x224x224", "images:64x3x224x224", "images:64x3x224x224")
     assert providers[1] == ("CUDAExecutionProvider", {"device_id": 1})
+    # An engine serialised by one TensorRT does not load in another: an upgrade builds anew.
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.9.0.34"))
+    upgraded = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
+    assert upgraded[0][1]["trt_engine_cache_path"] == str(tmp_path / "engines" / f"onnxruntime-{onnxruntime.__version__}-tensorrt-10.9.0.34-sm90")
+    # Without the tensorrt package its shared library says which; failing that, "unknown".
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(getInferLibVersion=lambda: 100900))
+    library = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
+    assert library[0][1]["trt_engine_cache_path"].endswith("-tensorrt-100900-sm90")
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    unknown = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
+    assert unknown[0][1]["trt_engine_cache_path"].endswith("-tensorrt-unknown-sm90")
 
 
 def test_an_unknown_backend_and_missing_providers_fail_clearly():
