@@ -379,16 +379,39 @@ def test_page_tokens_that_are_not_offsets_are_invalid_arguments(server, client, 
                     rpc(request, timeout=30)
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, rpc)
                 assert caught.value.details().startswith("page_token: "), caught.value.details()
-        # Operations' and sample sets' tokens are "<create time>/<id>"; float() alone took all of these.
+        # Operations' and sample sets' tokens are "<list>/<create time>/<id>"; float() alone took all of these.
         # "1e999" is written as repr() writes a float but parses to inf: no create time is that.
-        for token in ("1_0/x", " 5 /x", "\u0661/x", "-1e300/x", "5.e3/x", "inf/x", "1e999/x"):
-            for rpc, request in ((sets.ListSampleSets, sample_sets_pb2.ListSampleSetsRequest(page_token=token)),
-                                 (operations.ListOperations, operations_pb2.ListOperationsRequest(page_token=token))):
+        for point in ("1_0/x", " 5 /x", "\u0661/x", "-1e300/x", "5.e3/x", "inf/x", "1e999/x"):
+            for rpc, request in ((sets.ListSampleSets, sample_sets_pb2.ListSampleSetsRequest(page_token=f"sample_sets/{point}")),
+                                 (operations.ListOperations, operations_pb2.ListOperationsRequest(page_token=f"operations/{point}"))):
                 with pytest.raises(grpc.RpcError) as caught:
                     rpc(request, timeout=30)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, rpc)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (point, rpc)
+        assert sets.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_token="sample_sets/5.0/x"), timeout=30).sample_sets
         largest = sample_sets_pb2.ListSamplesRequest(sample_set_id="paged", page_token=str(2**63 - 1))
         assert sets.ListSamples(largest, timeout=30).samples == []
+
+
+def test_a_page_token_from_another_list_is_an_invalid_argument(server, client, world_images):
+    # Resume points of all three lists looked alike: one list's token in another was
+    # taken, and gave an empty last page, so the client read the list as empty.
+    client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="listed")
+    client.evaluate_sample_set("listed").result(timeout=120)
+    with grpc.insecure_channel(server.target) as channel:
+        listings = {
+            "sample_sets": (sample_sets_pb2_grpc.SampleSetServiceStub(channel).ListSampleSets, sample_sets_pb2.ListSampleSetsRequest),
+            "operations": (operations_pb2_grpc.OperationsServiceStub(channel).ListOperations, operations_pb2.ListOperationsRequest),
+            "head_versions": (neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).ListHeadVersions, neuroinspect_pb2.ListHeadVersionsRequest),
+        }
+        tokens = {name: rpc(request(page_size=1), timeout=30).next_page_token for name, (rpc, request) in listings.items()}
+        assert all(tokens.values()), tokens
+        for name, (rpc, request) in listings.items():
+            rpc(request(page_token=tokens[name]), timeout=30)  # its own resumes
+            for other in set(listings) - {name}:
+                with pytest.raises(grpc.RpcError) as refused:
+                    rpc(request(page_token=tokens[other]), timeout=30)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, other)
+                assert refused.value.details().startswith("page_token: "), refused.value.details()
 
 
 def test_paging_an_unchanged_set_and_list_gives_every_sample_and_sample_set_once_in_order(server, client, world_images):

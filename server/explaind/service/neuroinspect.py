@@ -99,13 +99,13 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         return neuroinspect_pb2.EditHeadResponse(operation=convert.operation(snapshot))
 
     def ListHeadVersions(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.ListHeadVersionsResponse:
-        after, limit = resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
+        after, limit = resume_point(request.page_token, "head_versions"), page_limit(request.page_size, 100, 1000)
         records, active_id = self._engine.head_versions(after=after, limit=limit)
         versions = messages_that_fit((self._engine.head_version_message(r, active_id) for r in records), self._max_message_bytes)
         last = records[len(versions) - 1] if versions and (len(versions) < len(records) or len(records) == limit) else None
         return neuroinspect_pb2.ListHeadVersionsResponse(
             versions=versions, active_version_id=active_id,
-            next_page_token=resume_token(last.create_time, last.version_id) if last else "",
+            next_page_token=resume_token("head_versions", last.create_time, last.version_id) if last else "",
         )
 
     def PromoteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.PromoteHeadVersionResponse:

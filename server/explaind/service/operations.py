@@ -44,7 +44,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
 
     def ListOperations(self, request, context: grpc.ServicerContext) -> operations_pb2.ListOperationsResponse:
-        after, limit = resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
+        after, limit = resume_point(request.page_token, "operations"), page_limit(request.page_size, 100, 1000)
         state = ""
         if request.state:
             if request.state not in convert.STATE_NAMES:
@@ -56,7 +56,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         last = snapshots[len(operations) - 1].record if len(operations) < len(snapshots) or len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
             operations=operations,
-            next_page_token=resume_token(last.create_time, last.job_id) if last is not None else "",
+            next_page_token=resume_token("operations", last.create_time, last.job_id) if last is not None else "",
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:

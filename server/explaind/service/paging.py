@@ -1,8 +1,10 @@
 """Page sizes and page tokens of the List RPCs.
 
 Two kinds of token: an offset, for lists that only grow at their end (a set's samples),
-and a resume point ``"<create_time>/<id>"``, for lists whose items come and go while a
-client pages (operations, sample sets): an offset would then skip or repeat items.
+and a resume point ``"<listing>/<create_time>/<id>"``, for lists whose items come and go
+while a client pages (operations, sample sets, head versions): an offset would then skip
+or repeat items. The listing's name makes a token from one list an error in another,
+where it would resume at an unrelated point, typically past the end: an empty last page.
 """
 
 from __future__ import annotations
@@ -49,18 +51,21 @@ def next_offset_token(offset: int, limit: int, returned: int) -> str:
     return str(offset + limit) if returned == limit else ""
 
 
-def resume_token(create_time: float, item_id: str) -> str:
-    """The token that resumes after the item created at ``create_time`` (s) with ``item_id``."""
-    return f"{create_time!r}/{item_id}"
+def resume_token(listing: str, create_time: float, item_id: str) -> str:
+    """The token of ``listing`` (e.g. "operations") that resumes after the item created
+    at ``create_time`` (s) with ``item_id``."""
+    return f"{listing}/{create_time!r}/{item_id}"
 
 
-def resume_point(token: str) -> tuple[float, str] | None:
-    """(create_time, id) of the last item of the previous page, from its token."""
+def resume_point(token: str, listing: str) -> tuple[float, str] | None:
+    """(create_time, id) of the last item of the previous page, from its token, which
+    must be one of ``listing``'s."""
     if not token:
         return None
-    create_time, _, item_id = token.partition("/")
+    name, _, point = token.partition("/")
+    create_time, _, item_id = point.partition("/")
     # As repr() writes a non-negative float; float() alone also takes " 5 ", "1_0", "-1e300", "١".
-    if not item_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
+    if name != listing or not item_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
         raise bad_page_token(token)
     return resume, item_id
 

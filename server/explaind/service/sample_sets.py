@@ -41,11 +41,11 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.GetSampleSetResponse(sample_set=convert.sample_set(self._engine.store.get_sample_set(required_set_id(request))))
 
     def ListSampleSets(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSampleSetsResponse:
-        after, limit = resume_point(request.page_token), page_limit(request.page_size, 100, 1000)
+        after, limit = resume_point(request.page_token, "sample_sets"), page_limit(request.page_size, 100, 1000)
         infos = self._engine.store.list_sample_sets(after=after, limit=limit)
         last = infos[-1] if len(infos) == limit else None
         return sample_sets_pb2.ListSampleSetsResponse(sample_sets=[convert.sample_set(i) for i in infos],
-                                                      next_page_token=resume_token(last.create_time, last.sample_set_id) if last else "")
+                                                      next_page_token=resume_token("sample_sets", last.create_time, last.sample_set_id) if last else "")
 
     def ListSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSamplesResponse:
         """A page of samples that ends early (but never empty) where one more would exceed the
