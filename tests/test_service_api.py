@@ -226,7 +226,7 @@ def test_errors_quoting_a_huge_id_keep_their_code(server):
             assert re.search(r"\.\.\. \(\d+ characters left out\)$", caught.value.details())
             with pytest.raises(grpc.RpcError) as caught:
                 operations.GetOperation(operations_pb2.GetOperationRequest(name=f"operations/{long_id}"), timeout=30)
-            assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("name: '")
             # An INVALID_ARGUMENT also carries the message in its details: all of it must fit.
             for _ in range(10):
                 with pytest.raises(grpc.RpcError) as caught:
@@ -279,9 +279,11 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
         assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], caught.value.details()) and status.details[0].Unpack(violation)
         assert [(v.field, v.description) for v in violation.field_violations] == [("samples[1].label", "label 9 is not a class index in [0, 6)")]
     with pytest.raises(NotFoundError):
-        client.operation("operations/does-not-exist")
-    with pytest.raises(InvalidArgumentError, match="name"):
-        client.operation("operations/a/b")
+        client.operation("operations/0123456789abcdef")
+    # A name that no operation can have is the caller's mistake, not an unknown operation.
+    for name in ("operations/a/b", "operations/does-not-exist", "operations/\0", "operations/0123456789ABCDEF", "operations/0123456789abcdef\n"):
+        with pytest.raises(InvalidArgumentError, match="^INVALID_ARGUMENT: name: .* is not an operation name"):
+            client.operation(name)
     assert client.health() == "SERVING"
     assert len(client.predict([pixels])) == 1
 

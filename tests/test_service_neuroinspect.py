@@ -102,6 +102,10 @@ def test_invalid_requests_name_the_field(client, world_set):
          "auto_target_ratio: applies to the probability_ratio method only"),
         (lambda: client.promote_head_version("v99"), NotFoundError, "version_id"),
         (lambda: client.promote_head_version(""), InvalidArgumentError, "version_id"),
+        # An id that no version can have is the caller's mistake, not an unknown version.
+        (lambda: client.promote_head_version("../v1"), InvalidArgumentError, "version_id: '../v1' is not a head version id"),
+        (lambda: client.rollback_head_version("v1\n"), InvalidArgumentError, "version_id: 'v1\\n' is not a head version id"),
+        (lambda: client.delete_head_version("V1"), InvalidArgumentError, "version_id: 'V1' is not a head version id"),
     ]
     for call, error, field in cases:
         with pytest.raises(error, match=re.escape(field)):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 import uuid
@@ -50,6 +51,7 @@ PERSIST_INTERVAL_S = 1.0
 # The artifact holding a result too large to be the response whole (JobManager.max_result_bytes).
 RESULT_ARTIFACT = "result.binpb"
 RESULT_MEDIA_TYPE = "application/x-protobuf"
+JOB_ID = re.compile(r"[0-9a-f]{16}")  # what submit() makes; used with fullmatch ("$" would accept a final "\n")
 
 
 class JobCancelled(Exception):

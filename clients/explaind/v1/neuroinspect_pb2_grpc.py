@@ -155,7 +155,9 @@ class NeuroInspectServiceServicer:
         or entirely with the new one, and reports which (model_version). Persists across
         restarts, unless the model file's head changed since the last start (a redeployed
         model), which is then served. A version with NaN or infinite weights is refused
-        (FAILED_PRECONDITION).
+        (FAILED_PRECONDITION). An unknown version_id is NOT_FOUND and a malformed one (not
+        "v" and a number) INVALID_ARGUMENT, here as in RollbackHeadVersion and
+        DeleteHeadVersion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -69,6 +70,7 @@ MAX_TARGET_RATIO = 1e6
 # name) would make each version's evaluation, stored and listed, as large as its set.
 MAX_EDIT_GROUPS = 10_000
 LOADED = "loaded"
+HEAD_VERSION_ID = re.compile(r"v[0-9]{1,18}")  # "v0", "v1", ...; used with fullmatch ("$" would accept a final "\n")
 
 ClassRef = str | int  # a class name, or its index
 
@@ -107,6 +109,14 @@ def _bounded(value: float, field: str, *, low: float = 0.0, high: float = math.i
         bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
         raise InvalidArgument(f"{value} is not in {bounds}", field=field)
     return value
+
+
+def _check_version_id(version_id: str) -> None:
+    """An id no version can have is the caller's mistake (INVALID_ARGUMENT), not an unknown version."""
+    if not version_id:
+        raise InvalidArgument("required", field="version_id")
+    if not HEAD_VERSION_ID.fullmatch(version_id):
+        raise InvalidArgument(f"{version_id!r} is not a head version id; expected 'v' and a number, such as 'v3'", field="version_id")
 
 
 def _is_finite(head: nn.Linear) -> bool:
@@ -706,8 +716,7 @@ class NeuroInspectEngine:
 
     def promote_head_version(self, version_id: str) -> tuple[HeadVersionRecord, str]:
         """Serve ``version_id``; returns it and the previously active id."""
-        if not version_id:
-            raise InvalidArgument("required", field="version_id")
+        _check_version_id(version_id)
         version = self._split_version()
         with self._versions_lock:
             record = self._engine.store.get_head_version(version.feature_version, version_id)
@@ -717,6 +726,8 @@ class NeuroInspectEngine:
 
     def rollback_head_version(self, version_id: str = "") -> tuple[HeadVersionRecord, str]:
         """Serve the active version's parent (or ``version_id``); returns it and the previous id."""
+        if version_id:
+            _check_version_id(version_id)
         version = self._split_version()
         with self._versions_lock:
             active = self.active_head_version()
@@ -732,8 +743,7 @@ class NeuroInspectEngine:
         again at every start), not a loaded head with edits of it, and not one an
         unfinished edit started from or is storing; its children take its parent as
         theirs, and its weights go in a sweep."""
-        if not version_id:
-            raise InvalidArgument("required", field="version_id")
+        _check_version_id(version_id)
         version = self._split_version()
         store = self._engine.store
         with self._versions_lock:

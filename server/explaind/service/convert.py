@@ -14,7 +14,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 from ..engine import NewSample
 from ..errors import InvalidArgument
 from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
-from ..jobs import RESULT_ARTIFACT, JobSnapshot
+from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
 
@@ -75,10 +75,11 @@ def sample_set(info: SampleSetInfo) -> sample_sets_pb2.SampleSet:
 
 
 def job_id(name: str) -> str:
-    """``operations/<id>`` or ``<id>`` -> ``<id>``."""
+    """``operations/<id>`` or ``<id>`` -> ``<id>``; a name that no operation can have is
+    the caller's mistake (INVALID_ARGUMENT), not an unknown operation."""
     bare = name.removeprefix(OPERATION_PREFIX)
-    if not bare or "/" in bare:
-        raise InvalidArgument(f"{name!r} is not an operation name; expected 'operations/<id>'", field="name")
+    if not JOB_ID.fullmatch(bare):
+        raise InvalidArgument(f"{name!r} is not an operation name; expected 'operations/' and 16 hex digits", field="name")
     return bare
 
 
