@@ -77,6 +77,9 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(evaluation_groups=["a"] * 20), ValueError, "evaluation_labels and evaluation_groups need evaluation_features"),
         (dict(evaluation_features=features), ValueError, "evaluation_labels must be given with evaluation_features"),
         (dict(evaluation_features=features, evaluation_labels=labels, evaluation_groups=["a"]), ValueError, "one entry per evaluation sample"),
+        # As long as the set, but not one name per sample: was found only after training.
+        (dict(evaluation_features=features, evaluation_labels=labels, evaluation_groups=np.zeros((40, 1))), ValueError,
+         r"evaluation_groups must have one entry per evaluation sample \(40,\), got \(40, 1\)"),
         (dict(neurons=[8.7]), TypeError, r"neurons\[0\] must be an integer index, got 8.7"),
         (dict(strength=-5.0), ValueError, "strength must be ≥ 0"),
         (dict(strength=float("nan")), ValueError, "strength must be a finite number"),
@@ -241,6 +244,35 @@ def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given(
     with pytest.raises(ValueError, match=r"the classifier fails on a 2x2 image \(image_size\)"):
         ClipIllusion(model, "features", head="classifier", image_size=2, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
     assert FeatureExtractor(model, "hidden", head="classifier").features(images).shape == (2, 6)
+    # Features are the head's input whatever the layer, but a layer that is not the one
+    # the head reads would mask every visualisation wrongly: refused by features() too.
+    with pytest.raises(ValueError, match=r"feature_layer 'features': .* cannot be read as maps of 6 channels"):
+        FeatureExtractor(model, "features", head="classifier").features(images)
+    # A misspelt name says which argument, not torch's bare AttributeError.
+    for feature_layer, head, message in (("layer5", "classifier", r"feature_layer 'layer5' is not a module of the classifier"),
+                                         ("hidden", "fc", r"head 'fc' is not a module of the classifier")):
+        with pytest.raises(ValueError, match=message):
+            FeatureExtractor(model, feature_layer, head=head)
+        with pytest.raises(ValueError, match=message):
+            ClipIllusion(model, feature_layer, head=head, image_size=9)
+
+
+def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_it_is_at_each_call():
+    model = _mobilenet_like()
+    illusion = ClipIllusion(model, "hidden", head="classifier", image_size=9)  # no CLIP: no prompt names a class
+    model.double()  # after construction: the images follow it
+    result = illusion.visualize([(1, 2)], method="no_clip", steps=2)
+    assert result.activations.dtype == torch.float64 and torch.isfinite(result.activations).all()
+    for call, message in (
+        (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=9, class_names=list("ab")), r"class_names must name all 3 classes"),
+        (lambda: ClipIllusion(model, "hidden", nn.Module(), str.split, head="classifier", image_size=9), r"class_names must name all 3 classes \(CLIP's prompts"),
+        (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=64.7), r"image_size must be an integer ≥ 1, got 64.7"),
+        (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=-5), r"image_size must be an integer ≥ 1, got -5"),
+        (lambda: ClipIllusion(model, "hidden", head="classifier"), r"image_size must be given"),
+        (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=0), r"learning_rate must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_clip_illusion_runs_a_float64_model_and_explains_inference_mode():
@@ -357,6 +389,29 @@ def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
     assert ranking.neuron_ids == MistakeNeuronRanker(head).rank(features, labels, top_k=3).neuron_ids
 
 
+def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
+    # argmax of a NaN row is 0: a NaN ω on a mistake labelled 0 was reported converged.
+    from explaind.methods.neuroinspect import FaithfulSGD
+
+    features, labels = _data()
+    weight, bias = head.weight.detach(), head.bias.detach()
+    nan_features = features.clone()
+    nan_features[2, 0] = float("nan")
+    for call, error, message in (
+        (lambda: FaithfulSGD().solve(weight, bias, nan_features, labels), ValueError, r"features holds NaN or infinite values in 1 rows \(first: row 2\)"),
+        (lambda: ProximalGradient().solve(weight, bias, nan_features, labels), ValueError, r"features holds NaN"),
+        (lambda: FaithfulSGD().solve(weight.clone().fill_(float("inf")), bias, features, labels), ValueError, r"weight holds NaN or infinite values"),
+        (lambda: ProximalGradient().solve(weight, bias.clone().fill_(float("nan")), features, labels), ValueError, r"bias holds NaN or infinite values"),
+        (lambda: FaithfulSGD().solve(weight.double(), bias, features, labels), TypeError, r"weight and bias must be floating-point tensors of one dtype"),
+        (lambda: FaithfulSGD(learning_rate=float("nan")), ValueError, r"learning_rate must be a finite number"),
+        (lambda: FaithfulSGD(learning_rate=-1.0), ValueError, r"learning_rate must be > 0"),  # climbs the loss
+        (lambda: FaithfulSGD(momentum=5.0), ValueError, r"momentum must lie in \[0, 1\)"),
+        (lambda: ProximalGradient(tolerance=float("nan")), ValueError, r"tolerance must be a finite number"),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+
+
 def test_public_helpers_name_the_argument_they_refuse(head):
     from explaind.methods.neuroinspect import FaithfulSGD, concept_neurons, neuron_importance, probability_ratio
 
@@ -369,6 +424,11 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: neuron_importance(weight, bias, features[0], CLASSES), ValueError, r"class_index must lie in \[0, 4\)"),
         (lambda: neuron_importance(weight, bias, features, 1), ValueError, rf"feature must be \({DIM},\) for this head"),
         (lambda: probability_ratio(weight, bias, features, 9, torch.tensor([0])), ValueError, r"class_index must lie in \[0, 4\)"),
+        (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([-1])), ValueError, rf"neurons\[0\] must lie in \[0, {DIM}\)"),  # not the last
+        (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([0.5])), TypeError, r"neurons must be a 1-D integer tensor"),
+        (lambda: neuron_importance(weight, bias, features[0].long(), 1), TypeError, r"feature must be torch.float32 on cpu as the head is"),
+        (lambda: evaluate_head(weight, bias[:3], features, labels), ValueError, rf"weight must be \(C, D\) and bias \(C,\), got \({CLASSES}, {DIM}\) and \(3,\)"),
+        (lambda: evaluate_head(weight[0], bias, features, labels), ValueError, r"weight must be \(C, D\) and bias \(C,\)"),
         (lambda: illusion.top_classes(6), ValueError, r"neuron must lie in \[0, 6\)"),
         (lambda: illusion.top_classes(0, k=9), ValueError, r"k must lie in \[1, 3\]"),
         (lambda: illusion.visualize([(0, 0)], method="no_clip", steps=1, seed=1.5), TypeError, "seed must be an integer"),

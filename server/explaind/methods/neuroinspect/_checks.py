@@ -37,7 +37,8 @@ def _matrix(value: object, name: str, dim: int | None) -> torch.Tensor:
     return features.detach()
 
 
-def _finite(features: torch.Tensor, name: str) -> torch.Tensor:
+def finite_rows(features: torch.Tensor, name: str) -> torch.Tensor:
+    """``features`` (N, D), after checking that every value is finite."""
     # A row sums (in float64, which no sum of float32s overflows) to a finite number only
     # if every element is finite: one pass and an (N,) result, not an (N, D) mask.
     bad = ~torch.isfinite(features.sum(1, dtype=torch.float64))
@@ -50,12 +51,23 @@ def _finite(features: torch.Tensor, name: str) -> torch.Tensor:
 def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -> torch.Tensor:
     """(N, dim) finite features with N > 0, on ``like``'s device and dtype (checked finite
     after the cast: a float64 value too large for float32 becomes infinite there)."""
-    return _finite(_matrix(value, name, dim).to(like.device, like.dtype), name)
+    return finite_rows(_matrix(value, name, dim).to(like.device, like.dtype), name)
 
 
 def feature_matrix(value: object, name: str) -> torch.Tensor:
     """(N, D) finite floating-point features with N > 0, any D, detached."""
-    return _finite(_matrix(value, name, None), name)
+    return finite_rows(_matrix(value, name, None), name)
+
+
+def head_parameters(weight: object, bias: object) -> None:
+    """A linear head's ``weight`` (C, D) and ``bias`` (C,): floating-point, of one dtype and
+    device. Metadata only, no values are read (this runs per minibatch of an edit)."""
+    weight, bias = _tensor(weight, "weight"), _tensor(bias, "bias")
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"weight must be (C, D) and bias (C,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if not weight.is_floating_point() or bias.dtype != weight.dtype or bias.device != weight.device:
+        raise TypeError(f"weight and bias must be floating-point tensors of one dtype and device, got {weight.dtype} on "
+                        f"{weight.device} and {bias.dtype} on {bias.device}")
 
 
 def labels_tensor(value: object, name: str, *, count: int, num_classes: int, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,8 @@ For each sample the solvers minimise, from ω = 0,
 where the norms are divided by D as in the authors' code and the L2 term is the plain
 (non-squared) norm of Eq. 1. All samples are solved in one batch: per-sample state
 (ω, momentum) lives in (N, D) tensors and a sample that is done is retired from the
-batch, so each sample follows exactly the trajectory it would follow alone.
+batch, so each sample follows the trajectory it would follow alone (up to rounding:
+batched matrix products may sum in another order, about 1e-6 relative).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._checks import count, labels_tensor, number
+from ._checks import count, finite_rows, head_parameters, labels_tensor, number
 
 # Progress hook: (step, max_iterations, samples still running) -> True to stop now.
 SolverCallback = Callable[[int, int, int], "bool | None"]
@@ -74,17 +75,19 @@ class _BatchState:
 
 def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
                     l1: float, l2: float, max_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``features`` in the head's dtype and int64 ``labels``, after checking their shapes
-    and the settings (a solver may be called without the ranker's checks)."""
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    """``features`` in the head's dtype and int64 ``labels``, after checking their shapes,
+    that they and the head are finite, and the settings (a solver may be called without
+    the ranker's checks). A NaN logit row would count as a flip to class 0."""
+    head_parameters(weight, bias)
+    finite_rows(weight, "weight")
+    finite_rows(bias.unsqueeze(0), "bias")
     if features.ndim != 2 or features.shape[1] != weight.shape[1] or not features.is_floating_point():
         raise ValueError(f"features must be floating-point (N, {weight.shape[1]}), got {features.dtype} {tuple(features.shape)}")
     number(l1, "l1")
     number(l2, "l2")
     count(max_iterations, "max_iterations")
     labels = labels_tensor(labels, "labels", count=len(features), num_classes=weight.shape[0], device=weight.device)
-    return features.to(weight.device, weight.dtype), labels
+    return finite_rows(features.to(weight.device, weight.dtype), "features"), labels
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class FaithfulSGD:
     learning_rate: float = 0.01
     momentum: float = 0.9
     name: str = "faithful"
+
+    def __post_init__(self) -> None:
+        number(self.learning_rate, "learning_rate", low_open=True)  # ≤ 0 climbs the loss instead
+        if not 0 <= number(self.momentum, "momentum") < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
 
     @torch.no_grad()
     def solve(
@@ -152,6 +160,9 @@ class ProximalGradient:
 
     tolerance: float = 1e-6
     name: str = "proximal"
+
+    def __post_init__(self) -> None:
+        number(self.tolerance, "tolerance")
 
     @torch.no_grad()
     def solve(

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, index, indices, labelled_features, number, seed_value
-from ._probability import neuron_importance, probability_ratio
+from ._checks import count, head_parameters, index, indices, labelled_features, number, seed_value
+from ._probability import _probability_ratio, neuron_importance
 
 METHODS = ("probability_ratio", "constrain")
 SELECTIONS = ("accuracy", "worst_class")
@@ -60,6 +60,7 @@ def evaluate_head(
 ) -> HeadEvaluation:
     """Overall, per-class and (with ``groups``, one name per sample) per-group accuracy of
     the head ``weight`` (C, D), ``bias`` (C,) on ``features`` (N, D) with ``labels`` (N,)."""
+    head_parameters(weight, bias)
     return _evaluate(weight, bias, *labelled_features(features, labels, like=weight), groups)
 
 
@@ -210,8 +211,9 @@ class HeadEditor:
         else:
             evaluation_features, evaluation_labels = labelled_features(evaluation_features, evaluation_labels, like=weight0,
                                                                        names=("evaluation_features", "evaluation_labels"))
-            if evaluation_groups is not None and len(evaluation_groups) != len(evaluation_features):
-                raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)}), got {len(evaluation_groups)}")
+            if evaluation_groups is not None and np.shape(evaluation_groups) != (len(evaluation_features),):
+                raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)},), "
+                                 f"got {np.shape(evaluation_groups)}")
         target_class = index(target_class, "target_class", num_classes)
         listed = indices(neurons, "neurons", dim)
         if len(set(listed)) < len(listed):  # as the service refuses it: a caller may have meant another neuron
@@ -258,7 +260,7 @@ class HeadEditor:
                 x, y = train_features[batch], labels[batch]
                 ce = F.cross_entropy(x @ weight.T + bias, y)
                 if method == "probability_ratio":
-                    penalty = (probability_ratio(weight, bias, x, target_class, neuron_ids) - target_ratio).norm()
+                    penalty = (_probability_ratio(weight, bias, x, target_class, neuron_ids) - target_ratio).norm()
                 else:
                     penalty = (x[:, neuron_ids] * weight[target_class, neuron_ids] + bias[target_class]).norm(dim=1).mean()
                 loss = ce + strength * penalty

@@ -117,6 +117,22 @@ def channel_maps(output: torch.Tensor, channels: int) -> torch.Tensor:
                      "(N, C, h, w), (N, h, w, C), tokens (N, T, C) on a square grid, or (N, C)")
 
 
+def split_modules(classifier: nn.Module, feature_layer: str, head: str) -> tuple[nn.Module, nn.Linear]:
+    """The modules named ``feature_layer`` and ``head`` (its final ``nn.Linear``) of
+    ``classifier``; ValueError or TypeError naming the argument, not torch's bare
+    AttributeError, for a name that is not there."""
+    found = []
+    for argument, name in (("feature_layer", feature_layer), ("head", head)):
+        try:
+            found.append(classifier.get_submodule(name))
+        except AttributeError as error:
+            raise ValueError(f"{argument} {name!r} is not a module of the classifier ({error})") from None
+    feature_module, head_module = found
+    if not isinstance(head_module, nn.Linear):
+        raise TypeError(f"head {head!r} must be an nn.Linear, got {type(head_module).__name__}")
+    return feature_module, head_module
+
+
 @dataclass
 class SplitForward:
     """One forward of a classifier seen through its split: the logits (N, C), the feature
@@ -130,10 +146,11 @@ class SplitForward:
 def split_forward(classifier: nn.Module, images: torch.Tensor, feature_module: nn.Module, head: nn.Linear,
                   names: tuple[str, str]) -> SplitForward:
     """Run ``classifier`` on ``images`` (on its device and dtype already) and check the split
-    named ``names`` = (feature_layer, head): both modules run, the head reads one vector
-    per image, and the head's output is the classifier's (the head is its last operation:
-    a hidden linear layer named as the head would explain the wrong decision). ValueError
-    naming the module otherwise."""
+    named ``names`` = (feature_layer, head): both modules run, the feature layer's output
+    holds one map per feature (:func:`channel_maps`), the head reads one vector per image,
+    and the head's output is the classifier's (the head is its last operation: a hidden
+    linear layer named as the head would explain the wrong decision). ValueError naming
+    the module otherwise."""
     feature_layer, head_name = names
     with capture_forward(feature_module) as layer, capture_forward(head) as read:
         logits = classifier(images)
@@ -148,6 +165,10 @@ def split_forward(classifier: nn.Module, images: torch.Tensor, feature_module: n
     if not last:
         raise ValueError(f"head {head_name!r} is not the classifier's last operation (its output is not the classifier's "
                          "logits); name the final nn.Linear as head")
+    try:
+        channel_maps(layer["output"], head.in_features)
+    except ValueError as error:
+        raise ValueError(f"feature_layer {feature_layer!r}: {error}; name the layer whose channels the head reads") from None
     return SplitForward(logits, layer["output"], read["input"])
 
 
@@ -165,11 +186,7 @@ class FeatureExtractor:
 
     def __init__(self, classifier: nn.Module, feature_layer: str, *, head: str = "fc") -> None:
         self.classifier = classifier
-        self.feature_module = classifier.get_submodule(feature_layer)
-        head_module = classifier.get_submodule(head)
-        if not isinstance(head_module, nn.Linear):
-            raise TypeError(f"head {head!r} must be an nn.Linear, got {type(head_module).__name__}")
-        self.head: nn.Linear = head_module
+        self.feature_module, self.head = split_modules(classifier, feature_layer, head)
         self._names = (feature_layer, head)
 
     def _forward_chunks(self, images: torch.Tensor, batch_size: int, read: Callable[[SplitForward], torch.Tensor]) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import count, eval_mode, index, number, seed_value
-from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward
+from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
@@ -70,8 +70,9 @@ class ClipIllusion:
 
     ``classifier`` takes RGB in [0, 1] (N, 3, H, W) and returns logits; ``head`` names
     its final ``nn.Linear``. ``clip_model`` is any open_clip model (``encode_image``,
-    ``encode_text``) with its ``tokenizer``; without one only the ``no_clip`` and
-    ``feature_visualization`` methods run.
+    ``encode_text``) with its ``tokenizer`` and needs ``class_names`` for its prompts;
+    without one only the ``no_clip`` and ``feature_visualization`` methods run. Images
+    are made on the classifier's device and in its dtype as they are at each call.
     """
 
     def __init__(
@@ -88,31 +89,38 @@ class ClipIllusion:
     ) -> None:
         config = getattr(classifier, "config", None)
         self.classifier = classifier
-        self.feature_module = classifier.get_submodule(feature_layer)
-        self.head = classifier.get_submodule(head)
-        if not isinstance(self.head, nn.Linear):
-            raise TypeError(f"head {head!r} must be an nn.Linear, got {type(self.head).__name__}")
+        self.feature_module, self.head = split_modules(classifier, feature_layer, head)
         self._names = (feature_layer, head)
-        self.class_names = tuple(class_names if class_names is not None else getattr(config, "class_names", ()))
-        if len(self.class_names) != self.head.out_features:
-            raise ValueError(f"class_names must name all {self.head.out_features} classes")
-        self.image_size = int(image_size or getattr(config, "image_size", 0))
-        if self.image_size <= 0:
-            raise ValueError("image_size must be given for a classifier without config.image_size")
         if (clip_model is None) != (tokenizer is None):
             raise ValueError("clip_model and tokenizer must be given together")
+        self.class_names = tuple(class_names if class_names is not None else getattr(config, "class_names", ()))
+        if self.class_names and len(self.class_names) != self.head.out_features or clip_model is not None and not self.class_names:
+            raise ValueError(f"class_names must name all {self.head.out_features} classes (CLIP's prompts name them), "
+                             f"got {len(self.class_names)}")
+        if image_size is None:
+            image_size = getattr(config, "image_size", None)
+            if image_size is None:
+                raise ValueError("image_size must be given for a classifier without config.image_size")
+        self.image_size = count(image_size, "image_size")
         self.clip_model = clip_model
         self.tokenizer = tokenizer
         self.prompt_templates = tuple(prompt_templates)
-        self.device = self.head.weight.device
-        self._dtype = self.head.weight.dtype  # the classifier's; the image is optimised in float32
         if clip_model is not None:
             preprocess = getattr(clip_model.visual, "preprocess_cfg", None) or {}
             size = clip_model.visual.image_size
             self._clip_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-            self._clip_mean = torch.tensor(preprocess.get("mean", _OPENAI_MEAN), device=self.device).view(1, 3, 1, 1)
-            self._clip_std = torch.tensor(preprocess.get("std", _OPENAI_STD), device=self.device).view(1, 3, 1, 1)
+            self._clip_normalisation = (tuple(preprocess.get("mean", _OPENAI_MEAN)), tuple(preprocess.get("std", _OPENAI_STD)))
         self._class_embeddings: dict[int, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """The classifier's device now (read at each call: a model moved after construction is followed)."""
+        return self.head.weight.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The classifier's dtype now; the image is optimised in float32."""
+        return self.head.weight.dtype
 
     def top_classes(self, neuron: int, k: int = 1) -> list[int]:
         """The ``k`` classes whose head weight for ``neuron`` is largest, largest first: the
@@ -141,7 +149,8 @@ class ClipIllusion:
         """Cosine (B,) between images (B, 3, H, W) in [0, 1] and unit text embeddings (B, E)."""
         clip = self._require_clip()
         pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
-        pixels = ((pixels - self._clip_mean) / self._clip_std).to(next(clip.parameters()).dtype)
+        mean, std = (torch.tensor(values, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1) for values in self._clip_normalisation)
+        pixels = ((pixels - mean) / std).to(next(clip.parameters()).dtype)
         with eval_mode(clip):
             embeddings = F.normalize(clip.encode_image(pixels).float(), dim=-1)
         return (embeddings * text_embeddings.float()).sum(-1)
@@ -191,7 +200,7 @@ class ClipIllusion:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         steps = count(steps, "steps")
         gamma, epsilon, noise_std = number(gamma, "gamma"), number(epsilon, "epsilon", low=-math.inf), number(noise_std, "noise_std")
-        learning_rate, weight_decay = number(learning_rate, "learning_rate"), number(weight_decay, "weight_decay")
+        learning_rate, weight_decay = number(learning_rate, "learning_rate", low_open=True), number(weight_decay, "weight_decay")
         decay_power = number(decay_power, "decay_power")
         if not 0 < number(mask_threshold, "mask_threshold") < 1:
             raise ValueError(f"mask_threshold must lie in (0, 1), got {mask_threshold}")
@@ -270,7 +279,7 @@ class ClipIllusion:
     @torch.no_grad()
     def _check_split(self) -> tuple[nn.Module, int] | None:
         """Run the classifier once on a grey image of ``image_size`` and check its split
-        (:func:`split_forward`) and the feature layer's maps: a wrong layer name fails
+        (:func:`split_forward`), feature layer's maps included: a wrong layer name fails
         here, before the steps, not after them. Returns the (module, call) the masks' maps
         come from where the feature layer's are 1x1 (:func:`last_spatial_module`), else None."""
         probe = torch.full((1, 3, self.image_size, self.image_size), 0.5, device=self.device, dtype=self._dtype)
@@ -278,10 +287,7 @@ class ClipIllusion:
             forward = split_forward(self.classifier, probe, self.feature_module, self.head, self._names)
         except RuntimeError as error:
             raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): {error}") from error
-        try:
-            maps = channel_maps(forward.layer_output, self.head.in_features)
-        except ValueError as error:
-            raise ValueError(f"feature_layer {self._names[0]!r}: {error}; name the layer whose channels the head reads") from None
+        maps = channel_maps(forward.layer_output, self.head.in_features)
         return last_spatial_module(self.classifier, probe, self.feature_module) if maps.shape[-2:] == (1, 1) else None
 
     def _resolve_pairs(self, pairs: Sequence[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:

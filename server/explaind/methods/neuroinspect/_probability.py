@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._checks import index
+from ._checks import head_parameters, index, indices
 
 _MAX_LOG_RATIO = math.log(1e15)
 
@@ -38,6 +38,16 @@ def probability_ratio(
     """
     _check_head_inputs(weight, bias, features, "features", batched=True)
     class_index = index(class_index, "class_index", weight.shape[0])
+    if not isinstance(neurons, torch.Tensor) or neurons.ndim != 1 or neurons.is_floating_point() or neurons.dtype == torch.bool:
+        raise TypeError(f"neurons must be a 1-D integer tensor of neuron indices, got {neurons!r}")
+    indices(neurons, "neurons", weight.shape[1])  # -1 would silently be the last neuron
+    return _probability_ratio(weight, bias, features, class_index, neurons)
+
+
+def _probability_ratio(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, class_index: int,
+                       neurons: torch.Tensor) -> torch.Tensor:
+    """:func:`probability_ratio` on checked arguments: per minibatch of an edit, where
+    reading the neuron indices back would wait for a GPU."""
     logits = features @ weight.T + bias
     zeroed = logits - features[:, neurons] @ weight[:, neurons].T
     log_p = logits[:, class_index] - logits.logsumexp(1)
@@ -46,11 +56,11 @@ def probability_ratio(
 
 
 def _check_head_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, name: str, *, batched: bool) -> None:
-    """Shapes only (no values: this runs per minibatch of an edit, and reading values
-    would wait for a GPU)."""
-    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-        raise ValueError(f"weight must be (C, D) and bias (C,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    """Shapes, dtypes and devices (no values: reading them would wait for a GPU)."""
+    head_parameters(weight, bias)
     dim = weight.shape[1]
-    if features.ndim != 1 + batched or features.shape[-1] != dim:
+    if not isinstance(features, torch.Tensor) or features.ndim != 1 + batched or features.shape[-1] != dim:
         expected = f"(N, {dim})" if batched else f"({dim},)"
-        raise ValueError(f"{name} must be {expected} for this head, got {tuple(features.shape)}")
+        raise ValueError(f"{name} must be {expected} for this head, got {tuple(getattr(features, 'shape', ()))}")
+    if features.dtype != weight.dtype or features.device != weight.device:
+        raise TypeError(f"{name} must be {weight.dtype} on {weight.device} as the head is, got {features.dtype} on {features.device}")
