@@ -124,6 +124,53 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_
         # No server at the target: the command fails on the path before it calls one.
         assert f"cannot write {tmp_path / 'missing'}" in _error(capsys, ["--target", "127.0.0.1:1", *argv])
     assert f"cannot write {tmp_path}: it is a directory" in _error(capsys, ["report", "--class", "heart", "--out", str(tmp_path)])
+    # Tried, not asked of os.access, which says yes to root even where nothing can be created.
+    if Path("/sys").is_dir():
+        unwritable = "/sys/explaind-report.html"
+        assert _error(capsys, ["--target", "127.0.0.1:1", "report", "--class", "heart", "--out", unwritable]) == (
+            f"error: cannot write {unwritable}: Permission denied")
+    existing = tmp_path / "kept.html"
+    existing.write_text("old report")
+    assert "UNAVAILABLE" in _error(capsys, ["--target", "127.0.0.1:1", "--timeout", "2", "report", "--class", "heart", "--out", str(existing)])
+    assert existing.read_text() == "old report" and sorted(tmp_path.iterdir()) == [existing]  # tried, and left as it was
+
+
+def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback(server, capsys, monkeypatch):
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        monkeypatch.setattr(sys, "stdout", full)
+        assert main(["--target", server.target, "info", "--json"]) == 1
+    assert capsys.readouterr().err == "error: cannot write standard output: No space left on device\n"
+
+
+def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys):
+    # It was sent, and every call failed INTERNAL "Invalid metadata" after gRPC's own log lines.
+    for token in ("tök", "two\nlines", "with space"):
+        assert _error(capsys, ["--target", "127.0.0.1:1", "--token", token, "info"]) == (
+            "error: token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
+
+
+def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_command_started(server, capsys, monkeypatch, tmp_path):
+    from explaind.client._operations import Operation
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
+        try:
+            monkeypatch.setattr(Operation, "wait", interrupted)
+            assert main(["--target", server.target, "operations", "wait", job.name]) == 130
+            assert capsys.readouterr().err == f"interrupted\n  {job.name} goes on; explaind operations cancel {job.name} stops it\n"
+            assert not job.refresh().done
+            monkeypatch.setattr(Operation, "watch", interrupted)  # what a command that shows progress waits with
+            assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
+                         "--out-dir", str(tmp_path)]) == 130
+            err = capsys.readouterr().err
+            started = re.search(r"operations/[0-9a-f]{16}", err).group()
+            assert err.endswith(f"interrupted\n  cancelled {started}\n"), err  # queued behind the first: it ends at once
+            assert client.operation(started).state == "cancelled"
+        finally:
+            job.cancel()
 
 
 def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_path):

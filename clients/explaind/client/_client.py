@@ -182,6 +182,10 @@ class Client:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
+        # gRPC metadata carries printable ASCII only: another character failed every call
+        # as INTERNAL "Invalid metadata". Never quoted: it is a secret.
+        if token and not (isinstance(token, str) and all("!" <= character <= "~" for character in token)):
+            raise ValueError("token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
         self.target = target
         self.timeout = timeout
         self._max_message_bytes = max_message_bytes

@@ -342,6 +342,8 @@ class Operation:
                 self.cancel()
             except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
                 interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
+            else:
+                interrupt.add_note(f"cancelled {self.name}" if self.done else f"cancel requested for {self.name}; it ends at its next check")
             raise
         if not self.done:
             raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")

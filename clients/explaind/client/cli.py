@@ -181,12 +181,24 @@ def _write(path: str | Path, data: bytes) -> None:
 
 
 def _require_writable(path: str) -> None:
-    """Refuse an output file that could not be written, before any work is done for it."""
+    """Refuse an output file that could not be written, before any work is done for it.
+    Tried, not asked of ``os.access``, which says yes to root on a read-only file system
+    or in /sys: an existing file is opened for appending (and left unchanged), a new one
+    is created and removed again."""
     target = Path(path)
     if target.is_dir():
         raise CommandError(f"cannot write {path}: it is a directory")
-    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise CommandError(f"cannot write {path}: {'no such directory' if not target.parent.is_dir() else 'permission denied'}")
+    if not target.parent.is_dir():
+        raise CommandError(f"cannot write {path}: no such directory")
+    try:
+        if target.is_file():
+            with target.open("ab"):
+                pass
+        elif not target.exists():  # not a device or a pipe such as /dev/stdout, which opening could block on
+            target.touch(exist_ok=False)
+            target.unlink()
+    except OSError as error:
+        raise CommandError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
@@ -664,12 +676,16 @@ def cmd_operations(args: argparse.Namespace) -> int:
                           f"cancel requested for {operation.name} ({operation.state}); it ends at its next check "
                           f"(explaind operations wait {operation.name})")
                     return 0
-        elif args.action == "wait":
-            operation.wait()
-        elif args.action == "watch":
-            for update in operation.watch():
-                if not update.done:  # the last state is printed below, with the result
-                    print(json.dumps(_operation_json(update)) if args.json else f"{update} {update.progress.message}", flush=True)
+        elif args.action in ("wait", "watch"):
+            try:
+                if args.action == "wait":
+                    operation.wait()
+                for update in operation.watch() if args.action == "watch" else ():
+                    if not update.done:  # the last state is printed below, with the result
+                        print(json.dumps(_operation_json(update)) if args.json else f"{update} {update.progress.message}", flush=True)
+            except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
+                interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
+                raise
         elif args.action == "artifact":
             data = operation.artifact(args.artifact)
             _write(args.output or args.artifact, data)
@@ -1144,7 +1160,9 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a full disk or a closed pipe fails here, where it is handled, not at the interpreter's exit
+        return code
     except (ExplaindError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
         for field in dict(getattr(error, "field_violations", ())):
@@ -1158,6 +1176,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`explaind operations list | head -1`): stop quietly like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush would fail too
         return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
+    except OSError as error:
+        try:
+            sys.stdout.flush()
+        except OSError:  # the output failed (`explaind info > /dev/full`); files are named where they are written
+            print(f"error: cannot write standard output: {error.strerror or error}", file=sys.stderr)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        raise
     except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
         for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted
