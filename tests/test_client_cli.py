@@ -486,6 +486,11 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     # --max-grid-images reaches the server (which bounds it); the error names the option too.
     assert main(["--target", server.target, "evaluate", "two-classes", "--max-grid-images", "5000"]) == 1
     assert re.fullmatch(r"error: INVALID_ARGUMENT: max_grid_images: .*\n  \(max_grid_images is --max-grid-images here\)\n", capsys.readouterr().err)
+    # A NOT_FOUND carries no field violations: the field its message starts with is mapped too.
+    assert main(["--target", server.target, "edit-head", "two-classes", "--class", "heart", "--neurons", "1",
+                 "--evaluation-sample-set", "nosuch"]) == 1
+    assert capsys.readouterr().err == ("error: NOT_FOUND: evaluation_sample_set_id: no sample set 'nosuch'\n"
+                                       "  (evaluation_sample_set_id is --evaluation-sample-set here)\n")
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):

@@ -183,6 +183,39 @@ def test_a_group_attribute_the_set_lacks_is_refused_naming_the_set_not_a_tempora
         client.delete_sample_set("no-attributes")
 
 
+def test_a_wrong_option_of_the_callers_fails_the_report_before_its_visualisations(client):
+    # An unknown --evaluation-sample-set failed only after the ranking and the images, and a
+    # group attribute no sample has gave a page without an edit, as if the data were short.
+    from explaind.client import NotFoundError
+    from explaind.world.scenarios import get_scenario
+
+    class Recorded:
+        def __init__(self, client):
+            self.client, self.calls = client, []
+
+        def __getattr__(self, name):
+            self.calls.append(name)
+            return getattr(self.client, name)
+
+    batch = get_scenario("spurious_background").dataset("test", size=60).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="options")
+    try:
+        for options, error, message in (
+            (dict(evaluation_sample_set_id="nosuch"), NotFoundError, r"^NOT_FOUND: evaluation_sample_set_id: "),
+            (dict(validation_sample_set_id="Bad Id"), InvalidArgumentError, r"^INVALID_ARGUMENT: validation_sample_set_id: 'Bad Id' is not a valid id"),
+        ):
+            recorded = Recorded(client)
+            with pytest.raises(error, match=message) as refused:
+                build_report(recorded, "heart", "options", **options)
+            assert refused.value.field == next(iter(options)) and "rank_mistake_neurons" not in recorded.calls
+        recorded = Recorded(client)
+        with pytest.raises(InvalidArgumentError, match=r"group_attribute: ") as refused:
+            build_report(recorded, "heart", "options", evaluation_sample_set_id="options", group_attribute="mood")
+        assert refused.value.field == "group_attribute" and "visualize_neurons" not in recorded.calls
+    finally:
+        client.delete_sample_set("options")
+
+
 def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
     # Acceptance 6: the page shows every ranked neuron's image, however many were ranked.
     from types import SimpleNamespace

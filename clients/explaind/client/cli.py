@@ -1138,6 +1138,20 @@ def _option_of_field(args: argparse.Namespace, field: str) -> str | None:
     return next((args.option_names[dest] for dest in (name, name.removesuffix("_id"), _OPTION_DESTS.get(name)) if dest in args.option_names), None)
 
 
+# The request field a server message starts with ("evaluation_sample_set_id: no sample set 'x'").
+_LEADING_FIELD = re.compile(r"([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*)*): ")
+
+
+def _fields_named(error: Exception) -> list[str]:
+    """The request fields ``error`` names: its field violations (INVALID_ARGUMENT), else the
+    field its message starts with, as the server writes every error about one (NOT_FOUND
+    carries no violations)."""
+    if violations := getattr(error, "field_violations", ()):
+        return list(dict(violations))
+    leading = _LEADING_FIELD.match(getattr(error, "details", ""))
+    return [leading.group(1)] if leading else []
+
+
 def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     """What to check when the call never reached the server, or it refused the caller."""
     details = str(error)
@@ -1165,7 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except (ExplaindError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
-        for field in dict(getattr(error, "field_violations", ())):
+        for field in _fields_named(error):
             if option := _option_of_field(args, field):
                 print(f"  ({field} is {option} here)", file=sys.stderr)
         if hint := _connection_hint(args, error):

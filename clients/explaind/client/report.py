@@ -19,7 +19,7 @@ from functools import partial
 import grpc
 
 from ._client import Client
-from ._errors import ExplaindError, InvalidArgumentError, OperationError
+from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
@@ -60,8 +60,28 @@ def build_report(
     early on ``validation_sample_set_id``, else on the fifth of the set the server holds
     out (every 5th sample), and is evaluated on data it did not train on:
     ``evaluation_sample_set_id``, else that validation data; ``group_attribute`` adds
-    per-group accuracy (e.g. "background")."""
+    per-group accuracy (e.g. "background").
+
+    A wrong option of the caller's (an unknown set, a group attribute the samples lack)
+    raises, before the visualisations (the longest part) where it can: the edit runs
+    before them. A refusal the data causes (too few samples, training that diverged)
+    leaves the page without an edit, saying why."""
+    for field, named in (("evaluation_sample_set_id", evaluation_sample_set_id), ("validation_sample_set_id", validation_sample_set_id)):
+        if named:
+            _require_sample_set(client, named, field)
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
+    edit, evaluated_on, no_edit_reason = None, "", ""
+    if ranking.neurons:
+        neurons = [n.neuron for n in ranking.neurons[:edit_neurons]]
+        try:
+            edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id,
+                                               validation_sample_set_id, group_attribute, progress)
+        except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
+            if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            if any(field in _CALLERS_OPTIONS for field, _ in error.field_violations):
+                raise
+            no_edit_reason = "; ".join([error.details, *getattr(error, "__notes__", ())])  # e.g. temporary sets left behind
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -72,17 +92,21 @@ def build_report(
     for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
         visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
-    edit, evaluated_on, no_edit_reason = None, "", ""
-    if ranking.neurons:
-        neurons = [n.neuron for n in ranking.neurons[:edit_neurons]]
-        try:
-            edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id,
-                                               validation_sample_set_id, group_attribute, progress)
-        except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
-            if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
-            no_edit_reason = "; ".join([error.details, *getattr(error, "__notes__", ())])  # e.g. temporary sets left behind
     return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
+
+
+# Request fields build_report's caller chose: the edit refusing one of them is the caller's mistake.
+_CALLERS_OPTIONS = ("group_attribute", "evaluation_sample_set_id", "validation_sample_set_id")
+
+
+def _require_sample_set(client: Client, sample_set_id: str, field: str) -> None:
+    """Fail now if ``sample_set_id``, given as the report's ``field``, names no set: the
+    edit would say so only after the ranking."""
+    try:
+        client.sample_set(sample_set_id)
+    except (NotFoundError, InvalidArgumentError) as error:  # named as the report's argument, not GetSampleSet's
+        message = error.details.removeprefix("sample_set_id: ")
+        raise error_from_code(error.code, f"{field}: {message}", [(field, message)]) from None
 
 
 def _suggest_edit(
