@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import free_port
@@ -231,6 +232,13 @@ def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, m
     assert message in _error(capsys, ["serve", *flags, "--data-dir", str(tmp_path / "data")])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
+def test_serving_on_an_absent_gpu_fails_before_it_says_it_is_listening(capsys, tmp_path):
+    assert main(["serve", "--device", "cuda", "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [runtime].device is 'cuda' but CUDA is not available on this machine") and "listening" not in err, err
+
+
 @pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"],
                                   ["--tls", "serve"], ["--ca-file", "ca.pem", "serve"], ["--cert-file=me.pem", "demo"],
                                   ["--key-file", "me.key", "serve"]])
@@ -439,6 +447,20 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
     assert capsys.readouterr().out == waited
     assert main(["--target", server.target, "operations", "get", edit.name]) == 0
     assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)
+
+
+def test_an_artifact_goes_to_standard_output_with_dash(server, capsysbinary, world_images, tmp_path, monkeypatch):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:6], labels[:6], sample_set_id="piped")
+        operation = client.evaluate_sample_set("piped")
+        operation.wait(60)
+        expected = operation.artifact("mistakes.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--target", server.target, "operations", "artifact", operation.name, "mistakes.png", "-o", "-"]) == 0
+    out, err = capsysbinary.readouterr()
+    assert out == expected and out.startswith(b"\x89PNG") and err == f"wrote {len(out)} bytes to standard output\n".encode()
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
 
 
 def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, capsys, world_images, tmp_path):

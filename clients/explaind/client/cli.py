@@ -249,6 +249,7 @@ _SERVE_OVERRIDES = {
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from explaind.config import ConfigError, load_config
+    from explaind.errors import FailedPrecondition
     from explaind.service import serve
     from explaind.store import StoreOpenError
 
@@ -278,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     try:
         return serve(config)
-    except (OSError, StoreOpenError, ConfigError) as error:  # an address or the data dir in use, a corrupt database, a token file
+    except (OSError, StoreOpenError, ConfigError, FailedPrecondition) as error:  # an address or the data dir in use, a corrupt database, a token file, no GPU
         return _start_failed(str(error), json_logs=json_logs)
 
 
@@ -405,6 +406,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
                 print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {s.display_name}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading})")
+            if not listed:
+                print("no sample sets (explaind sample-set create makes one)", file=sys.stderr)
         elif args.action == "show":
             s = client.sample_set(args.id)
             if args.json:
@@ -688,6 +691,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 raise
         elif args.action == "artifact":
             data = operation.artifact(args.artifact)
+            if args.output == "-":  # the bytes alone on stdout, for a pipe
+                sys.stdout.buffer.write(data)
+                print(f"wrote {len(data)} bytes to standard output", file=sys.stderr)
+                return 0
             _write(args.output or args.artifact, data)
             print(json.dumps({"file": args.output or args.artifact, "size_bytes": len(data)}) if args.json
                   else f"wrote {args.output or args.artifact} ({len(data)} bytes)")
@@ -1020,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
     operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
-    operations.add_argument("-o", "--output", help="file for the artifact (default: its name)")
+    operations.add_argument("-o", "--output", help="file for the artifact (default: its name; - for standard output)")
     operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
                                                                 "one per line as it changes (watch)")
     operations.set_defaults(run=cmd_operations)

@@ -32,6 +32,7 @@ from explaind.v1 import (
 
 from ..config import Config
 from ..engine import Engine, NeuroInspectEngine
+from ..engine.backends import check_device
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError
@@ -251,8 +252,11 @@ def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
-    token or TLS file cannot be read."""
+    token or TLS file cannot be read, FailedPrecondition when [runtime].device names an
+    absent GPU (before binding: "listening" must not be the first word of a server that
+    cannot run)."""
     configure_logging(config.server.log_format)
+    check_device(config.runtime.device)
     server = ExplaindServer(config)
     try:
         port = server.start()  # OSError (address in use) goes to the caller, before any model loads
