@@ -31,18 +31,18 @@ def test_worst_rows_compare_each_versions_worst_and_name_both():
     before = evaluation({"circle": 0.825, "heart": 0.175}, {"heart/grass": 0.0, "circle/water": 0.125})
     after = evaluation({"circle": 0.800, "heart": 0.850}, {"heart/grass": 0.889, "circle/water": 0.0})
     rows = table(_evaluation_rows(before, after))
-    assert rows["worst class (heart → circle)"] == ["0.175", "0.800", "0.625"]
-    assert rows["worst group (heart/grass → circle/water)"] == ["0.000", "0.000", "0.000"]
-    assert rows["group heart/grass"] == ["0.000", "0.889", "0.889"]
+    assert rows["worst class (heart → circle)"] == ["0.175", "0.800", "+0.625"]
+    assert rows["worst group (heart/grass → circle/water)"] == ["0.000", "0.000", "+0.000"]
+    assert rows["group heart/grass"] == ["0.000", "0.889", "+0.889"]
     assert rows["group circle/water"] == ["0.125", "0.000", "-0.125"]
-    assert rows["class heart"] == ["0.175", "0.850", "0.675"]
+    assert rows["class heart"] == ["0.175", "0.850", "+0.675"]
 
 
 def test_an_unchanged_worst_is_named_once_and_no_groups_means_no_group_rows():
     before = evaluation({"circle": 0.9, "heart": 0.2}, {})
     after = evaluation({"circle": 0.9, "heart": 0.5}, {})
     rows = table(_evaluation_rows(before, after))
-    assert rows["worst class (heart)"] == ["0.200", "0.500", "0.300"]
+    assert rows["worst class (heart)"] == ["0.200", "0.500", "+0.300"]
     assert not [label for label in rows if "group" in label]
 
 
@@ -56,7 +56,7 @@ def test_a_set_of_many_classes_shows_the_edited_class_and_the_largest_changes_th
     classes = [label for label, _ in rows if label.startswith("class ")]
     assert classes[:5] == ["class c42", "class c3", "class c7", "class c50", "class c99"]  # then the unchanged, in class order
     assert len(classes) == 19 and classes[5:7] == ["class c0", "class c1"]
-    assert rows[-1] == ("the other 81 classes, mean", ["0.500", "0.500", "0.000"])
+    assert rows[-1] == ("the other 81 classes, mean", ["0.500", "0.500", "+0.000"])
     assert len(table(_evaluation_rows(before, evaluation({n: 0.5 for n in names[:20]}, {}), "c42"))) == 2 + 20  # 20 classes: every one
 
 

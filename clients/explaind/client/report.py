@@ -210,7 +210,7 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     if rest:
         rows.append((f"the other {len(rest)} classes, mean", _mean([old for _, old, _ in rest]), _mean([new for _, _, new in rest])))
     return "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_number(a - b, 3) if not (math.isnan(a) or math.isnan(b)) else '–'}</td></tr>"
+        f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{f'{a - b:+.3f}' if not (math.isnan(a) or math.isnan(b)) else '–'}</td></tr>"
         for label, b, a in rows
     )
 
@@ -222,13 +222,31 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; }
-td:first-child, th:first-child { text-align: left; }
+td:first-child, th:first-child, .text { text-align: left; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
 .muted { color: #777; font-size: .9em; }
 """
 _STYLE += (f".neuron img {{ width: {_IMAGE_BOX}px; height: {_IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
            ".neuron img[data-upscaled] { image-rendering: pixelated; }\n")  # small inputs as crisp pixels, larger smoothly scaled
+
+
+# What the numbers mean, under the tables that show them (NeuroInspect's definitions).
+_RANKING_LEGEND = (
+    "<p class='muted' id='ranking-legend'>Each mistake gets the smallest shift ω of the penultimate features that makes the "
+    "classifier predict its true class. <b>insufficient</b>: the share of mistakes in which the neuron is among the largest "
+    "increases (top 5 by default): it fired too little. <b>excessive</b>: among the largest decreases: it fired too much. "
+    "<b>direction</b>: the list whose cut it passed, or both. <b>mean ω</b>: its mean shift over the mistakes, in feature units. <b>importance</b>: the class's probability on its mean "
+    "feature divided by the same with this neuron zeroed; above 1 the neuron speaks for the class. <b>top classes</b>: the "
+    "classes whose head weight for the neuron is largest.</p>"
+)
+_VISUALIZATION_LEGEND = (
+    "<p class='muted' id='visualization-legend'>Left, an image optimised to make the neuron fire within the class; right, the "
+    "same with the regions where it fires little dimmed. <b>activation α</b>: the neuron's value on the image, as the head reads "
+    "it. <b>logit</b>: the class's logit on it. <b>CLIP similarity</b>: cosine between the image and the class's prompts (– "
+    "without CLIP). <b>core relevance</b>: that similarity minus the same with the neuron's region greyed out: how much of the "
+    "class's look the neuron's region carries. <b>mask area</b>: the share of the image left undimmed.</p>"
+)
 
 
 def render_report(report: MistakeReport) -> str:
@@ -247,14 +265,19 @@ def render_report(report: MistakeReport) -> str:
         f"<tr><td>counterfactuals that flip the prediction</td><td>{ranking.converged_count}</td></tr>",
         f"<tr><td>predicted instead as</td><td>{predicted}</td></tr></table>",
         "<h2>Ranked neurons</h2>",
-        "<table><tr><th>neuron</th><th>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th><th>importance</th><th>top classes</th></tr>",
+        "<table><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th><th>importance</th>"
+        "<th class='text'>top classes</th></tr>",
     ]
+    shown = {v.neuron for v in report.visualizations}
     for n in ranking.neurons:
+        neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
         parts.append(
-            f"<tr><td>{n.neuron}</td><td>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
-            f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td>{escape(', '.join(n.top_classes))}</td></tr>"
+            f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
+            f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td class='text'>{escape(', '.join(n.top_classes))}</td></tr>"
         )
     parts.append("</table>")
+    if ranking.neurons:
+        parts.append(_RANKING_LEGEND)
     if report.visualizations:
         parts.append(f"<h2>What the ranked neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2><div class='neurons'>")
         by_neuron = {n.neuron: n for n in ranking.neurons}
@@ -270,7 +293,7 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
                 f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></div>"
             )
-        parts.append("</div>")
+        parts.append(f"</div>{_VISUALIZATION_LEGEND}")
     elif report.no_visualization_reason:
         parts.append(f"<h2>What the ranked neurons respond to</h2><p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
     if report.edit is not None:
