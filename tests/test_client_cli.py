@@ -80,6 +80,8 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),
         (["head-versions", "delete"], "head-versions delete: give a version id"),
         (["operations", "list", "junk"], "operations list takes no operation name"),
+        (["operations", "get", "operations/0123456789abcdef", "extra"], "operations get takes one operation name, got 'extra' as well"),
+        (["operations", "wait", "operations/0123456789abcdef", "-o", "out.png"], "operations wait takes one operation name, got --output as well"),
         (["operations", "get", "x", "--state", "failed"], "operations get: --kind, --state and --limit are options of list"),
         (["operations", "list", "--limit", "0"], "--limit: expected an integer >= 1, got '0'"),
         (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),

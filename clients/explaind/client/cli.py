@@ -1127,6 +1127,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         parser.error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
         parser.error("operations artifact: give an artifact name, e.g. mistakes.png")
+    if args.command == "operations" and args.action != "artifact" and (args.artifact or args.output):
+        extra = f"{args.artifact!r}" if args.artifact else "--output"
+        parser.error(f"operations {args.action} takes one operation name, got {extra} as well (artifacts: operations artifact NAME FILE)")
     if args.command == "serve":  # an unset $VAR would silently serve without auth or TLS
         for key in ("token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if getattr(args, key) == "":
