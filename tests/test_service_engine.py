@@ -2099,6 +2099,36 @@ def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):
         server.store.close()
 
 
+def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(tmp_path, monkeypatch):
+    # Only a restart deleted it: a server that ran for weeks kept every image a client
+    # that died mid-upload had sent.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path), upload_idle_timeout_s=600))
+    store = server.store
+    try:
+        with store.writing_blobs() as put:
+            abandoned_image, continued_image = put(b"abandoned"), put(b"continued")
+            store.create_sample_set("abandoned", "", [SampleRecord(abandoned_image, 0)], uploading=True)
+            store.create_sample_set("continued", "", [SampleRecord(continued_image, 0)], uploading=True)
+            store.create_sample_set("finished", "", [SampleRecord(abandoned_image, 1)])
+        later = time.time() + 601
+        monkeypatch.setattr(time, "time", lambda: later)
+        store.append_samples("continued", [SampleRecord(continued_image, 1)])  # a request: still alive
+        server._sweep_once()
+        assert [(s.sample_set_id, s.uploading) for s in store.list_sample_sets()] == [("continued", True), ("finished", False)]
+        store.delete_sample_set("finished")
+        monkeypatch.setattr(time, "time", lambda: later + 1)
+        server._sweep_once()  # its images lost their last reference at the first sweep
+        assert not store._blob_path(abandoned_image).exists() and store._blob_path(continued_image).exists()
+        server.config = server.config.replace("server", upload_idle_timeout_s=0)  # 0: only a restart deletes it
+        monkeypatch.setattr(time, "time", lambda: later + 10**6)
+        server._sweep_once()
+        assert [s.sample_set_id for s in store.list_sample_sets()] == ["continued"]
+    finally:
+        store.close()
+
+
 def test_a_reserve_an_earlier_server_died_setting_aside_is_removed_at_start_up(tmp_path):
     # Its scratch file, as large as the reserve, stayed in the data dir for good.
     from explaind.store.sqlite import RESERVE_FILE

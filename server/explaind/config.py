@@ -61,10 +61,10 @@ _AT_LEAST_ONE = (
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
-# 0 means something here (any port, no metrics, no grace, no reserve, the model's size, stretched images,
+# 0 means something here (any port, no metrics, no grace, no reserve, no upload expiry, the model's size, stretched images,
 # torch's threads, keeping operations); below 0 nothing does.
 _NOT_NEGATIVE = (
-    "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "batching.max_queue_delay_ms",
+    "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days",
 )
 _MAX_PORT = 65535
@@ -96,6 +96,10 @@ class ServerSection:
     grace_period_s: float = 10.0
     # gRPC worker threads (streams and unary calls share them).
     max_workers: int = 64
+    # Seconds an upload in several requests may go without one before its set is deleted
+    # (a client that died mid-upload left its images on disk until a restart); 0: only
+    # a restart deletes it.
+    upload_idle_timeout_s: float = 3600.0
     # When set, every call must carry "authorization: Bearer <token>".
     token: str = ""
     # A file whose content (less surrounding whitespace) is the token: a mounted Kubernetes

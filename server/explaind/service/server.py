@@ -55,8 +55,8 @@ SERVICE_NAMES = (
 
 # Seconds in-flight calls get beyond the grace period at shutdown (see ``stop``).
 FINAL_STATE_MARGIN_S = 1.0
-# How often operations past their retention, and the files of deleted sets, head
-# versions and operations, are removed (seconds).
+# How often operations past their retention, abandoned uploads, and the files of deleted
+# sets, head versions and operations, are removed (seconds).
 SWEEP_INTERVAL_S = 60.0
 
 
@@ -167,7 +167,8 @@ class ExplaindServer:
             self._sweep_once()
 
     def _sweep_once(self, *, everything: bool = False) -> None:
-        """Delete the operations past ``[jobs].retention_days``, then the files nothing uses
+        """Delete the operations past ``[jobs].retention_days`` and the uploads idle for
+        ``[server].upload_idle_timeout_s``, then the files nothing uses
         any more: only those that lost their last reference before the oldest unfinished
         job was submitted (it may still read a set deleted since); then set the store's
         reserve aside again if it was released. ``everything`` (at
@@ -180,6 +181,13 @@ class ExplaindServer:
                     log.info("deleted %d operation(s) that ended over %g day(s) ago ([jobs].retention_days)", deleted, retention_days)
         except Exception:  # noqa: BLE001 - serving goes on
             log.exception("deleting operations past their retention failed")
+        try:
+            if idle_s := self.config.server.upload_idle_timeout_s:
+                if abandoned := self.store.delete_unfinished_uploads(idle_since=time.time() - idle_s):
+                    log.warning("deleted %d sample set(s) whose upload had no request for %gs ([server].upload_idle_timeout_s): %s",
+                                len(abandoned), idle_s, ", ".join(abandoned))
+        except Exception:  # noqa: BLE001
+            log.exception("deleting abandoned uploads failed")
         try:
             before = self.engine.jobs.oldest_unfinished_create_time() or time.time()
             if removed := self.store.delete_unused_blobs(before=before, everything=everything):

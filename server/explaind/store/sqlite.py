@@ -408,14 +408,16 @@ class SQLiteStore:
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
-            if samples or finished:  # a finish_upload of a finished set changes nothing
+            if samples or finished:  # a finish_upload of a finished set changes nothing; an upload's request shows it alive
                 db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
         return self.get_sample_set(sample_set_id)
 
-    def delete_unfinished_uploads(self) -> list[str]:
+    def delete_unfinished_uploads(self, *, idle_since: float | None = None) -> list[str]:
+        where = "" if idle_since is None else " AND update_time < ?"
         with self._transaction() as db:
-            abandoned = [row[0] for row in db.execute("SELECT id FROM uploading_sets ORDER BY id")]
-            db.execute("DELETE FROM sample_sets WHERE id IN (SELECT id FROM uploading_sets)")  # cascades to samples and uploading_sets
+            abandoned = [row[0] for row in db.execute(
+                f"SELECT id FROM sample_sets WHERE id IN (SELECT id FROM uploading_sets){where} ORDER BY id", () if idle_since is None else (idle_since,))]
+            db.executemany("DELETE FROM sample_sets WHERE id = ?", [(set_id,) for set_id in abandoned])  # cascades to samples and uploading_sets
         return abandoned
 
     @staticmethod
