@@ -283,20 +283,25 @@ class JobManager:
         stays live as FAILED in memory (the store says running until a restart fails it)."""
         message = {SUCCEEDED: "done", FAILED: "failed", CANCELLED: "cancelled"}[state]
         try:
-            self._update(live, persist=True, state=state, end_time=time.time(), error_code=error[0], error_message=error[1],
-                         result=result, message=message, **changes)
+            self._end(live, state=state, end_time=time.time(), error_code=error[0], error_message=error[1],
+                      result=result, message=message, **changes)
         except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
             log.exception("job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
             failed = dict(state=FAILED, end_time=time.time(), error_code="INTERNAL", result=b"", message="failed",
                           error_message=f"the job ended {state} but the store failed to record it ({type(write_error).__name__}); submit it again")
             try:
-                self._update(live, persist=True, **failed)
+                self._end(live, **failed)
             except Exception:  # noqa: BLE001
                 log.exception("job %s: storing its failure failed too", live.record.job_id)
                 with self._changed:
                     self._set_record(live, dataclasses.replace(live.record, **failed))
-                return
+
+    def _end(self, live: _LiveJob, **changes) -> None:
+        """Store the job's end and drop it from the live jobs in one hold of the lock: a
+        reader the end wakes may delete the job at once, and must find it in the store
+        alone (a live job that ended is one whose end the store refused)."""
         with self._changed:
+            self._update(live, persist=True, **changes)
             self._live.pop(live.record.job_id, None)
 
     def _update(self, live: _LiveJob, *, persist: bool = False, preview: bytes | None = None, **changes) -> None:
