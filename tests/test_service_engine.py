@@ -1790,6 +1790,38 @@ def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_
     assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
 
 
+def test_a_job_that_reaches_its_cancellation_check_late_still_reaches_its_waiter(tmp_path, classifier_dir):
+    # Calls were cut a second after the grace period: a job whose next check came later
+    # (a long step) ended ABORTED after its waiter had been told UNAVAILABLE.
+    import threading
+
+    from explaind.client import Client
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path))
+    server = ExplaindServer(config)
+    port = server.start()
+    server.load_models()
+    started, seen = threading.Event(), {}
+
+    def long_steps(ctx):
+        started.set()
+        while True:
+            ctx.raise_if_cancelled()
+            time.sleep(3.0)  # one step: past the grace (0.5 s) and the second calls get after it
+
+    job_id = server.engine.jobs.submit("long_steps", long_steps).record.job_id
+    with Client(f"127.0.0.1:{port}", timeout=30) as client:
+        operation = client.operation(f"operations/{job_id}")
+        assert started.wait(10)
+        waiter = threading.Thread(target=lambda: seen.update(state=operation.wait(timeout=30).state, error=operation.error))
+        waiter.start()
+        time.sleep(0.2)
+        server.stop(0.5)
+        waiter.join(30)
+    assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
+
+
 def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, classifier_dir, world_images):
     # Each WaitOperation held a worker thread for its whole wait: 64 clients waiting on one
     # job left none, and health checks, cancels and Predict timed out.

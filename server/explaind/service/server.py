@@ -53,8 +53,10 @@ SERVICE_NAMES = (
 )
 
 
-# Seconds in-flight calls get beyond the grace period at shutdown (see ``stop``).
+# Seconds in-flight calls get at shutdown once every job has ended (see ``stop``), and the
+# most seconds they wait past the grace period for jobs the shutdown aborts to end.
 FINAL_STATE_MARGIN_S = 1.0
+ABORTED_JOBS_WAIT_S = 30.0
 # How often operations past their retention, abandoned uploads, and the files of deleted
 # sets, head versions and operations, are removed (seconds).
 SWEEP_INTERVAL_S = 60.0
@@ -203,17 +205,22 @@ class ExplaindServer:
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, give jobs ``grace_s`` (default from
-        config) to finish and abort the rest, give in-flight calls a second more, then cancel them."""
+        config) to finish and abort the rest, give in-flight calls a second more once every
+        job has ended, then cancel them."""
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         self._closing.set()
         self.health.enter_graceful_shutdown()
-        # Calls outlast the jobs a little, so a client waiting on a job the shutdown aborts
-        # receives its final state rather than UNAVAILABLE.
-        done = self._grpc.stop(grace + FINAL_STATE_MARGIN_S) if self._grpc is not None else threading.Event()
+        # Calls outlast the jobs, so a client waiting on a job the shutdown aborts receives
+        # its final state rather than UNAVAILABLE, however long the job takes to reach its
+        # next cancellation check (within ABORTED_JOBS_WAIT_S).
+        longest = grace + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
+        done = self._grpc.stop(longest) if self._grpc is not None else threading.Event()
         self.engine.close(grace)
-        done.wait(grace + 5)
+        if self._grpc is not None:
+            self._grpc.stop(FINAL_STATE_MARGIN_S)  # a later, shorter grace ends the calls sooner
+        done.wait(longest + 5)
         if self._health_grpc is not None:  # last: probes see NOT_SERVING until the end
             self._health_grpc.stop(0).wait()
         self._close_metrics_http()
