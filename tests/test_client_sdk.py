@@ -580,6 +580,26 @@ def test_an_artifact_that_ends_before_its_size_is_a_data_loss_not_an_endless_dow
         server.stop(0)
 
 
+def test_a_result_whose_files_cannot_be_fetched_says_the_job_ended_and_how_to_read_it(monkeypatch):
+    # A server stopping right after the job ended refused result()'s artifact downloads:
+    # the caller saw UNAVAILABLE alone, as if the job had not ended.
+    from explaind.client import UnavailableError
+    from explaind.client._operations import Operation
+
+    metadata = any_pb2.Any()
+    metadata.Pack(operations_pb2.OperationMetadata(kind="evaluate_sample_set", state=operations_pb2.OPERATION_STATE_SUCCEEDED,
+                                                   full_response_artifact="result.binpb"))
+    response = any_pb2.Any()
+    response.Pack(operations_pb2.OperationMetadata())
+    operation = Operation(None, operations_lro.Operation(name="operations/x", done=True, metadata=metadata, response=response))
+    monkeypatch.setattr(Operation, "artifact", lambda self, name: (_ for _ in ()).throw(UnavailableError("Connection refused")))
+    with pytest.raises(UnavailableError) as refused:
+        operation.result()
+    assert refused.value.__notes__ == ["operations/x succeeded; fetching the files of its result failed: result() again once the "
+                                       "server is back, or result(download=False) for what needs no files"]
+    assert operation.result(download=False) == operations_pb2.OperationMetadata()
+
+
 class _HangingOperations(operations_pb2_grpc.OperationsServiceServicer):
     """A server half up: its watch stream fails UNAVAILABLE and GetOperation answers only
     after 5 s (still running)."""

@@ -349,7 +349,12 @@ class Operation:
             raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
         if self.error is not None:
             raise self.error
-        return self._unpack_response(download)
+        try:
+            return self._unpack_response(download)
+        except UnavailableError as error:  # e.g. the server stopped right after the job ended
+            error.add_note(f"{self.name} {self.state}; fetching the files of its result failed: result() again once the server "
+                           f"is back, or result(download=False) for what needs no files")
+            raise
 
     def _follow_with_bar(self, timeout: float | None) -> None:
         from tqdm.auto import tqdm
