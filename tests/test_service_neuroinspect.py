@@ -349,6 +349,7 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
     log = (tmp_path / "server.log").read_text()
     assert len(re.findall(r"serving head version v1 of classifier \S+ \(was v0\)", log)) == 16
     assert len(re.findall(r"serving head version v0 of classifier \S+ \(was v1\)", log)) == 16
+    assert len(re.findall(r"serving head version v1 of classifier \S+ \(unchanged\)", log)) == 1  # the restart's; not "(was v1)"
 
 
 def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True):

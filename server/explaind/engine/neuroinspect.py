@@ -695,8 +695,8 @@ class NeuroInspectEngine:
             if previous is not None:
                 store.set_active_head_version(record.feature_version, previous)
             raise
-        log.info("serving head version %s of classifier %s (was %s)", record.version_id, self._engine.models.active.name,
-                 previous or "none")
+        log.info("serving head version %s of classifier %s (%s)", record.version_id, self._engine.models.active.name,
+                 "unchanged" if previous == record.version_id else f"was {previous or 'none'}")
 
     def head_versions(self, *, after: tuple[float, str] | None = None, limit: int | None = None) -> tuple[list[HeadVersionRecord], str]:
         """The versions, oldest first (``limit`` of them after ``after`` = (create_time,
