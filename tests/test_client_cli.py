@@ -451,6 +451,21 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
     assert re.search(r"^  v1 \S+ probability_ratio heart neurons \[3, 7\], accuracy \d\.\d{3} \(was \d\.\d{3}\)$", capsys.readouterr().out, flags=re.M)
 
 
+def test_a_class_without_mistakes_is_ranked_and_reported_as_nothing_to_explain(server, capsys, world_images, tmp_path):
+    # It was an error (exit 1): a script looping over classes failed on good news.
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        predicted = [p.class_indices[0] for p in client.predict(images[:40], top_k=1)]
+        correct = [i for i in range(40) if predicted[i] == labels[i]]
+        client.create_sample_set(images[correct], labels[correct], sample_set_id="all-right")
+        name = client.model_metadata().class_names[int(labels[correct[0]])]
+    assert main(["--target", server.target, "rank", "all-right", "--class", name]) == 0
+    assert capsys.readouterr().out == f"no mistakes of {name} in all-right ({len(correct)} samples): nothing to explain\n"
+    page = tmp_path / "report.html"
+    assert main(["--target", server.target, "report", "--class", name, "--sample-set", "all-right", "--out", str(page)]) == 0
+    assert "wrote" in capsys.readouterr().out and f"<p id='no-mistakes'>The classifier makes no mistakes on {name}" in page.read_text()
+
+
 def test_an_artifact_goes_to_standard_output_with_dash(server, capsysbinary, world_images, tmp_path, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

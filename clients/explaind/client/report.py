@@ -308,6 +308,8 @@ def render_report(report: MistakeReport) -> str:
             parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
             parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
+    elif not ranking.mistake_count:
+        parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
     elif not ranking.neurons:
         parts.append("<p>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
     elif report.no_edit_reason:

@@ -111,8 +111,9 @@ class NeuroInspectServiceServicer:
         FAILED_PRECONDITION; OPERATION always returns an operation. The SDK hides the
         difference: `rank_mistake_neurons` waits for the operation when there is one.
 
-        A class with no sample in the set, or no mistake, is INVALID_ARGUMENT naming the
-        class field: from the call when it runs inline, as the operation's error otherwise.
+        A class with no sample in the set is INVALID_ARGUMENT naming the class field: from
+        the call when it runs inline, as the operation's error otherwise. A class with no
+        mistake gets an empty ranking (mistake_count 0, no neurons): nothing to explain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -134,8 +134,7 @@ class MistakeNeuronRanker:
         """Rank the neurons behind the mistakes among ``features`` (N, D) with true ``labels`` (N,).
 
         No mistakes (of ``target_class``) give an empty ranking, not an error: a monitoring
-        script may simply have nothing to explain (the service refuses such a request,
-        since a caller asking it for a ranking expects one).
+        script may simply have nothing to explain (the service answers so too).
 
         Args:
             solver: ``"faithful"`` (the authors' SGD, batched), ``"proximal"`` (FISTA, exact
