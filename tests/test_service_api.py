@@ -1101,3 +1101,42 @@ def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     assert len(printed["labels"]) == len(printed["class_indices"]) == 3 and printed["model_version"]
     class_names = Client(server.target).model_metadata().class_names
     assert [class_names[i] for i in printed["class_indices"]] == printed["labels"]
+
+
+def test_torch_inputs_as_torchvision_and_tensor_ops_give_them_are_taken(client, world_images):
+    # A uint8 (3, H, W) tensor (torchvision.io.decode_image's layout) was refused, and so
+    # were a class as a 0-d tensor and neurons as a tensor (`for c in labels.unique()`).
+    pixels = torch.from_numpy(_uint8(world_images[0][:4]))  # (N, H, W, 3) uint8
+    expected = client.predict(pixels.numpy())
+    for given, wanted in ((pixels.permute(0, 3, 1, 2), expected), (pixels[0].permute(2, 0, 1), expected[:1])):  # (N, 3, H, W), (3, H, W)
+        got = client.predict(given)
+        assert [p.class_indices for p in got] == [p.class_indices for p in wanted]
+        np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in wanted], rtol=1e-4, atol=1e-7)
+    labels = world_images[1]
+    client.create_sample_set(pixels.numpy(), labels[:4], sample_set_id="tensor-args")
+    ranking = client.rank_mistake_neurons("tensor-args", labels[:4].unique()[0])
+    assert ranking.class_index == int(labels[:4].unique()[0])
+    visualized = client.visualize_neurons(torch.tensor([3, 5]), method="feature_visualization", steps=1).result()
+    assert [v.neuron for v in visualized.visualizations] == [3, 5]
+    with pytest.raises(TypeError, match=r"target_class must be a class name \(str\) or index \(int\), got 1.5"):
+        client.rank_mistake_neurons("tensor-args", torch.tensor(1.5))
+
+
+def test_returned_arrays_are_writable_and_long_results_print_short():
+    # Arrays over a message's bytes were read-only (`features -= mean` failed), and a
+    # notebook cell showing an evaluation printed every mistake.
+    from explaind.client._neuroinspect import ranking as ranking_from
+    from explaind.client._operations import EvaluatedMistake, Evaluation
+    from explaind.client._types import float32_array
+    from explaind.v1 import neuroinspect_pb2
+
+    tensor = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2, 3], data=np.arange(6, dtype="<f4").tobytes())
+    array = float32_array(tensor)
+    array -= 1
+    assert array.tolist() == [[-1, 0, 1], [2, 3, 4]]
+    omega = ranking_from(neuroinspect_pb2.NeuronRanking(omega=tensor)).omega
+    omega *= 2
+    mistakes = [EvaluatedMistake(i, 0, 1, 0.9) for i in range(5000)]
+    evaluation = Evaluation("s", "m", 5000, 0.0, {"circle": 0.0}, np.zeros((1000, 1000), np.int64), mistakes,
+                            class_names=[f"class {i}" for i in range(1000)])
+    assert len(repr(evaluation)) < 300, repr(evaluation)

@@ -31,9 +31,9 @@ from explaind.v1 import (
 from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
-from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, class_fields, class_ref
+from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, as_scalar, class_fields, class_ref
 from ._operations import LAST_ATTEMPT_S, Operation, enum_number
-from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet
+from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -264,7 +264,9 @@ class Client:
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
         """Block until health reports SERVING (models loaded), for at most ``timeout``
-        seconds: each probe gets what is left of it, not the client's whole timeout."""
+        seconds: each probe gets what is left of it, not the client's whole timeout.
+        Raises the built-in TimeoutError (not an ExplaindError: no call failed, the server
+        was not ready) naming the last probe's error."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -328,8 +330,7 @@ class Client:
             response = self._call_at(len(predictions), count, "inference", "Predict", request, timeout=timeout)
             features = None
             if response.HasField("features"):
-                f = response.features
-                features = np.frombuffer(f.data, dtype="<f4").reshape(tuple(f.shape))
+                features = float32_array(response.features)
             predictions += [
                 Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
                 for i, p in enumerate(response.predictions)
@@ -584,7 +585,10 @@ class Client:
         set. Small sets are answered inline; for large ones the server starts an operation
         and this waits for it (``progress=True``: a tqdm bar; Ctrl-C cancels it).
         ``execution``: "auto", "inline" or "operation". Unset numbers use the server's
-        defaults (l1 0.1, l2 0.01, 1000 iterations, cut 0.03, top 5).
+        defaults (l1 0.1, l2 0.01, 1000 iterations, cut 0.03, top_k 5). ``top_k`` is the
+        number of neurons taken per mistake and direction, not the number returned: every
+        neuron whose share of mistakes passes ``cut_ratio`` is (a class with no mistakes
+        gets none, and ``mistake_count`` 0).
 
         ``timeout`` (seconds) bounds the whole ranking, the operation's wait included:
         DeadlineExceededError names the operation, which keeps running (``None``: the
@@ -629,6 +633,7 @@ class Client:
         messages = []
         for i, pair in enumerate(pairs):
             neuron, target = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (pair, None)
+            neuron = as_scalar(neuron)
             if not _is_index(neuron):
                 raise TypeError(f"pairs[{i}] is {pair!r}: {expected}")
             messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target, f"pairs[{i}] class")))
@@ -679,6 +684,7 @@ class Client:
             optional["target_ratio"] = float(target_ratio)
         if isinstance(neurons, (str, bytes)) or not isinstance(neurons, Iterable):
             raise TypeError(f"neurons must be a sequence of neuron indices, got {neurons!r}")
+        neurons = [as_scalar(neuron) for neuron in neurons]  # a tensor's or array's elements as ints
         for i, neuron in enumerate(neurons):
             if not _is_index(neuron):
                 raise TypeError(f"neurons[{i}] must be a neuron index (int), got {neuron!r}")

@@ -13,7 +13,7 @@ import numpy as np
 from explaind.v1 import neuroinspect_pb2
 
 from ._operations import RESULT_CONVERTERS, enum_names
-from ._types import ComparedByValue
+from ._types import ComparedByValue, float32_array
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -71,8 +71,9 @@ class NeuronRanking(ComparedByValue):
     converged_count: int
     neurons: list[RankedNeuron]
     predicted_as: dict[str, int]  # what the mistakes were classified as
-    mistakes: list[MistakeSummary] = field(default_factory=list)
-    omega: np.ndarray | None = None
+    # Left out of the repr: a notebook cell showing the ranking printed every mistake.
+    mistakes: list[MistakeSummary] = field(default_factory=list, repr=False)
+    omega: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class HeadEdit:
 def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None = None) -> NeuronRanking:
     omega = None
     if message.HasField("omega"):
-        omega = np.frombuffer(message.omega.data, dtype="<f4").reshape(tuple(message.omega.shape))
+        omega = float32_array(message.omega)
     elif message.omega_artifact and operation is not None:
         omega = np.load(io.BytesIO(operation.artifact(message.omega_artifact)), allow_pickle=False)
     return NeuronRanking(
@@ -248,8 +249,18 @@ RESULT_CONVERTERS.update({
 })
 
 
+def as_scalar(value: Any) -> Any:
+    """A 0-d array or tensor (numpy, torch: ``labels.unique()``'s elements) as the Python
+    number it holds; anything else as it is."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def class_ref(value: Any, argument: str) -> str | int:
-    """A class name or index as given; floats and bools are errors, not truncated."""
+    """A class name or index as given (or in a 0-d array or tensor); floats and bools are
+    errors, not truncated."""
+    value = as_scalar(value)
     if isinstance(value, str):
         return value
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):

@@ -77,11 +77,12 @@ class Evaluation(ComparedByValue):
     sample_count: int
     accuracy: float
     class_accuracy: dict[str, float]  # the classes with samples in the set
-    confusion_matrix: np.ndarray
+    # Left out of the repr, as below: a notebook cell showing the result printed every mistake.
+    confusion_matrix: np.ndarray = field(repr=False)
     # Most confident mistakes first.
-    mistakes: list[EvaluatedMistake]
+    mistakes: list[EvaluatedMistake] = field(repr=False)
     class_counts: dict[str, int] = field(default_factory=dict)  # samples per class, every class of the model (0 when absent)
-    class_names: list[str] = field(default_factory=list)  # every class of the model, by index (mistakes' labels index it)
+    class_names: list[str] = field(default_factory=list, repr=False)  # every class of the model, by index (mistakes' labels index it)
 
     @property
     def mistake_count(self) -> int:

@@ -25,6 +25,12 @@ class ComparedByValue:
         return all(_equal(getattr(self, item.name), getattr(other, item.name)) for item in fields(self))  # type: ignore[arg-type]
 
 
+def float32_array(tensor) -> np.ndarray:
+    """A float32 ``Tensor`` message (little-endian data and its shape) as a writable array:
+    one over the message's bytes would be read-only, and ``features -= mean`` would fail."""
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape)).copy()
+
+
 def _equal(first: object, second: object) -> bool:
     if isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
         return isinstance(first, np.ndarray) and isinstance(second, np.ndarray) and np.array_equal(first, second)
