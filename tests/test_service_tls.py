@@ -133,6 +133,35 @@ def test_the_health_port_tells_plaintext_probes_whether_a_mutual_tls_server_serv
         probe.health()  # stopped with the server
 
 
+def test_health_methods_no_one_serves_are_unimplemented_without_a_logged_traceback(tmp_path, classifier_dir, caplog):
+    # Each call to health's List (either port) or Watch (the probe port) logged a 1 KB
+    # ERROR traceback: anyone, without a token, could fill the log and page on-call.
+    import logging
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), health_port=free_port())
+    server = ExplaindServer(config)
+    server.start()
+    caplog.set_level(logging.ERROR)
+    try:
+        for port in (server.port, server.health_port):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                calls = [lambda: stub.List(health_pb2.HealthListRequest(), timeout=5)]
+                if port == server.health_port:
+                    calls.append(lambda: next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)))
+                for call in calls * 3:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        call()
+                    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(0)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
 def test_open_streams_never_starve_the_probes_or_the_shutdown(tmp_path, classifier_dir):
     # Each open stream holds a worker thread, and health's Watch needs no token: two idle
     # Watch streams silenced the health port's two threads, so kubelet's probes timed out.

@@ -263,8 +263,10 @@ class _Observed:
         return response
 
     def _map_unexpected(self, error: Exception) -> None:
-        if self._context.code() is not None:  # the servicer aborted on its own
+        if self._context.code() is not None:  # the servicer aborted on its own, or set its status
             self._code = self._context.code().name
+            if isinstance(error, NotImplementedError):  # a generated stub (health's List): no traceback to log, per call, for anyone
+                self._context.abort(self._context.code(), self._context.details() or "")
             raise error
         if isinstance(error, grpc.RpcError) and not self._context.is_active():
             # A two-way stream's request iterator raises this once the caller has left

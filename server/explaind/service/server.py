@@ -234,13 +234,20 @@ class ExplaindServer:
 
 
 class _ProbeHealth(health_pb2_grpc.HealthServicer):
-    """Check from the server's health servicer; Watch, inherited, is UNIMPLEMENTED."""
+    """Check from the server's health servicer; Watch and List are UNIMPLEMENTED, refused
+    without the traceback the generated stubs' NotImplementedError would log per call."""
 
     def __init__(self, servicer: health.HealthServicer) -> None:
         self._health = servicer
 
     def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:  # noqa: N802
         return self._health.Check(request, context)
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> None:  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the health port serves Check only")
+
+    def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> None:  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the health port serves Check only")
 
 
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, what: str = "") -> int:
