@@ -522,6 +522,24 @@ def _create_train_set(engine, world_set) -> None:
     engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
 
 
+def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_set):
+    # It ran in the RPC's thread to the end: a caller past its 2 s deadline left the
+    # solver busy for nobody, 100000 steps of it, slowing every Predict.
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import Cancelled
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        asked = []
+        with pytest.raises(Cancelled, match="the caller stopped waiting"):
+            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", caller_waits=lambda: asked.append(1) or len(asked) < 3,
+                                         settings=RankSettings(max_iterations=100_000, l1=1000.0))
+        assert len(asked) == 3  # asked at each step: it stopped at the first step the caller had gone
+    finally:
+        _shut(engine)
+
+
 def test_a_set_labelled_for_another_classifier_is_refused_naming_its_field(tmp_path, world_set):
     # Sets outlive a change of classifier in the same data dir: labels 0..9 kept for a
     # 6-class model failed evaluation and ranking with INTERNAL, and an edit only in its job.

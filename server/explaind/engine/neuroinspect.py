@@ -30,7 +30,7 @@ from torch import nn
 
 from explaind.v1 import neuroinspect_pb2
 
-from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
@@ -198,9 +198,12 @@ class NeuroInspectEngine:
         target_class: ClassRef | None,
         settings: RankSettings = RankSettings(),
         execution: str = "auto",
+        caller_waits: Callable[[], bool] = lambda: True,
     ) -> neuroinspect_pb2.NeuronRanking | JobSnapshot:
         """Rank the neurons behind ``target_class``'s mistakes in a sample set: the
-        ranking itself when small (see ``INLINE_MAX_*``), else the job computing it."""
+        ranking itself when small (see ``INLINE_MAX_*``), else the job computing it.
+        An inline ranking stops (Cancelled) once ``caller_waits()`` is False: a caller past
+        its deadline, or gone, must not leave the solver running for nobody."""
         version = self._split_version()
         class_index = self._class_index(version, target_class)
         class_field = "class_name" if isinstance(target_class, str) else "class_index"
@@ -218,7 +221,7 @@ class NeuroInspectEngine:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
             return self._submit_ranking(sample_set_id, version, class_index, class_field, settings)
-        return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features)
+        return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
 
     def _submit_ranking(self, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
                         settings: RankSettings) -> JobSnapshot:
@@ -251,7 +254,7 @@ class NeuroInspectEngine:
         return (in_class & (predicted != labels)).nonzero().squeeze(1)
 
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
-              settings: RankSettings, features=None) -> neuroinspect_pb2.NeuronRanking:
+              settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True) -> neuroinspect_pb2.NeuronRanking:
         if features is None:
             features = self._engine.sample_set_features(sample_set_id, version=version, context=context)
         self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
@@ -261,6 +264,8 @@ class NeuroInspectEngine:
                 context.raise_if_cancelled()
                 if step % 25 == 0:
                     context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
+            elif not caller_waits():
+                raise Cancelled("the caller stopped waiting (its deadline passed, or it left); nothing was stored")
             return False
 
         ranking = MistakeNeuronRanker(version.head).rank(

@@ -55,7 +55,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         )
         outcome = self._engine.rank_mistake_neurons(
             request.sample_set_id, target_class=_target_class(request), settings=settings,
-            execution=_enum(_EXECUTIONS, request.execution, "execution"),
+            execution=_enum(_EXECUTIONS, request.execution, "execution"), caller_waits=context.is_active,
         )
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
