@@ -1620,6 +1620,33 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
     assert "s3cret" not in caplog.text
 
 
+def test_a_refused_caller_s_request_is_never_parsed(tmp_path, classifier_dir, monkeypatch):
+    # It was parsed before the token was checked: 24 callers without one sending 60 MiB
+    # each took the server from 0.6 to 3.2 GB.
+    import grpc
+
+    from explaind.service import ExplaindServer, interceptors
+    from explaind.v1 import sample_sets_pb2, sample_sets_pb2_grpc
+
+    parsed, parsing = [], interceptors._parsing
+    monkeypatch.setattr(interceptors, "_parsing", lambda deserialize: lambda data: (parsed.append(len(data)), parsing(deserialize)(data))[1])
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path), token="s3cret")
+    server = ExplaindServer(config)
+    port = server.start()
+    request = sample_sets_pb2.GetSampleSetRequest(sample_set_id="x" * 1000)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetSampleSet(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and parsed == []
+            with pytest.raises(grpc.RpcError) as answered:
+                stub.GetSampleSet(request, timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+            assert answered.value.code() == grpc.StatusCode.INVALID_ARGUMENT and parsed == [request.ByteSize()]
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize("character", ["x", "%", "é", "\U0001F600"])
 def test_a_long_status_message_is_cut_to_its_percent_encoded_budget(character):
     # gRPC percent-encodes the message into the grpc-message header: '%' and anything

@@ -129,8 +129,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._metrics.rpcs_started.labels(service, method).inc()
         authorised = service in _PUBLIC_SERVICES or self._token.allows(details.invocation_metadata)
         # The wrappers answer a request that did not parse; a two-way stream's messages
-        # (reflection's) keep grpcio's own handling.
-        parsing = {} if handler.request_deserializer is None else {"request_deserializer": _parsing(handler.request_deserializer)}
+        # (reflection's) keep grpcio's own handling. A refused caller's request is never
+        # parsed: a 64 MiB one would cost its copy in memory for nothing.
+        parsing = {} if handler.request_deserializer is None else {
+            "request_deserializer": _parsing(handler.request_deserializer) if authorised else _unread}
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised), **parsing)
         if handler.unary_stream is not None:
@@ -170,6 +172,14 @@ class _Unparsed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+_UNREAD = object()  # a refused call's request (grpcio takes a deserializer's None for a failure)
+
+
+def _unread(_data: bytes) -> object:
+    """The request of a call refused before it is read."""
+    return _UNREAD
 
 
 def _parsing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
