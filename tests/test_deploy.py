@@ -128,7 +128,9 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     command = image_entrypoint()
     metrics_port = command[command.index("--metrics-port") + 1]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert f"{metrics_port}:{metrics_port}" in compose["services"]["explaind"]["ports"]
+    assert f"127.0.0.1:{metrics_port}:{metrics_port}" in compose["services"]["explaind"]["ports"]
+    # Without a token, nothing is published beyond the host's loopback.
+    assert all(port.startswith("127.0.0.1:") for service in compose["services"].values() for port in service.get("ports", []))
     scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for config in job["static_configs"] for t in config["targets"]]
     assert targets == [f"explaind:{metrics_port}"]
