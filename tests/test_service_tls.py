@@ -162,6 +162,40 @@ def test_health_methods_no_one_serves_are_unimplemented_without_a_logged_traceba
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
+def test_callers_without_a_token_get_a_quarter_of_the_stream_slots(tmp_path, classifier_dir):
+    # Health's Watch needs no token and took the same slots as WatchOperation: 32 idle
+    # public streams left the callers with a token none.
+    import grpc
+    from google.protobuf import empty_pb2
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from explaind.v1 import operations_pb2, operations_pb2_grpc
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), max_workers=16, token="s3cret")  # 8 slots, 2 of them public
+    server = ExplaindServer(config)
+    server.start()
+    job = server.engine.jobs.submit("quick", lambda ctx: empty_pb2.Empty()).record.job_id
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        public = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
+        for stream in public:
+            next(stream)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 of them for calls without a token" in refused.value.details()
+        watch = operations_pb2_grpc.OperationsServiceStub(channel).WatchOperation(
+            operations_pb2.WatchOperationRequest(name=f"operations/{job}"), timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+        assert next(watch).operation.name == f"operations/{job}"  # a caller with the token still has slots
+        for stream in public:
+            stream.cancel()
+    finally:
+        channel.close()
+        server.stop(0)
+
+
 def test_open_streams_never_starve_the_probes_or_the_shutdown(tmp_path, classifier_dir):
     # Each open stream holds a worker thread, and health's Watch needs no token: two idle
     # Watch streams silenced the health port's two threads, so kubelet's probes timed out.

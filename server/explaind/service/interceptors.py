@@ -70,21 +70,29 @@ class HeldCalls:
     most ``limit`` at once (half of [server].max_workers), so the other threads always
     serve the short calls: health probes, CancelOperation, Predict. Health's Watch and
     reflection need no token, so without a bound a few idle callers could leave no
-    thread for anything else."""
+    thread for anything else; and they get at most a quarter of the slots
+    (``public_limit``), so callers without a token cannot take those of the callers
+    with one."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.public_limit = max(1, limit // 4)
         self._slots = threading.BoundedSemaphore(limit)
+        self._public_slots = threading.BoundedSemaphore(self.public_limit)
 
     @contextmanager
-    def slot(self) -> Iterator[bool]:
-        """Whether a slot was free; it is held until the block ends."""
-        held = self._slots.acquire(blocking=False)
+    def slot(self, *, public: bool = False) -> Iterator[bool]:
+        """Whether a slot was free (for a call that needs no token: one of the public
+        share too); it is held until the block ends."""
+        public_held = not public or self._public_slots.acquire(blocking=False)
+        held = public_held and self._slots.acquire(blocking=False)
         try:
             yield held
         finally:
             if held:
                 self._slots.release()
+            if public and public_held:
+                self._public_slots.release()
 
 
 class _ThrottledLog:
@@ -157,10 +165,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 if not authorised:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
-                with self._held_calls.slot() as held:
+                public = service in _PUBLIC_SERVICES
+                with self._held_calls.slot(public=public) as held:
                     if not held:
-                        observed.abort("RESOURCE_EXHAUSTED", f"{self._held_calls.limit} streams and waits are open, the most "
-                                       "this server keeps at once (half of [server].max_workers); try again later")
+                        most = (f"{self._held_calls.public_limit} of them for calls without a token" if public
+                                else "half of [server].max_workers")
+                        observed.abort("RESOURCE_EXHAUSTED", f"the streams and waits this server keeps at once are open "
+                                       f"(at most {self._held_calls.limit}, {most}); try again later")
                     yield from observed.call_stream(behaviour, request, context)
 
         return handle
