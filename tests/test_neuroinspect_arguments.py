@@ -269,7 +269,7 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
         (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=64.7), r"image_size must be an integer ≥ 1, got 64.7"),
         (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=-5), r"image_size must be an integer ≥ 1, got -5"),
         (lambda: ClipIllusion(model, "hidden", head="classifier"), r"image_size must be given"),
-        (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=0), r"learning_rate must be > 0"),
+        (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=-1), r"learning_rate must be ≥ 0"),
     ):
         with pytest.raises(ValueError, match=message):
             call()

@@ -200,7 +200,7 @@ class ClipIllusion:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         steps = count(steps, "steps")
         gamma, epsilon, noise_std = number(gamma, "gamma"), number(epsilon, "epsilon", low=-math.inf), number(noise_std, "noise_std")
-        learning_rate, weight_decay = number(learning_rate, "learning_rate", low_open=True), number(weight_decay, "weight_decay")
+        learning_rate, weight_decay = number(learning_rate, "learning_rate"), number(weight_decay, "weight_decay")  # 0: the start images
         decay_power = number(decay_power, "decay_power")
         if not 0 < number(mask_threshold, "mask_threshold") < 1:
             raise ValueError(f"mask_threshold must lie in (0, 1), got {mask_threshold}")
