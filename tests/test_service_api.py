@@ -942,6 +942,11 @@ def test_sample_set_lifecycle(client, world_images):
     assert samples[3].attributes == {"i": "3"}
     for sample, expected in zip(samples, pixels):
         np.testing.assert_array_equal(np.asarray(sample.image.convert("RGB")), expected)
+    # From an index (an evaluation's sample_index), without the samples before it.
+    assert [s.attributes for s in client.samples("lifecycle", start=4)] == [s.attributes for s in samples[4:]]
+    assert list(client.samples("lifecycle", start=10)) == []
+    with pytest.raises(ValueError, match="start must be a sample index"):
+        next(client.samples("lifecycle", start=-1))
     with pytest.raises(AlreadyExistsError, match="lifecycle"):
         client.create_sample_set(pixels[:1], [0], sample_set_id="lifecycle")
     with pytest.raises(InvalidArgumentError, match="sample_set_id"):

@@ -511,9 +511,13 @@ class Client:
             if not token:
                 return found
 
-    def samples(self, sample_set_id: str) -> Iterator[Sample]:
-        """The set's samples in insertion order, images as PIL images."""
-        token = ""
+    def samples(self, sample_set_id: str, *, start: int = 0) -> Iterator[Sample]:
+        """The set's samples in insertion order from index ``start`` (an evaluation's
+        ``sample_index``: the image of a mistake, without downloading those before it),
+        images as PIL images."""
+        if not _is_index(start) or start < 0:
+            raise ValueError(f"start must be a sample index (an int ≥ 0), got {start!r}")
+        token = str(start) if start else ""  # ListSamples' page tokens are offsets (samples are only appended)
         while True:
             request = _request(sample_sets_pb2.ListSamplesRequest, sample_set_id=sample_set_id, page_token=token)
             response = self._call("sample_sets", "ListSamples", request)
