@@ -1795,8 +1795,6 @@ def _authorised(client) -> bool:
 
 def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_path, classifier_dir):
     # The calls were cancelled at the same deadline as the jobs: the waiter saw UNAVAILABLE.
-    import threading
-
     from explaind.client import Client
     from explaind.service import ExplaindServer
 
@@ -1804,17 +1802,26 @@ def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_
     server = ExplaindServer(config)
     port = server.start()
     server.load_models()
-    seen = {}
     with Client(f"127.0.0.1:{port}", timeout=30) as client:
         operation = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
         while client.operation(operation.name).state != "running":
             time.sleep(0.01)
-        waiter = threading.Thread(target=lambda: seen.update(state=operation.wait(timeout=30).state, error=operation.error))
-        waiter.start()
-        time.sleep(0.2)
-        server.stop(0.5)
-        waiter.join(30)
+        seen = _waited_through_a_shutdown(server, operation)
     assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
+
+
+def _waited_through_a_shutdown(server, operation) -> dict:
+    """The state and error a client waiting on ``operation`` sees when ``server`` stops
+    (a grace of 0.5 s) while it waits."""
+    import threading
+
+    seen = {}
+    waiter = threading.Thread(target=lambda: seen.update(state=operation.wait(timeout=30).state, error=operation.error))
+    waiter.start()
+    time.sleep(0.2)
+    server.stop(0.5)
+    waiter.join(30)
+    return seen
 
 
 def test_a_job_that_reaches_its_cancellation_check_late_still_reaches_its_waiter(tmp_path, classifier_dir):
@@ -1829,7 +1836,7 @@ def test_a_job_that_reaches_its_cancellation_check_late_still_reaches_its_waiter
     server = ExplaindServer(config)
     port = server.start()
     server.load_models()
-    started, seen = threading.Event(), {}
+    started = threading.Event()
 
     def long_steps(ctx):
         started.set()
@@ -1841,11 +1848,7 @@ def test_a_job_that_reaches_its_cancellation_check_late_still_reaches_its_waiter
     with Client(f"127.0.0.1:{port}", timeout=30) as client:
         operation = client.operation(f"operations/{job_id}")
         assert started.wait(10)
-        waiter = threading.Thread(target=lambda: seen.update(state=operation.wait(timeout=30).state, error=operation.error))
-        waiter.start()
-        time.sleep(0.2)
-        server.stop(0.5)
-        waiter.join(30)
+        seen = _waited_through_a_shutdown(server, operation)
     assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
 
 
