@@ -687,9 +687,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
             try:
                 if args.action == "wait":
                     operation.wait()
-                for update in operation.watch() if args.action == "watch" else ():
-                    if not update.done:  # the last state is printed below, with the result
-                        print(json.dumps(_operation_json(update)) if args.json else f"{update} {update.progress.message}", flush=True)
+                else:
+                    for update in operation.watch():
+                        if not update.done:  # the last state is printed below, with the result
+                            print(json.dumps(_operation_json(update)) if args.json else f"{update} {update.progress.message}", flush=True)
             except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
                 interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
                 raise
