@@ -493,6 +493,17 @@ class _SlowWaitOperations(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
 
 
+def test_a_result_that_runs_out_of_time_hands_back_its_operation():
+    # Only the message named it: a ranking that ran as an operation could not be waited
+    # on again without parsing the text.
+    from explaind.client import DeadlineExceededError
+
+    with _running_operation_of(_SlowWaitOperations()) as operation:
+        with pytest.raises(DeadlineExceededError, match="operations/x is still running") as late:
+            operation.result(timeout=0.5)
+        assert late.value.operation is operation
+
+
 def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exceeded():
     # Each WaitOperation call's deadline is WAIT_CALL_MARGIN_S past the wait it asks for;
     # a deadline of the wait alone failed the caller's wait with DEADLINE_EXCEEDED.

@@ -595,7 +595,8 @@ class Client:
         gets none, and ``mistake_count`` 0).
 
         ``timeout`` (seconds) bounds the whole ranking, the operation's wait included:
-        DeadlineExceededError names the operation, which keeps running (``None``: the
+        DeadlineExceededError names the operation, which keeps running, and holds it as
+        ``operation`` to wait on later (``None``: the
         request gets at least 300 s and the operation no limit). ``download=False`` leaves
         a large set's ω (``include_samples``) on the server: ``omega`` is then None."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}

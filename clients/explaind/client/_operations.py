@@ -322,7 +322,8 @@ class Operation:
         when stderr is not a terminal; Ctrl-C cancels the job on the server before
         re-raising. Raises OperationError if it failed, and DeadlineExceededError if it
         is not done within ``timeout`` seconds (None: no limit); the job keeps running
-        then (``cancel()`` stops it, ``result()`` again waits on). ``download=False``
+        then (the error's ``operation`` is this one: ``cancel()`` stops it, ``result()``
+        again waits on). ``download=False``
         leaves out what the result keeps in artifacts (a ranking's ω, which can be
         gigabytes, and visualisation images): those fields are None; and a result over
         half the server's message limit has only the leading items of its long lists
@@ -347,7 +348,9 @@ class Operation:
                 interrupt.add_note(f"cancelled {self.name}" if self.done else f"cancel requested for {self.name}; it ends at its next check")
             raise
         if not self.done:
-            raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
+            error = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
+            error.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
+            raise error
         if self.error is not None:
             raise self.error
         try:
