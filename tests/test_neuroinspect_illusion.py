@@ -175,6 +175,20 @@ def test_on_a_gpu_every_random_draw_is_made_there_and_still_follows_its_pair(wor
     assert alone.images.device.type == "cuda" and torch.isfinite(alone.activations).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_models_moved_to_a_gpu_after_a_first_visualisation_are_followed_there(world_model, tiny_clip):
+    # The class prompt's embedding was cached on the device of the first call.
+    import copy
+
+    clip, tokenizer = copy.deepcopy(tiny_clip[0]), tiny_clip[1]
+    illusion = ClipIllusion(copy.deepcopy(world_model), "layer3", clip, tokenizer)
+    on_cpu = illusion.visualize([(3, 1)], steps=2, seed=7)
+    illusion.classifier.cuda(), clip.cuda()
+    on_gpu = illusion.visualize([(3, 1)], steps=2, seed=7)
+    assert on_cpu.images.device.type == "cpu" and on_gpu.images.device.type == "cuda"
+    assert torch.isfinite(on_gpu.clip_similarity).all()
+
+
 @pytest.mark.parametrize("scale", [0.7, 1.2])
 def test_random_affine_translates_up_to_15_percent_at_every_scale(scale):
     size = 65

@@ -110,7 +110,7 @@ class ClipIllusion:
             size = clip_model.visual.image_size
             self._clip_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
             self._clip_normalisation = (tuple(preprocess.get("mean", _OPENAI_MEAN)), tuple(preprocess.get("std", _OPENAI_STD)))
-        self._class_embeddings: dict[int, torch.Tensor] = {}
+        self._class_embeddings: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -139,11 +139,13 @@ class ClipIllusion:
         return F.normalize(embeddings.mean(0), dim=-1)
 
     def class_embedding(self, class_index: int) -> torch.Tensor:
-        """T_c (E,): the prompt templates filled with the class name."""
-        if class_index not in self._class_embeddings:
+        """T_c (E,): the prompt templates filled with the class name, cached per device (the
+        models may move after construction)."""
+        key = (class_index, self.device)
+        if key not in self._class_embeddings:
             name = self.class_names[class_index]
-            self._class_embeddings[class_index] = self.text_embedding([t.format(name) for t in self.prompt_templates])
-        return self._class_embeddings[class_index]
+            self._class_embeddings[key] = self.text_embedding([t.format(name) for t in self.prompt_templates])
+        return self._class_embeddings[key]
 
     def clip_similarity(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine (B,) between images (B, 3, H, W) in [0, 1] and unit text embeddings (B, E)."""
