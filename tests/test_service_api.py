@@ -202,6 +202,7 @@ def _bad_inputs(pixels: np.ndarray) -> dict[str, tuple[list[common_pb2.Image], s
         "unset dtype": ([_raw(0, (64, 64, 3), pixels.tobytes())], "dtype", grpc.StatusCode.INVALID_ARGUMENT),
         "wrong shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 4), np.zeros((64, 64, 4), np.uint8).tobytes())], "(H, W, 3)", grpc.StatusCode.INVALID_ARGUMENT),
         "2-d shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 192), pixels.tobytes())], "3 dimensions", grpc.StatusCode.INVALID_ARGUMENT),
+        "65-d shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (1,) * 65, b"x")], "images[0].tensor.shape: expected 3 dimensions", grpc.StatusCode.INVALID_ARGUMENT),
         "byte count mismatch": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 3), pixels.tobytes()[:-1])], "images[0].tensor.data", grpc.StatusCode.INVALID_ARGUMENT),
         # 2^31 x 2^31 x 3 bytes overflows int64 arithmetic; the message must give the true size.
         "forged huge shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (2**31, 2**31, 3), b"x")], f"needs {3 * 2**62} bytes, got 1", grpc.StatusCode.INVALID_ARGUMENT),

@@ -205,7 +205,9 @@ def _check_side(width: int, height: int, field: str, budget: PixelBudget | None)
 
 
 def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field: str) -> np.ndarray:
-    """Interpret raw little-endian bytes; checks the byte count against dtype x shape."""
+    """Interpret raw little-endian bytes as an image array; checks the byte count against dtype x shape."""
+    if len(shape) != 3:  # before the reshape: numpy refuses over 64 dimensions with its own error
+        raise InvalidArgument(f"expected 3 dimensions (H, W, 3) or (3, H, W), got {len(shape)}", field=f"{field}.shape")
     if dtype not in _DTYPES:
         raise InvalidArgument(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}", field=f"{field}.dtype")
     if any(d < 0 for d in shape):
