@@ -82,6 +82,8 @@ def test_invalid_requests_name_the_field(client, world_set):
          "classes_per_neuron: 7 is not in [1, 6]"),
         (lambda: client.visualize_neurons(list(range(22)), method="no_clip", classes_per_neuron=3), InvalidArgumentError,
          "pairs: 66 images exceed the limit of 64"),
+        # Counted before any pair is resolved (a topk per pair): a million pairs are refused at once.
+        (lambda: client.visualize_neurons([999] * 65, method="no_clip"), InvalidArgumentError, "pairs: 65 images exceed the limit of 64"),
         (lambda: client.edit_head("spurious", "heart", []), InvalidArgumentError, "neurons"),
         (lambda: client.edit_head("spurious", "heart", [1, 200]), InvalidArgumentError, "neurons[1]"),
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="nope"), NotFoundError, "validation_sample_set_id"),

@@ -355,6 +355,9 @@ class NeuroInspectEngine:
         num_classes = len(version.class_names)
         if not 1 <= classes_per_neuron <= num_classes:
             raise InvalidArgument(f"{classes_per_neuron} is not in [1, {num_classes}] (0 means 1)", field="classes_per_neuron")
+        images = sum(classes_per_neuron if target is None or target == "" else 1 for _, target in pairs)
+        if images > MAX_VISUALIZATION_PAIRS:  # before resolving: a huge request is refused at once
+            raise InvalidArgument(f"{images} images exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
         resolved: list[tuple[int, int]] = []
         for i, (neuron, target) in enumerate(pairs):
             if not 0 <= int(neuron) < version.feature_dim:
@@ -364,8 +367,6 @@ class NeuroInspectEngine:
             else:
                 classes = [self._class_index(version, target, field=f"pairs[{i}].class")]
             resolved += [(int(neuron), klass) for klass in classes]
-        if len(resolved) > MAX_VISUALIZATION_PAIRS:
-            raise InvalidArgument(f"{len(resolved)} images exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
         clip = self._engine.components.get("clip")
         if method == "clip_illusion" and (clip is None or not clip.loaded):
             raise FailedPrecondition(f"clip_illusion needs CLIP, which is not loaded ({clip.detail if clip else 'not configured'}); use no_clip or feature_visualization", field="method")
