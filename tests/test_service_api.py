@@ -825,6 +825,25 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.sample_set("short")
 
 
+def test_a_sample_set_request_carries_at_most_the_images_per_request_and_the_sdk_splits_to_fit(server, client):
+    # Tiny images passed the pixel limit by the million: 20,000 samples of 1x1 held a
+    # server thread for a minute of durable writes.
+    created = client.create_sample_set(np.zeros((300, 8, 8, 3), np.uint8), [0] * 300, sample_set_id="split-by-count")  # chunk_size 512
+    assert created.sample_count == 300
+    dot = sample_sets_pb2.Sample(image=_raw(common_pb2.DATA_TYPE_UINT8, (1, 1, 3), bytes(3)))
+    with grpc.insecure_channel(server.target) as channel:
+        sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        for call, request in ((sets.CreateSampleSet, sample_sets_pb2.CreateSampleSetRequest(sample_set_id="too-many", samples=[dot] * 257)),
+                              (sets.AppendSamples, sample_sets_pb2.AppendSamplesRequest(sample_set_id="split-by-count", samples=[dot] * 257))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details().startswith("samples: 257 samples exceed the limit of 256 per request"), caught.value.details()
+    assert client.sample_set("split-by-count").sample_count == 300
+    with pytest.raises(NotFoundError):
+        client.sample_set("too-many")
+
+
 def test_local_files_that_cannot_be_read_stop_an_upload_before_or_without_leaving_anything(client, tmp_path):
     # Images are read as their requests are made, so a missing file failed an append part
     # way through, leaving a part appended; a list of paths is now checked first.
@@ -1098,7 +1117,7 @@ def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     out, err = capsys.readouterr()
     assert str(path) in out and "layer3 -> fc" in out
     # The module's server: 64 MiB messages, 1 Mi pixels, 256 images per Predict.
-    assert "limits      64 MiB per message, 1 Mi decoded pixels per request, 256 images per predict, sides up to 4096 px" in out
+    assert "limits      64 MiB per message, 1 Mi decoded pixels per request, 256 images (or samples) per request, sides up to 4096 px" in out
     assert "NOT_FOUND" in err
     # --json carries every field of a prediction; unset --top-k gives 3 classes.
     assert cli_main(["--target", server.target, "predict", str(path), "--json"]) == 0

@@ -934,6 +934,40 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
             engine.predict(torch.rand(1, 3, 64, 64), top_k=top_k)
 
 
+def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
+    # A CreateSampleSet past its deadline went on writing, and the set its caller was told
+    # had failed turned up later: a retry then met ALREADY_EXISTS.
+    from explaind.errors import Cancelled
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    samples = [NewSample.from_array(np.full((8, 8, 3), i, np.uint8), 0) for i in range(5)]
+    answers = iter([True, True, False])
+    with pytest.raises(Cancelled, match="nothing was stored"):
+        engine.create_sample_set("left", "", samples, caller_waits=lambda: next(answers))
+    with pytest.raises(NotFound):
+        engine.store.get_sample_set("left")
+    assert engine.store.delete_unused_blobs() == 2  # the images written before it stopped
+    engine.create_sample_set("kept", "", samples[:1])
+    answers = iter([True] * 4 + [False])  # gone while the last image was written
+    with pytest.raises(Cancelled):
+        engine.append_samples("kept", samples[1:], caller_waits=lambda: next(answers))
+    assert engine.store.get_sample_set("kept").sample_count == 1
+
+    class CallerGone:
+        def is_active(self) -> bool:
+            return False
+
+    dot = sample_sets_pb2.Sample(image=common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_UINT8, shape=[1, 1, 3], data=bytes(3))))
+    servicer = SampleSetServicer(engine)
+    with pytest.raises(Cancelled):
+        servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="gone", samples=[dot]), CallerGone())
+    with pytest.raises(Cancelled):
+        servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="kept", samples=[dot]), CallerGone())
+    assert [info.sample_set_id for info in engine.store.list_sample_sets()] == ["kept"]
+    assert engine.store.get_sample_set("kept").sample_count == 1
+
+
 def test_top_k_zero_means_five_labels_and_may_be_every_class(engine):
     images = torch.rand(2, 3, 64, 64)
     assert engine.predict(images, top_k=0).class_indices.shape == (2, 5)

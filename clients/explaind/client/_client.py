@@ -322,10 +322,9 @@ class Client:
         requests, each with ``timeout``; a head promoted in between shows in the
         predictions' ``model_version``."""
         count = image_count(images)
-        # One image needs no limits (the usual low-latency call); 0 from an old server: no limit known.
-        max_images = 1 if count == 1 else self._request_limits().max_images_per_request or _UNLIMITED
         predictions: list[Prediction] = []
-        for chunk in self._request_chunks(iter_image_messages(images), max_images, lambda image: image, single=count == 1):
+        # One image needs no limits: the usual low-latency call.
+        for chunk in self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1):
             request = _request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features)
             response = self._call_at(len(predictions), count, "inference", "Predict", request, timeout=timeout)
             features = None
@@ -395,8 +394,9 @@ class Client:
         per image; ``attributes``: optional ``{name: value}`` per image, e.g. for per-group
         accuracy in ``edit_head``.
 
-        Uploaded in requests of at most ``chunk_size`` images, half the smaller of the
-        client's and the server's message limits, and the server's decoded-pixel limit
+        Uploaded in requests of at most ``chunk_size`` images and the server's images per
+        request, half the smaller of the client's and the server's message limits, and the
+        server's decoded-pixel limit
         (asked once with ``model_metadata``). All or nothing: until its last request the set
         is marked uploading, which jobs refuse and a server restart deletes; if a later
         request fails (or is interrupted), the partly uploaded set is deleted before the
@@ -451,10 +451,11 @@ class Client:
 
     def _request_chunks(self, items: Iterable[T], max_count: int, image_of: Callable[[T], common_pb2.Image], *,
                         single: bool = False) -> Iterator[list[T]]:
-        """Consecutive runs of at most ``max_count`` items (samples or images) whose request
-        stays under half the smaller of the client's and the server's message limits (raw
-        224² arrays are 150 kB each: 512 of them would not fit 64 MiB) and under the
-        server's decoded-pixel limit (512 JPEG photos of 12 MP exceed its 128 Mi). An item
+        """Consecutive runs of at most ``max_count`` items (samples or images) and the server's
+        images per request, whose request stays under half the smaller of the client's and
+        the server's message limits (raw 224² arrays are 150 kB each: 512 of them would not
+        fit 64 MiB) and under the server's decoded-pixel limit (512 JPEG photos of 12 MP
+        exceed its 128 Mi). An item
         over either goes alone, for the server to refuse by name. Items are taken as the
         runs are sent, so only one run is in memory; no items give one empty run.
         ``single``: there is one item, sent as it is (the common one-image predict skips
@@ -465,6 +466,7 @@ class Client:
             yield list(items)
             return
         limits = self._request_limits()
+        max_count = min(max_count, limits.max_images_per_request or max_count)  # 0 from an old server: no limit known
         byte_budget = min(self._max_message_bytes, limits.max_message_bytes or self._max_message_bytes) // 2
         pixel_budget = limits.max_pixels_per_request or float("inf")
         chunk: list[T] = []

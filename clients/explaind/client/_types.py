@@ -74,7 +74,7 @@ class RequestLimits:
 
     max_message_bytes: int
     max_pixels_per_request: int  # decoded pixels of one request's images, in all
-    max_images_per_request: int  # images in one Predict
+    max_images_per_request: int  # images in one Predict, samples in one sample-set request
     max_image_side: int
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
@@ -60,6 +60,13 @@ def check_sample_set_id(sample_set_id: str, field: str = "sample_set_id") -> Non
 def check_text_length(text: str, limit: int, field: str) -> None:
     if len(text) > limit:
         raise InvalidArgument(f"{len(text)} characters, more than the {limit} allowed", field=field)
+
+
+def require_caller(caller_waits: Callable[[], bool]) -> None:
+    """Raise Cancelled once ``caller_waits()`` is False: work a caller no longer waits for
+    (its deadline passed, or it left) stops before storing anything it was told failed."""
+    if not caller_waits():
+        raise Cancelled("the caller stopped waiting (its deadline passed, or it left); nothing was stored")
 
 
 def _check_attributes(attributes: dict[str, str], field: str) -> None:
@@ -259,23 +266,28 @@ class Engine:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False) -> SampleSetInfo:
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False,
+                          caller_waits: Callable[[], bool] = lambda: True) -> SampleSetInfo:
         """``uploading``: more samples follow (``append_samples(..., finish_upload=True)``
-        ends it); until then jobs refuse the set."""
+        ends it); until then jobs refuse the set. Once ``caller_waits()`` is False (a caller
+        past its deadline, or gone) nothing is stored: it raises Cancelled, so a caller told
+        the call failed never finds the set made after all."""
         check_text_length(display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
         if not sample_set_id:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
         else:
             check_sample_set_id(sample_set_id)
         with self.store.writing_blobs() as put:
-            return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put), uploading=uploading)
+            return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading)
 
-    def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False) -> SampleSetInfo:
+    def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
+                       caller_waits: Callable[[], bool] = lambda: True) -> SampleSetInfo:
+        """As :meth:`create_sample_set`, ``caller_waits`` included."""
         self.store.get_sample_set(sample_set_id)
         if not samples and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
         with self.store.writing_blobs() as put:
-            return self.store.append_samples(sample_set_id, self._store_samples(samples, put), finish_upload=finish_upload)
+            return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload)
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id") -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded
@@ -299,14 +311,20 @@ class Engine:
                                   f"{num_classes} classes: it was uploaded for another classifier", field=field)
         return info
 
-    def _store_samples(self, samples: Sequence[NewSample], put: Callable[[bytes], str]) -> list[SampleRecord]:
-        """Records for ``samples`` after checking their labels, images written with ``put``."""
+    def _store_samples(self, samples: Sequence[NewSample], put: Callable[[bytes], str], caller_waits: Callable[[], bool]) -> list[SampleRecord]:
+        """Records for ``samples`` after checking their labels, images written with ``put``
+        (a durable write each, milliseconds: the caller is asked before each and at the end)."""
         num_classes = len(self.models.active.class_names)
         for index, sample in enumerate(samples):
             if not 0 <= sample.label < num_classes:
                 raise InvalidArgument(f"label {sample.label} is not a class index in [0, {num_classes})", field=f"samples[{index}].label")
             _check_attributes(sample.attributes, f"samples[{index}].attributes")
-        return [SampleRecord(put(s.encoded), s.label, dict(s.attributes)) for s in samples]
+        records = []
+        for sample in samples:
+            require_caller(caller_waits)
+            records.append(SampleRecord(put(sample.encoded), sample.label, dict(sample.attributes)))
+        require_caller(caller_waits)
+        return records
 
     def load_sample_image(self, digest: str, version: ClassifierVersion | None = None) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1], fitted to the input of ``version`` (the

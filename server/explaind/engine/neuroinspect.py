@@ -30,7 +30,7 @@ from torch import nn
 
 from explaind.v1 import neuroinspect_pb2
 
-from ..errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
@@ -46,7 +46,7 @@ from ..methods.neuroinspect import (
     TrainingDiverged,
 )
 from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord
-from .core import MAX_DESCRIPTION_CHARS, check_text_length
+from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from .models import ClassifierVersion, model_version
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,8 @@ class NeuroInspectEngine:
                 context.raise_if_cancelled()
                 if step % 25 == 0:
                     context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
-            elif not caller_waits():
-                raise Cancelled("the caller stopped waiting (its deadline passed, or it left); nothing was stored")
+            else:
+                require_caller(caller_waits)
             return False
 
         ranking = MistakeNeuronRanker(version.head).rank(

@@ -24,17 +24,25 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         self._engine = engine
 
     def _samples(self, samples) -> list:
+        """Decoded samples, at most ``[batching].max_images_per_request`` of them: each is a
+        durable write, and tiny images slip under the pixel limit by the million."""
+        limit = self._engine.config.batching.max_images_per_request
+        if len(samples) > limit:
+            raise InvalidArgument(f"{len(samples)} samples exceed the limit of {limit} per request; split them into AppendSamples requests",
+                                  field="samples")
         budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="samples")
         return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget) for i, sample in enumerate(samples)]
 
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
         if not request.samples:
             raise InvalidArgument("a sample set needs at least one sample", field="samples")
-        info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples), uploading=request.upload_continues)
+        info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
+                                              uploading=request.upload_continues, caller_waits=context.is_active)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
-        info = self._engine.append_samples(required_set_id(request), self._samples(request.samples), finish_upload=request.finish_upload)
+        info = self._engine.append_samples(required_set_id(request), self._samples(request.samples), finish_upload=request.finish_upload,
+                                           caller_waits=context.is_active)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 
     def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:
