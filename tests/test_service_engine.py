@@ -923,7 +923,9 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
     for attributes, field, message in (
         ({f"a{i}": "x" for i in range(65)}, "samples[1].attributes", "65 attributes, more than the 64 allowed"),
         ({"n" * 129: "x"}, "samples[1].attributes", "an attribute name of 129 characters"),
-        ({"source": "u" * 1025}, "samples[1].attributes['source']", "1025 characters, more than the 1024 allowed"),
+        ({"source": "u" * 1025}, 'samples[1].attributes["source"]', "1025 characters, more than the 1024 allowed"),
+        ({"it's": "u" * 1025}, 'samples[1].attributes["it\'s"]', "1025 characters, more than the 1024 allowed"),
+        ({"": "x"}, "samples[1].attributes", "an attribute without a name"),
     ):
         with pytest.raises(InvalidArgument, match=re.escape(message)) as refused:
             engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0), NewSample.from_array(pixels, 0, attributes)])

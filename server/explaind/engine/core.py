@@ -9,6 +9,7 @@ Explanation engines receive an :class:`Engine` and use ``engine.models.active``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -73,9 +74,12 @@ def _check_attributes(attributes: dict[str, str], field: str) -> None:
     if len(attributes) > MAX_ATTRIBUTES_PER_SAMPLE:
         raise InvalidArgument(f"{len(attributes)} attributes, more than the {MAX_ATTRIBUTES_PER_SAMPLE} allowed", field=field)
     for name, value in attributes.items():
+        if not name:  # no group_attribute can name it
+            raise InvalidArgument("an attribute without a name", field=field)
         if len(name) > MAX_ATTRIBUTE_NAME_CHARS:
             raise InvalidArgument(f"an attribute name of {len(name)} characters, more than the {MAX_ATTRIBUTE_NAME_CHARS} allowed", field=field)
-        check_text_length(value, MAX_ATTRIBUTE_VALUE_CHARS, f"{field}[{name!r}]")
+        # The key as a JSON string: one quoting whatever it holds, so a path parser can split it.
+        check_text_length(value, MAX_ATTRIBUTE_VALUE_CHARS, f"{field}[{json.dumps(name)}]")
 
 
 @dataclass(frozen=True)
