@@ -2230,8 +2230,8 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
     store = server.store
     try:
         with store.writing_blobs() as put:
-            abandoned_image, continued_image = put(b"abandoned"), put(b"continued")
-            store.create_sample_set("abandoned", "", [SampleRecord(abandoned_image, 0)], uploading=True)
+            abandoned_image, continued_image, only_abandoned = put(b"abandoned"), put(b"continued"), put(b"only in the abandoned set")
+            store.create_sample_set("abandoned", "", [SampleRecord(abandoned_image, 0), SampleRecord(only_abandoned, 0)], uploading=True)
             store.create_sample_set("continued", "", [SampleRecord(continued_image, 0)], uploading=True)
             store.create_sample_set("finished", "", [SampleRecord(abandoned_image, 1)])
         later = time.time() + 601
@@ -2243,6 +2243,7 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
         monkeypatch.setattr(time, "time", lambda: later + 1)
         server._sweep_once()  # its images lost their last reference at the first sweep
         assert not store._blob_path(abandoned_image).exists() and store._blob_path(continued_image).exists()
+        assert not store._blob_path(only_abandoned).exists()  # the set's deletion alone made it a candidate
         server.config = server.config.replace("server", upload_idle_timeout_s=0)  # 0: only a restart deletes it
         monkeypatch.setattr(time, "time", lambda: later + 10**6)
         server._sweep_once()

@@ -417,7 +417,8 @@ class SQLiteStore:
         with self._transaction() as db:
             abandoned = [row[0] for row in db.execute(
                 f"SELECT id FROM sample_sets WHERE id IN (SELECT id FROM uploading_sets){where} ORDER BY id", () if idle_since is None else (idle_since,))]
-            db.executemany("DELETE FROM sample_sets WHERE id = ?", [(set_id,) for set_id in abandoned])  # cascades to samples and uploading_sets
+            for set_id in abandoned:
+                self._delete_set(db, set_id)
         return abandoned
 
     @staticmethod
@@ -465,9 +466,15 @@ class SQLiteStore:
         """Delete the set; its images become candidates for :meth:`delete_unused_blobs`."""
         with self._transaction() as db:
             self._require_set(db, sample_set_id)
-            db.execute("INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM samples WHERE set_id = ?",
-                       (time.time(), sample_set_id))
-            db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
+            self._delete_set(db, sample_set_id)
+
+    @staticmethod
+    def _delete_set(db: sqlite3.Connection, sample_set_id: str) -> None:
+        """Delete a set's rows (samples and upload mark cascade); its images become candidates
+        for the next sweep."""
+        db.execute("INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM samples WHERE set_id = ?",
+                   (time.time(), sample_set_id))
+        db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
 
     # Jobs ----------------------------------------------------------------------------
 
