@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +34,39 @@ def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
     ``<path>.data`` beside the graph, so models over protobuf's 2 GB limit export too.
     The module is traced where it lives (moving it would move the serving model's shared
     parameters), and both files are written elsewhere and renamed into place, the graph
-    last, so a crash never leaves a half-written engine at ``path``.
+    last, so a crash never leaves a half-written engine at ``path``. Exports into one folder
+    take turns (a lock on the folder), so a scratch folder found there belongs to an
+    export that was killed: it may hold a model's weights, and is removed.
     """
     path = Path(path)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_scratch(path)
+    with _exclusive(path.parent):
+        if path.is_file():  # exported by the process we waited for
+            return path
+        for abandoned in path.parent.glob(f".{path.name}.*"):
+            shutil.rmtree(abandoned, ignore_errors=True)
+        _export(extractor, image_size, path)
+    log.info("exported feature extractor to %s", path)
+    return path
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (flock: released by the kernel when its holder
+    dies, which a pid in a name cannot tell in a container, where every server is pid 1)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _export(extractor: nn.Module, image_size: int, path: Path) -> None:
     device = next(extractor.parameters()).device
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.") as scratch:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         staged = Path(scratch) / path.name
         torch.onnx.export(
             extractor,
@@ -58,27 +84,6 @@ def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
         if weights.is_file():  # referenced by its bare name, so it moves beside the graph unchanged
             weights.replace(path.with_name(weights.name))
         staged.replace(path)
-    log.info("exported feature extractor to %s", path)
-    return path
-
-
-def _remove_abandoned_scratch(path: Path) -> None:
-    """Delete scratch folders of exports to ``path`` whose process is gone (killed mid-way):
-    each may hold a model's weights. Folders of live processes, exporting now, stay."""
-    for scratch in path.parent.glob(f".{path.name}.*"):
-        pid = scratch.name.removeprefix(f".{path.name}.").partition(".")[0]
-        if scratch.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 Provider = tuple[str, dict[str, object]]

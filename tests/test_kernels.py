@@ -1,8 +1,9 @@
 """ONNX Runtime engines for h_b (explaind.kernels), apart from the engine that picks them."""
 
-import os
 import subprocess
 import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -36,15 +37,34 @@ def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.onnx", "features.onnx.data"]
 
 
-def test_export_removes_scratch_left_by_killed_exports_but_not_by_running_ones(tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    abandoned = tmp_path / f".features.onnx.{finished.stdout.strip()}.x1"  # its process has exited
-    running = tmp_path / f".features.onnx.{os.getpid()}.x2"
-    for scratch in (abandoned, running):
-        scratch.mkdir()
-        (scratch / "features.onnx.data").write_bytes(b"weights")
+def test_export_removes_scratch_left_by_killed_exports_and_waits_for_a_running_one(tmp_path):
+    # Scratch was kept while a process of the pid in its name lived: in a container the
+    # restarted server is pid 1 again, and a killed export's weights stayed for good.
+    abandoned = tmp_path / ".features.onnx.1.x1"
+    abandoned.mkdir()
+    (abandoned / "features.onnx.data").write_bytes(b"weights")
     export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
-    assert not abandoned.exists() and (running / "features.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.onnx", "features.onnx.data"]
+    # An export running in another process holds the folder: a second one waits for it
+    # and then takes its file, instead of deleting its scratch or exporting again.
+    other = tmp_path / "other"
+    other.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys
+        fcntl.flock(os.open({str(other)!r}, os.O_RDONLY), fcntl.LOCK_EX)
+        print("holding", flush=True)
+        sys.stdin.readline()
+        open({str(other / "features.onnx")!r}, "w").write("exported by the other process")
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        waiting = ThreadPoolExecutor(1).submit(export_onnx, small_extractor(), 16, other / "features.onnx")
+        with pytest.raises(TimeoutError):
+            waiting.result(timeout=1)
+        holder.communicate("done\n", timeout=30)
+        assert waiting.result(timeout=30).read_text() == "exported by the other process"
+    finally:
+        holder.kill()
 
 
 def test_export_moves_the_engine_into_place_only_when_complete(tmp_path, monkeypatch):
