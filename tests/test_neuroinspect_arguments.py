@@ -243,6 +243,14 @@ def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given(
         ClipIllusion(model, "features", head="classifier", image_size=9, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
     with pytest.raises(ValueError, match=r"the classifier fails on a 2x2 image \(image_size\)"):
         ClipIllusion(model, "features", head="classifier", image_size=2, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
+    # Out of memory is the device's state, not a bad argument: a caller that retries must see it as it is.
+    def out_of_memory(self, images):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "forward", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            ClipIllusion(model, "features", head="classifier", image_size=9, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
     assert FeatureExtractor(model, "hidden", head="classifier").features(images).shape == (2, 6)
     # Features are the head's input whatever the layer, but a layer that is not the one
     # the head reads would mask every visualisation wrongly: refused by features() too.

@@ -72,7 +72,8 @@ class ClipIllusion:
     its final ``nn.Linear``. ``clip_model`` is any open_clip model (``encode_image``,
     ``encode_text``) with its ``tokenizer`` and needs ``class_names`` for its prompts;
     without one only the ``no_clip`` and ``feature_visualization`` methods run. Images
-    are made on the classifier's device and in its dtype as they are at each call.
+    are optimised in float32 on the classifier's device as it is at each call; the
+    classifier runs in its own dtype, so ``activations`` and ``logits`` come back in it.
     """
 
     def __init__(
@@ -287,6 +288,8 @@ class ClipIllusion:
         probe = torch.full((1, 3, self.image_size, self.image_size), 0.5, device=self.device, dtype=self._dtype)
         try:
             forward = split_forward(self.classifier, probe, self.feature_module, self.head, self._names)
+        except torch.OutOfMemoryError:
+            raise  # the device's state, not an argument: kept as it is for callers that retry
         except RuntimeError as error:
             raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): {error}") from error
         maps = channel_maps(forward.layer_output, self.head.in_features)
