@@ -547,6 +547,33 @@ def test_a_failed_operation_carries_its_code_and_the_field_it_names_as_a_bad_req
         assert convert.operation(JobSnapshot(JobRecord("j2", "edit_head", state, 1.0))).error.code == code.value[0], state
 
 
+def test_errors_other_than_invalid_argument_name_their_field_in_an_error_info(server, client):
+    # Only an INVALID_ARGUMENT carried its field in the details: a pipeline (and our CLI)
+    # parsed "sample_set_id: ..." out of a NOT_FOUND's message.
+    from explaind.client import OperationError
+    from explaind.client._operations import Operation
+    from explaind.errors import NotFound
+    from explaind.jobs import JobSnapshot, _field_violation
+    from explaind.service import convert
+    from explaind.store import FAILED, JobRecord
+
+    with pytest.raises(NotFoundError) as missing:
+        client.evaluate_sample_set("missing-set")
+    assert missing.value.field == "sample_set_id" and missing.value.field_violations == []
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        sample_sets_pb2_grpc.SampleSetServiceStub(channel).GetSampleSet(sample_sets_pb2.GetSampleSetRequest(sample_set_id="missing-set"), timeout=30)
+    status = status_pb2.Status.FromString(dict(caught.value.trailing_metadata())["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    assert status.message == caught.value.details() and status.details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == ("NOT_FOUND", "explaind.v1", {"field": "sample_set_id"})
+    # A job that fails so carries it in its operation's error, as the call would.
+    gone = NotFound("no sample set 'x'", field="sample_set_id")
+    record = JobRecord("j1", "evaluate", FAILED, 1.0, error_code=gone.code, error_message=str(gone), result=_field_violation(gone))
+    with pytest.raises(NotFoundError) as failed:
+        Operation(None, convert.operation(JobSnapshot(record))).result()  # done: no call is made
+    assert isinstance(failed.value, OperationError) and failed.value.field == "sample_set_id"
+
+
 def test_wait_operation_answers_at_the_sooner_of_its_timeout_and_the_call_deadline(server, client):
     # The wait is bounded by both: a short timeout must not wait out the whole call deadline,
     # and a timeout past the deadline must not leave the caller with DEADLINE_EXCEEDED, not the operation.

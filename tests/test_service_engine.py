@@ -1605,6 +1605,7 @@ def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path
 
 def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path, classifier_dir, caplog):
     import grpc
+    from google.rpc import status_pb2
 
     from explaind.client import Client, UnauthenticatedError, UnavailableError
     from explaind.service import ExplaindServer
@@ -1640,12 +1641,13 @@ def test_health_is_not_serving_until_models_load_and_token_is_enforced(tmp_path,
                     next(watch)
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             job.cancel()
-            # Only INVALID_ARGUMENT carries a BadRequest (AIP-193), though a NOT_FOUND names its field too.
+            # Only INVALID_ARGUMENT carries a BadRequest (AIP-193); a NOT_FOUND names its field in an ErrorInfo.
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as missing:
                 sample_sets_pb2_grpc.SampleSetServiceStub(channel).GetSampleSet(
                     sample_sets_pb2.GetSampleSetRequest(sample_set_id="nothing-here"), timeout=10, metadata=(("authorization", "Bearer s3cret"),))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND and missing.value.details().startswith("sample_set_id: ")
-            assert "grpc-status-details-bin" not in dict(missing.value.trailing_metadata())
+            details = status_pb2.Status.FromString(dict(missing.value.trailing_metadata())["grpc-status-details-bin"]).details
+            assert [detail.type_url for detail in details] == ["type.googleapis.com/google.rpc.ErrorInfo"]
     finally:
         server.stop(0)
     assert server.health._server_status[""] == 2  # NOT_SERVING after graceful shutdown

@@ -10,6 +10,12 @@ from __future__ import annotations
 import logging
 import secrets
 
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+
+# ErrorInfo.domain of the errors this service raises.
+ERROR_DOMAIN = "explaind.v1"
+
 
 class ExplaindError(Exception):
     code = "INTERNAL"
@@ -21,6 +27,17 @@ class ExplaindError(Exception):
         self.field = field
         self.description = message  # without the field
         super().__init__(f"{field}: {message}" if field else message)
+
+
+def field_detail(code: str, field: str, description: str) -> Message:
+    """The status detail naming the request ``field`` an error of ``code`` is about, so
+    clients in any language read it without parsing the message (AIP-193): a
+    ``google.rpc.BadRequest`` violation for INVALID_ARGUMENT, else a
+    ``google.rpc.ErrorInfo`` (reason: the code, domain :data:`ERROR_DOMAIN`) whose
+    ``metadata["field"]`` names it, e.g. the ``sample_set_id`` of a NOT_FOUND."""
+    if code == "INVALID_ARGUMENT":
+        return error_details_pb2.BadRequest(field_violations=[{"field": field, "description": description}])
+    return error_details_pb2.ErrorInfo(reason=code, domain=ERROR_DOMAIN, metadata={"field": field})
 
 
 class InvalidArgument(ExplaindError):

@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
 
-from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, report_internal
+from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_internal
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
@@ -119,13 +118,13 @@ class JobContext:
 
 
 def _field_violation(error: ExplaindError) -> bytes:
-    """A failed job's ``result``: the field an INVALID_ARGUMENT names, as a serialised Any
-    of ``google.rpc.BadRequest`` (the operation's error carries it as the call's would), or
+    """A failed job's ``result``: the field its error names, as a serialised Any of
+    :func:`field_detail` (the operation's error carries it as the call's would), or
     nothing."""
-    if error.code != "INVALID_ARGUMENT" or not error.field:
+    if not error.field:
         return b""
     packed = any_pb2.Any()
-    packed.Pack(error_details_pb2.BadRequest(field_violations=[{"field": error.field, "description": error.description}]))
+    packed.Pack(field_detail(error.code, error.field, error.description))
     return packed.SerializeToString()
 
 

@@ -11,7 +11,9 @@ class ExplaindError(Exception):
 
     ``field_violations`` lists ``(field, description)`` for each request field the server
     refused (``google.rpc.BadRequest`` details of an INVALID_ARGUMENT), e.g.
-    ``("samples[3].label", "required: ...")``; ``field`` is the first one's field.
+    ``("samples[3].label", "required: ...")``; ``field`` is the first one's field, or the
+    field another error is about (``google.rpc.ErrorInfo`` details, e.g. the
+    ``sample_set_id`` of a NOT_FOUND), None if it names none.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
     not say."""
@@ -19,17 +21,19 @@ class ExplaindError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None,
-                 field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None) -> None:
+                 field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None,
+                 field: str | None = None) -> None:
         super().__init__(details)
         self.details = details
         self.field_violations = field_violations or []
         self.retry_delay = retry_delay
+        self._field = field
         if code is not None:
             self.code = code
 
     @property
     def field(self) -> str | None:
-        return self.field_violations[0][0] if self.field_violations else None
+        return self.field_violations[0][0] if self.field_violations else self._field
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -114,23 +118,24 @@ _OPERATION_BY_CODE = {code: type(f"Operation{cls.__name__}", (OperationError, cl
 
 
 def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
-                    retry_delay: float | None = None) -> ExplaindError:
+                    retry_delay: float | None = None, field: str | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
-    return cls(details, code, field_violations, retry_delay=retry_delay)
+    return cls(details, code, field_violations, retry_delay=retry_delay, field=field)
 
 
-def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None) -> OperationError:
+def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
+                    field: str | None = None) -> OperationError:
     """A failed or cancelled job's error: an OperationError and the typed error of ``code``."""
-    return _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations)
+    return _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations, field=field)
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:
-    """The typed exception for a failed call, with the field violations and retry delay
-    of its status details."""
+    """The typed exception for a failed call, with the fields and retry delay of its
+    status details."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     status = _status(error)
-    return error_from_code(code, details or code.name, field_violations(status), retry_delay=_retry_delay(status))
+    return error_from_code(code, details or code.name, field_violations(status), retry_delay=_retry_delay(status), field=named_field(status))
 
 
 def _status(error: grpc.RpcError) -> status_pb2.Status:
@@ -146,6 +151,20 @@ def _retry_delay(status: status_pb2.Status) -> float | None:
     retry_info = error_details_pb2.RetryInfo()
     if any(detail.Unpack(retry_info) for detail in status.details):
         return retry_info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+# ErrorInfo.domain of the server's own errors.
+_ERROR_DOMAIN = "explaind.v1"
+
+
+def named_field(status: status_pb2.Status) -> str | None:
+    """The request field a status's ``google.rpc.ErrorInfo`` from the server names (errors
+    other than INVALID_ARGUMENT), None if none."""
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details:
+        if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and "field" in info.metadata:
+            return info.metadata["field"]
     return None
 
 

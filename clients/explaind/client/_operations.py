@@ -28,6 +28,7 @@ from ._errors import (
     UnavailableError,
     error_from_code,
     field_violations,
+    named_field,
     operation_error,
 )
 from ._images import open_image
@@ -211,8 +212,9 @@ class Operation:
         """Why a failed or cancelled job ended (None otherwise); ``result()`` raises it."""
         if not self._message.HasField("error"):
             return None
-        code = next((c for c in grpc.StatusCode if c.value[0] == self._message.error.code), grpc.StatusCode.UNKNOWN)
-        return operation_error(code, self._message.error.message, field_violations(self._message.error))
+        status = self._message.error
+        code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+        return operation_error(code, status.message, field_violations(status), field=named_field(status))
 
     def refresh(self, *, timeout: float | None = None) -> Operation:
         """Fetch the current state once (no waiting; retried while the server restarts, for

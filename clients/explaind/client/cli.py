@@ -1153,18 +1153,12 @@ def _option_of_field(args: argparse.Namespace, field: str) -> str | None:
     return next((args.option_names[dest] for dest in (name, name.removesuffix("_id"), _OPTION_DESTS.get(name)) if dest in args.option_names), None)
 
 
-# The request field a server message starts with ("evaluation_sample_set_id: no sample set 'x'").
-_LEADING_FIELD = re.compile(r"([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*)*): ")
-
-
 def _fields_named(error: Exception) -> list[str]:
     """The request fields ``error`` names: its field violations (INVALID_ARGUMENT), else the
-    field its message starts with, as the server writes every error about one (NOT_FOUND
-    carries no violations)."""
+    one field another error is about (e.g. the set id of a NOT_FOUND)."""
     if violations := getattr(error, "field_violations", ()):
         return list(dict(violations))
-    leading = _LEADING_FIELD.match(getattr(error, "details", ""))
-    return [leading.group(1)] if leading else []
+    return [error.field] if getattr(error, "field", None) else []
 
 
 def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:

@@ -35,7 +35,8 @@ class OperationsServiceStub:
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
-    as a google.rpc.BadRequest in the status's details, as a call's error does.
+    as a google.rpc.BadRequest in the status's details, another error about a field as a
+    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -95,7 +96,8 @@ class OperationsServiceServicer:
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
-    as a google.rpc.BadRequest in the status's details, as a call's error does.
+    as a google.rpc.BadRequest in the status's details, another error about a field as a
+    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -220,7 +222,8 @@ class OperationsService:
     with the request, submit it again. CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
-    as a google.rpc.BadRequest in the status's details, as a call's error does.
+    as a google.rpc.BadRequest in the status's details, another error about a field as a
+    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.

@@ -1,9 +1,9 @@
 """One server interceptor for every RPC: auth, error mapping, metrics.
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
-code it names with its message, and an INVALID_ARGUMENT naming a field also carries a
-``google.rpc.BadRequest`` field violation in the status details (AIP-193), so clients
-in any language read the field without parsing the message, and an UNAVAILABLE the
+code it names with its message, and an error naming a field also carries it in the
+status details (:func:`~explaind.errors.field_detail`, AIP-193), so clients in any
+language read the field without parsing the message, and an UNAVAILABLE the
 server sends itself carries a ``google.rpc.RetryInfo`` (AIP-194). Anything else becomes
 INTERNAL with the exception's type and an incident id (its text and traceback go to the
 log, never to the caller: they can hold server paths). A response larger than the send limit becomes
@@ -25,7 +25,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import ExplaindError, report_internal
+from ..errors import ExplaindError, field_detail, report_internal
 from ..metrics import Metrics
 from .auth import BearerToken
 
@@ -234,9 +234,8 @@ class _Observed:
         self._code = code
         status_code = grpc.StatusCode[code]
         details: list[Message] = []
-        if field and code == "INVALID_ARGUMENT":
-            described = {"field": _shorten(field, MAX_VIOLATION_BYTES), "description": _shorten(description, MAX_VIOLATION_BYTES)}
-            details.append(error_details_pb2.BadRequest(field_violations=[described]))
+        if field:
+            details.append(field_detail(code, _shorten(field, MAX_VIOLATION_BYTES), _shorten(description, MAX_VIOLATION_BYTES)))
         if retry_delay_s is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
