@@ -396,11 +396,10 @@ class Client:
 
         Uploaded in requests of at most ``chunk_size`` images and the server's images per
         request, half the smaller of the client's and the server's message limits, and the
-        server's decoded-pixel limit
-        (asked once with ``model_metadata``). All or nothing: until its last request the set
-        is marked uploading, which jobs refuse and a server restart deletes; if a later
-        request fails (or is interrupted), the partly uploaded set is deleted before the
-        error is raised."""
+        server's decoded-pixel limit (asked once with ``model_metadata``). All or nothing:
+        until its last request the set is marked uploading, which jobs refuse and a server
+        restart deletes; if a later request fails (or is interrupted), the partly uploaded
+        set is deleted before the error is raised."""
         samples, total = self._samples(images, labels, attributes)
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
@@ -455,9 +454,9 @@ class Client:
         images per request, whose request stays under half the smaller of the client's and
         the server's message limits (raw 224² arrays are 150 kB each: 512 of them would not
         fit 64 MiB) and under the server's decoded-pixel limit (512 JPEG photos of 12 MP
-        exceed its 128 Mi). An item
-        over either goes alone, for the server to refuse by name. Items are taken as the
-        runs are sent, so only one run is in memory; no items give one empty run.
+        exceed its 128 Mi). An item over either goes alone, for the server to refuse by
+        name. Items are taken as the runs are sent, so only one run is in memory; no items
+        give one empty run.
         ``single``: there is one item, sent as it is (the common one-image predict skips
         the reads of the server's limits)."""
         if max_count < 1:
