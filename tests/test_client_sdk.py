@@ -722,6 +722,18 @@ def test_wait_until_ready_keeps_its_timeout_on_a_server_that_never_answers():
             assert time.monotonic() - started < 3
 
 
+def test_a_closed_client_says_so_at_once(server):
+    # gRPC's "Cannot invoke RPC on closed channel!" named no client, and wait_until_ready
+    # polled it for its whole timeout before blaming the server.
+    with Client(server.target, timeout=30) as client:
+        operation = client.evaluate_sample_set(client.create_sample_set(np.zeros((2, 8, 8, 3), np.uint8), [0, 1]).sample_set_id)
+    for call in (client.health, lambda: client.wait_until_ready(timeout=30), operation.refresh, lambda: next(operation.watch())):
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"this Client of .* is closed \(close\(\), or the end of its with-block\); make a new Client"):
+            call()
+        assert time.monotonic() - started < 5
+
+
 def test_the_retried_methods_are_read_only_methods_of_the_api():
     from explaind.client._client import READ_ONLY_METHODS
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2

@@ -204,6 +204,7 @@ class Client:
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
         # worth waiting for, rather than a wrong address, worth saying at once.
         self._reached = False
+        self._closed = False
         self._stubs = {
             "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
             "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
@@ -213,7 +214,13 @@ class Client:
         }
 
     def close(self) -> None:
+        """Close the connection; later calls raise ValueError (as a closed file's do)."""
+        self._closed = True
         self._channel.close()
+
+    def _require_open(self) -> None:
+        if self._closed:  # gRPC's own "Cannot invoke RPC on closed channel!" named no client
+            raise ValueError(f"this Client of {self.target} is closed (close(), or the end of its with-block); make a new Client")
 
     def __enter__(self) -> Client:
         return self
@@ -227,6 +234,7 @@ class Client:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first."""
+        self._require_open()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
@@ -251,6 +259,7 @@ class Client:
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
+        self._require_open()
         call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._metadata)
         return _ErrorMappingStream(call)
 
@@ -273,7 +282,7 @@ class Client:
             try:
                 if self.health(timeout=max(min(self.timeout, deadline - time.monotonic()), 1e-3)) == "SERVING":
                     return
-            except Exception as error:  # noqa: BLE001 - not up yet
+            except ExplaindError as error:  # not up yet
                 last = error
             time.sleep(0.1)
         raise TimeoutError(f"{self.target} was not SERVING within {timeout}s (last error: {last})")
