@@ -95,6 +95,15 @@ def test_dashboard_and_alert_queries_only_series_and_labels_the_server_exports()
             assert {label.strip() for label in grouping.split(",")} <= labels | {"job", "instance"}, f"{title}: by ({grouping}) in {expr!r}"
 
 
+def test_the_job_failure_alert_counts_the_codes_the_server_exports_at_zero():
+    # Only INTERNAL was exported at zero: a kind's first DATA_LOSS was born at 1, and
+    # increase() over it, 0, never fired the alert.
+    from explaind.jobs import ALERTED_FAILURE_CODES
+
+    expr = next(rule["expr"] for rule in alert_rules() if rule["alert"] == "ExplaindJobsFailing")
+    assert re.search(r'code=~"([^"]*)"', expr).group(1).split("|") == list(ALERTED_FAILURE_CODES)
+
+
 def test_dashboard_queries_work_under_any_scrape_job_name():
     # The chart's pods are scraped by their prometheus.io annotations, under a job name of
     # that Prometheus's choosing: the memory panel, matching job="explaind", stayed empty.

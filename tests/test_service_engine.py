@@ -1302,7 +1302,7 @@ def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_
     # Before any job: a rate over these sees the first one (a series born with it would not).
     assert value("explaind_job_queue_wait_seconds_count", {"kind": "visualize"}) == 0
     assert value("explaind_jobs_running", {"kind": "visualize"}) == 0
-    assert jobs_ended(metrics, ("visualize", "succeeded", "OK"), ("visualize", "failed", "INTERNAL")) == [0.0, 0.0]
+    assert jobs_ended(metrics, ("visualize", "succeeded", "OK"), *(("visualize", "failed", code) for code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"))) == [0.0] * 4
     blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
     while jobs.get(blocker.record.job_id).record.state != "running":
         time.sleep(0.01)

@@ -131,6 +131,8 @@ def _field_violation(error: ExplaindError) -> bytes:
 # Failures that are the server's to fix; others (refused input, cancels, restarts) are
 # the caller's or expected, and logged at INFO.
 _SERVER_FAILURES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED"})
+# The codes deploy/alerts.yml's ExplaindJobsFailing counts (a full data dir has its own alert).
+ALERTED_FAILURE_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
 
 
 def _log_end(record: JobRecord) -> None:
@@ -184,7 +186,8 @@ class JobManager:
             self.metrics.job_queue_wait.labels(kind=kind)
             self.metrics.jobs_running.labels(kind=kind)
             self.metrics.jobs_ended.labels(kind=kind, outcome=SUCCEEDED, code="OK")
-            self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code="INTERNAL")
+            for code in ALERTED_FAILURE_CODES:
+                self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code=code)
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
                cut_lists: tuple[str, ...] = ()) -> JobSnapshot:
