@@ -95,6 +95,14 @@ def test_dashboard_and_alert_queries_only_series_and_labels_the_server_exports()
             assert {label.strip() for label in grouping.split(",")} <= labels | {"job", "instance"}, f"{title}: by ({grouping}) in {expr!r}"
 
 
+def test_counters_and_histograms_come_without_created_series():
+    # prometheus_client's default: a `_created` gauge beside each, a tenth of the series,
+    # stored by Prometheus and read by no query.
+    series = exported_series()
+    assert "explaind_jobs_ended_total" in series and "explaind_rpc_duration_seconds_count" in series
+    assert [name for name in series if name.endswith("_created")] == []
+
+
 def test_the_job_failure_alert_counts_the_codes_the_server_exports_at_zero():
     # Only INTERNAL was exported at zero: a kind's first DATA_LOSS was born at 1, and
     # increase() over it, 0, never fired the alert.
