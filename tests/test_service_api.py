@@ -1160,7 +1160,9 @@ def test_torch_inputs_as_torchvision_and_tensor_ops_give_them_are_taken(client, 
     # were a class as a 0-d tensor and neurons as a tensor (`for c in labels.unique()`).
     pixels = torch.from_numpy(_uint8(world_images[0][:4]))  # (N, H, W, 3) uint8
     expected = client.predict(pixels.numpy())
-    for given, wanted in ((pixels.permute(0, 3, 1, 2), expected), (pixels[0].permute(2, 0, 1), expected[:1])):  # (N, 3, H, W), (3, H, W)
+    # (N, 3, H, W), (3, H, W); as numpy arrays too, which were refused while tensors were taken.
+    channels_first = ((pixels.permute(0, 3, 1, 2), expected), (pixels[0].permute(2, 0, 1), expected[:1]))
+    for given, wanted in channels_first + tuple((tensor.numpy(), wanted) for tensor, wanted in channels_first):
         got = client.predict(given)
         assert [p.class_indices for p in got] == [p.class_indices for p in wanted]
         np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in wanted], rtol=1e-4, atol=1e-7)

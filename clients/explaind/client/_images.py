@@ -17,10 +17,10 @@ _DTYPES = {np.dtype(np.uint8): common_pb2.DATA_TYPE_UINT8, np.dtype(np.float16):
 
 
 def to_image_message(image: Any) -> common_pb2.Image:
-    """One image as a message. Arrays travel raw (uint8 (H, W, 3), or float (3, H, W) /
-    (H, W, 3) in [0, 1]; a uint8 torch tensor may also be (3, H, W), as torchvision's
-    ``decode_image`` gives it); PIL images as raw uint8 (see :func:`_pil_message`); paths
-    and bytes as encoded files."""
+    """One image as a message. Arrays and tensors travel raw (uint8 in [0, 255] or float
+    in [0, 1], (H, W, 3) or (3, H, W): uint8 (3, H, W), as torchvision's ``decode_image``
+    gives it, is sent as the (H, W, 3) the server takes); PIL images as raw uint8 (see
+    :func:`_pil_message`); paths and bytes as encoded files."""
     if isinstance(image, common_pb2.Image):
         return image
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -31,11 +31,11 @@ def to_image_message(image: Any) -> common_pb2.Image:
         return _pil_message(image)
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # torch.Tensor without importing torch
         image = image.detach().cpu().numpy()
-        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.transpose(1, 2, 0)  # torchvision's uint8 layout to the (H, W, 3) of uint8 pixels
     if isinstance(image, np.ndarray):
         if image.dtype == np.float64:
             image = image.astype(np.float32)
+        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+            image = image.transpose(1, 2, 0)  # torchvision's uint8 layout to the (H, W, 3) of uint8 pixels
         return _raw(image)
     raise TypeError(f"cannot send {type(image).__name__} as an image; use a numpy array, torch tensor, PIL image, path or bytes")
 
