@@ -1072,6 +1072,13 @@ def test_artifacts_are_read_in_ranges_and_checked_against_their_digest(server, c
     try:
         with pytest.raises(DataLossError, match="does not match its digest"):
             operation.artifact("mistakes.png")
+        # Cut short, it was sent as OK (the size its record gives, fewer bytes), unlogged.
+        blob.write_bytes(whole[:40])
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as raised:
+            operations_pb2_grpc.OperationsServiceStub(channel).GetArtifact(
+                operations_pb2.GetArtifactRequest(name=operation.name, artifact="mistakes.png"), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.DATA_LOSS and f"it holds 40 bytes of {len(whole)}" in raised.value.details()
+        assert "is damaged: it holds 40 bytes" in server.log_path.read_text()
     finally:  # content-addressed: other operations may share the blob
         blob.write_bytes(whole)
 

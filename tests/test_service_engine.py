@@ -2005,6 +2005,47 @@ def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
         jobs.shutdown(5)
 
 
+def test_a_data_dir_whose_database_is_lost_is_refused_not_swept_clean(tmp_path):
+    # A missing or empty database (a bad restore, a wrong mount) was created afresh, and the
+    # start-up sweep deleted every image, artifact and head weight as unused.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("kept", "", [SampleRecord(put(b"an image"), 0, {})])
+    store.close()
+    database = tmp_path / "explaind.sqlite3"
+    for lose in (lambda: database.unlink(), lambda: database.write_bytes(b"")):
+        for journal in tmp_path.glob("explaind.sqlite3-*"):
+            journal.unlink()
+        lose()
+        with pytest.raises(StoreOpenError, match=r"holds stored files \(\w+, \.\.\.\) but its database .*explaind.sqlite3 is missing or empty: "
+                                                 r"restore the database, or move .*artifacts away"):
+            SQLiteStore(tmp_path)
+        assert store._blob_path(_digest(b"an image")).read_bytes() == b"an image"
+    shutil.rmtree(tmp_path / "artifacts")
+    SQLiteStore(tmp_path).close()  # afresh, as the message says
+
+
+def test_a_damaged_stored_file_is_data_loss_said_to_the_operator(tmp_path, caplog):
+    # A flipped byte in a promoted head's weights was served, a truncated image was the
+    # caller's INVALID_ARGUMENT, and a truncated artifact was sent as complete.
+    store = SQLiteStore(tmp_path)
+    try:
+        with store.writing_blobs() as put:
+            digest = put(b"0123456789")
+            store.create_sample_set("s", "", [SampleRecord(digest, 0, {})])
+        path = store._blob_path(digest)
+        path.write_bytes(b"0123456788")
+        with pytest.raises(DataLoss, match=rf"the stored file of '{digest}' is damaged \(its content does not match its digest\)"):
+            store.get_blob(digest)
+        path.write_bytes(b"01234")
+        assert store.get_blob(digest, offset=1, length=3) == b"123"  # no size to check a range against
+        with pytest.raises(DataLoss, match=r"is damaged \(it holds 5 bytes of 10\)"):
+            store.get_blob(digest, offset=0, length=10, size=10)
+        assert [r.levelname for r in caplog.records if "is damaged" in r.message] == ["ERROR", "ERROR"]
+    finally:
+        store.close()
+
+
 def test_the_files_of_a_write_that_failed_go_at_the_next_sweep(tmp_path):
     # A CreateSampleSet whose id was taken left its images on disk until a restart.
     from explaind.errors import AlreadyExists

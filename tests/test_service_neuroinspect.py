@@ -805,7 +805,8 @@ def test_a_promoted_head_whose_stored_weights_are_corrupt_is_not_served_and_star
     engine, inspect = _in_process(tmp_path)
     try:
         assert inspect.active_head_version().version_id == "v0"
-        assert "the stored weights of head version 'v1' cannot be read" in caplog.text
+        assert [r.levelname for r in caplog.records if "the stored weights of head version 'v1' cannot be read" in r.message] == ["ERROR"]
+        assert "once it is mended, promote v1 to serve it again" in caplog.text
         with pytest.raises(DataLoss, match="roll back or delete it") as refused:
             inspect.promote_head_version("v1")
         assert refused.value.field == "version_id"

@@ -650,7 +650,9 @@ class NeuroInspectEngine:
             try:
                 self._activate(store.get_head_version(version.feature_version, active_id))
             except (FailedPrecondition, NotFound, DataLoss) as error:  # a NaN head promoted before promotions were checked; a lost or corrupt file
-                log.warning("%s; serving the loaded head %s instead", error, loaded.version_id)
+                # The operator's to hear of: predictions change, and only a promote brings the version back.
+                log.error("%s; serving the loaded head %s instead (once it is mended, promote %s to serve it again)",
+                          error, loaded.version_id, active_id)
                 store.set_active_head_version(version.feature_version, loaded.version_id)
 
     def _drop_versions_of_failed_edits(self, feature_version: str) -> None:
@@ -678,7 +680,7 @@ class NeuroInspectEngine:
             return self._file_head[1]
         try:
             head = _head_from_bytes(self._engine.store.get_blob(record.weights_digest))
-        except (SafetensorError, KeyError, RuntimeError) as error:  # not safetensors; no weight or bias; shapes that disagree
+        except (DataLoss, SafetensorError, KeyError, RuntimeError) as error:  # damaged or lost; not safetensors; no weight or bias; shapes that disagree
             raise DataLoss(f"the stored weights of head version {record.version_id!r} cannot be read ({type(error).__name__}: "
                            f"{error}); roll back or delete it", field="version_id") from None
         return head.to(self._engine.device).eval()

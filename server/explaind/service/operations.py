@@ -90,7 +90,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
                 offset, length = self._artifact_range(request, artifact.size_bytes)
                 return operations_pb2.GetArtifactResponse(
                     artifact=operations_pb2.Artifact(name=artifact.name, media_type=artifact.media_type, digest=artifact.digest, size_bytes=artifact.size_bytes),
-                    content=self._jobs.store.get_blob(artifact.digest, offset=offset, length=length),
+                    content=self._jobs.store.get_blob(artifact.digest, offset=offset, length=length, size=artifact.size_bytes),
                 )
         raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")
 

@@ -137,6 +137,12 @@ class SQLiteStore:
         elif self._free_bytes() < reserve_bytes:
             self._release_reserve("at start-up")
         path = self.data_dir / "explaind.sqlite3"
+        if not (path.is_file() and path.stat().st_size) and (stored := next((p for p in self.blob_dir.rglob("*") if p.is_file()), None)):
+            # A lost database (a bad restore, a wrong mount): a new one would reference
+            # nothing, and the start-up sweep would delete every stored file as unused.
+            self._dir_lock.close()
+            raise StoreOpenError(f"the data dir {self.data_dir} holds stored files ({stored.name}, ...) but its database {path} is missing "
+                                 f"or empty: restore the database, or move {self.blob_dir.parent} away to start afresh without them")
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -368,16 +374,26 @@ class SQLiteStore:
                 UNION SELECT weights_digest FROM head_versions WHERE weights_digest IN ({marks})
                 UNION SELECT digest FROM job_artifacts WHERE digest IN ({marks})""", [*digests] * 3)}
 
-    def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        """Bytes of the blob ``digest``. NotFound where nothing references it any more (a
-        sweep removed the file of a set or operation deleted meanwhile); DataLoss where
-        something still does, for its file is written before the record that points at
-        it: the file was lost, which is the operator's to hear of, not the caller's."""
+    def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes:
+        """Bytes of the blob ``digest``: the whole is checked against its digest, a range
+        (``offset``, ``length``) against the file's ``size`` where given. NotFound where
+        nothing references it any more (a sweep removed the file of a set or operation
+        deleted meanwhile); DataLoss where something still does, for its file is written
+        before the record that points at it: the file was lost or damaged, which is the
+        operator's to hear of, not the caller's (a damaged image is no bad request, and a
+        damaged head must not be served)."""
         if len(digest) != 64:
             raise NotFound(f"no artifact with digest {digest!r}")
         path = self._blob_path(digest)
         try:
             with open(path, "rb") as file:
+                if offset == 0 and length is None:
+                    data = file.read()
+                    if hashlib.sha256(data).hexdigest() != digest:
+                        raise self._damaged(path, digest, "its content does not match its digest")
+                    return data
+                if size is not None and (held := os.fstat(file.fileno()).st_size) != size:
+                    raise self._damaged(path, digest, f"it holds {held} bytes of {size}")
                 file.seek(offset)
                 return file.read() if length is None else file.read(length)
         except (FileNotFoundError, IsADirectoryError):
@@ -388,6 +404,11 @@ class SQLiteStore:
                 raise DataLoss(f"the stored file of {digest!r} is missing from the server's data dir; "
                                f"the operator must restore it or delete what holds it") from None
             raise NotFound(f"no artifact with digest {digest!r}") from None
+
+    @staticmethod
+    def _damaged(path: Path, digest: str, detail: str) -> DataLoss:
+        log.error("the stored file %s is damaged: %s", path, detail)
+        return DataLoss(f"the stored file of {digest!r} is damaged ({detail}); the operator must restore it or delete what holds it")
 
     # Sample sets ---------------------------------------------------------------------
 
