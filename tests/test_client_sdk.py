@@ -144,6 +144,8 @@ def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_
             offline.create_sample_set(iter([IMAGE] * 3), [0, 1])
         with pytest.raises(FileNotFoundError, match=r"^images\[1\]: no such file: .*gone.png$"):
             offline.create_sample_set((present, tmp_path / "gone.png"), [0, 0])
+        with pytest.raises(FileNotFoundError, match=r"^images\[1\]: no such file: .*gone.png$"):  # not after the first requests' answers
+            offline.predict([present, tmp_path / "gone.png"])
 
 
 def test_edit_head_neurons_must_be_indices(client):

@@ -888,7 +888,7 @@ def test_local_files_that_cannot_be_read_stop_an_upload_before_or_without_leavin
     def files():  # an iterable is read as it goes: the error comes once the upload has begun
         yield from missing
 
-    with pytest.raises(FileNotFoundError) as raised:
+    with pytest.raises(FileNotFoundError, match=r"^images\[5\]: cannot read .*gone.png: No such file or directory\n") as raised:
         client.create_sample_set(files(), [0] * 6, sample_set_id="half-read", chunk_size=2)
     assert raised.value.__notes__ == ["the partly uploaded sample set 'half-read' was deleted"]  # no request failed: no offset note
     assert not hasattr(raised.value, "request_offset")

@@ -30,7 +30,7 @@ from explaind.v1 import (
 
 from ._errors import ExplaindError, UnavailableError, from_rpc_error
 from . import _neuroinspect
-from ._images import first_missing_file, image_count, iter_image_messages, open_image, pixel_count
+from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, as_scalar, class_fields, class_ref
 from ._operations import LAST_ATTEMPT_S, Operation, enum_number
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
@@ -331,6 +331,7 @@ class Client:
         requests, each with ``timeout``; a head promoted in between shows in the
         predictions' ``model_version``."""
         count = image_count(images)
+        require_files(images)  # requests already answered would be thrown away with the error
         predictions: list[Prediction] = []
         # One image needs no limits: the usual low-latency call.
         for chunk in self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1):
@@ -373,8 +374,7 @@ class Client:
         for i, mapping in enumerate(attributes or ()):
             if not isinstance(mapping, Mapping) or not all(isinstance(item, str) for pair in mapping.items() for item in pair):
                 raise TypeError(f"attributes[{i}] must map strings to strings, got {mapping!r}")
-        if missing := first_missing_file(images):
-            raise FileNotFoundError(f"images[{missing[0]}]: no such file: {missing[1]}")
+        require_files(images)
 
         def samples() -> Iterator[sample_sets_pb2.Sample]:
             mismatch = f"the images are not as many as the {len(labels)} labels"  # found once an iterable runs out or over

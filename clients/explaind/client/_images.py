@@ -48,7 +48,15 @@ def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
         return iter([to_image_message(images)])
     if not isinstance(images, Iterable):
         raise TypeError(f"images must be an image, or a list, batch array or iterable of images, got {images!r}")
-    return (to_image_message(image) for image in images)
+    return (_indexed_message(index, image) for index, image in enumerate(images))
+
+
+def _indexed_message(index: int, image: Any) -> common_pb2.Image:
+    """:func:`to_image_message`, its error naming the image's index in the batch."""
+    try:
+        return to_image_message(image)
+    except OSError as error:  # a file of an iterable, read as its request is made
+        raise type(error)(f"images[{index}]: cannot read {image}: {error.strerror or error}") from None
 
 
 def image_count(images: Any) -> int | None:
@@ -58,12 +66,14 @@ def image_count(images: Any) -> int | None:
     return len(images) if hasattr(images, "__len__") else None
 
 
-def first_missing_file(images: Any) -> tuple[int, Any] | None:
-    """(index, path) of the first path in a list of images that is no file; checked before
-    an upload starts, since a streamed upload would otherwise fail part way through."""
+def require_files(images: Any) -> None:
+    """Raise FileNotFoundError naming the first path in a list of images that is no file;
+    checked before a call starts, since one streamed in requests would fail part way
+    through (an iterable's files are read, and named, as they come)."""
     if _is_one_image(images) or not isinstance(images, (list, tuple, np.ndarray)):
-        return None
-    return next(((i, image) for i, image in enumerate(images) if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image)), None)
+        return
+    if missing := next(((i, image) for i, image in enumerate(images) if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image)), None):
+        raise FileNotFoundError(f"images[{missing[0]}]: no such file: {missing[1]}")
 
 
 def _is_one_image(images: Any) -> bool:
