@@ -212,6 +212,14 @@ def test_a_wrong_option_of_the_callers_fails_the_report_before_its_visualisation
         with pytest.raises(InvalidArgumentError, match=r"group_attribute: ") as refused:
             build_report(recorded, "heart", "options", evaluation_sample_set_id="options", group_attribute="mood")
         assert refused.value.field == "group_attribute" and "visualize_neurons" not in recorded.calls
+        # Counts slice the ranking: -1 edited all but its last neuron, 0 gave a page whose
+        # reason named the server's "neurons", 2.5 a bare TypeError about slices.
+        for options in (dict(edit_neurons=-1), dict(edit_neurons=0), dict(edit_neurons=2.5), dict(max_neurons=0), dict(max_neurons=True)):
+            recorded = Recorded(client)
+            name, value = next(iter(options.items()))
+            with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
+                build_report(recorded, "heart", "options", **options)
+            assert recorded.calls == []
     finally:
         client.delete_sample_set("options")
 

@@ -18,7 +18,7 @@ from functools import partial
 
 import grpc
 
-from ._client import Client
+from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
@@ -66,6 +66,9 @@ def build_report(
     raises, before the visualisations (the longest part) where it can: the edit runs
     before them. A refusal the data causes (too few samples, training that diverged)
     leaves the page without an edit, saying why."""
+    for name, count in (("edit_neurons", edit_neurons), ("max_neurons", max_neurons)):
+        if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
+            raise ValueError(f"{name} must be a positive integer, got {count!r}")
     for field, named in (("evaluation_sample_set_id", evaluation_sample_set_id), ("validation_sample_set_id", validation_sample_set_id)):
         if named:
             _require_sample_set(client, named, field)
