@@ -1198,6 +1198,14 @@ def test_returned_arrays_are_writable_and_long_results_print_short():
     omega = ranking_from(neuroinspect_pb2.NeuronRanking(omega=tensor)).omega
     omega *= 2
     mistakes = [EvaluatedMistake(i, 0, 1, 0.9) for i in range(5000)]
-    evaluation = Evaluation("s", "m", 5000, 0.0, {"circle": 0.0}, np.zeros((1000, 1000), np.int64), mistakes,
-                            class_names=[f"class {i}" for i in range(1000)])
-    assert len(repr(evaluation)) < 300, repr(evaluation)
+    names = [f"class {i}" for i in range(1000)]
+    evaluation = Evaluation("s", "m", 5000, 0.0, {name: 0.0 for name in names}, np.zeros((1000, 1000), np.int64), mistakes,
+                            class_counts={name: 5 for name in names}, class_names=names)
+    assert len(repr(evaluation)) < 500 and "'class 7': 5, ... 992 more}" in repr(evaluation), repr(evaluation)
+    # Nor did the metadata of a 1000-class model print every class, or a prediction every feature.
+    from explaind.client._types import ModelMetadata, Prediction, RequestLimits
+
+    metadata = ModelMetadata("m", "torchvision", names, "layer4", "fc", 2048, 224, "v", "eager", "cpu", True, {}, 32, RequestLimits(0, 0, 0, 0))
+    assert len(repr(metadata)) < 800 and "class_names=['class 0'," in repr(metadata) and "... 992 more]" in repr(metadata), repr(metadata)
+    prediction = Prediction(["a"], [0], [1.0], np.zeros(2048, np.float32), "v")
+    assert repr(prediction) == "Prediction(labels=['a'], class_indices=[0], probabilities=[1.0], features=array(shape=(2048,), dtype=float32), model_version='v')"

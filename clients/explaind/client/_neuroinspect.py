@@ -13,7 +13,7 @@ import numpy as np
 from explaind.v1 import neuroinspect_pb2
 
 from ._operations import RESULT_CONVERTERS, enum_names
-from ._types import ComparedByValue, float32_array
+from ._types import AbbreviatedRepr, ComparedByValue, float32_array
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -55,8 +55,8 @@ class MistakeSummary:
     omega_l1: float  # ‖ω‖₁
 
 
-@dataclass(frozen=True, eq=False)
-class NeuronRanking(ComparedByValue):
+@dataclass(frozen=True, eq=False, repr=False)
+class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) float32 with
     ``include_samples`` (downloaded from the operation's ``omega.npy`` artifact when the
     ranking ran as an operation, unless read with ``result(download=False)``)."""
@@ -96,8 +96,8 @@ class NeuronVisualization:
     masked_image_artifact: str = ""
 
 
-@dataclass(frozen=True)
-class NeuronVisualizations:
+@dataclass(frozen=True, repr=False)
+class NeuronVisualizations(AbbreviatedRepr):
     """Result of ``visualize_neurons``: how the images were made, and one visualisation
     per requested pair, in request order."""
 
@@ -107,8 +107,8 @@ class NeuronVisualizations:
     visualizations: list[NeuronVisualization]
 
 
-@dataclass(frozen=True)
-class HeadEvaluation:
+@dataclass(frozen=True, repr=False)
+class HeadEvaluation(AbbreviatedRepr):
     """A head's accuracy on the edit's evaluation samples; groups with ``group_attribute``."""
 
     accuracy: float
@@ -120,8 +120,8 @@ class HeadEvaluation:
     worst_group_accuracy: float
 
 
-@dataclass(frozen=True)
-class HeadVersion:
+@dataclass(frozen=True, repr=False)
+class HeadVersion(AbbreviatedRepr):
     """A stored classifier head: the model file's (v0) or an edit's, with its evaluation
     against its parent's on the same samples."""
 
@@ -146,8 +146,8 @@ class ActiveHeadChange:
     previous_version_id: str  # served until the call: promote_head_version(previous_version_id) undoes it
 
 
-@dataclass(frozen=True)
-class HeadEdit:
+@dataclass(frozen=True, repr=False)
+class HeadEdit(AbbreviatedRepr):
     """Result of ``edit_head``: the new version and how training went."""
 
     version: HeadVersion

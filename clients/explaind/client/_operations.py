@@ -32,7 +32,7 @@ from ._errors import (
     operation_error,
 )
 from ._images import open_image
-from ._types import Artifact, ComparedByValue, Progress
+from ._types import AbbreviatedRepr, Artifact, ComparedByValue, Progress
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -69,8 +69,8 @@ class EvaluatedMistake(NamedTuple):
     probability: float  # of the predicted class
 
 
-@dataclass(frozen=True, eq=False)
-class Evaluation(ComparedByValue):
+@dataclass(frozen=True, eq=False, repr=False)
+class Evaluation(AbbreviatedRepr, ComparedByValue):
     """Result of ``evaluate_sample_set``: ``confusion_matrix`` is (C, C), rows = true labels."""
 
     sample_set_id: str

@@ -25,6 +25,29 @@ class ComparedByValue:
         return all(_equal(getattr(self, item.name), getattr(other, item.name)) for item in fields(self))  # type: ignore[arg-type]
 
 
+class AbbreviatedRepr:
+    """A dataclass repr (declared with ``repr=False``) that shows at most
+    ``SHOWN_ITEMS`` items of a list or dict and an array's shape: a notebook cell showing
+    the metadata or an evaluation of a 1000-class model printed every class."""
+
+    SHOWN_ITEMS = 8
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{item.name}={_abbreviated(getattr(self, item.name), self.SHOWN_ITEMS)}" for item in fields(self) if item.repr)  # type: ignore[arg-type]
+        return f"{type(self).__name__}({shown})"
+
+
+def _abbreviated(value: object, shown: int) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array(shape={value.shape}, dtype={value.dtype})"
+    if isinstance(value, dict) and len(value) > shown:
+        items = ", ".join(f"{key!r}: {item!r}" for key, item in list(value.items())[:shown])
+        return f"{{{items}, ... {len(value) - shown} more}}"
+    if isinstance(value, list) and len(value) > shown:
+        return f"[{', '.join(map(repr, value[:shown]))}, ... {len(value) - shown} more]"
+    return repr(value)
+
+
 def float32_array(tensor) -> np.ndarray:
     """A float32 ``Tensor`` message (little-endian data and its shape) as a writable array:
     one over the message's bytes would be read-only, and ``features -= mean`` would fail."""
@@ -37,8 +60,8 @@ def _equal(first: object, second: object) -> bool:
     return first == second
 
 
-@dataclass(frozen=True, eq=False)
-class Prediction(ComparedByValue):
+@dataclass(frozen=True, eq=False, repr=False)
+class Prediction(AbbreviatedRepr, ComparedByValue):
     """Top-k for one image, highest first."""
 
     labels: list[str]
@@ -78,8 +101,8 @@ class RequestLimits:
     max_image_side: int
 
 
-@dataclass(frozen=True)
-class ModelMetadata:
+@dataclass(frozen=True, repr=False)
+class ModelMetadata(AbbreviatedRepr):
     """What the server serves: the classifier, its split (``feature_layer``, ``head``,
     ``feature_dim`` D), how it runs, the other components, and the limits on requests."""
 
@@ -111,8 +134,8 @@ class ModelMetadata:
     max_queue_size: int = 0
 
 
-@dataclass(frozen=True)
-class SampleSet:
+@dataclass(frozen=True, repr=False)
+class SampleSet(AbbreviatedRepr):
     """A stored set of labelled images (without them: see ``Client.samples``)."""
 
     sample_set_id: str
