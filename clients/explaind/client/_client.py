@@ -545,7 +545,9 @@ class Client:
 
     def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> Operation:
         """Start classifying a sample set; ``.result()`` gives an :class:`Evaluation` and the
-        operation has a ``mistakes.png`` artifact."""
+        operation has a ``mistakes.png`` artifact. ``batch_size``: images per forward pass,
+        1..4096 (0: the server's ``[jobs].evaluate_batch_size``); ``max_grid_images``: most
+        mistakes drawn in the grid, 1..1024 (0: 64)."""
         request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images)
         return Operation(self, self._call("inference", "EvaluateSampleSet", request).operation)
 
@@ -598,8 +600,10 @@ class Client:
         """Rank the neurons behind ``target_class``'s (name or index) mistakes in a sample
         set. Small sets are answered inline; for large ones the server starts an operation
         and this waits for it (``progress=True``: a tqdm bar; Ctrl-C cancels it).
-        ``execution``: "auto", "inline" or "operation". Unset numbers use the server's
-        defaults (l1 0.1, l2 0.01, 1000 iterations, cut 0.03, top_k 5). ``top_k`` is the
+        ``execution``: "auto", "inline" or "operation". ``solver``: "faithful" (SGD, the
+        paper's per-sample loop) or "proximal" (accelerated proximal gradient, exact zeros;
+        docs/neuroinspect.md compares them). Unset numbers use the server's defaults (l1
+        0.1, l2 0.01, ``max_iterations`` 1000, cut 0.03, top_k 5). ``top_k`` is the
         number of neurons taken per mistake and direction, not the number returned: every
         neuron whose share of mistakes passes ``cut_ratio`` is (a class with no mistakes
         gets none, and ``mistake_count`` 0).
@@ -639,9 +643,15 @@ class Client:
     ) -> Operation:
         """Start visualising neurons: each entry is a neuron (conditioned on the class with
         its largest head weight, or on each of the ``classes_per_neuron`` largest) or a
-        (neuron, class) pair. ``method``: "clip_illusion", "feature_visualization" or
-        "no_clip"; ``steps`` 0 means 400. ``.result()`` gives :class:`NeuronVisualizations`, whose
-        ``visualizations`` hold PIL images, in request order; progress carries previews."""
+        (neuron, class) pair, 64 images at most. ``method``: "clip_illusion",
+        "feature_visualization" or "no_clip"; ``steps`` 0 means 400. Unset, ``gamma`` (γ,
+        the class logit's weight) is 0.5, ``epsilon`` (ε, CLIP-Illusion's, which needs
+        cos + ε > 0) the server's ``[clip].illusion_epsilon`` (0.05; 1.0 for the shapes
+        world's CLIP), ``learning_rate`` 9e-3; one the method ignores is refused. ``seed``
+        fixes each pair's start image and augmentations; ``preview_every``: a progress
+        preview every this many steps (0: 10). ``.result()`` gives
+        :class:`NeuronVisualizations`, whose ``visualizations`` hold PIL images, in request
+        order."""
         expected = "expected a list of neuron indices or (neuron, class) pairs"
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
             raise TypeError(f"pairs: {expected}, got {pairs!r}")
@@ -691,7 +701,9 @@ class Client:
         pass held-out samples there, not the training set (that table would be
         in-sample). ``max_epochs`` 0 means 20 and ``patience`` 0 means 5 epochs without
         a better validation accuracy; unset ``strength``/``learning_rate`` use the
-        server's defaults (λ3 0.01 or 1.0 for constrain; Adam lr 1e-3)."""
+        server's defaults (λ3 0.01 or 1.0 for constrain; Adam lr 1e-3). ``seed`` fixes the
+        minibatch order; ``description`` (at most 4096 characters) is kept with the
+        version."""
         optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
         if target_ratio is not None and target_ratio != "auto":
             if isinstance(target_ratio, (str, bool)) or not isinstance(target_ratio, numbers.Real):
