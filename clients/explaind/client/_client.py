@@ -150,10 +150,10 @@ class Client:
 
     Every call has a deadline (``timeout`` seconds unless the method is given its own)
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
-    With ``retry`` (the default), calls that change nothing (``READ_ONLY_METHODS``) are
-    retried while the server is UNAVAILABLE, until their deadline, once the server has
-    answered this client (an UNAVAILABLE it sent itself, saying it is loading its models,
-    counts): a restart or a model load that ends before the deadline delays them instead
+    With ``retry`` (the default), calls that change nothing (Predict and the Get*, List*
+    and WaitOperation calls) are retried while the server is UNAVAILABLE, until their
+    deadline, once the server has answered this client (an UNAVAILABLE it sent itself,
+    saying it is loading its models, counts): a restart or a model load that ends before the deadline delays them instead
     of failing them, and a wrong address still fails at once.
 
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
