@@ -2648,6 +2648,33 @@ def test_an_unexpected_rpc_failure_reaches_the_caller_without_server_internals(c
         server.stop(None)
 
 
+def test_a_damaged_database_found_while_serving_is_data_loss_for_calls_and_jobs(tmp_path, caplog):
+    # A page of the database corrupted after start-up answered every call INTERNAL, as a bug.
+    import grpc
+
+    def damaged(*args):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    message = r"^the server's database is damaged \(database disk image is malformed\); the operator must restore it from a backup \(the server log has the details under incident [0-9a-f]{8}\)$"
+    metrics = Metrics()
+    server, port = _intercepted_server(metrics, damaged)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS and re.match(message, caught.value.details())
+        assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {"service": "test.Service", "method": "Call", "code": "DATA_LOSS"}) == 1
+    finally:
+        server.stop(None)
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    try:
+        record = jobs.wait(jobs.submit("evaluate", damaged).record.job_id, 10).record
+        assert (record.state, record.error_code) == ("failed", "DATA_LOSS") and re.match(message, record.error_message)
+    finally:
+        jobs.shutdown(5)
+    assert caplog.text.count("Traceback") == 2  # the operator's log keeps both
+
+
 def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
     # Both were counted CANCELLED: a dashboard could not tell server timeouts from callers that gave up.
     import grpc

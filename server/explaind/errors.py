@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
@@ -89,10 +90,14 @@ class ModelLoadError(ExplaindError):
     code = "FAILED_PRECONDITION"
 
 
-def report_internal(logger: logging.Logger, what: str, error: BaseException) -> str:
+def report_internal(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
-    the message for the caller. Why: an exception's text can hold server file paths and
-    internals; the caller gets its type and an id to quote, the operator's log the rest."""
+    the caller's (code, message). Why: an exception's text can hold server file paths and
+    internals; the caller gets its type and an id to quote, the operator's log the rest.
+    A damaged SQLite database is DATA_LOSS, not a bug: the operator must restore it."""
     incident = secrets.token_hex(4)
     logger.error("%s (incident %s)", what, incident, exc_info=error)
-    return f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"
+    if type(error) is sqlite3.DatabaseError:  # "malformed", "not a database"; its subclasses are a busy or full disk, or misuse
+        return "DATA_LOSS", (f"the server's database is damaged ({error}); the operator must restore it from a backup "
+                             f"(the server log has the details under incident {incident})")
+    return "INTERNAL", f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"

@@ -236,7 +236,7 @@ class JobManager:
         except ExplaindError as error:
             self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error))
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
-            self._finish(live, FAILED, error=("INTERNAL", report_internal(log, f"job {live.record.job_id} ({live.record.kind}) failed", error)))
+            self._finish(live, FAILED, error=report_internal(log, f"job {live.record.job_id} ({live.record.kind}) failed", error))
         else:
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
         finally:

@@ -293,4 +293,4 @@ class _Observed:
             # (reflection's, when a client closes its channel): no failure of the server's.
             self._code = self._gone()
             return
-        self.abort("INTERNAL", report_internal(log, f"unexpected error in {self._service}/{self._method}", error))
+        self.abort(*report_internal(log, f"unexpected error in {self._service}/{self._method}", error))
