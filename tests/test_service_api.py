@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import io
 import json
 import re
@@ -850,6 +851,25 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.create_sample_set(iter(images[:2]), [0] * 3, sample_set_id="short")
         with pytest.raises(NotFoundError):  # the part uploaded by then is deleted
             client.sample_set("short")
+
+
+def test_paths_that_are_pipes_are_read_and_directories_refused_before_any_request(client, tmp_path):
+    # The check of a list's paths took "not a regular file" for missing: a pipe
+    # (`cat x.png | ...` as /dev/stdin, or a FIFO) was refused as "no such file".
+    import threading
+
+    png = _png(np.full((16, 16, 3), 90, np.uint8))
+    pipe = tmp_path / "image.fifo"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_bytes, args=(png,))
+    writer.start()
+    try:
+        (through_pipe,) = client.predict([pipe])
+    finally:
+        writer.join(10)
+    assert through_pipe.class_indices == client.predict([png])[0].class_indices
+    with pytest.raises(IsADirectoryError, match=r"^images\[1\]: a directory, not an image file: "):
+        client.predict([png, tmp_path])
 
 
 def test_a_sample_set_request_carries_at_most_the_images_per_request_and_the_sdk_splits_to_fit(server, client):

@@ -67,13 +67,18 @@ def image_count(images: Any) -> int | None:
 
 
 def require_files(images: Any) -> None:
-    """Raise FileNotFoundError naming the first path in a list of images that is no file;
-    checked before a call starts, since one streamed in requests would fail part way
-    through (an iterable's files are read, and named, as they come)."""
+    """Raise FileNotFoundError naming the first path in a list of images that does not
+    exist (IsADirectoryError for a directory); checked before a call starts, since one
+    streamed in requests would fail part way through (an iterable's files are read, and
+    named, as they come). Not regular files only: a pipe (/dev/stdin) reads as well."""
     if _is_one_image(images) or not isinstance(images, (list, tuple, np.ndarray)):
         return
-    if missing := next(((i, image) for i, image in enumerate(images) if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image)), None):
-        raise FileNotFoundError(f"images[{missing[0]}]: no such file: {missing[1]}")
+    for index, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            if not os.path.exists(image):
+                raise FileNotFoundError(f"images[{index}]: no such file: {image}")
+            if os.path.isdir(image):
+                raise IsADirectoryError(f"images[{index}]: a directory, not an image file: {image}")
 
 
 def _is_one_image(images: Any) -> bool:
