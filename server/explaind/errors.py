@@ -90,7 +90,7 @@ class ModelLoadError(ExplaindError):
     code = "FAILED_PRECONDITION"
 
 
-def report_internal(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
+def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
     the caller's (code, message). Why: an exception's text can hold server file paths and
     internals; the caller gets its type and an id to quote, the operator's log the rest.

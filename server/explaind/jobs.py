@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_internal
+from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
@@ -236,7 +236,7 @@ class JobManager:
         except ExplaindError as error:
             self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error))
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
-            self._finish(live, FAILED, error=report_internal(log, f"job {live.record.job_id} ({live.record.kind}) failed", error))
+            self._finish(live, FAILED, error=report_unexpected(log, f"job {live.record.job_id} ({live.record.kind}) failed", error))
         else:
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
         finally:

@@ -25,7 +25,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import ExplaindError, field_detail, report_internal
+from ..errors import ExplaindError, field_detail, report_unexpected
 from ..metrics import Metrics
 from .auth import BearerToken
 
@@ -293,4 +293,4 @@ class _Observed:
             # (reflection's, when a client closes its channel): no failure of the server's.
             self._code = self._gone()
             return
-        self.abort(*report_internal(log, f"unexpected error in {self._service}/{self._method}", error))
+        self.abort(*report_unexpected(log, f"unexpected error in {self._service}/{self._method}", error))
