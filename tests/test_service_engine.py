@@ -1416,10 +1416,39 @@ def test_a_store_that_fails_its_first_writes_stops_the_start_with_one_error(tmp_
     server = ExplaindServer(config)
     monkeypatch.setattr(server.store, "delete_unfinished_uploads", lambda: (_ for _ in ()).throw(sqlite3.DatabaseError("database disk image is malformed")))
     try:
-        with pytest.raises(StoreOpenError, match=rf"^cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed$"):
+        with pytest.raises(StoreOpenError, match=rf"^cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed; restore its database from a backup$"):
             server.start()
     finally:
         server.store.close()
+
+
+def test_a_damaged_database_page_met_while_the_models_load_names_the_data_dir_and_what_to_do(tmp_path, classifier_dir):
+    # Start-up said only "cannot start: database disk image is malformed": no file, no remedy.
+    from explaind.service import ExplaindServer
+    from explaind.store import HeadVersionRecord, SQLiteStore, StoreOpenError
+
+    store = SQLiteStore(tmp_path)
+    for number in range(40):  # head versions over several pages, which only the load reads
+        store.insert_head_version(HeadVersionRecord("features", f"v{number}", "hash", "0" * 64, "v0", float(number), {"notes": "x" * 2000}))
+    store.close()
+    database = tmp_path / "explaind.sqlite3"
+    with sqlite3.connect(database) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = [row[0] for row in db.execute("SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_head_versions_1'")]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(database, "r+b") as file:
+        for page in pages:
+            file.seek((page - 1) * page_size)
+            file.write(b"\xff" * page_size)
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, metrics_port=0, data_dir=str(tmp_path))
+    server = ExplaindServer(config)
+    try:
+        server.start()
+        with pytest.raises(StoreOpenError, match=rf"^cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed; "
+                                                  "restore its database from a backup"):
+            server.load_models()
+    finally:
+        server.stop(0)
 
 
 def test_a_failed_commit_is_rolled_back_so_the_next_write_works(tmp_path):

@@ -90,6 +90,12 @@ class ModelLoadError(ExplaindError):
     code = "FAILED_PRECONDITION"
 
 
+def is_damaged_database(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's for a damaged file ("malformed", "not a database"):
+    its subclasses are a busy or full disk, or misuse, which a backup does not mend."""
+    return type(error) is sqlite3.DatabaseError
+
+
 def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
     the caller's (code, message). Why: an exception's text can hold server file paths and
@@ -97,7 +103,7 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -
     A damaged SQLite database is DATA_LOSS, not a bug: the operator must restore it."""
     incident = secrets.token_hex(4)
     logger.error("%s (incident %s)", what, incident, exc_info=error)
-    if type(error) is sqlite3.DatabaseError:  # "malformed", "not a database"; its subclasses are a busy or full disk, or misuse
+    if is_damaged_database(error):
         return "DATA_LOSS", (f"the server's database is damaged ({error}); the operator must restore it from a backup "
                              f"(the server log has the details under incident {incident})")
     return "INTERNAL", f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"

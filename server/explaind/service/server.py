@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from explaind.v1 import (
 from ..config import Config
 from ..engine import Engine, NeuroInspectEngine
 from ..engine.backends import check_device
+from ..errors import is_damaged_database
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..store import SQLiteStore, StoreOpenError
@@ -95,7 +97,7 @@ class ExplaindServer:
             self.engine.jobs.recover()
             abandoned = self.store.delete_unfinished_uploads()
         except Exception as error:  # noqa: BLE001
-            raise StoreOpenError(f"cannot use the store in {settings.data_dir}: {error}") from error
+            raise _store_failure(settings.data_dir, error) from error
         if abandoned:
             log.warning("deleted %d sample set(s) whose upload an earlier process left unfinished: %s", len(abandoned), ", ".join(abandoned))
         if settings.metrics_port:
@@ -153,7 +155,10 @@ class ExplaindServer:
         """Load models (raises ModelLoadError naming the file), serve the stored active
         head version, then report SERVING."""
         self.engine.load()
-        self.neuroinspect.restore()
+        try:  # reads the head versions, which start() did not
+            self.neuroinspect.restore()
+        except sqlite3.Error as error:
+            raise _store_failure(self.config.server.data_dir, error) from error
         # After restore, which may have deleted head versions: their weights are unused now.
         self._sweep_once(everything=True)
         self._sweeper.start()
@@ -248,6 +253,13 @@ class _ProbeHealth(health_pb2_grpc.HealthServicer):
 
     def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> None:  # noqa: N802
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "the health port serves Check only")
+
+
+def _store_failure(data_dir: str, error: Exception) -> StoreOpenError:
+    """``error`` of the store met at start-up, naming the data dir and, for a damaged
+    database, the remedy."""
+    remedy = "; restore its database from a backup" if is_damaged_database(error) else ""
+    return StoreOpenError(f"cannot use the store in {data_dir}: {error}{remedy}")
 
 
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, what: str = "") -> int:
