@@ -38,6 +38,31 @@ def test_sample_labels_may_be_class_names_or_indices(client):
     assert appended.class_counts == {0: 1, 1: 1, 5: 2}
 
 
+def test_a_folder_with_one_subfolder_per_class_is_listed_for_an_upload(client, tmp_path):
+    from PIL import Image
+
+    from explaind.client import image_folder
+
+    root = tmp_path / "images"
+    for name, files in (("heart", ["b.png", "a.JPG", "nested/c.png"]), ("circle", ["z.webp"])):
+        for file in files:
+            (root / name / file).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (64, 64), (40, 80, 120)).save(root / name / file, format="WEBP" if file.endswith("webp") else "PNG")
+    (root / "heart" / "notes.txt").write_text("not an image")
+    (root / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".thumbnails" / "x.png")
+    Image.new("RGB", (8, 8)).save(root / "unlabelled.png")  # no class folder
+    images, labels = image_folder(str(root))
+    assert images == [root / "circle" / "z.webp", root / "heart" / "a.JPG", root / "heart" / "b.png", root / "heart" / "nested" / "c.png"]
+    assert labels == ["circle", "heart", "heart", "heart"]
+    names = client.model_metadata().class_names
+    assert client.create_sample_set(*image_folder(root)).class_counts == {names.index("circle"): 1, names.index("heart"): 3}
+    with pytest.raises(NotADirectoryError, match="^no such directory: .*/missing$"):
+        image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"^no images in .*/circle/<class name>/ \(\.png, \.jpg"):
+        image_folder(root / "circle")
+
+
 def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
     # As list.index: a model whose class names repeat ("cat" at 0 and 2) labels "cat" as 0.
     from types import SimpleNamespace

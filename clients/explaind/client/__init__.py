@@ -27,6 +27,7 @@ from ._errors import (
     UnavailableError,
     UnimplementedError,
 )
+from ._images import image_folder
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron
 from ._operations import EvaluatedMistake, Evaluation, Operation
 from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, RequestLimits, Sample, SampleSet
@@ -70,4 +71,5 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "image_folder",
 ]

@@ -81,6 +81,32 @@ def require_files(images: Any) -> None:
                 raise IsADirectoryError(f"images[{index}]: a directory, not an image file: {image}")
 
 
+# Image files :func:`image_folder` takes, by suffix (what the server decodes).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
+    """The image files and labels of a folder with one subfolder per class,
+    ``root/<class name>/**/*.png`` (the layout torchvision's ``ImageFolder`` reads), in
+    sorted order: ``create_sample_set(*image_folder("images/"))``. Only the listing is
+    made here; the files are read as their requests are sent. Hidden folders and files
+    of other suffixes are skipped; images directly in ``root`` have no class and are not
+    taken. Raises NotADirectoryError for a missing folder, ValueError for one without
+    images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"no such directory: {root}")
+    images: list[Path] = []
+    labels: list[str] = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images += files
+        labels += [class_dir.name] * len(files)
+    if not images:
+        raise ValueError(f"no images in {root}/<class name>/ ({', '.join(IMAGE_SUFFIXES)})")
+    return images, labels
+
+
 def _is_one_image(images: Any) -> bool:
     """One image rather than several: an array of 2 or 3 dimensions (a 4-D one is a batch,
     a 1-D one a list, such as an array of paths), a path, bytes or a PIL image."""

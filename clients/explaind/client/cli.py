@@ -39,6 +39,7 @@ from typing import Any
 
 from ._client import DEFAULT_TARGET, Client
 from ._errors import ExplaindError, UnauthenticatedError, UnavailableError
+from ._images import image_folder
 from ._operations import OPERATION_STATES
 from ._types import ModelMetadata
 
@@ -203,24 +204,12 @@ def _require_writable(path: str) -> None:
 
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
 DEFAULT_PREDICT_CLASSES = 3  # predict's lines per image, when --top-k is not given
-# Image files a --folder upload takes, by suffix (what the server decodes).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
 def _folder_samples(folder: str) -> tuple[list[Path], list[str]]:
-    """Image files and labels of an ImageFolder tree, ``folder/<class name>/*.png`` (the
-    layout torchvision's ImageFolder reads), in sorted order."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise CommandError(f"--folder: no such directory: {folder}")
-    images, labels = [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        images += files
-        labels += [class_dir.name] * len(files)
-    if not images:
-        raise CommandError(f"--folder: no images in {folder}/<class name>/ ({', '.join(IMAGE_SUFFIXES)})")
-    return images, labels
+    """:func:`image_folder`, its errors naming ``--folder``."""
+    try:
+        return image_folder(folder)
+    except (NotADirectoryError, ValueError) as error:
+        raise CommandError(f"--folder: {error}") from None
 
 
 def _world_samples(scenario: str, split: str, count: int):
