@@ -46,3 +46,15 @@ def test_the_production_config_is_a_valid_config(tmp_path):
     (tmp_path / "explaind.toml").write_text(block)
     config = load_config(tmp_path / "explaind.toml")  # every key known, every value of its type and range
     assert config.classifier.loader == "export" and config.server.tls_cert_file and config.server.health_port
+
+
+def test_the_chart_values_the_readme_states_are_the_charts():
+    # The README said terminationGracePeriodSeconds was 40 after the chart had moved to 45.
+    import yaml
+
+    values = yaml.safe_load((README.parent / "deploy" / "helm" / "explaind" / "values.yaml").read_text())
+    prose = " ".join(README.read_text().split())  # across line breaks
+    assert f"`image` (`{values['image']['repository']}:{values['image']['tag']}`" in prose
+    assert f"`persistence` (the data volume, {values['persistence']['size'].removesuffix('Gi')} GiB)" in prose
+    assert f"`terminationGracePeriodSeconds` ({values['terminationGracePeriodSeconds']}:" in prose
+    assert f"`healthPort` ({values['healthPort']})" in prose
