@@ -1600,11 +1600,49 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"classifier": {"interpolation": "nearest"}}, r"\[classifier\].interpolation must be one of \('bilinear', 'bicubic'\), got 'nearest'"),
         ({"batching": {"max_queue_size": 64}}, r"\[batching\].max_images_per_request \(1024\) must not exceed "
                                                 r"\[batching\].max_queue_size \(64\)"),
+        # Upper bounds: each of these started, then failed later (the batcher thread died at the
+        # first Predict, SIGTERM raised tracebacks, grpc or torch overflowed at start-up, and
+        # every clip_illusion request without an ε was refused for an ε it never sent).
+        ({"batching": {"max_queue_delay_ms": float("inf")}}, r"\[batching\].max_queue_delay_ms must be at most 60000.0, got inf"),
+        ({"server": {"grace_period_s": float("inf")}}, r"\[server\].grace_period_s must be at most 86400.0, got inf"),
+        ({"server": {"max_message_bytes": 2**31}}, r"\[server\].max_message_bytes must be at most 2147483647, got 2147483648"),
+        ({"runtime": {"num_threads": 2**31}}, r"\[runtime\].num_threads must be at most 2147483647"),
+        ({"clip": {"illusion_epsilon": 1001}}, r"\[clip\].illusion_epsilon must be at most 1000.0, got 1001.0"),
+        ({"classifier": {"class_names": [1, 2]}}, r"\[classifier\].class_names must be a list of strings, got \[1, 2\]"),
+        ({"classifier": {"mean": ["a", "b", "c"], "std": [1, 1, 1]}}, r"\[classifier\].mean must be a list of numbers, got \['a', 'b', 'c'\]"),
+        ({"clip": {"path": "/models/clip", "model": "ViT-B-32"}}, r"set \[clip\].path \(an open_clip directory\) or \[clip\].model and .checkpoint, not both"),
+        ({"clip": {"checkpoint": "/models/clip.safetensors"}}, r"\[clip\].checkpoint needs \[clip\].model"),
+        ({"server": {"port": 5000, "metrics_port": 5000}}, r"\[server\].port and .metrics_port are both 5000; each needs a port of its own"),
+        ({"server": {"port": 0, "metrics_port": 6000, "health_port": 6000}}, r"\[server\].metrics_port and .health_port are both 6000"),
     ],
 )
 def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path, classifier_dir, sections, error):
     with pytest.raises(ConfigError, match=r"bad.toml: " + error):
         load_config(write_config(tmp_path / "bad.toml", classifier_dir, **sections))
+
+
+def test_config_files_that_cannot_be_read_and_home_relative_paths(tmp_path, classifier_dir, monkeypatch):
+    # A directory or a non-UTF-8 file gave a traceback; "~/data" made a folder named "~".
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"^cannot read the config file .*dir.toml: Is a directory$"):
+        load_config(tmp_path / "dir.toml")
+    (tmp_path / "latin1.toml").write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 20\), as TOML must be$"):
+        load_config(tmp_path / "latin1.toml")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "sub").mkdir()
+    config = load_config(write_config(tmp_path / "sub" / "home.toml", classifier_dir, server={"data_dir": "~/explaind"}))
+    assert config.server.data_dir == str(tmp_path / "home" / "explaind")
+
+
+def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
+    # It read only class_names, and served the model's own names without a word.
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\nf\n")
+    section = ClassifierSection(loader="world", path=str(classifier_dir), class_names_file=str(tmp_path / "names.txt"))
+    assert load_classifier(section).class_names == ("a", "b", "c", "d", "e", "f")
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    with pytest.raises(ModelLoadError, match="the head has 6 outputs but 2 class names were given"):
+        load_classifier(section)
 
 
 def test_config_replace_checks_the_result_like_a_loaded_file():

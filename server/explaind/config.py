@@ -68,6 +68,16 @@ _NOT_NEGATIVE = (
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days",
 )
 _MAX_PORT = 65535
+# Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
+# thread count) overflow beyond it; a delay or grace beyond these would overflow a timer
+# (inf stops the batcher thread at the first Predict, or the shutdown), long before that
+# it is a typo. ε is bounded as requests' ε is (engine.neuroinspect.MAX_LOSS_WEIGHT), so
+# the configured default is one every request without an ε can take.
+_C_INT_MAX = 2**31 - 1
+_AT_MOST = {
+    "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
+    "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": 1e3,
+}
 
 
 class ConfigError(ValueError):
@@ -173,7 +183,8 @@ class ClassifierSection:
 
 @dataclass(frozen=True)
 class ClipSection:
-    # open_clip model name, or a directory holding open_clip_config.json + weights.
+    # An open_clip architecture name with ``checkpoint`` (a weights file or a pretrained
+    # tag), or ``path``: a directory holding open_clip_config.json and its weights.
     model: str = ""
     checkpoint: str = ""
     path: str = ""
@@ -262,6 +273,10 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:  # a directory, or unreadable
+        raise ConfigError(f"cannot read the config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}), as TOML must be") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
     sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
@@ -314,7 +329,12 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
         elif isinstance(expected, tuple):
             if not isinstance(value, list):
                 raise ConfigError(f"{where} must be a list, got {shown}")
+            item_type = _LIST_ITEM_TYPES[key]
+            if not all(isinstance(item, item_type) and not isinstance(item, bool) for item in value):
+                raise ConfigError(f"{where} must be a list of {_TYPE_WORDS[item_type]}, got {shown}")
             value = tuple(value)
+        if key in _PATH_KEYS and value.startswith("~"):
+            value = str(Path(value).expanduser())
         if key in _PATH_KEYS and value and not Path(value).is_absolute():
             if key not in ("weights", "checkpoint") or not _names_pretrained_weights(value) or (path.parent / value).exists():
                 value = str((path.parent / value).resolve())
@@ -324,6 +344,10 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
 
 # Interpolations a classifier's inputs may be resized with (torchvision's names).
 INTERPOLATIONS = ("bilinear", "bicubic")
+
+# What a list key's items must be, and how a refusal names it.
+_LIST_ITEM_TYPES: dict[str, type | tuple[type, ...]] = {"class_names": str, "mean": (int, float), "std": (int, float)}
+_TYPE_WORDS = {str: "strings", (int, float): "numbers"}
 
 # A value of each type optional keys are annotated with, to check a given value against.
 _OPTIONAL_TYPE_EXAMPLES = {"int | None": 0}
@@ -378,6 +402,15 @@ def _validate(path: Path | str, config: Config) -> None:
             value = getattr(getattr(config, section), name)
             if value is not None and value < least:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
+    for key, most in _AT_MOST.items():
+        section, _, name = key.partition(".")
+        if (value := getattr(getattr(config, section), name)) > most:
+            raise ConfigError(f"{path}: [{section}].{name} must be at most {most}, got {value!r}")
+    clip = config.clip
+    if clip.path and (clip.model or clip.checkpoint):
+        raise ConfigError(f"{path}: set [clip].path (an open_clip directory) or [clip].model and .checkpoint, not both")
+    if clip.checkpoint and not clip.model:
+        raise ConfigError(f"{path}: [clip].checkpoint needs [clip].model, the open_clip architecture it is for (e.g. \"ViT-B-32\")")
     if config.server.log_format not in LOG_FORMATS:
         raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")
     if config.server.token and (problem := token_problem(config.server.token)):
@@ -392,6 +425,10 @@ def _validate(path: Path | str, config: Config) -> None:
     for name in ("port", "metrics_port", "health_port"):
         if getattr(config.server, name) > _MAX_PORT:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")
+    ports = [name for name in ("port", "metrics_port", "health_port") if getattr(server, name)]
+    for index, name in enumerate(ports):
+        if (other := next((o for o in ports[index + 1:] if getattr(server, o) == getattr(server, name)), None)) is not None:
+            raise ConfigError(f"{path}: [server].{name} and .{other} are both {getattr(server, name)}; each needs a port of its own")
     batching = config.batching
     if batching.max_images_per_request > batching.max_queue_size:
         # A request larger than the queue could never be admitted: RESOURCE_EXHAUSTED forever.

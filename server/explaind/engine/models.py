@@ -360,7 +360,7 @@ def _load_world(section: ClassifierSection) -> ClassifierVersion:
         source=str(directory),
         feature_layer=section.feature_layer or config.feature_layer,
         head=section.head or config.head,
-        class_names=tuple(section.class_names) or tuple(config.class_names),
+        class_names=_class_names(section, None) if section.class_names or section.class_names_file else tuple(config.class_names),
         image_size=section.image_size or config.image_size,
         **_fitting(section),
         preprocess=Preprocess(section.mean, section.std),
