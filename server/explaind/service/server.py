@@ -270,7 +270,8 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"cannot bind {what}{address}: is another server using the port?")
+        host = address.rpartition(":")[0]
+        raise OSError(f"cannot bind {what}{address}: is another server using the port, or is {host!r} not an address of this machine?")
     return port
 
 
