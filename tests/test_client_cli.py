@@ -264,7 +264,7 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")])
-    assert f"cannot bind 127.0.0.1:{port}: is another server using the port?" in line
+    assert f"cannot bind 127.0.0.1:{port}: is another server using the port, or is '127.0.0.1' not an address of this machine?" in line
 
 
 def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys, tmp_path, monkeypatch):
@@ -372,7 +372,7 @@ def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure)
 
 
 @pytest.mark.parametrize(("flag", "message"), [("--metrics-port", "cannot bind metrics 127.0.0.1:{port}"),
-                                             ("--health-port", "cannot bind health 127.0.0.1:{port}: is another server using the port?")])
+                                             ("--health-port", "cannot bind health 127.0.0.1:{port}: is another server using the port, or is '127.0.0.1' not an address of this machine?")])
 def test_serve_on_a_busy_metrics_or_health_port_says_so_in_one_line(capsys, tmp_path, flag, message):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -424,7 +424,7 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root / "heart" / "nested")]) == 1
     capsys.readouterr()  # images directly in the folder have no class folder: nothing to append
     assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root)]) == 0
-    assert "appended to folder: 10 samples, per class circle 6, heart 4" in capsys.readouterr().out
+    assert "appended 5 samples to folder: now 10 samples, per class circle 6, heart 4" in capsys.readouterr().out
     assert "sample-set append: give a sample set id" in _usage_error(capsys, ["sample-set", "append", "--folder", str(root)])
     (root / "dog").mkdir()
     _png(root / "dog" / "0.png", 0)

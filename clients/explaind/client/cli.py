@@ -384,8 +384,10 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(_sample_set_json(_served_class_names(client), stored))
                 return 0
-            print(f"{ {'create': 'created', 'append': 'appended to'}[args.action]} {stored.sample_set_id}: {_samples(stored.sample_count)}, "
-                  f"per class {_named_counts(client, stored.class_counts)}")
+            # An append says how many it added, then the set's new total: not one count for the other.
+            done = "created" if args.action == "create" else f"appended {_samples(len(labels))} to"
+            total = "now " if args.action == "append" else ""
+            print(f"{done} {stored.sample_set_id}: {total}{_samples(stored.sample_count)}, per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
             listed = client.sample_sets()
             if args.json:
