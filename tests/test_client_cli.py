@@ -143,6 +143,12 @@ def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback
         monkeypatch.setattr(sys, "stdout", full)
         assert main(["--target", server.target, "info", "--json"]) == 1
     assert capsys.readouterr().err == "error: cannot write standard output: No space left on device\n"
+    # Unbuffered (PYTHONUNBUFFERED=1), the print itself fails and the flush after it works.
+    with open("/dev/full", "wb", buffering=0) as raw, io.TextIOWrapper(raw, write_through=True) as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        assert main(["--target", server.target, "info", "--json"]) == 1
+        monkeypatch.undo()
+    assert capsys.readouterr().err == "error: cannot write standard output: No space left on device\n"
 
 
 def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys):

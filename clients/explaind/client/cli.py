@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import io
 import json
 import math
@@ -1171,6 +1172,22 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     return None
 
 
+# What a write to a full, broken or over-quota output raises.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG})
+
+
+def _standard_output_failed(error: OSError) -> bool:
+    """Whether ``error`` came from writing standard output: buffered output fails again
+    when flushed; unbuffered output (PYTHONUNBUFFERED) failed in the write itself, as an
+    error of a full or broken device that names no file (the files this command writes
+    are named where they are written)."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return error.filename is None and error.errno in _OUTPUT_ERRNOS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
@@ -1191,13 +1208,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush would fail too
         return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
     except OSError as error:
-        try:
-            sys.stdout.flush()
-        except OSError:  # the output failed (`explaind info > /dev/full`); files are named where they are written
-            print(f"error: cannot write standard output: {error.strerror or error}", file=sys.stderr)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
-        raise
+        if not _standard_output_failed(error):
+            raise
+        # The output failed (`explaind info > /dev/full`); files are named where they are written.
+        print(f"error: cannot write standard output: {error.strerror or error}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
         for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted
