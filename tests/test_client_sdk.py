@@ -63,6 +63,23 @@ def test_a_folder_with_one_subfolder_per_class_is_listed_for_an_upload(client, t
         image_folder(root / "circle")
 
 
+def test_a_ctrl_c_during_a_split_upload_gets_no_note_about_the_failing_request(client, monkeypatch):
+    # "[i] there is item 2 + i here" explains a server's samples[i]; a Ctrl-C has no i.
+    call = client._call
+
+    def interrupted(service, method, request, **kwargs):
+        if method == "AppendSamples":
+            raise KeyboardInterrupt
+        return call(service, method, request, **kwargs)
+
+    monkeypatch.setattr(client, "_call", interrupted)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        client.create_sample_set([IMAGE] * 3, [0] * 3, sample_set_id="interrupted", chunk_size=2)
+    assert raised.value.__notes__ == ["the partly uploaded sample set 'interrupted' was deleted"]
+    monkeypatch.undo()
+    assert "interrupted" not in [s.sample_set_id for s in client.sample_sets()]
+
+
 def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
     # As list.index: a model whose class names repeat ("cat" at 0 and 2) labels "cat" as 0.
     from types import SimpleNamespace

@@ -419,7 +419,7 @@ class Client:
         except BaseException as error:
             if request.upload_continues and not isinstance(error, ExplaindError):  # e.g. Ctrl-C as the answer came
                 error.add_note("if the server created the set before this, it stays uploading: jobs refuse it, and the server's "
-                               "next start deletes it (or delete_sample_set)")
+                               "next start deletes it (or delete the set)")
             raise
         sent = len(first)
         try:
@@ -493,7 +493,7 @@ class Client:
         where the request began in the caller's list (see :func:`_note_chunk`)."""
         try:
             return self._call(service, method, request, **kwargs)
-        except BaseException as error:
+        except ExplaindError as error:  # the server's, whose samples[i] count within the request; not a Ctrl-C
             _note_chunk(error, offset, total)
             raise
 
