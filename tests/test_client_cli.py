@@ -546,12 +546,15 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     assert re.fullmatch(rf"(cancelled {job.name}|cancel requested for {job.name} \((queued|running)\); it ends at its next check "
                         rf"\(explaind operations wait {job.name}\))\n", said), said
     assert main(["--target", server.target, "operations", "wait", job.name]) == 1
-    assert "state='cancelled'" in capsys.readouterr().out
+    waited = capsys.readouterr()
+    assert "state='cancelled'" in waited.out and "error:" not in waited.out
+    assert waited.err == "error: CANCELLED: cancelled by request\n"  # the outcome, where evaluate's failed job says it
     assert _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])["cancel_requested"] is True
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
     got = capsys.readouterr().out
+    assert got.endswith("error: CANCELLED: cancelled by request\n")  # get describes the operation, error included
     assert main(["--target", server.target, "operations", "watch", job.name]) == 1  # ended: its state once, as get prints it
-    assert capsys.readouterr().out == got
+    assert capsys.readouterr() == (waited.out, waited.err)
 
 
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):
@@ -618,6 +621,7 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     ranking = json.loads(capsys.readouterr().out)
     assert [n["neuron"] for n in ranking["neurons"]] == [n.neuron for n in expected.neurons]
     assert ranking["neurons"][0]["rank_ratio"] == expected.neurons[0].rank_ratio and ranking["class_name"] == "heart"
+    assert ranking["mistake_count"] == expected.mistake_count > 0 and "mistakes" not in ranking  # not asked for: not an empty list
     line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "circle"])
     assert "class_name: sample set 'all-hearts' has no sample of class 'circle'" in line
     line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "-1"])
@@ -644,6 +648,8 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
     out = capsys.readouterr().out
     assert "artifacts: omega.npy" in out and f"{expected.mistake_count} mistakes of heart in all-hearts" in out
     assert _artifact_reads(server) == reads  # ω can be gigabytes; the printout shows none of it
+    summaries = _json_out(capsys, ["--target", server.target, "operations", "get", operation.name, "--json"])["result"]["mistakes"]
+    assert len(summaries) == expected.mistake_count  # asked for with include_samples: listed
     assert main(["--target", server.target, "operations", "list", "--kind", "rank_mistake_neurons", "--limit", "1"]) == 0
     listed = capsys.readouterr()
     assert listed.out.split()[0] == operation.name and listed.err == "(the newest 1; --limit N lists more)\n"

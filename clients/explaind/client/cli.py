@@ -572,7 +572,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _ranking_json(ranking) -> dict:
-    return {**_json_value(ranking), "neurons": [{**_json_value(n), "rank_ratio": n.rank_ratio} for n in ranking.neurons]}
+    """The ranking with each neuron's rank ratio; its per-mistake summaries only where it
+    has them (the SDK's include_samples): an empty list would read as "no mistakes"."""
+    value = {**_json_value(ranking), "neurons": [{**_json_value(n), "rank_ratio": n.rank_ratio} for n in ranking.neurons]}
+    if not ranking.mistakes:
+        del value["mistakes"]
+    return value
 
 
 # Results whose --json differs from their fields (see each function); the rest print every field.
@@ -716,8 +721,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
             if operation.response_cut:
                 print(f"the result is too large for one message: below are its leading items; "
                       f"`explaind operations artifact {operation.name} {operation.metadata.full_response_artifact}` has it whole")
-            if operation.error is not None:
-                print(f"error: {operation.error}")
+            if operation.error is not None:  # for wait and watch the outcome, on stderr as other commands' failed jobs
+                print(f"error: {operation.error}", file=sys.stderr if args.action in ("wait", "watch") else sys.stdout)
             elif deleted_version:
                 print(f"head version {result.version.version_id} has been deleted since")
             elif result is not None:
