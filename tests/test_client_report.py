@@ -102,6 +102,29 @@ def test_the_suggested_edit_is_evaluated_on_the_held_out_fifth_with_or_without_g
     assert [s.sample_set_id for s in client.sample_sets()] == ["spurious"]  # the temporary split is gone
 
 
+def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(client, monkeypatch):
+    # Ctrl-C during the images left a new head version that nothing mentioned.
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=100).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="interrupted-report")
+    before = {v.version_id for v in client.head_versions()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "visualize_neurons", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2)
+    finally:
+        monkeypatch.undo()
+        client.delete_sample_set("interrupted-report")
+    (stored,) = {v.version_id for v in client.head_versions()} - before
+    assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
+    client.delete_head_version(stored)
+
+
 def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
     # The edit was refused after the ranking and images had been computed, and the
     # command failed without writing the page.

@@ -92,9 +92,15 @@ def build_report(
     visualizations = []
     no_visualization_reason = "" if meta.supports_visualization or not shown else (
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
-    for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
-        pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
-        visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
+    try:
+        for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
+            pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
+            visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
+    except BaseException as error:  # e.g. Ctrl-C: the edit, stored before the images, would go unmentioned
+        if edit is not None:
+            error.add_note(f"head version {edit.version.version_id}, the suggested edit, stays stored (not served); "
+                           "delete it if it is not wanted")
+        raise
     return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
 
 
