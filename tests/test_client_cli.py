@@ -434,7 +434,9 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     assert "sample-set append: give a sample set id" in _usage_error(capsys, ["sample-set", "append", "--folder", str(root)])
     (root / "dog").mkdir()
     _png(root / "dog" / "0.png", 0)
-    assert "'dog' is not a class of the served model" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root)])
+    assert _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root)]) == (
+        f"error: --folder: {root / 'dog'}: a folder's name must be a class of the served model (circle, square, triangle, star, cross, heart)")
+    assert f"--folder: not a directory: {root / 'dog' / '0.png'}" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root / "dog" / "0.png")])
     assert "--folder: no images in" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "images" / "heart" / "nested")])
     assert "--folder: no such directory" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "nope")])
 

@@ -95,7 +95,7 @@ def image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
     images."""
     root = Path(root)
     if not root.is_dir():
-        raise NotADirectoryError(f"no such directory: {root}")
+        raise NotADirectoryError(f"{'not a directory' if root.exists() else 'no such directory'}: {root}")
     images: list[Path] = []
     labels: list[str] = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):

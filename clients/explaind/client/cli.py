@@ -205,12 +205,18 @@ def _require_writable(path: str) -> None:
 
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
 DEFAULT_PREDICT_CLASSES = 3  # predict's lines per image, when --top-k is not given
-def _folder_samples(folder: str) -> tuple[list[Path], list[str]]:
-    """:func:`image_folder`, its errors naming ``--folder``."""
+def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]:
+    """:func:`image_folder`, its errors naming ``--folder``, and a class folder whose name
+    is no class of the served model named as the folder it is."""
     try:
-        return image_folder(folder)
+        images, labels = image_folder(folder)
     except (NotADirectoryError, ValueError) as error:
         raise CommandError(f"--folder: {error}") from None
+    names = _served_class_names(client)
+    if names and (unknown := sorted(set(labels) - set(names))):
+        raise CommandError(f"--folder: {', '.join(str(Path(folder) / name) for name in unknown)}: a folder's name must be a class "
+                           f"of the served model ({_first_classes(names, ' classes')})")
+    return images, labels
 
 
 def _world_samples(scenario: str, split: str, count: int):
@@ -370,7 +376,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             if args.world:
                 images, labels, attributes = _world_samples(*args.world)
             elif args.folder:
-                images, labels = _folder_samples(args.folder)
+                images, labels = _folder_samples(client, args.folder)
                 attributes = None
             else:  # parse_arguments saw as many --labels
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
@@ -905,7 +911,8 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # overwrite a value given before the command), so the help states them.
     parser.add_argument("--target", help=f"server address (default: env EXPLAIND_TARGET, else {DEFAULT_TARGET})")
     parser.add_argument("--token", help="bearer token (default: env EXPLAIND_TOKEN)")
-    parser.add_argument("--timeout", type=_positive_seconds, help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--timeout", type=_positive_seconds, help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g}); waiting for a job to end (evaluate, rank, visualize, "
+                             "edit-head, report, operations wait/watch) is not bounded by it: Ctrl-C stops that")
     parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the three options below)")
     parser.add_argument("--ca-file", dest="ca_file", help="PEM file of the CAs to trust (default: the system's)")
     parser.add_argument("--cert-file", dest="cert_file", help="PEM client certificate, for a server that asks for one (with --key-file)")
