@@ -234,6 +234,8 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
         (["--health-port", "-5"], "error: --health-port: [server].health_port must be at least 0, got -5"),
         (["--device", "gpu"], "error: --device: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
         (["--device", ""], "error: --device: [runtime].device must be a torch device"),
+        (["--host", ""], "error: --host: [server].host must be an address to listen on"),  # was "cannot bind :0: is another server using the port?"
+        (["--port", "7000", "--metrics-port", "7000"], "error: --port: [server].port and .metrics_port are both 7000; each needs a port of its own"),
     ],
 )
 def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):
@@ -353,8 +355,8 @@ def test_serve_logs_one_json_object_per_line_when_asked(server_factory):
     records = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]  # each line parses
     assert all(set(record) == {"time", "level", "logger", "message"} and record["time"].endswith("Z") for record in records), records
     messages = " | ".join(record["message"] for record in records)
-    for expected in ("listening on 127.0.0.1:", "serving world:balanced", "shutting down"):
-        assert expected in messages, messages
+    for expected in ("listening on 127.0.0.1:", f"data dir: {server.data_dir.resolve()})", "serving world:balanced", "shutting down"):
+        assert expected in messages, messages  # the data dir resolved: a relative one or a "~" would not say where
 
 
 @pytest.mark.parametrize("failure", ["busy port", "bad config"])

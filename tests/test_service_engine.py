@@ -1614,6 +1614,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"clip": {"checkpoint": "/models/clip.safetensors"}}, r"\[clip\].checkpoint needs \[clip\].model"),
         ({"server": {"port": 5000, "metrics_port": 5000}}, r"\[server\].port and .metrics_port are both 5000; each needs a port of its own"),
         ({"server": {"port": 0, "metrics_port": 6000, "health_port": 6000}}, r"\[server\].metrics_port and .health_port are both 6000"),
+        ({"server": {"host": ""}}, r"\[server\].host must be an address to listen on \(127.0.0.1, or 0.0.0.0 for every interface\), got ''"),
     ],
 )
 def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path, classifier_dir, sections, error):
@@ -1651,6 +1652,8 @@ def test_config_replace_checks_the_result_like_a_loaded_file():
     with pytest.raises(ConfigError, match=r"\[server\].port must be at most 65535"):
         default_config().replace("server", port=65536)
     assert default_config().replace("server", port=65535).server.port == 65535
+    with pytest.raises(ConfigError, match=r"\[server\].data_dir must name a directory, got ''"):  # `--data-dir "$UNSET"`: the working directory
+        default_config().replace("server", data_dir="")
 
 
 def test_the_readme_config_examples_parse(tmp_path):
@@ -2303,8 +2306,11 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
         SQLiteStore(tmp_path, reserve_bytes=size)
     monkeypatch.undo()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size * 3 // 2))
-    SQLiteStore(tmp_path, reserve_bytes=size).close()  # room, but not twice the reserve: still not set aside
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "explaind.store.sqlite"):
+        SQLiteStore(tmp_path, reserve_bytes=size).close()  # room, but not twice the reserve: still not set aside
     assert not reserve.exists()
+    assert f"has {size * 3 // 2} bytes free, less than twice its reserve of {size} bytes: no reserve is set aside" in caplog.text  # it was silent
     monkeypatch.undo()
     SQLiteStore(tmp_path, reserve_bytes=size).close()  # room again: set aside at start-up
     assert reserve.stat().st_size == size

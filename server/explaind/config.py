@@ -425,6 +425,10 @@ def _validate(path: Path | str, config: Config) -> None:
     for name in ("port", "metrics_port", "health_port"):
         if getattr(config.server, name) > _MAX_PORT:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")
+    if not server.host.strip():  # an unset variable in `--host "$HOST"`: gRPC's bind failure would blame the port
+        raise ConfigError(f"{path}: [server].host must be an address to listen on (127.0.0.1, or 0.0.0.0 for every interface), got {server.host!r}")
+    if not server.data_dir.strip():  # it would be the working directory, whatever that is
+        raise ConfigError(f"{path}: [server].data_dir must name a directory, got {server.data_dir!r}")
     ports = [name for name in ("port", "metrics_port", "health_port") if getattr(server, name)]
     for index, name in enumerate(ports):
         if (other := next((o for o in ports[index + 1:] if getattr(server, o) == getattr(server, name)), None)) is not None:

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -301,7 +302,8 @@ def serve(config: Config) -> int:
     metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     tls = (" with mutual TLS" if config.server.tls_client_ca_file else " with TLS") if config.server.tls_cert_file else ""
     health_port = f", health (plaintext) {config.server.host}:{server.health_port}" if server.health_port else ""
-    log.info("listening on %s:%d%s%s%s (config: %s)", config.server.host, port, tls, metrics, health_port, config.source)
+    log.info("listening on %s:%d%s%s%s (config: %s, data dir: %s)", config.server.host, port, tls, metrics, health_port, config.source,
+             Path(config.server.data_dir).resolve())
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())

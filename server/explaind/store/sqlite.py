@@ -158,6 +158,10 @@ class SQLiteStore:
             full = f"; its file system is full ({free} bytes free): free space there" if free < max(reserve_bytes, 1 << 20) else ""
             raise StoreOpenError(f"cannot open the store {path}: {error}{full}") from None
         self.keep_reserve()
+        if reserve_bytes and not self._reserve_released and not self._reserve.exists():  # said once here, not at every sweep
+            log.warning("the data dir %s has %d bytes free, less than twice its reserve of %d bytes: no reserve is set aside until "
+                        "there is room ([server].data_dir_reserve_bytes), so a full file system may stop deletes",
+                        self.data_dir, self._free_bytes(), reserve_bytes)
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
