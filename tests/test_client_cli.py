@@ -57,6 +57,12 @@ def test_predict_of_a_missing_file_is_a_usage_error(capsys, tmp_path):
     assert "no such file: " + str(tmp_path / "missing.png") in _usage_error(capsys, ["predict", str(tmp_path / "missing.png")])
 
 
+@pytest.mark.parametrize("argv", [["head-versions", "promote"], ["sample-set", "show"], ["operations", "get"], ["sample-set", "create", "s"]])
+def test_a_mistake_found_after_parsing_shows_the_command_s_usage_not_every_command_s(capsys, argv):
+    said = _usage_error(capsys, argv)
+    assert said.startswith(f"usage: explaind {argv[0]} ") and f"explaind {argv[0]}: error: {argv[0]}" in said, said
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

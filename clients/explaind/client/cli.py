@@ -1096,53 +1096,55 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             parser.error(f"{args.command}: {', '.join(given)} {'are options' if len(given) > 1 else 'is an option'} of the client "
                          "commands; a server takes its address "
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
+    # The command's own usage with its mistakes, not the list of every command.
+    usage_error = subcommands.choices[args.command].error
     if args.command == "sample-set":
         if args.id and args.id_option and args.id != args.id_option:
-            parser.error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
+            usage_error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
         args.id = args.id or args.id_option
         if args.action in ("append", "show", "delete") and not args.id:
-            parser.error(f"sample-set {args.action}: give a sample set id")
+            usage_error(f"sample-set {args.action}: give a sample set id")
         if args.action == "list" and args.id:
-            parser.error("sample-set list takes no sample set id")
+            usage_error("sample-set list takes no sample set id")
         sources = [flag for flag, value in (("--world", args.world), ("--folder", args.folder), ("--images", args.images)) if value]
         if len(sources) > 1:
-            parser.error(f"sample-set {args.action}: give only one of --world, --folder and --images (got {' and '.join(sources)})")
+            usage_error(f"sample-set {args.action}: give only one of --world, --folder and --images (got {' and '.join(sources)})")
         if args.action in ("list", "show", "delete") and (sources or args.labels or args.name):
-            parser.error(f"sample-set {args.action}: --world, --folder, --images and --labels are options of create and append, --name of create")
+            usage_error(f"sample-set {args.action}: --world, --folder, --images and --labels are options of create and append, --name of create")
         if args.action == "append" and args.name:
-            parser.error("sample-set append: --name is an option of create")
+            usage_error("sample-set append: --name is an option of create")
         if args.action in ("create", "append"):
             if not sources:
-                parser.error(f"sample-set {args.action}: give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
+                usage_error(f"sample-set {args.action}: give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
             if args.labels and not args.images:
-                parser.error(f"sample-set {args.action}: --labels goes with --images ({sources[0]} brings its own labels)")
+                usage_error(f"sample-set {args.action}: --labels goes with --images ({sources[0]} brings its own labels)")
             if args.images and len(args.images) != len(args.labels or []):
-                parser.error(f"sample-set {args.action}: {len(args.images)} --images but {len(args.labels or [])} --labels; give one label per image")
+                usage_error(f"sample-set {args.action}: {len(args.images)} --images but {len(args.labels or [])} --labels; give one label per image")
     # What a job's result fills in is not written when the command does not wait for it.
     for command, option, later in (("evaluate", "grid", "operations artifact NAME mistakes.png --output FILE"),
                                    ("visualize", "out_dir", "operations artifact NAME ARTIFACT (operations get NAME lists them)")):
         if args.command == command and args.no_wait and getattr(args, option):
-            parser.error(f"{command}: --{option.replace('_', '-')} needs the result, which --no-wait does not wait for; "
+            usage_error(f"{command}: --{option.replace('_', '-')} needs the result, which --no-wait does not wait for; "
                          f"drop --no-wait, or fetch the files later: explaind {later}")
     if args.command == "head-versions" and args.action in ("promote", "delete") and not args.version:
-        parser.error(f"head-versions {args.action}: give a version id")
+        usage_error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
-        parser.error("head-versions list takes no version id")
+        usage_error("head-versions list takes no version id")
     if args.command == "operations" and args.action == "list" and args.name:
-        parser.error("operations list takes no operation name (filter with --kind or --state)")
+        usage_error("operations list takes no operation name (filter with --kind or --state)")
     if args.command == "operations" and args.action != "list" and (args.kind or args.state or args.limit):
-        parser.error(f"operations {args.action}: --kind, --state and --limit are options of list")
+        usage_error(f"operations {args.action}: --kind, --state and --limit are options of list")
     if args.command == "operations" and args.action != "list" and not args.name:
-        parser.error("operations: give an operation name")
+        usage_error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
-        parser.error("operations artifact: give an artifact name, e.g. mistakes.png")
+        usage_error("operations artifact: give an artifact name, e.g. mistakes.png")
     if args.command == "operations" and args.action != "artifact" and (args.artifact or args.output):
         extra = f"{args.artifact!r}" if args.artifact else "--output"
-        parser.error(f"operations {args.action} takes one operation name, got {extra} as well (artifacts: operations artifact NAME FILE)")
+        usage_error(f"operations {args.action} takes one operation name, got {extra} as well (artifacts: operations artifact NAME FILE)")
     if args.command == "serve":  # an unset $VAR would silently serve without auth or TLS
         for key in ("token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if getattr(args, key) == "":
-                parser.error(f"serve: {_SERVE_OVERRIDES[key][1]} needs a file name")
+                usage_error(f"serve: {_SERVE_OVERRIDES[key][1]} needs a file name")
     return args
 
 
