@@ -534,6 +534,7 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted"]] == "circle" for m in result["mistakes"])
     assert result["confusion_matrix"] == evaluation.confusion_matrix.tolist() and result["class_names"] == names
     assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
+    assert f"started {result['operation']}" in err and result["grid_file"] == str(grid)  # what stderr says, in the JSON too
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--no-wait"]) == 0
     started = json.loads(capsys.readouterr().out)["name"]
     with Client(server.target, timeout=30) as client:
@@ -839,6 +840,7 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     with Client(server.target, timeout=30) as client:
         served = client.model_metadata().model_version
     assert (result["method"], result["steps"], result["model_version"]) == ("no_clip", 2, served)
+    assert result["operation"].startswith("operations/")
     shown = result["visualizations"]
     assert [(v["neuron"], v["class_name"]) for v in shown][1] == (5, "heart") and shown[1]["clip_similarity"] is None
     assert all(Image.open(v["image_file"]).size == Image.open(v["masked_image_file"]).size == (64, 64) for v in shown)
@@ -860,7 +862,7 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     edit = _json_out(capsys, [*target, "edit-head", "edit-json", "--class", "heart", "--neurons", "3", "--json"])
     version = edit["version"]
     assert version["method"] == "probability_ratio" and version["neurons"] == [3] and version["active"] is False
-    assert version["evaluation"]["accuracy"] >= 0 and edit["best_epoch"] <= edit["epochs_run"]
+    assert version["evaluation"]["accuracy"] >= 0 and edit["best_epoch"] <= edit["epochs_run"] and edit["operation"].startswith("operations/")
     assert _json_out(capsys, [*target, "head-versions", "list", "--json"])[-1] == version
     promoted = _json_out(capsys, [*target, "head-versions", "promote", version["version_id"], "--json"])
     assert promoted == {"version": {**version, "active": True}, "previous_version_id": served_before}

@@ -536,15 +536,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluation = _announce_and_wait(operation, args)
         if evaluation is None:
             return 0
-        if args.json:
-            _print_json(_evaluation_json(evaluation))
-        else:
+        if not args.json:
             _print_evaluation(evaluation)
         if args.grid and not evaluation.mistakes:
             print(f"no mistakes: {args.grid} not written", file=notes)
         elif args.grid:
             _write(args.grid, operation.artifact("mistakes.png"))
             print(f"wrote {args.grid}", file=notes)
+        if args.json:  # with what the notes on stderr say: the operation, and the grid file where one was written
+            grid = {"grid_file": args.grid if evaluation.mistakes else None} if args.grid else {}
+            _print_json({"operation": operation.name, **_evaluation_json(evaluation), **grid})
     return 0
 
 
@@ -628,7 +629,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             files[key] = str(path)
         written.append({**_json_value(v), **files})
     if args.json:
-        _print_json({**_json_value(result), "visualizations": written})
+        _print_json({"operation": operation.name, **_json_value(result), "visualizations": written})
     else:
         print(f"wrote {2 * len(written)} images to {out_dir}")
     return 0
@@ -648,7 +649,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
         )
         edit = _announce_and_wait(operation, args)
     if edit is not None and args.json:
-        _print_json(edit)
+        _print_json({"operation": operation.name, **_json_value(edit)})
     elif edit is not None:
         _print_head_edit(edit)
     return 0
