@@ -444,9 +444,10 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     _png(root / "dog" / "0.png", 0)
     assert _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root)]) == (
         f"error: --folder: {root / 'dog'}: a folder's name must be a class of the served model (circle, square, triangle, star, cross, heart)")
-    assert f"--folder: not a directory: {root / 'dog' / '0.png'}" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root / "dog" / "0.png")])
+    # Usage errors (exit 2), as a missing --images file is.
+    assert f"argument --folder: not a directory: {root / 'dog' / '0.png'}" in _usage_error(capsys, ["sample-set", "create", "--folder", str(root / "dog" / "0.png")])
     assert "--folder: no images in" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "images" / "heart" / "nested")])
-    assert "--folder: no such directory" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "nope")])
+    assert f"argument --folder: no such directory: {tmp_path / 'nope'}" in _usage_error(capsys, ["sample-set", "create", "--folder", str(tmp_path / "nope")])
 
 
 def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, capsys, world_images):

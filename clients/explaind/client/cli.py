@@ -78,6 +78,13 @@ def _existing_file(path: str) -> str:
     return path
 
 
+def _existing_directory(path: str) -> str:
+    """argparse type: a directory that exists (a usage error, as a missing --images file is)."""
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"not a directory: {path}" if Path(path).exists() else f"no such directory: {path}")
+    return path
+
+
 def _integer(value: str, bits: int = 32) -> int:
     """argparse type: an integer that a request's int32 (int64) field holds; protobuf
     refuses a larger one with a ValueError, which reached the user as a traceback."""
@@ -976,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
-    sample_set.add_argument("--folder", help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
+    sample_set.add_argument("--folder", type=_existing_directory, help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
     sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.add_argument("--json", action="store_true", help="print the set (create, append, show) or the sets (list) as JSON")
