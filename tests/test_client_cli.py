@@ -188,6 +188,14 @@ def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_c
             job.cancel()
 
 
+def test_predict_top_k_beyond_the_classes_is_refused_in_the_option_s_terms(server, capsys, tmp_path):
+    # The server's refusal offered "or 0 for the default", which --top-k refuses.
+    image = _png(tmp_path / "a.png", 10)
+    assert _error(capsys, ["--target", server.target, "predict", image, "--top-k", "7"]) == "error: --top-k: 7 is more than the served model's 6 classes"
+    assert main(["--target", server.target, "predict", image, "--top-k", "6", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["labels"]) == 6
+
+
 def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_path):
     good, bad = _png(tmp_path / "good.png", 10), tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

@@ -308,7 +308,10 @@ def _json_log() -> Any:
 def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as client, _naming_failing_file(args.images):
         # Unset: 3 classes, or all of a classifier with fewer (more would be refused).
-        top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, len(client.model_metadata().class_names))
+        classes = len(client.model_metadata().class_names)
+        if args.top_k and args.top_k > classes:  # said here: the server's refusal offers a 0 that --top-k does not take
+            raise CommandError(f"--top-k: {args.top_k} is more than the served model's {classes} classes")
+        top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, classes)
         predictions = client.predict([Path(p) for p in args.images], top_k=top_k)
     if args.json:
         _print_json([{"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
