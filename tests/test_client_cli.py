@@ -697,6 +697,10 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert "'5:' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "5:"])
     assert "'x:heart' is not NEURON or NEURON:CLASS" in _usage_error(capsys, ["visualize", "x:heart"])
     assert "--show: expected an integer >= 0, got '-1'" in _usage_error(capsys, ["rank", "s", "--class", "heart", "--show", "-1"])
+    file = out_dir / "01_neuron5_heart.png"
+    assert _error(capsys, ["--target", server.target, "visualize", "3", "--out-dir", str(file)]) == f"error: --out-dir: {file} is a file, not a directory"
+    assert _error(capsys, ["--target", server.target, "visualize", "3", "--out-dir", str(file / "below")]) == (
+        f"error: --out-dir: cannot create {file / 'below'}: Not a directory")
     # --no-wait writes no images (nor takes --out-dir); without CLIP the similarity is n/a.
     monkeypatch.chdir(tmp_path / "images")
     assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--no-wait"]) == 0

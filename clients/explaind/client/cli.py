@@ -615,10 +615,12 @@ def _announce_and_wait(operation, args: argparse.Namespace):
 def cmd_visualize(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or ".")
     if not args.no_wait:  # before the job runs, so a bad directory does not waste it
+        if out_dir.exists() and not out_dir.is_dir():  # mkdir would say only "File exists"
+            raise CommandError(f"--out-dir: {out_dir} is a file, not a directory")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise CommandError(f"cannot create {out_dir}: {error.strerror or error}") from None
+            raise CommandError(f"--out-dir: cannot create {out_dir}: {error.strerror or error}") from None
     with _client(args) as client:
         operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
                                              seed=args.seed)
