@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -1396,7 +1397,6 @@ def test_a_store_written_before_sample_sets_had_an_upload_state_opens_with_its_s
 
 
 def test_a_data_dir_that_cannot_be_written_or_locked_is_one_clear_error(tmp_path, monkeypatch):
-    import errno
     import fcntl
 
     (tmp_path / "a-file").write_text("")
@@ -1608,6 +1608,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"server": {"max_message_bytes": 2**31}}, r"\[server\].max_message_bytes must be at most 2147483647, got 2147483648"),
         ({"runtime": {"num_threads": 2**31}}, r"\[runtime\].num_threads must be at most 2147483647"),
         ({"clip": {"illusion_epsilon": 1001}}, r"\[clip\].illusion_epsilon must be at most 1000.0, got 1001.0"),
+        ({"clip": {"illusion_epsilon": -0.5}}, r"\[clip\].illusion_epsilon must be at least 0, got -0.5"),
+        ({"batching": {"max_queue_size": 2**31}}, r"\[batching\].max_queue_size must be at most 2147483647"),  # RequestLimits' int32
         ({"classifier": {"class_names": [1, 2]}}, r"\[classifier\].class_names must be a list of strings, got \[1, 2\]"),
         ({"classifier": {"mean": ["a", "b", "c"], "std": [1, 1, 1]}}, r"\[classifier\].mean must be a list of numbers, got \['a', 'b', 'c'\]"),
         ({"clip": {"path": "/models/clip", "model": "ViT-B-32"}}, r"set \[clip\].path \(an open_clip directory\) or \[clip\].model and .checkpoint, not both"),
@@ -1634,6 +1636,8 @@ def test_config_files_that_cannot_be_read_and_home_relative_paths(tmp_path, clas
     (tmp_path / "sub").mkdir()
     config = load_config(write_config(tmp_path / "sub" / "home.toml", classifier_dir, server={"data_dir": "~/explaind"}))
     assert config.server.data_dir == str(tmp_path / "home" / "explaind")
+    with pytest.raises(ConfigError, match=r"home.toml: \[server\].data_dir: cannot expand '~nosuchuser/x': no such user or home directory$"):
+        load_config(write_config(tmp_path / "sub" / "home.toml", classifier_dir, server={"data_dir": "~nosuchuser/x"}))
 
 
 def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
@@ -1643,6 +1647,9 @@ def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
     assert load_classifier(section).class_names == ("a", "b", "c", "d", "e", "f")
     (tmp_path / "names.txt").write_text("a\nb\n")
     with pytest.raises(ModelLoadError, match="the head has 6 outputs but 2 class names were given"):
+        load_classifier(section)
+    (tmp_path / "names.txt").write_text("\n  \n")  # was "class_names or class_names_file is required"
+    with pytest.raises(ModelLoadError, match=r"class names file .*names.txt holds no class names \(one per line\)$"):
         load_classifier(section)
 
 
@@ -2311,6 +2318,12 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
         SQLiteStore(tmp_path, reserve_bytes=size).close()  # room, but not twice the reserve: still not set aside
     assert not reserve.exists()
     assert f"has {size * 3 // 2} bytes free, less than twice its reserve of {size} bytes: no reserve is set aside" in caplog.text  # it was silent
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size * 3))
+    monkeypatch.setattr(os, "posix_fallocate", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "explaind.store.sqlite"):
+        SQLiteStore(tmp_path, reserve_bytes=size).close()  # room, but the allocation failed: that is what it says
+    assert "cannot set 1048576 bytes aside" in caplog.text and "less than twice" not in caplog.text
     monkeypatch.undo()
     SQLiteStore(tmp_path, reserve_bytes=size).close()  # room again: set aside at start-up
     assert reserve.stat().st_size == size

@@ -65,7 +65,7 @@ _AT_LEAST_ONE = (
 # torch's threads, keeping operations); below 0 nothing does.
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
-    "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days",
+    "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "clip.illusion_epsilon",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -76,6 +76,8 @@ _MAX_PORT = 65535
 _C_INT_MAX = 2**31 - 1
 _AT_MOST = {
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
+    # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
+    "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
     "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": 1e3,
 }
 
@@ -270,7 +272,7 @@ def load_config(path: str | Path | None = None) -> Config:
         return default_config()
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as error:  # a directory, or unreadable
@@ -334,7 +336,10 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
                 raise ConfigError(f"{where} must be a list of {_TYPE_WORDS[item_type]}, got {shown}")
             value = tuple(value)
         if key in _PATH_KEYS and value.startswith("~"):
-            value = str(Path(value).expanduser())
+            try:
+                value = str(Path(value).expanduser())
+            except RuntimeError:  # ~nosuchuser, or no home directory
+                raise ConfigError(f"{where}: cannot expand {value!r}: no such user or home directory") from None
         if key in _PATH_KEYS and value and not Path(value).is_absolute():
             if key not in ("weights", "checkpoint") or not _names_pretrained_weights(value) or (path.parent / value).exists():
                 value = str((path.parent / value).resolve())

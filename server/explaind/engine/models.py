@@ -321,6 +321,8 @@ def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ..
         if not path.is_file():
             raise ModelLoadError(f"class names file not found: {path}")
         names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if not names:  # else "required", for a key that is set
+            raise ModelLoadError(f"class names file {path} holds no class names (one per line)")
     if names:
         if count and len(names) != count:
             raise ModelLoadError(f"the model has {count} outputs but {len(names)} class names were given")

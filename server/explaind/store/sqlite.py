@@ -158,10 +158,11 @@ class SQLiteStore:
             full = f"; its file system is full ({free} bytes free): free space there" if free < max(reserve_bytes, 1 << 20) else ""
             raise StoreOpenError(f"cannot open the store {path}: {error}{full}") from None
         self.keep_reserve()
-        if reserve_bytes and not self._reserve_released and not self._reserve.exists():  # said once here, not at every sweep
+        if reserve_bytes and not self._reserve_released and not self._reserve.exists() and (free := self._free_bytes()) < 2 * reserve_bytes:
+            # Said once here, not at every sweep (a failed allocation with room has said why).
             log.warning("the data dir %s has %d bytes free, less than twice its reserve of %d bytes: no reserve is set aside until "
                         "there is room ([server].data_dir_reserve_bytes), so a full file system may stop deletes",
-                        self.data_dir, self._free_bytes(), reserve_bytes)
+                        self.data_dir, free, reserve_bytes)
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
