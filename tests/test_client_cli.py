@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -155,6 +156,11 @@ def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback
         assert main(["--target", server.target, "info", "--json"]) == 1
         monkeypatch.undo()
     assert capsys.readouterr().err == "error: cannot write standard output: No space left on device\n"
+    # A full disk met writing something else, with standard output buffered and fine, is not standard output's.
+    from explaind.client.cli import _standard_output_failed
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))  # as a terminal's or a pipe's without PYTHONUNBUFFERED
+    assert not _standard_output_failed(OSError(errno.ENOSPC, "No space left on device"))
 
 
 def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys):
@@ -404,6 +410,16 @@ def test_serve_on_a_busy_metrics_or_health_port_says_so_in_one_line(capsys, tmp_
     assert message.format(port=port) in line
 
 
+def test_a_busy_port_on_every_address_is_not_blamed_on_the_host(capsys, tmp_path):
+    # The Dockerfile's 0.0.0.0 is an address of every machine: asking whether it is one misled.
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _error(capsys, ["serve", "--host", "0.0.0.0", "--port", str(port), "--data-dir", str(tmp_path / "data")])
+    assert line == f"error: cannot bind 0.0.0.0:{port}: is another server using the port?"
+
+
 def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsys, tmp_path):
     # The second server used to mark the first one's running jobs FAILED, then fail to bind.
     from explaind.store import JobRecord, SQLiteStore
@@ -448,10 +464,12 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     assert main(["--target", server.target, "sample-set", "append", "folder", "--folder", str(root)]) == 0
     assert "appended 5 samples to folder: now 10 samples, per class circle 6, heart 4" in capsys.readouterr().out
     assert "sample-set append: give a sample set id" in _usage_error(capsys, ["sample-set", "append", "--folder", str(root)])
-    (root / "dog").mkdir()
-    _png(root / "dog" / "0.png", 0)
+    for name in ("dog", "n01", "n02", "n03"):  # an ImageNet tree's synset ids: 1000 folders named 3
+        (root / name).mkdir()
+        _png(root / name / "0.png", 0)
     assert _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(root)]) == (
-        f"error: --folder: {root / 'dog'}: a folder's name must be a class of the served model (circle, square, triangle, star, cross, heart)")
+        f"error: --folder: {root / 'dog'}, {root / 'n01'}, {root / 'n02'} and 1 more: a folder's name must be a class of the served model "
+        "(circle, square, triangle, star, cross, heart)")
     # Usage errors (exit 2), as a missing --images file is.
     assert f"argument --folder: not a directory: {root / 'dog' / '0.png'}" in _usage_error(capsys, ["sample-set", "create", "--folder", str(root / "dog" / "0.png")])
     assert "--folder: no images in" in _error(capsys, ["--target", server.target, "sample-set", "create", "--folder", str(tmp_path / "images" / "heart" / "nested")])

@@ -89,9 +89,10 @@ def image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
     """The image files and labels of a folder with one subfolder per class,
     ``root/<class name>/**/*.png`` (the layout torchvision's ``ImageFolder`` reads), in
     sorted order: ``create_sample_set(*image_folder("images/"))``. Only the listing is
-    made here; the files are read as their requests are sent. Hidden folders and files
-    of other suffixes are skipped; images directly in ``root`` have no class and are not
-    taken. Raises NotADirectoryError for a missing folder, ValueError for one without
+    made here; the files are read as their requests are sent. Hidden class folders
+    (``root/.cache``) and files of other suffixes are skipped, but not hidden files or
+    folders below a class folder (as torchvision lists them); images directly in ``root``
+    have no class and are not taken. Raises NotADirectoryError for a missing folder, ValueError for one without
     images."""
     root = Path(root)
     if not root.is_dir():

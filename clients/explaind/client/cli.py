@@ -220,9 +220,10 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
     except (NotADirectoryError, ValueError) as error:
         raise CommandError(f"--folder: {error}") from None
     names = _served_class_names(client)
-    if names and (unknown := sorted(set(labels) - set(names))):
-        raise CommandError(f"--folder: {', '.join(str(Path(folder) / name) for name in unknown)}: a folder's name must be a class "
-                           f"of the served model ({_first_classes(names, ' classes')})")
+    if names and (unknown := sorted(set(labels) - set(names))):  # an ImageNet tree of synset ids: 1000, named 3
+        folders = ", ".join(str(Path(folder) / name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise CommandError(f"--folder: {folders}: a folder's name must be a class of the served model "
+                           f"({_first_classes(names, ' classes: explaind info --json lists them')})")
     return images, labels
 
 
@@ -811,7 +812,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
             _print_evaluation(operation.result(progress=True))
             grid = Path(data_dir) / "mistakes.png"
-            grid.write_bytes(operation.artifact("mistakes.png"))
+            _write(grid, operation.artifact("mistakes.png"))
             print(f"mistakes grid: {grid}")
             _explain_worst_class(client, operation.result(), created.sample_set_id, Path(data_dir), args.scenario)
     finally:
@@ -837,7 +838,7 @@ def _world_config(scenario: str, directory: Path) -> str | None:
     clip = default_config().clip  # the world's, with its ε; a file's [clip] must load, so only when shipped
     if (Path(clip.path) / "open_clip_config.json").is_file():
         text += f'\n[clip]\npath = "{clip.path}"\nillusion_epsilon = {clip.illusion_epsilon}\n'
-    path.write_text(text)
+    _write(path, text.encode())
     return str(path)
 
 
@@ -853,7 +854,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     report = build_report(client, worst, sample_set_id, steps=60, group_attribute="background", progress=True)
     _print_ranking(report.ranking)
     out = directory / f"report-{scenario}-{worst}.html"
-    out.write_text(render_report(report), encoding="utf-8")
+    _write(out, render_report(report).encode("utf-8"))
     _print_report_gaps(report)
     print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
 
@@ -1207,12 +1208,13 @@ def _standard_output_failed(error: OSError) -> bool:
     """Whether ``error`` came from writing standard output: buffered output fails again
     when flushed; unbuffered output (PYTHONUNBUFFERED) failed in the write itself, as an
     error of a full or broken device that names no file (the files this command writes
-    are named where they are written)."""
+    go through :func:`_write`, which names them)."""
     try:
         sys.stdout.flush()
     except OSError:
         return True
-    return error.filename is None and error.errno in _OUTPUT_ERRNOS
+    unbuffered = getattr(sys.stdout, "write_through", False)
+    return unbuffered and error.filename is None and error.errno in _OUTPUT_ERRNOS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,23 +85,31 @@ def build_report(
             if any(field in _CALLERS_OPTIONS for field, _ in error.field_violations):
                 raise
             no_edit_reason = "; ".join([error.details, *getattr(error, "__notes__", ())])  # e.g. temporary sets left behind
-    shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
-    meta = client.model_metadata()
-    clip = meta.components.get("clip")
-    method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
-    visualizations = []
-    no_visualization_reason = "" if meta.supports_visualization or not shown else (
-        f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
     try:
-        for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
-            pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
-            visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
+        visualizations, method, no_visualization_reason = _visualize_ranked(client, ranking, max_neurons, steps, progress)
     except BaseException as error:  # e.g. Ctrl-C: the edit, stored before the images, would go unmentioned
         if edit is not None:
             error.add_note(f"head version {edit.version.version_id}, the suggested edit, stays stored (not served); "
                            "delete it if it is not wanted")
         raise
     return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
+
+
+def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int,
+                      progress: bool) -> tuple[list[NeuronVisualization], str, str]:
+    """Visualise every ranked neuron (or the top ``max_neurons``) on the class: the
+    visualisations, the method, and why there are none where the classifier has no gradients."""
+    shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
+    meta = client.model_metadata()
+    clip = meta.components.get("clip")
+    method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
+    visualizations: list[NeuronVisualization] = []
+    no_visualization_reason = "" if meta.supports_visualization or not shown else (
+        f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
+    for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
+        pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
+        visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
+    return visualizations, method, no_visualization_reason
 
 
 # Request fields build_report's caller chose: the edit refusing one of them is the caller's mistake.

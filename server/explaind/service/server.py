@@ -272,7 +272,8 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
         port = 0
     if port == 0:
         host = address.rpartition(":")[0]
-        raise OSError(f"cannot bind {what}{address}: is another server using the port, or is {host!r} not an address of this machine?")
+        elsewhere = "" if host in ("0.0.0.0", "[::]", "::") else f", or is {host!r} not an address of this machine"  # every address is
+        raise OSError(f"cannot bind {what}{address}: is another server using the port{elsewhere}?")
     return port
 
 
