@@ -434,10 +434,12 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [server].host must be an address to listen on (127.0.0.1, or 0.0.0.0 for every interface), got {server.host!r}")
     if not server.data_dir.strip():  # it would be the working directory, whatever that is
         raise ConfigError(f"{path}: [server].data_dir must name a directory, got {server.data_dir!r}")
-    ports = [name for name in ("port", "metrics_port", "health_port") if getattr(server, name)]
-    for index, name in enumerate(ports):
-        if (other := next((o for o in ports[index + 1:] if getattr(server, o) == getattr(server, name)), None)) is not None:
-            raise ConfigError(f"{path}: [server].{name} and .{other} are both {getattr(server, name)}; each needs a port of its own")
+    taken: dict[int, str] = {}  # port -> the key that took it (0: any free port, or off)
+    for name in ("port", "metrics_port", "health_port"):
+        if (number := getattr(server, name)) in taken:
+            raise ConfigError(f"{path}: [server].{taken[number]} and .{name} are both {number}; each needs a port of its own")
+        if number:
+            taken[number] = name
     batching = config.batching
     if batching.max_images_per_request > batching.max_queue_size:
         # A request larger than the queue could never be admitted: RESOURCE_EXHAUSTED forever.

@@ -92,8 +92,8 @@ def image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
     made here; the files are read as their requests are sent. Hidden class folders
     (``root/.cache``) and files of other suffixes are skipped, but not hidden files or
     folders below a class folder (as torchvision lists them); images directly in ``root``
-    have no class and are not taken. Raises NotADirectoryError for a missing folder, ValueError for one without
-    images."""
+    have no class and are not taken. Raises NotADirectoryError for a missing folder,
+    ValueError for one without images."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{'not a directory' if root.exists() else 'no such directory'}: {root}")

@@ -925,8 +925,9 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # overwrite a value given before the command), so the help states them.
     parser.add_argument("--target", help=f"server address (default: env EXPLAIND_TARGET, else {DEFAULT_TARGET})")
     parser.add_argument("--token", help="bearer token (default: env EXPLAIND_TOKEN)")
-    parser.add_argument("--timeout", type=_positive_seconds, help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g}); waiting for a job to end (evaluate, rank, visualize, "
-                             "edit-head, report, operations wait/watch) is not bounded by it: Ctrl-C stops that")
+    parser.add_argument("--timeout", type=_positive_seconds,
+                        help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g}); waiting for a job to end (evaluate, rank, "
+                             "visualize, edit-head, report, operations wait/watch) is not bounded by it: Ctrl-C stops that")
     parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the three options below)")
     parser.add_argument("--ca-file", dest="ca_file", help="PEM file of the CAs to trust (default: the system's)")
     parser.add_argument("--cert-file", dest="cert_file", help="PEM client certificate, for a server that asks for one (with --key-file)")
@@ -1139,7 +1140,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                                    ("visualize", "out_dir", "operations artifact NAME ARTIFACT (operations get NAME lists them)")):
         if args.command == command and args.no_wait and getattr(args, option):
             usage_error(f"{command}: --{option.replace('_', '-')} needs the result, which --no-wait does not wait for; "
-                         f"drop --no-wait, or fetch the files later: explaind {later}")
+                        f"drop --no-wait, or fetch the files later: explaind {later}")
     if args.command == "head-versions" and args.action in ("promote", "delete") and not args.version:
         usage_error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
