@@ -71,14 +71,18 @@ _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
 # thread count) overflow beyond it; a delay or grace beyond these would overflow a timer
 # (inf stops the batcher thread at the first Predict, or the shutdown), long before that
-# it is a typo. ε is bounded as requests' ε is (engine.neuroinspect.MAX_LOSS_WEIGHT), so
-# the configured default is one every request without an ε can take.
+# it is a typo. ε is bounded as requests' ε is, so the configured default is one every
+# request without an ε can take.
 _C_INT_MAX = 2**31 - 1
+# Upper bound of a request's loss weights (defaults 0.01-1), and of the configured ε: far
+# above any useful value, far below where float32 losses overflow to inf and the weights
+# they train turn NaN.
+MAX_LOSS_WEIGHT = 1e3
 _AT_MOST = {
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
-    "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": 1e3,
+    "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": MAX_LOSS_WEIGHT,
 }
 
 

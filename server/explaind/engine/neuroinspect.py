@@ -30,6 +30,7 @@ from torch import nn
 
 from explaind.v1 import neuroinspect_pb2
 
+from ..config import MAX_LOSS_WEIGHT
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
@@ -60,10 +61,8 @@ EXECUTIONS = ("auto", "inline", "operation")
 RANK_KIND, VISUALIZE_KIND, EDIT_KIND = "rank_mistake_neurons", "visualize_neurons", "edit_head"
 # The artifact that holds ω (float32 (M, D), .npy) when a ranking ran as an operation.
 OMEGA_ARTIFACT = "omega.npy"
-# Upper bounds of loss weights (defaults 0.01-1) and of the edit's target probability ratio
-# (auto picks about 1-10): far above any useful value, far below where float32 losses
-# overflow to inf and the weights they train turn NaN.
-MAX_LOSS_WEIGHT = 1e3
+# Upper bound of the edit's target probability ratio (auto picks about 1-10), for the same
+# reason as config.MAX_LOSS_WEIGHT's.
 MAX_TARGET_RATIO = 1e6
 # Groups (class, attribute value) an edit's evaluation may have: per-group accuracy is for
 # attributes of a few values (a background, a colour); one of a value per sample (a file
