@@ -271,11 +271,13 @@ def test_serving_on_an_absent_gpu_fails_before_it_says_it_is_listening(capsys, t
 
 @pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"],
                                   ["--tls", "serve"], ["--ca-file", "ca.pem", "serve"], ["--cert-file=me.pem", "demo"],
-                                  ["--key-file", "me.key", "serve"]])
+                                  ["--key-file", "me.key", "serve"],
+                                  # after the command too, where argparse alone says only "unrecognized arguments"
+                                  ["serve", "--target", "127.0.0.1:1"], ["demo", "--tls"], ["serve", "--port", "0", "--token=s3cret"]])
 def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys, argv):
     err = _usage_error(capsys, argv)
     command = "demo" if "demo" in argv else "serve"
-    flag = argv[0].partition("=")[0]
+    flag = next(arg for arg in argv if arg.startswith("--") and arg != "--port").partition("=")[0]
     assert f"{command}: {flag} is an option of the client commands" in err and "its token from [server].token" in err
 
 
@@ -712,6 +714,10 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert _error(capsys, ["--target", server.target, "visualize", "3", "--out-dir", str(file)]) == f"error: --out-dir: {file} is a file, not a directory"
     assert _error(capsys, ["--target", server.target, "visualize", "3", "--out-dir", str(file / "below")]) == (
         f"error: --out-dir: cannot create {file / 'below'}: Not a directory")
+    # The server names the request's pairs[1]; the CLI, the argument that set it.
+    assert main(["--target", server.target, "visualize", "3", "999", "--out-dir", str(out_dir)]) == 1
+    assert re.fullmatch(r"error: INVALID_ARGUMENT: pairs\[1\]\.neuron: 999 is not a neuron index .*\n"
+                        r"  \(pairs\[1\]\.neuron is the NEURON\[:CLASS\] at position 2 here\)\n", capsys.readouterr().err)
     # --no-wait writes no images (nor takes --out-dir); without CLIP the similarity is n/a.
     monkeypatch.chdir(tmp_path / "images")
     assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--no-wait"]) == 0

@@ -1100,10 +1100,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """The command line as main() runs it: parsed, and refused (a usage error, SystemExit 2)
     where argparse alone would let a mistake through."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unrecognized = parser.parse_known_args(argv)  # `serve --target X` is refused below, in words
     subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    args.option_names = {action.dest: max(action.option_strings, key=len)  # for errors that name a request field
-                         for action in subcommands.choices[args.command]._actions if action.option_strings}
+    # For errors that name a request field: the option, or the positional's metavar, that set it.
+    command_actions = subcommands.choices[args.command]._actions
+    args.option_names = {action.dest: max(action.option_strings, key=len) for action in command_actions if action.option_strings}
+    args.argument_names = {action.dest: action.metavar or action.dest for action in command_actions if not action.option_strings}
     if args.command in _SERVER_COMMANDS:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
@@ -1111,6 +1113,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             parser.error(f"{args.command}: {', '.join(given)} {'are options' if len(given) > 1 else 'is an option'} of the client "
                          "commands; a server takes its address "
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
+    if unrecognized:
+        parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     # The command's own usage with its mistakes, not the list of every command.
     usage_error = subcommands.choices[args.command].error
     if args.command == "sample-set":
@@ -1165,12 +1169,18 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 # Request fields whose option is not named after them.
 _OPTION_DESTS = {"class_name": "target_class", "class_index": "target_class", "sample_set_id": "sample_set"}
+# Repeated request fields that hold a positional argument's values, one item each.
+_ARGUMENT_DESTS = {"pairs": "neurons"}
 
 
 def _option_of_field(args: argparse.Namespace, field: str) -> str | None:
     """The command's option that set the request ``field`` an error names (``batch_size``:
-    --batch-size, ``evaluation_sample_set_id``: --evaluation-sample-set), if it has one."""
+    --batch-size, ``evaluation_sample_set_id``: --evaluation-sample-set), or the argument
+    (``pairs[2].neuron``: the NEURON[:CLASS] at position 3), if it has one."""
     name = re.split(r"[.\[]", field, maxsplit=1)[0]
+    item = re.match(rf"{re.escape(name)}\[(\d+)\]", field)
+    if item and (dest := _ARGUMENT_DESTS.get(name)) in args.argument_names:
+        return f"the {args.argument_names[dest]} at position {int(item[1]) + 1}"
     return next((args.option_names[dest] for dest in (name, name.removesuffix("_id"), _OPTION_DESTS.get(name)) if dest in args.option_names), None)
 
 
