@@ -89,7 +89,8 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="nope"), NotFoundError, "validation_sample_set_id"),
         (lambda: client.edit_head("spurious", "heart", [4, 1, 4]), InvalidArgumentError, "neurons[2]: neuron 4 is listed twice"),
         # Rejected when submitted, not by a job that fails after extracting features.
-        (lambda: client.edit_head("spurious", "heart", [1], group_attribute="background"), InvalidArgumentError, "group_attribute: groups need"),
+        (lambda: client.edit_head("spurious", "heart", [1], group_attribute="mood"), InvalidArgumentError,
+         "group_attribute: no sample of the held-out fifth of 'spurious' has attribute 'mood'"),
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="spurious", group_attribute="mood"), InvalidArgumentError, "group_attribute: no sample"),
         # Finite but huge weights would overflow the losses and store (and serve) a NaN head.
         (lambda: client.edit_head("spurious", "heart", [1], strength=1e308), InvalidArgumentError, "strength: 1e+308 is not in [0.0, 1000.0]"),

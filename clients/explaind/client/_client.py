@@ -696,10 +696,8 @@ class Client:
         Sets: an empty ``validation_sample_set_id`` holds out every 5th sample of
         ``sample_set_id`` for early stopping (training on the rest; the set needs at
         least 5 samples); an empty ``evaluation_sample_set_id`` evaluates before/after
-        on the validation set. ``group_attribute`` (per-group accuracy) needs an
-        explicit evaluation or validation set whose samples carry that attribute, so
-        pass held-out samples there, not the training set (that table would be
-        in-sample). ``max_epochs`` 0 means 20 and ``patience`` 0 means 5 epochs without
+        on the validation set. ``group_attribute`` adds per-group accuracy over the
+        evaluated samples, which must carry that attribute. ``max_epochs`` 0 means 20 and ``patience`` 0 means 5 epochs without
         a better validation accuracy; unset ``strength``/``learning_rate`` use the
         server's defaults (λ3 0.01 or 1.0 for constrain; Adam lr 1e-3). ``seed`` fixes the
         minibatch order; ``description`` (at most 4096 characters) is kept with the

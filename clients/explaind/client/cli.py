@@ -1037,7 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head.add_argument("--evaluation-sample-set", dest="evaluation_sample_set", default="",
                            help="set for the before/after evaluation (default: the validation set)")
     edit_head.add_argument("--group-attribute", dest="group_attribute", default="",
-                           help="sample attribute for per-group accuracy, e.g. background (needs a validation or evaluation set)")
+                           help="sample attribute for per-group accuracy of the evaluated samples, e.g. background")
     edit_head.add_argument("--promote", action="store_true", help="serve the new version at once")
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")

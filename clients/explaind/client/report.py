@@ -12,14 +12,12 @@ import base64
 import html
 import io
 import math
-import warnings
 from dataclasses import dataclass
-from functools import partial
 
 import grpc
 
 from ._client import Client, _is_index
-from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
+from ._errors import InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
@@ -84,7 +82,7 @@ def build_report(
                 raise
             if any(field in _CALLERS_OPTIONS for field, _ in error.field_violations):
                 raise
-            no_edit_reason = "; ".join([error.details, *getattr(error, "__notes__", ())])  # e.g. temporary sets left behind
+            no_edit_reason = error.details
     try:
         visualizations, method, no_visualization_reason = _visualize_ranked(client, ranking, max_neurons, steps, progress)
     except BaseException as error:  # e.g. Ctrl-C: the edit, stored before the images, would go unmentioned
@@ -131,52 +129,16 @@ def _suggest_edit(
     group_attribute: str, progress: bool,
 ) -> tuple[HeadEdit, str]:
     """The edit, and which samples its before/after evaluation used."""
-    edit_head = partial(client.edit_head, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
-                        description=f"suggested by explaind report for {class_name}")
+    edit = client.edit_head(sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
+                            evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
+                            description=f"suggested by explaind report for {class_name}").result(progress=progress)
     optimistic = "; they also chose the best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an independent set"
-    if evaluation_sample_set_id or validation_sample_set_id:
-        edit = edit_head(sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
-                         validation_sample_set_id=validation_sample_set_id).result(progress=progress)
-        evaluated = evaluation_sample_set_id or validation_sample_set_id
+    if evaluated := evaluation_sample_set_id or validation_sample_set_id:
         return edit, (f"sample set {evaluated} ({client.sample_set(evaluated).sample_count} samples)"
                       + ("" if evaluation_sample_set_id else optimistic))
-    held_out = f"samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
-    if not group_attribute:  # the server holds out the fifth and evaluates on it
-        edit = edit_head(sample_set_id).result(progress=progress)
-        return edit, f"the {len(range(0, client.sample_set(sample_set_id).sample_count, 5))} {held_out}"
-    # Groups need the evaluation samples in a set of their own: split off the same fifth
-    # into temporary sets (deleted afterwards), training on the rest.
-    samples = list(client.samples(sample_set_id))
-    parts = {"training": [s for i, s in enumerate(samples) if i % 5], "held-out": samples[::5]}
-    if not any(group_attribute in s.attributes for s in parts["held-out"]):  # the server would name the temporary set
-        message = f"no sample of {sample_set_id!r} held out for the evaluation (every 5th) has attribute {group_attribute!r}"
-        raise InvalidArgumentError(f"group_attribute: {message}", field_violations=[("group_attribute", message)])
-    created: list[str] = []
-    try:
-        for part, chosen in parts.items():
-            created.append(client.create_sample_set(
-                [s.image for s in chosen], [s.label for s in chosen], attributes=[s.attributes for s in chosen],
-                display_name=f"{part} part of {sample_set_id} (explaind report, temporary)",
-            ).sample_set_id)
-        edit = edit_head(created[0], validation_sample_set_id=created[1], evaluation_sample_set_id=created[1]).result(progress=progress)
-    except BaseException as error:  # the cause stays the error; what could not be cleaned up is a note on it
-        if left := _delete_sample_sets(client, created):
-            error.add_note(f"the report's temporary sample sets {', '.join(left)} are left on the server; delete them (explaind sample-set delete ID)")
-        raise
-    if left := _delete_sample_sets(client, created):
-        warnings.warn(f"the report's temporary sample sets {', '.join(left)} could not be deleted; delete them (explaind sample-set delete ID)", stacklevel=2)
-    return edit, f"the {len(parts['held-out'])} {held_out}"
-
-
-def _delete_sample_sets(client: Client, sample_set_ids: list[str]) -> list[str]:
-    """Delete each set, going on past failures; returns the ids still on the server."""
-    left = []
-    for sample_set_id in sample_set_ids:
-        try:
-            client.delete_sample_set(sample_set_id)
-        except ExplaindError:
-            left.append(sample_set_id)
-    return left
+    # The server held out every 5th sample: the edit's validation and evaluation data.
+    held_out = len(range(0, client.sample_set(sample_set_id).sample_count, 5))
+    return edit, f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
 def _png_data_uri(image) -> str:

@@ -468,14 +468,18 @@ class NeuroInspectEngine:
             if value:
                 self._engine.usable_sample_set(value, field)
         eval_id = evaluation_sample_set_id or validation_sample_set_id
+
+        def evaluated_samples() -> list:
+            """The evaluation's samples, as run() takes them: the evaluation set, else the held-out fifth."""
+            records = self._engine.store.list_samples(eval_id or sample_set_id)
+            return records if eval_id else records[::5]
+
         if group_attribute:
-            if not eval_id:
-                raise InvalidArgument("groups need an evaluation_sample_set_id or validation_sample_set_id whose samples carry the attribute", field="group_attribute")
-            records = self._engine.store.list_samples(eval_id)
+            records, evaluated = evaluated_samples(), repr(eval_id) if eval_id else f"the held-out fifth of {sample_set_id!r}"
             if not any(group_attribute in r.attributes for r in records):
-                raise InvalidArgument(f"no sample of {eval_id!r} has attribute {group_attribute!r}", field="group_attribute")
+                raise InvalidArgument(f"no sample of {evaluated} has attribute {group_attribute!r}", field="group_attribute")
             if (count := len({(r.label, r.attributes.get(group_attribute, "")) for r in records})) > MAX_EDIT_GROUPS:
-                raise InvalidArgument(f"{eval_id!r} has {count} groups (class, {group_attribute} value), more than the {MAX_EDIT_GROUPS} "
+                raise InvalidArgument(f"{evaluated} has {count} groups (class, {group_attribute} value), more than the {MAX_EDIT_GROUPS} "
                                       f"an edit evaluates; choose an attribute with fewer values", field="group_attribute")
         if strength is not None:
             _bounded(strength, "strength", high=MAX_LOSS_WEIGHT)
@@ -509,8 +513,7 @@ class NeuroInspectEngine:
                                                               field="evaluation_sample_set_id" if evaluation_sample_set_id else "validation_sample_set_id")
                 eval_features, eval_labels = evaluation.features, evaluation.labels
             if group_attribute:
-                records = self._engine.store.list_samples(eval_id)
-                groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in records])
+                groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in evaluated_samples()])
 
             def on_epoch(epoch: int, total: int, record) -> bool:
                 context.raise_if_cancelled()
