@@ -31,13 +31,13 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, version: C
         sample_set_id=sample_set_id,
         model_version=version.version,
         sample_count=len(labels),
-        accuracy=float(correct.float().mean()),
+        accuracy=float(correct.double().mean()),  # as a head version's evaluation (float32 gave 0.97500002)
         confusion_matrix=confusion.tolist(),
     )
     for index, name in enumerate(names):
         members = labels == index
         count = int(members.sum())
-        result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].float().mean()) if count else float("nan"))
+        result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].double().mean()) if count else float("nan"))
     for index in wrong.tolist():
         result.mistakes.add(sample_index=index, label=int(labels[index]), predicted=int(predicted[index]), probability=float(confidence[index]))
     shown = wrong[:max_grid_images].tolist()
