@@ -467,7 +467,36 @@ def test_negative_page_sizes_and_unknown_operation_states_are_invalid_arguments(
                 assert caught.value.details() == "page_size: must not be negative", caught.value.details()
         with pytest.raises(grpc.RpcError) as caught:
             operations.ListOperations(operations_pb2.ListOperationsRequest(state=99), timeout=30)
-        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "state: unknown state 99")
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
+            "state: 99 is not a value of OperationState; use OPERATION_STATE_QUEUED, OPERATION_STATE_RUNNING, OPERATION_STATE_SUCCEEDED, "
+            "OPERATION_STATE_FAILED, OPERATION_STATE_CANCELLED"))
+
+
+def test_an_enum_number_the_server_does_not_know_is_refused_in_the_protos_terms(server):
+    # A client writes enum numbers: "must be one of ('faithful', 'proximal')" named values
+    # that appear nowhere in the .proto files.
+    with grpc.insecure_channel(server.target) as channel:
+        inspect = neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel)
+        for rpc, request, message in (
+            (inspect.RankMistakeNeurons, neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="s", class_index=1, solver=99),
+             "solver: 99 is not a value of CounterfactualSolver; use COUNTERFACTUAL_SOLVER_FAITHFUL, COUNTERFACTUAL_SOLVER_PROXIMAL"),
+            (inspect.RankMistakeNeurons, neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="s", class_index=1, execution=-1),
+             "execution: -1 is not a value of Execution; use EXECUTION_INLINE, EXECUTION_OPERATION"),
+            (inspect.VisualizeNeurons, neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[{"neuron": 3}], method=7),
+             "method: 7 is not a value of VisualizationMethod; use VISUALIZATION_METHOD_CLIP_ILLUSION, "
+             "VISUALIZATION_METHOD_FEATURE_VISUALIZATION, VISUALIZATION_METHOD_NO_CLIP"),
+            (inspect.EditHead, neuroinspect_pb2.EditHeadRequest(sample_set_id="s", class_index=1, neurons=[3], method=3),
+             "method: 3 is not a value of HeadEditMethod; use HEAD_EDIT_METHOD_PROBABILITY_RATIO, HEAD_EDIT_METHOD_CONSTRAIN"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                rpc(request, timeout=30)
+            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+        predict = inference_pb2_grpc.InferenceServiceStub(channel).Predict
+        for dtype, name in ((99, "99"), (common_pb2.DATA_TYPE_INT64, "DATA_TYPE_INT64"), (0, "DATA_TYPE_UNSPECIFIED")):
+            with pytest.raises(grpc.RpcError) as caught:
+                predict(inference_pb2.PredictRequest(images=[_raw(dtype, (8, 8, 3), bytes(8 * 8 * 3 * 8))]), timeout=30)
+            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
+                f"images[0].tensor.dtype: {name} is not a pixel type; use DATA_TYPE_UINT8, DATA_TYPE_FLOAT16, DATA_TYPE_FLOAT32"))
 
 
 def test_page_sizes_are_capped_and_a_full_page_with_its_token_fits_the_message_limit():

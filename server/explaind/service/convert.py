@@ -34,6 +34,13 @@ STATE_NAMES = {value: key for key, value in _STATES.items()}
 OPERATION_PREFIX = "operations/"
 
 
+def unknown_enum_value(enum, value: int, field: str) -> InvalidArgument:
+    """The error for a number ``enum`` (a generated enum type) does not define, e.g. a
+    newer client's value: in the proto's terms, since the caller wrote the number."""
+    known = ", ".join(name for name, number in enum.items() if number)
+    return InvalidArgument(f"{value} is not a value of {enum.DESCRIPTOR.name}; use {known}", field=field)
+
+
 def decode_image(image: common_pb2.Image, *, field: str, geometry: InputGeometry | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
     """An Image message -> (3, H, W) float32 in [0, 1] (fitted to ``geometry`` if given);
     INVALID_ARGUMENT naming ``field``."""
@@ -47,7 +54,9 @@ def decode_image(image: common_pb2.Image, *, field: str, geometry: InputGeometry
 
 def tensor_to_array(tensor: common_pb2.Tensor, *, field: str) -> np.ndarray:
     if tensor.dtype not in _DTYPE_NAMES:
-        raise InvalidArgument(f"unsupported dtype {common_pb2.DataType.Name(tensor.dtype) if tensor.dtype in common_pb2.DataType.values() else tensor.dtype}; use UINT8, FLOAT16 or FLOAT32", field=f"{field}.dtype")
+        given = common_pb2.DataType.Name(tensor.dtype) if tensor.dtype in common_pb2.DataType.values() else tensor.dtype
+        supported = ", ".join(common_pb2.DataType.Name(number) for number in _DTYPE_NAMES)
+        raise InvalidArgument(f"{given} is not a pixel type; use {supported}", field=f"{field}.dtype")
     return array_from_buffer(_DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.data, field=field)
 
 

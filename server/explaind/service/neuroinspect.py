@@ -11,27 +11,30 @@ from ..jobs import JobSnapshot
 from . import convert
 from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
-def _names(enum, prefix: str, *, unset: str) -> dict[int, str]:
+class _EnumNames:
     """A proto enum's numbers -> the engine's names (COUNTERFACTUAL_SOLVER_PROXIMAL ->
-    "proximal"); the unspecified 0 -> ``unset``, the default."""
-    return {number: name.removeprefix(prefix).lower() if number else unset for name, number in enum.items()}
+    "proximal"), the unspecified 0 -> ``unset``, the default."""
+
+    def __init__(self, enum, prefix: str, *, unset: str) -> None:
+        self._enum = enum
+        self._names = {number: name.removeprefix(prefix).lower() if number else unset for name, number in enum.items()}
+
+    def __call__(self, value: int, field: str) -> str:
+        if value not in self._names:
+            raise convert.unknown_enum_value(self._enum, value, field)
+        return self._names[value]
 
 
-_SOLVERS = _names(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", unset="faithful")
-_EXECUTIONS = _names(neuroinspect_pb2.Execution, "EXECUTION_", unset="auto")
-_VISUALIZATION_METHODS = _names(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", unset="clip_illusion")
-_EDIT_METHODS = _names(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", unset="probability_ratio")
+_SOLVER = _EnumNames(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", unset="faithful")
+_EXECUTION = _EnumNames(neuroinspect_pb2.Execution, "EXECUTION_", unset="auto")
+_VISUALIZATION_METHOD = _EnumNames(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", unset="clip_illusion")
+_EDIT_METHOD = _EnumNames(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", unset="probability_ratio")
 
 
 def _target_class(message) -> str | int | None:
     """The ``target_class`` oneof: a name, an index, or None when unset."""
     which = message.WhichOneof("target_class")
     return None if which is None else getattr(message, which)
-
-
-def _enum(values: dict[int, str], value: int, field: str) -> str:
-    # Unknown enum numbers fall through to the engine, which names the field.
-    return values.get(value, f"<unknown {field} {value}>")
 
 
 def _optional(message, field: str, default: float | None) -> float | None:
@@ -45,7 +48,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
 
     def RankMistakeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
         settings = RankSettings(
-            solver=_enum(_SOLVERS, request.solver, "solver"),
+            solver=_SOLVER(request.solver, "solver"),
             l1=_optional(request, "l1", 0.1),
             l2=_optional(request, "l2", 0.01),
             max_iterations=request.max_iterations or 1000,
@@ -55,7 +58,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         )
         outcome = self._engine.rank_mistake_neurons(
             request.sample_set_id, target_class=_target_class(request), settings=settings,
-            execution=_enum(_EXECUTIONS, request.execution, "execution"), caller_waits=context.is_active,
+            execution=_EXECUTION(request.execution, "execution"), caller_waits=context.is_active,
         )
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
@@ -64,7 +67,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
     def VisualizeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.VisualizeNeuronsResponse:
         snapshot = self._engine.visualize_neurons(
             [(pair.neuron, _target_class(pair)) for pair in request.pairs],
-            method=_enum(_VISUALIZATION_METHODS, request.method, "method"),
+            method=_VISUALIZATION_METHOD(request.method, "method"),
             steps=request.steps or 400,
             gamma=_optional(request, "gamma", None),
             epsilon=_optional(request, "epsilon", None),
@@ -83,7 +86,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             request.sample_set_id,
             target_class=_target_class(request),
             neurons=list(request.neurons),
-            method=_enum(_EDIT_METHODS, request.method, "method"),
+            method=_EDIT_METHOD(request.method, "method"),
             validation_sample_set_id=request.validation_sample_set_id,
             evaluation_sample_set_id=request.evaluation_sample_set_id,
             group_attribute=request.group_attribute,

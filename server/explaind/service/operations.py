@@ -48,7 +48,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         state = ""
         if request.state:
             if request.state not in convert.STATE_NAMES:
-                raise InvalidArgument(f"unknown state {request.state}", field="state")
+                raise convert.unknown_enum_value(operations_pb2.OperationState, request.state, "state")
             state = convert.STATE_NAMES[request.state]
         snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit)
         # Results can be large (an evaluation's confusion matrix is C² counts).
