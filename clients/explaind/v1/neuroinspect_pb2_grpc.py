@@ -35,10 +35,11 @@ class NeuroInspectServiceStub:
     FAILED_PRECONDITION, and so is any method on an inference-only classifier
     (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
     split), and VisualizeNeurons on one without gradients (ONNX; see
-    ClassifierInfo.supports_visualization). Every RPC is UNAVAILABLE until the models have
-    loaded and the stored head versions are restored. Arguments are checked when the
-    request arrives; a job re-checks what may have changed since (the sets) and fails
-    with the same code.
+    ClassifierInfo.supports_visualization) or with method clip_illusion (the default) on
+    a server without CLIP (GetModelMetadataResponse.components). Every RPC is UNAVAILABLE
+    until the models have loaded and the stored head versions are restored. Arguments are
+    checked when the request arrives; a job re-checks what may have changed since (the
+    sets) and fails with the same code.
     """
 
     def __init__(self, channel):
@@ -94,10 +95,11 @@ class NeuroInspectServiceServicer:
     FAILED_PRECONDITION, and so is any method on an inference-only classifier
     (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
     split), and VisualizeNeurons on one without gradients (ONNX; see
-    ClassifierInfo.supports_visualization). Every RPC is UNAVAILABLE until the models have
-    loaded and the stored head versions are restored. Arguments are checked when the
-    request arrives; a job re-checks what may have changed since (the sets) and fails
-    with the same code.
+    ClassifierInfo.supports_visualization) or with method clip_illusion (the default) on
+    a server without CLIP (GetModelMetadataResponse.components). Every RPC is UNAVAILABLE
+    until the models have loaded and the stored head versions are restored. Arguments are
+    checked when the request arrives; a job re-checks what may have changed since (the
+    sets) and fails with the same code.
     """
 
     def RankMistakeNeurons(self, request, context):
@@ -166,7 +168,9 @@ class NeuroInspectServiceServicer:
 
     def RollbackHeadVersion(self, request, context):
         """Serves the parent of the active head version (the one it was edited from), or a
-        given version; atomic like PromoteHeadVersion.
+        given version, older or newer (then the same as PromoteHeadVersion); atomic like
+        PromoteHeadVersion. The loaded head has no parent: with version_id empty, rolling
+        it back is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,10 +245,11 @@ class NeuroInspectService:
     FAILED_PRECONDITION, and so is any method on an inference-only classifier
     (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
     split), and VisualizeNeurons on one without gradients (ONNX; see
-    ClassifierInfo.supports_visualization). Every RPC is UNAVAILABLE until the models have
-    loaded and the stored head versions are restored. Arguments are checked when the
-    request arrives; a job re-checks what may have changed since (the sets) and fails
-    with the same code.
+    ClassifierInfo.supports_visualization) or with method clip_illusion (the default) on
+    a server without CLIP (GetModelMetadataResponse.components). Every RPC is UNAVAILABLE
+    until the models have loaded and the stored head versions are restored. Arguments are
+    checked when the request arrives; a job re-checks what may have changed since (the
+    sets) and fails with the same code.
     """
 
     @staticmethod

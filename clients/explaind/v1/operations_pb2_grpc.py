@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class OperationsServiceStub:
     """Long-running jobs (AIP-151). Every job-starting RPC returns a
-    google.longrunning.Operation named "operations/<id>" whose metadata is an
+    google.longrunning.Operation named "operations/<id>", <id> 16 lowercase hex digits
+    (anything else is INVALID_ARGUMENT where a name is taken), whose metadata is an
     OperationMetadata and whose response, once done, is the job's result message.
 
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
@@ -88,7 +89,8 @@ class OperationsServiceStub:
 
 class OperationsServiceServicer:
     """Long-running jobs (AIP-151). Every job-starting RPC returns a
-    google.longrunning.Operation named "operations/<id>" whose metadata is an
+    google.longrunning.Operation named "operations/<id>", <id> 16 lowercase hex digits
+    (anything else is INVALID_ARGUMENT where a name is taken), whose metadata is an
     OperationMetadata and whose response, once done, is the job's result message.
 
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
@@ -214,7 +216,8 @@ def add_OperationsServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class OperationsService:
     """Long-running jobs (AIP-151). Every job-starting RPC returns a
-    google.longrunning.Operation named "operations/<id>" whose metadata is an
+    google.longrunning.Operation named "operations/<id>", <id> 16 lowercase hex digits
+    (anything else is INVALID_ARGUMENT where a name is taken), whose metadata is an
     OperationMetadata and whose response, once done, is the job's result message.
 
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
