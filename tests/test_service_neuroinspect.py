@@ -109,6 +109,9 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.promote_head_version("../v1"), InvalidArgumentError, "version_id: '../v1' is not a head version id"),
         (lambda: client.rollback_head_version("v1\n"), InvalidArgumentError, "version_id: 'v1\\n' is not a head version id"),
         (lambda: client.delete_head_version("V1"), InvalidArgumentError, "version_id: 'V1' is not a head version id"),
+        # "v01" is v1 to a reader, but it names no version: NOT_FOUND would say it was deleted or never made.
+        (lambda: client.promote_head_version("v01"), InvalidArgumentError,
+         "version_id: 'v01' is not a head version id; expected 'v' and a number without leading zeros, such as 'v3'"),
     ]
     for call, error, field in cases:
         with pytest.raises(error, match=re.escape(field)):

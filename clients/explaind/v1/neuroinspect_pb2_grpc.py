@@ -159,8 +159,8 @@ class NeuroInspectServiceServicer:
         restarts, unless the model file's head changed since the last start (a redeployed
         model), which is then served. A version with NaN or infinite weights is refused
         (FAILED_PRECONDITION). An unknown version_id is NOT_FOUND and a malformed one (not
-        "v" and a number) INVALID_ARGUMENT, here as in RollbackHeadVersion and
-        DeleteHeadVersion.
+        "v" and a number without leading zeros) INVALID_ARGUMENT, here as in
+        RollbackHeadVersion and DeleteHeadVersion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -69,7 +69,8 @@ MAX_TARGET_RATIO = 1e6
 # name) would make each version's evaluation, stored and listed, as large as its set.
 MAX_EDIT_GROUPS = 10_000
 LOADED = "loaded"
-HEAD_VERSION_ID = re.compile(r"v[0-9]{1,18}")  # "v0", "v1", ...; used with fullmatch ("$" would accept a final "\n")
+# "v0", "v1", ...; "v01" names none of them. Used with fullmatch ("$" would accept a final "\n").
+HEAD_VERSION_ID = re.compile(r"v(0|[1-9][0-9]{0,17})")
 
 ClassRef = str | int  # a class name, or its index
 
@@ -115,7 +116,7 @@ def _check_version_id(version_id: str) -> None:
     if not version_id:
         raise InvalidArgument("required", field="version_id")
     if not HEAD_VERSION_ID.fullmatch(version_id):
-        raise InvalidArgument(f"{version_id!r} is not a head version id; expected 'v' and a number, such as 'v3'", field="version_id")
+        raise InvalidArgument(f"{version_id!r} is not a head version id; expected 'v' and a number without leading zeros, such as 'v3'", field="version_id")
 
 
 def _is_finite(head: nn.Linear) -> bool:
