@@ -32,6 +32,8 @@ from explaind.engine import Engine, NewSample
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
 
+from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+
 
 def _photographs(count: int) -> list[bytes]:
     rng = np.random.default_rng(0)
@@ -47,10 +49,10 @@ def _photographs(count: int) -> list[bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=384)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--images", type=positive_int, default=384, help="JPEG photographs in the set")
+    parser.add_argument("--device", default="cpu", help="torch device of the classifier")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, alternating; the median is printed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="explaind-bench-") as data_dir:
         _measure(args, data_dir)

@@ -5,7 +5,8 @@
 
 A VisualizeNeurons job optimises all its pairs together (``ClipIllusion.visualize``
 with every pair). This bench runs the same pairs that way and once per pair, on the
-same device, and prints seconds per image and the ratio. Each pair's random draws
+same device (after a warm-up, alternating, ``--repeats`` times each), and prints the
+median seconds per image and the ratio. Each pair's random draws
 depend only on (neuron, class, seed), so both runs optimise the same problems; the
 bench also prints how far their final activations differ (batched kernels round
 differently per batch shape, so not exactly zero).
@@ -13,7 +14,7 @@ differently per batch shape, so not exactly zero).
 
 from __future__ import annotations
 
-import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from explaind.methods.neuroinspect import ClipIllusion
 from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.classifier import load_classifier
 from explaind.world.clip import load_world_clip
+
+from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def timed(run) -> tuple[float, object]:
@@ -38,14 +41,16 @@ def timed(run) -> tuple[float, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<name> and clip/")
-    parser.add_argument("--classifier", default="balanced")
-    parser.add_argument("--pairs", type=int, default=16, help="neurons 0..pairs-1, each on its top class")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--method", default="clip_illusion", choices=("clip_illusion", "feature_visualization", "no_clip"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both runs")
+    parser.add_argument("--classifier", default="balanced", help="world classifier whose neurons are visualised")
+    parser.add_argument("--pairs", type=positive_int, default=16, help="neurons 0..pairs-1, each on its top class")
+    parser.add_argument("--steps", type=positive_int, default=50, help="optimisation steps per image")
+    parser.add_argument("--method", default="clip_illusion", choices=("clip_illusion", "feature_visualization", "no_clip"),
+                        help="the loss optimised")
+    parser.add_argument("--device", default="cpu", help="torch device of both runs")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads for both runs")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, alternating; the median is printed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -54,15 +59,24 @@ def main() -> None:
     illusion = ClipIllusion(model, model.config.feature_layer, clip_model, tokenizer, head=model.config.head)
     pairs = [(neuron, None) for neuron in range(args.pairs)]
     options = dict(method=args.method, steps=args.steps, epsilon=WORLD_CLIP_ILLUSION_EPSILON)
-    illusion.visualize(pairs[:1], **{**options, "steps": 2})  # warm-up: text embeddings, allocator, kernels
+    for shape in (pairs[:1], pairs):  # warm-up of both batch shapes: text embeddings, allocator, kernels
+        illusion.visualize(shape, **{**options, "steps": 2})
 
-    batched_seconds, batched = timed(lambda: illusion.visualize(pairs, **options))
-    single_seconds, singles = timed(lambda: [illusion.visualize([pair], **options) for pair in pairs])
+    runs = {"batched": lambda: illusion.visualize(pairs, **options),
+            "single": lambda: [illusion.visualize([pair], **options) for pair in pairs]}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    results = {}
+    for round_ in range(args.repeats):  # alternating which goes first: neither always meets a warmer machine
+        for name in sorted(runs, reverse=bool(round_ % 2)):
+            took, results[name] = timed(runs[name])
+            seconds[name].append(took)
+    batched, singles = results["batched"], results["single"]
+    batched_seconds, single_seconds = statistics.median(seconds["batched"]), statistics.median(seconds["single"])
     single_activations = torch.cat([result.activations for result in singles])
     difference = (batched.activations - single_activations).abs().max().item()
 
     print(f"{args.classifier}: {args.pairs} pairs, {args.steps} steps of {args.method}, on {args.device}, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, median of {args.repeats}")
     print(f"{'':<24}{'seconds':>10}{'s/image':>10}{'ratio':>8}")
     print(f"{'one pair at a time':<24}{single_seconds:>10.2f}{single_seconds / args.pairs:>10.3f}{1.0:>8.2f}")
     print(f"{'all pairs in one batch':<24}{batched_seconds:>10.2f}{batched_seconds / args.pairs:>10.3f}"

@@ -31,7 +31,6 @@ neuron's numbers still move slightly (a few hundredths of cosine) with ``--per-v
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.illusion_check import NeuronComparison, compare_shipped_classifiers
 from explaind.world.scenarios import scenario_names
+
+from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def summary_line(label: str, results: list[NeuronComparison]) -> str:
@@ -86,17 +87,17 @@ def print_tables(results: list[NeuronComparison], per_neuron: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--classifiers", default=",".join(scenario_names()))
+    parser = bench_parser(__doc__)
+    parser.add_argument("--classifiers", default=",".join(scenario_names()), help="comma-separated world classifiers")
     parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<scenario> and clip")
-    parser.add_argument("--per-value", type=int, default=3, help="strongest neurons taken per attribute value")
-    parser.add_argument("--min-auc", type=float, default=0.9)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--epsilon", type=float, default=WORLD_CLIP_ILLUSION_EPSILON)
-    parser.add_argument("--probe-size", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (of each worker with --workers > 1)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--per-value", type=positive_int, default=3, help="strongest neurons taken per attribute value")
+    parser.add_argument("--min-auc", type=float, default=0.9, help="probe ROC AUC that makes an attribute a neuron's known one")
+    parser.add_argument("--steps", type=positive_int, default=400, help="optimisation steps per image")
+    parser.add_argument("--epsilon", type=float, default=WORLD_CLIP_ILLUSION_EPSILON, help="CLIP-Illusion's ε")
+    parser.add_argument("--probe-size", type=positive_int, default=600, help="attribute-independent probe scenes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe scenes and the optimisation")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (of each worker with --workers > 1)")
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="classifiers evaluated at once, each in its own process (the same numbers, sooner)")
     parser.add_argument("--condition", default="top-class", choices=("top-class", "own-shape"),
                         help="own-shape: condition shape neurons on their shape's class, the others on their top class")

@@ -38,6 +38,8 @@ from explaind.world.classifier import load_classifier
 from explaind.world.probes import probe_batch
 from explaind.world.scenarios import WorldBatch, get_scenario, scenario_names
 
+from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+
 AUC_THRESHOLD = 0.8
 
 
@@ -127,23 +129,23 @@ def print_tables(results: list[dict], solver: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     spurious = [n for n in scenario_names() if get_scenario(n).focus is not None]
-    parser.add_argument("--scenarios", default=",".join(spurious))
+    parser.add_argument("--scenarios", default=",".join(spurious), help="comma-separated spurious scenarios")
     parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<scenario>")
     parser.add_argument("--solver", default="faithful", choices=("faithful", "proximal"), help="whose top-3 is edited")
-    parser.add_argument("--probe-size", type=int, default=1200)
-    parser.add_argument("--test-size", type=int, default=None, help="default: the whole test split")
-    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--probe-size", type=positive_int, default=1200, help="balanced probe scenes for the neurons' ground truth")
+    parser.add_argument("--test-size", type=positive_int, default=None, help="test scenes (None: the whole test split)")
+    parser.add_argument("--train-size", type=positive_int, default=6000, help="training scenes of the head edits")
     parser.add_argument("--validation", default="heldout", choices=("heldout", "val"),
                         help="early stopping on held-out attribute-independent scenes, or the scenario's own val split")
-    parser.add_argument("--validation-size", type=int, default=600)
-    parser.add_argument("--selection", default="accuracy", choices=("accuracy", "worst_class"))
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--validation-size", type=positive_int, default=600, help="early-stopping scenes")
+    parser.add_argument("--selection", default="accuracy", choices=("accuracy", "worst_class"), help="what picks the best epoch")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's, of the head edits")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="most epochs of a head edit")
+    parser.add_argument("--patience", type=positive_int, default=5, help="epochs without a better validation score before stopping")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed (minibatch order)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

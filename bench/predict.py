@@ -15,7 +15,6 @@ device and waits for each result, as the server must before it answers.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -38,6 +37,8 @@ from explaind.errors import FailedPrecondition
 from explaind.imaging import uint8_hwc_to_float_chw
 from explaind.world import assets
 from explaind.world.scenarios import get_scenario
+
+from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def free_port() -> int:
@@ -137,10 +138,10 @@ def model_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: np.n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
-    parser.add_argument("--iterations", type=int, default=300, help="latency samples")
-    parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) threads, in-process and in the servers alike")
+    parser.add_argument("--iterations", type=positive_int, default=300, help="latency samples")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch (and ONNX Runtime) threads, in-process and in the servers alike")
     parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "tensorrt"], default="eager", help="h_b backend, in-process and in the servers alike")
     parser.add_argument("--device", default="cpu", help="torch device of the model (e.g. cuda), in-process and in the servers alike")
     args = parser.parse_args()

@@ -1,9 +1,11 @@
-"""How long one sweep step holds the store's lock, measured in one run on this machine.
+"""How long one sweep step's job-artifact check holds the store's lock, measured in one
+run on this machine.
 
     python bench/store_sweep.py [--jobs 100000] [--repeats 5]
 
 A sweep step checks 500 candidate blobs for references while every request waits on the
-store's lock. Job artifacts are one of the references: the store answers from its
+store's lock. Job artifacts are one of the references (with sample sets and head
+versions; the step also deletes and commits): the store answers from its
 ``job_artifacts`` index; the reference reads every job's artifact list (JSON), as the
 store did before the index. Prints both times and their ratio with ``--jobs`` stored
 operations of two artifacts each, and the time to delete half of them by retention.
@@ -11,7 +13,6 @@ operations of two artifacts each, and the time to delete half of them by retenti
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import statistics
 import tempfile
@@ -19,6 +20,8 @@ import time
 
 from explaind.store import ArtifactRef, JobRecord, SQLiteStore
 from explaind.store.sqlite import _SWEEP_CHUNK
+
+from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 _SCAN_EVERY_JOB = """SELECT json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact
                      WHERE json_extract(artifact.value, '$.digest') IN ({marks})"""
@@ -52,9 +55,9 @@ def _median_seconds(store: SQLiteStore, query: str, chunk: list[str], repeats: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--jobs", type=positive_int, default=100_000, help="finished operations stored")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="each time: the median of this many checks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         store = SQLiteStore(data_dir)
@@ -70,7 +73,8 @@ def main() -> None:
         started = time.perf_counter()
         deleted = store.delete_jobs_ended_before(args.jobs / 2)
         elapsed = time.perf_counter() - started
-        print(f"retention: {deleted} operations deleted in {elapsed:.2f} s ({elapsed / -(-deleted // _SWEEP_CHUNK) * 1e3:.1f} ms per lock hold)")
+        holds = deleted // _SWEEP_CHUNK + 1  # the store stops after a chunk under _SWEEP_CHUNK, maybe an empty one
+        print(f"retention: {deleted} operations deleted in {elapsed:.2f} s ({holds} lock holds, {elapsed / holds * 1e3:.1f} ms each)")
         store.close()
 
 

@@ -1,0 +1,41 @@
+"""The bench scripts start, document their options, and refuse sizes they cannot use.
+
+Their measurements are not checked here (no timing in a unit test); only that a script a
+reader copies from the README runs, and says what its options mean."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("[a-z]*.py"))
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    # A wide terminal: argparse wraps help lines, and "(default: ...)" must stay whole.
+    env = {**os.environ, "COLUMNS": "1000", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_option_of_a_bench_script_says_what_it_is_and_its_default(script):
+    run = _run(str(BENCH / script), "--help")
+    assert run.returncode == 0, run.stderr
+    options = run.stdout.split("options:\n", 1)[1]
+    entries = [entry.strip() for entry in re.split(r"\n(?=  -)", "\n" + options) if entry.strip()]
+    undocumented = [entry.split()[0] for entry in entries if not entry.startswith("-h") and "(default:" not in entry]
+    assert len(entries) > 1 and not undocumented, undocumented
+
+
+def test_the_store_sweep_bench_counts_every_hold_of_the_lock():
+    # 500 of 1000 jobs are deleted: a full chunk, then an empty one that ends the loop.
+    run = _run(str(BENCH / "store_sweep.py"), "--jobs", "1000", "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^retention: 500 operations deleted in [0-9.]+ s \(2 lock holds, [0-9.]+ ms each\)$", run.stdout, re.M), run.stdout
+    # --jobs 0 ended in a ZeroDivisionError after filling the store.
+    refused = _run(str(BENCH / "store_sweep.py"), "--jobs", "0")
+    assert refused.returncode == 2 and "argument --jobs: expected an integer >= 1, got '0'" in refused.stderr
