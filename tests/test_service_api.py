@@ -201,7 +201,11 @@ def _bad_inputs(pixels: np.ndarray) -> dict[str, tuple[list[common_pb2.Image], s
         "nan tensor": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (3, 64, 64), nan.tobytes())], "NaN", grpc.StatusCode.INVALID_ARGUMENT),
         "wrong dtype": ([_raw(common_pb2.DATA_TYPE_INT64, (64, 64, 3), np.zeros((64, 64, 3), np.int64).tobytes())], "images[0].tensor.dtype", grpc.StatusCode.INVALID_ARGUMENT),
         "unset dtype": ([_raw(0, (64, 64, 3), pixels.tobytes())], "dtype", grpc.StatusCode.INVALID_ARGUMENT),
-        "wrong shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 4), np.zeros((64, 64, 4), np.uint8).tobytes())], "(H, W, 3)", grpc.StatusCode.INVALID_ARGUMENT),
+        # A layout error names the shape, as the other shape errors do.
+        "wrong shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 4), np.zeros((64, 64, 4), np.uint8).tobytes())],
+                        "images[0].tensor.shape: uint8 images must be (H, W, 3)", grpc.StatusCode.INVALID_ARGUMENT),
+        "wrong float shape": ([_raw(common_pb2.DATA_TYPE_FLOAT32, (4, 4, 4), np.zeros((4, 4, 4), np.float32).tobytes())],
+                              "images[0].tensor.shape: float images must be (3, H, W) or (H, W, 3)", grpc.StatusCode.INVALID_ARGUMENT),
         "2-d shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 192), pixels.tobytes())], "3 dimensions", grpc.StatusCode.INVALID_ARGUMENT),
         "65-d shape": ([_raw(common_pb2.DATA_TYPE_UINT8, (1,) * 65, b"x")], "images[0].tensor.shape: expected 3 dimensions", grpc.StatusCode.INVALID_ARGUMENT),
         "byte count mismatch": ([_raw(common_pb2.DATA_TYPE_UINT8, (64, 64, 3), pixels.tobytes()[:-1])], "images[0].tensor.data", grpc.StatusCode.INVALID_ARGUMENT),

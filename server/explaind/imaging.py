@@ -175,12 +175,12 @@ def decode_array(array: np.ndarray, *, field: str, geometry: InputGeometry | Non
         raise InvalidArgument(f"tensor is empty (shape {tuple(array.shape)})", field=field)
     if array.dtype == np.uint8:
         if array.shape[2] != 3:
-            raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=field)
+            raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=f"{field}.shape")
         _check_side(array.shape[1], array.shape[0], field, budget)
         return uint8_hwc_to_float_chw(_fit_uint8(array, geometry))
     if array.dtype in (np.float16, np.float32):
         if array.shape[0] != 3 and array.shape[2] != 3:
-            raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=field)
+            raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=f"{field}.shape")
         height, width = array.shape[1:] if array.shape[0] == 3 else array.shape[:2]
         _check_side(width, height, field, budget)
         # One copy, float32, writeable (the array may be a read-only view of the request's bytes).
