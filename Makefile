@@ -18,10 +18,10 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m explaind.client.cli demo
+	$(PY) -m explaind demo
 
 serve: $(STAMP)
-	$(PY) -m explaind.client.cli serve
+	$(PY) -m explaind serve
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -117,15 +117,31 @@ def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv
     assert message in _usage_error(capsys, argv)
 
 
-def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(capsys, server_factory):
+def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(capsys, server_factory, monkeypatch):
     target = f"127.0.0.1:{free_port()}"
     assert main(["--target", target, "--timeout", "2", "info"]) == 1
     assert capsys.readouterr().err.endswith(f"\n  (is a server running at {target}? --target or EXPLAIND_TARGET names another)\n")
     server = server_factory(server={"token": "s3cret"})
     assert main(["--target", server.target, "--timeout", "10", "info"]) == 1
     assert capsys.readouterr().err.endswith("\n  (the server asks for a token: --token or EXPLAIND_TOKEN)\n")
+    # A token given and refused is not "asks for a token": the one given is wrong, or stale.
+    assert main(["--target", server.target, "--timeout", "10", "--token", "old", "info"]) == 1
+    assert capsys.readouterr().err.endswith("\n  (the server refused the token of --token: was it rotated?)\n")
+    monkeypatch.setenv("EXPLAIND_TOKEN", "old")
+    assert main(["--target", server.target, "--timeout", "10", "info"]) == 1
+    assert capsys.readouterr().err.endswith("\n  (the server refused the token of EXPLAIND_TOKEN: was it rotated?)\n")
+    # A Secret given as a variable keeps its final line break; the server drops it from its token file.
+    monkeypatch.setenv("EXPLAIND_TOKEN", "s3cret\n")
+    assert main(["--target", server.target, "--timeout", "10", "info"]) == 0
+    capsys.readouterr()
     assert main(["--target", server.target, "--timeout", "10", "--tls", "info"]) == 1
     assert capsys.readouterr().err.endswith(f"\n  ({server.target} does not speak TLS: drop --tls (and its files) for a plaintext server)\n")
+    # The `explaind` command's stderr holds only those lines: gRPC's own log of the failed
+    # handshake came first.
+    env = {key: value for key, value in os.environ.items() if key not in ("GRPC_VERBOSITY", "EXPLAIND_TOKEN")}
+    command = subprocess.run([sys.executable, "-m", "explaind", "--target", server.target, "--timeout", "10", "--tls", "info"],
+                             capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert command.returncode == 1 and command.stderr.startswith("error: UNAVAILABLE: ") and len(command.stderr.splitlines()) == 2, command.stderr
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path):
@@ -163,11 +179,14 @@ def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback
     assert not _standard_output_failed(OSError(errno.ENOSPC, "No space left on device"))
 
 
-def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys):
+def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys, monkeypatch):
     # It was sent, and every call failed INTERNAL "Invalid metadata" after gRPC's own log lines.
     for token in ("tök", "two\nlines", "with space"):
         assert _error(capsys, ["--target", "127.0.0.1:1", "--token", token, "info"]) == (
-            "error: token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
+            "error: --token: token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
+    monkeypatch.setenv("EXPLAIND_TOKEN", "tök")  # named as what set it
+    assert _error(capsys, ["--target", "127.0.0.1:1", "info"]) == (
+        "error: EXPLAIND_TOKEN: token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
 
 
 def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_command_started(server, capsys, monkeypatch, tmp_path):
@@ -392,12 +411,14 @@ def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        result = subprocess.run([sys.executable, "-m", "explaind.client.cli", "serve", "--log-format", "json", "--config", str(config),
+        # `python -m explaind`, as the `explaind` command runs: gRPC's C core wrote its own
+        # plain line about the port before the JSON, unless GRPC_VERBOSITY was set.
+        env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+        result = subprocess.run([sys.executable, "-m", "explaind", "serve", "--log-format", "json", "--config", str(config),
                                  "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]), "--data-dir", str(tmp_path / "data")],
-                                capture_output=True, text=True, timeout=120, check=False)
+                                capture_output=True, text=True, timeout=120, check=False, env=env)
     assert result.returncode == 1
-    # gRPC's C core writes its own plain line about the port; every line of ours is JSON.
-    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line
     failures = [record for record in records if record["level"] == "ERROR"]
     assert len(failures) == 1 and failures[0]["message"].startswith("cannot start: "), result.stderr
     assert ("cannot bind" if failure == "busy port" else "grace_period_s") in failures[0]["message"]

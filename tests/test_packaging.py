@@ -32,4 +32,4 @@ def test_the_wheel_ships_every_data_file_and_the_stubs(tmp_path):
     assert {"explaind/v1/neuroinspect_pb2.py", "explaind/kernels/_onnx_runtime.py", "explaind/client/cli.py"} <= names
     assert "explaind/py.typed" in names  # without it a user's mypy ignores every annotation
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
-    assert "explaind = explaind.client.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "explaind = explaind.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

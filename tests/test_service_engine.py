@@ -1863,6 +1863,22 @@ def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_wi
         server.stop(0)
 
 
+def test_a_token_rewritten_at_its_size_with_its_old_modification_time_is_read_again(tmp_path, monkeypatch):
+    # `cp -p` or a restore keeps the time; inode, size and modification time missed it.
+    from explaind.service import auth
+
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "token"
+    path.write_text("tokenSEV")
+    token = auth.BearerToken("tokenSEV", str(path))
+    before = path.stat()
+    time.sleep(0.05)  # past the clock tick of the file system's status change time
+    path.write_text("tokenEGT")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert token.current() == "tokenEGT"
+
+
 def test_json_log_lines_carry_the_exception_and_any_text():
     from explaind.logs import JsonFormatter
 

@@ -34,23 +34,25 @@ class Authority:
         self.certificate = self._sign(subject, self.key.public_key(), ca=True)
         self.file = self._write(f"{name}-ca.pem", self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str) -> tuple[Path, Path]:
-        """(certificate file, key file) of a leaf certificate for ``name``."""
+    def issue(self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), expired: bool = False) -> tuple[Path, Path]:
+        """(certificate file, key file) of a leaf certificate for ``name``, valid for
+        ``hosts`` (IP addresses or DNS names), which ended yesterday if ``expired``."""
         key = ec.generate_private_key(ec.SECP256R1())
-        certificate = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), ca=False)
+        certificate = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), ca=False,
+                                 hosts=hosts, expired=expired)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         return (self._write(f"{name}.pem", certificate.public_bytes(serialization.Encoding.PEM)),
                 self._write(f"{name}.key", key_pem))
 
-    def _sign(self, subject: x509.Name, public_key, *, ca: bool) -> x509.Certificate:
-        now = dt.datetime.now(dt.timezone.utc)
+    def _sign(self, subject: x509.Name, public_key, *, ca: bool, hosts: tuple[str, ...] = (), expired: bool = False) -> x509.Certificate:
+        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2 if expired else 0)
         builder = (x509.CertificateBuilder().subject_name(subject).public_key(public_key)
                    .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)]))
                    .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                    .not_valid_after(now + dt.timedelta(days=1))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if not ca:
-            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            names = [x509.IPAddress(ipaddress.ip_address(host)) if host[0].isdigit() else x509.DNSName(host) for host in hosts]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
@@ -112,6 +114,50 @@ def test_mutual_tls_asks_every_client_for_a_certificate_its_ca_signed(tmp_path, 
         assert not answers(target, root_certificates=servers.file)
         stranger_cert, stranger_key = strangers.issue("analyst")
         assert not answers(target, root_certificates=servers.file, certificate_chain=stranger_cert, private_key=stranger_key)
+    finally:
+        server.stop(0)
+
+
+def test_each_tls_failure_says_what_to_check(tmp_path, classifier_dir, capsys):
+    # An expired certificate read as an unknown CA, and a wrong host name or a refused
+    # client certificate got no hint; a CA file holding a key, or a key of another
+    # certificate, failed every connection with "Failed to create security handshaker".
+    servers, clients = Authority(tmp_path, "servers"), Authority(tmp_path, "clients")
+    ca = ["--ca-file", str(servers.file), "--timeout", "5"]
+
+    def hint(target: str, *argv: str) -> str:
+        assert main(["--target", target, *argv, "info"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 2, err
+        return err.splitlines()[1]
+
+    for cert_and_key, target, expected in (
+        (servers.issue("expired", expired=True), "127.0.0.1", "is outside its validity period: its operator must renew it, "
+                                                              "unless this machine's clock is wrong)"),
+        (servers.issue("elsewhere", hosts=("elsewhere.example",)), "localhost", "is not for localhost: --target must name a host "
+                                                                                "or address it lists)"),
+    ):
+        server = tls_server(tmp_path, classifier_dir, *cert_and_key)
+        try:
+            assert hint(f"{target}:{server.port}", *ca) == f"  (the certificate of {target}:{server.port} {expected}"
+        finally:
+            server.stop(0)
+    server = tls_server(tmp_path, classifier_dir, *servers.issue("server"), client_ca=clients.file)
+    target = f"127.0.0.1:{server.port}"
+    try:
+        assert hint(target, *ca) == (f"  (if {target} asks for a client certificate (mutual TLS), --cert-file and --key-file "
+                                     "name one its CA signed)")
+        stranger_cert, stranger_key = Authority(tmp_path, "strangers").issue("analyst")
+        assert hint(target, *ca, "--cert-file", str(stranger_cert), "--key-file", str(stranger_key)) == (
+            f"  ({target} refused the client certificate of --cert-file: is it signed by the CA the server trusts, and valid?)")
+        cert, key = clients.issue("analyst")
+        _, other_key = clients.issue("other")
+        assert main(["--target", target, *ca, "--cert-file", str(cert), "--key-file", str(other_key), "info"]) == 1
+        assert capsys.readouterr().err.startswith(f"error: --key-file: {other_key} is not an unencrypted private key of the "
+                                                  f"certificate in {cert} (KEY_VALUES_MISMATCH)")
+        assert main(["--target", target, "--ca-file", str(key), "--cert-file", str(cert), "--key-file", str(key), "info"]) == 1
+        assert capsys.readouterr().err == f"error: --ca-file: {key} holds no PEM certificate\n"
+        assert main(["--target", target, *ca, "--cert-file", str(cert), "--key-file", str(key), "info"]) == 0
     finally:
         server.stop(0)
 

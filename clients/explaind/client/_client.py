@@ -6,6 +6,7 @@ import datetime as dt
 import difflib
 import math
 import numbers
+import ssl
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -84,6 +85,30 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
     return data
 
 
+def _tls_credentials(root_certificates: str | Path | None, private_key: str | Path | None,
+                     certificate_chain: str | Path | None) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files, checked here: gRPC takes a CA file without a
+    certificate, or a key of another certificate, and then fails every connection with
+    only "Failed to create security handshaker"."""
+    if bool(private_key) != bool(certificate_chain):
+        raise ValueError("private_key and certificate_chain go together (a client certificate needs both)")
+    roots, key, chain = (_read_pem(path, name) for path, name in (
+        (root_certificates, "root_certificates"), (private_key, "private_key"), (certificate_chain, "certificate_chain")))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if roots is not None:
+        try:
+            context.load_verify_locations(cadata=roots.decode("ascii", "replace"))
+        except ssl.SSLError:
+            raise ValueError(f"root_certificates: {root_certificates} holds no PEM certificate") from None
+    if key is not None:
+        try:
+            context.load_cert_chain(certificate_chain, private_key, password=lambda: b"")  # an encrypted key fails here
+        except ssl.SSLError as error:
+            raise ValueError(f"private_key: {private_key} is not an unencrypted private key of the certificate in "
+                             f"{certificate_chain} ({error.reason or error})") from None
+    return grpc.ssl_channel_credentials(roots, key, chain)
+
+
 def _is_index(value: Any) -> bool:
     """An int or numpy integer, not a bool (a float or string is never truncated to one)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -159,7 +184,9 @@ class Client:
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
     ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
     a client certificate to a server that asks for one (mutual TLS). Any of the three
-    implies ``tls``.
+    implies ``tls``. A file that is missing, holds no certificate, or a key that is not
+    the certificate's raises OSError or ValueError naming the argument, here rather than
+    at every connection.
     """
 
     def __init__(
@@ -182,6 +209,9 @@ class Client:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
+        # Surrounding whitespace goes, as the server drops it from its token file: a Secret
+        # ending in a line break works whether a pod mounts it or gets it as a variable.
+        token = token.strip() if isinstance(token, str) else token
         # gRPC metadata carries printable ASCII only: another character failed every call
         # as INTERNAL "Invalid metadata". Never quoted: it is a secret.
         if token and not (isinstance(token, str) and all("!" <= character <= "~" for character in token)):
@@ -194,10 +224,7 @@ class Client:
         self._retry = retry
         options = _channel_options(max_message_bytes)
         if tls or root_certificates or private_key or certificate_chain:
-            if bool(private_key) != bool(certificate_chain):
-                raise ValueError("private_key and certificate_chain go together (a client certificate needs both)")
-            credentials = grpc.ssl_channel_credentials(*(_read_pem(path, name) for path, name in (
-                (root_certificates, "root_certificates"), (private_key, "private_key"), (certificate_chain, "certificate_chain"))))
+            credentials = _tls_credentials(root_certificates, private_key, certificate_chain)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)

@@ -51,12 +51,19 @@ class CommandError(Exception):
 
 def _client(args: argparse.Namespace) -> Client:
     try:
-        return Client(args.target, timeout=args.timeout, token=args.token or os.environ.get("EXPLAIND_TOKEN"), tls=args.tls,
+        return Client(args.target, timeout=args.timeout, token=_token(args), tls=args.tls,
                       root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
     except (OSError, ValueError) as error:  # a certificate file that is missing or not PEM: "root_certificates: ..."
+        if str(error).startswith("token "):  # "token must be printable ASCII ...": which token
+            raise CommandError(f"{'--token' if args.token else 'EXPLAIND_TOKEN'}: {error}") from None
         argument, _, problem = str(error).partition(": ")
         flag = {"root_certificates": "--ca-file", "private_key": "--key-file", "certificate_chain": "--cert-file"}.get(argument)
         raise CommandError(f"{flag}: {problem}" if flag else str(error)) from None
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token calls carry: --token, else $EXPLAIND_TOKEN, else none."""
+    return args.token or os.environ.get("EXPLAIND_TOKEN")
 
 
 def _print_predictions(names: list[str], predictions: list) -> None:
@@ -1196,14 +1203,26 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     """What to check when the call never reached the server, or it refused the caller."""
     details = str(error)
     if isinstance(error, UnauthenticatedError):
+        if _token(args):
+            return f"the server refused the token of {'--token' if args.token else 'EXPLAIND_TOKEN'}: was it rotated?"
         return "the server asks for a token: --token or EXPLAIND_TOKEN"
     if not isinstance(error, UnavailableError):
         return None
     tls = args.tls or args.ca_file or args.cert_file
+    if "certificate has expired" in details or "certificate is not yet valid" in details:
+        return (f"the certificate of {args.target} is outside its validity period: its operator must renew it, "
+                "unless this machine's clock is wrong")
     if "CERTIFICATE_VERIFY_FAILED" in details:
         return f"the certificate of {args.target} is not signed by a CA this client trusts: --ca-file names the CA that signed it"
+    if "Hostname Verification Check failed" in details:
+        host = args.target.rpartition(":")[0] or args.target
+        return f"the certificate of {args.target} is not for {host}: --target must name a host or address it lists"
     if tls and "WRONG_VERSION_NUMBER" in details:
         return f"{args.target} does not speak TLS: drop --tls (and its files) for a plaintext server"
+    if tls and "Socket closed" in details:  # the server ended the handshake: it wants a client certificate it trusts
+        if args.cert_file:
+            return f"{args.target} refused the client certificate of --cert-file: is it signed by the CA the server trusts, and valid?"
+        return f"if {args.target} asks for a client certificate (mutual TLS), --cert-file and --key-file name one its CA signed"
     if not tls and "Socket closed" in details:
         return f"if {args.target} serves TLS, add --tls (and --ca-file for a private CA)"
     if "Connection refused" in details:

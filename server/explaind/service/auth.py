@@ -30,14 +30,15 @@ RECHECK_INTERVAL_S = 1.0
 
 class _WatchedFiles:
     """Tells, at most once per RECHECK_INTERVAL_S, whether any of some files changed
-    (by inode, size or modification time, following links: a swapped-in file counts),
-    and logs why a reload failed once per reason."""
+    (by inode, size, modification or status change time, following links: a swapped-in
+    file counts, and so does one rewritten at its size with its old modification time,
+    as a copy that keeps times does), and logs why a reload failed once per reason."""
 
     def __init__(self, paths: Iterable[str]) -> None:
         self._paths = [path for path in paths if path]
         self._lock = threading.Lock()
         self._checked_at = time.monotonic()
-        self._stamps: list[tuple[int, int, int] | None] | None = self._read_stamps()
+        self._stamps: list[tuple[int, int, int, int] | None] | None = self._read_stamps()
         self._last_failure = ""
 
     def reload_failed(self, reason: str) -> None:
@@ -63,7 +64,7 @@ class _WatchedFiles:
             changed, self._stamps = stamps != self._stamps, stamps
             return changed
 
-    def _read_stamps(self) -> list[tuple[int, int, int] | None]:
+    def _read_stamps(self) -> list[tuple[int, int, int, int] | None]:
         stamps = []
         for path in self._paths:
             try:
@@ -71,7 +72,7 @@ class _WatchedFiles:
             except OSError:
                 stamps.append(None)
             else:
-                stamps.append((status.st_ino, status.st_size, status.st_mtime_ns))
+                stamps.append((status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns))
         return stamps
 
 
