@@ -982,7 +982,80 @@ def test_a_set_being_uploaded_in_several_requests_is_unusable_until_its_last(ser
     uploads = [r for r in sent if isinstance(r, (sample_sets_pb2.CreateSampleSetRequest, sample_sets_pb2.AppendSamplesRequest))]
     assert [(type(r).__name__, len(r.samples)) for r in uploads] == [("CreateSampleSetRequest", 4), ("AppendSamplesRequest", 2)]
     assert uploads[0].upload_continues and uploads[1].finish_upload
+    assert uploads[1].sample_set_uid == client.sample_set("sdk-split").uid  # the set the upload made, nothing else
     assert not client.create_sample_set(pixels[:2], labels[:2], sample_set_id="sdk-one-request").uploading
+
+
+def test_an_upload_never_adds_to_a_set_made_under_its_id_by_another_client(server, client, world_images):
+    # A deleted and re-made "x" took the rest of another client's upload, which then
+    # reported success: 3 samples of its own and 10 of the other's, and no error for either.
+    from explaind.client import FailedPreconditionError
+
+    pixels, labels = _uint8(world_images[0][:20]), world_images[1][:20].tolist()
+
+    def interrupted_by_another_client():
+        for i, image in enumerate(pixels):
+            if i == 15:  # the chunks are read ahead of their requests: by now the first request (at least) was sent
+                other.delete_sample_set("x")
+                other.create_sample_set(pixels[:3], labels[:3], sample_set_id="x", display_name="the other client's")
+            yield image
+
+    with Client(server.target, timeout=30) as other:
+        with pytest.raises(FailedPreconditionError) as refused:
+            client.create_sample_set(interrupted_by_another_client(), labels, sample_set_id="x", chunk_size=5)
+        theirs = client.sample_set("x")
+        assert (theirs.display_name, theirs.sample_count, theirs.uploading) == ("the other client's", 3, False)
+        assert refused.value.field == "sample_set_uid" and "it was deleted and created again since" in str(refused.value)
+        assert refused.value.__notes__ == ["the partly uploaded sample set 'x' was deleted meanwhile, not by this upload"]
+        # Through the API: a set's uid tells it from an earlier one of its id, and a request that names one acts on it only.
+        with grpc.insecure_channel(server.target) as channel:
+            sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+            one = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(pixels[0])), label=labels[0])
+            first = sets.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="y", samples=[one])).sample_set
+            sets.DeleteSampleSet(sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="y", sample_set_uid=first.uid))
+            second = sets.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="y", samples=[one])).sample_set
+            assert first.uid != second.uid and client.sample_set("y").uid == second.uid
+            for rpc, request in ((sets.AppendSamples, sample_sets_pb2.AppendSamplesRequest(sample_set_id="y", samples=[one], sample_set_uid=first.uid)),
+                                 (sets.DeleteSampleSet, sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="y", sample_set_uid=first.uid))):
+                with pytest.raises(grpc.RpcError) as caught:
+                    rpc(request, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert caught.value.details().startswith(f"sample_set_uid: sample set 'y' is not the set of uid {first.uid} any more")
+            with pytest.raises(grpc.RpcError) as caught:
+                sets.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="y", samples=[one], sample_set_uid="v1"), timeout=30)
+            assert (caught.value.code(), caught.value.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT, "sample_set_uid: 'v1' is not a sample set uid (a lowercase UUID, as SampleSet.uid)")
+            appended = sets.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="y", samples=[one], sample_set_uid=second.uid))
+            assert appended.sample_set.sample_count == 2 and appended.sample_set.uid == second.uid
+    for name in ("x", "y"):
+        client.delete_sample_set(name)
+
+
+def test_a_queued_job_does_not_run_on_a_set_made_under_its_id_after_it_was_submitted(server, client, world_images):
+    # It evaluated the new 10-sample set and succeeded, for a request about a 100-sample one.
+    from explaind.client import FailedPreconditionError, OperationError
+
+    pixels, labels = _uint8(world_images[0][:12]), world_images[1][:12].tolist()
+    client.create_sample_set(pixels, labels, sample_set_id="replaced")
+    uid = client.sample_set("replaced").uid
+    busy = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # holds the one job worker
+    try:
+        with grpc.insecure_channel(server.target) as channel:  # the SDK waits for a ranking: the stub only starts it
+            ranking = neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel).RankMistakeNeurons(neuroinspect_pb2.RankMistakeNeuronsRequest(
+                sample_set_id="replaced", class_name="heart", execution=neuroinspect_pb2.EXECUTION_OPERATION), timeout=30)
+        queued = [client.evaluate_sample_set("replaced"), client.operation(ranking.operation.name), client.edit_head("replaced", "heart", [1])]
+        client.delete_sample_set("replaced")
+        client.create_sample_set(pixels[:10], labels[:10], sample_set_id="replaced")
+    finally:
+        busy.cancel()
+    for operation in queued:
+        with pytest.raises(OperationError) as failed:
+            operation.result(timeout=120)
+        assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION, failed.value
+        assert f"sample set 'replaced' is not the set of uid {uid} any more" in str(failed.value)
+    with pytest.raises(FailedPreconditionError):  # the old set's uid, named in a delete, spares the new set
+        client.delete_sample_set("replaced", uid=uid)
+    client.delete_sample_set("replaced")
 
 
 def test_an_artifact_larger_than_the_servers_message_limit_downloads_in_ranges_that_fit(small_messages, world_images):

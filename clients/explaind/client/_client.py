@@ -29,7 +29,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, UnavailableError, from_rpc_error
+from ._errors import ExplaindError, FailedPreconditionError, NotFoundError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, as_scalar, class_fields, class_ref
@@ -127,6 +127,7 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
         create_time=_time(message.create_time),
         update_time=_time(message.update_time),
         uploading=message.uploading,
+        uid=message.uid,
     )
 
 
@@ -139,11 +140,13 @@ def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
 
 
 def _note_chunk(error: BaseException, start: int, total: int | None) -> None:
-    """Say where a failed request of a split call began: the server numbers ``samples[i]``
-    or ``images[i]`` within the request, not within the caller's list. Also kept as
+    """Say where a failed request of a split call began, when its error names
+    ``samples[i]`` or ``images[i]``: the server numbers them within the request, not
+    within the caller's list. Also kept as
     ``error.request_offset`` (item ``request_offset + i`` of the caller's list)."""
     error.request_offset = start
-    if start:
+    named = [getattr(error, "field", None) or "", *(field for field, _ in getattr(error, "field_violations", ()))]
+    if start and any(field.startswith(("samples[", "images[")) for field in named):  # not, say, a replaced set's sample_set_uid
         of = f" of {total}" if total is not None else ""
         error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
 
@@ -451,12 +454,16 @@ class Client:
         sent = len(first)
         try:
             for chunk, last in chunks:  # reading the next chunk's images may fail here too
-                append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last)
+                # The uid: the set this upload created, never another made under its id meanwhile.
+                append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
+                                  sample_set_uid=created.uid)
                 created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
                 sent += len(chunk)
         except BaseException as error:
             try:
-                self.delete_sample_set(created.sample_set_id)
+                self.delete_sample_set(created.sample_set_id, uid=created.uid)
+            except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
+                error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, not by this upload")
             except ExplaindError:
                 error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
             else:
@@ -472,12 +479,13 @@ class Client:
         the same chunks; a request that fails raises with a note of how many samples
         were appended before it. Returns the updated set."""
         samples, total = self._samples(images, labels, attributes)
-        appended = 0
+        appended, uid = 0, ""
         try:
             for chunk in self._request_chunks(samples, chunk_size, _sample_image):
-                request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk)
+                # After the first request, the set it appended to: not one made under its id since.
+                request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid)
                 updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
-                appended += len(chunk)
+                appended, uid = appended + len(chunk), updated.uid
         except BaseException as error:
             if appended:
                 error.add_note(f"the first {appended} of {total} samples were appended to {sample_set_id!r}")
@@ -564,9 +572,12 @@ class Client:
             if not token:
                 return
 
-    def delete_sample_set(self, sample_set_id: str) -> None:
-        """Delete a set and its samples; finished operations' results and head versions stay."""
-        self._call("sample_sets", "DeleteSampleSet", _request(sample_sets_pb2.DeleteSampleSetRequest, sample_set_id=sample_set_id))
+    def delete_sample_set(self, sample_set_id: str, *, uid: str = "") -> None:
+        """Delete a set and its samples; finished operations' results and head versions stay.
+        With ``uid`` (a SampleSet's), only that set: FailedPreconditionError if the id now
+        names another (deleted and created again since)."""
+        self._call("sample_sets", "DeleteSampleSet", _request(sample_sets_pb2.DeleteSampleSetRequest, sample_set_id=sample_set_id,
+                                                              sample_set_uid=uid))
 
     # Jobs ----------------------------------------------------------------------------
 

@@ -147,6 +147,9 @@ class SampleSet(AbbreviatedRepr):
     create_time: dt.datetime
     update_time: dt.datetime
     uploading: bool = False  # an upload in several requests is unfinished; jobs refuse the set until it ends
+    # Unique to this set: one deleted and created again under its id has another
+    # (delete_sample_set(uid=...) acts only on this one).
+    uid: str = ""
 
 
 @dataclass(frozen=True)

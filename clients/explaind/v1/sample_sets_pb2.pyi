@@ -28,7 +28,7 @@ class Sample(_message.Message):
     def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., label: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SampleSet(_message.Message):
-    __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time", "uploading")
+    __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time", "uploading", "uid")
     class ClassCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class SampleSet(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPLOADING_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     display_name: str
     sample_count: int
@@ -50,7 +51,8 @@ class SampleSet(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     uploading: bool
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uploading: _Optional[bool] = ...) -> None: ...
+    uid: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uploading: _Optional[bool] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class CreateSampleSetRequest(_message.Message):
     __slots__ = ("sample_set_id", "display_name", "samples", "upload_continues")
@@ -71,14 +73,16 @@ class CreateSampleSetResponse(_message.Message):
     def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping]] = ...) -> None: ...
 
 class AppendSamplesRequest(_message.Message):
-    __slots__ = ("sample_set_id", "samples", "finish_upload")
+    __slots__ = ("sample_set_id", "samples", "finish_upload", "sample_set_uid")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FINISH_UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SET_UID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     finish_upload: bool
-    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., finish_upload: _Optional[bool] = ...) -> None: ...
+    sample_set_uid: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., finish_upload: _Optional[bool] = ..., sample_set_uid: _Optional[str] = ...) -> None: ...
 
 class AppendSamplesResponse(_message.Message):
     __slots__ = ("sample_set",)
@@ -133,10 +137,12 @@ class ListSamplesResponse(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteSampleSetRequest(_message.Message):
-    __slots__ = ("sample_set_id",)
+    __slots__ = ("sample_set_id", "sample_set_uid")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SET_UID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
-    def __init__(self, sample_set_id: _Optional[str] = ...) -> None: ...
+    sample_set_uid: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., sample_set_uid: _Optional[str] = ...) -> None: ...
 
 class DeleteSampleSetResponse(_message.Message):
     __slots__ = ()

@@ -27,7 +27,7 @@ from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
-from ..store import SampleRecord, SampleSetInfo, Store
+from ..store import SampleRecord, SampleSetInfo, Store, require_sample_set_uid
 from .backends import FeatureFn, build_feature_fn, check_device
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -285,17 +285,22 @@ class Engine:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
-                       caller_waits: Callable[[], bool] = lambda: True) -> SampleSetInfo:
-        """As :meth:`create_sample_set`, ``caller_waits`` included."""
-        self.store.get_sample_set(sample_set_id)
+                       caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None) -> SampleSetInfo:
+        """As :meth:`create_sample_set`, ``caller_waits`` included; with ``uid``, only to
+        the set of that uid (FailedPrecondition for another of the same id)."""
+        info = self.store.get_sample_set(sample_set_id)  # the store checks again as it appends; this is before storing images
+        require_sample_set_uid(sample_set_id, info.create_time, uid, "sample_set_uid")
         if not samples and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
         with self.store.writing_blobs() as put:
-            return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload)
+            return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
+                                             uid=uid)
 
-    def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id") -> SampleSetInfo:
+
+    def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id", uid: str | None = None) -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded
-        and be labelled for the served classifier."""
+        and be labelled for the served classifier; with ``uid`` (what the set was when the
+        job was submitted), it must still be that set, not another of its id."""
         if not sample_set_id:
             raise InvalidArgument("required", field=field)
         check_sample_set_id(sample_set_id, field)
@@ -303,6 +308,7 @@ class Engine:
             info = self.store.get_sample_set(sample_set_id)
         except NotFound:
             raise NotFound(f"no sample set {sample_set_id!r}", field=field) from None
+        require_sample_set_uid(sample_set_id, info.create_time, uid, field)
         if info.sample_count == 0:
             raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field=field)
         if info.uploading:
@@ -344,14 +350,16 @@ class Engine:
         batch_size: int = 0,
         context: JobContext | None = None,
         field: str = "sample_set_id",
+        uid: str | None = None,
     ) -> SampleFeatures:
         """Penultimate features of every sample, from the (feature version, image) cache
         where present; the rest are computed in batches, with progress and cancellation
         through ``context`` when given. The set is checked again here, when a job runs: it
-        may have been deleted, or replaced by one still uploading, since the job was queued."""
+        may have been deleted, or replaced (``uid``: the set the job was submitted for), since
+        the job was queued."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
-        self.usable_sample_set(sample_set_id, field)
+        self.usable_sample_set(sample_set_id, field, uid)
         records = self.store.list_samples(sample_set_id)
         digests = [record.digest for record in records]
         cached = self.store.get_features(version.feature_cache_key, digests)
@@ -370,14 +378,14 @@ class Engine:
         return SampleFeatures(features, labels, digests, version)
 
     def sample_set_logits(self, sample_set_id: str, *, version: ClassifierVersion, batch_size: int = 0,
-                          context: JobContext | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                          context: JobContext | None = None, uid: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Logits (N, C) on the CPU, labels (N,) and digests of every sample: the head on the
         cached features, or for an inference-only classifier the whole model on every image
         (it has no features to cache)."""
         if version.supports_features:
-            sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context)
+            sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid)
             return version.logits(sample.features).float().cpu(), sample.labels, sample.digests
-        self.usable_sample_set(sample_set_id, "sample_set_id")
+        self.usable_sample_set(sample_set_id, "sample_set_id", uid)
         records = self.store.list_samples(sample_set_id)
         digests = [record.digest for record in records]
         unique = list(dict.fromkeys(digests))
@@ -427,13 +435,13 @@ class Engine:
         """Start a job that classifies a sample set: accuracy, confusion, mistakes grid."""
         from .evaluation import evaluate
 
-        self.usable_sample_set(sample_set_id)
+        uid = self.usable_sample_set(sample_set_id).uid  # the job runs on this set, not one made under its id later
         if batch_size < 0 or batch_size > 4096:
             raise InvalidArgument("must be between 1 and 4096, or 0 for the default", field="batch_size")
         if max_grid_images < 0 or max_grid_images > 1024:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
-        run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, version, batch_size, max_grid_images or 64)
+        run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, uid, version, batch_size, max_grid_images or 64)
         return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",))  # most confident first
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:

@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from .core import Engine
 
 
-def evaluate(engine: Engine, context: JobContext, sample_set_id: str, version: ClassifierVersion, batch_size: int, max_grid_images: int) -> inference_pb2.EvaluateSampleSetResult:
+def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, version: ClassifierVersion, batch_size: int,
+             max_grid_images: int) -> inference_pb2.EvaluateSampleSetResult:
     """Accuracy, per-class accuracy, confusion matrix, the mistakes (most confident
-    first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``."""
-    logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context)
+    first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``, of the set
+    of ``uid``."""
+    logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid)
     context.raise_if_cancelled()
     probabilities = torch.softmax(logits, dim=1)
     confidence, predicted = probabilities.max(dim=1)

@@ -210,9 +210,10 @@ class NeuroInspectEngine:
         self._check_rank_settings(settings, version)
         if execution not in EXECUTIONS:
             raise InvalidArgument(f"must be one of {EXECUTIONS}", field="execution")
-        count = self._engine.usable_sample_set(sample_set_id).sample_count
+        info = self._engine.usable_sample_set(sample_set_id)
+        count = info.sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
-            return self._submit_ranking(sample_set_id, version, class_index, class_field, settings)
+            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings)
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         features = self._engine.sample_set_features(sample_set_id, version=version)
@@ -220,13 +221,14 @@ class NeuroInspectEngine:
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
-            return self._submit_ranking(sample_set_id, version, class_index, class_field, settings)
+            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings)
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
 
-    def _submit_ranking(self, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
+    def _submit_ranking(self, sample_set_id: str, uid: str, version: ClassifierVersion, class_index: int, class_field: str,
                         settings: RankSettings) -> JobSnapshot:
+        # ``uid``: the set it runs on, not one made under its id before the job starts.
         # Cut to fit a message, a ranking keeps its top neurons and its first mistakes' summaries.
-        return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings),
+        return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings, uid=uid),
                                         cut_lists=("mistakes", "neurons"))
 
     @staticmethod
@@ -254,9 +256,10 @@ class NeuroInspectEngine:
         return (in_class & (predicted != labels)).nonzero().squeeze(1)
 
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
-              settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True) -> neuroinspect_pb2.NeuronRanking:
+              settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True,
+              uid: str | None = None) -> neuroinspect_pb2.NeuronRanking:
         if features is None:
-            features = self._engine.sample_set_features(sample_set_id, version=version, context=context)
+            features = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uid)
         self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
 
         def on_step(step: int, total: int, running: int) -> bool:
@@ -458,16 +461,19 @@ class NeuroInspectEngine:
         if method not in EDIT_METHODS:
             raise InvalidArgument(f"must be one of {EDIT_METHODS}", field="method")
         check_text_length(description, MAX_DESCRIPTION_CHARS, "description")
-        train_count = self._engine.usable_sample_set(sample_set_id).sample_count
+        training = self._engine.usable_sample_set(sample_set_id)
+        train_count = training.sample_count
         class_field = "class_name" if isinstance(target_class, str) else "class_index"
         if not validation_sample_set_id and train_count < 5:
             raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
         stored_labels = [r.label for r in self._engine.store.list_samples(sample_set_id)]
         training_labels = stored_labels if validation_sample_set_id else [label for i, label in enumerate(stored_labels) if i % 5]  # as run() splits
         _require_training_samples(training_labels, class_index, version, sample_set_id, class_field)
+        # The sets run() reads, by id: these, not sets made under their ids before it runs.
+        uids = {sample_set_id: training.uid}
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
             if value:
-                self._engine.usable_sample_set(value, field)
+                uids[value] = self._engine.usable_sample_set(value, field).uid
         eval_id = evaluation_sample_set_id or validation_sample_set_id
 
         def evaluated_samples() -> list:
@@ -496,10 +502,11 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{patience} is not in [1, 1000] (0 means 5)", field="patience")
 
         def run(context: JobContext) -> neuroinspect_pb2.EditHeadResult:
-            train = self._engine.sample_set_features(sample_set_id, version=version, context=context)
+            train = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uids[sample_set_id])
             features, labels = train.features, train.labels
             if validation_sample_set_id:
-                validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context, field="validation_sample_set_id")
+                validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context,
+                                                              field="validation_sample_set_id", uid=uids[validation_sample_set_id])
                 val_features, val_labels = validation.features, validation.labels
             else:  # every 5th sample held out
                 held = torch.zeros(len(labels), dtype=torch.bool)
@@ -510,7 +517,7 @@ class NeuroInspectEngine:
             _require_training_samples(labels.tolist(), class_index, version, sample_set_id, class_field)
             eval_features, eval_labels, groups = val_features, val_labels, None
             if eval_id:
-                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context,
+                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context, uid=uids[eval_id],
                                                               field="evaluation_sample_set_id" if evaluation_sample_set_id else "validation_sample_set_id")
                 eval_features, eval_labels = evaluation.features, evaluation.labels
             if group_attribute:

@@ -80,6 +80,7 @@ def sample_set(info: SampleSetInfo) -> sample_sets_pb2.SampleSet:
         create_time=timestamp(info.create_time),
         update_time=timestamp(info.update_time),
         uploading=info.uploading,
+        uid=info.uid,
     )
 
 

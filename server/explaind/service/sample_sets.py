@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 
@@ -17,6 +19,19 @@ def required_set_id(request) -> str:
         raise InvalidArgument("required", field="sample_set_id")
     check_sample_set_id(request.sample_set_id)
     return request.sample_set_id
+
+
+def optional_uid(request) -> str:
+    """The request's ``sample_set_uid`` ("" for any set of the id); one that is no
+    SampleSet.uid is a bad request, not a set that changed."""
+    uid = request.sample_set_uid
+    try:
+        canonical = not uid or str(uuid.UUID(uid)) == uid
+    except ValueError:
+        canonical = False
+    if not canonical:
+        raise InvalidArgument(f"{uid[:64]!r} is not a sample set uid (a lowercase UUID, as SampleSet.uid)", field="sample_set_uid")
+    return uid
 
 
 class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
@@ -42,7 +57,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
         info = self._engine.append_samples(required_set_id(request), self._samples(request.samples), finish_upload=request.finish_upload,
-                                           caller_waits=context.is_active)
+                                           caller_waits=context.is_active, uid=optional_uid(request))
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 
     def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:
@@ -70,5 +85,5 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
             next_page_token=str(offset + len(samples)) if ended_early else next_offset_token(offset, limit, len(records)))
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
-        self._engine.store.delete_sample_set(required_set_id(request))
+        self._engine.store.delete_sample_set(required_set_id(request), uid=optional_uid(request))
         return sample_sets_pb2.DeleteSampleSetResponse()

@@ -16,6 +16,7 @@ from .base import (
     SampleSetInfo,
     Store,
     StoreOpenError,
+    require_sample_set_uid,
 )
 from .sqlite import SQLiteStore
 
@@ -35,4 +36,5 @@ __all__ = [
     "SampleRecord",
     "SampleSetInfo",
     "Store",
+    "require_sample_set_uid",
 ]

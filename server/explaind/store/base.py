@@ -6,12 +6,16 @@ store) implementation can replace the embedded SQLite one without touching them.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from ..errors import FailedPrecondition
 
 # Job states, stored as text.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -44,6 +48,26 @@ class SampleSetInfo:
     create_time: float
     update_time: float
     uploading: bool = False  # an upload in several requests is unfinished: not usable yet
+
+    @property
+    def uid(self) -> str:
+        return sample_set_uid(self.sample_set_id, self.create_time)
+
+
+def sample_set_uid(sample_set_id: str, create_time: float) -> str:
+    """What tells a set from another of the same id, deleted before it (AIP-148's uid):
+    a UUID derived from the id and its creation time (epoch s), so nothing more is stored
+    and every store derives the same."""
+    digest = hashlib.sha256(f"{sample_set_id}\0{create_time!r}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | None, field: str) -> None:
+    """FailedPrecondition naming ``field`` unless the set made at ``create_time`` is the
+    set of ``uid`` (None or "": any set of the id will do)."""
+    if uid and sample_set_uid(sample_set_id, create_time) != uid:
+        raise FailedPrecondition(f"sample set {sample_set_id!r} is not the set of uid {uid} any more: it was deleted and "
+                                 "created again since, by another client say", field=field)
 
 
 @dataclass(frozen=True)
@@ -107,14 +131,17 @@ class Store(Protocol):
 
     # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False) -> SampleSetInfo: ...
-    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False) -> SampleSetInfo: ...
+    # With ``uid``, only to the set of that uid: another (deleted and created again since,
+    # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
+    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
+                       uid: str | None = None) -> SampleSetInfo: ...
     def get_sample_set(self, sample_set_id: str) -> SampleSetInfo: ...
     # Oldest first; ``after`` (create_time, sample_set_id) resumes after that set, so sets
     # created or deleted while a client pages do not shift the pages.
     def list_sample_sets(self, *, after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]: ...
     def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]: ...
     # Its images become candidates for delete_unused_blobs (a job still reading them keeps them).
-    def delete_sample_set(self, sample_set_id: str) -> None: ...
+    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None) -> None: ...
     # Delete the sets still uploading (at start-up: an earlier process left them so), or
     # with ``idle_since`` only those whose last request (update_time) came before it;
     # returns their ids.

@@ -25,7 +25,8 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo, StoreOpenError
+from .base import (EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo,
+                   StoreOpenError, require_sample_set_uid)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -428,9 +429,10 @@ class SQLiteStore:
             self._insert_samples(db, sample_set_id, 0, samples)
         return self.get_sample_set(sample_set_id)
 
-    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False) -> SampleSetInfo:
+    def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
+                       uid: str | None = None) -> SampleSetInfo:
         with self._transaction() as db:
-            self._require_set(db, sample_set_id)
+            self._require_set(db, sample_set_id, uid)
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
@@ -455,10 +457,12 @@ class SQLiteStore:
         )
 
     @staticmethod
-    def _require_set(db: sqlite3.Connection, sample_set_id: str) -> tuple:
+    def _require_set(db: sqlite3.Connection, sample_set_id: str, uid: str | None = None) -> tuple:
+        """The set's row; NotFound, or FailedPrecondition when it is not the set of ``uid``."""
         row = db.execute(f"SELECT {_SET_COLUMNS} FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone()
         if row is None:
             raise NotFound(f"no sample set {sample_set_id!r}", field="sample_set_id")
+        require_sample_set_uid(sample_set_id, row[2], uid, "sample_set_uid")
         return row
 
     def _info(self, row: tuple) -> SampleSetInfo:
@@ -488,10 +492,10 @@ class SQLiteStore:
         return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
 
     @_frees_space
-    def delete_sample_set(self, sample_set_id: str) -> None:
+    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None) -> None:
         """Delete the set; its images become candidates for :meth:`delete_unused_blobs`."""
         with self._transaction() as db:
-            self._require_set(db, sample_set_id)
+            self._require_set(db, sample_set_id, uid)
             self._delete_set(db, sample_set_id)
 
     @staticmethod
