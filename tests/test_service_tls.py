@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import time
 from pathlib import Path
 
@@ -34,22 +35,24 @@ class Authority:
         self.certificate = self._sign(subject, self.key.public_key(), ca=True)
         self.file = self._write(f"{name}-ca.pem", self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), expired: bool = False) -> tuple[Path, Path]:
-        """(certificate file, key file) of a leaf certificate for ``name``, valid for
-        ``hosts`` (IP addresses or DNS names), which ended yesterday if ``expired``."""
+    def issue(self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+              valid: tuple[dt.timedelta, dt.timedelta] = (-dt.timedelta(minutes=5), dt.timedelta(days=1))) -> tuple[Path, Path]:
+        """(certificate file, key file) of a leaf certificate for ``name``, for ``hosts``
+        (IP addresses or DNS names), valid from now + valid[0] to now + valid[1]."""
         key = ec.generate_private_key(ec.SECP256R1())
         certificate = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), ca=False,
-                                 hosts=hosts, expired=expired)
+                                 hosts=hosts, valid=valid)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         return (self._write(f"{name}.pem", certificate.public_bytes(serialization.Encoding.PEM)),
                 self._write(f"{name}.key", key_pem))
 
-    def _sign(self, subject: x509.Name, public_key, *, ca: bool, hosts: tuple[str, ...] = (), expired: bool = False) -> x509.Certificate:
-        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2 if expired else 0)
+    def _sign(self, subject: x509.Name, public_key, *, ca: bool, hosts: tuple[str, ...] = (),
+              valid: tuple[dt.timedelta, dt.timedelta] = (-dt.timedelta(minutes=5), dt.timedelta(days=1))) -> x509.Certificate:
+        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         builder = (x509.CertificateBuilder().subject_name(subject).public_key(public_key)
                    .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)]))
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-                   .not_valid_after(now + dt.timedelta(days=1))
+                   .serial_number(x509.random_serial_number()).not_valid_before(now + valid[0])
+                   .not_valid_after(now + valid[1])
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if not ca:
             names = [x509.IPAddress(ipaddress.ip_address(host)) if host[0].isdigit() else x509.DNSName(host) for host in hosts]
@@ -132,13 +135,17 @@ def test_each_tls_failure_says_what_to_check(tmp_path, classifier_dir, capsys):
         return err.splitlines()[1]
 
     for cert_and_key, target, expected in (
-        (servers.issue("expired", expired=True), "127.0.0.1", "is outside its validity period: its operator must renew it, "
-                                                              "unless this machine's clock is wrong)"),
+        # Valid for 3 s: a server refuses to start with an expired certificate, not to go on with one.
+        (servers.issue("expiring", valid=(-dt.timedelta(minutes=5), dt.timedelta(seconds=3))), "127.0.0.1",
+         "is outside its validity period: its operator must renew it, unless this machine's clock is wrong)"),
         (servers.issue("elsewhere", hosts=("elsewhere.example",)), "localhost", "is not for localhost: --target must name a host "
                                                                                 "or address it lists)"),
     ):
         server = tls_server(tmp_path, classifier_dir, *cert_and_key)
         try:
+            if target == "127.0.0.1":  # past the expiring one's end
+                not_after = x509.load_pem_x509_certificate(cert_and_key[0].read_bytes()).not_valid_after_utc.timestamp()
+                time.sleep(max(0.0, not_after + 1.1 - time.time()))
             assert hint(f"{target}:{server.port}", *ca) == f"  (the certificate of {target}:{server.port} {expected}"
         finally:
             server.stop(0)
@@ -349,6 +356,12 @@ def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path
         assert "is not an unencrypted private key of the certificate" in caplog.text
         os.replace(third_key, secret / "..v2" / "tls.key")
         assert switches_to(third) and not answers(target, root_certificates=new.file)
+        # An expired pair is no renewal: every client would refuse it.
+        expired_cert, expired_key = third.issue("server", valid=(-dt.timedelta(days=2), -dt.timedelta(days=1)))
+        os.replace(expired_key, secret / "..v2" / "tls.key")
+        os.replace(expired_cert, secret / "..v2" / "tls.crt")
+        time.sleep(2.5)
+        assert answers(target, root_certificates=third.file) and "/tls.crt expired at " in caplog.text
     finally:
         server.stop(0)
 
@@ -372,6 +385,13 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
     ):
         assert main(["serve", *flags, *data]) == 1
         assert message in capsys.readouterr().err, flags
+    # A certificate outside its validity, which every client would refuse (checked before serving: if it were not, serve would serve).
+    for name, valid, when in (("old", (-dt.timedelta(days=9), -dt.timedelta(days=2)), "expired at "),
+                              ("early", (dt.timedelta(days=1), dt.timedelta(days=9)), "is valid from ")):
+        dated_cert, dated_key = authority.issue(name, valid=valid)
+        with pytest.raises(ConfigError, match=f"^\\[server\\].tls_cert_file: the certificate in {re.escape(str(dated_cert))} {when}"):
+            ExplaindServer(default_config().replace("server", data_dir=str(tmp_path / "data"), tls_cert_file=str(dated_cert),
+                                                    tls_key_file=str(dated_key)))
     with pytest.raises(ValueError, match="private_key and certificate_chain go together"):
         Client("127.0.0.1:1", private_key=key)
     with pytest.raises(ValueError, match="root_certificates: .* is not a PEM file"):
@@ -382,6 +402,17 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
     assert main(["--target", "127.0.0.1:1", "--cert-file", str(cert), "--key-file", str(tmp_path / "private_key_dir"), "info"]) == 1
     assert f"error: --key-file: cannot read {tmp_path / 'private_key_dir'}: Is a directory" in capsys.readouterr().err
     assert "demo serves on loopback without TLS" in _demo_error(tmp_path, cert, key, capsys)
+
+
+def test_a_certificates_validity_is_read_as_openssl_reads_it(tmp_path):
+    # UTCTime until 2049, GeneralizedTime from 2050 (RFC 5280, 4.1.2.5).
+    from explaind.service.auth import certificate_validity
+
+    authority = Authority(tmp_path, "ca")
+    for valid in ((-dt.timedelta(days=400), dt.timedelta(days=3)), (dt.timedelta(days=10), dt.timedelta(days=365 * 40))):
+        cert, _ = authority.issue("server", valid=valid)
+        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+        assert certificate_validity(cert.read_bytes() + authority.file.read_bytes()) == (parsed.not_valid_before_utc, parsed.not_valid_after_utc)
 
 
 def _not_pem(tmp_path: Path) -> Path:

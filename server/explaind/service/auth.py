@@ -9,6 +9,8 @@ what was in force: a half-done rotation must not lock every caller out.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import hmac
 import logging
 import os
@@ -153,7 +155,52 @@ class TlsCredentials:
                               f"{self._cert_file} ({getattr(error, 'reason', None) or error})") from None
         if (Path(self._key_file).read_bytes(), Path(self._cert_file).read_bytes()) != (key, chain):
             raise ConfigError(f"[server].tls_cert_file: {self._cert_file} changed while being read")
+        # Every client would refuse it ("certificate has expired"), so it is no renewal either.
+        try:
+            not_before, not_after = certificate_validity(chain)
+        except (ValueError, IndexError) as error:  # OpenSSL took it; a form this reader does not know
+            raise ConfigError(f"[server].tls_cert_file: cannot read the validity of the certificate in {self._cert_file} ({error})") from None
+        now = dt.datetime.now(dt.timezone.utc)
+        if not not_before <= now <= not_after:
+            when = f"expired at {not_after:%Y-%m-%d %H:%M:%S} UTC" if now > not_after else f"is valid from {not_before:%Y-%m-%d %H:%M:%S} UTC only"
+            raise ConfigError(f"[server].tls_cert_file: the certificate in {self._cert_file} {when}")
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
+
+
+def certificate_validity(chain: bytes) -> tuple[dt.datetime, dt.datetime]:
+    """(notBefore, notAfter), in UTC, of the first certificate of a PEM chain: the
+    Certificate's tbsCertificate holds, after an optional [0] version, the serial number,
+    the signature algorithm and the issuer, then Validity (RFC 5280, 4.1). Read from the
+    DER here: the standard library parses no certificate it does not verify."""
+    text = chain.decode("ascii", "replace")
+    body = text.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END CERTIFICATE-----", 1)[0]
+    der = base64.b64decode("".join(body.split()))
+
+    def element(data: bytes, at: int) -> tuple[int, bytes, int]:
+        """(tag, contents, offset after) of the DER element at ``at``."""
+        tag, length, at = data[at], data[at + 1], at + 2
+        if length & 0x80:  # long form: the next length & 0x7F bytes hold it
+            size = length & 0x7F
+            length, at = int.from_bytes(data[at:at + size], "big"), at + size
+        return tag, data[at:at + length], at + length
+
+    _, certificate, _ = element(der, 0)
+    _, tbs, _ = element(certificate, 0)
+    at = 0
+    if tbs[0] == 0xA0:  # [0] EXPLICIT version
+        at = element(tbs, at)[2]
+    for _ in range(3):  # serialNumber, signature, issuer
+        at = element(tbs, at)[2]
+    _, validity, _ = element(tbs, at)
+    times = []
+    at = 0
+    for _ in range(2):
+        tag, value, at = element(validity, at)
+        text = value.decode("ascii")
+        if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: years 1950-2049
+            text = ("19" if int(text[:2]) >= 50 else "20") + text
+        times.append(dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.timezone.utc))
+    return times[0], times[1]
 
 
 def _pem(path: str, key: str, kind: str) -> bytes:
