@@ -1165,6 +1165,26 @@ def test_a_job_deleted_as_soon_as_a_waiter_sees_it_end_is_deleted(tmp_path, monk
     jobs.shutdown(1)
 
 
+def test_listing_by_state_leaves_out_a_job_that_moved_on_between_the_stored_and_the_live_read(tmp_path, monkeypatch):
+    # A job listed from the store as queued had started by the time its live state was
+    # read: `state=QUEUED` returned it RUNNING.
+    store = SQLiteStore(tmp_path)
+    jobs, gate = JobManager(store, Metrics(), workers=1), threading.Event()
+    first = jobs.submit("visualize", lambda ctx: (gate.wait(10), _empty())[1])
+    second = jobs.submit("visualize", lambda ctx: (gate.wait(10), _empty())[1])
+    while jobs.get(first.record.job_id).record.state != "running":
+        time.sleep(0.01)
+    stored = store.list_jobs(state="queued", limit=100)  # as the listing reads them, just before the second starts
+    assert [record.job_id for record in stored] == [second.record.job_id]
+    jobs.cancel(first.record.job_id)
+    gate.set()
+    while jobs.get(second.record.job_id).record.state == "queued":
+        time.sleep(0.01)
+    monkeypatch.setattr(store, "list_jobs", lambda **query: stored if query["state"] == "queued" else [])
+    assert [snapshot.record.state for snapshot in jobs.list(state="queued")] == []
+    jobs.shutdown(1)
+
+
 def test_each_operation_s_queueing_cancel_and_end_is_a_log_line_with_its_id(tmp_path, caplog):
     # An operator had only metrics: no line said which operation ended how.
     caplog.set_level(logging.INFO, logger="explaind.jobs")

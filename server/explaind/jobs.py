@@ -353,9 +353,11 @@ class JobManager:
                     snapshots.append(JobSnapshot(record))
                     continue
                 try:  # the live state of a running one, which may have ended and been deleted since
-                    snapshots.append(self.get(record.job_id))
+                    live = self.get(record.job_id)
                 except NotFound:  # read on past it: a short page would end a caller's listing
-                    pass
+                    continue
+                if not state or live.record.state == state:  # it may have moved on from the state asked for
+                    snapshots.append(live)
             if len(records) < wanted:
                 break
             after = (records[-1].create_time, records[-1].job_id)

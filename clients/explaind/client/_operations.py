@@ -234,7 +234,10 @@ class Operation:
         self._client.delete_operation(self.name)
 
     def wait(self, timeout: float | None = None) -> Operation:
-        """Block until done or ``timeout`` seconds (None: until done)."""
+        """Block until done or ``timeout`` seconds (None: until done; 0 or less: look
+        once, the poll of "is it done yet?")."""
+        if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
+            return self if self.done else self.refresh()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.1
         while not self.done:
