@@ -1240,6 +1240,28 @@ def test_a_watch_sends_each_change_once_and_an_artifact_saved_again_replaces_its
     jobs.shutdown(1)
 
 
+def test_a_watch_sends_progress_at_most_every_interval_and_states_at_once(tmp_path):
+    # A 1500-step visualisation sent 1500 messages (33 MB with its previews) to each
+    # watcher; one that read slowly saw the end 28 s after it.
+    from explaind.jobs import WATCH_PROGRESS_INTERVAL_S
+
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+
+    def job(ctx):
+        for step in range(1, 301):
+            ctx.report_progress(step, 300, f"step {step}")
+            time.sleep(0.002)
+        return _empty()
+
+    started = time.monotonic()
+    seen = list(jobs.watch(jobs.submit("visualize", job).record.job_id, poll_s=0.01))
+    took = time.monotonic() - started
+    running = [s.record.step for s in seen if s.record.state == "running"]
+    assert seen[-1].done and running == sorted(running) and len(set(running)) == len(running)
+    assert len(running) <= took / WATCH_PROGRESS_INTERVAL_S + 2, (len(running), took)  # not one per step
+    jobs.shutdown(1)
+
+
 def _evaluation_with_mistakes(count: int):
     from explaind.v1 import inference_pb2
 
