@@ -259,6 +259,9 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     user = re.search(r"^USER (\d+):(\d+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
     assert pod["spec"]["securityContext"].items() >= {"runAsNonRoot": True, "runAsUser": int(user[1]), "runAsGroup": int(user[2]), "fsGroup": int(user[2])}.items()
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # The "restricted" Pod Security Standard also asks for the runtime's seccomp profile: without it such a namespace refused the pod.
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not {"tolerations", "nodeSelector", "affinity", "imagePullSecrets"} & pod["spec"].keys()
     assert serve_arguments(container).device == "cuda"
     assert container["readinessProbe"]["grpc"]["port"] == {port["name"]: port["containerPort"] for port in container["ports"]}["grpc"]
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
@@ -287,7 +290,20 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert volume["configMap"]["name"] == cpu["ConfigMap"]["metadata"]["name"]
     assert {"name": volume["name"], "mountPath": "/etc/explaind"} in container["volumeMounts"]
 
-    assert "args" not in rendered(chart_renderer, device="")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    left_to_config = rendered(chart_renderer, device="")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert "args" not in left_to_config and left_to_config["resources"]["limits"]["nvidia.com/gpu"] == 1  # config may say cuda
+    # A CPU device held a GPU it never used (or waited Pending for one) unless the limit was nulled by hand.
+    for device in ("cpu", "mps"):
+        limits = rendered(chart_renderer, device=device)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits == {"memory": "16Gi"}, device
+    assert rendered(chart_renderer, device="cuda:1")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Tainted GPU nodes and private registries: the standard values reach the pod.
+    scheduling = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                  "nodeSelector": {"accelerator": "h200"}, "imagePullSecrets": [{"name": "regcred"}],
+                  "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                      {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}
+    placed = rendered(chart_renderer, **scheduling)["StatefulSet"]["spec"]["template"]["spec"]
+    assert {key: placed[key] for key in scheduling} == scheduling
 
     secured = rendered(chart_renderer, tokenSecret="explaind-token")["StatefulSet"]["spec"]["template"]["spec"]
     container = secured["containers"][0]
