@@ -329,6 +329,22 @@ def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys,
     assert "warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)" in err
 
 
+def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, tmp_path):
+    # An image's entrypoint passes --port and --data-dir: a config's own port was ignored without a word.
+    config = tmp_path / "explaind.toml"
+    config.write_text('[server]\nport = 6000\nmetrics_port = 9100\n\n[runtime]\ndevice = "cpu"\n')
+    with socket.socket() as busy:  # the warnings come before the server binds; a busy port ends the run there
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--config", str(config), "--port", str(port), "--device", "cpu", "--host", "127.0.0.1",
+                     "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    # Only --port changes a value the file set: --device repeats it, --host and --data-dir set what it leaves alone.
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        f"warning: --port {port} overrides [server].port = 6000 of {config}"]
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (None, "cannot read {path}: No such file or directory"),
     ("\n  \n", "{path} is empty"),

@@ -259,7 +259,7 @@ _SERVE_OVERRIDES = {
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from explaind.config import ConfigError, load_config
+    from explaind.config import ConfigError, default_config, load_config
     from explaind.errors import FailedPrecondition
     from explaind.service import serve
     from explaind.store import StoreOpenError
@@ -275,7 +275,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             changes.setdefault(section, {})[key] = getattr(args, key)
     json_logs = (args.log_format or config.server.log_format) == "json"
+    warnings = []
     for section, values in changes.items():
+        # A container's entrypoint passes --port, --data-dir...: the config file's own value
+        # for one would be ignored without a word.
+        if args.config:
+            for key, value in values.items():
+                given, default = getattr(getattr(config, section), key), getattr(getattr(default_config(), section), key)
+                if given != default and given != value:
+                    warnings.append(f"{_SERVE_OVERRIDES[key][1]} {value} overrides [{section}].{key} = {given!r} of {args.config}")
         try:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
@@ -283,7 +291,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             quoted = [key for key in values if re.search(rf"\[{section}\]\.{key}\b", message)] or list(values)
             return _start_failed(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}", json_logs=json_logs)
     if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file):
-        warning = "EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)"
+        warnings.append("EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)")
+    for warning in warnings:
         if json_logs:
             _json_log().warning(warning)
         else:
