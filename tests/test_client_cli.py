@@ -329,6 +329,26 @@ def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys,
     assert "warning: EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)" in err
 
 
+def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
+    # A container's PID 1 ignores a signal it has no handler for, and the handler came only
+    # after the imports, the store's recovery and the bind: Kubernetes then waited its grace
+    # period out and killed the pod.
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+    process = subprocess.Popen([sys.executable, "-m", "explaind", "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    status = Path(f"/proc/{process.pid}/status")
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:  # SigCgt: the signals it handles, bit 14 is SIGTERM
+        caught = next((line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stop requested while starting: exiting before serving" in err and "listening on" not in err
+
+
 def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, tmp_path):
     # An image's entrypoint passes --port and --data-dir: a config's own port was ignored without a word.
     config = tmp_path / "explaind.toml"

@@ -259,6 +259,9 @@ _SERVE_OVERRIDES = {
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from explaind.signals import stop_on_signals
+
+    stop_requested = stop_on_signals()  # before the seconds of imports below: a container's PID 1 ignored SIGTERM then
     from explaind.config import ConfigError, default_config, load_config
     from explaind.errors import FailedPrecondition
     from explaind.service import serve
@@ -298,7 +301,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(f"warning: {warning}", file=sys.stderr)
     try:
-        return serve(config)
+        return serve(config, stop_requested)
     except (OSError, StoreOpenError, ConfigError, FailedPrecondition) as error:  # an address or the data dir in use, a corrupt database, a token file, no GPU
         return _start_failed(str(error), json_logs=json_logs)
 

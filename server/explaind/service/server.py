@@ -10,7 +10,6 @@ with code ABORTED ("submit it again"), as after a crash.
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
 import threading
 import time
@@ -38,6 +37,7 @@ from ..engine.backends import check_device
 from ..errors import is_damaged_database
 from ..logs import configure_logging
 from ..metrics import Metrics
+from ..signals import stop_on_signals
 from ..store import SQLiteStore, StoreOpenError
 from .auth import BearerToken, TlsCredentials
 from .inference import InferenceServicer
@@ -285,16 +285,23 @@ def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
         failures.append(error)
 
 
-def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code. Raises OSError when the
+def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop_requested``, from :func:`stop_on_signals`
+    called before); returns the process exit code. A stop asked for while it starts
+    ends it before it binds. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
     token or TLS file cannot be read, FailedPrecondition when [runtime].device names an
     absent GPU (before binding: "listening" must not be the first word of a server that
     cannot run)."""
+    stop_requested = stop_requested or stop_on_signals()
     configure_logging(config.server.log_format)
     check_device(config.runtime.device)
     server = ExplaindServer(config)
+    if stop_requested.is_set():  # while it imported, checked the device or recovered the store: no need to bind
+        log.info("stop requested while starting: exiting before serving")
+        server.store.close()
+        return 0
     try:
         port = server.start()  # OSError (address in use) goes to the caller, before any model loads
     except BaseException:
@@ -305,9 +312,6 @@ def serve(config: Config) -> int:
     health_port = f", health (plaintext) {config.server.host}:{server.health_port}" if server.health_port else ""
     log.info("listening on %s:%d%s%s%s (config: %s, data dir: %s)", config.server.host, port, tls, metrics, health_port, config.source,
              Path(config.server.data_dir).resolve())
-    stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
     # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
     # take minutes, longer than Kubernetes waits before it kills the pod.
     load_failures: list[Exception] = []
