@@ -148,6 +148,8 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     assert f"127.0.0.1:{metrics_port}:{metrics_port}" in compose["services"]["explaind"]["ports"]
     # Without a token, nothing is published beyond the host's loopback.
     assert all(port.startswith("127.0.0.1:") for service in compose["services"].values() for port in service.get("ports", []))
+    # A crash or the host's reboot left the stack down.
+    assert {service["restart"] for service in compose["services"].values()} == {"unless-stopped"}
     scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for config in job["static_configs"] for t in config["targets"]]
     assert targets == [f"explaind:{metrics_port}"]
