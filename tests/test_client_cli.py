@@ -352,7 +352,8 @@ def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
 def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, tmp_path):
     # An image's entrypoint passes --port and --data-dir: a config's own port was ignored without a word.
     config = tmp_path / "explaind.toml"
-    config.write_text('[server]\nport = 6000\nmetrics_port = 9100\n\n[runtime]\ndevice = "cpu"\n')
+    # Its port is the default: written in the file, it is still the file's (the image's --port overrode 50051 unsaid).
+    config.write_text('[server]\nport = 50051\nmetrics_port = 9100\nhost = "localhost"\n\n[runtime]\ndevice = "cpu"\n')
     with socket.socket() as busy:  # the warnings come before the server binds; a busy port ends the run there
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -360,9 +361,11 @@ def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, t
         assert main(["serve", "--config", str(config), "--port", str(port), "--device", "cpu", "--host", "127.0.0.1",
                      "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
-    # Only --port changes a value the file set: --device repeats it, --host and --data-dir set what it leaves alone.
+    # --port and --host change values the file sets: --device repeats its value,
+    # --data-dir sets one it leaves alone.
     assert [line for line in err.splitlines() if line.startswith("warning:")] == [
-        f"warning: --port {port} overrides [server].port = 6000 of {config}"]
+        f"warning: --host 127.0.0.1 overrides [server].host = 'localhost' of {config}",
+        f"warning: --port {port} overrides [server].port = 50051 of {config}"]
 
 
 @pytest.mark.parametrize(("content", "message"), [

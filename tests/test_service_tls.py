@@ -138,8 +138,8 @@ def test_each_tls_failure_says_what_to_check(tmp_path, classifier_dir, capsys):
         # Valid for 3 s: a server refuses to start with an expired certificate, not to go on with one.
         (servers.issue("expiring", valid=(-dt.timedelta(minutes=5), dt.timedelta(seconds=3))), "127.0.0.1",
          "is outside its validity period: its operator must renew it, unless this machine's clock is wrong)"),
-        (servers.issue("elsewhere", hosts=("elsewhere.example",)), "localhost", "is not for localhost: --target must name a host "
-                                                                                "or address it lists)"),
+        (servers.issue("elsewhere", hosts=("elsewhere.example",)), "localhost", "does not list the host --target names: name one "
+                                                                                "it lists)"),
     ):
         server = tls_server(tmp_path, classifier_dir, *cert_and_key)
         try:
@@ -165,6 +165,10 @@ def test_each_tls_failure_says_what_to_check(tmp_path, classifier_dir, capsys):
         assert main(["--target", target, "--ca-file", str(key), "--cert-file", str(cert), "--key-file", str(key), "info"]) == 1
         assert capsys.readouterr().err == f"error: --ca-file: {key} holds no PEM certificate\n"
         assert main(["--target", target, *ca, "--cert-file", str(cert), "--key-file", str(key), "info"]) == 0
+        # A bundle's comments may be UTF-8 (curl's cacert.pem names issuers so): a TypeError traceback once.
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes("# Issuer: CN=Főtanúsítvány\n".encode() + servers.file.read_bytes())
+        assert main(["--target", target, "--ca-file", str(bundle), "--cert-file", str(cert), "--key-file", str(key), "info"]) == 0
     finally:
         server.stop(0)
 

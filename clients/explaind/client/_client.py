@@ -97,7 +97,7 @@ def _tls_credentials(root_certificates: str | Path | None, private_key: str | Pa
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if roots is not None:
         try:
-            context.load_verify_locations(cadata=roots.decode("ascii", "replace"))
+            context.load_verify_locations(cafile=str(root_certificates))  # the file: bundles have non-ASCII comments
         except ssl.SSLError:
             raise ValueError(f"root_certificates: {root_certificates} holds no PEM certificate") from None
     if key is not None:

@@ -334,7 +334,9 @@ class Operation:
         half the server's message limit has only the leading items of its long lists
         (:attr:`response_cut`)."""
         try:
-            if progress and sys.stderr.isatty():
+            if timeout is not None and timeout <= 0:  # one look, with or without progress
+                self.wait(timeout)
+            elif progress and sys.stderr.isatty():
                 self._follow_with_bar(timeout)
             elif progress:
                 self._follow_with_lines(timeout)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    """The bearer token calls carry: --token, else $EXPLAIND_TOKEN, else none."""
-    return args.token or os.environ.get("EXPLAIND_TOKEN")
+    """The bearer token calls carry: --token, else $EXPLAIND_TOKEN, else none (the
+    Client drops surrounding whitespace: one of only spaces is none)."""
+    return (args.token or os.environ.get("EXPLAIND_TOKEN") or "").strip() or None
 
 
 def _print_predictions(names: list[str], predictions: list) -> None:
@@ -262,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from explaind.signals import stop_on_signals
 
     stop_requested = stop_on_signals()  # before the seconds of imports below: a container's PID 1 ignored SIGTERM then
-    from explaind.config import ConfigError, default_config, load_config
+    from explaind.config import ConfigError, load_config
     from explaind.errors import FailedPrecondition
     from explaind.service import serve
     from explaind.store import StoreOpenError
@@ -279,14 +281,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             changes.setdefault(section, {})[key] = getattr(args, key)
     json_logs = (args.log_format or config.server.log_format) == "json"
     warnings = []
+    # The keys the file sets (it loaded, so it parses): a container's entrypoint passes
+    # --port, --data-dir..., and the file's own value for one went unused without a word.
+    written = tomllib.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
     for section, values in changes.items():
-        # A container's entrypoint passes --port, --data-dir...: the config file's own value
-        # for one would be ignored without a word.
-        if args.config:
-            for key, value in values.items():
-                given, default = getattr(getattr(config, section), key), getattr(getattr(default_config(), section), key)
-                if given != default and given != value:
-                    warnings.append(f"{_SERVE_OVERRIDES[key][1]} {value} overrides [{section}].{key} = {given!r} of {args.config}")
+        for key, value in values.items():
+            given = getattr(getattr(config, section), key)
+            if key in written.get(section, {}) and given != value:
+                warnings.append(f"{_SERVE_OVERRIDES[key][1]} {value} overrides [{section}].{key} = {given!r} of {args.config}")
         try:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
@@ -1227,8 +1229,7 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     if "CERTIFICATE_VERIFY_FAILED" in details:
         return f"the certificate of {args.target} is not signed by a CA this client trusts: --ca-file names the CA that signed it"
     if "Hostname Verification Check failed" in details:
-        host = args.target.rpartition(":")[0] or args.target
-        return f"the certificate of {args.target} is not for {host}: --target must name a host or address it lists"
+        return f"the certificate of {args.target} does not list the host --target names: name one it lists"
     if tls and "WRONG_VERSION_NUMBER" in details:
         return f"{args.target} does not speak TLS: drop --tls (and its files) for a plaintext server"
     if tls and "Socket closed" in details:  # the server ended the handshake: it wants a client certificate it trusts

@@ -288,7 +288,7 @@ def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
 def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop_requested``, from :func:`stop_on_signals`
     called before); returns the process exit code. A stop asked for while it starts
-    ends it before it binds. Raises OSError when the
+    ends it before the store's recovery and the bind, or once bound if it came later. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
     token or TLS file cannot be read, FailedPrecondition when [runtime].device names an
@@ -298,7 +298,7 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     configure_logging(config.server.log_format)
     check_device(config.runtime.device)
     server = ExplaindServer(config)
-    if stop_requested.is_set():  # while it imported, checked the device or recovered the store: no need to bind
+    if stop_requested.is_set():  # while it imported or checked the device: no need to recover the store and bind
         log.info("stop requested while starting: exiting before serving")
         server.store.close()
         return 0
