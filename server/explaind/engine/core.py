@@ -118,12 +118,17 @@ class NewSample:
 
 @dataclass(frozen=True)
 class SampleFeatures:
-    """Penultimate features (N, D) and labels (N,) of a sample set, in insertion order."""
+    """Penultimate features (N, D) and labels (N,) of a sample set, in insertion order,
+    and the N samples they were computed from (a set may grow after: read these, not it)."""
 
     features: torch.Tensor
     labels: torch.Tensor
-    digests: list[str]
+    records: list[SampleRecord]
     version: ClassifierVersion
+
+    @property
+    def digests(self) -> list[str]:
+        return [record.digest for record in self.records]
 
 
 def _split_outputs(output: BatchOutput, sizes: list[int]) -> list[BatchOutput]:
@@ -359,8 +364,7 @@ class Engine:
         the job was queued."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
-        self.usable_sample_set(sample_set_id, field, uid)
-        records = self.store.list_samples(sample_set_id)
+        records = self._samples_of(sample_set_id, field, uid)
         digests = [record.digest for record in records]
         cached = self.store.get_features(version.feature_cache_key, digests)
         missing = [digest for digest in dict.fromkeys(digests) if digest not in cached]
@@ -375,7 +379,7 @@ class Engine:
             context.report_progress(len(missing), len(missing), "features ready")
         features = torch.from_numpy(np.stack([cached[digest] for digest in digests])).to(self.device)
         labels = torch.tensor([record.label for record in records], dtype=torch.long)
-        return SampleFeatures(features, labels, digests, version)
+        return SampleFeatures(features, labels, records, version)
 
     def sample_set_logits(self, sample_set_id: str, *, version: ClassifierVersion, batch_size: int = 0,
                           context: JobContext | None = None, uid: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -385,8 +389,7 @@ class Engine:
         if version.supports_features:
             sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid)
             return version.logits(sample.features).float().cpu(), sample.labels, sample.digests
-        self.usable_sample_set(sample_set_id, "sample_set_id", uid)
-        records = self.store.list_samples(sample_set_id)
+        records = self._samples_of(sample_set_id, "sample_set_id", uid)
         digests = [record.digest for record in records]
         unique = list(dict.fromkeys(digests))
         computed: dict[str, np.ndarray] = {}
@@ -394,6 +397,15 @@ class Engine:
             computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests])) if digests else torch.empty(0, len(version.class_names))
         return logits, torch.tensor([record.label for record in records], dtype=torch.long), digests
+
+    def _samples_of(self, sample_set_id: str, field: str, uid: str | None) -> list[SampleRecord]:
+        """The usable set's samples; with ``uid`` checked again after the read, so they are
+        that set's, not those of one made under its id in between."""
+        self.usable_sample_set(sample_set_id, field, uid)
+        records = self.store.list_samples(sample_set_id)
+        if uid:
+            self.usable_sample_set(sample_set_id, field, uid)
+        return records
 
     def _run_on_samples(self, digests: list[str], version: ClassifierVersion, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
                         context: JobContext | None, activity: str) -> Iterator[tuple[list[str], np.ndarray]]:

@@ -475,14 +475,9 @@ class NeuroInspectEngine:
             if value:
                 uids[value] = self._engine.usable_sample_set(value, field).uid
         eval_id = evaluation_sample_set_id or validation_sample_set_id
-
-        def evaluated_samples() -> list:
-            """The evaluation's samples, as run() takes them: the evaluation set, else the held-out fifth."""
-            records = self._engine.store.list_samples(eval_id or sample_set_id)
-            return records if eval_id else records[::5]
-
-        if group_attribute:
-            records, evaluated = evaluated_samples(), repr(eval_id) if eval_id else f"the held-out fifth of {sample_set_id!r}"
+        if group_attribute:  # checked on the evaluated samples as run() takes them: the evaluation set, else the held-out fifth
+            stored = self._engine.store.list_samples(eval_id or sample_set_id)
+            records, evaluated = (stored, repr(eval_id)) if eval_id else (stored[::5], f"the held-out fifth of {sample_set_id!r}")
             if not any(group_attribute in r.attributes for r in records):
                 raise InvalidArgument(f"no sample of {evaluated} has attribute {group_attribute!r}", field="group_attribute")
             if (count := len({(r.label, r.attributes.get(group_attribute, "")) for r in records})) > MAX_EDIT_GROUPS:
@@ -515,13 +510,13 @@ class NeuroInspectEngine:
                 features, labels = features[~held.to(features.device)], labels[~held]
             # Again now it runs: the set may have been replaced since, or hold the class only in the held-out fifth.
             _require_training_samples(labels.tolist(), class_index, version, sample_set_id, class_field)
-            eval_features, eval_labels, groups = val_features, val_labels, None
+            eval_features, eval_labels, evaluated = val_features, val_labels, train.records[::5]
             if eval_id:
                 evaluation = self._engine.sample_set_features(eval_id, version=version, context=context, uid=uids[eval_id],
                                                               field="evaluation_sample_set_id" if evaluation_sample_set_id else "validation_sample_set_id")
-                eval_features, eval_labels = evaluation.features, evaluation.labels
-            if group_attribute:
-                groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in evaluated_samples()])
+                eval_features, eval_labels, evaluated = evaluation.features, evaluation.labels, evaluation.records
+            # The groups of the very samples evaluated: the set may have grown since they were read.
+            groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in evaluated]) if group_attribute else None
 
             def on_epoch(epoch: int, total: int, record) -> bool:
                 context.raise_if_cancelled()
