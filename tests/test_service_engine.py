@@ -1240,7 +1240,7 @@ def test_a_watch_sends_each_change_once_and_an_artifact_saved_again_replaces_its
     jobs.shutdown(1)
 
 
-def test_a_watch_sends_progress_at_most_every_interval_and_states_at_once(tmp_path):
+def test_a_watch_sends_progress_at_most_every_interval_and_the_end(tmp_path):
     # A 1500-step visualisation sent 1500 messages (33 MB with its previews) to each
     # watcher; one that read slowly saw the end 28 s after it.
     from explaind.jobs import WATCH_PROGRESS_INTERVAL_S

@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 
 # Progress is written to the store at most this often.
 PERSIST_INTERVAL_S = 1.0
-# A watcher gets progress alone at most this often (a new state, an artifact and the end
-# at once): a job of thousands of steps sent thousands of messages, a preview image in
-# each, and a slow reader got them one by one, long after the job had ended.
+# A watcher gets progress alone at most this often (a new state, artifact or preview, and
+# the end, at once; previews come every preview_every steps): a job of thousands of steps
+# sent thousands of messages, the same preview in each, and a slow reader got them one by
+# one, long after the job had ended.
 WATCH_PROGRESS_INTERVAL_S = 0.2
 # The artifact holding a result too large to be the response whole (JobManager.max_result_bytes).
 RESULT_ARTIFACT = "result.binpb"
@@ -405,16 +406,18 @@ class JobManager:
 
     def watch(self, job_id: str, *, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.25) -> Iterator[JobSnapshot]:
         """Yield the job now and after every change until it is done (or the caller leaves):
-        at once for a new state or artifact, the latest progress at most every
+        at once for a new state, artifact or preview, the latest progress at most every
         WATCH_PROGRESS_INTERVAL_S."""
         last, sent_at = None, 0.0
         while True:
             snapshot = self.get(job_id)
             if snapshot != last:
                 wait = WATCH_PROGRESS_INTERVAL_S - (time.monotonic() - sent_at)
-                progress_only = last is not None and (snapshot.record.state, snapshot.record.artifacts) == (last.record.state, last.record.artifacts)
+                progress_only = last is not None and snapshot.preview == last.preview and (
+                    (snapshot.record.state, snapshot.record.artifacts) == (last.record.state, last.record.artifacts))
                 if progress_only and wait > 0:
-                    time.sleep(wait)  # then send the progress of that moment, not of this one
+                    with self._changed:  # woken by the next change (a preview or the end goes at once), else the progress of that moment
+                        self._changed.wait(wait)
                     continue
                 yield snapshot
                 last, sent_at = snapshot, time.monotonic()

@@ -140,8 +140,8 @@ class OperationsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchOperation(self, request, context):
-        """Streams the operation until it is done: a new state or artifact at once, progress
-        at most five times a second (the latest at that moment). A stream holds one of the
+        """Streams the operation until it is done: a new state, artifact or preview at once,
+        other progress at most five times a second (the latest at that moment). A stream holds one of the
         slots above until it ends, even one whose client has stopped reading: give it a
         deadline, or cancel it.
         """
