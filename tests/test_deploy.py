@@ -298,6 +298,10 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     for device in ("cpu", "mps"):
         limits = rendered(chart_renderer, device=device)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits == {"memory": "16Gi"}, device
+    # A GPU requested as well went from the limits only: Kubernetes refuses a request without its limit.
+    requested = {"requests": {"cpu": "1", "nvidia.com/gpu": 1}, "limits": {"memory": "4Gi", "nvidia.com/gpu": 1}}
+    resources = rendered(chart_renderer, device="cpu", resources=requested)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"cpu": "1", "memory": "8Gi"}, "limits": {"memory": "4Gi"}}  # merged with the defaults, as Helm does
     assert rendered(chart_renderer, device="cuda:1")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     # Tainted GPU nodes and private registries: the standard values reach the pod.
     scheduling = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
