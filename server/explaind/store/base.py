@@ -6,7 +6,6 @@ store) implementation can replace the embedded SQLite one without touching them.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -56,10 +55,9 @@ class SampleSetInfo:
 
 def sample_set_uid(sample_set_id: str, create_time: float) -> str:
     """What tells a set from another of the same id, deleted before it (AIP-148's uid):
-    a UUID derived from the id and its creation time (epoch s), so nothing more is stored
-    and every store derives the same."""
-    digest = hashlib.sha256(f"{sample_set_id}\0{create_time!r}".encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=4))
+    a name-based UUID (version 5) of the id and its creation time (epoch s), so nothing
+    more is stored and every store derives the same."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"explaind:sample-set:{sample_set_id}:{create_time!r}"))
 
 
 def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | None, field: str) -> None:
