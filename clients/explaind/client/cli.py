@@ -56,7 +56,7 @@ def _client(args: argparse.Namespace) -> Client:
                       root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
     except (OSError, ValueError) as error:  # a certificate file that is missing or not PEM: "root_certificates: ..."
         if str(error).startswith("token "):  # "token must be printable ASCII ...": which token
-            raise CommandError(f"{'--token' if args.token else 'EXPLAIND_TOKEN'}: {error}") from None
+            raise CommandError(f"{_token_source(args)}: {error}") from None
         argument, _, problem = str(error).partition(": ")
         flag = {"root_certificates": "--ca-file", "private_key": "--key-file", "certificate_chain": "--cert-file"}.get(argument)
         raise CommandError(f"{flag}: {problem}" if flag else str(error)) from None
@@ -66,6 +66,11 @@ def _token(args: argparse.Namespace) -> str | None:
     """The bearer token calls carry: --token, else $EXPLAIND_TOKEN, else none (the
     Client drops surrounding whitespace: one of only spaces is none)."""
     return (args.token or os.environ.get("EXPLAIND_TOKEN") or "").strip() or None
+
+
+def _token_source(args: argparse.Namespace) -> str:
+    """Where :func:`_token` took the token from, for errors about it."""
+    return "--token" if args.token else "EXPLAIND_TOKEN"
 
 
 def _print_predictions(names: list[str], predictions: list) -> None:
@@ -1218,7 +1223,7 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     details = str(error)
     if isinstance(error, UnauthenticatedError):
         if _token(args):
-            return f"the server refused the token of {'--token' if args.token else 'EXPLAIND_TOKEN'}: was it rotated?"
+            return f"the server refused the token of {_token_source(args)}: was it rotated?"
         return "the server asks for a token: --token or EXPLAIND_TOKEN"
     if not isinstance(error, UnavailableError):
         return None

@@ -301,7 +301,6 @@ class Engine:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
                                              uid=uid)
 
-
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id", uid: str | None = None) -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded
         and be labelled for the served classifier; with ``uid`` (what the set was when the
