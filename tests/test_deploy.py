@@ -337,6 +337,10 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     for values, message in (({"tlsClientCertificates": True}, "tlsClientCertificates needs tlsSecret"),
                             ({"tlsSecret": "x", "config": '[server]\ntls_cert_file = "a.pem"\n'}, "set TLS with tlsSecret"),
                             ({"config": '[server]\ntls_cert_file = "a.pem"\n'}, "set TLS with tlsSecret"),
+                            # TOML's other spellings of the same key.
+                            ({"config": 'server.tls_cert_file = "a.pem"\n'}, "set TLS with tlsSecret"),
+                            ({"config": 'server = { port = 50051, tls_key_file = "k.pem" }\n'}, "set TLS with tlsSecret"),
+                            ({"config": '[server]\n"tls_cert_file" = "a.pem"\n'}, "set TLS with tlsSecret"),
                             ({"tlsSecret": "x", "healthPort": 50051}, "healthPort must be a free port"),
                             ({"tlsSecret": "x", "healthPort": 0}, "healthPort must be a free port")):
         refused = render_chart(chart_renderer, **values)
@@ -348,6 +352,10 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     refused = render_chart(chart_renderer, tokenSecret="explaind-token", config='[server]\n  token = "s3cret"\n')
     assert refused.returncode != 0 and "tokenSecret and a config that sets [server].token" in refused.stderr
     assert render_chart(chart_renderer, tokenSecret="explaind-token", config='[server]\nmax_workers = 8  # no token = here\n').returncode == 0
+    for spelling in ('server.token_file = "/t"\n', "server = { token = 's3cret' }\n", '[server]\n"token" = "s3cret"\n'):
+        refused = render_chart(chart_renderer, tokenSecret="explaind-token", config=spelling)
+        assert refused.returncode != 0 and "tokenSecret and a config that sets [server].token" in refused.stderr, spelling
+    assert render_chart(chart_renderer, config='[server]\n# tls_cert_file = "a.pem"\n').returncode == 0
 
 
 def test_helm_templates_read_only_values_the_chart_defines():
