@@ -7,6 +7,7 @@ import os
 import io
 import json
 import re
+import socket
 import time
 import urllib.request
 
@@ -27,6 +28,7 @@ from explaind.client import (
     NotFoundError,
 )
 from explaind.client.cli import main as cli_main
+from explaind.metrics import Metrics
 from explaind.v1 import (
     common_pb2,
     inference_pb2,
@@ -1267,6 +1269,26 @@ def test_metrics_count_calls_exactly(server, client, world_images):
     assert resident and float(resident[1]) > 100 * 2**20  # torch and the models are loaded
     assert re.search(r"^process_start_time_seconds \S+$", text, re.MULTILINE) and "python_gc_collections_total" in text
 
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_metrics_on_a_wildcard_host_answer_ipv6_and_ipv4():
+    """gRPC listens on both for 0.0.0.0, so /metrics must too: an IPv6-only cluster's
+    Prometheus scrapes the pod's IPv6 address."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    metrics = Metrics()
+    http, port = metrics.serve_http("0.0.0.0", 0)
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            assert b"explaind_rpcs_in_flight" in urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read()
+        with pytest.raises(OSError):  # a port in use is still an error, not a quiet IPv4-only fallback
+            metrics.serve_http("0.0.0.0", port)
+    finally:
+        http.shutdown()
+        http.server_close()
 
 def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     path = tmp_path / "image.png"

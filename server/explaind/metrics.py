@@ -7,8 +7,13 @@ kind and outcome; never sample, neuron or operation ids).
 
 from __future__ import annotations
 
+import errno
 import shutil
+import socket
+import threading
 from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +25,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    make_wsgi_app,
     start_http_server,
 )
 
@@ -95,6 +101,37 @@ class Metrics:
         self.data_dir_size.set_function(lambda: shutil.disk_usage(path).total)
 
     def serve_http(self, host: str, port: int) -> tuple[object, int]:
-        """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns (server, port)."""
+        """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns (server, port).
+
+        A wildcard host listens on IPv6 and IPv4 alike, as gRPC does on it: an IPv6-only
+        cluster's Prometheus scrapes the pod's IPv6 address."""
+        if host in ("0.0.0.0", "::", "[::]") and socket.has_ipv6:
+            try:
+                server = make_server("::", port, make_wsgi_app(self.registry), _DualStackServer, handler_class=_QuietHandler)
+            except OSError as error:  # IPv6 off in the kernel or the pod: IPv4 only; a port in use is the caller's
+                if error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    raise
+            else:
+                threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+                return server, server.server_address[1]
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_address[1]
+
+
+class _DualStackServer(ThreadingMixIn, WSGIServer):
+    """An IPv6 socket that also takes IPv4 (mapped) connections, whatever the system's
+    ``bindv6only`` default."""
+
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
