@@ -15,10 +15,12 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.parse
 import urllib.request
 from datetime import datetime
@@ -157,6 +159,21 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     assert scrape["rule_files"] == ["alerts.yml"]
     assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
 
+
+
+def test_the_image_installs_the_project_dependencies_before_copying_the_sources(tmp_path):
+    """So a source edit rebuilds the small layers only (no Docker here: the steps' order and
+    the dependency list they install are checked, the list by running the step's Python)."""
+    lines = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    dependency_step = next(i for i, line in enumerate(lines) if "requirements.txt" in line)
+    copied_before = [line.split()[1:-1] for line in lines[:dependency_step] if line.startswith("COPY")]
+    assert copied_before == [["pyproject.toml", "README.md"]]
+    assert [line for line in lines if line.startswith("RUN pip install")] == ["RUN pip install --no-cache-dir --no-deps ."]
+    assert dependency_step < min(i for i, line in enumerate(lines) if line.startswith("COPY server"))
+    program = shlex.split(lines[dependency_step].removeprefix("RUN "))[2]  # python -c PROGRAM > ...
+    shutil.copy(DEPLOY.parent / "pyproject.toml", tmp_path)
+    listed = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert listed == tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["dependencies"] and "torch==2.14.1" in listed
 
 def test_compose_file_is_valid_compose():
     compose = shutil.which("docker-compose")
