@@ -328,6 +328,16 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     placed = rendered(chart_renderer, **scheduling)["StatefulSet"]["spec"]["template"]["spec"]
     assert {key: placed[key] for key in scheduling} == scheduling
 
+    # Production model files from a volume of the user's, beside the chart's own (alone and with a config).
+    models = {"extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+              "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]}
+    for extra in ({}, {"config": '[clip]\npath = "/models/clip.bin"\n'}):
+        spec = rendered(chart_renderer, **models, **extra)["StatefulSet"]["spec"]["template"]["spec"]
+        assert models["extraVolumes"][0] in spec["volumes"] and len(spec["volumes"]) == 1 + bool(extra)
+        assert models["extraVolumeMounts"][0] in spec["containers"][0]["volumeMounts"]
+    refused = render_chart(chart_renderer, extraVolumes=[{"name": "data", "emptyDir": {}}])
+    assert refused.returncode != 0 and '"data" is a volume name the chart uses' in refused.stderr
+
     secured = rendered(chart_renderer, tokenSecret="explaind-token")["StatefulSet"]["spec"]["template"]["spec"]
     container = secured["containers"][0]
     token_file = Path(serve_arguments(container).token_file)
