@@ -1694,6 +1694,13 @@ def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
     (tmp_path / "names.txt").write_text("\n  \n")  # was "class_names or class_names_file is required"
     with pytest.raises(ModelLoadError, match=r"class names file .*names.txt holds no class names \(one per line\)$"):
         load_classifier(section)
+    # Keras' ImageNet list names two classes "crane": a report ranked the second and edited the first.
+    (tmp_path / "names.txt").write_text("a\ncrane\nc\nd\ne\ncrane\n")
+    with pytest.raises(ModelLoadError, match=r"class names file .*names.txt: 'crane' names both class 1 and class 5; class names must be unique"):
+        load_classifier(section)
+    inline = ClassifierSection(loader="world", path=str(classifier_dir), class_names=["a", "b", "c", "a", "e", "f"])
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].class_names: 'a' names both class 0 and class 3"):
+        load_classifier(inline)
 
 
 def test_config_replace_checks_the_result_like_a_loaded_file():

@@ -315,15 +315,22 @@ def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ..
     outputs; configured names must be one per output (``count`` 0: not known yet)."""
     names: tuple[str, ...] = ()
     if section.class_names:
-        names = tuple(section.class_names)
+        names, source = tuple(section.class_names), "[classifier].class_names"
     elif section.class_names_file:
         path = Path(section.class_names_file)
         if not path.is_file():
             raise ModelLoadError(f"class names file not found: {path}")
-        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        names, source = tuple(line.strip() for line in path.read_text().splitlines() if line.strip()), f"class names file {path}"
         if not names:  # else "required", for a key that is set
             raise ModelLoadError(f"class names file {path} holds no class names (one per line)")
     if names:
+        # Calls name classes by name, so two alike would rank one class and edit the other.
+        first: dict[str, int] = {}
+        for index, name in enumerate(names):
+            if name in first:
+                raise ModelLoadError(f"{source}: {name!r} names both class {first[name]} and class {index}; "
+                                     f"class names must be unique (e.g. {name + ' (2)'!r})")
+            first[name] = index
         if count and len(names) != count:
             raise ModelLoadError(f"the model has {count} outputs but {len(names)} class names were given")
         return names
