@@ -21,6 +21,7 @@ import time
 import tracemalloc
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -2583,6 +2584,50 @@ def test_artifacts_of_jobs_an_earlier_release_stored_keep_their_blobs(tmp_path):
     store.delete_job("old")
     assert store.delete_unused_blobs() == 2 and _blob_files(store) == set()
 
+
+
+def _user_version(path: Path) -> int:
+    with closing(sqlite3.connect(path / "explaind.sqlite3")) as db:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def test_a_store_records_its_schema_version_and_a_newer_one_is_refused_before_any_write(tmp_path):
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("partial", "", _samples(put, b"image"), uploading=True)
+    store.close()
+    assert _user_version(tmp_path) == SCHEMA_VERSION >= 1
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.execute("ALTER TABLE sample_sets RENAME COLUMN display_name TO title")  # what a later release might do
+    before = (tmp_path / "explaind.sqlite3").read_bytes()
+    # It opened such a store, deleted its unfinished upload and swept the files, then failed
+    # every ListSampleSets with INTERNAL.
+    with pytest.raises(StoreOpenError, match=rf"^the data dir {re.escape(str(tmp_path))} was written by a newer explaind "
+                                             rf"\(store schema {SCHEMA_VERSION + 1}; this release reads {SCHEMA_VERSION} and older\)"):
+        SQLiteStore(tmp_path)
+    assert (tmp_path / "explaind.sqlite3").read_bytes() == before and any((tmp_path / "artifacts").rglob("*/*/*"))
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the lock is free again
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("ALTER TABLE sample_sets RENAME COLUMN title TO display_name")
+    SQLiteStore(tmp_path).close()
+
+
+def test_a_store_from_before_versioning_is_migrated_with_its_unfinished_uploads(tmp_path):
+    # For a while an unfinished upload was a column of sample_sets; read as finished, such a
+    # set was listed complete and evaluated.
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:
+        db.executescript("""CREATE TABLE sample_sets (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL,
+                                                      update_time REAL NOT NULL, uploading INTEGER NOT NULL DEFAULT 0);
+                            INSERT INTO sample_sets VALUES ('partial', '', 1.0, 1.0, 1), ('complete', '', 2.0, 2.0, 0);""")
+    store = SQLiteStore(tmp_path)
+    assert {info.sample_set_id: info.uploading for info in store.list_sample_sets()} == {"partial": True, "complete": False}
+    store.create_sample_set("new", "", [])  # the old column takes its default
+    store.close()
+    from explaind.store.sqlite import SCHEMA_VERSION
+    assert _user_version(tmp_path) == SCHEMA_VERSION
 
 def test_an_artifact_whose_file_a_sweep_removes_while_it_is_read_is_not_found(tmp_path, monkeypatch):
     # The file was checked, then opened: a sweep in between made GetArtifact INTERNAL.

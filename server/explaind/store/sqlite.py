@@ -81,6 +81,11 @@ CREATE TABLE IF NOT EXISTS file_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
 """
+# The layout _SCHEMA describes, kept in the database header (PRAGMA user_version): a
+# release opens a store of its version or older (migrating it at start-up, in one
+# transaction) and refuses a newer one before writing anything. 0: no version recorded
+# (every store before versioning, and a new file).
+SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -149,11 +154,14 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            if (version := self._db.execute("PRAGMA user_version").fetchone()[0]) > SCHEMA_VERSION:
+                self._db.close()
+                self._dir_lock.close()
+                raise StoreOpenError(f"the data dir {self.data_dir} was written by a newer explaind (store schema {version}; this release "
+                                     f"reads {SCHEMA_VERSION} and older): run that release, or this one on a copy restored from before")
             self._db.executescript(_SCHEMA)
-            # Jobs an earlier release stored (it kept no job_artifacts) are indexed here.
-            self._db.execute("""INSERT OR IGNORE INTO job_artifacts
-                                SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""")
-        except sqlite3.Error as error:
+            self._migrate(version)
+        except (sqlite3.Error, ResourceExhausted) as error:  # the latter: a migration's write found the file system full
             self._dir_lock.close()
             free = self._free_bytes()
             full = f"; its file system is full ({free} bytes free): free space there" if free < max(reserve_bytes, 1 << 20) else ""
@@ -164,6 +172,24 @@ class SQLiteStore:
             log.warning("the data dir %s has %d bytes free, less than twice its reserve of %d bytes: no reserve is set aside until "
                         "there is room ([server].data_dir_reserve_bytes), so a full file system may stop deletes",
                         self.data_dir, free, reserve_bytes)
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of schema ``version`` to SCHEMA_VERSION, in one transaction (the
+        tables _SCHEMA adds exist by now)."""
+        with self._transaction() as db:
+            if version < 1:
+                # An unfinished upload was a column of sample_sets for a while, not a row of
+                # uploading_sets: read as finished, such a set would have been evaluated.
+                if "uploading" in {row[1] for row in db.execute("PRAGMA table_info(sample_sets)")}:
+                    db.execute("INSERT OR IGNORE INTO uploading_sets SELECT id FROM sample_sets WHERE uploading")
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                if version:  # 0 is also a new file
+                    log.info("store %s: migrated from schema %d to %d", self.data_dir, version, SCHEMA_VERSION)
+            # Every start, since a release before versioning may have written here: jobs it
+            # stored (it kept no job_artifacts) get their rows, so no sweep takes their files.
+            db.execute("""INSERT OR IGNORE INTO job_artifacts
+                          SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""")
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
