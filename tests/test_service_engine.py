@@ -2287,12 +2287,13 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
         store.insert_job(JobRecord(job_id="j", kind="evaluate", state="succeeded", create_time=0.0, artifacts=(ArtifactRef("a", "x", artifact, 8),)))
         weights = put(b"head weights")
         store.insert_head_version(HeadVersionRecord("f", "v1", "h", weights, "", 0.0))
-    store.put_features("v", {digest: np.ones(2, np.float32) for digest in _blob_files(store)})
+    for version in ("v", "a", "z"):  # the cache of three feature versions
+        store.put_features(version, {digest: np.ones(2, np.float32) for digest in _blob_files(store)})
     kept = _blob_files(store)
     store.delete_sample_set("new")
     assert _blob_files(store) == kept  # deleting is quick: the files go in a sweep
     assert store.delete_unused_blobs() == 1 and kept - _blob_files(store) == {_digest(b"only-new")}
-    assert store.get_features("v", [_digest(b"only-new")]) == {}
+    assert all(store.get_features(version, [_digest(b"only-new")]) == {} for version in ("v", "a", "z"))
     assert set(store.get_features("v", [_digest(b"shared")])) == {_digest(b"shared")}
     # A job artifact keeps its blob; a deleted head version's weights go.
     store.delete_sample_set("old")

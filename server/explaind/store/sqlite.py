@@ -96,6 +96,12 @@ _SWEEP_CHUNK = 500  # candidates checked per hold of the store's lock
 RESERVE_FILE = "explaind.reserve"
 _STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"  # the job that stored a head version
 _SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
+# The distinct feature versions by hops along the primary key, one lookup per version:
+# SELECT DISTINCT scans every cached feature, at each sweep step of 500 images.
+_FEATURE_VERSIONS = """WITH RECURSIVE hop(version) AS (
+                           SELECT MIN(version) FROM features
+                           UNION ALL SELECT (SELECT MIN(version) FROM features WHERE version > hop.version) FROM hop WHERE version IS NOT NULL)
+                       SELECT version FROM hop WHERE version IS NOT NULL"""
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 
 
@@ -385,7 +391,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         try:
             with self._transaction() as db:
-                versions = [row[0] for row in db.execute("SELECT DISTINCT version FROM features")]
+                versions = [row[0] for row in db.execute(_FEATURE_VERSIONS)]
                 db.executemany("DELETE FROM features WHERE version = ? AND digest = ?", [(v, d) for v in versions for d in unused])
                 db.executemany("DELETE FROM blob_candidates WHERE digest = ?", [(digest,) for digest in chunk if digest not in held])
         finally:
