@@ -595,7 +595,8 @@ class Client:
 
     def operations(self, *, kind: str = "", state: str = "", limit: int = 100) -> list[Operation]:
         """Up to ``limit`` recent operations, newest first, optionally of one kind / state
-        (fetched a page of at most 1000 at a time)."""
+        (fetched a page of at most 1000 at a time). Listed without their results, which
+        can be megabytes each: ``result()`` fetches one."""
         state_number = enum_number(operations_pb2.OperationState, "OPERATION_STATE_", state, "state") if state else 0
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -603,7 +604,7 @@ class Client:
         token = ""
         while len(found) < limit:
             request = _request(operations_pb2.ListOperationsRequest, kind=kind, state=state_number,
-                               page_size=min(limit - len(found), 1000), page_token=token)
+                               page_size=min(limit - len(found), 1000), page_token=token, view=operations_pb2.OPERATION_VIEW_BASIC)
             response = self._call("operations", "ListOperations", request)
             found += [Operation(self, op) for op in response.operations]
             token = response.next_page_token

@@ -361,6 +361,8 @@ class Operation:
         if self.error is not None:
             raise self.error
         try:
+            if not self._message.HasField("response"):  # listed without it (Client.operations)
+                self.refresh()
             return self._unpack_response(download)
         except UnavailableError as error:  # e.g. the server stopped right after the job ended
             error.add_note(f"{self.name} {self.state}; fetching the files of its result failed: result() again once the server "

@@ -20,12 +20,21 @@ class OperationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPERATION_STATE_SUCCEEDED: _ClassVar[OperationState]
     OPERATION_STATE_FAILED: _ClassVar[OperationState]
     OPERATION_STATE_CANCELLED: _ClassVar[OperationState]
+
+class OperationView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPERATION_VIEW_UNSPECIFIED: _ClassVar[OperationView]
+    OPERATION_VIEW_BASIC: _ClassVar[OperationView]
+    OPERATION_VIEW_FULL: _ClassVar[OperationView]
 OPERATION_STATE_UNSPECIFIED: OperationState
 OPERATION_STATE_QUEUED: OperationState
 OPERATION_STATE_RUNNING: OperationState
 OPERATION_STATE_SUCCEEDED: OperationState
 OPERATION_STATE_FAILED: OperationState
 OPERATION_STATE_CANCELLED: OperationState
+OPERATION_VIEW_UNSPECIFIED: OperationView
+OPERATION_VIEW_BASIC: OperationView
+OPERATION_VIEW_FULL: OperationView
 
 class OperationMetadata(_message.Message):
     __slots__ = ("kind", "state", "progress", "create_time", "start_time", "end_time", "artifacts", "cancel_requested", "full_response_artifact")
@@ -86,16 +95,18 @@ class GetOperationResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class ListOperationsRequest(_message.Message):
-    __slots__ = ("kind", "state", "page_size", "page_token")
+    __slots__ = ("kind", "state", "page_size", "page_token", "view")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     kind: str
     state: OperationState
     page_size: int
     page_token: str
-    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    view: OperationView
+    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[OperationView, str]] = ...) -> None: ...
 
 class ListOperationsResponse(_message.Message):
     __slots__ = ("operations", "next_page_token")

@@ -114,7 +114,8 @@ class OperationsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOperations(self, request, context):
-        """Operations newest first, optionally filtered by kind and state.
+        """Operations newest first, optionally filtered by kind and state; with
+        view = OPERATION_VIEW_BASIC, without their responses.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

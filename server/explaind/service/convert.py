@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from google.longrunning import operations_pb2 as lro_pb2
-from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 import grpc
@@ -93,8 +92,9 @@ def job_id(name: str) -> str:
     return bare
 
 
-def operation(snapshot: JobSnapshot) -> lro_pb2.Operation:
-    """A job as a google.longrunning.Operation (metadata: OperationMetadata)."""
+def operation(snapshot: JobSnapshot, *, response: bool = True) -> lro_pb2.Operation:
+    """A job as a google.longrunning.Operation (metadata: OperationMetadata); without a
+    succeeded job's response when ``response`` is False (OPERATION_VIEW_BASIC)."""
     record = snapshot.record
     metadata = operations_pb2.OperationMetadata(
         kind=record.kind,
@@ -110,10 +110,8 @@ def operation(snapshot: JobSnapshot) -> lro_pb2.Operation:
     )
     message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
     message.metadata.Pack(metadata)
-    if record.state == SUCCEEDED:
-        response = any_pb2.Any()
-        response.ParseFromString(record.result)
-        message.response.CopyFrom(response)
+    if record.state == SUCCEEDED and response:
+        message.response.ParseFromString(record.result)
     elif record.state in (FAILED, CANCELLED):
         code = grpc.StatusCode[record.error_code or ("CANCELLED" if record.state == CANCELLED else "UNKNOWN")]
         message.error.CopyFrom(status_pb2.Status(code=code.value[0], message=record.error_message))

@@ -50,9 +50,12 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
             if request.state not in convert.STATE_NAMES:
                 raise convert.unknown_enum_value(operations_pb2.OperationState, request.state, "state")
             state = convert.STATE_NAMES[request.state]
+        if request.view not in operations_pb2.OperationView.values():
+            raise convert.unknown_enum_value(operations_pb2.OperationView, request.view, "view")
         snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit)
         # Results can be large (an evaluation's confusion matrix is C² counts).
-        operations = messages_that_fit((convert.operation(s) for s in snapshots), self._max_message_bytes)
+        response = request.view != operations_pb2.OPERATION_VIEW_BASIC
+        operations = messages_that_fit((convert.operation(s, response=response) for s in snapshots), self._max_message_bytes)
         last = snapshots[len(operations) - 1].record if len(operations) < len(snapshots) or len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
             operations=operations,
