@@ -372,6 +372,18 @@ def test_a_basic_listing_leaves_out_the_responses_and_the_sdk_fetches_one_when_a
     assert not listed._message.HasField("response")  # the SDK lists the basic view
     assert listed.result().accuracy == evaluated.accuracy and listed.result().mistakes == evaluated.mistakes
 
+
+def test_uploads_show_their_progress_when_asked(client, world_images, capsys):
+    # A 20k-image upload ran for a minute without a word.
+    images, labels = _uint8(world_images[0][:7]), world_images[1][:7].tolist()
+    client.create_sample_set(images, labels, sample_set_id="progress", chunk_size=3, progress=True)
+    client.append_samples("progress", images[:4], labels[:4], chunk_size=2, progress=True)
+    client.append_samples("progress", images[:1], labels[:1])  # not asked: nothing shown
+    # Not a terminal: a line at the first request, and at the end however soon it comes.
+    assert capsys.readouterr().err.splitlines() == ["progress: uploading 3/7", "progress: uploaded 7/7",
+                                                    "progress: uploading 2/4", "progress: uploaded 4/4"]
+    assert client.sample_set("progress").sample_count == 12
+
 def test_sample_sets_deleted_while_a_client_pages_skip_no_other_set(server, client, world_images):
     # Page tokens were offsets: deleting a set already listed shifted the rest, and the
     # next page started one set too late.

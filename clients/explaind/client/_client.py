@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import difflib
 import math
@@ -33,7 +34,7 @@ from ._errors import ExplaindError, FailedPreconditionError, NotFoundError, Unav
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, as_scalar, class_fields, class_ref
-from ._operations import LAST_ATTEMPT_S, Operation, enum_number
+from ._operations import LAST_ATTEMPT_S, Operation, ProgressDisplay, enum_number
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -428,6 +429,7 @@ class Client:
         display_name: str = "",
         attributes: Sequence[Mapping[str, str]] | None = None,
         chunk_size: int = 512,
+        progress: bool = False,
     ) -> SampleSet:
         """Store labelled images as a named set. ``labels``: one class index or class name
         per image; ``attributes``: optional ``{name: value}`` per image, e.g. for per-group
@@ -438,8 +440,14 @@ class Client:
         server's decoded-pixel limit (asked once with ``model_metadata``). All or nothing:
         until its last request the set is marked uploading, which jobs refuse and a server
         restart deletes; if a later request fails (or is interrupted), the partly uploaded
-        set is deleted before the error is raised."""
+        set is deleted before the error is raised. ``progress=True`` shows samples sent as
+        a tqdm bar, or plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
+        with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
+            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display)
+
+    def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
+                           chunk_size: int, display: ProgressDisplay | None) -> SampleSet:
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
@@ -452,6 +460,7 @@ class Client:
                                "next start deletes it (or delete the set)")
             raise
         sent = len(first)
+        _show_upload(display, sent, total, last)
         try:
             for chunk, last in chunks:  # reading the next chunk's images may fail here too
                 # The uid: the set this upload created, never another made under its id meanwhile.
@@ -459,6 +468,7 @@ class Client:
                                   sample_set_uid=created.uid)
                 created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
                 sent += len(chunk)
+                _show_upload(display, sent, total, last)
         except BaseException as error:
             try:
                 self.delete_sample_set(created.sample_set_id, uid=created.uid)
@@ -473,19 +483,21 @@ class Client:
 
     def append_samples(
         self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None,
-        chunk_size: int = 512,
+        chunk_size: int = 512, progress: bool = False,
     ) -> SampleSet:
         """Add labelled images to an existing set, as in :meth:`create_sample_set` and in
-        the same chunks; a request that fails raises with a note of how many samples
-        were appended before it. Returns the updated set."""
+        the same chunks (and with the same ``progress``); a request that fails raises with
+        a note of how many samples were appended before it. Returns the updated set."""
         samples, total = self._samples(images, labels, attributes)
         appended, uid = 0, ""
         try:
-            for chunk in self._request_chunks(samples, chunk_size, _sample_image):
-                # After the first request, the set it appended to: not one made under its id since.
-                request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid)
-                updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
-                appended, uid = appended + len(chunk), updated.uid
+            with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
+                for chunk in self._request_chunks(samples, chunk_size, _sample_image):
+                    # After the first request, the set it appended to: not one made under its id since.
+                    request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid)
+                    updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
+                    appended, uid = appended + len(chunk), updated.uid
+                    _show_upload(display, appended, total, appended == total)
         except BaseException as error:
             if appended:
                 error.add_note(f"the first {appended} of {total} samples were appended to {sample_set_id!r}")
@@ -794,6 +806,14 @@ _FIELD_KINDS = {
     FieldDescriptor.CPPTYPE_DOUBLE: "a number", FieldDescriptor.CPPTYPE_FLOAT: "a number",
     FieldDescriptor.CPPTYPE_BOOL: "a bool", FieldDescriptor.CPPTYPE_STRING: "a string", FieldDescriptor.CPPTYPE_ENUM: "a name",
 }
+
+
+_NO_DISPLAY = contextlib.nullcontext(None)
+
+
+def _show_upload(display: ProgressDisplay | None, sent: int, total: int, last: bool) -> None:
+    if display is not None:
+        display.show(sent, total, "uploaded" if last else "uploading", last=last)
 
 
 def _request(message_class: Any, **fields: Any) -> Any:

@@ -132,6 +132,45 @@ _STATE_NAMES = enum_names(operations_pb2.OperationState, "OPERATION_STATE_")
 OPERATION_STATES = tuple(_STATE_NAMES.values())  # "queued", "running", "succeeded", "failed", "cancelled"
 
 
+class ProgressDisplay:
+    """Progress on stderr: a tqdm bar on a terminal; for logs (stderr not a terminal), a
+    line when the state or message changes and at most every ``PROGRESS_LINE_INTERVAL_S``
+    otherwise, instead of a bar redrawn with carriage returns into one endless line."""
+
+    def __init__(self, description: str, *, unit: str) -> None:
+        self._description, self._unit = description, unit
+        self._bar: Any = None
+        self._shown: tuple[str, str] | None = None
+        self._shown_at = -math.inf
+
+    def __enter__(self) -> ProgressDisplay:
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(desc=self._description, unit=self._unit, dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def show(self, step: int, total: int, state: str, message: str = "", *, last: bool = False) -> None:
+        """``step`` of ``total`` (0: unknown); ``last`` prints a line even within the interval."""
+        if self._bar is not None:
+            if total and self._bar.total != total:
+                self._bar.total = total
+            self._bar.n = step
+            self._bar.set_postfix_str(f"{state}: {message}" if message else state, refresh=False)
+            self._bar.refresh()
+            return
+        now = time.monotonic()
+        if last or (state, message) != self._shown or now - self._shown_at >= PROGRESS_LINE_INTERVAL_S:
+            count = f"{step}/{total}" if total else str(step or "")
+            said = message if message != state else ""
+            print(" ".join(part for part in (f"{self._description}:", state, count, said) if part), file=sys.stderr, flush=True)
+            self._shown, self._shown_at = (state, message), now
+
+
 class Operation:
     """A server-side job. ``state`` is one of queued, running, succeeded, failed, cancelled."""
 
@@ -336,10 +375,10 @@ class Operation:
         try:
             if timeout is not None and timeout <= 0:  # one look, with or without progress
                 self.wait(timeout)
-            elif progress and sys.stderr.isatty():
-                self._follow_with_bar(timeout)
             elif progress:
-                self._follow_with_lines(timeout)
+                with ProgressDisplay(self.kind or self.name, unit="step") as display:
+                    for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
+                        display.show(update.progress.step, update.progress.total, update.state, update.progress.message)
             else:
                 self.wait(timeout)
         except DeadlineExceededError:
@@ -368,33 +407,6 @@ class Operation:
             error.add_note(f"{self.name} {self.state}; fetching the files of its result failed: result() again once the server "
                            f"is back, or result(download=False) for what needs no files")
             raise
-
-    def _follow_with_bar(self, timeout: float | None) -> None:
-        from tqdm.auto import tqdm
-
-        with tqdm(desc=self.kind or self.name, unit="step", dynamic_ncols=True) as bar:
-            for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
-                progress = update.progress
-                if progress.total and bar.total != progress.total:
-                    bar.total = progress.total
-                bar.n = progress.step
-                bar.set_postfix_str(f"{update.state}: {progress.message}", refresh=False)
-                bar.refresh()
-
-    def _follow_with_lines(self, timeout: float | None) -> None:
-        """Progress for logs (stderr not a terminal): a line when the state or message
-        changes, and at most every ``PROGRESS_LINE_INTERVAL_S`` otherwise, instead of a
-        bar redrawn with carriage returns into one endless line."""
-        shown, shown_at = None, -math.inf
-        for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
-            progress = update.progress
-            now = time.monotonic()
-            if (update.state, progress.message) != shown or now - shown_at >= PROGRESS_LINE_INTERVAL_S:
-                count = f"{progress.step}/{progress.total}" if progress.total else str(progress.step or "")
-                message = progress.message if progress.message != update.state else ""
-                print(" ".join(part for part in (f"{self.kind or self.name}:", update.state, count, message) if part),
-                      file=sys.stderr, flush=True)
-                shown, shown_at = (update.state, progress.message), now
 
     def _unpack_response(self, download: bool) -> Any:
         response = self._message.response

@@ -226,6 +226,9 @@ def _require_writable(path: str) -> None:
 
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
 DEFAULT_PREDICT_CLASSES = 3  # predict's lines per image, when --top-k is not given
+UPLOAD_PROGRESS_SAMPLES = 512  # sample-set create/append show progress above this many samples
+
+
 def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]:
     """:func:`image_folder`, its errors naming ``--folder``, and a class folder whose name
     is no class of the served model named as the folder it is."""
@@ -419,10 +422,12 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             try:
                 with _naming_failing_file(None if args.world else images):
+                    progress = len(labels) > UPLOAD_PROGRESS_SAMPLES  # more than one request, by default
                     if args.action == "create":
-                        stored = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "", attributes=attributes)
+                        stored = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "",
+                                                          attributes=attributes, progress=progress)
                     else:
-                        stored = client.append_samples(args.id, images, labels, attributes=attributes)
+                        stored = client.append_samples(args.id, images, labels, attributes=attributes, progress=progress)
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
             if args.json:
