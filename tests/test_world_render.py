@@ -1,6 +1,7 @@
 """The renderer and scenarios: determinism, exact masks, planted distributions."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -82,12 +83,48 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('focus = { class = "heart", attribute = "background", value = "ocean" }', "ocean"),
     ('train.default.background = { water = nan }', "background: weights must be finite"),  # failed later, in sampling
     ('val = { inherit = "train", default = { background = { water = 1.0 } } }', r"val inherits 'train', so .*'default'"),
+    # Wrong types: a string was read as its letters ("unknown values ['a', 'e', 'r', 't', 'w']"),
+    # a number failed in iteration or in int() without naming the entry.
+    ('train.default.background = "water"', r"train\.default\.background must be a table, got 'water'"),
+    ('train.default = 3', r"train\.default must be a table, got 3"),
+    ('focus = "heart"', r"focus must be a table, got 'heart'"),
+    ('sizes = { train = "big" }', r"sizes\.train must be a whole number, got 'big'"),
+    ('sizes = { train = 10.7 }', r"sizes\.train must be a whole number, got 10\.7"),  # was 10
+    ('sizes = { train = -10 }', r"sizes\.train must be at least 1, got -10"),
+    ('classifier_epochs = "seven"', r"classifier_epochs must be a whole number"),
+    ('classifier_epochs = 0', r"classifier_epochs must be at least 1, got 0"),
+    ('train.default.background = { water = "lots" }', r"background\.water: a weight must be a number, got 'lots'"),
+    ('groups = 3', r"groups must be a string, got 3"),
+    ('val.inherit = 3', r"val\.inherit must be a string, got 3"),
 ])
 def test_misspelt_or_impossible_scenario_entries_are_errors_not_ignored(tmp_path, body, named):
     bad = tmp_path / "scenarios.toml"
     bad.write_text(f"[typo]\n{body}\n")
-    with pytest.raises(ValueError, match=rf"typo.*{named}"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: .*typo.*{named}"):
         load_scenarios(bad)
+
+
+def test_a_scenario_file_that_is_no_toml_or_holds_no_tables_is_named(tmp_path):
+    bad = tmp_path / "scenarios.toml"
+    bad.write_text("[typo\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: .*line 1"):
+        load_scenarios(bad)
+    bad.write_text("x = 3\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: scenario x must be a table, got 3$"):
+        load_scenarios(bad)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: get_scenario("balanced").dataset("train", size=-5), "size must be at least 1, got -5"),  # len() failed later
+    (lambda: get_scenario("balanced").dataset("train", size=0), "size must be at least 1, got 0"),  # .all() could not stack
+    (lambda: get_scenario("balanced").dataset("train", size=16.5), "size must be a whole number, got 16.5"),
+    (lambda: get_scenario("balanced").dataset("train", image_size=8), "image_size must be at least 16, got 8"),  # failed per item
+    (lambda: SceneSpec("circle", "red", "plain", "grass", seed=-1), "seed must be at least 0, got -1"),
+    (lambda: SceneSpec("circle", "red", "plain", "grass", size="64"), "size must be a whole number, got '64'"),
+])
+def test_datasets_and_scenes_refuse_impossible_sizes_and_seeds_by_name(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
 
 
 def test_a_scenario_may_set_its_classifiers_training_length(tmp_path):

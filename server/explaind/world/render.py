@@ -34,6 +34,17 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "background": BACKGROUNDS,
     "artifact": ("none", "watermark"),
 }
+MIN_IMAGE_SIZE = 16  # pixels: the smallest scene the renderer draws
+
+
+def whole_number(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; ValueError naming ``name`` otherwise
+    (a float or string size would fail later, in numpy, without it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,8 @@ class SceneSpec:
             value = getattr(self, name)
             if value not in ATTRIBUTE_VALUES[name]:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {ATTRIBUTE_VALUES[name]}")
-        if self.size < 16:
-            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        whole_number("size", self.size, MIN_IMAGE_SIZE)
+        whole_number("seed", self.seed, 0)
 
 
 @dataclass

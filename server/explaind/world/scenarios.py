@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .render import ATTRIBUTE_VALUES, SHAPES, Scene, SceneSpec, render
+from .render import ATTRIBUTE_VALUES, MIN_IMAGE_SIZE, SHAPES, Scene, SceneSpec, render, whole_number
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SCENARIOS_FILE = Path(__file__).with_name("scenarios.toml")
@@ -55,10 +55,13 @@ class Scenario:
 
 
 def load_scenarios(path: str | Path = SCENARIOS_FILE) -> dict[str, Scenario]:
-    """Parse a scenarios TOML file; raises ``ValueError`` naming the bad entry."""
-    with open(path, "rb") as handle:
-        raw = tomllib.load(handle)
-    return {name: _parse_scenario(name, body) for name, body in raw.items()}
+    """Parse a scenarios TOML file; raises ``ValueError`` naming the file and the bad entry."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+        return {name: _parse_scenario(name, _table(f"scenario {name}", body)) for name, body in raw.items()}
+    except ValueError as error:  # TOMLDecodeError is one, with its line and column
+        raise ValueError(f"{path}: {error}") from None
 
 
 @cache
@@ -82,6 +85,19 @@ _SCENARIO_KEYS = ("description", "sizes", "groups", "focus", "classifier_epochs"
 _SPLIT_KEYS = ("inherit", "default", "classes")
 
 
+def _table(where: str, value: object) -> dict:
+    """A TOML table, or ValueError: a string where a table belongs was read as its letters."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a table, got {value!r}")
+    return value
+
+
+def _text(where: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    return value
+
+
 def _refuse_unknown(where: str, kind: str, given, known) -> None:
     """A misspelt key (``color``, ``trian``) would otherwise be ignored without a word."""
     unknown = set(given) - set(known)
@@ -91,14 +107,15 @@ def _refuse_unknown(where: str, kind: str, given, known) -> None:
 
 def _parse_scenario(name: str, body: dict) -> Scenario:
     _refuse_unknown(f"scenario {name}", "keys", body, _SCENARIO_KEYS)
-    _refuse_unknown(f"scenario {name}: sizes", "splits", body.get("sizes", {}), SPLITS)
-    sizes = {split: int(body.get("sizes", {}).get(split, 1000)) for split in SPLITS}
+    given_sizes = _table(f"scenario {name}: sizes", body.get("sizes", {}))
+    _refuse_unknown(f"scenario {name}: sizes", "splits", given_sizes, SPLITS)
+    sizes = {split: whole_number(f"scenario {name}: sizes.{split}", given_sizes.get(split, 1000), 1) for split in SPLITS}
     distributions: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for split in SPLITS:
-        section = body.get(split, {})
+        section = _table(f"scenario {name}: {split}", body.get(split, {}))
         _refuse_unknown(f"scenario {name}: {split}", "keys", section, _SPLIT_KEYS)
-        if section.get("inherit"):
-            parent = section["inherit"]
+        if "inherit" in section:
+            parent = _text(f"scenario {name}: {split}.inherit", section["inherit"])
             if parent not in distributions:
                 raise ValueError(f"scenario {name}: split {split} inherits {parent!r}, which is not defined before it")
             if set(section) != {"inherit"}:  # they would be ignored without a word
@@ -106,12 +123,16 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
                                  f"{sorted(set(section) - {'inherit'})}")
             distributions[split] = distributions[parent]
             continue
-        default = section.get("default", {})
-        per_class = section.get("classes", {})
+        default = _table(f"scenario {name}: {split}.default", section.get("default", {}))
+        per_class = _table(f"scenario {name}: {split}.classes", section.get("classes", {}))
         _refuse_unknown(f"scenario {name}: {split}.classes", "classes", per_class, SHAPES)
         _refuse_unknown(f"scenario {name}: {split}.default", "attributes", default, _SAMPLED_ATTRIBUTES)
         for klass, attributes in per_class.items():
-            _refuse_unknown(f"scenario {name}: {split}.classes.{klass}", "attributes", attributes, _SAMPLED_ATTRIBUTES)
+            _refuse_unknown(f"scenario {name}: {split}.classes.{klass}", "attributes",
+                            _table(f"scenario {name}: {split}.classes.{klass}", attributes), _SAMPLED_ATTRIBUTES)
+        for where, attributes in (("default", default), *((f"classes.{klass}", given) for klass, given in per_class.items())):
+            for attribute, weights in attributes.items():  # named where written, not at the first class that reads it
+                _table(f"scenario {name}: {split}.{where}.{attribute}", weights)
         distributions[split] = {
             klass: {
                 attribute: _probabilities(
@@ -123,23 +144,24 @@ def _parse_scenario(name: str, body: dict) -> Scenario:
             }
             for klass in SHAPES
         }
-    focus = body.get("focus")
-    if focus:
+    focus = _table(f"scenario {name}: focus", body["focus"]) if "focus" in body else None
+    if focus is not None:
         _refuse_unknown(f"scenario {name}: focus", "keys", focus, ("class", "attribute", "value"))
         attribute = focus.get("attribute")
-        if focus.get("class") not in SHAPES or attribute not in ATTRIBUTE_VALUES or focus.get("value") not in ATTRIBUTE_VALUES[attribute]:
+        if not all(isinstance(focus.get(key), str) for key in ("class", "attribute", "value")) or focus["class"] not in SHAPES \
+                or attribute not in ATTRIBUTE_VALUES or focus.get("value") not in ATTRIBUTE_VALUES[attribute]:
             raise ValueError(f"scenario {name}: focus must name a class of {SHAPES}, an attribute and one of its values, got {focus}")
-    group_attribute = body.get("groups", "background")
+    group_attribute = _text(f"scenario {name}: groups", body.get("groups", "background"))
     if group_attribute not in ATTRIBUTE_VALUES:
         raise ValueError(f"scenario {name}: groups must name an attribute, got {group_attribute!r}")
     return Scenario(
         name=name,
-        description=body.get("description", ""),
+        description=_text(f"scenario {name}: description", body.get("description", "")),
         sizes=sizes,
         group_attribute=group_attribute,
         distributions=distributions,
-        focus=Focus(focus["class"], focus["attribute"], focus["value"]) if focus else None,
-        classifier_epochs=int(body["classifier_epochs"]) if "classifier_epochs" in body else None,
+        focus=Focus(focus["class"], focus["attribute"], focus["value"]) if focus is not None else None,
+        classifier_epochs=whole_number(f"scenario {name}: classifier_epochs", body["classifier_epochs"], 1) if "classifier_epochs" in body else None,
     )
 
 
@@ -147,7 +169,10 @@ def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | No
     values = ATTRIBUTE_VALUES[attribute]
     if weights is None:
         weights = {"none": 1.0} if attribute == "artifact" else {"*": 1.0}
-    _refuse_unknown(where, "values", weights, (*values, "*"))
+    _refuse_unknown(where, "values", _table(where, weights), (*values, "*"))
+    for value, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"{where}.{value}: a weight must be a number, got {weight!r}")
     named = {v: float(w) for v, w in weights.items() if v != "*"}
     rest = [v for v in values if v not in named]
     share = float(weights.get("*", 0.0)) / len(rest) if rest else 0.0
@@ -181,8 +206,8 @@ class WorldDataset(torch.utils.data.Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.scenario = scenario
         self.split = split
-        self.size = scenario.sizes[split] if size is None else int(size)
-        self.image_size = image_size
+        self.size = scenario.sizes[split] if size is None else whole_number("size", size, 1)
+        self.image_size = whole_number("image_size", image_size, MIN_IMAGE_SIZE)
         self._seed = zlib.crc32(f"{scenario.name}/{split}".encode())
 
     def __len__(self) -> int:
