@@ -244,19 +244,22 @@ def render_report(report: MistakeReport) -> str:
         f"<tr><td>counterfactuals that flip the prediction</td><td>{ranking.converged_count}</td></tr>",
         f"<tr><td>predicted instead as</td><td>{predicted}</td></tr></table>",
         "<h2>Ranked neurons</h2>",
-        "<table><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th><th>importance</th>"
-        "<th class='text'>top classes</th></tr>",
     ]
-    shown = {v.neuron for v in report.visualizations}
-    for n in ranking.neurons:
-        neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
-        parts.append(
-            f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
-            f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td class='text'>{escape(', '.join(n.top_classes))}</td></tr>"
-        )
-    parts.append("</table>")
     if ranking.neurons:
-        parts.append(_RANKING_LEGEND)
+        parts.append("<table><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th>"
+                     "<th>importance</th><th class='text'>top classes</th></tr>")
+        shown = {v.neuron for v in report.visualizations}
+        for n in ranking.neurons:
+            neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
+            parts.append(
+                f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
+                f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td class='text'>{escape(', '.join(n.top_classes))}</td></tr>"
+            )
+        parts.append(f"</table>{_RANKING_LEGEND}")
+    elif not ranking.mistake_count:  # not an empty table under a heading that asks why
+        parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
+    else:
+        parts.append("<p id='no-neurons'>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
     if report.visualizations:
         parts.append(f"<h2>What the ranked neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2><div class='neurons'>")
         by_neuron = {n.neuron: n for n in ranking.neurons}
@@ -287,11 +290,7 @@ def render_report(report: MistakeReport) -> str:
             parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
             parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
-    elif not ranking.mistake_count:
-        parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
-    elif not ranking.neurons:
-        parts.append("<p>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
-    elif report.no_edit_reason:
+    elif ranking.neurons and report.no_edit_reason:
         parts.append(f"<h2>Suggested head edit</h2><p id='no-edit'>None: the server refused the edit ({escape(report.no_edit_reason)}).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
