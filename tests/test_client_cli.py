@@ -538,7 +538,9 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
         edit = client.edit_head("finished", "heart", [3, 7])
         edit.wait(60)
     assert main(["--target", server.target, "evaluate", "finished", "--no-wait"]) == 0
-    name = capsys.readouterr().out.split()[-1]
+    printed = capsys.readouterr()  # the name alone on stdout, for N=$(explaind evaluate ... --no-wait)
+    name = printed.out.strip()
+    assert re.fullmatch(r"operations/\w+\n", printed.out) and printed.err == f"started {name}; explaind operations wait {name} waits for it\n"
     assert main(["--target", server.target, "operations", "wait", name]) == 0
     waited = capsys.readouterr().out
     assert re.search(r"^accuracy \d\.\d{3} on 48 samples", waited, flags=re.M), waited
@@ -783,7 +785,7 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     monkeypatch.chdir(tmp_path / "images")
     assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--no-wait"]) == 0
     assert len(list(out_dir.iterdir())) == 4
-    assert main(["--target", server.target, "operations", "wait", capsys.readouterr().out.split()[-1]]) == 0
+    assert main(["--target", server.target, "operations", "wait", capsys.readouterr().out.strip()]) == 0
     assert re.search(r"CLIP similarity n/a \(no CLIP\), mask area", capsys.readouterr().out)
 
 
@@ -960,3 +962,10 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     rolled = _json_out(capsys, [*target, "head-versions", "rollback", "--json"])
     assert (rolled["version"]["version_id"], rolled["previous_version_id"]) == (served_before, version["version_id"])
     assert _json_out(capsys, [*target, "head-versions", "delete", version["version_id"], "--json"]) == {"deleted": version["version_id"]}
+
+
+def test_counts_of_one_read_in_the_singular():
+    # "1 neurons visualised", "and 1 more mistakes".
+    from explaind.client.cli import _counted
+
+    assert (_counted(1, "neuron"), _counted(2, "neuron"), _counted(0, "more mistake")) == ("1 neuron", "2 neurons", "0 more mistakes")

@@ -513,7 +513,7 @@ def _print_evaluation(report) -> None:
     for index, label, predicted, probability in report.mistakes[:MISTAKES_SHOWN]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
     if report.mistake_count > MISTAKES_SHOWN:
-        print(f"  and {report.mistake_count - MISTAKES_SHOWN} more mistakes, less confident (evaluate --json lists all)")
+        print(f"  and {_counted(report.mistake_count - MISTAKES_SHOWN, 'more mistake')}, less confident (evaluate --json lists all)")
 
 
 # Operations ``operations list`` prints unless given --limit.
@@ -535,7 +535,7 @@ def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
 
 
 def _print_visualizations(result) -> None:
-    print(f"{len(result.visualizations)} neurons visualised with {result.method}, {result.steps} steps, against head {result.model_version}:")
+    print(f"{_counted(len(result.visualizations), 'neuron')} visualised with {result.method}, {result.steps} steps, against head {result.model_version}:")
     for v in result.visualizations:
         similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
         print(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
@@ -633,12 +633,20 @@ def _ranking_json(ranking) -> dict:
 _RESULT_JSON = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json}
 
 
+def _counted(count: int, noun: str) -> str:
+    """'1 neuron', '2 neurons' (the noun's last word takes the s)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _announce_and_wait(operation, args: argparse.Namespace):
     """Print the operation's name, then (unless --no-wait) wait for its result with a
-    progress bar; None with --no-wait. With --json, stdout gets only the JSON: the name
-    alone as {"name": ...} with --no-wait, else the notes go to stderr."""
+    progress bar; None with --no-wait. With --no-wait, stdout gets the name alone
+    (``N=$(explaind evaluate s --no-wait)``), or {"name": ...} with --json, and the note
+    goes to stderr; with --json, stdout gets only the JSON."""
     if args.no_wait:
-        print(json.dumps({"name": operation.name}) if args.json else f"started {operation.name}")
+        print(json.dumps({"name": operation.name}) if args.json else operation.name)
+        if not args.json:
+            print(f"started {operation.name}; explaind operations wait {operation.name} waits for it", file=sys.stderr)
         return None
     print(f"started {operation.name}", file=sys.stderr if args.json else sys.stdout)
     return operation.result(progress=True)
