@@ -214,7 +214,10 @@ class ProximalGradient:
 class CounterfactualSolver(Protocol):
     """Anything that solves Eq. 1 for a batch; :class:`FaithfulSGD` and :class:`ProximalGradient`."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """What the ranking reports as its solver. Read-only: frozen dataclasses qualify."""
+        ...
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
               l1: float, l2: float, max_iterations: int,
