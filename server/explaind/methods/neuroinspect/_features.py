@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._checks import count, eval_mode, images_tensor
 
@@ -43,7 +44,9 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
     hidden linear layer before the head, as MobileNetV3 has), a neuron's map has to come
     from there (:func:`neuron_gradient_maps`). Outputs are read as (N, C, h, w): a layer
     giving channels last (N, h, w, C) would be misread."""
-    owner, calls, handles = threading.get_ident(), {}, []
+    owner = threading.get_ident()
+    calls: dict[nn.Module, int] = {}
+    handles: list[RemovableHandle] = []
     last: tuple[nn.Module, int] | None = None
     done = False
 

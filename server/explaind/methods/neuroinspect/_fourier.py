@@ -36,6 +36,9 @@ class FourierImage(nn.Module):
     generator in ``generators``, so its start does not depend on the rest of the batch.
     """
 
+    scale: torch.Tensor  # (S, S // 2 + 1) spectrum amplitudes, a buffer
+    colour: torch.Tensor  # (3, 3) decorrelated colour to RGB, a buffer
+
     def __init__(self, generators: Sequence[torch.Generator], image_size: int, *, decay_power: float = 1.5,
                  init_std: float = 0.05) -> None:
         super().__init__()

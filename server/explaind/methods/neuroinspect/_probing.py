@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+from scipy.stats import rankdata  # type: ignore[import-untyped]  # scipy ships no types
 
 from ._checks import count, feature_matrix
 
