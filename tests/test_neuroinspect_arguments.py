@@ -283,6 +283,29 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
             call()
 
 
+def test_clip_illusion_refuses_a_clip_model_without_open_clip_s_encoders_or_image_size():
+    model = _mobilenet_like()
+
+    class Encoders(nn.Module):  # open_clip's methods around a tower whose image_size is given
+        def __init__(self, image_size: object) -> None:
+            super().__init__()
+            self.visual = nn.Identity()
+            self.visual.image_size = image_size
+
+        def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+            return image
+
+        def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+            return text
+
+    for clip_model, message in ((nn.Module(), r"clip_model must be an open_clip model \(encode_image, encode_text\), got Module"),
+                                (Encoders("224"), r"clip_model.visual.image_size must be an int or an \(H, W\) pair, got '224'")):
+        with pytest.raises(TypeError, match=message):
+            ClipIllusion(model, "hidden", clip_model, str.split, head="classifier", image_size=9, class_names=list("abc"))
+    for image_size in (224, (224, 224), [224, 224]):
+        ClipIllusion(model, "hidden", Encoders(image_size), str.split, head="classifier", image_size=9, class_names=list("abc"))
+
+
 def test_clip_illusion_runs_a_float64_model_and_explains_inference_mode():
     model = _mobilenet_like().double()
     illusion = ClipIllusion(model, "hidden", head="classifier", image_size=9, class_names=list("abc"))

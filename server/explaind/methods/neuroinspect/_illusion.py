@@ -20,8 +20,9 @@ last spatial layer before it (:func:`neuron_gradient_maps`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -45,6 +46,17 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Progress hook: (step, total steps, current images (B, 3, H, W) in [0, 1]) -> True to stop.
 VisualizationCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+@runtime_checkable
+class _ClipEncoders(Protocol):
+    """What :class:`ClipIllusion` calls on an open_clip model beyond its tower ``visual``."""
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 @dataclass
@@ -107,9 +119,11 @@ class ClipIllusion:
         self.tokenizer = tokenizer
         self.prompt_templates = tuple(prompt_templates)
         if clip_model is not None:
-            preprocess = getattr(clip_model.visual, "preprocess_cfg", None) or {}
-            size = clip_model.visual.image_size
-            self._clip_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            if not isinstance(clip_model, _ClipEncoders):
+                raise TypeError(f"clip_model must be an open_clip model (encode_image, encode_text), got {type(clip_model).__name__}")
+            visual = clip_model.get_submodule("visual")
+            preprocess = getattr(visual, "preprocess_cfg", None) or {}
+            self._clip_size = _clip_image_size(visual.image_size)
             self._clip_normalisation = (tuple(preprocess.get("mean", _OPENAI_MEAN)), tuple(preprocess.get("std", _OPENAI_STD)))
         self._class_embeddings: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -135,8 +149,10 @@ class ClipIllusion:
     @torch.no_grad()
     def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit-norm mean of the unit-norm CLIP embeddings of ``prompts``, (E,)."""
-        with eval_mode(self._require_clip()):
-            embeddings = F.normalize(self.clip_model.encode_text(self.tokenizer(list(prompts)).to(self.device)), dim=-1)
+        clip = self._require_clip()
+        assert self.tokenizer is not None  # __init__ takes clip_model and tokenizer only together
+        with eval_mode(self.clip_model):
+            embeddings = F.normalize(clip.encode_text(self.tokenizer(list(prompts)).to(self.device)), dim=-1)
         return F.normalize(embeddings.mean(0), dim=-1)
 
     def class_embedding(self, class_index: int) -> torch.Tensor:
@@ -154,7 +170,7 @@ class ClipIllusion:
         pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
         mean, std = (torch.tensor(values, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1) for values in self._clip_normalisation)
         pixels = ((pixels - mean) / std).to(next(clip.parameters()).dtype)
-        with eval_mode(clip):
+        with eval_mode(self.clip_model):
             embeddings = F.normalize(clip.encode_image(pixels).float(), dim=-1)
         return (embeddings * text_embeddings.float()).sum(-1)
 
@@ -231,7 +247,7 @@ class ClipIllusion:
                     logits = self.classifier(augmented.to(self._dtype))
                 activation = captured["input"][rows, neurons]
                 objective = activation if method == "feature_visualization" else activation + gamma * logits[rows, classes]
-                if use_clip:
+                if targets is not None:  # use_clip
                     objective = (self.clip_similarity(augmented, targets) + epsilon) * objective
                 optimiser.zero_grad(set_to_none=True)
                 (-objective.sum()).backward(inputs=list(image.parameters()))
@@ -311,10 +327,20 @@ class ClipIllusion:
             classes.append(klass)
         return torch.tensor(neurons, device=self.device), torch.tensor(classes, device=self.device)
 
-    def _require_clip(self) -> nn.Module:
+    def _require_clip(self) -> _ClipEncoders:
         if self.clip_model is None:
             raise ValueError("this ClipIllusion has no CLIP model; use method 'no_clip' or 'feature_visualization'")
+        assert isinstance(self.clip_model, _ClipEncoders)  # __init__ refuses any other
         return self.clip_model
+
+
+def _clip_image_size(size: object) -> tuple[int, int]:
+    """(H, W) CLIP's image tower takes, from its ``image_size``: an int or a pair."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(side, int) for side in size):
+        return size[0], size[1]
+    raise TypeError(f"clip_model.visual.image_size must be an int or an (H, W) pair, got {size!r}")
 
 
 def _pair_generator(seed: int, neuron: int, class_index: int, device: torch.device) -> torch.Generator:
