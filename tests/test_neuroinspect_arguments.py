@@ -265,6 +265,24 @@ def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given(
             ClipIllusion(model, feature_layer, head=head, image_size=9)
 
 
+def test_a_model_returning_a_dict_is_told_to_return_the_logits_tensor():
+    # Its head was blamed: "not the classifier's last operation ... name the final nn.Linear".
+    class DictOutput(nn.Module):  # as a Hugging Face model returns a ModelOutput
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mobilenet_like()
+
+        def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.model(images)}
+
+    model = DictOutput()
+    message = r"the classifier's output is a dict, not a tensor; wrap the model so that it returns the logits tensor"
+    with pytest.raises(ValueError, match=message):
+        FeatureExtractor(model, "model.hidden", head="model.classifier").features(torch.rand(2, 3, 9, 9))
+    with pytest.raises(ValueError, match=message):
+        ClipIllusion(model, "model.hidden", head="model.classifier", image_size=9).visualize([(0, 0)], method="no_clip", steps=1)
+
+
 def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_it_is_at_each_call():
     model = _mobilenet_like()
     illusion = ClipIllusion(model, "hidden", head="classifier", image_size=9)  # no CLIP: no prompt names a class

@@ -151,9 +151,9 @@ def split_forward(classifier: nn.Module, images: torch.Tensor, feature_module: n
     """Run ``classifier`` on ``images`` (on its device and dtype already) and check the split
     named ``names`` = (feature_layer, head): both modules run, the feature layer's output
     holds one map per feature (:func:`channel_maps`), the head reads one vector per image,
-    and the head's output is the classifier's (the head is its last operation: a hidden
-    linear layer named as the head would explain the wrong decision). ValueError naming
-    the module otherwise."""
+    the classifier returns a tensor, and the head's output is the classifier's (the head is
+    its last operation: a hidden linear layer named as the head would explain the wrong
+    decision). ValueError naming the module otherwise."""
     feature_layer, head_name = names
     with capture_forward(feature_module) as layer, capture_forward(head) as read:
         logits = classifier(images)
@@ -163,8 +163,11 @@ def split_forward(classifier: nn.Module, images: torch.Tensor, feature_module: n
         raise ValueError(f"head {head_name!r} does not run in the classifier's forward; name its final nn.Linear")
     if read["input"].dim() != 2:
         raise ValueError(f"head {head_name!r} reads inputs of shape {tuple(read['input'].shape[1:])} per image, not one feature vector")
-    last = isinstance(logits, torch.Tensor) and (logits is read["output"] or (
-        logits.shape == read["output"].shape and torch.allclose(logits, read["output"], atol=1e-4, rtol=1e-4)))
+    if not isinstance(logits, torch.Tensor):  # a Hugging Face ModelOutput, a dict, a tuple
+        raise ValueError(f"the classifier's output is a {type(logits).__name__}, not a tensor; wrap the model so that it "
+                         "returns the logits tensor (N, C)")
+    last = logits is read["output"] or (
+        logits.shape == read["output"].shape and torch.allclose(logits, read["output"], atol=1e-4, rtol=1e-4))
     if not last:
         raise ValueError(f"head {head_name!r} is not the classifier's last operation (its output is not the classifier's "
                          "logits); name the final nn.Linear as head")
