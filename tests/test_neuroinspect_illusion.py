@@ -454,3 +454,10 @@ def test_a_vit_is_split_at_its_class_token_and_its_neurons_are_visualised_on_the
     # α_n is the feature the head reads (the class token's channel n), which ranking and edits use too.
     torch.testing.assert_close(result.activations, extractor.features(result.images)[[0, 1], [3, 11]])
     assert not torch.allclose(result.activations, extractor.feature_maps(result.images)[[0, 1], [3, 11]].mean(dim=(1, 2)))
+
+
+def test_a_vit_at_another_image_size_is_refused_naming_image_size():
+    # torchvision's ViT asserts its input size: a bare "AssertionError: Wrong image height!".
+    illusion = ClipIllusion(_tiny_vit(), "encoder", head="heads.head", image_size=64)
+    with pytest.raises(ValueError, match=r"the classifier fails on a 64x64 image \(image_size\): Wrong image height!"):
+        illusion.visualize([(3, 0)], method="no_clip", steps=1)

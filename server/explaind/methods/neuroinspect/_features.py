@@ -146,9 +146,10 @@ class SplitForward:
     head_input: torch.Tensor
 
 
-def split_forward(classifier: nn.Module, images: torch.Tensor, feature_module: nn.Module, head: nn.Linear,
-                  names: tuple[str, str]) -> SplitForward:
-    """Run ``classifier`` on ``images`` (on its device and dtype already) and check the split
+def split_forward(classifier: Callable[[torch.Tensor], object], images: torch.Tensor, feature_module: nn.Module,
+                  head: nn.Linear, names: tuple[str, str]) -> SplitForward:
+    """Run ``classifier`` (the model, or a function calling it) on ``images`` (on its device
+    and dtype already) and check the split
     named ``names`` = (feature_layer, head): both modules run, the feature layer's output
     holds one map per feature (:func:`channel_maps`), the head reads one vector per image,
     the classifier returns a tensor, and the head's output is the classifier's (the head is

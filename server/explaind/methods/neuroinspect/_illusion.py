@@ -302,12 +302,17 @@ class ClipIllusion:
         here, before the steps, not after them. Returns the (module, call) the masks' maps
         come from where the feature layer's are 1x1 (:func:`last_spatial_module`), else None."""
         probe = torch.full((1, 3, self.image_size, self.image_size), 0.5, device=self.device, dtype=self._dtype)
-        try:
-            forward = split_forward(self.classifier, probe, self.feature_module, self.head, self._names)
-        except torch.OutOfMemoryError:
-            raise  # the device's state, not an argument: kept as it is for callers that retry
-        except RuntimeError as error:
-            raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): {error}") from error
+
+        def classify(images: torch.Tensor) -> object:
+            try:
+                return self.classifier(images)
+            except torch.OutOfMemoryError:
+                raise  # the device's state, not an argument: kept as it is for callers that retry
+            except (RuntimeError, AssertionError) as error:  # a torchvision ViT asserts its input size
+                raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): "
+                                 f"{error}") from error
+
+        forward = split_forward(classify, probe, self.feature_module, self.head, self._names)
         maps = channel_maps(forward.layer_output, self.head.in_features)
         return last_spatial_module(self.classifier, probe, self.feature_module) if maps.shape[-2:] == (1, 1) else None
 
