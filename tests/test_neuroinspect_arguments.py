@@ -299,6 +299,8 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
     ):
         with pytest.raises(ValueError, match=message):
             call()
+    with pytest.raises(TypeError, match=r"class_names must be a sequence of names, one per class, got a str: 'abc'"):
+        ClipIllusion(model, "hidden", head="classifier", image_size=9, class_names="abc")  # was ('a', 'b', 'c')
 
 
 def test_clip_illusion_refuses_a_clip_model_without_open_clip_s_encoders_or_image_size():

@@ -106,6 +106,9 @@ class ClipIllusion:
         self._names = (feature_layer, head)
         if (clip_model is None) != (tokenizer is None):
             raise ValueError("clip_model and tokenizer must be given together")
+        if isinstance(class_names, (str, bytes)):  # would be read as one name per character
+            raise TypeError(f"class_names must be a sequence of names, one per class, got a {type(class_names).__name__}: "
+                            f"{class_names!r}")
         self.class_names = tuple(class_names if class_names is not None else getattr(config, "class_names", ()))
         if self.class_names and len(self.class_names) != self.head.out_features or clip_model is not None and not self.class_names:
             raise ValueError(f"class_names must name all {self.head.out_features} classes (CLIP's prompts name them), "
