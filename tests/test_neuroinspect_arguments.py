@@ -1,6 +1,8 @@
 """The NeuroInspect engines used in-process: bad arguments fail early and name themselves,
 nothing silently wrong comes back, and the caller's models keep their mode."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,15 @@ def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_ima
     resized = torch.nn.functional.interpolate(images, scale_factor=1.5, mode="bicubic")
     assert resized.min() < 0 or resized.max() > 1
     assert extractor.features(resized).shape == (4, 128)
+
+
+def test_images_that_require_grad_give_their_features_without_torch_s_scalar_warning(world_model, world_images):
+    images = world_images[0][:4]
+    extractor = FeatureExtractor(world_model, "layer3")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"Converting a tensor with requires_grad=True to a scalar")
+        features = extractor.features(images.clone().requires_grad_())
+    torch.testing.assert_close(features, extractor.features(images))
 
 
 def test_a_model_in_training_mode_keeps_its_mode_and_batchnorm_statistics(classifier_dir, world_images):

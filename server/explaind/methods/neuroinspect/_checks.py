@@ -164,7 +164,8 @@ def images_tensor(value: object, name: str) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
         raise ValueError(f"{name} must be (N, 3, H, W) RGB with N > 0, got {tuple(images.shape)}")
     if not images.is_meta:
-        low, high = float(images.amin()), float(images.amax())
+        values = images.detach()  # read, not differentiated: torch warns on a scalar that requires grad
+        low, high = float(values.amin()), float(values.amax())
         if not (_IMAGE_RANGE[0] <= low and high <= _IMAGE_RANGE[1]):  # also False for NaN
             raise ValueError(f"{name} must lie in [0, 1] (the engines normalise themselves), got values in [{low:.3g}, {high:.3g}]")
     return images
