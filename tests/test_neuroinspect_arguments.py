@@ -488,7 +488,11 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: probability_ratio(weight, bias, features, 9, torch.tensor([0])), ValueError, r"class_index must lie in \[0, 4\)"),
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([-1])), ValueError, rf"neurons\[0\] must lie in \[0, {DIM}\)"),  # not the last
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([0.5])), TypeError, r"neurons must be a 1-D integer tensor"),
-        (lambda: neuron_importance(weight, bias, features[0].long(), 1), TypeError, r"feature must be torch.float32 on cpu as the head is"),
+        (lambda: neuron_importance(weight, bias, features[0].long(), 1), TypeError, r"feature must be a floating-point tensor, got torch.int64"),
+        # As the engines check them: NaN came back as a NaN ratio, a threshold as a string failed a bare comparison.
+        (lambda: neuron_importance(weight, bias, nan_features[3], 1), ValueError, r"feature holds NaN or infinite values"),
+        (lambda: probability_ratio(weight, bias, nan_features, 1, torch.tensor([0])), ValueError, r"features holds NaN or infinite values in 1 rows \(first: row 3\)"),
+        (lambda: concept_neurons(features, {"a": labels == 1}, min_auc="0.9"), ValueError, r"min_auc must be a finite number, got '0.9'"),
         (lambda: evaluate_head(weight, bias[:3], features, labels), ValueError, rf"weight must be \(C, D\) and bias \(C,\), got \({CLASSES}, {DIM}\) and \(3,\)"),
         (lambda: evaluate_head(weight[0], bias, features, labels), ValueError, r"weight must be \(C, D\) and bias \(C,\)"),
         (lambda: illusion.top_classes(6), ValueError, r"neuron must lie in \[0, 6\)"),
@@ -506,6 +510,10 @@ def test_public_helpers_name_the_argument_they_refuse(head):
     ):
         with pytest.raises(error, match=message):
             call()
+    # Features in another dtype are cast to the head's, as the engines cast them (float64 was refused).
+    torch.testing.assert_close(probability_ratio(weight, bias, features.double(), 1, torch.tensor([2, 5])),
+                               probability_ratio(weight, bias, features, 1, torch.tensor([2, 5])))
+    torch.testing.assert_close(neuron_importance(weight, bias, features[0].double(), 1), neuron_importance(weight, bias, features[0], 1))
     # Neurons as a set or a 1-D tensor are still neuron lists.
     edits = [HeadEditor(head).edit(features, labels, target_class=1, neurons=neurons, validation_features=features,
                                    validation_labels=labels, max_epochs=1).neurons for neurons in ({5, 2}, torch.tensor([2, 5]))]

@@ -54,6 +54,16 @@ def features_tensor(value: object, name: str, *, dim: int, like: torch.Tensor) -
     return finite_rows(_matrix(value, name, dim).to(like.device, like.dtype), name)
 
 
+def feature_vector(value: object, name: str, *, like: torch.Tensor) -> torch.Tensor:
+    """One finite feature vector (D,) for the head whose weight ``like`` is (C, D), on its
+    device and dtype (:func:`features_tensor`)."""
+    dim = like.shape[1]
+    vector = _tensor(value, name)
+    if vector.shape != (dim,):
+        raise ValueError(f"{name} must be ({dim},) for this head, got {tuple(vector.shape)}")
+    return features_tensor(vector.unsqueeze(0), name, dim=dim, like=like)[0]
+
+
 def feature_matrix(value: object, name: str) -> torch.Tensor:
     """(N, D) finite floating-point features with N > 0, any D, detached."""
     return finite_rows(_matrix(value, name, None), name)

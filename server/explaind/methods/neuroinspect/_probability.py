@@ -12,15 +12,16 @@ import math
 
 import torch
 
-from ._checks import head_parameters, index, indices
+from ._checks import feature_vector, features_tensor, head_parameters, index, indices
 
 _MAX_LOG_RATIO = math.log(1e15)
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
     """Ratio (D,) for each neuron zeroed on its own, at one feature vector (D,), under the
-    head ``weight`` (C, D), ``bias`` (C,)."""
-    _check_head_inputs(weight, bias, feature, "feature", batched=False)
+    head ``weight`` (C, D), ``bias`` (C,); ``feature`` is cast to the head's device and dtype."""
+    head_parameters(weight, bias)
+    feature = feature_vector(feature, "feature", like=weight)
     class_index = index(class_index, "class_index", weight.shape[0])
     logits = weight @ feature + bias  # (C,)
     zeroed = logits.unsqueeze(0) - feature.unsqueeze(1) * weight.T  # (D, C): neuron k zeroed in row k
@@ -34,9 +35,11 @@ def probability_ratio(
 ) -> torch.Tensor:
     """Ratio (N,) per sample of features (N, D), with all ``neurons`` (K,) zeroed together.
 
-    Differentiable in ``weight`` and ``bias``: the head editor's regulariser.
+    Differentiable in ``weight`` and ``bias``: the head editor's regulariser. ``features``
+    are cast to the head's device and dtype.
     """
-    _check_head_inputs(weight, bias, features, "features", batched=True)
+    head_parameters(weight, bias)
+    features = features_tensor(features, "features", dim=weight.shape[1], like=weight)
     class_index = index(class_index, "class_index", weight.shape[0])
     if not isinstance(neurons, torch.Tensor) or neurons.ndim != 1 or neurons.is_floating_point() or neurons.dtype == torch.bool:
         raise TypeError(f"neurons must be a 1-D integer tensor of neuron indices, got {neurons!r}")
@@ -53,14 +56,3 @@ def _probability_ratio(weight: torch.Tensor, bias: torch.Tensor, features: torch
     log_p = logits[:, class_index] - logits.logsumexp(1)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
     return (log_p - log_p_zeroed).clamp_max(_MAX_LOG_RATIO).exp()
-
-
-def _check_head_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, name: str, *, batched: bool) -> None:
-    """Shapes, dtypes and devices (no values: reading them would wait for a GPU)."""
-    head_parameters(weight, bias)
-    dim = weight.shape[1]
-    if not isinstance(features, torch.Tensor) or features.ndim != 1 + batched or features.shape[-1] != dim:
-        expected = f"(N, {dim})" if batched else f"({dim},)"
-        raise ValueError(f"{name} must be {expected} for this head, got {tuple(getattr(features, 'shape', ()))}")
-    if features.dtype != weight.dtype or features.device != weight.device:
-        raise TypeError(f"{name} must be {weight.dtype} on {weight.device} as the head is, got {features.dtype} on {features.device}")

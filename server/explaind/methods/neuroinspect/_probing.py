@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata  # type: ignore[import-untyped]  # scipy ships no types
 
-from ._checks import count, feature_matrix
+from ._checks import count, feature_matrix, number
 
 Concept = TypeVar("Concept", bound=Hashable)
 
@@ -49,7 +49,7 @@ def concept_neurons(
     often and hard comes before a faint one. At most ``per_concept`` per concept; a
     concept no neuron detects maps to an empty list.
     """
-    if not 0.5 < min_auc <= 1:
+    if not 0.5 < number(min_auc, "min_auc") <= 1:
         raise ValueError(f"min_auc must lie in (0.5, 1], got {min_auc}")
     per_concept = count(per_concept, "per_concept")
     features = feature_matrix(features, "features")

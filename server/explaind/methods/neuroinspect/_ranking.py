@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
-from ._checks import count, features_tensor, index, labelled_features, number
+from ._checks import count, feature_vector, index, labelled_features, number
 from ._probability import neuron_importance
 
 INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
@@ -180,12 +180,8 @@ class MistakeNeuronRanker:
         if class_mean_feature is None:
             in_class = labels == target_class
             class_mean_feature = features[in_class].mean(0) if in_class.any() else features.mean(0)
-        elif not isinstance(class_mean_feature, torch.Tensor):
-            raise TypeError(f"class_mean_feature must be a ({dim},) torch.Tensor, got {type(class_mean_feature).__name__}")
-        elif class_mean_feature.shape != (dim,):
-            raise ValueError(f"class_mean_feature must be ({dim},), got {tuple(class_mean_feature.shape)}")
         else:
-            class_mean_feature = features_tensor(class_mean_feature.unsqueeze(0), "class_mean_feature", dim=dim, like=weight)[0]
+            class_mean_feature = feature_vector(class_mean_feature, "class_mean_feature", like=weight)
         importance = neuron_importance(weight, bias, class_mean_feature, target_class)
 
         solution = solver.solve(weight, bias, features[mistake_indices], labels[mistake_indices],
