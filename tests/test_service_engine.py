@@ -32,6 +32,7 @@ from torch import nn
 
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
 from explaind.engine import DynamicBatcher, Engine, NewSample
+from explaind.engine.core import BLOB_WRITE_THREADS
 from explaind.engine.models import Preprocess, load_classifier
 from explaind.errors import DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted, Unavailable
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
@@ -945,15 +946,16 @@ def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
     from explaind.service.sample_sets import SampleSetServicer
     from explaind.v1 import common_pb2, sample_sets_pb2
 
-    samples = [NewSample.from_array(np.full((8, 8, 3), i, np.uint8), 0) for i in range(5)]
+    rounds = 3  # of BLOB_WRITE_THREADS images written at once, the caller asked before each
+    samples = [NewSample.from_array(np.full((8, 8, 3), i, np.uint8), 0) for i in range(rounds * BLOB_WRITE_THREADS)]
     answers = iter([True, True, False])
     with pytest.raises(Cancelled, match="nothing was stored"):
         engine.create_sample_set("left", "", samples, caller_waits=lambda: next(answers))
     with pytest.raises(NotFound):
         engine.store.get_sample_set("left")
-    assert engine.store.delete_unused_blobs() == 2  # the images written before it stopped
+    assert engine.store.delete_unused_blobs() == 2 * BLOB_WRITE_THREADS  # the images written before it stopped
     engine.create_sample_set("kept", "", samples[:1])
-    answers = iter([True] * 4 + [False])  # gone while the last image was written
+    answers = iter([True] * rounds + [False])  # gone while the last round was written
     with pytest.raises(Cancelled):
         engine.append_samples("kept", samples[1:], caller_waits=lambda: next(answers))
     assert engine.store.get_sample_set("kept").sample_count == 1

@@ -15,6 +15,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ DEFAULT_TOP_K = 5
 # Threads decoding stored samples for feature computation (PIL and torch release the GIL),
 # at most one per CPU this process may run on (a container's cpuset, taskset).
 _DECODE_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# Images of an upload written at once: each is a durable write (file and directory
+# synced, milliseconds, far more on a network volume), and concurrent syncs share the
+# file system's journal commits (bench/upload.py). The caller is asked between rounds.
+BLOB_WRITE_THREADS = 8
 EVALUATE_KIND = "evaluate_sample_set"  # the job kind of EvaluateSampleSet
 
 
@@ -156,6 +161,9 @@ class Engine:
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
         self._batcher: DynamicBatcher[BatchOutput] | None = None
+        # Never shut down: uploads may still be running when the engine closes (calls outlast
+        # jobs); idle threads end with the engine.
+        self._blob_writers = ThreadPoolExecutor(max_workers=BLOB_WRITE_THREADS, thread_name_prefix="explaind-blob-write")
 
     # Loading -------------------------------------------------------------------------
 
@@ -327,18 +335,20 @@ class Engine:
 
     def _store_samples(self, samples: Sequence[NewSample], put: Callable[[bytes], str], caller_waits: Callable[[], bool]) -> list[SampleRecord]:
         """Records for ``samples`` after checking their labels, images written with ``put``
-        (a durable write each, milliseconds: the caller is asked before each and at the end)."""
+        BLOB_WRITE_THREADS at a time (the caller is asked before each round and at the end)."""
         num_classes = len(self.models.active.class_names)
         for index, sample in enumerate(samples):
             if not 0 <= sample.label < num_classes:
                 raise InvalidArgument(f"label {sample.label} is not a class index in [0, {num_classes})", field=f"samples[{index}].label")
             _check_attributes(sample.attributes, f"samples[{index}].attributes")
-        records = []
-        for sample in samples:
+        digests: list[str] = []
+        for start in range(0, len(samples), BLOB_WRITE_THREADS):
             require_caller(caller_waits)
-            records.append(SampleRecord(put(sample.encoded), sample.label, dict(sample.attributes)))
+            writes = [self._blob_writers.submit(put, sample.encoded) for sample in samples[start : start + BLOB_WRITE_THREADS]]
+            futures.wait(writes)  # all of them, failed or not, before the block that counts them as written ends
+            digests += [write.result() for write in writes]
         require_caller(caller_waits)
-        return records
+        return [SampleRecord(digest, sample.label, dict(sample.attributes)) for digest, sample in zip(digests, samples, strict=True)]
 
     def load_sample_image(self, digest: str, version: ClassifierVersion | None = None) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1], fitted to the input of ``version`` (the
