@@ -329,11 +329,17 @@ def test_clip_illusion_refuses_a_clip_model_without_open_clip_s_encoders_or_imag
         def encode_text(self, text: torch.Tensor) -> torch.Tensor:
             return text
 
+    class NoTower(Encoders):
+        def __init__(self) -> None:
+            super().__init__(224)
+            del self.visual
+
     for clip_model, message in ((nn.Module(), r"clip_model must be an open_clip model \(encode_image, encode_text\), got Module"),
+                                (NoTower(), r"clip_model must be an open_clip model with an image tower \.visual, got NoTower"),
                                 (Encoders("224"), r"clip_model.visual.image_size must be an int or an \(H, W\) pair, got '224'")):
         with pytest.raises(TypeError, match=message):
             ClipIllusion(model, "hidden", clip_model, str.split, head="classifier", image_size=9, class_names=list("abc"))
-    for image_size in (224, (224, 224), [224, 224]):
+    for image_size in (224, (224, 224), [224, 224], np.int64(224), (np.int64(224), 224)):  # numpy's ints, as a config may give
         ClipIllusion(model, "hidden", Encoders(image_size), str.split, head="classifier", image_size=9, class_names=list("abc"))
 
 

@@ -20,6 +20,7 @@ last spatial layer before it (:func:`neuron_gradient_maps`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -124,7 +125,9 @@ class ClipIllusion:
         if clip_model is not None:
             if not isinstance(clip_model, _ClipEncoders):
                 raise TypeError(f"clip_model must be an open_clip model (encode_image, encode_text), got {type(clip_model).__name__}")
-            visual = clip_model.get_submodule("visual")
+            visual = getattr(clip_model, "visual", None)  # open_clip's image tower
+            if visual is None:
+                raise TypeError(f"clip_model must be an open_clip model with an image tower .visual, got {type(clip_model).__name__}")
             preprocess = getattr(visual, "preprocess_cfg", None) or {}
             self._clip_size = _clip_image_size(visual.image_size)
             self._clip_normalisation = (tuple(preprocess.get("mean", _OPENAI_MEAN)), tuple(preprocess.get("std", _OPENAI_STD)))
@@ -344,10 +347,10 @@ class ClipIllusion:
 
 def _clip_image_size(size: object) -> tuple[int, int]:
     """(H, W) CLIP's image tower takes, from its ``image_size``: an int or a pair."""
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(side, int) for side in size):
-        return size[0], size[1]
+    if isinstance(size, numbers.Integral):  # numpy's too
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(side, numbers.Integral) for side in size):
+        return int(size[0]), int(size[1])
     raise TypeError(f"clip_model.visual.image_size must be an int or an (H, W) pair, got {size!r}")
 
 

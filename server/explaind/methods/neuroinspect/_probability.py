@@ -36,7 +36,8 @@ def probability_ratio(
     """Ratio (N,) per sample of features (N, D), with all ``neurons`` (K,) zeroed together.
 
     Differentiable in ``weight`` and ``bias``: the head editor's regulariser. ``features``
-    are cast to the head's device and dtype.
+    are checked finite (a read of the device), detached and cast to the head's device and
+    dtype; the editor's minibatches skip the check, through ``_probability_ratio``.
     """
     head_parameters(weight, bias)
     features = features_tensor(features, "features", dim=weight.shape[1], like=weight)
