@@ -167,7 +167,7 @@ def test_the_image_installs_the_project_dependencies_before_copying_the_sources(
     lines = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
     dependency_step = next(i for i, line in enumerate(lines) if "requirements.txt" in line)
     copied_before = [line.split()[1:-1] for line in lines[:dependency_step] if line.startswith("COPY")]
-    assert copied_before == [["pyproject.toml", "README.md"]]
+    assert copied_before == [["pyproject.toml"]]  # the README too rebuilt the torch layer at each edit
     assert [line for line in lines if line.startswith("RUN pip install")] == ["RUN pip install --no-cache-dir --no-deps ."]
     assert dependency_step < min(i for i, line in enumerate(lines) if line.startswith("COPY server"))
     program = shlex.split(lines[dependency_step].removeprefix("RUN "))[2]  # python -c PROGRAM > ...
@@ -383,6 +383,12 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
         refused = render_chart(chart_renderer, tokenSecret="explaind-token", config=spelling)
         assert refused.returncode != 0 and "tokenSecret and a config that sets [server].token" in refused.stderr, spelling
     assert render_chart(chart_renderer, config='[server]\n# tls_cert_file = "a.pem"\n').returncode == 0
+    refused = render_chart(chart_renderer, config='server = {tls_cert_file="a.pem", tls_key_file="k.pem"}\n')
+    assert refused.returncode != 0 and "set TLS with tlsSecret" in refused.stderr
+    # Other sections' keys of the same names are theirs: a factory's Hugging Face token, a client's TLS option.
+    for other in ('[classifier]\nfactory_kwargs = { repo = "x", token = "hf_x", tls_verify = false }\n',
+                  '[classifier]\nfactory_kwargs.token = "hf_x"\n', '[classifier]\nname = "a token = b"\n'):
+        assert render_chart(chart_renderer, tokenSecret="explaind-token", config=other).returncode == 0, other
 
 
 def test_helm_templates_read_only_values_the_chart_defines():
