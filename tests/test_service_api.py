@@ -1323,6 +1323,24 @@ def test_metrics_on_a_wildcard_host_answer_ipv6_and_ipv4():
         http.shutdown()
         http.server_close()
 
+
+def test_metrics_on_a_wildcard_host_without_ipv6_listen_on_ipv4(monkeypatch):
+    import errno
+
+    import explaind.metrics
+
+    def no_ipv6(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(explaind.metrics, "make_server", no_ipv6)
+    for host in ("[::]", "::", "0.0.0.0"):  # IPv6's spellings were handed to prometheus_client, which cannot resolve "[::]"
+        http, port = Metrics().serve_http(host, 0)
+        try:
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200
+        finally:
+            http.shutdown()
+            http.server_close()
+
 def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     path = tmp_path / "image.png"
     path.write_bytes(_png(_uint8(world_images[0][:1])[0]))

@@ -2594,7 +2594,7 @@ def _user_version(path: Path) -> int:
         return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def test_a_store_records_its_schema_version_and_a_newer_one_is_refused_before_any_write(tmp_path):
+def test_a_store_records_its_schema_version_and_a_newer_one_is_refused_before_its_records_or_files_change(tmp_path):
     from explaind.store.sqlite import SCHEMA_VERSION
 
     store = SQLiteStore(tmp_path)
@@ -2618,15 +2618,20 @@ def test_a_store_records_its_schema_version_and_a_newer_one_is_refused_before_an
     SQLiteStore(tmp_path).close()
 
 
-def test_a_store_from_before_versioning_is_migrated_with_its_unfinished_uploads(tmp_path):
-    # For a while an unfinished upload was a column of sample_sets; read as finished, such a
-    # set was listed complete and evaluated.
+def test_a_store_from_before_versioning_is_migrated_naming_the_uploads_an_old_column_left(tmp_path, caplog):
+    # For a day an unfinished upload was a column of sample_sets, which releases since read
+    # as finished: such a set may have been appended to and used since, so marking it
+    # unfinished would have deleted it at the same start; it is named instead.
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:
         db.executescript("""CREATE TABLE sample_sets (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL,
                                                       update_time REAL NOT NULL, uploading INTEGER NOT NULL DEFAULT 0);
                             INSERT INTO sample_sets VALUES ('partial', '', 1.0, 1.0, 1), ('complete', '', 2.0, 2.0, 0);""")
-    store = SQLiteStore(tmp_path)
-    assert {info.sample_set_id: info.uploading for info in store.list_sample_sets()} == {"partial": True, "complete": False}
+    with caplog.at_level(logging.WARNING, logger="explaind.store.sqlite"):
+        store = SQLiteStore(tmp_path)
+    assert {info.sample_set_id: info.uploading for info in store.list_sample_sets()} == {"partial": False, "complete": False}
+    assert [record.getMessage() for record in caplog.records] == [
+        f"store {tmp_path}: sample set(s) partial were left uploading by a release of 2026-12-01 and are served as complete; "
+        "check their sample counts, or delete them"]
     store.create_sample_set("new", "", [])  # the old column takes its default
     store.close()
     from explaind.store.sqlite import SCHEMA_VERSION

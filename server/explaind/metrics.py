@@ -105,7 +105,8 @@ class Metrics:
 
         A wildcard host listens on IPv6 and IPv4 alike, as gRPC does on it: an IPv6-only
         cluster's Prometheus scrapes the pod's IPv6 address."""
-        if host in ("0.0.0.0", "::", "[::]") and socket.has_ipv6:
+        wildcard = host in ("0.0.0.0", "::", "[::]")
+        if wildcard and socket.has_ipv6:
             try:
                 server = make_server("::", port, make_wsgi_app(self.registry), _DualStackServer, handler_class=_QuietHandler)
             except OSError as error:  # IPv6 off in the kernel or the pod: IPv4 only; a port in use is the caller's
@@ -114,7 +115,8 @@ class Metrics:
             else:
                 threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
                 return server, server.server_address[1]
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        # A wildcard with IPv6 off: IPv4's ("[::]" is no address to prometheus_client).
+        server, _thread = start_http_server(port, addr="0.0.0.0" if wildcard else host, registry=self.registry)
         return server, server.server_address[1]
 
 

@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
 """
 # The layout _SCHEMA describes, kept in the database header (PRAGMA user_version): a
 # release opens a store of its version or older (migrating it at start-up, in one
-# transaction) and refuses a newer one before writing anything. 0: no version recorded
+# transaction) and refuses a newer one before changing its records or files. 0: no version recorded
 # (every store before versioning, and a new file).
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -183,11 +183,13 @@ class SQLiteStore:
         """Bring a store of schema ``version`` to SCHEMA_VERSION, in one transaction (the
         tables _SCHEMA adds exist by now)."""
         with self._transaction() as db:
-            if version < 1:
-                # An unfinished upload was a column of sample_sets for a while, not a row of
-                # uploading_sets: read as finished, such a set would have been evaluated.
-                if "uploading" in {row[1] for row in db.execute("PRAGMA table_info(sample_sets)")}:
-                    db.execute("INSERT OR IGNORE INTO uploading_sets SELECT id FROM sample_sets WHERE uploading")
+            if version < 1 and "uploading" in {row[1] for row in db.execute("PRAGMA table_info(sample_sets)")}:
+                # For a day (2026-12-01) an unfinished upload was a column of sample_sets, which
+                # the releases since read as finished: such a set may have been appended to and
+                # used since, so it is named, not marked unfinished (a start deletes those).
+                if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
+                    log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
+                                "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if version:  # 0 is also a new file
