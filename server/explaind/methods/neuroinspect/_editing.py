@@ -111,8 +111,8 @@ class HeadEdit:
         """The edited head as a module on the weights' device and dtype, to put in place of
         the model's head. Built without initialising it first: that would draw from the
         global random generator a caller may have seeded."""
-        head = nn.utils.skip_init(nn.Linear, self.weight.shape[1], self.weight.shape[0],
-                                  device=self.weight.device, dtype=self.weight.dtype)
+        head: nn.Linear = nn.utils.skip_init(  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            nn.Linear, self.weight.shape[1], self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             head.weight.copy_(self.weight)
             head.bias.copy_(self.bias)

@@ -25,7 +25,7 @@ def capture_forward(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     captured: dict[str, torch.Tensor] = {}
     owner = threading.get_ident()
 
-    def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if threading.get_ident() == owner:
             captured["input"], captured["output"] = inputs[0], output
 
@@ -50,7 +50,7 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
     last: tuple[nn.Module, int] | None = None
     done = False
 
-    def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
+    def hook(module: nn.Module, _inputs: tuple[object, ...], output: object) -> None:
         nonlocal last, done
         if threading.get_ident() != owner or done:
             return
@@ -80,7 +80,7 @@ def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: t
     module, wanted = spatial
     owner, captured, calls = threading.get_ident(), {}, [0]
 
-    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def hook(_module: nn.Module, _inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor | None:
         if threading.get_ident() != owner:
             return None
         calls[0] += 1
