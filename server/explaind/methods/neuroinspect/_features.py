@@ -149,12 +149,11 @@ class SplitForward:
 def split_forward(classifier: Callable[[torch.Tensor], object], images: torch.Tensor, feature_module: nn.Module,
                   head: nn.Linear, names: tuple[str, str]) -> SplitForward:
     """Run ``classifier`` (the model, or a function calling it) on ``images`` (on its device
-    and dtype already) and check the split
-    named ``names`` = (feature_layer, head): both modules run, the feature layer's output
-    holds one map per feature (:func:`channel_maps`), the head reads one vector per image,
-    the classifier returns a tensor, and the head's output is the classifier's (the head is
-    its last operation: a hidden linear layer named as the head would explain the wrong
-    decision). ValueError naming the module otherwise."""
+    and dtype already) and check the split named ``names`` = (feature_layer, head): both
+    modules run, the feature layer's output holds one map per feature (:func:`channel_maps`),
+    the head reads one vector per image, the classifier returns a tensor, and the head's
+    output is the classifier's (the head is its last operation: a hidden linear layer named
+    as the head would explain the wrong decision). ValueError naming the module otherwise."""
     feature_layer, head_name = names
     with capture_forward(feature_module) as layer, capture_forward(head) as read:
         logits = classifier(images)
