@@ -169,7 +169,7 @@ def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | No
     values = ATTRIBUTE_VALUES[attribute]
     if weights is None:
         weights = {"none": 1.0} if attribute == "artifact" else {"*": 1.0}
-    _refuse_unknown(where, "values", _table(where, weights), (*values, "*"))
+    _refuse_unknown(where, "values", weights, (*values, "*"))  # a table: _parse_scenario checked it where it was written
     for value, weight in weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"{where}.{value}: a weight must be a number, got {weight!r}")
