@@ -121,6 +121,16 @@ def test_early_stopping_keeps_the_best_epoch_s_weights(world, selection):
     assert not torch.equal(result.weight, world[0].weight.detach())
 
 
+def test_an_epoch_that_only_ties_the_best_is_no_improvement(world):
+    # The test above has no ties, so it cannot tell "the first best" from "the last best".
+    # A step too small to move any prediction scores every epoch the same: the first is
+    # kept, and the ties count towards patience.
+    result = edit(world, patience=2, learning_rate=1e-7)
+    keys = {(r.validation_accuracy, r.validation_worst_class_accuracy) for r in result.history}
+    assert len(keys) == 1
+    assert result.best_epoch == 1 and len(result.history) == 3
+
+
 def test_evaluation_reports_classes_groups_and_the_new_head(world):
     _, _, _, test = world
     result = edit(world, max_epochs=2)
