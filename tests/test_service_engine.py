@@ -85,11 +85,11 @@ def test_batcher_forms_batches_under_load_and_routes_results():
 
 
 def test_batcher_queue_limit_and_cancelled_requests():
-    gate = threading.Event()
-    batcher, sizes = _sizes_batcher(max_queue=4, run=lambda x: (gate.wait(10), x.flatten(1).sum(1))[1])
+    gate, entered = threading.Event(), threading.Event()
+    batcher, sizes = _sizes_batcher(max_queue=4, run=lambda x: (entered.set(), gate.wait(10), x.flatten(1).sum(1))[2])
     with ThreadPoolExecutor(1) as caller:  # the model is idle: this request runs in its caller's thread, blocked on the gate
         first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
-        time.sleep(0.1)
+        assert entered.wait(5)  # not a sleep: on a loaded machine the next submits ran first, in this thread
         queued = [batcher.submit(torch.ones(2, 1, 1, 1)) for _ in range(2)]
         with pytest.raises(ResourceExhausted, match="queue is full"):
             batcher.submit(torch.ones(1, 1, 1, 1))
@@ -1125,7 +1125,8 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     jobs = JobManager(store, metrics, max_queued=2, workers=1)
     gate = threading.Event()
     blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
-    time.sleep(0.1)
+    while jobs.get(blocker.record.job_id).record.state != "running":  # not a sleep: still queued, it fills the queue early
+        time.sleep(0.01)
     failing = jobs.submit("fail", lambda ctx: (_ for _ in ()).throw(InvalidArgument("bad thing", field="x")))
     waiting = jobs.submit("wait", lambda ctx: _empty())
     with pytest.raises(ResourceExhausted, match="job queue is full"):
