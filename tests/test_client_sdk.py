@@ -182,6 +182,8 @@ def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_
             offline.create_sample_set([IMAGE] * 3, [0, 1])
         with pytest.raises(ValueError, match=r"^got 1 images but 2 labels$"):
             offline.append_samples("any", IMAGE, [0, 1])
+        with pytest.raises(ValueError, match=r"^got 2 images but 1 attribute maps$"):  # not paired up short
+            offline.create_sample_set([IMAGE] * 2, [0, 1], attributes=[{"background": "water"}])
         with pytest.raises(ValueError, match=r"^the images are not as many as the 2 labels$"):  # an iterator is counted as it is read
             offline.create_sample_set(iter([IMAGE] * 3), [0, 1])
         with pytest.raises(FileNotFoundError, match=r"^images\[1\]: no such file: .*gone.png$"):
