@@ -427,6 +427,17 @@ def test_on_a_cuda_device_without_onnxruntime_gpu_only_a_splittable_onnx_model_i
         load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "split.onnx"), image_size=64), device="cuda")
 
 
+def test_a_cuda_device_index_past_the_machines_gpus_is_refused_before_serving(monkeypatch):
+    from explaind.engine.backends import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda") == torch.device("cuda") and check_device("cuda:0") == torch.device("cuda:0")
+    # Else the first .to("cuda:1") failed with "invalid device ordinal", after the server was listening.
+    with pytest.raises(FailedPrecondition, match=r"'cuda:1' but this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        check_device("cuda:1")
+
+
 def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(tmp_path, monkeypatch):
     # weights = "DEFAULT" was read as a file next to the config ("weights file not found").
     import torchvision

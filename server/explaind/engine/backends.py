@@ -25,6 +25,10 @@ def check_device(device: str) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition(f"[runtime].device is {device!r} but CUDA is not available on this machine (torch {torch.__version__}); use device = \"cpu\"")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= (count := torch.cuda.device_count()):
+        # Else the first .to() fails with "invalid device ordinal", after the server is listening.
+        raise FailedPrecondition(f"[runtime].device is {device!r} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1} "
+                                 f"(CUDA_VISIBLE_DEVICES renumbers them from 0)")
     return resolved
 
 
