@@ -2892,6 +2892,32 @@ def test_a_damaged_database_found_while_serving_is_data_loss_for_calls_and_jobs(
     assert caplog.text.count("Traceback") == 2  # the operator's log keeps both
 
 
+def test_a_device_out_of_memory_is_resource_exhausted_for_calls_and_jobs(tmp_path, caplog):
+    # A CUDA out-of-memory error (a large Predict, a VisualizeNeurons job beside it) was INTERNAL, reported as a bug.
+    import grpc
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB")
+
+    message = (r"^the model's device ran out of memory; retry with fewer images or a smaller batch, or later "
+               r"\(the server log has the details under incident [0-9a-f]{8}\)$")
+    server, port = _intercepted_server(Metrics(), out_of_memory)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and re.match(message, caught.value.details())
+    finally:
+        server.stop(None)
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    try:
+        record = jobs.wait(jobs.submit("evaluate", out_of_memory).record.job_id, 10).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED") and re.match(message, record.error_message)
+    finally:
+        jobs.shutdown(5)
+    assert caplog.text.count("Traceback") == 2 and "GPU 0 has a total capacity" in caplog.text  # the operator's log keeps the allocator's report
+
+
 def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
     # Both were counted CANCELLED: a dashboard could not tell server timeouts from callers that gave up.
     import grpc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
+import sys
 
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
@@ -106,4 +107,9 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -
     if is_damaged_database(error):
         return "DATA_LOSS", (f"the server's database is damaged ({error}); the operator must restore it from a backup "
                              f"(the server log has the details under incident {incident})")
+    torch = sys.modules.get("torch")  # not imported here: only a server that loaded it can run out of device memory
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        # A GPU's memory, full of this call's or of concurrent work: no bug to quote, and a smaller request may pass.
+        return "RESOURCE_EXHAUSTED", (f"the model's device ran out of memory; retry with fewer images or a smaller batch, or later "
+                                      f"(the server log has the details under incident {incident})")
     return "INTERNAL", f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"
