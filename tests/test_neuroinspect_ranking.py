@@ -122,6 +122,20 @@ def test_probability_ratios_are_capped_at_1e15_instead_of_overflowing():
     assert importance[2].item() == pytest.approx(1.0)
 
 
+def test_probability_ratios_of_a_half_precision_head_stay_finite_up_to_the_cap():
+    # Zeroing neuron 0 drops class 0's score from 20 to 0 against class 1's 15: a ratio of
+    # about e^15 = 3.3e6, past float16's 65504, which came back infinite for a float16 head
+    # (an "auto" target ratio of infinity then made the edit's penalty infinite).
+    weight, bias, feature = torch.tensor([[20.0, 0.0], [0.0, 0.0]]), torch.tensor([0.0, 15.0]), torch.tensor([1.0, 0.0])
+    expected = neuron_importance(weight, bias, feature, 0)
+    for dtype in (torch.float16, torch.bfloat16):
+        importance = neuron_importance(weight.to(dtype), bias.to(dtype), feature, 0)
+        ratio = probability_ratio(weight.to(dtype), bias.to(dtype), feature.unsqueeze(0), 0, torch.tensor([0]))
+        assert torch.isfinite(importance).all() and torch.isfinite(ratio).all(), dtype
+        torch.testing.assert_close(importance.float(), expected, rtol=2e-2, atol=0)
+        torch.testing.assert_close(ratio.float(), expected[:1], rtol=2e-2, atol=0)
+
+
 def planted_problem(seed=0, n=400, dim=16):
     """Class 0 was learnt with spurious neuron 9: its class-0 samples that lack it are mistakes."""
     g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.T
     zeroed = logits.unsqueeze(0) - feature.unsqueeze(1) * weight.T  # (D, C): neuron k zeroed in row k
     log_p = logits[class_index] - logits.logsumexp(0)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
-    return (log_p - log_p_zeroed).clamp_max(_MAX_LOG_RATIO).exp()
+    return _capped_exp(log_p - log_p_zeroed)
 
 
 def probability_ratio(
@@ -56,4 +56,10 @@ def _probability_ratio(weight: torch.Tensor, bias: torch.Tensor, features: torch
     zeroed = logits - features[:, neurons] @ weight[:, neurons].T
     log_p = logits[:, class_index] - logits.logsumexp(1)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
-    return (log_p - log_p_zeroed).clamp_max(_MAX_LOG_RATIO).exp()
+    return _capped_exp(log_p - log_p_zeroed)
+
+
+def _capped_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp of ``log_ratio`` capped at 1e15, in at least float32: float16's largest value,
+    65504, is e^11, so a half-precision head's ratios overflowed to infinity below the cap."""
+    return log_ratio.to(torch.promote_types(log_ratio.dtype, torch.float32)).clamp_max(_MAX_LOG_RATIO).exp()
