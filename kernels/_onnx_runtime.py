@@ -119,6 +119,8 @@ def execution_providers(
     available = onnxruntime.get_available_providers()
     cpu: Provider = ("CPUExecutionProvider", {})
     if backend == "tensorrt":
+        if torch.device(device).type != "cuda":  # else its providers took the current GPU, unasked
+            raise ValueError(f"backend 'tensorrt' runs on a CUDA device, got device={device!r}")
         if not torch.cuda.is_available() or "TensorrtExecutionProvider" not in available:
             raise FailedPrecondition(
                 f"backend 'tensorrt' needs CUDA and onnxruntime's TensorrtExecutionProvider; this machine has "

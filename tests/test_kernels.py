@@ -139,9 +139,11 @@ def test_an_unknown_backend_and_missing_providers_fail_clearly():
     assert execution_providers() == [("CPUExecutionProvider", {})]
     with pytest.raises(ValueError, match=r"backend must be one of \(.onnxruntime., .tensorrt.\), got .openvino."):
         execution_providers("openvino")
+    with pytest.raises(ValueError, match=r"^backend 'tensorrt' runs on a CUDA device, got device='cpu'$"):  # it took GPU 0 unasked
+        execution_providers("tensorrt", "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(FailedPrecondition, match="TensorrtExecutionProvider"):
-            execution_providers("tensorrt")
+            execution_providers("tensorrt", "cuda")
         with pytest.raises(FailedPrecondition, match="CUDAExecutionProvider"):
             execution_providers("onnxruntime", "cuda")
 

@@ -694,7 +694,7 @@ def test_an_onnx_classifier_runs_its_sessions_on_the_configured_threads(tmp_path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
-@pytest.mark.parametrize("runtime", [{"device": "cuda"}, {"backend": "tensorrt"}])
+@pytest.mark.parametrize("runtime", [{"device": "cuda"}, {"backend": "tensorrt", "device": "cuda"}])
 def test_gpu_only_settings_fail_clearly_without_cuda(tmp_path, classifier_dir, runtime):
     with pytest.raises(FailedPrecondition, match="CUDA"):
         _engine(tmp_path, classifier_dir, **runtime)
@@ -1651,6 +1651,10 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"jobs": {"retention_days": float("nan")}}, r"\[jobs\].retention_days must be a number, got nan"),  # it meant keep forever
         ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
         ({"runtime": {"device": "gpu0"}}, r"\[runtime\].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu0'"),
+        # torch parses these, but "meta" loaded no weights (every Predict failed) and MPS lacks float64.
+        ({"runtime": {"device": "meta"}}, r"\[runtime\].device must be .* got 'meta': explaind runs on the CPU or CUDA GPUs"),
+        ({"runtime": {"device": "mps"}}, r"\[runtime\].device must be .* got 'mps': explaind runs on the CPU or CUDA GPUs"),
+        ({"runtime": {"backend": "tensorrt"}}, r"\[runtime\].backend \"tensorrt\" runs on a GPU: set \[runtime\].device to \"cuda\" or \"cuda:N\", got 'cpu'"),
         ({"classifier": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"\[classifier\].std must hold positive numbers"),
         ({"classifier": {"resize_size": -1}}, r"\[classifier\].resize_size must be at least 0, got -1"),
         ({"classifier": {"resize_size": "256"}}, r"\[classifier\].resize_size must be a number, got '256'"),

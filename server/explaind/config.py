@@ -375,15 +375,23 @@ def _names_pretrained_weights(value: str) -> bool:
     return "/" not in value and "\\" not in value and Path(value).suffix.lower() not in WEIGHT_FILE_SUFFIXES
 
 
-def _validate_device(path: Path | str, device: str) -> None:
+def _validate_device(path: Path | str, runtime: RuntimeSection) -> None:
     """A malformed device string is a config mistake; whether CUDA is present is checked
-    when the models load (FailedPrecondition), since configs travel between machines."""
+    when the models load (FailedPrecondition), since configs travel between machines.
+    Only CPU and CUDA are served: torch parses "meta" or "mps" too, but "meta" drops the
+    weights (every Predict failed) and MPS lacks the float64 sums the methods keep."""
     import torch
 
+    message = f"{path}: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got {runtime.device!r}"
     try:
-        torch.device(device)
+        device = torch.device(runtime.device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"{path}: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got {device!r}") from None
+        raise ConfigError(message) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{message}: explaind runs on the CPU or CUDA GPUs")
+    if runtime.backend == "tensorrt" and device.type != "cuda":
+        # Its providers would otherwise take GPU 0 while the server reported the CPU.
+        raise ConfigError(f"{path}: [runtime].backend \"tensorrt\" runs on a GPU: set [runtime].device to \"cuda\" or \"cuda:N\", got {runtime.device!r}")
 
 
 def _validate(path: Path | str, config: Config) -> None:
@@ -392,7 +400,7 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [classifier].loader must be one of {CLASSIFIER_LOADERS}, got {classifier.loader!r}")
     if config.runtime.backend not in BACKENDS:
         raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
-    _validate_device(path, config.runtime.device)
+    _validate_device(path, config.runtime)
     if classifier.interpolation not in ("", *INTERPOLATIONS):
         raise ConfigError(f"{path}: [classifier].interpolation must be one of {INTERPOLATIONS}, got {classifier.interpolation!r}")
     if len(classifier.mean) != len(classifier.std):
