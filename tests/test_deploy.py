@@ -312,14 +312,17 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     left_to_config = rendered(chart_renderer, device="")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     assert "args" not in left_to_config and left_to_config["resources"]["limits"]["nvidia.com/gpu"] == 1  # config may say cuda
     # A CPU device held a GPU it never used (or waited Pending for one) unless the limit was nulled by hand.
-    for device in ("cpu", "mps"):
-        limits = rendered(chart_renderer, device=device)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits == {"memory": "16Gi"}, device
+    limits = rendered(chart_renderer, device="cpu")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"memory": "16Gi"}
     # A GPU requested as well went from the limits only: Kubernetes refuses a request without its limit.
     requested = {"requests": {"cpu": "1", "nvidia.com/gpu": 1}, "limits": {"memory": "4Gi", "nvidia.com/gpu": 1}}
     resources = rendered(chart_renderer, device="cpu", resources=requested)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources == {"requests": {"cpu": "1", "memory": "8Gi"}, "limits": {"memory": "4Gi"}}  # merged with the defaults, as Helm does
-    assert rendered(chart_renderer, device="cuda:1")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The pod numbers its GPUs from 0: cuda:1 on the one GPU it gets never ran.
+    assert "the pod gets 1 GPU(s)" in render_chart(chart_renderer, device="cuda:1").stderr
+    two = {"limits": {"nvidia.com/gpu": 2}}
+    assert rendered(chart_renderer, device="cuda:1", resources=two)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["--device", "cuda:1"]
+    assert 'device must be "cpu", "cuda" or "cuda:N", got "mps"' in render_chart(chart_renderer, device="mps").stderr
     # Tainted GPU nodes and private registries: the standard values reach the pod.
     scheduling = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                   "nodeSelector": {"accelerator": "h200"}, "imagePullSecrets": [{"name": "regcred"}],
