@@ -2,6 +2,7 @@
 wrong annotation (a Protocol its own solvers do not satisfy, an Optional the README
 unpacks unchecked) fails a user's type checker even where the code runs."""
 
+import os
 import re
 import subprocess
 import sys
@@ -69,3 +70,103 @@ def test_the_package_and_a_strict_user_script_on_its_in_process_api_type_check(t
     script.write_text(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0] + USER_SCRIPT_TAIL)
     # Silent imports: the errors a user sees are their own script's, as with an installed explaind.
     _mypy(tmp_path, "--strict", "--follow-imports=silent", str(script))
+
+
+# The SDK's user: README's SDK block, with the images it sends, then what an analyst's
+# script goes on to do, each value annotated with (or asserted to be) the type the SDK
+# documents. assert_type fails where a call gives Any, which an annotation would take.
+SDK_SCRIPT_HEAD = '''
+import numpy as np
+
+images = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+labels = ["heart", "heart", "star", "circle"]
+'''
+
+SDK_SCRIPT_TAIL = '''
+from typing import Any, assert_type
+
+from PIL.Image import Image
+
+from explaind.client import (
+    ActiveHeadChange,
+    DeadlineExceededError,
+    Evaluation,
+    HeadEdit,
+    HeadVersion,
+    NeuronRanking,
+    NeuronVisualizations,
+    Operation,
+    OperationError,
+    RankedNeuron,
+    SampleSet,
+    image_folder,
+)
+from explaind.client.report import MistakeReport, build_report, render_report
+
+with Client("127.0.0.1:50051", token="secret", retry=False) as client:
+    assert_type(report, Evaluation)
+    assert_type(ranking, NeuronRanking)
+    assert_type(shown, NeuronVisualizations)
+    assert_type(edit, HeadEdit)
+    paths, folder_labels = image_folder("images/")
+    added: SampleSet = client.append_samples("hearts", paths, folder_labels, progress=True)
+    evaluation: Operation[Evaluation] = client.evaluate_sample_set("hearts", batch_size=64)
+    for update in evaluation.watch(timeout=60):
+        print(update.progress.step, update.progress.total, update.state)
+    assert_type(evaluation.wait(timeout=5).result(download=False), Evaluation)
+    assert_type(evaluation.artifact_image("mistakes.png"), Image)
+    worst_class: str = min(report.class_accuracy, key=report.class_accuracy.__getitem__)
+    mistake_count: int = report.mistake_count
+    first: RankedNeuron = ranking.neurons[0]
+    share: float = first.rank_ratio
+    images_shown = [v.image for v in shown.visualizations if v.image is not None]
+    assert_type(images_shown, list[Image])
+    version: HeadVersion = edit.version
+    if version.evaluation is not None:
+        print(version.evaluation.accuracy, version.evaluation.worst_class)
+    change: ActiveHeadChange = client.rollback_head_version()
+    listed: list[Operation] = client.operations(kind="edit_head", limit=10)
+    for operation in listed:
+        failure: OperationError | None = operation.error
+        print(operation.name, operation.state, operation.create_time.isoformat(), failure)
+    assert_type(client.operation(listed[0].name).result(), Any)
+    try:
+        client.visualize_neurons([(neurons[0], "heart")]).result(timeout=1)
+    except DeadlineExceededError as late:
+        if late.operation is not None:
+            print(late.operation.wait().state)
+    mistakes: MistakeReport = build_report(client, "heart", "hearts", max_neurons=5)
+    page: str = render_report(mistakes)
+'''
+
+
+def _installed_layout(root: Path) -> Path:
+    """A site-packages directory as the wheel installs explaind: server/explaind's files,
+    with the SDK and the generated stubs as explaind.client and explaind.v1 (the
+    [tool.setuptools.package-dir] mapping, which mypy cannot follow in an editable
+    install), linked rather than copied."""
+    package = root / "site" / "explaind"
+    package.mkdir(parents=True)
+    for entry in (ROOT / "server" / "explaind").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    (package / "client").symlink_to(ROOT / "clients" / "explaind" / "client")
+    (package / "v1").symlink_to(ROOT / "clients" / "explaind" / "v1")
+    return package.parent
+
+
+def test_a_strict_user_script_on_the_sdk_gets_its_documented_types(tmp_path):
+    section = README.read_text().split("## API (explaind.v1)", 1)[1].split("\n## ", 1)[0]
+    readme_block = next(block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+                        if block.startswith("from explaind.client import Client"))
+    script = tmp_path / "sdk_user_script.py"
+    script.write_text(SDK_SCRIPT_HEAD + readme_block + SDK_SCRIPT_TAIL)
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\nstrict = True\n")
+    # explaind on PYTHONPATH is an installed package to mypy (py.typed: its inline types
+    # are read, its own errors are not the user's), as after `pip install explaind`.
+    environment = {**os.environ, "PYTHONPATH": str(_installed_layout(tmp_path))}
+    checked = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config),
+                              "--cache-dir", str(tmp_path / "mypy_cache"), str(script)],
+                             cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 0, f"mypy --strict {script.name}:\n{checked.stdout}{checked.stderr}"

@@ -33,8 +33,8 @@ from explaind.v1 import (
 from ._errors import ExplaindError, FailedPreconditionError, NotFoundError, UnavailableError, from_rpc_error
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
-from ._neuroinspect import ActiveHeadChange, HeadVersion, NeuronRanking, as_scalar, class_fields, class_ref
-from ._operations import LAST_ATTEMPT_S, Operation, ProgressDisplay, enum_number
+from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
+from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, enum_number
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -593,13 +593,13 @@ class Client:
 
     # Jobs ----------------------------------------------------------------------------
 
-    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> Operation:
+    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> Operation[Evaluation]:
         """Start classifying a sample set; ``.result()`` gives an :class:`Evaluation` and the
         operation has a ``mistakes.png`` artifact. ``batch_size``: images per forward pass,
         1..4096 (0: the server's ``[jobs].evaluate_batch_size``); ``max_grid_images``: most
         mistakes drawn in the grid, 1..1024 (0: 64)."""
         request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images)
-        return Operation(self, self._call("inference", "EvaluateSampleSet", request).operation)
+        return Operation[Evaluation](self, self._call("inference", "EvaluateSampleSet", request).operation)
 
     def operation(self, name: str) -> Operation:
         """An operation by name (``operations/<id>`` or the id)."""
@@ -677,7 +677,7 @@ class Client:
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
         # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
         # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
-        return Operation(self, response.operation).result(progress=progress, timeout=left, download=download)
+        return Operation[NeuronRanking](self, response.operation).result(progress=progress, timeout=left, download=download)
 
     def visualize_neurons(
         self,
@@ -691,7 +691,7 @@ class Client:
         seed: int = 0,
         preview_every: int = 0,
         classes_per_neuron: int = 0,
-    ) -> Operation:
+    ) -> Operation[NeuronVisualizations]:
         """Start visualising neurons: each entry is a neuron (conditioned on the class with
         its largest head weight, or on each of the ``classes_per_neuron`` largest) or a
         (neuron, class) pair, 64 images at most. ``method``: "clip_illusion",
@@ -718,7 +718,7 @@ class Client:
             pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,
             seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, **optional,
         )
-        return Operation(self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
+        return Operation[NeuronVisualizations](self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
 
     def edit_head(
         self,
@@ -738,7 +738,7 @@ class Client:
         seed: int = 0,
         promote: bool = False,
         description: str = "",
-    ) -> Operation:
+    ) -> Operation[HeadEdit]:
         """Start retraining the head so ``target_class`` relies less on ``neurons``;
         ``.result()`` gives a :class:`HeadEdit` whose new version is served only once
         promoted (or with ``promote=True``). ``method``: "probability_ratio" or
@@ -770,7 +770,7 @@ class Client:
             group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
             seed=seed, promote=promote, description=description, **class_fields(target_class), **optional,
         )
-        return Operation(self, self._call("neuroinspect", "EditHead", request).operation)
+        return Operation[HeadEdit](self, self._call("neuroinspect", "EditHead", request).operation)
 
     def head_versions(self) -> list[HeadVersion]:
         """Head versions of the served feature extractor, oldest first (``active`` marks the served one)."""

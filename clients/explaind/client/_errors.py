@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+if TYPE_CHECKING:
+    from ._operations import Operation
 
 
 class ExplaindError(Exception):
@@ -16,9 +21,12 @@ class ExplaindError(Exception):
     ``sample_set_id`` of a NOT_FOUND), None if it names none.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
-    not say."""
+    not say. ``operation`` is the job a DeadlineExceededError gave up waiting for
+    (``result(timeout=...)``, ``rank_mistake_neurons``), still running: wait on it later;
+    None on other errors."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    operation: Operation[Any] | None = None
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None,
                  field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None,

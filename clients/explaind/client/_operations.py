@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Self, TypeVar
 
 import grpc
 import numpy as np
@@ -35,7 +35,20 @@ from ._images import open_image
 from ._types import AbbreviatedRepr, Artifact, ComparedByValue, Progress
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from ._client import Client
+
+# What ``result()`` returns: Evaluation, NeuronVisualizations or HeadEdit for the
+# operations the Client starts; Any for one fetched by name, of any kind. Defaulting to
+# Any (PEP 696, typing's own from Python 3.13), a bare ``Operation`` annotation is
+# Operation[Any] to a type checker, not a missing type argument.
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar as _DefaultedTypeVar
+
+    ResultT = _DefaultedTypeVar("ResultT", covariant=True, default=Any)
+else:
+    ResultT = TypeVar("ResultT", covariant=True)
 
 # The last retry is sent this long before the deadline, so that it has time to be answered.
 LAST_ATTEMPT_S = 0.25
@@ -171,8 +184,9 @@ class ProgressDisplay:
             self._shown, self._shown_at = (state, message), now
 
 
-class Operation:
-    """A server-side job. ``state`` is one of queued, running, succeeded, failed, cancelled."""
+class Operation(Generic[ResultT]):
+    """A server-side job. ``state`` is one of queued, running, succeeded, failed, cancelled.
+    ``Operation[Evaluation]`` is one whose ``result()`` is an :class:`Evaluation`."""
 
     def __init__(self, client: Client, message: lro_pb2.Operation) -> None:
         self._client = client
@@ -255,14 +269,14 @@ class Operation:
         code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
         return operation_error(code, status.message, field_violations(status), field=named_field(status))
 
-    def refresh(self, *, timeout: float | None = None) -> Operation:
+    def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for
         at most ``timeout`` seconds, default the client's); returns self."""
         response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=timeout)
         self._update(response.operation)
         return self
 
-    def cancel(self) -> Operation:
+    def cancel(self) -> Self:
         """Ask the server to stop the job (it ends CANCELLED at its next checkpoint)."""
         response = self._client._call("operations", "CancelOperation", operations_pb2.CancelOperationRequest(name=self.name))
         self._update(response.operation)
@@ -272,7 +286,7 @@ class Operation:
         """Forget the finished operation on the server (see :meth:`Client.delete_operation`)."""
         self._client.delete_operation(self.name)
 
-    def wait(self, timeout: float | None = None) -> Operation:
+    def wait(self, timeout: float | None = None) -> Self:
         """Block until done or ``timeout`` seconds (None: until done; 0 or less: look
         once, the poll of "is it done yet?")."""
         if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
@@ -304,7 +318,7 @@ class Operation:
                 pause = 0.1
         return self
 
-    def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Operation]:
+    def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Self]:
         """Yield this operation on every progress update until it is done. A stream the
         server dropped (a restart) is opened again once GetOperation reaches the server
         (within the client's timeout and this one; the operation then usually reads
@@ -340,7 +354,7 @@ class Operation:
                 return
             time.sleep(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
 
-    def _poll(self, deadline: float) -> Iterator[Operation]:
+    def _poll(self, deadline: float) -> Iterator[Self]:
         """Yield this operation every WATCH_POLL_INTERVAL_S until it is done or ``deadline``
         (``time.monotonic()``) passes."""
         while not self.done:
@@ -350,7 +364,7 @@ class Operation:
             time.sleep(min(WATCH_POLL_INTERVAL_S, left))
             yield self._refresh_before(deadline)
 
-    def _refresh_before(self, deadline: float) -> Operation:
+    def _refresh_before(self, deadline: float) -> Self:
         """:meth:`refresh`, retried while the server is unavailable until ``deadline``
         (``time.monotonic()``), not only for the client's timeout: a watch keeps its own."""
         while True:
@@ -360,7 +374,7 @@ class Operation:
                 if not self._client._retry or time.monotonic() >= deadline - LAST_ATTEMPT_S:
                     raise
 
-    def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> Any:
+    def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> ResultT:
         """Wait for the job and return its result (a dataclass where the SDK has one,
         else the response message). ``progress=True`` shows a tqdm bar, or plain lines
         when stderr is not a terminal; Ctrl-C cancels the job on the server before
@@ -444,6 +458,6 @@ class Operation:
             raise DataLossError(f"artifact {name!r} of {self.name} does not match its digest {digest}")
         return content
 
-    def artifact_image(self, name: str):
+    def artifact_image(self, name: str) -> Image:
         """An image artifact as a PIL image."""
         return open_image(self.artifact(name))
