@@ -50,7 +50,26 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed; see the messages above")
+    for stub in target.glob("*_pb2.pyi"):
+        stub.write_text(strict_stub(stub.read_text()))
     return sorted(p for p in target.iterdir() if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")))
+
+
+# googleapis-common-protos ships no types (and types-protobuf covers google.protobuf
+# only): its import is Any, whether or not a checker has stubs for it.
+_LONGRUNNING_IMPORT = "from google.longrunning import operations_pb2 as _operations_pb2"
+_TYPING_IMPORT = "from typing import ClassVar as _ClassVar"
+
+
+def strict_stub(text: str) -> str:
+    """protoc's .pyi as ``mypy --strict`` reads it in a checkout (the SDK's stubs are
+    checked as source there, not as an installed package's): a message field's dict form
+    is ``Mapping[str, Any]``, not the bare generic ``Mapping``, and google.longrunning,
+    which has no types, is an ignored import."""
+    text = text.replace("_Mapping]", "_Mapping[str, _Any]]")
+    if "_Any]" in text:
+        text = text.replace(_TYPING_IMPORT, "from typing import Any as _Any, ClassVar as _ClassVar", 1)
+    return text.replace(_LONGRUNNING_IMPORT, _LONGRUNNING_IMPORT + "  # type: ignore[import-untyped, unused-ignore]")
 
 
 if __name__ == "__main__":

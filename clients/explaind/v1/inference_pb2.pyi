@@ -1,10 +1,10 @@
 from explaind.v1 import common_pb2 as _common_pb2
-from google.longrunning import operations_pb2 as _operations_pb2
+from google.longrunning import operations_pb2 as _operations_pb2  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any, ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -16,7 +16,7 @@ class PredictRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     top_k: int
     return_features: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., return_features: _Optional[bool] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping[str, _Any]]]] = ..., top_k: _Optional[int] = ..., return_features: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "features", "model_version")
@@ -26,7 +26,7 @@ class PredictResponse(_message.Message):
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     features: _common_pb2.Tensor
     model_version: str
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping[str, _Any]]]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_indices", "labels", "probabilities")
@@ -52,7 +52,7 @@ class GetModelMetadataResponse(_message.Message):
     components: _containers.RepeatedCompositeFieldContainer[ComponentStatus]
     batching: BatchingInfo
     limits: RequestLimits
-    def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+    def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping[str, _Any]]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping[str, _Any]]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping[str, _Any]]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_pixels_per_request", "max_images_per_request", "max_image_side")
@@ -136,7 +136,7 @@ class EvaluateSampleSetResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class EvaluateSampleSetResult(_message.Message):
     __slots__ = ("sample_set_id", "model_version", "sample_count", "accuracy", "per_class", "confusion_matrix", "mistakes")
@@ -154,7 +154,7 @@ class EvaluateSampleSetResult(_message.Message):
     per_class: _containers.RepeatedCompositeFieldContainer[ClassAccuracy]
     confusion_matrix: _containers.RepeatedScalarFieldContainer[int]
     mistakes: _containers.RepeatedCompositeFieldContainer[Mistake]
-    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., sample_count: _Optional[int] = ..., accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[ClassAccuracy, _Mapping]]] = ..., confusion_matrix: _Optional[_Iterable[int]] = ..., mistakes: _Optional[_Iterable[_Union[Mistake, _Mapping]]] = ...) -> None: ...
+    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., sample_count: _Optional[int] = ..., accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[ClassAccuracy, _Mapping[str, _Any]]]] = ..., confusion_matrix: _Optional[_Iterable[int]] = ..., mistakes: _Optional[_Iterable[_Union[Mistake, _Mapping[str, _Any]]]] = ...) -> None: ...
 
 class ClassAccuracy(_message.Message):
     __slots__ = ("class_name", "count", "accuracy")

@@ -2,14 +2,14 @@ import datetime
 
 from explaind.v1 import common_pb2 as _common_pb2
 from explaind.v1 import inference_pb2 as _inference_pb2
-from google.longrunning import operations_pb2 as _operations_pb2
+from google.longrunning import operations_pb2 as _operations_pb2  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any, ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -94,7 +94,7 @@ class RankMistakeNeuronsResponse(_message.Message):
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     ranking: NeuronRanking
     operation: _operations_pb2.Operation
-    def __init__(self, ranking: _Optional[_Union[NeuronRanking, _Mapping]] = ..., operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, ranking: _Optional[_Union[NeuronRanking, _Mapping[str, _Any]]] = ..., operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class RankedNeuron(_message.Message):
     __slots__ = ("neuron", "direction", "insufficient_ratio", "excessive_ratio", "mean_omega", "importance", "top_classes", "top_class_names")
@@ -169,7 +169,7 @@ class NeuronRanking(_message.Message):
     omega: _common_pb2.Tensor
     predicted_as: _containers.ScalarMap[str, int]
     omega_artifact: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., solver: _Optional[str] = ..., sample_count: _Optional[int] = ..., mistake_count: _Optional[int] = ..., converged_count: _Optional[int] = ..., neurons: _Optional[_Iterable[_Union[RankedNeuron, _Mapping]]] = ..., mistakes: _Optional[_Iterable[_Union[MistakeSummary, _Mapping]]] = ..., omega: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., predicted_as: _Optional[_Mapping[str, int]] = ..., omega_artifact: _Optional[str] = ...) -> None: ...
+    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., solver: _Optional[str] = ..., sample_count: _Optional[int] = ..., mistake_count: _Optional[int] = ..., converged_count: _Optional[int] = ..., neurons: _Optional[_Iterable[_Union[RankedNeuron, _Mapping[str, _Any]]]] = ..., mistakes: _Optional[_Iterable[_Union[MistakeSummary, _Mapping[str, _Any]]]] = ..., omega: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., predicted_as: _Optional[_Mapping[str, int]] = ..., omega_artifact: _Optional[str] = ...) -> None: ...
 
 class NeuronClassPair(_message.Message):
     __slots__ = ("neuron", "class_name", "class_index")
@@ -201,13 +201,13 @@ class VisualizeNeuronsRequest(_message.Message):
     seed: int
     preview_every: int
     classes_per_neuron: int
-    def __init__(self, pairs: _Optional[_Iterable[_Union[NeuronClassPair, _Mapping]]] = ..., method: _Optional[_Union[VisualizationMethod, str]] = ..., steps: _Optional[int] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ..., classes_per_neuron: _Optional[int] = ...) -> None: ...
+    def __init__(self, pairs: _Optional[_Iterable[_Union[NeuronClassPair, _Mapping[str, _Any]]]] = ..., method: _Optional[_Union[VisualizationMethod, str]] = ..., steps: _Optional[int] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ..., classes_per_neuron: _Optional[int] = ...) -> None: ...
 
 class VisualizeNeuronsResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class NeuronVisualization(_message.Message):
     __slots__ = ("neuron", "class_index", "class_name", "image_artifact", "masked_image_artifact", "activation", "logit", "clip_similarity", "core_relevance", "mask_fraction")
@@ -243,7 +243,7 @@ class VisualizeNeuronsResult(_message.Message):
     method: str
     steps: int
     visualizations: _containers.RepeatedCompositeFieldContainer[NeuronVisualization]
-    def __init__(self, model_version: _Optional[str] = ..., method: _Optional[str] = ..., steps: _Optional[int] = ..., visualizations: _Optional[_Iterable[_Union[NeuronVisualization, _Mapping]]] = ...) -> None: ...
+    def __init__(self, model_version: _Optional[str] = ..., method: _Optional[str] = ..., steps: _Optional[int] = ..., visualizations: _Optional[_Iterable[_Union[NeuronVisualization, _Mapping[str, _Any]]]] = ...) -> None: ...
 
 class EditHeadRequest(_message.Message):
     __slots__ = ("sample_set_id", "class_name", "class_index", "neurons", "method", "validation_sample_set_id", "evaluation_sample_set_id", "group_attribute", "strength", "target_ratio", "auto_target_ratio", "learning_rate", "max_epochs", "patience", "seed", "promote", "description")
@@ -287,7 +287,7 @@ class EditHeadResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class HeadEvaluation(_message.Message):
     __slots__ = ("accuracy", "per_class", "worst_class_name", "worst_class_accuracy", "group_accuracy", "worst_group", "worst_group_accuracy")
@@ -312,7 +312,7 @@ class HeadEvaluation(_message.Message):
     group_accuracy: _containers.ScalarMap[str, float]
     worst_group: str
     worst_group_accuracy: float
-    def __init__(self, accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[_inference_pb2.ClassAccuracy, _Mapping]]] = ..., worst_class_name: _Optional[str] = ..., worst_class_accuracy: _Optional[float] = ..., group_accuracy: _Optional[_Mapping[str, float]] = ..., worst_group: _Optional[str] = ..., worst_group_accuracy: _Optional[float] = ...) -> None: ...
+    def __init__(self, accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[_inference_pb2.ClassAccuracy, _Mapping[str, _Any]]]] = ..., worst_class_name: _Optional[str] = ..., worst_class_accuracy: _Optional[float] = ..., group_accuracy: _Optional[_Mapping[str, float]] = ..., worst_group: _Optional[str] = ..., worst_group_accuracy: _Optional[float] = ...) -> None: ...
 
 class HeadVersion(_message.Message):
     __slots__ = ("version_id", "model_version", "parent_version_id", "method", "class_name", "neurons", "description", "create_time", "active", "parent_evaluation", "evaluation")
@@ -338,7 +338,7 @@ class HeadVersion(_message.Message):
     active: bool
     parent_evaluation: HeadEvaluation
     evaluation: HeadEvaluation
-    def __init__(self, version_id: _Optional[str] = ..., model_version: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., method: _Optional[str] = ..., class_name: _Optional[str] = ..., neurons: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ..., parent_evaluation: _Optional[_Union[HeadEvaluation, _Mapping]] = ..., evaluation: _Optional[_Union[HeadEvaluation, _Mapping]] = ...) -> None: ...
+    def __init__(self, version_id: _Optional[str] = ..., model_version: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., method: _Optional[str] = ..., class_name: _Optional[str] = ..., neurons: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., active: _Optional[bool] = ..., parent_evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ..., evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class EditHeadResult(_message.Message):
     __slots__ = ("version", "best_epoch", "epochs_run", "validation_accuracy")
@@ -350,7 +350,7 @@ class EditHeadResult(_message.Message):
     best_epoch: int
     epochs_run: int
     validation_accuracy: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping]] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping[str, _Any]]] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ListHeadVersionsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -368,7 +368,7 @@ class ListHeadVersionsResponse(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[HeadVersion]
     active_version_id: str
     next_page_token: str
-    def __init__(self, versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping]]] = ..., active_version_id: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping[str, _Any]]]] = ..., active_version_id: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PromoteHeadVersionRequest(_message.Message):
     __slots__ = ("version_id",)
@@ -382,7 +382,7 @@ class PromoteHeadVersionResponse(_message.Message):
     PREVIOUS_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     version: HeadVersion
     previous_version_id: str
-    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping]] = ..., previous_version_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping[str, _Any]]] = ..., previous_version_id: _Optional[str] = ...) -> None: ...
 
 class RollbackHeadVersionRequest(_message.Message):
     __slots__ = ("version_id",)
@@ -396,7 +396,7 @@ class RollbackHeadVersionResponse(_message.Message):
     PREVIOUS_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     version: HeadVersion
     previous_version_id: str
-    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping]] = ..., previous_version_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping[str, _Any]]] = ..., previous_version_id: _Optional[str] = ...) -> None: ...
 
 class DeleteHeadVersionRequest(_message.Message):
     __slots__ = ("version_id",)

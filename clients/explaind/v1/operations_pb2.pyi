@@ -1,6 +1,6 @@
 import datetime
 
-from google.longrunning import operations_pb2 as _operations_pb2
+from google.longrunning import operations_pb2 as _operations_pb2  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -8,7 +8,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any, ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -56,7 +56,7 @@ class OperationMetadata(_message.Message):
     artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
     cancel_requested: bool
     full_response_artifact: str
-    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., cancel_requested: _Optional[bool] = ..., full_response_artifact: _Optional[str] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping[str, _Any]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping[str, _Any]]]] = ..., cancel_requested: _Optional[bool] = ..., full_response_artifact: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total", "message", "preview_png")
@@ -92,7 +92,7 @@ class GetOperationResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class ListOperationsRequest(_message.Message):
     __slots__ = ("kind", "state", "page_size", "page_token", "view")
@@ -114,7 +114,7 @@ class ListOperationsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operations: _containers.RepeatedCompositeFieldContainer[_operations_pb2.Operation]
     next_page_token: str
-    def __init__(self, operations: _Optional[_Iterable[_Union[_operations_pb2.Operation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, operations: _Optional[_Iterable[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelOperationRequest(_message.Message):
     __slots__ = ("name",)
@@ -126,7 +126,7 @@ class CancelOperationResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class WaitOperationRequest(_message.Message):
     __slots__ = ("name", "timeout")
@@ -134,13 +134,13 @@ class WaitOperationRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class WaitOperationResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class WatchOperationRequest(_message.Message):
     __slots__ = ("name",)
@@ -152,7 +152,7 @@ class WatchOperationResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
-    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class GetArtifactRequest(_message.Message):
     __slots__ = ("name", "artifact", "offset", "max_bytes")
@@ -172,7 +172,7 @@ class GetArtifactResponse(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     artifact: Artifact
     content: bytes
-    def __init__(self, artifact: _Optional[_Union[Artifact, _Mapping]] = ..., content: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, artifact: _Optional[_Union[Artifact, _Mapping[str, _Any]]] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class DeleteOperationRequest(_message.Message):
     __slots__ = ("name",)

@@ -6,7 +6,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any, ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -25,7 +25,7 @@ class Sample(_message.Message):
     image: _common_pb2.Image
     label: int
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., label: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping[str, _Any]]] = ..., label: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SampleSet(_message.Message):
     __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time", "uploading", "uid")
@@ -52,7 +52,7 @@ class SampleSet(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     uploading: bool
     uid: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uploading: _Optional[bool] = ..., uid: _Optional[str] = ...) -> None: ...
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., uploading: _Optional[bool] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class CreateSampleSetRequest(_message.Message):
     __slots__ = ("sample_set_id", "display_name", "samples", "upload_continues")
@@ -64,13 +64,13 @@ class CreateSampleSetRequest(_message.Message):
     display_name: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     upload_continues: bool
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., upload_continues: _Optional[bool] = ...) -> None: ...
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., upload_continues: _Optional[bool] = ...) -> None: ...
 
 class CreateSampleSetResponse(_message.Message):
     __slots__ = ("sample_set",)
     SAMPLE_SET_FIELD_NUMBER: _ClassVar[int]
     sample_set: SampleSet
-    def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping]] = ...) -> None: ...
+    def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class AppendSamplesRequest(_message.Message):
     __slots__ = ("sample_set_id", "samples", "finish_upload", "sample_set_uid")
@@ -82,13 +82,13 @@ class AppendSamplesRequest(_message.Message):
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     finish_upload: bool
     sample_set_uid: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., finish_upload: _Optional[bool] = ..., sample_set_uid: _Optional[str] = ...) -> None: ...
+    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., finish_upload: _Optional[bool] = ..., sample_set_uid: _Optional[str] = ...) -> None: ...
 
 class AppendSamplesResponse(_message.Message):
     __slots__ = ("sample_set",)
     SAMPLE_SET_FIELD_NUMBER: _ClassVar[int]
     sample_set: SampleSet
-    def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping]] = ...) -> None: ...
+    def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class GetSampleSetRequest(_message.Message):
     __slots__ = ("sample_set_id",)
@@ -100,7 +100,7 @@ class GetSampleSetResponse(_message.Message):
     __slots__ = ("sample_set",)
     SAMPLE_SET_FIELD_NUMBER: _ClassVar[int]
     sample_set: SampleSet
-    def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping]] = ...) -> None: ...
+    def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class ListSampleSetsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -116,7 +116,7 @@ class ListSampleSetsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     sample_sets: _containers.RepeatedCompositeFieldContainer[SampleSet]
     next_page_token: str
-    def __init__(self, sample_sets: _Optional[_Iterable[_Union[SampleSet, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, sample_sets: _Optional[_Iterable[_Union[SampleSet, _Mapping[str, _Any]]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListSamplesRequest(_message.Message):
     __slots__ = ("sample_set_id", "page_size", "page_token")
@@ -134,7 +134,7 @@ class ListSamplesResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     next_page_token: str
-    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteSampleSetRequest(_message.Message):
     __slots__ = ("sample_set_id", "sample_set_uid")
