@@ -136,8 +136,9 @@ def _field_violation(error: ExplaindError) -> bytes:
 # Failures that are the server's to fix; others (refused input, cancels, restarts) are
 # the caller's or expected, and logged at INFO.
 _SERVER_FAILURES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED"})
-# The codes deploy/alerts.yml's ExplaindJobsFailing counts (a full data dir has its own alert).
-ALERTED_FAILURE_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
+# The codes deploy/alerts.yml's ExplaindJobsFailing counts: all of those above, so a GPU
+# out of memory (RESOURCE_EXHAUSTED) is seen too; a full data dir also has its own alert.
+ALERTED_FAILURE_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED")
 
 
 def _log_end(record: JobRecord) -> None:
