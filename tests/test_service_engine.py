@@ -2167,6 +2167,48 @@ def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
         jobs.shutdown(5)
 
 
+def test_list_operations_reads_only_the_responses_it_sends(tmp_path):
+    # A page of up to 1000 operations read every one's stored response (up to half the
+    # message limit each) before sending none (OPERATION_VIEW_BASIC) or the few that fit:
+    # one small request cost the server gigabytes.
+    import tracemalloc
+
+    from google.protobuf import any_pb2
+    from google.rpc import status_pb2
+
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.store import JobRecord
+    from explaind.v1 import operations_pb2
+
+    store = SQLiteStore(tmp_path, reserve_bytes=0)
+    response = any_pb2.Any(type_url="type.googleapis.com/x", value=b"r" * (1 << 20)).SerializeToString()
+    detail = any_pb2.Any()
+    detail.Pack(status_pb2.Status(message="the field"))
+    for i in range(60):
+        store.insert_job(JobRecord(job_id=f"{i:016x}", kind="evaluate", state="succeeded", create_time=1000.0 + i, end_time=1001.0 + i,
+                                   result=response))
+    store.insert_job(JobRecord(job_id="f" * 16, kind="evaluate", state="failed", create_time=2000.0, end_time=2001.0,
+                               error_code="INVALID_ARGUMENT", error_message="bad", result=detail.SerializeToString()))
+    jobs = JobManager(store, Metrics(), workers=1)
+    try:
+        servicer = OperationsServicer(jobs, max_message_bytes=4 << 20, held_calls=HeldCalls(1))
+        pages = {}
+        for view in (operations_pb2.OPERATION_VIEW_BASIC, operations_pb2.OPERATION_VIEW_FULL):
+            tracemalloc.start()
+            pages[view] = servicer.ListOperations(operations_pb2.ListOperationsRequest(page_size=1000, view=view), None)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < 8 << 20, f"{operations_pb2.OperationView.Name(view)}: {peak >> 20} MiB"
+        basic, full = pages[operations_pb2.OPERATION_VIEW_BASIC], pages[operations_pb2.OPERATION_VIEW_FULL]
+        assert len(basic.operations) == 61 and not any(operation.HasField("response") for operation in basic.operations)
+        assert basic.operations[0].error.details[0] == detail  # a failed one's error keeps its details
+        assert 2 <= len(full.operations) < 5 and full.operations[1].response.SerializeToString() == response
+        assert full.next_page_token
+    finally:
+        jobs.shutdown(5)
+
+
 def test_a_data_dir_whose_database_is_lost_is_refused_not_swept_clean(tmp_path):
     # A missing or empty database (a bad restore, a wrong mount) was created afresh, and the
     # start-up sweep deleted every image, artifact and head weight as unused.

@@ -343,17 +343,29 @@ class JobManager:
                 return JobSnapshot(live.record, live.preview)
         return JobSnapshot(self.store.get_job(job_id))
 
+    def response(self, snapshot: JobSnapshot) -> JobSnapshot:
+        """``snapshot`` with its result, read if a listing without responses left it out
+        (as it was: a job deleted since keeps none)."""
+        if snapshot.record.state != SUCCEEDED or snapshot.record.result:
+            return snapshot
+        try:
+            return JobSnapshot(self.store.get_job(snapshot.record.job_id), snapshot.preview)
+        except NotFound:
+            return snapshot
+
     def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
-             limit: int = 100) -> list[JobSnapshot]:
+             limit: int = 100, responses: bool = True) -> list[JobSnapshot]:
         """Newest first, resuming after the (create_time, job_id) of a previous page's last
-        job; fewer than ``limit`` only at the end (a page's size is how a caller tells)."""
+        job; fewer than ``limit`` only at the end (a page's size is how a caller tells).
+        Without ``responses``, a succeeded job stored before the call has ``result`` b""
+        (:meth:`response` reads it)."""
         # A kind no engine runs any more still lists the jobs stored under it.
         if kind and kind not in self._kinds and not self.store.list_jobs(kind=kind, limit=1):
             raise InvalidArgument(f"unknown kind {kind!r}; the kinds are {', '.join(sorted(self._kinds))}", field="kind")
         snapshots: list[JobSnapshot] = []
         while len(snapshots) < limit:
             wanted = limit - len(snapshots)
-            records = self.store.list_jobs(kind=kind, state=state, after=after, limit=wanted)
+            records = self.store.list_jobs(kind=kind, state=state, after=after, limit=wanted, responses=responses)
             for record in records:
                 if record.state in FINISHED_STATES:
                     snapshots.append(JobSnapshot(record))

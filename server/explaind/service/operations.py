@@ -52,10 +52,13 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
             state = convert.STATE_NAMES[request.state]
         if request.view not in operations_pb2.OperationView.values():
             raise convert.unknown_enum_value(operations_pb2.OperationView, request.view, "view")
-        snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit)
-        # Results can be large (an evaluation's confusion matrix is C² counts).
+        # Results can be large (an evaluation's mistakes, up to half the message limit each):
+        # the page is listed without them and each is read as the page fills, so a page of
+        # a thousand reads only those it sends.
+        snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit, responses=False)
         response = request.view != operations_pb2.OPERATION_VIEW_BASIC
-        operations = messages_that_fit((convert.operation(s, response=response) for s in snapshots), self._max_message_bytes)
+        operations = messages_that_fit((convert.operation(self._jobs.response(s) if response else s, response=response) for s in snapshots),
+                                       self._max_message_bytes)
         last = snapshots[len(operations) - 1].record if len(operations) < len(snapshots) or len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
             operations=operations,

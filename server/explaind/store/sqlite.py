@@ -103,6 +103,11 @@ _FEATURE_VERSIONS = """WITH RECURSIVE hop(version) AS (
                            UNION ALL SELECT (SELECT MIN(version) FROM features WHERE version > hop.version) FROM hop WHERE version IS NOT NULL)
                        SELECT version FROM hop WHERE version IS NOT NULL"""
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
+# A succeeded job's result is its response, up to half of [server].max_message_bytes: a
+# listing of a thousand of them read gigabytes to send none (OPERATION_VIEW_BASIC) or
+# the few that fit in one message. A failed one's is its error's details, which stay.
+_JOB_COLUMNS_WITHOUT_RESPONSE = tuple(f"CASE WHEN state = '{SUCCEEDED}' THEN X'' ELSE result END" if column == "result" else column
+                                      for column in _JOB_COLUMNS)
 
 
 def _frees_space(delete: Callable[..., T]) -> Callable[..., T]:
@@ -581,7 +586,7 @@ class SQLiteStore:
         return self._job_from_row(row)
 
     def list_jobs(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
-                  limit: int = 100) -> list[JobRecord]:
+                  limit: int = 100, responses: bool = True) -> list[JobRecord]:
         clauses, params = [], []
         for column, value in (("kind", kind), ("state", state)):
             if value:
@@ -593,7 +598,8 @@ class SQLiteStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
+                f"SELECT {', '.join(_JOB_COLUMNS if responses else _JOB_COLUMNS_WITHOUT_RESPONSE)} FROM jobs {where} "
+                "ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
 
