@@ -797,6 +797,25 @@ def test_visualization_files_are_safe_names_whatever_the_class(class_name, stem)
     assert _visualization_stem(3, 7, class_name) == stem
 
 
+@pytest.mark.parametrize(("class_name", "file_name"), [("../../escaped", "report-s-escaped.html"),
+                                                      ("n02085620 Chihuahua/toy", "report-s-n02085620-Chihuahua-toy.html")])
+def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path, monkeypatch, class_name, file_name):
+    # The demo named its report after the worst class as the server spelled it: a "/" in
+    # a class name (a --config classifier's class-names file) wrote elsewhere, or nowhere.
+    from types import SimpleNamespace
+
+    from explaind.client import cli, report
+
+    monkeypatch.setattr(report, "build_report", lambda *args, **kwargs: SimpleNamespace(ranking=None))
+    monkeypatch.setattr(report, "render_report", lambda built: "<html>")
+    monkeypatch.setattr(cli, "_print_ranking", lambda ranking: None)
+    monkeypatch.setattr(cli, "_print_report_gaps", lambda built: None)
+    directory = tmp_path / "a" / "b"
+    directory.mkdir(parents=True)
+    cli._explain_worst_class(None, SimpleNamespace(class_accuracy={class_name: 0.5, "other": 1.0}), "s", directory, "s")
+    assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*.html")] == [directory.relative_to(tmp_path) / file_name]
+
+
 def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

@@ -690,7 +690,13 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def _visualization_stem(index: int, neuron: int, class_name: str) -> str:
     """File name stem numbered like the server's artifacts (a pair may repeat), with the
     class name made safe for any file system ("n02085620 Chihuahua/toy" -> "n02085620-Chihuahua-toy")."""
-    return f"{index:02d}_neuron{neuron}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', class_name).strip('.-') or 'class'}"
+    return f"{index:02d}_neuron{neuron}_{_safe_file_name(class_name)}"
+
+
+def _safe_file_name(class_name: str) -> str:
+    """A class name (the server's) as part of a file name: no "/" or ".." to leave the
+    directory by, nothing a file system refuses ("n02085620 Chihuahua/toy" -> "n02085620-Chihuahua-toy")."""
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', class_name).strip('.-') or 'class'
 
 
 def cmd_edit_head(args: argparse.Namespace) -> int:
@@ -892,7 +898,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     print(f"\nexplaining the mistakes of '{worst}' (accuracy {accuracy:.2f}):")
     report = build_report(client, worst, sample_set_id, steps=60, group_attribute="background", progress=True)
     _print_ranking(report.ranking)
-    out = directory / f"report-{scenario}-{worst}.html"
+    out = directory / f"report-{scenario}-{_safe_file_name(worst)}.html"
     _write(out, render_report(report).encode("utf-8"))
     _print_report_gaps(report)
     print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
