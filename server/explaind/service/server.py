@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class ExplaindServer:
         self.metrics.watch_data_dir(self.store.data_dir)
         self.engine = Engine(config, self.store, self.metrics)
         self.neuroinspect = NeuroInspectEngine(self.engine)
-        self.health = health.HealthServicer()
+        self.health = _HealthServicer()
         self.port = 0
         self.metrics_port = 0
         self.serving = False  # models loaded, health SERVING
@@ -237,6 +238,25 @@ class ExplaindServer:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+class _HealthServicer(health.HealthServicer):
+    """grpcio's health servicer, forgetting a watched service name once its last Watch
+    ends. grpcio's kept an empty entry per name ever watched, and Watch needs no token:
+    callers watching names of their own (any size, up to max_message_bytes) grew the
+    server's memory without bound, a megabyte a call for a megabyte's name."""
+
+    def _on_close_callback(self, send_response_callback: Callable[[object], None], service: str) -> Callable[[], None]:
+        def callback() -> None:
+            with self._lock:
+                watchers = self._send_response_callbacks.get(service)
+                if watchers is not None:
+                    watchers.discard(send_response_callback)
+                    if not watchers:
+                        del self._send_response_callbacks[service]
+            send_response_callback(None)
+
+        return callback
 
 
 class _ProbeHealth(health_pb2_grpc.HealthServicer):
