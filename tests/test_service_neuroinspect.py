@@ -546,6 +546,33 @@ def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_s
         _shut(engine)
 
 
+def test_an_inline_ranking_ranks_the_set_it_checked_not_one_made_under_its_id_since(tmp_path, world_set, monkeypatch):
+    # The set was read by id alone after its checks: one deleted and created again in
+    # between (another client's replace) was ranked instead, and answered as the set asked for.
+    from explaind.engine import NewSample
+    from explaind.errors import FailedPrecondition
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        pixels, labels, _ = world_set
+        check = engine.usable_sample_set
+
+        def checked_then_replaced(*args, **kwargs):
+            info = check(*args, **kwargs)
+            if not kwargs.get("uid"):  # the call's own check, then another client's replace
+                engine.store.delete_sample_set("train")
+                engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[40:80], labels[40:80])])
+            return info
+
+        monkeypatch.setattr(engine, "usable_sample_set", checked_then_replaced)
+        with pytest.raises(FailedPrecondition, match="sample set 'train' is not the set of uid") as refused:
+            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
+        assert refused.value.field == "sample_set_id"
+    finally:
+        _shut(engine)
+
+
 def test_a_set_labelled_for_another_classifier_is_refused_naming_its_field(tmp_path, world_set):
     # Sets outlive a change of classifier in the same data dir: labels 0..9 kept for a
     # 6-class model failed evaluation and ranking with INTERNAL, and an edit only in its job.
