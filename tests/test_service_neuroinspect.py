@@ -573,6 +573,30 @@ def test_an_inline_ranking_ranks_the_set_it_checked_not_one_made_under_its_id_si
         _shut(engine)
 
 
+def test_a_set_deleted_and_swept_while_an_inline_ranking_reads_its_images_is_not_found_naming_it(tmp_path, world_set, monkeypatch):
+    # Sweeps spare the images of sets deleted while a job runs, not while a call does: an
+    # inline ranking then failed NOT_FOUND "no artifact with digest ...", naming no field.
+    from explaind.errors import NotFound
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        cached = engine.store.get_features
+
+        def read_then_deleted_and_swept(*args, **kwargs):
+            features = cached(*args, **kwargs)  # none yet: every image is to be read
+            engine.store.delete_sample_set("train")
+            assert engine.store.delete_unused_blobs() == 40  # as the server's sweep does with no job running
+            return features
+
+        monkeypatch.setattr(engine.store, "get_features", read_then_deleted_and_swept)
+        with pytest.raises(NotFound, match="sample set 'train' was deleted while it was read") as refused:
+            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
+        assert refused.value.field == "sample_set_id"
+    finally:
+        _shut(engine)
+
+
 def test_a_set_labelled_for_another_classifier_is_refused_naming_its_field(tmp_path, world_set):
     # Sets outlive a change of classifier in the same data dir: labels 0..9 kept for a
     # 6-class model failed evaluation and ranking with INTERNAL, and an edit only in its job.

@@ -380,10 +380,11 @@ class Engine:
         self.metrics.feature_cache_hits.inc(len(digests) - len(missing))
         self.metrics.feature_cache_misses.inc(len(missing))
         fn = self._feature_fns.get(version.feature_cache_key, version.features)
-        for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context, "computing features"):
-            fresh = dict(zip(chunk, computed, strict=True))
-            self.store.put_features(version.feature_cache_key, fresh)
-            cached.update(fresh)
+        with self._reading_images_of(sample_set_id, field):
+            for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context, "computing features"):
+                fresh = dict(zip(chunk, computed, strict=True))
+                self.store.put_features(version.feature_cache_key, fresh)
+                cached.update(fresh)
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
         features = torch.from_numpy(np.stack([cached[digest] for digest in digests])).to(self.device)
@@ -402,10 +403,23 @@ class Engine:
         digests = [record.digest for record in records]
         unique = list(dict.fromkeys(digests))
         computed: dict[str, np.ndarray] = {}
-        for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
-            computed.update(zip(chunk, logits, strict=True))
+        with self._reading_images_of(sample_set_id, "sample_set_id"):
+            for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
+                computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests])) if digests else torch.empty(0, len(version.class_names))
         return logits, torch.tensor([record.label for record in records], dtype=torch.long), digests
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reading_images_of(sample_set_id: str, field: str) -> Iterator[None]:
+        """Around reading a set's images: a stored image that is NotFound (no longer
+        referenced, its file swept) means the set was deleted while it was read. A job's
+        reads are safe from sweeps (see the server's sweep); a call's inline ones are not,
+        and told "no artifact with digest ..." with no field."""
+        try:
+            yield
+        except NotFound:
+            raise NotFound(f"sample set {sample_set_id!r} was deleted while it was read", field=field) from None
 
     def _samples_of(self, sample_set_id: str, field: str, uid: str | None) -> list[SampleRecord]:
         """The usable set's samples; with ``uid`` checked again after the read, so they are
