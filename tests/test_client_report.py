@@ -265,3 +265,27 @@ def test_only_images_smaller_than_their_box_are_drawn_as_crisp_pixels():
         images = re.findall(r"<img [^>]*>", page)
         assert len(images) == 2 and all(("data-upscaled" in image) == upscaled for image in images)
     assert ".neuron img[data-upscaled] { image-rendering: pixelated; }" in page and "width: 128px; height: 128px;" in page
+
+
+def test_every_name_from_the_server_or_the_config_is_escaped_in_the_page():
+    # Class names come from a classifier's class-names file, reasons from server messages:
+    # the page is opened in a browser, so none of them may become markup.
+    from PIL import Image
+
+    from explaind.client._neuroinspect import NeuronRanking, NeuronVisualization, RankedNeuron
+    from explaind.client.report import MistakeReport
+
+    hostile = "<img src=x onerror=alert(1)>'\"</style></script>"
+    ranking = NeuronRanking(sample_set_id=hostile, model_version=hostile, class_index=0, class_name=hostile, solver=hostile, sample_count=10,
+                            mistake_count=2, converged_count=2, neurons=[RankedNeuron(7, "excessive", 0.0, 1.0, -1.0, 0.9, [hostile])],
+                            predicted_as={hostile: 2})
+    image = Image.new("RGB", (8, 8))
+    shown = NeuronVisualization(neuron=7, class_index=0, class_name=hostile, image=image, masked_image=image, activation=1.0,
+                                logit=2.0, clip_similarity=0.3, core_relevance=0.1, mask_fraction=0.5)
+    for visualizations, reason in (([shown], ""), ([], hostile)):
+        page = render_report(MistakeReport(ranking=ranking, visualizations=visualizations, edit=None, visualization_method=hostile,
+                                           evaluated_on=hostile, no_edit_reason=hostile, no_visualization_reason=reason))
+        assert hostile not in page and "<script" not in page and "onerror=alert" not in page.replace("&lt;img src=x onerror=alert", "")
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page
+        assert len(re.findall(r"<img ", page)) == 2 * len(visualizations)  # only the page's own images
+    assert _evaluation_rows(evaluation({hostile: 0.5, "b": 0.9}, {hostile: 0.1}), evaluation({hostile: 0.6, "b": 0.9}, {hostile: 0.2})).count("<img") == 0
