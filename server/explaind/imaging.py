@@ -58,6 +58,9 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
             if image.mode == "I" or image.mode.startswith("I;16"):
                 return _grey16_to_rgb8(np.asarray(image), field=field)
+            if image.mode == "RGB":  # convert("RGB") would load it and copy it whole: an extra copy per image
+                image.load()
+                return np.asarray(image)
             return np.asarray(image.convert("RGB"))
     except InvalidArgument:
         raise
