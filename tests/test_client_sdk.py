@@ -890,3 +890,35 @@ def test_a_failed_jobs_error_is_its_typed_error_with_the_field_it_refused():
         operation.result()  # done: no call is made
     assert isinstance(raised.value, OperationError) and raised.value.field == "group_attribute"
     assert str(raised.value) == "INVALID_ARGUMENT: group_attribute: no sample has it"
+
+
+def test_pixel_count_reads_a_png_header_as_pillow_does():
+    """The SDK's split of a predict or upload counts an encoded PNG's pixels from its IHDR
+    chunk without Pillow: the same count as Pillow's size for any PNG it opens, and 0 (as
+    Pillow's open fails) for a header whose CRC is wrong."""
+    import io
+    import zlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    from explaind.client._images import pixel_count
+    from explaind.v1 import common_pb2
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in ((1, 1), (64, 64), (37, 301), (512, 3))]
+    images += [images[2].convert(mode) for mode in ("L", "LA", "P", "RGBA", "1", "I;16")]
+    for image in images:
+        data = png(image)
+        with Image.open(io.BytesIO(data)) as opened:
+            assert pixel_count(common_pb2.Image(encoded=data)) == opened.size[0] * opened.size[1] == image.size[0] * image.size[1]
+    data = bytearray(png(images[1]))
+    data[29:33] = ((zlib.crc32(data[12:29]) + 1) % 2**32).to_bytes(4, "big")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(bytes(data)))
+    assert pixel_count(common_pb2.Image(encoded=bytes(data))) == 0
+    assert pixel_count(common_pb2.Image(encoded=b"\x89PNG\r\n\x1a\n")) == 0  # truncated: no header
