@@ -38,7 +38,7 @@ from explaind.errors import DataLoss, FailedPrecondition, InvalidArgument, Model
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
-from explaind.store import SampleRecord, SQLiteStore, StoreOpenError
+from explaind.store import ArtifactRef, JobRecord, SampleRecord, SQLiteStore, StoreOpenError
 
 from conftest import TINY_VIT_CLASSIFIER, torch_threads, write_config
 
@@ -2282,6 +2282,34 @@ def test_a_damaged_stored_file_is_data_loss_said_to_the_operator(tmp_path, caplo
         with pytest.raises(DataLoss, match=r"is damaged \(it holds 5 bytes of 10\)"):
             store.get_blob(digest, offset=0, length=10, size=10)
         assert [r.levelname for r in caplog.records if "is damaged" in r.message] == ["ERROR", "ERROR"]
+    finally:
+        store.close()
+
+
+def test_a_lost_or_damaged_stored_file_names_what_holds_it_in_the_log_and_the_message(tmp_path, caplog):
+    # The ERROR line named only the file's path and the message said "delete what holds
+    # it": the operator could not tell which sample set or operation to delete.
+    store = SQLiteStore(tmp_path)
+    try:
+        with store.writing_blobs() as put:
+            shared, artifact = put(b"an image in many sets"), put(b"a mistakes grid")
+            for index in range(7):
+                store.create_sample_set(f"set{index}", "", [SampleRecord(shared, 0, {})])
+            store.insert_job(JobRecord("ab12", "evaluate_sample_set", "succeeded", time.time(),
+                                       artifacts=(ArtifactRef("mistakes.png", "image/png", artifact, 15),)))
+        store._blob_path(artifact).write_bytes(b"a mistakes gri")
+        with pytest.raises(DataLoss, match=re.escape("(operation operations/ab12 (explaind operations delete NAME))")):
+            store.get_blob(artifact, offset=0, length=15, size=15)
+        store._blob_path(shared).write_bytes(b"damaged")
+        with caplog.at_level(logging.ERROR, logger="explaind.store.sqlite"), pytest.raises(DataLoss) as damaged:
+            store.get_blob(shared)
+        held = "sample sets 'set0', 'set1', 'set2', 'set3', 'set4' and 2 more (explaind sample-set delete ID)"
+        assert str(damaged.value).endswith(f"delete what holds it ({held})")
+        assert caplog.records[-1].levelname == "ERROR" and caplog.records[-1].getMessage().endswith(f"held by {held}")
+        store._blob_path(shared).unlink()
+        with pytest.raises(DataLoss, match=re.escape(f"({held})")):
+            store.get_blob(shared)
+        assert caplog.records[-1].getMessage().endswith(f"held by {held}")
     finally:
         store.close()
 

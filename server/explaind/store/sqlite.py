@@ -445,15 +445,47 @@ class SQLiteStore:
             with self._lock:
                 lost = bool(self._referenced([digest]))
             if lost:
-                log.error("the stored file %s is missing from the data dir though the store references it", path)
+                holders = self._holders(digest)
+                log.error("the stored file %s is missing from the data dir though the store references it; held by %s", path, holders)
                 raise DataLoss(f"the stored file of {digest!r} is missing from the server's data dir; "
-                               f"the operator must restore it or delete what holds it") from None
+                               f"the operator must restore it or delete what holds it ({holders})") from None
             raise NotFound(f"no artifact with digest {digest!r}") from None
 
-    @staticmethod
-    def _damaged(path: Path, digest: str, detail: str) -> DataLoss:
-        log.error("the stored file %s is damaged: %s", path, detail)
-        return DataLoss(f"the stored file of {digest!r} is damaged ({detail}); the operator must restore it or delete what holds it")
+    def _damaged(self, path: Path, digest: str, detail: str) -> DataLoss:
+        holders = self._holders(digest)
+        log.error("the stored file %s is damaged: %s; held by %s", path, detail, holders)
+        return DataLoss(f"the stored file of {digest!r} is damaged ({detail}); the operator must restore it or delete what holds it ({holders})")
+
+    # Holders named per kind in a lost file's log line and message: a shared image can be
+    # in any number of sets, and the line must stay one line.
+    _HOLDERS_NAMED = 5
+
+    def _holders(self, digest: str) -> str:
+        """What references the blob ``digest``, as the operator deletes it: "sample set
+        's1', operation operations/ab12 (explaind operations delete NAME)"; the log line of
+        a lost file said only its path, which names none of them."""
+        limit = self._HOLDERS_NAMED + 1
+        with self._lock:
+            kinds = (
+                ("sample set", "explaind sample-set delete ID",
+                 [repr(row[0]) for row in self._db.execute("SELECT DISTINCT set_id FROM samples WHERE digest = ? ORDER BY set_id LIMIT ?", (digest, limit))],
+                 "SELECT COUNT(DISTINCT set_id) FROM samples WHERE digest = ?"),
+                ("operation", "explaind operations delete NAME",
+                 [f"operations/{row[0]}" for row in self._db.execute("SELECT job_id FROM job_artifacts WHERE digest = ? ORDER BY job_id LIMIT ?", (digest, limit))],
+                 "SELECT COUNT(*) FROM job_artifacts WHERE digest = ?"),
+                ("head version", "explaind head-versions delete ID",
+                 [repr(row[0]) for row in self._db.execute("SELECT DISTINCT version_id FROM head_versions WHERE weights_digest = ? ORDER BY version_id LIMIT ?", (digest, limit))],
+                 "SELECT COUNT(DISTINCT version_id) FROM head_versions WHERE weights_digest = ?"),
+            )
+            named = []
+            for kind, command, ids, count_query in kinds:
+                if not ids:
+                    continue
+                shown = ", ".join(ids[:self._HOLDERS_NAMED])
+                if len(ids) > self._HOLDERS_NAMED:
+                    shown += f" and {self._db.execute(count_query, (digest,)).fetchone()[0] - self._HOLDERS_NAMED} more"
+                named.append(f"{kind}{'s' if len(ids) > 1 else ''} {shown} ({command})")
+        return "; ".join(named) or "nothing any more"
 
     # Sample sets ---------------------------------------------------------------------
 
