@@ -2961,6 +2961,30 @@ def _intercepted_server(metrics: Metrics, behaviour):
     return server, server.add_insecure_port("127.0.0.1:0")
 
 
+def test_calls_refused_for_capacity_are_logged_with_the_limit_once_a_minute(caplog):
+    # A client flooding Predict until the queue was full left the log silent: the alert's
+    # "the refusals' messages say which limit" pointed at messages only callers saw.
+    import grpc
+
+    def full(*args):
+        raise ResourceExhausted("prediction queue is full (8 images waiting, limit 8); retry with backoff")
+
+    server, port = _intercepted_server(Metrics(), full)
+    server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="explaind.service.interceptors"), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as caught:
+                    channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop(None)
+    refusals = [record for record in caplog.records if "refused" in record.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "WARNING"
+    assert re.match(r"refused test\.Service/Call from ipv4:127\.0\.0\.1:\d+: RESOURCE_EXHAUSTED: prediction queue is full "
+                    r"\(8 images waiting, limit 8\); retry with backoff$", refusals[0].getMessage())
+
+
 def test_an_unexpected_rpc_failure_reaches_the_caller_without_server_internals(caplog):
     import grpc
 

@@ -124,6 +124,17 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._max_send_bytes = max_send_bytes
         self._held_calls = held_calls
         self._refusals = _ThrottledLog()
+        # Per method: a flood of Predict must not hide that uploads are refused too.
+        self._overloads: dict[tuple[str, str], _ThrottledLog] = {}
+        self._overloads_lock = threading.Lock()
+
+    def _log_overload(self, service: str, method: str, context: grpc.ServicerContext, message: str) -> None:
+        """A call refused for want of capacity (RESOURCE_EXHAUSTED), logged at most once a
+        minute per method: the message names the limit (a full queue, the data dir, the
+        streams), which ExplaindOverloaded's on-call engineer otherwise never sees."""
+        with self._overloads_lock:
+            throttle = self._overloads.setdefault((service, method), _ThrottledLog())
+        throttle.warning("refused %s/%s from %s: RESOURCE_EXHAUSTED: %s", service, method, context.peer(), message)
 
     def _refuse_unauthenticated(self, observed: _Observed, service: str, method: str, context: grpc.ServicerContext) -> None:
         self._refusals.warning("refused %s/%s from %s: missing or wrong bearer token", service, method, context.peer())
@@ -151,7 +162,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload) as observed:
                 if not authorised:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
@@ -161,7 +172,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap_stream(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with _Observed(self._metrics, service, method, context, self._max_send_bytes) as observed:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload) as observed:
                 if not authorised:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
@@ -206,9 +217,11 @@ def _parsing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 class _Observed:
     """Times one call, counts it in flight, and records its final status code."""
 
-    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext, max_send_bytes: int) -> None:
+    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext, max_send_bytes: int,
+                 log_overload: Callable[[str, str, grpc.ServicerContext, str], None] | None = None) -> None:
         self._metrics, self._service, self._method, self._context = metrics, service, method, context
         self._max_send_bytes = max_send_bytes
+        self._log_overload = log_overload
         self._code = "OK"
 
     def __enter__(self) -> _Observed:
@@ -241,6 +254,8 @@ class _Observed:
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if details else MAX_STATUS_MESSAGE_BYTES)
+        if code == "RESOURCE_EXHAUSTED" and self._log_overload is not None:
+            self._log_overload(self._service, self._method, self._context, message)
         if details:
             status = status_pb2.Status(code=status_code.value[0], message=message)
             for detail in details:
