@@ -1224,6 +1224,9 @@ def test_each_operation_s_queueing_cancel_and_end_is_a_log_line_with_its_id(tmp_
     assert any(level == "WARNING" and line.startswith(f"operation {ids['crashed']} (crash) failed after") and "INTERNAL" in line
                for level, line in lines)
     assert ("INFO", f"operation {ids['cancelled']} (visualize): cancel requested") in lines
+    # A stalled queue: the job holding the worker is the one started and not ended.
+    started = [line for _, line in lines if re.fullmatch(rf"operation {ids['cancelled']} \(visualize\) started after \d+\.\d\d s queued", line)]
+    assert len(started) == 1 and lines.index(("INFO", started[0])) < lines.index(("INFO", f"operation {ids['cancelled']} (visualize): cancel requested"))
     assert any(line.startswith(f"operation {ids['cancelled']} (visualize) cancelled after") for _, line in lines)
     jobs.shutdown(1)
 

@@ -228,7 +228,10 @@ class JobManager:
                 log.exception("job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
                 self._finish(live, FAILED, error=("INTERNAL", f"the job could not be started: the store failed ({type(error).__name__})"))
                 return
-        self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(max(0.0, started - live.record.create_time))
+        waited = max(0.0, started - live.record.create_time)
+        self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(waited)
+        # ExplaindJobQueueStalled: a started line with no end after it names what holds a worker.
+        log.info("operation %s (%s) started after %.2f s queued", live.record.job_id, live.record.kind, waited)
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
         try:
