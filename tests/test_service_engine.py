@@ -926,6 +926,31 @@ def test_image_bytes_of_any_format_fail_as_invalid_argument_naming_the_field():
                 assert error.field == "images[0].encoded"
 
 
+def _progressive_jpeg_with_extra_scans(side: int, extra: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated ``extra`` more times: libjpeg only
+    warns and decodes each over the whole image (the "scan bomb")."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the EOI marker
+    return data[:-2] + last_scan * extra + data[-2:]
+
+
+def test_a_jpeg_with_more_scans_than_any_encoder_writes_is_refused_before_it_is_decoded():
+    # 1000 repeated scans (122 KB at 4096x4096) took 15 s to decode against 0.2 s for the
+    # plain file; 10000 (330 KB) would take minutes. Ordinary progressive files still decode.
+    from explaind.imaging import MAX_JPEG_SCANS, decode_pixels
+
+    rng = np.random.default_rng(0)
+    for options in ({"progressive": True}, {"progressive": True, "subsampling": 0}, {}):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", **options)
+        assert decode_pixels(buffer.getvalue(), field="f").shape == (64, 64, 3)
+    assert decode_pixels(_progressive_jpeg_with_extra_scans(64, 10), field="f").shape == (64, 64, 3)
+    with pytest.raises(InvalidArgument, match=rf"^images\[0\].encoded: JPEG has {MAX_JPEG_SCANS + 6} scans; at most {MAX_JPEG_SCANS}"):
+        decode_pixels(_progressive_jpeg_with_extra_scans(64, MAX_JPEG_SCANS), field="images[0].encoded")
+
+
 def test_engine_rejects_bad_samples_and_empty_sets(engine):
     with pytest.raises(InvalidArgument, match=r"samples\[0\].label"):
         engine.create_sample_set("bad", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 6)])

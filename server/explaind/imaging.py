@@ -22,6 +22,11 @@ MAX_IMAGE_SIDE = 4096
 # Encoded formats accepted. Pillow's other decoders (DDS, SPIDER, ...) see little use and
 # fail on malformed input with errors other than OSError.
 ENCODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# Most scans a JPEG may hold. libjpeg decodes every scan over the whole image and sets no
+# limit, so a few hundred KB of repeated empty scans cost minutes ("scan bomb"); encoders
+# write 6-12 (libjpeg's progression) to a few dozen, and libtiff's JPEG codec stops at 100 too.
+# Counted as FF DA byte pairs: every SOS marker is one, so the count is an upper bound.
+MAX_JPEG_SCANS = 100
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 
 
@@ -54,6 +59,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
                 raise InvalidArgument("image has zero size", field=field)
             if budget is not None:
                 budget.charge(*image.size)
+            _check_decode_cost(image, data, field)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
             if image.mode == "I" or image.mode.startswith("I;16"):
@@ -68,6 +74,12 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
+
+
+def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
+    """Refuse files whose decode costs far more than their pixel count suggests."""
+    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise InvalidArgument(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded", field=field)
 
 
 def _grey16_to_rgb8(values: np.ndarray, *, field: str) -> np.ndarray:
