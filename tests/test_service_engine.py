@@ -970,6 +970,32 @@ def test_run_length_encoded_bmp_files_are_refused_before_pillow_decodes_them_in_
             decode_pixels(bmp(bits, compression, b"\x01\x07\x00\x00" * 64 + b"\x00\x01"), field="images[0].encoded")
 
 
+def test_png_chunks_pillow_inflates_while_opening_are_bounded():
+    # 300 iCCP chunks of 1 MB zeros each (670 KB) took 4.7 s to open; 63 zTXt chunks 3.5 s.
+    import struct
+    import zlib
+
+    from explaind.imaging import MAX_PNG_COMPRESSED_TEXT_CHUNKS, decode_pixels
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    plain = buffer.getvalue()
+
+    def with_chunks(*chunks: bytes) -> bytes:
+        return plain[:33] + b"".join(chunks) + plain[33:]  # after IHDR
+
+    profile = chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(1000)))
+    text = chunk(b"zTXt", b"k\x00\x00" + zlib.compress(bytes(1000)))
+    assert decode_pixels(with_chunks(profile, *[text] * MAX_PNG_COMPRESSED_TEXT_CHUNKS), field="f").shape == (8, 8, 3)
+    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: PNG has 2 iCCP \(colour profile\) chunks; at most one"):
+        decode_pixels(with_chunks(profile, profile), field="images[0].encoded")
+    with pytest.raises(InvalidArgument, match=rf"^images\[0\].encoded: PNG has {MAX_PNG_COMPRESSED_TEXT_CHUNKS + 1} zTXt/iTXt chunks"):
+        decode_pixels(with_chunks(*[text] * (MAX_PNG_COMPRESSED_TEXT_CHUNKS + 1)), field="images[0].encoded")
+
+
 def test_engine_rejects_bad_samples_and_empty_sets(engine):
     with pytest.raises(InvalidArgument, match=r"samples\[0\].label"):
         engine.create_sample_set("bad", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 6)])

@@ -27,6 +27,11 @@ ENCODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # write 6-12 (libjpeg's progression) to a few dozen, and libtiff's JPEG codec stops at 100 too.
 # Counted as FF DA byte pairs: every SOS marker is one, so the count is an upper bound.
 MAX_JPEG_SCANS = 100
+# Most zTXt/iTXt chunks a PNG may hold. Pillow inflates each (up to 1 MB from about 1 KB)
+# while it opens the file; the PNG spec allows one iCCP, and Pillow inflated every one of
+# 300 (4.7 s for a 670 KB file). Chunk types counted as bytes: an upper bound.
+MAX_PNG_COMPRESSED_TEXT_CHUNKS = 16
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 
 
@@ -51,6 +56,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
     """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (H, W, 3) uint8 RGB; any failure is INVALID_ARGUMENT."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
+    if data.startswith(_PNG_SIGNATURE):
+        _check_png_chunks(data, field)
     try:
         with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
@@ -84,6 +91,14 @@ def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
     # file of 4096 one-pixel rows took 5.8 s (a 4096x4096 PNG: 0.4 s).
     if image.format == "BMP" and image.info.get("compression") in (1, 2):
         raise InvalidArgument("run-length encoded (RLE4/RLE8) BMP files are not supported; send PNG or an uncompressed BMP", field=field)
+
+
+def _check_png_chunks(data: bytes, field: str) -> None:
+    """Refuse PNGs whose ancillary chunks Pillow would inflate many times while opening them."""
+    if (profiles := data.count(b"iCCP")) > 1:
+        raise InvalidArgument(f"PNG has {profiles} iCCP (colour profile) chunks; at most one is allowed", field=field)
+    if (texts := data.count(b"zTXt") + data.count(b"iTXt")) > MAX_PNG_COMPRESSED_TEXT_CHUNKS:
+        raise InvalidArgument(f"PNG has {texts} zTXt/iTXt chunks; at most {MAX_PNG_COMPRESSED_TEXT_CHUNKS} are allowed", field=field)
 
 
 def _grey16_to_rgb8(values: np.ndarray, *, field: str) -> np.ndarray:
