@@ -975,7 +975,7 @@ def test_png_chunks_pillow_inflates_while_opening_are_bounded():
     import struct
     import zlib
 
-    from explaind.imaging import MAX_PNG_COMPRESSED_TEXT_CHUNKS, decode_pixels
+    from explaind.imaging import MAX_PNG_CHUNKS, MAX_PNG_COMPRESSED_TEXT_CHUNKS, decode_pixels
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -990,10 +990,23 @@ def test_png_chunks_pillow_inflates_while_opening_are_bounded():
     profile = chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(1000)))
     text = chunk(b"zTXt", b"k\x00\x00" + zlib.compress(bytes(1000)))
     assert decode_pixels(with_chunks(profile, *[text] * MAX_PNG_COMPRESSED_TEXT_CHUNKS), field="f").shape == (8, 8, 3)
-    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: PNG has 2 iCCP \(colour profile\) chunks; at most one"):
+    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: PNG has 2 or more iCCP \(colour profile\) chunks; at most one"):
         decode_pixels(with_chunks(profile, profile), field="images[0].encoded")
-    with pytest.raises(InvalidArgument, match=rf"^images\[0\].encoded: PNG has {MAX_PNG_COMPRESSED_TEXT_CHUNKS + 1} zTXt/iTXt chunks"):
+    with pytest.raises(InvalidArgument, match=rf"^images\[0\].encoded: PNG has over {MAX_PNG_COMPRESSED_TEXT_CHUNKS} zTXt/iTXt chunks"):
         decode_pixels(with_chunks(*[text] * (MAX_PNG_COMPRESSED_TEXT_CHUNKS + 1)), field="images[0].encoded")
+    # After the image data too: Pillow reads those chunks at the end of its load.
+    with pytest.raises(InvalidArgument, match=r"PNG has 2 or more iCCP"):
+        decode_pixels(plain[:-12] + profile + profile + plain[-12:], field="f")
+    # Counted as chunks, not as bytes: a profile's name, or compressed data, may spell another chunk's type.
+    named = chunk(b"iCCP", b"iCCP zTXt\x00\x00" + zlib.compress(bytes(1000)))
+    assert decode_pixels(with_chunks(named, *[chunk(b"tEXt", b"k\x00zTXt iCCP")] * 20), field="f").shape == (8, 8, 3)
+    # Image data cut into one-byte chunks, which Pillow handles one by one in Python.
+    data = zlib.compress(bytes(1 + 8 * 3) * 8)
+    many = plain[:33] + b"".join(chunk(b"IDAT", data[i:i + 1]) for i in range(len(data))) + chunk(b"IEND", b"")
+    assert decode_pixels(many, field="f").shape == (8, 8, 3)
+    padded = plain[:33] + chunk(b"tEXt", b"k\x00v") * MAX_PNG_CHUNKS + plain[33:]
+    with pytest.raises(InvalidArgument, match=rf"PNG has over {MAX_PNG_CHUNKS} chunks"):
+        decode_pixels(padded, field="f")
 
 
 def test_engine_rejects_bad_samples_and_empty_sets(engine):
