@@ -2352,6 +2352,43 @@ def test_list_operations_reads_only_the_responses_it_sends(tmp_path):
         jobs.shutdown(5)
 
 
+def test_list_operations_leaves_out_an_operation_deleted_before_its_response_is_read(tmp_path):
+    # The page is listed without responses and each is read as the page fills: one deleted
+    # in between was sent as succeeded with an empty response (no type), which the SDK's
+    # result() failed to unpack with a KeyError.
+    from google.protobuf import any_pb2
+
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.service.paging import resume_point
+    from explaind.store import JobRecord
+    from explaind.v1 import operations_pb2
+
+    store = SQLiteStore(tmp_path, reserve_bytes=0)
+    response = any_pb2.Any(type_url="type.googleapis.com/x", value=b"r").SerializeToString()
+    for i in range(3):
+        store.insert_job(JobRecord(job_id=f"{i:016x}", kind="evaluate", state="succeeded", create_time=1000.0 + i, end_time=1001.0 + i,
+                                   result=response))
+    jobs = JobManager(store, Metrics(), workers=1)
+    listed = jobs.list
+
+    def list_then_delete(**kwargs):
+        snapshots = listed(**kwargs)
+        store.delete_job(f"{1:016x}")
+        return snapshots
+
+    jobs.list = list_then_delete
+    try:
+        servicer = OperationsServicer(jobs, max_message_bytes=4 << 20, held_calls=HeldCalls(1))
+        page = servicer.ListOperations(operations_pb2.ListOperationsRequest(page_size=3, view=operations_pb2.OPERATION_VIEW_FULL), None)
+        assert [operation.name for operation in page.operations] == [f"operations/{2:016x}", f"operations/{0:016x}"]
+        assert all(operation.response.SerializeToString() == response for operation in page.operations)
+        # A full page still says where the next one starts: after the last one listed.
+        assert resume_point(page.next_page_token, "operations") == (1000.0, f"{0:016x}")
+    finally:
+        jobs.shutdown(5)
+
+
 def test_a_data_dir_whose_database_is_lost_is_refused_not_swept_clean(tmp_path):
     # A missing or empty database (a bad restore, a wrong mount) was created afresh, and the
     # start-up sweep deleted every image, artifact and head weight as unused.

@@ -347,14 +347,12 @@ class JobManager:
         return JobSnapshot(self.store.get_job(job_id))
 
     def response(self, snapshot: JobSnapshot) -> JobSnapshot:
-        """``snapshot`` with its result, read if a listing without responses left it out
-        (as it was: a job deleted since keeps none)."""
+        """``snapshot`` with its result, read if a listing without responses left it out;
+        NotFound for a job deleted since (it has no response to send: as a succeeded
+        operation with an empty one, a client could not unpack it)."""
         if snapshot.record.state != SUCCEEDED or snapshot.record.result:
             return snapshot
-        try:
-            return JobSnapshot(self.store.get_job(snapshot.record.job_id), snapshot.preview)
-        except NotFound:
-            return snapshot
+        return JobSnapshot(self.store.get_job(snapshot.record.job_id), snapshot.preview)
 
     def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
              limit: int = 100, responses: bool = True) -> list[JobSnapshot]:

@@ -6,10 +6,12 @@ from collections.abc import Iterator
 
 import grpc
 from explaind.v1 import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2 as lro_pb2
 from google.protobuf import duration_pb2
 
 from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
+from ..store import JobRecord
 from . import convert
 from .interceptors import HeldCalls
 from .paging import messages_that_fit, page_limit, resume_point, resume_token
@@ -57,9 +59,23 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         # a thousand reads only those it sends.
         snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit, responses=False)
         response = request.view != operations_pb2.OPERATION_VIEW_BASIC
-        operations = messages_that_fit((convert.operation(self._jobs.response(s) if response else s, response=response) for s in snapshots),
-                                       self._max_message_bytes)
-        last = snapshots[len(operations) - 1].record if len(operations) < len(snapshots) or len(snapshots) == limit else None
+        converted: list[JobRecord] = []  # the jobs of the messages made, in order
+
+        def messages() -> Iterator[lro_pb2.Operation]:
+            for snapshot in snapshots:
+                if response:
+                    try:
+                        snapshot = self._jobs.response(snapshot)
+                    except NotFound:  # deleted since it was listed: read on past it, as JobManager.list does
+                        continue
+                converted.append(snapshot.record)
+                yield convert.operation(snapshot, response=response)
+
+        operations = messages_that_fit(messages(), self._max_message_bytes)
+        if len(operations) < len(converted):  # the page ended early, at the size limit
+            last: JobRecord | None = converted[len(operations) - 1]
+        else:
+            last = snapshots[-1].record if len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
             operations=operations,
             next_page_token=resume_token("operations", last.create_time, last.job_id) if last is not None else "",
