@@ -972,6 +972,27 @@ def test_a_jpeg_with_more_scans_than_any_encoder_writes_is_refused_before_it_is_
         decode_pixels(_progressive_jpeg_with_extra_scans(64, MAX_JPEG_SCANS), field="images[0].encoded")
 
 
+def test_jpeg_scans_are_counted_in_the_image_s_own_stream_not_in_its_metadata_or_appended_data():
+    # Bytes FF DA were counted anywhere in the file: a phone's motion photo (a video of a
+    # few MB appended after the JPEG: 8 MB held about 120 such pairs by chance), or an
+    # EXIF thumbnail or profile holding them, was refused as a scan bomb.
+    from explaind.imaging import MAX_JPEG_MARKERS, MAX_JPEG_SCANS, decode_pixels
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", progressive=True)
+    plain = buffer.getvalue()
+    pairs = b"\xff\xda" * (MAX_JPEG_SCANS + 1)
+    app1 = b"\xff\xe1" + (2 + len(pairs)).to_bytes(2, "big") + pairs  # as an EXIF thumbnail's bytes
+    for data in (plain[:2] + app1 + plain[2:], plain + pairs):
+        assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+        assert decode_pixels(data, field="f").shape == (64, 64, 3)
+    # The walk is bounded: a file of empty comment segments before its end is refused.
+    padded = plain[:-2] + b"\xff\xfe\x00\x02" * MAX_JPEG_MARKERS + plain[-2:]
+    with pytest.raises(InvalidArgument, match=rf"^f: JPEG has over {MAX_JPEG_MARKERS} markers"):
+        decode_pixels(padded, field="f")
+
+
 def test_run_length_encoded_bmp_files_are_refused_before_pillow_decodes_them_in_python():
     # Pillow's RLE decoder runs in Python a pixel at a time: 17 KB (one pixel, then end of
     # line, for each of 4096 rows) took 5.8 s to decode to 4096x4096.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +26,17 @@ ENCODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # Most scans a JPEG may hold. libjpeg decodes every scan over the whole image and sets no
 # limit, so a few hundred KB of repeated empty scans cost minutes ("scan bomb"); encoders
 # write 6-12 (libjpeg's progression) to a few dozen, and libtiff's JPEG codec stops at 100 too.
-# Counted as FF DA byte pairs: every SOS marker is one, so the count is an upper bound.
+# Counted by walking the file's markers up to its end (EOI), so that bytes FF DA in an
+# EXIF thumbnail, a colour profile or data appended after the image (a phone's
+# motion-photo video: 8 MB held about 120 by chance) are not taken for scans.
 MAX_JPEG_SCANS = 100
+# Most markers that walk reads, in Python (restart markers inside scans are not counted):
+# encoders write a few dozen; a bound on a file of millions of empty segments.
+MAX_JPEG_MARKERS = 65536
+# The next marker after a scan's entropy-coded data, where FF 00 is a data byte FF and
+# FF D0-D7 a restart marker within the scan.
+_JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_FILL = re.compile(rb"\xff+")
 # Most zTXt/iTXt chunks a PNG may hold. Pillow inflates each (up to 1 MB from about 1 KB)
 # while it reads the file; the PNG spec allows one iCCP, and Pillow inflated every one of
 # 300 (4.7 s for a 670 KB file).
@@ -94,12 +104,41 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
 
 def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
     """Refuse files whose decode costs far more than their pixel count suggests."""
-    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    if image.format == "JPEG" and (scans := _jpeg_scans(data, field)) > MAX_JPEG_SCANS:
         raise InvalidArgument(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded", field=field)
     # Pillow decodes RLE bitmaps in Python, a pixel or a command at a time: a 17 KB RLE8
     # file of 4096 one-pixel rows took 5.8 s (a 4096x4096 PNG: 0.4 s).
     if image.format == "BMP" and image.info.get("compression") in (1, 2):
         raise InvalidArgument("run-length encoded (RLE4/RLE8) BMP files are not supported; send PNG or an uncompressed BMP", field=field)
+
+
+def _jpeg_scans(data: bytes, field: str) -> int:
+    """The SOS markers of a JPEG's own stream: its segments are walked by their lengths
+    up to EOI, and each scan's data up to the next marker; a malformed file is left for
+    the decoder to refuse."""
+    scans = markers = 0
+    position = 2  # after SOI
+    while (fill := _JPEG_FILL.match(data, position)) is not None:
+        position = fill.end() - 1  # at the marker's FF, past any fill bytes before it
+        if position + 1 >= len(data):
+            break
+        marker = data[position + 1]
+        markers += 1
+        if markers > MAX_JPEG_MARKERS:
+            raise InvalidArgument(f"JPEG has over {MAX_JPEG_MARKERS} markers; encoders write far fewer", field=field)
+        if marker == 0xD9:  # EOI: what follows is not decoded
+            break
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            after_scan = _JPEG_MARKER_AFTER_SCAN.search(data, position)
+            if after_scan is None:
+                break
+            position = after_scan.start()
+    return scans
 
 
 def _check_png_chunks(data: bytes, field: str) -> None:
