@@ -993,6 +993,24 @@ def test_jpeg_scans_are_counted_in_the_image_s_own_stream_not_in_its_metadata_or
         decode_pixels(padded, field="f")
 
 
+def test_a_multi_picture_jpeg_with_more_scans_than_any_encoder_writes_is_refused_too():
+    # Pillow opens a JPEG with an MPF segment (cameras' multi-picture files) as format
+    # MPO, which the scan count skipped: 1000 repeated scans of a 1024² image decoded in
+    # 0.9 s, and a 4096² one would take 16 times as long.
+    from explaind.imaging import MAX_JPEG_SCANS, decode_pixels
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))], progressive=True)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "MPO"
+    assert decode_pixels(data, field="f").shape == (64, 64, 3)
+    first_end = data.index(b"\xff\xd9")  # the first picture's EOI: the one decoded
+    last_scan = data[data.rindex(b"\xff\xda", 0, first_end):first_end]
+    with pytest.raises(InvalidArgument, match=rf"^f: JPEG has \d+ scans; at most {MAX_JPEG_SCANS}"):
+        decode_pixels(data[:first_end] + last_scan * MAX_JPEG_SCANS + data[first_end:], field="f")
+
+
 def test_run_length_encoded_bmp_files_are_refused_before_pillow_decodes_them_in_python():
     # Pillow's RLE decoder runs in Python a pixel at a time: 17 KB (one pixel, then end of
     # line, for each of 4096 rows) took 5.8 s to decode to 4096x4096.

@@ -104,7 +104,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
 
 def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
     """Refuse files whose decode costs far more than their pixel count suggests."""
-    if image.format == "JPEG" and (scans := _jpeg_scans(data, field)) > MAX_JPEG_SCANS:
+    # Pillow opens a JPEG with a multi-picture (MPF) segment, as cameras write, as format MPO.
+    if image.format in ("JPEG", "MPO") and (scans := _jpeg_scans(data, field)) > MAX_JPEG_SCANS:
         raise InvalidArgument(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded", field=field)
     # Pillow decodes RLE bitmaps in Python, a pixel or a command at a time: a 17 KB RLE8
     # file of 4096 one-pixel rows took 5.8 s (a 4096x4096 PNG: 0.4 s).
