@@ -3131,14 +3131,15 @@ def test_an_unexpected_job_failure_reaches_the_caller_without_server_internals(t
 
 
 def _intercepted_server(metrics: Metrics, behaviour):
-    """A gRPC server on a free port with one unary method ``/test.Service/Call`` behind the service interceptor."""
+    """A gRPC server on a free port with unary methods ``/test.Service/Call`` and ``/test.Service/Other``,
+    both ``behaviour``, behind the service interceptor."""
     import grpc
 
     from explaind.service.auth import BearerToken
     from explaind.service.interceptors import HeldCalls, ServiceInterceptor
 
     method = grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=lambda message: message.SerializeToString())
-    handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method})
+    handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method, "Other": method})
     interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
     return server, server.add_insecure_port("127.0.0.1:0")
@@ -3160,10 +3161,13 @@ def test_calls_refused_for_capacity_are_logged_with_the_limit_once_a_minute(capl
                 with pytest.raises(grpc.RpcError) as caught:
                     channel.unary_unary("/test.Service/Call")(b"", timeout=10)
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError):  # per method: a flood of one must not hide another's refusals
+                channel.unary_unary("/test.Service/Other")(b"", timeout=10)
     finally:
         server.stop(None)
     refusals = [record for record in caplog.records if "refused" in record.getMessage()]
-    assert len(refusals) == 1 and refusals[0].levelname == "WARNING"
+    assert len(refusals) == 2 and {record.levelname for record in refusals} == {"WARNING"}
+    assert refusals[1].getMessage().startswith("refused test.Service/Other from ")
     assert re.match(r"refused test\.Service/Call from ipv4:127\.0\.0\.1:\d+: RESOURCE_EXHAUSTED: prediction queue is full "
                     r"\(8 images waiting, limit 8\); retry with backoff$", refusals[0].getMessage())
 
