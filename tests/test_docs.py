@@ -1,0 +1,103 @@
+"""docs/configuration.md stays in step with explaind.config: one table row per key of
+every section, each row a real key, and each row's default the dataclass's."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+from explaind.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "docs" / "configuration.md"
+
+
+def _sections() -> dict[str, object]:
+    """Config's sections, from the dataclass itself: name -> default section instance."""
+    return {f.name: f.default for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default)}
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _key_tables(text: str) -> dict[str, dict[str, str]]:
+    """Each `## [section]`'s key table (header `| key | default | meaning |`): key -> its
+    default cell. Other tables (a section's loaders, say) are not key tables."""
+    tables: dict[str, dict[str, str]] = {}
+    section, in_key_table = None, False
+    for line in text.splitlines():
+        if heading := re.fullmatch(r"## \[(\w+)\]", line.strip()):
+            section, in_key_table = heading[1], False
+            assert section not in tables, f"docs/configuration.md has two ## [{section}] headings"
+            tables[section] = {}
+        elif line.startswith("## "):
+            section, in_key_table = None, False
+        elif line.startswith("|"):
+            cells = _cells(line)
+            if cells[0] == "key":
+                assert section is not None, f"a key table outside any ## [section]: {line!r}"
+                assert cells == ["key", "default", "meaning"], f"[{section}]'s key table header: {line!r}"
+                in_key_table = True
+            elif in_key_table and not set(cells[0]) <= set("-: "):
+                key = re.fullmatch(r"`(\w+)`", cells[0])
+                assert key, f"[{section}]: a row's first cell must be one `key`, got {cells[0]!r}"
+                assert key[1] not in tables[section], f"[{section}].{key[1]} has two rows"
+                tables[section][key[1]] = cells[1]
+        else:
+            in_key_table = False
+    return tables
+
+
+def _default_shown(value: object, cell: str) -> bool:
+    """Whether a row's default cell states the dataclass default ``value``."""
+    if value is None:
+        return cell.startswith("unset")
+    if isinstance(value, str):
+        return cell.startswith('`""`') or cell.startswith('""') if value == "" else f"`{value}`" in cell or f'"{value}"' in cell
+    if isinstance(value, (tuple, list)) and not value:
+        return cell.startswith("`[]`")
+    if isinstance(value, dict) and not value:
+        return cell.startswith("`{}`")
+    if isinstance(value, (int, float)):
+        number = int(value) if float(value).is_integer() else value
+        shown = {f"`{number}`", f"{number} "}
+        if isinstance(value, int) and value and value % 2**20 == 0:
+            shown |= {f"{value // 2**20} MiB", f"{value // 2**20} Mi"}
+        return any(cell.startswith(form) for form in shown)
+    raise AssertionError(f"no rule for a default of type {type(value).__name__}")
+
+
+def test_every_config_key_has_one_row_in_its_sections_table_and_every_row_is_a_key():
+    tables = _key_tables(REFERENCE.read_text())
+    sections = _sections()
+    assert set(tables) == set(sections), f"## [section] headings {sorted(tables)}, config sections {sorted(sections)}"
+    for name, default in sections.items():
+        keys = [f.name for f in dataclasses.fields(default)]
+        missing = [key for key in keys if key not in tables[name]]
+        unknown = [key for key in tables[name] if key not in keys]
+        assert not missing, f"docs/configuration.md [{name}] has no row for {missing}"
+        assert not unknown, f"docs/configuration.md [{name}] has rows for {unknown}, which are no keys of [{name}]"
+
+
+def test_every_rows_default_is_the_dataclasss():
+    tables = _key_tables(REFERENCE.read_text())
+    wrong = [
+        f"[{name}].{f.name}: row says {tables[name][f.name]!r}, the dataclass {getattr(default, f.name)!r}"
+        for name, default in _sections().items()
+        for f in dataclasses.fields(default)
+        if f.name in tables.get(name, {}) and not _default_shown(getattr(default, f.name), tables[name][f.name])
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_points_at_the_reference():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/configuration.md)" in section
+    # Anchors the README links into must exist (GitHub's: lower case, spaces as hyphens).
+    headings = {re.sub(r"[^\w -]", "", line.lstrip("#").strip()).lower().replace(" ", "-")
+                for line in REFERENCE.read_text().splitlines() if line.startswith("#")}
+    for anchor in re.findall(r"\(docs/configuration\.md#([\w-]+)\)", readme):
+        assert anchor in headings, f"README links docs/configuration.md#{anchor}, which has no such heading"
+    for anchor in re.findall(r"\]\(#([\w-]+)\)", REFERENCE.read_text()):
+        assert anchor in headings, f"docs/configuration.md links #{anchor}, which has no such heading"
