@@ -15,7 +15,7 @@ from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.illusion_check import attribute_similarity
 from explaind.world.scenarios import WorldBatch
 
-from conftest import TINY_VIT_KWARGS, cores, torch_threads
+from conftest import TINY_VIT_KWARGS, cores
 
 TINY_CLIP = {
     "embed_dim": 32,
