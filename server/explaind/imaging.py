@@ -73,6 +73,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
     """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (H, W, 3) uint8 RGB; any failure is INVALID_ARGUMENT."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
+    # Costly chunks and blocks of PNG and GIF are read while Pillow opens the file, so they
+    # are checked before it; JPEG's scans and BMP's compression once it has named the format.
     if data.startswith(_PNG_SIGNATURE):
         _check_png_chunks(data, field)
     elif data.startswith((b"GIF87a", b"GIF89a")):
