@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -27,6 +27,9 @@ class ExplaindError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     operation: Operation[Any] | None = None
+    # Set on the errors of split calls only (the request's first item in the caller's
+    # list, see explaind.client._client._note_chunk): declared, not defaulted.
+    request_offset: int
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None,
                  field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None,
@@ -134,7 +137,8 @@ def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[
 def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
                     field: str | None = None) -> OperationError:
     """A failed or cancelled job's error: an OperationError and the typed error of ``code``."""
-    return _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations, field=field)
+    # cast: the classes type() made are OperationError subclasses.
+    return cast(OperationError, _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations, field=field))
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:

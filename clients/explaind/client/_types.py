@@ -11,6 +11,8 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from explaind.v1 import common_pb2
+
 
 class ComparedByValue:
     """``==`` for result dataclasses holding numpy arrays (declared with ``eq=False``):
@@ -48,7 +50,7 @@ def _abbreviated(value: object, shown: int) -> str:
     return repr(value)
 
 
-def float32_array(tensor) -> np.ndarray:
+def float32_array(tensor: common_pb2.Tensor) -> np.ndarray:
     """A float32 ``Tensor`` message (little-endian data and its shape) as a writable array:
     one over the message's bytes would be read-only, and ``features -= mean`` would fail."""
     return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape)).copy()
