@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Self, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -204,7 +204,7 @@ class Operation(Generic[ResultT]):
     @property
     def name(self) -> str:
         """``operations/<id>``, for :meth:`Client.operation` and the CLI."""
-        return self._message.name
+        return cast(str, self._message.name)  # google.longrunning has no stubs: Any
 
     @property
     def kind(self) -> str:
@@ -219,7 +219,7 @@ class Operation(Generic[ResultT]):
     @property
     def done(self) -> bool:
         """True once succeeded, failed or cancelled (as of the last update)."""
-        return self._message.done
+        return cast(bool, self._message.done)
 
     @property
     def progress(self) -> Progress:
@@ -408,15 +408,15 @@ class Operation(Generic[ResultT]):
                 interrupt.add_note(f"cancelled {self.name}" if self.done else f"cancel requested for {self.name}; it ends at its next check")
             raise
         if not self.done:
-            error = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
-            error.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
-            raise error
+            late = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
+            late.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
+            raise late
         if self.error is not None:
             raise self.error
         try:
             if not self._message.HasField("response"):  # listed without it (Client.operations)
                 self.refresh()
-            return self._unpack_response(download)
+            return cast(ResultT, self._unpack_response(download))  # the converter of the kind this Operation[ResultT] was made for
         except UnavailableError as error:  # e.g. the server stopped right after the job ended
             error.add_note(f"{self.name} {self.state}; fetching the files of its result failed: result() again once the server "
                            f"is back, or result(download=False) for what needs no files")
