@@ -11,7 +11,7 @@ import ssl
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -36,6 +36,9 @@ from ._images import image_count, iter_image_messages, open_image, pixel_count, 
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
 from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, enum_number
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -102,6 +105,8 @@ def _tls_credentials(root_certificates: str | Path | None, private_key: str | Pa
         except ssl.SSLError:
             raise ValueError(f"root_certificates: {root_certificates} holds no PEM certificate") from None
     if key is not None:
+        # private_key was given (_read_pem read it), so certificate_chain was too (checked above).
+        assert certificate_chain is not None
         try:
             context.load_cert_chain(certificate_chain, private_key, password=lambda: b"")  # an encrypted key fails here
         except ssl.SSLError as error:
@@ -115,7 +120,7 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _time(stamp) -> dt.datetime:
+def _time(stamp: Timestamp) -> dt.datetime:
     return stamp.ToDatetime(tzinfo=dt.timezone.utc)
 
 
@@ -140,7 +145,7 @@ def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
     return sample.image
 
 
-def _note_chunk(error: BaseException, start: int, total: int | None) -> None:
+def _note_chunk(error: ExplaindError, start: int, total: int | None) -> None:
     """Say where a failed request of a split call began, when its error names
     ``samples[i]`` or ``images[i]``: the server numbers them within the request, not
     within the caller's list. Also kept as
@@ -300,7 +305,7 @@ class Client:
         """SERVING, NOT_SERVING, ... for the server ("") or one service, asked within
         ``timeout`` seconds (default: the client's)."""
         response = self._call("health", "Check", health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return cast(str, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))  # grpc_health has no stubs: Any
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
         """Block until health reports SERVING (models loaded), for at most ``timeout``
@@ -384,7 +389,7 @@ class Client:
         names are resolved with the served model's class names."""
         given = [class_ref(label, f"labels[{i}]") for i, label in enumerate(labels.tolist() if hasattr(labels, "tolist") else labels)]
         if not any(isinstance(label, str) for label in given):
-            return given
+            return cast(list[int], given)  # no name among them
         names = self.model_metadata().class_names
         indices = {name: index for index, name in reversed(list(enumerate(names)))}  # the first of a repeated name, as list.index
         for i, label in enumerate(given):
