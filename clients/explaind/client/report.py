@@ -13,12 +13,16 @@ import html
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
 from ._client import Client, _is_index
 from ._errors import InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
 
@@ -141,7 +145,7 @@ def _suggest_edit(
     return edit, f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
-def _png_data_uri(image) -> str:
+def _png_data_uri(image: Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -265,11 +269,13 @@ def render_report(report: MistakeReport) -> str:
         by_neuron = {n.neuron: n for n in ranking.neurons}
         for v in report.visualizations:
             ranked = by_neuron.get(v.neuron)
-            upscaled = " data-upscaled" if v.image.width < _IMAGE_BOX else ""
+            # build_report's visualisations are downloaded (result() with download=True): their images are set.
+            image, masked_image = cast("Image", v.image), cast("Image", v.masked_image)
+            upscaled = " data-upscaled" if image.width < _IMAGE_BOX else ""
             parts.append(
                 f"<div class='neuron' id='neuron-{v.neuron}'><b>neuron {v.neuron}</b> · class {escape(v.class_name)}<br>"
-                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{_png_data_uri(v.image)}'> "
-                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{_png_data_uri(v.masked_image)}'>"
+                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{_png_data_uri(image)}'> "
+                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{_png_data_uri(masked_image)}'>"
                 f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
                 f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
