@@ -35,15 +35,26 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._client import DEFAULT_TARGET, Client
 from ._errors import ExplaindError, UnauthenticatedError, UnavailableError
 from ._images import image_folder
 from ._operations import OPERATION_STATES
 from ._types import ModelMetadata
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL.Image import Image
+
+    from ._neuroinspect import HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations
+    from ._operations import Evaluation, Operation
+    from ._types import Prediction, SampleSet
+    from .report import MistakeReport
+
+_Result = TypeVar("_Result")  # what an Operation[_Result] returns
 
 
 class CommandError(Exception):
@@ -73,7 +84,7 @@ def _token_source(args: argparse.Namespace) -> str:
     return "--token" if args.token else "EXPLAIND_TOKEN"
 
 
-def _print_predictions(names: list[str], predictions: list) -> None:
+def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
     width = max((len(n) for n in names), default=8)
     for name, prediction in zip(names, predictions, strict=True):
         ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
@@ -181,7 +192,7 @@ def _world_spec(spec: str) -> tuple[str, str, int]:
 
 
 @contextlib.contextmanager
-def _naming_failing_file(files: list | None) -> Iterator[None]:
+def _naming_failing_file(files: list[str] | list[Path] | None) -> Iterator[None]:
     """Add the file name to a server error about ``images[i]`` / ``samples[i]``: the index
     counts within the failing request, which may not be the first (``request_offset``)."""
     try:
@@ -244,7 +255,7 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
     return images, labels
 
 
-def _world_samples(scenario: str, split: str, count: int):
+def _world_samples(scenario: str, split: str, count: int) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """(images (N, H, W, 3) uint8, labels, attributes) of a shapes-world split."""
     from explaind.world.scenarios import get_scenario
 
@@ -413,6 +424,9 @@ def _named_counts(client: Client, counts: dict[int, int]) -> str:
 def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action in ("create", "append"):
+            images: np.ndarray | list[Path]
+            labels: list[int] | list[str]
+            attributes: list[dict[str, str]] | None
             if args.world:
                 images, labels, attributes = _world_samples(*args.world)
             elif args.folder:
@@ -421,7 +435,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             else:  # parse_arguments saw as many --labels
                 images, labels, attributes = [Path(p) for p in args.images], args.labels, None
             try:
-                with _naming_failing_file(None if args.world else images):
+                with _naming_failing_file(None if args.world else cast("list[Path]", images)):  # not the world's array
                     progress = len(labels) > UPLOAD_PROGRESS_SAMPLES  # more than one request, by default
                     if args.action == "create":
                         stored = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "",
@@ -462,7 +476,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_set_json(names: list[str], sample_set) -> dict:
+def _sample_set_json(names: list[str], sample_set: SampleSet) -> dict[str, Any]:
     """A sample set as JSON, its ``class_counts`` keyed by class name like ``evaluate``'s."""
     return {**_json_value(sample_set), "class_counts": _counts_by_name(names, sample_set.class_counts)}
 
@@ -499,7 +513,7 @@ def _print_json(value: Any) -> None:
 MISTAKES_SHOWN = 5
 
 
-def _print_evaluation(report) -> None:
+def _print_evaluation(report: Evaluation) -> None:
     print(f"accuracy {report.accuracy:.3f} on {_samples(report.sample_count)} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
@@ -522,7 +536,7 @@ OPERATIONS_LISTED = 100
 RANKING_LINES = 10
 
 
-def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
+def _print_ranking(ranking: NeuronRanking, limit: int = RANKING_LINES) -> None:
     if not ranking.mistake_count:
         print(f"no mistakes of {ranking.class_name} in {ranking.sample_set_id} ({_samples(ranking.sample_count)}): nothing to explain")
         return
@@ -534,7 +548,7 @@ def _print_ranking(ranking, limit: int = RANKING_LINES) -> None:
         )
 
 
-def _print_visualizations(result) -> None:
+def _print_visualizations(result: NeuronVisualizations) -> None:
     print(f"{_counted(len(result.visualizations), 'neuron')} visualised with {result.method}, {result.steps} steps, against head {result.model_version}:")
     for v in result.visualizations:
         similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
@@ -542,13 +556,13 @@ def _print_visualizations(result) -> None:
               f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}")
 
 
-def _version_line(v) -> str:
+def _version_line(v: HeadVersion) -> str:
     accuracy = f", accuracy {v.evaluation.accuracy:.3f} (was {v.parent_evaluation.accuracy:.3f})" if v.evaluation and v.parent_evaluation else ""
     neurons = f" {v.class_name} neurons {v.neurons}" if v.neurons else ""
     return f"{'*' if v.active else ' '} {v.version_id} {v.model_version} {v.method}{neurons}{accuracy}"
 
 
-def _print_head_edit(edit) -> None:
+def _print_head_edit(edit: HeadEdit) -> None:
     served = "served now" if edit.version.active else "not served; promote it to serve it"
     print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; {served}):")
     print(_version_line(edit.version))
@@ -561,7 +575,7 @@ def _print_head_edit(edit) -> None:
 
 # What ``operations get/wait/watch`` print for a succeeded operation, by kind (--json:
 # ``_RESULT_JSON``, else every field).
-_RESULT_PRINTERS = {
+_RESULT_PRINTERS: dict[str, Callable[[Any], None]] = {
     "evaluate_sample_set": _print_evaluation,
     "rank_mistake_neurons": _print_ranking,
     "visualize_neurons": _print_visualizations,
@@ -591,7 +605,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation_json(evaluation) -> dict:
+def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
     """The evaluation as JSON: classes without samples are left out of ``class_counts``
     and ``class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
     objects, the confusion matrix is rows of counts (true label by row)."""
@@ -620,7 +634,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ranking_json(ranking) -> dict:
+def _ranking_json(ranking: NeuronRanking) -> dict[str, Any]:
     """The ranking with each neuron's rank ratio; its per-mistake summaries only where it
     has them (the SDK's include_samples): an empty list would read as "no mistakes"."""
     value = {**_json_value(ranking), "neurons": [{**_json_value(n), "rank_ratio": n.rank_ratio} for n in ranking.neurons]}
@@ -630,7 +644,7 @@ def _ranking_json(ranking) -> dict:
 
 
 # Results whose --json differs from their fields (see each function); the rest print every field.
-_RESULT_JSON = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json}
+_RESULT_JSON: dict[str, Callable[[Any], Any]] = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json}
 
 
 def _counted(count: int, noun: str) -> str:
@@ -638,7 +652,7 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _announce_and_wait(operation, args: argparse.Namespace):
+def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
     """Print the operation's name, then (unless --no-wait) wait for its result with a
     progress bar; None with --no-wait. With --no-wait, stdout gets the name alone
     (``N=$(explaind evaluate s --no-wait)``), or {"name": ...} with --json, and the note
@@ -676,7 +690,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         for key, suffix, image in (("image_file", "", v.image), ("masked_image_file", "_masked", v.masked_image)):
             path = out_dir / f"{stem}{suffix}.png"
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            cast("Image", image).save(buffer, format="PNG")  # downloaded: result() without download=False
             _write(path, buffer.getvalue())
             files[key] = str(path)
         written.append({**_json_value(v), **files})
@@ -766,6 +780,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
             print(json.dumps({"file": args.output or args.artifact, "size_bytes": len(data)}) if args.json
                   else f"wrote {args.output or args.artifact} ({len(data)} bytes)")
             return 0
+        result: Any
         result, deleted_version = None, False
         if operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
             result = operation.result(download=False)  # the printers show no ω or images
@@ -796,7 +811,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
     return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0
 
 
-def _operation_json(operation, result: Any = None) -> dict:
+def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, Any]:
     """An operation as JSON: state, progress and artifacts; its error as its gRPC code and
     message; ``result`` (when given) as the kind's command prints it with --json."""
     error = operation.error
@@ -815,7 +830,7 @@ def _operation_json(operation, result: Any = None) -> dict:
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        return cast(int, probe.getsockname()[1])  # (host, port) of an AF_INET socket
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -887,7 +902,7 @@ def _world_config(scenario: str, directory: Path) -> str | None:
     return str(path)
 
 
-def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directory: Path, scenario: str) -> None:
+def _explain_worst_class(client: Client, evaluation: Evaluation, sample_set_id: str, directory: Path, scenario: str) -> None:
     """The debugging loop on the class with the lowest accuracy: rank, visualise, edit, report."""
     from .report import build_report, render_report
 
@@ -904,7 +919,7 @@ def _explain_worst_class(client: Client, evaluation, sample_set_id: str, directo
     print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
 
 
-def _print_report_gaps(report) -> None:
+def _print_report_gaps(report: MistakeReport) -> None:
     """Why a report lacks its head edit or its visualisations, where it does."""
     if report.no_edit_reason:
         print(f"no head edit suggested: {report.no_edit_reason}")
@@ -1234,7 +1249,7 @@ def _fields_named(error: Exception) -> list[str]:
     one field another error is about (e.g. the set id of a NOT_FOUND)."""
     if violations := getattr(error, "field_violations", ()):
         return list(dict(violations))
-    return [error.field] if getattr(error, "field", None) else []
+    return [cast(str, getattr(error, "field"))] if getattr(error, "field", None) else []
 
 
 def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
@@ -1287,7 +1302,7 @@ def _standard_output_failed(error: OSError) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        code = args.run(args)
+        code: int = args.run(args)
         sys.stdout.flush()  # a full disk or a closed pipe fails here, where it is handled, not at the interpreter's exit
         return code
     except (ExplaindError, CommandError) as error:
