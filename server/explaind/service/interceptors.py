@@ -218,7 +218,7 @@ class _Observed:
     """Times one call, counts it in flight, and records its final status code."""
 
     def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext, max_send_bytes: int,
-                 log_overload: Callable[[str, str, grpc.ServicerContext, str], None]) -> None:
+                 log_overload: Callable[[str, str, grpc.ServicerContext, str], None] | None = None) -> None:
         self._metrics, self._service, self._method, self._context = metrics, service, method, context
         self._max_send_bytes = max_send_bytes
         self._log_overload = log_overload
@@ -254,7 +254,7 @@ class _Observed:
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if details else MAX_STATUS_MESSAGE_BYTES)
-        if code == "RESOURCE_EXHAUSTED":
+        if code == "RESOURCE_EXHAUSTED" and self._log_overload is not None:
             self._log_overload(self._service, self._method, self._context, message)
         if details:
             status = status_pb2.Status(code=status_code.value[0], message=message)
