@@ -58,21 +58,28 @@ visualised: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = (result.images, re
 '''
 
 
-def _mypy(tmp_path: Path, *arguments: str, **environment: str) -> None:
-    """mypy with the project's configuration and a cache of this test's own."""
+@pytest.fixture(scope="module")
+def project_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for the runs with the project's configuration: the modules they share
+    (the standard library, numpy, torch) are analysed once, not per test."""
+    return tmp_path_factory.mktemp("mypy_cache")
+
+
+def _mypy(cache: Path, *arguments: str, **environment: str) -> None:
+    """mypy with the project's configuration and the cache ``cache``."""
     checked = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                              "--cache-dir", str(tmp_path / "mypy_cache"), *arguments],
+                              "--cache-dir", str(cache), *arguments],
                              cwd=ROOT, env={**os.environ, **environment}, capture_output=True, text=True, timeout=600)
     assert checked.returncode == 0, f"mypy {' '.join(arguments)}:\n{checked.stdout}{checked.stderr}"
 
 
-def test_the_package_and_a_strict_user_script_on_its_in_process_api_type_check(tmp_path):
-    _mypy(tmp_path)  # the package, as [tool.mypy] names it
+def test_the_package_and_a_strict_user_script_on_its_in_process_api_type_check(tmp_path, project_cache):
+    _mypy(project_cache)  # the package, as [tool.mypy] names it
     section = README.read_text().split("## The methods in-process", 1)[1].split("\n## ", 1)[0]
     script = tmp_path / "user_script.py"
     script.write_text(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0] + USER_SCRIPT_TAIL)
     # Silent imports: the errors a user sees are their own script's, as with an installed explaind.
-    _mypy(tmp_path, "--strict", "--follow-imports=silent", str(script))
+    _mypy(project_cache, "--strict", "--follow-imports=silent", str(script))
 
 
 # The SDK's user: README's SDK block, with the images it sends, then what an analyst's
@@ -200,7 +207,7 @@ def test_the_sdk_and_its_generated_stubs_type_check_from_a_checkout(tmp_path):
     _strict_mypy(tmp_path, _sdk_user_script(tmp_path), "--follow-imports=silent", MYPYPATH=paths)
 
 
-def test_the_sdk_package_itself_type_checks_strictly(tmp_path):
+def test_the_sdk_package_itself_type_checks_strictly(project_cache):
     """The SDK's own code, not only what a user's script sees of it:
     ``MYPYPATH=server:clients mypy --strict --follow-imports=silent -p explaind.client``
     with the project's configuration (its overrides read grpc, grpc_health, tqdm and
@@ -209,4 +216,4 @@ def test_the_sdk_package_itself_type_checks_strictly(tmp_path):
     SDK's errors."""
     _require_types_protobuf()
     paths = os.pathsep.join(str(ROOT / part) for part in ("server", "clients"))
-    _mypy(tmp_path, "--strict", "--follow-imports=silent", "-p", "explaind.client", MYPYPATH=paths)
+    _mypy(project_cache, "--strict", "--follow-imports=silent", "-p", "explaind.client", MYPYPATH=paths)
