@@ -573,6 +573,35 @@ def test_an_inline_ranking_ranks_the_set_it_checked_not_one_made_under_its_id_si
         _shut(engine)
 
 
+def test_an_inline_ranking_ranks_the_samples_it_counted_not_those_appended_since(tmp_path, world_set, monkeypatch):
+    # The size was checked against the inline limit, then the set read by id: samples
+    # appended in between (another client's append) were ranked too, past the limit, in
+    # the RPC's thread.
+    from explaind.engine import NewSample
+    from explaind.engine import neuroinspect
+
+    monkeypatch.setattr(neuroinspect, "INLINE_MAX_SAMPLES", 40)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        pixels, labels, _ = world_set
+        check, calls = engine.usable_sample_set, []
+
+        def checked_then_appended(*args, **kwargs):
+            info = check(*args, **kwargs)
+            if not calls:  # the call's own check, then another client's append
+                engine.append_samples("train", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[40:100], labels[40:100])])
+            calls.append(info)
+            return info
+
+        monkeypatch.setattr(engine, "usable_sample_set", checked_then_appended)
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
+        assert ranking.sample_count == 40  # the set as it was checked
+        assert engine.store.get_sample_set("train").sample_count == 100
+    finally:
+        _shut(engine)
+
+
 def test_a_set_deleted_and_swept_while_an_inline_ranking_reads_its_images_is_not_found_naming_it(tmp_path, world_set, monkeypatch):
     # Sweeps spare the images of sets deleted while a job runs, not while a call does: an
     # inline ranking then failed NOT_FOUND "no artifact with digest ...", naming no field.

@@ -365,15 +365,17 @@ class Engine:
         context: JobContext | None = None,
         field: str = "sample_set_id",
         uid: str | None = None,
+        count: int | None = None,
     ) -> SampleFeatures:
         """Penultimate features of every sample, from the (feature version, image) cache
         where present; the rest are computed in batches, with progress and cancellation
         through ``context`` when given. The set is checked again here, when a job runs: it
         may have been deleted, or replaced (``uid``: the set the job was submitted for), since
-        the job was queued."""
+        the job was queued. With ``count``, only its first ``count`` samples: the set as it
+        was when it held that many (samples are only appended), not samples appended since."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
-        records = self._samples_of(sample_set_id, field, uid)
+        records = self._samples_of(sample_set_id, field, uid, count)
         digests = [record.digest for record in records]
         cached = self.store.get_features(version.feature_cache_key, digests)
         missing = [digest for digest in dict.fromkeys(digests) if digest not in cached]
@@ -421,11 +423,12 @@ class Engine:
         except NotFound:
             raise NotFound(f"sample set {sample_set_id!r} was deleted while it was read", field=field) from None
 
-    def _samples_of(self, sample_set_id: str, field: str, uid: str | None) -> list[SampleRecord]:
-        """The usable set's samples; with ``uid`` checked again after the read, so they are
-        that set's, not those of one made under its id in between."""
+    def _samples_of(self, sample_set_id: str, field: str, uid: str | None, count: int | None = None) -> list[SampleRecord]:
+        """The usable set's samples (with ``count``, its first ``count``); with ``uid``
+        checked again after the read, so they are that set's, not those of one made under
+        its id in between."""
         self.usable_sample_set(sample_set_id, field, uid)
-        records = self.store.list_samples(sample_set_id)
+        records = self.store.list_samples(sample_set_id, limit=count)
         if uid:
             self.usable_sample_set(sample_set_id, field, uid)
         return records

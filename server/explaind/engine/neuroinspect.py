@@ -216,8 +216,9 @@ class NeuroInspectEngine:
             return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings)
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
-        # ``uid``: the set checked above, not one made under its id since (as a job reads it).
-        features = self._engine.sample_set_features(sample_set_id, version=version, uid=info.uid)
+        # ``uid``: the set checked above, not one made under its id since (as a job reads it);
+        # ``count``: the samples counted above, not those appended since (past the inline limit).
+        features = self._engine.sample_set_features(sample_set_id, version=version, uid=info.uid, count=count)
         mistakes = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
