@@ -1323,6 +1323,46 @@ def test_a_job_deleted_as_soon_as_a_waiter_sees_it_end_is_deleted(tmp_path, monk
     jobs.shutdown(1)
 
 
+def test_a_watch_or_wait_ends_with_the_end_of_a_job_deleted_before_its_next_read(tmp_path):
+    # A job's end wakes all its readers at once: one of them (another client) may delete
+    # it before another's next read, and that watcher, waiting for the end, got NOT_FOUND
+    # "no operation ..." instead of the end it was waiting for.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+
+    def ended_and_deleted(job_id: str, gate: threading.Event):
+        gate.set()
+        end = jobs.wait(job_id, 10)
+        jobs.delete(job_id)
+        with pytest.raises(NotFound, match=f"no operation '{job_id}'"):
+            jobs.get(job_id)
+        return end
+
+    def running_job() -> tuple[str, threading.Event]:
+        gate = threading.Event()
+        job_id = jobs.submit("evaluate", lambda ctx: (gate.wait(10), _empty())[1]).record.job_id
+        while jobs.get(job_id).record.state != "running":
+            time.sleep(0.01)
+        return job_id, gate
+
+    job_id, gate = running_job()
+    watch = jobs.watch(job_id, poll_s=0.01)
+    assert next(watch).record.state == "running"  # the watch is between two reads
+    end = ended_and_deleted(job_id, gate)
+    assert end.record.state == "succeeded" and [snapshot.record for snapshot in watch] == [end.record]
+
+    job_id, gate = running_job()
+    ends = []
+
+    def still_waiting() -> bool:  # asked after each read of the running job: between two reads
+        if not ends:
+            ends.append(ended_and_deleted(job_id, gate))
+        return True
+
+    waited = jobs.wait(job_id, 10, is_active=still_waiting)
+    assert waited.record == ends[0].record and waited.record.state == "succeeded"
+    jobs.shutdown(1)
+
+
 def test_listing_by_state_leaves_out_a_job_that_moved_on_between_the_stored_and_the_live_read(tmp_path, monkeypatch):
     # A job listed from the store as queued had started by the time its live state was
     # read: `state=QUEUED` returned it RUNNING.

@@ -346,6 +346,20 @@ class JobManager:
                 return JobSnapshot(live.record, live.preview)
         return JobSnapshot(self.store.get_job(job_id))
 
+    def _read_again(self, job_id: str, read: _LiveJob | None) -> tuple[JobSnapshot, _LiveJob | None]:
+        """:meth:`get` for a reader that reads the job over and over (watch, wait), and the
+        live job it found (None if none), to pass back as ``read`` next time. A job that has
+        left the live jobs since has ended, its record as stored: that is what the reader
+        gets, though the job may be gone from the store (its end wakes every reader at once,
+        and one of them, another client say, may delete it before this one reads again)."""
+        with self._changed:
+            live = self._live.get(job_id)
+            if live is not None:
+                return JobSnapshot(live.record, live.preview), live
+            if read is not None:
+                return JobSnapshot(read.record), None  # as get() read it from the store
+        return JobSnapshot(self.store.get_job(job_id)), None
+
     def response(self, snapshot: JobSnapshot) -> JobSnapshot:
         """``snapshot`` with its result, read if a listing without responses left it out;
         NotFound for a job deleted since (it has no response to send: as a succeeded
@@ -422,9 +436,9 @@ class JobManager:
         """Yield the job now and after every change until it is done (or the caller leaves):
         at once for a new state, artifact or preview, the latest progress at most every
         WATCH_PROGRESS_INTERVAL_S."""
-        last, sent_at = None, 0.0
+        last, sent_at, read = None, 0.0, None
         while True:
-            snapshot = self.get(job_id)
+            snapshot, read = self._read_again(job_id, read)
             if snapshot != last:
                 wait = WATCH_PROGRESS_INTERVAL_S - (time.monotonic() - sent_at)
                 progress_only = last is not None and snapshot.preview == last.preview and (
@@ -445,8 +459,9 @@ class JobManager:
     def wait(self, job_id: str, timeout: float | None = None, *, is_active: Callable[[], bool] = lambda: True) -> JobSnapshot:
         """The job once done, or as it is when ``timeout`` seconds pass or the caller leaves."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        read = None
         while True:
-            snapshot = self.get(job_id)
+            snapshot, read = self._read_again(job_id, read)
             remaining = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
             if snapshot.done or remaining <= 0 or not is_active():
                 return snapshot
