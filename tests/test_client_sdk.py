@@ -603,6 +603,46 @@ def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
         server.stop(0)
 
 
+class _DeletedOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """Knows "operations/x" running at the first WaitOperation and the first WatchOperation
+    (whose stream then drops), then no more: another client deleted it once it ended."""
+
+    def __init__(self) -> None:
+        self.waits = self.watches = 0
+
+    def GetOperation(self, request, context):
+        context.abort(grpc.StatusCode.NOT_FOUND, "name: no operation 'x'")
+
+    def WaitOperation(self, request, context):
+        self.waits += 1
+        if self.waits > 1:
+            context.abort(grpc.StatusCode.NOT_FOUND, "name: no operation 'x'")
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+    def WatchOperation(self, request, context):
+        self.watches += 1
+        if self.watches > 1:
+            context.abort(grpc.StatusCode.NOT_FOUND, "name: no operation 'x'")
+        yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+
+def test_waiting_for_or_watching_an_operation_deleted_meanwhile_says_so():
+    # Its end and deletion between two of the SDK's calls: a bare "no operation 'x'" for
+    # an operation the caller was following, running when last read.
+    from explaind.client import NotFoundError
+
+    servicer = _DeletedOperations()
+    with _running_operation_of(servicer) as operation:
+        note = ["operations/x was running when last read: it was deleted since (by another client, or by the server's retention "
+                "of ended operations)"]
+        for follow in (lambda: operation.wait(timeout=20), lambda: list(operation.watch(timeout=20)), lambda: list(operation.watch(timeout=20))):
+            with pytest.raises(NotFoundError, match="no operation 'x'") as gone:
+                follow()
+            assert gone.value.__notes__ == note
+        assert (servicer.waits, servicer.watches) == (2, 2)  # the second watch's stream answered NOT_FOUND itself
+
+
 class _TruncatedArtifacts(operations_pb2_grpc.OperationsServiceServicer):
     """Lists a 10-byte artifact but has only its first 4 bytes (a blob cut short on disk):
     past them it answers with no content, and after 20 such calls with INTERNAL."""

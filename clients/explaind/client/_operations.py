@@ -23,6 +23,7 @@ from ._errors import (
     DataLossError,
     DeadlineExceededError,
     ExplaindError,
+    NotFoundError,
     OperationError,
     ResourceExhaustedError,
     UnavailableError,
@@ -309,6 +310,9 @@ class Operation(Generic[ResultT]):
                 if not self._client._retry or (deadline is not None and time.monotonic() >= deadline - LAST_ATTEMPT_S):
                     raise
                 continue
+            except NotFoundError as error:
+                self._note_deleted(error)
+                raise
             self._update(response.operation)
             if not self.done and time.monotonic() - asked < step / 2:
                 # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
@@ -342,6 +346,9 @@ class Operation(Generic[ResultT]):
                 if time.monotonic() < deadline - LAST_ATTEMPT_S:  # not the watch's own timeout
                     raise
                 return
+            except NotFoundError as error:
+                self._note_deleted(error)
+                raise
             except ResourceExhaustedError:
                 # Every thread for streams is taken. (An operation too large to send fails
                 # the polls' GetOperation the same way, and that error reaches the caller.)
@@ -373,6 +380,15 @@ class Operation(Generic[ResultT]):
             except UnavailableError:
                 if not self._client._retry or time.monotonic() >= deadline - LAST_ATTEMPT_S:
                     raise
+            except NotFoundError as error:
+                self._note_deleted(error)
+                raise
+
+    def _note_deleted(self, error: NotFoundError) -> None:
+        """What a NOT_FOUND for this operation, read before, means to a wait or a watch:
+        it ended and another client (or the server's retention) deleted it in between."""
+        error.add_note(f"{self.name} was {self.state} when last read: it was deleted since (by another client, or by the "
+                       "server's retention of ended operations)")
 
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> ResultT:
         """Wait for the job and return its result (a dataclass where the SDK has one,
