@@ -365,6 +365,34 @@ def test_torchvision_loader(tmp_path):
         load_classifier(dataclasses.replace(section, feature_layer="layer3"))
 
 
+def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
+    # A fine-tuned model's file is often its training checkpoint, not model.state_dict():
+    # these failed with "class_names or class_names_file is required", or torch's advice
+    # to pass weights_only=False, which no key does.
+    import argparse
+
+    import torchvision
+
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    checkpoints = {
+        "reference.pth": {"model": state, "epoch": 3},  # torchvision's reference scripts
+        "ddp.pth": {"state_dict": {f"module.{key}": value for key, value in state.items()}},  # a DistributedDataParallel module
+        "tutorial.pth": {"model_state_dict": state, "epoch": 3},
+    }
+    for name, checkpoint in checkpoints.items():
+        torch.save(checkpoint, tmp_path / name)
+        version = load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / name), image_size=32))
+        assert len(version.class_names) == 3 and torch.equal(version.head.weight, state["fc.weight"]), name
+    torch.save({"state_dict": {f"model.{key}": value for key, value in state.items()}}, tmp_path / "lightning.pth")
+    with pytest.raises(ModelLoadError, match=r"lightning.pth: no 'fc.weight' in the state dict, so it is not one of torchvision's resnet18 "
+                                             r"with head 'fc' \(its first keys: \['model.conv1.weight'"):
+        load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "lightning.pth")))
+    torch.save({"model": state, "args": argparse.Namespace(lr=0.1)}, tmp_path / "with_args.pth")
+    with pytest.raises(ModelLoadError, match=r"with_args.pth holds objects other than tensors \(Unsupported global: GLOBAL argparse.Namespace\), "
+                                             r".*torch.save\(checkpoint\['model'\], 'weights.pth'\)$"):
+        load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "with_args.pth")))
+
+
 def test_a_vit_splits_at_its_class_token_without_keeping_its_other_tokens():
     vit = ClassifierSection(**TINY_VIT_CLASSIFIER)
     features = load_classifier(vit).features(torch.rand(3, 3, 32, 32))

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import pickle
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,8 +353,25 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's message tells to pass weights_only=False, which no key does
+        detail = str(error).rpartition("WeightsUnpickler error:")[2].strip().splitlines()[0].partition(" was not an allowed")[0][:300]
+        raise ModelLoadError(f"{path} holds objects other than tensors ({detail}), as a training checkpoint's saved "
+                             "arguments or optimiser do; save the model's state dict alone, e.g. "
+                             "torch.save(checkpoint['model'], 'weights.pth')") from None
+    if isinstance(state, dict):
+        # A training checkpoint holds the state dict under a key: "state_dict" (Lightning,
+        # timm), "model" (torchvision's reference scripts) or "model_state_dict" (PyTorch's
+        # tutorials).
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        # (Distributed)DataParallel's module saved as is: every key under "module.".
+        if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
+            state = {key.removeprefix("module."): value for key, value in state.items()}
+    return state
 
 
 def _load_world(section: ClassifierSection) -> ClassifierVersion:
@@ -395,7 +413,12 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     else:
         path = _require_file(section.weights, "weights file")
         state = _load_state_dict(path)
-        class_names = _class_names(section, state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None)
+        if f"{head}.weight" not in state:  # else "class_names is required", or torch's list of every missing key
+            keys = [str(key) for key in state][:5] if isinstance(state, dict) else []
+            raise ModelLoadError(f"{path}: no {head + '.weight'!r} in the state dict, so it is not one of torchvision's {section.name} with "
+                                 f"head {head!r} (its first keys: {keys}); set [classifier].head to the final linear layer's name, "
+                                 "or save the model's state_dict()")
+        class_names = _class_names(section, state[f"{head}.weight"].shape[0])
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
         model.load_state_dict(state)
         source, image_size, mean, std, resize_size, interpolation = str(path), 224, (), (), 0, "bilinear"
