@@ -3167,6 +3167,15 @@ def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name
     unknown = load_clip(ClipSection(model="RN50", checkpoint="nonsense"), required=False)
     assert not unknown.loaded
     assert "[clip].checkpoint 'nonsense' is neither a file nor a pretrained tag of 'RN50' (tags: openai, " in unknown.detail
+    # A directory without weights loaded as a random CLIP, reported as loaded.
+    (tmp_path / "no_weights").mkdir()
+    shutil.copy(clip_dir() / "open_clip_config.json", tmp_path / "no_weights")
+    unweighted = load_clip(ClipSection(path=str(tmp_path / "no_weights")), required=False)
+    assert not unweighted.loaded
+    assert unweighted.detail.startswith(f"cannot load CLIP ([clip]) from {tmp_path / 'no_weights'}: ModelLoadError: [clip].path "
+                                        f"{tmp_path / 'no_weights'} has no weights file (open_clip_model.safetensors, ")
+    with pytest.raises(ModelLoadError, match="has no weights file"):
+        load_clip(ClipSection(path=str(tmp_path / "no_weights")), required=True)
     name = register_world_clip_config()
     from_file = load_clip(ClipSection(model=name, checkpoint=str(clip_dir() / CHECKPOINT_NAME)), required=True)
     assert from_file.loaded and from_file.model[0].encode_text(from_file.model[2](["a photo of a heart"])).shape[0] == 1

@@ -684,6 +684,12 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
         import open_clip
 
         if section.path:
+            directory = Path(section.path)
+            # open_clip loads a directory without a weights file as a randomly initialised
+            # CLIP, with a warning, which clip_illusion would then optimise against.
+            if directory.is_dir() and not any(next(directory.glob(f"*{suffix}"), None) for suffix in (".safetensors", ".bin", ".pth")):
+                raise ModelLoadError(f"[clip].path {section.path} has no weights file (open_clip_model.safetensors, or another "
+                                     ".safetensors, .bin or .pth file) beside its open_clip_config.json")
             model_name = f"local-dir:{section.path}"
             model, _, preprocess = open_clip.create_model_and_transforms(model_name)
         else:
