@@ -377,6 +377,41 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: boo
     return engine, inspect
 
 
+def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
+    # Reading a stored head built an initialised nn.Linear first, which drew from torch's
+    # global generator: every promote or restart of an edited head moved the stream of a
+    # process that had seeded it (a script or bench embedding the engine), as HeadEdit.as_linear
+    # already avoids. Building a feature function warmed it up on global random images too.
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        served = engine.models.active
+        edited = torch.nn.Linear(served.head.in_features, served.head.out_features)
+        with torch.no_grad():
+            edited.weight.copy_(served.head.weight)
+            edited.bias.copy_(served.head.bias + 1.0)
+        record = inspect._add_head_version(served, edited, "v0", {"method": "probability_ratio"})
+        torch.manual_seed(1234)
+        expected = torch.rand(8)
+        torch.manual_seed(1234)
+        inspect.promote_head_version(record.version_id)
+        inspect.rollback_head_version()
+        inspect.promote_head_version(record.version_id)
+        engine._feature_fns.clear()  # as a new feature extractor would: its function is built and warmed up
+        engine.activate(engine.models.active)
+        assert torch.equal(torch.rand(8), expected)
+    finally:
+        _shut(engine)
+    restarted, restarted_inspect = _in_process(tmp_path, restore=False)
+    try:
+        torch.manual_seed(1234)
+        restarted_inspect.restore()  # serves the stored v1 again
+        assert restarted_inspect.active_head_version().version_id == record.version_id
+        assert torch.equal(torch.rand(8), expected)
+    finally:
+        _shut(restarted)
+
+
 def test_the_model_files_head_is_served_again_without_its_stored_copy(tmp_path):
     # Head versions are read from the store when served, but the file's own head is kept:
     # a rollback to it cannot fail on a lost weights file.

@@ -217,7 +217,8 @@ class Engine:
                     num_threads=self.config.runtime.num_threads,
                     max_batch_size=max(self.config.batching.max_batch_size, self.config.jobs.evaluate_batch_size),
                 )
-                fn(torch.rand(2, 3, version.image_size, version.image_size, device=self.device))
+                # Fixed images, not the global generator's: warming up must not move the stream of a process that seeded it.
+                fn(torch.rand(2, 3, version.image_size, version.image_size, generator=torch.Generator().manual_seed(0)).to(self.device))
                 self._feature_fns[version.feature_cache_key] = fn
         previous = self.models.activate(version)
         if previous is None or previous.feature_cache_key != version.feature_cache_key:

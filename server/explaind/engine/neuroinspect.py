@@ -136,9 +136,12 @@ def _head_bytes(head: nn.Linear) -> bytes:
 
 
 def _head_from_bytes(data: bytes) -> nn.Linear:
+    """The stored head as a module. Built without initialising it first (as
+    ``HeadEdit.as_linear``): that drew from torch's global random generator at every
+    promote, rollback and restart, moving the stream of a process that had seeded it."""
     tensors = load_safetensors(data)
     weight, bias = tensors["weight"], tensors["bias"]
-    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head: nn.Linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0])  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
