@@ -116,6 +116,14 @@ class NeuroInspectServiceServicer:
         A class with no sample in the set is INVALID_ARGUMENT naming the class field: from
         the call when it runs inline, as the operation's error otherwise. A class with no
         mistake gets an empty ranking (mistake_count 0, no neurons): nothing to explain.
+
+        Deterministic, with no seed: the same request on the same set and head version, on
+        the same server (device and thread count), gives the same ranking bit for bit, inline
+        or as an operation, and after a restart (features are cached with the server's data).
+        An image's features are computed when a job or ranking first needs them; on another
+        thread count or device, or in a batch of other images, they can differ in their last
+        bits (about 1e-6 relative), and so can omega and mean_omega: on the shapes world that
+        changed no neuron, direction or per-mistake top-k.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
