@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +27,17 @@ from explaind.world import assets
 TINY_VIT_KWARGS = {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "num_classes": 3}
 TINY_VIT_CLASSIFIER = {"loader": "factory", "factory": "torchvision.models.vision_transformer:VisionTransformer",
                        "factory_kwargs": TINY_VIT_KWARGS, "feature_layer": "encoder", "head": "heads.head", "image_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_random_state() -> None:
+    """Each test starts from the same global random state (torch, numpy, random): torch
+    seeds its generator differently in every process, so tests drawing inputs from it
+    (``torch.rand``) ran on other inputs at every run, and on inputs that depended on
+    the tests that ran before them."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @contextlib.contextmanager

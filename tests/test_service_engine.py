@@ -59,6 +59,15 @@ def engine(tmp_path, classifier_dir):
     engine.close()
 
 
+def test_every_test_starts_from_the_same_global_random_state():
+    # torch seeds its global generator differently in every process, and many tests draw
+    # their inputs from it (torch.rand): they ran on other inputs at every run, and on
+    # inputs that depended on which tests ran before. conftest seeds it before each test.
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(0)))
+    assert np.random.randint(2**31) == np.random.RandomState(0).randint(2**31)
+    assert random.random() == random.Random(0).random()
+
+
 # Batcher -------------------------------------------------------------------------------
 
 
