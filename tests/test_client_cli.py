@@ -976,6 +976,10 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert version["method"] == "probability_ratio" and version["neurons"] == [3] and version["active"] is False
     assert version["evaluation"]["accuracy"] >= 0 and edit["best_epoch"] <= edit["epochs_run"] and edit["operation"].startswith("operations/")
     assert _json_out(capsys, [*target, "head-versions", "list", "--json"])[-1] == version
+    # The seed orders the minibatches: another one trains another head.
+    reseeded = _json_out(capsys, [*target, "edit-head", "edit-json", "--class", "heart", "--neurons", "3", "--seed", "1", "--json"])
+    assert reseeded["version"]["model_version"] != version["model_version"]
+    assert _json_out(capsys, [*target, "head-versions", "delete", reseeded["version"]["version_id"], "--json"])
     promoted = _json_out(capsys, [*target, "head-versions", "promote", version["version_id"], "--json"])
     assert promoted == {"version": {**version, "active": True}, "previous_version_id": served_before}
     rolled = _json_out(capsys, [*target, "head-versions", "rollback", "--json"])

@@ -717,7 +717,8 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.edit_head(
             args.id, args.target_class, args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
-            evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, promote=args.promote,
+            evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, seed=args.seed,
+            promote=args.promote,
         )
         edit = _announce_and_wait(operation, args)
     if edit is not None and args.json:
@@ -1098,6 +1099,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="set for the before/after evaluation (default: the validation set)")
     edit_head.add_argument("--group-attribute", dest="group_attribute", default="",
                            help="sample attribute for per-group accuracy of the evaluated samples, e.g. background")
+    edit_head.add_argument("--seed", type=_int64, default=0, help="random seed of the minibatch order (the same seed: the same head)")
     edit_head.add_argument("--promote", action="store_true", help="serve the new version at once")
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")
