@@ -4,8 +4,11 @@ server needs at run time, not only what an editable checkout happens to have."""
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,3 +36,16 @@ def test_the_wheel_ships_every_data_file_and_the_stubs(tmp_path):
     assert "explaind/py.typed" in names  # without it a user's mypy ignores every annotation
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     assert "explaind = explaind.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_requires_python_admits_exactly_the_python_versions_the_classifiers_name():
+    # The exact torch/torchvision pins have wheels for a bounded range of CPython minors
+    # (and no sdist), so requires-python needs an upper bound: without one, pip on a newer
+    # Python accepts the project and then fails on "no matching distribution for torch".
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    admitted = {minor for minor in range(0, 100) if f"3.{minor}" in SpecifierSet(project["requires-python"])}
+    assert admitted and max(admitted) < 99, "requires-python has no upper bound"
+    assert admitted == set(range(min(admitted), max(admitted) + 1))
+    prefix = "Programming Language :: Python :: 3."
+    classified = {int(c.removeprefix(prefix)) for c in project["classifiers"] if c.startswith(prefix)}
+    assert classified == admitted
