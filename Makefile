@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist; 0: one). Each takes whole files, so a module's server
+# serves only its own tests.
+TEST_WORKERS ?= 2
 
 .PHONY: test demo proto bench world serve clean
 
@@ -13,9 +16,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	@sh tests/system_packages.sh
-	@# One intra-op thread per process: the suite runs servers beside the test process on
-	@# 2 cores, and oversubscribed torch thread pools are several times slower.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	@# One intra-op thread per process: the suite runs servers beside the test processes on
+	@# 2 cores, and oversubscribed torch thread pools are several times slower. Two test
+	@# processes: much of a test's time is a server starting or a client waiting, and the
+	@# other process uses that core meanwhile.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m explaind demo
