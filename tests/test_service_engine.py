@@ -1598,6 +1598,32 @@ def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_
     jobs.shutdown(1)
 
 
+def test_a_job_s_stages_are_timed_once_each_also_when_it_fails_and_unnamed_time_is_run(tmp_path):
+    metrics = Metrics()
+    jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
+    value = metrics.registry.get_sample_value
+
+    def staged(ctx):
+        for stage in ("a", "b", "a"):  # back to a: a's two visits are one observation
+            ctx.stage(stage)
+            time.sleep(0.05)
+        raise InvalidArgument("refused")
+
+    failed = jobs.submit("staged", staged)
+    plain = jobs.submit("plain", lambda ctx: (time.sleep(0.05), _empty())[1])
+    assert jobs.wait(failed.record.job_id, 10).record.state == "failed"
+    assert jobs.wait(plain.record.job_id, 10).record.state == "succeeded"
+    jobs.shutdown(1)
+    for kind, stages in (("staged", ("start", "a", "b", "finish")), ("plain", ("start", "run", "finish"))):
+        outcome = "failed" if kind == "staged" else "succeeded"
+        seconds = {stage: value("explaind_job_stage_duration_seconds_sum", {"kind": kind, "stage": stage}) for stage in stages}
+        assert [value("explaind_job_stage_duration_seconds_count", {"kind": kind, "stage": stage}) for stage in stages] == [1] * len(stages)
+        duration = value("explaind_job_duration_seconds_sum", {"kind": kind, "outcome": outcome})
+        assert sum(seconds.values()) <= duration + 1e-3 and sum(seconds.values()) >= duration - 0.1 - 0.1 * duration
+    assert value("explaind_job_stage_duration_seconds_sum", {"kind": "staged", "stage": "a"}) >= 0.1
+    assert value("explaind_job_stage_duration_seconds_sum", {"kind": "plain", "stage": "run"}) >= 0.05
+
+
 def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
     store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
     jobs = JobManager(store, metrics, max_queued=1, workers=1)

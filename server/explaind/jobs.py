@@ -12,6 +12,9 @@ Adding a job kind is a registration and one call from an engine::
         ctx.save_image("top_neurons.png", grid)                   # artifact, downloadable
         return RankNeuronsResult(...)
 
+A job may name the stages its time goes to (``ctx.stage("solve")``, a few fixed names per
+kind): each job's seconds per stage are observed in ``explaind_job_stage_duration_seconds``.
+
     snapshot = engine.jobs.submit("rank_neurons", rank_neurons)   # returns at once
 
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
@@ -74,6 +77,32 @@ class JobSnapshot:
         return self.record.state in FINISHED_STATES
 
 
+# The stages the manager times around every job's own (JobContext.stage): storing that it
+# runs, its code before it names a stage of its own (all of it for a job that names
+# none), and packing and storing its result or error.
+START_STAGE, RUN_STAGE, FINISH_STAGE = "start", "run", "finish"
+
+
+class _Stages:
+    """Where one job's time goes: monotonic seconds per stage, summed over its visits
+    (a job may go back to a stage), from its start to its end without gaps."""
+
+    def __init__(self) -> None:
+        self.current: str | None = START_STAGE
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def enter(self, stage: str | None) -> None:
+        """End the current stage; None leaves the time from now to the next named stage."""
+        if stage == self.current:
+            return
+        now = time.monotonic()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self._since
+            self._since = now
+        self.current = stage
+
+
 class _LiveJob:
     def __init__(self, record: JobRecord) -> None:
         self.record = record
@@ -85,9 +114,10 @@ class _LiveJob:
 class JobContext:
     """What a running job sees: progress reporting, cancellation, artifact storage."""
 
-    def __init__(self, manager: JobManager, live: _LiveJob) -> None:
+    def __init__(self, manager: JobManager, live: _LiveJob, stages: _Stages | None = None) -> None:
         self._manager = manager
         self._live = live
+        self._stages = stages or _Stages()
 
     @property
     def job_id(self) -> str:
@@ -100,6 +130,11 @@ class JobContext:
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
             raise JobCancelled(self.job_id)
+
+    def stage(self, name: str) -> None:
+        """The job's time from now on goes to stage ``name`` (until the next call or its
+        end): a literal from its kind's few stages, never an id (it is a metric label)."""
+        self._stages.enter(name)
 
     def report_progress(self, step: int, total: int | None = None, message: str = "", preview: bytes | None = None) -> None:
         """``step`` of ``total`` units done (total None keeps the last one, 0 = unknown);
@@ -221,6 +256,7 @@ class JobManager:
             if live.record.state != QUEUED:
                 return
             self.metrics.jobs_queued.dec()
+            stages = _Stages()
             started = time.time()
             try:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
@@ -235,8 +271,14 @@ class JobManager:
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
         try:
-            context = JobContext(self, live)
-            packed = self._packed(context, fn(context), cut_lists)
+            context = JobContext(self, live, stages)
+            stages.enter(None)
+            try:
+                result = fn(context)
+            finally:
+                stages.enter(stages.current or RUN_STAGE)
+                stages.enter(FINISH_STAGE)
+            packed = self._packed(context, result, cut_lists)
         except JobCancelled:
             if live.record.cancel_requested:
                 self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
@@ -250,6 +292,9 @@ class JobManager:
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
         finally:
             running.dec()
+            stages.enter(None)
+            for stage, seconds in stages.seconds.items():
+                self.metrics.job_stage_duration.labels(kind=live.record.kind, stage=stage).observe(seconds)
             self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
 
     def _packed(self, context: JobContext, result: Message, cut_lists: tuple[str, ...]) -> any_pb2.Any:

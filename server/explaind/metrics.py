@@ -2,7 +2,7 @@
 
 Conventions: base units (seconds), ``_total`` counters, histograms rather than
 summaries, label values from bounded sets only (rpc service/method, status code, job
-kind and outcome; never sample, neuron or operation ids).
+kind, stage and outcome; never sample, neuron or operation ids).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600)
 # A job on an idle server starts within a millisecond; behind others, after their hours.
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
+# A job's stage: from a millisecond (storing its start) to most of a day-long job.
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -71,6 +73,13 @@ class Metrics:
         # input (INVALID_ARGUMENT) or restarts (ABORTED).
         self.jobs_ended = Counter(
             "explaind_jobs_ended_total", "Jobs that reached a final state.", ("kind", "outcome", "code"), registry=r
+        )
+        # Where a job's time went, observed at its end (also a failed or cancelled one's):
+        # its seconds in each stage it entered, summed over its visits. ``stage`` comes from
+        # a few fixed names per kind (JobContext.stage) plus start, run and finish, which the
+        # job manager times; a job's stages add up to its job_duration.
+        self.job_stage_duration = Histogram(
+            "explaind_job_stage_duration_seconds", "Job run time spent in each stage.", ("kind", "stage"), buckets=STAGE_BUCKETS, registry=r
         )
         # Observed when a job starts: with job_duration, the whole wait a caller sees.
         self.job_queue_wait = Histogram(
