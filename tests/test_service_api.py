@@ -1303,6 +1303,55 @@ def test_metrics_count_calls_exactly(server, client, world_images):
     assert re.search(r"^process_start_time_seconds \S+$", text, re.MULTILINE) and "python_gc_collections_total" in text
 
 
+# What explaind_job_stage_duration_seconds shows for a job of each kind that succeeds: its
+# own stages, between the job manager's start and finish.
+JOB_STAGES = {
+    "evaluate_sample_set": {"start", "inference", "images", "finish"},
+    "rank_mistake_neurons": {"start", "features", "solve", "response", "finish"},
+    "visualize_neurons": {"start", "setup", "optimise", "preview", "images", "finish"},
+    "edit_head": {"start", "features", "training", "storing", "finish"},
+}
+
+
+def _samples(server) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_time_each_stage_of_a_job_and_the_stages_add_up_to_its_duration(server, client, world_images):
+    images, labels = world_images
+    client.create_sample_set(_uint8(images), ((labels + 1) % 6).numpy(), sample_set_id="stages")  # every sample a mistake
+    jobs = {
+        "evaluate_sample_set": lambda: client.evaluate_sample_set("stages").result(timeout=60),
+        "rank_mistake_neurons": lambda: client.rank_mistake_neurons("stages", 0, execution="operation", include_samples=True),
+        "visualize_neurons": lambda: client.visualize_neurons([3], method="no_clip", steps=2).result(timeout=60),
+        "edit_head": lambda: client.edit_head("stages", 0, [1, 2], max_epochs=2).result(timeout=60),
+    }
+    for kind, run in jobs.items():
+        before = _samples(server)
+        run()
+        after = _samples(server)
+
+        def added(name: str, **labels: str) -> float:
+            key = (name, tuple(sorted(labels.items())))
+            return after.get(key, 0.0) - before.get(key, 0.0)
+
+        stages = {dict(labels)["stage"] for name, labels in after if name == "explaind_job_stage_duration_seconds_count"
+                  and dict(labels)["kind"] == kind and added(name, **dict(labels))}
+        assert stages == JOB_STAGES[kind]
+        assert added("explaind_job_duration_seconds_count", kind=kind, outcome="succeeded") == 1
+        duration = added("explaind_job_duration_seconds_sum", kind=kind, outcome="succeeded")
+        seconds = {stage: added("explaind_job_stage_duration_seconds_sum", kind=kind, stage=stage) for stage in stages}
+        for stage in stages:  # once per job, however often it went back to a stage (a visualisation's previews)
+            assert added("explaind_job_stage_duration_seconds_count", kind=kind, stage=stage) == 1, stage
+            assert 0 <= seconds[stage] <= duration + 1e-3, (kind, stage, seconds, duration)
+        # No unaccounted time: the stages run back to back from the job's start to its end.
+        assert duration - 0.1 - 0.1 * duration <= sum(seconds.values()) <= duration + 1e-3, (kind, seconds, duration)
+
+
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
 def test_metrics_on_a_wildcard_host_answer_ipv6_and_ipv4():

@@ -1265,6 +1265,9 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
         def raise_if_cancelled(self):
             pass
 
+        def stage(self, name):
+            pass
+
         def report_progress(self, *args, **kwargs):
             pass
 

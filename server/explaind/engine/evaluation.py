@@ -19,6 +19,7 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
     """Accuracy, per-class accuracy, confusion matrix, the mistakes (most confident
     first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``, of the set
     of ``uid``."""
+    context.stage("inference")
     logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid)
     context.raise_if_cancelled()
     probabilities = torch.softmax(logits, dim=1)
@@ -42,6 +43,7 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
         result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].double().mean()) if count else float("nan"))
     for index in wrong.tolist():
         result.mistakes.add(sample_index=index, label=int(labels[index]), predicted=int(predicted[index]), probability=float(confidence[index]))
+    context.stage("images")
     shown = wrong[:max_grid_images].tolist()
     context.report_progress(len(labels), len(labels), f"drawing {len(shown)} mistakes")
     captions = [f"{names[int(labels[i])]}>{names[int(predicted[i])]}" for i in shown]

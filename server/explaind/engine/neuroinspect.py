@@ -263,8 +263,11 @@ class NeuroInspectEngine:
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
               settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True,
               uid: str | None = None) -> neuroinspect_pb2.NeuronRanking:
+        stage = context.stage if context is not None else lambda name: None
+        stage("features")
         if features is None:
             features = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uid)
+        stage("solve")
         self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
 
         def on_step(step: int, total: int, running: int) -> bool:
@@ -281,6 +284,7 @@ class NeuroInspectEngine:
             max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
             target_class=class_index, callback_on_step_end=on_step,
         )
+        stage("response")
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
         predicted = version.logits(features.features[ranking.mistake_indices]).argmax(1).cpu()
@@ -392,6 +396,7 @@ class NeuroInspectEngine:
 
     def _visualize(self, context: JobContext, version: ClassifierVersion, pairs: list[tuple[int, int]], method: str, steps: int,
                    gamma: float, epsilon: float, learning_rate: float, seed: int, preview_every: int) -> neuroinspect_pb2.VisualizeNeuronsResult:
+        context.stage("setup")
         clip = self._engine.components.get("clip")
         clip_model, tokenizer = (clip.model[0], clip.model[2]) if clip is not None and clip.loaded else (None, None)
         if clip_model is not None:
@@ -407,14 +412,18 @@ class NeuroInspectEngine:
             context.raise_if_cancelled()
             preview = None
             if step % preview_every == 0 or step == total:
+                context.stage("preview")
                 preview = encode_png(image_grid([to_uint8_hwc(image) for image in images.detach().float().cpu()], captions))
             context.report_progress(step, total, f"optimising {len(pairs)} images", preview=preview)
+            context.stage("optimise")
             return False
 
+        context.stage("optimise")
         result = illusion.visualize(
             pairs, method=method, steps=steps, gamma=gamma, epsilon=epsilon, learning_rate=learning_rate, seed=seed,
             callback_on_step_end=on_step,
         )
+        context.stage("images")
         message = neuroinspect_pb2.VisualizeNeuronsResult(model_version=version.version, method=method, steps=result.steps)
         for i, (neuron, klass) in enumerate(pairs):
             stem = f"{i:02d}_neuron{neuron}_{names[klass]}"
@@ -502,6 +511,7 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{patience} is not in [1, 1000] (0 means 5)", field="patience")
 
         def run(context: JobContext) -> neuroinspect_pb2.EditHeadResult:
+            context.stage("features")
             train = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uids[sample_set_id])
             features, labels = train.features, train.labels
             if validation_sample_set_id:
@@ -528,6 +538,7 @@ class NeuroInspectEngine:
                 context.report_progress(epoch, total, f"epoch {epoch}: validation accuracy {record.validation_accuracy:.3f}")
                 return False
 
+            context.stage("training")
             try:
                 edit = HeadEditor(version.head).edit(
                     features, labels, target_class=class_index, neurons=list(neurons), validation_features=val_features,
@@ -540,6 +551,7 @@ class NeuroInspectEngine:
                 raise InvalidArgument(str(error)) from None
             except TrainingDiverged as error:
                 raise FailedPrecondition(f"{error}; nothing was stored") from None
+            context.stage("storing")
             counts = Counter(eval_labels.tolist())
             details = {
                 "method": method,
