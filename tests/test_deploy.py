@@ -66,9 +66,30 @@ def image_entrypoint() -> list[str]:
     return json.loads(line.removeprefix("ENTRYPOINT"))
 
 
+# A value for each of the dashboard's variables: one the real Prometheus below has series of.
+DASHBOARD_VARIABLES = {"kind": "rank_mistake_neurons"}
+
+
+def dashboard_variables() -> list[dict]:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text()).get("templating", {}).get("list", [])
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) with the variables (``$kind``) set as DASHBOARD_VARIABLES."""
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert {variable["name"] for variable in dashboard_variables()} == set(DASHBOARD_VARIABLES)
+
+    def with_variables(expr: str) -> str:
+        return re.sub(r"\$(\w+)", lambda match: DASHBOARD_VARIABLES[match[1]], expr)
+
+    return [(panel["title"], with_variables(target["expr"])) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def dashboard_variable_labels() -> list[tuple[str, str, str]]:
+    """(variable, series, label) of each variable's label_values(series, label)."""
+    found = [(variable["name"], re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])) for variable in dashboard_variables()]
+    assert all(match for _, match in found), found
+    return [(name, *match.groups()) for name, match in found]
 
 
 def alert_rules() -> list[dict]:
@@ -95,6 +116,8 @@ def test_dashboard_and_alert_queries_only_series_and_labels_the_server_exports()
             labels |= series[name]
         for grouping in GROUPING.findall(expr):  # or the labels Prometheus gives every scraped series
             assert {label.strip() for label in grouping.split(",")} <= labels | {"job", "instance"}, f"{title}: by ({grouping}) in {expr!r}"
+    for variable, name, label in dashboard_variable_labels():
+        assert label in series.get(name, set()), f"variable {variable}: {name} has no label {label}"
 
 
 def test_counters_and_histograms_come_without_created_series():
@@ -483,6 +506,9 @@ def test_a_real_prometheus_shows_every_panel_and_alerts_only_when_the_server_is_
         for title, expr in dashboard_queries():
             values = prometheus.query(expr)
             assert any(math.isfinite(value) for value in values), f"{title}: no data from {expr!r}: {values}"
+        for variable, name, label in dashboard_variable_labels():  # Grafana offers the values set above
+            offered = {sample["metric"][label] for sample in prometheus.api("query", query=name)["result"]}
+            assert DASHBOARD_VARIABLES[variable] in offered, (variable, offered)
         assert 0 < prometheus.query(dict(dashboard_queries())["Predict latency p50 / p99"])[0] < 60
         # Every rule evaluates without error, and none holds on a healthy server (once the
         # rules have seen the last scrape: evaluated in a later second).
