@@ -78,8 +78,8 @@ class JobSnapshot:
 
 
 # The stages the manager times around every job's own (JobContext.stage): storing that it
-# runs, its code before it names a stage of its own (all of it for a job that names
-# none), and packing and storing its result or error.
+# runs, all of its code for a job that names no stage (a job that does counts the time
+# before its first stage in that stage), and packing and storing its result or error.
 START_STAGE, RUN_STAGE, FINISH_STAGE = "start", "run", "finish"
 
 
