@@ -28,8 +28,11 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m explaind serve
 
+# Also records additions in proto/wire_snapshot.json; a wire break (a field renumbered,
+# retyped, or removed without `reserved`) is refused: see proto/wire_compat.py.
 proto: $(STAMP)
 	$(PY) proto/generate.py
+	$(PY) proto/wire_compat.py --update
 
 bench: $(STAMP)
 	$(PY) bench/predict.py

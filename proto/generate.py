@@ -22,34 +22,31 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_ROOT / "explaind" / "v1").glob("*.proto"))
 
 
-def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
-    """Run protoc into ``out_dir``; returns the files written (``explaind/v1/*_pb2*.py(i)``)."""
+def run_protoc(proto_root: Path, outputs: list[str], files: list[str]) -> None:
+    """protoc with ``outputs`` (``--python_out=...``) on ``files`` (relative to
+    ``proto_root``), its imports resolved as the module docstring says."""
     import google.longrunning
     import grpc_tools
     from grpc_tools import protoc
 
     googleapis_root = Path(google.longrunning.__path__[0]).parents[1]
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    out_dir = Path(out_dir)
-    target = out_dir / "explaind" / "v1"
-    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as alias_root:
         alias = Path(alias_root) / "google" / "longrunning" / "operations.proto"
         alias.parent.mkdir(parents=True)
         shutil.copyfile(googleapis_root / "google" / "longrunning" / "operations_proto.proto", alias)
-        args = [
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{alias_root}",
-            f"-I{googleapis_root}",
-            f"-I{well_known}",
-            f"--python_out={out_dir}",
-            f"--grpc_python_out={out_dir}",
-            f"--pyi_out={out_dir}",
-            *[str(path.relative_to(PROTO_ROOT)) for path in proto_files()],
-        ]
+        args = ["grpc_tools.protoc", f"-I{proto_root}", f"-I{alias_root}", f"-I{googleapis_root}", f"-I{well_known}", *outputs, *files]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed; see the messages above")
+
+
+def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
+    """Run protoc into ``out_dir``; returns the files written (``explaind/v1/*_pb2*.py(i)``)."""
+    out_dir = Path(out_dir)
+    target = out_dir / "explaind" / "v1"
+    target.mkdir(parents=True, exist_ok=True)
+    run_protoc(PROTO_ROOT, [f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", f"--pyi_out={out_dir}"],
+               [str(path.relative_to(PROTO_ROOT)) for path in proto_files()])
     for stub in target.glob("*_pb2.pyi"):
         stub.write_text(strict_stub(stub.read_text()))
     return sorted(p for p in target.iterdir() if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")))

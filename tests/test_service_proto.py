@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +33,54 @@ def test_every_rpc_takes_its_own_request_and_response():
             for method in service.methods:
                 assert method.input_type.name == f"{method.name}Request", method.full_name
                 assert method.output_type.name == f"{method.name}Response", method.full_name
+
+
+def _wire_compat():
+    spec = importlib.util.spec_from_file_location("proto_wire_compat", ROOT / "proto" / "wire_compat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protos_keep_the_recorded_wire_format():
+    """An SDK and a server of different releases read each other's messages: no field of
+    proto/wire_snapshot.json may change number or type, or go without being reserved."""
+    wire = _wire_compat()
+    recorded = json.loads((ROOT / "proto" / "wire_snapshot.json").read_text())
+    current = wire.snapshot(wire.descriptor_set())
+    assert wire.breaks(recorded, current) == []
+    assert current == recorded, "proto/ has additions the snapshot lacks: run `python proto/wire_compat.py --update` and commit it"
+
+
+def test_wire_compat_tells_breaks_from_additions(tmp_path):
+    wire = _wire_compat()
+    base = wire.snapshot(wire.descriptor_set())
+
+    def edited(old: str, new: str) -> dict:
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(ROOT / "proto" / "explaind", root / "explaind")
+        common = root / "explaind" / "v1" / "common.proto"
+        text = common.read_text()
+        assert old in text
+        common.write_text(text.replace(old, new, 1))
+        return wire.snapshot(wire.descriptor_set(root))
+
+    assert wire.breaks(base, edited("bytes data = 3;", "bytes data = 3;\n  string note = 4;")) == []  # a new field
+    assert wire.breaks(base, edited("bytes data = 3;", 'reserved 3;\n  reserved "data";')) == []  # removed, reserved
+    assert wire.breaks(base, edited("DATA_TYPE_INT64 = 4;", 'reserved 4;\n  reserved "DATA_TYPE_INT64";')) == []
+    assert wire.breaks(base, edited("bytes data = 3;", "")) == [
+        'explaind.v1.Tensor.data = 3 was removed without `reserved 3; reserved "data";`']
+    assert wire.breaks(base, edited("bytes data = 3;", "bytes data = 5;")) == ["explaind.v1.Tensor.data changed number 3 -> 5"]
+    assert wire.breaks(base, edited("bytes data = 3;", "string data = 3;")) == ["explaind.v1.Tensor.data changed type 'bytes' -> 'string'"]
+    assert wire.breaks(base, edited("repeated int64 shape = 2;", "int64 shape = 2;")) == [
+        "explaind.v1.Tensor.shape changed repeated True -> False"]
+    assert wire.breaks(base, edited("bytes data = 3;", "bytes payload = 3;")) == [
+        "explaind.v1.Tensor.data = 3 was renamed to 'payload' without `reserved 3; reserved \"data\";`"]
+    assert wire.breaks(base, edited("DATA_TYPE_INT64 = 4;", "DATA_TYPE_INT64 = 5;")) == [
+        "explaind.v1.DataType.DATA_TYPE_INT64 changed number 4 -> 5"]
+    assert wire.breaks(base, edited("DATA_TYPE_INT64 = 4;", "")) == [
+        'explaind.v1.DataType.DATA_TYPE_INT64 = 4 was removed or renamed without `reserved 4; reserved "DATA_TYPE_INT64";`']
+    fewer = {**base, "messages": {k: v for k, v in base["messages"].items() if k != "explaind.v1.Tensor"}}
+    assert wire.breaks(base, fewer) == ["message explaind.v1.Tensor was removed or renamed (an Any holding it, or a field typed by it, breaks)"]
+    rpcs = {**base, "services": {**base["services"], "explaind.v1.InferenceService": {}}}
+    assert "rpc explaind.v1.InferenceService.Predict was removed (older clients get UNIMPLEMENTED)" in wire.breaks(base, rpcs)
