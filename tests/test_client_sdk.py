@@ -962,3 +962,44 @@ def test_pixel_count_reads_a_png_header_as_pillow_does():
         Image.open(io.BytesIO(bytes(data)))
     assert pixel_count(common_pb2.Image(encoded=bytes(data))) == 0
     assert pixel_count(common_pb2.Image(encoded=b"\x89PNG\r\n\x1a\n")) == 0  # truncated: no header
+
+
+def _operation_from_a_newer_server(state: int, response_type: str = "") -> Any:
+    from explaind.client._operations import Operation
+
+    metadata = any_pb2.Any()
+    metadata.Pack(operations_pb2.OperationMetadata(kind="summarize_dataset", state=state))
+    message = operations_lro.Operation(name="operations/x", done=bool(response_type), metadata=metadata)
+    if response_type:
+        message.response.type_url = f"type.googleapis.com/{response_type}"
+        message.response.value = b"\x08\x01"
+    return Operation(None, message)
+
+
+def test_an_operation_state_or_result_type_a_newer_server_added_reads_without_a_traceback():
+    # A pipeline's SDK upgrades after its server: an OperationState this SDK does not know
+    # raised KeyError from .state (and so from repr, `operations list` and watch), and a
+    # result of a job kind it does not know raised KeyError from the descriptor pool.
+    from explaind.client import UnimplementedError
+
+    operation = _operation_from_a_newer_server(9)
+    assert operation.state == "unknown (9)"
+    assert repr(operation) == "Operation('operations/x', kind='summarize_dataset', state='unknown (9)', progress=0/0)"
+    done = _operation_from_a_newer_server(operations_pb2.OPERATION_STATE_SUCCEEDED, "explaind.v1.SummarizeDatasetResult")
+    assert done.state == "succeeded"
+    with pytest.raises(UnimplementedError, match=r"^UNIMPLEMENTED: operations/x \(summarize_dataset\) has a result of type explaind\.v1\.SummarizeDatasetResult, "
+                                                 r"which this explaind SDK does not know: the server is newer; upgrade the SDK"):
+        done.result()
+
+
+def test_a_ranking_answered_neither_inline_nor_as_an_operation_says_to_upgrade(client, monkeypatch):
+    # RankMistakeNeuronsResponse.outcome is a oneof: a member a newer server added read as
+    # an operation without a name, and the SDK asked GetOperation for "" (INVALID_ARGUMENT).
+    from explaind.client import UnimplementedError
+    from explaind.v1 import neuroinspect_pb2
+
+    call = client._call
+    monkeypatch.setattr(client, "_call", lambda service, method, request, **kwargs: neuroinspect_pb2.RankMistakeNeuronsResponse()
+                        if method == "RankMistakeNeurons" else call(service, method, request, **kwargs))
+    with pytest.raises(UnimplementedError, match=r"^UNIMPLEMENTED: RankMistakeNeurons answered with neither a ranking nor an operation: the server is newer"):
+        client.rank_mistake_neurons("any", 0)

@@ -30,7 +30,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, FailedPreconditionError, NotFoundError, UnavailableError, from_rpc_error
+from ._errors import ExplaindError, FailedPreconditionError, NotFoundError, UnavailableError, error_from_code, from_rpc_error
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -677,8 +677,12 @@ class Client:
         )
         started = time.monotonic()
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
-        if response.WhichOneof("outcome") == "ranking":
+        outcome = response.WhichOneof("outcome")
+        if outcome == "ranking":
             return _neuroinspect.ranking(response.ranking)
+        if outcome != "operation":  # an answer a newer server added to the oneof
+            raise error_from_code(grpc.StatusCode.UNIMPLEMENTED, "RankMistakeNeurons answered with neither a ranking nor an operation: "
+                                  "the server is newer than this explaind SDK; upgrade the SDK")
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
         # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
         # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.

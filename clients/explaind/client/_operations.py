@@ -214,8 +214,10 @@ class Operation(Generic[ResultT]):
 
     @property
     def state(self) -> str:
-        """As of the last update from the server (``refresh()``, ``wait()``, ``watch()``)."""
-        return _STATE_NAMES[self.metadata.state]
+        """As of the last update from the server (``refresh()``, ``wait()``, ``watch()``);
+        ``"unknown (N)"`` for a state a newer server added (``done`` still says whether it ended)."""
+        number = self.metadata.state
+        return _STATE_NAMES.get(number) or f"unknown ({number})"
 
     @property
     def done(self) -> bool:
@@ -441,7 +443,12 @@ class Operation(Generic[ResultT]):
     def _unpack_response(self, download: bool) -> Any:
         response = self._message.response
         name = response.type_url.rsplit("/", 1)[-1]
-        cls = message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))
+        try:
+            descriptor = descriptor_pool.Default().FindMessageTypeByName(name)
+        except KeyError:  # a job kind a newer server added
+            raise error_from_code(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} ({self.kind}) has a result of type {name}, which this explaind "
+                                  "SDK does not know: the server is newer; upgrade the SDK to read it") from None
+        cls = message_factory.GetMessageClass(descriptor)
         message: Message = cls()
         if download and self.response_cut:
             message.ParseFromString(self.artifact(self.metadata.full_response_artifact))
