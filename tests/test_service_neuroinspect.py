@@ -377,6 +377,16 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: boo
     return engine, inspect
 
 
+def _store_shifted_head(inspect, served):
+    """A head version of the served head with every bias one higher, stored (not served):
+    its module and its record."""
+    edited = torch.nn.Linear(served.head.in_features, served.head.out_features)
+    with torch.no_grad():
+        edited.weight.copy_(served.head.weight)
+        edited.bias.copy_(served.head.bias + 1.0)
+    return edited, inspect._add_head_version(served, edited, "v0", {"method": "probability_ratio"})
+
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a
@@ -386,11 +396,7 @@ def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(
     engine, inspect = _in_process(tmp_path)
     try:
         served = engine.models.active
-        edited = torch.nn.Linear(served.head.in_features, served.head.out_features)
-        with torch.no_grad():
-            edited.weight.copy_(served.head.weight)
-            edited.bias.copy_(served.head.bias + 1.0)
-        record = inspect._add_head_version(served, edited, "v0", {"method": "probability_ratio"})
+        _, record = _store_shifted_head(inspect, served)
         torch.manual_seed(1234)
         expected = torch.rand(8)
         torch.manual_seed(1234)
@@ -418,11 +424,7 @@ def test_the_model_files_head_is_served_again_without_its_stored_copy(tmp_path):
     engine, inspect = _in_process(tmp_path)
     try:
         served = engine.models.active
-        edited = torch.nn.Linear(served.head.in_features, served.head.out_features)
-        with torch.no_grad():
-            edited.weight.copy_(served.head.weight)
-            edited.bias.copy_(served.head.bias + 1.0)
-        record = inspect._add_head_version(served, edited, "v0", {"method": "probability_ratio"})
+        edited, record = _store_shifted_head(inspect, served)
         inspect.promote_head_version(record.version_id)
         assert engine.models.active.head_version == served.with_head(edited).head_version
         file_head = engine.store.get_head_version(served.feature_version, "v0")
