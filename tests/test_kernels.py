@@ -250,3 +250,64 @@ def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp
     path, _ = _linear_classifier_graph(tmp_path, tail)
     with pytest.raises(UnsplittableGraph, match=reason):
         split_onnx_classifier(path)
+
+
+def _onnx_runtime_out_of_memory_errors() -> list[BaseException]:
+    """Real ONNX Runtime allocation failures: a graph whose hidden layer, at 20,000 rows,
+    needs 320 MB, run in a session on a CPU arena limited to 64 MB, through ``run`` and
+    through ``run_with_iobinding`` (the engine's path), which raise different types."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1024, 4096], np.zeros(1024 * 4096, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ReduceSum", ["h"], ["y"], keepdims=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
+    # The process's ONNX Runtime environment gets a CPU arena allocator capped at 64 MB,
+    # used only by sessions that ask for it (this one), not by the engines of other tests.
+    onnxruntime.create_and_register_allocator(
+        onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT),
+        onnxruntime.OrtArenaCfg(64 << 20, -1, -1, -1))
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    images = np.ones((20_000, 1024), np.float32)
+    assert session.run(None, {"x": images[:2]})[0].shape == (1, 1)  # a small batch fits
+    errors = []
+    try:
+        session.run(None, {"x": images})
+    except Exception as error:  # noqa: BLE001
+        errors.append(error)
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", images)
+    binding.bind_output("y")
+    try:
+        session.run_with_iobinding(binding)
+    except Exception as error:  # noqa: BLE001
+        errors.append(error)
+    return errors
+
+
+def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
+    # ONNX Runtime's failed allocations (an ONNX classifier given a large batch) were INTERNAL, reported as a bug.
+    import logging
+
+    from explaind.errors import report_unexpected
+
+    errors = _onnx_runtime_out_of_memory_errors()
+    assert [type(error).__name__ for error in errors] == ["Fail", "RuntimeError"]
+    assert all("smaller than requested bytes" in str(error) for error in errors)
+    log = logging.getLogger("test")
+    for error in errors:
+        code, message = report_unexpected(log, "a run", error)
+        assert code == "RESOURCE_EXHAUSTED" and message.startswith("the model's device ran out of memory; retry with fewer images")
+    # Other ONNX Runtime failures, and other errors that speak of memory, are still bugs.
+    import onnxruntime
+
+    state = onnxruntime.capi.onnxruntime_pybind11_state
+    for error in (state.Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed"), RuntimeError("Error in execution: Got invalid dimensions"),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: Failed to allocate memory for requested buffer"),
+                  MemoryError("bad allocation")):
+        assert report_unexpected(log, "a run", error)[0] == "INTERNAL"

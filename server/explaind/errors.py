@@ -8,6 +8,7 @@ as the message. Messages name the offending request field where there is one.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import sqlite3
 import sys
@@ -97,6 +98,30 @@ def is_damaged_database(error: BaseException) -> bool:
     return type(error) is sqlite3.DatabaseError
 
 
+# How ONNX Runtime words a failed allocation: its arena past its limit ("Available memory
+# of N is smaller than requested bytes of M") or unable to grow ("Failed to allocate
+# memory for requested buffer of size N", CPU and CUDA alike), the C++ allocator's
+# bad_alloc ("std::bad_alloc"; "bad allocation" on Windows), or CUDA's own
+# ("CUDA failure 2: out of memory", "cudaErrorMemoryAllocation").
+_ONNX_RUNTIME_OUT_OF_MEMORY = re.compile(
+    r"Failed to allocate memory for requested buffer|Available memory of \d+ is smaller than requested bytes"
+    r"|\bbad_alloc\b|\bbad allocation\b|CUDA failure 2: out of memory|cudaErrorMemoryAllocation")
+
+
+def is_onnx_runtime_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is ONNX Runtime's failure to allocate memory for a run. Its
+    sessions raise its ``Fail`` (an arena's) or ``RuntimeException`` (the allocator's,
+    CUDA's), and ``run_with_iobinding`` a bare ``RuntimeError`` ("Error in execution:
+    ..."); only their message tells an allocation from a bug, so both are checked."""
+    onnxruntime = sys.modules.get("onnxruntime")  # not imported here: only a server that loaded it raises its errors
+    if onnxruntime is None:
+        return False
+    state = onnxruntime.capi.onnxruntime_pybind11_state
+    raised_by_onnx_runtime = (isinstance(error, (state.Fail, state.RuntimeException))
+                              or (type(error) is RuntimeError and str(error).startswith("Error in execution: ")))
+    return raised_by_onnx_runtime and _ONNX_RUNTIME_OUT_OF_MEMORY.search(str(error)) is not None
+
+
 def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
     the caller's (code, message). Why: an exception's text can hold server file paths and
@@ -108,8 +133,9 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -
         return "DATA_LOSS", (f"the server's database is damaged ({error}); the operator must restore it from a backup "
                              f"(the server log has the details under incident {incident})")
     torch = sys.modules.get("torch")  # not imported here: only a server that loaded it can run out of device memory
-    if torch is not None and isinstance(error, torch.OutOfMemoryError):
-        # A GPU's memory, full of this call's or of concurrent work: no bug to quote, and a smaller request may pass.
+    if (torch is not None and isinstance(error, torch.OutOfMemoryError)) or is_onnx_runtime_out_of_memory(error):
+        # A GPU's (or ONNX Runtime's host) memory, full of this call's or of concurrent work: no bug to quote, and a
+        # smaller request may pass.
         return "RESOURCE_EXHAUSTED", (f"the model's device ran out of memory; retry with fewer images or a smaller batch, or later "
                                       f"(the server log has the details under incident {incident})")
     return "INTERNAL", f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"
