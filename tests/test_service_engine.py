@@ -1588,6 +1588,15 @@ def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_
     assert value("explaind_job_queue_wait_seconds_count", {"kind": "visualize"}) == 0
     assert value("explaind_jobs_running", {"kind": "visualize"}) == 0
     assert jobs_ended(metrics, ("visualize", "succeeded", "OK"), *(("visualize", "failed", code) for code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"))) == [0.0] * 4
+    # And the time in each of its stages (they were born with the kind's first job): the
+    # manager's own for a kind that names none, else the ones it declares.
+    jobs.register_kinds("staged", stages=("a", "b"))
+
+    def stage_counts(kind: str, *stages: str) -> list[float | None]:
+        return [value("explaind_job_stage_duration_seconds_count", {"kind": kind, "stage": stage}) for stage in stages]
+
+    assert stage_counts("visualize", "start", "run", "finish") == [0.0] * 3
+    assert stage_counts("staged", "start", "a", "b", "finish", "run") == [0.0] * 4 + [None]
     blocker = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1])
     while jobs.get(blocker.record.job_id).record.state != "running":
         time.sleep(0.01)

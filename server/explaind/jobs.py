@@ -13,7 +13,8 @@ Adding a job kind is a registration and one call from an engine::
         return RankNeuronsResult(...)
 
 A job may name the stages its time goes to (``ctx.stage("solve")``, a few fixed names per
-kind): each job's seconds per stage are observed in ``explaind_job_stage_duration_seconds``.
+kind, declared with ``register_kinds(kind, stages=(...))`` so their series start at zero):
+each job's seconds per stage are observed in ``explaind_job_stage_duration_seconds``.
 
     snapshot = engine.jobs.submit("rank_neurons", rank_neurons)   # returns at once
 
@@ -216,16 +217,20 @@ class JobManager:
 
     # Submitting and running ----------------------------------------------------------
 
-    def register_kinds(self, *kinds: str) -> None:
+    def register_kinds(self, *kinds: str, stages: tuple[str, ...] = ()) -> None:
         """Declare the job kinds an engine submits, so that listing by one of them is valid
         before the first is submitted (an unknown kind is INVALID_ARGUMENT, not []). Their
-        queue-wait and running series, and their counts of successes and server-side
-        failures, are exported at zero from now on: a rate or an alert then sees the first
-        such job, which a series born with it would hide."""
+        queue-wait and running series, their counts of successes and server-side
+        failures, and the time in each of their stages (``stages``: the names their jobs
+        give :meth:`JobContext.stage`; none: all of a job's time is ``run``), are exported
+        at zero from now on: a rate or an alert then sees the first such job, which a
+        series born with it would hide."""
         self._kinds.update(kinds)
         for kind in kinds:
             self.metrics.job_queue_wait.labels(kind=kind)
             self.metrics.jobs_running.labels(kind=kind)
+            for stage in (START_STAGE, *(stages or (RUN_STAGE,)), FINISH_STAGE):
+                self.metrics.job_stage_duration.labels(kind=kind, stage=stage)
             self.metrics.jobs_ended.labels(kind=kind, outcome=SUCCEEDED, code="OK")
             for code in ALERTED_FAILURE_CODES:
                 self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code=code)

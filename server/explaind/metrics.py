@@ -77,7 +77,8 @@ class Metrics:
         # Where a job's time went, observed at its end (also a failed or cancelled one's):
         # its seconds in each stage it entered, summed over its visits. ``stage`` comes from
         # a few fixed names per kind (JobContext.stage) plus start, run and finish, which the
-        # job manager times; a job's stages add up to its job_duration.
+        # job manager times; a job's stages add up to its job_duration. A registered kind's
+        # (JobManager.register_kinds) are exported at zero from the start.
         self.job_stage_duration = Histogram(
             "explaind_job_stage_duration_seconds", "Job run time spent in each stage.", ("kind", "stage"), buckets=STAGE_BUCKETS, registry=r
         )

@@ -55,6 +55,7 @@ _DECODE_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_geta
 # file system's journal commits (bench/upload.py). The caller is asked between rounds.
 BLOB_WRITE_THREADS = 8
 EVALUATE_KIND = "evaluate_sample_set"  # the job kind of EvaluateSampleSet
+EVALUATE_STAGES = ("inference", "images")  # the stages its jobs time (JobContext.stage)
 
 
 def check_sample_set_id(sample_set_id: str, field: str = "sample_set_id") -> None:
@@ -157,7 +158,7 @@ class Engine:
         # (its artifacts list) and to a list page's framing.
         self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers,
                                max_result_bytes=config.server.max_message_bytes // 2)
-        self.jobs.register_kinds(EVALUATE_KIND)
+        self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
         self._batcher: DynamicBatcher[BatchOutput] | None = None

@@ -59,6 +59,10 @@ MAX_VISUALIZATION_PAIRS = 64
 EXECUTIONS = ("auto", "inline", "operation")
 # The job kinds, as operations report them.
 RANK_KIND, VISUALIZE_KIND, EDIT_KIND = "rank_mistake_neurons", "visualize_neurons", "edit_head"
+# The stages (JobContext.stage) each kind's jobs time, exported at zero from the start.
+RANK_STAGES = ("features", "solve", "response")
+VISUALIZE_STAGES = ("setup", "optimise", "preview", "images")
+EDIT_STAGES = ("features", "training", "storing")
 # The artifact that holds ω (float32 (M, D), .npy) when a ranking ran as an operation.
 OMEGA_ARTIFACT = "omega.npy"
 # Upper bound of the edit's target probability ratio (auto picks about 1-10), for the same
@@ -153,7 +157,9 @@ class NeuroInspectEngine:
 
     def __init__(self, engine) -> None:
         self._engine = engine
-        engine.jobs.register_kinds(RANK_KIND, VISUALIZE_KIND, EDIT_KIND)
+        engine.jobs.register_kinds(RANK_KIND, stages=RANK_STAGES)
+        engine.jobs.register_kinds(VISUALIZE_KIND, stages=VISUALIZE_STAGES)
+        engine.jobs.register_kinds(EDIT_KIND, stages=EDIT_STAGES)
         self._versions_lock = threading.Lock()  # serialises id allocation, promote, rollback, delete
         # EditHead jobs and the (feature version, version id) each edits from: a version
         # an unfinished edit will name as its parent is not deleted.
