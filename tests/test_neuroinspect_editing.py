@@ -153,6 +153,20 @@ def test_epoch_callback_reports_progress_and_stops(world):
     assert seen[0][1] == 20 and seen[0][2].validation_accuracy == result.history[0].validation_accuracy
 
 
+def test_training_end_callback_comes_once_after_the_last_epoch_before_the_evaluation(world, monkeypatch):
+    # A job timed the before/after evaluation as training: nothing marked where it began.
+    from explaind.methods.neuroinspect import _editing
+
+    events = []
+    evaluate = _editing._evaluate
+    monkeypatch.setattr(_editing, "_evaluate", lambda *args: (events.append("evaluate"), evaluate(*args))[1])
+    result = edit(world, max_epochs=2, callback_on_epoch_end=lambda epoch, total, record: events.append(f"epoch {epoch}"),
+                  callback_on_training_end=lambda: events.append("trained"))
+    assert len(result.history) == 2
+    # Each epoch's validation is training's; the evaluation of the old and new heads follows.
+    assert events == ["evaluate", "epoch 1", "evaluate", "epoch 2", "trained", "evaluate", "evaluate"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"method": "prune"}, "method"), ({"neurons": []}, "neurons"), ({"neurons": [99]}, "neurons"),

@@ -1309,7 +1309,7 @@ JOB_STAGES = {
     "evaluate_sample_set": {"start", "inference", "images", "finish"},
     "rank_mistake_neurons": {"start", "features", "solve", "response", "finish"},
     "visualize_neurons": {"start", "setup", "optimise", "preview", "images", "finish"},
-    "edit_head": {"start", "features", "training", "storing", "finish"},
+    "edit_head": {"start", "features", "training", "evaluation", "storing", "finish"},
 }
 
 

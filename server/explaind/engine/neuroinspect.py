@@ -62,7 +62,7 @@ RANK_KIND, VISUALIZE_KIND, EDIT_KIND = "rank_mistake_neurons", "visualize_neuron
 # The stages (JobContext.stage) each kind's jobs time, exported at zero from the start.
 RANK_STAGES = ("features", "solve", "response")
 VISUALIZE_STAGES = ("setup", "optimise", "preview", "images")
-EDIT_STAGES = ("features", "training", "storing")
+EDIT_STAGES = ("features", "training", "evaluation", "storing")
 # The artifact that holds ω (float32 (M, D), .npy) when a ranking ran as an operation.
 OMEGA_ARTIFACT = "omega.npy"
 # Upper bound of the edit's target probability ratio (auto picks about 1-10), for the same
@@ -551,7 +551,7 @@ class NeuroInspectEngine:
                     validation_labels=val_labels, method=method, strength=strength, target_ratio=target_ratio,
                     learning_rate=learning_rate, max_epochs=max_epochs, patience=patience, seed=seed,
                     evaluation_features=eval_features, evaluation_labels=eval_labels, evaluation_groups=groups,
-                    callback_on_epoch_end=on_epoch,
+                    callback_on_epoch_end=on_epoch, callback_on_training_end=lambda: context.stage("evaluation"),
                 )
             except ValueError as error:
                 raise InvalidArgument(str(error)) from None

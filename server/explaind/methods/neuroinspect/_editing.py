@@ -175,6 +175,7 @@ class HeadEditor:
         evaluation_labels: torch.Tensor | None = None,
         evaluation_groups: Sequence[str] | np.ndarray | None = None,
         callback_on_epoch_end: EpochCallback | None = None,
+        callback_on_training_end: Callable[[], None] | None = None,
     ) -> HeadEdit:
         """Retrain the head on training ``features`` (N, D) / ``labels`` (N,) with Adam.
 
@@ -194,6 +195,8 @@ class HeadEditor:
             evaluation_features, evaluation_labels, evaluation_groups: the set ``before`` and
                 ``after`` are measured on (default: the validation set, without groups).
             callback_on_epoch_end: ``(epoch, max_epochs, record)``; return True to stop.
+            callback_on_training_end: called once the epochs end, before ``before`` and
+                ``after`` are measured (e.g. to time that evaluation apart).
         """
         weight0, bias0 = self.head.weight.detach(), self.head.bias.detach()
         device = weight0.device
@@ -291,6 +294,8 @@ class HeadEditor:
                 break
 
         new_weight, new_bias = best_state
+        if callback_on_training_end is not None:
+            callback_on_training_end()
         return HeadEdit(
             weight=new_weight,
             bias=new_bias,
