@@ -26,7 +26,7 @@ from explaind.v1 import common_pb2 as explaind_dot_v1_dot_common__pb2
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xplaind/v1/inference.proto\x12\x0b\x65xplaind.v1\x1a\x18\x65xplaind/v1/common.proto\x1a#google/longrunning/operations.proto\"\\\n\x0ePredictRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.explaind.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x17\n\x0freturn_features\x18\x03 \x01(\x08\"}\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.explaind.v1.Prediction\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x13.explaind.v1.Tensor\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"J\n\nPrediction\x12\x15\n\rclass_indices\x18\x01 \x03(\x05\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"\x19\n\x17GetModelMetadataRequest\"\xd6\x01\n\x18GetModelMetadataResponse\x12/\n\nclassifier\x18\x01 \x01(\x0b\x32\x1b.explaind.v1.ClassifierInfo\x12\x30\n\ncomponents\x18\x02 \x03(\x0b\x32\x1c.explaind.v1.ComponentStatus\x12+\n\x08\x62\x61tching\x18\x03 \x01(\x0b\x32\x19.explaind.v1.BatchingInfo\x12*\n\x06limits\x18\x04 \x01(\x0b\x32\x1a.explaind.v1.RequestLimits\"\x82\x01\n\rRequestLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_pixels_per_request\x18\x02 \x01(\x03\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\x05\x12\x16\n\x0emax_image_side\x18\x04 \x01(\x05\"\xc0\x02\n\x0e\x43lassifierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loader\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x15\n\rfeature_layer\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x07 \x01(\x03\x12\x12\n\nimage_size\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x19\n\x11supports_features\x18\x0c \x01(\x08\x12\x13\n\x0bresize_size\x18\r \x01(\x03\x12\x15\n\rinterpolation\x18\x0e \x01(\t\x12\x1e\n\x16supports_visualization\x18\x0f \x01(\x08\"O\n\x0f\x43omponentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"_\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1f\n\x17max_queue_delay_seconds\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\"^\n\x18\x45valuateSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x17\n\x0fmax_grid_images\x18\x03 \x01(\x05\"M\n\x19\x45valuateSampleSetResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"\xe0\x01\n\x17\x45valuateSampleSetResult\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12-\n\tper_class\x18\x05 \x03(\x0b\x32\x1a.explaind.v1.ClassAccuracy\x12\x18\n\x10\x63onfusion_matrix\x18\x06 \x03(\x03\x12&\n\x08mistakes\x18\x07 \x03(\x0b\x32\x14.explaind.v1.Mistake\"D\n\rClassAccuracy\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\"V\n\x07Mistake\x12\x14\n\x0csample_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x11\n\tpredicted\x18\x03 \x01(\x05\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x32\x9d\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.explaind.v1.PredictRequest\x1a\x1c.explaind.v1.PredictResponse\x12_\n\x10GetModelMetadata\x12$.explaind.v1.GetModelMetadataRequest\x1a%.explaind.v1.GetModelMetadataResponse\x12\x62\n\x11\x45valuateSampleSet\x12%.explaind.v1.EvaluateSampleSetRequest\x1a&.explaind.v1.EvaluateSampleSetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xplaind/v1/inference.proto\x12\x0b\x65xplaind.v1\x1a\x18\x65xplaind/v1/common.proto\x1a#google/longrunning/operations.proto\"\\\n\x0ePredictRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.explaind.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x17\n\x0freturn_features\x18\x03 \x01(\x08\"}\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.explaind.v1.Prediction\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x13.explaind.v1.Tensor\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"J\n\nPrediction\x12\x15\n\rclass_indices\x18\x01 \x03(\x05\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"\x19\n\x17GetModelMetadataRequest\"\xec\x01\n\x18GetModelMetadataResponse\x12/\n\nclassifier\x18\x01 \x01(\x0b\x32\x1b.explaind.v1.ClassifierInfo\x12\x30\n\ncomponents\x18\x02 \x03(\x0b\x32\x1c.explaind.v1.ComponentStatus\x12+\n\x08\x62\x61tching\x18\x03 \x01(\x0b\x32\x19.explaind.v1.BatchingInfo\x12*\n\x06limits\x18\x04 \x01(\x0b\x32\x1a.explaind.v1.RequestLimits\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\"\x82\x01\n\rRequestLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_pixels_per_request\x18\x02 \x01(\x03\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\x05\x12\x16\n\x0emax_image_side\x18\x04 \x01(\x05\"\xc0\x02\n\x0e\x43lassifierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loader\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x15\n\rfeature_layer\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x07 \x01(\x03\x12\x12\n\nimage_size\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x19\n\x11supports_features\x18\x0c \x01(\x08\x12\x13\n\x0bresize_size\x18\r \x01(\x03\x12\x15\n\rinterpolation\x18\x0e \x01(\t\x12\x1e\n\x16supports_visualization\x18\x0f \x01(\x08\"O\n\x0f\x43omponentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"_\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1f\n\x17max_queue_delay_seconds\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\"r\n\x18\x45valuateSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x17\n\x0fmax_grid_images\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"M\n\x19\x45valuateSampleSetResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"\xe0\x01\n\x17\x45valuateSampleSetResult\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12-\n\tper_class\x18\x05 \x03(\x0b\x32\x1a.explaind.v1.ClassAccuracy\x12\x18\n\x10\x63onfusion_matrix\x18\x06 \x03(\x03\x12&\n\x08mistakes\x18\x07 \x03(\x0b\x32\x14.explaind.v1.Mistake\"D\n\rClassAccuracy\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\"V\n\x07Mistake\x12\x14\n\x0csample_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x11\n\tpredicted\x18\x03 \x01(\x05\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x32\x9d\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.explaind.v1.PredictRequest\x1a\x1c.explaind.v1.PredictResponse\x12_\n\x10GetModelMetadata\x12$.explaind.v1.GetModelMetadataRequest\x1a%.explaind.v1.GetModelMetadataResponse\x12\x62\n\x11\x45valuateSampleSet\x12%.explaind.v1.EvaluateSampleSetRequest\x1a&.explaind.v1.EvaluateSampleSetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELMETADATAREQUEST']._serialized_start=404
   _globals['_GETMODELMETADATAREQUEST']._serialized_end=429
   _globals['_GETMODELMETADATARESPONSE']._serialized_start=432
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=646
-  _globals['_REQUESTLIMITS']._serialized_start=649
-  _globals['_REQUESTLIMITS']._serialized_end=779
-  _globals['_CLASSIFIERINFO']._serialized_start=782
-  _globals['_CLASSIFIERINFO']._serialized_end=1102
-  _globals['_COMPONENTSTATUS']._serialized_start=1104
-  _globals['_COMPONENTSTATUS']._serialized_end=1183
-  _globals['_BATCHINGINFO']._serialized_start=1185
-  _globals['_BATCHINGINFO']._serialized_end=1280
-  _globals['_EVALUATESAMPLESETREQUEST']._serialized_start=1282
-  _globals['_EVALUATESAMPLESETREQUEST']._serialized_end=1376
-  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_start=1378
-  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_end=1455
-  _globals['_EVALUATESAMPLESETRESULT']._serialized_start=1458
-  _globals['_EVALUATESAMPLESETRESULT']._serialized_end=1682
-  _globals['_CLASSACCURACY']._serialized_start=1684
-  _globals['_CLASSACCURACY']._serialized_end=1752
-  _globals['_MISTAKE']._serialized_start=1754
-  _globals['_MISTAKE']._serialized_end=1840
-  _globals['_INFERENCESERVICE']._serialized_start=1843
-  _globals['_INFERENCESERVICE']._serialized_end=2128
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=668
+  _globals['_REQUESTLIMITS']._serialized_start=671
+  _globals['_REQUESTLIMITS']._serialized_end=801
+  _globals['_CLASSIFIERINFO']._serialized_start=804
+  _globals['_CLASSIFIERINFO']._serialized_end=1124
+  _globals['_COMPONENTSTATUS']._serialized_start=1126
+  _globals['_COMPONENTSTATUS']._serialized_end=1205
+  _globals['_BATCHINGINFO']._serialized_start=1207
+  _globals['_BATCHINGINFO']._serialized_end=1302
+  _globals['_EVALUATESAMPLESETREQUEST']._serialized_start=1304
+  _globals['_EVALUATESAMPLESETREQUEST']._serialized_end=1418
+  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_start=1420
+  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_end=1497
+  _globals['_EVALUATESAMPLESETRESULT']._serialized_start=1500
+  _globals['_EVALUATESAMPLESETRESULT']._serialized_end=1724
+  _globals['_CLASSACCURACY']._serialized_start=1726
+  _globals['_CLASSACCURACY']._serialized_end=1794
+  _globals['_MISTAKE']._serialized_start=1796
+  _globals['_MISTAKE']._serialized_end=1882
+  _globals['_INFERENCESERVICE']._serialized_start=1885
+  _globals['_INFERENCESERVICE']._serialized_end=2170
 # @@protoc_insertion_point(module_scope)

@@ -43,16 +43,18 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
-    __slots__ = ("classifier", "components", "batching", "limits")
+    __slots__ = ("classifier", "components", "batching", "limits", "capabilities")
     CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     classifier: ClassifierInfo
     components: _containers.RepeatedCompositeFieldContainer[ComponentStatus]
     batching: BatchingInfo
     limits: RequestLimits
-    def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping[str, _Any]]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping[str, _Any]]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping[str, _Any]]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping[str, _Any]]] = ...) -> None: ...
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping[str, _Any]]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping[str, _Any]]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping[str, _Any]]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping[str, _Any]]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_pixels_per_request", "max_images_per_request", "max_image_side")
@@ -123,14 +125,16 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_seconds: _Optional[float] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
 
 class EvaluateSampleSetRequest(_message.Message):
-    __slots__ = ("sample_set_id", "batch_size", "max_grid_images")
+    __slots__ = ("sample_set_id", "batch_size", "max_grid_images", "request_id")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_GRID_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     batch_size: int
     max_grid_images: int
-    def __init__(self, sample_set_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_grid_images: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_grid_images: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateSampleSetResponse(_message.Message):
     __slots__ = ("operation",)
