@@ -3462,3 +3462,71 @@ def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(eng
         engine.sample_set_features("ahead", batch_size=3, context=CancelledAfterOneBatch())
     assert len(engine.store.get_features(version.feature_cache_key, computed.digests)) == 3  # the first batch only
     assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")], cancelled  # the pool is gone
+
+
+# Request identification (AIP-155) ------------------------------------------------------
+
+
+def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_restart(tmp_path):
+    # A job-starting call was not safe to repeat: after a dropped connection a client could
+    # not tell whether its job was created, and sending it again ran (an edit: stored) it twice.
+    from explaind.jobs import RequestKey
+
+    jobs, gate, runs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event(), []
+
+    def job(ctx):
+        runs.append(ctx.job_id)
+        gate.wait(10)
+        return _empty()
+
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    assert jobs.submitted(key) is None
+    with ThreadPoolExecutor(8) as pool:  # repeats racing each other
+        snapshots = list(pool.map(lambda _: jobs.submit("evaluate", job, request=key), range(8)))
+    job_id = snapshots[0].record.job_id
+    assert {snapshot.record.job_id for snapshot in snapshots} == {job_id} and jobs.submitted(key).record.job_id == job_id
+    other = jobs.submit("evaluate", job, request=RequestKey("00000000-0000-4000-8000-000000000000", "fingerprint"))
+    assert other.record.job_id != job_id
+    with pytest.raises(InvalidArgument, match=f"request_id {key.request_id} was sent with another request, which created operations/{job_id}") as caught:
+        jobs.submitted(RequestKey(key.request_id, "another fingerprint"))
+    assert caught.value.field == "request_id"
+    with pytest.raises(InvalidArgument):
+        jobs.submit("evaluate", job, request=RequestKey(key.request_id, "another fingerprint"))
+    gate.set()
+    assert jobs.wait(job_id, 10).record.state == "succeeded" and jobs.wait(other.record.job_id, 10).done
+    jobs.shutdown(1)
+    jobs.store.close()
+    assert sorted(runs) == sorted([job_id, other.record.job_id])
+
+    restarted = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    again = restarted.submit("evaluate", job, request=key)
+    assert again.record.job_id == job_id and again.record.state == "succeeded" and len(runs) == 2
+    restarted.delete(job_id)  # forgotten with its operation: the request is new again
+    assert restarted.submitted(key) is None
+    assert restarted.submit("evaluate", job, request=key).record.job_id not in (job_id, other.record.job_id)
+    restarted.shutdown(5)
+
+
+def test_a_store_of_schema_1_is_migrated_to_keep_request_ids_with_its_jobs(tmp_path):
+    from explaind.errors import AlreadyExists
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    store = SQLiteStore(tmp_path)
+    store.insert_job(JobRecord("old", "evaluate", "succeeded", 1.0, end_time=2.0))
+    store.close()
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
+        db.execute("DROP TABLE job_requests")
+        db.execute("PRAGMA user_version = 1")
+    store = SQLiteStore(tmp_path)
+    assert store.get_job("old").state == "succeeded" and store.job_of_request("123e4567-e89b-42d3-a456-426614174000") is None
+    store.insert_job(JobRecord("new", "evaluate", "queued", 3.0), request_id="123e4567-e89b-42d3-a456-426614174000", request_fingerprint="f")
+    with pytest.raises(AlreadyExists, match="request_id 123e4567-e89b-42d3-a456-426614174000 was given to operations/new") as caught:
+        store.insert_job(JobRecord("twice", "evaluate", "queued", 4.0), request_id="123e4567-e89b-42d3-a456-426614174000", request_fingerprint="f")
+    assert caught.value.field == "request_id"
+    with pytest.raises(NotFound):  # the refused insert left no job behind
+        store.get_job("twice")
+    store.close()
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 2
+    store = SQLiteStore(tmp_path)
+    assert store.job_of_request("123e4567-e89b-42d3-a456-426614174000") == ("new", "f")
+    store.close()

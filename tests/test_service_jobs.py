@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+import uuid
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
-from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 from test_service_api import _metric
 
 
@@ -187,3 +189,67 @@ def test_retention_deletes_ended_operations_and_their_files_at_start_up(server):
         server.stop()
         server.config.write_text(original)
         server.start()
+
+
+# Request identification (AIP-155) ------------------------------------------------------
+
+
+def _identified_requests(sample_set_id: str) -> dict[str, Any]:
+    """One request of each call that starts an operation, each with its own request_id."""
+    return {
+        "EvaluateSampleSet": inference_pb2.EvaluateSampleSetRequest(sample_set_id=sample_set_id, request_id=str(uuid.uuid4())),
+        "RankMistakeNeurons": neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id=sample_set_id, class_index=0, max_iterations=5,
+                                                                         execution=neuroinspect_pb2.EXECUTION_OPERATION, request_id=str(uuid.uuid4())),
+        "VisualizeNeurons": neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[neuroinspect_pb2.NeuronClassPair(neuron=1, class_index=0)], steps=2,
+                                                                     method=neuroinspect_pb2.VISUALIZATION_METHOD_FEATURE_VISUALIZATION,
+                                                                     request_id=str(uuid.uuid4())),
+        "EditHead": neuroinspect_pb2.EditHeadRequest(sample_set_id=sample_set_id, class_index=0, neurons=[1], max_epochs=1, request_id=str(uuid.uuid4())),
+    }
+
+
+def _send(target: str, method: str, request: Any) -> str:
+    """``method`` with ``request`` as it is (no SDK in between); the operation's name."""
+    with grpc.insecure_channel(target) as channel:
+        if method == "EvaluateSampleSet":
+            return inference_pb2_grpc.InferenceServiceStub(channel).EvaluateSampleSet(request, timeout=60).operation.name
+        return getattr(neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel), method)(request, timeout=60).operation.name
+
+
+def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_after_a_restart(server):
+    # A call starting an operation could not be repeated after a dropped connection: its
+    # first attempt may have started it, and a second ran it again (an edit stored twice).
+    from explaind.client._errors import from_rpc_error
+
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(30, 21), [i % 6 for i in range(30)], sample_set_id="identified")
+        before = {op.name for op in client.operations(limit=1000)}
+        versions = len(client.head_versions())
+    requests = _identified_requests("identified")
+    first = {method: _send(server.target, method, request) for method, request in requests.items()}
+    assert len(set(first.values())) == 4
+    assert {method: _send(server.target, method, request) for method, request in requests.items()} == first
+    with Client(server.target, timeout=60) as client:
+        for name in first.values():
+            assert client.operation(name).wait(timeout=120).state == "succeeded"
+    server.stop()
+    server.start()
+    assert {method: _send(server.target, method, request) for method, request in requests.items()} == first
+    with Client(server.target, timeout=60) as client:
+        assert {op.name for op in client.operations(limit=1000)} - before == set(first.values())  # one job each
+        assert len(client.head_versions()) == versions + 1  # one edit stored
+
+    # Another request under a request_id: refused naming the field, whatever the call.
+    changed = inference_pb2.EvaluateSampleSetRequest(sample_set_id="identified", batch_size=8, request_id=requests["EvaluateSampleSet"].request_id)
+    other_call = inference_pb2.EvaluateSampleSetRequest(sample_set_id="identified", request_id=requests["EditHead"].request_id)
+    for request, operation in ((changed, first["EvaluateSampleSet"]), (other_call, first["EditHead"])):
+        with pytest.raises(grpc.RpcError) as caught:
+            _send(server.target, "EvaluateSampleSet", request)
+        error = from_rpc_error(caught.value)
+        assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id")
+        assert f"was sent with another request, which created {operation}" in error.details
+    for malformed in ("not-a-uuid", "123e4567e89b42d3a456426614174000", "123e4567-e89b-42d3-a456-426614174000\n"):
+        with pytest.raises(grpc.RpcError) as caught:
+            _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="identified", request_id=malformed))
+        error = from_rpc_error(caught.value)
+        assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id") and "is not a UUID" in error.details
+

@@ -18,6 +18,11 @@ each job's seconds per stage are observed in ``explaind_job_stage_duration_secon
 
     snapshot = engine.jobs.submit("rank_neurons", rank_neurons)   # returns at once
 
+A request that carries a request_id (AIP-155: a retry after a dropped connection sends
+it again) is submitted with its :class:`RequestKey`: the same key gets the job the first
+created, as long as the job is kept; an engine asks :meth:`JobManager.submitted` before
+its checks, so a repeat is answered as the first was whatever changed since.
+
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
 operation's response (stored whole as an artifact, and cut to fit a message, when it is
 larger than ``max_result_bytes``: ``submit(..., cut_lists=...)``); an exception fails the job (an :class:`~explaind.errors.ExplaindError`
@@ -60,6 +65,15 @@ WATCH_PROGRESS_INTERVAL_S = 0.2
 RESULT_ARTIFACT = "result.binpb"
 RESULT_MEDIA_TYPE = "application/x-protobuf"
 JOB_ID = re.compile(r"[0-9a-f]{16}")  # what submit() makes; used with fullmatch ("$" would accept a final "\n")
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """What identifies a request to repeat (AIP-155): the client's ``request_id`` (a UUID)
+    and a ``fingerprint`` of the rest of the request, which a repeat must match."""
+
+    request_id: str
+    fingerprint: str
 
 
 class JobCancelled(Exception):
@@ -235,12 +249,39 @@ class JobManager:
             for code in ALERTED_FAILURE_CODES:
                 self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code=code)
 
+    def submitted(self, request: RequestKey | None) -> JobSnapshot | None:
+        """The job a request with ``request``'s request_id created, as it is now; None if
+        none is kept (or ``request`` is None). InvalidArgument naming request_id when that
+        job was created by another request (another fingerprint)."""
+        if request is None:
+            return None
+        with self._changed:
+            found = self.store.job_of_request(request.request_id)
+            if found is None:
+                return None
+            job_id, fingerprint = found
+            if fingerprint != request.fingerprint:
+                raise InvalidArgument(f"request_id {request.request_id} was sent with another request, which created operations/{job_id}; "
+                                      "give each request its own request_id (a new UUID) and send it again only with the same request",
+                                      field="request_id")
+            try:
+                return self.get(job_id)
+            except NotFound:  # deleted (retention) since it was looked up: the request is new again
+                return None
+
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
-               cut_lists: tuple[str, ...] = ()) -> JobSnapshot:
+               cut_lists: tuple[str, ...] = (), request: RequestKey | None = None) -> JobSnapshot:
         """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once.
         ``cut_lists`` names the repeated fields of its result that may lose trailing items
-        when the result is over ``max_result_bytes`` (see :meth:`_packed`)."""
+        when the result is over ``max_result_bytes`` (see :meth:`_packed`). With
+        ``request``, the job a request of its request_id submitted before (see
+        :meth:`submitted`), if one is kept, instead of a new one: checked and recorded
+        under one lock, so repeats racing each other make one job."""
         with self._changed:
+            if (previous := self.submitted(request)) is not None:
+                log.info("operation %s (%s) requested again (request_id %s)", previous.record.job_id, previous.record.kind,
+                         request.request_id if request else "")
+                return previous
             if not self._accepting:
                 raise Unavailable("the server is shutting down; no new jobs are accepted")
             queued = sum(1 for live in self._live.values() if live.record.state == QUEUED)
@@ -248,7 +289,10 @@ class JobManager:
                 raise ResourceExhausted(f"job queue is full ({queued} queued, limit {self.max_queued}); retry later")
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message)
-            self.store.insert_job(record)
+            if request is None:
+                self.store.insert_job(record)
+            else:
+                self.store.insert_job(record, request_id=request.request_id, request_fingerprint=request.fingerprint)
             live = _LiveJob(record)
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()

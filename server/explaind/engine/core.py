@@ -26,7 +26,7 @@ import torch
 from ..config import Config
 from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
-from ..jobs import JobContext, JobManager, JobSnapshot
+from ..jobs import JobContext, JobManager, JobSnapshot, RequestKey
 from ..metrics import Metrics
 from ..store import SampleRecord, SampleSetInfo, Store, require_sample_set_uid
 from .backends import FeatureFn, build_feature_fn, check_device
@@ -471,10 +471,14 @@ class Engine:
 
     # Jobs ----------------------------------------------------------------------------
 
-    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> JobSnapshot:
-        """Start a job that classifies a sample set: accuracy, confusion, mistakes grid."""
+    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0,
+                            request: RequestKey | None = None) -> JobSnapshot:
+        """Start a job that classifies a sample set: accuracy, confusion, mistakes grid
+        (with ``request``, the job an earlier request of its request_id started, if kept)."""
         from .evaluation import evaluate
 
+        if (previous := self.jobs.submitted(request)) is not None:
+            return previous
         uid = self.usable_sample_set(sample_set_id).uid  # the job runs on this set, not one made under its id later
         if batch_size < 0 or batch_size > 4096:
             raise InvalidArgument("must be between 1 and 4096, or 0 for the default", field="batch_size")
@@ -482,7 +486,7 @@ class Engine:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, uid, version, batch_size, max_grid_images or 64)
-        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",))  # most confident first
+        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",), request=request)  # most confident first
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples."""

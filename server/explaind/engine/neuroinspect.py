@@ -33,7 +33,7 @@ from explaind.v1 import neuroinspect_pb2
 from ..config import MAX_LOSS_WEIGHT
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
-from ..jobs import JobContext, JobSnapshot
+from ..jobs import JobContext, JobSnapshot, RequestKey
 from ..messages import array_to_tensor, timestamp
 from ..methods.neuroinspect import (
     EDIT_METHODS,
@@ -208,11 +208,16 @@ class NeuroInspectEngine:
         settings: RankSettings = RankSettings(),
         execution: str = "auto",
         caller_waits: Callable[[], bool] = lambda: True,
+        request: RequestKey | None = None,
     ) -> neuroinspect_pb2.NeuronRanking | JobSnapshot:
         """Rank the neurons behind ``target_class``'s mistakes in a sample set: the
         ranking itself when small (see ``INLINE_MAX_*``), else the job computing it.
         An inline ranking stops (Cancelled) once ``caller_waits()`` is False: a caller past
-        its deadline, or gone, must not leave the solver running for nobody."""
+        its deadline, or gone, must not leave the solver running for nobody. ``request``:
+        the job an earlier request of its request_id started, if kept; an inline ranking
+        has no effect to repeat and runs again."""
+        if (previous := self._engine.jobs.submitted(request)) is not None:
+            return previous
         version = self._split_version()
         class_index = self._class_index(version, target_class)
         class_field = "class_name" if isinstance(target_class, str) else "class_index"
@@ -222,7 +227,7 @@ class NeuroInspectEngine:
         info = self._engine.usable_sample_set(sample_set_id)
         count = info.sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
-            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings)
+            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request)
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         # ``uid``: the set checked above, not one made under its id since (as a job reads it);
@@ -232,15 +237,15 @@ class NeuroInspectEngine:
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
-            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings)
+            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request)
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
 
     def _submit_ranking(self, sample_set_id: str, uid: str, version: ClassifierVersion, class_index: int, class_field: str,
-                        settings: RankSettings) -> JobSnapshot:
+                        settings: RankSettings, request: RequestKey | None) -> JobSnapshot:
         # ``uid``: the set it runs on, not one made under its id before the job starts.
         # Cut to fit a message, a ranking keeps its top neurons and its first mistakes' summaries.
         return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings, uid=uid),
-                                        cut_lists=("mistakes", "neurons"))
+                                        cut_lists=("mistakes", "neurons"), request=request)
 
     @staticmethod
     def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:
@@ -346,13 +351,17 @@ class NeuroInspectEngine:
         seed: int = 0,
         preview_every: int = 10,
         classes_per_neuron: int | None = None,
+        request: RequestKey | None = None,
     ) -> JobSnapshot:
         """Start optimising one image per (neuron, class) pair; a pair with class None
         gives one image per class among the ``classes_per_neuron`` (None: 1) with the
         largest head weights for the neuron. Images and masked images become artifacts.
         ``gamma`` None is 0.5; ``epsilon`` None takes the configured
         ``[clip].illusion_epsilon``. An option the method would ignore is refused, so
-        no caller believes it took effect."""
+        no caller believes it took effect. ``request``: the job an earlier request of its
+        request_id started, if kept."""
+        if (previous := self._engine.jobs.submitted(request)) is not None:
+            return previous
         version = self._split_version()
         if not version.differentiable:
             raise FailedPrecondition(f"the {version.loader} classifier runs as a graph without gradients; visualising neurons needs a "
@@ -398,6 +407,7 @@ class NeuroInspectEngine:
         return self._engine.jobs.submit(
             VISUALIZE_KIND,
             lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
+            request=request,
         )
 
     def _visualize(self, context: JobContext, version: ClassifierVersion, pairs: list[tuple[int, int]], method: str, steps: int,
@@ -463,10 +473,15 @@ class NeuroInspectEngine:
         seed: int = 0,
         promote: bool = False,
         description: str = "",
+        request: RequestKey | None = None,
     ) -> JobSnapshot:
         """Start retraining the served head; the job stores a new head version (and
         serves it when ``promote``). ``target_ratio`` may be ``"auto"``; None is 1 for
-        probability_ratio, and the only value constrain takes (it has no target ratio)."""
+        probability_ratio, and the only value constrain takes (it has no target ratio).
+        ``request``: the job an earlier request of its request_id started, if kept (its
+        version is stored once)."""
+        if (previous := self._engine.jobs.submitted(request)) is not None:
+            return previous
         version = self._split_version()
         class_index = self._class_index(version, target_class)
         if not neurons:
@@ -586,7 +601,10 @@ class NeuroInspectEngine:
             version = self._split_version()  # what run() trains from: the head served now, not when the checks began
             parent = self.active_head_version()
             self._forget_finished_edits()
-            snapshot = self._engine.jobs.submit(EDIT_KIND, run)
+            # A repeat racing the first past the checks above: only edits pass this lock.
+            if (previous := self._engine.jobs.submitted(request)) is not None:
+                return previous
+            snapshot = self._engine.jobs.submit(EDIT_KIND, run, request=request)
             self._edits_from[snapshot.record.job_id] = (version.feature_version, parent.version_id)
         return snapshot
 

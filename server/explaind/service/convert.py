@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+from typing import Any
+
 import numpy as np
 import torch
 from google.longrunning import operations_pb2 as lro_pb2
@@ -13,7 +17,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 from ..engine import NewSample
 from ..errors import InvalidArgument
 from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
-from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
+from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot, RequestKey
 from ..messages import timestamp
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
 
@@ -31,6 +35,30 @@ _STATES = {
 }
 STATE_NAMES = {value: key for key, value in _STATES.items()}
 OPERATION_PREFIX = "operations/"
+
+
+# What GetModelMetadataResponse.capabilities lists: the request fields this server honours
+# that an older one ignores (a client relies on them only when listed).
+CAPABILITIES = ("request_id",)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def request_key(request: Any) -> RequestKey | None:
+    """A request's ``request_id`` (AIP-155; None when empty) with a fingerprint of the
+    rest of it: its type and its fields, request_id cleared, serialised deterministically.
+    An id that is not a UUID is InvalidArgument naming request_id."""
+    request_id = request.request_id
+    if not request_id:
+        return None
+    if not _UUID.fullmatch(request_id):  # fullmatch: "$" would accept a final "\n"
+        shown = request_id if len(request_id) <= 64 else request_id[:64] + "..."
+        raise InvalidArgument(f"{shown!r} is not a UUID (such as 123e4567-e89b-42d3-a456-426614174000); a client picks a new one "
+                              "per request, e.g. uuid.uuid4()", field="request_id")
+    rest = type(request)()
+    rest.CopyFrom(request)
+    rest.ClearField("request_id")
+    digest = hashlib.sha256(rest.DESCRIPTOR.full_name.encode() + b"\0" + rest.SerializeToString(deterministic=True)).hexdigest()
+    return RequestKey(request_id.lower(), digest)
 
 
 def unknown_enum_value(enum, value: int, field: str) -> InvalidArgument:

@@ -87,9 +87,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 max_message_bytes=server.max_message_bytes, max_pixels_per_request=server.max_pixels_per_request,
                 max_images_per_request=batching.max_images_per_request, max_image_side=MAX_IMAGE_SIDE,
             ),
+            capabilities=convert.CAPABILITIES,
         )
 
     def EvaluateSampleSet(self, request: inference_pb2.EvaluateSampleSetRequest, context: grpc.ServicerContext) -> inference_pb2.EvaluateSampleSetResponse:
         self._require_serving()
-        snapshot = self._engine.evaluate_sample_set(required_set_id(request), batch_size=request.batch_size, max_grid_images=request.max_grid_images)
+        snapshot = self._engine.evaluate_sample_set(required_set_id(request), batch_size=request.batch_size, max_grid_images=request.max_grid_images,
+                                                    request=convert.request_key(request))
         return inference_pb2.EvaluateSampleSetResponse(operation=convert.operation(snapshot))

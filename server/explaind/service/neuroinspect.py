@@ -58,7 +58,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         )
         outcome = self._engine.rank_mistake_neurons(
             request.sample_set_id, target_class=_target_class(request), settings=settings,
-            execution=_EXECUTION(request.execution, "execution"), caller_waits=context.is_active,
+            execution=_EXECUTION(request.execution, "execution"), caller_waits=context.is_active, request=convert.request_key(request),
         )
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
@@ -75,6 +75,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             seed=request.seed,
             preview_every=request.preview_every or 10,
             classes_per_neuron=request.classes_per_neuron or None,
+            request=convert.request_key(request),
         )
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 
@@ -98,6 +99,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             seed=request.seed,
             promote=request.promote,
             description=request.description,
+            request=convert.request_key(request),
         )
         return neuroinspect_pb2.EditHeadResponse(operation=convert.operation(snapshot))
 

@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS job_artifacts (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, digest TEXT NOT NULL, PRIMARY KEY (job_id, digest)
 );
 CREATE INDEX IF NOT EXISTS job_artifacts_by_digest ON job_artifacts (digest);
+-- The request_id (AIP-155) a job was submitted with, and a fingerprint of the rest of its
+-- request: a request sent again gets that job, for as long as the job is kept.
+CREATE TABLE IF NOT EXISTS job_requests (
+    request_id TEXT PRIMARY KEY, job_id TEXT NOT NULL UNIQUE REFERENCES jobs(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -84,8 +89,8 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # The layout _SCHEMA describes, kept in the database header (PRAGMA user_version): a
 # release opens a store of its version or older (migrating it at start-up, in one
 # transaction) and refuses a newer one before changing its records or files. 0: no version recorded
-# (every store before versioning, and a new file).
-SCHEMA_VERSION = 1
+# (every store before versioning, and a new file); 2: job_requests.
+SCHEMA_VERSION = 2
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -195,6 +200,7 @@ class SQLiteStore:
                 if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
                     log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
                                 "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
+            # version < 2: job_requests (made by _SCHEMA) starts empty; no earlier job took a request_id.
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if version:  # 0 is also a new file
@@ -595,10 +601,19 @@ class SQLiteStore:
         values["artifacts"] = tuple(ArtifactRef(**a) for a in json.loads(values["artifacts"]))
         return JobRecord(**values)
 
-    def insert_job(self, job: JobRecord) -> None:
+    def insert_job(self, job: JobRecord, *, request_id: str = "", request_fingerprint: str = "") -> None:
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
+            if request_id:
+                if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request_id,)).fetchone():
+                    raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id")
+                db.execute("INSERT INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request_fingerprint))
             self._index_artifacts(db, job)
+
+    def job_of_request(self, request_id: str) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request_id,)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def update_job(self, job: JobRecord) -> None:
         row = self._job_row(job)
