@@ -1003,3 +1003,66 @@ def test_a_ranking_answered_neither_inline_nor_as_an_operation_says_to_upgrade(c
                         if method == "RankMistakeNeurons" else call(service, method, request, **kwargs))
     with pytest.raises(UnimplementedError, match=r"^UNIMPLEMENTED: RankMistakeNeurons answered with neither a ranking nor an operation: the server is newer"):
         client.rank_mistake_neurons("any", 0)
+
+
+class _EvaluatingServer(inference_pb2_grpc.InferenceServiceServicer):
+    """An InferenceService whose first EvaluateSampleSet answer is lost (UNAVAILABLE without
+    a RetryInfo, after it started the operation), which honours request_id if ``capable``
+    (an operation per request_id) and says so in its metadata."""
+
+    def __init__(self, *, capable: bool) -> None:
+        super().__init__()
+        self.capable = capable
+        self.request_ids: list[str] = []
+        self.operations: dict[str, str] = {}
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(capabilities=["request_id"] if self.capable else [])
+
+    def EvaluateSampleSet(self, request, context):
+        self.request_ids.append(request.request_id)
+        key = request.request_id if self.capable else str(len(self.request_ids))
+        name = self.operations.setdefault(key, f"operations/{len(self.operations):016x}")
+        if len(self.request_ids) == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+        return inference_pb2.EvaluateSampleSetResponse(operation=operations_lro.Operation(name=name))
+
+
+def test_a_call_starting_an_operation_is_sent_again_with_its_request_id_only_to_a_server_honouring_it():
+    import uuid
+
+    from explaind.client import UnavailableError
+
+    capable = _EvaluatingServer(capable=True)
+    server, target = _serve(capable, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            assert client.model_metadata().capabilities == ("request_id",)
+            assert client.evaluate_sample_set("s").name == "operations/0000000000000000"
+            assert client.evaluate_sample_set("s").name == "operations/0000000000000001"  # each call its own id
+    finally:
+        server.stop(0)
+    first, again, other = capable.request_ids
+    assert first == again != other and uuid.UUID(first).version == 4 and len(capable.operations) == 2
+
+    older = _EvaluatingServer(capable=False)  # ignores request_id: a repeat would start it twice
+    server, target = _serve(older, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            assert client.model_metadata().capabilities == ()
+            with pytest.raises(UnavailableError, match="Socket closed"):
+                client.evaluate_sample_set("s")
+    finally:
+        server.stop(0)
+    assert len(older.request_ids) == 1
+
+
+def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
+    from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
+    from explaind.v1 import neuroinspect_pb2
+
+    services = {service.full_name: service for module in (inference_pb2, neuroinspect_pb2) for service in module.DESCRIPTOR.services_by_name.values()}
+    for service, names in IDENTIFIED_METHODS.items():
+        for name in names:  # a misspelt one would never be retried; one without the field, twice
+            assert "request_id" in services[service].methods_by_name[name].input_type.fields_by_name, name
+            assert name not in READ_ONLY_METHODS.get(service, ())

@@ -253,3 +253,54 @@ def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_
         error = from_rpc_error(caught.value)
         assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id") and "is not a UUID" in error.details
 
+
+class _DroppingProxy(grpc.GenericRpcHandler):
+    """Passes unary calls on to ``target``, but answers the first call of each method in
+    ``drop`` UNAVAILABLE, without a RetryInfo, once the server has answered it: what a
+    client sees of a connection dropped after the server accepted its call."""
+
+    def __init__(self, target: str, drop: set[str]) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._drop = set(drop)
+        self.calls: list[str] = []
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+
+        def forward(request: bytes, context):
+            self.calls.append(method.rsplit("/", 1)[1])
+            try:
+                response = self._channel.unary_unary(method)(request, timeout=context.time_remaining())
+            except grpc.RpcError as error:
+                context.set_trailing_metadata(error.trailing_metadata())
+                context.abort(error.code(), error.details())
+            if method.rsplit("/", 1)[1] in self._drop:
+                self._drop.discard(method.rsplit("/", 1)[1])
+                context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(forward)
+
+
+def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_one_operation(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(30, 23), [i % 6 for i in range(30)], sample_set_id="answer-lost")
+        before = {op.name for op in client.operations(limit=1000)}
+        versions = len(client.head_versions())
+    proxy = _DroppingProxy(server.target, {"EvaluateSampleSet", "EditHead"})
+    relay = grpc.server(ThreadPoolExecutor(4), handlers=[proxy])
+    port = relay.add_insecure_port("127.0.0.1:0")
+    relay.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:  # the first call of this client is the one dropped
+            evaluation = client.evaluate_sample_set("answer-lost")
+            edit = client.edit_head("answer-lost", 0, [1], max_epochs=1)
+            assert evaluation.result(timeout=120).sample_count == 30 and edit.result(timeout=120).version.version_id
+    finally:
+        relay.stop(0)
+    assert proxy.calls.count("EvaluateSampleSet") == 2 and proxy.calls.count("EditHead") == 2
+    with Client(server.target, timeout=60) as client:
+        assert {op.name for op in client.operations(limit=1000)} - before == {evaluation.name, edit.name}
+        assert len(client.head_versions()) == versions + 1

@@ -9,6 +9,7 @@ import math
 import numbers
 import ssl
 import time
+import uuid
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -49,7 +50,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # RETRY_MIN_BACKOFF_S) or with backoff from RETRY_MIN_BACKOFF_S doubling to at most
 # RETRY_MAX_BACKOFF_S. A call that creates or changes something is retried only on the
 # server's own UNAVAILABLE (its RetryInfo says it did nothing with the call): after a
-# dropped connection its first attempt may have taken effect.
+# dropped connection its first attempt may have taken effect. Except those below.
 READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
@@ -57,6 +58,17 @@ READ_ONLY_METHODS = {
     "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
+# Calls that start an operation, sent with a request_id (AIP-155: a new UUID per call, the
+# same in each attempt): retried as the read-only ones are when the server, asked after
+# the failed attempt, lists "request_id" in GetModelMetadataResponse.capabilities, since
+# it answers a repeat with the operation the first attempt started. An older server
+# ignores request_id and would start it twice: there they are not retried.
+IDENTIFIED_METHODS = {
+    "explaind.v1.InferenceService": ("EvaluateSampleSet",),
+    "explaind.v1.NeuroInspectService": ("RankMistakeNeurons", "VisualizeNeurons", "EditHead"),
+}
+_IDENTIFIED = {method for methods in IDENTIFIED_METHODS.values() for method in methods}
+REQUEST_ID_CAPABILITY = "request_id"
 # Codes the client's own gRPC library raises when nothing answered: no connection, or
 # the deadline passed first (a listener that accepts but never speaks gRPC).
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -188,7 +200,9 @@ class Client:
     and WaitOperation calls) are retried while the server is UNAVAILABLE, until their
     deadline, once the server has answered this client (an UNAVAILABLE it sent itself,
     saying it is loading its models, counts): a restart or a model load that ends before the deadline delays them instead
-    of failing them, and a wrong address still fails at once.
+    of failing them, and a wrong address still fails at once. So are the calls that start
+    an operation, sent with a request_id, on a server that honours it (see
+    IDENTIFIED_METHODS): a repeat gets the operation the first attempt started.
 
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
     ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
@@ -286,6 +300,9 @@ class Client:
                 pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
+                if not repeatable and self._retry and unavailable and pause >= 0 and method in _IDENTIFIED and request.request_id:
+                    repeatable = self._honours_request_id(retry_end)  # an answer counts as the server's
+                    pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 if not (self._retry and repeatable and unavailable and self._reached and pause >= 0):
                     raise error from None
             else:
@@ -293,6 +310,18 @@ class Client:
                 return response
             time.sleep(pause)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
+
+    def _honours_request_id(self, until: float) -> bool:
+        """Whether the server honours request_id (it lists the capability), asked by the
+        time ``until`` (``time.monotonic()``): just before a call that started an operation
+        is sent again, so that the server to get the repeat is the one asked. False when it
+        cannot say."""
+        try:
+            response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(),
+                                  timeout=max(until - time.monotonic(), 1e-3))
+        except ExplaindError:
+            return False
+        return REQUEST_ID_CAPABILITY in response.capabilities
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
@@ -354,6 +383,7 @@ class Client:
             source=c.source,
             max_queue_delay_seconds=response.batching.max_queue_delay_seconds,
             max_queue_size=response.batching.max_queue_size,
+            capabilities=tuple(response.capabilities),
         )
 
     # Predict -------------------------------------------------------------------------
@@ -603,7 +633,8 @@ class Client:
         operation has a ``mistakes.png`` artifact. ``batch_size``: images per forward pass,
         1..4096 (0: the server's ``[jobs].evaluate_batch_size``); ``max_grid_images``: most
         mistakes drawn in the grid, 1..1024 (0: 64)."""
-        request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images)
+        request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images,
+                           request_id=_request_id())
         return Operation[Evaluation](self, self._call("inference", "EvaluateSampleSet", request).operation)
 
     def operation(self, name: str) -> Operation:
@@ -673,7 +704,7 @@ class Client:
         request = _request(neuroinspect_pb2.RankMistakeNeuronsRequest,
             sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
             top_k=top_k, include_samples=include_samples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
-            **class_fields(target_class), **optional,
+            request_id=_request_id(), **class_fields(target_class), **optional,
         )
         started = time.monotonic()
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
@@ -725,7 +756,7 @@ class Client:
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
         request = _request(neuroinspect_pb2.VisualizeNeuronsRequest,
             pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,
-            seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, **optional,
+            seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, request_id=_request_id(), **optional,
         )
         return Operation[NeuronVisualizations](self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
 
@@ -777,7 +808,7 @@ class Client:
             sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method=enum_number(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", method, "method"),
             validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
             group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
-            seed=seed, promote=promote, description=description, **class_fields(target_class), **optional,
+            seed=seed, promote=promote, description=description, request_id=_request_id(), **class_fields(target_class), **optional,
         )
         return Operation[HeadEdit](self, self._call("neuroinspect", "EditHead", request).operation)
 
@@ -823,6 +854,11 @@ _NO_DISPLAY = contextlib.nullcontext(None)
 def _show_upload(display: ProgressDisplay | None, sent: int, total: int, last: bool) -> None:
     if display is not None:
         display.show(sent, total, "uploaded" if last else "uploading", last=last)
+
+
+def _request_id() -> str:
+    """A new request_id (AIP-155) for one call that starts an operation, the same in each of its attempts."""
+    return str(uuid.uuid4())
 
 
 def _request(message_class: Any, **fields: Any) -> Any:

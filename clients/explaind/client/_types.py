@@ -134,6 +134,9 @@ class ModelMetadata(AbbreviatedRepr):
     # images waiting for the model (more is RESOURCE_EXHAUSTED).
     max_queue_delay_seconds: float = 0.0
     max_queue_size: int = 0
+    # What the server honours that an older one ignores, e.g. "request_id" (calls that
+    # start an operation are then retried after a dropped connection); () from such a server.
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, repr=False)
