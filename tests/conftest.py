@@ -58,6 +58,14 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def core_share() -> int:
+    """Cores this test process may fill with torch threads: its share of ``cores()`` when
+    pytest-xdist runs several test processes. Why: torch threads beyond the cores left to
+    them spin and wait; two threads beside a busy test process ran the shipped
+    text-to-image evaluation in 210 s against 79 s on one (2 cores, 2026-12-03)."""
+    return max(1, cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

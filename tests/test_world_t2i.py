@@ -24,7 +24,7 @@ from explaind.world.t2i import (
     train_t2i,
 )
 
-from conftest import cores, torch_threads
+from conftest import core_share, torch_threads
 
 SHIPPED = all((t2i_dir() / part).is_dir() for part in ("vae", "unet", "scheduler"))
 needs_shipped = pytest.mark.skipif(not SHIPPED, reason="shipped text-to-image weights not built yet (python -m explaind.world.t2i)")
@@ -315,8 +315,8 @@ needs_oracle = pytest.mark.skipif(not (oracle_dir() / "oracle.safetensors").is_f
 def shipped_report(shipped):
     """Issue 2 acceptance 4 as the quality table measures it: 48 prompts x 4 seeds, every
     shape and background, guidance 3, 25 DDIM steps (70 s on one thread, 44 on two, with
-    the same accuracies, 2026-12-02)."""
-    with torch_threads(min(2, cores())):
+    the same accuracies, 2026-12-02; one per test process when two share two cores)."""
+    with torch_threads(min(2, core_share())):
         return evaluate_t2i(pipeline=shipped)
 
 
