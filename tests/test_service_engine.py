@@ -3507,26 +3507,34 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     restarted.shutdown(5)
 
 
-def test_a_store_of_schema_1_is_migrated_to_keep_request_ids_with_its_jobs(tmp_path):
+def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
+    """job_requests is added without a schema version (a rollback must still open the data
+    dir): the table appears in a store the release before left, and a job deleted as that
+    release deletes one (it never reads the table) takes its request id along."""
     from explaind.errors import AlreadyExists
     from explaind.store.sqlite import SCHEMA_VERSION
 
+    request_id = "123e4567-e89b-42d3-a456-426614174000"
     store = SQLiteStore(tmp_path)
     store.insert_job(JobRecord("old", "evaluate", "succeeded", 1.0, end_time=2.0))
     store.close()
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
         db.execute("DROP TABLE job_requests")
-        db.execute("PRAGMA user_version = 1")
     store = SQLiteStore(tmp_path)
-    assert store.get_job("old").state == "succeeded" and store.job_of_request("123e4567-e89b-42d3-a456-426614174000") is None
-    store.insert_job(JobRecord("new", "evaluate", "queued", 3.0), request_id="123e4567-e89b-42d3-a456-426614174000", request_fingerprint="f")
-    with pytest.raises(AlreadyExists, match="request_id 123e4567-e89b-42d3-a456-426614174000 was given to operations/new") as caught:
-        store.insert_job(JobRecord("twice", "evaluate", "queued", 4.0), request_id="123e4567-e89b-42d3-a456-426614174000", request_fingerprint="f")
+    assert store.get_job("old").state == "succeeded" and store.job_of_request(request_id) is None
+    store.insert_job(JobRecord("new", "evaluate", "queued", 3.0), request_id=request_id, request_fingerprint="f")
+    with pytest.raises(AlreadyExists, match=f"request_id {request_id} was given to operations/new") as caught:
+        store.insert_job(JobRecord("twice", "evaluate", "queued", 4.0), request_id=request_id, request_fingerprint="f")
     assert caught.value.field == "request_id"
     with pytest.raises(NotFound):  # the refused insert left no job behind
         store.get_job("twice")
     store.close()
-    assert _user_version(tmp_path) == SCHEMA_VERSION == 2
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
     store = SQLiteStore(tmp_path)
-    assert store.job_of_request("123e4567-e89b-42d3-a456-426614174000") == ("new", "f")
+    assert store.job_of_request(request_id) == ("new", "f")
     store.close()
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before deletes the job
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM jobs WHERE id = 'new'")
+    with closing(SQLiteStore(tmp_path)) as store:
+        assert store.job_of_request(request_id) is None

@@ -89,8 +89,11 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # The layout _SCHEMA describes, kept in the database header (PRAGMA user_version): a
 # release opens a store of its version or older (migrating it at start-up, in one
 # transaction) and refuses a newer one before changing its records or files. 0: no version recorded
-# (every store before versioning, and a new file); 2: job_requests.
-SCHEMA_VERSION = 2
+# (every store before versioning, and a new file). The version goes up only for a change an
+# older release would misread or damage: a table it never reads, whose rows go with their
+# job when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
+# opens the data dir (job_requests, 2026-12-03).
+SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -200,7 +203,6 @@ class SQLiteStore:
                 if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
                     log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
                                 "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
-            # version < 2: job_requests (made by _SCHEMA) starts empty; no earlier job took a request_id.
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if version:  # 0 is also a new file
