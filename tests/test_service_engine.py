@@ -3498,9 +3498,15 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     jobs.store.close()
     assert sorted(runs) == sorted([job_id, other.record.job_id])
 
+    # Counted once per answered repeat (7 racing, 1 asked): the operator's sign of dropped answers.
+    assert jobs.metrics.registry.get_sample_value("explaind_job_requests_repeated_total", {"kind": "evaluate"}) == 8
+
     restarted = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    restarted.register_kinds("evaluate")
+    assert restarted.metrics.registry.get_sample_value("explaind_job_requests_repeated_total", {"kind": "evaluate"}) == 0
     again = restarted.submit("evaluate", job, request=key)
     assert again.record.job_id == job_id and again.record.state == "succeeded" and len(runs) == 2
+    assert restarted.metrics.registry.get_sample_value("explaind_job_requests_repeated_total", {"kind": "evaluate"}) == 1
     restarted.delete(job_id)  # forgotten with its operation: the request is new again
     assert restarted.submitted(key) is None
     assert restarted.submit("evaluate", job, request=key).record.job_id not in (job_id, other.record.job_id)

@@ -242,6 +242,7 @@ class JobManager:
         self._kinds.update(kinds)
         for kind in kinds:
             self.metrics.job_queue_wait.labels(kind=kind)
+            self.metrics.job_requests_repeated.labels(kind=kind)
             self.metrics.jobs_running.labels(kind=kind)
             for stage in (START_STAGE, *(stages or (RUN_STAGE,)), FINISH_STAGE):
                 self.metrics.job_stage_duration.labels(kind=kind, stage=stage)
@@ -265,9 +266,11 @@ class JobManager:
                                       "give each request its own request_id (a new UUID) and send it again only with the same request",
                                       field="request_id")
             try:
-                return self.get(job_id)
+                previous = self.get(job_id)
             except NotFound:  # deleted (retention) since it was looked up: the request is new again
                 return None
+            self.metrics.job_requests_repeated.labels(kind=previous.record.kind).inc()
+            return previous
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
                cut_lists: tuple[str, ...] = (), request: RequestKey | None = None) -> JobSnapshot:

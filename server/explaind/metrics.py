@@ -86,6 +86,12 @@ class Metrics:
         self.job_queue_wait = Histogram(
             "explaind_job_queue_wait_seconds", "Time from a job's submission to its start.", ("kind",), buckets=QUEUE_WAIT_BUCKETS, registry=r
         )
+        # A client sent a job-starting request again under its request_id (a retry after a
+        # dropped connection) and got the first one's operation: a rise is a flaky network.
+        self.job_requests_repeated = Counter(
+            "explaind_job_requests_repeated_total", "Job-starting requests answered with the operation of an earlier one of their request_id.",
+            ("kind",), registry=r,
+        )
         self.jobs_queued = Gauge("explaind_jobs_queued", "Jobs waiting for an executor slot.", registry=r)
         self.jobs_running = Gauge("explaind_jobs_running", "Jobs running.", ("kind",), registry=r)
         self.batch_size = Histogram("explaind_batch_size_images", "Images per forward pass of Predict's batcher (jobs' forwards are not counted).", buckets=BATCH_BUCKETS, registry=r)
