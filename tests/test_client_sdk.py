@@ -1066,3 +1066,28 @@ def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
         for name in names:  # a misspelt one would never be retried; one without the field, twice
             assert "request_id" in services[service].methods_by_name[name].input_type.fields_by_name, name
             assert name not in READ_ONLY_METHODS.get(service, ())
+
+
+def test_a_call_starting_an_operation_is_sent_again_only_if_the_server_honours_request_id_when_it_is_sent(monkeypatch):
+    # The capability was asked before the pause, not after: a server restarted into an
+    # older release (request_id ignored) during that pause got the repeat, and started the
+    # operation a second time.
+    import types
+
+    from explaind.client import UnavailableError
+    from explaind.client import _client
+
+    servicer = _EvaluatingServer(capable=True)
+
+    def sleep(seconds: float) -> None:  # the pause before the repeat: the server is replaced
+        servicer.capable = False
+        time.sleep(seconds)
+
+    monkeypatch.setattr(_client, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(UnavailableError, match="Socket closed"):
+            client.evaluate_sample_set("s")
+    finally:
+        server.stop(0)
+    assert len(servicer.request_ids) == 1 and len(servicer.operations) == 1

@@ -301,8 +301,14 @@ class Client:
                 # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
                 if not repeatable and self._retry and unavailable and pause >= 0 and method in _IDENTIFIED and request.request_id:
-                    repeatable = self._honours_request_id(retry_end)  # an answer counts as the server's
-                    pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
+                    # Asked after the pause, not before: the server that answers is the one
+                    # to get the repeat (one restarted into an older release in the pause
+                    # would start it again). An answer counts as the server's.
+                    time.sleep(pause)
+                    backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
+                    if self._honours_request_id(retry_end) and self._reached and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0:
+                        continue
+                    raise error from None
                 if not (self._retry and repeatable and unavailable and self._reached and pause >= 0):
                     raise error from None
             else:
