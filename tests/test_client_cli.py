@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["visualize", "99999999999"], "NEURON[:CLASS]: 99999999999 is out of range"),
         (["visualize", "3", "--seed", "99999999999999999999"], "--seed: 99999999999999999999 is out of range"),
         (["evaluate", "s", "--batch-size", "99999999999"], "--batch-size: 99999999999 is out of range"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--request-id", "nightly"], "--request-id: expected a UUID (e.g. from uuidgen), got 'nightly'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),  # was a traceback once the server had started
@@ -967,6 +969,10 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [waited]
     listed = _json_out(capsys, [*target, "operations", "list", "--kind", "evaluate_sample_set", "--limit", "1", "--json"])
     assert [op["name"] for op in listed] == [name] and "result" not in listed[0]
+    # A cron job run again with its --request-id (after a timeout, say) gets the first run's operation.
+    request_id = str(uuid.uuid4())
+    repeated = [_json_out(capsys, [*target, "evaluate", "json", "--no-wait", "--json", "--request-id", request_id])["name"] for _ in range(2)]
+    assert repeated[0] == repeated[1] != name
 
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images, labels, sample_set_id="edit-json")

@@ -149,6 +149,9 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.visualize_neurons([1], steps=1.5), TypeError, "steps must be a 32-bit integer, got 1.5"),
         (lambda c: c.edit_head("s", "heart", 5), TypeError, "neurons must be a sequence of neuron indices, got 5"),
         (lambda c: c.edit_head("s", "heart", [1], target_ratio="abc"), TypeError, 'target_ratio must be a number or "auto", got \'abc\''),
+        (lambda c: c.edit_head("s", "heart", [1], request_id="nightly-1"), ValueError,
+         "request_id must be a UUID (such as 123e4567-e89b-42d3-a456-426614174000), got 'nightly-1'"),
+        (lambda c: c.visualize_neurons([1], request_id=7), TypeError, "request_id must be a UUID or its string, got 7"),
         (lambda c: c.create_sample_set([np.zeros((8, 8, 3), np.uint8)], [1], attributes=[{"a": 1}]), TypeError,
          "attributes[0] must map strings to strings, got {'a': 1}"),
     ],
@@ -1055,6 +1058,30 @@ def test_a_call_starting_an_operation_is_sent_again_with_its_request_id_only_to_
     finally:
         server.stop(0)
     assert len(older.request_ids) == 1
+
+
+def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(client):
+    # The SDK made a new id per call and took none: a call that ran past its deadline, or
+    # a pipeline that restarted, could only start its operation a second time.
+    import uuid
+
+    from explaind.client import InvalidArgumentError
+
+    labels = ["heart", "heart", "star", "star", "heart"]
+    set_id = client.create_sample_set([IMAGE] * 5, labels).sample_set_id
+    request_id = uuid.uuid5(uuid.NAMESPACE_URL, f"explaind-test/{set_id}")
+    first = client.evaluate_sample_set(set_id, request_id=request_id)
+    assert client.evaluate_sample_set(set_id, request_id=str(request_id).upper()).name == first.name  # any form uuid.UUID reads
+    assert client.evaluate_sample_set(set_id).name != first.name
+    with pytest.raises(InvalidArgumentError, match="was sent with another request") as caught:  # an id names one request
+        client.edit_head(set_id, "heart", [1], max_epochs=1, request_id=request_id)
+    assert caught.value.field == "request_id"
+    versions, edit_id = len(client.head_versions()), uuid.uuid5(request_id, "edit")
+    edit = client.edit_head(set_id, "heart", [1], max_epochs=1, request_id=edit_id.hex)
+    edit.result(timeout=60)
+    again = client.edit_head(set_id, "heart", [1], max_epochs=1, request_id=edit_id.hex)
+    assert again.name == edit.name and len(client.head_versions()) == versions + 1  # its version is stored once
+    first.result(timeout=60)
 
 
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():

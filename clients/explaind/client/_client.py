@@ -634,13 +634,21 @@ class Client:
 
     # Jobs ----------------------------------------------------------------------------
 
-    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0) -> Operation[Evaluation]:
+    def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0,
+                            request_id: str | uuid.UUID | None = None) -> Operation[Evaluation]:
         """Start classifying a sample set; ``.result()`` gives an :class:`Evaluation` and the
         operation has a ``mistakes.png`` artifact. ``batch_size``: images per forward pass,
         1..4096 (0: the server's ``[jobs].evaluate_batch_size``); ``max_grid_images``: most
-        mistakes drawn in the grid, 1..1024 (0: 64)."""
+        mistakes drawn in the grid, 1..1024 (0: 64).
+
+        ``request_id`` (this and the other calls that start an operation): a UUID naming
+        the request, so that sending it again, after a DeadlineExceededError or from a
+        pipeline that restarted (e.g. ``uuid.uuid5(namespace, "nightly/2026-12-03")``),
+        gets the operation the first one started instead of a second, on a server that
+        lists ``"request_id"`` in ``model_metadata().capabilities``. None: a new one per
+        call (repeated only by this call's own retries)."""
         request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images,
-                           request_id=_request_id())
+                           request_id=_request_id(request_id))
         return Operation[Evaluation](self, self._call("inference", "EvaluateSampleSet", request).operation)
 
     def operation(self, name: str) -> Operation:
@@ -689,6 +697,7 @@ class Client:
         progress: bool = False,
         timeout: float | None = None,
         download: bool = True,
+        request_id: str | uuid.UUID | None = None,
     ) -> NeuronRanking:
         """Rank the neurons behind ``target_class``'s (name or index) mistakes in a sample
         set. Small sets are answered inline; for large ones the server starts an operation
@@ -705,12 +714,14 @@ class Client:
         DeadlineExceededError names the operation, which keeps running, and holds it as
         ``operation`` to wait on later (``None``: the
         request gets at least 300 s and the operation no limit). ``download=False`` leaves
-        a large set's ω (``include_samples``) on the server: ``omega`` is then None."""
+        a large set's ω (``include_samples``) on the server: ``omega`` is then None.
+        ``request_id``: see :meth:`evaluate_sample_set` (only a ranking that runs as an
+        operation is remembered)."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
         request = _request(neuroinspect_pb2.RankMistakeNeuronsRequest,
             sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
             top_k=top_k, include_samples=include_samples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
-            request_id=_request_id(), **class_fields(target_class), **optional,
+            request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
         started = time.monotonic()
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
@@ -737,6 +748,7 @@ class Client:
         seed: int = 0,
         preview_every: int = 0,
         classes_per_neuron: int = 0,
+        request_id: str | uuid.UUID | None = None,
     ) -> Operation[NeuronVisualizations]:
         """Start visualising neurons: each entry is a neuron (conditioned on the class with
         its largest head weight, or on each of the ``classes_per_neuron`` largest) or a
@@ -748,7 +760,7 @@ class Client:
         fixes each pair's start image and augmentations; ``preview_every``: a progress
         preview every this many steps (0: 10). ``.result()`` gives
         :class:`NeuronVisualizations`, whose ``visualizations`` hold PIL images, in request
-        order."""
+        order. ``request_id``: see :meth:`evaluate_sample_set`."""
         expected = "expected a list of neuron indices or (neuron, class) pairs"
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
             raise TypeError(f"pairs: {expected}, got {pairs!r}")
@@ -762,7 +774,7 @@ class Client:
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
         request = _request(neuroinspect_pb2.VisualizeNeuronsRequest,
             pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,
-            seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, request_id=_request_id(), **optional,
+            seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, request_id=_request_id(request_id), **optional,
         )
         return Operation[NeuronVisualizations](self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
 
@@ -784,6 +796,7 @@ class Client:
         seed: int = 0,
         promote: bool = False,
         description: str = "",
+        request_id: str | uuid.UUID | None = None,
     ) -> Operation[HeadEdit]:
         """Start retraining the head so ``target_class`` relies less on ``neurons``;
         ``.result()`` gives a :class:`HeadEdit` whose new version is served only once
@@ -798,7 +811,8 @@ class Client:
         a better validation accuracy; unset ``strength``/``learning_rate`` use the
         server's defaults (λ3 0.01 or 1.0 for constrain; Adam lr 1e-3). ``seed`` fixes the
         minibatch order; ``description`` (at most 4096 characters) is kept with the
-        version."""
+        version. ``request_id``: see :meth:`evaluate_sample_set` (a repeat stores no second
+        version)."""
         optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
         if target_ratio is not None and target_ratio != "auto":
             if isinstance(target_ratio, (str, bool)) or not isinstance(target_ratio, numbers.Real):
@@ -814,7 +828,7 @@ class Client:
             sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method=enum_number(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", method, "method"),
             validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
             group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
-            seed=seed, promote=promote, description=description, request_id=_request_id(), **class_fields(target_class), **optional,
+            seed=seed, promote=promote, description=description, request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
         return Operation[HeadEdit](self, self._call("neuroinspect", "EditHead", request).operation)
 
@@ -862,9 +876,20 @@ def _show_upload(display: ProgressDisplay | None, sent: int, total: int, last: b
         display.show(sent, total, "uploaded" if last else "uploading", last=last)
 
 
-def _request_id() -> str:
-    """A new request_id (AIP-155) for one call that starts an operation, the same in each of its attempts."""
-    return str(uuid.uuid4())
+def _request_id(given: str | uuid.UUID | None) -> str:
+    """The request_id (AIP-155) of one call that starts an operation, the same in each of
+    its attempts: the caller's UUID in the form the server takes (8-4-4-4-12 hex digits;
+    any form ``uuid.UUID`` reads is accepted), else a new one."""
+    if given is None:
+        given = uuid.uuid4()
+    if isinstance(given, uuid.UUID):
+        return str(given)
+    if not isinstance(given, str):
+        raise TypeError(f"request_id must be a UUID or its string, got {given!r}")
+    try:
+        return str(uuid.UUID(given))
+    except ValueError:
+        raise ValueError(f"request_id must be a UUID (such as 123e4567-e89b-42d3-a456-426614174000), got {given!r}") from None
 
 
 def _request(message_class: Any, **fields: Any) -> Any:

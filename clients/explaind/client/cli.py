@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -131,6 +132,14 @@ def _class_ref(value: str) -> str | int:
     """argparse type: a class index (digits; a negative one is the server's to refuse as
     an index, not as an unknown name) or a name."""
     return _integer(value) if value.removeprefix("-").isdigit() else value
+
+
+def _request_id(value: str) -> str:
+    """argparse type: a UUID (any form ``uuid.UUID`` reads), as the request_id the SDK sends."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a UUID (e.g. from uuidgen), got {value!r}") from None
 
 
 def _non_negative_int(value: str) -> int:
@@ -588,7 +597,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _require_writable(args.grid)
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
-        operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images)
+        operation = client.evaluate_sample_set(args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images,
+                                               request_id=args.request_id)
         evaluation = _announce_and_wait(operation, args)
         if evaluation is None:
             return 0
@@ -623,7 +633,7 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         # Progress goes to stderr, so --json's stdout stays JSON alone.
-        ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=True)
+        ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=True, request_id=args.request_id)
     if args.json:
         _print_json(_ranking_json(ranking))
         return 0
@@ -677,7 +687,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             raise CommandError(f"--out-dir: cannot create {out_dir}: {error.strerror or error}") from None
     with _client(args) as client:
         operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
-                                             seed=args.seed)
+                                             seed=args.seed, request_id=args.request_id)
         result = _announce_and_wait(operation, args)
     if result is None:
         return 0
@@ -718,7 +728,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
         operation = client.edit_head(
             args.id, args.target_class, args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
             evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, seed=args.seed,
-            promote=args.promote,
+            promote=args.promote, request_id=args.request_id,
         )
         edit = _announce_and_wait(operation, args)
     if edit is not None and args.json:
@@ -1104,6 +1114,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")
     edit_head.set_defaults(run=cmd_edit_head)
+
+    for starts_operation in (evaluate, rank, visualize, edit_head):
+        starts_operation.add_argument("--request-id", dest="request_id", type=_request_id, metavar="UUID",
+                                      help="names this request: the command run again with it (after a timeout or a crash, say) gets "
+                                           "the operation the first run started, not a second one (default: a new UUID per run)")
 
     operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
