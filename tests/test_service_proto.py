@@ -84,3 +84,23 @@ def test_wire_compat_tells_breaks_from_additions(tmp_path):
     assert wire.breaks(base, fewer) == ["message explaind.v1.Tensor was removed or renamed (an Any holding it, or a field typed by it, breaks)"]
     rpcs = {**base, "services": {**base["services"], "explaind.v1.InferenceService": {}}}
     assert "rpc explaind.v1.InferenceService.Predict was removed (older clients get UNIMPLEMENTED)" in wire.breaks(base, rpcs)
+
+
+def _outer_classname(proto_name: str) -> str:
+    stem = Path(proto_name).stem
+    return {"neuroinspect": "NeuroInspect"}.get(stem, "".join(part.title() for part in stem.split("_"))) + "Proto"
+
+
+def test_every_proto_names_its_package_for_other_languages():
+    """Monitoring pipelines call explaind from Go, Java, C#...: protoc-gen-go refuses a
+    file without go_package, and without java_package / java_multiple_files every Java
+    message would be nested in an outer class of the package explaind.v1."""
+    for file in _wire_compat().descriptor_set().file:
+        options = file.options
+        assert options.go_package == "github.com/explaind/explaind/gen/go/explaind/v1;explaindv1", file.name
+        assert options.java_package == "dev.explaind.v1", file.name
+        assert options.java_multiple_files, file.name
+        assert options.java_outer_classname == _outer_classname(file.name), file.name
+        assert options.csharp_namespace == "Explaind.V1", file.name
+        assert (options.php_namespace, options.ruby_package, options.objc_class_prefix) == ("Explaind\\V1", "Explaind::V1", "EXD"), file.name
+

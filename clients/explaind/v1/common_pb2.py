@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xplaind/v1/common.proto\x12\x0b\x65xplaind.v1\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.explaind.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.explaind.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*}\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xplaind/v1/common.proto\x12\x0b\x65xplaind.v1\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.explaind.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.explaind.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*}\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x42\x8d\x01\n\x0f\x64\x65v.explaind.v1B\x0b\x43ommonProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'explaind.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.explaind.v1B\013CommonProtoP\001Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\242\002\003EXD\252\002\013Explaind.V1\312\002\013Explaind\\V1\352\002\014Explaind::V1'
   _globals['_DATATYPE']._serialized_start=193
   _globals['_DATATYPE']._serialized_end=318
   _globals['_IMAGE']._serialized_start=41
