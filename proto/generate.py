@@ -1,17 +1,23 @@
 """Regenerate the Python stubs for ``proto/explaind/v1/*.proto``.
 
-    python proto/generate.py [OUT_DIR]     # default: clients/ (the committed stubs)
+    python proto/generate.py [OUT_DIR]          # default: clients/ (the committed stubs)
+    python proto/generate.py --includes DIR     # the google/* protos they import, for any protoc
 
 Imports of ``google/longrunning/operations.proto`` resolve against the copy that ships
 with googleapis-common-protos (as ``operations_proto.proto``, aliased here), so no
 google/* code is generated or committed; ``google/protobuf/*`` comes with grpc_tools.
+``--includes DIR`` writes every google/* file proto/ imports, directly or not, under
+the names the imports use, so that ``protoc -Iproto -IDIR --java_out=...`` (any
+language, any protoc) finds them: see README, "Stubs for other languages".
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
@@ -22,12 +28,12 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_ROOT / "explaind" / "v1").glob("*.proto"))
 
 
-def run_protoc(proto_root: Path, outputs: list[str], files: list[str]) -> None:
-    """protoc with ``outputs`` (``--python_out=...``) on ``files`` (relative to
-    ``proto_root``), its imports resolved as the module docstring says."""
+@contextlib.contextmanager
+def include_roots() -> Iterator[list[Path]]:
+    """The directories protoc searches for the google/* imports, as the module docstring
+    says (a scratch one holds the alias while the context lasts)."""
     import google.longrunning
     import grpc_tools
-    from grpc_tools import protoc
 
     googleapis_root = Path(google.longrunning.__path__[0]).parents[1]
     well_known = Path(grpc_tools.__file__).parent / "_proto"
@@ -35,9 +41,41 @@ def run_protoc(proto_root: Path, outputs: list[str], files: list[str]) -> None:
         alias = Path(alias_root) / "google" / "longrunning" / "operations.proto"
         alias.parent.mkdir(parents=True)
         shutil.copyfile(googleapis_root / "google" / "longrunning" / "operations_proto.proto", alias)
-        args = ["grpc_tools.protoc", f"-I{proto_root}", f"-I{alias_root}", f"-I{googleapis_root}", f"-I{well_known}", *outputs, *files]
+        yield [Path(alias_root), googleapis_root, well_known]
+
+
+def run_protoc(proto_root: Path, outputs: list[str], files: list[str]) -> None:
+    """protoc with ``outputs`` (``--python_out=...``) on ``files`` (relative to
+    ``proto_root``), its imports resolved as the module docstring says."""
+    from grpc_tools import protoc
+
+    with include_roots() as roots:
+        args = ["grpc_tools.protoc", f"-I{proto_root}", *(f"-I{root}" for root in roots), *outputs, *files]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed; see the messages above")
+
+
+def export_includes(dest: Path) -> list[Path]:
+    """Copy the google/* protos that proto/explaind/v1 imports, directly or not, under
+    ``dest`` by their import names; returns the files written."""
+    from google.protobuf import descriptor_pb2
+
+    files = [str(path.relative_to(PROTO_ROOT)) for path in proto_files()]
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "set.pb"
+        run_protoc(PROTO_ROOT, [f"--descriptor_set_out={out}", "--include_imports"], files)
+        names = [f.name for f in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file]
+    written = []
+    with include_roots() as roots:
+        for name in names:
+            if name.startswith("explaind/"):
+                continue
+            source = next(root / name for root in roots if (root / name).is_file())
+            target = Path(dest) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            written.append(target)
+    return sorted(written)
 
 
 def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
@@ -70,5 +108,9 @@ def strict_stub(text: str) -> str:
 
 
 if __name__ == "__main__":
-    written = generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
-    print(f"generated {len(written)} files under {written[0].parent}")
+    if len(sys.argv) == 3 and sys.argv[1] == "--includes":
+        exported = export_includes(Path(sys.argv[2]))
+        print(f"wrote {len(exported)} google/* protos under {sys.argv[2]}: protoc -I{PROTO_ROOT} -I{sys.argv[2]} ...")
+    else:
+        written = generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+        print(f"generated {len(written)} files under {written[0].parent}")
