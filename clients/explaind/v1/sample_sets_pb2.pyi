@@ -55,16 +55,18 @@ class SampleSet(_message.Message):
     def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., uploading: _Optional[bool] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class CreateSampleSetRequest(_message.Message):
-    __slots__ = ("sample_set_id", "display_name", "samples", "upload_continues")
+    __slots__ = ("sample_set_id", "display_name", "samples", "upload_continues", "request_id")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_CONTINUES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     display_name: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     upload_continues: bool
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., upload_continues: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., upload_continues: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateSampleSetResponse(_message.Message):
     __slots__ = ("sample_set",)
@@ -73,16 +75,18 @@ class CreateSampleSetResponse(_message.Message):
     def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class AppendSamplesRequest(_message.Message):
-    __slots__ = ("sample_set_id", "samples", "finish_upload", "sample_set_uid")
+    __slots__ = ("sample_set_id", "samples", "finish_upload", "sample_set_uid", "request_id")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FINISH_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SET_UID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     finish_upload: bool
     sample_set_uid: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., finish_upload: _Optional[bool] = ..., sample_set_uid: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping[str, _Any]]]] = ..., finish_upload: _Optional[bool] = ..., sample_set_uid: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AppendSamplesResponse(_message.Message):
     __slots__ = ("sample_set",)
