@@ -3544,3 +3544,43 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
         db.execute("DELETE FROM jobs WHERE id = 'new'")
     with closing(SQLiteStore(tmp_path)) as store:
         assert store.job_of_request(request_id) is None
+
+
+def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and_goes_with_its_set(tmp_path):
+    """CreateSampleSet and AppendSamples repeated with their request_id (a resend after a
+    dropped answer) get the set as it is, without a second set, ALREADY_EXISTS or doubled
+    samples; another request under the id is INVALID_ARGUMENT naming request_id. The ids
+    live in a table of their own (schema version kept, so a rollback still opens the data
+    dir) and are deleted with their set, also by the release before, which never reads them."""
+    from explaind.store.base import sample_set_uid
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    created_id, appended_id = "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174001"
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        first, second = SampleRecord(put(b"first"), 0), SampleRecord(put(b"second"), 1)
+    for _ in range(2):
+        info = store.create_sample_set("up", "", [first], uploading=True, request_id=created_id, request_fingerprint="c")
+        assert (info.sample_count, info.uploading) == (1, True)
+    assert store.sample_set_of_request(created_id) == ("up", "c")
+    uid = sample_set_uid("up", info.create_time)
+    for _ in range(2):
+        info = store.append_samples("up", [second], finish_upload=True, uid=uid, request_id=appended_id, request_fingerprint="a")
+        assert (info.sample_count, info.uploading, info.class_counts) == (2, False, {0: 1, 1: 1})
+    for call in (lambda: store.create_sample_set("other", "", [first], request_id=created_id, request_fingerprint="another"),
+                 lambda: store.append_samples("up", [second], request_id=appended_id, request_fingerprint="another")):
+        with pytest.raises(InvalidArgument, match="was sent with another request, which was applied to sample set 'up'") as caught:
+            call()
+        assert caught.value.field == "request_id"
+    assert store.get_sample_set("up").sample_count == 2 and [s.sample_set_id for s in store.list_sample_sets()] == ["up"]
+    store.close()
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 1
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before deletes the set
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM sample_sets WHERE id = 'up'")
+    with closing(SQLiteStore(tmp_path)) as store:
+        assert store.sample_set_of_request(created_id) is None and store.sample_set_of_request(appended_id) is None
+        # Forgotten with its set: the request is new again.
+        assert store.create_sample_set("up", "", [first], request_id=created_id, request_fingerprint="c").sample_count == 1
+        store.delete_sample_set("up")
+        assert store.sample_set_of_request(created_id) is None

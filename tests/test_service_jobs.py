@@ -304,3 +304,71 @@ def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_
     with Client(server.target, timeout=60) as client:
         assert {op.name for op in client.operations(limit=1000)} - before == {evaluation.name, edit.name}
         assert len(client.head_versions()) == versions + 1
+
+
+def test_an_upload_whose_answers_a_dropped_connection_lost_ends_with_each_image_once(server):
+    # A dropped answer to CreateSampleSet or AppendSamples lost the whole upload: sent
+    # again, a create was ALREADY_EXISTS and an append added its samples twice.
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = _distinct_images(30, 31)
+    labels = [i % 6 for i in range(30)]
+    with Client(server.target, timeout=60) as client:
+        before = {s.sample_set_id for s in client.sample_sets()}
+    proxy = _DroppingProxy(server.target, {"CreateSampleSet", "AppendSamples"})
+    relay = grpc.server(ThreadPoolExecutor(4), handlers=[proxy])
+    port = relay.add_insecure_port("127.0.0.1:0")
+    relay.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            assert "sample_set_request_id" in client.model_metadata().capabilities
+            created = client.create_sample_set(images, labels, sample_set_id="answers-lost", chunk_size=10)
+            assert (created.sample_count, created.uploading) == (30, False)
+            proxy._drop = {"AppendSamples"}
+            assert client.append_samples("answers-lost", images[:12], labels[:12], chunk_size=5).sample_count == 42
+            # A set the server names: a repeat gets it, not a second one.
+            proxy._drop = {"CreateSampleSet"}
+            named = client.create_sample_set(images[:3], labels[:3])
+    finally:
+        relay.stop(0)
+    assert proxy.calls.count("CreateSampleSet") == 4 and proxy.calls.count("AppendSamples") == 2 + 1 + 3 + 1
+    with Client(server.target, timeout=60) as client:
+        stored = list(client.samples("answers-lost"))
+        assert [s.label for s in stored] == labels + labels[:12]
+        assert all(np.array_equal(np.asarray(s.image), pixels) for s, pixels in zip(stored, [*images, *images[:12]]))
+        assert {s.sample_set_id for s in client.sample_sets()} - before == {"answers-lost", named.sample_set_id}  # no second set
+        assert client.sample_set(named.sample_set_id).sample_count == 3
+        client.delete_sample_set(named.sample_set_id)
+
+
+def test_an_upload_request_sent_again_with_its_request_id_is_applied_once_and_another_under_it_refused(server):
+    from explaind.client._errors import from_rpc_error
+
+    def sample(index: int) -> sample_sets_pb2.Sample:
+        return sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_pngs(4)[index]), label=index)
+
+    create = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="resent", samples=[sample(0)], upload_continues=True,
+                                                    request_id=str(uuid.uuid4()))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        first = stub.CreateSampleSet(create, timeout=60).sample_set
+        assert stub.CreateSampleSet(create, timeout=60).sample_set == first  # not ALREADY_EXISTS
+        append = sample_sets_pb2.AppendSamplesRequest(sample_set_id="resent", samples=[sample(1), sample(2)], finish_upload=True,
+                                                      sample_set_uid=first.uid, request_id=str(uuid.uuid4()))
+        for _ in range(3):
+            appended = stub.AppendSamples(append, timeout=60).sample_set
+            assert (appended.sample_count, appended.uploading, dict(appended.class_counts)) == (3, False, {0: 1, 1: 1, 2: 1})
+        changed_create = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="resent", samples=[sample(3)], request_id=create.request_id)
+        changed_append = sample_sets_pb2.AppendSamplesRequest(sample_set_id="resent", samples=[sample(3)], request_id=append.request_id)
+        for method, request in (("CreateSampleSet", changed_create), ("AppendSamples", changed_append),
+                                ("AppendSamples", sample_sets_pb2.AppendSamplesRequest(sample_set_id="resent", samples=[sample(3)],
+                                                                                       request_id="not-a-uuid"))):
+            with pytest.raises(grpc.RpcError) as caught:
+                getattr(stub, method)(request, timeout=60)
+            error = from_rpc_error(caught.value)
+            assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id"), error
+            assert "was sent with another request, which was applied to sample set 'resent'" in error.details or "is not a UUID" in error.details
+        assert stub.GetSampleSet(sample_sets_pb2.GetSampleSetRequest(sample_set_id="resent"), timeout=60).sample_set.sample_count == 3
+        stub.DeleteSampleSet(sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="resent"), timeout=60)
+        # Forgotten with its set: the request makes a new one.
+        assert stub.CreateSampleSet(create, timeout=60).sample_set.uid != first.uid

@@ -28,7 +28,7 @@ from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot, RequestKey
 from ..metrics import Metrics
-from ..store import SampleRecord, SampleSetInfo, Store, require_sample_set_uid
+from ..store import SampleRecord, SampleSetInfo, Store, request_id_reused, require_sample_set_uid
 from .backends import FeatureFn, build_feature_fn, check_device
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -106,6 +106,11 @@ class PredictOutput:
     labels: list[list[str]]
     features: np.ndarray | None
     model_version: str
+
+
+def _request_fields(request: RequestKey | None) -> dict[str, str]:
+    """A store's request_id and request_fingerprint arguments for ``request``."""
+    return {} if request is None else {"request_id": request.request_id, "request_fingerprint": request.fingerprint}
 
 
 @dataclass(frozen=True)
@@ -285,31 +290,52 @@ class Engine:
 
     # Sample sets ---------------------------------------------------------------------
 
+    def repeated_sample_set_request(self, request: RequestKey | None) -> SampleSetInfo | None:
+        """The set a CreateSampleSet or AppendSamples with ``request``'s request_id was
+        applied to, as it is now; None if none is kept (or ``request`` is None). Asked
+        before a request's images are decoded, so a repeat is answered as the first was,
+        at once. InvalidArgument naming request_id when another request was applied under it."""
+        if request is None or (found := self.store.sample_set_of_request(request.request_id)) is None:
+            return None
+        set_id, fingerprint = found
+        if fingerprint != request.fingerprint:
+            raise request_id_reused(request.request_id, f"sample set {set_id!r}")
+        try:
+            info = self.store.get_sample_set(set_id)
+        except NotFound:  # deleted since it was looked up: the request is new again
+            return None
+        log.info("sample set %r: request %s sent again, not applied again", set_id, request.request_id)
+        return info
+
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False,
-                          caller_waits: Callable[[], bool] = lambda: True) -> SampleSetInfo:
+                          caller_waits: Callable[[], bool] = lambda: True, request: RequestKey | None = None) -> SampleSetInfo:
         """``uploading``: more samples follow (``append_samples(..., finish_upload=True)``
         ends it); until then jobs refuse the set. Once ``caller_waits()`` is False (a caller
         past its deadline, or gone) nothing is stored: it raises Cancelled, so a caller told
-        the call failed never finds the set made after all."""
+        the call failed never finds the set made after all. With ``request``, a repeat of
+        the request that created a set gets that set (see :meth:`repeated_sample_set_request`)."""
         check_text_length(display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
         if not sample_set_id:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
         else:
             check_sample_set_id(sample_set_id)
         with self.store.writing_blobs() as put:
-            return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading)
+            return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
+                                                **_request_fields(request))
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
-                       caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None) -> SampleSetInfo:
-        """As :meth:`create_sample_set`, ``caller_waits`` included; with ``uid``, only to
-        the set of that uid (FailedPrecondition for another of the same id)."""
+                       caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None,
+                       request: RequestKey | None = None) -> SampleSetInfo:
+        """As :meth:`create_sample_set`, ``caller_waits`` and ``request`` included (a
+        repeat appends nothing); with ``uid``, only to the set of that uid
+        (FailedPrecondition for another of the same id)."""
         info = self.store.get_sample_set(sample_set_id)  # the store checks again as it appends; this is before storing images
         require_sample_set_uid(sample_set_id, info.create_time, uid, "sample_set_uid")
         if not samples and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
         with self.store.writing_blobs() as put:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
-                                             uid=uid)
+                                             uid=uid, **_request_fields(request))
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id", uid: str | None = None) -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded

@@ -39,14 +39,18 @@ OPERATION_PREFIX = "operations/"
 
 # What GetModelMetadataResponse.capabilities lists: the request fields this server honours
 # that an older one ignores (a client relies on them only when listed).
-CAPABILITIES = ("request_id",)
+# "request_id": the calls that start an operation; "sample_set_request_id": CreateSampleSet
+# and AppendSamples (a client that knows only the first must not retry uploads).
+CAPABILITIES = ("request_id", "sample_set_request_id")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
-def request_key(request: Any) -> RequestKey | None:
+def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
     """A request's ``request_id`` (AIP-155; None when empty) with a fingerprint of the
     rest of it: its type and its fields, request_id cleared, serialised deterministically.
-    An id that is not a UUID is InvalidArgument naming request_id."""
+    ``apart`` names a repeated message field (an upload's samples) hashed item by item
+    instead: a 64 MiB request's fingerprint then takes 0.1 s, not 0.3 s (serialising it
+    whole is the slow part). An id that is not a UUID is InvalidArgument naming request_id."""
     request_id = request.request_id
     if not request_id:
         return None
@@ -54,11 +58,43 @@ def request_key(request: Any) -> RequestKey | None:
         shown = request_id if len(request_id) <= 64 else request_id[:64] + "..."
         raise InvalidArgument(f"{shown!r} is not a UUID (such as 123e4567-e89b-42d3-a456-426614174000); a client picks a new one "
                               "per request, e.g. uuid.uuid4()", field="request_id")
-    rest = type(request)()
-    rest.CopyFrom(request)
-    rest.ClearField("request_id")
-    digest = hashlib.sha256(rest.DESCRIPTOR.full_name.encode() + b"\0" + rest.SerializeToString(deterministic=True)).hexdigest()
-    return RequestKey(request_id.lower(), digest)
+    if not apart:
+        rest = type(request)()
+        rest.CopyFrom(request)
+        rest.ClearField("request_id")
+        digest = hashlib.sha256(rest.DESCRIPTOR.full_name.encode() + b"\0" + rest.SerializeToString(deterministic=True)).hexdigest()
+        return RequestKey(request_id.lower(), digest)
+    rest = _without(request, ("request_id", apart))
+    hashed = hashlib.sha256(rest.DESCRIPTOR.full_name.encode() + b"\0" + apart.encode() + b"\0")
+    head = rest.SerializeToString(deterministic=True)
+    hashed.update(len(head).to_bytes(8, "little") + head)
+    for item in getattr(request, apart):  # length-prefixed, so no two lists hash alike
+        encoded = item.SerializeToString(deterministic=True)
+        hashed.update(len(encoded).to_bytes(8, "little") + encoded)
+    return RequestKey(request_id.lower(), hashed.hexdigest())
+
+
+def _without(message: Any, left_out: tuple[str, ...]) -> Any:
+    """A copy of ``message`` without the fields ``left_out``, which are not copied at all
+    (CopyFrom and then ClearField would copy a request's 64 MiB of images first)."""
+    rest = type(message)()
+    for field, value in message.ListFields():
+        if field.name in left_out:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            target = getattr(rest, field.name)
+            for key, item in value.items():
+                if field.message_type.fields_by_name["value"].message_type is not None:
+                    target[key].CopyFrom(item)
+                else:
+                    target[key] = item
+        elif field.is_repeated:
+            getattr(rest, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(rest, field.name).CopyFrom(value)
+        else:
+            setattr(rest, field.name, value)
+    return rest
 
 
 def unknown_enum_value(enum, value: int, field: str) -> InvalidArgument:

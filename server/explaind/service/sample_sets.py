@@ -51,13 +51,19 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
         if not request.samples:
             raise InvalidArgument("a sample set needs at least one sample", field="samples")
-        info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
-                                              uploading=request.upload_continues, caller_waits=context.is_active)
+        # A repeat (request_id) is answered before its images are decoded.
+        key = convert.request_key(request, apart="samples")
+        if (info := self._engine.repeated_sample_set_request(key)) is None:
+            info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
+                                                  uploading=request.upload_continues, caller_waits=context.is_active, request=key)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
-        info = self._engine.append_samples(required_set_id(request), self._samples(request.samples), finish_upload=request.finish_upload,
-                                           caller_waits=context.is_active, uid=optional_uid(request))
+        set_id, uid = required_set_id(request), optional_uid(request)
+        key = convert.request_key(request, apart="samples")
+        if (info := self._engine.repeated_sample_set_request(key)) is None:
+            info = self._engine.append_samples(set_id, self._samples(request.samples), finish_upload=request.finish_upload,
+                                               caller_waits=context.is_active, uid=uid, request=key)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 
     def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:

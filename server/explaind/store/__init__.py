@@ -16,6 +16,7 @@ from .base import (
     SampleSetInfo,
     Store,
     StoreOpenError,
+    request_id_reused,
     require_sample_set_uid,
 )
 from .sqlite import SQLiteStore
@@ -36,5 +37,6 @@ __all__ = [
     "SampleRecord",
     "SampleSetInfo",
     "Store",
+    "request_id_reused",
     "require_sample_set_uid",
 ]

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import FailedPrecondition
+from ..errors import FailedPrecondition, InvalidArgument
 
 # Job states, stored as text.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -66,6 +66,14 @@ def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | No
     if uid and sample_set_uid(sample_set_id, create_time) != uid:
         raise FailedPrecondition(f"sample set {sample_set_id!r} is not the set of uid {uid} any more: it was deleted and "
                                  "created again since, by another client say", field=field)
+
+
+def request_id_reused(request_id: str, applied_to: str) -> InvalidArgument:
+    """The error for a request_id (AIP-155) sent with another request than the one that
+    was applied to ``applied_to`` (e.g. "sample set 'x'")."""
+    return InvalidArgument(f"request_id {request_id} was sent with another request, which was applied to {applied_to}; "
+                           "give each request its own request_id (a new UUID) and send it again only with the same request",
+                           field="request_id")
 
 
 @dataclass(frozen=True)
@@ -128,11 +136,18 @@ class Store(Protocol):
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes: ...
 
     # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.
-    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False) -> SampleSetInfo: ...
+    # A request applied with a ``request_id`` (AIP-155) is remembered with its fingerprint
+    # for as long as its set is kept: applied again with the same ones, it changes nothing
+    # and returns the set as it is now; with another fingerprint, InvalidArgument naming
+    # request_id (checked in the transaction that applies it, so racing repeats apply once).
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
+                          request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo: ...
     # With ``uid``, only to the set of that uid: another (deleted and created again since,
     # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None) -> SampleSetInfo: ...
+                       uid: str | None = None, request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo: ...
+    # (set_id, request_fingerprint) of the set a request of ``request_id`` was applied to; None if none is kept.
+    def sample_set_of_request(self, request_id: str) -> tuple[str, str] | None: ...
     def get_sample_set(self, sample_set_id: str) -> SampleSetInfo: ...
     # Oldest first; ``after`` (create_time, sample_set_id) resumes after that set, so sets
     # created or deleted while a client pages do not shift the pages.

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
 from .base import (EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo,
-                   StoreOpenError, require_sample_set_uid)
+                   StoreOpenError, request_id_reused, require_sample_set_uid)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -69,6 +69,13 @@ CREATE INDEX IF NOT EXISTS job_artifacts_by_digest ON job_artifacts (digest);
 CREATE TABLE IF NOT EXISTS job_requests (
     request_id TEXT PRIMARY KEY, job_id TEXT NOT NULL UNIQUE REFERENCES jobs(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
 );
+-- The request_id (AIP-155) of each CreateSampleSet and AppendSamples applied to a set,
+-- and a fingerprint of the rest of its request: a request sent again changes nothing and
+-- gets the set, for as long as the set is kept (its rows go with it).
+CREATE TABLE IF NOT EXISTS sample_set_requests (
+    request_id TEXT PRIMARY KEY, set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sample_set_requests_by_set ON sample_set_requests (set_id);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -92,7 +99,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # (every store before versioning, and a new file). The version goes up only for a change an
 # older release would misread or damage: a table it never reads, whose rows go with their
 # job when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
-# opens the data dir (job_requests, 2026-12-03).
+# opens the data dir (job_requests and sample_set_requests, 2026-12-03).
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -497,21 +504,28 @@ class SQLiteStore:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False) -> SampleSetInfo:
+    def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
+                          request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo:
         now = time.time()
         with self._transaction() as db:
+            if (repeated := self._repeated_request(db, request_id, request_fingerprint)) is not None:
+                return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
             db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
             self._insert_samples(db, sample_set_id, 0, samples)
+            self._record_request(db, request_id, sample_set_id, request_fingerprint)
         return self.get_sample_set(sample_set_id)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None) -> SampleSetInfo:
+                       uid: str | None = None, request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo:
         with self._transaction() as db:
+            if (repeated := self._repeated_request(db, request_id, request_fingerprint)) is not None:
+                return self._info(self._require_set(db, repeated, uid))
             self._require_set(db, sample_set_id, uid)
+            self._record_request(db, request_id, sample_set_id, request_fingerprint)
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
@@ -527,6 +541,30 @@ class SQLiteStore:
             for set_id in abandoned:
                 self._delete_set(db, set_id)
         return abandoned
+
+    def sample_set_of_request(self, request_id: str) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute("SELECT set_id, fingerprint FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    @staticmethod
+    def _repeated_request(db: sqlite3.Connection, request_id: str, fingerprint: str) -> str | None:
+        """The set a request of ``request_id`` was applied to, if one was (None for ""):
+        checked in the transaction that applies a request, so repeats racing each other
+        apply it once. InvalidArgument naming request_id for another request's id."""
+        if not request_id:
+            return None
+        row = db.execute("SELECT set_id, fingerprint FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        if row[1] != fingerprint:
+            raise request_id_reused(request_id, f"sample set {row[0]!r}")
+        return row[0]
+
+    @staticmethod
+    def _record_request(db: sqlite3.Connection, request_id: str, set_id: str, fingerprint: str) -> None:
+        if request_id:
+            db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request_id, set_id, fingerprint))
 
     @staticmethod
     def _insert_samples(db: sqlite3.Connection, set_id: str, start: int, samples: Sequence[SampleRecord]) -> None:
