@@ -1060,6 +1060,104 @@ def test_a_call_starting_an_operation_is_sent_again_with_its_request_id_only_to_
     assert len(older.request_ids) == 1
 
 
+class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2_grpc.InferenceServiceServicer):
+    """A SampleSetService whose first answer to each method of ``drop`` is lost (UNAVAILABLE
+    without a RetryInfo, after the request was applied), which lists ``capabilities`` and
+    honours the request_id of uploads if they name "sample_set_request_id"; an older one
+    ignores it (a repeated create is ALREADY_EXISTS, a repeated append adds its samples again)."""
+
+    def __init__(self, capabilities: tuple[str, ...], drop: set[str]) -> None:
+        super().__init__()
+        self.capabilities, self.drop = capabilities, set(drop)
+        self.calls: list[tuple[str, str]] = []  # (method, request_id)
+        self.labels: dict[str, list[int]] = {}
+        self.applied: set[str] = set()
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(capabilities=self.capabilities)
+
+    def _answer(self, method: str, set_id: str, context):
+        if method in self.drop:
+            self.drop.discard(method)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+        from explaind.v1 import sample_sets_pb2
+
+        labels = self.labels[set_id]
+        return sample_sets_pb2.SampleSet(sample_set_id=set_id, sample_count=len(labels), uid="0" * 8 + "-0000-4000-8000-" + "0" * 12)
+
+    def _repeat(self, request) -> bool:
+        if "sample_set_request_id" not in self.capabilities:
+            return False
+        repeated = request.request_id in self.applied
+        self.applied.add(request.request_id)
+        return repeated
+
+    def CreateSampleSet(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        self.calls.append(("CreateSampleSet", request.request_id))
+        if not self._repeat(request):
+            if request.sample_set_id in self.labels:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"sample set {request.sample_set_id!r} already exists")
+            self.labels[request.sample_set_id] = [s.label for s in request.samples]
+        return sample_sets_pb2.CreateSampleSetResponse(sample_set=self._answer("CreateSampleSet", request.sample_set_id, context))
+
+    def AppendSamples(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        self.calls.append(("AppendSamples", request.request_id))
+        if not self._repeat(request):
+            self.labels[request.sample_set_id] += [s.label for s in request.samples]
+        return sample_sets_pb2.AppendSamplesResponse(sample_set=self._answer("AppendSamples", request.sample_set_id, context))
+
+    def DeleteSampleSet(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        self.labels.pop(request.sample_set_id, None)
+        return sample_sets_pb2.DeleteSampleSetResponse()
+
+
+def _serve_uploads(servicer: _UploadServer) -> tuple[grpc.Server, str]:
+    def add(servicer, server):
+        sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+
+    return _serve(servicer, add=add)
+
+
+def test_an_upload_request_whose_answer_was_lost_is_sent_again_only_to_a_server_honouring_its_request_id():
+    # A dropped answer to CreateSampleSet or AppendSamples failed the whole upload: sent
+    # again, an append would add its samples twice and a create get ALREADY_EXISTS.
+    from explaind.client import UnavailableError
+
+    images, labels = np.zeros((12, 4, 4, 3), np.uint8), [i % 6 for i in range(12)]
+    capable = _UploadServer(("request_id", "sample_set_request_id"), {"CreateSampleSet", "AppendSamples"})
+    server, target = _serve_uploads(capable)
+    try:
+        with Client(target, timeout=30) as client:
+            assert client.create_sample_set(images, labels, sample_set_id="up", chunk_size=4).sample_count == 12
+            capable.drop = {"AppendSamples"}
+            assert client.append_samples("up", images[:8], labels[:8], chunk_size=4).sample_count == 20
+    finally:
+        server.stop(0)
+    assert capable.labels["up"] == labels + labels[:8]  # each sample once, in order
+    methods, ids = zip(*capable.calls)
+    assert methods == ("CreateSampleSet",) * 2 + ("AppendSamples",) * 6
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[5] == ids[6] and len(set(ids)) == 5  # a repeat keeps its id
+
+    # A server that honours only the operations' request_id: not retried, whatever its answer.
+    for dropped in ("CreateSampleSet", "AppendSamples"):
+        older = _UploadServer(("request_id",), {dropped})
+        server, target = _serve_uploads(older)
+        try:
+            with Client(target, timeout=30) as client, pytest.raises(UnavailableError, match="Socket closed"):
+                client.create_sample_set(images, labels, sample_set_id="up", chunk_size=4)
+        finally:
+            server.stop(0)
+        assert [method for method, _ in older.calls].count(dropped) == 1
+        assert ("up" in older.labels) == (dropped == "CreateSampleSet")  # a set the client knows of is deleted, as before
+
+
 def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(client):
     # The SDK made a new id per call and took none: a call that ran past its deadline, or
     # a pipeline that restarted, could only start its operation a second time.
@@ -1086,9 +1184,10 @@ def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(cl
 
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
-    from explaind.v1 import neuroinspect_pb2
+    from explaind.v1 import neuroinspect_pb2, sample_sets_pb2
 
-    services = {service.full_name: service for module in (inference_pb2, neuroinspect_pb2) for service in module.DESCRIPTOR.services_by_name.values()}
+    services = {service.full_name: service for module in (inference_pb2, neuroinspect_pb2, sample_sets_pb2)
+                for service in module.DESCRIPTOR.services_by_name.values()}
     for service, names in IDENTIFIED_METHODS.items():
         for name in names:  # a misspelt one would never be retried; one without the field, twice
             assert "request_id" in services[service].methods_by_name[name].input_type.fields_by_name, name

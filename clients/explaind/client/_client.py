@@ -58,17 +58,24 @@ READ_ONLY_METHODS = {
     "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
-# Calls that start an operation, sent with a request_id (AIP-155: a new UUID per call, the
-# same in each attempt): retried as the read-only ones are when the server, asked after
-# the failed attempt, lists "request_id" in GetModelMetadataResponse.capabilities, since
-# it answers a repeat with the operation the first attempt started. An older server
-# ignores request_id and would start it twice: there they are not retried.
+# Calls that start an operation or upload samples, sent with a request_id (AIP-155: a new
+# UUID per call, or per request of an upload, the same in each attempt): retried as the
+# read-only ones are when the server, asked after the failed attempt, lists the method's
+# capability (REQUEST_ID_CAPABILITIES, else "request_id") in
+# GetModelMetadataResponse.capabilities, since it answers a repeat with the operation the
+# first attempt started, or the set the first attempt created or appended to (without
+# appending again). An older server ignores request_id and would start the operation
+# twice, append the samples twice or refuse the set as ALREADY_EXISTS: there they are not
+# retried.
 IDENTIFIED_METHODS = {
     "explaind.v1.InferenceService": ("EvaluateSampleSet",),
     "explaind.v1.NeuroInspectService": ("RankMistakeNeurons", "VisualizeNeurons", "EditHead"),
+    "explaind.v1.SampleSetService": ("CreateSampleSet", "AppendSamples"),
 }
-_IDENTIFIED = {method for methods in IDENTIFIED_METHODS.values() for method in methods}
 REQUEST_ID_CAPABILITY = "request_id"
+# Methods whose request_id a server began to honour later than the operations' ("request_id").
+REQUEST_ID_CAPABILITIES = {"CreateSampleSet": "sample_set_request_id", "AppendSamples": "sample_set_request_id"}
+_IDENTIFIED = {method: REQUEST_ID_CAPABILITIES.get(method, REQUEST_ID_CAPABILITY) for methods in IDENTIFIED_METHODS.values() for method in methods}
 # Codes the client's own gRPC library raises when nothing answered: no connection, or
 # the deadline passed first (a listener that accepts but never speaks gRPC).
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -201,8 +208,9 @@ class Client:
     deadline, once the server has answered this client (an UNAVAILABLE it sent itself,
     saying it is loading its models, counts): a restart or a model load that ends before the deadline delays them instead
     of failing them, and a wrong address still fails at once. So are the calls that start
-    an operation, sent with a request_id, on a server that honours it (see
-    IDENTIFIED_METHODS): a repeat gets the operation the first attempt started.
+    an operation and an upload's requests, sent with a request_id, on a server that
+    honours it (see IDENTIFIED_METHODS): a repeat gets the operation the first attempt
+    started, or the set it created or appended to, appending nothing again.
 
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
     ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
@@ -306,7 +314,7 @@ class Client:
                     # would start it again). An answer counts as the server's.
                     time.sleep(pause)
                     backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
-                    if self._honours_request_id(retry_end) and self._reached and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0:
+                    if self._honours_request_id(retry_end, _IDENTIFIED[method]) and self._reached and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0:
                         continue
                     raise error from None
                 if not (self._retry and repeatable and unavailable and self._reached and pause >= 0):
@@ -317,17 +325,17 @@ class Client:
             time.sleep(pause)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
 
-    def _honours_request_id(self, until: float) -> bool:
-        """Whether the server honours request_id (it lists the capability), asked by the
-        time ``until`` (``time.monotonic()``): just before a call that started an operation
-        is sent again, so that the server to get the repeat is the one asked. False when it
-        cannot say."""
+    def _honours_request_id(self, until: float, capability: str = REQUEST_ID_CAPABILITY) -> bool:
+        """Whether the server honours a method's request_id (it lists ``capability``), asked
+        by the time ``until`` (``time.monotonic()``): just before a call that may have taken
+        effect is sent again, so that the server to get the repeat is the one asked. False
+        when it cannot say."""
         try:
             response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(),
                                   timeout=max(until - time.monotonic(), 1e-3))
         except ExplaindError:
             return False
-        return REQUEST_ID_CAPABILITY in response.capabilities
+        return capability in response.capabilities
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
@@ -481,8 +489,12 @@ class Client:
         server's decoded-pixel limit (asked once with ``model_metadata``). All or nothing:
         until its last request the set is marked uploading, which jobs refuse and a server
         restart deletes; if a later request fails (or is interrupted), the partly uploaded
-        set is deleted before the error is raised. ``progress=True`` shows samples sent as
-        a tqdm bar, or plain lines when stderr is not a terminal."""
+        set is deleted before the error is raised. Each request carries its own request_id,
+        so on a server that lists ``"sample_set_request_id"`` in
+        ``model_metadata().capabilities`` one whose answer a dropped connection lost is sent
+        again (the server applies it once); an older server's upload fails instead.
+        ``progress=True`` shows samples sent as a tqdm bar, or plain lines when stderr is
+        not a terminal."""
         samples, total = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
             return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display)
@@ -492,7 +504,7 @@ class Client:
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
-                           upload_continues=not last)
+                           upload_continues=not last, request_id=_request_id(None))
         try:
             created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
         except BaseException as error:
@@ -506,7 +518,7 @@ class Client:
             for chunk, last in chunks:  # reading the next chunk's images may fail here too
                 # The uid: the set this upload created, never another made under its id meanwhile.
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
-                                  sample_set_uid=created.uid)
+                                  sample_set_uid=created.uid, request_id=_request_id(None))
                 created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
                 sent += len(chunk)
                 _show_upload(display, sent, total, last)
@@ -527,15 +539,17 @@ class Client:
         chunk_size: int = 512, progress: bool = False,
     ) -> SampleSet:
         """Add labelled images to an existing set, as in :meth:`create_sample_set` and in
-        the same chunks (and with the same ``progress``); a request that fails raises with
-        a note of how many samples were appended before it. Returns the updated set."""
+        the same chunks (and with the same ``progress``, and retried as they are); a request
+        that fails raises with a note of how many samples were appended before it. Returns
+        the updated set."""
         samples, total = self._samples(images, labels, attributes)
         appended, uid = 0, ""
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
                 for chunk in self._request_chunks(samples, chunk_size, _sample_image):
                     # After the first request, the set it appended to: not one made under its id since.
-                    request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid)
+                    request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid,
+                                       request_id=_request_id(None))
                     updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
                     appended, uid = appended + len(chunk), updated.uid
                     _show_upload(display, appended, total, appended == total)
@@ -877,8 +891,8 @@ def _show_upload(display: ProgressDisplay | None, sent: int, total: int, last: b
 
 
 def _request_id(given: str | uuid.UUID | None) -> str:
-    """The request_id (AIP-155) of one call that starts an operation, the same in each of
-    its attempts: the caller's UUID in the form the server takes (8-4-4-4-12 hex digits;
+    """The request_id (AIP-155) of one call that starts an operation (or one request of
+    an upload), the same in each of its attempts: the caller's UUID in the form the server takes (8-4-4-4-12 hex digits;
     any form ``uuid.UUID`` reads is accepted), else a new one."""
     if given is None:
         given = uuid.uuid4()
