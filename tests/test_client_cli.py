@@ -94,7 +94,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["operations", "list", "--limit", "0"], "--limit: expected an integer >= 1, got '0'"),
         (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),
         (["sample-set", "create", "--world", "balanced", "--images", __file__, "--labels", "0"], "sample-set create: give only one of --world, --folder and --images (got --world and --images)"),
-        (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images and --labels are options of create and append, --name of create"),
+        (["sample-set", "show", "x", "--name", "y"], "sample-set show: --world, --folder, --images, --labels and --request-id are options of create and "
+                                                   "append, --name of create"),
+        (["sample-set", "delete", "x", "--request-id", "123e4567-e89b-42d3-a456-426614174000"], "sample-set delete: --world, --folder"),
         (["sample-set", "create", "a", "--id", "b", "--world", "balanced"], "sample-set create: two ids, 'a' and --id 'b'; give one"),
         (["sample-set", "create", "a"], "sample-set create: give --world SPEC, --folder DIR, or --images FILE... with as many --labels"),
         (["sample-set", "append", "a", "--world", "balanced", "--labels", "heart"], "sample-set append: --labels goes with --images (--world brings its own labels)"),
@@ -973,6 +975,10 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     request_id = str(uuid.uuid4())
     repeated = [_json_out(capsys, [*target, "evaluate", "json", "--no-wait", "--json", "--request-id", request_id])["name"] for _ in range(2)]
     assert repeated[0] == repeated[1] != name
+    upload = str(uuid.uuid4())
+    appended = [_json_out(capsys, [*target, "sample-set", "append", "json", "--world", "balanced:test:3", "--request-id", upload, "--json"])
+                for _ in range(2)]
+    assert appended[0]["sample_count"] == appended[1]["sample_count"] == 5  # appended once
 
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images, labels, sample_set_id="edit-json")

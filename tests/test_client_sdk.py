@@ -1182,6 +1182,23 @@ def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(cl
     first.result(timeout=60)
 
 
+def test_an_upload_run_again_with_its_request_id_stores_each_image_once(client):
+    # A pipeline that restarted could only upload again: a second set, or samples twice.
+    import uuid
+
+    images = [np.full((8, 8, 3), value, np.uint8) for value in range(5)]
+    upload = uuid.uuid4()
+    created = [client.create_sample_set(images, ["heart"] * 5, chunk_size=2, request_id=upload) for _ in range(2)]  # 3 requests each
+    assert created[0].sample_set_id == created[1].sample_set_id and created[1].sample_count == 5
+    set_id = created[0].sample_set_id
+    again = uuid.uuid4()  # an id names one upload: the create's is refused here (INVALID_ARGUMENT)
+    appended = [client.append_samples(set_id, images[:3], ["star"] * 3, chunk_size=2, request_id=str(again).upper()) for _ in range(2)]
+    assert appended[1].sample_count == 8 and appended[1].class_counts == appended[0].class_counts  # appended once...
+    assert client.append_samples(set_id, images[:3], ["star"] * 3, chunk_size=2).sample_count == 11  # ...as a new upload is
+    pixels = [sample.image.getpixel((0, 0))[0] for sample in client.samples(set_id)]
+    assert pixels == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
+
+
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
     from explaind.v1 import neuroinspect_pb2, sample_sets_pb2

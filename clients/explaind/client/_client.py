@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import difflib
+import itertools
 import math
 import numbers
 import ssl
@@ -479,6 +480,7 @@ class Client:
         attributes: Sequence[Mapping[str, str]] | None = None,
         chunk_size: int = 512,
         progress: bool = False,
+        request_id: str | uuid.UUID | None = None,
     ) -> SampleSet:
         """Store labelled images as a named set. ``labels``: one class index or class name
         per image; ``attributes``: optional ``{name: value}`` per image, e.g. for per-group
@@ -493,18 +495,22 @@ class Client:
         so on a server that lists ``"sample_set_request_id"`` in
         ``model_metadata().capabilities`` one whose answer a dropped connection lost is sent
         again (the server applies it once); an older server's upload fails instead.
-        ``progress=True`` shows samples sent as a tqdm bar, or plain lines when stderr is
-        not a terminal."""
+        ``request_id`` (a UUID) names the upload, so that the same upload run again (by a
+        pipeline that restarted, with the same images, ``chunk_size`` and server) gets
+        the set the first created, and appends nothing twice: its requests' ids are drawn
+        from it (None: new ones). ``progress=True`` shows samples sent as a tqdm bar, or
+        plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
+        request_ids = _upload_request_ids(request_id)  # checked before any image is read
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
-            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display)
+            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_ids)
 
     def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
-                           chunk_size: int, display: ProgressDisplay | None) -> SampleSet:
+                           chunk_size: int, display: ProgressDisplay | None, request_ids: Iterator[str]) -> SampleSet:
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
-                           upload_continues=not last, request_id=_request_id(None))
+                           upload_continues=not last, request_id=next(request_ids))
         try:
             created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
         except BaseException as error:
@@ -518,7 +524,7 @@ class Client:
             for chunk, last in chunks:  # reading the next chunk's images may fail here too
                 # The uid: the set this upload created, never another made under its id meanwhile.
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
-                                  sample_set_uid=created.uid, request_id=_request_id(None))
+                                  sample_set_uid=created.uid, request_id=next(request_ids))
                 created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
                 sent += len(chunk)
                 _show_upload(display, sent, total, last)
@@ -536,20 +542,21 @@ class Client:
 
     def append_samples(
         self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None,
-        chunk_size: int = 512, progress: bool = False,
+        chunk_size: int = 512, progress: bool = False, request_id: str | uuid.UUID | None = None,
     ) -> SampleSet:
         """Add labelled images to an existing set, as in :meth:`create_sample_set` and in
-        the same chunks (and with the same ``progress``, and retried as they are); a request
-        that fails raises with a note of how many samples were appended before it. Returns
-        the updated set."""
+        the same chunks (with the same ``progress`` and ``request_id``, and retried as they
+        are); a request that fails raises with a note of how many samples were appended
+        before it. Returns the updated set."""
         samples, total = self._samples(images, labels, attributes)
+        request_ids = _upload_request_ids(request_id)
         appended, uid = 0, ""
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
                 for chunk in self._request_chunks(samples, chunk_size, _sample_image):
                     # After the first request, the set it appended to: not one made under its id since.
                     request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid,
-                                       request_id=_request_id(None))
+                                       request_id=next(request_ids))
                     updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
                     appended, uid = appended + len(chunk), updated.uid
                     _show_upload(display, appended, total, appended == total)
@@ -904,6 +911,14 @@ def _request_id(given: str | uuid.UUID | None) -> str:
         return str(uuid.UUID(given))
     except ValueError:
         raise ValueError(f"request_id must be a UUID (such as 123e4567-e89b-42d3-a456-426614174000), got {given!r}") from None
+
+
+def _upload_request_ids(given: str | uuid.UUID | None) -> Iterator[str]:
+    """The request_id of each request of an upload, in order: new ones, or, for the
+    caller's ``given``, ones derived from it (UUIDv5 of its n-th request), so the same
+    upload run again repeats the same requests."""
+    upload = None if given is None else uuid.UUID(_request_id(given))
+    return (_request_id(None if upload is None else uuid.uuid5(upload, str(n))) for n in itertools.count())
 
 
 def _request(message_class: Any, **fields: Any) -> Any:

@@ -448,9 +448,10 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                     progress = len(labels) > UPLOAD_PROGRESS_SAMPLES  # more than one request, by default
                     if args.action == "create":
                         stored = client.create_sample_set(images, labels, sample_set_id=args.id or "", display_name=args.name or "",
-                                                          attributes=attributes, progress=progress)
+                                                          attributes=attributes, progress=progress, request_id=args.request_id)
                     else:
-                        stored = client.append_samples(args.id, images, labels, attributes=attributes, progress=progress)
+                        stored = client.append_samples(args.id, images, labels, attributes=attributes, progress=progress,
+                                                       request_id=args.request_id)
             except ValueError as error:  # a label that is no class of the served model
                 raise CommandError(str(error)) from None
             if args.json:
@@ -1115,10 +1116,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")
     edit_head.set_defaults(run=cmd_edit_head)
 
-    for starts_operation in (evaluate, rank, visualize, edit_head):
-        starts_operation.add_argument("--request-id", dest="request_id", type=_request_id, metavar="UUID",
-                                      help="names this request: the command run again with it (after a timeout or a crash, say) gets "
-                                           "the operation the first run started, not a second one (default: a new UUID per run)")
+    for repeatable in (sample_set, evaluate, rank, visualize, edit_head):
+        repeatable.add_argument("--request-id", dest="request_id", type=_request_id, metavar="UUID",
+                                help="names this request: the command run again with it (after a timeout or a crash, say) gets the "
+                                     "operation the first run started, or the set it created or appended to, not a second one "
+                                     "(default: a new UUID per run)")
 
     operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
@@ -1205,8 +1207,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         sources = [flag for flag, value in (("--world", args.world), ("--folder", args.folder), ("--images", args.images)) if value]
         if len(sources) > 1:
             usage_error(f"sample-set {args.action}: give only one of --world, --folder and --images (got {' and '.join(sources)})")
-        if args.action in ("list", "show", "delete") and (sources or args.labels or args.name):
-            usage_error(f"sample-set {args.action}: --world, --folder, --images and --labels are options of create and append, --name of create")
+        if args.action in ("list", "show", "delete") and (sources or args.labels or args.name or args.request_id):
+            usage_error(f"sample-set {args.action}: --world, --folder, --images, --labels and --request-id are options of create and append, "
+                        "--name of create")
         if args.action == "append" and args.name:
             usage_error("sample-set append: --name is an option of create")
         if args.action in ("create", "append"):
