@@ -50,7 +50,7 @@ from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
-from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
+from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store, request_id_reused
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,7 @@ class JobManager:
                 return None
             job_id, fingerprint = found
             if fingerprint != request.fingerprint:
-                raise InvalidArgument(f"request_id {request.request_id} was sent with another request, which created operations/{job_id}; "
-                                      "give each request its own request_id (a new UUID) and send it again only with the same request",
-                                      field="request_id")
+                raise request_id_reused(request.request_id, f"created operations/{job_id}")
             try:
                 previous = self.get(job_id)
             except NotFound:  # deleted (retention) since it was looked up: the request is new again

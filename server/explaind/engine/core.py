@@ -299,7 +299,7 @@ class Engine:
             return None
         set_id, fingerprint = found
         if fingerprint != request.fingerprint:
-            raise request_id_reused(request.request_id, f"sample set {set_id!r}")
+            raise request_id_reused(request.request_id, f"was applied to sample set {set_id!r}")
         try:
             info = self.store.get_sample_set(set_id)
         except NotFound:  # deleted since it was looked up: the request is new again

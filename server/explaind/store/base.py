@@ -68,10 +68,10 @@ def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | No
                                  "created again since, by another client say", field=field)
 
 
-def request_id_reused(request_id: str, applied_to: str) -> InvalidArgument:
-    """The error for a request_id (AIP-155) sent with another request than the one that
-    was applied to ``applied_to`` (e.g. "sample set 'x'")."""
-    return InvalidArgument(f"request_id {request_id} was sent with another request, which was applied to {applied_to}; "
+def request_id_reused(request_id: str, outcome: str) -> InvalidArgument:
+    """The error for a request_id (AIP-155) sent with another request than the one it
+    named, whose ``outcome`` it says (e.g. "created operations/<id>")."""
+    return InvalidArgument(f"request_id {request_id} was sent with another request, which {outcome}; "
                            "give each request its own request_id (a new UUID) and send it again only with the same request",
                            field="request_id")
 

@@ -558,7 +558,7 @@ class SQLiteStore:
         if row is None:
             return None
         if row[1] != fingerprint:
-            raise request_id_reused(request_id, f"sample set {row[0]!r}")
+            raise request_id_reused(request_id, f"was applied to sample set {row[0]!r}")
         return row[0]
 
     @staticmethod
