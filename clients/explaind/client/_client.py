@@ -309,24 +309,22 @@ class Client:
                 pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
-                if not repeatable and self._retry and unavailable and pause >= 0 and method in _IDENTIFIED and request.request_id:
-                    # Asked after the pause, not before: the server that answers is the one
-                    # to get the repeat (one restarted into an older release in the pause
-                    # would start it again). An answer counts as the server's.
-                    time.sleep(pause)
-                    backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
-                    if self._honours_request_id(retry_end, _IDENTIFIED[method]) and self._reached and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0:
-                        continue
-                    raise error from None
-                if not (self._retry and repeatable and unavailable and self._reached and pause >= 0):
+                identified = not repeatable and method in _IDENTIFIED and bool(request.request_id)
+                if not (self._retry and unavailable and pause >= 0 and ((repeatable and self._reached) or identified)):
                     raise error from None
             else:
                 self._reached = True
                 return response
             time.sleep(pause)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
+            # Whether the server honours the request_id is asked after the pause, not before:
+            # the server that answers is the one to get the repeat (one restarted into an
+            # older release in the pause would start it again). Its answer counts as the server's.
+            if identified and not (self._honours_request_id(retry_end, _IDENTIFIED[method]) and self._reached
+                                   and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0):
+                raise error from None
 
-    def _honours_request_id(self, until: float, capability: str = REQUEST_ID_CAPABILITY) -> bool:
+    def _honours_request_id(self, until: float, capability: str) -> bool:
         """Whether the server honours a method's request_id (it lists ``capability``), asked
         by the time ``until`` (``time.monotonic()``): just before a call that may have taken
         effect is sent again, so that the server to get the repeat is the one asked. False
