@@ -1199,6 +1199,36 @@ def test_an_upload_run_again_with_its_request_id_stores_each_image_once(client):
     assert pixels == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
 
 
+def test_an_upload_run_again_with_its_request_id_that_fails_keeps_the_set_an_earlier_run_finished(client):
+    # The re-run's create got the finished set of the first run; a later request that
+    # failed (other images under the same request_id, or a Ctrl-C) then deleted that set
+    # as if this run had uploaded it partly.
+    import uuid
+
+    from explaind.client import InvalidArgumentError
+
+    images = [np.full((8, 8, 3), value, np.uint8) for value in range(5)]
+    upload = uuid.uuid4()
+    first = client.create_sample_set(images, ["heart"] * 5, sample_set_id="finished-before", chunk_size=2, request_id=upload)
+    changed = [*images[:2], np.full((8, 8, 3), 99, np.uint8), *images[3:]]  # the first request is as before, the second not
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.create_sample_set(changed, ["heart"] * 5, sample_set_id="finished-before", chunk_size=2, request_id=upload)
+    notes = "\n".join(caught.value.__notes__)
+    assert caught.value.field == "request_id" and str(upload) not in caught.value.details  # the server names the derived id...
+    assert f"request 2 of this create_sample_set differs from the one sent before under request_id {upload}" in notes  # ...the SDK the caller's
+    assert "'finished-before' was kept" in notes
+
+    def interrupted():
+        yield from images[:3]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.create_sample_set(interrupted(), ["heart"] * 5, sample_set_id="finished-before", chunk_size=2, request_id=upload)
+    kept = client.sample_set("finished-before")
+    assert (kept.uid, kept.sample_count, kept.uploading) == (first.uid, 5, False)
+    client.delete_sample_set("finished-before")
+
+
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
     from explaind.v1 import neuroinspect_pb2, sample_sets_pb2

@@ -32,7 +32,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, FailedPreconditionError, NotFoundError, UnavailableError, error_from_code, from_rpc_error
+from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, error_from_code, from_rpc_error
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -501,10 +501,11 @@ class Client:
         samples, total = self._samples(images, labels, attributes)
         request_ids = _upload_request_ids(request_id)  # checked before any image is read
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
-            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_ids)
+            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_ids, request_id)
 
     def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
-                           chunk_size: int, display: ProgressDisplay | None, request_ids: Iterator[str]) -> SampleSet:
+                           chunk_size: int, display: ProgressDisplay | None, request_ids: Iterator[str],
+                           upload_id: str | uuid.UUID | None) -> SampleSet:
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
@@ -515,8 +516,12 @@ class Client:
             if request.upload_continues and not isinstance(error, ExplaindError):  # e.g. Ctrl-C as the answer came
                 error.add_note("if the server created the set before this, it stays uploading: jobs refuse it, and the server's "
                                "next start deletes it (or delete the set)")
+            _note_upload_id_reused(error, upload_id, "create_sample_set", 0)
             raise
-        sent = len(first)
+        # Finished at once although more follows: an earlier run of this upload (the
+        # caller's request_id) finished the set, so this run's failure must not delete it.
+        finished_before = upload_id is not None and request.upload_continues and not created.uploading
+        sent, requests = len(first), 1
         _show_upload(display, sent, total, last)
         try:
             for chunk, last in chunks:  # reading the next chunk's images may fail here too
@@ -524,9 +529,14 @@ class Client:
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
                                   sample_set_uid=created.uid, request_id=next(request_ids))
                 created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
-                sent += len(chunk)
+                sent, requests = sent + len(chunk), requests + 1
                 _show_upload(display, sent, total, last)
         except BaseException as error:
+            _note_upload_id_reused(error, upload_id, "create_sample_set", requests)
+            if finished_before:
+                error.add_note(f"sample set {created.sample_set_id!r} was kept as an earlier run of this upload (its request_id) "
+                               f"finished it, with {created.sample_count} samples")
+                raise
             try:
                 self.delete_sample_set(created.sample_set_id, uid=created.uid)
             except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
@@ -548,7 +558,7 @@ class Client:
         before it. Returns the updated set."""
         samples, total = self._samples(images, labels, attributes)
         request_ids = _upload_request_ids(request_id)
-        appended, uid = 0, ""
+        appended, uid, requests = 0, "", 0
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
                 for chunk in self._request_chunks(samples, chunk_size, _sample_image):
@@ -556,9 +566,10 @@ class Client:
                     request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid,
                                        request_id=next(request_ids))
                     updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
-                    appended, uid = appended + len(chunk), updated.uid
+                    appended, uid, requests = appended + len(chunk), updated.uid, requests + 1
                     _show_upload(display, appended, total, appended == total)
         except BaseException as error:
+            _note_upload_id_reused(error, request_id, "append_samples", requests)
             if appended:
                 error.add_note(f"the first {appended} of {total} samples were appended to {sample_set_id!r}")
             raise
@@ -917,6 +928,16 @@ def _upload_request_ids(given: str | uuid.UUID | None) -> Iterator[str]:
     upload run again repeats the same requests."""
     upload = None if given is None else uuid.UUID(_request_id(given))
     return (_request_id(None if upload is None else uuid.uuid5(upload, str(n))) for n in itertools.count())
+
+
+def _note_upload_id_reused(error: BaseException, upload_id: str | uuid.UUID | None, call: str, index: int) -> None:
+    """Says, on the server's INVALID_ARGUMENT about the request_id of an upload's request
+    ``index`` (an id derived from the caller's ``upload_id``, which the message names, not
+    the caller's), what the caller's request_id was reused for."""
+    if upload_id is not None and isinstance(error, InvalidArgumentError) and error.field == "request_id":
+        error.add_note(f"request {index + 1} of this {call} differs from the one sent before under request_id {_request_id(upload_id)} "
+                       "(its requests' ids are derived from it): that id names another upload, or this one with other images, labels, "
+                       "attributes or chunks (chunk_size, the server's limits); give a new upload a new request_id")
 
 
 def _request(message_class: Any, **fields: Any) -> Any:
