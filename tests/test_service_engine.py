@@ -3527,7 +3527,7 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
         db.execute("DROP TABLE job_requests")
     store = SQLiteStore(tmp_path)
-    assert store.get_job("old").state == "succeeded" and store.job_of_request(request_id) is None
+    assert store.get_job("old").state == "succeeded" and store.job_of_request(request_id, "f") is None
     store.insert_job(JobRecord("new", "evaluate", "queued", 3.0), request_id=request_id, request_fingerprint="f")
     with pytest.raises(AlreadyExists, match=f"request_id {request_id} was given to operations/new") as caught:
         store.insert_job(JobRecord("twice", "evaluate", "queued", 4.0), request_id=request_id, request_fingerprint="f")
@@ -3537,13 +3537,13 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
     store.close()
     assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
     store = SQLiteStore(tmp_path)
-    assert store.job_of_request(request_id) == ("new", "f")
+    assert store.job_of_request(request_id, "f") == "new"
     store.close()
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before deletes the job
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("DELETE FROM jobs WHERE id = 'new'")
     with closing(SQLiteStore(tmp_path)) as store:
-        assert store.job_of_request(request_id) is None
+        assert store.job_of_request(request_id, "f") is None
 
 
 def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and_goes_with_its_set(tmp_path):
@@ -3562,7 +3562,7 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
     for _ in range(2):
         info = store.create_sample_set("up", "", [first], uploading=True, request_id=created_id, request_fingerprint="c")
         assert (info.sample_count, info.uploading) == (1, True)
-    assert store.sample_set_of_request(created_id) == ("up", "c")
+    assert store.sample_set_of_request(created_id, "c") == "up"
     uid = sample_set_uid("up", info.create_time)
     for _ in range(2):
         info = store.append_samples("up", [second], finish_upload=True, uid=uid, request_id=appended_id, request_fingerprint="a")
@@ -3579,8 +3579,8 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("DELETE FROM sample_sets WHERE id = 'up'")
     with closing(SQLiteStore(tmp_path)) as store:
-        assert store.sample_set_of_request(created_id) is None and store.sample_set_of_request(appended_id) is None
+        assert store.sample_set_of_request(created_id, "c") is None and store.sample_set_of_request(appended_id, "a") is None
         # Forgotten with its set: the request is new again.
         assert store.create_sample_set("up", "", [first], request_id=created_id, request_fingerprint="c").sample_count == 1
         store.delete_sample_set("up")
-        assert store.sample_set_of_request(created_id) is None
+        assert store.sample_set_of_request(created_id, "c") is None

@@ -50,7 +50,7 @@ from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
-from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store, request_id_reused
+from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +257,8 @@ class JobManager:
         if request is None:
             return None
         with self._changed:
-            found = self.store.job_of_request(request.request_id)
-            if found is None:
+            if (job_id := self.store.job_of_request(request.request_id, request.fingerprint)) is None:
                 return None
-            job_id, fingerprint = found
-            if fingerprint != request.fingerprint:
-                raise request_id_reused(request.request_id, f"created operations/{job_id}")
             try:
                 previous = self.get(job_id)
             except NotFound:  # deleted (retention) since it was looked up: the request is new again

@@ -28,7 +28,7 @@ from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot, RequestKey
 from ..metrics import Metrics
-from ..store import SampleRecord, SampleSetInfo, Store, request_id_reused, require_sample_set_uid
+from ..store import SampleRecord, SampleSetInfo, Store, require_sample_set_uid
 from .backends import FeatureFn, build_feature_fn, check_device
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -295,11 +295,8 @@ class Engine:
         applied to, as it is now; None if none is kept (or ``request`` is None). Asked
         before a request's images are decoded, so a repeat is answered as the first was,
         at once. InvalidArgument naming request_id when another request was applied under it."""
-        if request is None or (found := self.store.sample_set_of_request(request.request_id)) is None:
+        if request is None or (set_id := self.store.sample_set_of_request(request.request_id, request.fingerprint)) is None:
             return None
-        set_id, fingerprint = found
-        if fingerprint != request.fingerprint:
-            raise request_id_reused(request.request_id, f"was applied to sample set {set_id!r}")
         try:
             info = self.store.get_sample_set(set_id)
         except NotFound:  # deleted since it was looked up: the request is new again

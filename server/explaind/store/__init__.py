@@ -16,7 +16,6 @@ from .base import (
     SampleSetInfo,
     Store,
     StoreOpenError,
-    request_id_reused,
     require_sample_set_uid,
 )
 from .sqlite import SQLiteStore
@@ -37,6 +36,5 @@ __all__ = [
     "SampleRecord",
     "SampleSetInfo",
     "Store",
-    "request_id_reused",
     "require_sample_set_uid",
 ]

@@ -542,10 +542,9 @@ class SQLiteStore:
                 self._delete_set(db, set_id)
         return abandoned
 
-    def sample_set_of_request(self, request_id: str) -> tuple[str, str] | None:
+    def sample_set_of_request(self, request_id: str, fingerprint: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT set_id, fingerprint FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone()
-        return (row[0], row[1]) if row else None
+            return self._repeated_request(self._db, request_id, fingerprint)
 
     @staticmethod
     def _repeated_request(db: sqlite3.Connection, request_id: str, fingerprint: str) -> str | None:
@@ -650,10 +649,12 @@ class SQLiteStore:
                 db.execute("INSERT INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request_fingerprint))
             self._index_artifacts(db, job)
 
-    def job_of_request(self, request_id: str) -> tuple[str, str] | None:
+    def job_of_request(self, request_id: str, fingerprint: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request_id,)).fetchone()
-        return (row[0], row[1]) if row else None
+        if row is not None and row[1] != fingerprint:
+            raise request_id_reused(request_id, f"created operations/{row[0]}")
+        return None if row is None else row[0]
 
     def update_job(self, job: JobRecord) -> None:
         row = self._job_row(job)
