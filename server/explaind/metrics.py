@@ -86,8 +86,9 @@ class Metrics:
         self.job_queue_wait = Histogram(
             "explaind_job_queue_wait_seconds", "Time from a job's submission to its start.", ("kind",), buckets=QUEUE_WAIT_BUCKETS, registry=r
         )
-        # A client sent a job-starting request again under its request_id (a retry after a
-        # dropped connection) and got the first one's operation: a rise is a flaky network.
+        # A client sent a job-starting request again under its request_id and got the first
+        # one's operation: the SDK's retries after a dropped connection (a rise is a flaky
+        # network), or a caller's own request_id sent again (a pipeline run again).
         self.job_requests_repeated = Counter(
             "explaind_job_requests_repeated_total", "Job-starting requests answered with the operation of an earlier one of their request_id.",
             ("kind",), registry=r,

@@ -66,8 +66,8 @@ _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in met
 # GetModelMetadataResponse.capabilities, since it answers a repeat with the operation the
 # first attempt started, or the set the first attempt created or appended to (without
 # appending again). An older server ignores request_id and would start the operation
-# twice, append the samples twice or refuse the set as ALREADY_EXISTS: there they are not
-# retried.
+# twice, append the samples twice, or refuse the set as ALREADY_EXISTS (make a second one
+# when the server names it): there they are not retried.
 IDENTIFIED_METHODS = {
     "explaind.v1.InferenceService": ("EvaluateSampleSet",),
     "explaind.v1.NeuroInspectService": ("RankMistakeNeurons", "VisualizeNeurons", "EditHead"),

@@ -91,7 +91,8 @@ class InternalError(ExplaindError):
 
 
 class AbortedError(ExplaindError):
-    """An operation the server aborted (it restarted or shut down): submit it again."""
+    """An operation the server aborted (it restarted or shut down): submit it again, with
+    a new ``request_id`` if you gave one (the same one gets this operation back)."""
 
     code = grpc.StatusCode.ABORTED
 

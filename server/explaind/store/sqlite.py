@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # transaction) and refuses a newer one before changing its records or files. 0: no version recorded
 # (every store before versioning, and a new file). The version goes up only for a change an
 # older release would misread or damage: a table it never reads, whose rows go with their
-# job when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
+# job or set when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
 # opens the data dir (job_requests and sample_set_requests, 2026-12-03).
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
