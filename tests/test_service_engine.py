@@ -3513,6 +3513,33 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     restarted.shutdown(5)
 
 
+def test_a_request_id_whose_job_a_restart_aborted_starts_it_again(tmp_path):
+    # The repeat got the ABORTED operation back, whose message says to submit it again: a
+    # pipeline with a fixed request_id could not, until retention deleted the operation.
+    from explaind.jobs import RequestKey
+
+    key, started = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint"), threading.Event()
+
+    def job(ctx):
+        started.set()
+        while True:  # until the shutdown cancels it
+            ctx.raise_if_cancelled()
+            time.sleep(0.01)
+
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    first = jobs.submit("evaluate", job, request=key).record.job_id
+    assert started.wait(10)
+    jobs.shutdown(0)
+    jobs.store.close()
+    restarted = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    aborted = restarted.get(first).record
+    assert (aborted.state, aborted.error_code) == ("failed", "ABORTED") and restarted.submitted(key) is None
+    again = restarted.submit("evaluate", lambda ctx: _empty(), request=key).record.job_id
+    assert again != first and restarted.submit("evaluate", job, request=key).record.job_id == again  # now the id's job
+    assert restarted.wait(again, 10).record.state == "succeeded" and restarted.get(first).record.state == "failed"
+    restarted.shutdown(5)
+
+
 def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
     """job_requests is added without a schema version (a rollback must still open the data
     dir): the table appears in a store the release before left, and a job deleted as that

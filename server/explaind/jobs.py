@@ -50,7 +50,7 @@ from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
-from .store import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
+from .store import ABORTED, CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,9 @@ class JobManager:
 
     def submitted(self, request: RequestKey | None) -> JobSnapshot | None:
         """The job a request with ``request``'s request_id created, as it is now; None if
-        none is kept (or ``request`` is None). InvalidArgument naming request_id when that
-        job was created by another request (another fingerprint)."""
+        none is kept, or the server's shutdown ended it (ABORTED: it runs again), or
+        ``request`` is None. InvalidArgument naming request_id when that job was created
+        by another request (another fingerprint)."""
         if request is None:
             return None
         with self._changed:
@@ -263,6 +264,8 @@ class JobManager:
                 previous = self.get(job_id)
             except NotFound:  # deleted (retention) since it was looked up: the request is new again
                 return None
+            if (previous.record.state, previous.record.error_code) == (FAILED, ABORTED):
+                return None  # the server's shutdown ended it, not the request: it runs again
             self.metrics.job_requests_repeated.labels(kind=previous.record.kind).inc()
             return previous
 
@@ -329,7 +332,7 @@ class JobManager:
             if live.record.cancel_requested:
                 self._finish(live, CANCELLED, error=("CANCELLED", "cancelled by request"))
             else:  # only shutdown() stops a job nobody cancelled
-                self._finish(live, FAILED, error=("ABORTED", "the server shut down while this job was running; submit it again"))
+                self._finish(live, FAILED, error=(ABORTED, "the server shut down while this job was running; submit it again"))
         except ExplaindError as error:
             self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error))
         except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
@@ -587,7 +590,7 @@ class JobManager:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             for live in self._unfinished():
                 if live.record.state == QUEUED:
-                    self._end_queued(live, FAILED, ("ABORTED", "the server shut down before this job started; submit it again"))
+                    self._end_queued(live, FAILED, (ABORTED, "the server shut down before this job started; submit it again"))
                 else:
                     live.cancel_event.set()
         self._executor.shutdown(wait=True, cancel_futures=False)

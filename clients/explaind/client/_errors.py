@@ -91,8 +91,8 @@ class InternalError(ExplaindError):
 
 
 class AbortedError(ExplaindError):
-    """An operation the server aborted (it restarted or shut down): submit it again, with
-    a new ``request_id`` if you gave one (the same one gets this operation back)."""
+    """An operation the server aborted (it restarted or shut down): submit it again (under
+    its ``request_id`` too: an aborted operation does not keep its id)."""
 
     code = grpc.StatusCode.ABORTED
 

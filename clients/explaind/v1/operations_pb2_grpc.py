@@ -33,8 +33,8 @@ class OperationsServiceStub:
 
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
     server shut down or restarted while the job was queued or running: nothing is wrong
-    with the request, submit it again (with a new request_id if it had one: the same one
-    gets this operation back). CANCELLED (1) follows a CancelOperation. Other
+    with the request, submit it again (under its request_id too: an aborted operation
+    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
@@ -96,8 +96,8 @@ class OperationsServiceServicer:
 
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
     server shut down or restarted while the job was queued or running: nothing is wrong
-    with the request, submit it again (with a new request_id if it had one: the same one
-    gets this operation back). CANCELLED (1) follows a CancelOperation. Other
+    with the request, submit it again (under its request_id too: an aborted operation
+    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
@@ -228,8 +228,8 @@ class OperationsService:
 
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
     server shut down or restarted while the job was queued or running: nothing is wrong
-    with the request, submit it again (with a new request_id if it had one: the same one
-    gets this operation back). CANCELLED (1) follows a CancelOperation. Other
+    with the request, submit it again (under its request_id too: an aborted operation
+    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a

@@ -2,6 +2,7 @@
 embedded default (SQLite WAL + a content-addressed artifact directory)."""
 
 from .base import (
+    ABORTED,
     CANCELLED,
     EDIT_JOB_ID,
     FAILED,
@@ -21,6 +22,7 @@ from .base import (
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "ABORTED",
     "CANCELLED",
     "EDIT_JOB_ID",
     "FAILED",

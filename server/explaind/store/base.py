@@ -19,6 +19,9 @@ from ..errors import FailedPrecondition, InvalidArgument
 # Job states, stored as text.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
+# The error code of a job the server's shutdown or restart failed: the job itself was
+# fine, so its request_id (AIP-155) starts it again.
+ABORTED = "ABORTED"
 # The key of a head version's details naming the job that stored it: the version stands
 # only if that job succeeds, so the job of a version not yet dropped must not be forgotten.
 EDIT_JOB_ID = "edit_job_id"
@@ -164,8 +167,9 @@ class Store(Protocol):
     def delete_unfinished_uploads(self, *, idle_since: float | None = None) -> list[str]: ...
 
     # Jobs. A job inserted with a ``request_id`` (AIP-155) is found by it, with the
-    # fingerprint of its request, until the job is deleted; an id given to another job
-    # raises AlreadyExists naming request_id.
+    # fingerprint of its request, until the job is deleted or another is inserted with it
+    # after it failed ABORTED; an id given to another job raises AlreadyExists naming
+    # request_id.
     def insert_job(self, job: JobRecord, *, request_id: str = "", request_fingerprint: str = "") -> None: ...
     # The job inserted with ``request_id``; None if none is kept. Another request's
     # ``fingerprint`` raises InvalidArgument naming request_id.

@@ -25,7 +25,7 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import (EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo,
+from .base import (ABORTED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo,
                    StoreOpenError, request_id_reused, require_sample_set_uid)
 
 _SCHEMA = """
@@ -644,9 +644,11 @@ class SQLiteStore:
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
             if request_id:
-                if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request_id,)).fetchone():
+                row = db.execute("SELECT jobs.id, state, error_code FROM job_requests JOIN jobs ON jobs.id = job_id WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+                if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
                     raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id")
-                db.execute("INSERT INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request_fingerprint))
+                db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request_fingerprint))
             self._index_artifacts(db, job)
 
     def job_of_request(self, request_id: str, fingerprint: str) -> str | None:
@@ -735,9 +737,9 @@ class SQLiteStore:
         placeholders = ", ".join("?" * len(FINISHED_STATES))
         with self._transaction() as db:
             return [(job_id, kind) for job_id, kind in db.execute(
-                f"""UPDATE jobs SET state = ?, error_code = 'ABORTED', error_message = ?, end_time = ?, message = 'failed'
+                f"""UPDATE jobs SET state = ?, error_code = ?, error_message = ?, end_time = ?, message = 'failed'
                     WHERE state NOT IN ({placeholders}) RETURNING id, kind""",
-                (FAILED, reason, time.time(), *FINISHED_STATES),
+                (FAILED, ABORTED, reason, time.time(), *FINISHED_STATES),
             ).fetchall()]
 
     # Feature cache -------------------------------------------------------------------
