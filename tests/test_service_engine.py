@@ -3594,12 +3594,23 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
     for _ in range(2):
         info = store.append_samples("up", [second], finish_upload=True, uid=uid, request_id=appended_id, request_fingerprint="a")
         assert (info.sample_count, info.uploading, info.class_counts) == (2, False, {0: 1, 1: 1})
-    for call in (lambda: store.create_sample_set("other", "", [first], request_id=created_id, request_fingerprint="another"),
-                 lambda: store.append_samples("up", [second], request_id=appended_id, request_fingerprint="another")):
-        with pytest.raises(InvalidArgument, match="was sent with another request, which was applied to sample set 'up'") as caught:
+    job_id = "123e4567-e89b-42d3-a456-426614174002"
+    store.insert_job(JobRecord("evaluating", "evaluate", "queued", 1.0), request_id=job_id, request_fingerprint="j")
+    # An id names one request whatever its RPC: an upload's and an operation's are one namespace.
+    for call, outcome in ((lambda: store.create_sample_set("other", "", [first], request_id=created_id, request_fingerprint="another"),
+                           "was applied to sample set 'up'"),
+                          (lambda: store.append_samples("up", [second], request_id=appended_id, request_fingerprint="another"),
+                           "was applied to sample set 'up'"),
+                          (lambda: store.insert_job(JobRecord("again", "evaluate", "queued", 2.0), request_id=created_id,
+                                                    request_fingerprint="j"), "was applied to sample set 'up'"),
+                          (lambda: store.append_samples("up", [second], request_id=job_id, request_fingerprint="a"),
+                           "created operations/evaluating")):
+        with pytest.raises(InvalidArgument, match=f"was sent with another request, which {outcome}") as caught:
             call()
         assert caught.value.field == "request_id"
     assert store.get_sample_set("up").sample_count == 2 and [s.sample_set_id for s in store.list_sample_sets()] == ["up"]
+    with pytest.raises(NotFound):  # the refused insert left no job behind
+        store.get_job("again")
     store.close()
     assert _user_version(tmp_path) == SCHEMA_VERSION == 1
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before deletes the set

@@ -563,6 +563,8 @@ class SQLiteStore:
     @staticmethod
     def _record_request(db: sqlite3.Connection, request_id: str, set_id: str, fingerprint: str) -> None:
         if request_id:
+            if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request_id,)).fetchone():
+                raise request_id_reused(request_id, f"created operations/{row[0]}")  # one id, one request, whatever its RPC
             db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request_id, set_id, fingerprint))
 
     @staticmethod
@@ -648,6 +650,8 @@ class SQLiteStore:
                                  (request_id,)).fetchone()
                 if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
                     raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id")
+                if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
+                    raise request_id_reused(request_id, f"was applied to sample set {row[0]!r}")
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request_fingerprint))
             self._index_artifacts(db, job)
 
