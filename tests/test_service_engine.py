@@ -38,7 +38,7 @@ from explaind.errors import DataLoss, FailedPrecondition, InvalidArgument, Model
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
-from explaind.store import ArtifactRef, JobRecord, SampleRecord, SQLiteStore, StoreOpenError
+from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
 from conftest import TINY_VIT_CLASSIFIER, torch_threads, write_config
 
@@ -3470,8 +3470,6 @@ def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(eng
 def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_restart(tmp_path):
     # A job-starting call was not safe to repeat: after a dropped connection a client could
     # not tell whether its job was created, and sending it again ran (an edit: stored) it twice.
-    from explaind.jobs import RequestKey
-
     jobs, gate, runs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event(), []
 
     def job(ctx):
@@ -3516,8 +3514,6 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
 def test_a_request_id_whose_job_a_restart_aborted_starts_it_again(tmp_path):
     # The repeat got the ABORTED operation back, whose message says to submit it again: a
     # pipeline with a fixed request_id could not, until retention deleted the operation.
-    from explaind.jobs import RequestKey
-
     key, started = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint"), threading.Event()
 
     def job(ctx):
@@ -3554,23 +3550,23 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
         db.execute("DROP TABLE job_requests")
     store = SQLiteStore(tmp_path)
-    assert store.get_job("old").state == "succeeded" and store.job_of_request(request_id, "f") is None
-    store.insert_job(JobRecord("new", "evaluate", "queued", 3.0), request_id=request_id, request_fingerprint="f")
+    assert store.get_job("old").state == "succeeded" and store.job_of_request(RequestKey(request_id, "f")) is None
+    store.insert_job(JobRecord("new", "evaluate", "queued", 3.0), request=RequestKey(request_id, "f"))
     with pytest.raises(AlreadyExists, match=f"request_id {request_id} was given to operations/new") as caught:
-        store.insert_job(JobRecord("twice", "evaluate", "queued", 4.0), request_id=request_id, request_fingerprint="f")
+        store.insert_job(JobRecord("twice", "evaluate", "queued", 4.0), request=RequestKey(request_id, "f"))
     assert caught.value.field == "request_id"
     with pytest.raises(NotFound):  # the refused insert left no job behind
         store.get_job("twice")
     store.close()
     assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
     store = SQLiteStore(tmp_path)
-    assert store.job_of_request(request_id, "f") == "new"
+    assert store.job_of_request(RequestKey(request_id, "f")) == "new"
     store.close()
     with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before deletes the job
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("DELETE FROM jobs WHERE id = 'new'")
     with closing(SQLiteStore(tmp_path)) as store:
-        assert store.job_of_request(request_id, "f") is None
+        assert store.job_of_request(RequestKey(request_id, "f")) is None
 
 
 def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and_goes_with_its_set(tmp_path):
@@ -3587,23 +3583,23 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
     with store.writing_blobs() as put:
         first, second = SampleRecord(put(b"first"), 0), SampleRecord(put(b"second"), 1)
     for _ in range(2):
-        info = store.create_sample_set("up", "", [first], uploading=True, request_id=created_id, request_fingerprint="c")
+        info = store.create_sample_set("up", "", [first], uploading=True, request=RequestKey(created_id, "c"))
         assert (info.sample_count, info.uploading) == (1, True)
-    assert store.sample_set_of_request(created_id, "c") == "up"
+    assert store.sample_set_of_request(RequestKey(created_id, "c")) == "up"
     uid = sample_set_uid("up", info.create_time)
     for _ in range(2):
-        info = store.append_samples("up", [second], finish_upload=True, uid=uid, request_id=appended_id, request_fingerprint="a")
+        info = store.append_samples("up", [second], finish_upload=True, uid=uid, request=RequestKey(appended_id, "a"))
         assert (info.sample_count, info.uploading, info.class_counts) == (2, False, {0: 1, 1: 1})
     job_id = "123e4567-e89b-42d3-a456-426614174002"
-    store.insert_job(JobRecord("evaluating", "evaluate", "queued", 1.0), request_id=job_id, request_fingerprint="j")
+    store.insert_job(JobRecord("evaluating", "evaluate", "queued", 1.0), request=RequestKey(job_id, "j"))
     # An id names one request whatever its RPC: an upload's and an operation's are one namespace.
-    for call, outcome in ((lambda: store.create_sample_set("other", "", [first], request_id=created_id, request_fingerprint="another"),
+    for call, outcome in ((lambda: store.create_sample_set("other", "", [first], request=RequestKey(created_id, "another")),
                            "was applied to sample set 'up'"),
-                          (lambda: store.append_samples("up", [second], request_id=appended_id, request_fingerprint="another"),
+                          (lambda: store.append_samples("up", [second], request=RequestKey(appended_id, "another")),
                            "was applied to sample set 'up'"),
-                          (lambda: store.insert_job(JobRecord("again", "evaluate", "queued", 2.0), request_id=created_id,
-                                                    request_fingerprint="j"), "was applied to sample set 'up'"),
-                          (lambda: store.append_samples("up", [second], request_id=job_id, request_fingerprint="a"),
+                          (lambda: store.insert_job(JobRecord("again", "evaluate", "queued", 2.0), request=RequestKey(created_id, "j")),
+                           "was applied to sample set 'up'"),
+                          (lambda: store.append_samples("up", [second], request=RequestKey(job_id, "a")),
                            "created operations/evaluating")):
         with pytest.raises(InvalidArgument, match=f"was sent with another request, which {outcome}") as caught:
             call()
@@ -3617,8 +3613,8 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("DELETE FROM sample_sets WHERE id = 'up'")
     with closing(SQLiteStore(tmp_path)) as store:
-        assert store.sample_set_of_request(created_id, "c") is None and store.sample_set_of_request(appended_id, "a") is None
+        assert store.sample_set_of_request(RequestKey(created_id, "c")) is None and store.sample_set_of_request(RequestKey(appended_id, "a")) is None
         # Forgotten with its set: the request is new again.
-        assert store.create_sample_set("up", "", [first], request_id=created_id, request_fingerprint="c").sample_count == 1
+        assert store.create_sample_set("up", "", [first], request=RequestKey(created_id, "c")).sample_count == 1
         store.delete_sample_set("up")
-        assert store.sample_set_of_request(created_id, "c") is None
+        assert store.sample_set_of_request(RequestKey(created_id, "c")) is None

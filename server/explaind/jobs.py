@@ -50,7 +50,7 @@ from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
-from .store import ABORTED, CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, Store
+from .store import ABORTED, CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, RequestKey, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ WATCH_PROGRESS_INTERVAL_S = 0.2
 RESULT_ARTIFACT = "result.binpb"
 RESULT_MEDIA_TYPE = "application/x-protobuf"
 JOB_ID = re.compile(r"[0-9a-f]{16}")  # what submit() makes; used with fullmatch ("$" would accept a final "\n")
-
-
-@dataclass(frozen=True)
-class RequestKey:
-    """What identifies a request to repeat (AIP-155): the client's ``request_id`` (a UUID)
-    and a ``fingerprint`` of the rest of the request, which a repeat must match."""
-
-    request_id: str
-    fingerprint: str
 
 
 class JobCancelled(Exception):
@@ -258,7 +249,7 @@ class JobManager:
         if request is None:
             return None
         with self._changed:
-            if (job_id := self.store.job_of_request(request.request_id, request.fingerprint)) is None:
+            if (job_id := self.store.job_of_request(request)) is None:
                 return None
             try:
                 previous = self.get(job_id)
@@ -289,10 +280,7 @@ class JobManager:
                 raise ResourceExhausted(f"job queue is full ({queued} queued, limit {self.max_queued}); retry later")
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message)
-            if request is None:
-                self.store.insert_job(record)
-            else:
-                self.store.insert_job(record, request_id=request.request_id, request_fingerprint=request.fingerprint)
+            self.store.insert_job(record, request=request)
             live = _LiveJob(record)
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()

@@ -26,9 +26,9 @@ import torch
 from ..config import Config
 from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
-from ..jobs import JobContext, JobManager, JobSnapshot, RequestKey
+from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
-from ..store import SampleRecord, SampleSetInfo, Store, require_sample_set_uid
+from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid
 from .backends import FeatureFn, build_feature_fn, check_device
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -106,11 +106,6 @@ class PredictOutput:
     labels: list[list[str]]
     features: np.ndarray | None
     model_version: str
-
-
-def _request_fields(request: RequestKey | None) -> dict[str, str]:
-    """A store's request_id and request_fingerprint arguments for ``request``."""
-    return {} if request is None else {"request_id": request.request_id, "request_fingerprint": request.fingerprint}
 
 
 @dataclass(frozen=True)
@@ -295,7 +290,7 @@ class Engine:
         applied to, as it is now; None if none is kept (or ``request`` is None). Asked
         before a request's images are decoded, so a repeat is answered as the first was,
         at once. InvalidArgument naming request_id when another request was applied under it."""
-        if request is None or (set_id := self.store.sample_set_of_request(request.request_id, request.fingerprint)) is None:
+        if request is None or (set_id := self.store.sample_set_of_request(request)) is None:
             return None
         try:
             info = self.store.get_sample_set(set_id)
@@ -318,7 +313,7 @@ class Engine:
             check_sample_set_id(sample_set_id)
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
-                                                **_request_fields(request))
+                                                request=request)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
                        caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None,
@@ -332,7 +327,7 @@ class Engine:
             raise InvalidArgument("no samples to append", field="samples")
         with self.store.writing_blobs() as put:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
-                                             uid=uid, **_request_fields(request))
+                                             uid=uid, request=request)
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id", uid: str | None = None) -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded

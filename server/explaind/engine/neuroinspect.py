@@ -33,7 +33,7 @@ from explaind.v1 import neuroinspect_pb2
 from ..config import MAX_LOSS_WEIGHT
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..imaging import encode_png, image_grid, to_uint8_hwc
-from ..jobs import JobContext, JobSnapshot, RequestKey
+from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
 from ..methods.neuroinspect import (
     EDIT_METHODS,
@@ -46,7 +46,7 @@ from ..methods.neuroinspect import (
     MistakeNeuronRanker,
     TrainingDiverged,
 )
-from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord
+from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord, RequestKey
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from .models import ClassifierVersion, model_version
 

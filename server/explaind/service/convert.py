@@ -17,9 +17,9 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 from ..engine import NewSample
 from ..errors import InvalidArgument
 from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
-from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot, RequestKey
+from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
-from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, SampleSetInfo
+from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, RequestKey, SampleSetInfo
 
 _DTYPE_NAMES = {
     common_pb2.DATA_TYPE_UINT8: "uint8",

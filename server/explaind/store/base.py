@@ -71,6 +71,15 @@ def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | No
                                  "created again since, by another client say", field=field)
 
 
+@dataclass(frozen=True)
+class RequestKey:
+    """What identifies a request to repeat (AIP-155): the client's ``request_id`` (a UUID)
+    and a ``fingerprint`` of the rest of the request, which a repeat must match."""
+
+    request_id: str
+    fingerprint: str
+
+
 def request_id_reused(request_id: str, outcome: str) -> InvalidArgument:
     """The error for a request_id (AIP-155) sent with another request than the one it
     named, whose ``outcome`` it says (e.g. "created operations/<id>")."""
@@ -144,14 +153,14 @@ class Store(Protocol):
     # and returns the set as it is now; with another fingerprint, InvalidArgument naming
     # request_id (checked in the transaction that applies it, so racing repeats apply once).
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo: ...
+                          request: RequestKey | None = None) -> SampleSetInfo: ...
     # With ``uid``, only to the set of that uid: another (deleted and created again since,
     # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None, request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo: ...
+                       uid: str | None = None, request: RequestKey | None = None) -> SampleSetInfo: ...
     # The set a request of ``request_id`` was applied to; None if none is kept. Another
     # request's ``fingerprint`` raises InvalidArgument naming request_id.
-    def sample_set_of_request(self, request_id: str, fingerprint: str) -> str | None: ...
+    def sample_set_of_request(self, request: RequestKey) -> str | None: ...
     def get_sample_set(self, sample_set_id: str) -> SampleSetInfo: ...
     # Oldest first; ``after`` (create_time, sample_set_id) resumes after that set, so sets
     # created or deleted while a client pages do not shift the pages.
@@ -170,10 +179,10 @@ class Store(Protocol):
     # fingerprint of its request, until the job is deleted or another is inserted with it
     # after it failed ABORTED; an id given to another job raises AlreadyExists naming
     # request_id.
-    def insert_job(self, job: JobRecord, *, request_id: str = "", request_fingerprint: str = "") -> None: ...
+    def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None: ...
     # The job inserted with ``request_id``; None if none is kept. Another request's
     # ``fingerprint`` raises InvalidArgument naming request_id.
-    def job_of_request(self, request_id: str, fingerprint: str) -> str | None: ...
+    def job_of_request(self, request: RequestKey) -> str | None: ...
     def update_job(self, job: JobRecord) -> None: ...
     def get_job(self, job_id: str) -> JobRecord: ...
     # Newest first; ``after`` (create_time, job_id) resumes after that job, so jobs created

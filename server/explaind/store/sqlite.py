@@ -25,7 +25,7 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import (ABORTED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, SampleRecord, SampleSetInfo,
+from .base import (ABORTED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, RequestKey, SampleRecord, SampleSetInfo,
                    StoreOpenError, request_id_reused, require_sample_set_uid)
 
 _SCHEMA = """
@@ -505,10 +505,10 @@ class SQLiteStore:
     # Sample sets ---------------------------------------------------------------------
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo:
+                          request: RequestKey | None = None) -> SampleSetInfo:
         now = time.time()
         with self._transaction() as db:
-            if (repeated := self._repeated_request(db, request_id, request_fingerprint)) is not None:
+            if (repeated := self._repeated_request(db, request)) is not None:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
@@ -516,16 +516,16 @@ class SQLiteStore:
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
             self._insert_samples(db, sample_set_id, 0, samples)
-            self._record_request(db, request_id, sample_set_id, request_fingerprint)
+            self._record_request(db, request, sample_set_id)
         return self.get_sample_set(sample_set_id)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None, request_id: str = "", request_fingerprint: str = "") -> SampleSetInfo:
+                       uid: str | None = None, request: RequestKey | None = None) -> SampleSetInfo:
         with self._transaction() as db:
-            if (repeated := self._repeated_request(db, request_id, request_fingerprint)) is not None:
+            if (repeated := self._repeated_request(db, request)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
             self._require_set(db, sample_set_id, uid)
-            self._record_request(db, request_id, sample_set_id, request_fingerprint)
+            self._record_request(db, request, sample_set_id)
             (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
@@ -542,30 +542,30 @@ class SQLiteStore:
                 self._delete_set(db, set_id)
         return abandoned
 
-    def sample_set_of_request(self, request_id: str, fingerprint: str) -> str | None:
+    def sample_set_of_request(self, request: RequestKey) -> str | None:
         with self._lock:
-            return self._repeated_request(self._db, request_id, fingerprint)
+            return self._repeated_request(self._db, request)
 
     @staticmethod
-    def _repeated_request(db: sqlite3.Connection, request_id: str, fingerprint: str) -> str | None:
-        """The set a request of ``request_id`` was applied to, if one was (None for ""):
+    def _repeated_request(db: sqlite3.Connection, request: RequestKey | None) -> str | None:
+        """The set a request of ``request``'s id was applied to, if one was (None for None):
         checked in the transaction that applies a request, so repeats racing each other
         apply it once. InvalidArgument naming request_id for another request's id."""
-        if not request_id:
+        if request is None:
             return None
-        row = db.execute("SELECT set_id, fingerprint FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone()
+        row = db.execute("SELECT set_id, fingerprint FROM sample_set_requests WHERE request_id = ?", (request.request_id,)).fetchone()
         if row is None:
             return None
-        if row[1] != fingerprint:
-            raise request_id_reused(request_id, f"was applied to sample set {row[0]!r}")
+        if row[1] != request.fingerprint:
+            raise request_id_reused(request.request_id, f"was applied to sample set {row[0]!r}")
         return row[0]
 
     @staticmethod
-    def _record_request(db: sqlite3.Connection, request_id: str, set_id: str, fingerprint: str) -> None:
-        if request_id:
-            if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request_id,)).fetchone():
-                raise request_id_reused(request_id, f"created operations/{row[0]}")  # one id, one request, whatever its RPC
-            db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request_id, set_id, fingerprint))
+    def _record_request(db: sqlite3.Connection, request: RequestKey | None, set_id: str) -> None:
+        if request is not None:
+            if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone():
+                raise request_id_reused(request.request_id, f"created operations/{row[0]}")  # one id, one request, whatever its RPC
+            db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request.request_id, set_id, request.fingerprint))
 
     @staticmethod
     def _insert_samples(db: sqlite3.Connection, set_id: str, start: int, samples: Sequence[SampleRecord]) -> None:
@@ -642,24 +642,25 @@ class SQLiteStore:
         values["artifacts"] = tuple(ArtifactRef(**a) for a in json.loads(values["artifacts"]))
         return JobRecord(**values)
 
-    def insert_job(self, job: JobRecord, *, request_id: str = "", request_fingerprint: str = "") -> None:
+    def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None:
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
-            if request_id:
+            if request is not None:
+                request_id = request.request_id
                 row = db.execute("SELECT jobs.id, state, error_code FROM job_requests JOIN jobs ON jobs.id = job_id WHERE request_id = ?",
                                  (request_id,)).fetchone()
                 if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
                     raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id")
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
                     raise request_id_reused(request_id, f"was applied to sample set {row[0]!r}")
-                db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request_fingerprint))
+                db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
             self._index_artifacts(db, job)
 
-    def job_of_request(self, request_id: str, fingerprint: str) -> str | None:
+    def job_of_request(self, request: RequestKey) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request_id,)).fetchone()
-        if row is not None and row[1] != fingerprint:
-            raise request_id_reused(request_id, f"created operations/{row[0]}")
+            row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone()
+        if row is not None and row[1] != request.fingerprint:
+            raise request_id_reused(request.request_id, f"created operations/{row[0]}")
         return None if row is None else row[0]
 
     def update_job(self, job: JobRecord) -> None:
