@@ -881,6 +881,7 @@ def test_info_prints_the_served_models_and_json_with_every_class(server, capsys)
     assert f"{len(meta.class_names)} classes: {', '.join(meta.class_names)}\n" in text  # few enough to name them all
     classifier = meta.components["classifier"]
     assert f"classifier  loaded: {classifier.detail}, from {classifier.source}\n" in text
+    assert info["capabilities"] == list(meta.capabilities) and f"honours     {', '.join(meta.capabilities)}\n" in text
 
 
 def test_info_names_the_first_classes_of_a_large_classifier():

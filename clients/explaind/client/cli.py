@@ -409,6 +409,8 @@ def _print_metadata(meta: ModelMetadata) -> None:
     if limits.max_message_bytes:
         print(f"limits      {limits.max_message_bytes / 2**20:g} MiB per message, {limits.max_pixels_per_request / 2**20:g} Mi decoded pixels "
               f"per request, {limits.max_images_per_request} images (or samples) per request, sides up to {limits.max_image_side} px")
+    if meta.capabilities:  # what makes retries safe (README: the SDK's retries); an older server lists none
+        print(f"honours     {', '.join(meta.capabilities)}")
 
 
 def _served_class_names(client: Client) -> list[str]:
