@@ -119,6 +119,56 @@ def test_sigkill_during_a_job_marks_it_failed_after_restart_and_keeps_sample_set
         assert restarted.evaluate_sample_set("survivor", batch_size=256).result(timeout=120).sample_count == 1200
 
 
+def test_a_pipeline_with_its_own_request_ids_run_again_after_crashes_stores_each_image_once_and_runs_an_aborted_job_again(server, monkeypatch):
+    # A monitoring pipeline names its upload and its evaluation (AIP-155). The server is
+    # SIGKILLed mid-upload, then while the evaluation runs; each time the pipeline is run
+    # again from the top with the same ids.
+    images, labels = _distinct_images(600, 21), [i % 6 for i in range(600)]
+    upload_id, evaluate_id = uuid.uuid4(), uuid.uuid4()
+
+    def pipeline(client: Client) -> tuple[Any, Any]:
+        created = client.create_sample_set(images, labels, sample_set_id="monitored", request_id=upload_id, chunk_size=150)
+        return created, client.evaluate_sample_set("monitored", batch_size=2, request_id=evaluate_id)
+
+    with Client(server.target, timeout=60) as crashing:
+        original, sent = crashing._call, []
+
+        def crash_after_two_appends(service: str, method: str, request: Any, **kwargs: Any) -> Any:
+            answer = original(service, method, request, **kwargs)
+            sent.append(method)
+            if sent.count("AppendSamples") == 2:  # applied, then the server and the pipeline die
+                server.kill()
+                raise SystemExit("the pipeline died with its server")
+            return answer
+
+        monkeypatch.setattr(crashing, "_call", crash_after_two_appends)
+        with pytest.raises(SystemExit):
+            pipeline(crashing)
+    server.start()
+    with Client(server.target, timeout=60) as client:
+        # The restart deleted the set left uploading, and its requests' ids with it: the
+        # same ids create it afresh.
+        with pytest.raises(NotFoundError):
+            client.sample_set("monitored")
+        created, first = pipeline(client)
+        assert created.sample_count == 600 and not created.uploading
+        for update in first.watch(timeout=120):
+            if update.state == "running" and update.progress.step > 0:
+                break
+    server.kill()
+    server.start()
+    with Client(server.target, timeout=60) as client:
+        assert client.operation(first.name).error.code.name == "ABORTED"
+        again, second = pipeline(client)  # the aborted evaluation runs again, a new operation
+        assert (again.uid, again.sample_count) == (created.uid, 600) and second.name != first.name
+        assert second.result(timeout=120).sample_count == 600
+        third_set, third = pipeline(client)  # and a further run gets it
+        assert (third_set.uid, third.name) == (created.uid, second.name)
+        stored = [np.asarray(sample.image) for sample in client.samples("monitored")]
+        assert len(stored) == 600 and all(np.array_equal(a, b) for a, b in zip(stored, images))
+        assert [s.sample_set_id for s in client.sample_sets()].count("monitored") == 1
+
+
 def test_a_watch_the_restart_of_its_server_drops_ends_with_the_jobs_abort(server):
     # The dropped stream raised UNAVAILABLE; the job's own end (ABORTED: submit it again)
     # is what the caller needs, and the restarted server has it.
