@@ -1041,7 +1041,8 @@ def test_an_upload_never_adds_to_a_set_made_under_its_id_by_another_client(serve
         theirs = client.sample_set("x")
         assert (theirs.display_name, theirs.sample_count, theirs.uploading) == ("the other client's", 3, False)
         assert refused.value.field == "sample_set_uid" and "it was deleted and created again since" in str(refused.value)
-        assert refused.value.__notes__ == ["the partly uploaded sample set 'x' was deleted meanwhile, not by this upload"]
+        assert refused.value.__notes__ == ["the partly uploaded sample set 'x' was deleted meanwhile, not by this upload "
+                                           "(by another client, or by a server restart, which deletes sets left uploading)"]
         # Through the API: a set's uid tells it from an earlier one of its id, and a request that names one acts on it only.
         with grpc.insecure_channel(server.target) as channel:
             sets = sample_sets_pb2_grpc.SampleSetServiceStub(channel)

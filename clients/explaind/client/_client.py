@@ -540,7 +540,8 @@ class Client:
             try:
                 self.delete_sample_set(created.sample_set_id, uid=created.uid)
             except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
-                error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, not by this upload")
+                error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, not by this upload "
+                               "(by another client, or by a server restart, which deletes sets left uploading)")
             except ExplaindError:
                 error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
             else:
