@@ -499,13 +499,12 @@ class Client:
         from it (None: new ones). ``progress=True`` shows samples sent as a tqdm bar, or
         plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
-        request_ids = _upload_request_ids(request_id)  # checked before any image is read
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
-            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_ids, request_id)
+            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_id)
 
     def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
-                           chunk_size: int, display: ProgressDisplay | None, request_ids: Iterator[str],
-                           upload_id: str | uuid.UUID | None) -> SampleSet:
+                           chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None) -> SampleSet:
+        request_ids = _upload_request_ids(upload_id)  # checked before any image is read
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
         first, last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
