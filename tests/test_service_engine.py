@@ -3123,6 +3123,24 @@ def test_deleting_the_active_head_version_makes_its_parent_active(tmp_path):
     assert store.active_head_version("f") == "v0"
 
 
+def test_deleted_head_versions_keep_one_row_not_one_per_deletion(tmp_path):
+    # A pipeline that edits, compares and deletes the version kept a row per deletion for
+    # ever (400 after 400 edits), read whole at every edit; the highest deleted id is all
+    # that keeps ids from being given out again.
+    from explaind.store import HeadVersionRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        weights = put(b"weights")
+        for number in range(12):
+            store.insert_head_version(HeadVersionRecord("f", f"v{number}", f"h{number}", weights, "", float(number)))
+    store.insert_head_version(HeadVersionRecord("g", "v5", "h", weights, "", 0.0))
+    for number in (10, 2, 11, 9, 3):  # v10 before v2 and v9: ordered by number, not as text
+        store.delete_head_version("f", f"v{number}")
+    store.delete_head_version("g", "v5")
+    assert store.deleted_head_versions("f") == ["v11"] and store.deleted_head_versions("g") == ["v5"]
+
+
 def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_path, monkeypatch):
     # A running job that ended and was deleted while the page was read failed the whole page.
     from explaind.store import JobRecord

@@ -824,7 +824,12 @@ class SQLiteStore:
             db.execute("INSERT OR REPLACE INTO blob_candidates SELECT weights_digest, ? FROM head_versions WHERE feature_version = ? AND version_id = ?",
                        (time.time(), feature_version, version_id))
             db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
+            # Only the highest deleted id is needed (ids are given out above every id ever
+            # used): one row per deletion grew the table for as long as edits were deleted.
             db.execute("INSERT OR IGNORE INTO deleted_head_versions VALUES (?, ?)", (feature_version, version_id))
+            db.execute("DELETE FROM deleted_head_versions WHERE feature_version = ? AND version_id != (SELECT version_id FROM "
+                       "deleted_head_versions WHERE feature_version = ? ORDER BY CAST(substr(version_id, 2) AS INTEGER) DESC LIMIT 1)",
+                       (feature_version, feature_version))
             db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
             # Its children now descend from its parent; their comparison was with it, not
             # with that parent, so it goes with it.
