@@ -39,3 +39,10 @@ def test_the_store_sweep_bench_counts_every_hold_of_the_lock():
     # --jobs 0 ended in a ZeroDivisionError after filling the store.
     refused = _run(str(BENCH / "store_sweep.py"), "--jobs", "0")
     assert refused.returncode == 2 and "argument --jobs: expected an integer >= 1, got '0'" in refused.stderr
+
+
+def test_the_soak_bench_measures_a_served_server_and_prints_its_growth():
+    run = _run(str(BENCH / "soak.py"), "--cycles", "2", "--every", "1")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^\s+2\s+\d+(\s+[0-9.]+){6}$", run.stdout, re.M), run.stdout
+    assert re.search(r"^growth per 100 cycles, cycles 1-2: rss_mib [-+][0-9.]+  fds [-+][0-9.]+  threads [-+][0-9.]+", run.stdout, re.M), run.stdout
