@@ -1072,6 +1072,7 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
         self.calls: list[tuple[str, str]] = []  # (method, request_id)
         self.labels: dict[str, list[int]] = {}
         self.applied: set[str] = set()
+        self.uploading: set[str] = set()
 
     def GetModelMetadata(self, request, context):
         return inference_pb2.GetModelMetadataResponse(capabilities=self.capabilities)
@@ -1083,7 +1084,8 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
         from explaind.v1 import sample_sets_pb2
 
         labels = self.labels[set_id]
-        return sample_sets_pb2.SampleSet(sample_set_id=set_id, sample_count=len(labels), uid="0" * 8 + "-0000-4000-8000-" + "0" * 12)
+        return sample_sets_pb2.SampleSet(sample_set_id=set_id, sample_count=len(labels), uid="0" * 8 + "-0000-4000-8000-" + "0" * 12,
+                                         uploading=set_id in self.uploading)
 
     def _repeat(self, request) -> bool:
         if "sample_set_request_id" not in self.capabilities:
@@ -1100,6 +1102,8 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
             if request.sample_set_id in self.labels:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"sample set {request.sample_set_id!r} already exists")
             self.labels[request.sample_set_id] = [s.label for s in request.samples]
+            if request.upload_continues:
+                self.uploading.add(request.sample_set_id)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=self._answer("CreateSampleSet", request.sample_set_id, context))
 
     def AppendSamples(self, request, context):
@@ -1108,12 +1112,15 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
         self.calls.append(("AppendSamples", request.request_id))
         if not self._repeat(request):
             self.labels[request.sample_set_id] += [s.label for s in request.samples]
+            if request.finish_upload:
+                self.uploading.discard(request.sample_set_id)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=self._answer("AppendSamples", request.sample_set_id, context))
 
     def DeleteSampleSet(self, request, context):
         from explaind.v1 import sample_sets_pb2
 
         self.labels.pop(request.sample_set_id, None)
+        self.uploading.discard(request.sample_set_id)
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
@@ -1199,6 +1206,27 @@ def test_an_upload_run_again_with_its_request_id_stores_each_image_once(client):
     assert pixels == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
 
 
+def test_a_failed_run_of_an_upload_with_its_request_id_leaves_its_set_to_other_runs_only_where_they_share_it():
+    # A server honouring the upload's request ids gives its runs one set, which a failed run
+    # keeps for the others; an older one gives each run its own, deleted as before.
+    import uuid
+
+    def bad_image_at_5():
+        yield from np.zeros((5, 4, 4, 3), np.uint8)
+        raise OSError("cannot read image 5")
+
+    for capabilities, kept in ((("request_id", "sample_set_request_id"), True), (("request_id",), False)):
+        servicer = _UploadServer(capabilities, set())
+        server, target = _serve_uploads(servicer)
+        try:
+            with Client(target, timeout=30) as client, pytest.raises(OSError, match="cannot read image 5") as caught:
+                client.create_sample_set(bad_image_at_5(), [0] * 8, sample_set_id="up", chunk_size=2, request_id=uuid.uuid4())
+        finally:
+            server.stop(0)
+        assert ("up" in servicer.labels) == kept and servicer.uploading == ({"up"} if kept else set())
+        assert ("'up' was kept, not deleted" in caught.value.__notes__[-1]) == kept
+
+
 def test_an_upload_run_again_with_its_request_id_that_fails_keeps_the_set_an_earlier_run_finished(client):
     # The re-run's create got the finished set of the first run; a later request that
     # failed (other images under the same request_id, or a Ctrl-C) then deleted that set
@@ -1227,6 +1255,68 @@ def test_an_upload_run_again_with_its_request_id_that_fails_keeps_the_set_an_ear
     kept = client.sample_set("finished-before")
     assert (kept.uid, kept.sample_count, kept.uploading) == (first.uid, 5, False)
     client.delete_sample_set("finished-before")
+
+
+def test_two_runs_of_one_upload_at_once_fill_one_set_and_the_failure_of_one_leaves_it_to_the_other(client):
+    # A pipeline retried by its scheduler while its first attempt still ran: both runs
+    # share the set (same request_id), and the one that failed (a Ctrl-C, a bad image)
+    # deleted it as its own partial upload, under the other, which then failed NOT_FOUND
+    # or returned the id of a set no longer there.
+    import threading
+    import uuid
+
+    images = [np.full((8, 8, 3), value, np.uint8) for value in range(8)]  # chunk_size 2: 4 requests
+
+    def run(upload, set_id, at_image_6=None):
+        def images_read():
+            for index, image in enumerate(images):
+                if index == 6 and at_image_6:  # this run's CreateSampleSet has been answered
+                    at_image_6()
+                yield image
+
+        return client.create_sample_set(images_read(), ["heart"] * 8, sample_set_id=set_id, chunk_size=2, request_id=upload)
+
+    def check(finished, set_id):
+        kept = client.sample_set(set_id)
+        assert (kept.uid, kept.sample_count, kept.uploading) == (finished.uid, 8, False)
+        assert [sample.image.getpixel((0, 0))[0] for sample in client.samples(set_id)] == list(range(8))  # each image once
+        client.delete_sample_set(set_id)
+
+    # The other run finished the set before this one failed.
+    upload, other = uuid.uuid4(), {}
+
+    def finish_other_then_fail():
+        other["set"] = run(upload, "raced-finished")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run(upload, "raced-finished", finish_other_then_fail)
+    assert "'raced-finished' was kept" in "\n".join(caught.value.__notes__)
+    check(other["set"], "raced-finished")
+
+    # The other run was still filling the set when this one failed.
+    upload, other, waiting, failed = uuid.uuid4(), {}, threading.Event(), threading.Event()
+
+    def other_run():
+        try:
+            other["set"] = run(upload, "raced-filling", lambda: (waiting.set(), failed.wait(30)))
+        except BaseException as error:  # noqa: BLE001 - checked below
+            other["error"] = error
+            waiting.set()
+
+    def start_other_then_fail():
+        thread.start()
+        assert waiting.wait(30)
+        raise OSError("cannot read image 6")
+
+    thread = threading.Thread(target=other_run)
+    with pytest.raises(OSError, match="cannot read image 6") as caught:
+        run(upload, "raced-filling", start_other_then_fail)
+    failed.set()
+    thread.join(60)
+    assert "error" not in other, other.get("error")
+    assert "'raced-filling' was kept" in "\n".join(caught.value.__notes__)
+    check(other["set"], "raced-filling")
 
 
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():

@@ -324,14 +324,15 @@ class Client:
                                    and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0):
                 raise error from None
 
-    def _honours_request_id(self, until: float, capability: str) -> bool:
+    def _honours_request_id(self, until: float, capability: str, *, once: bool = False) -> bool:
         """Whether the server honours a method's request_id (it lists ``capability``), asked
         by the time ``until`` (``time.monotonic()``): just before a call that may have taken
         effect is sent again, so that the server to get the repeat is the one asked. False
-        when it cannot say."""
+        when it cannot say. ``once``: one attempt, not retried (a failed upload's cleanup
+        asks a server that may be gone)."""
         try:
             response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(),
-                                  timeout=max(until - time.monotonic(), 1e-3))
+                                  timeout=max(until - time.monotonic(), 1e-3), retry_until=time.monotonic() if once else None)
         except ExplaindError:
             return False
         return capability in response.capabilities
@@ -489,14 +490,18 @@ class Client:
         server's decoded-pixel limit (asked once with ``model_metadata``). All or nothing:
         until its last request the set is marked uploading, which jobs refuse and a server
         restart deletes; if a later request fails (or is interrupted), the partly uploaded
-        set is deleted before the error is raised. Each request carries its own request_id,
+        set is deleted before the error is raised (but see ``request_id``). Each request carries its own request_id,
         so on a server that lists ``"sample_set_request_id"`` in
         ``model_metadata().capabilities`` one whose answer a dropped connection lost is sent
         again (the server applies it once); an older server's upload fails instead.
         ``request_id`` (a UUID) names the upload, so that the same upload run again (by a
         pipeline that restarted, with the same images, ``chunk_size`` and server) gets
         the set the first created, and appends nothing twice: its requests' ids are drawn
-        from it (None: new ones). ``progress=True`` shows samples sent as a tqdm bar, or
+        from it (None: new ones). Runs of it at once (a pipeline retried while it still
+        ran) share one set, each image stored once, and all return it; so there a run that
+        fails leaves the set, uploading, to the others (or to a run again, which continues
+        it) instead of deleting it: unfinished, the server deletes it at its next start or
+        after ``[server].upload_idle_timeout_s`` without a request. ``progress=True`` shows samples sent as a tqdm bar, or
         plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
@@ -535,6 +540,17 @@ class Client:
             if finished_before:
                 error.add_note(f"sample set {created.sample_set_id!r} was kept as an earlier run of this upload (its request_id) "
                                f"finished it, with {created.sample_count} samples")
+                raise
+            # Runs of one upload (the caller's request_id) share its set: another (a pipeline
+            # retried while this run went on) may be filling it, or have finished it since this
+            # run's last answer. Deleting it would pull it from under that run, so it is left
+            # to that run, or to one run again, which continues it. An older server, which
+            # ignores request_id, gives each run its own set: that one is deleted, as before.
+            if upload_id is not None and self._honours_request_id(time.monotonic() + self.timeout, "sample_set_request_id", once=True):
+                error.add_note(f"sample set {created.sample_set_id!r} was kept, not deleted: a run of this upload under the same "
+                               f"request_id {_request_id(upload_id)} (another running now, or this one run again) continues it; "
+                               "left unfinished, it stays uploading until the server deletes it (at its next start or after "
+                               "[server].upload_idle_timeout_s without a request), or delete the set")
                 raise
             try:
                 self.delete_sample_set(created.sample_set_id, uid=created.uid)
