@@ -3587,6 +3587,32 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
         assert store.job_of_request(RequestKey(request_id, "f")) is None
 
 
+def test_upload_requests_answered_as_repeats_are_counted_by_method_from_zero(engine):
+    # Operations' repeats were counted (explaind_job_requests_repeated_total), an upload's
+    # not: resends after dropped answers, and uploads run again, went unseen.
+    def repeats(method: str) -> float | None:
+        return engine.metrics.registry.get_sample_value("explaind_sample_set_requests_repeated_total", {"method": method})
+
+    assert (repeats("CreateSampleSet"), repeats("AppendSamples")) == (0, 0)  # exported before the first
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    created, appended = RequestKey("123e4567-e89b-42d3-a456-426614174000", "c"), RequestKey("123e4567-e89b-42d3-a456-426614174001", "a")
+    assert engine.repeated_sample_set_request(created, "CreateSampleSet") is None  # new: not counted
+    info = engine.create_sample_set("counted", "", [NewSample.from_array(pixels, 0)], uploading=True, request=created)
+    assert engine.append_samples("counted", [NewSample.from_array(pixels, 1)], finish_upload=True, request=appended).sample_count == 2
+    assert (repeats("CreateSampleSet"), repeats("AppendSamples")) == (0, 0)
+    # Found before the images are decoded (the service asks first)...
+    assert engine.repeated_sample_set_request(created, "CreateSampleSet").uid == info.uid
+    assert engine.repeated_sample_set_request(appended, "AppendSamples").sample_count == 2
+    # ...or, racing the first (both asked before either was applied), in the store's transaction.
+    assert engine.create_sample_set("counted", "", [NewSample.from_array(pixels, 0)], uploading=True, request=created).uid == info.uid
+    for _ in range(2):
+        engine.append_samples("counted", [NewSample.from_array(pixels, 1)], finish_upload=True, request=appended)
+    assert (repeats("CreateSampleSet"), repeats("AppendSamples")) == (2, 3)
+    with pytest.raises(InvalidArgument):  # another request under the id: refused, not a repeat
+        engine.append_samples("counted", [NewSample.from_array(pixels, 2)], request=RequestKey(appended.request_id, "other"))
+    assert (repeats("CreateSampleSet"), repeats("AppendSamples")) == (2, 3) and engine.store.get_sample_set("counted").sample_count == 2
+
+
 def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and_goes_with_its_set(tmp_path):
     """CreateSampleSet and AppendSamples repeated with their request_id (a resend after a
     dropped answer) get the set as it is, without a second set, ALREADY_EXISTS or doubled

@@ -42,6 +42,8 @@ QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300,
 # A job's stage: from a millisecond (storing its start) to most of a day-long job.
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The RPCs of an upload, the values of sample_set_requests_repeated's ``method``.
+UPLOAD_METHODS = ("CreateSampleSet", "AppendSamples")
 
 
 class Metrics:
@@ -93,6 +95,16 @@ class Metrics:
             "explaind_job_requests_repeated_total", "Job-starting requests answered with the operation of an earlier one of their request_id.",
             ("kind",), registry=r,
         )
+        # The same for an upload's requests (CreateSampleSet, AppendSamples) answered with the
+        # set an earlier one of their request_id was applied to, appending nothing: resends
+        # after dropped answers, and an upload run again (or two runs of it at once) under
+        # the caller's request_id. Both methods from start-up, at zero.
+        self.sample_set_requests_repeated = Counter(
+            "explaind_sample_set_requests_repeated_total",
+            "Upload requests answered with the set an earlier one of their request_id was applied to.", ("method",), registry=r,
+        )
+        for method in UPLOAD_METHODS:
+            self.sample_set_requests_repeated.labels(method=method)
         self.jobs_queued = Gauge("explaind_jobs_queued", "Jobs waiting for an executor slot.", registry=r)
         self.jobs_running = Gauge("explaind_jobs_running", "Jobs running.", ("kind",), registry=r)
         self.batch_size = Histogram("explaind_batch_size_images", "Images per forward pass of Predict's batcher (jobs' forwards are not counted).", buckets=BATCH_BUCKETS, registry=r)

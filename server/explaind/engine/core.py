@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -285,19 +286,26 @@ class Engine:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def repeated_sample_set_request(self, request: RequestKey | None) -> SampleSetInfo | None:
-        """The set a CreateSampleSet or AppendSamples with ``request``'s request_id was
-        applied to, as it is now; None if none is kept (or ``request`` is None). Asked
-        before a request's images are decoded, so a repeat is answered as the first was,
-        at once. InvalidArgument naming request_id when another request was applied under it."""
+    def repeated_sample_set_request(self, request: RequestKey | None, method: str) -> SampleSetInfo | None:
+        """The set a CreateSampleSet or AppendSamples (``method``) with ``request``'s
+        request_id was applied to, as it is now; None if none is kept (or ``request`` is
+        None). Asked before a request's images are decoded, so a repeat is answered as the
+        first was, at once. InvalidArgument naming request_id when another request was
+        applied under it."""
         if request is None or (set_id := self.store.sample_set_of_request(request)) is None:
             return None
         try:
             info = self.store.get_sample_set(set_id)
         except NotFound:  # deleted since it was looked up: the request is new again
             return None
-        log.info("sample set %r: request %s sent again, not applied again", set_id, request.request_id)
+        self._sample_set_request_repeated(method, set_id, request)
         return info
+
+    def _sample_set_request_repeated(self, method: str, set_id: str, request: RequestKey) -> None:
+        """Counts and logs an upload request answered as a repeat: found before its images
+        were decoded, or, racing the first (two runs of one upload), in the store's transaction."""
+        self.metrics.sample_set_requests_repeated.labels(method=method).inc()
+        log.info("sample set %r: request %s sent again, not applied again", set_id, request.request_id)
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False,
                           caller_waits: Callable[[], bool] = lambda: True, request: RequestKey | None = None) -> SampleSetInfo:
@@ -313,7 +321,7 @@ class Engine:
             check_sample_set_id(sample_set_id)
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
-                                                request=request)
+                                                request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"))
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
                        caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None,
@@ -327,7 +335,7 @@ class Engine:
             raise InvalidArgument("no samples to append", field="samples")
         with self.store.writing_blobs() as put:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
-                                             uid=uid, request=request)
+                                             uid=uid, request=request, on_repeat=partial(self._sample_set_request_repeated, "AppendSamples"))
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id", uid: str | None = None) -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded

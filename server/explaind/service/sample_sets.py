@@ -53,7 +53,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
             raise InvalidArgument("a sample set needs at least one sample", field="samples")
         # A repeat (request_id) is answered before its images are decoded.
         key = convert.request_key(request, apart="samples")
-        if (info := self._engine.repeated_sample_set_request(key)) is None:
+        if (info := self._engine.repeated_sample_set_request(key, "CreateSampleSet")) is None:
             info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
                                                   uploading=request.upload_continues, caller_waits=context.is_active, request=key)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
@@ -61,7 +61,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
         set_id, uid = required_set_id(request), optional_uid(request)
         key = convert.request_key(request, apart="samples")
-        if (info := self._engine.repeated_sample_set_request(key)) is None:
+        if (info := self._engine.repeated_sample_set_request(key, "AppendSamples")) is None:
             info = self._engine.append_samples(set_id, self._samples(request.samples), finish_upload=request.finish_upload,
                                                caller_waits=context.is_active, uid=uid, request=key)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))

@@ -80,6 +80,10 @@ class RequestKey:
     fingerprint: str
 
 
+# Told of an upload's request answered as a repeat: (the set it was applied to, its key).
+OnRepeat = Callable[[str, RequestKey], object]
+
+
 def request_id_reused(request_id: str, outcome: str) -> InvalidArgument:
     """The error for a request_id (AIP-155) sent with another request than the one it
     named, whose ``outcome`` it says (e.g. "created operations/<id>")."""
@@ -151,13 +155,14 @@ class Store(Protocol):
     # A request applied with a ``request_id`` (AIP-155) is remembered with its fingerprint
     # for as long as its set is kept: applied again with the same ones, it changes nothing
     # and returns the set as it is now; with another fingerprint, InvalidArgument naming
-    # request_id (checked in the transaction that applies it, so racing repeats apply once).
+    # request_id (checked in the transaction that applies it, so racing repeats apply once;
+    # ``on_repeat(set_id, request)`` is called, in that transaction, when it was a repeat).
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request: RequestKey | None = None) -> SampleSetInfo: ...
+                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo: ...
     # With ``uid``, only to the set of that uid: another (deleted and created again since,
     # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None, request: RequestKey | None = None) -> SampleSetInfo: ...
+                       uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo: ...
     # The set a request of ``request_id`` was applied to; None if none is kept. Another
     # request's ``fingerprint`` raises InvalidArgument naming request_id.
     def sample_set_of_request(self, request: RequestKey) -> str | None: ...

@@ -25,8 +25,8 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import (ABORTED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, RequestKey, SampleRecord, SampleSetInfo,
-                   StoreOpenError, request_id_reused, require_sample_set_uid)
+from .base import (ABORTED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
+                   SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -505,10 +505,10 @@ class SQLiteStore:
     # Sample sets ---------------------------------------------------------------------
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request: RequestKey | None = None) -> SampleSetInfo:
+                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo:
         now = time.time()
         with self._transaction() as db:
-            if (repeated := self._repeated_request(db, request)) is not None:
+            if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
@@ -520,9 +520,9 @@ class SQLiteStore:
         return self.get_sample_set(sample_set_id)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None, request: RequestKey | None = None) -> SampleSetInfo:
+                       uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo:
         with self._transaction() as db:
-            if (repeated := self._repeated_request(db, request)) is not None:
+            if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
             self._require_set(db, sample_set_id, uid)
             self._record_request(db, request, sample_set_id)
@@ -547,10 +547,11 @@ class SQLiteStore:
             return self._repeated_request(self._db, request)
 
     @staticmethod
-    def _repeated_request(db: sqlite3.Connection, request: RequestKey | None) -> str | None:
+    def _repeated_request(db: sqlite3.Connection, request: RequestKey | None, on_repeat: OnRepeat | None = None) -> str | None:
         """The set a request of ``request``'s id was applied to, if one was (None for None):
         checked in the transaction that applies a request, so repeats racing each other
-        apply it once. InvalidArgument naming request_id for another request's id."""
+        apply it once (``on_repeat`` is told of the repeat). InvalidArgument naming
+        request_id for another request's id."""
         if request is None:
             return None
         row = db.execute("SELECT set_id, fingerprint FROM sample_set_requests WHERE request_id = ?", (request.request_id,)).fetchone()
@@ -558,6 +559,8 @@ class SQLiteStore:
             return None
         if row[1] != request.fingerprint:
             raise request_id_reused(request.request_id, f"was applied to sample set {row[0]!r}")
+        if on_repeat is not None:
+            on_repeat(row[0], request)
         return row[0]
 
     @staticmethod
