@@ -816,7 +816,7 @@ def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path,
     monkeypatch.setattr(cli, "_print_report_gaps", lambda built: None)
     directory = tmp_path / "a" / "b"
     directory.mkdir(parents=True)
-    cli._explain_worst_class(None, SimpleNamespace(class_accuracy={class_name: 0.5, "other": 1.0}), "s", directory, "s")
+    cli._explain_worst_class(None, SimpleNamespace(worst_class=class_name, worst_class_accuracy=0.5), "s", directory, "s")
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*.html")] == [directory.relative_to(tmp_path) / file_name]
 
 

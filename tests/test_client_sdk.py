@@ -1354,3 +1354,21 @@ def test_a_call_starting_an_operation_is_sent_again_only_if_the_server_honours_r
     finally:
         server.stop(0)
     assert len(servicer.request_ids) == 1 and len(servicer.operations) == 1
+
+
+def _evaluation(class_accuracy: dict[str, float]) -> Any:
+    from explaind.client import Evaluation
+
+    names = ["circle", "square", "heart"]
+    return Evaluation(sample_set_id="s", model_version="v", sample_count=30, accuracy=0.5, class_accuracy=class_accuracy,
+                      confusion_matrix=np.zeros((3, 3), np.int64), mistakes=[], class_names=names,
+                      class_counts={name: 10 if name in class_accuracy else 0 for name in names})
+
+
+def test_an_evaluation_names_its_worst_class_as_a_head_evaluation_does():
+    evaluation = _evaluation({"circle": 0.9, "square": 0.4, "heart": 0.4})
+    assert (evaluation.worst_class, evaluation.worst_class_accuracy) == ("square", 0.4)  # a tie: the first in class order
+    assert _evaluation({"heart": 1.0}).worst_class == "heart"  # classes without samples are not candidates
+    empty = _evaluation({})
+    assert empty.worst_class == "" and np.isnan(empty.worst_class_accuracy)
+

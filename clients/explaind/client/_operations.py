@@ -105,6 +105,17 @@ class Evaluation(AbbreviatedRepr, ComparedByValue):
         confident (``result(download=False)`` of a cut response)."""
         return int(self.confusion_matrix.sum() - np.trace(self.confusion_matrix))
 
+    @property
+    def worst_class(self) -> str:
+        """The class with the lowest accuracy among those with samples (the first in class
+        order on a tie), as ``HeadEvaluation.worst_class``: where to start explaining."""
+        return min(self.class_accuracy.items(), key=lambda item: item[1])[0] if self.class_accuracy else ""
+
+    @property
+    def worst_class_accuracy(self) -> float:
+        """``worst_class``'s accuracy (NaN when no class has samples)."""
+        return self.class_accuracy[self.worst_class] if self.class_accuracy else math.nan
+
 
 def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Operation | None = None) -> Evaluation:
     classes = len(message.per_class)

@@ -920,7 +920,7 @@ def _explain_worst_class(client: Client, evaluation: Evaluation, sample_set_id: 
     """The debugging loop on the class with the lowest accuracy: rank, visualise, edit, report."""
     from .report import build_report, render_report
 
-    worst, accuracy = min(evaluation.class_accuracy.items(), key=lambda item: item[1])
+    worst, accuracy = evaluation.worst_class, evaluation.worst_class_accuracy
     if accuracy == 1.0:
         print("\nno mistakes to explain: every class of the set is classified correctly")
         return
