@@ -1372,3 +1372,25 @@ def test_an_evaluation_names_its_worst_class_as_a_head_evaluation_does():
     empty = _evaluation({})
     assert empty.worst_class == "" and np.isnan(empty.worst_class_accuracy)
 
+
+def _ranking(mistake_count: int) -> Any:
+    from explaind.client import NeuronRanking, RankedNeuron
+
+    neurons = [RankedNeuron(neuron=n, direction="excessive", insufficient_ratio=0.0, excessive_ratio=1.0 - n / 10, mean_omega=-0.2,
+                            importance=0.87, top_classes=["square", "circle"], top_class_indices=[1, 0]) for n in range(4)]
+    return NeuronRanking(sample_set_id="hearts", model_version="v", class_index=2, class_name="heart", solver="faithful",
+                         sample_count=30, mistake_count=mistake_count, converged_count=mistake_count,
+                         neurons=neurons if mistake_count else [], predicted_as={"circle": 5, "square": 3} if mistake_count else {})
+
+
+def test_a_ranking_reads_as_the_cli_prints_it():
+    lines = _ranking(8).summary(limit=2).splitlines()
+    assert lines[0] == "8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top 5 (solver faithful):"
+    assert lines[1] == ("  neuron   0  excessive    top 5 in 0% of mistakes as insufficient, 100% as excessive  importance 0.87"
+                        "  top classes square, circle")
+    assert lines[2].startswith("  neuron   1  excessive    top 5 in 0% of mistakes as insufficient, 90% as excessive")
+    assert lines[3:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
+    assert len(_ranking(8).summary(limit=0).splitlines()) == 6  # every neuron
+    assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
+    with pytest.raises(ValueError, match="limit must be 0"):
+        _ranking(8).summary(limit=-1)

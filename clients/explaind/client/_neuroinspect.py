@@ -75,6 +75,24 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     mistakes: list[MistakeSummary] = field(default_factory=list, repr=False)
     omega: np.ndarray | None = field(default=None, repr=False)
 
+    def summary(self, limit: int = 10) -> str:
+        """The ranking as lines of text, as ``explaind rank`` prints it: the mistakes, the
+        first ``limit`` neurons (0: all) with their direction, shares, importance and top
+        classes, and what the mistakes were predicted as. ``print(ranking.summary())``."""
+        if limit < 0:
+            raise ValueError(f"limit must be 0 (all) or more, got {limit}")
+        if not self.mistake_count:
+            samples = f"{self.sample_count} sample{'' if self.sample_count == 1 else 's'}"
+            return f"no mistakes of {self.class_name} in {self.sample_set_id} ({samples}): nothing to explain"
+        lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
+                 f"neurons ranked by share of mistakes in their top 5 (solver {self.solver}):"]
+        lines += [f"  neuron {n.neuron:>3}  {n.direction:<12} top 5 in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
+                  f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {', '.join(n.top_classes)}"
+                  for n in self.neurons[:limit or None]]
+        predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
+        lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class NeuronVisualization:

@@ -549,15 +549,7 @@ RANKING_LINES = 10
 
 
 def _print_ranking(ranking: NeuronRanking, limit: int = RANKING_LINES) -> None:
-    if not ranking.mistake_count:
-        print(f"no mistakes of {ranking.class_name} in {ranking.sample_set_id} ({_samples(ranking.sample_count)}): nothing to explain")
-        return
-    print(f"{ranking.mistake_count} mistakes of {ranking.class_name} in {ranking.sample_set_id}; neurons ranked by share of mistakes in their top 5 (solver {ranking.solver}):")
-    for neuron in ranking.neurons[:limit or None]:
-        print(
-            f"  neuron {neuron.neuron:>3}  {neuron.direction:<12} top 5 in {neuron.insufficient_ratio:.0%} of mistakes as insufficient, "
-            f"{neuron.excessive_ratio:.0%} as excessive  importance {neuron.importance:.2f}  top classes {', '.join(neuron.top_classes)}"
-        )
+    print(ranking.summary(limit))
 
 
 def _print_visualizations(result: NeuronVisualizations) -> None:
@@ -641,9 +633,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
         _print_json(_ranking_json(ranking))
         return 0
     _print_ranking(ranking, args.show)
-    if ranking.mistake_count:
-        predicted = ", ".join(f"{name} {count}" for name, count in ranking.predicted_as.items())
-        print(f"predicted as: {predicted}; {ranking.converged_count} of {ranking.mistake_count} counterfactuals flipped the prediction")
     return 0
 
 
