@@ -78,7 +78,9 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     def summary(self, limit: int = 10) -> str:
         """The ranking as lines of text, as ``explaind rank`` prints it: the mistakes, the
         first ``limit`` neurons (0: all) with their direction, shares, importance and top
-        classes, and what the mistakes were predicted as. ``print(ranking.summary())``."""
+        classes, and what the mistakes were predicted as. ``print(ranking.summary())``.
+        It says "top 5", the server's default ``top_k``: a ranking does not record the
+        ``top_k`` it was asked for."""
         if limit < 0:
             raise ValueError(f"limit must be 0 (all) or more, got {limit}")
         if not self.mistake_count:
