@@ -362,6 +362,62 @@ def test_the_last_retry_comes_just_before_the_deadline():
         server.stop(0)
 
 
+def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wait_longer():
+    # A server restarting for longer than the timeout ended the call in one UNAVAILABLE
+    # (or DEADLINE_EXCEEDED) that did not say the SDK had retried it for the whole timeout.
+    from explaind.client import UnavailableError
+
+    servicer = _LoadingSampleSets(loading_s=0)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=2) as client:
+            client.sample_set("s")
+            servicer.ready_at = float("inf")
+            with pytest.raises(UnavailableError, match="loading") as unavailable:
+                client.sample_set("s")
+        attempts = servicer.attempts["GetSampleSet"] - 1
+        assert attempts > 2 and len(unavailable.value.__notes__) == 1
+        assert re.fullmatch(rf"the call was tried {attempts} times over [12]\.\ds, the server at {re.escape(target)} unavailable each time "
+                            r"\(restarting, or loading its models\); a larger timeout waits longer for it \(timeout= of the Client or "
+                            r"of the call; --timeout in the CLI\)", unavailable.value.__notes__[0])
+        with Client(target, timeout=2, retry=False) as client, pytest.raises(UnavailableError) as once:
+            client.sample_set("s")
+        assert not hasattr(once.value, "__notes__")  # tried once: nothing to add
+    finally:
+        server.stop(0)
+
+
+class _SlowAfterRestart(_LoadingSampleSets):
+    """Unavailable for its first ``unavailable`` attempts, then answers after ``slow_s``."""
+
+    def __init__(self, unavailable: int, slow_s: float) -> None:
+        super().__init__(loading_s=0)
+        self.unavailable, self.slow_s = unavailable, slow_s
+
+    def GetSampleSet(self, request, context):
+        if self.attempts.get("GetSampleSet", 0) < self.unavailable:
+            self.ready_at = float("inf")
+        else:
+            self.ready_at = 0.0
+            time.sleep(self.slow_s)
+        return super().GetSampleSet(request, context)
+
+
+def test_a_retried_call_whose_last_attempt_timed_out_says_so():
+    servicer = _SlowAfterRestart(unavailable=2, slow_s=3.0)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=2) as client:
+            client._reached = True  # as after any earlier answer
+            with pytest.raises(DeadlineExceededError) as late:
+                client.sample_set("s")
+        assert re.fullmatch(rf"the call was tried 3 times over [23]\.\ds, the server at {re.escape(target)} unavailable the first 2, the "
+                            r"last running out of time \(restarting, or loading its models\); a larger timeout waits longer .*",
+                            late.value.__notes__[0])
+    finally:
+        server.stop(0)
+
+
 def _recorded_pauses(monkeypatch, servicer: _LoadingSampleSets, *, ready_after: int) -> list[float]:
     """The SDK's retry pauses (s), recorded instead of slept; ``servicer`` gets ready after
     ``ready_after`` of them (clear the list to count again)."""

@@ -297,7 +297,9 @@ class Client:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
+        started, attempts = time.monotonic(), 0
         while True:
+            attempts += 1
             try:
                 response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
             except grpc.RpcError as rpc_error:
@@ -311,6 +313,8 @@ class Client:
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
                 identified = not repeatable and method in _IDENTIFIED and bool(request.request_id)
                 if not (self._retry and unavailable and pause >= 0 and ((repeatable and self._reached) or identified)):
+                    if attempts > 1 and (pause < 0 or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):  # retried until out of time
+                        self._note_retries(error, attempts, started)
                     raise error from None
             else:
                 self._reached = True
@@ -322,7 +326,18 @@ class Client:
             # older release in the pause would start it again). Its answer counts as the server's.
             if identified and not (self._honours_request_id(retry_end, _IDENTIFIED[method]) and self._reached
                                    and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0):
+                if retry_end - time.monotonic() - LAST_ATTEMPT_S < 0:  # out of time, not a server that would start it twice
+                    self._note_retries(error, attempts, started)
                 raise error from None
+
+    def _note_retries(self, error: ExplaindError, attempts: int, started: float) -> None:
+        """Say on ``error`` that the call was retried until its time ran out: without it, a
+        server restarting for longer than the timeout read as one DEADLINE_EXCEEDED (or
+        UNAVAILABLE), as if the SDK had tried once."""
+        when = "each time" if error.code == grpc.StatusCode.UNAVAILABLE else f"the first {attempts - 1}, the last running out of time"
+        error.add_note(f"the call was tried {attempts} times over {time.monotonic() - started:.1f}s, the server at {self.target} "
+                       f"unavailable {when} (restarting, or loading its models); a larger timeout waits longer for it "
+                       "(timeout= of the Client or of the call; --timeout in the CLI)")
 
     def _honours_request_id(self, until: float, capability: str, *, once: bool = False) -> bool:
         """Whether the server honours a method's request_id (it lists ``capability``), asked
