@@ -455,6 +455,7 @@ def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
     features, labels = torch.randn(30, 3, generator=torch.Generator().manual_seed(1)), torch.arange(30) % 4
     ranking = MistakeNeuronRanker(head).rank(features, labels)
     assert ranking.neuron_ids == MistakeNeuronRanker(head).rank(features, labels, top_k=3).neuron_ids
+    assert ranking.top_k == 3 and MistakeNeuronRanker(head).rank(features, labels, top_k=1).top_k == 1  # the k it used
 
 
 def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):

@@ -208,6 +208,13 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
         client.operations(kind="rank_mistake_neurons", limit=1)[0].cancel()
 
 
+def test_a_ranking_reports_the_top_k_it_was_computed_with(client):
+    # It did not: summary() said "top 5" of a ranking made with top_k=3.
+    ranking = client.rank_mistake_neurons("spurious", "heart", top_k=3, execution="operation")
+    assert ranking.top_k == 3 and "share of mistakes in their top 3 (solver faithful):" in ranking.summary()
+    assert client.rank_mistake_neurons("spurious", "heart", execution="inline").top_k == 5  # unset: the default it stood for
+
+
 def test_visualize_streams_previews_and_stores_images(client):
     operation = client.visualize_neurons([(7, "heart"), 11], method="no_clip", steps=6, preview_every=2)
     previews = [update.progress.preview for update in operation.watch() if update.progress.preview is not None]

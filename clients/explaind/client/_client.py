@@ -769,7 +769,7 @@ class Client:
         0.1, l2 0.01, ``max_iterations`` 1000, cut 0.03, top_k 5). ``top_k`` is the
         number of neurons taken per mistake and direction, not the number returned: every
         neuron whose share of mistakes passes ``cut_ratio`` is (a class with no mistakes
-        gets none, and ``mistake_count`` 0).
+        gets none, and ``mistake_count`` 0); the ranking's ``top_k`` says which it used.
 
         ``timeout`` (seconds) bounds the whole ranking, the operation's wait included:
         DeadlineExceededError names the operation, which keeps running, and holds it as

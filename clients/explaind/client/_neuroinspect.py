@@ -74,21 +74,25 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     # Left out of the repr: a notebook cell showing the ranking printed every mistake.
     mistakes: list[MistakeSummary] = field(default_factory=list, repr=False)
     omega: np.ndarray | None = field(default=None, repr=False)
+    # Neurons taken per mistake and direction (the request's top_k, or the default 5, D
+    # where D < 5); 0 from a server too old to report it.
+    top_k: int = 0
 
     def summary(self, limit: int = 10) -> str:
         """The ranking as lines of text, as ``explaind rank`` prints it: the mistakes, the
         first ``limit`` neurons (0: all) with their direction, shares, importance and top
         classes, and what the mistakes were predicted as. ``print(ranking.summary())``.
-        It says "top 5", the server's default ``top_k``: a ranking does not record the
-        ``top_k`` it was asked for."""
+        From a server that does not report ``top_k`` (0) it says "top k", not a number."""
         if limit < 0:
             raise ValueError(f"limit must be 0 (all) or more, got {limit}")
         if not self.mistake_count:
             samples = f"{self.sample_count} sample{'' if self.sample_count == 1 else 's'}"
             return f"no mistakes of {self.class_name} in {self.sample_set_id} ({samples}): nothing to explain"
+        top = f"top {self.top_k}" if self.top_k else "top k"
+        unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
-                 f"neurons ranked by share of mistakes in their top 5 (solver {self.solver}):"]
-        lines += [f"  neuron {n.neuron:>3}  {n.direction:<12} top 5 in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
+                 f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
+        lines += [f"  neuron {n.neuron:>3}  {n.direction:<12} {top} in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
                   f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {', '.join(n.top_classes)}"
                   for n in self.neurons[:limit or None]]
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
@@ -202,6 +206,7 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
             for m in message.mistakes
         ],
         omega=omega,
+        top_k=message.top_k,
     )
 
 

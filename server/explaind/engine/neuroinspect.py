@@ -308,6 +308,7 @@ class NeuroInspectEngine:
             sample_count=ranking.num_samples,
             mistake_count=ranking.num_mistakes,
             converged_count=ranking.num_converged,
+            top_k=ranking.top_k,
             predicted_as={names[c]: n for c, n in sorted(Counter(predicted.tolist()).items())},
         )
         for neuron in ranking.neurons:

@@ -61,6 +61,12 @@ class NeuronRanking:
         return len(self.mistake_indices)
 
     @property
+    def top_k(self) -> int:
+        """Neurons taken per mistake and direction, the k of the ratios' top-k: ``rank``'s
+        ``top_k``, or the default it stood for (5, or D where D < 5)."""
+        return self.insufficient_top.shape[1]
+
+    @property
     def num_converged(self) -> int:
         return int(self.converged.sum())
 
