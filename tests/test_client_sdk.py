@@ -1439,6 +1439,25 @@ def _ranking(mistake_count: int) -> Any:
                          neurons=neurons if mistake_count else [], predicted_as={"circle": 5, "square": 3} if mistake_count else {})
 
 
+def test_a_ranking_is_read_with_the_in_process_rankings_names():
+    # README's in-process example reads ranking.neuron_ids: copied to the SDK it failed
+    # with AttributeError; the in-process ranking answers to the SDK's mistake_count.
+    import torch
+    from torch import nn
+
+    from explaind.methods.neuroinspect import MistakeNeuronRanker
+
+    sdk = _ranking(8)
+    assert sdk.neuron_ids == [0, 1, 2, 3] and _ranking(0).neuron_ids == []
+    head = nn.Linear(6, 3)
+    features, labels = torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 3
+    in_process = MistakeNeuronRanker(head).rank(features, labels, target_class=0, max_iterations=20)
+    for ranking in (sdk, in_process):
+        assert ranking.neuron_ids == [n.neuron for n in ranking.neurons] and ranking.mistake_count > 0
+        assert all(isinstance(n.rank_ratio, float) for n in ranking.neurons) and ranking.solver == "faithful" and ranking.top_k in (0, 5)
+    assert in_process.mistake_count == in_process.num_mistakes
+
+
 def test_a_ranking_reads_as_the_cli_prints_it():
     import dataclasses
 

@@ -59,7 +59,15 @@ class MistakeSummary:
 class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     """Result of ``rank_mistake_neurons``; ``omega`` is (M, D) float32 with
     ``include_samples`` (downloaded from the operation's ``omega.npy`` artifact when the
-    ranking ran as an operation, unless read with ``result(download=False)``)."""
+    ranking ran as an operation, unless read with ``result(download=False)``).
+
+    The reads common with the in-process ranking
+    (``explaind.methods.neuroinspect.NeuronRanking``) have the same names, so code moves
+    between the two: ``neurons`` (each with ``neuron``, ``direction``, ``rank_ratio``, the
+    two ratios, ``mean_omega``, ``importance``), ``neuron_ids``, ``mistake_count`` (the
+    in-process one also answers to it), ``solver`` and ``top_k``. They differ in
+    ``class_index`` (in-process ``target_class``) and in a neuron's ``top_classes``: names
+    here (indices: ``top_class_indices``), indices in-process."""
 
     sample_set_id: str
     model_version: str
@@ -77,6 +85,12 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     # Neurons taken per mistake and direction (the request's top_k, or the default 5, D
     # where D < 5); 0 from a server too old to report it.
     top_k: int = 0
+
+    @property
+    def neuron_ids(self) -> list[int]:
+        """The ranked neurons' ids, in rank order (``[n.neuron for n in neurons]``), as the
+        in-process ranking has them."""
+        return [n.neuron for n in self.neurons]
 
     def summary(self, limit: int = 10) -> str:
         """The ranking as lines of text, as ``explaind rank`` prints it: the mistakes, the

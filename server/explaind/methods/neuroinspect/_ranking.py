@@ -42,6 +42,14 @@ class NeuronRanking:
 
     Per-mistake tensors have one row per mistake, in the order of ``mistake_indices``
     (indices into the samples passed to :meth:`MistakeNeuronRanker.rank`).
+
+    The reads common with the SDK's ``explaind.client.NeuronRanking`` (the server's
+    answer) have the same names, so code moves between the two: ``neurons`` (each with
+    ``neuron``, ``direction``, ``rank_ratio``, the two ratios, ``mean_omega``,
+    ``importance``), ``neuron_ids``, ``mistake_count`` (also ``num_mistakes``), ``solver``
+    and ``top_k``. They differ in ``target_class`` (the SDK's ``class_index``) and in a
+    neuron's ``top_classes``: indices here, names in the SDK (its indices are
+    ``top_class_indices``).
     """
 
     neurons: list[RankedNeuron]
@@ -59,6 +67,11 @@ class NeuronRanking:
     @property
     def num_mistakes(self) -> int:
         return len(self.mistake_indices)
+
+    @property
+    def mistake_count(self) -> int:
+        """``num_mistakes`` under the SDK's name for it."""
+        return self.num_mistakes
 
     @property
     def top_k(self) -> int:
