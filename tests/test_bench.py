@@ -46,3 +46,14 @@ def test_the_soak_bench_measures_a_served_server_and_prints_its_growth():
     assert run.returncode == 0, run.stderr
     assert re.search(r"^\s+2\s+\d+(\s+[0-9.]+){6}$", run.stdout, re.M), run.stdout
     assert re.search(r"^growth per 100 cycles, cycles 1-2: rss_mib [-+][0-9.]+  fds [-+][0-9.]+  threads [-+][0-9.]+", run.stdout, re.M), run.stdout
+
+
+def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
+    run = _run(str(BENCH / "predict_under_load.py"), "--rounds", "1", "--seconds", "0.3", "--eval-images", "64", "--neurons", "1")
+    assert run.returncode == 0, run.stderr
+    for phase in ("idle", "visualize", "evaluate"):
+        for clients in (1, 8):
+            assert re.search(rf"^  {phase}\s+{clients}(\s+[0-9.]+){{4}}", run.stdout, re.M), run.stdout
+    assert re.search(r"^  visualize\s+1(\s+[0-9.]+){4}\s+[0-9.]+ steps/s$", run.stdout, re.M), run.stdout
+    refused = _run(str(BENCH / "predict_under_load.py"), "--rounds", "0")
+    assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
