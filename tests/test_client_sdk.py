@@ -418,6 +418,25 @@ def test_a_retried_call_whose_last_attempt_timed_out_says_so():
         server.stop(0)
 
 
+def test_a_retried_call_whose_last_attempt_got_another_error_does_not_say_it_ran_out_of_time():
+    from explaind.client import NotFoundError
+
+    # The server came back for the last attempt, just before the deadline, and answered
+    # NOT_FOUND: that answer carried a note of "unavailable the first 5, the last running
+    # out of time", which it was not.
+    servicer = _LoadingSampleSets(loading_s=0)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=2) as client:
+            client.sample_set("s")
+            servicer.ready_at = time.monotonic() + 1.6  # ready for the last attempt, at 1.75 s
+            with pytest.raises(NotFoundError) as missing:
+                client.sample_set("missing")
+        assert servicer.attempts["GetSampleSet"] > 3 and not hasattr(missing.value, "__notes__")
+    finally:
+        server.stop(0)
+
+
 def _recorded_pauses(monkeypatch, servicer: _LoadingSampleSets, *, ready_after: int) -> list[float]:
     """The SDK's retry pauses (s), recorded instead of slept; ``servicer`` gets ready after
     ``ready_after`` of them (clear the list to count again)."""

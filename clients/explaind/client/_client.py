@@ -313,7 +313,9 @@ class Client:
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
                 identified = not repeatable and method in _IDENTIFIED and bool(request.request_id)
                 if not (self._retry and unavailable and pause >= 0 and ((repeatable and self._reached) or identified)):
-                    if attempts > 1 and (pause < 0 or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):  # retried until out of time
+                    # Retried until out of time: not a last attempt that the server answered
+                    # with another error (NOT_FOUND, say) just before the deadline.
+                    if attempts > 1 and ((unavailable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
                         self._note_retries(error, attempts, started)
                     raise error from None
             else:
