@@ -1394,6 +1394,26 @@ def test_two_runs_of_one_upload_at_once_fill_one_set_and_the_failure_of_one_leav
     check(other["set"], "raced-filling")
 
 
+def test_a_failed_run_of_an_upload_with_its_request_id_does_not_say_it_kept_a_set_deleted_under_it(client):
+    # The set was deleted (by another client, or the idle sweep) while this run uploaded to
+    # it: its next request failed NOT_FOUND, and the note said the set "was kept, not
+    # deleted" for a run under the same request_id to continue, of a set not there.
+    import uuid
+
+    from explaind.client import NotFoundError
+
+    def images():
+        for index in range(10):
+            if index == 8:  # read ahead of the requests: the create and an append have been answered
+                client.delete_sample_set("deleted-under-it")
+            yield IMAGE
+
+    with pytest.raises(NotFoundError) as caught:
+        client.create_sample_set(images(), ["heart"] * 10, sample_set_id="deleted-under-it", chunk_size=2, request_id=uuid.uuid4())
+    notes = "\n".join(caught.value.__notes__)
+    assert "was kept" not in notes and "'deleted-under-it' was deleted meanwhile, not by this upload" in notes
+
+
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
     from explaind.v1 import neuroinspect_pb2, sample_sets_pb2

@@ -558,6 +558,11 @@ class Client:
                 error.add_note(f"sample set {created.sample_set_id!r} was kept as an earlier run of this upload (its request_id) "
                                f"finished it, with {created.sample_count} samples")
                 raise
+            deleted_meanwhile = (f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, not by this upload "
+                                 "(by another client, or by a server restart, which deletes sets left uploading)")
+            if isinstance(error, NotFoundError) or (isinstance(error, FailedPreconditionError) and error.field == "sample_set_uid"):
+                error.add_note(deleted_meanwhile)  # the set is not there to keep (nor to delete)
+                raise
             # Runs of one upload (the caller's request_id) share its set: another (a pipeline
             # retried while this run went on) may be filling it, or have finished it since this
             # run's last answer. Deleting it would pull it from under that run, so it is left
@@ -572,8 +577,7 @@ class Client:
             try:
                 self.delete_sample_set(created.sample_set_id, uid=created.uid)
             except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
-                error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, not by this upload "
-                               "(by another client, or by a server restart, which deletes sets left uploading)")
+                error.add_note(deleted_meanwhile)
             except ExplaindError:
                 error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
             else:
