@@ -1414,6 +1414,38 @@ def test_a_failed_run_of_an_upload_with_its_request_id_does_not_say_it_kept_a_se
     assert "was kept" not in notes and "'deleted-under-it' was deleted meanwhile, not by this upload" in notes
 
 
+def test_a_named_upload_whose_image_the_server_refused_is_deleted_and_runs_again_with_any_request_id(client):
+    # The server refuses that request to every run of the upload (same request_id, same
+    # images): keeping the set for "another run to continue" left it uploading under its id,
+    # and the upload run again with the image fixed under a new request_id (or none, as the
+    # CLI's default) failed ALREADY_EXISTS until the set was deleted or swept.
+    import io
+    import uuid
+
+    from PIL import Image
+
+    from explaind.client import AlreadyExistsError, InvalidArgumentError, NotFoundError
+
+    def png(value):
+        encoded = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(encoded, "PNG")
+        return encoded.getvalue()
+
+    good = [png(value) for value in range(6)]
+    bad = good[:4] + [b"not an image"] + good[5:]
+    with pytest.raises(InvalidArgumentError) as refused:
+        client.create_sample_set(bad, [0] * 6, sample_set_id="refused-image", chunk_size=2, request_id=uuid.uuid4())
+    assert "the partly uploaded sample set 'refused-image' was deleted" in refused.value.__notes__[-1]
+    with pytest.raises(NotFoundError):
+        client.sample_set("refused-image")
+    try:
+        fixed = client.create_sample_set(good, [0] * 6, sample_set_id="refused-image", chunk_size=2, request_id=uuid.uuid4())
+    except AlreadyExistsError as error:
+        pytest.fail(f"the failed run left its set: {error}")
+    assert (fixed.sample_count, fixed.uploading) == (6, False)
+    client.delete_sample_set("refused-image")
+
+
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
     from explaind.v1 import neuroinspect_pb2, sample_sets_pb2

@@ -517,7 +517,8 @@ class Client:
         from it (None: new ones). Runs of it at once (a pipeline retried while it still
         ran) share one set, each image stored once, and all return it; so there a run that
         fails leaves the set, uploading, to the others (or to a run again, which continues
-        it) instead of deleting it: unfinished, the server deletes it at its next start or
+        it) instead of deleting it (unless the server refused a request's images or labels,
+        as it refuses every run's: that set is deleted): unfinished, the server deletes it at its next start or
         after ``[server].upload_idle_timeout_s`` without a request. ``progress=True`` shows samples sent as a tqdm bar, or
         plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
@@ -568,7 +569,15 @@ class Client:
             # run's last answer. Deleting it would pull it from under that run, so it is left
             # to that run, or to one run again, which continues it. An older server, which
             # ignores request_id, gives each run its own set: that one is deleted, as before.
-            if upload_id is not None and self._honours_request_id(time.monotonic() + self.timeout, "sample_set_request_id", once=True):
+            # A request the server refused for its contents (an image it cannot decode, a label
+            # out of range) is refused alike to every run sharing the set, which sends it as it
+            # is (same request_id, same fingerprint): none can finish the set, so it is deleted,
+            # as without request_id, and the same upload run again (fixed, with any request_id)
+            # creates it anew instead of meeting ALREADY_EXISTS. Not a request_id refusal: that
+            # says the set is another run's, made with other images.
+            refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
+            if (upload_id is not None and not refused
+                    and self._honours_request_id(time.monotonic() + self.timeout, "sample_set_request_id", once=True)):
                 error.add_note(f"sample set {created.sample_set_id!r} was kept, not deleted: a run of this upload under the same "
                                f"request_id {_request_id(upload_id)} (another running now, or this one run again) continues it; "
                                "left unfinished, it stays uploading until the server deletes it (at its next start or after "
