@@ -1446,6 +1446,56 @@ def test_a_named_upload_whose_image_the_server_refused_is_deleted_and_runs_again
     client.delete_sample_set("refused-image")
 
 
+class _HangingUploadServer(_UploadServer):
+    """An _UploadServer that stops answering (each call hangs) once ``hang`` is set."""
+
+    hang = False
+
+    def GetModelMetadata(self, request, context):
+        if self.hang:
+            time.sleep(10)
+        return super().GetModelMetadata(request, context)
+
+    def DeleteSampleSet(self, request, context):
+        self.calls.append(("DeleteSampleSet", ""))
+        if self.hang:
+            time.sleep(10)
+        return super().DeleteSampleSet(request, context)
+
+
+def test_a_failed_upload_with_its_request_id_waits_out_one_timeout_for_a_server_that_stopped_answering():
+    # Its cleanup asked the server's capabilities (a timeout without an answer), then sent
+    # the delete (a second timeout): a Ctrl-C blocked for twice the Client's timeout.
+    import uuid
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    servicer = _HangingUploadServer(("request_id", "sample_set_request_id"), set())
+    server = grpc.server(ThreadPoolExecutor(8))
+    sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+
+    def images():
+        for index in range(10):
+            if index == 8:  # read ahead: the create and an append have been answered
+                servicer.hang = True
+                raise KeyboardInterrupt
+            yield np.zeros((4, 4, 3), np.uint8)
+
+    try:
+        with Client(target, timeout=1) as client, pytest.raises(KeyboardInterrupt) as caught:
+            started = time.monotonic()
+            client.create_sample_set(images(), [0] * 10, sample_set_id="hung", chunk_size=2, request_id=uuid.uuid4())
+        waited = time.monotonic() - started
+    finally:
+        server.stop(0)
+    assert ("DeleteSampleSet", "") not in servicer.calls and waited < 1.9
+    assert re.fullmatch(r"sample set 'hung' was left with 4 of 10 samples, uploading: the server did not answer \(DEADLINE_EXCEEDED\); .*",
+                        caught.value.__notes__[-1])
+
+
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
     from explaind.v1 import neuroinspect_pb2, sample_sets_pb2

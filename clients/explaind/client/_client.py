@@ -341,18 +341,35 @@ class Client:
                        f"unavailable {when} (restarting, or loading its models); a larger timeout waits longer for it "
                        "(timeout= of the Client or of the call; --timeout in the CLI)")
 
-    def _honours_request_id(self, until: float, capability: str, *, once: bool = False) -> bool:
+    def _honours_request_id(self, until: float, capability: str) -> bool:
         """Whether the server honours a method's request_id (it lists ``capability``), asked
         by the time ``until`` (``time.monotonic()``): just before a call that may have taken
         effect is sent again, so that the server to get the repeat is the one asked. False
-        when it cannot say. ``once``: one attempt, not retried (a failed upload's cleanup
-        asks a server that may be gone)."""
+        when it cannot say."""
         try:
             response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(),
-                                  timeout=max(until - time.monotonic(), 1e-3), retry_until=time.monotonic() if once else None)
+                                  timeout=max(until - time.monotonic(), 1e-3))
         except ExplaindError:
             return False
         return capability in response.capabilities
+
+    def _shares_upload_sets(self, error: BaseException, created: SampleSet, total: int) -> bool | None:
+        """For a failed upload with the caller's request_id: whether the server gives its
+        runs one set (it honours upload request_ids), asked once, not retried. None where
+        nothing answered (UNAVAILABLE, DEADLINE_EXCEEDED), with a note on ``error``: the
+        set is left as it is, as a delete would wait out a second timeout for a server that
+        did not answer the first (a Ctrl-C then blocked for twice the timeout), and could
+        pull the set from under another run. False on another error (no capability said)."""
+        try:
+            response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(), retry_until=time.monotonic())
+        except ExplaindError as unanswered:
+            if unanswered.code not in _NO_ANSWER:
+                return False
+            error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples, uploading: "
+                           f"the server did not answer ({unanswered.code.name}); unfinished, it deletes the set at its next start or "
+                           "after [server].upload_idle_timeout_s without a request (or delete the set)")
+            return None
+        return "sample_set_request_id" in response.capabilities
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
@@ -576,8 +593,10 @@ class Client:
             # creates it anew instead of meeting ALREADY_EXISTS. Not a request_id refusal: that
             # says the set is another run's, made with other images.
             refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
-            if (upload_id is not None and not refused
-                    and self._honours_request_id(time.monotonic() + self.timeout, "sample_set_request_id", once=True)):
+            shared = upload_id is not None and not refused and self._shares_upload_sets(error, created, total)
+            if shared is None:  # the server did not answer: the set is left as it is (noted)
+                raise
+            if shared:
                 error.add_note(f"sample set {created.sample_set_id!r} was kept, not deleted: a run of this upload under the same "
                                f"request_id {_request_id(upload_id)} (another running now, or this one run again) continues it; "
                                "left unfinished, it stays uploading until the server deletes it (at its next start or after "
