@@ -1286,16 +1286,16 @@ def test_a_failed_run_of_an_upload_with_its_request_id_leaves_its_set_to_other_r
     # keeps for the others; an older one gives each run its own, deleted as before.
     import uuid
 
-    def bad_image_at_5():
+    def interrupted_at_5():
         yield from np.zeros((5, 4, 4, 3), np.uint8)
-        raise OSError("cannot read image 5")
+        raise KeyboardInterrupt
 
     for capabilities, kept in ((("request_id", "sample_set_request_id"), True), (("request_id",), False)):
         servicer = _UploadServer(capabilities, set())
         server, target = _serve_uploads(servicer)
         try:
-            with Client(target, timeout=30) as client, pytest.raises(OSError, match="cannot read image 5") as caught:
-                client.create_sample_set(bad_image_at_5(), [0] * 8, sample_set_id="up", chunk_size=2, request_id=uuid.uuid4())
+            with Client(target, timeout=30) as client, pytest.raises(KeyboardInterrupt) as caught:
+                client.create_sample_set(interrupted_at_5(), [0] * 8, sample_set_id="up", chunk_size=2, request_id=uuid.uuid4())
         finally:
             server.stop(0)
         assert ("up" in servicer.labels) == kept and servicer.uploading == ({"up"} if kept else set())
@@ -1334,7 +1334,7 @@ def test_an_upload_run_again_with_its_request_id_that_fails_keeps_the_set_an_ear
 
 def test_two_runs_of_one_upload_at_once_fill_one_set_and_the_failure_of_one_leaves_it_to_the_other(client):
     # A pipeline retried by its scheduler while its first attempt still ran: both runs
-    # share the set (same request_id), and the one that failed (a Ctrl-C, a bad image)
+    # share the set (same request_id), and the one that failed (a Ctrl-C)
     # deleted it as its own partial upload, under the other, which then failed NOT_FOUND
     # or returned the id of a set no longer there.
     import threading
@@ -1382,10 +1382,10 @@ def test_two_runs_of_one_upload_at_once_fill_one_set_and_the_failure_of_one_leav
     def start_other_then_fail():
         thread.start()
         assert waiting.wait(30)
-        raise OSError("cannot read image 6")
+        raise KeyboardInterrupt
 
     thread = threading.Thread(target=other_run)
-    with pytest.raises(OSError, match="cannot read image 6") as caught:
+    with pytest.raises(KeyboardInterrupt) as caught:
         run(upload, "raced-filling", start_other_then_fail)
     failed.set()
     thread.join(60)
@@ -1444,6 +1444,42 @@ def test_a_named_upload_whose_image_the_server_refused_is_deleted_and_runs_again
         pytest.fail(f"the failed run left its set: {error}")
     assert (fixed.sample_count, fixed.uploading) == (6, False)
     client.delete_sample_set("refused-image")
+
+
+@pytest.mark.parametrize("failure", ["unreadable file", "fewer images than labels"])
+def test_a_named_upload_that_cannot_read_its_images_deletes_its_set_and_runs_again_with_any_request_id(client, tmp_path, failure):
+    # Like an image the server refuses, one this process cannot read (or images fewer than
+    # the labels) fails every run of the upload alike: keeping the set for "another run to
+    # continue" left it uploading, and the upload run again fixed under a new request_id
+    # (or none) failed ALREADY_EXISTS until the set was deleted or swept.
+    import uuid
+
+    from PIL import Image
+
+    from explaind.client import AlreadyExistsError, NotFoundError
+
+    paths = []
+    for value in range(10):
+        paths.append(tmp_path / f"{value}.png")
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(paths[-1])
+
+    def images():  # read a request ahead: image 8 once the create and an append are answered
+        yield from paths[:8]
+        if failure == "unreadable file":
+            yield tmp_path / "gone.png"  # named by the caller, gone since
+            yield from paths[9:]
+
+    with pytest.raises(FileNotFoundError if failure == "unreadable file" else ValueError) as caught:
+        client.create_sample_set(images(), [0] * 10, sample_set_id="unreadable", chunk_size=2, request_id=uuid.uuid4())
+    assert "the partly uploaded sample set 'unreadable' was deleted" in caught.value.__notes__[-1]
+    with pytest.raises(NotFoundError):
+        client.sample_set("unreadable")
+    try:
+        fixed = client.create_sample_set(paths, [0] * 10, sample_set_id="unreadable", chunk_size=2, request_id=uuid.uuid4())
+    except AlreadyExistsError as error:
+        pytest.fail(f"the failed run left its set: {error}")
+    assert (fixed.sample_count, fixed.uploading) == (10, False)
+    client.delete_sample_set("unreadable")
 
 
 class _HangingUploadServer(_UploadServer):

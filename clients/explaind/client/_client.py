@@ -524,19 +524,22 @@ class Client:
         server's decoded-pixel limit (asked once with ``model_metadata``). All or nothing:
         until its last request the set is marked uploading, which jobs refuse and a server
         restart deletes; if a later request fails (or is interrupted), the partly uploaded
-        set is deleted before the error is raised (but see ``request_id``). Each request carries its own request_id,
-        so on a server that lists ``"sample_set_request_id"`` in
-        ``model_metadata().capabilities`` one whose answer a dropped connection lost is sent
-        again (the server applies it once); an older server's upload fails instead.
+        set is deleted before the error is raised (but see ``request_id``). Each request
+        carries its own request_id, so on a server that lists ``"sample_set_request_id"``
+        in ``model_metadata().capabilities`` one whose answer a dropped connection lost is
+        sent again (the server applies it once); an older server's upload fails instead.
         ``request_id`` (a UUID) names the upload, so that the same upload run again (by a
         pipeline that restarted, with the same images, ``chunk_size`` and server) gets
         the set the first created, and appends nothing twice: its requests' ids are drawn
         from it (None: new ones). Runs of it at once (a pipeline retried while it still
-        ran) share one set, each image stored once, and all return it; so there a run that
-        fails leaves the set, uploading, to the others (or to a run again, which continues
-        it) instead of deleting it (unless the server refused a request's images or labels,
-        as it refuses every run's: that set is deleted): unfinished, the server deletes it at its next start or
-        after ``[server].upload_idle_timeout_s`` without a request. ``progress=True`` shows samples sent as a tqdm bar, or
+        ran) share one set, each image stored once, and all return it. So a run that fails
+        for a reason that says nothing of the images (an interrupt, a lost connection, a
+        deadline) leaves the set, uploading, to the others or to a run again, which
+        continues it; unfinished, the server deletes it at its next start or after
+        ``[server].upload_idle_timeout_s`` without a request. A failure every run meets
+        alike (an image the server refuses or this process cannot read, fewer images than
+        labels) deletes it, so the upload run again fixed, under any request_id, creates
+        it anew. ``progress=True`` shows samples sent as a tqdm bar, or
         plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
@@ -586,14 +589,17 @@ class Client:
             # run's last answer. Deleting it would pull it from under that run, so it is left
             # to that run, or to one run again, which continues it. An older server, which
             # ignores request_id, gives each run its own set: that one is deleted, as before.
-            # A request the server refused for its contents (an image it cannot decode, a label
-            # out of range) is refused alike to every run sharing the set, which sends it as it
-            # is (same request_id, same fingerprint): none can finish the set, so it is deleted,
-            # as without request_id, and the same upload run again (fixed, with any request_id)
-            # creates it anew instead of meeting ALREADY_EXISTS. Not a request_id refusal: that
-            # says the set is another run's, made with other images.
+            # A failure of the upload's contents meets every run sharing the set alike, as each
+            # sends the same images under the same ids: the server refusing a request (an image
+            # it cannot decode, a label out of range), or this process failing to make one (an
+            # image file it cannot read, fewer images than labels). None can finish the set, so
+            # it is deleted, as without request_id, and the upload run again fixed (with any
+            # request_id) creates it anew instead of meeting ALREADY_EXISTS. Kept: a failure
+            # that says nothing of the contents (an interrupt, a lost connection, a deadline),
+            # and a request_id refusal, which says the set is another run's, of other images.
             refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
-            shared = upload_id is not None and not refused and self._shares_upload_sets(error, created, total)
+            unreadable = isinstance(error, Exception) and not isinstance(error, ExplaindError)
+            shared = upload_id is not None and not (refused or unreadable) and self._shares_upload_sets(error, created, total)
             if shared is None:  # the server did not answer: the set is left as it is (noted)
                 raise
             if shared:
