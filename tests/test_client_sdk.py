@@ -1411,7 +1411,7 @@ def test_a_failed_run_of_an_upload_with_its_request_id_does_not_say_it_kept_a_se
     with pytest.raises(NotFoundError) as caught:
         client.create_sample_set(images(), ["heart"] * 10, sample_set_id="deleted-under-it", chunk_size=2, request_id=uuid.uuid4())
     notes = "\n".join(caught.value.__notes__)
-    assert "was kept" not in notes and "'deleted-under-it' was deleted meanwhile, not by this upload" in notes
+    assert "was kept" not in notes and "'deleted-under-it' was deleted meanwhile, not by this run" in notes
 
 
 def test_a_named_upload_whose_image_the_server_refused_is_deleted_and_runs_again_with_any_request_id(client):
@@ -1633,3 +1633,113 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     with pytest.raises(ValueError, match="limit must be 0"):
         _ranking(8).summary(limit=-1)
+
+
+def test_a_run_of_an_upload_failing_on_no_image_of_its_own_leaves_the_set_to_a_run_filling_it(client, monkeypatch):
+    # Any Exception in this process counted as "cannot read its images" (a failure every
+    # run meets alike) and deleted the set: a TimeoutError that a pipeline's alarm raised
+    # in a request (no word of the images, like a deadline) pulled the set from under the
+    # other run of the upload filling it, which then failed FAILED_PRECONDITION.
+    import threading
+    import uuid
+
+    from explaind.client import Client
+
+    upload, other, waiting, failed = uuid.uuid4(), {}, threading.Event(), threading.Event()
+    images = [np.full((8, 8, 3), value, np.uint8) for value in range(8)]
+
+    def other_run():
+        def images_read():
+            for index, image in enumerate(images):
+                if index == 6:
+                    waiting.set()
+                    failed.wait(30)
+                yield image
+        try:
+            other["set"] = client.create_sample_set(images_read(), ["heart"] * 8, sample_set_id="alarmed", chunk_size=2, request_id=upload)
+        except BaseException as error:  # noqa: BLE001 - checked below
+            other["error"] = error
+            waiting.set()
+
+    calls = []
+    real_call_at = Client._call_at
+
+    def alarmed(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1 and threading.current_thread() is threading.main_thread():
+            thread.start()
+            assert waiting.wait(30)
+            raise TimeoutError("the pipeline step's alarm")
+        return real_call_at(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_call_at", alarmed)
+    thread = threading.Thread(target=other_run)
+    with pytest.raises(TimeoutError) as caught:
+        client.create_sample_set(images, ["heart"] * 8, sample_set_id="alarmed", chunk_size=2, request_id=upload)
+    failed.set()
+    thread.join(60)
+    assert "error" not in other, other.get("error")
+    assert "'alarmed' was kept" in "\n".join(caught.value.__notes__)
+    kept = client.sample_set("alarmed")
+    assert (kept.uid, kept.sample_count, kept.uploading) == (other["set"].uid, 8, False)
+    client.delete_sample_set("alarmed")
+
+
+def test_a_run_of_an_upload_that_cannot_read_an_image_keeps_the_set_another_run_finished_meanwhile(client, tmp_path):
+    # Another run of the upload (same request_id) read the images and finished the set after
+    # this run's create; then this run could not read a file (gone since, the other run's
+    # pipeline cleaning up its input): it deleted the finished set the other run had returned.
+    import uuid
+
+    from PIL import Image
+
+    paths = []
+    for value in range(8):
+        paths.append(tmp_path / f"{value}.png")
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(paths[-1])
+    upload, other = uuid.uuid4(), {}
+
+    def images():
+        for index, path in enumerate(paths):
+            if index == 6:  # read ahead: this run's create has been answered
+                other["set"] = client.create_sample_set(paths, [0] * 8, sample_set_id="finished-by-other", chunk_size=2, request_id=upload)
+                for gone in paths[6:]:
+                    gone.unlink()
+            yield path
+
+    with pytest.raises(FileNotFoundError) as caught:
+        client.create_sample_set(images(), [0] * 8, sample_set_id="finished-by-other", chunk_size=2, request_id=upload)
+    assert "'finished-by-other' was kept as another run of this upload (its request_id) finished it" in "\n".join(caught.value.__notes__)
+    kept = client.sample_set("finished-by-other")
+    assert (kept.uid, kept.sample_count, kept.uploading) == (other["set"].uid, 8, False)
+    client.delete_sample_set("finished-by-other")
+
+
+def test_a_run_of_an_upload_whose_set_another_run_deleted_does_not_say_no_run_of_it_did(client, tmp_path):
+    # The other run (same request_id) could not read an image and deleted the set they
+    # shared; this run's note said "deleted meanwhile, not by this upload (by another
+    # client, or by a server restart)": it was this upload, under its other run.
+    import uuid
+
+    from PIL import Image
+
+    from explaind.client import ExplaindError
+
+    paths = []
+    for value in range(10):
+        paths.append(tmp_path / f"{value}.png")
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(paths[-1])
+    upload = uuid.uuid4()
+
+    def images():
+        for index, path in enumerate(paths):
+            if index == 6:  # this run's create has been answered; the other run fails reading its image 8
+                with pytest.raises(FileNotFoundError):
+                    client.create_sample_set(iter(paths[:8] + [tmp_path / "gone.png"] + paths[9:]), [0] * 10, sample_set_id="shared-deleted",
+                                             chunk_size=2, request_id=upload)
+            yield path
+
+    with pytest.raises(ExplaindError) as caught:
+        client.create_sample_set(images(), [0] * 10, sample_set_id="shared-deleted", chunk_size=2, request_id=upload)
+    notes = "\n".join(caught.value.__notes__)
+    assert "was deleted meanwhile, not by this run (by another client, by another run of this upload under the same request_id" in notes

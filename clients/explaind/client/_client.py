@@ -371,6 +371,21 @@ class Client:
             return None
         return "sample_set_request_id" in response.capabilities
 
+    def _finished_by_another_run(self, error: BaseException, created: SampleSet) -> bool:
+        """For an upload with the caller's request_id that failed to read its images: whether
+        another run of it (which read them, before a file went, say) finished the set since,
+        which is then kept (noted on ``error``), not deleted under that run's caller. False
+        when the set is still uploading, or the server cannot say (the delete then decides)."""
+        try:
+            now = self.sample_set(created.sample_set_id)
+        except ExplaindError:
+            return False
+        if now.uid != created.uid or now.uploading:
+            return False
+        error.add_note(f"sample set {created.sample_set_id!r} was kept as another run of this upload (its request_id) "
+                       f"finished it, with {now.sample_count} samples")
+        return True
+
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
         call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._metadata)
@@ -538,8 +553,8 @@ class Client:
         continues it; unfinished, the server deletes it at its next start or after
         ``[server].upload_idle_timeout_s`` without a request. A failure every run meets
         alike (an image the server refuses or this process cannot read, fewer images than
-        labels) deletes it, so the upload run again fixed, under any request_id, creates
-        it anew. ``progress=True`` shows samples sent as a tqdm bar, or
+        labels) deletes it (unless another run finished it meanwhile), so the upload run
+        again fixed, under any request_id, creates it anew. ``progress=True`` shows samples sent as a tqdm bar, or
         plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
@@ -565,8 +580,16 @@ class Client:
         finished_before = upload_id is not None and request.upload_continues and not created.uploading
         sent, requests = len(first), 1
         _show_upload(display, sent, total, last)
+        unreadable = False  # the images failed to be read (or were fewer than the labels), not anything else in this process
         try:
-            for chunk, last in chunks:  # reading the next chunk's images may fail here too
+            while True:
+                try:  # reading the next chunk's images may fail here too
+                    chunk, last = next(chunks)
+                except StopIteration:
+                    break
+                except Exception:
+                    unreadable = True
+                    raise
                 # The uid: the set this upload created, never another made under its id meanwhile.
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
                                   sample_set_uid=created.uid, request_id=next(request_ids))
@@ -579,8 +602,13 @@ class Client:
                 error.add_note(f"sample set {created.sample_set_id!r} was kept as an earlier run of this upload (its request_id) "
                                f"finished it, with {created.sample_count} samples")
                 raise
-            deleted_meanwhile = (f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, not by this upload "
-                                 "(by another client, or by a server restart, which deletes sets left uploading)")
+            # Another run of this upload (the caller's request_id) deletes the set it shares on a
+            # failure of the images: "not by this upload" would be false then.
+            deleted_meanwhile = (f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, "
+                                 + ("not by this run (by another client, by another run of this upload under the same request_id, "
+                                    "which deletes it when it cannot read the images or the server refuses one, " if upload_id is not None
+                                    else "not by this upload (by another client, ")
+                                 + "or by a server restart, which deletes sets left uploading)")
             if isinstance(error, NotFoundError) or (isinstance(error, FailedPreconditionError) and error.field == "sample_set_uid"):
                 error.add_note(deleted_meanwhile)  # the set is not there to keep (nor to delete)
                 raise
@@ -597,8 +625,12 @@ class Client:
             # request_id) creates it anew instead of meeting ALREADY_EXISTS. Kept: a failure
             # that says nothing of the contents (an interrupt, a lost connection, a deadline),
             # and a request_id refusal, which says the set is another run's, of other images.
+            # Only an error of reading the images counts as the images': another Exception
+            # (a TimeoutError a pipeline's alarm raised in a call, a MemoryError) says no more
+            # of them than an interrupt does.
             refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
-            unreadable = isinstance(error, Exception) and not isinstance(error, ExplaindError)
+            if upload_id is not None and unreadable and self._finished_by_another_run(error, created):
+                raise
             shared = upload_id is not None and not (refused or unreadable) and self._shares_upload_sets(error, created, total)
             if shared is None:  # the server did not answer: the set is left as it is (noted)
                 raise
