@@ -507,6 +507,25 @@ def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):
     assert "'dog' is not a class of the served model" in capsys.readouterr().err
 
 
+def test_an_image_file_unreadable_when_its_turn_comes_is_an_error_line_not_a_traceback(server, capsys, tmp_path, monkeypatch):
+    # Files are checked to exist when the command starts, and read as their request is
+    # made: one that fails then (gone meanwhile, an I/O error) raised the SDK's OSError
+    # through main as a traceback.
+    from explaind.client import _images
+
+    images = [_png(tmp_path / f"{name}.png", 0) for name in "abc"]
+    read = _images.to_image_message
+
+    def unreadable_c(image):
+        if str(image).endswith("c.png"):
+            raise PermissionError(13, "Permission denied")
+        return read(image)
+
+    monkeypatch.setattr(_images, "to_image_message", unreadable_c)
+    assert main(["--target", server.target, "sample-set", "create", "--id", "unreadable", "--images", *images, "--labels", "0", "0", "0"]) == 1
+    assert f"error: images[2]: cannot read {images[2]}: Permission denied" in capsys.readouterr().err
+
+
 def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     root = tmp_path / "images"
     for name, count in (("heart", 2), ("circle", 3)):

@@ -62,6 +62,15 @@ class CommandError(Exception):
     """A user error the CLI reports as one ``error:`` line on stderr, exit code 1."""
 
 
+def _command_error(error: Exception) -> CommandError:
+    """``error`` as the one-line user error, keeping its notes (e.g. what a failed upload
+    left behind), which ``main`` prints under it."""
+    command_error = CommandError(str(error))
+    for note in getattr(error, "__notes__", ()):
+        command_error.add_note(note)
+    return command_error
+
+
 def _client(args: argparse.Namespace) -> Client:
     try:
         return Client(args.target, timeout=args.timeout, token=_token(args), tls=args.tls,
@@ -454,8 +463,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                     else:
                         stored = client.append_samples(args.id, images, labels, attributes=attributes, progress=progress,
                                                        request_id=args.request_id)
-            except ValueError as error:  # a label that is no class of the served model
-                raise CommandError(str(error)) from None
+            except (ValueError, OSError) as error:  # a label that is no class of the served model; a file unreadable when its turn came
+                raise _command_error(error) from None
             if args.json:
                 _print_json(_sample_set_json(_served_class_names(client), stored))
                 return 0
