@@ -1532,6 +1532,42 @@ def test_a_failed_upload_with_its_request_id_waits_out_one_timeout_for_a_server_
                         caught.value.__notes__[-1])
 
 
+class _OverloadedUploadServer(_UploadServer):
+    """An _UploadServer whose GetModelMetadata is RESOURCE_EXHAUSTED once ``overloaded`` is set."""
+
+    overloaded = False
+
+    def GetModelMetadata(self, request, context):
+        if self.overloaded:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls")
+        return super().GetModelMetadata(request, context)
+
+
+def test_a_failed_upload_with_its_request_id_leaves_its_set_when_the_server_does_not_say_whether_runs_share_it():
+    # A capability check refused (an overloaded server) read as "runs do not share sets":
+    # the set was deleted, under another run of the upload that may be filling it.
+    import uuid
+
+    servicer = _OverloadedUploadServer(("request_id", "sample_set_request_id"), set())
+    server, target = _serve_uploads(servicer)
+
+    def images():
+        for index in range(10):
+            if index == 8:  # read ahead: the create and an append have been answered
+                servicer.overloaded = True
+                raise KeyboardInterrupt
+            yield np.zeros((4, 4, 3), np.uint8)
+
+    try:
+        with Client(target, timeout=5) as client, pytest.raises(KeyboardInterrupt) as caught:
+            client.create_sample_set(images(), [0] * 10, sample_set_id="overloaded", chunk_size=2, request_id=uuid.uuid4())
+    finally:
+        server.stop(0)
+    assert servicer.uploading == {"overloaded"}
+    assert re.fullmatch(r"sample set 'overloaded' was left with 4 of 10 samples, uploading: the server did not say whether other runs of "
+                        r"this upload share it \(RESOURCE_EXHAUSTED\); .*", caught.value.__notes__[-1])
+
+
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
     from explaind.v1 import neuroinspect_pb2, sample_sets_pb2

@@ -356,17 +356,17 @@ class Client:
     def _shares_upload_sets(self, error: BaseException, created: SampleSet, total: int) -> bool | None:
         """For a failed upload with the caller's request_id: whether the server gives its
         runs one set (it honours upload request_ids), asked once, not retried. None where
-        nothing answered (UNAVAILABLE, DEADLINE_EXCEEDED), with a note on ``error``: the
-        set is left as it is, as a delete would wait out a second timeout for a server that
-        did not answer the first (a Ctrl-C then blocked for twice the timeout), and could
-        pull the set from under another run. False on another error (no capability said)."""
+        the server did not say, with a note on ``error``: the set is left as it is. Nothing
+        answered (UNAVAILABLE, DEADLINE_EXCEEDED): a delete would wait out a second timeout
+        (a Ctrl-C then blocked for twice the timeout). Another error (an overloaded server's
+        RESOURCE_EXHAUSTED, say): a delete could pull the set from under another run, while
+        a set left unfinished is the server's to delete."""
         try:
             response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(), retry_until=time.monotonic())
         except ExplaindError as unanswered:
-            if unanswered.code not in _NO_ANSWER:
-                return False
+            why = "did not answer" if unanswered.code in _NO_ANSWER else "did not say whether other runs of this upload share it"
             error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples, uploading: "
-                           f"the server did not answer ({unanswered.code.name}); unfinished, it deletes the set at its next start or "
+                           f"the server {why} ({unanswered.code.name}); unfinished, it deletes the set at its next start or "
                            "after [server].upload_idle_timeout_s without a request (or delete the set)")
             return None
         return "sample_set_request_id" in response.capabilities
