@@ -1532,6 +1532,23 @@ def test_a_failed_upload_with_its_request_id_waits_out_one_timeout_for_a_server_
                         caught.value.__notes__[-1])
 
 
+def test_an_upload_whose_first_answer_was_lost_says_the_set_may_stay_uploading():
+    # An older server (no upload request ids: not sent again) applied the create and its
+    # answer was lost: the set stays uploading, and the error said nothing of it (only a
+    # Ctrl-C did).
+    from explaind.client import UnavailableError
+
+    servicer = _UploadServer(("request_id",), {"CreateSampleSet"})
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=5) as client, pytest.raises(UnavailableError) as caught:
+            client.create_sample_set(np.zeros((4, 4, 4, 3), np.uint8), [0] * 4, sample_set_id="lost", chunk_size=2)
+    finally:
+        server.stop(0)
+    assert servicer.uploading == {"lost"}
+    assert caught.value.__notes__[-1].startswith("if the server created the set before this, it stays uploading")
+
+
 class _OverloadedUploadServer(_UploadServer):
     """An _UploadServer whose GetModelMetadata is RESOURCE_EXHAUSTED once ``overloaded`` is set."""
 

@@ -570,9 +570,10 @@ class Client:
         try:
             created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
         except BaseException as error:
-            if request.upload_continues and not isinstance(error, ExplaindError):  # e.g. Ctrl-C as the answer came
-                error.add_note("if the server created the set before this, it stays uploading: jobs refuse it, and the server's "
-                               "next start deletes it (or delete the set)")
+            # A Ctrl-C as the answer came, or an answer lost: the set may have been created.
+            if request.upload_continues and (not isinstance(error, ExplaindError) or error.code in _NO_ANSWER):
+                error.add_note("if the server created the set before this, it stays uploading: jobs refuse it, and the server deletes "
+                               "it at its next start or after [server].upload_idle_timeout_s without a request (or delete the set)")
             _note_upload_id_reused(error, upload_id, "create_sample_set", 0)
             raise
         # Finished at once although more follows: an earlier run of this upload (the
