@@ -96,9 +96,9 @@ def paired_latency(model: Callable[[torch.Tensor], torch.Tensor], target: str, i
     return forwards[20:], rpcs[20:]
 
 
-def throughput(target: str, images: np.ndarray, clients: int, seconds: float) -> float:
-    """Images per second with ``clients`` threads each sending one image per call."""
-    counts = [0] * clients
+def latencies(target: str, images: np.ndarray, clients: int, seconds: float) -> list[float]:
+    """Seconds per Predict call, from ``clients`` threads each sending one image per call."""
+    samples: list[list[float]] = [[] for _ in range(clients)]
     stop = threading.Event()
     barrier = threading.Barrier(clients + 1)
 
@@ -106,21 +106,27 @@ def throughput(target: str, images: np.ndarray, clients: int, seconds: float) ->
         with Client(target) as client:
             client.predict([images[index]])
             barrier.wait()
+            count = 0
             while not stop.is_set():
-                client.predict([images[(index + counts[index]) % len(images)]])
-                counts[index] += 1
+                start = time.perf_counter()
+                client.predict([images[(index + count) % len(images)]])
+                samples[index].append(time.perf_counter() - start)
+                count += 1
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
     barrier.wait()
-    start = time.perf_counter()
     time.sleep(seconds)
     stop.set()
-    elapsed = time.perf_counter() - start
     for thread in threads:
         thread.join()
-    return sum(counts) / elapsed
+    return [sample for worker_samples in samples for sample in worker_samples]
+
+
+def throughput(target: str, images: np.ndarray, clients: int, seconds: float) -> float:
+    """Images per second with ``clients`` threads each sending one image per call."""
+    return len(latencies(target, images, clients, seconds)) / seconds
 
 
 def model_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int, seconds: float) -> float:

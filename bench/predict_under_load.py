@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from explaind.world import assets
 from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
-from predict import free_port, percentiles
+from predict import free_port, latencies, percentiles
 
 PHASES = ("idle", "visualize", "evaluate")
 CLIENT_COUNTS = (1, 8)
@@ -60,34 +59,6 @@ def start_server(root: Path, threads: int) -> tuple[subprocess.Popen, str]:
     with Client(target) as client:
         client.wait_until_ready(timeout=300)
     return process, target
-
-
-def latencies(target: str, images: np.ndarray, clients: int, seconds: float) -> list[float]:
-    """Seconds per Predict call, from ``clients`` threads each sending one image per call."""
-    samples: list[list[float]] = [[] for _ in range(clients)]
-    stop = threading.Event()
-    barrier = threading.Barrier(clients + 1)
-
-    def worker(index: int) -> None:
-        with Client(target) as client:
-            client.predict([images[index]])
-            barrier.wait()
-            count = 0
-            while not stop.is_set():
-                start = time.perf_counter()
-                client.predict([images[(index + count) % len(images)]])
-                samples[index].append(time.perf_counter() - start)
-                count += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    return [sample for worker_samples in samples for sample in worker_samples]
 
 
 class Load:
