@@ -1199,6 +1199,16 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
+def _png_files(folder, count: int) -> list:
+    """``count`` 8x8 PNG files in ``folder``, image i all of value i (paths, in order)."""
+    from PIL import Image
+
+    paths = [folder / f"{value}.png" for value in range(count)]
+    for value, path in enumerate(paths):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+    return paths
+
+
 def _serve_uploads(servicer: _UploadServer) -> tuple[grpc.Server, str]:
     def add(servicer, server):
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
@@ -1454,14 +1464,9 @@ def test_a_named_upload_that_cannot_read_its_images_deletes_its_set_and_runs_aga
     # (or none) failed ALREADY_EXISTS until the set was deleted or swept.
     import uuid
 
-    from PIL import Image
-
     from explaind.client import AlreadyExistsError, NotFoundError
 
-    paths = []
-    for value in range(10):
-        paths.append(tmp_path / f"{value}.png")
-        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(paths[-1])
+    paths = _png_files(tmp_path, 10)
 
     def images():  # read a request ahead: image 8 once the create and an append are answered
         yield from paths[:8]
@@ -1744,12 +1749,7 @@ def test_a_run_of_an_upload_that_cannot_read_an_image_keeps_the_set_another_run_
     # pipeline cleaning up its input): it deleted the finished set the other run had returned.
     import uuid
 
-    from PIL import Image
-
-    paths = []
-    for value in range(8):
-        paths.append(tmp_path / f"{value}.png")
-        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(paths[-1])
+    paths = _png_files(tmp_path, 8)
     upload, other = uuid.uuid4(), {}
 
     def images():
@@ -1774,14 +1774,9 @@ def test_a_run_of_an_upload_whose_set_another_run_deleted_does_not_say_no_run_of
     # client, or by a server restart)": it was this upload, under its other run.
     import uuid
 
-    from PIL import Image
-
     from explaind.client import ExplaindError
 
-    paths = []
-    for value in range(10):
-        paths.append(tmp_path / f"{value}.png")
-        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(paths[-1])
+    paths = _png_files(tmp_path, 10)
     upload = uuid.uuid4()
 
     def images():
