@@ -1,6 +1,8 @@
 """The report's evaluation table: each version's own worst class and group, labelled as such,
 measured on samples the suggested edit did not train on."""
 
+import base64
+import io
 import re
 
 import grpc
@@ -289,3 +291,37 @@ def test_every_name_from_the_server_or_the_config_is_escaped_in_the_page():
         assert "&lt;img src=x onerror=alert(1)&gt;" in page
         assert len(re.findall(r"<img ", page)) == 2 * len(visualizations)  # only the page's own images
     assert _evaluation_rows(evaluation({hostile: 0.5, "b": 0.9}, {hostile: 0.1}), evaluation({hostile: 0.6, "b": 0.9}, {hostile: 0.2})).count("<img") == 0
+
+
+def _imagenet_sized_report(side: int, predicted_as: dict[str, int], top_classes: list[str]):
+    from PIL import Image
+
+    from explaind.client._neuroinspect import NeuronRanking, NeuronVisualization, RankedNeuron
+    from explaind.client.report import MistakeReport
+
+    rng = np.random.default_rng(0)
+    ranking = NeuronRanking(sample_set_id="s", model_version="v", class_index=0, class_name="tench", solver="faithful", sample_count=50000,
+                            mistake_count=sum(predicted_as.values()), converged_count=1, predicted_as=predicted_as,
+                            neurons=[RankedNeuron(7, "excessive", 0.0, 1.0, -1.0, 0.9, top_classes)])
+    # An optimised image's look: coarse colour noise with finer noise over it.
+    coarse = Image.fromarray(rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+    image = Image.blend(coarse, Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)), 0.2)
+    shown = NeuronVisualization(neuron=7, class_index=0, class_name="tench", image=image, masked_image=image, activation=1.0,
+                                logit=2.0, clip_similarity=0.3, core_relevance=0.1, mask_fraction=0.5)
+    return MistakeReport(ranking=ranking, visualizations=[shown], edit=None, visualization_method="clip_illusion")
+
+
+def test_visualisations_at_least_their_box_are_inlined_as_jpeg_and_smaller_ones_as_png():
+    # 224 px images went in as PNG, ~90 kB each, two per neuron and every ranked neuron
+    # shown: 11 MB for 60 neurons of a ResNet, 38 MB for 200.
+    from PIL import Image
+
+    for side, kind in ((224, "jpeg"), (64, "png")):  # the small ones are enlarged as crisp pixels: no JPEG artefacts
+        page = render_report(_imagenet_sized_report(side, {"goldfish": 2}, ["tench"]))
+        sources = re.findall(r"<img [^>]*src='data:image/(\w+);base64,([^']*)'", page)
+        assert [k for k, _ in sources] == [kind, kind]
+        for _, data in sources:
+            decoded = Image.open(io.BytesIO(base64.b64decode(data)))
+            assert decoded.size == (side, side) and decoded.format == kind.upper()
+    page = render_report(_imagenet_sized_report(224, {"goldfish": 2}, ["tench"]))
+    assert all(len(data) < 50_000 for data in re.findall(r"base64,([^']*)'", page))  # as PNG, 165 kB

@@ -2,8 +2,9 @@
 
 Runs the NeuroInspect loop through the SDK (rank the neurons behind the class's
 mistakes, visualise the top ones, suggest a head edit on them and evaluate it) and
-renders it with every image inlined as a base64 PNG, no scripts and no external
-resources, so the file can be mailed or attached to a ticket as is.
+renders it with every image inlined (base64 JPEG, or PNG for the small images drawn as
+crisp pixels), no scripts and no external resources, so the file can be mailed or
+attached to a ticket as is.
 """
 
 from __future__ import annotations
@@ -145,10 +146,22 @@ def _suggest_edit(
     return edit, f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
-def _png_data_uri(image: Image) -> str:
+# Quality of the JPEG the images at least as large as their box are inlined as.
+_JPEG_QUALITY = 90
+
+
+def _image_data_uri(image: Image) -> str:
+    """The image as a data URI: PNG below the box (drawn enlarged as crisp pixels, where
+    JPEG's artefacts would show), else JPEG. A 224 px visualisation was a ~90 kB PNG,
+    two per neuron and every ranked neuron shown: tens of MB for an ImageNet model."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if image.width < _IMAGE_BOX:
+        image.save(buffer, format="PNG")
+        kind = "png"
+    else:
+        image.convert("RGB").save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+        kind = "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -274,8 +287,8 @@ def render_report(report: MistakeReport) -> str:
             upscaled = " data-upscaled" if image.width < _IMAGE_BOX else ""
             parts.append(
                 f"<div class='neuron' id='neuron-{v.neuron}'><b>neuron {v.neuron}</b> · class {escape(v.class_name)}<br>"
-                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{_png_data_uri(image)}'> "
-                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{_png_data_uri(masked_image)}'>"
+                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{_image_data_uri(image)}'> "
+                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{_image_data_uri(masked_image)}'>"
                 f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
                 f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
