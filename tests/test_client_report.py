@@ -325,3 +325,16 @@ def test_visualisations_at_least_their_box_are_inlined_as_jpeg_and_smaller_ones_
             assert decoded.size == (side, side) and decoded.format == kind.upper()
     page = render_report(_imagenet_sized_report(224, {"goldfish": 2}, ["tench"]))
     assert all(len(data) < 50_000 for data in re.findall(r"base64,([^']*)'", page))  # as PNG, 165 kB
+
+
+def test_the_classes_the_mistakes_went_to_are_the_most_common_ten_and_a_count_of_the_rest():
+    # A 1000-class model's mistakes of one class went to 400 others: a paragraph pages long
+    # above the ranking.
+    predicted_as = {f"class {i}": 1 for i in range(400)} | {"goldfish": 9, "great white shark, white shark": 5}
+    page = render_report(_imagenet_sized_report(64, predicted_as, ["tench"]))
+    (cell,) = re.findall(r"<tr><td>predicted instead as</td><td>(.*?)</td></tr>", page)
+    assert cell.startswith("goldfish (9); great white shark, white shark (5); class 0 (1); ")
+    assert cell.count("(") == 10 + 1 and cell.endswith("; and 392 other classes (392 mistakes)")
+    one_more = render_report(_imagenet_sized_report(64, {f"c{i}": 2 for i in range(11)}, ["tench"]))
+    assert "; and 1 other class (2 mistakes)</td>" in one_more and "c9 (2); and 1 other" in one_more
+    assert "<td>predicted instead as</td><td>c0 (2); c1 (2)</td>" in render_report(_imagenet_sized_report(64, {"c0": 2, "c1": 2}, ["tench"]))

@@ -245,11 +245,28 @@ _VISUALIZATION_LEGEND = (
 )
 
 
+# Classes named in "predicted instead as"; a 1000-class model's mistakes of one class
+# went to hundreds of others, a paragraph pages long above the ranking.
+_PREDICTED_SHOWN = 10
+
+
+def _predicted_as(predicted_as: dict[str, int]) -> str:
+    """The classes the mistakes were predicted as, most first, the first ``_PREDICTED_SHOWN``
+    named and the rest counted."""
+    ordered = sorted(predicted_as.items(), key=lambda item: -item[1])  # stable: equal counts keep their order
+    shown, rest = ordered[:_PREDICTED_SHOWN], ordered[_PREDICTED_SHOWN:]
+    text = "; ".join(f"{html.escape(name)} ({count})" for name, count in shown) or "–"
+    if rest:
+        others = sum(count for _, count in rest)
+        text += f"; and {len(rest)} other class{'' if len(rest) == 1 else 'es'} ({others} mistake{'' if others == 1 else 's'})"
+    return text
+
+
 def render_report(report: MistakeReport) -> str:
     """The report as one HTML document (UTF-8, images inlined, no scripts)."""
     ranking = report.ranking
     escape = html.escape
-    predicted = ", ".join(f"{escape(name)} ({count})" for name, count in ranking.predicted_as.items()) or "–"
+    predicted = _predicted_as(ranking.predicted_as)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>explaind: mistakes of class {escape(ranking.class_name)}</title><style>{_STYLE}</style></head><body>",
