@@ -338,3 +338,9 @@ def test_the_classes_the_mistakes_went_to_are_the_most_common_ten_and_a_count_of
     one_more = render_report(_imagenet_sized_report(64, {f"c{i}": 2 for i in range(11)}, ["tench"]))
     assert "; and 1 other class (2 mistakes)</td>" in one_more and "c9 (2); and 1 other" in one_more
     assert "<td>predicted instead as</td><td>c0 (2); c1 (2)</td>" in render_report(_imagenet_sized_report(64, {"c0": 2, "c1": 2}, ["tench"]))
+
+
+def test_top_classes_whose_names_hold_commas_stay_told_apart():
+    # ImageNet names hold commas: "a, b, c, d" could not say whether it was two classes or four.
+    page = render_report(_imagenet_sized_report(64, {"goldfish": 2}, ["great white shark, white shark", "tiger shark, Galeocerdo cuvieri"]))
+    assert "<td class='text'>great white shark, white shark; tiger shark, Galeocerdo cuvieri</td>" in page

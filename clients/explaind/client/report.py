@@ -250,6 +250,12 @@ _VISUALIZATION_LEGEND = (
 _PREDICTED_SHOWN = 10
 
 
+def _class_list(names: list[str]) -> str:
+    """Class names, escaped, separated by semicolons: ImageNet's names hold commas
+    ("great white shark, white shark, man-eater, ...")."""
+    return "; ".join(html.escape(name) for name in names)
+
+
 def _predicted_as(predicted_as: dict[str, int]) -> str:
     """The classes the mistakes were predicted as, most first, the first ``_PREDICTED_SHOWN``
     named and the rest counted."""
@@ -287,7 +293,7 @@ def render_report(report: MistakeReport) -> str:
             neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
             parts.append(
                 f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
-                f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td class='text'>{escape(', '.join(n.top_classes))}</td></tr>"
+                f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td class='text'>{_class_list(n.top_classes)}</td></tr>"
             )
         parts.append(f"</table>{_RANKING_LEGEND}")
     elif not ranking.mistake_count:  # not an empty table under a heading that asks why
