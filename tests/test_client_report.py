@@ -40,6 +40,12 @@ def test_worst_rows_compare_each_versions_worst_and_name_both():
     assert rows["class heart"] == ["0.175", "0.850", "+0.675"]
 
 
+def test_a_change_that_rounds_to_zero_reads_as_no_change():
+    before = evaluation({"circle": 0.9, "heart": 0.5}, {})
+    after = evaluation({"circle": 0.8999, "heart": 0.5}, {})  # -0.0001: it read -0.000
+    assert table(_evaluation_rows(before, after))["class circle"] == ["0.900", "0.900", "+0.000"]
+
+
 def test_an_unchanged_worst_is_named_once_and_no_groups_means_no_group_rows():
     before = evaluation({"circle": 0.9, "heart": 0.2}, {})
     after = evaluation({"circle": 0.9, "heart": 0.5}, {})

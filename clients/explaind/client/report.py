@@ -168,6 +168,11 @@ def _number(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _signed(value: float) -> str:
+    """``value`` with its sign, to 3 decimals; one that rounds to zero is +0.000, not -0.000."""
+    return "–" if math.isnan(value) else f"{round(value, 3) + 0.0:+.3f}"
+
+
 # Class rows of the edit's table; an ImageNet-sized set would give a thousand.
 _CLASS_ROWS = 20
 
@@ -206,7 +211,7 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     if rest:
         rows.append((f"the other {len(rest)} classes, mean", _mean([old for _, old, _ in rest]), _mean([new for _, _, new in rest])))
     return "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{f'{a - b:+.3f}' if not (math.isnan(a) or math.isnan(b)) else '–'}</td></tr>"
+        f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
         for label, b, a in rows
     )
 
@@ -293,7 +298,7 @@ def render_report(report: MistakeReport) -> str:
             neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
             parts.append(
                 f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
-                f"<td>{n.mean_omega:+.3f}</td><td>{_number(n.importance)}</td><td class='text'>{_class_list(n.top_classes)}</td></tr>"
+                f"<td>{_signed(n.mean_omega)}</td><td>{_number(n.importance)}</td><td class='text'>{_class_list(n.top_classes)}</td></tr>"
             )
         parts.append(f"</table>{_RANKING_LEGEND}")
     elif not ranking.mistake_count:  # not an empty table under a heading that asks why
