@@ -1679,7 +1679,7 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     lines = dataclasses.replace(_ranking(8), top_k=3).summary(limit=2).splitlines()
     assert lines[0] == "8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top 3 (solver faithful):"
     assert lines[1] == ("  neuron   0  excessive    top 3 in 0% of mistakes as insufficient, 100% as excessive  importance 0.87"
-                        "  top classes square, circle")
+                        "  top classes square; circle")
     assert lines[2].startswith("  neuron   1  excessive    top 3 in 0% of mistakes as insufficient, 90% as excessive")
     assert lines[3:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
     # A server too old to report top_k (0): no "top 5" it cannot know.

@@ -96,7 +96,8 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         """The ranking as lines of text, as ``explaind rank`` prints it: the mistakes, the
         first ``limit`` neurons (0: all) with their direction, shares, importance and top
         classes, and what the mistakes were predicted as. ``print(ranking.summary())``.
-        From a server that does not report ``top_k`` (0) it says "top k", not a number."""
+        From a server that does not report ``top_k`` (0) it says "top k", not a number.
+        Top classes are separated by semicolons, as ImageNet's names hold commas."""
         if limit < 0:
             raise ValueError(f"limit must be 0 (all) or more, got {limit}")
         if not self.mistake_count:
@@ -107,7 +108,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
         lines += [f"  neuron {n.neuron:>3}  {n.direction:<12} {top} in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
-                  f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {', '.join(n.top_classes)}"
+                  f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {'; '.join(n.top_classes)}"
                   for n in self.neurons[:limit or None]]
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
