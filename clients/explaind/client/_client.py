@@ -554,8 +554,8 @@ class Client:
         ``[server].upload_idle_timeout_s`` without a request. A failure every run meets
         alike (an image the server refuses or this process cannot read, fewer images than
         labels) deletes it (unless another run finished it meanwhile), so the upload run
-        again fixed, under any request_id, creates it anew. ``progress=True`` shows samples sent as a tqdm bar, or
-        plain lines when stderr is not a terminal."""
+        again fixed, under any request_id, creates it anew. ``progress=True`` shows
+        samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
             return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_id)
@@ -599,58 +599,63 @@ class Client:
                 _show_upload(display, sent, total, last)
         except BaseException as error:
             _note_upload_id_reused(error, upload_id, "create_sample_set", requests)
-            if finished_before:
-                error.add_note(f"sample set {created.sample_set_id!r} was kept as an earlier run of this upload (its request_id) "
-                               f"finished it, with {created.sample_count} samples")
-                raise
-            # Another run of this upload (the caller's request_id) deletes the set it shares on a
-            # failure of the images: "not by this upload" would be false then.
-            deleted_meanwhile = (f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, "
-                                 + ("not by this run (by another client, by another run of this upload under the same request_id, "
-                                    "which deletes it when it cannot read the images or the server refuses one, " if upload_id is not None
-                                    else "not by this upload (by another client, ")
-                                 + "or by a server restart, which deletes sets left uploading)")
-            if isinstance(error, NotFoundError) or (isinstance(error, FailedPreconditionError) and error.field == "sample_set_uid"):
-                error.add_note(deleted_meanwhile)  # the set is not there to keep (nor to delete)
-                raise
-            # Runs of one upload (the caller's request_id) share its set: another (a pipeline
-            # retried while this run went on) may be filling it, or have finished it since this
-            # run's last answer. Deleting it would pull it from under that run, so it is left
-            # to that run, or to one run again, which continues it. An older server, which
-            # ignores request_id, gives each run its own set: that one is deleted, as before.
-            # A failure of the upload's contents meets every run sharing the set alike, as each
-            # sends the same images under the same ids: the server refusing a request (an image
-            # it cannot decode, a label out of range), or this process failing to make one (an
-            # image file it cannot read, fewer images than labels). None can finish the set, so
-            # it is deleted, as without request_id, and the upload run again fixed (with any
-            # request_id) creates it anew instead of meeting ALREADY_EXISTS. Kept: a failure
-            # that says nothing of the contents (an interrupt, a lost connection, a deadline),
-            # and a request_id refusal, which says the set is another run's, of other images.
-            # Only an error of reading the images counts as the images': another Exception
-            # (a TimeoutError a pipeline's alarm raised in a call, a MemoryError) says no more
-            # of them than an interrupt does.
-            refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
-            if upload_id is not None and unreadable and self._finished_by_another_run(error, created):
-                raise
-            shared = upload_id is not None and not (refused or unreadable) and self._shares_upload_sets(error, created, total)
-            if shared is None:  # the server did not answer: the set is left as it is (noted)
-                raise
-            if shared:
-                error.add_note(f"sample set {created.sample_set_id!r} was kept, not deleted: a run of this upload under the same "
-                               f"request_id {_request_id(upload_id)} (another running now, or this one run again) continues it; "
-                               "left unfinished, it stays uploading until the server deletes it (at its next start or after "
-                               "[server].upload_idle_timeout_s without a request), or delete the set")
-                raise
-            try:
-                self.delete_sample_set(created.sample_set_id, uid=created.uid)
-            except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
-                error.add_note(deleted_meanwhile)
-            except ExplaindError:
-                error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
-            else:
-                error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted")
+            self._settle_failed_upload(error, created, total, upload_id, finished_before=finished_before, unreadable=unreadable)
             raise
         return created
+
+    def _settle_failed_upload(self, error: BaseException, created: SampleSet, total: int, upload_id: str | uuid.UUID | None, *,
+                              finished_before: bool, unreadable: bool) -> None:
+        """Delete or keep the set of an upload that failed after its create, and say which
+        on ``error``. ``finished_before``: an earlier run of the upload (the caller's
+        request_id) had finished the set; ``unreadable``: the images failed to be read (or
+        were fewer than the labels).
+
+        Runs of one upload (the caller's request_id) share its set: another (a pipeline
+        retried while this run went on) may be filling it, or have finished it. So a failure
+        that says nothing of the images (an interrupt, a lost connection, a deadline, a
+        pipeline's alarm) keeps the set for that run, or for one run again, which continues
+        it. A failure every run meets alike, as each sends the same images under the same ids
+        (the server refusing a request's images or labels, this process failing to read them),
+        deletes it, as without request_id, so the upload run again fixed (under any
+        request_id) creates it anew instead of meeting ALREADY_EXISTS; unless another run
+        finished it meanwhile. A request_id refusal says the set is another run's: kept. An
+        older server, which ignores request_id, gives each run its own set: deleted."""
+        if finished_before:
+            error.add_note(f"sample set {created.sample_set_id!r} was kept as an earlier run of this upload (its request_id) "
+                           f"finished it, with {created.sample_count} samples")
+            return
+        # Another run of this upload deletes the set it shares on a failure of the images:
+        # "not by this upload" would be false then.
+        deleted_meanwhile = (f"the partly uploaded sample set {created.sample_set_id!r} was deleted meanwhile, "
+                             + ("not by this run (by another client, by another run of this upload under the same request_id, "
+                                "which deletes it when it cannot read the images or the server refuses one, " if upload_id is not None
+                                else "not by this upload (by another client, ")
+                             + "or by a server restart, which deletes sets left uploading)")
+        if isinstance(error, NotFoundError) or (isinstance(error, FailedPreconditionError) and error.field == "sample_set_uid"):
+            error.add_note(deleted_meanwhile)  # the set is not there to keep (nor to delete)
+            return
+        if upload_id is not None:
+            if unreadable and self._finished_by_another_run(error, created):
+                return
+            refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
+            if not (refused or unreadable):
+                shared = self._shares_upload_sets(error, created, total)
+                if shared is None:  # the server did not say: the set is left as it is (noted)
+                    return
+                if shared:
+                    error.add_note(f"sample set {created.sample_set_id!r} was kept, not deleted: a run of this upload under the same "
+                                   f"request_id {_request_id(upload_id)} (another running now, or this one run again) continues it; "
+                                   "left unfinished, it stays uploading until the server deletes it (at its next start or after "
+                                   "[server].upload_idle_timeout_s without a request), or delete the set")
+                    return
+        try:
+            self.delete_sample_set(created.sample_set_id, uid=created.uid)
+        except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
+            error.add_note(deleted_meanwhile)
+        except ExplaindError:
+            error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
+        else:
+            error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted")
 
     def append_samples(
         self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None,
