@@ -17,7 +17,6 @@ thread pools and caches). Stored files lose their last reference in one sweep
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,14 +28,9 @@ from explaind.client import Client, DeadlineExceededError, InvalidArgumentError
 from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from predict import free_port
 
 COLUMNS = ("rss_mib", "fds", "threads", "files", "data_mib", "rows")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _measure(pid: int, data_dir: Path) -> dict[str, float]:
@@ -94,7 +88,7 @@ def main() -> None:
     images = list((batch.images.permute(0, 2, 3, 1) * 255).round().byte().numpy())
     labels = batch.labels.tolist()
     with tempfile.TemporaryDirectory() as root:
-        data_dir, port, metrics_port = Path(root) / "data", _free_port(), _free_port()
+        data_dir, port, metrics_port = Path(root) / "data", free_port(), free_port()
         command = [sys.executable, "-m", "explaind", "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--metrics-port", str(metrics_port), "--data-dir", str(data_dir)]
         with open(Path(root) / "server.log", "wb") as log:
