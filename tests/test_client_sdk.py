@@ -1312,6 +1312,27 @@ def test_a_failed_run_of_an_upload_with_its_request_id_leaves_its_set_to_other_r
         assert ("'up' was kept, not deleted" in caught.value.__notes__[-1]) == kept
 
 
+@pytest.mark.parametrize("error, kept", [(OSError(5, "Input/output error"), True), (TimeoutError("the pipeline's alarm"), True),
+                                          (FileNotFoundError(2, "No such file or directory"), False)])
+def test_a_transient_error_reading_an_upload_leaves_its_set_to_other_runs_and_a_lasting_one_deletes_it(error, kept):
+    # Every error reading the images counted as one every run meets: an EIO of a network
+    # mount in one run deleted the set another run, reading the same files, was filling.
+    import uuid
+
+    def images():
+        yield from np.zeros((5, 4, 4, 3), np.uint8)
+        raise error
+
+    servicer = _UploadServer(("request_id", "sample_set_request_id"), set())
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(type(error)):
+            client.create_sample_set(images(), [0] * 8, sample_set_id="up", chunk_size=2, request_id=uuid.uuid4())
+    finally:
+        server.stop(0)
+    assert servicer.uploading == ({"up"} if kept else set()) and ("up" in servicer.labels) == kept
+
+
 def test_an_upload_run_again_with_its_request_id_that_fails_keeps_the_set_an_earlier_run_finished(client):
     # The re-run's create got the finished set of the first run; a later request that
     # failed (other images under the same request_id, or a Ctrl-C) then deleted that set

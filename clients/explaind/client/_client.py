@@ -80,6 +80,10 @@ _IDENTIFIED = {method: REQUEST_ID_CAPABILITIES.get(method, REQUEST_ID_CAPABILITY
 # Codes the client's own gRPC library raises when nothing answered: no connection, or
 # the deadline passed first (a listener that accepts but never speaks gRPC).
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Errors reading an upload's image files that every run of it meets alike (a file missing,
+# unreadable, a folder). Another OSError (EIO of a network mount, a TimeoutError) may pass
+# on a run again, or not touch another run reading the same files.
+_LASTING_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRY_MIN_BACKOFF_S = 0.1  # also the least pause, whatever delay a server asks for
 RETRY_MAX_BACKOFF_S = 2.0
 
@@ -549,10 +553,10 @@ class Client:
         from it (None: new ones). Runs of it at once (a pipeline retried while it still
         ran) share one set, each image stored once, and all return it. So a run that fails
         for a reason that says nothing of the images (an interrupt, a lost connection, a
-        deadline) leaves the set, uploading, to the others or to a run again, which
-        continues it; unfinished, the server deletes it at its next start or after
+        deadline, a transient I/O error) leaves the set, uploading, to the others or to a
+        run again, which continues it; unfinished, the server deletes it at its next start or after
         ``[server].upload_idle_timeout_s`` without a request. A failure every run meets
-        alike (an image the server refuses or this process cannot read, fewer images than
+        alike (an image the server refuses, a file missing or unreadable, fewer images than
         labels) deletes it (unless another run finished it meanwhile), so the upload run
         again fixed, under any request_id, creates it anew. ``progress=True`` shows
         samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
@@ -581,15 +585,15 @@ class Client:
         finished_before = upload_id is not None and request.upload_continues and not created.uploading
         sent, requests = len(first), 1
         _show_upload(display, sent, total, last)
-        unreadable = False  # the images failed to be read (or were fewer than the labels), not anything else in this process
+        unreadable = False  # the images failed to be read as they would for every run, not anything else in this process
         try:
             while True:
                 try:  # reading the next chunk's images may fail here too
                     chunk, last = next(chunks)
                 except StopIteration:
                     break
-                except Exception:
-                    unreadable = True
+                except Exception as error:
+                    unreadable = not isinstance(error, OSError) or isinstance(error, _LASTING_READ_ERRORS)
                     raise
                 # The uid: the set this upload created, never another made under its id meanwhile.
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
@@ -607,8 +611,9 @@ class Client:
                               finished_before: bool, unreadable: bool) -> None:
         """Delete or keep the set of an upload that failed after its create, and say which
         on ``error``. ``finished_before``: an earlier run of the upload (the caller's
-        request_id) had finished the set; ``unreadable``: the images failed to be read (or
-        were fewer than the labels).
+        request_id) had finished the set; ``unreadable``: the images failed to be read as
+        they would for every run (a file missing or unreadable, fewer images than labels;
+        not a transient I/O error).
 
         Runs of one upload (the caller's request_id) share its set: another (a pipeline
         retried while this run went on) may be filling it, or have finished it. So a failure
