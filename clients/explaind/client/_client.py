@@ -554,12 +554,12 @@ class Client:
         ran) share one set, each image stored once, and all return it. So a run that fails
         for a reason that says nothing of the images (an interrupt, a lost connection, a
         deadline, a transient I/O error) leaves the set, uploading, to the others or to a
-        run again, which continues it; unfinished, the server deletes it at its next start or after
-        ``[server].upload_idle_timeout_s`` without a request. A failure every run meets
-        alike (an image the server refuses, a file missing or unreadable, fewer images than
-        labels) deletes it (unless another run finished it meanwhile), so the upload run
-        again fixed, under any request_id, creates it anew. ``progress=True`` shows
-        samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
+        run again, which continues it; unfinished, the server deletes it at its next start
+        or after ``[server].upload_idle_timeout_s`` without a request. A failure every run
+        meets alike (an image the server refuses, a file missing or unreadable, fewer
+        images than labels) deletes it (unless another run finished it meanwhile), so the
+        upload run again fixed, under any request_id, creates it anew. ``progress=True``
+        shows samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
             return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_id)
