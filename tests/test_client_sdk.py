@@ -80,6 +80,24 @@ def test_a_ctrl_c_during_a_split_upload_gets_no_note_about_the_failing_request(c
     assert "interrupted" not in [s.sample_set_id for s in client.sample_sets()]
 
 
+def test_head_versions_read_over_pages_mark_one_active_the_one_the_last_page_names(monkeypatch):
+    # Each page marks the version served when it was read: with a promote between pages the
+    # first page marked v1 and the last v3, and a script taking "the active one" got two.
+    from explaind.v1 import neuroinspect_pb2
+
+    pages = {
+        "": neuroinspect_pb2.ListHeadVersionsResponse(
+            versions=[neuroinspect_pb2.HeadVersion(version_id="v0"), neuroinspect_pb2.HeadVersion(version_id="v1", active=True)],
+            active_version_id="v1", next_page_token="after-v1"),
+        "after-v1": neuroinspect_pb2.ListHeadVersionsResponse(
+            versions=[neuroinspect_pb2.HeadVersion(version_id="v2"), neuroinspect_pb2.HeadVersion(version_id="v3", active=True)],
+            active_version_id="v3"),
+    }
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
+        monkeypatch.setattr(offline, "_call", lambda service, method, request, **kwargs: pages[request.page_token])
+        assert [(v.version_id, v.active) for v in offline.head_versions()] == [("v0", False), ("v1", False), ("v2", False), ("v3", True)]
+
+
 def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
     # As list.index: a model whose class names repeat ("cat" at 0 and 2) labels "cat" as 0.
     from types import SimpleNamespace

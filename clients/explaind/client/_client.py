@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import difflib
 import itertools
@@ -977,14 +978,15 @@ class Client:
         return Operation[HeadEdit](self, self._call("neuroinspect", "EditHead", request).operation)
 
     def head_versions(self) -> list[HeadVersion]:
-        """Head versions of the served feature extractor, oldest first (``active`` marks the served one)."""
+        """Head versions of the served feature extractor, oldest first. ``active`` marks the
+        one served when the last page was read: one version, even if a promote came between pages."""
         found, token = [], ""
         while True:
             response = self._call("neuroinspect", "ListHeadVersions", _request(neuroinspect_pb2.ListHeadVersionsRequest, page_token=token))
             found += [_neuroinspect.head_version(v) for v in response.versions]
             token = response.next_page_token
             if not token:
-                return found
+                return [dataclasses.replace(v, active=v.version_id == response.active_version_id) for v in found]
 
     def promote_head_version(self, version_id: str) -> ActiveHeadChange:
         """Serve ``version_id`` (atomically; persists across restarts). The result names
