@@ -2776,6 +2776,7 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
     with pytest.raises(NotFound):
         store.get_sample_set("s")
     # What it freed is for deletes and bookkeeping: no new files, no cached features.
+    monkeypatch.setattr(store, "_free_bytes", lambda: size)  # still less than twice the reserve
     with pytest.raises(ResourceExhausted, match="is full \\(what is left is kept for deletes\\)"), store.writing_blobs() as put:
         put(b"new")
     store.put_features("v", {_digest(b"image"): np.ones(2, np.float32)})
@@ -2838,6 +2839,21 @@ def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):
             put(b"new file")
     finally:
         server.store.close()
+
+
+def test_a_released_reserve_is_set_aside_again_before_a_new_file_is_refused(tmp_path):
+    # Space freed outside the server (a filler file removed, the volume grown) refused
+    # every upload and job artifact as "full" until the next sweep, up to a minute later.
+    from explaind.store.sqlite import RESERVE_FILE
+
+    store = SQLiteStore(tmp_path, reserve_bytes=1 << 20)
+    try:
+        store._release_reserve("for a test")
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"a new file"))
+        assert (tmp_path / RESERVE_FILE).stat().st_size == 1 << 20 and not store._reserve_released
+    finally:
+        store.close()
 
 
 def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(tmp_path, monkeypatch):

@@ -248,7 +248,8 @@ class SQLiteStore:
 
     def keep_reserve(self) -> None:
         """Set the reserve aside (again) once the file system has room for it and as much
-        again: at start-up, and at each sweep after a release, when deletes freed space."""
+        again: at start-up, at each sweep after a release, when deletes freed space, and
+        before a new file is refused for want of it (space freed outside the server)."""
         if not self._reserve_bytes or self._reserve.exists() or self._free_bytes() < 2 * self._reserve_bytes:
             return
         temporary = self._reserve.with_name(f"{RESERVE_FILE}.{self._scratch_tag}.tmp")
@@ -314,6 +315,8 @@ class SQLiteStore:
             digest = hashlib.sha256(data).hexdigest()
             with self._lock:  # a delete either removed the file already or sees it kept
                 missing = not self._blob_path(digest).exists()
+                if missing and self._reserve_released:
+                    self.keep_reserve()  # space freed since (not only by a delete here): no wait for the next sweep
                 if missing and self._reserve_released:
                     raise self._full("what is left is kept for deletes")
                 self._writing[digest] += 1
