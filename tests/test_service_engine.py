@@ -2841,6 +2841,38 @@ def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):
         server.store.close()
 
 
+def test_a_full_data_dir_releases_its_reserve_to_record_a_job_s_failure_and_to_change_the_head(tmp_path, monkeypatch):
+    # Full with the reserve held, a job's failure could not be stored (the store said
+    # running until a restart, and the operation could not be deleted), nor could a
+    # rollback away from a bad head: only deletes released the reserve.
+    import dataclasses
+
+    from explaind.store.sqlite import RESERVE_FILE
+
+    store = SQLiteStore(tmp_path, reserve_bytes=1 << 20)
+    reserve = tmp_path / RESERVE_FILE
+    running = JobRecord(job_id="a", kind="k", state="running", create_time=1.0)
+    store.insert_job(running)
+    store.insert_job(dataclasses.replace(running, job_id="b"))
+    transaction = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda: transaction() if not reserve.exists() else (_ for _ in ()).throw(
+        store._full("database or disk is full")))
+    try:
+        with pytest.raises(ResourceExhausted):  # a response is no bookkeeping: it may be as large as the reserve
+            store.update_job(dataclasses.replace(running, state="succeeded", result=b"response"))
+        with pytest.raises(ResourceExhausted):  # nor is progress
+            store.update_job(dataclasses.replace(running, step=1))
+        assert reserve.exists()
+        store.update_job(dataclasses.replace(running, state="failed", error_code="RESOURCE_EXHAUSTED"))
+        assert not reserve.exists() and store.get_job("a").state == "failed"
+        store.keep_reserve()
+        store.set_active_head_version("features", "v1")
+        assert not reserve.exists() and store.active_head_version("features") == "v1"
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_a_released_reserve_is_set_aside_again_before_a_new_file_is_refused(tmp_path):
     # Space freed outside the server (a filler file removed, the volume grown) refused
     # every upload and job artifact as "full" until the next sweep, up to a minute later.

@@ -25,7 +25,7 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import (ABORTED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
+from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
                    SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid)
 
 _SCHEMA = """
@@ -125,20 +125,27 @@ _JOB_COLUMNS_WITHOUT_RESPONSE = tuple(f"CASE WHEN state = '{SUCCEEDED}' THEN X''
                                       for column in _JOB_COLUMNS)
 
 
-def _frees_space(delete: Callable[..., T]) -> Callable[..., T]:
-    """Marks a store method that deletes: when the file system is full, it releases the
-    reserve and runs again, so freeing space stays possible."""
+def _uses_reserve(why: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Marks a store method that must go on with the file system full: when it is, the
+    method releases the reserve (logged as released ``why``) and runs again."""
 
-    @functools.wraps(delete)
-    def run(self: SQLiteStore, *args: object, **kwargs: object) -> T:
-        try:
-            return delete(self, *args, **kwargs)
-        except ResourceExhausted:
-            if not self._release_reserve("for a delete"):
-                raise
-            return delete(self, *args, **kwargs)
+    def decorate(write: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(write)
+        def run(self: SQLiteStore, *args: object, **kwargs: object) -> T:
+            try:
+                return write(self, *args, **kwargs)
+            except ResourceExhausted:
+                if not self._release_reserve(why):
+                    raise
+                return write(self, *args, **kwargs)
 
-    return run
+        return run
+
+    return decorate
+
+
+# A delete, so freeing space stays possible.
+_frees_space = _uses_reserve("for a delete")
 
 
 class SQLiteStore:
@@ -670,6 +677,17 @@ class SQLiteStore:
         return None if row is None else row[0]
 
     def update_job(self, job: JobRecord) -> None:
+        try:
+            self._update_job(job)
+        except ResourceExhausted:
+            # A job's failure or cancellation is bookkeeping (no response; an error's
+            # details), which the reserve is kept for: else the store says it is running
+            # until a restart. A response is not: it may be as large as the reserve.
+            if job.state not in (FAILED, CANCELLED) or not self._release_reserve(f"to record that operation {job.job_id} ended"):
+                raise
+            self._update_job(job)
+
+    def _update_job(self, job: JobRecord) -> None:
         row = self._job_row(job)
         with self._transaction() as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _JOB_COLUMNS[1:])} WHERE id = ?", (*row[1:], row[0]))
@@ -849,6 +867,7 @@ class SQLiteStore:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT version_id FROM deleted_head_versions WHERE feature_version = ?", (feature_version,))]
 
+    @_uses_reserve("to change the served head version")  # a promote or rollback: not held up by a full data dir
     def set_active_head_version(self, feature_version: str, version_id: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO active_heads VALUES (?, ?)", (feature_version, version_id))
