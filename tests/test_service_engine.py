@@ -1835,6 +1835,27 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     assert time.monotonic() - started < 1
 
 
+def test_a_job_whose_end_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path):
+    # It failed INTERNAL, "the store failed to record it (ResourceExhausted)": no word of
+    # the full data dir the caller can do nothing about but wait, nor of the operator's cue.
+    class FullForResponses(SQLiteStore):
+        def update_job(self, record):
+            if record.state == "succeeded":
+                raise self._full("database or disk is full")
+            return super().update_job(record)
+
+    store = FullForResponses(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    job = jobs.submit("evaluate", lambda ctx: _empty())
+    record = jobs.wait(job.record.job_id, 10).record
+    assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+    assert record.error_message == (f"the job ended succeeded but the store could not record it: the server's data dir {tmp_path} is full "
+                                    "(database or disk is full); the operator must free space there; submit it again")
+    assert store.get_job(job.record.job_id).error_code == "RESOURCE_EXHAUSTED"
+    jobs.shutdown(5)
+    store.close()
+
+
 def test_a_cancelled_job_ends_cancelled_however_slow_the_store(tmp_path):
     # The job could see the cancel before the request was recorded and end FAILED/ABORTED
     # as if the server had shut down (seen with a store write in between).

@@ -380,8 +380,12 @@ class JobManager:
                       result=result, message=message, **changes)
         except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
             log.exception("job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
-            failed = dict(state=FAILED, end_time=time.time(), error_code="INTERNAL", result=b"", message="failed",
-                          error_message=f"the job ended {state} but the store failed to record it ({type(write_error).__name__}); submit it again")
+            if isinstance(write_error, ExplaindError):  # a full data dir, say: its code and message are the caller's cue
+                code, why = write_error.code, f"the store could not record it: {write_error}"
+            else:
+                code, why = "INTERNAL", f"the store failed to record it ({type(write_error).__name__})"
+            failed = dict(state=FAILED, end_time=time.time(), error_code=code, result=b"", message="failed",
+                          error_message=f"the job ended {state} but {why}; submit it again")
             try:
                 self._end(live, **failed)
             except Exception:  # noqa: BLE001
