@@ -1823,13 +1823,20 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     assert (record.state, record.error_code) == ("failed", "INTERNAL")
     assert record.error_message == "the job ended succeeded but the store failed to record it (OperationalError); submit it again"
     assert "storing its end (succeeded) failed" in caplog.text
-    # Stored FAILED when the second write worked; else still "running" there until a restart.
+    # Stored FAILED when the second write worked; else still "running" there until the
+    # store takes it (a sweep, a delete), no longer until a restart.
     assert store.get_job(job.record.job_id).state == ("failed" if failures == 1 else "running")
-    if failures == 2:  # cancelling and waiting cannot help: say what does
-        with pytest.raises(FailedPrecondition, match="ended failed but the store failed to record its end; it can be deleted after the server restarts"):
+    if failures == 2:
+        store.failures = 1  # still refused: cancelling and waiting cannot help, say what does
+        with pytest.raises(FailedPrecondition, match=r"ended failed but the store failed to record its end \(disk I/O error\); "
+                                                     "it can be deleted once the store takes it, or after the server restarts"):
             jobs.delete(job.record.job_id)
-    else:
-        jobs.delete(job.record.job_id)
+        store.failures = 1
+        assert jobs.record_unrecorded_ends() == 0 and store.get_job(job.record.job_id).state == "running"
+        assert jobs.record_unrecorded_ends() == 1  # the server's sweep, once space is freed
+        assert store.get_job(job.record.job_id).state == "failed" and jobs.get(job.record.job_id).record == store.get_job(job.record.job_id)
+        assert jobs.record_unrecorded_ends() == 0
+    jobs.delete(job.record.job_id)
     started = time.monotonic()
     jobs.shutdown(5)
     assert time.monotonic() - started < 1
@@ -1852,6 +1859,22 @@ def test_a_job_whose_end_a_full_data_dir_refuses_fails_resource_exhausted_naming
     assert record.error_message == (f"the job ended succeeded but the store could not record it: the server's data dir {tmp_path} is full "
                                     "(database or disk is full); the operator must free space there; submit it again")
     assert store.get_job(job.record.job_id).error_code == "RESOURCE_EXHAUSTED"
+    jobs.delete(job.record.job_id)
+    jobs.shutdown(5)
+    store.close()
+
+
+def test_a_job_whose_end_was_refused_is_deleted_without_a_restart_once_the_store_takes_it(tmp_path):
+    # "It can be deleted after the server restarts": freeing space in a full data dir did
+    # not help, and the store said running until then.
+    store = _FailingWrites(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    store.failures = 2
+    job_id = jobs.submit("evaluate", lambda ctx: _empty()).record.job_id
+    assert jobs.wait(job_id, 10).record.state == "failed" and store.get_job(job_id).state == "running"
+    jobs.delete(job_id)  # the store takes its end now
+    with pytest.raises(NotFound):
+        jobs.get(job_id)
     jobs.shutdown(5)
     store.close()
 

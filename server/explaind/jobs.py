@@ -506,11 +506,30 @@ class JobManager:
             live = self._live.get(job_id)
             if live is not None and live.record.state not in FINISHED_STATES:
                 raise FailedPrecondition(f"operations/{job_id} is {live.record.state}; cancel it and wait for it to end, then delete it", field="name")
-            if live is not None:  # ended, but the store refused to record it (see _finish)
-                raise FailedPrecondition(f"operations/{job_id} ended {live.record.state} but the store failed to record its end; "
-                                         f"it can be deleted after the server restarts", field="name")
+            if live is not None:  # ended, but the store refused to record it (see _finish): it may take it now
+                try:
+                    self._end(live)
+                except Exception as error:  # noqa: BLE001 - still refused (a full data dir, say)
+                    raise FailedPrecondition(f"operations/{job_id} ended {live.record.state} but the store failed to record its end "
+                                             f"({error}); it can be deleted once the store takes it, or after the server restarts",
+                                             field="name") from None
             self.store.delete_job(job_id)
         self.metrics.operations_deleted.labels(reason="request").inc()
+
+    def record_unrecorded_ends(self) -> int:
+        """Store the ends the store refused (see :meth:`_finish`), now that it may take them
+        (space freed in a full data dir): until then it says running, which a listing by
+        state and a restart read. Returns how many were stored; a refusal is left for the
+        next call."""
+        recorded = 0
+        with self._changed:
+            for live in [live for live in self._live.values() if live.record.state in FINISHED_STATES]:
+                try:
+                    self._end(live)
+                except Exception:  # noqa: BLE001 - still refused; the next sweep tries again
+                    continue
+                recorded += 1
+        return recorded
 
     def delete_ended_before(self, end_time: float) -> int:
         """Retention: forget the jobs that finished before ``end_time`` (epoch s)."""

@@ -176,7 +176,8 @@ class ExplaindServer:
             self._sweep_once()
 
     def _sweep_once(self, *, everything: bool = False) -> None:
-        """Delete the operations past ``[jobs].retention_days`` and the uploads idle for
+        """Record the ends of operations the store refused (see JobManager._finish), delete
+        the operations past ``[jobs].retention_days`` and the uploads idle for
         ``[server].upload_idle_timeout_s``, then the files nothing uses
         any more: only those that lost their last reference before the oldest unfinished
         job was submitted (it may still read a set deleted since); then set the store's
@@ -184,6 +185,11 @@ class ExplaindServer:
         start-up) also takes every file on disk nothing references, as having lost it
         then; jobs may already run (calls are served while models load). A step that
         fails is logged and retried at the next sweep; the other still runs."""
+        try:
+            if recorded := self.engine.jobs.record_unrecorded_ends():
+                log.info("recorded the end of %d operation(s) the store had refused (a full data dir, say)", recorded)
+        except Exception:  # noqa: BLE001 - serving goes on
+            log.exception("recording the ends of operations the store had refused failed")
         try:
             if retention_days := self.config.jobs.retention_days:
                 if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400):
