@@ -132,12 +132,7 @@ def _uses_reserve(why: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     def decorate(write: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(write)
         def run(self: SQLiteStore, *args: object, **kwargs: object) -> T:
-            try:
-                return write(self, *args, **kwargs)
-            except ResourceExhausted:
-                if not self._release_reserve(why):
-                    raise
-                return write(self, *args, **kwargs)
+            return self._with_reserve(why, functools.partial(write, self, *args, **kwargs))
 
         return run
 
@@ -272,6 +267,16 @@ class SQLiteStore:
         except OSError as error:  # others took the room meanwhile: the next sweep tries again
             temporary.unlink(missing_ok=True)
             log.warning("cannot set %d bytes aside in the data dir %s: %s", self._reserve_bytes, self.data_dir, error.strerror)
+
+    def _with_reserve(self, why: str, write: Callable[[], T]) -> T:
+        """Run ``write``; when the file system is full, release the reserve (logged as
+        released ``why``) and run it again."""
+        try:
+            return write()
+        except ResourceExhausted:
+            if not self._release_reserve(why):
+                raise
+            return write()
 
     def _release_reserve(self, when: str) -> bool:
         """Free the reserve for the writes that must go on with the file system full
@@ -677,14 +682,12 @@ class SQLiteStore:
         return None if row is None else row[0]
 
     def update_job(self, job: JobRecord) -> None:
-        try:
-            self._update_job(job)
-        except ResourceExhausted:
-            # A job's failure or cancellation is bookkeeping (no response; an error's
-            # details), which the reserve is kept for: else the store says it is running
-            # until a restart. A response is not: it may be as large as the reserve.
-            if job.state not in (FAILED, CANCELLED) or not self._release_reserve(f"to record that operation {job.job_id} ended"):
-                raise
+        # A job's failure or cancellation is bookkeeping (no response; an error's details),
+        # which the reserve is kept for: else the store says it is running until a restart.
+        # A response is not: it may be as large as the reserve.
+        if job.state in (FAILED, CANCELLED):
+            self._with_reserve(f"to record that operation {job.job_id} ended", functools.partial(self._update_job, job))
+        else:
             self._update_job(job)
 
     def _update_job(self, job: JobRecord) -> None:
