@@ -2917,6 +2917,27 @@ def test_a_full_data_dir_releases_its_reserve_to_record_a_job_s_failure_and_to_c
         store.close()
 
 
+def test_a_full_data_dir_releases_its_reserve_to_mark_a_failed_write_s_files_for_the_sweep(tmp_path, monkeypatch):
+    # A write that failed for want of space could not mark its files for deletion either:
+    # they took space until a restart's sweep, when the sweep was what a full disk needed.
+    from explaind.store.sqlite import RESERVE_FILE
+
+    store = SQLiteStore(tmp_path, reserve_bytes=1 << 20)
+    reserve = tmp_path / RESERVE_FILE
+    transaction = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda: transaction() if not reserve.exists() else (_ for _ in ()).throw(
+        store._full("database or disk is full")))
+    try:
+        with pytest.raises(ResourceExhausted), store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"an image whose set the full disk refused"))
+        assert not reserve.exists()
+        monkeypatch.undo()
+        assert store.delete_unused_blobs() == 1 and not _blob_files(store)
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_a_released_reserve_is_set_aside_again_before_a_new_file_is_refused(tmp_path):
     # Space freed outside the server (a filler file removed, the volume grown) refused
     # every upload and job artifact as "full" until the next sweep, up to a minute later.

@@ -342,9 +342,12 @@ class SQLiteStore:
         except BaseException:
             # The records that were to reference them were not written (a set id taken,
             # a bad label): the next sweep removes those nothing else uses.
-            try:
+            def mark_for_deletion() -> None:
                 with self._transaction() as db:
                     db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, ?)", [(digest, time.time()) for digest in set(written)])
+
+            try:  # bookkeeping, which the reserve is kept for: the files it frees are what a full data dir needs
+                self._with_reserve("to mark the files of a failed write for deletion", mark_for_deletion)
             except (sqlite3.Error, ResourceExhausted) as error:  # the caller's error matters more; a restart's sweep finds the files
                 log.warning("cannot mark %d blob(s) of a failed write for deletion: %s", len(written), error)
             raise
