@@ -2811,8 +2811,8 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
     transaction = store._transaction
     monkeypatch.setattr(store, "_transaction", lambda: transaction() if not reserve.exists() else (_ for _ in ()).throw(
         store._full("database or disk is full")))
-    with pytest.raises(ResourceExhausted), store.writing_blobs() as put:  # what fills it is still refused
-        store.create_sample_set("t", "", _samples(put, b"other"))
+    with pytest.raises(ResourceExhausted):  # what fills it is still refused
+        store.insert_job(JobRecord(job_id="t", kind="k", state="queued", create_time=1.0))
     assert reserve.exists()
     with caplog.at_level(logging.WARNING, "explaind.store.sqlite"):
         store.delete_sample_set("s")  # the reserve goes, so that this can
