@@ -126,11 +126,23 @@ def test_any_protoc_generates_other_languages_with_the_documented_includes(tmp_p
     if binary is None:
         pytest.skip("no protoc on PATH (apt-get install protobuf-compiler) for the C++/Java/C# generators")
     expected = {"cpp": "explaind/v1/inference.pb.h", "java": "dev/explaind/v1/PredictRequest.java", "csharp": "Inference.cs"}
+    go_dir = "github.com/explaind/explaind/gen/go/explaind/v1"
     if shutil.which("protoc-gen-go"):
-        expected["go"] = "github.com/explaind/explaind/gen/go/explaind/v1/inference.pb.go"
+        expected["go"] = f"{go_dir}/inference.pb.go"
+    if shutil.which("protoc-gen-go-grpc"):
+        expected["go-grpc"] = f"{go_dir}/inference_grpc.pb.go"
+    obsolete = []
     for language, generated in expected.items():
         out = tmp_path / language
         out.mkdir()
         result = subprocess.run([binary, *flags, f"--{language}_out={out}", *files], capture_output=True, text=True)
+        if language.startswith("go") and "support proto3 optional" in result.stderr:
+            # A plugin older than proto3 optional (Debian's golang-goprotobuf-dev installs
+            # github.com/golang/protobuf 1.3's as /usr/bin/protoc-gen-go): README says
+            # which to use; the protos are not at fault.
+            obsolete.append(language)
+            continue
         assert result.returncode == 0, f"{language}: {result.stderr}"
         assert (out / generated).is_file(), sorted(str(p.relative_to(out)) for p in out.rglob("*"))[:20]
+    if obsolete:
+        pytest.skip(f"protoc-gen-{obsolete[0]} on PATH predates proto3 optional (README: Go)")
