@@ -78,9 +78,25 @@ def test_health_serving_and_reflection_lists_services(server, client):
 
     assert client.health() == "SERVING"
     assert client.health("explaind.v1.InferenceService") == "SERVING"
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    ours = {f"explaind.v1.{name}Service" for name in ("Inference", "SampleSet", "Operations", "NeuroInspect")}
     with grpc.insecure_channel(server.target) as channel:
-        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"explaind.v1.InferenceService", "explaind.v1.SampleSetService", "explaind.v1.OperationsService", "grpc.health.v1.Health"} <= services
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert ours | {"grpc.health.v1.Health"} <= services
+        # A client without the protos (grpcurl, a Go or Java pipeline's dynamic client)
+        # resolves from reflection alone every file the services import, the results
+        # operations carry as Any, and the error details in grpc-status-details-bin.
+        pool = DescriptorPool(database)
+        files = {pool.FindServiceByName(name).file.name for name in ours}
+        for name in ("EvaluateSampleSetResult", "NeuronRanking", "VisualizeNeuronsResult", "EditHeadResult", "OperationMetadata"):
+            files.add(pool.FindMessageTypeByName(f"explaind.v1.{name}").file.name)
+        for name in ("BadRequest", "ErrorInfo", "RetryInfo"):
+            assert pool.FindMessageTypeByName(f"google.rpc.{name}").file.name == "google/rpc/error_details.proto"
+        assert {"google/longrunning/operations.proto", "google/rpc/status.proto"} <= {
+            dependency.name for name in files for dependency in pool.FindFileByName(name).dependencies
+        } | {dependency.name for dependency in pool.FindFileByName("google/longrunning/operations.proto").dependencies}
 
 
 def test_metadata_describes_the_split_classifier(client, world_model, classifier_dir):
