@@ -1747,8 +1747,10 @@ def test_a_damaged_database_page_met_while_the_models_load_names_the_data_dir_an
     from explaind.store import HeadVersionRecord, SQLiteStore, StoreOpenError
 
     store = SQLiteStore(tmp_path)
-    for number in range(40):  # head versions over several pages, which only the load reads
-        store.insert_head_version(HeadVersionRecord("features", f"v{number}", "hash", "0" * 64, "v0", float(number), {"notes": "x" * 2000}))
+    with store.writing_blobs() as put:
+        weights = put(b"weights")
+        for number in range(40):  # head versions over several pages, which only the load reads
+            store.insert_head_version(HeadVersionRecord("features", f"v{number}", "hash", weights, "v0", float(number), {"notes": "x" * 2000}))
     store.close()
     database = tmp_path / "explaind.sqlite3"
     with sqlite3.connect(database) as db:
@@ -2936,6 +2938,20 @@ def test_a_full_data_dir_releases_its_reserve_to_mark_a_failed_write_s_files_for
     finally:
         monkeypatch.undo()
         store.close()
+
+
+def test_a_database_whose_stored_files_are_all_missing_is_refused_at_start_up(tmp_path):
+    # A database restored without artifacts/ (or a volume mounted wrong) started and served:
+    # the active edited head fell back to the loaded one, and every set lacked its images.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, b"image"))
+    store.close()
+    shutil.rmtree(tmp_path / "artifacts")
+    with pytest.raises(StoreOpenError, match=re.escape(f"the database {tmp_path / 'explaind.sqlite3'} references stored files (")
+                       + r"[0-9a-f]{64}, \.\.\.\) but .*/artifacts holds none: restore it from the same backup"):
+        SQLiteStore(tmp_path)
+    SQLiteStore(tmp_path / "new").close()  # a new data dir references nothing: no refusal
 
 
 def test_a_released_reserve_is_set_aside_again_before_a_new_file_is_refused(tmp_path):

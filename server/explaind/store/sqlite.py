@@ -189,6 +189,15 @@ class SQLiteStore:
                                      f"reads {SCHEMA_VERSION} and older): run that release, or this one on a copy restored from before")
             self._db.executescript(_SCHEMA)
             self._migrate(version)
+            if next((p for p in self.blob_dir.rglob("*") if p.is_file()), None) is None and (referenced := self._db.execute(
+                    """SELECT digest FROM samples UNION ALL SELECT weights_digest FROM head_versions WHERE weights_digest != ''
+                       UNION ALL SELECT digest FROM job_artifacts LIMIT 1""").fetchone()):
+                # The converse of a lost database (a database restored alone, a wrong mount):
+                # served, every set's images and every edited head would be missing.
+                self._db.close()
+                self._dir_lock.close()
+                raise StoreOpenError(f"the database {path} references stored files ({referenced[0]}, ...) but {self.blob_dir.parent} holds "
+                                     f"none: restore it from the same backup as the database, or move the database away to start afresh")
         except (sqlite3.Error, ResourceExhausted) as error:  # the latter: a migration's write found the file system full
             self._dir_lock.close()
             free = self._free_bytes()
