@@ -890,6 +890,22 @@ def test_progress_lines_show_every_change_of_state_or_message_at_once(capsys):
     assert capsys.readouterr().err.splitlines() == ["edit_head: queued 0/2", "edit_head: running 1/2 epoch 1", "edit_head: cancelled 1/2"]
 
 
+def test_progress_lines_of_a_counting_message_keep_to_the_interval(capsys):
+    # A message that counts ("computing features 64/6000", up to 5 updates a second) was a
+    # change each update: a line each, hundreds in a notebook cell or a log.
+    from explaind.client._operations import ProgressDisplay
+
+    with ProgressDisplay("evaluate_sample_set", unit="step") as display:
+        display.show(0, 0, "running")
+        for step in range(64, 6000, 64):
+            display.show(step, 6000, "running", f"computing features {step}/6000")
+        display.show(6000, 6000, "running", "drawing 64 mistakes")
+        display.show(6000, 6000, "succeeded", "done")
+    assert capsys.readouterr().err.splitlines() == [
+        "evaluate_sample_set: running", "evaluate_sample_set: running 64/6000 computing features 64/6000",
+        "evaluate_sample_set: running 6000/6000 drawing 64 mistakes", "evaluate_sample_set: succeeded 6000/6000 done"]
+
+
 def test_wait_until_ready_keeps_its_timeout_on_a_server_that_never_answers():
     # Each probe took the client's whole timeout (8 s) however little of the wait was left.
     import socket

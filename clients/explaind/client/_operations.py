@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +67,7 @@ WATCH_POLL_INTERVAL_S = 1.0
 WAIT_STEP_S = 60.0
 WAIT_CALL_MARGIN_S = 10.0
 PROGRESS_LINE_INTERVAL_S = 10.0
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")  # a progress message's counts, left out when telling its changes
 # Bytes per GetArtifact call: under gRPC's default 4 MiB message limit, and large enough
 # that a 100 MB array takes a few dozen calls; less where either side's limit is smaller.
 ARTIFACT_RANGE_BYTES = 2 * 1024 * 1024
@@ -158,9 +160,12 @@ OPERATION_STATES = tuple(_STATE_NAMES.values())  # "queued", "running", "succeed
 
 
 class ProgressDisplay:
-    """Progress on stderr: a tqdm bar on a terminal; for logs (stderr not a terminal), a
-    line when the state or message changes and at most every ``PROGRESS_LINE_INTERVAL_S``
-    otherwise, instead of a bar redrawn with carriage returns into one endless line."""
+    """Progress on stderr: a tqdm bar on a terminal; for logs and notebooks (stderr not a
+    terminal), a line when the state or the message's words change and at most every
+    ``PROGRESS_LINE_INTERVAL_S`` otherwise, instead of a bar redrawn with carriage returns
+    into one endless line. Only the words: a message that counts ("computing features
+    192/2000", sent up to 5 times a second) printed a line per update, hundreds in a
+    notebook cell or a log."""
 
     def __init__(self, description: str, *, unit: str) -> None:
         self._description, self._unit = description, unit
@@ -189,11 +194,12 @@ class ProgressDisplay:
             self._bar.refresh()
             return
         now = time.monotonic()
-        if last or (state, message) != self._shown or now - self._shown_at >= PROGRESS_LINE_INTERVAL_S:
+        words = (state, _NUMBER.sub("#", message))
+        if last or words != self._shown or now - self._shown_at >= PROGRESS_LINE_INTERVAL_S:
             count = f"{step}/{total}" if total else str(step or "")
             said = message if message != state else ""
             print(" ".join(part for part in (f"{self._description}:", state, count, said) if part), file=sys.stderr, flush=True)
-            self._shown, self._shown_at = (state, message), now
+            self._shown, self._shown_at = words, now
 
 
 class Operation(Generic[ResultT]):
