@@ -1846,3 +1846,26 @@ def test_a_run_of_an_upload_whose_set_another_run_deleted_does_not_say_no_run_of
         client.create_sample_set(images(), [0] * 10, sample_set_id="shared-deleted", chunk_size=2, request_id=upload)
     notes = "\n".join(caught.value.__notes__)
     assert "was deleted meanwhile, not by this run (by another client, by another run of this upload under the same request_id" in notes
+
+
+def test_visualizations_show_their_images_in_a_notebook():
+    # A notebook cell ending in the result showed the dataclass repr: PIL reprs
+    # ("<PIL.PngImagePlugin.PngImageFile image mode=RGB size=64x64 at 0x...>"), no image.
+    import base64
+    import dataclasses
+    import io
+    import re
+
+    from PIL import Image
+
+    from explaind.client import NeuronVisualization, NeuronVisualizations
+
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+    shown = NeuronVisualization(neuron=8, class_index=1, class_name="<b>square</b>", image=image, masked_image=image, activation=2.5,
+                                logit=20.1, clip_similarity=0.2, core_relevance=0.1, mask_fraction=0.25)
+    unread = dataclasses.replace(shown, neuron=21, image=None, masked_image=None)  # result(download=False)
+    page = NeuronVisualizations(model_version="m.1", method="clip_illusion", steps=40, visualizations=[shown, unread])._repr_html_()
+    sources = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(sources) == 2 and Image.open(io.BytesIO(base64.b64decode(sources[0]))).getpixel((0, 0)) == (200, 10, 10)
+    assert "&lt;b&gt;square&lt;/b&gt;" in page and "<b>" not in page and "PIL" not in page
+    assert page.count("<tr>") == 3 and "clip_illusion, 40 steps" in page

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import html
 import io
 import math
 from dataclasses import dataclass, field
@@ -144,6 +146,27 @@ class NeuronVisualizations(AbbreviatedRepr):
     method: str  # "clip_illusion", "feature_visualization" or "no_clip"
     steps: int
     visualizations: list[NeuronVisualization]
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the images, not their PIL reprs: a table with one row per
+        visualisation (its numbers, image and masked image inlined as PNG)."""
+        rows = "".join(
+            f"<tr><td>{v.neuron}</td><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td><td>{v.logit:.3g}</td>"
+            f"<td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image)}</td><td>{_html_image(v.masked_image)}</td></tr>"
+            for v in self.visualizations)
+        return (f"<p>{html.escape(self.method)}, {self.steps} steps, model {html.escape(self.model_version)}</p><table><tr><th>neuron</th>"
+                f"<th>class</th><th>activation</th><th>logit</th><th>CLIP similarity</th><th>mask</th><th>image</th><th>masked</th></tr>{rows}</table>")
+
+
+def _html_image(image: Image | None) -> str:
+    """An ``<img>`` of ``image`` as an inline PNG, at least 128 px wide; a dash for None
+    (a result read with download=False)."""
+    if image is None:
+        return "–"
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" width="{max(image.width, 128)}" style="image-rendering: pixelated">'
 
 
 @dataclass(frozen=True, repr=False)
