@@ -1748,6 +1748,16 @@ def test_a_ranking_reads_as_the_cli_prints_it():
         _ranking(8).summary(limit=-1)
 
 
+def test_a_ranking_shown_in_a_notebook_is_its_summary():
+    # IPython showed a cell's ranking as its repr: some 2,200 characters on one line.
+    from types import SimpleNamespace
+
+    shown: list[str] = []
+    _ranking(8)._repr_pretty_(SimpleNamespace(text=shown.append), False)
+    assert shown == [_ranking(8).summary()]
+    assert repr(_ranking(8)).startswith("NeuronRanking(sample_set_id='hearts'")
+
+
 def test_a_run_of_an_upload_failing_on_no_image_of_its_own_leaves_the_set_to_a_run_filling_it(client, monkeypatch):
     # Any Exception in this process counted as "cannot read its images" (a failure every
     # run meets alike) and deleted the set: a TimeoutError that a pipeline's alarm raised

@@ -116,6 +116,11 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         return "\n".join(lines)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook cell ending in a ranking shows its summary, not a repr of thousands of
+        characters on one line (``repr()`` keeps the fields, for logs and debugging)."""
+        printer.text(self.summary())
+
 
 @dataclass(frozen=True)
 class NeuronVisualization:
