@@ -1610,6 +1610,23 @@ def test_a_job_s_queue_wait_is_timed_when_it_starts_and_registered_kinds_export_
     jobs.shutdown(1)
 
 
+def test_a_job_s_duration_is_timed_on_a_clock_a_wall_clock_step_does_not_move(tmp_path, monkeypatch):
+    # Timed by the wall clock, a job during which NTP stepped it back an hour observed
+    # -3600 s: the histogram's sum went down, and rate() read it as a counter reset.
+    metrics = Metrics()
+    jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
+    wall = time.time
+
+    def stepped_back(ctx):
+        monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+        return _empty()
+
+    assert jobs.wait(jobs.submit("visualize", stepped_back).record.job_id, 10).record.state == "succeeded"
+    monkeypatch.undo()
+    assert 0 <= metrics.registry.get_sample_value("explaind_job_duration_seconds_sum", {"kind": "visualize", "outcome": "succeeded"}) < 60
+    jobs.shutdown(1)
+
+
 def test_a_job_s_stages_are_timed_once_each_also_when_it_fails_and_unnamed_time_is_run(tmp_path):
     metrics = Metrics()
     jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)

@@ -294,7 +294,7 @@ class JobManager:
                 return
             self.metrics.jobs_queued.dec()
             stages = _Stages()
-            started = time.time()
+            started, started_clock = time.time(), time.monotonic()  # the record's epoch time; the duration's clock
             try:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
             except Exception as error:  # noqa: BLE001 - the store refused the write; the job cannot run
@@ -332,7 +332,7 @@ class JobManager:
             stages.enter(None)
             for stage, seconds in stages.seconds.items():
                 self.metrics.job_stage_duration.labels(kind=live.record.kind, stage=stage).observe(seconds)
-            self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.time() - started)
+            self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.monotonic() - started_clock)
 
     def _packed(self, context: JobContext, result: Message, cut_lists: tuple[str, ...]) -> any_pb2.Any:
         """``result`` as the operation's response. Over ``max_result_bytes``, the whole of
