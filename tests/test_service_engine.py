@@ -1883,6 +1883,27 @@ def test_a_job_whose_end_a_full_data_dir_refuses_fails_resource_exhausted_naming
     store.close()
 
 
+def test_a_job_whose_start_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path):
+    # A job queued while the data dir filled failed INTERNAL, "the store failed
+    # (ResourceExhausted)", as its end did before: no word of the full data dir.
+    class FullForStarts(SQLiteStore):
+        def update_job(self, record):
+            if record.state == "running":
+                raise self._full("database or disk is full")
+            return super().update_job(record)
+
+    store = FullForStarts(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    job = jobs.submit("evaluate", lambda ctx: _empty())
+    record = jobs.wait(job.record.job_id, 10).record
+    assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+    assert record.error_message == (f"the job could not be started: the store could not record it: the server's data dir {tmp_path} is full "
+                                    "(database or disk is full); the operator must free space there; submit it again")
+    assert store.get_job(job.record.job_id).error_code == "RESOURCE_EXHAUSTED"
+    jobs.shutdown(5)
+    store.close()
+
+
 def test_a_job_whose_end_was_refused_is_deleted_without_a_restart_once_the_store_takes_it(tmp_path):
     # "It can be deleted after the server restarts": freeing space in a full data dir did
     # not help, and the store said running until then.

@@ -299,7 +299,11 @@ class JobManager:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
             except Exception as error:  # noqa: BLE001 - the store refused the write; the job cannot run
                 log.exception("job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
-                self._finish(live, FAILED, error=("INTERNAL", f"the job could not be started: the store failed ({type(error).__name__})"))
+                if isinstance(error, ExplaindError):  # a full data dir, say: its code and message are the caller's cue, as at the end
+                    failure = (error.code, f"the job could not be started: the store could not record it: {error}; submit it again")
+                else:
+                    failure = ("INTERNAL", f"the job could not be started: the store failed ({type(error).__name__})")
+                self._finish(live, FAILED, error=failure)
                 return
         waited = max(0.0, started - live.record.create_time)
         self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(waited)
