@@ -2957,6 +2957,37 @@ def test_a_full_data_dir_releases_its_reserve_to_record_a_job_s_failure_and_to_c
         store.close()
 
 
+def test_a_full_data_dir_releases_its_reserve_to_record_a_cancel_request(tmp_path, monkeypatch):
+    # CancelOperation was RESOURCE_EXHAUSTED on a full data dir (the request is a write to a
+    # running job's record): the job ran on to an end the store refused in turn.
+    from explaind.store.sqlite import RESERVE_FILE
+
+    store = SQLiteStore(tmp_path, reserve_bytes=1 << 20)
+    reserve = tmp_path / RESERVE_FILE
+    jobs, started, gate = JobManager(store, Metrics(), workers=1), threading.Event(), threading.Event()
+
+    def job(ctx):
+        started.set()
+        gate.wait(10)
+        ctx.raise_if_cancelled()
+        return _empty()
+
+    job_id = jobs.submit("evaluate", job).record.job_id
+    assert started.wait(10)
+    transaction = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda: transaction() if not reserve.exists() else (_ for _ in ()).throw(
+        store._full("database or disk is full")))
+    try:
+        assert jobs.cancel(job_id).record.cancel_requested and not reserve.exists()
+        gate.set()
+        assert jobs.wait(job_id, 10).record.state == "cancelled" and store.get_job(job_id).state == "cancelled"
+    finally:
+        gate.set()
+        jobs.shutdown(5)
+        monkeypatch.undo()
+        store.close()
+
+
 def test_a_full_data_dir_releases_its_reserve_to_mark_a_failed_write_s_files_for_the_sweep(tmp_path, monkeypatch):
     # A write that failed for want of space could not mark its files for deletion either:
     # they took space until a restart's sweep, when the sweep was what a full disk needed.

@@ -25,7 +25,7 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
+from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
                    SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid)
 
 _SCHEMA = """
@@ -696,8 +696,9 @@ class SQLiteStore:
     def update_job(self, job: JobRecord) -> None:
         # A job's failure or cancellation is bookkeeping (no response; an error's details),
         # which the reserve is kept for: else the store says it is running until a restart.
-        # A response is not: it may be as large as the reserve.
-        if job.state in (FAILED, CANCELLED):
+        # So is a cancel request (a running job is stopped first on a full data dir, and
+        # CancelOperation was refused). A response is not: it may be as large as the reserve.
+        if job.state in (FAILED, CANCELLED) or (job.cancel_requested and job.state == RUNNING):
             self._with_reserve(f"to record that operation {job.job_id} ended", functools.partial(self._update_job, job))
         else:
             self._update_job(job)
