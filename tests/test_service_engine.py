@@ -1125,6 +1125,13 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
             engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0), NewSample.from_array(pixels, 0, attributes)])
         assert refused.value.field == field
     engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0, {f"a{i}": "u" * 1024 for i in range(64)})])
+    # A display name is printed as it is by the CLI's listing, for every caller: a hostile
+    # one's terminal escapes, line breaks or NULs were stored and listed back.
+    for name in ("\x1b[2Jred", "two\nlines", "nul\x00", "c1\x9b31m", "del\x7f"):
+        with pytest.raises(InvalidArgument, match="control character") as refused:
+            engine.create_sample_set("named", name, [NewSample.from_array(pixels, 0)])
+        assert refused.value.field == "display_name"
+    assert engine.create_sample_set("named", "Café ✓ 🙂 tab-free", [NewSample.from_array(pixels, 0)]).display_name == "Café ✓ 🙂 tab-free"
     for top_k in (9, -1):  # a negative k reached topk() and failed as INTERNAL
         with pytest.raises(InvalidArgument, match="top_k"):
             engine.predict(torch.rand(1, 3, 64, 64), top_k=top_k)

@@ -70,6 +70,19 @@ def check_text_length(text: str, limit: int, field: str) -> None:
         raise InvalidArgument(f"{len(text)} characters, more than the {limit} allowed", field=field)
 
 
+# C0 and C1 control characters (Unicode category Cc): a name one caller stores, that the
+# CLI prints as it is for every caller, must not carry terminal escapes (ESC [2J clears
+# the screen, OSC 52 writes the clipboard), line breaks that forge list rows, or NULs.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_display_name(text: str, field: str = "display_name") -> None:
+    """A one-line label for people: at most MAX_DISPLAY_NAME_CHARS, no control characters."""
+    check_text_length(text, MAX_DISPLAY_NAME_CHARS, field)
+    if (control := _CONTROL_CHARACTER.search(text)) is not None:
+        raise InvalidArgument(f"holds the control character {control.group()!r} at {control.start()}; use printable text", field=field)
+
+
 def require_caller(caller_waits: Callable[[], bool]) -> None:
     """Raise Cancelled once ``caller_waits()`` is False: work a caller no longer waits for
     (its deadline passed, or it left) stops before storing anything it was told failed."""
@@ -314,7 +327,7 @@ class Engine:
         past its deadline, or gone) nothing is stored: it raises Cancelled, so a caller told
         the call failed never finds the set made after all. With ``request``, a repeat of
         the request that created a set gets that set (see :meth:`repeated_sample_set_request`)."""
-        check_text_length(display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
+        check_display_name(display_name)
         if not sample_set_id:
             sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
         else:
