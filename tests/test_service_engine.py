@@ -2366,8 +2366,12 @@ def test_bearer_token_matches_the_whole_authorization_value_only():
     assert BearerToken("").allows(None)  # no token: no auth
     token = BearerToken("s3cret")
     assert token.allows([("x-trace", "1"), ("authorization", "Bearer s3cret")])
+    # The scheme is case-insensitive (RFC 7235); "bearer s3cret" was refused. The token is not.
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        assert token.allows([("authorization", f"{scheme} s3cret")]), scheme
     for metadata in (None, [], [("authorization", "Bearer s3cret2")], [("authorization", "Bearer s3cre")],
-                     [("authorization", "s3cret")], [("x-authorization", "Bearer s3cret")]):
+                     [("authorization", "s3cret")], [("x-authorization", "Bearer s3cret")], [("authorization", "Bearer S3CRET")],
+                     [("authorization", "Bearer  s3cret")], [("authorization", "Bearers3cret")], [("authorization", "Basic s3cret")]):
         assert not token.allows(metadata), metadata
 
 

@@ -26,6 +26,8 @@ from ..config import ConfigError, ServerSection, token_problem
 
 log = logging.getLogger(__name__)
 
+# The authorization value's scheme and its space, compared lower-case.
+_SCHEME = b"bearer "
 # How often the files may be looked at for a change, in seconds.
 RECHECK_INTERVAL_S = 1.0
 
@@ -86,14 +88,16 @@ class BearerToken:
         self._files = _WatchedFiles([path])
 
     def allows(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        """Whether the call's metadata carries ``authorization: Bearer <token>``, compared in
-        constant time (a caller cannot guess the token from how long a refusal takes)."""
+        """Whether the call's metadata carries ``authorization: Bearer <token>``, the token
+        compared in constant time (a caller cannot guess it from how long a refusal takes).
+        The scheme's case does not matter (RFC 7235: "bearer" is "Bearer", as grpcurl -H
+        or a hand-written header may send it)."""
         token = self.current()
         if not token:
             return True
-        expected = f"Bearer {token}".encode()
+        expected = token.encode()
         given = [value.encode() if isinstance(value, str) else value for key, value in metadata or () if key == "authorization"]
-        return any(hmac.compare_digest(value, expected) for value in given)
+        return any(value[:len(_SCHEME)].lower() == _SCHEME and hmac.compare_digest(value[len(_SCHEME):], expected) for value in given)
 
     def current(self) -> str:
         """The token, re-read from the file when it has changed since the last look."""
