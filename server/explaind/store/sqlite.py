@@ -699,7 +699,7 @@ class SQLiteStore:
         # So is a cancel request (a running job is stopped first on a full data dir, and
         # CancelOperation was refused). A response is not: it may be as large as the reserve.
         if job.state in (FAILED, CANCELLED) or (job.cancel_requested and job.state == RUNNING):
-            self._with_reserve(f"to record that operation {job.job_id} ended", functools.partial(self._update_job, job))
+            self._with_reserve(f"to record the end or cancel request of operation {job.job_id}", functools.partial(self._update_job, job))
         else:
             self._update_job(job)
 
