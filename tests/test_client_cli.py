@@ -839,6 +839,23 @@ def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path,
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*.html")] == [directory.relative_to(tmp_path) / file_name]
 
 
+def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_control_characters_escaped(capsys):
+    # Attribute values are kept as given: a worst group named "\x1b[2J" cleared the screen
+    # of whoever printed the edit, and a "\n" forged a line of its output.
+    from types import SimpleNamespace
+
+    from explaind.client import cli
+
+    evaluation = SimpleNamespace(accuracy=0.9, worst_class="heart", worst_class_accuracy=0.5, group_accuracy={"x": 0.5},
+                                 worst_group="grass\x1b[2J\nworst class heart 1.000 -> heart 1.000\x9b", worst_group_accuracy=0.25)
+    version = SimpleNamespace(version_id="v1", model_version="m", method="constrain", class_name="heart", neurons=[1], active=False,
+                              evaluation=evaluation, parent_evaluation=evaluation)
+    cli._print_head_edit(SimpleNamespace(best_epoch=1, epochs_run=2, version=version))
+    printed = capsys.readouterr().out
+    assert "  worst group grass\\x1b[2J\\nworst class heart 1.000 -> heart 1.000\\x9b 0.250 -> grass" in printed
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", printed) and printed.count("\n") == 4
+
+
 def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
