@@ -2360,6 +2360,26 @@ def test_a_bad_token_is_refused_at_start_up_before_the_store_is_locked(tmp_path,
     SQLiteStore(tmp_path / "data").close()  # the data dir is free: the failed server never locked it
 
 
+def test_no_writable_temporary_directory_is_refused_at_start_up_before_serving(tmp_path, monkeypatch, caplog):
+    """A read-only root file system without a volume at /tmp: importing torchvision (CLIP's
+    load does) asks tempfile for a directory, and the start failed as "cannot load CLIP"
+    after "listening". Now it stops before binding, saying what to mount."""
+    import tempfile
+
+    from explaind.service.server import serve
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() looks again (and sets it: monkeypatch restores it)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "read-only")])
+    stop = threading.Event()
+    threading.Timer(10, stop.set).start()  # a server that started anyway stops, and the test fails
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path / "data"))
+    with caplog.at_level(logging.INFO, logger="explaind"), pytest.raises(OSError, match="no writable temporary directory .*mount a writable volume at /tmp"):
+        serve(config, stop)
+    stop.set()
+    assert "listening" not in caplog.text
+    SQLiteStore(tmp_path / "data").close()  # the data dir is free
+
+
 def test_bearer_token_matches_the_whole_authorization_value_only():
     from explaind.service.auth import BearerToken
 

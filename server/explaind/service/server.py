@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -311,18 +312,33 @@ def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
         failures.append(error)
 
 
+def check_temporary_directory() -> None:
+    """OSError unless Python's tempfile has a writable directory: importing torchvision
+    (which CLIP, the torchvision loader and others do) makes torch pick its compile cache
+    under it, and without one the model load failed as if a model file were at fault
+    ("cannot load CLIP ... No usable temporary directory found"). A read-only root file
+    system (Kubernetes' readOnlyRootFilesystem) without a volume at /tmp is the usual cause."""
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError as error:
+        raise OSError(f"no writable temporary directory ({error.strerror}): torch writes there as the models load; with a read-only "
+                      "root file system, mount a writable volume at /tmp (the Helm chart mounts an emptyDir) or set TMPDIR "
+                      "to a writable directory") from None
+
+
 def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop_requested``, from :func:`stop_on_signals`
     called before); returns the process exit code. A stop asked for while it starts
     ends it before the store's recovery and the bind, or once bound if it came later. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
-    token or TLS file cannot be read, FailedPrecondition when [runtime].device names an
+    token or TLS file cannot be read or no temporary directory is writable, FailedPrecondition when [runtime].device names an
     absent GPU (before binding: "listening" must not be the first word of a server that
     cannot run)."""
     stop_requested = stop_requested or stop_on_signals()
     configure_logging(config.server.log_format)
     check_device(config.runtime.device)
+    check_temporary_directory()
     server = ExplaindServer(config)
     if stop_requested.is_set():  # while it imported or checked the device: no need to recover the store and bind
         log.info("stop requested while starting: exiting before serving")
