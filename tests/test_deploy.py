@@ -300,7 +300,21 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     # Not root: the image's user, with the data volume made writable to its group.
     user = re.search(r"^USER (\d+):(\d+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
     assert pod["spec"]["securityContext"].items() >= {"runAsNonRoot": True, "runAsUser": int(user[1]), "runAsGroup": int(user[2]), "fsGroup": int(user[2])}.items()
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+    # With the root file system read-only, what the server writes is a volume: its data dir,
+    # /tmp (torch's compile cache, chosen as torchvision is imported: the start failed without
+    # it) and XDG_CACHE_HOME (downloaded weights, onnxruntime's id file), the image's own value.
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    environment = {variable["name"]: variable["value"] for variable in container["env"]}
+    image_environment = dict(re.findall(r"^ENV (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))
+    assert environment["XDG_CACHE_HOME"] == image_environment["XDG_CACHE_HOME"]
+    command = image_entrypoint()
+    for path in (command[command.index("--data-dir") + 1], "/tmp", environment["XDG_CACHE_HOME"]):
+        assert path in mounts and not mounts[path].get("readOnly"), path
+    assert volumes[mounts["/tmp"]["name"]] == {"name": "tmp", "emptyDir": {}}
+    assert volumes[mounts[environment["XDG_CACHE_HOME"]]["name"]] == {"name": "cache", "emptyDir": {}}
+    assert mounts["/var/lib/explaind"]["name"] == "data"  # the volume claim
     # The "restricted" Pod Security Standard also asks for the runtime's seccomp profile: without it such a namespace refused the pod.
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert not {"tolerations", "nodeSelector", "affinity", "imagePullSecrets"} & pod["spec"].keys()
@@ -328,7 +342,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert container["args"] == ["--device", "cpu", "--config", "/etc/explaind/explaind.toml"]
     assert serve_arguments(container).config == "/etc/explaind/explaind.toml"
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and container["startupProbe"]["failureThreshold"] == 12
-    volume = cpu["StatefulSet"]["spec"]["template"]["spec"]["volumes"][0]
+    volume = next(volume for volume in cpu["StatefulSet"]["spec"]["template"]["spec"]["volumes"] if "configMap" in volume)
     assert volume["configMap"]["name"] == cpu["ConfigMap"]["metadata"]["name"]
     assert {"name": volume["name"], "mountPath": "/etc/explaind"} in container["volumeMounts"]
 
@@ -359,10 +373,11 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
               "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]}
     for extra in ({}, {"config": '[clip]\npath = "/models/clip.bin"\n'}):
         spec = rendered(chart_renderer, **models, **extra)["StatefulSet"]["spec"]["template"]["spec"]
-        assert models["extraVolumes"][0] in spec["volumes"] and len(spec["volumes"]) == 1 + bool(extra)
+        assert models["extraVolumes"][0] in spec["volumes"] and len(spec["volumes"]) == 3 + bool(extra)  # with tmp and cache
         assert models["extraVolumeMounts"][0] in spec["containers"][0]["volumeMounts"]
-    refused = render_chart(chart_renderer, extraVolumes=[{"name": "data", "emptyDir": {}}])
-    assert refused.returncode != 0 and '"data" is a volume name the chart uses' in refused.stderr
+    for name in ("data", "tmp", "cache"):
+        refused = render_chart(chart_renderer, extraVolumes=[{"name": name, "emptyDir": {}}])
+        assert refused.returncode != 0 and f'"{name}" is a volume name the chart uses' in refused.stderr
 
     secured = rendered(chart_renderer, tokenSecret="explaind-token")["StatefulSet"]["spec"]["template"]["spec"]
     container = secured["containers"][0]
