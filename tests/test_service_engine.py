@@ -1868,45 +1868,26 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     assert time.monotonic() - started < 1
 
 
-def test_a_job_whose_end_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path):
+@pytest.mark.parametrize(("refused", "said"), [("succeeded", "the job ended succeeded but"), ("running", "the job could not be started:")])
+def test_a_job_whose_end_or_start_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path, refused, said):
     # It failed INTERNAL, "the store failed to record it (ResourceExhausted)": no word of
     # the full data dir the caller can do nothing about but wait, nor of the operator's cue.
-    class FullForResponses(SQLiteStore):
+    # So did a job queued while the data dir filled, at its start.
+    class FullForState(SQLiteStore):
         def update_job(self, record):
-            if record.state == "succeeded":
+            if record.state == refused:
                 raise self._full("database or disk is full")
             return super().update_job(record)
 
-    store = FullForResponses(tmp_path)
+    store = FullForState(tmp_path)
     jobs = JobManager(store, Metrics(), workers=1)
     job = jobs.submit("evaluate", lambda ctx: _empty())
     record = jobs.wait(job.record.job_id, 10).record
     assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
-    assert record.error_message == (f"the job ended succeeded but the store could not record it: the server's data dir {tmp_path} is full "
+    assert record.error_message == (f"{said} the store could not record it: the server's data dir {tmp_path} is full "
                                     "(database or disk is full); the operator must free space there; submit it again")
     assert store.get_job(job.record.job_id).error_code == "RESOURCE_EXHAUSTED"
     jobs.delete(job.record.job_id)
-    jobs.shutdown(5)
-    store.close()
-
-
-def test_a_job_whose_start_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path):
-    # A job queued while the data dir filled failed INTERNAL, "the store failed
-    # (ResourceExhausted)", as its end did before: no word of the full data dir.
-    class FullForStarts(SQLiteStore):
-        def update_job(self, record):
-            if record.state == "running":
-                raise self._full("database or disk is full")
-            return super().update_job(record)
-
-    store = FullForStarts(tmp_path)
-    jobs = JobManager(store, Metrics(), workers=1)
-    job = jobs.submit("evaluate", lambda ctx: _empty())
-    record = jobs.wait(job.record.job_id, 10).record
-    assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
-    assert record.error_message == (f"the job could not be started: the store could not record it: the server's data dir {tmp_path} is full "
-                                    "(database or disk is full); the operator must free space there; submit it again")
-    assert store.get_job(job.record.job_id).error_code == "RESOURCE_EXHAUSTED"
     jobs.shutdown(5)
     store.close()
 

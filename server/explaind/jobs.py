@@ -182,6 +182,14 @@ _SERVER_FAILURES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHA
 ALERTED_FAILURE_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED")
 
 
+def _store_refusal(error: Exception) -> tuple[str, str]:
+    """The code and reason of a job whose start or end the store refused: a project error
+    (a full data dir, say) keeps its code and message, the caller's cue; another is INTERNAL."""
+    if isinstance(error, ExplaindError):
+        return error.code, f"the store could not record it: {error}"
+    return "INTERNAL", f"the store failed to record it ({type(error).__name__})"
+
+
 def _log_end(record: JobRecord) -> None:
     """One line per operation's end, with its id, kind, outcome and time since submission."""
     took = (record.end_time or time.time()) - record.create_time
@@ -299,11 +307,8 @@ class JobManager:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
             except Exception as error:  # noqa: BLE001 - the store refused the write; the job cannot run
                 log.exception("job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
-                if isinstance(error, ExplaindError):  # a full data dir, say: its code and message are the caller's cue, as at the end
-                    failure = (error.code, f"the job could not be started: the store could not record it: {error}; submit it again")
-                else:
-                    failure = ("INTERNAL", f"the job could not be started: the store failed ({type(error).__name__})")
-                self._finish(live, FAILED, error=failure)
+                code, why = _store_refusal(error)
+                self._finish(live, FAILED, error=(code, f"the job could not be started: {why}; submit it again"))
                 return
         waited = max(0.0, started - live.record.create_time)
         self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(waited)
@@ -384,10 +389,7 @@ class JobManager:
                       result=result, message=message, **changes)
         except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
             log.exception("job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
-            if isinstance(write_error, ExplaindError):  # a full data dir, say: its code and message are the caller's cue
-                code, why = write_error.code, f"the store could not record it: {write_error}"
-            else:
-                code, why = "INTERNAL", f"the store failed to record it ({type(write_error).__name__})"
+            code, why = _store_refusal(write_error)
             failed = dict(state=FAILED, end_time=time.time(), error_code=code, result=b"", message="failed",
                           error_message=f"the job ended {state} but {why}; submit it again")
             try:
