@@ -184,6 +184,16 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
 
 
 
+def test_compose_runs_the_server_on_a_read_only_root_with_what_it_writes_mounted():
+    # As the chart does: the data dir a volume, /tmp and the image's XDG_CACHE_HOME writable.
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]
+    assert service["read_only"] is True
+    cache = dict(re.findall(r"^ENV (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))["XDG_CACHE_HOME"]
+    assert sorted(service["tmpfs"]) == sorted(["/tmp", cache])
+    command = image_entrypoint()
+    assert [volume.split(":")[1] for volume in service["volumes"]] == [command[command.index("--data-dir") + 1]]
+
+
 def test_the_image_installs_the_project_dependencies_before_copying_the_sources(tmp_path):
     """So a source edit rebuilds the small layers only (no Docker here: the steps' order and
     the dependency list they install are checked, the list by running the step's Python)."""
