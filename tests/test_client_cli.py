@@ -842,14 +842,16 @@ def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path,
 def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_control_characters_escaped(capsys):
     # Attribute values are kept as given: a worst group named "\x1b[2J" cleared the screen
     # of whoever printed the edit, and a "\n" forged a line of its output.
+    import datetime as dt
     from types import SimpleNamespace
 
-    from explaind.client import cli
+    from explaind.client import HeadVersion, cli
 
     evaluation = SimpleNamespace(accuracy=0.9, worst_class="heart", worst_class_accuracy=0.5, group_accuracy={"x": 0.5},
                                  worst_group="grass\x1b[2J\nworst class heart 1.000 -> heart 1.000\x9b", worst_group_accuracy=0.25)
-    version = SimpleNamespace(version_id="v1", model_version="m", method="constrain", class_name="heart", neurons=[1], active=False,
-                              evaluation=evaluation, parent_evaluation=evaluation)
+    version = HeadVersion(version_id="v1", model_version="m", parent_version_id="v0", method="constrain", class_name="heart", neurons=[1],
+                          description="", create_time=dt.datetime.now(dt.timezone.utc), active=False, evaluation=evaluation,
+                          parent_evaluation=evaluation)
     cli._print_head_edit(SimpleNamespace(best_epoch=1, epochs_run=2, version=version))
     printed = capsys.readouterr().out
     assert "  worst group grass\\x1b[2J\\nworst class heart 1.000 -> heart 1.000\\x9b 0.250 -> grass" in printed

@@ -1758,6 +1758,23 @@ def test_a_ranking_shown_in_a_notebook_is_its_summary():
     assert repr(_ranking(8)).startswith("NeuronRanking(sample_set_id='hearts'")
 
 
+def test_a_head_version_shown_in_a_notebook_is_its_summary_line():
+    # Each version with its two evaluations was a repr of some 900 characters: a list of a
+    # few edits filled the cell.
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from explaind.client import HeadVersion
+
+    evaluation = SimpleNamespace(accuracy=0.9)
+    version = HeadVersion(version_id="v2", model_version="world+head.v2", parent_version_id="v1", method="constrain", class_name="heart",
+                          neurons=[3, 7], description="", create_time=dt.datetime.now(dt.timezone.utc), active=True,
+                          parent_evaluation=SimpleNamespace(accuracy=0.85), evaluation=evaluation)
+    shown: list[str] = []
+    version._repr_pretty_(SimpleNamespace(text=shown.append), False)
+    assert shown == [version.summary()] == ["* v2 world+head.v2 constrain heart neurons [3, 7], accuracy 0.900 (was 0.850)"]
+
+
 def test_a_run_of_an_upload_failing_on_no_image_of_its_own_leaves_the_set_to_a_run_filling_it(client, monkeypatch):
     # Any Exception in this process counted as "cannot read its images" (a failure every
     # run meets alike) and deleted the set: a TimeoutError that a pipeline's alarm raised

@@ -204,6 +204,20 @@ class HeadVersion(AbbreviatedRepr):
     parent_evaluation: HeadEvaluation | None  # None for a loaded head
     evaluation: HeadEvaluation | None
 
+    def summary(self) -> str:
+        """One line, as ``explaind head-versions`` lists it: ``*`` marks the served version,
+        then its id, model version, method, the class and neurons edited, and its accuracy
+        against its parent's."""
+        accuracy = (f", accuracy {self.evaluation.accuracy:.3f} (was {self.parent_evaluation.accuracy:.3f})"
+                    if self.evaluation and self.parent_evaluation else "")
+        neurons = f" {self.class_name} neurons {self.neurons}" if self.neurons else ""
+        return f"{'*' if self.active else ' '} {self.version_id} {self.model_version} {self.method}{neurons}{accuracy}"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook shows a version (and a list of them) as its summary line, not a repr
+        of some 900 characters with both evaluations."""
+        printer.text(self.summary())
+
 
 @dataclass(frozen=True)
 class ActiveHeadChange:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL.Image import Image
 
-    from ._neuroinspect import HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations
+    from ._neuroinspect import HeadEdit, NeuronRanking, NeuronVisualizations
     from ._operations import Evaluation, Operation
     from ._types import Prediction, SampleSet
     from .report import MistakeReport
@@ -580,16 +580,10 @@ def _print_visualizations(result: NeuronVisualizations) -> None:
               f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}")
 
 
-def _version_line(v: HeadVersion) -> str:
-    accuracy = f", accuracy {v.evaluation.accuracy:.3f} (was {v.parent_evaluation.accuracy:.3f})" if v.evaluation and v.parent_evaluation else ""
-    neurons = f" {v.class_name} neurons {v.neurons}" if v.neurons else ""
-    return f"{'*' if v.active else ' '} {v.version_id} {v.model_version} {v.method}{neurons}{accuracy}"
-
-
 def _print_head_edit(edit: HeadEdit) -> None:
     served = "served now" if edit.version.active else "not served; promote it to serve it"
     print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; {served}):")
-    print(_version_line(edit.version))
+    print(edit.version.summary())
     before, after = edit.version.parent_evaluation, edit.version.evaluation
     if before and after:
         print(f"  worst class {before.worst_class} {before.worst_class_accuracy:.3f} -> {after.worst_class} {after.worst_class_accuracy:.3f}")
@@ -990,7 +984,7 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
             _print_json(client.head_versions())
         else:
             for v in client.head_versions():
-                print(_version_line(v))
+                print(v.summary())
     return 0
 
 
