@@ -66,6 +66,11 @@ def image_entrypoint() -> list[str]:
     return json.loads(line.removeprefix("ENTRYPOINT"))
 
 
+def image_environment() -> dict[str, str]:
+    """The image's ENV values (one ``ENV NAME=value`` per line), e.g. XDG_CACHE_HOME."""
+    return dict(re.findall(r"^ENV (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))
+
+
 # A value for each of the dashboard's variables: one the real Prometheus below has series of.
 DASHBOARD_VARIABLES = {"kind": "rank_mistake_neurons"}
 
@@ -188,8 +193,7 @@ def test_compose_runs_the_server_on_a_read_only_root_with_what_it_writes_mounted
     # As the chart does: the data dir a volume, /tmp and the image's XDG_CACHE_HOME writable.
     service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]
     assert service["read_only"] is True
-    cache = dict(re.findall(r"^ENV (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))["XDG_CACHE_HOME"]
-    assert sorted(service["tmpfs"]) == sorted(["/tmp", cache])
+    assert sorted(service["tmpfs"]) == sorted(["/tmp", image_environment()["XDG_CACHE_HOME"]])
     command = image_entrypoint()
     assert [volume.split(":")[1] for volume in service["volumes"]] == [command[command.index("--data-dir") + 1]]
 
@@ -317,8 +321,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
     environment = {variable["name"]: variable["value"] for variable in container["env"]}
-    image_environment = dict(re.findall(r"^ENV (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))
-    assert environment["XDG_CACHE_HOME"] == image_environment["XDG_CACHE_HOME"]
+    assert environment["XDG_CACHE_HOME"] == image_environment()["XDG_CACHE_HOME"]
     command = image_entrypoint()
     for path in (command[command.index("--data-dir") + 1], "/tmp", environment["XDG_CACHE_HOME"]):
         assert path in mounts and not mounts[path].get("readOnly"), path
