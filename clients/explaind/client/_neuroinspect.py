@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
 import io
@@ -14,6 +13,7 @@ import numpy as np
 
 from explaind.v1 import neuroinspect_pb2
 
+from ._images import IMAGE_BOX, image_data_uri
 from ._operations import RESULT_CONVERTERS, enum_names
 from ._types import AbbreviatedRepr, ComparedByValue, float32_array
 
@@ -164,14 +164,11 @@ class NeuronVisualizations(AbbreviatedRepr):
 
 
 def _html_image(image: Image | None) -> str:
-    """An ``<img>`` of ``image`` as an inline PNG, at least 128 px wide; a dash for None
-    (a result read with download=False)."""
+    """An ``<img>`` of ``image`` inlined as the report inlines it, at least its box wide;
+    a dash for None (a result read with download=False)."""
     if image is None:
         return "–"
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" width="{max(image.width, 128)}" style="image-rendering: pixelated">'
+    return f'<img src="{image_data_uri(image)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
 
 
 @dataclass(frozen=True, repr=False)

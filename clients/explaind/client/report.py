@@ -9,9 +9,7 @@ attached to a ticket as is.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -20,6 +18,7 @@ import grpc
 
 from ._client import Client, _is_index
 from ._errors import InvalidArgumentError, NotFoundError, OperationError, error_from_code
+from ._images import IMAGE_BOX, image_data_uri
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
 if TYPE_CHECKING:
@@ -146,24 +145,6 @@ def _suggest_edit(
     return edit, f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
-# Quality of the JPEG the images at least as large as their box are inlined as.
-_JPEG_QUALITY = 90
-
-
-def _image_data_uri(image: Image) -> str:
-    """The image as a data URI: PNG below the box (drawn enlarged as crisp pixels, where
-    JPEG's artefacts would show), else JPEG. A 224 px visualisation was a ~90 kB PNG,
-    two per neuron and every ranked neuron shown: tens of MB for an ImageNet model."""
-    buffer = io.BytesIO()
-    if image.width < _IMAGE_BOX:
-        image.save(buffer, format="PNG")
-        kind = "png"
-    else:
-        image.convert("RGB").save(buffer, format="JPEG", quality=_JPEG_QUALITY)
-        kind = "jpeg"
-    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _number(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -216,9 +197,6 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     )
 
 
-# Side in CSS pixels of each neuron image in the report.
-_IMAGE_BOX = 128
-
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -228,7 +206,7 @@ td:first-child, th:first-child, .text { text-align: left; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
 .muted { color: #777; font-size: .9em; }
 """
-_STYLE += (f".neuron img {{ width: {_IMAGE_BOX}px; height: {_IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
+_STYLE += (f".neuron img {{ width: {IMAGE_BOX}px; height: {IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
            ".neuron img[data-upscaled] { image-rendering: pixelated; }\n")  # small inputs as crisp pixels, larger smoothly scaled
 
 
@@ -312,11 +290,11 @@ def render_report(report: MistakeReport) -> str:
             ranked = by_neuron.get(v.neuron)
             # build_report's visualisations are downloaded (result() with download=True): their images are set.
             image, masked_image = cast("Image", v.image), cast("Image", v.masked_image)
-            upscaled = " data-upscaled" if image.width < _IMAGE_BOX else ""
+            upscaled = " data-upscaled" if image.width < IMAGE_BOX else ""
             parts.append(
                 f"<div class='neuron' id='neuron-{v.neuron}'><b>neuron {v.neuron}</b> · class {escape(v.class_name)}<br>"
-                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{_image_data_uri(image)}'> "
-                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{_image_data_uri(masked_image)}'>"
+                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{image_data_uri(image)}'> "
+                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{image_data_uri(masked_image)}'>"
                 f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
                 f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
