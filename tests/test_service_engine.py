@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -3823,6 +3824,67 @@ def test_upload_requests_answered_as_repeats_are_counted_by_method_from_zero(eng
     assert (repeats("CreateSampleSet"), repeats("AppendSamples")) == (2, 3) and engine.store.get_sample_set("counted").sample_count == 2
 
 
+def test_an_upload_request_sent_again_is_answered_with_the_set_it_was_applied_to_not_one_made_under_its_id_since(
+        tmp_path, classifier_dir, monkeypatch):
+    # The repeat was looked up, then its set read by id in a second hold of the store: a
+    # set deleted and made again in between answered the repeat, as if the request had
+    # created it or appended to it (an append pinned to the first set's uid included).
+    import grpc
+
+    from explaind.client._errors import from_rpc_error
+    from explaind.service import ExplaindServer
+    from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
+
+    server = ExplaindServer(default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path)))
+    port = server.start()
+    server.load_models()
+    store, looked_up = server.store, server.store.sample_set_of_request
+    with store.writing_blobs() as put:
+        other = SampleRecord(put(encode_png(np.zeros((8, 8, 3), np.uint8))), 5)
+    racing: list[str] = []  # the set another client deletes and makes again right after the next lookup
+
+    def made_again_after_the_lookup(request: RequestKey):
+        found = looked_up(request)
+        for set_id in racing:
+            store.delete_sample_set(set_id)
+            store.create_sample_set(set_id, "another client's", [other])
+        racing.clear()
+        return found
+
+    def request(message, number: int, **fields):
+        return message(samples=[sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(np.full((8, 8, 3), 200, np.uint8))), label=1)],
+                       request_id=str(uuid.UUID(int=number)), **fields)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+            create = request(sample_sets_pb2.CreateSampleSetRequest, 1, sample_set_id="created")
+            created = stub.CreateSampleSet(create, timeout=30).sample_set
+            uid = stub.CreateSampleSet(request(sample_sets_pb2.CreateSampleSetRequest, 2, sample_set_id="appended", upload_continues=True),
+                                       timeout=30).sample_set.uid
+            append = request(sample_sets_pb2.AppendSamplesRequest, 3, sample_set_id="appended", finish_upload=True, sample_set_uid=uid)
+            appended = stub.AppendSamples(append, timeout=30).sample_set
+            with monkeypatch.context() as patch:
+                patch.setattr(store, "sample_set_of_request", made_again_after_the_lookup)
+                racing.append("created")
+                assert stub.CreateSampleSet(create, timeout=30).sample_set == created
+                racing.append("appended")
+                assert stub.AppendSamples(append, timeout=30).sample_set == appended
+            # Their ids went with their sets: sent again now, neither is taken as applied to
+            # the other client's set, nor applied to it.
+            for call, message, code, field in ((stub.CreateSampleSet, create, grpc.StatusCode.ALREADY_EXISTS, "sample_set_id"),
+                                               (stub.AppendSamples, append, grpc.StatusCode.FAILED_PRECONDITION, "sample_set_uid")):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(message, timeout=30)
+                error = from_rpc_error(caught.value)
+                assert (error.code, error.field) == (code, field), error
+            for set_id in ("created", "appended"):
+                now = stub.GetSampleSet(sample_sets_pb2.GetSampleSetRequest(sample_set_id=set_id), timeout=30).sample_set
+                assert (now.display_name, now.sample_count, dict(now.class_counts)) == ("another client's", 1, {5: 1})
+    finally:
+        server.stop(0)
+
+
 def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and_goes_with_its_set(tmp_path):
     """CreateSampleSet and AppendSamples repeated with their request_id (a resend after a
     dropped answer) get the set as it is, without a second set, ALREADY_EXISTS or doubled
@@ -3839,7 +3901,7 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
     for _ in range(2):
         info = store.create_sample_set("up", "", [first], uploading=True, request=RequestKey(created_id, "c"))
         assert (info.sample_count, info.uploading) == (1, True)
-    assert store.sample_set_of_request(RequestKey(created_id, "c")) == "up"
+    assert store.sample_set_of_request(RequestKey(created_id, "c")).sample_set_id == "up"
     uid = sample_set_uid("up", info.create_time)
     for _ in range(2):
         info = store.append_samples("up", [second], finish_upload=True, uid=uid, request=RequestKey(appended_id, "a"))

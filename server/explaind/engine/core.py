@@ -305,13 +305,9 @@ class Engine:
         None). Asked before a request's images are decoded, so a repeat is answered as the
         first was, at once. InvalidArgument naming request_id when another request was
         applied under it."""
-        if request is None or (set_id := self.store.sample_set_of_request(request)) is None:
+        if request is None or (info := self.store.sample_set_of_request(request)) is None:
             return None
-        try:
-            info = self.store.get_sample_set(set_id)
-        except NotFound:  # deleted since it was looked up: the request is new again
-            return None
-        self._sample_set_request_repeated(method, set_id, request)
+        self._sample_set_request_repeated(method, info.sample_set_id, request)
         return info
 
     def _sample_set_request_repeated(self, method: str, set_id: str, request: RequestKey) -> None:

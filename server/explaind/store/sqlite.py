@@ -569,9 +569,10 @@ class SQLiteStore:
                 self._delete_set(db, set_id)
         return abandoned
 
-    def sample_set_of_request(self, request: RequestKey) -> str | None:
-        with self._lock:
-            return self._repeated_request(self._db, request)
+    def sample_set_of_request(self, request: RequestKey) -> SampleSetInfo | None:
+        with self._lock:  # one hold: the set is the one the request was applied to, not one made under its id since
+            set_id = self._repeated_request(self._db, request)
+            return None if set_id is None else self._info(self._require_set(self._db, set_id))
 
     @staticmethod
     def _repeated_request(db: sqlite3.Connection, request: RequestKey | None, on_repeat: OnRepeat | None = None) -> str | None:
