@@ -348,6 +348,39 @@ def test_requests_that_are_not_their_message_or_carry_malformed_ids_or_ignored_o
     assert refused.value.field == "description"
 
 
+def test_an_upload_refused_for_its_id_display_name_or_set_is_refused_so_before_its_images_are_decoded(server):
+    # The samples were decoded first: a malformed id sent with an unreadable image was
+    # refused for the image, and a taken id or a missing set cost the decoding (and, on
+    # create, the storing) of every image before ALREADY_EXISTS or NOT_FOUND.
+    from explaind.client._errors import from_rpc_error
+
+    unreadable = [sample_sets_pb2.Sample(image=common_pb2.Image(encoded=b"no image"), label=0)]
+    readable = [sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(np.zeros((8, 8, 3), np.uint8))), label=0)]
+    refused = (
+        ("CreateSampleSet", sample_sets_pb2.CreateSampleSetRequest(sample_set_id="Bad Id!", samples=unreadable),
+         grpc.StatusCode.INVALID_ARGUMENT, "sample_set_id"),
+        ("CreateSampleSet", sample_sets_pb2.CreateSampleSetRequest(display_name="tab\there", samples=unreadable),
+         grpc.StatusCode.INVALID_ARGUMENT, "display_name"),
+        ("CreateSampleSet", sample_sets_pb2.CreateSampleSetRequest(sample_set_id="taken", samples=unreadable),
+         grpc.StatusCode.ALREADY_EXISTS, "sample_set_id"),
+        ("AppendSamples", sample_sets_pb2.AppendSamplesRequest(sample_set_id="never-made", samples=unreadable),
+         grpc.StatusCode.NOT_FOUND, "sample_set_id"),
+        ("AppendSamples", sample_sets_pb2.AppendSamplesRequest(sample_set_id="taken", samples=unreadable,
+                                                               sample_set_uid="123e4567-e89b-52d3-a456-426614174000"),
+         grpc.StatusCode.FAILED_PRECONDITION, "sample_set_uid"),
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        stub = sample_sets_pb2_grpc.SampleSetServiceStub(channel)
+        taken = stub.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="taken", samples=readable), timeout=30).sample_set
+        for method, request, code, field in refused:
+            with pytest.raises(grpc.RpcError) as caught:
+                getattr(stub, method)(request, timeout=30)
+            error = from_rpc_error(caught.value)
+            assert (error.code, error.field) == (code, field), (method, request.sample_set_id, error)
+        assert stub.GetSampleSet(sample_sets_pb2.GetSampleSetRequest(sample_set_id="taken"), timeout=30).sample_set == taken
+        stub.DeleteSampleSet(sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="taken"), timeout=30)
+
+
 def test_operations_submitted_while_a_client_pages_repeat_none(server, client, world_images):
     client.create_sample_set(_uint8(world_images[0][:2]), [0, 1], sample_set_id="keyset")
     first = [client.evaluate_sample_set("keyset").name for _ in range(5)]

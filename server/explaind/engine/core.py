@@ -29,7 +29,7 @@ from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
-from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid
+from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid, sample_set_id_taken
 from .backends import FeatureFn, build_feature_fn, check_device
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -81,6 +81,14 @@ def check_display_name(text: str, field: str = "display_name") -> None:
     check_text_length(text, MAX_DISPLAY_NAME_CHARS, field)
     if (control := _CONTROL_CHARACTER.search(text)) is not None:
         raise InvalidArgument(f"holds the control character {control.group()!r} at {control.start()}; use printable text", field=field)
+
+
+def check_new_sample_set(sample_set_id: str, display_name: str) -> None:
+    """The checks of a set to create that read neither its images nor the store, its id
+    first ("": the server picks one)."""
+    if sample_set_id:
+        check_sample_set_id(sample_set_id)
+    check_display_name(display_name)
 
 
 def require_caller(caller_waits: Callable[[], bool]) -> None:
@@ -323,14 +331,31 @@ class Engine:
         past its deadline, or gone) nothing is stored: it raises Cancelled, so a caller told
         the call failed never finds the set made after all. With ``request``, a repeat of
         the request that created a set gets that set (see :meth:`repeated_sample_set_request`)."""
-        check_display_name(display_name)
-        if not sample_set_id:
-            sample_set_id = f"set-{uuid.uuid4().hex[:12]}"
-        else:
-            check_sample_set_id(sample_set_id)
+        check_new_sample_set(sample_set_id, display_name)
+        sample_set_id = sample_set_id or f"set-{uuid.uuid4().hex[:12]}"
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
                                                 request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"))
+
+    def require_free_sample_set_id(self, sample_set_id: str) -> None:
+        """AlreadyExists for the id of a set that exists ("" is free), asked before a
+        CreateSampleSet's images are decoded; the store asks again as it creates."""
+        if not sample_set_id:
+            return
+        try:
+            self.store.get_sample_set(sample_set_id)
+        except NotFound:
+            return
+        raise sample_set_id_taken(sample_set_id)
+
+    def check_append(self, sample_set_id: str, sample_count: int, *, finish_upload: bool = False, uid: str | None = None) -> None:
+        """The checks of an append of ``sample_count`` samples that read none of its images:
+        something to do, and the set there (of ``uid``, when given). Asked before its
+        images are decoded and stored; the store checks the set again as it appends."""
+        if not sample_count and not finish_upload:
+            raise InvalidArgument("no samples to append", field="samples")
+        info = self.store.get_sample_set(sample_set_id)
+        require_sample_set_uid(sample_set_id, info.create_time, uid, "sample_set_uid")
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
                        caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None,
@@ -338,10 +363,7 @@ class Engine:
         """As :meth:`create_sample_set`, ``caller_waits`` and ``request`` included (a
         repeat appends nothing); with ``uid``, only to the set of that uid
         (FailedPrecondition for another of the same id)."""
-        info = self.store.get_sample_set(sample_set_id)  # the store checks again as it appends; this is before storing images
-        require_sample_set_uid(sample_set_id, info.create_time, uid, "sample_set_uid")
-        if not samples and not finish_upload:
-            raise InvalidArgument("no samples to append", field="samples")
+        self.check_append(sample_set_id, len(samples), finish_upload=finish_upload, uid=uid)
         with self.store.writing_blobs() as put:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
                                              uid=uid, request=request, on_repeat=partial(self._sample_set_request_repeated, "AppendSamples"))

@@ -7,7 +7,7 @@ import uuid
 import grpc
 from explaind.v1 import common_pb2, sample_sets_pb2, sample_sets_pb2_grpc
 
-from ..engine import Engine, check_sample_set_id
+from ..engine import Engine, check_new_sample_set, check_sample_set_id
 from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
@@ -38,30 +38,39 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def _samples(self, samples) -> list:
-        """Decoded samples, at most ``[batching].max_images_per_request`` of them: each is a
-        durable write, and tiny images slip under the pixel limit by the million."""
+    def _check_sample_count(self, samples) -> None:
+        """At most ``[batching].max_images_per_request`` samples: each is a durable write,
+        and tiny images slip under the pixel limit by the million."""
         limit = self._engine.config.batching.max_images_per_request
         if len(samples) > limit:
             raise InvalidArgument(f"{len(samples)} samples exceed the limit of {limit} per request; split them into AppendSamples requests",
                                   field="samples")
+
+    def _samples(self, samples) -> list:
+        """The decoded samples. Called after every check that reads no image, so that a
+        request those refuse costs no decoding."""
         budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="samples")
         return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget) for i, sample in enumerate(samples)]
 
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
+        check_new_sample_set(request.sample_set_id, request.display_name)
         if not request.samples:
             raise InvalidArgument("a sample set needs at least one sample", field="samples")
+        self._check_sample_count(request.samples)
         # A repeat (request_id) is answered before its images are decoded.
         key = convert.request_key(request, apart="samples")
         if (info := self._engine.repeated_sample_set_request(key, "CreateSampleSet")) is None:
+            self._engine.require_free_sample_set_id(request.sample_set_id)
             info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
                                                   uploading=request.upload_continues, caller_waits=context.is_active, request=key)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
         set_id, uid = required_set_id(request), optional_uid(request)
+        self._check_sample_count(request.samples)
         key = convert.request_key(request, apart="samples")
         if (info := self._engine.repeated_sample_set_request(key, "AppendSamples")) is None:
+            self._engine.check_append(set_id, len(request.samples), finish_upload=request.finish_upload, uid=uid)
             info = self._engine.append_samples(set_id, self._samples(request.samples), finish_upload=request.finish_upload,
                                                caller_waits=context.is_active, uid=uid, request=key)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))

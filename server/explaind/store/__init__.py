@@ -19,6 +19,7 @@ from .base import (
     Store,
     StoreOpenError,
     require_sample_set_uid,
+    sample_set_id_taken,
 )
 from .sqlite import SQLiteStore
 
@@ -41,4 +42,5 @@ __all__ = [
     "SampleSetInfo",
     "Store",
     "require_sample_set_uid",
+    "sample_set_id_taken",
 ]

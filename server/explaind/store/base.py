@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
 # Job states, stored as text.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -61,6 +61,11 @@ def sample_set_uid(sample_set_id: str, create_time: float) -> str:
     a name-based UUID (version 5) of the id and its creation time (epoch s), so nothing
     more is stored and every store derives the same."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"explaind:sample-set:{sample_set_id}:{create_time!r}"))
+
+
+def sample_set_id_taken(sample_set_id: str) -> AlreadyExists:
+    """The error for a CreateSampleSet under the id of a set that exists."""
+    return AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
 
 
 def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | None, field: str) -> None:

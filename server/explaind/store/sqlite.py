@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
 from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
-                   SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid)
+                   SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid, sample_set_id_taken)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -538,7 +538,7 @@ class SQLiteStore:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
-                raise AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
+                raise sample_set_id_taken(sample_set_id)
             db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
