@@ -864,13 +864,16 @@ def test_a_call_timeout_of_zero_is_no_wait_not_the_clients_default():
             operation.refresh(timeout=0)
 
 
+HOLDER = "visualize_neurons 0123456789abcdef (step 120/400, 14 min)"  # the job a queued one waits for, as the server names it
+
+
 class _StreamedOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Streams a job's updates at once: queued, running at 1 of 2 steps, then cancelled."""
 
     def WatchOperation(self, request, context):
         from google.rpc import status_pb2
 
-        updates = [(operations_pb2.OPERATION_STATE_QUEUED, 0, ""), (operations_pb2.OPERATION_STATE_RUNNING, 1, "epoch 1"),
+        updates = [(operations_pb2.OPERATION_STATE_QUEUED, 0, f"queued: 1 ahead; running: {HOLDER}"), (operations_pb2.OPERATION_STATE_RUNNING, 1, "epoch 1"),
                    (operations_pb2.OPERATION_STATE_CANCELLED, 1, "")]
         for state, step, message in updates:
             metadata = any_pb2.Any()
@@ -887,7 +890,10 @@ def test_progress_lines_show_every_change_of_state_or_message_at_once(capsys):
 
     with _running_operation_of(_StreamedOperations()) as operation, pytest.raises(CancelledError):
         operation.result(progress=True, timeout=10)
-    assert capsys.readouterr().err.splitlines() == ["edit_head: queued 0/2", "edit_head: running 1/2 epoch 1", "edit_head: cancelled 1/2"]
+    # A queued job's message, "queued: <place>; running: <what holds the workers>", reads
+    # without its state twice.
+    assert capsys.readouterr().err.splitlines() == [f"edit_head: queued 0/2 1 ahead; running: {HOLDER}", "edit_head: running 1/2 epoch 1",
+                                                    "edit_head: cancelled 1/2"]
 
 
 def test_progress_lines_of_a_counting_message_keep_to_the_interval(capsys):

@@ -1684,6 +1684,44 @@ def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_pa
     jobs.shutdown(1)
 
 
+def test_a_queued_job_says_its_place_and_what_runs_as_the_queue_moves_without_a_store_write(tmp_path, monkeypatch):
+    # Behind a 30-minute visualisation a job said "queued" and nothing more: not how many
+    # were ahead of it, nor which job held the worker, nor how far that one had got.
+    store, gates = SQLiteStore(tmp_path), [threading.Event() for _ in range(2)]
+    jobs = JobManager(store, Metrics(), workers=1)
+
+    def blocking(gate: threading.Event):
+        def job(ctx):
+            ctx.report_progress(120, 400, "optimising")
+            gate.wait(10)
+            return _empty()
+        return job
+
+    first = jobs.submit("visualize_neurons", blocking(gates[0])).record.job_id
+    while jobs.get(first).record.step != 120:
+        time.sleep(0.01)
+    second = jobs.submit("rank_mistake_neurons", blocking(gates[1]))
+    third = jobs.submit("evaluate_sample_set", lambda ctx: _empty())
+    writes = []
+    monkeypatch.setattr(store, "update_job", lambda record: writes.append(record))  # none while the queue is read
+    holder = rf"visualize_neurons {first} \(step 120/400, under a minute\)"
+    assert re.fullmatch(rf"queued: next; running: {holder}", second.record.message)  # the submitting call's answer says it too
+    assert re.fullmatch(rf"queued: 1 ahead; running: {holder}", third.record.message)
+    assert re.fullmatch(rf"queued: 1 ahead; running: {holder}", jobs.list(state="queued")[0].record.message)
+    assert writes == [] and store.get_job(third.record.job_id).message == "queued"  # what a restart reads: no place that would be stale
+    monkeypatch.undo()
+    jobs.cancel(first)
+    assert re.fullmatch(rf"queued: 1 ahead; running: visualize_neurons {first} \(step 120/400, under a minute, cancel requested\)",
+                        jobs.get(third.record.job_id).record.message)
+    gates[0].set()
+    while jobs.get(second.record.job_id).record.step != 120:
+        time.sleep(0.01)
+    assert jobs.get(third.record.job_id).record.message == f"queued: next; running: rank_mistake_neurons {second.record.job_id} (step 120/400, under a minute)"
+    gates[1].set()
+    assert jobs.wait(third.record.job_id, 10).record.message == "done"
+    jobs.shutdown(1)
+
+
 def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
     store, metrics, ran = SQLiteStore(tmp_path), Metrics(), []
 

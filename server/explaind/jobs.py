@@ -190,6 +190,16 @@ def _store_refusal(error: Exception) -> tuple[str, str]:
     return "INTERNAL", f"the store failed to record it ({type(error).__name__})"
 
 
+def _holder(record: JobRecord) -> str:
+    """A running job as a queued one's message names it: kind, id, its step and how long
+    it has run, e.g. "visualize_neurons 0123456789abcdef (step 120/400, 14 min)"."""
+    step = f"step {record.step}/{record.total}" if record.total else f"step {record.step}" if record.step else ""
+    minutes = int((time.time() - (record.start_time or time.time())) // 60)
+    ran = f"{minutes} min" if minutes else "under a minute"
+    cancelling = ", cancel requested" if record.cancel_requested else ""
+    return f"{record.kind} {record.job_id} ({', '.join(part for part in (step, ran) if part)}{cancelling})"
+
+
 def _log_end(record: JobRecord) -> None:
     """One line per operation's end, with its id, kind, outcome and time since submission."""
     took = (record.end_time or time.time()) - record.create_time
@@ -292,9 +302,12 @@ class JobManager:
             live = _LiveJob(record)
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
+            # Under the lock: the workers take jobs in the order of the live jobs, which
+            # a queued job's message counts its place by (_queued_message).
+            self._executor.submit(self._run, live, fn, cut_lists)
+            submitted = self._snapshot(live)
         log.info("operation %s (%s) queued", record.job_id, kind)
-        self._executor.submit(self._run, live, fn, cut_lists)
-        return JobSnapshot(record)
+        return submitted
 
     def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
         with self._changed:  # one transition: a cancel either finished it already or sees RUNNING
@@ -435,8 +448,30 @@ class JobManager:
         with self._changed:
             live = self._live.get(job_id)
             if live is not None:
-                return JobSnapshot(live.record, live.preview)
+                return self._snapshot(live)
         return JobSnapshot(self.store.get_job(job_id))
+
+    def _snapshot(self, live: _LiveJob) -> JobSnapshot:
+        """The live job as a reader sees it (holding ``_changed``): a queued one's message
+        says where it stands (:meth:`_queued_message`), made at each read and never
+        stored, so the queue moving costs no write."""
+        record = live.record
+        if record.state == QUEUED:
+            record = dataclasses.replace(record, message=self._queued_message(live))
+        return JobSnapshot(record, live.preview)
+
+    def _queued_message(self, live: _LiveJob) -> str:
+        """``live``'s stored message ("queued"), its place in the queue and what holds the
+        workers, e.g. "queued: 2 ahead; running: visualize_neurons 0123456789abcdef (step
+        120/400, 14 min)": a caller behind a long job sees what it waits for, and can
+        look that job up by its id (holding ``_changed``)."""
+        ahead = 0
+        for other in self._live.values():  # in submission order, the order the workers take them in
+            if other is live:
+                break
+            ahead += other.record.state == QUEUED
+        running = [_holder(other.record) for other in self._live.values() if other.record.state == RUNNING]
+        return f"{live.record.message}: {f'{ahead} ahead' if ahead else 'next'}" + (f"; running: {', '.join(running)}" if running else "")
 
     def _read_again(self, job_id: str, read: _LiveJob | None) -> tuple[JobSnapshot, _LiveJob | None]:
         """:meth:`get` for a reader that reads the job over and over (watch, wait), and the
@@ -447,7 +482,7 @@ class JobManager:
         with self._changed:
             live = self._live.get(job_id)
             if live is not None:
-                return JobSnapshot(live.record, live.preview), live
+                return self._snapshot(live), live
             if read is not None:
                 return JobSnapshot(read.record), None  # as get() read it from the store
         return JobSnapshot(self.store.get_job(job_id)), None
@@ -564,7 +599,7 @@ class JobManager:
                 return
             with self._changed:
                 live = self._live.get(job_id)
-                if live is not None and live.record == snapshot.record and live.preview == snapshot.preview:
+                if live is not None and self._snapshot(live) == snapshot:
                     self._changed.wait(poll_s)
 
     def wait(self, job_id: str, timeout: float | None = None, *, is_active: Callable[[], bool] = lambda: True) -> JobSnapshot:
@@ -578,7 +613,7 @@ class JobManager:
                 return snapshot
             with self._changed:
                 live = self._live.get(job_id)
-                if live is not None and live.record == snapshot.record:
+                if live is not None and self._snapshot(live).record == snapshot.record:
                     self._changed.wait(remaining)
 
     def _end_queued(self, live: _LiveJob, state: str, error: tuple[str, str], **changes: object) -> None:

@@ -185,19 +185,21 @@ class ProgressDisplay:
             self._bar.close()
 
     def show(self, step: int, total: int, state: str, message: str = "", *, last: bool = False) -> None:
-        """``step`` of ``total`` (0: unknown); ``last`` prints a line even within the interval."""
+        """``step`` of ``total`` (0: unknown); ``last`` prints a line even within the interval.
+        A message that begins with the state (a queued job's "queued: 2 ahead; running: ...")
+        is shown without it."""
+        said = "" if message == state else message.removeprefix(f"{state}: ")
         if self._bar is not None:
             if total and self._bar.total != total:
                 self._bar.total = total
             self._bar.n = step
-            self._bar.set_postfix_str(f"{state}: {message}" if message else state, refresh=False)
+            self._bar.set_postfix_str(f"{state}: {said}" if said else state, refresh=False)
             self._bar.refresh()
             return
         now = time.monotonic()
         words = (state, _NUMBER.sub("#", message))
         if last or words != self._shown or now - self._shown_at >= PROGRESS_LINE_INTERVAL_S:
             count = f"{step}/{total}" if total else str(step or "")
-            said = message if message != state else ""
             print(" ".join(part for part in (f"{self._description}:", state, count, said) if part), file=sys.stderr, flush=True)
             self._shown, self._shown_at = words, now
 
