@@ -1722,6 +1722,34 @@ def test_a_queued_job_says_its_place_and_what_runs_as_the_queue_moves_without_a_
     jobs.shutdown(1)
 
 
+def test_a_job_past_max_run_seconds_fails_deadline_exceeded_at_its_next_check_and_frees_the_worker(tmp_path):
+    # One runaway job held the only worker for hours; the jobs behind it said "queued".
+    config = default_config().replace("server", data_dir=str(tmp_path)).replace("jobs", max_run_seconds=0.05)
+    unlimited = Engine(default_config().replace("server", data_dir=str(tmp_path / "default")), SQLiteStore(tmp_path / "default"), Metrics())
+    assert unlimited.jobs.max_run_s is None  # the default: off
+    unlimited.close()
+    metrics = Metrics()
+    engine = Engine(config, SQLiteStore(tmp_path), metrics)
+    jobs = engine.jobs
+    checks = []
+
+    def endless(ctx):
+        while True:
+            ctx.raise_if_cancelled()
+            checks.append(ctx.job_id)
+            time.sleep(0.01)
+
+    runaway = jobs.submit("visualize_neurons", endless)
+    behind = jobs.submit("evaluate_sample_set", lambda ctx: (ctx.raise_if_cancelled(), _empty())[1])  # checks at once: in budget
+    ended = jobs.wait(runaway.record.job_id, 30).record
+    assert (ended.state, ended.error_code) == ("failed", "DEADLINE_EXCEEDED") and checks
+    assert ended.error_message == ("the job ran longer than the server allows an operation, 0.05 s ([jobs].max_run_seconds); "
+                                   "ask for less work (fewer samples, steps or pairs), or for a higher limit")
+    assert jobs.wait(behind.record.job_id, 30).record.state == "succeeded"
+    assert jobs_ended(metrics, ("visualize_neurons", "failed", "DEADLINE_EXCEEDED")) == [1.0]
+    engine.close()
+
+
 def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
     store, metrics, ran = SQLiteStore(tmp_path), Metrics(), []
 
@@ -2021,6 +2049,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"jobs": {"gpu_workers": 1.5}}, r"\[jobs\].gpu_workers must be an integer, got 1.5"),
         ({"jobs": {"retention_days": -1}}, r"\[jobs\].retention_days must be at least 0, got -1.0"),
         ({"jobs": {"retention_days": float("nan")}}, r"\[jobs\].retention_days must be a number, got nan"),  # it meant keep forever
+        ({"jobs": {"max_run_seconds": -1}}, r"\[jobs\].max_run_seconds must be at least 0, got -1.0"),
         ({"classifier": {"factory_kwargs": "oops"}}, r"\[classifier\].factory_kwargs must be a table, got 'oops'"),
         ({"runtime": {"device": "gpu0"}}, r"\[runtime\].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu0'"),
         # torch parses these, but "meta" loaded no weights (every Predict failed) and MPS lacks float64.

@@ -62,10 +62,11 @@ _AT_LEAST_ONE = (
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
 # 0 means something here (any port, no metrics, no grace, no reserve, no upload expiry, the model's size, stretched images,
-# torch's threads, keeping operations); below 0 nothing does.
+# torch's threads, keeping operations, no run-time limit); below 0 nothing does.
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
-    "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "clip.illusion_epsilon",
+    "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
+    "clip.illusion_epsilon",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -236,6 +237,9 @@ class JobsSection:
     # Finished operations (records, results, artifacts) are deleted this many days after
     # they ended; 0 keeps them until DeleteOperation.
     retention_days: float = 30.0
+    # A job running longer than this (seconds) ends FAILED (DEADLINE_EXCEEDED) at its next
+    # cancellation check, freeing its worker for the jobs queued behind it; 0: no limit.
+    max_run_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from .errors import ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
+from .errors import DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
@@ -124,6 +124,8 @@ class JobContext:
         self._manager = manager
         self._live = live
         self._stages = stages or _Stages()
+        # time.monotonic() past which the job has run too long (JobManager.max_run_s); None: no limit.
+        self._run_deadline = None if manager.max_run_s is None else time.monotonic() + manager.max_run_s
 
     @property
     def job_id(self) -> str:
@@ -134,8 +136,13 @@ class JobContext:
         return self._live.cancel_event.is_set()
 
     def raise_if_cancelled(self) -> None:
+        """End the job here if it was cancelled (or the server is shutting down), or, as
+        DEADLINE_EXCEEDED, if it has run longer than the server allows (``max_run_s``)."""
         if self.cancelled:
             raise JobCancelled(self.job_id)
+        if self._run_deadline is not None and time.monotonic() > self._run_deadline:
+            raise DeadlineExceeded(f"the job ran longer than the server allows an operation, {self._manager.max_run_s:g} s "
+                                   f"([jobs].max_run_seconds); ask for less work (fewer samples, steps or pairs), or for a higher limit")
 
     def stage(self, name: str) -> None:
         """The job's time from now on goes to stage ``name`` (until the next call or its
@@ -216,10 +223,14 @@ class JobManager:
     ``workers`` threads, with progress, cancellation and results kept in the store, so
     callers may poll, wait or watch, and a restart reports what it cut short."""
 
-    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1, max_result_bytes: int | None = None) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1, max_result_bytes: int | None = None,
+                 max_run_s: float | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
+        # Seconds a job may run before its next cancellation check ends it FAILED
+        # (DEADLINE_EXCEEDED), so a runaway one frees its worker; None: no limit.
+        self.max_run_s = max_run_s
         # A result larger than this (serialised, in bytes) is stored whole as the artifact
         # RESULT_ARTIFACT and kept cut to fit (leading_items_that_fit): an operation too
         # large for one message could neither be fetched nor listed. None: no limit.

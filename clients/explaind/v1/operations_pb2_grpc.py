@@ -34,7 +34,9 @@ class OperationsServiceStub:
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
     server shut down or restarted while the job was queued or running: nothing is wrong
     with the request, submit it again (under its request_id too: an aborted operation
-    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation. Other
+    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation.
+    DEADLINE_EXCEEDED (4) means the job ran longer than the server allows one
+    ([jobs].max_run_seconds, off by default): ask for less work. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
@@ -97,7 +99,9 @@ class OperationsServiceServicer:
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
     server shut down or restarted while the job was queued or running: nothing is wrong
     with the request, submit it again (under its request_id too: an aborted operation
-    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation. Other
+    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation.
+    DEADLINE_EXCEEDED (4) means the job ran longer than the server allows one
+    ([jobs].max_run_seconds, off by default): ask for less work. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
@@ -229,7 +233,9 @@ class OperationsService:
     A job that fails ends with `error` set to a google.rpc.Status. ABORTED (10) means the
     server shut down or restarted while the job was queued or running: nothing is wrong
     with the request, submit it again (under its request_id too: an aborted operation
-    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation. Other
+    does not keep its id, so the repeat starts a new one). CANCELLED (1) follows a CancelOperation.
+    DEADLINE_EXCEEDED (4) means the job ran longer than the server allows one
+    ([jobs].max_run_seconds, off by default): ask for less work. Other
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a

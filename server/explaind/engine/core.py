@@ -179,7 +179,7 @@ class Engine:
         # Half a message for the result leaves the other half to the operation's metadata
         # (its artifacts list) and to a list page's framing.
         self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers,
-                               max_result_bytes=config.server.max_message_bytes // 2)
+                               max_result_bytes=config.server.max_message_bytes // 2, max_run_s=config.jobs.max_run_seconds or None)
         self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
