@@ -38,6 +38,20 @@ def test_sample_labels_may_be_class_names_or_indices(client):
     assert appended.class_counts == {0: 1, 1: 1, 5: 2}
 
 
+def test_an_append_given_a_sets_uid_goes_to_that_set_only(client):
+    from explaind.client import FailedPreconditionError
+
+    first = client.create_sample_set([IMAGE] * 2, ["heart", "star"], sample_set_id="append-by-uid")
+    assert client.append_samples("append-by-uid", [IMAGE], ["heart"], uid=first.uid).sample_count == 3
+    client.delete_sample_set("append-by-uid")
+    again = client.create_sample_set([IMAGE], ["star"], sample_set_id="append-by-uid")
+    with pytest.raises(FailedPreconditionError) as refused:
+        client.append_samples("append-by-uid", [IMAGE] * 3, ["heart"] * 3, chunk_size=1, uid=first.uid)
+    assert refused.value.field == "sample_set_uid"
+    assert client.sample_set("append-by-uid").sample_count == 1
+    assert client.append_samples("append-by-uid", [IMAGE], ["heart"], uid=again.uid).sample_count == 2
+
+
 def test_a_folder_with_one_subfolder_per_class_is_listed_for_an_upload(client, tmp_path):
     from PIL import Image
 

@@ -665,15 +665,17 @@ class Client:
 
     def append_samples(
         self, sample_set_id: str, images: Any, labels: Sequence[int | str], *, attributes: Sequence[Mapping[str, str]] | None = None,
-        chunk_size: int = 512, progress: bool = False, request_id: str | uuid.UUID | None = None,
+        chunk_size: int = 512, progress: bool = False, request_id: str | uuid.UUID | None = None, uid: str = "",
     ) -> SampleSet:
         """Add labelled images to an existing set, as in :meth:`create_sample_set` and in
         the same chunks (with the same ``progress`` and ``request_id``, and retried as they
         are); a request that fails raises with a note of how many samples were appended
-        before it. Returns the updated set."""
+        before it. Returns the updated set. With ``uid`` (a SampleSet's), only to that set:
+        FailedPreconditionError if the id now names another (deleted and created again
+        since); without, the first request's set, whichever that is, gets every chunk."""
         samples, total = self._samples(images, labels, attributes)
         request_ids = _upload_request_ids(request_id)
-        appended, uid, requests = 0, "", 0
+        appended, requests = 0, 0
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
                 for chunk in self._request_chunks(samples, chunk_size, _sample_image):
