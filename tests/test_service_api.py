@@ -99,6 +99,24 @@ def test_health_serving_and_reflection_lists_services(server, client):
         } | {dependency.name for dependency in pool.FindFileByName("google/longrunning/operations.proto").dependencies}
 
 
+def test_reflection_answers_as_v1_too(server):
+    # grpcurl and newer clients ask grpc.reflection.v1 first, some clients only that;
+    # its messages are v1alpha's under a new package name.
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="explaind.v1.NeuroInspectService")]
+    with grpc.insecure_channel(server.target) as channel:
+        info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        listed, described = info(iter(requests), timeout=10)
+    assert "explaind.v1.NeuroInspectService" in {service.name for service in listed.list_services_response.service}
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in described.file_descriptor_response.file_descriptor_proto]
+    assert "NeuroInspectService" in {service.name for file in files if file.package == "explaind.v1" for service in file.service}
+
+
 def test_metadata_describes_the_split_classifier(client, world_model, classifier_dir):
     meta = client.model_metadata()
     assert meta.class_names == list(world_model.config.class_names)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from explaind.v1 import (
     inference_pb2,
@@ -61,6 +61,7 @@ SERVICE_NAMES = (
 # Seconds in-flight calls get at shutdown once every job has ended (see ``stop``), and the
 # most seconds they wait past the grace period for jobs the shutdown aborts to end.
 FINAL_STATE_MARGIN_S = 1.0
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 ABORTED_JOBS_WAIT_S = 30.0
 # How often operations past their retention, abandoned uploads, and the files of deleted
 # sets, head versions and operations, are removed (seconds).
@@ -121,7 +122,7 @@ class ExplaindServer:
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes, held_calls=held_calls), server)
         neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(NeuroInspectServicer(self.neuroinspect, max_message_bytes=settings.max_message_bytes), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        _enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             self.port = _bind(server, f"{settings.host}:{settings.port}", self._tls.server_credentials() if self._tls else None)
@@ -281,6 +282,19 @@ class _ProbeHealth(health_pb2_grpc.HealthServicer):
 
     def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> None:  # noqa: N802
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "the health port serves Check only")
+
+
+def _enable_reflection(server: grpc.Server, service_names: tuple[str, ...]) -> None:
+    """Serve reflection as grpc.reflection.v1alpha and as v1, which newer clients ask for
+    first and some ask for only. grpcio-reflection has only v1alpha; v1 is the same protocol
+    renamed (same messages, same field numbers), so one servicer answers both. Only
+    v1alpha is listed: its descriptors are the ones the server holds."""
+    servicer = reflection.ReflectionServicer((*service_names, reflection.SERVICE_NAME))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(servicer.ServerReflectionInfo,
+                                                 request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                                                 response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {"ServerReflectionInfo": info}),))
 
 
 def _store_failure(data_dir: str, error: Exception) -> StoreOpenError:
