@@ -784,6 +784,25 @@ def test_a_set_holding_one_image_several_times_computes_its_features_once(engine
     assert engine.load_sample_image(engine.store.list_samples("repeats")[0].digest, other_size).shape == (3, 48, 48)
 
 
+def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, monkeypatch):
+    """Each batch's own output, kept to the end of a feature computation, pinned the
+    allocator's heap between the batches' freed temporaries: a 50,000-sample evaluation
+    left the server 1.2 GB larger. The rows are copied into one array instead."""
+    rng = np.random.default_rng(2)
+    engine.create_sample_set("rows", "", [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), 0) for _ in range(5)])
+    cached: list[np.ndarray] = []
+    put_features = engine.store.put_features
+
+    def recording(version: str, features: dict[str, np.ndarray]) -> None:
+        cached.extend(features.values())
+        put_features(version, features)
+
+    monkeypatch.setattr(engine.store, "put_features", recording)
+    features = engine.sample_set_features("rows", batch_size=2).features  # three batches
+    assert len(cached) == 5 and len({id(row.base) for row in cached}) == 1
+    torch.testing.assert_close(torch.from_numpy(np.stack(cached)), features)
+
+
 def test_uint8_pixels_decode_to_exactly_the_reference_floats():
     """Raw and PNG uint8 pixels reach the model as the plain x / 255 floats, bit for bit,
     in a contiguous (3, H, W) tensor; the fast path must not change a prediction."""

@@ -496,16 +496,27 @@ class Engine:
                         context: JobContext | None, activity: str) -> Iterator[tuple[list[str], np.ndarray]]:
         """``fn`` on the stored images ``digests`` (decoded on the CPU) in batches of
         ``batch_size`` (0: ``[jobs].evaluate_batch_size``): each batch's digests and float
-        outputs, with progress ("<activity> i/n") and cancellation through ``context``."""
+        outputs, with progress ("<activity> i/n") and cancellation through ``context``.
+
+        The outputs are rows of one (len(digests), ...) array, filled batch by batch: each
+        batch's own output, kept by the caller to the end, pinned the allocator's heap
+        between the batches' freed temporaries, which the process then held (its RSS grew
+        25 kB a 64 px sample: 1.2 GB to evaluate 50,000)."""
         batch_size = batch_size or self.config.jobs.evaluate_batch_size
         chunks = [digests[start : start + batch_size] for start in range(0, len(digests), batch_size)]
-        done = 0
+        done, outputs = 0, None
         with contextlib.closing(self._decoded_chunks(chunks, version)) as decoded:  # a cancel stops the decoding too
             for chunk, images in zip(chunks, decoded, strict=True):
                 if context is not None:
                     context.raise_if_cancelled()
                     context.report_progress(done, len(digests), f"{activity} {done}/{len(digests)}")
-                yield chunk, fn(images).float().cpu().numpy()
+                output = fn(images).float().cpu().numpy()
+                if outputs is None:
+                    outputs = np.empty((len(digests), *output.shape[1:]), dtype=np.float32)
+                rows = outputs[done : done + len(chunk)]
+                rows[:] = output
+                del output  # freed before the next batch's temporaries are allocated
+                yield chunk, rows
                 done += len(chunk)
 
     def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion) -> Iterator[torch.Tensor]:
