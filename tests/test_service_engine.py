@@ -21,6 +21,7 @@ import time
 import tracemalloc
 import uuid
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -4020,3 +4021,70 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
         assert store.create_sample_set("up", "", [first], request=RequestKey(created_id, "c")).sample_count == 1
         store.delete_sample_set("up")
         assert store.sample_set_of_request(RequestKey(created_id, "c")) is None
+
+
+def _vm_steps(store: SQLiteStore, call: Callable[[], object]) -> int:
+    """The SQLite virtual-machine steps ``call`` costs the store: they grow with the rows
+    its queries read, however fast the machine."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._db.set_progress_handler(count, 1)
+    try:
+        call()
+    finally:
+        store._db.set_progress_handler(None, 1)
+    return steps
+
+
+def test_a_large_sample_sets_summary_last_page_and_append_cost_what_a_small_ones_do(tmp_path):
+    """A monitoring pipeline uploads sets of tens of thousands of samples: GetSampleSet
+    (and each set of a list page, and each append's answer) counted every sample per
+    class, an append counted them again for its next position, and ListSamples' page
+    at offset n stepped over n samples (OFFSET), all under the store's lock."""
+    store = SQLiteStore(tmp_path)
+    records = [SampleRecord(f"{i:064x}", i % 6) for i in range(2000)]
+    store.create_sample_set("small", "", records[:10])
+    store.create_sample_set("large", "", records)
+    calls = {"get": lambda set_id: store.get_sample_set(set_id),
+             "last page": lambda set_id: store.list_samples(set_id, store.get_sample_set(set_id).sample_count - 1, 1),
+             "append": lambda set_id: store.append_samples(set_id, records[:1])}
+    for name, call in calls.items():
+        small, large = _vm_steps(store, lambda: call("small")), _vm_steps(store, lambda: call("large"))
+        assert large < 2 * small, (name, small, large)
+    assert store.get_sample_set("large").class_counts == {0: 335, 1: 334, 2: 333, 3: 333, 4: 333, 5: 333}
+    assert store.list_samples("large", 1999, 5) == [records[1999], records[0]] and store.list_samples("large", 2001) == []
+    assert [info.sample_count for info in store.list_sample_sets()] == [11, 2001]
+    store.close()
+
+
+def test_class_counts_are_filled_in_a_store_the_previous_release_wrote_and_kept_right_by_it(tmp_path):
+    """The per-class counts are a table a trigger keeps: a store the release before left
+    gets them when opened, and samples that release appends or deletes with their set
+    (it never reads the table) are counted, without a new schema version."""
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "explaind.sqlite3"
+    with closing(SQLiteStore(tmp_path)) as store:
+        with store.writing_blobs() as put:
+            a, b, c, d = (put(data) for data in (b"a", b"b", b"c", b"d"))
+        store.create_sample_set("kept", "", [SampleRecord(a, 0), SampleRecord(b, 2)])
+        store.create_sample_set("gone", "", [SampleRecord(c, 1), SampleRecord(d, 1)])
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:  # as the release before left it
+        db.execute("DROP TRIGGER samples_counted")
+        db.execute("DROP TABLE sample_class_counts")
+    with closing(SQLiteStore(tmp_path)) as store:
+        assert store.get_sample_set("kept").class_counts == {0: 1, 2: 1} and store.get_sample_set("gone").class_counts == {1: 2}
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:  # the release before appends and deletes
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("INSERT INTO samples VALUES ('kept', 2, ?, 2, '{}')", (d,))
+        db.execute("DELETE FROM sample_sets WHERE id = 'gone'")
+        assert db.execute("SELECT set_id, label, count FROM sample_class_counts ORDER BY label").fetchall() == [("kept", 0, 1), ("kept", 2, 2)]
+    with closing(SQLiteStore(tmp_path)) as store:
+        info = store.get_sample_set("kept")
+        assert (info.sample_count, info.class_counts) == (3, {0: 1, 2: 2})

@@ -117,6 +117,25 @@ _FEATURE_VERSIONS = """WITH RECURSIVE hop(version) AS (
                            SELECT MIN(version) FROM features
                            UNION ALL SELECT (SELECT MIN(version) FROM features WHERE version > hop.version) FROM hop WHERE version IS NOT NULL)
                        SELECT version FROM hop WHERE version IS NOT NULL"""
+# Each set's sample count per class, kept by a trigger as samples are inserted: counting
+# a set's samples at every GetSampleSet, list page and append read all of them under the
+# store's lock (10 ms a 50,000-sample set, a list page as many times as it has sets).
+# Samples are never updated, and deleted only with their set, whose counts go with it.
+# The trigger is the database's, so a release before it keeps the counts right too (the
+# schema version stays); the table, its counts and the trigger are made in one
+# transaction (_migrate), so a store has all of them or none.
+_CLASS_COUNTS_TRIGGER = "samples_counted"
+_CLASS_COUNTS = (
+    """CREATE TABLE IF NOT EXISTS sample_class_counts (
+           set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, label INTEGER NOT NULL, count INTEGER NOT NULL,
+           PRIMARY KEY (set_id, label))""",
+    "DELETE FROM sample_class_counts",
+    "INSERT INTO sample_class_counts SELECT set_id, label, COUNT(*) FROM samples GROUP BY set_id, label",
+    f"""CREATE TRIGGER {_CLASS_COUNTS_TRIGGER} AFTER INSERT ON samples BEGIN
+            INSERT INTO sample_class_counts VALUES (new.set_id, new.label, 1)
+            ON CONFLICT (set_id, label) DO UPDATE SET count = count + 1;
+        END""",
+)
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 # A succeeded job's result is its response, up to half of [server].max_message_bytes: a
 # listing of a thousand of them read gigabytes to send none (OPERATION_VIEW_BASIC) or
@@ -221,6 +240,9 @@ class SQLiteStore:
                 if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
                     log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
                                 "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", (_CLASS_COUNTS_TRIGGER,)).fetchone():
+                for statement in _CLASS_COUNTS:
+                    db.execute(statement)
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if version:  # 0 is also a new file
@@ -553,7 +575,8 @@ class SQLiteStore:
                 return self._info(self._require_set(db, repeated, uid))
             self._require_set(db, sample_set_id, uid)
             self._record_request(db, request, sample_set_id)
-            (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
+            # The next position, one step down the primary key (COUNT(*) read the whole set).
+            (count,) = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
             self._insert_samples(db, sample_set_id, count, samples)
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
             if samples or finished:  # a finish_upload of a finished set changes nothing; an upload's request shows it alive
@@ -616,7 +639,7 @@ class SQLiteStore:
 
     def _info(self, row: tuple) -> SampleSetInfo:
         set_id, display_name, create_time, update_time, uploading = row
-        counts = dict(self._db.execute("SELECT label, COUNT(*) FROM samples WHERE set_id = ? GROUP BY label", (set_id,)).fetchall())
+        counts = dict(self._db.execute("SELECT label, count FROM sample_class_counts WHERE set_id = ? ORDER BY label", (set_id,)).fetchall())
         return SampleSetInfo(set_id, display_name, sum(counts.values()), counts, create_time, update_time, bool(uploading))
 
     def get_sample_set(self, sample_set_id: str) -> SampleSetInfo:
@@ -634,9 +657,11 @@ class SQLiteStore:
     def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]:
         with self._lock:
             self._require_set(self._db, sample_set_id)
+            # Positions run 0, 1, ... (samples are only appended): the page starts at its
+            # offset by the primary key, where OFFSET stepped over every sample before it.
             rows = self._db.execute(
-                "SELECT digest, label, attributes FROM samples WHERE set_id = ? ORDER BY position LIMIT ? OFFSET ?",
-                (sample_set_id, -1 if limit is None else limit, offset),
+                "SELECT digest, label, attributes FROM samples WHERE set_id = ? AND position >= ? ORDER BY position LIMIT ?",
+                (sample_set_id, offset, -1 if limit is None else limit),
             ).fetchall()
         return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
 
