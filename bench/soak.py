@@ -33,13 +33,17 @@ from predict import free_port
 COLUMNS = ("rss_mib", "fds", "threads", "files", "data_mib", "rows")
 
 
+def rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` (Linux)."""
+    return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:")) / 1024
+
+
 def _measure(pid: int, data_dir: Path) -> dict[str, float]:
-    rss_kib = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
     files = [path for path in data_dir.rglob("*") if path.is_file()]
     with sqlite3.connect(f"file:{data_dir / 'explaind.sqlite3'}?mode=ro", uri=True) as db:
         tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         rows = sum(db.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0] for name in tables)
-    return {"rss_mib": rss_kib / 1024, "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": len(os.listdir(f"/proc/{pid}/task")),
+    return {"rss_mib": rss_mib(pid), "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": len(os.listdir(f"/proc/{pid}/task")),
             "files": len(files), "data_mib": sum(path.stat().st_size for path in files) / 2**20, "rows": rows}
 
 

@@ -48,6 +48,15 @@ def test_the_soak_bench_measures_a_served_server_and_prints_its_growth():
     assert re.search(r"^growth per 100 cycles, cycles 1-2: rss_mib [-+][0-9.]+  fds [-+][0-9.]+  threads [-+][0-9.]+", run.stdout, re.M), run.stdout
 
 
+def test_the_served_upload_bench_measures_a_large_set_from_upload_to_delete():
+    run = _run(str(BENCH / "upload.py"), "--served", "--images", "30", "--every", "20")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^\s+30(\s+[0-9.]+){7}$", run.stdout, re.M), run.stdout
+    for line in ("ListSamples: first page", "EvaluateSampleSet, features cached", "RankMistakeNeurons (operation, class",
+                 "restart with the set stored", "DeleteSampleSet", "restart sweeping its files"):
+        assert re.search(rf"^{re.escape(line)}", run.stdout, re.M), run.stdout
+
+
 def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
     run = _run(str(BENCH / "predict_under_load.py"), "--rounds", "1", "--seconds", "0.3", "--eval-images", "64", "--neurons", "1")
     assert run.returncode == 0, run.stderr
