@@ -2100,6 +2100,13 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"server": {"port": 5000, "metrics_port": 5000}}, r"\[server\].port and .metrics_port are both 5000; each needs a port of its own"),
         ({"server": {"port": 0, "metrics_port": 6000, "health_port": 6000}}, r"\[server\].metrics_port and .health_port are both 6000"),
         ({"server": {"host": ""}}, r"\[server\].host must be an address to listen on \(127.0.0.1, or 0.0.0.0 for every interface\), got ''"),
+        ({"tracing": {"sample_ratio": 1.5}}, r"\[tracing\].sample_ratio must be at most 1.0, got 1.5"),
+        ({"tracing": {"sample_ratio": -0.1}}, r"\[tracing\].sample_ratio must be at least 0, got -0.1"),
+        # Without a scheme the OTLP exporter speaks TLS, which a plaintext collector refuses: the scheme says which.
+        ({"tracing": {"otlp_endpoint": "collector:4317"}}, r"\[tracing\].otlp_endpoint must be an OTLP/gRPC collector's URL, "
+                                                            r"\"http://host:4317\" \(plaintext\) or \"https://host:4317\" \(TLS\), got 'collector:4317': the scheme must be http or https"),
+        ({"tracing": {"otlp_endpoint": "http://collector:4317/v1/traces"}}, r"\[tracing\].otlp_endpoint .* a path, which gRPC has no use for"),
+        ({"tracing": {"service_name": " "}}, r"\[tracing\].service_name must name the service in traces, got ' '"),
     ],
 )
 def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path, classifier_dir, sections, error):

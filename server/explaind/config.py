@@ -36,6 +36,10 @@ silently ignored). Example::
     max_batch_size = 32
     max_queue_delay_ms = 0.0
     max_queue_size = 1024
+
+    [tracing]
+    otlp_endpoint = "http://otel-collector:4317"   # empty (the default): no tracing
+    sample_ratio = 0.1
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +71,7 @@ _AT_LEAST_ONE = (
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
-    "clip.illusion_epsilon",
+    "clip.illusion_epsilon", "tracing.sample_ratio",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -84,6 +89,7 @@ _AT_MOST = {
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
     "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": MAX_LOSS_WEIGHT,
+    "tracing.sample_ratio": 1.0,
 }
 
 
@@ -243,6 +249,17 @@ class JobsSection:
 
 
 @dataclass(frozen=True)
+class TracingSection:
+    # An OTLP/gRPC collector, "http://host:4317" (plaintext) or "https://host:4317" (TLS),
+    # that spans go to (explaind.tracing); empty: no tracing. Needs the tracing extra.
+    otlp_endpoint: str = ""
+    # The service.name resource attribute of the spans.
+    service_name: str = "explaind"
+    # Traces started here that are kept (0-1); a caller's trace keeps its caller's decision.
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSection = ServerSection()
     classifier: ClassifierSection = ClassifierSection()
@@ -251,6 +268,7 @@ class Config:
     runtime: RuntimeSection = RuntimeSection()
     batching: BatchingSection = BatchingSection()
     jobs: JobsSection = JobsSection()
+    tracing: TracingSection = TracingSection()
     source: str = "<defaults: shapes world>"
 
     def replace(self, section: str, **changes: Any) -> Config:
@@ -398,6 +416,24 @@ def _validate_device(path: Path | str, runtime: RuntimeSection) -> None:
         raise ConfigError(f"{path}: [runtime].backend \"tensorrt\" runs on a GPU: set [runtime].device to \"cuda\" or \"cuda:N\", got {runtime.device!r}")
 
 
+def _endpoint_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` is no http(s)://host[:port] URL (None if it is): without a scheme
+    the OTLP exporter speaks TLS, and a plaintext collector (the usual one in a cluster)
+    refuses it, the failures only in the log; the scheme says which it is."""
+    try:
+        url = urllib.parse.urlsplit(endpoint)
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as error:
+        return str(error)
+    if url.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not url.hostname:
+        return "no host"
+    if url.path.strip("/") or url.query or url.fragment:
+        return "a path, which gRPC has no use for"
+    return None
+
+
 def _validate(path: Path | str, config: Config) -> None:
     classifier = config.classifier
     if classifier.loader not in CLASSIFIER_LOADERS:
@@ -456,6 +492,12 @@ def _validate(path: Path | str, config: Config) -> None:
             raise ConfigError(f"{path}: [server].{taken[number]} and .{name} are both {number}; each needs a port of its own")
         if number:
             taken[number] = name
+    tracing = config.tracing
+    if tracing.otlp_endpoint and (problem := _endpoint_problem(tracing.otlp_endpoint)):
+        raise ConfigError(f"{path}: [tracing].otlp_endpoint must be an OTLP/gRPC collector's URL, \"http://host:4317\" (plaintext) "
+                          f"or \"https://host:4317\" (TLS), got {tracing.otlp_endpoint!r}: {problem}")
+    if not tracing.service_name.strip():
+        raise ConfigError(f"{path}: [tracing].service_name must name the service in traces, got {tracing.service_name!r}")
     batching = config.batching
     if batching.max_images_per_request > batching.max_queue_size:
         # A request larger than the queue could never be admitted: RESOURCE_EXHAUSTED forever.
