@@ -51,6 +51,7 @@ from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
 from .store import ABORTED, CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, RequestKey, Store
+from .tracing import NO_TRACING, OperationTrace, Tracing, current
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,16 @@ START_STAGE, RUN_STAGE, FINISH_STAGE = "start", "run", "finish"
 
 class _Stages:
     """Where one job's time goes: monotonic seconds per stage, summed over its visits
-    (a job may go back to a stage), from its start to its end without gaps."""
+    (a job may go back to a stage), from its start to its end without gaps; with
+    ``trace``, its stage spans too."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: OperationTrace | None = None) -> None:
         self.current: str | None = START_STAGE
         self.seconds: dict[str, float] = {}
         self._since = time.monotonic()
+        self._trace = trace
+        if trace is not None:
+            trace.stage(START_STAGE)
 
     def enter(self, stage: str | None) -> None:
         """End the current stage; None leaves the time from now to the next named stage."""
@@ -107,11 +112,14 @@ class _Stages:
             self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self._since
             self._since = now
         self.current = stage
+        if self._trace is not None:
+            self._trace.stage(stage)
 
 
 class _LiveJob:
-    def __init__(self, record: JobRecord) -> None:
+    def __init__(self, record: JobRecord, trace: OperationTrace | None = None) -> None:
         self.record = record
+        self.trace = trace  # its spans, when tracing is on
         self.preview = b""
         self.cancel_event = threading.Event()
         self.persisted_at = 0.0
@@ -224,9 +232,11 @@ class JobManager:
     callers may poll, wait or watch, and a restart reports what it cut short."""
 
     def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1, max_result_bytes: int | None = None,
-                 max_run_s: float | None = None) -> None:
+                 max_run_s: float | None = None, tracing: Tracing = NO_TRACING) -> None:
         self.store = store
         self.metrics = metrics
+        # A span per job (child of the RPC submitting it), with its queue wait and stages.
+        self.tracing = tracing
         self.max_queued = max_queued
         # Seconds a job may run before its next cancellation check ends it FAILED
         # (DEADLINE_EXCEEDED), so a runaway one frees its worker; None: no limit.
@@ -310,7 +320,7 @@ class JobManager:
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message)
             self.store.insert_job(record, request=request)
-            live = _LiveJob(record)
+            live = _LiveJob(record, self.tracing.operation(record.job_id, kind))
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
             # Under the lock: the workers take jobs in the order of the live jobs, which
@@ -321,11 +331,15 @@ class JobManager:
         return submitted
 
     def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
+        with current(live.trace.span if live.trace is not None else None):  # the job's log lines carry its span's ids
+            self._run_job(live, fn, cut_lists)
+
+    def _run_job(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
         with self._changed:  # one transition: a cancel either finished it already or sees RUNNING
             if live.record.state != QUEUED:
                 return
             self.metrics.jobs_queued.dec()
-            stages = _Stages()
+            stages = _Stages(live.trace)
             started, started_clock = time.time(), time.monotonic()  # the record's epoch time; the duration's clock
             try:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
@@ -450,6 +464,8 @@ class JobManager:
         if record.state in FINISHED_STATES and live.record.state not in FINISHED_STATES:
             self.metrics.jobs_ended.labels(kind=record.kind, outcome=record.state, code=record.error_code or "OK").inc()
             _log_end(record)
+            if live.trace is not None:
+                live.trace.end(record)
         live.record = record
         self._changed.notify_all()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import datetime, timezone
 
 LOG_FORMATS = ("text", "json")
@@ -12,7 +13,10 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, "exception"]}`` per record."""
+    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, "trace_id", "span_id"][,
+    "exception"]}`` per record; the ids (hex, as trace backends show them) of the span
+    current in the thread that logs, when tracing (explaind.tracing) has one sampled: a
+    call's or an operation's lines then lead to its trace, and back."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -21,9 +25,22 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        line.update(_current_span_ids())
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+def _current_span_ids() -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of the current sampled span; none without one, or when
+    opentelemetry was never imported (tracing off: nothing to look up, nothing imported)."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return {}
+    span = trace.get_current_span().get_span_context()
+    if not (span.is_valid and span.trace_flags.sampled):
+        return {}
+    return {"trace_id": trace.format_trace_id(span.trace_id), "span_id": trace.format_span_id(span.span_id)}
 
 
 def configure_logging(log_format: str) -> None:

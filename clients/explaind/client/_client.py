@@ -10,6 +10,7 @@ import itertools
 import math
 import numbers
 import ssl
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -294,6 +295,20 @@ class Client:
 
     # Plumbing ------------------------------------------------------------------------
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the token, and the trace context of the caller's current
+        OpenTelemetry span (W3C ``traceparent``, through the caller's propagators), so a
+        traced server's spans join the caller's trace. Without a current span, or without
+        opentelemetry imported (a program with a span has imported it), the token alone."""
+        trace = sys.modules.get("opentelemetry.trace")
+        if trace is None or not trace.get_current_span().get_span_context().is_valid:
+            return self._metadata
+        from opentelemetry import propagate
+
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return self._metadata + tuple(carrier.items())
+
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None) -> Any:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
@@ -306,7 +321,7 @@ class Client:
         while True:
             attempts += 1
             try:
-                response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+                response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 unavailable = error.code == grpc.StatusCode.UNAVAILABLE
@@ -393,7 +408,7 @@ class Client:
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
-        call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._metadata)
+        call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._call_metadata())
         return _ErrorMappingStream(call)
 
     # Health and metadata -------------------------------------------------------------

@@ -30,6 +30,7 @@ from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
 from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid, sample_set_id_taken
+from ..tracing import NO_TRACING, Tracing
 from .backends import FeatureFn, build_feature_fn, check_device
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -170,7 +171,7 @@ class Engine:
     stores sample sets and computes (and caches) their features for the method jobs, which
     run on its :class:`JobManager`."""
 
-    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, metrics: Metrics, tracing: Tracing = NO_TRACING) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -179,7 +180,7 @@ class Engine:
         # Half a message for the result leaves the other half to the operation's metadata
         # (its artifacts list) and to a list page's framing.
         self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers,
-                               max_result_bytes=config.server.max_message_bytes // 2, max_run_s=config.jobs.max_run_seconds or None)
+                               max_result_bytes=config.server.max_message_bytes // 2, max_run_s=config.jobs.max_run_seconds or None, tracing=tracing)
         self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}

@@ -1,4 +1,4 @@
-"""One server interceptor for every RPC: auth, error mapping, metrics.
+"""One server interceptor for every RPC: auth, error mapping, metrics, tracing.
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
 code it names with its message, and an error naming a field also carries it in the
@@ -8,7 +8,9 @@ server sends itself carries a ``google.rpc.RetryInfo`` (AIP-194). Anything else 
 INTERNAL with the exception's type and an incident id (its text and traceback go to the
 log, never to the caller: they can hold server paths). A response larger than the send limit becomes
 RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been
-counted OK.
+counted OK. With tracing on (explaind.tracing), each call but health's and reflection's
+(probes every few seconds would drown the traces) gets a SERVER span, current while a
+unary call's servicer runs, so the operation it submits is its child.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from ..errors import ExplaindError, field_detail, report_unexpected
 from ..metrics import Metrics
+from ..tracing import NO_TRACING, Tracing, current
 from .auth import BearerToken
 
 log = logging.getLogger(__name__)
@@ -118,8 +121,10 @@ class _ThrottledLog:
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, held_calls: HeldCalls) -> None:
+    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, held_calls: HeldCalls,
+                 tracing: Tracing = NO_TRACING) -> None:
         self._metrics = metrics
+        self._tracing = tracing
         self._token = token
         self._max_send_bytes = max_send_bytes
         self._held_calls = held_calls
@@ -160,9 +165,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, authorised))
         return handler
 
+    def _traced(self, service: str) -> Tracing:
+        return NO_TRACING if service in _PUBLIC_SERVICES else self._tracing
+
     def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload) as observed:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload, self._traced(service)) as observed:
                 if not authorised:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
@@ -172,7 +180,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap_stream(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload) as observed:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload, self._traced(service)) as observed:
                 if not authorised:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
@@ -215,18 +223,21 @@ def _parsing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class _Observed:
-    """Times one call, counts it in flight, and records its final status code."""
+    """Times one call, counts it in flight, records its final status code, and with
+    ``tracing`` on makes its span."""
 
     def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext, max_send_bytes: int,
-                 log_overload: Callable[[str, str, grpc.ServicerContext, str], None] | None = None) -> None:
+                 log_overload: Callable[[str, str, grpc.ServicerContext, str], None] | None = None, tracing: Tracing = NO_TRACING) -> None:
         self._metrics, self._service, self._method, self._context = metrics, service, method, context
         self._max_send_bytes = max_send_bytes
         self._log_overload = log_overload
+        self._tracing = tracing
         self._code = "OK"
 
     def __enter__(self) -> _Observed:
         self._start = time.perf_counter()
         self._metrics.rpcs_in_flight.labels(self._service, self._method).inc()
+        self._span = self._tracing.rpc_span(self._service, self._method, self._context.invocation_metadata()) if self._tracing.enabled else None
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
@@ -236,6 +247,8 @@ class _Observed:
             self._code = self._gone()
         self._metrics.rpcs_in_flight.labels(self._service, self._method).dec()
         self._metrics.rpc_duration.labels(self._service, self._method, self._code).observe(time.perf_counter() - self._start)
+        if self._span is not None:
+            Tracing.end_rpc(self._span, grpc.StatusCode[self._code])
 
     def _gone(self) -> str:
         """The code of a call whose caller is gone: its deadline passed, or it cancelled.
@@ -274,7 +287,8 @@ class _Observed:
 
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            response = behaviour(request, context)
+            with current(self._span):
+                response = behaviour(request, context)
         except ExplaindError as error:
             self._abort_with(error)
         except Exception as error:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +42,7 @@ from ..logs import configure_logging
 from ..metrics import Metrics
 from ..signals import stop_on_signals
 from ..store import SQLiteStore, StoreOpenError
+from ..tracing import start_tracing
 from .auth import BearerToken, TlsCredentials
 from .inference import InferenceServicer
 from .interceptors import HeldCalls, ServiceInterceptor
@@ -70,17 +72,20 @@ SWEEP_INTERVAL_S = 60.0
 
 class ExplaindServer:
     """One explaind process: ``start()`` (health NOT_SERVING), ``load_models()``
-    (SERVING), ``stop()``. ``port`` / ``metrics_port`` are the bound ports."""
+    (SERVING), ``stop()``. ``port`` / ``metrics_port`` are the bound ports. With
+    ``[tracing]`` on, ``span_exporter`` (an OpenTelemetry SpanExporter) takes the spans
+    instead of the OTLP endpoint (explaind.tracing.start_tracing)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, span_exporter: Any = None) -> None:
         self.config = config
-        # ConfigError (an unreadable token or TLS file) before the store takes the data dir's lock.
+        # ConfigError (an unreadable token or TLS file, tracing without its packages) before the store takes the data dir's lock.
         self._token = BearerToken(config.server.bearer_token(), config.server.token_file)
         self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
+        self.tracing = start_tracing(config.tracing, span_exporter)
         self.metrics = Metrics()
         self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes)
         self.metrics.watch_data_dir(self.store.data_dir)
-        self.engine = Engine(config, self.store, self.metrics)
+        self.engine = Engine(config, self.store, self.metrics, self.tracing)
         self.neuroinspect = NeuroInspectEngine(self.engine)
         self.health = _HealthServicer()
         self.port = 0
@@ -115,7 +120,7 @@ class ExplaindServer:
             ("grpc.so_reuseport", 0),
         ]
         held_calls = HeldCalls(max(1, settings.max_workers // 2))
-        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls)
+        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls, self.tracing)
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine, serving=lambda: self.neuroinspect.restored), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
@@ -242,6 +247,7 @@ class ExplaindServer:
         if self._sweeper.is_alive():
             self._sweeper.join()  # before the store closes under it
         self.store.close()
+        self.tracing.close()  # after the last call and job: their spans are exported
         self._stopped.set()
 
     def wait(self) -> None:
@@ -346,7 +352,7 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     ends it before the store's recovery and the bind, or once bound if it came later. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
-    token or TLS file cannot be read or no temporary directory is writable, FailedPrecondition when [runtime].device names an
+    token or TLS file cannot be read, no temporary directory is writable or [tracing] lacks its packages, FailedPrecondition when [runtime].device names an
     absent GPU (before binding: "listening" must not be the first word of a server that
     cannot run)."""
     stop_requested = stop_requested or stop_on_signals()
@@ -366,7 +372,8 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     tls = (" with mutual TLS" if config.server.tls_client_ca_file else " with TLS") if config.server.tls_cert_file else ""
     health_port = f", health (plaintext) {config.server.host}:{server.health_port}" if server.health_port else ""
-    log.info("listening on %s:%d%s%s%s (config: %s, data dir: %s)", config.server.host, port, tls, metrics, health_port, config.source,
+    traces = f", traces to {config.tracing.otlp_endpoint}" if config.tracing.otlp_endpoint else ""
+    log.info("listening on %s:%d%s%s%s%s (config: %s, data dir: %s)", config.server.host, port, tls, metrics, health_port, traces, config.source,
              Path(config.server.data_dir).resolve())
     # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
     # take minutes, longer than Kubernetes waits before it kills the pod.

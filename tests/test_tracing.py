@@ -1,0 +1,192 @@
+"""[tracing]: an RPC's server span joins its caller's trace, an operation's span has its
+queue wait and stages as children, JSON log lines carry the current span's ids, and
+without the configuration (or the packages) nothing of it runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explaind.config import ConfigError, TracingSection, default_config
+
+pytest.importorskip("opentelemetry.sdk.trace")
+
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry.trace import SpanKind  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Set, so tracing is on; never reached: the spans go to the tests' in-memory exporter.
+ENDPOINT = "http://127.0.0.1:4317"
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, classifier_dir):
+    """A server with tracing on, its spans in an in-memory exporter (emptied per test),
+    serving the world classifier alone (no CLIP or text-to-image to load)."""
+    from explaind.client import Client
+    from explaind.service import ExplaindServer
+
+    data_dir = tmp_path_factory.mktemp("traced")
+    config = (default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, data_dir=str(data_dir), data_dir_reserve_bytes=1 << 20)
+              .replace("tracing", otlp_endpoint=ENDPOINT))
+    exporter = InMemorySpanExporter()
+    server = ExplaindServer(config, span_exporter=exporter)
+    port = server.start()
+    server.load_models()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            yield client, exporter
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture
+def spans(traced):
+    _, exporter = traced
+    exporter.clear()
+    return exporter
+
+
+@pytest.fixture(scope="module")
+def caller():
+    """The calling program's tracer: a provider of its own, as an application has."""
+    return TracerProvider().get_tracer("pipeline")
+
+
+def _server_spans(exporter, method):
+    return [span for span in exporter.get_finished_spans() if span.name == f"explaind.v1.{method}"]
+
+
+def test_a_call_in_a_callers_span_is_a_server_span_of_its_trace(traced, spans, caller):
+    client, _ = traced
+    with caller.start_as_current_span("evaluate model") as parent:
+        client.model_metadata()
+    (span,) = _server_spans(spans, "InferenceService/GetModelMetadata")
+    assert span.kind == SpanKind.SERVER
+    assert span.parent is not None and span.parent.is_remote
+    assert (span.context.trace_id, span.parent.span_id) == (parent.get_span_context().trace_id, parent.get_span_context().span_id)
+    assert span.attributes["rpc.grpc.status_code"] == 0 and span.attributes["rpc.service"] == "explaind.v1.InferenceService"
+    assert span.resource.attributes["service.name"] == "explaind"
+    client.model_metadata()  # no span current in the caller: a trace of its own
+    assert _server_spans(spans, "InferenceService/GetModelMetadata")[1].parent is None
+
+
+def test_a_failed_call_records_its_code(traced, spans):
+    from explaind.client import NotFoundError
+
+    client, _ = traced
+    with pytest.raises(NotFoundError):
+        client.sample_set("nothing-here")
+    (span,) = _server_spans(spans, "SampleSetService/GetSampleSet")
+    assert span.attributes["rpc.grpc.status_code"] == 5  # NOT_FOUND: the caller's, so the span's status stays unset
+    assert span.status.is_unset
+    assert "nothing-here" not in json.dumps(dict(span.attributes))
+
+
+def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_call_that_submitted_it(traced, spans, caller, world_images):
+    from explaind.logs import JsonFormatter
+
+    client, _ = traced
+    images = (world_images[0][:4].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    sample_set = client.create_sample_set(images, world_images[1][:4].tolist(), sample_set_id="traced-set")
+    lines: list[dict] = []
+
+    class Formatted(logging.Handler):  # formatted in the thread that logs, where its span is current
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    jobs_log, handler = logging.getLogger("explaind.jobs"), Formatted()
+    level = jobs_log.level
+    jobs_log.addHandler(handler)
+    jobs_log.setLevel(logging.INFO)
+    try:
+        with caller.start_as_current_span("nightly evaluation"):
+            operation = client.evaluate_sample_set(sample_set.sample_set_id)
+        operation.result(download=False)
+    finally:
+        jobs_log.removeHandler(handler)
+        jobs_log.setLevel(level)
+    finished = spans.get_finished_spans()
+    (submitted,) = _server_spans(spans, "InferenceService/EvaluateSampleSet")
+    (span,) = [span for span in finished if span.name == "operation evaluate_sample_set"]
+    assert span.parent.span_id == submitted.context.span_id and span.context.trace_id == submitted.context.trace_id
+    assert dict(span.attributes) == {"explaind.operation.id": operation.name.removeprefix("operations/"),
+                                     "explaind.operation.kind": "evaluate_sample_set",
+                                     "explaind.operation.state": "succeeded", "explaind.operation.code": "OK"}
+    children = sorted((child for child in finished if child.parent is not None and child.parent.span_id == span.context.span_id),
+                      key=lambda child: child.start_time)
+    assert [child.name for child in children] == ["queued", "start", "inference", "images", "finish"]
+    # Back to back, from the submission to the end: the queue wait and each stage.
+    assert children[0].start_time >= span.start_time and children[-1].end_time <= span.end_time
+    assert all(before.end_time == after.start_time for before, after in zip(children[1:], children[2:]))
+    assert not any("traced-set" in json.dumps(dict(traced_span.attributes)) for traced_span in finished)
+    # The job's log lines lead to its spans: queued in the submitting call's, started in the operation's.
+    queued = [(line.get("trace_id"), line.get("span_id")) for line in lines if re.fullmatch(r"operation \w+ \(\w+\) queued", line["message"])]
+    started = [(line.get("trace_id"), line.get("span_id")) for line in lines if " started after " in line["message"]]
+    assert queued == [(f"{submitted.context.trace_id:032x}", f"{submitted.context.span_id:016x}")]
+    assert started == [(f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")]
+
+
+def test_json_log_lines_carry_the_current_spans_ids_and_none_without_one():
+    from explaind.logs import JsonFormatter
+
+    record = logging.LogRecord("explaind", logging.INFO, __file__, 1, "hello", None, None)
+    assert set(json.loads(JsonFormatter().format(record))) == {"time", "level", "logger", "message"}
+    with TracerProvider().get_tracer("test").start_as_current_span("work") as span:
+        line = json.loads(JsonFormatter().format(record))
+    assert (line["trace_id"], line["span_id"]) == (trace.format_trace_id(span.get_span_context().trace_id),
+                                                   trace.format_span_id(span.get_span_context().span_id))
+
+
+def test_tracing_configured_without_its_packages_stops_the_start_naming_the_extra(tmp_path, monkeypatch):
+    from explaind.service import ExplaindServer
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if the extra were not installed
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path / "data")).replace("tracing", otlp_endpoint=ENDPOINT)
+    with pytest.raises(ConfigError, match=r"^\[tracing\].otlp_endpoint is set but the OpenTelemetry packages are not installed "
+                                          r"\(.*opentelemetry.sdk.trace.*\): install the tracing extra, pip install 'explaind\[tracing\]', "
+                                          r"or leave \[tracing\].otlp_endpoint empty$"):
+        ExplaindServer(config)
+    assert not (tmp_path / "data").exists()  # refused before the store took the data dir
+
+
+def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tmp_path):
+    """Off (the default) the server makes no span: it runs with opentelemetry unimportable."""
+    from explaind.tracing import NO_TRACING, start_tracing
+
+    assert start_tracing(TracingSection()) is NO_TRACING
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["opentelemetry"] = None  # any import of it fails
+        from google.protobuf import empty_pb2
+        from explaind.client import Client, NotFoundError
+        from explaind.config import default_config
+        from explaind.service import ExplaindServer
+
+        server = ExplaindServer(default_config().replace("server", port=0, data_dir={str(tmp_path)!r}))
+        port = server.start()
+        try:
+            with Client(f"127.0.0.1:{{port}}", timeout=30) as client:
+                try:
+                    client.sample_set("nothing-here")
+                except NotFoundError:
+                    pass
+            job = server.engine.jobs.submit("noop", lambda context: (context.stage("work"), empty_pb2.Empty())[1])
+            assert server.engine.jobs.wait(job.record.job_id, timeout=30).record.state == "succeeded"
+        finally:
+            server.stop(0)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
