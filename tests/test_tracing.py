@@ -190,3 +190,35 @@ def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tm
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_spans_reach_the_configured_otlp_endpoint_once_tracing_closes():
+    """The production path: the OTLP/gRPC exporter, batched, to a collector in plaintext."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from explaind.tracing import Tracing, start_tracing
+
+    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    try:
+        tracing = start_tracing(TracingSection(otlp_endpoint=f"http://127.0.0.1:{port}", service_name="explaind-test"))
+        Tracing.end_rpc(tracing.rpc_span("explaind.v1.InferenceService", "Predict", ()), grpc.StatusCode.INTERNAL)
+        tracing.close()  # as the server's stop does: the batch goes out
+    finally:
+        collector.stop(None)
+    (resource_spans,) = [spans for request in received for spans in request.resource_spans]
+    assert {attribute.key: attribute.value.string_value for attribute in resource_spans.resource.attributes}["service.name"] == "explaind-test"
+    (span,) = [span for scope in resource_spans.scope_spans for span in scope.spans]
+    assert span.name == "explaind.v1.InferenceService/Predict" and span.status.code == span.status.STATUS_CODE_ERROR
