@@ -210,7 +210,8 @@ def test_the_image_installs_the_project_dependencies_before_copying_the_sources(
     program = shlex.split(lines[dependency_step].removeprefix("RUN "))[2]  # python -c PROGRAM > ...
     shutil.copy(DEPLOY.parent / "pyproject.toml", tmp_path)
     listed = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines()
-    assert listed == tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["dependencies"] and "torch==2.14.1" in listed
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    assert listed == project["dependencies"] + project["optional-dependencies"]["tracing"] and "torch==2.14.1" in listed
 
 def test_compose_file_is_valid_compose():
     compose = shutil.which("docker-compose")
