@@ -4069,6 +4069,56 @@ def test_a_large_sample_sets_summary_last_page_and_append_cost_what_a_small_ones
     store.close()
 
 
+def _store_of_many(path: Path, count: int) -> SQLiteStore:
+    """A store holding ``count`` sample sets, finished operations and head versions (and
+    one running operation), as months of a monitoring pipeline leave it."""
+    from explaind.store import HeadVersionRecord
+
+    store = SQLiteStore(path)
+    for i in range(count):
+        store.create_sample_set(f"set-{i:04d}", "", [SampleRecord(f"{i:064x}", i % 6)])
+        store.insert_job(JobRecord(f"job-{i:04d}", "evaluate_sample_set", "succeeded", float(i), end_time=float(i) + 1, result=b"r" * 100,
+                                   artifacts=(ArtifactRef("mistakes.png", "image/png", f"{i:064x}", 1),)))
+        store.insert_head_version(HeadVersionRecord("f", f"v{i}", "h", "", "", float(i), {"method": "edit"}))
+    store.insert_job(JobRecord("live", "evaluate_sample_set", "running", float(count)))
+    return store
+
+
+def test_list_pages_filters_and_sweeps_cost_the_same_with_many_stored_objects(tmp_path):
+    """Months of a pipeline leave thousands of sets, operations and head versions: a set
+    page sorted every set, an operations page read up to every operation (one OR, so no
+    seek: the second page of 20,000 read all of them), a head versions page sorted every
+    version, and listing by state read every operation, all under the store's lock. Each
+    minute's retention sweep must keep to its end-time index, not the state one."""
+    small, large = _store_of_many(tmp_path / "small", 12), _store_of_many(tmp_path / "large", 300)
+
+    def pages(store: SQLiteStore, sets: int) -> dict[str, Callable[[], object]]:
+        set_rows = [(info.create_time, info.sample_set_id) for info in store.list_sample_sets(limit=sets)]
+        job_rows = [(job.create_time, job.job_id) for job in store.list_jobs(limit=sets + 1)]
+        head_rows = [(head.create_time, head.version_id) for head in store.list_head_versions("f")]
+        return {"first set page": lambda: store.list_sample_sets(limit=5),
+                "second set page": lambda: store.list_sample_sets(after=set_rows[4], limit=5),
+                "last set page": lambda: store.list_sample_sets(after=set_rows[-6], limit=5),
+                "second operations page": lambda: store.list_jobs(after=job_rows[4], limit=5),
+                "last operations page": lambda: store.list_jobs(after=job_rows[-6], limit=5),
+                "last operations page of a kind": lambda: store.list_jobs(kind="evaluate_sample_set", after=job_rows[-6], limit=5),
+                "running operations": lambda: store.list_jobs(state="running", limit=5),
+                "second head versions page": lambda: store.list_head_versions("f", after=head_rows[4], limit=5),
+                "last head versions page": lambda: store.list_head_versions("f", after=head_rows[-6], limit=5),
+                "retention sweep, none due": lambda: store.delete_jobs_ended_before(0.5),
+                "unfinished operations at start-up": lambda: store.fail_unfinished_jobs("restart")}
+
+    small_pages, large_pages = pages(small, 12), pages(large, 300)
+    for name, call in small_pages.items():
+        small_steps, large_steps = _vm_steps(small, call), _vm_steps(large, large_pages[name])
+        assert large_steps < 2 * small_steps, (name, small_steps, large_steps)
+    assert [info.sample_set_id for info in large.list_sample_sets(after=(large.get_sample_set("set-0294").create_time, "set-0294"))] == [
+        f"set-{i:04d}" for i in range(295, 300)]
+    assert [job.job_id for job in large.list_jobs(after=(5.0, "job-0005"), limit=3)] == ["job-0004", "job-0003", "job-0002"]
+    assert [head.version_id for head in large.list_head_versions("f", after=(296.0, "v296"))] == ["v297", "v298", "v299"]
+    assert large.get_job("live").state == "failed" and large.list_jobs(state="running") == []
+
+
 def test_class_counts_are_filled_in_a_store_the_previous_release_wrote_and_kept_right_by_it(tmp_path):
     """The per-class counts are a table a trigger keeps: a store the release before left
     gets them when opened, and samples that release appends or deletes with their set

@@ -25,13 +25,15 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
-from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
+from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
                    SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid, sample_set_id_taken)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
     id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, update_time REAL NOT NULL
 );
+-- Listing pages in their order (see _resume_after), without sorting every set for each page.
+CREATE INDEX IF NOT EXISTS sample_sets_by_time ON sample_sets (create_time, id);
 -- Sets whose upload in several requests is unfinished. A table of its own, not a column,
 -- so a store stays usable by the release before it (rolling back adds no column trouble).
 CREATE TABLE IF NOT EXISTS uploading_sets (
@@ -58,6 +60,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time);
 CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs (kind, create_time);
 -- Retention: finished jobs oldest first.
 CREATE INDEX IF NOT EXISTS jobs_by_end_time ON jobs (end_time);
+-- Listing by state (the few running among thousands finished) and, at start-up, the
+-- unfinished ones, without reading every job.
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, create_time);
 -- Every blob a job's artifacts point at, or did (a replaced artifact's blob stays until
 -- the job goes): whether a blob is still used, without reading every job's artifacts.
 CREATE TABLE IF NOT EXISTS job_artifacts (
@@ -83,6 +88,7 @@ CREATE TABLE IF NOT EXISTS head_versions (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, head_hash TEXT NOT NULL, weights_digest TEXT NOT NULL,
     parent_version_id TEXT NOT NULL, create_time REAL NOT NULL, details TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
+CREATE INDEX IF NOT EXISTS head_versions_by_time ON head_versions (feature_version, create_time, version_id);
 CREATE TABLE IF NOT EXISTS deleted_head_versions (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
@@ -99,7 +105,8 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # (every store before versioning, and a new file). The version goes up only for a change an
 # older release would misread or damage: a table it never reads, whose rows go with their
 # job or set when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
-# opens the data dir (job_requests and sample_set_requests, 2026-12-03).
+# opens the data dir (job_requests and sample_set_requests, 2026-12-03); so does an index,
+# which SQLite keeps up to date for any release that writes the table.
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,6 +148,20 @@ _CLASS_COUNTS = (
             ON CONFLICT (set_id, label) DO UPDATE SET count = count + 1;
         END""",
 )
+
+
+def _resume_after(after: tuple[float, str] | None, id_column: str, *, newest_first: bool = False) -> tuple[str, tuple]:
+    """The condition (and its parameters) a list page resuming after the row ``after`` =
+    (create_time, id) adds, in create_time order (``newest_first``: descending), ties by
+    id; ("", ()) for the first page. Bounded on create_time alone first, so SQLite seeks
+    to the page in its index: as one OR it read up to every row (the second page of 20,000
+    operations read all of them)."""
+    if after is None:
+        return "", ()
+    past = "<" if newest_first else ">"
+    return f"create_time {past}= ? AND (create_time {past} ? OR {id_column} > ?)", (after[0], after[0], after[1])
+
+
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 # A succeeded job's result is its response, up to half of [server].max_message_bytes: a
 # listing of a thousand of them read gigabytes to send none (OPERATION_VIEW_BASIC) or
@@ -653,10 +674,10 @@ class SQLiteStore:
             return self._info(self._require_set(self._db, sample_set_id))
 
     def list_sample_sets(self, *, after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]:
-        where, params = ("WHERE create_time > ? OR (create_time = ? AND id > ?)", (after[0], after[0], after[1])) if after else ("", ())
+        condition, params = _resume_after(after, "id")
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_SET_COLUMNS} FROM sample_sets {where} ORDER BY create_time, id LIMIT ?", (*params, limit)
+                f"SELECT {_SET_COLUMNS} FROM sample_sets {'WHERE ' + condition if condition else ''} ORDER BY create_time, id LIMIT ?", (*params, limit)
             ).fetchall()
             return [self._info(row) for row in rows]
 
@@ -760,8 +781,9 @@ class SQLiteStore:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if after is not None:
-            clauses.append("(create_time < ? OR (create_time = ? AND id > ?))")
-            params.extend((after[0], after[0], after[1]))
+            condition, resume = _resume_after(after, "id", newest_first=True)
+            clauses.append(condition)
+            params.extend(resume)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
@@ -794,8 +816,10 @@ class SQLiteStore:
         deleted = 0
         while True:
             with self._transaction() as db:
+                # By end time only (+state uses no index): by state, each minute's sweep
+                # read every finished job to find none due.
                 count = self._forget_jobs(
-                    db, f"""id IN (SELECT id FROM jobs WHERE end_time < ? AND state IN ({placeholders})
+                    db, f"""id IN (SELECT id FROM jobs WHERE end_time < ? AND +state IN ({placeholders})
                                    AND (state = ? OR id NOT IN (SELECT {_STORED_BY} FROM head_versions WHERE {_STORED_BY} IS NOT NULL))
                                    ORDER BY end_time LIMIT ?)""",
                     (end_time, *FINISHED_STATES, SUCCEEDED, _SWEEP_CHUNK))
@@ -811,12 +835,11 @@ class SQLiteStore:
         return db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount  # and, cascading, their job_artifacts
 
     def fail_unfinished_jobs(self, reason: str) -> list[tuple[str, str]]:
-        placeholders = ", ".join("?" * len(FINISHED_STATES))
-        with self._transaction() as db:
+        with self._transaction() as db:  # by the state index: the unfinished, not every job
             return [(job_id, kind) for job_id, kind in db.execute(
-                f"""UPDATE jobs SET state = ?, error_code = ?, error_message = ?, end_time = ?, message = 'failed'
-                    WHERE state NOT IN ({placeholders}) RETURNING id, kind""",
-                (FAILED, ABORTED, reason, time.time(), *FINISHED_STATES),
+                """UPDATE jobs SET state = ?, error_code = ?, error_message = ?, end_time = ?, message = 'failed'
+                   WHERE state IN (?, ?) RETURNING id, kind""",
+                (FAILED, ABORTED, reason, time.time(), QUEUED, RUNNING),
             ).fetchall()]
 
     # Feature cache -------------------------------------------------------------------
@@ -869,7 +892,8 @@ class SQLiteStore:
 
     def list_head_versions(self, feature_version: str, *, after: tuple[float, str] | None = None,
                            limit: int | None = None) -> list[HeadVersionRecord]:
-        where, params = ("AND (create_time > ? OR (create_time = ? AND version_id > ?))", (after[0], after[0], after[1])) if after else ("", ())
+        condition, params = _resume_after(after, "version_id")
+        where = f"AND {condition}" if condition else ""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? {where} ORDER BY create_time, version_id LIMIT ?",
