@@ -162,6 +162,21 @@ def _resume_after(after: tuple[float, str] | None, id_column: str, *, newest_fir
     return f"create_time {past}= ? AND (create_time {past} ? OR {id_column} > ?)", (after[0], after[0], after[1])
 
 
+# Each job's artifacts' blobs, as job_artifacts rows, kept by triggers as jobs are inserted
+# and their artifacts change: indexing at open the jobs a release without the table stored
+# read every job's artifact list, and so all its response before it (373 MiB, 20,000
+# operations of 20 KB), at every start. The triggers are the database's, so such a release,
+# rolled back to, keeps the rows too (the schema version stays); they and the rows of the
+# jobs stored until then are made in one transaction (_migrate), so a store has all or none.
+_JOB_ARTIFACTS_TRIGGERS = ("job_artifacts_on_insert", "job_artifacts_on_update")
+_JOB_ARTIFACT_ROWS = "INSERT OR IGNORE INTO job_artifacts SELECT new.id, json_extract(value, '$.digest') FROM json_each(new.artifacts)"
+_JOB_ARTIFACTS = (
+    f"CREATE TRIGGER IF NOT EXISTS {_JOB_ARTIFACTS_TRIGGERS[0]} AFTER INSERT ON jobs BEGIN {_JOB_ARTIFACT_ROWS}; END",
+    # A replaced artifact's blob stays until the job goes (its rows are only added).
+    f"CREATE TRIGGER IF NOT EXISTS {_JOB_ARTIFACTS_TRIGGERS[1]} AFTER UPDATE OF artifacts ON jobs BEGIN {_JOB_ARTIFACT_ROWS}; END",
+    """INSERT OR IGNORE INTO job_artifacts
+       SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""",
+)
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 # A succeeded job's result is its response, up to half of [server].max_message_bytes: a
 # listing of a thousand of them read gigabytes to send none (OPERATION_VIEW_BASIC) or
@@ -267,17 +282,17 @@ class SQLiteStore:
                 if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
                     log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
                                 "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", (_CLASS_COUNTS_TRIGGER,)).fetchone():
+            triggers = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+            if _CLASS_COUNTS_TRIGGER not in triggers:
                 for statement in _CLASS_COUNTS:
+                    db.execute(statement)
+            if not triggers.issuperset(_JOB_ARTIFACTS_TRIGGERS):
+                for statement in _JOB_ARTIFACTS:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if version:  # 0 is also a new file
                     log.info("store %s: migrated from schema %d to %d", self.data_dir, version, SCHEMA_VERSION)
-            # Every start, since a release before versioning may have written here: jobs it
-            # stored (it kept no job_artifacts) get their rows, so no sweep takes their files.
-            db.execute("""INSERT OR IGNORE INTO job_artifacts
-                          SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""")
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
@@ -737,7 +752,6 @@ class SQLiteStore:
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
                     raise request_id_reused(request_id, f"was applied to sample set {row[0]!r}")
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
-            self._index_artifacts(db, job)
 
     def job_of_request(self, request: RequestKey) -> str | None:
         with self._lock:
@@ -760,11 +774,6 @@ class SQLiteStore:
         row = self._job_row(job)
         with self._transaction() as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _JOB_COLUMNS[1:])} WHERE id = ?", (*row[1:], row[0]))
-            self._index_artifacts(db, job)
-
-    @staticmethod
-    def _index_artifacts(db: sqlite3.Connection, job: JobRecord) -> None:
-        db.executemany("INSERT OR IGNORE INTO job_artifacts VALUES (?, ?)", [(job.job_id, a.digest) for a in job.artifacts])
 
     def get_job(self, job_id: str) -> JobRecord:
         with self._lock:
