@@ -1595,6 +1595,13 @@ def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_a
     assert type(result).FromString(store.get_blob(artifact.digest)) == result
     assert small.artifacts == () and any_pb2.Any.FromString(small.result).Unpack(cut) and len(cut.mistakes) == 10
     jobs.shutdown(1)
+    # A response of exactly max_result_bytes fits: it is neither cut nor stored again.
+    exact = any_pb2.Any()
+    exact.Pack(result)
+    jobs = JobManager(store, Metrics(), workers=1, max_result_bytes=exact.ByteSize())
+    whole = jobs.wait(jobs.submit("evaluate", lambda ctx: result, cut_lists=("mistakes",)).record.job_id, 10).record
+    assert (whole.state, whole.artifacts, whole.result) == ("succeeded", (), exact.SerializeToString())
+    jobs.shutdown(1)
     # The operation points at the whole result once it has ended: the artifact is saved a
     # moment before, while it still runs without a response.
     from explaind.jobs import JobSnapshot
@@ -1789,6 +1796,41 @@ def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
         assert (record.state, record.error_code, record.cancel_requested) == ("failed", "ABORTED", False)
         assert record.error_message == f"the server shut down {when}; submit it again"
     assert ran == [] and metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+    # Nor is one taken after: it would be stored queued with no worker left to run it.
+    with pytest.raises(Unavailable, match="the server is shutting down"):
+        jobs.submit("late", lambda ctx: _empty())
+    assert {s.record.job_id for s in jobs.list()} == {running.record.job_id, queued.record.job_id}
+
+
+def test_shutdown_lets_a_running_job_end_within_its_grace(tmp_path, monkeypatch):
+    # The grace is what keeps a job a moment from its end from being aborted, its work lost.
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    started, finish, grace_begun = threading.Event(), threading.Event(), threading.Event()
+
+    class SaysWhenWaited(threading.Condition):
+        def wait(self, timeout=None):
+            grace_begun.set()  # only shutdown waits here in this test
+            return super().wait(timeout)
+
+    monkeypatch.setattr(jobs, "_changed", SaysWhenWaited())
+
+    def almost_done(ctx):
+        started.set()
+        finish.wait(10)
+        ctx.raise_if_cancelled()
+        return _empty()
+
+    job_id = jobs.submit("evaluate", almost_done).record.job_id
+    assert started.wait(10)
+    stopping = threading.Thread(target=jobs.shutdown, args=(30,))
+    stopping.start()
+    try:
+        assert grace_begun.wait(10)
+    finally:
+        finish.set()
+        stopping.join(30)
+    assert not stopping.is_alive() and store.get_job(job_id).state == "succeeded"
 
 
 def test_a_lost_file_the_store_still_references_is_data_loss_and_logged_not_not_found(tmp_path, caplog):
@@ -1928,8 +1970,8 @@ class _FailingWrites(SQLiteStore):
 def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path, failures, caplog):
     # The record in memory used to run ahead of the store: the operation read SUCCEEDED,
     # the store said running, nothing was logged, and shutdown waited out its grace.
-    store = _FailingWrites(tmp_path)
-    jobs = JobManager(store, Metrics(), workers=1)
+    store, metrics = _FailingWrites(tmp_path), Metrics()
+    jobs = JobManager(store, metrics, workers=1)
     store.failures = failures
     job = jobs.submit("evaluate", lambda ctx: _empty())
     record = jobs.wait(job.record.job_id, 10).record
@@ -1949,6 +1991,8 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
         assert jobs.record_unrecorded_ends() == 1  # the server's sweep, once space is freed
         assert store.get_job(job.record.job_id).state == "failed" and jobs.get(job.record.job_id).record == store.get_job(job.record.job_id)
         assert jobs.record_unrecorded_ends() == 0
+    # One end, counted once: storing it late is no second end (an alert's rate doubled).
+    assert jobs_ended(metrics, ("evaluate", "failed", "INTERNAL"), ("evaluate", "succeeded", "OK")) == [1.0, None]
     jobs.delete(job.record.job_id)
     started = time.monotonic()
     jobs.shutdown(5)
@@ -3502,12 +3546,16 @@ def test_a_page_missing_a_job_deleted_while_it_was_read_is_filled_from_the_next(
 def test_a_job_manager_deletes_a_job_only_once_it_ended(tmp_path):
     jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
     gate = threading.Event()
-    running = jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1]).record.job_id
+    running = jobs.submit("block", lambda ctx: (gate.wait(10), ctx.raise_if_cancelled(), _empty())[2]).record.job_id
     queued = jobs.submit("queued", lambda ctx: _empty()).record.job_id
     for job_id in (running, queued):
         with pytest.raises(FailedPrecondition, match=f"operations/{job_id} is (queued|running)"):
             jobs.delete(job_id)
+    # A refused delete leaves the job as it was, still live: its cancel reaches it (the
+    # store's record alone cannot stop it).
+    assert jobs.cancel(running).record.cancel_requested
     gate.set()
+    assert jobs.wait(running, 10).record.state == "cancelled"
     jobs.wait(queued, 10)
     jobs.delete(running)
     assert [s.record.job_id for s in jobs.list()] == [queued]
