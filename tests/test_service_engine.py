@@ -3103,9 +3103,45 @@ def test_a_full_data_dir_releases_its_reserve_to_record_a_job_s_failure_and_to_c
         store.keep_reserve()
         store.set_active_head_version("features", "v1")
         assert not reserve.exists() and store.active_head_version("features") == "v1"
+        store.keep_reserve()  # a cancelled end is bookkeeping too
+        store.update_job(dataclasses.replace(running, job_id="b", state="cancelled", cancel_requested=True))
+        assert not reserve.exists() and store.get_job("b").state == "cancelled"
     finally:
         monkeypatch.undo()
         store.close()
+
+
+@pytest.mark.parametrize(("delete", "done"), [
+    pytest.param(lambda store: store.delete_job("j"), lambda store, _: not store.list_jobs(), id="delete_job"),
+    pytest.param(lambda store: store.delete_jobs_ended_before(3.0), lambda store, deleted: deleted == 1 and not store.list_jobs(),
+                 id="delete_jobs_ended_before"),
+    pytest.param(lambda store: store.delete_head_version("f", "v1"), lambda store, _: not store.list_head_versions("f"), id="delete_head_version"),
+    pytest.param(lambda store: store.delete_unused_blobs(), lambda store, deleted: deleted == 1 and _blob_files(store) == {_digest(b"head weights")},
+                 id="delete_unused_blobs"),
+])
+def test_every_delete_releases_the_reserve_of_a_full_data_dir(tmp_path, monkeypatch, delete, done):
+    # A delete is a write: with the file system full and the reserve held, any delete an
+    # operator frees space with (an operation, a head version, the sweep) must go through.
+    from explaind.store import HeadVersionRecord
+    from explaind.store.sqlite import RESERVE_FILE
+
+    store = SQLiteStore(tmp_path, reserve_bytes=1 << 20)
+    reserve = tmp_path / RESERVE_FILE
+    store.insert_job(JobRecord(job_id="j", kind="evaluate", state="succeeded", create_time=1.0, end_time=2.0))
+    with store.writing_blobs() as put:
+        store.insert_head_version(HeadVersionRecord("f", "v1", "h", put(b"head weights"), "", 0.0))
+        store.create_sample_set("s", "", _samples(put, b"image"))
+    store.delete_sample_set("s")  # its image: a candidate for the sweep
+    transaction = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda: transaction() if not reserve.exists() else (_ for _ in ()).throw(
+        store._full("database or disk is full")))
+    try:
+        deleted = delete(store)
+        assert not reserve.exists()
+    finally:
+        monkeypatch.undo()
+    assert done(store, deleted)
+    store.close()
 
 
 def test_a_full_data_dir_releases_its_reserve_to_record_a_cancel_request(tmp_path, monkeypatch):
