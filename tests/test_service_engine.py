@@ -3497,7 +3497,9 @@ def test_an_edit_that_did_not_succeed_is_kept_while_the_version_it_stored_is(tmp
         store.insert_head_version(HeadVersionRecord("f", "v2", "h", weights, "v1", 0.0, details={EDIT_JOB_ID: "good-edit"}))
     with pytest.raises(FailedPrecondition, match="operations/failed-edit stored head version v1 but did not succeed"):
         store.delete_job("failed-edit")
-    assert store.delete_jobs_ended_before(10.0) == 1 and store.get_job("failed-edit").state == "failed"
+    store.delete_job("good-edit")  # a succeeded edit's operation goes when asked; its version stays
+    assert store.get_head_version("f", "v2").details == {EDIT_JOB_ID: "good-edit"}
+    assert store.delete_jobs_ended_before(10.0) == 0 and store.get_job("failed-edit").state == "failed"
     store.delete_head_version("f", "v1")  # as restore does
     assert store.delete_jobs_ended_before(10.0) == 1
 
@@ -3622,6 +3624,27 @@ def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
         store.create_sample_set("new", "", records)
     assert store.delete_unused_blobs() == 0
     assert store.get_blob(records[0].digest) == b"image"
+
+
+def test_the_start_up_sweep_leaves_the_scratch_file_of_a_blob_being_written(tmp_path, monkeypatch):
+    # Calls are served while the models load, so an upload may be writing while the
+    # start-up sweep removes the scratch files killed writers left: only theirs may go.
+    store = SQLiteStore(tmp_path)
+    killed_writer = store.blob_dir / "ab" / f"{'ab' * 32}.0123456789ab.1.tmp"
+    killed_writer.parent.mkdir()
+    killed_writer.write_bytes(b"half")
+    fsync, swept = os.fsync, []
+
+    def sweep_mid_write(fd):
+        if not swept:  # the blob's data is written, its rename to come
+            swept.append(store.delete_unused_blobs(everything=True))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", sweep_mid_write)
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, b"image"))
+    assert swept == [0] and not killed_writer.exists() and store.get_blob(_digest(b"image")) == b"image"
+    store.close()
 
 
 def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name_the_key(tmp_path):
