@@ -222,3 +222,29 @@ def test_spans_reach_the_configured_otlp_endpoint_once_tracing_closes():
     assert {attribute.key: attribute.value.string_value for attribute in resource_spans.resource.attributes}["service.name"] == "explaind-test"
     (span,) = [span for scope in resource_spans.scope_spans for span in scope.spans]
     assert span.name == "explaind.v1.InferenceService/Predict" and span.status.code == span.status.STATUS_CODE_ERROR
+
+
+def test_a_streamed_response_is_produced_inside_its_calls_span(traced, spans, monkeypatch, world_images):
+    """WatchOperation's servicer runs between the messages it sends: what it logs (or the
+    spans it starts) then belongs to its call's span, as a unary servicer's does."""
+    from explaind.jobs import JobManager
+    from explaind.logs import JsonFormatter
+
+    client, _ = traced
+    lines: list[dict] = []
+    watch = JobManager.watch
+
+    def logging_watch(self, job_id, **options):
+        for snapshot in watch(self, job_id, **options):
+            lines.append(json.loads(JsonFormatter().format(logging.LogRecord("explaind.jobs", logging.INFO, __file__, 1, "sent", None, None))))
+            yield snapshot
+
+    monkeypatch.setattr(JobManager, "watch", logging_watch)
+    images = (world_images[0][:2].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    sample_set = client.create_sample_set(images, world_images[1][:2].tolist(), sample_set_id="watched-set")
+    operation = client.evaluate_sample_set(sample_set.sample_set_id)
+    assert list(operation.watch())[-1].done
+    watched = _server_spans(spans, "OperationsService/WatchOperation")
+    assert lines and len(watched) >= 1
+    ids = {(f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") for span in watched}
+    assert {(line.get("trace_id"), line.get("span_id")) for line in lines} <= ids

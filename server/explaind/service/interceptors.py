@@ -9,8 +9,9 @@ INTERNAL with the exception's type and an incident id (its text and traceback go
 log, never to the caller: they can hold server paths). A response larger than the send limit becomes
 RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been
 counted OK. With tracing on (explaind.tracing), each call but health's and reflection's
-(probes every few seconds would drown the traces) gets a SERVER span, current while a
-unary call's servicer runs, so the operation it submits is its child.
+(probes every few seconds would drown the traces) gets a SERVER span, current while its
+servicer runs (a stream's, while it makes each message), so the operation it submits is
+its child and the lines it logs carry the span's ids.
 """
 
 from __future__ import annotations
@@ -298,7 +299,16 @@ class _Observed:
 
     def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            for response in behaviour(request, context):
+            with current(self._span):
+                responses = iter(behaviour(request, context))
+            while True:
+                # Current while the servicer makes each message, as for a unary call, but
+                # not across the yield: a generator cannot leave it attached in between.
+                with current(self._span):
+                    try:
+                        response = next(responses)
+                    except StopIteration:
+                        return
                 yield self._sendable(response)
         except ExplaindError as error:
             self._abort_with(error)
