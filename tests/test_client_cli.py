@@ -279,6 +279,7 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
         (["--device", ""], "error: --device: [runtime].device must be a torch device"),
         (["--host", ""], "error: --host: [server].host must be an address to listen on"),  # was "cannot bind :0: is another server using the port?"
         (["--port", "7000", "--metrics-port", "7000"], "error: --port: [server].port and .metrics_port are both 7000; each needs a port of its own"),
+        (["--otlp-endpoint", "collector:4317"], "error: --otlp-endpoint: [tracing].otlp_endpoint must be an OTLP/gRPC collector's URL"),
     ],
 )
 def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):
@@ -370,6 +371,25 @@ def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, t
     assert [line for line in err.splitlines() if line.startswith("warning:")] == [
         f"warning: --host 127.0.0.1 overrides [server].host = 'localhost' of {config}",
         f"warning: --port {port} overrides [server].port = 50051 of {config}"]
+
+
+def test_serve_otlp_endpoint_turns_tracing_on_or_off_over_the_config_file(capsys, tmp_path, monkeypatch):
+    # A chart or an entrypoint points the server at its collector without writing a config.
+    import explaind.service
+    from explaind.config import TracingSection
+
+    served: list[TracingSection] = []
+    monkeypatch.setattr(explaind.service, "serve", lambda config, stop_requested: served.append(config.tracing) or 0)
+    config = tmp_path / "explaind.toml"
+    config.write_text('[tracing]\notlp_endpoint = "http://collector:4317"\nsample_ratio = 0.25\n')
+    for flags in (["--config", str(config), "--otlp-endpoint", "https://traces.example:4317"],
+                  ["--config", str(config), "--otlp-endpoint", ""], ["--otlp-endpoint", "http://127.0.0.1:4317"]):
+        assert main(["serve", *flags]) == 0
+    assert served == [TracingSection(otlp_endpoint="https://traces.example:4317", sample_ratio=0.25),
+                      TracingSection(otlp_endpoint="", sample_ratio=0.25), TracingSection(otlp_endpoint="http://127.0.0.1:4317")]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: --otlp-endpoint https://traces.example:4317 overrides [tracing].otlp_endpoint = 'http://collector:4317' of {config}",
+        f"warning: --otlp-endpoint '' overrides [tracing].otlp_endpoint = 'http://collector:4317' of {config}"]
 
 
 @pytest.mark.parametrize(("content", "message"), [

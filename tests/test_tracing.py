@@ -161,10 +161,12 @@ def test_tracing_configured_without_its_packages_stops_the_start_naming_the_extr
     assert not (tmp_path / "data").exists()  # refused before the store took the data dir
 
 
-def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tmp_path):
+def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tmp_path, monkeypatch):
     """Off (the default) the server makes no span: it runs with opentelemetry unimportable."""
     from explaind.tracing import NO_TRACING, start_tracing
 
+    # A platform's variable (often an OTLP/HTTP port) turns nothing on: the key or the flag does.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     assert start_tracing(TracingSection()) is NO_TRACING
     script = textwrap.dedent(f"""
         import sys

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -293,7 +294,7 @@ _SERVE_OVERRIDES = {
     "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
     "token_file": ("server", "--token-file"), "log_format": ("server", "--log-format"),
     "tls_cert_file": ("server", "--tls-cert-file"), "tls_key_file": ("server", "--tls-key-file"),
-    "tls_client_ca_file": ("server", "--tls-client-ca-file"),
+    "tls_client_ca_file": ("server", "--tls-client-ca-file"), "otlp_endpoint": ("tracing", "--otlp-endpoint"),
 }
 
 
@@ -325,7 +326,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for key, value in values.items():
             given = getattr(getattr(config, section), key)
             if key in written.get(section, {}) and given != value:
-                warnings.append(f"{_SERVE_OVERRIDES[key][1]} {value} overrides [{section}].{key} = {given!r} of {args.config}")
+                # As typed: --otlp-endpoint '' (tracing off) must not read as a flag without a value.
+                warnings.append(f"{_SERVE_OVERRIDES[key][1]} {shlex.quote(str(value))} overrides [{section}].{key} = {given!r} of {args.config}")
         try:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
@@ -1048,6 +1050,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key-file", dest="tls_key_file", help="the PEM private key of --tls-cert-file (default: [server].tls_key_file)")
     serve.add_argument("--tls-client-ca-file", dest="tls_client_ca_file",
                        help="require client certificates this PEM CA signed: mutual TLS (default: [server].tls_client_ca_file)")
+    serve.add_argument("--otlp-endpoint", dest="otlp_endpoint",
+                       help="OTLP/gRPC collector that spans go to, http://host:4317 or https://host:4317; '' turns tracing off "
+                            "(default: [tracing].otlp_endpoint, off)")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"),
                        help="log lines on stderr: text, or one JSON object per line (default: [server].log_format, text)")
     serve.set_defaults(run=cmd_serve)
