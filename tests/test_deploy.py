@@ -428,6 +428,16 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
         refused = render_chart(chart_renderer, **values)
         assert refused.returncode != 0 and message in refused.stderr, values
 
+    # Tracing to a collector: --otlp-endpoint, which the server checks as it does the config's key.
+    collector = "http://otel-collector.monitoring:4317"
+    for values in ({}, {"device": ""}):  # beside the other flags, and alone
+        traced = rendered(chart_renderer, tracing={"otlpEndpoint": collector}, **values)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+        assert serve_arguments(traced).otlp_endpoint == collector
+    for endpoint in ("otel-collector:4317", "http://otel-collector:4317/v1/traces"):  # the server would refuse both at every start
+        refused = render_chart(chart_renderer, tracing={"otlpEndpoint": endpoint})
+        assert refused.returncode != 0 and "tracing.otlpEndpoint must be an OTLP/gRPC collector's URL" in refused.stderr, endpoint
+    assert serve_arguments(default["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]).otlp_endpoint is None  # off: left to config
+
     refused = render_chart(chart_renderer, startupSeconds=5)
     assert refused.returncode != 0 and "startupSeconds must be a number of seconds, at least 10" in refused.stderr
     # The server would refuse both at start-up and the pod would restart in a loop.
