@@ -393,6 +393,13 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
         refused = render_chart(chart_renderer, extraVolumes=[{"name": name, "emptyDir": {}}])
         assert refused.returncode != 0 and f'"{name}" is a volume name the chart uses' in refused.stderr
 
+    # The user's environment variables beside the chart's own (an exporter's headers from a Secret).
+    headers = {"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": "otel", "key": "headers"}}}
+    environment = rendered(chart_renderer, extraEnv=[headers])["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert environment == [{"name": "XDG_CACHE_HOME", "value": "/var/cache/explaind"}, headers]
+    refused = render_chart(chart_renderer, extraEnv=[{"name": "XDG_CACHE_HOME", "value": "/cache"}])
+    assert refused.returncode != 0 and "XDG_CACHE_HOME is the chart's own" in refused.stderr
+
     secured = rendered(chart_renderer, tokenSecret="explaind-token")["StatefulSet"]["spec"]["template"]["spec"]
     container = secured["containers"][0]
     token_file = Path(serve_arguments(container).token_file)
