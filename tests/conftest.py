@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,24 @@ def core_share() -> int:
     them spin and wait; two threads beside a busy test process ran the shipped
     text-to-image evaluation in 210 s against 79 s on one (2 cores, 2026-12-03)."""
     return max(1, cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def vm_steps(store, call: Callable[[], object]) -> int:
+    """The SQLite virtual-machine steps ``call`` costs ``store`` (a SQLiteStore): they grow
+    with the rows its queries read, however fast the machine."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._db.set_progress_handler(count, 1)
+    try:
+        call()
+    finally:
+        store._db.set_progress_handler(None, 1)
+    return steps
 
 
 def free_port() -> int:

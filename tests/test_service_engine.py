@@ -42,7 +42,7 @@ from explaind.jobs import JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
-from conftest import TINY_VIT_CLASSIFIER, torch_threads, write_config
+from conftest import TINY_VIT_CLASSIFIER, torch_threads, vm_steps, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, **runtime) -> Engine:
@@ -3539,6 +3539,9 @@ def test_deleted_head_versions_keep_one_row_not_one_per_deletion(tmp_path):
         store.delete_head_version("f", f"v{number}")
     store.delete_head_version("g", "v5")
     assert store.deleted_head_versions("f") == ["v11"] and store.deleted_head_versions("g") == ["v5"]
+    # A new version's number is above every id stored or deleted; an id not vN takes none.
+    store.insert_head_version(HeadVersionRecord("g", "v20x", "h", weights, "", 1.0))
+    assert [store.next_head_version_number(f) for f in ("f", "g", "h")] == [12, 6, 0]
 
 
 def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_path, monkeypatch):
@@ -4150,24 +4153,6 @@ def test_an_upload_request_applied_again_with_its_request_id_changes_nothing_and
         assert store.sample_set_of_request(RequestKey(created_id, "c")) is None
 
 
-def _vm_steps(store: SQLiteStore, call: Callable[[], object]) -> int:
-    """The SQLite virtual-machine steps ``call`` costs the store: they grow with the rows
-    its queries read, however fast the machine."""
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    store._db.set_progress_handler(count, 1)
-    try:
-        call()
-    finally:
-        store._db.set_progress_handler(None, 1)
-    return steps
-
-
 def test_a_large_sample_sets_summary_last_page_and_append_cost_what_a_small_ones_do(tmp_path):
     """A monitoring pipeline uploads sets of tens of thousands of samples: GetSampleSet
     (and each set of a list page, and each append's answer) counted every sample per
@@ -4181,7 +4166,7 @@ def test_a_large_sample_sets_summary_last_page_and_append_cost_what_a_small_ones
              "last page": lambda set_id: store.list_samples(set_id, store.get_sample_set(set_id).sample_count - 1, 1),
              "append": lambda set_id: store.append_samples(set_id, records[:1])}
     for name, call in calls.items():
-        small, large = _vm_steps(store, lambda: call("small")), _vm_steps(store, lambda: call("large"))
+        small, large = vm_steps(store, lambda: call("small")), vm_steps(store, lambda: call("large"))
         assert large < 2 * small, (name, small, large)
     assert store.get_sample_set("large").class_counts == {0: 335, 1: 334, 2: 333, 3: 333, 4: 333, 5: 333}
     assert store.list_samples("large", 1999, 5) == [records[1999], records[0]] and store.list_samples("large", 2001) == []
@@ -4230,13 +4215,28 @@ def test_list_pages_filters_and_sweeps_cost_the_same_with_many_stored_objects(tm
 
     small_pages, large_pages = pages(small, 12), pages(large, 300)
     for name, call in small_pages.items():
-        small_steps, large_steps = _vm_steps(small, call), _vm_steps(large, large_pages[name])
+        small_steps, large_steps = vm_steps(small, call), vm_steps(large, large_pages[name])
         assert large_steps < 2 * small_steps, (name, small_steps, large_steps)
     assert [info.sample_set_id for info in large.list_sample_sets(after=(large.get_sample_set("set-0294").create_time, "set-0294"))] == [
         f"set-{i:04d}" for i in range(295, 300)]
     assert [job.job_id for job in large.list_jobs(after=(5.0, "job-0005"), limit=3)] == ["job-0004", "job-0003", "job-0002"]
     assert [head.version_id for head in large.list_head_versions("f", after=(296.0, "v296"))] == ["v297", "v298", "v299"]
     assert large.get_job("live").state == "failed" and large.list_jobs(state="running") == []
+
+
+def test_deleting_a_failed_operation_and_the_retention_sweep_read_no_head_version_but_its_own(tmp_path):
+    """Whether a failed operation stored a head version (which keeps it until a start
+    deletes that version) was asked of every version's details: each delete of a failed
+    operation and each retention sweep that found one due read them all."""
+    small, large = _store_of_many(tmp_path / "small", 12), _store_of_many(tmp_path / "large", 300)
+    for store in (small, large):
+        for job_id in ("asked", "due"):
+            store.insert_job(JobRecord(job_id, "edit_head", "failed", 0.0, end_time=0.25))
+    for name, call in {"delete": lambda store: store.delete_job("asked"), "retention": lambda store: store.delete_jobs_ended_before(0.5)}.items():
+        small_steps, large_steps = vm_steps(small, lambda: call(small)), vm_steps(large, lambda: call(large))
+        assert large_steps < 2 * small_steps, (name, small_steps, large_steps)
+    with pytest.raises(NotFound):
+        large.get_job("due")
 
 
 def test_opening_a_store_reads_none_of_its_operations(tmp_path):
@@ -4246,7 +4246,7 @@ def test_opening_a_store_reads_none_of_its_operations(tmp_path):
     from explaind.store.sqlite import SCHEMA_VERSION
 
     small, large = _store_of_many(tmp_path / "small", 12), _store_of_many(tmp_path / "large", 300)
-    small_steps, large_steps = (_vm_steps(store, lambda: store._migrate(SCHEMA_VERSION)) for store in (small, large))  # what opening runs
+    small_steps, large_steps = (vm_steps(store, lambda: store._migrate(SCHEMA_VERSION)) for store in (small, large))  # what opening runs
     assert large_steps < 2 * small_steps, (small_steps, large_steps)
     assert large._referenced([f"{i:064x}" for i in (0, 299, 300)]) == {f"{i:064x}" for i in (0, 299)}
 

@@ -24,7 +24,7 @@ from explaind.client import Client, DeadlineExceededError, FailedPreconditionErr
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
-from conftest import TINY_VIT_CLASSIFIER, ServerProcess, write_config
+from conftest import TINY_VIT_CLASSIFIER, ServerProcess, vm_steps, write_config
 
 SPURIOUS = assets.classifier_dir("spurious_background")
 pytestmark = pytest.mark.skipif(
@@ -721,6 +721,40 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         assert third.state == "succeeded" and [v.version_id for v in inspect.head_versions()[0]] == ["v0", "v1", "v4"]
     finally:
         _shut(engine)
+
+
+def test_an_edit_s_end_a_delete_and_a_start_cost_the_same_with_hundreds_of_head_versions(tmp_path):
+    # Each edit's end listed every version and deleted id to number its version, each
+    # delete every version for its children, and each start every version for the loaded
+    # head and for edits that failed (reading each one's operation): all under the lock
+    # every promote, rollback and list waits on, growing with months of edits.
+    from explaind.store import EDIT_JOB_ID, HeadVersionRecord, JobRecord
+
+    costs = {}
+    for count in (10, 400):
+        engine, inspect = _in_process(tmp_path / str(count))
+        try:
+            store, served = engine.store, engine.models.active
+            weights = store.get_head_version(served.feature_version, "v0").weights_digest
+            for number in range(1, count + 1):
+                store.insert_job(JobRecord(f"edit-{number}", "edit_head", "failed" if number == count else "succeeded", 1.0, end_time=2.0))
+                if number < count:
+                    store.insert_head_version(HeadVersionRecord(served.feature_version, f"v{number}", f"h{number}", weights, f"v{number - 1}",
+                                                                float(number), {"method": "constrain", EDIT_JOB_ID: f"edit-{number}"}))
+            head = torch.nn.Linear(served.head.in_features, served.head.out_features)
+            costs[count] = {
+                "edit's end": vm_steps(store, lambda: inspect._add_head_version(served, head, f"v{count - 1}", {EDIT_JOB_ID: f"edit-{count}"})),
+                "delete": vm_steps(store, lambda: inspect.delete_head_version(f"v{count // 2}")),
+                "start": vm_steps(store, inspect._restore),
+            }
+            ids = [v.version_id for v in inspect.head_versions()[0]]
+            # v{count}, stored by the failed edit, went at the start; its number stays taken.
+            assert len(ids) == count - 1 and f"v{count // 2}" not in ids and ids[-1] == "v0" and ids[-2] == f"v{count - 1}"
+            assert store.next_head_version_number(served.feature_version) == count + 1
+        finally:
+            _shut(engine)
+    for name, small in costs[10].items():
+        assert costs[400][name] < 2 * small, (name, small, costs[400][name])
 
 
 def test_a_head_version_is_deleted_unless_served_loaded_or_edited_from(tmp_path, world_set):

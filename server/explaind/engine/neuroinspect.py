@@ -46,7 +46,7 @@ from ..methods.neuroinspect import (
     MistakeNeuronRanker,
     TrainingDiverged,
 )
-from ..store import CANCELLED, EDIT_JOB_ID, FAILED, HeadVersionRecord, RequestKey
+from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from .models import ClassifierVersion, model_version
 
@@ -645,8 +645,7 @@ class NeuroInspectEngine:
         with store.writing_blobs() as put, self._versions_lock:
             digest = put(_head_bytes(head))
             # Deleted ids count too: an id never names two different heads.
-            ids = [r.version_id for r in store.list_head_versions(version.feature_version)] + store.deleted_head_versions(version.feature_version)
-            number = 1 + max((int(i[1:]) for i in ids if i[1:].isdigit()), default=-1)
+            number = store.next_head_version_number(version.feature_version)
             record = HeadVersionRecord(
                 feature_version=version.feature_version, version_id=f"v{number}", head_hash=version.with_head(head).head_version,
                 weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details,
@@ -676,8 +675,7 @@ class NeuroInspectEngine:
             return
         store = self._engine.store
         self._drop_versions_of_failed_edits(version.feature_version)
-        records = store.list_head_versions(version.feature_version)
-        loaded = next((r for r in records if r.head_hash == version.head_version), None)
+        loaded = store.first_head_version_of_hash(version.feature_version, version.head_version)
         newly_seen = loaded is None
         if loaded is None:
             loaded = self._add_head_version(version, version.head, "", {"method": LOADED, "description": f"loaded from {version.source}"})
@@ -707,17 +705,9 @@ class NeuroInspectEngine:
         was stored but before the job's success was leaves the job FAILED ("submit it
         again") beside a version, possibly promoted, that a resubmission would duplicate."""
         store = self._engine.store
-        for record in store.list_head_versions(feature_version):
-            job_id = record.details.get(EDIT_JOB_ID)
-            if not job_id:
-                continue
-            try:
-                state = store.get_job(job_id).state
-            except NotFound:
-                continue
-            if state in (FAILED, CANCELLED):
-                log.warning("deleting head version %s: the edit that stored it (operations/%s) did not succeed", record.version_id, job_id)
-                store.delete_head_version(feature_version, record.version_id)
+        for version_id, job_id in store.head_versions_of_failed_edits(feature_version):
+            log.warning("deleting head version %s: the edit that stored it (operations/%s) did not succeed", version_id, job_id)
+            store.delete_head_version(feature_version, version_id)
 
     def _head(self, record: HeadVersionRecord) -> nn.Linear:
         """The head of ``record`` on the device: the model file's as loaded, any other read
@@ -806,8 +796,8 @@ class NeuroInspectEngine:
                 raise FailedPrecondition(f"head version {version_id!r} is served; promote or roll back to another first", field="version_id")
             if version_id == store.file_head_version(version.feature_version):
                 raise FailedPrecondition(f"head version {version_id!r} is the model file's head, stored again at every start", field="version_id")
-            children = [r.version_id for r in store.list_head_versions(version.feature_version) if r.parent_version_id == version_id]
-            if record.details.get("method") == LOADED and children:  # they would look loaded themselves
+            # A loaded head's children would look loaded themselves (read only then: by the parent index).
+            if record.details.get("method") == LOADED and (children := store.head_version_children(version.feature_version, version_id)):
                 raise FailedPrecondition(f"head version {version_id!r} is a loaded head that {', '.join(children)} were edited from; "
                                          f"delete those first", field="version_id")
             storing_job = record.details.get(EDIT_JOB_ID)

@@ -89,6 +89,15 @@ CREATE TABLE IF NOT EXISTS head_versions (
     parent_version_id TEXT NOT NULL, create_time REAL NOT NULL, details TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
 CREATE INDEX IF NOT EXISTS head_versions_by_time ON head_versions (feature_version, create_time, version_id);
+-- The highest id vN, for a new version's (next_head_version_number), without reading every version.
+CREATE INDEX IF NOT EXISTS head_versions_by_number ON head_versions (feature_version, CAST(substr(version_id, 2) AS INTEGER));
+-- A version's children, in list order: a delete's check and re-parenting read those, not every version.
+CREATE INDEX IF NOT EXISTS head_versions_by_parent ON head_versions (feature_version, parent_version_id, create_time, version_id);
+-- The loaded head's version, at start-up (first_head_version_of_hash).
+CREATE INDEX IF NOT EXISTS head_versions_by_hash ON head_versions (feature_version, head_hash, create_time, version_id);
+-- The version an edit stored (_STORED_BY): at start-up those of failed edits, and whether
+-- an operation being deleted stored one, without reading every version.
+CREATE INDEX IF NOT EXISTS head_versions_by_edit ON head_versions (json_extract(details, '$.edit_job_id'));
 CREATE TABLE IF NOT EXISTS deleted_head_versions (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
@@ -121,7 +130,14 @@ WAL_SIZE_LIMIT_BYTES = 16 * 2**20
 # mode cannot even read without room for its -shm and -wal files, and a delete is a write,
 # so without it a full data dir could neither restart nor be freed by deleting.
 RESERVE_FILE = "explaind.reserve"
-_STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"  # the job that stored a head version
+# The job that stored a head version, as head_versions_by_edit indexes it. Compared with a
+# column, that goes as +column: a TEXT column's affinity would apply to this expression and
+# keep SQLite from the index.
+_STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"
+# N of a head version's id vN, as head_versions_by_number indexes it (the same text, or
+# SQLite does not use the index); only ids whose N is all digits are numbered.
+_VERSION_NUMBER = "CAST(substr(version_id, 2) AS INTEGER)"
+_NUMBERED = "substr(version_id, 2) GLOB '[0-9]*' AND substr(version_id, 2) NOT GLOB '*[^0-9]*'"
 _SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
 # The distinct feature versions by hops along the primary key, one lookup per version:
 # SELECT DISTINCT scans every cached feature, at each sweep step of 500 images.
@@ -829,7 +845,7 @@ class SQLiteStore:
                 # read every finished job to find none due.
                 count = self._forget_jobs(
                     db, f"""id IN (SELECT id FROM jobs WHERE end_time < ? AND +state IN ({placeholders})
-                                   AND (state = ? OR id NOT IN (SELECT {_STORED_BY} FROM head_versions WHERE {_STORED_BY} IS NOT NULL))
+                                   AND (state = ? OR NOT EXISTS (SELECT 1 FROM head_versions WHERE {_STORED_BY} = +jobs.id))
                                    ORDER BY end_time LIMIT ?)""",
                     (end_time, *FINISHED_STATES, SUCCEEDED, _SWEEP_CHUNK))
             deleted += count
@@ -910,6 +926,26 @@ class SQLiteStore:
             ).fetchall()
         return [self._head_from_row(row) for row in rows]
 
+    def first_head_version_of_hash(self, feature_version: str, head_hash: str) -> HeadVersionRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? AND head_hash = ? ORDER BY create_time, version_id LIMIT 1",
+                (feature_version, head_hash)).fetchone()
+        return None if row is None else self._head_from_row(row)
+
+    def head_versions_of_failed_edits(self, feature_version: str) -> list[tuple[str, str]]:
+        with self._lock:  # from the failed and cancelled jobs (by state; CROSS JOIN keeps that order), each by the edit index
+            return self._db.execute(
+                f"""SELECT version_id, jobs.id FROM jobs CROSS JOIN head_versions ON {_STORED_BY} = +jobs.id
+                    WHERE jobs.state IN (?, ?) AND feature_version = ? ORDER BY head_versions.create_time, version_id""",
+                (FAILED, CANCELLED, feature_version)).fetchall()
+
+    def head_version_children(self, feature_version: str, version_id: str) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._db.execute(
+                "SELECT version_id FROM head_versions WHERE feature_version = ? AND parent_version_id = ? ORDER BY create_time, version_id",
+                (feature_version, version_id))]
+
     def get_head_version(self, feature_version: str, version_id: str) -> HeadVersionRecord:
         with self._lock:
             row = self._db.execute(
@@ -933,7 +969,7 @@ class SQLiteStore:
             # used): one row per deletion grew the table for as long as edits were deleted.
             db.execute("INSERT OR IGNORE INTO deleted_head_versions VALUES (?, ?)", (feature_version, version_id))
             db.execute("DELETE FROM deleted_head_versions WHERE feature_version = ? AND version_id != (SELECT version_id FROM "
-                       "deleted_head_versions WHERE feature_version = ? ORDER BY CAST(substr(version_id, 2) AS INTEGER) DESC LIMIT 1)",
+                       f"deleted_head_versions WHERE feature_version = ? ORDER BY {_VERSION_NUMBER} DESC LIMIT 1)",
                        (feature_version, feature_version))
             db.execute("UPDATE active_heads SET version_id = ? WHERE feature_version = ? AND version_id = ?", (row[0], feature_version, version_id))
             # Its children now descend from its parent; their comparison was with it, not
@@ -943,6 +979,16 @@ class SQLiteStore:
             db.executemany("UPDATE head_versions SET parent_version_id = ?, details = ? WHERE feature_version = ? AND version_id = ?",
                            [(row[0], json.dumps({k: v for k, v in json.loads(details).items() if k != "parent_evaluation"}, sort_keys=True),
                              feature_version, child) for child, details in children])
+
+    def next_head_version_number(self, feature_version: str) -> int:
+        """1 + the highest N of the ids vN stored or deleted (0 when none): by the number
+        index and the one row kept of deleted ids, not by listing every version."""
+        with self._lock:
+            return self._db.execute(
+                f"""SELECT 1 + MAX(-1, COALESCE((SELECT {_VERSION_NUMBER} FROM head_versions WHERE feature_version = ? AND {_NUMBERED}
+                                                 ORDER BY {_VERSION_NUMBER} DESC LIMIT 1), -1),
+                                       COALESCE((SELECT MAX({_VERSION_NUMBER}) FROM deleted_head_versions WHERE feature_version = ? AND {_NUMBERED}), -1))""",
+                (feature_version, feature_version)).fetchone()[0]
 
     def deleted_head_versions(self, feature_version: str) -> list[str]:
         with self._lock:
