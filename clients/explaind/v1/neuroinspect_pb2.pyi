@@ -323,7 +323,7 @@ class HeadEvaluation(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[_inference_pb2.ClassAccuracy, _Mapping[str, _Any]]]] = ..., worst_class_name: _Optional[str] = ..., worst_class_accuracy: _Optional[float] = ..., group_accuracy: _Optional[_Mapping[str, float]] = ..., worst_group: _Optional[str] = ..., worst_group_accuracy: _Optional[float] = ...) -> None: ...
 
 class HeadVersion(_message.Message):
-    __slots__ = ("version_id", "model_version", "parent_version_id", "method", "class_name", "neurons", "description", "create_time", "active", "parent_evaluation", "evaluation")
+    __slots__ = ("version_id", "model_version", "parent_version_id", "method", "class_name", "neurons", "description", "create_time", "active", "parent_evaluation", "evaluation", "owner")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +335,7 @@ class HeadVersion(_message.Message):
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     PARENT_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     model_version: str
     parent_version_id: str
@@ -346,7 +347,8 @@ class HeadVersion(_message.Message):
     active: bool
     parent_evaluation: HeadEvaluation
     evaluation: HeadEvaluation
-    def __init__(self, version_id: _Optional[str] = ..., model_version: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., method: _Optional[str] = ..., class_name: _Optional[str] = ..., neurons: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., active: _Optional[bool] = ..., parent_evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ..., evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ...) -> None: ...
+    owner: str
+    def __init__(self, version_id: _Optional[str] = ..., model_version: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., method: _Optional[str] = ..., class_name: _Optional[str] = ..., neurons: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., active: _Optional[bool] = ..., parent_evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ..., evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class EditHeadResult(_message.Message):
     __slots__ = ("version", "best_epoch", "epochs_run", "validation_accuracy")

@@ -37,7 +37,7 @@ OPERATION_VIEW_BASIC: OperationView
 OPERATION_VIEW_FULL: OperationView
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "state", "progress", "create_time", "start_time", "end_time", "artifacts", "cancel_requested", "full_response_artifact")
+    __slots__ = ("kind", "state", "progress", "create_time", "start_time", "end_time", "artifacts", "cancel_requested", "full_response_artifact", "owner")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class OperationMetadata(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     FULL_RESPONSE_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     kind: str
     state: OperationState
     progress: Progress
@@ -56,7 +57,8 @@ class OperationMetadata(_message.Message):
     artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
     cancel_requested: bool
     full_response_artifact: str
-    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping[str, _Any]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping[str, _Any]]]] = ..., cancel_requested: _Optional[bool] = ..., full_response_artifact: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping[str, _Any]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping[str, _Any]]]] = ..., cancel_requested: _Optional[bool] = ..., full_response_artifact: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total", "message", "preview_png")

@@ -26,7 +26,7 @@ from explaind.v1 import common_pb2 as explaind_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65xplaind/v1/sample_sets.proto\x12\x0b\x65xplaind.v1\x1a\x18\x65xplaind/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x06Sample\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.explaind.v1.Image\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.explaind.v1.Sample.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x02\n\tSampleSet\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12=\n\x0c\x63lass_counts\x18\x04 \x03(\x0b\x32\'.explaind.v1.SampleSet.ClassCountsEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tuploading\x18\x07 \x01(\x08\x12\x0b\n\x03uid\x18\x08 \x01(\t\x1a\x32\n\x10\x43lassCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x99\x01\n\x16\x43reateSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12$\n\x07samples\x18\x03 \x03(\x0b\x32\x13.explaind.v1.Sample\x12\x18\n\x10upload_continues\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"E\n\x17\x43reateSampleSetResponse\x12*\n\nsample_set\x18\x01 \x01(\x0b\x32\x16.explaind.v1.SampleSet\"\x96\x01\n\x14\x41ppendSamplesRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12$\n\x07samples\x18\x02 \x03(\x0b\x32\x13.explaind.v1.Sample\x12\x15\n\rfinish_upload\x18\x03 \x01(\x08\x12\x16\n\x0esample_set_uid\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"C\n\x15\x41ppendSamplesResponse\x12*\n\nsample_set\x18\x01 \x01(\x0b\x32\x16.explaind.v1.SampleSet\",\n\x13GetSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\"B\n\x14GetSampleSetResponse\x12*\n\nsample_set\x18\x01 \x01(\x0b\x32\x16.explaind.v1.SampleSet\">\n\x15ListSampleSetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x16ListSampleSetsResponse\x12+\n\x0bsample_sets\x18\x01 \x03(\x0b\x32\x16.explaind.v1.SampleSet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"R\n\x12ListSamplesRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x13ListSamplesResponse\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.explaind.v1.Sample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x16\x44\x65leteSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x16\n\x0esample_set_uid\x18\x02 \x01(\t\"\x19\n\x17\x44\x65leteSampleSetResponse2\xa8\x04\n\x10SampleSetService\x12\\\n\x0f\x43reateSampleSet\x12#.explaind.v1.CreateSampleSetRequest\x1a$.explaind.v1.CreateSampleSetResponse\x12V\n\rAppendSamples\x12!.explaind.v1.AppendSamplesRequest\x1a\".explaind.v1.AppendSamplesResponse\x12S\n\x0cGetSampleSet\x12 .explaind.v1.GetSampleSetRequest\x1a!.explaind.v1.GetSampleSetResponse\x12Y\n\x0eListSampleSets\x12\".explaind.v1.ListSampleSetsRequest\x1a#.explaind.v1.ListSampleSetsResponse\x12P\n\x0bListSamples\x12\x1f.explaind.v1.ListSamplesRequest\x1a .explaind.v1.ListSamplesResponse\x12\\\n\x0f\x44\x65leteSampleSet\x12#.explaind.v1.DeleteSampleSetRequest\x1a$.explaind.v1.DeleteSampleSetResponseB\x91\x01\n\x0f\x64\x65v.explaind.v1B\x0fSampleSetsProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65xplaind/v1/sample_sets.proto\x12\x0b\x65xplaind.v1\x1a\x18\x65xplaind/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x06Sample\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.explaind.v1.Image\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.explaind.v1.Sample.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd2\x02\n\tSampleSet\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12=\n\x0c\x63lass_counts\x18\x04 \x03(\x0b\x32\'.explaind.v1.SampleSet.ClassCountsEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tuploading\x18\x07 \x01(\x08\x12\x0b\n\x03uid\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\x1a\x32\n\x10\x43lassCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x99\x01\n\x16\x43reateSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12$\n\x07samples\x18\x03 \x03(\x0b\x32\x13.explaind.v1.Sample\x12\x18\n\x10upload_continues\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"E\n\x17\x43reateSampleSetResponse\x12*\n\nsample_set\x18\x01 \x01(\x0b\x32\x16.explaind.v1.SampleSet\"\x96\x01\n\x14\x41ppendSamplesRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12$\n\x07samples\x18\x02 \x03(\x0b\x32\x13.explaind.v1.Sample\x12\x15\n\rfinish_upload\x18\x03 \x01(\x08\x12\x16\n\x0esample_set_uid\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"C\n\x15\x41ppendSamplesResponse\x12*\n\nsample_set\x18\x01 \x01(\x0b\x32\x16.explaind.v1.SampleSet\",\n\x13GetSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\"B\n\x14GetSampleSetResponse\x12*\n\nsample_set\x18\x01 \x01(\x0b\x32\x16.explaind.v1.SampleSet\">\n\x15ListSampleSetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x16ListSampleSetsResponse\x12+\n\x0bsample_sets\x18\x01 \x03(\x0b\x32\x16.explaind.v1.SampleSet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"R\n\x12ListSamplesRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x13ListSamplesResponse\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.explaind.v1.Sample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x16\x44\x65leteSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x16\n\x0esample_set_uid\x18\x02 \x01(\t\"\x19\n\x17\x44\x65leteSampleSetResponse2\xa8\x04\n\x10SampleSetService\x12\\\n\x0f\x43reateSampleSet\x12#.explaind.v1.CreateSampleSetRequest\x1a$.explaind.v1.CreateSampleSetResponse\x12V\n\rAppendSamples\x12!.explaind.v1.AppendSamplesRequest\x1a\".explaind.v1.AppendSamplesResponse\x12S\n\x0cGetSampleSet\x12 .explaind.v1.GetSampleSetRequest\x1a!.explaind.v1.GetSampleSetResponse\x12Y\n\x0eListSampleSets\x12\".explaind.v1.ListSampleSetsRequest\x1a#.explaind.v1.ListSampleSetsResponse\x12P\n\x0bListSamples\x12\x1f.explaind.v1.ListSamplesRequest\x1a .explaind.v1.ListSamplesResponse\x12\\\n\x0f\x44\x65leteSampleSet\x12#.explaind.v1.DeleteSampleSetRequest\x1a$.explaind.v1.DeleteSampleSetResponseB\x91\x01\n\x0f\x64\x65v.explaind.v1B\x0fSampleSetsProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,33 +43,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLE_ATTRIBUTESENTRY']._serialized_start=223
   _globals['_SAMPLE_ATTRIBUTESENTRY']._serialized_end=272
   _globals['_SAMPLESET']._serialized_start=275
-  _globals['_SAMPLESET']._serialized_end=598
-  _globals['_SAMPLESET_CLASSCOUNTSENTRY']._serialized_start=548
-  _globals['_SAMPLESET_CLASSCOUNTSENTRY']._serialized_end=598
-  _globals['_CREATESAMPLESETREQUEST']._serialized_start=601
-  _globals['_CREATESAMPLESETREQUEST']._serialized_end=754
-  _globals['_CREATESAMPLESETRESPONSE']._serialized_start=756
-  _globals['_CREATESAMPLESETRESPONSE']._serialized_end=825
-  _globals['_APPENDSAMPLESREQUEST']._serialized_start=828
-  _globals['_APPENDSAMPLESREQUEST']._serialized_end=978
-  _globals['_APPENDSAMPLESRESPONSE']._serialized_start=980
-  _globals['_APPENDSAMPLESRESPONSE']._serialized_end=1047
-  _globals['_GETSAMPLESETREQUEST']._serialized_start=1049
-  _globals['_GETSAMPLESETREQUEST']._serialized_end=1093
-  _globals['_GETSAMPLESETRESPONSE']._serialized_start=1095
-  _globals['_GETSAMPLESETRESPONSE']._serialized_end=1161
-  _globals['_LISTSAMPLESETSREQUEST']._serialized_start=1163
-  _globals['_LISTSAMPLESETSREQUEST']._serialized_end=1225
-  _globals['_LISTSAMPLESETSRESPONSE']._serialized_start=1227
-  _globals['_LISTSAMPLESETSRESPONSE']._serialized_end=1321
-  _globals['_LISTSAMPLESREQUEST']._serialized_start=1323
-  _globals['_LISTSAMPLESREQUEST']._serialized_end=1405
-  _globals['_LISTSAMPLESRESPONSE']._serialized_start=1407
-  _globals['_LISTSAMPLESRESPONSE']._serialized_end=1491
-  _globals['_DELETESAMPLESETREQUEST']._serialized_start=1493
-  _globals['_DELETESAMPLESETREQUEST']._serialized_end=1564
-  _globals['_DELETESAMPLESETRESPONSE']._serialized_start=1566
-  _globals['_DELETESAMPLESETRESPONSE']._serialized_end=1591
-  _globals['_SAMPLESETSERVICE']._serialized_start=1594
-  _globals['_SAMPLESETSERVICE']._serialized_end=2146
+  _globals['_SAMPLESET']._serialized_end=613
+  _globals['_SAMPLESET_CLASSCOUNTSENTRY']._serialized_start=563
+  _globals['_SAMPLESET_CLASSCOUNTSENTRY']._serialized_end=613
+  _globals['_CREATESAMPLESETREQUEST']._serialized_start=616
+  _globals['_CREATESAMPLESETREQUEST']._serialized_end=769
+  _globals['_CREATESAMPLESETRESPONSE']._serialized_start=771
+  _globals['_CREATESAMPLESETRESPONSE']._serialized_end=840
+  _globals['_APPENDSAMPLESREQUEST']._serialized_start=843
+  _globals['_APPENDSAMPLESREQUEST']._serialized_end=993
+  _globals['_APPENDSAMPLESRESPONSE']._serialized_start=995
+  _globals['_APPENDSAMPLESRESPONSE']._serialized_end=1062
+  _globals['_GETSAMPLESETREQUEST']._serialized_start=1064
+  _globals['_GETSAMPLESETREQUEST']._serialized_end=1108
+  _globals['_GETSAMPLESETRESPONSE']._serialized_start=1110
+  _globals['_GETSAMPLESETRESPONSE']._serialized_end=1176
+  _globals['_LISTSAMPLESETSREQUEST']._serialized_start=1178
+  _globals['_LISTSAMPLESETSREQUEST']._serialized_end=1240
+  _globals['_LISTSAMPLESETSRESPONSE']._serialized_start=1242
+  _globals['_LISTSAMPLESETSRESPONSE']._serialized_end=1336
+  _globals['_LISTSAMPLESREQUEST']._serialized_start=1338
+  _globals['_LISTSAMPLESREQUEST']._serialized_end=1420
+  _globals['_LISTSAMPLESRESPONSE']._serialized_start=1422
+  _globals['_LISTSAMPLESRESPONSE']._serialized_end=1506
+  _globals['_DELETESAMPLESETREQUEST']._serialized_start=1508
+  _globals['_DELETESAMPLESETREQUEST']._serialized_end=1579
+  _globals['_DELETESAMPLESETRESPONSE']._serialized_start=1581
+  _globals['_DELETESAMPLESETRESPONSE']._serialized_end=1606
+  _globals['_SAMPLESETSERVICE']._serialized_start=1609
+  _globals['_SAMPLESETSERVICE']._serialized_end=2161
 # @@protoc_insertion_point(module_scope)

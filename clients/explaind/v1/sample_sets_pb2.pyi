@@ -28,7 +28,7 @@ class Sample(_message.Message):
     def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping[str, _Any]]] = ..., label: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SampleSet(_message.Message):
-    __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time", "uploading", "uid")
+    __slots__ = ("sample_set_id", "display_name", "sample_count", "class_counts", "create_time", "update_time", "uploading", "uid", "owner")
     class ClassCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class SampleSet(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPLOADING_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     display_name: str
     sample_count: int
@@ -52,7 +53,8 @@ class SampleSet(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     uploading: bool
     uid: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., uploading: _Optional[bool] = ..., uid: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., display_name: _Optional[str] = ..., sample_count: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., uploading: _Optional[bool] = ..., uid: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class CreateSampleSetRequest(_message.Message):
     __slots__ = ("sample_set_id", "display_name", "samples", "upload_continues", "request_id")
