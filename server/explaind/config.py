@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
@@ -129,6 +130,13 @@ class ServerSection:
     # or Docker secret, so the token is in no config file. Read at start-up, and again when
     # it changes (explaind.service.auth), so a rotated secret needs no restart.
     token_file: str = ""
+    # Named callers instead of one token: a file of lines "NAME TOKEN" (see parse_callers).
+    # Each call names its caller by its token; what a caller creates is its own, and only
+    # it (or an admin) may change it. Read at start-up and again when it changes.
+    callers_file: str = ""
+    # Callers of callers_file that may change anything, and the only ones that may
+    # promote or roll back the served head (with none, every caller may).
+    admins: tuple[str, ...] = ()
     # Log lines on stderr: "text", or "json" (one object per line, for log pipelines).
     log_format: str = "text"
     # gRPC over TLS with this certificate chain and private key (PEM files), both or
@@ -150,6 +158,56 @@ class ServerSection:
         if problem := token_problem(token):
             raise ConfigError(f"[server].token_file: {self.token_file} {problem}")
         return token
+
+    def named_callers(self) -> dict[str, str]:
+        """Caller name -> token from ``callers_file`` ({} without one). Raises ConfigError
+        when the file cannot be read, holds a bad line, or lacks an admin of ``admins``."""
+        if not self.callers_file:
+            return {}
+        try:
+            text = Path(self.callers_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"[server].callers_file: cannot read {self.callers_file}: {getattr(error, 'strerror', None) or error}") from None
+        try:
+            callers = parse_callers(text)
+        except ValueError as error:
+            raise ConfigError(f"[server].callers_file: {self.callers_file} {error}") from None
+        if missing := [name for name in self.admins if name not in callers]:
+            raise ConfigError(f"[server].admins: {missing[0]!r} is not a caller of {self.callers_file}")
+        return callers
+
+
+# A caller's name: what logs and owners show, so short and plain.
+CALLER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def parse_callers(text: str) -> dict[str, str]:
+    """Caller name -> token from a callers file: one caller per line, ``NAME TOKEN``;
+    blank lines and lines starting with ``#`` are skipped. ValueError naming the line
+    (never quoting a token) for a malformed line, a bad name or token, or a name or token
+    given twice: two callers with one token could not be told apart."""
+    callers: dict[str, str] = {}
+    lines_of_tokens: dict[str, int] = {}
+    lines_of_names: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"line {number}: expected NAME TOKEN, got {len(parts)} word(s)")
+        name, token = parts
+        if not CALLER_NAME.fullmatch(name):
+            raise ValueError(f"line {number}: caller name {name[:64]!r} must match {CALLER_NAME.pattern}")
+        if problem := token_problem(token):
+            raise ValueError(f"line {number}: the token of {name!r} {problem}")
+        if name in lines_of_names:
+            raise ValueError(f"line {number}: caller {name!r} is named on line {lines_of_names[name]} too")
+        if token in lines_of_tokens:
+            raise ValueError(f"line {number}: the token of {name!r} is that of line {lines_of_tokens[token]} too")
+        lines_of_names[name], lines_of_tokens[token] = number, number
+        callers[name] = token
+    return callers
 
 
 def token_problem(token: str) -> str | None:
@@ -377,14 +435,14 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 # What a list key's items must be, and how a refusal names it.
-_LIST_ITEM_TYPES: dict[str, type | tuple[type, ...]] = {"class_names": str, "mean": (int, float), "std": (int, float)}
+_LIST_ITEM_TYPES: dict[str, type | tuple[type, ...]] = {"class_names": str, "admins": str, "mean": (int, float), "std": (int, float)}
 _TYPE_WORDS = {str: "strings", (int, float): "numbers"}
 
 # A value of each type optional keys are annotated with, to check a given value against.
 _OPTIONAL_TYPE_EXAMPLES = {"int | None": 0}
 
 # Keys holding a file or directory: relative values are relative to the config file.
-_PATH_KEYS = ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file",
+_PATH_KEYS = ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file", "callers_file",
               "tls_cert_file", "tls_key_file", "tls_client_ca_file")
 
 # Suffixes of weight files; a weights/checkpoint value without a path separator or one
@@ -479,6 +537,13 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [server].tls_client_ca_file needs TLS: set [server].tls_cert_file and .tls_key_file too")
     if config.server.token and config.server.token_file:
         raise ConfigError(f"{path}: set one of [server].token and [server].token_file, not both")
+    if server.callers_file and (server.token or server.token_file):
+        both = "token" if server.token else "token_file"
+        raise ConfigError(f"{path}: set [server].callers_file (named callers) or [server].{both} (one token), not both")
+    if server.admins and not server.callers_file:
+        raise ConfigError(f"{path}: [server].admins names callers of [server].callers_file; set that too")
+    if bad := [name for name in server.admins if not CALLER_NAME.fullmatch(name)]:
+        raise ConfigError(f"{path}: [server].admins: {bad[0][:64]!r} is no caller name (it must match {CALLER_NAME.pattern})")
     for name in ("port", "metrics_port", "health_port"):
         if getattr(config.server, name) > _MAX_PORT:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")

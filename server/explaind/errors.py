@@ -59,6 +59,12 @@ class FailedPrecondition(ExplaindError):
     code = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(ExplaindError):
+    """A named caller may not change this object ([server].callers_file, .admins)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class ResourceExhausted(ExplaindError):
     code = "RESOURCE_EXHAUSTED"
 

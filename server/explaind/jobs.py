@@ -50,6 +50,7 @@ from .errors import DeadlineExceeded, ExplaindError, FailedPrecondition, Invalid
 from .imaging import encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics
+from .ownership import Ownership
 from .store import ABORTED, CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, RequestKey, Store
 from .tracing import NO_TRACING, OperationTrace, Tracing, current
 
@@ -232,8 +233,10 @@ class JobManager:
     callers may poll, wait or watch, and a restart reports what it cut short."""
 
     def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1, max_result_bytes: int | None = None,
-                 max_run_s: float | None = None, tracing: Tracing = NO_TRACING) -> None:
+                 max_run_s: float | None = None, tracing: Tracing = NO_TRACING, ownership: Ownership | None = None) -> None:
         self.store = store
+        # Who may cancel and delete a job (its owner, an admin; see explaind.ownership).
+        self.ownership = ownership or Ownership()
         self.metrics = metrics
         # A span per job (child of the RPC submitting it), with its queue wait and stages.
         self.tracing = tracing
@@ -300,13 +303,14 @@ class JobManager:
             return previous
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
-               cut_lists: tuple[str, ...] = (), request: RequestKey | None = None) -> JobSnapshot:
+               cut_lists: tuple[str, ...] = (), request: RequestKey | None = None, owner: str | None = None) -> JobSnapshot:
         """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once.
         ``cut_lists`` names the repeated fields of its result that may lose trailing items
         when the result is over ``max_result_bytes`` (see :meth:`_packed`). With
         ``request``, the job a request of its request_id submitted before (see
         :meth:`submitted`), if one is kept, instead of a new one: checked and recorded
-        under one lock, so repeats racing each other make one job."""
+        under one lock, so repeats racing each other make one job. ``owner``: the named
+        caller submitting it, if any."""
         with self._changed:
             if (previous := self.submitted(request)) is not None:
                 log.info("operation %s (%s) requested again (request_id %s)", previous.record.job_id, previous.record.kind,
@@ -318,7 +322,7 @@ class JobManager:
             if queued >= self.max_queued:
                 raise ResourceExhausted(f"job queue is full ({queued} queued, limit {self.max_queued}); retry later")
             self._kinds.add(kind)
-            record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message)
+            record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message, owner=owner)
             self.store.insert_job(record, request=request)
             live = _LiveJob(record, self.tracing.operation(record.job_id, kind))
             self._live[record.job_id] = live
@@ -550,10 +554,11 @@ class JobManager:
             after = (records[-1].create_time, records[-1].job_id)
         return snapshots
 
-    def cancel(self, job_id: str) -> JobSnapshot:
+    def cancel(self, job_id: str, *, caller: str | None = None) -> JobSnapshot:
         """Ask a job to stop; a queued job ends at once (its worker skips it), a running
-        one at its next check."""
+        one at its next check. PermissionDenied when ``caller`` may not change it."""
         with self._changed:
+            self._require_owner(job_id, caller)
             live = self._live.get(job_id)
             if live is None:
                 return self.get(job_id)
@@ -568,9 +573,15 @@ class JobManager:
                 log.info("operation %s (%s): cancel requested", job_id, live.record.kind)
         return self.get(job_id)
 
-    def delete(self, job_id: str) -> None:
-        """Forget a finished job (FailedPrecondition while it is queued or running)."""
+    def _require_owner(self, job_id: str, caller: str | None) -> None:
+        if caller is not None:
+            self.ownership.require_owner(caller, self.get(job_id).record.owner, f"operations/{job_id}", field="name")
+
+    def delete(self, job_id: str, *, caller: str | None = None) -> None:
+        """Forget a finished job (FailedPrecondition while it is queued or running;
+        PermissionDenied when ``caller`` may not change it)."""
         with self._changed:  # a job ends (store first, then here) under this lock
+            self._require_owner(job_id, caller)
             live = self._live.get(job_id)
             if live is not None and live.record.state not in FINISHED_STATES:
                 raise FailedPrecondition(f"operations/{job_id} is {live.record.state}; cancel it and wait for it to end, then delete it", field="name")

@@ -294,7 +294,8 @@ _SERVE_OVERRIDES = {
     "data_dir": ("server", "--data-dir"), "backend": ("runtime", "--backend"), "device": ("runtime", "--device"),
     "token_file": ("server", "--token-file"), "log_format": ("server", "--log-format"),
     "tls_cert_file": ("server", "--tls-cert-file"), "tls_key_file": ("server", "--tls-key-file"),
-    "tls_client_ca_file": ("server", "--tls-client-ca-file"), "otlp_endpoint": ("tracing", "--otlp-endpoint"),
+    "tls_client_ca_file": ("server", "--tls-client-ca-file"), "callers_file": ("server", "--callers-file"),
+    "otlp_endpoint": ("tracing", "--otlp-endpoint"),
 }
 
 
@@ -334,7 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             message = str(error).removeprefix(f"{config.source}: ")
             quoted = [key for key in values if re.search(rf"\[{section}\]\.{key}\b", message)] or list(values)
             return _start_failed(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}", json_logs=json_logs)
-    if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file):
+    if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file or config.server.callers_file):
         warnings.append("EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)")
     for warning in warnings:
         if json_logs:
@@ -1046,6 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: [runtime].device, cpu)")
     serve.add_argument("--token-file", dest="token_file",
                        help="file holding the bearer token calls must carry, e.g. a mounted secret (default: [server].token_file)")
+    serve.add_argument("--callers-file", dest="callers_file",
+                       help="file of named callers, one 'NAME TOKEN' a line, instead of one token (default: [server].callers_file)")
     serve.add_argument("--tls-cert-file", dest="tls_cert_file", help="serve TLS with this PEM certificate chain (default: [server].tls_cert_file)")
     serve.add_argument("--tls-key-file", dest="tls_key_file", help="the PEM private key of --tls-cert-file (default: [server].tls_key_file)")
     serve.add_argument("--tls-client-ca-file", dest="tls_client_ca_file",
@@ -1252,7 +1255,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         extra = f"{args.artifact!r}" if args.artifact else "--output"
         usage_error(f"operations {args.action} takes one operation name, got {extra} as well (artifacts: operations artifact NAME FILE)")
     if args.command == "serve":  # an unset $VAR would silently serve without auth or TLS
-        for key in ("token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        for key in ("token_file", "callers_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if getattr(args, key) == "":
                 usage_error(f"serve: {_SERVE_OVERRIDES[key][1]} needs a file name")
     return args

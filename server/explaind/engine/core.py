@@ -29,6 +29,7 @@ from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
+from ..ownership import Ownership, OwnerCheck
 from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid, sample_set_id_taken
 from ..tracing import NO_TRACING, Tracing
 from .backends import FeatureFn, build_feature_fn, check_device
@@ -180,7 +181,9 @@ class Engine:
         # Half a message for the result leaves the other half to the operation's metadata
         # (its artifacts list) and to a list page's framing.
         self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers,
-                               max_result_bytes=config.server.max_message_bytes // 2, max_run_s=config.jobs.max_run_seconds or None, tracing=tracing)
+                               max_result_bytes=config.server.max_message_bytes // 2, max_run_s=config.jobs.max_run_seconds or None, tracing=tracing,
+                               ownership=Ownership(config.server.admins))
+        self.ownership = self.jobs.ownership
         self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
@@ -326,17 +329,19 @@ class Engine:
         log.info("sample set %r: request %s sent again, not applied again", set_id, request.request_id)
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[NewSample], *, uploading: bool = False,
-                          caller_waits: Callable[[], bool] = lambda: True, request: RequestKey | None = None) -> SampleSetInfo:
+                          caller_waits: Callable[[], bool] = lambda: True, request: RequestKey | None = None,
+                          caller: str | None = None) -> SampleSetInfo:
         """``uploading``: more samples follow (``append_samples(..., finish_upload=True)``
         ends it); until then jobs refuse the set. Once ``caller_waits()`` is False (a caller
         past its deadline, or gone) nothing is stored: it raises Cancelled, so a caller told
         the call failed never finds the set made after all. With ``request``, a repeat of
-        the request that created a set gets that set (see :meth:`repeated_sample_set_request`)."""
+        the request that created a set gets that set (see :meth:`repeated_sample_set_request`).
+        ``caller``: the named caller creating it, its owner (see explaind.ownership)."""
         check_new_sample_set(sample_set_id, display_name)
         sample_set_id = sample_set_id or f"set-{uuid.uuid4().hex[:12]}"
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
-                                                request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"))
+                                                request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"), owner=caller)
 
     def require_free_sample_set_id(self, sample_set_id: str) -> None:
         """AlreadyExists for the id of a set that exists ("" is free), asked before a
@@ -349,25 +354,37 @@ class Engine:
             return
         raise sample_set_id_taken(sample_set_id)
 
-    def check_append(self, sample_set_id: str, sample_count: int, *, finish_upload: bool = False, uid: str | None = None) -> None:
+    def check_append(self, sample_set_id: str, sample_count: int, *, finish_upload: bool = False, uid: str | None = None,
+                     caller: str | None = None) -> None:
         """The checks of an append of ``sample_count`` samples that read none of its images:
-        something to do, and the set there (of ``uid``, when given). Asked before its
-        images are decoded and stored; the store checks the set again as it appends."""
+        something to do, and the set there (of ``uid``, when given) and ``caller``'s to
+        change. Asked before its images are decoded and stored; the store checks the set
+        again as it appends."""
         if not sample_count and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
         info = self.store.get_sample_set(sample_set_id)
         require_sample_set_uid(sample_set_id, info.create_time, uid, "sample_set_uid")
+        self._set_owner_check(sample_set_id, caller)(info.owner)
+
+    def _set_owner_check(self, sample_set_id: str, caller: str | None) -> OwnerCheck:
+        return self.ownership.owner_check(caller, f"sample set {sample_set_id!r}", field="sample_set_id")
 
     def append_samples(self, sample_set_id: str, samples: Sequence[NewSample], *, finish_upload: bool = False,
                        caller_waits: Callable[[], bool] = lambda: True, uid: str | None = None,
-                       request: RequestKey | None = None) -> SampleSetInfo:
+                       request: RequestKey | None = None, caller: str | None = None) -> SampleSetInfo:
         """As :meth:`create_sample_set`, ``caller_waits`` and ``request`` included (a
         repeat appends nothing); with ``uid``, only to the set of that uid
-        (FailedPrecondition for another of the same id)."""
-        self.check_append(sample_set_id, len(samples), finish_upload=finish_upload, uid=uid)
+        (FailedPrecondition for another of the same id); PermissionDenied when the set is
+        not ``caller``'s to change."""
+        self.check_append(sample_set_id, len(samples), finish_upload=finish_upload, uid=uid, caller=caller)
         with self.store.writing_blobs() as put:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
-                                             uid=uid, request=request, on_repeat=partial(self._sample_set_request_repeated, "AppendSamples"))
+                                             uid=uid, request=request, on_repeat=partial(self._sample_set_request_repeated, "AppendSamples"),
+                                             check_owner=self._set_owner_check(sample_set_id, caller))
+
+    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None, caller: str | None = None) -> None:
+        """Delete the set (of ``uid``, when given); PermissionDenied when it is not ``caller``'s to change."""
+        self.store.delete_sample_set(sample_set_id, uid=uid, check_owner=self._set_owner_check(sample_set_id, caller))
 
     def usable_sample_set(self, sample_set_id: str, field: str = "sample_set_id", uid: str | None = None) -> SampleSetInfo:
         """The set a job is asked to run on: it must exist, hold samples, be fully uploaded
@@ -541,9 +558,10 @@ class Engine:
     # Jobs ----------------------------------------------------------------------------
 
     def evaluate_sample_set(self, sample_set_id: str, *, batch_size: int = 0, max_grid_images: int = 0,
-                            request: RequestKey | None = None) -> JobSnapshot:
+                            request: RequestKey | None = None, caller: str | None = None) -> JobSnapshot:
         """Start a job that classifies a sample set: accuracy, confusion, mistakes grid
-        (with ``request``, the job an earlier request of its request_id started, if kept)."""
+        (with ``request``, the job an earlier request of its request_id started, if kept),
+        owned by ``caller``."""
         from .evaluation import evaluate
 
         if (previous := self.jobs.submitted(request)) is not None:
@@ -555,7 +573,7 @@ class Engine:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, uid, version, batch_size, max_grid_images or 64)
-        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",), request=request)  # most confident first
+        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",), request=request, owner=caller)  # most confident first
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples."""

@@ -209,13 +209,14 @@ class NeuroInspectEngine:
         execution: str = "auto",
         caller_waits: Callable[[], bool] = lambda: True,
         request: RequestKey | None = None,
+        caller: str | None = None,
     ) -> neuroinspect_pb2.NeuronRanking | JobSnapshot:
         """Rank the neurons behind ``target_class``'s mistakes in a sample set: the
         ranking itself when small (see ``INLINE_MAX_*``), else the job computing it.
         An inline ranking stops (Cancelled) once ``caller_waits()`` is False: a caller past
         its deadline, or gone, must not leave the solver running for nobody. ``request``:
         the job an earlier request of its request_id started, if kept; an inline ranking
-        has no effect to repeat and runs again."""
+        has no effect to repeat and runs again. ``caller``: the named caller, owner of the job."""
         if (previous := self._engine.jobs.submitted(request)) is not None:
             return previous
         version = self._split_version()
@@ -227,7 +228,7 @@ class NeuroInspectEngine:
         info = self._engine.usable_sample_set(sample_set_id)
         count = info.sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
-            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request)
+            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request, caller)
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         # ``uid``: the set checked above, not one made under its id since (as a job reads it);
@@ -237,15 +238,15 @@ class NeuroInspectEngine:
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
-            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request)
+            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request, caller)
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
 
     def _submit_ranking(self, sample_set_id: str, uid: str, version: ClassifierVersion, class_index: int, class_field: str,
-                        settings: RankSettings, request: RequestKey | None) -> JobSnapshot:
+                        settings: RankSettings, request: RequestKey | None, caller: str | None) -> JobSnapshot:
         # ``uid``: the set it runs on, not one made under its id before the job starts.
         # Cut to fit a message, a ranking keeps its top neurons and its first mistakes' summaries.
         return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings, uid=uid),
-                                        cut_lists=("mistakes", "neurons"), request=request)
+                                        cut_lists=("mistakes", "neurons"), request=request, owner=caller)
 
     @staticmethod
     def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:
@@ -353,6 +354,7 @@ class NeuroInspectEngine:
         preview_every: int = 10,
         classes_per_neuron: int | None = None,
         request: RequestKey | None = None,
+        caller: str | None = None,
     ) -> JobSnapshot:
         """Start optimising one image per (neuron, class) pair; a pair with class None
         gives one image per class among the ``classes_per_neuron`` (None: 1) with the
@@ -360,7 +362,7 @@ class NeuroInspectEngine:
         ``gamma`` None is 0.5; ``epsilon`` None takes the configured
         ``[clip].illusion_epsilon``. An option the method would ignore is refused, so
         no caller believes it took effect. ``request``: the job an earlier request of its
-        request_id started, if kept."""
+        request_id started, if kept. ``caller``: the named caller, owner of the job."""
         if (previous := self._engine.jobs.submitted(request)) is not None:
             return previous
         version = self._split_version()
@@ -408,7 +410,7 @@ class NeuroInspectEngine:
         return self._engine.jobs.submit(
             VISUALIZE_KIND,
             lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
-            request=request,
+            request=request, owner=caller,
         )
 
     def _visualize(self, context: JobContext, version: ClassifierVersion, pairs: list[tuple[int, int]], method: str, steps: int,
@@ -475,14 +477,18 @@ class NeuroInspectEngine:
         promote: bool = False,
         description: str = "",
         request: RequestKey | None = None,
+        caller: str | None = None,
     ) -> JobSnapshot:
         """Start retraining the served head; the job stores a new head version (and
-        serves it when ``promote``). ``target_ratio`` may be ``"auto"``; None is 1 for
+        serves it when ``promote``: PermissionDenied unless ``caller`` may change the
+        served head). ``caller``, the named caller, owns the job and the version. ``target_ratio`` may be ``"auto"``; None is 1 for
         probability_ratio, and the only value constrain takes (it has no target ratio).
         ``request``: the job an earlier request of its request_id started, if kept (its
         version is stored once)."""
         if (previous := self._engine.jobs.submitted(request)) is not None:
             return previous
+        if promote:
+            self._engine.ownership.require_head_changer(caller, "promote the edited head (promote)")
         version = self._split_version()
         class_index = self._class_index(version, target_class)
         if not neurons:
@@ -589,7 +595,7 @@ class NeuroInspectEngine:
             def require_result_fits(record: HeadVersionRecord) -> None:  # else the job would fail with its version stored
                 self._engine.jobs.require_result_fits(self._edit_result(record, edit, active_id=record.version_id), consequence=stored_only_if)
 
-            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details, check=require_result_fits)
+            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details, check=require_result_fits, owner=caller)
             if promote:
                 try:
                     self.promote_head_version(record.version_id)
@@ -605,7 +611,7 @@ class NeuroInspectEngine:
             # A repeat racing the first past the checks above: only edits pass this lock.
             if (previous := self._engine.jobs.submitted(request)) is not None:
                 return previous
-            snapshot = self._engine.jobs.submit(EDIT_KIND, run, request=request)
+            snapshot = self._engine.jobs.submit(EDIT_KIND, run, request=request, owner=caller)
             self._edits_from[snapshot.record.job_id] = (version.feature_version, parent.version_id)
         return snapshot
 
@@ -639,8 +645,8 @@ class NeuroInspectEngine:
     # Head versions -------------------------------------------------------------------
 
     def _add_head_version(self, version: ClassifierVersion, head: nn.Linear, parent_id: str, details: dict,
-                          check: Callable[[HeadVersionRecord], None] | None = None) -> HeadVersionRecord:
-        """Store ``head`` as a new version; ``check`` may refuse the record (by raising) before it is stored."""
+                          check: Callable[[HeadVersionRecord], None] | None = None, owner: str | None = None) -> HeadVersionRecord:
+        """Store ``head`` as a new version of ``owner``; ``check`` may refuse the record (by raising) before it is stored."""
         store = self._engine.store
         with store.writing_blobs() as put, self._versions_lock:
             digest = put(_head_bytes(head))
@@ -648,7 +654,7 @@ class NeuroInspectEngine:
             number = store.next_head_version_number(version.feature_version)
             record = HeadVersionRecord(
                 feature_version=version.feature_version, version_id=f"v{number}", head_hash=version.with_head(head).head_version,
-                weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details,
+                weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details, owner=owner,
             )
             if check is not None:
                 check(record)
@@ -758,9 +764,11 @@ class NeuroInspectEngine:
             raise FailedPrecondition("head versions are not initialised yet; retry when health reports SERVING")
         return store.get_head_version(version.feature_version, active_id)
 
-    def promote_head_version(self, version_id: str) -> tuple[HeadVersionRecord, str]:
-        """Serve ``version_id``; returns it and the previously active id."""
+    def promote_head_version(self, version_id: str, *, caller: str | None = None) -> tuple[HeadVersionRecord, str]:
+        """Serve ``version_id``; returns it and the previously active id. PermissionDenied
+        unless ``caller`` may change the served head."""
         _check_version_id(version_id)
+        self._engine.ownership.require_head_changer(caller, f"promote head version {version_id!r}")
         version = self._split_version()
         with self._versions_lock:
             record = self._engine.store.get_head_version(version.feature_version, version_id)
@@ -768,10 +776,12 @@ class NeuroInspectEngine:
             self._activate(record)
         return record, previous
 
-    def rollback_head_version(self, version_id: str = "") -> tuple[HeadVersionRecord, str]:
-        """Serve the active version's parent (or ``version_id``); returns it and the previous id."""
+    def rollback_head_version(self, version_id: str = "", *, caller: str | None = None) -> tuple[HeadVersionRecord, str]:
+        """Serve the active version's parent (or ``version_id``); returns it and the previous
+        id. PermissionDenied unless ``caller`` may change the served head."""
         if version_id:
             _check_version_id(version_id)
+        self._engine.ownership.require_head_changer(caller, "roll back the served head")
         version = self._split_version()
         with self._versions_lock:
             active = self.active_head_version()
@@ -782,16 +792,18 @@ class NeuroInspectEngine:
             self._activate(record)
         return record, active.version_id
 
-    def delete_head_version(self, version_id: str) -> None:
+    def delete_head_version(self, version_id: str, *, caller: str | None = None) -> None:
         """Delete a stored version that is not served, not the model file's head (stored
         again at every start), not a loaded head with edits of it, and not one an
         unfinished edit started from or is storing; its children take its parent as
-        theirs, and its weights go in a sweep."""
+        theirs, and its weights go in a sweep. PermissionDenied when it is not
+        ``caller``'s to change."""
         _check_version_id(version_id)
         version = self._split_version()
         store = self._engine.store
         with self._versions_lock:
             record = store.get_head_version(version.feature_version, version_id)  # NotFound naming it
+            self._engine.ownership.require_owner(caller, record.owner, f"head version {version_id!r}", field="version_id")
             if version_id == self.active_head_version().version_id:
                 raise FailedPrecondition(f"head version {version_id!r} is served; promote or roll back to another first", field="version_id")
             if version_id == store.file_head_version(version.feature_version):
@@ -835,6 +847,7 @@ class NeuroInspectEngine:
             description=details.get("description", ""),
             create_time=timestamp(record.create_time),
             active=record.version_id == active_id,
+            owner=record.owner or "",
         )
         for key in ("parent_evaluation", "evaluation"):
             if key in details:

@@ -1,7 +1,8 @@
-"""Who may call: the bearer token calls must carry, and the TLS credentials of the port.
+"""Who may call: the bearer token calls must carry (one, or one per named caller), and
+the TLS credentials of the port.
 
-Both may come from files ([server].token_file, .tls_cert_file, .tls_key_file,
-.tls_client_ca_file) that are read again when they change, so a rotated secret or a
+Both may come from files ([server].token_file or .callers_file, .tls_cert_file,
+.tls_key_file, .tls_client_ca_file) that are read again when they change, so a rotated secret or a
 renewed certificate (Kubernetes swaps a mounted Secret's files in place; cert-manager
 renews them) takes effect without a restart. A change that leaves a file unusable keeps
 what was in force: a half-done rotation must not lock every caller out.
@@ -10,6 +11,7 @@ what was in force: a half-done rotation must not lock every caller out.
 from __future__ import annotations
 
 import base64
+import contextvars
 import datetime as dt
 import hmac
 import logging
@@ -17,12 +19,13 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
-from ..config import ConfigError, ServerSection, token_problem
+from ..config import ConfigError, ServerSection, parse_callers, token_problem
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,36 @@ class _WatchedFiles:
         return stamps
 
 
+def _bearer_values(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[bytes]:
+    """What follows "Bearer " in the call's ``authorization`` metadata. The scheme's case
+    does not matter (RFC 7235: "bearer" is "Bearer", as grpcurl -H or a hand-written
+    header may send it)."""
+    given = [value.encode() if isinstance(value, str) else value for key, value in metadata or () if key == "authorization"]
+    return [value[len(_SCHEME):] for value in given if value[:len(_SCHEME)].lower() == _SCHEME]
+
+
+# What caller_of answers for a call let in without a name (no auth, or the one token).
+UNNAMED = ""
+# The named caller of the call this thread serves (None: none), set by the interceptor
+# for the servicers, which hand it to the engine as a plain ``caller`` argument.
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("explaind_caller", default=None)
+
+
+def current_caller() -> str | None:
+    """The named caller of the call being served; None without named callers."""
+    return _CALLER.get()
+
+
+@contextmanager
+def calling_as(caller: str | None) -> Iterator[None]:
+    """Make ``caller`` the :func:`current_caller` while the block runs."""
+    token = _CALLER.set(caller)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
+
+
 class BearerToken:
     def __init__(self, token: str, path: str = "") -> None:
         """``token`` is the current one ("" = no auth), already read from ``path`` if any."""
@@ -89,15 +122,16 @@ class BearerToken:
 
     def allows(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
         """Whether the call's metadata carries ``authorization: Bearer <token>``, the token
-        compared in constant time (a caller cannot guess it from how long a refusal takes).
-        The scheme's case does not matter (RFC 7235: "bearer" is "Bearer", as grpcurl -H
-        or a hand-written header may send it)."""
+        compared in constant time (a caller cannot guess it from how long a refusal takes)."""
         token = self.current()
         if not token:
             return True
         expected = token.encode()
-        given = [value.encode() if isinstance(value, str) else value for key, value in metadata or () if key == "authorization"]
-        return any(value[:len(_SCHEME)].lower() == _SCHEME and hmac.compare_digest(value[len(_SCHEME):], expected) for value in given)
+        return any(hmac.compare_digest(value, expected) for value in _bearer_values(metadata))
+
+    def caller_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+        """UNNAMED for a call :meth:`allows`, else None."""
+        return UNNAMED if self.allows(metadata) else None
 
     def current(self) -> str:
         """The token, re-read from the file when it has changed since the last look."""
@@ -118,6 +152,55 @@ class BearerToken:
         if token != self._token:
             self._token = token
             log.info("token file %s changed; calls now need the new token", self._path)
+
+
+class NamedCallers:
+    """The callers of [server].callers_file, each known by its own bearer token; the file
+    is read again when it changes, as a token file is (a file left unusable keeps the
+    callers that were in force). An admin of ``admins`` missing from a reloaded file is
+    logged once and has no rights until it is back: it cannot call without a token."""
+
+    def __init__(self, callers: dict[str, str], path: str, admins: tuple[str, ...] = ()) -> None:
+        """``callers``: name -> token, already read from ``path``."""
+        self._tokens = {name: token.encode() for name, token in callers.items()}
+        self._path = path
+        self._admins = admins
+        self._files = _WatchedFiles([path])
+        self._missing_admins: list[str] = []
+
+    def caller_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+        """The name of the caller whose token the call carries (None: none does). Every
+        token is compared, each in constant time: how long the answer takes tells nothing
+        of which token, or how much of one, matched."""
+        if self._files.changed():
+            self._reload()
+        found = None
+        for value in _bearer_values(metadata):
+            for name, token in self._tokens.items():
+                if hmac.compare_digest(value, token):
+                    found = name
+        return found
+
+    def _reload(self) -> None:
+        try:
+            callers = parse_callers(Path(self._path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            self._files.reload_failed(f"callers file {self._path} could not be read ({type(error).__name__})")
+            return
+        except ValueError as error:
+            self._files.reload_failed(f"callers file {self._path}: {error}")
+            return
+        self._files.reloaded()
+        tokens = {name: token.encode() for name, token in callers.items()}
+        if tokens != self._tokens:
+            added, removed = sorted(tokens.keys() - self._tokens.keys()), sorted(self._tokens.keys() - tokens.keys())
+            self._tokens = tokens
+            log.info("callers file %s changed; %d caller(s) now (added: %s; removed: %s)", self._path, len(tokens),
+                     ", ".join(added) or "none", ", ".join(removed) or "none")
+        missing = [name for name in self._admins if name not in tokens]
+        if missing and missing != self._missing_admins:
+            log.warning("callers file %s lacks admin(s) %s of [server].admins; ignored until they are back", self._path, ", ".join(missing))
+        self._missing_admins = missing
 
 
 class TlsCredentials:

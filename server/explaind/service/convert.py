@@ -120,6 +120,7 @@ def sample_set(info: SampleSetInfo) -> sample_sets_pb2.SampleSet:
         update_time=timestamp(info.update_time),
         uploading=info.uploading,
         uid=info.uid,
+        owner=info.owner or "",
     )
 
 
@@ -147,6 +148,7 @@ def operation(snapshot: JobSnapshot, *, response: bool = True) -> lro_pb2.Operat
         cancel_requested=record.cancel_requested,
         # Only once the cut response is there: the whole is saved just before the job ends.
         full_response_artifact=RESULT_ARTIFACT if record.state == SUCCEEDED and any(a.name == RESULT_ARTIFACT for a in record.artifacts) else "",
+        owner=record.owner or "",
     )
     message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
     message.metadata.Pack(metadata)

@@ -14,6 +14,7 @@ from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from ..imaging import MAX_IMAGE_SIDE, PixelBudget
 from ..messages import array_to_tensor
 from . import convert
+from .auth import current_caller
 from .sample_sets import required_set_id
 
 
@@ -93,5 +94,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def EvaluateSampleSet(self, request: inference_pb2.EvaluateSampleSetRequest, context: grpc.ServicerContext) -> inference_pb2.EvaluateSampleSetResponse:
         self._require_serving()
         snapshot = self._engine.evaluate_sample_set(required_set_id(request), batch_size=request.batch_size, max_grid_images=request.max_grid_images,
-                                                    request=convert.request_key(request))
+                                                    request=convert.request_key(request), caller=current_caller())
         return inference_pb2.EvaluateSampleSetResponse(operation=convert.operation(snapshot))

@@ -31,13 +31,17 @@ from google.rpc import error_details_pb2, status_pb2
 from ..errors import ExplaindError, field_detail, report_unexpected
 from ..metrics import Metrics
 from ..tracing import NO_TRACING, Tracing, current
-from .auth import BearerToken
+from .auth import UNNAMED, BearerToken, NamedCallers, calling_as
 
 log = logging.getLogger(__name__)
 
 # Reachable without a token: probes and tooling.
 _PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
+
+# Refusals logged (throttled), naming the caller: the server's limits, and a caller's
+# attempt to change what another caller owns.
+_LOGGED_REFUSALS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED")
 
 # Longest status message sent, in bytes as gRPC percent-encodes it into the grpc-message
 # header. Messages quote the caller's ids; a header over gRPC's 8 KiB soft limit made the
@@ -122,7 +126,7 @@ class _ThrottledLog:
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, token: BearerToken, max_send_bytes: int, held_calls: HeldCalls,
+    def __init__(self, metrics: Metrics, token: BearerToken | NamedCallers, max_send_bytes: int, held_calls: HeldCalls,
                  tracing: Tracing = NO_TRACING) -> None:
         self._metrics = metrics
         self._tracing = tracing
@@ -131,16 +135,18 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._held_calls = held_calls
         self._refusals = _ThrottledLog()
         # Per method: a flood of Predict must not hide that uploads are refused too.
-        self._overloads: dict[tuple[str, str], _ThrottledLog] = {}
+        self._overloads: dict[tuple[str, str, str], _ThrottledLog] = {}
         self._overloads_lock = threading.Lock()
 
-    def _log_overload(self, service: str, method: str, context: grpc.ServicerContext, message: str) -> None:
-        """A call refused for want of capacity (RESOURCE_EXHAUSTED), logged at most once a
-        minute per method: the message names the limit (a full queue, the data dir, the
-        streams), which ExplaindOverloaded's on-call engineer otherwise never sees."""
+    def _log_refusal(self, service: str, method: str, context: grpc.ServicerContext, code: str, message: str, caller: str | None) -> None:
+        """A call refused for want of capacity (RESOURCE_EXHAUSTED) or of rights over an
+        object (PERMISSION_DENIED), logged at most once a minute per method and code: the
+        message names the limit (a full queue, the data dir, the streams), which
+        ExplaindOverloaded's on-call engineer otherwise never sees, or the object and its
+        owner, and the line the caller."""
         with self._overloads_lock:
-            throttle = self._overloads.setdefault((service, method), _ThrottledLog())
-        throttle.warning("refused %s/%s from %s: RESOURCE_EXHAUSTED: %s", service, method, context.peer(), message)
+            throttle = self._overloads.setdefault((service, method, code), _ThrottledLog())
+        throttle.warning("refused %s/%s from %s: %s: %s", service, method, _who(context, caller), code, message)
 
     def _refuse_unauthenticated(self, observed: _Observed, service: str, method: str, context: grpc.ServicerContext) -> None:
         self._refusals.warning("refused %s/%s from %s: missing or wrong bearer token", service, method, context.peer())
@@ -152,37 +158,43 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return None
         service, _, method = details.method.lstrip("/").partition("/")
         self._metrics.rpcs_started.labels(service, method).inc()
-        authorised = service in _PUBLIC_SERVICES or self._token.allows(details.invocation_metadata)
+        # None: refused; UNNAMED ("") for an unnamed caller (the one token, or no auth).
+        caller = UNNAMED if service in _PUBLIC_SERVICES else self._token.caller_of(details.invocation_metadata)
+        authorised = caller is not None
         # The wrappers answer a request that did not parse; a two-way stream's messages
         # (reflection's) keep grpcio's own handling. A refused caller's request is never
         # parsed: a 64 MiB one would cost its copy in memory for nothing.
         parsing = {} if handler.request_deserializer is None else {
             "request_deserializer": _parsing(handler.request_deserializer) if authorised else _unread}
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, authorised), **parsing)
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, caller), **parsing)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, authorised), **parsing)
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, caller), **parsing)
         if handler.stream_stream is not None:  # its request is the stream of the caller's messages
-            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, authorised))
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, caller))
         return handler
 
     def _traced(self, service: str) -> Tracing:
         return NO_TRACING if service in _PUBLIC_SERVICES else self._tracing
 
-    def _wrap_unary(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
+    def _wrap_unary(self, behaviour: Callable, service: str, method: str, caller: str | None) -> Callable:
+        """``caller``: as intercept_service resolved it (None: refused)."""
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload, self._traced(service)) as observed:
-                if not authorised:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_refusal, self._traced(service),
+                           caller=caller or None) as observed:
+                if caller is None:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
-                return observed.call(behaviour, request, context)
+                with calling_as(caller or None):
+                    return observed.call(behaviour, request, context)
 
         return handle
 
-    def _wrap_stream(self, behaviour: Callable, service: str, method: str, authorised: bool) -> Callable:
+    def _wrap_stream(self, behaviour: Callable, service: str, method: str, caller: str | None) -> Callable:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_overload, self._traced(service)) as observed:
-                if not authorised:
+            with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_refusal, self._traced(service),
+                           caller=caller or None) as observed:
+                if caller is None:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
                 public = service in _PUBLIC_SERVICES
@@ -192,9 +204,15 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                                 else "half of [server].max_workers")
                         observed.abort("RESOURCE_EXHAUSTED", f"the streams and waits this server keeps at once are open "
                                        f"(at most {self._held_calls.limit}, {most}); try again later")
-                    yield from observed.call_stream(behaviour, request, context)
+                    with calling_as(caller or None):
+                        yield from observed.call_stream(behaviour, request, context)
 
         return handle
+
+
+def _who(context: grpc.ServicerContext, caller: str | None) -> str:
+    """The peer of a call, and its named caller if it has one, for log lines."""
+    return f"{context.peer()} (caller {caller})" if caller else context.peer()
 
 
 class _Unparsed:
@@ -228,10 +246,13 @@ class _Observed:
     ``tracing`` on makes its span."""
 
     def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.ServicerContext, max_send_bytes: int,
-                 log_overload: Callable[[str, str, grpc.ServicerContext, str], None] | None = None, tracing: Tracing = NO_TRACING) -> None:
+                 log_refusal: Callable[[str, str, grpc.ServicerContext, str, str, str | None], None] | None = None, tracing: Tracing = NO_TRACING,
+                 *, caller: str | None = None) -> None:
+        """``caller``: the named caller (None: none), which the call's log lines name."""
         self._metrics, self._service, self._method, self._context = metrics, service, method, context
+        self._caller = caller
         self._max_send_bytes = max_send_bytes
-        self._log_overload = log_overload
+        self._log_refusal = log_refusal
         self._tracing = tracing
         self._code = "OK"
 
@@ -268,8 +289,8 @@ class _Observed:
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if details else MAX_STATUS_MESSAGE_BYTES)
-        if code == "RESOURCE_EXHAUSTED" and self._log_overload is not None:
-            self._log_overload(self._service, self._method, self._context, message)
+        if code in _LOGGED_REFUSALS and self._log_refusal is not None:
+            self._log_refusal(self._service, self._method, self._context, code, message, self._caller)
         if details:
             status = status_pb2.Status(code=status_code.value[0], message=message)
             for detail in details:

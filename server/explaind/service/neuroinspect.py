@@ -9,6 +9,7 @@ from ..engine import NeuroInspectEngine, RankSettings
 from ..errors import InvalidArgument
 from ..jobs import JobSnapshot
 from . import convert
+from .auth import current_caller
 from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
 class _EnumNames:
@@ -59,6 +60,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         outcome = self._engine.rank_mistake_neurons(
             request.sample_set_id, target_class=_target_class(request), settings=settings,
             execution=_EXECUTION(request.execution, "execution"), caller_waits=context.is_active, request=convert.request_key(request),
+            caller=current_caller(),
         )
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
@@ -76,6 +78,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             preview_every=request.preview_every or 10,
             classes_per_neuron=request.classes_per_neuron or None,
             request=convert.request_key(request),
+            caller=current_caller(),
         )
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 
@@ -100,6 +103,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             promote=request.promote,
             description=request.description,
             request=convert.request_key(request),
+            caller=current_caller(),
         )
         return neuroinspect_pb2.EditHeadResponse(operation=convert.operation(snapshot))
 
@@ -114,13 +118,13 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         )
 
     def PromoteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.PromoteHeadVersionResponse:
-        record, previous = self._engine.promote_head_version(request.version_id)
+        record, previous = self._engine.promote_head_version(request.version_id, caller=current_caller())
         return neuroinspect_pb2.PromoteHeadVersionResponse(version=self._engine.head_version_message(record), previous_version_id=previous)
 
     def RollbackHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RollbackHeadVersionResponse:
-        record, previous = self._engine.rollback_head_version(request.version_id)
+        record, previous = self._engine.rollback_head_version(request.version_id, caller=current_caller())
         return neuroinspect_pb2.RollbackHeadVersionResponse(version=self._engine.head_version_message(record), previous_version_id=previous)
 
     def DeleteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.DeleteHeadVersionResponse:
-        self._engine.delete_head_version(request.version_id)
+        self._engine.delete_head_version(request.version_id, caller=current_caller())
         return neuroinspect_pb2.DeleteHeadVersionResponse()

@@ -13,6 +13,7 @@ from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
 from ..store import JobRecord
 from . import convert
+from .auth import current_caller
 from .interceptors import HeldCalls
 from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
@@ -82,7 +83,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:
-        return operations_pb2.CancelOperationResponse(operation=convert.operation(self._jobs.cancel(convert.job_id(request.name))))
+        return operations_pb2.CancelOperationResponse(operation=convert.operation(self._jobs.cancel(convert.job_id(request.name), caller=current_caller())))
 
     def WaitOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.WaitOperationResponse:
         job_id = convert.job_id(request.name)
@@ -117,7 +118,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         raise NotFound(f"operation has no artifact {request.artifact!r}; it has {names}", field="artifact")
 
     def DeleteOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.DeleteOperationResponse:
-        self._jobs.delete(convert.job_id(request.name))
+        self._jobs.delete(convert.job_id(request.name), caller=current_caller())
         return operations_pb2.DeleteOperationResponse()
 
     def _artifact_range(self, request: operations_pb2.GetArtifactRequest, size: int) -> tuple[int, int]:

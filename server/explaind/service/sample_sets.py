@@ -11,6 +11,7 @@ from ..engine import Engine, check_new_sample_set, check_sample_set_id
 from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
+from .auth import current_caller
 from .paging import messages_that_fit, next_offset_token, offset_page, page_limit, resume_point, resume_token
 
 def required_set_id(request) -> str:
@@ -62,7 +63,8 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         if (info := self._engine.repeated_sample_set_request(key, "CreateSampleSet")) is None:
             self._engine.require_free_sample_set_id(request.sample_set_id)
             info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
-                                                  uploading=request.upload_continues, caller_waits=context.is_active, request=key)
+                                                  uploading=request.upload_continues, caller_waits=context.is_active, request=key,
+                                                  caller=current_caller())
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:
@@ -70,9 +72,10 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         self._check_sample_count(request.samples)
         key = convert.request_key(request, apart="samples")
         if (info := self._engine.repeated_sample_set_request(key, "AppendSamples")) is None:
-            self._engine.check_append(set_id, len(request.samples), finish_upload=request.finish_upload, uid=uid)
+            caller = current_caller()
+            self._engine.check_append(set_id, len(request.samples), finish_upload=request.finish_upload, uid=uid, caller=caller)
             info = self._engine.append_samples(set_id, self._samples(request.samples), finish_upload=request.finish_upload,
-                                               caller_waits=context.is_active, uid=uid, request=key)
+                                               caller_waits=context.is_active, uid=uid, request=key, caller=caller)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 
     def GetSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.GetSampleSetResponse:
@@ -100,5 +103,5 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
             next_page_token=str(offset + len(samples)) if ended_early else next_offset_token(offset, limit, len(records)))
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
-        self._engine.store.delete_sample_set(required_set_id(request), uid=optional_uid(request))
+        self._engine.delete_sample_set(required_set_id(request), uid=optional_uid(request), caller=current_caller())
         return sample_sets_pb2.DeleteSampleSetResponse()

@@ -43,7 +43,7 @@ from ..metrics import Metrics
 from ..signals import stop_on_signals
 from ..store import SQLiteStore, StoreOpenError
 from ..tracing import start_tracing
-from .auth import BearerToken, TlsCredentials
+from .auth import BearerToken, NamedCallers, TlsCredentials
 from .inference import InferenceServicer
 from .interceptors import HeldCalls, ServiceInterceptor
 from .neuroinspect import NeuroInspectServicer
@@ -79,7 +79,9 @@ class ExplaindServer:
     def __init__(self, config: Config, *, span_exporter: Any = None) -> None:
         self.config = config
         # ConfigError (an unreadable token or TLS file, tracing without its packages) before the store takes the data dir's lock.
-        self._token = BearerToken(config.server.bearer_token(), config.server.token_file)
+        settings = config.server
+        self._token = (NamedCallers(settings.named_callers(), settings.callers_file, settings.admins) if settings.callers_file
+                       else BearerToken(settings.bearer_token(), settings.token_file))
         self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
         self.tracing = start_tracing(config.tracing, span_exporter)
         self.metrics = Metrics()

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from ..ownership import OwnerCheck
 
 # Job states, stored as text.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -50,6 +51,7 @@ class SampleSetInfo:
     create_time: float
     update_time: float
     uploading: bool = False  # an upload in several requests is unfinished: not usable yet
+    owner: str | None = None  # the named caller that created it (None: none, see explaind.ownership)
 
     @property
     def uid(self) -> str:
@@ -125,6 +127,7 @@ class JobRecord:
     error_message: str = ""
     result: bytes = b""
     artifacts: tuple[ArtifactRef, ...] = ()
+    owner: str | None = None  # the named caller that submitted it (None: none, see explaind.ownership)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class HeadVersionRecord:
     parent_version_id: str
     create_time: float
     details: dict = field(default_factory=dict)
+    owner: str | None = None  # the named caller whose edit stored it (None: none, see explaind.ownership)
 
 
 class Store(Protocol):
@@ -163,11 +167,13 @@ class Store(Protocol):
     # request_id (checked in the transaction that applies it, so racing repeats apply once;
     # ``on_repeat(set_id, request)`` is called, in that transaction, when it was a repeat).
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo: ...
+                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None) -> SampleSetInfo: ...
     # With ``uid``, only to the set of that uid: another (deleted and created again since,
     # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
+    # ``check_owner`` (explaind.ownership) may refuse the set, given its owner; so in delete.
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo: ...
+                       uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None,
+                       check_owner: OwnerCheck | None = None) -> SampleSetInfo: ...
     # The set a request of ``request_id`` was applied to, as it is now; None if none is kept
     # (its rows go with that set, so a set made under its id since is never it). Another
     # request's ``fingerprint`` raises InvalidArgument naming request_id.
@@ -180,7 +186,7 @@ class Store(Protocol):
     # when it held n (a reader keeps to the size it checked).
     def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]: ...
     # Its images become candidates for delete_unused_blobs (a job still reading them keeps them).
-    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None) -> None: ...
+    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None, check_owner: OwnerCheck | None = None) -> None: ...
     # Delete the sets still uploading (at start-up: an earlier process left them so), or
     # with ``idle_since`` only those whose last request (update_time) came before it;
     # returns their ids.

@@ -25,6 +25,7 @@ from typing import IO, TypeVar
 import numpy as np
 
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from ..ownership import OwnerCheck
 from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
                    SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid, sample_set_id_taken)
 
@@ -81,6 +82,11 @@ CREATE TABLE IF NOT EXISTS sample_set_requests (
     request_id TEXT PRIMARY KEY, set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sample_set_requests_by_set ON sample_set_requests (set_id);
+-- The named caller that submitted a job (explaind.ownership), for those one did. A
+-- table, not a column: the release before it inserts jobs by position, all columns.
+CREATE TABLE IF NOT EXISTS job_owners (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, owner TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -138,7 +144,10 @@ _STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"
 # SQLite does not use the index); only ids whose N is all digits are numbered.
 _VERSION_NUMBER = "CAST(substr(version_id, 2) AS INTEGER)"
 _NUMBERED = "substr(version_id, 2) GLOB '[0-9]*' AND substr(version_id, 2) NOT GLOB '*[^0-9]*'"
-_SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets)"
+_SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets), owner"
+# Columns added to a table since, by _migrate: NULL in the rows stored before (no owner).
+# The release before them names the columns it inserts, so it still writes those tables.
+_ADDED_COLUMNS = {"sample_sets": ("owner TEXT",), "head_versions": ("owner TEXT",)}
 # The distinct feature versions by hops along the primary key, one lookup per version:
 # SELECT DISTINCT scans every cached feature, at each sweep step of 500 images.
 _FEATURE_VERSIONS = """WITH RECURSIVE hop(version) AS (
@@ -199,6 +208,8 @@ _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", 
 # the few that fit in one message. A failed one's is its error's details, which stay.
 _JOB_COLUMNS_WITHOUT_RESPONSE = tuple(f"CASE WHEN state = '{SUCCEEDED}' THEN X'' ELSE result END" if column == "result" else column
                                       for column in _JOB_COLUMNS)
+# Read after a job's columns: its owner (job_owners).
+_JOB_OWNER = "(SELECT owner FROM job_owners WHERE job_id = jobs.id)"
 
 
 def _uses_reserve(why: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -298,6 +309,11 @@ class SQLiteStore:
                 if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
                     log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
                                 "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if column.split()[0] not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             triggers = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
             if _CLASS_COUNTS_TRIGGER not in triggers:
                 for statement in _CLASS_COUNTS:
@@ -612,14 +628,15 @@ class SQLiteStore:
     # Sample sets ---------------------------------------------------------------------
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo:
+                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None) -> SampleSetInfo:
         now = time.time()
         with self._transaction() as db:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise sample_set_id_taken(sample_set_id)
-            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
+            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time, owner) VALUES (?, ?, ?, ?, ?)",
+                       (sample_set_id, display_name, now, now, owner))
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
             self._insert_samples(db, sample_set_id, 0, samples)
@@ -627,11 +644,13 @@ class SQLiteStore:
         return self.get_sample_set(sample_set_id)
 
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
-                       uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None) -> SampleSetInfo:
+                       uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None,
+                       check_owner: OwnerCheck | None = None) -> SampleSetInfo:
+        """``check_owner`` may refuse the set, given its owner, in the append's transaction."""
         with self._transaction() as db:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
-            self._require_set(db, sample_set_id, uid)
+            self._require_set(db, sample_set_id, uid, check_owner)
             self._record_request(db, request, sample_set_id)
             # The next position, one step down the primary key (COUNT(*) read the whole set).
             (count,) = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
@@ -687,18 +706,21 @@ class SQLiteStore:
         )
 
     @staticmethod
-    def _require_set(db: sqlite3.Connection, sample_set_id: str, uid: str | None = None) -> tuple:
-        """The set's row; NotFound, or FailedPrecondition when it is not the set of ``uid``."""
+    def _require_set(db: sqlite3.Connection, sample_set_id: str, uid: str | None = None, check_owner: OwnerCheck | None = None) -> tuple:
+        """The set's row; NotFound, or FailedPrecondition when it is not the set of ``uid``,
+        or what ``check_owner`` raises given its owner."""
         row = db.execute(f"SELECT {_SET_COLUMNS} FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone()
         if row is None:
             raise NotFound(f"no sample set {sample_set_id!r}", field="sample_set_id")
         require_sample_set_uid(sample_set_id, row[2], uid, "sample_set_uid")
+        if check_owner is not None:
+            check_owner(row[5])
         return row
 
     def _info(self, row: tuple) -> SampleSetInfo:
-        set_id, display_name, create_time, update_time, uploading = row
+        set_id, display_name, create_time, update_time, uploading, owner = row
         counts = dict(self._db.execute("SELECT label, count FROM sample_class_counts WHERE set_id = ? ORDER BY label", (set_id,)).fetchall())
-        return SampleSetInfo(set_id, display_name, sum(counts.values()), counts, create_time, update_time, bool(uploading))
+        return SampleSetInfo(set_id, display_name, sum(counts.values()), counts, create_time, update_time, bool(uploading), owner)
 
     def get_sample_set(self, sample_set_id: str) -> SampleSetInfo:
         with self._lock:
@@ -724,10 +746,11 @@ class SQLiteStore:
         return [SampleRecord(digest, label, json.loads(attributes)) for digest, label, attributes in rows]
 
     @_frees_space
-    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None) -> None:
-        """Delete the set; its images become candidates for :meth:`delete_unused_blobs`."""
+    def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None, check_owner: OwnerCheck | None = None) -> None:
+        """Delete the set; its images become candidates for :meth:`delete_unused_blobs`.
+        ``check_owner`` may refuse it, given its owner, in the delete's transaction."""
         with self._transaction() as db:
-            self._require_set(db, sample_set_id, uid)
+            self._require_set(db, sample_set_id, uid, check_owner)
             self._delete_set(db, sample_set_id)
 
     @staticmethod
@@ -750,7 +773,8 @@ class SQLiteStore:
 
     @staticmethod
     def _job_from_row(row: tuple) -> JobRecord:
-        values = dict(zip(_JOB_COLUMNS, row, strict=True))
+        """A job from its _JOB_COLUMNS and _JOB_OWNER."""
+        values = dict(zip((*_JOB_COLUMNS, "owner"), row, strict=True))
         values["job_id"] = values.pop("id")
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["artifacts"] = tuple(ArtifactRef(**a) for a in json.loads(values["artifacts"]))
@@ -759,6 +783,8 @@ class SQLiteStore:
     def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None:
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
+            if job.owner is not None:
+                db.execute("INSERT INTO job_owners VALUES (?, ?)", (job.job_id, job.owner))
             if request is not None:
                 request_id = request.request_id
                 row = db.execute("SELECT jobs.id, state, error_code FROM job_requests JOIN jobs ON jobs.id = job_id WHERE request_id = ?",
@@ -793,7 +819,7 @@ class SQLiteStore:
 
     def get_job(self, job_id: str) -> JobRecord:
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)}, {_JOB_OWNER} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no operation {job_id!r}", field="name")
         return self._job_from_row(row)
@@ -812,7 +838,7 @@ class SQLiteStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {', '.join(_JOB_COLUMNS if responses else _JOB_COLUMNS_WITHOUT_RESPONSE)} FROM jobs {where} "
+                f"SELECT {', '.join(_JOB_COLUMNS if responses else _JOB_COLUMNS_WITHOUT_RESPONSE)}, {_JOB_OWNER} FROM jobs {where} "
                 "ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
@@ -898,21 +924,21 @@ class SQLiteStore:
 
     # Head versions --------------------------------------------------------------------
 
-    _HEAD_COLUMNS = "feature_version, version_id, head_hash, weights_digest, parent_version_id, create_time, details"
+    _HEAD_COLUMNS = "feature_version, version_id, head_hash, weights_digest, parent_version_id, create_time, details, owner"
 
     @staticmethod
     def _head_from_row(row: tuple) -> HeadVersionRecord:
-        *values, details = row
-        return HeadVersionRecord(*values, details=json.loads(details))
+        *values, details, owner = row
+        return HeadVersionRecord(*values, details=json.loads(details), owner=owner)
 
     def insert_head_version(self, record: HeadVersionRecord) -> None:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM head_versions WHERE feature_version = ? AND version_id = ?", (record.feature_version, record.version_id)).fetchone():
                 raise AlreadyExists(f"head version {record.version_id!r} already exists", field="version_id")
             db.execute(
-                f"INSERT INTO head_versions ({self._HEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO head_versions ({self._HEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.feature_version, record.version_id, record.head_hash, record.weights_digest, record.parent_version_id,
-                 record.create_time, json.dumps(record.details, sort_keys=True)),
+                 record.create_time, json.dumps(record.details, sort_keys=True), record.owner),
             )
 
     def list_head_versions(self, feature_version: str, *, after: tuple[float, str] | None = None,
