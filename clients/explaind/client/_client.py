@@ -160,6 +160,7 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
         update_time=_time(message.update_time),
         uploading=message.uploading,
         uid=message.uid,
+        owner=message.owner,
     )
 
 

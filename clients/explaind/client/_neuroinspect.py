@@ -200,6 +200,8 @@ class HeadVersion(AbbreviatedRepr):
     active: bool
     parent_evaluation: HeadEvaluation | None  # None for a loaded head
     evaluation: HeadEvaluation | None
+    # The named caller whose edit stored it ("" for none): only it, or an admin, may delete it.
+    owner: str = ""
 
     def summary(self) -> str:
         """One line, as ``explaind head-versions`` lists it: ``*`` marks the served version,
@@ -208,7 +210,8 @@ class HeadVersion(AbbreviatedRepr):
         accuracy = (f", accuracy {self.evaluation.accuracy:.3f} (was {self.parent_evaluation.accuracy:.3f})"
                     if self.evaluation and self.parent_evaluation else "")
         neurons = f" {self.class_name} neurons {self.neurons}" if self.neurons else ""
-        return f"{'*' if self.active else ' '} {self.version_id} {self.model_version} {self.method}{neurons}{accuracy}"
+        owner = f" (by {self.owner})" if self.owner else ""
+        return f"{'*' if self.active else ' '} {self.version_id} {self.model_version} {self.method}{neurons}{accuracy}{owner}"
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         """A notebook shows a version (and a list of them) as its summary line, not a repr
@@ -310,6 +313,7 @@ def head_version(message: neuroinspect_pb2.HeadVersion) -> HeadVersion:
         active=message.active,
         parent_evaluation=head_evaluation(message.parent_evaluation) if message.HasField("parent_evaluation") else None,
         evaluation=head_evaluation(message.evaluation) if message.HasField("evaluation") else None,
+        owner=message.owner,
     )
 
 

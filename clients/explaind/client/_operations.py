@@ -276,6 +276,11 @@ class Operation(Generic[ResultT]):
         return self.metadata.cancel_requested
 
     @property
+    def owner(self) -> str:
+        """The named caller that submitted it ("" for none): only it, or an admin, may cancel or delete it."""
+        return self.metadata.owner
+
+    @property
     def response_cut(self) -> bool:
         """Whether the server's response keeps only the leading items of the result's long
         lists (an evaluation's most confident mistakes), the result being over half its

@@ -155,6 +155,8 @@ class SampleSet(AbbreviatedRepr):
     # Unique to this set: one deleted and created again under its id has another
     # (delete_sample_set(uid=...) acts only on this one).
     uid: str = ""
+    # The named caller that created it ("" for none): only it, or an admin, may change it.
+    owner: str = ""
 
 
 @dataclass(frozen=True)

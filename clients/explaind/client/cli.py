@@ -483,7 +483,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 return 0
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
-                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {_shown(s.display_name)}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading})")
+                owner = f", by {s.owner}" if s.owner else ""
+                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {_shown(s.display_name)}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading}{owner})")
             if not listed:
                 print("no sample sets (explaind sample-set create makes one)", file=sys.stderr)
         elif args.action == "show":
@@ -758,7 +759,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
             else:
                 for op in listed[:limit]:
                     p = op.progress
-                    print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}")
+                    owner = f"  by {op.owner}" if op.owner else ""
+                    print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}{owner}")
             if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             elif not listed:
@@ -838,7 +840,7 @@ def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, 
     error = operation.error
     value = {
         "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
-        "cancel_requested": operation.cancel_requested, "response_cut": operation.response_cut,
+        "cancel_requested": operation.cancel_requested, "response_cut": operation.response_cut, "owner": operation.owner,
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
         "artifacts": _json_value(operation.artifacts),
         "error": {"code": error.code.name, "message": error.details} if error is not None else None,
