@@ -1,0 +1,166 @@
+"""Named callers ([server].callers_file, .admins): each owns what it creates, others may
+read it but not change it, admins may change anything; the file is reloaded on change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from explaind.client import Client, ExplaindError, UnauthenticatedError
+from explaind.config import ConfigError, default_config
+from explaind.service import ExplaindServer, auth
+
+CALLERS = "# who may call\nmonitoring tokenMON\n\nanalyst tokenANA\nroot tokenROOT\n"
+IMAGE = np.full((8, 8, 3), 200, np.uint8)
+
+
+def start(tmp_path: Path, classifier_dir: Path, **server: object) -> ExplaindServer:
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), **server)
+    explaind = ExplaindServer(config)
+    explaind.start()
+    explaind.load_models()
+    return explaind
+
+
+def client(server: ExplaindServer, token: str) -> Client:
+    return Client(f"127.0.0.1:{server.port}", timeout=60, token=token)
+
+
+def denied(call, *args, **kwargs) -> str:
+    """The message of the PERMISSION_DENIED the call must raise."""
+    with pytest.raises(ExplaindError) as refused:
+        call(*args, **kwargs)
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, refused.value
+    return refused.value.details
+
+
+@pytest.fixture()
+def callers_file(tmp_path: Path) -> Path:
+    path = tmp_path / "callers"
+    path.write_text(CALLERS)
+    return path
+
+
+def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp_path, classifier_dir, callers_file):
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
+            made = monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            assert made.owner == "monitoring"
+            # Reads stay open.
+            assert analyst.sample_set("train").owner == "monitoring" and [s.owner for s in analyst.sample_sets()] == ["monitoring"]
+            for message in (denied(analyst.append_samples, "train", [IMAGE], [0]), denied(analyst.delete_sample_set, "train")):
+                assert "sample set 'train' is owned by caller 'monitoring'" in message and "tokenMON" not in message
+            edit = monitoring.edit_head("train", 1, [0], max_epochs=1)
+            version = edit.result().version
+            assert (edit.owner, version.owner) == ("monitoring", "monitoring")
+            assert "operations/" in denied(analyst.delete_operation, edit.name)
+            assert "'monitoring'" in denied(analyst.operation(edit.name).cancel)
+            assert f"head version {version.version_id!r} is owned by caller 'monitoring'" in denied(analyst.delete_head_version, version.version_id)
+            # Only the admin changes the served head, whoever stored the version.
+            assert "only an admin" in denied(monitoring.promote_head_version, version.version_id)
+            assert "only an admin" in denied(analyst.rollback_head_version)
+            assert "only an admin" in denied(analyst.edit_head, "train", 1, [0], max_epochs=1, promote=True)
+            assert root.promote_head_version(version.version_id).version.active
+            root.rollback_head_version()
+            # The admin changes what others own.
+            root.append_samples("train", [IMAGE], [0])
+            root.delete_head_version(version.version_id)
+            root.delete_operation(edit.name)
+            evaluation = analyst.evaluate_sample_set("train")
+            assert [op.owner for op in monitoring.operations()] == ["analyst"]
+            evaluation.result(timeout=60)
+            analyst.delete_operation(evaluation.name)  # its own
+            root.delete_sample_set("train")
+    finally:
+        server.stop(0)
+
+
+def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classifier_dir, callers_file, monkeypatch, caplog):
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file))
+    try:
+        with client(server, "tokenANA") as analyst, client(server, "tokenNEW") as newcomer:
+            assert analyst.sample_sets() == []
+            with pytest.raises(UnauthenticatedError):
+                newcomer.sample_sets()
+            callers_file.write_text("monitoring tokenMON\nnewcomer tokenNEW\n")
+            assert newcomer.create_sample_set([IMAGE], [0], sample_set_id="new").owner == "newcomer"
+            with pytest.raises(UnauthenticatedError):
+                analyst.sample_sets()
+            callers_file.write_text("monitoring tokenMON\nmonitoring tokenNEW\n")  # half-done: keeps what was in force
+            assert newcomer.sample_set("new").owner == "newcomer"
+            assert "line 2: caller 'monitoring' is named on line 1 too" in caplog.text and "tokenNEW" not in caplog.text
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
+    ("# c\nBad tokenB\n", "line 2: caller name 'Bad' must match"),
+    ("a tokenA extra\n", "line 1: expected NAME TOKEN, got 3 word(s)"),
+    ("a tokenA\n\na tokenB\n", "line 3: caller 'a' is named on line 1 too"),
+])
+def test_a_bad_callers_file_fails_the_start_naming_its_line(tmp_path, classifier_dir, text, problem):
+    path = tmp_path / "callers"
+    path.write_text(text)
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path / "data"),
+                                                                                    callers_file=str(path))
+    with pytest.raises(ConfigError, match="callers_file") as refused:
+        ExplaindServer(config)
+    assert problem in str(refused.value) and "tokenA" not in str(refused.value) and "tokenB" not in str(refused.value)
+
+
+def test_callers_exclude_a_single_token_and_admins_must_be_callers(tmp_path, callers_file):
+    with pytest.raises(ConfigError, match=r"\[server\]\.callers_file .* or \[server\]\.token "):
+        default_config().replace("server", callers_file=str(callers_file), token="tokenONE")
+    with pytest.raises(ConfigError, match=r"\[server\]\.callers_file .* or \[server\]\.token_file "):
+        default_config().replace("server", callers_file=str(callers_file), token_file=str(callers_file))
+    with pytest.raises(ConfigError, match=r"\[server\]\.admins: 'nobody' is not a caller"):
+        ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path / "data"), callers_file=str(callers_file),
+                                                admins=("nobody",)))
+
+
+def test_objects_made_without_named_callers_stay_open_to_every_caller(tmp_path, classifier_dir, callers_file):
+    server = start(tmp_path, classifier_dir, token="tokenONE")
+    try:
+        with client(server, "tokenONE") as anyone:
+            made = anyone.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="legacy")
+            operation = anyone.evaluate_sample_set("legacy")
+            operation.result(timeout=60)
+            assert (made.owner, operation.owner) == ("", "")
+    finally:
+        server.stop(0)
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    try:
+        with client(server, "tokenANA") as analyst:
+            assert analyst.sample_set("legacy").owner == ""
+            analyst.append_samples("legacy", [IMAGE], [0])
+            analyst.delete_operation(operation.name)
+            analyst.delete_sample_set("legacy")
+    finally:
+        server.stop(0)
+
+
+def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
+    # It inserts jobs by position (every column) and sets and head versions by name: the
+    # owner columns and job_owners must leave both working, the schema version unchanged.
+    import sqlite3
+
+    from explaind.store import SQLiteStore
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    SQLiteStore(tmp_path / "data").close()
+    with sqlite3.connect(tmp_path / "data" / "explaind.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        db.execute("INSERT INTO jobs VALUES ('0123456789abcdef', 'evaluate', 'SUCCEEDED', 1, 1, 2, 0, 0, '', 0, '', '', X'', '[]')")
+        db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES ('old', '', 1, 1)")
+    store = SQLiteStore(tmp_path / "data")
+    try:
+        assert (store.get_job("0123456789abcdef").owner, store.get_sample_set("old").owner) == (None, None)
+    finally:
+        store.close()
