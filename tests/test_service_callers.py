@@ -147,8 +147,8 @@ def test_objects_made_without_named_callers_stay_open_to_every_caller(tmp_path, 
 
 
 def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
-    # It inserts jobs by position (every column) and sets and head versions by name: the
-    # owner columns and job_owners must leave both working, the schema version unchanged.
+    # Releases before owners insert rows by position (every column): the owners are kept
+    # in tables of their own, and the schema version stays.
     import sqlite3
 
     from explaind.store import SQLiteStore
@@ -158,7 +158,7 @@ def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
     with sqlite3.connect(tmp_path / "data" / "explaind.sqlite3") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
         db.execute("INSERT INTO jobs VALUES ('0123456789abcdef', 'evaluate', 'SUCCEEDED', 1, 1, 2, 0, 0, '', 0, '', '', X'', '[]')")
-        db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES ('old', '', 1, 1)")
+        db.execute("INSERT INTO sample_sets VALUES ('old', '', 1, 1)")
     store = SQLiteStore(tmp_path / "data")
     try:
         assert (store.get_job("0123456789abcdef").owner, store.get_sample_set("old").owner) == (None, None)

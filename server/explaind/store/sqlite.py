@@ -82,10 +82,14 @@ CREATE TABLE IF NOT EXISTS sample_set_requests (
     request_id TEXT PRIMARY KEY, set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sample_set_requests_by_set ON sample_set_requests (set_id);
--- The named caller that submitted a job (explaind.ownership), for those one did. A
--- table, not a column: the release before it inserts jobs by position, all columns.
+-- The named caller that made a job, set or head version (explaind.ownership), for those
+-- one did. Tables, not columns: releases before them insert rows by position, all
+-- columns, and the rows go with their object when such a release deletes it.
 CREATE TABLE IF NOT EXISTS job_owners (
     job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, owner TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sample_set_owners (
+    set_id TEXT PRIMARY KEY REFERENCES sample_sets(id) ON DELETE CASCADE, owner TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
@@ -104,6 +108,10 @@ CREATE INDEX IF NOT EXISTS head_versions_by_hash ON head_versions (feature_versi
 -- The version an edit stored (_STORED_BY): at start-up those of failed edits, and whether
 -- an operation being deleted stored one, without reading every version.
 CREATE INDEX IF NOT EXISTS head_versions_by_edit ON head_versions (json_extract(details, '$.edit_job_id'));
+CREATE TABLE IF NOT EXISTS head_version_owners (
+    feature_version TEXT NOT NULL, version_id TEXT NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (feature_version, version_id),
+    FOREIGN KEY (feature_version, version_id) REFERENCES head_versions(feature_version, version_id) ON DELETE CASCADE
+);
 CREATE TABLE IF NOT EXISTS deleted_head_versions (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
@@ -144,10 +152,8 @@ _STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"
 # SQLite does not use the index); only ids whose N is all digits are numbered.
 _VERSION_NUMBER = "CAST(substr(version_id, 2) AS INTEGER)"
 _NUMBERED = "substr(version_id, 2) GLOB '[0-9]*' AND substr(version_id, 2) NOT GLOB '*[^0-9]*'"
-_SET_COLUMNS = "id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets), owner"
-# Columns added to a table since, by _migrate: NULL in the rows stored before (no owner).
-# The release before them names the columns it inserts, so it still writes those tables.
-_ADDED_COLUMNS = {"sample_sets": ("owner TEXT",), "head_versions": ("owner TEXT",)}
+_SET_COLUMNS = ("id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets), "
+                "(SELECT owner FROM sample_set_owners WHERE set_id = sample_sets.id)")
 # The distinct feature versions by hops along the primary key, one lookup per version:
 # SELECT DISTINCT scans every cached feature, at each sweep step of 500 images.
 _FEATURE_VERSIONS = """WITH RECURSIVE hop(version) AS (
@@ -309,11 +315,6 @@ class SQLiteStore:
                 if left := [row[0] for row in db.execute("SELECT id FROM sample_sets WHERE uploading ORDER BY id")]:
                     log.warning("store %s: sample set(s) %s were left uploading by a release of 2026-12-01 and are served as "
                                 "complete; check their sample counts, or delete them", self.data_dir, ", ".join(left))
-            for table, columns in _ADDED_COLUMNS.items():
-                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                for column in columns:
-                    if column.split()[0] not in present:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             triggers = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
             if _CLASS_COUNTS_TRIGGER not in triggers:
                 for statement in _CLASS_COUNTS:
@@ -635,8 +636,9 @@ class SQLiteStore:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise sample_set_id_taken(sample_set_id)
-            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time, owner) VALUES (?, ?, ?, ?, ?)",
-                       (sample_set_id, display_name, now, now, owner))
+            db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
+            if owner is not None:
+                db.execute("INSERT INTO sample_set_owners VALUES (?, ?)", (sample_set_id, owner))
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
             self._insert_samples(db, sample_set_id, 0, samples)
@@ -924,7 +926,10 @@ class SQLiteStore:
 
     # Head versions --------------------------------------------------------------------
 
-    _HEAD_COLUMNS = "feature_version, version_id, head_hash, weights_digest, parent_version_id, create_time, details, owner"
+    _HEAD_COLUMNS = "feature_version, version_id, head_hash, weights_digest, parent_version_id, create_time, details"
+    # Read after a version's columns: its owner (head_version_owners).
+    _HEAD_OWNER = ("(SELECT owner FROM head_version_owners AS o WHERE o.feature_version = head_versions.feature_version "
+                   "AND o.version_id = head_versions.version_id)")
 
     @staticmethod
     def _head_from_row(row: tuple) -> HeadVersionRecord:
@@ -936,10 +941,12 @@ class SQLiteStore:
             if db.execute("SELECT 1 FROM head_versions WHERE feature_version = ? AND version_id = ?", (record.feature_version, record.version_id)).fetchone():
                 raise AlreadyExists(f"head version {record.version_id!r} already exists", field="version_id")
             db.execute(
-                f"INSERT INTO head_versions ({self._HEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO head_versions ({self._HEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (record.feature_version, record.version_id, record.head_hash, record.weights_digest, record.parent_version_id,
-                 record.create_time, json.dumps(record.details, sort_keys=True), record.owner),
+                 record.create_time, json.dumps(record.details, sort_keys=True)),
             )
+            if record.owner is not None:
+                db.execute("INSERT INTO head_version_owners VALUES (?, ?, ?)", (record.feature_version, record.version_id, record.owner))
 
     def list_head_versions(self, feature_version: str, *, after: tuple[float, str] | None = None,
                            limit: int | None = None) -> list[HeadVersionRecord]:
@@ -947,7 +954,7 @@ class SQLiteStore:
         where = f"AND {condition}" if condition else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? {where} ORDER BY create_time, version_id LIMIT ?",
+                f"SELECT {self._HEAD_COLUMNS}, {self._HEAD_OWNER} FROM head_versions WHERE feature_version = ? {where} ORDER BY create_time, version_id LIMIT ?",
                 (feature_version, *params, -1 if limit is None else limit),
             ).fetchall()
         return [self._head_from_row(row) for row in rows]
@@ -975,7 +982,7 @@ class SQLiteStore:
     def get_head_version(self, feature_version: str, version_id: str) -> HeadVersionRecord:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id)
+                f"SELECT {self._HEAD_COLUMNS}, {self._HEAD_OWNER} FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id)
             ).fetchone()
         if row is None:
             raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
