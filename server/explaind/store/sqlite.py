@@ -962,7 +962,7 @@ class SQLiteStore:
     def first_head_version_of_hash(self, feature_version: str, head_hash: str) -> HeadVersionRecord | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {self._HEAD_COLUMNS} FROM head_versions WHERE feature_version = ? AND head_hash = ? ORDER BY create_time, version_id LIMIT 1",
+                f"SELECT {self._HEAD_COLUMNS}, {self._HEAD_OWNER} FROM head_versions WHERE feature_version = ? AND head_hash = ? ORDER BY create_time, version_id LIMIT 1",
                 (feature_version, head_hash)).fetchone()
         return None if row is None else self._head_from_row(row)
 
