@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_demo_predicts_evaluates_and_explains_the_worst_class():
     result = subprocess.run(
@@ -26,13 +28,15 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class():
     assert sorted(path.name for path in report.parent.iterdir()) == ["explaind.toml", "mistakes.png", report.name]
 
 
-def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path):
+@pytest.mark.parametrize("server", ['token_file = "token"', 'callers_file = "token"', 'callers_file = "token"\nadmins = ["ops"]'])
+def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path, server):
     # The demo's client sent no token, so the first call after "server ready" failed
-    # UNAUTHENTICATED; and a set without mistakes has nothing to explain (not an error).
-    # The token is in a file beside the config, as a mounted secret would be.
+    # UNAUTHENTICATED (with named callers too: it sent their file's text); and a set without
+    # mistakes has nothing to explain (not an error). The token is in a file beside the
+    # config, as a mounted secret would be.
     config = tmp_path / "explaind.toml"
-    (tmp_path / "token").write_text("s3cret\n")
-    config.write_text('[server]\ntoken_file = "token"\n')  # the balanced classifier, no CLIP
+    (tmp_path / "token").write_text("s3cret\n" if "token_file" in server else "analyst an4lyst\nops s3cret\n")
+    config.write_text(f'[server]\n{server}\n')  # the balanced classifier, no CLIP
     result = subprocess.run(
         [sys.executable, "-m", "explaind.client.cli", "demo", "--count", "6", "--config", str(config)],
         capture_output=True, text=True, timeout=600, check=False,

@@ -865,6 +865,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             settings = load_config(args.config).server
             token = settings.bearer_token()
+            if callers := settings.named_callers():  # as an admin where there is one: the session may change the head
+                token = callers[(settings.admins or tuple(callers))[0]]
         except ConfigError as error:
             raise CommandError(str(error)) from None
         if settings.tls_cert_file:
