@@ -389,7 +389,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
         spec = rendered(chart_renderer, **models, **extra)["StatefulSet"]["spec"]["template"]["spec"]
         assert models["extraVolumes"][0] in spec["volumes"] and len(spec["volumes"]) == 3 + bool(extra)  # with tmp and cache
         assert models["extraVolumeMounts"][0] in spec["containers"][0]["volumeMounts"]
-    for name in ("data", "tmp", "cache"):
+    for name in ("data", "tmp", "cache", "callers"):
         refused = render_chart(chart_renderer, extraVolumes=[{"name": name, "emptyDir": {}}])
         assert refused.returncode != 0 and f'"{name}" is a volume name the chart uses' in refused.stderr
 
@@ -407,6 +407,22 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     volume = next(volume for volume in secured["volumes"] if volume["name"] == mount["name"])
     assert volume["secret"] == {"secretName": "explaind-token", "items": [{"key": "token", "path": token_file.name}]}
     assert mount["readOnly"]
+
+    # Named callers from a Secret's "callers" key, in place of the token.
+    named = rendered(chart_renderer, callersSecret="explaind-callers")["StatefulSet"]["spec"]["template"]["spec"]
+    container = named["containers"][0]
+    callers_file = Path(serve_arguments(container).callers_file)
+    mount = next(mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == callers_file.parent)
+    volume = next(volume for volume in named["volumes"] if volume["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": "explaind-callers", "items": [{"key": "callers", "path": callers_file.name}]}
+    assert mount["readOnly"] and serve_arguments(container).token_file is None
+    refused = render_chart(chart_renderer, callersSecret="explaind-callers", tokenSecret="explaind-token")
+    assert refused.returncode != 0 and "callersSecret and tokenSecret: give only one" in refused.stderr
+    for secret, config in (("callersSecret", '[server]\ntoken = "s3cret"\n'), ("callersSecret", 'server.callers_file = "/c"\n'),
+                           ("tokenSecret", '[server]\ncallers_file = "/c"\n')):
+        refused = render_chart(chart_renderer, **{secret: "explaind-auth"}, config=config)
+        assert refused.returncode != 0 and f"{secret} and a config that sets [server].token" in refused.stderr, (secret, config)
+    assert render_chart(chart_renderer, callersSecret="explaind-callers", config='[server]\nadmins = ["ops"]\n').returncode == 0
 
     # TLS from a kubernetes.io/tls Secret; kubelet's plaintext gRPC probes ask the health port.
     tls = rendered(chart_renderer, tlsSecret="explaind-tls", tlsClientCertificates=True)["StatefulSet"]["spec"]["template"]["spec"]
