@@ -185,8 +185,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 if caller is None:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
-                with calling_as(caller or None):
-                    return observed.call(behaviour, request, context)
+                return observed.call(behaviour, request, context)
 
         return handle
 
@@ -204,8 +203,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                                 else "half of [server].max_workers")
                         observed.abort("RESOURCE_EXHAUSTED", f"the streams and waits this server keeps at once are open "
                                        f"(at most {self._held_calls.limit}, {most}); try again later")
-                    with calling_as(caller or None):
-                        yield from observed.call_stream(behaviour, request, context)
+                    yield from observed.call_stream(behaviour, request, context)
 
         return handle
 
@@ -307,9 +305,15 @@ class _Observed:
     def _abort_with(self, error: ExplaindError) -> None:
         self.abort(error.code, str(error), field=error.field, description=error.description, retry_delay_s=error.retry_delay_s)
 
+    @contextmanager
+    def _serving(self) -> Iterator[None]:
+        """While the servicer runs: the call's span current, and its named caller."""
+        with current(self._span), calling_as(self._caller):
+            yield
+
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            with current(self._span):
+            with self._serving():
                 response = behaviour(request, context)
         except ExplaindError as error:
             self._abort_with(error)
@@ -320,12 +324,13 @@ class _Observed:
 
     def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            with current(self._span):
+            with self._serving():
                 responses = iter(behaviour(request, context))
             while True:
                 # Current while the servicer makes each message, as for a unary call, but
-                # not across the yield: a generator cannot leave it attached in between.
-                with current(self._span):
+                # not across the yield: a generator cannot leave them set in between (it
+                # may be resumed in another thread's context, or closed by the collector).
+                with self._serving():
                     try:
                         response = next(responses)
                     except StopIteration:
