@@ -10,11 +10,13 @@ import re
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import free_port
 from explaind.config import ConfigError, TracingSection, default_config
 
 pytest.importorskip("opentelemetry.sdk.trace")
@@ -27,18 +29,21 @@ from opentelemetry.trace import SpanKind  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 # Set, so tracing is on; never reached: the spans go to the tests' in-memory exporter.
 ENDPOINT = "http://127.0.0.1:4317"
+# The Accept header Prometheus scrapes with: OpenMetrics, the exposition with exemplars, first.
+PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, classifier_dir):
     """A server with tracing on, its spans in an in-memory exporter (emptied per test),
-    serving the world classifier alone (no CLIP or text-to-image to load)."""
+    serving the world classifier alone (no CLIP or text-to-image to load): (client,
+    exporter, its /metrics URL)."""
     from explaind.client import Client
     from explaind.service import ExplaindServer
 
     data_dir = tmp_path_factory.mktemp("traced")
     config = (default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
-              .replace("server", port=0, data_dir=str(data_dir), data_dir_reserve_bytes=1 << 20)
+              .replace("server", port=0, metrics_port=free_port(), data_dir=str(data_dir), data_dir_reserve_bytes=1 << 20)
               .replace("tracing", otlp_endpoint=ENDPOINT))
     exporter = InMemorySpanExporter()
     server = ExplaindServer(config, span_exporter=exporter)
@@ -46,14 +51,14 @@ def traced(tmp_path_factory, classifier_dir):
     server.load_models()
     try:
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
-            yield client, exporter
+            yield client, exporter, f"http://127.0.0.1:{server.metrics_port}/metrics"
     finally:
         server.stop(0)
 
 
 @pytest.fixture
 def spans(traced):
-    _, exporter = traced
+    _, exporter, _ = traced
     exporter.clear()
     return exporter
 
@@ -68,8 +73,24 @@ def _server_spans(exporter, method):
     return [span for span in exporter.get_finished_spans() if span.name == f"explaind.v1.{method}"]
 
 
+def _scrape(url: str, accept: str | None = None) -> str:
+    """The metrics endpoint's exposition, asked for with ``accept`` (None: as curl asks, the text format)."""
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": accept} if accept else {}), timeout=10) as response:
+        if accept == PROMETHEUS_ACCEPT:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        return response.read().decode()
+
+
+def _exemplar_trace_ids(openmetrics: str, name: str, **labels: str) -> set[str]:
+    """The trace_id of each exemplar on the ``name`` samples with ``labels``."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    return {sample.exemplar.labels["trace_id"] for family in text_string_to_metric_families(openmetrics) for sample in family.samples
+            if sample.name == name and sample.exemplar is not None and labels.items() <= sample.labels.items()}
+
+
 def test_a_call_in_a_callers_span_is_a_server_span_of_its_trace(traced, spans, caller):
-    client, _ = traced
+    client, *_ = traced
     with caller.start_as_current_span("evaluate model") as parent:
         client.model_metadata()
     (span,) = _server_spans(spans, "InferenceService/GetModelMetadata")
@@ -85,7 +106,7 @@ def test_a_call_in_a_callers_span_is_a_server_span_of_its_trace(traced, spans, c
 def test_a_failed_call_records_its_code(traced, spans):
     from explaind.client import NotFoundError
 
-    client, _ = traced
+    client, *_ = traced
     with pytest.raises(NotFoundError):
         client.sample_set("nothing-here")
     (span,) = _server_spans(spans, "SampleSetService/GetSampleSet")
@@ -97,7 +118,7 @@ def test_a_failed_call_records_its_code(traced, spans):
 def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_call_that_submitted_it(traced, spans, caller, world_images):
     from explaind.logs import JsonFormatter
 
-    client, _ = traced
+    client, *_ = traced
     images = (world_images[0][:4].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     sample_set = client.create_sample_set(images, world_images[1][:4].tolist(), sample_set_id="traced-set")
     lines: list[dict] = []
@@ -138,6 +159,41 @@ def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_cal
     assert started == [(f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")]
 
 
+def test_latency_observations_link_to_their_sampled_trace_by_an_exemplar_in_openmetrics_only(traced, spans, world_images):
+    """A latency panel's exemplar opens the trace of the call or the job it timed."""
+    client, _, metrics_url = traced
+    client.sample_sets()
+    images = (world_images[0][:2].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    sample_set = client.create_sample_set(images, world_images[1][:2].tolist(), sample_set_id="exemplar-set")
+    client.evaluate_sample_set(sample_set.sample_set_id).result(download=False)
+    (listed,) = _server_spans(spans, "SampleSetService/ListSampleSets")
+    (operation,) = [span for span in spans.get_finished_spans() if span.name == "operation evaluate_sample_set"]
+    call_trace, job_trace = f"{listed.context.trace_id:032x}", f"{operation.context.trace_id:032x}"
+    openmetrics = _scrape(metrics_url, PROMETHEUS_ACCEPT)
+    assert call_trace in _exemplar_trace_ids(openmetrics, "explaind_rpc_duration_seconds_bucket", method="ListSampleSets", code="OK")
+    job = {"kind": "evaluate_sample_set"}
+    for name in ("explaind_job_duration_seconds_bucket", "explaind_job_queue_wait_seconds_bucket"):
+        assert job_trace in _exemplar_trace_ids(openmetrics, name, **job), name
+    for stage in ("start", "inference", "finish"):
+        assert job_trace in _exemplar_trace_ids(openmetrics, "explaind_job_stage_duration_seconds_bucket", **job, stage=stage), stage
+    # Never a label (the series stay bounded), and not in the text format at all.
+    assert call_trace not in openmetrics.replace(f'# {{trace_id="{call_trace}"}}', "")
+    assert "trace_id" not in _scrape(metrics_url)
+
+
+def test_an_unsampled_call_has_no_exemplar(traced, spans):
+    """A caller's trace that is not kept (its sampled flag off) has nothing to link to."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    client, _, metrics_url = traced
+    with TracerProvider(sampler=ALWAYS_OFF).get_tracer("pipeline").start_as_current_span("unkept"):
+        client.head_versions()
+    assert _server_spans(spans, "NeuroInspectService/ListHeadVersions") == []
+    openmetrics = _scrape(metrics_url, PROMETHEUS_ACCEPT)
+    assert 'explaind_rpc_duration_seconds_count{code="OK",method="ListHeadVersions",service="explaind.v1.NeuroInspectService"} 1.0' in openmetrics
+    assert _exemplar_trace_ids(openmetrics, "explaind_rpc_duration_seconds_bucket", method="ListHeadVersions") == set()
+
+
 def test_json_log_lines_carry_the_current_spans_ids_and_none_without_one():
     from explaind.logs import JsonFormatter
 
@@ -162,7 +218,8 @@ def test_tracing_configured_without_its_packages_stops_the_start_naming_the_extr
 
 
 def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tmp_path, monkeypatch):
-    """Off (the default) the server makes no span: it runs with opentelemetry unimportable."""
+    """Off (the default) the server makes no span: it runs with opentelemetry unimportable,
+    and its latency observations have no exemplar."""
     from explaind.tracing import NO_TRACING, start_tracing
 
     # A platform's variable (often an OTLP/HTTP port) turns nothing on: the key or the flag does.
@@ -170,13 +227,14 @@ def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tm
     assert start_tracing(TracingSection()) is NO_TRACING
     script = textwrap.dedent(f"""
         import sys
+        import urllib.request
         sys.modules["opentelemetry"] = None  # any import of it fails
         from google.protobuf import empty_pb2
         from explaind.client import Client, NotFoundError
         from explaind.config import default_config
         from explaind.service import ExplaindServer
 
-        server = ExplaindServer(default_config().replace("server", port=0, data_dir={str(tmp_path)!r}))
+        server = ExplaindServer(default_config().replace("server", port=0, metrics_port={free_port()}, data_dir={str(tmp_path)!r}))
         port = server.start()
         try:
             with Client(f"127.0.0.1:{{port}}", timeout=30) as client:
@@ -186,12 +244,18 @@ def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tm
                     pass
             job = server.engine.jobs.submit("noop", lambda context: (context.stage("work"), empty_pb2.Empty())[1])
             assert server.engine.jobs.wait(job.record.job_id, timeout=30).record.state == "succeeded"
+            scrape = urllib.request.Request(f"http://127.0.0.1:{{server.metrics_port}}/metrics", headers={{"Accept": {PROMETHEUS_ACCEPT!r}}})
+            print(urllib.request.urlopen(scrape, timeout=10).read().decode())
         finally:
             server.stop(0)
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.endswith("ok\n"), done.stderr[-3000:]
+    openmetrics = done.stdout.removesuffix("ok\n")
+    assert 'explaind_rpc_duration_seconds_count{code="NOT_FOUND",method="GetSampleSet",service="explaind.v1.SampleSetService"} 1.0' in openmetrics
+    assert 'explaind_job_duration_seconds_count{kind="noop",outcome="succeeded"} 1.0' in openmetrics
+    assert "# {" not in openmetrics  # no exemplar
 
 
 def test_spans_reach_the_configured_otlp_endpoint_once_tracing_closes():
@@ -232,7 +296,7 @@ def test_a_streamed_response_is_produced_inside_its_calls_span(traced, spans, mo
     from explaind.jobs import JobManager
     from explaind.logs import JsonFormatter
 
-    client, _ = traced
+    client, *_ = traced
     lines: list[dict] = []
     watch = JobManager.watch
 

@@ -49,10 +49,10 @@ from google.protobuf.message import Message
 from .errors import DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
 from .imaging import encode_png
 from .messages import leading_items_that_fit
-from .metrics import Metrics
+from .metrics import Metrics, exemplar
 from .ownership import Ownership
 from .store import ABORTED, CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, JobRecord, RequestKey, Store
-from .tracing import NO_TRACING, OperationTrace, Tracing, current
+from .tracing import NO_TRACING, OperationTrace, Tracing, current, trace_id
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,9 @@ class JobManager:
                 self._finish(live, FAILED, error=(code, f"the job could not be started: {why}; submit it again"))
                 return
         waited = max(0.0, started - live.record.create_time)
-        self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(waited)
+        # The job's observations link to its operation's trace, when it is traced and sampled.
+        linked = exemplar(trace_id(live.trace.span if live.trace is not None else None))
+        self.metrics.job_queue_wait.labels(kind=live.record.kind).observe(waited, linked)
         # ExplaindJobQueueStalled: a started line with no end after it names what holds a worker.
         log.info("operation %s (%s) started after %.2f s queued", live.record.job_id, live.record.kind, waited)
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
@@ -382,8 +384,8 @@ class JobManager:
             running.dec()
             stages.enter(None)
             for stage, seconds in stages.seconds.items():
-                self.metrics.job_stage_duration.labels(kind=live.record.kind, stage=stage).observe(seconds)
-            self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.monotonic() - started_clock)
+                self.metrics.job_stage_duration.labels(kind=live.record.kind, stage=stage).observe(seconds, linked)
+            self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.monotonic() - started_clock, linked)
 
     def _packed(self, context: JobContext, result: Message, cut_lists: tuple[str, ...]) -> any_pb2.Any:
         """``result`` as the operation's response. Over ``max_result_bytes``, the whole of

@@ -2,7 +2,8 @@
 
 Conventions: base units (seconds), ``_total`` counters, histograms rather than
 summaries, label values from bounded sets only (rpc service/method, status code, job
-kind, stage and outcome; never sample, neuron or operation ids).
+kind, stage and outcome; never sample, neuron or operation ids). With tracing on, the RPC
+and job latency histograms carry a sampled trace's id as an exemplar instead.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # The RPCs of an upload, the values of sample_set_requests_repeated's ``method``.
 UPLOAD_METHODS = ("CreateSampleSet", "AppendSamples")
+
+
+def exemplar(trace_id: str | None) -> dict[str, str] | None:
+    """An observation's exemplar: ``{"trace_id": trace_id}`` (the label Grafana's links from
+    exemplars to traces read), None without a trace. Exemplars show in the OpenMetrics
+    exposition only (a scraper that asks for it, as Prometheus does); trace ids never go in
+    labels, which stay bounded."""
+    return None if trace_id is None else {"trace_id": trace_id}
 
 
 class Metrics:

@@ -11,7 +11,8 @@ own) and the interceptor and the JobManager make:
   the job's time goes to (the stages ``explaind_job_stage_duration_seconds`` times).
 
 Attributes are bounded: method, kind, operation id, codes and states; never sample ids,
-images or neuron ids. Off (the default), :data:`NO_TRACING` answers every hook with a
+images or neuron ids. A sampled trace's id (:func:`trace_id`) is the exemplar of the
+latency observations of its call and operation, so a dashboard's latency panel opens it. Off (the default), :data:`NO_TRACING` answers every hook with a
 branch: the opentelemetry packages (the ``tracing`` extra) are not imported.
 """
 
@@ -82,6 +83,16 @@ class Tracing:
 
 NO_TRACING = Tracing()
 _NOT_CURRENT = nullcontext()
+
+
+def trace_id(span: Span | None) -> str | None:
+    """The id of ``span``'s trace as 32 hex digits when the trace is sampled (exported, so
+    a link to it leads somewhere), for the metrics' exemplars; None for no span (tracing
+    off: a branch) or an unsampled one."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    return f"{context.trace_id:032x}" if context.trace_flags.sampled else None
 
 
 def current(span: Span | None) -> AbstractContextManager[object]:

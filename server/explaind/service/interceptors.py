@@ -11,7 +11,8 @@ RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had be
 counted OK. With tracing on (explaind.tracing), each call but health's and reflection's
 (probes every few seconds would drown the traces) gets a SERVER span, current while its
 servicer runs (a stream's, while it makes each message), so the operation it submits is
-its child and the lines it logs carry the span's ids.
+its child and the lines it logs carry the span's ids; its latency observation carries the
+span's trace id as an exemplar when the span is sampled.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from ..errors import ExplaindError, field_detail, report_unexpected
-from ..metrics import Metrics
-from ..tracing import NO_TRACING, Tracing, current
+from ..metrics import Metrics, exemplar
+from ..tracing import NO_TRACING, Tracing, current, trace_id
 from .auth import UNNAMED, BearerToken, NamedCallers, calling_as
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class _Observed:
         elif kind is None and not self._context.is_active():
             self._code = self._gone()
         self._metrics.rpcs_in_flight.labels(self._service, self._method).dec()
-        self._metrics.rpc_duration.labels(self._service, self._method, self._code).observe(time.perf_counter() - self._start)
+        self._metrics.rpc_duration.labels(self._service, self._method, self._code).observe(time.perf_counter() - self._start, exemplar(trace_id(self._span)))
         if self._span is not None:
             Tracing.end_rpc(self._span, grpc.StatusCode[self._code])
 
