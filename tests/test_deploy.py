@@ -71,6 +71,10 @@ def image_environment() -> dict[str, str]:
     return dict(re.findall(r"^ENV (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))
 
 
+# The histograms whose observations carry their trace's id as an exemplar (with tracing on).
+EXEMPLAR_HISTOGRAMS = ("explaind_rpc_duration_seconds", "explaind_job_duration_seconds", "explaind_job_queue_wait_seconds",
+                       "explaind_job_stage_duration_seconds")
+
 # A value for each of the dashboard's variables: one the real Prometheus below has series of.
 DASHBOARD_VARIABLES = {"kind": "rank_mistake_neurons"}
 
@@ -79,15 +83,22 @@ def dashboard_variables() -> list[dict]:
     return json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text()).get("templating", {}).get("list", [])
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) with the variables (``$kind``) set as DASHBOARD_VARIABLES."""
+def dashboard_queries(*, exemplars: bool = False) -> list[tuple[str, str]]:
+    """(panel title, PromQL) with the variables (``$kind``) set as DASHBOARD_VARIABLES; with
+    ``exemplars``, those of the targets that show exemplars only."""
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text())
     assert {variable["name"] for variable in dashboard_variables()} == set(DASHBOARD_VARIABLES)
 
     def with_variables(expr: str) -> str:
         return re.sub(r"\$(\w+)", lambda match: DASHBOARD_VARIABLES[match[1]], expr)
 
-    return [(panel["title"], with_variables(target["expr"])) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    return [(panel["title"], with_variables(target["expr"])) for panel in dashboard["panels"] for target in panel.get("targets", [])
+            if target.get("exemplar") or not exemplars]
+
+
+def prometheus_command() -> list[str]:
+    """The arguments compose runs Prometheus with."""
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["prometheus"]["command"]
 
 
 def dashboard_variable_labels() -> list[tuple[str, str, str]]:
@@ -187,6 +198,23 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     assert scrape["rule_files"] == ["alerts.yml"]
     assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
 
+
+
+def test_latency_panels_show_the_exemplars_prometheus_stores():
+    """Each latency quantile of a histogram with exemplars asks Grafana for them (every one:
+    Grafana runs the exemplar query of a panel's first visible target of a histogram only),
+    and compose's Prometheus keeps them; it still reads the config compose mounts."""
+    for title, expr in dashboard_queries():
+        shows = (title, expr) in dashboard_queries(exemplars=True)
+        quantile_with_exemplars = expr.startswith("histogram_quantile(") and any(f"{name}_bucket" in expr for name in EXEMPLAR_HISTOGRAMS)
+        assert shows == quantile_with_exemplars, (title, expr)
+    assert len(dashboard_queries(exemplars=True)) >= 6
+    command = prometheus_command()
+    assert "--enable-feature=exemplar-storage" in command
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    mounted = {volume.split(":")[1] for volume in compose["services"]["prometheus"]["volumes"]}
+    assert {flag.partition("=")[2] for flag in command if flag.startswith("--config.file=")} <= mounted
+    assert "--config.file=/etc/prometheus/prometheus.yml" in command and "--storage.tsdb.path=/prometheus" in command
 
 
 def test_compose_runs_the_server_on_a_read_only_root_with_what_it_writes_mounted():
@@ -499,7 +527,8 @@ def evaluated_at(rule: dict) -> float:
 
 class Prometheus:
     """Debian's prometheus on a loopback port, with the shipped config pointed at ``target``
-    and sped up (1 s scrapes and rule evaluations); its HTTP API answers the queries."""
+    and sped up (1 s scrapes and rule evaluations) and compose's features (the exemplar
+    store); its HTTP API answers the queries."""
 
     def __init__(self, root: Path, target: str) -> None:
         binary = shutil.which("prometheus")
@@ -515,7 +544,8 @@ class Prometheus:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(  # TZ: its API's times (lastEvaluation) in UTC, whatever the machine's zone
                 [binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-                 f"--web.listen-address={self.url.removeprefix('http://')}"], stdout=log, stderr=subprocess.STDOUT,
+                 f"--web.listen-address={self.url.removeprefix('http://')}",
+                 *[flag for flag in prometheus_command() if flag.startswith("--enable-feature=")]], stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "TZ": "UTC"})
         self.wait_until(lambda: self._get("/-/ready") is not None, "ready")
 
@@ -588,3 +618,40 @@ def test_a_real_prometheus_shows_every_panel_and_alerts_only_when_the_server_is_
                               "alerting that the server is down")
     finally:
         prometheus.stop()
+
+
+def test_a_real_prometheus_keeps_the_exemplars_of_a_traced_server_for_each_latency_panel(world_images, classifier_dir, tmp_path):
+    """The panels' exemplar queries return the ids of the traces of the calls and jobs timed."""
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
+    exporter = InMemorySpanExporter()
+    config = (default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=free_port(), data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20)
+              .replace("tracing", otlp_endpoint="http://127.0.0.1:4317"))  # never reached: the spans go to the exporter
+    server = ExplaindServer(config, span_exporter=exporter)
+    port = server.start()
+    server.load_models()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{server.metrics_port}")
+    try:
+        images, labels = world_images
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            client.predict(images[:4])
+            client.head_versions()  # an explanation service's call
+            sample_set = client.create_sample_set(images[:4].numpy(), labels[:4].numpy(), sample_set_id="exemplars")
+            client.evaluate_sample_set(sample_set.sample_set_id).result(download=False)
+        traced = {f"{span.context.trace_id:032x}" for span in exporter.get_finished_spans()}
+
+        def exemplar_trace_ids(expr: str) -> set[str]:
+            found = prometheus.api("query_exemplars", query=expr, start=str(time.time() - 300), end=str(time.time() + 60))
+            return {exemplar["labels"]["trace_id"] for series in found for exemplar in series["exemplars"]}
+
+        for title, expr in dashboard_queries(exemplars=True):
+            prometheus.wait_until(lambda: exemplar_trace_ids(expr), f"keeping exemplars for {title}: {expr}")
+            assert exemplar_trace_ids(expr) <= traced, title
+    finally:
+        prometheus.stop()
+        server.stop(0)
