@@ -12,8 +12,9 @@ own) and the interceptor and the JobManager make:
 
 Attributes are bounded: method, kind, operation id, codes and states; never sample ids,
 images or neuron ids. A sampled trace's id (:func:`trace_id`) is the exemplar of the
-latency observations of its call and operation, so a dashboard's latency panel opens it. Off (the default), :data:`NO_TRACING` answers every hook with a
-branch: the opentelemetry packages (the ``tracing`` extra) are not imported.
+latency observations of its call and operation, so a dashboard's latency panel opens it.
+Off (the default), :data:`NO_TRACING` answers every hook with a branch: the
+opentelemetry packages (the ``tracing`` extra) are not imported.
 """
 
 from __future__ import annotations
