@@ -6,6 +6,8 @@ The classifier is the shipped ``assets/classifiers/balanced``.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import random
 import signal
@@ -51,6 +53,30 @@ def torch_threads(count: int | None = None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def json_log_lines(logger: str) -> Iterator[list[dict]]:
+    """The INFO and higher lines ``logger`` logs while the block runs, each as the object
+    of its line in ``log_format = "json"``; formatted in the thread that logs, where its
+    call's or operation's span is current."""
+    from explaind.logs import JsonFormatter
+
+    lines: list[dict] = []
+
+    class Formatted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    log, handler = logging.getLogger(logger), Formatted()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def cores() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, json_log_lines
 from explaind.config import ConfigError, TracingSection, default_config
 
 pytest.importorskip("opentelemetry.sdk.trace")
@@ -116,28 +116,13 @@ def test_a_failed_call_records_its_code(traced, spans):
 
 
 def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_call_that_submitted_it(traced, spans, caller, world_images):
-    from explaind.logs import JsonFormatter
-
     client, *_ = traced
     images = (world_images[0][:4].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     sample_set = client.create_sample_set(images, world_images[1][:4].tolist(), sample_set_id="traced-set")
-    lines: list[dict] = []
-
-    class Formatted(logging.Handler):  # formatted in the thread that logs, where its span is current
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(json.loads(JsonFormatter().format(record)))
-
-    jobs_log, handler = logging.getLogger("explaind.jobs"), Formatted()
-    level = jobs_log.level
-    jobs_log.addHandler(handler)
-    jobs_log.setLevel(logging.INFO)
-    try:
+    with json_log_lines("explaind.jobs") as lines:
         with caller.start_as_current_span("nightly evaluation"):
             operation = client.evaluate_sample_set(sample_set.sample_set_id)
         operation.result(download=False)
-    finally:
-        jobs_log.removeHandler(handler)
-        jobs_log.setLevel(level)
     finished = spans.get_finished_spans()
     (submitted,) = _server_spans(spans, "InferenceService/EvaluateSampleSet")
     (span,) = [span for span in finished if span.name == "operation evaluate_sample_set"]

@@ -12,11 +12,17 @@ LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# The ``extra`` key of a record whose fields (name -> str) its JSON line carries as keys
+# of their own, beside its message that names them too: a pipeline filters on them
+# without parsing the message (the audit lines of explaind.service.audit).
+FIELDS = "fields"
+
+
 class JsonFormatter(logging.Formatter):
-    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, "trace_id", "span_id"][,
-    "exception"]}`` per record; the ids (hex, as trace backends show them) of the span
-    current in the thread that logs, when tracing (explaind.tracing) has one sampled: a
-    call's or an operation's lines then lead to its trace, and back."""
+    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, the FIELDS][, "trace_id",
+    "span_id"][, "exception"]}`` per record; the ids (hex, as trace backends show them) of
+    the span current in the thread that logs, when tracing (explaind.tracing) has one
+    sampled: a call's or an operation's lines then lead to its trace, and back."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -24,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **getattr(record, FIELDS, {}),
         }
         line.update(_current_span_ids())
         if record.exc_info:
