@@ -9,9 +9,10 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import json_log_lines
 from explaind.client import Client, ExplaindError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
-from explaind.service import ExplaindServer, auth
+from explaind.service import ExplaindServer, audit, auth
 
 CALLERS = "# who may call\nmonitoring tokenMON\n\nanalyst tokenANA\nroot tokenROOT\n"
 IMAGE = np.full((8, 8, 3), 200, np.uint8)
@@ -78,6 +79,82 @@ def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp
             root.delete_sample_set("train")
     finally:
         server.stop(0)
+
+
+def _audited(lines: list[dict]) -> list[dict]:
+    """The audit lines' fields: all of a line's but its time, level, logger and message."""
+    return [{key: value for key, value in line.items() if key not in ("time", "level", "logger", "message")} for line in lines]
+
+
+def test_each_change_is_logged_with_its_caller_action_and_ids_and_reads_and_refusals_are_not(tmp_path, classifier_dir, callers_file):
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    try:
+        with (client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root,
+              client(server, "tokenWRONG") as stranger, json_log_lines(audit.__name__) as lines):
+            made = monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            appended = monitoring.append_samples("train", [IMAGE], [0])
+            # Reads, Predict and refused calls change nothing.
+            analyst.sample_set("train"), analyst.sample_sets(), analyst.predict([IMAGE])
+            denied(analyst.delete_sample_set, "train")
+            with pytest.raises(UnauthenticatedError):
+                stranger.delete_sample_set("train")
+            edit = monitoring.edit_head("train", 1, [0], max_epochs=1)
+            version = edit.result().version
+            promoted = root.promote_head_version(version.version_id)
+            rolled_back = root.rollback_head_version()
+            root.delete_head_version(version.version_id)
+            evaluation = analyst.evaluate_sample_set("train")
+            evaluation.cancel().wait(timeout=60)  # WaitOperation: a read
+            analyst.delete_operation(evaluation.name)
+            root.delete_sample_set("train")
+        edit_id, evaluation_id = (operation.name.removeprefix("operations/") for operation in (edit, evaluation))
+        assert _audited(lines) == [
+            {"action": "create_sample_set", "caller": "monitoring", "sample_set_id": "train", "sample_set_uid": made.uid},
+            {"action": "append_samples", "caller": "monitoring", "sample_set_id": "train", "sample_set_uid": appended.uid},
+            {"action": "submit_operation", "caller": "monitoring", "operation_id": edit_id, "kind": "edit_head"},
+            {"action": "promote_head_version", "caller": "root", "version_id": version.version_id,
+             "previous_version_id": promoted.previous_version_id},
+            {"action": "rollback_head_version", "caller": "root", "version_id": rolled_back.version.version_id,
+             "previous_version_id": version.version_id},
+            {"action": "delete_head_version", "caller": "root", "version_id": version.version_id},
+            {"action": "submit_operation", "caller": "analyst", "operation_id": evaluation_id, "kind": "evaluate_sample_set"},
+            {"action": "cancel_operation", "caller": "analyst", "operation_id": evaluation_id},
+            {"action": "delete_operation", "caller": "analyst", "operation_id": evaluation_id},
+            {"action": "delete_sample_set", "caller": "root", "sample_set_id": "train"},
+        ]
+        assert lines[-1]["message"] == "delete_sample_set sample_set_id=train by caller root" and lines[-1]["level"] == "INFO"
+        assert not any("token" in line["message"] for line in lines)
+    finally:
+        server.stop(0)
+
+
+def test_without_named_callers_changes_are_logged_without_a_caller(tmp_path, classifier_dir):
+    server = start(tmp_path, classifier_dir, token="tokenONE")
+    try:
+        with client(server, "tokenONE") as anyone, json_log_lines(audit.__name__) as lines:
+            made = anyone.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="shared")
+            anyone.delete_sample_set("shared")
+        assert _audited(lines) == [{"action": "create_sample_set", "sample_set_id": "shared", "sample_set_uid": made.uid},
+                                   {"action": "delete_sample_set", "sample_set_id": "shared"}]
+        assert [line["message"] for line in lines] == [f"create_sample_set sample_set_id=shared sample_set_uid={made.uid}",
+                                                       "delete_sample_set sample_set_id=shared"]
+    finally:
+        server.stop(0)
+
+
+def test_every_method_that_is_not_audited_is_a_read():
+    """A new mutating RPC must join audit.ACTIONS (or this list, if it changes nothing)."""
+    from google.protobuf import descriptor_pool
+
+    from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
+
+    methods = {(service.full_name, method.name) for module in (inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2)
+               for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+    pool = descriptor_pool.Default()
+    assert all(pool.FindServiceByName(service).FindMethodByName(method) for service, method in audit.ACTIONS)
+    reads = {name for _, name in methods - audit.ACTIONS.keys()}
+    assert reads == {"Predict", "GetModelMetadata", "ListHeadVersions", "GetSampleSet", "ListSampleSets", "ListSamples",
+                     "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
 
 
 def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classifier_dir, callers_file, monkeypatch, caplog):

@@ -119,7 +119,7 @@ def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_cal
     client, *_ = traced
     images = (world_images[0][:4].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     sample_set = client.create_sample_set(images, world_images[1][:4].tolist(), sample_set_id="traced-set")
-    with json_log_lines("explaind.jobs") as lines:
+    with json_log_lines("explaind.jobs") as lines, json_log_lines("explaind.service.audit") as audit_lines:
         with caller.start_as_current_span("nightly evaluation"):
             operation = client.evaluate_sample_set(sample_set.sample_set_id)
         operation.result(download=False)
@@ -141,6 +141,8 @@ def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_cal
     queued = [(line.get("trace_id"), line.get("span_id")) for line in lines if re.fullmatch(r"operation \w+ \(\w+\) queued", line["message"])]
     started = [(line.get("trace_id"), line.get("span_id")) for line in lines if " started after " in line["message"]]
     assert queued == [(f"{submitted.context.trace_id:032x}", f"{submitted.context.span_id:016x}")]
+    assert [(line["action"], line["trace_id"], line["span_id"]) for line in audit_lines] == [
+        ("submit_operation", f"{submitted.context.trace_id:032x}", f"{submitted.context.span_id:016x}")]
     assert started == [(f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")]
 
 

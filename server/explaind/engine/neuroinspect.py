@@ -821,7 +821,6 @@ class NeuroInspectEngine:
                 raise FailedPrecondition(f"operations/{editing[0]} is editing from head version {version_id!r}; "
                                          f"delete it once that operation has ended", field="version_id")
             store.delete_head_version(version.feature_version, version_id)
-        log.info("deleted head version %s of classifier %s", version_id, version.name)
 
     def _forget_finished_edits(self) -> None:
         for job_id in [job_id for job_id in self._edits_from if self._job_done(job_id)]:

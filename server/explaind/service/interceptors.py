@@ -1,4 +1,5 @@
-"""One server interceptor for every RPC: auth, error mapping, metrics, tracing.
+"""One server interceptor for every RPC: auth, error mapping, metrics, tracing, and the
+audit line of a call that changed something (explaind.service.audit).
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
 code it names with its message, and an error naming a field also carries it in the
@@ -32,6 +33,7 @@ from google.rpc import error_details_pb2, status_pb2
 from ..errors import ExplaindError, field_detail, report_unexpected
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
+from .audit import log_change
 from .auth import UNNAMED, BearerToken, NamedCallers, calling_as
 
 log = logging.getLogger(__name__)
@@ -321,7 +323,10 @@ class _Observed:
         except Exception as error:
             self._map_unexpected(error)
         else:
-            return self._sendable(response)
+            sendable = self._sendable(response)
+            with current(self._span):  # the audit line carries the call's trace id
+                log_change(self._service, self._method, request, sendable, self._caller)
+            return sendable
 
     def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:

@@ -1,0 +1,80 @@
+"""One INFO line per call that changed something, naming its caller, the action and the
+ids it acted on, so the log answers "who deleted set X, promoted v7, cancelled that
+operation". The interceptor writes it once a call of :data:`ACTIONS` answered OK: one
+table of the mutating methods and one line format, rather than a line at each place a
+change happens. Reads and Predict (volume) get none; the ids come from the request or
+the response, never sample contents, display names or tokens.
+
+The text line reads ``delete_sample_set sample_set_id=train by caller analyst``; a JSON
+line (logs.JsonFormatter) also carries ``action``, ``caller`` and each id as fields of
+their own. A call without a named caller (one token, or no auth) has no ``caller``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from explaind.v1 import operations_pb2
+
+from ..logs import FIELDS
+from .convert import job_id
+
+log = logging.getLogger(__name__)
+
+# request, response -> ids (name -> value); None: the call changed nothing.
+_Ids = Callable[[Any, Any], "dict[str, str] | None"]
+
+
+def _sample_set(_request: Any, response: Any) -> dict[str, str]:
+    return {"sample_set_id": response.sample_set.sample_set_id, "sample_set_uid": response.sample_set.uid}
+
+
+def _submitted(request: Any, response: Any) -> dict[str, str] | None:
+    """The operation a job-starting call submitted; None for a ranking answered inline
+    (a read). An edit that serves its version once stored says so: its job promotes."""
+    if not response.HasField("operation"):
+        return None
+    metadata = operations_pb2.OperationMetadata()
+    response.operation.metadata.Unpack(metadata)
+    ids = {"operation_id": job_id(response.operation.name), "kind": metadata.kind}
+    if getattr(request, "promote", False):
+        ids["promote"] = "true"
+    return ids
+
+
+def _served(_request: Any, response: Any) -> dict[str, str]:
+    return {"version_id": response.version.version_id, "previous_version_id": response.previous_version_id}
+
+
+# (service, method) -> (action, its ids).
+ACTIONS: dict[tuple[str, str], tuple[str, _Ids]] = {
+    ("explaind.v1.SampleSetService", "CreateSampleSet"): ("create_sample_set", _sample_set),
+    ("explaind.v1.SampleSetService", "AppendSamples"): ("append_samples", _sample_set),
+    ("explaind.v1.SampleSetService", "DeleteSampleSet"): ("delete_sample_set", lambda request, _: {"sample_set_id": request.sample_set_id}),
+    ("explaind.v1.InferenceService", "EvaluateSampleSet"): ("submit_operation", _submitted),
+    ("explaind.v1.NeuroInspectService", "RankMistakeNeurons"): ("submit_operation", _submitted),
+    ("explaind.v1.NeuroInspectService", "VisualizeNeurons"): ("submit_operation", _submitted),
+    ("explaind.v1.NeuroInspectService", "EditHead"): ("submit_operation", _submitted),
+    ("explaind.v1.OperationsService", "CancelOperation"): ("cancel_operation", lambda _, response: {"operation_id": job_id(response.operation.name)}),
+    ("explaind.v1.OperationsService", "DeleteOperation"): ("delete_operation", lambda request, _: {"operation_id": job_id(request.name)}),
+    ("explaind.v1.NeuroInspectService", "PromoteHeadVersion"): ("promote_head_version", _served),
+    ("explaind.v1.NeuroInspectService", "RollbackHeadVersion"): ("rollback_head_version", _served),
+    ("explaind.v1.NeuroInspectService", "DeleteHeadVersion"): ("delete_head_version", lambda request, _: {"version_id": request.version_id}),
+}
+
+
+def log_change(service: str, method: str, request: Any, response: Any, caller: str | None) -> None:
+    """The audit line of a call that answered OK, if its method changes anything.
+    ``caller``: its named caller (None: none)."""
+    action = ACTIONS.get((service, method))
+    if action is None:
+        return
+    name, ids_of = action
+    ids = ids_of(request, response)
+    if ids is None:
+        return
+    fields = {"action": name, **({"caller": caller} if caller else {}), **ids}
+    by = f" by caller {caller}" if caller else ""
+    log.info("%s %s%s", name, " ".join(f"{key}={value}" for key, value in ids.items()), by, extra={FIELDS: fields})
