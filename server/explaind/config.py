@@ -68,11 +68,11 @@ _AT_LEAST_ONE = (
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
 # 0 means something here (any port, no metrics, no grace, no reserve, no upload expiry, the model's size, stretched images,
-# torch's threads, keeping operations, no run-time limit); below 0 nothing does.
+# torch's threads, keeping operations, no run-time limit, no per-caller queue limit); below 0 nothing does.
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
-    "clip.illusion_epsilon", "tracing.sample_ratio",
+    "jobs.max_queued_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -295,6 +295,10 @@ class BatchingSection:
 class JobsSection:
     # Jobs waiting to run; beyond this, submitting returns RESOURCE_EXHAUSTED.
     max_queued: int = 64
+    # Jobs one named caller ([server].callers_file) may have waiting to run; beyond this,
+    # its submit returns RESOURCE_EXHAUSTED, so one caller cannot fill the queue for all.
+    # 0: no limit of its own (max_queued alone), as without named callers.
+    max_queued_per_caller: int = 0
     # Concurrent accelerator-bound jobs (1 = they serialise).
     gpu_workers: int = 1
     evaluate_batch_size: int = 64

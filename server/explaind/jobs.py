@@ -29,16 +29,25 @@ larger than ``max_result_bytes``: ``submit(..., cut_lists=...)``); an exception 
 keeps its status code, e.g. INVALID_ARGUMENT, and the field it names). Every job kind uses the models, so all
 share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds one job's
 batch); Predict has its own batcher thread and keeps flowing.
+
+The queue is fair across named callers (a job's ``owner``): a worker that frees takes the
+oldest queued job of the caller whose latest job started longest ago (a caller none of
+whose jobs has started yet first, the one that has waited longest of those), so callers
+with queued jobs take turns, one job each, and an analyst's fifty jobs delay a pipeline's
+one by at most the job running when it was submitted. Jobs without an owner (no named
+callers) are one caller: without callers the queue is first in, first out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -117,9 +126,15 @@ class _Stages:
             self._trace.stage(stage)
 
 
+# What a worker runs for a job: its function and the result's lists it may cut (see JobManager._packed).
+_Work = tuple[Callable[["JobContext"], Message], tuple[str, ...]]
+
+
 class _LiveJob:
-    def __init__(self, record: JobRecord, trace: OperationTrace | None = None) -> None:
+    def __init__(self, record: JobRecord, work: _Work, trace: OperationTrace | None = None) -> None:
         self.record = record
+        self.work = work
+        self.taken = False  # by a worker, which is starting it: no longer in the queue's order
         self.trace = trace  # its spans, when tracing is on
         self.preview = b""
         self.cancel_event = threading.Event()
@@ -228,12 +243,15 @@ def _log_end(record: JobRecord) -> None:
 
 
 class JobManager:
-    """Long-running work as operations: queued (at most ``max_queued``) and run on
-    ``workers`` threads, with progress, cancellation and results kept in the store, so
-    callers may poll, wait or watch, and a restart reports what it cut short."""
+    """Long-running work as operations: queued (at most ``max_queued``, and at most
+    ``max_queued_per_caller`` of one named caller's; 0: no such limit) and run on
+    ``workers`` threads, callers taking turns (see the module's docstring), with progress,
+    cancellation and results kept in the store, so callers may poll, wait or watch, and a
+    restart reports what it cut short."""
 
-    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, workers: int = 1, max_result_bytes: int | None = None,
-                 max_run_s: float | None = None, tracing: Tracing = NO_TRACING, ownership: Ownership | None = None) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, max_queued: int = 64, max_queued_per_caller: int = 0, workers: int = 1,
+                 max_result_bytes: int | None = None, max_run_s: float | None = None, tracing: Tracing = NO_TRACING,
+                 ownership: Ownership | None = None) -> None:
         self.store = store
         # Who may cancel and delete a job (its owner, an admin; see explaind.ownership).
         self.ownership = ownership or Ownership()
@@ -241,6 +259,7 @@ class JobManager:
         # A span per job (child of the RPC submitting it), with its queue wait and stages.
         self.tracing = tracing
         self.max_queued = max_queued
+        self.max_queued_per_caller = max_queued_per_caller
         # Seconds a job may run before its next cancellation check ends it FAILED
         # (DEADLINE_EXCEEDED), so a runaway one frees its worker; None: no limit.
         self.max_run_s = max_run_s
@@ -250,7 +269,10 @@ class JobManager:
         self.max_result_bytes = max_result_bytes
         self._kinds: set[str] = set()  # what list() may filter by: registered or submitted
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
-        self._live: dict[str, _LiveJob] = {}
+        self._live: dict[str, _LiveJob] = {}  # in submission order
+        # The turn each owner's latest job started at (a count of starts), for the fair order (_queue_order).
+        self._last_start: dict[str | None, int] = {}
+        self._starts = itertools.count()
         self._changed = threading.Condition()
         self._accepting = True
 
@@ -318,25 +340,55 @@ class JobManager:
                 return previous
             if not self._accepting:
                 raise Unavailable("the server is shutting down; no new jobs are accepted")
-            queued = sum(1 for live in self._live.values() if live.record.state == QUEUED)
-            if queued >= self.max_queued:
-                raise ResourceExhausted(f"job queue is full ({queued} queued, limit {self.max_queued}); retry later")
+            queued = [live for live in self._live.values() if live.record.state == QUEUED]
+            if owner is not None and self.max_queued_per_caller:
+                if (mine := sum(live.record.owner == owner for live in queued)) >= self.max_queued_per_caller:
+                    raise ResourceExhausted(f"job queue is full for caller {owner!r} ({mine} of its jobs queued, limit "
+                                            f"{self.max_queued_per_caller}, [jobs].max_queued_per_caller); retry later")
+            if len(queued) >= self.max_queued:
+                raise ResourceExhausted(f"job queue is full ({len(queued)} queued, limit {self.max_queued}); retry later")
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message, owner=owner)
             self.store.insert_job(record, request=request)
-            live = _LiveJob(record, self.tracing.operation(record.job_id, kind))
+            live = _LiveJob(record, (fn, cut_lists), self.tracing.operation(record.job_id, kind))
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
-            # Under the lock: the workers take jobs in the order of the live jobs, which
-            # a queued job's message counts its place by (_queued_message).
-            self._executor.submit(self._run, live, fn, cut_lists)
+            # One turn of a worker per job: the turn takes whichever job is first then (_queue_order).
+            self._executor.submit(self._take_turn)
             submitted = self._snapshot(live)
         log.info("operation %s (%s) queued", record.job_id, kind)
         return submitted
 
-    def _run(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
+    def _queue_order(self) -> list[_LiveJob]:
+        """The queued jobs no worker has taken yet, in the order the workers will take
+        them if no other job is submitted (holding ``_changed``): the owners in the order
+        of their latest job's start (one with none started first; ties: its oldest job's
+        submission) take turns, one job each, their oldest first."""
+        waiting: dict[str | None, deque[_LiveJob]] = {}  # each owner's jobs, oldest first; owners by their oldest job
+        for live in self._live.values():
+            if live.record.state == QUEUED and not live.taken:
+                waiting.setdefault(live.record.owner, deque()).append(live)
+        turns = deque(sorted(waiting, key=lambda owner: self._last_start.get(owner, -1)))
+        order = []
+        while turns:
+            owner = turns.popleft()
+            order.append(waiting[owner].popleft())
+            if waiting[owner]:
+                turns.append(owner)
+        return order
+
+    def _take_turn(self) -> None:
+        """A worker's turn: run the job first in the queue's order; none if every job
+        queued since its turn was given has ended or been taken (a cancelled one, say)."""
+        with self._changed:
+            order = self._queue_order()
+            if not order:
+                return
+            live = order[0]
+            self._last_start[live.record.owner] = next(self._starts)
+            live.taken = True
         with current(live.trace.span if live.trace is not None else None):  # the job's log lines carry its span's ids
-            self._run_job(live, fn, cut_lists)
+            self._run_job(live, *live.work)
 
     def _run_job(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
         with self._changed:  # one transition: a cancel either finished it already or sees RUNNING
@@ -497,12 +549,10 @@ class JobManager:
         """``live``'s stored message ("queued"), its place in the queue and what holds the
         workers, e.g. "queued: 2 ahead; running: visualize_neurons 0123456789abcdef (step
         120/400, 14 min)": a caller behind a long job sees what it waits for, and can
-        look that job up by its id (holding ``_changed``)."""
-        ahead = 0
-        for other in self._live.values():  # in submission order, the order the workers take them in
-            if other is live:
-                break
-            ahead += other.record.state == QUEUED
+        look that job up by its id (holding ``_changed``). Its place is in the fair order
+        (:meth:`_queue_order`): a job another caller submits later may go before it."""
+        order = self._queue_order()
+        ahead = order.index(live) if live in order else 0  # not in it: a worker has just taken it
         running = [_holder(other.record) for other in self._live.values() if other.record.state == RUNNING]
         return f"{live.record.message}: {f'{ahead} ahead' if ahead else 'next'}" + (f"; running: {', '.join(running)}" if running else "")
 

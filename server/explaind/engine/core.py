@@ -180,9 +180,9 @@ class Engine:
         self.components: dict[str, ComponentStatus] = {}
         # Half a message for the result leaves the other half to the operation's metadata
         # (its artifacts list) and to a list page's framing.
-        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, workers=config.jobs.gpu_workers,
-                               max_result_bytes=config.server.max_message_bytes // 2, max_run_s=config.jobs.max_run_seconds or None, tracing=tracing,
-                               ownership=Ownership(config.server.admins))
+        self.jobs = JobManager(store, metrics, max_queued=config.jobs.max_queued, max_queued_per_caller=config.jobs.max_queued_per_caller,
+                               workers=config.jobs.gpu_workers, max_result_bytes=config.server.max_message_bytes // 2,
+                               max_run_s=config.jobs.max_run_seconds or None, tracing=tracing, ownership=Ownership(config.server.admins))
         self.ownership = self.jobs.ownership
         self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
         self.device = torch.device("cpu")
