@@ -1749,6 +1749,60 @@ def test_a_queued_job_says_its_place_and_what_runs_as_the_queue_moves_without_a_
     jobs.shutdown(1)
 
 
+def _started_after_a_gate(jobs: JobManager, owner: str | None) -> tuple[str, threading.Event]:
+    """A job of ``owner`` that holds the only worker until the returned gate is set, running."""
+    gate = threading.Event()
+    job_id = jobs.submit("visualize_neurons", lambda ctx: (gate.wait(10), _empty())[1], owner=owner).record.job_id
+    while jobs.get(job_id).record.state != "running":
+        time.sleep(0.01)
+    return job_id, gate
+
+
+def test_callers_take_turns_in_the_job_queue_and_a_queued_job_counts_its_place_in_their_order(tmp_path):
+    # An analyst's 50 visualisations made a monitoring pipeline's evaluation, submitted
+    # after them, wait for all of them: the queue was first in, first out across callers.
+    jobs, started = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), []
+    running, gate = _started_after_a_gate(jobs, "analyst")
+
+    def submit(owner: str, name: str) -> str:
+        return jobs.submit("evaluate_sample_set", lambda ctx: (started.append(name), _empty())[1], owner=owner).record.job_id
+
+    queued = {name: submit(owner, name) for owner, name in (("analyst", "a1"), ("analyst", "a2"), ("analyst", "a3"),
+                                                             ("monitoring", "m1"), ("monitoring", "m2"), ("ci", "c1"))}
+    # Those none of whose jobs has started go first (the pipeline's oldest job is older
+    # than ci's), then the callers take turns, each its oldest job first.
+    order = ["m1", "c1", "a1", "m2", "a2", "a3"]
+    assert {name: jobs.get(job_id).record.message for name, job_id in queued.items()} == {
+        name: f"queued: {f'{place} ahead' if place else 'next'}; running: visualize_neurons {running} (under a minute)"
+        for place, name in enumerate(order)}
+    gate.set()
+    for job_id in queued.values():
+        assert jobs.wait(job_id, 10).record.state == "succeeded"
+    assert started == order
+    jobs.shutdown(1)
+
+
+def test_a_caller_beyond_max_queued_per_caller_is_refused_and_others_are_not(tmp_path):
+    config = default_config().replace("server", data_dir=str(tmp_path)).replace("jobs", max_queued_per_caller=2)
+    engine = Engine(config, SQLiteStore(tmp_path), Metrics())
+    jobs = engine.jobs
+    running, gate = _started_after_a_gate(jobs, "analyst")  # running: no longer queued, so not counted
+    analysts = [jobs.submit("evaluate_sample_set", lambda ctx: _empty(), owner="analyst") for _ in range(2)]
+    with pytest.raises(ResourceExhausted) as refused:
+        jobs.submit("evaluate_sample_set", lambda ctx: _empty(), owner="analyst")
+    assert str(refused.value) == ("job queue is full for caller 'analyst' (2 of its jobs queued, limit 2, "
+                                  "[jobs].max_queued_per_caller); retry later")
+    monitoring = jobs.submit("evaluate_sample_set", lambda ctx: _empty(), owner="monitoring")
+    # Without named callers there is no caller to limit: [jobs].max_queued alone bounds the queue.
+    anonymous = [jobs.submit("evaluate_sample_set", lambda ctx: _empty()) for _ in range(3)]
+    jobs.cancel(analysts[0].record.job_id)  # a slot of the analyst's is free again
+    again = jobs.submit("evaluate_sample_set", lambda ctx: _empty(), owner="analyst")
+    gate.set()
+    for job in (analysts[1], monitoring, *anonymous, again):
+        assert jobs.wait(job.record.job_id, 10).record.state == "succeeded"
+    engine.close()
+
+
 def test_a_job_past_max_run_seconds_fails_deadline_exceeded_at_its_next_check_and_frees_the_worker(tmp_path):
     # One runaway job held the only worker for hours; the jobs behind it said "queued".
     config = default_config().replace("server", data_dir=str(tmp_path)).replace("jobs", max_run_seconds=0.05)
