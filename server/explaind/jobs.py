@@ -31,11 +31,11 @@ share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds
 batch); Predict has its own batcher thread and keeps flowing.
 
 The queue is fair across named callers (a job's ``owner``): a worker that frees takes the
-oldest queued job of the caller whose latest job started longest ago (a caller none of
-whose jobs has started yet first, the one that has waited longest of those), so callers
-with queued jobs take turns, one job each, and an analyst's fifty jobs delay a pipeline's
-one by at most the job running when it was submitted. Jobs without an owner (no named
-callers) are one caller: without callers the queue is first in, first out.
+oldest queued job of the caller whose latest job started longest ago (first a caller none
+of whose jobs has started, of those the one whose oldest queued job is oldest), so callers
+with queued jobs take turns, one job each: a pipeline's job submitted after an analyst's
+fifty waits for the jobs running then and at most one of the fifty. Jobs without an owner
+(no named callers) are one caller: without callers the queue is first in, first out.
 """
 
 from __future__ import annotations
