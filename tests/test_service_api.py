@@ -904,6 +904,40 @@ def test_head_versions_are_listed_in_pages_that_fit_the_message_limit(server_fac
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.value.details().startswith(f"{field}: ")
 
 
+def test_get_head_version_answers_one_version_with_whether_it_is_served(server, client):
+    image = _png(np.full((8, 8, 3), 120, np.uint8))
+    client.create_sample_set([image] * 10, [i % 2 for i in range(10)], sample_set_id="get-head-version")
+    stored = client.edit_head("get-head-version", 1, [0], max_epochs=1).result().version
+    listed = {v.version_id: v for v in client.head_versions()}
+    served = next(v.version_id for v in listed.values() if v.active)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel)
+
+        def get(version_id: str) -> neuroinspect_pb2.HeadVersion:
+            return stub.GetHeadVersion(neuroinspect_pb2.GetHeadVersionRequest(version_id=version_id), timeout=30).version
+
+        pages = stub.ListHeadVersions(neuroinspect_pb2.ListHeadVersionsRequest(page_size=1000), timeout=30).versions
+        assert get(stored.version_id) == next(v for v in pages if v.version_id == stored.version_id)  # evaluations and all
+        assert (get(stored.version_id).active, get(served).active) == (False, True)
+        with pytest.raises(grpc.RpcError) as unknown:
+            get("v9999")
+        status = status_pb2.Status.FromString(dict(unknown.value.trailing_metadata())["grpc-status-details-bin"])
+        info = error_details_pb2.ErrorInfo()
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and status.details[0].Unpack(info) and info.metadata["field"] == "version_id"
+        for malformed, why in (("", "required"), ("v01", "'v01' is not a head version id")):
+            with pytest.raises(grpc.RpcError) as refused:
+                get(malformed)
+            status = status_pb2.Status.FromString(dict(refused.value.trailing_metadata())["grpc-status-details-bin"])
+            violation = error_details_pb2.BadRequest()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and status.details[0].Unpack(violation)
+            assert [v.field for v in violation.field_violations] == ["version_id"] and why in violation.field_violations[0].description
+    assert client.head_version(stored.version_id) == listed[stored.version_id]
+    client.delete_head_version(stored.version_id)
+    with pytest.raises(NotFoundError) as deleted:
+        client.head_version(stored.version_id)
+    assert deleted.value.field == "version_id"
+
+
 def _padded_png(size: int) -> bytes:
     """An 8x8 PNG padded with a text chunk to exactly ``size`` bytes."""
     from PIL import PngImagePlugin

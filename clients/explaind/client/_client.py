@@ -34,7 +34,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, error_from_code, from_rpc_error
+from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, error_from_code, from_rpc_error
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -58,7 +58,7 @@ READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
     "explaind.v1.OperationsService": ("GetOperation", "ListOperations", "WaitOperation", "GetArtifact"),
-    "explaind.v1.NeuroInspectService": ("ListHeadVersions",),
+    "explaind.v1.NeuroInspectService": ("ListHeadVersions", "GetHeadVersion"),
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
 # Calls that start an operation or upload samples, sent with a request_id (AIP-155: a new
@@ -998,13 +998,39 @@ class Client:
     def head_versions(self) -> list[HeadVersion]:
         """Head versions of the served feature extractor, oldest first. ``active`` marks the
         one served when the last page was read: one version, even if a promote came between pages."""
-        found, token = [], ""
+        found: list[HeadVersion] = []
+        for response in self._head_version_pages():
+            found += [_neuroinspect.head_version(v) for v in response.versions]
+            active_id = response.active_version_id
+        return [dataclasses.replace(v, active=v.version_id == active_id) for v in found]
+
+    def head_version(self, version_id: str) -> HeadVersion:
+        """One stored head version (e.g. ``"v3"``), ``active`` if it was served when it was
+        read. NotFoundError for an unknown or deleted one, InvalidArgumentError for an id
+        no version can have (not "v" and a number without leading zeros). A server older
+        than GetHeadVersion is asked for its list instead, page by page until the version
+        turns up (NotFoundError, naming version_id, when it does not)."""
+        request = _request(neuroinspect_pb2.GetHeadVersionRequest, version_id=version_id)
+        try:
+            return _neuroinspect.head_version(self._call("neuroinspect", "GetHeadVersion", request).version)
+        except UnimplementedError:
+            pass
+        for response in self._head_version_pages():  # each page's `active` is read with it
+            for message in response.versions:
+                if message.version_id == version_id:
+                    return _neuroinspect.head_version(message)
+        raise error_from_code(grpc.StatusCode.NOT_FOUND, f"no head version {version_id!r} for the served feature extractor "
+                              f"(looked up in ListHeadVersions: the server at {self.target} has no GetHeadVersion)", field="version_id")
+
+    def _head_version_pages(self) -> Iterator[neuroinspect_pb2.ListHeadVersionsResponse]:
+        """ListHeadVersions' responses, first page to last, each asked when the one before is used up."""
+        token = ""
         while True:
             response = self._call("neuroinspect", "ListHeadVersions", _request(neuroinspect_pb2.ListHeadVersionsRequest, page_token=token))
-            found += [_neuroinspect.head_version(v) for v in response.versions]
+            yield response
             token = response.next_page_token
             if not token:
-                return [dataclasses.replace(v, active=v.version_id == response.active_version_id) for v in found]
+                return
 
     def promote_head_version(self, version_id: str) -> ActiveHeadChange:
         """Serve ``version_id`` (atomically; persists across restarts). The result names

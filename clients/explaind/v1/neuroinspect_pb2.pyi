@@ -380,6 +380,18 @@ class ListHeadVersionsResponse(_message.Message):
     next_page_token: str
     def __init__(self, versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping[str, _Any]]]] = ..., active_version_id: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetHeadVersionRequest(_message.Message):
+    __slots__ = ("version_id",)
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    def __init__(self, version_id: _Optional[str] = ...) -> None: ...
+
+class GetHeadVersionResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: HeadVersion
+    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping[str, _Any]]] = ...) -> None: ...
+
 class PromoteHeadVersionRequest(_message.Message):
     __slots__ = ("version_id",)
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -68,6 +68,11 @@ class NeuroInspectServiceStub:
                 request_serializer=explaind_dot_v1_dot_neuroinspect__pb2.ListHeadVersionsRequest.SerializeToString,
                 response_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.ListHeadVersionsResponse.FromString,
                 _registered_method=True)
+        self.GetHeadVersion = channel.unary_unary(
+                '/explaind.v1.NeuroInspectService/GetHeadVersion',
+                request_serializer=explaind_dot_v1_dot_neuroinspect__pb2.GetHeadVersionRequest.SerializeToString,
+                response_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.GetHeadVersionResponse.FromString,
+                _registered_method=True)
         self.PromoteHeadVersion = channel.unary_unary(
                 '/explaind.v1.NeuroInspectService/PromoteHeadVersion',
                 request_serializer=explaind_dot_v1_dot_neuroinspect__pb2.PromoteHeadVersionRequest.SerializeToString,
@@ -161,6 +166,16 @@ class NeuroInspectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHeadVersion(self, request, context):
+        """One head version, its `active` read together with it (whether it was served when
+        it was read). An unknown version_id (a deleted one, say) is NOT_FOUND and a
+        malformed one INVALID_ARGUMENT, as in PromoteHeadVersion. A server older than this
+        method answers UNIMPLEMENTED; the SDK then looks the version up in ListHeadVersions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PromoteHeadVersion(self, request, context):
         """Serves a head version. Atomic: every Predict is computed entirely with the old head
         or entirely with the new one, and reports which (model_version). Persists across
@@ -219,6 +234,11 @@ def add_NeuroInspectServiceServicer_to_server(servicer, server):
                     servicer.ListHeadVersions,
                     request_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.ListHeadVersionsRequest.FromString,
                     response_serializer=explaind_dot_v1_dot_neuroinspect__pb2.ListHeadVersionsResponse.SerializeToString,
+            ),
+            'GetHeadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHeadVersion,
+                    request_deserializer=explaind_dot_v1_dot_neuroinspect__pb2.GetHeadVersionRequest.FromString,
+                    response_serializer=explaind_dot_v1_dot_neuroinspect__pb2.GetHeadVersionResponse.SerializeToString,
             ),
             'PromoteHeadVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteHeadVersion,
@@ -358,6 +378,33 @@ class NeuroInspectService:
             '/explaind.v1.NeuroInspectService/ListHeadVersions',
             explaind_dot_v1_dot_neuroinspect__pb2.ListHeadVersionsRequest.SerializeToString,
             explaind_dot_v1_dot_neuroinspect__pb2.ListHeadVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHeadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/explaind.v1.NeuroInspectService/GetHeadVersion',
+            explaind_dot_v1_dot_neuroinspect__pb2.GetHeadVersionRequest.SerializeToString,
+            explaind_dot_v1_dot_neuroinspect__pb2.GetHeadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

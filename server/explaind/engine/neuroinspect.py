@@ -756,6 +756,15 @@ class NeuroInspectEngine:
         with self._versions_lock:
             return self._engine.store.list_head_versions(version.feature_version, after=after, limit=limit), self.active_head_version().version_id
 
+    def head_version(self, version_id: str) -> tuple[HeadVersionRecord, str]:
+        """A stored version and the active id at the same moment, read under the lock
+        that promote, rollback and delete take (as :meth:`head_versions`). INVALID_ARGUMENT
+        for a malformed id, NOT_FOUND for an unknown one, each naming version_id."""
+        _check_version_id(version_id)
+        version = self._split_version()
+        with self._versions_lock:
+            return self._engine.store.get_head_version(version.feature_version, version_id), self.active_head_version().version_id
+
     def active_head_version(self) -> HeadVersionRecord:
         version = self._split_version()
         store = self._engine.store

@@ -117,6 +117,10 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             next_page_token=resume_token("head_versions", last.create_time, last.version_id) if last else "",
         )
 
+    def GetHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.GetHeadVersionResponse:
+        record, active_id = self._engine.head_version(request.version_id)
+        return neuroinspect_pb2.GetHeadVersionResponse(version=self._engine.head_version_message(record, active_id))
+
     def PromoteHeadVersion(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.PromoteHeadVersionResponse:
         record, previous = self._engine.promote_head_version(request.version_id, caller=current_caller())
         return neuroinspect_pb2.PromoteHeadVersionResponse(version=self._engine.head_version_message(record), previous_version_id=previous)
