@@ -112,6 +112,71 @@ def test_head_versions_read_over_pages_mark_one_active_the_one_the_last_page_nam
         assert [(v.version_id, v.active) for v in offline.head_versions()] == [("v0", False), ("v1", False), ("v2", False), ("v3", True)]
 
 
+class _OlderHeadVersions:
+    """A NeuroInspectService from before GetHeadVersion: it serves ListHeadVersions alone
+    (v0..v3 over two pages, v1 served when the first was read, v3 when the second was)
+    and answers anything else UNIMPLEMENTED, as gRPC does for a method it was not given."""
+
+    def __init__(self) -> None:
+        from explaind.v1 import neuroinspect_pb2
+
+        self.page_tokens: list[str] = []
+        self.pages = {
+            "": neuroinspect_pb2.ListHeadVersionsResponse(
+                versions=[neuroinspect_pb2.HeadVersion(version_id="v0"), neuroinspect_pb2.HeadVersion(version_id="v1", active=True)],
+                active_version_id="v1", next_page_token="after-v1"),
+            "after-v1": neuroinspect_pb2.ListHeadVersionsResponse(
+                versions=[neuroinspect_pb2.HeadVersion(version_id="v2"), neuroinspect_pb2.HeadVersion(version_id="v3", active=True)],
+                active_version_id="v3"),
+        }
+
+    def ListHeadVersions(self, request, context):
+        self.page_tokens.append(request.page_token)
+        return self.pages[request.page_token]
+
+
+def _add_list_head_versions_only(servicer: _OlderHeadVersions, server: grpc.Server) -> None:
+    from explaind.v1 import neuroinspect_pb2
+
+    handler = grpc.unary_unary_rpc_method_handler(servicer.ListHeadVersions, request_deserializer=neuroinspect_pb2.ListHeadVersionsRequest.FromString,
+                                                  response_serializer=neuroinspect_pb2.ListHeadVersionsResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("explaind.v1.NeuroInspectService", {"ListHeadVersions": handler}),))
+
+
+def test_head_version_from_a_server_without_get_head_version_is_read_from_the_list_pages():
+    from explaind.client import NotFoundError
+
+    older = _OlderHeadVersions()
+    server, target = _serve(older, add=_add_list_head_versions_only)
+    try:
+        with Client(target, timeout=30) as client:
+            first = client.head_version("v1")
+            assert (first.version_id, first.active) == ("v1", True) and older.page_tokens == [""]  # the page holding it, no further
+            older.page_tokens.clear()
+            assert (client.head_version("v3").active, older.page_tokens) == (True, ["", "after-v1"])
+            with pytest.raises(NotFoundError, match=r"no head version 'v9'.*has no GetHeadVersion") as missing:
+                client.head_version("v9")
+            assert missing.value.field == "version_id"
+    finally:
+        server.stop(0)
+
+
+def test_head_version_from_a_server_with_get_head_version_is_one_call():
+    from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
+
+    class Current(_OlderHeadVersions, neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
+        def GetHeadVersion(self, request, context):
+            return neuroinspect_pb2.GetHeadVersionResponse(version=neuroinspect_pb2.HeadVersion(version_id=request.version_id, method="loaded"))
+
+    current = Current()
+    server, target = _serve(current, add=neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            assert (client.head_version("v2").version_id, client.head_version("v2").method, current.page_tokens) == ("v2", "loaded", [])
+    finally:
+        server.stop(0)
+
+
 def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
     # As list.index: a model whose class names repeat ("cat" at 0 and 2) labels "cat" as 0.
     from types import SimpleNamespace
