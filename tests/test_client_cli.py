@@ -87,6 +87,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["head-versions", "promote"], "head-versions promote: give a version id"),
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),
         (["head-versions", "delete"], "head-versions delete: give a version id"),
+        (["head-versions", "show"], "head-versions show: give a version id"),
         (["operations", "list", "junk"], "operations list takes no operation name"),
         (["operations", "get", "operations/0123456789abcdef", "extra"], "operations get takes one operation name, got 'extra' as well"),
         (["operations", "wait", "operations/0123456789abcdef", "-o", "out.png"], "operations wait takes one operation name, got --output as well"),
@@ -878,7 +879,7 @@ def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", printed) and printed.count("\n") == 4
 
 
-def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images):
+def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images, labels, sample_set_id="edit-cli")
@@ -897,9 +898,16 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         assert versions[-1].active
     assert main(["--target", server.target, "head-versions", "promote", served_before]) == 0  # leave the module's server as it was
     assert capsys.readouterr().out == f"serving {served_before} (was {versions[-1].version_id})\n"
-    # Later, `operations get` of that job says what is served now, not what was at its end.
+    for version_id, line in ((versions[-1].version_id, dataclasses.replace(versions[-1], active=False).summary()),
+                             (served_before, next(v for v in before if v.active).summary())):
+        assert main(["--target", server.target, "head-versions", "show", version_id]) == 0
+        assert capsys.readouterr().out == line + "\n"
+    # Later, `operations get` of that job says what is served now, not what was at its end:
+    # asked of that version alone, not by listing every version.
+    monkeypatch.setattr(Client, "head_versions", lambda self: pytest.fail("operations get listed every head version"))
     assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0
     later = capsys.readouterr().out
+    monkeypatch.undo()
     assert "not served; promote it to serve it" in later and f"  {versions[-1].version_id} " in later
     line = _error(capsys, ["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "9999"])
     assert "neurons" in line and "9999" in line
@@ -913,6 +921,8 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         assert [v.version_id for v in client.head_versions()] == [v.version_id for v in before]
     assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0  # it offered a promote
     assert capsys.readouterr().out.splitlines()[-1] == f"head version {versions[-1].version_id} has been deleted since"
+    line = _error(capsys, ["--target", server.target, "head-versions", "show", versions[-1].version_id])
+    assert f"NOT_FOUND: version_id: no head version '{versions[-1].version_id}'" in line
 
 
 def test_class_counts_fall_back_to_indices_when_the_server_cannot_name_them():
@@ -1047,6 +1057,7 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert version["method"] == "probability_ratio" and version["neurons"] == [3] and version["active"] is False
     assert version["evaluation"]["accuracy"] >= 0 and edit["best_epoch"] <= edit["epochs_run"] and edit["operation"].startswith("operations/")
     assert _json_out(capsys, [*target, "head-versions", "list", "--json"])[-1] == version
+    assert _json_out(capsys, [*target, "head-versions", "show", version["version_id"], "--json"]) == version
     # The seed orders the minibatches: another one trains another head.
     reseeded = _json_out(capsys, [*target, "edit-head", "edit-json", "--class", "heart", "--neurons", "3", "--seed", "1", "--json"])
     assert reseeded["version"]["model_version"] != version["model_version"]

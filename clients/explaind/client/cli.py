@@ -12,7 +12,7 @@
     explaind visualize 8 21:heart --out-dir images
     explaind edit-head hearts --class heart --neurons 8 21 63 [--promote]
     explaind report --class heart --sample-set hearts --out report.html
-    explaind head-versions list | promote v1 | rollback | delete v2
+    explaind head-versions list | show v1 | promote v1 | rollback | delete v2
     explaind demo                            # a server on the shapes world + a session
 """
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._client import DEFAULT_TARGET, Client
-from ._errors import ExplaindError, UnauthenticatedError, UnavailableError
+from ._errors import ExplaindError, NotFoundError, UnauthenticatedError, UnavailableError
 from ._images import image_folder
 from ._operations import OPERATION_STATES
 from ._types import ModelMetadata
@@ -808,9 +808,11 @@ def cmd_operations(args: argparse.Namespace) -> int:
         if operation.state == "succeeded" and operation.kind in _RESULT_PRINTERS:
             result = operation.result(download=False)  # the printers show no ω or images
             if operation.kind == "edit_head":  # stored when the job ended; the served head may have changed since
-                stored = {v.version_id: v for v in client.head_versions()}.get(result.version.version_id)
-                deleted_version = stored is None
-                if stored is not None:
+                try:
+                    stored = client.head_version(result.version.version_id)
+                except NotFoundError:
+                    deleted_version = True
+                else:
                     result = dataclasses.replace(result, version=dataclasses.replace(result.version, active=stored.active))
         if args.json:
             value = _operation_json(operation, result)
@@ -987,6 +989,12 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
         elif args.action == "delete":
             client.delete_head_version(args.version)
             print(json.dumps({"deleted": args.version}) if args.json else f"deleted {args.version}")
+        elif args.action == "show":
+            version = client.head_version(args.version)
+            if args.json:
+                _print_json(version)
+            else:
+                print(version.summary())
         elif args.json:
             _print_json(client.head_versions())
         else:
@@ -1170,14 +1178,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(run=cmd_report)
 
-    head_versions = command("head-versions", "list, promote, roll back or delete classifier head versions")
+    head_versions = command("head-versions", "list, show, promote, roll back or delete classifier head versions")
     head_versions.add_argument(
-        "action", choices=("list", "promote", "rollback", "delete"),
-        help="promote VERSION serves it; rollback serves the active version's parent (the version it was edited from), or VERSION; "
+        "action", choices=("list", "show", "promote", "rollback", "delete"),
+        help="show VERSION prints its line of list (whether it is served now); promote VERSION serves it; "
+             "rollback serves the active version's parent (the version it was edited from), or VERSION; "
              "delete VERSION removes a version not served",
     )
     head_versions.add_argument("version", nargs="?", help="a version id from list, e.g. v1")
-    head_versions.add_argument("--json", action="store_true", help="print the versions (list) or the served version as JSON")
+    head_versions.add_argument("--json", action="store_true", help="print the versions (list), the version (show) or the served version as JSON")
     head_versions.set_defaults(run=cmd_head_versions)
 
     demo = command("demo", "serve the shapes world and run a client session end to end", client=False)
@@ -1243,7 +1252,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if args.command == command and args.no_wait and getattr(args, option):
             usage_error(f"{command}: --{option.replace('_', '-')} needs the result, which --no-wait does not wait for; "
                         f"drop --no-wait, or fetch the files later: explaind {later}")
-    if args.command == "head-versions" and args.action in ("promote", "delete") and not args.version:
+    if args.command == "head-versions" and args.action in ("show", "promote", "delete") and not args.version:
         usage_error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
         usage_error("head-versions list takes no version id")
