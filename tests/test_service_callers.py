@@ -153,7 +153,7 @@ def test_every_method_that_is_not_audited_is_a_read():
     pool = descriptor_pool.Default()
     assert all(pool.FindServiceByName(service).FindMethodByName(method) for service, method in audit.ACTIONS)
     reads = {name for _, name in methods - audit.ACTIONS.keys()}
-    assert reads == {"Predict", "GetModelMetadata", "ListHeadVersions", "GetSampleSet", "ListSampleSets", "ListSamples",
+    assert reads == {"Predict", "GetModelMetadata", "ListHeadVersions", "GetHeadVersion", "GetSampleSet", "ListSampleSets", "ListSamples",
                      "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
 
 
