@@ -81,6 +81,30 @@ def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp
         server.stop(0)
 
 
+def test_a_request_id_is_its_callers_own_and_another_caller_sending_it_again_gets_nothing_of_the_first(tmp_path, classifier_dir, callers_file):
+    # A repeat is answered with what the first request made: from another caller, with the
+    # same request, it would get the first caller's set or operation as its own (and an
+    # audit line naming it as their maker).
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    upload, evaluation = "123e4567-e89b-42d3-a456-426614174000", "00000000-0000-4000-8000-000000000001"
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
+            made = monitoring.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="train", request_id=upload)
+            operation = monitoring.evaluate_sample_set("train", request_id=evaluation)
+            for other in (analyst, root):
+                for call in (lambda: other.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="train", request_id=upload),
+                             lambda: other.evaluate_sample_set("train", request_id=evaluation)):
+                    with pytest.raises(ExplaindError) as refused:
+                        call()
+                    assert (refused.value.code, refused.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id"), refused.value
+            # The caller's own repeats still get what the first made.
+            assert monitoring.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="train", request_id=upload).uid == made.uid
+            assert monitoring.evaluate_sample_set("train", request_id=evaluation).name == operation.name
+            assert [op.owner for op in root.operations()] == ["monitoring"]
+    finally:
+        server.stop(0)
+
+
 def _audited(lines: list[dict]) -> list[dict]:
     """The audit lines' fields: all of a line's but its time, level, logger and message."""
     return [{key: value for key, value in line.items() if key not in ("time", "level", "logger", "message")} for line in lines]

@@ -20,6 +20,7 @@ from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_arra
 from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, RequestKey, SampleSetInfo
+from .auth import current_caller
 
 _DTYPE_NAMES = {
     common_pb2.DATA_TYPE_UINT8: "uint8",
@@ -49,8 +50,11 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
     """A request's ``request_id`` (AIP-155; None when empty) with a fingerprint of the
     rest of it: its type and its other fields, serialised deterministically. ``apart``
     names a repeated field (an upload's samples) hashed item by item, never copied: a
-    64 MiB request's fingerprint then takes 0.07 s, not 0.3 s. An id that is not a UUID
-    is InvalidArgument naming request_id."""
+    64 MiB request's fingerprint then takes 0.07 s, not 0.3 s. The named caller sending
+    it (explaind.ownership) is part of the fingerprint: another caller repeating a
+    caller's request_id and request is another request (INVALID_ARGUMENT), not a repeat
+    answered with what the first made, which its audit line would name as its own change.
+    An id that is not a UUID is InvalidArgument naming request_id."""
     request_id = request.request_id
     if not request_id:
         return None
@@ -67,6 +71,8 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
         else:
             setattr(rest, field.name, value)
     hashed = hashlib.sha256(rest.DESCRIPTOR.full_name.encode() + b"\0")
+    if (caller := current_caller()) is not None:  # none: the fingerprint of a store from before named callers
+        hashed.update(b"caller\0" + caller.encode() + b"\0")
     for part in (rest, *(getattr(request, apart) if apart else ())):  # length-prefixed, so no two requests hash alike
         encoded = part.SerializeToString(deterministic=True)
         hashed.update(len(encoded).to_bytes(8, "little") + encoded)
