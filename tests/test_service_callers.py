@@ -195,6 +195,9 @@ def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classif
                 analyst.sample_sets()
             callers_file.write_text("monitoring tokenMON\nmonitoring tokenNEW\n")  # half-done: keeps what was in force
             assert newcomer.sample_set("new").owner == "newcomer"
+            callers_file.write_text("")  # emptied before it is written again: so does this
+            assert newcomer.sample_set("new").owner == "newcomer"
+            assert "names no caller" in caplog.text
             assert "line 2: caller 'monitoring' is named on line 1 too" in caplog.text and "tokenNEW" not in caplog.text
     finally:
         server.stop(0)
@@ -205,6 +208,7 @@ def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classif
     ("# c\nBad tokenB\n", "line 2: caller name 'Bad' must match"),
     ("a tokenA extra\n", "line 1: expected NAME TOKEN, got 3 word(s)"),
     ("a tokenA\n\na tokenB\n", "line 3: caller 'a' is named on line 1 too"),
+    ("# none yet\n\n", "names no caller"),
 ])
 def test_a_bad_callers_file_fails_the_start_naming_its_line(tmp_path, classifier_dir, text, problem):
     path = tmp_path / "callers"

@@ -185,7 +185,9 @@ def parse_callers(text: str) -> dict[str, str]:
     """Caller name -> token from a callers file: one caller per line, ``NAME TOKEN``;
     blank lines and lines starting with ``#`` are skipped. ValueError naming the line
     (never quoting a token) for a malformed line, a bad name or token, or a name or token
-    given twice: two callers with one token could not be told apart."""
+    given twice: two callers with one token could not be told apart; and for a file that
+    names no caller, which would refuse every call (a rotation caught half-way, the file
+    emptied before it is written, must keep the callers in force)."""
     callers: dict[str, str] = {}
     lines_of_tokens: dict[str, int] = {}
     lines_of_names: dict[str, int] = {}
@@ -207,6 +209,8 @@ def parse_callers(text: str) -> dict[str, str]:
             raise ValueError(f"line {number}: the token of {name!r} is that of line {lines_of_tokens[token]} too")
         lines_of_names[name], lines_of_tokens[token] = number, number
         callers[name] = token
+    if not callers:
+        raise ValueError("names no caller (every call would be refused); one a line: NAME TOKEN")
     return callers
 
 
