@@ -269,3 +269,99 @@ def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
         assert (store.get_job("0123456789abcdef").owner, store.get_sample_set("old").owner) == (None, None)
     finally:
         store.close()
+
+
+def _refused_field(call, *args) -> tuple[str, str]:
+    """(field, message) of the INVALID_ARGUMENT the call must raise."""
+    with pytest.raises(ExplaindError) as refused:
+        call(*args)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    return refused.value.field or "", refused.value.details
+
+
+def test_lists_keep_to_one_owner_page_by_page_with_tokens_bound_to_it(tmp_path, classifier_dir, callers_file):
+    """A monitoring pipeline sharing the server with analysts lists its own operations and
+    sets (owner=): pages of only its objects, each token good for that owner's listing alone."""
+    from explaind.v1 import operations_pb2, sample_sets_pb2
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst:
+            for set_id in ("m1", "a1", "m2", "a2", "m3"):
+                (monitoring if set_id[0] == "m" else analyst).create_sample_set([IMAGE] * 2, [0, 1], sample_set_id=set_id)
+            submitted = [caller.evaluate_sample_set("m1") for caller in (monitoring, analyst, monitoring, analyst, monitoring)]
+            for operation in submitted:
+                operation.result(timeout=60)
+            mine = [operation.name for operation in submitted[::2]][::-1]  # newest first
+
+            # Reads stay open: anyone may list a caller's objects.
+            assert [s.sample_set_id for s in analyst.sample_sets(owner="monitoring")] == ["m1", "m2", "m3"]
+            assert [s.sample_set_id for s in monitoring.sample_sets(owner="analyst")] == ["a1", "a2"]
+            assert len(monitoring.sample_sets()) == 5 and monitoring.sample_sets(owner="root") == []
+            assert [op.name for op in analyst.operations(owner="monitoring")] == mine
+            assert [op.name for op in analyst.operations(owner="monitoring", limit=2)] == mine[:2]
+            assert [op.name for op in analyst.operations(kind="evaluate_sample_set", state="succeeded", owner="analyst")] == [
+                op.name for op in submitted[1::2][::-1]]
+
+            def list_sets(**fields: object) -> sample_sets_pb2.ListSampleSetsResponse:
+                return monitoring._call("sample_sets", "ListSampleSets", sample_sets_pb2.ListSampleSetsRequest(**fields))
+
+            def list_operations(**fields: object) -> operations_pb2.ListOperationsResponse:
+                return monitoring._call("operations", "ListOperations", operations_pb2.ListOperationsRequest(**fields))
+
+            first = list_sets(owner="monitoring", page_size=2)
+            second = list_sets(owner="monitoring", page_size=2, page_token=first.next_page_token)
+            assert [s.sample_set_id for page in (first, second) for s in page.sample_sets] == ["m1", "m2", "m3"]
+            assert second.next_page_token == ""
+            first_operations = list_operations(owner="monitoring", page_size=2)
+            second_operations = list_operations(owner="monitoring", page_size=2, page_token=first_operations.next_page_token)
+            assert [op.name for page in (first_operations, second_operations) for op in page.operations] == mine
+            everyone = list_sets(page_size=1).next_page_token
+            for listing, token in ((list_sets, first.next_page_token), (list_operations, first_operations.next_page_token)):
+                for other in ("analyst", ""):
+                    field, message = _refused_field(lambda: listing(owner=other, page_token=token))
+                    assert field == "page_token" and "caller 'monitoring'" in message, message
+            field, message = _refused_field(lambda: list_sets(owner="monitoring", page_token=everyone))
+            assert field == "page_token" and "everyone's" in message, message
+            for bad in ("Monitoring", "-x", "a b", "x" * 65):
+                for listing in (list_sets, list_operations):
+                    field, message = _refused_field(lambda: listing(owner=bad))
+                    assert field == "owner" and "no caller name" in message, message
+            assert "list_owner_filter" in monitoring.model_metadata().capabilities
+    finally:
+        server.stop(0)
+
+
+def test_one_owners_list_page_costs_the_same_however_many_objects_other_callers_have(tmp_path):
+    from conftest import vm_steps
+    from explaind.store import JobRecord, SampleRecord, SQLiteStore
+
+    def store_with_others(path: Path, others: int) -> SQLiteStore:
+        """Twelve sets and operations of "monitoring" among ``others`` of "analyst" each,
+        interleaved in time (an analyst's newer than every one of the pipeline's too)."""
+        store = SQLiteStore(path)
+        for i in range(12 + others):
+            owner = "monitoring" if i % max(1, others // 12) == 0 and i < 12 * max(1, others // 12) else "analyst"
+            store.create_sample_set(f"set-{i:04d}", "", [SampleRecord(f"{i:064x}", 0)], owner=owner)
+            store.insert_job(JobRecord(f"job-{i:04d}", "evaluate_sample_set", "succeeded", float(i), owner=owner))
+        return store
+
+    few, many = store_with_others(tmp_path / "few", 10), store_with_others(tmp_path / "many", 400)
+
+    def pages(store: SQLiteStore) -> dict[str, object]:
+        sets = store.list_sample_sets(owner="monitoring")
+        jobs = store.list_jobs(owner="monitoring")
+        assert len(sets) == len(jobs) == 12 and {s.owner for s in sets} == {j.owner for j in jobs} == {"monitoring"}
+        return {"first set page": lambda: store.list_sample_sets(owner="monitoring", limit=5),
+                "next set page": lambda: store.list_sample_sets(owner="monitoring", after=(sets[4].create_time, sets[4].sample_set_id), limit=5),
+                "first operations page": lambda: store.list_jobs(owner="monitoring", limit=5),
+                "next operations page": lambda: store.list_jobs(owner="monitoring", after=(jobs[4].create_time, jobs[4].job_id), limit=5),
+                "operations page of a kind and state": lambda: store.list_jobs(kind="evaluate_sample_set", state="succeeded", owner="monitoring",
+                                                                               limit=5)}
+
+    few_pages, many_pages = pages(few), pages(many)
+    for name, call in few_pages.items():
+        few_steps, many_steps = vm_steps(few, call), vm_steps(many, many_pages[name])
+        assert many_steps < 1.2 * few_steps, (name, few_steps, many_steps)
+    for store in (few, many):
+        store.close()

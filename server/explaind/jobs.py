@@ -578,10 +578,10 @@ class JobManager:
             return snapshot
         return JobSnapshot(self.store.get_job(snapshot.record.job_id), snapshot.preview)
 
-    def list(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
+    def list(self, *, kind: str = "", state: str = "", owner: str = "", after: tuple[float, str] | None = None,
              limit: int = 100, responses: bool = True) -> list[JobSnapshot]:
-        """Newest first, resuming after the (create_time, job_id) of a previous page's last
-        job; fewer than ``limit`` only at the end (a page's size is how a caller tells).
+        """Newest first (only ``owner``'s, when given), resuming after the (create_time, job_id)
+        of a previous page's last job; fewer than ``limit`` only at the end (a page's size is how a caller tells).
         Without ``responses``, a succeeded job stored before the call has ``result`` b""
         (:meth:`response` reads it)."""
         # A kind no engine runs any more still lists the jobs stored under it.
@@ -590,7 +590,7 @@ class JobManager:
         snapshots: list[JobSnapshot] = []
         while len(snapshots) < limit:
             wanted = limit - len(snapshots)
-            records = self.store.list_jobs(kind=kind, state=state, after=after, limit=wanted, responses=responses)
+            records = self.store.list_jobs(kind=kind, state=state, owner=owner, after=after, limit=wanted, responses=responses)
             for record in records:
                 if record.state in FINISHED_STATES:
                     snapshots.append(JobSnapshot(record))

@@ -762,12 +762,14 @@ class Client:
         """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""
         return _sample_set(self._call("sample_sets", "GetSampleSet", _request(sample_sets_pb2.GetSampleSetRequest, sample_set_id=sample_set_id)).sample_set)
 
-    def sample_sets(self) -> list[SampleSet]:
-        """Every sample set, oldest first."""
+    def sample_sets(self, *, owner: str = "") -> list[SampleSet]:
+        """Every sample set, oldest first; with ``owner``, only those that named caller
+        created (a server older than the filter sends every set, and this keeps that
+        caller's)."""
         found, token = [], ""
         while True:
-            response = self._call("sample_sets", "ListSampleSets", _request(sample_sets_pb2.ListSampleSetsRequest, page_token=token))
-            found += [_sample_set(s) for s in response.sample_sets]
+            response = self._call("sample_sets", "ListSampleSets", _request(sample_sets_pb2.ListSampleSetsRequest, owner=owner, page_token=token))
+            found += [_sample_set(s) for s in response.sample_sets if not owner or s.owner == owner]
             token = response.next_page_token
             if not token:
                 return found
@@ -818,20 +820,23 @@ class Client:
         """An operation by name (``operations/<id>`` or the id)."""
         return Operation(self, self._call("operations", "GetOperation", _request(operations_pb2.GetOperationRequest, name=name)).operation)
 
-    def operations(self, *, kind: str = "", state: str = "", limit: int = 100) -> list[Operation]:
-        """Up to ``limit`` recent operations, newest first, optionally of one kind / state
-        (fetched a page of at most 1000 at a time). Listed without their results, which
-        can be megabytes each: ``result()`` fetches one."""
+    def operations(self, *, kind: str = "", state: str = "", owner: str = "", limit: int = 100) -> list[Operation]:
+        """Up to ``limit`` recent operations, newest first, optionally of one kind / state /
+        ``owner`` (the named caller that submitted them; a server older than that filter
+        sends everyone's, and this keeps that caller's), fetched a page of at most 1000 at a
+        time. Listed without their results, which can be megabytes each: ``result()``
+        fetches one."""
         state_number = enum_number(operations_pb2.OperationState, "OPERATION_STATE_", state, "state") if state else 0
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         found: list[Operation] = []
         token = ""
         while len(found) < limit:
-            request = _request(operations_pb2.ListOperationsRequest, kind=kind, state=state_number,
+            request = _request(operations_pb2.ListOperationsRequest, kind=kind, state=state_number, owner=owner,
                                page_size=min(limit - len(found), 1000), page_token=token, view=operations_pb2.OPERATION_VIEW_BASIC)
             response = self._call("operations", "ListOperations", request)
-            found += [Operation(self, op) for op in response.operations]
+            listed = [Operation(self, op) for op in response.operations]
+            found += [operation for operation in listed if not owner or operation.owner == owner]
             token = response.next_page_token
             if not token:
                 break

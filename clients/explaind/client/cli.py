@@ -476,7 +476,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             total = "now " if args.action == "append" else ""
             print(f"{done} {stored.sample_set_id}: {total}{_samples(stored.sample_count)}, per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
-            listed = client.sample_sets()
+            listed = client.sample_sets(owner=args.owner or "")
             if args.json:
                 names = _served_class_names(client)  # once for every set
                 _print_json([_sample_set_json(names, s) for s in listed])
@@ -486,7 +486,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 owner = f", by {s.owner}" if s.owner else ""
                 print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {_shown(s.display_name)}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading}{owner})")
             if not listed:
-                print("no sample sets (explaind sample-set create makes one)", file=sys.stderr)
+                print(f"no sample sets of {args.owner}" if args.owner else "no sample sets (explaind sample-set create makes one)", file=sys.stderr)
         elif args.action == "show":
             s = client.sample_set(args.id)
             if args.json:
@@ -753,7 +753,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "list":
             limit = args.limit or OPERATIONS_LISTED
-            listed = client.operations(kind=args.kind or "", state=args.state or "", limit=limit + 1)  # one more: are there more?
+            listed = client.operations(kind=args.kind or "", state=args.state or "", owner=args.owner or "",
+                                       limit=limit + 1)  # one more: are there more?
             if args.json:
                 _print_json([_operation_json(op) for op in listed[:limit]])
             else:
@@ -764,7 +765,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
             if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             elif not listed:
-                print("no operations" + (" of that kind or state" if args.kind or args.state else ""), file=sys.stderr)
+                print("no operations" + (" of that kind, state or owner" if args.kind or args.state or args.owner else ""), file=sys.stderr)
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
@@ -1091,6 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--folder", type=_existing_directory, help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
     sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
+    sample_set.add_argument("--owner", metavar="NAME", help="list only the sets this named caller created")
     sample_set.add_argument("--json", action="store_true", help="print the set (create, append, show) or the sets (list) as JSON")
     sample_set.set_defaults(run=cmd_sample_set)
 
@@ -1155,6 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
     operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
     operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
+    operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
     operations.add_argument("-o", "--output", help="file for the artifact (default: its name; - for standard output)")
     operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
@@ -1239,6 +1242,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                         "--name of create")
         if args.action == "append" and args.name:
             usage_error("sample-set append: --name is an option of create")
+        if args.action != "list" and args.owner:
+            usage_error(f"sample-set {args.action}: --owner is an option of list")
         if args.action in ("create", "append"):
             if not sources:
                 usage_error(f"sample-set {args.action}: give --world SPEC, --folder DIR, or --images FILE... with as many --labels CLASS...")
@@ -1257,9 +1262,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if args.command == "head-versions" and args.action == "list" and args.version:
         usage_error("head-versions list takes no version id")
     if args.command == "operations" and args.action == "list" and args.name:
-        usage_error("operations list takes no operation name (filter with --kind or --state)")
-    if args.command == "operations" and args.action != "list" and (args.kind or args.state or args.limit):
-        usage_error(f"operations {args.action}: --kind, --state and --limit are options of list")
+        usage_error("operations list takes no operation name (filter with --kind, --state or --owner)")
+    if args.command == "operations" and args.action != "list" and (args.kind or args.state or args.owner or args.limit):
+        usage_error(f"operations {args.action}: --kind, --state, --owner and --limit are options of list")
     if args.command == "operations" and args.action != "list" and not args.name:
         usage_error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:

@@ -109,12 +109,14 @@ class GetSampleSetResponse(_message.Message):
     def __init__(self, sample_set: _Optional[_Union[SampleSet, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class ListSampleSetsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "owner")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListSampleSetsResponse(_message.Message):
     __slots__ = ("sample_sets", "next_page_token")

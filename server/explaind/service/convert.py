@@ -41,8 +41,10 @@ OPERATION_PREFIX = "operations/"
 # What GetModelMetadataResponse.capabilities lists: the request fields this server honours
 # that an older one ignores (a client relies on them only when listed).
 # "request_id": the calls that start an operation; "sample_set_request_id": CreateSampleSet
-# and AppendSamples (a client that knows only the first must not retry uploads).
-CAPABILITIES = ("request_id", "sample_set_request_id")
+# and AppendSamples (a client that knows only the first must not retry uploads);
+# "list_owner_filter": ListOperations' and ListSampleSets' owner (an older server lists
+# everyone's).
+CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 

@@ -15,7 +15,7 @@ from ..store import JobRecord
 from . import convert
 from .auth import current_caller
 from .interceptors import HeldCalls
-from .paging import messages_that_fit, page_limit, resume_point, resume_token
+from .paging import messages_that_fit, owned_listing, page_limit, resume_point, resume_token
 
 
 # google.protobuf.Duration's documented range: about 10,000 years.
@@ -47,7 +47,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
 
     def ListOperations(self, request, context: grpc.ServicerContext) -> operations_pb2.ListOperationsResponse:
-        after, limit = resume_point(request.page_token, "operations"), page_limit(request.page_size, 100, 1000)
+        listing = owned_listing("operations", request.owner)
+        after, limit = resume_point(request.page_token, listing), page_limit(request.page_size, 100, 1000)
         state = ""
         if request.state:
             if request.state not in convert.STATE_NAMES:
@@ -58,7 +59,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         # Results can be large (an evaluation's mistakes, up to half the message limit each):
         # the page is listed without them and each is read as the page fills, so a page of
         # a thousand reads only those it sends.
-        snapshots = self._jobs.list(kind=request.kind, state=state, after=after, limit=limit, responses=False)
+        snapshots = self._jobs.list(kind=request.kind, state=state, owner=request.owner, after=after, limit=limit, responses=False)
         response = request.view != operations_pb2.OPERATION_VIEW_BASIC
         converted: list[JobRecord] = []  # the jobs of the messages made, in order
 
@@ -79,7 +80,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
             last = snapshots[-1].record if len(snapshots) == limit else None
         return operations_pb2.ListOperationsResponse(
             operations=operations,
-            next_page_token=resume_token("operations", last.create_time, last.job_id) if last is not None else "",
+            next_page_token=resume_token(listing, last.create_time, last.job_id) if last is not None else "",
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:

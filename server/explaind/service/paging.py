@@ -5,6 +5,8 @@ and a resume point ``"<listing>/<create_time>/<id>"``, for lists whose items com
 while a client pages (operations, sample sets, head versions): an offset would then skip
 or repeat items. The listing's name makes a token from one list an error in another,
 where it would resume at an unrelated point, typically past the end: an empty last page.
+A listing kept to one caller's items (owner=) is named for that caller too, so its
+tokens are refused by everyone's listing and by another caller's (AIP-158).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from ..config import CALLER_NAME
 from ..errors import InvalidArgument
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
@@ -57,13 +60,29 @@ def resume_token(listing: str, create_time: float, item_id: str) -> str:
     return f"{listing}/{create_time!r}/{item_id}"
 
 
+def owned_listing(listing: str, owner: str) -> str:
+    """The name of ``listing`` (e.g. "operations") kept to the items of the named caller
+    ``owner`` ("": everyone's), for resume_token and resume_point. An owner that is no
+    caller name is InvalidArgument naming owner."""
+    if not owner:
+        return listing
+    if not CALLER_NAME.fullmatch(owner):
+        raise InvalidArgument(f"{owner[:64]!r} is no caller name (it must match {CALLER_NAME.pattern}); \"\" lists everyone's",
+                              field="owner")
+    return f"{listing}@{owner}"
+
+
 def resume_point(token: str, listing: str) -> tuple[float, str] | None:
     """(create_time, id) of the last item of the previous page, from its token, which
-    must be one of ``listing``'s."""
+    must be one of ``listing``'s (an owned_listing's: of the same owner)."""
     if not token:
         return None
     name, _, point = token.partition("/")
     create_time, _, item_id = point.partition("/")
+    if name != listing and name.partition("@")[0] == listing.partition("@")[0]:
+        listed, asked = (f"caller {owned.partition('@')[2]!r}'s" if "@" in owned else "everyone's" for owned in (name, listing))
+        raise InvalidArgument(f"{token[:40]!r} is a page token of {listed} {listing.partition('@')[0].replace('_', ' ')}, not {asked}: "
+                              "page with the owner its first page was asked with", field="page_token")
     # As repr() writes a non-negative float; float() alone also takes " 5 ", "1_0", "-1e300", "١".
     if name != listing or not item_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
         raise bad_page_token(token)

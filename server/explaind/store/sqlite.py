@@ -91,6 +91,9 @@ CREATE TABLE IF NOT EXISTS job_owners (
 CREATE TABLE IF NOT EXISTS sample_set_owners (
     set_id TEXT PRIMARY KEY REFERENCES sample_sets(id) ON DELETE CASCADE, owner TEXT NOT NULL
 );
+-- Listing one caller's jobs or sets (owner=) without reading other callers'.
+CREATE INDEX IF NOT EXISTS job_owners_by_owner ON job_owners (owner, job_id);
+CREATE INDEX IF NOT EXISTS sample_set_owners_by_owner ON sample_set_owners (owner, set_id);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -191,6 +194,18 @@ def _resume_after(after: tuple[float, str] | None, id_column: str, *, newest_fir
         return "", ()
     past = "<" if newest_first else ">"
     return f"create_time {past}= ? AND (create_time {past} ? OR {id_column} > ?)", (after[0], after[0], after[1])
+
+
+def _owned(table: str, owners: str, key: str, owner: str) -> tuple[str, str]:
+    """The FROM source and WHERE condition (one parameter: ``owner``) that keep a listing of
+    ``table`` to the rows ``owner`` made, as ``owners`` (its owner table, ``key`` naming
+    the row's id) records them; (``table``, "") for everyone's. The owner's rows are read
+    by its index first (CROSS JOIN fixes that order): a page then reads and sorts the
+    owner's rows, never another caller's, where a walk of the table's time index read
+    every row of the others newer than the owner's."""
+    if not owner:
+        return table, ""
+    return f"{owners} CROSS JOIN {table} ON {table}.id = {owners}.{key}", f"{owners}.owner = ?"
 
 
 # Each job's artifacts' blobs, as job_artifacts rows, kept by triggers as jobs are inserted
@@ -728,11 +743,15 @@ class SQLiteStore:
         with self._lock:
             return self._info(self._require_set(self._db, sample_set_id))
 
-    def list_sample_sets(self, *, after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]:
+    def list_sample_sets(self, *, owner: str = "", after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]:
+        """Oldest first; with ``owner``, only that caller's sets (see _owned)."""
         condition, params = _resume_after(after, "id")
+        source, owned = _owned("sample_sets", "sample_set_owners", "set_id", owner)
+        clauses = [clause for clause in (owned, condition) if clause]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_SET_COLUMNS} FROM sample_sets {'WHERE ' + condition if condition else ''} ORDER BY create_time, id LIMIT ?", (*params, limit)
+                f"SELECT {_SET_COLUMNS} FROM {source} {where} ORDER BY create_time, id LIMIT ?", (*((owner,) if owner else ()), *params, limit)
             ).fetchall()
             return [self._info(row) for row in rows]
 
@@ -826,9 +845,11 @@ class SQLiteStore:
             raise NotFound(f"no operation {job_id!r}", field="name")
         return self._job_from_row(row)
 
-    def list_jobs(self, *, kind: str = "", state: str = "", after: tuple[float, str] | None = None,
+    def list_jobs(self, *, kind: str = "", state: str = "", owner: str = "", after: tuple[float, str] | None = None,
                   limit: int = 100, responses: bool = True) -> list[JobRecord]:
-        clauses, params = [], []
+        """Newest first; with ``owner``, only that caller's jobs (see _owned)."""
+        source, owned = _owned("jobs", "job_owners", "job_id", owner)
+        clauses, params = ([owned], [owner]) if owner else ([], [])
         for column, value in (("kind", kind), ("state", state)):
             if value:
                 clauses.append(f"{column} = ?")
@@ -840,7 +861,7 @@ class SQLiteStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {', '.join(_JOB_COLUMNS if responses else _JOB_COLUMNS_WITHOUT_RESPONSE)}, {_JOB_OWNER} FROM jobs {where} "
+                f"SELECT {', '.join(_JOB_COLUMNS if responses else _JOB_COLUMNS_WITHOUT_RESPONSE)}, {_JOB_OWNER} FROM {source} {where} "
                 "ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
