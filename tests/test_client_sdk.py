@@ -818,6 +818,53 @@ def test_waiting_for_or_watching_an_operation_deleted_meanwhile_says_so():
         assert (servicer.waits, servicer.watches) == (2, 2)  # the second watch's stream answered NOT_FOUND itself
 
 
+class _OwnerBlindLists(operations_pb2_grpc.OperationsServiceServicer, sample_sets_pb2_grpc.SampleSetServiceServicer):
+    """A server older than the lists' owner filter: it ignores owner and pages through
+    everyone's operations and sets, two a page, alternately "monitoring"'s and "analyst"'s."""
+
+    OWNERS = ("monitoring", "analyst") * 3
+
+    def __init__(self) -> None:
+        self.owners_asked: list[str] = []
+
+    def _page(self, request) -> tuple[range, str]:
+        self.owners_asked.append(request.owner)
+        start = int(request.page_token or 0)
+        end = min(start + 2, len(self.OWNERS))
+        return range(start, end), str(end) if end < len(self.OWNERS) else ""
+
+    def ListOperations(self, request, context):
+        shown, token = self._page(request)
+        listed = []
+        for i in shown:
+            metadata = any_pb2.Any()
+            metadata.Pack(operations_pb2.OperationMetadata(kind="evaluate_sample_set", owner=self.OWNERS[i]))
+            listed.append(operations_lro.Operation(name=f"operations/{i}", metadata=metadata))
+        return operations_pb2.ListOperationsResponse(operations=listed, next_page_token=token)
+
+    def ListSampleSets(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        shown, token = self._page(request)
+        return sample_sets_pb2.ListSampleSetsResponse(
+            sample_sets=[sample_sets_pb2.SampleSet(sample_set_id=f"set-{i}", owner=self.OWNERS[i]) for i in shown], next_page_token=token)
+
+
+def test_an_owners_lists_from_a_server_that_ignores_owner_keep_to_that_owners_objects():
+    servicer = _OwnerBlindLists()
+    server, target = _serve(servicer, add=lambda servicer, server: (operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server),
+                                                                     sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)))
+    try:
+        with Client(target, timeout=30) as client:
+            assert [op.name for op in client.operations(owner="monitoring")] == ["operations/0", "operations/2", "operations/4"]
+            assert [op.name for op in client.operations(owner="analyst", limit=2)] == ["operations/1", "operations/3"]
+            assert [s.sample_set_id for s in client.sample_sets(owner="analyst")] == ["set-1", "set-3", "set-5"]
+            assert len(client.sample_sets()) == len(client.operations()) == 6
+        assert set(servicer.owners_asked) == {"monitoring", "analyst", ""}  # sent for a server that honours it
+    finally:
+        server.stop(0)
+
+
 class _TruncatedArtifacts(operations_pb2_grpc.OperationsServiceServicer):
     """Lists a 10-byte artifact but has only its first 4 bytes (a blob cut short on disk):
     past them it answers with no content, and after 20 such calls with INTERNAL."""

@@ -365,3 +365,31 @@ def test_one_owners_list_page_costs_the_same_however_many_objects_other_callers_
         assert many_steps < 1.2 * few_steps, (name, few_steps, many_steps)
     for store in (few, many):
         store.close()
+
+
+def test_the_cli_lists_one_owners_operations_and_sets(tmp_path, classifier_dir, callers_file, capsys):
+    import json
+
+    from explaind.client.cli import main
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file))
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst:
+            monitoring.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="mine")
+            analyst.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="theirs")
+            operation = analyst.evaluate_sample_set("mine")
+            operation.result(timeout=60)
+        target = ["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON"]
+        capsys.readouterr()
+        assert main([*target, "sample-set", "list", "--owner", "analyst", "--json"]) == 0
+        assert [s["sample_set_id"] for s in json.loads(capsys.readouterr().out)] == ["theirs"]
+        assert main([*target, "operations", "list", "--owner", "analyst"]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [operation.name]
+        assert main([*target, "operations", "list", "--owner", "monitoring"]) == 0
+        assert capsys.readouterr().err == "no operations of that kind, state or owner\n"
+        assert main([*target, "sample-set", "list", "--owner", "root"]) == 0
+        assert capsys.readouterr().err == "no sample sets of root\n"
+        assert main([*target, "operations", "list", "--owner", "Not A Name"]) != 0
+        assert "owner" in capsys.readouterr().err
+    finally:
+        server.stop(0)
