@@ -386,7 +386,7 @@ def test_the_cli_lists_one_owners_operations_and_sets(tmp_path, classifier_dir, 
         assert main([*target, "operations", "list", "--owner", "analyst"]) == 0
         assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [operation.name]
         assert main([*target, "operations", "list", "--owner", "monitoring"]) == 0
-        assert capsys.readouterr().err == "no operations of that kind, state or owner\n"
+        assert capsys.readouterr().err == "no operations of monitoring\n"
         assert main([*target, "sample-set", "list", "--owner", "root"]) == 0
         assert capsys.readouterr().err == "no sample sets of root\n"
         assert main([*target, "operations", "list", "--owner", "Not A Name"]) != 0

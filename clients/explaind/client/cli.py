@@ -765,7 +765,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
             if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             elif not listed:
-                print("no operations" + (" of that kind, state or owner" if args.kind or args.state or args.owner else ""), file=sys.stderr)
+                print("no operations" + (" of that kind or state" if args.kind or args.state else "") + (f" of {args.owner}" if args.owner else ""),
+                      file=sys.stderr)
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
