@@ -203,6 +203,16 @@ def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classif
         server.stop(0)
 
 
+def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refused(callers_file):
+    callers = auth.NamedCallers({"analyst": "tokenANA", "monitoring": "tokenMON"}, str(callers_file))
+    assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"
+    assert callers.caller_of([("authorization", "bearer tokenMON"), ("authorization", "Bearer tokenMON")]) == "monitoring"
+    for wrong in ("tokenANAX", "tokenAN", "TOKENANA", "tokenANA "):
+        assert callers.caller_of([("authorization", f"Bearer {wrong}")]) is None, wrong
+    # Either caller's call: neither, rather than whichever the file names last.
+    assert callers.caller_of([("authorization", "Bearer tokenANA"), ("authorization", "Bearer tokenMON")]) is None
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: caller name 'Bad' must match"),

@@ -169,17 +169,14 @@ class NamedCallers:
         self._missing_admins: list[str] = []
 
     def caller_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-        """The name of the caller whose token the call carries (None: none does). Every
+        """The name of the caller whose token the call carries (None: none does, or the
+        call carries two callers' tokens, which would make it either of them). Every
         token is compared, each in constant time: how long the answer takes tells nothing
         of which token, or how much of one, matched."""
         if self._files.changed():
             self._reload()
-        found = None
-        for value in _bearer_values(metadata):
-            for name, token in self._tokens.items():
-                if hmac.compare_digest(value, token):
-                    found = name
-        return found
+        found = {name for value in _bearer_values(metadata) for name, token in self._tokens.items() if hmac.compare_digest(value, token)}
+        return found.pop() if len(found) == 1 else None
 
     def _reload(self) -> None:
         try:
