@@ -213,6 +213,22 @@ def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refu
     assert callers.caller_of([("authorization", "Bearer tokenANA"), ("authorization", "Bearer tokenMON")]) is None
 
 
+def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
+    from contextlib import ExitStack
+
+    from explaind.service.interceptors import HeldCalls
+
+    held = HeldCalls(8)
+    with ExitStack() as stack:
+        assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
+        assert not stack.enter_context(held.slot(caller="analyst"))
+        assert "(at most 8, 4 of them for one caller)" in held.refusal(caller="analyst")
+        assert stack.enter_context(held.slot(caller="monitoring")) and stack.enter_context(held.slot())
+    # Each slot and share went back as its block ended.
+    with ExitStack() as stack:
+        assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: caller name 'Bad' must match"),

@@ -83,27 +83,59 @@ class HeldCalls:
     reflection need no token, so without a bound a few idle callers could leave no
     thread for anything else; and they get at most a quarter of the slots
     (``public_limit``), so callers without a token cannot take those of the callers
-    with one."""
+    with one. A named caller gets at most half of them (``caller_limit``), so one
+    caller's watches cannot leave another's none."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.public_limit = max(1, limit // 4)
+        self.caller_limit = max(1, limit // 2)
         self._slots = threading.BoundedSemaphore(limit)
         self._public_slots = threading.BoundedSemaphore(self.public_limit)
+        self._lock = threading.Lock()
+        self._held_by: dict[str, int] = {}  # named caller -> slots it holds
+
+    def _take_callers_share(self, caller: str | None) -> bool:
+        if caller is None:
+            return True
+        with self._lock:
+            if self._held_by.get(caller, 0) >= self.caller_limit:
+                return False
+            self._held_by[caller] = self._held_by.get(caller, 0) + 1
+            return True
+
+    def _return_callers_share(self, caller: str | None) -> None:
+        if caller is None:
+            return
+        with self._lock:
+            self._held_by[caller] -= 1
+            if not self._held_by[caller]:
+                del self._held_by[caller]
 
     @contextmanager
-    def slot(self, *, public: bool = False) -> Iterator[bool]:
+    def slot(self, *, public: bool = False, caller: str | None = None) -> Iterator[bool]:
         """Whether a slot was free (for a call that needs no token: one of the public
-        share too); it is held until the block ends."""
+        share too; for a named ``caller``: one of its share); it is held until the block ends."""
         public_held = not public or self._public_slots.acquire(blocking=False)
-        held = public_held and self._slots.acquire(blocking=False)
+        share_held = public_held and self._take_callers_share(caller)
+        held = share_held and self._slots.acquire(blocking=False)
         try:
             yield held
         finally:
             if held:
                 self._slots.release()
+            if share_held:
+                self._return_callers_share(caller)
             if public and public_held:
                 self._public_slots.release()
+
+    def refusal(self, *, public: bool = False, caller: str | None = None) -> str:
+        """Why :meth:`slot` found none free, for the caller's RESOURCE_EXHAUSTED."""
+        with self._lock:
+            callers_share_taken = caller is not None and self._held_by.get(caller, 0) >= self.caller_limit
+        most = (f"{self.public_limit} of them for calls without a token" if public
+                else f"{self.caller_limit} of them for one caller" if callers_share_taken else "half of [server].max_workers")
+        return f"the streams and waits this server keeps at once are open (at most {self.limit}, {most}); try again later"
 
 
 class _ThrottledLog:
@@ -200,12 +232,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
                 public = service in _PUBLIC_SERVICES
-                with self._held_calls.slot(public=public) as held:
+                with self._held_calls.slot(public=public, caller=caller or None) as held:
                     if not held:
-                        most = (f"{self._held_calls.public_limit} of them for calls without a token" if public
-                                else "half of [server].max_workers")
-                        observed.abort("RESOURCE_EXHAUSTED", f"the streams and waits this server keeps at once are open "
-                                       f"(at most {self._held_calls.limit}, {most}); try again later")
+                        observed.abort("RESOURCE_EXHAUSTED", self._held_calls.refusal(public=public, caller=caller or None))
                     yield from observed.call_stream(behaviour, request, context)
 
         return handle

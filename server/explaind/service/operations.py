@@ -94,7 +94,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
             # Answer before the caller's deadline, with room for a busy server to do so
             # (a job computing in this process delays the waiting thread's wake-up).
             timeout = max(0.0, remaining - min(0.5, remaining / 4))
-        with self._held_calls.slot() as held:
+        with self._held_calls.slot(caller=current_caller()) as held:
             # Best effort, as google.longrunning's WaitOperation: with every waiting slot
             # taken, the current state at once (the SDK then polls with backoff).
             snapshot = self._jobs.wait(job_id, timeout if held else 0.0, is_active=context.is_active)
