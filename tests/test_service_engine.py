@@ -1265,7 +1265,7 @@ def test_sample_set_listings_use_the_documented_default_and_largest_page_sizes(e
     engine.create_sample_set("paged", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
     limits = []
     list_sets, list_samples = engine.store.list_sample_sets, engine.store.list_samples
-    monkeypatch.setattr(engine.store, "list_sample_sets", lambda *, after, limit: limits.append(limit) or list_sets(after=after, limit=limit))
+    monkeypatch.setattr(engine.store, "list_sample_sets", lambda *, limit, **where: limits.append(limit) or list_sets(limit=limit, **where))
     monkeypatch.setattr(engine.store, "list_samples", lambda set_id, offset, limit: limits.append(limit) or list_samples(set_id, offset, limit))
     servicer = SampleSetServicer(engine)
     for page_size in (0, 1000, 1001):
