@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -84,16 +84,20 @@ CREATE TABLE IF NOT EXISTS sample_set_requests (
 CREATE INDEX IF NOT EXISTS sample_set_requests_by_set ON sample_set_requests (set_id);
 -- The named caller that made a job, set or head version (explaind.ownership), for those
 -- one did. Tables, not columns: releases before them insert rows by position, all
--- columns, and the rows go with their object when such a release deletes it.
+-- columns, and the rows go with their object when such a release deletes it. A job's
+-- or set's row carries its create_time (inserted with it, and never changed), so the
+-- index below holds one caller's objects in list order.
 CREATE TABLE IF NOT EXISTS job_owners (
-    job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, owner TEXT NOT NULL
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, owner TEXT NOT NULL, create_time REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sample_set_owners (
-    set_id TEXT PRIMARY KEY REFERENCES sample_sets(id) ON DELETE CASCADE, owner TEXT NOT NULL
+    set_id TEXT PRIMARY KEY REFERENCES sample_sets(id) ON DELETE CASCADE, owner TEXT NOT NULL, create_time REAL NOT NULL
 );
--- Listing one caller's jobs or sets (owner=) without reading other callers'.
-CREATE INDEX IF NOT EXISTS job_owners_by_owner ON job_owners (owner, job_id);
-CREATE INDEX IF NOT EXISTS sample_set_owners_by_owner ON sample_set_owners (owner, set_id);
+-- A page of one caller's jobs or sets (owner=) in list order (jobs newest first, ties by
+-- id; sets oldest first), read from where it starts (_resume_after): neither other
+-- callers' objects nor the caller's others are read or sorted.
+CREATE INDEX IF NOT EXISTS job_owners_by_owner ON job_owners (owner, create_time DESC, job_id);
+CREATE INDEX IF NOT EXISTS sample_set_owners_by_owner ON sample_set_owners (owner, create_time, set_id);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
@@ -155,7 +159,8 @@ _STORED_BY = f"json_extract(details, '$.{EDIT_JOB_ID}')"
 # SQLite does not use the index); only ids whose N is all digits are numbered.
 _VERSION_NUMBER = "CAST(substr(version_id, 2) AS INTEGER)"
 _NUMBERED = "substr(version_id, 2) GLOB '[0-9]*' AND substr(version_id, 2) NOT GLOB '*[^0-9]*'"
-_SET_COLUMNS = ("id, display_name, create_time, update_time, id IN (SELECT id FROM uploading_sets), "
+# Qualified where a listing by owner joins a table with a create_time of its own.
+_SET_COLUMNS = ("id, display_name, sample_sets.create_time, update_time, id IN (SELECT id FROM uploading_sets), "
                 "(SELECT owner FROM sample_set_owners WHERE set_id = sample_sets.id)")
 # The distinct feature versions by hops along the primary key, one lookup per version:
 # SELECT DISTINCT scans every cached feature, at each sweep step of 500 images.
@@ -184,28 +189,40 @@ _CLASS_COUNTS = (
 )
 
 
-def _resume_after(after: tuple[float, str] | None, id_column: str, *, newest_first: bool = False) -> tuple[str, tuple]:
+def _resume_after(after: tuple[float, str] | None, id_column: str, *, time_column: str = "create_time",
+                  newest_first: bool = False) -> tuple[str, tuple]:
     """The condition (and its parameters) a list page resuming after the row ``after`` =
-    (create_time, id) adds, in create_time order (``newest_first``: descending), ties by
-    id; ("", ()) for the first page. Bounded on create_time alone first, so SQLite seeks
-    to the page in its index: as one OR it read up to every row (the second page of 20,000
-    operations read all of them)."""
+    (create_time, id) adds, in ``time_column`` order (``newest_first``: descending), ties
+    by ``id_column``; ("", ()) for the first page. Bounded on the time alone first, so
+    SQLite seeks to the page in its index: as one OR it read up to every row (the second
+    page of 20,000 operations read all of them)."""
     if after is None:
         return "", ()
     past = "<" if newest_first else ">"
-    return f"create_time {past}= ? AND (create_time {past} ? OR {id_column} > ?)", (after[0], after[0], after[1])
+    return f"{time_column} {past}= ? AND ({time_column} {past} ? OR {id_column} > ?)", (after[0], after[0], after[1])
 
 
-def _owned(table: str, owners: str, key: str, owner: str) -> tuple[str, str]:
-    """The FROM source and WHERE condition (one parameter: ``owner``) that keep a listing of
-    ``table`` to the rows ``owner`` made, as ``owners`` (its owner table, ``key`` naming
-    the row's id) records them; (``table``, "") for everyone's. The owner's rows are read
-    by its index first (CROSS JOIN fixes that order): a page then reads and sorts the
-    owner's rows, never another caller's, where a walk of the table's time index read
-    every row of the others newer than the owner's."""
+class _Listing(NamedTuple):
+    """Where a list page of a table reads its rows: the FROM ``source``, the WHERE
+    ``condition`` ("" or one parameter: the owner) and the (create_time, id) columns it
+    orders and resumes by."""
+
+    source: str
+    condition: str
+    time_column: str
+    id_column: str
+
+
+def _owned(table: str, owners: str, key: str, owner: str) -> _Listing:
+    """A listing of ``table`` kept to the rows ``owner`` made, as ``owners`` (its owner
+    table, ``key`` naming the row's id) records them; everyone's for "". The owner's rows
+    are read in list order from their owner table's index (CROSS JOIN fixes that order,
+    and the page orders by that table's columns), then each row of the page by its id:
+    neither another caller's rows nor the owner's before the page are read, nor sorted."""
     if not owner:
-        return table, ""
-    return f"{owners} CROSS JOIN {table} ON {table}.id = {owners}.{key}", f"{owners}.owner = ?"
+        return _Listing(table, "", "create_time", "id")
+    return _Listing(f"{owners} CROSS JOIN {table} ON {table}.id = {owners}.{key}", f"{owners}.owner = ?",
+                    f"{owners}.create_time", f"{owners}.{key}")
 
 
 # Each job's artifacts' blobs, as job_artifacts rows, kept by triggers as jobs are inserted
@@ -224,11 +241,13 @@ _JOB_ARTIFACTS = (
        SELECT jobs.id, json_extract(artifact.value, '$.digest') FROM jobs, json_each(jobs.artifacts) AS artifact""",
 )
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
+# _JOB_COLUMNS as selected, qualified: a listing by owner joins a table with a create_time of its own.
+_JOB_SELECTED = ", ".join(f"jobs.{column}" for column in _JOB_COLUMNS)
 # A succeeded job's result is its response, up to half of [server].max_message_bytes: a
 # listing of a thousand of them read gigabytes to send none (OPERATION_VIEW_BASIC) or
 # the few that fit in one message. A failed one's is its error's details, which stay.
-_JOB_COLUMNS_WITHOUT_RESPONSE = tuple(f"CASE WHEN state = '{SUCCEEDED}' THEN X'' ELSE result END" if column == "result" else column
-                                      for column in _JOB_COLUMNS)
+_JOB_SELECTED_WITHOUT_RESPONSE = ", ".join(f"CASE WHEN jobs.state = '{SUCCEEDED}' THEN X'' ELSE jobs.result END" if column == "result"
+                                           else f"jobs.{column}" for column in _JOB_COLUMNS)
 # Read after a job's columns: its owner (job_owners).
 _JOB_OWNER = "(SELECT owner FROM job_owners WHERE job_id = jobs.id)"
 
@@ -653,7 +672,7 @@ class SQLiteStore:
                 raise sample_set_id_taken(sample_set_id)
             db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
             if owner is not None:
-                db.execute("INSERT INTO sample_set_owners VALUES (?, ?)", (sample_set_id, owner))
+                db.execute("INSERT INTO sample_set_owners (set_id, owner, create_time) VALUES (?, ?, ?)", (sample_set_id, owner, now))
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
             self._insert_samples(db, sample_set_id, 0, samples)
@@ -745,13 +764,14 @@ class SQLiteStore:
 
     def list_sample_sets(self, *, owner: str = "", after: tuple[float, str] | None = None, limit: int = 100) -> list[SampleSetInfo]:
         """Oldest first; with ``owner``, only that caller's sets (see _owned)."""
-        condition, params = _resume_after(after, "id")
-        source, owned = _owned("sample_sets", "sample_set_owners", "set_id", owner)
-        clauses = [clause for clause in (owned, condition) if clause]
+        listing = _owned("sample_sets", "sample_set_owners", "set_id", owner)
+        condition, params = _resume_after(after, listing.id_column, time_column=listing.time_column)
+        clauses = [clause for clause in (listing.condition, condition) if clause]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_SET_COLUMNS} FROM {source} {where} ORDER BY create_time, id LIMIT ?", (*((owner,) if owner else ()), *params, limit)
+                f"SELECT {_SET_COLUMNS} FROM {listing.source} {where} ORDER BY {listing.time_column}, {listing.id_column} LIMIT ?",
+                (*((owner,) if owner else ()), *params, limit)
             ).fetchall()
             return [self._info(row) for row in rows]
 
@@ -805,7 +825,7 @@ class SQLiteStore:
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
             if job.owner is not None:
-                db.execute("INSERT INTO job_owners VALUES (?, ?)", (job.job_id, job.owner))
+                db.execute("INSERT INTO job_owners (job_id, owner, create_time) VALUES (?, ?, ?)", (job.job_id, job.owner, job.create_time))
             if request is not None:
                 request_id = request.request_id
                 row = db.execute("SELECT jobs.id, state, error_code FROM job_requests JOIN jobs ON jobs.id = job_id WHERE request_id = ?",
@@ -840,7 +860,7 @@ class SQLiteStore:
 
     def get_job(self, job_id: str) -> JobRecord:
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)}, {_JOB_OWNER} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_JOB_SELECTED}, {_JOB_OWNER} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no operation {job_id!r}", field="name")
         return self._job_from_row(row)
@@ -848,21 +868,21 @@ class SQLiteStore:
     def list_jobs(self, *, kind: str = "", state: str = "", owner: str = "", after: tuple[float, str] | None = None,
                   limit: int = 100, responses: bool = True) -> list[JobRecord]:
         """Newest first; with ``owner``, only that caller's jobs (see _owned)."""
-        source, owned = _owned("jobs", "job_owners", "job_id", owner)
-        clauses, params = ([owned], [owner]) if owner else ([], [])
+        listing = _owned("jobs", "job_owners", "job_id", owner)
+        clauses, params = ([listing.condition], [owner]) if owner else ([], [])
         for column, value in (("kind", kind), ("state", state)):
             if value:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if after is not None:
-            condition, resume = _resume_after(after, "id", newest_first=True)
+            condition, resume = _resume_after(after, listing.id_column, time_column=listing.time_column, newest_first=True)
             clauses.append(condition)
             params.extend(resume)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {', '.join(_JOB_COLUMNS if responses else _JOB_COLUMNS_WITHOUT_RESPONSE)}, {_JOB_OWNER} FROM {source} {where} "
-                "ORDER BY create_time DESC, id LIMIT ?", (*params, limit)
+                f"SELECT {_JOB_SELECTED if responses else _JOB_SELECTED_WITHOUT_RESPONSE}, {_JOB_OWNER} FROM {listing.source} {where} "
+                f"ORDER BY {listing.time_column} DESC, {listing.id_column} LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
 
