@@ -358,8 +358,9 @@ def refused(change: Callable[[], object], what: str) -> None:
 
 def check_owner_rows(data_dir: Path, world: World, phase: str) -> None:
     """The owner tables (where new has made them) hold a row for each owned object, with
-    its owner, and none else: none of an object deleted (by either release), none orphaned
-    (an unfinished upload's row goes with it at the next start)."""
+    its owner (and a set's or operation's create_time, which its owner listing is ordered
+    by), and none else: none of an object deleted (by either release), none orphaned (an
+    unfinished upload's row goes with it at the next start)."""
     tables = {  # kind: (owner table, its object's id, the objects' table, the object of a row)
         "set": ("sample_set_owners", "set_id", "sample_sets", "x.id = o.set_id"),
         "operation": ("job_owners", "job_id", "jobs", "x.id = o.job_id"),
@@ -373,6 +374,9 @@ def check_owner_rows(data_dir: Path, world: World, phase: str) -> None:
                 continue
             orphans = db.execute(f"SELECT {column} FROM {table} AS o WHERE NOT EXISTS (SELECT 1 FROM {objects} AS x WHERE {match})").fetchall()
             expect(not orphans, f"{phase}: {table} has row(s) of deleted objects: {orphans}")
+            if kind != "version":
+                drifted = db.execute(f"SELECT {column} FROM {table} AS o JOIN {objects} AS x ON {match} WHERE o.create_time IS NOT x.create_time").fetchall()
+                expect(not drifted, f"{phase}: {table} row(s) whose create_time is not their object's: {drifted}")
             rows = dict(db.execute(f"SELECT {column}, owner FROM {table} WHERE {column} NOT IN (SELECT id FROM uploading_sets)").fetchall())
             # Operation names are operations/<job id>.
             written = {k.removeprefix("operations/"): owner for (which, k), owner in world.owners.items() if which == kind}
