@@ -39,7 +39,11 @@ class NeuroInspectServiceStub:
     a server without CLIP (GetModelMetadataResponse.components). Every RPC is UNAVAILABLE
     until the models have loaded and the stored head versions are restored. Arguments are
     checked when the request arrives; a job re-checks what may have changed since (the
-    sets) and fails with the same code.
+    sets) and fails with the same code. With named callers ([server].callers_file),
+    deleting a head version another caller's EditHead stored is PERMISSION_DENIED naming
+    it and its owner, unless the caller is one of [server].admins; when admins are set,
+    PromoteHeadVersion, RollbackHeadVersion and EditHead with promote are theirs alone
+    (PERMISSION_DENIED for any other caller).
     """
 
     def __init__(self, channel):
@@ -104,7 +108,11 @@ class NeuroInspectServiceServicer:
     a server without CLIP (GetModelMetadataResponse.components). Every RPC is UNAVAILABLE
     until the models have loaded and the stored head versions are restored. Arguments are
     checked when the request arrives; a job re-checks what may have changed since (the
-    sets) and fails with the same code.
+    sets) and fails with the same code. With named callers ([server].callers_file),
+    deleting a head version another caller's EditHead stored is PERMISSION_DENIED naming
+    it and its owner, unless the caller is one of [server].admins; when admins are set,
+    PromoteHeadVersion, RollbackHeadVersion and EditHead with promote are theirs alone
+    (PERMISSION_DENIED for any other caller).
     """
 
     def RankMistakeNeurons(self, request, context):
@@ -277,7 +285,11 @@ class NeuroInspectService:
     a server without CLIP (GetModelMetadataResponse.components). Every RPC is UNAVAILABLE
     until the models have loaded and the stored head versions are restored. Arguments are
     checked when the request arrives; a job re-checks what may have changed since (the
-    sets) and fails with the same code.
+    sets) and fails with the same code. With named callers ([server].callers_file),
+    deleting a head version another caller's EditHead stored is PERMISSION_DENIED naming
+    it and its owner, unless the caller is one of [server].admins; when admins are set,
+    PromoteHeadVersion, RollbackHeadVersion and EditHead with promote are theirs alone
+    (PERMISSION_DENIED for any other caller).
     """
 
     @staticmethod

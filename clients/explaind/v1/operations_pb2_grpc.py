@@ -44,7 +44,12 @@ class OperationsServiceStub:
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
-    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
+    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT. With named callers
+    ([server].callers_file), cancelling or deleting an operation another caller submitted
+    is PERMISSION_DENIED naming it and its owner, unless the caller is one of
+    [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
+    ([jobs].max_queued), or holds as many of its named caller's jobs as
+    [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     """
 
     def __init__(self, channel):
@@ -109,7 +114,12 @@ class OperationsServiceServicer:
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
-    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
+    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT. With named callers
+    ([server].callers_file), cancelling or deleting an operation another caller submitted
+    is PERMISSION_DENIED naming it and its owner, unless the caller is one of
+    [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
+    ([jobs].max_queued), or holds as many of its named caller's jobs as
+    [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     """
 
     def GetOperation(self, request, context):
@@ -138,7 +148,8 @@ class OperationsServiceServicer:
     def WaitOperation(self, request, context):
         """Blocks until the operation is done or the timeout (or the call deadline) passes.
         Best effort, as google.longrunning's: when half of [server].max_workers are already
-        held by waits and streams, it answers at once with the operation as it is: poll
+        held by waits and streams (for a named caller, also when it holds half of those
+        itself), it answers at once with the operation as it is: poll
         with backoff then (the SDK does). WatchOperation is RESOURCE_EXHAUSTED then, and
         the SDK's watch polls GetOperation instead.
         """
@@ -243,7 +254,12 @@ class OperationsService:
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
-    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT.
+    Unknown names are NOT_FOUND; a malformed name is INVALID_ARGUMENT. With named callers
+    ([server].callers_file), cancelling or deleting an operation another caller submitted
+    is PERMISSION_DENIED naming it and its owner, unless the caller is one of
+    [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
+    ([jobs].max_queued), or holds as many of its named caller's jobs as
+    [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     """
 
     @staticmethod

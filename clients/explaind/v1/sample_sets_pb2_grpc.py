@@ -31,7 +31,10 @@ class SampleSetServiceStub:
     Errors: INVALID_ARGUMENT naming the field (a malformed id, an undecodable or oversized
     image, a label outside the classes, images decoding to more than
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
-    sample_set_id; UNAVAILABLE while the models load (labels are checked against them).
+    sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
+    with named callers ([server].callers_file), PERMISSION_DENIED naming the set and its
+    owner for an AppendSamples or DeleteSampleSet on a set another caller created, unless
+    the caller is one of [server].admins.
     """
 
     def __init__(self, channel):
@@ -78,7 +81,10 @@ class SampleSetServiceServicer:
     Errors: INVALID_ARGUMENT naming the field (a malformed id, an undecodable or oversized
     image, a label outside the classes, images decoding to more than
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
-    sample_set_id; UNAVAILABLE while the models load (labels are checked against them).
+    sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
+    with named callers ([server].callers_file), PERMISSION_DENIED naming the set and its
+    owner for an AppendSamples or DeleteSampleSet on a set another caller created, unless
+    the caller is one of [server].admins.
     """
 
     def CreateSampleSet(self, request, context):
@@ -173,7 +179,10 @@ class SampleSetService:
     Errors: INVALID_ARGUMENT naming the field (a malformed id, an undecodable or oversized
     image, a label outside the classes, images decoding to more than
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
-    sample_set_id; UNAVAILABLE while the models load (labels are checked against them).
+    sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
+    with named callers ([server].callers_file), PERMISSION_DENIED naming the set and its
+    owner for an AppendSamples or DeleteSampleSet on a set another caller created, unless
+    the caller is one of [server].admins.
     """
 
     @staticmethod
