@@ -220,6 +220,10 @@ class Client:
     honours it (see IDENTIFIED_METHODS): a repeat gets the operation the first attempt
     started, or the set it created or appended to, appending nothing again.
 
+    ``token`` is the server's bearer token, or on a server with named callers
+    ([server].callers_file) a caller's own: it names the caller, which owns the sets,
+    operations and head versions it creates (their ``owner``).
+
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
     ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
     a client certificate to a server that asks for one (mutual TLS). Any of the three

@@ -1019,7 +1019,8 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # Their defaults live in build_parser's set_defaults (a command's own copy must not
     # overwrite a value given before the command), so the help states them.
     parser.add_argument("--target", help=f"server address (default: env EXPLAIND_TARGET, else {DEFAULT_TARGET})")
-    parser.add_argument("--token", help="bearer token (default: env EXPLAIND_TOKEN)")
+    parser.add_argument("--token", help="bearer token; a named caller's own where the server names callers "
+                                        "(default: env EXPLAIND_TOKEN)")
     parser.add_argument("--timeout", type=_positive_seconds,
                         help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g}); waiting for a job to end (evaluate, rank, "
                              "visualize, edit-head, report, operations wait/watch) is not bounded by it: Ctrl-C stops that")
