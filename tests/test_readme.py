@@ -58,3 +58,17 @@ def test_the_chart_values_the_readme_states_are_the_charts():
     assert f"`persistence` (the data volume, {values['persistence']['size'].removesuffix('Gi')} GiB;" in prose
     assert f"`terminationGracePeriodSeconds` ({values['terminationGracePeriodSeconds']}:" in prose
     assert f"`healthPort` ({values['healthPort']})" in prose
+
+
+def test_every_serve_flag_is_in_the_readmes_configuration_section():
+    # `serve` gained --callers-file and --otlp-endpoint in branches of their own; the
+    # section's list of flags that override the file is where an operator looks for them.
+    import argparse
+
+    from explaind.client.cli import build_parser
+
+    subcommands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    flags = [flag for action in subcommands.choices["serve"]._actions for flag in action.option_strings if flag.startswith("--")]
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    missing = [flag for flag in flags if flag != "--help" and not re.search(rf"[`\s]{flag}(?![\w-])", section)]
+    assert not missing, f"README's Configuration section names no {missing}"
