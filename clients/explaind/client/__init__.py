@@ -5,8 +5,14 @@
         client.wait_until_ready()
         print(client.predict(images, top_k=3)[0].label)
         report = client.evaluate_sample_set("my-set").result(progress=True)
+
+    from explaind.client import AsyncClient
+    async with AsyncClient("127.0.0.1:50051") as client:
+        predictions = await client.predict(images, top_k=3)
+        report = await client.result(await client.evaluate_sample_set("my-set"))
 """
 
+from ._async import AsyncClient
 from ._client import Client
 from ._errors import (
     AbortedError,
@@ -37,6 +43,7 @@ __all__ = [
     "ActiveHeadChange",
     "AlreadyExistsError",
     "Artifact",
+    "AsyncClient",
     "CancelledError",
     "Client",
     "Component",

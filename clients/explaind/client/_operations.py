@@ -450,9 +450,7 @@ class Operation(Generic[ResultT]):
                 interrupt.add_note(f"cancelled {self.name}" if self.done else f"cancel requested for {self.name}; it ends at its next check")
             raise
         if not self.done:
-            late = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
-            late.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
-            raise late
+            raise self._late(timeout)
         if self.error is not None:
             raise self.error
         try:
@@ -463,6 +461,12 @@ class Operation(Generic[ResultT]):
             error.add_note(f"{self.name} {self.state}; fetching the files of its result failed: result() again once the server "
                            f"is back, or result(download=False) for what needs no files")
             raise
+
+    def _late(self, timeout: float | None) -> ExplaindError:
+        """The error of a result not ready after ``timeout`` seconds, with this operation as its ``operation``."""
+        late = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
+        late.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
+        return late
 
     def _unpack_response(self, download: bool) -> Any:
         response = self._message.response

@@ -1,0 +1,148 @@
+"""AsyncClient: the Client's calls as coroutines, for asyncio programs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
+from ._errors import UnavailableError
+from ._operations import Operation
+from ._types import Sample
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Threads of an AsyncClient, so as many of its calls run at once; more wait their turn.
+DEFAULT_MAX_WORKERS = 16
+# Longest wait one thread makes for AsyncClient.result: an await cancelled meanwhile frees
+# its thread within this many seconds (plus a call's margin), not at the result's timeout.
+RESULT_STEP_S = 10.0
+
+
+def _awaitable(method: Callable[Concatenate[Client, P], R]) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]]:
+    """``method`` of the Client as a coroutine method of the AsyncClient, with the same
+    parameters, result and docstring, run on the AsyncClient's threads."""
+
+    @functools.wraps(method)
+    async def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self.to_thread(method, self.client, *args, **kwargs)
+
+    return call
+
+
+class AsyncClient:
+    """A :class:`Client` for asyncio: each of its methods, awaitable, with the same
+    arguments, results and typed errors; the arguments here are the Client's, and
+    ``max_workers``.
+
+    Each call runs the Client's in a thread of this client's own pool of ``max_workers``
+    (the event loop's default executor is left alone): that many run at once, and more
+    wait their turn, in order, their ``timeout`` counting from when they start. A call
+    still waiting its turn that is cancelled (``asyncio.timeout``, a cancelled task) never
+    runs; one already running cannot be stopped from its thread: it runs on until it ends
+    or its deadline (the Client's ``timeout``, or the call's own; ``rank_mistake_neurons``,
+    which waits for its job, without one until the job ends), its thread busy till then
+    and its result dropped. A job it started keeps running on the server
+    (``await client.to_thread(operation.cancel)`` stops it). :meth:`result` waits in
+    steps, so a cancelled wait for a job frees its thread within ``RESULT_STEP_S``.
+
+    ``async with AsyncClient(...) as client`` closes it at the end of the block, as
+    :meth:`close` does."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: bool = True,
+        tls: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+    ) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+            raise ValueError(f"max_workers must be a positive integer (threads), got {max_workers!r}")
+        self.client = Client(target, timeout=timeout, token=token, max_message_bytes=max_message_bytes, retry=retry, tls=tls,
+                             root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="explaind-async")
+
+    async def close(self) -> None:
+        """Close the connection, as :meth:`Client.close`: calls still running end as
+        cancelled (CancelledError, explaind's), those waiting their turn and later ones
+        raise ValueError; the threads end with them."""
+        self.client.close()
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def to_thread(self, function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[R]:
+        """``function(*args, **kwargs)`` on this client's threads, in the caller's context
+        (its OpenTelemetry span, say), as ``asyncio.to_thread`` does: for an Operation's
+        blocking methods, ``await client.to_thread(operation.cancel)``."""
+        self.client._require_open()  # a closed pool's own error named no client
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().run_in_executor(self._executor, lambda: context.run(function, *args, **kwargs))
+
+    async def result(self, operation: Operation[R], *, timeout: float | None = None, download: bool = True) -> R:
+        """``operation.result(timeout=timeout, download=download)``, awaited: the job's
+        result, or its OperationError, or DeadlineExceededError (whose ``operation`` is
+        this one) when it is not done within ``timeout`` seconds (None: no limit). It waits
+        ``RESULT_STEP_S`` at a time, so a cancelled await frees its thread soon; the job
+        runs on (``await client.to_thread(operation.cancel)`` stops it)."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while not operation.done:
+            left = deadline - time.monotonic()
+            try:
+                await self.to_thread(operation.wait, min(left, RESULT_STEP_S))  # 0 or less: one look
+            except UnavailableError:  # one step's retries ended, not the wait's
+                if not self.client._retry or left <= RESULT_STEP_S:
+                    raise
+            if left <= RESULT_STEP_S:
+                break
+        if not operation.done:
+            raise operation._late(timeout)
+        return await self.to_thread(operation.result, download=download)
+
+    async def samples(self, sample_set_id: str, *, start: int = 0) -> AsyncIterator[Sample]:
+        """:meth:`Client.samples`, iterated with ``async for``: each page is read on this
+        client's threads."""
+        samples = self.client.samples(sample_set_id, start=start)  # a generator: nothing is read yet
+        while (sample := await self.to_thread(next, samples, None)) is not None:
+            yield sample
+
+    health = _awaitable(Client.health)
+    wait_until_ready = _awaitable(Client.wait_until_ready)
+    model_metadata = _awaitable(Client.model_metadata)
+    predict = _awaitable(Client.predict)
+    create_sample_set = _awaitable(Client.create_sample_set)
+    append_samples = _awaitable(Client.append_samples)
+    sample_set = _awaitable(Client.sample_set)
+    sample_sets = _awaitable(Client.sample_sets)
+    delete_sample_set = _awaitable(Client.delete_sample_set)
+    evaluate_sample_set = _awaitable(Client.evaluate_sample_set)
+    operation = _awaitable(Client.operation)
+    operations = _awaitable(Client.operations)
+    delete_operation = _awaitable(Client.delete_operation)
+    rank_mistake_neurons = _awaitable(Client.rank_mistake_neurons)
+    visualize_neurons = _awaitable(Client.visualize_neurons)
+    edit_head = _awaitable(Client.edit_head)
+    head_versions = _awaitable(Client.head_versions)
+    head_version = _awaitable(Client.head_version)
+    promote_head_version = _awaitable(Client.promote_head_version)
+    rollback_head_version = _awaitable(Client.rollback_head_version)
+    delete_head_version = _awaitable(Client.delete_head_version)
