@@ -1,0 +1,221 @@
+"""AsyncClient against a real server in-process: concurrent awaits, typed errors through
+await, awaited operation results, cancellation, and one awaitable twin per Client method."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError
+from explaind.client import _async
+from explaind.config import default_config
+
+IMAGE = np.zeros((64, 64, 3), np.uint8)
+
+
+class _PredictGate:
+    """Counts the Predict calls inside the server at once (``peak``: the most) and, once
+    ``hold(parties)`` is called, keeps each at a barrier until ``parties`` are inside:
+    calls that do not run at once break it (INTERNAL) instead of passing slowly."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self.peak = 0
+        self._barrier: threading.Barrier | None = None
+
+    def hold(self, parties: int) -> None:
+        self.peak, self._barrier = 0, threading.Barrier(parties, timeout=30)
+
+    def wrap(self, predict: Any) -> Any:
+        def counted(servicer: Any, request: Any, context: Any) -> Any:
+            with self._lock:
+                self._inside += 1
+                self.peak = max(self.peak, self._inside)
+            try:
+                if self._barrier is not None:
+                    self._barrier.wait()
+                return predict(servicer, request, context)
+            finally:
+                with self._lock:
+                    self._inside -= 1
+
+        return counted
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, classifier_dir) -> Iterator[tuple[str, _PredictGate]]:
+    """A server of the world classifier in this process, its Predict counted: (target, gate)."""
+    from explaind.service import ExplaindServer
+    from explaind.service.inference import InferenceServicer
+
+    gate = _PredictGate()
+    config = (default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=free_port(), data_dir=str(tmp_path_factory.mktemp("async")), data_dir_reserve_bytes=1 << 20))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InferenceServicer, "Predict", gate.wrap(InferenceServicer.Predict))
+        server = ExplaindServer(config)
+        port = server.start()
+        server.load_models()
+        try:
+            yield f"127.0.0.1:{port}", gate
+        finally:
+            server.stop(0)
+
+
+def test_twenty_awaited_predicts_at_once_all_succeed_running_at_once(served):
+    target, gate = served
+    with Client(target) as client:
+        expected = client.predict([IMAGE], top_k=2)[0]
+
+    async def predict_twenty() -> list[Any]:
+        async with AsyncClient(target, max_workers=20) as client:
+            gate.hold(20)  # all twenty inside the server at once, or the barrier breaks
+            return await asyncio.gather(*(client.predict([IMAGE], top_k=2) for _ in range(20)))
+
+    answers = asyncio.run(predict_twenty())
+    assert gate.peak == 20
+    assert [answer[0].class_indices for answer in answers] == [expected.class_indices] * 20
+
+
+def test_no_more_calls_run_at_once_than_the_clients_threads(served):
+    target, gate = served
+
+    async def predict_eight() -> None:
+        async with AsyncClient(target, max_workers=4) as client:
+            gate.hold(4)  # in fours: a fifth inside at once would show in the peak
+            await asyncio.gather(*(client.predict([IMAGE]) for _ in range(8)))
+
+    asyncio.run(predict_eight())
+    assert gate.peak == 4
+
+
+def test_an_error_keeps_its_typed_sdk_error_through_await(served):
+    target, _ = served
+
+    async def ask() -> None:
+        async with AsyncClient(target) as client:
+            with pytest.raises(NotFoundError) as missing:
+                await client.sample_set("missing")
+            assert missing.value.field == "sample_set_id"
+            with pytest.raises(ValueError, match="^start must be a sample index"):
+                async for _ in client.samples("missing", start=-1):
+                    pass
+
+    asyncio.run(ask())
+
+
+def test_an_operations_result_and_a_sets_samples_are_awaited(served):
+    target, _ = served
+
+    async def evaluate() -> tuple[Evaluation, Evaluation, int]:
+        async with AsyncClient(target) as client:
+            await client.create_sample_set([IMAGE] * 3, ["heart", "star", "circle"], sample_set_id="awaited")
+            operation = await client.evaluate_sample_set("awaited")
+            awaited = await client.result(operation, timeout=60)
+            read = [sample.label async for sample in client.samples("awaited", start=1)]
+            return awaited, await client.to_thread(operation.result), len(read)
+
+    awaited, blocking, read = asyncio.run(evaluate())
+    assert awaited == blocking and awaited.sample_count == 3 and read == 2
+
+
+def test_a_result_not_ready_in_time_hands_back_its_operation_and_the_job_runs_on(served):
+    target, _ = served
+
+    async def wait_briefly() -> None:
+        async with AsyncClient(target) as client:
+            operation = await client.visualize_neurons([3], method="no_clip", steps=10_000)
+            try:
+                with pytest.raises(DeadlineExceededError, match=rf"^DEADLINE_EXCEEDED: {operation.name} is still (queued|running) after 0.5s$") as late:
+                    await client.result(operation, timeout=0.5)
+                assert late.value.operation is operation
+                assert not (await client.to_thread(operation.refresh)).done
+            finally:
+                await client.to_thread(operation.cancel)
+
+    asyncio.run(wait_briefly())
+
+
+def test_a_cancelled_result_await_frees_its_thread_within_a_step(served, monkeypatch):
+    # Waiting in one call until the job ended kept the thread (one of max_workers) for as
+    # long as the job ran, though nothing awaited it any more.
+    target, _ = served
+    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
+
+    async def cancel_a_wait() -> None:
+        async with AsyncClient(target, max_workers=1) as client:
+            operation = await client.visualize_neurons([3], method="no_clip", steps=10_000)
+            try:
+                waiting = asyncio.ensure_future(client.result(operation))
+                await asyncio.sleep(0.1)
+                waiting.cancel()
+                # The one thread is free again once the step it was in ends, long before the job.
+                assert await asyncio.wait_for(client.to_thread(lambda: operation.done), timeout=20) is False
+            finally:
+                await client.to_thread(operation.cancel)
+
+    asyncio.run(cancel_a_wait())
+
+
+def test_a_call_cancelled_while_waiting_its_turn_never_runs(served):
+    target, _ = served
+
+    async def cancel_a_queued_call() -> list[int]:
+        ran: list[int] = []
+        async with AsyncClient(target, max_workers=1) as client:
+            release = threading.Event()
+            first = client.to_thread(release.wait, 30)
+            queued = client.to_thread(ran.append, 1)
+            queued.cancel()
+            await asyncio.sleep(0)  # the cancel reaches the pool's queue in the loop's next round
+            release.set()
+            await first
+            await client.to_thread(ran.append, 2)  # runs after the queued one's turn
+        return ran
+
+    assert asyncio.run(cancel_a_queued_call()) == [2]
+
+
+def test_the_end_of_async_with_closes_the_connection(served):
+    target, _ = served
+
+    async def use_and_leave() -> AsyncClient:
+        async with AsyncClient(target) as client:
+            assert await client.health() == "SERVING"
+        with pytest.raises(ValueError, match="is closed"):
+            await client.health()
+        return client
+
+    client = asyncio.run(use_and_leave())
+    with pytest.raises(ValueError, match="is closed"):  # the Client it wraps, too
+        client.client.health()
+
+
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(member) for name, member in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
+
+
+def test_every_public_client_method_has_an_awaitable_twin_with_its_parameters():
+    twins = _public_methods(AsyncClient)
+    for name, signature in _public_methods(Client).items():
+        assert name in twins, f"Client.{name} has no AsyncClient.{name}: add `{name} = _awaitable(Client.{name})`"
+        method = getattr(AsyncClient, name)
+        assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), f"AsyncClient.{name} is not awaitable"
+        assert list(twins[name].parameters)[1:] == list(signature.parameters)[1:], f"AsyncClient.{name}'s parameters are not Client.{name}'s"
+    client_arguments = list(inspect.signature(Client).parameters.values())
+    assert list(inspect.signature(AsyncClient).parameters.values()) == [
+        *client_arguments, inspect.Parameter("max_workers", inspect.Parameter.KEYWORD_ONLY, default=_async.DEFAULT_MAX_WORKERS, annotation="int")]
+
+
+@pytest.mark.parametrize("max_workers", [0, -1, 2.5, True])
+def test_max_workers_must_be_a_positive_integer(max_workers):
+    with pytest.raises(ValueError, match="^max_workers must be a positive integer"):
+        AsyncClient(max_workers=max_workers)
