@@ -149,6 +149,30 @@ with Client("127.0.0.1:50051", token="secret", retry=False) as client:
     page: str = render_report(mistakes)
 '''
 
+# README's asyncio block, then the AsyncClient's twins of the Client's calls above: the
+# same parameters and results, awaited.
+ASYNC_SCRIPT_TAIL = '''
+from collections.abc import AsyncIterator
+
+from explaind.client import AsyncClient, Prediction, Sample
+
+
+async def monitor() -> None:
+    async with AsyncClient("127.0.0.1:50051", token="secret", max_workers=4) as remote:
+        assert_type(await remote.predict(images, top_k=3), list[Prediction])
+        evaluating = await remote.evaluate_sample_set("hearts", batch_size=64)
+        assert_type(evaluating, Operation[Evaluation])
+        assert_type(await remote.result(evaluating, timeout=60, download=False), Evaluation)
+        assert_type(await remote.to_thread(evaluating.cancel), Operation[Evaluation])
+        assert_type(remote.samples("hearts", start=2), AsyncIterator[Sample])
+        assert_type(await remote.rank_mistake_neurons("hearts", "heart"), NeuronRanking)
+        assert_type(await remote.operation(evaluating.name), Operation[Any])
+        await remote.delete_head_version("v2")
+
+asyncio.run(check([["a.png"]]))
+asyncio.run(monitor())
+'''
+
 
 def _installed_layout(root: Path) -> Path:
     """A site-packages directory as the wheel installs explaind: server/explaind's files,
@@ -169,8 +193,10 @@ def _sdk_user_script(tmp_path: Path) -> Path:
     section = README.read_text().split("## API (explaind.v1)", 1)[1].split("\n## ", 1)[0]
     readme_block = next(block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
                         if block.startswith("from explaind.client import Client"))
+    async_block = next(block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+                       if block.startswith("import asyncio\nfrom explaind.client import AsyncClient"))
     script = tmp_path / "sdk_user_script.py"
-    script.write_text(SDK_SCRIPT_HEAD + readme_block + SDK_SCRIPT_TAIL)
+    script.write_text(SDK_SCRIPT_HEAD + readme_block + SDK_SCRIPT_TAIL + async_block + ASYNC_SCRIPT_TAIL)
     return script
 
 
