@@ -97,9 +97,18 @@ def test_a_ctrl_c_during_a_split_upload_gets_no_note_about_the_failing_request(c
 def test_head_versions_read_over_pages_mark_one_active_the_one_the_last_page_names(monkeypatch):
     # Each page marks the version served when it was read: with a promote between pages the
     # first page marked v1 and the last v3, and a script taking "the active one" got two.
+    pages = _head_version_pages()
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
+        monkeypatch.setattr(offline, "_call", lambda service, method, request, **kwargs: pages[request.page_token])
+        assert [(v.version_id, v.active) for v in offline.head_versions()] == [("v0", False), ("v1", False), ("v2", False), ("v3", True)]
+
+
+def _head_version_pages() -> dict:
+    """ListHeadVersions pages by page token: v0..v3 over two, v1 served when the first
+    was read and v3 when the second was (a promote between them)."""
     from explaind.v1 import neuroinspect_pb2
 
-    pages = {
+    return {
         "": neuroinspect_pb2.ListHeadVersionsResponse(
             versions=[neuroinspect_pb2.HeadVersion(version_id="v0"), neuroinspect_pb2.HeadVersion(version_id="v1", active=True)],
             active_version_id="v1", next_page_token="after-v1"),
@@ -107,9 +116,6 @@ def test_head_versions_read_over_pages_mark_one_active_the_one_the_last_page_nam
             versions=[neuroinspect_pb2.HeadVersion(version_id="v2"), neuroinspect_pb2.HeadVersion(version_id="v3", active=True)],
             active_version_id="v3"),
     }
-    with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
-        monkeypatch.setattr(offline, "_call", lambda service, method, request, **kwargs: pages[request.page_token])
-        assert [(v.version_id, v.active) for v in offline.head_versions()] == [("v0", False), ("v1", False), ("v2", False), ("v3", True)]
 
 
 class _OlderHeadVersions:
@@ -118,17 +124,8 @@ class _OlderHeadVersions:
     and answers anything else UNIMPLEMENTED, as gRPC does for a method it was not given."""
 
     def __init__(self) -> None:
-        from explaind.v1 import neuroinspect_pb2
-
         self.page_tokens: list[str] = []
-        self.pages = {
-            "": neuroinspect_pb2.ListHeadVersionsResponse(
-                versions=[neuroinspect_pb2.HeadVersion(version_id="v0"), neuroinspect_pb2.HeadVersion(version_id="v1", active=True)],
-                active_version_id="v1", next_page_token="after-v1"),
-            "after-v1": neuroinspect_pb2.ListHeadVersionsResponse(
-                versions=[neuroinspect_pb2.HeadVersion(version_id="v2"), neuroinspect_pb2.HeadVersion(version_id="v3", active=True)],
-                active_version_id="v3"),
-        }
+        self.pages = _head_version_pages()
 
     def ListHeadVersions(self, request, context):
         self.page_tokens.append(request.page_token)

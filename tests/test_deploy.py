@@ -428,22 +428,16 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     refused = render_chart(chart_renderer, extraEnv=[{"name": "XDG_CACHE_HOME", "value": "/cache"}])
     assert refused.returncode != 0 and "XDG_CACHE_HOME is the chart's own" in refused.stderr
 
-    secured = rendered(chart_renderer, tokenSecret="explaind-token")["StatefulSet"]["spec"]["template"]["spec"]
-    container = secured["containers"][0]
-    token_file = Path(serve_arguments(container).token_file)
-    mount = next(mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == token_file.parent)
-    volume = next(volume for volume in secured["volumes"] if volume["name"] == mount["name"])
-    assert volume["secret"] == {"secretName": "explaind-token", "items": [{"key": "token", "path": token_file.name}]}
-    assert mount["readOnly"]
-
-    # Named callers from a Secret's "callers" key, in place of the token.
-    named = rendered(chart_renderer, callersSecret="explaind-callers")["StatefulSet"]["spec"]["template"]["spec"]
-    container = named["containers"][0]
-    callers_file = Path(serve_arguments(container).callers_file)
-    mount = next(mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == callers_file.parent)
-    volume = next(volume for volume in named["volumes"] if volume["name"] == mount["name"])
-    assert volume["secret"] == {"secretName": "explaind-callers", "items": [{"key": "callers", "path": callers_file.name}]}
-    assert mount["readOnly"] and serve_arguments(container).token_file is None
+    # The token, or named callers, from a Secret's key, mounted read-only where the flag reads it.
+    for value, key, flag, other_flag in (("tokenSecret", "token", "token_file", "callers_file"),
+                                         ("callersSecret", "callers", "callers_file", "token_file")):
+        secured = rendered(chart_renderer, **{value: "explaind-auth"})["StatefulSet"]["spec"]["template"]["spec"]
+        container = secured["containers"][0]
+        path = Path(getattr(serve_arguments(container), flag))
+        mount = next(mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == path.parent)
+        volume = next(volume for volume in secured["volumes"] if volume["name"] == mount["name"])
+        assert volume["secret"] == {"secretName": "explaind-auth", "items": [{"key": key, "path": path.name}]}, value
+        assert mount["readOnly"] and getattr(serve_arguments(container), other_flag) is None, value
     refused = render_chart(chart_renderer, callersSecret="explaind-callers", tokenSecret="explaind-token")
     assert refused.returncode != 0 and "callersSecret and tokenSecret: give only one" in refused.stderr
     for secret, config in (("callersSecret", '[server]\ntoken = "s3cret"\n'), ("callersSecret", 'server.callers_file = "/c"\n'),
