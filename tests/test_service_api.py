@@ -125,7 +125,7 @@ def test_metadata_describes_the_split_classifier(client, world_model, classifier
     assert meta.components["classifier"].loaded
     assert not meta.components["clip"].loaded and meta.components["clip"].detail == "not configured"
     # What the server fills is reachable (the SDK had dropped these).
-    assert meta.source == str(classifier_dir) and (meta.max_queue_size, meta.max_queue_delay_seconds) == (1024, 0.0)
+    assert meta.source == str(classifier_dir) and (meta.max_queue_size, meta.max_queue_delay_seconds, meta.max_queued_images_per_caller) == (1024, 0.0, 0)
 
 
 def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(server_factory, world_model, capsys):

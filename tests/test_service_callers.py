@@ -3,6 +3,9 @@ read it but not change it, admins may change anything; the file is reloaded on c
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -179,6 +182,45 @@ def test_every_method_that_is_not_audited_is_a_read():
     reads = {name for _, name in methods - audit.ACTIONS.keys()}
     assert reads == {"Predict", "GetModelMetadata", "ListHeadVersions", "GetHeadVersion", "GetSampleSet", "ListSampleSets", "ListSamples",
                      "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
+
+
+def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file):
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), callers_file=str(callers_file)).replace("batching", max_queued_images_per_caller=2)
+    server = ExplaindServer(config)
+    server.start()
+    server.load_models()
+    batcher = server.engine._batcher
+    forward, gate, entered = batcher._run, threading.Event(), threading.Event()
+
+    def held_forward(images):
+        entered.set()
+        gate.wait(30)
+        return forward(images)
+
+    batcher._run = held_forward  # the model stays busy until the gate opens: what follows queues
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, ThreadPoolExecutor(3) as pool:
+            assert monitoring.model_metadata().max_queued_images_per_caller == 2  # a caller can see its share
+            busy = pool.submit(monitoring.predict, [IMAGE])
+            assert entered.wait(30)
+            waiting = pool.submit(monitoring.predict, [IMAGE] * 2)
+            while batcher.queue_depth < 2:  # bounded by the future's own timeout below if it never queues
+                assert not waiting.done(), waiting.exception()
+                time.sleep(0.01)
+            with pytest.raises(ExplaindError) as refused:
+                monitoring.predict([IMAGE])
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details.startswith("prediction queue is full for caller 'monitoring' (2 of its images waiting, limit 2")
+            theirs = pool.submit(analyst.predict, [IMAGE] * 2)
+            while batcher.queue_depth < 4:
+                assert not theirs.done(), theirs.exception()
+                time.sleep(0.01)
+            gate.set()
+            assert [len(f.result(60)) for f in (busy, waiting, theirs)] == [1, 2, 2]
+    finally:
+        gate.set()
+        server.stop(0)
 
 
 def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classifier_dir, callers_file, monkeypatch, caplog):

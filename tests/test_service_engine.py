@@ -114,6 +114,37 @@ def test_batcher_queue_limit_and_cancelled_requests():
     assert sum(sizes) == 5  # the cancelled requests never ran
 
 
+def test_batcher_keeps_each_named_caller_to_its_share_of_the_queue():
+    # One pipeline's burst filled the whole queue and every other caller's Predict was
+    # RESOURCE_EXHAUSTED until it drained.
+    batcher, sizes, gate, entered = _gated_batcher(max_queue_size=14, max_queued_per_caller=4)
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1), caller="monitoring").result(10))
+        assert entered.wait(5)  # the model is busy: what follows queues
+        mine = [batcher.submit(torch.ones(2, 1, 1, 1), caller="monitoring") for _ in range(2)]
+        with pytest.raises(ResourceExhausted) as refused:
+            batcher.submit(torch.ones(1, 1, 1, 1), caller="monitoring")
+        assert str(refused.value) == ("prediction queue is full for caller 'monitoring' (4 of its images waiting, limit 4, "
+                                      "[batching].max_queued_images_per_caller); retry with backoff")
+        # Another caller still gets in, and a caller with nothing waiting may queue one
+        # request past its share: no request within the per-request limit waits for ever.
+        theirs = [batcher.submit(torch.ones(3, 1, 1, 1), caller="analyst"), batcher.submit(torch.ones(5, 1, 1, 1), caller="reports")]
+        with pytest.raises(ResourceExhausted, match="for caller 'reports'"):
+            batcher.submit(torch.ones(1, 1, 1, 1), caller="reports")
+        anonymous = batcher.submit(torch.ones(2, 1, 1, 1))  # no named caller: max_queue_size alone
+        with pytest.raises(ResourceExhausted, match=r"^prediction queue is full \(14 images waiting, limit 14\)"):
+            batcher.submit(torch.ones(1, 1, 1, 1), caller="dashboards")
+        assert mine[0].cancel()  # a cancelled request frees its caller's share at once
+        mine.append(batcher.submit(torch.ones(2, 1, 1, 1), caller="monitoring"))
+        gate.set()
+        assert first.result(10).tolist() == [1.0]
+        assert [future.result(10).tolist() for future in (*mine[1:], *theirs, anonymous)] == [[1.0] * 2] * 2 + [[1.0] * 3, [1.0] * 5, [1.0] * 2]
+    # Taken batches return the shares too: the same caller queues its full share again.
+    assert batcher._queued_by == {} and batcher.queue_depth == 0
+    batcher.close()
+    assert sum(sizes) == 1 + 2 + 2 + 3 + 5 + 2
+
+
 def test_batcher_runs_a_lone_request_in_the_callers_thread_and_one_forward_at_a_time():
     running, overlaps, threads = [0], [], set()
     lock = threading.Lock()

@@ -72,7 +72,7 @@ _AT_LEAST_ONE = (
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
-    "jobs.max_queued_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
+    "jobs.max_queued_per_caller", "batching.max_queued_images_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -89,6 +89,7 @@ _AT_MOST = {
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
+    "batching.max_queued_images_per_caller": _C_INT_MAX,
     "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": MAX_LOSS_WEIGHT,
     "tracing.sample_ratio": 1.0,
 }
@@ -293,6 +294,10 @@ class BatchingSection:
     max_queue_size: int = 1024
     # Most images one Predict call may carry.
     max_images_per_request: int = 1024
+    # Images one named caller ([server].callers_file) may have waiting; a Predict that would
+    # pass it is RESOURCE_EXHAUSTED (a caller with none waiting may always queue one call),
+    # so one caller cannot fill max_queue_size for all. 0: no limit of its own.
+    max_queued_images_per_caller: int = 0
 
 
 @dataclass(frozen=True)

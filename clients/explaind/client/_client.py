@@ -471,6 +471,7 @@ class Client:
             source=c.source,
             max_queue_delay_seconds=response.batching.max_queue_delay_seconds,
             max_queue_size=response.batching.max_queue_size,
+            max_queued_images_per_caller=response.batching.max_queued_images_per_caller,
             capabilities=tuple(response.capabilities),
         )
 

@@ -130,10 +130,12 @@ class ModelMetadata(AbbreviatedRepr):
     supports_visualization: bool = False
     # The weights file, directory or torchvision weights name the classifier was loaded from.
     source: str = ""
-    # Predict's batcher: longest a request waits for a fuller batch (seconds), and most
-    # images waiting for the model (more is RESOURCE_EXHAUSTED).
+    # Predict's batcher: longest a request waits for a fuller batch (seconds), most
+    # images waiting for the model (more is RESOURCE_EXHAUSTED), and most of those one
+    # named caller may have (0: no limit of its own; see [batching].max_queued_images_per_caller).
     max_queue_delay_seconds: float = 0.0
     max_queue_size: int = 0
+    max_queued_images_per_caller: int = 0
     # What the server honours that an older one ignores, e.g. "request_id" (calls that
     # start an operation are then retried after a dropped connection); () from such a server.
     capabilities: tuple[str, ...] = ()

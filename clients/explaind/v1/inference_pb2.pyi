@@ -115,14 +115,16 @@ class ComponentStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., source: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class BatchingInfo(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_seconds", "max_queue_size")
+    __slots__ = ("max_batch_size", "max_queue_delay_seconds", "max_queue_size", "max_queued_images_per_caller")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_IMAGES_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_seconds: float
     max_queue_size: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_seconds: _Optional[float] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    max_queued_images_per_caller: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_seconds: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_queued_images_per_caller: _Optional[int] = ...) -> None: ...
 
 class EvaluateSampleSetRequest(_message.Message):
     __slots__ = ("sample_set_id", "batch_size", "max_grid_images", "request_id")

@@ -34,6 +34,7 @@ Output = TypeVar("Output")
 class _Request:
     images: torch.Tensor
     future: Future
+    caller: str | None = None
 
 
 class DynamicBatcher(Generic[Output]):
@@ -50,6 +51,7 @@ class DynamicBatcher(Generic[Output]):
         max_batch_size: int = 32,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
+        max_queued_per_caller: int = 0,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         name: str = "batcher",
@@ -59,10 +61,12 @@ class DynamicBatcher(Generic[Output]):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.max_queued_per_caller = max_queued_per_caller
         self._on_batch = on_batch or (lambda size: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
         self._pending: deque[_Request] = deque()
         self._queued_images = 0
+        self._queued_by: dict[str, int] = {}  # named caller -> its images waiting
         self._model_busy = False
         self._condition = threading.Condition()
         self._closed = False
@@ -74,14 +78,18 @@ class DynamicBatcher(Generic[Output]):
         """Images waiting for the model."""
         return self._queued_images
 
-    def submit(self, images: torch.Tensor) -> Future:
+    def submit(self, images: torch.Tensor, *, caller: str | None = None) -> Future:
         """Queue images (n, 3, S, S); the future resolves to this request's slice of outputs.
 
-        Raises :class:`ResourceExhausted` when the queue is full. Cancelling the future
+        Raises :class:`ResourceExhausted` when the queue is full, or when the named
+        ``caller`` already has images waiting and these would take it past
+        ``max_queued_per_caller`` (0: no such limit): one caller cannot fill the queue
+        for all, and a caller with nothing waiting may always queue one request, so no
+        request within the per-request limit is refused for ever. Cancelling the future
         before its batch starts drops the request. A request run in the caller's thread
         (see the module docstring) returns a future that is already done.
         """
-        request = _Request(images, Future())
+        request = _Request(images, Future(), caller)
         with self._condition:
             if self._closed:
                 raise Unavailable("the server is shutting down")
@@ -89,11 +97,14 @@ class DynamicBatcher(Generic[Output]):
             if run_here:
                 self._model_busy = True
             else:
+                mine = self._queued_by.get(caller, 0) if caller is not None else 0
+                if mine and self.max_queued_per_caller and mine + len(images) > self.max_queued_per_caller:
+                    raise ResourceExhausted(f"prediction queue is full for caller {caller!r} ({mine} of its images waiting, limit "
+                                            f"{self.max_queued_per_caller}, [batching].max_queued_images_per_caller); retry with backoff")
                 if self._queued_images + len(images) > self.max_queue_size:
                     raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff")
                 self._pending.append(request)
-                self._queued_images += len(images)
-                self._on_queue_depth(self._queued_images)
+                self._count_queued(request, +1)
                 self._condition.notify()
         if not run_here:
             request.future.add_done_callback(lambda _future: self._forget_if_cancelled(request))
@@ -101,6 +112,16 @@ class DynamicBatcher(Generic[Output]):
             request.future.set_running_or_notify_cancel()
             self._run_live([request])
         return request.future
+
+    def _count_queued(self, request: _Request, sign: int) -> None:
+        """Add (+1) or remove (-1) ``request``'s images from the waiting counts; hold the condition."""
+        self._queued_images += sign * len(request.images)
+        if request.caller is not None:
+            if mine := self._queued_by.get(request.caller, 0) + sign * len(request.images):
+                self._queued_by[request.caller] = mine
+            else:
+                del self._queued_by[request.caller]
+        self._on_queue_depth(self._queued_images)
 
     def _forget_if_cancelled(self, request: _Request) -> None:
         """A caller that left frees its place in the queue at once, not when the worker
@@ -110,8 +131,7 @@ class DynamicBatcher(Generic[Output]):
         with self._condition:
             if request in self._pending:  # else the worker took it already (and skips it)
                 self._pending.remove(request)
-                self._queued_images -= len(request.images)
-                self._on_queue_depth(self._queued_images)
+                self._count_queued(request, -1)
 
     def close(self) -> None:
         """Stop accepting; requests already queued still run."""
@@ -143,8 +163,8 @@ class DynamicBatcher(Generic[Output]):
                 if remaining <= 0 or self._closed:
                     break
                 self._condition.wait(remaining)
-            self._queued_images -= size
-            self._on_queue_depth(self._queued_images)
+            for request in batch:
+                self._count_queued(request, -1)
         return batch
 
     def _loop(self) -> None:

@@ -221,6 +221,7 @@ class Engine:
             max_batch_size=batching.max_batch_size,
             max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue_size=batching.max_queue_size,
+            max_queued_per_caller=batching.max_queued_images_per_caller,
             on_batch=self.metrics.batch_size.observe,
             on_queue_depth=self.metrics.queue_depth.set,
         )
@@ -270,17 +271,20 @@ class Engine:
 
     # Predict -------------------------------------------------------------------------
 
-    def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> Future:
+    def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False,
+                       caller: str | None = None) -> Future:
         """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`
         for :meth:`finish_predict` with the same options. The options are checked first, so
         a request they refuse never costs a forward pass. Head versions share the classes
-        and the feature layer, so what is checked here still holds when the batch runs."""
+        and the feature layer, so what is checked here still holds when the batch runs.
+        ``caller``: the named caller, whose images waiting count against
+        [batching].max_queued_images_per_caller."""
         version = self.models.active  # raises Unavailable while loading
         if top_k < 0 or top_k > len(version.class_names):
             raise InvalidArgument(f"must be between 1 and {len(version.class_names)} (the number of classes), or 0 for the default", field="top_k")
         if return_features:
             version.require_split("features need a split classifier", field="return_features")
-        return self._batcher.submit(images)
+        return self._batcher.submit(images, caller=caller)
 
     def _run_batch(self, images: torch.Tensor) -> BatchOutput:
         version = self.models.active  # read once: the whole batch uses one version

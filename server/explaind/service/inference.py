@@ -40,7 +40,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Each image is resized as it is decoded: the request never holds full-size floats.
         geometry, budget = self._engine.models.active.input_geometry, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
         images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
-        future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features)
+        future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features, caller=current_caller())
         context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
         try:
             output = future.result(timeout=context.time_remaining())
@@ -82,7 +82,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             ),
             components=[inference_pb2.ComponentStatus(name=s.name, loaded=s.loaded, source=s.source, detail=s.detail) for s in engine.components.values()],
             batching=inference_pb2.BatchingInfo(
-                max_batch_size=batching.max_batch_size, max_queue_delay_seconds=batching.max_queue_delay_ms / 1000.0, max_queue_size=batching.max_queue_size
+                max_batch_size=batching.max_batch_size, max_queue_delay_seconds=batching.max_queue_delay_ms / 1000.0, max_queue_size=batching.max_queue_size,
+                max_queued_images_per_caller=batching.max_queued_images_per_caller,
             ),
             limits=inference_pb2.RequestLimits(
                 max_message_bytes=server.max_message_bytes, max_pixels_per_request=server.max_pixels_per_request,
