@@ -283,6 +283,8 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
         (["--host", ""], "error: --host: [server].host must be an address to listen on"),  # was "cannot bind :0: is another server using the port?"
         (["--port", "7000", "--metrics-port", "7000"], "error: --port: [server].port and .metrics_port are both 7000; each needs a port of its own"),
         (["--otlp-endpoint", "collector:4317"], "error: --otlp-endpoint: [tracing].otlp_endpoint must be an OTLP/gRPC collector's URL"),
+        (["--callers-file", "callers", "--admin", "ops", "--admin", "Ops"], "error: --admin: [server].admins: 'Ops' is no caller name"),
+        (["--admin", "ops"], "error: --admin: [server].admins names callers of [server].callers_file; set that too"),
     ],
 )
 def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):
@@ -393,6 +395,22 @@ def test_serve_otlp_endpoint_turns_tracing_on_or_off_over_the_config_file(capsys
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
         f"warning: --otlp-endpoint https://traces.example:4317 overrides [tracing].otlp_endpoint = 'http://collector:4317' of {config}",
         f"warning: --otlp-endpoint '' overrides [tracing].otlp_endpoint = 'http://collector:4317' of {config}"]
+
+
+def test_serve_admin_flags_replace_the_config_files_admins(capsys, tmp_path, monkeypatch):
+    # The chart's `admins` value: with callers from a Secret, no config need be written for them.
+    import explaind.service
+
+    served: list[tuple[str, ...]] = []
+    monkeypatch.setattr(explaind.service, "serve", lambda config, stop_requested: served.append(config.server.admins) or 0)
+    config = tmp_path / "explaind.toml"
+    config.write_text('[server]\ncallers_file = "callers"\nadmins = ["platform"]\n')
+    for flags in (["--config", str(config), "--admin", "ops", "--admin", "dev"], ["--config", str(config)],
+                  ["--callers-file", str(tmp_path / "callers"), "--admin", "ops"]):
+        assert main(["serve", *flags]) == 0
+    assert served == [("ops", "dev"), ("platform",), ("ops",)]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: --admin ops --admin dev overrides [server].admins = ('platform',) of {config}"]
 
 
 @pytest.mark.parametrize(("content", "message"), [

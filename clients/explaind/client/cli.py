@@ -295,8 +295,15 @@ _SERVE_OVERRIDES = {
     "token_file": ("server", "--token-file"), "log_format": ("server", "--log-format"),
     "tls_cert_file": ("server", "--tls-cert-file"), "tls_key_file": ("server", "--tls-key-file"),
     "tls_client_ca_file": ("server", "--tls-client-ca-file"), "callers_file": ("server", "--callers-file"),
-    "otlp_endpoint": ("tracing", "--otlp-endpoint"),
+    "admins": ("server", "--admin"), "otlp_endpoint": ("tracing", "--otlp-endpoint"),
 }
+
+
+def _as_typed(key: str, value: object) -> str:
+    """A serve override as its flags were typed: ``--admin ops --admin dev`` for a list
+    key (one flag a value), quoted so ``--otlp-endpoint ''`` reads as a flag with a value."""
+    flag = _SERVE_OVERRIDES[key][1]
+    return " ".join(f"{flag} {shlex.quote(str(item))}" for item in (value if isinstance(value, tuple) else (value,)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -316,8 +323,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # --tls-key-file) are checked together; an error names the flag of the key it quotes.
     changes: dict[str, dict[str, object]] = {}
     for key, (section, _flag) in _SERVE_OVERRIDES.items():
-        if getattr(args, key) is not None:
-            changes.setdefault(section, {})[key] = getattr(args, key)
+        if (value := getattr(args, key)) is not None:  # a repeated flag's list is the config's tuple
+            changes.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
     json_logs = (args.log_format or config.server.log_format) == "json"
     warnings = []
     # The keys the file sets (it loaded, so it parses): a container's entrypoint passes
@@ -327,8 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for key, value in values.items():
             given = getattr(getattr(config, section), key)
             if key in written.get(section, {}) and given != value:
-                # As typed: --otlp-endpoint '' (tracing off) must not read as a flag without a value.
-                warnings.append(f"{_SERVE_OVERRIDES[key][1]} {shlex.quote(str(value))} overrides [{section}].{key} = {given!r} of {args.config}")
+                warnings.append(f"{_as_typed(key, value)} overrides [{section}].{key} = {given!r} of {args.config}")
         try:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
@@ -1064,6 +1070,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file holding the bearer token calls must carry, e.g. a mounted secret (default: [server].token_file)")
     serve.add_argument("--callers-file", dest="callers_file",
                        help="file of named callers, one 'NAME TOKEN' a line, instead of one token (default: [server].callers_file)")
+    serve.add_argument("--admin", dest="admins", action="append", metavar="NAME",
+                       help="a caller of the callers file that may change any caller's objects and promote or roll back the "
+                            "served head; repeat it for more, which replace [server].admins (default: [server].admins, none)")
     serve.add_argument("--tls-cert-file", dest="tls_cert_file", help="serve TLS with this PEM certificate chain (default: [server].tls_cert_file)")
     serve.add_argument("--tls-key-file", dest="tls_key_file", help="the PEM private key of --tls-cert-file (default: [server].tls_key_file)")
     serve.add_argument("--tls-client-ca-file", dest="tls_client_ca_file",
