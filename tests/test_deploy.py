@@ -501,6 +501,34 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
         assert render_chart(chart_renderer, tokenSecret="explaind-token", config=other).returncode == 0, other
 
 
+def test_helm_chart_passes_admins_to_serve_only_beside_named_callers(chart_renderer):
+    # Admins could be set through the config value alone, and a name the server refuses
+    # (or admins without callers) would restart the pod in a loop.
+    from explaind.config import CALLER_NAME
+
+    def container(**values: object) -> dict:
+        return rendered(chart_renderer, **values)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+
+    assert serve_arguments(container()).admins is None  # left to config
+    for callers in ({"callersSecret": "explaind-callers"}, {"config": '[server]\ncallers_file = "/c"\n'},
+                    {"config": 'server = { callers_file = "/c" }\n'}, {"device": "", "config": 'server.callers_file = "/c"\n'}):
+        assert serve_arguments(container(admins=["platform", "ops"], **callers)).admins == ["platform", "ops"], callers
+    for values in ({}, {"tokenSecret": "explaind-token"}, {"config": '[server]\nmax_workers = 8  # callers_file = "/c"\n'}):
+        refused = render_chart(chart_renderer, admins=["ops"], **values)
+        assert refused.returncode != 0 and "admins names callers of a callers file: set callersSecret" in refused.stderr, values
+    for config in ('[server]\nadmins = ["platform"]\n', 'server.admins = ["platform"]\n', 'server = { callers_file = "/c", admins = [] }\n'):
+        refused = render_chart(chart_renderer, admins=["ops"], callersSecret="explaind-callers" if "callers_file" not in config else "", config=config)
+        assert refused.returncode != 0 and "admins and a config that sets [server].admins: give only one" in refused.stderr, config
+    refused = render_chart(chart_renderer, admins="ops", callersSecret="explaind-callers")
+    assert refused.returncode != 0 and "admins must be a list of caller names" in refused.stderr
+    # The chart takes the names the server does: its pattern is explaind.config's.
+    assert f'"^{CALLER_NAME.pattern}$"' in (DEPLOY / "helm" / "explaind" / "templates" / "statefulset.yaml").read_text()
+    for name in ("ops", "ci.bot-2", "Ops", "-ops", "o" * 65, "ops team"):
+        accepted = render_chart(chart_renderer, admins=[name], callersSecret="explaind-callers")
+        assert (accepted.returncode == 0) == bool(CALLER_NAME.fullmatch(name)), name
+        assert accepted.returncode == 0 or f"admins: {json.dumps(name)} is no caller name" in accepted.stderr, name
+
+
 def test_helm_templates_read_only_values_the_chart_defines():
     chart = DEPLOY / "helm" / "explaind"
     values = yaml.safe_load((chart / "values.yaml").read_text())
