@@ -529,6 +529,28 @@ def test_helm_chart_passes_admins_to_serve_only_beside_named_callers(chart_rende
         assert accepted.returncode == 0 or f"admins: {json.dumps(name)} is no caller name" in accepted.stderr, name
 
 
+def test_helm_chart_keeps_the_download_cache_on_a_volume_claim_when_asked(chart_renderer):
+    """XDG_CACHE_HOME's emptyDir is refilled at each pod start (open_clip, hub models);
+    cache.persistent makes it a second claim of the StatefulSet, mounted at the same path."""
+    def claims_volumes_and_mount(**values: object) -> tuple[dict, dict, dict]:
+        spec = rendered(chart_renderer, **values)["StatefulSet"]["spec"]
+        container = spec["template"]["spec"]["containers"][0]
+        cache_home = next(variable["value"] for variable in container["env"] if variable["name"] == "XDG_CACHE_HOME")
+        mount = next(mount for mount in container["volumeMounts"] if mount["mountPath"] == cache_home)
+        return ({claim["metadata"]["name"]: claim["spec"] for claim in spec["volumeClaimTemplates"]},
+                {volume["name"]: volume for volume in spec["template"]["spec"]["volumes"]}, mount)
+
+    claims, volumes, mount = claims_volumes_and_mount()
+    assert list(claims) == ["data"] and volumes[mount["name"]] == {"name": "cache", "emptyDir": {}}
+    for persistent in ({"persistent": True}, {"persistent": True, "size": "30Gi", "storageClass": "fast-ssd"}):
+        claims, volumes, mount = claims_volumes_and_mount(cache=persistent)
+        assert list(claims) == ["data", "cache"] and mount["name"] == "cache" and "cache" not in volumes, persistent
+        assert claims["cache"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": persistent.get("size", "10Gi")}},
+                                   **({"storageClassName": "fast-ssd"} if "storageClass" in persistent else {})}
+        assert claims["data"] == claims_volumes_and_mount()[0]["data"]  # the store's claim as it was
+    assert claims_volumes_and_mount(persistence={"storageClass": "slow"})[0]["data"]["storageClassName"] == "slow"
+
+
 def test_helm_templates_read_only_values_the_chart_defines():
     chart = DEPLOY / "helm" / "explaind"
     values = yaml.safe_load((chart / "values.yaml").read_text())

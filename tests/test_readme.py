@@ -56,6 +56,7 @@ def test_the_chart_values_the_readme_states_are_the_charts():
     prose = " ".join(README.read_text().split())  # across line breaks
     assert f"`image` (`{values['image']['repository']}:{values['image']['tag']}`" in prose
     assert f"`persistence` (the data volume, {values['persistence']['size'].removesuffix('Gi')} GiB;" in prose
+    assert f"(`cache.size`, {values['cache']['size'].removesuffix('Gi')} GiB," in prose
     assert f"`terminationGracePeriodSeconds` ({values['terminationGracePeriodSeconds']}:" in prose
     assert f"`healthPort` ({values['healthPort']})" in prose
 
