@@ -524,6 +524,33 @@ def test_a_page_token_from_another_list_is_an_invalid_argument(server, client, w
                 assert refused.value.details().startswith("page_token: "), refused.value.details()
 
 
+def test_an_operations_page_token_resumes_only_the_kind_and_state_its_first_page_was_asked_for(server, client, world_images):
+    # A token of the succeeded evaluations, sent with other filters, resumed at its time
+    # among other operations: a page that was no continuation of the first (AIP-158).
+    client.create_sample_set(_uint8(world_images[0][:1]), [0], sample_set_id="filtered")
+    for _ in range(2):
+        client.evaluate_sample_set("filtered").result(timeout=120)
+    succeeded = operations_pb2.OperationState.Value("OPERATION_STATE_SUCCEEDED")
+    with grpc.insecure_channel(server.target) as channel:
+        operations = operations_pb2_grpc.OperationsServiceStub(channel)
+
+        def listed(**fields: object) -> operations_pb2.ListOperationsResponse:
+            return operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=1, **fields), timeout=30)
+
+        filters = {"kind": "evaluate_sample_set", "state": succeeded}
+        token = listed(**filters).next_page_token
+        assert len(listed(**filters, page_token=token).operations) == 1  # its own listing resumes
+        for other, asked in (({}, "everyone's operations"), ({"kind": "evaluate_sample_set"}, "with kind 'evaluate_sample_set'"),
+                             ({"state": succeeded}, "with state 'succeeded'"), ({**filters, "owner": "analyst"}, "caller 'analyst'"),
+                             ({"kind": "a/b,c@d]"}, "with kind 'a/b,c@d]'")):
+            with pytest.raises(grpc.RpcError) as refused:
+                listed(**other, page_token=token)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, other
+            details = refused.value.details()
+            assert details.startswith("page_token: ") and asked in details, details
+            assert "is a page token of everyone's operations with kind 'evaluate_sample_set' and state 'succeeded', not of" in details
+
+
 def test_paging_an_unchanged_set_and_list_gives_every_sample_and_sample_set_once_in_order(server, client, world_images):
     # Each token must resume right after its page: one short would repeat an item per page, a
     # page one item too long would hide the token, and ">=" on the resume time would list the

@@ -15,7 +15,7 @@ from ..store import JobRecord
 from . import convert
 from .auth import current_caller
 from .interceptors import HeldCalls
-from .paging import messages_that_fit, owned_listing, page_limit, resume_point, resume_token
+from .paging import listing_name, messages_that_fit, page_limit, resume_point, resume_token
 
 
 # google.protobuf.Duration's documented range: about 10,000 years.
@@ -47,13 +47,13 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.GetOperationResponse(operation=convert.operation(self._jobs.get(convert.job_id(request.name))))
 
     def ListOperations(self, request, context: grpc.ServicerContext) -> operations_pb2.ListOperationsResponse:
-        listing = owned_listing("operations", request.owner)
-        after, limit = resume_point(request.page_token, listing), page_limit(request.page_size, 100, 1000)
         state = ""
         if request.state:
             if request.state not in convert.STATE_NAMES:
                 raise convert.unknown_enum_value(operations_pb2.OperationState, request.state, "state")
             state = convert.STATE_NAMES[request.state]
+        listing = listing_name("operations", owner=request.owner, kind=request.kind, state=state)
+        after, limit = resume_point(request.page_token, listing), page_limit(request.page_size, 100, 1000)
         if request.view not in operations_pb2.OperationView.values():
             raise convert.unknown_enum_value(operations_pb2.OperationView, request.view, "view")
         # Results can be large (an evaluation's mistakes, up to half the message limit each):

@@ -5,8 +5,9 @@ and a resume point ``"<listing>/<create_time>/<id>"``, for lists whose items com
 while a client pages (operations, sample sets, head versions): an offset would then skip
 or repeat items. The listing's name makes a token from one list an error in another,
 where it would resume at an unrelated point, typically past the end: an empty last page.
-A listing kept to one caller's items (owner=) is named for that caller too, so its
-tokens are refused by everyone's listing and by another caller's (AIP-158).
+A listing kept to one caller's items (owner=) or to some of them (kind=, state=) is
+named for those too, so its tokens are refused by a listing asked with other ones, as
+AIP-158 asks (it would resume at the right time, but among other items than page one's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import re
 from collections.abc import Iterable
 from typing import TypeVar
+from urllib.parse import quote, unquote
 
 from google.protobuf.message import Message
 
@@ -23,6 +25,9 @@ from ..errors import InvalidArgument
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
 _FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
+# What listing_name writes (a quoted value is "%XX" escapes and URL-safe characters); a
+# token's name that is not is no token of ours, and is not echoed back as words.
+_LISTING_NAME = re.compile(rf"[a-z_]+(\[[a-z_]+=[%A-Za-z0-9_.~-]*(,[a-z_]+=[%A-Za-z0-9_.~-]*)*\])?(@{CALLER_NAME.pattern})?")
 # A repeated message field costs a tag byte and a length varint (at most 5 bytes for
 # sizes below 4 GiB); the headroom covers next_page_token.
 _FIELD_OVERHEAD = 6
@@ -60,29 +65,38 @@ def resume_token(listing: str, create_time: float, item_id: str) -> str:
     return f"{listing}/{create_time!r}/{item_id}"
 
 
-def owned_listing(listing: str, owner: str) -> str:
+def listing_name(listing: str, *, owner: str = "", **filters: str) -> str:
     """The name of ``listing`` (e.g. "operations") kept to the items of the named caller
-    ``owner`` ("": everyone's), for resume_token and resume_point. An owner that is no
-    caller name is InvalidArgument naming owner."""
-    if not owner:
-        return listing
-    if not CALLER_NAME.fullmatch(owner):
+    ``owner`` ("": everyone's) and to the non-empty ``filters`` (e.g. kind=...), for
+    resume_token and resume_point: a token resumes only the listing its first page was
+    asked for (AIP-158). An owner that is no caller name is InvalidArgument naming owner."""
+    if owner and not CALLER_NAME.fullmatch(owner):
         raise InvalidArgument(f"{owner[:64]!r} is no caller name (it must match {CALLER_NAME.pattern}); \"\" lists everyone's",
                               field="owner")
-    return f"{listing}@{owner}"
+    # Quoted: a value's "/", "," or "@" would otherwise cut the token in the wrong place.
+    given = ",".join(f"{key}={quote(value, safe='')}" for key, value in filters.items() if value)
+    return listing + (f"[{given}]" if given else "") + (f"@{owner}" if owner else "")
+
+
+def _described(name: str) -> str:
+    """A listing_name as words: "caller 'x''s operations with kind 'k'"."""
+    rest, _, owner = name.partition("@")
+    listing, _, given = rest.partition("[")
+    conditions = [f"{key} {unquote(value)!r}" for key, _, value in (item.partition("=") for item in given.rstrip("]").split(",") if item)]
+    return (f"caller {owner!r}'s " if owner else "everyone's ") + listing.replace("_", " ") + (
+        f" with {' and '.join(conditions)}" if conditions else "")
 
 
 def resume_point(token: str, listing: str) -> tuple[float, str] | None:
     """(create_time, id) of the last item of the previous page, from its token, which
-    must be one of ``listing``'s (an owned_listing's: of the same owner)."""
+    must be one of ``listing``'s (a listing_name: of the same owner and filters)."""
     if not token:
         return None
     name, _, point = token.partition("/")
     create_time, _, item_id = point.partition("/")
-    if name != listing and name.partition("@")[0] == listing.partition("@")[0]:
-        listed, asked = (f"caller {owned.partition('@')[2]!r}'s" if "@" in owned else "everyone's" for owned in (name, listing))
-        raise InvalidArgument(f"{token[:40]!r} is a page token of {listed} {listing.partition('@')[0].replace('_', ' ')}, not {asked}: "
-                              "page with the owner its first page was asked with", field="page_token")
+    if name != listing and _LISTING_NAME.fullmatch(name) and name.partition("[")[0].partition("@")[0] == listing.partition("[")[0].partition("@")[0]:
+        raise InvalidArgument(f"{token[:40]!r} is a page token of {_described(name)}, not of {_described(listing)}: "
+                              "page with the owner and filters its first page was asked with", field="page_token")
     # As repr() writes a non-negative float; float() alone also takes " 5 ", "1_0", "-1e300", "١".
     if name != listing or not item_id or not _FLOAT_REPR.fullmatch(create_time) or not math.isfinite(resume := float(create_time)):
         raise bad_page_token(token)

@@ -12,7 +12,7 @@ from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
 from .auth import current_caller
-from .paging import messages_that_fit, next_offset_token, offset_page, owned_listing, page_limit, resume_point, resume_token
+from .paging import messages_that_fit, listing_name, next_offset_token, offset_page, page_limit, resume_point, resume_token
 
 def required_set_id(request) -> str:
     """The request's ``sample_set_id``; an empty or malformed one is a bad request, not an unknown set."""
@@ -82,7 +82,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.GetSampleSetResponse(sample_set=convert.sample_set(self._engine.store.get_sample_set(required_set_id(request))))
 
     def ListSampleSets(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSampleSetsResponse:
-        listing = owned_listing("sample_sets", request.owner)
+        listing = listing_name("sample_sets", owner=request.owner)
         after, limit = resume_point(request.page_token, listing), page_limit(request.page_size, 100, 1000)
         infos = self._engine.store.list_sample_sets(owner=request.owner, after=after, limit=limit)
         last = infos[-1] if len(infos) == limit else None
