@@ -273,7 +273,8 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
-    ("# c\nBad tokenB\n", "line 2: caller name 'Bad' must match"),
+    ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),
+    ("tokenA analyst\n", "line 1: the first word is no caller name"),  # TOKEN NAME: the token is never quoted
     ("a tokenA extra\n", "line 1: expected NAME TOKEN, got 3 word(s)"),
     ("a tokenA\n\na tokenB\n", "line 3: caller 'a' is named on line 1 too"),
     ("# none yet\n\n", "names no caller"),

@@ -185,8 +185,9 @@ CALLER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 def parse_callers(text: str) -> dict[str, str]:
     """Caller name -> token from a callers file: one caller per line, ``NAME TOKEN``;
     blank lines and lines starting with ``#`` are skipped. ValueError naming the line
-    (never quoting a token) for a malformed line, a bad name or token, or a name or token
-    given twice: two callers with one token could not be told apart; and for a file that
+    (never quoting a token, nor a first word that is no name: it may be one) for a
+    malformed line, a bad name or token, or a name or token given twice: two callers
+    with one token could not be told apart; and for a file that
     names no caller, which would refuse every call (a rotation caught half-way, the file
     emptied before it is written, must keep the callers in force)."""
     callers: dict[str, str] = {}
@@ -201,7 +202,9 @@ def parse_callers(text: str) -> dict[str, str]:
             raise ValueError(f"line {number}: expected NAME TOKEN, got {len(parts)} word(s)")
         name, token = parts
         if not CALLER_NAME.fullmatch(name):
-            raise ValueError(f"line {number}: caller name {name[:64]!r} must match {CALLER_NAME.pattern}")
+            # Not quoted: a line written TOKEN NAME has the token there.
+            raise ValueError(f"line {number}: the first word is no caller name (it must match {CALLER_NAME.pattern}; "
+                             "a line is NAME TOKEN, in that order)")
         if problem := token_problem(token):
             raise ValueError(f"line {number}: the token of {name!r} {problem}")
         if name in lines_of_names:
