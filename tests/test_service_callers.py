@@ -84,6 +84,25 @@ def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp
         server.stop(0)
 
 
+def test_a_head_the_server_loaded_from_a_model_file_is_deleted_by_an_admin_only(tmp_path, classifier_dir, callers_file):
+    # Stored at a start, not by a caller: without an owner it was open to every caller,
+    # which could delete the earlier model file's head the admins would serve again.
+    from explaind.store import HeadVersionRecord
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    try:
+        store, feature_version = server.engine.store, server.engine.models.active.feature_version
+        weights = store.get_head_version(feature_version, "v0").weights_digest
+        store.insert_head_version(HeadVersionRecord(feature_version, "v7", "earlier", weights, "", 0.0, details={"method": "loaded"}))
+        with client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
+            assert analyst.head_version("v7").owner == ""
+            assert "only an admin ([server].admins) may delete head version 'v7', a head loaded from a model file" in denied(
+                analyst.delete_head_version, "v7")
+            root.delete_head_version("v7")
+    finally:
+        server.stop(0)
+
+
 def test_a_request_id_is_its_callers_own_and_another_caller_sending_it_again_gets_nothing_of_the_first(tmp_path, classifier_dir, callers_file):
     # A repeat is answered with what the first request made: from another caller, with the
     # same request, it would get the first caller's set or operation as its own (and an

@@ -806,13 +806,15 @@ class NeuroInspectEngine:
         again at every start), not a loaded head with edits of it, and not one an
         unfinished edit started from or is storing; its children take its parent as
         theirs, and its weights go in a sweep. PermissionDenied when it is not
-        ``caller``'s to change."""
+        ``caller``'s to change (a loaded head: when ``caller`` may not change the served head)."""
         _check_version_id(version_id)
         version = self._split_version()
         store = self._engine.store
         with self._versions_lock:
             record = store.get_head_version(version.feature_version, version_id)  # NotFound naming it
             self._engine.ownership.require_owner(caller, record.owner, f"head version {version_id!r}", field="version_id")
+            if record.owner is None and record.details.get("method") == LOADED:  # the server's, not a caller's: a head admins may serve again
+                self._engine.ownership.require_head_changer(caller, f"delete head version {version_id!r}, a head loaded from a model file")
             if version_id == self.active_head_version().version_id:
                 raise FailedPrecondition(f"head version {version_id!r} is served; promote or roll back to another first", field="version_id")
             if version_id == store.file_head_version(version.feature_version):
