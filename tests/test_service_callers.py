@@ -264,6 +264,38 @@ def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classif
         server.stop(0)
 
 
+def test_a_reload_that_read_the_callers_file_before_a_later_change_never_undoes_that_change(callers_file, monkeypatch):
+    # Two calls reloading at once: the one that read the file first, finishing last, put
+    # back a caller the newer file had removed, for good (the file's stamps were the new one's).
+    from explaind.config import parse_callers
+
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file))
+    kept, revoked = "monitoring tokenMON\nanalyst tokenANA\n", "analyst tokenANA\n"
+    first_read, later_reload_done = threading.Event(), threading.Event()
+
+    def parse_stalling(text: str) -> dict[str, str]:
+        """The first reload stalls after reading its file until the later reload has run
+        (bounded: with reloads in turn, that one waits for this one)."""
+        if text == kept:
+            first_read.set()
+            later_reload_done.wait(0.5)
+        return parse_callers(text)
+
+    monkeypatch.setattr(auth, "parse_callers", parse_stalling)
+    callers_file.write_text(kept)
+    first = threading.Thread(target=callers.caller_of, args=([("authorization", "Bearer tokenANA")],))
+    first.start()
+    assert first_read.wait(30)
+    callers_file.write_text(revoked)
+    later = threading.Thread(target=lambda: (callers.caller_of([("authorization", "Bearer tokenANA")]), later_reload_done.set()))
+    later.start()
+    first.join(30)
+    later.join(30)
+    assert callers.caller_of([("authorization", "Bearer tokenMON")]) is None
+    assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"
+
+
 def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refused(callers_file):
     callers = auth.NamedCallers({"analyst": "tokenANA", "monitoring": "tokenMON"}, str(callers_file))
     assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"

@@ -19,7 +19,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +44,7 @@ class _WatchedFiles:
     def __init__(self, paths: Iterable[str]) -> None:
         self._paths = [path for path in paths if path]
         self._lock = threading.Lock()
+        self._reloading = threading.Lock()
         self._checked_at = time.monotonic()
         self._stamps: list[tuple[int, int, int, int] | None] | None = self._read_stamps()
         self._last_failure = ""
@@ -58,6 +59,14 @@ class _WatchedFiles:
 
     def reloaded(self) -> None:
         self._last_failure = ""
+
+    def reload_if_changed(self, reload: Callable[[], None]) -> None:
+        """Run ``reload`` if the files changed, one reload at a time, each reading them after
+        the one before: an earlier read, stalled past a later change, must not put back
+        what that change removed (a revoked caller's token) once the later reload is done."""
+        if self.changed():
+            with self._reloading:
+                reload()
 
     def changed(self) -> bool:
         if not self._paths:
@@ -135,8 +144,7 @@ class BearerToken:
 
     def current(self) -> str:
         """The token, re-read from the file when it has changed since the last look."""
-        if self._files.changed():
-            self._reload()
+        self._files.reload_if_changed(self._reload)
         return self._token
 
     def _reload(self) -> None:
@@ -173,8 +181,7 @@ class NamedCallers:
         call carries two callers' tokens, which would make it either of them). Every
         token is compared, each in constant time: how long the answer takes tells nothing
         of which token, or how much of one, matched."""
-        if self._files.changed():
-            self._reload()
+        self._files.reload_if_changed(self._reload)
         found = {name for value in _bearer_values(metadata) for name, token in self._tokens.items() if hmac.compare_digest(value, token)}
         return found.pop() if len(found) == 1 else None
 
