@@ -3,6 +3,7 @@ read it but not change it, admins may change anything; the file is reloaded on c
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from explaind.service import ExplaindServer, audit, auth
 
 CALLERS = "# who may call\nmonitoring tokenMON\n\nanalyst tokenANA\nroot tokenROOT\n"
 IMAGE = np.full((8, 8, 3), 200, np.uint8)
+HEX_TOKEN = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # as `openssl rand -hex 32` prints one
 
 
 def start(tmp_path: Path, classifier_dir: Path, **server: object) -> ExplaindServer:
@@ -326,6 +328,7 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),
     ("tokenA analyst\n", "line 1: the first word is no caller name"),  # TOKEN NAME: the token is never quoted
+    (f"{HEX_TOKEN} analyst\n", "line 1: the first word is 64 hex digits, a token rather than a caller name"),  # a valid name otherwise
     ("a tokenA extra\n", "line 1: expected NAME TOKEN, got 3 word(s)"),
     ("a tokenA\n\na tokenB\n", "line 3: caller 'a' is named on line 1 too"),
     ("# none yet\n\n", "names no caller"),
@@ -337,7 +340,7 @@ def test_a_bad_callers_file_fails_the_start_naming_its_line(tmp_path, classifier
                                                                                     callers_file=str(path))
     with pytest.raises(ConfigError, match="callers_file") as refused:
         ExplaindServer(config)
-    assert problem in str(refused.value) and "tokenA" not in str(refused.value) and "tokenB" not in str(refused.value)
+    assert problem in str(refused.value) and not {"tokenA", "tokenB", HEX_TOKEN} & set(re.findall(r"\w+", str(refused.value)))
 
 
 def test_callers_exclude_a_single_token_and_admins_must_be_callers(tmp_path, callers_file):

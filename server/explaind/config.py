@@ -180,6 +180,8 @@ class ServerSection:
 
 # A caller's name: what logs and owners show, so short and plain.
 CALLER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+# 128 bits or more of lowercase hex: what token generators print, and no one's name.
+_LOOKS_LIKE_A_TOKEN = re.compile(r"[0-9a-f]{32,}")
 
 
 def parse_callers(text: str) -> dict[str, str]:
@@ -205,6 +207,11 @@ def parse_callers(text: str) -> dict[str, str]:
             # Not quoted: a line written TOKEN NAME has the token there.
             raise ValueError(f"line {number}: the first word is no caller name (it must match {CALLER_NAME.pattern}; "
                              "a line is NAME TOKEN, in that order)")
+        if _LOOKS_LIKE_A_TOKEN.fullmatch(name):
+            # `openssl rand -hex 32` makes a valid caller name: written TOKEN NAME, the line
+            # would parse, the guessable name would be the token, and the token be logged as a name.
+            raise ValueError(f"line {number}: the first word is {len(name)} hex digits, a token rather than a caller name "
+                             "(a line is NAME TOKEN, in that order)")
         if problem := token_problem(token):
             raise ValueError(f"line {number}: the token of {name!r} {problem}")
         if name in lines_of_names:
