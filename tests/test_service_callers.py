@@ -51,7 +51,7 @@ def callers_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp_path, classifier_dir, callers_file):
+def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp_path, classifier_dir, callers_file, caplog):
     server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
     try:
         with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
@@ -61,6 +61,11 @@ def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp
             assert analyst.sample_set("train").owner == "monitoring" and [s.owner for s in analyst.sample_sets()] == ["monitoring"]
             for message in (denied(analyst.append_samples, "train", [IMAGE], [0]), denied(analyst.delete_sample_set, "train")):
                 assert "sample set 'train' is owned by caller 'monitoring'" in message and "tokenMON" not in message
+            # The log names who was refused, for the operator; never a token.
+            refusals = [re.sub(r" from \S+ ", " from PEER ", r.getMessage()) for r in caplog.records if r.getMessage().startswith("refused ")]
+            assert refusals == [f"refused explaind.v1.SampleSetService/{method} from PEER (caller analyst): PERMISSION_DENIED: sample_set_id: "
+                                "sample set 'train' is owned by caller 'monitoring'; only it or an admin ([server].admins) may change it, not 'analyst'"
+                                for method in ("AppendSamples", "DeleteSampleSet")]
             edit = monitoring.edit_head("train", 1, [0], max_epochs=1)
             version = edit.result().version
             assert (edit.owner, version.owner) == ("monitoring", "monitoring")
@@ -205,7 +210,7 @@ def test_every_method_that_is_not_audited_is_a_read():
                      "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
 
 
-def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file):
+def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file, caplog):
     config = default_config().replace("classifier", path=str(classifier_dir)).replace(
         "server", port=0, data_dir=str(tmp_path / "data"), callers_file=str(callers_file)).replace("batching", max_queued_images_per_caller=2)
     server = ExplaindServer(config)
@@ -233,6 +238,9 @@ def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers
                 monitoring.predict([IMAGE])
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.details.startswith("prediction queue is full for caller 'monitoring' (2 of its images waiting, limit 2")
+            # The log says whose backlog it is: the alert's description sends operators there.
+            assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused explaind.v1.InferenceService/Predict from ")
+                    and "(caller monitoring): RESOURCE_EXHAUSTED: prediction queue is full for caller 'monitoring'" in r.getMessage()]
             theirs = pool.submit(analyst.predict, [IMAGE] * 2)
             while batcher.queue_depth < 4:
                 assert not theirs.done(), theirs.exception()
