@@ -1334,7 +1334,7 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
             assert name == "mistakes.png"
 
     version = engine.models.active
-    result = evaluate(engine, Context(), "fixed", "uid of fixed", version, 0, 2)
+    result = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2)
     confusion = np.array(result.confusion_matrix).reshape(6, 6)
     assert (confusion[0, 1], confusion[1, 2], confusion[2, 1]) == (1, 1, 1) and confusion[1, 0] == confusion[2, 0] == 0
     assert [(m.sample_index, m.label, m.predicted) for m in result.mistakes] == [(3, 1, 2), (1, 0, 1), (4, 2, 1)]
@@ -1353,7 +1353,7 @@ def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monke
     rng = np.random.default_rng(0)
     engine.create_sample_set("bounds", "", [NewSample.from_array(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 0)])
     started = []
-    monkeypatch.setattr(explaind.engine.evaluation, "evaluate", lambda engine, context, set_id, uid, version, batch_size, grid: started.append((batch_size, grid)))
+    monkeypatch.setattr(explaind.engine.evaluation, "evaluate", lambda engine, context, set_id, uid, count, version, batch_size, grid: started.append((batch_size, grid)))
     monkeypatch.setattr(engine.jobs, "submit", lambda kind, run, **options: run(None))  # run the job's function at once
     for batch_size, grid in ((4096, 1024), (0, 0)):
         engine.evaluate_sample_set("bounds", batch_size=batch_size, max_grid_images=grid)

@@ -646,6 +646,45 @@ def test_an_inline_ranking_ranks_the_samples_it_counted_not_those_appended_since
         _shut(engine)
 
 
+def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_before_they_start(tmp_path, world_set):
+    # A job read its sets when it ran: samples appended while it waited in the queue (by
+    # the set's owner, say, under an admin's edit with promote) were evaluated, ranked and
+    # trained on, and the result described another set than the one submitted.
+    from google.protobuf import any_pb2
+
+    from explaind.engine import NewSample
+    from explaind.v1 import inference_pb2, neuroinspect_pb2
+
+    def result(record, message):
+        assert record.state == "succeeded", record.error_message
+        any_pb2.Any.FromString(record.result).Unpack(message)
+        return message
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)  # 40 samples
+        pixels, labels, _ = world_set
+        engine.create_sample_set("held-out", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[200:230], labels[200:230])])
+        gate = threading.Event()
+        blocker = engine.jobs.submit("visualize_neurons", lambda ctx: gate.wait(30) and None).record.job_id  # holds the only worker
+        evaluation = engine.evaluate_sample_set("train").record.job_id
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation").record.job_id
+        edits = [inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, **options).record.job_id
+                 for options in ({}, {"validation_sample_set_id": "held-out", "evaluation_sample_set_id": "held-out"})]
+        for set_id, rows in (("train", slice(40, 100)), ("held-out", slice(230, 290))):
+            engine.append_samples(set_id, [NewSample.from_array(p, int(l)) for p, l in zip(pixels[rows], labels[rows])])
+        gate.set()
+        engine.jobs.wait(blocker, 30)
+        assert result(engine.jobs.wait(evaluation, 120).record, inference_pb2.EvaluateSampleSetResult()).sample_count == 40
+        assert result(engine.jobs.wait(ranking, 120).record, neuroinspect_pb2.NeuronRanking()).sample_count == 40
+        evaluated = [sum(c.count for c in result(engine.jobs.wait(edit, 120).record, neuroinspect_pb2.EditHeadResult()).version.evaluation.per_class)
+                     for edit in edits]
+        assert evaluated == [8, 30]  # the held-out fifth of 40 samples, and the 30 the other set held
+        assert [engine.store.get_sample_set(set_id).sample_count for set_id in ("train", "held-out")] == [100, 90]
+    finally:
+        _shut(engine)
+
+
 def test_a_set_deleted_and_swept_while_an_inline_ranking_reads_its_images_is_not_found_naming_it(tmp_path, world_set, monkeypatch):
     # Sweeps spare the images of sets deleted while a job runs, not while a call does: an
     # inline ranking then failed NOT_FOUND "no artifact with digest ...", naming no field.

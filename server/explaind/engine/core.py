@@ -475,14 +475,15 @@ class Engine:
         return SampleFeatures(features, labels, records, version)
 
     def sample_set_logits(self, sample_set_id: str, *, version: ClassifierVersion, batch_size: int = 0,
-                          context: JobContext | None = None, uid: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Logits (N, C) on the CPU, labels (N,) and digests of every sample: the head on the
-        cached features, or for an inference-only classifier the whole model on every image
-        (it has no features to cache)."""
+                          context: JobContext | None = None, uid: str | None = None, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Logits (N, C) on the CPU, labels (N,) and digests of every sample (with ``count``,
+        of the first ``count``, as sample_set_features): the head on the cached features, or
+        for an inference-only classifier the whole model on every image (it has no
+        features to cache)."""
         if version.supports_features:
-            sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid)
+            sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid, count=count)
             return version.logits(sample.features).float().cpu(), sample.labels, sample.digests
-        records = self._samples_of(sample_set_id, "sample_set_id", uid)
+        records = self._samples_of(sample_set_id, "sample_set_id", uid, count)
         digests = [record.digest for record in records]
         unique = list(dict.fromkeys(digests))
         computed: dict[str, np.ndarray] = {}
@@ -570,13 +571,16 @@ class Engine:
 
         if (previous := self.jobs.submitted(request)) is not None:
             return previous
-        uid = self.usable_sample_set(sample_set_id).uid  # the job runs on this set, not one made under its id later
+        # The job runs on this set, not one made under its id later, and on the samples it holds
+        # now, not those appended before the job starts.
+        info = self.usable_sample_set(sample_set_id)
         if batch_size < 0 or batch_size > 4096:
             raise InvalidArgument("must be between 1 and 4096, or 0 for the default", field="batch_size")
         if max_grid_images < 0 or max_grid_images > 1024:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
-        run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, uid, version, batch_size, max_grid_images or 64)
+        run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, info.uid, info.sample_count, version, batch_size,
+                                                                      max_grid_images or 64)
         return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",), request=request, owner=caller)  # most confident first
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:

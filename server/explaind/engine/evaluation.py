@@ -14,13 +14,13 @@ if TYPE_CHECKING:
     from .core import Engine
 
 
-def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, version: ClassifierVersion, batch_size: int,
+def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, count: int, version: ClassifierVersion, batch_size: int,
              max_grid_images: int) -> inference_pb2.EvaluateSampleSetResult:
     """Accuracy, per-class accuracy, confusion matrix, the mistakes (most confident
     first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``, of the set
-    of ``uid``."""
+    of ``uid`` as it was when it held ``count`` samples (at the submit)."""
     context.stage("inference")
-    logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid)
+    logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid, count=count)
     context.raise_if_cancelled()
     probabilities = torch.softmax(logits, dim=1)
     confidence, predicted = probabilities.max(dim=1)

@@ -46,7 +46,7 @@ from ..methods.neuroinspect import (
     MistakeNeuronRanker,
     TrainingDiverged,
 )
-from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey
+from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from .models import ClassifierVersion, model_version
 
@@ -228,7 +228,7 @@ class NeuroInspectEngine:
         info = self._engine.usable_sample_set(sample_set_id)
         count = info.sample_count
         if execution == "operation" or (execution == "auto" and count > INLINE_MAX_SAMPLES):
-            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request, caller)
+            return self._submit_ranking(sample_set_id, info, version, class_index, class_field, settings, request, caller)
         if count > INLINE_MAX_SAMPLES:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         # ``uid``: the set checked above, not one made under its id since (as a job reads it);
@@ -238,14 +238,16 @@ class NeuroInspectEngine:
         if len(mistakes) > INLINE_MAX_MISTAKES:
             if execution == "inline":
                 raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
-            return self._submit_ranking(sample_set_id, info.uid, version, class_index, class_field, settings, request, caller)
+            return self._submit_ranking(sample_set_id, info, version, class_index, class_field, settings, request, caller)
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
 
-    def _submit_ranking(self, sample_set_id: str, uid: str, version: ClassifierVersion, class_index: int, class_field: str,
+    def _submit_ranking(self, sample_set_id: str, info: SampleSetInfo, version: ClassifierVersion, class_index: int, class_field: str,
                         settings: RankSettings, request: RequestKey | None, caller: str | None) -> JobSnapshot:
-        # ``uid``: the set it runs on, not one made under its id before the job starts.
+        # ``info``: the set it runs on as checked at the submit, not one made under its id
+        # before the job starts, nor samples appended since.
         # Cut to fit a message, a ranking keeps its top neurons and its first mistakes' summaries.
-        return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings, uid=uid),
+        return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings,
+                                                                          uid=info.uid, count=info.sample_count),
                                         cut_lists=("mistakes", "neurons"), request=request, owner=caller)
 
     @staticmethod
@@ -274,11 +276,11 @@ class NeuroInspectEngine:
 
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
               settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True,
-              uid: str | None = None) -> neuroinspect_pb2.NeuronRanking:
+              uid: str | None = None, count: int | None = None) -> neuroinspect_pb2.NeuronRanking:
         stage = context.stage if context is not None else lambda name: None
         stage("features")
         if features is None:
-            features = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uid)
+            features = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uid, count=count)
         stage("solve")
         self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
 
@@ -508,17 +510,18 @@ class NeuroInspectEngine:
         class_field = "class_name" if isinstance(target_class, str) else "class_index"
         if not validation_sample_set_id and train_count < 5:
             raise InvalidArgument("needs at least 5 samples to hold out a validation split, or a validation_sample_set_id", field="sample_set_id")
-        stored_labels = [r.label for r in self._engine.store.list_samples(sample_set_id)]
+        stored_labels = [r.label for r in self._engine.store.list_samples(sample_set_id, limit=train_count)]
         training_labels = stored_labels if validation_sample_set_id else [label for i, label in enumerate(stored_labels) if i % 5]  # as run() splits
         _require_training_samples(training_labels, class_index, version, sample_set_id, class_field)
-        # The sets run() reads, by id: these, not sets made under their ids before it runs.
-        uids = {sample_set_id: training.uid}
+        # The sets run() reads, by id: these, not sets made under their ids before it runs,
+        # and their samples now, not those appended before it runs.
+        submitted = {sample_set_id: training}
         for value, field in ((validation_sample_set_id, "validation_sample_set_id"), (evaluation_sample_set_id, "evaluation_sample_set_id")):
             if value:
-                uids[value] = self._engine.usable_sample_set(value, field).uid
+                submitted[value] = self._engine.usable_sample_set(value, field)
         eval_id = evaluation_sample_set_id or validation_sample_set_id
         if group_attribute:  # checked on the evaluated samples as run() takes them: the evaluation set, else the held-out fifth
-            stored = self._engine.store.list_samples(eval_id or sample_set_id)
+            stored = self._engine.store.list_samples(eval_id or sample_set_id, limit=submitted[eval_id or sample_set_id].sample_count)
             records, evaluated = (stored, repr(eval_id)) if eval_id else (stored[::5], f"the held-out fifth of {sample_set_id!r}")
             if not any(group_attribute in r.attributes for r in records):
                 raise InvalidArgument(f"no sample of {evaluated} has attribute {group_attribute!r}", field="group_attribute")
@@ -540,11 +543,12 @@ class NeuroInspectEngine:
 
         def run(context: JobContext) -> neuroinspect_pb2.EditHeadResult:
             context.stage("features")
-            train = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uids[sample_set_id])
+            train = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=training.uid, count=train_count)
             features, labels = train.features, train.labels
             if validation_sample_set_id:
                 validation = self._engine.sample_set_features(validation_sample_set_id, version=version, context=context,
-                                                              field="validation_sample_set_id", uid=uids[validation_sample_set_id])
+                                                              field="validation_sample_set_id", uid=submitted[validation_sample_set_id].uid,
+                                                              count=submitted[validation_sample_set_id].sample_count)
                 val_features, val_labels = validation.features, validation.labels
             else:  # every 5th sample held out
                 held = torch.zeros(len(labels), dtype=torch.bool)
@@ -555,7 +559,8 @@ class NeuroInspectEngine:
             _require_training_samples(labels.tolist(), class_index, version, sample_set_id, class_field)
             eval_features, eval_labels, evaluated = val_features, val_labels, train.records[::5]
             if eval_id:
-                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context, uid=uids[eval_id],
+                evaluation = self._engine.sample_set_features(eval_id, version=version, context=context, uid=submitted[eval_id].uid,
+                                                              count=submitted[eval_id].sample_count,
                                                               field="evaluation_sample_set_id" if evaluation_sample_set_id else "validation_sample_set_id")
                 eval_features, eval_labels, evaluated = evaluation.features, evaluation.labels, evaluation.records
             # The groups of the very samples evaluated: the set may have grown since they were read.
