@@ -59,6 +59,19 @@ def test_predict_of_a_missing_file_is_a_usage_error(capsys, tmp_path):
     assert "no such file: " + str(tmp_path / "missing.png") in _usage_error(capsys, ["predict", str(tmp_path / "missing.png")])
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    # "--topk"'s value was taken for an image, and "no such file: 2" hid the typo.
+    (["predict", "--topk", "2", "IMAGE"], "explaind predict: error: unrecognized arguments: --topk; did you mean --top-k?"),
+    (["evaluate", "s", "--gird", "g.png", "--bach-size=3"],
+     "explaind evaluate: error: unrecognized arguments: --gird g.png --bach-size=3; did you mean --grid for --gird, --batch-size for --bach-size?"),
+    (["info", "--verbose"], "explaind info: error: unrecognized arguments: --verbose\n"),
+])
+def test_a_mistyped_option_is_named_with_the_option_it_resembles(capsys, tmp_path, argv, said):
+    argv = [_png(tmp_path / "a.png", 0) if arg == "IMAGE" else arg for arg in argv]
+    err = _usage_error(capsys, argv)
+    assert said in err and "no such file" not in err, err
+
+
 @pytest.mark.parametrize("argv", [["head-versions", "promote"], ["sample-set", "show"], ["operations", "get"], ["sample-set", "create", "s"]])
 def test_a_mistake_found_after_parsing_shows_the_command_s_usage_not_every_command_s(capsys, argv):
     said = _usage_error(capsys, argv)
@@ -695,7 +708,17 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert main(["--target", server.target, "edit-head", "two-classes", "--class", "heart", "--neurons", "1",
                  "--evaluation-sample-set", "nosuch"]) == 1
     assert capsys.readouterr().err == ("error: NOT_FOUND: evaluation_sample_set_id: no sample set 'nosuch'\n"
-                                       "  (evaluation_sample_set_id is --evaluation-sample-set here)\n")
+                                       "  (evaluation_sample_set_id is --evaluation-sample-set here)\n"
+                                       "  (explaind sample-set list shows what there is)\n")
+
+
+@pytest.mark.parametrize(("argv", "listing"), [(["evaluate", "nosuch"], "explaind sample-set list"),
+                                               (["head-versions", "show", "v999999"], "explaind head-versions list"),
+                                               (["operations", "get", "operations/0123456789abcdef"], "explaind operations list")])
+def test_a_name_not_found_points_to_the_command_that_lists_the_names(server, capsys, argv, listing):
+    assert main(["--target", server.target, *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: NOT_FOUND: ") and err.endswith(f"\n  ({listing} shows what there is)\n"), err
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
@@ -907,7 +930,8 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         served_before = next(v.version_id for v in before if v.active)
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "7"]) == 0
     out = capsys.readouterr().out
-    assert "not served; promote it to serve it" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
+    stored = re.search(r"^  (v\d+) ", out, flags=re.M)[1]
+    assert f"not served; explaind head-versions promote {stored} serves it" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "--method", "constrain",
                  "--promote"]) == 0
     promoted = capsys.readouterr().out
@@ -928,7 +952,7 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0
     later = capsys.readouterr().out
     monkeypatch.undo()
-    assert "not served; promote it to serve it" in later and f"  {versions[-1].version_id} " in later
+    assert f"not served; explaind head-versions promote {versions[-1].version_id} serves it" in later
     line = _error(capsys, ["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "9999"])
     assert "neurons" in line and "9999" in line
     # The two versions go again; the served one stays.

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import difflib
 import errno
 import io
 import json
@@ -107,18 +108,18 @@ def _samples(count: int) -> str:
     return f"{count} sample{'' if count == 1 else 's'}"
 
 
-def _existing_file(path: str) -> str:
-    """argparse type: a file that exists (else a usage error, not a traceback later)."""
-    if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"{path} is a directory, not a file" if Path(path).is_dir() else f"no such file: {path}")
-    return path
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` is no file to read, or None (a usage error, not a traceback later)."""
+    if Path(path).is_file():
+        return None
+    return f"{path} is a directory, not a file" if Path(path).is_dir() else f"no such file: {path}"
 
 
-def _existing_directory(path: str) -> str:
-    """argparse type: a directory that exists (a usage error, as a missing --images file is)."""
-    if not Path(path).is_dir():
-        raise argparse.ArgumentTypeError(f"not a directory: {path}" if Path(path).exists() else f"no such directory: {path}")
-    return path
+def _directory_problem(path: str) -> str | None:
+    """Why ``path`` is no directory to read, or None (a usage error, as a missing --images file is)."""
+    if Path(path).is_dir():
+        return None
+    return f"not a directory: {path}" if Path(path).exists() else f"no such directory: {path}"
 
 
 def _integer(value: str, bits: int = 32) -> int:
@@ -591,7 +592,7 @@ def _print_visualizations(result: NeuronVisualizations) -> None:
 
 
 def _print_head_edit(edit: HeadEdit) -> None:
-    served = "served now" if edit.version.active else "not served; promote it to serve it"
+    served = "served now" if edit.version.active else f"not served; explaind head-versions promote {edit.version.version_id} serves it"
     print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; {served}):")
     print(edit.version.summary())
     before, after = edit.version.parent_evaluation, edit.version.evaluation
@@ -1085,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     predict = command("predict", "classify image files")
-    predict.add_argument("images", nargs="+", type=_existing_file, help="image files (PNG, JPEG, ...)")
+    predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     predict.add_argument("--top-k", type=_positive_int, help=f"classes per image (default {DEFAULT_PREDICT_CLASSES}, or all of a classifier with fewer)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
@@ -1100,8 +1101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
-    sample_set.add_argument("--folder", type=_existing_directory, help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
-    sample_set.add_argument("--images", nargs="*", type=_existing_file, help="image files (create, append; with --labels)")
+    sample_set.add_argument("--folder", help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
+    sample_set.add_argument("--images", nargs="*", help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.add_argument("--owner", metavar="NAME", help="list only the sets this named caller created")
     sample_set.add_argument("--json", action="store_true", help="print the set (create, append, show) or the sets (list) as JSON")
@@ -1155,11 +1156,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")
     edit_head.set_defaults(run=cmd_edit_head)
 
-    for repeatable in (sample_set, evaluate, rank, visualize, edit_head):
+    for repeatable, first_run_made in ((sample_set, "the set the first run created or appended to, appending nothing twice"),
+                                       (evaluate, "the operation the first run started, not a second one"),
+                                       (rank, "the operation the first run started (a large set's ranking runs as one; a small "
+                                              "one is answered at once, remembering nothing), not a second one"),
+                                       (visualize, "the operation the first run started, not a second one"),
+                                       (edit_head, "the operation the first run started, not a second head version")):
         repeatable.add_argument("--request-id", dest="request_id", type=_request_id, metavar="UUID",
-                                help="names this request: the command run again with it (after a timeout or a crash, say) gets the "
-                                     "operation the first run started, or the set it created or appended to, not a second one "
-                                     "(default: a new UUID per run)")
+                                help=f"names this request: the command run again with it (after a timeout or a crash, say) gets "
+                                     f"{first_run_made} (default: a new UUID per run)")
 
     operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
@@ -1212,6 +1217,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that run a server rather than call one.
+def _option_guesses(unrecognized: list[str], actions: list[argparse.Action]) -> str:
+    """"; did you mean --top-k?" for the unrecognized options that look like a typo of one
+    of ``actions``' (``--topk``, ``--gird=x``), or "" for none."""
+    options = [flag for action in actions for flag in action.option_strings if flag.startswith("--")]
+    guesses = [(flag, close[0]) for flag in (arg.partition("=")[0] for arg in unrecognized if arg.startswith("--"))
+               if (close := difflib.get_close_matches(flag, options, n=1))]
+    if len(guesses) == 1:
+        return f"; did you mean {guesses[0][1]}?"
+    return "; did you mean " + ", ".join(f"{guess} for {flag}" for flag, guess in guesses) + "?" if guesses else ""
+
+
 _SERVER_COMMANDS = ("serve", "demo")
 _CLIENT_OPTIONS = ("--target", "--token", "--timeout", "--tls", "--ca-file", "--cert-file", "--key-file")
 
@@ -1233,10 +1249,17 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             parser.error(f"{args.command}: {', '.join(given)} {'are options' if len(given) > 1 else 'is an option'} of the client "
                          "commands; a server takes its address "
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
-    if unrecognized:
-        parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     # The command's own usage with its mistakes, not the list of every command.
     usage_error = subcommands.choices[args.command].error
+    if unrecognized:
+        usage_error(f"unrecognized arguments: {' '.join(unrecognized)}{_option_guesses(unrecognized, command_actions)}")
+    # Files are checked once every option is known: in `predict --topk 2 a.png` the "2" is
+    # the mistyped option's value, and "no such file: 2" would hide the typo.
+    images = "images" if args.command == "predict" else "--images"
+    checked = [(images, _file_problem(path)) for path in getattr(args, "images", None) or []]
+    checked.append(("--folder", getattr(args, "folder", None) and _directory_problem(args.folder)))
+    if refused := next(((argument, problem) for argument, problem in checked if problem), None):
+        usage_error(f"argument {refused[0]}: {refused[1]}")  # as argparse words a value it refuses
     if args.command == "sample-set":
         if args.id and args.id_option and args.id != args.id_option:
             usage_error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
@@ -1345,6 +1368,19 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     return None
 
 
+# The command that lists what a NOT_FOUND about a request field could have named. (An
+# unknown artifact's error lists the operation's artifacts itself.)
+_LISTINGS = {"sample_set_id": "explaind sample-set list", "evaluation_sample_set_id": "explaind sample-set list",
+             "validation_sample_set_id": "explaind sample-set list", "version_id": "explaind head-versions list",
+             "name": "explaind operations list"}
+
+
+def _listing_hint(error: Exception) -> str | None:
+    """Where to look up the right id after a NOT_FOUND."""
+    listing = _LISTINGS.get(getattr(error, "field", None) or "")
+    return f"{listing} shows what there is" if isinstance(error, NotFoundError) and listing else None
+
+
 # What a write to a full, broken or over-quota output raises.
 _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG})
 
@@ -1373,7 +1409,7 @@ def main(argv: list[str] | None = None) -> int:
         for field in _fields_named(error):
             if option := _option_of_field(args, field):
                 print(f"  ({field} is {option} here)", file=sys.stderr)
-        if hint := _connection_hint(args, error):
+        if hint := _connection_hint(args, error) or _listing_hint(error):
             print(f"  ({hint})", file=sys.stderr)
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
