@@ -1,6 +1,7 @@
-"""The README's in-process example runs as written."""
+"""The README's examples run as written."""
 
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -73,3 +74,23 @@ def test_every_serve_flag_is_in_the_readmes_configuration_section():
     section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     missing = [flag for flag in flags if flag != "--help" and not re.search(rf"[`\s]{flag}(?![\w-])", section)]
     assert not missing, f"README's Configuration section names no {missing}"
+
+
+def test_the_session_by_hand_is_commands_the_cli_takes(tmp_path, monkeypatch):
+    """Each command of the block parses (a renamed option would be a usage error, exit 2),
+    and its python line writes the image that ``predict`` then reads."""
+    from PIL import Image
+
+    from explaind.client.cli import parse_arguments
+
+    section = README.read_text().split("## A session by hand", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    (snippet,) = re.findall(r'^python -c "(.*?)"$', block, flags=re.S | re.M)
+    exec(compile(snippet, str(README), "exec"), {})
+    assert Image.open("shape.png").size == (64, 64)
+    commands = [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith("explaind ")]
+    for argv in commands:
+        parse_arguments(argv)
+    assert [argv[0] for argv in commands] == ["serve", "info", "predict", "sample-set", "evaluate", "rank", "visualize", "edit-head",
+                                              "head-versions", "head-versions", "report", "operations"]
