@@ -1216,7 +1216,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that run a server rather than call one.
 def _option_guesses(unrecognized: list[str], actions: list[argparse.Action]) -> str:
     """"; did you mean --top-k?" for the unrecognized options that look like a typo of one
     of ``actions``' (``--topk``, ``--gird=x``), or "" for none."""
@@ -1228,6 +1227,7 @@ def _option_guesses(unrecognized: list[str], actions: list[argparse.Action]) -> 
     return "; did you mean " + ", ".join(f"{guess} for {flag}" for flag, guess in guesses) + "?" if guesses else ""
 
 
+# Commands that run a server rather than call one.
 _SERVER_COMMANDS = ("serve", "demo")
 _CLIENT_OPTIONS = ("--target", "--token", "--timeout", "--tls", "--ca-file", "--cert-file", "--key-file")
 
