@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port
-from explaind.client import Client
+from explaind.client import Client, Operation
 from explaind.client.cli import main
 
 
@@ -210,8 +210,6 @@ def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys, mon
 
 
 def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_command_started(server, capsys, monkeypatch, tmp_path):
-    from explaind.client._operations import Operation
-
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
@@ -730,7 +728,7 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
                         rf"\(explaind operations wait {job.name}\))\n", said), said
     assert main(["--target", server.target, "operations", "wait", job.name]) == 1
     waited = capsys.readouterr()
-    assert "state='cancelled'" in waited.out and "error:" not in waited.out
+    assert re.match(rf"{job.name} +visualize_neurons +cancelled +\d+/\d+ ", waited.out) and "error:" not in waited.out
     assert waited.err == "error: CANCELLED: cancelled by request\n"  # the outcome, where evaluate's failed job says it
     assert _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])["cancel_requested"] is True
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
@@ -738,6 +736,30 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     assert got.endswith("error: CANCELLED: cancelled by request\n")  # get describes the operation, error included
     assert main(["--target", server.target, "operations", "watch", job.name]) == 1  # ended: its state once, as get prints it
     assert capsys.readouterr() == (waited.out, waited.err)
+
+
+def test_operations_watch_prints_each_update_as_operations_list_does(server, capsys, monkeypatch):
+    # It printed the SDK's repr, "Operation('operations/...', kind=..., state=...,
+    # progress=57/400) optimising 1 images", a line per step.
+    watch = Operation.watch
+
+    def cancelled_after_two_updates(self, *args, **kwargs):  # a job that is certainly watched running, then ends
+        for seen, update in enumerate(watch(self, *args, **kwargs)):
+            yield update
+            if seen == 1:
+                self.cancel()
+
+    monkeypatch.setattr(Operation, "watch", cancelled_after_two_updates)
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
+    assert main(["--target", server.target, "operations", "watch", job.name]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    updates, final = lines[:-1], lines[-1]
+    assert len(updates) >= 2 and all(
+        re.fullmatch(rf"{job.name} +visualize_neurons +(queued|running)( \(cancel requested\))? +\d+/\d+ .*  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", line)
+        for line in updates), updates
+    assert main(["--target", server.target, "operations", "list", "--kind", "visualize_neurons", "--limit", "1"]) == 0
+    assert final == capsys.readouterr().out.strip() and " cancelled " in final  # the last state as list shows it
 
 
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):

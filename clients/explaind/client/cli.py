@@ -766,9 +766,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 _print_json([_operation_json(op) for op in listed[:limit]])
             else:
                 for op in listed[:limit]:
-                    p = op.progress
-                    owner = f"  by {op.owner}" if op.owner else ""
-                    print(f"{op.name:<30} {op.kind:<22} {op.state:<10} {p.step}/{p.total} {p.message}  {op.create_time:%Y-%m-%d %H:%M:%S}{owner}")
+                    print(_operation_line(op))
             if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             elif not listed:
@@ -798,7 +796,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 else:
                     for update in operation.watch():
                         if not update.done:  # the last state is printed below, with the result
-                            print(json.dumps(_operation_json(update)) if args.json else f"{update} {update.progress.message}", flush=True)
+                            print(json.dumps(_operation_json(update)) if args.json else _operation_line(update), flush=True)
             except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
                 interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
                 raise
@@ -829,7 +827,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 value["result"]["version"].update(active=False, deleted=True)
             _print_json(value)
         else:
-            print(operation)
+            print(_operation_line(operation))
             if operation.artifacts:
                 print(f"artifacts: {', '.join(a.name for a in operation.artifacts)}")
             if operation.response_cut:
@@ -843,6 +841,15 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 _RESULT_PRINTERS[operation.kind](result)
     # Like `kubectl wait`: a script waiting on a job learns from the exit code that it failed.
     return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0
+
+
+def _operation_line(operation: Operation[Any]) -> str:
+    """An operation as one line of `operations list` (and get, wait, watch): name, kind,
+    state, progress and its message, created, owner."""
+    progress, owner = operation.progress, f"  by {operation.owner}" if operation.owner else ""
+    cancelling = " (cancel requested)" if operation.cancel_requested and not operation.done else ""
+    return (f"{operation.name:<30} {operation.kind:<22} {operation.state:<10}{cancelling} {progress.step}/{progress.total} {progress.message}  "
+            f"{operation.create_time:%Y-%m-%d %H:%M:%S}{owner}")
 
 
 def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, Any]:
