@@ -69,6 +69,9 @@ def test_invalid_requests_name_the_field(client, world_set):
     cases = [
         (lambda: client.rank_mistake_neurons("spurious", "unicorn"), InvalidArgumentError,
          "class_name: unknown class 'unicorn'; classes are 'circle', 'square', 'triangle', 'star', 'cross', 'heart'"),
+        # A typo is named with the class it resembles (among a thousand, the first twenty shown would not hold it).
+        (lambda: client.rank_mistake_neurons("spurious", "hart"), InvalidArgumentError,
+         "class_name: unknown class 'hart'; did you mean 'heart'? classes are 'circle',"),
         (lambda: client.rank_mistake_neurons("spurious", 6), InvalidArgumentError, "class_index"),
         (lambda: client.rank_mistake_neurons("", "heart"), InvalidArgumentError, "sample_set_id"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", top_k=500), InvalidArgumentError, "top_k"),

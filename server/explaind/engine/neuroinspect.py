@@ -11,6 +11,7 @@ stored active version again after a restart. No gRPC here; results are the
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import math
@@ -191,8 +192,11 @@ class NeuroInspectEngine:
             raise InvalidArgument("a class is required (class_name or class_index)", field=f"{field}_name")
         if isinstance(target, str):
             if target not in names:
+                # A typo among a thousand classes is not found in the first twenty shown.
+                close = difflib.get_close_matches(target, names, n=3)
+                guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
                 shown = ", ".join(map(repr, names[:20])) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-                raise InvalidArgument(f"unknown class {target!r}; classes are {shown}", field=f"{field}_name")
+                raise InvalidArgument(f"unknown class {target[:100]!r}; {guess}classes are {shown}", field=f"{field}_name")
             return names.index(target)
         if not 0 <= int(target) < len(names):
             raise InvalidArgument(f"{target} is not a class index in [0, {len(names)})", field=f"{field}_index")
