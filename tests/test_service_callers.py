@@ -402,6 +402,39 @@ def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
         store.close()
 
 
+def test_an_owners_jobs_of_a_kind_are_listed_from_a_store_the_release_before_wrote_and_after_it_writes_again(tmp_path):
+    # job_owners.kind is added at open and kept by a trigger: the jobs a store already had
+    # are filled in, and so are those the release before (which inserts (job_id, owner,
+    # create_time)) stores after a rollback.
+    import sqlite3
+
+    from explaind.store import SQLiteStore
+
+    SQLiteStore(tmp_path / "data").close()
+    path = tmp_path / "data" / "explaind.sqlite3"
+    with sqlite3.connect(path) as db:  # the store as that release left it: no column, no trigger, no index
+        db.executescript("DROP TRIGGER job_owners_kind_on_insert; DROP INDEX job_owners_by_owner_and_kind; "
+                         "ALTER TABLE job_owners DROP COLUMN kind;")
+
+    def stored_by_the_release_before(job_id: str, kind: str, create_time: float) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("INSERT INTO jobs VALUES (?, ?, 'succeeded', ?, 1, 2, 0, 0, '', 0, '', '', X'', '[]')", (job_id, kind, create_time))
+            db.execute("INSERT INTO job_owners (job_id, owner, create_time) VALUES (?, 'analyst', ?)", (job_id, create_time))
+
+    stored_by_the_release_before("0000000000000001", "edit_head", 1.0)
+    stored_by_the_release_before("0000000000000002", "evaluate_sample_set", 2.0)
+    store = SQLiteStore(tmp_path / "data")
+    store.close()
+    stored_by_the_release_before("0000000000000003", "edit_head", 3.0)  # rolled back to, it writes again
+    store = SQLiteStore(tmp_path / "data")
+    try:
+        assert [job.job_id for job in store.list_jobs(kind="edit_head", owner="analyst")] == ["0000000000000003", "0000000000000001"]
+        assert [job.job_id for job in store.list_jobs(kind="evaluate_sample_set", owner="analyst")] == ["0000000000000002"]
+    finally:
+        store.close()
+
+
 def _refused_field(call, *args) -> tuple[str, str]:
     """(field, message) of the INVALID_ARGUMENT the call must raise."""
     with pytest.raises(ExplaindError) as refused:
@@ -476,6 +509,8 @@ def test_one_owners_list_page_costs_the_same_however_many_objects_it_or_others_h
         store = SQLiteStore(path)
         total = own + others
         mine = {k * total // own for k in range(own)}
+        for i in range(3):  # the owner's oldest jobs, of a kind it runs rarely: a page of them follows all the others
+            store.insert_job(JobRecord(f"edit-{i}", "edit_head", "succeeded", -1.0 - i, owner="monitoring"))
         for i in range(total):
             owner = "monitoring" if i in mine else "analyst"
             store.create_sample_set(f"set-{i:04d}", "", [SampleRecord(f"{i:064x}", 0)], owner=owner)
@@ -486,7 +521,8 @@ def test_one_owners_list_page_costs_the_same_however_many_objects_it_or_others_h
 
     def pages(store: SQLiteStore, own: int) -> dict[str, object]:
         sets = store.list_sample_sets(owner="monitoring", limit=1000)
-        jobs = store.list_jobs(owner="monitoring", limit=1000)
+        jobs = [job for job in store.list_jobs(owner="monitoring", limit=1000) if job.kind == "evaluate_sample_set"]
+        assert [job.job_id for job in store.list_jobs(kind="edit_head", owner="monitoring")] == ["edit-0", "edit-1", "edit-2"]
         assert len(sets) == len(jobs) == own and {s.owner for s in sets} == {j.owner for j in jobs} == {"monitoring"}
         assert [s.sample_set_id for s in sets] == sorted(s.sample_set_id for s in sets)  # oldest first
         assert [j.job_id for j in jobs] == sorted((j.job_id for j in jobs), reverse=True)  # newest first
@@ -495,7 +531,8 @@ def test_one_owners_list_page_costs_the_same_however_many_objects_it_or_others_h
                 "first operations page": lambda: store.list_jobs(owner="monitoring", limit=5),
                 "next operations page": lambda: store.list_jobs(owner="monitoring", after=(jobs[4].create_time, jobs[4].job_id), limit=5),
                 "operations page of a kind and state": lambda: store.list_jobs(kind="evaluate_sample_set", state="succeeded", owner="monitoring",
-                                                                               limit=5)}
+                                                                               limit=5),
+                "operations page of the owner's rarer kind": lambda: store.list_jobs(kind="edit_head", owner="monitoring", limit=5)}
 
     few_pages, many_pages = pages(few_store, few[0]), pages(many_store, many[0])
     for name, call in few_pages.items():
