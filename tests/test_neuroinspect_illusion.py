@@ -171,7 +171,11 @@ def test_on_a_gpu_every_random_draw_is_made_there_and_still_follows_its_pair(wor
         alone = illusion.visualize([(3, 1)], steps=5, seed=7)
     assert drawn_on and set(drawn_on) == {"cuda"}
     batched = illusion.visualize([(9, 0), (3, 1), (40, 2)], steps=5, seed=7)
-    torch.testing.assert_close(batched.images[1], alone.images[0], rtol=0, atol=1e-4)
+    # Not 1e-4 as on the CPU: cuDNN picks its convolutions (TF32 by default) by batch size,
+    # and on an H200 the pair's image came out up to 5e-4 apart; another seed's draws put
+    # it about 0.8 apart (0.78 on the CPU), so this still tells whose draws it got.
+    torch.testing.assert_close(batched.images[1], alone.images[0], rtol=0, atol=5e-3)
+    assert (illusion.visualize([(3, 1)], steps=5, seed=8).images[0] - alone.images[0]).abs().max() > 0.1
     assert alone.images.device.type == "cuda" and torch.isfinite(alone.activations).all()
 
 
