@@ -370,15 +370,17 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
     assert len(re.findall(r"serving head version v1 of classifier \S+ \(unchanged\)", log)) == 1  # the restart's; not "(was v1)"
 
 
-def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True):
-    """An engine and its NeuroInspect engine serving ``classifier_dir`` from ``data_dir``, as a server would."""
-    from explaind.config import ClassifierSection, Config, ServerSection
+def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu"):
+    """An engine and its NeuroInspect engine serving ``classifier_dir`` from ``data_dir`` on
+    ``device``, as a server would."""
+    from explaind.config import ClassifierSection, Config, RuntimeSection, ServerSection
     from explaind.engine import Engine
     from explaind.engine.neuroinspect import NeuroInspectEngine
     from explaind.metrics import Metrics
     from explaind.store import SQLiteStore
 
-    config = Config(classifier=ClassifierSection(loader="world", path=str(classifier_dir)), server=ServerSection(data_dir=str(data_dir)))
+    config = Config(classifier=ClassifierSection(loader="world", path=str(classifier_dir)), server=ServerSection(data_dir=str(data_dir)),
+                    runtime=RuntimeSection(device=device))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
     engine.load()
     inspect = NeuroInspectEngine(engine)
@@ -684,6 +686,35 @@ def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_befor
                      for edit in edits]
         assert evaluated == [8, 30]  # the held-out fifth of 40 samples, and the 30 the other set held
         assert [engine.store.get_sample_set(set_id).sample_count for set_id in ("train", "held-out")] == [100, 90]
+    finally:
+        _shut(engine)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_every_job_of_the_loop_runs_there_and_predict_serves_the_edited_head(tmp_path, world_set):
+    # [runtime].device = "cuda" end to end: features, ranking, visualisation, edit,
+    # evaluation and Predict, as a production server on a GPU runs them.
+    from explaind.engine import NewSample
+
+    engine, inspect = _in_process(tmp_path, device="cuda")
+    try:
+        assert engine.device.type == "cuda"
+        pixels, labels, attributes = world_set
+        engine.create_sample_set("train", "", [NewSample.from_array(p, int(l), attributes=a) for p, l, a in zip(pixels, labels, attributes)])
+        features = engine.sample_set_features("train")
+        assert features.features.device.type == "cuda" and features.features.shape[0] == len(labels)
+        jobs = {
+            "rank": inspect.rank_mistake_neurons("train", target_class="heart", execution="operation"),
+            "visualize": inspect.visualize_neurons([(3, "heart")], method="no_clip", steps=5),
+            "edit": inspect.edit_head("train", target_class="heart", neurons=[1, 2], max_epochs=2, promote=True, group_attribute="background"),
+            "evaluate": engine.evaluate_sample_set("train"),
+        }
+        ended = {name: engine.jobs.wait(job.record.job_id, 300).record for name, job in jobs.items()}
+        assert {name: (record.state, record.error_message) for name, record in ended.items()} == {name: ("succeeded", "") for name in jobs}
+        assert inspect.active_head_version().version_id == "v1"
+        images = torch.stack([torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in pixels[:4]])
+        output = engine.finish_predict(engine.submit_predict(images).result(60))
+        assert output.class_indices.shape[0] == 4 and np.isfinite(output.probabilities).all()
     finally:
         _shut(engine)
 
