@@ -80,7 +80,7 @@ def _sizes_batcher(delay: float = 0.0, max_queue: int = 1024, run=None) -> tuple
         time.sleep(0.005)
         return x.flatten(1).sum(1)
 
-    batcher = DynamicBatcher(run or default_run, lambda out, s: list(out.split(s)), max_batch_size=16, max_queue_delay_s=delay, max_queue_size=max_queue, on_batch=sizes.append)
+    batcher = DynamicBatcher(run or default_run, lambda out, sizes, _options: list(out.split(sizes)), max_batch_size=16, max_queue_delay_s=delay, max_queue_size=max_queue, on_batch=sizes.append)
     return batcher, sizes
 
 
@@ -185,7 +185,7 @@ def _gated_batcher(**options) -> tuple[DynamicBatcher, list[int], threading.Even
         return x.flatten(1).sum(1)
 
     options.setdefault("max_batch_size", 16)
-    batcher = DynamicBatcher(run, lambda out, s: list(out.split(s)), on_batch=sizes.append, **options)
+    batcher = DynamicBatcher(run, lambda out, sizes, _options: list(out.split(sizes)), on_batch=sizes.append, **options)
     return batcher, sizes, gate, entered
 
 
@@ -212,7 +212,7 @@ def test_batcher_queue_depth_returns_to_zero_once_batches_are_taken():
     # Images leave the queue when the worker takes them: if they still counted, the
     # depth gauge would only grow and the queue limit would soon refuse every request.
     depths: list[int] = []
-    batcher = DynamicBatcher(lambda x: x.flatten(1).sum(1), lambda out, s: list(out.split(s)), max_batch_size=16,
+    batcher = DynamicBatcher(lambda x: x.flatten(1).sum(1), lambda out, sizes, _options: list(out.split(sizes)), max_batch_size=16,
                              max_queue_delay_s=0.001, max_queue_size=4, on_queue_depth=depths.append)  # a delay: every request queues
     for i in range(10):  # 20 images in all, 2 at a time: five times the queue limit
         assert batcher.submit(torch.full((2, 1, 1, 1), float(i))).result(timeout=2).tolist() == [float(i)] * 2
@@ -1228,6 +1228,39 @@ def test_top_k_zero_means_five_labels_and_may_be_every_class(engine):
     images = torch.rand(2, 3, 64, 64)
     assert engine.predict(images, top_k=0).class_indices.shape == (2, 5)
     assert engine.predict(images, top_k=6).class_indices.shape == (2, 6)  # all six classes of the world classifier
+
+
+def test_requests_batched_together_each_get_their_own_top_k_and_features(engine, monkeypatch):
+    # The batcher ranks a batch once, as deep as its deepest request; each request gets
+    # its own k, and features only if it asked.
+    run, entered, gate, batch_sizes = engine._batcher._run, threading.Event(), threading.Event(), []
+
+    def held_run(images):
+        batch_sizes.append(len(images))
+        entered.set()
+        assert gate.wait(30)
+        return run(images)
+
+    monkeypatch.setattr(engine._batcher, "_run", held_run)
+    images = [torch.rand(n, 3, 64, 64) for n in (1, 2, 3, 2)]
+    options = [{}, {"top_k": 1}, {"top_k": 6, "return_features": True}, {"top_k": 0}]
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(engine.predict, images[0])  # holds the model: the rest queue
+        assert entered.wait(5)
+        futures = [engine.submit_predict(x, **o) for x, o in zip(images[1:], options[1:], strict=True)]
+        gate.set()
+        first.result(30)
+        batched = [engine.finish_predict(future.result(30)) for future in futures]
+    assert batch_sizes == [1, 7]
+    monkeypatch.setattr(engine._batcher, "_run", run)
+    for x, o, output in zip(images[1:], options[1:], batched, strict=True):
+        alone = engine.predict(x, **o)
+        assert output.class_indices.shape == (len(x), o["top_k"] or 5)
+        assert output.class_indices.tolist() == alone.class_indices.tolist()
+        assert output.labels == alone.labels
+        np.testing.assert_allclose(output.probabilities, alone.probabilities, rtol=1e-5, atol=1e-6)
+        assert (output.features is None) == (not o.get("return_features"))
+    np.testing.assert_allclose(batched[1].features, engine.predict(images[2], return_features=True).features, rtol=1e-4, atol=1e-5)
 
 
 def test_a_stored_set_the_served_classifier_cannot_use_is_refused_saying_why(engine):

@@ -35,18 +35,21 @@ class _Request:
     images: torch.Tensor
     future: Future
     caller: str | None = None
+    options: Any = None
 
 
 class DynamicBatcher(Generic[Output]):
     """``run(images (N, 3, S, S)) -> outputs`` batched across callers.
 
-    ``split(outputs, sizes)`` cuts a batch's outputs back into one per request.
+    ``split(outputs, sizes, options)`` cuts a batch's outputs back into one per request,
+    given each request's image count and the ``options`` it was submitted with (what it
+    needs of the outputs). Both run in the batcher's thread.
     """
 
     def __init__(
         self,
         run: Callable[[torch.Tensor], Output],
-        split: Callable[[Output, list[int]], list[Any]],
+        split: Callable[[Output, list[int], list[Any]], list[Any]],
         *,
         max_batch_size: int = 32,
         max_queue_delay_s: float = 0.0,
@@ -78,8 +81,9 @@ class DynamicBatcher(Generic[Output]):
         """Images waiting for the model."""
         return self._queued_images
 
-    def submit(self, images: torch.Tensor, *, caller: str | None = None) -> Future:
-        """Queue images (n, 3, S, S); the future resolves to this request's slice of outputs.
+    def submit(self, images: torch.Tensor, *, caller: str | None = None, options: Any = None) -> Future:
+        """Queue images (n, 3, S, S); the future resolves to this request's slice of outputs,
+        cut by ``split`` with ``options``.
 
         Raises :class:`ResourceExhausted` when the queue is full, or when the named
         ``caller`` already has images waiting and these would take it past
@@ -89,7 +93,7 @@ class DynamicBatcher(Generic[Output]):
         before its batch starts drops the request. A request run in the caller's thread
         (see the module docstring) returns a future that is already done.
         """
-        request = _Request(images, Future(), caller)
+        request = _Request(images, Future(), caller, options)
         with self._condition:
             if self._closed:
                 raise Unavailable("the server is shutting down")
@@ -180,7 +184,7 @@ class DynamicBatcher(Generic[Output]):
         try:
             images = live[0].images if len(live) == 1 else torch.cat([request.images for request in live])
             self._on_batch(len(images))
-            outputs = self._split(self._run(images), [len(request.images) for request in live])
+            outputs = self._split(self._run(images), [len(request.images) for request in live], [request.options for request in live])
         except BaseException as error:  # noqa: BLE001 - every caller must hear about it
             self._release_model()
             for request in live:

@@ -113,12 +113,35 @@ def _check_attributes(attributes: dict[str, str], field: str) -> None:
 
 
 @dataclass(frozen=True)
-class BatchOutput:
-    """One request's slice of a batch: logits (n, C), features (n, D) or None."""
+class _PredictOptions:
+    """What one Predict request needs of its batch's output: its ``top_k`` classes (already
+    resolved: 1..C) and whether its features."""
+
+    top_k: int
+    return_features: bool
+
+
+@dataclass(frozen=True)
+class _BatchForward:
+    """A batch's forward pass: logits (N, C) and features (N, D) or None, on the model's device."""
 
     version: ClassifierVersion
     logits: torch.Tensor
     features: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """One request's slice of a batch, ranked in the batcher's thread: its top-k class
+    indices (n, k) int64, most probable first, their probabilities (n, k) float32, and its
+    features (n, D) float32 or None. NumPy: the Predict threads then run no torch op,
+    each of which would release the GIL and wait to retake it behind the forward pass
+    and the other callers (ranking there, 32 clients got 11-18 % fewer answers a second)."""
+
+    version: ClassifierVersion
+    class_indices: np.ndarray
+    probabilities: np.ndarray
+    features: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -161,10 +184,20 @@ class SampleFeatures:
         return [record.digest for record in self.records]
 
 
-def _split_outputs(output: BatchOutput, sizes: list[int]) -> list[BatchOutput]:
-    logits = output.logits.split(sizes)
-    features = output.features.split(sizes) if output.features is not None else [None] * len(sizes)
-    return [BatchOutput(output.version, l, f) for l, f in zip(logits, features, strict=True)]
+def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_PredictOptions]) -> list[BatchOutput]:
+    """Each request's top classes from one softmax and top-k of the whole batch, as deep as
+    the deepest request asks (a full sort of 21k classes costs 30x a top-5); features
+    leave the device only when a request asks for them."""
+    probabilities, indices = torch.softmax(forward.logits.float(), dim=1).topk(max(o.top_k for o in options), dim=1)
+    probabilities, indices = probabilities.cpu().numpy(), indices.cpu().numpy()
+    features = forward.features.float().cpu().numpy() if forward.features is not None and any(o.return_features for o in options) else None
+    outputs, start = [], 0
+    for size, option in zip(sizes, options, strict=True):
+        rows = slice(start, start + size)
+        outputs.append(BatchOutput(forward.version, indices[rows, :option.top_k], probabilities[rows, :option.top_k],
+                                   features[rows] if option.return_features and features is not None else None))
+        start += size
+    return outputs
 
 
 class Engine:
@@ -274,7 +307,7 @@ class Engine:
     def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False,
                        caller: str | None = None) -> Future:
         """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`
-        for :meth:`finish_predict` with the same options. The options are checked first, so
+        for :meth:`finish_predict`. The options are checked first, so
         a request they refuse never costs a forward pass. Head versions share the classes
         and the feature layer, so what is checked here still holds when the batch runs.
         ``caller``: the named caller, whose images waiting count against
@@ -284,34 +317,33 @@ class Engine:
             raise InvalidArgument(f"must be between 1 and {len(version.class_names)} (the number of classes), or 0 for the default", field="top_k")
         if return_features:
             version.require_split("features need a split classifier", field="return_features")
-        return self._batcher.submit(images, caller=caller)
+        options = _PredictOptions(min(top_k or DEFAULT_TOP_K, len(version.class_names)), return_features)
+        return self._batcher.submit(images, caller=caller, options=options)
 
-    def _run_batch(self, images: torch.Tensor) -> BatchOutput:
+    def _run_batch(self, images: torch.Tensor) -> _BatchForward:
         version = self.models.active  # read once: the whole batch uses one version
         if not version.supports_features:  # inference-only loaders run on the CPU, where they loaded
-            return BatchOutput(version, version.predict_fn(images.cpu()).float().cpu(), None)
+            return _BatchForward(version, version.predict_fn(images.cpu()), None)
         images = images.to(self.device, non_blocking=True)
         features = self._feature_fns.get(version.feature_cache_key, version.features)(images)
-        return BatchOutput(version, version.logits(features).float().cpu(), features.float().cpu())
+        return _BatchForward(version, version.logits(features), features)
 
-    def finish_predict(self, output: BatchOutput, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False) -> PredictOutput:
-        """Top-k labels and probabilities from a batch slice."""
+    def finish_predict(self, output: BatchOutput) -> PredictOutput:
+        """Labels for a batch slice's top classes."""
         names = output.version.class_names
-        k = min(top_k or DEFAULT_TOP_K, len(names))
-        self.metrics.predicted_images.inc(len(output.logits))
-        probabilities, indices = torch.softmax(output.logits, dim=1).topk(k, dim=1)
+        self.metrics.predicted_images.inc(len(output.class_indices))
         return PredictOutput(
-            class_indices=indices.numpy(),
-            probabilities=probabilities.numpy(),
-            labels=[[names[i] for i in row] for row in indices.tolist()],
-            features=output.features.numpy() if return_features else None,
+            class_indices=output.class_indices,
+            probabilities=output.probabilities,
+            labels=[[names[i] for i in row] for row in output.class_indices.tolist()],
+            features=output.features,
             model_version=output.version.version,
         )
 
     def predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False, timeout: float | None = None) -> PredictOutput:
         """In-process Predict through the same batcher as the RPC."""
         future = self.submit_predict(images, top_k=top_k, return_features=return_features)
-        return self.finish_predict(future.result(timeout), top_k=top_k, return_features=return_features)
+        return self.finish_predict(future.result(timeout))
 
     # Sample sets ---------------------------------------------------------------------
 

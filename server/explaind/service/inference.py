@@ -49,7 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise DeadlineExceeded("the prediction did not finish before the call's deadline") from None
         except CancelledError:
             raise Cancelled("the call was cancelled") from None
-        result = self._engine.finish_predict(output, top_k=request.top_k, return_features=request.return_features)
+        result = self._engine.finish_predict(output)
         response = inference_pb2.PredictResponse(model_version=result.model_version)
         for indices, probabilities, labels in zip(result.class_indices, result.probabilities, result.labels, strict=True):
             response.predictions.add(class_indices=indices.tolist(), labels=labels, probabilities=probabilities.tolist())
