@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """Online inference with the served classifier.
+    """Online inference with the served classifier. Every RPC is UNAVAILABLE until the models
+    have loaded, and Predict and EvaluateSampleSet until the stored head versions are
+    restored too (health reports SERVING then).
     """
 
     def __init__(self, channel):
@@ -53,7 +55,9 @@ class InferenceServiceStub:
 
 
 class InferenceServiceServicer:
-    """Online inference with the served classifier.
+    """Online inference with the served classifier. Every RPC is UNAVAILABLE until the models
+    have loaded, and Predict and EvaluateSampleSet until the stored head versions are
+    restored too (health reports SERVING then).
     """
 
     def Predict(self, request, context):
@@ -107,7 +111,9 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """Online inference with the served classifier.
+    """Online inference with the served classifier. Every RPC is UNAVAILABLE until the models
+    have loaded, and Predict and EvaluateSampleSet until the stored head versions are
+    restored too (health reports SERVING then).
     """
 
     @staticmethod

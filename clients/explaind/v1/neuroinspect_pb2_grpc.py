@@ -31,7 +31,8 @@ class NeuroInspectServiceStub:
 
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
     INVALID_ARGUMENT naming the field, as is any value outside the range its comment
-    gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
+    gives, and a sample set labelled with classes the served classifier lacks (uploaded
+    for another). Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
     FAILED_PRECONDITION, and so is any method on an inference-only classifier
     (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
     split), and VisualizeNeurons on one without gradients (ONNX; see
@@ -100,7 +101,8 @@ class NeuroInspectServiceServicer:
 
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
     INVALID_ARGUMENT naming the field, as is any value outside the range its comment
-    gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
+    gives, and a sample set labelled with classes the served classifier lacks (uploaded
+    for another). Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
     FAILED_PRECONDITION, and so is any method on an inference-only classifier
     (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
     split), and VisualizeNeurons on one without gradients (ONNX; see
@@ -277,7 +279,8 @@ class NeuroInspectService:
 
     Classes are named by `class_name` or `class_index` (a oneof); an unknown one is
     INVALID_ARGUMENT naming the field, as is any value outside the range its comment
-    gives. Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
+    gives, and a sample set labelled with classes the served classifier lacks (uploaded
+    for another). Unknown sample sets and head versions are NOT_FOUND; a set still uploading is
     FAILED_PRECONDITION, and so is any method on an inference-only classifier
     (TorchScript, or an ONNX graph that does not end in a linear layer: no feature/head
     split), and VisualizeNeurons on one without gradients (ONNX; see
