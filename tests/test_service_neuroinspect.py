@@ -1149,3 +1149,28 @@ def test_an_edit_without_a_validation_set_holds_out_every_fifth_sample_and_follo
         assert first.version.model_version == again.version.model_version != other.version.model_version
     finally:
         _shut(engine)
+
+
+def test_evaluated_samples_without_the_group_attribute_form_their_class_s_group_of_the_empty_value(tmp_path, world_set):
+    # As EditHeadRequest.group_attribute says: some samples must carry it, not all.
+    from google.protobuf import any_pb2
+
+    from explaind.engine import NewSample
+    from explaind.v1 import neuroinspect_pb2
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        pixels, labels, attributes = world_set
+        names = engine.models.active.class_names
+        kept = [a if i % 2 else {} for i, a in enumerate(attributes[:30])]  # every other sample without it
+        engine.create_sample_set("half", "", [NewSample.from_array(p, int(l), a) for p, l, a in zip(pixels[:30], labels[:30], kept)])
+        record = _edit(engine, inspect, 1, evaluation_sample_set_id="half", group_attribute="background")
+        assert record.state == "succeeded", record.error_message
+        result = neuroinspect_pb2.EditHeadResult()
+        any_pb2.Any.FromString(record.result).Unpack(result)
+        expected = {f"{names[int(l)]}/{a.get('background', '')}" for l, a in zip(labels[:30], kept)}
+        assert set(result.version.evaluation.group_accuracy) == expected
+        assert any(group.endswith("/") for group in expected) and not all(group.endswith("/") for group in expected)
+    finally:
+        _shut(engine)
