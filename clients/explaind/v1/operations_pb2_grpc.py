@@ -50,6 +50,8 @@ class OperationsServiceStub:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
+    A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
+    dir is full: submit it again once its operator has freed space.
     """
 
     def __init__(self, channel):
@@ -120,6 +122,8 @@ class OperationsServiceServicer:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
+    A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
+    dir is full: submit it again once its operator has freed space.
     """
 
     def GetOperation(self, request, context):
@@ -170,9 +174,9 @@ class OperationsServiceServicer:
     def GetArtifact(self, request, context):
         """Downloads an artifact a job wrote (images, tables, arrays), listed in its metadata,
         whole or a byte range of it: one response carries at most [server].max_message_bytes
-        less 64 KiB of content, and a larger artifact is read in ranges (the SDK does this
-        and checks the digest). A range that does not fit is RESOURCE_EXHAUSTED naming
-        max_bytes, never silently cut.
+        less 64 KiB of content (half of a limit under 128 KiB), and a larger artifact is read
+        in ranges (the SDK does this and checks the digest). A range that does not fit is
+        RESOURCE_EXHAUSTED naming max_bytes, never silently cut.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,6 +264,8 @@ class OperationsService:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
+    A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
+    dir is full: submit it again once its operator has freed space.
     """
 
     @staticmethod

@@ -32,9 +32,10 @@ class SampleSetServiceStub:
     image, a label outside the classes, images decoding to more than
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
     sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
-    with named callers ([server].callers_file), PERMISSION_DENIED naming the set and its
-    owner for an AppendSamples or DeleteSampleSet on a set another caller created, unless
-    the caller is one of [server].admins.
+    RESOURCE_EXHAUSTED for a CreateSampleSet or AppendSamples while the server's data dir
+    is full (until its operator frees space); with named callers ([server].callers_file),
+    PERMISSION_DENIED naming the set and its owner for an AppendSamples or DeleteSampleSet
+    on a set another caller created, unless the caller is one of [server].admins.
     """
 
     def __init__(self, channel):
@@ -82,9 +83,10 @@ class SampleSetServiceServicer:
     image, a label outside the classes, images decoding to more than
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
     sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
-    with named callers ([server].callers_file), PERMISSION_DENIED naming the set and its
-    owner for an AppendSamples or DeleteSampleSet on a set another caller created, unless
-    the caller is one of [server].admins.
+    RESOURCE_EXHAUSTED for a CreateSampleSet or AppendSamples while the server's data dir
+    is full (until its operator frees space); with named callers ([server].callers_file),
+    PERMISSION_DENIED naming the set and its owner for an AppendSamples or DeleteSampleSet
+    on a set another caller created, unless the caller is one of [server].admins.
     """
 
     def CreateSampleSet(self, request, context):
@@ -180,9 +182,10 @@ class SampleSetService:
     image, a label outside the classes, images decoding to more than
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
     sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
-    with named callers ([server].callers_file), PERMISSION_DENIED naming the set and its
-    owner for an AppendSamples or DeleteSampleSet on a set another caller created, unless
-    the caller is one of [server].admins.
+    RESOURCE_EXHAUSTED for a CreateSampleSet or AppendSamples while the server's data dir
+    is full (until its operator frees space); with named callers ([server].callers_file),
+    PERMISSION_DENIED naming the set and its owner for an AppendSamples or DeleteSampleSet
+    on a set another caller created, unless the caller is one of [server].admins.
     """
 
     @staticmethod
