@@ -1156,7 +1156,6 @@ def test_evaluated_samples_without_the_group_attribute_form_their_class_s_group_
     from google.protobuf import any_pb2
 
     from explaind.engine import NewSample
-    from explaind.v1 import neuroinspect_pb2
 
     engine, inspect = _in_process(tmp_path)
     try:
