@@ -1,5 +1,6 @@
 """`make demo` runs `explaind demo`: a live server on the shapes world and a full client session."""
 
+import os
 import re
 import subprocess
 import sys
@@ -8,11 +9,15 @@ from pathlib import Path
 import pytest
 
 
-def test_demo_predicts_evaluates_and_explains_the_worst_class():
-    result = subprocess.run(
-        [sys.executable, "-m", "explaind.client.cli", "demo", "--count", "120"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
+def run_demo(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+    """The demo in a subprocess whose temporary directory, where it leaves its report for
+    the user, is ``tmp_path``: a test run leaves nothing in the machine's /tmp."""
+    return subprocess.run([sys.executable, "-m", "explaind.client.cli", "demo", *options], capture_output=True, text=True,
+                          timeout=600, check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
+
+
+def test_demo_predicts_evaluates_and_explains_the_worst_class(tmp_path):
+    result = run_demo(tmp_path, "--count", "120")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "predictions for spurious_background test images" in out
@@ -23,7 +28,7 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class():
     assert "explaining the mistakes of 'heart'" in out
     assert re.search(r"neuron +\d+ +(insufficient|excessive|both)", out)
     report = Path(re.search(r"HTML report .*: (\S+\.html)", out).group(1))
-    assert report.is_file() and report.read_text().count("<img") >= 2
+    assert report.is_file() and report.read_text().count("<img") >= 2 and report.parent.parent == tmp_path
     # What it wrote for the user stays; the server's store (images, database) does not.
     assert sorted(path.name for path in report.parent.iterdir()) == ["explaind.toml", "mistakes.png", report.name]
 
@@ -37,10 +42,7 @@ def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path, server):
     config = tmp_path / "explaind.toml"
     (tmp_path / "token").write_text("s3cret\n" if "token_file" in server else "analyst an4lyst\nops s3cret\n")
     config.write_text(f'[server]\n{server}\n')  # the balanced classifier, no CLIP
-    result = subprocess.run(
-        [sys.executable, "-m", "explaind.client.cli", "demo", "--count", "6", "--config", str(config)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
+    result = run_demo(tmp_path, "--count", "6", "--config", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"accuracy \d\.\d+ on 6 samples", result.stdout)
     assert "UNAUTHENTICATED" not in result.stderr
