@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,12 @@ class _PredictGate:
         return counted
 
 
+def _world_config(tmp_path_factory, classifier_dir) -> Any:
+    """The config of a server of the world classifier alone, on a free port, with its own data dir."""
+    return (default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+            .replace("server", port=0, metrics_port=free_port(), data_dir=str(tmp_path_factory.mktemp("async")), data_dir_reserve_bytes=1 << 20))
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, classifier_dir) -> Iterator[tuple[str, _PredictGate]]:
     """A server of the world classifier in this process, its Predict counted: (target, gate)."""
@@ -57,8 +64,7 @@ def served(tmp_path_factory, classifier_dir) -> Iterator[tuple[str, _PredictGate
     from explaind.service.inference import InferenceServicer
 
     gate = _PredictGate()
-    config = (default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
-              .replace("server", port=0, metrics_port=free_port(), data_dir=str(tmp_path_factory.mktemp("async")), data_dir_reserve_bytes=1 << 20))
+    config = _world_config(tmp_path_factory, classifier_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InferenceServicer, "Predict", gate.wrap(InferenceServicer.Predict))
         server = ExplaindServer(config)
@@ -68,6 +74,19 @@ def served(tmp_path_factory, classifier_dir) -> Iterator[tuple[str, _PredictGate
             yield f"127.0.0.1:{port}", gate
         finally:
             server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def loading(tmp_path_factory, classifier_dir) -> Iterator[str]:
+    """A server of the world classifier in this process that never loads its models: it
+    answers UNAVAILABLE with a delay to retry after, as one starting does. Its target."""
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(_world_config(tmp_path_factory, classifier_dir))
+    try:
+        yield f"127.0.0.1:{server.start()}"
+    finally:
+        server.stop(0)
 
 
 def test_twenty_awaited_predicts_at_once_all_succeed_running_at_once(served):
@@ -219,3 +238,38 @@ def test_every_public_client_method_has_an_awaitable_twin_with_its_parameters():
 def test_max_workers_must_be_a_positive_integer(max_workers):
     with pytest.raises(ValueError, match="^max_workers must be a positive integer"):
         AsyncClient(max_workers=max_workers)
+
+
+CLOSED = r"^this Client of .* is closed \(close\(\), or the end of its with-block\); make a new Client$"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
+def test_a_call_retrying_as_its_client_is_closed_says_the_client_is_closed(loading, monkeypatch, asynchronous):
+    # Its next attempt met gRPC's own "Cannot invoke RPC on closed channel!", naming no client.
+    from types import SimpleNamespace
+
+    from explaind.client import _client
+
+    pausing, closed = threading.Event(), threading.Event()
+
+    def sleep(seconds: float) -> None:  # the pause before the next attempt, held until the client is closed
+        pausing.set()
+        closed.wait(30)
+
+    monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+
+    async def leave_the_block_while_it_retries() -> None:
+        async with AsyncClient(loading) as client:
+            asking = asyncio.ensure_future(client.model_metadata())
+            await asyncio.get_running_loop().run_in_executor(None, pausing.wait, 30)
+        closed.set()
+        await asking
+
+    with pytest.raises(ValueError, match=CLOSED):
+        if asynchronous:
+            asyncio.run(leave_the_block_while_it_retries())
+        else:
+            with Client(loading) as client:
+                threading.Thread(target=lambda: (pausing.wait(30), client.close(), closed.set()), daemon=True).start()
+                client.model_metadata()
+

@@ -79,8 +79,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the connection, as :meth:`Client.close`: calls still running end as
-        cancelled (CancelledError, explaind's), those waiting their turn and later ones
-        raise ValueError; the threads end with them."""
+        cancelled (CancelledError, explaind's; ValueError for one between retries), those
+        waiting their turn and later ones raise ValueError; the threads end with them."""
         self.client.close()
         self._executor.shutdown(wait=False)
 

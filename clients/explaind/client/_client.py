@@ -284,7 +284,9 @@ class Client:
         }
 
     def close(self) -> None:
-        """Close the connection; later calls raise ValueError (as a closed file's do)."""
+        """Close the connection; later calls raise ValueError (as a closed file's do), as
+        does a call retrying meanwhile at its next attempt; one awaiting an answer ends
+        as cancelled (CancelledError, explaind's)."""
         self._closed = True
         self._channel.close()
 
@@ -318,12 +320,12 @@ class Client:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first."""
-        self._require_open()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
         started, attempts = time.monotonic(), 0
         while True:
+            self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
             attempts += 1
             try:
                 response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
