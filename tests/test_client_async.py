@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError
-from explaind.client import _async
+from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation
+from explaind.client import _async, _operations
 from explaind.config import default_config
+from explaind.v1 import operations_pb2, operations_pb2_grpc
+from test_client_sdk import _running_operation, _serve
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -273,3 +275,32 @@ def test_a_call_retrying_as_its_client_is_closed_says_the_client_is_closed(loadi
                 threading.Thread(target=lambda: (pausing.wait(30), client.close(), closed.set()), daemon=True).start()
                 client.model_metadata()
 
+
+class _UnansweredWaits(operations_pb2_grpc.OperationsServiceServicer):
+    """A running job whose WaitOperation goes unanswered until the caller leaves (a hung server)."""
+
+    def WaitOperation(self, request, context):
+        while context.is_active():
+            time.sleep(0.05)
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
+def test_a_result_whose_wait_goes_unanswered_is_late_and_hands_back_its_operation(monkeypatch, asynchronous):
+    # AsyncClient.result raised the unanswered call's bare "Deadline Exceeded", without the
+    # operation to wait on later, where Operation.result said the job was late.
+    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.5)  # the call's deadline: this long after the wait asked for
+    server, target = _serve(_UnansweredWaits(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_result(operation: Operation) -> Any:
+        async with AsyncClient(target) as client:
+            return await client.result(operation, timeout=0.5)
+
+    try:
+        with Client(target) as client:
+            operation = Operation(client, _running_operation("operations/x"))
+            with pytest.raises(DeadlineExceededError, match=r"^DEADLINE_EXCEEDED: operations/x is still running after 0.5s$") as late:
+                asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=0.5)
+            assert late.value.operation is operation
+    finally:
+        server.stop(0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
-from ._errors import UnavailableError
+from ._errors import DeadlineExceededError, UnavailableError
 from ._operations import Operation
 from ._types import Sample
 
@@ -112,6 +112,10 @@ class AsyncClient:
             except UnavailableError:  # one step's retries ended, not the wait's
                 if not self.client._retry or left <= RESULT_STEP_S:
                     raise
+            except DeadlineExceededError:  # a step's call went unanswered (a hung server): late, as Operation.result says
+                if timeout is None:
+                    raise
+                break
             if left <= RESULT_STEP_S:
                 break
         if not operation.done:
