@@ -288,19 +288,24 @@ class _UnansweredWaits(operations_pb2_grpc.OperationsServiceServicer):
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
 def test_a_result_whose_wait_goes_unanswered_is_late_and_hands_back_its_operation(monkeypatch, asynchronous):
     # AsyncClient.result raised the unanswered call's bare "Deadline Exceeded", without the
-    # operation to wait on later, where Operation.result said the job was late.
+    # operation to wait on later, where Operation.result said the job was late; and both
+    # said the whole timeout had passed when a wait went unanswered long before it.
     monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.5)  # the call's deadline: this long after the wait asked for
+    monkeypatch.setattr(_operations, "WAIT_STEP_S", 0.5)  # what one wait call asks for
+    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.5)
     server, target = _serve(_UnansweredWaits(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
 
-    async def await_result(operation: Operation) -> Any:
+    async def await_result(operation: Operation, timeout: float) -> Any:
         async with AsyncClient(target) as client:
-            return await client.result(operation, timeout=0.5)
+            return await client.result(operation, timeout=timeout)
 
     try:
         with Client(target) as client:
             operation = Operation(client, _running_operation("operations/x"))
-            with pytest.raises(DeadlineExceededError, match=r"^DEADLINE_EXCEEDED: operations/x is still running after 0.5s$") as late:
-                asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=0.5)
-            assert late.value.operation is operation
+            for timeout, message in ((0.5, r"is still running after 0.5s$"),  # unanswered past the timeout: late
+                                     (30, r"was still running when the server left a wait unanswered, \d+\.\ds into the 30s timeout$")):
+                with pytest.raises(DeadlineExceededError, match=rf"^DEADLINE_EXCEEDED: operations/x {message}") as late:
+                    asyncio.run(await_result(operation, timeout)) if asynchronous else operation.result(timeout=timeout)
+                assert late.value.operation is operation
     finally:
         server.stop(0)

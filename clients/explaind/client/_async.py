@@ -104,7 +104,8 @@ class AsyncClient:
         this one) when it is not done within ``timeout`` seconds (None: no limit). It waits
         ``RESULT_STEP_S`` at a time, so a cancelled await frees its thread soon; the job
         runs on (``await client.to_thread(operation.cancel)`` stops it)."""
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = math.inf if timeout is None else started + timeout
         while not operation.done:
             left = deadline - time.monotonic()
             try:
@@ -119,7 +120,7 @@ class AsyncClient:
             if left <= RESULT_STEP_S:
                 break
         if not operation.done:
-            raise operation._late(timeout)
+            raise operation._late(timeout, started)
         return await self.to_thread(operation.result, download=download)
 
     async def samples(self, sample_set_id: str, *, start: int = 0) -> AsyncIterator[Sample]:

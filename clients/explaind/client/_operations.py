@@ -428,6 +428,7 @@ class Operation(Generic[ResultT]):
         gigabytes, and visualisation images): those fields are None; and a result over
         half the server's message limit has only the leading items of its long lists
         (:attr:`response_cut`)."""
+        started = time.monotonic()
         try:
             if timeout is not None and timeout <= 0:  # one look, with or without progress
                 self.wait(timeout)
@@ -440,7 +441,7 @@ class Operation(Generic[ResultT]):
         except DeadlineExceededError:
             if timeout is None:
                 raise
-            # A call of the watch or the wait hit ``timeout``: report it as below.
+            # A call of the watch or the wait went unanswered (a hung server): late, as below.
         except KeyboardInterrupt as interrupt:
             try:
                 self.cancel()
@@ -450,7 +451,7 @@ class Operation(Generic[ResultT]):
                 interrupt.add_note(f"cancelled {self.name}" if self.done else f"cancel requested for {self.name}; it ends at its next check")
             raise
         if not self.done:
-            raise self._late(timeout)
+            raise self._late(timeout, started)
         if self.error is not None:
             raise self.error
         try:
@@ -462,9 +463,16 @@ class Operation(Generic[ResultT]):
                            f"is back, or result(download=False) for what needs no files")
             raise
 
-    def _late(self, timeout: float | None) -> ExplaindError:
-        """The error of a result not ready after ``timeout`` seconds, with this operation as its ``operation``."""
-        late = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.name} is still {self.state} after {timeout}s")
+    def _late(self, timeout: float | None, started: float) -> ExplaindError:
+        """The error of a result not ready after ``timeout`` seconds from ``started``
+        (``time.monotonic()``), with this operation as its ``operation``. Ended sooner than
+        a watch's last moments (LAST_ATTEMPT_S), a call went unanswered: the message says
+        so, not that the whole timeout passed."""
+        waited = time.monotonic() - started
+        message = f"{self.name} is still {self.state} after {timeout}s"
+        if timeout is not None and waited < timeout - LAST_ATTEMPT_S:
+            message = f"{self.name} was still {self.state} when the server left a wait unanswered, {waited:.1f}s into the {timeout}s timeout"
+        late = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, message)
         late.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
         return late
 
