@@ -954,6 +954,8 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     out = capsys.readouterr().out
     stored = re.search(r"^  (v\d+) ", out, flags=re.M)[1]
     assert f"not served; explaind head-versions promote {stored} serves it" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
+    # Its accuracies are on the held-out fifth, not the whole set `evaluate` scores: it says so.
+    assert f"\n  evaluated on the {len(range(0, len(images), 5))} samples of edit-cli held out from training (every 5th, from sample 0);" in out, out
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "--method", "constrain",
                  "--promote"]) == 0
     promoted = capsys.readouterr().out

@@ -749,10 +749,14 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
             promote=args.promote, request_id=args.request_id,
         )
         edit = _announce_and_wait(operation, args)
-    if edit is not None and args.json:
-        _print_json({"operation": operation.name, **_json_value(edit)})
-    elif edit is not None:
-        _print_head_edit(edit)
+        if edit is not None and args.json:
+            _print_json({"operation": operation.name, **_json_value(edit)})
+        elif edit is not None:
+            from .report import edit_evaluated_on
+
+            _print_head_edit(edit)
+            # Its accuracies are not the set's: `evaluate` of the same head and set prints another.
+            print(f"  evaluated on {edit_evaluated_on(client, args.id, args.evaluation_sample_set, args.validation_sample_set)}")
     return 0
 
 

@@ -136,13 +136,19 @@ def _suggest_edit(
     edit = client.edit_head(sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
                             evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
                             description=f"suggested by explaind report for {class_name}").result(progress=progress)
+    return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
+
+
+def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_id: str, validation_sample_set_id: str) -> str:
+    """Which samples an edit of ``sample_set_id`` measured its before/after accuracy on,
+    for a reader who would otherwise compare it with an evaluation of the whole set."""
     optimistic = "; they also chose the best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an independent set"
     if evaluated := evaluation_sample_set_id or validation_sample_set_id:
-        return edit, (f"sample set {evaluated} ({client.sample_set(evaluated).sample_count} samples)"
-                      + ("" if evaluation_sample_set_id else optimistic))
+        return (f"sample set {evaluated} ({client.sample_set(evaluated).sample_count} samples)"
+                + ("" if evaluation_sample_set_id else optimistic))
     # The server held out every 5th sample: the edit's validation and evaluation data.
     held_out = len(range(0, client.sample_set(sample_set_id).sample_count, 5))
-    return edit, f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
+    return f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
 def _number(value: float, digits: int = 3) -> str:
