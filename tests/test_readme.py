@@ -94,3 +94,15 @@ def test_the_session_by_hand_is_commands_the_cli_takes(tmp_path, monkeypatch):
         parse_arguments(argv)
     assert [argv[0] for argv in commands] == ["serve", "info", "predict", "sample-set", "evaluate", "rank", "visualize", "edit-head",
                                               "head-versions", "head-versions", "report", "operations"]
+
+
+def test_the_session_by_hand_names_the_address_serve_and_the_client_default_to():
+    # A reader whose 50051 is taken learns there which flag moves the server and which the client.
+    from explaind.client._client import DEFAULT_TARGET
+    from explaind.config import load_config
+
+    server = load_config().server
+    prose = " ".join(README.read_text().split("## A session by hand", 1)[1].split("```", 1)[0].split())
+    assert f"{server.host}:{server.port}" == DEFAULT_TARGET
+    assert f"{DEFAULT_TARGET} (`--port N` for another port" in prose
+    assert f"`EXPLAIND_TARGET` for another address than {DEFAULT_TARGET}" in prose
