@@ -186,7 +186,7 @@ class SampleFeatures:
 
 def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_PredictOptions]) -> list[BatchOutput]:
     """Each request's top classes from one softmax and top-k of the whole batch, as deep as
-    the deepest request asks (a full sort of 21k classes costs 30x a top-5); features
+    the deepest request asks (a full sort of 21k classes cost 34x a top-5 here); features
     leave the device only when a request asks for them."""
     probabilities, indices = torch.softmax(forward.logits.float(), dim=1).topk(max(o.top_k for o in options), dim=1)
     probabilities, indices = probabilities.cpu().numpy(), indices.cpu().numpy()
