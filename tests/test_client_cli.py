@@ -130,11 +130,21 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["edit-head", "s", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),  # was a traceback once the server had started
+        # An empty address (an unset $HOST) printed gRPC's C-core errors around an UNKNOWN one.
+        (["info", "--target", ""], "argument --target: empty; give the server's host:port, or leave --target out for 127.0.0.1:50051"),
+        (["operations", "list", "--target= "], "argument --target: empty"),
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
     # Each used to be accepted and ignored or misread (a negative --neurons sliced the ranking).
     assert message in _usage_error(capsys, argv)
+
+
+def test_an_empty_explaind_target_is_a_usage_error_naming_it(capsys, monkeypatch):
+    monkeypatch.setenv("EXPLAIND_TARGET", "")
+    err = _usage_error(capsys, ["sample-set", "list"])
+    assert "error: EXPLAIND_TARGET is empty; set it to the server's host:port, or unset it for 127.0.0.1:50051\n" in err
+    assert "dns" not in err  # no gRPC log
 
 
 def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(capsys, server_factory, monkeypatch):

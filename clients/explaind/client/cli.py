@@ -1262,6 +1262,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
     # The command's own usage with its mistakes, not the list of every command.
     usage_error = subcommands.choices[args.command].error
+    if args.command not in _SERVER_COMMANDS and not args.target.strip():  # gRPC printed its C core's errors for it
+        if any(arg == "--target" or arg.startswith("--target=") for arg in argv):
+            usage_error(f"argument --target: empty; give the server's host:port, or leave --target out for {DEFAULT_TARGET}")
+        usage_error(f"EXPLAIND_TARGET is empty; set it to the server's host:port, or unset it for {DEFAULT_TARGET}")
     if unrecognized:
         usage_error(f"unrecognized arguments: {' '.join(unrecognized)}{_option_guesses(unrecognized, command_actions)}")
     # Files are checked once every option is known: in `predict --topk 2 a.png` the "2" is
