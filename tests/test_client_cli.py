@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port
-from explaind.client import Client, Operation
+from explaind.client import Client, EvaluatedMistake, Operation
 from explaind.client.cli import main
 
 
@@ -700,8 +700,9 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     result = json.loads(out)  # nothing but the JSON on stdout
     assert result["class_accuracy"] == pytest.approx(evaluation.class_accuracy)
     assert result["class_counts"] == {"circle": given.count("circle"), "heart": given.count("heart")}
-    assert [(m["sample_index"], m["label"], m["predicted"], m["probability"]) for m in result["mistakes"]] == evaluation.mistakes  # floats round-trip exactly
-    assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted"]] == "circle" for m in result["mistakes"])
+    # Keyed by the SDK's field names (rank --json's mistakes also say predicted_class); floats round-trip exactly.
+    assert [EvaluatedMistake(**m) for m in result["mistakes"]] == evaluation.mistakes
+    assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted_class"]] == "circle" for m in result["mistakes"])
     assert result["confusion_matrix"] == evaluation.confusion_matrix.tolist() and result["class_names"] == names
     assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
     assert f"started {result['operation']}" in err and result["grid_file"] == str(grid)  # what stderr says, in the JSON too

@@ -640,8 +640,7 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
     """The evaluation as JSON: classes without samples are left out of ``class_counts``
     and ``class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
     objects, the confusion matrix is rows of counts (true label by row)."""
-    mistakes = [{"sample_index": i, "label": label, "predicted": predicted, "probability": probability}
-                for i, label, predicted, probability in evaluation.mistakes]
+    mistakes = [mistake._asdict() for mistake in evaluation.mistakes]  # the SDK's field names, as rank's mistakes have them
     return {
         "sample_set_id": evaluation.sample_set_id, "model_version": evaluation.model_version,
         "sample_count": evaluation.sample_count, "accuracy": evaluation.accuracy,
