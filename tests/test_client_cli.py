@@ -1113,6 +1113,10 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     name = _json_out(capsys, [*target, "evaluate", "json", "--no-wait", "--json"])["name"]
     waited = _json_out(capsys, [*target, "operations", "wait", name, "--json"])
     assert (waited["name"], waited["kind"], waited["state"], waited["error"]) == (name, "evaluate_sample_set", "succeeded", None)
+    # Every field of the SDK's Operation but the result, which is waited["result"]; times as ISO 8601.
+    sdk_fields = {field for field, value in vars(Operation).items() if isinstance(value, property)}
+    assert set(waited) == sdk_fields | {"result"}, set(waited) ^ (sdk_fields | {"result"})
+    assert waited["create_time"] <= waited["start_time"] <= waited["end_time"] and waited["end_time"].endswith("+00:00")
     assert waited["result"]["sample_count"] == 2 and [a["name"] for a in waited["artifacts"]] == ["mistakes.png"]
     assert _json_out(capsys, [*target, "operations", "get", name, "--json"]) == waited
     assert main([*target, "operations", "watch", name, "--json"]) == 0  # done already: one line, the final state

@@ -863,6 +863,7 @@ def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, 
         "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
         "cancel_requested": operation.cancel_requested, "response_cut": operation.response_cut, "owner": operation.owner,
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
+        "start_time": _json_value(operation.start_time), "end_time": _json_value(operation.end_time),
         "artifacts": _json_value(operation.artifacts),
         "error": {"code": error.code.name, "message": error.details} if error is not None else None,
     }
