@@ -652,7 +652,7 @@ def test_a_class_without_mistakes_is_ranked_and_reported_as_nothing_to_explain(s
     assert "<table><tr><th>neuron</th>" not in page.read_text()  # an empty table of ranked neurons stood above it
 
 
-def test_an_artifact_goes_to_standard_output_with_dash(server, capsysbinary, world_images, tmp_path, monkeypatch):
+def test_an_artifact_goes_to_standard_output_with_dash_and_is_not_fetched_for_an_unwritable_file(server, capsysbinary, world_images, tmp_path, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
         client.create_sample_set(images[:6], labels[:6], sample_set_id="piped")
@@ -664,6 +664,11 @@ def test_an_artifact_goes_to_standard_output_with_dash(server, capsysbinary, wor
     out, err = capsysbinary.readouterr()
     assert out == expected and out.startswith(b"\x89PNG") and err == f"wrote {len(out)} bytes to standard output\n".encode()
     assert list(tmp_path.iterdir()) == []  # no file named "-"
+    # A file that cannot be written is refused before the download, not after it.
+    monkeypatch.setattr(Operation, "artifact", lambda *_: pytest.fail("downloaded for a file it cannot write"))
+    unwritable = tmp_path / "missing" / "grid.png"
+    assert main(["--target", server.target, "operations", "artifact", operation.name, "mistakes.png", "-o", str(unwritable)]) == 1
+    assert capsysbinary.readouterr().err == f"error: cannot write {unwritable}: no such directory\n".encode()
 
 
 def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, capsys, world_images, tmp_path):

@@ -804,6 +804,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
                 raise
         elif args.action == "artifact":
+            if args.output != "-":  # before the download, which may be large (a ranking's omega.npy)
+                _require_writable(args.output or args.artifact)
             data = operation.artifact(args.artifact)
             if args.output == "-":  # the bytes alone on stdout, for a pipe
                 sys.stdout.buffer.write(data)
