@@ -262,11 +262,16 @@ def test_an_argument_of_the_wrong_type_or_range_is_refused_by_name_before_any_ca
     ({"timeout": float("inf")}, ValueError, "timeout must be a positive number of seconds, got inf"),
     ({"timeout": "30"}, TypeError, "timeout must be a number of seconds, got '30'"),
     ({"max_message_bytes": 0}, ValueError, "max_message_bytes must be a positive integer, got 0"),
+    ({"target": ""}, ValueError, "target must be the server's address (host:port), got ''"),
+    ({"target": " "}, ValueError, "target must be the server's address (host:port), got ' '"),
+    ({"target": None}, TypeError, "target must be the server's address (a host:port string), got None"),
 ])
-def test_a_client_refuses_a_timeout_or_message_size_every_call_would_fail_on(options, error, message):
-    # Accepted, they failed every call later: DEADLINE_EXCEEDED at once, or a TypeError.
+def test_a_client_refuses_a_target_timeout_or_message_size_every_call_would_fail_on(options, error, message, capfd):
+    # Accepted, they failed every call later: DEADLINE_EXCEEDED at once, a TypeError, or
+    # UNKNOWN "Failed to create channel" after gRPC's C core logged its errors.
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
-        Client("127.0.0.1:1", **options)
+        Client(**{"target": "127.0.0.1:1", **options})
+    assert capfd.readouterr().err == ""
 
 
 def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_refused_before_any_call(tmp_path):

@@ -245,7 +245,12 @@ class Client:
         private_key: str | Path | None = None,
         certificate_chain: str | Path | None = None,
     ) -> None:
-        # Checked here: a bad one failed every call later, as a deadline or a TypeError.
+        # Checked here: a bad one failed every call later, as a deadline or a TypeError
+        # (an empty target after gRPC's C core logged its resolver's errors to stderr).
+        if not isinstance(target, str):
+            raise TypeError(f"target must be the server's address (a host:port string), got {target!r}")
+        if not target.strip():
+            raise ValueError(f"target must be the server's address (host:port), got {target!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
         if not 0 < timeout < math.inf:
