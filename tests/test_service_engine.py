@@ -435,6 +435,26 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
         load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "with_args.pth")))
 
 
+
+def test_a_damaged_or_foreign_model_file_is_named_without_torch_s_traceback(tmp_path, capfd):
+    # A Git LFS pointer checked out as the weights was "holds objects other than tensors ...
+    # save the model's state dict alone"; a damaged .pt2 logged torch's traceback, then
+    # said "check the warnings above".
+    pointer = tmp_path / "resnet18.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 46830571\n")
+    with pytest.raises(ModelLoadError, match=r"resnet18.pth is not a file torch.save wrote \(Unsupported operand 118\): it is damaged or "
+                                             r"another format, such as a Git LFS pointer"):
+        load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(pointer)))
+    state_dict = tmp_path / "state_dict.pt2"  # a zip, as a .pt2 is, but no program
+    torch.save(tiny_net().state_dict(), state_dict)
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(state_dict.read_bytes()[:200])
+    for path in (state_dict, truncated):
+        with pytest.raises(ModelLoadError, match=f"^\\[classifier\\].path: cannot read {re.escape(str(path))} as a torch.export program "
+                                                 r"\(a .pt2 file from torch.export.save\): it is damaged or another format \(RuntimeError: "):
+            load_classifier(ClassifierSection(loader="export", path=str(path)))
+    assert "Traceback" not in capfd.readouterr().err
+
 def test_a_vit_splits_at_its_class_token_without_keeping_its_other_tokens():
     vit = ClassifierSection(**TINY_VIT_CLASSIFIER)
     features = load_classifier(vit).features(torch.rand(3, 3, 32, 32))

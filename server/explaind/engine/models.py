@@ -357,6 +357,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's message tells to pass weights_only=False, which no key does
         detail = str(error).rpartition("WeightsUnpickler error:")[2].strip().splitlines()[0].partition(" was not an allowed")[0][:300]
+        if detail.startswith("Unsupported operand"):  # its first bytes are no pickle: not a checkpoint at all
+            raise ModelLoadError(f"{path} is not a file torch.save wrote ({detail}): it is damaged or another format, such as a "
+                                 "Git LFS pointer or the web page of a failed download; fetch the weights file again") from None
         raise ModelLoadError(f"{path} holds objects other than tensors ({detail}), as a training checkpoint's saved "
                              "arguments or optimiser do; save the model's state dict alone, e.g. "
                              "torch.save(checkpoint['model'], 'weights.pth')") from None
@@ -464,7 +467,7 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
     devices into the graph (constants, ``device=`` arguments), so the program is moved to
     ``device`` before it is unflattened; ``.to()`` on the result would miss them."""
     path = _require_file(section.path, "path (a .pt2 file from torch.export.save)")
-    program = torch.export.load(str(path))
+    program = _read_exported_program(path)
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
 
@@ -585,6 +588,32 @@ def _probe_images(image_size: int) -> torch.Tensor:
 def _normalised_digest(digest: str, section: ClassifierSection) -> str:
     """A model file's digest joined with the normalisation in front of it."""
     return hashlib.sha256(f"{digest}:{tuple(section.mean)}:{tuple(section.std)}".encode()).hexdigest()
+
+
+def _read_exported_program(path: Path) -> torch.export.ExportedProgram:
+    """``torch.export.load``, failing with one ModelLoadError naming the key and file. On a
+    file it cannot read, torch logs the first attempt's traceback on its own handler
+    (outside a JSON log), then fails with "check the warnings above"; that traceback's
+    error is the one that says what is wrong with the file."""
+    logger = logging.getLogger("torch.export")
+    tracebacks: list[logging.LogRecord] = []
+
+    def keep_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            tracebacks.append(record)
+            return False
+        return True
+
+    logger.addFilter(keep_traceback)
+    try:
+        return torch.export.load(str(path))
+    except Exception as error:  # noqa: BLE001 - a damaged file, or one torch.export.save did not write
+        first = tracebacks[0].exc_info[1] if tracebacks and tracebacks[0].exc_info else error
+        detail = str(first).partition(" This is an internal miniz error.")[0]
+        raise ModelLoadError(f"[classifier].path: cannot read {path} as a torch.export program (a .pt2 file from torch.export.save): "
+                             f"it is damaged or another format ({type(first).__name__}: {detail})") from None
+    finally:
+        logger.removeFilter(keep_traceback)
 
 
 def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
