@@ -508,6 +508,22 @@ def test_serve_logs_one_json_object_per_line_when_asked(server_factory):
         assert expected in messages, messages  # the data dir resolved: a relative one or a "~" would not say where
 
 
+
+@pytest.mark.parametrize("loader", ["export", "torchscript"])
+def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_output_json_too(tmp_path, loader):
+    # torch printed a traceback (export) or a FutureWarning (torchscript) as plain lines.
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"not a model" * 100)
+    config = tmp_path / "explaind.toml"
+    config.write_text(f'[classifier]\nloader = "{loader}"\npath = "{model}"\n')
+    result = subprocess.run([sys.executable, "-m", "explaind", "serve", "--log-format", "json", "--config", str(config),
+                             "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line
+    failures = [record for record in records if record["level"] == "ERROR"]
+    assert len(failures) == 1 and str(model) in failures[0]["message"] and "Traceback" not in result.stderr, result.stderr
+
 @pytest.mark.parametrize("failure", ["busy port", "bad config"])
 def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure):
     # It was the CLI's plain `error:` line, which a JSON log pipeline drops or fails on.

@@ -52,8 +52,11 @@ def _current_span_ids() -> dict[str, str]:
 
 def configure_logging(log_format: str) -> None:
     """A root handler on stderr in ``log_format`` (unless the process has one already),
-    with our INFO lines and libraries' from WARNING (open_clip logs every load step at INFO)."""
+    with our INFO lines and libraries' from WARNING (open_clip logs every load step at INFO).
+    Python warnings (torch's deprecation of the TorchScript loader's torch.jit.load, say)
+    become log lines too: printed as they are, they broke a JSON log's one object a line."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.captureWarnings(True)
     logging.getLogger("explaind").setLevel(logging.INFO)
