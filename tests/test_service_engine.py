@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import generate_latest
 from torch import nn
 
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
@@ -3497,6 +3498,19 @@ def test_the_data_dir_s_free_space_is_read_at_each_scrape(tmp_path):
     usage = shutil.disk_usage(tmp_path)
     assert metrics.registry.get_sample_value("explaind_data_dir_size_bytes") == usage.total
     assert abs(metrics.registry.get_sample_value("explaind_data_dir_free_bytes") - usage.free) < 64 << 20  # others write meanwhile
+
+
+def test_a_data_dir_that_cannot_be_read_leaves_its_gauges_nan_and_the_scrape_whole(tmp_path):
+    # statvfs failing (a stale NFS handle, a failing disk) failed the whole /metrics answer.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    metrics = Metrics()
+    metrics.watch_data_dir(data_dir)
+    metrics.predicted_images.inc()
+    data_dir.rmdir()
+    exposition = generate_latest(metrics.registry).decode()
+    assert "explaind_data_dir_free_bytes NaN" in exposition and "explaind_data_dir_size_bytes NaN" in exposition
+    assert "explaind_predicted_images_total 1.0" in exposition
 
 
 def test_a_sweep_keeps_what_lost_its_reference_after_before(tmp_path):

@@ -9,6 +9,7 @@ and job latency histograms carry a sampled trace's id as an exemplar instead.
 from __future__ import annotations
 
 import errno
+import math
 import shutil
 import socket
 import threading
@@ -135,8 +136,8 @@ class Metrics:
         self.data_dir_size = Gauge("explaind_data_dir_size_bytes", "Size of the data dir's file system.", registry=r)
 
     def watch_data_dir(self, path: Path) -> None:
-        self.data_dir_free.set_function(lambda: shutil.disk_usage(path).free)
-        self.data_dir_size.set_function(lambda: shutil.disk_usage(path).total)
+        self.data_dir_free.set_function(lambda: _disk_usage_bytes(path, "free"))
+        self.data_dir_size.set_function(lambda: _disk_usage_bytes(path, "total"))
 
     def serve_http(self, host: str, port: int) -> tuple[object, int]:
         """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns (server, port).
@@ -156,6 +157,17 @@ class Metrics:
         # A wildcard with IPv6 off: IPv4's ("[::]" is no address to prometheus_client).
         server, _thread = start_http_server(port, addr="0.0.0.0" if wildcard else host, registry=self.registry)
         return server, server.server_address[1]
+
+
+def _disk_usage_bytes(path: Path, field: str) -> float:
+    """``shutil.disk_usage(path)``'s ``field`` ("free" or "total"), in bytes; NaN when the
+    file system cannot be read (a stale NFS handle, a failing disk, the dir gone). Raised,
+    the error failed the whole scrape, every other series with it, when they are most
+    needed, and printed a traceback outside the JSON log at each scrape."""
+    try:
+        return float(getattr(shutil.disk_usage(path), field))
+    except OSError:
+        return math.nan
 
 
 class _DualStackServer(ThreadingMixIn, WSGIServer):
