@@ -595,6 +595,39 @@ def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_s
         _shut(engine)
 
 
+def test_an_inline_ranking_holds_a_slot_of_the_held_calls_or_runs_as_an_operation(tmp_path, world_set):
+    # It computed in its RPC's thread whatever else held threads: parallel inline rankings
+    # could take every worker thread from Predict and the short calls.
+    from types import SimpleNamespace
+
+    from explaind.errors import ResourceExhausted
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        held_calls = HeldCalls(1)
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=4 << 20, held_calls=held_calls)
+        context = SimpleNamespace(is_active=lambda: True)
+
+        def rank(execution: int) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
+            return servicer.RankMistakeNeurons(neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="train", class_name="heart",
+                                                                                          execution=execution), context)
+
+        assert rank(neuroinspect_pb2.EXECUTION_UNSPECIFIED).WhichOneof("outcome") == "ranking"  # a free slot: inline
+        with held_calls.slot() as taken:  # a WaitOperation, say, holds the only one
+            assert taken
+            operation = rank(neuroinspect_pb2.EXECUTION_UNSPECIFIED)
+            assert operation.WhichOneof("outcome") == "operation"
+            with pytest.raises(ResourceExhausted, match=r"^no thread is free for an inline ranking: .*at most 1.*or use execution AUTO or OPERATION$"):
+                rank(neuroinspect_pb2.EXECUTION_INLINE)
+        assert engine.jobs.wait(operation.operation.name.removeprefix("operations/"), 60).record.state == "succeeded"
+        assert rank(neuroinspect_pb2.EXECUTION_INLINE).WhichOneof("outcome") == "ranking"  # the slot is back
+    finally:
+        _shut(engine)
+
+
 def test_an_inline_ranking_ranks_the_set_it_checked_not_one_made_under_its_id_since(tmp_path, world_set, monkeypatch):
     # The set was read by id alone after its checks: one deleted and created again in
     # between (another client's replace) was ranked instead, and answered as the set asked for.

@@ -123,10 +123,12 @@ class NeuroInspectServiceServicer:
 
         Inline or operation: with execution AUTO (the default) the ranking is computed
         inside the call when the sample set has at most 4096 samples and the class has at
-        most 256 mistakes; otherwise the response carries an operation (kind
-        "rank_mistake_neurons", response NeuronRanking). INLINE refuses large work with
-        FAILED_PRECONDITION; OPERATION always returns an operation. The SDK hides the
-        difference: `rank_mistake_neurons` waits for the operation when there is one.
+        most 256 mistakes, and one of the threads the server lets calls hold is free (see
+        docs/configuration.md, Streams and waits); otherwise the response carries an
+        operation (kind "rank_mistake_neurons", response NeuronRanking). INLINE refuses large
+        work with FAILED_PRECONDITION, and is RESOURCE_EXHAUSTED while no such thread is free;
+        OPERATION always returns an operation. The SDK hides the difference:
+        `rank_mistake_neurons` waits for the operation when there is one.
 
         A class with no sample in the set is INVALID_ARGUMENT naming the class field: from
         the call when it runs inline, as the operation's error otherwise. A class with no

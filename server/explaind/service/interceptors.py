@@ -77,7 +77,8 @@ def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
 
 class HeldCalls:
     """The calls that hold a worker thread while they wait on something: server streams
-    (WatchOperation, health's Watch), reflection's two-way stream and WaitOperation. At
+    (WatchOperation, health's Watch), reflection's two-way stream and WaitOperation, and
+    inline rankings (RankMistakeNeurons computing in its thread). At
     most ``limit`` at once (half of [server].max_workers), so the other threads always
     serve the short calls: health probes, CancelOperation, Predict. Health's Watch and
     reflection need no token, so without a bound a few idle callers could leave no
@@ -135,7 +136,7 @@ class HeldCalls:
             callers_share_taken = caller is not None and self._held_by.get(caller, 0) >= self.caller_limit
         most = (f"{self.public_limit} of them for calls without a token" if public
                 else f"{self.caller_limit} of them for one caller" if callers_share_taken else "half of [server].max_workers")
-        return f"the streams and waits this server keeps at once are open (at most {self.limit}, {most}); try again later"
+        return f"the streams, waits and inline rankings this server keeps at once are open (at most {self.limit}, {most}); try again later"
 
 
 class _ThrottledLog:

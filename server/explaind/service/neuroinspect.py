@@ -6,10 +6,11 @@ import grpc
 from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
 
 from ..engine import NeuroInspectEngine, RankSettings
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 from ..jobs import JobSnapshot
 from . import convert
 from .auth import current_caller
+from .interceptors import HeldCalls
 from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
 class _EnumNames:
@@ -43,9 +44,10 @@ def _optional(message, field: str, default: float | None) -> float | None:
 
 
 class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
-    def __init__(self, engine: NeuroInspectEngine, *, max_message_bytes: int) -> None:
+    def __init__(self, engine: NeuroInspectEngine, *, max_message_bytes: int, held_calls: HeldCalls) -> None:
         self._engine = engine
         self._max_message_bytes = max_message_bytes  # a ListHeadVersions page ends before it
+        self._held_calls = held_calls  # an inline ranking computes in its RPC's thread
 
     def RankMistakeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
         settings = RankSettings(
@@ -57,11 +59,20 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             top_k=request.top_k,
             include_samples=request.include_samples,
         )
-        outcome = self._engine.rank_mistake_neurons(
-            request.sample_set_id, target_class=_target_class(request), settings=settings,
-            execution=_EXECUTION(request.execution, "execution"), caller_waits=context.is_active, request=convert.request_key(request),
-            caller=current_caller(),
-        )
+        execution, caller = _EXECUTION(request.execution, "execution"), current_caller()
+        # An inline ranking holds its thread for seconds (features of up to 4096 samples,
+        # then the solver): it takes a held call's slot, so that rankings cannot take every
+        # thread from Predict and the short calls, nor one caller's from the others.
+        # Without one, AUTO runs it as an operation, through the job queue's limits.
+        with self._held_calls.slot(caller=caller) as held:
+            if not held and execution == "inline":
+                raise ResourceExhausted(f"no thread is free for an inline ranking: {self._held_calls.refusal(caller=caller)}, "
+                                        "or use execution AUTO or OPERATION")
+            outcome = self._engine.rank_mistake_neurons(
+                request.sample_set_id, target_class=_target_class(request), settings=settings,
+                execution=execution if held else "operation", caller_waits=context.is_active, request=convert.request_key(request),
+                caller=caller,
+            )
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
         return neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=outcome)

@@ -127,7 +127,7 @@ class ExplaindServer:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine, serving=lambda: self.neuroinspect.restored), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes, held_calls=held_calls), server)
-        neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(NeuroInspectServicer(self.neuroinspect, max_message_bytes=settings.max_message_bytes), server)
+        neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(NeuroInspectServicer(self.neuroinspect, max_message_bytes=settings.max_message_bytes, held_calls=held_calls), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
