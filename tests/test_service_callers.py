@@ -16,7 +16,7 @@ import pytest
 from conftest import json_log_lines
 from explaind.client import Client, ExplaindError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
-from explaind.service import ExplaindServer, audit, auth
+from explaind.service import ExplaindServer, audit, auth, convert
 
 CALLERS = "# who may call\nmonitoring tokenMON\n\nanalyst tokenANA\nroot tokenROOT\n"
 IMAGE = np.full((8, 8, 3), 200, np.uint8)
@@ -210,7 +210,8 @@ def test_every_method_that_is_not_audited_is_a_read():
                      "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
 
 
-def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file, caplog):
+def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file, caplog,
+                                                                                             monkeypatch):
     config = default_config().replace("classifier", path=str(classifier_dir)).replace(
         "server", port=0, data_dir=str(tmp_path / "data"), callers_file=str(callers_file)).replace("batching", max_queued_images_per_caller=2)
     server = ExplaindServer(config)
@@ -234,9 +235,12 @@ def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers
             while batcher.queue_depth < 2:  # bounded by the future's own timeout below if it never queues
                 assert not waiting.done(), waiting.exception()
                 time.sleep(0.01)
+            decoded, decode = [], convert.decode_image
+            monkeypatch.setattr(convert, "decode_image", lambda *args, **kwargs: decoded.append(kwargs["field"]) or decode(*args, **kwargs))
             with pytest.raises(ExplaindError) as refused:
                 monitoring.predict([IMAGE])
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert decoded == []  # refused before its images were decoded, which it would have paid for in full
             assert refused.value.details.startswith("prediction queue is full for caller 'monitoring' (2 of its images waiting, limit 2")
             # The log says whose backlog it is: the alert's description sends operators there.
             assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused explaind.v1.InferenceService/Predict from ")

@@ -128,6 +128,9 @@ def test_batcher_keeps_each_named_caller_to_its_share_of_the_queue():
             batcher.submit(torch.ones(1, 1, 1, 1), caller="monitoring")
         assert str(refused.value) == ("prediction queue is full for caller 'monitoring' (4 of its images waiting, limit 4, "
                                       "[batching].max_queued_images_per_caller); retry with backoff")
+        with pytest.raises(ResourceExhausted, match=r"^prediction queue is full for caller 'monitoring' \(4 of its"):
+            batcher.check_room(1, caller="monitoring")  # as a Predict asks before it decodes its images
+        batcher.check_room(10, caller="analyst")  # room, and none taken by asking
         # Another caller still gets in, and a caller with nothing waiting may queue one
         # request past its share: no request within the per-request limit waits for ever.
         theirs = [batcher.submit(torch.ones(3, 1, 1, 1), caller="analyst"), batcher.submit(torch.ones(5, 1, 1, 1), caller="reports")]

@@ -101,12 +101,7 @@ class DynamicBatcher(Generic[Output]):
             if run_here:
                 self._model_busy = True
             else:
-                mine = self._queued_by.get(caller, 0) if caller is not None else 0
-                if mine and self.max_queued_per_caller and mine + len(images) > self.max_queued_per_caller:
-                    raise ResourceExhausted(f"prediction queue is full for caller {caller!r} ({mine} of its images waiting, limit "
-                                            f"{self.max_queued_per_caller}, [batching].max_queued_images_per_caller); retry with backoff")
-                if self._queued_images + len(images) > self.max_queue_size:
-                    raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff")
+                self._require_room(len(images), caller)
                 self._pending.append(request)
                 self._count_queued(request, +1)
                 self._condition.notify()
@@ -116,6 +111,24 @@ class DynamicBatcher(Generic[Output]):
             request.future.set_running_or_notify_cancel()
             self._run_live([request])
         return request.future
+
+    def check_room(self, count: int, *, caller: str | None = None) -> None:
+        """Raise :class:`ResourceExhausted` as :meth:`submit` would now for ``count``
+        images of ``caller``: a request can be refused before its images are decoded.
+        The queue may fill or drain before the submit, which checks again."""
+        with self._condition:
+            self._require_room(count, caller)
+
+    def _require_room(self, count: int, caller: str | None) -> None:
+        """The queue's limits for ``count`` more images of ``caller``; hold the condition.
+        An empty queue takes any request within [batching].max_images_per_request, which
+        config keeps within max_queue_size."""
+        mine = self._queued_by.get(caller, 0) if caller is not None else 0
+        if mine and self.max_queued_per_caller and mine + count > self.max_queued_per_caller:
+            raise ResourceExhausted(f"prediction queue is full for caller {caller!r} ({mine} of its images waiting, limit "
+                                    f"{self.max_queued_per_caller}, [batching].max_queued_images_per_caller); retry with backoff")
+        if self._queued_images + count > self.max_queue_size:
+            raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff")
 
     def _count_queued(self, request: _Request, sign: int) -> None:
         """Add (+1) or remove (-1) ``request``'s images from the waiting counts; hold the condition."""

@@ -220,7 +220,7 @@ class Engine:
         self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
-        self._batcher: DynamicBatcher[BatchOutput] | None = None
+        self._batcher: DynamicBatcher[_BatchForward] | None = None
         # Never shut down: uploads may still be running when the engine closes (calls outlast
         # jobs); idle threads end with the engine.
         self._blob_writers = ThreadPoolExecutor(max_workers=BLOB_WRITE_THREADS, thread_name_prefix="explaind-blob-write")
@@ -319,6 +319,13 @@ class Engine:
             version.require_split("features need a split classifier", field="return_features")
         options = _PredictOptions(min(top_k or DEFAULT_TOP_K, len(version.class_names)), return_features)
         return self._batcher.submit(images, caller=caller, options=options)
+
+    def check_predict_room(self, count: int, *, caller: str | None = None) -> None:
+        """RESOURCE_EXHAUSTED now if the prediction queue cannot take ``count`` images of
+        ``caller``: asked before a Predict decodes its images, which a refused request
+        would otherwise pay for in full (up to [server].max_pixels_per_request)."""
+        if self._batcher is not None:  # none before the models load (Predict is UNAVAILABLE then)
+            self._batcher.check_room(count, caller=caller)
 
     def _run_batch(self, images: torch.Tensor) -> _BatchForward:
         version = self.models.active  # read once: the whole batch uses one version

@@ -37,6 +37,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("at least one image is required", field="images")
         if len(request.images) > limit:
             raise InvalidArgument(f"{len(request.images)} images exceed the limit of {limit} per request; split them into several calls", field="images")
+        self._engine.check_predict_room(len(request.images), caller=current_caller())
         # Each image is resized as it is decoded: the request never holds full-size floats.
         geometry, budget = self._engine.models.active.input_geometry, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
         images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
