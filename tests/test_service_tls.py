@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +85,32 @@ def answers(target: str, **credentials) -> bool:
             return client.model_metadata().feature_dim == 128
     except UnavailableError:  # the handshake failed
         return False
+
+
+@pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("0.0.0.0", True, False)])
+def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, classifier_dir, caplog, host, tls, warned):
+    # Callers' tokens crossed the network readable by anyone on the path, and nothing said so.
+    from explaind.service.server import serve
+
+    certificate, key = Authority(tmp_path, "ca").issue("server") if tls else ("", "")
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", host=host, port=0, metrics_port=0, data_dir=str(tmp_path / "data"), token="s3cret",
+        tls_cert_file=str(certificate), tls_key_file=str(key))
+    stop = threading.Event()
+    with caplog.at_level(logging.INFO, logger="explaind"):
+        serving = threading.Thread(target=serve, args=(config, stop))
+        serving.start()
+        deadline = time.monotonic() + 60
+        while "listening on" not in caplog.text and serving.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        serving.join(60)
+    assert "listening on" in caplog.text
+    plaintext = [record.getMessage() for record in caplog.records if "in plaintext" in record.getMessage()]
+    assert len(plaintext) == warned and all(re.fullmatch(
+        r"callers' tokens reach 0\.0\.0\.0:\d+ in plaintext: serve with TLS \(\[server\]\.tls_cert_file\), "
+        r"or behind a proxy or service mesh that terminates it", message) for message in plaintext), plaintext
+    assert "s3cret" not in caplog.text
 
 
 def test_a_tls_server_answers_only_clients_that_trust_its_certificate(tmp_path, classifier_dir, capsys):

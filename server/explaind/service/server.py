@@ -9,6 +9,7 @@ with code ABORTED ("submit it again"), as after a crash.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sqlite3
 import tempfile
@@ -334,6 +335,17 @@ def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
         failures.append(error)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` takes connections from this machine only ("0.0.0.0", "::" and
+    names that may resolve elsewhere do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_temporary_directory() -> None:
     """OSError unless Python's tempfile has a writable directory: importing torchvision
     (which CLIP, the torchvision loader and others do) makes torch pick its compile cache
@@ -377,6 +389,10 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     traces = f", traces to {config.tracing.otlp_endpoint}" if config.tracing.otlp_endpoint else ""
     log.info("listening on %s:%d%s%s%s%s (config: %s, data dir: %s)", config.server.host, port, tls, metrics, health_port, traces, config.source,
              Path(config.server.data_dir).resolve())
+    settings = config.server
+    if (settings.token or settings.token_file or settings.callers_file) and not settings.tls_cert_file and not _is_loopback(settings.host):
+        log.warning("callers' tokens reach %s:%d in plaintext: serve with TLS ([server].tls_cert_file), or behind a proxy or "
+                    "service mesh that terminates it", settings.host, port)
     # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
     # take minutes, longer than Kubernetes waits before it kills the pod.
     load_failures: list[Exception] = []
