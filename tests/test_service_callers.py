@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import json_log_lines
-from explaind.client import Client, ExplaindError, UnauthenticatedError
+from explaind.client import Client, ExplaindError, ResourceExhaustedError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer, audit, auth, convert
 
@@ -251,6 +251,41 @@ def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers
                 time.sleep(0.01)
             gate.set()
             assert [len(f.result(60)) for f in (busy, waiting, theirs)] == [1, 2, 2]
+    finally:
+        gate.set()
+        server.stop(0)
+
+
+def test_calls_past_max_concurrent_rpcs_are_refused_before_they_wait_for_a_thread(tmp_path, classifier_dir):
+    # Calls waiting for one of the busy threads piled up without a bound, each holding its
+    # request (up to max_message_bytes) in memory.
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), max_workers=2, max_concurrent_rpcs=2)
+    server = ExplaindServer(config)
+    server.start()
+    server.load_models()
+    batcher = server.engine._batcher
+    forward, gate, entered = batcher._run, threading.Event(), threading.Event()
+
+    def held_forward(images):
+        entered.set()
+        gate.wait(30)
+        return forward(images)
+
+    batcher._run = held_forward  # the model stays busy until the gate opens: each Predict holds its call
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=30, retry=False) as caller, ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(caller.predict, [IMAGE])]
+            assert entered.wait(30)
+            held.append(pool.submit(caller.predict, [IMAGE]))  # queued behind the busy model, in the second thread
+            started = server.metrics.rpcs_started.labels(service="explaind.v1.InferenceService", method="Predict")
+            while started._value.get() < 2:  # both calls are in their threads
+                assert not held[1].done(), held[1].exception()
+                time.sleep(0.01)
+            with pytest.raises(ResourceExhaustedError, match="Concurrent RPC limit exceeded"):  # it would have waited for a thread
+                caller.predict([IMAGE])
+            gate.set()
+            assert [len(future.result(60)) for future in held] == [1, 1]
     finally:
         gate.set()
         server.stop(0)

@@ -2307,6 +2307,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"classifier": {"interpolation": "nearest"}}, r"\[classifier\].interpolation must be one of \('bilinear', 'bicubic'\), got 'nearest'"),
         ({"batching": {"max_queue_size": 64}}, r"\[batching\].max_images_per_request \(1024\) must not exceed "
                                                 r"\[batching\].max_queue_size \(64\)"),
+        ({"server": {"max_concurrent_rpcs": 32}}, r"\[server\].max_concurrent_rpcs \(32\) must be at least \[server\].max_workers \(64\)"),
+        ({"server": {"max_concurrent_rpcs": 2**31}}, r"\[server\].max_concurrent_rpcs must be at most 2147483647"),
         # Upper bounds: each of these started, then failed later (the batcher thread died at the
         # first Predict, SIGTERM raised tracebacks, grpc or torch overflowed at start-up, and
         # every clip_illusion request without an ε was refused for an ε it never sent).

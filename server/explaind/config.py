@@ -63,7 +63,7 @@ WORLD_CLIP_ILLUSION_EPSILON = 1.0
 
 # Sizes, counts and thread pools: 0 or less would fail later as a traceback or INTERNAL.
 _AT_LEAST_ONE = (
-    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers",
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers", "server.max_concurrent_rpcs",
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
@@ -89,7 +89,7 @@ _AT_MOST = {
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
-    "batching.max_queued_images_per_caller": _C_INT_MAX,
+    "batching.max_queued_images_per_caller": _C_INT_MAX, "server.max_concurrent_rpcs": _C_INT_MAX,
     "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": MAX_LOSS_WEIGHT,
     "tracing.sample_ratio": 1.0,
 }
@@ -121,6 +121,10 @@ class ServerSection:
     grace_period_s: float = 10.0
     # gRPC worker threads (streams and unary calls share them).
     max_workers: int = 64
+    # Calls held at once, running or waiting for a worker thread; past it gRPC refuses a
+    # call RESOURCE_EXHAUSTED before reading its message. Unbounded, waiting calls (each
+    # up to max_message_bytes) piled up in memory behind busy threads.
+    max_concurrent_rpcs: int = 256
     # Seconds an upload in several requests may go without one before its set is deleted
     # (a client that died mid-upload left its images on disk until a restart); 0: only
     # a restart deletes it.
@@ -586,6 +590,9 @@ def _validate(path: Path | str, config: Config) -> None:
                           f"or \"https://host:4317\" (TLS), got {tracing.otlp_endpoint!r}: {problem}")
     if not tracing.service_name.strip():
         raise ConfigError(f"{path}: [tracing].service_name must name the service in traces, got {tracing.service_name!r}")
+    if server.max_concurrent_rpcs < server.max_workers:  # threads no call could ever use
+        raise ConfigError(f"{path}: [server].max_concurrent_rpcs ({server.max_concurrent_rpcs}) must be at least "
+                          f"[server].max_workers ({server.max_workers})")
     batching = config.batching
     if batching.max_images_per_request > batching.max_queue_size:
         # A request larger than the queue could never be admitted: RESOURCE_EXHAUSTED forever.
