@@ -210,10 +210,9 @@ def test_every_method_that_is_not_audited_is_a_read():
                      "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
 
 
-def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file, caplog,
-                                                                                             monkeypatch):
-    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
-        "server", port=0, data_dir=str(tmp_path / "data"), callers_file=str(callers_file)).replace("batching", max_queued_images_per_caller=2)
+def _serving_with_a_held_model(config) -> tuple[ExplaindServer, threading.Event, threading.Event]:
+    """A started server whose model, once a forward begins (``entered``), stays busy until
+    ``gate`` is set; the caller stops the server."""
     server = ExplaindServer(config)
     server.start()
     server.load_models()
@@ -225,7 +224,16 @@ def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers
         gate.wait(30)
         return forward(images)
 
-    batcher._run = held_forward  # the model stays busy until the gate opens: what follows queues
+    batcher._run = held_forward
+    return server, gate, entered
+
+
+def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers_still_queue(tmp_path, classifier_dir, callers_file, caplog,
+                                                                                             monkeypatch):
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, data_dir=str(tmp_path / "data"), callers_file=str(callers_file)).replace("batching", max_queued_images_per_caller=2)
+    server, gate, entered = _serving_with_a_held_model(config)  # what follows the first Predict queues
+    batcher = server.engine._batcher
     try:
         with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, ThreadPoolExecutor(3) as pool:
             assert monitoring.model_metadata().max_queued_images_per_caller == 2  # a caller can see its share
@@ -261,18 +269,7 @@ def test_calls_past_max_concurrent_rpcs_are_refused_before_they_wait_for_a_threa
     # request (up to max_message_bytes) in memory.
     config = default_config().replace("classifier", path=str(classifier_dir)).replace(
         "server", port=0, data_dir=str(tmp_path / "data"), max_workers=2, max_concurrent_rpcs=2)
-    server = ExplaindServer(config)
-    server.start()
-    server.load_models()
-    batcher = server.engine._batcher
-    forward, gate, entered = batcher._run, threading.Event(), threading.Event()
-
-    def held_forward(images):
-        entered.set()
-        gate.wait(30)
-        return forward(images)
-
-    batcher._run = held_forward  # the model stays busy until the gate opens: each Predict holds its call
+    server, gate, entered = _serving_with_a_held_model(config)  # each Predict holds its call
     try:
         with Client(f"127.0.0.1:{server.port}", timeout=30, retry=False) as caller, ThreadPoolExecutor(2) as pool:
             held = [pool.submit(caller.predict, [IMAGE])]
