@@ -267,6 +267,7 @@ def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers
 def test_calls_past_max_concurrent_rpcs_are_refused_before_they_wait_for_a_thread(tmp_path, classifier_dir):
     # Calls waiting for one of the busy threads piled up without a bound, each holding its
     # request (up to max_message_bytes) in memory.
+    assert default_config().replace("server", max_workers=8).server.concurrent_rpcs == 32  # 0, the default: 4 per worker thread
     config = default_config().replace("classifier", path=str(classifier_dir)).replace(
         "server", port=0, data_dir=str(tmp_path / "data"), max_workers=2, max_concurrent_rpcs=2)
     server, gate, entered = _serving_with_a_held_model(config)  # each Predict holds its call

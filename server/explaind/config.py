@@ -63,16 +63,17 @@ WORLD_CLIP_ILLUSION_EPSILON = 1.0
 
 # Sizes, counts and thread pools: 0 or less would fail later as a traceback or INTERNAL.
 _AT_LEAST_ONE = (
-    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers", "server.max_concurrent_rpcs",
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers",
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
 # 0 means something here (any port, no metrics, no grace, no reserve, no upload expiry, the model's size, stretched images,
-# torch's threads, keeping operations, no run-time limit, no per-caller queue limit); below 0 nothing does.
+# torch's threads, keeping operations, no run-time limit, no per-caller queue limit, 4 x max_workers); below 0 nothing does.
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
     "jobs.max_queued_per_caller", "batching.max_queued_images_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
+    "server.max_concurrent_rpcs",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -121,10 +122,15 @@ class ServerSection:
     grace_period_s: float = 10.0
     # gRPC worker threads (streams and unary calls share them).
     max_workers: int = 64
-    # Calls held at once, running or waiting for a worker thread; past it gRPC refuses a
-    # call RESOURCE_EXHAUSTED before reading its message. Unbounded, waiting calls (each
-    # up to max_message_bytes) piled up in memory behind busy threads.
-    max_concurrent_rpcs: int = 256
+    # Calls held at once, running or waiting for a worker thread (0: 4 x max_workers); past
+    # it gRPC refuses a call RESOURCE_EXHAUSTED before reading its message. Unbounded,
+    # waiting calls (each up to max_message_bytes) piled up in memory behind busy threads.
+    max_concurrent_rpcs: int = 0
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        """The calls held at once: ``max_concurrent_rpcs``, or 4 x ``max_workers`` for 0."""
+        return self.max_concurrent_rpcs or 4 * self.max_workers
     # Seconds an upload in several requests may go without one before its set is deleted
     # (a client that died mid-upload left its images on disk until a restart); 0: only
     # a restart deletes it.
@@ -590,7 +596,7 @@ def _validate(path: Path | str, config: Config) -> None:
                           f"or \"https://host:4317\" (TLS), got {tracing.otlp_endpoint!r}: {problem}")
     if not tracing.service_name.strip():
         raise ConfigError(f"{path}: [tracing].service_name must name the service in traces, got {tracing.service_name!r}")
-    if server.max_concurrent_rpcs < server.max_workers:  # threads no call could ever use
+    if 0 < server.max_concurrent_rpcs < server.max_workers:  # threads no call could ever use
         raise ConfigError(f"{path}: [server].max_concurrent_rpcs ({server.max_concurrent_rpcs}) must be at least "
                           f"[server].max_workers ({server.max_workers})")
     batching = config.batching

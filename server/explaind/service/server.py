@@ -125,7 +125,7 @@ class ExplaindServer:
         held_calls = HeldCalls(max(1, settings.max_workers // 2))
         interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls, self.tracing)
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options,
-                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+                             maximum_concurrent_rpcs=settings.concurrent_rpcs)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine, serving=lambda: self.neuroinspect.restored), server)
         sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(SampleSetServicer(self.engine), server)
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(self.engine.jobs, max_message_bytes=settings.max_message_bytes, held_calls=held_calls), server)
