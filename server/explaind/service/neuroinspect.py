@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import grpc
 from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
 
@@ -63,8 +65,9 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         # An inline ranking holds its thread for seconds (features of up to 4096 samples,
         # then the solver): it takes a held call's slot, so that rankings cannot take every
         # thread from Predict and the short calls, nor one caller's from the others.
-        # Without one, AUTO runs it as an operation, through the job queue's limits.
-        with self._held_calls.slot(caller=caller) as held:
+        # Without one, AUTO runs it as an operation, through the job queue's limits. One
+        # asked for as an operation holds no thread, so it takes no slot from the waits.
+        with self._held_calls.slot(caller=caller) if execution != "operation" else nullcontext(False) as held:
             if not held and execution == "inline":
                 raise ResourceExhausted(f"no thread is free for an inline ranking: {self._held_calls.refusal(caller=caller)}, "
                                         "or use execution AUTO or OPERATION")
