@@ -219,6 +219,17 @@ def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys, mon
         "error: EXPLAIND_TOKEN: token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
 
 
+def test_a_token_sent_without_tls_to_another_machine_is_one_warning_line_naming_its_source(capsys, monkeypatch):
+    monkeypatch.setenv("EXPLAIND_TOKEN", "secret")
+    for _ in range(2):  # every command says it, not only a process's first
+        assert main(["--target", "10.255.255.1:1", "--timeout", "0.1", "info"]) == 1
+        assert capsys.readouterr().err.startswith(
+            "warning: EXPLAIND_TOKEN travels to 10.255.255.1:1 in plaintext, readable by anyone on the network path: "
+            "add --tls (and --ca-file for a private CA), or connect through a proxy that adds TLS\nerror: ")
+    assert main(["--target", "127.0.0.1:1", "--timeout", "0.1", "info"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_command_started(server, capsys, monkeypatch, tmp_path):
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2
 
-from explaind.client import Client, DeadlineExceededError
+from explaind.client import Client, DeadlineExceededError, PlaintextTokenWarning
 from explaind.v1 import inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -272,6 +273,33 @@ def test_a_client_refuses_a_target_timeout_or_message_size_every_call_would_fail
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         Client(**{"target": "127.0.0.1:1", **options})
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("target", "remote"), [
+    ("explaind.example.com:50051", True),
+    ("10.0.0.7:50051", True),
+    ("[2001:db8::1]:50051", True),
+    ("dns:///explaind:50051", True),
+    ("ipv4:127.0.0.1:50051,10.0.0.7:50051", True),  # one address elsewhere is enough
+    ("127.0.0.1:50051", False),
+    ("localhost:50051", False),
+    ("[::1]:50051", False),
+    ("dns:///localhost:50051", False),
+    ("ipv6:[::1]:50051", False),
+    ("unix:/run/explaind.sock", False),
+])
+def test_a_token_sent_without_tls_to_another_machine_is_warned_about(target, remote):
+    # The server warns at start-up; a caller pointed at a plaintext port got no word that
+    # its token crossed the network readable.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Client(target, token="secret").close()
+        Client(target).close()  # no token: nothing to read
+        Client(target, token="secret", tls=True).close()
+    assert [str(warning.message) for warning in caught] == ([
+        f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
+        "(the CLI's --tls), or through a proxy that adds TLS"] if remote else [])
+    assert all(issubclass(warning.category, PlaintextTokenWarning) and warning.filename == __file__ for warning in caught)
 
 
 def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_refused_before_any_call(tmp_path):

@@ -9,10 +9,12 @@ import difflib
 import itertools
 import math
 import numbers
+import ipaddress
 import ssl
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -34,7 +36,8 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, error_from_code, from_rpc_error
+from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PlaintextTokenWarning, UnavailableError, UnimplementedError,
+                      error_from_code, from_rpc_error)
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -113,6 +116,38 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
     if b"-----BEGIN " not in data:
         raise ValueError(f"{name}: {path} is not a PEM file")
     return data
+
+
+def _is_local_target(target: str) -> bool:
+    """Whether every address of gRPC target ``target`` is on this machine: a Unix socket,
+    localhost, or loopback IPs ("host:port", "[::1]:port", "dns:///localhost:port",
+    "ipv4:127.0.0.1:port,..."); a name that may resolve elsewhere is not."""
+    scheme, _, rest = target.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme == "dns" and rest.startswith("//"):
+        addresses = [rest[2:].partition("/")[2]]  # dns://[authority]/host:port
+    elif scheme in ("ipv4", "ipv6"):
+        addresses = rest.split(",")
+    else:
+        addresses = [target]
+    return all(_is_loopback_host(address) for address in addresses)
+
+
+def _is_loopback_host(address: str) -> bool:
+    """Whether ``address`` ("host", "host:port", "[v6]:port" or a bare v6 address) is this machine."""
+    if address.startswith("["):
+        host = address[1:].partition("]")[0]
+    elif address.count(":") > 1:  # a bare IPv6 address, no port
+        host = address
+    else:
+        host = address.partition(":")[0]
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _tls_credentials(root_certificates: str | Path | None, private_key: str | Path | None,
@@ -222,7 +257,8 @@ class Client:
 
     ``token`` is the server's bearer token, or on a server with named callers
     ([server].callers_file) a caller's own: it names the caller, which owns the sets,
-    operations and head versions it creates (their ``owner``).
+    operations and head versions it creates (their ``owner``). Sent without TLS to a
+    host other than this machine, it warns (:class:`PlaintextTokenWarning`).
 
     ``tls`` connects over TLS, trusting the system's CAs or the PEM file
     ``root_certificates``; ``private_key`` and ``certificate_chain`` (PEM files) present
@@ -275,6 +311,10 @@ class Client:
             credentials = _tls_credentials(root_certificates, private_key, certificate_chain)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
+            if token and not _is_local_target(target):
+                warnings.warn(PlaintextTokenWarning(
+                    f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
+                    "(the CLI's --tls), or through a proxy that adds TLS"), stacklevel=2)
             self._channel = grpc.insecure_channel(target, options=options)
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
         # worth waiting for, rather than a wrong address, worth saying at once.

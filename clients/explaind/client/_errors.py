@@ -50,6 +50,13 @@ class ExplaindError(Exception):
         return f"{self.code.name}: {self.details}"
 
 
+class PlaintextTokenWarning(UserWarning):
+    """A Client sends its token without TLS to a host other than this machine, where
+    anyone on the path can read it and call as its owner. Filter it
+    (``warnings.filterwarnings("ignore", category=PlaintextTokenWarning)``) where the
+    network itself is trusted, e.g. a sidecar proxy that adds TLS."""
+
+
 class InvalidArgumentError(ExplaindError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 

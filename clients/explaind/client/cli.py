@@ -38,12 +38,13 @@ import tempfile
 import time
 import tomllib
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._client import DEFAULT_TARGET, Client
-from ._errors import ExplaindError, NotFoundError, UnauthenticatedError, UnavailableError
+from ._errors import ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
 from ._images import image_folder
 from ._operations import OPERATION_STATES
 from ._types import ModelMetadata
@@ -75,8 +76,13 @@ def _command_error(error: Exception) -> CommandError:
 
 def _client(args: argparse.Namespace) -> Client:
     try:
-        return Client(args.target, timeout=args.timeout, token=_token(args), tls=args.tls,
-                      root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
+        with warnings.catch_warnings(record=True) as caught:  # the filters stay: PYTHONWARNINGS=ignore::UserWarning silences it
+            client = Client(args.target, timeout=args.timeout, token=_token(args), tls=args.tls,
+                            root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
+        if any(issubclass(warning.category, PlaintextTokenWarning) for warning in caught):  # one line like the CLI's others
+            print(f"warning: {_token_source(args)} travels to {args.target} in plaintext, readable by anyone on the network path: "
+                  "add --tls (and --ca-file for a private CA), or connect through a proxy that adds TLS", file=sys.stderr)
+        return client
     except (OSError, ValueError) as error:  # a certificate file that is missing or not PEM: "root_certificates: ..."
         if str(error).startswith("token "):  # "token must be printable ASCII ...": which token
             raise CommandError(f"{_token_source(args)}: {error}") from None
@@ -327,7 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if (value := getattr(args, key)) is not None:  # a repeated flag's list is the config's tuple
             changes.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
     json_logs = (args.log_format or config.server.log_format) == "json"
-    warnings = []
+    start_warnings = []
     # The keys the file sets (it loaded, so it parses): a container's entrypoint passes
     # --port, --data-dir..., and the file's own value for one went unused without a word.
     written = tomllib.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
@@ -335,7 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for key, value in values.items():
             given = getattr(getattr(config, section), key)
             if key in written.get(section, {}) and given != value:
-                warnings.append(f"{_as_typed(key, value)} overrides [{section}].{key} = {given!r} of {args.config}")
+                start_warnings.append(f"{_as_typed(key, value)} overrides [{section}].{key} = {given!r} of {args.config}")
         try:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
@@ -343,8 +349,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             quoted = [key for key in values if re.search(rf"\[{section}\]\.{key}\b", message)] or list(values)
             return _start_failed(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}", json_logs=json_logs)
     if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file or config.server.callers_file):
-        warnings.append("EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)")
-    for warning in warnings:
+        start_warnings.append("EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)")
+    for warning in start_warnings:
         if json_logs:
             _json_log().warning(warning)
         else:
