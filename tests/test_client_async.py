@@ -148,6 +148,20 @@ def test_an_operations_result_and_a_sets_samples_are_awaited(served):
     assert awaited == blocking and awaited.sample_count == 3 and read == 2
 
 
+def test_an_awaited_result_shows_its_jobs_progress_as_the_blocking_one_does(served, capsys):
+    target, _ = served
+
+    async def evaluate() -> Evaluation:
+        async with AsyncClient(target) as client:
+            await client.create_sample_set([IMAGE] * 40, ["heart", "star"] * 20, sample_set_id="awaited-progress")
+            return await client.result(await client.evaluate_sample_set("awaited-progress", batch_size=4), progress=True, timeout=60)
+
+    assert asyncio.run(evaluate()).sample_count == 40
+    lines = capsys.readouterr().err.splitlines()  # not a terminal here: lines, as Operation.result writes them
+    assert lines and all(line.startswith("evaluate_sample_set: ") for line in lines), lines
+    assert lines[-1] == "evaluate_sample_set: succeeded 40/40 done", lines
+
+
 def test_a_result_not_ready_in_time_hands_back_its_operation_and_the_job_runs_on(served):
     target, _ = served
 

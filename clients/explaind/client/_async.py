@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import math
@@ -14,7 +15,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
 from ._errors import DeadlineExceededError, UnavailableError
-from ._operations import Operation
+from ._operations import Operation, ProgressDisplay
 from ._types import Sample
 
 P = ParamSpec("P")
@@ -25,6 +26,8 @@ DEFAULT_MAX_WORKERS = 16
 # Longest wait one thread makes for AsyncClient.result: an await cancelled meanwhile frees
 # its thread within this many seconds (plus a call's margin), not at the result's timeout.
 RESULT_STEP_S = 10.0
+# How often AsyncClient.result(progress=True) reads the job's progress, seconds.
+PROGRESS_STEP_S = 1.0
 
 
 def _awaitable(method: Callable[Concatenate[Client, P], R]) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]]:
@@ -98,27 +101,35 @@ class AsyncClient:
         context = contextvars.copy_context()
         return asyncio.get_running_loop().run_in_executor(self._executor, lambda: context.run(function, *args, **kwargs))
 
-    async def result(self, operation: Operation[R], *, timeout: float | None = None, download: bool = True) -> R:
-        """``operation.result(timeout=timeout, download=download)``, awaited: the job's
-        result, or its OperationError, or DeadlineExceededError (whose ``operation`` is
-        this one) when it is not done within ``timeout`` seconds (None: no limit). It waits
-        ``RESULT_STEP_S`` at a time, so a cancelled await frees its thread soon; the job
-        runs on (``await client.to_thread(operation.cancel)`` stops it)."""
+    async def result(self, operation: Operation[R], *, progress: bool = False, timeout: float | None = None,
+                     download: bool = True) -> R:
+        """``operation.result(progress=progress, timeout=timeout, download=download)``,
+        awaited: the job's result, or its OperationError, or DeadlineExceededError (whose
+        ``operation`` is this one) when it is not done within ``timeout`` seconds (None: no
+        limit). ``progress=True`` shows the job's progress as Operation.result does, read
+        every ``PROGRESS_STEP_S``. It waits ``RESULT_STEP_S`` at a time, so a cancelled
+        await frees its thread soon; the job runs on (``await
+        client.to_thread(operation.cancel)`` stops it; unlike Operation.result's Ctrl-C, a
+        cancelled await does not)."""
         started = time.monotonic()
         deadline = math.inf if timeout is None else started + timeout
-        while not operation.done:
-            left = deadline - time.monotonic()
-            try:
-                await self.to_thread(operation.wait, min(left, RESULT_STEP_S))  # 0 or less: one look
-            except UnavailableError:  # one step's retries ended, not the wait's
-                if not self.client._retry or left <= RESULT_STEP_S:
-                    raise
-            except DeadlineExceededError:  # a step's call went unanswered (a hung server): late, as Operation.result says
-                if timeout is None:
-                    raise
-                break
-            if left <= RESULT_STEP_S:
-                break
+        step = PROGRESS_STEP_S if progress else RESULT_STEP_S
+        with ProgressDisplay(operation.kind or operation.name, unit="step") if progress else contextlib.nullcontext() as display:
+            while not operation.done:
+                left = deadline - time.monotonic()
+                try:
+                    await self.to_thread(operation.wait, min(left, step))  # 0 or less: one look
+                except UnavailableError:  # one step's retries ended, not the wait's
+                    if not self.client._retry or left <= step:
+                        raise
+                except DeadlineExceededError:  # a step's call went unanswered (a hung server): late, as Operation.result says
+                    if timeout is None:
+                        raise
+                    break
+                if display is not None:
+                    display.show(operation.progress.step, operation.progress.total, operation.state, operation.progress.message)
+                if left <= step:
+                    break
         if not operation.done:
             raise operation._late(timeout, started)
         return await self.to_thread(operation.result, download=download)
