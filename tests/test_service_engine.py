@@ -2255,11 +2255,15 @@ def test_restart_marks_unfinished_jobs_failed(tmp_path, caplog):
     store = SQLiteStore(tmp_path)
     store.insert_job(JobRecord(job_id="a", kind="k", state="running", create_time=1.0))
     store.insert_job(JobRecord(job_id="b", kind="k", state="succeeded", create_time=2.0))
+    store.insert_job(JobRecord(job_id="c", kind="k", state="queued", create_time=3.0))
     store.close()
     reopened = SQLiteStore(tmp_path)
+    metrics = Metrics()
     with caplog.at_level(logging.WARNING, logger="explaind.jobs"):
-        assert JobManager(reopened, Metrics()).recover() == ["a"]
-    assert "left queued or running FAILED (ABORTED): a (k)" in caplog.text  # which ones, not only how many
+        assert sorted(JobManager(reopened, metrics).recover()) == ["a", "c"]
+    assert "left queued or running FAILED (ABORTED): " in caplog.text and "a (k)" in caplog.text  # which ones, not only how many
+    # Counted by the process that ended them: the crashed one never did.
+    assert jobs_ended(metrics, ("k", "failed", "ABORTED"), ("k", "succeeded", "OK")) == [2.0, None]
     assert reopened.get_job("a").state == "failed" and "restart" in reopened.get_job("a").error_message
     assert reopened.get_job("b").state == "succeeded"
 

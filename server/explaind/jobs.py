@@ -277,11 +277,15 @@ class JobManager:
         self._accepting = True
 
     def recover(self) -> list[str]:
-        """Mark jobs left queued/running by a previous process FAILED (ABORTED); returns their ids."""
+        """Mark jobs left queued/running by a previous process FAILED (ABORTED); returns their
+        ids. They count in jobs_ended here: a process that crashed never counted them, and a
+        crash loop would otherwise cut jobs short unseen by rates and alerts."""
         ended = self.store.fail_unfinished_jobs("the server stopped while this job was queued or running (restart); submit it again")
         if ended:
             log.warning("marked %d operation(s) an earlier process left queued or running FAILED (ABORTED): %s",
                         len(ended), ", ".join(f"{job_id} ({kind})" for job_id, kind in ended))
+        for _, kind in ended:
+            self.metrics.jobs_ended.labels(kind=kind, outcome=FAILED, code=ABORTED).inc()
         return [job_id for job_id, _ in ended]
 
     # Submitting and running ----------------------------------------------------------
