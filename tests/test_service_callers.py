@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -439,35 +440,48 @@ def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
         store.close()
 
 
-def test_an_owners_jobs_of_a_kind_are_listed_from_a_store_the_release_before_wrote_and_after_it_writes_again(tmp_path):
-    # job_owners.kind is added at open and kept by a trigger: the jobs a store already had
-    # are filled in, and so are those the release before (which inserts (job_id, owner,
-    # create_time)) stores after a rollback.
+def test_an_owners_jobs_of_a_kind_and_state_are_listed_from_a_store_the_releases_before_wrote_and_after_they_write_again(tmp_path):
+    # job_owners.kind and .state are added at open and kept by triggers: the jobs a store
+    # already had are filled in, and so are those the releases before (which insert
+    # (job_id, owner, create_time)) store after a rollback, and the states they change.
     import sqlite3
 
     from explaind.store import SQLiteStore
 
     SQLiteStore(tmp_path / "data").close()
     path = tmp_path / "data" / "explaind.sqlite3"
-    with sqlite3.connect(path) as db:  # the store as that release left it: no column, no trigger, no index
-        db.executescript("DROP TRIGGER job_owners_kind_on_insert; DROP INDEX job_owners_by_owner_and_kind; "
-                         "ALTER TABLE job_owners DROP COLUMN kind;")
+    without_kind = ("DROP TRIGGER job_owners_kind_on_insert; DROP INDEX job_owners_by_owner_and_kind; "
+                    "ALTER TABLE job_owners DROP COLUMN kind;")
+    without_state = ("DROP TRIGGER job_owners_state_on_insert; DROP TRIGGER job_owners_state_on_update; DROP INDEX job_owners_by_owner_and_state; "
+                     "DROP INDEX job_owners_by_owner_kind_and_state; ALTER TABLE job_owners DROP COLUMN state;")
+    with sqlite3.connect(path) as db:  # the store as the release before both left it: no columns, no triggers, no indexes
+        db.executescript(without_state + without_kind)
 
     def stored_by_the_release_before(job_id: str, kind: str, create_time: float) -> None:
         with sqlite3.connect(path) as db:
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("INSERT INTO jobs VALUES (?, ?, 'succeeded', ?, 1, 2, 0, 0, '', 0, '', '', X'', '[]')", (job_id, kind, create_time))
+            db.execute("INSERT INTO jobs VALUES (?, ?, 'running', ?, 1, 2, 0, 0, '', 0, '', '', X'', '[]')", (job_id, kind, create_time))
             db.execute("INSERT INTO job_owners (job_id, owner, create_time) VALUES (?, 'analyst', ?)", (job_id, create_time))
+
+    def ended_by_the_release_before(job_id: str) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE jobs SET state = 'succeeded' WHERE id = ?", (job_id,))
 
     stored_by_the_release_before("0000000000000001", "edit_head", 1.0)
     stored_by_the_release_before("0000000000000002", "evaluate_sample_set", 2.0)
-    store = SQLiteStore(tmp_path / "data")
-    store.close()
-    stored_by_the_release_before("0000000000000003", "edit_head", 3.0)  # rolled back to, it writes again
+    SQLiteStore(tmp_path / "data").close()
+    with sqlite3.connect(path) as db:  # rolled back to the release with kind, not state
+        db.executescript(without_state)
+    stored_by_the_release_before("0000000000000003", "edit_head", 3.0)
+    SQLiteStore(tmp_path / "data").close()
+    stored_by_the_release_before("0000000000000004", "edit_head", 4.0)  # rolled back to either, it writes again
+    ended_by_the_release_before("0000000000000003")
     store = SQLiteStore(tmp_path / "data")
     try:
-        assert [job.job_id for job in store.list_jobs(kind="edit_head", owner="analyst")] == ["0000000000000003", "0000000000000001"]
+        assert [job.job_id for job in store.list_jobs(kind="edit_head", owner="analyst")] == ["0000000000000004", "0000000000000003", "0000000000000001"]
         assert [job.job_id for job in store.list_jobs(kind="evaluate_sample_set", owner="analyst")] == ["0000000000000002"]
+        assert [job.job_id for job in store.list_jobs(state="running", owner="analyst")] == ["0000000000000004", "0000000000000002", "0000000000000001"]
+        assert [job.job_id for job in store.list_jobs(kind="edit_head", state="succeeded", owner="analyst")] == ["0000000000000003"]
     finally:
         store.close()
 
@@ -577,6 +591,92 @@ def test_one_owners_list_page_costs_the_same_however_many_objects_it_or_others_h
         assert many_steps < 1.2 * few_steps, (counted, name, few_steps, many_steps)
     for store in (few_store, many_store):
         store.close()
+
+
+def test_a_page_of_one_state_costs_the_same_however_many_operations_of_other_states_are_in_between(tmp_path):
+    """A pipeline polls its running operations (state=, with its owner= and kind= or not)
+    among the thousands it finished: a page read the owner's (or the kind's) jobs in every
+    other state in between (400 of them: up to 30 times the VM steps of 10; now the same)."""
+    from conftest import vm_steps
+    from explaind.store import RUNNING, JobRecord, SQLiteStore
+
+    def store_with(path: Path, between: int) -> SQLiteStore:
+        """12 running edits of "monitoring", ``between`` other jobs before each but the
+        oldest: every other (kind, state, owner), save running ones of its kind or owner."""
+        kinds, owners = ("edit_head", "evaluate_sample_set"), ("monitoring", "analyst", None)
+        others = [(kind, state, owner) for kind in kinds for state in (RUNNING, "succeeded", "failed") for owner in owners
+                  if not (state == RUNNING and (kind == "edit_head" or owner == "monitoring"))]
+        store, time = SQLiteStore(path), 0.0
+        for i in range(12):
+            store.insert_job(JobRecord(f"edit-{i:02d}", "edit_head", RUNNING, time, owner="monitoring"))
+            for j in range(between if i < 11 else 0):
+                time += 1
+                kind, state, owner = others[j % len(others)]
+                store.insert_job(JobRecord(f"other-{i:02d}-{j:03d}", kind, state, time, owner=owner))
+            time += 1
+        return store
+
+    few, many = store_with(tmp_path / "few", 10), store_with(tmp_path / "many", 400)
+
+    def pages(store: SQLiteStore) -> dict[str, Callable[[], object]]:
+        calls = {}
+        for kind in ("", "edit_head"):
+            for owner in ("", "monitoring"):
+                first = store.list_jobs(kind=kind, state=RUNNING, owner=owner, limit=5)
+                assert {(job.state, job.kind if kind else kind, job.owner if owner else owner) for job in first} == {(RUNNING, kind, owner)}
+                after = (first[-1].create_time, first[-1].job_id)
+                calls[f"first page, kind={kind!r} owner={owner!r}"] = lambda kind=kind, owner=owner: store.list_jobs(
+                    kind=kind, state=RUNNING, owner=owner, limit=5)
+                calls[f"next page, kind={kind!r} owner={owner!r}"] = lambda kind=kind, owner=owner, after=after: store.list_jobs(
+                    kind=kind, state=RUNNING, owner=owner, after=after, limit=5)
+        return calls
+
+    few_pages, many_pages = pages(few), pages(many)
+    for name, call in few_pages.items():
+        few_steps, many_steps = vm_steps(few, call), vm_steps(many, many_pages[name])
+        assert many_steps < 1.2 * few_steps, (name, few_steps, many_steps)
+    for store in (few, many):
+        store.close()
+
+
+def test_operations_by_state_owner_and_kind_page_as_filtering_all_would_as_their_states_change(tmp_path):
+    """An owner's jobs by state are read from a copy of each state in job_owners, which
+    triggers keep: every filter's pages list what filtering every job lists, also after
+    jobs change state (by update_job, and at start-up's failing of unfinished ones)."""
+    import dataclasses
+    import itertools
+    import random
+
+    from explaind.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, SQLiteStore
+
+    rng = random.Random(7)
+    kinds, states, owners = ("edit_head", "evaluate_sample_set"), (QUEUED, RUNNING, SUCCEEDED, FAILED), ("monitoring", "analyst")
+    store = SQLiteStore(tmp_path)
+    jobs = {}
+    for i in range(80):  # times from 20 values: ties, ordered by id
+        job = JobRecord(f"job-{i:02d}", rng.choice(kinds), rng.choice(states), float(rng.randrange(20)), owner=rng.choice((*owners, None)))
+        store.insert_job(job)
+        jobs[job.job_id] = job
+
+    def assert_pages_filter_every_job() -> None:
+        for kind, state, owner in itertools.product(("", *kinds), ("", *states), ("", *owners)):
+            listed: list[str] = []
+            after = None
+            while page := store.list_jobs(kind=kind, state=state, owner=owner, after=after, limit=7):
+                listed += [job.job_id for job in page]
+                after = (page[-1].create_time, page[-1].job_id)
+            assert listed == [job.job_id for job in sorted(jobs.values(), key=lambda job: (-job.create_time, job.job_id))
+                              if kind in ("", job.kind) and state in ("", job.state) and owner in ("", job.owner)], (kind, state, owner)
+
+    assert_pages_filter_every_job()
+    for job_id in rng.sample(sorted(jobs), 40):
+        jobs[job_id] = dataclasses.replace(jobs[job_id], state=rng.choice(states), step=1)
+        store.update_job(jobs[job_id])
+    assert_pages_filter_every_job()
+    for job_id, _ in store.fail_unfinished_jobs("restart"):
+        jobs[job_id] = dataclasses.replace(jobs[job_id], state=FAILED)
+    assert_pages_filter_every_job()
+    store.close()
 
 
 def test_the_cli_lists_one_owners_operations_and_sets(tmp_path, classifier_dir, callers_file, capsys):

@@ -64,6 +64,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_end_time ON jobs (end_time);
 -- Listing by state (the few running among thousands finished) and, at start-up, the
 -- unfinished ones, without reading every job.
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, create_time);
+-- Listing by kind and state (a kind's running ones among thousands of its finished, or a
+-- state's of one kind among others'), newest first, ties by id, as the page orders.
+CREATE INDEX IF NOT EXISTS jobs_by_kind_and_state ON jobs (kind, state, create_time DESC, id);
 -- Every blob a job's artifacts point at, or did (a replaced artifact's blob stays until
 -- the job goes): whether a blob is still used, without reading every job's artifacts.
 CREATE TABLE IF NOT EXISTS job_artifacts (
@@ -254,6 +257,24 @@ _JOB_OWNER_KINDS = (
     "UPDATE job_owners SET kind = (SELECT kind FROM jobs WHERE jobs.id = job_owners.job_id)",
     "CREATE INDEX job_owners_by_owner_and_kind ON job_owners (owner, kind, create_time DESC, job_id)",
 )
+# One caller's jobs in one state (owner= and state=, with kind= or not) in list order: a
+# job_owners column state, added at open as kind is, seeks by an index rather than reading
+# the caller's jobs in every other state in between (20,000 finished before the running
+# one). A job's state changes, so a trigger on jobs copies each change; both triggers are
+# the database's, so the release before, rolled back to, keeps the column right too (the
+# schema version stays: it never reads the column, and inserts job_owners by column name).
+_JOB_OWNER_STATES_TRIGGERS = ("job_owners_state_on_insert", "job_owners_state_on_update")
+_JOB_OWNER_STATES = (
+    "ALTER TABLE job_owners ADD COLUMN state TEXT",
+    f"""CREATE TRIGGER {_JOB_OWNER_STATES_TRIGGERS[0]} AFTER INSERT ON job_owners BEGIN
+        UPDATE job_owners SET state = (SELECT state FROM jobs WHERE id = new.job_id) WHERE job_id = new.job_id; END""",
+    # Not at each progress update (update_job writes every column): only when the state changes.
+    f"""CREATE TRIGGER {_JOB_OWNER_STATES_TRIGGERS[1]} AFTER UPDATE OF state ON jobs WHEN new.state IS NOT old.state BEGIN
+        UPDATE job_owners SET state = new.state WHERE job_id = new.id; END""",
+    "UPDATE job_owners SET state = (SELECT state FROM jobs WHERE jobs.id = job_owners.job_id)",
+    "CREATE INDEX job_owners_by_owner_and_state ON job_owners (owner, state, create_time DESC, job_id)",
+    "CREATE INDEX job_owners_by_owner_kind_and_state ON job_owners (owner, kind, state, create_time DESC, job_id)",
+)
 _JOB_COLUMNS = ("id", "kind", "state", "create_time", "start_time", "end_time", "step", "total", "message", "cancel_requested", "error_code", "error_message", "result", "artifacts")
 # _JOB_COLUMNS as selected, qualified: a listing by owner joins a table with a create_time of its own.
 _JOB_SELECTED = ", ".join(f"jobs.{column}" for column in _JOB_COLUMNS)
@@ -372,6 +393,9 @@ class SQLiteStore:
                     db.execute(statement)
             if _JOB_OWNER_KINDS_TRIGGER not in triggers:
                 for statement in _JOB_OWNER_KINDS:
+                    db.execute(statement)
+            if not triggers.issuperset(_JOB_OWNER_STATES_TRIGGERS):  # after kind: an index holds both
+                for statement in _JOB_OWNER_STATES:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -887,8 +911,10 @@ class SQLiteStore:
         """Newest first; with ``owner``, only that caller's jobs (see _owned)."""
         listing = _owned("jobs", "job_owners", "job_id", owner)
         clauses, params = ([listing.condition], [owner]) if owner else ([], [])
-        # An owner's jobs of a kind are read from job_owners' index of both (_JOB_OWNER_KINDS).
-        for column, value in (("job_owners.kind" if owner else "kind", kind), ("jobs.state", state)):
+        # An owner's jobs of a kind or state are read from job_owners' indexes of them
+        # (_JOB_OWNER_KINDS, _JOB_OWNER_STATES); everyone's from jobs'.
+        table = "job_owners" if owner else "jobs"
+        for column, value in ((f"{table}.kind", kind), (f"{table}.state", state)):
             if value:
                 clauses.append(f"{column} = ?")
                 params.append(value)
