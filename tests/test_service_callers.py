@@ -92,6 +92,57 @@ def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp
         server.stop(0)
 
 
+def test_a_callers_sets_hold_at_most_max_samples_per_caller_counted_against_each_sets_owner(tmp_path, classifier_dir, callers_file, capsys):
+    from explaind.client.cli import main
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",), max_samples_per_caller=10)
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
+            assert monitoring.model_metadata().limits.max_samples_per_caller == 10
+            assert main(["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON", "info"]) == 0
+            assert ", 10 samples in one caller's sets\n" in capsys.readouterr().out
+            monitoring.create_sample_set([IMAGE] * 6, [0] * 6, sample_set_id="a")
+            monitoring.append_samples("a", [IMAGE] * 2, [1] * 2)
+            monitoring.create_sample_set([IMAGE] * 2, [0] * 2, sample_set_id="b")  # 10 in two sets: at the limit, not past it
+            for call in (lambda: monitoring.append_samples("b", [IMAGE], [0]),
+                         lambda: monitoring.create_sample_set([IMAGE], [0], sample_set_id="c"),
+                         lambda: root.append_samples("a", [IMAGE], [0])):  # the set's owner is charged, whoever appends
+                with pytest.raises(ResourceExhaustedError) as refused:
+                    call()
+                assert refused.value.details == (
+                    "samples: caller 'monitoring' holds 10 samples in its sample sets, and 1 more would pass its limit of 10 "
+                    "([server].max_samples_per_caller): delete sets it no longer needs")
+                assert refused.value.field == "samples"
+            assert [s.sample_count for s in monitoring.sample_sets()] == [8, 2]  # nothing of a refused call is kept
+            # Another caller has a limit of its own, and an admin's own sets count against it.
+            analyst.create_sample_set([IMAGE] * 10, [0] * 10, sample_set_id="other")
+            root.create_sample_set([IMAGE] * 10, [0] * 10, sample_set_id="admins")
+            monitoring.delete_sample_set("b")  # room again
+            monitoring.append_samples("a", [IMAGE] * 2, [0] * 2)
+            assert monitoring.sample_set("a").sample_count == 10
+    finally:
+        server.stop(0)
+
+
+def test_the_store_checks_a_callers_samples_in_the_transaction_that_adds_them(tmp_path):
+    # The servicer asks before decoding images; a create or append racing another of the
+    # same caller past that check is still refused as it writes.
+    from explaind.errors import ResourceExhausted
+    from explaind.store import SampleRecord, SQLiteStore
+
+    store = SQLiteStore(tmp_path, max_samples_per_owner=3)
+    samples = [SampleRecord(digest="0" * 64, label=0, attributes={})] * 2
+    store.create_sample_set("a", "", samples, owner="monitoring")
+    store.create_sample_set("unowned", "", samples * 4)  # a set without a named caller counts against none
+    with pytest.raises(ResourceExhausted, match=r"^samples: caller 'monitoring' holds 2 samples .* 2 more would pass its limit of 3 "):
+        store.create_sample_set("b", "", samples, owner="monitoring")
+    with pytest.raises(ResourceExhausted, match=r"^samples: caller 'monitoring' holds 2 samples .* 2 more would pass its limit of 3 "):
+        store.append_samples("a", samples)
+    store.append_samples("a", samples[:1])
+    assert [info.sample_count for info in store.list_sample_sets()] == [3, 8]
+    store.close()
+
+
 def test_a_head_the_server_loaded_from_a_model_file_is_deleted_by_an_admin_only(tmp_path, classifier_dir, callers_file):
     # Stored at a start, not by a caller: without an owner it was open to every caller,
     # which could delete the earlier model file's head the admins would serve again.

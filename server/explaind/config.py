@@ -72,7 +72,7 @@ _AT_LEAST_ONE = (
 _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
-    "jobs.max_queued_per_caller", "batching.max_queued_images_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
+    "jobs.max_queued_per_caller", "batching.max_queued_images_per_caller", "server.max_samples_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
     "server.max_concurrent_rpcs",
 )
 _MAX_PORT = 65535
@@ -148,6 +148,10 @@ class ServerSection:
     # Callers of callers_file that may change anything, and the only ones that may
     # promote or roll back the served head (with none, every caller may).
     admins: tuple[str, ...] = ()
+    # Samples one named caller's sets may hold in all; an upload that would pass it is
+    # RESOURCE_EXHAUSTED, so one caller cannot fill the data dir for all (with the image
+    # size limits, it bounds the caller's bytes). 0: no limit of its own.
+    max_samples_per_caller: int = 0
     # Log lines on stderr: "text", or "json" (one object per line, for log pipelines).
     log_format: str = "text"
     # gRPC over TLS with this certificate chain and private key (PEM files), both or

@@ -510,7 +510,7 @@ class Client:
             max_batch_size=response.batching.max_batch_size,
             limits=RequestLimits(
                 response.limits.max_message_bytes, response.limits.max_pixels_per_request, response.limits.max_images_per_request,
-                response.limits.max_image_side,
+                response.limits.max_image_side, response.limits.max_samples_per_caller,
             ),
             resize_size=c.resize_size,
             interpolation=c.interpolation,

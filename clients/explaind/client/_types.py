@@ -95,12 +95,14 @@ class Component:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may carry on this server; 0 where the server does not say."""
+    """What one request may carry on this server, and what one caller's sets may hold; 0
+    where the server does not say (or, for ``max_samples_per_caller``, sets no such limit)."""
 
     max_message_bytes: int
     max_pixels_per_request: int  # decoded pixels of one request's images, in all
     max_images_per_request: int  # images in one Predict, samples in one sample-set request
     max_image_side: int
+    max_samples_per_caller: int = 0  # in all the sets of one named caller ([server].max_samples_per_caller)
 
 
 @dataclass(frozen=True, repr=False)

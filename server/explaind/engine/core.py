@@ -386,28 +386,32 @@ class Engine:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
                                                 request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"), owner=caller)
 
-    def require_free_sample_set_id(self, sample_set_id: str) -> None:
-        """AlreadyExists for the id of a set that exists ("" is free), asked before a
-        CreateSampleSet's images are decoded; the store asks again as it creates."""
-        if not sample_set_id:
-            return
-        try:
-            self.store.get_sample_set(sample_set_id)
-        except NotFound:
-            return
-        raise sample_set_id_taken(sample_set_id)
+    def check_create(self, sample_set_id: str, sample_count: int, *, caller: str | None = None) -> None:
+        """The checks of a new set of ``sample_count`` samples that read none of its images:
+        AlreadyExists for the id of a set that exists ("" is free), ResourceExhausted when
+        ``caller`` has no room for them. Asked before a CreateSampleSet's images are
+        decoded; the store asks again as it creates."""
+        if sample_set_id:
+            try:
+                self.store.get_sample_set(sample_set_id)
+            except NotFound:
+                pass
+            else:
+                raise sample_set_id_taken(sample_set_id)
+        self.store.require_room_for_samples(caller, sample_count)
 
     def check_append(self, sample_set_id: str, sample_count: int, *, finish_upload: bool = False, uid: str | None = None,
                      caller: str | None = None) -> None:
         """The checks of an append of ``sample_count`` samples that read none of its images:
         something to do, and the set there (of ``uid``, when given) and ``caller``'s to
-        change. Asked before its images are decoded and stored; the store checks the set
-        again as it appends."""
+        change, and room for them among its owner's samples. Asked before its images are
+        decoded and stored; the store checks again as it appends."""
         if not sample_count and not finish_upload:
             raise InvalidArgument("no samples to append", field="samples")
         info = self.store.get_sample_set(sample_set_id)
         require_sample_set_uid(sample_set_id, info.create_time, uid, "sample_set_uid")
         self._set_owner_check(sample_set_id, caller)(info.owner)
+        self.store.require_room_for_samples(info.owner, sample_count)
 
     def _set_owner_check(self, sample_set_id: str, caller: str | None) -> OwnerCheck:
         return self.ownership.owner_check(caller, f"sample set {sample_set_id!r}", field="sample_set_id")

@@ -61,10 +61,11 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         # A repeat (request_id) is answered before its images are decoded.
         key = convert.request_key(request, apart="samples")
         if (info := self._engine.repeated_sample_set_request(key, "CreateSampleSet")) is None:
-            self._engine.require_free_sample_set_id(request.sample_set_id)
+            caller = current_caller()
+            self._engine.check_create(request.sample_set_id, len(request.samples), caller=caller)
             info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
                                                   uploading=request.upload_continues, caller_waits=context.is_active, request=key,
-                                                  caller=current_caller())
+                                                  caller=caller)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
 
     def AppendSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.AppendSamplesResponse:

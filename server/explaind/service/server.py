@@ -86,7 +86,8 @@ class ExplaindServer:
         self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
         self.tracing = start_tracing(config.tracing, span_exporter)
         self.metrics = Metrics()
-        self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes)
+        self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes,
+                                 max_samples_per_owner=config.server.max_samples_per_caller)
         self.metrics.watch_data_dir(self.store.data_dir)
         self.engine = Engine(config, self.store, self.metrics, self.tracing)
         self.neuroinspect = NeuroInspectEngine(self.engine)

@@ -174,6 +174,9 @@ class Store(Protocol):
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
                        uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None,
                        check_owner: OwnerCheck | None = None) -> SampleSetInfo: ...
+    # ResourceExhausted (field samples) when ``adding`` samples would take the sets of named
+    # caller ``owner`` past the store's limit per caller; create and append check it too.
+    def require_room_for_samples(self, owner: str | None, adding: int) -> None: ...
     # The set a request of ``request_id`` was applied to, as it is now; None if none is kept
     # (its rows go with that set, so a set made under its id since is never it). Another
     # request's ``fingerprint`` raises InvalidArgument naming request_id.

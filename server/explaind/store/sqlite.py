@@ -308,9 +308,11 @@ _frees_space = _uses_reserve("for a delete")
 class SQLiteStore:
     """Thread-safe (one connection behind a lock); durable across restarts and kill -9."""
 
-    def __init__(self, data_dir: str | Path, *, reserve_bytes: int = 0) -> None:
-        """``reserve_bytes``: how much to keep aside for a full file system (see RESERVE_FILE); 0: none."""
+    def __init__(self, data_dir: str | Path, *, reserve_bytes: int = 0, max_samples_per_owner: int = 0) -> None:
+        """``reserve_bytes``: how much to keep aside for a full file system (see RESERVE_FILE);
+        ``max_samples_per_owner``: samples one named caller's sets may hold in all. 0: none."""
         self.data_dir = Path(data_dir)
+        self.max_samples_per_owner = max_samples_per_owner
         self.blob_dir = self.data_dir / "artifacts" / "sha256"
         try:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -711,6 +713,7 @@ class SQLiteStore:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise sample_set_id_taken(sample_set_id)
+            self._require_room_for_samples(db, owner, len(samples))
             db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
             if owner is not None:
                 db.execute("INSERT INTO sample_set_owners (set_id, owner, create_time) VALUES (?, ?, ?)", (sample_set_id, owner, now))
@@ -727,7 +730,8 @@ class SQLiteStore:
         with self._transaction() as db:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
-            self._require_set(db, sample_set_id, uid, check_owner)
+            owner = self._require_set(db, sample_set_id, uid, check_owner)[5]
+            self._require_room_for_samples(db, owner, len(samples))  # charged to the set's owner, whoever appends
             self._record_request(db, request, sample_set_id)
             # The next position, one step down the primary key (COUNT(*) read the whole set).
             (count,) = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM samples WHERE set_id = ?", (sample_set_id,)).fetchone()
@@ -736,6 +740,24 @@ class SQLiteStore:
             if samples or finished:  # a finish_upload of a finished set changes nothing; an upload's request shows it alive
                 db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
         return self.get_sample_set(sample_set_id)
+
+    def require_room_for_samples(self, owner: str | None, adding: int) -> None:
+        with self._lock:
+            self._require_room_for_samples(self._db, owner, adding)
+
+    def _require_room_for_samples(self, db: sqlite3.Connection, owner: str | None, adding: int) -> None:
+        """ResourceExhausted when ``adding`` samples would take the sets of ``owner`` (a named
+        caller; None: no one's) past max_samples_per_owner. Asked in the transaction that
+        adds them, so uploads racing each other cannot pass it together."""
+        if not self.max_samples_per_owner or owner is None or not adding:
+            return
+        (held,) = db.execute("""SELECT COALESCE(SUM(counts.count), 0) FROM sample_set_owners AS owners
+                                JOIN sample_class_counts AS counts ON counts.set_id = owners.set_id WHERE owners.owner = ?""",
+                             (owner,)).fetchone()
+        if held + adding > self.max_samples_per_owner:
+            raise ResourceExhausted(f"caller {owner!r} holds {held} samples in its sample sets, and {adding} more would pass its limit "
+                                    f"of {self.max_samples_per_owner} ([server].max_samples_per_caller): delete sets it no longer needs",
+                                    field="samples")
 
     def delete_unfinished_uploads(self, *, idle_since: float | None = None) -> list[str]:
         where = "" if idle_since is None else " AND update_time < ?"
