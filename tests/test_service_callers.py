@@ -395,6 +395,32 @@ def test_a_reload_that_read_the_callers_file_before_a_later_change_never_undoes_
     assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"
 
 
+def test_a_check_while_another_call_reloads_the_callers_file_waits_for_that_reload(callers_file, monkeypatch):
+    # The file's change was taken as seen once one call began reloading it: a call checked
+    # meanwhile was let in with the token the change removed, and a stream sent on.
+    from explaind.config import parse_callers
+
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file))
+    reading, checked = threading.Event(), threading.Event()
+
+    def parse_stalling(text: str) -> dict[str, str]:
+        """The reload stalls after reading the file until the other check is done (bounded:
+        that check waits for this reload)."""
+        reading.set()
+        checked.wait(0.5)
+        return parse_callers(text)
+
+    monkeypatch.setattr(auth, "parse_callers", parse_stalling)
+    callers_file.write_text("monitoring tokenMON\n")
+    reload = threading.Thread(target=callers.caller_of, args=([("authorization", "Bearer tokenMON")],))
+    reload.start()
+    assert reading.wait(30)
+    assert callers.caller_of([("authorization", "Bearer tokenANA")]) is None
+    checked.set()
+    reload.join(30)
+
+
 def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refused(callers_file):
     callers = auth.NamedCallers({"analyst": "tokenANA", "monitoring": "tokenMON"}, str(callers_file))
     assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"

@@ -63,9 +63,11 @@ class _WatchedFiles:
     def reload_if_changed(self, reload: Callable[[], None]) -> None:
         """Run ``reload`` if the files changed, one reload at a time, each reading them after
         the one before: an earlier read, stalled past a later change, must not put back
-        what that change removed (a revoked caller's token) once the later reload is done."""
-        if self.changed():
-            with self._reloading:
+        what that change removed (a revoked caller's token) once the later reload is done.
+        A look while another thread reloads waits for it: what a call or stream checks
+        after a change was seen is what that change left in force."""
+        with self._reloading:
+            if self.changed():
                 reload()
 
     def changed(self) -> bool:
