@@ -3,19 +3,21 @@ read it but not change it, admins may change anything; the file is reloaded on c
 
 from __future__ import annotations
 
+import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import empty_pb2
 
 from conftest import json_log_lines
-from explaind.client import Client, ExplaindError, ResourceExhaustedError, UnauthenticatedError
+from explaind.client import Client, ExplaindError, Operation, ResourceExhaustedError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer, audit, auth, convert
 
@@ -363,6 +365,72 @@ def test_a_rotated_callers_file_takes_effect_without_a_restart(tmp_path, classif
         server.stop(0)
 
 
+def _stepping_job(server: ExplaindServer) -> tuple[str, queue.Queue]:
+    """An operation's name and the queue that steps it: each number put there is its next
+    progress step, None ends it (as it ends the test's watches)."""
+    steps: queue.Queue = queue.Queue()
+
+    def stepping(ctx) -> empty_pb2.Empty:
+        for step in iter(lambda: steps.get(timeout=30), None):
+            ctx.report_progress(step)
+        return empty_pb2.Empty()
+
+    steps.put(1)
+    return convert.OPERATION_PREFIX + server.engine.jobs.submit("stepping", stepping).record.job_id, steps
+
+
+def _watching_at(caller: Client, name: str, step: int) -> Iterator[Operation]:
+    """A watch of ``name`` that has read up to the operation's progress ``step``."""
+    updates = caller.operation(name).watch(timeout=60)
+    while next(updates).progress.step != step:
+        pass
+    return updates
+
+
+def test_a_reload_that_removes_a_caller_ends_its_open_streams_and_no_other_callers(tmp_path, classifier_dir, callers_file, monkeypatch):
+    # A removed caller's WatchOperation went on sending it every update until the job ended.
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file))
+    name, steps = _stepping_job(server)
+    try:
+        with client(server, "tokenANA") as analyst, client(server, "tokenMON") as monitoring:
+            removed, kept = _watching_at(analyst, name, 1), _watching_at(monitoring, name, 1)
+            callers_file.write_text("monitoring tokenMON\nroot tokenROOT\n")
+            assert monitoring.sample_sets() == []  # a call after the change: the file is read again
+            steps.put(2)
+            assert next(kept).progress.step == 2
+            with pytest.raises(UnauthenticatedError) as ended:
+                next(removed)
+            assert ended.value.details.startswith("caller 'analyst' was removed or its token changed")
+            steps.put(None)
+            assert [update.state for update in kept][-1] == "succeeded"  # its watch ran to the end
+    finally:
+        steps.put(None)
+        server.stop(0)
+
+
+def test_a_rotated_token_file_ends_the_streams_opened_with_the_old_token(tmp_path, classifier_dir, monkeypatch):
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    token_file = tmp_path / "token"
+    token_file.write_text("tokenOLD")
+    server = start(tmp_path, classifier_dir, token_file=str(token_file))
+    name, steps = _stepping_job(server)
+    try:
+        with client(server, "tokenOLD") as old, client(server, "tokenNEW") as new:
+            opened_before = _watching_at(old, name, 1)
+            token_file.write_text("tokenNEW")
+            steps.put(2)  # no call comes after the change: the stream reads the file again itself
+            with pytest.raises(UnauthenticatedError) as ended:
+                next(opened_before)
+            assert ended.value.details.startswith("the bearer token this call was made with was replaced ([server].token_file)")
+            opened_after = _watching_at(new, name, 2)
+            steps.put(3)
+            assert next(opened_after).progress.step == 3
+    finally:
+        steps.put(None)
+        server.stop(0)
+
+
 def test_a_reload_that_read_the_callers_file_before_a_later_change_never_undoes_that_change(callers_file, monkeypatch):
     # Two calls reloading at once: the one that read the file first, finishing last, put
     # back a caller the newer file had removed, for good (the file's stamps were the new one's).
@@ -383,16 +451,16 @@ def test_a_reload_that_read_the_callers_file_before_a_later_change_never_undoes_
 
     monkeypatch.setattr(auth, "parse_callers", parse_stalling)
     callers_file.write_text(kept)
-    first = threading.Thread(target=callers.caller_of, args=([("authorization", "Bearer tokenANA")],))
+    first = threading.Thread(target=callers.grant_of, args=([("authorization", "Bearer tokenANA")],))
     first.start()
     assert first_read.wait(30)
     callers_file.write_text(revoked)
-    later = threading.Thread(target=lambda: (callers.caller_of([("authorization", "Bearer tokenANA")]), later_reload_done.set()))
+    later = threading.Thread(target=lambda: (callers.grant_of([("authorization", "Bearer tokenANA")]), later_reload_done.set()))
     later.start()
     first.join(30)
     later.join(30)
-    assert callers.caller_of([("authorization", "Bearer tokenMON")]) is None
-    assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"
+    assert callers.grant_of([("authorization", "Bearer tokenMON")]) is None
+    assert callers.grant_of([("authorization", "Bearer tokenANA")]).caller == "analyst"
 
 
 def test_a_check_while_another_call_reloads_the_callers_file_waits_for_that_reload(callers_file, monkeypatch):
@@ -413,22 +481,22 @@ def test_a_check_while_another_call_reloads_the_callers_file_waits_for_that_relo
 
     monkeypatch.setattr(auth, "parse_callers", parse_stalling)
     callers_file.write_text("monitoring tokenMON\n")
-    reload = threading.Thread(target=callers.caller_of, args=([("authorization", "Bearer tokenMON")],))
+    reload = threading.Thread(target=callers.grant_of, args=([("authorization", "Bearer tokenMON")],))
     reload.start()
     assert reading.wait(30)
-    assert callers.caller_of([("authorization", "Bearer tokenANA")]) is None
+    assert callers.grant_of([("authorization", "Bearer tokenANA")]) is None
     checked.set()
     reload.join(30)
 
 
 def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refused(callers_file):
     callers = auth.NamedCallers({"analyst": "tokenANA", "monitoring": "tokenMON"}, str(callers_file))
-    assert callers.caller_of([("authorization", "Bearer tokenANA")]) == "analyst"
-    assert callers.caller_of([("authorization", "bearer tokenMON"), ("authorization", "Bearer tokenMON")]) == "monitoring"
+    assert callers.grant_of([("authorization", "Bearer tokenANA")]).caller == "analyst"
+    assert callers.grant_of([("authorization", "bearer tokenMON"), ("authorization", "Bearer tokenMON")]).caller == "monitoring"
     for wrong in ("tokenANAX", "tokenAN", "TOKENANA", "tokenANA "):
-        assert callers.caller_of([("authorization", f"Bearer {wrong}")]) is None, wrong
+        assert callers.grant_of([("authorization", f"Bearer {wrong}")]) is None, wrong
     # Either caller's call: neither, rather than whichever the file names last.
-    assert callers.caller_of([("authorization", "Bearer tokenANA"), ("authorization", "Bearer tokenMON")]) is None
+    assert callers.grant_of([("authorization", "Bearer tokenANA"), ("authorization", "Bearer tokenMON")]) is None
 
 
 def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():

@@ -2582,7 +2582,7 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
 
     sent = []
     with pytest.raises(RuntimeError, match="aborted"), _Observed(metrics, "explaind.v1.Svc", "Watch", context, 1000) as observed:
-        sent.extend(observed.call_stream(watch, None, context))
+        sent.extend(observed.call_stream(watch, None, context, lambda: ""))
     assert len(sent) == 1 and context.status == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert context.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
     labels = {"service": "explaind.v1.Svc", "method": "Watch", "code": "RESOURCE_EXHAUSTED"}

@@ -165,7 +165,8 @@ class OperationsServiceServicer:
         """Streams the operation until it is done: a new state, artifact or preview at once,
         other progress at most five times a second (the latest at that moment). A stream holds one of the
         slots above until it ends, even one whose client has stopped reading: give it a
-        deadline, or cancel it.
+        deadline, or cancel it. It ends UNAUTHENTICATED once a reload of the token or
+        callers file removes or changes the token it was opened with.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,7 +5,9 @@ Both may come from files ([server].token_file or .callers_file, .tls_cert_file,
 .tls_key_file, .tls_client_ca_file) that are read again when they change, so a rotated secret or a
 renewed certificate (Kubernetes swaps a mounted Secret's files in place; cert-manager
 renews them) takes effect without a restart. A change that leaves a file unusable keeps
-what was in force: a half-done rotation must not lock every caller out.
+what was in force: a half-done rotation must not lock every caller out. A reload that
+removes or changes a token revokes what it let in: calls it lets in from then on are
+refused, and the streams already open with it end UNAUTHENTICATED (see :class:`Grant`).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def _bearer_values(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[b
     return [value[len(_SCHEME):] for value in given if value[:len(_SCHEME)].lower() == _SCHEME]
 
 
-# What caller_of answers for a call let in without a name (no auth, or the one token).
+# The caller of a grant that names none (no auth, or the one token).
 UNNAMED = ""
 # The named caller of the call this thread serves (None: none), set by the interceptor
 # for the servicers, which hand it to the engine as a plain ``caller`` argument.
@@ -124,30 +126,62 @@ def calling_as(caller: str | None) -> Iterator[None]:
         _CALLER.reset(token)
 
 
+class Grant:
+    """What one token let a call do: act as ``caller`` (UNNAMED for the one token). It
+    holds while its source (BearerToken, NamedCallers) keeps this very object: a reload
+    that removes the caller or changes its token makes a new one, or none. A call keeps
+    the grant it was let in with, so a reload racing its check still reaches it; the
+    interceptor ends a stream whose grant no longer holds (a unary call already in
+    progress finishes)."""
+
+    __slots__ = ("caller", "token")
+
+    def __init__(self, caller: str, token: bytes) -> None:
+        self.caller = caller
+        self.token = token
+
+    def __repr__(self) -> str:  # never the token: it may end up in a log line
+        return f"Grant(caller={self.caller!r})"
+
+    @property
+    def revocation(self) -> str:
+        """What a call let in with this grant is told once it no longer holds."""
+        if self.caller:
+            return f"caller {self.caller!r} was removed or its token changed ([server].callers_file); call again with a current token"
+        return "the bearer token this call was made with was replaced ([server].token_file); call again with the new token"
+
+
 class BearerToken:
     def __init__(self, token: str, path: str = "") -> None:
         """``token`` is the current one ("" = no auth), already read from ``path`` if any."""
-        self._token = token
+        self._grant = Grant(UNNAMED, token.encode())
         self._path = path
         self._files = _WatchedFiles([path])
 
     def allows(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        """Whether the call's metadata carries ``authorization: Bearer <token>``, the token
-        compared in constant time (a caller cannot guess it from how long a refusal takes)."""
-        token = self.current()
-        if not token:
-            return True
-        expected = token.encode()
-        return any(hmac.compare_digest(value, expected) for value in _bearer_values(metadata))
+        """Whether the call's metadata carries ``authorization: Bearer <token>``."""
+        return self.grant_of(metadata) is not None
 
-    def caller_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-        """UNNAMED for a call :meth:`allows`, else None."""
-        return UNNAMED if self.allows(metadata) else None
+    def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
+        """The token's grant (caller UNNAMED) for a call whose metadata carries it, else
+        None; the token compared in constant time (a caller cannot guess it from how
+        long a refusal takes)."""
+        self._files.reload_if_changed(self._reload)
+        grant = self._grant
+        if not grant.token:
+            return grant
+        return grant if any(hmac.compare_digest(value, grant.token) for value in _bearer_values(metadata)) else None
+
+    def in_force(self, grant: Grant) -> bool:
+        """Whether ``grant`` still holds, the file read again first if it changed: an open
+        stream asks between messages, so no other call is needed for a new token to end it."""
+        self._files.reload_if_changed(self._reload)
+        return grant is self._grant
 
     def current(self) -> str:
         """The token, re-read from the file when it has changed since the last look."""
         self._files.reload_if_changed(self._reload)
-        return self._token
+        return self._grant.token.decode()
 
     def _reload(self) -> None:
         try:
@@ -159,9 +193,9 @@ class BearerToken:
             self._files.reload_failed(f"token file {self._path} {problem}")
             return
         self._files.reloaded()
-        if token != self._token:
-            self._token = token
-            log.info("token file %s changed; calls now need the new token", self._path)
+        if token.encode() != self._grant.token:
+            self._grant = Grant(UNNAMED, token.encode())
+            log.info("token file %s changed; calls now need the new token, and streams opened with the old one end", self._path)
 
 
 class NamedCallers:
@@ -172,20 +206,27 @@ class NamedCallers:
 
     def __init__(self, callers: dict[str, str], path: str, admins: tuple[str, ...] = ()) -> None:
         """``callers``: name -> token, already read from ``path``."""
-        self._tokens = {name: token.encode() for name, token in callers.items()}
+        self._grants = {name: Grant(name, token.encode()) for name, token in callers.items()}
         self._path = path
         self._admins = admins
         self._files = _WatchedFiles([path])
         self._missing_admins: list[str] = []
 
-    def caller_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-        """The name of the caller whose token the call carries (None: none does, or the
+    def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
+        """The grant of the caller whose token the call carries (None: none does, or the
         call carries two callers' tokens, which would make it either of them). Every
         token is compared, each in constant time: how long the answer takes tells nothing
         of which token, or how much of one, matched."""
         self._files.reload_if_changed(self._reload)
-        found = {name for value in _bearer_values(metadata) for name, token in self._tokens.items() if hmac.compare_digest(value, token)}
+        grants = self._grants.values()
+        found = {grant for value in _bearer_values(metadata) for grant in grants if hmac.compare_digest(value, grant.token)}
         return found.pop() if len(found) == 1 else None
+
+    def in_force(self, grant: Grant) -> bool:
+        """Whether ``grant`` still holds, the file read again first if it changed: an open
+        stream asks between messages, so no other call is needed for a revocation to end it."""
+        self._files.reload_if_changed(self._reload)
+        return self._grants.get(grant.caller) is grant
 
     def _reload(self) -> None:
         try:
@@ -198,11 +239,14 @@ class NamedCallers:
             return
         self._files.reloaded()
         tokens = {name: token.encode() for name, token in callers.items()}
-        if tokens != self._tokens:
-            added, removed = sorted(tokens.keys() - self._tokens.keys()), sorted(self._tokens.keys() - tokens.keys())
-            self._tokens = tokens
-            log.info("callers file %s changed; %d caller(s) now (added: %s; removed: %s)", self._path, len(tokens),
-                     ", ".join(added) or "none", ", ".join(removed) or "none")
+        if tokens != {name: grant.token for name, grant in self._grants.items()}:
+            # A caller keeps its grant, and its streams, while its token stays as it was.
+            kept = {name: grant for name, grant in self._grants.items() if tokens.get(name) == grant.token}
+            added, removed = sorted(tokens.keys() - self._grants.keys()), sorted(self._grants.keys() - tokens.keys())
+            changed = sorted(self._grants.keys() - kept.keys() - set(removed))
+            self._grants = {name: kept.get(name) or Grant(name, token) for name, token in tokens.items()}
+            log.info("callers file %s changed; %d caller(s) now (added: %s; removed: %s; new token: %s)", self._path, len(tokens),
+                     ", ".join(added) or "none", ", ".join(removed) or "none", ", ".join(changed) or "none")
         missing = [name for name in self._admins if name not in tokens]
         if missing and missing != self._missing_admins:
             log.warning("callers file %s lacks admin(s) %s of [server].admins; ignored until they are back", self._path, ", ".join(missing))

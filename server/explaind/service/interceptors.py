@@ -14,6 +14,11 @@ counted OK. With tracing on (explaind.tracing), each call but health's and refle
 servicer runs (a stream's, while it makes each message), so the operation it submits is
 its child and the lines it logs carry the span's ids; its latency observation carries the
 span's trace id as an exemplar when the span is sampled.
+
+A stream whose caller a reload of the token or callers file revokes (explaind.service.auth.Grant)
+ends UNAUTHENTICATED before its next message, and one that waits for something to send
+(WatchOperation) within its next look at ``context.is_active()``; a unary call already in
+progress finishes (WaitOperation at its timeout or deadline).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ..errors import ExplaindError, field_detail, report_unexpected
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
 from .audit import log_change
-from .auth import UNNAMED, BearerToken, NamedCallers, calling_as
+from .auth import UNNAMED, BearerToken, Grant, NamedCallers, calling_as
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +199,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return None
         service, _, method = details.method.lstrip("/").partition("/")
         self._metrics.rpcs_started.labels(service, method).inc()
+        public = service in _PUBLIC_SERVICES
+        grant = None if public else self._token.grant_of(details.invocation_metadata)  # None: refused, or public
         # None: refused; UNNAMED ("") for an unnamed caller (the one token, or no auth).
-        caller = UNNAMED if service in _PUBLIC_SERVICES else self._token.caller_of(details.invocation_metadata)
+        caller = UNNAMED if public else grant.caller if grant is not None else None
         authorised = caller is not None
         # The wrappers answer a request that did not parse; a two-way stream's messages
         # (reflection's) keep grpcio's own handling. A refused caller's request is never
@@ -205,9 +212,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, caller), **parsing)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, caller), **parsing)
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, caller, grant), **parsing)
         if handler.stream_stream is not None:  # its request is the stream of the caller's messages
-            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, caller))
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, caller, grant))
         return handler
 
     def _traced(self, service: str) -> Tracing:
@@ -225,7 +232,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         return handle
 
-    def _wrap_stream(self, behaviour: Callable, service: str, method: str, caller: str | None) -> Callable:
+    def _wrap_stream(self, behaviour: Callable, service: str, method: str, caller: str | None, grant: Grant | None) -> Callable:
+        """``grant``: what let the call in (None: refused, or a public service's call),
+        which the stream ends UNAUTHENTICATED once a reload revokes."""
+        def revocation() -> str:
+            return "" if grant is None or self._token.in_force(grant) else grant.revocation
+
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_refusal, self._traced(service),
                            caller=caller or None) as observed:
@@ -236,7 +248,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 with self._held_calls.slot(public=public, caller=caller or None) as held:
                     if not held:
                         observed.abort("RESOURCE_EXHAUSTED", self._held_calls.refusal(public=public, caller=caller or None))
-                    yield from observed.call_stream(behaviour, request, context)
+                    yield from observed.call_stream(behaviour, request, context, revocation)
 
         return handle
 
@@ -270,6 +282,22 @@ def _parsing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return _Unparsed(error)
 
     return parse
+
+
+class _RevocableContext:
+    """A stream's context whose ``is_active()`` also turns False once its caller is
+    revoked, so a servicer looping while its caller is there stops; the rest is the
+    context's own."""
+
+    def __init__(self, context: grpc.ServicerContext, revocation: Callable[[], str]) -> None:
+        self._context = context
+        self._revocation = revocation
+
+    def is_active(self) -> bool:
+        return self._context.is_active() and not self._revocation()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class _Observed:
@@ -358,10 +386,13 @@ class _Observed:
                 log_change(self._service, self._method, request, sendable, self._caller)
             return sendable
 
-    def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext, revocation: Callable[[], str]) -> Iterator[Any]:
+        """``revocation``: why the caller may no longer be served ("" while it may), asked
+        before each message and by the servicer's ``context.is_active()``, so a stream that
+        waits for something to send stops too."""
         try:
             with self._serving():
-                responses = iter(behaviour(request, context))
+                responses = iter(behaviour(request, _RevocableContext(context, revocation)))
             while True:
                 # Current while the servicer makes each message, as for a unary call, but
                 # not across the yield: a generator cannot leave them set in between (it
@@ -370,7 +401,12 @@ class _Observed:
                     try:
                         response = next(responses)
                     except StopIteration:
-                        return
+                        response = None  # the servicer is done
+                if why := revocation():
+                    log.info("ended %s/%s of %s: %s", self._service, self._method, _who(self._context, self._caller), why)
+                    self.abort("UNAUTHENTICATED", why)
+                if response is None:
+                    return
                 yield self._sendable(response)
         except ExplaindError as error:
             self._abort_with(error)
