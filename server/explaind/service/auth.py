@@ -68,6 +68,8 @@ class _WatchedFiles:
         what that change removed (a revoked caller's token) once the later reload is done.
         A look while another thread reloads waits for it: what a call or stream checks
         after a change was seen is what that change left in force."""
+        if not self._paths:  # a token from the config: nothing to wait for
+            return
         with self._reloading:
             if self.changed():
                 reload()
