@@ -162,6 +162,26 @@ def test_an_awaited_result_shows_its_jobs_progress_as_the_blocking_one_does(serv
     assert lines[-1] == "evaluate_sample_set: succeeded 40/40 done", lines
 
 
+def test_a_watch_yields_each_change_of_a_job_until_it_is_done_or_its_timeout(served):
+    target, _ = served
+
+    async def watch() -> tuple[list[tuple[str, int]], bool]:
+        async with AsyncClient(target) as client:
+            await client.create_sample_set([IMAGE] * 40, ["heart", "star"] * 20, sample_set_id="watched")
+            seen = [(update.state, update.progress.step) async for update in client.watch(await client.evaluate_sample_set("watched", batch_size=4))]
+            endless = await client.visualize_neurons([3], method="no_clip", steps=10_000)
+            try:
+                async for _ in client.watch(endless, timeout=0.5):
+                    pass
+                return seen, endless.done
+            finally:
+                await client.to_thread(endless.cancel)
+
+    seen, endless_done = asyncio.run(watch())
+    assert seen[-1] == ("succeeded", 40) and all(a != b for a, b in zip(seen, seen[1:])), seen  # changes only, to the end
+    assert not endless_done  # the watch ended at its timeout; the job ran on
+
+
 def test_a_result_not_ready_in_time_hands_back_its_operation_and_the_job_runs_on(served):
     target, _ = served
 

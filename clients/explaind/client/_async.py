@@ -15,7 +15,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
 from ._errors import DeadlineExceededError, UnavailableError
-from ._operations import Operation, ProgressDisplay
+from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay
 from ._types import Sample
 
 P = ParamSpec("P")
@@ -26,7 +26,7 @@ DEFAULT_MAX_WORKERS = 16
 # Longest wait one thread makes for AsyncClient.result: an await cancelled meanwhile frees
 # its thread within this many seconds (plus a call's margin), not at the result's timeout.
 RESULT_STEP_S = 10.0
-# How often AsyncClient.result(progress=True) reads the job's progress, seconds.
+# How often AsyncClient.result(progress=True) and AsyncClient.watch read the job, seconds.
 PROGRESS_STEP_S = 1.0
 
 
@@ -112,27 +112,52 @@ class AsyncClient:
         client.to_thread(operation.cancel)`` stops it; unlike Operation.result's Ctrl-C, a
         cancelled await does not)."""
         started = time.monotonic()
-        deadline = math.inf if timeout is None else started + timeout
-        step = PROGRESS_STEP_S if progress else RESULT_STEP_S
         with ProgressDisplay(operation.kind or operation.name, unit="step") if progress else contextlib.nullcontext() as display:
-            while not operation.done:
-                left = deadline - time.monotonic()
-                try:
-                    await self.to_thread(operation.wait, min(left, step))  # 0 or less: one look
-                except UnavailableError:  # one step's retries ended, not the wait's
-                    if not self.client._retry or left <= step:
-                        raise
-                except DeadlineExceededError:  # a step's call went unanswered (a hung server): late, as Operation.result says
-                    if timeout is None:
-                        raise
-                    break
+            async for _ in self._waits(operation, timeout, PROGRESS_STEP_S if progress else RESULT_STEP_S):
                 if display is not None:
                     display.show(operation.progress.step, operation.progress.total, operation.state, operation.progress.message)
-                if left <= step:
-                    break
         if not operation.done:
             raise operation._late(timeout, started)
         return await self.to_thread(operation.result, download=download)
+
+    async def watch(self, operation: Operation[R], *, timeout: float | None = WATCH_DEADLINE_S) -> AsyncIterator[Operation[R]]:
+        """Yield ``operation`` as it is now and again whenever its state or progress changes,
+        read every ``PROGRESS_STEP_S``, until it is done: ``async for``'s twin of
+        Operation.watch (which streams; this polls, so a cancelled loop frees its thread
+        within a step). After ``timeout`` seconds (None: no limit) it ends, though the job
+        may still run: see ``operation.done``."""
+        seen = None
+        async for _ in self._waits(operation, timeout, PROGRESS_STEP_S, first_look=True):
+            now = (operation.state, operation.progress.step, operation.progress.total, operation.progress.message)
+            if now != seen:
+                seen = now
+                yield operation
+
+    async def _waits(self, operation: Operation[Any], timeout: float | None, step: float, *,
+                     first_look: bool = False) -> AsyncIterator[None]:
+        """Wait for ``operation`` ``step`` seconds at a time until it is done or ``timeout``
+        seconds (None: no limit) pass, yielding after each wait (and, with ``first_look``,
+        after reading it once first). A wait that went unanswered (a hung server) ends it
+        as late, or raises DeadlineExceededError without a timeout; UNAVAILABLE is retried
+        on the next step while there is time."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        if first_look:
+            await self.to_thread(operation.refresh)
+            yield
+        while not operation.done:
+            left = deadline - time.monotonic()
+            try:
+                await self.to_thread(operation.wait, min(left, step))  # 0 or less: one look
+            except UnavailableError:  # one step's retries ended, not the wait's
+                if not self.client._retry or left <= step:
+                    raise
+            except DeadlineExceededError:  # a step's call went unanswered: late, as Operation.result says
+                if timeout is None:
+                    raise
+                return
+            yield
+            if left <= step:
+                return
 
     async def samples(self, sample_set_id: str, *, start: int = 0) -> AsyncIterator[Sample]:
         """:meth:`Client.samples`, iterated with ``async for``: each page is read on this
