@@ -280,11 +280,14 @@ def test_a_client_refuses_a_target_timeout_or_message_size_every_call_would_fail
     ("10.0.0.7:50051", True),
     ("[2001:db8::1]:50051", True),
     ("dns:///explaind:50051", True),
+    ("dns:explaind:50051", True),
     ("ipv4:127.0.0.1:50051,10.0.0.7:50051", True),  # one address elsewhere is enough
     ("127.0.0.1:50051", False),
     ("localhost:50051", False),
     ("[::1]:50051", False),
     ("dns:///localhost:50051", False),
+    ("dns:localhost:50051", False),  # gRPC's URI form without an authority
+    ("dns:[::1]:50051", False),
     ("ipv6:[::1]:50051", False),
     ("unix:/run/explaind.sock", False),
 ])

@@ -121,12 +121,14 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
 def _is_local_target(target: str) -> bool:
     """Whether every address of gRPC target ``target`` is on this machine: a Unix socket,
     localhost, or loopback IPs ("host:port", "[::1]:port", "dns:///localhost:port",
-    "ipv4:127.0.0.1:port,..."); a name that may resolve elsewhere is not."""
+    "dns:localhost:port", "ipv4:127.0.0.1:port,..."); a name that may resolve elsewhere is not."""
     scheme, _, rest = target.partition(":")
     if scheme in ("unix", "unix-abstract"):
         return True
     if scheme == "dns" and rest.startswith("//"):
         addresses = [rest[2:].partition("/")[2]]  # dns://[authority]/host:port
+    elif scheme == "dns":
+        addresses = [rest]  # dns:host:port
     elif scheme in ("ipv4", "ipv6"):
         addresses = rest.split(",")
     else:
