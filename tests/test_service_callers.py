@@ -126,6 +126,23 @@ def test_a_callers_sets_hold_at_most_max_samples_per_caller_counted_against_each
         server.stop(0)
 
 
+def test_an_upload_under_a_request_id_refused_part_way_at_max_samples_per_caller_deletes_its_part(tmp_path, classifier_dir, callers_file):
+    # Every run of the upload is refused at the same request: the part kept uploading held
+    # the caller's samples until [server].upload_idle_timeout_s, refusing its other uploads.
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), max_samples_per_caller=10)
+    try:
+        with client(server, "tokenMON") as monitoring:
+            with pytest.raises(ResourceExhaustedError) as refused:
+                monitoring.create_sample_set([IMAGE] * 12, [0] * 12, sample_set_id="big", chunk_size=4,
+                                             request_id="6f1c3a52-8d4e-4b7a-9c1d-2e5f7a9b0c3d")
+            assert refused.value.field == "samples"
+            assert "the partly uploaded sample set 'big' was deleted" in refused.value.__notes__
+            assert monitoring.sample_sets() == []
+            monitoring.create_sample_set([IMAGE] * 10, [0] * 10, sample_set_id="fits")  # its room is free again
+    finally:
+        server.stop(0)
+
+
 def test_the_store_checks_a_callers_samples_in_the_transaction_that_adds_them(tmp_path):
     # The servicer asks before decoding images; a create or append racing another of the
     # same caller past that check is still refused as it writes.

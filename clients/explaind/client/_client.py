@@ -36,8 +36,8 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PlaintextTokenWarning, UnavailableError, UnimplementedError,
-                      error_from_code, from_rpc_error)
+from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PlaintextTokenWarning, ResourceExhaustedError,
+                      UnavailableError, UnimplementedError, error_from_code, from_rpc_error)
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -628,7 +628,7 @@ class Client:
         run again, which continues it; unfinished, the server deletes it at its next start
         or after ``[server].upload_idle_timeout_s`` without a request. A failure every run
         meets alike (an image the server refuses, a file missing or unreadable, fewer
-        images than labels) deletes it (unless another run finished it meanwhile), so the
+        images than labels, the caller's sets at the server's samples limit) deletes it (unless another run finished it meanwhile), so the
         upload run again fixed, under any request_id, creates it anew. ``progress=True``
         shows samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
@@ -691,8 +691,8 @@ class Client:
         that says nothing of the images (an interrupt, a lost connection, a deadline, a
         pipeline's alarm) keeps the set for that run, or for one run again, which continues
         it. A failure every run meets alike, as each sends the same images under the same ids
-        (the server refusing a request's images or labels, this process failing to read them),
-        deletes it, as without request_id, so the upload run again fixed (under any
+        (the server refusing a request's images or labels, or the caller's sets at its
+        [server].max_samples_per_caller; this process failing to read them), deletes it, as without request_id, so the upload run again fixed (under any
         request_id) creates it anew instead of meeting ALREADY_EXISTS; unless another run
         finished it meanwhile. A request_id refusal says the set is another run's: kept. An
         older server, which ignores request_id, gives each run its own set: deleted."""
@@ -713,7 +713,10 @@ class Client:
         if upload_id is not None:
             if unreadable and self._finished_by_another_run(error, created):
                 return
-            refused = isinstance(error, InvalidArgumentError) and error.field != "request_id"
+            # The server refusing the images, or the caller's sets at [server].max_samples_per_caller
+            # (field samples): every run is refused there, and the part kept would count against it.
+            refused = ((isinstance(error, InvalidArgumentError) and error.field != "request_id")
+                       or (isinstance(error, ResourceExhaustedError) and error.field == "samples"))
             if not (refused or unreadable):
                 shared = self._shares_upload_sets(error, created, total)
                 if shared is None:  # the server did not say: the set is left as it is (noted)
