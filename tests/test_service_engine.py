@@ -2323,6 +2323,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"clip": {"illusion_epsilon": 1001}}, r"\[clip\].illusion_epsilon must be at most 1000.0, got 1001.0"),
         ({"clip": {"illusion_epsilon": -0.5}}, r"\[clip\].illusion_epsilon must be at least 0, got -0.5"),
         ({"batching": {"max_queue_size": 2**31}}, r"\[batching\].max_queue_size must be at most 2147483647"),  # RequestLimits' int32
+        ({"server": {"max_samples_per_caller": 2**31}}, r"\[server\].max_samples_per_caller must be at most 2147483647"),  # RequestLimits' int32
         ({"classifier": {"class_names": [1, 2]}}, r"\[classifier\].class_names must be a list of strings, got \[1, 2\]"),
         ({"classifier": {"mean": ["a", "b", "c"], "std": [1, 1, 1]}}, r"\[classifier\].mean must be a list of numbers, got \['a', 'b', 'c'\]"),
         ({"clip": {"path": "/models/clip", "model": "ViT-B-32"}}, r"set \[clip\].path \(an open_clip directory\) or \[clip\].model and .checkpoint, not both"),

@@ -90,7 +90,7 @@ _AT_MOST = {
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
-    "batching.max_queued_images_per_caller": _C_INT_MAX, "server.max_concurrent_rpcs": _C_INT_MAX,
+    "batching.max_queued_images_per_caller": _C_INT_MAX, "server.max_concurrent_rpcs": _C_INT_MAX, "server.max_samples_per_caller": _C_INT_MAX,
     "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": MAX_LOSS_WEIGHT,
     "tracing.sample_ratio": 1.0,
 }
