@@ -16,6 +16,7 @@ import sys
 import time
 import types
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port
-from explaind.client import Client, EvaluatedMistake, Operation
+from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
 from explaind.client.cli import main
 
 
@@ -228,6 +229,12 @@ def test_a_token_sent_without_tls_to_another_machine_is_one_warning_line_naming_
             "add --tls (and --ca-file for a private CA), or connect through a proxy that adds TLS\nerror: ")
     assert main(["--target", "127.0.0.1:1", "--timeout", "0.1", "info"]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlaintextTokenWarning)  # PYTHONWARNINGS=error: an error line, not a traceback
+        assert main(["--target", "10.255.255.1:1", "--timeout", "0.1", "info"]) == 1
+    assert capsys.readouterr().err == (
+        "error: EXPLAIND_TOKEN travels to 10.255.255.1:1 in plaintext, readable by anyone on the network path: "
+        "add --tls (and --ca-file for a private CA), or connect through a proxy that adds TLS\n")
 
 
 def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_command_started(server, capsys, monkeypatch, tmp_path):

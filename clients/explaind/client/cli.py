@@ -75,14 +75,17 @@ def _command_error(error: Exception) -> CommandError:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    plaintext = (f"{_token_source(args)} travels to {args.target} in plaintext, readable by anyone on the network path: "
+                 "add --tls (and --ca-file for a private CA), or connect through a proxy that adds TLS")
     try:
         with warnings.catch_warnings(record=True) as caught:  # the filters stay: PYTHONWARNINGS=ignore::UserWarning silences it
             client = Client(args.target, timeout=args.timeout, token=_token(args), tls=args.tls,
                             root_certificates=args.ca_file, private_key=args.key_file, certificate_chain=args.cert_file)
         if any(issubclass(warning.category, PlaintextTokenWarning) for warning in caught):  # one line like the CLI's others
-            print(f"warning: {_token_source(args)} travels to {args.target} in plaintext, readable by anyone on the network path: "
-                  "add --tls (and --ca-file for a private CA), or connect through a proxy that adds TLS", file=sys.stderr)
+            print(f"warning: {plaintext}", file=sys.stderr)
         return client
+    except PlaintextTokenWarning:  # PYTHONWARNINGS=error makes it an error: one line too, not a traceback
+        raise CommandError(plaintext) from None
     except (OSError, ValueError) as error:  # a certificate file that is missing or not PEM: "root_certificates: ..."
         if str(error).startswith("token "):  # "token must be printable ASCII ...": which token
             raise CommandError(f"{_token_source(args)}: {error}") from None
