@@ -161,6 +161,15 @@ def test_an_awaited_result_shows_its_jobs_progress_as_the_blocking_one_does(serv
     assert lines and all(line.startswith("evaluate_sample_set: ") for line in lines), lines
     assert lines[-1] == "evaluate_sample_set: succeeded 40/40 done", lines
 
+    async def again() -> None:  # a job already done shows its outcome, as Operation.result does
+        async with AsyncClient(target) as client:
+            done = await client.evaluate_sample_set("awaited-progress", batch_size=4)
+            await client.result(done, timeout=60)
+            await client.result(done, progress=True, timeout=60)
+
+    asyncio.run(again())
+    assert capsys.readouterr().err.splitlines() == ["evaluate_sample_set: succeeded 40/40 done"]
+
 
 def test_a_watch_yields_each_change_of_a_job_until_it_is_done_or_its_timeout(served):
     target, _ = served

@@ -113,7 +113,8 @@ class AsyncClient:
         cancelled await does not)."""
         started = time.monotonic()
         with ProgressDisplay(operation.kind or operation.name, unit="step") if progress else contextlib.nullcontext() as display:
-            async for _ in self._waits(operation, timeout, PROGRESS_STEP_S if progress else RESULT_STEP_S):
+            # With progress, a first look shows where the job stands at once (done already, too), as Operation.result's watch does.
+            async for _ in self._waits(operation, timeout, PROGRESS_STEP_S if progress else RESULT_STEP_S, first_look=progress):
                 if display is not None:
                     display.show(operation.progress.step, operation.progress.total, operation.state, operation.progress.message)
         if not operation.done:
