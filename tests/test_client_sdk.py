@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -15,7 +16,7 @@ import pytest
 from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2
 
-from explaind.client import Client, DeadlineExceededError, PlaintextTokenWarning
+from explaind.client import AsyncClient, Client, DeadlineExceededError, PlaintextTokenWarning
 from explaind.v1 import inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -303,6 +304,10 @@ def test_a_token_sent_without_tls_to_another_machine_is_warned_about(target, rem
         f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
         "(the CLI's --tls), or through a proxy that adds TLS"] if remote else [])
     assert all(issubclass(warning.category, PlaintextTokenWarning) and warning.filename == __file__ for warning in caught)
+    with warnings.catch_warnings(record=True) as caught:  # the AsyncClient's points at its caller's line too
+        warnings.simplefilter("always")
+        asyncio.run(AsyncClient(target, token="secret").close())
+    assert [(warning.category, warning.filename) for warning in caught] == ([(PlaintextTokenWarning, __file__)] if remote else [])
 
 
 def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_refused_before_any_call(tmp_path):
