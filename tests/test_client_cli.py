@@ -192,6 +192,44 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_
     assert existing.read_text() == "old report" and sorted(tmp_path.iterdir()) == [existing]  # tried, and left as it was
 
 
+def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # A write that failed half-way (a full disk) left a truncated report where the old one had been.
+    import resource
+    import stat
+
+    from explaind.client.cli import CommandError, _write
+
+    old = tmp_path / "report.html"
+    old.write_text("old report")
+    old.chmod(0o640)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # writes past 4 kB fail with EFBIG, as on a full disk
+    try:
+        with pytest.raises(CommandError, match=f"^cannot write {old}: File too large$"):
+            _write(old, b"<html>" * 10_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert old.read_text() == "old report" and sorted(tmp_path.iterdir()) == [old]  # no leftover partial file either
+    _write(old, b"new report")
+    assert old.read_bytes() == b"new report" and stat.S_IMODE(old.stat().st_mode) == 0o640  # an existing file keeps its mode
+    link = tmp_path / "link.html"
+    link.symlink_to(old)
+    _write(link, b"through the link")
+    assert link.is_symlink() and old.read_bytes() == b"through the link"
+    umask = os.umask(0o027)
+    try:
+        _write(tmp_path / "new.html", b"new")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.html").stat().st_mode) == 0o640  # a new file's mode as the umask allows
+    # A directory that takes no new file (not so for root, hence faked), the file itself writable: written in place.
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda name, *args: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if str(name).endswith(".part") else real_open(name, *args))
+    _write(old, b"in place")
+    assert old.read_bytes() == b"in place" and sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "new.html", "report.html"]
+
+
 def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback(server, capsys, monkeypatch):
     with open("/dev/full", "w") as full:  # every write fails: No space left on device
         monkeypatch.setattr(sys, "stdout", full)

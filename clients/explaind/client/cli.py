@@ -32,6 +32,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -236,9 +237,32 @@ def _naming_failing_file(files: list[str] | list[Path] | None) -> Iterator[None]
 
 
 def _write(path: str | Path, data: bytes) -> None:
-    """Write an output file; a missing directory or no permission is a user error."""
+    """Write an output file whole or not at all: into a temporary file beside it, renamed
+    over it once complete, so a failed write (a full disk) or Ctrl-C leaves no partial file
+    and an older one as it was. A device or pipe (/dev/stdout), or a file in a directory
+    that takes no new file, is written in place. A missing directory or no permission is a
+    user error."""
+    target = Path(os.path.realpath(path))  # through a symbolic link: the file it names is replaced, not the link
     try:
-        Path(path).write_bytes(data)
+        if target.exists() and not target.is_file():
+            target.write_bytes(data)
+            return
+        kept_mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file's mode: as the umask allows
+        except PermissionError:
+            target.write_bytes(data)
+            return
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                if kept_mode is not None:
+                    os.fchmod(file.fileno(), kept_mode)
+                file.write(data)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
     except OSError as error:
         raise CommandError(f"cannot write {path}: {error.strerror or error}") from None
 
