@@ -157,6 +157,23 @@ def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
     assert validated.edit is not None and validated.evaluated_on.startswith("sample set validation (40 samples); they also chose the best epoch")
 
 
+def test_an_evaluation_on_the_set_the_edit_trained_on_says_so():
+    # `report --evaluation-sample-set S` of set S read "evaluated on sample set S (200
+    # samples)", as if those were independent of the 160 the edit had trained on.
+    from types import SimpleNamespace
+
+    from explaind.client.report import edit_evaluated_on
+
+    client = SimpleNamespace(sample_set=lambda sample_set_id: SimpleNamespace(sample_count={"s": 200, "e": 50}[sample_set_id]))
+    independent = ": --evaluation-sample-set gives an independent set"
+    assert edit_evaluated_on(client, "s", "s", "") == f"sample set s (200 samples), 160 of which the edit trained on, so these numbers lean optimistic{independent}"
+    assert edit_evaluated_on(client, "s", "s", "e") == f"sample set s (200 samples), all of which the edit trained on, so these numbers lean optimistic{independent}"
+    assert edit_evaluated_on(client, "s", "", "s") == f"sample set s (200 samples), all of which the edit trained on, so these numbers lean optimistic{independent}"
+    assert edit_evaluated_on(client, "s", "e", "s") == "sample set e (50 samples)"
+    assert edit_evaluated_on(client, "s", "", "e") == ("sample set e (50 samples); they also chose the best epoch, so these numbers lean "
+                                                       f"optimistic{independent}")
+
+
 def test_a_group_attribute_the_held_out_samples_lack_is_refused_naming_them(client):
     from explaind.client.report import _suggest_edit
     from explaind.world.scenarios import get_scenario

@@ -142,10 +142,14 @@ def _suggest_edit(
 def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_id: str, validation_sample_set_id: str) -> str:
     """Which samples an edit of ``sample_set_id`` measured its before/after accuracy on,
     for a reader who would otherwise compare it with an evaluation of the whole set."""
-    optimistic = "; they also chose the best epoch, so these numbers lean optimistic: --evaluation-sample-set gives an independent set"
+    independent = ": --evaluation-sample-set gives an independent set"
+    optimistic = f"; they also chose the best epoch, so these numbers lean optimistic{independent}"
     if evaluated := evaluation_sample_set_id or validation_sample_set_id:
-        return (f"sample set {evaluated} ({client.sample_set(evaluated).sample_count} samples)"
-                + ("" if evaluation_sample_set_id else optimistic))
+        count = client.sample_set(evaluated).sample_count
+        if evaluated == sample_set_id:  # the set trained on: all of it beside a validation set, else all but every 5th sample
+            trained = "all" if validation_sample_set_id else str(count - len(range(0, count, 5)))
+            return f"sample set {evaluated} ({count} samples), {trained} of which the edit trained on, so these numbers lean optimistic{independent}"
+        return f"sample set {evaluated} ({count} samples)" + ("" if evaluation_sample_set_id else optimistic)
     # The server held out every 5th sample: the edit's validation and evaluation data.
     held_out = len(range(0, client.sample_set(sample_set_id).sample_count, 5))
     return f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
