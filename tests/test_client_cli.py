@@ -724,6 +724,44 @@ def test_a_class_without_mistakes_is_ranked_and_reported_as_nothing_to_explain(s
     assert "<table><tr><th>neuron</th>" not in page.read_text()  # an empty table of ranked neurons stood above it
 
 
+def test_a_report_whose_page_is_not_written_names_the_edit_it_stored(server, capsys, world_images, tmp_path, monkeypatch):
+    # Ctrl-C while the page was rendered, or a write that failed (a full disk), left a new
+    # head version that nothing mentioned.
+    import explaind.client.cli as cli
+    import explaind.client.report as report
+
+    images, labels = world_images
+    mislabelled = (labels + 1) % 6  # every sample a mistake of its class
+    with Client(server.target, timeout=30) as client:
+        name = client.model_metadata().class_names[int(mislabelled[0])]
+        client.create_sample_set(images, mislabelled, sample_set_id="unwritten")
+        before = {v.version_id for v in client.head_versions()}
+
+    def interrupted(_report):
+        raise KeyboardInterrupt
+
+    def disk_full(path, _data):
+        raise cli.CommandError(f"cannot write {path}: No space left on device")
+
+    out = tmp_path / "report.html"
+    argv = ["--target", server.target, "report", "--class", name, "--sample-set", "unwritten", "--out", str(out), "--neurons", "1", "--steps", "2"]
+    try:
+        for module, name_, failing, code, message in ((report, "render_report", interrupted, 130, "interrupted"),
+                                                       (cli, "_write", disk_full, 1, f"error: cannot write {out}: No space left on device")):
+            with monkeypatch.context() as patched:
+                patched.setattr(module, name_, failing)
+                assert main(argv) == code
+            with Client(server.target, timeout=30) as client:
+                (stored,) = {v.version_id for v in client.head_versions()} - before
+                client.delete_head_version(stored)
+            assert capsys.readouterr().err.endswith(
+                f"{message}\n  head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted\n")
+            assert not out.exists()
+    finally:
+        with Client(server.target, timeout=30) as client:
+            client.delete_sample_set("unwritten")
+
+
 def test_an_artifact_goes_to_standard_output_with_dash_and_is_not_fetched_for_an_unwritable_file(server, capsysbinary, world_images, tmp_path, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

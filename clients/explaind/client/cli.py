@@ -1011,7 +1011,7 @@ def _print_report_gaps(report: MistakeReport) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report, render_report
+    from .report import build_report, noting_stored_edit, render_report
 
     _require_writable(args.out)
     with _client(args) as client:
@@ -1026,7 +1026,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             client, args.target_class, sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
             evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
         )
-    _write(args.out, render_report(report).encode("utf-8"))
+    with noting_stored_edit(report.edit):
+        _write(args.out, render_report(report).encode("utf-8"))
     print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
     if report.edit is not None:
         print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")

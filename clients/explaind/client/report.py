@@ -9,8 +9,10 @@ attached to a ticket as is.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -87,14 +89,22 @@ def build_report(
             if any(field in _CALLERS_OPTIONS for field, _ in error.field_violations):
                 raise
             no_edit_reason = error.details
-    try:
+    with noting_stored_edit(edit):
         visualizations, method, no_visualization_reason = _visualize_ranked(client, ranking, max_neurons, steps, progress)
-    except BaseException as error:  # e.g. Ctrl-C: the edit, stored before the images, would go unmentioned
+    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
+
+
+@contextlib.contextmanager
+def noting_stored_edit(edit: HeadEdit | None) -> Iterator[None]:
+    """Name the suggested edit, stored already, on an error or Ctrl-C that stops the report
+    after it (in the images, or writing the page): else nothing would mention it."""
+    try:
+        yield
+    except BaseException as error:
         if edit is not None:
             error.add_note(f"head version {edit.version.version_id}, the suggested edit, stays stored (not served); "
                            "delete it if it is not wanted")
         raise
-    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
 
 
 def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int,
