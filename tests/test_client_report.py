@@ -367,3 +367,13 @@ def test_top_classes_whose_names_hold_commas_stay_told_apart():
     # ImageNet names hold commas: "a, b, c, d" could not say whether it was two classes or four.
     page = render_report(_imagenet_sized_report(64, {"goldfish": 2}, ["great white shark, white shark", "tiger shark, Galeocerdo cuvieri"]))
     assert "<td class='text'>great white shark, white shark; tiger shark, Galeocerdo cuvieri</td>" in page
+
+
+def test_the_legend_names_how_many_neurons_per_mistake_the_ranking_took():
+    # It said "top 5 by default" of a ranking made with top_k=3, or on a classifier of D < 5.
+    import dataclasses
+
+    report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
+    assert "among the largest increases (the 3 largest)" in render_report(
+        dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, top_k=3)))
+    assert "among the largest increases (top 5 by default)" in render_report(report)  # a server too old to say

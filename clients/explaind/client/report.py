@@ -230,11 +230,12 @@ _STYLE += (f".neuron img {{ width: {IMAGE_BOX}px; height: {IMAGE_BOX}px; border:
            ".neuron img[data-upscaled] { image-rendering: pixelated; }\n")  # small inputs as crisp pixels, larger smoothly scaled
 
 
-# What the numbers mean, under the tables that show them (NeuroInspect's definitions).
+# What the numbers mean, under the tables that show them (NeuroInspect's definitions);
+# {top}: how many neurons per mistake and direction the ranking took.
 _RANKING_LEGEND = (
     "<p class='muted' id='ranking-legend'>Each mistake gets the smallest shift ω of the penultimate features that makes the "
     "classifier predict its true class. <b>insufficient</b>: the share of mistakes in which the neuron is among the largest "
-    "increases (top 5 by default): it fired too little. <b>excessive</b>: among the largest decreases: it fired too much. "
+    "increases ({top}): it fired too little. <b>excessive</b>: among the largest decreases: it fired too much. "
     "<b>direction</b>: the list whose cut it passed, or both. <b>mean ω</b>: its mean shift over the mistakes, in feature units. <b>importance</b>: the class's probability on its mean "
     "feature divided by the same with this neuron zeroed; above 1 the neuron speaks for the class. <b>top classes</b>: the "
     "classes whose head weight for the neuron is largest.</p>"
@@ -298,7 +299,8 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
                 f"<td>{_signed(n.mean_omega)}</td><td>{_number(n.importance)}</td><td class='text'>{_class_list(n.top_classes)}</td></tr>"
             )
-        parts.append(f"</table>{_RANKING_LEGEND}")
+        # A server too old to say (0) took the default, 5 (or D where D < 5).
+        parts.append("</table>" + _RANKING_LEGEND.format(top=f"the {ranking.top_k} largest" if ranking.top_k else "top 5 by default"))
     elif not ranking.mistake_count:  # not an empty table under a heading that asks why
         parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
     else:
