@@ -1025,7 +1025,8 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
 
 
 @pytest.mark.parametrize(("class_name", "stem"), [("heart", "03_neuron7_heart"), ("n02085620 Chihuahua/toy", "03_neuron7_n02085620-Chihuahua-toy"),
-                                                 ("../..", "03_neuron7_class"), ("é", "03_neuron7_class")])
+                                                 ("../..", "03_neuron7_class"), ("é", "03_neuron7_e"), ("étoile ★", "03_neuron7_etoile"),
+                                                 ("星", "03_neuron7_class")])
 def test_visualization_files_are_safe_names_whatever_the_class(class_name, stem):
     from explaind.client.cli import _visualization_stem
 

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -770,8 +771,10 @@ def _visualization_stem(index: int, neuron: int, class_name: str) -> str:
 
 def _safe_file_name(class_name: str) -> str:
     """A class name (the server's) as part of a file name: no "/" or ".." to leave the
-    directory by, nothing a file system refuses ("n02085620 Chihuahua/toy" -> "n02085620-Chihuahua-toy")."""
-    return re.sub(r'[^A-Za-z0-9_.-]+', '-', class_name).strip('.-') or 'class'
+    directory by, nothing a file system refuses ("n02085620 Chihuahua/toy" -> "n02085620-Chihuahua-toy"),
+    ASCII, accents dropped rather than their letters ("étoile" -> "etoile", not "toile")."""
+    ascii_name = unicodedata.normalize("NFKD", class_name).encode("ascii", "ignore").decode()
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', ascii_name).strip('.-') or 'class'
 
 
 def cmd_edit_head(args: argparse.Namespace) -> int:
