@@ -377,3 +377,11 @@ def test_the_legend_names_how_many_neurons_per_mistake_the_ranking_took():
     assert "among the largest increases (the 3 largest)" in render_report(
         dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, top_k=3)))
     assert "among the largest increases (top 5 by default)" in render_report(report)  # a server too old to say
+
+
+def test_images_made_without_clip_say_why_in_plain_words():
+    import dataclasses
+
+    report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
+    assert "<p id='no-clip'>The server has no CLIP model loaded" in render_report(dataclasses.replace(report, visualization_method="no_clip"))
+    assert "id='no-clip'" not in render_report(report)

@@ -306,7 +306,11 @@ def render_report(report: MistakeReport) -> str:
     else:
         parts.append("<p id='no-neurons'>No neuron passed the cut ratio; nothing to visualise or edit.</p>")
     if report.visualizations:
-        parts.append(f"<h2>What the ranked neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2><div class='neurons'>")
+        parts.append(f"<h2>What the ranked neurons respond to <span class='muted'>({escape(report.visualization_method)})</span></h2>")
+        if report.visualization_method == "no_clip":  # build_report's choice when the server has no CLIP
+            parts.append("<p id='no-clip'>The server has no CLIP model loaded ([clip] in its config), so these images are optimised for "
+                         "the neuron and the class's logit alone (no_clip), and their CLIP similarity and core relevance are not measured.</p>")
+        parts.append("<div class='neurons'>")
         by_neuron = {n.neuron: n for n in ranking.neurons}
         for v in report.visualizations:
             ranked = by_neuron.get(v.neuron)
