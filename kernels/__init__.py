@@ -14,7 +14,9 @@ from ._onnx_runtime import (
     UnsplittableGraph,
     execution_providers,
     export_onnx,
+    fixed_batch_size,
     onnx_runtime_features,
+    run_in_batches,
     split_onnx_classifier,
 )
 
@@ -24,6 +26,8 @@ __all__ = [
     "UnsplittableGraph",
     "execution_providers",
     "export_onnx",
+    "fixed_batch_size",
     "onnx_runtime_features",
+    "run_in_batches",
     "split_onnx_classifier",
 ]

@@ -185,7 +185,8 @@ def onnx_runtime_features(
     graph ``model`` (a file, or the serialised graph) with one float input and one float
     output (N, D) on ``providers`` (from :func:`execution_providers`).
     ``num_threads`` caps intra-op threads (0: one per core); ``max_batch_size`` > 0 runs
-    larger batches in slices of that size (TensorRT's profile ends there).
+    larger batches in slices of that size (TensorRT's profile ends there). A graph whose
+    batch dimension is fixed runs any batch in slices of that size (see :func:`run_in_batches`).
 
     Images and features are bound in place on ``device``: on a GPU they stay there
     instead of crossing to host memory and back on every call.
@@ -215,12 +216,30 @@ def onnx_runtime_features(
         binding.synchronize_outputs()
         return features
 
-    def run(images: torch.Tensor) -> torch.Tensor:
-        if not max_batch_size or len(images) <= max_batch_size:
-            return run_slice(images)
-        return torch.cat([run_slice(part) for part in images.split(max_batch_size)])
+    fixed = fixed_batch_size(graph_input)
+    return lambda images: run_in_batches(run_slice, images, fixed or max_batch_size, pad=bool(fixed))
 
-    return run
+
+def fixed_batch_size(graph_input: object) -> int:
+    """The batch size an ONNX Runtime session's input (a ``NodeArg``) fixes, 0 where it is
+    dynamic: ``torch.onnx.export`` without dynamic axes fixes the batch it traced, often 1."""
+    shape = getattr(graph_input, "shape", None) or [None]
+    return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 0
+
+
+def run_in_batches(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int, *, pad: bool = False) -> torch.Tensor:
+    """``run`` on ``images`` (N, ...) in slices of at most ``size`` (0: all at once); with
+    ``pad`` (a graph whose batch is fixed at ``size``) each slice is exactly ``size``, the
+    last one filled up with zeros whose outputs are dropped."""
+    if not size or not len(images) or len(images) == size or (len(images) < size and not pad):
+        return run(images)
+    outputs = []
+    for part in images.split(size):
+        count = len(part)
+        if pad and count < size:
+            part = torch.cat([part, part.new_zeros((size - count, *part.shape[1:]))])
+        outputs.append(run(part)[:count])
+    return torch.cat(outputs)
 
 
 class UnsplittableGraph(ValueError):

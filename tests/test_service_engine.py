@@ -505,11 +505,20 @@ def test_onnx_models_are_told_apart_by_their_external_weights_and_checked_agains
         load_classifier(ClassifierSection(loader="onnx", path=str(tmp_path / "a" / "model.onnx"), image_size=64, class_names=names))
 
 
-def test_an_onnx_model_with_a_fixed_batch_of_one_loads_split(tmp_path, world_model):
-    version = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "one.onnx", batch=1), image_size=64))
-    image = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(version.logits(version.features(image)), world_model(image), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_an_onnx_model_with_a_fixed_batch_loads_and_runs_batches_of_any_size(tmp_path, world_model, batch):
+    """torch.onnx.export without dynamic axes fixes the traced batch; the batcher and
+    evaluations send other sizes, which run in slices of it, the last one padded."""
+    split = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "split.onnx", batch=batch), image_size=64))
+    ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1))
+    whole = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(ending_in_softmax, tmp_path / "whole.onnx", batch=batch), image_size=64))
+    assert split.supports_features and not whole.supports_features
+    for count in (1, 9):
+        images = torch.rand(count, 3, 64, 64, generator=torch.Generator().manual_seed(count))
+        with torch.no_grad():
+            expected = world_model(images)
+        torch.testing.assert_close(split.logits(split.features(images)), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(whole.predict_fn(images).exp(), torch.softmax(expected, dim=1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

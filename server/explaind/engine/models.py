@@ -30,7 +30,7 @@ from torch import nn
 from ..config import ClassifierSection, ClipSection, DiffusionSection
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
-from ..kernels import UnsplittableGraph, execution_providers, onnx_runtime_features, split_onnx_classifier
+from ..kernels import UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
 
 log = logging.getLogger(__name__)
@@ -647,11 +647,15 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = num_threads
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    graph_input = session.get_inputs()[0]
+    batch = fixed_batch_size(graph_input)
     preprocess = Preprocess(section.mean, section.std)
 
+    def run_batch(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {graph_input.name: images.numpy()})[0])
+
     def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {input_name: preprocess(images).numpy()})[0])
+        return run_in_batches(run_batch, preprocess(images), batch, pad=True)
 
     whole = _inference_only(section, "onnx", path, _normalised_digest(_hash_onnx(path), section), run, "")
     try:
