@@ -189,7 +189,9 @@ def onnx_runtime_features(
     batch dimension is fixed runs any batch in slices of that size (see :func:`run_in_batches`).
 
     Images and features are bound in place on ``device``: on a GPU they stay there
-    instead of crossing to host memory and back on every call.
+    instead of crossing to host memory and back on every call. A provider ONNX Runtime
+    could not start (it falls back to the next one, e.g. the CPU, with only a warning) is
+    a ``FailedPrecondition``, not a silent run elsewhere.
     """
     import onnxruntime
 
@@ -197,6 +199,10 @@ def onnx_runtime_features(
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = num_threads
     session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers)
+    asked, started = providers[0][0], session.get_providers()
+    if asked not in started:
+        raise FailedPrecondition(f"ONNX Runtime could not start its {asked} (the server log says why) and would run on "
+                                 f"{started} instead; install its libraries, or configure another device or backend")
     (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
     width = graph_output.shape[-1]
     if not isinstance(width, int):

@@ -148,6 +148,21 @@ def test_an_unknown_backend_and_missing_providers_fail_clearly():
             execution_providers("onnxruntime", "cuda")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_gpu_provider_onnx_runtime_could_not_start_is_refused_not_replaced_by_the_cpu(tmp_path, monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider even where CUDA's libraries do not load;
+    the session then starts on the CPU with only a warning (here: a provider this build
+    lacks, which ONNX Runtime skips the same way)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("checks an onnxruntime without its CUDA provider")
+    path = export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(FailedPrecondition, match=r"could not start its CUDAExecutionProvider .* would run on \['CPUExecutionProvider'\]"):
+        onnx_runtime_features(path, execution_providers("onnxruntime", "cuda:0"), device="cuda:0", num_threads=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_export_leaves_a_cuda_model_on_the_gpu(tmp_path):
