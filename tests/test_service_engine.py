@@ -521,6 +521,22 @@ def test_an_onnx_model_with_a_fixed_batch_loads_and_runs_batches_of_any_size(tmp
         torch.testing.assert_close(whole.predict_fn(images).exp(), torch.softmax(expected, dim=1), atol=1e-4, rtol=1e-4)
 
 
+def test_an_onnx_models_input_size_is_its_own_and_another_size_or_layout_is_refused_naming_the_key(tmp_path, world_model):
+    path = _export_onnx(world_model, tmp_path / "model.onnx")  # (n, 3, 64, 64)
+    assert load_classifier(ClassifierSection(loader="onnx", path=path)).image_size == 64  # was 224, failing ONNX Runtime's shape check
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].image_size is 32 but .* takes 64x64 images"):
+        load_classifier(ClassifierSection(loader="onnx", path=path, image_size=32))
+
+    class ChannelsLast(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return world_model(images.permute(0, 3, 1, 2))
+
+    channels_last = tmp_path / "channels_last.onnx"
+    torch.onnx.export(ChannelsLast().eval(), (torch.rand(2, 64, 64, 3),), str(channels_last), input_names=["images"], dynamo=True, verbose=False)
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .* has shape \[2, 64, 64, 3\]; .* \(N, 3, S, S\)"):
+        load_classifier(ClassifierSection(loader="onnx", path=str(channels_last), image_size=64))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_on_a_cuda_device_without_onnxruntime_gpu_only_a_splittable_onnx_model_is_refused(tmp_path, world_model):
     ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1))

@@ -649,6 +649,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     graph_input = session.get_inputs()[0]
     batch = fixed_batch_size(graph_input)
+    section = dataclasses.replace(section, image_size=_onnx_image_size(graph_input, section.image_size, path))
     preprocess = Preprocess(section.mean, section.std)
 
     def run_batch(images: torch.Tensor) -> torch.Tensor:
@@ -681,6 +682,24 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
         onnx_features=lambda images: features(on_device(images)),
     )
+
+
+def _onnx_image_size(graph_input: Any, configured: int, path: Path) -> int:
+    """The square input size for an ONNX graph whose input ``graph_input`` (a NodeArg)
+    must be images (N, 3, S, S): the ``configured`` one, else the size the graph fixes,
+    else 224. A graph of another layout, or fixing another size, is refused here, in
+    words naming the key, instead of by ONNX Runtime's dimension check on the probe."""
+    shape = list(graph_input.shape)
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        raise ModelLoadError(f"[classifier].path: the input {graph_input.name!r} of {path} has shape {shape}; explaind feeds it "
+                             "images (N, 3, S, S), channels first")
+    fixed = {size for size in shape[2:] if isinstance(size, int)}
+    if len(fixed) > 1:
+        raise ModelLoadError(f"[classifier].path: {path} takes {shape[2]}x{shape[3]} images; explaind feeds square ones")
+    if fixed and configured and configured not in fixed:
+        raise ModelLoadError(f"[classifier].image_size is {configured} but {path} takes {shape[2]}x{shape[3]} images: "
+                             "leave it unset (0) or export the graph with that size")
+    return configured or next(iter(fixed), 224)
 
 
 def _hash_onnx(path: Path) -> str:
