@@ -537,6 +537,17 @@ def test_an_onnx_models_input_size_is_its_own_and_another_size_or_layout_is_refu
         load_classifier(ClassifierSection(loader="onnx", path=str(channels_last), image_size=64))
 
 
+def test_an_onnx_model_whose_first_output_is_not_its_scores_is_refused(tmp_path, world_model):
+    class LabelsFirst(torch.nn.Module):  # as many exporters order them: labels, then scores
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = world_model(images)
+            return logits.argmax(dim=1), logits
+
+    path = _export_onnx(LabelsFirst(), tmp_path / "labels_first.onnx")
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: .*'s \(first\) output for 2 images is torch.int64 of shape \(2,\), not scores"):
+        load_classifier(ClassifierSection(loader="onnx", path=path))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_on_a_cuda_device_without_onnxruntime_gpu_only_a_splittable_onnx_model_is_refused(tmp_path, world_model):
     ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1))

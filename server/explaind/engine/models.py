@@ -558,7 +558,11 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, digest:
     image_size = section.image_size or 224
     fitting = _fitting(section)
     _check_resize_size(fitting["resize_size"], image_size)
-    probe = torch.cat([fn(image) for image in _probe_images(image_size).split(1)]).float()  # one at a time: a fixed batch of 1 loads too
+    probe = torch.cat([fn(image) for image in _probe_images(image_size).split(1)])  # one at a time: a fixed batch of 1 loads too
+    if probe.dim() != 2 or len(probe) != 2 or not probe.is_floating_point():  # e.g. an ONNX graph whose first output is its labels
+        raise ModelLoadError(f"[classifier].path: {path}'s (first) output for 2 images is {probe.dtype} of shape {tuple(probe.shape)}, "
+                             "not scores (N, classes): logits or probabilities")
+    probe = probe.float()
     if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe)), atol=1e-4):
         log.info("%s: its outputs are probabilities (each row sums to 1); serving their logarithms as logits", path)
         fn = _logarithm_of(fn)
