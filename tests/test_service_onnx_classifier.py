@@ -5,9 +5,14 @@ predicted and evaluated, not explained."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from explaind.client import Client, FailedPreconditionError
@@ -67,8 +72,14 @@ def test_an_onnx_classifier_is_evaluated_ranked_and_edited_like_its_pytorch_mode
         neurons = [n.neuron for n in ranking.neurons[:3]]
         edit = client.edit_head("spurious", "heart", neurons, promote=True).result()
         assert edit.version.active and edit.version.neurons == sorted(neurons)
-        edited = client.predict(pixels[:8], return_features=True)
+        edited = client.predict(pixels[:8], top_k=6, return_features=True)
         assert {p.model_version for p in edited} == {client.model_metadata().model_version} != {predictions[0].model_version}
+        # Predict applies the stored edited head to the ONNX Runtime features.
+        head = _stored_head(server.data_dir, edit.version.version_id)
+        assert not torch.equal(head["weight"], torch_model.fc.weight)
+        expected = torch.softmax(torch.from_numpy(np.stack([p.features for p in edited])) @ head["weight"].T + head["bias"], dim=1)
+        for prediction, row in zip(edited, expected):
+            np.testing.assert_allclose(prediction.probabilities, row[prediction.class_indices].numpy(), atol=1e-5)
 
         with pytest.raises(FailedPreconditionError, match="without gradients; visualising neurons needs a PyTorch classifier"):
             client.visualize_neurons([(neurons[0], "heart")], method="no_clip")
@@ -76,6 +87,14 @@ def test_an_onnx_classifier_is_evaluated_ranked_and_edited_like_its_pytorch_mode
         assert report.visualizations == [] and "onnx classifier has no gradients" in report.no_visualization_reason
         assert "id='no-visualization'" in render_report(report)
         client.rollback_head_version()
+
+
+def _stored_head(data_dir: Path, version_id: str) -> dict[str, torch.Tensor]:
+    """A stored head version's weight (C, D) and bias (C,), read beside the server that
+    holds the data dir (its store's lock keeps a second store out)."""
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'explaind.sqlite3'}?mode=ro", uri=True)) as db:
+        (digest,) = db.execute("SELECT weights_digest FROM head_versions WHERE version_id = ?", (version_id,)).fetchone()
+    return load_safetensors((data_dir / "artifacts" / "sha256" / digest[:2] / digest).read_bytes())
 
 
 def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only_and_still_evaluated(tmp_path, torch_model):
