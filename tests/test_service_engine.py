@@ -441,6 +441,18 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
 
 
 
+def test_an_exported_program_is_served_at_the_input_size_it_fixes(tmp_path):
+    # It was probed at 224 and refused with "export it with a dynamic batch", which it had.
+    model = torch.nn.Sequential()
+    model.layer4 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model.fc = torch.nn.Linear(4, 2)
+    path = tmp_path / "at16.pt2"
+    torch.export.save(torch.export.export(model.eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+    assert load_classifier(ClassifierSection(loader="export", path=str(path))).image_size == 16
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].image_size is 32 but .*at16.pt2 takes 16x16 images: leave it unset \(0\)"):
+        load_classifier(ClassifierSection(loader="export", path=str(path), image_size=32))
+
+
 def test_a_damaged_or_foreign_model_file_is_named_without_torch_s_traceback(tmp_path, capfd):
     # A Git LFS pointer checked out as the weights was "holds objects other than tensors ...
     # save the model's state dict alone"; a damaged .pt2 logged torch's traceback, then

@@ -472,9 +472,9 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
         from torch.export.passes import move_to_device_pass
 
         program = move_to_device_pass(program, device)
+    image_size = _exported_image_size(program, section.image_size, path)
     model = torch.export.unflatten(program)
     head = section.head or "fc"
-    image_size = section.image_size or 224
     preprocess = Preprocess(section.mean, section.std).to(device)
     probe = preprocess(torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device))
     try:
@@ -653,7 +653,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     graph_input = session.get_inputs()[0]
     batch = fixed_batch_size(graph_input)
-    section = dataclasses.replace(section, image_size=_onnx_image_size(graph_input, section.image_size, path))
+    section = dataclasses.replace(section, image_size=_fixed_image_size(graph_input.name, list(graph_input.shape), section.image_size, path))
     preprocess = Preprocess(section.mean, section.std)
 
     def run_batch(images: torch.Tensor) -> torch.Tensor:
@@ -688,22 +688,36 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     )
 
 
-def _onnx_image_size(graph_input: Any, configured: int, path: Path) -> int:
-    """The square input size for an ONNX graph whose input ``graph_input`` (a NodeArg)
-    must be images (N, 3, S, S): the ``configured`` one, else the size the graph fixes,
-    else 224. A graph of another layout, or fixing another size, is refused here, in
-    words naming the key, instead of by ONNX Runtime's dimension check on the probe."""
-    shape = list(graph_input.shape)
+def _fixed_image_size(input_name: str, shape: list[Any], configured: int, path: Path) -> int:
+    """The square input size for a model file whose input ``input_name``, of ``shape``
+    (ints where the file fixes a size, names where it leaves it dynamic), must be images
+    (N, 3, S, S): the ``configured`` one, else the size the file fixes, else 224. A model
+    of another layout, or fixing another size, is refused here, in words naming the key,
+    instead of by its runtime's dimension check on the probe."""
     if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
-        raise ModelLoadError(f"[classifier].path: the input {graph_input.name!r} of {path} has shape {shape}; explaind feeds it "
+        raise ModelLoadError(f"[classifier].path: the input {input_name!r} of {path} has shape {shape}; explaind feeds it "
                              "images (N, 3, S, S), channels first")
     fixed = {size for size in shape[2:] if isinstance(size, int)}
     if len(fixed) > 1:
         raise ModelLoadError(f"[classifier].path: {path} takes {shape[2]}x{shape[3]} images; explaind feeds square ones")
     if fixed and configured and configured not in fixed:
         raise ModelLoadError(f"[classifier].image_size is {configured} but {path} takes {shape[2]}x{shape[3]} images: "
-                             "leave it unset (0) or export the graph with that size")
+                             "leave it unset (0) or export the model with that size")
     return configured or next(iter(fixed), 224)
+
+
+def _exported_image_size(program: torch.export.ExportedProgram, configured: int, path: Path) -> int:
+    """:func:`_fixed_image_size` for an exported program's one image input (the size it
+    was traced at stays fixed unless exported as dynamic); ``configured`` or 224 for a
+    program whose inputs are not one tensor."""
+    from torch.export.graph_signature import InputKind
+
+    names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor):
+        return configured or 224
+    shape = [size if isinstance(size, int) else str(size) for size in values[0].shape]
+    return _fixed_image_size(names[0], shape, configured, path)
 
 
 def _hash_onnx(path: Path) -> str:
