@@ -441,6 +441,30 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
 
 
 
+def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_says_or_told_why_not(tmp_path):
+    # Their head is not "fc": the refusal listed the state dict's first keys (the stem's) and,
+    # for a mistyped module, its last ones only; SqueezeNet's convolution head was "expected nn.Linear".
+    import torchvision
+
+    torch.manual_seed(0)
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3).eval()  # classifier: Linear, Hardswish, Dropout, Linear
+    torch.save(mobilenet.state_dict(), tmp_path / "mobilenet.pth")
+    section = ClassifierSection(loader="torchvision", name="mobilenet_v3_small", weights=str(tmp_path / "mobilenet.pth"), image_size=64)
+    with pytest.raises(ModelLoadError, match=r"no 'fc.weight' in the state dict, .* its last linear layers: \['classifier.0', 'classifier.3'\]\); "
+                                             r"set \[classifier\].head"):
+        load_classifier(section)
+    with pytest.raises(ModelLoadError, match=r"no module named 'feature' for \[classifier\].feature_layer; close matches are \['features',"):
+        load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="feature"))
+    version = load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="classifier.1"))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), mobilenet(images))
+    torch.save(torchvision.models.squeezenet1_1(num_classes=3).state_dict(), tmp_path / "squeezenet.pth")
+    with pytest.raises(ModelLoadError, match=r"head 'classifier.1' is a Conv2d, not an nn.Linear: .* served inference-only, with loader 'torchscript' or 'onnx'"):
+        load_classifier(ClassifierSection(loader="torchvision", name="squeezenet1_1", weights=str(tmp_path / "squeezenet.pth"),
+                                          head="classifier.1", feature_layer="features", image_size=64))
+
+
 def test_an_exported_program_is_served_at_the_input_size_it_fixes(tmp_path):
     # It was probed at 224 and refused with "export it with a dynamic batch", which it had.
     model = torch.nn.Sequential()
@@ -658,9 +682,9 @@ def test_an_exported_program_splits_like_the_eager_model_it_came_from(tmp_path, 
     torch.export.save(torch.export.export(copy.deepcopy(world_model).train(), (torch.rand(2, 3, 64, 64),), dynamic_shapes=({0: batch},)), str(training))
     with pytest.raises(ModelLoadError, match=r"training.pt2: an image's output depends on the rest of its batch; .* model.eval\(\)"):
         load_classifier(dataclasses.replace(section, path=str(training)))
-    with pytest.raises(ModelLoadError, match=r"head 'layer3' has parameters \[\], expected a linear layer's weight"):
+    with pytest.raises(ModelLoadError, match=r"head 'layer3' has parameters \{\}, not a linear layer's weight \(C, D\) and bias: .* inference-only"):
         load_classifier(dataclasses.replace(section, head="layer3"))
-    with pytest.raises(ModelLoadError, match=r"no module named 'classifier' for head"):
+    with pytest.raises(ModelLoadError, match=r"no module named 'classifier' for \[classifier\].head"):
         load_classifier(dataclasses.replace(section, head="classifier"))
 
     class Doubled(torch.nn.Linear):  # a head with a linear layer's parameters that is not one

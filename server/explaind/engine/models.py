@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib
@@ -207,12 +208,20 @@ def _without_submodule(model: nn.Module, dotted: str) -> nn.Module:
     return clone
 
 
+# Why a head must be an nn.Linear, and what serves a model that ends in another layer.
+_LINEAR_HEAD_NEEDED = ("ranking neurons and editing the head need a final linear layer; a model ending in another layer "
+                       "(e.g. SqueezeNet's convolution) can be served inference-only, with loader 'torchscript' or 'onnx'")
+
+
 def _require_module(model: nn.Module, name: str, role: str, source: str | Path) -> nn.Module:
-    """Submodule ``name`` of ``model``; ModelLoadError naming the role and the last module names if absent."""
+    """Submodule ``name`` of ``model``; ModelLoadError naming the key ``[classifier].<role>``,
+    the module names closest to ``name`` and the last ones (where a head is) if absent."""
     modules = dict(model.named_modules())
     if name not in modules:
-        candidates = [n for n in modules if n][-8:]
-        raise ModelLoadError(f"{source}: no module named {name!r} for {role}; last modules are {candidates}")
+        names = [n for n in modules if n]
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ModelLoadError(f"{source}: no module named {name!r} for [classifier].{role}"
+                             f"{f'; close matches are {close}' if close else ''}; last modules are {names[-8:]}")
     return modules[name]
 
 
@@ -235,7 +244,7 @@ def split_classifier(
     head_module = _require_module(model, head, "head", source)
     tapped = _require_module(model, feature_layer, "feature_layer", source)
     if not isinstance(head_module, nn.Linear):
-        raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, expected nn.Linear")
+        raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, not an nn.Linear: {_LINEAR_HEAD_NEEDED}")
     if head_module.bias is None:  # ranking and head edits work with a bias; a zero one changes no output
         head_module = _replace_with_linear(model, head, source)
     model.eval()
@@ -419,8 +428,8 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         if f"{head}.weight" not in state:  # else "class_names is required", or torch's list of every missing key
             keys = [str(key) for key in state][:5] if isinstance(state, dict) else []
             raise ModelLoadError(f"{path}: no {head + '.weight'!r} in the state dict, so it is not one of torchvision's {section.name} with "
-                                 f"head {head!r} (its first keys: {keys}); set [classifier].head to the final linear layer's name, "
-                                 "or save the model's state_dict()")
+                                 f"head {head!r} (its first keys: {keys}; its last linear layers: {_linear_layers(state)[-3:]}); "
+                                 "set [classifier].head to the final linear layer's name, or save the model's state_dict()")
         class_names = _class_names(section, state[f"{head}.weight"].shape[0])
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
         model.load_state_dict(state)
@@ -437,6 +446,15 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         **_fitting(section, resize_size, interpolation),
         preprocess=Preprocess(section.mean or mean, section.std or std),
     )
+
+
+def _linear_layers(state: Any) -> list[str]:
+    """Names of the layers with a 2-D ``weight`` in a state dict, in its order: the
+    candidates for a head (the final one is usually last)."""
+    if not isinstance(state, dict):
+        return []
+    return [str(key).removesuffix(".weight") for key, value in state.items()
+            if str(key).endswith(".weight") and isinstance(value, torch.Tensor) and value.dim() == 2]
 
 
 def _torchvision_pretrained(section: ClassifierSection) -> tuple[nn.Module, Any]:
@@ -514,7 +532,8 @@ def _replace_with_linear(model: nn.Module, name: str, source: str | Path) -> nn.
     parameters = dict(module.named_parameters(recurse=False))
     weight, bias = parameters.get("weight"), parameters.get("bias")
     if weight is None or weight.dim() != 2 or set(parameters) - {"weight", "bias"}:
-        raise ModelLoadError(f"{source}: head {name!r} has parameters {sorted(parameters)}, expected a linear layer's weight (C, D) and bias")
+        shapes = {key: tuple(value.shape) for key, value in sorted(parameters.items())}
+        raise ModelLoadError(f"{source}: head {name!r} has parameters {shapes}, not a linear layer's weight (C, D) and bias: {_LINEAR_HEAD_NEEDED}")
     linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
