@@ -441,8 +441,26 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
 
 
 
+@pytest.mark.parametrize(("architecture", "head", "feature_layer"), [
+    ("mobilenet_v3_small", "classifier.3", "classifier.1"), ("efficientnet_b0", "classifier.1", "features"),
+    ("regnet_x_400mf", "fc", "trunk_output"), ("shufflenet_v2_x0_5", "fc", "conv5"), ("resnet18", "fc", "layer4"),
+])
+def test_a_torchvision_architecture_splits_where_its_table_says_without_head_or_feature_layer_set(tmp_path, architecture, head, feature_layer):
+    # Every one but a ResNet needed both keys set: the defaults were ResNet's whatever the name.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=3).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    version = load_classifier(ClassifierSection(loader="torchvision", name=architecture, weights=str(tmp_path / "weights.pth"), image_size=64))
+    assert (version.head_name, version.feature_layer) == (head, feature_layer)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), model(images))
+
+
 def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_says_or_told_why_not(tmp_path):
-    # Their head is not "fc": the refusal listed the state dict's first keys (the stem's) and,
+    # A head set wrong: the refusal listed the state dict's first keys (the stem's) and,
     # for a mistyped module, its last ones only; SqueezeNet's convolution head was "expected nn.Linear".
     import torchvision
 
@@ -452,7 +470,7 @@ def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_s
     section = ClassifierSection(loader="torchvision", name="mobilenet_v3_small", weights=str(tmp_path / "mobilenet.pth"), image_size=64)
     with pytest.raises(ModelLoadError, match=r"no 'fc.weight' in the state dict, .* its last linear layers: \['classifier.0', 'classifier.3'\]\); "
                                              r"set \[classifier\].head"):
-        load_classifier(section)
+        load_classifier(dataclasses.replace(section, head="fc"))
     with pytest.raises(ModelLoadError, match=r"no module named 'feature' for \[classifier\].feature_layer; close matches are \['features',"):
         load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="feature"))
     version = load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="classifier.1"))

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import logging
 import pickle
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,14 +407,41 @@ def _load_world(section: ClassifierSection) -> ClassifierVersion:
     )
 
 
+# Where torchvision's classifiers split (docs/configuration.md, Torchvision architectures):
+# (pattern of the architecture's name, head, feature_layer), the first match applies,
+# to each key [classifier] leaves unset; ResNet's ("fc", "layer4") for any other name.
+TORCHVISION_SPLITS: tuple[tuple[str, str, str], ...] = (
+    (r"regnet_", "fc", "trunk_output"),
+    (r"shufflenet_v2_", "fc", "conv5"),
+    (r"googlenet", "fc", "inception5b"),
+    (r"inception_v3", "fc", "Mixed_7c"),
+    (r"efficientnet_|mobilenet_v2", "classifier.1", "features"),
+    (r"mnasnet", "classifier.1", "layers"),
+    (r"mobilenet_v3_", "classifier.3", "classifier.1"),
+    (r"convnext_", "classifier.2", "features"),
+    (r"densenet", "classifier", "features"),
+    (r"swin_", "head", "features"),
+    (r"vgg", "classifier.6", "classifier.4"),
+    (r"alexnet", "classifier.6", "classifier.5"),
+    (r"vit_", "heads.head", "encoder"),
+)
+
+
+def torchvision_split(architecture: str) -> tuple[str, str]:
+    """(head, feature_layer) of torchvision architecture ``architecture`` (e.g. "efficientnet_b0")."""
+    return next(((head, layer) for pattern, head, layer in TORCHVISION_SPLITS if re.match(pattern, architecture)), ("fc", "layer4"))
+
+
 def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     """A torchvision architecture with a state-dict file, or with torchvision weights by
-    name (then with their class names, input size, resize and normalisation unless configured)."""
+    name (then with their class names, input size, resize and normalisation unless configured),
+    split where TORCHVISION_SPLITS says unless the section says."""
     import torchvision
 
     if not section.name:
         raise ModelLoadError("[classifier] loader 'torchvision' needs name (e.g. 'resnet18')")
-    head = section.head or "fc"
+    default_head, default_layer = torchvision_split(section.name)
+    head = section.head or default_head
     if section.weights and not Path(section.weights).exists():
         model, weights = _torchvision_pretrained(section)
         transforms = weights.transforms()
@@ -439,7 +467,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         name=section.name,
         loader="torchvision",
         source=source,
-        feature_layer=section.feature_layer or "layer4",
+        feature_layer=section.feature_layer or default_layer,
         head=head,
         class_names=class_names,
         image_size=section.image_size or image_size,
