@@ -473,6 +473,9 @@ def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_s
         load_classifier(dataclasses.replace(section, head="fc"))
     with pytest.raises(ModelLoadError, match=r"no module named 'feature' for \[classifier\].feature_layer; close matches are \['features',"):
         load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="feature"))
+    for holder, verb in (("classifier", "holds"), ("classifier.3", "is")):  # "does not run in the model's forward", though it did
+        with pytest.raises(ModelLoadError, match=rf"\[classifier\].feature_layer '{holder}' {verb} the head 'classifier.3'; name a layer"):
+            load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer=holder))
     version = load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="classifier.1"))
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():

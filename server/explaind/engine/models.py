@@ -246,6 +246,10 @@ def split_classifier(
     tapped = _require_module(model, feature_layer, "feature_layer", source)
     if not isinstance(head_module, nn.Linear):
         raise ModelLoadError(f"{source}: head {head!r} is a {type(head_module).__name__}, not an nn.Linear: {_LINEAR_HEAD_NEEDED}")
+    if feature_layer == head or head.startswith(f"{feature_layer}."):  # the features stop before the head: it cannot be among them
+        raise ModelLoadError(f"{source}: [classifier].feature_layer {feature_layer!r} {'is' if feature_layer == head else 'holds'} the head "
+                             f"{head!r}; name a layer the model runs before the head, whose output the head reads "
+                             "(docs/configuration.md, Torchvision architectures)")
     if head_module.bias is None:  # ranking and head edits work with a bias; a zero one changes no output
         head_module = _replace_with_linear(model, head, source)
     model.eval()
