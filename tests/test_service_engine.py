@@ -2311,6 +2311,25 @@ def test_a_job_whose_end_was_refused_is_deleted_without_a_restart_once_the_store
     store.close()
 
 
+def test_cancelling_a_job_that_ended_but_whose_end_the_store_refused_changes_nothing(tmp_path):
+    # Its end is live only, FAILED: the cancel was taken for a running job's, stored the
+    # ended record with cancel_requested set and, with the store still refusing, failed
+    # CancelOperation with the store's error (INTERNAL) for an operation that had ended.
+    store, metrics = _FailingWrites(tmp_path), Metrics()
+    jobs = JobManager(store, metrics, workers=1)
+    store.failures = 2
+    job_id = jobs.submit("evaluate", lambda ctx: _empty()).record.job_id
+    ended = jobs.wait(job_id, 10).record
+    assert ended.state == "failed" and store.get_job(job_id).state == "running"
+    store.failures = 1  # the store still refuses its end
+    assert jobs.cancel(job_id).record == ended
+    assert store.failures == 1 and store.get_job(job_id).state == "running"  # no write was tried
+    assert jobs.record_unrecorded_ends() == 0 and jobs.record_unrecorded_ends() == 1
+    assert store.get_job(job_id) == ended and not ended.cancel_requested
+    assert jobs_ended(metrics, ("evaluate", "failed", "INTERNAL")) == [1.0]
+    jobs.shutdown(1)
+
+
 def test_a_cancelled_job_ends_cancelled_however_slow_the_store(tmp_path):
     # The job could see the cancel before the request was recorded and end FAILED/ABORTED
     # as if the server had shut down (seen with a store write in between).

@@ -616,7 +616,7 @@ class JobManager:
         with self._changed:
             self._require_owner(job_id, caller)
             live = self._live.get(job_id)
-            if live is None:
+            if live is None or live.record.state in FINISHED_STATES:  # ended (live: its end the store refused): nothing to stop
                 return self.get(job_id)
             if live.record.state == QUEUED:
                 live.cancel_event.set()
