@@ -1750,6 +1750,58 @@ def test_a_watch_sends_progress_at_most_every_interval_and_the_end(tmp_path):
     jobs.shutdown(1)
 
 
+def test_a_watch_holding_back_progress_sends_an_end_that_came_before_its_wait_at_once(tmp_path, monkeypatch):
+    # The watch slept out the progress interval without looking again: an end (or a
+    # preview) between its read and that sleep had woken no one, and waited for it.
+    import explaind.jobs
+
+    monkeypatch.setattr(explaind.jobs, "WATCH_PROGRESS_INTERVAL_S", 60.0)  # progress alone is always held back here
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    contexts, reported, finish, ended, missed_ends = [], threading.Event(), threading.Event(), threading.Event(), []
+
+    class SaysWhatNoWakeUpEnds(threading.Condition):
+        def wait(self, timeout=None):
+            if threading.current_thread() is threading.main_thread() and job_id not in jobs._live:
+                missed_ends.append(timeout)  # the job ended before this sleep: only its timeout ends it
+                return False
+            return super().wait(timeout)
+
+    monkeypatch.setattr(jobs, "_changed", SaysWhatNoWakeUpEnds())
+    end_job = JobManager._end
+
+    def says_when_ended(self, live, **changes):
+        end_job(self, live, **changes)
+        ended.set()
+
+    monkeypatch.setattr(JobManager, "_end", says_when_ended)
+
+    def job(ctx):
+        contexts.append(ctx)
+        ctx.report_progress(1, 3)
+        reported.set()
+        finish.wait(10)
+        return _empty()
+
+    job_id = jobs.submit("visualize", job).record.job_id
+    assert reported.wait(10)
+    watch = jobs.watch(job_id)
+    assert next(watch).record.step == 1
+    contexts[0].report_progress(2, 3)  # progress alone, within the interval: held back
+    read_again = jobs._read_again
+
+    def ends_after_this_read(*args):
+        snapshot = read_again(*args)
+        if snapshot[0].record.step == 2 and not finish.is_set():
+            finish.set()
+            assert ended.wait(10)  # the job ends between this read and the watch's next sleep
+        return snapshot
+
+    monkeypatch.setattr(jobs, "_read_again", ends_after_this_read)
+    assert [snapshot.record.state for snapshot in watch] == ["succeeded"]
+    assert missed_ends == []
+    jobs.shutdown(1)
+
+
 def _evaluation_with_mistakes(count: int):
     from explaind.v1 import inference_pb2
 

@@ -683,18 +683,23 @@ class JobManager:
                 wait = WATCH_PROGRESS_INTERVAL_S - (time.monotonic() - sent_at)
                 progress_only = last is not None and snapshot.preview == last.preview and (
                     (snapshot.record.state, snapshot.record.artifacts) == (last.record.state, last.record.artifacts))
-                if progress_only and wait > 0:
-                    with self._changed:  # woken by the next change (a preview or the end goes at once), else the progress of that moment
-                        self._changed.wait(wait)
+                if progress_only and wait > 0:  # woken by the next change (a preview or the end goes at once), else the progress of that moment
+                    self._wait_for_change(job_id, snapshot, wait)
                     continue
                 yield snapshot
                 last, sent_at = snapshot, time.monotonic()
             if snapshot.done or not is_active():
                 return
-            with self._changed:
-                live = self._live.get(job_id)
-                if live is not None and self._snapshot(live) == snapshot:
-                    self._changed.wait(poll_s)
+            self._wait_for_change(job_id, snapshot, poll_s)
+
+    def _wait_for_change(self, job_id: str, read: JobSnapshot, timeout_s: float) -> None:
+        """Sleep until the job changes from ``read`` or ``timeout_s`` pass; not at all if it
+        changed (or ended) since it was read: its wake-up has gone, and the sleep would
+        last the whole timeout."""
+        with self._changed:
+            live = self._live.get(job_id)
+            if live is not None and self._snapshot(live) == read:
+                self._changed.wait(timeout_s)
 
     def wait(self, job_id: str, timeout: float | None = None, *, is_active: Callable[[], bool] = lambda: True) -> JobSnapshot:
         """The job once done, or as it is when ``timeout`` seconds pass or the caller leaves."""
