@@ -762,6 +762,40 @@ def test_a_report_whose_page_is_not_written_names_the_edit_it_stored(server, cap
             client.delete_sample_set("unwritten")
 
 
+def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_them_and_fails(server, capsys, world_images, tmp_path, monkeypatch):
+    # A visualisation job out of memory lost the ranking and the edit already made: no page at all.
+    import grpc
+
+    from explaind.client._errors import operation_error
+
+    images, labels = world_images
+    mislabelled = (labels + 1) % 6
+    with Client(server.target, timeout=30) as client:
+        name = client.model_metadata().class_names[int(mislabelled[0])]
+        client.create_sample_set(images, mislabelled, sample_set_id="unvisualised")
+        before = {v.version_id for v in client.head_versions()}
+
+    def out_of_memory(self, *args, **kwargs):
+        raise operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the GPU ran out of memory <while optimising>")
+
+    out = tmp_path / "report.html"
+    monkeypatch.setattr(Client, "visualize_neurons", out_of_memory)
+    try:
+        assert main(["--target", server.target, "report", "--class", name, "--sample-set", "unvisualised", "--out", str(out), "--steps", "2"]) == 1
+    finally:
+        monkeypatch.undo()
+        with Client(server.target, timeout=30) as client:
+            for stored in {v.version_id for v in client.head_versions()} - before:
+                client.delete_head_version(stored)
+            client.delete_sample_set("unvisualised")
+    assert capsys.readouterr().err.endswith(
+        "error: the visualisations stopped after 0 neurons: RESOURCE_EXHAUSTED: the GPU ran out of memory <while optimising>\n")
+    page = out.read_text()
+    assert "<p id='visualization-failed'>The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: the GPU ran out " \
+           "of memory &lt;while optimising&gt;</p>" in page
+    assert "<h2>Suggested head edit</h2>" in page and "id='ranking-legend'" in page  # the work before them is kept
+
+
 def test_an_artifact_goes_to_standard_output_with_dash_and_is_not_fetched_for_an_unwritable_file(server, capsysbinary, world_images, tmp_path, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

@@ -1003,6 +1003,14 @@ def _explain_worst_class(client: Client, evaluation: Evaluation, sample_set_id: 
     _write(out, render_report(report).encode("utf-8"))
     _print_report_gaps(report)
     print(f"HTML report (ranked neurons, visualisations, suggested head edit): {out}")
+    _require_whole(report)
+
+
+def _require_whole(report: MistakeReport) -> None:
+    """CommandError when the report's visualisations stopped part way (its page is written
+    without the rest): a pipeline must not take it as done."""
+    if report.visualization_error is not None:
+        raise CommandError(f"the visualisations stopped after {len(report.visualizations)} neurons: {report.visualization_error}")
 
 
 def _print_report_gaps(report: MistakeReport) -> None:
@@ -1035,6 +1043,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if report.edit is not None:
         print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")
     _print_report_gaps(report)
+    _require_whole(report)
     return 0
 
 

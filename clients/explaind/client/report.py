@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 import grpc
 
 from ._client import Client, _is_index
-from ._errors import InvalidArgumentError, NotFoundError, OperationError, error_from_code
+from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
 
@@ -42,6 +42,9 @@ class MistakeReport:
     evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
     no_edit_reason: str = ""  # why no edit was suggested, when the server refused one (e.g. too few samples)
     no_visualization_reason: str = ""  # why there are no visualisations (a classifier without gradients)
+    # The server's failure that stopped the visualisations part way (a job out of memory,
+    # say); those made before it are kept, and the page still shows the ranking and edit.
+    visualization_error: ExplaindError | None = None
 
 
 def build_report(
@@ -69,7 +72,9 @@ def build_report(
     A wrong option of the caller's (an unknown set, a group attribute the samples lack)
     raises, before the visualisations (the longest part) where it can: the edit runs
     before them. A refusal the data causes (too few samples, training that diverged)
-    leaves the page without an edit, saying why."""
+    leaves the page without an edit, saying why; a server error that stops the
+    visualisations leaves it without the rest of them, in ``visualization_error``, rather
+    than losing the ranking and the edit."""
     for name, count in (("edit_neurons", edit_neurons), ("max_neurons", max_neurons)):
         if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
@@ -90,8 +95,8 @@ def build_report(
                 raise
             no_edit_reason = error.details
     with noting_stored_edit(edit):
-        visualizations, method, no_visualization_reason = _visualize_ranked(client, ranking, max_neurons, steps, progress)
-    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason)
+        visualizations, method, no_visualization_reason, visualization_error = _visualize_ranked(client, ranking, max_neurons, steps, progress)
+    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason, visualization_error)
 
 
 @contextlib.contextmanager
@@ -108,9 +113,10 @@ def noting_stored_edit(edit: HeadEdit | None) -> Iterator[None]:
 
 
 def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int,
-                      progress: bool) -> tuple[list[NeuronVisualization], str, str]:
+                      progress: bool) -> tuple[list[NeuronVisualization], str, str, ExplaindError | None]:
     """Visualise every ranked neuron (or the top ``max_neurons``) on the class: the
-    visualisations, the method, and why there are none where the classifier has no gradients."""
+    visualisations, the method, why there are none where the classifier has no gradients,
+    and the server's error that stopped them part way (those before it kept)."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -120,8 +126,11 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
     for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
-        visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
-    return visualizations, method, no_visualization_reason
+        try:
+            visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
+        except ExplaindError as error:  # the queue full, a job out of memory: what came before is still worth its page
+            return visualizations, method, no_visualization_reason, error
+    return visualizations, method, no_visualization_reason, None
 
 
 # Request fields build_report's caller chose: the edit refusing one of them is the caller's mistake.
@@ -327,8 +336,13 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></div>"
             )
         parts.append(f"</div>{_VISUALIZATION_LEGEND}")
-    elif report.no_visualization_reason:
-        parts.append(f"<h2>What the ranked neurons respond to</h2><p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
+    elif report.no_visualization_reason or report.visualization_error:
+        parts.append("<h2>What the ranked neurons respond to</h2>")
+        if report.no_visualization_reason:
+            parts.append(f"<p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
+    if report.visualization_error is not None:
+        parts.append(f"<p id='visualization-failed'>The visualisations stopped after {len(report.visualizations)} of the ranked neurons: "
+                     f"{escape(str(report.visualization_error))}</p>")
     if report.edit is not None:
         version = report.edit.version
         parts.append(
