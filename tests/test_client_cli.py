@@ -1076,7 +1076,7 @@ def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path,
 
     from explaind.client import cli, report
 
-    monkeypatch.setattr(report, "build_report", lambda *args, **kwargs: SimpleNamespace(ranking=None))
+    monkeypatch.setattr(report, "build_report", lambda *args, **kwargs: SimpleNamespace(ranking=None, visualization_error=None))
     monkeypatch.setattr(report, "render_report", lambda built: "<html>")
     monkeypatch.setattr(cli, "_print_ranking", lambda ranking: None)
     monkeypatch.setattr(cli, "_print_report_gaps", lambda built: None)
