@@ -160,10 +160,6 @@ class BearerToken:
         self._path = path
         self._files = _WatchedFiles([path])
 
-    def allows(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        """Whether the call's metadata carries ``authorization: Bearer <token>``."""
-        return self.grant_of(metadata) is not None
-
     def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
         """The token's grant (caller UNNAMED) for a call whose metadata carries it, else
         None; the token compared in constant time (a caller cannot guess it from how
@@ -179,11 +175,6 @@ class BearerToken:
         stream asks between messages, so no other call is needed for a new token to end it."""
         self._files.reload_if_changed(self._reload)
         return grant is self._grant
-
-    def current(self) -> str:
-        """The token, re-read from the file when it has changed since the last look."""
-        self._files.reload_if_changed(self._reload)
-        return self._grant.token.decode()
 
     def _reload(self) -> None:
         try:
