@@ -227,7 +227,9 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
         inputs += [helper.make_tensor_value_info(c.name, c.data_type, list(c.dims)) for c in constants]
     graph = helper.make_graph(nodes, "classifier", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], constants)
     path = str(tmp_path / f"{tail}.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    # IR 9, not the installed onnx's newest: an older ONNX Runtime (1.30 reads up to 13)
+    # refuses a newer IR version, as it would a user's model saved so.
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), path)
     return path, weight
 
 

@@ -152,6 +152,7 @@ def test_an_image_follows_the_same_random_draws_whatever_shares_its_batch(illusi
     assert torch.equal(first.images, illusion.visualize([(3, 1)], steps=1, seed=7, learning_rate=0.0).images)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_every_random_draw_is_made_there_and_still_follows_its_pair(world_model, tiny_clip):
     # The per-step noise was drawn on the CPU and copied over: slower than the step itself.
@@ -179,6 +180,7 @@ def test_on_a_gpu_every_random_draw_is_made_there_and_still_follows_its_pair(wor
     assert alone.images.device.type == "cuda" and torch.isfinite(alone.activations).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_models_moved_to_a_gpu_after_a_first_visualisation_are_followed_there(world_model, tiny_clip):
     # The class prompt's embedding was cached on the device of the first call.

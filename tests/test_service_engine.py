@@ -814,6 +814,7 @@ def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server
     assert version.inference_only_reason == "its graph could not be split before a final linear layer: OSError (the server log says more)"
 
 
+@pytest.mark.gpu
 def test_an_onnx_classifier_computes_its_features_on_the_gpu(tmp_path, world_model):
     import onnxruntime
 

@@ -723,6 +723,7 @@ def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_befor
         _shut(engine)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_every_job_of_the_loop_runs_there_and_predict_serves_the_edited_head(tmp_path, world_set):
     # [runtime].device = "cuda" end to end: features, ranking, visualisation, edit,

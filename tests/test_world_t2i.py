@@ -44,6 +44,7 @@ def smoke(tmp_path_factory):
     return out, clip, load_world_t2i(out, clip), clip_dir
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_on_cuda_draws_the_same_examples_as_on_cpu(smoke, tmp_path):
     """Random draws come from CPU generators: with one seed, the first step's loss (same
