@@ -16,6 +16,7 @@ from ._onnx_runtime import (
     export_onnx,
     fixed_batch_size,
     onnx_runtime_features,
+    require_providers,
     run_in_batches,
     split_onnx_classifier,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "export_onnx",
     "fixed_batch_size",
     "onnx_runtime_features",
+    "require_providers",
     "run_in_batches",
     "split_onnx_classifier",
 ]

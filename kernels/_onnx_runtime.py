@@ -114,17 +114,9 @@ def execution_providers(
     """
     import onnxruntime
 
-    if backend not in ONNX_BACKENDS:
-        raise ValueError(f"backend must be one of {ONNX_BACKENDS}, got {backend!r}")
-    available = onnxruntime.get_available_providers()
+    require_providers(backend, device)
     cpu: Provider = ("CPUExecutionProvider", {})
     if backend == "tensorrt":
-        if torch.device(device).type != "cuda":  # else its providers took the current GPU, unasked
-            raise ValueError(f"backend 'tensorrt' runs on a CUDA device, got device={device!r}")
-        if not torch.cuda.is_available() or "TensorrtExecutionProvider" not in available:
-            raise FailedPrecondition(
-                f"backend 'tensorrt' needs CUDA and onnxruntime's TensorrtExecutionProvider; this machine has "
-                f"CUDA={torch.cuda.is_available()}, providers={available}")
         if image_size < 1 or max_batch_size < 1 or engine_cache_dir is None:
             raise ValueError("TensorRT needs image_size, max_batch_size and engine_cache_dir")
         index = _cuda_index(device)
@@ -144,12 +136,30 @@ def execution_providers(
         })
         return [tensorrt, ("CUDAExecutionProvider", {"device_id": index}), cpu]
     if torch.device(device).type == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise FailedPrecondition(
-                f"device {device!r} with backend 'onnxruntime' needs onnxruntime-gpu (CUDAExecutionProvider); "
-                f"providers here: {available}")
         return [("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), cpu]
     return [cpu]
+
+
+def require_providers(backend: str, device: str) -> None:
+    """``FailedPrecondition`` naming what is missing when this machine's ONNX Runtime lacks
+    the provider ``backend`` needs on ``device`` (onnxruntime-gpu's CUDA, TensorRT): cheap,
+    so a server checks it before it listens, not minutes later as the models load."""
+    import onnxruntime
+
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"backend must be one of {ONNX_BACKENDS}, got {backend!r}")
+    available = onnxruntime.get_available_providers()
+    if backend == "tensorrt":
+        if torch.device(device).type != "cuda":  # else its providers took the current GPU, unasked
+            raise ValueError(f"backend 'tensorrt' runs on a CUDA device, got device={device!r}")
+        if not torch.cuda.is_available() or "TensorrtExecutionProvider" not in available:
+            raise FailedPrecondition(
+                f"backend 'tensorrt' needs CUDA and onnxruntime's TensorrtExecutionProvider; this machine has "
+                f"CUDA={torch.cuda.is_available()}, providers={available}")
+    elif torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in available:
+        raise FailedPrecondition(
+            f"device {device!r} with backend 'onnxruntime' needs onnxruntime-gpu (CUDAExecutionProvider); "
+            f"providers here: {available}")
 
 
 def _tensorrt_version() -> str:

@@ -2503,6 +2503,12 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
                                                             r"\"http://host:4317\" \(plaintext\) or \"https://host:4317\" \(TLS\), got 'collector:4317': the scheme must be http or https"),
         ({"tracing": {"otlp_endpoint": "http://collector:4317/v1/traces"}}, r"\[tracing\].otlp_endpoint .* a path, which gRPC has no use for"),
         ({"tracing": {"service_name": " "}}, r"\[tracing\].service_name must name the service in traces, got ' '"),
+        # Each of these started listening, then failed as the models loaded.
+        ({"classifier": {"path": ""}}, r"\[classifier\] loader 'world' needs path \(a world classifier directory\)"),
+        ({"classifier": {"loader": "onnx", "path": ""}}, r"\[classifier\] loader 'onnx' needs path \(an ONNX file\)"),
+        ({"classifier": {"loader": "torchvision"}}, r"\[classifier\] loader 'torchvision' needs name \(an architecture, e.g. 'resnet18'\)"),
+        ({"classifier": {"loader": "torchvision", "name": "resnet18"}}, r"\[classifier\] loader 'torchvision' needs weights \(a state-dict file"),
+        ({"classifier": {"loader": "factory", "factory": "models:build", "head": "fc"}}, r"\[classifier\] loader 'factory' needs feature_layer"),
     ],
 )
 def test_config_values_that_would_fail_later_are_refused_naming_the_key(tmp_path, classifier_dir, sections, error):
@@ -2850,6 +2856,30 @@ def test_no_writable_temporary_directory_is_refused_at_start_up_before_serving(t
     stop.set()
     assert "listening" not in caplog.text
     SQLiteStore(tmp_path / "data").close()  # the data dir is free
+
+
+def test_an_onnx_runtime_backend_without_its_gpu_provider_is_refused_before_serving(tmp_path, monkeypatch, caplog):
+    """ONNX Runtime without onnxruntime-gpu, as on an H200 machine here: the server said
+    "listening", then stopped as the models loaded. Now it stops before binding."""
+    import onnxruntime
+
+    from explaind.service.server import serve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    stop = threading.Event()
+    threading.Timer(10, stop.set).start()  # a server that started anyway stops, and the test fails
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path / "data")).replace("runtime", backend="onnxruntime", device="cuda")
+    with caplog.at_level(logging.INFO, logger="explaind"), pytest.raises(
+            FailedPrecondition, match=r"device 'cuda' with backend 'onnxruntime' needs onnxruntime-gpu \(CUDAExecutionProvider\); providers here: \['CPUExecutionProvider'\]"):
+        serve(config, stop)
+    stop.set()
+    assert "listening" not in caplog.text
+    # A classifier on its own runtime ignores [runtime].backend, so nothing is asked of it.
+    from explaind.engine.backends import check_backend
+
+    check_backend("onnxruntime", "cuda", loader="torchscript")
 
 
 def test_bearer_token_matches_the_whole_authorization_value_only():

@@ -529,10 +529,33 @@ def _endpoint_problem(endpoint: str) -> str | None:
     return None
 
 
+# What each loader cannot start without: (key, what it holds). Checked as the config is
+# read, so a server missing one stops before it listens, not as its models load.
+_CLASSIFIER_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "world": (("path", "a world classifier directory"),),
+    "torchvision": (("name", "an architecture, e.g. 'resnet18'"), ("weights", "a state-dict file, or weights by name such as 'DEFAULT'")),
+    "export": (("path", "a .pt2 file from torch.export.save"),),
+    "torchscript": (("path", "a TorchScript file"),),
+    "onnx": (("path", "an ONNX file"),),
+    "factory": (("factory", "'package.module:function' returning an nn.Module"), ("feature_layer", "the module whose output is the features"),
+                ("head", "the final nn.Linear")),
+}
+
+
+def missing_classifier_key(section: ClassifierSection) -> str | None:
+    """What ``section``'s loader needs and lacks, as a message; None when it has it all."""
+    for key, meaning in _CLASSIFIER_NEEDS.get(section.loader, ()):
+        if not getattr(section, key):
+            return f"[classifier] loader {section.loader!r} needs {key} ({meaning})"
+    return None
+
+
 def _validate(path: Path | str, config: Config) -> None:
     classifier = config.classifier
     if classifier.loader not in CLASSIFIER_LOADERS:
         raise ConfigError(f"{path}: [classifier].loader must be one of {CLASSIFIER_LOADERS}, got {classifier.loader!r}")
+    if problem := missing_classifier_key(classifier):
+        raise ConfigError(f"{path}: {problem}")
     if config.runtime.backend not in BACKENDS:
         raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
     _validate_device(path, config.runtime)

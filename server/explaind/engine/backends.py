@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import FailedPrecondition
-from ..kernels import ONNX_BACKENDS, execution_providers, export_onnx, onnx_runtime_features
+from ..kernels import ONNX_BACKENDS, execution_providers, export_onnx, onnx_runtime_features, require_providers
 from .models import ClassifierVersion
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -30,6 +30,18 @@ def check_device(device: str) -> torch.device:
         raise FailedPrecondition(f"[runtime].device is {device!r} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1} "
                                  f"(CUDA_VISIBLE_DEVICES renumbers them from 0)")
     return resolved
+
+
+# Loaders whose classifier runs on its own runtime, whatever [runtime].backend says.
+OWN_RUNTIME_LOADERS = ("onnx", "torchscript")
+
+
+def check_backend(backend: str, device: str, *, loader: str) -> None:
+    """FailedPrecondition when ``backend`` cannot run on ``device`` on this machine (an
+    ONNX Runtime without onnxruntime-gpu's CUDA or TensorRT provider): the server checks
+    it before it listens, as it does the device."""
+    if backend in ONNX_BACKENDS and loader not in OWN_RUNTIME_LOADERS:
+        require_providers(backend, device)
 
 
 def build_feature_fn(

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import ClassifierSection, ClipSection, DiffusionSection
+from ..config import ClassifierSection, ClipSection, DiffusionSection, missing_classifier_key
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
 from ..kernels import UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
@@ -316,6 +316,8 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
         "torchscript": _load_torchscript,
         "onnx": functools.partial(_load_onnx, device=torch.device(device), num_threads=num_threads),
     }
+    if problem := missing_classifier_key(section):
+        raise ModelLoadError(problem)
     try:
         return loaders[section.loader](section)
     except ModelLoadError:
@@ -355,8 +357,6 @@ def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ..
 
 
 def _require_file(path: str, what: str) -> Path:
-    if not path:
-        raise ModelLoadError(f"[classifier] needs {what}")
     if not Path(path).exists():
         raise ModelLoadError(f"[classifier].{what} not found: {path}")
     return Path(path)
@@ -442,8 +442,6 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     split where TORCHVISION_SPLITS says unless the section says."""
     import torchvision
 
-    if not section.name:
-        raise ModelLoadError("[classifier] loader 'torchvision' needs name (e.g. 'resnet18')")
     default_head, default_layer = torchvision_split(section.name)
     head = section.head or default_head
     if section.weights and not Path(section.weights).exists():
@@ -582,8 +580,6 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
     model = getattr(importlib.import_module(module_name), function)(**section.factory_kwargs)
     if section.weights:
         model.load_state_dict(_load_state_dict(_require_file(section.weights, "weights file")))
-    if not section.feature_layer or not section.head:
-        raise ModelLoadError("[classifier] loader 'factory' needs feature_layer and head")
     head = dict(model.named_modules()).get(section.head)
     return split_classifier(
         model,

@@ -37,7 +37,7 @@ from explaind.v1 import (
 
 from ..config import Config
 from ..engine import Engine, NeuroInspectEngine
-from ..engine.backends import check_device
+from ..engine.backends import check_backend, check_device
 from ..errors import is_damaged_database
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -369,11 +369,12 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
     token or TLS file cannot be read, no temporary directory is writable or [tracing] lacks its packages, FailedPrecondition when [runtime].device names an
-    absent GPU (before binding: "listening" must not be the first word of a server that
-    cannot run)."""
+    absent GPU or [runtime].backend a provider ONNX Runtime lacks here (before binding:
+    "listening" must not be the first word of a server that cannot run)."""
     stop_requested = stop_requested or stop_on_signals()
     configure_logging(config.server.log_format)
     check_device(config.runtime.device)
+    check_backend(config.runtime.backend, config.runtime.device, loader=config.classifier.loader)
     check_temporary_directory()
     server = ExplaindServer(config)
     if stop_requested.is_set():  # while it imported or checked the device: no need to recover the store and bind
