@@ -1476,6 +1476,36 @@ def test_a_predict_past_its_deadline_is_deadline_exceeded_and_its_queued_batch_i
     assert never.cancelled()
 
 
+def test_a_predict_without_a_deadline_waits_for_a_busy_model(engine, monkeypatch):
+    # gRPC gives a call without a deadline 9.2e18 s to go, which no lock's wait takes: every
+    # such Predict (grpcurl's, a Go client's, raw stubs') queued behind another failed INTERNAL
+    # with "OverflowError: timestamp out of range"; a lone one ran at once and hid it.
+    from concurrent.futures import Future
+
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import common_pb2, inference_pb2
+
+    submit = engine.submit_predict
+
+    def busy(images, **options):
+        ran, later = submit(images, **options), Future()
+        threading.Timer(0.05, lambda: later.set_result(ran.result())).start()  # behind another batch
+        return later
+
+    monkeypatch.setattr(engine, "submit_predict", busy)
+
+    class Context:
+        def add_callback(self, callback):
+            pass
+
+        def time_remaining(self):
+            return 9.223372035058369e18  # what grpc's servicer context says without a deadline
+
+    request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8)))], top_k=2)
+    response = InferenceServicer(engine, serving=lambda: True).Predict(request, Context())
+    assert len(response.predictions) == 1 and len(response.predictions[0].labels) == 2
+
+
 def test_sample_set_listings_use_the_documented_default_and_largest_page_sizes(engine, monkeypatch):
     # ListSampleSets: 0 means 100, at most 1000; ListSamples: 0 means 256, at most 4096.
     # Unit level: thousands of sets or samples are too slow to build here.

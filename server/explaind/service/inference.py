@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 
@@ -43,8 +44,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
         future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features, caller=current_caller())
         context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
+        remaining = context.time_remaining()  # 9.2e18 s without a deadline: no lock waits that long
         try:
-            output = future.result(timeout=context.time_remaining())
+            output = future.result(timeout=remaining if remaining is not None and remaining < threading.TIMEOUT_MAX else None)
         except TimeoutError:
             future.cancel()
             raise DeadlineExceeded("the prediction did not finish before the call's deadline") from None
