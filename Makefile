@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # serves only its own tests.
 TEST_WORKERS ?= 2
 
-.PHONY: test demo proto bench world serve clean
+.PHONY: test test-gpu demo proto bench world serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(STAMP)
 	@# processes: much of a test's time is a server starting or a client waiting, and the
 	@# other process uses that core meanwhile.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The tests marked gpu, which `make test` skips without CUDA; here no CUDA is an error,
+# not 11 quiet skips.
+test-gpu: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else f'make test-gpu: torch {torch.__version__} sees no CUDA device')"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -m gpu
 
 demo: $(STAMP)
 	$(PY) -m explaind demo
