@@ -353,6 +353,11 @@ def test_calls_past_max_concurrent_rpcs_are_refused_before_they_wait_for_a_threa
                 time.sleep(0.01)
             with pytest.raises(ResourceExhaustedError, match="Concurrent RPC limit exceeded"):  # it would have waited for a thread
                 caller.predict([IMAGE])
+            # Counted on arrival, timed by no handler: started minus timed minus in flight is
+            # where an operator sees these (docs/configuration.md, deploy/alerts.yml).
+            assert started._value.get() == 3
+            assert server.metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {
+                "service": "explaind.v1.InferenceService", "method": "Predict", "code": "RESOURCE_EXHAUSTED"}) is None
             gate.set()
             assert [len(future.result(60)) for future in held] == [1, 1]
     finally:
