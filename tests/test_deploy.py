@@ -144,6 +144,18 @@ def test_counters_and_histograms_come_without_created_series():
     assert [name for name in series if name.endswith("_created")] == []
 
 
+def test_readme_metrics_paragraph_names_every_series_the_server_exports():
+    # An operator's list of what /metrics shows: a series added without a line there is
+    # one no dashboard user learns of. Names such as explaind_data_dir_{free,size}_bytes
+    # stand for each of their names.
+    readme = (DEPLOY.parent / "README.md").read_text()
+    named = set(re.findall(r"`(explaind_\w+?)(?:_bucket|_sum|_count)?[{`]", readme))
+    for prefix, names, suffix in re.findall(r"`(explaind_\w*?)\{(\w+(?:,\w+)+)\}(\w+)`", readme):
+        named |= {prefix + name + suffix for name in names.split(",")}
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported_series() if name.startswith("explaind_")}
+    assert families - named == set(), f"README's Metrics paragraph misses {sorted(families - named)}"
+
+
 def test_the_job_failure_alert_counts_the_codes_the_server_exports_at_zero():
     # Only INTERNAL was exported at zero: a kind's first DATA_LOSS was born at 1, and
     # increase() over it, 0, never fired the alert.
