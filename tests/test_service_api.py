@@ -8,8 +8,10 @@ import io
 import json
 import re
 import socket
+import struct
 import time
 import urllib.request
+import zlib
 
 import grpc
 import numpy as np
@@ -328,6 +330,28 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
             client.operation(name)
     assert client.health() == "SERVING"
     assert len(client.predict([pixels])) == 1
+
+
+def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_the_log(server):
+    # Each was refused INVALID_ARGUMENT, and also logged a WARNING from py.warnings with
+    # Pillow's path: a caller's file set off the operator's log alerts.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # 10000x10000 is past Pillow's decompression-bomb warning and below its error.
+    declared_huge = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "TIFF")
+    corrupt_exif = buffer.getvalue()[:40]  # Pillow warns "Corrupt EXIF data" as it gives up on it
+    with grpc.insecure_channel(server.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for data, message in ((declared_huge, "image is 10000x10000; the largest side allowed is 4096"), (corrupt_exif, "not an image in a supported format")):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=data)]), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("images[0].encoded: ")
+            assert message in caught.value.details()
+    log = server.log_path.read_text()
+    assert "py.warnings" not in log and "PIL" not in log, log[-2000:]
 
 
 def test_requests_that_are_not_their_message_or_carry_malformed_ids_or_ignored_options_are_invalid_arguments(server, client, world_images):

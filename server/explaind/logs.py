@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import datetime, timezone
 
 LOG_FORMATS = ("text", "json")
@@ -54,9 +55,14 @@ def configure_logging(log_format: str) -> None:
     """A root handler on stderr in ``log_format`` (unless the process has one already),
     with our INFO lines and libraries' from WARNING (open_clip logs every load step at INFO).
     Python warnings (torch's deprecation of the TorchScript loader's torch.jit.load, say)
-    become log lines too: printed as they are, they broke a JSON log's one object a line."""
+    become log lines too: printed as they are, they broke a JSON log's one object a line.
+    Pillow's are left out: they are about the image files callers send (a TIFF's corrupt
+    EXIF, a size past Pillow's decompression-bomb limit), which the call refuses or
+    decodes anyway, so each would be a WARNING line, with Pillow's path, for a caller's
+    file rather than for anything the operator can fix."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     logging.getLogger("explaind").setLevel(logging.INFO)
