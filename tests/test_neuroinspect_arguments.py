@@ -276,6 +276,20 @@ def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given(
             ClipIllusion(model, feature_layer, head=head, image_size=9)
 
 
+def test_a_module_name_not_there_is_answered_with_the_names_it_might_mean():
+    # The README wraps a classifier as nn.Sequential(normalise, model): its "layer4" is
+    # then "1.layer4", and the error only said the Sequential had no such attribute.
+    model = nn.Sequential(nn.Identity(), _mobilenet_like())
+    for feature_layer, head, message in (
+        ("hidden", "1.classifier", r"feature_layer 'hidden' is not a module .*; did you mean '1.hidden'\?$"),
+        ("1.hidden", "classifier", r"head 'classifier' is not a module .*; did you mean '1.classifier'\?$"),
+        ("1.hiden", "1.classifier", r"feature_layer '1.hiden' .*; did you mean '1.hidden'"),
+        ("zzzz", "1.classifier", r"feature_layer 'zzzz' is not a module of the classifier \(Sequential has no attribute `zzzz`\)$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            FeatureExtractor(model, feature_layer, head=head)
+
+
 def test_a_model_returning_a_dict_is_told_to_return_the_logits_tensor():
     # Its head was blamed: "not the classifier's last operation ... name the final nn.Linear".
     class DictOutput(nn.Module):  # as a Hugging Face model returns a ModelOutput

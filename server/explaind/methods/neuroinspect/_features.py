@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -120,16 +121,27 @@ def channel_maps(output: torch.Tensor, channels: int) -> torch.Tensor:
                      "(N, C, h, w), (N, h, w, C), tokens (N, T, C) on a square grid, or (N, C)")
 
 
+def _module_guess(classifier: nn.Module, name: str) -> str:
+    """"; did you mean ...?" for a module name that is not there: the modules whose name
+    ends in it (``"layer4"`` of a model wrapped in ``nn.Sequential(normalise, model)``
+    is ``"1.layer4"``), else the closest names; "" when none is close."""
+    if not isinstance(name, str):
+        return ""
+    names = [module_name for module_name, _ in classifier.named_modules() if module_name]
+    close = [module_name for module_name in names if module_name.endswith(f".{name}")][:3] or difflib.get_close_matches(name, names, n=3)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 def split_modules(classifier: nn.Module, feature_layer: str, head: str) -> tuple[nn.Module, nn.Linear]:
     """The modules named ``feature_layer`` and ``head`` (its final ``nn.Linear``) of
     ``classifier``; ValueError or TypeError naming the argument, not torch's bare
-    AttributeError, for a name that is not there."""
+    AttributeError, for a name that is not there (with the closest names it has)."""
     found = []
     for argument, name in (("feature_layer", feature_layer), ("head", head)):
         try:
             found.append(classifier.get_submodule(name))
         except AttributeError as error:
-            raise ValueError(f"{argument} {name!r} is not a module of the classifier ({error})") from None
+            raise ValueError(f"{argument} {name!r} is not a module of the classifier ({error}){_module_guess(classifier, name)}") from None
     feature_module, head_module = found
     if not isinstance(head_module, nn.Linear):
         raise TypeError(f"head {head!r} must be an nn.Linear, got {type(head_module).__name__}")
