@@ -144,6 +144,8 @@ def test_evaluation_reports_classes_groups_and_the_new_head(world):
     assert correct == pytest.approx(after.accuracy)
     plain = evaluate_head(result.weight, result.bias, test[0], test[1])
     assert plain.group_accuracy == {} and plain.worst_group is None
+    # A notebook shows the edit's numbers, not every head weight (C x D tensors printed in full).
+    assert "tensor" not in repr(result) and "before=HeadEvaluation(accuracy=" in repr(result)
 
 
 def test_epoch_callback_reports_progress_and_stops(world):

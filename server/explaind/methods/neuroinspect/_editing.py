@@ -92,10 +92,12 @@ class EpochRecord:
 
 @dataclass
 class HeadEdit:
-    """New head weights, how they were found, and their evaluation against the old head."""
+    """New head weights, how they were found, and their evaluation against the old head.
+    The repr leaves out the weights: a notebook cell ending in an edit printed all C × D
+    of them (some 13,000 characters for the shapes world's 6 × 128 head)."""
 
-    weight: torch.Tensor  # (C, D)
-    bias: torch.Tensor  # (C,)
+    weight: torch.Tensor = field(repr=False)  # (C, D)
+    bias: torch.Tensor = field(repr=False)  # (C,)
     method: str
     target_class: int
     neurons: tuple[int, ...]
