@@ -214,7 +214,9 @@ class ClipIllusion:
         normalised activation map) splits kept from dimmed regions; ``mask_dim`` is the
         brightness factor of the dimmed ones. ``decay_power`` shapes the spectrum (1.0 is
         Lucid's 1/f; see :class:`FourierImage`). ``callback_on_step_end(step, steps, images)``
-        may return True to stop after that step (the result is then marked cancelled).
+        may return True to stop after that step (the result is then marked cancelled); any
+        true value stops, tqdm's ``bar.update()`` too when it redraws, so call that in a
+        function returning None rather than return it.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError("visualize optimises images by gradient descent, which torch.inference_mode() turns off; "
