@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import functools
 import hashlib
 import importlib
@@ -34,6 +33,7 @@ from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
 from ..kernels import UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
+from ..methods.neuroinspect._features import modules_like
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _require_module(model: nn.Module, name: str, role: str, source: str | Path) 
     modules = dict(model.named_modules())
     if name not in modules:
         names = [n for n in modules if n]
-        close = difflib.get_close_matches(name, names, n=3)
+        close = modules_like(model, name)
         raise ModelLoadError(f"{source}: no module named {name!r} for [classifier].{role}"
                              f"{f'; close matches are {close}' if close else ''}; last modules are {names[-8:]}")
     return modules[name]

@@ -121,14 +121,17 @@ def channel_maps(output: torch.Tensor, channels: int) -> torch.Tensor:
                      "(N, C, h, w), (N, h, w, C), tokens (N, T, C) on a square grid, or (N, C)")
 
 
+def modules_like(model: nn.Module, name: str) -> list[str]:
+    """Up to 3 module names of ``model`` that ``name``, not one of them, may mean: those
+    ending in it (``"layer4"`` of a model wrapped in ``nn.Sequential(normalise, model)``
+    is ``"1.layer4"``), else the closest spellings."""
+    names = [module_name for module_name, _ in model.named_modules() if module_name]
+    return [module_name for module_name in names if module_name.endswith(f".{name}")][:3] or difflib.get_close_matches(name, names, n=3)
+
+
 def _module_guess(classifier: nn.Module, name: str) -> str:
-    """"; did you mean ...?" for a module name that is not there: the modules whose name
-    ends in it (``"layer4"`` of a model wrapped in ``nn.Sequential(normalise, model)``
-    is ``"1.layer4"``), else the closest names; "" when none is close."""
-    if not isinstance(name, str):
-        return ""
-    names = [module_name for module_name, _ in classifier.named_modules() if module_name]
-    close = [module_name for module_name in names if module_name.endswith(f".{name}")][:3] or difflib.get_close_matches(name, names, n=3)
+    """"; did you mean ...?" for a module name that is not there; "" when none is close."""
+    close = modules_like(classifier, name) if isinstance(name, str) else []
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
