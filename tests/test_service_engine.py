@@ -2996,6 +2996,56 @@ def test_a_job_that_reaches_its_cancellation_check_late_still_reaches_its_waiter
     assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
 
 
+def test_a_predict_accepted_before_a_shutdown_is_answered_not_refused(tmp_path, classifier_dir, monkeypatch):
+    # The stop closed Predict's batcher first: a Predict still decoding its images when
+    # SIGTERM came was refused UNAVAILABLE at once, though in-flight calls get the grace.
+    import grpc
+    from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+    from explaind.service import ExplaindServer, convert
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path))
+    server = ExplaindServer(config)
+    port = server.start()
+    server.load_models()
+    decoding, stopping, answered = threading.Event(), threading.Event(), threading.Event()
+    decode, shutdown_jobs = convert.decode_image, server.engine.jobs.shutdown
+
+    def decode_once_the_stop_began(*args, **kwargs):
+        decoding.set()
+        stopping.wait(30)
+        return decode(*args, **kwargs)
+
+    def shutdown_jobs_once_the_predict_is_answered(grace_s):
+        stopping.set()
+        answered.wait(30)
+        shutdown_jobs(grace_s)
+
+    monkeypatch.setattr(convert, "decode_image", decode_once_the_stop_began)
+    monkeypatch.setattr(server.engine.jobs, "shutdown", shutdown_jobs_once_the_predict_is_answered)
+    outcome = {}
+
+    def predict() -> None:
+        image = common_pb2.Image(encoded=encode_png(np.zeros((32, 32, 3), np.uint8)))
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # no deadline, as a Go client's
+                response = inference_pb2_grpc.InferenceServiceStub(channel).Predict(inference_pb2.PredictRequest(images=[image]))
+                outcome.update(code="OK", predictions=len(response.predictions))
+        except grpc.RpcError as error:
+            outcome.update(code=error.code().name, details=error.details())
+        finally:
+            answered.set()
+
+    caller = threading.Thread(target=predict)
+    caller.start()
+    try:
+        assert decoding.wait(30)
+    finally:
+        server.stop(0.5)
+        caller.join(30)
+    assert outcome == {"code": "OK", "predictions": 1}
+
+
 def test_waits_for_a_job_never_starve_the_probes_cancel_or_predict(tmp_path, classifier_dir, world_images):
     # Each WaitOperation held a worker thread for its whole wait: 64 clients waiting on one
     # job left none, and health checks, cancels and Predict timed out.

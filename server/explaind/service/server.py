@@ -231,7 +231,8 @@ class ExplaindServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, give jobs ``grace_s`` (default from
         config) to finish and abort the rest, give in-flight calls a second more once every
-        job has ended, then cancel them."""
+        job has ended, then cancel them. Predict's batcher closes only then: a Predict
+        accepted before the stop, still decoding its images, is answered, not refused."""
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
@@ -242,10 +243,11 @@ class ExplaindServer:
         # next cancellation check (within ABORTED_JOBS_WAIT_S).
         longest = grace + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
         done = self._grpc.stop(longest) if self._grpc is not None else threading.Event()
-        self.engine.close(grace)
+        self.engine.jobs.shutdown(grace)
         if self._grpc is not None:
             self._grpc.stop(FINAL_STATE_MARGIN_S)  # a later, shorter grace ends the calls sooner
         done.wait(longest + 5)
+        self.engine.close()  # the batcher, once no call can submit to it (the jobs have ended)
         if self._health_grpc is not None:  # last: probes see NOT_SERVING until the end
             self._health_grpc.stop(0).wait()
         self._close_metrics_http()
