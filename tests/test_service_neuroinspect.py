@@ -430,6 +430,32 @@ def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(
         _shut(restarted)
 
 
+def test_a_restart_that_changes_no_head_version_writes_nothing(tmp_path, monkeypatch):
+    # Every start wrote the file's head version and the promoted one again, unchanged: on a
+    # data dir full with no reserve left to release, the server could not start at all.
+    from explaind.errors import ResourceExhausted
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _, record = _store_shifted_head(inspect, engine.models.active)
+        inspect.promote_head_version(record.version_id)
+    finally:
+        _shut(engine)
+    restarted, restarted_inspect = _in_process(tmp_path, restore=False)
+    try:
+        store = restarted.store
+        monkeypatch.setattr(store, "_transaction", lambda: (_ for _ in ()).throw(store._full("database or disk is full")))
+        restarted_inspect.restore()
+        assert restarted_inspect.active_head_version().version_id == record.version_id
+        assert restarted.models.active.head_version == restarted.models.active.with_head(restarted_inspect._head(record)).head_version
+        with pytest.raises(ResourceExhausted):  # a change is still a write
+            restarted_inspect.rollback_head_version()
+        assert restarted_inspect.active_head_version().version_id == record.version_id
+    finally:
+        monkeypatch.undo()
+        _shut(restarted)
+
+
 def test_the_model_files_head_is_served_again_without_its_stored_copy(tmp_path):
     # Head versions are read from the store when served, but the file's own head is kept:
     # a rollback to it cannot fail on a lost weights file.

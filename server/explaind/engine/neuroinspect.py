@@ -696,7 +696,11 @@ class NeuroInspectEngine:
             loaded = self._add_head_version(version, version.head, "", {"method": LOADED, "description": f"loaded from {version.source}"})
         self._file_head = (version.feature_version, loaded.version_id), version.head
         previous_file_head = store.file_head_version(version.feature_version)
-        store.set_file_head_version(version.feature_version, loaded.version_id)
+        # Written only when it changed, as the active version below: a data dir full with no
+        # reserve left to release refuses every write, and a start that writes would not
+        # serve even Predict, nor the deletes that free space once there is room for them.
+        if previous_file_head != loaded.version_id:
+            store.set_file_head_version(version.feature_version, loaded.version_id)
         # Stores from before file heads were recorded know only whether the head is new.
         file_changed = newly_seen if previous_file_head is None else previous_file_head != loaded.version_id
         active_id = store.active_head_version(version.feature_version)
@@ -747,11 +751,13 @@ class NeuroInspectEngine:
             raise FailedPrecondition(f"head version {record.version_id!r} has NaN or infinite weights; it cannot be served", field="version_id")
         store = self._engine.store
         previous = store.active_head_version(record.feature_version)
-        store.set_active_head_version(record.feature_version, record.version_id)
+        changed = previous != record.version_id  # a restart's, unchanged, writes nothing: see _restore
+        if changed:
+            store.set_active_head_version(record.feature_version, record.version_id)
         try:
             self._engine.activate(self._engine.models.active.with_head(head))
         except BaseException:
-            if previous is not None:
+            if changed and previous is not None:
                 store.set_active_head_version(record.feature_version, previous)
             raise
         log.info("serving head version %s of classifier %s (%s)", record.version_id, self._engine.models.active.name,
