@@ -3687,6 +3687,33 @@ def test_a_released_reserve_is_set_aside_again_before_a_new_file_is_refused(tmp_
         store.close()
 
 
+def test_a_released_reserve_is_kept_for_deletes_not_for_new_operations_or_samples(tmp_path, monkeypatch):
+    # Only new files were refused: operations started on a full data dir (each job's rows
+    # and progress in the database's log) and sets of images already stored took what the
+    # reserve freed, and the data dir could then neither delete nor restart.
+    from explaind.store.sqlite import RESERVE_FILE
+
+    size = 1 << 20
+    store = SQLiteStore(tmp_path, reserve_bytes=size)
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"stored"), uploading=True)
+        store._release_reserve("for a test")
+        monkeypatch.setattr(store, "_free_bytes", lambda: size)  # less than twice the reserve: it stays released
+        refused = "is full \\(what is left is kept for deletes\\)"
+        for write in (lambda: store.insert_job(JobRecord(job_id="j", kind="k", state="queued", create_time=1.0)),
+                      lambda: store.create_sample_set("t", "", [SampleRecord(_digest(b"stored"), 0)]),
+                      lambda: store.append_samples("s", [SampleRecord(_digest(b"stored"), 1)])):
+            with pytest.raises(ResourceExhausted, match=refused):
+                write()
+        assert store.append_samples("s", [], finish_upload=True).sample_count == 1  # bookkeeping goes on
+        monkeypatch.setattr(store, "_free_bytes", lambda: 3 * size)  # space freed outside the server
+        store.insert_job(JobRecord(job_id="j", kind="k", state="queued", create_time=1.0))
+        assert (tmp_path / RESERVE_FILE).stat().st_size == size and store.get_job("j").state == "queued"
+    finally:
+        store.close()
+
+
 def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(tmp_path, monkeypatch):
     # Only a restart deleted it: a server that ran for weeks kept every image a client
     # that died mid-upload had sent.

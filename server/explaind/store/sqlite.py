@@ -328,7 +328,8 @@ class SQLiteStore:
         for stale in self.data_dir.glob(f"{RESERVE_FILE}.*.tmp"):  # being set aside when an earlier server died (the lock is ours)
             stale.unlink(missing_ok=True)
         # Released for a full file system: what it freed is for deletes and for bookkeeping
-        # (job states, small records), so new files are refused until it is set aside again.
+        # (job states, small records), so new files, operations and samples are refused
+        # until it is set aside again.
         self._reserve_released = False
         if not reserve_bytes:
             self._reserve.unlink(missing_ok=True)  # set aside under an earlier configuration
@@ -469,10 +470,23 @@ class SQLiteStore:
         except FileNotFoundError:
             return False
         self._reserve_released = True
-        log.warning("the data dir %s is full: released its reserve of %d bytes %s; new files are refused until it is set aside "
-                    "again, once there is room: delete sample sets, operations or head versions, or grow the volume",
+        log.warning("the data dir %s is full: released its reserve of %d bytes %s; new files, operations and samples are refused "
+                    "until it is set aside again, once there is room: delete sample sets, operations or head versions, or grow the volume",
                     self.data_dir, self._reserve_bytes, when)
         return True
+
+    def _refuse_while_reserve_released(self) -> None:
+        """ResourceExhausted while the reserve is released and there is still no room to set
+        it aside again (space freed since, not only by a delete here, sets it aside at once,
+        with no wait for the next sweep). What it freed is for deletes and bookkeeping: new
+        files, operations and samples ate into it (three operations started on a full data
+        dir took a 1 MiB reserve in the database's log), and a data dir full with nothing
+        left to release could neither delete nor start."""
+        with self._lock:
+            if self._reserve_released:
+                self.keep_reserve()
+            if self._reserve_released:
+                raise self._full("what is left is kept for deletes")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -510,10 +524,8 @@ class SQLiteStore:
             digest = hashlib.sha256(data).hexdigest()
             with self._lock:  # a delete either removed the file already or sees it kept
                 missing = not self._blob_path(digest).exists()
-                if missing and self._reserve_released:
-                    self.keep_reserve()  # space freed since (not only by a delete here): no wait for the next sweep
-                if missing and self._reserve_released:
-                    raise self._full("what is left is kept for deletes")
+                if missing:
+                    self._refuse_while_reserve_released()
                 self._writing[digest] += 1
                 written.append(digest)
             if missing:
@@ -713,6 +725,7 @@ class SQLiteStore:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
                 raise sample_set_id_taken(sample_set_id)
+            self._refuse_while_reserve_released()
             self._require_room_for_samples(db, owner, len(samples))
             db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
             if owner is not None:
@@ -731,6 +744,8 @@ class SQLiteStore:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
             owner = self._require_set(db, sample_set_id, uid, check_owner)[5]
+            if samples:  # a finish_upload alone is bookkeeping
+                self._refuse_while_reserve_released()
             self._require_room_for_samples(db, owner, len(samples))  # charged to the set's owner, whoever appends
             self._record_request(db, request, sample_set_id)
             # The next position, one step down the primary key (COUNT(*) read the whole set).
@@ -885,6 +900,7 @@ class SQLiteStore:
         return JobRecord(**values)
 
     def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None:
+        self._refuse_while_reserve_released()
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
             if job.owner is not None:
