@@ -3432,6 +3432,20 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
+def test_the_start_up_sweep_of_files_all_in_use_writes_nothing(tmp_path):
+    # It recorded every stored file as a candidate, then checked each: a write per file at
+    # every start, which on a full data dir took what its reserve freed for deletes.
+    store = SQLiteStore(tmp_path)
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, *(f"image {i}".encode() for i in range(50))))
+        changes = store._db.total_changes
+        assert store.delete_unused_blobs(everything=True) == 0
+        assert store._db.total_changes == changes and len(_blob_files(store)) == 50
+    finally:
+        store.close()
+
+
 def test_a_full_data_dir_is_resource_exhausted_and_a_failed_blob_write_leaves_no_scratch_file(tmp_path, monkeypatch):
     # A full disk was INTERNAL on every write call, and left half-written scratch files,
     # which only a restart under another pid removed.

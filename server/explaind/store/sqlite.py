@@ -582,15 +582,13 @@ class SQLiteStore:
         """Remove the blob files, and their cached features, that lost their last
         reference (a deleted set's images, a deleted head version's weights) before
         ``before`` (epoch seconds; None: any time) and that no writer is about to
-        reference. ``everything`` (at start-up): every blob file on disk is a candidate,
-        and killed writers' scratch files and stray cached features go too. Returns the
+        reference. ``everything`` (at start-up): every other blob file on disk nothing
+        references goes too (see _delete_stray_files), as do killed writers' scratch files and stray cached features. Returns the
         blob files removed.
 
         Works in chunks, holding the store's lock for one chunk at a time, so requests are
         never held up for long."""
-        if everything:
-            self._forget_stray_files()
-        removed, after = 0, ""
+        removed, after = self._delete_stray_files() if everything else 0, ""
         while True:
             with self._lock:
                 chunk = [row[0] for row in self._db.execute(
@@ -601,19 +599,29 @@ class SQLiteStore:
                 removed += self._delete_unreferenced(chunk)
             after = chunk[-1]
 
-    def _forget_stray_files(self) -> None:
-        """Make every blob file a candidate; delete scratch files no live writer owns, and
-        cached features of images no set holds (a job may cache them after a sweep)."""
+    def _delete_stray_files(self) -> int:
+        """Delete the blob files nothing references and no writer holds, but those that are
+        candidates already (they wait for their ``before``); scratch files no live writer
+        owns; and cached features of images no set holds (a job may cache them after a
+        sweep). Returns the blob files removed. Each file is checked, not recorded as a
+        candidate first: that wrote a row per stored file at every start, in the database's
+        log, which on a full data dir took what its reserve freed for deletes."""
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE digest NOT IN (SELECT digest FROM samples)")
+        removed = 0
         for directory in (path for path in self.blob_dir.iterdir() if path.is_dir()):
             names = [path.name for path in directory.iterdir()]
             for name in names:
                 if name.endswith(".tmp") and name.split(".")[1] != self._scratch_tag:
                     (directory / name).unlink(missing_ok=True)
             digests = [name for name in names if len(name) == 64]
-            with self._transaction() as db:
-                db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, 0)", [(digest,) for digest in digests])
+            for start in range(0, len(digests), _SWEEP_CHUNK):
+                chunk = digests[start:start + _SWEEP_CHUNK]
+                with self._lock:
+                    waiting = {row[0] for row in self._db.execute(
+                        f"SELECT digest FROM blob_candidates WHERE digest IN ({', '.join('?' * len(chunk))})", chunk)}
+                    removed += self._delete_unreferenced([digest for digest in chunk if digest not in waiting])
+        return removed
 
     def _delete_unreferenced(self, chunk: list[str]) -> int:
         """One sweep step (holding the lock): drop the candidates of ``chunk`` that are
