@@ -296,6 +296,28 @@ def test_batcher_close_does_not_wait_out_the_queue_delay():
 # Registry, split, cache ------------------------------------------------------------------
 
 
+def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_many_images(tmp_path, classifier_dir):
+    """One request may carry up to max_images_per_request images: its forward runs in
+    slices, so activations stay those of max_batch_size images, and it answers as the
+    images one at a time would."""
+    config = (default_config().replace("classifier", path=str(classifier_dir)).replace("server", data_dir=str(tmp_path / "data"))
+              .replace("batching", max_batch_size=4))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    try:
+        key = engine.models.active.feature_cache_key
+        extract, forwards = engine._feature_fns[key], []
+        engine._feature_fns[key] = lambda images: (forwards.append(len(images)), extract(images))[1]
+        images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        together = engine.predict(images, top_k=6, return_features=True)
+        assert forwards == [4, 4, 2]
+        alone = [engine.predict(image[None], top_k=6, return_features=True) for image in images]
+        assert together.class_indices.tolist() == [output.class_indices[0].tolist() for output in alone]
+        torch.testing.assert_close(torch.as_tensor(together.features), torch.cat([torch.as_tensor(output.features) for output in alone]))
+    finally:
+        engine.close()
+
+
 def _constant_head(klass: int) -> nn.Linear:
     head = nn.Linear(128, 6)
     nn.init.zeros_(head.weight)
