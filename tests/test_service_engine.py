@@ -1781,6 +1781,53 @@ def test_a_watch_sends_each_change_once_and_an_artifact_saved_again_replaces_its
     jobs.shutdown(1)
 
 
+def test_a_watch_sends_each_preview_once_and_the_sdk_keeps_the_last(tmp_path):
+    # Every progress message carried the current preview: 16 neurons' 224² grid streamed
+    # 55 MB for a 5 s job. Now a preview goes in the stream's first message and where it
+    # changes; the SDK's watch shows the last one in between, as before.
+    from explaind.client._operations import Operation
+    from explaind.jobs import JobSnapshot
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.v1 import operations_pb2
+
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    try:
+        record = jobs.wait(jobs.submit("visualize", lambda ctx: _empty()).record.job_id, 30).record
+        running = dataclasses.replace(record, state="running")
+        first, second = encode_png(np.zeros((4, 4, 3), np.uint8)), encode_png(np.full((4, 4, 3), 255, np.uint8))
+        stream = [JobSnapshot(running, first), JobSnapshot(running, first), JobSnapshot(running, second), JobSnapshot(running, second),
+                  JobSnapshot(record)]
+
+        class Jobs:
+            def watch(self, job_id, *, is_active):
+                return iter(stream)
+
+        class Context:
+            def is_active(self):
+                return True
+
+        servicer = OperationsServicer(Jobs(), max_message_bytes=1 << 20, held_calls=HeldCalls(1))
+        messages = [response.operation for response in
+                    servicer.WatchOperation(operations_pb2.WatchOperationRequest(name=f"operations/{record.job_id}"), Context())]
+
+        def preview(operation):
+            metadata = operations_pb2.OperationMetadata()
+            operation.metadata.Unpack(metadata)
+            return metadata.progress.preview_png
+
+        assert [preview(m) for m in messages] == [first, b"", second, b"", b""]
+
+        operation = Operation(None, messages[0])  # the client is needed only to call the server
+        seen = []
+        for message in messages:
+            operation._update(message, keep_preview=True)
+            seen.append(operation.metadata.progress.preview_png)
+        assert seen == [first, first, second, second, b""]  # none once the job is done
+    finally:
+        jobs.shutdown(5)
+
+
 def test_a_watch_sends_progress_at_most_every_interval_and_the_end(tmp_path):
     # A 1500-step visualisation sent 1500 messages (33 MB with its previews) to each
     # watcher; one that read slowly saw the end 28 s after it.

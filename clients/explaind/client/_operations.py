@@ -212,10 +212,15 @@ class Operation(Generic[ResultT]):
         self._client = client
         self._update(message)
 
-    def _update(self, message: lro_pb2.Operation) -> None:
+    def _update(self, message: lro_pb2.Operation, *, keep_preview: bool = False) -> None:
+        """``keep_preview``: a message of a watch, which sends each preview once; a running
+        job's message without one keeps the one before."""
+        previous = self.metadata.progress.preview_png if keep_preview else b""
         self._message = message
         self.metadata = operations_pb2.OperationMetadata()
         message.metadata.Unpack(self.metadata)
+        if previous and not message.done and not self.metadata.progress.preview_png:
+            self.metadata.progress.preview_png = previous
 
     def __repr__(self) -> str:
         cancel = ", cancel_requested=True" if self.cancel_requested and not self.done else ""
@@ -362,7 +367,7 @@ class Operation(Generic[ResultT]):
                                           timeout=deadline - time.monotonic())
             try:
                 for response in stream:
-                    self._update(response.operation)
+                    self._update(response.operation, keep_preview=True)
                     yield self
                 return
             except UnavailableError:

@@ -163,7 +163,8 @@ class OperationsServiceServicer:
 
     def WatchOperation(self, request, context):
         """Streams the operation until it is done: a new state, artifact or preview at once,
-        other progress at most five times a second (the latest at that moment). A stream holds one of the
+        other progress at most five times a second (the latest at that moment), each
+        preview once (see Progress.preview_png). A stream holds one of the
         slots above until it ends, even one whose client has stopped reading: give it a
         deadline, or cancel it. It ends UNAUTHENTICATED once a reload of the token or
         callers file removes or changes the token it was opened with.

@@ -141,14 +141,15 @@ def job_id(name: str) -> str:
     return bare
 
 
-def operation(snapshot: JobSnapshot, *, response: bool = True) -> lro_pb2.Operation:
+def operation(snapshot: JobSnapshot, *, response: bool = True, preview: bool = True) -> lro_pb2.Operation:
     """A job as a google.longrunning.Operation (metadata: OperationMetadata); without a
-    succeeded job's response when ``response`` is False (OPERATION_VIEW_BASIC)."""
+    succeeded job's response when ``response`` is False (OPERATION_VIEW_BASIC), without
+    its progress preview when ``preview`` is False (a watch already sent that one)."""
     record = snapshot.record
     metadata = operations_pb2.OperationMetadata(
         kind=record.kind,
         state=_STATES[record.state],
-        progress=operations_pb2.Progress(step=record.step, total=record.total, message=record.message, preview_png=snapshot.preview),
+        progress=operations_pb2.Progress(step=record.step, total=record.total, message=record.message, preview_png=snapshot.preview if preview else b""),
         create_time=timestamp(record.create_time),
         start_time=timestamp(record.start_time),
         end_time=timestamp(record.end_time),
