@@ -2087,3 +2087,80 @@ def test_visualizations_show_their_images_in_a_notebook():
     assert len(sources) == 2 and Image.open(io.BytesIO(base64.b64decode(sources[0]))).getpixel((0, 0)) == (200, 10, 10)
     assert "&lt;b&gt;square&lt;/b&gt;" in page and "<b>" not in page and "PIL" not in page
     assert page.count("<tr>") == 3 and "clip_illusion, 40 steps" in page
+
+
+def test_an_append_cut_off_by_a_server_killed_mid_way_says_what_was_stored_and_its_request_id_run_again_appends_the_rest(server_factory):
+    # The error said "the first 4 of 8 samples were appended", though the request that got
+    # no answer may have been applied too, and said nothing of how to go on.
+    import uuid
+
+    from explaind.client import UnavailableError
+
+    server = server_factory()
+    images, labels = [np.full((8, 8, 3), value, np.uint8) for value in range(8)], ["heart"] * 8
+    upload = uuid.UUID(int=1)
+    with Client(server.target, timeout=2) as client:
+        client.create_sample_set([IMAGE], ["star"], sample_set_id="cut")
+        call, appends = client._call, []
+
+        def killed_at_the_third_append(service, method, request, **kwargs):
+            if method == "AppendSamples":
+                appends.append(request)
+                if len(appends) == 3:
+                    server.kill()
+            return call(service, method, request, **kwargs)
+
+        client._call = killed_at_the_third_append
+        with pytest.raises(UnavailableError) as cut:
+            client.append_samples("cut", images, labels, chunk_size=2, request_id=upload)
+    assert cut.value.__notes__[0].startswith(f"the call was tried once, the server at {server.target} unavailable then and for the ")
+    assert cut.value.__notes__[-1] == (
+        "the first 4 of 8 samples were appended to 'cut', and samples 4 to 5 may have been too (their request got no answer): "
+        f"run this append_samples again under request_id {upload} (the same images and chunk_size) to append the rest: "
+        "the requests the server applied are answered without appending again")
+    server.start(same_ports=True)
+    with Client(server.target, timeout=30) as client:
+        assert client.sample_set("cut").sample_count == 1 + 4
+        assert client.append_samples("cut", images, labels, chunk_size=2, request_id=upload).sample_count == 1 + 8
+        assert [sample.image.getpixel((0, 0))[0] for sample in client.samples("cut")][1:] == list(range(8))
+
+
+def test_an_async_upload_cut_off_says_what_it_left_and_what_to_do(client):
+    # A create whose delete also found the server gone said "left with 4 of 6 samples", as
+    # if the set stayed so; an append refused part way said how many, not what next.
+    from explaind.client import ExplaindError, ResourceExhaustedError, UnavailableError
+
+    def failing_at_the_second_append(remote: Client, error: ExplaindError) -> None:
+        """``remote``'s second AppendSamples, and any delete, fail with ``error``."""
+        call, appends = remote._call, []
+
+        def failing(service, method, request, **kwargs):
+            appends.append(method)
+            if method == "DeleteSampleSet" or appends.count("AppendSamples") == 2:
+                raise error
+            return call(service, method, request, **kwargs)
+
+        remote._call = failing  # type: ignore[method-assign]
+
+    async def uploads() -> tuple[UnavailableError, ResourceExhaustedError]:
+        async with AsyncClient(client.target, timeout=30) as remote:
+            failing_at_the_second_append(remote.client, UnavailableError("Stream removed"))
+            with pytest.raises(UnavailableError) as created:
+                await remote.create_sample_set([IMAGE] * 6, [0] * 6, sample_set_id="async-cut", chunk_size=2)
+        async with AsyncClient(client.target, timeout=30) as remote:
+            await remote.create_sample_set([IMAGE], [0], sample_set_id="refused-part-way")
+            failing_at_the_second_append(remote.client, ResourceExhaustedError("samples: over the caller's limit", field="samples"))
+            with pytest.raises(ResourceExhaustedError) as appended:
+                await remote.append_samples("refused-part-way", [IMAGE] * 6, [0] * 6, chunk_size=2)
+        return created.value, appended.value
+
+    created, appended = asyncio.run(uploads())
+    assert str(created) == "UNAVAILABLE: Stream removed" and created.__notes__ == [
+        "sample set 'async-cut' was left with 4 of 6 samples, uploading: its delete failed (UNAVAILABLE); jobs refuse it, and the "
+        "server deletes it at its next start or after [server].upload_idle_timeout_s without a request (or delete the set); "
+        "run the upload again once it is gone"]
+    assert client.sample_set("async-cut").uploading
+    client.delete_sample_set("async-cut")
+    # The server answered: the failing request stored nothing.
+    assert appended.__notes__[-1] == "the first 2 of 6 samples were appended to 'refused-part-way': append the rest (samples 2 on)"
+    assert client.sample_set("refused-part-way").sample_count == 1 + 2

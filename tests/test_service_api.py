@@ -1041,7 +1041,7 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.sample_set("half-uploaded")
         with pytest.raises(InvalidArgumentError) as raised:
             client.append_samples("split-upload", broken, [0] * 4)
-        assert raised.value.__notes__[-1] == "the first 2 of 4 samples were appended to 'split-upload'"
+        assert raised.value.__notes__[-1] == "the first 2 of 4 samples were appended to 'split-upload': append the rest (samples 2 on)"
         with pytest.raises(ValueError, match="chunk_size must be at least 1"):
             client.create_sample_set(images[:1], [0], chunk_size=0)
 

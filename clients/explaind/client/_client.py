@@ -411,9 +411,13 @@ class Client:
         """Say on ``error`` that the call was retried until its time ran out: without it, a
         server restarting for longer than the timeout read as one DEADLINE_EXCEEDED (or
         UNAVAILABLE), as if the SDK had tried once."""
-        when = "each time" if error.code == grpc.StatusCode.UNAVAILABLE else f"the first {attempts - 1}, the last running out of time"
-        error.add_note(f"the call was tried {attempts} times over {time.monotonic() - started:.1f}s, the server at {self.target} "
-                       f"unavailable {when} (restarting, or loading its models); a larger timeout waits longer for it "
+        waited = time.monotonic() - started
+        if attempts == 1:  # a call that may have taken effect, sent again only once the server answers again
+            tried = f"the call was tried once, the server at {self.target} unavailable then and for the {waited:.1f}s waited for it"
+        else:
+            when = "each time" if error.code == grpc.StatusCode.UNAVAILABLE else f"the first {attempts - 1}, the last running out of time"
+            tried = f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} unavailable {when}"
+        error.add_note(f"{tried} (restarting, or loading its models); a larger timeout waits longer for it "
                        "(timeout= of the Client or of the call; --timeout in the CLI)")
 
     def _honours_request_id(self, until: float, capability: str) -> bool:
@@ -428,7 +432,7 @@ class Client:
             return False
         return capability in response.capabilities
 
-    def _shares_upload_sets(self, error: BaseException, created: SampleSet, total: int) -> bool | None:
+    def _shares_upload_sets(self, error: BaseException, created: SampleSet, total: int, upload_id: str | uuid.UUID) -> bool | None:
         """For a failed upload with the caller's request_id: whether the server gives its
         runs one set (it honours upload request_ids), asked once, not retried. None where
         the server did not say, with a note on ``error``: the set is left as it is. Nothing
@@ -439,10 +443,12 @@ class Client:
         try:
             response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(), retry_until=time.monotonic())
         except ExplaindError as unanswered:
-            why = "did not answer" if unanswered.code in _NO_ANSWER else "did not say whether other runs of this upload share it"
-            error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples, uploading: "
-                           f"the server {why} ({unanswered.code.name}); unfinished, it deletes the set at its next start or "
-                           "after [server].upload_idle_timeout_s without a request (or delete the set)")
+            if unanswered.code in _NO_ANSWER:
+                _note_left_uploading(error, created, total, f"the server did not answer ({unanswered.code.name})",
+                                     f"run the upload again under request_id {_request_id(upload_id)} to continue it")
+            else:
+                _note_left_uploading(error, created, total, "the server did not say whether other runs of this upload share it "
+                                     f"({unanswered.code.name})", "run the upload again once it is gone")
             return None
         return "sample_set_request_id" in response.capabilities
 
@@ -721,7 +727,7 @@ class Client:
             refused = ((isinstance(error, InvalidArgumentError) and error.field != "request_id")
                        or (isinstance(error, ResourceExhaustedError) and error.field == "samples"))
             if not (refused or unreadable):
-                shared = self._shares_upload_sets(error, created, total)
+                shared = self._shares_upload_sets(error, created, total, upload_id)
                 if shared is None:  # the server did not say: the set is left as it is (noted)
                     return
                 if shared:
@@ -734,8 +740,8 @@ class Client:
             self.delete_sample_set(created.sample_set_id, uid=created.uid)
         except (NotFoundError, FailedPreconditionError):  # not there, or its id names another client's set now
             error.add_note(deleted_meanwhile)
-        except ExplaindError:
-            error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples")
+        except ExplaindError as undeleted:  # a server gone (killed, restarting) answers no delete either
+            _note_left_uploading(error, created, total, f"its delete failed ({undeleted.code.name})", "run the upload again once it is gone")
         else:
             error.add_note(f"the partly uploaded sample set {created.sample_set_id!r} was deleted")
 
@@ -751,20 +757,22 @@ class Client:
         since); without, the first request's set, whichever that is, gets every chunk."""
         samples, total = self._samples(images, labels, attributes)
         request_ids = _upload_request_ids(request_id)
-        appended, requests = 0, 0
+        appended, requests, sending = 0, 0, 0
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
                 for chunk in self._request_chunks(samples, chunk_size, _sample_image):
                     # After the first request, the set it appended to: not one made under its id since.
                     request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid,
                                        request_id=next(request_ids))
+                    sending = len(chunk)
                     updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
-                    appended, uid, requests = appended + len(chunk), updated.uid, requests + 1
+                    appended, uid, requests, sending = appended + len(chunk), updated.uid, requests + 1, 0
                     _show_upload(display, appended, total, appended == total)
         except BaseException as error:
             _note_upload_id_reused(error, request_id, "append_samples", requests)
-            if appended:
-                error.add_note(f"the first {appended} of {total} samples were appended to {sample_set_id!r}")
+            # A request that got no answer (a server killed or restarting, a deadline, a Ctrl-C) may have been applied.
+            unanswered = sending if not isinstance(error, ExplaindError) or error.code in _NO_ANSWER else 0
+            _note_appended(error, sample_set_id, appended, unanswered, total, request_id)
             raise
         return updated
 
@@ -1157,6 +1165,34 @@ def _upload_request_ids(given: str | uuid.UUID | None) -> Iterator[str]:
     upload run again repeats the same requests."""
     upload = None if given is None else uuid.UUID(_request_id(given))
     return (_request_id(None if upload is None else uuid.uuid5(upload, str(n))) for n in itertools.count())
+
+
+def _note_appended(error: BaseException, sample_set_id: str, appended: int, unanswered: int, total: int,
+                   upload_id: str | uuid.UUID | None) -> None:
+    """Say on a failed ``append_samples``'s error what it stored and how to go on: the
+    first ``appended`` of the caller's ``total`` samples for certain, and maybe the
+    ``unanswered`` after them (their request got no answer). Nothing when it stored none."""
+    if not (appended or unanswered):
+        return
+    stored = f"the first {appended} of {total} samples were appended to {sample_set_id!r}"
+    if unanswered:
+        stored += f", and samples {appended} to {appended + unanswered - 1} may have been too (their request got no answer)"
+    if upload_id is not None:
+        rest = (f"run this append_samples again under request_id {_request_id(upload_id)} (the same images and chunk_size) "
+                "to append the rest: the requests the server applied are answered without appending again")
+    elif unanswered:
+        rest = (f"sample_set({sample_set_id!r}).sample_count tells which; then append the rest "
+                "(an append given a request_id can be run again as it is instead)")
+    else:
+        rest = f"append the rest (samples {appended} on)"
+    error.add_note(f"{stored}: {rest}")
+
+
+def _note_left_uploading(error: BaseException, created: SampleSet, total: int, why: str, then: str) -> None:
+    """Say on a failed upload's error that its set was left uploading (``why``), what becomes of it, and ``then``, what to do."""
+    error.add_note(f"sample set {created.sample_set_id!r} was left with {created.sample_count} of {total} samples, uploading: {why}; "
+                   "jobs refuse it, and the server deletes it at its next start or after [server].upload_idle_timeout_s without a "
+                   f"request (or delete the set); {then}")
 
 
 def _note_upload_id_reused(error: BaseException, upload_id: str | uuid.UUID | None, call: str, index: int) -> None:
