@@ -200,3 +200,28 @@ def test_bad_shapes_raise_value_errors():
     with pytest.raises(ValueError, match="labels"):
         ranker.rank(features, labels[:3])
     assert math.isfinite(ranker.rank(features, labels).neurons[0].importance)
+
+
+def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
+    # Its repr held every neuron and the mistake indices (5 kB on the shapes world) and it
+    # had no summary() as the SDK's ranking has.
+    from types import SimpleNamespace
+
+    ranker = MistakeNeuronRanker(always_wrong_head())
+    features, labels = torch.rand(4, 8), torch.zeros(4, dtype=torch.long)
+    ranking = ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.3)
+    assert repr(ranking) == "NeuronRanking(target_class=0, solver='fixed', num_samples=4, cancelled=False)"
+    assert ranking.summary().splitlines() == [
+        "4 mistakes of class 0 in 4 samples; neurons ranked by share of mistakes in their top 2 (solver fixed):",
+        "  neuron   0  insufficient top 2 in 75% of mistakes as insufficient, 0% as excessive  importance 1.00  top classes 0; 1",
+        "  neuron   5  excessive    top 2 in 0% of mistakes as insufficient, 50% as excessive  importance 1.00  top classes 0; 1",
+        "4 of 4 counterfactuals flipped the prediction",
+    ]
+    assert len(ranking.summary(limit=1).splitlines()) == 3 and ranking.summary(limit=0) == ranking.summary()
+    shown: list[str] = []
+    ranking._repr_pretty_(SimpleNamespace(text=shown.append), False)
+    assert shown == [ranking.summary()]
+    right = ranker.rank(features, torch.ones(4, dtype=torch.long), solver=FixedShifts(), top_k=2)
+    assert right.summary() == "no mistakes of class 1 in 4 samples: nothing to explain"
+    with pytest.raises(ValueError, match="limit must be 0"):
+        right.summary(limit=-1)

@@ -84,3 +84,10 @@ def test_editing_the_ranked_neurons_repairs_the_worst_group(edited):
     before, after = edit.before, edit.after
     assert after.worst_group[1] >= before.worst_group[1] + 0.10, (before.worst_group, after.worst_group)
     assert after.accuracy >= before.accuracy - 0.02
+
+
+def test_the_ranking_of_the_shapes_world_shows_in_a_few_lines(ranking):
+    # Its repr was some 5 kB: every neuron and mistake index.
+    assert len(repr(ranking)) < 120
+    lines = ranking.summary().splitlines()
+    assert len(lines) == 2 + min(10, len(ranking.neurons)) and lines[0].startswith(f"{ranking.num_mistakes} mistakes of class ")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from explaind.methods.ranking_text import check_limit, neuron_lines
 from explaind.v1 import neuroinspect_pb2
 
 from ._images import IMAGE_BOX, image_data_uri
@@ -100,8 +101,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         classes, and what the mistakes were predicted as. ``print(ranking.summary())``.
         From a server that does not report ``top_k`` (0) it says "top k", not a number.
         Top classes are separated by semicolons, as ImageNet's names hold commas."""
-        if limit < 0:
-            raise ValueError(f"limit must be 0 (all) or more, got {limit}")
+        check_limit(limit)
         if not self.mistake_count:
             samples = f"{self.sample_count} sample{'' if self.sample_count == 1 else 's'}"
             return f"no mistakes of {self.class_name} in {self.sample_set_id} ({samples}): nothing to explain"
@@ -109,9 +109,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
-        lines += [f"  neuron {n.neuron:>3}  {n.direction:<12} {top} in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
-                  f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {'; '.join(n.top_classes)}"
-                  for n in self.neurons[:limit or None]]
+        lines += neuron_lines(self.neurons, [n.top_classes for n in self.neurons], top, limit)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         return "\n".join(lines)

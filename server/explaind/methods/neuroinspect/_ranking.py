@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+from explaind.methods.ranking_text import check_limit, neuron_lines
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
 from ._checks import count, feature_vector, index, labelled_features, number
@@ -52,11 +55,13 @@ class NeuronRanking:
     ``top_class_indices``).
     """
 
-    neurons: list[RankedNeuron]
+    # Left out of the repr, as the tensors are: a notebook cell showing the ranking printed
+    # every neuron and mistake (5 kB on the shapes world); it shows summary() instead.
+    neurons: list[RankedNeuron] = field(repr=False)
     target_class: int
     solver: str
     num_samples: int
-    mistake_indices: torch.Tensor  # (M,) int64
+    mistake_indices: torch.Tensor = field(repr=False)  # (M,) int64
     omega: torch.Tensor = field(repr=False)  # (M, D)
     converged: torch.Tensor = field(repr=False)  # (M,) bool: the shift flips the prediction
     iterations: torch.Tensor = field(repr=False)  # (M,) solver steps taken
@@ -86,6 +91,26 @@ class NeuronRanking:
     @property
     def neuron_ids(self) -> list[int]:
         return [n.neuron for n in self.neurons]
+
+    def summary(self, limit: int = 10) -> str:
+        """The ranking as lines of text, as the SDK's ``NeuronRanking.summary`` gives the
+        server's: the mistakes, the first ``limit`` neurons (0: all) with their direction,
+        shares, importance and top classes (indices here), and how many counterfactuals
+        flipped the prediction. ``print(ranking.summary())``."""
+        check_limit(limit)
+        cancelled = " (cancelled: the solver was stopped early)" if self.cancelled else ""
+        if not self.num_mistakes:
+            return f"no mistakes of class {self.target_class} in {self.num_samples} samples: nothing to explain{cancelled}"
+        top = f"top {self.top_k}"
+        lines = [f"{self.num_mistakes} mistakes of class {self.target_class} in {self.num_samples} samples{cancelled}; "
+                 f"neurons ranked by share of mistakes in their {top} (solver {self.solver}):"]
+        lines += neuron_lines(self.neurons, [n.top_classes for n in self.neurons], top, limit)
+        lines.append(f"{self.num_converged} of {self.num_mistakes} counterfactuals flipped the prediction")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook cell ending in a ranking shows its summary, as the SDK's does."""
+        printer.text(self.summary())
 
     @property
     def insufficient(self) -> list[RankedNeuron]:
