@@ -1092,14 +1092,14 @@ def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_
     import datetime as dt
     from types import SimpleNamespace
 
-    from explaind.client import HeadVersion, cli
+    from explaind.client import HeadEdit, HeadVersion, cli
 
     evaluation = SimpleNamespace(accuracy=0.9, worst_class="heart", worst_class_accuracy=0.5, group_accuracy={"x": 0.5},
                                  worst_group="grass\x1b[2J\nworst class heart 1.000 -> heart 1.000\x9b", worst_group_accuracy=0.25)
     version = HeadVersion(version_id="v1", model_version="m", parent_version_id="v0", method="constrain", class_name="heart", neurons=[1],
                           description="", create_time=dt.datetime.now(dt.timezone.utc), active=False, evaluation=evaluation,
                           parent_evaluation=evaluation)
-    cli._print_head_edit(SimpleNamespace(best_epoch=1, epochs_run=2, version=version))
+    cli._print_head_edit(HeadEdit(version, best_epoch=1, epochs_run=2, validation_accuracy=[]))
     printed = capsys.readouterr().out
     assert "  worst group grass\\x1b[2J\\nworst class heart 1.000 -> heart 1.000\\x9b 0.250 -> grass" in printed
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", printed) and printed.count("\n") == 4

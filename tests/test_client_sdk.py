@@ -2164,3 +2164,31 @@ def test_an_async_upload_cut_off_says_what_it_left_and_what_to_do(client):
     # The server answered: the failing request stored nothing.
     assert appended.__notes__[-1] == "the first 2 of 6 samples were appended to 'refused-part-way': append the rest (samples 2 on)"
     assert client.sample_set("refused-part-way").sample_count == 1 + 2
+
+
+def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
+    # Its repr held the version with both nested evaluations: some 1,500 characters.
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from explaind.client import HeadEdit, HeadEvaluation, HeadVersion
+
+    def evaluation(accuracy: float, worst_group: str) -> HeadEvaluation:
+        return HeadEvaluation(accuracy=accuracy, class_accuracy={"circle": 1.0, "heart": accuracy}, worst_class="heart",
+                              worst_class_accuracy=accuracy, group_accuracy={"heart/grass": accuracy, worst_group: 0.5},
+                              worst_group=worst_group, worst_group_accuracy=0.5)
+
+    version = HeadVersion(version_id="v2", model_version="world+head.v2", parent_version_id="v1", method="constrain", class_name="heart",
+                          neurons=[3, 7], description="", create_time=dt.datetime.now(dt.timezone.utc), active=False,
+                          parent_evaluation=evaluation(0.75, "water"), evaluation=evaluation(0.875, "grass\x1b[2J"))
+    edit = HeadEdit(version, best_epoch=4, epochs_run=6, validation_accuracy=[0.5] * 6)
+    assert edit.summary().splitlines() == [
+        "stored head version (best epoch 4 of 6; not served; explaind head-versions promote v2 serves it):",
+        "  v2 world+head.v2 constrain heart neurons [3, 7], accuracy 0.875 (was 0.750)",
+        "  worst class heart 0.750 -> heart 0.875",
+        "  worst group water 0.500 -> grass\\x1b[2J 0.500",  # an attribute value as uploaded: its controls escaped
+    ]
+    shown: list[str] = []
+    edit._repr_pretty_(SimpleNamespace(text=shown.append), False)
+    assert shown == [edit.summary()]
+    assert repr(edit).startswith("HeadEdit(version=HeadVersion(version_id='v2'")  # repr() keeps the fields, for logs

@@ -16,7 +16,7 @@ from explaind.v1 import neuroinspect_pb2
 
 from ._images import IMAGE_BOX, image_data_uri
 from ._operations import RESULT_CONVERTERS, enum_names
-from ._types import AbbreviatedRepr, ComparedByValue, float32_array
+from ._types import AbbreviatedRepr, ComparedByValue, escape_controls, float32_array
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -233,6 +233,26 @@ class HeadEdit(AbbreviatedRepr):
     best_epoch: int
     epochs_run: int
     validation_accuracy: list[float]
+
+    def summary(self) -> str:
+        """As ``explaind edit-head`` prints it: the training, whether the version is served,
+        its summary line, and its worst class (and group) against its parent's. Group
+        names, attribute values as uploaded, with their control characters escaped."""
+        version = self.version
+        served = "served now" if version.active else f"not served; explaind head-versions promote {version.version_id} serves it"
+        lines = [f"stored head version (best epoch {self.best_epoch} of {self.epochs_run}; {served}):", version.summary()]
+        before, after = version.parent_evaluation, version.evaluation
+        if before and after:
+            lines.append(f"  worst class {before.worst_class} {before.worst_class_accuracy:.3f} -> {after.worst_class} {after.worst_class_accuracy:.3f}")
+            if after.group_accuracy:
+                lines.append(f"  worst group {escape_controls(before.worst_group)} {before.worst_group_accuracy:.3f} -> "
+                             f"{escape_controls(after.worst_group)} {after.worst_group_accuracy:.3f}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook shows an edit as its summary, not a repr of some 1,500 characters
+        with both nested evaluations (``repr()`` keeps the fields)."""
+        printer.text(self.summary())
 
 
 def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None = None) -> NeuronRanking:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,18 @@ def _abbreviated(value: object, shown: int) -> str:
     if isinstance(value, list) and len(value) > shown:
         return f"[{', '.join(map(repr, value[:shown]))}, ... {len(value) - shown} more]"
     return repr(value)
+
+
+# C0 and C1 control characters, which a terminal acts on (ESC [2J clears it, OSC 52 sets
+# the clipboard) or which forge lines: a set's attribute values are kept as given.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` another caller stored (an attribute value, a set's name) with its control
+    characters escaped as Python writes them (``\\x1b``, ``\\n``), for a terminal or a
+    summary's lines."""
+    return _CONTROL_CHARACTER.sub(lambda control: repr(control.group())[1:-1], text)
 
 
 def float32_array(tensor: common_pb2.Tensor) -> np.ndarray:

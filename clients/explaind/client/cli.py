@@ -49,7 +49,7 @@ from ._client import DEFAULT_TARGET, Client
 from ._errors import ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
 from ._images import image_folder
 from ._operations import OPERATION_STATES
-from ._types import ModelMetadata
+from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
     import numpy as np
@@ -526,7 +526,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
                 owner = f", by {s.owner}" if s.owner else ""
-                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {_shown(s.display_name)}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading}{owner})")
+                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {escape_controls(s.display_name)}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading}{owner})")
             if not listed:
                 print(f"no sample sets of {args.owner}" if args.owner else "no sample sets (explaind sample-set create makes one)", file=sys.stderr)
         elif args.action == "show":
@@ -580,17 +580,6 @@ def _print_json(value: Any) -> None:
 MISTAKES_SHOWN = 5
 
 
-# C0 and C1 control characters, which a terminal acts on (ESC [2J clears it, OSC 52 sets
-# the clipboard) or which forge lines: a set's attribute values are kept as given.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _shown(text: str) -> str:
-    """``text`` another caller stored (an attribute value, a set's name) with its control
-    characters escaped as Python writes them (``\\x1b``, ``\\n``), for a terminal."""
-    return _CONTROL_CHARACTER.sub(lambda control: repr(control.group())[1:-1], text)
-
-
 def _print_evaluation(report: Evaluation) -> None:
     print(f"accuracy {report.accuracy:.3f} on {_samples(report.sample_count)} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
@@ -627,15 +616,7 @@ def _print_visualizations(result: NeuronVisualizations) -> None:
 
 
 def _print_head_edit(edit: HeadEdit) -> None:
-    served = "served now" if edit.version.active else f"not served; explaind head-versions promote {edit.version.version_id} serves it"
-    print(f"stored head version (best epoch {edit.best_epoch} of {edit.epochs_run}; {served}):")
-    print(edit.version.summary())
-    before, after = edit.version.parent_evaluation, edit.version.evaluation
-    if before and after:
-        print(f"  worst class {before.worst_class} {before.worst_class_accuracy:.3f} -> {after.worst_class} {after.worst_class_accuracy:.3f}")
-        if after.group_accuracy:
-            print(f"  worst group {_shown(before.worst_group)} {before.worst_group_accuracy:.3f} -> "
-                  f"{_shown(after.worst_group)} {after.worst_group_accuracy:.3f}")
+    print(edit.summary())
 
 
 # What ``operations get/wait/watch`` print for a succeeded operation, by kind (--json:
