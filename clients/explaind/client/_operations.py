@@ -208,6 +208,8 @@ class Operation(Generic[ResultT]):
     """A server-side job. ``state`` is one of queued, running, succeeded, failed, cancelled.
     ``Operation[Evaluation]`` is one whose ``result()`` is an :class:`Evaluation`."""
 
+    metadata: operations_pb2.OperationMetadata  # as of the last update
+
     def __init__(self, client: Client, message: lro_pb2.Operation) -> None:
         self._client = client
         self._update(message)
