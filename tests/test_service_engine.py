@@ -1606,6 +1606,22 @@ def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monke
         assert refused.value.field == field, options
 
 
+def test_an_evaluation_whose_confusion_matrix_cannot_fit_a_response_is_refused_before_it_runs(engine, monkeypatch):
+    # A (C, C) matrix takes at least C² bytes: with 21k classes the job classified the whole
+    # set (and built a list of 441M ints) before failing for its result's size.
+    engine.create_sample_set("wide", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    classes = len(engine.models.active.class_names)
+    submitted = []
+    monkeypatch.setattr(engine.jobs, "submit", lambda kind, run, **options: submitted.append(kind))
+    monkeypatch.setattr(engine.jobs, "max_result_bytes", classes * classes - 1)
+    with pytest.raises(ResourceExhausted, match=rf"the confusion matrix of {classes} classes takes at least {classes * classes} bytes, "
+                                                 rf"over the {classes * classes - 1} an operation's response may hold"):
+        engine.evaluate_sample_set("wide")
+    monkeypatch.setattr(engine.jobs, "max_result_bytes", classes * classes)
+    engine.evaluate_sample_set("wide")
+    assert submitted == ["evaluate_sample_set"]
+
+
 # Jobs and store --------------------------------------------------------------------------
 
 
