@@ -399,6 +399,24 @@ def _store_shifted_head(inspect, served):
     return edited, inspect._add_head_version(served, edited, "v0", {"method": "probability_ratio"})
 
 
+def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
+    # After the last step the progress still said "optimising 2 images" while the images
+    # and their masked versions were stored, which takes a while for many large ones.
+    from explaind.jobs import JobContext
+
+    said = []
+    report = JobContext.report_progress
+    monkeypatch.setattr(JobContext, "report_progress", lambda self, step, total=None, message="", preview=None: (
+        said.append((step, total, message)), report(self, step, total, message, preview))[1])
+    engine, inspect = _in_process(tmp_path)
+    try:
+        job = inspect.visualize_neurons([(7, "heart"), (11, None)], method="no_clip", steps=2)
+        assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
+        assert said[-2:] == [(2, 2, "optimising 2 images"), (2, 2, "saving 2 images and their masked versions")]
+    finally:
+        engine.close()
+
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a

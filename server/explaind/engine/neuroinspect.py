@@ -449,6 +449,7 @@ class NeuroInspectEngine:
             callback_on_step_end=on_step,
         )
         context.stage("images")
+        context.report_progress(result.steps, steps, f"saving {len(pairs)} images and their masked versions")
         message = neuroinspect_pb2.VisualizeNeuronsResult(model_version=version.version, method=method, steps=result.steps)
         for i, (neuron, klass) in enumerate(pairs):
             stem = f"{i:02d}_neuron{neuron}_{names[klass]}"
