@@ -406,8 +406,12 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
 
     said = []
     report = JobContext.report_progress
-    monkeypatch.setattr(JobContext, "report_progress", lambda self, step, total=None, message="", preview=None: (
-        said.append((step, total, message)), report(self, step, total, message, preview))[1])
+
+    def recorded(self, step, total=None, message="", preview=None):
+        said.append((step, total, message))
+        report(self, step, total, message, preview)
+
+    monkeypatch.setattr(JobContext, "report_progress", recorded)
     engine, inspect = _in_process(tmp_path)
     try:
         job = inspect.visualize_neurons([(7, "heart"), (11, None)], method="no_clip", steps=2)
