@@ -823,13 +823,17 @@ def test_requests_decoding_to_too_many_pixels_are_refused(server, client):
         client.predict([_png(np.zeros((1025, 1024, 3), np.uint8)), black[:1, :1]])
 
 
-def test_predict_splits_a_long_list_by_the_servers_image_limit_and_keeps_the_order(server, client, world_images, monkeypatch):
+def test_predict_splits_a_long_list_by_the_servers_limits_and_keeps_the_order(server, client, world_images, monkeypatch):
     pixels = np.tile(_uint8(world_images[0]), (6, 1, 1, 1))[:260]  # the module's server takes 256 per request
+    metadata = client.model_metadata()
+    # Requests of at most one batch of the server's model, within its image limit.
+    per_request = min(metadata.limits.max_images_per_request, metadata.max_batch_size)
+    assert per_request == 32
     calls = []
     original = client._call
     monkeypatch.setattr(client, "_call", lambda *args, **kwargs: calls.append(args[1]) or original(*args, **kwargs))
     predictions = client.predict(pixels, top_k=1, return_features=True)
-    assert calls.count("Predict") == 2 and len(predictions) == 260
+    assert calls.count("Predict") == 9 and len(predictions) == 260
     once = client.predict(pixels[250:], top_k=1, return_features=True)
     assert [p.class_indices for p in predictions[250:]] == [p.class_indices for p in once]
     np.testing.assert_allclose(np.stack([p.features for p in predictions[250:]]), np.stack([p.features for p in once]), atol=1e-5)
