@@ -311,6 +311,9 @@ def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_m
         images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         together = engine.predict(images, top_k=6, return_features=True)
         assert forwards == [4, 4, 2]
+        # explaind_batch_size_images counts forwards, as its help says: it said one of 10.
+        assert engine.metrics.registry.get_sample_value("explaind_batch_size_images_count") == 3
+        assert engine.metrics.registry.get_sample_value("explaind_batch_size_images_sum") == 10
         alone = [engine.predict(image[None], top_k=6, return_features=True) for image in images]
         assert together.class_indices.tolist() == [output.class_indices[0].tolist() for output in alone]
         torch.testing.assert_close(torch.as_tensor(together.features), torch.cat([torch.as_tensor(output.features) for output in alone]))

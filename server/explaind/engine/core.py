@@ -260,7 +260,6 @@ class Engine:
             max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue_size=batching.max_queue_size,
             max_queued_per_caller=batching.max_queued_images_per_caller,
-            on_batch=self.metrics.batch_size.observe,
             on_queue_depth=self.metrics.queue_depth.set,
         )
         self.activate(version)
@@ -339,6 +338,8 @@ class Engine:
         activations in proportion (6 GB more for 800 ResNet-18 images of 224² on a CPU)."""
         version = self.models.active  # read once: the whole batch uses one version
         slices = images.split(self.config.batching.max_batch_size)
+        for part in slices:
+            self.metrics.batch_size.observe(len(part))
         if not version.supports_features:  # inference-only loaders run on the CPU, where they loaded
             return _BatchForward(version, _joined([version.predict_fn(part.cpu()) for part in slices]), None)
         extract = self._feature_fns.get(version.feature_cache_key, version.features)
