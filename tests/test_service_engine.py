@@ -317,6 +317,15 @@ def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_m
         alone = [engine.predict(image[None], top_k=6, return_features=True) for image in images]
         assert together.class_indices.tolist() == [output.class_indices[0].tolist() for output in alone]
         torch.testing.assert_close(torch.as_tensor(together.features), torch.cat([torch.as_tensor(output.features) for output in alone]))
+        # An inference-only classifier (TorchScript, an ONNX graph that cannot be split) is sliced alike.
+        version, sizes = engine.models.active, []
+
+        def logits_of(images: torch.Tensor) -> torch.Tensor:
+            sizes.append(len(images))
+            return version.logits(version.features(images))
+
+        engine.models.activate(dataclasses.replace(version, feature_extractor=None, head=None, predict_fn=logits_of))
+        assert engine.predict(images, top_k=6).class_indices.tolist() == together.class_indices.tolist() and sizes == [4, 4, 2]
     finally:
         engine.close()
 
