@@ -300,11 +300,12 @@ class Engine:
             return self.config.runtime.backend, str(self.device)
         return "onnxruntime" if version.loader == "onnx" else version.loader, str(self.device) if version.supports_features else "cpu"
 
-    def close(self, grace_s: float = 0.0) -> None:
-        """Finish queued predictions, then let jobs finish for ``grace_s`` and abort the rest."""
+    def close(self) -> None:
+        """Finish queued predictions, then abort the jobs left (a server gives them its grace
+        period first, and closes this once they and its calls have ended: ExplaindServer.stop)."""
         if self._batcher is not None:
             self._batcher.close()
-        self.jobs.shutdown(grace_s)
+        self.jobs.shutdown(0.0)
 
     # Predict -------------------------------------------------------------------------
 
