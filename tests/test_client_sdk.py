@@ -2162,7 +2162,8 @@ def test_an_async_upload_cut_off_says_what_it_left_and_what_to_do(client):
     assert client.sample_set("async-cut").uploading
     client.delete_sample_set("async-cut")
     # The server answered: the failing request stored nothing.
-    assert appended.__notes__[-1] == "the first 2 of 6 samples were appended to 'refused-part-way': append the rest (samples 2 on)"
+    assert appended.__notes__[-1] == ("the first 2 of 6 samples were appended to 'refused-part-way': once what the error names is put "
+                                      "right, append the rest (samples 2 on)")
     assert client.sample_set("refused-part-way").sample_count == 1 + 2
 
 

@@ -1045,7 +1045,17 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.sample_set("half-uploaded")
         with pytest.raises(InvalidArgumentError) as raised:
             client.append_samples("split-upload", broken, [0] * 4)
-        assert raised.value.__notes__[-1] == "the first 2 of 4 samples were appended to 'split-upload': append the rest (samples 2 on)"
+        # The bad image is refused again until it is mended: said so, not only "append the rest".
+        assert raised.value.__notes__[-1] == ("the first 2 of 4 samples were appended to 'split-upload': once what the error names is put "
+                                              "right, append the rest (samples 2 on)")
+        upload = "00000000-0000-4000-8000-000000000004"
+        with pytest.raises(InvalidArgumentError) as raised:
+            client.append_samples("split-upload", broken, [0] * 4, request_id=upload)
+        assert raised.value.__notes__[-1] == (
+            f"the first 2 of 4 samples were appended to 'split-upload': once what the error names is put right, run this append_samples "
+            f"again under request_id {upload} (the same chunk_size and, before the failed request, the same images) to append the rest: "
+            "the requests the server applied are answered without appending again")
+        assert client.append_samples("split-upload", images[:3] + images[4:5], [0] * 4, request_id=upload).sample_count == 14 + 2 + 4
         with pytest.raises(ValueError, match="chunk_size must be at least 1"):
             client.create_sample_set(images[:1], [0], chunk_size=0)
 
