@@ -21,6 +21,8 @@ class RankedNeuronLike(Protocol):
     def excessive_ratio(self) -> float: ...
     @property
     def importance(self) -> float: ...
+    @property
+    def top_classes(self) -> Sequence[object]: ...  # names or indices
 
 
 def check_limit(limit: int) -> None:
@@ -29,11 +31,11 @@ def check_limit(limit: int) -> None:
         raise ValueError(f"limit must be 0 (all) or more, got {limit}")
 
 
-def neuron_lines(neurons: Sequence[RankedNeuronLike], top_classes: Sequence[Sequence[object]], top: str, limit: int) -> list[str]:
+def neuron_lines(neurons: Sequence[RankedNeuronLike], top: str, limit: int) -> list[str]:
     """One line per ranked neuron, the first ``limit`` (0: all): its direction, shares of
-    mistakes in their ``top`` (e.g. "top 5"), importance and ``top_classes`` (names or
-    indices, one sequence per neuron; semicolons between them, as ImageNet's names hold commas)."""
+    mistakes in their ``top`` (e.g. "top 5"), importance and top classes (semicolons
+    between them, as ImageNet's names hold commas)."""
     check_limit(limit)
     return [f"  neuron {n.neuron:>3}  {n.direction:<12} {top} in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
-            f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {'; '.join(map(str, classes))}"
-            for n, classes in zip(neurons[:limit or None], top_classes)]
+            f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {'; '.join(map(str, n.top_classes))}"
+            for n in neurons[:limit or None]]

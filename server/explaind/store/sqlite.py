@@ -588,7 +588,8 @@ class SQLiteStore:
 
         Works in chunks, holding the store's lock for one chunk at a time, so requests are
         never held up for long."""
-        removed, after = self._delete_stray_files() if everything else 0, ""
+        removed = self._delete_stray_files() if everything else 0
+        after = ""
         while True:
             with self._lock:
                 chunk = [row[0] for row in self._db.execute(
