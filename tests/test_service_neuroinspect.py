@@ -954,11 +954,19 @@ def test_a_version_being_stored_or_a_loaded_head_with_edits_is_not_deleted(tmp_p
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
-        # An edit that stored v1 and is about to promote it: a delete then failed the job NOT_FOUND.
+        # An edit that stored v1 and has not ended (a promote=True one stores and serves it in
+        # one hold of the lock, so a delete finds it served): a delete then failed the job NOT_FOUND.
         storing, stored = threading.Event(), threading.Event()
-        promote = inspect.promote_head_version
-        monkeypatch.setattr(inspect, "promote_head_version", lambda version_id: (stored.set(), storing.wait(30), promote(version_id))[2])
-        job = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+        result = inspect._edit_result
+
+        def result_once_stored(record, edit, active_id=None):
+            if active_id is None:  # the job's result, not the size check before storing
+                stored.set()
+                storing.wait(30)
+            return result(record, edit, active_id)
+
+        monkeypatch.setattr(inspect, "_edit_result", result_once_stored)
+        job = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1).record.job_id
         assert stored.wait(60)
         with pytest.raises(FailedPrecondition, match=f"operations/{job}, which stored head version 'v1', has not ended"):
             inspect.delete_head_version("v1")
@@ -1063,6 +1071,34 @@ def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, w
     try:
         versions, active = inspect.head_versions()
         assert [(v.version_id, v.parent_version_id) for v in versions] == [("v0", ""), ("v1", "v0")] and active == "v0"
+    finally:
+        _shut(engine)
+
+
+def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_parent(tmp_path, world_set):
+    # The edit trained from v0 while a caller promoted v1; it stored and served v2, and the
+    # server died before the edit's success was stored. The next start dropped v2 and served
+    # its parent v0: a head nobody had chosen since the promote of v1.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        assert _edit(engine, inspect, 5).state == "succeeded"  # v1, stored only
+        gate, blocker = _hold_the_job_worker(engine)
+        edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+        inspect.promote_head_version("v1")  # while the edit, from v0, waits to train
+        gate.set()
+        engine.jobs.wait(blocker.record.job_id, 30)
+        crashed = engine.jobs.wait(edit, 60).record
+        assert crashed.state == "succeeded" and inspect.active_head_version().version_id == "v2"
+        assert inspect.active_head_version().parent_version_id == "v0"
+        _as_if_the_server_died_before_its_end(engine, crashed)
+    finally:
+        _shut(engine)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        versions, active = inspect.head_versions()
+        assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v1"
+        assert engine.models.active.head_version == versions[1].head_hash
     finally:
         _shut(engine)
 

@@ -162,8 +162,9 @@ class NeuroInspectServiceServicer:
         against the version it started from. The new version is not served until promoted
         (or `promote` is set). If training diverges to NaN or infinite weights the
         operation fails FAILED_PRECONDITION and nothing is stored. All or nothing across a
-        crash: a version whose operation did not succeed is deleted at the next start (its
-        parent is then served if it was, and becomes its children's parent).
+        crash: a version whose operation did not succeed is deleted at the next start (if it
+        was served, the version it replaced is served again, or its parent if that one has
+        gone; its parent becomes its children's parent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

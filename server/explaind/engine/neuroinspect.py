@@ -74,6 +74,8 @@ MAX_TARGET_RATIO = 1e6
 # name) would make each version's evaluation, stored and listed, as large as its set.
 MAX_EDIT_GROUPS = 10_000
 LOADED = "loaded"
+# The key of a promoted edit's details naming the version it replaced as the served one.
+_SERVED_BEFORE = "served_before"
 # "v0", "v1", ...; "v01" names none of them. Used with fullmatch ("$" would accept a final "\n").
 HEAD_VERSION_ID = re.compile(r"v(0|[1-9][0-9]{0,17})")
 
@@ -605,13 +607,8 @@ class NeuroInspectEngine:
             def require_result_fits(record: HeadVersionRecord) -> None:  # else the job would fail with its version stored
                 self._engine.jobs.require_result_fits(self._edit_result(record, edit, active_id=record.version_id), consequence=stored_only_if)
 
-            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details, check=require_result_fits, owner=caller)
-            if promote:
-                try:
-                    self.promote_head_version(record.version_id)
-                except BaseException:  # the job fails, so its version goes too
-                    self._engine.store.delete_head_version(version.feature_version, record.version_id)
-                    raise
+            record = self._add_head_version(version, edit.as_linear(), parent.version_id, details, check=require_result_fits,
+                                            owner=caller, serve=promote)
             return self._edit_result(record, edit)
 
         with self._versions_lock:  # no promote or delete between reading the served head, its version and noting the edit
@@ -655,10 +652,16 @@ class NeuroInspectEngine:
     # Head versions -------------------------------------------------------------------
 
     def _add_head_version(self, version: ClassifierVersion, head: nn.Linear, parent_id: str, details: dict,
-                          check: Callable[[HeadVersionRecord], None] | None = None, owner: str | None = None) -> HeadVersionRecord:
-        """Store ``head`` as a new version of ``owner``; ``check`` may refuse the record (by raising) before it is stored."""
+                          check: Callable[[HeadVersionRecord], None] | None = None, owner: str | None = None,
+                          serve: bool = False) -> HeadVersionRecord:
+        """Store ``head`` as a new version of ``owner``, and serve it when ``serve``; ``check``
+        may refuse the record (by raising) before it is stored. Served, the record names the
+        version it replaced (read in the same hold of the lock as the promote), which a
+        restart serves again if the edit then did not succeed."""
         store = self._engine.store
         with store.writing_blobs() as put, self._versions_lock:
+            if serve:
+                details = {**details, _SERVED_BEFORE: self.active_head_version().version_id}
             digest = put(_head_bytes(head))
             # Deleted ids count too: an id never names two different heads.
             number = store.next_head_version_number(version.feature_version)
@@ -669,6 +672,12 @@ class NeuroInspectEngine:
             if check is not None:
                 check(record)
             store.insert_head_version(record)
+            if serve:
+                try:
+                    self._activate(record)
+                except BaseException:  # the job fails, so its version goes too
+                    store.delete_head_version(version.feature_version, record.version_id)
+                    raise
         return record
 
     def restore(self) -> None:
@@ -723,11 +732,24 @@ class NeuroInspectEngine:
     def _drop_versions_of_failed_edits(self, feature_version: str) -> None:
         """Delete the versions whose EditHead job did not succeed: a crash after the version
         was stored but before the job's success was leaves the job FAILED ("submit it
-        again") beside a version, possibly promoted, that a resubmission would duplicate."""
+        again") beside a version, possibly promoted, that a resubmission would duplicate.
+        A promoted one gives way to the version it replaced, if still stored (else to its
+        parent): newest first, so a chain of such edits unwinds to what was served before
+        the first, not to a parent older than a promote made while an edit trained."""
         store = self._engine.store
-        for version_id, job_id in store.head_versions_of_failed_edits(feature_version):
+        for version_id, job_id in reversed(store.head_versions_of_failed_edits(feature_version)):
             log.warning("deleting head version %s: the edit that stored it (operations/%s) did not succeed", version_id, job_id)
+            replaced = store.get_head_version(feature_version, version_id).details.get(_SERVED_BEFORE)
+            if replaced and store.active_head_version(feature_version) == version_id and self._is_stored(feature_version, replaced):
+                store.set_active_head_version(feature_version, replaced)
             store.delete_head_version(feature_version, version_id)
+
+    def _is_stored(self, feature_version: str, version_id: str) -> bool:
+        try:
+            self._engine.store.get_head_version(feature_version, version_id)
+        except NotFound:
+            return False
+        return True
 
     def _head(self, record: HeadVersionRecord) -> nn.Linear:
         """The head of ``record`` on the device: the model file's as loaded, any other read
