@@ -511,6 +511,36 @@ def test_a_check_while_another_call_reloads_the_callers_file_waits_for_that_relo
     reload.join(30)
 
 
+def test_a_callers_file_rewritten_in_place_is_not_taken_half_written(callers_file, monkeypatch, caplog):
+    # A reload that read `cat > callers` half-way took what parsed: the analyst's token
+    # cut short, root left out; their streams ended and their calls were refused until
+    # the next change.
+    from explaind.config import parse_callers
+
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    complete = CALLERS + "newcomer tokenNEW\n"
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), sleep=lambda _seconds: callers_file.write_text(complete))
+    analyst = callers.grant_of([("authorization", "Bearer tokenANA")])
+    callers_file.write_text(CALLERS[:CALLERS.index("tokenANA") + len("tokenA")])  # parses: monitoring, analyst tokenA
+    assert callers.in_force(analyst)  # the writer finishes while the reload waits: its stream goes on
+    assert callers.grant_of([("authorization", "Bearer tokenROOT")]).caller == "root"  # the next look takes the whole file
+    assert callers.grant_of([("authorization", "Bearer tokenNEW")]).caller == "newcomer"
+    assert callers.in_force(analyst) and callers.grant_of([("authorization", "Bearer tokenA")]) is None
+    assert "changed while being read" in caplog.text and "rename it over" in caplog.text
+
+
+def test_a_token_file_rewritten_in_place_is_not_taken_half_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    token_file = tmp_path / "token"
+    token_file.write_text("tokenOLD")
+    token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: token_file.write_text("tokenNEWER"))
+    old = token.grant_of([("authorization", "Bearer tokenOLD")])
+    token_file.write_text("tokenNE")
+    assert token.in_force(old)
+    assert token.grant_of([("authorization", "Bearer tokenNEWER")]) is not None
+    assert token.grant_of([("authorization", "Bearer tokenNE")]) is None and not token.in_force(old)
+
+
 def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refused(callers_file):
     callers = auth.NamedCallers({"analyst": "tokenANA", "monitoring": "tokenMON"}, str(callers_file))
     assert callers.grant_of([("authorization", "Bearer tokenANA")]).caller == "analyst"

@@ -5,7 +5,8 @@ Both may come from files ([server].token_file or .callers_file, .tls_cert_file,
 .tls_key_file, .tls_client_ca_file) that are read again when they change, so a rotated secret or a
 renewed certificate (Kubernetes swaps a mounted Secret's files in place; cert-manager
 renews them) takes effect without a restart. A change that leaves a file unusable keeps
-what was in force: a half-done rotation must not lock every caller out. A reload that
+what was in force: a half-done rotation must not lock every caller out; nor is a token or
+callers file taken while it is being rewritten in place (see SETTLE_S). A reload that
 removes or changes a token revokes what it let in: calls it lets in from then on are
 refused, and the streams already open with it end UNAUTHENTICATED (see :class:`Grant`).
 """
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 _SCHEME = b"bearer "
 # How often the files may be looked at for a change, in seconds.
 RECHECK_INTERVAL_S = 1.0
+# How long a changed token or callers file must keep its text before it is taken, in
+# seconds: one rewritten in place (`cat > file`, an editor that empties it first) and read
+# half-way may still parse, with a token cut short or callers left out, which would end
+# their streams and refuse their calls until the next change.
+SETTLE_S = 0.2
 
 
 class _WatchedFiles:
@@ -43,8 +49,10 @@ class _WatchedFiles:
     file counts, and so does one rewritten at its size with its old modification time,
     as a copy that keeps times does), and logs why a reload failed once per reason."""
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    def __init__(self, paths: Iterable[str], sleep: Callable[[float], None] = time.sleep) -> None:
+        """``sleep``: waits the seconds it is given (see :meth:`settled_text`)."""
         self._paths = [path for path in paths if path]
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._reloading = threading.Lock()
         self._checked_at = time.monotonic()
@@ -61,6 +69,18 @@ class _WatchedFiles:
 
     def reloaded(self) -> None:
         self._last_failure = ""
+
+    def settled_text(self, path: str) -> str:
+        """``path``'s text, once it reads the same again SETTLE_S later. Raises OSError or
+        UnicodeDecodeError, and ValueError if the text changed meanwhile: the file is being
+        written, and is read again at the next check. Calls that check meanwhile wait (see
+        :meth:`reload_if_changed`), once per change."""
+        text = Path(path).read_text(encoding="utf-8")
+        self._sleep(SETTLE_S)
+        if Path(path).read_text(encoding="utf-8") != text:
+            raise ValueError("changed while being read, so it is being written in place; "
+                             "replace it whole instead (write another file, then rename it over this one)")
+        return text
 
     def reload_if_changed(self, reload: Callable[[], None]) -> None:
         """Run ``reload`` if the files changed, one reload at a time, each reading them after
@@ -154,11 +174,12 @@ class Grant:
 
 
 class BearerToken:
-    def __init__(self, token: str, path: str = "") -> None:
-        """``token`` is the current one ("" = no auth), already read from ``path`` if any."""
+    def __init__(self, token: str, path: str = "", sleep: Callable[[float], None] = time.sleep) -> None:
+        """``token`` is the current one ("" = no auth), already read from ``path`` if any;
+        ``sleep`` waits a reload's SETTLE_S."""
         self._grant = Grant(UNNAMED, token.encode())
         self._path = path
-        self._files = _WatchedFiles([path])
+        self._files = _WatchedFiles([path], sleep)
 
     def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
         """The token's grant (caller UNNAMED) for a call whose metadata carries it, else
@@ -178,9 +199,12 @@ class BearerToken:
 
     def _reload(self) -> None:
         try:
-            token = Path(self._path).read_text(encoding="utf-8").strip()
+            token = self._files.settled_text(self._path).strip()
         except (OSError, UnicodeDecodeError) as error:
             self._files.reload_failed(f"token file {self._path} could not be read ({type(error).__name__})")
+            return
+        except ValueError as error:
+            self._files.reload_failed(f"token file {self._path}: {error}")
             return
         if problem := token_problem(token):
             self._files.reload_failed(f"token file {self._path} {problem}")
@@ -197,12 +221,14 @@ class NamedCallers:
     callers that were in force). An admin of ``admins`` missing from a reloaded file is
     logged once and has no rights until it is back: it cannot call without a token."""
 
-    def __init__(self, callers: dict[str, str], path: str, admins: tuple[str, ...] = ()) -> None:
-        """``callers``: name -> token, already read from ``path``."""
+    def __init__(self, callers: dict[str, str], path: str, admins: tuple[str, ...] = (),
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """``callers``: name -> token, already read from ``path``; ``sleep`` waits a
+        reload's SETTLE_S."""
         self._grants = {name: Grant(name, token.encode()) for name, token in callers.items()}
         self._path = path
         self._admins = admins
-        self._files = _WatchedFiles([path])
+        self._files = _WatchedFiles([path], sleep)
         self._missing_admins: list[str] = []
 
     def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
@@ -223,7 +249,7 @@ class NamedCallers:
 
     def _reload(self) -> None:
         try:
-            callers = parse_callers(Path(self._path).read_text(encoding="utf-8"))
+            callers = parse_callers(self._files.settled_text(self._path))
         except (OSError, UnicodeDecodeError) as error:
             self._files.reload_failed(f"callers file {self._path} could not be read ({type(error).__name__})")
             return
