@@ -71,6 +71,19 @@ def build_feature_fn(
     raise FailedPrecondition(f"unknown backend {backend!r}")
 
 
+def warm_up_batch_sizes(backend: str, max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a new feature function runs once before it serves. torch.compile
+    traces again for a batch size outside the ranges its graphs guard on: 1 (specialised),
+    and ranges split where an operator's choice depends on the batch size (16 for the
+    shapes world's convolutions on the CPU). Each such trace stalled the first Predict of
+    that size, 12 s on the CPU for the first single image. 1, the powers of two and
+    ``max_batch_size`` land in every range; other backends need one small batch."""
+    if backend != "compile":
+        return (2,)
+    powers = (1 << exponent for exponent in range(max(max_batch_size, 1).bit_length()))
+    return tuple(sorted({*powers, max(max_batch_size, 1)}))
+
+
 def _onnx_engine_fn(
     version: ClassifierVersion, backend: str, device: str, cache_dir: Path, num_threads: int, max_batch_size: int
 ) -> FeatureFn:

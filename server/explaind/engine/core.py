@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -32,7 +33,7 @@ from ..metrics import Metrics
 from ..ownership import Ownership, OwnerCheck
 from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid, sample_set_id_taken
 from ..tracing import NO_TRACING, Tracing
-from .backends import FeatureFn, build_feature_fn, check_device
+from .backends import FeatureFn, build_feature_fn, check_device, warm_up_batch_sizes
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
 from .registry import ModelRegistry
@@ -277,13 +278,16 @@ class Engine:
         if version.differentiable:
             version.feature_extractor.to(self.device)
             if version.feature_cache_key not in self._feature_fns:
-                fn = build_feature_fn(
-                    version, self.config.runtime.backend, str(self.device), Path(self.config.server.data_dir) / "compiled",
-                    num_threads=self.config.runtime.num_threads,
-                    max_batch_size=max(self.config.batching.max_batch_size, self.config.jobs.evaluate_batch_size),
-                )
+                backend = self.config.runtime.backend
+                max_batch_size = max(self.config.batching.max_batch_size, self.config.jobs.evaluate_batch_size)
+                started = time.perf_counter()
+                fn = build_feature_fn(version, backend, str(self.device), Path(self.config.server.data_dir) / "compiled",
+                                      num_threads=self.config.runtime.num_threads, max_batch_size=max_batch_size)
                 # Fixed images, not the global generator's: warming up must not move the stream of a process that seeded it.
-                fn(torch.rand(2, 3, version.image_size, version.image_size, generator=torch.Generator().manual_seed(0)).to(self.device))
+                generator = torch.Generator().manual_seed(0)
+                for batch_size in warm_up_batch_sizes(backend, max_batch_size):
+                    fn(torch.rand(batch_size, 3, version.image_size, version.image_size, generator=generator).to(self.device))
+                log.info("backend %s ready for %s in %.1f s", backend, version.name, time.perf_counter() - started)
                 self._feature_fns[version.feature_cache_key] = fn
         previous = self.models.activate(version)
         if previous is None or previous.feature_cache_key != version.feature_cache_key:
