@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -389,12 +390,12 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
-def _serve(servicer, port: int = 0, *, add=sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server) -> tuple[grpc.Server, str]:
+def _serve(servicer, port: int = 0, *, add=sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server, threads: int = 2) -> tuple[grpc.Server, str]:
     """A local gRPC server of ``servicer`` (``add``: its service's add_*_to_server) on
-    ``port`` (0: any free one); the server and its address."""
+    ``port`` (0: any free one), answering ``threads`` calls at once; the server and its address."""
     from concurrent.futures import ThreadPoolExecutor
 
-    server = grpc.server(ThreadPoolExecutor(2))
+    server = grpc.server(ThreadPoolExecutor(threads))
     add(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -706,6 +707,117 @@ def test_predict_sends_requests_of_at_most_the_servers_batch_size():
         assert servicer.requests == [4, 4, 2]
     finally:
         server.stop(0)
+
+
+# The most a stand-in server holds a request for others to arrive: reached only where the
+# client sends fewer at once than the test expects (then it fails, not hangs).
+HOLD_S = 10.0
+
+
+class _PipelinedInference(inference_pb2_grpc.InferenceServiceServicer):
+    """A batch size of 2 images (and ``queued_per_caller``, 0: no such limit). Each
+    Predict of ``requests`` waits until ``window`` of
+    them are in flight at once, or all have come, then
+    answers each image with its first pixel as its class: the later sent first, or with
+    ``failing`` (a first pixel), INVALID_ARGUMENT for that request, and the requests sent
+    after it held until the client cancels them."""
+
+    def __init__(self, requests: int, *, window: int, failing: int | None = None, queued_per_caller: int = 0) -> None:
+        self.requests, self.window, self.failing, self.queued_per_caller = requests, window, failing, queued_per_caller
+        self.changed = threading.Condition()
+        self.arrived: list[int] = []  # each request's first pixel
+        self.answered: list[int] = []
+        self.cancelled: list[int] = []
+        self.running = self.most_running = 0
+        self.held_too_long = False
+
+    def GetModelMetadata(self, request, context):
+        batching = inference_pb2.BatchingInfo(max_batch_size=2, max_queued_images_per_caller=self.queued_per_caller)
+        return inference_pb2.GetModelMetadataResponse(batching=batching, limits=inference_pb2.RequestLimits(max_images_per_request=1024))
+
+    def Predict(self, request, context):
+        first = request.images[0].tensor.data[0]
+        with self.changed:
+            self.arrived.append(first)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.changed.notify_all()
+            self._hold(lambda: self.most_running == self.window or len(self.arrived) == self.requests)
+            if self.failing is None:
+                self._hold(lambda: all(later in self.answered for later in self.arrived if later > first))
+            self.running -= 1
+        if self.failing is not None and first > self.failing:
+            ended = threading.Event()
+            context.add_callback(ended.set)
+            ended.wait(HOLD_S)
+            with self.changed:
+                if not context.is_active():
+                    self.cancelled.append(first)
+                    self.changed.notify_all()
+            return inference_pb2.PredictResponse()
+        if first == self.failing:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "images[1]: not an image")
+        with self.changed:
+            self.answered.append(first)
+            self.changed.notify_all()
+        return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction(class_indices=[image.tensor.data[0]])
+                                                          for image in request.images])
+
+    def _hold(self, until) -> None:
+        if not self.changed.wait_for(lambda: self.held_too_long or until(), HOLD_S):
+            self.held_too_long = True
+
+
+def _numbered_images(count: int) -> np.ndarray:
+    """``count`` 4x4 images, image i all of value i."""
+    return np.arange(count, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)
+
+
+@contextlib.contextmanager
+def _client_of(servicer: _PipelinedInference) -> Iterator[Client]:
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=8)
+    try:
+        with Client(target, timeout=30) as client:
+            yield client
+    finally:
+        server.stop(0)
+
+
+def test_predict_keeps_several_requests_in_flight_and_returns_their_answers_in_order():
+    # One request at a time paid a round trip each, and the server's batcher never saw two
+    # of them at once. The server answers them last sent first: the list stays in order.
+    servicer = _PipelinedInference(requests=5, window=4)  # the default max_in_flight
+    with _client_of(servicer) as client:
+        predictions = client.predict(_numbered_images(10))
+    assert [p.class_indices for p in predictions] == [[i] for i in range(10)]
+    assert servicer.most_running == 4 and servicer.answered[:4] == [6, 4, 2, 0]
+    servicer = _PipelinedInference(requests=3, window=2)
+    with _client_of(servicer) as client:
+        assert [p.class_indices for p in client.predict(_numbered_images(6), max_in_flight=2)] == [[i] for i in range(6)]
+        assert servicer.most_running == 2
+        with pytest.raises(ValueError, match="^max_in_flight must be a positive integer"):
+            client.predict(_numbered_images(6), max_in_flight=0)
+    # A server that keeps each caller to 4 images waiting gets 2 requests of 2 at once, not
+    # a third refused as RESOURCE_EXHAUSTED (one at a time never met that limit).
+    servicer = _PipelinedInference(requests=5, window=2, queued_per_caller=4)
+    with _client_of(servicer) as client:
+        assert len(client.predict(_numbered_images(10))) == 10
+    assert servicer.most_running == 2
+
+
+def test_a_failing_request_among_those_in_flight_raises_its_error_and_cancels_the_later_ones():
+    from explaind.client import InvalidArgumentError
+
+    servicer = _PipelinedInference(requests=5, window=4, failing=4)  # the third request, images 4 and 5
+    with _client_of(servicer) as client:
+        with pytest.raises(InvalidArgumentError, match=r"images\[1\]: not an image$") as raised:
+            client.predict(_numbered_images(10))
+        assert raised.value.request_offset == 4
+        assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("explaind-Predict")]
+        # The fourth request was in flight (the server holds each until four are): cancelled, not left to run.
+        with servicer.changed:
+            servicer.changed.wait_for(lambda: 6 in servicer.cancelled, HOLD_S)
+        assert 6 in servicer.cancelled and sorted(servicer.answered) == [0, 2]
 
 
 class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):

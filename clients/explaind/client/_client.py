@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import difflib
@@ -12,9 +14,11 @@ import numbers
 import ipaddress
 import ssl
 import sys
+import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -91,6 +95,10 @@ _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _LASTING_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRY_MIN_BACKOFF_S = 0.1  # also the least pause, whatever delay a server asks for
 RETRY_MAX_BACKOFF_S = 2.0
+# Predict requests one predict call keeps in flight at once (its max_in_flight): the next is
+# sent while the server runs the last, so the round trips overlap and the server's batcher
+# can join them, yet one call's requests queue no more than a few batches ahead of others'.
+DEFAULT_PREDICT_IN_FLIGHT = 4
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -243,6 +251,44 @@ def _with_last(items: Iterator[Run]) -> Iterator[tuple[Run, bool]]:
     yield current, True
 
 
+class _Cancellation:
+    """Ends the requests of a pipelined call still running once it stops (a request
+    failed, an image could not be read, a Ctrl-C): their gRPC calls in flight are
+    cancelled and their retries' pauses cut short, each then raising
+    grpc.FutureCancelledError in its thread, so that the call's threads end with it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: set[grpc.Future] = set()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled.set()
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    def result(self, start: Callable[[], grpc.Future]) -> Any:
+        """The response of the call ``start`` makes, or its error; none is made once the
+        pipeline has stopped."""
+        with self._lock:
+            if self._cancelled.is_set():
+                raise grpc.FutureCancelledError()
+            call = start()
+            self._calls.add(call)
+        try:
+            return call.result()
+        finally:
+            with self._lock:
+                self._calls.discard(call)
+
+    def sleep(self, seconds: float) -> None:
+        """A retry's pause, cut short by a cancel."""
+        if self._cancelled.wait(seconds):
+            raise grpc.FutureCancelledError()
+
+
 class Client:
     """A connection to an explaind server.
 
@@ -307,6 +353,7 @@ class Client:
         self._max_message_bytes = max_message_bytes
         self._limits: RequestLimits | None = None
         self._max_batch_size = 0  # the server's [batching].max_batch_size, asked with _limits; 0: unknown
+        self._max_queued_images_per_caller = 0  # the server's [batching] one, asked with _limits; 0: no limit or unknown
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
         options = _channel_options(max_message_bytes)
@@ -364,10 +411,13 @@ class Client:
         propagate.inject(carrier)
         return self._metadata + tuple(carrier.items())
 
-    def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None) -> Any:
+    def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None,
+              cancellation: _Cancellation | None = None) -> Any:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
-        before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first."""
+        before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
+        ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
+        or pause, as grpc.FutureCancelledError."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
@@ -376,7 +426,11 @@ class Client:
             self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
             attempts += 1
             try:
-                response = getattr(self._stubs[service], method)(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
+                send = getattr(self._stubs[service], method)
+                if cancellation is None:
+                    response = send(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
+                else:
+                    response = cancellation.result(lambda: send.future(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata()))
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 unavailable = error.code == grpc.StatusCode.UNAVAILABLE
@@ -396,7 +450,10 @@ class Client:
             else:
                 self._reached = True
                 return response
-            time.sleep(pause)
+            if cancellation is None:
+                time.sleep(pause)
+            else:
+                cancellation.sleep(pause)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
             # Whether the server honours the request_id is asked after the pause, not before:
             # the server that answers is the one to get the repeat (one restarted into an
@@ -533,7 +590,8 @@ class Client:
 
     # Predict -------------------------------------------------------------------------
 
-    def predict(self, images: Any, *, top_k: int = 0, return_features: bool = False, timeout: float | None = None) -> list[Prediction]:
+    def predict(self, images: Any, *, top_k: int = 0, return_features: bool = False, timeout: float | None = None,
+                max_in_flight: int = DEFAULT_PREDICT_IN_FLIGHT) -> list[Prediction]:
         """Classify images, the ``top_k`` classes each (0: the server's default, 5, or every
         class of a classifier with fewer): a list or any iterable (numpy arrays, torch tensors, PIL images,
         paths, encoded bytes, each read as its request is made) or one (N, 3, H, W) /
@@ -542,22 +600,66 @@ class Client:
         one forward pass of its model, so that each request's time is one batch's whatever
         the list's length: 800 images of 224² in one ran past 30 s on a CPU), and within its
         image, pixel and message limits, each with ``timeout``; a head promoted in between
-        shows in the predictions' ``model_version``."""
+        shows in the predictions' ``model_version``.
+
+        Up to ``max_in_flight`` of those requests are in flight at once (1: one at a time),
+        each in a thread of the call's own, ended with it, and fewer where the server
+        limits a caller's images waiting ([batching].max_queued_images_per_caller): the
+        next images are read and sent while the server runs the earlier, whose answers
+        are taken in order. The first request to fail, in the list's order, raises its
+        error and cancels the others."""
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
         require_files(images)  # requests already answered would be thrown away with the error
+        # One image needs no limits: the usual low-latency call, in this thread.
+        chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True)
+        requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features), len(chunk))
+                    for chunk in chunks)
         predictions: list[Prediction] = []
-        # One image needs no limits: the usual low-latency call.
-        for chunk in self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True):
-            request = _request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features)
-            response = self._call_at(len(predictions), count, "inference", "Predict", request, timeout=timeout)
-            features = None
-            if response.HasField("features"):
-                features = float32_array(response.features)
-            predictions += [
-                Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
-                for i, p in enumerate(response.predictions)
-            ]
+        with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
+                                                      self._max_queued_images_per_caller, timeout=timeout)) as responses:
+            for response in responses:
+                features = None
+                if response.HasField("features"):
+                    features = float32_array(response.features)
+                predictions += [
+                    Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
+                    for i, p in enumerate(response.predictions)
+                ]
         return predictions
+
+    def _pipelined_calls(self, service: str, method: str, requests: Iterator[tuple[Any, int]], total: int | None, max_in_flight: int,
+                         max_items_in_flight: int, *, timeout: float | None) -> Iterator[Any]:
+        """The answers, in order, to the requests of a split call (each with its count of
+        items), up to ``max_in_flight`` of them in flight at once in threads of the call's
+        own, and no more than ``max_items_in_flight`` items (0: no limit) unless one request
+        alone. Each is a :meth:`_call_at` in the caller's context (its trace span). The
+        first failure in the requests' order is raised; on it, or on the requests' iterator
+        raising, or on a close, the calls still in flight are cancelled and the threads
+        end before this does."""
+        offset = 0
+        if max_in_flight == 1:  # no thread to start or hand over to
+            for request, items in requests:
+                yield self._call_at(offset, total, service, method, request, timeout=timeout)
+                offset += items
+            return
+        cancellation = _Cancellation()
+        in_flight: collections.deque[tuple[Future[Any], int]] = collections.deque()
+        with ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}") as executor:
+            try:
+                for request, items in requests:
+                    while in_flight and (len(in_flight) == max_in_flight
+                                         or 0 < max_items_in_flight < items + sum(waiting for _, waiting in in_flight)):
+                        yield in_flight.popleft()[0].result()
+                    call = executor.submit(contextvars.copy_context().run, self._call_at, offset, total, service, method, request,
+                                           timeout=timeout, cancellation=cancellation)
+                    in_flight.append((call, items))
+                    offset += items
+                while in_flight:
+                    yield in_flight.popleft()[0].result()
+            finally:
+                cancellation.cancel()  # after a failure: the others' calls end now, and the executor's wait with them
 
     # Sample sets ---------------------------------------------------------------------
 
@@ -828,6 +930,7 @@ class Client:
             except UnavailableError:
                 return RequestLimits(0, 0, 0, 0)
             self._limits, self._max_batch_size = metadata.limits, metadata.max_batch_size
+            self._max_queued_images_per_caller = metadata.max_queued_images_per_caller
         return self._limits
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
