@@ -798,11 +798,19 @@ def test_predict_keeps_several_requests_in_flight_and_returns_their_answers_in_o
         with pytest.raises(ValueError, match="^max_in_flight must be a positive integer"):
             client.predict(_numbered_images(6), max_in_flight=0)
     # A server that keeps each caller to 4 images waiting gets 2 requests of 2 at once, not
-    # a third refused as RESOURCE_EXHAUSTED (one at a time never met that limit).
+    # a third refused as RESOURCE_EXHAUSTED (one at a time never met that limit): the 4th
+    # request's images (8 on) are read only once the 3rd is sent, after the 1st's answer.
     servicer = _PipelinedInference(requests=5, window=2, queued_per_caller=4)
+    answered_when_read = []
+
+    def images() -> Iterator[np.ndarray]:
+        for image in _numbered_images(10):
+            answered_when_read.append(len(servicer.answered))
+            yield image
+
     with _client_of(servicer) as client:
-        assert len(client.predict(_numbered_images(10))) == 10
-    assert servicer.most_running == 2
+        assert len(client.predict(images())) == 10
+    assert servicer.most_running == 2 and answered_when_read[8] >= 1
 
 
 def test_a_failing_request_among_those_in_flight_raises_its_error_and_cancels_the_later_ones():

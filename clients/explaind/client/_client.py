@@ -20,7 +20,7 @@ import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
@@ -618,7 +618,7 @@ class Client:
                     for chunk in chunks)
         predictions: list[Prediction] = []
         with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
-                                                      self._max_queued_images_per_caller, timeout=timeout)) as responses:
+                                                      timeout=timeout)) as responses:
             for response in responses:
                 features = None
                 if response.HasField("features"):
@@ -629,12 +629,13 @@ class Client:
                 ]
         return predictions
 
-    def _pipelined_calls(self, service: str, method: str, requests: Iterator[tuple[Any, int]], total: int | None, max_in_flight: int,
-                         max_items_in_flight: int, *, timeout: float | None) -> Iterator[Any]:
+    def _pipelined_calls(self, service: str, method: str, requests: Iterator[tuple[Any, int]], total: int | None, max_in_flight: int, *,
+                         timeout: float | None) -> Generator[Any, None, None]:
         """The answers, in order, to the requests of a split call (each with its count of
         items), up to ``max_in_flight`` of them in flight at once in threads of the call's
-        own, and no more than ``max_items_in_flight`` items (0: no limit) unless one request
-        alone. Each is a :meth:`_call_at` in the caller's context (its trace span). The
+        own, and no more items than the server's max_queued_images_per_caller unless one
+        request alone (known once ``requests``, made by :meth:`_request_chunks`, has read
+        the server's limits). Each is a :meth:`_call_at` in the caller's context (its trace span). The
         first failure in the requests' order is raised; on it, or on the requests' iterator
         raising, or on a close, the calls still in flight are cancelled and the threads
         end before this does."""
@@ -650,7 +651,7 @@ class Client:
             try:
                 for request, items in requests:
                     while in_flight and (len(in_flight) == max_in_flight
-                                         or 0 < max_items_in_flight < items + sum(waiting for _, waiting in in_flight)):
+                                         or 0 < self._max_queued_images_per_caller < items + sum(waiting for _, waiting in in_flight)):
                         yield in_flight.popleft()[0].result()
                     call = executor.submit(contextvars.copy_context().run, self._call_at, offset, total, service, method, request,
                                            timeout=timeout, cancellation=cancellation)
