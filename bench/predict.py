@@ -1,13 +1,17 @@
 """Predict performance, measured in one run on this machine.
 
-    python bench/predict.py [--seconds 3] [--iterations 300] [--backend eager] [--device cpu]
+    python bench/predict.py [--seconds 3] [--iterations 300] [--backend eager] [--device cpu] [--images 1024] [--repeats 5]
 
 Prints (1) in-process forward latency vs Predict RPC latency for one 64x64 image
 (p50/p99, and the RPC overhead: percentiles of RPC minus forward over alternating
 pairs), (2) Predict throughput with dynamic batching (max_batch_size 32) and
-without (max_batch_size 1) at 1, 8 and 32 concurrent clients, and (3) the model
+without (max_batch_size 1) at 1, 8 and 32 concurrent clients, (3) the model
 alone in-process at batch 1 and 32: the server runs one forward at a time in both
-modes, so batching's throughput gain cannot exceed the model's own batch-32 gain.
+modes, so batching's throughput gain cannot exceed the model's own batch-32 gain,
+and (4) one ``client.predict`` of ``--images`` images, which the SDK sends in
+requests of the server's batch size, one at a time (``max_in_flight=1``) and with
+its default of several in flight: their round trips and the client's encoding
+overlap the server's forwards.
 Servers run as subprocesses on loopback ports, like production, with ``--backend``
 for h_b on ``--device``; the in-process reference runs the same backend on the same
 device and waits for each result, as the server must before it answers.
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from explaind.client import Client
+from explaind.client._client import DEFAULT_PREDICT_IN_FLIGHT
 from explaind.config import BACKENDS, ClassifierSection
 from explaind.engine.backends import build_feature_fn, check_device
 from explaind.engine.models import load_classifier
@@ -143,6 +148,22 @@ def model_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: np.n
     return forwards * batch_size / elapsed
 
 
+def pipelined_predict(target: str, images: np.ndarray, count: int, repeats: int) -> dict[int, float]:
+    """Median seconds of one predict of ``count`` images (``images`` repeated) by
+    max_in_flight: 1 and the default, alternated ``repeats`` times, so that drift in the
+    machine's speed hits both alike."""
+    batch = images[np.arange(count) % len(images)]
+    seconds: dict[int, list[float]] = {1: [], DEFAULT_PREDICT_IN_FLIGHT: []}
+    with Client(target) as client:
+        client.predict(batch[:64])  # the server's limits read, the connection up
+        for _ in range(repeats):
+            for in_flight, taken in seconds.items():
+                start = time.perf_counter()
+                client.predict(batch, max_in_flight=in_flight)
+                taken.append(time.perf_counter() - start)
+    return {in_flight: float(np.median(taken)) for in_flight, taken in seconds.items()}
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
@@ -150,6 +171,8 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch (and ONNX Runtime) threads, in-process and in the servers alike")
     parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "tensorrt"], default="eager", help="h_b backend, in-process and in the servers alike")
     parser.add_argument("--device", default="cpu", help="torch device of the model (e.g. cuda), in-process and in the servers alike")
+    parser.add_argument("--images", type=positive_int, default=1024, help="images of the one predict call sent one request at a time and pipelined")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="runs of that predict call each way (the median is printed)")
     args = parser.parse_args()
     try:
         check_device(args.device)
@@ -182,6 +205,11 @@ def main() -> None:
             single, batched = (model_throughput(model, images, size, args.seconds) for size in (1, 32))
             print("\nmodel alone, in-process (images/s)   batch 1   batch 32   ratio")
             print(f"                                    {single:9.1f}  {batched:9.1f}   {batched / single:5.2f}x")
+            taken = pipelined_predict(servers[32][1], images, args.images, args.repeats)
+            one, pipelined = taken[1], taken[DEFAULT_PREDICT_IN_FLIGHT]
+            print(f"\none predict of {args.images} images in requests of 32 (s, median of {args.repeats})   "
+                  f"one at a time   {DEFAULT_PREDICT_IN_FLIGHT} in flight   ratio")
+            print(f"{'':67}{one:13.3f}   {pipelined:11.3f}   {one / pipelined:5.2f}x")
         finally:
             for process, _ in servers.values():
                 process.send_signal(signal.SIGTERM)
