@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import errno
 import io
 import json
@@ -916,10 +917,37 @@ def test_operations_watch_prints_each_update_as_operations_list_does(server, cap
     lines = capsys.readouterr().out.splitlines()
     updates, final = lines[:-1], lines[-1]
     assert len(updates) >= 2 and all(
-        re.fullmatch(rf"{job.name} +visualize_neurons +(queued|running)( \(cancel requested\))? +\d+/\d+ .*  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", line)
+        re.fullmatch(rf"{job.name} +visualize_neurons +(queued|running)( \(cancel requested\))? +\d+/\d+ .*  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \w+", line)
         for line in updates), updates
     assert main(["--target", server.target, "operations", "list", "--kind", "visualize_neurons", "--limit", "1"]) == 0
     assert final == capsys.readouterr().out.strip() and " cancelled " in final  # the last state as list shows it
+
+
+@pytest.fixture
+def central_european_time(monkeypatch):
+    """This process's local time zone is CET (UTC+1, no tzdata needed) for one test."""
+    monkeypatch.setenv("TZ", "CET-1")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_times_are_printed_in_local_time_with_their_zone(server, capsys, central_european_time):
+    # They were UTC without saying so: an hour off, here, from the clock and the server's log.
+    target = ["--target", server.target]
+    created = _json_out(capsys, [*target, "sample-set", "create", "local-times", "--world", "balanced:test:2", "--json"])
+    local = dt.datetime.fromisoformat(created["create_time"]).astimezone(dt.timezone(dt.timedelta(hours=1)))
+    shown = f"{local:%Y-%m-%d %H:%M:%S} CET"
+    assert main([*target, "sample-set", "show", "local-times"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"created {shown}")
+    assert main([*target, "sample-set", "list"]) == 0
+    assert f"(updated {shown})" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("local-times "))
+    job = _json_out(capsys, [*target, "evaluate", "local-times", "--no-wait", "--json"])
+    operation = _json_out(capsys, [*target, "operations", "wait", job["name"], "--json"])
+    local = dt.datetime.fromisoformat(operation["create_time"]).astimezone(dt.timezone(dt.timedelta(hours=1)))
+    assert main([*target, "operations", "list", "--limit", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"{local:%Y-%m-%d %H:%M:%S} CET")
 
 
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):

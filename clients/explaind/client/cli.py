@@ -526,7 +526,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
                 owner = f", by {s.owner}" if s.owner else ""
-                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {escape_controls(s.display_name)}  (updated {s.update_time:%Y-%m-%d %H:%M:%S}{uploading}{owner})")
+                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {escape_controls(s.display_name)}  (updated {_local_time(s.update_time)}{uploading}{owner})")
             if not listed:
                 print(f"no sample sets of {args.owner}" if args.owner else "no sample sets (explaind sample-set create makes one)", file=sys.stderr)
         elif args.action == "show":
@@ -536,11 +536,18 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 return 0
             named = f" ({s.display_name!r})" if s.display_name else ""
             print(f"{s.sample_set_id}{named}: {_samples(s.sample_count)}, per class {_named_counts(client, s.class_counts)}, "
-                  f"created {s.create_time:%Y-%m-%d %H:%M:%S}")
+                  f"created {_local_time(s.create_time)}")
         elif args.action == "delete":
             client.delete_sample_set(args.id)
             print(json.dumps({"deleted": args.id}) if args.json else f"deleted {args.id}")
     return 0
+
+
+def _local_time(moment: dt.datetime) -> str:
+    """A server time (UTC) as this machine's clock reads it, with its zone ("2026-12-04
+    20:39:56 CET"): a bare UTC time read as local time is hours off, and the server's
+    own log lines are in local time."""
+    return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z}"
 
 
 def _sample_set_json(names: list[str], sample_set: SampleSet) -> dict[str, Any]:
@@ -872,7 +879,7 @@ def _operation_line(operation: Operation[Any]) -> str:
     progress, owner = operation.progress, f"  by {operation.owner}" if operation.owner else ""
     cancelling = " (cancel requested)" if operation.cancel_requested and not operation.done else ""
     return (f"{operation.name:<30} {operation.kind:<22} {operation.state:<10}{cancelling} {progress.step}/{progress.total} {progress.message}  "
-            f"{operation.create_time:%Y-%m-%d %H:%M:%S}{owner}")
+            f"{_local_time(operation.create_time)}{owner}")
 
 
 def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, Any]:
