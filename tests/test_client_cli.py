@@ -153,6 +153,10 @@ def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(cap
     target = f"127.0.0.1:{free_port()}"
     assert main(["--target", target, "--timeout", "2", "info"]) == 1
     assert capsys.readouterr().err.endswith(f"\n  (is a server running at {target}? --target or EXPLAIND_TARGET names another)\n")
+    # A host no resolver knows (.invalid never resolves) printed the resolver's error alone.
+    assert main(["--target", "no-such-host.invalid:50051", "--timeout", "2", "info"]) == 1
+    assert capsys.readouterr().err.endswith("\n  (cannot resolve the host of no-such-host.invalid:50051: is it spelled right, "
+                                            "and is DNS reachable? --target or EXPLAIND_TARGET names it)\n")
     server = server_factory(server={"token": "s3cret"})
     assert main(["--target", server.target, "--timeout", "10", "info"]) == 1
     assert capsys.readouterr().err.endswith("\n  (the server asks for a token: --token or EXPLAIND_TOKEN)\n")

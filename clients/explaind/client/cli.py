@@ -1417,6 +1417,8 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
         return f"if {args.target} serves TLS, add --tls (and --ca-file for a private CA)"
     if "Connection refused" in details:
         return f"is a server running at {args.target}? --target or EXPLAIND_TARGET names another"
+    if "DNS resolution failed" in details or "errors resolving" in details:  # gRPC's resolvers (c-ares, native) word it so
+        return f"cannot resolve the host of {args.target}: is it spelled right, and is DNS reachable? --target or EXPLAIND_TARGET names it"
     return None
 
 
