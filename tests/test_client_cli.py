@@ -954,6 +954,17 @@ def test_times_are_printed_in_local_time_with_their_zone(server, capsys, central
     assert capsys.readouterr().out.rstrip().endswith(f"{local:%Y-%m-%d %H:%M:%S} CET")
 
 
+def test_sample_set_list_says_sample_for_one_and_keeps_its_columns(server, capsys):
+    target = ["--target", server.target]
+    for set_id, count in (("one-sample", 1), ("two-samples", 2)):
+        assert main([*target, "sample-set", "create", set_id, "--world", f"balanced:test:{count}"]) == 0
+    capsys.readouterr()
+    assert main([*target, "sample-set", "list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "      1 sample   " in lines["one-sample"] and "      2 samples  " in lines["two-samples"]
+    assert lines["one-sample"].index("(updated") == lines["two-samples"].index("(updated")
+
+
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

@@ -526,7 +526,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
                 owner = f", by {s.owner}" if s.owner else ""
-                print(f"{s.sample_set_id:<24} {s.sample_count:>7} samples  {escape_controls(s.display_name)}  (updated {_local_time(s.update_time)}{uploading}{owner})")
+                print(f"{s.sample_set_id:<24} {s.sample_count:>7} {'sample ' if s.sample_count == 1 else 'samples'}  {escape_controls(s.display_name)}  (updated {_local_time(s.update_time)}{uploading}{owner})")
             if not listed:
                 print(f"no sample sets of {args.owner}" if args.owner else "no sample sets (explaind sample-set create makes one)", file=sys.stderr)
         elif args.action == "show":
