@@ -417,6 +417,9 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
         job = inspect.visualize_neurons([(7, "heart"), (11, None)], method="no_clip", steps=2)
         assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
         assert said[-2:] == [(2, 2, "optimising 2 images"), (2, 2, "saving 2 images and their masked versions")]
+        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=1)
+        assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
+        assert said[-2:] == [(1, 1, "optimising 1 image"), (1, 1, "saving 1 image and its masked version")]  # not "1 images"
     finally:
         engine.close()
 

@@ -434,6 +434,7 @@ class NeuroInspectEngine:
         )
         names = version.class_names
         captions = [f"n{n} {names[c]}" for n, c in pairs]
+        counted = f"{len(pairs)} image{'' if len(pairs) == 1 else 's'}"
 
         def on_step(step: int, total: int, images: torch.Tensor) -> bool:
             context.raise_if_cancelled()
@@ -441,7 +442,7 @@ class NeuroInspectEngine:
             if step % preview_every == 0 or step == total:
                 context.stage("preview")
                 preview = encode_png(image_grid([to_uint8_hwc(image) for image in images.detach().float().cpu()], captions))
-            context.report_progress(step, total, f"optimising {len(pairs)} images", preview=preview)
+            context.report_progress(step, total, f"optimising {counted}", preview=preview)
             context.stage("optimise")
             return False
 
@@ -451,7 +452,7 @@ class NeuroInspectEngine:
             callback_on_step_end=on_step,
         )
         context.stage("images")
-        context.report_progress(result.steps, steps, f"saving {len(pairs)} images and their masked versions")
+        context.report_progress(result.steps, steps, f"saving {counted} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}")
         message = neuroinspect_pb2.VisualizeNeuronsResult(model_version=version.version, method=method, steps=result.steps)
         for i, (neuron, klass) in enumerate(pairs):
             stem = f"{i:02d}_neuron{neuron}_{names[klass]}"
