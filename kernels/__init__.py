@@ -9,6 +9,7 @@ before its final linear layer, so its features and head are explained the same w
 """
 
 from ._onnx_runtime import (
+    FLOAT_TYPES,
     ONNX_BACKENDS,
     OnnxClassifierSplit,
     UnsplittableGraph,
@@ -22,6 +23,7 @@ from ._onnx_runtime import (
 )
 
 __all__ = [
+    "FLOAT_TYPES",
     "ONNX_BACKENDS",
     "OnnxClassifierSplit",
     "UnsplittableGraph",

@@ -24,6 +24,12 @@ ONNX_BACKENDS = ("onnxruntime", "tensorrt")  # the [runtime].backend values that
 # The torch.export-based exporter's own default; ONNX Runtime and TensorRT 10 run it.
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "features"
+# The element types, by ONNX Runtime's names, that images and features are bound as: float32,
+# and float16 (a model exported after ``model.half()``, or converted with onnxconverter_common).
+FLOAT_TYPES: dict[str, tuple[torch.dtype, type[np.floating]]] = {
+    "tensor(float)": (torch.float32, np.float32),
+    "tensor(float16)": (torch.float16, np.float16),
+}
 
 
 def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
@@ -191,9 +197,10 @@ def _cuda_index(device: str) -> int:
 def onnx_runtime_features(
     model: Path | bytes, providers: list[Provider], *, device: str = "cpu", num_threads: int = 0, max_batch_size: int = 0
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images (N, 3, S, S) -> features (N, D) on ``device``, running the ONNX
-    graph ``model`` (a file, or the serialised graph) with one float input and one float
-    output (N, D) on ``providers`` (from :func:`execution_providers`).
+    """A function images (N, 3, S, S) -> float32 features (N, D) on ``device``, running the
+    ONNX graph ``model`` (a file, or the serialised graph) with one input and one output
+    (N, D), each float32 or float16 (:data:`FLOAT_TYPES`; images are cast to the graph's),
+    on ``providers`` (from :func:`execution_providers`).
     ``num_threads`` caps intra-op threads (0: one per core); ``max_batch_size`` > 0 runs
     larger batches in slices of that size (TensorRT's profile ends there). A graph whose
     batch dimension is fixed runs any batch in slices of that size (see :func:`run_in_batches`).
@@ -217,20 +224,24 @@ def onnx_runtime_features(
     width = graph_output.shape[-1]
     if not isinstance(width, int):
         raise FailedPrecondition(f"the feature width must be fixed in the graph, got {width!r}")
+    for tensor in (graph_input, graph_output):
+        if tensor.type not in FLOAT_TYPES:
+            raise FailedPrecondition(f"the graph's {tensor.name!r} is {tensor.type}, not one of {sorted(FLOAT_TYPES)}")
+    (image_dtype, image_type), (feature_dtype, feature_type) = FLOAT_TYPES[graph_input.type], FLOAT_TYPES[graph_output.type]
     target = torch.device(device)
     bound_device = ("cuda", _cuda_index(device)) if target.type == "cuda" else ("cpu", 0)
 
     def run_slice(images: torch.Tensor) -> torch.Tensor:
-        images = images.detach().to(target, torch.float32).contiguous()
-        features = torch.empty(len(images), width, device=target)
+        images = images.detach().to(target, image_dtype).contiguous()
+        features = torch.empty(len(images), width, device=target, dtype=feature_dtype)
         binding = session.io_binding()
-        binding.bind_input(graph_input.name, *bound_device, np.float32, tuple(images.shape), images.data_ptr())
-        binding.bind_output(graph_output.name, *bound_device, np.float32, tuple(features.shape), features.data_ptr())
+        binding.bind_input(graph_input.name, *bound_device, image_type, tuple(images.shape), images.data_ptr())
+        binding.bind_output(graph_output.name, *bound_device, feature_type, tuple(features.shape), features.data_ptr())
         if target.type == "cuda":  # ONNX Runtime reads the images on its own stream
             torch.cuda.current_stream(target).synchronize()
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        return features
+        return features.float()  # float32 features are returned as they are, not copied
 
     fixed = fixed_batch_size(graph_input)
     return lambda images: run_in_batches(run_slice, images, fixed or max_batch_size, pad=bool(fixed))

@@ -573,10 +573,13 @@ def test_a_feature_version_changes_with_the_normalisation_in_front_of_the_model(
     assert len({v.feature_version for v in versions}) == 3
 
 
-def _export_onnx(model: torch.nn.Module, path: Path, *, batch: int | None = None, external_data: bool = False) -> str:
-    """``model`` as ONNX with a dynamic batch, or a fixed ``batch``."""
+def _export_onnx(model: torch.nn.Module, path: Path, *, batch: int | None = None, external_data: bool = False,
+                 dtype: torch.dtype = torch.float32) -> str:
+    """``model`` as ONNX with a dynamic batch, or a fixed ``batch``; a ``dtype`` other than
+    float32 exports a copy cast to it, taking and giving tensors of that type."""
     dynamic = {} if batch else {"dynamic_shapes": ({0: torch.export.Dim("n")},)}
-    torch.onnx.export(model.eval(), (torch.rand(batch or 2, 3, 64, 64),), str(path), input_names=["images"], dynamo=True,
+    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    torch.onnx.export(model.eval(), (torch.rand(batch or 2, 3, 64, 64, dtype=dtype),), str(path), input_names=["images"], dynamo=True,
                       external_data=external_data, verbose=False, **dynamic)
     return str(path)
 
@@ -610,6 +613,47 @@ def test_an_onnx_model_with_a_fixed_batch_loads_and_runs_batches_of_any_size(tmp
             expected = world_model(images)
         torch.testing.assert_close(split.logits(split.features(images)), expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(whole.predict_fn(images).exp(), torch.softmax(expected, dim=1), atol=1e-4, rtol=1e-4)
+
+
+def test_a_float16_onnx_classifier_is_fed_float16_images_and_served_float32_logits_features_and_head(
+        tmp_path, classifier_dir, world_model, world_images, engine):
+    """A model exported after ``model.half()`` takes and gives float16 tensors: it was
+    refused at start-up (ONNX Runtime's "Unexpected input data type"). Split, its head is
+    float32 and agrees with the graph to float16's precision, not float32's 1e-4."""
+    images, _ = world_images
+    want = engine.predict(images, top_k=1, return_features=True)
+    split = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "split.onnx", dtype=torch.float16),
+                                              image_size=64))
+    assert split.supports_features, split.inference_only_reason
+    assert split.head.weight.dtype == torch.float32
+    onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
+    onnx_engine.activate(split)
+    got = onnx_engine.predict(images, top_k=1, return_features=True)
+    np.testing.assert_array_equal(got.class_indices, want.class_indices)
+    assert got.features.dtype == np.float32
+    np.testing.assert_allclose(got.features, want.features, rtol=1e-2, atol=1e-2)
+
+    ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1))
+    whole = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(ending_in_softmax, tmp_path / "whole.onnx", dtype=torch.float16),
+                                              image_size=64))
+    assert not whole.supports_features
+    onnx_engine.activate(whole)
+    got = onnx_engine.predict(images, top_k=1)
+    np.testing.assert_array_equal(got.class_indices, want.class_indices)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=2e-3)
+    onnx_engine.close()
+
+
+def test_an_onnx_model_taking_images_of_another_type_is_refused_naming_the_key_and_type(tmp_path, world_model):
+    class Bytes(torch.nn.Module):  # ONNX Runtime runs it, and said only "Unexpected input data type" on the probe
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return world_model(images.float() / 255)
+
+    path = tmp_path / "uint8.onnx"
+    torch.onnx.export(Bytes().eval(), (torch.zeros(2, 3, 64, 64, dtype=torch.uint8),), str(path), input_names=["images"], dynamo=True, verbose=False)
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .*uint8.onnx is tensor\(uint8\); "
+                                             "explaind feeds it float32 or float16 images$"):
+        load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64))
 
 
 def test_an_onnx_models_input_size_is_its_own_and_another_size_or_layout_is_refused_naming_the_key(tmp_path, world_model):

@@ -6,6 +6,7 @@ predicted and evaluated, not explained."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import sqlite3
 from pathlib import Path
 
@@ -95,6 +96,34 @@ def _stored_head(data_dir: Path, version_id: str) -> dict[str, torch.Tensor]:
     with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'explaind.sqlite3'}?mode=ro", uri=True)) as db:
         (digest,) = db.execute("SELECT weights_digest FROM head_versions WHERE version_id = ?", (version_id,)).fetchone()
     return load_safetensors((data_dir / "artifacts" / "sha256" / digest[:2] / digest).read_bytes())
+
+
+def test_a_float16_onnx_classifier_is_split_predicted_and_ranked_like_its_float32_model(tmp_path, torch_model):
+    """A model exported after ``model.half()`` takes and gives float16 tensors; it stopped
+    start-up ("Unexpected input data type"). Its head is its float16 layer in float32."""
+    classifier = {"loader": "onnx", "path": _export_onnx(torch_model, tmp_path / "half.onnx", dtype=torch.float16), "image_size": 64,
+                  "class_names": list(torch_model.config.class_names)}
+    config = write_config(tmp_path / "explaind.toml", SPURIOUS, classifier=classifier, batching={"max_images_per_request": 512})
+    server = ServerProcess(config, tmp_path / "data", tmp_path / "server.log").start()
+    try:
+        with Client(server.target, timeout=60) as client:
+            assert client.model_metadata().supports_features
+            pixels, labels, attributes = _world_set(300)
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+            with torch.no_grad():
+                expected = torch_model(images).argmax(dim=1)
+            predictions = client.predict(pixels, top_k=1, return_features=True)
+            np.testing.assert_array_equal([p.class_indices[0] for p in predictions], expected.numpy())
+
+            client.create_sample_set(pixels, labels, attributes=attributes, sample_set_id="half")
+            ranking = client.rank_mistake_neurons("half", "heart")
+            assert ranking.mistake_count > 0
+            head = copy.deepcopy(torch_model.fc).half().float()
+            features = torch.from_numpy(np.stack([p.features for p in predictions]))
+            in_process = MistakeNeuronRanker(head).rank(features, torch.from_numpy(labels), target_class=5)
+            assert [n.neuron for n in ranking.neurons] == in_process.neuron_ids
+    finally:
+        server.stop()
 
 
 def test_an_onnx_classifier_ending_in_a_softmax_is_served_inference_only_and_still_evaluated(tmp_path, torch_model):

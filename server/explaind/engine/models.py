@@ -31,7 +31,7 @@ from torch import nn
 from ..config import ClassifierSection, ClipSection, DiffusionSection, missing_classifier_key
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
-from ..kernels import UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
+from ..kernels import FLOAT_TYPES, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
 from ..methods.neuroinspect._features import modules_like
 
@@ -596,12 +596,13 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
 
 
 def _inference_only(section: ClassifierSection, loader: str, path: Path, digest: str,
-                    fn: Callable[[torch.Tensor], torch.Tensor], reason: str) -> ClassifierVersion:
+                    fn: Callable[[torch.Tensor], torch.Tensor], reason: str, *, scores_dtype: torch.dtype = torch.float32) -> ClassifierVersion:
     """``fn`` maps images to logits, or to probabilities where the model ends in a softmax:
     then it is served their logarithms, logits whose softmax gives back the same
     probabilities (the softmax of probabilities would flatten them). ``digest`` identifies
     the model's files and normalisation; ``reason`` says why it is not split, and what
-    would split it, for the calls it refuses."""
+    would split it, for the calls it refuses. ``scores_dtype`` is the precision the model
+    computes them in (:func:`_tolerance`), whatever type ``fn`` returns them as."""
     image_size = section.image_size or 224
     fitting = _fitting(section)
     _check_resize_size(fitting["resize_size"], image_size)
@@ -610,7 +611,7 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, digest:
         raise ModelLoadError(f"[classifier].path: {path}'s (first) output for 2 images is {probe.dtype} of shape {tuple(probe.shape)}, "
                              "not scores (N, classes): logits or probabilities")
     probe = probe.float()
-    if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe)), atol=1e-4):
+    if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe)), atol=_tolerance(scores_dtype)):
         log.info("%s: its outputs are probabilities (each row sums to 1); serving their logarithms as logits", path)
         fn = _logarithm_of(fn)
     return ClassifierVersion(
@@ -690,8 +691,10 @@ def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
 
 def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: int = 0) -> ClassifierVersion:
     """Split before the final linear layer when the graph ends in one (checked on a CPU
-    probe: head(features) must equal the graph's logits), running the features on
-    ``device``; else inference-only, on the CPU."""
+    probe: head(features) must give the graph's logits, see :func:`_head_gives_logits`),
+    running the features on ``device``; else inference-only, on the CPU. A float16 graph
+    is fed float16 images; its logits and features are served as float32, and its head is
+    a float32 ``nn.Linear``."""
     import onnxruntime
 
     path = _require_file(section.path, "path (an ONNX file)")
@@ -701,15 +704,21 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     graph_input = session.get_inputs()[0]
     batch = fixed_batch_size(graph_input)
     section = dataclasses.replace(section, image_size=_fixed_image_size(graph_input.name, list(graph_input.shape), section.image_size, path))
+    if graph_input.type not in FLOAT_TYPES:
+        raise ModelLoadError(f"[classifier].path: the input {graph_input.name!r} of {path} is {graph_input.type}; explaind feeds it "
+                             "float32 or float16 images")
+    image_dtype = FLOAT_TYPES[graph_input.type][0]
+    scores_dtype = FLOAT_TYPES.get(session.get_outputs()[0].type, FLOAT_TYPES["tensor(float)"])[0]
     preprocess = Preprocess(section.mean, section.std)
 
     def run_batch(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {graph_input.name: images.numpy()})[0])
+        scores = torch.from_numpy(session.run(None, {graph_input.name: images.to(image_dtype).numpy()})[0])
+        return scores.float() if scores.is_floating_point() else scores  # labels are refused by the probe
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return run_in_batches(run_batch, preprocess(images), batch, pad=True)
 
-    whole = _inference_only(section, "onnx", path, _normalised_digest(_hash_onnx(path), section), run, "")
+    whole = _inference_only(section, "onnx", path, _normalised_digest(_hash_onnx(path), section), run, "", scores_dtype=scores_dtype)
     try:
         split = split_onnx_classifier(path)
         head = nn.Linear(*reversed(split.weight.shape))
@@ -718,9 +727,9 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
             head.bias.copy_(split.bias)
         on_cpu = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=num_threads)
         with torch.inference_mode():
-            pairs = [(run(image), head(on_cpu(preprocess(image)))) for image in _probe_images(whole.image_size).split(1)]
-        if any(cut.shape != expected.shape or not torch.allclose(cut, expected, atol=1e-4, rtol=1e-4) for expected, cut in pairs):
-            raise UnsplittableGraph("its final linear layer, applied to the features before it, does not give its logits")
+            probes = [(run(image), on_cpu(preprocess(image))) for image in _probe_images(whole.image_size).split(1)]
+            if not all(_head_gives_logits(head, features, logits, scores_dtype) for logits, features in probes):
+                raise UnsplittableGraph("its final linear layer, applied to the features before it, does not give its logits")
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
         log.warning("%s: serving it inference-only (no features for ranking or head edits): %s", path, reason)
         # Callers see why the graph is not cut; other errors' text can hold server paths.
@@ -733,6 +742,29 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
         onnx_features=lambda images: features(on_device(images)),
     )
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How closely results a model computes in ``dtype`` are checked (probabilities' row
+    sums, a split's logits): 1e-4 for float32, two epsilons of a coarser type (float16: 2^-9)."""
+    return max(1e-4, 2 * torch.finfo(dtype).eps)
+
+
+def _head_gives_logits(head: nn.Linear, features: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the cut graph's float32 ``head`` on its ``features`` (N, D) gives the whole
+    graph's ``logits`` (N, C), computed in ``dtype``, which sets how closely: to 1e-4 for
+    float32; a float16 graph's to within :func:`_tolerance` of each logit's magnitude
+    |features| @ |W|^T + |b|: the cut graph's features are rounded to float16 as
+    they leave it, where the whole graph can keep them wider (ONNX Runtime's CPU casts a
+    float16 graph to float32 inside), and that rounding moves a logit summed from large
+    terms to near 0 by far more than 1e-3 of itself."""
+    cut = head(features)
+    if cut.shape != logits.shape:
+        return False
+    if dtype == torch.float32:
+        return torch.allclose(cut, logits, atol=1e-4, rtol=1e-4)
+    magnitude = features.abs() @ head.weight.abs().T + head.bias.abs()
+    return bool(((cut - logits).abs() <= _tolerance(dtype) * magnitude).all())
 
 
 def _fixed_image_size(input_name: str, shape: list[Any], configured: int, path: Path) -> int:
