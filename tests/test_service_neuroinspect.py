@@ -616,9 +616,13 @@ def _edit(engine, inspect, neuron: int, **options):
     return engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[neuron], max_epochs=1, **options).record.job_id, 60).record
 
 
-def _as_if_the_server_died_before_its_end(engine, job) -> None:
-    """Store ``job`` as the next start finds a job whose end was never stored: FAILED, ABORTED."""
-    engine.store.update_job(dataclasses.replace(job, state="failed", error_code="ABORTED", result=b""))
+def _restart_after_dying_in(engine, data_dir: Path, *jobs):
+    """Stop ``engine`` as a server that died before ``jobs`` ended leaves them (FAILED,
+    ABORTED: their ends never stored), and start another on ``data_dir``: (engine, inspect)."""
+    for job in jobs:
+        engine.store.update_job(dataclasses.replace(job, state="failed", error_code="ABORTED", result=b""))
+    _shut(engine)
+    return _in_process(data_dir)
 
 
 def _create_train_set(engine, world_set) -> None:
@@ -864,11 +868,7 @@ def test_a_version_whose_edit_job_failed_is_gone_after_a_restart_and_ids_stay_un
         assert kept.state == "succeeded"
         crashed = _edit(engine, inspect, 2, promote=True)
         assert inspect.active_head_version().version_id == "v2"
-        _as_if_the_server_died_before_its_end(engine, crashed)
-    finally:
-        _shut(engine)
-    engine, inspect = _in_process(tmp_path)
-    try:
+        engine, inspect = _restart_after_dying_in(engine, tmp_path, crashed)
         versions, active = inspect.head_versions()
         assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v0"
         assert engine.models.active.head_version == versions[0].head_hash  # the parent is served again
@@ -1066,12 +1066,7 @@ def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, w
         for neuron in (1, 2):
             jobs.append(_edit(engine, inspect, neuron, promote=True))
         assert good.state == "succeeded" and [v.parent_version_id for v in inspect.head_versions()[0]] == ["", "v0", "v0", "v2"]
-        for job in jobs:
-            _as_if_the_server_died_before_its_end(engine, job)
-    finally:
-        _shut(engine)
-    engine, inspect = _in_process(tmp_path)
-    try:
+        engine, inspect = _restart_after_dying_in(engine, tmp_path, *jobs)
         versions, active = inspect.head_versions()
         assert [(v.version_id, v.parent_version_id) for v in versions] == [("v0", ""), ("v1", "v0")] and active == "v0"
     finally:
@@ -1094,11 +1089,7 @@ def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_par
         crashed = engine.jobs.wait(edit, 60).record
         assert crashed.state == "succeeded" and inspect.active_head_version().version_id == "v2"
         assert inspect.active_head_version().parent_version_id == "v0"
-        _as_if_the_server_died_before_its_end(engine, crashed)
-    finally:
-        _shut(engine)
-    engine, inspect = _in_process(tmp_path)
-    try:
+        engine, inspect = _restart_after_dying_in(engine, tmp_path, crashed)
         versions, active = inspect.head_versions()
         assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v1"
         assert engine.models.active.head_version == versions[1].head_hash
