@@ -906,23 +906,37 @@ def test_an_onnx_classifier_computes_its_features_on_the_gpu(tmp_path, world_mod
         torch.testing.assert_close(version.logits(features.cpu()), world_model(images), atol=1e-4, rtol=1e-4)
 
 
-def test_the_compile_backend_serves_every_batch_size_without_tracing_again(tmp_path, classifier_dir, engine, monkeypatch):
+def test_the_compile_backend_serves_every_batch_size_and_thread_without_tracing_again(tmp_path, classifier_dir, engine, monkeypatch):
     # Warmed on one batch of 2, torch.compile traced again for the first batch of 1 and of
-    # 16 or more: 12 s on the CPU for the first single-image Predict after a start. Dynamo
-    # alone decides when to trace again, so its "eager" backend (no code generation) stands in.
+    # 16 or more: 12 s on the CPU for the first single-image Predict after a start. Warmed in
+    # the thread that loads the model, it traced again in the batcher's and the jobs' threads:
+    # h_b's feature-layer hook read a thread-local, which dynamo guarded on. Dynamo alone
+    # decides when to trace again, so a backend that counts its graphs and runs them eagerly
+    # stands in (dynamo's error_on_recompile is thread-local: it never reached the batcher).
     import functools
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
     torch._dynamo.reset()
     compiled = _engine(tmp_path / "compiled", classifier_dir, backend="compile")
     try:
+        warmed = len(graphs)
         most = max(compiled.config.batching.max_batch_size, compiled.config.jobs.evaluate_batch_size)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for batch_size in (1, 3, 15, 16, 17, 31, most):
-                images = torch.rand(batch_size, 3, 64, 64)
-                got = compiled.predict(images, top_k=1, return_features=True)
-                want = engine.predict(images, top_k=1, return_features=True)
-                np.testing.assert_allclose(got.features, want.features, atol=1e-4)
+        for batch_size in (1, 3, 15, 16, 17, 31, most):
+            images = torch.rand(batch_size, 3, 64, 64)
+            got = compiled.predict(images, top_k=1, return_features=True)
+            want = engine.predict(images, top_k=1, return_features=True)
+            np.testing.assert_allclose(got.features, want.features, atol=1e-4)
+        compiled.models.active.feature_maps(torch.rand(2, 3, 64, 64))  # arms the hook in this thread, as ranking does in a job's
+        rng = np.random.default_rng(0)
+        compiled.create_sample_set("jobs", "", [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(20)])
+        assert compiled.jobs.wait(compiled.evaluate_sample_set("jobs").record.job_id, 60).record.state == "succeeded"
+        assert len(graphs) == warmed
     finally:
         compiled.close()
         torch._dynamo.reset()

@@ -76,6 +76,10 @@ class _LayerTap:
         module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # Captures run eagerly. Traced by torch.compile (the compile backend's h_b), reading the
+        # thread-local made dynamo guard on it and trace h_b again in every other thread.
+        if torch.compiler.is_compiling():
+            return
         if getattr(self._local, "armed", False):
             self._local.output = output
 
