@@ -3089,6 +3089,27 @@ def test_an_onnx_runtime_backend_without_its_gpu_provider_is_refused_before_serv
     check_backend("onnxruntime", "cuda", loader="torchscript")
 
 
+def test_the_compile_backend_without_a_cpp_compiler_is_refused_before_serving(tmp_path, monkeypatch, caplog):
+    """torch.compile on the CPU without a C++ compiler (the Docker image has none): the
+    server said "listening", then stopped at its first warm-up batch with torch's error alone."""
+    from torch._inductor import config as inductor_config
+
+    from explaind.service.server import serve
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    stop = threading.Event()
+    threading.Timer(10, stop.set).start()  # a server that started anyway stops, and the test fails
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path / "data")).replace("runtime", backend="compile")
+    with caplog.at_level(logging.INFO, logger="explaind"), pytest.raises(
+            FailedPrecondition, match=r"\[runtime\].backend is 'compile', .*C\+\+ compiler .*none works here \(.*no-such-g\+\+.*\); install one or use backend = \"eager\""):
+        serve(config, stop)
+    stop.set()
+    assert "listening" not in caplog.text
+    from explaind.engine.backends import check_backend
+
+    check_backend("compile", "cpu", loader="torchscript")  # a classifier on its own runtime ignores [runtime].backend
+
+
 def test_bearer_token_matches_the_whole_authorization_value_only():
     from explaind.service.auth import BearerToken
 

@@ -38,10 +38,28 @@ OWN_RUNTIME_LOADERS = ("onnx", "torchscript")
 
 def check_backend(backend: str, device: str, *, loader: str) -> None:
     """FailedPrecondition when ``backend`` cannot run on ``device`` on this machine (an
-    ONNX Runtime without onnxruntime-gpu's CUDA or TensorRT provider): the server checks
-    it before it listens, as it does the device."""
-    if backend in ONNX_BACKENDS and loader not in OWN_RUNTIME_LOADERS:
+    ONNX Runtime without onnxruntime-gpu's CUDA or TensorRT provider, torch.compile on
+    the CPU without a C++ compiler): the server checks it before it listens, as it does
+    the device."""
+    if loader in OWN_RUNTIME_LOADERS:
+        return
+    if backend in ONNX_BACKENDS:
         require_providers(backend, device)
+    if backend == "compile" and torch.device(device).type == "cpu":
+        _require_cpp_compiler()
+
+
+def _require_cpp_compiler() -> None:
+    """torch.compile builds its CPU kernels with a C++ compiler. Without one, the first
+    warm-up batch failed, after the server said it was listening, with torch's error alone."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as error:
+        raise FailedPrecondition(f"[runtime].backend is 'compile', which builds h_b's code for the CPU with a C++ compiler (g++, or the one "
+                                 f"$CXX names), and none works here ({error}); install one or use backend = \"eager\"") from None
 
 
 def build_feature_fn(
