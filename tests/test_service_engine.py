@@ -532,6 +532,34 @@ def test_an_exported_program_is_served_at_the_input_size_it_fixes(tmp_path):
         load_classifier(ClassifierSection(loader="export", path=str(path), image_size=32))
 
 
+def half_tiny_net(dtype: str = "float16") -> nn.Module:
+    return tiny_net().to(getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_exported_or_factory_model_is_split_into_float32_features_and_head(tmp_path, dtype):
+    """A program exported after ``model.half()`` (or a factory's half model) stopped
+    start-up: its probe was fed float32 images (and a bfloat16 one's hash met numpy, which
+    has no bfloat16). Its features, maps and head are served as float32, and the head
+    stays trainable (cast outside inference mode) for edits."""
+    model = tiny_net().eval()
+    path = tmp_path / "half.pt2"
+    torch.export.save(torch.export.export(half_tiny_net(dtype).eval(), (torch.rand(2, 3, 32, 32).to(getattr(torch, dtype)),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_features, want_logits = model.body(images), model(images)
+    for section in (ClassifierSection(loader="export", path=str(path), feature_layer="body.0", head="fc"),
+                    ClassifierSection(loader="factory", factory=f"{__name__}:half_tiny_net", factory_kwargs={"dtype": dtype}, feature_layer="body.0",
+                                      head="fc", image_size=32)):
+        version = load_classifier(section)
+        assert version.supports_features and version.head.weight.dtype == torch.float32 and not version.head.weight.is_inference()
+        features = version.features(images)
+        assert features.dtype == version.feature_maps(images).dtype == torch.float32
+        torch.testing.assert_close(features, want_features, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(version.logits(features), want_logits, atol=1e-2, rtol=1e-2)
+
+
 def test_a_damaged_or_foreign_model_file_is_named_without_torch_s_traceback(tmp_path, capfd):
     # A Git LFS pointer checked out as the weights was "holds objects other than tensors ...
     # save the model's state dict alone"; a damaged .pt2 logged torch's traceback, then

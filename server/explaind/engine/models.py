@@ -55,17 +55,26 @@ class Preprocess(nn.Module):
 
 class Backbone(nn.Module):
     """h_b, the classifier without its head: images (N, 3, S, S) in [0, 1] -> penultimate
-    features (N, D). (``explaind.methods.neuroinspect.FeatureExtractor`` is the in-process
+    features (N, D) in float32; a half-precision trunk is fed its images in its own type,
+    ``compute_dtype``. (``explaind.methods.neuroinspect.FeatureExtractor`` is the in-process
     API's counterpart, which reads the features off the whole classifier.)"""
 
     def __init__(self, preprocess: Preprocess, trunk: nn.Module) -> None:
         super().__init__()
         self.preprocess = preprocess
         self.trunk = trunk
+        self.compute_dtype = parameters_dtype(trunk)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # contiguous: a ViT's class token is a view of all its tokens, which caching it would keep
-        return torch.flatten(self.trunk(self.preprocess(images)), 1).contiguous()
+        features = self.trunk(self.preprocess(images).to(self.compute_dtype))
+        return torch.flatten(features, 1).float().contiguous()
+
+
+def parameters_dtype(module: nn.Module) -> torch.dtype:
+    """The floating type ``module`` computes in, which its inputs must have: its first
+    floating parameter's (e.g. float16 after ``model.half()``), float32 without one."""
+    return next((parameter.dtype for parameter in module.parameters() if parameter.is_floating_point()), torch.float32)
 
 
 class _LayerTap:
@@ -179,7 +188,7 @@ class ClassifierVersion:
         """Activations of ``feature_layer`` as maps (N, D, h, w) for images (N, 3, S, S) in
         [0, 1], whatever the layer's layout (see :func:`channel_maps`)."""
         _, output = self._tap.capture(lambda: self.feature_extractor(images))
-        return channel_maps(output, self.feature_dim)
+        return channel_maps(output, self.feature_dim).float()
 
     def with_head(self, head: nn.Linear) -> ClassifierVersion:
         """The same feature extractor with another head (what head edits produce)."""
@@ -187,10 +196,11 @@ class ClassifierVersion:
 
 
 def _hash_module(module: nn.Module) -> str:
+    """A digest of ``module``'s state dict: names and raw bytes (as bytes, as numpy has no bfloat16)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -244,7 +254,9 @@ def split_classifier(
     interpolation: str = "bilinear",
     preprocess: Preprocess,
 ) -> ClassifierVersion:
-    """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``."""
+    """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``, to
+    the precision of the type the model computes in (:func:`_head_gives_logits`). A
+    half-precision model's head is served in float32, as its features are."""
     _check_resize_size(resize_size, image_size)
     head_module = _require_module(model, head, "head", source)
     tapped = _require_module(model, feature_layer, "feature_layer", source)
@@ -262,9 +274,13 @@ def split_classifier(
     device = next(model.parameters()).device  # the CPU but for an exported program placed at load
     probe = _probe_images(image_size).to(device)
     with torch.inference_mode():
-        expected = model(preprocess(probe))
+        expected = model(preprocess(probe).to(extractor.compute_dtype)).float()
         features, layer_output = tap.capture(lambda: extractor(probe))
-        if features.shape[1] != head_module.in_features or not torch.allclose(head_module(features), expected, atol=1e-4, rtol=1e-4):
+    # Now that the model has run; h_b has an Identity in its place. Outside inference mode,
+    # which would leave its parameters inference tensors that head edits cannot train.
+    head_module.float()
+    with torch.inference_mode():
+        if features.shape[1] != head_module.in_features or not _head_gives_logits(head_module, features, expected, extractor.compute_dtype):
             raise ModelLoadError(f"{source}: {head!r} is not the last operation of the model (head(h_b(x)) != model(x)); name the final linear layer as head")
     if not isinstance(layer_output, torch.Tensor):
         raise ModelLoadError(f"{source}: feature_layer {feature_layer!r} does not run in the model's forward or returns no single tensor; "
@@ -527,8 +543,9 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
     image_size = _exported_image_size(program, section.image_size, path)
     model = torch.export.unflatten(program)
     head = section.head or "fc"
+    dtype = parameters_dtype(model)
     preprocess = Preprocess(section.mean, section.std).to(device)
-    probe = preprocess(torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device))
+    probe = preprocess(torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)).to(dtype)
     try:
         with torch.inference_mode():
             expected, alone = model(probe), model(probe[:1])
@@ -536,7 +553,7 @@ def _load_export(section: ClassifierSection, device: torch.device) -> Classifier
         raise ModelLoadError(
             f"{path}: the program does not run on (1 | 3, 3, {image_size}, {image_size}) images ({type(error).__name__}); export "
             f"it with a dynamic batch, dynamic_shapes=({{0: torch.export.Dim('batch')}},), at [classifier].image_size") from None
-    if not torch.allclose(alone, expected[:1], atol=1e-4, rtol=1e-4):
+    if not torch.allclose(alone, expected[:1], atol=_tolerance(dtype), rtol=_tolerance(dtype)):
         # .eval() cannot reach into a traced graph: batch norm would mix the batcher's callers.
         raise ModelLoadError(f"{path}: an image's output depends on the rest of its batch; the program was exported in "
                              "training mode: call model.eval() before torch.export.export")
@@ -691,6 +708,7 @@ def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     return _inference_only(section, "torchscript", path, _normalised_digest(_hash_file(path), section), run,
                            "a TorchScript model cannot be split into features and a head; to explain it, serve it with "
                            "[classifier].loader = 'export' (a torch.export.save .pt2 of the model) or 'factory'")
+
 
 
 def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: int = 0) -> ClassifierVersion:
