@@ -536,6 +536,25 @@ def half_tiny_net(dtype: str = "float16") -> nn.Module:
     return tiny_net().to(getattr(torch, dtype))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
+def test_a_half_precision_torchscript_model_is_fed_float16_images_and_served_float32_scores(tmp_path):
+    """A TorchScript model traced after ``model.half()`` stopped start-up: its probe was
+    fed float32 images ("Input type (float) and bias type (c10::Half) should be the same")."""
+    model, fixed = tiny_net().eval(), tiny_net().eval()
+    with torch.no_grad():  # probabilities whose float16 roundings sum to 1 - 2.4e-4, past float32's 1e-4
+        fixed.fc.weight.zero_(), fixed.fc.bias.copy_(torch.tensor([0.0, 0.8, 0.1]))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for name, scores in (("logits", model), ("probabilities", nn.Sequential(fixed, nn.Softmax(dim=1)))):
+        path = tmp_path / f"{name}.pt"
+        torch.jit.save(torch.jit.trace(copy.deepcopy(scores).half(), torch.rand(1, 3, 32, 32).half()), path)
+        served = load_classifier(ClassifierSection(loader="torchscript", path=str(path), image_size=32)).predict_fn(images)
+        assert served.dtype == torch.float32
+        with torch.no_grad():
+            want = scores(images)
+        # Probabilities summing to 1 to float16's precision are found so, and served as their logarithms.
+        torch.testing.assert_close(served.exp() if name == "probabilities" else served, want, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_half_precision_exported_or_factory_model_is_split_into_float32_features_and_head(tmp_path, dtype):
     """A program exported after ``model.half()`` (or a factory's half model) stopped

@@ -699,16 +699,22 @@ def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Call
 def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     path = _require_file(section.path, "path (a TorchScript file)")
     module = torch.jit.load(str(path), map_location="cpu").eval()
+    dtype = parameters_dtype(module)  # a half-precision model takes float16 images
     preprocess = Preprocess(section.mean, section.std)
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
-        return module(preprocess(images))
+        return _float32_scores(module(preprocess(images).to(dtype)))
 
     return _inference_only(section, "torchscript", path, _normalised_digest(_hash_file(path), section), run,
                            "a TorchScript model cannot be split into features and a head; to explain it, serve it with "
-                           "[classifier].loader = 'export' (a torch.export.save .pt2 of the model) or 'factory'")
+                           "[classifier].loader = 'export' (a torch.export.save .pt2 of the model) or 'factory'", scores_dtype=dtype)
 
+
+def _float32_scores(scores: torch.Tensor) -> torch.Tensor:
+    """A model's floating scores as float32, whatever type it computes them in; other
+    outputs (labels) as they are, for :func:`_inference_only`'s probe to refuse."""
+    return scores.float() if scores.is_floating_point() else scores
 
 
 def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: int = 0) -> ClassifierVersion:
@@ -734,8 +740,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     preprocess = Preprocess(section.mean, section.std)
 
     def run_batch(images: torch.Tensor) -> torch.Tensor:
-        scores = torch.from_numpy(session.run(None, {graph_input.name: images.to(image_dtype).numpy()})[0])
-        return scores.float() if scores.is_floating_point() else scores  # labels are refused by the probe
+        return _float32_scores(torch.from_numpy(session.run(None, {graph_input.name: images.to(image_dtype).numpy()})[0]))
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return run_in_batches(run_batch, preprocess(images), batch, pad=True)
