@@ -579,6 +579,19 @@ def test_a_half_precision_exported_or_factory_model_is_split_into_float32_featur
         torch.testing.assert_close(version.logits(features), want_logits, atol=1e-2, rtol=1e-2)
 
 
+def test_a_float16_state_dict_is_loaded_into_the_float32_torchvision_architecture(tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    weights = tmp_path / "resnet18.pth"
+    torch.save({key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()}, weights)
+    version = load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(weights), image_size=32))
+    assert {parameter.dtype for parameter in version.feature_extractor.parameters()} == {version.head.weight.dtype} == {torch.float32}
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(version.logits(version.features(images)), model.half().float()(images))
+
+
 def test_a_damaged_or_foreign_model_file_is_named_without_torch_s_traceback(tmp_path, capfd):
     # A Git LFS pointer checked out as the weights was "holds objects other than tensors ...
     # save the model's state dict alone"; a damaged .pt2 logged torch's traceback, then
