@@ -518,6 +518,7 @@ def test_a_callers_file_rewritten_in_place_is_not_taken_half_written(callers_fil
     from explaind.config import parse_callers
 
     monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth, "SETTLE_S", 60.0)  # the file just written is never taken without waiting
     complete = CALLERS + "newcomer tokenNEW\n"
     callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), sleep=lambda _seconds: callers_file.write_text(complete))
     analyst = callers.grant_of([("authorization", "Bearer tokenANA")])
@@ -531,6 +532,7 @@ def test_a_callers_file_rewritten_in_place_is_not_taken_half_written(callers_fil
 
 def test_a_token_file_rewritten_in_place_is_not_taken_half_written(tmp_path, monkeypatch):
     monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth, "SETTLE_S", 60.0)
     token_file = tmp_path / "token"
     token_file.write_text("tokenOLD")
     token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: token_file.write_text("tokenNEWER"))
@@ -539,6 +541,29 @@ def test_a_token_file_rewritten_in_place_is_not_taken_half_written(tmp_path, mon
     assert token.in_force(old)
     assert token.grant_of([("authorization", "Bearer tokenNEWER")]) is not None
     assert token.grant_of([("authorization", "Bearer tokenNE")]) is None and not token.in_force(old)
+
+
+def test_a_file_left_unusable_is_read_again_at_each_check_without_making_calls_wait(tmp_path, monkeypatch, caplog):
+    # Each check read it again (a failed reload looks again) and waited SETTLE_S for it to
+    # settle, holding every call and stream check of the server meanwhile: 0.2 s of each second.
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth, "SETTLE_S", 0.05)
+    token_file, callers_file = tmp_path / "token", tmp_path / "callers"
+    token_file.write_text("tokenOLD")
+    callers_file.write_text(CALLERS)
+    waits: list[float] = []
+    token = auth.BearerToken("tokenOLD", str(token_file), sleep=waits.append)
+    from explaind.config import parse_callers
+
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), sleep=waits.append)
+    token_file.write_text("token with spaces")
+    callers_file.write_text(CALLERS + "a line without a token\n")
+    time.sleep(0.1)  # neither is written again: each has kept its text for over SETTLE_S
+    for _ in range(3):
+        assert token.grant_of([("authorization", "Bearer tokenOLD")]) is not None
+        assert callers.grant_of([("authorization", "Bearer tokenANA")]).caller == "analyst"
+    assert waits == []
+    assert "token file" in caplog.text and "callers file" in caplog.text
 
 
 def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refused(callers_file):

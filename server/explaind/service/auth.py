@@ -71,11 +71,17 @@ class _WatchedFiles:
         self._last_failure = ""
 
     def settled_text(self, path: str) -> str:
-        """``path``'s text, once it reads the same again SETTLE_S later. Raises OSError or
-        UnicodeDecodeError, and ValueError if the text changed meanwhile: the file is being
-        written, and is read again at the next check. Calls that check meanwhile wait (see
-        :meth:`reload_if_changed`), once per change."""
+        """``path``'s text, once it has kept it SETTLE_S: at once if nothing wrote the file
+        (by its status change time) in the SETTLE_S before the read nor during it, else
+        once it reads the same again SETTLE_S later. Raises OSError or UnicodeDecodeError,
+        and ValueError if the text changed meanwhile: the file is being written, and is
+        read again at the next check. Calls that check meanwhile wait (see
+        :meth:`reload_if_changed`), so a file left unusable, read again at every check,
+        must not make each of them wait."""
+        before = os.stat(path)
         text = Path(path).read_text(encoding="utf-8")
+        if time.time_ns() - before.st_ctime_ns >= SETTLE_S * 1e9 and _stamp(os.stat(path)) == _stamp(before):
+            return text
         self._sleep(SETTLE_S)
         if Path(path).read_text(encoding="utf-8") != text:
             raise ValueError("changed while being read, so it is being written in place; "
@@ -114,8 +120,14 @@ class _WatchedFiles:
             except OSError:
                 stamps.append(None)
             else:
-                stamps.append((status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns))
+                stamps.append(_stamp(status))
         return stamps
+
+
+def _stamp(status: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or written: inode, size, modification and
+    status change times (ns)."""
+    return status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
 
 
 def _bearer_values(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[bytes]:
