@@ -3158,12 +3158,15 @@ def test_the_compile_backend_without_a_cpp_compiler_is_refused_before_serving(tm
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
     stop = threading.Event()
-    threading.Timer(10, stop.set).start()  # a server that started anyway stops, and the test fails
+    stopper = threading.Timer(10, stop.set)  # a server that started anyway stops, and the test fails
+    stopper.start()
     config = default_config().replace("server", port=0, data_dir=str(tmp_path / "data")).replace("runtime", backend="compile")
-    with caplog.at_level(logging.INFO, logger="explaind"), pytest.raises(
-            FailedPrecondition, match=r"\[runtime\].backend is 'compile', .*C\+\+ compiler .*none works here \(.*no-such-g\+\+.*\); install one or use backend = \"eager\""):
-        serve(config, stop)
-    stop.set()
+    try:
+        with caplog.at_level(logging.INFO, logger="explaind"), pytest.raises(
+                FailedPrecondition, match=r"\[runtime\].backend is 'compile', .*C\+\+ compiler .*none works here \(.*no-such-g\+\+.*\); install one or use backend = \"eager\""):
+            serve(config, stop)
+    finally:
+        stopper.cancel()  # else its thread outlived the test by 10 s
     assert "listening" not in caplog.text
     from explaind.engine.backends import check_backend
 
