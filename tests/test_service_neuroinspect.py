@@ -1073,10 +1073,12 @@ def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, w
         _shut(engine)
 
 
-def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_parent(tmp_path, world_set):
+@pytest.mark.parametrize("replaced_deleted", [False, True], ids=["replaced-kept", "replaced-deleted-since"])
+def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_parent(tmp_path, world_set, replaced_deleted):
     # The edit trained from v0 while a caller promoted v1; it stored and served v2, and the
     # server died before the edit's success was stored. The next start dropped v2 and served
-    # its parent v0: a head nobody had chosen since the promote of v1.
+    # its parent v0: a head nobody had chosen since the promote of v1. With v1 deleted
+    # since, the parent is what is left.
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
@@ -1089,10 +1091,13 @@ def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_par
         crashed = engine.jobs.wait(edit, 60).record
         assert crashed.state == "succeeded" and inspect.active_head_version().version_id == "v2"
         assert inspect.active_head_version().parent_version_id == "v0"
+        if replaced_deleted:
+            inspect.delete_head_version("v1")
         engine, inspect = _restart_after_dying_in(engine, tmp_path, crashed)
         versions, active = inspect.head_versions()
-        assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v1"
-        assert engine.models.active.head_version == versions[1].head_hash
+        served = versions[0] if replaced_deleted else versions[1]
+        assert [v.version_id for v in versions] == (["v0"] if replaced_deleted else ["v0", "v1"]) and active == served.version_id
+        assert engine.models.active.head_version == served.head_hash
     finally:
         _shut(engine)
 

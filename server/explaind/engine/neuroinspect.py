@@ -746,6 +746,7 @@ class NeuroInspectEngine:
             store.delete_head_version(feature_version, version_id)
 
     def _is_stored(self, feature_version: str, version_id: str) -> bool:
+        """Whether head version ``version_id`` of ``feature_version`` is stored (not deleted)."""
         try:
             self._engine.store.get_head_version(feature_version, version_id)
         except NotFound:
