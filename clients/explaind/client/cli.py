@@ -114,11 +114,6 @@ def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
         print(f"{name:<{width}}  {ranked}")
 
 
-def _samples(count: int) -> str:
-    """ "1 sample", "2 samples"."""
-    return f"{count} sample{'' if count == 1 else 's'}"
-
-
 def _file_problem(path: str) -> str | None:
     """Why ``path`` is no file to read, or None (a usage error, not a traceback later)."""
     if Path(path).is_file():
@@ -514,9 +509,9 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 _print_json(_sample_set_json(_served_class_names(client), stored))
                 return 0
             # An append says how many it added, then the set's new total: not one count for the other.
-            done = "created" if args.action == "create" else f"appended {_samples(len(labels))} to"
+            done = "created" if args.action == "create" else f"appended {_counted(len(labels), 'sample')} to"
             total = "now " if args.action == "append" else ""
-            print(f"{done} {stored.sample_set_id}: {total}{_samples(stored.sample_count)}, per class {_named_counts(client, stored.class_counts)}")
+            print(f"{done} {stored.sample_set_id}: {total}{_counted(stored.sample_count, 'sample')}, per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
             listed = client.sample_sets(owner=args.owner or "")
             if args.json:
@@ -535,7 +530,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 _print_json(_sample_set_json(_served_class_names(client), s))
                 return 0
             named = f" ({s.display_name!r})" if s.display_name else ""
-            print(f"{s.sample_set_id}{named}: {_samples(s.sample_count)}, per class {_named_counts(client, s.class_counts)}, "
+            print(f"{s.sample_set_id}{named}: {_counted(s.sample_count, 'sample')}, per class {_named_counts(client, s.class_counts)}, "
                   f"created {_local_time(s.create_time)}")
         elif args.action == "delete":
             client.delete_sample_set(args.id)
@@ -588,7 +583,7 @@ MISTAKES_SHOWN = 5
 
 
 def _print_evaluation(report: Evaluation) -> None:
-    print(f"accuracy {report.accuracy:.3f} on {_samples(report.sample_count)} (model {report.model_version})")
+    print(f"accuracy {report.accuracy:.3f} on {_counted(report.sample_count, 'sample')} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
     scored = list(report.class_accuracy.items())
@@ -942,7 +937,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"\npredictions for {args.scenario} test images (true label first):")
             _print_predictions([f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)], predictions)
             created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)
-            print(f"\nsample set {created.sample_set_id}: {_samples(created.sample_count)}; evaluating it as a job:")
+            print(f"\nsample set {created.sample_set_id}: {_counted(created.sample_count, 'sample')}; evaluating it as a job:")
             operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
             _print_evaluation(operation.result(progress=True))
             grid = Path(data_dir) / "mistakes.png"
