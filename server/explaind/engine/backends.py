@@ -95,7 +95,8 @@ def warm_up_batch_sizes(backend: str, max_batch_size: int) -> tuple[int, ...]:
     and ranges split where an operator's choice depends on the batch size (16 for the
     shapes world's convolutions on the CPU). Each such trace stalled the first Predict of
     that size, 12 s on the CPU for the first single image. 1, the powers of two and
-    ``max_batch_size`` land in every range; other backends need one small batch."""
+    ``max_batch_size`` land in every range split at a power of two, as the ones seen are;
+    other backends need one small batch."""
     if backend != "compile":
         return (2,)
     powers = (1 << exponent for exponent in range(max(max_batch_size, 1).bit_length()))
