@@ -97,6 +97,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
     ("argv", "message"),
     [
         (["predict", __file__, "--top-k", "0"], "--top-k: expected an integer >= 1, got '0'"),
+        (["predict", __file__, "--max-in-flight", "0"], "--max-in-flight: expected an integer >= 1, got '0'"),
         (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 0, got '-19'"),
         (["info", "--timeout", "-1"], "--timeout: expected a number of seconds > 0, got '-1'"),
         (["head-versions", "promote"], "head-versions promote: give a version id"),
@@ -308,6 +309,22 @@ def test_predict_top_k_beyond_the_classes_is_refused_in_the_option_s_terms(serve
     assert _error(capsys, ["--target", server.target, "predict", image, "--top-k", "7"]) == "error: --top-k: 7 is more than the served model's 6 classes"
     assert main(["--target", server.target, "predict", image, "--top-k", "6", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["labels"]) == 6
+
+
+@pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
+def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
+    asked = []
+    predict = Client.predict
+
+    def recording(self, images, **options):
+        asked.append(options["max_in_flight"])
+        return predict(self, images, **options)
+
+    monkeypatch.setattr(Client, "predict", recording)
+    images = [_png(tmp_path / f"{i}.png", 10 + i) for i in range(3)]
+    assert main(["--target", server.target, "predict", *images, "--json", *argv]) == 0
+    assert asked == [in_flight]
+    assert [len(p["labels"]) for p in json.loads(capsys.readouterr().out)] == [3, 3, 3]
 
 
 def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_path):

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from ._client import DEFAULT_TARGET, Client
+from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
 from ._errors import ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
 from ._images import image_folder
 from ._operations import OPERATION_STATES
@@ -410,7 +410,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.top_k and args.top_k > classes:  # said here: the server's refusal offers a 0 that --top-k does not take
             raise CommandError(f"--top-k: {args.top_k} is more than the served model's {classes} classes")
         top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, classes)
-        predictions = client.predict([Path(p) for p in args.images], top_k=top_k)
+        predictions = client.predict([Path(p) for p in args.images], top_k=top_k, max_in_flight=args.max_in_flight)
     if args.json:
         _print_json([{"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
                       "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
@@ -1131,6 +1131,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = command("predict", "classify image files")
     predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     predict.add_argument("--top-k", type=_positive_int, help=f"classes per image (default {DEFAULT_PREDICT_CLASSES}, or all of a classifier with fewer)")
+    predict.add_argument("--max-in-flight", type=_positive_int, default=DEFAULT_PREDICT_IN_FLIGHT,
+                         help=f"requests of the server's batch size in flight at once; 1 sends the next only after "
+                              f"the last answered (default {DEFAULT_PREDICT_IN_FLIGHT})")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
