@@ -829,6 +829,29 @@ def test_a_failing_request_among_those_in_flight_raises_its_error_and_cancels_th
         assert 6 in servicer.cancelled and sorted(servicer.answered) == [0, 2]
 
 
+def test_an_image_unread_after_a_failing_request_raises_the_request_s_error_as_one_at_a_time_does():
+    # The images are read while the requests before them run: a read error raised at once
+    # hid the earlier request's refusal, which one request at a time raised first.
+    from explaind.client import InvalidArgumentError
+
+    def images(readable: int) -> Iterator[np.ndarray]:
+        yield from _numbered_images(readable)
+        raise OSError("image 4: input/output error")
+
+    for max_in_flight in (1, 4):
+        servicer = _PipelinedInference(requests=1, window=2, failing=0)  # held for no second request: it may not be made
+        with _client_of(servicer) as client:
+            with pytest.raises(InvalidArgumentError, match=r"images\[1\]: not an image$") as raised:
+                client.predict(images(4), max_in_flight=max_in_flight)
+            assert raised.value.request_offset == 0
+    # With the requests before it answered, the read error is the call's.
+    servicer = _PipelinedInference(requests=1, window=2)
+    with _client_of(servicer) as client:
+        with pytest.raises(OSError, match="^image 4: input/output error$"):
+            client.predict(images(4))
+        assert 0 in servicer.answered
+
+
 class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Knows one running operation, but WaitOperation and CancelOperation answer
     UNAVAILABLE, as a server shutting down does."""

@@ -636,9 +636,10 @@ class Client:
         own, and no more items than the server's max_queued_images_per_caller unless one
         request alone (known once ``requests``, made by :meth:`_request_chunks`, has read
         the server's limits). Each is a :meth:`_call_at` in the caller's context (its trace span). The
-        first failure in the requests' order is raised; on it, or on the requests' iterator
-        raising, or on a close, the calls still in flight are cancelled and the threads
-        end before this does."""
+        first failure in the requests' order is raised, an error making a request (reading
+        its images) once the requests before it have answered, as one at a time; on a
+        failure or a close, the calls still in flight are cancelled and the threads end
+        before this does."""
         offset = 0
         if max_in_flight == 1:  # no thread to start or hand over to
             for request, items in requests:
@@ -647,9 +648,17 @@ class Client:
             return
         cancellation = _Cancellation()
         in_flight: collections.deque[tuple[Future[Any], int]] = collections.deque()
+        unread: Exception | None = None
         with ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}") as executor:
             try:
-                for request, items in requests:
+                while True:
+                    try:
+                        request, items = next(requests)
+                    except StopIteration:
+                        break
+                    except Exception as error:  # an image unread: the requests before answer or fail first
+                        unread = error
+                        break
                     while in_flight and (len(in_flight) == max_in_flight
                                          or 0 < self._max_queued_images_per_caller < items + sum(waiting for _, waiting in in_flight)):
                         yield in_flight.popleft()[0].result()
@@ -659,6 +668,8 @@ class Client:
                     offset += items
                 while in_flight:
                     yield in_flight.popleft()[0].result()
+                if unread is not None:
+                    raise unread
             finally:
                 cancellation.cancel()  # after a failure: the others' calls end now, and the executor's wait with them
 
