@@ -47,9 +47,12 @@ log = logging.getLogger(__name__)
 _PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
 
-# Refusals logged (throttled), naming the caller: the server's limits, and a caller's
-# attempt to change what another caller owns.
-_LOGGED_REFUSALS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED")
+# Refusals logged (throttled), naming the caller: at WARNING the server's limits, and a
+# caller's attempt to change what another caller owns; at INFO a caller's mistakes, which
+# dashboards count by method and code alone (who sends them, and what, is only here).
+_LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": logging.WARNING,
+                    "INVALID_ARGUMENT": logging.INFO, "NOT_FOUND": logging.INFO, "ALREADY_EXISTS": logging.INFO,
+                    "FAILED_PRECONDITION": logging.INFO, "OUT_OF_RANGE": logging.INFO}
 
 # Longest status message sent, in bytes as gRPC percent-encodes it into the grpc-message
 # header. Messages quote the caller's ids; a header over gRPC's 8 KiB soft limit made the
@@ -145,7 +148,7 @@ class HeldCalls:
 
 
 class _ThrottledLog:
-    """A recurring warning logged at most once per ``interval_s``, with how many were left
+    """A recurring line logged at most once per ``interval_s``, with how many were left
     out: a misconfigured client retrying fast must not flood the log."""
 
     def __init__(self, interval_s: float = 60.0) -> None:
@@ -154,7 +157,7 @@ class _ThrottledLog:
         self._next_time = 0.0
         self._left_out = 0
 
-    def warning(self, message: str, *args: object) -> None:
+    def log(self, level: int, message: str, *args: object) -> None:
         with self._lock:
             now = time.monotonic()
             if now < self._next_time:
@@ -163,7 +166,7 @@ class _ThrottledLog:
             left_out, self._left_out, self._next_time = self._left_out, 0, now + self._interval_s
         if left_out:
             message += f" ({left_out} more since the last such line, not logged)"
-        log.warning(message, *args)
+        log.log(level, message, *args)
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
@@ -176,21 +179,20 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._held_calls = held_calls
         self._refusals = _ThrottledLog()
         # Per method: a flood of Predict must not hide that uploads are refused too.
-        self._overloads: dict[tuple[str, str, str], _ThrottledLog] = {}
-        self._overloads_lock = threading.Lock()
+        self._refusal_logs: dict[tuple[str, str, str], _ThrottledLog] = {}
+        self._refusal_logs_lock = threading.Lock()
 
     def _log_refusal(self, service: str, method: str, context: grpc.ServicerContext, code: str, message: str, caller: str | None) -> None:
-        """A call refused for want of capacity (RESOURCE_EXHAUSTED) or of rights over an
-        object (PERMISSION_DENIED), logged at most once a minute per method and code: the
-        message names the limit (a full queue, the data dir, the streams), which
-        ExplaindOverloaded's on-call engineer otherwise never sees, or the object and its
-        owner, and the line the caller."""
-        with self._overloads_lock:
-            throttle = self._overloads.setdefault((service, method, code), _ThrottledLog())
-        throttle.warning("refused %s/%s from %s: %s: %s", service, method, _who(context, caller), code, message)
+        """A call refused (one of ``_LOGGED_REFUSALS``), logged at most once a minute per
+        method and code: the message names the limit (a full queue, the data dir, the
+        streams), which ExplaindOverloaded's on-call engineer otherwise never sees, the
+        object and its owner, or the caller's mistake, and the line the caller."""
+        with self._refusal_logs_lock:
+            throttle = self._refusal_logs.setdefault((service, method, code), _ThrottledLog())
+        throttle.log(_LOGGED_REFUSALS[code], "refused %s/%s from %s: %s: %s", service, method, _who(context, caller), code, message)
 
     def _refuse_unauthenticated(self, observed: _Observed, service: str, method: str, context: grpc.ServicerContext) -> None:
-        self._refusals.warning("refused %s/%s from %s: missing or wrong bearer token", service, method, context.peer())
+        self._refusals.log(logging.WARNING, "refused %s/%s from %s: missing or wrong bearer token", service, method, context.peer())
         observed.abort("UNAUTHENTICATED", "missing or wrong bearer token in 'authorization' metadata")
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
