@@ -349,7 +349,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert set(default) == {"Service", "HeadlessService", "StatefulSet"}  # no config: the image serves the shapes world
     pod = default["StatefulSet"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["args"] == ["--device", "cuda"] and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["args"] == ["--device", "cuda", "--health-port", "50052"] and container["resources"]["limits"]["nvidia.com/gpu"] == 1
     # Bounded memory (a leak restarts the pod, not the node), requested as much as it may use.
     assert {"memory"} <= container["resources"]["requests"].keys() and {"memory"} <= container["resources"]["limits"].keys()
     # Not root: the image's user, with the data volume made writable to its group.
@@ -373,12 +373,11 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert not {"tolerations", "nodeSelector", "affinity", "imagePullSecrets"} & pod["spec"].keys()
     assert serve_arguments(container).device == "cuda"
-    assert container["readinessProbe"]["grpc"]["port"] == {port["name"]: port["containerPort"] for port in container["ports"]}["grpc"]
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
     # Prometheus finds the metrics port the pod, the service and the image agree on.
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == ports["metrics"]
-    assert {port["name"]: port["port"] for port in default["Service"]["spec"]["ports"]} == ports
+    assert {port["name"]: port["port"] for port in default["Service"]["spec"]["ports"]} == {"grpc": ports["grpc"], "metrics": ports["metrics"]}
     # Each release's Services pick its own pod only: another release's server has another store.
     selector = default["StatefulSet"]["spec"]["selector"]["matchLabels"]
     assert selector["app.kubernetes.io/instance"] == "release" and selector.items() <= pod["metadata"]["labels"].items()
@@ -393,7 +392,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
                  for release in (default, cpu, rendered(chart_renderer, device="cpu", config=config + "\n[server]\nmax_workers = 8\n"))}
     assert len(checksums) == 3
     container = cpu["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["--device", "cpu", "--config", "/etc/explaind/explaind.toml"]
+    assert container["args"] == ["--device", "cpu", "--config", "/etc/explaind/explaind.toml", "--health-port", "50052"]
     assert serve_arguments(container).config == "/etc/explaind/explaind.toml"
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and container["startupProbe"]["failureThreshold"] == 12
     volume = next(volume for volume in cpu["StatefulSet"]["spec"]["template"]["spec"]["volumes"] if "configMap" in volume)
@@ -401,7 +400,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert {"name": volume["name"], "mountPath": "/etc/explaind"} in container["volumeMounts"]
 
     left_to_config = rendered(chart_renderer, device="")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
-    assert "args" not in left_to_config and left_to_config["resources"]["limits"]["nvidia.com/gpu"] == 1  # config may say cuda
+    assert serve_arguments(left_to_config).device is None and left_to_config["resources"]["limits"]["nvidia.com/gpu"] == 1  # config may say cuda
     # A CPU device held a GPU it never used (or waited Pending for one) unless the limit was nulled by hand.
     limits = rendered(chart_renderer, device="cpu")["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"memory": "16Gi"}
@@ -412,7 +411,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     # The pod numbers its GPUs from 0: cuda:1 on the one GPU it gets never ran.
     assert "the pod gets 1 GPU(s)" in render_chart(chart_renderer, device="cuda:1").stderr
     two = {"limits": {"nvidia.com/gpu": 2}}
-    assert rendered(chart_renderer, device="cuda:1", resources=two)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["--device", "cuda:1"]
+    assert serve_arguments(rendered(chart_renderer, device="cuda:1", resources=two)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]).device == "cuda:1"
     assert 'device must be "cpu", "cuda" or "cuda:N", got "mps"' in render_chart(chart_renderer, device="mps").stderr
     # Tainted GPU nodes and private registries: the standard values reach the pod.
     scheduling = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -511,6 +510,24 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     for other in ('[classifier]\nfactory_kwargs = { repo = "x", token = "hf_x", tls_verify = false }\n',
                   '[classifier]\nfactory_kwargs.token = "hf_x"\n', '[classifier]\nname = "a token = b"\n'):
         assert render_chart(chart_renderer, tokenSecret="explaind-token", config=other).returncode == 0, other
+
+
+def test_helm_chart_probes_ask_the_health_port_in_every_install(chart_renderer):
+    """On the gRPC port a probe's Check waits behind busy workers (1 s, kubelet's default
+    timeout, with the one worker of max_workers = 1 held by a WaitOperation; the health
+    port answered in 3 ms) and past [server].max_concurrent_rpcs is refused: an overloaded
+    server failed its liveness probe and was restarted, its models loaded again. Only a
+    TLS install asked the health port, which has threads of its own."""
+    for values in ({}, {"device": "cpu"}, {"device": ""}, {"tokenSecret": "explaind-token"}, {"tlsSecret": "explaind-tls"},
+                   {"healthPort": 50060}):
+        container = rendered(chart_renderer, **values)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        health_port = serve_arguments(container).health_port
+        assert health_port == ports["health"] == values.get("healthPort", 50052) and health_port not in (ports["grpc"], ports["metrics"]), values
+        probes = [container[probe] for probe in ("startupProbe", "readinessProbe", "livenessProbe")]
+        assert [probe["grpc"]["port"] for probe in probes] == [health_port] * 3, values
+        # A kill decision waits 5 s for an answer, not kubelet's default 1 s, three times in a row.
+        assert container["livenessProbe"]["timeoutSeconds"] >= 5 and container["livenessProbe"]["failureThreshold"] >= 3, values
 
 
 def test_helm_chart_passes_admins_to_serve_only_beside_named_callers(chart_renderer):
