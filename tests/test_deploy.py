@@ -371,6 +371,8 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     assert mounts["/var/lib/explaind"]["name"] == "data"  # the volume claim
     # The "restricted" Pod Security Standard also asks for the runtime's seccomp profile: without it such a namespace refused the pod.
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The server never calls the Kubernetes API: the namespace's default service account token was mounted all the same.
+    assert pod["spec"]["automountServiceAccountToken"] is False
     assert not {"tolerations", "nodeSelector", "affinity", "imagePullSecrets"} & pod["spec"].keys()
     assert serve_arguments(container).device == "cuda"
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
