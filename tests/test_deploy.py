@@ -532,6 +532,28 @@ def test_helm_chart_probes_ask_the_health_port_in_every_install(chart_renderer):
         assert container["livenessProbe"]["timeoutSeconds"] >= 5 and container["livenessProbe"]["failureThreshold"] >= 3, values
 
 
+def test_helm_chart_gives_the_pod_time_for_the_servers_whole_shutdown(chart_renderer):
+    """Jobs get [server].grace_period_s at SIGTERM, aborted ones up to ABORTED_JOBS_WAIT_S
+    more, calls FINAL_STATE_MARGIN_S more: a config whose grace outlasted
+    terminationGracePeriodSeconds rendered, and Kubernetes killed the server mid-shutdown."""
+    from explaind.config import ServerSection
+    from explaind.service.server import ABORTED_JOBS_WAIT_S, FINAL_STATE_MARGIN_S
+
+    values = yaml.safe_load((DEPLOY / "helm" / "explaind" / "values.yaml").read_text())
+    assert values["terminationGracePeriodSeconds"] >= ServerSection.grace_period_s + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
+    for config in ('[server]\ngrace_period_s = 60\n', 'server.grace_period_s = 60.5\n', 'server = { port = 50051, grace_period_s = 60 }\n',
+                   '[server]\n"grace_period_s" = 11\n'):
+        refused = render_chart(chart_renderer, config=config)
+        assert refused.returncode != 0 and "terminationGracePeriodSeconds (45) must be at least config's [server].grace_period_s" in refused.stderr, config
+        grace = float(re.search(r"= ([\d.]+)", config)[1])
+        shutdown = grace + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
+        pod = rendered(chart_renderer, config=config, terminationGracePeriodSeconds=math.ceil(shutdown) + 4)["StatefulSet"]["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > shutdown, config
+    for config in ('[server]\ngrace_period_s = 10\n', '[server]\ngrace_period_s = 0.5\n', '[server]\n# grace_period_s = 60\n',
+                   '[server]\nmax_workers = 60  # grace_period_s = 60\n'):
+        assert render_chart(chart_renderer, config=config).returncode == 0, config
+
+
 def test_helm_chart_passes_admins_to_serve_only_beside_named_callers(chart_renderer):
     # Admins could be set through the config value alone, and a name the server refuses
     # (or admins without callers) would restart the pod in a loop.
