@@ -437,7 +437,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     # The user's environment variables beside the chart's own (an exporter's headers from a Secret).
     headers = {"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": "otel", "key": "headers"}}}
     environment = rendered(chart_renderer, extraEnv=[headers])["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert environment == [{"name": "XDG_CACHE_HOME", "value": "/var/cache/explaind"}, headers]
+    assert environment == [{"name": "XDG_CACHE_HOME", "value": "/var/cache/explaind"}, {"name": "OMP_NUM_THREADS", "value": "2"}, headers]
     refused = render_chart(chart_renderer, extraEnv=[{"name": "XDG_CACHE_HOME", "value": "/cache"}])
     assert refused.returncode != 0 and "XDG_CACHE_HOME is the chart's own" in refused.stderr
 
@@ -552,6 +552,24 @@ def test_helm_chart_gives_the_pod_time_for_the_servers_whole_shutdown(chart_rend
     for config in ('[server]\ngrace_period_s = 10\n', '[server]\ngrace_period_s = 0.5\n', '[server]\n# grace_period_s = 60\n',
                    '[server]\nmax_workers = 60  # grace_period_s = 60\n'):
         assert render_chart(chart_renderer, config=config).returncode == 0, config
+
+
+def test_helm_chart_gives_torch_as_many_threads_as_the_pod_has_cpus(chart_renderer):
+    """torch took one intra-op thread per core of the node (a GPU node's 64 or more, beside
+    a request of 2 CPUs) in each RPC thread that resized images, and a pod moved to a node of
+    another size summed floats in another order. OMP_NUM_THREADS is the pod's CPU limit,
+    else its request, rounded up; the user's own (extraEnv) replaces it."""
+    def threads(**values: object) -> list[str]:
+        container = rendered(chart_renderer, **values)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+        return [variable.get("value") for variable in container["env"] if variable["name"] == "OMP_NUM_THREADS"]
+
+    assert threads() == ["2"]  # values.yaml's request
+    assert threads(resources={"requests": {"cpu": "500m"}}) == ["1"]
+    assert threads(resources={"requests": {"cpu": 3}}) == ["3"]
+    assert threads(resources={"limits": {"cpu": "2500m"}}) == ["3"]  # the limit, over the request's 2
+    assert threads(resources={"requests": {"cpu": "1.5"}, "limits": {"cpu": "4"}}) == ["4"]
+    assert threads(resources={"requests": {"cpu": None}}) == []  # nothing to size it by: torch's default
+    assert threads(extraEnv=[{"name": "OMP_NUM_THREADS", "value": "8"}]) == ["8"]
 
 
 def test_helm_chart_passes_admins_to_serve_only_beside_named_callers(chart_renderer):
