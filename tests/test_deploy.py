@@ -253,6 +253,19 @@ def test_the_image_installs_the_project_dependencies_before_copying_the_sources(
     project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
     assert listed == project["dependencies"] + project["optional-dependencies"]["tracing"] and "torch==2.14.1" in listed
 
+def test_the_image_builds_on_a_named_debian_release_and_the_projects_python():
+    """python:3.11-slim follows Debian's newest release: a rebuild of the same sources got
+    another C library and system packages."""
+    from packaging.specifiers import SpecifierSet
+
+    base = next(line.split()[1] for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
+    tag = base.partition("@")[0].partition(":")[2]
+    assert "@sha256:" in base or re.fullmatch(r"3\.\d+(\.\d+)?-slim-(bookworm|trixie)", tag), base
+    python = re.match(r"3\.\d+", tag)[0]
+    requires = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert python + ".0" in SpecifierSet(requires), (python, requires)
+
+
 def test_compose_file_is_valid_compose():
     compose = shutil.which("docker-compose")
     if compose is None:
