@@ -3173,6 +3173,32 @@ def test_the_compile_backend_without_a_cpp_compiler_is_refused_before_serving(tm
     check_backend("compile", "cpu", loader="torchscript")  # a classifier on its own runtime ignores [runtime].backend
 
 
+def test_the_compile_backend_on_cuda_without_a_c_compiler_is_refused_before_serving(tmp_path, monkeypatch):
+    # Triton builds its launcher with a C compiler at the first compiled batch: the image
+    # has none, so a CUDA server said "listening", then died at its warm-up, and its pod
+    # restarted in a loop. check_backend runs before the device is opened: no GPU needed.
+    from explaind.engine.backends import check_backend
+
+    compiler = tmp_path / "bin" / "gcc"
+    compiler.parent.mkdir()
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FailedPrecondition, match=r"^\[runtime\].backend is 'compile', whose CUDA kernels Triton builds with a C compiler, "
+                                                 r"and neither gcc nor clang is on the PATH; install one \(or name it in \$CC\)"):
+        check_backend("compile", "cuda", loader="factory")
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.raises(FailedPrecondition, match="\\$CC is 'no-such-cc', which is not an executable"):
+        check_backend("compile", "cuda:0", loader="factory")
+    monkeypatch.setenv("CC", str(compiler))
+    check_backend("compile", "cuda", loader="factory")
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(compiler.parent))
+    check_backend("compile", "cuda", loader="factory")
+    check_backend("eager", "cuda", loader="factory")  # only compile builds code
+
+
 def test_bearer_token_matches_the_whole_authorization_value_only():
     from explaind.service.auth import BearerToken
 

@@ -8,6 +8,8 @@ head edit never needs a recompile or re-export.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -39,14 +41,16 @@ OWN_RUNTIME_LOADERS = ("onnx", "torchscript")
 def check_backend(backend: str, device: str, *, loader: str) -> None:
     """FailedPrecondition when ``backend`` cannot run on ``device`` on this machine (an
     ONNX Runtime without onnxruntime-gpu's CUDA or TensorRT provider, torch.compile on
-    the CPU without a C++ compiler): the server checks it before it listens, as it does
-    the device."""
+    the CPU without a C++ compiler, on CUDA without a C compiler): the server checks it
+    before it listens, as it does the device."""
     if loader in OWN_RUNTIME_LOADERS:
         return
     if backend in ONNX_BACKENDS:
         require_providers(backend, device)
     if backend == "compile" and torch.device(device).type == "cpu":
         _require_cpp_compiler()
+    elif backend == "compile" and torch.device(device).type == "cuda":
+        _require_c_compiler()
 
 
 def _require_cpp_compiler() -> None:
@@ -60,6 +64,18 @@ def _require_cpp_compiler() -> None:
     except InvalidCxxCompiler as error:
         raise FailedPrecondition(f"[runtime].backend is 'compile', which builds h_b's code for the CPU with a C++ compiler (g++, or the one "
                                  f"$CXX names), and none works here ({error}); install one or use backend = \"eager\"") from None
+
+
+def _require_c_compiler() -> None:
+    """torch.compile's CUDA kernels are Triton's, and Triton builds its kernel launcher
+    with a C compiler ($CC, else gcc, else clang: Triton's own search) at the first
+    compiled batch: without one the warm-up failed, after the server said it was listening."""
+    named = os.environ.get("CC")
+    if shutil.which(named or "gcc") or (not named and shutil.which("clang")):
+        return
+    found = f"$CC is {named!r}, which is not an executable" if named else "neither gcc nor clang is on the PATH"
+    raise FailedPrecondition(f"[runtime].backend is 'compile', whose CUDA kernels Triton builds with a C compiler, and {found}; "
+                             f"install one (or name it in $CC) or use backend = \"eager\"")
 
 
 def build_feature_fn(
