@@ -283,6 +283,9 @@ def test_compose_healthcheck_passes_on_a_serving_server_only(server_factory, tmp
     assert test[:3] == ["CMD", "python", "-c"]
     address = f"127.0.0.1:{command[command.index('--port') + 1]}"
     assert f"'{address}'" in test[3]  # the port the image serves on
+    # Unhealthy 30 s into loading the models, before: the start-up the chart allows counts no failure.
+    start_period = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]["healthcheck"]["start_period"]
+    assert start_period == f"{yaml.safe_load((DEPLOY / 'helm' / 'explaind' / 'values.yaml').read_text())['startupSeconds']}s"
     serving = server_factory()
     loading = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)))  # started, models not loaded
     try:
