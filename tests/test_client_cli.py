@@ -875,6 +875,7 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert [EvaluatedMistake(**m) for m in result["mistakes"]] == evaluation.mistakes
     assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted_class"]] == "circle" for m in result["mistakes"])
     assert result["confusion_matrix"] == evaluation.confusion_matrix.tolist() and result["class_names"] == names
+    assert result["confusion_cells"] == evaluation.confusion_cells.tolist() and sum(count for _, _, count in result["confusion_cells"]) == len(given)
     assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
     assert f"started {result['operation']}" in err and result["grid_file"] == str(grid)  # what stderr says, in the JSON too
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--no-wait"]) == 0

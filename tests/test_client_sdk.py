@@ -2026,6 +2026,30 @@ def _evaluation(class_accuracy: dict[str, float]) -> Any:
                       class_counts={name: 10 if name in class_accuracy else 0 for name in names})
 
 
+def test_an_evaluation_of_cells_only_has_an_empty_matrix_and_counts_its_mistakes_all_the_same():
+    # A classifier of 21k classes: the server sends the non-zero cells of its matrix, whose
+    # 441M counts would be 3.5 GB here.
+    from explaind.client._operations import _evaluation
+    from explaind.v1 import inference_pb2
+
+    names = [f"c{i}" for i in range(6000)]
+    message = inference_pb2.EvaluateSampleSetResult(
+        sample_set_id="s", model_version="v", sample_count=7, accuracy=3 / 7,
+        per_class=[inference_pb2.ClassAccuracy(class_name=name) for name in names],
+        confusion_cells=[inference_pb2.ConfusionCell(label=5999, predicted=2, count=3), inference_pb2.ConfusionCell(label=1, predicted=1, count=2),
+                         inference_pb2.ConfusionCell(label=4, predicted=4, count=1), inference_pb2.ConfusionCell(label=0, predicted=3, count=1)])
+    evaluation = _evaluation(message)
+    assert evaluation.confusion_matrix.shape == (0, 0)
+    assert evaluation.confusion_cells.tolist() == [[5999, 2, 3], [1, 1, 2], [4, 4, 1], [0, 3, 1]]
+    assert evaluation.mistake_count == 4 and len(evaluation.class_names) == 6000
+    # A matrix sent whole gives its cells too, in the server's order.
+    dense = inference_pb2.EvaluateSampleSetResult(sample_count=5, accuracy=0.6, per_class=[inference_pb2.ClassAccuracy(class_name=n) for n in "abc"],
+                                                  confusion_matrix=[1, 0, 2, 0, 0, 0, 0, 0, 2])
+    evaluation = _evaluation(dense)
+    assert evaluation.confusion_matrix.tolist() == [[1, 0, 2], [0, 0, 0], [0, 0, 2]]
+    assert evaluation.confusion_cells.tolist() == [[0, 2, 2], [2, 2, 2], [0, 0, 1]] and evaluation.mistake_count == 2
+
+
 def test_an_evaluation_names_its_worst_class_as_a_head_evaluation_does():
     evaluation = _evaluation({"circle": 0.9, "square": 0.4, "heart": 0.4})
     assert (evaluation.worst_class, evaluation.worst_class_accuracy) == ("square", 0.4)  # a tie: the first in class order

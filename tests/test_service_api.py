@@ -158,6 +158,9 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     confusion = np.zeros((6, 6), np.int64)
     np.add.at(confusion, (labels, expected.argmax(1).numpy()), 1)
     np.testing.assert_array_equal(evaluation.confusion_matrix, confusion)
+    # Its non-zero cells, most samples first.
+    assert [tuple(cell) for cell in evaluation.confusion_cells] == sorted(((l, p, confusion[l, p]) for l, p in zip(*np.nonzero(confusion))),
+                                                                          key=lambda cell: -cell[2])
     assert cli_main(["--target", server.target, "info"]) == 0
     assert "input 64x64 (shorter side resized to 80, centre crop, bilinear)" in capsys.readouterr().out
 

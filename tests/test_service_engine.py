@@ -1727,7 +1727,8 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
             assert name == "mistakes.png"
 
     version = engine.models.active
-    result = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2)
+    result = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=True)
+    assert not result.confusion_cells
     confusion = np.array(result.confusion_matrix).reshape(6, 6)
     assert (confusion[0, 1], confusion[1, 2], confusion[2, 1]) == (1, 1, 1) and confusion[1, 0] == confusion[2, 0] == 0
     assert [(m.sample_index, m.label, m.predicted) for m in result.mistakes] == [(3, 1, 2), (1, 0, 1), (4, 2, 1)]
@@ -1738,6 +1739,18 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     assert result.accuracy == 2 / 5  # exactly, as a head version's evaluation has it (float32 gave 0.4000000059604645)
     # The grid: the max_grid_images most confident mistakes, captioned true>predicted.
     assert grids == [(["d3", "d1"], ["square>triangle", "circle>square"])]
+    # Its non-zero cells instead (a matrix too large for a response), the rest alike:
+    # most samples first, then row-major.
+    sparse = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)
+    assert not sparse.confusion_matrix
+    assert [(c.label, c.predicted, c.count) for c in sparse.confusion_cells] == [(0, 0, 1), (0, 1, 1), (1, 1, 1), (1, 2, 1), (2, 1, 1)]
+    sparse.ClearField("confusion_cells")
+    result.ClearField("confusion_matrix")
+    assert sparse == result
+    labels = torch.tensor([2, 0, 2, 1, 5])
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 0, 1, 1, 5]), 6).float()
+    sparse = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)
+    assert [(c.label, c.predicted, c.count) for c in sparse.confusion_cells] == [(2, 1, 2), (0, 0, 1), (1, 1, 1), (5, 5, 1)]
 
 
 def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monkeypatch):
@@ -1746,7 +1759,7 @@ def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monke
     rng = np.random.default_rng(0)
     engine.create_sample_set("bounds", "", [NewSample.from_array(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 0)])
     started = []
-    monkeypatch.setattr(explaind.engine.evaluation, "evaluate", lambda engine, context, set_id, uid, count, version, batch_size, grid: started.append((batch_size, grid)))
+    monkeypatch.setattr(explaind.engine.evaluation, "evaluate", lambda engine, context, set_id, uid, count, version, batch_size, grid, dense_confusion: started.append((batch_size, grid)))
     monkeypatch.setattr(engine.jobs, "submit", lambda kind, run, **options: run(None))  # run the job's function at once
     for batch_size, grid in ((4096, 1024), (0, 0)):
         engine.evaluate_sample_set("bounds", batch_size=batch_size, max_grid_images=grid)
@@ -1758,20 +1771,23 @@ def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monke
         assert refused.value.field == field, options
 
 
-def test_an_evaluation_whose_confusion_matrix_cannot_fit_a_response_is_refused_before_it_runs(engine, monkeypatch):
+def test_an_evaluation_whose_confusion_matrix_cannot_fit_a_response_sends_its_cells(engine, monkeypatch):
     # A (C, C) matrix takes at least C² bytes: with 21k classes the job classified the whole
-    # set (and built a list of 441M ints) before failing for its result's size.
+    # set (and built a list of 441M ints) before failing for its result's size; then it
+    # was refused before it ran, and a classifier of that many classes had no evaluation.
+    from explaind.engine import evaluation
+
     engine.create_sample_set("wide", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
     classes = len(engine.models.active.class_names)
-    submitted = []
-    monkeypatch.setattr(engine.jobs, "submit", lambda kind, run, **options: submitted.append(kind))
-    monkeypatch.setattr(engine.jobs, "max_result_bytes", classes * classes - 1)
-    with pytest.raises(ResourceExhausted, match=rf"the confusion matrix of {classes} classes takes at least {classes * classes} bytes, "
-                                                 rf"over the {classes * classes - 1} an operation's response may hold"):
+    submitted, dense = [], []
+    monkeypatch.setattr(engine.jobs, "submit", lambda kind, run, **options: submitted.append((kind, options["cut_lists"])) or run(None))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, dense_confusion: dense.append(dense_confusion))
+    for most in (classes * classes - 1, classes * classes, None):
+        monkeypatch.setattr(engine.jobs, "max_result_bytes", most)
         engine.evaluate_sample_set("wide")
-    monkeypatch.setattr(engine.jobs, "max_result_bytes", classes * classes)
-    engine.evaluate_sample_set("wide")
-    assert submitted == ["evaluate_sample_set"]
+    assert dense == [False, True, True]
+    # Cut to fit, a response keeps the cells of the most samples, as the most confident mistakes.
+    assert submitted == [("evaluate_sample_set", ("mistakes", "confusion_cells"))] * 3
 
 
 # Jobs and store --------------------------------------------------------------------------

@@ -87,7 +87,11 @@ class EvaluatedMistake(NamedTuple):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Evaluation(AbbreviatedRepr, ComparedByValue):
-    """Result of ``evaluate_sample_set``: ``confusion_matrix`` is (C, C), rows = true labels."""
+    """Result of ``evaluate_sample_set``: ``confusion_matrix`` is (C, C), rows = true
+    labels, and ``confusion_cells`` (K, 3) its non-zero cells as (label, predicted,
+    count) rows, most samples first. Where the server sends only the cells (C² counts
+    too many for a response: over about 5,800 classes at its default message limit), the
+    matrix is (0, 0): 21k classes would make it 3.5 GB here."""
 
     sample_set_id: str
     model_version: str
@@ -100,12 +104,16 @@ class Evaluation(AbbreviatedRepr, ComparedByValue):
     mistakes: list[EvaluatedMistake] = field(repr=False)
     class_counts: dict[str, int] = field(default_factory=dict)  # samples per class, every class of the model (0 when absent)
     class_names: list[str] = field(default_factory=list, repr=False)  # every class of the model, by index (mistakes' labels index it)
+    confusion_cells: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64), repr=False)
 
     @property
     def mistake_count(self) -> int:
         """Samples predicted wrong: all of them, also where ``mistakes`` holds only the most
-        confident (``result(download=False)`` of a cut response)."""
-        return int(self.confusion_matrix.sum() - np.trace(self.confusion_matrix))
+        confident (``result(download=False)`` of a cut response, whose ``confusion_cells``
+        may hold only the largest too)."""
+        if self.confusion_matrix.size:
+            return int(self.confusion_matrix.sum() - np.trace(self.confusion_matrix))
+        return round(self.sample_count * (1 - self.accuracy))  # the server's accuracy: right / count, in float64
 
     @property
     def worst_class(self) -> str:
@@ -119,8 +127,22 @@ class Evaluation(AbbreviatedRepr, ComparedByValue):
         return self.class_accuracy[self.worst_class] if self.class_accuracy else math.nan
 
 
-def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Operation | None = None) -> Evaluation:
+def _confusion(message: inference_pb2.EvaluateSampleSetResult) -> tuple[np.ndarray, np.ndarray]:
+    """The (C, C) matrix (empty where the server sent only cells) and its (K, 3) non-zero
+    cells, (label, predicted, count) rows, most samples first then row-major."""
     classes = len(message.per_class)
+    if message.confusion_cells or not message.confusion_matrix:
+        cells = np.array([(c.label, c.predicted, c.count) for c in message.confusion_cells], dtype=np.int64).reshape(-1, 3)
+        return np.zeros((0, 0), np.int64), cells
+    matrix = np.array(message.confusion_matrix, dtype=np.int64).reshape(classes, classes)
+    labels, predicted = np.nonzero(matrix)
+    counts = matrix[labels, predicted]
+    order = np.argsort(-counts, kind="stable")
+    return matrix, np.stack([labels[order], predicted[order], counts[order]], axis=1)
+
+
+def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Operation | None = None) -> Evaluation:
+    matrix, cells = _confusion(message)
     return Evaluation(
         sample_set_id=message.sample_set_id,
         model_version=message.model_version,
@@ -129,7 +151,8 @@ def _evaluation(message: inference_pb2.EvaluateSampleSetResult, operation: Opera
         class_accuracy={c.class_name: c.accuracy for c in message.per_class if c.count},
         class_counts={c.class_name: c.count for c in message.per_class},
         class_names=[c.class_name for c in message.per_class],
-        confusion_matrix=np.array(message.confusion_matrix, dtype=np.int64).reshape(classes, classes),
+        confusion_matrix=matrix,
+        confusion_cells=cells,
         mistakes=[EvaluatedMistake(m.sample_index, m.label, m.predicted, m.probability) for m in message.mistakes],
     )
 

@@ -657,7 +657,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
     """The evaluation as JSON: classes without samples are left out of ``class_counts``
     and ``class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
-    objects, the confusion matrix is rows of counts (true label by row)."""
+    objects, the confusion matrix is rows of counts (true label by row; none where the
+    server sent only its cells) and its cells [label, predicted, count], most samples first."""
     mistakes = [mistake._asdict() for mistake in evaluation.mistakes]  # the SDK's field names, as rank's mistakes have them
     return {
         "sample_set_id": evaluation.sample_set_id, "model_version": evaluation.model_version,
@@ -665,6 +666,7 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
         "class_accuracy": evaluation.class_accuracy,
         "class_counts": {name: count for name, count in evaluation.class_counts.items() if count},
         "class_names": evaluation.class_names, "mistakes": mistakes, "confusion_matrix": evaluation.confusion_matrix.tolist(),
+        "confusion_cells": evaluation.confusion_cells.tolist(),
     }
 
 

@@ -147,7 +147,7 @@ class EvaluateSampleSetResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class EvaluateSampleSetResult(_message.Message):
-    __slots__ = ("sample_set_id", "model_version", "sample_count", "accuracy", "per_class", "confusion_matrix", "mistakes")
+    __slots__ = ("sample_set_id", "model_version", "sample_count", "accuracy", "per_class", "confusion_matrix", "mistakes", "confusion_cells")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class EvaluateSampleSetResult(_message.Message):
     PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     CONFUSION_MATRIX_FIELD_NUMBER: _ClassVar[int]
     MISTAKES_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_CELLS_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     model_version: str
     sample_count: int
@@ -162,7 +163,18 @@ class EvaluateSampleSetResult(_message.Message):
     per_class: _containers.RepeatedCompositeFieldContainer[ClassAccuracy]
     confusion_matrix: _containers.RepeatedScalarFieldContainer[int]
     mistakes: _containers.RepeatedCompositeFieldContainer[Mistake]
-    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., sample_count: _Optional[int] = ..., accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[ClassAccuracy, _Mapping[str, _Any]]]] = ..., confusion_matrix: _Optional[_Iterable[int]] = ..., mistakes: _Optional[_Iterable[_Union[Mistake, _Mapping[str, _Any]]]] = ...) -> None: ...
+    confusion_cells: _containers.RepeatedCompositeFieldContainer[ConfusionCell]
+    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., sample_count: _Optional[int] = ..., accuracy: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[ClassAccuracy, _Mapping[str, _Any]]]] = ..., confusion_matrix: _Optional[_Iterable[int]] = ..., mistakes: _Optional[_Iterable[_Union[Mistake, _Mapping[str, _Any]]]] = ..., confusion_cells: _Optional[_Iterable[_Union[ConfusionCell, _Mapping[str, _Any]]]] = ...) -> None: ...
+
+class ConfusionCell(_message.Message):
+    __slots__ = ("label", "predicted", "count")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    label: int
+    predicted: int
+    count: int
+    def __init__(self, label: _Optional[int] = ..., predicted: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ClassAccuracy(_message.Message):
     __slots__ = ("class_name", "count", "accuracy")

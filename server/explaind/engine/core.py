@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..metrics import Metrics
@@ -638,13 +638,13 @@ class Engine:
         if max_grid_images < 0 or max_grid_images > 1024:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
-        cells, most = len(version.class_names) ** 2, self.jobs.max_result_bytes
-        if most is not None and cells > most:  # else it classified the whole set, then failed for its result's size
-            raise ResourceExhausted(f"the confusion matrix of {len(version.class_names)} classes takes at least {cells} bytes, over the "
-                                    f"{most} an operation's response may hold (half of [server].max_message_bytes); raise that limit")
+        # Its C² counts take a byte each at least: where they cannot fit a response, its cells do.
+        most = self.jobs.max_result_bytes
+        dense = most is None or len(version.class_names) ** 2 <= most
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, info.uid, info.sample_count, version, batch_size,
-                                                                      max_grid_images or 64)
-        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes",), request=request, owner=caller)  # most confident first
+                                                                      max_grid_images or 64, dense_confusion=dense)
+        # Cut, each keeps its head: the most confident mistakes, the cells of the most samples.
+        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes", "confusion_cells"), request=request, owner=caller)
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples."""
