@@ -165,6 +165,34 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     assert "input 64x64 (shorter side resized to 80, centre crop, bilinear)" in capsys.readouterr().out
 
 
+def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
+    # 36M counts: over half of the default 64 MiB message limit, so the evaluation was refused.
+    classes = 6000
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, classes))
+    with pytest.warns(FutureWarning):  # torch.jit is deprecated, and still served
+        torch.jit.save(torch.jit.script(model), tmp_path / "wide.pt")
+    (tmp_path / "names.txt").write_text("".join(f"c{i}\n" for i in range(classes)))
+    server = server_factory(classifier={"loader": "torchscript", "path": str(tmp_path / "wide.pt"),
+                                        "class_names_file": str(tmp_path / "names.txt"), "image_size": 32})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, classes, 60)
+    with torch.inference_mode():
+        predicted = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(images, labels, sample_set_id="wide")
+        evaluation = client.evaluate_sample_set("wide").result(timeout=120)
+    assert evaluation.confusion_matrix.shape == (0, 0) and len(evaluation.class_names) == classes
+    cells, counts = np.unique(np.stack([labels, predicted], axis=1), axis=0, return_counts=True)
+    expected = sorted(([*cell, count] for cell, count in zip(cells.tolist(), counts.tolist())), key=lambda cell: -cell[2])
+    assert evaluation.confusion_cells.tolist() == expected
+    assert evaluation.mistake_count == int((labels != predicted).sum()) == len(evaluation.mistakes)
+    assert cli_main(["--target", server.target, "evaluate", "wide", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["confusion_matrix"] == [] and printed["confusion_cells"] == expected
+
+
 def test_predict_matches_in_process_forward(client, world_model, world_images):
     images, _ = world_images
     pixels = _uint8(images[:8])
