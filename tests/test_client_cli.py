@@ -857,12 +857,18 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     out = capsys.readouterr().out
     assert re.search(r"^per class: circle \d\.\d\d, heart \d\.\d\d; no samples of square, triangle, star, cross$", out, flags=re.M), out
     assert re.search(rf"^  mistake: sample {wrong} is heart, predicted circle", out, flags=re.M), out
+    assert re.search(r"^most confused: heart as circle \d+(, circle as heart \d+)?$", out, flags=re.M), out
     assert "more mistakes" not in out
     with Client(server.target, timeout=30) as client:  # every label wrong: more mistakes than are printed
         client.create_sample_set(images[:12], [(int(label) + 1) % 6 for label in labels[:12]], sample_set_id="mislabelled")
         mistakes = len(client.evaluate_sample_set("mislabelled").result(timeout=60).mistakes)
     assert main(["--target", server.target, "evaluate", "mislabelled"]) == 0
     out = capsys.readouterr().out
+    with Client(server.target, timeout=30) as client:
+        cells = client.evaluate_sample_set("mislabelled").result(timeout=60).confusion_cells.tolist()
+    pairs = [f"{names[label]} as {names[predicted]} {count}" for label, predicted, count in cells if label != predicted]
+    assert len(pairs) > 5 and max(count for _, _, count in cells) > 1  # pairs of the most mistakes first
+    assert f"\nmost confused: {', '.join(pairs[:5])} and {len(pairs) - 5} more pair{'s' if len(pairs) > 6 else ''}\n" in out, out
     assert len(re.findall(r"^  mistake: ", out, flags=re.M)) == 5 and mistakes > 5
     assert f"\n  and {mistakes - 5} more mistakes, less confident (evaluate --json lists all)\n" in out
     grid = tmp_path / "grid.png"

@@ -582,6 +582,10 @@ def _print_json(value: Any) -> None:
 MISTAKES_SHOWN = 5
 
 
+# (true, predicted) class pairs ``evaluate`` prints, those of the most mistakes.
+CONFUSIONS_SHOWN = 5
+
+
 def _print_evaluation(report: Evaluation) -> None:
     print(f"accuracy {report.accuracy:.3f} on {_counted(report.sample_count, 'sample')} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
@@ -593,6 +597,11 @@ def _print_evaluation(report: Evaluation) -> None:
         scored = sorted(scored, key=lambda item: item[1])[:_CLASSES_SHOWN]
     print(f"{heading}: " + ", ".join(f"{name} {acc:.2f}" for name, acc in scored) + (f"; no samples of {listed}" if absent else ""))
     names = report.class_names
+    # Where the mistakes concentrate: the class to explain first (explaind rank --class).
+    confusions = [(label, predicted, count) for label, predicted, count in report.confusion_cells.tolist() if label != predicted]
+    if confusions:
+        print("most confused: " + ", ".join(f"{names[label]} as {names[predicted]} {count}" for label, predicted, count in confusions[:CONFUSIONS_SHOWN])
+              + (f" and {_counted(len(confusions) - CONFUSIONS_SHOWN, 'more pair')}" if len(confusions) > CONFUSIONS_SHOWN else ""))
     for index, label, predicted, probability in report.mistakes[:MISTAKES_SHOWN]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
     if report.mistake_count > MISTAKES_SHOWN:
