@@ -380,7 +380,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     environment = {variable["name"]: variable["value"] for variable in container["env"]}
     assert environment["XDG_CACHE_HOME"] == image_environment()["XDG_CACHE_HOME"]
     command = image_entrypoint()
-    for path in (command[command.index("--data-dir") + 1], "/tmp", environment["XDG_CACHE_HOME"]):
+    for path in (command[command.index("--data-dir") + 1], "/tmp", environment["XDG_CACHE_HOME"], image_environment()["TRITON_HOME"]):
         assert path in mounts and not mounts[path].get("readOnly"), path
     assert volumes[mounts["/tmp"]["name"]] == {"name": "tmp", "emptyDir": {}}
     assert volumes[mounts[environment["XDG_CACHE_HOME"]]["name"]] == {"name": "cache", "emptyDir": {}}
