@@ -53,6 +53,7 @@ def test_rank_ratios_cut_and_both_lists():
     assert [n.neuron for n in ranking.insufficient] == [0, 1, 2, 7, 3]  # ties by |mean ω|
     assert [n.neuron for n in ranking.excessive] == [5, 1, 4, 6]
     assert by_id[0].mean_omega == pytest.approx(7 / 4)
+    assert by_id[1].mean_omega == pytest.approx(-3 / 4)  # signed: +2 in sample 0, −5 in sample 3
     # Sample 2 has a single positive ω: its second insufficient slot is empty.
     assert ranking.insufficient_top[2].tolist() == [3, -1]
 
@@ -61,6 +62,9 @@ def test_rank_ratios_cut_and_both_lists():
     # A ratio equal to the cut stays, in either list: 2, 3 and 7 are insufficient in a
     # quarter of the mistakes, 4 and 6 excessive in a quarter, 1 both.
     assert sorted(ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.25).neuron_ids) == list(range(8))
+    # A cut of 0 keeps every neuron in some mistake's top-k, and only those: in a top-1,
+    # neurons 2 and 6 never come first in either direction.
+    assert sorted(ranker.rank(features, labels, solver=FixedShifts(), top_k=1, cut_ratio=0).neuron_ids) == [0, 1, 3, 4, 5, 7]
 
 
 class ShiftsWithOneMoreMistake(FixedShifts):
@@ -85,6 +89,23 @@ def test_only_mistakes_of_the_target_class_are_explained():
     assert ranking.mistake_indices.tolist() == [0, 2] and ranking.omega.shape == (2, 8)
     none = ranker.rank(torch.rand(4, 8), labels, solver=FixedShifts(), target_class=1)
     assert none.num_mistakes == 0 and none.neurons == [] and none.target_class == 1
+
+
+def test_by_default_the_commonest_true_class_among_the_mistakes_is_explained_with_three_top_classes():
+    # Most samples are of class 4 and predicted right: the class whose importance is
+    # reported is that of most mistakes (0), not of most samples.
+    head = torch.nn.Linear(8, 5)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([1.0, 2.0, 4.0, 3.0, 0.0]).unsqueeze(1).expand(5, 8) * 1e-3)
+        head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]))  # always predicts class 4
+    features = torch.rand(10, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([4, 4, 4, 0, 4, 0, 4, 2, 0, 4])
+    ranking = MistakeNeuronRanker(head).rank(features, labels, solver=FixedShifts(), top_k=2)
+    assert ranking.target_class == 0 and ranking.mistake_indices.tolist() == [3, 5, 7, 8]
+    expected = neuron_importance(head.weight.detach(), head.bias.detach(), features[labels == 0].mean(0), 0)
+    assert [n.importance for n in ranking.neurons] == pytest.approx(expected[ranking.neuron_ids].tolist())
+    # Each neuron names the three classes weighing it most, largest first.
+    assert {n.top_classes for n in ranking.neurons} == {(2, 3, 1)}
 
 
 def test_neuron_importance_matches_zeroing_each_neuron():
