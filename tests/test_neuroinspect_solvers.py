@@ -99,6 +99,8 @@ def test_proximal_stops_at_tolerance_when_the_penalty_forbids_a_flip(problem):
     solution = solve(ProximalGradient(), head, features[wrong], labels[wrong], l1=1e6)
     assert (solution.omega == 0).all() and not solution.converged.any()
     assert (solution.iterations == 1).all()
+    # A tolerance of 0 still stops an update that moves nothing.
+    assert (solve(ProximalGradient(tolerance=0), head, features[wrong], labels[wrong], l1=1e6).iterations == 1).all()
 
 
 def test_one_proximal_step_is_the_prox_of_a_gradient_step_of_size_2_over_the_squared_norm(problem):
@@ -115,6 +117,30 @@ def test_one_proximal_step_is_the_prox_of_a_gradient_step_of_size_2_over_the_squ
     expected = shrunk * (1 - step * l2 / DIM / shrunk.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp_min(0)
     assert (expected == 0).any() and (expected != 0).any()
     torch.testing.assert_close(solution.omega, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_proximal_steps_extrapolate_as_fista_does(problem):
+    # Three steps by hand: x_k = prox(y_{k-1} − ∇/L), y_k = x_k + (t_{k-1} − 1) / t_k ·
+    # (x_k − x_{k-1}), t_k = (1 + √(1 + 4 t_{k-1}²)) / 2 from t_0 = 1. The first
+    # extrapolation weight is 0, so only the third step tells FISTA from plain ISTA.
+    head, features, labels = problem
+    weight, bias = head.weight.detach(), head.bias.detach()
+    l1, l2 = 2.0, 20.0
+    mistakes = (F.linear(features, weight, bias).argmax(1) != labels).nonzero().squeeze(1)
+    features, labels = features[mistakes], labels[mistakes]
+    solution = ProximalGradient(tolerance=0).solve(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=3)
+    step = float(2 / torch.linalg.matrix_norm(weight, ord=2) ** 2)
+    omega, lookahead, t = torch.zeros_like(features), torch.zeros_like(features), 1.0
+    for _ in range(3):
+        gradient = (F.linear(features + lookahead, weight, bias).softmax(1) - F.one_hot(labels, NUM_CLASSES)) @ weight
+        shrunk = F.softshrink(lookahead - step * gradient, step * l1 / DIM)
+        new_omega = shrunk * (1 - step * l2 / DIM / shrunk.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp_min(0)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        lookahead = new_omega + (t - 1) / t_next * (new_omega - omega)
+        omega, t = new_omega, t_next
+    ran = solution.iterations == 3  # not flipped by an earlier step
+    assert ran.sum() >= 10
+    torch.testing.assert_close(solution.omega[ran], omega[ran], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["faithful", "proximal"])
