@@ -90,19 +90,23 @@ def test_auto_target_ratio_takes_the_least_important_of_several_neurons(world):
     assert HeadEditor(head).suggested_target_ratio(train[0], train[1], target_class=0, neurons=neurons) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("method", ["probability_ratio", "constrain"])
-def test_the_penalty_is_the_one_the_paper_writes(world, method):
-    # One epoch of one minibatch: the recorded penalty is the loss term at the old head.
-    # probability_ratio: ‖p_c/p'_c − o‖₂ over the batch; constrain: the mean over the batch
-    # of ‖α_K β_{c,K} + b_c‖₂.
+@pytest.mark.parametrize(("method", "batches"), [("probability_ratio", 1), ("constrain", 1), ("constrain", 3)])
+def test_the_penalty_is_the_one_the_paper_writes(world, method, batches):
+    # One epoch at a step too small to move the head: the recorded penalty is the loss
+    # term at the old head. probability_ratio: ‖p_c/p'_c − o‖₂ over the batch; constrain:
+    # the mean over the batch of ‖α_K β_{c,K} + b_c‖₂. The record is the mean over the
+    # epoch's minibatches (equal ones here, so that of the whole set for a mean), and
+    # its loss is the cross-entropy plus the strength times the penalty.
     head, train, _, _ = world
     features, weight, bias = train[0], head.weight.detach(), head.bias.detach()
-    result = edit(world, method=method, max_epochs=1, batch_size=len(features))
+    result = edit(world, method=method, max_epochs=1, batch_size=len(features) // batches, learning_rate=1e-9)
     if method == "probability_ratio":
         expected = (probability_ratio(weight, bias, features, 0, torch.tensor([SPURIOUS])) - 1).norm()
     else:
         expected = (features[:, [SPURIOUS]] * weight[0, [SPURIOUS]] + bias[0]).norm(dim=1).mean()
+    cross_entropy = torch.nn.functional.cross_entropy(features @ weight.T + bias, train[1])
     assert result.history[0].penalty == pytest.approx(float(expected), rel=1e-5)
+    assert result.history[0].train_loss == pytest.approx(float(cross_entropy + result.strength * expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("selection", ["accuracy", "worst_class"])
@@ -142,10 +146,39 @@ def test_evaluation_reports_classes_groups_and_the_new_head(world):
     with torch.no_grad():
         correct = (head(test[0]).argmax(1) == test[1]).float().mean().item()
     assert correct == pytest.approx(after.accuracy)
+    # Per class and per group: the accuracy over that class's (group's) samples alone.
+    with torch.no_grad():
+        right = head(test[0]).argmax(1) == test[1]
+    for c in range(3):
+        assert after.class_accuracy[c] == pytest.approx(right[test[1] == c].float().mean().item())
+    for group in ("0|off", "1|on"):
+        assert after.group_accuracy[group] == pytest.approx(right[torch.from_numpy(test[2] == group)].float().mean().item())
+    assert len(set(after.class_accuracy.values())) == 3  # they differ, so a class's is not the overall one
     plain = evaluate_head(result.weight, result.bias, test[0], test[1])
     assert plain.group_accuracy == {} and plain.worst_group is None
     # A notebook shows the edit's numbers, not every head weight (C x D tensors printed in full).
     assert "tensor" not in repr(result) and "before=HeadEvaluation(accuracy=" in repr(result)
+
+
+def test_without_an_evaluation_set_the_heads_are_evaluated_on_the_validation_set(world):
+    head, train, validation, _ = world
+    result = HeadEditor(head).edit(train[0], train[1], target_class=0, neurons=[SPURIOUS], validation_features=validation[0],
+                                   validation_labels=validation[1], max_epochs=2)
+    assert result.before == evaluate_head(head.weight.detach(), head.bias.detach(), validation[0], validation[1])
+    assert result.after == evaluate_head(result.weight, result.bias, validation[0], validation[1])
+    assert result.after.accuracy == result.history[result.best_epoch - 1].validation_accuracy
+
+
+def test_weight_decay_pulls_every_weight_towards_zero(world):
+    # Adam's first step moves each weight by the learning rate against the sign of its
+    # gradient; a decay this strong dominates that gradient, so the sign is the weight's.
+    head, train, _, _ = world
+    weight = head.weight.detach()
+    assert (weight != 0).all()
+    plain = edit(world, max_epochs=1, batch_size=len(train[0]), learning_rate=1e-3)
+    decayed = edit(world, max_epochs=1, batch_size=len(train[0]), learning_rate=1e-3, weight_decay=1e4)
+    torch.testing.assert_close(decayed.weight, weight - 1e-3 * weight.sign(), rtol=0, atol=1e-6)
+    assert not torch.allclose(plain.weight, decayed.weight, rtol=0, atol=1e-6)
 
 
 def test_epoch_callback_reports_progress_and_stops(world):
