@@ -83,6 +83,44 @@ def test_the_defaults_are_the_papers():
     assert defaults(HeadEditor.edit)["learning_rate"] == 1e-3 and DEFAULT_STRENGTH["probability_ratio"] == 0.01
 
 
+@pytest.mark.parametrize("method", ["clip_illusion", "no_clip", "feature_visualization"])
+def test_each_step_descends_the_loss_the_issue_writes(world_model, tiny_clip, monkeypatch, method):
+    # L = −(cos + ε)·(α_n + γ·l_c), summed over the images; no_clip drops the CLIP factor,
+    # feature_visualization also the class term. Read at the one step from what the
+    # classifier and CLIP gave for the augmented images.
+    illusion = ClipIllusion(world_model, "layer3", *tiny_clip)
+    losses, similarities, reads = [], [], []
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (losses.append(self.detach()), backward(self, *a, **k))[1])
+    clip_similarity = illusion.clip_similarity
+    monkeypatch.setattr(illusion, "clip_similarity", lambda *a: (similarities.append(clip_similarity(*a).detach()), similarities[-1])[1])
+    hook = world_model.fc.register_forward_hook(lambda module, inputs, output: reads.append((inputs[0].detach(), output.detach())))
+    try:
+        illusion.visualize([(5, 1), (17, 2)], method=method, steps=1, gamma=0.3, epsilon=0.7)
+    finally:
+        hook.remove()
+    features, logits = next(read for read in reads if len(read[0]) == 2)  # the step's (the first read is a check's probe)
+    expected = features[[0, 1], [5, 17]]
+    if method != "feature_visualization":
+        expected = expected + 0.3 * logits[[0, 1], [1, 2]]
+    if method == "clip_illusion":
+        expected = (similarities[0] + 0.7) * expected
+    assert len(losses) == 1 and losses[0].item() == pytest.approx(-expected.sum().item(), rel=1e-5)
+
+
+def test_clip_sees_images_normalised_as_it_was_trained(illusion, tiny_clip):
+    # At CLIP's own input size nothing is resized: the cosine is that of CLIP's embedding
+    # of the images normalised as its preprocessing says (this one names no statistics, so
+    # OpenAI's, open_clip's default); unnormalised pixels gave other cosines silently.
+    clip, _ = tiny_clip
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    texts = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD))
+    with torch.no_grad():
+        expected = (torch.nn.functional.normalize(clip.encode_image((images - mean) / std), dim=-1) * texts).sum(1)
+        torch.testing.assert_close(illusion.clip_similarity(images, texts), expected)
+
+
 def test_feature_visualization_has_no_class_term(world_model):
     # L = −α_n alone: γ, which weighs the class logit, changes nothing.
     illusion = ClipIllusion(world_model, "layer3")
