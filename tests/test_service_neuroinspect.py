@@ -611,6 +611,34 @@ def test_a_promote_the_store_refuses_changes_neither_the_served_head_nor_the_act
         _shut(engine)
 
 
+def test_a_promote_whose_head_cannot_be_served_leaves_the_store_calling_the_served_head_active(tmp_path, world_set, monkeypatch):
+    # The store learns of a promote before the swap; a swap that then fails (the backend
+    # did not build, the device ran out of memory) must not leave the store calling the
+    # unserved head active: the next start would serve it, and listings call it active now.
+    # An edit that was to serve its head fails, and its version goes with it.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        served = engine.models.active
+        stored = inspect._add_head_version(served, torch.nn.Linear(served.feature_dim, len(served.class_names)), "v0",
+                                           {"method": "probability_ratio"})
+
+        def cannot_serve(version):
+            raise RuntimeError("CUDA out of memory")
+
+        monkeypatch.setattr(engine, "activate", cannot_serve)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            inspect.promote_head_version(stored.version_id)
+        assert engine.models.active is served and inspect.active_head_version().version_id == "v0"
+        assert engine.store.active_head_version(served.feature_version) == "v0"
+        failed = _edit(engine, inspect, 1, promote=True)
+        assert failed.state == "failed"
+        assert [v.version_id for v in inspect.head_versions()[0]] == ["v0", stored.version_id]
+        assert engine.models.active is served and inspect.active_head_version().version_id == "v0"
+    finally:
+        _shut(engine)
+
+
 def _edit(engine, inspect, neuron: int, **options):
     """Run an edit of "heart" on neuron ``neuron`` of the set "train" to its end; its job record."""
     return engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[neuron], max_epochs=1, **options).record.job_id, 60).record
@@ -1075,29 +1103,73 @@ def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, w
 
 @pytest.mark.parametrize("replaced_deleted", [False, True], ids=["replaced-kept", "replaced-deleted-since"])
 def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_parent(tmp_path, world_set, replaced_deleted):
-    # The edit trained from v0 while a caller promoted v1; it stored and served v2, and the
-    # server died before the edit's success was stored. The next start dropped v2 and served
-    # its parent v0: a head nobody had chosen since the promote of v1. With v1 deleted
-    # since, the parent is what is left.
+    # The edit trained from v1 while a caller promoted v2; it stored and served v3, and the
+    # server died before the edit's success was stored. The next start dropped v3 and served
+    # its parent v1: a head nobody had chosen since the promote of v2. With v2 deleted
+    # since, the parent is what is left (not the loaded head v0, which a start serves when
+    # the active version is missing).
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        assert _edit(engine, inspect, 5, promote=True).state == "succeeded"  # v1, served
+        assert _edit(engine, inspect, 6).state == "succeeded"  # v2, from v1, stored only
+        gate, blocker = _hold_the_job_worker(engine)
+        edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+        inspect.promote_head_version("v2")  # while the edit, from v1, waits to train
+        gate.set()
+        engine.jobs.wait(blocker.record.job_id, 30)
+        crashed = engine.jobs.wait(edit, 60).record
+        assert crashed.state == "succeeded" and inspect.active_head_version().version_id == "v3"
+        assert inspect.active_head_version().parent_version_id == "v1"
+        if replaced_deleted:
+            inspect.delete_head_version("v2")
+        engine, inspect = _restart_after_dying_in(engine, tmp_path, crashed)
+        versions, active = inspect.head_versions()
+        served = versions[1] if replaced_deleted else versions[2]
+        assert [v.version_id for v in versions] == (["v0", "v1"] if replaced_deleted else ["v0", "v1", "v2"]) and active == served.version_id
+        assert engine.models.active.head_version == served.head_hash
+    finally:
+        _shut(engine)
+
+
+def test_a_chain_of_failed_promoted_edits_unwinds_to_what_was_served_before_the_first(tmp_path, world_set):
+    # The first edit trained from v0 while a caller promoted v1, and served v2; the second,
+    # from v2, served v3; the server died before either success was stored. Undone newest
+    # first, v3 gives way to v2 and v2 to v1. Oldest first, v2 was not yet the active one
+    # when its turn came, and v3 then fell back to its parent, the loaded head v0.
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
         assert _edit(engine, inspect, 5).state == "succeeded"  # v1, stored only
         gate, blocker = _hold_the_job_worker(engine)
-        edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
-        inspect.promote_head_version("v1")  # while the edit, from v0, waits to train
+        first = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+        inspect.promote_head_version("v1")  # while the first edit, from v0, waits to train
         gate.set()
         engine.jobs.wait(blocker.record.job_id, 30)
-        crashed = engine.jobs.wait(edit, 60).record
-        assert crashed.state == "succeeded" and inspect.active_head_version().version_id == "v2"
-        assert inspect.active_head_version().parent_version_id == "v0"
-        if replaced_deleted:
-            inspect.delete_head_version("v1")
+        crashed = [engine.jobs.wait(first, 60).record, _edit(engine, inspect, 2, promote=True)]
+        assert [job.state for job in crashed] == ["succeeded"] * 2
+        assert [(v.version_id, v.parent_version_id) for v in inspect.head_versions()[0]][2:] == [("v2", "v0"), ("v3", "v2")]
+        engine, inspect = _restart_after_dying_in(engine, tmp_path, *crashed)
+        versions, active = inspect.head_versions()
+        assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v1"
+        assert engine.models.active.head_version == versions[1].head_hash
+    finally:
+        _shut(engine)
+
+
+def test_a_failed_edit_s_version_promoted_away_from_since_leaves_the_promoted_one_served(tmp_path, world_set):
+    # The edit served v2 in place of v0; before its success was stored a caller promoted
+    # v1. Dropping v2 at the next start must not undo that promote.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        assert _edit(engine, inspect, 5).state == "succeeded"  # v1, stored only
+        crashed = _edit(engine, inspect, 1, promote=True)  # v2, served
+        inspect.promote_head_version("v1")
         engine, inspect = _restart_after_dying_in(engine, tmp_path, crashed)
         versions, active = inspect.head_versions()
-        served = versions[0] if replaced_deleted else versions[1]
-        assert [v.version_id for v in versions] == (["v0"] if replaced_deleted else ["v0", "v1"]) and active == served.version_id
-        assert engine.models.active.head_version == served.head_hash
+        assert [v.version_id for v in versions] == ["v0", "v1"] and active == "v1"
+        assert engine.models.active.head_version == versions[1].head_hash
     finally:
         _shut(engine)
 
