@@ -52,12 +52,13 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         self._held_calls = held_calls  # an inline ranking computes in its RPC's thread
 
     def RankMistakeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
+        defaults = RankSettings()  # the issue's, kept in one place
         settings = RankSettings(
             solver=_SOLVER(request.solver, "solver"),
-            l1=_optional(request, "l1", 0.1),
-            l2=_optional(request, "l2", 0.01),
-            max_iterations=request.max_iterations or 1000,
-            cut_ratio=_optional(request, "cut_ratio", 0.03),
+            l1=_optional(request, "l1", defaults.l1),
+            l2=_optional(request, "l2", defaults.l2),
+            max_iterations=request.max_iterations or defaults.max_iterations,
+            cut_ratio=_optional(request, "cut_ratio", defaults.cut_ratio),
             top_k=request.top_k,
             include_samples=request.include_samples,
         )
