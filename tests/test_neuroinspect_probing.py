@@ -37,6 +37,7 @@ def test_concept_neurons_are_the_detectors_strongest_first(labelled_features):
     found = concept_neurons(features, concepts, min_auc=0.9)
     assert found == {"a": [5, 2], "b": []}
     assert concept_neurons(features, concepts, min_auc=0.75)["b"] == [7]
+    assert concept_neurons(features, concepts, min_auc=b_auc)["b"] == [7]  # "AUC >= min_auc": a tie detects
     assert concept_neurons(features, {("shape", "a"): concepts["a"]}, per_concept=1) == {("shape", "a"): [5]}
 
 
