@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import grpc
 from explaind.v1 import neuroinspect_pb2, neuroinspect_pb2_grpc
@@ -29,7 +30,7 @@ class _EnumNames:
         return self._names[value]
 
 
-_SOLVER = _EnumNames(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", unset="faithful")
+_SOLVER = _EnumNames(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", unset=RankSettings.solver)
 _EXECUTION = _EnumNames(neuroinspect_pb2.Execution, "EXECUTION_", unset="auto")
 _VISUALIZATION_METHOD = _EnumNames(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", unset="clip_illusion")
 _EDIT_METHOD = _EnumNames(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", unset="probability_ratio")
@@ -43,6 +44,12 @@ def _target_class(message) -> str | int | None:
 
 def _optional(message, field: str, default: float | None) -> float | None:
     return getattr(message, field) if message.HasField(field) else default
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options a request set (not None): the engine's defaults, kept in one place,
+    stand for the others."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
@@ -85,15 +92,14 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         snapshot = self._engine.visualize_neurons(
             [(pair.neuron, _target_class(pair)) for pair in request.pairs],
             method=_VISUALIZATION_METHOD(request.method, "method"),
-            steps=request.steps or 400,
             gamma=_optional(request, "gamma", None),
             epsilon=_optional(request, "epsilon", None),
-            learning_rate=_optional(request, "learning_rate", 9e-3),
             seed=request.seed,
-            preview_every=request.preview_every or 10,
             classes_per_neuron=request.classes_per_neuron or None,
             request=convert.request_key(request),
             caller=current_caller(),
+            **_given(steps=request.steps or None, learning_rate=_optional(request, "learning_rate", None),
+                     preview_every=request.preview_every or None),
         )
         return neuroinspect_pb2.VisualizeNeuronsResponse(operation=convert.operation(snapshot))
 
@@ -111,14 +117,13 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             group_attribute=request.group_attribute,
             strength=request.strength if request.HasField("strength") else None,
             target_ratio="auto" if request.auto_target_ratio else _optional(request, "target_ratio", None),
-            learning_rate=_optional(request, "learning_rate", 1e-3),
-            max_epochs=request.max_epochs or 20,
-            patience=request.patience or 5,
             seed=request.seed,
             promote=request.promote,
             description=request.description,
             request=convert.request_key(request),
             caller=current_caller(),
+            **_given(learning_rate=_optional(request, "learning_rate", None), max_epochs=request.max_epochs or None,
+                     patience=request.patience or None),
         )
         return neuroinspect_pb2.EditHeadResponse(operation=convert.operation(snapshot))
 
