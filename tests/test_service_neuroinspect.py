@@ -1101,6 +1101,17 @@ def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, w
         _shut(engine)
 
 
+def _promoting_edit_outrun_by_a_promote(engine, inspect, promoted: str):
+    """The record of an edit that promotes its version, from the head served when it was
+    submitted, whose job waited to train while a caller promoted ``promoted``."""
+    gate, blocker = _hold_the_job_worker(engine)
+    edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
+    inspect.promote_head_version(promoted)
+    gate.set()
+    engine.jobs.wait(blocker.record.job_id, 30)
+    return engine.jobs.wait(edit, 60).record
+
+
 @pytest.mark.parametrize("replaced_deleted", [False, True], ids=["replaced-kept", "replaced-deleted-since"])
 def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_parent(tmp_path, world_set, replaced_deleted):
     # The edit trained from v1 while a caller promoted v2; it stored and served v3, and the
@@ -1113,12 +1124,7 @@ def test_a_failed_promoted_edit_gives_way_to_the_version_it_replaced_not_its_par
         _create_train_set(engine, world_set)
         assert _edit(engine, inspect, 5, promote=True).state == "succeeded"  # v1, served
         assert _edit(engine, inspect, 6).state == "succeeded"  # v2, from v1, stored only
-        gate, blocker = _hold_the_job_worker(engine)
-        edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
-        inspect.promote_head_version("v2")  # while the edit, from v1, waits to train
-        gate.set()
-        engine.jobs.wait(blocker.record.job_id, 30)
-        crashed = engine.jobs.wait(edit, 60).record
+        crashed = _promoting_edit_outrun_by_a_promote(engine, inspect, "v2")  # the edit from v1
         assert crashed.state == "succeeded" and inspect.active_head_version().version_id == "v3"
         assert inspect.active_head_version().parent_version_id == "v1"
         if replaced_deleted:
@@ -1141,12 +1147,7 @@ def test_a_chain_of_failed_promoted_edits_unwinds_to_what_was_served_before_the_
     try:
         _create_train_set(engine, world_set)
         assert _edit(engine, inspect, 5).state == "succeeded"  # v1, stored only
-        gate, blocker = _hold_the_job_worker(engine)
-        first = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
-        inspect.promote_head_version("v1")  # while the first edit, from v0, waits to train
-        gate.set()
-        engine.jobs.wait(blocker.record.job_id, 30)
-        crashed = [engine.jobs.wait(first, 60).record, _edit(engine, inspect, 2, promote=True)]
+        crashed = [_promoting_edit_outrun_by_a_promote(engine, inspect, "v1"), _edit(engine, inspect, 2, promote=True)]  # the first from v0
         assert [job.state for job in crashed] == ["succeeded"] * 2
         assert [(v.version_id, v.parent_version_id) for v in inspect.head_versions()[0]][2:] == [("v2", "v0"), ("v3", "v2")]
         engine, inspect = _restart_after_dying_in(engine, tmp_path, *crashed)
