@@ -18,7 +18,7 @@ from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2
 
 from explaind.client import AsyncClient, Client, DeadlineExceededError, PlaintextTokenWarning
-from explaind.v1 import inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -329,6 +329,8 @@ def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_
             offline.create_sample_set((present, tmp_path / "gone.png"), [0, 0])
         with pytest.raises(FileNotFoundError, match=r"^images\[1\]: no such file: .*gone.png$"):  # not after the first requests' answers
             offline.predict([present, tmp_path / "gone.png"])
+        with pytest.raises(IsADirectoryError, match=r"^images\[1\]: a directory, not an image file: "):
+            offline.predict([present, tmp_path])
 
 
 def test_edit_head_neurons_must_be_indices(client):
@@ -710,6 +712,76 @@ def test_predict_sends_requests_of_at_most_the_servers_batch_size():
         server.stop(0)
 
 
+class _LimitedInference(inference_pb2_grpc.InferenceServiceServicer):
+    """States ``limits`` (and no batch size); Predict records each request and labels each
+    image with its first pixel's value, so that the answers show the images' order."""
+
+    def __init__(self, limits: inference_pb2.RequestLimits) -> None:
+        self.limits, self.requests = limits, []
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(limits=self.limits)
+
+    def Predict(self, request, context):
+        self.requests.append(request)
+        dtypes = {common_pb2.DATA_TYPE_UINT8: "u1", common_pb2.DATA_TYPE_FLOAT32: "<f4"}
+        first = [np.frombuffer(image.tensor.data, dtypes[image.tensor.dtype])[0] for image in request.images]
+        return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction(labels=[f"{value:g}"]) for value in first])
+
+
+@pytest.mark.parametrize("images, limits, per_request", [
+    # 16x16x3 uint8 arrays are 784 bytes each in a request: 5 fit in half of 9400, 6 (4704) would not.
+    ([np.full((16, 16, 3), i, np.uint8) for i in range(12)], inference_pb2.RequestLimits(max_message_bytes=9400), [5, 5, 2]),
+    # (3, 16, 16) float arrays are 256 pixels each, not 3 x 16: 2 fit in 600 pixels.
+    ([np.full((3, 16, 16), i, np.float32) for i in range(5)], inference_pb2.RequestLimits(max_pixels_per_request=600), [2, 2, 1]),
+])
+def test_predict_fills_requests_up_to_half_the_servers_message_limit_and_its_pixel_limit_in_order(images, limits, per_request):
+    # The server refuses a request over either limit (the half leaves it room for its answer).
+    servicer = _LimitedInference(limits)
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            predictions = client.predict(images, max_in_flight=1)
+    finally:
+        server.stop(0)
+    assert [p.label for p in predictions] == [str(i) for i in range(len(images))]
+    assert [len(request.images) for request in servicer.requests] == per_request
+    from explaind.client._client import DEFAULT_MAX_MESSAGE_BYTES
+
+    assert all(request.ByteSize() <= (limits.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES) // 2 for request in servicer.requests)
+
+
+class _RankingInference(inference_pb2_grpc.InferenceServiceServicer):
+    """Answers each image i with classes i+1 then i (probabilities 0.75, 0.25), and the
+    features [i, i, i] when asked for them."""
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(limits=inference_pb2.RequestLimits(max_images_per_request=2))
+
+    def Predict(self, request, context):
+        first = [image.tensor.data[0] for image in request.images]
+        predictions = [inference_pb2.Prediction(labels=[f"c{i + 1}", f"c{i}"], class_indices=[i + 1, i], probabilities=[0.75, 0.25]) for i in first]
+        features = None
+        if request.return_features:
+            features = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[len(first), 3],
+                                         data=np.repeat(np.array(first, "<f4"), 3).tobytes())
+        return inference_pb2.PredictResponse(predictions=predictions, features=features, model_version=f"v{first[0]}")
+
+
+def test_a_prediction_keeps_the_servers_ranking_and_each_image_its_own_features():
+    from explaind.client import Prediction
+
+    server, target = _serve(_RankingInference(), add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            predictions = client.predict([np.full((4, 4, 3), i, np.uint8) for i in range(3)], return_features=True)
+    finally:
+        server.stop(0)
+    # Two requests (the server takes 2 images each), each with its own model_version.
+    assert predictions == [Prediction(labels=[f"c{i + 1}", f"c{i}"], class_indices=[i + 1, i], probabilities=[0.75, 0.25],
+                                      features=np.full(3, i, np.float32), model_version="v2" if i == 2 else "v0") for i in range(3)]
+
+
 # The most a stand-in server holds a request for others to arrive: reached only where the
 # client sends fewer at once than the test expects (then it fails, not hangs).
 HOLD_S = 10.0
@@ -827,6 +899,16 @@ def test_a_failing_request_among_those_in_flight_raises_its_error_and_cancels_th
         with servicer.changed:
             servicer.changed.wait_for(lambda: 6 in servicer.cancelled, HOLD_S)
         assert 6 in servicer.cancelled and sorted(servicer.answered) == [0, 2]
+
+
+def test_a_failing_request_of_a_predict_one_request_at_a_time_says_where_it_began():
+    from explaind.client import InvalidArgumentError
+
+    servicer = _PipelinedInference(requests=5, window=1, failing=4)  # the third request, images 4 and 5
+    with _client_of(servicer) as client:
+        with pytest.raises(InvalidArgumentError, match=r"images\[1\]: not an image$") as raised:
+            client.predict(_numbered_images(10), max_in_flight=1)
+    assert raised.value.request_offset == 4 and servicer.arrived == [0, 2, 4]
 
 
 def test_an_image_unread_after_a_failing_request_raises_the_request_s_error_as_one_at_a_time_does():
@@ -1409,6 +1491,23 @@ def test_pixel_count_reads_a_png_header_as_pillow_does():
         Image.open(io.BytesIO(bytes(data)))
     assert pixel_count(common_pb2.Image(encoded=bytes(data))) == 0
     assert pixel_count(common_pb2.Image(encoded=b"\x89PNG\r\n\x1a\n")) == 0  # truncated: no header
+
+
+def test_arrays_travel_as_their_pixels_uint8_channels_first_turned_to_channels_last():
+    from explaind.client._images import to_image_message
+
+    def sent(array: np.ndarray) -> np.ndarray:
+        tensor = to_image_message(array).tensor
+        dtype = {common_pb2.DATA_TYPE_UINT8: "u1", common_pb2.DATA_TYPE_FLOAT16: "<f2", common_pb2.DATA_TYPE_FLOAT32: "<f4"}[tensor.dtype]
+        return np.frombuffer(tensor.data, dtype).reshape(tensor.shape)
+
+    pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    assert np.array_equal(sent(pixels.transpose(2, 0, 1)), pixels)  # torchvision's (3, H, W) uint8
+    for kept in (pixels, pixels[:3]):  # (H, W, 3), also 3 rows high: not read as (3, H, W)
+        assert np.array_equal(sent(kept), kept) and sent(kept).dtype == np.uint8
+    floats = pixels.transpose(2, 0, 1) / 255  # float64, channels first: float32 as it is
+    assert sent(floats).dtype == np.float32 and np.allclose(sent(floats), floats, atol=1e-7)
+    assert sent(floats.astype(np.float16)).dtype == np.float16
 
 
 def _operation_from_a_newer_server(state: int, response_type: str = "") -> Any:
