@@ -1275,6 +1275,26 @@ def test_a_call_timeout_of_zero_is_no_wait_not_the_clients_default():
             operation.refresh(timeout=0)
 
 
+class _FinishedOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """Says the operation has succeeded (its handle still reads it running)."""
+
+    def GetOperation(self, request, context):
+        operation = _running_operation(request.name)
+        metadata = operations_pb2.OperationMetadata()
+        operation.metadata.Unpack(metadata)
+        metadata.state = operations_pb2.OPERATION_STATE_SUCCEEDED
+        operation.metadata.Pack(metadata)
+        operation.done = True
+        return operations_pb2.GetOperationResponse(operation=operation)
+
+
+@pytest.mark.parametrize("timeout", [0, -1])
+def test_a_wait_of_no_time_reads_the_operations_state_from_the_server(timeout):
+    # wait(0) is a poll ("is it done yet?"): it answered with the state last read.
+    with _running_operation_of(_FinishedOperations()) as operation:
+        assert operation.wait(timeout).done and operation.state == "succeeded"
+
+
 HOLDER = "visualize_neurons 0123456789abcdef (step 120/400, 14 min)"  # the job a queued one waits for, as the server names it
 
 
@@ -2155,6 +2175,19 @@ def test_an_evaluation_names_its_worst_class_as_a_head_evaluation_does():
     assert _evaluation({"heart": 1.0}).worst_class == "heart"  # classes without samples are not candidates
     empty = _evaluation({})
     assert empty.worst_class == "" and np.isnan(empty.worst_class_accuracy)
+
+
+def test_an_evaluations_class_without_samples_has_no_accuracy_and_is_not_its_worst_class():
+    # Such a class's accuracy reads 0 in the message: taken as it is, it would be the
+    # worst class of every evaluation of a set without all classes.
+    from explaind.client._operations import _evaluation as evaluation_of
+
+    per_class = [inference_pb2.ClassAccuracy(class_name=name, count=count, accuracy=accuracy)
+                 for name, count, accuracy in (("circle", 10, 0.9), ("square", 0, 0.0), ("heart", 10, 0.4))]
+    evaluation = evaluation_of(inference_pb2.EvaluateSampleSetResult(sample_count=20, accuracy=0.65, per_class=per_class))
+    assert evaluation.class_accuracy == {"circle": 0.9, "heart": 0.4}
+    assert evaluation.class_counts == {"circle": 10, "square": 0, "heart": 10}
+    assert (evaluation.worst_class, evaluation.worst_class_accuracy) == ("heart", 0.4)
 
 
 def _ranking(mistake_count: int) -> Any:
