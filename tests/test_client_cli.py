@@ -132,7 +132,8 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--request-id", "nightly"], "--request-id: expected a UUID (e.g. from uuidgen), got 'nightly'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
-        (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),  # was a traceback once the server had started
+        (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
+        (["info", "--timeout", "inf"], "--timeout: expected a number of seconds > 0, got 'inf'"),  # no call ends without a deadline  # was a traceback once the server had started
         # An empty address (an unset $HOST) printed gRPC's C-core errors around an UNKNOWN one.
         (["info", "--target", ""], "argument --target: empty; give the server's host:port, or leave --target out for 127.0.0.1:50051"),
         (["operations", "list", "--target= "], "argument --target: empty"),
