@@ -312,6 +312,35 @@ def test_predict_top_k_beyond_the_classes_is_refused_in_the_option_s_terms(serve
     assert len(json.loads(capsys.readouterr().out)[0]["labels"]) == 6
 
 
+def test_predict_of_a_two_class_model_asks_for_both_classes_and_prints_each_prediction_whole(capsys, tmp_path):
+    # The default of 3 classes is more than such a model has, which the server refuses.
+    import grpc
+
+    from explaind.v1 import inference_pb2, inference_pb2_grpc
+    from test_client_sdk import _serve
+
+    class TwoClasses(inference_pb2_grpc.InferenceServiceServicer):
+        def GetModelMetadata(self, request, context):
+            return inference_pb2.GetModelMetadataResponse(classifier=inference_pb2.ClassifierInfo(class_names=["cat", "dog"]))
+
+        def Predict(self, request, context):
+            if request.top_k > 2:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k: {request.top_k} is more than the model's 2 classes")
+            ranked = inference_pb2.Prediction(labels=["dog", "cat"], class_indices=[1, 0], probabilities=[0.75, 0.25])
+            return inference_pb2.PredictResponse(predictions=[ranked] * len(request.images), model_version="v1")
+
+    server, target = _serve(TwoClasses(), add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        short, longer = _png(tmp_path / "a.png", 10), _png(tmp_path / "longer.png", 20)
+        assert main(["--target", target, "predict", short, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == [
+            {"image": short, "labels": ["dog", "cat"], "class_indices": [1, 0], "probabilities": [0.75, 0.25], "model_version": "v1"}]
+        assert main(["--target", target, "predict", short, longer]) == 0
+        assert capsys.readouterr().out.splitlines() == [f"{name:<{len(longer)}}  dog 0.75, cat 0.25" for name in (short, longer)]
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
 def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
     asked = []
