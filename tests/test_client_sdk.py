@@ -1629,6 +1629,8 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
     honours the request_id of uploads if they name "sample_set_request_id"; an older one
     ignores it (a repeated create is ALREADY_EXISTS, a repeated append adds its samples again)."""
 
+    UID = "0" * 8 + "-0000-4000-8000-" + "0" * 12  # of every set it answers with
+
     def __init__(self, capabilities: tuple[str, ...], drop: set[str]) -> None:
         super().__init__()
         self.capabilities, self.drop = capabilities, set(drop)
@@ -1647,7 +1649,7 @@ class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2
         from explaind.v1 import sample_sets_pb2
 
         labels = self.labels[set_id]
-        return sample_sets_pb2.SampleSet(sample_set_id=set_id, sample_count=len(labels), uid="0" * 8 + "-0000-4000-8000-" + "0" * 12,
+        return sample_sets_pb2.SampleSet(sample_set_id=set_id, sample_count=len(labels), uid=self.UID,
                                          uploading=set_id in self.uploading)
 
     def _repeat(self, request) -> bool:
@@ -1703,6 +1705,38 @@ def _serve_uploads(servicer: _UploadServer) -> tuple[grpc.Server, str]:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
 
     return _serve(servicer, add=add)
+
+
+class _RefusingAppendsServer(_UploadServer):
+    """Records the set uid each append names, and refuses the append that would take the
+    set past 4 samples, naming its second sample."""
+
+    def __init__(self) -> None:
+        super().__init__((), set())
+        self.append_uids: list[str] = []
+
+    def AppendSamples(self, request, context):
+        self.append_uids.append(request.sample_set_uid)
+        if len(self.labels[request.sample_set_id]) + len(request.samples) > 4:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "samples[1].image: not an image")
+        return super().AppendSamples(request, context)
+
+
+def test_an_uploads_appends_name_the_set_it_created_and_a_refused_one_says_where_its_request_began():
+    # Without the uid, a set deleted and made again under the same id meanwhile would
+    # take the rest of this upload; samples[1] of the third request is the caller's 5.
+    from explaind.client import InvalidArgumentError
+
+    servicer = _RefusingAppendsServer()
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client:
+            with pytest.raises(InvalidArgumentError, match=r"samples\[1\]\.image: not an image") as raised:
+                client.create_sample_set(np.zeros((6, 4, 4, 3), np.uint8), [0] * 6, sample_set_id="up", chunk_size=2)
+    finally:
+        server.stop(0)
+    assert raised.value.request_offset == 4
+    assert servicer.append_uids == [_UploadServer.UID] * 2 and "up" not in servicer.labels
 
 
 def test_an_upload_request_whose_answer_was_lost_is_sent_again_only_to_a_server_honouring_its_request_id():
