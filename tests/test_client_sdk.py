@@ -1528,6 +1528,10 @@ def test_arrays_travel_as_their_pixels_uint8_channels_first_turned_to_channels_l
     floats = pixels.transpose(2, 0, 1) / 255  # float64, channels first: float32 as it is
     assert sent(floats).dtype == np.float32 and np.allclose(sent(floats), floats, atol=1e-7)
     assert sent(floats.astype(np.float16)).dtype == np.float16
+    # Big-endian arrays (FITS data, some TIFF readers) were refused as of an unsupported dtype.
+    for dtype in (">f8", ">f4", ">f2"):
+        big_endian = floats.astype(dtype)
+        assert np.array_equal(sent(big_endian), sent(big_endian.astype(dtype.replace(">", "="))))
 
 
 def _operation_from_a_newer_server(state: int, response_type: str = "") -> Any:

@@ -34,6 +34,7 @@ def to_image_message(image: Any) -> common_pb2.Image:
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # torch.Tensor without importing torch
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
+        image = image.astype(image.dtype.newbyteorder("="), copy=False)  # big-endian (FITS, some TIFF readers) as the others
         if image.dtype == np.float64:
             image = image.astype(np.float32)
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
