@@ -4807,6 +4807,36 @@ def test_a_request_id_whose_job_a_restart_aborted_starts_it_again(tmp_path):
     restarted.shutdown(5)
 
 
+def test_a_request_id_whose_job_failed_or_was_cancelled_gets_that_job_not_a_new_run(tmp_path):
+    # Only the shutdown's ABORTED runs again: a job that failed on its own (its input, say)
+    # or that its caller cancelled is the answer a repeat of its request gets, as AIP-155 asks.
+    jobs, runs, started = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), [], threading.Event()
+
+    def refused(ctx):
+        runs.append(ctx.job_id)
+        raise InvalidArgument("no such class", field="class_index")
+
+    def until_cancelled(ctx):
+        runs.append(ctx.job_id)
+        started.set()
+        while True:
+            ctx.raise_if_cancelled()
+            time.sleep(0.01)
+
+    failing, cancelled = (RequestKey(f"123e4567-e89b-42d3-a456-42661417400{n}", "fingerprint") for n in (1, 2))
+    failed = jobs.submit("evaluate", refused, request=failing).record.job_id
+    assert (jobs.wait(failed, 10).record.state, jobs.get(failed).record.error_code) == ("failed", "INVALID_ARGUMENT")
+    stopped = jobs.submit("evaluate", until_cancelled, request=cancelled).record.job_id
+    assert started.wait(10)
+    jobs.cancel(stopped)
+    assert jobs.wait(stopped, 10).record.state == "cancelled"
+    assert jobs.submit("evaluate", refused, request=failing).record.job_id == failed
+    assert jobs.submit("evaluate", until_cancelled, request=cancelled).record.job_id == stopped
+    jobs.shutdown(5)
+    jobs.store.close()
+    assert runs == [failed, stopped]  # neither ran again
+
+
 def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
     """job_requests is added without a schema version (a rollback must still open the data
     dir): the table appears in a store the release before left, and a job deleted as that
