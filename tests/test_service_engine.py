@@ -4062,6 +4062,24 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
         store.close()
 
 
+def test_the_sweep_deletes_the_operations_that_ended_over_retention_days_ago_and_keeps_the_others(tmp_path, monkeypatch):
+    # [jobs].retention_days is in days: an operation that ended a day less an hour ago is
+    # still there for its caller to read, one that ended a day and an hour ago is gone.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)).replace("jobs", retention_days=1.0))
+    store, now = server.store, time.time()
+    try:
+        for job_id, ended_hours_ago in (("0000000000000001", 25), ("0000000000000002", 23)):
+            end_time = now - ended_hours_ago * 3600
+            store.insert_job(JobRecord(job_id=job_id, kind="evaluate", state="succeeded", create_time=end_time - 1, end_time=end_time))
+        monkeypatch.setattr(time, "time", lambda: now)
+        server._sweep_once()
+        assert [record.job_id for record in store.list_jobs()] == ["0000000000000002"]
+    finally:
+        store.close()
+
+
 def test_a_reserve_an_earlier_server_died_setting_aside_is_removed_at_start_up(tmp_path):
     # Its scratch file, as large as the reserve, stayed in the data dir for good.
     from explaind.store.sqlite import RESERVE_FILE
