@@ -485,6 +485,22 @@ def test_a_reload_that_read_the_callers_file_before_a_later_change_never_undoes_
     assert callers.grant_of([("authorization", "Bearer tokenANA")]).caller == "analyst"
 
 
+def test_a_callers_new_token_in_the_callers_file_revokes_the_grant_of_its_old_one_and_no_other(callers_file, monkeypatch):
+    # A leaked token is replaced by giving its caller a new one: the streams opened with the
+    # old one must end (in_force), though the caller's name is still in the file.
+    from explaind.config import parse_callers
+
+    monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), sleep=lambda _: None)
+    old, other = (callers.grant_of([("authorization", f"Bearer {token}")]) for token in ("tokenANA", "tokenMON"))
+    assert (old.caller, other.caller) == ("analyst", "monitoring")
+    callers_file.write_text(CALLERS.replace("tokenANA", "tokenANA2"))
+    assert not callers.in_force(old) and callers.in_force(other)
+    assert callers.grant_of([("authorization", "Bearer tokenANA")]) is None
+    new = callers.grant_of([("authorization", "Bearer tokenANA2")])
+    assert new.caller == "analyst" and callers.in_force(new)
+
+
 def test_a_check_while_another_call_reloads_the_callers_file_waits_for_that_reload(callers_file, monkeypatch):
     # The file's change was taken as seen once one call began reloading it: a call checked
     # meanwhile was let in with the token the change removed, and a stream sent on.
