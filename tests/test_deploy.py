@@ -274,25 +274,26 @@ def test_compose_file_is_valid_compose():
     assert checked.returncode == 0, checked.stderr
 
 
-def test_compose_healthcheck_passes_on_a_serving_server_only(server_factory, tmp_path):
+def test_compose_healthcheck_asks_the_health_port_and_passes_on_a_serving_server_only(server_factory, tmp_path):
     from explaind.config import default_config
     from explaind.service import ExplaindServer
 
-    command = image_entrypoint()
-    test = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]["healthcheck"]["test"]
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]
+    arguments = serve_arguments({"args": service["command"]})  # compose's command follows the image's entrypoint
+    assert arguments.health_port not in (0, arguments.port, arguments.metrics_port)
+    test = service["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
-    address = f"127.0.0.1:{command[command.index('--port') + 1]}"
-    assert f"'{address}'" in test[3]  # the port the image serves on
+    address = f"127.0.0.1:{arguments.health_port}"
+    assert f"'{address}'" in test[3]  # the port the container serves health on
     # Unhealthy 30 s into loading the models, before: the start-up the chart allows counts no failure.
-    start_period = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["explaind"]["healthcheck"]["start_period"]
-    assert start_period == f"{yaml.safe_load((DEPLOY / 'helm' / 'explaind' / 'values.yaml').read_text())['startupSeconds']}s"
-    serving = server_factory()
-    loading = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)))  # started, models not loaded
+    assert service["healthcheck"]["start_period"] == f"{yaml.safe_load((DEPLOY / 'helm' / 'explaind' / 'values.yaml').read_text())['startupSeconds']}s"
+    serving = server_factory(server={"health_port": (serving_health := free_port())})
+    loading = ExplaindServer(default_config().replace("server", port=0, health_port=free_port(), data_dir=str(tmp_path)))  # models not loaded
     try:
-        port = loading.start()
-        for target, healthy in ((serving.target, True), (f"127.0.0.1:{port}", False), (f"127.0.0.1:{free_port()}", False)):
-            checked = subprocess.run([sys.executable, "-c", test[3].replace(address, target)], capture_output=True, text=True, timeout=60)
-            assert (checked.returncode == 0) == healthy, (target, checked.stderr[-2000:])
+        loading.start()
+        for port, healthy in ((serving_health, True), (loading.health_port, False), (free_port(), False)):
+            checked = subprocess.run([sys.executable, "-c", test[3].replace(address, f"127.0.0.1:{port}")], capture_output=True, text=True, timeout=60)
+            assert (checked.returncode == 0) == healthy, (port, checked.stderr[-2000:])
     finally:
         loading.stop(0)
 
