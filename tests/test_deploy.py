@@ -287,7 +287,7 @@ def test_compose_healthcheck_asks_the_health_port_and_passes_on_a_serving_server
     assert f"'{address}'" in test[3]  # the port the container serves health on
     # Unhealthy 30 s into loading the models, before: the start-up the chart allows counts no failure.
     assert service["healthcheck"]["start_period"] == f"{yaml.safe_load((DEPLOY / 'helm' / 'explaind' / 'values.yaml').read_text())['startupSeconds']}s"
-    serving = server_factory(server={"health_port": (serving_health := free_port())})
+    server_factory(server={"health_port": (serving_health := free_port())})
     loading = ExplaindServer(default_config().replace("server", port=0, health_port=free_port(), data_dir=str(tmp_path)))  # models not loaded
     try:
         loading.start()
