@@ -11,6 +11,7 @@ before its final linear layer, so its features and head are explained the same w
 from ._onnx_runtime import (
     FLOAT_TYPES,
     ONNX_BACKENDS,
+    ImageInput,
     OnnxClassifierSplit,
     UnsplittableGraph,
     execution_providers,
@@ -25,6 +26,7 @@ from ._onnx_runtime import (
 __all__ = [
     "FLOAT_TYPES",
     "ONNX_BACKENDS",
+    "ImageInput",
     "OnnxClassifierSplit",
     "UnsplittableGraph",
     "execution_providers",

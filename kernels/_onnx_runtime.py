@@ -30,6 +30,52 @@ FLOAT_TYPES: dict[str, tuple[torch.dtype, type[np.floating]]] = {
     "tensor(float)": (torch.float32, np.float32),
     "tensor(float16)": (torch.float16, np.float16),
 }
+# And the types a graph may take images as: also uint8 pixels, 0-255, which a graph with its
+# preprocessing inside takes (one converted from TensorFlow, or exported with it).
+IMAGE_TYPES: dict[str, tuple[torch.dtype, type[np.generic]]] = {**FLOAT_TYPES, "tensor(uint8)": (torch.uint8, np.uint8)}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How a graph's image input takes explaind's images, (N, 3, S, S) floats in [0, 1]:
+    in its element type (``type``, a key of :data:`IMAGE_TYPES`; uint8 as pixels 0-255)
+    and its layout, channels first (N, 3, S, S) or last (N, S, S, 3)."""
+
+    name: str
+    type: str
+    channels_last: bool
+    shape: tuple[int | str | None, ...]  # as the graph gives it: ints where fixed, names where dynamic
+
+    @classmethod
+    def of(cls, graph_input: object) -> ImageInput:
+        """An ONNX Runtime session's input (a ``NodeArg``) read as images; ``ValueError``
+        completing "the input <name> ..." where it takes no images explaind can feed. Its
+        layout is channels last only where its last dimension, not its second, is fixed at 3."""
+        name, kind, shape = getattr(graph_input, "name"), getattr(graph_input, "type"), tuple(getattr(graph_input, "shape", None) or ())
+        if kind not in IMAGE_TYPES:
+            raise ValueError(f"is {kind}; explaind feeds it float32, float16 or uint8 images")
+        channels_last = len(shape) == 4 and shape[3] == 3 and shape[1] != 3
+        if len(shape) != 4 or (not channels_last and isinstance(shape[1], int) and shape[1] != 3):
+            raise ValueError(f"has shape {list(shape)}; explaind feeds it images (N, 3, S, S) or (N, S, S, 3)")
+        return cls(name, kind, channels_last, shape)
+
+    @property
+    def takes_pixels(self) -> bool:
+        """uint8 images, 0-255: normalising them is the graph's own business."""
+        return self.type == "tensor(uint8)"
+
+    @property
+    def channels_first_shape(self) -> list[int | str | None]:
+        """``shape`` in the order (N, 3, S, S)."""
+        batch, *rest = self.shape
+        return [batch, rest[2], rest[0], rest[1]] if self.channels_last else [batch, *rest]
+
+    def fed(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (N, 3, S, S) in [0, 1] in this input's type and layout, contiguous;
+        as pixels, each rounded to the nearest."""
+        dtype = IMAGE_TYPES[self.type][0]
+        images = (images * 255).round().clamp(0, 255).to(dtype) if self.takes_pixels else images.to(dtype)
+        return (images.permute(0, 2, 3, 1) if self.channels_last else images).contiguous()
 
 
 def export_onnx(extractor: nn.Module, image_size: int, path: Path) -> Path:
@@ -197,10 +243,10 @@ def _cuda_index(device: str) -> int:
 def onnx_runtime_features(
     model: Path | bytes, providers: list[Provider], *, device: str = "cpu", num_threads: int = 0, max_batch_size: int = 0
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images (N, 3, S, S) -> float32 features (N, D) on ``device``, running the
-    ONNX graph ``model`` (a file, or the serialised graph) with one input and one output
-    (N, D), each float32 or float16 (:data:`FLOAT_TYPES`; images are cast to the graph's),
-    on ``providers`` (from :func:`execution_providers`).
+    """A function images (N, 3, S, S) in [0, 1] -> float32 features (N, D) on ``device``,
+    running the ONNX graph ``model`` (a file, or the serialised graph) with one image input
+    (fed as :class:`ImageInput` says) and one output (N, D), float32 or float16
+    (:data:`FLOAT_TYPES`), on ``providers`` (from :func:`execution_providers`).
     ``num_threads`` caps intra-op threads (0: one per core); ``max_batch_size`` > 0 runs
     larger batches in slices of that size (TensorRT's profile ends there). A graph whose
     batch dimension is fixed runs any batch in slices of that size (see :func:`run_in_batches`).
@@ -224,18 +270,21 @@ def onnx_runtime_features(
     width = graph_output.shape[-1]
     if not isinstance(width, int):
         raise FailedPrecondition(f"the feature width must be fixed in the graph, got {width!r}")
-    for tensor in (graph_input, graph_output):
-        if tensor.type not in FLOAT_TYPES:
-            raise FailedPrecondition(f"the graph's {tensor.name!r} is {tensor.type}, not one of {sorted(FLOAT_TYPES)}")
-    (image_dtype, image_type), (feature_dtype, feature_type) = FLOAT_TYPES[graph_input.type], FLOAT_TYPES[graph_output.type]
+    if graph_output.type not in FLOAT_TYPES:
+        raise FailedPrecondition(f"the graph's {graph_output.name!r} is {graph_output.type}, not one of {sorted(FLOAT_TYPES)}")
+    try:
+        image_input = ImageInput.of(graph_input)
+    except ValueError as reason:
+        raise FailedPrecondition(f"the graph's input {graph_input.name!r} {reason}") from None
+    feature_dtype, feature_type = FLOAT_TYPES[graph_output.type]
     target = torch.device(device)
     bound_device = ("cuda", _cuda_index(device)) if target.type == "cuda" else ("cpu", 0)
 
     def run_slice(images: torch.Tensor) -> torch.Tensor:
-        images = images.detach().to(target, image_dtype).contiguous()
+        images = image_input.fed(images.detach().to(target))
         features = torch.empty(len(images), width, device=target, dtype=feature_dtype)
         binding = session.io_binding()
-        binding.bind_input(graph_input.name, *bound_device, image_type, tuple(images.shape), images.data_ptr())
+        binding.bind_input(image_input.name, *bound_device, IMAGE_TYPES[image_input.type][1], tuple(images.shape), images.data_ptr())
         binding.bind_output(graph_output.name, *bound_device, feature_type, tuple(features.shape), features.data_ptr())
         if target.type == "cuda":  # ONNX Runtime reads the images on its own stream
             torch.cuda.current_stream(target).synchronize()

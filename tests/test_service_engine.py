@@ -704,19 +704,55 @@ def test_a_float16_onnx_classifier_is_fed_float16_images_and_served_float32_logi
     onnx_engine.close()
 
 
-def test_an_onnx_model_taking_images_of_another_type_is_refused_naming_the_key_and_type(tmp_path, world_model):
-    class Bytes(torch.nn.Module):  # ONNX Runtime runs it, and said only "Unexpected input data type" on the probe
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return world_model(images.float() / 255)
+def _export_pixels_onnx(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.uint8) -> str:
+    """``model`` behind its own preprocessing, as ONNX taking (n, 64, 64, 3) pixels 0-255 of
+    ``dtype`` channels last, as a graph converted from TensorFlow does."""
+    class Pixels(torch.nn.Module):
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return model(pixels.permute(0, 3, 1, 2).float() / 255)
 
-    path = tmp_path / "uint8.onnx"
-    torch.onnx.export(Bytes().eval(), (torch.zeros(2, 3, 64, 64, dtype=torch.uint8),), str(path), input_names=["images"], dynamo=True, verbose=False)
-    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .*uint8.onnx is tensor\(uint8\); "
-                                             "explaind feeds it float32 or float16 images$"):
-        load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=64))
+    torch.onnx.export(Pixels().eval(), (torch.zeros(2, 64, 64, 3, dtype=dtype),), str(path), input_names=["images"], dynamo=True, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("n")},))
+    return str(path)
 
 
-def test_an_onnx_models_input_size_is_its_own_and_another_size_or_layout_is_refused_naming_the_key(tmp_path, world_model):
+def test_an_onnx_classifier_taking_uint8_pixels_channels_last_is_fed_them_and_served_like_its_pytorch_model(
+        tmp_path, classifier_dir, world_model, world_images, engine):
+    """Such a graph was refused at start-up ("explaind feeds it float32 or float16 images"):
+    it is fed each image rounded to its nearest pixel values, and split like any other."""
+    pixels = (world_images[0] * 255).round()
+    images = (pixels + torch.empty_like(pixels).uniform_(-0.45, 0.45)) / 255  # each off its pixel value, by less than half a step
+    want = engine.predict(pixels / 255, top_k=3, return_features=True)
+    split = load_classifier(ClassifierSection(loader="onnx", path=_export_pixels_onnx(world_model, tmp_path / "split.onnx")))
+    assert split.image_size == 64 and split.supports_features, split.inference_only_reason
+    whole = load_classifier(ClassifierSection(loader="onnx", path=_export_pixels_onnx(
+        torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1)), tmp_path / "whole.onnx")))
+    assert not whole.supports_features
+    onnx_engine = _engine(tmp_path / "onnx", classifier_dir)
+    try:
+        for classifier in (split, whole):
+            onnx_engine.activate(classifier)
+            got = onnx_engine.predict(images, top_k=3, return_features=classifier.supports_features)
+            np.testing.assert_array_equal(got.class_indices, want.class_indices)
+            np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
+            if classifier.supports_features:
+                np.testing.assert_allclose(got.features, want.features, atol=1e-4)
+    finally:
+        onnx_engine.close()
+
+
+def test_an_onnx_model_taking_images_of_another_type_or_pixels_and_a_mean_is_refused_naming_the_key(tmp_path, world_model):
+    doubles = _export_pixels_onnx(world_model, tmp_path / "float64.onnx", dtype=torch.float64)
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .*float64.onnx is tensor\(double\); "
+                                             "explaind feeds it float32, float16 or uint8 images$"):
+        load_classifier(ClassifierSection(loader="onnx", path=doubles))
+    pixels = _export_pixels_onnx(world_model, tmp_path / "uint8.onnx")
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].mean: the input 'images' of .*uint8.onnx takes uint8 pixels \(0-255\), "
+                                             "which the graph normalises itself: leave mean and std unset$"):
+        load_classifier(ClassifierSection(loader="onnx", path=pixels, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)))
+
+
+def test_an_onnx_models_input_size_and_layout_are_its_own_and_another_size_or_layout_is_refused_naming_the_key(tmp_path, world_model):
     path = _export_onnx(world_model, tmp_path / "model.onnx")  # (n, 3, 64, 64)
     assert load_classifier(ClassifierSection(loader="onnx", path=path)).image_size == 64  # was 224, failing ONNX Runtime's shape check
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].image_size is 32 but .* takes 64x64 images"):
@@ -728,8 +764,21 @@ def test_an_onnx_models_input_size_is_its_own_and_another_size_or_layout_is_refu
 
     channels_last = tmp_path / "channels_last.onnx"
     torch.onnx.export(ChannelsLast().eval(), (torch.rand(2, 64, 64, 3),), str(channels_last), input_names=["images"], dynamo=True, verbose=False)
-    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .* has shape \[2, 64, 64, 3\]; .* \(N, 3, S, S\)"):
-        load_classifier(ClassifierSection(loader="onnx", path=str(channels_last), image_size=64))
+    images = torch.rand(5, 3, 64, 64)
+    loaded = load_classifier(ClassifierSection(loader="onnx", path=str(channels_last)))  # was refused: "(N, 3, S, S), channels first"
+    assert loaded.image_size == 64 and loaded.supports_features, loaded.inference_only_reason
+    with torch.no_grad():  # its batch is fixed at 2: 5 images run in 3 slices
+        np.testing.assert_allclose(loaded.head(loaded.onnx_features(images)).numpy(), world_model(images).numpy(), atol=1e-4)
+
+    class Grey(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return world_model(images.expand(-1, 3, -1, -1))
+
+    grey = tmp_path / "grey.onnx"
+    torch.onnx.export(Grey().eval(), (torch.rand(2, 1, 64, 64),), str(grey), input_names=["images"], dynamo=True, verbose=False)
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .* has shape \[2, 1, 64, 64\]; "
+                                             r"explaind feeds it images \(N, 3, S, S\) or \(N, S, S, 3\)$"):
+        load_classifier(ClassifierSection(loader="onnx", path=str(grey)))
 
 
 def test_an_onnx_model_whose_first_output_is_not_its_scores_is_refused(tmp_path, world_model):

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import ClassifierSection, ClipSection, DiffusionSection, missing_classifier_key
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
-from ..kernels import FLOAT_TYPES, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
+from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
 from ..methods.neuroinspect._features import modules_like
 
@@ -720,9 +720,9 @@ def _float32_scores(scores: torch.Tensor) -> torch.Tensor:
 def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: int = 0) -> ClassifierVersion:
     """Split before the final linear layer when the graph ends in one (checked on a CPU
     probe: head(features) must give the graph's logits, see :func:`_head_gives_logits`),
-    running the features on ``device``; else inference-only, on the CPU. A float16 graph
-    is fed float16 images; its logits and features are served as float32, and its head is
-    a float32 ``nn.Linear``."""
+    running the features on ``device``; else inference-only, on the CPU. Images are fed
+    in the graph's type and layout (:class:`ImageInput`): a float16 graph's logits and
+    features are served as float32, and its head is a float32 ``nn.Linear``."""
     import onnxruntime
 
     path = _require_file(section.path, "path (an ONNX file)")
@@ -730,17 +730,20 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     options.intra_op_num_threads = num_threads
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     graph_input = session.get_inputs()[0]
+    try:
+        image_input = ImageInput.of(graph_input)
+    except ValueError as reason:
+        raise ModelLoadError(f"[classifier].path: the input {graph_input.name!r} of {path} {reason}") from None
+    if image_input.takes_pixels and section.mean:
+        raise ModelLoadError(f"[classifier].mean: the input {graph_input.name!r} of {path} takes uint8 pixels (0-255), which the graph "
+                             "normalises itself: leave mean and std unset")
     batch = fixed_batch_size(graph_input)
-    section = dataclasses.replace(section, image_size=_fixed_image_size(graph_input.name, list(graph_input.shape), section.image_size, path))
-    if graph_input.type not in FLOAT_TYPES:
-        raise ModelLoadError(f"[classifier].path: the input {graph_input.name!r} of {path} is {graph_input.type}; explaind feeds it "
-                             "float32 or float16 images")
-    image_dtype = FLOAT_TYPES[graph_input.type][0]
+    section = dataclasses.replace(section, image_size=_fixed_image_size(graph_input.name, image_input.channels_first_shape, section.image_size, path))
     scores_dtype = FLOAT_TYPES.get(session.get_outputs()[0].type, FLOAT_TYPES["tensor(float)"])[0]
     preprocess = Preprocess(section.mean, section.std)
 
     def run_batch(images: torch.Tensor) -> torch.Tensor:
-        return _float32_scores(torch.from_numpy(session.run(None, {graph_input.name: images.to(image_dtype).numpy()})[0]))
+        return _float32_scores(torch.from_numpy(session.run(None, {graph_input.name: image_input.fed(images).numpy()})[0]))
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return run_in_batches(run_batch, preprocess(images), batch, pad=True)
