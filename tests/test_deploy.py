@@ -592,6 +592,21 @@ def test_helm_chart_gives_torch_as_many_threads_as_the_pod_has_cpus(chart_render
     assert threads(extraEnv=[{"name": "OMP_NUM_THREADS", "value": "8"}]) == ["8"]
 
 
+def test_helm_chart_brings_the_default_cpu_request_down_to_a_smaller_limit(chart_renderer):
+    """A limit of 500m merged with values.yaml's request of 2 CPUs: Kubernetes refuses a
+    request above its limit. A larger limit, or a request of the user's under it, stays."""
+    def resources(**cpu: object) -> dict:
+        given = {part: {"cpu": amount} for part, amount in cpu.items()}
+        return rendered(chart_renderer, device="cpu", resources=given)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    assert resources(limits="500m") == {"requests": {"cpu": "500m"}, "limits": {"cpu": "500m", "memory": "16Gi"}}
+    assert resources(limits=1)["requests"] == {"cpu": 1}
+    assert resources(requests="1500m", limits="1")["requests"] == {"cpu": "1"}
+    assert resources(limits="2.5")["requests"] == {"cpu": "2"}
+    assert resources(requests="250m", limits="500m")["requests"] == {"cpu": "250m"}
+    assert resources(requests=0.5, limits="500m")["requests"] == {"cpu": 0.5}  # equal: kept as written
+
+
 def test_helm_chart_passes_admins_to_serve_only_beside_named_callers(chart_renderer):
     # Admins could be set through the config value alone, and a name the server refuses
     # (or admins without callers) would restart the pod in a loop.
