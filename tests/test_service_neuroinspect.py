@@ -424,6 +424,26 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
         engine.close()
 
 
+def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set):
+    # Early stopping left the progress at the last epoch of max_epochs: a succeeded edit
+    # said "9/20", as if it had stopped part-way.
+    from google.protobuf import any_pb2
+
+    from explaind.v1 import neuroinspect_pb2
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        record = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=50, patience=1).record.job_id, 60).record
+        assert record.state == "succeeded", record.error_message
+        result = neuroinspect_pb2.EditHeadResult()
+        any_pb2.Any.FromString(record.result).Unpack(result)
+        assert 1 < result.epochs_run < 50  # stopped early
+        assert (record.step, record.total, record.message) == (result.epochs_run, result.epochs_run, "done")
+    finally:
+        engine.close()
+
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a

@@ -574,10 +574,19 @@ class NeuroInspectEngine:
             # The groups of the very samples evaluated: the set may have grown since they were read.
             groups = np.array([f"{version.class_names[r.label]}/{r.attributes.get(group_attribute, '')}" for r in evaluated]) if group_attribute else None
 
+            epochs_run = 0
+
             def on_epoch(epoch: int, total: int, record) -> bool:
+                nonlocal epochs_run
                 context.raise_if_cancelled()
+                epochs_run = epoch
                 context.report_progress(epoch, total, f"epoch {epoch}: validation accuracy {record.validation_accuracy:.3f}")
                 return False
+
+            def on_training_end() -> None:
+                # Stopped early, the epochs run are all there were: a succeeded edit said "9/20".
+                context.report_progress(epochs_run, epochs_run, f"trained {epochs_run} epoch{'s' * (epochs_run != 1)}; evaluating the edited head")
+                context.stage("evaluation")
 
             context.stage("training")
             try:
@@ -586,7 +595,7 @@ class NeuroInspectEngine:
                     validation_labels=val_labels, method=method, strength=strength, target_ratio=target_ratio,
                     learning_rate=learning_rate, max_epochs=max_epochs, patience=patience, seed=seed,
                     evaluation_features=eval_features, evaluation_labels=eval_labels, evaluation_groups=groups,
-                    callback_on_epoch_end=on_epoch, callback_on_training_end=lambda: context.stage("evaluation"),
+                    callback_on_epoch_end=on_epoch, callback_on_training_end=on_training_end,
                 )
             except ValueError as error:
                 raise InvalidArgument(str(error)) from None
