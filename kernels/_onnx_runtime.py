@@ -336,11 +336,51 @@ class OnnxClassifierSplit:
     head_name: str
 
 
+def _keep_only_what_computes(graph: object, output: str) -> None:
+    """Drop from the ONNX ``graph`` the nodes and constants that ``output`` does not depend
+    on. Older exporters (keep_initializers_as_inputs, IR < 4, the ONNX model zoo) also list
+    constants among the inputs: one left without its constant would be a required input."""
+    nodes, initializers, inputs = getattr(graph, "node"), getattr(graph, "initializer"), getattr(graph, "input")
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
+    needed, kept, pending = set(), set(), [output]
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if name in producer and producer[name] not in kept:
+            kept.add(producer[name])
+            pending += _names_read(nodes[producer[name]])
+    survivors = [node for index, node in enumerate(nodes) if index in kept]
+    del nodes[:]
+    nodes.extend(survivors)
+    unused = {tensor.name for tensor in initializers} - needed
+    for tensor in [tensor for tensor in initializers if tensor.name in unused]:
+        initializers.remove(tensor)
+    for graph_input in [i for i in inputs if i.name in unused]:
+        inputs.remove(graph_input)
+
+
+def _names_read(node: object) -> list[str]:
+    """The tensors an ONNX node reads: its inputs, and those its subgraphs (an If's
+    branches, a Loop's body) read from the graph around them."""
+    from onnx import helper
+
+    names = [name for name in getattr(node, "input") if name]
+    for attribute in getattr(node, "attribute"):
+        for subgraph in ([helper.get_attribute_value(attribute)] if attribute.type == attribute.GRAPH else
+                         list(attribute.graphs) if attribute.type == attribute.GRAPHS else []):
+            names += [name for inner in subgraph.node for name in _names_read(inner)]
+    return names
+
+
 def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
-    """Cut the classifier at ``path`` (one input, one output: the logits) before the linear
-    layer that computes its logits: a ``Gemm`` (what torch exports for ``nn.Linear``), or a
-    ``MatMul`` with an optional ``Add``, whose weights are constants. Raises
-    :class:`UnsplittableGraph` saying why a graph cannot be cut (e.g. it ends in a softmax)."""
+    """Cut the classifier at ``path`` (one input, and the logits as its first output) before
+    the linear layer that computes its logits: a ``Gemm`` (what torch exports for
+    ``nn.Linear``), or a ``MatMul`` with an optional ``Add``, whose weights are constants.
+    The feature graph keeps only what the features need: other outputs (say, the
+    probabilities beside the logits) go with the head. Raises :class:`UnsplittableGraph`
+    saying why a graph cannot be cut (e.g. its first output is a softmax)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -348,8 +388,8 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
     graph = model.graph
     producers = {name: node for node in graph.node for name in node.output}
     constants = {tensor.name: tensor for tensor in graph.initializer}
-    if len([i for i in graph.input if i.name not in constants]) != 1 or len(graph.output) != 1:
-        raise UnsplittableGraph("a splittable classifier has one input, the images, and one output, the logits")
+    if len([i for i in graph.input if i.name not in constants]) != 1 or not graph.output:
+        raise UnsplittableGraph("a splittable classifier has one input, the images, and the logits as its first output")
 
     def constant(name: str) -> np.ndarray:
         if name not in constants:
@@ -357,14 +397,13 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
         return numpy_helper.to_array(constants[name]).astype(np.float32)
 
     last = producers.get(graph.output[0].name)
-    head_nodes, bias_name = [last], ""
+    bias_name = ""
     if last is not None and last.op_type == "Add":  # MatMul, then the bias
         computed = [name for name in last.input if name not in constants]
         bias_name = next((name for name in last.input if name in constants), "")
         last = producers.get(computed[0]) if len(computed) == 1 else None
         if last is None or last.op_type != "MatMul":
             raise UnsplittableGraph("its logits come from an Add that is not a MatMul's bias")
-        head_nodes.append(last)
     if last is None or last.op_type not in ("Gemm", "MatMul"):
         raise UnsplittableGraph(f"its logits come from {'a ' + last.op_type + ' node' if last else 'its input'}, not a linear layer (Gemm, or MatMul and Add)")
     features = last.input[0]
@@ -381,18 +420,9 @@ def split_onnx_classifier(path: Path) -> OnnxClassifierSplit:
         raise UnsplittableGraph(f"its final linear layer's weight has shape {weight.shape}, not (classes, features)")
     bias = np.broadcast_to(constant(bias_name).reshape(-1), weight.shape[:1]) if bias_name else np.zeros(weight.shape[0], np.float32)
     element_type = constants[last.input[1]].data_type
-    for node in head_nodes:
-        graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    unused = {last.input[1], bias_name} - used - {""}
-    for name in unused:
-        graph.initializer.remove(constants[name])
-    # Older exporters (keep_initializers_as_inputs, IR < 4, the ONNX model zoo) also list
-    # initializers among the inputs: one left without its initializer is a required input.
-    for graph_input in [i for i in graph.input if i.name in unused]:
-        graph.input.remove(graph_input)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(features, element_type, [None, weight.shape[1]]))
+    _keep_only_what_computes(graph, features)
     if model.ByteSize() >= 2**31:
         raise UnsplittableGraph("its feature graph is over protobuf's 2 GiB limit for one message")
     return OnnxClassifierSplit(model.SerializeToString(), torch.from_numpy(weight.copy()), torch.from_numpy(bias.copy()),

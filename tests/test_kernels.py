@@ -201,9 +201,16 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     weight, bias = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(2).astype(np.float32)
     nodes = [helper.make_node("ReduceMean", ["images", "axes"], ["pooled"], keepdims=0)]
     constants = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])]
     if tail == "gemm_transposed":  # what torch exports for nn.Linear
         nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1))
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "gemm_and_probabilities":  # a second output, computed from the logits and from a constant of its own
+        nodes += [helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1),
+                  helper.make_node("Mul", ["logits", "temperature"], ["scaled"]), helper.make_node("Softmax", ["scaled"], ["probabilities"])]
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b"),
+                      numpy_helper.from_array(np.float32(0.5), "temperature")]
+        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 2]))
     elif tail == "gemm":
         nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"]))
         constants += [numpy_helper.from_array(weight.T.copy(), "W"), numpy_helper.from_array(bias, "b")]
@@ -213,6 +220,13 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
         if tail == "matmul_add":
             nodes.append(helper.make_node("Add", ["b", "product"], ["logits"]))
             constants.append(numpy_helper.from_array(bias, "b"))
+    elif tail == "features_from_an_if":  # its branches read "pooled" from the graph around them, not as inputs
+        branch = {name: helper.make_graph([helper.make_node(op, ["pooled"], [f"{name}_out"])], name, [],
+                                          [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["n", 3])])
+                  for name, op in (("then", "Identity"), ("otherwise", "Neg"))}
+        nodes += [helper.make_node("If", ["always"], ["features"], then_branch=branch["then"], else_branch=branch["otherwise"]),
+                  helper.make_node("Gemm", ["features", "W", "b"], ["logits"], transB=1)]
+        constants += [numpy_helper.from_array(np.array(True), "always"), numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
     elif tail == "softmax":
         nodes += [helper.make_node("Gemm", ["pooled", "W", "b"], ["scores"], transB=1), helper.make_node("Softmax", ["scores"], ["logits"])]
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
@@ -225,7 +239,7 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])]
     if initializers_as_inputs:
         inputs += [helper.make_tensor_value_info(c.name, c.data_type, list(c.dims)) for c in constants]
-    graph = helper.make_graph(nodes, "classifier", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], constants)
+    graph = helper.make_graph(nodes, "classifier", inputs, outputs, constants)
     path = str(tmp_path / f"{tail}.onnx")
     # IR 9, not the installed onnx's newest: an older ONNX Runtime (1.30 reads up to 13)
     # refuses a newer IR version, as it would a user's model saved so.
@@ -233,19 +247,25 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     return path, weight
 
 
-@pytest.mark.parametrize("tail", ["gemm_transposed", "gemm", "matmul_add", "matmul"])
+@pytest.mark.parametrize("tail", ["gemm_transposed", "gemm", "matmul_add", "matmul", "gemm_and_probabilities", "features_from_an_if"])
 def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail):
+    import onnx
     import onnxruntime
 
     path, weight = _linear_classifier_graph(tmp_path, tail)
-    split = split_onnx_classifier(path)
+    split = split_onnx_classifier(path)  # a second output (probabilities) was refused: "one output, the logits"
+    feature_graph = onnx.load_from_string(split.feature_graph).graph
+    # The head, and all that only other outputs need, gone.
+    branched = tail == "features_from_an_if"
+    assert [node.op_type for node in feature_graph.node] == (["ReduceMean", "If"] if branched else ["ReduceMean"])
+    assert {tensor.name for tensor in feature_graph.initializer} == ({"axes", "always"} if branched else {"axes"})
     images = torch.rand(5, 3, 4, 4)
     features = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=1)(images)
     torch.testing.assert_close(features, images.mean(dim=(2, 3)))
     torch.testing.assert_close(split.weight, torch.from_numpy(weight))
     whole = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
     torch.testing.assert_close(features @ split.weight.T + split.bias, torch.from_numpy(whole))
-    assert split.feature_name == "pooled" and (split.bias == 0).all() == (tail == "matmul")
+    assert split.feature_name == ("features" if branched else "pooled") and (split.bias == 0).all() == (tail == "matmul")
 
 
 @pytest.mark.parametrize("tail", ["gemm_transposed", "matmul_add"])
