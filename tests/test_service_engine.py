@@ -3029,7 +3029,7 @@ def test_a_refused_caller_s_request_is_never_parsed(tmp_path, classifier_dir, mo
         server.stop(0)
 
 
-@pytest.mark.parametrize("character", ["x", "%", "é", "\U0001F600"])
+@pytest.mark.parametrize("character", ["x", " ", "~", "%", "é", "\U0001F600"])
 def test_a_long_status_message_is_cut_to_its_percent_encoded_budget(character):
     # gRPC percent-encodes the message into the grpc-message header: '%' and anything
     # outside printable ASCII take 3 bytes per UTF-8 byte. Counted as one, a message of
@@ -3042,7 +3042,8 @@ def test_a_long_status_message_is_cut_to_its_percent_encoded_budget(character):
     message = "sample_set_id: " + character * 20_000
     cut = _shorten(message)
     assert header_bytes(cut) <= MAX_STATUS_MESSAGE_BYTES
-    assert cut.startswith("sample_set_id: " + character * 100) and re.search(r" \.\.\. \(\d+ characters left out\)$", cut)
+    kept, left_out = re.fullmatch(r"(.*) \.\.\. \((\d+) characters left out\)", cut, re.DOTALL).groups()
+    assert kept.startswith("sample_set_id: " + character * 100) and message.startswith(kept) and int(left_out) == len(message) - len(kept)
     assert header_bytes(cut) > MAX_STATUS_MESSAGE_BYTES - 64 - 12  # cut where the budget ends, not far before
     assert _shorten("fits") == "fits"
 
