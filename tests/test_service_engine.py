@@ -38,7 +38,8 @@ from explaind.config import ClassifierSection, ConfigError, default_config, load
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.core import BLOB_WRITE_THREADS
 from explaind.engine.models import Preprocess, load_classifier
-from explaind.errors import DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, ResourceExhausted, Unavailable
+from explaind.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, PermissionDenied,
+                             ResourceExhausted, Unavailable)
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobManager
 from explaind.metrics import Metrics
@@ -4606,6 +4607,9 @@ def _intercepted_server(metrics: Metrics, behaviour):
     (ResourceExhausted("prediction queue is full (8 images waiting, limit 8); retry with backoff"), "WARNING"),
     (InvalidArgument("not an image in a supported format", field="images[3]"), "INFO"),
     (NotFound("no sample set 'x'", field="sample_set_id"), "INFO"),
+    (AlreadyExists("sample set 'x' already exists", field="sample_set_id"), "INFO"),
+    (FailedPrecondition("the head has no neurons to edit", field="neurons"), "INFO"),
+    (PermissionDenied("sample set 'x' is owned by caller 'a'", field="sample_set_id"), "WARNING"),
 ])
 def test_refused_calls_are_logged_with_the_caller_and_message_once_a_minute_per_method(caplog, refusal, level):
     # A client flooding Predict until the queue was full left the log silent: the alert's
@@ -4731,6 +4735,46 @@ def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():
     finally:
         server.stop(None)
     assert counts() == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0, "OK": None}
+
+
+def test_a_throttled_line_counts_the_lines_it_left_out_since_the_last_one(caplog, monkeypatch):
+    # A client retrying fast gets one line a minute; the next one says how many it stands for.
+    from types import SimpleNamespace
+
+    from explaind.service import interceptors
+
+    now = [1000.0]
+    monkeypatch.setattr(interceptors, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    throttled = interceptors._ThrottledLog(interval_s=60.0)
+    with caplog.at_level(logging.INFO, logger="explaind.service.interceptors"):
+        for now[0] in (1000.0, 1001.0, 1059.0, 1060.0, 1070.0, 1120.0, 1500.0):
+            throttled.log(logging.WARNING, "refused %s", "Predict")
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused Predict", "refused Predict (2 more since the last such line, not logged)",
+        "refused Predict (1 more since the last such line, not logged)", "refused Predict"]
+
+
+def test_refusals_of_one_method_are_logged_once_a_minute_per_code(caplog):
+    # A flood of RESOURCE_EXHAUSTED must not hide that the same method also refuses a caller's mistakes.
+    import grpc
+
+    refusals = [ResourceExhausted("prediction queue is full"), ResourceExhausted("prediction queue is full"),
+                InvalidArgument("not an image", field="images[0]"), InvalidArgument("not an image", field="images[0]")]
+
+    def refuse(*args):
+        raise refusals.pop(0)
+
+    server, port = _intercepted_server(Metrics(), refuse)
+    server.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="explaind.service.interceptors"), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(4):
+                with pytest.raises(grpc.RpcError):
+                    channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    logged = [(record.levelname, record.getMessage().split(": ", 1)[1]) for record in caplog.records if "refused" in record.getMessage()]
+    assert logged == [("WARNING", "RESOURCE_EXHAUSTED: prediction queue is full"), ("INFO", "INVALID_ARGUMENT: images[0]: not an image")]
 
 
 def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
