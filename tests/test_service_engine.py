@@ -3083,7 +3083,7 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
     metrics, context = Metrics(), _AbortingContext()
 
     def watch(request, context):
-        yield common_pb2.Image(encoded=b"x" * 100)
+        yield common_pb2.Image(encoded=b"x" * 997)  # 1000 bytes: at the limit, sent
         yield common_pb2.Image(encoded=b"x" * 2000)
 
     sent = []
@@ -3093,6 +3093,32 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
     assert context.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
     labels = {"service": "explaind.v1.Svc", "method": "Watch", "code": "RESOURCE_EXHAUSTED"}
     assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
+
+
+@pytest.mark.parametrize(("remaining_s", "code"), [(10.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")])
+def test_a_stream_whose_caller_left_is_counted_as_cancelled_or_timed_out(remaining_s, code):
+    # gRPC closes the generator of a stream whose caller is gone (GeneratorExit, with no
+    # status set): as for a unary call, dashboards must tell timeouts from callers that gave up.
+    from explaind.service.interceptors import _Observed
+    from explaind.v1 import common_pb2
+
+    metrics, context = Metrics(), _AbortingContext()
+    context.time_remaining = lambda: remaining_s
+
+    def watch(request, context):
+        while True:
+            yield common_pb2.Image(encoded=b"x")
+
+    def handle():
+        with _Observed(metrics, "explaind.v1.Svc", "Watch", context, 1000) as observed:
+            yield from observed.call_stream(watch, None, context, lambda: "")
+
+    stream = handle()
+    next(stream)
+    stream.close()
+    labels = {"service": "explaind.v1.Svc", "method": "Watch"}
+    assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {**labels, "code": code}) == 1
+    assert metrics.registry.get_sample_value("explaind_rpcs_in_flight", labels) == 0
 
 
 def test_a_token_file_is_enforced_like_a_token_and_a_rotated_one_takes_effect_without_a_restart(tmp_path, classifier_dir, caplog):
@@ -4775,6 +4801,34 @@ def test_refusals_of_one_method_are_logged_once_a_minute_per_code(caplog):
         server.stop(None)
     logged = [(record.levelname, record.getMessage().split(": ", 1)[1]) for record in caplog.records if "refused" in record.getMessage()]
     assert logged == [("WARNING", "RESOURCE_EXHAUSTED: prediction queue is full"), ("INFO", "INVALID_ARGUMENT: images[0]: not an image")]
+
+
+def test_a_call_is_in_flight_while_its_handler_runs_and_not_after_it_ends_either_way():
+    # explaind_rpcs_in_flight is the server's load on a dashboard: a call that ended must leave it.
+    import grpc
+
+    metrics = Metrics()
+    labels = {"service": "test.Service", "method": "Call"}
+    seen = []
+
+    def behaviour(request, context):
+        seen.append(metrics.registry.get_sample_value("explaind_rpcs_in_flight", labels))
+        if len(seen) == 2:
+            raise NotFound("no sample set 'x'", field="sample_set_id")
+        return _empty()
+
+    server, port = _intercepted_server(metrics, behaviour)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+            with pytest.raises(grpc.RpcError):
+                channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    assert seen == [1.0, 1.0] and metrics.registry.get_sample_value("explaind_rpcs_in_flight", labels) == 0
+    assert [metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {**labels, "code": code}) for code in ("OK", "NOT_FOUND")] == [1, 1]
+    assert metrics.registry.get_sample_value("explaind_rpcs_started_total", labels) == 2
 
 
 def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
