@@ -385,3 +385,35 @@ def test_images_made_without_clip_say_why_in_plain_words():
     report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
     assert "<p id='no-clip'>The server has no CLIP model loaded" in render_report(dataclasses.replace(report, visualization_method="no_clip"))
     assert "id='no-clip'" not in render_report(report)
+
+
+def _edited_report(hostile: str = "tench"):
+    """A rendered-report input with an edit whose names are ``hostile``: two ranked neurons
+    (7 visualised, 8 not), the edit's parent and edited evaluations."""
+    import dataclasses
+    import datetime
+
+    from explaind.client._neuroinspect import HeadEdit, HeadVersion, RankedNeuron
+
+    report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
+    neurons = [RankedNeuron(7, "both", 0.25, 0.75, -1.0, 0.9, ["tench"]), RankedNeuron(8, "insufficient", 0.5, 0.0, 0.25, 1.2, ["tench"])]
+    version = HeadVersion(version_id=f"v2{hostile}", model_version="m", parent_version_id=f"v1{hostile}", method=hostile, class_name=hostile,
+                          neurons=[7, 8], description="", create_time=datetime.datetime(2026, 1, 1), active=False,
+                          parent_evaluation=evaluation({"tench": 0.25, "goldfish": 0.75}, {}),
+                          evaluation=evaluation({"tench": 0.75, "goldfish": 0.5}, {}))
+    return dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons),
+                               edit=HeadEdit(version=version, best_epoch=1, epochs_run=2, validation_accuracy=[0.5, 0.6]), evaluated_on=hostile)
+
+
+def test_names_in_the_edit_the_ranking_and_a_failure_message_are_escaped_too():
+    # The edit's class and method, its version ids, a neuron's direction and the server's
+    # message that stopped the visualisations reach the page too: none may become markup.
+    import dataclasses
+
+    hostile = "<img src=x onerror=alert(1)>'\"</style></script>"
+    report = _edited_report(hostile)
+    report = dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=[
+        dataclasses.replace(n, direction=hostile) for n in report.ranking.neurons]), visualization_error=InvalidArgumentError(hostile))
+    page = render_report(report)
+    assert hostile not in page and "<script" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert len(re.findall(r"<img ", page)) == 2  # only the visualisation and its mask
