@@ -417,3 +417,37 @@ def test_names_in_the_edit_the_ranking_and_a_failure_message_are_escaped_too():
     page = render_report(report)
     assert hostile not in page and "<script" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert len(re.findall(r"<img ", page)) == 2  # only the visualisation and its mask
+
+
+def test_the_page_reads_each_number_in_its_own_column():
+    page = render_report(_edited_report())
+    # The ranking: each ratio under its heading, ω signed; only a shown neuron links to its images.
+    assert "<tr><td><a href='#neuron-7'>7</a></td><td class='text'>both</td><td>25%</td><td>75%</td><td>-1.000</td><td>0.900</td>" in page
+    assert "<tr><td>8</td><td class='text'>insufficient</td><td>50%</td><td>0%</td><td>+0.250</td><td>1.200</td>" in page
+    assert "#neuron-8" not in page
+    # The neuron's card: its ranked importance beside the image's own measures.
+    rows = table(page)
+    assert rows["importance"] == ["0.900"] and rows["activation α"] == ["1.000"] and rows["mask area"] == ["50%"]
+    # The edit: its parent's numbers, then its own, then the change.
+    assert "<tr><th>metric</th><th>v1tench</th><th>v2tench</th><th>change</th></tr>" in page
+    assert rows["overall accuracy"] == ["0.500", "0.625", "+0.125"] and rows["class goldfish"] == ["0.750", "0.500", "-0.250"]
+
+
+def test_a_measure_that_was_not_taken_reads_as_a_dash_not_nan():
+    # Without CLIP the server sends NaN similarity and relevance.
+    import dataclasses
+
+    report = _edited_report()
+    (shown,) = report.visualizations
+    nan = float("nan")
+    rows = table(render_report(dataclasses.replace(report, visualizations=[dataclasses.replace(shown, clip_similarity=nan, core_relevance=nan)])))
+    assert rows["CLIP similarity"] == ["–"] and rows["core relevance"] == ["–"]
+
+
+def test_mistakes_without_a_neuron_past_the_cut_say_so_instead_of_a_table():
+    import dataclasses
+
+    report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
+    page = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=[]), visualizations=[]))
+    assert "<p id='no-neurons'>No neuron passed the cut ratio; nothing to visualise or edit.</p>" in page
+    assert "no-mistakes" not in page and "<th>neuron</th>" not in page
