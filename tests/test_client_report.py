@@ -65,7 +65,8 @@ def test_a_set_of_many_classes_shows_the_edited_class_and_the_largest_changes_th
     assert classes[:5] == ["class c42", "class c3", "class c7", "class c50", "class c99"]  # then the unchanged, in class order
     assert len(classes) == 19 and classes[5:7] == ["class c0", "class c1"]
     assert rows[-1] == ("the other 81 classes, mean", ["0.500", "0.500", "+0.000"])
-    assert len(table(_evaluation_rows(before, evaluation({n: 0.5 for n in names[:20]}, {}), "c42"))) == 2 + 20  # 20 classes: every one
+    twenty = table(_evaluation_rows(before, evaluation({n: 0.5 for n in names[:20]}, {}), "c42"))
+    assert len(twenty) == 2 + 20 and not [label for label in twenty if label.startswith("the other")]  # 20 classes: every one
 
 
 SPURIOUS = assets.classifier_dir("spurious_background")
@@ -442,6 +443,18 @@ def test_a_measure_that_was_not_taken_reads_as_a_dash_not_nan():
     nan = float("nan")
     rows = table(render_report(dataclasses.replace(report, visualizations=[dataclasses.replace(shown, clip_similarity=nan, core_relevance=nan)])))
     assert rows["CLIP similarity"] == ["–"] and rows["core relevance"] == ["–"]
+
+
+def test_classes_new_in_the_edited_evaluation_rank_as_unchanged_and_leave_the_mean_of_the_rest_a_number():
+    # A class with samples only in the edit's evaluation has no accuracy before it (NaN).
+    names = [f"c{i}" for i in range(30)]
+    before = evaluation({name: 0.5 for name in names}, {})
+    after = evaluation({"new": 0.8} | {name: {"c7": 0.9, "c3": 0.1}.get(name, 0.5) for name in names} | {"newer": 0.8}, {})
+    rows = table(_evaluation_rows(before, after, edited_class="c0"))
+    assert [label for label in rows if label.startswith("class ")][:5] == ["class c0", "class c3", "class c7", "class new", "class c1"]
+    assert rows["class new"] == ["–", "0.800", "–"]
+    mean = (12 * 0.5 + 0.8) / 13  # c18 to c29, and newer
+    assert rows["the other 13 classes, mean"] == ["0.500", f"{mean:.3f}", f"{mean - 0.5:+.3f}"]
 
 
 def test_mistakes_without_a_neuron_past_the_cut_say_so_instead_of_a_table():
