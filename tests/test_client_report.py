@@ -464,3 +464,31 @@ def test_mistakes_without_a_neuron_past_the_cut_say_so_instead_of_a_table():
     page = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=[]), visualizations=[]))
     assert "<p id='no-neurons'>No neuron passed the cut ratio; nothing to visualise or edit.</p>" in page
     assert "no-mistakes" not in page and "<th>neuron</th>" not in page
+
+
+def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
+    # A job out of memory in the second request of 64 pairs must not cost the first one's images.
+    from types import SimpleNamespace
+
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    neurons = [RankedNeuron(n, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"]) for n in range(70)]
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 70, 70, neurons, {}, [], None)
+    failure = OperationError("the GPU ran out of memory", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    methods = []
+
+    def visualize_neurons(pairs, method, steps):
+        methods.append(method)
+        if len(methods) == 2:
+            return SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(failure))
+        return SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[SimpleNamespace(neuron=n) for n, _ in pairs]))
+
+    refused = OperationError("sample_set_id: the held-out fifth has no sample of class 'heart'", grpc.StatusCode.INVALID_ARGUMENT)
+    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
+                             edit_head=lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
+                             model_metadata=lambda: SimpleNamespace(components={"clip": SimpleNamespace(loaded=False)}, supports_visualization=True, loader="world"))
+    report = build_report(client, "heart", "s", steps=2)
+    assert [v.neuron for v in report.visualizations] == list(range(64)) and report.visualization_error is failure
+    assert methods == ["no_clip", "no_clip"]  # CLIP configured but not loaded: clip_illusion would be refused
+    # The edit job refusing the data (INVALID_ARGUMENT) leaves the page without an edit, saying why.
+    assert report.edit is None and report.no_edit_reason == refused.details
