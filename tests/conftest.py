@@ -110,6 +110,26 @@ def vm_steps(store, call: Callable[[], object]) -> int:
     return steps
 
 
+class StoppedClock:
+    """Stands in for a module's ``time`` (``monkeypatch.setattr(module, "time", clock)``):
+    ``monotonic()`` and ``time_ns()`` stand still until ``advance(seconds)`` moves both, so
+    a test steps through intervals without sleeping. The wall clock starts at the real one:
+    the files a test writes carry real times."""
+
+    def __init__(self) -> None:
+        self.monotonic_s, self.wall_ns = 1000.0, time.time_ns()
+
+    def monotonic(self) -> float:
+        return self.monotonic_s
+
+    def time_ns(self) -> int:
+        return self.wall_ns
+
+    def advance(self, seconds: float) -> None:
+        self.monotonic_s += seconds
+        self.wall_ns += round(seconds * 1e9)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
