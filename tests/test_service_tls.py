@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -19,11 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import free_port
+from conftest import StoppedClock, free_port
 from explaind.client import Client, ExplaindError, UnavailableError
 from explaind.client.cli import main
 from explaind.config import ConfigError, default_config
-from explaind.service import ExplaindServer
+from explaind.service import ExplaindServer, auth
 
 
 class Authority:
@@ -403,6 +404,95 @@ def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path
         assert keeps(third, until_logged="/tls.crt expired at ")
     finally:
         server.stop(0)
+
+
+def _watched_credentials(tmp_path: Path, monkeypatch, cert: Path, key: Path, client_ca: Path | None = None) -> tuple[auth.TlsCredentials, StoppedClock]:
+    """The port's credentials from these files, looking at them on auth's stopped clock.
+    gRPC asks ``_fetch`` on each new connection: None keeps what it serves, a configuration
+    replaces it."""
+    clock = StoppedClock()
+    monkeypatch.setattr(auth, "time", clock)
+    settings = default_config().replace("server", data_dir=str(tmp_path / "data"), tls_cert_file=str(cert), tls_key_file=str(key),
+                                        tls_client_ca_file=str(client_ca or "")).server
+    return auth.TlsCredentials(settings), clock
+
+
+def test_a_renewed_certificate_not_valid_yet_is_taken_once_it_is_with_no_other_change(tmp_path, monkeypatch, caplog):
+    # A renewal from a CA whose clock runs ahead starts a little later: refused then, it must
+    # be looked at again, not only once the files next change (the old one expires meanwhile).
+    authority = Authority(tmp_path, "ca")
+    cert, key = authority.issue("server")
+    credentials, clock = _watched_credentials(tmp_path, monkeypatch, cert, key)
+    ahead = dt.timedelta(minutes=5)
+    renewed_cert, renewed_key = authority.issue("renewed", valid=(ahead, dt.timedelta(days=1)))
+    os.replace(renewed_key, key)
+    os.replace(renewed_cert, cert)
+    clock.advance(auth.RECHECK_INTERVAL_S)
+    assert credentials._fetch() is None and f"the certificate in {cert} is valid from " in caplog.text
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + 2 * ahead
+
+    monkeypatch.setattr(auth, "dt", SimpleNamespace(datetime=Later, timezone=dt.timezone))
+    clock.advance(auth.RECHECK_INTERVAL_S)
+    assert credentials._fetch() is not None
+
+
+def test_tls_files_left_unusable_are_logged_once_and_a_pair_taken_is_not_taken_again(tmp_path, monkeypatch, caplog):
+    authority = Authority(tmp_path, "ca")
+    cert, key = authority.issue("server")
+    credentials, clock = _watched_credentials(tmp_path, monkeypatch, cert, key)
+    for name, with_key, warned in (("second", False, 1), ("third", True, 1), ("fourth", False, 2)):
+        new_cert, new_key = authority.issue(name)
+        os.replace(new_cert, cert)  # without its key: no pair
+        if with_key:
+            os.replace(new_key, key)
+        for look in range(2):  # a broken pair is read again at each look, not logged again; a pair taken is not taken again
+            clock.advance(auth.RECHECK_INTERVAL_S)
+            assert (credentials._fetch() is not None) == (with_key and look == 0), (name, look)
+        assert caplog.text.count("is not an unencrypted private key of the certificate in") == warned, name
+
+
+def test_a_rotated_client_ca_is_taken_without_a_restart(tmp_path, monkeypatch):
+    # Mutual TLS: clients' certificates signed by a new CA are let in once its file is swapped in.
+    authority, old_ca, new_ca = Authority(tmp_path, "ca"), Authority(tmp_path, "clients-old"), Authority(tmp_path, "clients-new")
+    cert, key = authority.issue("server")
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(old_ca.file.read_bytes())
+    credentials, clock = _watched_credentials(tmp_path, monkeypatch, cert, key, client_ca)
+    clock.advance(auth.RECHECK_INTERVAL_S)
+    assert credentials._fetch() is None  # nothing changed
+    os.replace(new_ca.file, client_ca)
+    clock.advance(auth.RECHECK_INTERVAL_S)
+    assert credentials._fetch() is not None
+
+
+def test_a_renewal_landing_between_the_reads_of_the_key_and_the_certificate_is_not_taken_as_a_pair(tmp_path, monkeypatch, caplog):
+    # The key read before a renewal, the certificate after: OpenSSL, reading both again,
+    # checks the new pair, while gRPC would be handed the old key with the new certificate,
+    # and every handshake fail until the files next changed.
+    authority = Authority(tmp_path, "ca")
+    cert, key = authority.issue("server")
+    credentials, clock = _watched_credentials(tmp_path, monkeypatch, cert, key)
+    renewals = [authority.issue("second"), authority.issue("third")]
+    read_pem = auth._pem
+
+    def renewed_after_the_key_read(path: str, name: str, kind: str) -> bytes:
+        data = read_pem(path, name, kind)
+        if name == "tls_key_file" and len(renewals) == 1:  # the reload of the first renewal has read its key
+            for source, target in zip(renewals.pop(), (cert, key)):
+                os.replace(source, target)
+        return data
+
+    monkeypatch.setattr(auth, "_pem", renewed_after_the_key_read)
+    for source, target in zip(renewals.pop(0), (cert, key)):
+        os.replace(source, target)
+    clock.advance(auth.RECHECK_INTERVAL_S)
+    assert credentials._fetch() is None and f"{cert} changed while being read" in caplog.text
+    clock.advance(auth.RECHECK_INTERVAL_S)
+    assert credentials._fetch() is not None
 
 
 def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
