@@ -101,3 +101,14 @@ def test_the_readme_points_at_the_reference():
         assert anchor in headings, f"README links docs/configuration.md#{anchor}, which has no such heading"
     for anchor in re.findall(r"\]\(#([\w-]+)\)", REFERENCE.read_text()):
         assert anchor in headings, f"docs/configuration.md links #{anchor}, which has no such heading"
+
+
+def test_the_reload_timings_the_reference_gives_are_the_servers():
+    # Operators time rotations by them: "within a second of a change", "kept its text 0.2 s".
+    from explaind.service import auth
+
+    text = " ".join(REFERENCE.read_text().split())
+    assert "again within a second of a change" in text and auth.RECHECK_INTERVAL_S <= 1.0
+    settle = re.search(r"taken only once it has kept its text ([\d.]+) s: at once if nothing wrote it in the ([\d.]+) s before, "
+                       r"else once it reads the same again ([\d.]+) s later", text)
+    assert settle and {float(value) for value in settle.groups()} == {auth.SETTLE_S}
