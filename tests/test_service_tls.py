@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import os
 import re
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -543,6 +545,22 @@ def test_a_certificates_validity_is_read_as_openssl_reads_it(tmp_path):
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
         assert certificate_validity(cert.read_bytes() + authority.file.read_bytes()) == (parsed.not_valid_before_utc, parsed.not_valid_after_utc)
 
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+def test_the_validity_of_a_version_1_certificate_is_read_too(tmp_path):
+    # `openssl x509 -req` without extensions signs a version 1 certificate: no [0] version
+    # before its serial number, which the reader must not skip as if it were one.
+    from explaind.service.auth import certificate_validity
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "v1.key")
+    openssl("req", "-new", "-key", "v1.key", "-subj", "/CN=v1", "-out", "v1.csr")
+    openssl("x509", "-req", "-in", "v1.csr", "-signkey", "v1.key", "-days", "3", "-out", "v1.pem")
+    parsed = x509.load_pem_x509_certificate((tmp_path / "v1.pem").read_bytes())
+    assert parsed.version == x509.Version.v1
+    assert certificate_validity((tmp_path / "v1.pem").read_bytes()) == (parsed.not_valid_before_utc, parsed.not_valid_after_utc)
 
 def _not_pem(tmp_path: Path) -> Path:
     path = tmp_path / "ca.txt"
