@@ -1839,7 +1839,8 @@ def test_a_failed_run_of_an_upload_with_its_request_id_leaves_its_set_to_other_r
 
 
 @pytest.mark.parametrize("error, kept", [(OSError(5, "Input/output error"), True), (TimeoutError("the pipeline's alarm"), True),
-                                          (FileNotFoundError(2, "No such file or directory"), False)])
+                                          (FileNotFoundError(2, "No such file or directory"), False),
+                                          (PermissionError(13, "Permission denied"), False)])
 def test_a_transient_error_reading_an_upload_leaves_its_set_to_other_runs_and_a_lasting_one_deletes_it(error, kept):
     # Every error reading the images counted as one every run meets: an EIO of a network
     # mount in one run deleted the set another run, reading the same files, was filling.
@@ -1876,7 +1877,8 @@ def test_an_upload_run_again_with_its_request_id_that_fails_keeps_the_set_an_ear
     notes = "\n".join(caught.value.__notes__)
     assert caught.value.field == "request_id" and str(upload) not in caught.value.details  # the server names the derived id...
     assert f"request 2 of this create_sample_set differs from the one sent before under request_id {upload}" in notes  # ...the SDK the caller's
-    assert "'finished-before' was kept" in notes
+    finished = "'finished-before' was kept as an earlier run of this upload (its request_id) finished it, with 5 samples"
+    assert finished in notes  # not "kept, not deleted: a run ... continues it", of a set no run has left to do
 
     def interrupted():
         yield from images[:3]
@@ -1971,6 +1973,26 @@ def test_a_failed_run_of_an_upload_with_its_request_id_does_not_say_it_kept_a_se
     assert "was kept" not in notes and "'deleted-under-it' was deleted meanwhile, not by this run" in notes
 
 
+def test_a_failed_upload_never_deletes_a_set_another_client_made_under_its_id_meanwhile(client, tmp_path):
+    # The delete names the set this upload created by its uid: by its id alone it would
+    # delete the set another client made under that id since.
+    paths = _png_files(tmp_path, 10)
+
+    def images():
+        for index, path in enumerate(paths):
+            if index == 8:  # read ahead: the create and an append have been answered
+                client.delete_sample_set("taken-over")
+                client.create_sample_set([IMAGE], [0], sample_set_id="taken-over")  # another client's
+                raise FileNotFoundError(2, "No such file or directory", str(path))
+            yield path
+
+    with pytest.raises(FileNotFoundError) as caught:
+        client.create_sample_set(images(), [0] * 10, sample_set_id="taken-over", chunk_size=2)
+    assert "the partly uploaded sample set 'taken-over' was deleted meanwhile, not by this upload" in caught.value.__notes__[-1]
+    assert client.sample_set("taken-over").sample_count == 1
+    client.delete_sample_set("taken-over")
+
+
 def test_a_named_upload_whose_image_the_server_refused_is_deleted_and_runs_again_with_any_request_id(client):
     # The server refuses that request to every run of the upload (same request_id, same
     # images): keeping the set for "another run to continue" left it uploading under its id,
@@ -2050,6 +2072,14 @@ class _HangingUploadServer(_UploadServer):
             time.sleep(10)
         return super().DeleteSampleSet(request, context)
 
+    def GetSampleSet(self, request, context):
+        from explaind.v1 import sample_sets_pb2
+
+        self.calls.append(("GetSampleSet", ""))
+        if self.hang:
+            time.sleep(10)
+        return sample_sets_pb2.GetSampleSetResponse(sample_set=self._answer("GetSampleSet", request.sample_set_id, context))
+
 
 def test_a_failed_upload_with_its_request_id_waits_out_one_timeout_for_a_server_that_stopped_answering():
     # Its cleanup asked the server's capabilities (a timeout without an answer), then sent
@@ -2079,7 +2109,7 @@ def test_a_failed_upload_with_its_request_id_waits_out_one_timeout_for_a_server_
         waited = time.monotonic() - started
     finally:
         server.stop(0)
-    assert ("DeleteSampleSet", "") not in servicer.calls and waited < 1.9
+    assert ("DeleteSampleSet", "") not in servicer.calls and ("GetSampleSet", "") not in servicer.calls and waited < 1.9
     assert re.fullmatch(r"sample set 'hung' was left with 4 of 10 samples, uploading: the server did not answer \(DEADLINE_EXCEEDED\); .*",
                         caught.value.__notes__[-1])
 
@@ -2136,6 +2166,66 @@ def test_a_failed_upload_with_its_request_id_leaves_its_set_when_the_server_does
     assert re.fullmatch(r"sample set 'overloaded' was left with 4 of 10 samples, uploading: the server did not say whether other runs of "
                         r"this upload share it \(RESOURCE_EXHAUSTED\); .*", caught.value.__notes__[-1])
 
+
+def test_a_run_of_an_upload_refused_for_reusing_its_request_id_with_other_images_leaves_the_set_to_the_run_filling_it(client):
+    # The refusal (INVALID_ARGUMENT, field request_id) says the set is another run's, and
+    # says nothing of that run's images: deleting it pulled the set from under that run.
+    import uuid
+
+    from explaind.client import InvalidArgumentError
+
+    images = [np.full((8, 8, 3), value, np.uint8) for value in range(8)]
+    upload = uuid.uuid4()
+
+    def interrupted_at(index, given):
+        yield from given[:index]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the first run: stopped once its create and an append were applied
+        client.create_sample_set(interrupted_at(8, images), [0] * 8, sample_set_id="reused-id", chunk_size=2, request_id=upload)
+    assert client.sample_set("reused-id").sample_count == 4
+    other_images = [*images[:2], np.full((8, 8, 3), 99, np.uint8), *images[3:]]  # request 2 differs
+    with pytest.raises(InvalidArgumentError) as refused:
+        client.create_sample_set(other_images, [0] * 8, sample_set_id="reused-id", chunk_size=2, request_id=upload)
+    assert refused.value.field == "request_id"
+    assert "'reused-id' was kept, not deleted" in "\n".join(refused.value.__notes__)
+    continued = client.create_sample_set(images, [0] * 8, sample_set_id="reused-id", chunk_size=2, request_id=upload)  # the first, run again
+    assert (continued.sample_count, continued.uploading) == (8, False)
+    assert [sample.image.getpixel((0, 0))[0] for sample in client.samples("reused-id")] == list(range(8))
+    client.delete_sample_set("reused-id")
+
+
+class _OverloadedAppendsServer(_UploadServer):
+    """An _UploadServer whose second AppendSamples is RESOURCE_EXHAUSTED without a field
+    (too many calls at once), as a server at its max_concurrent_rpcs refuses a call."""
+
+    def __init__(self) -> None:
+        super().__init__(("request_id", "sample_set_request_id"), set())
+        self.appends = 0
+
+    def AppendSamples(self, request, context):
+        self.appends += 1
+        if self.appends == 2:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls at once; retry later")
+        return super().AppendSamples(request, context)
+
+
+def test_an_upload_with_its_request_id_that_an_overloaded_server_refuses_leaves_its_set_to_other_runs():
+    # Only the caller's sets at its samples limit (field samples) fail every run alike; a
+    # server too busy for this run's request says nothing of the runs sharing its set.
+    import uuid
+
+    from explaind.client import ResourceExhaustedError
+
+    servicer = _OverloadedAppendsServer()
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(ResourceExhaustedError) as caught:
+            client.create_sample_set(np.zeros((10, 4, 4, 3), np.uint8), [0] * 10, sample_set_id="busy", chunk_size=2, request_id=uuid.uuid4())
+    finally:
+        server.stop(0)
+    assert servicer.uploading == {"busy"} and len(servicer.labels["busy"]) == 4
+    assert "'busy' was kept, not deleted" in caught.value.__notes__[-1]
 
 def test_the_methods_sent_with_a_request_id_take_one_and_are_not_read_only():
     from explaind.client._client import IDENTIFIED_METHODS, READ_ONLY_METHODS
