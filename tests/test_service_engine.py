@@ -294,6 +294,92 @@ def test_batcher_close_does_not_wait_out_the_queue_delay():
     assert queued.result(timeout=0).tolist() == [1.0, 1.0, 1.0] and sizes == [3]  # and the held request still ran
 
 
+def test_a_forward_that_raises_fails_every_request_batched_into_it():
+    # Each caller whose images were in the failed forward must hear of it: one left
+    # unanswered waits until its deadline (or for ever, without one).
+    gate, entered = threading.Event(), threading.Event()
+    forwards: list[int] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        forwards.append(len(x))
+        if len(forwards) == 1:
+            entered.set()
+            gate.wait(10)
+            return x.flatten(1).sum(1)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    batcher = DynamicBatcher(run, lambda out, sizes, _options: list(out.split(sizes)), max_batch_size=16)
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+        assert entered.wait(5)  # the model is busy: the next three queue, and run as one batch
+        queued = [batcher.submit(torch.ones(n, 1, 1, 1)) for n in (1, 2, 3)]
+        gate.set()
+        assert first.result(5).tolist() == [1.0]
+        for future in queued:
+            with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+                future.result(timeout=5)
+    batcher.close()
+    assert forwards == [1, 6]
+
+
+def test_a_batch_whose_requests_were_all_cancelled_frees_the_model():
+    # The worker may take requests whose callers cancel before their forward starts: it
+    # runs none of them, and must still free the model, or every later request waits.
+    sizes: list[int] = []
+    submitted, taken = threading.Event(), threading.Event()
+    first, cancelled_once_taken = [], []
+
+    def on_queue_depth(depth: int) -> None:
+        if depth == 0 and threading.current_thread().name == "batcher" and not taken.is_set():
+            submitted.wait(5)  # the worker took the first request: cancel it before its forward starts
+            cancelled_once_taken.append(first[0].cancel())
+            taken.set()
+
+    batcher = DynamicBatcher(lambda x: x.flatten(1).sum(1), lambda out, sizes, _options: list(out.split(sizes)), max_batch_size=16,
+                             max_queue_delay_s=0.001, on_batch=sizes.append, on_queue_depth=on_queue_depth)
+    first.append(batcher.submit(torch.ones(2, 1, 1, 1)))
+    submitted.set()
+    assert taken.wait(5)  # the next request is not in that batch
+    # A bounded wait: a model left marked busy would queue this for ever.
+    assert batcher.submit(torch.full((3, 1, 1, 1), 2.0)).result(timeout=5).tolist() == [2.0] * 3
+    batcher.close()
+    assert cancelled_once_taken == [True] and sizes == [3]
+
+
+def test_a_request_arriving_as_the_model_frees_queues_behind_those_already_waiting():
+    # A request runs in its caller's thread only when nothing is queued: one arriving in
+    # the moment between a forward's end and the worker taking the queue would otherwise
+    # run before requests that waited longer (and, under load, keep them waiting).
+    gates = [threading.Event(), threading.Event()]
+    entered = [threading.Event(), threading.Event()]
+    forwards: list[list[float]] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        forwards.append(x.flatten().tolist())
+        if len(forwards) <= 2:
+            entered[len(forwards) - 1].set()
+            gates[len(forwards) - 1].wait(10)
+        return x.flatten(1).sum(1)
+
+    batcher = DynamicBatcher(run, lambda out, sizes, _options: list(out.split(sizes)), max_batch_size=16)
+    late: list = []
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.full((1, 1, 1, 1), 1.0)).result(10))
+        assert entered[0].wait(5)  # the first runs in its caller's thread; the second queues for the worker
+        second = batcher.submit(torch.full((1, 1, 1, 1), 2.0))
+        gates[0].set()
+        assert entered[1].wait(5)  # the worker runs the second; the third queues behind it
+        third = batcher.submit(torch.full((1, 1, 1, 1), 3.0))
+        # The second's end frees the model before its caller hears of it (in the worker's
+        # thread): the fourth is submitted then, with the model idle and the third waiting.
+        second.add_done_callback(lambda _future: late.append(batcher.submit(torch.full((1, 1, 1, 1), 4.0))))
+        gates[1].set()
+        assert first.result(5).tolist() == [1.0] and second.result(5).tolist() == [2.0] and third.result(5).tolist() == [3.0]
+        assert late[0].result(5).tolist() == [4.0]
+    batcher.close()
+    assert [value for forward in forwards for value in forward] == [1.0, 2.0, 3.0, 4.0]
+
+
 # Registry, split, cache ------------------------------------------------------------------
 
 
