@@ -4544,6 +4544,30 @@ def test_deleted_head_versions_keep_one_row_not_one_per_deletion(tmp_path):
     assert [store.next_head_version_number(f) for f in ("f", "g", "h")] == [12, 6, 0]
 
 
+def test_head_version_lookups_go_oldest_first_and_find_the_versions_of_failed_and_cancelled_edits(tmp_path):
+    # Start-up serves the oldest version of the loaded head's hash (an edit that came back
+    # to it later is another version), and drops the versions of edits that failed or were
+    # cancelled; a delete names a version's children in list order.
+    from explaind.store import CANCELLED, EDIT_JOB_ID, FAILED, SUCCEEDED, HeadVersionRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        weights = put(b"weights")
+        for job_id, state in (("failed-edit", FAILED), ("cancelled-edit", CANCELLED), ("good-edit", SUCCEEDED)):
+            store.insert_job(JobRecord(job_id, "edit_head", state, 0.0, end_time=1.0))
+        store.insert_head_version(HeadVersionRecord("f", "v0", "loaded", weights, "", 0.0))
+        # Inserted out of time order: the order is by create time, not by insertion.
+        store.insert_head_version(HeadVersionRecord("f", "v3", "loaded", weights, "v0", 3.0, details={EDIT_JOB_ID: "good-edit"}))
+        store.insert_head_version(HeadVersionRecord("f", "v2", "h2", weights, "v0", 2.0, details={EDIT_JOB_ID: "cancelled-edit"}))
+        store.insert_head_version(HeadVersionRecord("f", "v1", "h1", weights, "v0", 1.0, details={EDIT_JOB_ID: "failed-edit"}))
+    assert store.first_head_version_of_hash("f", "loaded").version_id == "v0"
+    assert store.first_head_version_of_hash("f", "h2").version_id == "v2" and store.first_head_version_of_hash("f", "other") is None
+    assert store.first_head_version_of_hash("g", "loaded") is None
+    assert store.head_version_children("f", "v0") == ["v1", "v2", "v3"]
+    assert store.head_versions_of_failed_edits("f") == [("v1", "failed-edit"), ("v2", "cancelled-edit")]
+    assert store.head_versions_of_failed_edits("g") == []
+
+
 def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_path, monkeypatch):
     # A running job that ended and was deleted while the page was read failed the whole page.
     from explaind.store import JobRecord
