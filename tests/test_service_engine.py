@@ -3742,7 +3742,10 @@ def test_a_damaged_stored_file_is_data_loss_said_to_the_operator(tmp_path, caplo
         assert store.get_blob(digest, offset=1, length=3) == b"123"  # no size to check a range against
         with pytest.raises(DataLoss, match=r"is damaged \(it holds 5 bytes of 10\)"):
             store.get_blob(digest, offset=0, length=10, size=10)
-        assert [r.levelname for r in caplog.records if "is damaged" in r.message] == ["ERROR", "ERROR"]
+        path.write_bytes(b"0123456789 and more")  # longer is no stored file either
+        with pytest.raises(DataLoss, match=r"is damaged \(it holds 19 bytes of 10\)"):
+            store.get_blob(digest, offset=0, length=5, size=10)
+        assert [r.levelname for r in caplog.records if "is damaged" in r.message] == ["ERROR", "ERROR", "ERROR"]
     finally:
         store.close()
 
