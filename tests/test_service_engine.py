@@ -3837,13 +3837,17 @@ def test_until_the_stored_head_is_restored_predict_and_evaluate_wait_and_the_sta
 
 def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path, monkeypatch):
     store = SQLiteStore(tmp_path)
-    synced = []
+    synced, named = [], []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), named.append(store._blob_path(_digest(b"artifact bytes")).exists()),
+                                                 real_fsync(fd)))
     with store.writing_blobs() as put:
         digest = put(b"artifact bytes")
     # The file's data, then the directory entry of the rename.
     assert [stat.S_ISREG(mode) for mode in synced] == [True, False]
+    # Under its digest only once whole: a crash while writing leaves no half file there,
+    # which a later put of the same bytes would take for stored.
+    assert named == [False, True]
     assert store.get_blob(digest) == b"artifact bytes"
     assert not list(tmp_path.rglob("*.tmp"))
 
