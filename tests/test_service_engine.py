@@ -4575,6 +4575,26 @@ def test_head_version_lookups_go_oldest_first_and_find_the_versions_of_failed_an
     assert store.head_versions_of_failed_edits("g") == []
 
 
+def test_the_active_and_file_head_versions_are_replaced_by_each_change_and_kept_across_a_reopen(tmp_path):
+    # Each promote or rollback replaces the served version, and each start whose model
+    # file changed replaces the file's: a pointer kept at its first value would serve the
+    # first promoted head after every restart, and take every later start for a changed file.
+    store = SQLiteStore(tmp_path)
+    assert store.active_head_version("f") is None and store.file_head_version("f") is None
+    for version_id in ("v0", "v1", "v0"):  # promote, then roll back
+        store.set_active_head_version("f", version_id)
+    store.set_active_head_version("g", "v7")  # per feature extractor
+    store.set_file_head_version("f", "v0")
+    store.set_file_head_version("f", "v2")
+    assert [store.active_head_version(f) for f in ("f", "g")] == ["v0", "v7"] and store.file_head_version("f") == "v2"
+    store.set_active_head_version("f", "v2")
+    store.close()
+    store = SQLiteStore(tmp_path)
+    assert [store.active_head_version(f) for f in ("f", "g")] == ["v2", "v7"] and store.file_head_version("f") == "v2"
+    assert store.file_head_version("g") is None
+    store.close()
+
+
 def test_listing_skips_a_job_deleted_between_the_page_and_its_live_state(tmp_path, monkeypatch):
     # A running job that ended and was deleted while the page was read failed the whole page.
     from explaind.store import JobRecord
@@ -5118,6 +5138,24 @@ def test_a_request_id_whose_job_failed_or_was_cancelled_gets_that_job_not_a_new_
     jobs.shutdown(5)
     jobs.store.close()
     assert runs == [failed, stopped]  # neither ran again
+
+
+def test_a_request_id_is_given_to_a_second_job_only_after_its_first_failed_aborted(tmp_path):
+    # The store's check is what keeps two racing submits of one request to one job: a job
+    # that failed on its own keeps its request_id; only the shutdown's ABORTED gives it up.
+    from explaind.errors import AlreadyExists
+    from explaind.store import ABORTED, FAILED
+
+    store = SQLiteStore(tmp_path)
+    request = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    store.insert_job(JobRecord("first", "evaluate", FAILED, 1.0, error_code="INVALID_ARGUMENT"), request=request)
+    with pytest.raises(AlreadyExists, match="was given to operations/first") as refused:
+        store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=request)
+    assert refused.value.field == "request_id" and store.job_of_request(request) == "first"
+    store.update_job(JobRecord("first", "evaluate", FAILED, 1.0, error_code=ABORTED))
+    store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=request)
+    assert store.job_of_request(request) == "second"
+    store.close()
 
 
 def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
