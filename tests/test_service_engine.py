@@ -4489,6 +4489,7 @@ def test_retention_deletes_the_jobs_that_ended_before_the_cut_in_chunks(tmp_path
     assert sorted(job.job_id for job in store.list_jobs()) == ["ended-7", "queued", "running"]
     assert store.delete_unused_blobs() == 6 and len(_blob_files(store)) == 1
     assert store.delete_jobs_ended_before(6.5) == 0
+    assert store.delete_jobs_ended_before(7.0) == 0  # ended at the cut, not before it
 
 
 def test_an_edit_that_did_not_succeed_is_kept_while_the_version_it_stored_is(tmp_path):
@@ -4592,6 +4593,22 @@ def test_the_active_and_file_head_versions_are_replaced_by_each_change_and_kept_
     store = SQLiteStore(tmp_path)
     assert [store.active_head_version(f) for f in ("f", "g")] == ["v2", "v7"] and store.file_head_version("f") == "v2"
     assert store.file_head_version("g") is None
+    store.close()
+
+
+def test_a_head_version_id_taken_is_already_exists_naming_version_id_and_leaves_the_stored_version(tmp_path):
+    # Not the database's constraint error, which a caller would get as INTERNAL.
+    from explaind.errors import AlreadyExists
+    from explaind.store import HeadVersionRecord
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.insert_head_version(HeadVersionRecord("f", "v1", "first", put(b"weights"), "", 1.0))
+        with pytest.raises(AlreadyExists, match="head version 'v1' already exists") as taken:
+            store.insert_head_version(HeadVersionRecord("f", "v1", "second", put(b"other weights"), "", 2.0))
+        store.insert_head_version(HeadVersionRecord("g", "v1", "third", put(b"weights"), "", 3.0))  # another feature extractor's ids are its own
+    assert taken.value.field == "version_id"
+    assert [store.get_head_version(f, "v1").head_hash for f in ("f", "g")] == ["first", "third"]
     store.close()
 
 
