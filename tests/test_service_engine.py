@@ -1232,6 +1232,18 @@ def test_feature_cache_is_per_feature_version(engine):
     assert not torch.allclose(recomputed.features, first.features)
 
 
+def test_cached_features_are_all_found_however_many_are_asked_for_at_once(tmp_path):
+    # The store reads them in chunks of 500 (SQLite's bound on a statement's parameters):
+    # one lost at a chunk's edge is computed again for every evaluation of a large set.
+    store = SQLiteStore(tmp_path)
+    digests = [f"{index:064x}" for index in range(1001)]
+    store.put_features("v", {digest: np.full(2, index, np.float32) for index, digest in enumerate(digests)})
+    found = store.get_features("v", [*digests, digests[0]])  # one asked for twice
+    assert sorted(found) == digests and all(found[digest].tolist() == [index, index] for index, digest in enumerate(digests))
+    assert store.get_features("other version", digests) == {}
+    store.close()
+
+
 def test_a_set_holding_one_image_several_times_computes_its_features_once(engine):
     rng = np.random.default_rng(1)
     a, b = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2))
