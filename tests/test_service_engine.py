@@ -3917,6 +3917,27 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
+def test_a_sweep_makes_its_records_durable_before_it_deletes_their_files(tmp_path, monkeypatch):
+    # The database commits with synchronous=NORMAL: a power cut may undo its last commits.
+    # Were the sweep's among them, the set's records would come back pointing at deleted files.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        (sample,) = _samples(put, b"image")
+        store.create_sample_set("s", "", [sample])
+    store.delete_sample_set("s")
+    events: list[str] = []
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda path, *args, **kwargs: (events.append(f"unlink {path.name}"), real_unlink(path, *args, **kwargs))[1])
+    store._db.set_trace_callback(events.append)
+    assert store.delete_unused_blobs() == 1
+    store._db.set_trace_callback(None)
+    full = events.index("PRAGMA synchronous=FULL")
+    committed = events.index("COMMIT", full)
+    assert full < committed < events.index(f"unlink {sample.digest}")
+    assert "PRAGMA synchronous=NORMAL" in events[committed:]  # and back for the writes after it
+    store.close()
+
+
 def test_the_start_up_sweep_of_files_all_in_use_writes_nothing(tmp_path):
     # It recorded every stored file as a candidate, then checked each: a write per file at
     # every start, which on a full data dir took what its reserve freed for deletes.
@@ -4707,6 +4728,12 @@ def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
         store.create_sample_set("new", "", records)
     assert store.delete_unused_blobs() == 0
     assert store.get_blob(records[0].digest) == b"image"
+    # Kept, not forgotten: once its writer ends without referencing it, the next sweep takes it.
+    store.delete_sample_set("new")
+    with store.writing_blobs() as put:
+        put(b"image")
+        assert store.delete_unused_blobs() == 0
+    assert store.delete_unused_blobs() == 1 and _blob_files(store) == set()
 
 
 def test_the_start_up_sweep_leaves_the_scratch_file_of_a_blob_being_written(tmp_path, monkeypatch):
