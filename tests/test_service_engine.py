@@ -4372,6 +4372,11 @@ def test_a_sweep_keeps_what_lost_its_reference_after_before(tmp_path):
     job_submitted = time.time()
     store.delete_sample_set("s")
     assert store.delete_unused_blobs(before=job_submitted) == 0 and _blob_files(store) == {_digest(b"image")}
+    # Checking every file on disk, too: a file nothing ever referenced goes, but not one
+    # that waits for its ``before``.
+    with store.writing_blobs() as put:
+        put(b"stray")
+    assert store.delete_unused_blobs(before=job_submitted, everything=True) == 1 and _blob_files(store) == {_digest(b"image")}
     assert store.delete_unused_blobs(before=time.time()) == 1 and _blob_files(store) == set()
 
 
