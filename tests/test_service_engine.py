@@ -3945,9 +3945,11 @@ def test_the_start_up_sweep_of_files_all_in_use_writes_nothing(tmp_path):
     try:
         with store.writing_blobs() as put:
             store.create_sample_set("s", "", _samples(put, *(f"image {i}".encode() for i in range(50))))
+        store.put_features("v", {digest: np.ones(2, np.float32) for digest in _blob_files(store)})
         changes = store._db.total_changes
         assert store.delete_unused_blobs(everything=True) == 0
         assert store._db.total_changes == changes and len(_blob_files(store)) == 50
+        assert len(store.get_features("v", sorted(_blob_files(store)))) == 50  # the set's cached features too
     finally:
         store.close()
 
