@@ -1,0 +1,76 @@
+"""How the SDK turns what a user passes as images into Image messages, without a server:
+each test failed against a small change to explaind.client._images that the tests of the
+SDK against a server let through."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from explaind.client._images import image_count, iter_image_messages, to_image_message
+from explaind.v1 import common_pb2
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_tensor_that_requires_grad_travels_as_its_values():
+    # As a model's input often is (an attack, a visualisation being optimised).
+    pixels = torch.rand(3, 4, 5, requires_grad=True)
+    tensor = to_image_message(pixels * 1).tensor  # not a leaf either
+    assert (tensor.dtype, list(tensor.shape)) == (common_pb2.DATA_TYPE_FLOAT32, [3, 4, 5])
+    assert np.array_equal(np.frombuffer(tensor.data, "<f4").reshape(3, 4, 5), pixels.detach().numpy())
+
+
+def test_one_encoded_file_or_an_array_of_paths_is_counted_and_sent_as_its_images(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    png = _png(pixels)
+    assert image_count(png) == 1  # one file, not a batch of its bytes
+    assert list(iter_image_messages(png)) == [common_pb2.Image(encoded=png)]
+    paths = np.array([str(tmp_path / "a.png"), str(tmp_path / "b.png")])  # as pandas' .to_numpy() gives a column
+    for path, data in zip(paths, (png, png[::-1]), strict=True):
+        with open(path, "wb") as file:
+            file.write(data)
+    assert image_count(paths) == 2
+    assert list(iter_image_messages(paths)) == [common_pb2.Image(encoded=png), common_pb2.Image(encoded=png[::-1])]
+
+
+def test_encoded_bytes_in_a_bytearray_or_memoryview_travel_as_the_file():
+    png = _png(np.zeros((4, 5, 3), np.uint8))
+    for data in (bytearray(png), memoryview(png)):
+        assert to_image_message(data) == common_pb2.Image(encoded=png), type(data)
+
+
+def test_the_pixels_of_a_jpeg_or_other_non_png_file_are_counted_from_its_header():
+    # The SDK splits a predict or upload by the server's pixels per request: a JPEG counted
+    # as 0 pixels would go in one request with others, for the server to refuse it.
+    from explaind.client._images import pixel_count
+
+    for format in ("JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (301, 37)).save(buffer, format=format)
+        assert pixel_count(common_pb2.Image(encoded=buffer.getvalue())) == 301 * 37, format
+
+
+def test_an_image_folder_lists_its_files_in_sorted_order_whatever_order_they_were_made_in(tmp_path):
+    from explaind.client import image_folder
+
+    names = [f"{i:02d}.png" for i in range(40)]
+    for name in np.random.default_rng(0).permutation(names):
+        (tmp_path / "heart").mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "heart" / str(name))
+    images, labels = image_folder(tmp_path)
+    assert [path.name for path in images] == names and labels == ["heart"] * 40
+
+
+def test_an_image_as_wide_as_its_box_is_inlined_as_jpeg_and_a_narrower_one_as_png():
+    from explaind.client._images import IMAGE_BOX, image_data_uri
+
+    assert image_data_uri(Image.new("RGB", (IMAGE_BOX, IMAGE_BOX))).startswith("data:image/jpeg;base64,")
+    assert image_data_uri(Image.new("RGB", (IMAGE_BOX - 1, IMAGE_BOX - 1))).startswith("data:image/png;base64,")
