@@ -74,3 +74,11 @@ def test_an_image_as_wide_as_its_box_is_inlined_as_jpeg_and_a_narrower_one_as_pn
 
     assert image_data_uri(Image.new("RGB", (IMAGE_BOX, IMAGE_BOX))).startswith("data:image/jpeg;base64,")
     assert image_data_uri(Image.new("RGB", (IMAGE_BOX - 1, IMAGE_BOX - 1))).startswith("data:image/png;base64,")
+
+
+def test_one_file_in_a_bytearray_or_memoryview_is_one_image_not_a_batch_of_its_bytes():
+    # Alone, not in a list, they were iterated byte by byte: "cannot send int as an image".
+    png = _png(np.zeros((4, 5, 3), np.uint8))
+    for data in (bytearray(png), memoryview(png)):
+        assert image_count(data) == 1, type(data)
+        assert list(iter_image_messages(data)) == [common_pb2.Image(encoded=png)], type(data)

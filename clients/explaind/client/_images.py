@@ -15,6 +15,8 @@ from PIL import Image as PILImage
 
 from explaind.v1 import common_pb2
 
+# Encoded files as bytes-like objects (a memoryview has an ndim, but is one file).
+_ENCODED_TYPES = (bytes, bytearray, memoryview)
 _DTYPES = {np.dtype(np.uint8): common_pb2.DATA_TYPE_UINT8, np.dtype(np.float16): common_pb2.DATA_TYPE_FLOAT16, np.dtype(np.float32): common_pb2.DATA_TYPE_FLOAT32}
 
 
@@ -25,7 +27,7 @@ def to_image_message(image: Any) -> common_pb2.Image:
     :func:`_pil_message`); paths and bytes as encoded files."""
     if isinstance(image, common_pb2.Image):
         return image
-    if isinstance(image, (bytes, bytearray, memoryview)):
+    if isinstance(image, _ENCODED_TYPES):
         return common_pb2.Image(encoded=bytes(image))
     if isinstance(image, (str, os.PathLike)):
         return common_pb2.Image(encoded=Path(image).read_bytes())
@@ -113,10 +115,10 @@ def image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
 
 def _is_one_image(images: Any) -> bool:
     """One image rather than several: an array of 2 or 3 dimensions (a 4-D one is a batch,
-    a 1-D one a list, such as an array of paths), a path, bytes or a PIL image."""
-    if hasattr(images, "ndim"):
-        return images.ndim not in (1, 4)
-    return isinstance(images, (bytes, str, os.PathLike, PILImage.Image))
+    a 1-D one a list, such as an array of paths), a path, encoded bytes or a PIL image."""
+    if isinstance(images, (*_ENCODED_TYPES, str, os.PathLike, PILImage.Image)):
+        return True
+    return hasattr(images, "ndim") and images.ndim not in (1, 4)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
