@@ -144,6 +144,16 @@ class StoppedClock:
         self.wall_ns += round(seconds * 1e9)
 
 
+@pytest.fixture
+def auth_clock(monkeypatch: pytest.MonkeyPatch) -> StoppedClock:
+    """A :class:`StoppedClock` standing in for ``explaind.service.auth``'s time."""
+    from explaind.service import auth
+
+    clock = StoppedClock()
+    monkeypatch.setattr(auth, "time", clock)
+    return clock
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

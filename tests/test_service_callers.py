@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from google.protobuf import empty_pb2
 
-from conftest import StoppedClock, json_log_lines
+from conftest import json_log_lines
 from explaind.client import Client, ExplaindError, Operation, ResourceExhaustedError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer, audit, auth, convert
@@ -594,43 +594,37 @@ def _replace(path: Path, text: str) -> None:
     os.replace(new, path)
 
 
-def test_a_token_file_is_looked_at_once_a_recheck_interval_counted_from_the_last_look(tmp_path, monkeypatch):
+def test_a_token_file_is_looked_at_once_a_recheck_interval_counted_from_the_last_look(tmp_path, auth_clock):
     # Every call, and every message of an open stream, asks whether the token still holds;
     # the file is looked at (a stat) no more than once a RECHECK_INTERVAL_S for all of them.
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
     token_file, waits = tmp_path / "token", []
     token_file.write_text("token1")
     token = auth.BearerToken("token1", str(token_file), sleep=waits.append)
     half = auth.RECHECK_INTERVAL_S / 2
     for new in (2, 3):
         _replace(token_file, f"token{new}")
-        clock.advance(half)
+        auth_clock.advance(half)
         assert token.grant_of(_bearer(f"token{new - 1}")) is not None, "looked at before the interval since the last look ended"
-        clock.advance(half)
+        auth_clock.advance(half)
         assert token.grant_of(_bearer(f"token{new}")) is not None and token.grant_of(_bearer(f"token{new - 1}")) is None
     assert waits == []  # renamed into place over SETTLE_S ago: taken at once
 
 
-def test_a_token_file_written_under_settle_s_ago_is_taken_once_it_reads_the_same_settle_s_later(tmp_path, monkeypatch):
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
+def test_a_token_file_written_under_settle_s_ago_is_taken_once_it_reads_the_same_settle_s_later(tmp_path, auth_clock):
     token_file, waits = tmp_path / "token", []
     token_file.write_text("tokenOLD")
     token = auth.BearerToken("tokenOLD", str(token_file), sleep=waits.append)
     for text, written_s_ago, waited in (("tokenNEW", auth.SETTLE_S / 2, [auth.SETTLE_S]), ("tokenNEWER", auth.SETTLE_S * 1.5, [])):
         waits.clear()
         token_file.write_text(text)
-        clock.advance(auth.RECHECK_INTERVAL_S)
-        clock.wall_ns = token_file.stat().st_ctime_ns + round(written_s_ago * 1e9)
+        auth_clock.advance(auth.RECHECK_INTERVAL_S)
+        auth_clock.wall_ns = token_file.stat().st_ctime_ns + round(written_s_ago * 1e9)
         assert token.grant_of(_bearer(text)) is not None and waits == waited, text
 
 
-def test_a_token_file_rewritten_between_the_look_and_the_read_is_not_taken_half_written(tmp_path, monkeypatch):
+def test_a_token_file_rewritten_between_the_look_and_the_read_is_not_taken_half_written(tmp_path, monkeypatch, auth_clock):
     # A file left alone for long is taken at once; a writer starting on it just as it is
     # read must still not have its first bytes taken as the token.
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
     token_file = tmp_path / "token"
     token_file.write_text("tokenOLD")
     writes = ["tokenNE", "tokenNEWER"]  # what the writer has written: at the read, then once done
@@ -653,34 +647,30 @@ def test_a_token_file_rewritten_between_the_look_and_the_read_is_not_taken_half_
 
     token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: token_file.write_text(writes[1]))
     _replace(token_file, "tokenNEW")
-    clock.advance(auth.RECHECK_INTERVAL_S)  # renamed over SETTLE_S ago: no wait
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)  # renamed over SETTLE_S ago: no wait
     monkeypatch.setattr(auth, "os", WritingOs())
     old = token.grant_of(_bearer("tokenOLD"))
     assert old is not None and token.grant_of(_bearer(writes[0])) is None
-    clock.advance(auth.RECHECK_INTERVAL_S)
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
     assert token.grant_of(_bearer(writes[1])) is not None and not token.in_force(old)
 
 
-def test_a_token_file_briefly_missing_keeps_the_token_in_force_until_its_new_one_arrives(tmp_path, monkeypatch, caplog):
+def test_a_token_file_briefly_missing_keeps_the_token_in_force_until_its_new_one_arrives(tmp_path, caplog, auth_clock):
     # A rotation that deletes the file before writing the new one (`rm`, then a copy).
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
     token_file = tmp_path / "token"
     token_file.write_text("tokenOLD")
     token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: None)
     old = token.grant_of(_bearer("tokenOLD"))
     token_file.unlink()
-    clock.advance(auth.RECHECK_INTERVAL_S)
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
     assert token.grant_of(_bearer("tokenOLD")) is old and token.in_force(old)
     assert f"token file {token_file} could not be read (FileNotFoundError); what was in force stays in force" in caplog.text
     _replace(token_file, "tokenNEW")
-    clock.advance(auth.RECHECK_INTERVAL_S)
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
     assert token.grant_of(_bearer("tokenNEW")) is not None and not token.in_force(old)
 
 
-def test_a_file_left_unusable_is_logged_once_and_again_if_it_breaks_again_after_a_fix(tmp_path, monkeypatch, caplog):
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
+def test_a_file_left_unusable_is_logged_once_and_again_if_it_breaks_again_after_a_fix(tmp_path, caplog, auth_clock):
     token_file = tmp_path / "token"
     token_file.write_text("tokenOLD")
     token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: None)
@@ -691,38 +681,34 @@ def test_a_file_left_unusable_is_logged_once_and_again_if_it_breaks_again_after_
     for text, in_force, warned in (("two words", "tokenOLD", 1), ("tokenNEW", "tokenNEW", 1), ("two words", "tokenNEW", 2)):
         _replace(token_file, text)
         for _ in range(3):  # each look reads an unusable file again
-            clock.advance(auth.RECHECK_INTERVAL_S)
+            auth_clock.advance(auth.RECHECK_INTERVAL_S)
             assert token.grant_of(_bearer(in_force)) is not None
         assert warnings() == warned, text
 
 
-def test_a_token_files_line_end_is_no_part_of_its_token_and_the_same_token_written_again_revokes_nothing(tmp_path, monkeypatch):
+def test_a_token_files_line_end_is_no_part_of_its_token_and_the_same_token_written_again_revokes_nothing(tmp_path, auth_clock):
     # `echo "$TOKEN" > token.new && mv token.new token` ends the file in a newline; a
     # Secret synced again (or a file touched) writes the same token anew.
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
     token_file = tmp_path / "token"
     token_file.write_text("tokenOLD")
     token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: None)
     old = token.grant_of(_bearer("tokenOLD"))
     _replace(token_file, "tokenOLD\n")
-    clock.advance(auth.RECHECK_INTERVAL_S)
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
     assert token.in_force(old), "the same token, written again, ended the streams opened with it"
     _replace(token_file, "tokenNEW\n")
-    clock.advance(auth.RECHECK_INTERVAL_S)
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
     assert token.grant_of(_bearer("tokenNEW")) is not None and not token.in_force(old)
 
 
-def test_an_admin_missing_from_a_reloaded_callers_file_is_logged_once_while_it_stays_missing(callers_file, monkeypatch, caplog):
+def test_an_admin_missing_from_a_reloaded_callers_file_is_logged_once_while_it_stays_missing(callers_file, caplog, auth_clock):
     from explaind.config import parse_callers
 
-    clock = StoppedClock()
-    monkeypatch.setattr(auth, "time", clock)
     callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), admins=("root",), sleep=lambda _seconds: None)
     without_root = CALLERS.replace("root tokenROOT\n", "")
     for text, warned in ((without_root, 1), (without_root + "newcomer tokenNEW\n", 1), (CALLERS, 1), (without_root, 2)):
         _replace(callers_file, text)
-        clock.advance(auth.RECHECK_INTERVAL_S)
+        auth_clock.advance(auth.RECHECK_INTERVAL_S)
         assert (callers.grant_of(_bearer("tokenROOT")) is None) == (text != CALLERS)
         assert caplog.text.count("lacks admin(s) root of [server].admins") == warned, text
 
