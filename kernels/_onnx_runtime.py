@@ -50,12 +50,16 @@ class ImageInput:
     def of(cls, graph_input: object) -> ImageInput:
         """An ONNX Runtime session's input (a ``NodeArg``) read as images; ``ValueError``
         completing "the input <name> ..." where it takes no images explaind can feed. Its
-        layout is channels last only where its last dimension, not its second, is fixed at 3."""
+        layout is channels last only where its last dimension, not its second, is fixed at 3.
+        A last dimension fixed at another channel count (1, 2 or 4: grey, grey and alpha,
+        RGBA) beside a second that is not 3 is refused as a channels-last graph's channels:
+        read as a width, a graph of dynamic height and width was served 1-pixel images."""
         name, kind, shape = getattr(graph_input, "name"), getattr(graph_input, "type"), tuple(getattr(graph_input, "shape", None) or ())
         if kind not in IMAGE_TYPES:
             raise ValueError(f"is {kind}; explaind feeds it float32, float16 or uint8 images")
         channels_last = len(shape) == 4 and shape[3] == 3 and shape[1] != 3
-        if len(shape) != 4 or (not channels_last and isinstance(shape[1], int) and shape[1] != 3):
+        other_channels_last = len(shape) == 4 and shape[1] != 3 and shape[3] in (1, 2, 4)
+        if len(shape) != 4 or other_channels_last or (not channels_last and isinstance(shape[1], int) and shape[1] != 3):
             raise ValueError(f"has shape {list(shape)}; explaind feeds it images (N, 3, S, S) or (N, S, S, 3)")
         return cls(name, kind, channels_last, shape)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from explaind.errors import FailedPrecondition
-from explaind.kernels import UnsplittableGraph, execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
+from explaind.kernels import ImageInput, UnsplittableGraph, execution_providers, export_onnx, onnx_runtime_features, split_onnx_classifier
 
 
 def small_extractor() -> nn.Module:
@@ -287,6 +287,28 @@ def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp
     path, _ = _linear_classifier_graph(tmp_path, tail)
     with pytest.raises(UnsplittableGraph, match=reason):
         split_onnx_classifier(path)
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    (["n", 3, "h", "w"], False), (["n", "c", "h", "w"], False), ([2, 3, 64, 64], False), (["n", "h", "w", 3], True), ([1, 64, 64, 3], True),
+    (["n", "h", "w", 1], None), (["n", "h", "w", 4], None), (["n", "c", "h", 2], None), ([2, 64, 64, 1], None), (["n", 1, "h", "w"], None),
+])
+def test_an_onnx_image_inputs_layout_is_read_off_its_fixed_channels_and_another_channel_count_is_refused(shape, channels_last):
+    """A grey or RGBA graph channels last, its height and width dynamic, was read as
+    channels first 1 or 4 pixels wide: served images of that size, or refused for an
+    image_size it did not fix. (None: refused.)"""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("images", "out")]
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "images", values[:1], values[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    (graph_input,) = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).get_inputs()
+    if channels_last is None:
+        with pytest.raises(ValueError, match=r"^has shape .*; explaind feeds it images \(N, 3, S, S\) or \(N, S, S, 3\)$"):
+            ImageInput.of(graph_input)
+    else:
+        assert ImageInput.of(graph_input).channels_last is channels_last
 
 
 def _onnx_runtime_out_of_memory_errors() -> list[BaseException]:
