@@ -44,14 +44,12 @@ def _seeded_global_random_state() -> None:
 
 @pytest.fixture(autouse=True)
 def _logging_left_as_found() -> Iterator[None]:
-    """``explaind serve`` or ``demo`` run in-process configure the process's logging (a
-    root handler, our INFO lines): undone after each test, so what a later test's caplog
-    holds does not depend on the tests that ran before it."""
+    """``explaind serve`` or ``demo`` run in-process set the process's log levels (our INFO
+    lines; pytest's handlers keep basicConfig from adding its own): undone after each test,
+    so what a later test's caplog holds does not depend on the tests that ran before it."""
     root, ours = logging.getLogger(), logging.getLogger("explaind")
-    handlers, root_level, our_level = list(root.handlers), root.level, ours.level
+    root_level, our_level = root.level, ours.level
     yield
-    for handler in [handler for handler in root.handlers if handler not in handlers]:
-        root.removeHandler(handler)
     root.setLevel(root_level)
     ours.setLevel(our_level)
 
