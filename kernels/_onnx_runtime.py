@@ -341,10 +341,10 @@ class OnnxClassifierSplit:
 
 
 def _keep_only_what_computes(graph: object, output: str) -> None:
-    """Drop from the ONNX ``graph`` the nodes and constants that ``output`` does not depend
-    on. Older exporters (keep_initializers_as_inputs, IR < 4, the ONNX model zoo) also list
+    """Drop from the ONNX ``graph`` the nodes, constants and shape notes that ``output``
+    does not depend on. Older exporters (keep_initializers_as_inputs, IR < 4, the ONNX model zoo) also list
     constants among the inputs: one left without its constant would be a required input."""
-    nodes, initializers, inputs = getattr(graph, "node"), getattr(graph, "initializer"), getattr(graph, "input")
+    nodes, initializers, inputs, shapes = (getattr(graph, key) for key in ("node", "initializer", "input", "value_info"))
     producer = {name: index for index, node in enumerate(nodes) for name in node.output}
     needed, kept, pending = set(), set(), [output]
     while pending:
@@ -363,6 +363,8 @@ def _keep_only_what_computes(graph: object, output: str) -> None:
         initializers.remove(tensor)
     for graph_input in [i for i in inputs if i.name in unused]:
         inputs.remove(graph_input)
+    for shape in [shape for shape in shapes if shape.name not in needed]:  # shape inference's notes on dropped tensors
+        shapes.remove(shape)
 
 
 def _names_read(node: object) -> list[str]:

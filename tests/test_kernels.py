@@ -201,7 +201,7 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     weight, bias = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(2).astype(np.float32)
     nodes = [helper.make_node("ReduceMean", ["images", "axes"], ["pooled"], keepdims=0)]
     constants = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])]
+    outputs, shapes = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], []
     if tail == "gemm_transposed":  # what torch exports for nn.Linear
         nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1))
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
@@ -211,6 +211,7 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b"),
                       numpy_helper.from_array(np.float32(0.5), "temperature")]
         outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 2]))
+        shapes = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", size]) for name, size in (("pooled", 3), ("scaled", 2))]
     elif tail == "gemm":
         nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"]))
         constants += [numpy_helper.from_array(weight.T.copy(), "W"), numpy_helper.from_array(bias, "b")]
@@ -239,7 +240,7 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])]
     if initializers_as_inputs:
         inputs += [helper.make_tensor_value_info(c.name, c.data_type, list(c.dims)) for c in constants]
-    graph = helper.make_graph(nodes, "classifier", inputs, outputs, constants)
+    graph = helper.make_graph(nodes, "classifier", inputs, outputs, constants, value_info=shapes)
     path = str(tmp_path / f"{tail}.onnx")
     # IR 9, not the installed onnx's newest: an older ONNX Runtime (1.30 reads up to 13)
     # refuses a newer IR version, as it would a user's model saved so.
@@ -259,6 +260,7 @@ def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail)
     branched = tail == "features_from_an_if"
     assert [node.op_type for node in feature_graph.node] == (["ReduceMean", "If"] if branched else ["ReduceMean"])
     assert {tensor.name for tensor in feature_graph.initializer} == ({"axes", "always"} if branched else {"axes"})
+    assert [shape.name for shape in feature_graph.value_info] == (["pooled"] if tail == "gemm_and_probabilities" else [])
     images = torch.rand(5, 3, 4, 4)
     features = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=1)(images)
     torch.testing.assert_close(features, images.mean(dim=(2, 3)))
