@@ -1,0 +1,179 @@
+"""explaind.config's checks, key by key: each range's edge accepted and the value past it
+refused naming its key, so a bad file stops the start and a good one is never refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_config
+from explaind.config import ConfigError, ServerSection, default_config, load_config, parse_callers
+
+# Listed here, not taken from explaind.config: a key dropped from a range there must fail a test.
+NOT_NEGATIVE = [
+    "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes",
+    "server.upload_idle_timeout_s", "server.max_samples_per_caller", "server.max_concurrent_rpcs", "batching.max_queue_delay_ms",
+    "batching.max_queued_images_per_caller", "runtime.num_threads", "classifier.image_size", "classifier.resize_size",
+    "jobs.retention_days", "jobs.max_run_seconds", "jobs.max_queued_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
+]
+AT_LEAST_ONE = [
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers", "batching.max_batch_size",
+    "batching.max_queue_size", "batching.max_images_per_request", "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
+]
+# Sent as int32 (RequestLimits) or passed to gRPC or torch as a C int.
+C_INT = [
+    "server.max_message_bytes", "server.max_concurrent_rpcs", "server.max_samples_per_caller", "runtime.num_threads",
+    "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request", "batching.max_queued_images_per_caller",
+]
+PORTS = ["port", "metrics_port", "health_port"]
+
+
+def config_with(tmp_path, classifier_dir, key: str, value: object, **more: object):
+    section, _, name = key.partition(".")
+    return load_config(write_config(tmp_path / "c.toml", classifier_dir, **{section: {name: value, **more}}))
+
+
+@pytest.mark.parametrize("key", NOT_NEGATIVE)
+def test_keys_where_0_means_something_take_0_and_refuse_below_it(tmp_path, classifier_dir, key):
+    section, _, name = key.partition(".")
+    assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 0), section), name) == 0
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at least 0, got -1"):
+        config_with(tmp_path, classifier_dir, key, -1)
+
+
+@pytest.mark.parametrize("key", AT_LEAST_ONE)
+def test_sizes_and_counts_take_1_and_refuse_0(tmp_path, classifier_dir, key):
+    section, _, name = key.partition(".")
+    # 1 image a request and 1 queued: max_queue_size may not be below max_images_per_request.
+    fitted = {"max_images_per_request": 1} if key == "batching.max_queue_size" else {}
+    assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 1, **fitted), section), name) == 1
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at least 1, got 0"):
+        config_with(tmp_path, classifier_dir, key, 0)
+
+
+@pytest.mark.parametrize("key", C_INT)
+def test_values_passed_on_as_a_c_int_take_its_largest_and_refuse_one_more(tmp_path, classifier_dir, key):
+    section, _, name = key.partition(".")
+    big = {"max_queue_size": 2**31 - 1} if key == "batching.max_images_per_request" else {}
+    assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 2**31 - 1, **big), section), name) == 2**31 - 1
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at most 2147483647, got 2147483648"):
+        config_with(tmp_path, classifier_dir, key, 2**31, **big)
+
+
+@pytest.mark.parametrize("name", PORTS)
+def test_each_port_takes_65535_and_refuses_65536(tmp_path, classifier_dir, name):
+    assert getattr(config_with(tmp_path, classifier_dir, f"server.{name}", 65535).server, name) == 65535
+    with pytest.raises(ConfigError, match=rf"\[server\]\.{name} must be at most 65535, got 65536"):
+        config_with(tmp_path, classifier_dir, f"server.{name}", 65536)
+
+
+def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_path, classifier_dir):
+    config = config_with(tmp_path, classifier_dir, "server.max_concurrent_rpcs", 8, max_workers=8)
+    assert config.server.concurrent_rpcs == 8
+    assert default_config().replace("server", max_workers=3).server.concurrent_rpcs == 12
+
+
+@pytest.mark.parametrize(("key", "value", "error"), [
+    ("server.port", True, r"\[server\]\.port must be a number, got True"),  # TOML's true is no port 1
+    ("server.host", 5, r"\[server\]\.host must be a str, got 5"),
+    ("classifier.class_names", "cat", r"\[classifier\]\.class_names must be a list, got 'cat'"),
+    ("classifier.mean", [True, True, True], r"\[classifier\]\.mean must be a list of numbers, got \[True, True, True\]"),
+    ("server.host", "  ", r"\[server\]\.host must be an address to listen on .* got '  '"),
+    ("server.log_format", "xml", r"\[server\]\.log_format must be one of .* got 'xml'"),
+    ("server.token", "a b", r"\[server\]\.token holds a character other than printable ASCII"),
+    ("runtime.backend", "tvm", r"\[runtime\]\.backend must be one of .* got 'tvm'"),
+    ("classifier.loader", "keras", r"\[classifier\]\.loader must be one of .* got 'keras'"),
+    ("classifier.mean", [0.5, 0.5], r"\[classifier\]\.mean and \.std must have the same length"),
+    ("tracing.otlp_endpoint", "http://:4317", r"\[tracing\]\.otlp_endpoint .*: no host$"),
+    ("tracing.otlp_endpoint", "http://collector:4317?x=1", r"\[tracing\]\.otlp_endpoint .*: a path, which gRPC has no use for$"),
+    ("tracing.otlp_endpoint", "http://collector:port", r"\[tracing\]\.otlp_endpoint .*: Port could not be cast"),
+])
+def test_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path, classifier_dir, key, value, error):
+    with pytest.raises(ConfigError, match=r"c.toml: " + error):
+        config_with(tmp_path, classifier_dir, key, value)
+
+
+def test_sections_that_are_unknown_or_no_table_and_settings_that_exclude_each_other_are_refused(tmp_path, classifier_dir):
+    (tmp_path / "c.toml").write_text('[serve]\nport = 1\n')
+    with pytest.raises(ConfigError, match=r"c.toml: unknown section\(s\) \['serve'\]"):
+        load_config(tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text('server = 5\n')
+    with pytest.raises(ConfigError, match=r"c.toml: \[server\] must be a table"):
+        load_config(tmp_path / "c.toml")
+    with pytest.raises(ConfigError, match=r"\[server\]\.data_dir must name a directory, got ' '"):  # `--data-dir " "`
+        default_config().replace("server", data_dir=" ")
+    with pytest.raises(ConfigError, match=r"set one of \[server\]\.token and \[server\]\.token_file, not both"):
+        config_with(tmp_path, classifier_dir, "server.token", "tokenONE", token_file="token")
+    with pytest.raises(ConfigError, match=r"\[server\]\.admins names callers of \[server\]\.callers_file; set that too"):
+        config_with(tmp_path, classifier_dir, "server.admins", ["root"])
+    with pytest.raises(ConfigError, match=r"\[server\]\.admins: 'Root' is no caller name"):
+        config_with(tmp_path, classifier_dir, "server.admins", ["Root"], callers_file="callers")
+
+
+def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_files(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.toml").write_text('[server]\ndata_dir = "../data"\n')
+    config = load_config(tmp_path / "conf" / "c.toml")
+    assert config.server.data_dir == str(tmp_path / "data")  # resolved: no ".." left
+    assert config.classifier == default_config().classifier
+
+
+def test_every_file_key_given_relative_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.toml").write_text(
+        '[server]\ndata_dir = "data"\ncallers_file = "callers"\n'
+        'tls_cert_file = "cert.pem"\ntls_key_file = "key.pem"\ntls_client_ca_file = "ca.pem"\n'
+        '[classifier]\npath = "model"\nweights = "w.pth"\nclass_names_file = "names.txt"\n'
+        '[clip]\nmodel = "ViT-B-32"\ncheckpoint = "clip.safetensors"\n[diffusion]\npath = "sd"\n')
+    config = load_config(tmp_path / "conf" / "c.toml")
+    given = {"server": ["data_dir", "callers_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"],
+             "classifier": ["path", "weights", "class_names_file"], "clip": ["checkpoint"], "diffusion": ["path"]}
+    values = [getattr(getattr(config, section), key) for section, keys in given.items() for key in keys]
+    assert values == [str(tmp_path / "conf" / name) for name in
+                      ("data", "callers", "cert.pem", "key.pem", "ca.pem", "model", "w.pth", "names.txt", "clip.safetensors", "sd")]
+    (tmp_path / "conf" / "c.toml").write_text('[server]\ntoken_file = "token"\n')
+    assert load_config(tmp_path / "conf" / "c.toml").server.token_file == str(tmp_path / "conf" / "token")
+
+
+@pytest.mark.parametrize(("key", "value", "is_a_name"), [
+    ("weights", "DEFAULT", True), ("weights", "ResNet50_Weights.IMAGENET1K_V2", True), ("weights", "sub/DEFAULT", False),
+    ("weights", "resnet.PTH", False), ("checkpoint", "laion2b_s34b_b79k", True), ("checkpoint", "clip.bin", False),
+])
+def test_weights_by_name_stay_names_and_weight_files_are_paths(tmp_path, key, value, is_a_name):
+    weights, checkpoint = (value, "openai") if key == "weights" else ("DEFAULT", value)
+    (tmp_path / "c.toml").write_text(f'[classifier]\nloader = "torchvision"\nname = "resnet18"\nweights = "{weights}"\n'
+                                     f'[clip]\nmodel = "ViT-B-32"\ncheckpoint = "{checkpoint}"\n')
+    section = "classifier" if key == "weights" else "clip"
+    loaded = getattr(getattr(load_config(tmp_path / "c.toml"), section), key)
+    assert loaded == (value if is_a_name else str(tmp_path / value))
+    if is_a_name:  # unless a file of that name is beside the config
+        (tmp_path / value).write_bytes(b"")
+        assert getattr(getattr(load_config(tmp_path / "c.toml"), section), key) == str(tmp_path / value)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("a\n", "line 1: expected NAME TOKEN, got 1 word(s)"),
+    ("a tokenA\n#b tokenA\n", None),  # a comment: no second caller, no token given twice
+    (f"{'n' * 64} tokenA\n", None),
+    (f"{'n' * 65} tokenA\n", "line 1: the first word is no caller name"),
+    (f"{'0' * 31}x tokenA\n", None),
+    (f"{'0' * 32} tokenA\n", "line 1: the first word is 32 hex digits, a token rather than a caller name"),
+    ("a tokenA\na tokenB\n", "line 2: caller 'a' is named on line 1 too"),
+    ("a tok\u00e9n\n", "line 1: the token of 'a' holds a character other than printable ASCII"),
+])
+def test_callers_file_lines_at_the_edges_of_a_name_and_a_token(text, problem):
+    if problem is None:
+        assert list(parse_callers(text).values()) == ["tokenA"]
+    else:
+        with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+            parse_callers(text)
+
+
+def test_a_token_or_callers_file_that_cannot_be_used_is_refused_naming_its_key(tmp_path):
+    (tmp_path / "latin1").write_bytes(b"a tok\xe9n\n")
+    with pytest.raises(ConfigError, match=r"^\[server\]\.callers_file: cannot read .*latin1"):
+        ServerSection(callers_file=str(tmp_path / "latin1")).named_callers()
+    (tmp_path / "token").write_text("  \n")
+    with pytest.raises(ConfigError, match=r"^\[server\]\.token_file: .*token is empty$"):
+        ServerSection(token_file=str(tmp_path / "token")).bearer_token()
+    (tmp_path / "token").write_text("tokenONE\n")
+    assert ServerSection(token_file=str(tmp_path / "token")).bearer_token() == "tokenONE"
