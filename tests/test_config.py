@@ -117,6 +117,13 @@ def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_
     assert config.classifier == default_config().classifier
 
 
+@pytest.mark.parametrize("section, key", [("server", "data_dir"), ("server", "token_file"), ("classifier", "weights"), ("diffusion", "path")])
+def test_a_blank_path_in_the_file_is_refused_not_resolved_to_a_file_named_blank(tmp_path, section, key):
+    (tmp_path / "c.toml").write_text(f'[{section}]\n{key} = " \t"\n')
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{key} is blank: give a path, or leave the key out"):
+        load_config(tmp_path / "c.toml")
+
+
 def test_every_file_key_given_relative_is_relative_to_the_config_file(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "c.toml").write_text(

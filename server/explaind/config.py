@@ -456,6 +456,8 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
             if not all(isinstance(item, item_type) and not isinstance(item, bool) for item in value):
                 raise ConfigError(f"{where} must be a list of {_TYPE_WORDS[item_type]}, got {shown}")
             value = tuple(value)
+        if key in _PATH_KEYS and value and not value.strip():  # it would resolve to a file named " " beside the config
+            raise ConfigError(f"{where} is blank: give a path, or leave the key out")
         if key in _PATH_KEYS and value.startswith("~"):
             try:
                 value = str(Path(value).expanduser())
