@@ -48,6 +48,16 @@ def _usage_error(capsys, argv: list[str]) -> str:
     return capsys.readouterr().err
 
 
+def _fail_if_serving_starts(monkeypatch) -> None:
+    """A refusal test fails, not serves until killed, when a check lets a bad value through."""
+    import explaind.service
+
+    def refused_value_served(config, stop_requested=None):
+        raise AssertionError("serve started with a value it should have refused")
+
+    monkeypatch.setattr(explaind.service, "serve", refused_value_served)
+
+
 def _error(capsys, argv: list[str]) -> str:
     """Run ``argv`` expecting exit code 1 and exactly one ``error:`` line; returns it."""
     assert main(argv) == 1
@@ -393,7 +403,8 @@ def test_operations_state_must_be_a_known_state(capsys):
         (None, "config file not found"),
     ],
 )
-def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, message):
+def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, monkeypatch, text, message):
+    _fail_if_serving_starts(monkeypatch)
     config = tmp_path / "bad.toml"
     if text is not None:
         config.write_text(text)
@@ -416,7 +427,8 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, text, me
         (["--admin", "ops"], "error: --admin: [server].admins names callers of [server].callers_file; set that too"),
     ],
 )
-def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, flags, message):
+def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, monkeypatch, flags, message):
+    _fail_if_serving_starts(monkeypatch)
     assert message in _error(capsys, ["serve", *flags, "--data-dir", str(tmp_path / "data")])
 
 
