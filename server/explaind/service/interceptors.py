@@ -52,7 +52,7 @@ _PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefl
 # dashboards count by method and code alone (who sends them, and what, is only here).
 _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": logging.WARNING,
                     "INVALID_ARGUMENT": logging.INFO, "NOT_FOUND": logging.INFO, "ALREADY_EXISTS": logging.INFO,
-                    "FAILED_PRECONDITION": logging.INFO, "OUT_OF_RANGE": logging.INFO}
+                    "FAILED_PRECONDITION": logging.INFO}
 
 # Longest status message sent, in bytes as gRPC percent-encodes it into the grpc-message
 # header. Messages quote the caller's ids; a header over gRPC's 8 KiB soft limit made the
