@@ -384,8 +384,9 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     command = image_entrypoint()
     for path in (command[command.index("--data-dir") + 1], "/tmp", environment["XDG_CACHE_HOME"], image_environment()["TRITON_HOME"]):
         assert path in mounts and not mounts[path].get("readOnly"), path
-    assert volumes[mounts["/tmp"]["name"]] == {"name": "tmp", "emptyDir": {}}
-    assert volumes[mounts[environment["XDG_CACHE_HOME"]]["name"]] == {"name": "cache", "emptyDir": {}}
+    # Each bounded: an unbounded emptyDir could fill the node's disk and evict its other pods.
+    assert volumes[mounts["/tmp"]["name"]] == {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}
+    assert volumes[mounts[environment["XDG_CACHE_HOME"]]["name"]] == {"name": "cache", "emptyDir": {"sizeLimit": "10Gi"}}
     assert mounts["/var/lib/explaind"]["name"] == "data"  # the volume claim
     # The "restricted" Pod Security Standard also asks for the runtime's seccomp profile: without it such a namespace refused the pod.
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -647,7 +648,10 @@ def test_helm_chart_keeps_the_download_cache_on_a_volume_claim_when_asked(chart_
                 {volume["name"]: volume for volume in spec["template"]["spec"]["volumes"]}, mount)
 
     claims, volumes, mount = claims_volumes_and_mount()
-    assert list(claims) == ["data"] and volumes[mount["name"]] == {"name": "cache", "emptyDir": {}}
+    assert list(claims) == ["data"] and volumes[mount["name"]] == {"name": "cache", "emptyDir": {"sizeLimit": "10Gi"}}
+    assert claims_volumes_and_mount(cache={"size": "30Gi"})[1]["cache"]["emptyDir"] == {"sizeLimit": "30Gi"}
+    assert claims_volumes_and_mount(tmpSize="512Mi")[1]["tmp"]["emptyDir"] == {"sizeLimit": "512Mi"}
+    assert claims_volumes_and_mount(tmpSize="")[1]["tmp"]["emptyDir"] == {}  # unlimited, as asked
     for persistent in ({"persistent": True}, {"persistent": True, "size": "30Gi", "storageClass": "fast-ssd"}):
         claims, volumes, mount = claims_volumes_and_mount(cache=persistent)
         assert list(claims) == ["data", "cache"] and mount["name"] == "cache" and "cache" not in volumes, persistent
