@@ -454,6 +454,19 @@ def test_head_swaps_are_atomic_per_batch(engine):
     assert seen == {0, 1}
 
 
+def test_a_predict_names_the_head_version_that_answered_it_not_one_promoted_since(engine):
+    # A batch answered by one head, whose caller is handed its answer after a promote, still
+    # names that head: its classes and its model_version come from the same version.
+    base = engine.models.active
+    answering, promoted = base.with_head(_constant_head(0)), base.with_head(_constant_head(1))
+    engine.activate(answering)
+    batch_output = engine.submit_predict(torch.rand(2, 3, 64, 64), top_k=1).result(timeout=60)
+    engine.activate(promoted)
+    output = engine.finish_predict(batch_output)
+    assert output.class_indices[:, 0].tolist() == [0, 0]
+    assert output.model_version == answering.version != promoted.version
+
+
 def test_split_reproduces_the_model_and_exposes_feature_maps(engine, world_model):
     version = engine.models.active
     images = torch.rand(5, 3, 64, 64)
@@ -1149,8 +1162,9 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
         return real_session(path, sess_options=sess_options, **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
-    with torch_threads():  # the engine sets them process-wide
+    with torch_threads(2):  # the engine sets them process-wide: from these 2 to the 1 configured
         ort_engine = _engine(tmp_path / "ort", classifier_dir, backend="onnxruntime", num_threads=1)
+        assert torch.get_num_threads() == 1
     assert session_threads == [1]  # [runtime].num_threads caps ONNX Runtime too
     images = torch.rand(6, 3, 64, 64)
     got = ort_engine.predict(images, top_k=6, return_features=True)
@@ -1654,7 +1668,8 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
         with pytest.raises(InvalidArgument, match=re.escape(message)) as refused:
             engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0), NewSample.from_array(pixels, 0, attributes)])
         assert refused.value.field == field
-    engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0, {f"a{i}": "u" * 1024 for i in range(64)})])
+    at_the_limits = {"n" * 128: "u" * 1024, **{f"a{i}": "u" * 1024 for i in range(63)}}  # each bound itself is allowed
+    engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0, at_the_limits)])
     # A display name is printed as it is by the CLI's listing, for every caller: a hostile
     # one's terminal escapes, line breaks or NULs were stored and listed back.
     for name in ("\x1b[2Jred", "two\nlines", "nul\x00", "c1\x9b31m", "del\x7f"):
