@@ -1875,13 +1875,14 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, digests))
     grids = []
     monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: grids.append((shown, captions)) or np.zeros((4, 4, 3), np.uint8))
+    stages = []
 
     class Context:
         def raise_if_cancelled(self):
             pass
 
         def stage(self, name):
-            pass
+            stages.append(name)
 
         def report_progress(self, *args, **kwargs):
             pass
@@ -1891,6 +1892,10 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
 
     version = engine.models.active
     result = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=True)
+    # The stages it timed are the ones the engine exports at zero before its first evaluation.
+    exported = {sample.labels["stage"] for family in engine.metrics.registry.collect() if family.name == "explaind_job_stage_duration_seconds"
+                for sample in family.samples if sample.labels.get("kind") == "evaluate_sample_set"}
+    assert exported == {"start", *stages, "finish"} and stages
     assert not result.confusion_cells
     confusion = np.array(result.confusion_matrix).reshape(6, 6)
     assert (confusion[0, 1], confusion[1, 2], confusion[2, 1]) == (1, 1, 1) and confusion[1, 0] == confusion[2, 0] == 0
