@@ -4784,6 +4784,22 @@ def test_the_start_up_sweep_leaves_the_scratch_file_of_a_blob_being_written(tmp_
     store.close()
 
 
+def test_a_clip_named_in_a_config_file_must_load_but_the_defaults_may_lack_theirs(tmp_path, classifier_dir):
+    # A server started from a file that names a CLIP it cannot load stops, naming the key;
+    # started without one (the shapes world) it serves the methods that need none.
+    missing = tmp_path / "no-clip"
+    config = load_config(write_config(tmp_path / "explaind.toml", classifier_dir, clip={"path": str(missing)}, server={"data_dir": str(tmp_path / "file")}))
+    with pytest.raises(ModelLoadError, match=re.escape(f"[clip].path not found: {missing}")):
+        Engine(config, SQLiteStore(tmp_path / "file"), Metrics()).load()
+    defaults = default_config().replace("classifier", path=str(classifier_dir)).replace("clip", path=str(missing))
+    engine = Engine(defaults.replace("server", data_dir=str(tmp_path / "defaults")), SQLiteStore(tmp_path / "defaults"), Metrics())
+    engine.load()
+    try:
+        assert not engine.components["clip"].loaded and engine.components["classifier"].loaded
+    finally:
+        engine.close()
+
+
 def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name_the_key(tmp_path):
     from explaind.config import ClipSection
     from explaind.engine.models import load_clip
