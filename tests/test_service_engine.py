@@ -1682,6 +1682,17 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
             engine.predict(torch.rand(1, 3, 64, 64), top_k=top_k)
 
 
+def test_a_closed_engine_refuses_predictions_and_jobs_as_shutting_down(tmp_path, classifier_dir):
+    # Not a hang, nor a forward or a job run on a server whose models are going away.
+    engine = _engine(tmp_path, classifier_dir)
+    engine.create_sample_set("kept", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    engine.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.predict(torch.rand(1, 3, 64, 64))
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.evaluate_sample_set("kept")
+
+
 def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
     # A CreateSampleSet past its deadline went on writing, and the set its caller was told
     # had failed turned up later: a retry then met ALREADY_EXISTS.
