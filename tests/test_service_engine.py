@@ -1693,6 +1693,23 @@ def test_a_closed_engine_refuses_predictions_and_jobs_as_shutting_down(tmp_path,
         engine.evaluate_sample_set("kept")
 
 
+def test_the_default_top_k_of_a_classifier_of_fewer_classes_ranks_them_all(tmp_path):
+    # top_k 0 means 5, or every class of a classifier of fewer: a 3-class model failed in topk().
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    config = (default_config().replace("classifier", loader="torchvision", path="", name="resnet18", weights=str(weights), image_size=32)
+              .replace("server", data_dir=str(tmp_path / "data")))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    try:
+        output = engine.predict(torch.rand(2, 3, 32, 32), top_k=0)
+        assert sorted(output.class_indices[0].tolist()) == [0, 1, 2] and output.probabilities.sum(axis=1) == pytest.approx([1.0, 1.0])
+    finally:
+        engine.close()
+
+
 def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
     # A CreateSampleSet past its deadline went on writing, and the set its caller was told
     # had failed turned up later: a retry then met ALREADY_EXISTS.
