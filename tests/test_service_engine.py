@@ -1710,6 +1710,16 @@ def test_the_default_top_k_of_a_classifier_of_fewer_classes_ranks_them_all(tmp_p
         engine.close()
 
 
+def test_an_upload_is_finished_by_an_append_of_no_samples_and_nothing_else_appends_none(engine):
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    engine.create_sample_set("up", "", [NewSample.from_array(pixels, 0)], uploading=True)
+    with pytest.raises(InvalidArgument, match="no samples to append") as refused:
+        engine.append_samples("up", [])
+    assert refused.value.field == "samples"
+    finished = engine.append_samples("up", [], finish_upload=True)
+    assert not finished.uploading and finished.sample_count == 1
+
+
 def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
     # A CreateSampleSet past its deadline went on writing, and the set its caller was told
     # had failed turned up later: a retry then met ALREADY_EXISTS.
