@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import io
 import re
 import threading
 import time
 import warnings
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from google.longrunning import operations_pb2 as operations_lro
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 
 from explaind.client import AsyncClient, Client, DeadlineExceededError, PlaintextTokenWarning
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
@@ -970,10 +973,15 @@ def test_waiting_for_an_operation_keeps_its_own_timeout_while_the_server_is_unav
         server.stop(0)
 
 
-def _running_operation(name: str) -> operations_lro.Operation:
+def _operation_message(name: str = "operations/x", *, done: bool = False, **metadata_fields) -> operations_lro.Operation:
+    """A google.longrunning Operation whose metadata is ``OperationMetadata(**metadata_fields)``."""
     metadata = any_pb2.Any()
-    metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head", state=operations_pb2.OPERATION_STATE_RUNNING))
-    return operations_lro.Operation(name=name, metadata=metadata)
+    metadata.Pack(operations_pb2.OperationMetadata(**metadata_fields))
+    return operations_lro.Operation(name=name, metadata=metadata, done=done)
+
+
+def _running_operation(name: str) -> operations_lro.Operation:
+    return _operation_message(name, kind="edit_head", state=operations_pb2.OPERATION_STATE_RUNNING)
 
 
 @contextlib.contextmanager
@@ -2621,3 +2629,307 @@ def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
     edit._repr_pretty_(SimpleNamespace(text=shown.append), False)
     assert shown == [edit.summary()]
     assert repr(edit).startswith("HeadEdit(version=HeadVersion(version_id='v2'")  # repr() keeps the fields, for logs
+
+
+class _FakeClock:
+    """``time`` for _operations: monotonic() stands still but for sleep(), which it records."""
+
+    def __init__(self) -> None:
+        self.now, self.pauses = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+def test_a_busy_server_answering_waits_at_once_is_polled_backing_off_to_at_most_two_seconds(monkeypatch):
+    # A busy server answers each WaitOperation at once (its waiting slots all taken): the
+    # SDK polls, doubling its pause from 0.1 s up to BUSY_WAIT_MAX_PAUSE_S, and asks each
+    # wait for what is left of the caller's timeout, to the nanosecond.
+    from explaind.client import _operations
+    from explaind.client._operations import Operation
+
+    clock = _FakeClock()
+    monkeypatch.setattr(_operations, "time", clock)
+    asked = []
+
+    class BusyServer:
+        _retry = True
+
+        def _call(self, service, method, request, **kwargs):
+            asked.append(request.timeout.ToTimedelta().total_seconds())
+            done = len(asked) == 9
+            state = operations_pb2.OPERATION_STATE_SUCCEEDED if done else operations_pb2.OPERATION_STATE_RUNNING
+            return operations_pb2.WaitOperationResponse(operation=_operation_message(request.name, done=done, state=state))
+
+    operation = Operation(BusyServer(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING))
+    assert operation.wait(timeout=30.5).done and operation.state == "succeeded"
+    assert clock.pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0])
+    assert asked == pytest.approx([30.5 - sum(clock.pauses[:i]) for i in range(9)], abs=1e-5)
+
+
+class _Stream:
+    """A stand-in WatchOperation stream of ``updates``, which records its cancel."""
+
+    def __init__(self, updates) -> None:
+        self.updates, self.cancelled = updates, False
+
+    def __iter__(self):
+        for update in self.updates:
+            yield operations_pb2.WatchOperationResponse(operation=update)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _png_bytes(side: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_watch_keeps_a_running_jobs_last_preview_until_it_ends_and_cancels_its_stream():
+    # The server sends each preview once: an update without one keeps the last, and a job
+    # that ended has none. A watch left early (or ended) closes its stream, which holds
+    # one of the server's threads for streams.
+    from explaind.client._operations import Operation
+
+    running = operations_pb2.OPERATION_STATE_RUNNING
+    updates = [_operation_message(state=running, progress=operations_pb2.Progress(step=1, total=4, preview_png=_png_bytes(2))),
+               _operation_message(state=running, progress=operations_pb2.Progress(step=2, total=4)),
+               _operation_message(state=running, progress=operations_pb2.Progress(step=3, total=4, preview_png=_png_bytes(3))),
+               _operation_message(state=operations_pb2.OPERATION_STATE_SUCCEEDED, done=True, progress=operations_pb2.Progress(step=4, total=4))]
+    streams = []
+    client = SimpleNamespace(_stream=lambda *args, **kwargs: streams.append(_Stream(updates)) or streams[-1])
+    operation = Operation(client, _operation_message(state=operations_pb2.OPERATION_STATE_QUEUED))
+    previews = [(update.progress.step, update.progress.preview and update.progress.preview.size) for update in operation.watch()]
+    assert previews == [(1, (2, 2)), (2, (2, 2)), (3, (3, 3)), (4, None)]
+    assert len(streams) == 1 and streams[0].cancelled
+    for update in Operation(client, _operation_message(state=running)).watch():
+        break
+    assert len(streams) == 2 and streams[1].cancelled
+
+
+def test_an_operations_times_are_none_until_they_happen_and_its_artifacts_say_their_size():
+    from explaind.client import Artifact
+    from explaind.client._operations import Operation
+
+    def at(seconds: int) -> timestamp_pb2.Timestamp:
+        return timestamp_pb2.Timestamp(seconds=seconds)
+
+    artifact = operations_pb2.Artifact(name="omega.npy", media_type="application/x-npy", digest="ab12", size_bytes=4096)
+    queued = Operation(None, _operation_message(state=operations_pb2.OPERATION_STATE_QUEUED, create_time=at(60)))
+    assert queued.create_time == dt.datetime(1970, 1, 1, 0, 1, tzinfo=dt.timezone.utc)
+    assert queued.start_time is None and queued.end_time is None and queued.artifacts == []
+    ended = Operation(None, _operation_message(state=operations_pb2.OPERATION_STATE_SUCCEEDED, done=True, create_time=at(60),
+                                               start_time=at(120), end_time=at(180), artifacts=[artifact]))
+    assert (ended.start_time, ended.end_time) == (dt.datetime(1970, 1, 1, 0, 2, tzinfo=dt.timezone.utc), dt.datetime(1970, 1, 1, 0, 3, tzinfo=dt.timezone.utc))
+    assert ended.artifacts == [Artifact("omega.npy", "application/x-npy", "ab12", 4096)]
+
+
+class _ArtifactServer:
+    """A stand-in client for ``Operation.artifact``: the server's message limit is
+    ``server_limit`` bytes (0: not said) and it sends at most ``cap`` bytes a response
+    (fewer than asked, as a server with a smaller limit does); it records each range asked."""
+
+    def __init__(self, content: bytes, *, server_limit: int, client_limit: int, cap: int) -> None:
+        import hashlib
+
+        from explaind.client._types import RequestLimits
+
+        self.content, self.cap, self.asked = content, cap, []
+        self.digest = hashlib.sha256(content).hexdigest()
+        self._max_message_bytes = client_limit
+        self._request_limits = lambda: RequestLimits(server_limit, 0, 0, 0)
+
+    def _call(self, service, method, request, **kwargs):
+        self.asked.append((request.offset, request.max_bytes))
+        part = self.content[request.offset:request.offset + min(request.max_bytes, self.cap)]
+        return operations_pb2.GetArtifactResponse(artifact=operations_pb2.Artifact(name=request.artifact, digest=self.digest, size_bytes=len(self.content)),
+                                                  content=part)
+
+
+@pytest.mark.parametrize(("server_limit", "client_limit", "range_bytes"), [
+    (8192, 4 << 20, 4096),  # under 128 KiB: half the limit is left for the rest of the response
+    (0, 200_000, 200_000 - 64 * 1024),  # the server does not say: the client's own limit
+    (300_000, 200_000, 200_000 - 64 * 1024),  # the smaller of the two
+    (64 << 20, 64 << 20, 2 << 20),  # ARTIFACT_RANGE_BYTES at most
+])
+def test_an_artifact_is_read_in_ranges_that_fit_both_sides_message_limits(server_limit, client_limit, range_bytes):
+    from explaind.client._operations import Operation
+
+    content = np.random.default_rng(0).integers(0, 256, 5 * 1024 * 1024 + 7, np.uint8).tobytes()
+    server = _ArtifactServer(content, server_limit=server_limit, client_limit=client_limit, cap=range_bytes)
+    assert Operation(server, _operation_message(done=True)).artifact("omega.npy") == content
+    assert server.asked == [(offset, range_bytes) for offset in range(0, len(content), range_bytes)]
+
+
+def test_an_artifact_sent_in_ranges_shorter_than_asked_is_read_whole_from_where_each_ended():
+    from explaind.client._operations import Operation
+
+    content = bytes(range(256)) * 40
+    server = _ArtifactServer(content, server_limit=8192, client_limit=4 << 20, cap=1000)
+    assert Operation(server, _operation_message(done=True)).artifact("omega.npy") == content
+    assert [offset for offset, _ in server.asked] == list(range(0, len(content), 1000))
+
+
+def test_a_cells_only_evaluation_counts_its_mistakes_from_an_accuracy_read_in_float64():
+    # 10 samples, 9 right: 10 * (1 - 0.9) is 0.9999999999999998, which int() makes 0.
+    from explaind.client._operations import _evaluation as evaluation_of
+
+    message = inference_pb2.EvaluateSampleSetResult(sample_count=10, accuracy=9 / 10, per_class=[inference_pb2.ClassAccuracy(class_name="a", count=10)],
+                                                    confusion_cells=[inference_pb2.ConfusionCell(label=0, predicted=0, count=9)])
+    assert evaluation_of(message).mistake_count == 1
+
+
+def test_a_progress_bar_on_a_terminal_shows_the_step_of_the_total_and_the_message(capsys, monkeypatch):
+    import sys
+
+    from explaind.client._operations import ProgressDisplay
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with ProgressDisplay("edit_head", unit="step") as display:
+        display.show(3, 10, "running", "running: epoch 3")
+    drawn = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert drawn.startswith("edit_head:  30%") and " 3/10 " in drawn and drawn.endswith(", running: epoch 3]"), drawn
+
+
+def test_an_operations_repr_says_a_cancel_was_asked_only_while_it_runs():
+    from explaind.client._operations import Operation
+
+    running = Operation(None, _operation_message(kind="edit_head", state=operations_pb2.OPERATION_STATE_RUNNING, cancel_requested=True,
+                                                 progress=operations_pb2.Progress(step=3, total=8)))
+    assert repr(running) == "Operation('operations/x', kind='edit_head', state='running', progress=3/8, cancel_requested=True)"
+    ended = Operation(None, _operation_message(kind="edit_head", state=operations_pb2.OPERATION_STATE_CANCELLED, done=True, cancel_requested=True))
+    assert repr(ended) == "Operation('operations/x', kind='edit_head', state='cancelled', progress=0/0)"
+
+
+def test_an_evaluations_cells_of_equal_count_keep_row_major_order_and_its_mistakes_their_fields():
+    from explaind.client._operations import EvaluatedMistake, _evaluation as evaluation_of
+
+    counts = np.random.default_rng(0).integers(1, 3, (7, 7))  # ties everywhere: an unstable sort reorders them
+    message = inference_pb2.EvaluateSampleSetResult(
+        sample_count=int(counts.sum()), per_class=[inference_pb2.ClassAccuracy(class_name=str(i), count=1) for i in range(7)],
+        confusion_matrix=counts.ravel().tolist(), mistakes=[inference_pb2.Mistake(sample_index=12, label=3, predicted=5, probability=0.75)])
+    evaluation = evaluation_of(message)
+    cells = [(label, predicted, int(counts[label, predicted])) for label in range(7) for predicted in range(7)]
+    assert evaluation.confusion_cells.tolist() == [list(cell) for cell in sorted(cells, key=lambda cell: -cell[2])]
+    assert evaluation.mistakes == [EvaluatedMistake(sample_index=12, label=3, predicted_class=5, probability=0.75)]
+
+
+def test_a_failed_jobs_error_of_another_code_names_the_field_its_error_info_names():
+    # Not only INVALID_ARGUMENT's violations: a job whose sample set was deleted while it
+    # was queued fails NOT_FOUND, its ErrorInfo naming sample_set_id.
+    from google.rpc import error_details_pb2, status_pb2
+
+    from explaind.client import NotFoundError, OperationError
+    from explaind.client._operations import Operation
+
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="NOT_FOUND", domain="explaind.v1", metadata={"field": "sample_set_id"}))
+    status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="sample_set_id: no sample set 'hearts'", details=[info])
+    with pytest.raises(NotFoundError) as raised:
+        Operation(None, operations_lro.Operation(name="operations/x", done=True, error=status)).result()
+    assert isinstance(raised.value, OperationError) and raised.value.field == "sample_set_id"
+
+
+class _RefusedStream(_Stream):
+    """A stand-in WatchOperation stream that fails with ``error`` before its first message."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__([])
+        self.error = error
+
+    def __iter__(self):
+        raise self.error
+
+
+def test_a_watch_a_busy_server_has_no_stream_for_polls_it_until_the_job_ends(monkeypatch):
+    # Every thread for streams taken (RESOURCE_EXHAUSTED): GetOperation every
+    # WATCH_POLL_INTERVAL_S instead, each poll an update.
+    from explaind.client import ResourceExhaustedError, _operations
+    from explaind.client._operations import Operation
+
+    clock = _FakeClock()
+    monkeypatch.setattr(_operations, "time", clock)
+    polls = []
+
+    class BusyServer:
+        timeout, _retry = 30.0, True
+
+        def _stream(self, *args, **kwargs):
+            return _RefusedStream(ResourceExhaustedError("no thread for another stream"))
+
+        def _call(self, service, method, request, **kwargs):
+            polls.append(method)
+            done = len(polls) == 3
+            state = operations_pb2.OPERATION_STATE_SUCCEEDED if done else operations_pb2.OPERATION_STATE_RUNNING
+            return operations_pb2.GetOperationResponse(operation=_operation_message(request.name, done=done, state=state,
+                                                                                    progress=operations_pb2.Progress(step=len(polls), total=3)))
+
+    operation = Operation(BusyServer(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING))
+    assert [(update.state, update.progress.step) for update in operation.watch(timeout=60)] == [("running", 1), ("running", 2), ("succeeded", 3)]
+    assert polls == ["GetOperation"] * 3 and clock.pauses == [_operations.WATCH_POLL_INTERVAL_S] * 3
+
+
+def test_a_watch_whose_stream_the_server_ended_early_as_deadline_exceeded_raises_it():
+    # Before the watch's own timeout a DEADLINE_EXCEEDED is the server's (or a proxy's):
+    # ending the watch quietly read as the timeout having passed with the job still running.
+    from explaind.client import DeadlineExceededError
+    from explaind.client._operations import Operation
+
+    client = SimpleNamespace(_stream=lambda *args, **kwargs: _RefusedStream(DeadlineExceededError("the proxy's stream timeout")))
+    operation = Operation(client, _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING))
+    with pytest.raises(DeadlineExceededError, match="the proxy's stream timeout"):
+        list(operation.watch(timeout=3600))
+
+
+def test_the_result_of_an_operation_listed_without_its_response_is_read_from_the_server():
+    # Client.operations lists ended operations without their results (a page of rankings
+    # would not fit a message): result() fetches it.
+    from explaind.client._operations import Operation
+
+    evaluated = inference_pb2.EvaluateSampleSetResult(sample_set_id="hearts", sample_count=4, accuracy=0.75)
+    asked = []
+
+    class Server:
+        def _call(self, service, method, request, **kwargs):
+            asked.append(method)
+            whole = _operation_message(request.name, done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED)
+            whole.response.Pack(evaluated)
+            return operations_pb2.GetOperationResponse(operation=whole)
+
+    listed = Operation(Server(), _operation_message(done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED))
+    result = listed.result()
+    assert (result.sample_set_id, result.sample_count, result.accuracy) == ("hearts", 4, 0.75) and asked == ["GetOperation"]
+
+
+def test_an_artifact_whose_bytes_do_not_match_its_digest_is_a_data_loss():
+    from explaind.client import DataLossError
+    from explaind.client._operations import Operation
+
+    server = _ArtifactServer(b"omega", server_limit=8192, client_limit=4 << 20, cap=4096)
+    server.digest = server.digest[::-1]
+    with pytest.raises(DataLossError, match=r"^DATA_LOSS: artifact 'omega.npy' of operations/x does not match its digest "):
+        Operation(server, _operation_message(done=True)).artifact("omega.npy")
+
+
+def test_a_ranking_read_without_download_fetches_no_artifact_and_with_it_its_omega():
+    # download=False is for a ranking whose ω is gigabytes: it must not be fetched.
+    from explaind.client._operations import Operation
+    from explaind.v1 import neuroinspect_pb2
+
+    omega = np.arange(6, dtype=np.float32).reshape(2, 3)
+    saved = io.BytesIO()
+    np.save(saved, omega)
+    server = _ArtifactServer(saved.getvalue(), server_limit=0, client_limit=4 << 20, cap=4 << 20)
+    message = _operation_message(done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED)
+    message.response.Pack(neuroinspect_pb2.NeuronRanking(class_name="heart", omega_artifact="omega.npy"))
+    operation = Operation(server, message)
+    assert operation.result(download=False).omega is None and server.asked == []
+    assert np.array_equal(operation.result().omega, omega) and server.asked == [(0, 2 << 20)]
