@@ -2933,3 +2933,29 @@ def test_a_ranking_read_without_download_fetches_no_artifact_and_with_it_its_ome
     operation = Operation(server, message)
     assert operation.result(download=False).omega is None and server.asked == []
     assert np.array_equal(operation.result().omega, omega) and server.asked == [(0, 2 << 20)]
+
+
+@pytest.mark.parametrize(("answer", "note"), [
+    (dict(state=operations_pb2.OPERATION_STATE_RUNNING, cancel_requested=True), "cancel requested for operations/x; it ends at its next check"),
+    (dict(state=operations_pb2.OPERATION_STATE_CANCELLED, done=True), "cancelled operations/x"),
+    # It ended as Ctrl-C came: "cancelled" sent the caller to submit again a job whose result was there.
+    (dict(state=operations_pb2.OPERATION_STATE_SUCCEEDED, done=True), "operations/x had already finished (succeeded); nothing to cancel"),
+])
+def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypatch, answer, note):
+    from explaind.client._operations import Operation
+
+    asked = []
+
+    class Server:
+        def _call(self, service, method, request, **kwargs):
+            asked.append((method, request.name))
+            done = answer.get("done", False)
+            fields = {key: value for key, value in answer.items() if key != "done"}
+            return operations_pb2.CancelOperationResponse(operation=_operation_message(request.name, done=done, **fields))
+
+    monkeypatch.setattr(Operation, "wait", lambda self, timeout=None: (_ for _ in ()).throw(KeyboardInterrupt()))
+    operation = Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING))
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        operation.result()
+    assert asked == [("CancelOperation", "operations/x")]
+    assert interrupted.value.__notes__ == [note]

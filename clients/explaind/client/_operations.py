@@ -478,7 +478,13 @@ class Operation(Generic[ResultT]):
             except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
                 interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
             else:
-                interrupt.add_note(f"cancelled {self.name}" if self.done else f"cancel requested for {self.name}; it ends at its next check")
+                if not self.done:
+                    note = f"cancel requested for {self.name}; it ends at its next check"
+                elif self.state == "cancelled":
+                    note = f"cancelled {self.name}"
+                else:  # it ended as the interrupt came: its result (or error) stands
+                    note = f"{self.name} had already finished ({self.state}); nothing to cancel"
+                interrupt.add_note(note)
             raise
         if not self.done:
             raise self._late(timeout, started)
