@@ -969,6 +969,35 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     assert capsys.readouterr() == (waited.out, waited.err)
 
 
+def test_operations_cancel_of_a_job_that_ended_meanwhile_says_it_finished_not_that_it_was_cancelled(capsys):
+    # Read running, ended before the cancel reached it: "cancelled" sent the caller to
+    # submit again a job whose result was there.
+    from google.longrunning import operations_pb2 as operations_lro
+    from google.protobuf import any_pb2
+
+    from explaind.v1 import operations_pb2, operations_pb2_grpc
+    from test_client_sdk import _serve
+
+    def operation(name: str, state: int) -> operations_lro.Operation:
+        metadata = any_pb2.Any()
+        metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head", state=state))
+        return operations_lro.Operation(name=name, metadata=metadata, done=state != operations_pb2.OPERATION_STATE_RUNNING)
+
+    class EndingOperations(operations_pb2_grpc.OperationsServiceServicer):
+        def GetOperation(self, request, context):
+            return operations_pb2.GetOperationResponse(operation=operation(request.name, operations_pb2.OPERATION_STATE_RUNNING))
+
+        def CancelOperation(self, request, context):
+            return operations_pb2.CancelOperationResponse(operation=operation(request.name, operations_pb2.OPERATION_STATE_SUCCEEDED))
+
+    server, target = _serve(EndingOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        assert main(["--target", target, "operations", "cancel", "operations/x"]) == 0
+    finally:
+        server.stop(0)
+    assert capsys.readouterr().out == "operations/x had already finished (succeeded); nothing to cancel\n"
+
+
 def test_operations_watch_prints_each_update_as_operations_list_does(server, capsys, monkeypatch):
     # It printed the SDK's repr, "Operation('operations/...', kind=..., state=...,
     # progress=57/400) optimising 1 images", a line per step.

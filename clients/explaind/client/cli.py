@@ -819,9 +819,13 @@ def cmd_operations(args: argparse.Namespace) -> int:
             if not operation.done:
                 operation.cancel()
                 if not args.json:  # a queued job ends at once, a running one at its next check
-                    print(f"cancelled {operation.name}" if operation.done else
-                          f"cancel requested for {operation.name} ({operation.state}); it ends at its next check "
-                          f"(explaind operations wait {operation.name})")
+                    if not operation.done:
+                        print(f"cancel requested for {operation.name} ({operation.state}); it ends at its next check "
+                              f"(explaind operations wait {operation.name})")
+                    elif operation.state == "cancelled":
+                        print(f"cancelled {operation.name}")
+                    else:  # it ended between the two calls: its result (or error) stands
+                        print(f"{operation.name} had already finished ({operation.state}); nothing to cancel")
                     return 0
         elif args.action in ("wait", "watch"):
             try:
