@@ -2959,3 +2959,76 @@ def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypat
         operation.result()
     assert asked == [("CancelOperation", "operations/x")]
     assert interrupted.value.__notes__ == [note]
+
+
+def test_a_rankings_fields_are_the_servers_each_in_its_place():
+    from explaind.client import MistakeSummary, RankedNeuron
+    from explaind.client._neuroinspect import ranking
+    from explaind.v1 import common_pb2, neuroinspect_pb2 as ni
+
+    omega = np.arange(6, dtype="<f4").reshape(2, 3)
+    message = ni.NeuronRanking(
+        sample_set_id="s", model_version="v", class_index=2, class_name="heart", solver="faithful", sample_count=30, mistake_count=6,
+        converged_count=5, top_k=3, predicted_as={"circle": 2, "square": 4},
+        omega=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2, 3], data=omega.tobytes()),
+        neurons=[ni.RankedNeuron(neuron=7, direction=ni.NEURON_DIRECTION_EXCESSIVE, insufficient_ratio=0.25, excessive_ratio=0.75,
+                                 mean_omega=-0.5, importance=1.5, top_classes=[1, 0], top_class_names=["square", "circle"])],
+        mistakes=[ni.MistakeSummary(sample_index=4, predicted_class=1, converged=True, iterations=12, insufficient_neurons=[7, 3],
+                                    excessive_neurons=[9], omega_l1=2.5)])
+    read = ranking(message)
+    assert (read.sample_set_id, read.model_version, read.class_index, read.class_name, read.solver) == ("s", "v", 2, "heart", "faithful")
+    assert (read.sample_count, read.mistake_count, read.converged_count, read.top_k) == (30, 6, 5, 3)
+    assert list(read.predicted_as.items()) == [("square", 4), ("circle", 2)]  # most first
+    assert read.neurons == [RankedNeuron(7, "excessive", 0.25, 0.75, -0.5, 1.5, ["square", "circle"], [1, 0])]
+    assert read.neurons[0].rank_ratio == 0.75
+    assert read.mistakes == [MistakeSummary(4, 1, True, 12, [7, 3], [9], 2.5)]
+    assert read.omega.dtype == np.float32 and np.array_equal(read.omega, omega)
+
+
+def test_visualizations_fields_and_images_are_the_servers_each_in_its_place():
+    from PIL import Image
+
+    from explaind.client._neuroinspect import visualizations
+    from explaind.v1 import neuroinspect_pb2 as ni
+
+    message = ni.VisualizeNeuronsResult(model_version="v", method="clip_illusion", steps=50, visualizations=[ni.NeuronVisualization(
+        neuron=7, class_index=2, class_name="heart", image_artifact="n7.png", masked_image_artifact="n7_masked.png", activation=3.5,
+        logit=1.25, clip_similarity=0.3, core_relevance=0.6, mask_fraction=0.4)])
+    images = {"n7.png": Image.new("RGB", (4, 4)), "n7_masked.png": Image.new("RGB", (5, 5))}
+    operation = SimpleNamespace(artifact_image=images.__getitem__)
+    read = visualizations(message, operation)
+    assert (read.model_version, read.method, read.steps) == ("v", "clip_illusion", 50)
+    (shown,) = read.visualizations
+    assert (shown.neuron, shown.class_index, shown.class_name, shown.activation, shown.logit) == (7, 2, "heart", 3.5, 1.25)
+    assert (shown.clip_similarity, shown.core_relevance, shown.mask_fraction) == (0.3, 0.6, 0.4)
+    assert (shown.image_artifact, shown.masked_image_artifact) == ("n7.png", "n7_masked.png")
+    assert (shown.image.size, shown.masked_image.size) == ((4, 4), (5, 5))
+    assert visualizations(message, None).visualizations[0].image is None
+
+
+def test_a_head_edits_fields_are_the_servers_each_in_its_place():
+    from explaind.client._neuroinspect import active_head_change, head_edit
+    from explaind.v1 import inference_pb2 as inf, neuroinspect_pb2 as ni
+
+    def evaluation(accuracy: float, groups: dict[str, float]) -> ni.HeadEvaluation:
+        return ni.HeadEvaluation(accuracy=accuracy, per_class=[inf.ClassAccuracy(class_name="heart", accuracy=accuracy)], worst_class_name="heart",
+                                 worst_class_accuracy=accuracy, group_accuracy=groups, worst_group=min(groups, key=groups.get) if groups else "",
+                                 worst_group_accuracy=min(groups.values(), default=0.0))
+
+    version = ni.HeadVersion(version_id="h2", model_version="m@h2", parent_version_id="h1", method="constrain", class_name="heart", neurons=[7, 3],
+                             description="d", create_time=timestamp_pb2.Timestamp(seconds=60), active=True, owner="analyst",
+                             parent_evaluation=evaluation(0.5, {"water": 0.25, "land": 0.75}), evaluation=evaluation(0.75, {"water": 0.5, "land": 0.75}))
+    edit = head_edit(ni.EditHeadResult(version=version, best_epoch=2, epochs_run=5, validation_accuracy=[0.5, 0.75]))
+    assert (edit.best_epoch, edit.epochs_run, edit.validation_accuracy) == (2, 5, [0.5, 0.75])
+    read = edit.version
+    assert (read.version_id, read.model_version, read.parent_version_id, read.method, read.class_name) == ("h2", "m@h2", "h1", "constrain", "heart")
+    assert (read.neurons, read.description, read.active, read.owner) == ([7, 3], "d", True, "analyst")
+    assert read.create_time == dt.datetime(1970, 1, 1, 0, 1, tzinfo=dt.timezone.utc)
+    assert (read.parent_evaluation.accuracy, read.evaluation.accuracy) == (0.5, 0.75)
+    assert read.evaluation.class_accuracy == {"heart": 0.75} and (read.evaluation.worst_class, read.evaluation.worst_class_accuracy) == ("heart", 0.75)
+    assert list(read.evaluation.group_accuracy.items()) == [("land", 0.75), ("water", 0.5)]  # by name
+    assert (read.evaluation.worst_group, read.evaluation.worst_group_accuracy) == ("water", 0.5)
+    loaded = head_edit(ni.EditHeadResult(version=ni.HeadVersion(version_id="h0", evaluation=evaluation(0.5, {})))).version
+    assert loaded.parent_evaluation is None and loaded.evaluation.worst_group == "" and np.isnan(loaded.evaluation.worst_group_accuracy)
+    change = active_head_change(ni.PromoteHeadVersionResponse(version=version, previous_version_id="h0"))
+    assert (change.version.version_id, change.previous_version_id) == ("h2", "h0")
