@@ -2936,7 +2936,7 @@ def test_a_ranking_read_without_download_fetches_no_artifact_and_with_it_its_ome
 
 
 @pytest.mark.parametrize(("answer", "note"), [
-    (dict(state=operations_pb2.OPERATION_STATE_RUNNING, cancel_requested=True), "cancel requested for operations/x; it ends at its next check"),
+    (dict(state=operations_pb2.OPERATION_STATE_RUNNING, cancel_requested=True), "cancel requested for operations/x (running); it ends at its next check"),
     (dict(state=operations_pb2.OPERATION_STATE_CANCELLED, done=True), "cancelled operations/x"),
     # It ended as Ctrl-C came: "cancelled" sent the caller to submit again a job whose result was there.
     (dict(state=operations_pb2.OPERATION_STATE_SUCCEEDED, done=True), "operations/x had already finished (succeeded); nothing to cancel"),

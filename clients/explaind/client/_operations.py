@@ -227,6 +227,17 @@ class ProgressDisplay:
             self._shown, self._shown_at = words, now
 
 
+def cancel_outcome(operation: Operation[Any]) -> str:
+    """What a cancel did, read from the operation it returned. A job that ended before the
+    cancel reached it keeps its result (or error): calling it "cancelled" sent callers to
+    submit it again."""
+    if not operation.done:  # a running job ends at its next check
+        return f"cancel requested for {operation.name} ({operation.state}); it ends at its next check"
+    if operation.state == "cancelled":
+        return f"cancelled {operation.name}"
+    return f"{operation.name} had already finished ({operation.state}); nothing to cancel"
+
+
 class Operation(Generic[ResultT]):
     """A server-side job. ``state`` is one of queued, running, succeeded, failed, cancelled.
     ``Operation[Evaluation]`` is one whose ``result()`` is an :class:`Evaluation`."""
@@ -478,13 +489,7 @@ class Operation(Generic[ResultT]):
             except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
                 interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
             else:
-                if not self.done:
-                    note = f"cancel requested for {self.name}; it ends at its next check"
-                elif self.state == "cancelled":
-                    note = f"cancelled {self.name}"
-                else:  # it ended as the interrupt came: its result (or error) stands
-                    note = f"{self.name} had already finished ({self.state}); nothing to cancel"
-                interrupt.add_note(note)
+                interrupt.add_note(cancel_outcome(self))
             raise
         if not self.done:
             raise self._late(timeout, started)

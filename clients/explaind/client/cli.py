@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
 from ._errors import ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
 from ._images import image_folder
-from ._operations import OPERATION_STATES
+from ._operations import OPERATION_STATES, cancel_outcome
 from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
@@ -819,13 +819,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
             if not operation.done:
                 operation.cancel()
                 if not args.json:  # a queued job ends at once, a running one at its next check
-                    if not operation.done:
-                        print(f"cancel requested for {operation.name} ({operation.state}); it ends at its next check "
-                              f"(explaind operations wait {operation.name})")
-                    elif operation.state == "cancelled":
-                        print(f"cancelled {operation.name}")
-                    else:  # it ended between the two calls: its result (or error) stands
-                        print(f"{operation.name} had already finished ({operation.state}); nothing to cancel")
+                    print(cancel_outcome(operation) + ("" if operation.done else f" (explaind operations wait {operation.name})"))
                     return 0
         elif args.action in ("wait", "watch"):
             try:
