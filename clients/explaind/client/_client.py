@@ -1255,7 +1255,7 @@ _NO_DISPLAY = contextlib.nullcontext(None)
 
 def _show_upload(display: ProgressDisplay | None, sent: int, total: int, last: bool) -> None:
     if display is not None:
-        display.show(sent, total, "uploaded" if last else "uploading", last=last)
+        display.show(sent, total, "uploaded" if last else "uploading")
 
 
 def _request_id(given: str | uuid.UUID | None) -> str:

@@ -207,9 +207,9 @@ class ProgressDisplay:
         if self._bar is not None:
             self._bar.close()
 
-    def show(self, step: int, total: int, state: str, message: str = "", *, last: bool = False) -> None:
-        """``step`` of ``total`` (0: unknown); ``last`` prints a line even within the interval.
-        A message that begins with the state (a queued job's "queued: 2 ahead; running: ...")
+    def show(self, step: int, total: int, state: str, message: str = "") -> None:
+        """``step`` of ``total`` (0: unknown). A change of state prints a line at once, so
+        the last update of a job or an upload ("uploaded") is never held back. A message that begins with the state (a queued job's "queued: 2 ahead; running: ...")
         is shown without it."""
         said = "" if message == state else message.removeprefix(f"{state}: ")
         if self._bar is not None:
@@ -221,7 +221,7 @@ class ProgressDisplay:
             return
         now = time.monotonic()
         words = (state, _NUMBER.sub("#", message))
-        if last or words != self._shown or now - self._shown_at >= PROGRESS_LINE_INTERVAL_S:
+        if words != self._shown or now - self._shown_at >= PROGRESS_LINE_INTERVAL_S:
             count = f"{step}/{total}" if total else str(step or "")
             print(" ".join(part for part in (f"{self._description}:", state, count, said) if part), file=sys.stderr, flush=True)
             self._shown, self._shown_at = words, now
