@@ -398,6 +398,7 @@ def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_m
         images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         together = engine.predict(images, top_k=6, return_features=True)
         assert forwards == [4, 4, 2]
+        assert engine.metrics.registry.get_sample_value("explaind_predicted_images_total") == 10  # images, not requests
         # explaind_batch_size_images counts forwards, as its help says: it said one of 10.
         assert engine.metrics.registry.get_sample_value("explaind_batch_size_images_count") == 3
         assert engine.metrics.registry.get_sample_value("explaind_batch_size_images_sum") == 10
@@ -414,6 +415,43 @@ def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_m
         engine.models.activate(dataclasses.replace(version, feature_extractor=None, head=None, predict_fn=logits_of))
         assert engine.predict(images, top_k=6).class_indices.tolist() == together.class_indices.tolist() and sizes == [4, 4, 2]
     finally:
+        engine.close()
+
+
+def test_the_engine_exports_the_model_it_serves_and_its_predict_queue_as_it_fills_and_drains(tmp_path, classifier_dir):
+    # What dashboards and alerts read: the backend and device of the served model, and the
+    # images waiting for it, each named caller kept to [batching].max_queued_images_per_caller.
+    config = (default_config().replace("classifier", path=str(classifier_dir)).replace("server", data_dir=str(tmp_path / "data"))
+              .replace("batching", max_queued_images_per_caller=2))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    value = engine.metrics.registry.get_sample_value
+    [info] = [sample.labels for family in engine.metrics.registry.collect() if family.name == "explaind_model" for sample in family.samples]
+    assert (info["backend"], info["device"]) == engine.runtime(engine.models.active) == ("eager", "cpu")
+    batcher = engine._batcher
+    forward, gate, entered = batcher._run, threading.Event(), threading.Event()
+
+    def held_forward(images: torch.Tensor):
+        entered.set()
+        gate.wait(30)
+        return forward(images)
+
+    batcher._run = held_forward
+    pool = ThreadPoolExecutor(1)
+    try:
+        busy = pool.submit(engine.predict, torch.rand(1, 3, 64, 64))
+        assert entered.wait(30)
+        waiting = engine.submit_predict(torch.rand(2, 3, 64, 64), caller="analyst")
+        assert value("explaind_predict_queue_depth_images") == 2
+        with pytest.raises(ResourceExhausted, match="prediction queue is full for caller 'analyst' \\(2 of its images waiting, limit 2"):
+            engine.check_predict_room(1, caller="analyst")
+        engine.check_predict_room(2, caller="monitoring")  # another caller's share is its own
+        gate.set()
+        assert len(busy.result(60).class_indices) == 1 and len(waiting.result(60).class_indices) == 2
+        assert value("explaind_predict_queue_depth_images") == 0
+    finally:
+        gate.set()
+        pool.shutdown()
         engine.close()
 
 
@@ -4834,6 +4872,9 @@ def test_a_clip_named_in_a_config_file_must_load_but_the_defaults_may_lack_their
     engine.load()
     try:
         assert not engine.components["clip"].loaded and engine.components["classifier"].loaded
+        # Its dashboard says so too: explaind_component_loaded said 1 whatever loaded.
+        loaded = {name: engine.metrics.registry.get_sample_value("explaind_component_loaded", {"component": name}) for name in engine.components}
+        assert loaded == {"classifier": 1, "clip": 0, "diffusion": 0}
     finally:
         engine.close()
 
