@@ -1309,6 +1309,23 @@ def test_a_set_holding_one_image_several_times_computes_its_features_once(engine
     assert engine.load_sample_image(engine.store.list_samples("repeats")[0].digest, other_size).shape == (3, 48, 48)
 
 
+def test_a_jobs_logits_are_those_of_the_set_as_it_was_submitted_not_of_samples_appended_since(engine):
+    # An evaluation reads the first ``count`` samples, the set it was submitted for, whether
+    # the classifier is split (logits from cached features) or inference-only (the whole model).
+    rng = np.random.default_rng(3)
+    samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(5)]
+    uid = engine.create_sample_set("grown", "", samples[:3]).uid
+    engine.append_samples("grown", samples[3:])
+    split = engine.models.active
+    whole = dataclasses.replace(split, feature_extractor=None, head=None, predict_fn=lambda images: split.logits(split.features(images)))
+    every_logits, every_label, every_digest = engine.sample_set_logits("grown", version=split)
+    assert len(every_digest) == 5
+    for version in (split, whole):
+        logits, labels, digests = engine.sample_set_logits("grown", version=version, uid=uid, count=3)
+        assert digests == every_digest[:3] and labels.tolist() == [0, 1, 2]
+        torch.testing.assert_close(logits, every_logits[:3])
+
+
 def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, monkeypatch):
     """Each batch's own output, kept to the end of a feature computation, pinned the
     allocator's heap between the batches' freed temporaries: a 50,000-sample evaluation
