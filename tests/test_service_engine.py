@@ -73,6 +73,16 @@ def test_every_test_starts_from_the_same_global_random_state():
     assert random.random() == random.Random(0).random()
 
 
+def test_warming_up_a_new_feature_version_draws_nothing_from_the_global_random_generator(engine):
+    # The backend is warmed up on random images: drawn from the global generator, they moved
+    # the stream of a process that had seeded it (an embedding script, a test).
+    other = dataclasses.replace(engine.models.active, feature_version="another")
+    torch.manual_seed(7)
+    engine.activate(other)
+    assert other.feature_cache_key in engine._feature_fns  # built and warmed up for it
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(7)))
+
+
 # Batcher -------------------------------------------------------------------------------
 
 
