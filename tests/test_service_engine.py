@@ -1266,8 +1266,9 @@ def test_feature_cache_is_per_feature_version(engine):
     rng = np.random.default_rng(0)
     samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
     engine.create_sample_set("cached", "", samples)
-    first = engine.sample_set_features("cached")
     hits = engine.metrics.feature_cache_hits._value.get()
+    first = engine.sample_set_features("cached")
+    assert engine.metrics.feature_cache_hits._value.get() == hits  # all ten computed: none was a hit
     again = engine.sample_set_features("cached")
     assert engine.metrics.feature_cache_hits._value.get() == hits + 10
     torch.testing.assert_close(first.features, again.features)
