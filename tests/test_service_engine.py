@@ -1337,6 +1337,16 @@ def test_a_jobs_logits_are_those_of_the_set_as_it_was_submitted_not_of_samples_a
         torch.testing.assert_close(logits, every_logits[:3])
 
 
+def test_features_of_a_set_for_an_inference_only_classifier_are_refused_saying_why(engine):
+    # An explanation method handed such a version is told so, not given features it has none of.
+    engine.create_sample_set("whole", "", [NewSample.from_array(np.zeros((64, 64, 3), np.uint8), 0)])
+    split = engine.models.active
+    whole = dataclasses.replace(split, feature_extractor=None, head=None, predict_fn=lambda images: split.logits(split.features(images)),
+                                inference_only_reason="a stand-in without its layers")
+    with pytest.raises(FailedPrecondition, match="inference-only, and explanation methods need a split classifier: a stand-in without its layers"):
+        engine.sample_set_features("whole", version=whole)
+
+
 def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, monkeypatch):
     """Each batch's own output, kept to the end of a feature computation, pinned the
     allocator's heap between the batches' freed temporaries: a 50,000-sample evaluation
