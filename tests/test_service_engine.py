@@ -1347,6 +1347,25 @@ def test_features_of_a_set_for_an_inference_only_classifier_are_refused_saying_w
         engine.sample_set_features("whole", version=whole)
 
 
+def test_a_set_replaced_under_its_id_while_a_job_lists_its_samples_is_refused_not_read(engine, monkeypatch):
+    # The set is checked before its samples are listed: one made under its id in between
+    # must not be read as the set the job was submitted for.
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    uid = engine.create_sample_set("swapped", "", [NewSample.from_array(pixels, 0)]).uid
+    list_samples = engine.store.list_samples
+
+    def replaced_first(sample_set_id: str, **options):
+        monkeypatch.setattr(engine.store, "list_samples", list_samples)  # once
+        engine.delete_sample_set(sample_set_id)
+        engine.create_sample_set(sample_set_id, "", [NewSample.from_array(pixels, 1)] * 2)
+        return list_samples(sample_set_id, **options)
+
+    monkeypatch.setattr(engine.store, "list_samples", replaced_first)
+    with pytest.raises(FailedPrecondition, match=f"sample set 'swapped' is not the set of uid {uid} any more") as refused:
+        engine.sample_set_features("swapped", uid=uid)
+    assert refused.value.field == "sample_set_id"
+
+
 def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, monkeypatch):
     """Each batch's own output, kept to the end of a feature computation, pinned the
     allocator's heap between the batches' freed temporaries: a 50,000-sample evaluation
