@@ -1366,6 +1366,28 @@ def test_a_set_replaced_under_its_id_while_a_job_lists_its_samples_is_refused_no
     assert refused.value.field == "sample_set_id"
 
 
+def test_a_jobs_feature_progress_counts_each_batch_as_it_starts_and_ends_with_all_ready(engine):
+    # What WatchOperation shows while a job computes a set's features: the samples done as
+    # each batch starts, then all of them ready, not the last batch's start left standing.
+    rng = np.random.default_rng(4)
+    engine.create_sample_set("progress", "", [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), 0) for _ in range(5)])
+
+    class Recording:
+        def __init__(self) -> None:
+            self.reports: list[tuple[int, int, str]] = []
+
+        def raise_if_cancelled(self) -> None:
+            pass
+
+        def report_progress(self, step: int, total: int, message: str) -> None:
+            self.reports.append((step, total, message))
+
+    context = Recording()
+    engine.sample_set_features("progress", batch_size=2, context=context)
+    assert context.reports == [(0, 5, "computing features 0/5"), (2, 5, "computing features 2/5"), (4, 5, "computing features 4/5"),
+                               (5, 5, "features ready")]
+
+
 def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, monkeypatch):
     """Each batch's own output, kept to the end of a feature computation, pinned the
     allocator's heap between the batches' freed temporaries: a 50,000-sample evaluation
