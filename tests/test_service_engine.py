@@ -1827,6 +1827,13 @@ def test_the_default_top_k_of_a_classifier_of_fewer_classes_ranks_them_all(tmp_p
         engine.close()
 
 
+def test_a_set_created_without_an_id_gets_one_of_its_own_of_the_documented_form(engine):
+    # CreateSampleSetRequest.sample_set_id: "Empty: the server picks one ("set-<12 hex>")".
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    ids = [engine.create_sample_set("", "", [NewSample.from_array(pixels, 0)]).sample_set_id for _ in range(3)]
+    assert all(re.fullmatch(r"set-[0-9a-f]{12}", set_id) for set_id in ids) and len(set(ids)) == 3, ids
+
+
 def test_an_upload_is_finished_by_an_append_of_no_samples_and_nothing_else_appends_none(engine):
     pixels = np.zeros((8, 8, 3), np.uint8)
     engine.create_sample_set("up", "", [NewSample.from_array(pixels, 0)], uploading=True)
