@@ -1836,7 +1836,9 @@ def test_a_set_created_without_an_id_gets_one_of_its_own_of_the_documented_form(
 
 def test_an_upload_is_finished_by_an_append_of_no_samples_and_nothing_else_appends_none(engine):
     pixels = np.zeros((8, 8, 3), np.uint8)
-    engine.create_sample_set("up", "", [NewSample.from_array(pixels, 0)], uploading=True)
+    assert engine.create_sample_set("up", "", [NewSample.from_array(pixels, 0)], uploading=True).uploading
+    with pytest.raises(FailedPrecondition, match=re.escape("sample set 'up' is still being uploaded (1 samples so far)")):
+        engine.evaluate_sample_set("up")  # no job runs on part of a set
     with pytest.raises(InvalidArgument, match="no samples to append") as refused:
         engine.append_samples("up", [])
     assert refused.value.field == "samples"
