@@ -1834,6 +1834,37 @@ def test_a_set_created_without_an_id_gets_one_of_its_own_of_the_documented_form(
     assert all(re.fullmatch(r"set-[0-9a-f]{12}", set_id) for set_id in ids) and len(set(ids)) == 3, ids
 
 
+def test_the_checks_before_an_upload_decodes_its_images_count_samples_against_the_sets_owner(tmp_path, classifier_dir):
+    # Asked before a CreateSampleSet or AppendSamples decodes its images (which a refused one
+    # would pay for in full): an admin's append to another caller's set counts against its
+    # owner, whose sets are full, not against the admin's own.
+    callers = tmp_path / "callers"
+    callers.write_text("analyst tokenANA\nroot tokenROOT\n")
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", data_dir=str(tmp_path / "data"), callers_file=str(callers), admins=("root",))
+    engine = Engine(config, SQLiteStore(tmp_path / "data", max_samples_per_owner=2), Metrics())
+    engine.load()
+    try:
+        engine.create_sample_set("full", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)] * 2, caller="analyst")
+        for check in (lambda: engine.check_append("full", 1, caller="root"), lambda: engine.check_create("", 1, caller="analyst")):
+            with pytest.raises(ResourceExhausted, match="caller 'analyst' holds 2 samples in its sample sets, and 1 more would pass"):
+                check()
+        engine.check_create("", 2, caller="root")  # the admin's own sets have room
+    finally:
+        engine.close()
+
+
+def test_an_evaluation_sent_again_is_answered_with_its_job_even_once_its_set_is_gone(engine):
+    # A retry of an EvaluateSampleSet whose answer was lost gets the operation the first
+    # started, not NOT_FOUND for the set that operation has since finished with.
+    engine.create_sample_set("once", "", [NewSample.from_array(np.zeros((64, 64, 3), np.uint8), 0)])
+    request = RequestKey("00000000-0000-4000-8000-000000000001", "evaluate once")
+    first = engine.evaluate_sample_set("once", request=request)
+    assert engine.jobs.wait(first.record.job_id, 60).record.state == "succeeded"
+    engine.delete_sample_set("once")
+    assert engine.evaluate_sample_set("once", request=request).record.job_id == first.record.job_id
+
+
 def test_an_upload_is_finished_by_an_append_of_no_samples_and_nothing_else_appends_none(engine):
     pixels = np.zeros((8, 8, 3), np.uint8)
     assert engine.create_sample_set("up", "", [NewSample.from_array(pixels, 0)], uploading=True).uploading
