@@ -549,7 +549,7 @@ class Engine:
         with self._reading_images_of(sample_set_id, "sample_set_id"):
             for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
                 computed.update(zip(chunk, logits, strict=True))
-        logits = torch.from_numpy(np.stack([computed[digest] for digest in digests])) if digests else torch.empty(0, len(version.class_names))
+        logits = torch.from_numpy(np.stack([computed[digest] for digest in digests]))  # never empty: usable sets have samples
         return logits, torch.tensor([record.label for record in records], dtype=torch.long), digests
 
     @staticmethod
