@@ -824,7 +824,8 @@ class _PipelinedInference(inference_pb2_grpc.InferenceServiceServicer):
             self.running -= 1
         if self.failing is not None and first > self.failing:
             ended = threading.Event()
-            context.add_callback(ended.set)
+            if not context.add_callback(ended.set):  # the call had ended already: gRPC never calls it then
+                ended.set()
             ended.wait(HOLD_S)
             with self.changed:
                 if not context.is_active():
