@@ -3060,6 +3060,42 @@ def _empty():
     return empty_pb2.Empty()
 
 
+def test_progress_without_a_total_keeps_the_last_one_and_a_total_of_zero_says_unknown(tmp_path):
+    # A job whose next phase has no known size reports total 0: it kept the last phase's
+    # total, and read "step 0 of 10" for work that had not been counted.
+    jobs, seen = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), []
+
+    def job(ctx):
+        for progress in ((3, 10, "reading"), (4, None, "still reading"), (0, 0, "counting")):
+            ctx.report_progress(*progress)
+            record = jobs.get(ctx.job_id).record
+            seen.append((record.step, record.total, record.message))
+        return _empty()
+
+    assert jobs.wait(jobs.submit("evaluate", job).record.job_id, 10).record.state == "succeeded"
+    assert seen == [(3, 10, "reading"), (4, 10, "still reading"), (0, 0, "counting")]
+    jobs.shutdown(1)
+
+
+def test_an_artifact_is_in_the_stored_record_as_soon_as_it_is_saved(tmp_path):
+    # Listed only in memory until the next due progress write, a crash then lost the
+    # artifact of a job that had saved it (its blob stored, its listing not).
+    store = SQLiteStore(tmp_path)
+    jobs, stored = JobManager(store, Metrics(), workers=1), []
+
+    def job(ctx):
+        for number in (1, 2):
+            saved = ctx.save_artifact(f"grid{number}.png", f"image {number}".encode(), "image/png")
+            stored.append(store.get_job(ctx.job_id).artifacts)
+            assert store.get_blob(saved.digest) == f"image {number}".encode()
+        return _empty()
+
+    assert jobs.wait(jobs.submit("visualize", job).record.job_id, 10).record.state == "succeeded"
+    assert [[(a.name, a.media_type, a.size_bytes) for a in artifacts] for artifacts in stored] == [
+        [("grid1.png", "image/png", 7)], [("grid1.png", "image/png", 7), ("grid2.png", "image/png", 7)]]
+    jobs.shutdown(1)
+
+
 def test_restart_marks_unfinished_jobs_failed(tmp_path, caplog):
     from explaind.store import JobRecord
 
