@@ -2177,6 +2177,13 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     assert jobs.wait(blocker.record.job_id, 10).record.state == "succeeded"
     failed = jobs.wait(failing.record.job_id, 10).record
     assert (failed.state, failed.error_code, failed.error_message) == ("failed", "INVALID_ARGUMENT", "x: bad thing")
+    # Its result names the field as the call's error would (google.rpc.BadRequest), for the operation's error.
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2
+
+    violation = error_details_pb2.BadRequest()
+    assert any_pb2.Any.FromString(failed.result).Unpack(violation)
+    assert [(v.field, v.description) for v in violation.field_violations] == [("x", "bad thing")]
     assert jobs.wait(waiting.record.job_id, 10).record.state == "cancelled"
     crashing = jobs.submit("crash", lambda ctx: 1 / 0)
     assert jobs.wait(crashing.record.job_id, 10).record.error_code == "INTERNAL"
@@ -3077,6 +3084,21 @@ def test_progress_without_a_total_keeps_the_last_one_and_a_total_of_zero_says_un
     jobs.shutdown(1)
 
 
+def test_a_preview_is_read_live_until_the_next_one_and_progress_without_one_keeps_it(tmp_path):
+    jobs, previews = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), []
+
+    def job(ctx):
+        for progress in (dict(step=1), dict(step=2, preview=b"first"), dict(step=3), dict(step=4, preview=b"second")):
+            ctx.report_progress(total=4, **progress)
+            previews.append(jobs.get(ctx.job_id).preview)
+        return _empty()
+
+    ended = jobs.wait(jobs.submit("visualize", job).record.job_id, 10)
+    assert previews == [b"", b"first", b"first", b"second"]
+    assert ended.preview == b""  # live only: the stored record has none
+    jobs.shutdown(1)
+
+
 def test_an_artifact_is_in_the_stored_record_as_soon_as_it_is_saved(tmp_path):
     # Listed only in memory until the next due progress write, a crash then lost the
     # artifact of a job that had saved it (its blob stored, its listing not).
@@ -3093,6 +3115,31 @@ def test_an_artifact_is_in_the_stored_record_as_soon_as_it_is_saved(tmp_path):
     assert jobs.wait(jobs.submit("visualize", job).record.job_id, 10).record.state == "succeeded"
     assert [[(a.name, a.media_type, a.size_bytes) for a in artifacts] for artifacts in stored] == [
         [("grid1.png", "image/png", 7)], [("grid1.png", "image/png", 7), ("grid2.png", "image/png", 7)]]
+    jobs.shutdown(1)
+
+
+def test_progress_is_stored_when_a_write_is_due_and_not_at_every_step(tmp_path, monkeypatch):
+    # A job of thousands of steps wrote each one to the database; the store gets progress
+    # once a PERSIST_INTERVAL_S has passed since its last write (a monotonic clock, here stepped by hand).
+    import types
+
+    import explaind.jobs
+
+    clock = [1000.0]
+    monkeypatch.setattr(explaind.jobs, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
+    store = SQLiteStore(tmp_path)
+    jobs, stored = JobManager(store, Metrics(), workers=1), []
+
+    def job(ctx):
+        for step in (1, 2, 3, 4, 5):
+            if step == 4:
+                clock[0] += explaind.jobs.PERSIST_INTERVAL_S
+            ctx.report_progress(step, 5)
+            stored.append(store.get_job(ctx.job_id).step)
+        return _empty()
+
+    assert jobs.wait(jobs.submit("evaluate", job).record.job_id, 10).record.step == 5
+    assert stored == [0, 0, 0, 4, 4]  # the start's write, then the first step due
     jobs.shutdown(1)
 
 
