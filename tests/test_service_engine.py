@@ -3143,6 +3143,109 @@ def test_progress_is_stored_when_a_write_is_due_and_not_at_every_step(tmp_path, 
     jobs.shutdown(1)
 
 
+def test_the_workers_each_take_their_own_queued_job(tmp_path, monkeypatch):
+    # A worker that took a job before starting it left it first in the queue's order for
+    # the next worker, which took it too: one ran it, the other ran nothing, and the job
+    # behind it stayed queued until another was submitted.
+    import contextlib
+
+    import explaind.jobs
+
+    both_taken = threading.Barrier(2, timeout=10)
+
+    @contextlib.contextmanager
+    def once_both_turns_took_a_job(span):
+        both_taken.wait()
+        yield
+
+    monkeypatch.setattr(explaind.jobs, "current", once_both_turns_took_a_job)
+    jobs, ran = JobManager(SQLiteStore(tmp_path), Metrics(), workers=2), []
+    job_ids = [jobs.submit("evaluate", lambda ctx, name=name: (ran.append(name), _empty())[1]).record.job_id for name in ("a", "b")]
+    assert [jobs.wait(job_id, 10).record.state for job_id in job_ids] == ["succeeded", "succeeded"]
+    assert sorted(ran) == ["a", "b"]
+    jobs.shutdown(1)
+
+
+def test_a_job_cancelled_as_a_worker_takes_it_never_runs(tmp_path, monkeypatch):
+    import contextlib
+
+    import explaind.jobs
+
+    taken, resume = threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def paused_once_taken(span):
+        taken.set()
+        assert resume.wait(10)
+        yield
+
+    monkeypatch.setattr(explaind.jobs, "current", paused_once_taken)
+    store, metrics, ran = SQLiteStore(tmp_path), Metrics(), []
+    jobs = JobManager(store, metrics, workers=1)
+    job_id = jobs.submit("evaluate", lambda ctx: (ran.append("cancelled"), _empty())[1]).record.job_id
+    assert taken.wait(10)
+    assert jobs.cancel(job_id).record.state == "cancelled"
+    resume.set()
+    after = jobs.submit("evaluate", lambda ctx: _empty()).record.job_id  # the one worker's next turn: the taken one's is over
+    assert jobs.wait(after, 10).record.state == "succeeded"
+    assert ran == [] and store.get_job(job_id).state == "cancelled"
+    assert metrics.registry.get_sample_value("explaind_jobs_queued") == 0
+    jobs.shutdown(1)
+
+
+def test_a_running_job_counts_in_jobs_running_and_its_cancel_is_stored_before_it_stops(tmp_path):
+    store, metrics, gate, running = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
+    jobs = JobManager(store, metrics, workers=1)
+
+    def job(ctx):
+        running.append(metrics.registry.get_sample_value("explaind_jobs_running", {"kind": "visualize"}))
+        gate.wait(10)
+        ctx.raise_if_cancelled()
+        return _empty()
+
+    job_id = jobs.submit("visualize", job).record.job_id
+    while jobs.get(job_id).record.state != "running":
+        time.sleep(0.01)
+    assert jobs.cancel(job_id).record.cancel_requested
+    assert (store.get_job(job_id).state, store.get_job(job_id).cancel_requested) == ("running", True)
+    gate.set()
+    assert jobs.wait(job_id, 10).record.state == "cancelled"
+    assert running == [1.0] and metrics.registry.get_sample_value("explaind_jobs_running", {"kind": "visualize"}) == 0
+    jobs.shutdown(1)
+
+
+def test_a_watch_or_wait_whose_caller_left_ends_with_the_job_still_running(tmp_path):
+    # A client that hung up kept a thread watching (or waiting) until the job ended.
+    jobs, gate = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event()
+    job_id = jobs.submit("visualize", lambda ctx: (gate.wait(10), _empty())[1]).record.job_id
+    while jobs.get(job_id).record.state != "running":
+        time.sleep(0.01)
+    assert [snapshot.record.state for snapshot in jobs.watch(job_id, is_active=lambda: False)] == ["running"]
+    assert jobs.wait(job_id, is_active=lambda: False).record.state == "running"
+    gate.set()
+    assert jobs.wait(job_id, 10).record.state == "succeeded"
+    jobs.shutdown(1)
+
+
+def test_a_listing_reads_on_past_a_job_deleted_since_the_store_listed_it(tmp_path, monkeypatch):
+    # A job the store lists unfinished, deleted (ended, then deleted) before its live
+    # state is read: the page must still be full, or the caller takes it for the last.
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    older, newer = (jobs.wait(jobs.submit("evaluate", lambda ctx: _empty()).record.job_id, 10).record for _ in range(2))
+    deleted = dataclasses.replace(newer, job_id="0" * 16, state="running", create_time=newer.create_time + 1)
+    listed = store.list_jobs
+
+    def with_the_deleted_one(*, after=None, limit, **query):  # newest first, as the store pages
+        records = [deleted, *listed(limit=100, **query)]
+        return [r for r in records if after is None or (r.create_time, r.job_id) < after][:limit]
+
+    monkeypatch.setattr(store, "list_jobs", with_the_deleted_one)
+    assert [snapshot.record.job_id for snapshot in jobs.list(limit=1)] == [newer.job_id]
+    assert [snapshot.record.job_id for snapshot in jobs.list(limit=2)] == [newer.job_id, older.job_id]
+    jobs.shutdown(1)
+
+
 def test_restart_marks_unfinished_jobs_failed(tmp_path, caplog):
     from explaind.store import JobRecord
 
