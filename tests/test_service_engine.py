@@ -3227,6 +3227,24 @@ def test_a_watch_or_wait_whose_caller_left_ends_with_the_job_still_running(tmp_p
     jobs.shutdown(1)
 
 
+def test_a_waiter_is_woken_by_the_job_s_end_not_by_its_next_poll(tmp_path, monkeypatch):
+    # Without the wake-up a waiter or watcher saw each change only at its next poll.
+    jobs, gate, ended = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event(), []
+
+    class OnlyAWakeUpEndsTheWaitersSleep(threading.Condition):
+        def wait(self, timeout=None):
+            return super().wait(None if threading.current_thread().name == "waiter" else timeout)
+
+    monkeypatch.setattr(jobs, "_changed", OnlyAWakeUpEndsTheWaitersSleep())
+    job_id = jobs.submit("evaluate", lambda ctx: (gate.wait(10), _empty())[1]).record.job_id
+    waiter = threading.Thread(target=lambda: ended.append(jobs.wait(job_id)), name="waiter", daemon=True)
+    waiter.start()
+    gate.set()
+    waiter.join(10)
+    assert [snapshot.record.state for snapshot in ended] == ["succeeded"]
+    jobs.shutdown(1)
+
+
 def test_a_listing_reads_on_past_a_job_deleted_since_the_store_listed_it(tmp_path, monkeypatch):
     # A job the store lists unfinished, deleted (ended, then deleted) before its live
     # state is read: the page must still be full, or the caller takes it for the last.
