@@ -3245,25 +3245,6 @@ def test_a_waiter_is_woken_by_the_job_s_end_not_by_its_next_poll(tmp_path, monke
     jobs.shutdown(1)
 
 
-def test_a_listing_reads_on_past_a_job_deleted_since_the_store_listed_it(tmp_path, monkeypatch):
-    # A job the store lists unfinished, deleted (ended, then deleted) before its live
-    # state is read: the page must still be full, or the caller takes it for the last.
-    store = SQLiteStore(tmp_path)
-    jobs = JobManager(store, Metrics(), workers=1)
-    older, newer = (jobs.wait(jobs.submit("evaluate", lambda ctx: _empty()).record.job_id, 10).record for _ in range(2))
-    deleted = dataclasses.replace(newer, job_id="0" * 16, state="running", create_time=newer.create_time + 1)
-    listed = store.list_jobs
-
-    def with_the_deleted_one(*, after=None, limit, **query):  # newest first, as the store pages
-        records = [deleted, *listed(limit=100, **query)]
-        return [r for r in records if after is None or (r.create_time, r.job_id) < after][:limit]
-
-    monkeypatch.setattr(store, "list_jobs", with_the_deleted_one)
-    assert [snapshot.record.job_id for snapshot in jobs.list(limit=1)] == [newer.job_id]
-    assert [snapshot.record.job_id for snapshot in jobs.list(limit=2)] == [newer.job_id, older.job_id]
-    jobs.shutdown(1)
-
-
 def test_restart_marks_unfinished_jobs_failed(tmp_path, caplog):
     from explaind.store import JobRecord
 
