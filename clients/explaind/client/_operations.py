@@ -209,8 +209,9 @@ class ProgressDisplay:
 
     def show(self, step: int, total: int, state: str, message: str = "") -> None:
         """``step`` of ``total`` (0: unknown). A change of state prints a line at once, so
-        the last update of a job or an upload ("uploaded") is never held back. A message that begins with the state (a queued job's "queued: 2 ahead; running: ...")
-        is shown without it."""
+        the last update of a job or an upload ("uploaded") is never held back. A message
+        that begins with the state (a queued job's "queued: 2 ahead; running: ...") is
+        shown without it."""
         said = "" if message == state else message.removeprefix(f"{state}: ")
         if self._bar is not None:
             if total and self._bar.total != total:
