@@ -83,6 +83,18 @@ def test_warming_up_a_new_feature_version_draws_nothing_from_the_global_random_g
     assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(7)))
 
 
+def test_loading_the_engine_draws_nothing_from_the_global_random_generator(tmp_path, classifier_dir):
+    # Building the classifier and CLIP initialises their layers from the global generator
+    # before the weights replace them: an embedding script that seeded torch drew other numbers.
+    torch.manual_seed(7)
+    engine = _engine(tmp_path, classifier_dir)
+    try:
+        assert engine.components["classifier"].loaded
+        assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    finally:
+        engine.close()
+
+
 # Batcher -------------------------------------------------------------------------------
 
 

@@ -239,14 +239,18 @@ class Engine:
         self.device = check_device(runtime.device)
         if runtime.num_threads:
             torch.set_num_threads(runtime.num_threads)
-        version = load_classifier(self.config.classifier, device=self.device, num_threads=runtime.num_threads)
-        # Models named in a config file must load; the world's optional ones may be absent.
-        required = not self.config.source.startswith("<defaults")
-        clip = load_clip(self.config.clip, required=required)
+        # Building a model initialises its layers from the global generator before its
+        # weights replace them: a process that seeded torch would draw other numbers after.
+        with torch.random.fork_rng(devices=[]):
+            version = load_classifier(self.config.classifier, device=self.device, num_threads=runtime.num_threads)
+            # Models named in a config file must load; the world's optional ones may be absent.
+            required = not self.config.source.startswith("<defaults")
+            clip = load_clip(self.config.clip, required=required)
+            diffusion = load_diffusion(self.config.diffusion, clip, required=required)
         self.components = {
             "classifier": ComponentStatus("classifier", True, version.source, f"{version.name} ({version.loader})"),
             "clip": clip,
-            "diffusion": load_diffusion(self.config.diffusion, clip, required=required),
+            "diffusion": diffusion,
         }
         for name, status in self.components.items():
             self.metrics.component_loaded.labels(component=name).set(int(status.loaded))
