@@ -162,6 +162,86 @@ def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
     assert str(raised.value).endswith("'class18', 'class19' and 980 more")
 
 
+def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp_path, world_set):
+    # The servicer passes int32 fields as they come (0 stands for a default there, not here),
+    # and the engine is the one to check them: each bound, and the names of its lists.
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import InvalidArgument
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+
+        def rank(**settings):
+            execution = settings.pop("execution", "inline")
+            return inspect.rank_mistake_neurons("train", target_class=settings.pop("target_class", "heart"), settings=RankSettings(**settings),
+                                                execution=execution)
+
+        def visualize(**options):
+            return inspect.visualize_neurons([(3, "heart")], **{"method": "no_clip", **options})
+
+        def edit(**options):
+            return inspect.edit_head("train", target_class="heart", neurons=[1], **options)
+
+        cases = [
+            (lambda: rank(target_class=None), "class_name: a class is required (class_name or class_index)"),
+            (lambda: rank(target_class=""), "class_name: a class is required (class_name or class_index)"),
+            (lambda: rank(execution="later"), "execution: must be one of ('auto', 'inline', 'operation')"),
+            (lambda: rank(solver="newton"), "solver: must be one of"),
+            (lambda: rank(max_iterations=0), "max_iterations: 0 is not in [1, 100000]"),
+            (lambda: rank(max_iterations=100_001), "max_iterations: 100001 is not in [1, 100000]"),
+            (lambda: rank(l2=-0.5), "l2: -0.5 is not in [0.0, 1000.0]"),
+            # NaN compares false with every bound: it is refused as not finite.
+            (lambda: rank(l1=math.nan), "l1: nan is not in [0.0, 1000.0]"),
+            (lambda: edit(strength=math.nan), "strength: nan is not in [0.0, 1000.0]"),
+            (lambda: rank(top_k=129), "top_k: 129 is not in [1, 128]"),
+            (lambda: visualize(method="deep_dream"), "method: must be one of"),
+            (lambda: visualize(method="feature_visualization", gamma=0.5), "gamma: feature_visualization has no class term to weigh"),
+            (lambda: visualize(classes_per_neuron=2), "classes_per_neuron: every pair names its class"),
+            (lambda: visualize(steps=0), "steps: 0 is not in [1, 10000]"),
+            (lambda: visualize(steps=10_001), "steps: 10001 is not in [1, 10000]"),
+            (lambda: visualize(preview_every=0), "preview_every: must be positive"),
+            (lambda: visualize(learning_rate=0.0), "learning_rate: 0.0 is not in (0.0, 10.0]"),
+            (lambda: visualize(learning_rate=10.5), "learning_rate: 10.5 is not in (0.0, 10.0]"),
+            (lambda: visualize(epsilon=0.1), "epsilon: no_clip has no CLIP term"),
+            (lambda: edit(method="retrain"), "method: must be one of"),
+            (lambda: edit(max_epochs=0), "max_epochs: 0 is not in [1, 1000]"),
+            (lambda: edit(max_epochs=1001), "max_epochs: 1001 is not in [1, 1000]"),
+            (lambda: edit(patience=0), "patience: 0 is not in [1, 1000]"),
+            (lambda: edit(patience=1001), "patience: 1001 is not in [1, 1000]"),
+            (lambda: edit(learning_rate=0.0), "learning_rate: 0.0 is not in (0.0, 10.0]"),
+            (lambda: edit(target_ratio=0.0), "target_ratio: 0.0 is not in (0.0, 1000000.0]"),
+            (lambda: edit(description="x" * 100_000), "description"),
+        ]
+        for call, message in cases:
+            with pytest.raises(InvalidArgument, match=re.escape(message)):
+                call()
+        assert engine.jobs.list() == []  # refused when asked, not by a job that fails
+        # The bounds themselves are in range.
+        for bounds in ({"l1": 0.0, "l2": 0.0, "cut_ratio": 0.0}, {"l1": 1000.0, "l2": 1000.0, "cut_ratio": 1.0}):
+            assert rank(**bounds, max_iterations=1).class_name == "heart"
+    finally:
+        _shut(engine)
+
+
+def test_classes_per_neuron_applies_to_the_pairs_without_a_class(tmp_path):
+    # One pair naming its class beside one without: the option is for the second alone.
+    from google.protobuf import any_pb2
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        job = inspect.visualize_neurons([(3, "heart"), (4, None)], method="no_clip", classes_per_neuron=2, steps=1)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert record.state == "succeeded", record.error_message
+        result = neuroinspect_pb2.VisualizeNeuronsResult()
+        any_pb2.Any.FromString(record.result).Unpack(result)
+        top_two = engine.models.active.head.weight[:, 4].topk(2).indices.tolist()
+        assert [(v.neuron, v.class_index) for v in result.visualizations] == [(3, 5), (4, top_two[0]), (4, top_two[1])]
+    finally:
+        _shut(engine)
+
+
+
 def test_rank_matches_the_in_process_ranker(client, world_set):
     from explaind.methods.neuroinspect import MistakeNeuronRanker
     from explaind.world.classifier import load_classifier
