@@ -867,6 +867,41 @@ def test_an_inline_ranking_ranks_the_samples_it_counted_not_those_appended_since
         _shut(engine)
 
 
+def test_an_inline_ranking_past_a_limit_is_refused_and_an_auto_one_runs_as_an_operation(tmp_path, world_set, monkeypatch):
+    # A limit reached is still inline; one past it takes an RPC's thread for too long:
+    # INLINE refuses, AUTO hands it to the job queue, with the same ranking.
+    from google.protobuf import any_pb2
+
+    from explaind.engine import neuroinspect
+    from explaind.errors import FailedPrecondition
+    from explaind.jobs import JobSnapshot
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)  # 40 samples
+        inline = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
+        mistakes = inline.mistake_count
+        assert mistakes > 1
+        for limit, name in ((40, "INLINE_MAX_SAMPLES"), (mistakes, "INLINE_MAX_MISTAKES")):
+            monkeypatch.setattr(neuroinspect, name, limit)
+            assert inspect.rank_mistake_neurons("train", target_class="heart", execution="auto") == inline
+            monkeypatch.setattr(neuroinspect, name, limit - 1)
+            with pytest.raises(FailedPrecondition, match=r"exceed the inline limit|inline limit \d+\); use execution OPERATION") as refused:
+                inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
+            assert refused.value.field == "execution"
+            job = inspect.rank_mistake_neurons("train", target_class="heart", execution="auto")
+            assert isinstance(job, JobSnapshot)
+            ranked = engine.jobs.wait(job.record.job_id, 60).record
+            assert ranked.state == "succeeded", ranked.error_message
+            result = neuroinspect_pb2.NeuronRanking()
+            any_pb2.Any.FromString(ranked.result).Unpack(result)
+            assert result == inline
+            monkeypatch.undo()
+    finally:
+        _shut(engine)
+
+
+
 def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_before_they_start(tmp_path, world_set):
     # A job read its sets when it ran: samples appended while it waited in the queue (by
     # the set's owner, say, under an admin's edit with promote) were evaluated, ranked and
