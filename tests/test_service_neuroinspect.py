@@ -1152,6 +1152,21 @@ def test_a_version_being_stored_or_a_loaded_head_with_edits_is_not_deleted(tmp_p
         _shut(engine)
 
 
+def test_a_version_whose_edit_operation_was_deleted_may_be_deleted(tmp_path, world_set):
+    # A deleted operation had ended: the version it stored is no longer being stored.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        job = _edit(engine, inspect, 1)
+        assert job.state == "succeeded"
+        engine.jobs.delete(job.job_id)
+        inspect.delete_head_version("v1")
+        assert [v.version_id for v in inspect.head_versions()[0]] == ["v0"]
+    finally:
+        _shut(engine)
+
+
+
 def test_an_edit_trains_from_and_names_the_head_served_when_it_is_submitted(tmp_path, world_set, monkeypatch):
     # A promote (and a delete) while the edit's arguments were checked: it trained from the
     # head served when the call began, but named the newly served version as its parent.
