@@ -212,6 +212,7 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
             (lambda: edit(learning_rate=0.0), "learning_rate: 0.0 is not in (0.0, 10.0]"),
             (lambda: edit(target_ratio=0.0), "target_ratio: 0.0 is not in (0.0, 1000000.0]"),
             (lambda: edit(description="x" * 100_000), "description"),
+            (lambda: inspect.promote_head_version(""), "version_id: required"),
         ]
         for call, message in cases:
             with pytest.raises(InvalidArgument, match=re.escape(message)):
