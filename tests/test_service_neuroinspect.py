@@ -646,6 +646,12 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
     with pytest.raises(FailedPrecondition, match="version_id: head version 'v1' has NaN or infinite weights"):
         inspect.promote_head_version(stored.version_id)
     assert inspect.active_head_version().version_id == "v0" and engine.models.active is version
+    # Finite weights beside an infinite bias make every logit infinite just as well.
+    inf_bias = torch.nn.Linear(version.feature_dim, len(version.class_names))
+    torch.nn.init.constant_(inf_bias.bias, float("inf"))
+    with pytest.raises(FailedPrecondition, match="version_id: head version 'v2' has NaN or infinite weights"):
+        inspect.promote_head_version(inspect._add_head_version(version, inf_bias, "v0", {"method": "probability_ratio"}).version_id)
+    assert inspect.active_head_version().version_id == "v0" and engine.models.active is version
     engine.store.set_active_head_version(version.feature_version, stored.version_id)
     _shut(engine)
     restarted, restarted_inspect = _in_process(tmp_path)
