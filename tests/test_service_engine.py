@@ -1145,8 +1145,6 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     onnx_engine.close()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server(tmp_path, world_model, monkeypatch):
     # The reason goes into every refusal's message: another error's text (e.g. a missing
     # external-data file) can name server paths, which only the log may show.
@@ -1162,6 +1160,7 @@ def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_onnx_classifier_computes_its_features_on_the_gpu(tmp_path, world_model):
     import onnxruntime
 
