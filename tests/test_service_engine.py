@@ -534,6 +534,26 @@ def test_split_reproduces_the_model_and_exposes_feature_maps(engine, world_model
         torch.testing.assert_close(version.logits(version.features(images)), world_model(images), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(version.feature_maps(images), world_model.feature_maps(images), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(version.feature_maps(images).mean((2, 3)), version.features(images), atol=1e-5, rtol=1e-5)
+    # Another head is another model version; the features, and so their cache, stay.
+    edited = version.with_head(_constant_head(2))
+    assert edited.feature_version == version.feature_version and edited.head_version != version.head_version and edited.version != version.version
+
+
+def test_the_feature_layers_output_is_kept_only_while_its_maps_are_read(engine):
+    # Its hook holds a batch's activation maps: kept after the call, they stay in memory
+    # until that thread's next forward.
+    import gc
+
+    version, outputs = engine.models.active, []
+    layer = version.feature_extractor.trunk.get_submodule(version.feature_layer)
+    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(weakref.ref(output)))
+    try:
+        version.feature_maps(torch.rand(4, 3, 64, 64))
+        version.features(torch.rand(4, 3, 64, 64))
+    finally:
+        handle.remove()
+    gc.collect()
+    assert len(outputs) == 2 and [ref() for ref in outputs] == [None, None]
 
 
 class _SoftmaxAfterHead(nn.Module):
@@ -560,6 +580,38 @@ def softmax_net() -> nn.Module:
     return _SoftmaxAfterHead()
 
 
+class _SlicedAfterHead(nn.Module):
+    """fc's outputs cut to ``kept`` columns: h_b (fc replaced by Identity) cuts the features instead."""
+
+    def __init__(self, classes: int, kept: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc, self.kept = nn.Linear(4, classes), kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))[:, :self.kept]
+
+
+def sliced_net(classes: int, kept: int) -> nn.Module:
+    return _SlicedAfterHead(classes, kept)
+
+
+class _BackboneNamedModule(nn.Module):
+    """A model whose backbone is called ``module``, as DataParallel calls the model it wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.module(x))
+
+
+def backbone_named_module() -> nn.Module:
+    return _BackboneNamedModule()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
 def test_loaders_split_or_explain_why_not(tmp_path):
     good = ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="fc", image_size=32, class_names=("a", "b", "c"))
@@ -569,6 +621,20 @@ def test_loaders_split_or_explain_why_not(tmp_path):
         load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="classifier", image_size=32))
     with pytest.raises(ModelLoadError, match="not the last operation"):
         load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:softmax_net", feature_layer="body.0", head="fc", image_size=32))
+    # An operation after the head that changes the width of h_b's features (2 of 4), or of
+    # the logits (4 of 6), is named as such, not as a shape error from inside torch.
+    for classes, kept in ((3, 2), (6, 4)):
+        with pytest.raises(ModelLoadError, match=r":sliced_net: 'fc' is not the last operation of the model"):
+            load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:sliced_net", factory_kwargs={"classes": classes, "kept": kept},
+                                              feature_layer="body.0", head="fc", image_size=32))
+    # Configured names are checked against the head once it is found, not against no head.
+    with pytest.raises(ModelLoadError, match="no module named 'classifier'"):
+        load_classifier(dataclasses.replace(good, head="classifier"))
+    # What the loader needs, and the factory's form, are said even without a config file's checks.
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\] loader 'factory' needs feature_layer"):
+        load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", head="fc"))
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].factory must be 'package.module:function', got 'tiny_net'$"):
+        load_classifier(dataclasses.replace(good, factory="tiny_net"))
     missing = tmp_path / "nowhere"
     with pytest.raises(ModelLoadError, match=re.escape(f"[classifier].path (a world classifier directory) not found: {missing}")):
         load_classifier(ClassifierSection(loader="world", path=str(missing)))
@@ -590,16 +656,33 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     version.require_split("anything")  # a split one passes
 
 
+def test_a_factory_model_is_loaded_with_its_weights_file_keeping_keys_that_only_some_start_with_module(tmp_path):
+    # Only a state dict whose every key starts with "module." is a DataParallel module's.
+    torch.manual_seed(1)
+    trained = backbone_named_module().state_dict()
+    torch.save(trained, tmp_path / "weights.pth")
+    version = load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:backbone_named_module", weights=str(tmp_path / "weights.pth"),
+                                                feature_layer="module.0", head="fc", image_size=16))
+    assert torch.equal(version.head.weight, trained["fc.weight"]) and version.source == str(tmp_path / "weights.pth")
+    assert torch.equal(version.feature_extractor.trunk.module[0].weight, trained["module.0.weight"])
+
+
 def test_torchvision_loader(tmp_path):
     import torchvision
 
     weights = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    torch.save(model.state_dict(), weights)
     section = ClassifierSection(
         loader="torchvision", name="resnet18", weights=str(weights), image_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
     )
     version = load_classifier(section)
     assert (version.feature_layer, version.head_name, version.feature_dim, len(version.class_names)) == ("layer4", "fc", 512, 3)
+    # Images in [0, 1] reach the model normalised as configured: (x - mean) / std.
+    images = torch.rand(2, 3, 64, 64)
+    mean, std = torch.tensor(section.mean).view(1, 3, 1, 1), torch.tensor(section.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), model((images - mean) / std))
     assert version.feature_maps(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)
     # Its maps are one per feature: a layer of another width is refused at load, not when a visualisation runs.
     with pytest.raises(ModelLoadError, match=r"feature_layer 'layer3': the feature layer's output \(2, 256, 4, 4\) cannot be read as maps of 512"):
@@ -619,11 +702,17 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
         "reference.pth": {"model": state, "epoch": 3},  # torchvision's reference scripts
         "ddp.pth": {"state_dict": {f"module.{key}": value for key, value in state.items()}},  # a DistributedDataParallel module
         "tutorial.pth": {"model_state_dict": state, "epoch": 3},
+        "named.pth": {"model": "resnet18", "model_state_dict": state},  # "model" naming the architecture, not holding it
     }
     for name, checkpoint in checkpoints.items():
         torch.save(checkpoint, tmp_path / name)
         version = load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / name), image_size=32))
         assert len(version.class_names) == 3 and torch.equal(version.head.weight, state["fc.weight"]), name
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "weights.safetensors")  # not a pickle: torch.load cannot read it
+    version = load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "weights.safetensors"), image_size=32))
+    assert torch.equal(version.head.weight, state["fc.weight"])
     torch.save({"state_dict": {f"model.{key}": value for key, value in state.items()}}, tmp_path / "lightning.pth")
     with pytest.raises(ModelLoadError, match=r"lightning.pth: no 'fc.weight' in the state dict, so it is not one of torchvision's resnet18 "
                                              r"with head 'fc' \(its first keys: \['model.conv1.weight'"):
@@ -635,9 +724,11 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
 
 
 
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")  # GoogLeNet's and Inception's, built untrained
 @pytest.mark.parametrize(("architecture", "head", "feature_layer"), [
     ("mobilenet_v3_small", "classifier.3", "classifier.1"), ("efficientnet_b0", "classifier.1", "features"),
     ("regnet_x_400mf", "fc", "trunk_output"), ("shufflenet_v2_x0_5", "fc", "conv5"), ("resnet18", "fc", "layer4"),
+    ("googlenet", "fc", "inception5b"),  # built in training mode, when it returns its auxiliary logits too
 ])
 def test_a_torchvision_architecture_splits_where_its_table_says_without_head_or_feature_layer_set(tmp_path, architecture, head, feature_layer):
     # Every one but a ResNet needed both keys set: the defaults were ResNet's whatever the name.
@@ -651,6 +742,35 @@ def test_a_torchvision_architecture_splits_where_its_table_says_without_head_or_
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(version.logits(version.features(images)), model(images))
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")  # GoogLeNet's and Inception's, built untrained
+@pytest.mark.parametrize(("architecture", "head", "feature_layer"), [
+    ("resnext50_32x4d", "fc", "layer4"), ("wide_resnet50_2", "fc", "layer4"), ("inception_v3", "fc", "Mixed_7c"),
+    ("efficientnet_v2_s", "classifier.1", "features"), ("mobilenet_v2", "classifier.1", "features"), ("mnasnet0_5", "classifier.1", "layers"),
+    ("mobilenet_v3_large", "classifier.3", "classifier.1"), ("convnext_tiny", "classifier.2", "features"), ("densenet121", "classifier", "features"),
+    ("swin_t", "head", "features"), ("vgg11", "classifier.6", "classifier.4"), ("alexnet", "classifier.6", "classifier.5"),
+    ("vit_b_16", "heads.head", "encoder"),
+])
+def test_each_row_of_the_torchvision_table_names_a_linear_head_and_a_layer_run_before_it_of_its_width(architecture, head, feature_layer):
+    # The rows docs/configuration.md gives, checked on the meta device (shapes, no weights):
+    # the ones not loaded in full above would only fail at a user's start-up.
+    import torchvision
+
+    from explaind.engine.models import torchvision_split
+    from explaind.methods.neuroinspect import channel_maps
+
+    assert torchvision_split(architecture) == (head, feature_layer)
+    with torch.device("meta"):
+        model = torchvision.models.get_model(architecture, weights=None, num_classes=3).eval()
+    runs = []
+    for name in (feature_layer, head):
+        model.get_submodule(name).register_forward_hook(lambda module, inputs, output, name=name: runs.append((name, output)))
+    size = 299 if architecture == "inception_v3" else 224
+    model(torch.empty(2, 3, size, size, device="meta"))
+    linear = model.get_submodule(head)
+    assert isinstance(linear, nn.Linear) and [name for name, _ in runs] == [feature_layer, head]
+    assert channel_maps(runs[0][1], linear.in_features).shape[:2] == (2, linear.in_features)
 
 
 def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_says_or_told_why_not(tmp_path):
@@ -688,8 +808,32 @@ def test_an_exported_program_is_served_at_the_input_size_it_fixes(tmp_path):
     path = tmp_path / "at16.pt2"
     torch.export.save(torch.export.export(model.eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
     assert load_classifier(ClassifierSection(loader="export", path=str(path))).image_size == 16
+    assert load_classifier(ClassifierSection(loader="export", path=str(path))).name == "at16"  # the file's, as no architecture is named
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].image_size is 32 but .*at16.pt2 takes 16x16 images: leave it unset \(0\)"):
         load_classifier(ClassifierSection(loader="export", path=str(path), image_size=32))
+
+
+def test_an_exported_programs_head_may_be_nested_but_must_be_linear_and_its_input_square_images(tmp_path):
+    def exported(model: nn.Module, name: str, shape: tuple[int, ...] = (2, 3, 16, 16)) -> str:
+        path = tmp_path / f"{name}.pt2"
+        torch.export.save(torch.export.export(model.eval(), (torch.rand(*shape),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+        return str(path)
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.layer4 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4, 2))  # as torchvision's EfficientNet
+    version = load_classifier(ClassifierSection(loader="export", path=exported(model, "nested"), head="classifier.1"))
+    images = torch.rand(3, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), model(images))
+    model.classifier[1] = nn.Conv2d(4, 2, 1)
+    model.classifier.insert(1, nn.Unflatten(1, (4, 1, 1)))
+    model.classifier.append(nn.Flatten())
+    with pytest.raises(ModelLoadError, match=r"head 'classifier.2' has parameters \{'bias': \(2,\), 'weight': \(2, 4, 1, 1\)\}, not a linear layer's"):
+        load_classifier(ClassifierSection(loader="export", path=exported(model, "conv_head"), head="classifier.2"))
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: .*wide.pt2 takes 16x24 images; explaind feeds square ones$"):
+        load_classifier(ClassifierSection(loader="export", path=exported(model, "wide", (2, 3, 16, 24)), head="classifier.2"))
 
 
 def half_tiny_net(dtype: str = "float16") -> nn.Module:
@@ -791,6 +935,9 @@ def test_a_feature_version_changes_with_the_normalisation_in_front_of_the_model(
     versions = [load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(weights), image_size=32, **normalisation))
                 for normalisation in ({}, {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}, {"mean": (0.4, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})]
     assert len({v.feature_version for v in versions}) == 3
+    # Without one, h_b's state (and so its hash) is the model's alone, as it was before
+    # normalisation could be configured: the features cached under it stay valid.
+    assert not [key for key in versions[0].feature_extractor.state_dict() if key.startswith("preprocess.")]
 
 
 def _export_onnx(model: torch.nn.Module, path: Path, *, batch: int | None = None, external_data: bool = False,
@@ -994,6 +1141,9 @@ def test_torchvision_weights_by_name_bring_their_classes_size_and_normalisation(
     assert (explicit.class_names[0], explicit.image_size, explicit.resize_size) == ("c0", 64, 73)  # 256:224 at 64
     assert load_classifier(dataclasses.replace(section, resize_size=240)).resize_size == 240
     assert load_classifier(dataclasses.replace(section, resize_size=0)).resize_size == 0  # a config may still stretch
+    assert load_classifier(dataclasses.replace(section, resize_size=224)).resize_size == 224  # a crop of the whole image fits
+    configured = load_classifier(dataclasses.replace(section, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))).feature_extractor.preprocess
+    assert (configured.mean.flatten().tolist(), configured.std.flatten().tolist()) == ([0.5] * 3, [0.25] * 3)  # over the weights' own
     larger = load_classifier(dataclasses.replace(section, image_size=288))
     assert (larger.image_size, larger.resize_size) == (288, 329)  # the weights' 256:224, at 288
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].resize_size 200 is below the input size 224: the centre crop would not fit"):
@@ -3376,9 +3526,11 @@ def test_config_files_that_cannot_be_read_and_home_relative_paths(tmp_path, clas
 
 def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
     # It read only class_names, and served the model's own names without a word.
-    (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\nf\n")
+    (tmp_path / "names.txt").write_text("a\nb \n\tc\r\nd\ne\nf")  # one a line, whatever the spaces around it
     section = ClassifierSection(loader="world", path=str(classifier_dir), class_names_file=str(tmp_path / "names.txt"))
     assert load_classifier(section).class_names == ("a", "b", "c", "d", "e", "f")
+    with pytest.raises(ModelLoadError, match=r"^class names file not found: .*missing.txt$"):
+        load_classifier(dataclasses.replace(section, class_names_file=str(tmp_path / "missing.txt")))
     (tmp_path / "names.txt").write_text("a\nb\n")
     with pytest.raises(ModelLoadError, match="the head has 6 outputs but 2 class names were given"):
         load_classifier(section)
@@ -3392,6 +3544,17 @@ def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
     inline = ClassifierSection(loader="world", path=str(classifier_dir), class_names=["a", "b", "c", "a", "e", "f"])
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].class_names: 'a' names both class 0 and class 3"):
         load_classifier(inline)
+
+
+def test_the_world_loader_takes_the_configs_layers_input_size_and_normalisation_over_the_classifiers_own(classifier_dir, world_model):
+    section = ClassifierSection(loader="world", path=str(classifier_dir), feature_layer="layer3.0", image_size=48, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    version = load_classifier(section)
+    assert (version.feature_layer, version.image_size) == ("layer3.0", 48)
+    images = torch.rand(2, 3, 48, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), world_model((images - 0.5) / 0.25), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelLoadError, match=r"no module named 'classifier' for \[classifier\].head"):
+        load_classifier(dataclasses.replace(section, head="classifier"))
 
 
 def test_config_replace_checks_the_result_like_a_loaded_file():
