@@ -859,6 +859,70 @@ def test_a_half_precision_torchscript_model_is_fed_float16_images_and_served_flo
         torch.testing.assert_close(served.exp() if name == "probabilities" else served, want, atol=2e-3, rtol=2e-3)
 
 
+class _DroppingTiny(_Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.body(x)))
+
+
+class _Scores(nn.Module):
+    """tiny_net's logits turned into ``kind`` of scores: a shift that makes each row sum to
+    1 ("centred"), probabilities with exact zeros ("zeros"), or no scores at all."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = tiny_net().eval(), kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        if self.kind == "centred":
+            return (logits - logits.mean(dim=1, keepdim=True)) * 100 + 1 / 3
+        if self.kind == "zeros":
+            return torch.softmax(torch.cat([logits, logits[:, :1] - 1000], dim=1), dim=1)
+        return logits.max(dim=1).values if self.kind == "best" else logits.argsort(dim=1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
+def test_a_torchscript_model_runs_in_eval_mode_on_its_normalised_images_at_224_unless_configured(tmp_path):
+    # Scripted in training mode, its dropout would zero half its features at random.
+    torch.manual_seed(0)
+    model = _DroppingTiny()
+    path = tmp_path / "dropping.pt"
+    torch.jit.save(torch.jit.script(model.train()), path)
+    section = ClassifierSection(loader="torchscript", path=str(path), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    served = load_classifier(section)
+    assert (served.image_size, served.class_names) == (224, ("class_0", "class_1", "class_2"))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(served.predict_fn(images), model.eval()((images - 0.5) / 0.25))
+    # Its version is its file's and its normalisation's: another std is another model.
+    assert served.feature_version != load_classifier(dataclasses.replace(section, std=(0.5, 0.5, 0.5))).feature_version
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].resize_size 16 is below the input size 32"):
+        load_classifier(dataclasses.replace(section, image_size=32, resize_size=16))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
+def test_an_inference_only_models_scores_are_served_as_logits_and_other_outputs_are_refused(tmp_path):
+    def served(kind: str):
+        path = tmp_path / f"{kind}.pt"
+        torch.jit.save(torch.jit.trace(_Scores(kind), torch.rand(1, 3, 32, 32)), path)
+        return load_classifier(ClassifierSection(loader="torchscript", path=str(path), image_size=32)).predict_fn
+
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        # Rows that sum to 1 but hold negatives are logits, not probabilities: served as they are.
+        torch.testing.assert_close(served("centred")(images), _Scores("centred")(images))
+        # A probability that underflowed to 0 is a very low logit, not -inf.
+        logits = served("zeros")(images)
+        assert logits.isfinite().all() and (logits[:, 3] < logits[:, :3].min(dim=1).values - 80).all()
+    for kind, output in (("best", r"torch.float32 of shape \(2,\)"), ("ranks", r"torch.int64 of shape \(2, 3\)")):
+        with pytest.raises(ModelLoadError, match=rf"output for 2 images is {output}, not scores \(N, classes\)"):
+            served(kind)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_half_precision_exported_or_factory_model_is_split_into_float32_features_and_head(tmp_path, dtype):
     """A program exported after ``model.half()`` (or a factory's half model) stopped
@@ -1086,6 +1150,17 @@ def test_an_onnx_models_input_size_and_layout_are_its_own_and_another_size_or_la
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'images' of .* has shape \[2, 1, 64, 64\]; "
                                              r"explaind feeds it images \(N, 3, S, S\) or \(N, S, S, 3\)$"):
         load_classifier(ClassifierSection(loader="onnx", path=str(grey)))
+
+
+def test_an_onnx_classifier_is_split_on_its_normalised_images(tmp_path, world_model):
+    # Its probe compared the whole graph on raw images with the cut one on normalised ones.
+    normalisation = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    split = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "split.onnx"), **normalisation))
+    assert split.supports_features, split.inference_only_reason
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        want = world_model((images - 0.5) / 0.25)
+    torch.testing.assert_close(split.logits(split.features(images)), want, atol=1e-4, rtol=1e-4)
 
 
 def test_an_onnx_model_whose_first_output_is_not_its_scores_is_refused(tmp_path, world_model):
