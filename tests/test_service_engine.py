@@ -710,7 +710,7 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
         assert len(version.class_names) == 3 and torch.equal(version.head.weight, state["fc.weight"]), name
     from safetensors.torch import save_file
 
-    save_file(state, tmp_path / "weights.safetensors")  # not a pickle: torch.load cannot read it
+    save_file(state, tmp_path / "weights.safetensors")  # the format the Hugging Face Hub serves weights in
     version = load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "weights.safetensors"), image_size=32))
     assert torch.equal(version.head.weight, state["fc.weight"])
     torch.save({"state_dict": {f"model.{key}": value for key, value in state.items()}}, tmp_path / "lightning.pth")
@@ -807,8 +807,9 @@ def test_an_exported_program_is_served_at_the_input_size_it_fixes(tmp_path):
     model.fc = torch.nn.Linear(4, 2)
     path = tmp_path / "at16.pt2"
     torch.export.save(torch.export.export(model.eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
-    assert load_classifier(ClassifierSection(loader="export", path=str(path))).image_size == 16
-    assert load_classifier(ClassifierSection(loader="export", path=str(path))).name == "at16"  # the file's, as no architecture is named
+    version = load_classifier(ClassifierSection(loader="export", path=str(path)))
+    # Named by its file, as no architecture is; split where a ResNet is, unless configured.
+    assert (version.image_size, version.name, version.head_name, version.feature_layer) == (16, "at16", "fc", "layer4")
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].image_size is 32 but .*at16.pt2 takes 16x16 images: leave it unset \(0\)"):
         load_classifier(ClassifierSection(loader="export", path=str(path), image_size=32))
 
@@ -902,6 +903,17 @@ def test_a_torchscript_model_runs_in_eval_mode_on_its_normalised_images_at_224_u
     assert served.feature_version != load_classifier(dataclasses.replace(section, std=(0.5, 0.5, 0.5))).feature_version
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].resize_size 16 is below the input size 32"):
         load_classifier(dataclasses.replace(section, image_size=32, resize_size=16))
+
+
+def test_a_model_files_digest_covers_all_of_it_not_only_its_first_chunk(tmp_path):
+    # An inference-only model's version is its file's digest, read in 1 MiB chunks: a
+    # retrained model may differ only past the first.
+    from explaind.engine.models import _hash_file
+
+    start = bytes(1 << 20)
+    (tmp_path / "a.pt").write_bytes(start + b"a")
+    (tmp_path / "b.pt").write_bytes(start + b"b")
+    assert _hash_file(tmp_path / "a.pt") != _hash_file(tmp_path / "b.pt")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
