@@ -213,12 +213,11 @@ def _hash_file(path: Path) -> str:
 
 
 def _without_submodule(model: nn.Module, dotted: str) -> nn.Module:
-    """A shallow copy of ``model`` whose submodule ``dotted`` is ``Identity``; parameters shared."""
+    """A shallow copy of ``model`` whose submodule ``dotted`` (one :func:`_require_module`
+    found) is ``Identity``; parameters shared."""
     head, *rest = dotted.split(".", 1)
     clone = copy.copy(model)
     clone._modules = dict(model._modules)
-    if head not in clone._modules:
-        raise KeyError(dotted)
     clone._modules[head] = _without_submodule(model._modules[head], rest[0]) if rest else nn.Identity()
     return clone
 
