@@ -5468,6 +5468,51 @@ def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name
     assert from_file.loaded and from_file.model[0].encode_text(from_file.model[2](["a photo of a heart"])).shape[0] == 1
 
 
+def test_an_empty_clip_section_is_not_configured_even_where_models_must_load_and_a_model_needs_its_checkpoint():
+    from explaind.config import ClipSection
+    from explaind.engine.models import load_clip
+
+    # A config file that leaves [clip] empty starts without CLIP: nothing to load is no load error.
+    unconfigured = load_clip(ClipSection(), required=True)
+    assert (unconfigured.loaded, unconfigured.source, unconfigured.detail) == (False, "", "not configured")
+    # Without the check, the empty checkpoint was reported as an unknown pretrained tag ''.
+    with pytest.raises(ModelLoadError, match=re.escape("[clip].model needs [clip].checkpoint (a weights file or an open_clip pretrained tag)")):
+        load_clip(ClipSection(model="RN50"), required=True)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pth"])
+def test_a_clip_directory_whose_weights_torch_saved_loads_them_for_inference(tmp_path, suffix):
+    from safetensors.torch import load_file
+
+    from explaind.config import ClipSection
+    from explaind.engine.models import load_clip
+    from explaind.world.clip import CHECKPOINT_NAME, clip_dir
+
+    # open_clip's local directories hold .bin and .pth weights as well as .safetensors ones;
+    # the check for a directory without weights must count them.
+    shutil.copy(clip_dir() / "open_clip_config.json", tmp_path)
+    weights = load_file(clip_dir() / CHECKPOINT_NAME)
+    torch.save(weights, tmp_path / f"open_clip_pytorch_model{suffix}")
+    status = load_clip(ClipSection(path=str(tmp_path)), required=True)
+    model = status.model[0]
+    assert status.loaded and all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
+    assert not model.training  # open_clip builds it in training mode
+
+
+def test_a_diffusion_directory_without_model_index_json_needs_all_of_vae_unet_and_scheduler(tmp_path):
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    no_clip = ComponentStatus("clip", False, "", "not configured")
+    for parts in (("unet",), ("unet", "vae")):
+        directory = tmp_path / "-".join(parts)
+        for part in parts:
+            (directory / part).mkdir(parents=True)
+        status = load_diffusion(DiffusionSection(path=str(directory)), no_clip, required=False)
+        # Not "takes CLIP's text encoder": without its other parts it is no pipeline at all.
+        assert not status.loaded and status.detail == f"[diffusion].path: not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)"
+
+
 _SECRET_TEXT = "cannot open /srv/models/private/head.pt"
 
 
