@@ -837,6 +837,41 @@ def test_an_exported_programs_head_may_be_nested_but_must_be_linear_and_its_inpu
         load_classifier(ClassifierSection(loader="export", path=exported(model, "wide", (2, 3, 16, 24)), head="classifier.2"))
 
 
+def test_an_exported_program_taking_anything_but_one_batch_of_images_is_refused_naming_its_inputs(tmp_path):
+    def exported(model: nn.Module, name: str, *inputs: torch.Tensor) -> str:
+        path = tmp_path / f"{name}.pt2"
+        batch = torch.export.Dim("batch")
+        torch.export.save(torch.export.export(model.eval(), inputs, dynamic_shapes=tuple({0: batch} for _ in inputs)), str(path))
+        return str(path)
+
+    class Signals(nn.Module):  # (N, 3, L): its second dimension alone looks like images'
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer4 = nn.Sequential(nn.Conv1d(3, 4, 3), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, signals: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.layer4(signals))
+
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input 'signals' of .*signals.pt2 has shape \['\w+', 3, 16\]; "
+                                             r"explaind feeds it images \(N, 3, S, S\), channels first$"):
+        load_classifier(ClassifierSection(loader="export", path=exported(Signals(), "signals", torch.rand(2, 3, 16))))
+
+    class WithMetadata(nn.Module):  # images and a second input: its probe was told to export a dynamic batch, which it has
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer4 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, images: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.layer4(images) + metadata)
+
+    path = exported(WithMetadata(), "with_metadata", torch.rand(2, 3, 16, 16), torch.rand(2, 4))
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: .*with_metadata.pt2 takes inputs \['images', 'metadata'\], "
+                                             r"where explaind feeds it one tensor, images \(N, 3, S, S\)$"):
+        load_classifier(ClassifierSection(loader="export", path=path))
+
+
 def half_tiny_net(dtype: str = "float16") -> nn.Module:
     return tiny_net().to(getattr(torch, dtype))
 

@@ -816,14 +816,14 @@ def _fixed_image_size(input_name: str, shape: list[Any], configured: int, path: 
 
 def _exported_image_size(program: torch.export.ExportedProgram, configured: int, path: Path) -> int:
     """:func:`_fixed_image_size` for an exported program's one image input (the size it
-    was traced at stays fixed unless exported as dynamic); ``configured`` or 224 for a
-    program whose inputs are not one tensor."""
+    was traced at stays fixed unless exported as dynamic). A program taking other inputs
+    is refused here, naming them: its probe failed with advice to export a dynamic batch."""
     from torch.export.graph_signature import InputKind
 
     names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
     if len(values) != 1 or not isinstance(values[0], torch.Tensor):
-        return configured or 224
+        raise ModelLoadError(f"[classifier].path: {path} takes inputs {names}, where explaind feeds it one tensor, images (N, 3, S, S)")
     shape = [size if isinstance(size, int) else str(size) for size in values[0].shape]
     return _fixed_image_size(names[0], shape, configured, path)
 
