@@ -1199,6 +1199,18 @@ def test_an_onnx_models_input_size_and_layout_are_its_own_and_another_size_or_la
         load_classifier(ClassifierSection(loader="onnx", path=str(grey)))
 
 
+@pytest.mark.filterwarnings("ignore:# The axis name:UserWarning")  # one Dim for height and width: square images
+def test_an_onnx_model_of_dynamic_input_size_is_served_at_224_unless_configured(tmp_path, world_model):
+    path = tmp_path / "any_size.onnx"
+    side = torch.export.Dim("side", min=16, max=512)
+    torch.onnx.export(world_model.eval(), (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"], dynamo=True, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("n"), 2: side, 3: side},))
+    # The size it was traced at is not its own: nothing fixes one, so the documented default.
+    loaded = load_classifier(ClassifierSection(loader="onnx", path=str(path)))
+    assert loaded.image_size == 224 and loaded.supports_features, loaded.inference_only_reason
+    assert load_classifier(ClassifierSection(loader="onnx", path=str(path), image_size=96)).image_size == 96
+
+
 def test_an_onnx_classifier_is_split_on_its_normalised_images(tmp_path, world_model):
     # Its probe compared the whole graph on raw images with the cut one on normalised ones.
     normalisation = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
