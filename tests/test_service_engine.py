@@ -1122,6 +1122,20 @@ def test_a_float16_onnx_classifier_is_fed_float16_images_and_served_float32_logi
     onnx_engine.close()
 
 
+def test_a_float16_onnx_classifier_whose_logits_sit_far_from_0_on_its_bias_is_split(tmp_path, world_model):
+    # The graph rounds its logits to float16 where they are: around 1000, to 0.5. The
+    # check's bound scales with each logit's terms, the bias among them.
+    shifted = copy.deepcopy(world_model)
+    with torch.no_grad():
+        shifted.fc.bias.add_(1000.0)  # the same softmax
+    split = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(shifted, tmp_path / "shifted.onnx", dtype=torch.float16)))
+    assert split.supports_features, split.inference_only_reason
+    images = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.softmax(world_model(images), dim=1)
+    torch.testing.assert_close(torch.softmax(split.logits(split.features(images)), dim=1), want, atol=1e-2, rtol=0)  # float16 features
+
+
 def _export_pixels_onnx(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.uint8) -> str:
     """``model`` behind its own preprocessing, as ONNX taking (n, 64, 64, 3) pixels 0-255 of
     ``dtype`` channels last, as a graph converted from TensorFlow does."""
