@@ -814,6 +814,28 @@ def test_an_exported_program_is_served_at_the_input_size_it_fixes(tmp_path):
         load_classifier(ClassifierSection(loader="export", path=str(path), image_size=32))
 
 
+def test_an_exported_program_whose_outputs_move_with_its_batch_by_rounding_is_not_taken_for_training_mode(tmp_path):
+    # Kernels can block a batch of 3 otherwise than one image and round its outputs apart;
+    # the check allows 1e-4 for that (not float32's epsilon): training mode moves them by far more.
+    class RoundingWithItsBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer4 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            features = self.layer4(images)
+            return self.fc(features + 1e-3 * features.mean(dim=0))  # its batch moves it by about 1e-5
+
+    path = tmp_path / "rounding.pt2"
+    model = RoundingWithItsBatch().eval()
+    torch.export.save(torch.export.export(model, (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+    version = load_classifier(ClassifierSection(loader="export", path=str(path)))
+    images = torch.rand(3, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(version.logits(version.features(images)), model(images))
+
+
 def test_an_exported_programs_head_may_be_nested_but_must_be_linear_and_its_input_square_images(tmp_path):
     def exported(model: nn.Module, name: str, shape: tuple[int, ...] = (2, 3, 16, 16)) -> str:
         path = tmp_path / f"{name}.pt2"
