@@ -1465,6 +1465,24 @@ def test_an_onnx_classifier_is_split_into_features_and_head_or_else_served_infer
     onnx_engine.close()
 
 
+def test_an_onnx_classifier_whose_cut_head_does_not_give_its_logits_is_served_inference_only(tmp_path, world_model, monkeypatch):
+    # Whatever the cut misreads (here its head's bias), the probe finds it: that head would
+    # rank and edit logits the graph does not give.
+    from explaind.engine import models
+
+    cut = models.split_onnx_classifier
+
+    def misread(path):
+        split = cut(path)
+        return dataclasses.replace(split, bias=split.bias + torch.arange(len(split.bias)))
+
+    monkeypatch.setattr(models, "split_onnx_classifier", misread)
+    version = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "world.onnx"), image_size=64))
+    assert not version.supports_features
+    assert version.inference_only_reason == ("its graph could not be split before a final linear layer: its final linear layer, "
+                                             "applied to the features before it, does not give its logits")
+
+
 def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server(tmp_path, world_model, monkeypatch):
     # The reason goes into every refusal's message: another error's text (e.g. a missing
     # external-data file) can name server paths, which only the log may show.
