@@ -144,6 +144,18 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
         (["info", "--timeout", "inf"], "--timeout: expected a number of seconds > 0, got 'inf'"),  # no call ends without a deadline  # was a traceback once the server had started
+        (["info", "--timeout", "0"], "--timeout: expected a number of seconds > 0, got '0'"),
+        (["info", "--timeout", "nan"], "--timeout: expected a number of seconds > 0, got 'nan'"),  # NaN compares false with everything
+        # One past each end of the field's range; a seed's is int64, not int32.
+        (["rank", "s", "--class", "2147483648"], "--class: 2147483648 is out of range [-2147483648, 2147483647]"),
+        (["rank", "s", "--class", "-2147483649"], "--class: -2147483649 is out of range [-2147483648, 2147483647]"),
+        (["visualize", "3", "--seed", "9223372036854775808"],
+         "--seed: 9223372036854775808 is out of range [-9223372036854775808, 9223372036854775807]"),
+        (["sample-set", "create", "--world", "balanced:test:5:9"], "'balanced:test:5:9' is not scenario[:split[:count]]"),
+        (["sample-set", "append", "a", "--world", "balanced", "--name", "x"], "sample-set append: --name is an option of create"),
+        (["sample-set", "delete"], "sample-set delete: give a sample set id"),
+        (["operations", "artifact", "operations/0123456789abcdef"], "operations artifact: give an artifact name, e.g. mistakes.png"),
+        (["sample-set", "create", "--images", "/nonexistent.png", "--labels", "0"], "argument --images: no such file: /nonexistent.png"),
         # An empty address (an unset $HOST) printed gRPC's C-core errors around an UNKNOWN one.
         (["info", "--target", ""], "argument --target: empty; give the server's host:port, or leave --target out for 127.0.0.1:50051"),
         (["operations", "list", "--target= "], "argument --target: empty"),
@@ -152,6 +164,18 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
     # Each used to be accepted and ignored or misread (a negative --neurons sliced the ranking).
     assert message in _usage_error(capsys, argv)
+
+
+def test_integers_at_the_ends_of_their_fields_range_and_the_world_spec_s_defaults_are_taken():
+    from explaind.client.cli import parse_arguments
+
+    assert parse_arguments(["rank", "s", "--class", "2147483647"]).target_class == 2147483647
+    assert parse_arguments(["rank", "s", "--class", "-2147483648"]).target_class == -2147483648
+    assert parse_arguments(["visualize", "3", "--seed", "9223372036854775807"]).seed == 2**63 - 1
+    assert parse_arguments(["edit-head", "s", "--class", "0", "--neurons", "1", "--seed", "-9223372036854775808"]).seed == -2**63
+    # scenario[:split[:count]]: the test split, 64 samples, unless given.
+    assert parse_arguments(["sample-set", "create", "--world", "balanced"]).world == ("balanced", "test", 64)
+    assert parse_arguments(["sample-set", "create", "--world", "balanced:val"]).world == ("balanced", "val", 64)
 
 
 def test_an_empty_explaind_target_is_a_usage_error_naming_it(capsys, monkeypatch):
@@ -1098,6 +1122,7 @@ def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkey
     assert "--kind {evaluate_sample_set,rank_mistake_neurons,visualize_neurons,edit_head}" in operations
     assert "rollback serves the active version's parent (the version it was edited from)" in _help(capsys, ["head-versions"])
     assert "0: the server's [jobs].evaluate_batch_size" in _help(capsys, ["evaluate"])
+    assert "(default: )" not in _help(capsys, ["edit-head"])  # an empty default is no default to state
     serve = _help(capsys, ["serve"])
     assert "gRPC port (default: [server].port, 50051)" in serve and "(default: [server].metrics_port, 0 = off)" in serve
     assert "--top-k TOP_K classes per image (default 3, or all of a classifier with fewer)" in _help(capsys, ["predict"])
