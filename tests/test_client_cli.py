@@ -396,6 +396,13 @@ def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_pa
     bad.write_bytes(b"not an image")
     assert main(["--target", server.target, "predict", good, str(bad)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == f"  that is file {bad}"
+    # The server counts a later request's images from its first: images[1] of the second request is the last file.
+    with Client(server.target, timeout=30) as client:
+        per_request = client.model_metadata().max_batch_size
+    goods = [_png(tmp_path / f"{i}.png", i) for i in range(per_request + 1)]
+    assert main(["--target", server.target, "predict", *goods, str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "images[1]" in err and err.splitlines()[-1] == f"  that is file {bad}", err
     folder = tmp_path / "folder"
     (folder / "heart").mkdir(parents=True)
     for i in range(3):
@@ -1084,6 +1091,46 @@ def test_sample_set_list_says_sample_for_one_and_keeps_its_columns(server, capsy
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "      1 sample   " in lines["one-sample"] and "      2 samples  " in lines["two-samples"]
     assert lines["one-sample"].index("(updated") == lines["two-samples"].index("(updated")
+
+
+def test_sample_set_list_marks_unfinished_uploads_names_owners_and_escapes_names(capsys, monkeypatch):
+    # Listed as another caller (or an older server that took control characters) stored it.
+    from explaind.client import SampleSet
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    listed = [SampleSet("half", "red\x1b[2J\nforged", 512, {0: 512}, now, now, uploading=True, owner="ops")]
+    monkeypatch.setattr(Client, "sample_sets", lambda self, owner="": listed)
+    assert main(["--target", "127.0.0.1:1", "sample-set", "list"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"half +512 samples  red\\x1b\[2J\\nforged  \(updated [-\d]+ [:\d]+ \w+, still uploading, by ops\)", line), line
+
+
+def test_sample_set_show_quotes_the_set_s_name_and_delete_json_says_what_it_deleted(server, capsys):
+    target = ["--target", server.target]
+    assert main([*target, "sample-set", "create", "named-set", "--name", "red set", "--world", "balanced:test:2"]) == 0
+    capsys.readouterr()
+    assert main([*target, "sample-set", "show", "named-set"]) == 0
+    assert capsys.readouterr().out.startswith("named-set ('red set'): 2 samples, per class ")
+    assert _json_out(capsys, [*target, "sample-set", "delete", "named-set", "--json"]) == {"deleted": "named-set"}
+
+
+def test_a_world_sample_set_keeps_each_sample_s_attributes(server, capsys):
+    # What --group-attribute background groups by.
+    from explaind.client.cli import _world_samples
+
+    assert main(["--target", server.target, "sample-set", "create", "world-attributes", "--world", "balanced:test:3"]) == 0
+    _, _, attributes = _world_samples("balanced", "test", 3)
+    with Client(server.target, timeout=30) as client:
+        assert [sample.attributes for sample in client.samples("world-attributes")] == attributes and attributes[0]["background"]
+
+
+def test_uploads_of_more_than_512_samples_show_their_progress_on_stderr(server, capsys):
+    # More than one request's worth (512 by default) takes a while; one request does not.
+    for count, shown in ((512, False), (513, True)):
+        for action in ("create", "append"):
+            assert main(["--target", server.target, "sample-set", action, f"progress-{count}", "--world", f"balanced:test:{count}"]) == 0
+            err = capsys.readouterr().err
+            assert (f"progress-{count}: uploaded {count}/{count}\n" in err) == shown, err
 
 
 def test_sample_set_ids_are_positional_like_evaluate_and_global_options_may_follow_the_command(server, capsys, world_images):
