@@ -958,7 +958,9 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
     assert f"started {result['operation']}" in err and result["grid_file"] == str(grid)  # what stderr says, in the JSON too
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--no-wait"]) == 0
-    started = json.loads(capsys.readouterr().out)["name"]
+    out, err = capsys.readouterr()
+    started = json.loads(out)["name"]
+    assert err == ""  # the JSON says it all: no note to wait for it
     with Client(server.target, timeout=30) as client:
         assert client.operation(started).result(timeout=60).confusion_matrix.tolist() == result["confusion_matrix"]
     # --max-grid-images reaches the server (which bounds it); the error names the option too.
@@ -979,6 +981,33 @@ def test_a_name_not_found_points_to_the_command_that_lists_the_names(server, cap
     assert main(["--target", server.target, *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: NOT_FOUND: ") and err.endswith(f"\n  ({listing} shows what there is)\n"), err
+
+
+def test_an_error_other_than_not_found_points_to_no_listing(server, capsys):
+    # The id exists: listing the ids helps nobody.
+    for _ in range(2):
+        code = main(["--target", server.target, "sample-set", "create", "taken", "--world", "balanced:test:1"])
+    assert code == 1
+    assert capsys.readouterr().err.endswith(
+        "error: ALREADY_EXISTS: sample_set_id: sample set 'taken' already exists; append to it or delete it first\n")
+
+
+def test_evaluate_grid_of_a_set_without_mistakes_is_not_written_and_the_batch_size_reaches_the_server(server, capsys, world_images, tmp_path):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        predicted = [p.class_indices[0] for p in client.predict(images[:12], top_k=1)]
+        correct = [i for i in range(12) if predicted[i] == labels[i]]
+        client.create_sample_set(images[correct], labels[correct], sample_set_id="no-mistakes")
+    grid = tmp_path / "grid.png"
+    assert main(["--target", server.target, "evaluate", "no-mistakes", "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(f"\nno mistakes: {grid} not written\n") and not grid.exists(), out
+    assert main(["--target", server.target, "evaluate", "no-mistakes", "--grid", str(grid), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["grid_file"] is None and err.endswith(f"\nno mistakes: {grid} not written\n") and not grid.exists()
+    assert main(["--target", server.target, "evaluate", "no-mistakes", "--batch-size", "-1"]) == 1
+    assert capsys.readouterr().err == ("error: INVALID_ARGUMENT: batch_size: must be between 1 and 4096, or 0 for the default\n"
+                                       "  (batch_size is --batch-size here)\n")
 
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
@@ -1414,6 +1443,32 @@ def test_info_names_the_first_classes_of_a_large_classifier():
     assert "clip        not loaded: not configured\n" in out.getvalue()
 
 
+def test_info_says_how_images_are_fitted_what_the_model_cannot_do_and_the_request_limits():
+    from explaind.client._types import ModelMetadata, RequestLimits
+    from explaind.client.cli import _print_metadata
+
+    meta = ModelMetadata(
+        name="resnet50", loader="export", class_names=["cat", "dog"], feature_layer="layer4", head="fc", feature_dim=2048, image_size=224,
+        model_version="v", backend="onnxruntime", device="cuda", supports_features=True, components={}, max_batch_size=32,
+        limits=RequestLimits(4 * 2**20, 3 * 2**20, 64, 4096, 1000), resize_size=256, interpolation="bicubic",
+    )
+
+    def printed(meta: ModelMetadata) -> list[str]:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            _print_metadata(meta)
+        return out.getvalue().splitlines()[2:]  # after the classifier and its classes
+
+    assert printed(meta) == [
+        "            features: layer4 -> fc (D=2048); no gradients, so no neuron visualisations",
+        "            input 224x224 (shorter side resized to 256, centre crop, bicubic)",
+        "limits      4 MiB per message, 3 Mi decoded pixels per request, 64 images (or samples) per request, sides up to 4096 px, "
+        "1000 samples in one caller's sets",
+    ]
+    # An older server says no limits (0): no line of zeros.
+    assert printed(dataclasses.replace(meta, supports_features=False, resize_size=0, interpolation="", limits=RequestLimits(0, 0, 0, 0))) == [
+        "            inference only: no penultimate features, so no ranking or head edits", "            input 224x224 (images stretched to it)"]
+
+
 def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_the_rest(capsys):
     import numpy as np
 
@@ -1438,6 +1493,25 @@ def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_
 
     assert _named_counts(Server(), {i: 1 for i in range(999, -1, -1)}) == ", ".join(f"c{i} 1" for i in range(20)) + ", ... and 980 more classes"
     assert _named_counts(Server(), {i: 1 for i in range(20)}) == ", ".join(f"c{i} 1" for i in range(20))
+
+
+def test_an_evaluation_of_20_classes_and_5_mistakes_lists_every_class_and_mistake_with_no_remainder(capsys):
+    from explaind.client._operations import Evaluation
+    from explaind.client.cli import _print_evaluation
+
+    names = [f"c{i}" for i in range(20)]
+    matrix = np.diag([3] * 20)
+    for label in range(5):  # one sample of each of c0..c4 taken for the next class
+        matrix[label, label] -= 1
+        matrix[label, label + 1] += 1
+    _print_evaluation(Evaluation(
+        sample_set_id="s", model_version="v", sample_count=60, accuracy=55 / 60,
+        class_accuracy={name: 2 / 3 if i < 5 else 1.0 for i, name in enumerate(names)},
+        confusion_matrix=matrix, mistakes=[(3 * label, label, label + 1, 0.9) for label in range(5)],
+        class_counts=dict.fromkeys(names, 3), class_names=names,
+    ))
+    out = capsys.readouterr().out
+    assert "\nper class: c0 0.67, c1 0.67," in out and out.endswith("\n  mistake: sample 12 is c4, predicted c5 (0.90)\n"), out
 
 
 def _json_out(capsys, argv: list[str]):
