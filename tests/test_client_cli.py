@@ -819,6 +819,16 @@ def test_a_class_without_mistakes_is_ranked_and_reported_as_nothing_to_explain(s
     assert "<table><tr><th>neuron</th>" not in page.read_text()  # an empty table of ranked neurons stood above it
 
 
+def test_a_report_on_too_few_samples_for_an_edit_says_why_it_suggests_none(server, capsys, world_images, tmp_path):
+    images, _ = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:2], ["heart", "heart"], sample_set_id="too-few")
+    assert main(["--target", server.target, "report", "--class", "heart", "--sample-set", "too-few", "--out", str(tmp_path / "report.html"),
+                 "--neurons", "1", "--steps", "2"]) == 0
+    assert capsys.readouterr().out.endswith("\nno head edit suggested: sample_set_id: needs at least 5 samples to hold out a validation split, "
+                                            "or a validation_sample_set_id\n")
+
+
 def test_a_report_whose_page_is_not_written_names_the_edit_it_stored(server, capsys, world_images, tmp_path, monkeypatch):
     # Ctrl-C while the page was rendered, or a write that failed (a full disk), left a new
     # head version that nothing mentioned.
@@ -889,6 +899,30 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     assert "<p id='visualization-failed'>The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: the GPU ran out " \
            "of memory &lt;while optimising&gt;</p>" in page
     assert "<h2>Suggested head edit</h2>" in page and "id='ranking-legend'" in page  # the work before them is kept
+
+
+def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(server, capsys, world_images, tmp_path):
+    images, labels = world_images
+    mislabelled = (labels[:24] + 1) % 6
+    backgrounds = [{"background": "sand" if i % 2 else "grass"} for i in range(24)]  # what the edit's accuracy is grouped by
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[24:], (labels[24:] + 1) % 6, sample_set_id="newest-validation", attributes=backgrounds)
+        client.create_sample_set(images[:24], mislabelled, sample_set_id="newest", attributes=backgrounds)
+        name = client.model_metadata().class_names[int(mislabelled[0])]
+    page = tmp_path / "report.html"
+    assert main(["--target", server.target, "report", "--class", name, "--out", str(page), "--neurons", "1", "--steps", "3",
+                 "--validation-sample-set", "newest-validation", "--group-attribute", "background"]) == 0
+    printed = capsys.readouterr()
+    assert "using the newest sample set, newest\n" in printed.err and page.exists()
+    edit = re.search(r"^suggested head edit (v\d+), evaluated on sample set newest-validation \(24 samples\); they also chose the best epoch",
+                     printed.out, flags=re.M)
+    assert edit, printed.out
+    with Client(server.target, timeout=30) as client:
+        (visualized,) = client.operations(kind="visualize_neurons", limit=1)
+        assert visualized.result(download=False).steps == 3
+        groups = client.head_version(edit[1]).evaluation.group_accuracy  # (class, background) pairs
+        assert {group.partition("/")[2] for group in groups} == {"grass", "sand"}
+        client.delete_head_version(edit[1])
 
 
 def test_an_artifact_goes_to_standard_output_with_dash_and_is_not_fetched_for_an_unwritable_file(server, capsysbinary, world_images, tmp_path, monkeypatch):
@@ -1228,10 +1262,17 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert [n["neuron"] for n in ranking["neurons"]] == [n.neuron for n in expected.neurons]
     assert ranking["neurons"][0]["rank_ratio"] == expected.neurons[0].rank_ratio and ranking["class_name"] == "heart"
     assert ranking["mistake_count"] == expected.mistake_count > 0 and "mistakes" not in ranking  # not asked for: not an empty list
-    line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "circle"])
-    assert "class_name: sample set 'all-hearts' has no sample of class 'circle'" in line
-    line = _error(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "-1"])
-    assert "class_index: -1 is not a class index in [0, 6)" in line  # was "unknown class '-1'"
+    assert "omega" not in ranking  # (mistakes x features) floats: the SDK's result or omega.npy has them
+    assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart"]) == 0
+    out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise
+    assert len(out[1:-1]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
+    proximal = _json_out(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "heart", "--solver", "proximal", "--json"])
+    assert proximal["solver"] == "proximal"
+    for given, said, field in (("circle", "class_name: sample set 'all-hearts' has no sample of class 'circle'", "class_name"),
+                               ("-1", "class_index: -1 is not a class index in [0, 6)", "class_index")):  # was "unknown class '-1'"
+        assert main(["--target", server.target, "rank", sample_set_id, "--class", given]) == 1
+        err = capsys.readouterr().err
+        assert said in err and err.endswith(f"\n  ({field} is --class here)\n"), err
 
 
 def _artifact_reads(server) -> float:
@@ -1297,6 +1338,14 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert len(list(out_dir.iterdir())) == 4
     assert main(["--target", server.target, "operations", "wait", capsys.readouterr().out.strip()]) == 0
     assert re.search(r"CLIP similarity n/a \(no CLIP\), mask area", capsys.readouterr().out)
+
+
+def test_visualize_sends_classes_per_neuron_and_the_seed_and_makes_a_nested_out_dir(server, capsys, tmp_path):
+    runs = [_json_out(capsys, ["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "2", "--classes-per-neuron", "2",
+                               "--seed", str(seed), "--out-dir", str(tmp_path / "nested" / str(seed)), "--json"]) for seed in (1, 2)]
+    assert [len({v["class_name"] for v in run["visualizations"]}) for run in runs] == [2, 2]  # the neuron's top two classes
+    assert runs[0]["visualizations"][0]["activation"] != runs[1]["visualizations"][0]["activation"]  # other start images
+    assert sorted(p.name for p in (tmp_path / "nested" / "1").iterdir())[0].startswith("00_neuron3_")
 
 
 @pytest.mark.parametrize(("class_name", "stem"), [("heart", "03_neuron7_heart"), ("n02085620 Chihuahua/toy", "03_neuron7_n02085620-Chihuahua-toy"),
@@ -1393,6 +1442,40 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert capsys.readouterr().out.splitlines()[-1] == f"head version {versions[-1].version_id} has been deleted since"
     line = _error(capsys, ["--target", server.target, "head-versions", "show", versions[-1].version_id])
     assert f"NOT_FOUND: version_id: no head version '{versions[-1].version_id}'" in line
+
+
+def test_edit_head_sends_the_group_attribute_and_says_it_was_evaluated_on_the_validation_set(server, capsys):
+    target = ["--target", server.target]
+    for set_id, spec in (("edit-groups", "balanced:test:40"), ("edit-validation", "balanced:val:20")):
+        assert main([*target, "sample-set", "create", set_id, "--world", spec]) == 0
+    capsys.readouterr()
+    assert main([*target, "edit-head", "edit-groups", "--class", "heart", "--neurons", "3", "--validation-sample-set", "edit-validation",
+                 "--group-attribute", "background"]) == 0
+    out = capsys.readouterr().out
+    with Client(server.target, timeout=30) as client:
+        client.delete_head_version(re.search(r"^  (v\d+) ", out, flags=re.M)[1])
+    assert re.search(r"^  worst group [\w/]+ \d\.\d{3} -> [\w/]+ \d\.\d{3}$", out, flags=re.M), out
+    # Chosen the best epoch, the validation set is no independent measure.
+    assert out.endswith("\n  evaluated on sample set edit-validation (20 samples); they also chose the best epoch, so these numbers lean "
+                        "optimistic: --evaluation-sample-set gives an independent set\n"), out
+
+
+def test_head_versions_list_prints_every_version_and_rollback_serves_the_version_named(server, capsys, world_images):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, labels, sample_set_id="rollback-to")
+        served = next(v.version_id for v in client.head_versions() if v.active)
+        edited = client.edit_head("rollback-to", "heart", [3]).result(timeout=60).version.version_id
+        versions = client.head_versions()
+    try:
+        assert main(["--target", server.target, "head-versions", "list"]) == 0
+        assert capsys.readouterr().out == "".join(f"{v.summary()}\n" for v in versions)
+        assert main(["--target", server.target, "head-versions", "rollback", edited]) == 0
+        assert capsys.readouterr().out == f"serving {edited} (was {served})\n"
+    finally:
+        with Client(server.target, timeout=30) as client:
+            client.promote_head_version(served)
+            client.delete_head_version(edited)
 
 
 def test_class_counts_fall_back_to_indices_when_the_server_cannot_name_them():
