@@ -1055,9 +1055,10 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     waited = capsys.readouterr()
     assert re.match(rf"{job.name} +visualize_neurons +cancelled +\d+/\d+ ", waited.out) and "error:" not in waited.out
     # The outcome, where evaluate's failed job says it; queued behind an earlier test's job, it never started.
-    outcome = re.fullmatch(r"error: CANCELLED: cancelled (by request|before it started)\n", waited.err)
+    outcome = re.fullmatch(r"error: CANCELLED: (cancelled (by request|before it started))\n", waited.err)
     assert outcome, waited.err
-    assert _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])["cancel_requested"] is True
+    got = _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])
+    assert got["cancel_requested"] is True and got["error"] == {"code": "CANCELLED", "message": outcome[1]}  # the message without the code
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
     got = capsys.readouterr().out
     assert got.endswith(waited.err)  # get describes the operation, error included
@@ -1092,6 +1093,87 @@ def test_operations_cancel_of_a_job_that_ended_meanwhile_says_it_finished_not_th
     finally:
         server.stop(0)
     assert capsys.readouterr().out == "operations/x had already finished (succeeded); nothing to cancel\n"
+
+
+def test_operations_cancel_json_of_a_finished_job_prints_the_job(server, capsys, world_images):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:4], labels[:4], sample_set_id="cancel-json")
+        job = client.evaluate_sample_set("cancel-json")
+        job.wait(60)
+    cancelled = _json_out(capsys, ["--target", server.target, "operations", "cancel", job.name, "--json"])
+    assert (cancelled["name"], cancelled["state"], cancelled["cancel_requested"]) == (job.name, "succeeded", False)
+
+
+def test_operations_get_shows_a_cancel_requested_the_owner_and_a_result_cut_short(capsys):
+    from google.longrunning import operations_pb2 as operations_lro
+    from google.protobuf import any_pb2
+
+    from explaind.v1 import inference_pb2, operations_pb2, operations_pb2_grpc
+    from test_client_sdk import _serve
+
+    stored = {
+        "operations/stopping": operations_pb2.OperationMetadata(
+            kind="visualize_neurons", state=operations_pb2.OPERATION_STATE_RUNNING, cancel_requested=True, owner="ops",
+            progress=operations_pb2.Progress(step=3, total=10, message="optimising")),
+        "operations/cut": operations_pb2.OperationMetadata(  # a result over half the message limit: its leading mistakes only
+            kind="evaluate_sample_set", state=operations_pb2.OPERATION_STATE_SUCCEEDED, full_response_artifact="response.binpb"),
+    }
+
+    class StoredOperations(operations_pb2_grpc.OperationsServiceServicer):
+        def GetOperation(self, request, context):
+            metadata, response = any_pb2.Any(), any_pb2.Any()
+            metadata.Pack(stored[request.name])
+            response.Pack(inference_pb2.EvaluateSampleSetResult(sample_set_id="s", sample_count=1, accuracy=1.0))
+            done = stored[request.name].state != operations_pb2.OPERATION_STATE_RUNNING
+            return operations_pb2.GetOperationResponse(operation=operations_lro.Operation(
+                name=request.name, metadata=metadata, done=done, response=response if done else None))
+
+    server, target = _serve(StoredOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        assert main(["--target", target, "operations", "get", "operations/stopping"]) == 0
+        line = capsys.readouterr().out
+        assert re.fullmatch(r"operations/stopping +visualize_neurons +running +\(cancel requested\) 3/10 optimising  "
+                            r"[-\d]+ [:\d]+ \w+  by ops\n", line), line
+        assert main(["--target", target, "operations", "get", "operations/cut"]) == 0
+        assert ("\nthe result is too large for one message: below are its leading items; "
+                "`explaind operations artifact operations/cut response.binpb` has it whole\naccuracy 1.000 on 1 sample") in capsys.readouterr().out
+    finally:
+        server.stop(0)
+
+
+def test_an_artifact_goes_to_a_file_of_its_own_name_unless_given_one(server, capsys, world_images, tmp_path, monkeypatch):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:6], (labels[:6] + 1) % 6, sample_set_id="artifact-file")
+        job = client.evaluate_sample_set("artifact-file")
+        job.wait(60)
+        expected = job.artifact("mistakes.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--target", server.target, "operations", "artifact", job.name, "mistakes.png"]) == 0
+    assert capsys.readouterr().out == f"wrote mistakes.png ({len(expected)} bytes)\n" and (tmp_path / "mistakes.png").read_bytes() == expected
+    written = _json_out(capsys, ["--target", server.target, "operations", "artifact", job.name, "mistakes.png", "-o", "grid.png", "--json"])
+    assert written == {"file": "grid.png", "size_bytes": len(expected)} and (tmp_path / "grid.png").read_bytes() == expected
+    # Its own name is checked before the download too.
+    (tmp_path / "taken" / "mistakes.png").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "taken")
+    monkeypatch.setattr(Operation, "artifact", lambda *_: pytest.fail("downloaded for a file it cannot write"))
+    assert _error(capsys, ["--target", server.target, "operations", "artifact", job.name, "mistakes.png"]) == (
+        "error: cannot write mistakes.png: it is a directory")
+
+
+def test_operations_list_asks_for_the_newest_100_unless_given_a_limit(server, capsys, monkeypatch):
+    asked = []
+    listed = Client.operations
+
+    def recording(self, **options):
+        asked.append(options["limit"])
+        return listed(self, **options)
+
+    monkeypatch.setattr(Client, "operations", recording)
+    for argv in ([], ["--limit", "7"]):
+        assert main(["--target", server.target, "operations", "list", *argv]) == 0
+    assert asked == [101, 8]  # one more than it prints: whether to say there are more
 
 
 def test_operations_watch_prints_each_update_as_operations_list_does(server, capsys, monkeypatch):
