@@ -1332,9 +1332,19 @@ def test_a_failed_edit_s_version_promoted_away_from_since_leaves_the_promoted_on
         _shut(engine)
 
 
-def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_path):
+def _retrained_copy(directory: Path) -> tuple[Path, dict]:
+    """The spurious_background classifier copied to ``directory`` with its head's weights
+    halved (a retrained head on the same h_b): the directory and its weights."""
     from safetensors.torch import load_file, save_file
 
+    shutil.copytree(SPURIOUS, directory)
+    weights = load_file(str(directory / "model.safetensors"))
+    weights["fc.weight"] = weights["fc.weight"] * 0.5
+    save_file(weights, str(directory / "model.safetensors"))
+    return directory, weights
+
+
+def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_path):
     engine, inspect = _in_process(tmp_path / "data")
     version = engine.models.active
     edited = inspect._add_head_version(version, torch.nn.Linear(version.feature_dim, len(version.class_names)), "v0",
@@ -1345,11 +1355,7 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_pa
     assert inspect.active_head_version().version_id == "v1"
     _shut(engine)
 
-    replaced = tmp_path / "replaced"  # the operator deploys a retrained head on the same h_b
-    shutil.copytree(SPURIOUS, replaced)
-    weights = load_file(str(replaced / "model.safetensors"))
-    weights["fc.weight"] = weights["fc.weight"] * 0.5
-    save_file(weights, str(replaced / "model.safetensors"))
+    replaced, weights = _retrained_copy(tmp_path / "replaced")  # the operator deploys a retrained head on the same h_b
     engine, inspect = _in_process(tmp_path / "data", replaced)
     try:
         versions, active = inspect.head_versions()
@@ -1368,6 +1374,24 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_pa
     try:
         versions, active = inspect.head_versions()
         assert active == "v0" and len(versions) == 3
+    finally:
+        _shut(engine)
+
+
+def test_a_model_file_put_back_whose_head_was_promoted_since_is_served_without_a_warning(tmp_path, caplog):
+    # The warning that the file's head is served instead of the active version named that
+    # same version when the operator had promoted the earlier file's head before putting it back.
+    engine, inspect = _in_process(tmp_path / "data")
+    _shut(engine)
+    replaced, _ = _retrained_copy(tmp_path / "replaced")
+    engine, inspect = _in_process(tmp_path / "data", replaced)
+    inspect.promote_head_version("v0")
+    _shut(engine)
+    caplog.clear()
+    engine, inspect = _in_process(tmp_path / "data")
+    try:
+        assert inspect.active_head_version().version_id == "v0"
+        assert "is not the one it held at the last start" not in caplog.text
     finally:
         _shut(engine)
 
