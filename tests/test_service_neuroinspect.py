@@ -1420,6 +1420,30 @@ def test_a_promoted_head_whose_stored_weights_are_corrupt_is_not_served_and_star
         _shut(engine)
 
 
+@pytest.mark.parametrize("tensors", [
+    {"weight": torch.zeros(6, 4)},  # no bias
+    {"weight": torch.zeros(6, 4), "bias": torch.zeros(5)},  # a bias of another length
+], ids=["no-bias", "shapes-disagree"])
+def test_a_head_version_whose_weights_are_no_head_is_data_loss_naming_it_not_an_internal_error(tmp_path, tensors):
+    # Safetensors that read but hold no linear head escaped as a KeyError or RuntimeError.
+    from safetensors.torch import save as safetensors_bytes
+
+    from explaind.errors import DataLoss
+    from explaind.store import HeadVersionRecord
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        feature_version = engine.models.active.feature_version
+        with engine.store.writing_blobs() as put:
+            engine.store.insert_head_version(HeadVersionRecord(feature_version, "v7", "other", put(safetensors_bytes(tensors)), "v0", 0.0,
+                                                               details={"method": "constrain"}))
+        with pytest.raises(DataLoss, match="the stored weights of head version 'v7' cannot be read") as refused:
+            inspect.promote_head_version("v7")
+        assert refused.value.field == "version_id" and inspect.active_head_version().version_id == "v0"
+    finally:
+        _shut(engine)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 ARTIFACTS = Path(os.environ.get("EXPLAIND_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "var" / "test-artifacts"))
 
