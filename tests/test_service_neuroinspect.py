@@ -1546,6 +1546,34 @@ def test_an_edit_without_a_validation_set_holds_out_every_fifth_sample_and_follo
         _shut(engine)
 
 
+def test_an_edit_without_a_validation_set_evaluates_the_held_out_fifth_in_its_classes_and_groups(tmp_path, world_set):
+    # The class counts and groups are those of samples 0, 5, ..., 35, the samples held out;
+    # the neurons are stored in order, whatever order they were named in.
+    from collections import Counter
+
+    from google.protobuf import any_pb2
+
+    from explaind.engine import NewSample
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        pixels, labels, attributes = world_set
+        names = engine.models.active.class_names
+        engine.create_sample_set("train", "", [NewSample.from_array(p, int(l), a) for p, l, a in zip(pixels[:40], labels[:40], attributes[:40])])
+        job = inspect.edit_head("train", target_class="heart", neurons=[3, 1], max_epochs=1, group_attribute="background").record.job_id
+        record = engine.jobs.wait(job, 60).record
+        assert record.state == "succeeded", record.error_message
+        result = neuroinspect_pb2.EditHeadResult()
+        any_pb2.Any.FromString(record.result).Unpack(result)
+        held_out = range(0, 40, 5)
+        for evaluation in (result.version.parent_evaluation, result.version.evaluation):
+            assert {c.class_name: c.count for c in evaluation.per_class if c.count} == Counter(names[int(labels[i])] for i in held_out)
+            assert set(evaluation.group_accuracy) == {f"{names[int(labels[i])]}/{attributes[i]['background']}" for i in held_out}
+        assert list(result.version.neurons) == [1, 3]
+    finally:
+        _shut(engine)
+
+
 def test_evaluated_samples_without_the_group_attribute_form_their_class_s_group_of_the_empty_value(tmp_path, world_set):
     # As EditHeadRequest.group_attribute says: some samples must carry it, not all.
     from google.protobuf import any_pb2
