@@ -525,6 +525,34 @@ def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set
         engine.close()
 
 
+def test_an_edit_cancelled_while_it_trains_stops_at_that_epoch_and_stores_nothing(tmp_path, world_set, monkeypatch):
+    from explaind.engine import neuroinspect as engine_module
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        epochs, jobs = [], []
+
+        class CancelledInItsFirstEpoch(engine_module.HeadEditor):
+            def edit(self, *args, callback_on_epoch_end, **kwargs):
+                def on_epoch(epoch, total, record):
+                    epochs.append(epoch)
+                    engine.jobs.cancel(jobs[0])
+                    return callback_on_epoch_end(epoch, total, record)
+
+                return super().edit(*args, callback_on_epoch_end=on_epoch, **kwargs)
+
+        monkeypatch.setattr(engine_module, "HeadEditor", CancelledInItsFirstEpoch)
+        gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
+        jobs.append(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=5, patience=5).record.job_id)
+        gate.set()
+        assert engine.jobs.wait(jobs[0], 60).record.state == "cancelled"
+        assert len(epochs) == 1
+        assert [v.version_id for v in inspect.head_versions()[0]] == ["v0"]
+    finally:
+        _shut(engine)
+
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a
