@@ -165,12 +165,24 @@ def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
 def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp_path, world_set):
     # The servicer passes int32 fields as they come (0 stands for a default there, not here),
     # and the engine is the one to check them: each bound, and the names of its lists.
+    from explaind.engine import NewSample
     from explaind.engine.neuroinspect import RankSettings
-    from explaind.errors import InvalidArgument
+    from explaind.errors import InvalidArgument, NotFound
 
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
+        pixels, labels, attributes = world_set
+        feature_dim, heart = engine.models.active.feature_dim, engine.models.active.class_names.index("heart")
+
+        def create_set(sample_set_id, indices, attributes_of=lambda i: {}):
+            engine.create_sample_set(sample_set_id, "", [NewSample.from_array(pixels[i], int(labels[i]), attributes_of(i)) for i in indices])
+
+        create_set("four", range(4))
+        hearts, others = [i for i in range(60) if labels[i] == heart][:2], [i for i in range(60) if labels[i] != heart][:8]
+        create_set("hearts-held-out", [hearts[0], *others[:4], hearts[1], *others[4:]])  # hearts at 0 and 5: both held out
+        # Twelve samples (hearts at 5 and 11), the attribute on all but the held-out fifth.
+        create_set("attribute-not-held-out", range(12), lambda i: attributes[i] if i % 5 else {})
 
         def rank(**settings):
             execution = settings.pop("execution", "inline")
@@ -212,11 +224,22 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
             (lambda: edit(learning_rate=0.0), "learning_rate: 0.0 is not in (0.0, 10.0]"),
             (lambda: edit(target_ratio=0.0), "target_ratio: 0.0 is not in (0.0, 1000000.0]"),
             (lambda: edit(description="x" * 100_000), "description"),
+            (lambda: inspect.edit_head("train", target_class="heart", neurons=[1, feature_dim]),
+             f"neurons[1]: {feature_dim} is not a neuron index in [0, {feature_dim})"),
+            (lambda: edit(method="constrain", target_ratio="auto"), "auto_target_ratio: applies to the probability_ratio method only"),
+            (lambda: inspect.edit_head("four", target_class="heart", neurons=[1]), "sample_set_id: needs at least 5 samples to hold out"),
+            (lambda: inspect.edit_head("hearts-held-out", target_class="heart", neurons=[1]),
+             "class_name: sample set 'hearts-held-out' has no sample of class 'heart' to train the edit on"),
+            (lambda: inspect.edit_head("attribute-not-held-out", target_class="heart", neurons=[1], group_attribute="background"),
+             "group_attribute: no sample of the held-out fifth of 'attribute-not-held-out' has attribute 'background'"),
             (lambda: inspect.promote_head_version(""), "version_id: required"),
         ]
         for call, message in cases:
             with pytest.raises(InvalidArgument, match=re.escape(message)):
                 call()
+        with pytest.raises(NotFound) as unknown:
+            edit(validation_sample_set_id="nope")
+        assert unknown.value.field == "validation_sample_set_id"
         assert engine.jobs.list() == []  # refused when asked, not by a job that fails
         # The bounds themselves are in range.
         for bounds in ({"l1": 0.0, "l2": 0.0, "cut_ratio": 0.0}, {"l1": 1000.0, "l2": 1000.0, "cut_ratio": 1.0}):
