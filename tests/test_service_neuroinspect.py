@@ -1291,6 +1291,40 @@ def _hold_the_job_worker(engine):
     return gate, engine.jobs.submit("block", lambda ctx: (gate.wait(30), _empty())[1])
 
 
+def test_an_edit_sent_again_while_the_first_was_being_checked_gets_the_first_s_operation(tmp_path, world_set, monkeypatch):
+    # A retry whose first look-up of its request_id ran before the first call submitted its
+    # job: the look-up again under the lock answers it with that job, which still edits from
+    # the version served when it was submitted (the retry's, promoted since, is not noted).
+    from explaind.errors import FailedPrecondition
+    from explaind.store import RequestKey
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        _store_shifted_head(inspect, engine.models.active)  # v1
+        inspect.promote_head_version("v1")
+        request = RequestKey("00000000-0000-4000-8000-000000000002", "edit once")
+        gate, _ = _hold_the_job_worker(engine)
+        first = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, request=request)
+        inspect.promote_head_version("v0")
+        submitted, lookups = engine.jobs.submitted, []
+
+        def looked_up_before_the_first_submitted(key):
+            lookups.append(key)
+            return None if len(lookups) == 1 else submitted(key)
+
+        monkeypatch.setattr(engine.jobs, "submitted", looked_up_before_the_first_submitted)
+        second = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, request=request)
+        assert second.record.job_id == first.record.job_id and len(lookups) == 2
+        with pytest.raises(FailedPrecondition, match=f"operations/{first.record.job_id} is editing from head version 'v1'"):
+            inspect.delete_head_version("v1")
+        gate.set()
+        assert engine.jobs.wait(first.record.job_id, 60).record.state == "succeeded"
+        assert [(v.version_id, v.parent_version_id) for v in inspect.head_versions()[0]] == [("v0", ""), ("v1", "v0"), ("v2", "v1")]
+    finally:
+        _shut(engine)
+
+
 def test_failed_edits_built_on_each_other_leave_a_server_that_starts(tmp_path, world_set):
     # v2 was edited from v1 while v1 was served; both jobs failed. Deleting v1 left v2's
     # parent, and then the active version, pointing at nothing: every start failed.
