@@ -1654,6 +1654,13 @@ def test_an_edit_without_a_validation_set_evaluates_the_held_out_fifth_in_its_cl
         for evaluation in (result.version.parent_evaluation, result.version.evaluation):
             assert {c.class_name: c.count for c in evaluation.per_class if c.count} == Counter(names[int(labels[i])] for i in held_out)
             assert set(evaluation.group_accuracy) == {f"{names[int(labels[i])]}/{attributes[i]['background']}" for i in held_out}
+            # The worst class and group are those of the lowest accuracy (of accuracies that differ).
+            accuracies = {c.class_name: c.accuracy for c in evaluation.per_class}
+            assert min(accuracies.values()) < max(accuracies.values())
+            assert (evaluation.worst_class_name, evaluation.worst_class_accuracy) == min(accuracies.items(), key=lambda item: item[1])
+            assert min(evaluation.group_accuracy.values()) < max(evaluation.group_accuracy.values())
+            assert evaluation.worst_group_accuracy == min(evaluation.group_accuracy.values())
+            assert evaluation.group_accuracy[evaluation.worst_group] == evaluation.worst_group_accuracy
         assert list(result.version.neurons) == [1, 3]
     finally:
         _shut(engine)
