@@ -804,12 +804,17 @@ def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, caps
                      capsys.readouterr().out, flags=re.M)
 
 
+def _classified_right(client: Client, images: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Indices of the images the served model classifies as their label: a set without mistakes."""
+    predicted = [prediction.class_indices[0] for prediction in client.predict(images, top_k=1)]
+    return [i for i, label in enumerate(labels) if predicted[i] == label]
+
+
 def test_a_class_without_mistakes_is_ranked_and_reported_as_nothing_to_explain(server, capsys, world_images, tmp_path):
     # It was an error (exit 1): a script looping over classes failed on good news.
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
-        predicted = [p.class_indices[0] for p in client.predict(images[:40], top_k=1)]
-        correct = [i for i in range(40) if predicted[i] == labels[i]]
+        correct = _classified_right(client, images[:40], labels[:40])
         client.create_sample_set(images[correct], labels[correct], sample_set_id="all-right")
         name = client.model_metadata().class_names[int(labels[correct[0]])]
     assert main(["--target", server.target, "rank", "all-right", "--class", name]) == 0
@@ -1030,8 +1035,7 @@ def test_an_error_other_than_not_found_points_to_no_listing(server, capsys):
 def test_evaluate_grid_of_a_set_without_mistakes_is_not_written_and_the_batch_size_reaches_the_server(server, capsys, world_images, tmp_path):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
-        predicted = [p.class_indices[0] for p in client.predict(images[:12], top_k=1)]
-        correct = [i for i in range(12) if predicted[i] == labels[i]]
+        correct = _classified_right(client, images[:12], labels[:12])
         client.create_sample_set(images[correct], labels[correct], sample_set_id="no-mistakes")
     grid = tmp_path / "grid.png"
     assert main(["--target", server.target, "evaluate", "no-mistakes", "--grid", str(grid)]) == 0
