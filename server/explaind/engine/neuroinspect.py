@@ -563,8 +563,6 @@ class NeuroInspectEngine:
                 held[::5] = True
                 val_features, val_labels = features[held.to(features.device)], labels[held]
                 features, labels = features[~held.to(features.device)], labels[~held]
-            # Again now it runs: the set may have been replaced since, or hold the class only in the held-out fifth.
-            _require_training_samples(labels.tolist(), class_index, version, sample_set_id, class_field)
             eval_features, eval_labels, evaluated = val_features, val_labels, train.records[::5]
             if eval_id:
                 evaluation = self._engine.sample_set_features(eval_id, version=version, context=context, uid=submitted[eval_id].uid,
