@@ -179,6 +179,8 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
             engine.create_sample_set(sample_set_id, "", [NewSample.from_array(pixels[i], int(labels[i]), attributes_of(i)) for i in indices])
 
         create_set("four", range(4))
+        names = engine.models.active.class_names
+        absent = next(c for c in range(len(names)) if c not in labels[:4])
         hearts, others = [i for i in range(60) if labels[i] == heart][:2], [i for i in range(60) if labels[i] != heart][:8]
         create_set("hearts-held-out", [hearts[0], *others[:4], hearts[1], *others[4:]])  # hearts at 0 and 5: both held out
         # Twelve samples (hearts at 5 and 11), the attribute on all but the held-out fifth.
@@ -198,6 +200,10 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
         cases = [
             (lambda: rank(target_class=None), "class_name: a class is required (class_name or class_index)"),
             (lambda: rank(target_class=""), "class_name: a class is required (class_name or class_index)"),
+            # -1 would name the last class, as a Python index does.
+            (lambda: rank(target_class=-1), "class_index: -1 is not a class index in [0, 6)"),
+            # Asked by index, the class the set lacks is the index's fault, not a name's.
+            (lambda: inspect.rank_mistake_neurons("four", target_class=absent), f"class_index: sample set 'four' has no sample of class {names[absent]!r}"),
             (lambda: rank(execution="later"), "execution: must be one of ('auto', 'inline', 'operation')"),
             (lambda: rank(solver="newton"), "solver: must be one of"),
             (lambda: rank(max_iterations=0), "max_iterations: 0 is not in [1, 100000]"),
@@ -1321,6 +1327,24 @@ def test_an_edit_sent_again_while_the_first_was_being_checked_gets_the_first_s_o
         gate.set()
         assert engine.jobs.wait(first.record.job_id, 60).record.state == "succeeded"
         assert [(v.version_id, v.parent_version_id) for v in inspect.head_versions()[0]] == [("v0", ""), ("v1", "v0"), ("v2", "v1")]
+    finally:
+        _shut(engine)
+
+
+def test_a_ranking_sent_again_gets_its_first_operation_even_once_its_set_is_deleted(tmp_path, world_set):
+    # A retry after a dropped connection is answered as the first request was, before any
+    # check: its set deleted since, it is not NOT_FOUND, nor a second ranking.
+    from explaind.store import RequestKey
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        request = RequestKey("00000000-0000-4000-8000-000000000003", "rank once")
+        first = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", request=request)
+        assert engine.jobs.wait(first.record.job_id, 60).record.state == "succeeded"
+        engine.delete_sample_set("train")
+        again = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", request=request)
+        assert again.record.job_id == first.record.job_id and len(engine.jobs.list()) == 1
     finally:
         _shut(engine)
 
