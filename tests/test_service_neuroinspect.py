@@ -162,9 +162,11 @@ def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
     assert str(raised.value).endswith("'class18', 'class19' and 980 more")
 
 
-def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp_path, world_set):
+def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp_path, world_set, monkeypatch):
     # The servicer passes int32 fields as they come (0 stands for a default there, not here),
     # and the engine is the one to check them: each bound, and the names of its lists.
+    from types import SimpleNamespace
+
     from explaind.engine import NewSample
     from explaind.engine.neuroinspect import RankSettings
     from explaind.errors import InvalidArgument, NotFound
@@ -250,6 +252,11 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
         # The bounds themselves are in range.
         for bounds in ({"l1": 0.0, "l2": 0.0, "cut_ratio": 0.0}, {"l1": 1000.0, "l2": 1000.0, "cut_ratio": 1.0}):
             assert rank(**bounds, max_iterations=1).class_name == "heart"
+        assert inspect.visualize_neurons([(n, "heart") for n in range(64)], method="no_clip", steps=1).record.kind == "visualize_neurons"  # 64 images: the limit
+        # With CLIP loaded, clip_illusion takes epsilon, bounded as the other loss weights are.
+        monkeypatch.setitem(engine.components, "clip", SimpleNamespace(loaded=True))
+        with pytest.raises(InvalidArgument, match=re.escape("epsilon: 1e+308 is not in [0.0, 1000.0]")):
+            visualize(method="clip_illusion", epsilon=1e308)
     finally:
         _shut(engine)
 
@@ -578,6 +585,36 @@ def test_an_edit_cancelled_while_it_trains_stops_at_that_epoch_and_stores_nothin
         assert engine.jobs.wait(jobs[0], 60).record.state == "cancelled"
         assert len(epochs) == 1
         assert [v.version_id for v in inspect.head_versions()[0]] == ["v0"]
+    finally:
+        _shut(engine)
+
+
+def test_a_ranking_cancelled_while_it_solves_stops_at_that_step(tmp_path, world_set, monkeypatch):
+    # Else the solver runs its max_iterations for nobody, holding the one job worker.
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        steps, jobs = [], []
+
+        class CancelledAtItsFirstStep(engine_module.MistakeNeuronRanker):
+            def rank(self, *args, callback_on_step_end, **kwargs):
+                def on_step(step, total, running):
+                    steps.append(step)
+                    engine.jobs.cancel(jobs[0])
+                    return callback_on_step_end(step, total, running)
+
+                return super().rank(*args, callback_on_step_end=on_step, **kwargs)
+
+        monkeypatch.setattr(engine_module, "MistakeNeuronRanker", CancelledAtItsFirstStep)
+        gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
+        jobs.append(inspect.rank_mistake_neurons("train", target_class="heart", execution="operation",
+                                                 settings=RankSettings(max_iterations=1000, l1=1000.0)).record.job_id)
+        gate.set()
+        assert engine.jobs.wait(jobs[0], 60).record.state == "cancelled"
+        assert len(steps) == 1
     finally:
         _shut(engine)
 
@@ -1345,6 +1382,18 @@ def test_a_ranking_sent_again_gets_its_first_operation_even_once_its_set_is_dele
         engine.delete_sample_set("train")
         again = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", request=request)
         assert again.record.job_id == first.record.job_id and len(engine.jobs.list()) == 1
+    finally:
+        _shut(engine)
+
+
+def test_a_ranking_or_visualisation_operation_is_owned_by_its_caller(tmp_path, world_set):
+    # Its owner alone (or an admin) may cancel or delete it, and the queue takes turns by owner.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", caller="analyst")
+        visualisation = inspect.visualize_neurons([(3, "heart")], method="no_clip", steps=1, caller="analyst")
+        assert [engine.jobs.wait(job.record.job_id, 60).record.owner for job in (ranking, visualisation)] == ["analyst", "analyst"]
     finally:
         _shut(engine)
 
