@@ -1003,6 +1003,34 @@ def test_an_inline_ranking_past_a_limit_is_refused_and_an_auto_one_runs_as_an_op
 
 
 
+def test_a_ranking_operation_too_large_for_a_response_keeps_its_first_neurons_and_mistakes(tmp_path, world_set):
+    # One mistake summary per sample outgrows a response on a large set: cut, it still
+    # answers (its whole in an artifact), where uncut the operation would fail.
+    from google.protobuf import any_pb2
+
+    from explaind.engine.neuroinspect import RankSettings
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+
+        def ranked() -> neuroinspect_pb2.NeuronRanking:
+            job = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", settings=RankSettings(include_samples=True))
+            record = engine.jobs.wait(job.record.job_id, 60).record
+            assert record.state == "succeeded", record.error_message
+            result = neuroinspect_pb2.NeuronRanking()
+            any_pb2.Any.FromString(record.result).Unpack(result)
+            return result
+
+        whole = ranked()
+        engine.jobs.max_result_bytes = whole.ByteSize() // 2
+        cut = ranked()
+        assert cut.ByteSize() <= whole.ByteSize() // 2 and len(cut.neurons) + len(cut.mistakes) < len(whole.neurons) + len(whole.mistakes)
+        assert (cut.neurons, cut.mistakes) == (whole.neurons[:len(cut.neurons)], whole.mistakes[:len(cut.mistakes)])
+    finally:
+        _shut(engine)
+
+
 def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_before_they_start(tmp_path, world_set):
     # A job read its sets when it ran: samples appended while it waited in the queue (by
     # the set's owner, say, under an admin's edit with promote) were evaluated, ranked and
