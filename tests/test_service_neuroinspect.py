@@ -162,6 +162,24 @@ def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
     assert str(raised.value).endswith("'class18', 'class19' and 980 more")
 
 
+def test_a_ranking_of_fewer_than_five_neurons_takes_them_all_by_default(tmp_path):
+    # top_k 0 means 5, or D where D < 5: asking the solver for 5 of 3 neurons fails.
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import RankSettings
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(3, 2)
+    version = SimpleNamespace(head=head, logits=head, class_names=("yes", "no"), version="three-neurons")
+    features = SimpleNamespace(features=torch.randn(20, 3), labels=torch.arange(20) % 2)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        ranking = inspect._rank(None, "stub", version, 0, "class_name", RankSettings(max_iterations=5), features=features)
+        assert (ranking.top_k, ranking.class_name) == (3, "yes")
+    finally:
+        _shut(engine)
+
+
 def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp_path, world_set, monkeypatch):
     # The servicer passes int32 fields as they come (0 stands for a default there, not here),
     # and the engine is the one to check them: each bound, and the names of its lists.
