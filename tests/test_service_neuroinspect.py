@@ -1432,6 +1432,27 @@ def test_a_ranking_sent_again_gets_its_first_operation_even_once_its_set_is_dele
         _shut(engine)
 
 
+def test_a_visualisation_sent_again_gets_its_first_operation_even_once_its_method_is_unavailable(tmp_path, monkeypatch):
+    # As a ranking's retry: answered before any check, here that CLIP is loaded.
+    from types import SimpleNamespace
+
+    from explaind.store import RequestKey
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        request = RequestKey("00000000-0000-4000-8000-000000000004", "visualise once")
+        gate, _ = _hold_the_job_worker(engine)  # it never runs with the stand-in CLIP
+        monkeypatch.setitem(engine.components, "clip", SimpleNamespace(loaded=True))
+        first = inspect.visualize_neurons([(3, "heart")], method="clip_illusion", request=request)
+        monkeypatch.undo()  # CLIP gone
+        again = inspect.visualize_neurons([(3, "heart")], method="clip_illusion", request=request)
+        assert again.record.job_id == first.record.job_id
+        engine.jobs.cancel(first.record.job_id)
+        gate.set()
+    finally:
+        _shut(engine)
+
+
 def test_a_ranking_or_visualisation_operation_is_owned_by_its_caller(tmp_path, world_set):
     # Its owner alone (or an admin) may cancel or delete it, and the queue takes turns by owner.
     engine, inspect = _in_process(tmp_path)
