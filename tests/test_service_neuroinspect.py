@@ -539,11 +539,13 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
     # and their masked versions were stored, which takes a while for many large ones.
     from explaind.jobs import JobContext
 
-    said = []
+    said, previewed = [], []
     report = JobContext.report_progress
 
     def recorded(self, step, total=None, message="", preview=None):
         said.append((step, total, message))
+        if preview is not None:
+            previewed.append(step)
         report(self, step, total, message, preview)
 
     monkeypatch.setattr(JobContext, "report_progress", recorded)
@@ -552,6 +554,7 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
         job = inspect.visualize_neurons([(7, "heart"), (11, None)], method="no_clip", steps=2)
         assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
         assert said[-2:] == [(2, 2, "optimising 2 images"), (2, 2, "saving 2 images and their masked versions")]
+        assert previewed == [2]  # the last step shows the images, though not a multiple of preview_every (10)
         job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=1)
         assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
         assert said[-2:] == [(1, 1, "optimising 1 image"), (1, 1, "saving 1 image and its masked version")]  # not "1 images"
