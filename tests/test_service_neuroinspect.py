@@ -562,6 +562,38 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
         engine.close()
 
 
+def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monkeypatch):
+    # Each score is its own field: CLIP's (NaN without CLIP, so stood in for here) and the
+    # share of the image the neuron's mask covers.
+    from google.protobuf import any_pb2
+
+    from explaind.engine import neuroinspect as engine_module
+
+    computed = []
+
+    class WithClipScores(engine_module.ClipIllusion):
+        def visualize(self, *args, **kwargs):
+            result = super().visualize(*args, **kwargs)
+            result = dataclasses.replace(result, clip_similarity=torch.tensor([0.25]), core_relevance=torch.tensor([0.125]))
+            computed.append(result)
+            return result
+
+    monkeypatch.setattr(engine_module, "ClipIllusion", WithClipScores)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert record.state == "succeeded", record.error_message
+        result = neuroinspect_pb2.VisualizeNeuronsResult()
+        any_pb2.Any.FromString(record.result).Unpack(result)
+        shown = result.visualizations[0]
+        mask_share = float(computed[0].masks[0].float().mean())
+        assert 0 < mask_share < 0.5 or 0.5 < mask_share < 1  # not its own complement
+        assert (shown.clip_similarity, shown.core_relevance, shown.mask_fraction) == (0.25, 0.125, pytest.approx(mask_share))
+    finally:
+        _shut(engine)
+
+
 def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set):
     # Early stopping left the progress at the last epoch of max_epochs: a succeeded edit
     # said "9/20", as if it had stopped part-way.
