@@ -614,6 +614,25 @@ def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set
         engine.close()
 
 
+def _cancelling_at_its_first_callback(engine, method_class: type, entry: str, callback: str, calls: list, jobs: list) -> type:
+    """``method_class`` whose ``entry`` cancels job ``jobs[0]`` from its progress ``callback``
+    (then passes the call on), recording the step or epoch of each call: a job that stops
+    at its cancel is called back once."""
+
+    def cancelling_entry(self, *args, **kwargs):
+        given = kwargs[callback]
+
+        def cancelling(position, *rest):
+            calls.append(position)
+            engine.jobs.cancel(jobs[0])
+            return given(position, *rest)
+
+        return getattr(super(subclass, self), entry)(*args, **{**kwargs, callback: cancelling})
+
+    subclass = type(f"Cancelling{method_class.__name__}", (method_class,), {entry: cancelling_entry})
+    return subclass
+
+
 def test_an_edit_cancelled_while_it_trains_stops_at_that_epoch_and_stores_nothing(tmp_path, world_set, monkeypatch):
     from explaind.engine import neuroinspect as engine_module
 
@@ -621,17 +640,8 @@ def test_an_edit_cancelled_while_it_trains_stops_at_that_epoch_and_stores_nothin
     try:
         _create_train_set(engine, world_set)
         epochs, jobs = [], []
-
-        class CancelledInItsFirstEpoch(engine_module.HeadEditor):
-            def edit(self, *args, callback_on_epoch_end, **kwargs):
-                def on_epoch(epoch, total, record):
-                    epochs.append(epoch)
-                    engine.jobs.cancel(jobs[0])
-                    return callback_on_epoch_end(epoch, total, record)
-
-                return super().edit(*args, callback_on_epoch_end=on_epoch, **kwargs)
-
-        monkeypatch.setattr(engine_module, "HeadEditor", CancelledInItsFirstEpoch)
+        monkeypatch.setattr(engine_module, "HeadEditor",
+                            _cancelling_at_its_first_callback(engine, engine_module.HeadEditor, "edit", "callback_on_epoch_end", epochs, jobs))
         gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
         jobs.append(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=5, patience=5).record.job_id)
         gate.set()
@@ -651,17 +661,8 @@ def test_a_ranking_cancelled_while_it_solves_stops_at_that_step(tmp_path, world_
     try:
         _create_train_set(engine, world_set)
         steps, jobs = [], []
-
-        class CancelledAtItsFirstStep(engine_module.MistakeNeuronRanker):
-            def rank(self, *args, callback_on_step_end, **kwargs):
-                def on_step(step, total, running):
-                    steps.append(step)
-                    engine.jobs.cancel(jobs[0])
-                    return callback_on_step_end(step, total, running)
-
-                return super().rank(*args, callback_on_step_end=on_step, **kwargs)
-
-        monkeypatch.setattr(engine_module, "MistakeNeuronRanker", CancelledAtItsFirstStep)
+        monkeypatch.setattr(engine_module, "MistakeNeuronRanker",
+                            _cancelling_at_its_first_callback(engine, engine_module.MistakeNeuronRanker, "rank", "callback_on_step_end", steps, jobs))
         gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
         jobs.append(inspect.rank_mistake_neurons("train", target_class="heart", execution="operation",
                                                  settings=RankSettings(max_iterations=1000, l1=1000.0)).record.job_id)
