@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import any_pb2
 
 from explaind.client import Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
@@ -279,17 +280,21 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
         _shut(engine)
 
 
+def _succeeded_result(record, message):
+    """``message`` filled from the result of job ``record``, which must have succeeded (else
+    its error is the assertion's message)."""
+    assert record.state == "succeeded", record.error_message
+    any_pb2.Any.FromString(record.result).Unpack(message)
+    return message
+
+
 def test_classes_per_neuron_applies_to_the_pairs_without_a_class(tmp_path):
     # One pair naming its class beside one without: the option is for the second alone.
-    from google.protobuf import any_pb2
-
     engine, inspect = _in_process(tmp_path)
     try:
         job = inspect.visualize_neurons([(3, "heart"), (4, None)], method="no_clip", classes_per_neuron=2, steps=1)
         record = engine.jobs.wait(job.record.job_id, 120).record
-        assert record.state == "succeeded", record.error_message
-        result = neuroinspect_pb2.VisualizeNeuronsResult()
-        any_pb2.Any.FromString(record.result).Unpack(result)
+        result = _succeeded_result(record, neuroinspect_pb2.VisualizeNeuronsResult())
         top_two = engine.models.active.head.weight[:, 4].topk(2).indices.tolist()
         assert [(v.neuron, v.class_index) for v in result.visualizations] == [(3, 5), (4, top_two[0]), (4, top_two[1])]
     finally:
@@ -565,8 +570,6 @@ def test_a_visualisation_saving_its_images_says_so(tmp_path, monkeypatch):
 def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monkeypatch):
     # Each score is its own field: CLIP's (NaN without CLIP, so stood in for here) and the
     # share of the image the neuron's mask covers.
-    from google.protobuf import any_pb2
-
     from explaind.engine import neuroinspect as engine_module
 
     computed = []
@@ -583,9 +586,7 @@ def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monke
     try:
         job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
         record = engine.jobs.wait(job.record.job_id, 120).record
-        assert record.state == "succeeded", record.error_message
-        result = neuroinspect_pb2.VisualizeNeuronsResult()
-        any_pb2.Any.FromString(record.result).Unpack(result)
+        result = _succeeded_result(record, neuroinspect_pb2.VisualizeNeuronsResult())
         shown = result.visualizations[0]
         mask_share = float(computed[0].masks[0].float().mean())
         assert 0 < mask_share < 0.5 or 0.5 < mask_share < 1  # not its own complement
@@ -597,17 +598,13 @@ def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monke
 def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set):
     # Early stopping left the progress at the last epoch of max_epochs: a succeeded edit
     # said "9/20", as if it had stopped part-way.
-    from google.protobuf import any_pb2
-
     from explaind.v1 import neuroinspect_pb2
 
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
         record = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=50, patience=1).record.job_id, 60).record
-        assert record.state == "succeeded", record.error_message
-        result = neuroinspect_pb2.EditHeadResult()
-        any_pb2.Any.FromString(record.result).Unpack(result)
+        result = _succeeded_result(record, neuroinspect_pb2.EditHeadResult())
         assert 1 < result.epochs_run < 50  # stopped early
         assert (record.step, record.total, record.message) == (result.epochs_run, result.epochs_run, "done")
     finally:
@@ -1025,8 +1022,6 @@ def test_an_inline_ranking_ranks_the_samples_it_counted_not_those_appended_since
 def test_an_inline_ranking_past_a_limit_is_refused_and_an_auto_one_runs_as_an_operation(tmp_path, world_set, monkeypatch):
     # A limit reached is still inline; one past it takes an RPC's thread for too long:
     # INLINE refuses, AUTO hands it to the job queue, with the same ranking.
-    from google.protobuf import any_pb2
-
     from explaind.engine import neuroinspect
     from explaind.errors import FailedPrecondition
     from explaind.jobs import JobSnapshot
@@ -1047,9 +1042,7 @@ def test_an_inline_ranking_past_a_limit_is_refused_and_an_auto_one_runs_as_an_op
             job = inspect.rank_mistake_neurons("train", target_class="heart", execution="auto")
             assert isinstance(job, JobSnapshot)
             ranked = engine.jobs.wait(job.record.job_id, 60).record
-            assert ranked.state == "succeeded", ranked.error_message
-            result = neuroinspect_pb2.NeuronRanking()
-            any_pb2.Any.FromString(ranked.result).Unpack(result)
+            result = _succeeded_result(ranked, neuroinspect_pb2.NeuronRanking())
             assert result == inline
             monkeypatch.undo()
     finally:
@@ -1060,8 +1053,6 @@ def test_an_inline_ranking_past_a_limit_is_refused_and_an_auto_one_runs_as_an_op
 def test_a_ranking_operation_too_large_for_a_response_keeps_its_first_neurons_and_mistakes(tmp_path, world_set):
     # One mistake summary per sample outgrows a response on a large set: cut, it still
     # answers (its whole in an artifact), where uncut the operation would fail.
-    from google.protobuf import any_pb2
-
     from explaind.engine.neuroinspect import RankSettings
 
     engine, inspect = _in_process(tmp_path)
@@ -1071,9 +1062,7 @@ def test_a_ranking_operation_too_large_for_a_response_keeps_its_first_neurons_an
         def ranked() -> neuroinspect_pb2.NeuronRanking:
             job = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", settings=RankSettings(include_samples=True))
             record = engine.jobs.wait(job.record.job_id, 60).record
-            assert record.state == "succeeded", record.error_message
-            result = neuroinspect_pb2.NeuronRanking()
-            any_pb2.Any.FromString(record.result).Unpack(result)
+            result = _succeeded_result(record, neuroinspect_pb2.NeuronRanking())
             return result
 
         whole = ranked()
@@ -1089,15 +1078,8 @@ def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_befor
     # A job read its sets when it ran: samples appended while it waited in the queue (by
     # the set's owner, say, under an admin's edit with promote) were evaluated, ranked and
     # trained on, and the result described another set than the one submitted.
-    from google.protobuf import any_pb2
-
     from explaind.engine import NewSample
     from explaind.v1 import inference_pb2, neuroinspect_pb2
-
-    def result(record, message):
-        assert record.state == "succeeded", record.error_message
-        any_pb2.Any.FromString(record.result).Unpack(message)
-        return message
 
     engine, inspect = _in_process(tmp_path)
     try:
@@ -1114,9 +1096,9 @@ def test_operations_run_on_their_sets_as_submitted_not_on_samples_appended_befor
             engine.append_samples(set_id, [NewSample.from_array(p, int(l)) for p, l in zip(pixels[rows], labels[rows])])
         gate.set()
         engine.jobs.wait(blocker, 30)
-        assert result(engine.jobs.wait(evaluation, 120).record, inference_pb2.EvaluateSampleSetResult()).sample_count == 40
-        assert result(engine.jobs.wait(ranking, 120).record, neuroinspect_pb2.NeuronRanking()).sample_count == 40
-        evaluated = [sum(c.count for c in result(engine.jobs.wait(edit, 120).record, neuroinspect_pb2.EditHeadResult()).version.evaluation.per_class)
+        assert _succeeded_result(engine.jobs.wait(evaluation, 120).record, inference_pb2.EvaluateSampleSetResult()).sample_count == 40
+        assert _succeeded_result(engine.jobs.wait(ranking, 120).record, neuroinspect_pb2.NeuronRanking()).sample_count == 40
+        evaluated = [sum(c.count for c in _succeeded_result(engine.jobs.wait(edit, 120).record, neuroinspect_pb2.EditHeadResult()).version.evaluation.per_class)
                      for edit in edits]
         assert evaluated == [8, 30]  # the held-out fifth of 40 samples, and the 30 the other set held
         assert [engine.store.get_sample_set(set_id).sample_count for set_id in ("train", "held-out")] == [100, 90]
@@ -1784,8 +1766,6 @@ def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_pa
 
 
 def test_an_edit_without_a_validation_set_holds_out_every_fifth_sample_and_follows_its_seed(tmp_path, world_set):
-    from google.protobuf import any_pb2
-
     from explaind.v1 import neuroinspect_pb2
 
     def result(record) -> neuroinspect_pb2.EditHeadResult:
@@ -1812,8 +1792,6 @@ def test_an_edit_without_a_validation_set_evaluates_the_held_out_fifth_in_its_cl
     # the neurons are stored in order, whatever order they were named in.
     from collections import Counter
 
-    from google.protobuf import any_pb2
-
     from explaind.engine import NewSample
 
     engine, inspect = _in_process(tmp_path)
@@ -1823,9 +1801,7 @@ def test_an_edit_without_a_validation_set_evaluates_the_held_out_fifth_in_its_cl
         engine.create_sample_set("train", "", [NewSample.from_array(p, int(l), a) for p, l, a in zip(pixels[:40], labels[:40], attributes[:40])])
         job = inspect.edit_head("train", target_class="heart", neurons=[3, 1], max_epochs=1, group_attribute="background").record.job_id
         record = engine.jobs.wait(job, 60).record
-        assert record.state == "succeeded", record.error_message
-        result = neuroinspect_pb2.EditHeadResult()
-        any_pb2.Any.FromString(record.result).Unpack(result)
+        result = _succeeded_result(record, neuroinspect_pb2.EditHeadResult())
         held_out = range(0, 40, 5)
         for evaluation in (result.version.parent_evaluation, result.version.evaluation):
             assert {c.class_name: c.count for c in evaluation.per_class if c.count} == Counter(names[int(labels[i])] for i in held_out)
@@ -1844,8 +1820,6 @@ def test_an_edit_without_a_validation_set_evaluates_the_held_out_fifth_in_its_cl
 
 def test_evaluated_samples_without_the_group_attribute_form_their_class_s_group_of_the_empty_value(tmp_path, world_set):
     # As EditHeadRequest.group_attribute says: some samples must carry it, not all.
-    from google.protobuf import any_pb2
-
     from explaind.engine import NewSample
 
     engine, inspect = _in_process(tmp_path)
@@ -1856,9 +1830,7 @@ def test_evaluated_samples_without_the_group_attribute_form_their_class_s_group_
         kept = [a if i % 2 else {} for i, a in enumerate(attributes[:30])]  # every other sample without it
         engine.create_sample_set("half", "", [NewSample.from_array(p, int(l), a) for p, l, a in zip(pixels[:30], labels[:30], kept)])
         record = _edit(engine, inspect, 1, evaluation_sample_set_id="half", group_attribute="background")
-        assert record.state == "succeeded", record.error_message
-        result = neuroinspect_pb2.EditHeadResult()
-        any_pb2.Any.FromString(record.result).Unpack(result)
+        result = _succeeded_result(record, neuroinspect_pb2.EditHeadResult())
         expected = {f"{names[int(l)]}/{a.get('background', '')}" for l, a in zip(labels[:30], kept)}
         assert set(result.version.evaluation.group_accuracy) == expected
         assert any(group.endswith("/") for group in expected) and not all(group.endswith("/") for group in expected)
