@@ -1274,6 +1274,27 @@ def test_a_world_sample_set_keeps_each_sample_s_attributes(server, capsys):
         assert [sample.attributes for sample in client.samples("world-attributes")] == attributes and attributes[0]["background"]
 
 
+def test_a_world_sample_set_s_images_are_drawn_as_they_are_sent_not_all_before(monkeypatch):
+    # --world balanced:test:1000000 rendered every image into the CLI's memory first (12 GB).
+    from explaind.client.cli import _world_samples
+    from explaind.world.scenarios import WorldDataset, get_scenario
+
+    batch = get_scenario("spurious_background").dataset("val", size=5).all()
+    drawn = []
+    draw = WorldDataset.__getitem__
+    monkeypatch.setattr(WorldDataset, "__getitem__", lambda self, index: drawn.append(index) or draw(self, index))
+    images, labels, attributes = _world_samples("spurious_background", "val", 5)
+    assert drawn == [] and len(images) == 5
+    streamed = iter(images)
+    first = next(streamed)
+    assert drawn == [0] and first.dtype == np.uint8
+    rest = list(streamed)
+    assert np.array_equal(np.stack([first, *rest]), (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    assert labels == batch.labels.tolist()
+    assert attributes == [{name: str(values[i]) for name, values in batch.attributes.items()} for i in range(5)]
+    assert [image.shape for image in images.first(2)] == [(64, 64, 3)] * 2
+
+
 def test_uploads_of_more_than_512_samples_show_their_progress_on_stderr(server, capsys):
     # More than one request's worth (512 by default) takes a while; one request does not.
     for count, shown in ((512, False), (513, True)):

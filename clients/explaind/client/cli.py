@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
     from ._neuroinspect import HeadEdit, NeuronRanking, NeuronVisualizations
     from ._operations import Evaluation, Operation
+    from explaind.world.scenarios import WorldDataset
+
     from ._types import Prediction, SampleSet
     from .report import MistakeReport
 
@@ -304,14 +306,33 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
     return images, labels
 
 
-def _world_samples(scenario: str, split: str, count: int) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
-    """(images (N, H, W, 3) uint8, labels, attributes) of a shapes-world split."""
+def _world_samples(scenario: str, split: str, count: int) -> tuple[_WorldImages, list[int], list[dict[str, str]]]:
+    """(images, labels, attributes) of the first ``count`` scenes of a shapes-world split;
+    the images are drawn one at a time as they are read (see :class:`_WorldImages`)."""
+    from explaind.world.render import SHAPES, scene_attributes
     from explaind.world.scenarios import get_scenario
 
-    batch = get_scenario(scenario).dataset(split, size=count).all()
-    images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    attributes = [{k: str(v[i]) for k, v in batch.attributes.items()} for i in range(len(batch.labels))]
-    return images, batch.labels.tolist(), attributes
+    dataset = get_scenario(scenario).dataset(split, size=count)
+    specs = [dataset.spec(i) for i in range(count)]  # ~45 µs each, no pixels
+    return _WorldImages(dataset), [SHAPES.index(spec.shape) for spec in specs], [scene_attributes(spec) for spec in specs]
+
+
+class _WorldImages:
+    """A shapes-world split's images, (H, W, 3) uint8 each, drawn when read (~1 ms each):
+    an upload streams them to the server a request at a time, so a set of a million
+    samples takes no more memory than one request's."""
+
+    def __init__(self, dataset: WorldDataset) -> None:
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self._dataset[i].image for i in range(len(self._dataset)))
+
+    def first(self, count: int) -> list[np.ndarray]:
+        return [self._dataset[i].image for i in range(min(count, len(self._dataset)))]
 
 
 # Commands ----------------------------------------------------------------------------
@@ -484,7 +505,7 @@ def _named_counts(client: Client, counts: dict[int, int]) -> str:
 def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action in ("create", "append"):
-            images: np.ndarray | list[Path]
+            images: _WorldImages | list[Path]
             labels: list[int] | list[str]
             attributes: list[dict[str, str]] | None
             if args.world:
@@ -942,7 +963,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             meta = client.model_metadata()
             _print_metadata(meta)
             images, labels, attributes = _world_samples(args.scenario, "test", args.count)
-            predictions = client.predict(images[:12], top_k=3)
+            predictions = client.predict(images.first(12), top_k=3)
             print(f"\npredictions for {args.scenario} test images (true label first):")
             _print_predictions([f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)], predictions)
             created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)

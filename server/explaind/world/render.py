@@ -119,20 +119,24 @@ def render(spec: SceneSpec) -> Scene:
         # A watermark always wins over the object where they overlap.
         object_mask &= ~artifact_mask
 
-    attributes = {
+    return Scene(
+        spec=spec,
+        image=np.clip(image, 0, 255).astype(np.uint8),
+        object_mask=object_mask,
+        artifact_mask=artifact_mask,
+        attributes=scene_attributes(spec),
+    )
+
+
+def scene_attributes(spec: SceneSpec) -> dict[str, str]:
+    """The ground-truth attributes of a scene, known from its spec before it is drawn."""
+    return {
         "shape": spec.shape,
         "colour": spec.colour,
         "texture": spec.texture,
         "background": spec.background,
         "artifact": "watermark" if spec.artifact else "none",
     }
-    return Scene(
-        spec=spec,
-        image=np.clip(image, 0, 255).astype(np.uint8),
-        object_mask=object_mask,
-        artifact_mask=artifact_mask,
-        attributes=attributes,
-    )
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
