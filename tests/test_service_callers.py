@@ -723,6 +723,13 @@ def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refu
     assert callers.grant_of([("authorization", "Bearer tokenANA"), ("authorization", "Bearer tokenMON")]) is None
 
 
+def test_a_grant_shows_its_caller_and_never_its_token(callers_file):
+    # A grant may reach a log line (a refusal's message, a debugging print) where its token must not.
+    grant = auth.NamedCallers({"analyst": "tokenANA"}, str(callers_file)).grant_of(_bearer("tokenANA"))
+    assert repr(grant) == str(grant) == "Grant(caller='analyst')"
+    assert repr(auth.BearerToken("tokenONE").grant_of(_bearer("tokenONE"))) == "Grant(caller='')"
+
+
 def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
     from contextlib import ExitStack
 
