@@ -92,6 +92,16 @@ def test_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path, classifie
         config_with(tmp_path, classifier_dir, key, value)
 
 
+@pytest.mark.parametrize(("name", "bad"), [("mean", float("nan")), ("mean", float("inf")), ("mean", -float("inf")), ("std", float("inf"))])
+def test_a_normalisation_that_is_not_finite_is_refused_naming_its_key(tmp_path, classifier_dir, name, bad):
+    # (pixels - mean) / std with a NaN or an infinity in either makes every input, and so every prediction, NaN or 0.
+    normalisation = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}
+    assert load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation)).classifier.std == (0.2, 0.2, 0.2)
+    normalisation[name] = [bad, 0.5, 0.5]
+    with pytest.raises(ConfigError, match=rf"c.toml: \[classifier\]\.{name} must hold finite numbers, got \[{bad}, 0.5, 0.5\]"):
+        load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation))
+
+
 def test_sections_that_are_unknown_or_no_table_and_settings_that_exclude_each_other_are_refused(tmp_path, classifier_dir):
     (tmp_path / "c.toml").write_text('[serve]\nport = 1\n')
     with pytest.raises(ConfigError, match=r"c.toml: unknown section\(s\) \['serve'\]"):

@@ -567,6 +567,9 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in classifier.std):
         raise ConfigError(f"{path}: [classifier].std must hold positive numbers, got {list(classifier.std)}")
+    for name in ("mean", "std"):  # (pixels - mean) / std: NaN or an infinity makes every prediction NaN or 0
+        if not all(math.isfinite(v) for v in getattr(classifier, name)):
+            raise ConfigError(f"{path}: [classifier].{name} must hold finite numbers, got {list(getattr(classifier, name))}")
     for section_field in dataclasses.fields(config):
         values = getattr(config, section_field.name)
         for key_field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
