@@ -3,6 +3,7 @@ read it but not change it, admins may change anything; the file is reloaded on c
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -668,6 +669,39 @@ def test_a_token_file_briefly_missing_keeps_the_token_in_force_until_its_new_one
     _replace(token_file, "tokenNEW")
     auth_clock.advance(auth.RECHECK_INTERVAL_S)
     assert token.grant_of(_bearer("tokenNEW")) is not None and not token.in_force(old)
+
+
+def test_a_token_or_callers_file_no_longer_utf8_is_logged_as_unreadable_and_keeps_what_was_in_force(tmp_path, callers_file, caplog,
+                                                                                                       auth_clock):
+    from explaind.config import parse_callers
+
+    token_file = tmp_path / "token"
+    token_file.write_text("tokenOLD")
+    token = auth.BearerToken("tokenOLD", str(token_file), sleep=lambda _seconds: None)
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), sleep=lambda _seconds: None)
+    kept = token.grant_of(_bearer("tokenOLD")), callers.grant_of(_bearer("tokenANA"))
+    for path in (token_file, callers_file):
+        path.write_bytes(b"analyst tok\xe9n\n")  # Latin-1
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
+    assert token.in_force(kept[0]) and callers.in_force(kept[1])
+    for kind, path in (("token", token_file), ("callers", callers_file)):
+        assert f"{kind} file {path} could not be read (UnicodeDecodeError); what was in force stays in force" in caplog.text
+
+
+def test_a_callers_file_written_again_with_the_same_callers_keeps_their_grants_and_logs_no_change(callers_file, caplog, auth_clock):
+    # A Secret synced again rewrites the file: only a change of callers or tokens is one.
+    from explaind.config import parse_callers
+
+    callers = auth.NamedCallers(parse_callers(CALLERS), str(callers_file), sleep=lambda _seconds: None)
+    grants = [callers.grant_of(_bearer(token)) for token in ("tokenMON", "tokenANA", "tokenROOT")]
+    with caplog.at_level(logging.INFO, logger=auth.__name__):
+        _replace(callers_file, "# synced again\n" + CALLERS)
+        auth_clock.advance(auth.RECHECK_INTERVAL_S)
+        assert all(callers.in_force(grant) for grant in grants) and "changed" not in caplog.text
+        _replace(callers_file, CALLERS.replace("monitoring tokenMON\n", "").replace("tokenROOT", "tokenROOT2") + "newcomer tokenNEW\n")
+        auth_clock.advance(auth.RECHECK_INTERVAL_S)
+        assert [callers.in_force(grant) for grant in grants] == [False, True, False]
+    assert f"callers file {callers_file} changed; 3 caller(s) now (added: newcomer; removed: monitoring; new token: root)" in caplog.text
 
 
 def test_a_file_left_unusable_is_logged_once_and_again_if_it_breaks_again_after_a_fix(tmp_path, caplog, auth_clock):
