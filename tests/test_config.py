@@ -171,6 +171,7 @@ def test_weights_by_name_stay_names_and_weight_files_are_paths(tmp_path, key, va
     ("a\n", "line 1: expected NAME TOKEN, got 1 word(s)"),
     ("a tokenA\n#b tokenA\n", None),  # a comment: no second caller, no token given twice
     (f"{'n' * 64} tokenA\n", None),
+    ("ci-bot_2.eu tokenA\n", None),  # a letter or digit, then letters, digits, "_", "." and "-"
     (f"{'n' * 65} tokenA\n", "line 1: the first word is no caller name"),
     (f"{'0' * 31}x tokenA\n", None),
     (f"{'0' * 32} tokenA\n", "line 1: the first word is 32 hex digits, a token rather than a caller name"),

@@ -794,7 +794,7 @@ def test_a_bad_callers_file_fails_the_start_naming_its_line(tmp_path, classifier
     path.write_text(text)
     config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path / "data"),
                                                                                     callers_file=str(path))
-    with pytest.raises(ConfigError, match="callers_file") as refused:
+    with pytest.raises(ConfigError, match=r"^\[server\]\.callers_file: ") as refused:
         ExplaindServer(config)
     assert problem in str(refused.value) and not {"tokenA", "tokenB", HEX_TOKEN} & set(re.findall(r"\w+", str(refused.value)))
 
