@@ -69,12 +69,15 @@ def test_each_port_takes_65535_and_refuses_65536(tmp_path, classifier_dir, name)
 def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_path, classifier_dir):
     config = config_with(tmp_path, classifier_dir, "server.max_concurrent_rpcs", 8, max_workers=8)
     assert config.server.concurrent_rpcs == 8
+    with pytest.raises(ConfigError, match=r"\[server\]\.max_concurrent_rpcs \(7\) must be at least \[server\]\.max_workers \(8\)"):
+        config_with(tmp_path, classifier_dir, "server.max_concurrent_rpcs", 7, max_workers=8)
     assert default_config().replace("server", max_workers=3).server.concurrent_rpcs == 12
 
 
 @pytest.mark.parametrize(("key", "value", "error"), [
     ("server.port", True, r"\[server\]\.port must be a number, got True"),  # TOML's true is no port 1
     ("server.host", 5, r"\[server\]\.host must be a str, got 5"),
+    ("server.host", True, r"\[server\]\.host must be a str, got True"),  # no address: .strip() of it was a traceback
     ("classifier.class_names", "cat", r"\[classifier\]\.class_names must be a list, got 'cat'"),
     ("classifier.mean", [True, True, True], r"\[classifier\]\.mean must be a list of numbers, got \[True, True, True\]"),
     ("server.host", "  ", r"\[server\]\.host must be an address to listen on .* got '  '"),
@@ -85,6 +88,8 @@ def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_pat
     ("classifier.mean", [0.5, 0.5], r"\[classifier\]\.mean and \.std must have the same length"),
     ("tracing.otlp_endpoint", "http://:4317", r"\[tracing\]\.otlp_endpoint .*: no host$"),
     ("tracing.otlp_endpoint", "http://collector:4317?x=1", r"\[tracing\]\.otlp_endpoint .*: a path, which gRPC has no use for$"),
+    ("tracing.otlp_endpoint", "http://collector:4317#x", r"\[tracing\]\.otlp_endpoint .*: a path, which gRPC has no use for$"),
+    ("tracing.otlp_endpoint", "//collector:4317", r"\[tracing\]\.otlp_endpoint .*: the scheme must be http or https$"),
     ("tracing.otlp_endpoint", "http://collector:port", r"\[tracing\]\.otlp_endpoint .*: Port could not be cast"),
 ])
 def test_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path, classifier_dir, key, value, error):
@@ -113,6 +118,11 @@ def test_sections_that_are_unknown_or_no_table_and_settings_that_exclude_each_ot
         default_config().replace("server", data_dir=" ")
     with pytest.raises(ConfigError, match=r"set one of \[server\]\.token and \[server\]\.token_file, not both"):
         config_with(tmp_path, classifier_dir, "server.token", "tokenONE", token_file="token")
+    with pytest.raises(ConfigError, match=r"set \[clip\]\.path \(an open_clip directory\) or \[clip\]\.model and \.checkpoint, not both"):
+        config_with(tmp_path, classifier_dir, "clip.path", "clip", checkpoint="clip.safetensors")
+    assert config_with(tmp_path, classifier_dir, "batching.max_images_per_request", 64, max_queue_size=64).batching.max_queue_size == 64
+    with pytest.raises(ConfigError, match=r"\[batching\]\.max_images_per_request \(65\) must not exceed \[batching\]\.max_queue_size \(64\)"):
+        config_with(tmp_path, classifier_dir, "batching.max_images_per_request", 65, max_queue_size=64)
     with pytest.raises(ConfigError, match=r"\[server\]\.admins names callers of \[server\]\.callers_file; set that too"):
         config_with(tmp_path, classifier_dir, "server.admins", ["root"])
     with pytest.raises(ConfigError, match=r"\[server\]\.admins: 'Root' is no caller name"):
@@ -154,6 +164,8 @@ def test_every_file_key_given_relative_is_relative_to_the_config_file(tmp_path):
 @pytest.mark.parametrize(("key", "value", "is_a_name"), [
     ("weights", "DEFAULT", True), ("weights", "ResNet50_Weights.IMAGENET1K_V2", True), ("weights", "sub/DEFAULT", False),
     ("weights", "resnet.PTH", False), ("checkpoint", "laion2b_s34b_b79k", True), ("checkpoint", "clip.bin", False),
+    # Each weight file suffix, listed here: one dropped from explaind.config must fail.
+    *[("weights", f"w{suffix}", False) for suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".npz")],
 ])
 def test_weights_by_name_stay_names_and_weight_files_are_paths(tmp_path, key, value, is_a_name):
     weights, checkpoint = (value, "openai") if key == "weights" else ("DEFAULT", value)
