@@ -536,11 +536,13 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
 
 
 def test_a_certificates_validity_is_read_as_openssl_reads_it(tmp_path):
-    # UTCTime until 2049, GeneralizedTime from 2050 (RFC 5280, 4.1.2.5).
+    # UTCTime for 1950-2049, GeneralizedTime from 2050 (RFC 5280, 4.1.2.5).
     from explaind.service.auth import certificate_validity
 
     authority = Authority(tmp_path, "ca")
-    for valid in ((-dt.timedelta(days=400), dt.timedelta(days=3)), (dt.timedelta(days=10), dt.timedelta(days=365 * 40))):
+    since_1950 = dt.datetime(1950, 1, 2, tzinfo=dt.timezone.utc) - dt.datetime.now(dt.timezone.utc)  # UTCTime "50...": 1950, not 2050
+    for valid in ((-dt.timedelta(days=400), dt.timedelta(days=3)), (dt.timedelta(days=10), dt.timedelta(days=365 * 40)),
+                  (since_1950, dt.timedelta(days=3))):
         cert, _ = authority.issue("server", valid=valid)
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
         assert certificate_validity(cert.read_bytes() + authority.file.read_bytes()) == (parsed.not_valid_before_utc, parsed.not_valid_after_utc)
