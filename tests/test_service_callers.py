@@ -757,6 +757,16 @@ def test_a_call_is_its_tokens_one_caller_and_one_with_two_callers_tokens_is_refu
     assert callers.grant_of([("authorization", "Bearer tokenANA"), ("authorization", "Bearer tokenMON")]) is None
 
 
+def test_calling_as_makes_the_caller_current_for_its_block_only():
+    # The servicers' threads serve call after call: a caller left current would be the next call's.
+    assert auth.current_caller() is None
+    with auth.calling_as("analyst"):
+        with auth.calling_as("root"):
+            assert auth.current_caller() == "root"
+        assert auth.current_caller() == "analyst"
+    assert auth.current_caller() is None
+
+
 def test_a_grant_shows_its_caller_and_never_its_token(callers_file):
     # A grant may reach a log line (a refusal's message, a debugging print) where its token must not.
     grant = auth.NamedCallers({"analyst": "tokenANA"}, str(callers_file)).grant_of(_bearer("tokenANA"))
