@@ -189,6 +189,7 @@ def test_weights_by_name_stay_names_and_weight_files_are_paths(tmp_path, key, va
     (f"{'0' * 32} tokenA\n", "line 1: the first word is 32 hex digits, a token rather than a caller name"),
     ("a tokenA\na tokenB\n", "line 2: caller 'a' is named on line 1 too"),
     ("a tok\u00e9n\n", "line 1: the token of 'a' holds a character other than printable ASCII"),
+    ("a tok\x7fen\n", "line 1: the token of 'a' holds a character other than printable ASCII"),  # DEL, just past "~"
 ])
 def test_callers_file_lines_at_the_edges_of_a_name_and_a_token(text, problem):
     if problem is None:
