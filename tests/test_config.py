@@ -127,6 +127,8 @@ def test_sections_that_are_unknown_or_no_table_and_settings_that_exclude_each_ot
         config_with(tmp_path, classifier_dir, "server.admins", ["root"])
     with pytest.raises(ConfigError, match=r"\[server\]\.admins: 'Root' is no caller name"):
         config_with(tmp_path, classifier_dir, "server.admins", ["Root"], callers_file="callers")
+    with pytest.raises(ConfigError, match=rf"\[server\]\.admins: '{'R' * 64}' is no caller name"):  # a refusal quotes 64 characters at most
+        config_with(tmp_path, classifier_dir, "server.admins", ["R" * 5000], callers_file="callers")
 
 
 def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_files(tmp_path):
