@@ -504,13 +504,13 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
         default_config().replace("server", tls_cert_file=str(cert))
     with pytest.raises(ConfigError, match=r"tls_client_ca_file needs TLS"):
         default_config().replace("server", tls_client_ca_file=str(authority.file))
-    data = ["--port", "0", "--data-dir", str(tmp_path / "data")]
+    data, another_key = ["--port", "0", "--data-dir", str(tmp_path / "data")], authority.issue("another")[1]
     for flags, message in (
         (["--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", str(key)], "cannot read"),
         (["--tls-cert-file", str(key), "--tls-key-file", str(key)], f"[server].tls_cert_file: {key} holds no PEM CERTIFICATE"),
         (["--tls-cert-file", str(cert), "--tls-key-file", str(cert)], f"[server].tls_key_file: {cert} holds no PEM PRIVATE KEY"),
-        (["--tls-cert-file", str(cert), "--tls-key-file", str(authority.issue("another")[1])],
-         "is not an unencrypted private key of the certificate in"),
+        (["--tls-cert-file", str(cert), "--tls-key-file", str(another_key)],
+         f"[server].tls_key_file: {another_key} is not an unencrypted private key of the certificate in {cert}"),
         (["--tls-key-file", str(key)], "error: --tls-key-file: set both [server].tls_cert_file and [server].tls_key_file"),
         (["--tls-client-ca-file", str(authority.file)], "error: --tls-client-ca-file: [server].tls_client_ca_file needs TLS"),
     ):
