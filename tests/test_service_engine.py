@@ -2004,6 +2004,25 @@ def test_a_tiff_with_more_strips_than_its_image_can_need_is_refused_before_pillo
         decode_pixels(bytes(many_entries), field="f")
 
 
+def test_a_tiff_header_pillow_reads_in_another_layout_is_checked_in_that_layout():
+    # Pillow opens version 42 written in the other byte order (II 00 2A, MM 2A 00) as TIFF,
+    # and reads a big-endian BigTIFF header (MM 00 2B) as classic TIFF's: a file of a
+    # million strips under these headers decoded unchecked, or was checked as BigTIFF.
+    from explaind.imaging import MAX_TIFF_STRIPS, decode_pixels
+
+    for order, version in (("<", b"\x00*"), (">", b"*\x00"), (">", b"\x00+")):
+        def headed(strips: int) -> bytes:
+            data = _tiff_of_strips(strips, order=order)
+            return data[:2] + version + data[4:]
+
+        assert decode_pixels(headed(3), field="f")[:, :, 0].ravel().tolist() == list(range(64))
+        with pytest.raises(InvalidArgument, match=rf"^f: TIFF has {MAX_TIFF_STRIPS + 1} strips or tiles; at most {MAX_TIFF_STRIPS}"):
+            decode_pixels(headed(MAX_TIFF_STRIPS + 1), field="f")
+    # Checked as BigTIFF too, should Pillow read it as BigTIFF.
+    with pytest.raises(InvalidArgument, match=rf"^f: TIFF has {MAX_TIFF_STRIPS + 1} strips or tiles; at most {MAX_TIFF_STRIPS}"):
+        decode_pixels(_tiff_of_strips(MAX_TIFF_STRIPS + 1, big=True, order=">"), field="f")
+
+
 def test_a_jpeg_with_more_scans_than_any_encoder_writes_is_refused_before_it_is_decoded():
     # 1000 repeated scans (122 KB at 4096x4096) took 15 s to decode against 0.2 s for the
     # plain file; 10000 (330 KB) would take minutes. Ordinary progressive files still decode.

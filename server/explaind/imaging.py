@@ -56,8 +56,9 @@ MAX_GIF_BLOCKS = 4096
 MAX_TIFF_STRIPS = 65536
 # Most entries (tags) a TIFF directory may hold: classic TIFF's 16-bit count; encoders write a few dozen.
 MAX_TIFF_DIRECTORY_ENTRIES = 65535
-# TIFF's byte orders and versions (42: TIFF, 43: BigTIFF, with 8-byte counts and offsets).
-_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# The headers Pillow opens as TIFF: each byte order's versions (42: TIFF, 43: BigTIFF, with
+# 8-byte counts and offsets), and version 42 in the other byte order, which it reads as TIFF.
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
 # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts: one value per strip or tile.
 _TIFF_STRIP_TAGS = (273, 279, 324, 325)
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
@@ -210,7 +211,14 @@ def _check_tiff_directory(data: bytes, field: str) -> None:
     tiles. Reads the directory's entries by their offsets; a malformed file is left for
     Pillow to refuse."""
     order = "little" if data[:2] == b"II" else "big"
-    big = data[2:4] in (b"+\x00", b"\x00+")
+    # Pillow takes a file for BigTIFF by its third byte alone, so it reads a big-endian
+    # BigTIFF header (MM 00 2B) as classic TIFF's: that file is checked both ways.
+    for big in {data[2:4] in (b"+\x00", b"\x00+"), data[2] == 43}:
+        _check_tiff_layout(data, order, big, field)
+
+
+def _check_tiff_layout(data: bytes, order: str, big: bool, field: str) -> None:
+    """:func:`_check_tiff_directory` for one layout: BigTIFF's (``big``) or classic TIFF's."""
     # Bytes of a directory's entry count, of an entry, and of an entry's count of values.
     count_size, entry_size, value_count_size = (8, 20, 8) if big else (2, 12, 4)
     directory = int.from_bytes(data[8:16] if big else data[4:8], order)
