@@ -1967,16 +1967,17 @@ def test_a_gif_with_more_extension_blocks_than_encoders_write_is_refused_before_
         decode_pixels(with_comments(1, sub_blocks=MAX_GIF_BLOCKS), field="f")
 
 
-def _tiff_of_strips(strips: int, *, big: bool = False, order: str = "<") -> bytes:
+def _tiff_of_strips(strips: int, *, big: bool = False, order: str = "<", tags: tuple[int, int] = (273, 279)) -> bytes:
     """An 8x8 greyscale TIFF (BigTIFF with ``big``; ``order``: struct's "<" or ">") of
     ``strips`` strips, all of the one 8-row block: a valid file, whose every strip's
-    offset and byte count Pillow reads."""
+    offset and byte count Pillow reads. ``tags``: those of the offsets and the byte
+    counts (TileOffsets and TileByteCounts, 324 and 325, make a file that lacks its tiles' size)."""
     count, offset = ("Q", "Q") if big else ("H", "I")  # a directory's entry count; an offset or an entry's count of values
     header = (b"II" if order == "<" else b"MM") + (struct.pack(f"{order}HHHQ", 43, 8, 0, 16) if big else struct.pack(f"{order}HI", 42, 8))
-    fields = [(256, 8), (257, 8), (258, 8), (259, 1), (262, 1), (273, None), (277, 1), (278, 8), (279, None)]  # None: one LONG per strip
+    fields = [(256, 8), (257, 8), (258, 8), (259, 1), (262, 1), (tags[0], None), (277, 1), (278, 8), (tags[1], None)]  # None: one LONG per strip
     entry_bytes, offset_bytes = 4 + 2 * struct.calcsize(offset), struct.calcsize(offset)
     pixels_at = len(header) + struct.calcsize(count) + len(fields) * entry_bytes + offset_bytes
-    arrays = {273: pixels_at + 64, 279: pixels_at + 64 + 4 * strips}  # where StripOffsets and StripByteCounts lie
+    arrays = {tags[0]: pixels_at + 64, tags[1]: pixels_at + 64 + 4 * strips}  # where the offsets and the byte counts lie
 
     def entry(tag: int, value: int | None) -> bytes:
         if value is None:  # LONGs at an offset
@@ -1990,18 +1991,21 @@ def _tiff_of_strips(strips: int, *, big: bool = False, order: str = "<") -> byte
 def test_a_tiff_with_more_strips_than_its_image_can_need_is_refused_before_pillow_reads_them():
     # A million strips of one 8x8 image (8 MB) took 5.6 s and 270 MB to open and decode,
     # each strip's offset read into a Python tuple and decoded one at a time.
-    from explaind.imaging import MAX_TIFF_STRIPS, decode_pixels
+    from explaind.imaging import MAX_TIFF_DIRECTORY_ENTRIES, MAX_TIFF_STRIPS, decode_pixels
 
     for big, order in ((False, "<"), (False, ">"), (True, "<")):
         assert decode_pixels(_tiff_of_strips(3, big=big, order=order), field="f")[:, :, 0].ravel().tolist() == list(range(64))
         with pytest.raises(InvalidArgument, match=rf"^images\[0\].encoded: TIFF has {MAX_TIFF_STRIPS + 1} strips or tiles; at most {MAX_TIFF_STRIPS}"):
             decode_pixels(_tiff_of_strips(MAX_TIFF_STRIPS + 1, big=big, order=order), field="images[0].encoded")
+        with pytest.raises(InvalidArgument, match=rf"^f: TIFF has {MAX_TIFF_STRIPS + 1} strips or tiles"):
+            decode_pixels(_tiff_of_strips(MAX_TIFF_STRIPS + 1, big=big, order=order, tags=(324, 325)), field="f")
     assert decode_pixels(_tiff_of_strips(MAX_TIFF_STRIPS), field="f").shape == (8, 8, 3)
     # A BigTIFF directory's entry count is 64 bits: Pillow would read each entry in Python.
     many_entries = bytearray(_tiff_of_strips(1, big=True))
-    many_entries[16:24] = struct.pack("<Q", 2**40)
-    with pytest.raises(InvalidArgument, match=r"TIFF directory has 1099511627776 entries"):
-        decode_pixels(bytes(many_entries), field="f")
+    for entries in (2**40, MAX_TIFF_DIRECTORY_ENTRIES + 1):
+        many_entries[16:24] = struct.pack("<Q", entries)
+        with pytest.raises(InvalidArgument, match=rf"^f: TIFF directory has {entries} entries; at most {MAX_TIFF_DIRECTORY_ENTRIES}"):
+            decode_pixels(bytes(many_entries), field="f")
 
 
 def test_a_tiff_header_pillow_reads_in_another_layout_is_checked_in_that_layout():
