@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -13,13 +15,17 @@ import torch
 from PIL import Image
 
 from explaind.errors import InvalidArgument
-from explaind.imaging import MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, encode_png
+from explaind.imaging import MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png
 
 
 def _encoded(array: np.ndarray, format: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=format)
     return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 @pytest.mark.parametrize("height, width", [(1, MAX_IMAGE_SIDE + 1), (MAX_IMAGE_SIDE + 1, 1)])
@@ -107,12 +113,151 @@ def test_a_caption_stays_under_its_own_tile_and_each_row_starts_below_the_captio
 def test_bytes_after_a_png_s_end_are_not_read_as_its_chunks():
     # What follows IEND (a file appended by some tools) is not read by Pillow: chunks that
     # would be refused before it are no reason to refuse the image after it.
-    import struct
-    import zlib
-
-    from explaind.imaging import decode_pixels
-
-    profile = b"p\x00\x00" + zlib.compress(bytes(100))
-    chunk = struct.pack(">I", len(profile)) + b"iCCP" + profile + struct.pack(">I", zlib.crc32(b"iCCP" + profile))
-    data = encode_png(np.full((8, 8, 3), 7, np.uint8)) + chunk * 2
+    profile = _png_chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(100)))
+    data = encode_png(np.full((8, 8, 3), 7, np.uint8)) + profile * 2
     assert decode_pixels(data, field="f").shape == (8, 8, 3)
+
+
+def test_empty_image_bytes_are_refused_as_empty():
+    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: image bytes are empty$"):
+        decode_encoded(b"", field="images[0].encoded")
+
+
+def test_an_image_file_is_charged_to_the_request_s_pixel_budget_before_its_pixels_decode():
+    from explaind.imaging import PixelBudget
+
+    data = encode_png(np.zeros((8, 10, 3), np.uint8))
+    budget = PixelBudget(100, field="images")
+    assert decode_encoded(data, field="images[0].encoded", budget=budget).shape == (3, 8, 10)
+    assert budget.used == 80
+    # Cut after its header and the start of its image data, the second file would fail to
+    # decode; it is refused from its header first.
+    with pytest.raises(InvalidArgument, match=r"^images: the images decode to more than the limit of 100 pixels per request"):
+        decode_encoded(data[:8 + 25 + 10], field="images[1].encoded", budget=budget)
+
+
+def _progressive_jpeg(**options) -> tuple[bytes, bytes]:
+    """A 16x16 progressive JPEG and its last scan, from its SOS marker up to EOI."""
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), 128).save(buffer, "JPEG", progressive=True, **options)
+    data = buffer.getvalue()
+    return data, data[data.rindex(b"\xff\xda"):-2]
+
+
+@pytest.mark.parametrize("before_scans, options", [
+    (b"\xff\xfe\x00\x02\xff", {}),  # an empty comment, then a fill byte (which libjpeg skips) before each scan's marker
+    (b"", {"restart_marker_blocks": 1}),  # restart markers (FF D0-D7) inside each scan's data
+])
+def test_repeated_scans_are_counted_past_fill_bytes_and_restart_markers(before_scans, options):
+    from explaind.imaging import MAX_JPEG_SCANS
+
+    data, last_scan = _progressive_jpeg(**options)
+    scans = data.count(b"\xff\xda")
+    bomb = data[:-2] + (before_scans + last_scan) * (MAX_JPEG_SCANS + 1 - scans) + data[-2:]
+    with Image.open(io.BytesIO(bomb)) as image:
+        image.load()  # libjpeg decodes every scan
+    with pytest.raises(InvalidArgument, match=rf"^f: JPEG has {MAX_JPEG_SCANS + 1} scans; at most {MAX_JPEG_SCANS} are decoded$"):
+        decode_encoded(bomb, field="f")
+
+
+def test_a_marker_without_a_length_between_scans_does_not_hide_the_scans_after_it():
+    # TEM (FF 01), like SOI and RSTn, has no length field; libjpeg skips it between scans.
+    from explaind.imaging import MAX_JPEG_SCANS
+
+    data, last_scan = _progressive_jpeg()
+    bomb = data[:-2] + b"\xff\x01" + last_scan * MAX_JPEG_SCANS + data[-2:]
+    with Image.open(io.BytesIO(bomb)) as image:
+        image.load()
+    with pytest.raises(InvalidArgument, match=r"^f: JPEG has \d+ scans"):
+        decode_encoded(bomb, field="f")
+
+
+def test_a_second_jpeg_after_the_first_one_s_end_is_not_counted():
+    # Pillow decodes the first image; what follows its EOI (here two bytes of padding and
+    # another file) is never decoded, whatever scans it holds.
+    from explaind.imaging import MAX_JPEG_SCANS
+
+    data, last_scan = _progressive_jpeg()
+    second = data[:-2] + last_scan * MAX_JPEG_SCANS + data[-2:]
+    assert decode_encoded(data + b"\x00\x02" + second, field="f").shape == (3, 16, 16)
+
+
+def test_a_jpeg_of_as_many_markers_as_the_limit_decodes():
+    from explaind.imaging import MAX_JPEG_MARKERS
+
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), 128).save(buffer, "JPEG")
+    plain = buffer.getvalue()
+    markers = len(re.findall(rb"\xff[^\x00\xd0-\xd7\xff]", plain[2:]))  # a baseline file: its segments, SOS and EOI
+    padded = plain[:-2] + b"\xff\xfe\x00\x02" * (MAX_JPEG_MARKERS - markers) + plain[-2:]
+    assert decode_encoded(padded, field="f").shape == (3, 16, 16)
+    with pytest.raises(InvalidArgument, match=rf"^f: JPEG has over {MAX_JPEG_MARKERS} markers"):
+        decode_encoded(padded[:-2] + b"\xff\xfe\x00\x02" + plain[-2:], field="f")
+
+
+def _png_of_chunks(*chunks: bytes) -> bytes:
+    """An 8x8 black RGB PNG of its IHDR, ``chunks``, its one IDAT and IEND."""
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+    pixels = _png_chunk(b"IDAT", zlib.compress(bytes(1 + 8 * 3) * 8))
+    return b"\x89PNG\r\n\x1a\n" + header + b"".join(chunks) + pixels + _png_chunk(b"IEND", b"")
+
+
+def test_compressed_international_text_chunks_count_against_the_text_limit():
+    from explaind.imaging import MAX_PNG_COMPRESSED_TEXT_CHUNKS
+
+    text = _png_chunk(b"iTXt", b"k\x00\x01\x00\x00\x00" + zlib.compress(bytes(1000)))  # compressed, no language or translation
+    assert decode_encoded(_png_of_chunks(*[text] * MAX_PNG_COMPRESSED_TEXT_CHUNKS), field="f").shape == (3, 8, 8)
+    with pytest.raises(InvalidArgument, match=rf"^f: PNG has over {MAX_PNG_COMPRESSED_TEXT_CHUNKS} zTXt/iTXt chunks"):
+        decode_encoded(_png_of_chunks(*[text] * (MAX_PNG_COMPRESSED_TEXT_CHUNKS + 1)), field="f")
+
+
+def test_a_png_of_as_many_chunks_as_the_limit_decodes():
+    from explaind.imaging import MAX_PNG_CHUNKS
+
+    text = _png_chunk(b"tEXt", b"k\x00v")
+    assert decode_encoded(_png_of_chunks(*[text] * (MAX_PNG_CHUNKS - 3)), field="f").shape == (3, 8, 8)  # and IHDR, IDAT, IEND
+    with pytest.raises(InvalidArgument, match=rf"^f: PNG has over {MAX_PNG_CHUNKS} chunks"):
+        decode_encoded(_png_of_chunks(*[text] * (MAX_PNG_CHUNKS - 2)), field="f")
+
+
+def _gif_and_first_image() -> tuple[bytes, int]:
+    """An 8x8 GIF with no extension blocks, and where its image descriptor starts."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "GIF")
+    data = buffer.getvalue()
+    first_image = 13 + (3 << ((data[10] & 7) + 1))  # after the global colour table
+    assert data[first_image] == 0x2C
+    return data, first_image
+
+
+def test_a_gif_of_as_many_extension_blocks_as_the_limit_decodes():
+    from explaind.imaging import MAX_GIF_BLOCKS
+
+    data, first_image = _gif_and_first_image()
+    empty_comment = b"\x21\xfe\x00"  # one block: its terminator
+    assert decode_encoded(data[:first_image] + empty_comment * MAX_GIF_BLOCKS + data[first_image:], field="f").shape == (3, 8, 8)
+    with pytest.raises(InvalidArgument, match=rf"^f: GIF has over {MAX_GIF_BLOCKS} extension blocks"):
+        decode_encoded(data[:first_image] + empty_comment * (MAX_GIF_BLOCKS + 1) + data[first_image:], field="f")
+
+
+def test_the_extension_blocks_of_a_gif_with_only_a_local_colour_table_are_counted():
+    from explaind.imaging import MAX_GIF_BLOCKS
+
+    data, first_image = _gif_and_first_image()
+    flags, palette = data[10], data[13:first_image]
+    descriptor = data[first_image:first_image + 9] + bytes((0x80 | (flags & 7),)) + palette  # the table moved to the image
+    local_only = data[:10] + bytes((flags & 0x7F,)) + data[11:13] + descriptor + data[first_image + 10:]
+    assert decode_encoded(local_only, field="f")[:, 0, 0].tolist() == decode_encoded(data, field="f")[:, 0, 0].tolist()
+    with pytest.raises(InvalidArgument, match=rf"^f: GIF has over {MAX_GIF_BLOCKS} extension blocks"):
+        decode_encoded(local_only[:13] + b"\x21\xfe\x00" * (MAX_GIF_BLOCKS + 1) + local_only[13:], field="f")
+
+
+def test_a_file_shorter_than_a_gif_header_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: bytes are not an image") as refused:
+        decode_encoded(b"GIF89a\x08\x00\x08", field="images[0].encoded")
+    assert refused.value.field == "images[0].encoded"
+
+
+def test_an_rgba_file_decodes_to_its_rgb_pixels_without_the_alpha():
+    rgba = np.random.default_rng(0).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    assert np.array_equal(decode_pixels(_encoded(rgba, "PNG"), field="f"), rgba[:, :, :3])
