@@ -79,6 +79,8 @@ def test_float_pixels_past_the_rounding_tolerance_are_refused_not_clamped(low, h
 @pytest.mark.parametrize("shape, data, field, message", [
     ((-1, -2, 3), bytes(6), "x.shape", r"negative dimension in shape \(-1, -2, 3\)"),  # its product, 6, matches the bytes
     ((2, 2, 3), bytes(13), "x.data", r"shape \(2, 2, 3\) of uint8 needs 12 bytes, got 13"),  # one byte too many, not too few
+    ((4, 4), bytes(16), "x.shape", r"expected 3 dimensions \(H, W, 3\) or \(3, H, W\), got 2"),
+    ((0, 4, 3), b"", "x.shape", r"tensor is empty \(shape \(0, 4, 3\)\)"),  # its product, 0, matches the bytes
 ])
 def test_a_tensor_whose_shape_does_not_describe_its_bytes_is_refused_naming_the_part(shape, data, field, message):
     from explaind.imaging import array_from_buffer
@@ -256,6 +258,31 @@ def test_a_file_shorter_than_a_gif_header_is_refused_naming_the_field():
     with pytest.raises(InvalidArgument, match=r"^images\[0\].encoded: bytes are not an image") as refused:
         decode_encoded(b"GIF89a\x08\x00\x08", field="images[0].encoded")
     assert refused.value.field == "images[0].encoded"
+
+
+def test_an_empty_tensor_is_refused_before_its_pixels_are_read():
+    for empty in (np.zeros((0, 4, 3), np.uint8), np.zeros((3, 0, 4), np.float32)):  # NumPy arrays of the engine's callers
+        with pytest.raises(InvalidArgument, match=r"^x: tensor is empty \(shape \(\d, \d, \d\)\)$"):
+            decode_array(empty, field="x")
+
+
+def test_uint8_pixels_of_four_channels_are_refused_naming_the_shape():
+    with pytest.raises(InvalidArgument, match=r"^x.shape: uint8 images must be \(H, W, 3\), got shape \(4, 4, 4\)$") as refused:
+        decode_array(np.zeros((4, 4, 4), np.uint8), field="x")
+    assert refused.value.field == "x.shape"
+
+
+@pytest.mark.parametrize("shape", [(3, 1, MAX_IMAGE_SIDE + 1), (1, MAX_IMAGE_SIDE + 1, 3)])
+def test_a_float_tensor_too_wide_is_refused_giving_its_width_and_height(shape):
+    with pytest.raises(InvalidArgument, match=rf"^x: image is {MAX_IMAGE_SIDE + 1}x1; the largest side allowed is {MAX_IMAGE_SIDE}$"):
+        decode_array(np.zeros(shape, np.float32), field="x")
+
+
+def test_an_unsupported_tensor_dtype_is_refused_naming_the_dtype():
+    from explaind.imaging import array_from_buffer
+
+    with pytest.raises(InvalidArgument, match=r"^x.dtype: unsupported dtype 'float64'; use one of \['float16', 'float32', 'uint8'\]$"):
+        array_from_buffer("float64", (1, 1, 3), bytes(24), field="x")
 
 
 def test_an_rgba_file_decodes_to_its_rgb_pixels_without_the_alpha():
