@@ -3930,13 +3930,15 @@ def test_a_long_status_message_is_cut_to_its_percent_encoded_budget(character):
     assert kept.startswith("sample_set_id: " + character * 100) and message.startswith(kept) and int(left_out) == len(message) - len(kept)
     assert header_bytes(cut) > MAX_STATUS_MESSAGE_BYTES - 64 - 12  # cut where the budget ends, not far before
     assert _shorten("fits") == "fits"
+    fits = "x" * (MAX_STATUS_MESSAGE_BYTES - 64)  # all the budget, less the note's room
+    assert _shorten(fits) == fits and _shorten(fits + "x") == fits + " ... (1 characters left out)"
 
 
 class _AbortingContext:
     """What the interceptor uses of a grpc.ServicerContext; ``abort`` raises, as grpc's does."""
 
     def __init__(self) -> None:
-        self.status, self.details = None, ""
+        self.status, self.details, self.trailing_metadata = None, "", ()
 
     def abort(self, code, details):
         self.status, self.details = code, details
@@ -3952,7 +3954,31 @@ class _AbortingContext:
         return 10.0
 
     def set_trailing_metadata(self, metadata) -> None:
-        pass
+        self.trailing_metadata = metadata
+
+
+def test_an_error_naming_a_field_has_its_message_field_and_description_cut_to_their_budgets():
+    # With BadRequest details the message travels twice more, base64-encoded in
+    # grpc-status-details-bin: each part is cut so the headers stay under gRPC's limit.
+    from google.rpc import error_details_pb2, status_pb2
+
+    from explaind.service.interceptors import MAX_DETAILED_MESSAGE_BYTES, MAX_VIOLATION_BYTES, _Observed
+
+    context = _AbortingContext()
+
+    def fail(request, context):
+        raise InvalidArgument("y" * 10_000, field="x" * 10_000)
+
+    with pytest.raises(RuntimeError, match="aborted"), _Observed(Metrics(), "explaind.v1.Svc", "Get", context, 1000) as observed:
+        observed.call(fail, None, context)
+    assert context.details.endswith(" characters left out)") and MAX_DETAILED_MESSAGE_BYTES - 76 < len(context.details) <= MAX_DETAILED_MESSAGE_BYTES
+    (key, value), = context.trailing_metadata
+    status = status_pb2.Status.FromString(value)
+    violation = error_details_pb2.BadRequest()
+    assert key == "grpc-status-details-bin" and status.message == context.details and status.details[0].Unpack(violation)
+    (field_violation,) = violation.field_violations
+    for part, character in ((field_violation.field, "x"), (field_violation.description, "y")):
+        assert part.startswith(character * 100) and part.endswith(" characters left out)") and len(part) <= MAX_VIOLATION_BYTES
 
 
 def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_unary_one():
@@ -3976,6 +4002,10 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
     assert context.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
     labels = {"service": "explaind.v1.Svc", "method": "Watch", "code": "RESOURCE_EXHAUSTED"}
     assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
+    unary = _AbortingContext()
+    with pytest.raises(RuntimeError, match="aborted"), _Observed(metrics, "explaind.v1.Svc", "Get", unary, 1000) as observed:
+        observed.call(lambda request, context: common_pb2.Image(encoded=b"x" * 2000), None, unary)
+    assert unary.status == grpc.StatusCode.RESOURCE_EXHAUSTED and unary.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
 
 
 @pytest.mark.parametrize(("remaining_s", "code"), [(10.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")])
@@ -5663,7 +5693,25 @@ def test_an_unexpected_job_failure_reaches_the_caller_without_server_internals(t
         jobs.shutdown(5)
 
 
-def _intercepted_server(metrics: Metrics, behaviour):
+def test_a_request_that_is_not_its_method_s_message_is_invalid_argument_and_never_served():
+    # grpcio's own answer to a request its deserializer refuses is INTERNAL, with a traceback in the log.
+    import grpc
+
+    from explaind.v1 import common_pb2
+
+    served = []
+    server, port = _intercepted_server(Metrics(), lambda request, context: served.append(request) or request, common_pb2.Image.FromString)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/test.Service/Call")(b"\xff\xff\xff", timeout=10)  # a truncated field tag
+    finally:
+        server.stop(None)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and served == []
+    assert refused.value.details().startswith("the request is not a valid test.Service/Call request message (")
+
+
+def _intercepted_server(metrics: Metrics, behaviour, request_deserializer=None):
     """A gRPC server on a free port with unary methods ``/test.Service/Call`` and ``/test.Service/Other``,
     both ``behaviour``, behind the service interceptor."""
     import grpc
@@ -5671,7 +5719,8 @@ def _intercepted_server(metrics: Metrics, behaviour):
     from explaind.service.auth import BearerToken
     from explaind.service.interceptors import HeldCalls, ServiceInterceptor
 
-    method = grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=lambda message: message.SerializeToString())
+    method = grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=request_deserializer,
+                                                 response_serializer=lambda message: message.SerializeToString())
     handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method, "Other": method})
     interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
