@@ -411,6 +411,20 @@ def _watching_at(caller: Client, name: str, step: int) -> Iterator[Operation]:
     return updates
 
 
+def test_a_stream_s_context_turns_inactive_once_its_caller_is_revoked():
+    # A servicer waiting for something to send (WatchOperation) looks only at
+    # context.is_active(): it stops there, before it has a message to send.
+    from types import SimpleNamespace
+
+    from explaind.service.interceptors import _RevocableContext
+
+    revocation = [""]
+    context = _RevocableContext(SimpleNamespace(is_active=lambda: True, peer=lambda: "ipv4:127.0.0.1:1"), lambda: revocation[0])
+    assert context.is_active() and context.peer() == "ipv4:127.0.0.1:1"
+    revocation[0] = "caller 'analyst' was removed from the callers file"
+    assert not context.is_active()
+
+
 def test_a_reload_that_removes_a_caller_ends_its_open_streams_and_no_other_callers(tmp_path, classifier_dir, callers_file, monkeypatch):
     # A removed caller's WatchOperation went on sending it every update until the job ended.
     monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
@@ -788,6 +802,22 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
     # Each slot and share went back as its block ended.
     with ExitStack() as stack:
         assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
+
+
+def test_calls_without_a_token_hold_at_most_a_quarter_of_the_slots_and_a_full_server_says_which_limit_it_met():
+    from contextlib import ExitStack
+
+    from explaind.service.interceptors import HeldCalls
+
+    held = HeldCalls(8)
+    with ExitStack() as stack:
+        assert all(stack.enter_context(held.slot(public=True)) for _ in range(2))
+        assert not stack.enter_context(held.slot(public=True))
+        assert "(at most 8, 2 of them for calls without a token)" in held.refusal(public=True)
+        assert all(stack.enter_context(held.slot(caller=caller)) for caller in ["analyst"] * 4 + ["monitoring"] * 2)
+        # Every slot is held, none of them by "auditor": its refusal names the server's limit, not its share.
+        assert not stack.enter_context(held.slot(caller="auditor"))
+        assert held.refusal(caller="auditor").endswith("(at most 8, half of [server].max_workers); try again later")
 
 
 @pytest.mark.parametrize(("text", "problem"), [
