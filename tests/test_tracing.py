@@ -115,6 +115,14 @@ def test_a_failed_call_records_its_code(traced, spans):
     assert "nothing-here" not in json.dumps(dict(span.attributes))
 
 
+def test_health_checks_make_no_spans(traced, spans):
+    # Probes call it every few seconds: their spans would drown the traces.
+    client, *_ = traced
+    assert client.health() == "SERVING"
+    client.model_metadata()
+    assert [span.name for span in spans.get_finished_spans() if span.kind == SpanKind.SERVER] == ["explaind.v1.InferenceService/GetModelMetadata"]
+
+
 def test_an_operation_has_a_span_from_queue_to_end_with_its_stages_under_the_call_that_submitted_it(traced, spans, caller, world_images):
     client, *_ = traced
     images = (world_images[0][:4].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
