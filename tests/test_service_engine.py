@@ -4008,6 +4008,27 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
     assert unary.status == grpc.StatusCode.RESOURCE_EXHAUSTED and unary.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
 
 
+def test_a_two_way_stream_whose_caller_closed_its_channel_is_counted_cancelled_not_internal(caplog):
+    # Its request iterator raises grpc.RpcError once the caller has left (reflection's,
+    # when a client closes its channel): no failure of the server's, nothing to log.
+    import grpc
+
+    from explaind.service.interceptors import _Observed
+
+    metrics, context = Metrics(), _AbortingContext()
+    context.is_active = lambda: False
+
+    def reflect(requests, context):
+        raise grpc.RpcError()
+        yield
+
+    with caplog.at_level(logging.INFO), _Observed(metrics, "grpc.reflection.v1.ServerReflection", "ServerReflectionInfo", context, 1000) as observed:
+        assert list(observed.call_stream(reflect, iter(()), context, lambda: "")) == []
+    assert context.status is None and not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    labels = {"service": "grpc.reflection.v1.ServerReflection", "method": "ServerReflectionInfo", "code": "CANCELLED"}
+    assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
+
+
 @pytest.mark.parametrize(("remaining_s", "code"), [(10.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")])
 def test_a_stream_whose_caller_left_is_counted_as_cancelled_or_timed_out(remaining_s, code):
     # gRPC closes the generator of a stream whose caller is gone (GeneratorExit, with no
@@ -5691,6 +5712,27 @@ def test_an_unexpected_job_failure_reaches_the_caller_without_server_internals(t
         _incident_in(record.error_message, caplog.text)
     finally:
         jobs.shutdown(5)
+
+
+def test_a_generated_stub_s_unimplemented_method_is_answered_without_a_traceback(caplog):
+    # Health's List, say: the stub sets UNIMPLEMENTED and raises NotImplementedError, which
+    # grpcio would log with its traceback on every call, for anyone.
+    import grpc
+
+    def unimplemented(request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    server, port = _intercepted_server(Metrics(), unimplemented)
+    server.start()
+    try:
+        with caplog.at_level(logging.INFO), grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/test.Service/Call")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
 
 
 def test_a_request_that_is_not_its_method_s_message_is_invalid_argument_and_never_served():
