@@ -804,6 +804,44 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
         assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
 
 
+def test_a_callers_streams_are_held_to_its_share_of_the_slots(callers_file):
+    from explaind.metrics import Metrics
+    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
+    from explaind.v1 import common_pb2
+
+    release = threading.Event()
+
+    def watch(request, context):
+        yield common_pb2.Image()
+        release.wait(10)
+
+    method = grpc.unary_stream_rpc_method_handler(watch, request_deserializer=common_pb2.Image.FromString,
+                                                  response_serializer=common_pb2.Image.SerializeToString)
+    callers = auth.NamedCallers({"monitoring": "tokenMON", "analyst": "tokenANA", "root": "tokenROOT"}, str(callers_file))
+    interceptor = ServiceInterceptor(Metrics(), callers, max_send_bytes=1 << 20, held_calls=HeldCalls(2))  # one slot per caller
+    server = grpc.server(ThreadPoolExecutor(4), interceptors=[interceptor], handlers=[grpc.method_handlers_generic_handler("test.Service", {"Watch": method})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            def open_stream(token: str):
+                stream = channel.unary_stream("/test.Service/Watch", response_deserializer=common_pb2.Image.FromString)(
+                    b"", timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+                next(stream)
+                return stream
+
+            first = open_stream("tokenANA")
+            with pytest.raises(grpc.RpcError) as refused:
+                open_stream("tokenANA")
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "(at most 2, 1 of them for one caller)" in refused.value.details()
+            other = open_stream("tokenMON")
+            release.set()
+            assert list(first) == list(other) == []
+    finally:
+        release.set()
+        server.stop(None)
+
+
 def test_calls_without_a_token_hold_at_most_a_quarter_of_the_slots_and_a_full_server_says_which_limit_it_met():
     from contextlib import ExitStack
 
