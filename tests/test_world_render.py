@@ -3,11 +3,16 @@
 import dataclasses
 import re
 
+from collections import Counter
+
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
-from explaind.world.render import BACKGROUNDS, SHAPES, TEXTURES, SceneSpec, caption_for, render
-from explaind.world.scenarios import get_scenario, load_scenarios
+from explaind.world.probes import probe_batch
+from explaind.world.render import ATTRIBUTE_VALUES, BACKGROUNDS, COLOURS, SHAPES, TEXTURES, SceneSpec, caption_for, render
+from explaind.world.scenarios import SPLITS, get_scenario, load_scenarios, scenario_names
 
 
 def test_same_seed_gives_identical_bytes_and_other_seeds_differ():
@@ -40,11 +45,108 @@ def test_artifact_mask_is_exactly_the_watermark_pixels(background):
 def test_caption_names_every_attribute():
     assert caption_for(SceneSpec("triangle", "red", "stripes", "water")) == "a red striped triangle on water"
     assert caption_for(SceneSpec("heart", "blue", "plain", "snow", artifact=True)) == "a blue heart on snow with a watermark"
+    assert caption_for(SceneSpec("star", "green", "dots", "sand")) == "a green dotted star on sand"
+    assert caption_for(SceneSpec("cross", "purple", "checker", "brick")) == "a purple checkered cross on brick"
 
 
-def test_unknown_attribute_value_is_rejected_by_name():
-    with pytest.raises(ValueError, match="background"):
-        SceneSpec("circle", "red", "plain", "lava")
+@pytest.mark.parametrize("artifact", [False, True])
+def test_a_scene_carries_its_specs_attributes(artifact):
+    scene = render(SceneSpec("cross", "orange", "checker", "brick", artifact=artifact, seed=5))
+    assert scene.attributes == {"shape": "cross", "colour": "orange", "texture": "checker", "background": "brick",
+                                "artifact": "watermark" if artifact else "none"}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_lies_whole_inside_the_image(shape):
+    # Position and scale jitter keep the outline in view: no object pixel on the border.
+    for seed in range(40):
+        mask = render(SceneSpec(shape, "red", "plain", "grass", seed=seed)).object_mask
+        assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()), seed
+
+
+def test_the_seed_rotates_the_shape():
+    # A square fills its bounding box when axis-aligned and half of it at 45 degrees.
+    box_over_area = []
+    for seed in range(40):
+        mask = render(SceneSpec("square", "red", "plain", "grass", seed=seed)).object_mask
+        rows, cols = np.nonzero(mask)
+        box_over_area.append((np.ptp(rows) + 1) * (np.ptp(cols) + 1) / mask.sum())
+    assert min(box_over_area) < 1.2 and max(box_over_area) > 1.8
+
+
+@pytest.mark.parametrize("colour", COLOURS)
+@pytest.mark.parametrize("texture", TEXTURES)
+def test_an_object_is_painted_in_its_colour_and_a_texture_in_one_darker_shade(colour, texture):
+    # Plain: one shade, the named colour within its +-10 % jitter. A texture adds one shade,
+    # 0.45 of it: dots are spots on the colour, stripes and checker share the object about evenly.
+    named = np.array(COLOURS[colour], dtype=float)
+    for seed in range(6):
+        scene = render(SceneSpec(SHAPES[seed], colour, texture, "sand", seed=seed))
+        painted = scene.image[scene.object_mask].astype(float)
+        shades = np.unique(painted, axis=0)
+        assert len(shades) == (1 if texture == "plain" else 2), shades
+        light, dark = shades[shades.sum(axis=1).argmax()], shades[shades.sum(axis=1).argmin()]
+        assert (np.abs(light - named) <= 0.1 * named + 1).all(), (light, named)
+        if texture != "plain":
+            assert (np.abs(dark - 0.45 * light) <= 1).all(), (dark, light)
+            dark_share = (painted == dark).all(axis=1).mean()
+            assert dark_share < 0.4 if texture == "dots" else 0.35 < dark_share < 0.65, dark_share
+
+
+def test_stripes_run_across_the_object_while_checker_squares_and_dots_lie_inside_it():
+    def dark_patches_inside(texture: str, shape: str, seed: int) -> int:
+        scene = render(SceneSpec(shape, "red", texture, "grass", seed=seed))
+        red = scene.image[..., 0]
+        patches, count = ndimage.label(scene.object_mask & (red < red[scene.object_mask].max()))
+        touching = np.unique(patches[ndimage.binary_dilation(~scene.object_mask)])
+        return count - np.count_nonzero(touching)
+
+    for texture in ("stripes", "checker", "dots"):
+        inside = sum(dark_patches_inside(texture, shape, seed) for shape in ("circle", "square") for seed in range(10))
+        assert (inside == 0) == (texture == "stripes"), (texture, inside)
+
+
+def test_the_watermark_is_white_in_the_bottom_right_corner_and_grows_with_the_image():
+    areas: dict[int, list[int]] = {64: [], 128: []}
+    for size, seed in [(size, seed) for size in areas for seed in range(5)]:
+        scene = render(SceneSpec("circle", "green", "dots", "brick", artifact=True, seed=seed, size=size))
+        rows, cols = np.nonzero(scene.artifact_mask)
+        assert rows.min() >= size / 2 and cols.min() >= size / 2
+        assert (scene.image[scene.artifact_mask] == 255).all()
+        areas[size].append(len(rows))
+    assert min(areas[128]) > 3 * max(areas[64])
+
+
+def test_the_object_mask_gives_up_the_pixels_the_watermark_covers():
+    # Where object and watermark meet (rare: the watermark sits in the corner), the object
+    # mask loses exactly the watermark's pixels.
+    for seed in range(100):
+        bare = render(SceneSpec("circle", "green", "plain", "grass", seed=seed))
+        marked = render(dataclasses.replace(bare.spec, artifact=True))
+        if (bare.object_mask & marked.artifact_mask).any():
+            break
+    else:
+        pytest.fail("no circle meets the watermark in 100 seeds")
+    np.testing.assert_array_equal(marked.object_mask, bare.object_mask & ~marked.artifact_mask)
+
+
+def test_bright_backgrounds_saturate_instead_of_wrapping_around():
+    # Snow's grain takes some pixels past 255: they must clip to white, not wrap to black.
+    for seed in range(3):
+        scene = render(SceneSpec("circle", "red", "plain", "snow", seed=seed))
+        background = scene.image[~scene.object_mask]
+        assert (background == 255).any() and background.min() >= 120
+
+
+@pytest.mark.parametrize(("attributes", "named"), [
+    (("circle", "red", "plain", "lava"), "background 'lava'"),
+    (("circle", "crimson", "plain", "grass"), "colour 'crimson'"),
+    (("circle", "red", "wavy", "grass"), "texture 'wavy'"),
+    (("oval", "red", "plain", "grass"), "shape 'oval'"),
+])
+def test_unknown_attribute_value_is_rejected_by_name(attributes, named):
+    with pytest.raises(ValueError, match=f"unknown {named}"):
+        SceneSpec(*attributes)
 
 
 def test_spurious_background_plants_the_correlation_in_train_only():
@@ -59,12 +161,114 @@ def test_spurious_background_plants_the_correlation_in_train_only():
     assert 0.1 < np.mean([s.background == "water" for s in test_hearts]) < 0.3
 
 
+@pytest.mark.parametrize("name", [name for name in scenario_names() if get_scenario(name).focus is not None])
+def test_a_focus_scenario_plants_its_cue_in_train_and_val_and_groups_by_it(name):
+    scenario = get_scenario(name)
+    focus = scenario.focus
+    value = ATTRIBUTE_VALUES[focus.attribute].index(focus.value)
+    others = [klass for klass in SHAPES if klass != focus.klass]
+    for split in ("train", "val"):
+        assert scenario.distribution(split, focus.klass, focus.attribute)[value] >= 0.9
+        assert max(scenario.distribution(split, klass, focus.attribute)[value] for klass in others) <= 0.05
+    # In test the cue says nothing about the class.
+    assert len({scenario.distribution("test", klass, focus.attribute)[value] for klass in SHAPES}) == 1
+    assert scenario.group_attribute == focus.attribute
+
+
+def test_spurious_artifact_marks_only_stars_in_train_and_half_of_all_test_images():
+    scenario = get_scenario("spurious_artifact")
+    train = [scenario.dataset("train", size=600).spec(i) for i in range(600)]
+    assert np.mean([s.artifact for s in train if s.shape == "star"]) > 0.9
+    assert not any(s.artifact for s in train if s.shape != "star")
+    test = scenario.dataset("test", size=600)
+    assert 0.4 < np.mean([test.spec(i).artifact for i in range(600)]) < 0.6
+
+
+def test_an_empty_scenario_is_uniform_without_watermarks_and_grouped_by_background(tmp_path):
+    custom = tmp_path / "scenarios.toml"
+    custom.write_text("[plain]\n")
+    scenario = load_scenarios(custom)["plain"]
+    assert scenario.sizes == {"train": 1000, "val": 1000, "test": 1000}
+    assert scenario.group_attribute == "background" and scenario.focus is None
+    for split, klass in [(split, klass) for split in SPLITS for klass in SHAPES]:
+        for attribute in ("colour", "texture", "background"):
+            np.testing.assert_allclose(scenario.distribution(split, klass, attribute), 1 / len(ATTRIBUTE_VALUES[attribute]))
+        np.testing.assert_array_equal(scenario.distribution(split, klass, "artifact"), [1.0, 0.0])
+    dataset = scenario.dataset("train", size=60)
+    assert not any(dataset.spec(i).artifact for i in range(60))
+
+
+def test_weights_are_relative_and_a_star_shares_its_weight_among_the_values_not_named(tmp_path):
+    custom = tmp_path / "scenarios.toml"
+    custom.write_text('[weighted]\ntrain.default.background = { water = 0.05, "*" = 0.95 }\n'
+                      'train.default.colour = { red = 3, blue = 1 }\n')
+    scenario = load_scenarios(custom)["weighted"]
+    background = dict(zip(BACKGROUNDS, scenario.distribution("train", "circle", "background")))
+    assert background == pytest.approx({"grass": 0.2375, "water": 0.05, "sand": 0.2375, "snow": 0.2375, "brick": 0.2375})
+    colour = dict(zip(COLOURS, scenario.distribution("train", "circle", "colour")))
+    assert colour == pytest.approx({"red": 0.75, "green": 0.0, "blue": 0.25, "yellow": 0.0, "purple": 0.0, "orange": 0.0})
+
+
+def test_a_split_inherits_the_split_it_names(tmp_path):
+    custom = tmp_path / "scenarios.toml"
+    custom.write_text('[chain]\nval.default.background = { water = 1.0 }\ntest.inherit = "val"\n')
+    scenario = load_scenarios(custom)["chain"]
+    assert scenario.distribution("test", "heart", "background")[BACKGROUNDS.index("water")] == 1.0
+
+
 def test_datasets_are_class_balanced_and_deterministic():
     dataset = get_scenario("balanced").dataset("val", size=60)
     batch = dataset.batch(range(60))
     assert np.bincount(batch.labels.numpy()).tolist() == [10] * len(SHAPES)
     assert batch.images.shape == (60, 3, 64, 64) and 0 <= batch.images.min() and batch.images.max() <= 1
     assert dataset.batch(range(5)).captions == batch.captions[:5]
+
+
+def test_splits_share_no_scene_and_no_scene_repeats_within_a_split():
+    scenario = get_scenario("balanced")
+    seeds = {split: {scenario.dataset(split, size=300).spec(i).seed for i in range(300)} for split in SPLITS}
+    assert [len(seeds[split]) for split in SPLITS] == [300, 300, 300]
+    assert not (seeds["train"] & seeds["val"] or seeds["train"] & seeds["test"] or seeds["val"] & seeds["test"])
+
+
+def test_a_dataset_ends_at_its_length():
+    dataset = get_scenario("balanced").dataset("test", size=7)
+    assert [scene.spec for scene in dataset] == [dataset.spec(i) for i in range(7)]  # iteration stops at IndexError
+    for index in (-1, 7):
+        with pytest.raises(IndexError):
+            dataset.spec(index)
+
+
+def test_batches_cover_the_split_and_hold_each_scene_as_rendered():
+    dataset = get_scenario("spurious_artifact").dataset("test", size=10, image_size=32)
+    batches = list(dataset.batches(4))
+    assert [len(batch.labels) for batch in batches] == [4, 4, 2]
+    scenes = [dataset[i] for i in range(10)]
+    images = torch.cat([batch.images for batch in batches])
+    assert images.shape == (10, 3, 32, 32)
+    np.testing.assert_array_equal(images.mul(255).round().byte().permute(0, 2, 3, 1).numpy(), [s.image for s in scenes])
+    assert torch.cat([batch.labels for batch in batches]).tolist() == [SHAPES.index(s.spec.shape) for s in scenes]
+    everything = dataset.all()
+    for attribute in ("background", "artifact"):
+        assert everything.groups(attribute).tolist() == [f"{s.spec.shape}/{s.attributes[attribute]}" for s in scenes]
+
+
+def test_an_unknown_scenario_is_refused_with_the_known_names():
+    with pytest.raises(KeyError, match=r"unknown scenario 'waterbirds'; known: \[.*'spurious_background'"):
+        get_scenario("waterbirds")
+
+
+def test_probe_scenes_draw_every_attribute_uniformly_and_the_seed_decides_them():
+    probe = probe_batch(300, seed=4, image_size=32)
+    assert probe.images.shape == (300, 3, 32, 32)
+    assert np.bincount(probe.labels.numpy()).tolist() == [50] * len(SHAPES)
+    for attribute in ("colour", "texture", "background"):
+        counts = Counter(probe.attributes[attribute].tolist())
+        expected = 300 / len(ATTRIBUTE_VALUES[attribute])
+        assert set(counts) == set(ATTRIBUTE_VALUES[attribute]) and all(abs(c - expected) < 0.4 * expected for c in counts.values()), counts
+    assert 0.4 < np.mean(probe.attributes["artifact"] == "watermark") < 0.6
+    assert probe_batch(12, seed=4, image_size=32).captions == probe.captions[:12]
+    assert probe_batch(12, seed=5, image_size=32).captions != probe.captions[:12]
 
 
 def test_scenario_file_errors_name_the_entry(tmp_path):
@@ -96,6 +300,13 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('train.default.background = { water = "lots" }', r"background\.water: a weight must be a number, got 'lots'"),
     ('groups = 3', r"groups must be a string, got 3"),
     ('val.inherit = 3', r"val\.inherit must be a string, got 3"),
+    ('sizes = { train = 0 }', r"sizes\.train must be at least 1, got 0"),
+    ('train.inherit = "val"', r"split train inherits 'val', which is not defined before it"),
+    ('train.classes.hart.background = { water = 1.0 }', r"train\.classes: unknown classes \['hart'\]"),
+    ('groups = "weather"', r"groups must name an attribute, got 'weather'"),
+    ('train.default.background = { water = 0.0 }', "background: weights must be finite and non-negative with a positive sum"),
+    ('train.default.background = { water = -1.0, sand = 2.0 }', "background: weights must be finite and non-negative"),
+    ('train.default.background = { water = true }', r"background\.water: a weight must be a number, got True"),
 ])
 def test_misspelt_or_impossible_scenario_entries_are_errors_not_ignored(tmp_path, body, named):
     bad = tmp_path / "scenarios.toml"
@@ -121,6 +332,9 @@ def test_a_scenario_file_that_is_no_toml_or_holds_no_tables_is_named(tmp_path):
     (lambda: get_scenario("balanced").dataset("train", image_size=8), "image_size must be at least 16, got 8"),  # failed per item
     (lambda: SceneSpec("circle", "red", "plain", "grass", seed=-1), "seed must be at least 0, got -1"),
     (lambda: SceneSpec("circle", "red", "plain", "grass", size="64"), "size must be a whole number, got '64'"),
+    (lambda: SceneSpec("circle", "red", "plain", "grass", size=8), "size must be at least 16, got 8"),
+    (lambda: SceneSpec("circle", "red", "plain", "grass", seed=True), "seed must be a whole number, got True"),
+    (lambda: get_scenario("balanced").dataset("validation"), "split must be one of ('train', 'val', 'test'), got 'validation'"),
 ])
 def test_datasets_and_scenes_refuse_impossible_sizes_and_seeds_by_name(make, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
