@@ -6,11 +6,11 @@ import torch
 from explaind.world.assets import classifier_dir, oracle_dir
 from explaind.world.build import build
 from explaind.world.classifier import load_classifier
-from explaind.world.oracle import load_oracle, oracle_accuracy
-from explaind.world.quality import classifier_report
+from explaind.world.oracle import _augment, load_oracle, oracle_accuracy, train_oracle
+from explaind.world.quality import classifier_report, format_classifier_table
 from explaind.world.render import SHAPES, SceneSpec, render
-from explaind.world.scenarios import get_scenario, scenario_names
-from explaind.world.train_classifier import one_cycle_schedule
+from explaind.world.scenarios import Scenario, get_scenario, scenario_names
+from explaind.world.train_classifier import GroupReport, one_cycle_schedule
 
 SPURIOUS = [name for name in scenario_names() if get_scenario(name).focus is not None]
 
@@ -48,6 +48,57 @@ def test_shipped_oracle_reads_every_attribute():
     accuracy = oracle_accuracy(load_oracle(oracle_dir()), size=600)
     assert min(accuracy["shape"], accuracy["colour"], accuracy["background"]) >= 0.9, accuracy
     assert accuracy["texture"] >= 0.75, accuracy
+
+
+def test_oracle_predicts_every_image_in_eval_mode_whatever_the_batch_size():
+    oracle = load_oracle(oracle_dir())
+    images = get_scenario("balanced").dataset("test", size=5).all().images
+    whole = oracle.predict(images)
+    oracle.train()  # predict must not read batch statistics
+    in_pieces = oracle.predict(images, batch_size=2)
+    assert {a: v.tolist() for a, v in in_pieces.items()} == {a: v.tolist() for a, v in whole.items()}
+    assert all(len(v) == 5 for v in whole.values())
+
+
+def test_oracle_augmentation_keeps_images_in_range_and_follows_its_generator():
+    images = get_scenario("balanced").dataset("test", size=8).all().images
+    augmented = _augment(images, torch.Generator().manual_seed(0))
+    assert augmented.shape == images.shape and 0 <= augmented.min() and augmented.max() <= 1
+    assert not torch.equal(augmented, images)
+    assert torch.equal(augmented, _augment(images, torch.Generator().manual_seed(0)))
+
+
+def test_oracle_training_starts_its_trunk_from_the_given_classifier():
+    balanced = load_classifier(classifier_dir("balanced"))
+    # One step at the schedule's first, small learning rate leaves the trunk near its start.
+    oracle = train_oracle(epochs=1, train_size=32, batch_size=32, init_from=balanced, log=False)
+    start = dict(balanced.named_parameters())
+    for name, parameter in oracle.trunk.named_parameters():
+        assert torch.allclose(parameter, start[name].float(), atol=1e-3), name
+
+
+def test_quality_is_measured_on_the_test_split_in_the_scenarios_groups(monkeypatch):
+    splits = []
+    dataset = Scenario.dataset
+
+    def recording(self, split, *args, **kwargs):
+        splits.append(split)
+        return dataset(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(Scenario, "dataset", recording)
+    report = classifier_report("spurious_artifact", test_size=24)
+    oracle_accuracy(load_oracle(oracle_dir()), size=6)
+    assert splits == ["test", "test"]
+    assert {group.split("/")[1] for group in report.group_accuracy} == {"none", "watermark"}
+
+
+def test_quality_table_shows_accuracy_worst_group_and_gap_in_points():
+    groups = {f"{shape}/water": 0.9 for shape in SHAPES} | {"heart/sand": 0.55}
+    table = format_classifier_table({"spurious_background": GroupReport(accuracy=0.85, group_accuracy=groups)})
+    lines = table.splitlines()
+    assert lines[0].split() == ["scenario", "accuracy", "worst", "group", "worst", "gap", "(pts)"]
+    assert lines[1].split() == ["spurious_background", "0.850", "heart/sand", "0.550", "30.0"]
+    assert all(group in table for group in groups)  # seven groups: a full row of five and a second row
 
 
 def test_missing_weights_name_the_file(tmp_path):
