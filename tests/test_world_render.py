@@ -334,6 +334,8 @@ def test_a_scenario_file_that_is_no_toml_or_holds_no_tables_is_named(tmp_path):
     (lambda: SceneSpec("circle", "red", "plain", "grass", size="64"), "size must be a whole number, got '64'"),
     (lambda: SceneSpec("circle", "red", "plain", "grass", size=8), "size must be at least 16, got 8"),
     (lambda: SceneSpec("circle", "red", "plain", "grass", seed=True), "seed must be a whole number, got True"),
+    # A string was truthy: "no" drew a watermark and labelled the scene with one.
+    (lambda: SceneSpec("circle", "red", "plain", "grass", artifact="no"), "artifact must be True or False, got 'no'"),
     (lambda: get_scenario("balanced").dataset("validation"), "split must be one of ('train', 'val', 'test'), got 'validation'"),
 ])
 def test_datasets_and_scenes_refuse_impossible_sizes_and_seeds_by_name(make, message):

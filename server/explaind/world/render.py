@@ -64,6 +64,8 @@ class SceneSpec:
             value = getattr(self, name)
             if value not in ATTRIBUTE_VALUES[name]:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {ATTRIBUTE_VALUES[name]}")
+        if not isinstance(self.artifact, (bool, np.bool_)):  # "no" would draw a watermark
+            raise ValueError(f"artifact must be True or False, got {self.artifact!r}")
         whole_number("size", self.size, MIN_IMAGE_SIZE)
         whole_number("seed", self.seed, 0)
 
