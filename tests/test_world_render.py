@@ -307,6 +307,8 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('train.default.background = { water = 0.0 }', "background: weights must be finite and non-negative with a positive sum"),
     ('train.default.background = { water = -1.0, sand = 2.0 }', "background: weights must be finite and non-negative"),
     ('train.default.background = { water = true }', r"background\.water: a weight must be a number, got True"),
+    # Each weight finite, their sum not: sampling failed later, naming no entry.
+    ('train.default.background = { water = 1e308, sand = 1e308 }', "background: weights must be finite"),
 ])
 def test_misspelt_or_impossible_scenario_entries_are_errors_not_ignored(tmp_path, body, named):
     bad = tmp_path / "scenarios.toml"

@@ -177,9 +177,11 @@ def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | No
     rest = [v for v in values if v not in named]
     share = float(weights.get("*", 0.0)) / len(rest) if rest else 0.0
     probs = np.array([named.get(v, share) for v in values], dtype=np.float64)
-    if not np.isfinite(probs).all() or probs.sum() <= 0 or (probs < 0).any():  # nan passes the comparisons
+    with np.errstate(over="ignore"):  # finite weights may sum past the float range: inf, refused below
+        total = probs.sum()
+    if not np.isfinite(total) or total <= 0 or (probs < 0).any():  # nan passes the comparisons
         raise ValueError(f"{where}: weights must be finite and non-negative with a positive sum")
-    return probs / probs.sum()
+    return probs / total
 
 
 @dataclass
