@@ -309,6 +309,7 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('train.default.background = { water = true }', r"background\.water: a weight must be a number, got True"),
     # Each weight finite, their sum not: sampling failed later, naming no entry.
     ('train.default.background = { water = 1e308, sand = 1e308 }', "background: weights must be finite"),
+    ('train.default.artifact = { none = 1.0, watermark = 1.0, "*" = 5.0 }', r"artifact: '\*' has no value left to share"),
 ])
 def test_misspelt_or_impossible_scenario_entries_are_errors_not_ignored(tmp_path, body, named):
     bad = tmp_path / "scenarios.toml"

@@ -175,6 +175,8 @@ def _probabilities(where: str, attribute: str, weights: Mapping[str, float] | No
             raise ValueError(f"{where}.{value}: a weight must be a number, got {weight!r}")
     named = {v: float(w) for v, w in weights.items() if v != "*"}
     rest = [v for v in values if v not in named]
+    if "*" in weights and not rest:  # its weight would be dropped without a word
+        raise ValueError(f"{where}: '*' has no value left to share its weight; every value is named")
     share = float(weights.get("*", 0.0)) / len(rest) if rest else 0.0
     probs = np.array([named.get(v, share) for v in values], dtype=np.float64)
     with np.errstate(over="ignore"):  # finite weights may sum past the float range: inf, refused below
