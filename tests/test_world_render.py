@@ -340,6 +340,7 @@ def test_a_scenario_file_that_is_no_toml_or_holds_no_tables_is_named(tmp_path):
     # A string was truthy: "no" drew a watermark and labelled the scene with one.
     (lambda: SceneSpec("circle", "red", "plain", "grass", artifact="no"), "artifact must be True or False, got 'no'"),
     (lambda: get_scenario("balanced").dataset("validation"), "split must be one of ('train', 'val', 'test'), got 'validation'"),
+    (lambda: probe_batch(0), "size must be at least 1, got 0"),  # failed in np.stack
 ])
 def test_datasets_and_scenes_refuse_impossible_sizes_and_seeds_by_name(make, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .render import ATTRIBUTE_VALUES, SceneSpec, render
+from .render import ATTRIBUTE_VALUES, SceneSpec, render, whole_number
 from .scenarios import WorldBatch, collate
 
 
 def probe_batch(size: int = 1200, *, seed: int = 0, image_size: int = 64) -> WorldBatch:
     """``size`` scenes, shapes cycling through the classes, other attributes uniform at random."""
+    size = whole_number("size", size, 1)  # 0 failed in np.stack, naming nothing
     rng = np.random.default_rng(seed)
     shapes = ATTRIBUTE_VALUES["shape"]
     specs = [
