@@ -1277,17 +1277,18 @@ def test_a_world_sample_set_keeps_each_sample_s_attributes(server, capsys):
 def test_a_world_sample_set_s_images_are_drawn_as_they_are_sent_not_all_before(monkeypatch):
     # --world balanced:test:1000000 rendered every image into the CLI's memory first (12 GB).
     from explaind.client.cli import _world_samples
-    from explaind.world.scenarios import WorldDataset, get_scenario
+    from explaind.world import render
+    from explaind.world.scenarios import get_scenario
 
     batch = get_scenario("spurious_background").dataset("val", size=5).all()
     drawn = []
-    draw = WorldDataset.__getitem__
-    monkeypatch.setattr(WorldDataset, "__getitem__", lambda self, index: drawn.append(index) or draw(self, index))
+    draw = render.render
+    monkeypatch.setattr(render, "render", lambda spec: drawn.append(spec) or draw(spec))
     images, labels, attributes = _world_samples("spurious_background", "val", 5)
     assert drawn == [] and len(images) == 5
     streamed = iter(images)
     first = next(streamed)
-    assert drawn == [0] and first.dtype == np.uint8
+    assert drawn == [batch.specs[0]] and first.dtype == np.uint8
     rest = list(streamed)
     assert np.array_equal(np.stack([first, *rest]), (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
     assert labels == batch.labels.tolist()

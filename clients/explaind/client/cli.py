@@ -25,6 +25,7 @@ import datetime as dt
 import difflib
 import errno
 import io
+import itertools
 import json
 import math
 import os
@@ -53,12 +54,11 @@ from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
     import numpy as np
+    from explaind.world.render import SceneSpec
     from PIL.Image import Image
 
     from ._neuroinspect import HeadEdit, NeuronRanking, NeuronVisualizations
     from ._operations import Evaluation, Operation
-    from explaind.world.scenarios import WorldDataset
-
     from ._types import Prediction, SampleSet
     from .report import MistakeReport
 
@@ -314,25 +314,27 @@ def _world_samples(scenario: str, split: str, count: int) -> tuple[_WorldImages,
 
     dataset = get_scenario(scenario).dataset(split, size=count)
     specs = [dataset.spec(i) for i in range(count)]  # ~45 µs each, no pixels
-    return _WorldImages(dataset), [SHAPES.index(spec.shape) for spec in specs], [scene_attributes(spec) for spec in specs]
+    return _WorldImages(specs), [SHAPES.index(spec.shape) for spec in specs], [scene_attributes(spec) for spec in specs]
 
 
 class _WorldImages:
-    """A shapes-world split's images, (H, W, 3) uint8 each, drawn when read (~1 ms each):
+    """Shapes-world scenes' images, (H, W, 3) uint8 each, drawn when read (~1 ms each):
     an upload streams them to the server a request at a time, so a set of a million
     samples takes no more memory than one request's."""
 
-    def __init__(self, dataset: WorldDataset) -> None:
-        self._dataset = dataset
+    def __init__(self, specs: list[SceneSpec]) -> None:
+        self._specs = specs
 
     def __len__(self) -> int:
-        return len(self._dataset)
+        return len(self._specs)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return (self._dataset[i].image for i in range(len(self._dataset)))
+        from explaind.world.render import render
+
+        return (render(spec).image for spec in self._specs)
 
     def first(self, count: int) -> list[np.ndarray]:
-        return [self._dataset[i].image for i in range(min(count, len(self._dataset)))]
+        return list(itertools.islice(self, count))
 
 
 # Commands ----------------------------------------------------------------------------
