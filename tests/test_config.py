@@ -25,6 +25,8 @@ C_INT = [
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request", "batching.max_queued_images_per_caller",
 ]
 PORTS = ["port", "metrics_port", "health_port"]
+# Durations where TOML's inf reads as "never", as their 0 does (docs/configuration.md).
+INF_IS_NEVER = ["server.upload_idle_timeout_s", "jobs.retention_days", "jobs.max_run_seconds"]
 
 
 def config_with(tmp_path, classifier_dir, key: str, value: object, **more: object):
@@ -38,6 +40,18 @@ def test_keys_where_0_means_something_take_0_and_refuse_below_it(tmp_path, class
     assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 0), section), name) == 0
     with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at least 0, got -1"):
         config_with(tmp_path, classifier_dir, key, -1)
+
+
+@pytest.mark.parametrize("key", NOT_NEGATIVE + AT_LEAST_ONE)
+def test_only_the_never_ending_durations_take_inf(tmp_path, classifier_dir, key):
+    # An integer key, or one with an upper bound, given inf must stop the start by name,
+    # not overflow a timer or a C int later.
+    section, _, name = key.partition(".")
+    if key in INF_IS_NEVER:
+        assert getattr(getattr(config_with(tmp_path, classifier_dir, key, float("inf")), section), name) == float("inf")
+    else:
+        with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be (an integer|at most [0-9.]+), got inf"):
+            config_with(tmp_path, classifier_dir, key, float("inf"))
 
 
 @pytest.mark.parametrize("key", AT_LEAST_ONE)

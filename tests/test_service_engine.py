@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -5119,6 +5120,38 @@ def test_the_sweep_deletes_the_operations_that_ended_over_retention_days_ago_and
         assert [record.job_id for record in store.list_jobs()] == ["0000000000000002"]
     finally:
         store.close()
+
+
+def test_an_infinite_retention_or_upload_timeout_keeps_everything_as_0_does(tmp_path, monkeypatch, caplog):
+    # TOML's inf reads as "never" (docs/configuration.md); a sweep that turned it into a
+    # time (int(inf), a datetime) would fail every round, logged, and keep nothing else tidy.
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path), upload_idle_timeout_s=math.inf)
+    server = ExplaindServer(config.replace("jobs", retention_days=math.inf))
+    store, now = server.store, time.time()
+    try:
+        store.insert_job(JobRecord(job_id="0000000000000001", kind="evaluate", state="succeeded", create_time=0.0, end_time=1.0))
+        with store.writing_blobs() as put:
+            store.create_sample_set("abandoned", "", [SampleRecord(put(b"abandoned"), 0)], uploading=True)
+        monkeypatch.setattr(time, "time", lambda: now + 10**9)
+        with caplog.at_level(logging.INFO, logger="explaind"):
+            server._sweep_once()
+        assert [record.job_id for record in store.list_jobs()] == ["0000000000000001"]
+        assert [s.sample_set_id for s in store.list_sample_sets()] == ["abandoned"]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        store.close()
+
+
+def test_an_infinite_max_run_seconds_is_no_limit(tmp_path):
+    engine = Engine(default_config().replace("server", data_dir=str(tmp_path)).replace("jobs", max_run_seconds=math.inf),
+                    SQLiteStore(tmp_path), Metrics())
+    try:
+        job = engine.jobs.submit("evaluate_sample_set", lambda ctx: (ctx.raise_if_cancelled(), _empty())[1])
+        assert engine.jobs.wait(job.record.job_id, 30).record.state == "succeeded"
+    finally:
+        engine.close()
 
 
 def test_a_reserve_an_earlier_server_died_setting_aside_is_removed_at_start_up(tmp_path):
