@@ -2028,6 +2028,24 @@ def test_a_tiff_header_pillow_reads_in_another_layout_is_checked_in_that_layout(
         decode_pixels(_tiff_of_strips(MAX_TIFF_STRIPS + 1, big=True, order=">"), field="f")
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow's word for the missing offset
+def test_a_tiff_directory_that_ends_the_file_is_checked_to_its_last_entry():
+    # Pillow reads a directory cut off before its next-directory offset, keeping every
+    # entry it read: the last entry, ending the file, counts as much as any other.
+    from explaind.imaging import MAX_TIFF_STRIPS, decode_pixels
+
+    def strip_offsets_last(strips: int) -> bytes:
+        directory_at = 8 + 64 + 4 * strips  # after the header, the 8x8 pixels and the offsets
+        fields = [(256, 8), (257, 8), (258, 8), (259, 1), (262, 1), (277, 1), (278, 8), (273, 8 + 64)]
+        return (b"II" + struct.pack("<HI", 42, directory_at) + bytes(range(64)) + struct.pack(f"<{strips}I", *[8] * strips)
+                + struct.pack("<H", len(fields))
+                + b"".join(struct.pack("<HHII", tag, 4, strips if tag == 273 else 1, value) for tag, value in fields))
+
+    assert decode_pixels(strip_offsets_last(3), field="f")[:, :, 0].ravel().tolist() == list(range(64))
+    with pytest.raises(InvalidArgument, match=rf"^f: TIFF has {MAX_TIFF_STRIPS + 1} strips or tiles; at most {MAX_TIFF_STRIPS}"):
+        decode_pixels(strip_offsets_last(MAX_TIFF_STRIPS + 1), field="f")
+
+
 def test_a_jpeg_with_more_scans_than_any_encoder_writes_is_refused_before_it_is_decoded():
     # 1000 repeated scans (122 KB at 4096x4096) took 15 s to decode against 0.2 s for the
     # plain file; 10000 (330 KB) would take minutes. Ordinary progressive files still decode.
