@@ -4243,6 +4243,25 @@ def test_the_compile_backend_on_cuda_without_a_c_compiler_is_refused_before_serv
     monkeypatch.setenv("PATH", str(compiler.parent))
     check_backend("compile", "cuda", loader="factory")
     check_backend("eager", "cuda", loader="factory")  # only compile builds code
+    clang = tmp_path / "clang_only" / "clang"  # Triton's fallback where there is no gcc
+    clang.parent.mkdir()
+    shutil.copy(compiler, clang)
+    monkeypatch.setenv("PATH", str(clang.parent))
+    check_backend("compile", "cuda", loader="factory")
+    monkeypatch.setenv("CC", "no-such-cc")  # Triton runs $CC where it is set, and no other compiler
+    with pytest.raises(FailedPrecondition, match="\\$CC is 'no-such-cc', which is not an executable"):
+        check_backend("compile", "cuda", loader="factory")
+
+
+def test_the_compile_backend_warms_up_on_1_each_power_of_two_and_the_largest_batch_and_others_on_one_small_batch():
+    # torch.compile traces again for a batch size outside the ranges its graphs guard on,
+    # split at powers of two: a batch the warm-up skips stalls the first Predict of its size.
+    from explaind.engine.backends import warm_up_batch_sizes
+
+    assert warm_up_batch_sizes("compile", 48) == (1, 2, 4, 8, 16, 32, 48)
+    assert warm_up_batch_sizes("compile", 32) == (1, 2, 4, 8, 16, 32)
+    assert warm_up_batch_sizes("compile", 1) == (1,)
+    assert warm_up_batch_sizes("onnxruntime", 48) == warm_up_batch_sizes("eager", 48) == (2,)
 
 
 def test_bearer_token_matches_the_whole_authorization_value_only():
