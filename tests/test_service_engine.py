@@ -1580,6 +1580,16 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
     assert len(list((tmp_path / "ort" / "data" / "compiled").glob("features-*.onnx"))) == 2
     smaller.close()
     smaller.store.close()
+    # So does one with another h_b at the same size (here its normalisation): the cached graph computes the old one's.
+    config = ort_engine.config.replace("classifier", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    normalised = Engine(config, SQLiteStore(tmp_path / "ort" / "data"), Metrics())
+    normalised.load()
+    images = torch.rand(2, 3, 64, 64)
+    got = normalised.predict(images, top_k=1, return_features=True).features
+    np.testing.assert_allclose(got, normalised.models.active.features(images).numpy(), atol=1e-4)
+    assert len(list((tmp_path / "ort" / "data" / "compiled").glob("features-*.onnx"))) == 3
+    normalised.close()
+    normalised.store.close()
 
 
 def test_an_onnx_classifier_runs_its_sessions_on_the_configured_threads(tmp_path, world_model, monkeypatch):
