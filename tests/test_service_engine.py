@@ -786,7 +786,9 @@ def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_s
     with pytest.raises(ModelLoadError, match=r"no 'fc.weight' in the state dict, .* its last linear layers: \['classifier.0', 'classifier.3'\]\); "
                                              r"set \[classifier\].head"):
         load_classifier(dataclasses.replace(section, head="fc"))
-    with pytest.raises(ModelLoadError, match=r"no module named 'feature' for \[classifier\].feature_layer; close matches are \['features',"):
+    # The last modules are where a head and the layers before it are.
+    with pytest.raises(ModelLoadError, match=r"no module named 'feature' for \[classifier\].feature_layer; close matches are \['features',"
+                                             r".*; last modules are \['features.12.1', .*'classifier.3'\]$"):
         load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="feature"))
     for holder, verb in (("classifier", "holds"), ("classifier.3", "is")):  # "does not run in the model's forward", though it did
         with pytest.raises(ModelLoadError, match=rf"\[classifier\].feature_layer '{holder}' {verb} the head 'classifier.3'; name a layer"):
