@@ -793,6 +793,10 @@ def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_s
     for holder, verb in (("classifier", "holds"), ("classifier.3", "is")):  # "does not run in the model's forward", though it did
         with pytest.raises(ModelLoadError, match=rf"\[classifier\].feature_layer '{holder}' {verb} the head 'classifier.3'; name a layer"):
             load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer=holder))
+    # A layer whose channels are not the head's inputs (576 of 1024, before classifier.0) is refused as it loads, not when maps are read.
+    with pytest.raises(ModelLoadError, match=r"feature_layer 'features': the feature layer's output \(2, 576, 2, 2\) cannot be read as maps of "
+                                             r"1024 channels .*; name the layer whose channels the head reads$"):
+        load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="features"))
     version = load_classifier(dataclasses.replace(section, head="classifier.3", feature_layer="classifier.1"))
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
@@ -3775,6 +3779,9 @@ def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
         load_classifier(dataclasses.replace(section, class_names_file=str(tmp_path / "missing.txt")))
     (tmp_path / "names.txt").write_text("a\nb\n")
     with pytest.raises(ModelLoadError, match="the head has 6 outputs but 2 class names were given"):
+        load_classifier(section)
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\nf\ng\n")  # too many, as well as too few
+    with pytest.raises(ModelLoadError, match="the head has 6 outputs but 7 class names were given"):
         load_classifier(section)
     (tmp_path / "names.txt").write_text("\n  \n")  # was "class_names or class_names_file is required"
     with pytest.raises(ModelLoadError, match=r"class names file .*names.txt holds no class names \(one per line\)$"):
