@@ -865,6 +865,18 @@ def test_an_exported_programs_head_may_be_nested_but_must_be_linear_and_its_inpu
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: .*wide.pt2 takes 16x24 images; explaind feeds square ones$"):
         load_classifier(ClassifierSection(loader="export", path=exported(model, "wide", (2, 3, 16, 24)), head="classifier.2"))
 
+    class ScaledLinear(nn.Linear):  # a linear layer's weight and bias, and a parameter no nn.Linear has
+        def __init__(self) -> None:
+            super().__init__(4, 2)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * self.scale
+
+    model.classifier = nn.Sequential(nn.Dropout(0.2), ScaledLinear())
+    with pytest.raises(ModelLoadError, match=r"head 'classifier.1' has parameters \{'bias': \(2,\), 'scale': \(\), 'weight': \(2, 4\)\}, not a linear layer's"):
+        load_classifier(ClassifierSection(loader="export", path=exported(model, "scaled_head"), head="classifier.1"))
+
 
 def test_an_exported_program_taking_anything_but_one_batch_of_images_is_refused_naming_its_inputs(tmp_path):
     def exported(model: nn.Module, name: str, *inputs: torch.Tensor) -> str:
