@@ -898,6 +898,13 @@ def test_an_exported_program_taking_anything_but_one_batch_of_images_is_refused_
                                              r"explaind feeds it images \(N, 3, S, S\), channels first$"):
         load_classifier(ClassifierSection(loader="export", path=exported(Signals(), "signals", torch.rand(2, 3, 16))))
 
+    grey = nn.Sequential()  # one channel: it was probed with three, and told to export a dynamic batch, which it has
+    grey.layer4 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    grey.fc = nn.Linear(4, 2)
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].path: the input '\w+' of .*grey.pt2 has shape \['\w+', 1, 16, 16\]; "
+                                             r"explaind feeds it images \(N, 3, S, S\), channels first$"):
+        load_classifier(ClassifierSection(loader="export", path=exported(grey, "grey", torch.rand(2, 1, 16, 16))))
+
     class WithMetadata(nn.Module):  # images and a second input: its probe was told to export a dynamic batch, which it has
         def __init__(self) -> None:
             super().__init__()
