@@ -618,6 +618,7 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     good = ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="fc", image_size=32, class_names=("a", "b", "c"))
     version = load_classifier(good)
     assert version.feature_dim == 4 and version.class_names == ("a", "b", "c")
+    assert load_classifier(dataclasses.replace(good, image_size=0)).image_size == 224  # a factory's model fixes no size
     with pytest.raises(ModelLoadError, match="no module named 'classifier'"):
         load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:tiny_net", feature_layer="body.0", head="classifier", image_size=32))
     with pytest.raises(ModelLoadError, match="not the last operation"):
