@@ -21,6 +21,7 @@ import logging
 import pickle
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -346,9 +347,10 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
         raise ModelLoadError(f"cannot load classifier ({section.loader}) from {where}: {type(error).__name__}: {error}") from error
 
 
-def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ...]:
-    """The configured class names, or ``class_<i>`` for each of the model's ``count``
-    outputs; configured names must be one per output (``count`` 0: not known yet)."""
+def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequence[str] = ()) -> tuple[str, ...]:
+    """The configured class names, else those ``shipped`` with the model's weights, else
+    ``class_<i>`` for each of the model's ``count`` outputs; configured names must be one
+    per output (``count`` 0: not known yet)."""
     names: tuple[str, ...] = ()
     if section.class_names:
         names, source = tuple(section.class_names), "[classifier].class_names"
@@ -370,9 +372,7 @@ def _class_names(section: ClassifierSection, count: int | None) -> tuple[str, ..
         if count and len(names) != count:
             raise ModelLoadError(f"the model has {count} outputs but {len(names)} class names were given")
         return names
-    if count is None:
-        raise ModelLoadError("class_names or class_names_file is required for this loader")
-    return tuple(f"class_{i}" for i in range(count))
+    return tuple(shipped) or tuple(f"class_{i}" for i in range(count))
 
 
 def _require_file(path: str, what: str) -> Path:
@@ -423,7 +423,7 @@ def _load_world(section: ClassifierSection) -> ClassifierVersion:
         source=str(directory),
         feature_layer=section.feature_layer or config.feature_layer,
         head=section.head or config.head,
-        class_names=_class_names(section, None) if section.class_names or section.class_names_file else tuple(config.class_names),
+        class_names=_class_names(section, shipped=config.class_names),
         image_size=section.image_size or config.image_size,
         **_fitting(section),
         preprocess=Preprocess(section.mean, section.std),
@@ -470,7 +470,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         # Their resize for their crop (256 for 224); at another input size, in that ratio.
         resize_size = round((section.image_size or image_size) * transforms.resize_size[0] / image_size)
         interpolation = transforms.interpolation.value
-        class_names = _class_names(section, None) if section.class_names or section.class_names_file else tuple(weights.meta["categories"])
+        class_names = _class_names(section, shipped=weights.meta["categories"])
     else:
         path = _require_file(section.weights, "weights file")
         state = _load_state_dict(path)
