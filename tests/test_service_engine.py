@@ -752,7 +752,7 @@ def test_a_torchvision_architecture_splits_where_its_table_says_without_head_or_
     ("efficientnet_v2_s", "classifier.1", "features"), ("mobilenet_v2", "classifier.1", "features"), ("mnasnet0_5", "classifier.1", "layers"),
     ("mobilenet_v3_large", "classifier.3", "classifier.1"), ("convnext_tiny", "classifier.2", "features"), ("densenet121", "classifier", "features"),
     ("swin_t", "head", "features"), ("vgg11", "classifier.6", "classifier.4"), ("alexnet", "classifier.6", "classifier.5"),
-    ("vit_b_16", "heads.head", "encoder"),
+    ("vit_b_16", "heads.head", "encoder"), ("maxvit_t", "classifier.5", "classifier.4"),
 ])
 def test_each_row_of_the_torchvision_table_names_a_linear_head_and_a_layer_run_before_it_of_its_width(architecture, head, feature_layer):
     # The rows docs/configuration.md gives, checked on the meta device (shapes, no weights):

@@ -447,6 +447,7 @@ TORCHVISION_SPLITS: tuple[tuple[str, str, str], ...] = (
     (r"vgg", "classifier.6", "classifier.4"),
     (r"alexnet", "classifier.6", "classifier.5"),
     (r"vit_", "heads.head", "encoder"),
+    (r"maxvit_", "classifier.5", "classifier.4"),
 )
 
 
