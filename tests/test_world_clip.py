@@ -20,6 +20,7 @@ from explaind.world.clip import (
     sample_caption,
     text_token_states,
     train_clip,
+    training_scenes,
     zero_shot_classifier,
 )
 from explaind.world.render import SceneSpec, render
@@ -86,6 +87,33 @@ def test_multi_positive_loss_reduces_to_clip_loss_and_rewards_all_true_pairs():
     assert multi_positive_clip_loss(swapped, matches) < 0.6 * multi_positive_clip_loss(swapped, identity)
 
 
+def test_a_caption_true_of_no_image_in_the_batch_is_only_a_negative():
+    """A prompt of the fixed prompt set fits no image of many batches ("a photo of a heart"
+    without hearts): it has no text-to-image target, only competes in its images' softmax,
+    and leaves the loss finite."""
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    matches = torch.zeros(3, 4, dtype=torch.bool)
+    matches[0, 0] = matches[1, 1] = matches[2, 2] = True  # caption 3 is true of none
+    image_to_text = torch.nn.functional.cross_entropy(logits, torch.arange(3))
+    text_to_image = torch.nn.functional.cross_entropy(logits[:, :3].T, torch.arange(3))
+    torch.testing.assert_close(multi_positive_clip_loss(logits, matches), (image_to_text + text_to_image) / 2)
+
+
+def test_sampled_captions_come_in_every_variant_and_each_names_something_true():
+    """Full captions, one prompt per attribute ("a photo of a watermark" included) and partial
+    captions; a partial one never degenerates to "a shape", which says nothing of the scene."""
+    scene = render(SceneSpec("star", "red", "stripes", "sand", artifact=True))
+    rng = np.random.default_rng(0)
+    captions = [sample_caption(scene.attributes, scene.caption, rng) for _ in range(400)]
+    constraints = [caption_constraints(c) for c in captions]
+    assert all(constraints) and all(scene.attributes[a] == v for c in constraints for a, v in c.items())
+    single = [c for caption, c in zip(captions, constraints) if caption.startswith("a photo of a ")]
+    partial = [c for caption, c in zip(captions, constraints) if caption != scene.caption and not caption.startswith("a photo of a ")]
+    assert scene.caption in captions
+    assert {a for c in single for a in c} == set(CAPTION_WORDS) and all(len(c) == 1 for c in single)
+    assert {a for c in partial for a in c} == set(CAPTION_WORDS)
+
+
 def test_prompt_set_loss_is_a_per_attribute_zero_shot_cross_entropy():
     prompts = [("shape", "star"), ("shape", "circle"), ("colour", "red"), ("colour", "blue"), ("artifact", "watermark")]
     scenes = [{"shape": "star", "colour": "blue", "artifact": "none"}, {"shape": "circle", "colour": "red", "artifact": "none"}]
@@ -93,6 +121,20 @@ def test_prompt_set_loss_is_a_per_attribute_zero_shot_cross_entropy():
     expected = (torch.nn.functional.cross_entropy(right[:, :2], torch.tensor([0, 1])) + torch.nn.functional.cross_entropy(right[:, 2:4], torch.tensor([1, 0])))
     torch.testing.assert_close(prompt_set_loss(right, prompts, scenes), expected)
     assert prompt_set_loss(right, prompts, scenes) < 0.01 < prompt_set_loss(right.flip(0), prompts, scenes)
+
+
+
+def test_training_scenes_render_the_train_split_with_the_asked_watermark_fraction():
+    images, attributes, captions, masks = training_scenes(4, seed=0, watermark_fraction=0.0)
+    dataset = get_scenario("balanced").dataset("train", size=4)
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8 and masks.shape == (4, 64, 64)
+    for i in range(4):
+        scene = render(dataset.spec(i))
+        assert torch.equal(images[i], torch.from_numpy(scene.image).permute(2, 0, 1))  # channels first, not transposed
+        assert attributes[i] == scene.attributes and captions[i] == scene.caption
+        assert torch.equal(masks[i], torch.from_numpy(scene.object_mask))
+    _, marked, marked_captions, _ = training_scenes(4, seed=0, watermark_fraction=1.0)
+    assert all(a["artifact"] == "watermark" for a in marked) and all(c.endswith("with a watermark") for c in marked_captions)
 
 
 def test_smoke_training_writes_a_checkpoint_that_open_clip_loads(smoke_clip):
@@ -114,6 +156,8 @@ def test_smoke_training_writes_a_checkpoint_that_open_clip_loads(smoke_clip):
     with torch.no_grad():
         torch.testing.assert_close(encode_images(same, images), features)
     assert preprocess is not None
+    classifier = zero_shot_classifier(model, tokenizer, ["star", "red", "sand"])
+    assert classifier.shape == (3, 64) and torch.allclose(classifier.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):
@@ -142,3 +186,19 @@ def test_shipped_clip_loads_offline_and_reads_a_known_scene():
 def test_shipped_clip_zero_shot_accuracy():
     accuracy = evaluate_clip_zero_shot(size=600, attributes=("shape", "colour", "background"))
     assert min(accuracy.values()) >= 0.9, accuracy
+
+
+@needs_shipped
+def test_zero_shot_accuracy_is_the_fraction_of_test_images_whose_true_prompt_scores_highest():
+    """Counted over batches of 4 and read back from prompt words to attribute values
+    ("striped" is the value "stripes")."""
+    model, tokenizer, _ = load_world_clip()
+    batch = get_scenario("balanced").dataset("test", size=10).all()
+    expected = {}
+    with torch.no_grad():
+        features = encode_images(model, batch.images)
+        for attribute in ("colour", "texture"):
+            values, words = list(CAPTION_WORDS[attribute]), list(CAPTION_WORDS[attribute].values())
+            predicted = (features @ zero_shot_classifier(model, tokenizer, words).T).argmax(1)
+            expected[attribute] = sum(values[int(k)] == truth for k, truth in zip(predicted, batch.attributes[attribute])) / 10
+    assert evaluate_clip_zero_shot(model, tokenizer, size=10, attributes=("colour", "texture"), batch_size=4) == pytest.approx(expected)
