@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,8 +51,11 @@ def test_export_removes_scratch_left_by_killed_exports_and_waits_for_a_running_o
     other = tmp_path / "other"
     other.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, os, sys
-        fcntl.flock(os.open({str(other)!r}, os.O_RDONLY), fcntl.LOCK_EX)
+        import sys
+        from pathlib import Path
+        from explaind.kernels._onnx_runtime import _exclusive
+        held = _exclusive(Path({str(other)!r}))
+        held.__enter__()  # as a running export holds it
         print("holding", flush=True)
         sys.stdin.readline()
         open({str(other / "features.onnx")!r}, "w").write("exported by the other process")
@@ -78,6 +82,36 @@ def test_export_moves_the_engine_into_place_only_when_complete(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="killed mid-export"):
         export_onnx(small_extractor(), 16, tmp_path / "features.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pixels_are_fed_as_the_nearest_value_saturating_at_0_and_255_channels_last_where_the_graph_says():
+    """uint8 wraps around: an image a hair over 1 (resampling overshoots) was fed 255.5 -> 256 -> 0."""
+    images = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 0, 0], images[0, 0, 0, 1] = 1.002, -0.003
+    pixels = ImageInput("images", "tensor(uint8)", True, ("n", 4, 5, 3)).fed(images)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 4, 5, 3) and pixels.is_contiguous()
+    assert pixels[0, 0, 0, 0] == 255 and pixels[0, 0, 1, 0] == 0
+    inside = (images >= 0) & (images <= 1)
+    error = (pixels.permute(0, 3, 1, 2).float() - images * 255).abs()
+    assert error[inside].max() <= 0.5  # the nearest pixel value, not truncated
+    floats = ImageInput("images", "tensor(float16)", False, ("n", 3, 4, 5)).fed(images)
+    assert floats.dtype == torch.float16 and torch.equal(floats, images.half())
+
+
+@pytest.mark.parametrize(("element_type", "size", "reason"), [
+    ("FLOAT", "s", r"the feature width must be fixed in the graph, got "),
+    ("DOUBLE", 4, r"the graph's 'features' is tensor\(double\), not one of \['tensor\(float\)', 'tensor\(float16\)'\]"),
+])
+def test_a_graph_whose_features_are_not_floats_of_a_fixed_width_is_refused(element_type, size, reason):
+    """Features (N, 3 x S x S), flattened images: their width is fixed only where S is."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Flatten", ["images"], ["flat"]), helper.make_node("Cast", ["flat"], ["features"], to=getattr(TensorProto, element_type))]
+    graph = helper.make_graph(nodes, "features", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, size, size])],
+                              [helper.make_tensor_value_info("features", getattr(TensorProto, element_type), None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    with pytest.raises(FailedPrecondition, match=reason):
+        onnx_runtime_features(model.SerializeToString(), execution_providers(), num_threads=1)
 
 
 def test_engine_reads_images_of_any_layout_and_slices_batches_beyond_its_limit(tmp_path):
@@ -108,6 +142,9 @@ def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_p
     assert execution_providers("onnxruntime", "cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
     with pytest.raises(ValueError, match="max_batch_size"):
         execution_providers("tensorrt", "cuda:1", image_size=224)
+    for missing_one in ({"max_batch_size": 64, "engine_cache_dir": tmp_path}, {"image_size": 224, "engine_cache_dir": tmp_path}):
+        with pytest.raises(ValueError, match="TensorRT needs image_size, max_batch_size and engine_cache_dir"):
+            execution_providers("tensorrt", "cuda:1", **missing_one)
     providers = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
     assert [name for name, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     options = providers[0][1]
@@ -130,6 +167,9 @@ def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_p
     def missing(name):
         raise OSError(f"{name}: cannot open shared object file")
 
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace())  # a libnvinfer too old to say
+    assert execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")[0][1][
+        "trt_engine_cache_path"].endswith("-tensorrt-unknown-sm90")
     monkeypatch.setattr(ctypes, "CDLL", missing)
     unknown = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
     assert unknown[0][1]["trt_engine_cache_path"].endswith("-tensorrt-unknown-sm90")
@@ -149,6 +189,15 @@ def test_an_unknown_backend_and_missing_providers_fail_clearly():
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_tensorrt_without_its_provider_is_refused_even_where_cuda_is_available(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(FailedPrecondition, match=r"TensorrtExecutionProvider; this machine has CUDA=True, providers=\['CUDAExecutionProvider'"):
+        execution_providers("tensorrt", "cuda:0", image_size=224, max_batch_size=8, engine_cache_dir=Path("unused"))
+
+
 def test_a_gpu_provider_onnx_runtime_could_not_start_is_refused_not_replaced_by_the_cpu(tmp_path, monkeypatch):
     """onnxruntime-gpu lists its CUDA provider even where CUDA's libraries do not load;
     the session then starts on the CPU with only a warning (here: a provider this build
@@ -203,7 +252,7 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     constants = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
     outputs, shapes = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], []
     if tail == "gemm_transposed":  # what torch exports for nn.Linear
-        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1))
+        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], name="fc", transB=1))
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
     elif tail == "gemm_and_probabilities":  # a second output, computed from the logits and from a constant of its own
         nodes += [helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1),
@@ -234,10 +283,28 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     elif tail == "scaled_gemm":
         nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1, alpha=2.0))
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "scaled_bias_gemm":
+        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1, beta=0.5))
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "gemm_then_add":  # the Add's constant would be lost beside the Gemm's own bias
+        nodes += [helper.make_node("Gemm", ["pooled", "W", "b"], ["scores"], transB=1), helper.make_node("Add", ["scores", "b"], ["logits"])]
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "matmul_plus_computed":  # a residual sum, not a bias
+        nodes += [helper.make_node("MatMul", ["pooled", "W"], ["product"]), helper.make_node("Relu", ["product"], ["rectified"]),
+                  helper.make_node("Add", ["product", "rectified"], ["logits"])]
+        constants.append(numpy_helper.from_array(weight.T.copy(), "W"))
+    elif tail == "batched_weight":
+        nodes.append(helper.make_node("MatMul", ["pooled", "W"], ["logits"]))
+        constants.append(numpy_helper.from_array(weight.T.copy()[None], "W"))
+    elif tail == "two_inputs":
+        nodes += [helper.make_node("Mul", ["pooled", "mask"], ["masked"]), helper.make_node("Gemm", ["masked", "W", "b"], ["logits"], transB=1)]
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
     elif tail == "computed_weight":
         nodes += [helper.make_node("Relu", ["W"], ["W_relu"]), helper.make_node("Gemm", ["pooled", "W_relu", "b"], ["logits"], transB=1)]
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])]
+    if tail == "two_inputs":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["n", 3]))
     if initializers_as_inputs:
         inputs += [helper.make_tensor_value_info(c.name, c.data_type, list(c.dims)) for c in constants]
     graph = helper.make_graph(nodes, "classifier", inputs, outputs, constants, value_info=shapes)
@@ -268,6 +335,7 @@ def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail)
     whole = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
     torch.testing.assert_close(features @ split.weight.T + split.bias, torch.from_numpy(whole))
     assert split.feature_name == ("features" if branched else "pooled") and (split.bias == 0).all() == (tail == "matmul")
+    assert split.head_name == ("fc" if tail == "gemm_transposed" else "W")  # the node's name, else its weight's
 
 
 @pytest.mark.parametrize("tail", ["gemm_transposed", "matmul_add"])
@@ -284,7 +352,9 @@ def test_an_onnx_classifier_listing_its_initializers_as_inputs_splits_into_a_one
 
 
 @pytest.mark.parametrize(("tail", "reason"), [("softmax", "from a Softmax node"), ("scaled_gemm", "scales or transposes"),
-                                              ("computed_weight", "is computed, not a constant")])
+                                              ("scaled_bias_gemm", "scales or transposes"), ("gemm_then_add", "not a MatMul's bias"),
+                                              ("matmul_plus_computed", "not a MatMul's bias"), ("batched_weight", r"shape \(2, 3, 1\), not \(classes, features\)"),
+                                              ("two_inputs", "one input, the images"), ("computed_weight", "is computed, not a constant")])
 def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp_path, tail, reason):
     path, _ = _linear_classifier_graph(tmp_path, tail)
     with pytest.raises(UnsplittableGraph, match=reason):
@@ -294,6 +364,7 @@ def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp
 @pytest.mark.parametrize(("shape", "channels_last"), [
     (["n", 3, "h", "w"], False), (["n", "c", "h", "w"], False), ([2, 3, 64, 64], False), (["n", "h", "w", 3], True), ([1, 64, 64, 3], True),
     (["n", "h", "w", 1], None), (["n", "h", "w", 4], None), (["n", "c", "h", 2], None), ([2, 64, 64, 1], None), (["n", 1, "h", "w"], None),
+    (["n", 3, "h", 3], False), (["n", 3, "s"], None),
 ])
 def test_an_onnx_image_inputs_layout_is_read_off_its_fixed_channels_and_another_channel_count_is_refused(shape, channels_last):
     """A grey or RGBA graph channels last, its height and width dynamic, was read as
