@@ -126,6 +126,17 @@ def test_engine_reads_images_of_any_layout_and_slices_batches_beyond_its_limit(t
             torch.testing.assert_close(sliced(layout), extractor(layout), atol=1e-5, rtol=1e-4)
 
 
+def test_a_graph_with_a_fixed_batch_runs_in_slices_of_its_batch_whatever_the_configured_limit(tmp_path):
+    """Its own batch wins over ``max_batch_size``: a slice of any other size fails ONNX Runtime's shape check."""
+    extractor = small_extractor()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(extractor, (torch.rand(2, 3, 16, 16),), str(path), input_names=["images"], dynamo=True, verbose=False)
+    features = onnx_runtime_features(path, execution_providers(), num_threads=1, max_batch_size=3)
+    images = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(features(images), extractor(images), atol=1e-5, rtol=1e-4)
+
+
 def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_per_runtime_tensorrt_and_gpu(tmp_path, monkeypatch):
     import ctypes
     from types import SimpleNamespace
