@@ -3,17 +3,20 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import load_file
 
 from explaind.world.assets import oracle_dir, t2i_dir
 from explaind.world.autoencoder_pixel_shuffle import PixelShuffleAutoencoder
-from explaind.world.clip import caption_constraints, load_world_clip, train_clip
+from explaind.world.clip import caption_constraints, load_world_clip, train_clip, training_scenes
 from explaind.world.pipeline_world_t2i import WorldTextToImagePipeline, WorldTextToImagePipelineOutput, unet_output
-from explaind.world.render import BACKGROUNDS, SHAPES, SceneSpec, render
+from explaind.world.render import BACKGROUNDS, COLOURS, SHAPES, TEXTURES, SceneSpec, render
 from explaind.world.t2i import (
+    AUTOENCODER_CONFIG,
     SCHEDULER_CONFIG,
     TrainingPaused,
     evaluate_t2i,
@@ -22,6 +25,7 @@ from explaind.world.t2i import (
     min_snr_weights,
     object_region_weights,
     train_t2i,
+    train_unet,
 )
 
 from conftest import core_share, torch_threads
@@ -118,6 +122,34 @@ def test_resuming_refuses_a_checkpoint_of_another_run(smoke, tmp_path):
         train_t2i(steps=3, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path / "c", num_threads=1, deadline=0.0, log=False)
 
 
+def test_a_deadline_passing_in_the_last_step_finishes_the_run(smoke, tmp_path):
+    """Nothing is left to resume: the weights are saved, not a checkpoint."""
+    _, _, _, clip_dir = smoke
+    checkpoint = tmp_path / "t2i.pt"
+    out = train_t2i(steps=1, batch_size=4, clip_dir=clip_dir, out_dir=tmp_path / "out", num_threads=1, checkpoint=checkpoint, deadline=0.0, log=False)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and not checkpoint.exists()
+
+
+def test_training_returns_ema_weights_that_warm_up_from_the_first_step(smoke):
+    """The EMA decay warms up as min(decay, (1 + step) / (10 + step)): the average moves 9/10 of
+    the way to the trained weights at the first step, 9/11 of the rest at the second. A 2-step
+    one-cycle run makes nearly all its move in its first step, so the returned weights end
+    1 - 1/10 x 2/11 of the way from the initial ones to the trained ones."""
+    out, clip, _, _ = smoke
+    images, attributes, captions, masks = training_scenes(4, seed=0, watermark_fraction=0.2)
+    autoencoder = PixelShuffleAutoencoder(**AUTOENCODER_CONFIG, scaling_factor=2.0)
+    initial = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False).state_dict()
+
+    def moved(ema_decay: float) -> torch.Tensor:
+        ema = train_unet(images, attributes, captions, masks, autoencoder, clip, steps=2, batch_size=4, ema_decay=ema_decay, init_from=out / "unet", log=False)
+        return torch.cat([(value - initial[key]).flatten() for key, value in ema.state_dict().items() if value.is_floating_point()])
+
+    trained = moved(ema_decay=0.0)  # no averaging: the trained weights themselves
+    averaged = moved(ema_decay=0.998)
+    assert trained.abs().max() > 0
+    assert float(averaged @ trained / (trained @ trained)) == pytest.approx(1 - 0.1 * 2 / 11, abs=2e-3)
+
+
 def _generators(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
@@ -127,6 +159,14 @@ def test_evaluation_prompts_cover_every_shape_background_pair():
     assert len(prompts) == 48 == len(set(prompts))
     pairs = {(caption_constraints(p)["shape"], caption_constraints(p)["background"]) for p in prompts}
     assert pairs == set(itertools.product(SHAPES, BACKGROUNDS))
+
+
+def test_evaluation_prompts_vary_colour_and_texture_for_every_shape():
+    constraints = [{"texture": "plain", **caption_constraints(p)} for p in evaluation_prompts()]  # a caption leaves "plain" unsaid
+    assert {c["colour"] for c in constraints} == set(COLOURS) and {c["texture"] for c in constraints} == set(TEXTURES)
+    for shape in SHAPES:
+        prompted = [c for c in constraints if c["shape"] == shape]
+        assert len({c["colour"] for c in prompted}) > 1 and len({c["texture"] for c in prompted}) > 1, shape
 
 
 def test_min_snr_weights_cap_only_the_low_noise_steps():
@@ -279,6 +319,32 @@ def test_the_service_loads_the_world_layout_with_the_configured_clip_as_text_enc
         load_diffusion(DiffusionSection(path=str(out)), missing_clip, required=True)
     with pytest.raises(ModelLoadError, match="model_index.json"):
         load_diffusion(DiffusionSection(path=str(tmp_path)), clip_status, required=True)
+
+
+def test_evaluation_lets_the_oracle_read_every_prompt_and_seed_and_scores_only_what_a_prompt_names(smoke, tmp_path):
+    pipe = smoke[2]
+    read = []
+
+    class ConstantOracle:
+        """Reads a red plain star on sand in every image."""
+
+        def predict(self, images):
+            read.append(images)
+            return {attribute: np.array([value] * len(images)) for attribute, value in
+                    {"shape": "star", "colour": "red", "texture": "plain", "background": "sand"}.items()}
+
+    prompts = ["a red star", "a blue circle on sand"]
+    report = evaluate_t2i(ConstantOracle(), pipe, prompts=prompts, seeds=(0, 1), guidance_scale=1.5, num_inference_steps=2,
+                          grid_path=tmp_path / "grid.png", batch_size=3)
+    # No prompt names a texture; only the second names a background.
+    assert report == {"accuracy": {"shape": 0.5, "colour": 0.5, "background": 1.0}, "guidance_scale": 1.5, "num_inference_steps": 2, "num_images": 4}
+    (images,) = read
+    assert images.shape == (4, 3, 64, 64)  # (prompt, seed) in order: prompt 0 seed 0, prompt 0 seed 1, ...
+    for index, (prompt, seed) in enumerate(itertools.product(prompts, (0, 1))):
+        alone = pipe(prompt, generator=_generators(seed), guidance_scale=1.5, num_inference_steps=2).images
+        torch.testing.assert_close(images[index : index + 1], alone, atol=1e-4, rtol=0)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (4 * 64 + 5, 64 + 2)  # one row per 4 prompts, their seeds side by side; 1-pixel padding
 
 
 def test_missing_component_names_the_directory(tmp_path):
