@@ -283,6 +283,26 @@ def test_every_method_that_is_not_audited_is_a_read():
                      "GetOperation", "ListOperations", "WaitOperation", "WatchOperation", "GetArtifact"}
 
 
+def test_a_ranking_answered_inline_is_no_change_and_an_edit_that_promotes_says_so():
+    """Only a ranking that became an operation is audited (one answered inline is a read);
+    an edit submitted with promote=True says it will change the served head."""
+    from google.longrunning import operations_pb2 as lro_pb2
+
+    from explaind.v1 import neuroinspect_pb2, operations_pb2
+
+    operation = lro_pb2.Operation(name="operations/00112233445566ff")
+    operation.metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head"))
+    service = "explaind.v1.NeuroInspectService"
+    with json_log_lines(audit.__name__) as lines:
+        audit.log_change(service, "RankMistakeNeurons", neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="train"),
+                         neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=neuroinspect_pb2.NeuronRanking()), "analyst")
+        audit.log_change(service, "EditHead", neuroinspect_pb2.EditHeadRequest(sample_set_id="train", promote=True),
+                         neuroinspect_pb2.EditHeadResponse(operation=operation), "analyst")
+    assert _audited(lines) == [{"action": "submit_operation", "caller": "analyst", "operation_id": "00112233445566ff", "kind": "edit_head",
+                                "promote": "true"}]
+    assert lines[0]["message"] == "submit_operation operation_id=00112233445566ff kind=edit_head promote=true by caller analyst"
+
+
 def _serving_with_a_held_model(config) -> tuple[ExplaindServer, threading.Event, threading.Event]:
     """A started server whose model, once a forward begins (``entered``), stays busy until
     ``gate`` is set; the caller stops the server."""
