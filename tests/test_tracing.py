@@ -13,18 +13,20 @@ import textwrap
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from conftest import free_port, json_log_lines
 from explaind.config import ConfigError, TracingSection, default_config
+from explaind.store import FAILED, SUCCEEDED, JobRecord
 
 pytest.importorskip("opentelemetry.sdk.trace")
 
 from opentelemetry import trace  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import SpanKind  # noqa: E402
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Set, so tracing is on; never reached: the spans go to the tests' in-memory exporter.
@@ -309,3 +311,65 @@ def test_a_streamed_response_is_produced_inside_its_calls_span(traced, spans, mo
     assert lines and len(watched) >= 1
     ids = {(f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") for span in watched}
     assert {(line.get("trace_id"), line.get("span_id")) for line in lines} <= ids
+
+
+def test_an_rpc_span_is_an_error_for_the_servers_failures_only_and_names_its_method():
+    """OpenTelemetry's gRPC conventions: a server span's status is ERROR for the codes
+    that are the server's failures, unset for the caller's (a bad argument, a missing id)."""
+    from explaind.tracing import Tracing, start_tracing
+
+    exporter = InMemorySpanExporter()
+    tracing = start_tracing(TracingSection(otlp_endpoint=ENDPOINT), exporter=exporter)
+    for code in grpc.StatusCode:
+        Tracing.end_rpc(tracing.rpc_span("explaind.v1.OperationsService", "GetOperation", ()), code)
+    tracing.close()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == len(grpc.StatusCode)
+    assert {span.attributes["rpc.grpc.status_code"] for span in spans if not span.status.is_unset} == {
+        code.value[0] for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+                                   grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS)}
+    assert {(span.name, span.attributes["rpc.system"], span.attributes["rpc.service"], span.attributes["rpc.method"]) for span in spans} == {
+        ("explaind.v1.OperationsService/GetOperation", "grpc", "explaind.v1.OperationsService", "GetOperation")}
+
+
+def test_an_operations_stages_follow_each_other_without_a_gap_and_none_starts_once_it_ended():
+    """Time between stages (stage None) goes to the next stage named, so the children
+    cover the operation back to back; a stage named after the end makes no span."""
+    from explaind.tracing import start_tracing
+
+    exporter = InMemorySpanExporter()
+    tracing = start_tracing(TracingSection(otlp_endpoint=ENDPOINT), exporter=exporter)
+    operations = [tracing.operation(job_id, "evaluate_sample_set") for job_id in ("0000000000000001", "0000000000000002")]
+    for operation, state, code in zip(operations, (SUCCEEDED, FAILED), ("", "INTERNAL")):
+        operation.stage("start")
+        operation.stage(None)
+        operation.stage("run")
+        operation.end(JobRecord(job_id="", kind="evaluate_sample_set", state=state, create_time=0.0, error_code=code))
+        operation.stage("late")
+        operation.stage(None)
+    tracing.close()
+    spans = exporter.get_finished_spans()
+    assert "late" not in [span.name for span in spans]
+    for operation, state, code in zip(operations, (SUCCEEDED, FAILED), ("OK", "INTERNAL")):
+        children = [span for span in spans if span.parent is not None and span.parent.span_id == operation.span.get_span_context().span_id]
+        assert [child.name for child in children] == ["queued", "start", "run"]
+        assert children[1].start_time == children[0].end_time and children[2].start_time == children[1].end_time
+        (ended,) = [span for span in spans if span.context.span_id == operation.span.get_span_context().span_id]
+        assert (ended.attributes["explaind.operation.state"], ended.attributes["explaind.operation.code"]) == (state, code)
+        assert ended.status.is_unset == (state == SUCCEEDED)
+
+
+def test_a_trace_id_is_32_hex_digits_of_a_sampled_trace_and_a_current_span_is_current_only_inside_its_block():
+    from explaind.tracing import current, trace_id
+
+    def span(flags):
+        return NonRecordingSpan(SpanContext(trace_id=0xABC, span_id=1, is_remote=False, trace_flags=TraceFlags(flags)))
+
+    assert trace_id(span(TraceFlags.SAMPLED)) == "00000000000000000000000000000abc"
+    assert trace_id(span(TraceFlags.DEFAULT)) is None and trace_id(None) is None
+    outer = span(TraceFlags.SAMPLED)
+    with current(outer):
+        with current(span(TraceFlags.SAMPLED)):
+            pass
+        assert trace.get_current_span() is outer
+    assert trace.get_current_span() is not outer
