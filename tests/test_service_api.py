@@ -1460,6 +1460,19 @@ def test_an_artifact_range_larger_than_a_message_is_refused_not_cut():
         small._artifact_range(whole, 4097)
 
 
+def test_an_artifact_range_past_the_end_is_cut_at_the_end_and_any_negative_max_bytes_is_refused():
+    """max_bytes past the artifact's end reads to the end (so a range near the end of a
+    large artifact fits in a small message); -1 is as negative as -3."""
+    from explaind.errors import InvalidArgument
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+
+    small = OperationsServicer(None, max_message_bytes=8192, held_calls=HeldCalls(1))  # ranges of at most 4096 bytes
+    assert small._artifact_range(operations_pb2.GetArtifactRequest(offset=9000, max_bytes=100_000), 10_000) == (9000, 1000)
+    with pytest.raises(InvalidArgument, match=r"^max_bytes: must not be negative, got -1"):
+        small._artifact_range(operations_pb2.GetArtifactRequest(max_bytes=-1), 10)
+
+
 def test_job_progress_goes_to_logs_as_lines_when_stderr_is_not_a_terminal(client, world_images, capsys):
     images, labels = world_images
     client.create_sample_set(_uint8(images), labels.tolist(), sample_set_id="progress-lines")
