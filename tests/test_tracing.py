@@ -202,6 +202,20 @@ def test_json_log_lines_carry_the_current_spans_ids_and_none_without_one():
                                                    trace.format_span_id(span.get_span_context().span_id))
 
 
+def test_a_json_lines_time_is_utc_to_the_millisecond_and_an_unsampled_span_leaves_no_ids():
+    """RFC 3339 in UTC with a Z, to the millisecond (lines of one call sort in order); the
+    ids of a span whose trace is not kept would lead nowhere."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from explaind.logs import JsonFormatter
+
+    record = logging.LogRecord("explaind", logging.INFO, __file__, 1, "hello", None, None)
+    record.created = 1_764_929_106.25
+    assert json.loads(JsonFormatter().format(record))["time"] == "2025-12-05T10:05:06.250Z"
+    with TracerProvider(sampler=ALWAYS_OFF).get_tracer("test").start_as_current_span("unkept"):
+        assert set(json.loads(JsonFormatter().format(record))) == {"time", "level", "logger", "message"}
+
+
 def test_tracing_configured_without_its_packages_stops_the_start_naming_the_extra(tmp_path, monkeypatch):
     from explaind.service import ExplaindServer
 
