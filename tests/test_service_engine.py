@@ -5289,6 +5289,25 @@ def test_a_data_dir_on_a_full_file_system_restarts_and_frees_space_by_deleting(s
     store.close()
 
 
+def test_each_latency_histogram_s_buckets_span_the_durations_it_times():
+    """Seconds from the shortest to the longest of what each histogram times (its comment in
+    explaind.metrics): past the last finite bucket an observation is only +Inf, and under the
+    first one a quantile cannot tell a fast server from a faster one."""
+    metrics = Metrics()
+    histograms = {"explaind_rpc_duration_seconds": (metrics.rpc_duration.labels("s", "m", "OK"), 0.0005, 4 * 3600),  # Predict .. a long wait
+                  "explaind_job_duration_seconds": (metrics.job_duration.labels("k", "succeeded"), 0.005, 24 * 3600),  # a small ranking .. a day
+                  "explaind_job_queue_wait_seconds": (metrics.job_queue_wait.labels("k"), 0.001, 24 * 3600),
+                  "explaind_job_stage_duration_seconds": (metrics.job_stage_duration.labels("k", "start"), 0.001, 24 * 3600)}
+    for histogram, *_ in histograms.values():
+        histogram.observe(1.0)
+    for family in metrics.registry.collect():
+        if family.name in histograms:
+            _, shortest, longest = histograms.pop(family.name)
+            bounds = sorted(float(sample.labels["le"]) for sample in family.samples if sample.name.endswith("_bucket"))
+            assert bounds[0] <= shortest and longest <= bounds[-2] < math.inf == bounds[-1], (family.name, bounds)
+    assert not histograms
+
+
 def test_the_data_dir_s_free_space_is_read_at_each_scrape(tmp_path):
     metrics = Metrics()
     metrics.watch_data_dir(tmp_path)
