@@ -4552,6 +4552,30 @@ def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
         jobs.shutdown(5)
 
 
+def test_list_operations_pages_hold_100_by_default_and_at_most_1000(tmp_path):
+    """ListOperationsRequest.page_size: "0 means 100; at most 1000"; the last page has no token."""
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.store import JobRecord
+    from explaind.v1 import operations_pb2
+
+    store = SQLiteStore(tmp_path, reserve_bytes=0)
+    for i in range(1001):
+        store.insert_job(JobRecord(job_id=f"{i:016x}", kind="evaluate", state="succeeded", create_time=1000.0 + i, end_time=1001.0 + i))
+    jobs = JobManager(store, Metrics(), workers=1)
+    try:
+        servicer = OperationsServicer(jobs, max_message_bytes=4 << 20, held_calls=HeldCalls(1))
+        default = servicer.ListOperations(operations_pb2.ListOperationsRequest(), None)
+        assert len(default.operations) == 100 and default.next_page_token
+        most = servicer.ListOperations(operations_pb2.ListOperationsRequest(page_size=5000), None)
+        assert len(most.operations) == 1000 and most.next_page_token
+        last = servicer.ListOperations(operations_pb2.ListOperationsRequest(page_size=5000, page_token=most.next_page_token), None)
+        assert len(last.operations) == 1 and last.next_page_token == ""
+        assert {operation.name for operation in [*most.operations, *last.operations]} == {f"operations/{i:016x}" for i in range(1001)}
+    finally:
+        jobs.shutdown(5)
+
+
 def test_list_operations_reads_only_the_responses_it_sends(tmp_path):
     # A page of up to 1000 operations read every one's stored response (up to half the
     # message limit each) before sending none (OPERATION_VIEW_BASIC) or the few that fit:
