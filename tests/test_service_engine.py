@@ -3641,6 +3641,44 @@ def test_a_running_job_counts_in_jobs_running_and_its_cancel_is_stored_before_it
     jobs.shutdown(1)
 
 
+def test_a_callers_waits_beyond_its_share_of_the_held_slots_answer_at_once_and_anothers_still_wait(tmp_path, monkeypatch):
+    """WaitOperation holds a slot of the caller's share (HeldCalls.caller_limit): one
+    caller's waits cannot take every slot; past its share it gets the state at once."""
+    from google.protobuf import duration_pb2
+
+    from explaind.service.auth import calling_as
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.store import JobRecord
+    from explaind.v1 import operations_pb2
+
+    store = SQLiteStore(tmp_path, reserve_bytes=0)
+    store.insert_job(JobRecord(job_id="0" * 16, kind="evaluate", state="succeeded", create_time=1000.0, end_time=1001.0))
+    jobs = JobManager(store, Metrics(), workers=1)
+    waited, wait = [], jobs.wait
+    monkeypatch.setattr(jobs, "wait", lambda job_id, timeout, **options: waited.append(timeout) or wait(job_id, timeout, **options))
+
+    class Context:
+        def time_remaining(self):
+            return None
+
+        def is_active(self):
+            return True
+
+    try:
+        held_calls = HeldCalls(2)  # one slot per caller
+        servicer = OperationsServicer(jobs, max_message_bytes=4 << 20, held_calls=held_calls)
+        request = operations_pb2.WaitOperationRequest(name="operations/" + "0" * 16, timeout=duration_pb2.Duration(seconds=5))
+        with held_calls.slot(caller="analyst") as held:
+            assert held
+            for caller in ("analyst", "monitoring"):
+                with calling_as(caller):
+                    assert servicer.WaitOperation(request, Context()).operation.done
+        assert waited == [0.0, 5.0]
+    finally:
+        jobs.shutdown(5)
+
+
 def test_a_watch_or_wait_whose_caller_left_ends_with_the_job_still_running(tmp_path):
     # A client that hung up kept a thread watching (or waiting) until the job ended.
     jobs, gate = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event()
