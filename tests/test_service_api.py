@@ -1594,7 +1594,10 @@ def test_metrics_on_a_wildcard_host_without_ipv6_listen_on_ipv4(monkeypatch):
 
     import explaind.metrics
 
-    def no_ipv6(*args: object, **kwargs: object) -> None:
+    tried = []
+
+    def no_ipv6(host, *args: object, **kwargs: object) -> None:
+        tried.append(host)
         raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
 
     monkeypatch.setattr(explaind.metrics, "make_server", no_ipv6)
@@ -1605,6 +1608,20 @@ def test_metrics_on_a_wildcard_host_without_ipv6_listen_on_ipv4(monkeypatch):
         finally:
             http.shutdown()
             http.server_close()
+    assert tried == ["::"] * 3  # each a wildcard: IPv6 and IPv4 alike where the kernel has IPv6
+
+
+def test_metrics_on_a_named_host_listen_there_alone():
+    """Only a wildcard host takes the dual-stack socket: [server].host = 127.0.0.1 keeps
+    /metrics off the machine's other addresses."""
+    http, port = Metrics().serve_http("127.0.0.1", 0)
+    try:
+        assert http.server_address[:2] == ("127.0.0.1", port)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200
+    finally:
+        http.shutdown()
+        http.server_close()
+
 
 def test_cli_predict_and_info(server, tmp_path, world_images, capsys):
     path = tmp_path / "image.png"
