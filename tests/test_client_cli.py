@@ -659,6 +659,16 @@ def test_serve_logs_one_json_object_per_line_when_asked(server_factory):
         assert expected in messages, messages  # the data dir resolved: a relative one or a "~" would not say where
 
 
+def test_json_logging_keeps_our_info_lines_and_libraries_from_warning():
+    """configure_logging: explaind's INFO lines (listening, serving, audit) go out, a
+    library's INFO chatter (open_clip logs each load step) does not, its warnings do."""
+    script = ("import logging\nfrom explaind.logs import configure_logging\nconfigure_logging('json')\n"
+              "logging.getLogger('open_clip').info('loading step')\nlogging.getLogger('open_clip').warning('slow load')\n"
+              "logging.getLogger('explaind.service').info('serving')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert [(line["logger"], line["level"], line["message"]) for line in map(json.loads, done.stderr.splitlines())] == [
+        ("open_clip", "WARNING", "slow load"), ("explaind.service", "INFO", "serving")]
+
 
 @pytest.mark.parametrize("loader", ["export", "torchscript"])
 def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_output_json_too(tmp_path, loader):
