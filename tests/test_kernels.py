@@ -199,7 +199,6 @@ def test_an_unknown_backend_and_missing_providers_fail_clearly():
             execution_providers("onnxruntime", "cuda")
 
 
-@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_tensorrt_without_its_provider_is_refused_even_where_cuda_is_available(monkeypatch):
     import onnxruntime
 
@@ -209,6 +208,7 @@ def test_tensorrt_without_its_provider_is_refused_even_where_cuda_is_available(m
         execution_providers("tensorrt", "cuda:0", image_size=224, max_batch_size=8, engine_cache_dir=Path("unused"))
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_a_gpu_provider_onnx_runtime_could_not_start_is_refused_not_replaced_by_the_cpu(tmp_path, monkeypatch):
     """onnxruntime-gpu lists its CUDA provider even where CUDA's libraries do not load;
     the session then starts on the CPU with only a warning (here: a provider this build
