@@ -6593,6 +6593,28 @@ def test_list_pages_filters_and_sweeps_cost_the_same_with_many_stored_objects(tm
     assert large.get_job("live").state == "failed" and large.list_jobs(state="running") == []
 
 
+def test_sample_set_and_head_version_pages_resume_among_ties_in_create_time_by_id(tmp_path, monkeypatch):
+    # Sets made within one clock tick share a create_time: a page that ends among them
+    # resumes after its last id, neither skipping the others of that time nor repeating it,
+    # and holds no more than its limit.
+    from explaind.store import HeadVersionRecord
+
+    store = SQLiteStore(tmp_path)
+    monkeypatch.setattr("explaind.store.sqlite.time.time", lambda: 100.0)
+    with store.writing_blobs() as put:
+        for set_id in ("b", "d", "a", "c"):
+            store.create_sample_set(set_id, "", _samples(put, b"image"))
+        weights = put(b"weights")
+        for version_id in ("v2", "v0", "v3", "v1"):
+            store.insert_head_version(HeadVersionRecord("f", version_id, "h", weights, "", 7.0))
+    pages, after = [], None
+    while page := store.list_sample_sets(after=after, limit=3):
+        pages.append([info.sample_set_id for info in page])
+        after = (page[-1].create_time, page[-1].sample_set_id)
+    assert pages == [["a", "b", "c"], ["d"]]
+    assert [head.version_id for head in store.list_head_versions("f", after=(7.0, "v1"), limit=2)] == ["v2", "v3"]
+
+
 def test_deleting_a_failed_operation_and_the_retention_sweep_read_no_head_version_but_its_own(tmp_path):
     """Whether a failed operation stored a head version (which keeps it until a start
     deletes that version) was asked of every version's details: each delete of a failed
