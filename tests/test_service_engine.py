@@ -5749,6 +5749,16 @@ def test_finishing_an_upload_that_is_finished_changes_nothing(tmp_path):
     assert again == finished
 
 
+def test_the_unfinished_uploads_deleted_are_named_in_id_order(tmp_path):
+    # The server logs the ids it deleted: in id order, so one start's line reads as another's.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        for set_id in ("b", "c", "a"):
+            store.create_sample_set(set_id, "", _samples(put, b"image"), uploading=set_id != "c")
+    assert store.delete_unfinished_uploads() == ["a", "b"]
+    assert [info.sample_set_id for info in store.list_sample_sets()] == ["c"]
+
+
 def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
     # A blob is written before the record that references it; in between nothing points at it.
     store = SQLiteStore(tmp_path)
