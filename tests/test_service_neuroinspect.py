@@ -301,6 +301,45 @@ def test_classes_per_neuron_applies_to_the_pairs_without_a_class(tmp_path):
         _shut(engine)
 
 
+def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_class_name_is_no_class(tmp_path, world_set):
+    # Neurons are int32 on the wire, a pair's class_name may be set but empty, and an
+    # in-process caller passes classes_per_neuron 0 as it is (the servicer's 0 means 1).
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import InvalidArgument
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        feature_dim = engine.models.active.feature_dim
+        cases = [
+            # -1 would be the last neuron, as a Python index.
+            (lambda: inspect.visualize_neurons([(-1, "heart")], method="no_clip"), f"pairs[0].neuron: -1 is not a neuron index in [0, {feature_dim})"),
+            (lambda: inspect.edit_head("train", target_class="heart", neurons=[1, -1]), f"neurons[1]: -1 is not a neuron index in [0, {feature_dim})"),
+            # No class per neuron would be a pair giving no image.
+            (lambda: inspect.visualize_neurons([(3, None)], method="no_clip", classes_per_neuron=0), "classes_per_neuron: 0 is not in [1, 6]"),
+            # An empty class name is a pair without a class: it counts its classes_per_neuron images.
+            (lambda: inspect.visualize_neurons([(n, "") for n in range(33)], method="no_clip", classes_per_neuron=2),
+             "pairs: 66 images exceed the limit of 64"),
+            # Not only no_clip: every method but clip_illusion lacks the CLIP term.
+            (lambda: inspect.visualize_neurons([(3, "heart")], method="feature_visualization", epsilon=0.1),
+             "epsilon: feature_visualization has no CLIP term"),
+        ]
+        for call, message in cases:
+            with pytest.raises(InvalidArgument, match=re.escape(message)):
+                call()
+        assert engine.jobs.list() == []
+        # ... and is resolved as one: the neuron's top classes.
+        job = inspect.visualize_neurons([(4, "")], method="no_clip", classes_per_neuron=2, steps=1)
+        result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        top_two = engine.models.active.head.weight[:, 4].topk(2).indices.tolist()
+        assert [(v.neuron, v.class_index) for v in result.visualizations] == [(4, top_two[0]), (4, top_two[1])]
+        # The high end of top_k is in range: every neuron.
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", settings=RankSettings(top_k=feature_dim, max_iterations=1), execution="inline")
+        assert ranking.top_k == feature_dim
+    finally:
+        _shut(engine)
+
+
 
 def test_rank_matches_the_in_process_ranker(client, world_set):
     from explaind.methods.neuroinspect import MistakeNeuronRanker
