@@ -341,6 +341,36 @@ def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_cla
 
 
 
+def test_an_edit_evaluates_up_to_max_edit_groups_groups_of_class_and_attribute_value(tmp_path, world_set, monkeypatch):
+    # One attribute value shared by every class still makes one group per class.
+    from explaind.engine import NewSample, neuroinspect
+    from explaind.errors import InvalidArgument
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        pixels, labels, _ = world_set
+        engine.create_sample_set("toned", "", [NewSample.from_array(p, int(l), {"tone": "even"}) for p, l in zip(pixels[:40], labels[:40])])
+        groups = len(set(labels[:40:5].tolist()))  # the classes of the held-out fifth
+        assert groups > 1
+        monkeypatch.setattr(neuroinspect, "MAX_EDIT_GROUPS", groups - 1)
+        with pytest.raises(InvalidArgument, match=re.escape(f"group_attribute: the held-out fifth of 'toned' has {groups} groups (class, tone value), "
+                                                            f"more than the {groups - 1} an edit evaluates")):
+            inspect.edit_head("toned", target_class="heart", neurons=[1], group_attribute="tone", max_epochs=1)
+        monkeypatch.setattr(neuroinspect, "MAX_EDIT_GROUPS", groups)
+        job = inspect.edit_head("toned", target_class="heart", neurons=[1], group_attribute="tone", max_epochs=1)
+        assert engine.jobs.wait(job.record.job_id, 60).record.state == "succeeded"
+        # Given a validation set and no evaluation set, the validation set is evaluated: its
+        # samples have the attribute, whether or not the training set's do.
+        _create_train_set(engine, world_set)
+        monkeypatch.undo()
+        job = inspect.edit_head("train", target_class="heart", neurons=[1], validation_sample_set_id="toned", group_attribute="tone", max_epochs=1)
+        result = _succeeded_result(engine.jobs.wait(job.record.job_id, 60).record, neuroinspect_pb2.EditHeadResult())
+        names = engine.models.active.class_names
+        assert set(result.version.evaluation.group_accuracy) == {f"{names[label]}/even" for label in labels[:40]}
+    finally:
+        _shut(engine)
+
+
 def test_rank_matches_the_in_process_ranker(client, world_set):
     from explaind.methods.neuroinspect import MistakeNeuronRanker
     from explaind.world.classifier import load_classifier
