@@ -1690,6 +1690,23 @@ def test_a_restart_serves_the_promoted_head_unless_the_model_file_changed(tmp_pa
         _shut(engine)
 
 
+def test_a_store_from_before_file_heads_were_recorded_keeps_serving_its_promoted_head(tmp_path):
+    # Such a store knows only whether the loaded head is new: the same file's head is not,
+    # so the version promoted before the upgrade stays served.
+    engine, inspect = _in_process(tmp_path)
+    edited = inspect._add_head_version(engine.models.active, torch.nn.Linear(engine.models.active.feature_dim, 6), "v0", {"method": "probability_ratio"})
+    inspect.promote_head_version(edited.version_id)
+    with engine.store._transaction() as db:
+        db.execute("DELETE FROM file_heads")
+    _shut(engine)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        assert inspect.active_head_version().version_id == edited.version_id
+        assert engine.models.active.head_version == edited.head_hash
+    finally:
+        _shut(engine)
+
+
 def test_a_model_file_put_back_whose_head_was_promoted_since_is_served_without_a_warning(tmp_path, caplog):
     # The warning that the file's head is served instead of the active version named that
     # same version when the operator had promoted the earlier file's head before putting it back.
