@@ -108,12 +108,12 @@ class _Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def _bounded(value: float, field: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+def _bounded(value: float, field: str, *, high: float, low: float = 0.0, low_open: bool = False) -> float:
     """A request's number within the service's bounds, upper ones too (the methods check
     only what makes sense at all); INVALID_ARGUMENT naming ``field``."""
     value = float(value)
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
         raise InvalidArgument(f"{value} is not in {bounds}", field=field)
     return value
 
