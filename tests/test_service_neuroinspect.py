@@ -340,7 +340,6 @@ def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_cla
         _shut(engine)
 
 
-
 def test_an_edit_evaluates_up_to_max_edit_groups_groups_of_class_and_attribute_value(tmp_path, world_set, monkeypatch):
     # One attribute value shared by every class still makes one group per class.
     from explaind.engine import NewSample, neuroinspect
@@ -1118,7 +1117,6 @@ def test_an_inline_ranking_past_a_limit_is_refused_and_an_auto_one_runs_as_an_op
         _shut(engine)
 
 
-
 def test_a_ranking_operation_too_large_for_a_response_keeps_its_first_neurons_and_mistakes(tmp_path, world_set):
     # One mistake summary per sample outgrows a response on a large set: cut, it still
     # answers (its whole in an artifact), where uncut the operation would fail.
@@ -1398,7 +1396,6 @@ def test_a_version_whose_edit_operation_was_deleted_may_be_deleted(tmp_path, wor
         assert [v.version_id for v in inspect.head_versions()[0]] == ["v0"]
     finally:
         _shut(engine)
-
 
 
 def test_an_edit_trains_from_and_names_the_head_served_when_it_is_submitted(tmp_path, world_set, monkeypatch):
