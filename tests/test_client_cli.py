@@ -737,7 +737,6 @@ def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsy
     assert re.search(r"error: cannot open the store .*explaind.sqlite3: file is not a database$", line), line
 
 
-
 def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):
     images = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 255)]
     assert main(["--target", server.target, "sample-set", "create", "--id", "named", "--images", *images, "--labels", "heart", "2"]) == 0

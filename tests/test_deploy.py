@@ -211,7 +211,6 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on():
     assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
 
 
-
 def test_latency_panels_show_the_exemplars_prometheus_stores():
     """Each latency quantile of a histogram with exemplars asks Grafana for them (every one:
     Grafana runs the exemplar query of a panel's first visible target of a histogram only),

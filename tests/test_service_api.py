@@ -473,7 +473,6 @@ def test_operations_submitted_while_a_client_pages_repeat_none(server, client, w
     assert [op.name for op in client.operations(limit=3)] == [op.name for op in client.operations(limit=1000)][:3]
 
 
-
 def test_a_basic_listing_leaves_out_the_responses_and_the_sdk_fetches_one_when_asked(server, client, world_images):
     # A page of full operations was 38 MB on 100k-sample evaluations, for a caller that
     # wanted states and times.
@@ -1566,7 +1565,6 @@ def test_metrics_time_each_stage_of_a_job_and_the_stages_add_up_to_its_duration(
             assert 0 <= seconds[stage] <= duration + 1e-3, (kind, stage, seconds, duration)
         # No unaccounted time: the stages run back to back from the job's start to its end.
         assert duration - 0.1 - 0.1 * duration <= sum(seconds.values()) <= duration + 1e-3, (kind, seconds, duration)
-
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")

@@ -725,7 +725,6 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
         load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "with_args.pth")))
 
 
-
 @pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")  # GoogLeNet's and Inception's, built untrained
 @pytest.mark.parametrize(("architecture", "head", "feature_layer"), [
     ("mobilenet_v3_small", "classifier.3", "classifier.1"), ("efficientnet_b0", "classifier.1", "features"),
@@ -5477,7 +5476,6 @@ def test_artifacts_of_jobs_an_earlier_release_stored_keep_their_blobs(tmp_path):
     store.delete_job("old")
     store.delete_job("older")
     assert store.delete_unused_blobs() == 3 and _blob_files(store) == set()
-
 
 
 def _user_version(path: Path) -> int:

@@ -123,7 +123,6 @@ def test_prompt_set_loss_is_a_per_attribute_zero_shot_cross_entropy():
     assert prompt_set_loss(right, prompts, scenes) < 0.01 < prompt_set_loss(right.flip(0), prompts, scenes)
 
 
-
 def test_training_scenes_render_the_train_split_with_the_asked_watermark_fraction():
     images, attributes, captions, masks = training_scenes(4, seed=0, watermark_fraction=0.0)
     dataset = get_scenario("balanced").dataset("train", size=4)
