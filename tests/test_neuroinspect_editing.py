@@ -169,7 +169,7 @@ def test_without_an_evaluation_set_the_heads_are_evaluated_on_the_validation_set
     assert result.after.accuracy == result.history[result.best_epoch - 1].validation_accuracy
 
 
-def test_weight_decay_pulls_every_weight_towards_zero(world):
+def test_weight_decay_pulls_every_weight_and_bias_towards_zero(world):
     # Adam's first step moves each weight by the learning rate against the sign of its
     # gradient; a decay this strong dominates that gradient, so the sign is the weight's.
     head, train, _, _ = world
@@ -178,6 +178,9 @@ def test_weight_decay_pulls_every_weight_towards_zero(world):
     plain = edit(world, max_epochs=1, batch_size=len(train[0]), learning_rate=1e-3)
     decayed = edit(world, max_epochs=1, batch_size=len(train[0]), learning_rate=1e-3, weight_decay=1e4)
     torch.testing.assert_close(decayed.weight, weight - 1e-3 * weight.sign(), rtol=0, atol=1e-6)
+    bias = head.bias.detach()  # the bias is trained too
+    assert (bias != 0).all()
+    torch.testing.assert_close(decayed.bias, bias - 1e-3 * bias.sign(), rtol=0, atol=1e-6)
     assert not torch.allclose(plain.weight, decayed.weight, rtol=0, atol=1e-6)
 
 
@@ -223,3 +226,48 @@ def test_a_float16_head_is_edited_in_float32_and_kept_in_float16(world):
     result = HeadEditor(half).edit(x, y, target_class=0, neurons=[SPURIOUS], validation_features=vx, validation_labels=vy, max_epochs=3)
     assert result.weight.dtype == result.bias.dtype == torch.float16
     assert torch.isfinite(result.weight).all() and result.after.accuracy >= result.before.accuracy - 0.05
+
+
+def test_evaluate_head_refuses_groups_that_are_not_one_name_per_sample(world):
+    # Without the check a short or 2-D groups array failed inside numpy's boolean indexing.
+    head, _, _, test = world
+    for groups in (test[2][:-1], test[2][:, None]):
+        with pytest.raises(ValueError, match=r"groups must have one entry per sample \(1500\)"):
+            evaluate_head(head.weight.detach(), head.bias.detach(), test[0], test[1], groups=groups)
+
+
+def test_the_edit_reports_its_neurons_in_id_order_whatever_order_they_were_listed_in(world):
+    listed = edit(world, neurons=[SPURIOUS, 0], max_epochs=1)
+    ordered = edit(world, neurons=[0, SPURIOUS], max_epochs=1)
+    assert listed.neurons == ordered.neurons == (0, SPURIOUS)
+    assert torch.equal(listed.weight, ordered.weight) and torch.equal(listed.bias, ordered.bias)
+
+
+def test_the_seed_fixes_the_minibatch_order_and_a_negative_seed_is_its_twos_complement(world):
+    runs = {seed: edit(world, max_epochs=2, seed=seed) for seed in (0, 1, -1, 2**64 - 1)}
+    same = lambda a, b: torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert same(edit(world, max_epochs=2, seed=0), runs[0])
+    assert not same(runs[0], runs[1])  # another seed, other minibatches
+    assert same(runs[-1], runs[2**64 - 1]) and not same(runs[-1], runs[1])
+
+
+def test_patience_counts_the_epochs_since_the_last_improvement_not_all_that_failed_to_improve(world):
+    # At this step size epochs 2-4 fail to beat epoch 1 and epoch 5 beats it: the count
+    # starts again there, so the edit runs `patience` epochs past its best.
+    result = edit(world, learning_rate=0.2, patience=4)
+    keys = [(r.validation_accuracy, r.validation_worst_class_accuracy) for r in result.history]
+    best_before = [max(keys[:i]) for i in range(1, result.best_epoch)]
+    assert sum(key <= best for key, best in zip(keys[1 : result.best_epoch], best_before)) >= 1  # stalled before its best
+    assert len(result.history) == result.best_epoch + 4 < 20
+
+
+def test_the_defaults_are_adam_at_1e_3_on_minibatches_of_32_for_up_to_20_epochs_with_patience_5(world):
+    head, train, validation, _ = world
+    run = lambda **kwargs: HeadEditor(head).edit(train[0], train[1], target_class=0, neurons=[SPURIOUS],
+                                                 validation_features=validation[0], validation_labels=validation[1], **kwargs)
+    default = run()
+    explicit = run(method="probability_ratio", strength=0.01, target_ratio=1.0, learning_rate=1e-3, weight_decay=0.0,
+                   batch_size=32, max_epochs=20, patience=5, selection="accuracy", seed=0)
+    assert len(default.history) < 20  # stopped early, so patience shows
+    assert default.history == explicit.history and default.best_epoch == explicit.best_epoch
+    assert torch.equal(default.weight, explicit.weight) and torch.equal(default.bias, explicit.bias)
