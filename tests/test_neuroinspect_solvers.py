@@ -143,6 +143,38 @@ def test_proximal_steps_extrapolate_as_fista_does(problem):
     torch.testing.assert_close(solution.omega[ran], omega[ran], rtol=1e-4, atol=1e-6)
 
 
+def test_the_proximal_solver_s_defaults_are_the_paper_s_weights_and_a_tolerance_of_1e_6(problem):
+    # l1 = 10 flips no mistake, and the iterates settle slowly: the tolerance decides when each stops.
+    head, features, labels = problem
+    weight, bias = head.weight.detach(), head.bias.detach()
+    wrong = F.linear(features, weight, bias).argmax(1) != labels
+    features, labels = features[wrong], labels[wrong]
+    default = ProximalGradient().solve(weight, bias, features, labels)
+    explicit = ProximalGradient(tolerance=1e-6).solve(weight, bias, features, labels, l1=0.1, l2=0.01, max_iterations=1000)
+    assert torch.equal(default.omega, explicit.omega) and torch.equal(default.iterations, explicit.iterations)
+    slow = ProximalGradient().solve(weight, bias, features, labels, l1=10.0)
+    assert not slow.converged.any()
+    assert torch.equal(slow.iterations, ProximalGradient(tolerance=1e-6).solve(weight, bias, features, labels, l1=10.0).iterations)
+    assert not torch.equal(slow.iterations, ProximalGradient(tolerance=1e-4).solve(weight, bias, features, labels, l1=10.0).iterations)
+
+
+def test_the_proximal_solver_stops_at_the_first_update_that_moves_no_coordinate_by_more_than_the_tolerance(problem):
+    head, features, labels = problem
+    weight, bias = head.weight.detach(), head.bias.detach()
+    wrong = F.linear(features, weight, bias).argmax(1) != labels
+    features, labels = features[wrong], labels[wrong]
+    stopped = ProximalGradient(tolerance=1e-4).solve(weight, bias, features, labels, l1=10.0)
+    assert not stopped.converged.any()
+    # Capped runs (tolerance 0 stops nothing early) give each sample's iterates.
+    iterate = lambda k: ProximalGradient(tolerance=0).solve(weight, bias, features, labels, l1=10.0, max_iterations=k).omega
+    moving = (stopped.iterations > 2).nonzero().squeeze(1)[:4]  # the others stay at 0 (moved nothing at the first step)
+    assert len(moving) == 4
+    for i, k in zip(moving.tolist(), stopped.iterations[moving].tolist()):
+        last, before, earlier = iterate(k)[i], iterate(k - 1)[i], iterate(k - 2)[i]
+        assert torch.equal(stopped.omega[i], last)
+        assert (last - before).abs().max() <= 1e-4 < (before - earlier).abs().max()
+
+
 @pytest.mark.parametrize("name", ["faithful", "proximal"])
 def test_callback_reports_progress_and_cancels(problem, name):
     head, features, labels = problem
@@ -189,6 +221,8 @@ def test_bad_inputs_raise_value_errors_naming_them(problem):
         solve(FaithfulSGD(), head, features, labels + NUM_CLASSES)
     with pytest.raises(ValueError, match="solver"):
         make_solver("adam")
+    with pytest.raises(TypeError, match="solver must be a name or have a solve method, got object"):
+        make_solver(object())
 
 
 @pytest.mark.gpu
