@@ -31,8 +31,8 @@ class FixedShifts:
         return CounterfactualSolution(OMEGA[:n], torch.ones(n, dtype=torch.bool), torch.full((n,), 7))
 
 
-def always_wrong_head():
-    head = torch.nn.Linear(8, 2)
+def always_wrong_head(dim=8):
+    head = torch.nn.Linear(dim, 2)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 10.0]))  # always predicts class 1
@@ -50,6 +50,8 @@ def test_rank_ratios_cut_and_both_lists():
     # Neuron 1 is in sample 0's insufficient and sample 3's excessive top-2: reported once.
     assert by_id[1].direction == "both" and (by_id[1].insufficient_ratio, by_id[1].excessive_ratio) == (0.25, 0.25)
     assert ranking.neuron_ids[:2] == [0, 5] and sorted(ranking.neuron_ids) == [0, 1, 2, 3, 4, 5, 6, 7]
+    # The rest tie at a quarter: by |mean ω| (1's −3/4 before 2's and 7's 1/2), then by id.
+    assert ranking.neuron_ids == [0, 5, 1, 2, 7, 3, 4, 6]
     assert [n.neuron for n in ranking.insufficient] == [0, 1, 2, 7, 3]  # ties by |mean ω|
     assert [n.neuron for n in ranking.excessive] == [5, 1, 4, 6]
     assert by_id[0].mean_omega == pytest.approx(7 / 4)
@@ -89,6 +91,9 @@ def test_only_mistakes_of_the_target_class_are_explained():
     assert ranking.mistake_indices.tolist() == [0, 2] and ranking.omega.shape == (2, 8)
     none = ranker.rank(torch.rand(4, 8), labels, solver=FixedShifts(), target_class=1)
     assert none.num_mistakes == 0 and none.neurons == [] and none.target_class == 1
+    # A class no sample has: nothing to explain either (its mean feature would be NaN).
+    absent = MistakeNeuronRanker(torch.nn.Linear(8, 3)).rank(torch.rand(4, 8), labels, solver=FixedShifts(), target_class=2)
+    assert absent.num_mistakes == 0 and absent.neurons == [] and absent.target_class == 2
 
 
 def test_by_default_the_commonest_true_class_among_the_mistakes_is_explained_with_three_top_classes():
@@ -199,6 +204,8 @@ def test_rank_reports_cancellation():
     assert ranking.cancelled and (ranking.iterations <= 1).all()
     assert torch.equal(ranking.converged, full.converged & (full.iterations <= 1))
     assert not ranking.converged.all()
+    assert ranking.num_converged == int(ranking.converged.sum()) < ranking.num_mistakes
+    assert ranking.summary().endswith(f"{ranking.num_converged} of {ranking.num_mistakes} counterfactuals flipped the prediction")
 
 
 @pytest.mark.parametrize(
@@ -246,3 +253,69 @@ def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
     assert right.summary() == "no mistakes of class 1 in 4 samples: nothing to explain"
     with pytest.raises(ValueError, match="limit must be 0"):
         right.summary(limit=-1)
+
+
+class Shifts(FixedShifts):
+    """A solver double returning the ω it is given."""
+
+    def __init__(self, omega):
+        self.omega = omega
+
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback_on_step_end=None):
+        n = len(features)
+        return CounterfactualSolution(self.omega[:n], torch.ones(n, dtype=torch.bool), torch.full((n,), 7))
+
+
+def test_each_list_breaks_ties_by_the_size_of_the_mean_shift_before_the_neuron_id():
+    # Neurons 1, 2 and 3 are each excessive in one mistake's top-1 and 4 in none; 3's mean ω
+    # is the largest in size, then 2's, then 1's; the insufficient ones mirror them.
+    omega = torch.tensor([
+        [4.0, -1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, -2.0, 1.0, 0.0],
+        [0.0, 0.0, 0.5, -3.0, 0.0],
+    ])
+    ranking = MistakeNeuronRanker(always_wrong_head(5)).rank(torch.rand(3, 5), torch.zeros(3, dtype=torch.long),
+                                                             solver=Shifts(omega), top_k=1, cut_ratio=0)
+    means = {n.neuron: abs(n.mean_omega) for n in ranking.excessive}
+    assert means[3] > means[2] > means[1]
+    assert [n.neuron for n in ranking.excessive] == [3, 2, 1]
+    assert [n.neuron for n in ranking.insufficient] == [0, 3, 2]
+
+
+def test_a_cut_of_1_keeps_the_neurons_in_every_mistake_s_top_k():
+    omega = torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, -1.0], [1.0, 0.0, 0.0]])  # neuron 0 first in each, 2 in one
+    ranker = MistakeNeuronRanker(always_wrong_head(3))
+    features, labels = torch.rand(3, 3), torch.zeros(3, dtype=torch.long)
+    assert ranker.rank(features, labels, solver=Shifts(omega), top_k=1, cut_ratio=0).neuron_ids == [0, 2]
+    assert ranker.rank(features, labels, solver=Shifts(omega), top_k=1, cut_ratio=1.0).neuron_ids == [0]
+
+
+def test_the_ranker_s_defaults_are_the_paper_s():
+    # The faithful solver with λ1 = 0.1, λ2 = 0.01 and 1000 steps, the top 5 per mistake and
+    # a cut at 3 %, and 3 top classes per neuron. On a random head of 64 small weights some
+    # mistakes take hundreds of steps, some neurons lie just above the cut and some below it.
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, 6)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(6, 64, generator=g) * 0.02)
+        head.bias.zero_()
+    features, labels = torch.relu(torch.randn(200, 64, generator=g)), torch.randint(0, 6, (200,), generator=g)
+    ranker = MistakeNeuronRanker(head)
+    default = ranker.rank(features, labels)
+    explicit = ranker.rank(features, labels, solver="faithful", l1=0.1, l2=0.01, max_iterations=1000, cut_ratio=0.03,
+                           top_k=5, num_top_classes=3)
+    assert default.neurons == explicit.neurons and torch.equal(default.omega, explicit.omega)
+    assert default.solver == "faithful" and default.top_k == 5
+    assert default.iterations.max() > 200 and default.num_converged == default.num_mistakes
+    assert any(0.03 <= n.rank_ratio < 0.05 for n in default.neurons)
+    assert len(ranker.rank(features, labels, cut_ratio=0).neurons) > len(default.neurons)
+
+
+def test_a_summary_with_limit_0_lists_every_neuron_however_many():
+    from types import SimpleNamespace
+
+    from explaind.methods.ranking_text import neuron_lines
+
+    neurons = [SimpleNamespace(neuron=n, direction="insufficient", insufficient_ratio=0.5, excessive_ratio=0.0, importance=1.0,
+                               top_classes=(0,)) for n in range(25)]
+    assert len(neuron_lines(neurons, "top 5", 0)) == 25 and len(neuron_lines(neurons, "top 5", 12)) == 12
