@@ -46,6 +46,10 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
         (dict(target_class=2.0), TypeError, "target_class must be an integer index"),
         (dict(target_class="heart"), TypeError, "target_class must be an integer index"),
         (dict(top_k=DIM + 1), ValueError, f"top_k must be at most {DIM}"),
+        (dict(labels=labels == 1), TypeError, "labels must be an integer tensor of class indices, got torch.bool"),
+        (dict(labels=labels - 1), ValueError, r"labels must lie in \[0, 4\), got -1..2"),
+        (dict(features=features[:0], labels=labels[:0]), ValueError, r"features must be \(N, 16\) with N > 0"),
+        (dict(max_iterations=True), ValueError, "max_iterations must be an integer ≥ 1, got True"),
     ]
     for changes, error, message in cases:
         arguments = dict(features=features, labels=labels) | changes
@@ -55,6 +59,7 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
     # converted, not refused.
     expected = ranker.rank(features, labels, l1=0.1, max_iterations=50).neuron_ids
     assert ranker.rank(features.double(), labels.int(), l1=torch.tensor(0.1), max_iterations=torch.tensor(50)).neuron_ids == expected
+    assert ranker.rank(features, labels, l1=np.array(0.1), max_iterations=np.array([50])).neuron_ids == expected
 
 
 def test_the_proximal_solver_runs_on_an_all_zero_head():
@@ -86,6 +91,9 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(strength=-5.0), ValueError, "strength must be ≥ 0"),
         (dict(strength=float("nan")), ValueError, "strength must be a finite number"),
         (dict(target_ratio=float("nan")), ValueError, "target_ratio must be a finite number"),
+        (dict(target_ratio=0.0), ValueError, "target_ratio must be > 0"),  # p_c / p'_c cannot reach 0
+        (dict(features=features[labels != 1], labels=labels[labels != 1], target_ratio="auto"), ValueError,
+         "labels hold no sample of target_class 1"),
         (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
         (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
         (dict(method="constrain", target_ratio=2.0), ValueError, "target_ratio applies to the probability_ratio method only"),
@@ -193,6 +201,10 @@ def test_neuron_auc_takes_a_boolean_mask_not_class_labels():
     expected = neuron_auc(features, labels == 2)
     torch.testing.assert_close(neuron_auc(features, (labels == 2).numpy()), expected)
     torch.testing.assert_close(neuron_auc(features, (labels == 2).to(torch.uint8)), expected)
+    # Finite values whose float32 row sum overflows are finite all the same (rows are summed in float64 to check).
+    huge = (torch.sigmoid(features) + 1) * 1e38  # the same order per neuron, each row summing past 3.4e38
+    assert torch.isinf(huge.sum(1)).all()
+    torch.testing.assert_close(neuron_auc(huge, labels == 2), expected)
 
 
 class _MobileNetLike(nn.Module):
@@ -288,6 +300,54 @@ def test_a_module_name_not_there_is_answered_with_the_names_it_might_mean():
     ):
         with pytest.raises(ValueError, match=message):
             FeatureExtractor(model, feature_layer, head=head)
+
+
+def test_a_near_miss_is_a_module_whose_name_ends_in_the_name_at_a_dot():
+    model = nn.Sequential(nn.Identity(), _mobilenet_like())
+    model[1].unhidden = nn.Identity()  # ends in "hidden" too, but is another name
+    with pytest.raises(ValueError, match=r"did you mean '1.hidden'\?$"):
+        FeatureExtractor(model, "hidden", head="1.classifier")
+
+
+def test_a_hidden_layer_named_as_the_head_is_refused_even_with_the_logits_shape():
+    # Two linear layers of 3 outputs: the shapes agree, the values do not.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"head '3' is not the classifier's last operation"):
+        FeatureExtractor(model, "0", head="3").features(torch.rand(2, 3, 9, 9))
+    assert FeatureExtractor(model, "4", head="5").features(torch.rand(2, 3, 9, 9)).shape == (2, 3)
+
+
+class _TokenHead(nn.Module):
+    """A head applied to every position of the maps (N, h·w, C): not one vector per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images).flatten(2).transpose(1, 2))
+
+
+def test_a_head_reading_more_than_one_vector_per_image_is_refused():
+    with pytest.raises(ValueError, match=r"head 'head' reads inputs of shape \(49, 4\) per image, not one feature vector"):
+        FeatureExtractor(_TokenHead(), "features", head="head").features(torch.rand(2, 3, 9, 9))
+
+
+def test_a_capture_keeps_the_opening_thread_s_forward_not_another_thread_s():
+    # A served model is shared with Predict's batcher thread.
+    import threading
+
+    from explaind.methods.neuroinspect._features import capture_forward
+
+    linear = nn.Linear(4, 2)
+    mine, theirs = torch.rand(1, 4), torch.rand(1, 4)
+    with torch.no_grad(), capture_forward(linear) as captured:
+        linear(mine)
+        other = threading.Thread(target=linear, args=(theirs,))
+        other.start()
+        other.join()
+    assert torch.equal(captured["input"], mine)
 
 
 def test_a_model_returning_a_dict_is_told_to_return_the_logits_tensor():
@@ -489,6 +549,7 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         (lambda: FaithfulSGD(learning_rate=float("nan")), ValueError, r"learning_rate must be a finite number"),
         (lambda: FaithfulSGD(learning_rate=-1.0), ValueError, r"learning_rate must be > 0"),  # climbs the loss
         (lambda: FaithfulSGD(momentum=5.0), ValueError, r"momentum must lie in \[0, 1\)"),
+        (lambda: FaithfulSGD(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),  # never forgets a step
         (lambda: ProximalGradient(tolerance=float("nan")), ValueError, r"tolerance must be a finite number"),
     ):
         with pytest.raises(error, match=message):
@@ -521,6 +582,8 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: illusion.visualize([(0, 0)], method="no_clip", steps=1, seed=1.5), TypeError, "seed must be an integer"),
         (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons=[2], validation_features=features,
                                        validation_labels=labels, seed=None), TypeError, "seed must be an integer"),
+        (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons=[2], validation_features=features,
+                                       validation_labels=labels, seed=True), TypeError, "seed must be an integer, got True"),
         (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons=2, validation_features=features,
                                        validation_labels=labels), TypeError, r"neurons must be a sequence of indices"),
         (lambda: FaithfulSGD().solve(weight, bias, features, labels, max_iterations=-1), ValueError, "max_iterations must be an integer ≥ 1"),

@@ -521,6 +521,8 @@ def test_channel_maps_read_cnn_channels_last_and_token_layouts():
     assert read.shape == (2, 5, 3, 3) and torch.equal(read[:, 4, 1, 2], tokens[:, 1 + 1 * 3 + 2, 4])
     torch.testing.assert_close(channel_maps(tokens[:, 1:], 5), read)  # no class token
     assert channel_maps(torch.rand(2, 5), 5).shape == (2, 5, 1, 1)
+    one_token = torch.rand(2, 1, 5)  # 1 is a square, and so is the 0 left without a first token: one position, not none
+    torch.testing.assert_close(channel_maps(one_token, 5), one_token.transpose(1, 2)[:, :, :, None])
     with pytest.raises(ValueError, match=r"output \(2, 7, 5\) cannot be read as maps of 5 channels"):
         channel_maps(torch.rand(2, 7, 5), 5)
 
