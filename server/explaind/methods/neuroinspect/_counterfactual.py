@@ -138,8 +138,8 @@ class FaithfulSGD:
                 break
             gradient = (logits.softmax(1) - state.onehot) @ weight
             gradient += (l1 / dim) * omega.sign()
-            norms = omega.norm(dim=1, keepdim=True)
-            gradient += (l2 / dim) * torch.where(norms > 0, omega / norms.clamp_min(1e-30), 0.0)
+            # ω / ‖ω‖, and 0 at ω = 0 (a zero row over the clamped norm is exactly 0).
+            gradient += (l2 / dim) * (omega / omega.norm(dim=1, keepdim=True).clamp_min(1e-30))
             velocity = velocity.mul_(self.momentum).add_(gradient)
             omega = omega.add(velocity, alpha=-self.learning_rate)
             if callback_on_step_end is not None and callback_on_step_end(step + 1, max_iterations, len(omega)):
