@@ -111,6 +111,9 @@ def test_by_default_the_commonest_true_class_among_the_mistakes_is_explained_wit
     assert [n.importance for n in ranking.neurons] == pytest.approx(expected[ranking.neuron_ids].tolist())
     # Each neuron names the three classes weighing it most, largest first.
     assert {n.top_classes for n in ranking.neurons} == {(2, 3, 1)}
+    # The commonest, not the first: two mistakes of class 2 against one of class 0.
+    labels = torch.tensor([4, 2, 4, 2, 0, 4, 4, 4, 4, 4])
+    assert MistakeNeuronRanker(head).rank(features, labels, solver=FixedShifts(), top_k=2).target_class == 2
 
 
 def test_neuron_importance_matches_zeroing_each_neuron():
@@ -230,6 +233,14 @@ def test_bad_shapes_raise_value_errors():
     assert math.isfinite(ranker.rank(features, labels).neurons[0].importance)
 
 
+class Cancelled(FixedShifts):
+    """A solver (a caller's own) that reports it was cancelled, even with no samples to solve."""
+
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback_on_step_end=None):
+        n = len(features)
+        return CounterfactualSolution(OMEGA[:n], torch.ones(n, dtype=torch.bool), torch.full((n,), 7), cancelled=True)
+
+
 def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
     # Its repr held every neuron and the mistake indices (5 kB on the shapes world) and it
     # had no summary() as the SDK's ranking has.
@@ -251,6 +262,8 @@ def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
     assert shown == [ranking.summary()]
     right = ranker.rank(features, torch.ones(4, dtype=torch.long), solver=FixedShifts(), top_k=2)
     assert right.summary() == "no mistakes of class 1 in 4 samples: nothing to explain"
+    stopped = ranker.rank(features, torch.ones(4, dtype=torch.long), solver=Cancelled(), top_k=2)
+    assert stopped.summary() == "no mistakes of class 1 in 4 samples: nothing to explain (cancelled: the solver was stopped early)"
     with pytest.raises(ValueError, match="limit must be 0"):
         right.summary(limit=-1)
 
