@@ -96,6 +96,8 @@ def test_the_editor_checks_every_set_before_training(head):
          "labels hold no sample of target_class 1"),
         (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
         (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
+        (dict(batch_size=0), ValueError, "batch_size must be an integer ≥ 1"),
+        (dict(weight_decay=-1e-4), ValueError, "weight_decay must be ≥ 0"),
         (dict(method="constrain", target_ratio=2.0), ValueError, "target_ratio applies to the probability_ratio method only"),
     ]
     epochs = []
@@ -524,6 +526,26 @@ class _SharedActivation(nn.Module):
         return self.head(torch.relu(self.hidden(self.act(self.conv2(self.act(self.conv1(images)))).mean((2, 3)))))
 
 
+class _SpatialAfter(nn.Module):
+    """Red and green maps pooled into a hidden layer; an auxiliary convolution runs after it (unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.colours, self.hidden, self.auxiliary, self.head = nn.Conv2d(3, 2, 1), nn.Linear(2, 2), nn.Conv2d(3, 2, 1), nn.Linear(2, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.hidden(self.colours(images).mean((2, 3))))
+        self.auxiliary(images)
+        return self.head(hidden)
+
+
+def test_the_maps_of_a_vector_feature_layer_come_from_before_it_not_after():
+    from explaind.methods.neuroinspect import last_spatial_module
+
+    model = _SpatialAfter().eval()
+    assert last_spatial_module(model, torch.rand(1, 3, 8, 8), model.hidden) == (model.colours, 0)
+
+
 def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
     head = nn.Linear(3, 4)
     features, labels = torch.randn(30, 3, generator=torch.Generator().manual_seed(1)), torch.arange(30) % 4
@@ -549,6 +571,7 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         (lambda: FaithfulSGD(learning_rate=float("nan")), ValueError, r"learning_rate must be a finite number"),
         (lambda: FaithfulSGD(learning_rate=-1.0), ValueError, r"learning_rate must be > 0"),  # climbs the loss
         (lambda: FaithfulSGD(momentum=5.0), ValueError, r"momentum must lie in \[0, 1\)"),
+        (lambda: FaithfulSGD().solve(weight, bias, features.long(), labels), ValueError, r"features must be floating-point \(N, 16\), got torch.int64"),
         (lambda: FaithfulSGD(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),  # never forgets a step
         (lambda: ProximalGradient(tolerance=float("nan")), ValueError, r"tolerance must be a finite number"),
     ):
@@ -577,6 +600,10 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: concept_neurons(features, {"a": labels == 1}, min_auc="0.9"), ValueError, r"min_auc must be a finite number, got '0.9'"),
         (lambda: evaluate_head(weight, bias[:3], features, labels), ValueError, rf"weight must be \(C, D\) and bias \(C,\), got \({CLASSES}, {DIM}\) and \(3,\)"),
         (lambda: evaluate_head(weight[0], bias, features, labels), ValueError, r"weight must be \(C, D\) and bias \(C,\)"),
+        (lambda: HeadEditor(nn.Linear(DIM, CLASSES, bias=False)), TypeError, "head must be an nn.Linear with a bias"),
+        (lambda: MistakeNeuronRanker(nn.Linear(DIM, CLASSES, bias=False)), TypeError, "head must be an nn.Linear with a bias"),
+        (lambda: FeatureExtractor(_mobilenet_like(), "hidden", head="classifier").features(torch.rand(2, 3, 9, 9), batch_size=0),
+         ValueError, "batch_size must be an integer ≥ 1"),
         (lambda: illusion.top_classes(6), ValueError, r"neuron must lie in \[0, 6\)"),
         (lambda: illusion.top_classes(0, k=9), ValueError, r"k must lie in \[1, 3\]"),
         (lambda: illusion.visualize([(0, 0)], method="no_clip", steps=1, seed=1.5), TypeError, "seed must be an integer"),

@@ -209,7 +209,7 @@ def test_training_end_callback_comes_once_after_the_last_epoch_before_the_evalua
     ("kwargs", "field"),
     [({"method": "prune"}, "method"), ({"neurons": []}, "neurons"), ({"neurons": [99]}, "neurons"),
      ({"neurons": [1, 0, 1]}, "neurons lists neuron 1 twice"),  # as the service refuses it; it was silently merged
-     ({"target_class": 5}, "target_class"), ({"selection": "best"}, "selection"), ({"target_ratio": "max"}, "target_ratio"),
+     ({"target_class": 5}, "target_class"), ({"selection": "best"}, "selection"), ({"target_ratio": "max"}, "target_ratio must be a number or 'auto', got 'max'"),
      ({"validation_features": torch.zeros(4, 3)}, "validation_features")],
 )
 def test_bad_arguments_raise_value_errors_naming_the_field(world, kwargs, field):
