@@ -127,7 +127,7 @@ class NeuronRanking:
 
 def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the ids of the k largest strictly positive scores; -1 pads rows with fewer."""
-    values, ids = scores.clamp_min(0).topk(k, dim=1)
+    values, ids = scores.topk(k, dim=1)
     return torch.where(values > 0, ids, -1)
 
 
