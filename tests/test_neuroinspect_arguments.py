@@ -130,6 +130,8 @@ def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_ima
         extractor.features((images * 255).to(torch.uint8))
     with pytest.raises(ValueError, match=r"images must lie in \[0, 1\].*got values in \[0, 255\]"):
         extractor.features(images * 255)
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\] \(the engines normalise themselves\), got values in \[-2"):
+        extractor.features((images - 0.45) / 0.225)  # normalised already: below 0 as far as above 1
     torch.testing.assert_close(extractor.features(images.double()), extractor.features(images))
     # A bicubic resize overshoots [0, 1] a little: that is still an image in [0, 1].
     resized = torch.nn.functional.interpolate(images, scale_factor=1.5, mode="bicubic")
@@ -309,6 +311,19 @@ def test_a_near_miss_is_a_module_whose_name_ends_in_the_name_at_a_dot():
     model[1].unhidden = nn.Identity()  # ends in "hidden" too, but is another name
     with pytest.raises(ValueError, match=r"did you mean '1.hidden'\?$"):
         FeatureExtractor(model, "hidden", head="1.classifier")
+
+
+def test_at_most_three_near_misses_are_named():
+    model = nn.Sequential(*(_mobilenet_like() for _ in range(4)))  # "0.hidden" ... "3.hidden"
+    with pytest.raises(ValueError, match=r"did you mean '0.hidden' or '1.hidden' or '2.hidden'\?$"):
+        FeatureExtractor(model, "hidden", head="3.classifier")
+
+
+def test_features_and_maps_come_without_an_autograd_graph():
+    # A model whose parameters require grad would keep every chunk's graph alive.
+    extractor = FeatureExtractor(_mobilenet_like(), "hidden", head="classifier")
+    images = torch.rand(2, 3, 9, 9)
+    assert not extractor.features(images).requires_grad and not extractor.feature_maps(images).requires_grad
 
 
 def test_a_hidden_layer_named_as_the_head_is_refused_even_with_the_logits_shape():
@@ -616,6 +631,8 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: FaithfulSGD().solve(weight, bias, features, labels, max_iterations=-1), ValueError, "max_iterations must be an integer ≥ 1"),
         (lambda: ProximalGradient().solve(weight, bias, features, labels, l1=-0.1), ValueError, "l1 must be ≥ 0"),
         (lambda: neuron_auc(nan_features, labels == 1), ValueError, r"features holds NaN or infinite values in 1 rows \(first: row 3\)"),
+        (lambda: neuron_auc(torch.cat([nan_features, nan_features]), labels.repeat(2) == 1), ValueError,
+         r"features holds NaN or infinite values in 2 rows \(first: row 3\)"),
         (lambda: neuron_auc(features.numpy(), labels == 1), TypeError, r"features must be a torch.Tensor \(use torch.from_numpy\)"),
         (lambda: concept_neurons(features.numpy(), {"a": labels == 1}), TypeError, r"features must be a torch.Tensor"),
     ):
