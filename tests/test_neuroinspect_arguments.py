@@ -46,6 +46,7 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
         (dict(target_class=2.0), TypeError, "target_class must be an integer index"),
         (dict(target_class="heart"), TypeError, "target_class must be an integer index"),
         (dict(top_k=DIM + 1), ValueError, f"top_k must be at most {DIM}"),
+        (dict(labels=labels.unsqueeze(1)), ValueError, r"labels must be \(40,\), one class index per sample, got \(40, 1\)"),
         (dict(labels=labels == 1), TypeError, "labels must be an integer tensor of class indices, got torch.bool"),
         (dict(labels=labels - 1), ValueError, r"labels must lie in \[0, 4\), got -1..2"),
         (dict(features=features[:0], labels=labels[:0]), ValueError, r"features must be \(N, 16\) with N > 0"),
@@ -512,6 +513,9 @@ def test_a_neuron_of_a_vector_feature_layer_is_mapped_where_its_evidence_is():
     assert red[:, :5].all() and not red[:, 5:].any()
     assert green[:, 5:].all() and not green[:, :5].any()
     assert (maps[0, :, :5] > 0).all() and (maps[0, :, 5:] == 0).all()  # green speaks against neuron 0: cut off, not negative
+    # Neuron 1 is the mean of the green map over 8 x 8 positions: each position's gradient is
+    # 1/64, the spatial mean that weighs the map, so its Grad-CAM map is green / 64.
+    torch.testing.assert_close(maps[1], image[0, 1] / 64)
     assert last_spatial_module(model, image, model.colours) is None  # nothing spatial before the first layer
     # A real MobileNetV3 (random weights, in 2x2 maps at 64 pixels) visualised by its hidden layer.
     import torchvision
@@ -630,6 +634,7 @@ def test_public_helpers_name_the_argument_they_refuse(head):
                                        validation_labels=labels), TypeError, r"neurons must be a sequence of indices"),
         (lambda: FaithfulSGD().solve(weight, bias, features, labels, max_iterations=-1), ValueError, "max_iterations must be an integer ≥ 1"),
         (lambda: ProximalGradient().solve(weight, bias, features, labels, l1=-0.1), ValueError, "l1 must be ≥ 0"),
+        (lambda: FaithfulSGD().solve(weight, bias, features, labels, l2=-0.01), ValueError, "l2 must be ≥ 0"),
         (lambda: neuron_auc(nan_features, labels == 1), ValueError, r"features holds NaN or infinite values in 1 rows \(first: row 3\)"),
         (lambda: neuron_auc(torch.cat([nan_features, nan_features]), labels.repeat(2) == 1), ValueError,
          r"features holds NaN or infinite values in 2 rows \(first: row 3\)"),

@@ -234,6 +234,8 @@ def test_evaluate_head_refuses_groups_that_are_not_one_name_per_sample(world):
     for groups in (test[2][:-1], test[2][:, None]):
         with pytest.raises(ValueError, match=r"groups must have one entry per sample \(1500\)"):
             evaluate_head(head.weight.detach(), head.bias.detach(), test[0], test[1], groups=groups)
+    one = evaluate_head(head.weight.detach(), head.bias.detach(), test[0][:1], test[1][:1], groups=test[2][:1])
+    assert one.group_accuracy == {test[2][0]: one.accuracy}  # a set of one sample still has its group
 
 
 def test_the_edit_reports_its_neurons_in_id_order_whatever_order_they_were_listed_in(world):
