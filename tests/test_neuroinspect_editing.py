@@ -68,7 +68,7 @@ def test_constrain_baseline_shrinks_the_class_contribution(world):
     on = train[0][:, SPURIOUS] > 0
     contribution = lambda w, b: (train[0][on, SPURIOUS] * w[0, SPURIOUS] + b[0]).abs().mean()
     assert contribution(result.weight, result.bias) < 0.5 * contribution(head.weight.detach(), head.bias.detach())
-    assert result.strength == 1.0
+    assert result.strength == 1.0 and np.isnan(result.target_ratio)  # constrain has no target ratio
 
 
 def test_auto_target_ratio_follows_the_paper(world):

@@ -332,3 +332,5 @@ def test_a_summary_with_limit_0_lists_every_neuron_however_many():
     neurons = [SimpleNamespace(neuron=n, direction="insufficient", insufficient_ratio=0.5, excessive_ratio=0.0, importance=1.0,
                                top_classes=(0,)) for n in range(25)]
     assert len(neuron_lines(neurons, "top 5", 0)) == 25 and len(neuron_lines(neurons, "top 5", 12)) == 12
+    with pytest.raises(ValueError, match="limit must be 0"):  # not read as "all but the last"
+        neuron_lines(neurons, "top 5", -1)
