@@ -9,8 +9,8 @@ import torch
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
-from explaind.methods.neuroinspect._fourier import random_affine
-from explaind.methods.neuroinspect._illusion import activation_masks
+from explaind.methods.neuroinspect._fourier import FourierImage, random_affine
+from explaind.methods.neuroinspect._illusion import DEFAULT_PROMPT_TEMPLATES, activation_masks
 from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.illusion_check import attribute_similarity
 from explaind.world.scenarios import WorldBatch
@@ -296,6 +296,300 @@ def test_runs_without_clip_for_the_clip_free_methods(world_model):
 def test_bad_requests_raise_value_errors_naming_the_field(illusion, pairs, kwargs, field):
     with pytest.raises(ValueError, match=field):
         illusion.visualize(pairs, **kwargs)
+
+
+def test_top_classes_can_rank_every_class_by_the_neuron_s_head_weight(illusion, world_model):
+    # k may be every class (the paper conditions a neuron on its 25 most related classes).
+    num_classes = world_model.fc.out_features
+    weights = world_model.fc.weight[:, 5].detach()
+    ranked = illusion.top_classes(5, k=num_classes)
+    assert sorted(ranked) == list(range(num_classes))
+    assert all(weights[a] >= weights[b] for a, b in zip(ranked, ranked[1:]))
+
+
+def test_a_class_prompt_is_the_unit_mean_of_its_templates_unit_embeddings(illusion, tiny_clip):
+    # T_c: every template filled with the class name, each embedding normalised before the
+    # mean (a template with a longer raw embedding would otherwise outweigh the others).
+    clip, tokenizer = tiny_clip
+    name = illusion.class_names[2]
+    with torch.no_grad():
+        raw = clip.encode_text(tokenizer([template.format(name) for template in DEFAULT_PROMPT_TEMPLATES]))
+    norms = raw.norm(dim=-1)
+    assert norms.max() > 1.05 * norms.min()  # unequal lengths, so the two readings differ
+    expected = torch.nn.functional.normalize(torch.nn.functional.normalize(raw, dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(illusion.class_embedding(2), expected)
+
+
+def test_the_callback_sees_the_images_being_optimised_not_their_augmented_views(illusion):
+    # Previews show the image as it is returned, not a rotated, noisy view of it.
+    seen = []
+
+    def progress(step, total, images):
+        seen.append(images.clone())
+        return step == 2
+
+    result = illusion.visualize([(3, 1), (9, 0)], steps=10, method="no_clip", callback_on_step_end=progress)
+    torch.testing.assert_close(seen[-1], result.images)
+
+
+def test_a_negative_seed_is_its_twos_complement(illusion):
+    # seed_value takes any int64, and numpy's SeedSequence refuses negative entropy.
+    negative = illusion.visualize([(3, 1)], steps=2, method="no_clip", seed=-1)
+    assert torch.equal(negative.images, illusion.visualize([(3, 1)], steps=2, method="no_clip", seed=2**64 - 1).images)
+
+
+def test_mask_dim_is_the_brightness_left_outside_the_mask(illusion):
+    # Not only the default 0.2: mask_dim 0 blacks the low-activation regions out.
+    result = illusion.visualize([(5, None), (17, 2)], steps=2, method="no_clip", mask_dim=0.0, mask_threshold=0.7)
+    keep = result.masks.unsqueeze(1).expand_as(result.images)
+    assert (~keep).any() and keep.any()
+    assert torch.equal(result.masked_images[keep], result.images[keep]) and (result.masked_images[~keep] == 0).all()
+
+
+def test_each_class_a_neuron_is_conditioned_on_starts_from_its_own_image(illusion):
+    # Each (neuron, class) pair draws from its own stream, the class included.
+    start = illusion.visualize([(3, 1), (3, 2)], steps=1, method="feature_visualization", learning_rate=0.0)
+    assert not torch.equal(start.images[0], start.images[1])
+
+
+def test_the_mask_is_where_the_visualised_neuron_s_own_map_is_high(illusion, world_model):
+    # Channel n of the feature layer on the final image, thresholded at mask_threshold.
+    result = illusion.visualize([(5, 1), (17, 2)], steps=2, method="no_clip", mask_threshold=0.7)
+    with torch.no_grad():
+        maps = FeatureExtractor(world_model, feature_layer="layer3").feature_maps(result.images)[[0, 1], [5, 17]]
+    expected = activation_masks(maps, (64, 64), 0.7)
+    assert not expected.all() and torch.equal(result.masks, expected)
+
+
+def test_activation_masks_measure_the_threshold_from_the_map_s_minimum():
+    # Halfway from 2 to 6 is 4: a threshold taken from zero would keep the 3 too.
+    masks = activation_masks(torch.tensor([[[2.0, 3.0], [4.0, 6.0]]]), (2, 2), 0.5)
+    assert masks[0].tolist() == [[False, False], [True, True]]
+
+
+def test_the_image_is_optimised_by_the_authors_adamw(illusion, monkeypatch):
+    # betas (0.5, 0.99) and weight decay 1e-3, as the NeuroInspect code optimises its images.
+    groups = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (groups.append(dict(self.param_groups[0])), adamw_step(self, *a, **k))[1])
+    illusion.visualize([(3, 1)], method="no_clip", steps=1)
+    assert (groups[0]["betas"], groups[0]["weight_decay"]) == ((0.5, 0.99), 1e-3)
+
+
+def test_activation_masks_place_the_boundary_on_the_interpolated_map():
+    # A 1x2 map (0 | 1) upsampled to 1x8 ramps from 0 to 1 over the middle columns, so the
+    # threshold moves the boundary between map cells rather than snapping to them.
+    ramp = torch.tensor([[[0.0, 1.0]]])
+    kept = [int(activation_masks(ramp, (1, 8), threshold).sum()) for threshold in (0.25, 0.5, 0.75)]
+    assert kept == [5, 4, 3]
+
+
+@pytest.mark.parametrize("mask_threshold", [0.0, 1.0])
+def test_a_mask_threshold_at_either_end_is_refused(illusion, mask_threshold):
+    # 0 would keep every pixel and 1 only the maximum: neither splits the map.
+    with pytest.raises(ValueError, match=r"mask_threshold must lie in \(0, 1\)"):
+        illusion.visualize([(1, 0)], method="no_clip", steps=1, mask_threshold=mask_threshold)
+
+
+def test_clip_sees_images_normalised_by_the_statistics_its_preprocessing_names(world_model, tiny_clip):
+    # The world CLIP names its own mean and std: OpenAI's would shift every cosine.
+    import copy
+
+    clip, tokenizer = copy.deepcopy(tiny_clip[0]), tiny_clip[1]
+    clip.visual.preprocess_cfg = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+    illusion = ClipIllusion(world_model, "layer3", clip, tokenizer)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    texts = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = (torch.nn.functional.normalize(clip.encode_image((images - mean) / std), dim=-1) * texts).sum(1)
+        torch.testing.assert_close(illusion.clip_similarity(images, texts), expected)
+
+
+def test_a_negative_epsilon_is_taken_as_given(illusion, monkeypatch):
+    # ε only shifts the CLIP factor; below zero it is an experiment's choice, not an error.
+    similarities = []
+    clip_similarity = illusion.clip_similarity
+    monkeypatch.setattr(illusion, "clip_similarity", lambda *a: (similarities.append(clip_similarity(*a).detach()), similarities[-1])[1])
+    losses = []
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (losses.append(self.detach()), backward(self, *a, **k))[1])
+    reads = []
+    hook = illusion.head.register_forward_hook(lambda module, inputs, output: reads.append((inputs[0].detach(), output.detach())))
+    try:
+        illusion.visualize([(3, 1)], steps=1, gamma=0.0, epsilon=-0.25)
+    finally:
+        hook.remove()
+    features = reads[1][0]  # the step's (the first read is a check's probe)
+    assert losses[0].item() == pytest.approx(-((similarities[0] - 0.25) * features[0, 3]).item(), rel=1e-5)
+
+
+def test_a_negative_activation_is_raised_as_it_is(monkeypatch):
+    # α_n enters the loss as the head reads it: a ViT's class-token feature can be
+    # negative, and the loss still rises with it rather than flattening at zero.
+    vit = _tiny_vit()
+    illusion = ClipIllusion(vit, "encoder", class_names=["a", "b", "c"], head="heads.head", image_size=32)
+    losses, reads = [], []
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (losses.append(self.detach()), backward(self, *a, **k))[1])
+    hook = vit.heads.head.register_forward_hook(lambda module, inputs, output: reads.append(inputs[0].detach()))
+    try:
+        illusion.visualize([(n, 0) for n in range(16)], method="feature_visualization", steps=1)
+    finally:
+        hook.remove()
+    activations = reads[1][torch.arange(16), torch.arange(16)]
+    assert (activations < 0).any()
+    assert losses[0].item() == pytest.approx(-activations.sum().item(), rel=1e-5)
+
+
+def test_the_visualisation_uses_the_image_parametrisation_s_default_spectrum_and_noisy_steps(illusion, monkeypatch):
+    # One default decay power (FourierImage documents why 1.5), and noise by default.
+    import inspect
+
+    from explaind.methods.neuroinspect import _illusion
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    assert default(ClipIllusion.visualize, "decay_power") == default(FourierImage, "decay_power")
+    # By default each step adds noise (the image itself held still here).
+    monkeypatch.setattr(_illusion, "random_affine", lambda images, generators: images)
+    seen = []
+    hook = illusion.classifier.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    try:
+        result = illusion.visualize([(3, 1)], method="no_clip", steps=2, learning_rate=0.0)
+    finally:
+        hook.remove()
+    assert (seen[1] - result.images).std() > 0.01
+
+
+def test_each_step_follows_its_own_gradient_alone(illusion, monkeypatch):
+    # Held still (no augmentation, no noise, learning rate 0), every step sees the same
+    # loss, so every step's gradient is the same: gradients accumulated over steps grew.
+    from explaind.methods.neuroinspect import _illusion
+
+    monkeypatch.setattr(_illusion, "random_affine", lambda images, generators: images)
+    monkeypatch.setattr(_illusion, "gaussian_noise", lambda like, generators: torch.zeros_like(like))
+    gradients = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (gradients.append(self.param_groups[0]["params"][0].grad.clone()), adamw_step(self, *a, **k))[1])
+    illusion.visualize([(3, 1)], method="no_clip", steps=3, learning_rate=0.0)
+    assert len(gradients) == 3 and gradients[0].abs().max() > 0
+    for gradient in gradients[1:]:
+        torch.testing.assert_close(gradient, gradients[0])
+
+
+def test_clip_sees_the_images_resized_to_its_height_and_width(world_model):
+    # A CLIP tower of (H, W) = (24, 40) gets 24 rows of 40 pixels, not 40 of 24.
+    class WideClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Module()
+            self.visual.image_size = (24, 40)
+            self.projection = torch.nn.Linear(3, 4)
+            self.shapes = []
+
+        def encode_image(self, image):
+            self.shapes.append(tuple(image.shape))
+            return self.projection(image.mean(dim=(2, 3)))
+
+        def encode_text(self, text):
+            return torch.ones(len(text), 4)
+
+    clip = WideClip()
+    illusion = ClipIllusion(world_model, "layer3", clip, lambda prompts: torch.zeros(len(prompts), 1))
+    illusion.clip_similarity(torch.rand(2, 3, 64, 64), torch.ones(2, 4) / 2)
+    assert clip.shapes == [(2, 3, 24, 40)]
+
+
+def _fourier_image(size=64, seed=0, **kwargs):
+    """A one-image FourierImage of ``size`` px from ``seed``."""
+    return FourierImage([torch.Generator().manual_seed(seed)], size, **kwargs)
+
+
+@pytest.mark.parametrize("decay_power", [1.0, 1.5])
+def test_spectrum_amplitudes_fall_as_a_power_of_frequency_floored_at_the_lowest(decay_power):
+    # 1 / f^p with f floored at 1/S: the DC term weighs as the lowest non-zero frequency,
+    # and negative frequencies as their positive twins.
+    size = 64
+    scale = _fourier_image(size, decay_power=decay_power).scale
+    assert scale.shape == (size, size // 2 + 1)
+    assert scale[0, 0] == scale[0, 1] == scale[1, 0] == pytest.approx(size**decay_power)
+    assert (scale[0, 0] / scale[0, size // 2]).item() == pytest.approx((size / 2) ** decay_power, rel=1e-5)
+    torch.testing.assert_close(scale[1:], scale[1:].flip(0))  # f_y = k and −k
+
+
+def test_a_zero_spectrum_is_mid_grey_and_the_first_colour_direction_is_grey_light():
+    # The sigmoid maps 0 to 0.5; Lucid's first decorrelated direction is luminance, so a
+    # spectrum in it alone changes R, G and B alike (to within its few per cent).
+    image = _fourier_image(8)
+    with torch.no_grad():
+        image.spectrum.zero_()
+        torch.testing.assert_close(image(), torch.full((1, 3, 8, 8), 0.5))
+        image.spectrum[0, 0, 0, 0, 0] = 0.1  # the DC term of the first direction
+        pixel = image()[0, :, 0, 0]
+    assert (pixel > 0.5).all() and (pixel.max() - 0.5) < 1.05 * (pixel.min() - 0.5)
+    # Scaled so that the longest colour direction has unit length: unit decorrelated noise
+    # stays unit in RGB at most.
+    assert image.colour.norm(dim=0).max().item() == pytest.approx(1.0)
+
+
+def test_the_start_image_s_contrast_does_not_depend_on_its_size():
+    # An orthonormal inverse FFT keeps the spectrum's energy: the start image's pixel std
+    # (before the sigmoid) is the same at 32 and 128 px for a white spectrum.
+    stds = [torch.logit(_fourier_image(size, decay_power=0.0)().detach()).std().item() for size in (32, 128)]
+    assert stds[1] == pytest.approx(stds[0], rel=0.2)
+
+
+def test_the_augmentations_draw_rotation_scale_and_shift_independently(monkeypatch):
+    captured = []
+    affine_grid = torch.nn.functional.affine_grid
+    monkeypatch.setattr(torch.nn.functional, "affine_grid", lambda theta, *a, **k: (captured.append(theta), affine_grid(theta, *a, **k))[1])
+    random_affine(torch.rand(2000, 3, 4, 4), generators=[torch.Generator().manual_seed(i) for i in range(2000)])
+    (theta,) = captured
+    inverse = theta[:, :, :2]
+    scale = 1 / inverse.det().sqrt()
+    angle = torch.atan2(inverse[:, 1, 0], inverse[:, 0, 0])
+    shift = -(torch.linalg.inv(inverse) @ theta[:, :, 2:]).squeeze(2)
+    correlations = torch.corrcoef(torch.stack([angle, scale, shift[:, 0], shift[:, 1]]))
+    assert (correlations - torch.eye(4)).abs().max() < 0.1, correlations
+
+
+def test_the_default_start_is_noise_around_grey_not_saturated():
+    # A saturated sigmoid passes almost no gradient back to the spectrum.
+    start = FourierImage([torch.Generator().manual_seed(i) for i in range(8)], 64)().detach()
+    assert ((start < 0.05) | (start > 0.95)).float().mean() < 0.05
+    assert 0.45 < start.mean() < 0.55
+
+
+def test_the_augmentations_add_no_borders_a_flat_image_stays_flat():
+    # Content moved or shrunk away from an edge is filled by reflection: a black border
+    # would be an edge in every step's image that the optimiser could feed on.
+    grey = torch.full((64, 3, 16, 16), 0.4)
+    moved = random_affine(grey, generators=[torch.Generator().manual_seed(i) for i in range(64)])
+    torch.testing.assert_close(moved, grey)
+
+
+def test_an_augmentation_of_nothing_returns_the_image_pixel_for_pixel():
+    # No rotation, unit scale, no shift: the sampling grid lands on the pixel centres.
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    same = random_affine(images, generators=[torch.Generator().manual_seed(i) for i in range(4)], max_rotation_degrees=0.0,
+                         max_translation=0.0, scale_range=(1.0, 1.0))
+    torch.testing.assert_close(same, images)
+
+
+def test_a_half_precision_clip_gets_pixels_in_its_own_dtype(world_model, tiny_clip):
+    # float32 pixels into a bfloat16 CLIP failed in its first convolution.
+    import copy
+
+    clip, tokenizer = copy.deepcopy(tiny_clip[0]).to(torch.bfloat16), tiny_clip[1]
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    texts = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with torch.no_grad():
+        half = ClipIllusion(world_model, "layer3", clip, tokenizer).clip_similarity(images, texts)
+        full = ClipIllusion(world_model, "layer3", *tiny_clip).clip_similarity(images, texts)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=0.05)
 
 
 # --- Acceptance 4: quality on the shipped world CLIP -----------------------------------
