@@ -54,3 +54,14 @@ def test_auc_needs_both_classes_and_one_label_per_sample(labelled_features):
         neuron_auc(features, np.ones(200, dtype=bool))
     with pytest.raises(ValueError, match="positive"):
         neuron_auc(features, np.ones(10, dtype=bool))
+
+
+def test_strongest_is_the_mean_activation_not_one_outlying_sample():
+    # Neuron 0 fires at 1 on every positive; neuron 1 at 0.5, once at 5: both detect the
+    # concept perfectly, and neuron 0 is the stronger on average.
+    positive = torch.arange(200) % 2 == 0
+    features = torch.zeros(200, 2)
+    features[positive, 0] = 1.0
+    features[positive, 1] = 0.5
+    features[0, 1] = 5.0
+    assert concept_neurons(features, {"a": positive}) == {"a": [0, 1]}
