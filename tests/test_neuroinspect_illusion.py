@@ -320,6 +320,27 @@ def test_a_class_prompt_is_the_unit_mean_of_its_templates_unit_embeddings(illusi
     torch.testing.assert_close(illusion.class_embedding(2), expected)
 
 
+def test_class_prompts_are_embedded_with_clip_in_eval_mode_and_its_mode_is_kept(world_model):
+    # A CLIP left in training mode (dropout on) gave a random T_c and kept it cached.
+    class DropoutClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Module()
+            self.visual.image_size = 32
+            self.dropout = torch.nn.Dropout(0.5)
+
+        def encode_image(self, image):
+            return image.mean(dim=(2, 3))
+
+        def encode_text(self, text):
+            return self.dropout(torch.ones(len(text), 3))
+
+    clip = DropoutClip().train()
+    illusion = ClipIllusion(world_model, "layer3", clip, lambda prompts: torch.zeros(len(prompts), 1))
+    torch.testing.assert_close(illusion.class_embedding(0), torch.full((3,), 3**-0.5))
+    assert clip.training
+
+
 def test_the_callback_sees_the_images_being_optimised_not_their_augmented_views(illusion):
     # Previews show the image as it is returned, not a rotated, noisy view of it.
     seen = []
