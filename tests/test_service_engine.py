@@ -6690,3 +6690,196 @@ def test_the_write_ahead_log_is_cut_back_after_a_large_transaction(tmp_path, mon
         assert wal.stat().st_size > 4 * 2**20
         store.put_features("small", {"0" * 64: np.zeros(16, np.float32)})  # the next write after the checkpoint
         assert wal.stat().st_size <= 2**20
+
+class _CallerWaits:
+    """A servicer context whose caller still waits for the answer."""
+
+    def is_active(self) -> bool:
+        return True
+
+
+def test_an_upload_request_id_is_the_same_request_in_either_case_of_its_hex_digits(engine):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    request_id = str(uuid.UUID(int=0xABCDEF))
+    sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8))), label=1)
+    create = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="cased", samples=[sample], request_id=request_id.upper())
+    created = servicer.CreateSampleSet(create, _CallerWaits()).sample_set
+    create.request_id = request_id  # AIP-155 ids are UUIDs, whose hex digits have no case
+    assert servicer.CreateSampleSet(create, _CallerWaits()).sample_set == created
+    assert engine.store.get_sample_set("cased").sample_count == 1
+
+
+def test_an_upload_under_a_request_id_is_not_taken_for_another_whose_samples_serialise_to_the_same_bytes(engine):
+    # Sample 1 then 2 serialise, end to end, to the bytes of one sample holding both
+    # attributes: each sample is hashed with its length, so the two requests differ.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    image = common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8)))
+    joined = sample_sets_pb2.Sample(image=image, label=1, attributes={"a": "1", "b": "2"})
+    split = [sample_sets_pb2.Sample(image=image, label=1, attributes={"a": "1"}), sample_sets_pb2.Sample(attributes={"b": "2"})]
+    assert b"".join(s.SerializeToString(deterministic=True) for s in split) == joined.SerializeToString(deterministic=True)
+    request_id = str(uuid.uuid4())
+    servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="joined", samples=[joined], request_id=request_id), _CallerWaits())
+    with pytest.raises(InvalidArgument) as refused:
+        servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="joined", samples=split, request_id=request_id), _CallerWaits())
+    assert refused.value.field == "request_id"
+    assert engine.store.get_sample_set("joined").sample_count == 1
+
+
+def test_an_uploaded_file_that_is_no_image_is_refused_naming_its_sample_and_nothing_is_stored(engine):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    good = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8))), label=1)
+    bad = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=b"\x89PNG\r\n\x1a\n but no more"), label=1)
+    with pytest.raises(InvalidArgument) as refused:
+        servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="refused", samples=[good, bad]), _CallerWaits())
+    assert refused.value.field == "samples[1].image.encoded"
+    servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="kept", samples=[good], upload_continues=True), _CallerWaits())
+    with pytest.raises(InvalidArgument) as refused:
+        servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="kept", samples=[bad, good]), _CallerWaits())
+    assert refused.value.field == "samples[0].image.encoded"
+    assert [info.sample_set_id for info in engine.store.list_sample_sets()] == ["kept"]
+    assert engine.store.get_sample_set("kept").sample_count == 1
+
+
+def test_a_samples_label_and_attributes_are_listed_as_uploaded_whether_its_image_was_a_file_or_a_tensor(engine):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    pixels = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    encoded = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(pixels)), label=2, attributes={"background": "water"})
+    tensor = sample_sets_pb2.Sample(image=common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_UINT8, shape=[8, 8, 3], data=pixels.tobytes())),
+                                    label=3, attributes={"background": "land", "n": "1"})
+    servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="kinds", samples=[encoded, tensor]), _CallerWaits())
+    listed = servicer.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="kinds"), _CallerWaits()).samples
+    assert [(s.label, dict(s.attributes)) for s in listed] == [(2, {"background": "water"}), (3, {"background": "land", "n": "1"})]
+    assert listed[0].image.encoded == encoded.image.encoded  # a file is kept as sent
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_each_ask_the_server_to_stop(signum):
+    # Kubernetes stops a pod with SIGTERM, a terminal with SIGINT (Ctrl-C): either must set the event serve() waits on.
+    import signal
+
+    from explaind.signals import stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for number in before:
+            signal.signal(number, lambda *_: None)  # a signal stop_on_signals does not take is then ignored, not a KeyboardInterrupt
+        stop_requested = stop_on_signals()
+        assert not stop_requested.is_set()
+        signal.raise_signal(getattr(signal, signum))
+        assert stop_requested.is_set()
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+def test_a_sample_set_uid_in_any_form_but_its_own_is_a_bad_request_not_another_set(engine):
+    # SampleSet.uid is a lowercase UUID: "{...}", "urn:uuid:..." and capitals name no set's uid.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8))), label=1)
+    uid = servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="pinned", samples=[sample], upload_continues=True),
+                                   _CallerWaits()).sample_set.uid
+    for other_form in (uid.upper(), "{" + uid + "}", "urn:uuid:" + uid, uid.replace("-", "")):
+        with pytest.raises(InvalidArgument) as refused:
+            servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="pinned", sample_set_uid=other_form, samples=[sample]), _CallerWaits())
+        assert refused.value.field == "sample_set_uid"
+        with pytest.raises(InvalidArgument) as refused:
+            servicer.DeleteSampleSet(sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="pinned", sample_set_uid=other_form), _CallerWaits())
+        assert refused.value.field == "sample_set_uid"
+    appended = servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="pinned", sample_set_uid=uid, samples=[sample],
+                                                                           finish_upload=True), _CallerWaits()).sample_set
+    assert (appended.uid, appended.sample_count) == (uid, 2)
+
+
+def test_an_upload_of_max_images_per_request_samples_is_taken_and_one_more_is_refused(engine, monkeypatch):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    monkeypatch.setattr(engine, "config", engine.config.replace("batching", max_images_per_request=2))
+    servicer = SampleSetServicer(engine)
+    sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8))), label=1)
+    with pytest.raises(InvalidArgument, match="^samples: 3 samples exceed the limit of 2 per request"):
+        servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="full", samples=[sample] * 3), _CallerWaits())
+    servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="full", samples=[sample] * 2, upload_continues=True), _CallerWaits())
+    with pytest.raises(InvalidArgument, match="^samples: 3 samples exceed the limit of 2 per request"):
+        servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="full", samples=[sample] * 3), _CallerWaits())
+    servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="full", samples=[sample] * 2, finish_upload=True), _CallerWaits())
+    assert engine.store.get_sample_set("full").sample_count == 4
+
+
+def test_a_sample_set_listing_ends_with_its_last_page_not_an_empty_one_after_it(engine):
+    # AIP-158: an empty next_page_token is the end; a token on a short page cost every client one more call.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    for set_id in ("a", "b", "c"):
+        engine.create_sample_set(set_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    servicer = SampleSetServicer(engine)
+    first = servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=2), None)
+    assert [s.sample_set_id for s in first.sample_sets] == ["a", "b"] and first.next_page_token
+    last = servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=2, page_token=first.next_page_token), None)
+    assert [s.sample_set_id for s in last.sample_sets] == ["c"] and last.next_page_token == ""
+    whole = servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=3), None)
+    assert len(whole.sample_sets) == 3 and whole.next_page_token  # a full page cannot tell it is the last
+
+
+def test_a_predict_of_max_images_per_request_images_is_answered_and_one_more_is_refused(engine, monkeypatch):
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import common_pb2, inference_pb2
+
+    class Context:
+        def add_callback(self, callback):
+            pass
+
+        def time_remaining(self):
+            return 60.0
+
+    monkeypatch.setattr(engine, "config", engine.config.replace("batching", max_images_per_request=2))
+    servicer = InferenceServicer(engine, serving=lambda: True)
+    image = common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(InvalidArgument, match="^images: 3 images exceed the limit of 2 per request"):
+        servicer.Predict(inference_pb2.PredictRequest(images=[image] * 3), Context())
+    assert len(servicer.Predict(inference_pb2.PredictRequest(images=[image] * 2), Context()).predictions) == 2
+
+
+def test_a_sample_set_listing_refuses_an_owner_that_is_no_caller_name_and_tokens_not_of_its_making(engine):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    engine.create_sample_set("listed", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    servicer = SampleSetServicer(engine)
+    with pytest.raises(InvalidArgument, match="^owner: 'no caller/name' is no caller name") as refused:
+        servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(owner="no caller/name"), None)
+    assert refused.value.field == "owner"
+    # A token without the id of the set it resumes after, and one whose listing is no
+    # listing's name (not described back as one, as if it were a caller's list).
+    for token in ("sample_sets/0.0/", "sample_sets@Eve Smith!/0.0/listed"):
+        with pytest.raises(InvalidArgument) as refused:
+            servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_token=token), None)
+        assert (refused.value.field, refused.value.description) == ("page_token", f"{token[:40]!r} is not a page token from a previous response")
+
+
+def test_only_a_damaged_database_is_data_loss_and_sqlites_other_errors_stay_internal():
+    # A locked, full or misused database is no reason to restore a backup.
+    from explaind.errors import report_unexpected
+
+    logger = logging.getLogger("explaind.test")
+    assert report_unexpected(logger, "read", sqlite3.DatabaseError("database disk image is malformed"))[0] == "DATA_LOSS"
+    for error in (sqlite3.OperationalError("database is locked"), sqlite3.OperationalError("database or disk is full"),
+                  sqlite3.IntegrityError("UNIQUE constraint failed"), sqlite3.ProgrammingError("Cannot operate on a closed database.")):
+        code, message = report_unexpected(logger, "read", error)
+        assert (code, "backup" in message) == ("INTERNAL", False), error
