@@ -90,7 +90,8 @@ def answers(target: str, **credentials) -> bool:
         return False
 
 
-@pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("0.0.0.0", True, False)])
+@pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("localhost", False, False),
+                                                        ("0.0.0.0", True, False)])
 def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, classifier_dir, caplog, host, tls, warned):
     # Callers' tokens crossed the network readable by anyone on the path, and nothing said so.
     from explaind.service.server import serve
