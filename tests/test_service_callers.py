@@ -928,6 +928,57 @@ def test_objects_made_without_named_callers_stay_open_to_every_caller(tmp_path, 
         server.stop(0)
 
 
+def test_a_server_restarted_without_named_callers_lets_its_caller_change_what_named_callers_own(tmp_path, classifier_dir, callers_file):
+    # One token (or none) names no caller: such a call may change anything, as before callers existed.
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
+    try:
+        with client(server, "tokenMON") as monitoring:
+            monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="owned")
+            edit = monitoring.edit_head("owned", 1, [0], max_epochs=1)
+            version = edit.result(timeout=60).version
+            assert version.owner == "monitoring"
+    finally:
+        server.stop(0)
+    server = start(tmp_path, classifier_dir, token="tokenONE")
+    try:
+        with client(server, "tokenONE") as anyone:
+            assert anyone.sample_set("owned").owner == "monitoring"
+            anyone.append_samples("owned", [IMAGE], [0])
+            assert anyone.promote_head_version(version.version_id).version.active
+            anyone.rollback_head_version()
+            anyone.delete_head_version(version.version_id)
+            anyone.delete_operation(edit.name)
+            anyone.delete_sample_set("owned")
+    finally:
+        server.stop(0)
+
+
+def test_in_process_calls_name_no_caller_and_may_change_the_head_even_with_admins_set():
+    # The engine used in-process passes caller None: [server].admins restricts named callers only.
+    from explaind.errors import PermissionDenied
+    from explaind.ownership import Ownership
+
+    ownership = Ownership(("root",))
+    ownership.require_head_changer(None, "promote a head version")
+    ownership.require_head_changer("root", "promote a head version")
+    with pytest.raises(PermissionDenied, match="only an admin"):
+        ownership.require_head_changer("analyst", "promote a head version")
+
+
+def test_without_admins_every_named_caller_may_change_the_served_head(tmp_path, classifier_dir, callers_file):
+    # [server].admins restricts the served head to its callers; unset, any caller promotes and rolls back.
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file))
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst:
+            monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            version = monitoring.edit_head("train", 1, [0], max_epochs=1).result(timeout=60).version
+            assert analyst.promote_head_version(version.version_id).version.active
+            analyst.rollback_head_version()
+            assert "owned by caller 'monitoring'" in denied(analyst.delete_head_version, version.version_id)
+    finally:
+        server.stop(0)
+
+
 def test_the_release_before_owners_still_writes_a_store_that_has_them(tmp_path):
     # Releases before owners insert rows by position (every column): the owners are kept
     # in tables of their own, and the schema version stays.
