@@ -3299,6 +3299,37 @@ def test_a_store_that_fails_its_first_writes_stops_the_start_with_one_error(tmp_
         server.store.close()
 
 
+def test_a_start_deletes_the_uploads_an_earlier_process_left_unfinished_and_says_which(tmp_path, classifier_dir, caplog):
+    # A set mid-upload when the process died can never be finished (its client's stream is gone).
+    from explaind.service import ExplaindServer
+
+    store = SQLiteStore(tmp_path)
+    store.create_sample_set("finished", "", [])
+    store.create_sample_set("half-sent", "", [], uploading=True)
+    store.close()
+    server = ExplaindServer(default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path)))
+    try:
+        with caplog.at_level(logging.WARNING, logger="explaind"):
+            server.start()
+        assert [s.sample_set_id for s in server.store.list_sample_sets(limit=10)] == ["finished"]
+        assert "deleted 1 sample set(s) whose upload an earlier process left unfinished: half-sent" in caplog.text
+    finally:
+        server.stop(0)
+
+
+def test_serve_exits_with_code_1_when_the_models_fail_to_load_after_it_bound(tmp_path, caplog):
+    # A load fails only once gRPC listens (calls are answered NOT_SERVING meanwhile); the
+    # process must still exit non-zero, so an orchestrator restarts it and says why.
+    from explaind.service.server import serve
+
+    config = default_config().replace("classifier", path=str(tmp_path / "missing.safetensors")).replace(
+        "server", host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))
+    with caplog.at_level(logging.ERROR, logger="explaind"):
+        assert serve(config, threading.Event()) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][0].startswith("cannot start: ")
+    assert "missing.safetensors" in caplog.text
+
+
 def test_a_damaged_database_page_met_while_the_models_load_names_the_data_dir_and_what_to_do(tmp_path, classifier_dir):
     # Start-up said only "cannot start: database disk image is malformed": no file, no remedy.
     from explaind.service import ExplaindServer
