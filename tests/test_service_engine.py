@@ -4922,6 +4922,29 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
+def test_the_server_s_start_up_sweep_deletes_blob_files_nothing_references(tmp_path, classifier_dir):
+    # A file an earlier process wrote but never recorded (it died between the two) is
+    # referenced by nothing, so no later sweep would ever meet it: the start-up sweep must.
+    from explaind.service import ExplaindServer
+
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        (kept,) = _samples(put, b"kept")
+        store.create_sample_set("s", "", [kept])
+    stray = store._blob_path(_digest(b"written, never recorded"))
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"written, never recorded")
+    store.close()
+    server = ExplaindServer(default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path)))
+    try:
+        server.start()
+        server.load_models()
+        files = _blob_files(server.store)
+        assert kept.digest in files and stray.name not in files
+    finally:
+        server.stop(0)
+
+
 def test_a_sweep_makes_its_records_durable_before_it_deletes_their_files(tmp_path, monkeypatch):
     # The database commits with synchronous=NORMAL: a power cut may undo its last commits.
     # Were the sweep's among them, the set's records would come back pointing at deleted files.
