@@ -3,6 +3,7 @@ feature cache, jobs, config errors, health before load, auth."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import errno
@@ -24,7 +25,7 @@ import tracemalloc
 import uuid
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -42,19 +43,20 @@ from explaind.engine.models import Preprocess, load_classifier
 from explaind.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, PermissionDenied,
                              ResourceExhausted, Unavailable)
 from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
-from explaind.jobs import JobManager
+from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
 from conftest import TINY_VIT_CLASSIFIER, torch_threads, vm_steps, write_config
 
 
-def _engine(tmp_path: Path, classifier_dir: Path, **runtime) -> Engine:
+def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtime) -> Engine:
     config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", data_dir=str(tmp_path / "data"))
     if runtime:
         config = config.replace("runtime", **runtime)
     engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
-    engine.load()
+    if load:
+        engine.load()
     return engine
 
 
@@ -174,6 +176,22 @@ def test_batcher_keeps_each_named_caller_to_its_share_of_the_queue():
     assert sum(sizes) == 1 + 2 + 2 + 3 + 5 + 2
 
 
+def test_batcher_without_a_per_caller_limit_lets_a_named_caller_queue_up_to_the_queue_size():
+    # max_queued_per_caller 0 (the default) is no limit: read as a limit of 0, a named
+    # caller with one request waiting would have every further Predict refused.
+    batcher, sizes, gate, entered = _gated_batcher(max_queue_size=6)
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1), caller="monitoring").result(10))
+        assert entered.wait(5)  # the model is busy: what follows queues
+        mine = [batcher.submit(torch.ones(2, 1, 1, 1), caller="monitoring") for _ in range(3)]
+        with pytest.raises(ResourceExhausted, match=r"^prediction queue is full \(6 images waiting, limit 6\)"):
+            batcher.submit(torch.ones(1, 1, 1, 1), caller="monitoring")  # only the queue's own limit applies
+        gate.set()
+        assert first.result(10).tolist() == [1.0] and [future.result(10).tolist() for future in mine] == [[1.0, 1.0]] * 3
+    batcher.close()
+    assert sum(sizes) == 1 + 3 * 2
+
+
 def test_batcher_runs_a_lone_request_in_the_callers_thread_and_one_forward_at_a_time():
     running, overlaps, threads = [0], [], set()
     lock = threading.Lock()
@@ -190,6 +208,7 @@ def test_batcher_runs_a_lone_request_in_the_callers_thread_and_one_forward_at_a_
 
     batcher, sizes = _sizes_batcher(run=run)
     assert batcher.submit(torch.ones(1, 1, 1, 1)).done()  # resolved before submit returned
+    assert batcher.submit(torch.ones(16, 1, 1, 1)).done()  # so is a lone request of max_batch_size images
     assert threads == {threading.current_thread().name}
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: batcher.submit(torch.full((1, 1, 1, 1), float(i))).result(10), range(200)))
@@ -403,7 +422,41 @@ def test_a_request_arriving_as_the_model_frees_queues_behind_those_already_waiti
     assert [value for forward in forwards for value in forward] == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_request_sent_as_the_last_one_is_answered_finds_the_model_free():
+    # The worker frees the model before it tells a forward's callers: one that sends its
+    # next request as soon as it hears (here in the future's callback) runs at once, not
+    # through the queue behind a forward that has ended.
+    batcher, sizes, gate, entered = _gated_batcher()
+    follow_ups: list[tuple[bool, Future]] = []
+
+    def send_the_next(_answered: Future) -> None:
+        future = batcher.submit(torch.full((3, 1, 1, 1), 3.0))
+        follow_ups.append((future.done(), future))
+
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+        assert entered.wait(5)  # the model is busy: the second queues for the worker
+        second = batcher.submit(torch.full((2, 1, 1, 1), 2.0))
+        second.add_done_callback(send_the_next)
+        gate.set()
+        assert first.result(5).tolist() == [1.0] and second.result(5).tolist() == [2.0, 2.0]
+    batcher.close()  # the worker ran the callback before it could stop
+    assert [(done, future.result(0).tolist()) for done, future in follow_ups] == [(True, [3.0] * 3)]
+    assert sizes == [1, 2, 3]
+
+
 # Registry, split, cache ------------------------------------------------------------------
+
+
+def test_a_predict_before_the_models_load_is_unavailable(tmp_path, classifier_dir):
+    # A server answers calls while its models load: a Predict then must be UNAVAILABLE
+    # (which clients retry), not an error about a missing model.
+    engine = _engine(tmp_path, classifier_dir, load=False)
+    try:
+        with pytest.raises(Unavailable, match="models are still loading"):
+            engine.predict(torch.rand(1, 3, 32, 32))
+    finally:
+        engine.close()
 
 
 def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_many_images(tmp_path, classifier_dir):
@@ -2483,6 +2536,30 @@ def test_sample_set_listings_use_the_documented_default_and_largest_page_sizes(e
     assert limits == [100, 1000, 1000, 256, 4096, 4096]
 
 
+class _EvaluationContext:
+    """What ``evaluate`` asks of its job: the stages it enters and progress it reports;
+    ``cancel()`` makes the next cancellation check end the job, as a CancelOperation would."""
+
+    def __init__(self):
+        self.stages, self.progress, self.cancelled = [], [], False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def raise_if_cancelled(self):
+        if self.cancelled:
+            raise JobCancelled("evaluation")
+
+    def stage(self, name):
+        self.stages.append(name)
+
+    def report_progress(self, step, total=None, message=""):
+        self.progress.append((step, total, message))
+
+    def save_image(self, name, pixels):
+        assert name == "mistakes.png"
+
+
 def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident_first(engine, monkeypatch):
     # Sums and the diagonal are the same for a transposed matrix or mistakes in any order;
     # fixed logits pin which cell, which order, which captions.
@@ -2496,27 +2573,15 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, digests))
     grids = []
     monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: grids.append((shown, captions)) or np.zeros((4, 4, 3), np.uint8))
-    stages = []
-
-    class Context:
-        def raise_if_cancelled(self):
-            pass
-
-        def stage(self, name):
-            stages.append(name)
-
-        def report_progress(self, *args, **kwargs):
-            pass
-
-        def save_image(self, name, pixels):
-            assert name == "mistakes.png"
-
     version = engine.models.active
-    result = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=True)
+    context = _EvaluationContext()
+    result = evaluate(engine, context, "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=True)
     # The stages it timed are the ones the engine exports at zero before its first evaluation.
     exported = {sample.labels["stage"] for family in engine.metrics.registry.collect() if family.name == "explaind_job_stage_duration_seconds"
                 for sample in family.samples if sample.labels.get("kind") == "evaluate_sample_set"}
-    assert exported == {"start", *stages, "finish"} and stages
+    assert exported == {"start", *context.stages, "finish"} and context.stages
+    assert context.progress == [(5, 5, "drawing 2 mistakes")]  # every sample classified by then: progress never goes back
+    assert (result.sample_set_id, result.model_version, result.sample_count) == ("fixed", version.version, 5)
     assert not result.confusion_cells
     confusion = np.array(result.confusion_matrix).reshape(6, 6)
     assert (confusion[0, 1], confusion[1, 2], confusion[2, 1]) == (1, 1, 1) and confusion[1, 0] == confusion[2, 0] == 0
@@ -2530,7 +2595,7 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     assert grids == [(["d3", "d1"], ["square>triangle", "circle>square"])]
     # Its non-zero cells instead (a matrix too large for a response), the rest alike:
     # most samples first, then row-major.
-    sparse = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)
+    sparse = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)
     assert not sparse.confusion_matrix
     assert [(c.label, c.predicted, c.count) for c in sparse.confusion_cells] == [(0, 0, 1), (0, 1, 1), (1, 1, 1), (1, 2, 1), (2, 1, 1)]
     sparse.ClearField("confusion_cells")
@@ -2538,8 +2603,46 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     assert sparse == result
     labels = torch.tensor([2, 0, 2, 1, 5])
     logits = torch.nn.functional.one_hot(torch.tensor([1, 0, 1, 1, 5]), 6).float()
-    sparse = evaluate(engine, Context(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)
+    sparse = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)
     assert [(c.label, c.predicted, c.count) for c in sparse.confusion_cells] == [(2, 1, 2), (0, 0, 1), (1, 1, 1), (5, 5, 1)]
+    # Every one of the 36 cells, a few twice: ties keep row-major order however many there
+    # are (an unstable sort keeps it for a few cells and reorders 17 or more).
+    labels = torch.cat([torch.arange(36) // 6, torch.tensor([4, 2, 4])])
+    predicted = torch.cat([torch.arange(36) % 6, torch.tensor([0, 3, 0])])
+    logits, digests = torch.nn.functional.one_hot(predicted, 6).float(), [f"d{i}" for i in range(len(labels))]
+    sparse = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", len(labels), version, 0, 2, dense_confusion=False)
+    counts = collections.Counter(zip(labels.tolist(), predicted.tolist()))
+    assert [(c.label, c.predicted, c.count) for c in sparse.confusion_cells] == sorted(((*cell, n) for cell, n in counts.items()), key=lambda cell: (-cell[2], cell[:2]))
+
+
+def test_an_evaluation_cancelled_during_its_last_batch_draws_no_grid(engine, monkeypatch):
+    # The inference checks for a cancel before each batch: one that comes during the
+    # last must still stop the job before it decodes and draws up to 64 mistakes.
+    from explaind.engine.evaluation import evaluate
+
+    context = _EvaluationContext()
+
+    def classify_then_cancel(*args, **kwargs):
+        context.cancel()  # as a CancelOperation during the last batch's forward
+        return torch.eye(6)[[1, 0]], torch.tensor([0, 1]), ["d0", "d1"]
+
+    monkeypatch.setattr(engine, "sample_set_logits", classify_then_cancel)
+    monkeypatch.setattr(engine, "sample_grid", lambda *args: pytest.fail("a cancelled evaluation drew its mistakes"))
+    with pytest.raises(JobCancelled):
+        evaluate(engine, context, "fixed", "uid of fixed", 2, engine.models.active, 0, 2, dense_confusion=True)
+
+
+def test_an_evaluation_reports_the_version_it_ran_not_the_one_served_when_it_ends(engine, monkeypatch):
+    # The job runs the version served when it was submitted: a head activated since
+    # (an edit's, say) must not be named as the model that scored it.
+    from explaind.engine.evaluation import evaluate
+
+    evaluated = engine.models.active
+    engine.activate(evaluated.with_head(_constant_head(2)))
+    monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (torch.eye(6)[[0, 1]], torch.tensor([0, 1]), ["d0", "d1"]))
+    monkeypatch.setattr(engine, "sample_grid", lambda *args: np.zeros((4, 4, 3), np.uint8))
+    result = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 2, evaluated, 0, 2, dense_confusion=True)
+    assert result.model_version == evaluated.version != engine.models.active.version
 
 
 def test_evaluation_options_are_bounded_and_zero_means_the_default(engine, monkeypatch):
@@ -6246,8 +6349,6 @@ def test_listing_by_an_unknown_kind_is_refused_naming_the_kinds(tmp_path):
 
 
 def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(engine):
-    from explaind.jobs import JobCancelled
-
     rng = np.random.default_rng(3)
     samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
     engine.create_sample_set("ahead", "", samples)
