@@ -354,6 +354,25 @@ def test_a_port_that_cannot_be_bound_frees_the_ones_already_bound(tmp_path, clas
             again.bind(("127.0.0.1", freed))  # OSError (address in use) if the failed start kept it
 
 
+def test_a_stopped_server_closes_its_metrics_socket_itself_and_frees_the_port(tmp_path, classifier_dir):
+    # Closed by stop(), not left to the garbage collector: an embedding process's tests
+    # (ResourceWarning as an error) and a PyPy or a held reference would keep the port.
+    import socket
+    import warnings
+
+    metrics_port = free_port()
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", port=0, metrics_port=metrics_port, data_dir=str(tmp_path / "data"))
+    server = ExplaindServer(config)
+    server.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        server.stop(0)
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", metrics_port))
+
+
 def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path, classifier_dir, caplog):
     # A mounted Kubernetes Secret: tls.crt -> ..data/tls.crt, ..data -> ..v1, and a renewal
     # swaps the ..data link to a new folder in one step.
