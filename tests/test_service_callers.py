@@ -878,6 +878,26 @@ def test_calls_without_a_token_hold_at_most_a_quarter_of_the_slots_and_a_full_se
         assert held.refusal(caller="auditor").endswith("(at most 8, half of [server].max_workers); try again later")
 
 
+def test_a_server_holds_streams_to_half_of_its_max_workers(tmp_path, classifier_dir):
+    # The other half of the threads stay for short calls: with max_workers 8, four calls
+    # may wait, one of them without a token (health's Watch needs none).
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = start(tmp_path, classifier_dir, max_workers=8, token="tokenONE")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            first = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert next(first).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30))
+            first.cancel()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "(at most 4, 1 of them for calls without a token)" in refused.value.details()
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),
