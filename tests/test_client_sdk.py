@@ -3033,3 +3033,23 @@ def test_a_head_edits_fields_are_the_servers_each_in_its_place():
     assert loaded.parent_evaluation is None and loaded.evaluation.worst_group == "" and np.isnan(loaded.evaluation.worst_group_accuracy)
     change = active_head_change(ni.PromoteHeadVersionResponse(version=version, previous_version_id="h0"))
     assert (change.version.version_id, change.previous_version_id) == ("h2", "h0")
+
+
+def test_a_sample_sets_summary_has_its_name_times_and_upload_state(client):
+    # A look at the set while the upload reads its fourth image: the first request (one
+    # image) created it, still uploading; the summaries are the server's, field by field.
+    during = []
+
+    def images():
+        yield from [IMAGE] * 3  # requests are made a chunk ahead: the fourth image is read once the first request was answered
+        during.append(client.sample_set("summary"))
+        yield IMAGE
+
+    created = client.create_sample_set(images(), [5, 1, 5, 5], sample_set_id="summary", display_name="hearts and stars", chunk_size=1)
+    (uploading,) = during
+    assert (uploading.sample_count, uploading.uploading, uploading.display_name) == (1, True, "hearts and stars")
+    assert (created.sample_count, created.uploading, created.display_name, created.uid) == (4, False, "hearts and stars", uploading.uid)
+    assert created.class_counts == {1: 1, 5: 3}  # by class index
+    appended = client.append_samples("summary", [IMAGE], [0])
+    assert appended.create_time == created.create_time < appended.update_time
+    assert [s for s in client.sample_sets() if s.sample_set_id == "summary"] == [appended]
