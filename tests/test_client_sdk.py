@@ -3053,3 +3053,17 @@ def test_a_sample_sets_summary_has_its_name_times_and_upload_state(client):
     appended = client.append_samples("summary", [IMAGE], [0])
     assert appended.create_time == created.create_time < appended.update_time
     assert [s for s in client.sample_sets() if s.sample_set_id == "summary"] == [appended]
+
+
+def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
+    from explaind.client import RequestLimits
+    from explaind.config import default_config
+    from explaind.imaging import MAX_IMAGE_SIDE
+
+    config = default_config()  # the test server's, but for its classifier
+    meta = client.model_metadata()
+    assert (meta.name, meta.loader, meta.device, meta.interpolation) == ("world:balanced", "world", config.runtime.device, "bilinear")
+    assert meta.supports_visualization  # a PyTorch classifier: its neurons can be visualised
+    assert meta.limits == RequestLimits(config.server.max_message_bytes, config.server.max_pixels_per_request,
+                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0)
+    assert (meta.components["classifier"].source, meta.components["classifier"].detail) == (meta.source, "world:balanced (world)")
