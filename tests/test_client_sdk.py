@@ -3067,3 +3067,11 @@ def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
     assert meta.limits == RequestLimits(config.server.max_message_bytes, config.server.max_pixels_per_request,
                                         config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0)
     assert (meta.components["classifier"].source, meta.components["classifier"].detail) == (meta.source, "world:balanced (world)")
+
+
+def test_health_is_asked_of_the_service_named(client):
+    from explaind.client import NotFoundError
+
+    assert client.health("explaind.v1.InferenceService") == "SERVING"
+    with pytest.raises(NotFoundError):  # gRPC's health service knows no such service
+        client.health("explaind.v1.NoSuchService")
