@@ -3075,3 +3075,16 @@ def test_health_is_asked_of_the_service_named(client):
     assert client.health("explaind.v1.InferenceService") == "SERVING"
     with pytest.raises(NotFoundError):  # gRPC's health service knows no such service
         client.health("explaind.v1.NoSuchService")
+
+
+def test_a_clients_message_limit_bounds_what_it_sends_and_what_it_takes(client, server):
+    from explaind.client import ResourceExhaustedError
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)  # 12 kB raw, about as much as a PNG
+    client.create_sample_set([noise], [0], sample_set_id="noise")
+    with Client(server.target, max_message_bytes=4096) as small:
+        assert small.predict([np.zeros((16, 16, 3), np.uint8)])[0].labels  # a request and answer under 4 kB
+        with pytest.raises(ResourceExhaustedError):
+            small.predict([noise])
+        with pytest.raises(ResourceExhaustedError):
+            next(small.samples("noise"))
