@@ -3088,3 +3088,23 @@ def test_a_clients_message_limit_bounds_what_it_sends_and_what_it_takes(client, 
             small.predict([noise])
         with pytest.raises(ResourceExhaustedError):
             next(small.samples("noise"))
+
+
+@pytest.mark.parametrize("given", ["s3cret\n", " s3cret "])
+def test_a_token_with_surrounding_whitespace_authenticates_as_the_token(tmp_path, given):
+    # A Secret mounted as a file or set as a variable often ends in a line break; the server
+    # drops it from its token file, and the client from its token.
+    from explaind.client import UnauthenticatedError
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
+    (tmp_path / "token").write_text("s3cret\n")
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path / "data"), token_file=str(tmp_path / "token")))
+    port = server.start()  # sets are listed before the models load: none are loaded here
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30, token=given) as client:
+            assert client.sample_sets() == []
+        with Client(f"127.0.0.1:{port}", timeout=30, token="other") as stranger, pytest.raises(UnauthenticatedError):
+            stranger.sample_sets()
+    finally:
+        server.stop(0)
