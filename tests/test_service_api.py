@@ -135,7 +135,7 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     # centre crop, whatever the image's aspect ratio.
     from explaind.imaging import InputGeometry, decode_array
 
-    server = server_factory(classifier={"resize_size": 80})
+    server = server_factory(classifier={"resize_size": 80}, batching={"max_queue_delay_ms": 2.0, "max_queued_images_per_caller": 64})
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 96, 3), (120, 70, 3), (80, 80, 3), (50, 200, 3)] * 3]
     labels = [i % 6 for i in range(len(pixels))]
@@ -152,6 +152,7 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
         assert evaluation == operation.result(timeout=60) and predictions == client.predict(pixels, top_k=6)
         assert evaluation != dataclasses.replace(evaluation, confusion_matrix=evaluation.confusion_matrix + 1)
     assert (meta.image_size, meta.resize_size) == (64, 80)
+    assert (meta.max_queue_delay_seconds, meta.max_queued_images_per_caller) == (0.002, 64)  # the batcher's, in seconds
     for prediction, probabilities in zip(predictions, expected, strict=True):
         np.testing.assert_allclose(prediction.probabilities, probabilities[prediction.class_indices].numpy(), atol=1e-5)
         assert prediction.class_indices[0] == int(probabilities.argmax())
