@@ -3127,3 +3127,13 @@ def test_a_class_name_the_model_repeats_labels_its_first_index():
     finally:
         server.stop(None)
     assert servicer.labels["cranes"] == [1, 0, 2]
+
+
+def test_an_evaluations_arguments_reach_the_server(client):
+    from explaind.client import InvalidArgumentError
+
+    client.create_sample_set([IMAGE], [0], sample_set_id="evaluated")
+    for argument in ("batch_size", "max_grid_images"):
+        with pytest.raises(InvalidArgumentError) as refused:
+            client.evaluate_sample_set("evaluated", **{argument: 5000})  # over 4096 and 1024
+        assert refused.value.field == argument
