@@ -352,3 +352,26 @@ def test_a_result_whose_wait_goes_unanswered_is_late_and_hands_back_its_operatio
                 assert late.value.operation is operation
     finally:
         server.stop(0)
+
+
+def test_an_async_clients_arguments_are_its_clients(tmp_path_factory, classifier_dir):
+    from explaind.client import ResourceExhaustedError, UnavailableError
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(_world_config(tmp_path_factory, classifier_dir))
+    loading = f"127.0.0.1:{server.start()}"  # never loads its models: UNAVAILABLE, retry after a delay
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)  # 12 kB raw
+
+    async def main() -> None:
+        async with AsyncClient(loading, timeout=2, retry=False) as unretried:
+            with pytest.raises(UnavailableError) as unavailable:
+                await unretried.model_metadata()
+        assert not getattr(unavailable.value, "__notes__", None)  # tried once, not retried until its timeout
+        async with AsyncClient(loading, timeout=2, max_message_bytes=4096) as small:
+            with pytest.raises(ResourceExhaustedError):
+                await small.predict([noise])  # refused by the client before it is sent
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop(0)
