@@ -248,6 +248,8 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.predict(None), TypeError, "images must be an image, or a list, batch array or iterable of images, got None"),
         (lambda c: c.visualize_neurons([1], steps=1.5), TypeError, "steps must be a 32-bit integer, got 1.5"),
         (lambda c: c.edit_head("s", "heart", 5), TypeError, "neurons must be a sequence of neuron indices, got 5"),
+        (lambda c: c.edit_head("s", "heart", [1, 2**40]), ValueError,
+         "neurons must be a sequence of which each is a 32-bit integer, got [1, 1099511627776]"),
         (lambda c: c.edit_head("s", "heart", [1], target_ratio="abc"), TypeError, 'target_ratio must be a number or "auto", got \'abc\''),
         (lambda c: c.edit_head("s", "heart", [1], request_id="nightly-1"), ValueError,
          "request_id must be a UUID (such as 123e4567-e89b-42d3-a456-426614174000), got 'nightly-1'"),
