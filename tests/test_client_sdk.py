@@ -3115,8 +3115,6 @@ def test_a_token_with_surrounding_whitespace_authenticates_as_the_token(tmp_path
 def test_a_class_name_the_model_repeats_labels_its_first_index():
     # ImageNet's names repeat ("crane" the bird and the machine): a name means its first
     # index, as class_names.index(name) does.
-    from explaind.v1 import inference_pb2
-
     class Repeating(_UploadServer):
         def GetModelMetadata(self, request, context):
             return inference_pb2.GetModelMetadataResponse(classifier=inference_pb2.ClassifierInfo(class_names=["crane", "bird", "crane"]))
