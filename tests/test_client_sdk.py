@@ -3137,3 +3137,20 @@ def test_an_evaluations_arguments_reach_the_server(client):
         with pytest.raises(InvalidArgumentError) as refused:
             client.evaluate_sample_set("evaluated", **{argument: 5000})  # over 4096 and 1024
         assert refused.value.field == argument
+
+
+def test_a_watch_the_server_cancels_raises_rather_than_ending_as_if_done():
+    # It ended quietly, the operation not done, as if the watch had reached its end.
+    from explaind.client import CancelledError
+    from explaind.client._operations import Operation
+
+    class Cancelling(operations_pb2_grpc.OperationsServiceServicer):
+        def WatchOperation(self, request, context):
+            context.abort(grpc.StatusCode.CANCELLED, "the server cancelled the watch")
+
+    server, target = _serve(Cancelling(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=5) as client, pytest.raises(CancelledError, match="the server cancelled the watch"):
+            list(Operation(client, _operation_message()).watch(timeout=5))
+    finally:
+        server.stop(None)

@@ -1348,13 +1348,17 @@ class _ErrorMappingStream:
 
     def __init__(self, call: Any) -> None:
         self._call = call
+        self._cancelled = False
 
     def __iter__(self) -> Iterator[Any]:
         try:
             yield from self._call
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED or self._call.is_active():
+            # Only this end's cancel() ends it quietly: a CANCELLED the server sent raises.
+            # (The call is no longer active once its error is raised, whoever cancelled it.)
+            if error.code() != grpc.StatusCode.CANCELLED or not self._cancelled:
                 raise from_rpc_error(error) from None
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
