@@ -3154,3 +3154,10 @@ def test_a_watch_the_server_cancels_raises_rather_than_ending_as_if_done():
             list(Operation(client, _operation_message()).watch(timeout=5))
     finally:
         server.stop(None)
+
+
+def test_predicted_features_are_a_writable_array_of_their_own(client):
+    features = client.predict([IMAGE], return_features=True)[0].features
+    centred = features - features.mean()
+    features -= features.mean()  # an array over the message's bytes was read-only
+    np.testing.assert_array_equal(features, centred)
