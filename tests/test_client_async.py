@@ -375,3 +375,17 @@ def test_an_async_clients_arguments_are_its_clients(tmp_path_factory, classifier
         asyncio.run(main())
     finally:
         server.stop(0)
+
+
+def test_a_function_on_the_async_clients_threads_runs_in_the_callers_context(served):
+    # As asyncio.to_thread: its OpenTelemetry span, a contextvar, are the caller's.
+    import contextvars
+
+    stage = contextvars.ContextVar("stage", default="unset")
+
+    async def main() -> str:
+        stage.set("the caller's")
+        async with AsyncClient(served[0]) as asynchronous:
+            return await asynchronous.to_thread(stage.get)
+
+    assert asyncio.run(main()) == "the caller's"
