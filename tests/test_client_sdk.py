@@ -3161,3 +3161,8 @@ def test_predicted_features_are_a_writable_array_of_their_own(client):
     centred = features - features.mean()
     features -= features.mean()  # an array over the message's bytes was read-only
     np.testing.assert_array_equal(features, centred)
+
+
+def test_a_result_holding_arrays_is_unequal_to_another_type(client):
+    prediction = client.predict([IMAGE], return_features=True)[0]
+    assert prediction != "circle" and prediction != (prediction.labels, prediction.class_indices)  # not an AttributeError
