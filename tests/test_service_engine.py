@@ -3433,6 +3433,22 @@ def test_serve_exits_with_code_1_when_the_models_fail_to_load_after_it_bound(tmp
     assert "missing.safetensors" in caplog.text
 
 
+def test_serve_that_cannot_bind_releases_the_data_dir_for_the_next_try(tmp_path):
+    # An embedding process (or a supervisor retrying in one process) must find the data
+    # dir's lock free once serve() has raised, not "in use by another server".
+    import socket
+
+    from explaind.service.server import serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = default_config().replace("server", host="127.0.0.1", port=busy.getsockname()[1], data_dir=str(tmp_path / "data"))
+        with pytest.raises(OSError, match="cannot bind"):
+            serve(config, threading.Event())
+    SQLiteStore(tmp_path / "data").close()
+
+
 def test_a_damaged_database_page_met_while_the_models_load_names_the_data_dir_and_what_to_do(tmp_path, classifier_dir):
     # Start-up said only "cannot start: database disk image is malformed": no file, no remedy.
     from explaind.service import ExplaindServer
