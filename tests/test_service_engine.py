@@ -3433,6 +3433,20 @@ def test_serve_exits_with_code_1_when_the_models_fail_to_load_after_it_bound(tmp
     assert "missing.safetensors" in caplog.text
 
 
+def test_a_stopped_server_leaves_none_of_its_threads_running(tmp_path, classifier_dir):
+    # An embedding process (a test suite, a notebook) starts and stops servers in one
+    # process: each stop must end the Predict batcher's worker and the sweeper it started.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path)))
+    server.start()
+    server.load_models()
+    threads = {"batcher": server.engine._batcher._worker, "sweeper": server._sweeper}
+    assert all(thread.is_alive() for thread in threads.values())
+    server.stop(0)
+    assert [name for name, thread in threads.items() if thread.is_alive()] == []
+
+
 def test_serve_that_cannot_bind_releases_the_data_dir_for_the_next_try(tmp_path):
     # An embedding process (or a supervisor retrying in one process) must find the data
     # dir's lock free once serve() has raised, not "in use by another server".
