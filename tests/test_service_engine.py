@@ -364,6 +364,38 @@ def test_a_forward_that_raises_fails_every_request_batched_into_it():
     assert forwards == [1, 6]
 
 
+def test_a_split_returning_the_wrong_count_fails_its_callers_and_the_worker_goes_on():
+    # A split that loses a request's output must fail that batch's callers, queued and run
+    # in the caller's own thread alike, not end the worker: later requests still run.
+    gate, entered = threading.Event(), threading.Event()
+    forwards: list[int] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        forwards.append(len(x))
+        if len(forwards) == 1:
+            entered.set()
+            gate.wait(10)
+        return x.flatten(1).sum(1)
+
+    def split(out: torch.Tensor, sizes: list[int], _options: list) -> list[torch.Tensor]:
+        return list(out.split(sizes))[:-1] if len(forwards) <= 2 else list(out.split(sizes))
+
+    batcher = DynamicBatcher(run, split, max_batch_size=16)
+    with ThreadPoolExecutor(1) as caller:
+        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+        assert entered.wait(5)
+        queued = [batcher.submit(torch.ones(n, 1, 1, 1)) for n in (1, 2)]
+        gate.set()
+        with pytest.raises(RuntimeError, match="split returned 0 outputs for 1 requests"):
+            first.result(5)
+        for future in queued:
+            with pytest.raises(RuntimeError, match="split returned 1 outputs for 2 requests"):
+                future.result(timeout=5)
+    assert batcher.submit(torch.full((2, 1, 1, 1), 2.0)).result(timeout=5).tolist() == [2.0, 2.0]
+    batcher.close()
+    assert forwards == [1, 3, 2]
+
+
 def test_a_batch_whose_requests_were_all_cancelled_frees_the_model():
     # The worker may take requests whose callers cancel before their forward starts: it
     # runs none of them, and must still free the model, or every later request waits.

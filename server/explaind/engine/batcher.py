@@ -197,14 +197,16 @@ class DynamicBatcher(Generic[Output]):
         try:
             images = live[0].images if len(live) == 1 else torch.cat([request.images for request in live])
             self._on_batch(len(images))
-            outputs = self._split(self._run(images), [len(request.images) for request in live], [request.options for request in live])
+            outputs = list(self._split(self._run(images), [len(request.images) for request in live], [request.options for request in live]))
+            if len(outputs) != len(live):  # checked here: past the try it would end the worker and strand every caller
+                raise RuntimeError(f"split returned {len(outputs)} outputs for {len(live)} requests")
         except BaseException as error:  # noqa: BLE001 - every caller must hear about it
             self._release_model()
             for request in live:
                 request.future.set_exception(error)
             return
         self._release_model()
-        for request, output in zip(live, outputs, strict=True):
+        for request, output in zip(live, outputs):
             request.future.set_result(output)
 
     def _release_model(self) -> None:
