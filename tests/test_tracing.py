@@ -387,3 +387,36 @@ def test_a_trace_id_is_32_hex_digits_of_a_sampled_trace_and_a_current_span_is_cu
             pass
         assert trace.get_current_span() is outer
     assert trace.get_current_span() is not outer
+
+
+def test_a_servers_stop_shuts_its_span_export_down_once_after_its_last_call(tmp_path):
+    """The production exporter sends in batches: only the provider's shutdown at the stop
+    sends the last ones. A second stop must not shut it down again."""
+    from explaind.service import ExplaindServer
+
+    class CountingExporter(InMemorySpanExporter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shutdowns = 0
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+            super().shutdown()
+
+    config = (default_config().replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20)
+              .replace("tracing", otlp_endpoint=ENDPOINT))
+    exporter = CountingExporter()
+    server = ExplaindServer(config, span_exporter=exporter)
+    port = server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:  # the models are not loaded
+                channel.unary_unary("/explaind.v1.InferenceService/GetModelMetadata")(b"", timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+    assert exporter.shutdowns == 1
+    assert [span.name for span in exporter.get_finished_spans()] == ["explaind.v1.InferenceService/GetModelMetadata"]
+    server.stop(0)
+    assert exporter.shutdowns == 1
