@@ -422,3 +422,14 @@ def test_an_upload_request_sent_again_with_its_request_id_is_applied_once_and_an
         stub.DeleteSampleSet(sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="resent"), timeout=60)
         # Forgotten with its set: the request makes a new one.
         assert stub.CreateSampleSet(create, timeout=60).sample_set.uid != first.uid
+
+
+def test_a_sample_sets_uid_is_derived_as_released_versions_derived_it():
+    # Not stored but derived from the id and creation time: a derivation changed by an
+    # upgrade would turn every uid a caller kept (for sample_set_uid=) into a
+    # FAILED_PRECONDITION. The literal is what released versions answer for this set.
+    from explaind.store.base import sample_set_uid
+
+    assert sample_set_uid("shapes-eval", 1764547200.25) == "4e3289d5-df81-5937-9087-a0d5507b388c"
+    assert len({sample_set_uid("shapes-eval", 1764547200.25), sample_set_uid("shapes-eval", 1764547200.5),
+                sample_set_uid("shapes-eval2", 1764547200.25)}) == 3
