@@ -96,6 +96,8 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(features=features[labels != 1], labels=labels[labels != 1], target_ratio="auto"), ValueError,
          "labels hold no sample of target_class 1"),
         (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
+        # Was a bare RuntimeError from inside Adam ("cannot be converted to type float without overflow").
+        (dict(learning_rate=3.5e37), ValueError, r"learning_rate must be at most 3.4e\+37 \(Adam's first step, 10 × learning_rate, must fit torch.float32\)"),
         (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
         (dict(batch_size=0), ValueError, "batch_size must be an integer ≥ 1"),
         (dict(weight_decay=-1e-4), ValueError, "weight_decay must be ≥ 0"),
