@@ -97,7 +97,7 @@ def test_the_editor_checks_every_set_before_training(head):
          "labels hold no sample of target_class 1"),
         (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
         # Was a bare RuntimeError from inside Adam ("cannot be converted to type float without overflow").
-        (dict(learning_rate=3.5e37), ValueError, r"learning_rate must be at most 3.4e\+37 \(Adam's first step, 10 × learning_rate, must fit torch.float32\)"),
+        (dict(learning_rate=3.5e37), ValueError, r"learning_rate must be at most 3.4e\+37 \(10 × learning_rate must fit torch.float32, the optimiser's first step\)"),
         (dict(patience=0), ValueError, "patience must be an integer ≥ 1"),
         (dict(batch_size=0), ValueError, "batch_size must be an integer ≥ 1"),
         (dict(weight_decay=-1e-4), ValueError, "weight_decay must be ≥ 0"),
@@ -401,6 +401,8 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
         (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=-5), r"image_size must be an integer ≥ 1, got -5"),
         (lambda: ClipIllusion(model, "hidden", head="classifier"), r"image_size must be given"),
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=-1), r"learning_rate must be ≥ 0"),
+        # Was a bare overflow RuntimeError from inside AdamW (β1 0.5: its first step is 2 × the rate).
+        (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=2e38), r"learning_rate must be at most 1.7e\+38 \(2 × learning_rate"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
@@ -591,6 +593,8 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         (lambda: FaithfulSGD().solve(weight.double(), bias, features, labels), TypeError, r"weight and bias must be floating-point tensors of one dtype"),
         (lambda: FaithfulSGD(learning_rate=float("nan")), ValueError, r"learning_rate must be a finite number"),
         (lambda: FaithfulSGD(learning_rate=-1.0), ValueError, r"learning_rate must be > 0"),  # climbs the loss
+        # Was a bare overflow RuntimeError at the first step.
+        (lambda: FaithfulSGD(learning_rate=1e39).solve(weight, bias, features, labels), ValueError, r"learning_rate must be at most 3.4e\+38 \(1 × learning_rate must fit torch.float32"),
         (lambda: FaithfulSGD(momentum=5.0), ValueError, r"momentum must lie in \[0, 1\)"),
         (lambda: FaithfulSGD().solve(weight, bias, features.long(), labels), ValueError, r"features must be floating-point \(N, 16\), got torch.int64"),
         (lambda: FaithfulSGD(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),  # never forgets a step

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, eval_mode, index, number, seed_value
+from ._checks import count, eval_mode, index, number, seed_value, step_size
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
@@ -44,6 +44,7 @@ DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = (
 )
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_ADAM_BETAS = (0.5, 0.99)  # the authors' AdamW betas
 
 # Progress hook: (step, total steps, current images (B, 3, H, W) in [0, 1]) -> True to stop.
 VisualizationCallback = Callable[[int, int, torch.Tensor], "bool | None"]
@@ -228,6 +229,7 @@ class ClipIllusion:
         steps = count(steps, "steps")
         gamma, epsilon, noise_std = number(gamma, "gamma"), number(epsilon, "epsilon", low=-math.inf), number(noise_std, "noise_std")
         learning_rate, weight_decay = number(learning_rate, "learning_rate"), number(weight_decay, "weight_decay")  # 0: the start images
+        step_size(learning_rate, "learning_rate", torch.get_default_dtype(), factor=1 / (1 - _ADAM_BETAS[0]))  # FourierImage's dtype
         decay_power = number(decay_power, "decay_power")
         if not 0 < number(mask_threshold, "mask_threshold") < 1:
             raise ValueError(f"mask_threshold must lie in (0, 1), got {mask_threshold}")
@@ -245,7 +247,7 @@ class ClipIllusion:
 
             generators = [_pair_generator(seed, int(n), int(c), self.device) for n, c in zip(neurons, classes)]
             image = FourierImage(generators, self.image_size, decay_power=decay_power).to(self.device)
-            optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=(0.5, 0.99), weight_decay=weight_decay)
+            optimiser = torch.optim.AdamW(image.parameters(), lr=learning_rate, betas=_ADAM_BETAS, weight_decay=weight_decay)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
             cancelled, step = False, 0
             for step in range(1, steps + 1):
