@@ -141,15 +141,14 @@ def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False
     return float(value)
 
 
-def step_size(learning_rate: float, name: str, dtype: torch.dtype, *, factor: float = 1.0) -> float:
-    """``learning_rate`` when ``factor`` × it fits ``dtype``: an optimiser hands torch that
-    much as a number of the parameters' dtype (Adam's first step is 1 / (1 − β1) times
-    its rate), and past the dtype's range torch raises a bare overflow RuntimeError in the
-    middle of the work."""
+def require_step_fits(learning_rate: float, name: str, dtype: torch.dtype, *, factor: float = 1.0) -> None:
+    """ValueError unless ``factor`` × ``learning_rate`` fits ``dtype``: an optimiser hands
+    torch that much as a number of the parameters' dtype (Adam's first step is
+    1 / (1 − β1) times its rate), and past the dtype's range torch raises a bare overflow
+    RuntimeError in the middle of the work."""
     if learning_rate * factor > (largest := torch.finfo(dtype).max):
         raise ValueError(f"{name} must be at most {largest / factor:.3g} ({factor:g} × {name} must fit {dtype}, "
                          f"the optimiser's first step), got {learning_rate!r}")
-    return learning_rate
 
 
 def count(value: object, name: str, *, low: int = 1) -> int:

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._checks import count, finite_rows, head_parameters, labels_tensor, number, step_size
+from ._checks import count, finite_rows, head_parameters, labels_tensor, number, require_step_fits
 
 # Progress hook: (step, max_iterations, samples still running) -> True to stop now.
 SolverCallback = Callable[[int, int, int], "bool | None"]
@@ -123,7 +123,7 @@ class FaithfulSGD:
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
         features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
-        step_size(self.learning_rate, "learning_rate", features.dtype)
+        require_step_fits(self.learning_rate, "learning_rate", features.dtype)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
         omega = torch.zeros_like(features)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, head_parameters, index, indices, labelled_features, number, seed_value, step_size
+from ._checks import count, head_parameters, index, indices, labelled_features, number, require_step_fits, seed_value
 from ._probability import _probability_ratio, neuron_importance
 
 METHODS = ("probability_ratio", "constrain")
@@ -248,7 +248,7 @@ class HeadEditor:
         # Adam's moments and its eps (1e-8 is 0 in float16) need at least float32: a float16
         # head is trained on float32 copies, and evaluated and kept in its own dtype.
         train_dtype = torch.promote_types(weight0.dtype, torch.float32)
-        step_size(learning_rate, "learning_rate", train_dtype, factor=1 / (1 - 0.9))  # Adam's default β1
+        require_step_fits(learning_rate, "learning_rate", train_dtype, factor=1 / (1 - 0.9))  # Adam's default β1
         train_features = features.to(train_dtype)
         weight = weight0.to(train_dtype).clone().requires_grad_(True)
         bias = bias0.to(train_dtype).clone().requires_grad_(True)

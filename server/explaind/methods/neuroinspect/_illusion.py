@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, eval_mode, index, number, seed_value, step_size
+from ._checks import count, eval_mode, index, number, require_step_fits, seed_value
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
@@ -229,7 +229,7 @@ class ClipIllusion:
         steps = count(steps, "steps")
         gamma, epsilon, noise_std = number(gamma, "gamma"), number(epsilon, "epsilon", low=-math.inf), number(noise_std, "noise_std")
         learning_rate, weight_decay = number(learning_rate, "learning_rate"), number(weight_decay, "weight_decay")  # 0: the start images
-        step_size(learning_rate, "learning_rate", torch.get_default_dtype(), factor=1 / (1 - _ADAM_BETAS[0]))  # FourierImage's dtype
+        require_step_fits(learning_rate, "learning_rate", torch.get_default_dtype(), factor=1 / (1 - _ADAM_BETAS[0]))  # FourierImage's dtype
         decay_power = number(decay_power, "decay_power")
         if not 0 < number(mask_threshold, "mask_threshold") < 1:
             raise ValueError(f"mask_threshold must lie in (0, 1), got {mask_threshold}")
