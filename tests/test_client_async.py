@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +17,8 @@ from conftest import free_port
 from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation
 from explaind.client import _async, _operations
 from explaind.config import default_config
-from explaind.v1 import neuroinspect_pb2, operations_pb2, operations_pb2_grpc
-from test_client_sdk import _ArtifactServer, _operation_message, _running_operation, _serve
+from explaind.v1 import operations_pb2, operations_pb2_grpc
+from test_client_sdk import _ranking_with_omega, _running_operation, _serve
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -175,12 +174,7 @@ def test_an_awaited_result_shows_its_jobs_progress_as_the_blocking_one_does(serv
 def test_an_awaited_result_fetches_artifacts_only_with_download():
     # download=False is for a ranking whose ω is gigabytes: awaited, it must not be fetched either.
     omega = np.arange(6, dtype=np.float32).reshape(2, 3)
-    saved = io.BytesIO()
-    np.save(saved, omega)
-    server = _ArtifactServer(saved.getvalue(), server_limit=0, client_limit=4 << 20, cap=4 << 20)
-    message = _operation_message(done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED)
-    message.response.Pack(neuroinspect_pb2.NeuronRanking(class_name="heart", omega_artifact="omega.npy"))
-    operation = Operation(server, message)
+    operation, server = _ranking_with_omega(omega)
 
     async def read() -> tuple[Any, list, Any]:
         async with AsyncClient("127.0.0.1:1") as client:  # never called: the operation is done, its artifact is the stand-in's

@@ -2922,18 +2922,24 @@ def test_an_artifact_whose_bytes_do_not_match_its_digest_is_a_data_loss():
         Operation(server, _operation_message(done=True)).artifact("omega.npy")
 
 
-def test_a_ranking_read_without_download_fetches_no_artifact_and_with_it_its_omega():
-    # download=False is for a ranking whose ω is gigabytes: it must not be fetched.
+def _ranking_with_omega(omega: np.ndarray) -> tuple[Any, _ArtifactServer]:
+    """A finished ranking operation whose ω (``omega``) is its artifact on a stand-in
+    server, which records the ranges asked: (operation, server)."""
     from explaind.client._operations import Operation
     from explaind.v1 import neuroinspect_pb2
 
-    omega = np.arange(6, dtype=np.float32).reshape(2, 3)
     saved = io.BytesIO()
     np.save(saved, omega)
     server = _ArtifactServer(saved.getvalue(), server_limit=0, client_limit=4 << 20, cap=4 << 20)
     message = _operation_message(done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED)
     message.response.Pack(neuroinspect_pb2.NeuronRanking(class_name="heart", omega_artifact="omega.npy"))
-    operation = Operation(server, message)
+    return Operation(server, message), server
+
+
+def test_a_ranking_read_without_download_fetches_no_artifact_and_with_it_its_omega():
+    # download=False is for a ranking whose ω is gigabytes: it must not be fetched.
+    omega = np.arange(6, dtype=np.float32).reshape(2, 3)
+    operation, server = _ranking_with_omega(omega)
     assert operation.result(download=False).omega is None and server.asked == []
     assert np.array_equal(operation.result().omega, omega) and server.asked == [(0, 2 << 20)]
 

@@ -336,30 +336,45 @@ def test_batcher_close_does_not_wait_out_the_queue_delay():
     assert queued.result(timeout=0).tolist() == [1.0, 1.0, 1.0] and sizes == [3]  # and the held request still ran
 
 
-def test_a_forward_that_raises_fails_every_request_batched_into_it():
-    # Each caller whose images were in the failed forward must hear of it: one left
-    # unanswered waits until its deadline (or for ever, without one).
+def _held_first_then_queued(later_forward: Callable[[torch.Tensor], torch.Tensor], queued_sizes: tuple[int, ...], *,
+                            split: Callable[[torch.Tensor, list[int], list], list] = lambda out, sizes, _options: list(out.split(sizes)),
+                            ) -> tuple[DynamicBatcher, Future, list[Future], list[int]]:
+    """A one-image request runs in a caller's thread and is held inside its forward while
+    requests of ``queued_sizes`` images queue; then it is let go, and they run as one
+    batch. Forwards after the first run ``later_forward``. (batcher, the first's future,
+    the queued ones' futures, the images of each forward)."""
     gate, entered = threading.Event(), threading.Event()
     forwards: list[int] = []
 
     def run(x: torch.Tensor) -> torch.Tensor:
         forwards.append(len(x))
-        if len(forwards) == 1:
-            entered.set()
-            gate.wait(10)
-            return x.flatten(1).sum(1)
+        if len(forwards) > 1:
+            return later_forward(x)
+        entered.set()
+        gate.wait(10)
+        return x.flatten(1).sum(1)
+
+    batcher = DynamicBatcher(run, split, max_batch_size=16)
+    caller = ThreadPoolExecutor(1)
+    first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
+    caller.shutdown(wait=False)
+    assert entered.wait(5)  # the model is busy: the next ones queue, and run as one batch
+    queued = [batcher.submit(torch.ones(n, 1, 1, 1)) for n in queued_sizes]
+    gate.set()
+    return batcher, first, queued, forwards
+
+
+def test_a_forward_that_raises_fails_every_request_batched_into_it():
+    # Each caller whose images were in the failed forward must hear of it: one left
+    # unanswered waits until its deadline (or for ever, without one).
+    def out_of_memory(x: torch.Tensor) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    batcher = DynamicBatcher(run, lambda out, sizes, _options: list(out.split(sizes)), max_batch_size=16)
-    with ThreadPoolExecutor(1) as caller:
-        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
-        assert entered.wait(5)  # the model is busy: the next three queue, and run as one batch
-        queued = [batcher.submit(torch.ones(n, 1, 1, 1)) for n in (1, 2, 3)]
-        gate.set()
-        assert first.result(5).tolist() == [1.0]
-        for future in queued:
-            with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
-                future.result(timeout=5)
+    batcher, first, queued, forwards = _held_first_then_queued(out_of_memory, (1, 2, 3))
+    assert first.result(5).tolist() == [1.0]
+    for future in queued:
+        with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+            future.result(timeout=5)
     batcher.close()
     assert forwards == [1, 6]
 
@@ -367,30 +382,18 @@ def test_a_forward_that_raises_fails_every_request_batched_into_it():
 def test_a_split_returning_the_wrong_count_fails_its_callers_and_the_worker_goes_on():
     # A split that loses a request's output must fail that batch's callers, queued and run
     # in the caller's own thread alike, not end the worker: later requests still run.
-    gate, entered = threading.Event(), threading.Event()
-    forwards: list[int] = []
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        forwards.append(len(x))
-        if len(forwards) == 1:
-            entered.set()
-            gate.wait(10)
-        return x.flatten(1).sum(1)
+    splits: list[list[int]] = []
 
     def split(out: torch.Tensor, sizes: list[int], _options: list) -> list[torch.Tensor]:
-        return list(out.split(sizes))[:-1] if len(forwards) <= 2 else list(out.split(sizes))
+        splits.append(sizes)
+        return list(out.split(sizes))[:-1] if len(splits) <= 2 else list(out.split(sizes))
 
-    batcher = DynamicBatcher(run, split, max_batch_size=16)
-    with ThreadPoolExecutor(1) as caller:
-        first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
-        assert entered.wait(5)
-        queued = [batcher.submit(torch.ones(n, 1, 1, 1)) for n in (1, 2)]
-        gate.set()
-        with pytest.raises(RuntimeError, match="split returned 0 outputs for 1 requests"):
-            first.result(5)
-        for future in queued:
-            with pytest.raises(RuntimeError, match="split returned 1 outputs for 2 requests"):
-                future.result(timeout=5)
+    batcher, first, queued, forwards = _held_first_then_queued(lambda x: x.flatten(1).sum(1), (1, 2), split=split)
+    with pytest.raises(RuntimeError, match="split returned 0 outputs for 1 requests"):
+        first.result(5)
+    for future in queued:
+        with pytest.raises(RuntimeError, match="split returned 1 outputs for 2 requests"):
+            future.result(timeout=5)
     assert batcher.submit(torch.full((2, 1, 1, 1), 2.0)).result(timeout=5).tolist() == [2.0, 2.0]
     batcher.close()
     assert forwards == [1, 3, 2]
