@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1354,6 +1355,17 @@ def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkey
     serve = _help(capsys, ["serve"])
     assert "gRPC port (default: [server].port, 50051)" in serve and "(default: [server].metrics_port, 0 = off)" in serve
     assert "--top-k TOP_K classes per image (default 3, or all of a classifier with fewer)" in _help(capsys, ["predict"])
+
+
+def test_help_states_each_options_default_once(capsys):
+    # --max-in-flight read "(default 4) (default: 4)": its help said it, and the formatter added it again.
+    from explaind.client.cli import build_parser
+
+    subcommands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    for command in subcommands.choices:
+        options = re.split(r" (?=-{1,2}[a-z])", _help(capsys, [command]).split(" options: ", 1)[1])
+        repeated = [option for option in options if len(re.findall(r"\(default\b", option)) > 1]
+        assert not repeated, f"explaind {command} --help: {repeated}"
 
 
 @pytest.fixture(scope="module")

@@ -1165,7 +1165,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=_positive_int, help=f"classes per image (default {DEFAULT_PREDICT_CLASSES}, or all of a classifier with fewer)")
     predict.add_argument("--max-in-flight", type=_positive_int, default=DEFAULT_PREDICT_IN_FLIGHT,
                          help=f"requests of the server's batch size in flight at once; 1 sends the next only after "
-                              f"the last answered (default {DEFAULT_PREDICT_IN_FLIGHT})")
+                              f"the last answered (default: {DEFAULT_PREDICT_IN_FLIGHT})")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
