@@ -112,3 +112,45 @@ def test_the_reload_timings_the_reference_gives_are_the_servers():
     settle = re.search(r"taken only once it has kept its text ([\d.]+) s: at once if nothing wrote it in the ([\d.]+) s before, "
                        r"else once it reads the same again ([\d.]+) s later", text)
     assert settle and {float(value) for value in settle.groups()} == {auth.SETTLE_S}
+
+
+
+def _prose_defaults() -> list[tuple[str, str, str, str]]:
+    """Where the README, the other docs, the protos, the deploy files or the CLI's help
+    state a key's default beside its name: (where, section, key, the value stated). The
+    forms: "`[jobs].retention_days` (30)", "`[server].grace_period_s`, 10 by default",
+    "(default: [server].port, 50051)", "[jobs].evaluate_batch_size (64 unless configured)"."""
+    import argparse
+
+    from explaind.client.cli import build_parser
+
+    texts = {path.relative_to(ROOT).as_posix(): path.read_text()
+             for pattern in ("README.md", "docs/*.md", "proto/explaind/v1/*.proto", "deploy/*.yml", "deploy/helm/explaind/values.yaml")
+             for path in sorted(ROOT.glob(pattern))}
+    commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)).choices
+    texts |= {f"explaind {name} --help": command.format_help() for name, command in commands.items()}
+    stated = []
+    for where, text in texts.items():
+        text = " ".join(text.replace("//", " ").replace("#", " ").split())  # across line breaks and comment markers
+        for pattern in (r"\[(\w+)\]\.(\w+)`? \(([\w.]+)(?:\)| unless configured\))", r"\[(\w+)\]\.(\w+)`?, ([\w.]+) by default",
+                        r"\(default: (?:the config's )?\[(\w+)\]\.(\w+), ([\w./]+?)(?:\)|,| = )"):
+            stated += [(where, *match.groups()) for match in re.finditer(pattern, text)]
+    return stated
+
+
+def test_every_default_the_prose_states_beside_a_key_is_the_dataclasss():
+    # Prose beyond the reference names defaults too ("`[jobs].retention_days` (30)", a
+    # flag's "(default: [server].port, 50051)"): a changed default must change them all.
+    sections = _sections()
+    stated = _prose_defaults()
+    assert {where for where, *_ in stated} >= {"README.md", "explaind serve --help", "explaind evaluate --help"}, stated
+    wrong = []
+    for where, section, key, value in stated:
+        default = getattr(sections[section], key)
+        if value in ("off", "none"):  # a key whose empty or zero default turns something off
+            right = not default
+        else:
+            right = value == (default if isinstance(default, str) else f"{default:g}")
+        if not right:
+            wrong.append(f"{where}: [{section}].{key} stated as {value!r}, the dataclass's {default!r}")
+    assert not wrong, "\n".join(wrong)
