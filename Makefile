@@ -23,7 +23,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The tests marked gpu, which `make test` skips without CUDA; here no CUDA is an error,
-# not 11 quiet skips.
+# not quiet skips.
 test-gpu: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else f'make test-gpu: torch {torch.__version__} sees no CUDA device')"
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -m gpu
