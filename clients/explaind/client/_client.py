@@ -292,7 +292,12 @@ class _Cancellation:
 class Client:
     """A connection to an explaind server.
 
-    Every call has a deadline (``timeout`` seconds unless the method is given its own)
+    ``target`` is its ``host:port`` (127.0.0.1:50051 by default; the CLI's
+    ``EXPLAIND_TARGET`` and ``EXPLAIND_TOKEN`` are not read here). ``max_message_bytes``
+    (64 MiB, the server's default) bounds each message either way; set it to the
+    server's ``[server].max_message_bytes`` where that is larger.
+
+    Every call has a deadline (``timeout`` seconds, 30 by default, unless the method is given its own)
     and failures raise typed :class:`ExplaindError` subclasses with the server's message.
     With ``retry`` (the default), calls that change nothing (Predict and the Get*, List*
     and WaitOperation calls) are retried while the server is UNAVAILABLE, until their
