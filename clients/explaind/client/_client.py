@@ -1244,8 +1244,8 @@ class Client:
         """Delete a stored head version that is not served (its children take its parent as
         theirs). FailedPreconditionError for the served version, the model file's head, a
         loaded head that versions were edited from, and a version an unfinished edit started
-        from or is storing; PermissionDeniedError, with named callers, for another caller's version or a loaded head,
-        unless this caller is an admin."""
+        from or is storing; PermissionDeniedError, with named callers, for another caller's version (unless
+        this caller is an admin) and for a loaded head where ``[server].admins`` leaves it out."""
         self._call("neuroinspect", "DeleteHeadVersion", _request(neuroinspect_pb2.DeleteHeadVersionRequest, version_id=version_id))
 
 
