@@ -154,3 +154,15 @@ def test_every_default_the_prose_states_beside_a_key_is_the_dataclasss():
         if not right:
             wrong.append(f"{where}: [{section}].{key} stated as {value!r}, the dataclass's {default!r}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_config_modules_example_is_a_valid_config(tmp_path):
+    # help(explaind.config) shows it to whoever writes a config from the code side.
+    import textwrap
+
+    import explaind.config
+    from explaind.config import load_config
+
+    (tmp_path / "explaind.toml").write_text(textwrap.dedent(explaind.config.__doc__.split("Example::", 1)[1]))
+    config = load_config(tmp_path / "explaind.toml")  # every key known, every value of its type and range
+    assert (config.classifier.loader, config.classifier.resize_size, config.tracing.sample_ratio) == ("torchvision", 256, 0.1)

@@ -17,6 +17,7 @@ silently ignored). Example::
     head = "fc"
     class_names_file = "/models/classes.txt"
     image_size = 224
+    resize_size = 256          # shorter side to 256, then the central 224: a state-dict file stretches without it
     mean = [0.485, 0.456, 0.406]
     std = [0.229, 0.224, 0.225]
 
