@@ -1,5 +1,6 @@
 """docs/configuration.md stays in step with explaind.config: one table row per key of
-every section, each row a real key, and each row's default the dataclass's."""
+every section, each row a real key, and each row's default the dataclass's; so do the
+defaults other prose states beside a key, and the config module's example."""
 
 import dataclasses
 import re
