@@ -187,6 +187,30 @@ def test_dashboard_and_alert_label_values_name_real_rpcs():
                 assert named and set(named) <= set(services), f"{title}: {value!r} names services that do not exist"
 
 
+def test_alert_descriptions_name_commands_the_cli_takes_and_keys_the_config_has():
+    # An operator paged at night runs what the description says: a renamed option or key
+    # there would send them to a usage error or a key that does not exist.
+    import dataclasses
+
+    from explaind.client.cli import parse_arguments
+    from explaind.config import Config
+
+    placeholders = {"{{ $labels.kind }}": "edit_head", "NAME": "0123456789abcdef", "ID": "v1"}
+    commands = []
+    for rule in alert_rules():
+        text = rule["annotations"]["description"]
+        for match in re.finditer(r"explaind ((?:\{\{ \$labels\.\w+ \}\}|[\w-]+)(?: (?:\{\{ \$labels\.\w+ \}\}|[\w-]+))*)", text):
+            words = re.findall(r"\{\{ \$labels\.\w+ \}\}|[\w-]+", match[1])
+            # The command ends after its last option's value, or its last placeholder, or its action.
+            ends = [i + 1 + (words[i].startswith("--")) for i, word in enumerate(words) if word.startswith("--") or word in placeholders]
+            argv = [placeholders.get(word, word) for word in words[:max(ends, default=2)]]
+            parse_arguments(argv)  # SystemExit(2) for an unknown command, action or option
+            commands.append(argv)
+        for section, key in re.findall(r"\[(\w+)\]\.(\w+)", text):
+            assert key in {f.name for f in dataclasses.fields(getattr(Config(), section))}, f"alert {rule['alert']}: no [{section}].{key}"
+    assert ["operations", "list", "--kind", "edit_head", "--state", "failed"] in commands and len(commands) >= 6, commands
+
+
 def test_dashboard_datasource_is_the_provisioned_prometheus():
     provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     uids = {source["uid"] for source in provisioned["datasources"] if source["type"] == "prometheus"}
