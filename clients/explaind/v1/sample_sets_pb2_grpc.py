@@ -33,7 +33,8 @@ class SampleSetServiceStub:
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
     sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
     RESOURCE_EXHAUSTED for a CreateSampleSet or AppendSamples while the server's data dir
-    is full (until its operator frees space); with named callers ([server].callers_file),
+    is full (until its operator frees space), or that would take its named caller's sets
+    past [server].max_samples_per_caller (RequestLimits.max_samples_per_caller); with named callers ([server].callers_file),
     PERMISSION_DENIED naming the set and its owner for an AppendSamples or DeleteSampleSet
     on a set another caller created, unless the caller is one of [server].admins.
     """
@@ -84,7 +85,8 @@ class SampleSetServiceServicer:
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
     sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
     RESOURCE_EXHAUSTED for a CreateSampleSet or AppendSamples while the server's data dir
-    is full (until its operator frees space); with named callers ([server].callers_file),
+    is full (until its operator frees space), or that would take its named caller's sets
+    past [server].max_samples_per_caller (RequestLimits.max_samples_per_caller); with named callers ([server].callers_file),
     PERMISSION_DENIED naming the set and its owner for an AppendSamples or DeleteSampleSet
     on a set another caller created, unless the caller is one of [server].admins.
     """
@@ -183,7 +185,8 @@ class SampleSetService:
     RequestLimits.max_pixels_per_request in one request); NOT_FOUND for an unknown
     sample_set_id; UNAVAILABLE while the models load (labels are checked against them);
     RESOURCE_EXHAUSTED for a CreateSampleSet or AppendSamples while the server's data dir
-    is full (until its operator frees space); with named callers ([server].callers_file),
+    is full (until its operator frees space), or that would take its named caller's sets
+    past [server].max_samples_per_caller (RequestLimits.max_samples_per_caller); with named callers ([server].callers_file),
     PERMISSION_DENIED naming the set and its owner for an AppendSamples or DeleteSampleSet
     on a set another caller created, unless the caller is one of [server].admins.
     """
