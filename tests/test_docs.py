@@ -133,7 +133,7 @@ def _prose_defaults() -> list[tuple[str, str, str, str]]:
     stated = []
     for where, text in texts.items():
         text = " ".join(text.replace("//", " ").replace("#", " ").split())  # across line breaks and comment markers
-        for pattern in (r"\[(\w+)\]\.(\w+)`? \(([\w.]+)(?:\)| unless configured\))", r"\[(\w+)\]\.(\w+)`?, ([\w.]+) by default",
+        for pattern in (r"\[(\w+)\]\.(\w+)`? \((\d[\d.]*)(?:\)| unless configured\))", r"\[(\w+)\]\.(\w+)`?, ([\w.]+) by default",
                         r"\(default: (?:the config's )?\[(\w+)\]\.(\w+), ([\w./]+?)(?:\)|,| = )"):
             stated += [(where, *match.groups()) for match in re.finditer(pattern, text)]
     return stated
