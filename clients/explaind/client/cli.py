@@ -1179,7 +1179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
-    sample_set.add_argument("--folder", help="create or append from DIR/<class name>/*.png|jpg... (the ImageFolder layout); folder names are class names")
+    sample_set.add_argument("--folder", help="create or append from DIR/<class name>/**/*.png|jpg... (the ImageFolder layout, subfolders included); folder names are class names")
     sample_set.add_argument("--images", nargs="*", help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.add_argument("--owner", metavar="NAME", help="list only the sets this named caller created")
