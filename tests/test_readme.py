@@ -4,6 +4,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -106,3 +108,92 @@ def test_the_session_by_hand_names_the_address_serve_and_the_client_default_to()
     assert f"{server.host}:{server.port}" == DEFAULT_TARGET
     assert f"{DEFAULT_TARGET} (`--port N` for another port" in prose
     assert f"`EXPLAIND_TARGET` for another address than {DEFAULT_TARGET}" in prose
+
+
+def _api_python_block(first_line: str) -> str:
+    """The API section's ```python block that starts with ``first_line``."""
+    section = README.read_text().split("## API (explaind.v1)", 1)[1].split("\n## ", 1)[0]
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S) if block.startswith(first_line)]
+    return code
+
+
+def _at(target: str, code: str) -> str:
+    """``code`` calling the server at ``target`` where it names the address `explaind serve`
+    and the SDK default to (the README's examples run against a server on its default port)."""
+    from explaind.client._client import DEFAULT_TARGET
+
+    assert code.count(f'"{DEFAULT_TARGET}"') == 1, f"the block names no {DEFAULT_TARGET}"
+    return code.replace(f'"{DEFAULT_TARGET}"', f'"{target}"')
+
+
+@pytest.fixture(scope="module")
+def default_server(server_factory):
+    """A server of what `explaind serve` serves with no file that the examples use: the
+    world's balanced classifier and CLIP (for the SDK's default clip_illusion), no T2I."""
+    from explaind.world import assets
+
+    return server_factory(clip={"path": str(assets.clip_dir()), "illusion_epsilon": 1.0})
+
+
+def _shapes_split(count: int):
+    from explaind.world.scenarios import get_scenario
+
+    return get_scenario("spurious_background").dataset("test", size=count).all()
+
+
+def test_the_client_session_runs_as_written_against_a_server(default_server, capsys):
+    """The SDK block, on a split of the shapes world (as its comment offers): each print is
+    what its comment promises, and the edited head is served at its end."""
+    from explaind.client import Client
+
+    test = _shapes_split(600)
+    namespace: dict = {"images": test.images, "labels": test.labels}
+    try:
+        exec(compile(_at(default_server.target, _api_python_block("from explaind.client import Client")), str(README), "exec"), namespace)
+        printed = capsys.readouterr().out
+        with Client(default_server.target, timeout=30) as client:
+            class_names = client.model_metadata().class_names
+            served = [version.version_id for version in client.head_versions() if version.active]
+            predicted_by = {prediction.model_version for prediction in client.predict(test.images[:2], top_k=1)}
+    finally:
+        with Client(default_server.target, timeout=30) as client:
+            client.delete_sample_set("hearts")
+    report, ranking, edit = namespace["report"], namespace["ranking"], namespace["edit"]
+    worst_class, worst_accuracy = printed.splitlines()[0].split(" ")
+    assert worst_class == report.worst_class in class_names and float(worst_accuracy) == report.worst_class_accuracy
+    assert ranking.summary() in printed and edit.summary() in printed
+    assert len(namespace["top"]) == len(test.images) and len(namespace["top"][0].labels) == 3
+    neurons = namespace["neurons"]
+    assert len(neurons) == 3 and neurons == ranking.neuron_ids[:3]
+    visualizations = namespace["shown"].visualizations
+    assert [shown.neuron for shown in visualizations] == neurons and all(shown.image is not None for shown in visualizations)
+    assert not edit.version.active  # stored, not served, until the promote
+    assert served == [edit.version.version_id] and predicted_by == {edit.version.model_version}
+
+
+def test_the_async_client_block_runs_as_written_against_a_server(default_server, tmp_path, capsys):
+    """The AsyncClient block, its batches PNG files of the shapes world and "hearts" a set
+    of theirs: it prints how many batches were answered and the set's accuracy, then each
+    sample's label, in the set's order."""
+    import asyncio
+
+    from torchvision.utils import save_image
+
+    from explaind.client import Client
+
+    test = _shapes_split(12)
+    paths = [str(tmp_path / f"{index}.png") for index in range(len(test.images))]
+    for image, path in zip(test.images, paths):
+        save_image(image, path)
+    namespace: dict = {}
+    exec(compile(_at(default_server.target, _api_python_block("import asyncio\nfrom explaind.client import AsyncClient")), str(README), "exec"), namespace)
+    with Client(default_server.target, timeout=30) as client:
+        client.create_sample_set(paths, test.labels, sample_set_id="hearts")
+        try:
+            asyncio.run(namespace["check"]([paths[:5], paths[5:]]))
+            accuracy = client.evaluate_sample_set("hearts").result().accuracy
+        finally:
+            client.delete_sample_set("hearts")
+    answered, *labels = capsys.readouterr().out.splitlines()
+    assert answered == f"2 {accuracy}"
+    assert labels == [str(label) for label in test.labels.tolist()]
