@@ -197,3 +197,60 @@ def test_the_async_client_block_runs_as_written_against_a_server(default_server,
     answered, *labels = capsys.readouterr().out.splitlines()
     assert answered == f"2 {accuracy}"
     assert labels == [str(label) for label in test.labels.tolist()]
+
+
+def _api_inline_code(start: str) -> str:
+    """The API section's `inline code` that starts with ``start`` (it may span a line break)."""
+    section = README.read_text().split("## API (explaind.v1)", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(rf"`({re.escape(start)}[^`]*)`", section)
+    return code
+
+
+def test_the_image_folder_line_uploads_a_folder_of_class_subfolders(default_server, tmp_path, monkeypatch):
+    """`create_sample_set(*image_folder("images/"), ...)`, from the folder it names: each
+    class's images, a subfolder's included, stored under the class's name."""
+    from torchvision.utils import save_image
+
+    from explaind.client import Client, image_folder
+
+    test = _shapes_split(9)
+    with Client(default_server.target, timeout=30) as client:
+        class_names = client.model_metadata().class_names
+        for index, (image, label) in enumerate(zip(test.images, test.labels.tolist())):
+            folder = tmp_path / "images" / class_names[label] / ("more" if index % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(image, folder / f"{index}.png")
+        monkeypatch.chdir(tmp_path)
+        exec(compile(_api_inline_code("client.create_sample_set(*image_folder("), str(README), "exec"), {"client": client, "image_folder": image_folder})
+        try:
+            stored = client.sample_set("production")
+        finally:
+            client.delete_sample_set("production")
+    assert stored.sample_count == len(test.labels)
+    assert stored.class_counts == {label: test.labels.tolist().count(label) for label in set(test.labels.tolist())}
+
+
+def test_the_report_lines_build_and_render_the_page_the_cli_writes(default_server):
+    """`explaind.client.report.build_report(client, "heart", "hearts", max_neurons=5)` then
+    `render_report(report)`: a MistakeReport of the ranking, its top five neurons shown and
+    an edit stored, not served, and its HTML page."""
+    import explaind.client.report
+    from explaind.client import Client
+
+    test = _shapes_split(600)
+    namespace: dict = {"explaind": explaind, "render_report": explaind.client.report.render_report}
+    with Client(default_server.target, timeout=30) as client:
+        client.create_sample_set(test.images, test.labels, sample_set_id="hearts")
+        served_before = [version.version_id for version in client.head_versions() if version.active]
+        namespace["client"] = client
+        try:
+            code = f"report = {_api_inline_code('explaind.client.report.build_report(')}\npage = {_api_inline_code('render_report(')}"
+            exec(compile(code, str(README), "exec"), namespace)
+            served_after = [version.version_id for version in client.head_versions() if version.active]
+        finally:
+            client.delete_sample_set("hearts")
+    report, page = namespace["report"], namespace["page"]
+    assert isinstance(report, explaind.client.report.MistakeReport) and report.ranking.class_name == "heart"
+    assert [shown.neuron for shown in report.visualizations] == report.ranking.neuron_ids[:5] and len(report.visualizations) == 5
+    assert report.edit is not None and served_after == served_before
+    assert page.startswith("<!DOCTYPE html>") and report.edit.version.version_id in page
