@@ -254,3 +254,32 @@ def test_the_report_lines_build_and_render_the_page_the_cli_writes(default_serve
     assert [shown.neuron for shown in report.visualizations] == report.ranking.neuron_ids[:5] and len(report.visualizations) == 5
     assert report.edit is not None and served_after == served_before
     assert page.startswith("<!DOCTYPE html>") and report.edit.version.version_id in page
+
+
+def test_the_session_by_hand_runs_as_written_against_a_fresh_server(server_factory, tmp_path, monkeypatch, capsys):
+    """Each client command of the block, in order, against a server with nothing stored yet
+    (its `head-versions promote v1` names the first edit's version), reached through
+    `EXPLAIND_TARGET` as the section says: every one succeeds and writes what it names."""
+    from explaind.client import Client
+    from explaind.client.cli import main, parse_arguments
+    from explaind.world import assets
+
+    server = server_factory(clip={"path": str(assets.clip_dir()), "illusion_epsilon": 1.0})
+    (block,) = re.findall(r"```bash\n(.*?)```", README.read_text().split("## A session by hand", 1)[1].split("\n## ", 1)[0], flags=re.S)
+    monkeypatch.setenv("EXPLAIND_TARGET", server.target)
+    monkeypatch.chdir(tmp_path)
+    (snippet,) = re.findall(r'^python -c "(.*?)"$', block, flags=re.S | re.M)
+    exec(compile(snippet, str(README), "exec"), {})
+    commands = [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith("explaind ")]
+    assert commands[0][0] == "serve"  # the fixture's server stands for it
+    for argv in commands[1:]:
+        assert main(argv) == 0, argv
+    printed = capsys.readouterr().out
+    assert "mistakes of heart in sb-test" in printed
+    ranked = {int(neuron) for neuron in re.findall(r"^  neuron +(\d+) ", printed, flags=re.M)}
+    named = {neuron if isinstance(neuron, int) else neuron[0]
+             for argv in commands if argv[0] in ("visualize", "edit-head") for neuron in parse_arguments(argv).neurons}
+    assert named and named <= ranked, f"the block's neurons {sorted(named - ranked)} are not in the ranking it prints"  # "neurons from the ranking"
+    assert Path("mistakes.png").stat().st_size and len(list(Path("neurons").glob("*.png"))) >= 2 and Path("report.html").stat().st_size
+    with Client(server.target, timeout=30) as client:
+        assert [version.version_id for version in client.head_versions() if version.active] == ["v1"]
