@@ -23,7 +23,9 @@ def test_the_in_process_example_runs_as_written(capsys):
 
 def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exactly(monkeypatch):
     """The second block, on a ResNet-50 with random weights (nothing is downloaded): the
-    features it takes are exactly what the head sees behind the normalisation."""
+    features it takes are exactly what the head sees behind the normalisation; and the
+    ClipIllusion line after it, with the world's CLIP as its text says to load it,
+    visualises a ranked neuron of that split at the classifier's input size."""
     import torch
     import torchvision
     from torchvision.models._api import WeightsEnum
@@ -40,6 +42,11 @@ def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exact
         unnormalised = classifier[1](namespace["images"])
     assert not torch.allclose(unnormalised, classifier(namespace["images"]), atol=1e-3)  # the normalisation is in the path
     assert ranking.num_mistakes > 0 and ranking.neuron_ids
+    heading = "## The methods in-process"
+    exec(compile(f"import explaind.world.clip\nfrom explaind.methods.neuroinspect import ClipIllusion\n{_inline_code(heading, 'clip_model, tokenizer, _ = ')}\n"
+                 f"illusion = {_inline_code(heading, 'ClipIllusion(classifier, ')}", str(README), "exec"), namespace)
+    shown = namespace["illusion"].visualize([(ranking.neuron_ids[0], None)], steps=1, epsilon=1.0)  # epsilon=1.0: the world CLIP's, as the text says
+    assert shown.images.shape == (1, 3, 224, 224) and 0 <= shown.images.min() and shown.images.max() <= 1
 
 
 def test_the_production_config_is_a_valid_config(tmp_path):
@@ -199,9 +206,9 @@ def test_the_async_client_block_runs_as_written_against_a_server(default_server,
     assert labels == [str(label) for label in test.labels.tolist()]
 
 
-def _api_inline_code(start: str) -> str:
-    """The API section's `inline code` that starts with ``start`` (it may span a line break)."""
-    section = README.read_text().split("## API (explaind.v1)", 1)[1].split("\n## ", 1)[0]
+def _inline_code(heading: str, start: str) -> str:
+    """The `inline code` of the section under ``heading`` that starts with ``start`` (it may span a line break)."""
+    section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(rf"`({re.escape(start)}[^`]*)`", section)
     return code
 
@@ -221,7 +228,7 @@ def test_the_image_folder_line_uploads_a_folder_of_class_subfolders(default_serv
             folder.mkdir(parents=True, exist_ok=True)
             save_image(image, folder / f"{index}.png")
         monkeypatch.chdir(tmp_path)
-        exec(compile(_api_inline_code("client.create_sample_set(*image_folder("), str(README), "exec"), {"client": client, "image_folder": image_folder})
+        exec(compile(_inline_code("## API (explaind.v1)", "client.create_sample_set(*image_folder("), str(README), "exec"), {"client": client, "image_folder": image_folder})
         try:
             stored = client.sample_set("production")
         finally:
@@ -244,7 +251,7 @@ def test_the_report_lines_build_and_render_the_page_the_cli_writes(default_serve
         served_before = [version.version_id for version in client.head_versions() if version.active]
         namespace["client"] = client
         try:
-            code = f"report = {_api_inline_code('explaind.client.report.build_report(')}\npage = {_api_inline_code('render_report(')}"
+            code = f"report = {_inline_code('## API (explaind.v1)', 'explaind.client.report.build_report(')}\npage = {_inline_code('## API (explaind.v1)', 'render_report(')}"
             exec(compile(code, str(README), "exec"), namespace)
             served_after = [version.version_id for version in client.head_versions() if version.active]
         finally:
