@@ -29,6 +29,11 @@ def test_every_option_of_a_bench_script_says_what_it_is_and_its_default(script):
     entries = [entry.strip() for entry in re.split(r"\n(?=  -)", "\n" + options) if entry.strip()]
     undocumented = [entry.split()[0] for entry in entries if not entry.startswith("-h") and "(default:" not in entry]
     assert len(entries) > 1 and not undocumented, undocumented
+    # The commands the README and docs give a reader to copy take only options the script has.
+    docs = "\n".join(path.read_text() for path in [BENCH.parent / "README.md", *sorted((BENCH.parent / "docs").glob("*.md"))])
+    named = {option for command in re.findall(rf"python bench/{re.escape(script)}([^`\n]*)", docs) for option in re.findall(r"(?<!\S)--[\w-]+", command)}
+    unknown = named - set(re.findall(r"(?<!\S)--[\w-]+", options))
+    assert not unknown, f"the docs run bench/{script} with {sorted(unknown)}, which it does not take"
 
 
 def test_the_store_sweep_bench_counts_every_hold_of_the_lock():
