@@ -1,5 +1,6 @@
 """The README's examples run as written."""
 
+import contextlib
 import re
 import shlex
 from pathlib import Path
@@ -9,8 +10,13 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _section(heading: str) -> str:
+    """The README's text under ``heading``, up to the next ``## `` heading."""
+    return README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+
+
 def test_the_in_process_example_runs_as_written(capsys):
-    section = README.read_text().split("## The methods in-process", 1)[1].split("\n## ", 1)[0]
+    section = _section("## The methods in-process")
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
@@ -31,7 +37,7 @@ def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exact
     from torchvision.models._api import WeightsEnum
 
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda weights, *a, **k: torchvision.models.resnet50().state_dict())
-    section = README.read_text().split("## The methods in-process", 1)[1].split("\n## ", 1)[0]
+    section = _section("## The methods in-process")
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[1]
     generator = torch.Generator().manual_seed(0)
     namespace: dict = {"images": torch.rand(6, 3, 224, 224, generator=generator), "labels": torch.arange(6) % 3}
@@ -52,7 +58,7 @@ def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exact
 def test_the_production_config_is_a_valid_config(tmp_path):
     from explaind.config import load_config
 
-    (block,) = re.findall(r"```toml\n(.*?)```", README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0], flags=re.S)
+    (block,) = re.findall(r"```toml\n(.*?)```", _section("## Configuration"), flags=re.S)
     (tmp_path / "explaind.toml").write_text(block)
     config = load_config(tmp_path / "explaind.toml")  # every key known, every value of its type and range
     assert config.classifier.loader == "export" and config.server.tls_cert_file and config.server.health_port
@@ -80,7 +86,7 @@ def test_every_serve_flag_is_in_the_readmes_configuration_section():
 
     subcommands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
     flags = [flag for action in subcommands.choices["serve"]._actions for flag in action.option_strings if flag.startswith("--")]
-    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    section = _section("## Configuration")
     missing = [flag for flag in flags if flag != "--help" and not re.search(rf"[`\s]{flag}(?![\w-])", section)]
     assert not missing, f"README's Configuration section names no {missing}"
 
@@ -92,7 +98,7 @@ def test_the_session_by_hand_is_commands_the_cli_takes(tmp_path, monkeypatch):
 
     from explaind.client.cli import parse_arguments
 
-    section = README.read_text().split("## A session by hand", 1)[1].split("\n## ", 1)[0]
+    section = _section("## A session by hand")
     (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     monkeypatch.chdir(tmp_path)
     (snippet,) = re.findall(r'^python -c "(.*?)"$', block, flags=re.S | re.M)
@@ -119,7 +125,7 @@ def test_the_session_by_hand_names_the_address_serve_and_the_client_default_to()
 
 def _api_python_block(first_line: str) -> str:
     """The API section's ```python block that starts with ``first_line``."""
-    section = README.read_text().split("## API (explaind.v1)", 1)[1].split("\n## ", 1)[0]
+    section = _section("## API (explaind.v1)")
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S) if block.startswith(first_line)]
     return code
 
@@ -133,13 +139,17 @@ def _at(target: str, code: str) -> str:
     return code.replace(f'"{DEFAULT_TARGET}"', f'"{target}"')
 
 
-@pytest.fixture(scope="module")
-def default_server(server_factory):
+def _serve_the_defaults(server_factory):
     """A server of what `explaind serve` serves with no file that the examples use: the
     world's balanced classifier and CLIP (for the SDK's default clip_illusion), no T2I."""
     from explaind.world import assets
 
     return server_factory(clip={"path": str(assets.clip_dir()), "illusion_epsilon": 1.0})
+
+
+@pytest.fixture(scope="module")
+def default_server(server_factory):
+    return _serve_the_defaults(server_factory)
 
 
 def _shapes_split(count: int):
@@ -151,7 +161,7 @@ def _shapes_split(count: int):
 def test_the_client_session_runs_as_written_against_a_server(default_server, capsys):
     """The SDK block, on a split of the shapes world (as its comment offers): each print is
     what its comment promises, and the edited head is served at its end."""
-    from explaind.client import Client
+    from explaind.client import Client, NotFoundError
 
     test = _shapes_split(600)
     namespace: dict = {"images": test.images, "labels": test.labels}
@@ -163,7 +173,7 @@ def test_the_client_session_runs_as_written_against_a_server(default_server, cap
             served = [version.version_id for version in client.head_versions() if version.active]
             predicted_by = {prediction.model_version for prediction in client.predict(test.images[:2], top_k=1)}
     finally:
-        with Client(default_server.target, timeout=30) as client:
+        with Client(default_server.target, timeout=30) as client, contextlib.suppress(NotFoundError):  # none where the block failed before making it
             client.delete_sample_set("hearts")
     report, ranking, edit = namespace["report"], namespace["ranking"], namespace["edit"]
     worst_class, worst_accuracy = printed.splitlines()[0].split(" ")
@@ -208,8 +218,7 @@ def test_the_async_client_block_runs_as_written_against_a_server(default_server,
 
 def _inline_code(heading: str, start: str) -> str:
     """The `inline code` of the section under ``heading`` that starts with ``start`` (it may span a line break)."""
-    section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(rf"`({re.escape(start)}[^`]*)`", section)
+    (code,) = re.findall(rf"`({re.escape(start)}[^`]*)`", _section(heading))
     return code
 
 
@@ -269,10 +278,9 @@ def test_the_session_by_hand_runs_as_written_against_a_fresh_server(server_facto
     `EXPLAIND_TARGET` as the section says: every one succeeds and writes what it names."""
     from explaind.client import Client
     from explaind.client.cli import main, parse_arguments
-    from explaind.world import assets
 
-    server = server_factory(clip={"path": str(assets.clip_dir()), "illusion_epsilon": 1.0})
-    (block,) = re.findall(r"```bash\n(.*?)```", README.read_text().split("## A session by hand", 1)[1].split("\n## ", 1)[0], flags=re.S)
+    server = _serve_the_defaults(server_factory)
+    (block,) = re.findall(r"```bash\n(.*?)```", _section("## A session by hand"), flags=re.S)
     monkeypatch.setenv("EXPLAIND_TARGET", server.target)
     monkeypatch.chdir(tmp_path)
     (snippet,) = re.findall(r'^python -c "(.*?)"$', block, flags=re.S | re.M)
