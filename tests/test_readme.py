@@ -49,7 +49,7 @@ def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exact
     assert not torch.allclose(unnormalised, classifier(namespace["images"]), atol=1e-3)  # the normalisation is in the path
     assert ranking.num_mistakes > 0 and ranking.neuron_ids
     heading = "## The methods in-process"
-    exec(compile(f"import explaind.world.clip\nfrom explaind.methods.neuroinspect import ClipIllusion\n{_inline_code(heading, 'clip_model, tokenizer, _ = ')}\n"
+    exec(compile(f"import explaind.world.clip\n{_inline_code(heading, 'clip_model, tokenizer, _ = ')}\n"
                  f"illusion = {_inline_code(heading, 'ClipIllusion(classifier, ')}", str(README), "exec"), namespace)
     shown = namespace["illusion"].visualize([(ranking.neuron_ids[0], None)], steps=1, epsilon=1.0)  # epsilon=1.0: the world CLIP's, as the text says
     assert shown.images.shape == (1, 3, 224, 224) and 0 <= shown.images.min() and shown.images.max() <= 1
