@@ -6,18 +6,22 @@ import dataclasses
 import os
 import io
 import json
+import random
 import re
 import socket
 import struct
 import time
 import urllib.request
 import zlib
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, message_factory, text_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
@@ -362,6 +366,170 @@ def test_fuzzed_bad_inputs_get_documented_codes_and_server_keeps_serving(server,
             client.operation(name)
     assert client.health() == "SERVING"
     assert len(client.predict([pixels])) == 1
+
+
+# Edge values the schema-driven fuzz sets a request's fields to, by field type.
+_FUZZ_STRINGS = ("", " ", "x" * 5000, "a/b", "\0", "a\0b", "é漢字😀", "\t\n", "../../etc/passwd", "v01", "-1", "1e309", "operations/",
+                 "sample_sets/1.5/x", "operations/0.0/" + "z" * 300, "9223372036854775808", "12345678-1234-1234-1234-123456789ABC")
+_FUZZ_INTEGERS = (0, 1, -1, 7, 4097, 100_001, 2**31 - 1, -(2**31))
+# Cases per RPC: every field of the largest request (EditHead's 18) two times or more.
+_FUZZ_CASES_PER_RPC = 40
+_FUZZ_FLOATS = (0.0, -1.0, float("nan"), float("inf"), float("-inf"), 1e308, 5e-324, 1000.5, 1e6 + 1)
+# What a bad request may be answered with (the codes the .proto files document for one), or
+# OK where a fuzzed value happens to be valid; never INTERNAL or UNKNOWN, nor a hang.
+_BAD_INPUT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def _edge_values(field: FieldDescriptor, names: tuple[str, ...], png: bytes) -> list:
+    """Values to set the scalar ``field`` to: its type's edge values, and for strings
+    also ``names`` (the ids of resources that exist, sent where other ids belong)."""
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return [*_FUZZ_STRINGS, *names]
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return [b"", b"\0", png[: len(png) // 2], b"GIF89a" + bytes(10), bytes(range(256))]
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return [True, False]
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return list(_FUZZ_FLOATS)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return [value.number for value in field.enum_type.values] + [99, -1]
+    return [*_FUZZ_INTEGERS, 2**63 - 1, -(2**63)] if field.type == FieldDescriptor.TYPE_INT64 else list(_FUZZ_INTEGERS)
+
+
+def _field_in(request: Message, path: tuple[str, ...]) -> Message:
+    """The message ``path`` leads to from ``request`` (a repeated field's first element,
+    added where it is empty)."""
+    for name in path:
+        value = getattr(request, name)
+        request = (value[0] if len(value) else value.add()) if request.DESCRIPTOR.fields_by_name[name].is_repeated else value
+    return request
+
+
+def _replace_repeated(message: Message, name: str, values: list) -> None:
+    message.ClearField(name)
+    getattr(message, name).extend(values)
+
+
+def _mutations(message_type: Descriptor, names: tuple[str, ...], png: bytes, path: tuple[str, ...] = ()) -> dict[str, list[Callable[[Message], None]]]:
+    """Per field of ``message_type`` and of the messages in it (dotted path), ways to
+    mutate a request there: edge values; empty, cleared and 65-fold repeated messages;
+    empty, duplicated and 300-long repeated scalars; odd and too many map keys."""
+    by_field: dict[str, list[Callable[[Message], None]]] = {}
+    for field in message_type.fields:
+        at, name = path, field.name
+        ways = by_field.setdefault(".".join(path + (name,)), [])
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            keys = _edge_values(field.message_type.fields_by_name["key"], names, png)
+            ways += [lambda r, at=at, name=name, key=key: getattr(_field_in(r, at), name).update({key: key}) for key in keys]
+            ways.append(lambda r, at=at, name=name: getattr(_field_in(r, at), name).update({f"k{i}": "v" for i in range(65)}))
+        elif field.message_type is not None:
+            if field.is_repeated:
+                empty = message_factory.GetMessageClass(field.message_type)()
+                ways.append(lambda r, at=at, name=name: _field_in(r, at).ClearField(name))
+                ways.append(lambda r, at=at, name=name, empty=empty: _replace_repeated(_field_in(r, at), name, [empty]))
+                ways.append(lambda r, at=at, name=name: getattr(_field_in(r, at), name).extend(list(getattr(_field_in(r, at), name)[:1]) * 65))
+            else:
+                ways.append(lambda r, at=at, name=name: getattr(_field_in(r, at), name).SetInParent())
+                ways.append(lambda r, at=at, name=name: _field_in(r, at).ClearField(name))
+            if len(path) < 3:
+                by_field.update(_mutations(field.message_type, names, png, path + (name,)))
+        elif field.is_repeated:
+            values = _edge_values(field, names, png)
+            ways += [lambda r, at=at, name=name, value=value: _replace_repeated(_field_in(r, at), name, [value]) for value in values]
+            ways.append(lambda r, at=at, name=name: _replace_repeated(_field_in(r, at), name, []))
+            ways.append(lambda r, at=at, name=name, value=values[1]: _replace_repeated(_field_in(r, at), name, [value] * 3))
+            ways.append(lambda r, at=at, name=name, values=values: _replace_repeated(_field_in(r, at), name, (values * 300)[:300]))
+        else:
+            ways += [lambda r, at=at, name=name, value=value: setattr(_field_in(r, at), name, value) for value in _edge_values(field, names, png)]
+    return by_field
+
+
+def test_schema_fuzzed_requests_to_every_rpc_get_documented_codes_and_the_server_keeps_serving(server_factory, world_images):
+    # Every RPC of the four services, its request read from the .proto descriptors: each
+    # case sets one field (every field in turn) and up to two others to an edge value,
+    # with a fixed seed; an operation a case starts is cancelled at once.
+    fuzzed = server_factory(batching={"max_images_per_request": 256}, server={"max_pixels_per_request": 1024 * 1024})  # its own: cases promote and delete
+    pixels, labels = _uint8(world_images[0][:12]), world_images[1][:12].tolist()
+    png, rng = _png(pixels[0]), random.Random(0)
+    samples = [sample_sets_pb2.Sample(image=common_pb2.Image(encoded=_png(p)), label=label) for p, label in zip(pixels, labels, strict=True)]
+    methods = {method.name: method for module in (inference_pb2, sample_sets_pb2, neuroinspect_pb2, operations_pb2)
+               for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+    with grpc.insecure_channel(fuzzed.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        def call(name: str, request: Message | bytes):
+            method = methods[name]
+            caller = channel.unary_stream if method.server_streaming else channel.unary_unary
+            answer = caller(f"/{method.containing_service.full_name}/{name}", request_serializer=lambda r: r if isinstance(r, bytes) else r.SerializeToString(),
+                            response_deserializer=message_factory.GetMessageClass(method.output_type).FromString)(request, timeout=30)
+            return list(answer) if method.server_streaming else answer
+
+        for set_id in ("fuzz-set", "fuzz-doomed"):
+            call("CreateSampleSet", sample_sets_pb2.CreateSampleSetRequest(sample_set_id=set_id, samples=samples))
+        evaluation = call("EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="fuzz-set")).operation.name
+        done = call("WaitOperation", operations_pb2.WaitOperationRequest(name=evaluation, timeout=duration_pb2.Duration(seconds=25))).operation
+        metadata = operations_pb2.OperationMetadata()
+        assert done.done and done.metadata.Unpack(metadata) and metadata.artifacts
+        names = ("fuzz-set", "fuzz-doomed", "v0", "v1", evaluation, evaluation.removeprefix("operations/"), metadata.artifacts[0].name, "circle")
+        pair = neuroinspect_pb2.NeuronClassPair(neuron=1, class_index=0)
+        bases = {  # a valid request of each RPC, with the least work
+            "Predict": inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=png)], top_k=1),
+            "GetModelMetadata": inference_pb2.GetModelMetadataRequest(),
+            "EvaluateSampleSet": inference_pb2.EvaluateSampleSetRequest(sample_set_id="fuzz-set", batch_size=4, max_grid_images=4),
+            "CreateSampleSet": sample_sets_pb2.CreateSampleSetRequest(samples=samples[:1]),
+            "AppendSamples": sample_sets_pb2.AppendSamplesRequest(sample_set_id="fuzz-set", samples=samples[:1]),
+            "GetSampleSet": sample_sets_pb2.GetSampleSetRequest(sample_set_id="fuzz-set"),
+            "ListSampleSets": sample_sets_pb2.ListSampleSetsRequest(page_size=2),
+            "ListSamples": sample_sets_pb2.ListSamplesRequest(sample_set_id="fuzz-set", page_size=2),
+            "DeleteSampleSet": sample_sets_pb2.DeleteSampleSetRequest(sample_set_id="fuzz-doomed"),
+            "RankMistakeNeurons": neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="fuzz-set", class_index=labels[0], max_iterations=20),
+            "VisualizeNeurons": neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[pair], method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP, steps=1),
+            "EditHead": neuroinspect_pb2.EditHeadRequest(sample_set_id="fuzz-set", class_index=labels[0], neurons=[1], max_epochs=1, patience=1),
+            "ListHeadVersions": neuroinspect_pb2.ListHeadVersionsRequest(page_size=2),
+            "GetHeadVersion": neuroinspect_pb2.GetHeadVersionRequest(version_id="v0"),
+            "PromoteHeadVersion": neuroinspect_pb2.PromoteHeadVersionRequest(version_id="v0"),
+            "RollbackHeadVersion": neuroinspect_pb2.RollbackHeadVersionRequest(version_id="v0"),
+            "DeleteHeadVersion": neuroinspect_pb2.DeleteHeadVersionRequest(version_id="v1"),
+            "GetOperation": operations_pb2.GetOperationRequest(name=evaluation),
+            "ListOperations": operations_pb2.ListOperationsRequest(page_size=2, view=operations_pb2.OPERATION_VIEW_BASIC),
+            "CancelOperation": operations_pb2.CancelOperationRequest(name=evaluation),
+            "WaitOperation": operations_pb2.WaitOperationRequest(name=evaluation, timeout=duration_pb2.Duration(seconds=0)),
+            "WatchOperation": operations_pb2.WatchOperationRequest(name=evaluation),
+            "GetArtifact": operations_pb2.GetArtifactRequest(name=evaluation, artifact=metadata.artifacts[0].name, max_bytes=100),
+            "DeleteOperation": operations_pb2.DeleteOperationRequest(name=evaluation),
+        }
+        assert set(bases) == set(methods)  # a new RPC needs its valid request here to be fuzzed
+        for name in sorted(methods, key=lambda name: name.startswith("Delete")):  # deletions last: the others' resources stay
+            by_field = _mutations(methods[name].input_type, names, png)
+            fields = sorted(by_field)
+            cases = [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 40))) for _ in range(2)]  # not even a message
+            for case in range(_FUZZ_CASES_PER_RPC if fields else 0):
+                request = type(bases[name])()
+                request.CopyFrom(bases[name])
+                for field in [fields[case % len(fields)], *rng.sample(fields, rng.randint(0, min(2, len(fields))))]:
+                    rng.choice(by_field[field])(request)
+                cases.append(request)
+            for request in cases:
+                described = f"{name}({request if isinstance(request, bytes) else text_format.MessageToString(request, as_one_line=True)[:300]})"
+                try:
+                    response = call(name, request)
+                except grpc.RpcError as error:
+                    code, details, trailing = error.code(), error.details() or "", dict(error.trailing_metadata() or ())
+                else:
+                    code, details, trailing = grpc.StatusCode.OK, "", {}
+                    if not isinstance(response, list) and "operation" in response.DESCRIPTOR.fields_by_name and response.HasField("operation"):
+                        call("CancelOperation", operations_pb2.CancelOperationRequest(name=response.operation.name))
+                assert code in _BAD_INPUT_CODES, (described, code, details)
+                assert "Traceback" not in details and ".py" not in details, (described, details)
+                if code == grpc.StatusCode.INVALID_ARGUMENT and not isinstance(request, bytes):  # names the field, in the message and the details
+                    status, violations = status_pb2.Status.FromString(trailing.get("grpc-status-details-bin", b"")), error_details_pb2.BadRequest()
+                    assert status.details and status.details[0].Unpack(violations), (described, details)
+                    field = violations.field_violations[0].field
+                    assert details.startswith(f"{field}: ") and re.match(r"\w+", field)[0] in methods[name].input_type.fields_by_name, (described, details)
+    log = fuzzed.log_path.read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    with Client(fuzzed.target, timeout=30) as client:
+        assert client.health() == "SERVING"
+        assert len(client.predict([pixels[0]])) == 1
 
 
 def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_the_log(server):
