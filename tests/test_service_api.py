@@ -534,7 +534,8 @@ def test_schema_fuzzed_requests_to_every_rpc_get_documented_codes_and_the_server
 
 def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_the_log(server):
     # Each was refused INVALID_ARGUMENT, and also logged a WARNING from py.warnings with
-    # Pillow's path: a caller's file set off the operator's log alerts.
+    # Pillow's path, or (too many samples per pixel) an ERROR from Pillow's own logger: a
+    # caller's file set off the operator's log alerts.
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -543,9 +544,13 @@ def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_th
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "TIFF")
     corrupt_exif = buffer.getvalue()[:40]  # Pillow warns "Corrupt EXIF data" as it gives up on it
+    samples_per_pixel = struct.pack("<HHIHH", 277, 3, 1, 3, 0)  # the TIFF tag (a SHORT): 3
+    assert buffer.getvalue().count(samples_per_pixel) == 1
+    many_samples = buffer.getvalue().replace(samples_per_pixel, struct.pack("<HHIHH", 277, 3, 1, 278, 0))
     with grpc.insecure_channel(server.target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        for data, message in ((declared_huge, "image is 10000x10000; the largest side allowed is 4096"), (corrupt_exif, "not an image in a supported format")):
+        for data, message in ((declared_huge, "image is 10000x10000; the largest side allowed is 4096"), (corrupt_exif, "not an image in a supported format"),
+                              (many_samples, "not an image in a supported format")):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Predict(inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=data)]), timeout=30)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("images[0].encoded: ")

@@ -56,13 +56,16 @@ def configure_logging(log_format: str) -> None:
     with our INFO lines and libraries' from WARNING (open_clip logs every load step at INFO).
     Python warnings (torch's deprecation of the TorchScript loader's torch.jit.load, say)
     become log lines too: printed as they are, they broke a JSON log's one object a line.
-    Pillow's are left out: they are about the image files callers send (a TIFF's corrupt
-    EXIF, a size past Pillow's decompression-bomb limit), which the call refuses or
-    decodes anyway, so each would be a WARNING line, with Pillow's path, for a caller's
-    file rather than for anything the operator can fix."""
+    Pillow's are left out, and so are the lines of Pillow's own loggers: they are about the
+    image files callers send (a TIFF's corrupt EXIF, a size past Pillow's
+    decompression-bomb limit, a TIFF of more samples per pixel than it decodes, which it
+    logs at ERROR), which the call refuses or decodes anyway, so each would be a WARNING
+    or ERROR line, with Pillow's path, for a caller's file rather than for anything the
+    operator can fix."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", module=r"PIL\.")
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
     logging.getLogger("explaind").setLevel(logging.INFO)
