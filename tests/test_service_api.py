@@ -534,8 +534,9 @@ def test_schema_fuzzed_requests_to_every_rpc_get_documented_codes_and_the_server
 
 def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_the_log(server):
     # Each was refused INVALID_ARGUMENT, and also logged a WARNING from py.warnings with
-    # Pillow's path, or (too many samples per pixel) an ERROR from Pillow's own logger: a
-    # caller's file set off the operator's log alerts.
+    # Pillow's path, or (too many samples per pixel) an ERROR from Pillow's own logger, or
+    # (a deflated TIFF strip failing its checksum) libtiff's message on stderr, a line in
+    # no log format: a caller's file set off the operator's log alerts, or broke a JSON log.
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -547,16 +548,24 @@ def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_th
     samples_per_pixel = struct.pack("<HHIHH", 277, 3, 1, 3, 0)  # the TIFF tag (a SHORT): 3
     assert buffer.getvalue().count(samples_per_pixel) == 1
     many_samples = buffer.getvalue().replace(samples_per_pixel, struct.pack("<HHIHH", 277, 3, 1, 278, 0))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "TIFF", compression="tiff_deflate")
+    with Image.open(buffer) as deflated:
+        checksum_end = deflated.tag_v2[273][0] + deflated.tag_v2[279][0]  # the strip's offset and size
+    bad_checksum = bytearray(buffer.getvalue())
+    bad_checksum[checksum_end - 1] ^= 0xFF
+    logged_before = len(server.log_path.read_text())
     with grpc.insecure_channel(server.target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for data, message in ((declared_huge, "image is 10000x10000; the largest side allowed is 4096"), (corrupt_exif, "not an image in a supported format"),
-                              (many_samples, "not an image in a supported format")):
+                              (many_samples, "not an image in a supported format"), (bytes(bad_checksum), "cannot decode image bytes")):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Predict(inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=data)]), timeout=30)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("images[0].encoded: ")
             assert message in caught.value.details()
     log = server.log_path.read_text()
     assert "py.warnings" not in log and "PIL" not in log, log[-2000:]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line) for line in log[logged_before:].splitlines()), log[logged_before:]
 
 
 def test_requests_that_are_not_their_message_or_carry_malformed_ids_or_ignored_options_are_invalid_arguments(server, client, world_images):

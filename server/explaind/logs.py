@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import sys
@@ -61,11 +62,30 @@ def configure_logging(log_format: str) -> None:
     decompression-bomb limit, a TIFF of more samples per pixel than it decodes, which it
     logs at ERROR), which the call refuses or decodes anyway, so each would be a WARNING
     or ERROR line, with Pillow's path, for a caller's file rather than for anything the
-    operator can fix."""
+    operator can fix. libtiff, which decodes Pillow's compressed TIFFs, is silenced too."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", module=r"PIL\.")
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
+    _silence_libtiff()
     logging.getLogger("explaind").setLevel(logging.INFO)
+
+
+def _silence_libtiff() -> None:
+    """Unset the error and warning handlers of the libtiff Pillow links, which print each
+    message to stderr ("ZIPDecode: Decoding error at scanline 0, incorrect data check."):
+    each is about a caller's TIFF, which Pillow then fails to decode (the call is
+    INVALID_ARGUMENT), and came out as a line in no log format, breaking a JSON log. A
+    Pillow built without libtiff has no such handlers."""
+    try:
+        from PIL import _imaging
+
+        pillow = ctypes.CDLL(_imaging.__file__)  # its symbols include those of the libtiff it loaded
+        for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+            set_handler = getattr(pillow, name)
+            set_handler.argtypes, set_handler.restype = [ctypes.c_void_p], ctypes.c_void_p
+            set_handler(None)
+    except (ImportError, OSError, AttributeError):
+        pass
