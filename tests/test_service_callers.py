@@ -227,13 +227,21 @@ def test_each_change_is_logged_with_its_caller_action_and_ids_and_reads_and_refu
             edit = monitoring.edit_head("train", 1, [0], max_epochs=1)
             version = edit.result().version
             promoted = root.promote_head_version(version.version_id)
+            root.promote_head_version(version.version_id)  # served already: no change
             rolled_back = root.rollback_head_version()
             root.delete_head_version(version.version_id)
+            # One job at a time: the evaluation waits behind the visualisation, so its cancel finds it queued.
+            visualization = analyst.visualize_neurons([0], method="feature_visualization", steps=10_000)
             evaluation = analyst.evaluate_sample_set("train")
             evaluation.cancel().wait(timeout=60)  # WaitOperation: a read
+            evaluation.cancel()  # ended: no change
+            visualization.cancel()
+            visualization.cancel()  # asked to stop already: no change
+            visualization.wait(timeout=60)
+            edit.cancel()  # succeeded: no change
             analyst.delete_operation(evaluation.name)
             root.delete_sample_set("train")
-        edit_id, evaluation_id = (operation.name.removeprefix("operations/") for operation in (edit, evaluation))
+        edit_id, evaluation_id, visualization_id = (operation.name.removeprefix("operations/") for operation in (edit, evaluation, visualization))
         assert _audited(lines) == [
             {"action": "create_sample_set", "caller": "monitoring", "sample_set_id": "train", "sample_set_uid": made.uid},
             {"action": "append_samples", "caller": "monitoring", "sample_set_id": "train", "sample_set_uid": appended.uid},
@@ -243,8 +251,10 @@ def test_each_change_is_logged_with_its_caller_action_and_ids_and_reads_and_refu
             {"action": "rollback_head_version", "caller": "root", "version_id": rolled_back.version.version_id,
              "previous_version_id": version.version_id},
             {"action": "delete_head_version", "caller": "root", "version_id": version.version_id},
+            {"action": "submit_operation", "caller": "analyst", "operation_id": visualization_id, "kind": "visualize_neurons"},
             {"action": "submit_operation", "caller": "analyst", "operation_id": evaluation_id, "kind": "evaluate_sample_set"},
             {"action": "cancel_operation", "caller": "analyst", "operation_id": evaluation_id},
+            {"action": "cancel_operation", "caller": "analyst", "operation_id": visualization_id},
             {"action": "delete_operation", "caller": "analyst", "operation_id": evaluation_id},
             {"action": "delete_sample_set", "caller": "root", "sample_set_id": "train"},
         ]

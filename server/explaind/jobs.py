@@ -613,11 +613,16 @@ class JobManager:
     def cancel(self, job_id: str, *, caller: str | None = None) -> JobSnapshot:
         """Ask a job to stop; a queued job ends at once (its worker skips it), a running
         one at its next check. PermissionDenied when ``caller`` may not change it."""
+        return self.request_cancel(job_id, caller=caller)[0]
+
+    def request_cancel(self, job_id: str, *, caller: str | None = None) -> tuple[JobSnapshot, bool]:
+        """:meth:`cancel`, and whether this call changed anything: False for a job that had
+        ended or had been asked to stop already (the audit log names who stopped a job)."""
         with self._changed:
             self._require_owner(job_id, caller)
             live = self._live.get(job_id)
-            if live is None or live.record.state in FINISHED_STATES:  # ended (live: its end the store refused): nothing to stop
-                return self.get(job_id)
+            if live is None or live.record.state in FINISHED_STATES or live.record.cancel_requested:
+                return self.get(job_id), False  # ended (live: its end the store refused), or stopping already
             if live.record.state == QUEUED:
                 live.cancel_event.set()
                 self._end_queued(live, CANCELLED, ("CANCELLED", "cancelled before it started"), cancel_requested=True)
@@ -627,7 +632,7 @@ class JobManager:
                 self._update(live, persist=True, cancel_requested=True)
                 live.cancel_event.set()
                 log.info("operation %s (%s): cancel requested", job_id, live.record.kind)
-        return self.get(job_id)
+        return self.get(job_id), True
 
     def _require_owner(self, job_id: str, caller: str | None) -> None:
         if caller is not None:

@@ -3,7 +3,9 @@ ids it acted on, so the log answers "who deleted set X, promoted v7, cancelled t
 operation". The interceptor writes it once a call of :data:`ACTIONS` answered OK: one
 table of the mutating methods and one line format, rather than a line at each place a
 change happens. Reads and Predict (volume) get none; the ids come from the request or
-the response, never sample contents, display names or tokens.
+the response, never sample contents, display names or tokens. A call that answers OK
+but changed nothing (a cancel of a job that had ended or was stopping already, a promote
+of the version served) gets none: its line would name its caller as the one who did it.
 
 The text line reads ``delete_sample_set sample_set_id=train by caller analyst``; a JSON
 line (logs.JsonFormatter) also carries ``action``, ``caller`` and each id as fields of
@@ -12,8 +14,10 @@ their own. A call without a named caller (one token, or no auth) has no ``caller
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from explaind.v1 import operations_pb2
@@ -44,7 +48,10 @@ def _submitted(request: Any, response: Any) -> dict[str, str] | None:
     return ids
 
 
-def _served(_request: Any, response: Any) -> dict[str, str]:
+def _served(_request: Any, response: Any) -> dict[str, str] | None:
+    """The version now served; None when it was served already (promoted again)."""
+    if response.version.version_id == response.previous_version_id:
+        return None
     return {"version_id": response.version.version_id, "previous_version_id": response.previous_version_id}
 
 
@@ -63,6 +70,34 @@ ACTIONS: dict[tuple[str, str], tuple[str, _Ids]] = {
     ("explaind.v1.NeuroInspectService", "RollbackHeadVersion"): ("rollback_head_version", _served),
     ("explaind.v1.NeuroInspectService", "DeleteHeadVersion"): ("delete_head_version", lambda request, _: {"version_id": request.version_id}),
 }
+
+
+class _Call:
+    """Whether the call being served changed anything (see :func:`unchanged`)."""
+
+    changed = True
+
+
+_CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("explaind_audited_call", default=None)
+
+
+@contextmanager
+def auditing() -> Iterator[_Call]:
+    """While a servicer runs: the call :func:`unchanged` marks."""
+    call = _Call()
+    token = _CURRENT_CALL.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT_CALL.reset(token)
+
+
+def unchanged() -> None:
+    """Mark the call being served as one that changed nothing, though it answers OK (a
+    cancel of a job that had ended): it gets no audit line, which would name its caller
+    as the one who made the change. Outside a call (in-process), nothing."""
+    if (call := _CURRENT_CALL.get()) is not None:
+        call.changed = False
 
 
 def log_change(service: str, method: str, request: Any, response: Any, caller: str | None) -> None:

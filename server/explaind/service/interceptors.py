@@ -38,7 +38,7 @@ from google.rpc import error_details_pb2, status_pb2
 from ..errors import ExplaindError, field_detail, report_unexpected
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
-from .audit import log_change
+from .audit import auditing, log_change
 from .auth import UNNAMED, BearerToken, Grant, NamedCallers, calling_as
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ class _Observed:
 
     def call(self, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            with self._serving():
+            with self._serving(), auditing() as audited:
                 response = behaviour(request, context)
         except ExplaindError as error:
             self._abort_with(error)
@@ -384,8 +384,9 @@ class _Observed:
             self._map_unexpected(error)
         else:
             sendable = self._sendable(response)
-            with current(self._span):  # the audit line carries the call's trace id
-                log_change(self._service, self._method, request, sendable, self._caller)
+            if audited.changed:
+                with current(self._span):  # the audit line carries the call's trace id
+                    log_change(self._service, self._method, request, sendable, self._caller)
             return sendable
 
     def call_stream(self, behaviour: Callable, request: Any, context: grpc.ServicerContext, revocation: Callable[[], str]) -> Iterator[Any]:

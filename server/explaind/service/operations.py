@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 from ..errors import InvalidArgument, NotFound, ResourceExhausted
 from ..jobs import JobManager
 from ..store import JobRecord
-from . import convert
+from . import audit, convert
 from .auth import current_caller
 from .interceptors import HeldCalls
 from .paging import listing_name, messages_that_fit, page_limit, resume_point, resume_token
@@ -84,7 +84,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:
-        return operations_pb2.CancelOperationResponse(operation=convert.operation(self._jobs.cancel(convert.job_id(request.name), caller=current_caller())))
+        snapshot, changed = self._jobs.request_cancel(convert.job_id(request.name), caller=current_caller())
+        if not changed:
+            audit.unchanged()
+        return operations_pb2.CancelOperationResponse(operation=convert.operation(snapshot))
 
     def WaitOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.WaitOperationResponse:
         job_id = convert.job_id(request.name)
