@@ -1,0 +1,77 @@
+"""How the SDK turns a failed call's status into its typed exception, without a server:
+each test failed against a small change to explaind.client._errors that the tests of the
+SDK against a server let through."""
+
+from __future__ import annotations
+
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+from explaind.client import ExplaindError, NotFoundError, UnavailableError
+from explaind.client._errors import from_rpc_error
+
+
+def _packed(detail: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
+
+
+class _Refused(grpc.RpcError):
+    """A failed call as grpc raises it: its code, message and status details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *details: Message) -> None:
+        self._code, self._message = code, message
+        self._status = status_pb2.Status(code=code.value[0], message=message, details=[_packed(detail) for detail in details])
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self._status.SerializeToString()),)
+
+
+def _retry_info(seconds: int, nanos: int) -> error_details_pb2.RetryInfo:
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos))
+
+
+def test_the_retry_delay_is_the_retry_infos_in_seconds_and_none_without_one():
+    # A loading server's UNAVAILABLE: the delay decides whether and when a call is repeated,
+    # so another detail must not read as "retry at once", nor a delay lose its fraction.
+    bad_request = error_details_pb2.BadRequest(field_violations=[{"field": "top_k", "description": "too large"}])
+    loading = from_rpc_error(_Refused(grpc.StatusCode.UNAVAILABLE, "loading", bad_request, _retry_info(1, 500_000_000)))
+    assert isinstance(loading, UnavailableError) and loading.retry_delay == 1.5
+    refused = from_rpc_error(_Refused(grpc.StatusCode.INVALID_ARGUMENT, "top_k: too large", bad_request))
+    assert refused.retry_delay is None and refused.field_violations == [("top_k", "too large")]
+
+
+def test_the_field_of_an_error_info_is_taken_from_explaind_only_and_only_where_it_names_one():
+    # A proxy in front of the server (an API gateway) may add its own ErrorInfo, whose
+    # metadata means something else; an explaind ErrorInfo without a field names none.
+    foreign = error_details_pb2.ErrorInfo(reason="QUOTA", domain="gateway.example.com", metadata={"field": "x-api-key"})
+    fieldless = error_details_pb2.ErrorInfo(reason="NOT_FOUND", domain="explaind.v1")
+    named = error_details_pb2.ErrorInfo(reason="NOT_FOUND", domain="explaind.v1", metadata={"field": "sample_set_id"})
+    assert from_rpc_error(_Refused(grpc.StatusCode.NOT_FOUND, "gone", foreign, fieldless)).field is None
+    error = from_rpc_error(_Refused(grpc.StatusCode.NOT_FOUND, "gone", foreign, fieldless, named))
+    assert isinstance(error, NotFoundError) and error.field == "sample_set_id" and error.field_violations == []
+
+
+def test_an_rpc_error_without_a_status_is_an_unknown_error_with_its_message():
+    # grpc.RpcError itself (as an interceptor or a test double raises it) has no code(),
+    # details() or trailing metadata.
+    error = from_rpc_error(grpc.RpcError("the channel broke"))
+    assert type(error) is ExplaindError and error.code == grpc.StatusCode.UNKNOWN
+    assert str(error) == "UNKNOWN: the channel broke"
+    assert (error.field, error.field_violations, error.retry_delay) == (None, [], None)
+
+
+def test_an_explaind_error_raised_without_a_code_is_unknown():
+    # As a caller's stand-in for the SDK in their own tests raises it.
+    error = ExplaindError("boom")
+    assert error.code == grpc.StatusCode.UNKNOWN and str(error) == "UNKNOWN: boom"
