@@ -4,14 +4,15 @@ SDK against a server let through."""
 
 from __future__ import annotations
 
+import pickle
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from explaind.client import ExplaindError, NotFoundError, UnavailableError
-from explaind.client._errors import from_rpc_error
+from explaind.client import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, UnavailableError
+from explaind.client._errors import error_from_code, from_rpc_error, operation_error
 
 
 def _packed(detail: Message) -> any_pb2.Any:
@@ -75,3 +76,19 @@ def test_an_explaind_error_raised_without_a_code_is_unknown():
     # As a caller's stand-in for the SDK in their own tests raises it.
     error = ExplaindError("boom")
     assert error.code == grpc.StatusCode.UNKNOWN and str(error) == "UNKNOWN: boom"
+
+
+def test_an_error_pickles_as_a_process_pool_returns_it_keeping_its_type_and_fields():
+    # A job's error (an OperationError subclass made per code) could not be pickled: a
+    # ProcessPoolExecutor's worker returned a PicklingError in place of it.
+    refused = operation_error(grpc.StatusCode.INVALID_ARGUMENT, "group_attribute: no sample has it", [("group_attribute", "no sample has it")])
+    unknown = operation_error(grpc.StatusCode.UNKNOWN, "why")
+    missing = error_from_code(grpc.StatusCode.NOT_FOUND, "sample_set_id: gone", retry_delay=0.5, field="sample_set_id")
+    missing.request_offset = 3
+    for error in (refused, unknown, missing):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.code == error.code, error
+        assert (copy.details, copy.field, copy.field_violations, copy.retry_delay) == (error.details, error.field, error.field_violations, error.retry_delay)
+    copy = pickle.loads(pickle.dumps(refused))
+    assert isinstance(copy, InvalidArgumentError) and isinstance(copy, OperationError)
+    assert pickle.loads(pickle.dumps(missing)).request_offset == 3

@@ -134,6 +134,9 @@ _BY_CODE = {cls.code: cls for cls in ExplaindError.__subclasses__() if cls is no
 # One OperationError subclass per typed error, e.g. an OperationError that is a FailedPreconditionError.
 _OPERATION_BY_CODE = {code: type(f"Operation{cls.__name__}", (OperationError, cls), {"__module__": __name__})
                       for code, cls in _BY_CODE.items()}
+# Module attributes under their names, where pickle looks a class up: a job's error returned
+# by a process pool's worker (pickled) was a PicklingError in its place.
+globals().update({cls.__name__: cls for cls in _OPERATION_BY_CODE.values()})
 
 
 def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
