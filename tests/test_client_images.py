@@ -82,3 +82,85 @@ def test_one_file_in_a_bytearray_or_memoryview_is_one_image_not_a_batch_of_its_b
     for data in (bytearray(png), memoryview(png)):
         assert image_count(data) == 1, type(data)
         assert list(iter_image_messages(data)) == [common_pb2.Image(encoded=png)], type(data)
+
+
+def test_a_generator_of_paths_is_not_read_by_the_file_check_and_its_count_is_unknown(tmp_path):
+    # The up-front check of a list's paths must not consume an iterator: the call after it
+    # would send no images.
+    from explaind.client._images import require_files
+
+    png = _png(np.zeros((4, 5, 3), np.uint8))
+    (tmp_path / "a.png").write_bytes(png)
+    paths = (str(tmp_path / name) for name in ("a.png", "a.png"))
+    require_files(paths)
+    assert image_count(paths) is None
+    assert list(iter_image_messages(paths)) == [common_pb2.Image(encoded=png)] * 2
+
+
+def test_a_missing_file_in_an_array_of_paths_is_named_before_any_call(tmp_path):
+    # As pandas' .to_numpy() gives a column of paths.
+    import pytest
+
+    from explaind.client._images import require_files
+
+    (tmp_path / "a.png").write_bytes(_png(np.zeros((4, 5, 3), np.uint8)))
+    with pytest.raises(FileNotFoundError, match=r"^images\[1\]: no such file: .*gone\.png$"):
+        require_files(np.array([str(tmp_path / "a.png"), str(tmp_path / "gone.png")]))
+
+
+def test_a_big_endian_16_bit_pil_image_travels_as_its_values_not_clipped_to_8_bits():
+    # Mode I;16B (some TIFF and PNM readers give it) was converted to RGB like an 8-bit
+    # image: every value above 255 white.
+    values = np.array([[0, 1000, 65535]], dtype=">u2")
+    image = Image.frombytes("I;16B", (3, 1), values.tobytes())
+    sent = Image.open(io.BytesIO(to_image_message(image).encoded))
+    assert np.asarray(sent).astype(np.int64).tolist() == [[0, 1000, 65535]]
+
+
+def test_a_two_dimensional_uint8_array_is_sent_as_it_is_for_the_server_to_refuse():
+    # Three rows high it was taken for torchvision's (3, H, W) and transposed: numpy's
+    # "axes don't match array" in place of the server's INVALID_ARGUMENT naming the shape.
+    pixels = np.arange(15, dtype=np.uint8).reshape(3, 5)
+    tensor = to_image_message(pixels).tensor
+    assert list(tensor.shape) == [3, 5] and tensor.data == pixels.tobytes()
+
+
+def test_an_image_with_alpha_or_a_palette_as_wide_as_its_box_is_inlined_as_jpeg():
+    # JPEG has no alpha: an RGBA visualisation failed with "cannot write mode RGBA as JPEG".
+    from explaind.client._images import IMAGE_BOX, image_data_uri
+
+    for mode in ("RGBA", "LA", "P"):
+        assert image_data_uri(Image.new(mode, (IMAGE_BOX, IMAGE_BOX))).startswith("data:image/jpeg;base64,"), mode
+
+
+def test_an_image_folder_takes_every_suffix_the_server_decodes_whatever_its_case(tmp_path):
+    from explaind.client import image_folder
+
+    suffixes = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".JPEG", ".Png"]
+    (tmp_path / "star").mkdir()
+    for index, suffix in enumerate(suffixes):
+        (tmp_path / "star" / f"{index:02d}{suffix}").write_bytes(b"")
+    (tmp_path / "star" / "notes.txt").write_bytes(b"")
+    (tmp_path / "star" / "frames.png").mkdir()  # a folder, whatever its name
+    images, labels = image_folder(tmp_path)
+    assert [path.suffix for path in images] == suffixes and labels == ["star"] * len(suffixes)
+
+
+def test_a_path_object_or_a_pil_image_alone_is_one_image_and_a_built_message_is_sent_as_it_is(tmp_path):
+    png = _png(np.zeros((4, 5, 3), np.uint8))
+    (tmp_path / "a.png").write_bytes(png)
+    pil = Image.open(io.BytesIO(png))
+    for image in (tmp_path / "a.png", pil):
+        assert image_count(image) == 1 and len(list(iter_image_messages(image))) == 1, type(image)
+    assert list(iter_image_messages(tmp_path / "a.png")) == [common_pb2.Image(encoded=png)]
+    tensor = list(iter_image_messages(pil))[0].tensor
+    assert list(tensor.shape) == [4, 5, 3] and tensor.data == bytes(4 * 5 * 3)
+    message = common_pb2.Image(encoded=png)  # built already, e.g. for another call
+    assert list(iter_image_messages([message, pil])) == [message, common_pb2.Image(tensor=tensor)]
+
+
+def test_a_uint8_array_of_other_than_3_channels_is_sent_in_the_shape_it_has():
+    # Only (3, H, W) is torchvision's layout: an RGBA (H, W, 4) array, which the server
+    # refuses naming its shape, must reach it as the user made it, not as (W, 4, H).
+    pixels = np.zeros((6, 5, 4), np.uint8)
+    assert list(to_image_message(pixels).tensor.shape) == [6, 5, 4]
