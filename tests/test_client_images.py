@@ -164,3 +164,22 @@ def test_a_uint8_array_of_other_than_3_channels_is_sent_in_the_shape_it_has():
     # refuses naming its shape, must reach it as the user made it, not as (W, 4, H).
     pixels = np.zeros((6, 5, 4), np.uint8)
     assert list(to_image_message(pixels).tensor.shape) == [6, 5, 4]
+
+
+def test_an_array_of_an_unsupported_dtype_is_refused_naming_the_dtypes_that_are_taken():
+    import pytest
+
+    with pytest.raises(TypeError, match=r"^unsupported image dtype int64; use uint8, float16 or float32$"):
+        to_image_message(np.zeros((4, 5, 3), np.int64))
+
+
+def test_a_downloaded_image_that_is_cut_short_fails_where_it_is_read_not_where_it_is_used():
+    # Pillow decodes lazily: the error came from the first use of the pixels instead.
+    import pytest
+
+    from explaind.client._images import open_image
+
+    png = _png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert np.asarray(open_image(png)).shape == (64, 64, 3)
+    with pytest.raises(OSError):
+        open_image(png[: len(png) // 2])
