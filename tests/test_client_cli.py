@@ -179,6 +179,23 @@ def test_integers_at_the_ends_of_their_fields_range_and_the_world_spec_s_default
     assert parse_arguments(["sample-set", "create", "--world", "balanced:val"]).world == ("balanced", "val", 64)
 
 
+@pytest.mark.parametrize(("argv", "argument"), [
+    (["--cert-file", "", "--key-file", "", "info"], "--cert-file"),  # connected in plaintext, as if neither were given
+    (["--tls", "--ca-file", "", "info"], "--ca-file"),  # trusted the system's CAs instead
+    (["evaluate", "s", "--grid", ""], "--grid"),  # evaluated, wrote no grid and exited 0
+    (["visualize", "3", "--out-dir", ""], "--out-dir"),  # wrote the images into the current directory
+    (["operations", "artifact", "operations/0123456789abcdef", "mistakes.png", "-o", ""], "-o/--output"),  # wrote ./mistakes.png
+    (["report", "--class", "heart", "--out", ""], "--out"),  # "cannot write : it is a directory"
+    (["sample-set", "create", "--folder", ""], "--folder"),  # "give --world SPEC, --folder DIR, ..." as if none were given
+    (["predict", ""], "images"),  # " is a directory, not a file"
+    (["sample-set", "create", "--images", "", "--labels", "0"], "--images"),
+])
+def test_an_empty_path_is_a_usage_error_not_none_or_the_current_directory(capsys, argv, argument):
+    # An unset variable, as in --grid "$GRID", gives an empty path.
+    said = _usage_error(capsys, ["--target", "127.0.0.1:1", "--timeout", "2", *argv])
+    assert f"error: argument {argument}: expected a path, got ''\n" in said, said
+
+
 def test_an_empty_explaind_target_is_a_usage_error_naming_it(capsys, monkeypatch):
     monkeypatch.setenv("EXPLAIND_TARGET", "")
     err = _usage_error(capsys, ["sample-set", "list"])

@@ -118,6 +118,8 @@ def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
 
 def _file_problem(path: str) -> str | None:
     """Why ``path`` is no file to read, or None (a usage error, not a traceback later)."""
+    if not path:  # Path("") is the current directory
+        return _EMPTY_PATH
     if Path(path).is_file():
         return None
     return f"{path} is a directory, not a file" if Path(path).is_dir() else f"no such file: {path}"
@@ -128,6 +130,18 @@ def _directory_problem(path: str) -> str | None:
     if Path(path).is_dir():
         return None
     return f"not a directory: {path}" if Path(path).exists() else f"no such directory: {path}"
+
+
+_EMPTY_PATH = "expected a path, got ''"
+
+
+def _path(value: str) -> str:
+    """argparse type: a file or directory name, not an empty one (an unset $VAR), which
+    was taken as none given or as the current directory: ``--cert-file ""`` connected
+    without TLS, ``--grid ""`` wrote no grid, ``--out-dir ""`` wrote into ``.``."""
+    if not value:
+        raise argparse.ArgumentTypeError(_EMPTY_PATH)
+    return value
 
 
 def _integer(value: str, bits: int = 32) -> int:
@@ -1107,9 +1121,9 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g}); waiting for a job to end (evaluate, rank, "
                              "visualize, edit-head, report, operations wait/watch) is not bounded by it: Ctrl-C stops that")
     parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the three options below)")
-    parser.add_argument("--ca-file", dest="ca_file", help="PEM file of the CAs to trust (default: the system's)")
-    parser.add_argument("--cert-file", dest="cert_file", help="PEM client certificate, for a server that asks for one (with --key-file)")
-    parser.add_argument("--key-file", dest="key_file", help="PEM private key of --cert-file")
+    parser.add_argument("--ca-file", dest="ca_file", type=_path, help="PEM file of the CAs to trust (default: the system's)")
+    parser.add_argument("--cert-file", dest="cert_file", type=_path, help="PEM client certificate, for a server that asks for one (with --key-file)")
+    parser.add_argument("--key-file", dest="key_file", type=_path, help="PEM private key of --cert-file")
     return parser
 
 
@@ -1179,7 +1193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
-    sample_set.add_argument("--folder", help="create or append from DIR/<class name>/**/*.png|jpg... (the ImageFolder layout, subfolders included); folder names are class names")
+    sample_set.add_argument("--folder", type=_path, help="create or append from DIR/<class name>/**/*.png|jpg... (the ImageFolder layout, subfolders included); folder names are class names")
     sample_set.add_argument("--images", nargs="*", help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
     sample_set.add_argument("--owner", metavar="NAME", help="list only the sets this named caller created")
@@ -1189,7 +1203,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "classify a sample set (a job with progress; Ctrl-C cancels it)")
     evaluate.add_argument("id", help="sample set id")
     evaluate.add_argument("--batch-size", type=_integer, default=0, help="images per batch; 0: the server's [jobs].evaluate_batch_size (64 unless configured)")
-    evaluate.add_argument("--grid", help="write the mistakes grid PNG here")
+    evaluate.add_argument("--grid", type=_path, help="write the mistakes grid PNG here")
     evaluate.add_argument("--max-grid-images", type=_integer, default=0, help="mistakes drawn in the --grid PNG, 1..1024; 0: 64")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class with samples, every mistake, the confusion matrix)")
@@ -1212,7 +1226,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=_integer, default=0,
                            help="images per neuron without a CLASS, one per top class; 0: 1")
     visualize.add_argument("--seed", type=_int64, default=0, help="random seed of the start images and augmentations")
-    visualize.add_argument("--out-dir", dest="out_dir", help="directory for <i>_neuron<N>_<class>.png and its _masked.png (default: .)")
+    visualize.add_argument("--out-dir", dest="out_dir", type=_path, help="directory for <i>_neuron<N>_<class>.png and its _masked.png (default: .)")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     visualize.add_argument("--json", action="store_true", help="print the visualisations and the files written as JSON")
     visualize.set_defaults(run=cmd_visualize)
@@ -1253,7 +1267,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
     operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
-    operations.add_argument("-o", "--output", help="file for the artifact (default: its name; - for standard output)")
+    operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name; - for standard output)")
     operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
                                                                 "one per line as it changes (watch)")
     operations.set_defaults(run=cmd_operations)
@@ -1261,7 +1275,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "write one self-contained HTML report on a class's mistakes")
     report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
-    report.add_argument("--out", default="report.html", help="HTML file to write")
+    report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
     report.add_argument("--neurons", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
     report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
@@ -1287,7 +1301,7 @@ def build_parser() -> argparse.ArgumentParser:
     head_versions.set_defaults(run=cmd_head_versions)
 
     demo = command("demo", "serve the shapes world and run a client session end to end", client=False)
-    demo.add_argument("--config", help="serve this config instead of the scenario's classifier")
+    demo.add_argument("--config", type=_path, help="serve this config instead of the scenario's classifier")
     demo.add_argument("--scenario", type=_scenario, default="spurious_background", help="shapes-world scenario whose classifier is served")
     demo.add_argument("--count", type=_positive_int, default=240, help="test images in the demo's sample set")
     demo.set_defaults(run=cmd_demo)
