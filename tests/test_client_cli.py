@@ -160,6 +160,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         # An empty address (an unset $HOST) printed gRPC's C-core errors around an UNKNOWN one.
         (["info", "--target", ""], "argument --target: empty; give the server's host:port, or leave --target out for 127.0.0.1:50051"),
         (["operations", "list", "--target= "], "argument --target: empty"),
+        # Either alone was refused in the SDK's words: "private_key and certificate_chain go together".
+        (["--cert-file", "me.pem", "info"], "--cert-file and --key-file go together: a client certificate needs its private key"),
+        (["sample-set", "list", "--key-file", "me.key"], "--cert-file and --key-file go together"),
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):

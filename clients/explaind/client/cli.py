@@ -1347,6 +1347,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if any(arg == "--target" or arg.startswith("--target=") for arg in argv):
             usage_error(f"argument --target: empty; give the server's host:port, or leave --target out for {DEFAULT_TARGET}")
         usage_error(f"EXPLAIND_TARGET is empty; set it to the server's host:port, or unset it for {DEFAULT_TARGET}")
+    if args.command not in _SERVER_COMMANDS and bool(args.cert_file) != bool(args.key_file):  # the SDK's error named its parameters
+        usage_error("--cert-file and --key-file go together: a client certificate needs its private key")
     if unrecognized:
         usage_error(f"unrecognized arguments: {' '.join(unrecognized)}{_option_guesses(unrecognized, command_actions)}")
     # Files are checked once every option is known: in `predict --topk 2 a.png` the "2" is
