@@ -163,6 +163,10 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         # Either alone was refused in the SDK's words: "private_key and certificate_chain go together".
         (["--cert-file", "me.pem", "info"], "--cert-file and --key-file go together: a client certificate needs its private key"),
         (["sample-set", "list", "--key-file", "me.key"], "--cert-file and --key-file go together"),
+        # gRPC dialled such a port modulo 65536 (99999: port 34463), perhaps another server's.
+        (["--target", "127.0.0.1:99999", "info"], "argument --target: port 99999 is out of range [1, 65535]"),
+        (["operations", "list", "--target=[::1]:-3"], "argument --target: port -3 is out of range [1, 65535]"),
+        (["info", "--target", "dns:///localhost:0"], "argument --target: port 0 is out of range [1, 65535]"),
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
@@ -199,11 +203,13 @@ def test_an_empty_path_is_a_usage_error_not_none_or_the_current_directory(capsys
     assert f"error: argument {argument}: expected a path, got ''\n" in said, said
 
 
-def test_an_empty_explaind_target_is_a_usage_error_naming_it(capsys, monkeypatch):
+def test_an_explaind_target_empty_or_of_a_port_out_of_range_is_a_usage_error_naming_it(capsys, monkeypatch):
     monkeypatch.setenv("EXPLAIND_TARGET", "")
     err = _usage_error(capsys, ["sample-set", "list"])
     assert "error: EXPLAIND_TARGET is empty; set it to the server's host:port, or unset it for 127.0.0.1:50051\n" in err
     assert "dns" not in err  # no gRPC log
+    monkeypatch.setenv("EXPLAIND_TARGET", "localhost:65536")
+    assert "error: EXPLAIND_TARGET: port 65536 is out of range [1, 65535]\n" in _usage_error(capsys, ["info"])
 
 
 def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(capsys, server_factory, monkeypatch):

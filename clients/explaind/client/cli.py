@@ -1308,6 +1308,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port_problem(target: str) -> str | None:
+    """Why the port of ``target`` (host:port) is no port, or None: gRPC dials one past
+    65535 modulo 65536 (127.0.0.1:99999 dialled port 34463, :-3 port 65533), perhaps
+    another server's."""
+    port = target.rpartition(":")[2]
+    if re.fullmatch(r"[-+]?\d+", port) and not 0 < int(port) < 2**16:
+        return f"port {port} is out of range [1, 65535]"
+    return None
+
+
 def _option_guesses(unrecognized: list[str], actions: list[argparse.Action]) -> str:
     """"; did you mean --top-k?" for the unrecognized options that look like a typo of one
     of ``actions``' (``--topk``, ``--gird=x``), or "" for none."""
@@ -1343,10 +1353,13 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                          "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
     # The command's own usage with its mistakes, not the list of every command.
     usage_error = subcommands.choices[args.command].error
+    target_given = any(arg == "--target" or arg.startswith("--target=") for arg in argv)
     if args.command not in _SERVER_COMMANDS and not args.target.strip():  # gRPC printed its C core's errors for it
-        if any(arg == "--target" or arg.startswith("--target=") for arg in argv):
+        if target_given:
             usage_error(f"argument --target: empty; give the server's host:port, or leave --target out for {DEFAULT_TARGET}")
         usage_error(f"EXPLAIND_TARGET is empty; set it to the server's host:port, or unset it for {DEFAULT_TARGET}")
+    if args.command not in _SERVER_COMMANDS and (problem := _port_problem(args.target)):
+        usage_error(f"{'argument --target' if target_given else 'EXPLAIND_TARGET'}: {problem}")
     if args.command not in _SERVER_COMMANDS and bool(args.cert_file) != bool(args.key_file):  # the SDK's error named its parameters
         usage_error("--cert-file and --key-file go together: a client certificate needs its private key")
     if unrecognized:
