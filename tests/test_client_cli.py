@@ -203,6 +203,14 @@ def test_an_empty_path_is_a_usage_error_not_none_or_the_current_directory(capsys
     assert f"error: argument {argument}: expected a path, got ''\n" in said, said
 
 
+def test_visualize_that_fails_before_its_images_leaves_no_out_dir_it_made(capsys, tmp_path):
+    # The directories were made before the job, to refuse a bad one early, and stayed, empty, when it failed.
+    (tmp_path / "kept").mkdir()
+    out_dir = tmp_path / "kept" / "made" / "for" / "images"
+    assert "UNAVAILABLE" in _error(capsys, ["--target", "127.0.0.1:1", "--timeout", "2", "visualize", "3", "--out-dir", str(out_dir)])
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
 def test_an_explaind_target_empty_or_of_a_port_out_of_range_is_a_usage_error_naming_it(capsys, monkeypatch):
     monkeypatch.setenv("EXPLAIND_TARGET", "")
     err = _usage_error(capsys, ["sample-set", "list"])

@@ -761,17 +761,25 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or ".")
+    created: list[Path] = []  # the directories made for the images, deepest first
     if not args.no_wait:  # before the job runs, so a bad directory does not waste it
         if out_dir.exists() and not out_dir.is_dir():  # mkdir would say only "File exists"
             raise CommandError(f"--out-dir: {out_dir} is a file, not a directory")
+        created = [directory for directory in (out_dir, *out_dir.parents) if not directory.exists()]
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CommandError(f"--out-dir: cannot create {out_dir}: {error.strerror or error}") from None
-    with _client(args) as client:
-        operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
-                                             seed=args.seed, request_id=args.request_id)
-        result = _announce_and_wait(operation, args)
+    try:
+        with _client(args) as client:
+            operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
+                                                 seed=args.seed, request_id=args.request_id)
+            result = _announce_and_wait(operation, args)
+    except BaseException:  # no images to write (no server, a refused request, Ctrl-C): no empty directories left either
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+                directory.rmdir()
+        raise
     if result is None:
         return 0
     if not args.json:
