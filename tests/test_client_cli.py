@@ -157,6 +157,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["sample-set", "delete"], "sample-set delete: give a sample set id"),
         (["operations", "artifact", "operations/0123456789abcdef"], "operations artifact: give an artifact name, e.g. mistakes.png"),
         (["sample-set", "create", "--images", "/nonexistent.png", "--labels", "0"], "argument --images: no such file: /nonexistent.png"),
+        (["predict", "/dev/null"], "argument images: /dev/null is not a regular file but a pipe or a device"),  # was "no such file"
         # An empty address (an unset $HOST) printed gRPC's C-core errors around an UNKNOWN one.
         (["info", "--target", ""], "argument --target: empty; give the server's host:port, or leave --target out for 127.0.0.1:50051"),
         (["operations", "list", "--target= "], "argument --target: empty"),

@@ -122,7 +122,13 @@ def _file_problem(path: str) -> str | None:
         return _EMPTY_PATH
     if Path(path).is_file():
         return None
-    return f"{path} is a directory, not a file" if Path(path).is_dir() else f"no such file: {path}"
+    if Path(path).is_dir():
+        return f"{path} is a directory, not a file"
+    try:
+        os.stat(path)
+    except OSError as error:  # missing, a link to nothing, a loop of links
+        return f"no such file: {path}" if error.errno == errno.ENOENT else f"cannot read {path}: {error.strerror}"
+    return f"{path} is not a regular file but a pipe or a device"  # which was called "no such file"
 
 
 def _directory_problem(path: str) -> str | None:
