@@ -307,6 +307,18 @@ def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert old.read_bytes() == b"in place" and sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "new.html", "report.html"]
 
 
+def test_an_output_through_a_link_to_a_file_not_made_yet_is_written_where_the_link_points(tmp_path):
+    # The check before the work refused it ("File exists") though the write follows the link.
+    from explaind.client.cli import _require_writable, _write
+
+    link = tmp_path / "latest.html"
+    link.symlink_to(tmp_path / "report-1.html")
+    _require_writable(str(link))
+    assert link.is_symlink() and not link.exists()  # tried and removed again
+    _write(link, b"report")
+    assert (tmp_path / "report-1.html").read_bytes() == b"report" and link.is_symlink()
+
+
 def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback(server, capsys, monkeypatch):
     with open("/dev/full", "w") as full:  # every write fails: No space left on device
         monkeypatch.setattr(sys, "stdout", full)

@@ -289,8 +289,8 @@ def _require_writable(path: str) -> None:
     """Refuse an output file that could not be written, before any work is done for it.
     Tried, not asked of ``os.access``, which says yes to root on a read-only file system
     or in /sys: an existing file is opened for appending (and left unchanged), a new one
-    is created and removed again."""
-    target = Path(path)
+    is created and removed again. A symbolic link is followed, as :func:`_write` follows it."""
+    target = Path(os.path.realpath(path))  # a link to a file not made yet was refused as "File exists"
     if target.is_dir():
         raise CommandError(f"cannot write {path}: it is a directory")
     if not target.parent.is_dir():
