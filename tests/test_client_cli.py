@@ -252,6 +252,12 @@ def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(cap
     assert command.returncode == 1 and command.stderr.startswith("error: UNAVAILABLE: ") and len(command.stderr.splitlines()) == 2, command.stderr
 
 
+def test_a_call_unanswered_within_the_timeout_names_the_option(server, capsys):
+    # It said "DEADLINE_EXCEEDED: Deadline Exceeded" alone: no word of the --timeout that set the deadline.
+    assert main(["--target", server.target, "--timeout", "1e-9", "info"]) == 1
+    assert capsys.readouterr().err.endswith("\n  (no answer within 1e-09 s, the --timeout of each call: a busy server or a slow link may need more)\n")
+
+
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path):
     for argv in (["report", "--class", "heart", "--out", str(tmp_path / "missing" / "r.html")],
                  ["evaluate", "some-set", "--grid", str(tmp_path / "missing" / "g.png")]):

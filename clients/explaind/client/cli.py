@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
-from ._errors import ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
+from ._errors import DeadlineExceededError, ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
 from ._images import image_folder
 from ._operations import OPERATION_STATES, cancel_outcome
 from ._types import ModelMetadata, escape_controls
@@ -1464,8 +1464,11 @@ def _fields_named(error: Exception) -> list[str]:
 
 
 def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
-    """What to check when the call never reached the server, or it refused the caller."""
+    """What to check when the call never reached the server, or it refused the caller, or
+    it went unanswered for --timeout seconds."""
     details = str(error)
+    if isinstance(error, DeadlineExceededError) and error.operation is None:  # gRPC's "Deadline Exceeded" named no option
+        return f"no answer within {args.timeout:g} s, the --timeout of each call: a busy server or a slow link may need more"
     if isinstance(error, UnauthenticatedError):
         if _token(args):
             return f"the server refused the token of {_token_source(args)}: was it rotated?"
