@@ -168,6 +168,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["--target", "127.0.0.1:99999", "info"], "argument --target: port 99999 is out of range [1, 65535]"),
         (["operations", "list", "--target=[::1]:-3"], "argument --target: port -3 is out of range [1, 65535]"),
         (["info", "--target", "dns:///localhost:0"], "argument --target: port 0 is out of range [1, 65535]"),
+        (["info", "--target", "localhost:"], "argument --target: 'localhost:' has no port after its ':'"),  # dialled port 443
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):

@@ -1322,11 +1322,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# gRPC's target schemes, whose "scheme:" alone is no host with an empty port.
+_TARGET_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+
+
 def _port_problem(target: str) -> str | None:
     """Why the port of ``target`` (host:port) is no port, or None: gRPC dials one past
     65535 modulo 65536 (127.0.0.1:99999 dialled port 34463, :-3 port 65533), perhaps
-    another server's."""
-    port = target.rpartition(":")[2]
+    another server's, and an empty one (``"$HOST:$PORT"`` with PORT unset) as 443."""
+    host, _, port = target.rpartition(":")
+    if host and not port and host not in _TARGET_SCHEMES:
+        return f"{target!r} has no port after its ':'"
     if re.fullmatch(r"[-+]?\d+", port) and not 0 < int(port) < 2**16:
         return f"port {port} is out of range [1, 65535]"
     return None
