@@ -144,6 +144,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["edit-head", "s", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
+        # A digit int() does not read was "invalid _positive_int value: '²'", naming a function of the CLI's code.
+        (["predict", __file__, "--top-k", "²"], "--top-k: expected an integer >= 1, got '²'"),
+        (["sample-set", "create", "--world", "balanced:test:²"], "count must be a positive integer, got '²'"),
         (["info", "--timeout", "inf"], "--timeout: expected a number of seconds > 0, got 'inf'"),  # no call ends without a deadline  # was a traceback once the server had started
         (["info", "--timeout", "0"], "--timeout: expected a number of seconds > 0, got '0'"),
         (["info", "--timeout", "nan"], "--timeout: expected a number of seconds > 0, got 'nan'"),  # NaN compares false with everything

@@ -170,7 +170,7 @@ def _int64(value: str) -> int:
 def _class_ref(value: str) -> str | int:
     """argparse type: a class index (digits; a negative one is the server's to refuse as
     an index, not as an unknown name) or a name."""
-    return _integer(value) if value.removeprefix("-").isdigit() else value
+    return _integer(value) if value.removeprefix("-").isdecimal() else value
 
 
 def _request_id(value: str) -> str:
@@ -183,14 +183,14 @@ def _request_id(value: str) -> str:
 
 def _non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
-    if not value.isdigit():
+    if not value.isdecimal():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
     return _integer(value)
 
 
 def _positive_int(value: str) -> int:
     """argparse type: an integer >= 1."""
-    if not value.isdigit() or int(value) < 1:
+    if not value.isdecimal() or int(value) < 1:  # not isdigit(): "²" is a digit that int() does not read
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
     return _integer(value)
 
@@ -209,7 +209,7 @@ def _positive_seconds(value: str) -> float:
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
     neuron, colon, target = spec.partition(":")
-    if not neuron.isdigit() or (colon and not target):
+    if not neuron.isdecimal() or (colon and not target):
         raise argparse.ArgumentTypeError(f"{spec!r} is not NEURON or NEURON:CLASS, e.g. 8 or 8:heart")
     return (_integer(neuron), _class_ref(target)) if target else _integer(neuron)
 
@@ -234,7 +234,7 @@ def _world_spec(spec: str) -> tuple[str, str, int]:
     _scenario(scenario)
     if split not in SPLITS:
         raise argparse.ArgumentTypeError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    if not count.isdigit() or int(count) < 1:
+    if not count.isdecimal() or int(count) < 1:
         raise argparse.ArgumentTypeError(f"count must be a positive integer, got {count!r}")
     return scenario, split, int(count)
 
