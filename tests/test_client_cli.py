@@ -256,10 +256,25 @@ def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(cap
     assert command.returncode == 1 and command.stderr.startswith("error: UNAVAILABLE: ") and len(command.stderr.splitlines()) == 2, command.stderr
 
 
-def test_a_call_unanswered_within_the_timeout_names_the_option(server, capsys):
+def test_a_call_unanswered_within_the_timeout_names_the_option(capsys, monkeypatch):
     # It said "DEADLINE_EXCEEDED: Deadline Exceeded" alone: no word of the --timeout that set the deadline.
-    assert main(["--target", server.target, "--timeout", "1e-9", "info"]) == 1
-    assert capsys.readouterr().err.endswith("\n  (no answer within 1e-09 s, the --timeout of each call: a busy server or a slow link may need more)\n")
+    with socket.socket() as silent:  # takes the connection and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        assert main(["--target", f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "0.5", "info"]) == 1
+    assert capsys.readouterr().err == ("error: DEADLINE_EXCEEDED: Deadline Exceeded\n"
+                                       "  (no answer within 0.5 s, the --timeout of each call: a busy server or a slow link may need more)\n")
+    # A job the server ended at its [jobs].max_run_seconds is no call of --timeout's.
+    import grpc
+
+    from explaind.client._errors import operation_error
+
+    def ran_too_long(self):
+        raise operation_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the job ran past [jobs].max_run_seconds = 60")
+
+    monkeypatch.setattr(Client, "model_metadata", ran_too_long)
+    assert main(["--target", "127.0.0.1:1", "info"]) == 1
+    assert capsys.readouterr().err == "error: DEADLINE_EXCEEDED: the job ran past [jobs].max_run_seconds = 60\n"
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path):

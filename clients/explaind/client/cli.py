@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
-from ._errors import DeadlineExceededError, ExplaindError, NotFoundError, PlaintextTokenWarning, UnauthenticatedError, UnavailableError
+from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
+                      UnavailableError)
 from ._images import image_folder
 from ._operations import OPERATION_STATES, cancel_outcome
 from ._types import ModelMetadata, escape_controls
@@ -1473,7 +1474,8 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     """What to check when the call never reached the server, or it refused the caller, or
     it went unanswered for --timeout seconds."""
     details = str(error)
-    if isinstance(error, DeadlineExceededError) and error.operation is None:  # gRPC's "Deadline Exceeded" named no option
+    # gRPC's "Deadline Exceeded" named no option. Not a job that ran past the server's limit, or one still running.
+    if isinstance(error, DeadlineExceededError) and not isinstance(error, OperationError) and error.operation is None:
         return f"no answer within {args.timeout:g} s, the --timeout of each call: a busy server or a slow link may need more"
     if isinstance(error, UnauthenticatedError):
         if _token(args):
