@@ -1423,6 +1423,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if args.command == command and args.no_wait and getattr(args, option):
             usage_error(f"{command}: --{option.replace('_', '-')} needs the result, which --no-wait does not wait for; "
                         f"drop --no-wait, or fetch the files later: explaind {later}")
+    # An empty id (an unset $VAR) was taken as none given: rollback "" served the parent, report --sample-set "" the newest set.
+    if args.command == "head-versions" and args.version == "":
+        usage_error(f"head-versions {args.action}: the version id is empty"
+                    + ("; leave it out to roll back to the served version's parent" if args.action == "rollback" else ""))
+    if args.command == "report" and args.sample_set == "":
+        usage_error("argument --sample-set: empty; leave it out for the newest sample set")
     if args.command == "head-versions" and args.action in ("show", "promote", "delete") and not args.version:
         usage_error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
