@@ -119,6 +119,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["head-versions", "rollback", "", "--target", "127.0.0.1:1"], "head-versions rollback: the version id is empty; leave it out to roll back "
                                                                         "to the served version's parent"),
         (["report", "--class", "heart", "--sample-set", "", "--target", "127.0.0.1:1"], "argument --sample-set: empty; leave it out for the newest sample set"),
+        (["sample-set", "create", "", "--world", "balanced:test:2", "--target", "127.0.0.1:1"],
+         "sample-set create: the sample set id is empty; leave it out for one the server picks"),
+        (["sample-set", "create", "--id=", "--world", "balanced:test:2", "--target", "127.0.0.1:1"], "sample-set create: the sample set id is empty"),
         (["operations", "list", "junk"], "operations list takes no operation name"),
         (["operations", "get", "operations/0123456789abcdef", "extra"], "operations get takes one operation name, got 'extra' as well"),
         (["operations", "wait", "operations/0123456789abcdef", "-o", "out.png"], "operations wait takes one operation name, got --output as well"),

@@ -1393,6 +1393,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if refused := next(((argument, problem) for argument, problem in checked if problem), None):
         usage_error(f"argument {refused[0]}: {refused[1]}")  # as argparse words a value it refuses
     if args.command == "sample-set":
+        if "" in (args.id, args.id_option):  # an unset $VAR: create made a set of an id the server picked
+            usage_error(f"sample-set {args.action}: the sample set id is empty"
+                        + ("; leave it out for one the server picks" if args.action == "create" else ""))
         if args.id and args.id_option and args.id != args.id_option:
             usage_error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
         args.id = args.id or args.id_option
