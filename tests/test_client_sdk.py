@@ -245,7 +245,10 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.evaluate_sample_set(5), TypeError, "sample_set_id must be a string, got 5"),
         (lambda c: c.evaluate_sample_set("s", batch_size=2**40), ValueError, "batch_size must be a 32-bit integer, got 1099511627776"),
         (lambda c: c.predict(np.zeros((8, 8, 3), np.uint8), top_k="3"), TypeError, "top_k must be a 32-bit integer, got '3'"),
-        (lambda c: c.predict(None), TypeError, "images must be an image, or a list, batch array or iterable of images, got None"),
+        (lambda c: c.predict(None), TypeError, "images must be an image, or a list, batch array or iterable of images, got NoneType"),
+        # A message alone (one goes in a list) was quoted whole, every byte of its image escaped.
+        (lambda c: c.predict(common_pb2.Image(encoded=b"\x89" * 100_000)), TypeError,
+         "images must be an image, or a list, batch array or iterable of images, got Image"),
         (lambda c: c.visualize_neurons([1], steps=1.5), TypeError, "steps must be a 32-bit integer, got 1.5"),
         (lambda c: c.edit_head("s", "heart", 5), TypeError, "neurons must be a sequence of neuron indices, got 5"),
         (lambda c: c.edit_head("s", "heart", [1, 2**40]), ValueError,

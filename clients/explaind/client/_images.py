@@ -52,7 +52,8 @@ def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
     if _is_one_image(images):
         return iter([to_image_message(images)])
     if not isinstance(images, Iterable):
-        raise TypeError(f"images must be an image, or a list, batch array or iterable of images, got {images!r}")
+        # Its type, not its repr: an Image message's repr is every byte of its image, escaped.
+        raise TypeError(f"images must be an image, or a list, batch array or iterable of images, got {type(images).__name__}")
     return (_indexed_message(index, image) for index, image in enumerate(images))
 
 
