@@ -463,10 +463,12 @@ def test_a_request_sent_as_the_last_one_is_answered_finds_the_model_free():
     # through the queue behind a forward that has ended.
     batcher, sizes, gate, entered = _gated_batcher()
     follow_ups: list[tuple[bool, Future]] = []
+    sent = threading.Event()
 
     def send_the_next(_answered: Future) -> None:
         future = batcher.submit(torch.full((3, 1, 1, 1), 3.0))
         follow_ups.append((future.done(), future))
+        sent.set()
 
     with ThreadPoolExecutor(1) as caller:
         first = caller.submit(lambda: batcher.submit(torch.ones(1, 1, 1, 1)).result(10))
@@ -475,7 +477,10 @@ def test_a_request_sent_as_the_last_one_is_answered_finds_the_model_free():
         second.add_done_callback(send_the_next)
         gate.set()
         assert first.result(5).tolist() == [1.0] and second.result(5).tolist() == [2.0, 2.0]
-    batcher.close()  # the worker ran the callback before it could stop
+    # A future wakes its waiters before it runs its callbacks: closing as soon as the result
+    # is read raced the callback's submit (now and then refused: "the server is shutting down").
+    assert sent.wait(5)
+    batcher.close()
     assert [(done, future.result(0).tolist()) for done, future in follow_ups] == [(True, [3.0] * 3)]
     assert sizes == [1, 2, 3]
 
