@@ -119,6 +119,8 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["head-versions", "rollback", "", "--target", "127.0.0.1:1"], "head-versions rollback: the version id is empty; leave it out to roll back "
                                                                         "to the served version's parent"),
         (["report", "--class", "heart", "--sample-set", "", "--target", "127.0.0.1:1"], "argument --sample-set: empty; leave it out for the newest sample set"),
+        (["sample-set", "list", "--owner", "", "--target", "127.0.0.1:1"], "argument --owner: empty; leave it out to list every caller's"),
+        (["operations", "list", "--owner=", "--target", "127.0.0.1:1"], "argument --owner: empty"),
         (["sample-set", "create", "", "--world", "balanced:test:2", "--target", "127.0.0.1:1"],
          "sample-set create: the sample set id is empty; leave it out for one the server picks"),
         (["sample-set", "create", "--id=", "--world", "balanced:test:2", "--target", "127.0.0.1:1"], "sample-set create: the sample set id is empty"),

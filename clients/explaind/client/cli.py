@@ -1432,6 +1432,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                     + ("; leave it out to roll back to the served version's parent" if args.action == "rollback" else ""))
     if args.command == "report" and args.sample_set == "":
         usage_error("argument --sample-set: empty; leave it out for the newest sample set")
+    if getattr(args, "owner", None) == "":  # listed every caller's, though a caller was meant
+        usage_error("argument --owner: empty; leave it out to list every caller's")
     if args.command == "head-versions" and args.action in ("show", "promote", "delete") and not args.version:
         usage_error(f"head-versions {args.action}: give a version id")
     if args.command == "head-versions" and args.action == "list" and args.version:
