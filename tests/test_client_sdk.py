@@ -10,7 +10,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -186,7 +186,8 @@ def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
 
     with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
         monkeypatch.setattr(offline, "model_metadata", lambda: SimpleNamespace(class_names=["cat", "dog", "cat"]))
-        assert offline._labels(["cat", "dog", 2]) == [0, 1, 2]
+        index_of = offline._label_indices()
+        assert [index_of(label, i) for i, label in enumerate(["cat", "dog", 2])] == [0, 1, 2]
 
 
 def test_an_unknown_class_name_is_a_value_error_naming_the_label(client):
@@ -1755,6 +1756,53 @@ def test_an_uploads_appends_name_the_set_it_created_and_a_refused_one_says_where
         server.stop(0)
     assert raised.value.request_offset == 4
     assert servicer.append_uids == [_UploadServer.UID] * 2 and "up" not in servicer.labels
+
+
+class _ComputedLabels(Sequence):
+    """Labels computed when read, as a dataset's are, ``label_at`` the one of index i;
+    records the furthest index read."""
+
+    def __init__(self, length: int, label_at=lambda i: i % 6) -> None:
+        self.length, self.label_at, self.furthest = length, label_at, -1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        self.furthest = max(self.furthest, index)
+        return self.label_at(index)
+
+
+def test_labels_computed_when_read_are_read_as_their_samples_are_sent():
+    # Read ahead, a million computed labels were all read (and held) before anything was
+    # sent: a set of 10**14 world scenes ran silently until interrupted.
+    images = (np.zeros((4, 4, 3), np.uint8) for _ in range(10))  # the stream ends first
+    labels = _ComputedLabels(10**6)
+    servicer = _UploadServer((), set())
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(ValueError, match="the images are not as many as the 1000000 labels") as raised:
+            client.create_sample_set(images, labels, sample_set_id="up", chunk_size=2)
+    finally:
+        server.stop(0)
+    assert labels.furthest == 9  # one sample a chunk's end and one chunk are read ahead of a request
+    assert [method for method, _ in servicer.calls] == ["CreateSampleSet", "AppendSamples", "AppendSamples"]
+    assert "up" not in servicer.labels and "the partly uploaded sample set 'up' was deleted" in raised.value.__notes__
+
+
+def test_a_computed_label_that_is_no_class_fails_the_upload_when_its_sample_is_made(client):
+    # Not read ahead, so found after the set was created: the set is deleted, as for an
+    # image that cannot be read; a list's is refused before any call (above).
+    labels = _ComputedLabels(8, lambda i: "dog" if i == 5 else "heart")
+    with pytest.raises(ValueError, match=r"^labels\[5\]: 'dog' is not a class of the served model \(circle, square") as raised:
+        client.create_sample_set([IMAGE] * 8, labels, sample_set_id="computed-labels", chunk_size=2)
+    assert "the partly uploaded sample set 'computed-labels' was deleted" in raised.value.__notes__
+    assert "computed-labels" not in [stored.sample_set_id for stored in client.sample_sets()]
+    stored = client.create_sample_set([IMAGE] * 3, _ComputedLabels(3, lambda i: ["heart", 0, "square"][i]), sample_set_id="computed-labels")
+    assert stored.class_counts == {0: 1, 1: 1, client.model_metadata().class_names.index("heart"): 1}
+    client.delete_sample_set("computed-labels")
 
 
 def test_an_upload_request_whose_answer_was_lost_is_sent_again_only_to_a_server_honouring_its_request_id():

@@ -238,6 +238,14 @@ def _classes_hint(name: str, names: Sequence[str]) -> str:
     return f"{len(names)} classes" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
 
 
+def _attribute_map(mapping: Any, index: int) -> dict[str, str]:
+    """``attributes[index]`` as a sample message holds it; refused, naming its index,
+    unless it maps strings to strings."""
+    if not isinstance(mapping, Mapping) or not all(isinstance(item, str) for pair in mapping.items() for item in pair):
+        raise TypeError(f"attributes[{index}] must map strings to strings, got {mapping!r}")
+    return dict(mapping)
+
+
 # Images per Predict request where the server states no limit (one before limits existed).
 _UNLIMITED = 2**31 - 1
 
@@ -680,32 +688,45 @@ class Client:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def _labels(self, labels: Any) -> list[int]:
-        """Class indices from class names or indices (a list, or an int array or tensor);
-        names are resolved with the served model's class names."""
-        given = [class_ref(label, f"labels[{i}]") for i, label in enumerate(labels.tolist() if hasattr(labels, "tolist") else labels)]
-        if not any(isinstance(label, str) for label in given):
-            return cast(list[int], given)  # no name among them
-        names = self.model_metadata().class_names
-        indices = {name: index for index, name in reversed(list(enumerate(names)))}  # the first of a repeated name, as list.index
-        for i, label in enumerate(given):
-            if isinstance(label, str) and label not in indices:
+    def _label_indices(self) -> Callable[[Any, int], int]:
+        """A function giving the class index of ``labels[i]`` (a class name or index, or a
+        0-d array or tensor), given the label and i; names are resolved with the served
+        model's class names, asked once, at the first name."""
+        names: list[str] = []
+        indices: dict[str, int] = {}
+
+        def index_of(given: Any, i: int) -> int:
+            label = class_ref(given, f"labels[{i}]")
+            if not isinstance(label, str):
+                return label
+            if not names:
+                names.extend(self.model_metadata().class_names)
+                indices.update({name: index for index, name in reversed(list(enumerate(names)))})  # the first of a repeated name, as list.index
+            if label not in indices:
                 raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({_classes_hint(label, names)})")
-        return [indices[label] if isinstance(label, str) else label for label in given]
+            return indices[label]
+
+        return index_of
 
     def _samples(self, images: Any, labels: Sequence[int | str],
                  attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int]:
         """The samples, made one at a time as they are sent (the images of a large set are
-        never all in memory), and how many there are (one per label)."""
-        labels = self._labels(labels)
+        never all in memory), and how many there are (one per label). Labels and attribute
+        maps in a list, tuple, array or tensor are checked before any call; those of another
+        sequence (one computed as it is read, which may be too long to read ahead) as their
+        sample is made, as an iterable's images are read."""
+        if not (hasattr(labels, "__len__") and hasattr(labels, "__getitem__")):
+            labels = list(labels)  # an iterator
         count = image_count(images)
         if count is not None and count != len(labels):
             raise ValueError(f"got {count} images but {len(labels)} labels")
         if attributes is not None and len(attributes) != len(labels):
             raise ValueError(f"got {len(labels)} images but {len(attributes)} attribute maps")
-        for i, mapping in enumerate(attributes or ()):
-            if not isinstance(mapping, Mapping) or not all(isinstance(item, str) for pair in mapping.items() for item in pair):
-                raise TypeError(f"attributes[{i}] must map strings to strings, got {mapping!r}")
+        index_of = self._label_indices()
+        if isinstance(labels, (list, tuple)) or hasattr(labels, "tolist"):  # in memory: all checked now
+            labels = [index_of(label, i) for i, label in enumerate(labels.tolist() if hasattr(labels, "tolist") else labels)]
+        if isinstance(attributes, (list, tuple)):
+            attributes = [_attribute_map(mapping, i) for i, mapping in enumerate(attributes)]
         require_files(images)
 
         def samples() -> Iterator[sample_sets_pb2.Sample]:
@@ -714,7 +735,8 @@ class Client:
             for image in iter_image_messages(images):
                 if made == len(labels):
                     raise ValueError(mismatch)
-                yield sample_sets_pb2.Sample(image=image, label=labels[made], attributes=dict(attributes[made]) if attributes is not None else {})
+                yield sample_sets_pb2.Sample(image=image, label=index_of(labels[made], made),
+                                             attributes=_attribute_map(attributes[made], made) if attributes is not None else {})
                 made += 1
             if made != len(labels):
                 raise ValueError(mismatch)
@@ -735,7 +757,9 @@ class Client:
     ) -> SampleSet:
         """Store labelled images as a named set. ``labels``: one class index or class name
         per image; ``attributes``: optional ``{name: value}`` per image, e.g. for per-group
-        accuracy in ``edit_head``.
+        accuracy in ``edit_head``. In a list, tuple, array or tensor they are checked before
+        any call; in another sequence (one computed as it is read, as a dataset's, which may
+        be too long to read ahead) each as its sample is sent.
 
         Uploaded in requests of at most ``chunk_size`` images and the server's images per
         request, half the smaller of the client's and the server's message limits, and the
@@ -756,7 +780,7 @@ class Client:
         run again, which continues it; unfinished, the server deletes it at its next start
         or after ``[server].upload_idle_timeout_s`` without a request. A failure every run
         meets alike (an image the server refuses, a file missing or unreadable, fewer
-        images than labels, the caller's sets at the server's samples limit) deletes it (unless another run finished it meanwhile), so the
+        images than labels, a computed label that is no class, the caller's sets at the server's samples limit) deletes it (unless another run finished it meanwhile), so the
         upload run again fixed, under any request_id, creates it anew. ``progress=True``
         shows samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
         samples, total = self._samples(images, labels, attributes)
