@@ -1362,7 +1362,7 @@ def test_a_world_sample_set_keeps_each_sample_s_attributes(server, capsys):
     assert main(["--target", server.target, "sample-set", "create", "world-attributes", "--world", "balanced:test:3"]) == 0
     _, _, attributes = _world_samples("balanced", "test", 3)
     with Client(server.target, timeout=30) as client:
-        assert [sample.attributes for sample in client.samples("world-attributes")] == attributes and attributes[0]["background"]
+        assert [sample.attributes for sample in client.samples("world-attributes")] == list(attributes) and attributes[0]["background"]
 
 
 def test_a_world_sample_set_s_images_are_drawn_as_they_are_sent_not_all_before(monkeypatch):
@@ -1382,9 +1382,29 @@ def test_a_world_sample_set_s_images_are_drawn_as_they_are_sent_not_all_before(m
     assert drawn == [batch.specs[0]] and first.dtype == np.uint8
     rest = list(streamed)
     assert np.array_equal(np.stack([first, *rest]), (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-    assert labels == batch.labels.tolist()
-    assert attributes == [{name: str(values[i]) for name, values in batch.attributes.items()} for i in range(5)]
+    assert list(labels) == batch.labels.tolist()
+    assert list(attributes) == [{name: str(values[i]) for name, values in batch.attributes.items()} for i in range(5)]
     assert [image.shape for image in images.first(2)] == [(64, 64, 3)] * 2
+
+
+@pytest.mark.timeout(60)  # read ahead, the count below takes years
+def test_a_world_sample_set_s_labels_and_attributes_are_computed_as_they_are_read():
+    # --world balanced:test:99999999999999 made every scene's spec (about 45 µs each) before
+    # its first request: it ran silently until interrupted.
+    from explaind.client.cli import _world_samples
+    from explaind.world.render import SHAPES, scene_attributes
+    from explaind.world.scenarios import get_scenario
+
+    count = 99_999_999_999_999
+    images, labels, attributes = _world_samples("spurious_background", "val", count)
+    assert len(images) == len(labels) == len(attributes) == count
+    dataset = get_scenario("spurious_background").dataset("val", size=count)
+    for index in (0, 7, count - 1):
+        spec = dataset.spec(index)
+        assert labels[index] == SHAPES.index(spec.shape) and attributes[index] == scene_attributes(spec)
+    assert labels[-1] == labels[count - 1] and labels[3:6] == [labels[3], labels[4], labels[5]]
+    with pytest.raises(IndexError):
+        attributes[count]
 
 
 def test_uploads_of_more_than_512_samples_show_their_progress_on_stderr(server, capsys):

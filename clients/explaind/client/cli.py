@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import difflib
 import errno
+import functools
 import io
 import itertools
 import json
@@ -42,9 +43,9 @@ import tomllib
 import unicodedata
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from .report import MistakeReport
 
 _Result = TypeVar("_Result")  # what an Operation[_Result] returns
+_Item = TypeVar("_Item")
 
 
 class CommandError(Exception):
@@ -327,15 +329,39 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
     return images, labels
 
 
-def _world_samples(scenario: str, split: str, count: int) -> tuple[_WorldImages, list[int], list[dict[str, str]]]:
-    """(images, labels, attributes) of the first ``count`` scenes of a shapes-world split;
-    the images are drawn one at a time as they are read (see :class:`_WorldImages`)."""
+def _world_samples(scenario: str, split: str, count: int) -> tuple[_WorldImages, Sequence[int], Sequence[dict[str, str]]]:
+    """(images, labels, attributes) of the first ``count`` scenes of a shapes-world split,
+    each computed when it is read: an upload of a million scenes starts sending at once."""
     from explaind.world.render import SHAPES, scene_attributes
     from explaind.world.scenarios import get_scenario
 
     dataset = get_scenario(scenario).dataset(split, size=count)
-    specs = [dataset.spec(i) for i in range(count)]  # ~45 µs each, no pixels
-    return _WorldImages(specs), [SHAPES.index(spec.shape) for spec in specs], [scene_attributes(spec) for spec in specs]
+    specs = _Computed(count, functools.lru_cache(maxsize=4)(dataset.spec))  # ~45 µs each; a sample reads its own thrice
+    return _WorldImages(specs), _Computed(count, lambda i: SHAPES.index(specs[i].shape)), _Computed(count, lambda i: scene_attributes(specs[i]))
+
+
+class _Computed(Sequence[_Item]):
+    """A read-only sequence of ``length`` items, the i-th ``item(i)``, computed each time
+    it is read (none is kept)."""
+
+    def __init__(self, length: int, item: Callable[[int], _Item]) -> None:
+        self._length = length
+        self._item = item
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> _Item: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[_Item]: ...
+
+    def __getitem__(self, index: int | slice) -> _Item | list[_Item]:
+        positions = range(self._length)
+        if isinstance(index, slice):
+            return [self._item(i) for i in positions[index]]
+        return self._item(positions[index])  # a negative index from the end; IndexError past it, as a list's
 
 
 class _WorldImages:
@@ -343,7 +369,7 @@ class _WorldImages:
     an upload streams them to the server a request at a time, so a set of a million
     samples takes no more memory than one request's."""
 
-    def __init__(self, specs: list[SceneSpec]) -> None:
+    def __init__(self, specs: Sequence[SceneSpec]) -> None:
         self._specs = specs
 
     def __len__(self) -> int:
@@ -529,8 +555,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action in ("create", "append"):
             images: _WorldImages | list[Path]
-            labels: list[int] | list[str]
-            attributes: list[dict[str, str]] | None
+            labels: Sequence[int] | Sequence[str]
+            attributes: Sequence[dict[str, str]] | None
             if args.world:
                 images, labels, attributes = _world_samples(*args.world)
             elif args.folder:
