@@ -20,7 +20,7 @@ import pytest
 from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2, timestamp_pb2
 
-from explaind.client import AsyncClient, Client, DeadlineExceededError, PlaintextTokenWarning
+from explaind.client import AsyncClient, Client, DeadlineExceededError, Operation, PlaintextTokenWarning
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -260,6 +260,44 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.visualize_neurons([1], request_id=7), TypeError, "request_id must be a UUID or its string, got 7"),
         (lambda c: c.create_sample_set([np.zeros((8, 8, 3), np.uint8)], [1], attributes=[{"a": 1}]), TypeError,
          "attributes[0] must map strings to strings, got {'a': 1}"),
+        # Each below raised an error that named no argument, or none at all (found by an
+        # offline fuzz of every method's arguments):
+        # a call's own timeout: '5' failed mid-call ("unsupported operand type(s) for +"),
+        # NaN came back as DEADLINE_EXCEEDED from gRPC (0 or less is a deadline passed);
+        (lambda c: c.predict(IMAGE, timeout="5"), TypeError, "timeout must be a number of seconds, got '5'"),
+        (lambda c: c.rank_mistake_neurons("s", 0, timeout=float("nan")), ValueError, "timeout must be a number of seconds, got nan"),
+        (lambda c: c.health(timeout=True), TypeError, "timeout must be a number of seconds, got True"),
+        (lambda c: c.wait_until_ready(timeout=float("nan")), ValueError, "timeout must be a number of seconds, got nan"),
+        (lambda c: Operation(c, _running_operation("operations/x")).wait("1"), TypeError, "timeout must be a number of seconds, got '1'"),
+        (lambda c: Operation(c, _running_operation("operations/x")).result(timeout=float("nan")), ValueError,
+         "timeout must be a number of seconds, got nan"),
+        (lambda c: Operation(c, _running_operation("operations/x")).refresh(timeout="2"), TypeError,
+         "timeout must be a number of seconds, got '2'"),
+        # protobuf's "bad argument type", an OverflowError, a comparison's TypeError;
+        (lambda c: c.health(service=0), TypeError, "service must be a string, got 0"),
+        (lambda c: c.edit_head("s", "heart", [1], promote=2**63), ValueError, "promote must be a bool, got 9223372036854775808"),
+        (lambda c: c.create_sample_set([IMAGE], [0], chunk_size=None), TypeError, "chunk_size must be an integer, got None"),
+        (lambda c: c.operations(limit=float("nan")), TypeError, "limit must be an integer, got nan"),  # NaN listed every operation
+        # "unhashable type: 'list'";
+        (lambda c: c.operations(state=["queued"]), TypeError,
+         "state must be one of 'queued', 'running', 'succeeded', 'failed', 'cancelled', got ['queued']"),
+        (lambda c: c.edit_head("s", "heart", [1], method=[]), TypeError, "method must be one of 'probability_ratio', 'constrain', got []"),
+        # the request's field, not the argument;
+        (lambda c: c.rank_mistake_neurons("s", 2**31), ValueError, "target_class must be a 32-bit integer, got 2147483648"),
+        # numpy's "iteration over a 0-d array" and "truth value of an array ... is ambiguous";
+        (lambda c: c.edit_head("s", "heart", np.array(3)), TypeError, "neurons must be a sequence of neuron indices, got array(3)"),
+        (lambda c: c.visualize_neurons(np.array(3)), TypeError,
+         "pairs: expected a list of neuron indices or (neuron, class) pairs, got array(3)"),
+        (lambda c: c.edit_head("s", "heart", [1], target_ratio=np.array([1.0, 2.0])), TypeError,
+         'target_ratio must be a number or "auto", got array([1., 2.])'),
+        # labels or attributes that are no sequence: "'NoneType' object is not iterable", a
+        # dict's KeyError 0, a string's characters taken as labels.
+        (lambda c: c.create_sample_set([IMAGE], None), TypeError, "labels must be a sequence of class names or indices, one per image, got NoneType"),
+        (lambda c: c.create_sample_set([IMAGE], {"heart": 0}), TypeError,
+         "labels must be a sequence of class names or indices, one per image, got dict"),
+        (lambda c: c.create_sample_set([IMAGE] * 5, "heart"), TypeError, "labels must be a sequence of class names or indices, one per image, got str"),
+        (lambda c: c.append_samples("s", [IMAGE], [0], attributes={"background": "red"}), TypeError,
+         "attributes must be a sequence of {name: value} maps, one per image, got dict"),
     ],
 )
 def test_an_argument_of_the_wrong_type_or_range_is_refused_by_name_before_any_call(call, error, message):

@@ -9,7 +9,6 @@ import dataclasses
 import datetime as dt
 import difflib
 import itertools
-import math
 import numbers
 import ipaddress
 import ssl
@@ -45,7 +44,7 @@ from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentErr
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
-from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, enum_number
+from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, call_timeout, enum_number, require_seconds
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 if TYPE_CHECKING:
@@ -189,6 +188,28 @@ def _tls_credentials(root_certificates: str | Path | None, private_key: str | Pa
 def _is_index(value: Any) -> bool:
     """An int or numpy integer, not a bool (a float or string is never truncated to one)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_sequence(value: Any) -> bool:
+    """An iterable of items, not a string or a 0-d array or tensor (which iterate over
+    characters, or not at all)."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 1) != 0
+
+
+def _require_count(name: str, value: Any) -> None:
+    """Refuse, naming ``name``, a ``value`` that is not an integer of at least 1."""
+    if not _is_index(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _as_sequence(name: str, value: Any, items: str) -> Sequence[Any]:
+    """``value``, one item per image, as a sequence (an iterator's items in a list);
+    refused naming ``name`` if it is none (a dict's keys, a string's characters)."""
+    if isinstance(value, Mapping) or not _is_sequence(value):
+        raise TypeError(f"{name} must be a sequence of {items}, one per image, got {type(value).__name__}")
+    return value if hasattr(value, "__len__") and hasattr(value, "__getitem__") else list(value)
 
 
 def _time(stamp: Timestamp) -> dt.datetime:
@@ -348,10 +369,7 @@ class Client:
             raise TypeError(f"target must be the server's address (a host:port string), got {target!r}")
         if not target.strip():
             raise ValueError(f"target must be the server's address (host:port), got {target!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        require_seconds("timeout", timeout)
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
         # Surrounding whitespace goes, as the server drops it from its token file: a Secret
@@ -547,7 +565,7 @@ class Client:
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the server ("") or one service, asked within
         ``timeout`` seconds (default: the client's)."""
-        response = self._call("health", "Check", health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        response = self._call("health", "Check", _request(health_pb2.HealthCheckRequest, service=service), timeout=call_timeout(timeout))
         return cast(str, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))  # grpc_health has no stubs: Any
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
@@ -555,6 +573,7 @@ class Client:
         seconds: each probe gets what is left of it, not the client's whole timeout.
         Raises the built-in TimeoutError (not an ExplaindError: no call failed, the server
         was not ready) naming the last probe's error."""
+        require_seconds("timeout", timeout, positive=False)
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -621,6 +640,7 @@ class Client:
         next images are read and sent while the server runs the earlier, whose answers
         are taken in order. The first request to fail, in the list's order, raises its
         error and cancels the others."""
+        timeout = call_timeout(timeout)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
@@ -715,8 +735,8 @@ class Client:
         maps in a list, tuple, array or tensor are checked before any call; those of another
         sequence (one computed as it is read, which may be too long to read ahead) as their
         sample is made, as an iterable's images are read."""
-        if not (hasattr(labels, "__len__") and hasattr(labels, "__getitem__")):
-            labels = list(labels)  # an iterator
+        labels = _as_sequence("labels", labels, "class names or indices")
+        attributes = None if attributes is None else _as_sequence("attributes", attributes, "{name: value} maps")
         count = image_count(images)
         if count is not None and count != len(labels):
             raise ValueError(f"got {count} images but {len(labels)} labels")
@@ -931,8 +951,7 @@ class Client:
         ``single``: there is one item, sent as it is (the common one-image predict skips
         the reads of the server's limits). ``batch``: runs of at most the server's
         [batching].max_batch_size too (a Predict's)."""
-        if max_count < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {max_count}")
+        _require_count("chunk_size", max_count)
         if single:
             yield list(items)
             return
@@ -1042,9 +1061,8 @@ class Client:
         sends everyone's, and this keeps that caller's), fetched a page of at most 1000 at a
         time. Listed without their results, which can be megabytes each: ``result()``
         fetches one."""
-        state_number = enum_number(operations_pb2.OperationState, "OPERATION_STATE_", state, "state") if state else 0
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+        state_number = 0 if isinstance(state, str) and not state else enum_number(operations_pb2.OperationState, "OPERATION_STATE_", state, "state")
+        _require_count("limit", limit)
         found: list[Operation] = []
         token = ""
         while len(found) < limit:
@@ -1108,6 +1126,7 @@ class Client:
             request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
         started = time.monotonic()
+        timeout = call_timeout(timeout)
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
         outcome = response.WhichOneof("outcome")
         if outcome == "ranking":
@@ -1146,7 +1165,7 @@ class Client:
         :class:`NeuronVisualizations`, whose ``visualizations`` hold PIL images, in request
         order. ``request_id``: see :meth:`evaluate_sample_set`."""
         expected = "expected a list of neuron indices or (neuron, class) pairs"
-        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        if not _is_sequence(pairs):
             raise TypeError(f"pairs: {expected}, got {pairs!r}")
         messages = []
         for i, pair in enumerate(pairs):
@@ -1198,11 +1217,12 @@ class Client:
         version. ``request_id``: see :meth:`evaluate_sample_set` (a repeat stores no second
         version)."""
         optional = {k: v for k, v in (("strength", strength), ("learning_rate", learning_rate)) if v is not None}
-        if target_ratio is not None and target_ratio != "auto":
+        auto_target_ratio = isinstance(target_ratio, str) and target_ratio == "auto"
+        if target_ratio is not None and not auto_target_ratio:
             if isinstance(target_ratio, (str, bool)) or not isinstance(target_ratio, numbers.Real):
                 raise TypeError(f'target_ratio must be a number or "auto", got {target_ratio!r}')
             optional["target_ratio"] = float(target_ratio)
-        if isinstance(neurons, (str, bytes)) or not isinstance(neurons, Iterable):
+        if not _is_sequence(neurons):
             raise TypeError(f"neurons must be a sequence of neuron indices, got {neurons!r}")
         neurons = [as_scalar(neuron) for neuron in neurons]  # a tensor's or array's elements as ints
         for i, neuron in enumerate(neurons):
@@ -1211,7 +1231,7 @@ class Client:
         request = _request(neuroinspect_pb2.EditHeadRequest,
             sample_set_id=sample_set_id, neurons=[int(n) for n in neurons], method=enum_number(neuroinspect_pb2.HeadEditMethod, "HEAD_EDIT_METHOD_", method, "method"),
             validation_sample_set_id=validation_sample_set_id, evaluation_sample_set_id=evaluation_sample_set_id,
-            group_attribute=group_attribute, auto_target_ratio=target_ratio == "auto", max_epochs=max_epochs, patience=patience,
+            group_attribute=group_attribute, auto_target_ratio=auto_target_ratio, max_epochs=max_epochs, patience=patience,
             seed=seed, promote=promote, description=description, request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
         return Operation[HeadEdit](self, self._call("neuroinspect", "EditHead", request).operation)
@@ -1361,16 +1381,16 @@ def _request(message_class: Any, **fields: Any) -> Any:
     "bad argument type for built-in operation")."""
     try:
         return message_class(**fields)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a bool field given 2**63
         for name, value in fields.items():
             try:
                 message_class(**{name: value})
-            except (TypeError, ValueError) as error:
+            except (TypeError, ValueError, OverflowError) as error:
                 field = message_class.DESCRIPTOR.fields_by_name[name]
                 kind = _FIELD_KINDS.get(field.cpp_type, f"a {field.message_type.name}" if field.message_type else "another type")
                 if field.is_repeated:
                     kind = f"a sequence of which each is {kind}"
-                raise type(error)(f"{name} must be {kind}, got {value!r}") from None
+                raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{name} must be {kind}, got {value!r}") from None
         raise
 
 

@@ -374,4 +374,6 @@ def class_fields(target: Any, argument: str = "target_class") -> dict[str, Any]:
     if target is None:
         return {}
     target = class_ref(target, argument)
+    if isinstance(target, int) and not -2**31 <= target < 2**31:  # the request would name its field, class_index
+        raise ValueError(f"{argument} must be a 32-bit integer, got {target}")
     return {"class_name": target} if isinstance(target, str) else {"class_index": target}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+import numbers
 import re
 import sys
 import time
@@ -163,6 +164,24 @@ RESULT_CONVERTERS: dict[str, Callable[[Any, Operation | None], Any]] = {
     inference_pb2.EvaluateSampleSetResult.DESCRIPTOR.full_name: _evaluation,
 }
 
+def require_seconds(name: str, value: Any, *, positive: bool = True) -> None:
+    """Refuse, naming ``name``, a ``value`` that is not a number of seconds (a bool, NaN),
+    or with ``positive`` one that is not positive and finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if math.isnan(seconds) or (positive and not 0 < seconds < math.inf):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}number of seconds, got {value}")
+
+
+def call_timeout(timeout: float | None) -> float | None:
+    """A call's own ``timeout`` (None: the client's; 0 or less: already past), refused
+    if it is no number of seconds: a string failed mid-call, NaN as a deadline exceeded."""
+    if timeout is not None:
+        require_seconds("timeout", timeout, positive=False)
+    return timeout
+
+
 def enum_names(enum: Any, prefix: str) -> dict[int, str]:
     """A proto enum's numbers -> the SDK's names for them: lower case, without ``prefix``
     (OPERATION_STATE_QUEUED -> "queued"); the unset 0 is left out."""
@@ -173,8 +192,8 @@ def enum_number(enum: Any, prefix: str, name: str, parameter: str, *, unset: str
     """The number of the SDK's ``name`` for a value of ``enum`` (``unset`` names 0, the
     server's default); ValueError naming ``parameter`` and its choices for any other."""
     numbers = {value: number for number, value in enum_names(enum, prefix).items()} | ({unset: 0} if unset else {})
-    if name not in numbers:
-        raise ValueError(f"{parameter} must be one of {', '.join(map(repr, numbers))}, got {name!r}")
+    if not isinstance(name, str) or name not in numbers:  # a list is unhashable: "in" raised its own TypeError
+        raise (ValueError if isinstance(name, str) else TypeError)(f"{parameter} must be one of {', '.join(map(repr, numbers))}, got {name!r}")
     return numbers[name]
 
 
@@ -341,7 +360,7 @@ class Operation(Generic[ResultT]):
     def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for
         at most ``timeout`` seconds, default the client's); returns self."""
-        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=timeout)
+        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=call_timeout(timeout))
         self._update(response.operation)
         return self
 
@@ -358,6 +377,8 @@ class Operation(Generic[ResultT]):
     def wait(self, timeout: float | None = None) -> Self:
         """Block until done or ``timeout`` seconds (None: until done; 0 or less: look
         once, the poll of "is it done yet?")."""
+        if timeout is not None:
+            require_seconds("timeout", timeout, positive=False)
         if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
             return self if self.done else self.refresh()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -398,6 +419,7 @@ class Operation(Generic[ResultT]):
         taken, is polled instead, every WATCH_POLL_INTERVAL_S. After ``timeout`` seconds
         the watch ends, as :meth:`wait` does, though the operation may still run: see
         :attr:`done`."""
+        require_seconds("timeout", timeout, positive=False)
         deadline = time.monotonic() + timeout
         while True:
             stream = self._client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name=self.name),
@@ -470,6 +492,8 @@ class Operation(Generic[ResultT]):
         gigabytes, and visualisation images): those fields are None; and a result over
         half the server's message limit has only the leading items of its long lists
         (:attr:`response_cut`)."""
+        if timeout is not None:
+            require_seconds("timeout", timeout, positive=False)
         started = time.monotonic()
         try:
             if timeout is not None and timeout <= 0:  # one look, with or without progress
