@@ -37,6 +37,17 @@ def client(server):
         yield client
 
 
+def test_a_timeout_longer_than_grpc_can_hold_is_no_limit(server):
+    # gRPC holds a deadline as nanoseconds since the epoch in an int64: a client's or a
+    # call's timeout past 2262 (1e10 s) was DEADLINE_EXCEEDED at once, the CLI's
+    # --timeout 1e10 with it, and a job's progress watch with no timeout past 2262 too.
+    with Client(server.target, timeout=1e10) as client:
+        assert client.health() == "SERVING" and client.health(timeout=1e300) == "SERVING"
+        operation = client.evaluate_sample_set(client.create_sample_set([IMAGE] * 2, [0, 1]).sample_set_id)
+        assert operation.result(progress=True, timeout=1e12).accuracy >= 0
+        assert list(operation.watch(timeout=1e12))[-1].done
+
+
 def test_sample_labels_may_be_class_names_or_indices(client):
     created = client.create_sample_set([IMAGE] * 3, ["heart", 1, np.int64(5)])
     assert created.class_counts == {1: 1, 5: 2}

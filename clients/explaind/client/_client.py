@@ -267,6 +267,11 @@ def _attribute_map(mapping: Any, index: int) -> dict[str, str]:
     return dict(mapping)
 
 
+# The longest a call waits. gRPC holds a deadline as nanoseconds since the epoch in an
+# int64, which overflows in 2262: a timeout past it (7.4e9 s in 2026) was an immediate
+# DEADLINE_EXCEEDED. One this long (about 31 years) is no limit in practice.
+MAX_CALL_SECONDS = 1e9
+
 # Images per Predict request where the server states no limit (one before limits existed).
 _UNLIMITED = 2**31 - 1
 
@@ -449,7 +454,7 @@ class Client:
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
         ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
         or pause, as grpc.FutureCancelledError."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
         started, attempts = time.monotonic(), 0
@@ -557,7 +562,7 @@ class Client:
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
-        call = getattr(self._stubs[service], method)(request, timeout=timeout, metadata=self._call_metadata())
+        call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
         return _ErrorMappingStream(call)
 
     # Health and metadata -------------------------------------------------------------
