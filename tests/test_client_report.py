@@ -229,6 +229,12 @@ def test_a_wrong_option_of_the_callers_fails_the_report_before_its_visualisation
             with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
                 build_report(recorded, "heart", "options", **options)
             assert recorded.calls == []
+        # An id that is no string named GetSampleSet's argument: "sample_set_id must be a string".
+        for name in ("evaluation_sample_set_id", "validation_sample_set_id"):
+            recorded = Recorded(client)
+            with pytest.raises(TypeError, match=rf"^{name} must be a string, got 5$"):
+                build_report(recorded, "heart", "options", **{name: 5})
+            assert recorded.calls == []
     finally:
         client.delete_sample_set("options")
 

@@ -322,12 +322,16 @@ def test_an_argument_of_the_wrong_type_or_range_is_refused_by_name_before_any_ca
     ({"timeout": -1}, ValueError, "timeout must be a positive number of seconds, got -1"),
     ({"timeout": float("inf")}, ValueError, "timeout must be a positive number of seconds, got inf"),
     ({"timeout": "30"}, TypeError, "timeout must be a number of seconds, got '30'"),
-    ({"max_message_bytes": 0}, ValueError, "max_message_bytes must be a positive integer, got 0"),
+    ({"max_message_bytes": 0}, ValueError, "max_message_bytes must be a positive 32-bit integer, got 0"),
+    ({"max_message_bytes": 2**31}, ValueError, "max_message_bytes must be a positive 32-bit integer, got 2147483648"),  # an OverflowError
+    # A path of another type, or with a NUL: "expected str, bytes or os.PathLike object", "embedded null byte".
+    ({"tls": True, "root_certificates": 3}, TypeError, "root_certificates must be a file's path, got 3"),
+    ({"private_key": "a\x00", "certificate_chain": "b"}, ValueError, "private_key: 'a\\x00' is no file's path"),
     ({"target": ""}, ValueError, "target must be the server's address (host:port), got ''"),
     ({"target": " "}, ValueError, "target must be the server's address (host:port), got ' '"),
     ({"target": None}, TypeError, "target must be the server's address (a host:port string), got None"),
 ])
-def test_a_client_refuses_a_target_timeout_or_message_size_every_call_would_fail_on(options, error, message, capfd):
+def test_a_client_refuses_a_target_timeout_message_size_or_key_file_every_call_would_fail_on(options, error, message, capfd):
     # Accepted, they failed every call later: DEADLINE_EXCEEDED at once, a TypeError, or
     # UNKNOWN "Failed to create channel" after gRPC's C core logged its errors.
     with pytest.raises(error, match=f"^{re.escape(message)}$"):

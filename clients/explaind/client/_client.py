@@ -10,6 +10,7 @@ import datetime as dt
 import difflib
 import itertools
 import numbers
+import os
 import ipaddress
 import ssl
 import sys
@@ -114,12 +115,16 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
     """A PEM file's bytes (None when there is none); FileNotFoundError or ValueError naming ``name``."""
     if not path:
         return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file's path, got {path!r}")
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: no file {path}") from None
     except OSError as error:  # a directory, no permission
         raise OSError(f"{name}: cannot read {path}: {error.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise ValueError(f"{name}: {path!r} is no file's path") from None
     if b"-----BEGIN " not in data:
         raise ValueError(f"{name}: {path} is not a PEM file")
     return data
@@ -375,8 +380,9 @@ class Client:
         if not target.strip():
             raise ValueError(f"target must be the server's address (host:port), got {target!r}")
         require_seconds("timeout", timeout)
-        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or not 0 < max_message_bytes < 2**31:
+            # gRPC's channel options are C ints: 2**31 was an OverflowError naming nothing.
+            raise ValueError(f"max_message_bytes must be a positive 32-bit integer, got {max_message_bytes!r}")
         # Surrounding whitespace goes, as the server drops it from its token file: a Secret
         # ending in a line break works whether a pod mounts it or gets it as a variable.
         token = token.strip() if isinstance(token, str) else token

@@ -79,6 +79,8 @@ def build_report(
         if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
     for field, named in (("evaluation_sample_set_id", evaluation_sample_set_id), ("validation_sample_set_id", validation_sample_set_id)):
+        if not isinstance(named, str):  # client.sample_set's own error would name its sample_set_id
+            raise TypeError(f"{field} must be a string, got {named!r}")
         if named:
             _require_sample_set(client, named, field)
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress)
