@@ -242,6 +242,11 @@ def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(cap
     assert main(["--target", "no-such-host.invalid:50051", "--timeout", "2", "info"]) == 1
     assert capsys.readouterr().err.endswith("\n  (cannot resolve the host of no-such-host.invalid:50051: is it spelled right, "
                                             "and is DNS reachable? --target or EXPLAIND_TARGET names it)\n")
+    # A target gRPC cannot parse printed its UNKNOWN "Failed to create channel" alone.
+    for unparsable in ("dns:///", "ipv4:1.2.3"):
+        assert main(["--target", unparsable, "--timeout", "2", "info"]) == 1
+        assert capsys.readouterr().err.endswith(f"\n  ({unparsable!r} is no gRPC target: --target or EXPLAIND_TARGET is host:port, or a URI "
+                                                "such as dns:///host:port, ipv4:10.0.0.7:50051 or unix:///run/explaind.sock)\n")
     server = server_factory(server={"token": "s3cret"})
     assert main(["--target", server.target, "--timeout", "10", "info"]) == 1
     assert capsys.readouterr().err.endswith("\n  (the server asks for a token: --token or EXPLAIND_TOKEN)\n")

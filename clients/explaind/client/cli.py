@@ -1518,6 +1518,9 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
         if _token(args):
             return f"the server refused the token of {_token_source(args)}: was it rotated?"
         return "the server asks for a token: --token or EXPLAIND_TOKEN"
+    if "Failed to create channel" in details:  # gRPC could not parse the target (UNKNOWN)
+        return (f"{args.target!r} is no gRPC target: --target or EXPLAIND_TARGET is host:port, or a URI such as "
+                "dns:///host:port, ipv4:10.0.0.7:50051 or unix:///run/explaind.sock")
     if not isinstance(error, UnavailableError):
         return None
     tls = args.tls or args.ca_file or args.cert_file
