@@ -286,6 +286,8 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
          "timeout must be a number of seconds, got '2'"),
         # protobuf's "bad argument type", an OverflowError, a comparison's TypeError;
         (lambda c: c.health(service=0), TypeError, "service must be a string, got 0"),
+        (lambda c: Operation(c, _running_operation("operations/x")).artifact_image(0), TypeError,
+         "name must be an artifact's name (a string), got 0"),
         (lambda c: c.edit_head("s", "heart", [1], promote=2**63), ValueError, "promote must be a bool, got 9223372036854775808"),
         (lambda c: c.create_sample_set([IMAGE], [0], chunk_size=None), TypeError, "chunk_size must be an integer, got None"),
         (lambda c: c.operations(limit=float("nan")), TypeError, "limit must be an integer, got nan"),  # NaN listed every operation

@@ -564,6 +564,8 @@ class Operation(Generic[ResultT]):
         ``ARTIFACT_RANGE_BYTES`` or less, so that no response outgrows the client's or the
         server's message limit, and checked against its sha256 digest (DataLossError if it
         does not match)."""
+        if not isinstance(name, str):  # protobuf's "bad argument type for built-in operation" named nothing
+            raise TypeError(f"name must be an artifact's name (a string), got {name!r}")
         client = self._client
         server_limit = client._request_limits().max_message_bytes or client._max_message_bytes
         limit = min(client._max_message_bytes, server_limit)
