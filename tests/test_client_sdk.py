@@ -92,6 +92,11 @@ def test_a_folder_with_one_subfolder_per_class_is_listed_for_an_upload(client, t
         image_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"^no images in .*/circle/<class name>/ \(\.png, \.jpg"):
         image_folder(root / "circle")
+    # "" (an unset variable) listed the working directory; a number failed in os.fspath.
+    with pytest.raises(ValueError, match=re.escape("""root is empty: give a folder's path ("." for the working directory)""")):
+        image_folder("")
+    with pytest.raises(TypeError, match="^root must be a folder's path, got 5$"):
+        image_folder(5)
 
 
 def test_a_ctrl_c_during_a_split_upload_gets_no_note_about_the_failing_request(client, monkeypatch):

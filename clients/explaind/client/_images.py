@@ -99,7 +99,12 @@ def image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
     (``root/.cache``) and files of other suffixes are skipped, but not hidden files or
     folders below a class folder (as torchvision lists them); images directly in ``root``
     have no class and are not taken. Raises NotADirectoryError for a missing folder,
-    ValueError for one without images."""
+    ValueError for one without images, or an empty path (an unset variable; "." is this
+    folder)."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder's path, got {root!r}")
+    if not os.fspath(root):  # Path("") is "."
+        raise ValueError('root is empty: give a folder\'s path ("." for the working directory)')
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{'not a directory' if root.exists() else 'no such directory'}: {root}")
