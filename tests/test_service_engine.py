@@ -3034,6 +3034,7 @@ def _evaluation_with_mistakes(count: int):
         mistakes=[inference_pb2.Mistake(sample_index=i, label=0, predicted=1, probability=1 - i / count) for i in range(count)])
 
 
+@pytest.mark.timeout(30)  # a cut that drops nothing would loop forever: fail here, not at the suite's 600 s
 def test_leading_items_that_fit_cuts_the_named_lists_only_and_keeps_their_heads():
     from explaind.messages import leading_items_that_fit
 
