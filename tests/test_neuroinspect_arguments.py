@@ -461,6 +461,26 @@ def test_the_proximal_solver_runs_on_a_half_precision_head(head):
     assert len(set(ranking.neuron_ids) & set(expected.neuron_ids)) >= len(expected.neuron_ids) // 2
 
 
+def test_both_solvers_give_finite_shifts_on_a_float16_head(head):
+    # The norm floor 1e-30 is 0 in float16: a zero row's ω / ‖ω‖ was 0 / 0, every
+    # unflipped ω NaN, and the default (faithful) ranking of a float16 head empty.
+    from explaind.methods.neuroinspect import FaithfulSGD
+
+    features, labels = _data()
+    half = nn.Linear(DIM, CLASSES)
+    half.load_state_dict(head.state_dict())
+    half = half.half().requires_grad_(False)
+    weight, bias = half.weight, half.bias
+    for solution in (FaithfulSGD().solve(weight, bias, features, labels, max_iterations=50),
+                     FaithfulSGD().solve(weight, bias, features, labels, l2=0.0, max_iterations=50),
+                     ProximalGradient().solve(weight, bias, features, labels, l1=1000.0, l2=0.0, max_iterations=5)):  # every row shrunk to 0
+        assert torch.isfinite(solution.omega).all()
+    expected = MistakeNeuronRanker(head).rank(features, labels, max_iterations=50)
+    ranking = MistakeNeuronRanker(half).rank(features, labels, max_iterations=50)
+    assert torch.isfinite(ranking.omega).all() and ranking.num_converged > 0
+    assert len(set(ranking.neuron_ids) & set(expected.neuron_ids)) >= len(expected.neuron_ids) // 2
+
+
 def test_a_head_edit_as_a_module_keeps_the_dtype_and_draws_no_random_numbers(head):
     features, labels = _data()
     edit = HeadEditor(head.double()).edit(features, labels, target_class=1, neurons=[2], validation_features=features,

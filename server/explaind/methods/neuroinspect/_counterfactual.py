@@ -73,6 +73,12 @@ class _BatchState:
         return CounterfactualSolution(self.omega_out, self.converged, self.iterations, cancelled)
 
 
+def _tiny(dtype: torch.dtype) -> float:
+    """The smallest positive normal number of ``dtype``, a floor for norms divided by: 1e-30
+    is 0 in float16, where a zero row's 0 / 0 made its ω NaN."""
+    return torch.finfo(dtype).tiny
+
+
 def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
                     l1: float, l2: float, max_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``features`` in the head's dtype and int64 ``labels``, after checking their shapes,
@@ -126,6 +132,7 @@ class FaithfulSGD:
         require_step_fits(self.learning_rate, "learning_rate", features.dtype)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
+        tiny = _tiny(features.dtype)
         omega = torch.zeros_like(features)
         velocity = torch.zeros_like(features)
         for step in range(max_iterations + 1):
@@ -140,7 +147,7 @@ class FaithfulSGD:
             gradient = (logits.softmax(1) - state.onehot) @ weight
             gradient += (l1 / dim) * omega.sign()
             # ω / ‖ω‖, and 0 at ω = 0 (a zero row over the clamped norm is exactly 0).
-            gradient += (l2 / dim) * (omega / omega.norm(dim=1, keepdim=True).clamp_min(1e-30))
+            gradient += (l2 / dim) * (omega / omega.norm(dim=1, keepdim=True).clamp_min(tiny))
             velocity = velocity.mul_(self.momentum).add_(gradient)
             omega = omega.add(velocity, alpha=-self.learning_rate)
             if callback_on_step_end is not None and callback_on_step_end(step + 1, max_iterations, len(omega)):
@@ -186,6 +193,7 @@ class ProximalGradient:
         lipschitz = float(torch.linalg.matrix_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), ord=2)) ** 2 / 2
         step_size = 1.0 / lipschitz if lipschitz > 0 else 1.0  # an all-zero head: no step moves a prediction
         l1_threshold, l2_threshold = step_size * l1 / dim, step_size * l2 / dim
+        tiny = _tiny(features.dtype)
         omega = torch.zeros_like(features)  # x_k
         lookahead = torch.zeros_like(features)  # y_k, the extrapolated point
         change = torch.full((len(features),), float("inf"), dtype=features.dtype, device=features.device)
@@ -202,7 +210,7 @@ class ProximalGradient:
             gradient = (logits.softmax(1) - state.onehot) @ weight
             shrunk = torch.nn.functional.softshrink(lookahead - step_size * gradient, l1_threshold)
             norms = shrunk.norm(dim=1, keepdim=True)
-            new_omega = shrunk * (1 - l2_threshold / norms.clamp_min(1e-30)).clamp_min(0)
+            new_omega = shrunk * (1 - l2_threshold / norms.clamp_min(tiny)).clamp_min(0)
             t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
             lookahead = new_omega + ((t - 1) / t_next) * (new_omega - omega)
             change = (new_omega - omega).abs().amax(1)
