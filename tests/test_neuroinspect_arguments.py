@@ -638,6 +638,8 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: probability_ratio(weight, bias, features, 9, torch.tensor([0])), ValueError, r"class_index must lie in \[0, 4\)"),
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([-1])), ValueError, rf"neurons\[0\] must lie in \[0, {DIM}\)"),  # not the last
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([0.5])), TypeError, r"neurons must be a 1-D integer tensor"),
+        # Was a ratio with neuron 2 subtracted twice from the logits, unlike [2].
+        (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([2, 5, 2])), ValueError, r"neurons lists neuron 2 twice"),
         (lambda: neuron_importance(weight, bias, features[0].long(), 1), TypeError, r"feature must be a floating-point tensor, got torch.int64"),
         # As the engines check them: NaN came back as a NaN ratio, a threshold as a string failed a bare comparison.
         (lambda: neuron_importance(weight, bias, nan_features[3], 1), ValueError, r"feature holds NaN or infinite values"),

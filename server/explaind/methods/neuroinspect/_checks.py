@@ -119,16 +119,21 @@ def index(value: object, name: str, upper: int) -> int:
     return int(value)
 
 
-def indices(values: object, name: str, upper: int) -> list[int]:
+def indices(values: object, name: str, upper: int, *, distinct: bool = False) -> list[int]:
     """A non-empty list of integers in [0, upper), each checked by :func:`index`; from a
-    sequence, a set, or a 1-D tensor or array."""
+    sequence, a set, or a 1-D tensor or array. With ``distinct``, none listed twice (a
+    neuron zeroed twice is subtracted twice; a caller may have meant another one)."""
     if isinstance(values, torch.Tensor | np.ndarray) and values.ndim == 1:
         values = values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | set | frozenset):
         raise TypeError(f"{name} must be a sequence of indices in [0, {upper}), got {values!r} ({type(values).__name__})")
     if len(values) == 0:
         raise ValueError(f"{name} must be a non-empty sequence of indices in [0, {upper}), got {values!r}")
-    return [index(value, f"{name}[{i}]", upper) for i, value in enumerate(sorted(values) if isinstance(values, set | frozenset) else values)]
+    listed = [index(value, f"{name}[{i}]", upper) for i, value in enumerate(sorted(values) if isinstance(values, set | frozenset) else values)]
+    if distinct and len(set(listed)) < len(listed):
+        twice = next(n for i, n in enumerate(listed) if n in listed[:i])
+        raise ValueError(f"{name} lists neuron {twice} twice")
+    return listed
 
 
 def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False) -> float:

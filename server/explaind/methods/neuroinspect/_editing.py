@@ -220,11 +220,7 @@ class HeadEditor:
                 raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)},), "
                                  f"got {np.shape(evaluation_groups)}")
         target_class = index(target_class, "target_class", num_classes)
-        listed = indices(neurons, "neurons", dim)
-        if len(set(listed)) < len(listed):  # as the service refuses it: a caller may have meant another neuron
-            twice = next(n for i, n in enumerate(listed) if n in listed[:i])
-            raise ValueError(f"neurons lists neuron {twice} twice")
-        neuron_ids = torch.tensor(sorted(listed), device=device)
+        neuron_ids = torch.tensor(sorted(indices(neurons, "neurons", dim, distinct=True)), device=device)  # as the service refuses them
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if selection not in SELECTIONS:

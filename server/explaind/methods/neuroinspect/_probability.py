@@ -44,7 +44,7 @@ def probability_ratio(
     class_index = index(class_index, "class_index", weight.shape[0])
     if not isinstance(neurons, torch.Tensor) or neurons.ndim != 1 or neurons.is_floating_point() or neurons.dtype == torch.bool:
         raise TypeError(f"neurons must be a 1-D integer tensor of neuron indices, got {neurons!r}")
-    indices(neurons, "neurons", weight.shape[1])  # -1 would silently be the last neuron
+    indices(neurons, "neurons", weight.shape[1], distinct=True)  # -1 would silently be the last neuron, [2, 2] zero it twice
     return _probability_ratio(weight, bias, features, class_index, neurons)
 
 
