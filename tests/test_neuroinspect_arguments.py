@@ -597,6 +597,13 @@ def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
     assert ranking.top_k == 3 and MistakeNeuronRanker(head).rank(features, labels, top_k=1).top_k == 1  # the k it used
 
 
+def _featureless_head() -> nn.Linear:
+    """A head reading 0 features, built without torch's warning that initialising it does nothing."""
+    head = nn.Linear(1, CLASSES)
+    head.weight = nn.Parameter(torch.empty(CLASSES, 0))
+    return head
+
+
 def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
     # argmax of a NaN row is 0: a NaN ω on a mistake labelled 0 was reported converged.
     from explaind.methods.neuroinspect import FaithfulSGD
@@ -619,6 +626,13 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         (lambda: FaithfulSGD().solve(weight, bias, features.long(), labels), ValueError, r"features must be floating-point \(N, 16\), got torch.int64"),
         (lambda: FaithfulSGD(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),  # never forgets a step
         (lambda: ProximalGradient(tolerance=float("nan")), ValueError, r"tolerance must be a finite number"),
+        # Were a bare AttributeError ('numpy.ndarray' object has no attribute 'is_floating_point').
+        (lambda: FaithfulSGD().solve(weight, bias, features.numpy(), labels), TypeError, r"features must be a torch.Tensor \(use torch.from_numpy\)"),
+        (lambda: ProximalGradient().solve(weight, bias, features.tolist(), labels), TypeError, r"features must be a torch.Tensor, got list"),
+        # Was a bare ZeroDivisionError (the penalties are divided by D); the ranker blamed top_k.
+        (lambda: FaithfulSGD().solve(weight[:, :0], bias, features[:, :0], labels), ValueError,
+         r"weight must have at least one class and one feature, got \(4, 0\)"),
+        (lambda: MistakeNeuronRanker(_featureless_head()).rank(features[:, :0], labels), ValueError, r"weight must have at least one class and one feature"),
     ):
         with pytest.raises(error, match=message):
             call()

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 
-def _tensor(value: object, name: str) -> torch.Tensor:
+def tensor_argument(value: object, name: str) -> torch.Tensor:
+    """``value`` if it is a tensor; TypeError naming ``name`` (and torch.from_numpy for an array) if not."""
     if not isinstance(value, torch.Tensor):
         hint = " (use torch.from_numpy)" if type(value).__module__ == "numpy" else ""
         raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(value).__name__}")
@@ -28,7 +29,7 @@ def _tensor(value: object, name: str) -> torch.Tensor:
 
 def _matrix(value: object, name: str, dim: int | None) -> torch.Tensor:
     """(N, D) floating-point, N > 0 (and D = ``dim`` when given), detached."""
-    features = _tensor(value, name)
+    features = tensor_argument(value, name)
     if features.ndim != 2 or len(features) == 0 or (dim is not None and features.shape[1] != dim):
         expected = "(N, D) with N > 0" if dim is None else f"(N, {dim}) with N > 0 to match the head"
         raise ValueError(f"{name} must be {expected}, got {tuple(features.shape)}")
@@ -58,7 +59,7 @@ def feature_vector(value: object, name: str, *, like: torch.Tensor) -> torch.Ten
     """One finite feature vector (D,) for the head whose weight ``like`` is (C, D), on its
     device and dtype (:func:`features_tensor`)."""
     dim = like.shape[1]
-    vector = _tensor(value, name)
+    vector = tensor_argument(value, name)
     if vector.shape != (dim,):
         raise ValueError(f"{name} must be ({dim},) for this head, got {tuple(vector.shape)}")
     return features_tensor(vector.unsqueeze(0), name, dim=dim, like=like)[0]
@@ -72,9 +73,11 @@ def feature_matrix(value: object, name: str) -> torch.Tensor:
 def head_parameters(weight: object, bias: object) -> None:
     """A linear head's ``weight`` (C, D) and ``bias`` (C,): floating-point, of one dtype and
     device. Metadata only, no values are read (this runs per minibatch of an edit)."""
-    weight, bias = _tensor(weight, "weight"), _tensor(bias, "bias")
+    weight, bias = tensor_argument(weight, "weight"), tensor_argument(bias, "bias")
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
         raise ValueError(f"weight must be (C, D) and bias (C,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if weight.numel() == 0:  # a solver divides its penalties by D
+        raise ValueError(f"weight must have at least one class and one feature, got {tuple(weight.shape)}")
     if not weight.is_floating_point() or bias.dtype != weight.dtype or bias.device != weight.device:
         raise TypeError(f"weight and bias must be floating-point tensors of one dtype and device, got {weight.dtype} on "
                         f"{weight.device} and {bias.dtype} on {bias.device}")
@@ -82,7 +85,7 @@ def head_parameters(weight: object, bias: object) -> None:
 
 def labels_tensor(value: object, name: str, *, count: int, num_classes: int, device: torch.device) -> torch.Tensor:
     """(count,) int64 class indices in [0, num_classes)."""
-    labels = _tensor(value, name)
+    labels = tensor_argument(value, name)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}")
     if labels.shape != (count,):
@@ -183,7 +186,7 @@ def images_tensor(value: object, name: str) -> torch.Tensor:
 
     uint8 pixels are refused rather than scaled: a caller passing 0–255 floats would get
     the same silent nonsense, so both are told what the range is."""
-    images = _tensor(value, name)
+    images = tensor_argument(value, name)
     if not images.is_floating_point():
         raise TypeError(f"{name} must be float images in [0, 1] (divide uint8 pixels by 255), got {images.dtype}")
     if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
