@@ -51,6 +51,8 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
         (dict(labels=labels - 1), ValueError, r"labels must lie in \[0, 4\), got -1..2"),
         (dict(features=features[:0], labels=labels[:0]), ValueError, r"features must be \(N, 16\) with N > 0"),
         (dict(max_iterations=True), ValueError, "max_iterations must be an integer ≥ 1, got True"),
+        # Was "ProximalGradient.solve() missing 1 required positional argument: 'labels'".
+        (dict(solver=ProximalGradient), TypeError, r"solver must be a name or a solver instance, got the class ProximalGradient; call it: ProximalGradient\(\)"),
     ]
     for changes, error, message in cases:
         arguments = dict(features=features, labels=labels) | changes

@@ -242,6 +242,9 @@ def make_solver(solver: str | CounterfactualSolver) -> CounterfactualSolver:
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         return SOLVERS[solver]()
+    if isinstance(solver, type):  # its solve would take the head's weight as self
+        raise TypeError(f"solver must be a name or a solver instance, got the class {solver.__name__}; "
+                        f"call it: {solver.__name__}()")
     if not callable(getattr(solver, "solve", None)):
         raise TypeError(f"solver must be a name or have a solve method, got {type(solver).__name__}")
     return solver
