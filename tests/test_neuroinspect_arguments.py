@@ -684,6 +684,16 @@ def test_public_helpers_name_the_argument_they_refuse(head):
          r"features holds NaN or infinite values in 2 rows \(first: row 3\)"),
         (lambda: neuron_auc(features.numpy(), labels == 1), TypeError, r"features must be a torch.Tensor \(use torch.from_numpy\)"),
         (lambda: concept_neurons(features.numpy(), {"a": labels == 1}), TypeError, r"features must be a torch.Tensor"),
+        # A list of masks was a bare AttributeError ('list' object has no attribute 'items'), and a
+        # concept's bad mask was blamed on "positive", an argument concept_neurons does not have.
+        (lambda: concept_neurons(features, [labels == 1]), TypeError, r"concepts must be a mapping of concept to its \(N,\) bool mask, got list"),
+        (lambda: concept_neurons(features, {"a": labels == 1, "stripes": labels}), TypeError,
+         r"concepts\['stripes'\] must be a boolean \(or 0/1\) mask, got int64 values \[0, 1, 2, 3\]"),
+        (lambda: concept_neurons(features, {"a": (labels == 1)[:5]}), ValueError, r"concepts\['a'\] must be \(40,\) for features"),
+        (lambda: concept_neurons(features, {"a": labels < CLASSES}), ValueError, r"concepts\['a'\] must mark at least one positive and one negative"),
+        # A mask of Python objects with a missing value (None, as pandas gives) failed sorting them for the message.
+        (lambda: neuron_auc(features, np.array([True, None] * 20, dtype=object)), TypeError,
+         r"positive must be a boolean \(or 0/1\) mask, got object values \[True, None, True, None, True\]"),
     ):
         with pytest.raises(error, match=message):
             call()

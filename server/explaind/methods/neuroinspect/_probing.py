@@ -20,19 +20,25 @@ def neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray) -> t
     1.0: the neuron is higher on every positive than on every negative; 0.5: chance.
     Ties count half (Mann–Whitney U).
     """
-    features = feature_matrix(features, "features")
+    return _neuron_auc(feature_matrix(features, "features"), positive, "positive")
+
+
+def _neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    """:func:`neuron_auc` on checked ``features``, its errors naming the mask ``name`` (a
+    concept's, for :func:`concept_neurons`)."""
     if isinstance(positive, torch.Tensor):
         positive = positive.cpu().numpy()
     positive = np.asarray(positive)
     if positive.dtype != bool:  # class labels read as a mask would make every non-zero class positive
         if positive.dtype.kind not in "iu" or not np.isin(positive, (0, 1)).all():
-            raise TypeError(f"positive must be a boolean (or 0/1) mask, got {positive.dtype} values {np.unique(positive)[:5].tolist()}")
+            shown = np.unique(positive) if positive.dtype.kind in "iuf" else positive.ravel()  # objects (None) do not sort
+            raise TypeError(f"{name} must be a boolean (or 0/1) mask, got {positive.dtype} values {shown[:5].tolist()}")
         positive = positive.astype(bool)
     if positive.shape != (len(features),):
-        raise ValueError(f"positive must be ({len(features)},) for features (N, D), got {positive.shape}")
+        raise ValueError(f"{name} must be ({len(features)},) for features (N, D), got {positive.shape}")
     num_positive, num_negative = int(positive.sum()), int((~positive).sum())
     if num_positive == 0 or num_negative == 0:
-        raise ValueError("positive must mark at least one positive and one negative sample")
+        raise ValueError(f"{name} must mark at least one positive and one negative sample")
     ranks = rankdata(features.cpu().double().numpy(), axis=0)
     u = ranks[positive].sum(0) - num_positive * (num_positive + 1) / 2
     return torch.from_numpy(u / (num_positive * num_negative))
@@ -53,9 +59,11 @@ def concept_neurons(
         raise ValueError(f"min_auc must lie in (0.5, 1], got {min_auc}")
     per_concept = count(per_concept, "per_concept")
     features = feature_matrix(features, "features")
+    if not isinstance(concepts, Mapping):
+        raise TypeError(f"concepts must be a mapping of concept to its (N,) bool mask, got {type(concepts).__name__}")
     by_strength = features.mean(0).argsort(descending=True).cpu()  # indexes neuron_auc's host tensor
     found = {}
     for name, positive in concepts.items():
-        detects = neuron_auc(features, positive)[by_strength] >= min_auc
+        detects = _neuron_auc(features, positive, f"concepts[{name!r}]")[by_strength] >= min_auc
         found[name] = by_strength[detects][:per_concept].tolist()
     return found
