@@ -504,6 +504,32 @@ def test_a_flat_activation_map_dims_nothing():
     peaked[0, 1, 1] = 1.0
     mask = activation_masks(peaked, (32, 32), 0.5)
     assert 0 < mask.float().mean() < 0.25
+    assert torch.equal(activation_masks(peaked, 32, 0.5), mask)  # one side for both
+
+
+def test_activation_masks_refuse_what_they_would_mask_wrongly_or_fail_on_deep_inside():
+    from explaind.methods.neuroinspect import activation_masks
+
+    maps = torch.rand(2, 4, 4)
+    nan_map = maps.clone()
+    nan_map[1, 2, 3] = float("nan")
+    for call, error, message in (
+        # Were silent: a NaN map, or a threshold outside [0, 1], dimmed whole images.
+        (lambda: activation_masks(nan_map, (8, 8), 0.5), ValueError, r"maps holds NaN or infinite values in 1 rows \(first: row 1\)"),
+        (lambda: activation_masks(maps, (8, 8), 2.0), ValueError, r"threshold must lie in \[0, 1\]"),
+        (lambda: activation_masks(maps, (8, 8), float("nan")), ValueError, r"threshold must be a finite number"),
+        # Were torch's errors from inside interpolate (a spatial-dimensions mismatch, "not implemented for 'Long'",
+        # "sizes should be greater than 0"), or an AttributeError for an array.
+        (lambda: activation_masks(maps[0], (8, 8), 0.5), ValueError, r"maps must be \(B, h, w\) with h, w ≥ 1, got \(4, 4\)"),
+        (lambda: activation_masks(maps[:, :0], (8, 8), 0.5), ValueError, r"maps must be \(B, h, w\) with h, w ≥ 1, got \(2, 0, 4\)"),
+        (lambda: activation_masks((maps * 9).long(), (8, 8), 0.5), TypeError, r"maps must be a floating-point tensor, got torch.int64"),
+        (lambda: activation_masks(maps.numpy(), (8, 8), 0.5), TypeError, r"maps must be a torch.Tensor \(use torch.from_numpy\)"),
+        (lambda: activation_masks(maps, (0, 8), 0.5), ValueError, r"size\[0\] must be an integer ≥ 1, got 0"),
+        (lambda: activation_masks(maps, (8, 8.5), 0.5), ValueError, r"size\[1\] must be an integer ≥ 1, got 8.5"),
+        (lambda: activation_masks(maps, (8, 8, 8), 0.5), TypeError, r"size must be an \(H, W\) pair of integers, got \(8, 8, 8\)"),
+    ):
+        with pytest.raises(error, match=message):
+            call()
 
 
 class _RedGreen(nn.Module):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, eval_mode, index, number, require_step_fits, seed_value
+from ._checks import count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
@@ -373,8 +373,21 @@ def activation_masks(maps: torch.Tensor, size: tuple[int, int], threshold: float
     """Where each activation map (B, h, w), upsampled to ``size``, is high: (B, H, W) bool.
 
     High means at least ``threshold`` (0–1) of the way from the map's minimum to its
-    maximum. A flat map has no low region, so nothing of it is dimmed.
+    maximum. A flat map has no low region, so nothing of it is dimmed. ``size`` is an
+    (H, W) pair or one side.
     """
+    maps = tensor_argument(maps, "maps")
+    if maps.ndim != 3 or 0 in maps.shape[1:]:
+        raise ValueError(f"maps must be (B, h, w) with h, w ≥ 1, got {tuple(maps.shape)}")
+    if not maps.is_floating_point():
+        raise TypeError(f"maps must be a floating-point tensor, got {maps.dtype}")
+    finite_rows(maps.flatten(1), "maps")  # a NaN map was all dimmed, without a word
+    sides = (size, size) if isinstance(size, numbers.Integral) else size
+    if not isinstance(sides, Sequence) or len(sides) != 2:
+        raise TypeError(f"size must be an (H, W) pair of integers, got {size!r}")
+    size = (count(sides[0], "size[0]"), count(sides[1], "size[1]"))
+    if not 0 <= number(threshold, "threshold") <= 1:  # outside, every map was dimmed whole (or kept whole)
+        raise ValueError(f"threshold must lie in [0, 1] (of each map's min–max range), got {threshold}")
     heat = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
     low = heat.amin(dim=(1, 2), keepdim=True)
     high = heat.amax(dim=(1, 2), keepdim=True)
