@@ -405,6 +405,8 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=-1), r"learning_rate must be ≥ 0"),
         # Was a bare overflow RuntimeError from inside AdamW (β1 0.5: its first step is 2 × the rate).
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=2e38), r"learning_rate must be at most 1.7e\+38 \(2 × learning_rate"),
+        # Was a result of NaN images: the spectrum's lowest-frequency amplitude, 9^45, is infinite in float32.
+        (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, decay_power=45), r"decay_power 45 is too large for image_size 9: .* 9\^45, overflows torch.float32"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
@@ -505,6 +507,27 @@ def test_a_flat_activation_map_dims_nothing():
     mask = activation_masks(peaked, (32, 32), 0.5)
     assert 0 < mask.float().mean() < 0.25
     assert torch.equal(activation_masks(peaked, 32, 0.5), mask)  # one side for both
+
+
+def test_the_fourier_image_refuses_settings_that_would_fail_inside_torch_or_give_nan_images():
+    from explaind.methods.neuroinspect import FourierImage
+
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    for call, error, message in (
+        # Were NaN images.
+        (lambda: FourierImage(generators, 8, decay_power=float("nan")), ValueError, r"decay_power must be a finite number"),
+        (lambda: FourierImage(generators, 8, decay_power=100), ValueError, r"decay_power 100 is too large for image_size 8"),
+        (lambda: FourierImage(generators, 8, init_std=float("nan")), ValueError, r"init_std must be a finite number"),
+        # Were torch's errors: "stack expects a non-empty TensorList", a ZeroDivisionError, a negative dimension,
+        # "'int' object has no attribute 'device'", "'torch._C.Generator' object is not iterable".
+        (lambda: FourierImage([], 8), ValueError, r"generators must hold at least one torch.Generator"),
+        (lambda: FourierImage(generators, 0), ValueError, r"image_size must be an integer ≥ 1, got 0"),
+        (lambda: FourierImage(generators, -3), ValueError, r"image_size must be an integer ≥ 1, got -3"),
+        (lambda: FourierImage([1, 2], 8), TypeError, r"generators must be a sequence of torch.Generator, one per image, got \[1, 2\]"),
+        (lambda: FourierImage(generators[0], 8), TypeError, r"generators must be a sequence of torch.Generator"),
+    ):
+        with pytest.raises(error, match=message):
+            call()
 
 
 def test_activation_masks_refuse_what_they_would_mask_wrongly_or_fail_on_deep_inside():

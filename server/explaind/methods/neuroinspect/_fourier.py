@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import count, number
+
 # Square root of the ImageNet colour covariance (from Lucid); normalised by its largest
 # column norm so decorrelated unit noise stays in range.
 _COLOUR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -42,11 +44,20 @@ class FourierImage(nn.Module):
     def __init__(self, generators: Sequence[torch.Generator], image_size: int, *, decay_power: float = 1.5,
                  init_std: float = 0.05) -> None:
         super().__init__()
-        self.image_size = image_size
+        if isinstance(generators, torch.Generator) or not isinstance(generators, Sequence) or not all(
+                isinstance(generator, torch.Generator) for generator in generators):
+            raise TypeError(f"generators must be a sequence of torch.Generator, one per image, got {generators!r}")
+        if not generators:
+            raise ValueError("generators must hold at least one torch.Generator (one per image)")
+        self.image_size = image_size = count(image_size, "image_size")
+        decay_power, init_std = number(decay_power, "decay_power"), number(init_std, "init_std")
         fy = torch.fft.fftfreq(image_size).unsqueeze(1)
         fx = torch.fft.rfftfreq(image_size).unsqueeze(0)
         frequency = (fx * fx + fy * fy).sqrt()
         self.register_buffer("scale", 1.0 / frequency.clamp_min(1.0 / image_size) ** decay_power, persistent=False)
+        if not torch.isfinite(self.scale).all():  # the images would be NaN from the start
+            raise ValueError(f"decay_power {decay_power:g} is too large for image_size {image_size}: the lowest frequency's "
+                             f"amplitude, {image_size}^{decay_power:g}, overflows {self.scale.dtype}")
         self.register_buffer("colour", _COLOUR_CORRELATION.clone(), persistent=False)
         shape = (3, image_size, image_size // 2 + 1, 2)
         self.spectrum = nn.Parameter(torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]) * init_std)
