@@ -697,6 +697,8 @@ def test_public_helpers_name_the_argument_they_refuse(head):
     illusion = ClipIllusion(_mobilenet_like(), "hidden", head="classifier", image_size=9, class_names=list("abc"))
     nan_features = features.clone()
     nan_features[3, 1] = float("nan")
+    nan_head = nn.Linear(DIM, CLASSES).requires_grad_(False)
+    nan_head.weight[2, 5] = float("nan")
     for call, error, message in (
         (lambda: neuron_importance(weight, bias, features[0], CLASSES), ValueError, r"class_index must lie in \[0, 4\)"),
         (lambda: neuron_importance(weight, bias, features, 1), ValueError, rf"feature must be \({DIM},\) for this head"),
@@ -712,6 +714,14 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: concept_neurons(features, {"a": labels == 1}, min_auc="0.9"), ValueError, r"min_auc must be a finite number, got '0.9'"),
         (lambda: evaluate_head(weight, bias[:3], features, labels), ValueError, rf"weight must be \(C, D\) and bias \(C,\), got \({CLASSES}, {DIM}\) and \(3,\)"),
         (lambda: evaluate_head(weight[0], bias, features, labels), ValueError, r"weight must be \(C, D\) and bias \(C,\)"),
+        # A NaN head predicted class 0 everywhere (evaluate_head's accuracy was the share of class 0), gave NaN ratios,
+        # and an edit of it was reported as training that diverged, to retry with lower settings.
+        (lambda: evaluate_head(nan_head.weight, nan_head.bias, features, labels), ValueError, r"weight holds NaN or infinite values in 1 rows \(first: row 2\)"),
+        (lambda: neuron_importance(nan_head.weight, nan_head.bias, features[0], 1), ValueError, r"weight holds NaN or infinite values"),
+        (lambda: probability_ratio(weight, bias.clone().fill_(float("inf")), features, 1, torch.tensor([2])), ValueError, r"bias holds NaN or infinite values"),
+        (lambda: HeadEditor(nan_head).edit(features, labels, target_class=1, neurons=[2], validation_features=features, validation_labels=labels),
+         ValueError, r"head.weight holds NaN or infinite values in 1 rows \(first: row 2\)"),
+        (lambda: MistakeNeuronRanker(nan_head).rank(features, labels), ValueError, r"head.weight holds NaN or infinite values"),
         (lambda: HeadEditor(nn.Linear(DIM, CLASSES, bias=False)), TypeError, "head must be an nn.Linear with a bias"),
         (lambda: MistakeNeuronRanker(nn.Linear(DIM, CLASSES, bias=False)), TypeError, "head must be an nn.Linear with a bias"),
         (lambda: FeatureExtractor(_mobilenet_like(), "hidden", head="classifier").features(torch.rand(2, 3, 9, 9), batch_size=0),

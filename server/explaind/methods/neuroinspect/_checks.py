@@ -83,6 +83,15 @@ def head_parameters(weight: object, bias: object) -> None:
                         f"{weight.device} and {bias.dtype} on {bias.device}")
 
 
+def finite_head(weight: torch.Tensor, bias: torch.Tensor, prefix: str = "") -> None:
+    """:func:`head_parameters`, and every value finite (one read of the head): a NaN logit
+    row's argmax is class 0, so a NaN head predicts class 0 everywhere, without a word.
+    ``prefix`` names where they come from (``"head."`` for a module)."""
+    head_parameters(weight, bias)
+    finite_rows(weight, f"{prefix}weight")
+    finite_rows(bias.unsqueeze(0), f"{prefix}bias")
+
+
 def labels_tensor(value: object, name: str, *, count: int, num_classes: int, device: torch.device) -> torch.Tensor:
     """(count,) int64 class indices in [0, num_classes)."""
     labels = tensor_argument(value, name)

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._checks import count, finite_rows, head_parameters, labels_tensor, number, require_step_fits, tensor_argument
+from ._checks import count, finite_head, finite_rows, labels_tensor, number, require_step_fits, tensor_argument
 
 # Progress hook: (step, max_iterations, samples still running) -> True to stop now.
 SolverCallback = Callable[[int, int, int], "bool | None"]
@@ -84,9 +84,7 @@ def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Te
     """``features`` in the head's dtype and int64 ``labels``, after checking their shapes,
     that they and the head are finite, and the settings (a solver may be called without
     the ranker's checks). A NaN logit row would count as a flip to class 0."""
-    head_parameters(weight, bias)
-    finite_rows(weight, "weight")
-    finite_rows(bias.unsqueeze(0), "bias")
+    finite_head(weight, bias)
     if tensor_argument(features, "features").ndim != 2 or features.shape[1] != weight.shape[1] or not features.is_floating_point():
         raise ValueError(f"features must be floating-point (N, {weight.shape[1]}), got {features.dtype} {tuple(features.shape)}")
     number(l1, "l1")

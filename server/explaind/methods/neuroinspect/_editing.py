@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, head_parameters, index, indices, labelled_features, number, require_step_fits, seed_value
+from ._checks import count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
 from ._probability import _probability_ratio, neuron_importance
 
 METHODS = ("probability_ratio", "constrain")
@@ -60,7 +60,7 @@ def evaluate_head(
 ) -> HeadEvaluation:
     """Overall, per-class and (with ``groups``, one name per sample) per-group accuracy of
     the head ``weight`` (C, D), ``bias`` (C,) on ``features`` (N, D) with ``labels`` (N,)."""
-    head_parameters(weight, bias)
+    finite_head(weight, bias)
     return _evaluate(weight, bias, *labelled_features(features, labels, like=weight), groups)
 
 
@@ -201,6 +201,7 @@ class HeadEditor:
                 ``after`` are measured (e.g. to time that evaluation apart).
         """
         weight0, bias0 = self.head.weight.detach(), self.head.bias.detach()
+        finite_head(weight0, bias0, "head.")  # else reported as diverged training, to retry with lower settings
         device = weight0.device
         num_classes, dim = weight0.shape
         features, labels = labelled_features(features, labels, like=weight0)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._checks import feature_vector, features_tensor, head_parameters, index, indices
+from ._checks import feature_vector, features_tensor, finite_head, index, indices
 
 _MAX_LOG_RATIO = math.log(1e15)
 
@@ -20,7 +20,7 @@ _MAX_LOG_RATIO = math.log(1e15)
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
     """Ratio (D,) for each neuron zeroed on its own, at one feature vector (D,), under the
     head ``weight`` (C, D), ``bias`` (C,); ``feature`` is cast to the head's device and dtype."""
-    head_parameters(weight, bias)
+    finite_head(weight, bias)
     feature = feature_vector(feature, "feature", like=weight)
     class_index = index(class_index, "class_index", weight.shape[0])
     logits = weight @ feature + bias  # (C,)
@@ -39,7 +39,7 @@ def probability_ratio(
     are checked finite (a read of the device), detached and cast to the head's device and
     dtype; the editor's minibatches skip the check, through ``_probability_ratio``.
     """
-    head_parameters(weight, bias)
+    finite_head(weight, bias)
     features = features_tensor(features, "features", dim=weight.shape[1], like=weight)
     class_index = index(class_index, "class_index", weight.shape[0])
     if not isinstance(neurons, torch.Tensor) or neurons.ndim != 1 or neurons.is_floating_point() or neurons.dtype == torch.bool:

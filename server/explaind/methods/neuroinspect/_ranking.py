@@ -12,7 +12,7 @@ from torch import nn
 from explaind.methods.ranking_text import check_limit, neuron_lines
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
-from ._checks import count, feature_vector, head_parameters, index, labelled_features, number
+from ._checks import count, feature_vector, finite_head, index, labelled_features, number
 from ._probability import neuron_importance
 
 INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
@@ -198,7 +198,7 @@ class MistakeNeuronRanker:
                 solver step; return True to stop (the ranking is then marked cancelled).
         """
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
-        head_parameters(weight, bias)
+        finite_head(weight, bias, "head.")
         num_classes, dim = weight.shape
         features, labels = labelled_features(features, labels, like=weight)
         l1, l2 = number(l1, "l1"), number(l2, "l2")
