@@ -90,6 +90,9 @@ def test_the_editor_checks_every_set_before_training(head):
         # As long as the set, but not one name per sample: was found only after training.
         (dict(evaluation_features=features, evaluation_labels=labels, evaluation_groups=np.zeros((40, 1))), ValueError,
          r"evaluation_groups must have one entry per evaluation sample \(40,\), got \(40, 1\)"),
+        # A sample without a group: NaN (pandas' missing value) made a group of NaN accuracy, None failed numpy's sort.
+        (dict(evaluation_features=features, evaluation_labels=labels, evaluation_groups=["land", "water", None, "land"] * 10), ValueError,
+         r"evaluation_groups must name every sample's group, got a missing value \(None or NaN\) for 10 samples \(first: sample 2\)"),
         (dict(neurons=[8.7]), TypeError, r"neurons\[0\] must be an integer index, got 8.7"),
         (dict(strength=-5.0), ValueError, "strength must be ≥ 0"),
         (dict(strength=float("nan")), ValueError, "strength must be a finite number"),
@@ -126,6 +129,9 @@ def test_evaluate_head_refuses_labels_the_head_cannot_predict(head):
     labels[0] = CLASSES
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         evaluate_head(head.weight.detach(), head.bias.detach(), features, labels)
+    groups = np.array([1.0, 2.0, np.nan, 1.0] * 10)  # a pandas column with a missing value
+    with pytest.raises(ValueError, match=r"groups must name every sample's group, got a missing value \(None or NaN\) for 10 samples \(first: sample 2\)"):
+        evaluate_head(head.weight.detach(), head.bias.detach(), features, labels % CLASSES, groups=groups)
 
 
 def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_images):

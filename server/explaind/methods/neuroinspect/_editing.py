@@ -75,8 +75,19 @@ def _evaluate(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, 
         groups = np.asarray(groups)
         if groups.shape != correct.shape:
             raise ValueError(f"groups must have one entry per sample ({len(correct)}), got {groups.shape}")
+        _refuse_missing_groups(groups, "groups")
         group_accuracy = {str(g): float(correct[groups == g].mean()) for g in np.unique(groups)}
     return HeadEvaluation(float(correct.mean()), class_accuracy, group_accuracy)
+
+
+def _refuse_missing_groups(groups: np.ndarray, name: str) -> None:
+    """ValueError where a sample has no group (None, or NaN as pandas marks a missing value):
+    NaN made a group of its own whose accuracy was NaN (no NaN equals another), and None
+    among names failed inside numpy's sort with a bare TypeError."""
+    missing = [position for position, group in enumerate(groups.tolist()) if group is None or group != group]
+    if missing:
+        raise ValueError(f"{name} must name every sample's group, got a missing value (None or NaN) for {len(missing)} "
+                         f"samples (first: sample {missing[0]})")
 
 
 @dataclass(frozen=True)
@@ -217,9 +228,11 @@ class HeadEditor:
         else:
             evaluation_features, evaluation_labels = labelled_features(evaluation_features, evaluation_labels, like=weight0,
                                                                        names=("evaluation_features", "evaluation_labels"))
-            if evaluation_groups is not None and np.shape(evaluation_groups) != (len(evaluation_features),):
-                raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)},), "
-                                 f"got {np.shape(evaluation_groups)}")
+            if evaluation_groups is not None:
+                if np.shape(evaluation_groups) != (len(evaluation_features),):
+                    raise ValueError(f"evaluation_groups must have one entry per evaluation sample ({len(evaluation_features)},), "
+                                     f"got {np.shape(evaluation_groups)}")
+                _refuse_missing_groups(np.asarray(evaluation_groups), "evaluation_groups")
         target_class = index(target_class, "target_class", num_classes)
         neuron_ids = torch.tensor(sorted(indices(neurons, "neurons", dim, distinct=True)), device=device)  # as the service refuses them
         if method not in METHODS:
