@@ -683,6 +683,11 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         (lambda: FaithfulSGD().solve(weight, bias, features.long(), labels), ValueError, r"features must be floating-point \(N, 16\), got torch.int64"),
         (lambda: FaithfulSGD(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),  # never forgets a step
         (lambda: ProximalGradient(tolerance=float("nan")), ValueError, r"tolerance must be a finite number"),
+        # l1 / D is 6e298, infinite in float32: ω was NaN, counted converged where the label was 0.
+        (lambda: FaithfulSGD().solve(weight, bias, features, labels, l1=1e300), ValueError,
+         r"l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed torch.float32"),
+        # Was softshrink's bare RuntimeError ("lambda must be in range [0, 3.40282e+38] for input dtype Float").
+        (lambda: ProximalGradient().solve(weight, bias, features, labels, l1=1e300), ValueError, r"l1 must be at most .* must fit torch.float32"),
         # Were a bare AttributeError ('numpy.ndarray' object has no attribute 'is_floating_point').
         (lambda: FaithfulSGD().solve(weight, bias, features.numpy(), labels), TypeError, r"features must be a torch.Tensor \(use torch.from_numpy\)"),
         (lambda: ProximalGradient().solve(weight, bias, features.tolist(), labels), TypeError, r"features must be a torch.Tensor, got list"),

@@ -70,6 +70,11 @@ class _BatchState:
         return self.solution(cancelled=True)
 
     def solution(self, cancelled: bool = False) -> CounterfactualSolution:
+        """The solution, unless a shift overflowed: a NaN ω row's logits argmax to class 0,
+        so it would count as converged where its label is 0."""
+        if not torch.isfinite(self.omega_out).all():
+            raise ValueError(f"l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed "
+                             f"{self.omega_out.dtype} to NaN or infinity; lower them")
         return CounterfactualSolution(self.omega_out, self.converged, self.iterations, cancelled)
 
 
@@ -190,6 +195,7 @@ class ProximalGradient:
         # At least float32: there is no half-precision matrix norm.
         lipschitz = float(torch.linalg.matrix_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), ord=2)) ** 2 / 2
         step_size = 1.0 / lipschitz if lipschitz > 0 else 1.0  # an all-zero head: no step moves a prediction
+        require_step_fits(l1, "l1", features.dtype, factor=step_size / dim)  # the soft threshold; softshrink refuses more
         l1_threshold, l2_threshold = step_size * l1 / dim, step_size * l2 / dim
         tiny = _tiny(features.dtype)
         omega = torch.zeros_like(features)  # x_k
