@@ -51,6 +51,8 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
         (dict(labels=labels - 1), ValueError, r"labels must lie in \[0, 4\), got -1..2"),
         (dict(features=features[:0], labels=labels[:0]), ValueError, r"features must be \(N, 16\) with N > 0"),
         (dict(max_iterations=True), ValueError, "max_iterations must be an integer ≥ 1, got True"),
+        # Were "'bool' object is not callable" at the solver's first step.
+        (dict(callback_on_step_end=True), TypeError, r"callback_on_step_end must be callable or None, got True \(bool\)"),
         # Was "ProximalGradient.solve() missing 1 required positional argument: 'labels'".
         (dict(solver=ProximalGradient), TypeError, r"solver must be a name or a solver instance, got the class ProximalGradient; call it: ProximalGradient\(\)"),
     ]
@@ -107,6 +109,8 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(batch_size=0), ValueError, "batch_size must be an integer ≥ 1"),
         (dict(weight_decay=-1e-4), ValueError, "weight_decay must be ≥ 0"),
         (dict(method="constrain", target_ratio=2.0), ValueError, "target_ratio applies to the probability_ratio method only"),
+        # Were "'str' object is not callable" after the first epoch's training (or after all of it).
+        (dict(callback_on_training_end="done"), TypeError, r"callback_on_training_end must be callable or None, got 'done' \(str\)"),
     ]
     epochs = []
     for changes, error, message in cases:
@@ -188,6 +192,8 @@ def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
             illusion.visualize(pairs, method="no_clip", steps=1)
     with pytest.raises(ValueError, match=r"mask_dim must lie in \[0, 1\]"):
         illusion.visualize([(3, 1)], method="no_clip", steps=1, mask_dim=5)
+    with pytest.raises(TypeError, match=r"callback_on_step_end must be callable or None, got 1 \(int\)"):  # was after the first step
+        illusion.visualize([(3, 1)], method="no_clip", steps=1, callback_on_step_end=1)
     as_array = illusion.visualize(np.array([[3, 1]]), method="no_clip", steps=2).images  # a (P, 2) array of pairs
     torch.testing.assert_close(as_array, expected)
 
@@ -686,6 +692,8 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         # l1 / D is 6e298, infinite in float32: ω was NaN, counted converged where the label was 0.
         (lambda: FaithfulSGD().solve(weight, bias, features, labels, l1=1e300), ValueError,
          r"l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed torch.float32"),
+        (lambda: ProximalGradient().solve(weight, bias, features, labels, callback_on_step_end="stop"), TypeError,
+         r"callback_on_step_end must be callable or None, got 'stop'"),
         # Was softshrink's bare RuntimeError ("lambda must be in range [0, 3.40282e+38] for input dtype Float").
         (lambda: ProximalGradient().solve(weight, bias, features, labels, l1=1e300), ValueError, r"l1 must be at most .* must fit torch.float32"),
         # Were a bare AttributeError ('numpy.ndarray' object has no attribute 'is_floating_point').

@@ -176,6 +176,13 @@ def count(value: object, name: str, *, low: int = 1) -> int:
     return int(value)
 
 
+def callback_or_none(value: object, name: str) -> None:
+    """TypeError unless ``value`` is None or callable: called only after the first step or
+    epoch, a wrong one failed there, with torch's work up to it lost."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r} ({type(value).__name__})")
+
+
 def seed_value(value: object, name: str = "seed") -> int:
     """An integer seed (any sign); floats and bools are refused, never truncated."""
     value = _scalar(value)

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._checks import count, finite_head, finite_rows, labels_tensor, number, require_step_fits, tensor_argument
+from ._checks import callback_or_none, count, finite_head, finite_rows, labels_tensor, number, require_step_fits, tensor_argument
 
 # Progress hook: (step, max_iterations, samples still running) -> True to stop now.
 SolverCallback = Callable[[int, int, int], "bool | None"]
@@ -132,6 +132,7 @@ class FaithfulSGD:
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
         features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
+        callback_or_none(callback_on_step_end, "callback_on_step_end")
         require_step_fits(self.learning_rate, "learning_rate", features.dtype)
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
@@ -190,6 +191,7 @@ class ProximalGradient:
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
         features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
+        callback_or_none(callback_on_step_end, "callback_on_step_end")
         state = _BatchState(features, labels, weight.shape[0])
         dim = features.shape[1]
         # At least float32: there is no half-precision matrix norm.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
+from ._checks import callback_or_none, count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
 from ._probability import _probability_ratio, neuron_importance
 
 METHODS = ("probability_ratio", "constrain")
@@ -244,6 +244,8 @@ class HeadEditor:
         weight_decay = number(weight_decay, "weight_decay")
         batch_size, max_epochs, patience = count(batch_size, "batch_size"), count(max_epochs, "max_epochs"), count(patience, "patience")
         seed = seed_value(seed)
+        callback_or_none(callback_on_epoch_end, "callback_on_epoch_end")
+        callback_or_none(callback_on_training_end, "callback_on_training_end")
         if method == "constrain":
             if target_ratio is not None:
                 raise ValueError("target_ratio applies to the probability_ratio method only; constrain has no target ratio")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
+from ._checks import callback_or_none, count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 
@@ -224,6 +224,7 @@ class ClipIllusion:
                                "call it outside inference mode (under torch.no_grad() it works)")
         neurons, classes = self._resolve_pairs(pairs)
         seed = seed_value(seed)
+        callback_or_none(callback_on_step_end, "callback_on_step_end")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         steps = count(steps, "steps")

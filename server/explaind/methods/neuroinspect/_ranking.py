@@ -12,7 +12,7 @@ from torch import nn
 from explaind.methods.ranking_text import check_limit, neuron_lines
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
-from ._checks import count, feature_vector, finite_head, index, labelled_features, number
+from ._checks import callback_or_none, count, feature_vector, finite_head, index, labelled_features, number
 from ._probability import neuron_importance
 
 INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
@@ -213,6 +213,7 @@ class MistakeNeuronRanker:
         if target_class is not None:
             target_class = index(target_class, "target_class", num_classes)
         solver = make_solver(solver)
+        callback_or_none(callback_on_step_end, "callback_on_step_end")  # before the mistakes are found, not at the first step
 
         wrong = (features @ weight.T + bias).argmax(1) != labels
         if target_class is not None:
