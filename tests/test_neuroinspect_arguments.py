@@ -300,6 +300,18 @@ def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given(
     # the head reads would mask every visualisation wrongly: refused by features() too.
     with pytest.raises(ValueError, match=r"feature_layer 'features': .* cannot be read as maps of 6 channels"):
         FeatureExtractor(model, "features", head="classifier").features(images)
+    # Were torch's errors: "'function' object has no attribute 'named_modules'", a module named as the head
+    # "is not a module of the classifier ('Linear' object has no attribute 'split')", and amin's of an empty
+    # tensor for images of no pixels.
+    for call, error, message in (
+        (lambda: FeatureExtractor(model.forward, "hidden", head="classifier"), TypeError, r"classifier must be an nn.Module, got method"),
+        (lambda: FeatureExtractor(model, "hidden", head=model.classifier), TypeError, r"head must be a module name \(str\), such as 'layer4' or 'fc', got Linear"),
+        (lambda: ClipIllusion(model, 3, head="classifier", image_size=9), TypeError, r"feature_layer must be a module name \(str\).*got 3 \(int\)"),
+        (lambda: FeatureExtractor(model, "hidden", head="classifier").features(images[:, :, :0]), ValueError,
+         r"images must be \(N, 3, H, W\) RGB with N, H, W > 0, got \(2, 3, 0, 9\)"),
+    ):
+        with pytest.raises(error, match=message):
+            call()
     # A misspelt name says which argument, not torch's bare AttributeError.
     for feature_layer, head, message in (("layer5", "classifier", r"feature_layer 'layer5' is not a module of the classifier"),
                                          ("hidden", "fc", r"head 'fc' is not a module of the classifier")):

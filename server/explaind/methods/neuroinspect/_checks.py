@@ -205,8 +205,8 @@ def images_tensor(value: object, name: str) -> torch.Tensor:
     images = tensor_argument(value, name)
     if not images.is_floating_point():
         raise TypeError(f"{name} must be float images in [0, 1] (divide uint8 pixels by 255), got {images.dtype}")
-    if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
-        raise ValueError(f"{name} must be (N, 3, H, W) RGB with N > 0, got {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:  # an image of no pixels has no range to check
+        raise ValueError(f"{name} must be (N, 3, H, W) RGB with N, H, W > 0, got {tuple(images.shape)}")
     if not images.is_meta:
         values = images.detach()  # read, not differentiated: torch warns on a scalar that requires grad
         low, high = float(values.amin()), float(values.amax())

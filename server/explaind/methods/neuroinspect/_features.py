@@ -131,7 +131,7 @@ def modules_like(model: nn.Module, name: str) -> list[str]:
 
 def _module_guess(classifier: nn.Module, name: str) -> str:
     """"; did you mean ...?" for a module name that is not there; "" when none is close."""
-    close = modules_like(classifier, name) if isinstance(name, str) else []
+    close = modules_like(classifier, name)
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
@@ -139,8 +139,12 @@ def split_modules(classifier: nn.Module, feature_layer: str, head: str) -> tuple
     """The modules named ``feature_layer`` and ``head`` (its final ``nn.Linear``) of
     ``classifier``; ValueError or TypeError naming the argument, not torch's bare
     AttributeError, for a name that is not there (with the closest names it has)."""
+    if not isinstance(classifier, nn.Module):  # its modules are found by name
+        raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
     found = []
     for argument, name in (("feature_layer", feature_layer), ("head", head)):
+        if not isinstance(name, str):
+            raise TypeError(f"{argument} must be a module name (str), such as 'layer4' or 'fc', got {name!r} ({type(name).__name__})")
         try:
             found.append(classifier.get_submodule(name))
         except AttributeError as error:
