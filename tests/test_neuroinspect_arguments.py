@@ -196,6 +196,10 @@ def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
         illusion.visualize([(3, 1)], method="no_clip", steps=1, callback_on_step_end=1)
     as_array = illusion.visualize(np.array([[3, 1]]), method="no_clip", steps=2).images  # a (P, 2) array of pairs
     torch.testing.assert_close(as_array, expected)
+    # A generator of pairs is read once (it was "object of type 'generator' has no len()"); None is refused by name.
+    torch.testing.assert_close(illusion.visualize((pair for pair in [(3, 1)]), method="no_clip", steps=2).images, expected)
+    with pytest.raises(TypeError, match=r"pairs must be a sequence of \(neuron, class or None\) pairs, got None"):
+        illusion.visualize(None, method="no_clip", steps=1)
 
 
 def test_overlapping_uses_of_a_training_model_restore_its_mode_when_the_last_ends(classifier_dir):
@@ -436,6 +440,14 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
             call()
     with pytest.raises(TypeError, match=r"class_names must be a sequence of names, one per class, got a str: 'abc'"):
         ClipIllusion(model, "hidden", head="classifier", image_size=9, class_names="abc")  # was ('a', 'b', 'c')
+    # One template per character, and prompts that never name the class, for CLIP to compare with.
+    with pytest.raises(TypeError, match=r"prompt_templates must be a sequence of templates, got a str: 'a photo of a \{\}.'"):
+        ClipIllusion(model, "hidden", head="classifier", image_size=9, prompt_templates="a photo of a {}.")
+    with pytest.raises(ValueError, match=r"prompt_templates\[1\] must be a str with '\{\}' where the class name goes, got 'a photo'"):
+        ClipIllusion(model, "hidden", head="classifier", image_size=9, prompt_templates=["a {}.", "a photo"])
+    # Was a result of NaN images, each masked whole (AdamW's decay of 1e38 sends the spectrum to infinity).
+    with pytest.raises(ValueError, match=r"learning_rate, weight_decay or gamma are too large: the images overflowed to NaN or infinity in 2 steps"):
+        illusion.visualize([(1, 2)], method="no_clip", steps=2, weight_decay=1e38)
 
 
 def test_clip_illusion_refuses_a_clip_model_without_open_clip_s_encoders_or_image_size():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -122,7 +122,12 @@ class ClipIllusion:
         self.image_size = count(image_size, "image_size")
         self.clip_model = clip_model
         self.tokenizer = tokenizer
+        if isinstance(prompt_templates, (str, bytes)):  # would be one template per character
+            raise TypeError(f"prompt_templates must be a sequence of templates, got a {type(prompt_templates).__name__}: {prompt_templates!r}")
         self.prompt_templates = tuple(prompt_templates)
+        for position, template in enumerate(self.prompt_templates):
+            if not isinstance(template, str) or "{}" not in template:  # a prompt without the class name
+                raise ValueError(f"prompt_templates[{position}] must be a str with '{{}}' where the class name goes, got {template!r}")
         if clip_model is not None:
             if not isinstance(clip_model, _ClipEncoders):
                 raise TypeError(f"clip_model must be an open_clip model (encode_image, encode_text), got {type(clip_model).__name__}")
@@ -276,6 +281,9 @@ class ClipIllusion:
                 rows: torch.Tensor, steps: int, cancelled: bool, mask_threshold: float,
                 mask_dim: float, map_source: tuple[nn.Module, int] | None) -> VisualizationResult:
         images = image()
+        if not torch.isfinite(images).all():  # NaN images would be masked whole and scored NaN
+            raise ValueError(f"learning_rate, weight_decay or gamma are too large: the images overflowed to NaN or infinity "
+                             f"in {steps} steps; lower them")
         forward = split_forward(self.classifier, images.to(self._dtype), self.feature_module, self.head, self._names)
         if map_source is None:
             maps = channel_maps(forward.layer_output, self.head.in_features)[rows, neurons]  # (B, h, w)
@@ -331,6 +339,9 @@ class ClipIllusion:
         num_classes, dim = self.head.weight.shape
         if isinstance(pairs, torch.Tensor | np.ndarray):  # a (P, 2) array of (neuron, class)
             pairs = pairs.tolist()
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+            raise TypeError(f"pairs must be a sequence of (neuron, class or None) pairs, got {pairs!r} ({type(pairs).__name__})")
+        pairs = list(pairs)  # a generator too
         if len(pairs) == 0:
             raise ValueError("pairs must hold at least one (neuron, class) pair")
         neurons, classes = [], []
