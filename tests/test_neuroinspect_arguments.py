@@ -799,6 +799,12 @@ def test_public_helpers_name_the_argument_they_refuse(head):
     ):
         with pytest.raises(error, match=message):
             call()
+    # Neurons of any integer dtype are indices: uint8 ones were read as a mask (all of D but neuron 0 zeroed for
+    # arange(D)), or failed the mask's shape with a bare IndexError; int8 ones were refused by torch.
+    for neurons in (torch.arange(DIM), torch.tensor([2, 5])):
+        for dtype in (torch.uint8, torch.int8):
+            torch.testing.assert_close(probability_ratio(weight, bias, features, 1, neurons.to(dtype)),
+                                       probability_ratio(weight, bias, features, 1, neurons))
     # Features in another dtype are cast to the head's, as the engines cast them (float64 was refused).
     torch.testing.assert_close(probability_ratio(weight, bias, features.double(), 1, torch.tensor([2, 5])),
                                probability_ratio(weight, bias, features, 1, torch.tensor([2, 5])))

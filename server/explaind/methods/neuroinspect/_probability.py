@@ -45,7 +45,9 @@ def probability_ratio(
     if not isinstance(neurons, torch.Tensor) or neurons.ndim != 1 or neurons.is_floating_point() or neurons.dtype == torch.bool:
         raise TypeError(f"neurons must be a 1-D integer tensor of neuron indices, got {neurons!r}")
     indices(neurons, "neurons", weight.shape[1], distinct=True)  # -1 would silently be the last neuron, [2, 2] zero it twice
-    return _probability_ratio(weight, bias, features, class_index, neurons)
+    # int64 on the head's device: uint8 indices are read as a mask, int8 ones refused, and
+    # a CPU tensor cannot be indexed by a GPU one.
+    return _probability_ratio(weight, bias, features, class_index, neurons.to(weight.device, torch.long))
 
 
 def _probability_ratio(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, class_index: int,
