@@ -67,6 +67,16 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
     assert ranker.rank(features, labels, l1=np.array(0.1), max_iterations=np.array([50])).neuron_ids == expected
 
 
+def test_a_summary_s_limit_is_a_whole_number_of_neurons(head):
+    # 1.5 failed as a slice index and None in a bare comparison; True showed one neuron.
+    features, labels = _data()
+    ranking = MistakeNeuronRanker(head).rank(features, labels, max_iterations=50)
+    for limit in (1.5, None, True):
+        with pytest.raises(TypeError, match=rf"limit must be an integer, 0 \(all\) or more, got {limit!r}"):
+            ranking.summary(limit)
+    assert len(ranking.summary(np.int64(1)).splitlines()) == 3  # the heading, one neuron, the flips
+
+
 def test_the_proximal_solver_runs_on_an_all_zero_head():
     # The step size is 1 / (‖W‖² / 2): it divided by zero.
     features, labels = _data(8)

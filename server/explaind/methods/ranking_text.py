@@ -5,6 +5,7 @@ neither torch nor gRPC is imported here, so each imports it without the other's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Protocol
 
 
@@ -26,7 +27,10 @@ class RankedNeuronLike(Protocol):
 
 
 def check_limit(limit: int) -> None:
-    """A summary's ``limit`` of neurons shown: 0 (all) or more."""
+    """A summary's ``limit`` of neurons shown: an integer, 0 (all) or more (1.5 failed as a
+    slice index, None in a bare comparison)."""
+    if isinstance(limit, bool) or not isinstance(limit, Integral):
+        raise TypeError(f"limit must be an integer, 0 (all) or more, got {limit!r} ({type(limit).__name__})")
     if limit < 0:
         raise ValueError(f"limit must be 0 (all) or more, got {limit}")
 
