@@ -110,6 +110,9 @@ def test_the_editor_checks_every_set_before_training(head):
         (dict(strength=float("nan")), ValueError, "strength must be a finite number"),
         (dict(target_ratio=float("nan")), ValueError, "target_ratio must be a finite number"),
         (dict(target_ratio=0.0), ValueError, "target_ratio must be > 0"),  # p_c / p'_c cannot reach 0
+        # Ratios are capped at 1e15: a target above trained toward what no head reaches, and past float32's range
+        # raised TrainingDiverged ("retry with a lower strength, target_ratio or learning_rate") after an epoch.
+        (dict(target_ratio=1e300), ValueError, r"target_ratio must be at most 1e\+15, where the probability ratios are capped, got 1e\+300"),
         (dict(features=features[labels != 1], labels=labels[labels != 1], target_ratio="auto"), ValueError,
          "labels hold no sample of target_class 1"),
         (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),

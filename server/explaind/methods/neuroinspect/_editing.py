@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import callback_or_none, count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
-from ._probability import _probability_ratio, neuron_importance
+from ._probability import MAX_RATIO, _probability_ratio, neuron_importance
 
 METHODS = ("probability_ratio", "constrain")
 SELECTIONS = ("accuracy", "worst_class")
@@ -198,7 +198,7 @@ class HeadEditor:
             validation_features, validation_labels: (M, D) / (M,), for early stopping.
             method: ``"probability_ratio"`` (ours) or ``"constrain"`` (the CON baseline).
             strength: λ3 of the penalty; default 0.01 for ours, 1.0 for ``constrain``.
-            target_ratio: o (default 1), or ``"auto"`` for :meth:`suggested_target_ratio`;
+            target_ratio: o (default 1; at most 1e15, where ratios are capped), or ``"auto"`` for :meth:`suggested_target_ratio`;
                 ``probability_ratio`` only (``constrain`` refuses one rather than ignore it).
             learning_rate, weight_decay, batch_size: Adam's step size and L2 decay, and
                 the minibatch size; ``seed`` fixes the minibatch order.
@@ -256,6 +256,9 @@ class HeadEditor:
             raise ValueError(f"target_ratio must be a number or 'auto', got {target_ratio!r}")
         else:
             target_ratio = number(1.0 if target_ratio is None else target_ratio, "target_ratio", low_open=True)
+            if target_ratio > MAX_RATIO:  # a target no ratio can reach; past float32's range a "diverged" training
+                raise ValueError(f"target_ratio must be at most {MAX_RATIO:g}, where the probability ratios are capped, "
+                                 f"got {target_ratio:g}")
 
         # Adam's moments and its eps (1e-8 is 0 in float16) need at least float32: a float16
         # head is trained on float32 copies, and evaluated and kept in its own dtype.

@@ -14,7 +14,8 @@ import torch
 
 from ._checks import feature_vector, features_tensor, finite_head, index, indices
 
-_MAX_LOG_RATIO = math.log(1e15)
+MAX_RATIO = 1e15
+_MAX_LOG_RATIO = math.log(MAX_RATIO)
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
