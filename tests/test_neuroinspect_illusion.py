@@ -320,6 +320,18 @@ def test_a_class_prompt_is_the_unit_mean_of_its_templates_unit_embeddings(illusi
     torch.testing.assert_close(illusion.class_embedding(2), expected)
 
 
+def test_prompts_and_class_indices_are_refused_where_they_would_embed_the_wrong_text(illusion):
+    # A str was embedded one character per prompt; class -1 was the last class's prompt,
+    # and class 6 a bare IndexError (tuple index out of range).
+    with pytest.raises(TypeError, match=r"prompts must be a non-empty sequence of prompts, got 'a photo of a circle.'"):
+        illusion.text_embedding("a photo of a circle.")
+    with pytest.raises(TypeError, match=r"prompts must be a non-empty sequence of prompts, got \[\]"):
+        illusion.text_embedding([])
+    for class_index in (-1, len(illusion.class_names)):
+        with pytest.raises(ValueError, match=rf"class_index must lie in \[0, {len(illusion.class_names)}\), got {class_index}"):
+            illusion.class_embedding(class_index)
+
+
 def test_class_prompts_are_embedded_with_clip_in_eval_mode_and_its_mode_is_kept(world_model):
     # A CLIP left in training mode (dropout on) gave a random T_c and kept it cached.
     class DropoutClip(torch.nn.Module):

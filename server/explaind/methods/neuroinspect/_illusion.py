@@ -163,6 +163,8 @@ class ClipIllusion:
         """Unit-norm mean of the unit-norm CLIP embeddings of ``prompts``, (E,)."""
         clip = self._require_clip()
         assert self.tokenizer is not None  # __init__ takes clip_model and tokenizer only together
+        if isinstance(prompts, (str, bytes)) or not prompts:  # a str would be one prompt per character
+            raise TypeError(f"prompts must be a non-empty sequence of prompts, got {prompts!r}")
         with eval_mode(self.clip_model):
             embeddings = F.normalize(clip.encode_text(self.tokenizer(list(prompts)).to(self.device)), dim=-1)
         return F.normalize(embeddings.mean(0), dim=-1)
@@ -170,6 +172,7 @@ class ClipIllusion:
     def class_embedding(self, class_index: int) -> torch.Tensor:
         """T_c (E,): the prompt templates filled with the class name, cached per device (the
         models may move after construction)."""
+        class_index = index(class_index, "class_index", len(self.class_names))  # -1 would be the last class's
         key = (class_index, self.device)
         if key not in self._class_embeddings:
             name = self.class_names[class_index]
