@@ -641,6 +641,15 @@ def test_a_neuron_of_a_vector_feature_layer_is_mapped_where_its_evidence_is():
     # 1/64, the spatial mean that weighs the map, so its Grad-CAM map is green / 64.
     torch.testing.assert_close(maps[1], image[0, 1] / 64)
     assert last_spatial_module(model, image, model.colours) is None  # nothing spatial before the first layer
+    # Neurons not one valid index per image: -1 mapped the last neuron, one neuron was broadcast to both images,
+    # an index past the hidden layer was a bare IndexError, a call the module never makes a KeyError 'maps'.
+    for neurons, error, message in ((torch.tensor([0, -1]), ValueError, r"neurons\[1\] must lie in \[0, 2\), got -1"),
+                                    (torch.tensor([0]), ValueError, r"neurons must be \(2,\), one neuron per image, got \(1,\)"),
+                                    (torch.tensor([0.0, 1.0]), TypeError, r"neurons must be an integer tensor of neuron indices, got torch.float32")):
+        with pytest.raises(error, match=message):
+            neuron_gradient_maps(model, image.repeat(2, 1, 1, 1), spatial, model.classifier, neurons)
+    with pytest.raises(ValueError, match=r"the module runs 1 times in the classifier's forward, not 6; take spatial from last_spatial_module"):
+        neuron_gradient_maps(model, image.repeat(2, 1, 1, 1), (model.colours, 5), model.classifier, torch.tensor([0, 1]))
     # A real MobileNetV3 (random weights, in 2x2 maps at 64 pixels) visualised by its hidden layer.
     import torchvision
 

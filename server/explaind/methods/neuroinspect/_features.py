@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import count, eval_mode, images_tensor
+from ._checks import count, eval_mode, images_tensor, indices, tensor_argument
 
 
 @contextmanager
@@ -79,6 +79,12 @@ def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: t
     gradient with respect to each, summed over K, and what speaks against the neuron is
     cut off (ReLU)."""
     module, wanted = spatial
+    neurons = tensor_argument(neurons, "neurons")
+    if neurons.is_floating_point() or neurons.is_complex() or neurons.dtype == torch.bool:
+        raise TypeError(f"neurons must be an integer tensor of neuron indices, got {neurons.dtype}")
+    if neurons.shape != (len(images),):
+        raise ValueError(f"neurons must be ({len(images)},), one neuron per image, got {tuple(neurons.shape)}")
+    indices(neurons, "neurons", head.in_features)  # -1 would be the last neuron; one neuron was broadcast to every image
     owner, captured, calls = threading.get_ident(), {}, [0]
 
     def hook(_module: nn.Module, _inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor | None:
@@ -94,6 +100,9 @@ def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: t
     try:
         with torch.enable_grad(), capture_forward(head) as read:
             classifier(images)
+            if "maps" not in captured:
+                raise ValueError(f"spatial {spatial!r}: the module runs {calls[0]} times in the classifier's forward, "
+                                 f"not {wanted + 1}; take spatial from last_spatial_module")
             picked = read["input"][torch.arange(len(images), device=images.device), neurons].sum()
             (gradient,) = torch.autograd.grad(picked, captured["maps"])
     finally:
