@@ -34,6 +34,11 @@ def test_engine_matches_eager_at_any_batch_size_and_exports_once(tmp_path, monke
 
     monkeypatch.setattr(torch.onnx, "export", no_second_export)
     assert export_onnx(extractor, 16, path) == path
+    # Its batch is dynamic: one fixed at the traced 2 would run every call in padded slices of 2.
+    import onnxruntime
+
+    (graph_input,) = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()
+    assert isinstance(graph_input.shape[0], str) and graph_input.shape[1:] == [3, 16, 16]
     # The graph and its weights side by side, no scratch left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.onnx", "features.onnx.data"]
 
