@@ -119,6 +119,18 @@ def test_a_graph_whose_features_are_not_floats_of_a_fixed_width_is_refused(eleme
         onnx_runtime_features(model.SerializeToString(), execution_providers(), num_threads=1)
 
 
+def test_a_graph_whose_input_takes_no_images_is_refused_naming_it():
+    """A FailedPrecondition naming the input, as for its features, not a bare ValueError."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Flatten", ["pixels"], ["flat"]), helper.make_node("Cast", ["flat"], ["features"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "features", [helper.make_tensor_value_info("pixels", TensorProto.DOUBLE, ["n", 3, 4, 4])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 48])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    with pytest.raises(FailedPrecondition, match=r"^the graph's input 'pixels' is tensor\(double\); explaind feeds it float32, float16 or uint8 images$"):
+        onnx_runtime_features(model.SerializeToString(), execution_providers(), num_threads=1)
+
+
 def test_engine_reads_images_of_any_layout_and_slices_batches_beyond_its_limit(tmp_path):
     """Images are bound by address, so a strided tensor must be made contiguous first;
     a batch over ``max_batch_size`` (TensorRT's profile) runs in slices, in order."""
