@@ -161,16 +161,18 @@ def test_gpu_providers_run_on_the_configured_gpu_and_tensorrt_keeps_one_engine_p
     import onnxruntime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.8.0.43"))
     assert execution_providers("onnxruntime", "cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
-    assert execution_providers("onnxruntime", "cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    # "cuda" is torch's current GPU (torch.cuda.set_device), not ONNX Runtime's default GPU 0.
+    assert execution_providers("onnxruntime", "cuda")[0] == ("CUDAExecutionProvider", {"device_id": 1})
     with pytest.raises(ValueError, match="max_batch_size"):
         execution_providers("tensorrt", "cuda:1", image_size=224)
-    for missing_one in ({"max_batch_size": 64, "engine_cache_dir": tmp_path}, {"image_size": 224, "engine_cache_dir": tmp_path}):
+    for missing_one in ({"max_batch_size": 64, "engine_cache_dir": tmp_path}, {"image_size": 224, "engine_cache_dir": tmp_path},
+                        {"image_size": 224, "max_batch_size": 64}):
         with pytest.raises(ValueError, match="TensorRT needs image_size, max_batch_size and engine_cache_dir"):
             execution_providers("tensorrt", "cuda:1", **missing_one)
     providers = execution_providers("tensorrt", "cuda:1", image_size=224, max_batch_size=64, engine_cache_dir=tmp_path / "engines")
