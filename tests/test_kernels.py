@@ -316,6 +316,9 @@ def _linear_classifier_graph(tmp_path, tail: str, *, initializers_as_inputs: boo
     elif tail == "scaled_bias_gemm":
         nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transB=1, beta=0.5))
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
+    elif tail == "transposed_input_gemm":  # transA: it multiplies the features transposed
+        nodes.append(helper.make_node("Gemm", ["pooled", "W", "b"], ["logits"], transA=1, transB=1))
+        constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
     elif tail == "gemm_then_add":  # the Add's constant would be lost beside the Gemm's own bias
         nodes += [helper.make_node("Gemm", ["pooled", "W", "b"], ["scores"], transB=1), helper.make_node("Add", ["scores", "b"], ["logits"])]
         constants += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
@@ -382,7 +385,8 @@ def test_an_onnx_classifier_listing_its_initializers_as_inputs_splits_into_a_one
 
 
 @pytest.mark.parametrize(("tail", "reason"), [("softmax", "from a Softmax node"), ("scaled_gemm", "scales or transposes"),
-                                              ("scaled_bias_gemm", "scales or transposes"), ("gemm_then_add", "not a MatMul's bias"),
+                                              ("scaled_bias_gemm", "scales or transposes"), ("transposed_input_gemm", "scales or transposes"),
+                                              ("gemm_then_add", "not a MatMul's bias"),
                                               ("matmul_plus_computed", "not a MatMul's bias"), ("batched_weight", r"shape \(2, 3, 1\), not \(classes, features\)"),
                                               ("two_inputs", "one input, the images"), ("computed_weight", "is computed, not a constant")])
 def test_an_onnx_classifier_that_does_not_end_in_a_linear_layer_is_not_split(tmp_path, tail, reason):
