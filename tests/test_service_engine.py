@@ -1710,6 +1710,28 @@ def test_onnxruntime_backend_matches_eager_on_the_configured_threads(tmp_path, c
     normalised.store.close()
 
 
+
+def test_the_tensorrt_backend_builds_each_exported_graphs_engines_in_a_folder_of_its_name(tmp_path, engine, monkeypatch):
+    """With ONNX Runtime's CPU provider standing in for TensorRT's (no GPU here): the engine
+    folder TensorRT is given is per exported graph, so per model version and input size."""
+    from explaind.engine import backends
+
+    asked, cpu_providers = [], backends.execution_providers("onnxruntime", "cpu")
+
+    def cpu_in_place_of_tensorrt(backend, device, **options):
+        asked.append((backend, device, options))
+        return cpu_providers
+
+    monkeypatch.setattr(backends, "execution_providers", cpu_in_place_of_tensorrt)
+    version = engine.models.active
+    features = backends.build_feature_fn(version, "tensorrt", "cpu", tmp_path, num_threads=1, max_batch_size=4)
+    (graph,) = tmp_path.glob("features-*.onnx")
+    assert asked == [("tensorrt", "cpu", {"image_size": version.image_size, "max_batch_size": 4,
+                                          "engine_cache_dir": tmp_path / f"{graph.stem}.tensorrt"})]
+    images = torch.rand(10, 3, version.image_size, version.image_size)
+    torch.testing.assert_close(features(images), version.features(images), atol=1e-4, rtol=1e-4)
+
+
 def test_an_onnx_classifier_runs_its_sessions_on_the_configured_threads(tmp_path, world_model, monkeypatch):
     import onnxruntime
 
