@@ -4789,6 +4789,31 @@ def test_idle_reflection_streams_without_a_token_never_starve_the_callers_with_o
         server.stop(0)
 
 
+def test_reflection_needs_no_token_under_either_of_its_names(tmp_path, classifier_dir):
+    # The server answers reflection as v1alpha and as v1 (newer clients ask for v1 first,
+    # some only for it); tooling reaches both without a token, as it reaches health.
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from explaind.service import ExplaindServer
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", port=0, data_dir=str(tmp_path), token="s3cret")
+    server = ExplaindServer(config)
+    port = server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for service in ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"):
+                info = channel.stream_stream(f"/{service}/ServerReflectionInfo",
+                                             request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                             response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+                (listed,) = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                assert "explaind.v1.InferenceService" in {listed_service.name for listed_service in listed.list_services_response.service}, service
+            with pytest.raises(grpc.RpcError) as refused:  # what is not public still needs the token
+                channel.unary_unary("/explaind.v1.InferenceService/GetModelMetadata")(b"", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0)
+
 def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
     # Operations are listed with their results (an evaluation's confusion matrix is C²
     # counts): a page of them could exceed the send limit, and every later page with it.
