@@ -455,6 +455,35 @@ def test_a_stream_s_context_turns_inactive_once_its_caller_is_revoked():
     assert not context.is_active()
 
 
+def test_a_stream_s_servicer_is_given_the_context_its_callers_revocation_turns_inactive():
+    # The interceptor must hand the servicer that context, not grpc's own: a watch with
+    # nothing new to send would otherwise wait on for its revoked caller until the job ends.
+    from types import SimpleNamespace
+
+    from explaind.metrics import Metrics
+    from explaind.service.interceptors import _Observed
+    from explaind.v1 import common_pb2
+
+    aborted = []
+
+    def abort(code, details):
+        aborted.append((code, details))
+        raise RuntimeError("aborted")
+
+    context = SimpleNamespace(is_active=lambda: True, peer=lambda: "ipv4:127.0.0.1:1", abort=abort,
+                              code=lambda: aborted[-1][0] if aborted else None)  # as grpc's: the code it aborted with
+    revocation, looks = [""], []
+
+    def watch(request, context):
+        yield common_pb2.Image()
+        revocation[0] = "caller 'analyst' was removed from the callers file"
+        looks.append(context.is_active())  # a servicer waiting for something to send looks here, and stops
+
+    with pytest.raises(RuntimeError, match="aborted"), _Observed(Metrics(), "explaind.v1.OperationsService", "WatchOperation", context, 1000) as observed:
+        assert len(list(observed.call_stream(watch, None, context, lambda: revocation[0]))) == 1
+    assert looks == [False] and aborted == [(grpc.StatusCode.UNAUTHENTICATED, revocation[0])]
+
+
 def test_a_reload_that_removes_a_caller_ends_its_open_streams_and_no_other_callers(tmp_path, classifier_dir, callers_file, monkeypatch):
     # A removed caller's WatchOperation went on sending it every update until the job ended.
     monkeypatch.setattr(auth, "RECHECK_INTERVAL_S", 0.0)
