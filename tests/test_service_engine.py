@@ -4351,6 +4351,28 @@ def test_a_two_way_stream_whose_caller_closed_its_channel_is_counted_cancelled_n
     assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
 
 
+def test_a_grpc_error_while_the_caller_is_still_there_is_internal_not_a_caller_that_left(caplog):
+    # Only a caller that is gone makes a failed request iterator no failure of the server's:
+    # taken for one while the call is active, a server fault would end the stream OK, unlogged.
+    import grpc
+
+    from explaind.service.interceptors import _Observed
+
+    metrics, context = Metrics(), _AbortingContext()
+
+    def reflect(requests, context):
+        raise grpc.RpcError()
+        yield
+
+    with pytest.raises(RuntimeError, match="aborted"), \
+            _Observed(metrics, "grpc.reflection.v1.ServerReflection", "ServerReflectionInfo", context, 1000) as observed:
+        list(observed.call_stream(reflect, iter(()), context, lambda: ""))
+    assert context.status == grpc.StatusCode.INTERNAL and "incident" in context.details
+    assert [record.levelno for record in caplog.records if "unexpected error" in record.getMessage()] == [logging.ERROR]
+    labels = {"service": "grpc.reflection.v1.ServerReflection", "method": "ServerReflectionInfo", "code": "INTERNAL"}
+    assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
+
+
 @pytest.mark.parametrize(("remaining_s", "code"), [(10.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")])
 def test_a_stream_whose_caller_left_is_counted_as_cancelled_or_timed_out(remaining_s, code):
     # gRPC closes the generator of a stream whose caller is gone (GeneratorExit, with no
@@ -4813,6 +4835,7 @@ def test_reflection_needs_no_token_under_either_of_its_names(tmp_path, classifie
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop(0)
+
 
 def test_list_operations_pages_end_before_the_message_size_limit(tmp_path):
     # Operations are listed with their results (an evaluation's confusion matrix is C²
