@@ -4330,15 +4330,18 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
     assert unary.status == grpc.StatusCode.RESOURCE_EXHAUSTED and unary.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
 
 
-def test_a_two_way_stream_whose_caller_closed_its_channel_is_counted_cancelled_not_internal(caplog):
+@pytest.mark.parametrize(("remaining_s", "code"), [(10.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")])
+def test_a_two_way_stream_whose_caller_left_is_counted_cancelled_or_timed_out_not_internal(caplog, remaining_s, code):
     # Its request iterator raises grpc.RpcError once the caller has left (reflection's,
-    # when a client closes its channel): no failure of the server's, nothing to log.
+    # when a client closes its channel or its deadline passes): no failure of the server's,
+    # nothing to log, and counted as any call whose caller left.
     import grpc
 
     from explaind.service.interceptors import _Observed
 
     metrics, context = Metrics(), _AbortingContext()
     context.is_active = lambda: False
+    context.time_remaining = lambda: remaining_s
 
     def reflect(requests, context):
         raise grpc.RpcError()
@@ -4347,7 +4350,7 @@ def test_a_two_way_stream_whose_caller_closed_its_channel_is_counted_cancelled_n
     with caplog.at_level(logging.INFO), _Observed(metrics, "grpc.reflection.v1.ServerReflection", "ServerReflectionInfo", context, 1000) as observed:
         assert list(observed.call_stream(reflect, iter(()), context, lambda: "")) == []
     assert context.status is None and not [record for record in caplog.records if record.levelno >= logging.WARNING]
-    labels = {"service": "grpc.reflection.v1.ServerReflection", "method": "ServerReflectionInfo", "code": "CANCELLED"}
+    labels = {"service": "grpc.reflection.v1.ServerReflection", "method": "ServerReflectionInfo", "code": code}
     assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
 
 

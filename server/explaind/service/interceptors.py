@@ -423,14 +423,14 @@ class _Observed:
         return response
 
     def _map_unexpected(self, error: Exception) -> None:
+        """``error`` as the caller's status; the code counted is :meth:`__exit__`'s to record."""
         if self._context.code() is not None:  # the servicer aborted on its own, or set its status
-            self._code = self._context.code().name
             if isinstance(error, NotImplementedError):  # a generated stub (health's List): no traceback to log, per call, for anyone
                 self._context.abort(self._context.code(), self._context.details() or "")
             raise error
         if isinstance(error, grpc.RpcError) and not self._context.is_active():
             # A two-way stream's request iterator raises this once the caller has left
-            # (reflection's, when a client closes its channel): no failure of the server's.
-            self._code = self._gone()
+            # (reflection's, when a client closes its channel): no failure of the server's,
+            # counted as any call whose caller is gone.
             return
         self.abort(*report_unexpected(log, f"unexpected error in {self._service}/{self._method}", error))
