@@ -53,6 +53,7 @@ def test_sample_labels_may_be_class_names_or_indices(client):
     assert created.class_counts == {1: 1, 5: 2}
     appended = client.append_samples(created.sample_set_id, [IMAGE], np.array(["circle"]))
     assert appended.class_counts == {0: 1, 1: 1, 5: 2}
+    assert client.append_samples(created.sample_set_id, [IMAGE] * 2, iter(["circle", 5])).class_counts == {0: 2, 1: 1, 5: 3}  # an iterator too
 
 
 def test_an_append_given_a_sets_uid_goes_to_that_set_only(client):
@@ -296,6 +297,8 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.edit_head("s", "heart", [1], promote=2**63), ValueError, "promote must be a bool, got 9223372036854775808"),
         (lambda c: c.create_sample_set([IMAGE], [0], chunk_size=None), TypeError, "chunk_size must be an integer, got None"),
         (lambda c: c.operations(limit=float("nan")), TypeError, "limit must be an integer, got nan"),  # NaN listed every operation
+        (lambda c: c.operations(limit=0), ValueError, "limit must be at least 1, got 0"),
+        (lambda c: c.create_sample_set([IMAGE], [0], chunk_size=0), ValueError, "chunk_size must be at least 1, got 0"),
         # "unhashable type: 'list'";
         (lambda c: c.operations(state=["queued"]), TypeError,
          "state must be one of 'queued', 'running', 'succeeded', 'failed', 'cancelled', got ['queued']"),
@@ -1850,6 +1853,22 @@ def test_labels_computed_when_read_are_read_as_their_samples_are_sent():
     assert labels.furthest == 9  # one sample a chunk's end and one chunk are read ahead of a request
     assert [method for method, _ in servicer.calls] == ["CreateSampleSet", "AppendSamples", "AppendSamples"]
     assert "up" not in servicer.labels and "the partly uploaded sample set 'up' was deleted" in raised.value.__notes__
+
+
+@pytest.mark.parametrize(("labels", "attributes", "message"), [
+    ([0] * 6 + [1.5, 0], None, r"^labels\[6\] must be a class name \(str\) or index \(int\), got 1\.5$"),
+    ([0] * 8, [{}] * 6 + [{"a": 1}, {}], r"^attributes\[6\] must map strings to strings, got \{'a': 1\}$"),
+])
+def test_labels_and_attributes_in_a_list_are_checked_whole_before_the_first_request(labels, attributes, message):
+    # Unlike computed ones: a list is in memory, so its last label is as cheap to check as its first.
+    servicer = _UploadServer((), set())
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(TypeError, match=message):
+            client.create_sample_set([IMAGE] * 8, labels, attributes=attributes, chunk_size=2)
+    finally:
+        server.stop(0)
+    assert servicer.calls == []
 
 
 def test_a_computed_label_that_is_no_class_fails_the_upload_when_its_sample_is_made(client):
