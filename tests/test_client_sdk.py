@@ -305,6 +305,7 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.edit_head("s", "heart", [1], method=[]), TypeError, "method must be one of 'probability_ratio', 'constrain', got []"),
         # the request's field, not the argument;
         (lambda c: c.rank_mistake_neurons("s", 2**31), ValueError, "target_class must be a 32-bit integer, got 2147483648"),
+        (lambda c: c.edit_head("s", -2**31 - 1, [1]), ValueError, "target_class must be a 32-bit integer, got -2147483649"),
         # numpy's "iteration over a 0-d array" and "truth value of an array ... is ambiguous";
         (lambda c: c.edit_head("s", "heart", np.array(3)), TypeError, "neurons must be a sequence of neuron indices, got array(3)"),
         (lambda c: c.visualize_neurons(np.array(3)), TypeError,
