@@ -236,6 +236,10 @@ def test_a_dataset_ends_at_its_length():
     for index in (-1, 7):
         with pytest.raises(IndexError):
             dataset.spec(index)
+    for index in (1.5, "1", None, True):  # 1.5 was numpy's "seed must be integer", True scene 1
+        with pytest.raises(TypeError, match=f"^index must be an integer, got {re.escape(repr(index))}$"):
+            dataset[index]
+    assert dataset.spec(torch.tensor(3)) == dataset.spec(np.int64(3)) == dataset.spec(3)  # as a sampler's index may come
 
 
 def test_batches_cover_the_split_and_hold_each_scene_as_rendered():

@@ -7,6 +7,7 @@ one needs no code. A :class:`WorldDataset` streams scenes from the renderer: sam
 
 from __future__ import annotations
 
+import operator
 import tomllib
 import zlib
 from collections.abc import Iterator, Mapping
@@ -218,6 +219,9 @@ class WorldDataset(torch.utils.data.Dataset):
         return self.size
 
     def spec(self, index: int) -> SceneSpec:
+        if isinstance(index, bool) or not hasattr(index, "__index__"):  # 1.5 failed in numpy: "seed must be integer"
+            raise TypeError(f"index must be an integer, got {index!r}")
+        index = operator.index(index)  # a numpy integer or a 0-d integer tensor as an int
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = np.random.default_rng([self._seed, index])
