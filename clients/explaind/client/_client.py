@@ -45,7 +45,7 @@ from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentErr
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
-from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, call_timeout, enum_number, require_seconds
+from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, checked_timeout, enum_number, require_seconds
 from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 if TYPE_CHECKING:
@@ -576,7 +576,7 @@ class Client:
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the server ("") or one service, asked within
         ``timeout`` seconds (default: the client's)."""
-        response = self._call("health", "Check", _request(health_pb2.HealthCheckRequest, service=service), timeout=call_timeout(timeout))
+        response = self._call("health", "Check", _request(health_pb2.HealthCheckRequest, service=service), timeout=checked_timeout(timeout))
         return cast(str, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))  # grpc_health has no stubs: Any
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
@@ -651,7 +651,7 @@ class Client:
         next images are read and sent while the server runs the earlier, whose answers
         are taken in order. The first request to fail, in the list's order, raises its
         error and cancels the others."""
-        timeout = call_timeout(timeout)
+        timeout = checked_timeout(timeout)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
@@ -1137,7 +1137,7 @@ class Client:
             request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
         started = time.monotonic()
-        timeout = call_timeout(timeout)
+        timeout = checked_timeout(timeout)
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
         outcome = response.WhichOneof("outcome")
         if outcome == "ranking":

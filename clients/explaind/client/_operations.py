@@ -164,6 +164,7 @@ RESULT_CONVERTERS: dict[str, Callable[[Any, Operation | None], Any]] = {
     inference_pb2.EvaluateSampleSetResult.DESCRIPTOR.full_name: _evaluation,
 }
 
+
 def require_seconds(name: str, value: Any, *, positive: bool = True) -> None:
     """Refuse, naming ``name``, a ``value`` that is not a number of seconds (a bool, NaN),
     or with ``positive`` one that is not positive and finite."""
@@ -174,9 +175,10 @@ def require_seconds(name: str, value: Any, *, positive: bool = True) -> None:
         raise ValueError(f"{name} must be a {'positive ' if positive else ''}number of seconds, got {value}")
 
 
-def call_timeout(timeout: float | None) -> float | None:
-    """A call's own ``timeout`` (None: the client's; 0 or less: already past), refused
-    if it is no number of seconds: a string failed mid-call, NaN as a deadline exceeded."""
+def checked_timeout(timeout: float | None) -> float | None:
+    """``timeout`` as given, None included (the client's, or no limit, as the method says),
+    refused if it is no number of seconds: a string failed mid-call, NaN read as a deadline
+    exceeded. 0 or less is the method's to read (a deadline past, or a look without waiting)."""
     if timeout is not None:
         require_seconds("timeout", timeout, positive=False)
     return timeout
@@ -360,7 +362,7 @@ class Operation(Generic[ResultT]):
     def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for
         at most ``timeout`` seconds, default the client's); returns self."""
-        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=call_timeout(timeout))
+        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=checked_timeout(timeout))
         self._update(response.operation)
         return self
 
@@ -377,9 +379,7 @@ class Operation(Generic[ResultT]):
     def wait(self, timeout: float | None = None) -> Self:
         """Block until done or ``timeout`` seconds (None: until done; 0 or less: look
         once, the poll of "is it done yet?")."""
-        if timeout is not None:
-            require_seconds("timeout", timeout, positive=False)
-        if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
+        if (timeout := checked_timeout(timeout)) is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
             return self if self.done else self.refresh()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.1
@@ -492,8 +492,7 @@ class Operation(Generic[ResultT]):
         gigabytes, and visualisation images): those fields are None; and a result over
         half the server's message limit has only the leading items of its long lists
         (:attr:`response_cut`)."""
-        if timeout is not None:
-            require_seconds("timeout", timeout, positive=False)
+        timeout = checked_timeout(timeout)
         started = time.monotonic()
         try:
             if timeout is not None and timeout <= 0:  # one look, with or without progress
