@@ -371,6 +371,34 @@ def test_an_onnx_classifier_splits_before_its_final_linear_layer(tmp_path, tail)
     assert split.head_name == ("fc" if tail == "gemm_transposed" else "W")  # the node's name, else its weight's
 
 
+def test_a_split_keeps_what_a_custom_operators_subgraph_list_reads(tmp_path):
+    """A custom-domain node may hold a list of subgraphs (a GRAPHS attribute, which no
+    standard op has) that read tensors of the graph around them: the feature graph must
+    keep the nodes computing those, and drop only what nothing reads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name: str, reads: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Identity", [reads], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["n", 3])])
+
+    nodes = [helper.make_node(op, ["images", "axes"], [name], keepdims=0)
+             for op, name in (("ReduceMean", "pooled"), ("ReduceMax", "peak"), ("ReduceMin", "unread"))]
+    nodes += [helper.make_node("Choose", ["selector"], ["features"], domain="com.example", branches=[branch("first", "pooled"), branch("second", "peak")]),
+              helper.make_node("Gemm", ["features", "W", "b"], ["logits"], transB=1)]
+    constants = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"), numpy_helper.from_array(np.array(0, np.int64), "selector"),
+                 numpy_helper.from_array(np.ones((2, 3), np.float32), "W"), numpy_helper.from_array(np.zeros(2, np.float32), "b")]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], constants)
+    assert graph.node[3].attribute[0].type == onnx.AttributeProto.GRAPHS
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)], ir_version=9), path)
+    split = split_onnx_classifier(path)
+    feature_graph = onnx.load_from_string(split.feature_graph).graph
+    assert [node.op_type for node in feature_graph.node] == ["ReduceMean", "ReduceMax", "Choose"]
+    assert {tensor.name for tensor in feature_graph.initializer} == {"axes", "selector"} and split.feature_name == "features"
+
+
 @pytest.mark.parametrize("tail", ["gemm_transposed", "matmul_add"])
 def test_an_onnx_classifier_listing_its_initializers_as_inputs_splits_into_a_one_input_feature_graph(tmp_path, tail):
     import onnx
