@@ -338,6 +338,11 @@ def test_an_argument_of_the_wrong_type_or_range_is_refused_by_name_before_any_ca
     # A path of another type, or with a NUL: "expected str, bytes or os.PathLike object", "embedded null byte".
     ({"tls": True, "root_certificates": 3}, TypeError, "root_certificates must be a file's path, got 3"),
     ({"private_key": "a\x00", "certificate_chain": "b"}, ValueError, "private_key: 'a\\x00' is no file's path"),
+    # An unset variable ("") or a falsy non-path connected in plaintext, as if none were given.
+    ({"root_certificates": ""}, ValueError, "root_certificates is empty: give a PEM file's path, or None for none"),
+    ({"private_key": "", "certificate_chain": ""}, ValueError, "private_key is empty: give a PEM file's path, or None for none"),
+    ({"private_key": "", "certificate_chain": "me.pem"}, ValueError, "private_key is empty: give a PEM file's path, or None for none"),
+    ({"root_certificates": 0}, TypeError, "root_certificates must be a file's path, got 0"),
     ({"target": ""}, ValueError, "target must be the server's address (host:port), got ''"),
     ({"target": " "}, ValueError, "target must be the server's address (host:port), got ' '"),
     ({"target": None}, TypeError, "target must be the server's address (a host:port string), got None"),

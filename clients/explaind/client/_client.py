@@ -113,10 +113,12 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def _read_pem(path: str | Path | None, name: str) -> bytes | None:
     """A PEM file's bytes (None when there is none); FileNotFoundError or ValueError naming ``name``."""
-    if not path:
+    if path is None:
         return None
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a file's path, got {path!r}")
+    if not os.fspath(path):  # an unset variable: taken as none, it connected in plaintext
+        raise ValueError(f"{name} is empty: give a PEM file's path, or None for none")
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -169,7 +171,7 @@ def _tls_credentials(root_certificates: str | Path | None, private_key: str | Pa
     """Channel credentials from PEM files, checked here: gRPC takes a CA file without a
     certificate, or a key of another certificate, and then fails every connection with
     only "Failed to create security handshaker"."""
-    if bool(private_key) != bool(certificate_chain):
+    if (private_key is None) != (certificate_chain is None):
         raise ValueError("private_key and certificate_chain go together (a client certificate needs both)")
     roots, key, chain = (_read_pem(path, name) for path, name in (
         (root_certificates, "root_certificates"), (private_key, "private_key"), (certificate_chain, "certificate_chain")))
@@ -399,7 +401,7 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
         options = _channel_options(max_message_bytes)
-        if tls or root_certificates or private_key or certificate_chain:
+        if tls or any(path is not None for path in (root_certificates, private_key, certificate_chain)):
             credentials = _tls_credentials(root_certificates, private_key, certificate_chain)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
