@@ -31,6 +31,32 @@ TINY_VIT_CLASSIFIER = {"loader": "factory", "factory": "torchvision.models.visio
                        "factory_kwargs": TINY_VIT_KWARGS, "feature_layer": "encoder", "head": "heads.head", "image_size": 32}
 
 
+class DividesByMean(torch.nn.Module):
+    """A tiny classifier whose features are divided by the image's mean brightness: on a
+    black image they are infinite (and its logits NaN), as a model's that overflows
+    float16 would be; finite on any other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x) / x.mean(dim=(1, 2, 3)).unsqueeze(1))
+
+
+def divides_by_mean() -> DividesByMean:
+    """The same :class:`DividesByMean` at every call, the global random state left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DividesByMean().eval()
+
+
+# `[classifier]` keys serving divides_by_mean on 16 px images of classes a, b and c.
+DIVIDES_BY_MEAN_CLASSIFIER = {"loader": "factory", "path": "", "factory": "conftest:divides_by_mean", "feature_layer": "body.0", "head": "fc",
+                              "image_size": 16, "class_names": ("a", "b", "c")}
+
+
 @pytest.fixture(autouse=True)
 def _seeded_global_random_state() -> None:
     """Each test starts from the same global random state (torch, numpy, random): torch

@@ -47,7 +47,7 @@ from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
-from conftest import TINY_VIT_CLASSIFIER, torch_threads, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, divides_by_mean, torch_threads, vm_steps, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtime) -> Engine:
@@ -2742,6 +2742,56 @@ def test_an_evaluation_whose_confusion_matrix_cannot_fit_a_response_sends_its_ce
     assert dense == [False, True, True]
     # Cut to fit, a response keeps the cells of the most samples, as the most confident mistakes.
     assert submitted == [("evaluate_sample_set", ("mistakes", "confusion_cells"))] * 3
+
+
+def _divides_by_mean_engine(tmp_path: Path) -> Engine:
+    """An engine serving conftest's divides_by_mean."""
+    config = default_config().replace("classifier", **DIVIDES_BY_MEAN_CLASSIFIER).replace("server", data_dir=str(tmp_path / "data"))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    return engine
+
+
+def test_a_job_on_samples_the_model_gives_nan_or_infinite_features_for_fails_naming_them(tmp_path):
+    # Named by the sample set field the job was given and the samples' indices in the set:
+    # a NaN row's argmax is class 0, so an evaluation counted the black images (label a)
+    # as rightly classified.
+    engine = _divides_by_mean_engine(tmp_path)
+    try:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(1, 256, (6, 16, 16, 3), dtype=np.uint8)
+        pixels[[1, 4]] = 0
+        engine.create_sample_set("dark", "", [NewSample.from_array(p, 0) for p in pixels])
+        with pytest.raises(FailedPrecondition) as refused:
+            engine.sample_set_features("dark", field="validation_sample_set_id")
+        assert refused.value.field == "validation_sample_set_id"
+        assert refused.value.description == ("the served classifier's penultimate features of 2 samples of sample set 'dark' are NaN or infinite "
+                                             "(sample_index 1, 4): the model overflows or divides by zero on their images; use a set without "
+                                             "them, or mend the model")
+        job = engine.jobs.wait(engine.evaluate_sample_set("dark").record.job_id, 60).record
+        assert (job.state, job.error_code) == ("failed", "FAILED_PRECONDITION")
+        assert job.error_message == f"sample_set_id: {refused.value.description}"
+    finally:
+        engine.close()
+        engine.store.close()
+
+
+def test_a_predict_serves_the_nan_a_model_gives_for_one_image_and_the_others_of_its_batch_their_own_answers(tmp_path):
+    # Predict serves the model's outputs as they are (the caller sees NaN, not a guess), and
+    # the other images of the batch are answered as they would be alone.
+    engine = _divides_by_mean_engine(tmp_path)
+    try:
+        images = torch.rand(3, 3, 16, 16)
+        images[1] = 0
+        served = engine.predict(images, top_k=3, return_features=True)
+        assert np.isnan(served.probabilities[1]).all() and np.isinf(served.features[1]).all()
+        with torch.no_grad():
+            expected = torch.softmax(divides_by_mean()(images[[0, 2]]), 1).sort(1, descending=True)
+        np.testing.assert_allclose(served.probabilities[[0, 2]], expected.values.numpy(), rtol=1e-5)
+        assert served.class_indices[[0, 2]].tolist() == expected.indices.tolist()
+    finally:
+        engine.close()
+        engine.store.close()
 
 
 # Jobs and store --------------------------------------------------------------------------

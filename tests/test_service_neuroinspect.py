@@ -25,7 +25,7 @@ from explaind.client import Client, DeadlineExceededError, FailedPreconditionErr
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
-from conftest import TINY_VIT_CLASSIFIER, ServerProcess, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, ServerProcess, vm_steps, write_config
 
 SPURIOUS = assets.classifier_dir("spurious_background")
 pytestmark = pytest.mark.skipif(
@@ -578,17 +578,18 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
     assert len(re.findall(r"serving head version v1 of classifier \S+ \(unchanged\)", log)) == 1  # the restart's; not "(was v1)"
 
 
-def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu"):
-    """An engine and its NeuroInspect engine serving ``classifier_dir`` from ``data_dir`` on
-    ``device``, as a server would."""
+def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu", classifier: dict | None = None):
+    """An engine and its NeuroInspect engine serving ``classifier_dir`` (or the
+    ``classifier`` of these `[classifier]` keys) from ``data_dir`` on ``device``, as a
+    server would."""
     from explaind.config import ClassifierSection, Config, RuntimeSection, ServerSection
     from explaind.engine import Engine
     from explaind.engine.neuroinspect import NeuroInspectEngine
     from explaind.metrics import Metrics
     from explaind.store import SQLiteStore
 
-    config = Config(classifier=ClassifierSection(loader="world", path=str(classifier_dir)), server=ServerSection(data_dir=str(data_dir)),
-                    runtime=RuntimeSection(device=device))
+    section = ClassifierSection(**classifier) if classifier else ClassifierSection(loader="world", path=str(classifier_dir))
+    config = Config(classifier=section, server=ServerSection(data_dir=str(data_dir)), runtime=RuntimeSection(device=device))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
     engine.load()
     inspect = NeuroInspectEngine(engine)
@@ -978,6 +979,37 @@ def _create_train_set(engine, world_set) -> None:
 
     pixels, labels, _ = world_set
     engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
+
+
+def test_a_ranking_or_edit_on_samples_the_model_gives_nan_or_infinite_features_fails_naming_them(tmp_path):
+    # The methods refuse such features with a ValueError: a ranking, inline or not, failed
+    # INTERNAL with a traceback in the log; an edit INVALID_ARGUMENT without a field, naming
+    # a row of its training split (row 2 for the set's sample 3).
+    from explaind.engine import NewSample
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import FailedPrecondition
+
+    engine, inspect = _in_process(tmp_path, classifier=DIVIDES_BY_MEAN_CLASSIFIER)
+    try:
+        pixels = np.random.default_rng(0).integers(1, 256, (10, 16, 16, 3), dtype=np.uint8)
+        engine.create_sample_set("bright", "", [NewSample.from_array(p, i % 3) for i, p in enumerate(pixels)])
+        pixels[3] = 0
+        engine.create_sample_set("dark", "", [NewSample.from_array(p, i % 3) for i, p in enumerate(pixels)])
+        refusal = ("the served classifier's penultimate features of 1 sample of sample set 'dark' are NaN or infinite (sample_index 3): "
+                   "the model overflows or divides by zero on its image; use a set without it, or mend the model")
+        settings = RankSettings(max_iterations=5)
+        with pytest.raises(FailedPrecondition) as refused:
+            inspect.rank_mistake_neurons("dark", target_class="b", execution="inline", settings=settings)
+        assert (refused.value.field, refused.value.description) == ("sample_set_id", refusal)
+        jobs = [inspect.rank_mistake_neurons("dark", target_class="b", execution="operation", settings=settings),
+                inspect.edit_head("dark", target_class="b", neurons=[1], max_epochs=1),
+                inspect.edit_head("bright", target_class="b", neurons=[1], max_epochs=1, validation_sample_set_id="dark")]
+        ended = [engine.jobs.wait(job.record.job_id, 60).record for job in jobs]
+        assert [(job.state, job.error_code, job.error_message) for job in ended] == [
+            ("failed", "FAILED_PRECONDITION", f"{field}: {refusal}") for field in ("sample_set_id", "sample_set_id", "validation_sample_set_id")]
+        assert [r.version_id for r in inspect.head_versions()[0]] == ["v0"]
+    finally:
+        _shut(engine)
 
 
 def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_set):

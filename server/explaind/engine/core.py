@@ -185,6 +185,28 @@ class SampleFeatures:
         return [record.digest for record in self.records]
 
 
+# Samples a non-finite output's error lists by index; the rest are counted.
+MAX_SAMPLES_NAMED = 10
+
+
+def _require_finite_rows(outputs: np.ndarray, sample_set_id: str, field: str, what: str) -> None:
+    """FailedPrecondition naming ``field`` and the samples (indices in the set) whose row
+    of ``outputs`` (N, D), the served model's on a set's images, holds NaN or an infinity:
+    it overflowed or divided by zero on them (a float16 model, a constant image). A job
+    must not go on with them: a NaN row's argmax is class 0, a mistake or not as it
+    happens, and the methods refuse such features by their own row numbers."""
+    # A row sums (in float64, which no sum of float32s overflows) to a finite number only
+    # if every value is finite: one pass, and an (N,) result rather than a mask of them all.
+    with np.errstate(invalid="ignore"):  # inf + -inf is the NaN looked for, not a warning for the log
+        bad = np.flatnonzero(~np.isfinite(outputs.reshape(len(outputs), -1).sum(1, dtype=np.float64)))
+    if len(bad):
+        named = ", ".join(map(str, bad[:MAX_SAMPLES_NAMED].tolist())) + (f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else "")
+        raise FailedPrecondition(f"the served classifier's {what} of {len(bad)} sample{'s' * (len(bad) != 1)} of sample set {sample_set_id!r} "
+                                 f"are NaN or infinite (sample_index {named}): the model overflows or divides by zero on "
+                                 f"{'their images' if len(bad) != 1 else 'its image'}; use a set without {'them' if len(bad) != 1 else 'it'}, "
+                                 "or mend the model", field=field)
+
+
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """The slices' outputs as one batch; a lone slice as it is, uncopied."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -516,7 +538,9 @@ class Engine:
         through ``context`` when given. The set is checked again here, when a job runs: it
         may have been deleted, or replaced (``uid``: the set the job was submitted for), since
         the job was queued. With ``count``, only its first ``count`` samples: the set as it
-        was when it held that many (samples are only appended), not samples appended since."""
+        was when it held that many (samples are only appended), not samples appended since.
+        FailedPrecondition naming ``field`` and the samples whose features are NaN or
+        infinite (:func:`_require_finite_rows`)."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
         records = self._samples_of(sample_set_id, field, uid, count)
@@ -533,7 +557,9 @@ class Engine:
                 cached.update(fresh)
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
-        features = torch.from_numpy(np.stack([cached[digest] for digest in digests])).to(self.device)
+        stacked = np.stack([cached[digest] for digest in digests])
+        _require_finite_rows(stacked, sample_set_id, field, "penultimate features")
+        features = torch.from_numpy(stacked).to(self.device)
         labels = torch.tensor([record.label for record in records], dtype=torch.long)
         return SampleFeatures(features, labels, records, version)
 
