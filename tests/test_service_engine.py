@@ -2776,6 +2776,33 @@ def test_a_job_on_samples_the_model_gives_nan_or_infinite_features_for_fails_nam
         engine.store.close()
 
 
+def test_a_sets_logits_that_are_nan_or_infinite_are_refused_naming_the_samples_split_or_inference_only(tmp_path):
+    # What an evaluation classifies a set by: finite features through a head that overflows
+    # float32, or an inference-only model (no features to check) dividing by a black
+    # image's mean, gave rows whose argmax, class 0, it counted.
+    engine = _divides_by_mean_engine(tmp_path)
+    try:
+        rng = np.random.default_rng(1)
+        pixels = rng.integers(1, 256, (12, 16, 16, 3), dtype=np.uint8)
+        engine.create_sample_set("bright", "", [NewSample.from_array(p, 0) for p in pixels])
+        pixels[[1, 4]] = 0
+        engine.create_sample_set("dark", "", [NewSample.from_array(p, 0) for p in pixels[:6]])
+        split = engine.models.active
+        overflowing = torch.nn.Linear(split.feature_dim, 3)  # finite weights; these images' features are about -0.06, -0.4, 0, -0.2
+        with torch.no_grad():
+            overflowing.weight.fill_(-3e38)
+            overflowing.bias.fill_(3e38)
+        whole = dataclasses.replace(split, feature_extractor=None, head=None, predict_fn=torch.no_grad()(divides_by_mean()))
+        for version, set_id, samples in ((split.with_head(overflowing), "bright", "12 samples of sample set 'bright' are NaN or infinite "
+                                          "(sample_index 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more): the model overflows or divides by zero on their images"),
+                                         (whole, "dark", "2 samples of sample set 'dark' are NaN or infinite (sample_index 1, 4)")):
+            with pytest.raises(FailedPrecondition, match=re.escape(f"sample_set_id: the served classifier's logits of {samples}")):
+                engine.sample_set_logits(set_id, version=version)
+    finally:
+        engine.close()
+        engine.store.close()
+
+
 def test_a_predict_serves_the_nan_a_model_gives_for_one_image_and_the_others_of_its_batch_their_own_answers(tmp_path):
     # Predict serves the model's outputs as they are (the caller sees NaN, not a guess), and
     # the other images of the batch are answered as they would be alone.

@@ -568,10 +568,13 @@ class Engine:
         """Logits (N, C) on the CPU, labels (N,) and digests of every sample (with ``count``,
         of the first ``count``, as sample_set_features): the head on the cached features, or
         for an inference-only classifier the whole model on every image (it has no
-        features to cache)."""
+        features to cache). FailedPrecondition naming the samples whose logits (or
+        features) are NaN or infinite (:func:`_require_finite_rows`)."""
         if version.supports_features:
             sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid, count=count)
-            return version.logits(sample.features).float().cpu(), sample.labels, sample.digests
+            logits = version.logits(sample.features).float().cpu()
+            _require_finite_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")  # finite features, a head that overflows float32
+            return logits, sample.labels, sample.digests
         records = self._samples_of(sample_set_id, "sample_set_id", uid, count)
         digests = [record.digest for record in records]
         unique = list(dict.fromkeys(digests))
@@ -580,6 +583,7 @@ class Engine:
             for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
                 computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests]))  # never empty: usable sets have samples
+        _require_finite_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")
         return logits, torch.tensor([record.label for record in records], dtype=torch.long), digests
 
     @staticmethod
