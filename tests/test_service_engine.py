@@ -751,6 +751,35 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     version.require_split("anything")  # a split one passes
 
 
+class _Overflowing(_Tiny):
+    """tiny_net with its features scaled past float32's range: infinite for every image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x) * 1e30 * 1e30)
+
+
+def non_finite_net(kind: str) -> nn.Module:
+    """:class:`_Overflowing` ("overflowing"), or tiny_net with a NaN in its head's weight or bias ("weight", "bias")."""
+    if kind == "overflowing":
+        return _Overflowing()
+    model = tiny_net()
+    with torch.no_grad():
+        getattr(model.fc, kind).view(-1)[0] = math.nan
+    return model
+
+
+def test_a_model_with_a_nan_head_or_non_finite_logits_for_the_probe_images_is_refused_saying_so(tmp_path):
+    # NaN equals nothing: both were refused as "'fc' is not the last operation of the model",
+    # sending the operator to rename a head that was named right.
+    section = ClassifierSection(loader="factory", factory=f"{__name__}:non_finite_net", feature_layer="body.0", head="fc", image_size=32)
+    for kind in ("weight", "bias"):
+        with pytest.raises(ModelLoadError, match=re.escape(":non_finite_net: head 'fc' has NaN or infinite weights, which would make every prediction NaN")):
+            load_classifier(dataclasses.replace(section, factory_kwargs={"kind": kind}))
+    with pytest.raises(ModelLoadError, match=re.escape(":non_finite_net: the model's logits for the 2 random images its split is checked on are NaN "
+                                                       "or infinite (a float16 overflow, a division by zero?)")):
+        load_classifier(dataclasses.replace(section, factory_kwargs={"kind": "overflowing"}))
+
+
 def test_a_factory_model_is_loaded_with_its_weights_file_keeping_keys_that_only_some_start_with_module(tmp_path):
     # Only a state dict whose every key starts with "module." is a DataParallel module's.
     torch.manual_seed(1)

@@ -280,6 +280,14 @@ def split_classifier(
     # which would leave its parameters inference tensors that head edits cannot train.
     head_module.float()
     with torch.inference_mode():
+        # Either would fail the comparison below (NaN equals nothing), told as a misnamed head.
+        if not (torch.isfinite(head_module.weight).all() and torch.isfinite(head_module.bias).all()):
+            raise ModelLoadError(f"{source}: head {head!r} has NaN or infinite weights, which would make every prediction NaN; "
+                                 "its training diverged or the file is damaged")
+        if not torch.isfinite(expected).all():
+            raise ModelLoadError(f"{source}: the model's logits for the {len(probe)} random images its split is checked on are NaN or "
+                                 "infinite (a float16 overflow, a division by zero?), so head(h_b(x)) == model(x) cannot be checked; "
+                                 "mend the model, or serve it inference-only (loader 'torchscript' or 'onnx')")
         if features.shape[1] != head_module.in_features or not _head_gives_logits(head_module, features, expected, extractor.compute_dtype):
             raise ModelLoadError(f"{source}: {head!r} is not the last operation of the model (head(h_b(x)) != model(x)); name the final linear layer as head")
     if not isinstance(layer_output, torch.Tensor):
