@@ -766,6 +766,12 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         on_cpu = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=num_threads)
         with torch.inference_mode():
             probes = [(run(image), on_cpu(preprocess(image))) for image in _probe_images(whole.image_size).split(1)]
+            # Either would fail the comparison below (NaN equals nothing), told as a head that gives other logits.
+            if not (torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()):
+                raise UnsplittableGraph("its final linear layer has NaN or infinite weights")
+            if not all(torch.isfinite(logits).all() for logits, _ in probes):
+                raise UnsplittableGraph(f"its logits for the {len(probes)} random images the split is checked on are NaN or infinite "
+                                        "(a float16 overflow, a division by zero?)")
             if not all(_head_gives_logits(head, features, logits, scores_dtype) for logits, features in probes):
                 raise UnsplittableGraph("its final linear layer, applied to the features before it, does not give its logits")
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
