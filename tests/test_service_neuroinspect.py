@@ -1012,6 +1012,35 @@ def test_a_ranking_or_edit_on_samples_the_model_gives_nan_or_infinite_features_f
         _shut(engine)
 
 
+def test_a_ranking_whose_shifts_overflow_on_the_served_head_fails_failed_precondition_not_internal(tmp_path):
+    # A served head of weights about 1e30 (finite, and so are its logits on these images)
+    # makes the solver's shifts ω overflow: its ValueError failed the call INTERNAL, logged
+    # with a traceback and counted among the failures the operator is alerted to.
+    from explaind.engine import NewSample
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import FailedPrecondition
+
+    engine, inspect = _in_process(tmp_path, classifier=DIVIDES_BY_MEAN_CLASSIFIER)
+    try:
+        pixels = np.random.default_rng(0).integers(1, 256, (10, 16, 16, 3), dtype=np.uint8)
+        engine.create_sample_set("bright", "", [NewSample.from_array(p, i % 3) for i, p in enumerate(pixels)])
+        served = engine.models.active
+        huge = torch.nn.Linear(served.feature_dim, len(served.class_names))
+        with torch.no_grad():
+            huge.weight.copy_(served.head.weight * 1e30)
+            huge.bias.copy_(served.head.bias)
+        engine.activate(served.with_head(huge))
+        overflowed = "l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed torch.float32 to NaN or infinity"
+        settings = RankSettings(max_iterations=5)
+        with pytest.raises(FailedPrecondition, match=re.escape(overflowed)):
+            inspect.rank_mistake_neurons("bright", target_class="a", execution="inline", settings=settings)
+        job = inspect.rank_mistake_neurons("bright", target_class="a", execution="operation", settings=settings).record.job_id
+        failed = engine.jobs.wait(job, 60).record
+        assert (failed.state, failed.error_code) == ("failed", "FAILED_PRECONDITION") and failed.error_message.startswith(overflowed)
+    finally:
+        _shut(engine)
+
+
 def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_set):
     # It ran in the RPC's thread to the end: a caller past its 2 s deadline left the
     # solver busy for nobody, 100000 steps of it, slowing every Predict.

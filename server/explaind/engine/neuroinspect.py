@@ -299,11 +299,14 @@ class NeuroInspectEngine:
                 require_caller(caller_waits)
             return False
 
-        ranking = MistakeNeuronRanker(version.head).rank(
-            features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
-            max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
-            target_class=class_index, callback_on_step_end=on_step,
-        )
+        try:
+            ranking = MistakeNeuronRanker(version.head).rank(
+                features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
+                max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
+                target_class=class_index, callback_on_step_end=on_step,
+            )
+        except ValueError as error:  # all it checks is checked above but the shifts ω, which a head of huge weights overflows
+            raise FailedPrecondition(str(error)) from None
         stage("response")
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
