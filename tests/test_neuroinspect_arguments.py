@@ -14,6 +14,7 @@ from explaind.methods.neuroinspect import (
     HeadEditor,
     MistakeNeuronRanker,
     ProximalGradient,
+    ShiftsOverflowed,
     TrainingDiverged,
     evaluate_head,
     neuron_auc,
@@ -736,7 +737,7 @@ def test_the_solvers_refuse_what_would_make_a_nan_row_count_as_converged(head):
         (lambda: FaithfulSGD(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),  # never forgets a step
         (lambda: ProximalGradient(tolerance=float("nan")), ValueError, r"tolerance must be a finite number"),
         # l1 / D is 6e298, infinite in float32: ω was NaN, counted converged where the label was 0.
-        (lambda: FaithfulSGD().solve(weight, bias, features, labels, l1=1e300), ValueError,
+        (lambda: FaithfulSGD().solve(weight, bias, features, labels, l1=1e300), ShiftsOverflowed,
          r"l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed torch.float32"),
         (lambda: ProximalGradient().solve(weight, bias, features, labels, callback_on_step_end="stop"), TypeError,
          r"callback_on_step_end must be callable or None, got 'stop'"),

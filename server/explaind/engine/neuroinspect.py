@@ -45,6 +45,7 @@ from ..methods.neuroinspect import (
     HeadEditor,
     HeadEvaluation,
     MistakeNeuronRanker,
+    ShiftsOverflowed,
     TrainingDiverged,
 )
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
@@ -305,7 +306,7 @@ class NeuroInspectEngine:
                 max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
                 target_class=class_index, callback_on_step_end=on_step,
             )
-        except ValueError as error:  # all it checks is checked above but the shifts ω, which a head of huge weights overflows
+        except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None
         stage("response")
         names = version.class_names

@@ -19,6 +19,7 @@ from ._counterfactual import (
     CounterfactualSolver,
     FaithfulSGD,
     ProximalGradient,
+    ShiftsOverflowed,
     SolverCallback,
     make_solver,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ProximalGradient",
     "RankedNeuron",
     "SOLVERS",
+    "ShiftsOverflowed",
     "SolverCallback",
     "TrainingDiverged",
     "VISUALIZATION_METHODS",

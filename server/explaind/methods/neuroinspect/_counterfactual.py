@@ -27,6 +27,11 @@ from ._checks import callback_or_none, count, finite_head, finite_rows, labels_t
 SolverCallback = Callable[[int, int, int], "bool | None"]
 
 
+class ShiftsOverflowed(ArithmeticError):
+    """The shifts ω became NaN or infinite: l1, l2 or the learning rate are too large for
+    the head (a head of huge weights overflows even the defaults)."""
+
+
 @dataclass
 class CounterfactualSolution:
     """Per-sample result of a solve; row i belongs to input sample i."""
@@ -73,7 +78,7 @@ class _BatchState:
         """The solution, unless a shift overflowed: a NaN ω row's logits argmax to class 0,
         so it would count as converged where its label is 0."""
         if not torch.isfinite(self.omega_out).all():
-            raise ValueError(f"l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed "
+            raise ShiftsOverflowed(f"l1, l2 or the solver's learning_rate are too large for this head: the shifts ω overflowed "
                              f"{self.omega_out.dtype} to NaN or infinity; lower them")
         return CounterfactualSolution(self.omega_out, self.converged, self.iterations, cancelled)
 
