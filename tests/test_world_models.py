@@ -6,9 +6,9 @@ import torch
 from explaind.world.assets import classifier_dir, oracle_dir
 from explaind.world.build import build
 from explaind.world.classifier import load_classifier
-from explaind.world.oracle import _augment, load_oracle, oracle_accuracy, train_oracle
+from explaind.world.oracle import ORACLE_ATTRIBUTES, _augment, load_oracle, oracle_accuracy, train_oracle
 from explaind.world.quality import classifier_report, format_classifier_table
-from explaind.world.render import SHAPES, SceneSpec, render
+from explaind.world.render import ATTRIBUTE_VALUES, SHAPES, SceneSpec, render
 from explaind.world.scenarios import Scenario, get_scenario, scenario_names
 from explaind.world.train_classifier import GroupReport, one_cycle_schedule
 
@@ -77,18 +77,91 @@ def test_oracle_training_starts_its_trunk_from_the_given_classifier():
         assert torch.allclose(parameter, start[name].float(), atol=1e-3), name
 
 
+def test_oracle_augmentation_jitters_gain_around_one_and_adds_mild_noise():
+    # A flat grey image is its own blur, so what changes it is the gain (within 15 %,
+    # centred on 1) and the noise (standard deviation 0.05, never clipped around 0.5).
+    grey = torch.full((256, 3, 64, 64), 0.5)
+    augmented = _augment(grey, torch.Generator().manual_seed(0))
+    channel_means = augmented.mean((2, 3))
+    assert ((channel_means - 0.5).abs() <= 0.5 * 0.15 + 0.005).all()
+    assert abs(channel_means.mean().item() - 0.5) < 0.01
+    assert torch.allclose(augmented.std((2, 3)), torch.tensor(0.05), atol=0.005)
+
+
+def test_oracle_augmentation_blurs_some_images_much_and_others_little():
+    # Neighbouring pixels of a 0.25/0.75 checkerboard differ by 0.5; a 3x3 average brings
+    # that to 0.5 / 9, so an image mixed mostly with its blur loses most of its contrast.
+    rows, columns = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checkerboard = (0.25 + 0.5 * ((rows + columns) % 2)).float().expand(64, 3, 64, 64)
+    augmented = _augment(checkerboard, torch.Generator().manual_seed(0))
+    contrast = (augmented[..., 1:] - augmented[..., :-1]).abs().mean((1, 2, 3))
+    assert contrast.min() < 0.2 and contrast.max() > 0.4, contrast
+
+
+def test_oracle_training_fits_every_head_to_its_images_attributes_on_the_train_split(monkeypatch):
+    # 40 images in batches of 32: two steps, the last one short. The train split's
+    # attributes, not the test split's, must be the targets of the very images they
+    # came with, for every head.
+    splits, seen_images, seen_targets = [], [], []
+    dataset, cross_entropy = Scenario.dataset, torch.nn.functional.cross_entropy
+
+    def recording_dataset(self, split, *args, **kwargs):
+        splits.append(split)
+        return dataset(self, split, *args, **kwargs)
+
+    def recording_augment(images, generator):
+        seen_images.append(images)
+        return images
+
+    def recording_cross_entropy(logits, targets):
+        seen_targets.append(targets.tolist())
+        return cross_entropy(logits, targets)
+
+    monkeypatch.setattr(Scenario, "dataset", recording_dataset)
+    monkeypatch.setattr("explaind.world.oracle._augment", recording_augment)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
+    oracle = train_oracle(epochs=1, train_size=40, batch_size=32, log=False)
+    assert splits == ["train"]
+    assert [len(images) for images in seen_images] == [32, 8]
+    train = get_scenario("balanced").dataset("train", size=40).all()
+    for step, images in enumerate(seen_images):
+        rows = [int(torch.nonzero((train.images == image).flatten(1).all(1))[0]) for image in images]
+        expected = sorted([ATTRIBUTE_VALUES[a].index(train.attributes[a][row]) for row in rows] for a in ORACLE_ATTRIBUTES)
+        assert sorted(seen_targets[4 * step : 4 * step + 4]) == expected
+    assert all(head.weight.grad is not None and head.weight.grad.abs().sum() > 0 for head in oracle.heads.values())
+    assert not oracle.training
+
+
+def test_oracle_training_follows_its_seed_from_its_initial_weights_on():
+    first, again, other = (train_oracle(epochs=1, train_size=40, batch_size=32, seed=seed, log=False) for seed in (0, 0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    # Two steps at the warm-up's learning rate move a weight by well under 1e-2, so heads
+    # that far apart were initialised differently, not only shuffled differently.
+    assert not torch.allclose(first.heads["shape"].weight, other.heads["shape"].weight, atol=1e-2)
+
+
+def test_a_loaded_oracle_scores_each_image_alone_whatever_its_batch():
+    # Loaded for inference: batch norm must use its running statistics, not the batch's.
+    oracle = load_oracle(oracle_dir())
+    images = get_scenario("balanced").dataset("test", size=4).all().images
+    with torch.no_grad():
+        together = oracle(images)["shape"]
+        alone = torch.cat([oracle(image[None])["shape"] for image in images])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
 def test_quality_is_measured_on_the_test_split_in_the_scenarios_groups(monkeypatch):
     splits = []
     dataset = Scenario.dataset
 
     def recording(self, split, *args, **kwargs):
-        splits.append(split)
+        splits.append((split, kwargs.get("size")))
         return dataset(self, split, *args, **kwargs)
 
     monkeypatch.setattr(Scenario, "dataset", recording)
     report = classifier_report("spurious_artifact", test_size=24)
     oracle_accuracy(load_oracle(oracle_dir()), size=6)
-    assert splits == ["test", "test"]
+    assert splits == [("test", 24), ("test", 6)]
     assert {group.split("/")[1] for group in report.group_accuracy} == {"none", "watermark"}
 
 
