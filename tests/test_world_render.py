@@ -274,6 +274,27 @@ def test_probe_scenes_draw_every_attribute_uniformly_and_the_seed_decides_them()
     assert probe_batch(12, seed=5, image_size=32).captions != probe.captions[:12]
 
 
+def test_probe_attributes_are_independent_of_the_shape_and_each_scene_is_laid_out_anew():
+    # Probes label neurons by attribute, so no attribute may follow the class: every
+    # shape meets every value, the watermark on about half of each shape's scenes.
+    probe = probe_batch(600, seed=4, image_size=32)
+    shapes = probe.attributes["shape"]
+    for shape in SHAPES:
+        for attribute in ("colour", "texture", "background", "artifact"):
+            assert set(probe.attributes[attribute][shapes == shape]) == set(ATTRIBUTE_VALUES[attribute]), (shape, attribute)
+        assert 0.3 < np.mean(probe.attributes["artifact"][shapes == shape] == "watermark") < 0.7, shape
+    # Scenes alike in every attribute still differ in where and how large the shape is.
+    alike: dict[tuple[str, ...], list[int]] = {}
+    for i, key in enumerate(zip(*(probe.attributes[a] for a in ATTRIBUTE_VALUES))):
+        alike.setdefault(key, []).append(i)
+    pairs = [indices[:2] for indices in alike.values() if len(indices) > 1]
+    assert pairs and all(not torch.equal(probe.images[i], probe.images[j]) for i, j in pairs)
+
+
+def test_probe_scenes_are_drawn_at_the_classifiers_size_by_default():
+    assert probe_batch(2).images.shape == (2, 3, 64, 64)
+
+
 def test_scenario_file_errors_name_the_entry(tmp_path):
     bad = tmp_path / "scenarios.toml"
     bad.write_text('[broken]\ntrain.default.background = { lava = 1.0 }\n')
