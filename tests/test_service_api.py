@@ -927,6 +927,18 @@ def test_a_sample_set_message_keeps_when_it_was_created_apart_from_when_it_last_
     assert dict(message.class_counts) == {0: 2, 5: 1} and message.uploading
 
 
+def test_an_operation_not_yet_started_has_no_start_or_end_time():
+    # A time not reached is an unset field, not the epoch (1970) a client would show.
+    from explaind.jobs import JobSnapshot
+    from explaind.service import convert
+    from explaind.store import QUEUED, JobRecord
+
+    metadata = operations_pb2.OperationMetadata()
+    assert convert.operation(JobSnapshot(JobRecord("j1", "evaluate", QUEUED, 100.5))).metadata.Unpack(metadata)
+    assert metadata.create_time.ToNanoseconds() == 100_500_000_000
+    assert not metadata.HasField("start_time") and not metadata.HasField("end_time")
+
+
 def test_a_failed_operation_carries_its_code_and_the_field_it_names_as_a_bad_request():
     # In process: the operation's error is what a client gets instead of the call's status.
     from google.protobuf import any_pb2

@@ -3205,6 +3205,39 @@ def test_leading_items_that_fit_cuts_the_named_lists_only_and_keeps_their_heads(
                                              mistakes=[neuroinspect_pb2.MistakeSummary(sample_index=i) for i in range(300)])
     cut = leading_items_that_fit(ranking, ranking.ByteSize() - 100, ("mistakes", "neurons"))
     assert len(cut.neurons) == 100 and 250 < len(cut.mistakes) < 300
+    # Longest in bytes, not in items: 20 neurons with long class lists outweigh 300 bare mistakes.
+    heavy = neuroinspect_pb2.NeuronRanking(neurons=[neuroinspect_pb2.RankedNeuron(neuron=i, top_classes=list(range(40))) for i in range(20)],
+                                           mistakes=[neuroinspect_pb2.MistakeSummary(sample_index=i) for i in range(300)])
+    assert sum(n.ByteSize() for n in heavy.neurons) > sum(m.ByteSize() for m in heavy.mistakes)
+    cut = leading_items_that_fit(heavy, heavy.ByteSize() - 100, ("mistakes", "neurons"))
+    assert len(cut.mistakes) == 300 and len(cut.neurons) < 20
+
+
+def test_leading_items_that_fit_keeps_every_item_that_fits():
+    # Items under 128 bytes cost their size plus a 1-byte tag and a 1-byte length, so the
+    # cut is exact: one more item back would not fit.
+    from explaind.messages import leading_items_that_fit
+
+    result = _evaluation_with_mistakes(3000)
+    for limit in (20_000, 5_000, 1_000):
+        cut = leading_items_that_fit(result, limit, ("mistakes",))
+        kept = len(cut.mistakes)
+        assert cut.ByteSize() <= limit
+        cut.mistakes.append(result.mistakes[kept])
+        assert cut.ByteSize() > limit
+
+
+@pytest.mark.parametrize(("dtype", "data_type"), [(np.uint8, "DATA_TYPE_UINT8"), (np.float16, "DATA_TYPE_FLOAT16"),
+                                                  (np.float32, "DATA_TYPE_FLOAT32"), (np.int64, "DATA_TYPE_INT64")])
+def test_an_array_becomes_a_tensor_of_its_type_and_shape_in_little_endian_row_major_bytes(dtype, data_type):
+    from explaind.messages import array_to_tensor
+    from explaind.v1 import common_pb2
+
+    array = np.arange(24).reshape(2, 3, 4).astype(dtype).transpose(2, 0, 1)  # not contiguous: rows follow its shape
+    tensor = array_to_tensor(array)
+    assert tensor.dtype == getattr(common_pb2, data_type) and list(tensor.shape) == [4, 2, 3]
+    decoded = np.frombuffer(tensor.data, np.dtype(dtype).newbyteorder("<")).reshape(tensor.shape)
+    np.testing.assert_array_equal(decoded, array)
 
 
 def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_artifact(tmp_path):
