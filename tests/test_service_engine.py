@@ -499,6 +499,18 @@ def test_a_predict_before_the_models_load_is_unavailable(tmp_path, classifier_di
         engine.close()
 
 
+def test_the_registry_hands_back_the_version_each_activation_replaced(engine):
+    # The engine keeps the feature cache when the replaced version had the same features.
+    from explaind.engine import ModelRegistry
+
+    registry, version = ModelRegistry(), engine.models.active
+    with pytest.raises(Unavailable, match="models are still loading"):
+        registry.active
+    edited = version.with_head(_constant_head(2))
+    assert registry.activate(version) is None and registry.active is version
+    assert registry.activate(edited) is version and registry.active is edited
+
+
 def test_a_predict_larger_than_max_batch_size_runs_in_forwards_of_at_most_that_many_images(tmp_path, classifier_dir):
     """One request may carry up to max_images_per_request images: its forward runs in
     slices, so activations stay those of max_batch_size images, and it answers as the
