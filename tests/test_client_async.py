@@ -207,6 +207,69 @@ def test_a_watch_yields_each_change_of_a_job_until_it_is_done_or_its_timeout(ser
     assert not endless_done  # the watch ended at its timeout; the job ran on
 
 
+class _Unchanging(operations_pb2_grpc.OperationsServiceServicer):
+    """A job that never changes from ``operation``; a wait takes what it asks for (at most 1 s)."""
+
+    def __init__(self, operation: Any) -> None:
+        self.operation = operation
+
+    def GetOperation(self, request, context):
+        return operations_pb2.GetOperationResponse(operation=self.operation)
+
+    def WaitOperation(self, request, context):
+        time.sleep(min(request.timeout.ToTimedelta().total_seconds(), 1.0))
+        return operations_pb2.WaitOperationResponse(operation=self.operation)
+
+
+def _succeeded_operation(name: str) -> Any:
+    finished, metadata = _running_operation(name), operations_pb2.OperationMetadata()
+    finished.metadata.Unpack(metadata)
+    metadata.state = operations_pb2.OPERATION_STATE_SUCCEEDED
+    finished.metadata.Pack(metadata)
+    finished.done = True
+    return finished
+
+
+def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeypatch):
+    # A result with progress reads the job every PROGRESS_STEP_S, one without every
+    # RESULT_STEP_S, neither past its timeout: a wait past it made a late result later.
+    monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
+    monkeypatch.setattr(_async, "RESULT_STEP_S", 10.0)
+    asked: list[float] = []
+    wait = Operation.wait
+    monkeypatch.setattr(Operation, "wait", lambda self, timeout=None: (asked.append(timeout), wait(self, timeout))[1])
+    server, target = _serve(_Unchanging(_running_operation("operations/x")), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_result(progress: bool) -> None:
+        async with AsyncClient(target) as client:
+            with pytest.raises(DeadlineExceededError):
+                await client.result(Operation(client.client, _running_operation("operations/x")), progress=progress, timeout=0.3)
+
+    try:
+        asyncio.run(await_result(progress=False))
+        assert asked and all(timeout <= 0.3 for timeout in asked), asked
+        asked.clear()
+        asyncio.run(await_result(progress=True))
+        assert len(asked) > 1 and all(timeout <= 0.05 for timeout in asked), asked
+    finally:
+        server.stop(0)
+
+
+def test_a_watch_yields_a_job_once_while_it_does_not_change_and_a_done_one_once(monkeypatch):
+    monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
+
+    async def watch(message: Any) -> list[str]:
+        server, target = _serve(_Unchanging(message), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+        try:
+            async with AsyncClient(target) as client:
+                return [update.state async for update in client.watch(Operation(client.client, message), timeout=0.3)]
+        finally:
+            server.stop(0)
+
+    assert asyncio.run(watch(_running_operation("operations/x"))) == ["running"]
+    assert asyncio.run(watch(_succeeded_operation("operations/x"))) == ["succeeded"]  # as it is now, though done already
+
+
 def test_a_result_not_ready_in_time_hands_back_its_operation_and_the_job_runs_on(served):
     target, _ = served
 
@@ -290,6 +353,8 @@ def test_every_public_client_method_has_an_awaitable_twin_with_its_parameters():
         method = getattr(AsyncClient, name)
         assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), f"AsyncClient.{name} is not awaitable"
         assert list(twins[name].parameters)[1:] == list(signature.parameters)[1:], f"AsyncClient.{name}'s parameters are not Client.{name}'s"
+    # watch is Operation.watch's twin: the same time limit when none is given.
+    assert inspect.signature(AsyncClient.watch).parameters["timeout"].default == inspect.signature(Operation.watch).parameters["timeout"].default
     client_arguments = list(inspect.signature(Client).parameters.values())
     assert list(inspect.signature(AsyncClient).parameters.values()) == [
         *client_arguments, inspect.Parameter("max_workers", inspect.Parameter.KEYWORD_ONLY, default=_async.DEFAULT_MAX_WORKERS, annotation="int")]
@@ -391,6 +456,21 @@ def test_an_async_clients_arguments_are_its_clients(tmp_path_factory, classifier
         asyncio.run(main())
     finally:
         server.stop(0)
+
+
+def test_an_async_clients_timeout_and_tls_files_are_its_clients(tmp_path):
+    # Its TLS files are checked as the Client checks them, before any call.
+    async def timeout_of_a_client() -> float:
+        async with AsyncClient("127.0.0.1:1", timeout=2.5) as client:
+            return client.client.timeout
+
+    assert asyncio.run(timeout_of_a_client()) == 2.5
+    with pytest.raises(FileNotFoundError, match="^root_certificates: no file"):
+        AsyncClient("127.0.0.1:1", root_certificates=tmp_path / "ca.pem")
+    with pytest.raises(FileNotFoundError, match="^private_key: no file"):
+        AsyncClient("127.0.0.1:1", private_key=tmp_path / "key.pem", certificate_chain=tmp_path / "chain.pem")
+    with pytest.raises(ValueError, match="^private_key and certificate_chain go together"):
+        AsyncClient("127.0.0.1:1", certificate_chain=tmp_path / "chain.pem")
 
 
 def test_a_function_on_the_async_clients_threads_runs_in_the_callers_context(served):

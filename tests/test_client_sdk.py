@@ -386,6 +386,7 @@ def test_a_token_sent_without_tls_to_another_machine_is_warned_about(target, rem
     with warnings.catch_warnings(record=True) as caught:  # the AsyncClient's points at its caller's line too
         warnings.simplefilter("always")
         asyncio.run(AsyncClient(target, token="secret").close())
+        asyncio.run(AsyncClient(target, token="secret", tls=True).close())
     assert [(warning.category, warning.filename) for warning in caught] == ([(PlaintextTokenWarning, __file__)] if remote else [])
 
 
