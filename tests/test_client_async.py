@@ -419,7 +419,7 @@ def test_a_result_whose_wait_goes_unanswered_is_late_and_hands_back_its_operatio
     monkeypatch.setattr(_async, "RESULT_STEP_S", 0.5)
     server, target = _serve(_UnansweredWaits(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
 
-    async def await_result(operation: Operation, timeout: float) -> Any:
+    async def await_result(operation: Operation, timeout: float | None) -> Any:
         async with AsyncClient(target) as client:
             return await client.result(operation, timeout=timeout)
 
@@ -431,6 +431,9 @@ def test_a_result_whose_wait_goes_unanswered_is_late_and_hands_back_its_operatio
                 with pytest.raises(DeadlineExceededError, match=rf"^DEADLINE_EXCEEDED: operations/x {message}") as late:
                     asyncio.run(await_result(operation, timeout)) if asynchronous else operation.result(timeout=timeout)
                 assert late.value.operation is operation
+            # Without a timeout nothing is late: the unanswered call's own error, not "still running after Nones".
+            with pytest.raises(DeadlineExceededError, match=r"^DEADLINE_EXCEEDED: Deadline Exceeded$"):
+                asyncio.run(await_result(operation, None)) if asynchronous else operation.result(timeout=None)
     finally:
         server.stop(0)
 
