@@ -10,15 +10,16 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from conftest import free_port
-from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation
+from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation, OperationError, UnavailableError
 from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import operations_pb2, operations_pb2_grpc
-from test_client_sdk import _ranking_with_omega, _running_operation, _serve
+from test_client_sdk import _operation_message, _ranking_with_omega, _running_operation, _serve
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -255,6 +256,39 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
         server.stop(0)
 
 
+class _RestartingThenFailed(operations_pb2_grpc.OperationsServiceServicer):
+    """UNAVAILABLE for its first ``restarting_s`` seconds (a server restarting), then the job failed."""
+
+    def __init__(self, restarting_s: float) -> None:
+        self.ready_at = time.monotonic() + restarting_s
+
+    def WaitOperation(self, request, context):
+        if time.monotonic() < self.ready_at:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        failed = _operation_message(request.name, done=True, kind="edit_head", state=operations_pb2.OPERATION_STATE_FAILED)
+        failed.error.code, failed.error.message = grpc.StatusCode.INVALID_ARGUMENT.value[0], "no such class"
+        return operations_pb2.WaitOperationResponse(operation=failed)
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_an_awaited_result_waits_through_a_restart_only_when_its_client_retries(monkeypatch, retry):
+    # Each step's wait gives up on an unavailable server at its end; the next step asks
+    # again while the result's time lasts, unless the client was made not to retry.
+    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
+    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
+    server, target = _serve(_RestartingThenFailed(0.8), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_result() -> Any:
+        async with AsyncClient(target, retry=retry) as client:
+            return await client.result(Operation(client.client, _running_operation("operations/x")), timeout=20)
+
+    try:
+        with pytest.raises(OperationError if retry else UnavailableError):
+            asyncio.run(await_result())
+    finally:
+        server.stop(0)
+
+
 def test_a_watch_yields_a_job_once_while_it_does_not_change_and_a_done_one_once(monkeypatch):
     monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
 
@@ -439,7 +473,7 @@ def test_a_result_whose_wait_goes_unanswered_is_late_and_hands_back_its_operatio
 
 
 def test_an_async_clients_arguments_are_its_clients(tmp_path_factory, classifier_dir):
-    from explaind.client import ResourceExhaustedError, UnavailableError
+    from explaind.client import ResourceExhaustedError
     from explaind.service import ExplaindServer
 
     server = ExplaindServer(_world_config(tmp_path_factory, classifier_dir))
