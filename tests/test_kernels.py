@@ -491,7 +491,8 @@ def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
     from explaind.errors import report_unexpected
 
     errors = _onnx_runtime_out_of_memory_errors()
-    assert [type(error).__name__ for error in errors] == ["Fail", "RuntimeError"]
+    # run's arena failure is a Fail (a RuntimeException in onnxruntime 1.19, the lowest the project admits).
+    assert [type(error).__name__ for error in errors] in (["Fail", "RuntimeError"], ["RuntimeException", "RuntimeError"])
     assert all("smaller than requested bytes" in str(error) for error in errors)
     log = logging.getLogger("test")
     for error in errors:
