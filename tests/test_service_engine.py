@@ -2579,6 +2579,25 @@ def test_model_metadata_gives_the_queue_delay_in_seconds_and_the_request_limits(
     assert (limits.max_images_per_request, limits.max_pixels_per_request, limits.max_image_side) == (77, 12345, MAX_IMAGE_SIDE)
 
 
+def test_predict_and_evaluate_are_unavailable_until_the_served_head_is_final(engine):
+    # The model file's head is loaded before the stored active head version replaces it:
+    # an answer meanwhile would come from a head about to go, though the engine could give one.
+    from explaind.errors import Unavailable
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import common_pb2, inference_pb2
+
+    engine.create_sample_set("loading", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    predict = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8)))])
+    evaluate = inference_pb2.EvaluateSampleSetRequest(sample_set_id="loading")
+    restoring = InferenceServicer(engine, serving=lambda: False)
+    with pytest.raises(Unavailable, match="models are still loading"):
+        restoring.Predict(predict, None)
+    with pytest.raises(Unavailable, match="models are still loading"):
+        restoring.EvaluateSampleSet(evaluate, None)
+    assert engine.store.list_jobs() == []  # nothing was queued
+    assert restoring.GetModelMetadata(inference_pb2.GetModelMetadataRequest(), None).classifier.feature_dim == 128  # what a client asks first
+
+
 def test_a_predict_past_its_deadline_is_deadline_exceeded_and_its_queued_batch_is_dropped(engine, monkeypatch):
     # The caller's own deadline hides the server's code from it; the server's code is what
     # its metrics and logs count, and the queued request must not still run.
