@@ -2598,6 +2598,20 @@ def test_predict_and_evaluate_are_unavailable_until_the_served_head_is_final(eng
     assert restoring.GetModelMetadata(inference_pb2.GetModelMetadataRequest(), None).classifier.feature_dim == 128  # what a client asks first
 
 
+def test_evaluate_sample_set_passes_its_batch_size_and_grid_size_on_to_be_checked(engine):
+    # A request's options the servicer dropped would run with the defaults, silently.
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import inference_pb2
+
+    engine.create_sample_set("options", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    servicer = InferenceServicer(engine, serving=lambda: True)
+    for field, value in (("batch_size", 4097), ("max_grid_images", 1025)):
+        with pytest.raises(InvalidArgument, match="must be between 1 and") as refused:
+            servicer.EvaluateSampleSet(inference_pb2.EvaluateSampleSetRequest(sample_set_id="options", **{field: value}), None)
+        assert refused.value.field == field
+    assert engine.store.list_jobs() == []
+
+
 def test_a_predict_past_its_deadline_is_deadline_exceeded_and_its_queued_batch_is_dropped(engine, monkeypatch):
     # The caller's own deadline hides the server's code from it; the server's code is what
     # its metrics and logs count, and the queued request must not still run.
