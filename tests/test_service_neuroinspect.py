@@ -664,6 +664,33 @@ def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monke
         _shut(engine)
 
 
+def test_an_edit_request_s_promote_description_and_learning_rates_reach_the_engine(tmp_path, world_set):
+    # The servicer's copying of these options had no test: dropped, an edit asked to
+    # promote left the old head served, and a learning rate out of range trained anyway.
+    from explaind.errors import InvalidArgument
+    from explaind.service import convert
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+        edit = neuroinspect_pb2.EditHeadRequest(sample_set_id="train", class_name="heart", neurons=[1], max_epochs=1)
+        visualize = neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[neuroinspect_pb2.NeuronClassPair(neuron=1, class_name="heart")], steps=1,
+                                                             method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP)
+        for call, request in ((servicer.EditHead, edit), (servicer.VisualizeNeurons, visualize)):
+            with pytest.raises(InvalidArgument, match=re.escape("learning_rate: 10.5 is not in (0.0, 10.0]")):
+                call(type(request)(learning_rate=10.5, **{f.name: v for f, v in request.ListFields()}), None)
+        edit.promote, edit.description = True, "promoted as it ends"
+        operation = servicer.EditHead(edit, None).operation
+        assert engine.jobs.wait(convert.job_id(operation.name), 60).record.state == "succeeded"
+        version = servicer.GetHeadVersion(neuroinspect_pb2.GetHeadVersionRequest(version_id="v1"), None).version
+        assert (version.active, version.description) == (True, "promoted as it ends")
+    finally:
+        _shut(engine)
+
+
 def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set):
     # Early stopping left the progress at the last epoch of max_epochs: a succeeded edit
     # said "9/20", as if it had stopped part-way.
