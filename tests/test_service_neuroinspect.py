@@ -691,6 +691,26 @@ def test_an_edit_request_s_promote_description_and_learning_rates_reach_the_engi
         _shut(engine)
 
 
+def test_an_edit_request_without_a_strength_trains_with_the_methods_default_and_follows_its_seed(tmp_path, world_set):
+    # proto: unset strength is 0.01 for probability_ratio; the message's 0.0 would drop the penalty.
+    from explaind.service import convert
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+        request = neuroinspect_pb2.EditHeadRequest(sample_set_id="train", class_name="heart", neurons=[1], max_epochs=1, seed=3)
+        served = engine.jobs.wait(convert.job_id(servicer.EditHead(request, None).operation.name), 60).record
+        in_process = [_edit(engine, inspect, 1, seed=3), _edit(engine, inspect, 1, seed=3, strength=0.0), _edit(engine, inspect, 1)]
+        assert [record.state for record in (served, *in_process)] == ["succeeded"] * 4
+        hashes = [inspect.head_version(f"v{i}")[0].head_hash for i in (1, 2, 3, 4)]
+        assert hashes[0] == hashes[1] and len(set(hashes)) == 3  # neither a strength of 0 nor the default seed trains that head
+    finally:
+        _shut(engine)
+
+
 def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set):
     # Early stopping left the progress at the last epoch of max_epochs: a succeeded edit
     # said "9/20", as if it had stopped part-way.
