@@ -2508,6 +2508,19 @@ def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
     assert engine.store.get_sample_set("kept").sample_count == 1
 
 
+def test_a_sample_set_without_samples_is_refused_naming_samples_and_not_stored(engine):
+    # An upload continued later starts with its first samples too: an empty set is a mistake.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    for upload_continues in (False, True):
+        request = sample_sets_pb2.CreateSampleSetRequest(sample_set_id="empty", upload_continues=upload_continues)
+        with pytest.raises(InvalidArgument, match="a sample set needs at least one sample") as refused:
+            SampleSetServicer(engine).CreateSampleSet(request, _CallerWaits())
+        assert refused.value.field == "samples"
+    assert engine.store.list_sample_sets() == []
+
+
 def test_top_k_zero_means_five_labels_and_may_be_every_class(engine):
     images = torch.rand(2, 3, 64, 64)
     assert engine.predict(images, top_k=0).class_indices.shape == (2, 5)
@@ -2635,6 +2648,31 @@ def test_a_predict_past_its_deadline_is_deadline_exceeded_and_its_queued_batch_i
     with pytest.raises(DeadlineExceeded):
         InferenceServicer(engine, serving=lambda: True).Predict(request, Context())
     assert never.cancelled()
+
+
+def test_a_predict_whose_caller_left_is_cancelled_and_its_queued_batch_dropped(engine, monkeypatch):
+    # gRPC runs a call's callbacks when its caller goes: the queued prediction must go with
+    # it, not wait out the call's deadline and then run for no one.
+    from concurrent.futures import Future
+
+    from explaind.errors import Cancelled
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import common_pb2, inference_pb2
+
+    queued = Future()
+    monkeypatch.setattr(engine, "submit_predict", lambda images, **options: queued)
+
+    class CallerGone:
+        def add_callback(self, callback):
+            callback()  # gone already
+
+        def time_remaining(self):
+            return 0.05
+
+    request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8)))])
+    with pytest.raises(Cancelled, match="the call was cancelled"):
+        InferenceServicer(engine, serving=lambda: True).Predict(request, CallerGone())
+    assert queued.cancelled()
 
 
 def test_a_predict_without_a_deadline_waits_for_a_busy_model(engine, monkeypatch):
