@@ -1139,6 +1139,50 @@ def test_an_inline_ranking_holds_a_slot_of_the_held_calls_or_runs_as_an_operatio
         _shut(engine)
 
 
+def test_a_ranking_asked_for_as_an_operation_leaves_the_held_call_slots_to_the_waits():
+    # It holds no thread while its job runs, so while it is submitted a WaitOperation (say)
+    # must still find the only slot free.
+    from types import SimpleNamespace
+
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    held_calls, seen = HeldCalls(1), []
+
+    def rank_mistake_neurons(sample_set_id, *, execution, **options):
+        with held_calls.slot() as free:
+            seen.append((execution, free))
+        return neuroinspect_pb2.NeuronRanking()
+
+    servicer = NeuroInspectServicer(SimpleNamespace(rank_mistake_neurons=rank_mistake_neurons), max_message_bytes=1 << 20, held_calls=held_calls)
+    for execution in (neuroinspect_pb2.EXECUTION_OPERATION, neuroinspect_pb2.EXECUTION_INLINE):
+        request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="train", class_name="heart", execution=execution)
+        servicer.RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+    assert seen == [("operation", True), ("inline", False)]
+
+
+def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):
+    # proto: steps 0 means 400, preview_every 0 means every 10; the engine refuses a 0 of either.
+    from explaind.errors import InvalidArgument
+    from explaind.service import convert
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+        request = neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[neuroinspect_pb2.NeuronClassPair(neuron=1, class_name="heart")],
+                                                           method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP)
+        for field, value, message in (("steps", 10_001, "steps: 10001 is not in [1, 10000]"), ("preview_every", -1, "preview_every: must be positive")):
+            with pytest.raises(InvalidArgument, match=re.escape(message)):  # a value given is passed on, to be checked
+                servicer.VisualizeNeurons(neuroinspect_pb2.VisualizeNeuronsRequest(**{field: value}, pairs=request.pairs, method=request.method), None)
+        job_id = convert.job_id(servicer.VisualizeNeurons(request, None).operation.name)
+        engine.jobs.cancel(job_id)  # its 400 steps are not needed: only that it was taken
+        assert engine.jobs.wait(job_id, 60).record.state in ("cancelled", "succeeded")
+    finally:
+        _shut(engine)
+
+
 def test_an_inline_ranking_ranks_the_set_it_checked_not_one_made_under_its_id_since(tmp_path, world_set, monkeypatch):
     # The set was read by id alone after its checks: one deleted and created again in
     # between (another client's replace) was ranked instead, and answered as the set asked for.
