@@ -7356,6 +7356,30 @@ def test_an_upload_of_max_images_per_request_samples_is_taken_and_one_more_is_re
     assert engine.store.get_sample_set("full").sample_count == 4
 
 
+def test_an_append_to_a_set_made_again_while_its_images_were_decoded_is_refused_naming_sample_set_uid(engine, monkeypatch):
+    # The uid is checked before the images are decoded and again as they are stored: the
+    # set may be deleted and made again by another client in between.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(np.zeros((8, 8, 3), np.uint8))), label=1)
+    first = servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="made-again", samples=[sample]), _CallerWaits()).sample_set
+    check_append = engine.check_append
+
+    def made_again_once_checked(*args, **kwargs):
+        check_append(*args, **kwargs)
+        engine.delete_sample_set("made-again")
+        engine.create_sample_set("made-again", "another client's", [NewSample.from_array(np.ones((8, 8, 3), np.uint8), 0)])
+
+    monkeypatch.setattr(engine, "check_append", made_again_once_checked)
+    append = sample_sets_pb2.AppendSamplesRequest(sample_set_id="made-again", samples=[sample], sample_set_uid=first.uid)
+    with pytest.raises(FailedPrecondition, match="is not the set of uid") as refused:
+        servicer.AppendSamples(append, _CallerWaits())
+    assert refused.value.field == "sample_set_uid"
+    assert engine.store.get_sample_set("made-again").sample_count == 1
+
+
 def test_a_sample_set_listing_ends_with_its_last_page_not_an_empty_one_after_it(engine):
     # AIP-158: an empty next_page_token is the end; a token on a short page cost every client one more call.
     from explaind.service.sample_sets import SampleSetServicer
