@@ -2592,6 +2592,31 @@ def test_model_metadata_gives_the_queue_delay_in_seconds_and_the_request_limits(
     assert (limits.max_images_per_request, limits.max_pixels_per_request, limits.max_image_side) == (77, 12345, MAX_IMAGE_SIDE)
 
 
+def test_model_metadata_gives_the_served_geometry_queue_and_limits_as_configured(tmp_path, classifier_dir):
+    # Each field from its own setting, none at its default: a field dropped or read from
+    # another setting answers a value the client then sizes its requests by.
+    from explaind.service import convert
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import inference_pb2
+
+    config = (default_config().replace("classifier", path=str(classifier_dir), resize_size=80, interpolation="bicubic").replace("clip", path="")
+              .replace("server", data_dir=str(tmp_path / "data"), max_message_bytes=5 << 20, max_samples_per_caller=99)
+              .replace("batching", max_batch_size=3, max_queue_size=9, max_images_per_request=7, max_queued_images_per_caller=4))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    try:
+        meta = InferenceServicer(engine, serving=lambda: True).GetModelMetadata(inference_pb2.GetModelMetadataRequest(), None)
+    finally:
+        engine.close()
+    classifier, batching, limits = meta.classifier, meta.batching, meta.limits
+    assert (classifier.image_size, classifier.resize_size, classifier.interpolation) == (64, 80, "bicubic")
+    assert (classifier.feature_layer, classifier.head, classifier.feature_dim, classifier.backend, classifier.device) == ("layer3", "fc", 128, "eager", "cpu")
+    assert (batching.max_batch_size, batching.max_queue_size, batching.max_queued_images_per_caller) == (3, 9, 4)
+    assert (limits.max_message_bytes, limits.max_samples_per_caller, limits.max_images_per_request) == (5 << 20, 99, 7)
+    loaded = {component.name: component.loaded for component in meta.components}
+    assert loaded["classifier"] and not loaded["clip"] and tuple(meta.capabilities) == convert.CAPABILITIES
+
+
 def test_predict_and_evaluate_are_unavailable_until_the_served_head_is_final(engine):
     # The model file's head is loaded before the stored active head version replaces it:
     # an answer meanwhile would come from a head about to go, though the engine could give one.
