@@ -939,6 +939,27 @@ def test_an_operation_not_yet_started_has_no_start_or_end_time():
     assert not metadata.HasField("start_time") and not metadata.HasField("end_time")
 
 
+def test_an_operation_s_metadata_carries_each_field_of_its_job_record():
+    # In process: every value distinct, so a field dropped or read from its neighbour
+    # (start_time from create_time, total from step) shows.
+    from explaind.jobs import JobSnapshot
+    from explaind.service import convert
+    from explaind.store import RUNNING, ArtifactRef, JobRecord
+
+    record = JobRecord("00000000000000a1", "edit_head", RUNNING, 100.5, start_time=200.25, end_time=None, step=3, total=7, message="epoch 3",
+                       cancel_requested=True, artifacts=(ArtifactRef("grid.png", "image/png", "ab" * 32, 4321),), owner="analyst")
+    message = convert.operation(JobSnapshot(record, preview=b"png"))
+    metadata = operations_pb2.OperationMetadata()
+    assert message.metadata.Unpack(metadata) and message.name == "operations/00000000000000a1" and not message.done
+    assert (metadata.kind, metadata.state, metadata.owner, metadata.cancel_requested) == ("edit_head", operations_pb2.OPERATION_STATE_RUNNING, "analyst", True)
+    assert (metadata.progress.step, metadata.progress.total, metadata.progress.message, metadata.progress.preview_png) == (3, 7, "epoch 3", b"png")
+    assert (metadata.create_time.ToNanoseconds(), metadata.start_time.ToNanoseconds()) == (100_500_000_000, 200_250_000_000)
+    assert not metadata.HasField("end_time")
+    assert [(a.name, a.media_type, a.digest, a.size_bytes) for a in metadata.artifacts] == [("grid.png", "image/png", "ab" * 32, 4321)]
+    ended = convert.operation(JobSnapshot(dataclasses.replace(record, end_time=300.0), preview=b"png"), preview=False)  # a watch sent it already
+    assert ended.metadata.Unpack(metadata) and metadata.end_time.ToNanoseconds() == 300_000_000_000 and metadata.progress.preview_png == b""
+
+
 def test_a_failed_operation_carries_its_code_and_the_field_it_names_as_a_bad_request():
     # In process: the operation's error is what a client gets instead of the call's status.
     from google.protobuf import any_pb2
