@@ -7469,9 +7469,10 @@ def test_a_sample_set_listing_refuses_an_owner_that_is_no_caller_name_and_tokens
     with pytest.raises(InvalidArgument, match="^owner: 'no caller/name' is no caller name") as refused:
         servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(owner="no caller/name"), None)
     assert refused.value.field == "owner"
-    # A token without the id of the set it resumes after, and one whose listing is no
-    # listing's name (not described back as one, as if it were a caller's list).
-    for token in ("sample_sets/0.0/", "sample_sets@Eve Smith!/0.0/listed"):
+    # A token without the id of the set it resumes after, one whose listing is no
+    # listing's name (not described back as one, as if it were a caller's list), and times
+    # no token has: repr() of a create time is finite and not negative.
+    for token in ("sample_sets/0.0/", "sample_sets@Eve Smith!/0.0/listed", "sample_sets/1e999/listed", "sample_sets/-1.0/listed"):
         with pytest.raises(InvalidArgument) as refused:
             servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_token=token), None)
         assert (refused.value.field, refused.value.description) == ("page_token", f"{token[:40]!r} is not a page token from a previous response")
