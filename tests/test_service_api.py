@@ -887,6 +887,10 @@ def test_page_sizes_are_capped_and_a_full_page_with_its_token_fits_the_message_l
             paired += 1
             assert sample_sets_pb2.ListSamplesResponse(samples=page, next_page_token=token).ByteSize() <= limit, size
     assert paired > 0
+    # Many small messages: each costs its field's tag and length besides its own bytes.
+    tiny = [sample_sets_pb2.Sample(label=i % 6, image=common_pb2.Image(encoded=b"t" * 8)) for i in range(4000)]
+    page = messages_that_fit(tiny, limit)
+    assert 0 < len(page) < len(tiny) and sample_sets_pb2.ListSamplesResponse(samples=page, next_page_token=token).ByteSize() <= limit
     # A page is never empty while there is a message, even one over the limit by itself.
     huge = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=b"h" * limit))
     assert messages_that_fit([huge, small], limit) == [huge] and messages_that_fit([small, huge], limit) == [small]
