@@ -7335,7 +7335,10 @@ def test_a_samples_label_and_attributes_are_listed_as_uploaded_whether_its_image
 
     servicer = SampleSetServicer(engine)
     pixels = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
-    encoded = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=encode_png(pixels)), label=2, attributes={"background": "water"})
+    file = io.BytesIO()
+    Image.fromarray(pixels).save(file, format="PNG", compress_level=0)  # not the bytes the server's own PNG encoder writes
+    assert file.getvalue() != encode_png(pixels)
+    encoded = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=file.getvalue()), label=2, attributes={"background": "water"})
     tensor = sample_sets_pb2.Sample(image=common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_UINT8, shape=[8, 8, 3], data=pixels.tobytes())),
                                     label=3, attributes={"background": "land", "n": "1"})
     servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="kinds", samples=[encoded, tensor]), _CallerWaits())
