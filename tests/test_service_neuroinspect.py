@@ -691,7 +691,7 @@ def test_an_edit_request_s_promote_description_and_learning_rates_reach_the_engi
         _shut(engine)
 
 
-def test_an_edit_request_without_a_strength_trains_with_the_methods_default_and_follows_its_seed(tmp_path, world_set):
+def test_an_edit_request_s_unset_strength_max_epochs_and_patience_take_the_defaults_and_its_seed_is_followed(tmp_path, world_set):
     # proto: unset strength is 0.01 for probability_ratio; the message's 0.0 would drop the penalty.
     from explaind.service import convert
     from explaind.service.interceptors import HeldCalls
@@ -707,6 +707,10 @@ def test_an_edit_request_without_a_strength_trains_with_the_methods_default_and_
         assert [record.state for record in (served, *in_process)] == ["succeeded"] * 4
         hashes = [inspect.head_version(f"v{i}")[0].head_hash for i in (1, 2, 3, 4)]
         assert hashes[0] == hashes[1] and len(set(hashes)) == 3  # neither a strength of 0 nor the default seed trains that head
+        # proto: max_epochs and patience 0 mean the engine's defaults, which refuses a 0 of either.
+        job_id = convert.job_id(servicer.EditHead(neuroinspect_pb2.EditHeadRequest(sample_set_id="train", class_name="heart", neurons=[1]), None).operation.name)
+        engine.jobs.cancel(job_id)  # only that it was taken matters
+        assert engine.jobs.wait(job_id, 60).record.state in ("cancelled", "succeeded")
     finally:
         _shut(engine)
 
