@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explaind.methods.neuroinspect import FeatureExtractor, HeadEditor, MistakeNeuronRanker, neuron_auc
+from explaind.methods.neuroinspect import FeatureExtractor, HeadEditor, MistakeNeuronRanker, NeuronRanking, neuron_auc
 from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.classifier import load_classifier
 from explaind.world.probes import probe_batch
@@ -57,6 +57,25 @@ def split_features(extractor: FeatureExtractor, batch: WorldBatch, group_attribu
     return Split(extractor.features(batch.images), batch.labels, batch.groups(group_attribute))
 
 
+def neurons_carrying(auc: torch.Tensor) -> tuple[set[int], set[int]]:
+    """The neurons that fire on the focus value (AUC >= 0.8) and those that fire on
+    everything but it (AUC <= 0.2), from their probe AUCs (D,) for that value vs the rest."""
+    fires_on = set((auc >= AUC_THRESHOLD).nonzero().squeeze(1).tolist())
+    fires_off = set((auc <= 1 - AUC_THRESHOLD).nonzero().squeeze(1).tolist())
+    return fires_on, fires_off
+
+
+def precision_at_3(ranking: NeuronRanking, fires_on: set[int], fires_off: set[int]) -> dict[str, float]:
+    """``ins``: the share of the insufficient list's top 3 that fire on the focus value;
+    ``all``: the share of the merged top 3 that carry it in the direction of their ω
+    (module docstring). A list shorter than 3 counts its missing places as misses."""
+    return {
+        "ins": sum(n.neuron in fires_on for n in ranking.insufficient[:3]) / 3,
+        "all": sum(n.neuron in (fires_on if n.direction == "insufficient" else fires_off if n.direction == "excessive"
+                                else fires_on | fires_off) for n in ranking.neurons[:3]) / 3,
+    }
+
+
 def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
     scenario = get_scenario(name)
     focus = scenario.focus
@@ -66,8 +85,7 @@ def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
 
     probe = probe_batch(args.probe_size, seed=args.seed)
     auc = neuron_auc(extractor.features(probe.images), probe.attributes[focus.attribute] == focus.value)
-    fires_on = set((auc >= AUC_THRESHOLD).nonzero().squeeze(1).tolist())
-    fires_off = set((auc <= 1 - AUC_THRESHOLD).nonzero().squeeze(1).tolist())
+    fires_on, fires_off = neurons_carrying(auc)
 
     test = split_features(extractor, scenario.dataset("test", size=args.test_size).all(), scenario.group_attribute)
     half = len(test.labels) // 2
@@ -76,14 +94,7 @@ def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
     rankings = {solver: ranker.rank(rank_set.features, rank_set.labels, solver=solver, target_class=target_class)
                 for solver in ("faithful", "proximal")}
     top3 = {solver: ranking.neuron_ids[:3] for solver, ranking in rankings.items()}
-    precision = {
-        solver: {
-            "ins": sum(n.neuron in fires_on for n in ranking.insufficient[:3]) / 3,
-            "all": sum(n.neuron in (fires_on if n.direction == "insufficient" else fires_off if n.direction == "excessive"
-                                    else fires_on | fires_off) for n in ranking.neurons[:3]) / 3,
-        }
-        for solver, ranking in rankings.items()
-    }
+    precision = {solver: precision_at_3(ranking, fires_on, fires_off) for solver, ranking in rankings.items()}
 
     train = split_features(extractor, scenario.dataset("train", size=args.train_size).all(), scenario.group_attribute)
     validation_batch = scenario.dataset("val").all() if args.validation == "val" else probe_batch(

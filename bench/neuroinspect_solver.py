@@ -48,7 +48,26 @@ def reference_solve(head: torch.nn.Linear, features: torch.Tensor, labels: torch
 
 
 def top5_sets(omega: torch.Tensor) -> torch.Tensor:
+    """Each row's five largest-ω neuron ids (N, 5), sorted so that equal sets compare equal."""
     return omega.topk(5, dim=1).indices.sort(dim=1).values
+
+
+def same_top5_share(omega: torch.Tensor, reference: torch.Tensor) -> float:
+    """The share of samples whose top-5 neurons are the same set in ``omega`` and ``reference`` (N, D)."""
+    return (top5_sets(omega) == top5_sets(reference)).all(1).float().mean().item()
+
+
+def counterfactual_problems(logits: torch.Tensor, labels: torch.Tensor, min_mistakes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples to explain and their target classes: every mistake (target: its label),
+    then correctly classified samples in order (target: their runner-up class) until there
+    are ``min_mistakes`` problems, or the samples run out."""
+    wrong = logits.argmax(1) != labels
+    targets = labels.clone()
+    runner_up = logits.topk(2, dim=1).indices[:, 1]
+    extra = (~wrong).nonzero().squeeze(1)[: max(0, min_mistakes - int(wrong.sum()))]
+    targets[extra] = runner_up[extra]
+    chosen = torch.cat([wrong.nonzero().squeeze(1), extra])
+    return chosen, targets[chosen]
 
 
 def main() -> None:
@@ -68,14 +87,10 @@ def main() -> None:
     features = extractor.features(test.images)
     with torch.no_grad():
         logits = extractor.head(features)
-    wrong = logits.argmax(1) != test.labels
-    targets = test.labels.clone()
-    runner_up = logits.topk(2, dim=1).indices[:, 1]
-    extra = (~wrong).nonzero().squeeze(1)[: max(0, args.min_mistakes - int(wrong.sum()))]
-    targets[extra] = runner_up[extra]
-    chosen = torch.cat([wrong.nonzero().squeeze(1), extra])
-    features, targets = features[chosen], targets[chosen]
-    print(f"{args.scenario}: {int(wrong.sum())} test mistakes + {len(extra)} runner-up targets = {len(chosen)} problems, "
+    chosen, targets = counterfactual_problems(logits, test.labels, args.min_mistakes)
+    features = features[chosen]
+    num_wrong = int((logits.argmax(1) != test.labels).sum())
+    print(f"{args.scenario}: {num_wrong} test mistakes + {len(chosen) - num_wrong} runner-up targets = {len(chosen)} problems, "
           f"D = {features.shape[1]}, threads = {args.threads}, batched on {args.device}")
 
     head = extractor.head.cpu()
@@ -104,7 +119,7 @@ def main() -> None:
     reference_seconds, (reference_omega, reference_iterations) = best_of(lambda n: reference_solve(head, features[:n], targets[:n]))
 
     omega = faithful.omega.cpu()
-    same_top5 = (top5_sets(omega) == top5_sets(reference_omega)).all(1).float().mean().item()
+    same_top5 = same_top5_share(omega, reference_omega)
     same_steps = (faithful.iterations.cpu() == reference_iterations).float().mean().item()
     proximal_overlap = (top5_sets(proximal.omega.cpu()).unsqueeze(2) == top5_sets(omega).unsqueeze(1)).any(2).float().mean().item()
     print(f"\n{'solver':<30}{'seconds':>10}{'speed-up':>10}{'mean steps':>12}{'flipped':>9}")

@@ -1,7 +1,9 @@
 """The bench scripts start, document their options, and refuse sizes they cannot use.
 
-Their measurements are not checked here (no timing in a unit test); only that a script a
-reader copies from the README runs, and says what its options mean."""
+Their timings are not checked here (no timing in a unit test); only that a script a
+reader copies from the README runs, and says what its options mean, and that the
+acceptance numbers the NeuroInspect benches print follow their definitions (the scripts'
+functions imported, on small hand-built cases)."""
 
 import os
 import re
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("[a-z]*.py"))
@@ -71,3 +74,36 @@ def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
     assert re.search(r"^  visualize\s+1(\s+[0-9.]+){4}\s+[0-9.]+ steps/s$", run.stdout, re.M), run.stdout
     refused = _run(str(BENCH / "predict_under_load.py"), "--rounds", "0")
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
+
+
+def _bench_module(name: str, monkeypatch):
+    """A bench script imported as a module (its directory on sys.path, as when it runs), to
+    check the numbers it prints against their definitions."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module(name)
+
+
+def test_the_solver_bench_counts_identical_top5_sets_not_orders(monkeypatch):
+    solver = _bench_module("neuroinspect_solver", monkeypatch)
+    reference = torch.tensor([[9.0, 8, 7, 6, 5, 0, 0], [9.0, 8, 7, 6, 5, 0, 0], [9.0, 8, 7, 6, 5, 0, 0], [0.0, 0, 1, 2, 3, 4, 5]])
+    omega = torch.tensor([
+        [5.0, 6, 7, 8, 9, 0, 0],  # the same five neurons in another order: the same set
+        [9.0, 8, 7, 6, 0, 5.5, 0],  # four of five shared
+        [9.0, 8, 7, 6, 5, 4, 0],  # the same five, a sixth behind them
+        [-9.0, -9, 1, 2, 3, 4, 5],  # the largest ω, not the largest |ω|
+    ])
+    assert solver.same_top5_share(omega, reference) == 0.75
+
+
+def test_the_solver_bench_explains_every_mistake_then_runner_ups_up_to_the_minimum(monkeypatch):
+    solver = _bench_module("neuroinspect_solver", monkeypatch)
+    logits = torch.tensor([[3.0, 2, 1], [1.0, 3, 2], [1.0, 2, 3], [2.0, 3, 1], [3.0, 1, 2]])
+    labels = torch.tensor([0, 1, 0, 0, 0])  # samples 2 and 3 are mistakes
+    chosen, targets = solver.counterfactual_problems(logits, labels, min_mistakes=4)
+    assert chosen.tolist() == [2, 3, 0, 1] and targets.tolist() == [0, 0, 1, 2]
+    chosen, targets = solver.counterfactual_problems(logits, labels, min_mistakes=1)
+    assert chosen.tolist() == [2, 3] and targets.tolist() == [0, 0]  # every mistake, however few are asked for
+    assert len(solver.counterfactual_problems(logits, labels, min_mistakes=600)[0]) == 5
+
