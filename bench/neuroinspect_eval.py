@@ -59,9 +59,11 @@ def split_features(extractor: FeatureExtractor, batch: WorldBatch, group_attribu
 
 def neurons_carrying(auc: torch.Tensor) -> tuple[set[int], set[int]]:
     """The neurons that fire on the focus value (AUC >= 0.8) and those that fire on
-    everything but it (AUC <= 0.2), from their probe AUCs (D,) for that value vs the rest."""
+    everything but it (AUC <= 0.2), from their probe AUCs (D,) for that value vs the rest.
+    The second reads 1 - AUC >= 0.8: ``auc <= 1 - 0.8`` compared with 0.19999999999999996
+    and left out a neuron whose AUC is exactly 0.2."""
     fires_on = set((auc >= AUC_THRESHOLD).nonzero().squeeze(1).tolist())
-    fires_off = set((auc <= 1 - AUC_THRESHOLD).nonzero().squeeze(1).tolist())
+    fires_off = set((1 - auc >= AUC_THRESHOLD).nonzero().squeeze(1).tolist())
     return fires_on, fires_off
 
 

@@ -107,3 +107,37 @@ def test_the_solver_bench_explains_every_mistake_then_runner_ups_up_to_the_minim
     assert chosen.tolist() == [2, 3] and targets.tolist() == [0, 0]  # every mistake, however few are asked for
     assert len(solver.counterfactual_problems(logits, labels, min_mistakes=600)[0]) == 5
 
+
+def _ranked(neuron: int, direction: str, insufficient_ratio: float, excessive_ratio: float):
+    from explaind.methods.neuroinspect import RankedNeuron
+
+    return RankedNeuron(neuron, direction, insufficient_ratio, excessive_ratio, mean_omega=0.1, importance=1.0, top_classes=(0,))
+
+
+def _ranking(neurons):
+    from explaind.methods.neuroinspect import NeuronRanking
+
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    return NeuronRanking(neurons, target_class=0, solver="faithful", num_samples=10, mistake_indices=torch.zeros(0, dtype=torch.long),
+                         omega=torch.zeros(0, 16), converged=torch.zeros(0, dtype=torch.bool), iterations=torch.zeros(0, dtype=torch.long),
+                         insufficient_top=empty, excessive_top=empty)
+
+
+def test_precision_at_3_counts_the_top_3_that_carry_the_focus_value_in_their_direction(monkeypatch):
+    evaluation = _bench_module("neuroinspect_eval", monkeypatch)
+    # AUC for the focus value vs the rest: >= 0.8 fires on it, <= 0.2 on everything but it.
+    auc = torch.tensor([0.8, 0.79, 0.2, 0.21, 0.5, 1.0, 0.0, 0.1, 0.9, 0.95], dtype=torch.float64)
+    fires_on, fires_off = evaluation.neurons_carrying(auc)
+    assert (fires_on, fires_off) == ({0, 5, 8, 9}, {2, 6, 7})
+    ranking = _ranking([
+        _ranked(5, "insufficient", 0.9, 0.0),  # fires on the value: a hit either way
+        _ranked(7, "excessive", 0.0, 0.8),  # fires on all but it, as an excessive neuron should
+        _ranked(2, "both", 0.7, 0.6),  # carries it (off): a hit of the merged list, not of the insufficient one
+        _ranked(8, "insufficient", 0.6, 0.0),  # fires on it: fourth in the insufficient list
+        _ranked(0, "insufficient", 0.5, 0.0),
+    ])
+    assert evaluation.precision_at_3(ranking, fires_on, fires_off) == {"ins": 2 / 3, "all": 1.0}
+    wrong_way = _ranking([_ranked(8, "excessive", 0.0, 0.9), _ranked(7, "insufficient", 0.8, 0.0), _ranked(5, "insufficient", 0.7, 0.0)])
+    assert evaluation.precision_at_3(wrong_way, fires_on, fires_off) == {"ins": 1 / 3, "all": 1 / 3}
+    # A list shorter than 3 does not make its few hits a higher precision.
+    assert evaluation.precision_at_3(_ranking([_ranked(5, "insufficient", 0.9, 0.0)]), fires_on, fires_off) == {"ins": 1 / 3, "all": 1 / 3}
