@@ -782,6 +782,39 @@ def test_classifiers_compared_in_worker_processes_get_the_numbers_they_get_in_pr
         compare_shipped_classifiers(names, workers=0, **options)
 
 
+
+def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_and_its_top_percent_on_the_probe(world_model, tiny_clip):
+    """Acceptance 4's numbers as defined, on the tiny CLIP and a few steps: the neurons are
+    the concept detectors of the probe scenes, each image's cosine is to its own
+    attribute's prompt (the masked image's apart), and the top 1 % is the 99th percentile
+    of the neuron's α_n (the head's input) over the probe scenes."""
+    from explaind.world.clip import CAPTION_WORDS
+    from explaind.world.illusion_check import compare_on_known_attributes
+    from explaind.world.probes import probe_batch
+
+    probe = probe_batch(120, seed=0)
+    comparisons = compare_on_known_attributes("balanced", world_model, tiny_clip, probe, per_value=1, steps=2, epsilon=0.05)
+    features = FeatureExtractor(world_model, feature_layer="layer3").features(probe.images)
+    concepts = {(a, v): probe.attributes[a] == v for a, words in CAPTION_WORDS.items() for v in words}
+    expected = [(a, v, n) for (a, v), neurons in concept_neurons(features, concepts, per_concept=1).items() for n in neurons]
+    assert [(c.attribute, c.value, c.neuron) for c in comparisons] == expected and len(expected) >= 2
+    for c in comparisons:
+        assert c.top_percent == pytest.approx(float(features[:, c.neuron].quantile(0.99)))
+        assert c.conditioned_on == world_model.config.class_names[int(world_model.fc.weight[:, c.neuron].argmax())]
+
+    illusion = ClipIllusion(world_model, "layer3", *tiny_clip, head="fc")
+    pairs = [(c.neuron, None) for c in comparisons]
+    words = [CAPTION_WORDS[c.attribute][c.value] for c in comparisons]
+    ours = illusion.visualize(pairs, steps=2, method="clip_illusion", epsilon=0.05, seed=0)
+    baseline = illusion.visualize(pairs, steps=2, method="feature_visualization", seed=0)
+    scores = {"similarity_ours": attribute_similarity(illusion, ours.images, words),
+              "similarity_baseline": attribute_similarity(illusion, baseline.images, words),
+              "masked_similarity_ours": attribute_similarity(illusion, ours.masked_images, words),
+              "masked_similarity_baseline": attribute_similarity(illusion, baseline.masked_images, words),
+              "activation_ours": ours.activations, "activation_baseline": baseline.activations}
+    for field, expected_scores in scores.items():
+        assert [getattr(c, field) for c in comparisons] == pytest.approx(expected_scores.tolist(), abs=1e-6), field
+
 @pytest.fixture(scope="module")
 def known_attribute_comparisons(acceptance_runs):
     """Acceptance 4 as the issue words it, and the protocol of ``bench/illusion_eval.py``:
