@@ -141,3 +141,28 @@ def test_precision_at_3_counts_the_top_3_that_carry_the_focus_value_in_their_dir
     assert evaluation.precision_at_3(wrong_way, fires_on, fires_off) == {"ins": 1 / 3, "all": 1 / 3}
     # A list shorter than 3 does not make its few hits a higher precision.
     assert evaluation.precision_at_3(_ranking([_ranked(5, "insufficient", 0.9, 0.0)]), fires_on, fires_off) == {"ins": 1 / 3, "all": 1 / 3}
+
+
+def _comparison(similarity_ours: float, similarity_baseline: float, activation_ours: float, top_percent: float, *,
+                value: str = "water", conditioned_on: str = "heart", activation_baseline: float = 0.0):
+    from explaind.world.illusion_check import NeuronComparison
+
+    attribute = "shape" if value in ("circle", "heart") else "background"
+    return NeuronComparison("balanced", attribute, value, 3, conditioned_on, similarity_ours, similarity_baseline,
+                            similarity_ours / 2, similarity_baseline / 2, activation_ours, activation_baseline, top_percent)
+
+
+def test_the_illusion_bench_holds_when_ours_beats_fv_on_average_and_every_neuron_reaches_its_top_percent(monkeypatch):
+    illusion = _bench_module("illusion_eval", monkeypatch)
+
+    def summary(*comparisons):
+        fields = illusion.summary_line("all", list(comparisons)).split()
+        return fields[1:3], [float(x) for x in fields[3:5]], fields[5:8]
+
+    own = _comparison(0.30, 0.20, 2.0, 1.5, value="heart", conditioned_on="heart", activation_baseline=2.0)
+    other_class = _comparison(0.10, 0.15, 1.0, 1.0, value="circle", conditioned_on="heart")  # reaches it exactly: ">="
+    assert summary(own, other_class) == (["2", "1"], [0.2, 0.175], ["1/2", "2/2", "holds"])
+    tied = _comparison(0.20, 0.20, 2.0, 1.0)  # a tie is neither a win nor "better on average"
+    assert summary(tied) == (["1", "0"], [0.2, 0.2], ["0/1", "1/1", "fails"])
+    missed = _comparison(0.30, 0.10, 0.5, 1.0, activation_baseline=2.0)  # FV reaching it does not count for ours
+    assert summary(own, missed) == (["2", "1"], [0.3, 0.15], ["2/2", "1/2", "fails"])
