@@ -93,8 +93,10 @@ def test_the_solver_bench_counts_identical_top5_sets_not_orders(monkeypatch):
         [9.0, 8, 7, 6, 0, 5.5, 0],  # four of five shared
         [9.0, 8, 7, 6, 5, 4, 0],  # the same five, a sixth behind them
         [-9.0, -9, 1, 2, 3, 4, 5],  # the largest ω, not the largest |ω|
+        [9.0, 8, 7, 6, 0, 0, 5],  # the first four the same, the fifth not
     ])
-    assert solver.same_top5_share(omega, reference) == 0.75
+    reference = torch.cat([reference, reference[:1]])
+    assert solver.same_top5_share(omega, reference) == pytest.approx(3 / 5)
 
 
 def test_the_solver_bench_explains_every_mistake_then_runner_ups_up_to_the_minimum(monkeypatch):
@@ -166,3 +168,55 @@ def test_the_illusion_bench_holds_when_ours_beats_fv_on_average_and_every_neuron
     assert summary(tied) == (["1", "0"], [0.2, 0.2], ["0/1", "1/1", "fails"])
     missed = _comparison(0.30, 0.10, 0.5, 1.0, activation_baseline=2.0)  # FV reaching it does not count for ours
     assert summary(own, missed) == (["2", "1"], [0.3, 0.15], ["2/2", "1/2", "fails"])
+
+
+def test_the_eval_bench_ranks_on_one_half_of_the_test_split_and_edits_and_scores_on_the_other(monkeypatch):
+    import argparse
+
+    from explaind.methods.neuroinspect import FeatureExtractor, evaluate_head, neuron_auc
+    from explaind.world.assets import ASSETS_DIR, classifier_dir
+    from explaind.world.classifier import load_classifier
+    from explaind.world.probes import probe_batch
+    from explaind.world.scenarios import get_scenario
+
+    evaluation = _bench_module("neuroinspect_eval", monkeypatch)
+    name = "spurious_background"
+    if not (classifier_dir(name) / "model.safetensors").is_file():
+        pytest.skip("shipped spurious_background classifier not built yet")
+    args = argparse.Namespace(assets=str(ASSETS_DIR), probe_size=60, test_size=120, train_size=60, validation="heldout",
+                              validation_size=30, selection="accuracy", learning_rate=1e-3, epochs=1, patience=1, seed=0,
+                              solver="proximal")
+    torch.manual_seed(0)
+    result = evaluation.evaluate_scenario(name, args)
+
+    scenario, model = get_scenario(name), load_classifier(classifier_dir(name))
+    extractor = FeatureExtractor(model, feature_layer="layer3", head="fc")
+    probe = probe_batch(60, seed=0)
+    focus = scenario.focus
+    assert torch.equal(result["auc"], neuron_auc(extractor.features(probe.images), probe.attributes[focus.attribute] == focus.value))
+    test = scenario.dataset("test", size=120).all()
+    held_out = evaluate_head(model.fc.weight.detach(), model.fc.bias.detach(), extractor.features(test.images[60:]), test.labels[60:],
+                             groups=test.groups(scenario.group_attribute)[60:])
+    assert result["rankings"]["proximal"].num_samples == 60
+    for edit in result["edits"].values():
+        assert edit.neurons == tuple(result["rankings"]["proximal"].neuron_ids[:3])
+        assert edit.before == held_out
+
+
+def test_the_eval_bench_prints_the_edit_s_change_in_average_and_in_worst_group_accuracy(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from explaind.methods.neuroinspect import HeadEvaluation
+    from explaind.world.scenarios import get_scenario
+
+    evaluation = _bench_module("neuroinspect_eval", monkeypatch)
+    before = HeadEvaluation(0.9, {0: 0.5, 1: 0.95}, {"heart/water": 0.95, "heart/grass": 0.4, "circle/grass": 0.9})
+    after = HeadEvaluation(0.885, {0: 0.7, 1: 0.6}, {"heart/water": 0.9, "heart/grass": 0.6, "circle/grass": 0.55})
+    ranking = _ranking([_ranked(5, "insufficient", 0.9, 0.0)])
+    result = {"name": "spurious_background", "focus": get_scenario("spurious_background").focus, "rankings": {"faithful": ranking},
+              "auc": torch.full((16,), 0.5), "precision": {"faithful": {"ins": 1 / 3, "all": 1 / 3}}, "num_on": 1, "num_off": 0,
+              "edits": {"constrain": SimpleNamespace(before=before, after=after, best_epoch=4)}}
+    evaluation.print_tables([result], "faithful")
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    # The worst group is the lowest (class, background) group, before and after on their own.
+    assert row == ["spurious_background", "constrain", "0.900", "0.885", "-1.5", "0.400", "0.550", "15.0", "circle/grass", "4"]

@@ -55,6 +55,21 @@ def test_faithful_batch_reproduces_the_per_sample_reference_loop(problem):
     assert same_top5.float().mean() >= 0.99
 
 
+
+def test_the_solver_bench_s_reference_is_the_authors_loop_up_to_its_iteration_cap(problem, monkeypatch):
+    # bench/neuroinspect_solver.py times the batched solver against its own copy of the loop.
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from neuroinspect_solver import reference_solve
+
+    head, features, labels = problem
+    for cap in (3, 1000):
+        reference = [reference_omega(head, f, y, max_iterations=cap) for f, y in zip(features[:12], labels[:12])]
+        omega, iterations = reference_solve(head, features[:12], labels[:12], max_iterations=cap)
+        assert iterations.tolist() == [r[2] for r in reference] and (cap > 3 or (iterations == cap).any())  # 3 stops some
+        assert torch.equal(omega, torch.stack([r[0] for r in reference]))
+
 def test_faithful_flips_every_mistake_and_leaves_correct_samples_at_zero(problem):
     head, features, labels = problem
     solution = solve(FaithfulSGD(), head, features, labels)
