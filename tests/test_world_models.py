@@ -174,6 +174,21 @@ def test_quality_table_shows_accuracy_worst_group_and_gap_in_points():
     assert all(group in table for group in groups)  # seven groups: a full row of five and a second row
 
 
+
+def test_a_group_report_s_accuracy_is_over_samples_and_its_worst_group_the_lowest_class_and_value_pair():
+    from explaind.world.train_classifier import group_report
+
+    test = get_scenario("spurious_background").dataset("test", size=30).all()
+    groups = test.groups("background")
+    predictions = test.labels.clone()
+    predictions[0] = (predictions[0] + 1) % len(SHAPES)  # one mistake, in a group of its own size
+    report = group_report(predictions, test, "background")
+    assert report.accuracy == pytest.approx(29 / 30)  # over samples, not the mean of the groups' accuracies
+    first = groups[0]
+    assert report.group_accuracy == pytest.approx({str(g): (1 - 1 / (groups == g).sum() if g == first else 1.0) for g in set(groups)})
+    assert report.worst_group == (first, report.group_accuracy[first]) and "/" in first
+    assert len(set((groups == g).sum() for g in set(groups))) > 1  # groups of unequal size tell the two averages apart
+
 def test_missing_weights_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_classifier(tmp_path)
