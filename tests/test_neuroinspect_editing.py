@@ -273,3 +273,17 @@ def test_the_defaults_are_adam_at_1e_3_on_minibatches_of_32_for_up_to_20_epochs_
     assert len(default.history) < 20  # stopped early, so patience shows
     assert default.history == explicit.history and default.best_epoch == explicit.best_epoch
     assert torch.equal(default.weight, explicit.weight) and torch.equal(default.bias, explicit.bias)
+
+
+def test_evaluated_accuracy_is_over_samples_whatever_the_class_and_group_sizes():
+    # Acceptance 3's "average" is the overall accuracy. The fixture's classes are all of
+    # one size, where the mean of the classes' (or groups') accuracies is the same number.
+    weight, bias = torch.eye(2), torch.zeros(2)
+    features = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1], [0, 1], [1, 0]])  # predicts 0, 0, 0, 1, 1, 0
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    groups = np.array(["0/water", "0/water", "0/water", "0/grass", "1/water", "1/grass"])
+    result = evaluate_head(weight, bias, features, labels, groups=groups)
+    assert result.accuracy == pytest.approx(4 / 6)
+    assert result.class_accuracy == pytest.approx({0: 3 / 4, 1: 1 / 2})
+    assert result.group_accuracy == {"0/water": 1.0, "0/grass": 0.0, "1/water": 1.0, "1/grass": 0.0}
+    assert result.worst_group == ("0/grass", 0.0)
