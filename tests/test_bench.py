@@ -198,6 +198,8 @@ def test_the_eval_bench_ranks_on_one_half_of_the_test_split_and_edits_and_scores
     held_out = evaluate_head(model.fc.weight.detach(), model.fc.bias.detach(), extractor.features(test.images[60:]), test.labels[60:],
                              groups=test.groups(scenario.group_attribute)[60:])
     assert result["rankings"]["proximal"].num_samples == 60
+    assert {name: (edit.method, edit.strength) for name, edit in result["edits"].items()} == {
+        "probability_ratio": ("probability_ratio", 0.01), "constrain": ("constrain", 1.0), "retrain (λ=0)": ("probability_ratio", 0.0)}
     for edit in result["edits"].values():
         assert edit.neurons == tuple(result["rankings"]["proximal"].neuron_ids[:3])
         assert edit.before == held_out
