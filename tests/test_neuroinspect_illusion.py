@@ -815,6 +815,28 @@ def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_an
     for field, expected_scores in scores.items():
         assert [getattr(c, field) for c in comparisons] == pytest.approx(expected_scores.tolist(), abs=1e-6), field
 
+
+def test_own_shape_conditioning_changes_only_shape_neurons_whose_top_class_is_another_shape(tiny_clip):
+    """Acceptance 4's protocol conditions every neuron on its top class; "own-shape" gives a
+    shape neuron its own shape instead. class_plus_context_colour's strongest cross
+    detector weighs most for the triangle, so the two protocols differ on it."""
+    from explaind.world.classifier import load_classifier
+    from explaind.world.illusion_check import compare_on_known_attributes
+    from explaind.world.probes import probe_batch
+
+    name = "class_plus_context_colour"
+    if not (classifier_dir(name) / "model.safetensors").is_file():
+        pytest.skip(f"shipped {name} classifier not built yet")
+    model, probe = load_classifier(classifier_dir(name)), probe_batch(120, seed=0)
+    runs = {condition: compare_on_known_attributes(name, model, tiny_clip, probe, per_value=1, steps=1, epsilon=0.05,
+                                                   condition=condition) for condition in ("top-class", "own-shape")}
+    top_class = {c.neuron: model.config.class_names[int(model.fc.weight[:, c.neuron].argmax())] for c in runs["top-class"]}
+    assert [c.conditioned_on for c in runs["top-class"]] == [top_class[c.neuron] for c in runs["top-class"]]
+    assert [c.conditioned_on for c in runs["own-shape"]] == [c.value if c.attribute == "shape" else top_class[c.neuron]
+                                                             for c in runs["own-shape"]]
+    assert any(c.attribute == "shape" and top_class[c.neuron] != c.value for c in runs["top-class"])
+    assert [c.own_class for c in runs["own-shape"]] == [c.attribute == "shape" for c in runs["own-shape"]]
+
 @pytest.fixture(scope="module")
 def known_attribute_comparisons(acceptance_runs):
     """Acceptance 4 as the issue words it, and the protocol of ``bench/illusion_eval.py``:
