@@ -222,3 +222,17 @@ def test_the_eval_bench_prints_the_edit_s_change_in_average_and_in_worst_group_a
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     # The worst group is the lowest (class, background) group, before and after on their own.
     assert row == ["spurious_background", "constrain", "0.900", "0.885", "-1.5", "0.400", "0.550", "15.0", "circle/grass", "4"]
+
+
+def test_the_solver_bench_prints_the_faithful_solver_s_agreement_and_speed_up_over_at_least_500_problems():
+    # Acceptance 1 as the bench prints it (about 10 s on one thread). The speed-up must be
+    # reference / faithful of the seconds printed beside it, up to their rounding.
+    run = _run(str(BENCH / "neuroinspect_solver.py"), "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    problems = re.search(r"^spurious_background: (\d+) test mistakes \+ (\d+) runner-up targets = (\d+) problems", run.stdout, re.M)
+    assert problems and int(problems[1]) + int(problems[2]) == int(problems[3]) >= 500, run.stdout
+    reference = float(re.search(r"^reference per-sample loop\s+([0-9.]+)\s+1\.0\s", run.stdout, re.M)[1])
+    seconds, speed_up = map(float, re.search(r"^faithful \(batched\)\s+([0-9.]+)\s+([0-9.]+)\s", run.stdout, re.M).groups())
+    assert abs(speed_up * seconds - reference) <= 0.0005 * speed_up + 0.05 * seconds + 0.0005, run.stdout
+    same = re.search(r"^faithful vs reference: identical top-5 sets ([0-9.]+)% of samples", run.stdout, re.M)
+    assert same and float(same[1]) >= 99, run.stdout
