@@ -1643,18 +1643,18 @@ def test_an_onnx_classifier_whose_cut_head_does_not_give_its_logits_is_served_in
                                              "applied to the features before it, does not give its logits")
 
 
-def test_an_onnx_classifier_with_a_nan_head_or_non_finite_logits_for_the_probe_images_says_so_as_why_it_is_not_split(tmp_path, monkeypatch):
-    # NaN equals nothing: both were said to be a final linear layer that does not give the graph's logits.
-    from explaind.engine import models
-
+def test_an_onnx_classifier_with_non_finite_logits_for_the_probe_images_says_so_as_why_it_is_not_split_and_one_with_a_nan_head_is_refused(tmp_path):
+    # NaN equals nothing: both were said to be a final linear layer that does not give the
+    # graph's logits. The overflowing graph may still serve images it does not overflow on;
+    # a NaN in the head makes every prediction NaN, and was served so, inference-only.
     section = ClassifierSection(loader="onnx", path=_export_onnx(_Overflowing(), tmp_path / "overflowing.onnx"), image_size=64)
     assert load_classifier(section).inference_only_reason == ("its graph could not be split before a final linear layer: its logits for the 2 "
                                                               "random images the split is checked on are NaN or infinite (a float16 overflow, "
                                                               "a division by zero?)")
-    cut = models.split_onnx_classifier
-    monkeypatch.setattr(models, "split_onnx_classifier", lambda path: dataclasses.replace(cut(path), bias=torch.full_like(cut(path).bias, math.nan)))
-    assert load_classifier(section).inference_only_reason == ("its graph could not be split before a final linear layer: its final linear layer "
-                                                              "has NaN or infinite weights")
+    nan_bias = _export_onnx(non_finite_net("bias"), tmp_path / "nan_bias.onnx")
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(f'[classifier].path: {nan_bias}: head ')}'.+' has NaN or infinite weights, which would "
+                                             "make every prediction NaN; its training diverged or the file is damaged$"):
+        load_classifier(dataclasses.replace(section, path=nan_bias))
 
 
 def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server(tmp_path, world_model, monkeypatch):

@@ -767,13 +767,16 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         with torch.inference_mode():
             probes = [(run(image), on_cpu(preprocess(image))) for image in _probe_images(whole.image_size).split(1)]
             # Either would fail the comparison below (NaN equals nothing), told as a head that gives other logits.
-            if not (torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()):
-                raise UnsplittableGraph("its final linear layer has NaN or infinite weights")
+            if not (torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()):  # refused, as the torch loaders refuse it
+                raise ModelLoadError(f"[classifier].path: {path}: head {split.head_name!r} has NaN or infinite weights, which would make "
+                                     "every prediction NaN; its training diverged or the file is damaged")
             if not all(torch.isfinite(logits).all() for logits, _ in probes):
                 raise UnsplittableGraph(f"its logits for the {len(probes)} random images the split is checked on are NaN or infinite "
                                         "(a float16 overflow, a division by zero?)")
             if not all(_head_gives_logits(head, features, logits, scores_dtype) for logits, features in probes):
                 raise UnsplittableGraph("its final linear layer, applied to the features before it, does not give its logits")
+    except ModelLoadError:
+        raise  # a model no prediction of which is of use, not a graph that cannot be cut
     except Exception as reason:  # noqa: BLE001 - whatever stops the cut graph, the whole one still serves predictions
         log.warning("%s: serving it inference-only (no features for ranking or head edits): %s", path, reason)
         # Callers see why the graph is not cut; other errors' text can hold server paths.
