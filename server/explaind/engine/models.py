@@ -281,9 +281,7 @@ def split_classifier(
     head_module.float()
     with torch.inference_mode():
         # Either would fail the comparison below (NaN equals nothing), told as a misnamed head.
-        if not (torch.isfinite(head_module.weight).all() and torch.isfinite(head_module.bias).all()):
-            raise ModelLoadError(f"{source}: head {head!r} has NaN or infinite weights, which would make every prediction NaN; "
-                                 "its training diverged or the file is damaged")
+        _require_finite_head(head_module, source, head)
         if not torch.isfinite(expected).all():
             raise ModelLoadError(f"{source}: the model's logits for the {len(probe)} random images its split is checked on are NaN or "
                                  "infinite (a float16 overflow, a division by zero?), so head(h_b(x)) == model(x) cannot be checked; "
@@ -767,9 +765,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         with torch.inference_mode():
             probes = [(run(image), on_cpu(preprocess(image))) for image in _probe_images(whole.image_size).split(1)]
             # Either would fail the comparison below (NaN equals nothing), told as a head that gives other logits.
-            if not (torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()):  # refused, as the torch loaders refuse it
-                raise ModelLoadError(f"[classifier].path: {path}: head {split.head_name!r} has NaN or infinite weights, which would make "
-                                     "every prediction NaN; its training diverged or the file is damaged")
+            _require_finite_head(head, f"[classifier].path: {path}", split.head_name)  # refused, as the torch loaders refuse it
             if not all(torch.isfinite(logits).all() for logits, _ in probes):
                 raise UnsplittableGraph(f"its logits for the {len(probes)} random images the split is checked on are NaN or infinite "
                                         "(a float16 overflow, a division by zero?)")
@@ -789,6 +785,14 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         whole, feature_layer=split.feature_name, head_name=split.head_name, head=head.eval(), head_version=_hash_module(head), predict_fn=None,
         onnx_features=lambda images: features(on_device(images)),
     )
+
+
+def _require_finite_head(head: nn.Linear, source: str, name: str) -> None:
+    """ModelLoadError where the head ``name`` of the model at ``source`` holds NaN or an
+    infinity: served, every prediction would be NaN."""
+    if not (torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()):
+        raise ModelLoadError(f"{source}: head {name!r} has NaN or infinite weights, which would make every prediction NaN; "
+                             "its training diverged or the file is damaged")
 
 
 def _tolerance(dtype: torch.dtype) -> float:
