@@ -161,6 +161,12 @@ def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_ima
         extractor.features(images * 255)
     with pytest.raises(ValueError, match=r"images must lie in \[0, 1\] \(the engines normalise themselves\), got values in \[-0.\d+, 0.\d+\]"):
         extractor.features(images - 0.5)  # centred already: below 0, though never above 1
+    holed = images.clone()
+    holed[2, 1, 3, 4] = float("nan")  # NaN fails no comparison with the range's bounds: it must fail the check itself
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\] \(the engines normalise themselves\), got values in \[nan, nan\]"):
+        extractor.features(holed)
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, H, W\) RGB with N, H, W > 0, got \(4, 1, 64, 64\)"):
+        extractor.features(images[:, :1])  # grey images are refused by name, not by the model's first convolution
     torch.testing.assert_close(extractor.features(images.double()), extractor.features(images))
     # A bicubic resize overshoots [0, 1] a little: that is still an image in [0, 1].
     resized = torch.nn.functional.interpolate(images, scale_factor=1.5, mode="bicubic")
@@ -773,6 +779,21 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([0.5])), TypeError, r"neurons must be a 1-D integer tensor"),
         # Was a ratio with neuron 2 subtracted twice from the logits, unlike [2].
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([2, 5, 2])), ValueError, r"neurons lists neuron 2 twice"),
+        (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([5, 2, 2])), ValueError, r"neurons lists neuron 2 twice"),  # not the first
+        (lambda: neuron_importance(weight, bias, features[0], True), TypeError, r"class_index must be an integer index, got True"),
+        # A vector of the wrong length is told the head's length, not the shape of a matrix it never passed.
+        (lambda: neuron_importance(weight, bias, features[0, 1:], 1), ValueError, rf"feature must be \({DIM},\) for this head, got \({DIM - 1},\)"),
+        (lambda: neuron_importance(weight.long(), bias.long(), features[0], 1), TypeError,
+         r"weight and bias must be floating-point tensors of one dtype and device, got torch.int64"),
+        # Finite in float64, infinite once cast to the float32 head's dtype: checked after the cast.
+        (lambda: probability_ratio(weight, bias, features.double().index_fill(1, torch.tensor([1]), 1e300), 1, torch.tensor([0])),
+         ValueError, rf"features holds NaN or infinite values in {len(features)} rows \(first: row 0\)"),
+        (lambda: ProximalGradient().solve(weight, bias, features, labels, l1=True), ValueError, r"l1 must be a finite number, got True"),
+        (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons="25", validation_features=features,
+                                       validation_labels=labels), TypeError, r"neurons must be a sequence of indices in \[0, 16\), got '25'"),
+        # A set has no order: its neurons are named by their place in sorted order ({17, 2} iterates as 17, 2).
+        (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons={17, 2}, validation_features=features,
+                                       validation_labels=labels), ValueError, r"neurons\[1\] must lie in \[0, 16\), got 17"),
         (lambda: neuron_importance(weight, bias, features[0].long(), 1), TypeError, r"feature must be a floating-point tensor, got torch.int64"),
         # As the engines check them: NaN came back as a NaN ratio, a threshold as a string failed a bare comparison.
         (lambda: neuron_importance(weight, bias, nan_features[3], 1), ValueError, r"feature holds NaN or infinite values"),
@@ -832,7 +853,9 @@ def test_public_helpers_name_the_argument_they_refuse(head):
     torch.testing.assert_close(probability_ratio(weight, bias, features.double(), 1, torch.tensor([2, 5])),
                                probability_ratio(weight, bias, features, 1, torch.tensor([2, 5])))
     torch.testing.assert_close(neuron_importance(weight, bias, features[0].double(), 1), neuron_importance(weight, bias, features[0], 1))
+    # Features are read, not differentiated: a ratio of a constant head has no autograd graph back to them.
+    assert not probability_ratio(weight, bias, features.clone().requires_grad_(), 1, torch.tensor([2])).requires_grad
     # Neurons as a set or a 1-D tensor are still neuron lists.
     edits = [HeadEditor(head).edit(features, labels, target_class=1, neurons=neurons, validation_features=features,
-                                   validation_labels=labels, max_epochs=1).neurons for neurons in ({5, 2}, torch.tensor([2, 5]))]
-    assert edits == [(2, 5), (2, 5)]
+                                   validation_labels=labels, max_epochs=1).neurons for neurons in ({5, 2}, torch.tensor([2, 5]), np.array([2, 5]))]
+    assert edits == [(2, 5), (2, 5), (2, 5)]
