@@ -574,6 +574,19 @@ def test_the_start_image_s_contrast_does_not_depend_on_its_size():
     assert stds[1] == pytest.approx(stds[0], rel=0.2)
 
 
+def test_each_image_starts_from_its_own_generator_at_init_std():
+    # An image's start does not depend on the rest of the batch, and its spectrum is
+    # Gaussian with std init_std.
+    batch = FourierImage([torch.Generator().manual_seed(seed) for seed in (0, 1)], 16, init_std=0.1)
+    torch.testing.assert_close(batch.spectrum[1], _fourier_image(16, seed=1, init_std=0.1).spectrum[0])
+    assert batch.spectrum.std().item() == pytest.approx(0.1, rel=0.1)
+
+
+def test_an_odd_sized_image_keeps_its_size():
+    # A half spectrum of S // 2 + 1 columns fits both S and S − 1 columns: the size is passed on.
+    assert _fourier_image(9)().shape == (1, 3, 9, 9)
+
+
 def test_the_augmentations_draw_rotation_scale_and_shift_independently(monkeypatch):
     captured = []
     affine_grid = torch.nn.functional.affine_grid
