@@ -149,6 +149,10 @@ def test_probability_ratios_are_capped_at_1e15_instead_of_overflowing():
     importance = neuron_importance(weight, bias, feature, 0)
     assert ratio.item() == pytest.approx(1e15, rel=1e-3) and importance[0].item() == pytest.approx(1e15, rel=1e-3)
     assert importance[2].item() == pytest.approx(1.0)
+    # The cap is trainable: its gradient is zero, not the NaN of a capped infinity (0 × e^1000).
+    weight.requires_grad_(True)
+    probability_ratio(weight, bias, feature.unsqueeze(0), 0, torch.tensor([0])).sum().backward()
+    assert torch.isfinite(weight.grad).all()
 
 
 def test_probability_ratios_of_a_half_precision_head_stay_finite_up_to_the_cap():
