@@ -293,6 +293,8 @@ def test_a_failing_feature_extractor_call_leaves_the_model_as_it_was():
 def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given():
     model = _mobilenet_like()  # its unused layer gave a bare KeyError 'input'
     images = torch.rand(2, 3, 9, 9)
+    with pytest.raises(TypeError, match=r"head 'features' must be an nn.Linear, got Conv2d"):
+        FeatureExtractor(model, "hidden", head="features")  # the head's weight is what the engines read
     for feature_layer, head, message in (
         ("hidden", "hidden", r"head 'hidden' is not the classifier's last operation"),  # explained the wrong decision
         ("hidden", "unused", r"head 'unused' does not run in the classifier's forward"),
@@ -703,6 +705,33 @@ def test_the_maps_of_a_vector_feature_layer_come_from_before_it_not_after():
 
     model = _SpatialAfter().eval()
     assert last_spatial_module(model, torch.rand(1, 3, 8, 8), model.hidden) == (model.colours, 0)
+
+
+class _FlatHidden(nn.Module):
+    """A hidden layer reading the flattened maps: its gradient differs from position to position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.maps, self.hidden, self.head = nn.Conv2d(3, 2, 1), nn.Linear(2 * 4 * 4, 2), nn.Linear(2, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(self.maps(images).flatten(1)))
+
+
+def test_a_neuron_s_map_weighs_each_channel_by_its_spatially_averaged_gradient():
+    # Grad-CAM: neuron n is linear in the maps A with gradient hidden.weight[n] (as K x h x w);
+    # channel k weighs A_k by that gradient's mean over positions, and the sum is cut at 0.
+    from explaind.methods.neuroinspect import neuron_gradient_maps
+
+    model = _FlatHidden().eval()
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    maps = neuron_gradient_maps(model, images, (model.maps, 0), model.head, torch.tensor([1, 0]))
+    with torch.no_grad():
+        channel_weights = model.hidden.weight.view(2, 2, 4, 4).mean((2, 3))[[1, 0]]  # (image, K)
+        expected = torch.relu(torch.einsum("bk,bkhw->bhw", channel_weights, model.maps(images)))
+    assert (expected > 0).any() and (expected == 0).any()  # a map with both sides of the cut
+    torch.testing.assert_close(maps, expected)
 
 
 def test_the_ranker_takes_all_neurons_of_a_head_with_fewer_than_five():
