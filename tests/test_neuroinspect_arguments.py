@@ -823,6 +823,9 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         # A set has no order: its neurons are named by their place in sorted order ({17, 2} iterates as 17, 2).
         (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons={17, 2}, validation_features=features,
                                        validation_labels=labels), ValueError, r"neurons\[1\] must lie in \[0, 16\), got 17"),
+        # A set that cannot be sorted was Python's bare "'<' not supported between instances of 'NoneType' and 'int'".
+        (lambda: HeadEditor(head).edit(features, labels, target_class=1, neurons={None, 2}, validation_features=features,
+                                       validation_labels=labels), TypeError, r"neurons must be a sequence of indices in \[0, 16\), got \{.*\} \(set\)"),
         (lambda: neuron_importance(weight, bias, features[0].long(), 1), TypeError, r"feature must be a floating-point tensor, got torch.int64"),
         # As the engines check them: NaN came back as a NaN ratio, a threshold as a string failed a bare comparison.
         (lambda: neuron_importance(weight, bias, nan_features[3], 1), ValueError, r"feature holds NaN or infinite values"),

@@ -141,7 +141,12 @@ def indices(values: object, name: str, upper: int, *, distinct: bool = False) ->
         raise TypeError(f"{name} must be a sequence of indices in [0, {upper}), got {values!r} ({type(values).__name__})")
     if len(values) == 0:
         raise ValueError(f"{name} must be a non-empty sequence of indices in [0, {upper}), got {values!r}")
-    listed = [index(value, f"{name}[{i}]", upper) for i, value in enumerate(sorted(values) if isinstance(values, set | frozenset) else values)]
+    if isinstance(values, set | frozenset):  # named in sorted order: a set's own order varies from run to run
+        try:
+            values = sorted(values)
+        except TypeError:  # {None, 2}: Python's bare "'<' not supported", naming no argument
+            raise TypeError(f"{name} must be a sequence of indices in [0, {upper}), got {values!r} ({type(values).__name__})") from None
+    listed = [index(value, f"{name}[{i}]", upper) for i, value in enumerate(values)]
     if distinct and len(set(listed)) < len(listed):
         twice = next(n for i, n in enumerate(listed) if n in listed[:i])
         raise ValueError(f"{name} lists neuron {twice} twice")
