@@ -174,6 +174,13 @@ def test_the_feature_extractor_refuses_pixels_outside_0_1(world_model, world_ima
     assert extractor.features(resized).shape == (4, 128)
 
 
+def test_a_model_on_the_meta_device_gives_the_features_shape_without_reading_values():
+    # Meta tensors have shapes and no values: their range cannot be checked (reading it fails).
+    model = _mobilenet_like().to("meta")
+    features = FeatureExtractor(model, "hidden", head="classifier").features(torch.empty(2, 3, 9, 9, device="meta"))
+    assert features.shape == (2, 6) and features.is_meta
+
+
 def test_images_that_require_grad_give_their_features_without_torch_s_scalar_warning(world_model, world_images):
     images = world_images[0][:4]
     extractor = FeatureExtractor(world_model, "layer3")
@@ -810,6 +817,8 @@ def test_public_helpers_name_the_argument_they_refuse(head):
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([2, 5, 2])), ValueError, r"neurons lists neuron 2 twice"),
         (lambda: probability_ratio(weight, bias, features, 1, torch.tensor([5, 2, 2])), ValueError, r"neurons lists neuron 2 twice"),  # not the first
         (lambda: neuron_importance(weight, bias, features[0], True), TypeError, r"class_index must be an integer index, got True"),
+        # A one-element tensor is a number; a longer one is not, and is refused by name (not torch's "cannot be converted to Scalar").
+        (lambda: neuron_importance(weight, bias, features[0], torch.tensor([1, 2])), TypeError, r"class_index must be an integer index, got tensor"),
         # A vector of the wrong length is told the head's length, not the shape of a matrix it never passed.
         (lambda: neuron_importance(weight, bias, features[0, 1:], 1), ValueError, rf"feature must be \({DIM},\) for this head, got \({DIM - 1},\)"),
         (lambda: neuron_importance(weight.long(), bias.long(), features[0], 1), TypeError,
