@@ -290,6 +290,10 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
          "timeout must be a number of seconds, got nan"),
         (lambda c: Operation(c, _running_operation("operations/x")).refresh(timeout="2"), TypeError,
          "timeout must be a number of seconds, got '2'"),
+        (lambda c: Operation(c, _running_operation("operations/x")).result(timeout="1"), TypeError,
+         "timeout must be a number of seconds, got '1'"),
+        (lambda c: next(Operation(c, _running_operation("operations/x")).watch(timeout="1")), TypeError,
+         "timeout must be a number of seconds, got '1'"),
         # protobuf's "bad argument type", an OverflowError, a comparison's TypeError;
         (lambda c: c.health(service=0), TypeError, "service must be a string, got 0"),
         (lambda c: Operation(c, _running_operation("operations/x")).artifact_image(0), TypeError,
@@ -303,6 +307,8 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.operations(state=["queued"]), TypeError,
          "state must be one of 'queued', 'running', 'succeeded', 'failed', 'cancelled', got ['queued']"),
         (lambda c: c.edit_head("s", "heart", [1], method=[]), TypeError, "method must be one of 'probability_ratio', 'constrain', got []"),
+        # an empty list is no state, not "every state" as "" is
+        (lambda c: c.operations(state=[]), TypeError, "state must be one of 'queued', 'running', 'succeeded', 'failed', 'cancelled', got []"),
         # the request's field, not the argument;
         (lambda c: c.rank_mistake_neurons("s", 2**31), ValueError, "target_class must be a 32-bit integer, got 2147483648"),
         (lambda c: c.edit_head("s", -2**31 - 1, [1]), ValueError, "target_class must be a 32-bit integer, got -2147483649"),
@@ -326,6 +332,19 @@ def test_an_argument_of_the_wrong_type_or_range_is_refused_by_name_before_any_ca
     # Protobuf's own errors named no argument: "bad argument type for built-in operation".
     with Client("127.0.0.1:1", timeout=1, retry=False) as offline, pytest.raises(error, match=f"^{re.escape(message)}$"):
         call(offline)
+
+
+def test_a_client_takes_the_largest_message_size_grpc_holds():
+    # gRPC's channel options are C ints: 2**31 - 1 is the largest, and allowed.
+    with Client("127.0.0.1:1", max_message_bytes=2**31 - 1) as client:
+        assert client._max_message_bytes == 2**31 - 1
+
+
+def test_a_target_class_at_either_end_of_the_32_bit_range_is_sent_as_its_index():
+    from explaind.client._neuroinspect import class_fields
+
+    assert class_fields(-2**31) == {"class_index": -2**31}
+    assert class_fields(2**31 - 1) == {"class_index": 2**31 - 1}
 
 
 @pytest.mark.parametrize(("options", "error", "message"), [
@@ -1865,9 +1884,13 @@ def test_labels_computed_when_read_are_read_as_their_samples_are_sent():
 @pytest.mark.parametrize(("labels", "attributes", "message"), [
     ([0] * 6 + [1.5, 0], None, r"^labels\[6\] must be a class name \(str\) or index \(int\), got 1\.5$"),
     ([0] * 8, [{}] * 6 + [{"a": 1}, {}], r"^attributes\[6\] must map strings to strings, got \{'a': 1\}$"),
+    ([0] * 8, [{}] * 6 + [["a", "b"], {}], r"^attributes\[6\] must map strings to strings, got \['a', 'b'\]$"),
+    (tuple([0] * 6 + [1.5, 0]), None, r"^labels\[6\] must be a class name \(str\) or index \(int\), got 1\.5$"),
+    (np.array([0] * 6 + [1.5, 0], dtype=object), None, r"^labels\[6\] must be a class name \(str\) or index \(int\), got 1\.5$"),
+    ([0] * 8, tuple([{}] * 6 + [{"a": 1}, {}]), r"^attributes\[6\] must map strings to strings, got \{'a': 1\}$"),
 ])
-def test_labels_and_attributes_in_a_list_are_checked_whole_before_the_first_request(labels, attributes, message):
-    # Unlike computed ones: a list is in memory, so its last label is as cheap to check as its first.
+def test_labels_and_attributes_in_a_list_tuple_or_array_are_checked_whole_before_the_first_request(labels, attributes, message):
+    # Unlike computed ones: these are in memory, so the last label is as cheap to check as the first.
     servicer = _UploadServer((), set())
     server, target = _serve_uploads(servicer)
     try:
@@ -1876,6 +1899,22 @@ def test_labels_and_attributes_in_a_list_are_checked_whole_before_the_first_requ
     finally:
         server.stop(0)
     assert servicer.calls == []
+
+
+def test_computed_attribute_maps_are_checked_as_their_samples_are_sent():
+    # Not read ahead, as computed labels are not: a bad map is found once the set was
+    # created, which is then deleted; each map is still checked, naming its index.
+    attributes = _ComputedLabels(8, lambda i: {"a": 1} if i == 5 else {"a": "b"})
+    servicer = _UploadServer((), set())
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(TypeError, match=r"^attributes\[5\] must map strings to strings, got \{'a': 1\}\n") as raised:
+            client.create_sample_set([IMAGE] * 8, [0] * 8, attributes=attributes, sample_set_id="up", chunk_size=2)
+    finally:
+        server.stop(0)
+    assert attributes.furthest == 5
+    assert [method for method, _ in servicer.calls][0] == "CreateSampleSet"
+    assert "up" not in servicer.labels and "the partly uploaded sample set 'up' was deleted" in raised.value.__notes__
 
 
 def test_a_computed_label_that_is_no_class_fails_the_upload_when_its_sample_is_made(client):
