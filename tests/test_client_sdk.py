@@ -1352,6 +1352,19 @@ def test_a_watch_ends_at_its_timeout_like_wait_with_the_operation_still_running(
         assert updates and not operation.done and operation.state == "running"
 
 
+def test_a_watch_with_a_timeout_of_zero_ends_at_once_with_the_operation_still_running():
+    # 0 is a watch's to read, as wait's (a look without waiting), not a refused timeout.
+    with _running_operation_of(_EndlessOperations()) as operation:
+        list(operation.watch(timeout=0))
+        assert not operation.done and operation.state == "running"
+
+
+def test_a_key_or_certificate_path_that_is_a_directory_is_refused_naming_its_argument(tmp_path):
+    # The OSError named the path, not which of the three arguments gave it.
+    with pytest.raises(OSError, match=r"^root_certificates: cannot read .+: Is a directory$"):
+        Client("127.0.0.1:1", tls=True, root_certificates=tmp_path)
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_a_result_timeout_of_zero_is_no_wait_with_or_without_progress(progress):
     # With progress the 0 was read as "no timeout": the watch ran for WATCH_DEADLINE_S (24 h).
