@@ -178,10 +178,37 @@ def auth_clock(monkeypatch: pytest.MonkeyPatch) -> StoppedClock:
     return clock
 
 
+def _ports_outside_the_ephemeral_range() -> Iterator[int]:
+    """Candidate ports below the kernel's ephemeral range, a slice of their own per xdist worker.
+
+    A port the kernel hands out for ``bind(("", 0))`` may be handed out again as soon as it is
+    released, so two such probes in a row (or a probe, then a server's ``port=0``) could get the
+    same port: CI once started a server whose gRPC and metrics ports were both 54013. Ports
+    below the range are never handed out that way, and each is offered once per process.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    slice_size = (ephemeral_low - 1024) // 4
+    first = 1024 + (worker % 4) * slice_size
+    return iter(range(first, first + slice_size))
+
+
+_candidate_ports = _ports_outside_the_ephemeral_range()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port on 127.0.0.1 no other call in this test process has been given, bindable now."""
+    for port in _candidate_ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("every candidate port of this test worker has been given out")
 
 
 @pytest.fixture(scope="session")
