@@ -3337,11 +3337,12 @@ def test_leading_items_that_fit_keeps_every_item_that_fits():
 
 @pytest.mark.parametrize(("dtype", "data_type"), [(np.uint8, "DATA_TYPE_UINT8"), (np.float16, "DATA_TYPE_FLOAT16"),
                                                   (np.float32, "DATA_TYPE_FLOAT32"), (np.int64, "DATA_TYPE_INT64")])
-def test_an_array_becomes_a_tensor_of_its_type_and_shape_in_little_endian_row_major_bytes(dtype, data_type):
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_an_array_becomes_a_tensor_of_its_type_and_shape_in_little_endian_row_major_bytes(dtype, data_type, byte_order):
     from explaind.messages import array_to_tensor
     from explaind.v1 import common_pb2
 
-    array = np.arange(24).reshape(2, 3, 4).astype(dtype).transpose(2, 0, 1)  # not contiguous: rows follow its shape
+    array = np.arange(24).reshape(2, 3, 4).astype(np.dtype(dtype).newbyteorder(byte_order)).transpose(2, 0, 1)  # not contiguous: rows follow its shape
     tensor = array_to_tensor(array)
     assert tensor.dtype == getattr(common_pb2, data_type) and list(tensor.shape) == [4, 2, 3]
     decoded = np.frombuffer(tensor.data, np.dtype(dtype).newbyteorder("<")).reshape(tensor.shape)

@@ -22,9 +22,10 @@ __all__ = ["array_to_tensor", "leading_items_that_fit", "timestamp"]
 
 
 def array_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
-    """A Tensor message of ``array`` (uint8, float16, float32 or int64), little-endian."""
+    """A Tensor message of ``array`` (uint8, float16, float32 or int64, in either byte order),
+    little-endian."""
     array = np.ascontiguousarray(array)
-    return common_pb2.Tensor(dtype=_TENSOR_TYPES[array.dtype], shape=list(array.shape),
+    return common_pb2.Tensor(dtype=_TENSOR_TYPES[array.dtype.newbyteorder("=")], shape=list(array.shape),
                              data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
