@@ -181,6 +181,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["operations", "list", "--target=[::1]:-3"], "argument --target: port -3 is out of range [1, 65535]"),
         (["info", "--target", "dns:///localhost:0"], "argument --target: port 0 is out of range [1, 65535]"),
         (["info", "--target", "localhost:"], "argument --target: 'localhost:' has no port after its ':'"),  # dialled port 443
+        # An unset $HOST: each call failed UNAVAILABLE, "host must not be empty".
+        (["info", "--target", ":50051"], "argument --target: ':50051' has no host before its ':' (e.g. localhost:50051)"),
+        (["info", "--target", ":"], "argument --target: ':' has no host before its ':'"),
     ],
 )
 def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv, message):
@@ -194,6 +197,7 @@ def test_integers_at_the_ends_of_their_fields_range_and_the_world_spec_s_default
     assert parse_arguments(["rank", "s", "--class", "2147483647"]).target_class == 2147483647
     assert parse_arguments(["rank", "s", "--class", "-2147483648"]).target_class == -2147483648
     assert parse_arguments(["--target", "localhost:65535", "info"]).target == "localhost:65535"
+    assert parse_arguments(["--target", "::1", "info"]).target == "::1"  # a bare IPv6 address starts with ':' too
     assert parse_arguments(["visualize", "3", "--seed", "9223372036854775807"]).seed == 2**63 - 1
     assert parse_arguments(["edit-head", "s", "--class", "0", "--neurons", "1", "--seed", "-9223372036854775808"]).seed == -2**63
     # scenario[:split[:count]]: the test split, 64 samples, unless given.

@@ -1353,11 +1353,14 @@ def build_parser() -> argparse.ArgumentParser:
 _TARGET_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
 
 
-def _port_problem(target: str) -> str | None:
-    """Why the port of ``target`` (host:port) is no port, or None: gRPC dials one past
+def _address_problem(target: str) -> str | None:
+    """Why ``target`` (host:port) has no host or no port, or None: gRPC dials a port past
     65535 modulo 65536 (127.0.0.1:99999 dialled port 34463, :-3 port 65533), perhaps
-    another server's, and an empty one (``"$HOST:$PORT"`` with PORT unset) as 443."""
+    another server's, and an empty one (``"$HOST:$PORT"`` with PORT unset) as 443; an
+    empty host (``"$HOST:$PORT"`` with HOST unset) failed each call as UNAVAILABLE."""
     host, _, port = target.rpartition(":")
+    if target.startswith(":") and target.count(":") == 1:  # not a bare IPv6 address such as ::1
+        return f"{target!r} has no host before its ':' (e.g. localhost{target})"
     if host and not port and host not in _TARGET_SCHEMES:
         return f"{target!r} has no port after its ':'"
     if re.fullmatch(r"[-+]?\d+", port) and not 0 < int(port) < 2**16:
@@ -1405,7 +1408,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if target_given:
             usage_error(f"argument --target: empty; give the server's host:port, or leave --target out for {DEFAULT_TARGET}")
         usage_error(f"EXPLAIND_TARGET is empty; set it to the server's host:port, or unset it for {DEFAULT_TARGET}")
-    if args.command not in _SERVER_COMMANDS and (problem := _port_problem(args.target)):
+    if args.command not in _SERVER_COMMANDS and (problem := _address_problem(args.target)):
         usage_error(f"{'argument --target' if target_given else 'EXPLAIND_TARGET'}: {problem}")
     if args.command not in _SERVER_COMMANDS and bool(args.cert_file) != bool(args.key_file):  # the SDK's error named its parameters
         usage_error("--cert-file and --key-file go together: a client certificate needs its private key")
