@@ -4904,7 +4904,13 @@ def _waited_through_a_shutdown(server, operation) -> dict:
     seen = {}
     waiter = threading.Thread(target=lambda: seen.update(state=operation.wait(timeout=30).state, error=operation.error))
     waiter.start()
-    time.sleep(0.2)
+    # Not a sleep: a wait that reached the server only after the stop began (0.4 s late on a
+    # loaded machine) met a closed port and retried it for 30 s.
+    waiting = {"service": "explaind.v1.OperationsService", "method": "WaitOperation"}
+    deadline = time.monotonic() + 30
+    while server.metrics.registry.get_sample_value("explaind_rpcs_in_flight", waiting) != 1:
+        assert time.monotonic() < deadline and waiter.is_alive(), "the wait never reached the server"
+        time.sleep(0.01)
     server.stop(0.5)
     waiter.join(30)
     return seen
