@@ -257,12 +257,17 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
 
 
 class _RestartingThenFailed(operations_pb2_grpc.OperationsServiceServicer):
-    """UNAVAILABLE for its first ``restarting_s`` seconds (a server restarting), then the job failed."""
+    """UNAVAILABLE for ``restarting_s`` seconds from the first call (a server restarting),
+    then the job failed. Timed from the first call, not from its making: a client slow to
+    call on a loaded machine found the restart over and the job failed at once."""
 
     def __init__(self, restarting_s: float) -> None:
-        self.ready_at = time.monotonic() + restarting_s
+        self.restarting_s = restarting_s
+        self.ready_at: float | None = None
 
     def WaitOperation(self, request, context):
+        if self.ready_at is None:
+            self.ready_at = time.monotonic() + self.restarting_s
         if time.monotonic() < self.ready_at:
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         failed = _operation_message(request.name, done=True, kind="edit_head", state=operations_pb2.OPERATION_STATE_FAILED)
