@@ -535,8 +535,11 @@ def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once
 
     from conftest import free_port
 
-    first, target = _serve(_LoadingSampleSets(loading_s=0))
-    port = int(target.rsplit(":", 1)[1])
+    # A port of free_port's, not one the kernel hands out: in the 4 s it stays closed, the
+    # kernel could give one of its own to another test process's server or connection,
+    # and the restart could not bind it.
+    port = free_port()
+    first, target = _serve(_LoadingSampleSets(loading_s=0), port)
     restarted = []
     with Client(target, timeout=30) as client:
         assert client.sample_set("s").sample_set_id == "s"
