@@ -639,7 +639,9 @@ def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, t
     # An image's entrypoint passes --port and --data-dir: a config's own port was ignored without a word.
     config = tmp_path / "explaind.toml"
     # Its port is the default: written in the file, it is still the file's (the image's --port overrode 50051 unsaid).
-    config.write_text('[server]\nport = 50051\nmetrics_port = 9100\nhost = "localhost"\n\n[runtime]\ndevice = "cpu"\n')
+    # Its metrics port is bound before the busy gRPC port fails the start: one of free_port's,
+    # not 9100, which another test process's free_port() may have given to its server.
+    config.write_text(f'[server]\nport = 50051\nmetrics_port = {free_port()}\nhost = "localhost"\n\n[runtime]\ndevice = "cpu"\n')
     with socket.socket() as busy:  # the warnings come before the server binds; a busy port ends the run there
         busy.bind(("127.0.0.1", 0))
         busy.listen()
