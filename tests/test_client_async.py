@@ -241,16 +241,17 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
     monkeypatch.setattr(Operation, "wait", lambda self, timeout=None: (asked.append(timeout), wait(self, timeout))[1])
     server, target = _serve(_Unchanging(_running_operation("operations/x")), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
 
-    async def await_result(progress: bool) -> None:
+    async def await_result(progress: bool, timeout: float) -> None:
         async with AsyncClient(target) as client:
             with pytest.raises(DeadlineExceededError):
-                await client.result(Operation(client.client, _running_operation("operations/x")), progress=progress, timeout=0.3)
+                await client.result(Operation(client.client, _running_operation("operations/x")), progress=progress, timeout=timeout)
 
     try:
-        asyncio.run(await_result(progress=False))
+        asyncio.run(await_result(progress=False, timeout=0.3))
         assert asked and all(timeout <= 0.3 for timeout in asked), asked
         asked.clear()
-        asyncio.run(await_result(progress=True))
+        # 20 steps' time: in 0.3 s (6 steps) a first step slowed 0.25 s on a loaded machine left no second.
+        asyncio.run(await_result(progress=True, timeout=1.0))
         assert len(asked) > 1 and all(timeout <= 0.05 for timeout in asked), asked
     finally:
         server.stop(0)
