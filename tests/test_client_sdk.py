@@ -1312,11 +1312,12 @@ def test_a_result_whose_files_cannot_be_fetched_says_the_job_ended_and_how_to_re
 
 
 class _HangingOperations(operations_pb2_grpc.OperationsServiceServicer):
-    """A server half up: its watch stream fails UNAVAILABLE and GetOperation answers only
-    after 5 s (still running)."""
+    """A server half up: its watch stream fails UNAVAILABLE and GetOperation goes
+    unanswered until the caller leaves."""
 
     def GetOperation(self, request, context):
-        time.sleep(5)
+        while context.is_active():
+            time.sleep(0.05)
         return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
 
     def WatchOperation(self, request, context):
@@ -1330,7 +1331,7 @@ def test_a_watch_refreshing_after_a_dropped_stream_keeps_its_own_timeout():
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError, match="operations/x is still .* after 1s"):
             operation.result(progress=True, timeout=1)
-        assert time.monotonic() - started < 3.5
+        assert time.monotonic() - started < 10  # far from the 30 s, however loaded the machine
 
 
 class _EndlessOperations(operations_pb2_grpc.OperationsServiceServicer):
