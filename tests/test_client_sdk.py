@@ -1471,11 +1471,11 @@ def test_wait_until_ready_keeps_its_timeout_on_a_server_that_never_answers():
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(5)
-        with Client(f"127.0.0.1:{silent.getsockname()[1]}", timeout=8) as client:
+        with Client(f"127.0.0.1:{silent.getsockname()[1]}", timeout=30) as client:
             started = time.monotonic()
             with pytest.raises(TimeoutError, match="was not SERVING within 1"):
                 client.wait_until_ready(timeout=1)
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - started < 10  # far from the 30 s, however loaded the machine
 
 
 def test_a_closed_client_says_so_at_once(server):
