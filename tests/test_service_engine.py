@@ -3890,7 +3890,7 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     jobs.delete(job.record.job_id)
     started = time.monotonic()
     jobs.shutdown(5)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 4  # not the 5 s grace waited out; 1 s was a loaded machine's to miss
 
 
 @pytest.mark.parametrize(("refused", "said"), [("succeeded", "the job ended succeeded but"), ("running", "the job could not be started:")])
