@@ -6,6 +6,7 @@ The classifier is the shipped ``assets/classifiers/balanced``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -185,6 +186,9 @@ def _ports_outside_the_ephemeral_range() -> Iterator[int]:
     released, so two such probes in a row (or a probe, then a server's ``port=0``) could get the
     same port: CI once started a server whose gRPC and metrics ports were both 54013. Ports
     below the range are never handed out that way, and each is offered once per process.
+    Each process starts at its own place in its slice (by its pid): test runs side by side
+    on one machine (two checkouts, an editor's run beside ``make test``) all began at the
+    slice's first port, and a server of one could not bind the port another had just probed.
     """
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -193,7 +197,8 @@ def _ports_outside_the_ephemeral_range() -> Iterator[int]:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     slice_size = (ephemeral_low - 1024) // 4
     first = 1024 + (worker % 4) * slice_size
-    return iter(range(first, first + slice_size))
+    start = first + os.getpid() % slice_size
+    return itertools.chain(range(start, first + slice_size), range(first, start))
 
 
 _candidate_ports = _ports_outside_the_ephemeral_range()
