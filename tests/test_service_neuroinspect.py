@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -547,6 +548,12 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
             threads = [threading.Thread(target=hammer) for _ in range(4)]
             for thread in threads:
                 thread.start()
+            # Not a race of the hammers' connecting against the flips (0.3 s in all): they
+            # flip under load, or a loaded machine's slow connects could see one head alone.
+            deadline = time.monotonic() + 30
+            while sum(counts.values()) + len(failures) < len(threads):
+                assert time.monotonic() < deadline, "the Predict calls got no answers"
+                time.sleep(0.01)
             for _ in range(15):
                 client.rollback_head_version()
                 client.promote_head_version("v1")
