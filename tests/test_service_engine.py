@@ -3467,6 +3467,31 @@ def test_a_job_s_stages_are_timed_once_each_also_when_it_fails_and_unnamed_time_
     assert value("explaind_job_stage_duration_seconds_sum", {"kind": "plain", "stage": "run"}) >= 0.05
 
 
+def test_a_job_s_run_is_in_the_metrics_once_a_waiter_sees_it_end(tmp_path, monkeypatch):
+    # Its time, its stages' and the running count were recorded after its end woke the
+    # waiters: a worker preempted there left a caller that read the metrics once its result
+    # was in a job still running and no duration.
+    end_and_record = JobManager._finish
+    read = threading.Event()
+
+    def held_after_the_end(self, *args, **kwargs):
+        end_and_record(self, *args, **kwargs)
+        read.wait(10)  # as a worker preempted right after setting the end
+
+    monkeypatch.setattr(JobManager, "_finish", held_after_the_end)
+    metrics = Metrics()
+    jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
+    value = metrics.registry.get_sample_value
+    try:
+        assert jobs.wait(jobs.submit("visualize", lambda ctx: _empty()).record.job_id, 10).record.state == "succeeded"
+        assert value("explaind_jobs_running", {"kind": "visualize"}) == 0
+        assert value("explaind_job_duration_seconds_count", {"kind": "visualize", "outcome": "succeeded"}) == 1
+        assert [value("explaind_job_stage_duration_seconds_count", {"kind": "visualize", "stage": stage}) for stage in ("start", "run", "finish")] == [1] * 3
+    finally:
+        read.set()
+        jobs.shutdown(1)
+
+
 def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
     store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
     jobs = JobManager(store, metrics, max_queued=1, workers=1)

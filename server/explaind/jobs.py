@@ -139,6 +139,9 @@ class _LiveJob:
         self.preview = b""
         self.cancel_event = threading.Event()
         self.persisted_at = 0.0
+        # What the worker running it records of the run as its end is set (its time, its
+        # stages', the running count), called by _set_record before any reader sees the end.
+        self.on_end: Callable[[JobRecord], None] | None = None
 
 
 class JobContext:
@@ -416,6 +419,17 @@ class JobManager:
         log.info("operation %s (%s) started after %.2f s queued", live.record.job_id, live.record.kind, waited)
         running = self.metrics.jobs_running.labels(kind=live.record.kind)
         running.inc()
+
+        def record_the_run(end: JobRecord) -> None:
+            """Where the end is set, before any reader sees it: observed after, a caller that
+            read the metrics once its result was in could find the job still running."""
+            running.dec()
+            stages.enter(None)
+            for stage, seconds in stages.seconds.items():
+                self.metrics.job_stage_duration.labels(kind=end.kind, stage=stage).observe(seconds, linked)
+            self.metrics.job_duration.labels(kind=end.kind, outcome=end.state).observe(time.monotonic() - started_clock, linked)
+
+        live.on_end = record_the_run
         try:
             context = JobContext(self, live, stages)
             stages.enter(None)
@@ -437,11 +451,10 @@ class JobManager:
         else:
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
         finally:
-            running.dec()
-            stages.enter(None)
-            for stage, seconds in stages.seconds.items():
-                self.metrics.job_stage_duration.labels(kind=live.record.kind, stage=stage).observe(seconds, linked)
-            self.metrics.job_duration.labels(kind=live.record.kind, outcome=live.record.state).observe(time.monotonic() - started_clock, linked)
+            with self._changed:  # left with no end set (an exception past the ones above): recorded as it stands
+                unrecorded, live.on_end = live.on_end, None
+            if unrecorded is not None:
+                unrecorded(live.record)
 
     def _packed(self, context: JobContext, result: Message, cut_lists: tuple[str, ...]) -> any_pb2.Any:
         """``result`` as the operation's response. Over ``max_result_bytes``, the whole of
@@ -522,9 +535,13 @@ class JobManager:
 
     def _set_record(self, live: _LiveJob, record: JobRecord) -> None:
         """Replace the job's record and wake its readers (holding ``_changed``); a job
-        reaching its end is counted before anyone can see it ended."""
+        reaching its end is counted, and its run recorded (``on_end``), before anyone can see
+        it ended."""
         if record.state in FINISHED_STATES and live.record.state not in FINISHED_STATES:
             self.metrics.jobs_ended.labels(kind=record.kind, outcome=record.state, code=record.error_code or "OK").inc()
+            if live.on_end is not None:
+                live.on_end, record_the_run = None, live.on_end
+                record_the_run(record)
             _log_end(record)
             if live.trace is not None:
                 live.trace.end(record)
