@@ -46,3 +46,21 @@ def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path, server):
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"accuracy \d\.\d+ on 6 samples", result.stdout)
     assert "UNAUTHENTICATED" not in result.stderr
+
+
+def test_the_demos_server_gets_a_port_the_kernel_hands_to_no_one_unasked():
+    # Its port was a bind(("", 0)) probe's, bound again by the server seconds later: another
+    # process's bind of port 0 meanwhile could get the same one, and the server failed to
+    # start (or the session reached that other server).
+    import socket
+
+    from explaind.client.cli import _free_port
+
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range: not Linux")
+    port = _free_port()
+    assert 1024 <= port < ephemeral_low
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))  # free, as the server finds it

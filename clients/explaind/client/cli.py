@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -982,7 +983,25 @@ def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, 
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
+    """A loopback port free now, below the kernel's ephemeral range: the server started on
+    it binds it seconds later, and a port from ``bind(("", 0))`` may be handed to another
+    process's ``bind`` of port 0 meanwhile (its start then failed, or the session reached
+    that other server); ports below the range are handed out to no one unasked."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: 32768 is below the others' ranges too
+        ephemeral_low = 32768
+    below = range(1024, ephemeral_low)
+    # Drawn, not the first free one: demos started together would probe the same port.
+    # SystemRandom, not the global generator, which a caller may have seeded.
+    for port in random.SystemRandom().sample(below, min(100, len(below))):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # none below the range (it starts at 1024), or all tried are taken
         probe.bind(("127.0.0.1", 0))
         return cast(int, probe.getsockname()[1])  # (host, port) of an AF_INET socket
 
