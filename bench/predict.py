@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch
 
 from explaind.client import Client
 from explaind.client._client import DEFAULT_PREDICT_IN_FLIGHT
+from explaind.client.cli import _free_port
 from explaind.config import BACKENDS, ClassifierSection
 from explaind.engine.backends import build_feature_fn, check_device
 from explaind.engine.models import load_classifier
@@ -46,10 +46,18 @@ from explaind.world.scenarios import get_scenario
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 
+_given_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port free now that no earlier call here gave, drawn as ``explaind demo``
+    draws its server's, below the kernel's ephemeral range: bind-to-0 probes gave the same
+    port twice in a row (a server's gRPC and metrics ports, in CI), and the port a probe
+    released may go to another process's bind of port 0 before the server binds it."""
+    while (port := _free_port()) in _given_ports:
+        pass
+    _given_ports.add(port)
+    return port
 
 
 def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int, backend: str, device: str) -> tuple[subprocess.Popen, str]:
