@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from explaind.client.cli import _bindable_port, _ports_below_the_ephemeral_range
 from explaind.world import assets
 
 # A torchvision VisionTransformer on 32 px images: a class token, then 4 x 4 patch tokens
@@ -179,41 +179,29 @@ def auth_clock(monkeypatch: pytest.MonkeyPatch) -> StoppedClock:
     return clock
 
 
-def _ports_outside_the_ephemeral_range() -> Iterator[int]:
-    """Candidate ports below the kernel's ephemeral range, a slice of their own per xdist worker.
-
-    A port the kernel hands out for ``bind(("", 0))`` may be handed out again as soon as it is
-    released, so two such probes in a row (or a probe, then a server's ``port=0``) could get the
-    same port: CI once started a server whose gRPC and metrics ports were both 54013. Ports
-    below the range are never handed out that way, and each is offered once per process.
-    Each process starts at its own place in its slice (by its pid): test runs side by side
-    on one machine (two checkouts, an editor's run beside ``make test``) all began at the
-    slice's first port, and a server of one could not bind the port another had just probed.
-    """
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
+def _candidate_ports() -> Iterator[int]:
+    """This test process's ports for servers: below the kernel's ephemeral range, which a
+    server's ``port=0`` or another probe never gets, a slice of their own per xdist worker,
+    each offered once. Each process starts at its own place in its slice (by its pid): test
+    runs side by side on one machine (two checkouts, an editor's run beside ``make test``)
+    all began at the slice's first port, and a server of one could not bind the port
+    another had just probed."""
+    below = _ports_below_the_ephemeral_range()
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    slice_size = (ephemeral_low - 1024) // 4
-    first = 1024 + (worker % 4) * slice_size
+    slice_size = len(below) // 4
+    first = below.start + (worker % 4) * slice_size
     start = first + os.getpid() % slice_size
     return itertools.chain(range(start, first + slice_size), range(first, start))
 
 
-_candidate_ports = _ports_outside_the_ephemeral_range()
+_candidates = _candidate_ports()
 
 
 def free_port() -> int:
     """A port on 127.0.0.1 no other call in this test process has been given, bindable now."""
-    for port in _candidate_ports:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("every candidate port of this test worker has been given out")
+    if (port := _bindable_port(_candidates)) is None:
+        raise RuntimeError("every candidate port of this test worker has been given out")
+    return port
 
 
 @pytest.fixture(scope="session")

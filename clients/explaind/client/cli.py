@@ -44,7 +44,7 @@ import tomllib
 import unicodedata
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
@@ -982,25 +982,38 @@ def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, 
     return value
 
 
-def _free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range: the server started on
-    it binds it seconds later, and a port from ``bind(("", 0))`` may be handed to another
-    process's ``bind`` of port 0 meanwhile (its start then failed, or the session reached
-    that other server); ports below the range are handed out to no one unasked."""
+def _ports_below_the_ephemeral_range() -> range:
+    """Loopback ports the kernel hands out to no one unasked: a port from ``bind(("", 0))``
+    may be handed out again as soon as it is released (two such probes in a row gave CI's
+    test server the same gRPC and metrics port), or to another process's bind of port 0
+    before the server started on it binds it seconds later."""
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):  # not Linux: 32768 is below the others' ranges too
         ephemeral_low = 32768
-    below = range(1024, ephemeral_low)
-    # Drawn, not the first free one: demos started together would probe the same port.
-    # SystemRandom, not the global generator, which a caller may have seeded.
-    for port in random.SystemRandom().sample(below, min(100, len(below))):
+    return range(1024, ephemeral_low)
+
+
+def _bindable_port(candidates: Iterable[int]) -> int | None:
+    """The first of ``candidates`` that 127.0.0.1 can bind now (an iterator is consumed up to
+    it), or None."""
+    for port in candidates:
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
+    return None
+
+
+def _free_port() -> int:
+    """A loopback port free now for a server to bind, below the kernel's ephemeral range."""
+    below = _ports_below_the_ephemeral_range()
+    # Drawn, not the first free one: demos started together would probe the same port.
+    # SystemRandom, not the global generator, which a caller may have seeded.
+    if (port := _bindable_port(random.SystemRandom().sample(below, min(100, len(below))))) is not None:
+        return port
     with socket.socket() as probe:  # none below the range (it starts at 1024), or all tried are taken
         probe.bind(("127.0.0.1", 0))
         return cast(int, probe.getsockname()[1])  # (host, port) of an AF_INET socket
