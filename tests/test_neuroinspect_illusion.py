@@ -9,7 +9,7 @@ import torch
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
-from explaind.methods.neuroinspect._fourier import FourierImage, random_affine
+from explaind.methods.neuroinspect._fourier import FourierImage, gaussian_noise, random_affine
 from explaind.methods.neuroinspect._illusion import DEFAULT_PROMPT_TEMPLATES, activation_masks
 from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.illusion_check import attribute_similarity
@@ -622,6 +622,19 @@ def test_an_augmentation_of_nothing_returns_the_image_pixel_for_pixel():
     same = random_affine(images, generators=[torch.Generator().manual_seed(i) for i in range(4)], max_rotation_degrees=0.0,
                          max_translation=0.0, scale_range=(1.0, 1.0))
     torch.testing.assert_close(same, images)
+    # In the images' dtype, not the default one the draws are made in: grid_sample refuses a mix.
+    doubled = random_affine(images.double(), generators=[torch.Generator().manual_seed(i) for i in range(4)], max_rotation_degrees=0.0,
+                            max_translation=0.0, scale_range=(1.0, 1.0))
+    torch.testing.assert_close(doubled, images.double())
+
+
+def test_the_step_noise_is_standard_normal_each_row_from_its_own_generator_in_the_images_dtype():
+    # The tests of visualize replace the noise: its law and its generators are pinned here.
+    like = torch.zeros(3, 3, 32, 32, dtype=torch.float64)
+    noise = gaussian_noise(like, generators=[torch.Generator().manual_seed(seed) for seed in (5, 6, 7)])
+    assert noise.shape == like.shape and noise.dtype == torch.float64
+    for row, seed in zip(noise, (5, 6, 7)):
+        torch.testing.assert_close(row, torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(seed)).double())
 
 
 def test_a_half_precision_clip_gets_pixels_in_its_own_dtype(world_model, tiny_clip):
