@@ -1,10 +1,14 @@
 """Shipped world classifiers and oracle: load from files only, and measure them."""
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from explaind.world.assets import classifier_dir, oracle_dir
-from explaind.world.build import build
+from explaind.world import build as building
+from explaind.world.assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
+from explaind.world.build import PARTS, build
 from explaind.world.classifier import load_classifier
 from explaind.world.oracle import ORACLE_ATTRIBUTES, _augment, load_oracle, oracle_accuracy, train_oracle
 from explaind.world.quality import classifier_report, format_classifier_table
@@ -202,6 +206,80 @@ def test_smoke_build_trains_and_saves_loadable_models(tmp_path):
     for name in scenario_names():
         assert load_classifier(classifier_dir(name, tmp_path))(torch.zeros(1, 3, 64, 64)).shape == (1, len(SHAPES))
     assert set(load_oracle(oracle_dir(tmp_path)).predict(torch.zeros(2, 3, 64, 64))) == {"shape", "colour", "texture", "background"}
+
+
+def _record_training(monkeypatch) -> list[tuple]:
+    """Replace every trainer and saver build calls by one that records its call (nothing is trained)."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: calls.append(("threads", count)))
+    monkeypatch.setattr(building, "train_classifier", lambda name, **kw: (calls.append(("train_classifier", name, kw)), (f"model {name}", None))[1])
+    monkeypatch.setattr(building, "save_classifier", lambda model, directory: calls.append(("save_classifier", model, directory)))
+    monkeypatch.setattr(building, "load_classifier", lambda directory: (calls.append(("load_classifier", directory)), "balanced model")[1])
+    monkeypatch.setattr(building, "train_oracle", lambda **kw: (calls.append(("train_oracle", kw)), "oracle")[1])
+    monkeypatch.setattr(building, "save_oracle", lambda oracle, directory: calls.append(("save_oracle", oracle, directory)))
+    monkeypatch.setitem(sys.modules, "explaind.world.clip", SimpleNamespace(train_clip=lambda **kw: calls.append(("train_clip", kw))))
+    # Seeds unlike the stage numbers, so that each stage's own seed is seen to be passed on.
+    monkeypatch.setitem(sys.modules, "explaind.world.t2i", SimpleNamespace(
+        UNET_TRAIN_STAGES=((100, 4), (60, 5), (80, 6)), train_t2i=lambda **kw: calls.append(("train_t2i", kw))))
+    return calls
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_build_trains_each_part_by_its_recipe_in_order_and_saves_it_under_the_root(monkeypatch, tmp_path, smoke):
+    # The recipe `make world` reruns to reproduce the shipped weights: what is trained, for
+    # how long, from which weights, on how many threads, and where it is written.
+    calls = _record_training(monkeypatch)
+    timings = build(PARTS, root=tmp_path, smoke=smoke, num_threads=3)
+    size = 96 if smoke else None
+    expected: list[tuple] = [("threads", 3)]
+    for name in scenario_names():
+        expected += [("train_classifier", name, {"epochs": 1 if smoke else None, "train_size": size, "test_size": size}),
+                     ("save_classifier", f"model {name}", classifier_dir(name, tmp_path))]
+    expected += [("load_classifier", classifier_dir("balanced", tmp_path)),
+                 ("train_oracle", {"epochs": 1 if smoke else 6, "train_size": size, "init_from": "balanced model"}),
+                 ("save_oracle", "oracle", oracle_dir(tmp_path)),
+                 ("train_clip", {"steps": 3 if smoke else None, "seed": 0, "out_dir": clip_dir(tmp_path), "num_threads": 3})]
+    for stage, (steps, seed) in enumerate(((100, 4), (60, 5), (80, 6))):
+        expected.append(("train_t2i", {"steps": 3 if smoke else steps, "seed": seed, "clip_dir": clip_dir(tmp_path), "out_dir": t2i_dir(tmp_path),
+                                       "init_from": t2i_dir(tmp_path) if stage else None, "num_threads": 3}))
+    assert calls == expected
+    assert set(timings) == {f"classifier/{name}" for name in scenario_names()} | {"oracle", "clip", "t2i"}
+
+
+def test_build_trains_only_the_parts_asked_for(monkeypatch, tmp_path):
+    calls = _record_training(monkeypatch)
+    assert set(build(("oracle", "t2i"), root=tmp_path)) == {"oracle", "t2i"}
+    assert [call[0] for call in calls] == ["threads", "load_classifier", "train_oracle", "save_oracle"] + ["train_t2i"] * 3
+    calls.clear()
+    assert set(build(("clip",), root=tmp_path)) == {"clip"}
+    assert [call[0] for call in calls] == ["threads", "train_clip"]
+
+
+def _run_build_command(monkeypatch, *arguments: str) -> list[tuple]:
+    """Run ``python -m explaind.world.build ARGUMENTS`` with build and the quality table recorded."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(building, "build", lambda parts, **kw: (calls.append(("build", parts, kw)), {"classifier/balanced": 12.4, "oracle": 3.0})[1])
+    monkeypatch.setattr(building, "print_quality_table", lambda parts, root: calls.append(("quality", parts, root)))
+    monkeypatch.setattr(sys, "argv", ["build", *arguments])
+    building.main()
+    return calls
+
+
+def test_build_command_passes_its_options_on_and_shows_the_quality_of_what_it_built_unless_smoke(monkeypatch, capsys, tmp_path):
+    assert _run_build_command(monkeypatch) == [
+        ("build", PARTS, {"root": ASSETS_DIR, "smoke": False, "num_threads": 2}), ("quality", list(PARTS), ASSETS_DIR)]
+    assert [line.split() for line in capsys.readouterr().out.splitlines()[1:]] == [["classifier/balanced", "12"], ["oracle", "3"]]
+    assert _run_build_command(monkeypatch, "--parts", "oracle,,clip", "--root", str(tmp_path), "--smoke", "--threads", "3") == [
+        ("build", ("oracle", "clip"), {"root": tmp_path, "smoke": True, "num_threads": 3})]  # a smoke build's models measure nothing
+    assert _run_build_command(monkeypatch, "--parts", "oracle", "--root", str(tmp_path)) == [
+        ("build", ("oracle",), {"root": tmp_path, "smoke": False, "num_threads": 2}), ("quality", ["oracle"], tmp_path)]
+
+
+def test_build_command_refuses_unknown_parts_naming_them_and_the_choices(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exited:
+        _run_build_command(monkeypatch, "--parts", "oracle,unet,clips")
+    assert exited.value.code == 2
+    assert f"unknown parts ['clips', 'unet']; choose from {PARTS}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 10, 20, 40])
