@@ -288,6 +288,8 @@ def test_a_dataset_ends_at_its_length():
         with pytest.raises(TypeError, match=f"^index must be an integer, got {re.escape(repr(index))}$"):
             dataset[index]
     assert dataset.spec(torch.tensor(3)) == dataset.spec(np.int64(3)) == dataset.spec(3)  # as a sampler's index may come
+    with pytest.raises(TypeError):  # not scene 1: a float tensor has an __index__ too, which refuses it
+        dataset.spec(torch.tensor(1.5))
 
 
 def test_batches_cover_the_split_and_hold_each_scene_as_rendered():
@@ -365,7 +367,8 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('focus = { attribute = "background", value = "water" }', "focus must name a class"),
     ('focus = { class = "heart", attribute = "background", value = "water", strength = 0.9 }', r"focus: unknown keys \['strength'\]"),
     ('train.default.background = { water = nan }', "background: weights must be finite"),  # failed later, in sampling
-    ('val = { inherit = "train", default = { background = { water = 1.0 } } }', r"val inherits 'train', so .*'default'"),
+    ('val = { inherit = "train", default = { background = { water = 1.0 } } }', r"val inherits 'train', so it cannot also set \['default'\]$"),
+    ('train.defaults.background = { water = 1.0 }', r"train: unknown keys \['defaults'\]"),
     # Wrong types: a string was read as its letters ("unknown values ['a', 'e', 'r', 't', 'w']"),
     # a number failed in iteration or in int() without naming the entry.
     ('train.default.background = "water"', r"train\.default\.background must be a table, got 'water'"),
