@@ -212,9 +212,11 @@ def _record_training(monkeypatch) -> list[tuple]:
     """Replace every trainer and saver build calls by one that records its call (nothing is trained)."""
     calls: list[tuple] = []
     monkeypatch.setattr(torch, "set_num_threads", lambda count: calls.append(("threads", count)))
-    monkeypatch.setattr(building, "train_classifier", lambda name, **kw: (calls.append(("train_classifier", name, kw)), (f"model {name}", None))[1])
+    monkeypatch.setattr(building, "train_classifier",
+                        lambda name, **kw: (calls.append(("train_classifier", name, kw)), (f"model {name}", None))[1])
     monkeypatch.setattr(building, "save_classifier", lambda model, directory: calls.append(("save_classifier", model, directory)))
-    monkeypatch.setattr(building, "load_classifier", lambda directory: (calls.append(("load_classifier", directory)), "balanced model")[1])
+    monkeypatch.setattr(building, "load_classifier",
+                        lambda directory: (calls.append(("load_classifier", directory)), "balanced model")[1])
     monkeypatch.setattr(building, "train_oracle", lambda **kw: (calls.append(("train_oracle", kw)), "oracle")[1])
     monkeypatch.setattr(building, "save_oracle", lambda oracle, directory: calls.append(("save_oracle", oracle, directory)))
     monkeypatch.setitem(sys.modules, "explaind.world.clip", SimpleNamespace(train_clip=lambda **kw: calls.append(("train_clip", kw))))
@@ -240,8 +242,9 @@ def test_build_trains_each_part_by_its_recipe_in_order_and_saves_it_under_the_ro
                  ("save_oracle", "oracle", oracle_dir(tmp_path)),
                  ("train_clip", {"steps": 3 if smoke else None, "seed": 0, "out_dir": clip_dir(tmp_path), "num_threads": 3})]
     for stage, (steps, seed) in enumerate(((100, 4), (60, 5), (80, 6))):
-        expected.append(("train_t2i", {"steps": 3 if smoke else steps, "seed": seed, "clip_dir": clip_dir(tmp_path), "out_dir": t2i_dir(tmp_path),
-                                       "init_from": t2i_dir(tmp_path) if stage else None, "num_threads": 3}))
+        expected.append(("train_t2i", {"steps": 3 if smoke else steps, "seed": seed, "clip_dir": clip_dir(tmp_path),
+                                       "out_dir": t2i_dir(tmp_path), "init_from": t2i_dir(tmp_path) if stage else None,
+                                       "num_threads": 3}))
     assert calls == expected
     assert set(timings) == {f"classifier/{name}" for name in scenario_names()} | {"oracle", "clip", "t2i"}
 
@@ -258,7 +261,8 @@ def test_build_trains_only_the_parts_asked_for(monkeypatch, tmp_path):
 def _run_build_command(monkeypatch, *arguments: str) -> list[tuple]:
     """Run ``python -m explaind.world.build ARGUMENTS`` with build and the quality table recorded."""
     calls: list[tuple] = []
-    monkeypatch.setattr(building, "build", lambda parts, **kw: (calls.append(("build", parts, kw)), {"classifier/balanced": 12.4, "oracle": 3.0})[1])
+    timings = {"classifier/balanced": 12.4, "oracle": 3.0}
+    monkeypatch.setattr(building, "build", lambda parts, **kw: (calls.append(("build", parts, kw)), timings)[1])
     monkeypatch.setattr(building, "print_quality_table", lambda parts, root: calls.append(("quality", parts, root)))
     monkeypatch.setattr(sys, "argv", ["build", *arguments])
     building.main()

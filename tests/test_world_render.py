@@ -188,7 +188,8 @@ def test_the_shipped_scenarios_plant_the_shares_docs_world_md_gives_and_nothing_
         scenario = get_scenario(name)
         assert scenario.sizes == {"train": 12000, "val": 1200, "test": 3000}, name
         assert scenario.group_attribute == (scenario.focus.attribute if scenario.focus else "background"), name
-        for split, klass, attribute in [(s, k, a) for s in SPLITS for k in SHAPES for a in ("colour", "texture", "background", "artifact")]:
+        sampled = ("colour", "texture", "background", "artifact")
+        for split, klass, attribute in [(split, klass, attribute) for split in SPLITS for klass in SHAPES for attribute in sampled]:
             values = ATTRIBUTE_VALUES[attribute]
             expected = dict.fromkeys(values, 1 / len(values)) if attribute != "artifact" else {"none": 1.0, "watermark": 0.0}
             if scenario.focus is not None and attribute == scenario.focus.attribute:
@@ -199,7 +200,8 @@ def test_the_shipped_scenarios_plant_the_shares_docs_world_md_gives_and_nothing_
                 else:
                     share = focused if klass == scenario.focus.klass else others
                     expected = {v: share if v == value else (1 - share) / (len(values) - 1) for v in values}
-            assert dict(zip(values, scenario.distribution(split, klass, attribute))) == pytest.approx(expected), (name, split, klass, attribute)
+            drawn = dict(zip(values, scenario.distribution(split, klass, attribute)))
+            assert drawn == pytest.approx(expected), (name, split, klass, attribute)
 
 
 def test_spurious_artifact_marks_only_stars_in_train_and_half_of_all_test_images():
@@ -355,7 +357,8 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
 
 @pytest.mark.parametrize(("body", "named"), [
     # The American spelling of colour; the message lists the attributes a split may set.
-    ('train.default.color = { red = 1.0 }', r"unknown attributes \['color'\]; expected \('colour', 'texture', 'background', 'artifact'\)"),
+    ('train.default.color = { red = 1.0 }',
+     r"unknown attributes \['color'\]; expected \('colour', 'texture', 'background', 'artifact'\)"),
     ('train.classes.heart.backgrund = { water = 1.0 }', "backgrund"),
     ('trian.default.background = { water = 1.0 }', "trian"),
     ('sizes = { validation = 10 }', "validation"),
@@ -367,7 +370,8 @@ def test_scenario_file_errors_name_the_entry(tmp_path):
     ('focus = { attribute = "background", value = "water" }', "focus must name a class"),
     ('focus = { class = "heart", attribute = "background", value = "water", strength = 0.9 }', r"focus: unknown keys \['strength'\]"),
     ('train.default.background = { water = nan }', "background: weights must be finite"),  # failed later, in sampling
-    ('val = { inherit = "train", default = { background = { water = 1.0 } } }', r"val inherits 'train', so it cannot also set \['default'\]$"),
+    ('val = { inherit = "train", default = { background = { water = 1.0 } } }',
+     r"val inherits 'train', so it cannot also set \['default'\]$"),
     ('train.defaults.background = { water = 1.0 }', r"train: unknown keys \['defaults'\]"),
     # Wrong types: a string was read as its letters ("unknown values ['a', 'e', 'r', 't', 'w']"),
     # a number failed in iteration or in int() without naming the entry.
