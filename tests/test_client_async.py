@@ -406,6 +406,27 @@ def test_max_workers_must_be_a_positive_integer(max_workers):
         AsyncClient(max_workers=max_workers)
 
 
+@pytest.mark.parametrize("timeout, error, message", [("1", TypeError, "got '1'"), (float("nan"), ValueError, "got nan"), (True, TypeError, "got True")])
+@pytest.mark.parametrize("wait", ["result", "watch"])
+def test_an_awaited_results_or_watchs_timeout_is_checked_as_the_operations(wait, timeout, error, message):
+    # A string failed mid-wait ("unsupported operand type(s) for +"), True waited a second,
+    # and a watch's NaN went on to the server: Operation.result and .watch refuse each.
+    async def wait_on(client: AsyncClient) -> None:
+        operation = Operation(client.client, _running_operation("operations/x"))
+        if wait == "result":
+            await client.result(operation, timeout=timeout)
+        else:
+            async for _ in client.watch(operation, timeout=timeout):
+                pass
+
+    async def main() -> None:
+        async with AsyncClient("127.0.0.1:1") as client:  # refused before any call: no server
+            with pytest.raises(error, match=f"^timeout must be a number of seconds, {message}$"):
+                await wait_on(client)
+
+    asyncio.run(main())
+
+
 CLOSED = r"^this Client of .* is closed \(close\(\), or the end of its with-block\); make a new Client$"
 
 

@@ -16,7 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
 from ._errors import DeadlineExceededError, UnavailableError
-from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay
+from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay, checked_timeout
 from ._types import Sample
 
 P = ParamSpec("P")
@@ -115,6 +115,7 @@ class AsyncClient:
         await frees its thread soon; the job runs on (``await
         client.to_thread(operation.cancel)`` stops it; unlike Operation.result's Ctrl-C, a
         cancelled await does not)."""
+        timeout = checked_timeout(timeout)  # as Operation.result: a string failed mid-wait, naming no argument
         started = time.monotonic()
         with ProgressDisplay(operation.kind or operation.name, unit="step") if progress else contextlib.nullcontext() as display:
             # With progress, a first look shows where the job stands at once (done already, too), as Operation.result's watch does.
@@ -131,6 +132,7 @@ class AsyncClient:
         Operation.watch (which streams; this polls, so a cancelled loop frees its thread
         within a step). After ``timeout`` seconds (None: no limit) it ends, though the job
         may still run: see ``operation.done``."""
+        timeout = checked_timeout(timeout)  # as Operation.watch, and None for no limit
         seen = None
         async for _ in self._waits(operation, timeout, PROGRESS_STEP_S, first_look=True):
             now = (operation.state, operation.progress.step, operation.progress.total, operation.progress.message)
