@@ -117,11 +117,11 @@ class AsyncClient:
         cancelled await does not)."""
         timeout = checked_timeout(timeout)  # as Operation.result: a string failed mid-wait, naming no argument
         started = time.monotonic()
-        with ProgressDisplay(operation.kind or operation.name, unit="step") if progress else contextlib.nullcontext() as display:
+        with ProgressDisplay.of_job(operation) if progress else contextlib.nullcontext() as display:
             # With progress, a first look shows where the job stands at once (done already, too), as Operation.result's watch does.
             async for _ in self._waits(operation, timeout, PROGRESS_STEP_S if progress else RESULT_STEP_S, first_look=progress):
                 if display is not None:
-                    display.show(operation.progress.step, operation.progress.total, operation.state, operation.progress.message)
+                    display.show_job(operation)
         if not operation.done:
             raise operation._late(timeout, started)
         return await self.to_thread(operation.result, download=download)

@@ -217,6 +217,11 @@ class ProgressDisplay:
         self._shown: tuple[str, str] | None = None
         self._shown_at = -math.inf
 
+    @classmethod
+    def of_job(cls, operation: Operation[Any]) -> ProgressDisplay:
+        """The display of a job waited for (Operation.result, AsyncClient.result): named by its kind, counted in steps."""
+        return cls(operation.kind or operation.name, unit="step")
+
     def __enter__(self) -> ProgressDisplay:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -227,6 +232,10 @@ class ProgressDisplay:
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
             self._bar.close()
+
+    def show_job(self, operation: Operation[Any]) -> None:
+        """:meth:`show` ``operation`` as it was last read."""
+        self.show(operation.progress.step, operation.progress.total, operation.state, operation.progress.message)
 
     def show(self, step: int, total: int, state: str, message: str = "") -> None:
         """``step`` of ``total`` (0: unknown). A change of state prints a line at once, so
@@ -498,9 +507,9 @@ class Operation(Generic[ResultT]):
             if timeout is not None and timeout <= 0:  # one look, with or without progress
                 self.wait(timeout)
             elif progress:
-                with ProgressDisplay(self.kind or self.name, unit="step") as display:
+                with ProgressDisplay.of_job(self) as display:
                     for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
-                        display.show(update.progress.step, update.progress.total, update.state, update.progress.message)
+                        display.show_job(update)
             else:
                 self.wait(timeout)
         except DeadlineExceededError:
