@@ -393,6 +393,8 @@ def test_every_public_client_method_has_an_awaitable_twin_with_its_parameters():
         method = getattr(AsyncClient, name)
         assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), f"AsyncClient.{name} is not awaitable"
         assert list(twins[name].parameters)[1:] == list(signature.parameters)[1:], f"AsyncClient.{name}'s parameters are not Client.{name}'s"
+        if name not in ("close", "samples"):  # the AsyncClient's own; the rest call the Client's, not another of the same parameters
+            assert method.__wrapped__ is getattr(Client, name), f"AsyncClient.{name} calls Client.{method.__wrapped__.__name__}"
     # watch is Operation.watch's twin: the same time limit when none is given.
     assert inspect.signature(AsyncClient.watch).parameters["timeout"].default == inspect.signature(Operation.watch).parameters["timeout"].default
     client_arguments = list(inspect.signature(Client).parameters.values())
@@ -531,6 +533,7 @@ def test_an_async_clients_timeout_and_tls_files_are_its_clients(tmp_path):
     assert asyncio.run(timeout_of_a_client()) == 2.5
     with pytest.raises(FileNotFoundError, match="^root_certificates: no file"):
         AsyncClient("127.0.0.1:1", root_certificates=tmp_path / "ca.pem")
+    (tmp_path / "chain.pem").write_text("-----BEGIN CERTIFICATE-----\n")  # the key alone is missing: the error names it, not the chain
     with pytest.raises(FileNotFoundError, match="^private_key: no file"):
         AsyncClient("127.0.0.1:1", private_key=tmp_path / "key.pem", certificate_chain=tmp_path / "chain.pem")
     with pytest.raises(ValueError, match="^private_key and certificate_chain go together"):
