@@ -246,12 +246,20 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
             with pytest.raises(DeadlineExceededError):
                 await client.result(Operation(client.client, _running_operation("operations/x")), progress=progress, timeout=timeout)
 
+    async def watch() -> None:
+        async with AsyncClient(target) as client:
+            async for _ in client.watch(Operation(client.client, _running_operation("operations/x")), timeout=0.3):
+                pass
+
     try:
         asyncio.run(await_result(progress=False, timeout=0.3))
         assert asked and all(timeout <= 0.3 for timeout in asked), asked
         asked.clear()
         # 20 steps' time: in 0.3 s (6 steps) a first step slowed 0.25 s on a loaded machine left no second.
         asyncio.run(await_result(progress=True, timeout=1.0))
+        assert len(asked) > 1 and all(timeout <= 0.05 for timeout in asked), asked
+        asked.clear()
+        asyncio.run(watch())  # a watch, too, reads the job every PROGRESS_STEP_S
         assert len(asked) > 1 and all(timeout <= 0.05 for timeout in asked), asked
     finally:
         server.stop(0)
@@ -295,6 +303,26 @@ def test_an_awaited_result_waits_through_a_restart_only_when_its_client_retries(
         server.stop(0)
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
+def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailable(monkeypatch, asynchronous):
+    # The awaited result, retrying its last step too, said the job was late where
+    # Operation.result says what happened: the server was unavailable to the end.
+    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
+    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
+    server, target = _serve(_RestartingThenFailed(60), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_result(operation: Operation) -> Any:
+        async with AsyncClient(target) as client:
+            return await client.result(operation, timeout=0.6)
+
+    try:
+        with Client(target) as client, pytest.raises(UnavailableError):
+            operation = Operation(client, _running_operation("operations/x"))
+            asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=0.6)
+    finally:
+        server.stop(0)
+
+
 def test_a_watch_yields_a_job_once_while_it_does_not_change_and_a_done_one_once(monkeypatch):
     monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
 
@@ -308,6 +336,48 @@ def test_a_watch_yields_a_job_once_while_it_does_not_change_and_a_done_one_once(
 
     assert asyncio.run(watch(_running_operation("operations/x"))) == ["running"]
     assert asyncio.run(watch(_succeeded_operation("operations/x"))) == ["succeeded"]  # as it is now, though done already
+
+
+class _Scripted(operations_pb2_grpc.OperationsServiceServicer):
+    """A job read as each of ``messages`` in turn, one a read (GetOperation, or a WaitOperation
+    that takes what it asks for), the last from then on."""
+
+    def __init__(self, messages: list[Any]) -> None:
+        self.messages = messages
+
+    def _next(self) -> Any:
+        return self.messages.pop(0) if len(self.messages) > 1 else self.messages[0]
+
+    def GetOperation(self, request, context):
+        return operations_pb2.GetOperationResponse(operation=self._next())
+
+    def WaitOperation(self, request, context):
+        time.sleep(request.timeout.ToTimedelta().total_seconds())
+        return operations_pb2.WaitOperationResponse(operation=self._next())
+
+
+def test_a_watch_yields_every_change_of_state_step_total_or_message_from_the_jobs_state_now(monkeypatch):
+    # Each of the four alone is a change, as each is a progress update of Operation.watch;
+    # the first yield is the job as the server has it, not as the Operation was last read.
+    monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
+    states = {name: getattr(operations_pb2, f"OPERATION_STATE_{name.upper()}") for name in ("queued", "running", "succeeded")}
+    reads = [("queued", 0, 0, ""), ("running", 0, 0, ""), ("running", 0, 4, ""), ("running", 0, 4, "loading"), ("running", 0, 4, "loading"),
+             ("running", 1, 4, "loading"), ("succeeded", 4, 4, "done")]
+    server, target = _serve(_Scripted([_operation_message("operations/x", done=state == "succeeded", kind="edit_head", state=states[state],
+                                                          progress=operations_pb2.Progress(step=step, total=total, message=message))
+                                       for state, step, total, message in reads]),
+                            add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def watch() -> list[tuple[str, int, int, str]]:
+        async with AsyncClient(target) as client:
+            stale = Operation(client.client, _running_operation("operations/x"))
+            return [(update.state, update.progress.step, update.progress.total, update.progress.message)
+                    async for update in client.watch(stale, timeout=30)]
+
+    try:
+        assert asyncio.run(watch()) == reads[:4] + reads[5:]  # the fifth read changed nothing
+    finally:
+        server.stop(0)
 
 
 def test_a_result_not_ready_in_time_hands_back_its_operation_and_the_job_runs_on(served):
