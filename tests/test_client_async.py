@@ -418,6 +418,62 @@ def test_a_cancelled_result_await_frees_its_thread_within_a_step(served, monkeyp
     asyncio.run(cancel_a_wait())
 
 
+def test_an_awaited_result_leaves_the_event_loop_free_while_it_waits(monkeypatch):
+    # A wait made in the loop's own thread would hold every other task until the job ended
+    # or the result's timeout passed.
+    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
+    server, target = _serve(_Unchanging(_running_operation("operations/x")), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def call_while_waiting() -> None:
+        async with AsyncClient(target) as client:
+            waiting = asyncio.ensure_future(client.result(Operation(client.client, _running_operation("operations/x")), timeout=5))
+            await asyncio.sleep(0)  # the result begins its first wait
+            assert await client.to_thread(str, "answered") == "answered"
+            assert not waiting.done()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+
+    try:
+        asyncio.run(call_while_waiting())
+    finally:
+        server.stop(0)
+
+
+def test_an_async_client_runs_calls_at_once_by_default():
+    # Its default threads are several: with one, it would run no more at once than a Client.
+    both_inside = threading.Barrier(2, timeout=10)
+
+    async def two_at_once() -> None:
+        async with AsyncClient("127.0.0.1:1") as client:
+            await asyncio.gather(client.to_thread(both_inside.wait), client.to_thread(both_inside.wait))
+
+    asyncio.run(two_at_once())
+
+
+def test_closing_an_async_client_neither_waits_for_its_running_calls_nor_keeps_their_threads():
+    # close() is awaited in the event loop: waiting there for a call to end would hold every
+    # task; and a pool left open keeps its threads waiting for work for good.
+    release, ended = threading.Event(), threading.Event()
+
+    def held() -> threading.Thread:
+        release.wait(10)
+        ended.set()
+        return threading.current_thread()
+
+    async def close_while_running() -> tuple[AsyncClient, threading.Thread]:
+        client = AsyncClient("127.0.0.1:1")
+        running = client.to_thread(held)
+        await client.close()
+        assert not ended.is_set()
+        release.set()
+        return client, await running
+
+    client, thread = asyncio.run(close_while_running())  # the client kept, as a program's may be: its pool is not collected
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_a_call_cancelled_while_waiting_its_turn_never_runs(served):
     target, _ = served
 
