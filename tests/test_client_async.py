@@ -253,7 +253,7 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
 
     try:
         asyncio.run(await_result(progress=False, timeout=0.3))
-        assert asked and all(timeout <= 0.3 for timeout in asked), asked
+        assert len(asked) == 1 and asked[0] <= 0.3, asked  # RESULT_STEP_S is longer: one wait, for the time left
         asked.clear()
         # 20 steps' time: in 0.3 s (6 steps) a first step slowed 0.25 s on a loaded machine left no second.
         asyncio.run(await_result(progress=True, timeout=1.0))
@@ -356,7 +356,8 @@ class _Scripted(operations_pb2_grpc.OperationsServiceServicer):
         return operations_pb2.WaitOperationResponse(operation=self._next())
 
 
-def test_a_watch_yields_every_change_of_state_step_total_or_message_from_the_jobs_state_now(monkeypatch):
+@pytest.mark.parametrize("timeout", [30, None])
+def test_a_watch_yields_every_change_of_state_step_total_or_message_from_the_jobs_state_now(monkeypatch, timeout):
     # Each of the four alone is a change, as each is a progress update of Operation.watch;
     # the first yield is the job as the server has it, not as the Operation was last read.
     monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
@@ -372,7 +373,7 @@ def test_a_watch_yields_every_change_of_state_step_total_or_message_from_the_job
         async with AsyncClient(target) as client:
             stale = Operation(client.client, _running_operation("operations/x"))
             return [(update.state, update.progress.step, update.progress.total, update.progress.message)
-                    async for update in client.watch(stale, timeout=30)]
+                    async for update in client.watch(stale, timeout=timeout)]  # None: until it is done
 
     try:
         assert asyncio.run(watch()) == reads[:4] + reads[5:]  # the fifth read changed nothing
@@ -521,8 +522,10 @@ def test_every_public_client_method_has_an_awaitable_twin_with_its_parameters():
         assert list(twins[name].parameters)[1:] == list(signature.parameters)[1:], f"AsyncClient.{name}'s parameters are not Client.{name}'s"
         if name not in ("close", "samples"):  # the AsyncClient's own; the rest call the Client's, not another of the same parameters
             assert method.__wrapped__ is getattr(Client, name), f"AsyncClient.{name} calls Client.{method.__wrapped__.__name__}"
-    # watch is Operation.watch's twin: the same time limit when none is given.
-    assert inspect.signature(AsyncClient.watch).parameters["timeout"].default == inspect.signature(Operation.watch).parameters["timeout"].default
+    # result and watch are Operation.result's and .watch's twins: the same defaults (a watch's time limit, a result's none).
+    for name in ("result", "watch"):
+        awaited, blocking = (inspect.signature(getattr(cls, name)).parameters for cls in (AsyncClient, Operation))
+        assert {key: awaited[key].default for key in blocking if key != "self"} == {key: p.default for key, p in blocking.items() if key != "self"}
     client_arguments = list(inspect.signature(Client).parameters.values())
     assert list(inspect.signature(AsyncClient).parameters.values()) == [
         *client_arguments, inspect.Parameter("max_workers", inspect.Parameter.KEYWORD_ONLY, default=_async.DEFAULT_MAX_WORKERS, annotation="int")]
