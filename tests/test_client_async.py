@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +14,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import free_port
 from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation, OperationError, UnavailableError
 from explaind.client import _async, _operations
 from explaind.config import default_config
-from explaind.v1 import operations_pb2, operations_pb2_grpc
+from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 from test_client_sdk import _operation_message, _ranking_with_omega, _running_operation, _serve
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -147,6 +149,40 @@ def test_an_operations_result_and_a_sets_samples_are_awaited(served):
 
     awaited, blocking, read = asyncio.run(evaluate())
     assert awaited == blocking and awaited.sample_count == 3 and read == 2
+
+
+class _OneSamplePages(sample_sets_pb2_grpc.SampleSetServiceServicer):
+    """A set of three samples (labels 0, 1, 2) listed one a page; ``asked``: the page tokens asked for."""
+
+    def __init__(self) -> None:
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(png, format="PNG")
+        self.png, self.asked = png.getvalue(), []
+
+    def ListSamples(self, request, context):
+        self.asked.append(request.page_token)
+        index = int(request.page_token or 0)
+        return sample_sets_pb2.ListSamplesResponse(samples=[sample_sets_pb2.Sample(image=common_pb2.Image(encoded=self.png), label=index)],
+                                                   next_page_token=str(index + 1) if index < 2 else "")
+
+
+def test_an_async_for_over_samples_reads_each_page_only_when_it_gets_there():
+    # A set may be too large to read ahead: a loop that stops at its first sample reads no later page.
+    pages = _OneSamplePages()
+    server, target = _serve(pages)
+
+    async def first_then_all() -> tuple[list[str], list[int]]:
+        async with AsyncClient(target) as client:
+            async for _ in client.samples("s"):
+                break
+            asked_for_one = list(pages.asked)
+            return asked_for_one, [sample.label async for sample in client.samples("s")]
+
+    try:
+        asked_for_one, labels = asyncio.run(first_then_all())
+    finally:
+        server.stop(0)
+    assert asked_for_one == [""] and labels == [0, 1, 2]
 
 
 def test_an_awaited_result_shows_its_jobs_progress_as_the_blocking_one_does(served, capsys):
