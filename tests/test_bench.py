@@ -110,6 +110,12 @@ def test_the_solver_bench_explains_every_mistake_then_runner_ups_up_to_the_minim
     assert len(solver.counterfactual_problems(logits, labels, min_mistakes=600)[0]) == 5
 
 
+def test_the_solver_bench_warns_of_a_speed_up_taken_on_fewer_problems_than_acceptance_1_asks_for(monkeypatch):
+    solver = _bench_module("neuroinspect_solver", monkeypatch)
+    assert "499 problems, fewer than the 500" in solver.scale_warning(499)
+    assert solver.scale_warning(500) is None
+
+
 def _ranked(neuron: int, direction: str, insufficient_ratio: float, excessive_ratio: float):
     from explaind.methods.neuroinspect import RankedNeuron
 
@@ -231,6 +237,7 @@ def test_the_solver_bench_prints_the_faithful_solver_s_agreement_and_speed_up_ov
     assert run.returncode == 0, run.stderr
     problems = re.search(r"^spurious_background: (\d+) test mistakes \+ (\d+) runner-up targets = (\d+) problems", run.stdout, re.M)
     assert problems and int(problems[1]) + int(problems[2]) == int(problems[3]) >= 500, run.stdout
+    assert "warning" not in run.stderr, run.stderr
     reference = float(re.search(r"^reference per-sample loop\s+([0-9.]+)\s+1\.0\s", run.stdout, re.M)[1])
     seconds, speed_up = map(float, re.search(r"^faithful \(batched\)\s+([0-9.]+)\s+([0-9.]+)\s", run.stdout, re.M).groups())
     assert abs(speed_up * seconds - reference) <= 0.0005 * speed_up + 0.05 * seconds + 0.0005, run.stdout
