@@ -371,6 +371,26 @@ def test_an_edit_evaluates_up_to_max_edit_groups_groups_of_class_and_attribute_v
         _shut(engine)
 
 
+def test_a_value_error_from_the_head_editor_fails_the_edit_internal_as_the_bug_it_is(tmp_path, world_set, monkeypatch):
+    # edit_head checks every argument itself, naming its field; a ValueError the editor
+    # still raises is a bug to alert on, not the caller's INVALID_ARGUMENT without a field.
+    from explaind.engine import neuroinspect
+
+    def broken_edit(self, *args, **kwargs):
+        raise ValueError("an unforeseen check")
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        monkeypatch.setattr(neuroinspect.HeadEditor, "edit", broken_edit)
+        feature_version = engine.models.active.feature_version
+        before = engine.store.list_head_versions(feature_version)
+        failed = engine.jobs.wait(inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1).record.job_id, 60).record
+        assert (failed.state, failed.error_code) == ("failed", "INTERNAL")
+        assert engine.store.list_head_versions(feature_version) == before  # nothing stored
+    finally:
+        _shut(engine)
+
 def test_rank_matches_the_in_process_ranker(client, world_set):
     from explaind.methods.neuroinspect import MistakeNeuronRanker
     from explaind.world.classifier import load_classifier

@@ -599,8 +599,6 @@ class NeuroInspectEngine:
                     evaluation_features=eval_features, evaluation_labels=eval_labels, evaluation_groups=groups,
                     callback_on_epoch_end=on_epoch, callback_on_training_end=on_training_end,
                 )
-            except ValueError as error:
-                raise InvalidArgument(str(error)) from None
             except TrainingDiverged as error:
                 raise FailedPrecondition(f"{error}; nothing was stored") from None
             context.stage("storing")
