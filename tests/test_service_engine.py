@@ -3492,6 +3492,22 @@ def test_a_job_s_run_is_in_the_metrics_once_a_waiter_sees_it_end(tmp_path, monke
         jobs.shutdown(1)
 
 
+def test_a_job_whose_work_calls_sys_exit_ends_failed_internal_and_its_worker_runs_the_next(tmp_path):
+    # SystemExit is no Exception: it passed the job's handlers, and the job stayed running
+    # to its waiters until a restart, its running gauge counted down as if it had ended.
+    def exits(context):
+        sys.exit("a library gave up")
+
+    metrics = Metrics()
+    jobs = JobManager(SQLiteStore(tmp_path), metrics, workers=1)
+    try:
+        ended = jobs.wait(jobs.submit("visualize", exits).record.job_id, 10).record
+        assert (ended.state, ended.error_code) == ("failed", "INTERNAL") and "(SystemExit)" in ended.error_message
+        assert metrics.registry.get_sample_value("explaind_job_duration_seconds_count", {"kind": "visualize", "outcome": "failed"}) == 1
+        assert jobs.wait(jobs.submit("visualize", lambda ctx: _empty()).record.job_id, 10).record.state == "succeeded"
+    finally:
+        jobs.shutdown(1)
+
 def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
     store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
     jobs = JobManager(store, metrics, max_queued=1, workers=1)

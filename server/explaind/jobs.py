@@ -446,7 +446,9 @@ class JobManager:
                 self._finish(live, FAILED, error=(ABORTED, "the server shut down while this job was running; submit it again"))
         except ExplaindError as error:
             self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error))
-        except Exception as error:  # noqa: BLE001 - a job's failure is reported, not raised
+        except BaseException as error:  # noqa: BLE001 - a job's failure is reported, not raised
+            # BaseException too: a library's sys.exit() in the job's thread (SystemExit) left the
+            # job running forever to its waiters, its worker free for the next one.
             self._finish(live, FAILED, error=report_unexpected(log, f"job {live.record.job_id} ({live.record.kind}) failed", error))
         else:
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
