@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # serves only its own tests.
 TEST_WORKERS ?= 2
 
-.PHONY: test test-gpu demo proto bench world serve clean
+.PHONY: test test-gpu coverage demo proto bench world serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else f'make test-gpu: torch {torch.__version__} sees no CUDA device')"
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -m gpu
+
+# The suite's branch coverage, per file with the lines never run (config: pyproject.toml's
+# [tool.coverage.*]). coverage is installed here, not by .[dev]: `make test` needs none of it.
+# TESTS: test files or node ids to run instead of all (e.g. TESTS=tests/test_service_jobs.py).
+coverage: $(STAMP)
+	@sh tests/system_packages.sh
+	$(PY) -m pip install -q 'coverage>=7.10'
+	rm -rf var/coverage && mkdir -p var/coverage
+	OMP_NUM_THREADS=1 $(PY) -m coverage run -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TESTS)
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report
 
 demo: $(STAMP)
 	$(PY) -m explaind demo

@@ -49,3 +49,12 @@ def test_requires_python_admits_exactly_the_python_versions_the_classifiers_name
     prefix = "Programming Language :: Python :: 3."
     classified = {int(c.removeprefix(prefix)) for c in project["classifiers"] if c.startswith(prefix)}
     assert classified == admitted
+
+
+def test_make_coverage_measures_every_source_root_but_the_generated_stubs():
+    # A source root added to the distribution and not to [tool.coverage.run] would be
+    # left out of `make coverage`'s report silently: its files never listed as missed.
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    roots = set(config["setuptools"]["package-dir"].values())
+    assert set(config["coverage"]["run"]["source"]) == roots - {"clients/explaind/v1"}
+    assert all((ROOT / root).is_dir() for root in roots)
