@@ -246,6 +246,40 @@ def test_pipeline_is_deterministic_per_seed_and_independent_of_the_batch(smoke):
     assert pipe("a star", num_images_per_prompt=3, num_inference_steps=2, output_type="latent").images.shape == (3, 48, 16, 16)
 
 
+def test_guidance_of_at_most_one_leaves_the_negative_prompt_out(smoke):
+    """Documented "no guidance when w <= 1": the image is the prompt's alone, whatever the
+    negative prompt, given as text or as embeddings; at guidance 3 the negative prompt shows."""
+    pipe = smoke[2]
+    negatives = pipe.encode_prompt("a blue heart on grass")
+
+    def draw(**kwargs):
+        return pipe("a red star on sand", generator=_generators(0), num_inference_steps=2, **kwargs).images
+
+    for scale in (0.5, 1.0):
+        alone = draw(guidance_scale=scale, negative_prompt="a green cross on snow")
+        assert torch.equal(alone, draw(guidance_scale=scale, negative_prompt_embeds=negatives))
+    guided = draw(guidance_scale=3.0, negative_prompt="a blue heart on grass")
+    assert not torch.allclose(guided, draw(guidance_scale=3.0), atol=1e-4)  # the negative replaces the empty prompt
+    torch.testing.assert_close(draw(guidance_scale=3.0, negative_prompt_embeds=negatives), guided, atol=1e-5, rtol=0)
+    # One negative per prompt serves each of its images.
+    twice = pipe("a red star on sand", negative_prompt_embeds=negatives, num_images_per_prompt=2, generator=_generators(0, 1),
+                 num_inference_steps=2, guidance_scale=3.0).images
+    torch.testing.assert_close(twice[:1], guided, atol=1e-4, rtol=0)
+    assert not torch.allclose(guided, draw(guidance_scale=0.5), atol=1e-4)
+
+
+def test_pipeline_starts_from_given_latents_and_returns_pil_images_or_a_tuple(smoke):
+    pipe = smoke[2]
+    start = pipe.prepare_latents(1, _generators(3))
+    seeded = pipe("a star", generator=_generators(3), num_inference_steps=2, output_type="np").images
+    from_latents = pipe("a star", latents=start, num_inference_steps=2, output_type="np", return_dict=False)
+    assert isinstance(from_latents, tuple) and len(from_latents) == 1
+    np.testing.assert_allclose(from_latents[0], seeded, atol=1e-5, rtol=0)
+    (picture,) = pipe("a star", latents=start, num_inference_steps=2, output_type="pil").images
+    assert isinstance(picture, Image.Image) and picture.size == (64, 64)
+    assert np.abs(np.asarray(picture, dtype=np.float64) - seeded[0] * 255).max() <= 1  # 8-bit rounding only
+
+
 def test_callback_sees_every_step_and_can_cancel(smoke):
     pipe = smoke[2]
     seen = []
@@ -300,6 +334,8 @@ def test_pipeline_rejects_bad_arguments(smoke):
         pipe("a star", output_type="jpeg")
     with pytest.raises(ValueError, match="generators"):
         pipe(["a star", "a heart"], generator=_generators(0))
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs \['noise'\]"):
+        pipe("a star", callback_on_step_end=lambda *args: {}, callback_on_step_end_tensor_inputs=("latents", "noise"))
 
 
 def test_the_service_loads_the_world_layout_with_the_configured_clip_as_text_encoder(smoke, tmp_path):
