@@ -179,6 +179,62 @@ def test_quality_table_shows_accuracy_worst_group_and_gap_in_points():
 
 
 
+def test_quality_command_prints_what_each_part_asked_for_measures_on_the_models_under_its_root(monkeypatch, capsys, tmp_path):
+    """``python -m explaind.world.quality --parts ... --root ...`` (docs/world.md) on the shipped
+    weights, each evaluation cut to a few images: every number printed is the one measured."""
+    from explaind.world import clip, oracle, quality, t2i
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for part in ("classifiers", "oracle", "clip", "t2i"):
+        (tmp_path / part).symlink_to(ASSETS_DIR / part)
+    loaded, measured = [], {}
+
+    def loading(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda directory, *args, **kw: (loaded.append(directory), real(directory, *args, **kw))[1])
+
+    def measuring(module, name, **cut):
+        real = getattr(module, name)
+
+        def measure(*args, **kw):
+            result = real(*args, **kw, **cut)
+            measured.setdefault(name, []).append(result)
+            return result
+
+        monkeypatch.setattr(module, name, measure)
+
+    loading(quality, "load_classifier"), loading(oracle, "load_oracle"), loading(clip, "load_world_clip"), loading(t2i, "load_world_t2i")
+    measuring(quality, "classifier_report", test_size=30)
+    measuring(oracle, "oracle_accuracy", size=12)
+    measuring(clip, "evaluate_clip_zero_shot", size=12)
+    measuring(t2i, "evaluate_t2i", prompts=["a red star on sand"], seeds=(0,), num_inference_steps=2, guidance_scale=2.0)
+    monkeypatch.setattr(sys, "argv", ["quality", "--parts", "classifiers,oracle,clip,t2i", "--root", str(tmp_path)])
+    quality.main()
+
+    out = capsys.readouterr().out
+    scenarios = scenario_names()
+    assert loaded[:len(scenarios)] == [classifier_dir(name, tmp_path) for name in scenarios]
+    # t2i: scored by the oracle, prompted through CLIP
+    assert sorted(loaded[len(scenarios):]) == [tmp_path / "clip"] * 2 + [tmp_path / "oracle"] * 2 + [tmp_path / "t2i"]
+    reports = dict(zip(scenarios, measured["classifier_report"]))
+    assert out.startswith(f"== Classifiers (test split) ==\n{format_classifier_table(reports)}\n")
+    generated = measured["evaluate_t2i"][0]
+    assert generated["num_images"] == 1 and (tmp_path / "t2i_samples.png").is_file()  # the grid lies under the root
+    sections = out.split("\n== ")[1:]
+    assert [section.splitlines()[0] for section in sections] == [
+        "Attribute oracle (balanced test) ==", 'CLIP zero-shot top-1 (balanced test, "a photo of a {x}") ==',
+        "Text-to-image: oracle recognises the prompted attribute (1 images, CFG 2.0, 2 DDIM steps) =="]
+    for section, accuracy in zip(sections, (measured["oracle_accuracy"][0], measured["evaluate_clip_zero_shot"][0], generated["accuracy"])):
+        assert [line.split() for line in section.splitlines()[1:] if "sample grid" not in line] == [
+            [attribute, f"{value:.3f}"] for attribute, value in accuracy.items()]
+    assert f"sample grid: {tmp_path / 't2i_samples.png'}" in out
+
+    loaded.clear()
+    monkeypatch.setattr(sys, "argv", ["quality", "--parts", "oracle", "--root", str(tmp_path)])
+    quality.main()
+    assert loaded == [tmp_path / "oracle"] and capsys.readouterr().out.count("==") == 2  # one part, one heading
+
+
 def test_a_group_report_s_accuracy_is_over_samples_and_its_worst_group_the_lowest_class_and_value_pair():
     from explaind.world.train_classifier import group_report
 
