@@ -96,6 +96,36 @@ def test_paused_training_resumes_to_the_same_weights_as_an_unbroken_run(smoke, t
     assert not checkpoint.exists()  # the finished run's weights replace it
 
 
+def test_a_run_killed_between_checkpoints_resumes_from_the_last_periodic_save(smoke, tmp_path):
+    """Without any deadline the state is saved every ``checkpoint_every`` steps, so a crash
+    loses only the steps since; the same call again redoes those and ends as an unbroken run."""
+    _, clip, _, _ = smoke
+    images, attributes, captions, masks = training_scenes(8, seed=0, watermark_fraction=0.2)
+    autoencoder = PixelShuffleAutoencoder(**AUTOENCODER_CONFIG, scaling_factor=2.0)
+    checkpoint = tmp_path / "t2i.pt"
+
+    def run(on_step, **saving):
+        return train_unet(images, attributes, captions, masks, autoencoder, clip, steps=4, batch_size=4, on_step=on_step, log=False, **saving)
+
+    unbroken: list[float] = []
+    expected = run(lambda step, loss: unbroken.append(loss))
+
+    class Killed(Exception):
+        pass
+
+    def killed_in_step_three(step, loss):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(killed_in_step_three, checkpoint=checkpoint, checkpoint_every=2)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    resumed: list[float] = []
+    ema = run(lambda step, loss: resumed.append((step, loss)), checkpoint=checkpoint, checkpoint_every=2)
+    assert resumed == list(enumerate(unbroken))[2:]
+    assert all(torch.equal(value, expected.state_dict()[key]) for key, value in ema.state_dict().items())
+
+
 def test_warm_restart_continues_from_the_given_weights(smoke, tmp_path):
     """``init_from`` starts the UNet at a saved model's weights: one small first step
     leaves them nearly unchanged, where a run from random weights lands far away."""
