@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from explaind.world import t2i
 from explaind.world.assets import oracle_dir, t2i_dir
 from explaind.world.autoencoder_pixel_shuffle import PixelShuffleAutoencoder
 from explaind.world.clip import caption_constraints, load_world_clip, train_clip, training_scenes
@@ -411,6 +414,75 @@ def test_evaluation_lets_the_oracle_read_every_prompt_and_seed_and_scores_only_w
         torch.testing.assert_close(images[index : index + 1], alone, atol=1e-4, rtol=0)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (4 * 64 + 5, 64 + 2)  # one row per 4 prompts, their seeds side by side; 1-pixel padding
+
+
+def _run_t2i_command(monkeypatch, *arguments: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["t2i", *arguments])
+    t2i.main()
+
+
+def test_t2i_command_passes_its_options_on_and_needs_a_checkpoint_for_max_minutes(monkeypatch, capsys, tmp_path):
+    trained = []
+    monkeypatch.setattr(t2i, "train_t2i", lambda **kw: (trained.append(kw), tmp_path / "out")[1])
+    before = time.monotonic()
+    _run_t2i_command(monkeypatch, "--out", str(tmp_path / "out"), "--clip", str(tmp_path / "clip"), "--steps", "7", "--batch-size", "5",
+                     "--seed", "3", "--clean-weight-floor", "0.25", "--object-weight", "2.5", "--init-from", str(tmp_path / "prev"),
+                     "--threads", "1", "--device", "meta", "--skip-eval", "--checkpoint", str(tmp_path / "state.pt"), "--max-minutes", "1.5")
+    after = time.monotonic()
+    (options,) = trained
+    deadline = options.pop("deadline")
+    assert options == {"steps": 7, "seed": 3, "clip_dir": tmp_path / "clip", "out_dir": tmp_path / "out", "batch_size": 5,
+                       "clean_weight_floor": 0.25, "object_weight": 2.5, "init_from": tmp_path / "prev", "num_threads": 1,
+                       "device": "meta", "checkpoint": tmp_path / "state.pt"}
+    assert before + 90 <= deadline <= after + 90  # minutes from the start
+    assert capsys.readouterr().out.startswith("[t2i] trained in ")
+    _run_t2i_command(monkeypatch, "--skip-eval")
+    assert trained[1]["deadline"] is None and trained[1]["checkpoint"] is None and trained[1]["init_from"] is None
+    with pytest.raises(SystemExit) as refused:
+        _run_t2i_command(monkeypatch, "--skip-eval", "--max-minutes", "8")
+    assert refused.value.code == 2 and len(trained) == 2
+    assert "--max-minutes needs --checkpoint" in capsys.readouterr().err
+
+
+def test_t2i_command_exits_75_when_paused_and_the_same_command_finishes_the_run(smoke, monkeypatch, capsys, tmp_path):
+    """The loop docs/world.md gives for machines lent minutes at a time: rerun while the exit code is 75."""
+    _, _, _, clip_dir = smoke
+    monkeypatch.setattr(t2i, "evaluate_t2i", lambda **kw: pytest.fail("evaluated despite --skip-eval"))
+    checkpoint, out = tmp_path / "state.pt", tmp_path / "out"
+    command = ("--steps", "2", "--batch-size", "4", "--clip", str(clip_dir), "--out", str(out), "--threads", "1",
+               "--skip-eval", "--checkpoint", str(checkpoint), "--max-minutes", "0")
+    with pytest.raises(SystemExit) as paused:
+        _run_t2i_command(monkeypatch, *command)
+    assert paused.value.code == 75 and checkpoint.is_file() and not out.exists()
+    assert f"[t2i] paused after step 1 of 2; state saved to {checkpoint}" in capsys.readouterr().out
+    _run_t2i_command(monkeypatch, *command)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"[t2i] resuming from {checkpoint} at step 1/2"
+    assert printed[1].startswith("[t2i] step 2/2 loss ") and printed[-1].endswith(f"-> {out}")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and not checkpoint.exists()
+
+
+def test_t2i_command_scores_the_model_it_trained_with_the_oracle(smoke, monkeypatch, capsys, tmp_path):
+    _, _, _, clip_dir = smoke
+    loaded, reports = [], []
+    for name in ("load_world_clip", "load_world_t2i"):
+        real = getattr(t2i, name)
+        monkeypatch.setattr(t2i, name, lambda directory, *args, real=real, **kw: (loaded.append(directory), real(directory, *args, **kw))[1])
+    evaluate = t2i.evaluate_t2i
+
+    def evaluate_one_image(**kw):
+        reports.append(evaluate(**kw, prompts=["a red star on sand"], seeds=(0,), num_inference_steps=2))
+        return reports[-1]
+
+    monkeypatch.setattr(t2i, "evaluate_t2i", evaluate_one_image)
+    out, grid = tmp_path / "out", tmp_path / "samples" / "grid.png"
+    _run_t2i_command(monkeypatch, "--steps", "1", "--batch-size", "4", "--clip", str(clip_dir), "--out", str(out), "--threads", "1", "--grid", str(grid))
+    assert loaded == [clip_dir, clip_dir, out]  # trained against the CLIP, then loaded with it
+    (report,) = reports
+    assert grid.is_file() and report["num_images"] == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"[t2i] oracle on 1 samples (guidance {report['guidance_scale']}, 2 DDIM steps): "
+        + ", ".join(f"{attribute} {value:.3f}" for attribute, value in report["accuracy"].items()))
 
 
 def test_missing_component_names_the_directory(tmp_path):
