@@ -1,10 +1,14 @@
 """The shapes world's tiny CLIP: open_clip loading path, caption matching, smoke training, shipped weights."""
 
+import sys
+
 import numpy as np
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from explaind.world import clip
 from explaind.world.assets import clip_dir
 from explaind.world.clip import (
     CAPTION_WORDS,
@@ -157,6 +161,41 @@ def test_smoke_training_writes_a_checkpoint_that_open_clip_loads(smoke_clip):
     assert preprocess is not None
     classifier = zero_shot_classifier(model, tokenizer, ["star", "red", "sand"])
     assert classifier.shape == (3, 64) and torch.allclose(classifier.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_zero_shot_checks_during_training_are_logged_and_leave_the_training_as_it_was(tmp_path, capsys):
+    """``eval_every`` logs zero-shot accuracy that often; the check switches the model to eval
+    mode (batch norm), so training must go on in train mode and end at the same weights."""
+    run = {"steps": 3, "batch_size": 8, "num_threads": 1}
+    plain = train_clip(**run, out_dir=tmp_path / "plain", log=False)
+    capsys.readouterr()
+    checked = train_clip(**run, out_dir=tmp_path / "checked", eval_every=2)
+    printed = capsys.readouterr().out.splitlines()
+    checks = [line for line in printed if "zero-shot" in line]
+    assert len(checks) == 1 and checks[0].startswith("[clip] step 2 zero-shot shape ")
+    assert [line.split(" loss ")[0] for line in printed if " loss " in line] == ["[clip] step 1/3", "[clip] step 3/3"]
+    weights = [load_file(directory / CHECKPOINT_NAME) for directory in (plain, checked)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def _run_clip_command(monkeypatch, *arguments: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["clip", *arguments])
+    clip.main()
+
+
+def test_clip_command_trains_with_its_options_and_prints_the_zero_shot_accuracy_of_what_it_wrote(monkeypatch, capsys, tmp_path):
+    """``python -m explaind.world.clip --out DIR`` (the module's docstring), kept to a few steps and images."""
+    trained = []
+    train = clip.train_clip
+    monkeypatch.setattr(clip, "train_clip", lambda **kw: (trained.append(kw), train(**kw, log=False))[1])
+    _run_clip_command(monkeypatch, "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--train-size", "16",
+                      "--seed", "1", "--eval-size", "12", "--threads", "1")
+    assert trained == [{"steps": 2, "seed": 1, "out_dir": tmp_path, "batch_size": 8, "train_size": 16, "num_threads": 1}]
+    model, tokenizer, _ = load_world_clip(tmp_path)
+    accuracy = evaluate_clip_zero_shot(model, tokenizer, size=12)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[clip] trained in ") and printed[0].endswith(f"-> {tmp_path}")
+    assert printed[1] == "[clip] zero-shot top-1 on balanced test: " + ", ".join(f"{a} {v:.3f}" for a, v in accuracy.items())
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):
