@@ -375,6 +375,45 @@ def test_full_length_schedules_are_torchs_one_cycle_unchanged():
     assert ours == torchs
 
 
+def test_training_length_defaults_to_the_scenarios_classifier_epochs_else_the_recipes(capsys):
+    """The shipped spurious_background classifier trained 7 epochs (scenarios.toml), the others 5."""
+    from explaind.world.classifier import ClassifierConfig
+    from explaind.world.train_classifier import CLASSIFIER_EPOCHS, train_classifier
+
+    for name, epochs in (("spurious_background", 7), ("balanced", CLASSIFIER_EPOCHS)):
+        train_classifier(name, train_size=6, test_size=6, config=ClassifierConfig(image_size=32))
+        assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()] == [
+            [f"[{name}]", "epoch", f"{epoch}/{epochs}"] for epoch in range(1, epochs + 1)]
+
+
+def test_train_classifier_command_saves_the_model_it_trained_and_prints_its_test_report(monkeypatch, capsys, tmp_path):
+    """``python -m explaind.world.train_classifier`` (docs/neuroinspect.md), its test split cut to 12 images."""
+    from safetensors.torch import load_file
+
+    from explaind.world import train_classifier as training
+
+    calls, results = [], []
+    train = training.train_classifier
+
+    def train_on_few(name, **kw):
+        calls.append((name, kw))
+        results.append(train(name, **kw, test_size=12, log=False))
+        return results[-1]
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: calls.append(("threads", count)))
+    monkeypatch.setattr(training, "train_classifier", train_on_few)
+    monkeypatch.setattr(sys, "argv", ["train_classifier", "--scenario", "spurious_artifact", "--out", str(tmp_path / "model"),
+                                      "--epochs", "1", "--learning-rate", "0.01", "--train-size", "12", "--seed", "2", "--threads", "1"])
+    training.main()
+    assert calls == [("threads", 1), ("spurious_artifact", {"epochs": 1, "learning_rate": 0.01, "train_size": 12, "seed": 2})]
+    ((model, report),) = results
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[key], value.half() if value.is_floating_point() else value) for key, value in model.state_dict().items())
+    group, worst = report.worst_group
+    assert capsys.readouterr().out == f"test accuracy {report.accuracy:.3f}, worst group {group} {worst:.3f}\n"
+
+
 def test_a_classifier_is_trained_and_tested_at_its_configured_image_size(monkeypatch):
     # The data sets were drawn at 64 px whatever the config's image_size.
     from explaind.world import train_classifier as training
