@@ -842,6 +842,20 @@ def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_an
         assert [getattr(c, field) for c in comparisons] == pytest.approx(expected_scores.tolist(), abs=1e-6), field
 
 
+def test_a_classifier_without_known_attribute_neurons_has_nothing_to_compare(tiny_clip):
+    """A dead network (every weight zero, so every feature 0) detects no attribute: the
+    comparison is empty instead of asking CLIP-Illusion to visualise no neuron."""
+    from explaind.world.classifier import ClassifierConfig, WorldClassifier
+    from explaind.world.illusion_check import compare_on_known_attributes
+    from explaind.world.probes import probe_batch
+
+    dead = WorldClassifier(ClassifierConfig()).eval()
+    with torch.no_grad():
+        for parameter in dead.parameters():
+            parameter.zero_()
+    assert compare_on_known_attributes("dead", dead, tiny_clip, probe_batch(40, seed=0), steps=1, epsilon=0.05) == []
+
+
 def test_own_shape_conditioning_changes_only_shape_neurons_whose_top_class_is_another_shape(tiny_clip):
     """Acceptance 4's protocol conditions every neuron on its top class; "own-shape" gives a
     shape neuron its own shape instead. class_plus_context_colour's strongest cross
