@@ -1,5 +1,6 @@
 """Shipped world classifiers and oracle: load from files only, and measure them."""
 
+import json
 import sys
 from types import SimpleNamespace
 
@@ -251,6 +252,11 @@ def test_a_group_report_s_accuracy_is_over_samples_and_its_worst_group_the_lowes
 
 def test_missing_weights_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
+        load_classifier(tmp_path)
+    # A hand-edited config whose class names do not match its head's size is refused by name.
+    config = json.loads((classifier_dir("balanced") / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"class_names": config["class_names"][:-1]}))
+    with pytest.raises(ValueError, match="class_names must have num_classes entries"):
         load_classifier(tmp_path)
     with pytest.raises(FileNotFoundError, match="oracle.safetensors"):
         load_oracle(tmp_path)

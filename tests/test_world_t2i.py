@@ -259,6 +259,8 @@ def test_pixel_autoencoder_is_an_exact_autoencoderkl_stand_in():
     posterior = vae.encode(images).latent_dist
     assert posterior.mean.shape == (2, 48, 16, 16) and torch.equal(posterior.sample(), posterior.mean)
     assert torch.equal(vae.decode(posterior.mean).sample, images)
+    as_tuple = vae(images, return_dict=False)  # AutoencoderKL's forward: a round trip
+    assert torch.equal(vae(images).sample, images) and type(as_tuple) is tuple and torch.equal(as_tuple[0], images)
     # The top-left 4x4 RGB patch is the first latent pixel.
     assert torch.equal(posterior.mean[0, :, 0, 0], images[0, :, :4, :4].reshape(-1))
     with pytest.raises(ValueError, match="patch_size"):
