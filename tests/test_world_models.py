@@ -177,6 +177,7 @@ def test_quality_table_shows_accuracy_worst_group_and_gap_in_points():
     assert lines[0].split() == ["scenario", "accuracy", "worst", "group", "worst", "gap", "(pts)"]
     assert lines[1].split() == ["spurious_background", "0.850", "heart/sand", "0.550", "30.0"]
     assert all(group in table for group in groups)  # seven groups: a full row of five and a second row
+    assert format_classifier_table({"spurious_background": GroupReport(accuracy=0.85, group_accuracy=groups)}, per_group=False) == "\n".join(lines[:2])
 
 
 
