@@ -231,10 +231,11 @@ def test_quality_command_prints_what_each_part_asked_for_measures_on_the_models_
             [attribute, f"{value:.3f}"] for attribute, value in accuracy.items()]
     assert f"sample grid: {tmp_path / 't2i_samples.png'}" in out
 
-    loaded.clear()
-    monkeypatch.setattr(sys, "argv", ["quality", "--parts", "oracle", "--root", str(tmp_path)])
-    quality.main()
-    assert loaded == [tmp_path / "oracle"] and capsys.readouterr().out.count("==") == 2  # one part, one heading
+    for part in ("oracle", "clip"):  # one part, one heading
+        loaded.clear()
+        monkeypatch.setattr(sys, "argv", ["quality", "--parts", part, "--root", str(tmp_path)])
+        quality.main()
+        assert loaded == [tmp_path / part] and capsys.readouterr().out.count("==") == 2
 
 
 def test_a_group_report_s_accuracy_is_over_samples_and_its_worst_group_the_lowest_class_and_value_pair():
