@@ -5869,6 +5869,53 @@ def test_the_sweep_deletes_the_operations_that_ended_over_retention_days_ago_and
         store.close()
 
 
+def test_a_sweep_step_that_fails_is_logged_and_the_other_steps_still_run(tmp_path, monkeypatch, caplog):
+    # The sweep is what records the ends a full data dir refused and frees its space; one
+    # step's store error must not stop the others, nor end the sweeper's thread.
+    from explaind.service import ExplaindServer
+    from explaind.store.sqlite import RESERVE_FILE
+
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path), upload_idle_timeout_s=1e-9, data_dir_reserve_bytes=1 << 20)
+    server = ExplaindServer(config.replace("jobs", retention_days=1.0))
+    store, jobs, reserve = server.store, server.engine.jobs, tmp_path / RESERVE_FILE
+    refused = sqlite3.OperationalError("database is locked")
+
+    def fail(*args, **kwargs):
+        raise refused
+
+    try:
+        store.insert_job(JobRecord(job_id="0000000000000001", kind="evaluate", state="succeeded", create_time=1.0, end_time=2.0))
+        with store.writing_blobs() as put:
+            store.create_sample_set("abandoned", "", _samples(put, b"abandoned"), uploading=True)
+        update_job = store.update_job
+        monkeypatch.setattr(store, "update_job", lambda record: fail() if record.state in ("succeeded", "failed") else update_job(record))
+        job = jobs.submit("evaluate", lambda ctx: _empty())
+        jobs.wait(job.record.job_id, 10)
+        monkeypatch.setattr(store, "update_job", update_job)
+        assert store.get_job(job.record.job_id).state == "running"  # its end refused
+        store._release_reserve("for a test")
+        with monkeypatch.context() as patched, caplog.at_level(logging.INFO, logger="explaind"):
+            patched.setattr(jobs, "record_unrecorded_ends", fail)
+            patched.setattr(store, "delete_unfinished_uploads", fail)
+            server._sweep_once()
+        assert "recording the ends of operations the store had refused failed" in caplog.text
+        assert "deleting abandoned uploads failed" in caplog.text
+        assert [record.job_id for record in store.list_jobs()] == [job.record.job_id] and reserve.exists()
+        assert store.get_job(job.record.job_id).state == "running" and store.list_sample_sets()
+        store._release_reserve("for a test")
+        caplog.clear()
+        with monkeypatch.context() as patched, caplog.at_level(logging.INFO, logger="explaind"):
+            patched.setattr(jobs, "delete_ended_before", fail)
+            patched.setattr(store, "keep_reserve", fail)
+            server._sweep_once()
+        assert "deleting operations past their retention failed" in caplog.text and "deleting unused stored files failed" in caplog.text
+        assert "recorded the end of 1 operation(s) the store had refused" in caplog.text
+        assert store.get_job(job.record.job_id).state != "running" and not store.list_sample_sets() and not reserve.exists()
+    finally:
+        server.engine.jobs.shutdown(0)
+        store.close()
+
+
 def test_an_infinite_retention_or_upload_timeout_keeps_everything_as_0_does(tmp_path, monkeypatch, caplog):
     # TOML's inf reads as "never" (docs/configuration.md); a sweep that turned it into a
     # time (int(inf), a datetime) would fail every round, logged, and keep nothing else tidy.
