@@ -5916,13 +5916,15 @@ def test_a_sweep_step_that_fails_is_logged_and_the_other_steps_still_run(tmp_pat
         store.close()
 
 
-def test_an_infinite_retention_or_upload_timeout_keeps_everything_as_0_does(tmp_path, monkeypatch, caplog):
-    # TOML's inf reads as "never" (docs/configuration.md); a sweep that turned it into a
-    # time (int(inf), a datetime) would fail every round, logged, and keep nothing else tidy.
+@pytest.mark.parametrize("never", [0.0, math.inf])
+def test_an_infinite_or_0_retention_or_upload_timeout_keeps_everything(tmp_path, monkeypatch, caplog, never):
+    # TOML's inf reads as "never" (docs/configuration.md), as 0 does; a sweep that turned
+    # inf into a time (int(inf), a datetime) would fail every round, logged, and keep
+    # nothing else tidy, and one that took 0 as a time would delete every ended operation.
     from explaind.service import ExplaindServer
 
-    config = default_config().replace("server", port=0, data_dir=str(tmp_path), upload_idle_timeout_s=math.inf)
-    server = ExplaindServer(config.replace("jobs", retention_days=math.inf))
+    config = default_config().replace("server", port=0, data_dir=str(tmp_path), upload_idle_timeout_s=never)
+    server = ExplaindServer(config.replace("jobs", retention_days=never))
     store, now = server.store, time.time()
     try:
         store.insert_job(JobRecord(job_id="0000000000000001", kind="evaluate", state="succeeded", create_time=0.0, end_time=1.0))
