@@ -117,6 +117,16 @@ def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, c
     assert "s3cret" not in caplog.text
 
 
+@pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.2", True), ("::1", True), ("0.0.0.0", False), ("::", False),
+                                                ("explaind.internal", False)])
+def test_only_loopback_addresses_count_as_taking_connections_from_this_machine_alone(host, loopback):
+    # A host name other than localhost may resolve to any address: its callers' tokens
+    # may cross the network, so the plaintext warning is due.
+    from explaind.service.server import _is_loopback
+
+    assert _is_loopback(host) is loopback
+
+
 def test_a_tls_server_answers_only_clients_that_trust_its_certificate(tmp_path, classifier_dir, capsys):
     authority = Authority(tmp_path, "ca")
     server = tls_server(tmp_path, classifier_dir, *authority.issue("server"))
