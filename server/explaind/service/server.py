@@ -257,9 +257,6 @@ class ExplaindServer:
         self.tracing.close()  # after the last call and job: their spans are exported
         self._stopped.set()
 
-    def wait(self) -> None:
-        self._stopped.wait()
-
 
 class _HealthServicer(health.HealthServicer):
     """grpcio's health servicer, forgetting a watched service name once its last Watch
