@@ -3748,6 +3748,9 @@ def test_a_data_dir_that_cannot_be_written_or_locked_is_one_clear_error(tmp_path
     (tmp_path / "a-file").write_text("")
     with pytest.raises(StoreOpenError, match=r"cannot use the data dir .*a-file/data: Not a directory; the server must be able to write there"):
         SQLiteStore(tmp_path / "a-file" / "data")
+    (tmp_path / "locked-out" / "explaind.lock").mkdir(parents=True)  # the lock file cannot be opened (root ignores permissions)
+    with pytest.raises(StoreOpenError, match=r"cannot use the data dir .*locked-out: Is a directory; the server must be able to write there"):
+        SQLiteStore(tmp_path / "locked-out")
     monkeypatch.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))))
     with pytest.raises(StoreOpenError, match=r"cannot lock the data dir .*: No locks available; use a local file system"):
         SQLiteStore(tmp_path / "nfs")
