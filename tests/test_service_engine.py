@@ -5767,6 +5767,30 @@ def test_a_full_data_dir_releases_its_reserve_to_mark_a_failed_write_s_files_for
         store.close()
 
 
+@pytest.mark.parametrize("full", [True, False])
+def test_a_failed_write_whose_files_cannot_be_marked_either_raises_its_own_error_and_leaves_them_to_a_restart(tmp_path, monkeypatch, caplog, full):
+    # Full with no reserve to release, or a disk error: the caller hears why its write
+    # failed, not that the bookkeeping after it failed too; the files wait for the start-up sweep.
+    store = SQLiteStore(tmp_path)
+    transaction = store._transaction
+
+    def refused():
+        raise store._full("database or disk is full") if full else sqlite3.OperationalError("disk I/O error")
+
+    try:
+        with pytest.raises(AlreadyExists, match="taken"), store.writing_blobs() as put:
+            put(b"an image whose set was refused")
+            monkeypatch.setattr(store, "_transaction", refused)
+            raise AlreadyExists("sample set 'taken' already exists")
+        monkeypatch.setattr(store, "_transaction", transaction)
+        said = f"the server's data dir {tmp_path} is full" if full else "disk I/O error"
+        assert f"cannot mark 1 blob(s) of a failed write for deletion: {said}" in caplog.text
+        assert store.delete_unused_blobs() == 0 and store.delete_unused_blobs(everything=True) == 1 and not _blob_files(store)
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_a_database_whose_stored_files_are_all_missing_is_refused_at_start_up(tmp_path):
     # A database restored without artifacts/ (or a volume mounted wrong) started and served:
     # the active edited head fell back to the loaded one, and every set lacked its images.
