@@ -5551,6 +5551,11 @@ def test_a_full_data_dir_is_resource_exhausted_and_a_failed_blob_write_leaves_no
         with pytest.raises(ResourceExhausted, match=re.escape(f"{full} (No space left on device)")), store.writing_blobs() as put:
             put(b"image")
     assert not list(store.blob_dir.rglob("*.tmp")) and not list(store.blob_dir.rglob(_digest(b"image")))
+    with monkeypatch.context() as patched:  # another error is the caller's as it is (INTERNAL), no scratch file left either
+        patched.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)), store.writing_blobs() as put:
+            put(b"image")
+    assert not list(store.blob_dir.rglob("*.tmp")) and not list(store.blob_dir.rglob(_digest(b"image")))
     # The database full: SQLite's own SQLITE_FULL, here from a page limit.
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     store._db.execute(f"PRAGMA max_page_count = {pages}")
