@@ -5481,6 +5481,24 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
+def test_a_blob_file_the_sweep_cannot_delete_is_logged_not_counted_and_the_others_go(tmp_path, caplog):
+    # The count feeds explaind_stored_files_deleted_total: a file left on disk is no file deleted.
+    store = SQLiteStore(tmp_path)
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"deletable", b"stuck"))
+        store.delete_sample_set("s")
+        stuck = store._blob_path(_digest(b"stuck"))
+        stuck.unlink()
+        stuck.mkdir()  # unlink() refuses a directory, whoever runs it
+        assert store.delete_unused_blobs() == 1
+        assert _blob_files(store) == {stuck.name}
+        assert f"cannot delete the unused blob {stuck.name}: Is a directory" in caplog.text
+        assert store.delete_unused_blobs() == 0  # its records are gone: not retried every sweep
+    finally:
+        store.close()
+
+
 def test_the_server_s_start_up_sweep_deletes_blob_files_nothing_references(tmp_path, classifier_dir):
     # A file an earlier process wrote but never recorded (it died between the two) is
     # referenced by nothing, so no later sweep would ever meet it: the start-up sweep must.

@@ -626,7 +626,8 @@ class SQLiteStore:
 
     def _delete_unreferenced(self, chunk: list[str]) -> int:
         """One sweep step (holding the lock): drop the candidates of ``chunk`` that are
-        referenced, remove the files and features of the rest, keep those a writer holds."""
+        referenced, remove the files and features of the rest, keep those a writer holds.
+        Returns the files removed: one that could not be is not counted."""
         held = {digest for digest in chunk if self._writing[digest]}
         used = self._referenced(chunk)
         unused = [digest for digest in chunk if digest not in used and digest not in held]
@@ -640,12 +641,14 @@ class SQLiteStore:
                 db.executemany("DELETE FROM blob_candidates WHERE digest = ?", [(digest,) for digest in chunk if digest not in held])
         finally:
             self._db.execute("PRAGMA synchronous=NORMAL")
+        removed = len(unused)
         for digest in unused:
             try:
                 self._blob_path(digest).unlink(missing_ok=True)
             except OSError as error:  # the records are gone; a file left over costs only space
                 log.warning("cannot delete the unused blob %s: %s", digest, error.strerror)
-        return len(unused)
+                removed -= 1
+        return removed
 
     def _referenced(self, digests: Sequence[str]) -> set[str]:
         """Those of ``digests`` a sample, head version or operation's artifact references
