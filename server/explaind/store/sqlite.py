@@ -667,8 +667,6 @@ class SQLiteStore:
         before the record that points at it: the file was lost or damaged, which is the
         operator's to hear of, not the caller's (a damaged image is no bad request, and a
         damaged head must not be served)."""
-        if len(digest) != 64:
-            raise NotFound(f"no artifact with digest {digest!r}")
         path = self._blob_path(digest)
         try:
             with open(path, "rb") as file:
