@@ -6302,6 +6302,9 @@ def test_deleting_the_active_head_version_makes_its_parent_active(tmp_path):
     assert store.active_head_version("f") == "v0" and store.get_head_version("f", "v2").parent_version_id == "v0"
     store.delete_head_version("f", "v2")  # not the active one: the active stays
     assert store.active_head_version("f") == "v0"
+    with pytest.raises(NotFound, match="no head version 'v2' for the served feature extractor") as deleted_twice:
+        store.delete_head_version("f", "v2")
+    assert deleted_twice.value.field == "version_id" and [v.version_id for v in store.list_head_versions("f")] == ["v0"]
 
 
 def test_deleted_head_versions_keep_one_row_not_one_per_deletion(tmp_path):
