@@ -402,8 +402,6 @@ class SQLiteStore:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                if version:  # 0 is also a new file
-                    log.info("store %s: migrated from schema %d to %d", self.data_dir, version, SCHEMA_VERSION)
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
