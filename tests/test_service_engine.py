@@ -857,6 +857,11 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
     with pytest.raises(ModelLoadError, match=r"with_args.pth holds objects other than tensors \(Unsupported global: GLOBAL argparse.Namespace\), "
                                              r".*torch.save\(checkpoint\['model'\], 'weights.pth'\)$"):
         load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "with_args.pth")))
+    for name, content in (("tensor.pth", state["fc.weight"]), ("list.pth", list(state.values()))):  # weights_only loads these too
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ModelLoadError, match=rf"{name} holds a {type(content).__name__}, not a state dict \(layer names to tensors\); "
+                                                 r"save the model's state dict, e.g. torch.save\(model.state_dict\(\), 'weights.pth'\)$"):
+            load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / name)))
 
 
 @pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")  # GoogLeNet's and Inception's, built untrained

@@ -413,7 +413,10 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # (Distributed)DataParallel's module saved as is: every key under "module.".
         if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
             state = {key.removeprefix("module."): value for key, value in state.items()}
-    return state
+        return state
+    # A bare tensor or a list of them: weights_only loads it, and a tensor answered "in" with torch's RuntimeError.
+    raise ModelLoadError(f"{path} holds a {type(state).__name__}, not a state dict (layer names to tensors); "
+                         "save the model's state dict, e.g. torch.save(model.state_dict(), 'weights.pth')")
 
 
 def _load_world(section: ClassifierSection) -> ClassifierVersion:
@@ -482,7 +485,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         path = _require_file(section.weights, "weights file")
         state = _load_state_dict(path)
         if f"{head}.weight" not in state:  # else "class_names is required", or torch's list of every missing key
-            keys = [str(key) for key in state][:5] if isinstance(state, dict) else []
+            keys = [str(key) for key in state][:5]
             raise ModelLoadError(f"{path}: no {head + '.weight'!r} in the state dict, so it is not one of torchvision's {section.name} with "
                                  f"head {head!r} (its first keys: {keys}; its last linear layers: {_linear_layers(state)[-3:]}); "
                                  "set [classifier].head to the final linear layer's name, or save the model's state_dict()")
@@ -504,11 +507,9 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     )
 
 
-def _linear_layers(state: Any) -> list[str]:
+def _linear_layers(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the layers with a 2-D ``weight`` in a state dict, in its order: the
     candidates for a head (the final one is usually last)."""
-    if not isinstance(state, dict):
-        return []
     return [str(key).removesuffix(".weight") for key, value in state.items()
             if str(key).endswith(".weight") and isinstance(value, torch.Tensor) and value.dim() == 2]
 
