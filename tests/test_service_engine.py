@@ -6603,6 +6603,20 @@ def test_a_diffusion_directory_without_model_index_json_needs_all_of_vae_unet_an
         assert not status.loaded and status.detail == f"[diffusion].path: not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)"
 
 
+def test_a_diffusers_directory_that_fails_to_load_is_reported_or_refused_as_required(tmp_path):
+    # Optional, the server starts without it and says why; required, it does not start.
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    (tmp_path / "model_index.json").write_text("<html>a failed download</html>")
+    no_clip = ComponentStatus("clip", False, "", "not configured")  # a diffusers pipeline brings its own text encoder
+    said = re.escape(f"cannot load the diffusion pipeline ([diffusion].path) from {tmp_path}: OSError: ") + r".*model_index.json. is not a valid JSON file\."
+    status = load_diffusion(DiffusionSection(path=str(tmp_path)), no_clip, required=False)
+    assert not status.loaded and re.fullmatch(said, status.detail), status.detail
+    with pytest.raises(ModelLoadError, match=said):
+        load_diffusion(DiffusionSection(path=str(tmp_path)), no_clip, required=True)
+
+
 _SECRET_TEXT = "cannot open /srv/models/private/head.pt"
 
 
