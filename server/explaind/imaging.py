@@ -97,8 +97,6 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
         with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
-            if min(image.size) < 1:
-                raise InvalidArgument("image has zero size", field=field)
             if budget is not None:
                 budget.charge(*image.size)
             _check_decode_cost(image, data, field)
