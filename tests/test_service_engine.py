@@ -2286,6 +2286,11 @@ def test_jpeg_scans_are_counted_in_the_image_s_own_stream_not_in_its_metadata_or
     for data in (plain[:2] + app1 + plain[2:], plain + pairs):
         assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
         assert decode_pixels(data, field="f").shape == (64, 64, 3)
+    # Cut off in the fill bytes before a marker (after a comment, where EOI was): the walk
+    # ends there, and the decoder, not an index out of range, judges the file.
+    baseline = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(baseline, "JPEG")
+    assert decode_pixels(baseline.getvalue()[:-2] + b"\xff\xfe\x00\x02\xff", field="f").shape == (64, 64, 3)
     # The walk is bounded: a file of empty comment segments before its end is refused.
     padded = plain[:-2] + b"\xff\xfe\x00\x02" * MAX_JPEG_MARKERS + plain[-2:]
     with pytest.raises(InvalidArgument, match=rf"^f: JPEG has over {MAX_JPEG_MARKERS} markers"):
