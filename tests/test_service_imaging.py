@@ -76,6 +76,25 @@ def test_float_pixels_past_the_rounding_tolerance_are_refused_not_clamped(low, h
         decode_array(np.array([[[low, high]]] * 3, np.float32), field="x")
 
 
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((4, 4), np.uint8), r"expected 3 dimensions \(H, W, 3\) or \(3, H, W\), got shape \(4, 4\)"),
+    (np.zeros((4, 4, 3), np.int32), r"unsupported dtype int32; use uint8, float16 or float32"),  # not read as uint8 or as floats in [0, 1]
+    (np.zeros((4, 4, 3), np.float64), r"unsupported dtype float64; use uint8, float16 or float32"),
+])
+def test_an_array_decode_array_cannot_read_as_pixels_is_refused_naming_why(array, message):
+    # A request's tensor is checked by array_from_buffer first; decode_array keeps its own
+    # check for code that calls it with an array (an int32 one read as floats would be garbage).
+    with pytest.raises(InvalidArgument, match=rf"^x: {message}$"):
+        decode_array(array, field="x")
+
+
+def test_a_geometry_with_an_interpolation_torchvision_s_transforms_do_not_name_is_refused():
+    # [classifier].interpolation is checked with the config; a loader's own value (a
+    # torchvision weights' transforms) is checked here, before any image is resized with it.
+    with pytest.raises(ValueError, match=r"^interpolation must be one of \('bilinear', 'bicubic'\), got 'nearest'$"):
+        InputGeometry(64, interpolation="nearest")
+
+
 @pytest.mark.parametrize("shape, data, field, message", [
     ((-1, -2, 3), bytes(6), "x.shape", r"negative dimension in shape \(-1, -2, 3\)"),  # its product, 6, matches the bytes
     ((2, 2, 3), bytes(13), "x.data", r"shape \(2, 2, 3\) of uint8 needs 12 bytes, got 13"),  # one byte too many, not too few
