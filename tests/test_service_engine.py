@@ -7020,6 +7020,31 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     restarted.shutdown(5)
 
 
+def test_a_request_whose_operation_the_sweep_deletes_as_it_is_looked_up_is_new_again(tmp_path, monkeypatch):
+    # The retention sweep deletes ended operations without the job manager's lock: between
+    # finding a request's operation and reading it, it may be gone.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    store = jobs.store
+    try:
+        first = jobs.submit("evaluate", lambda ctx: _empty(), request=key)
+        assert jobs.wait(first.record.job_id, 10).record.state == "succeeded"
+        look_up = store.job_of_request
+
+        def deleted_meanwhile(request):
+            job_id = look_up(request)
+            store.delete_jobs_ended_before(math.inf)  # the sweep, on its thread
+            return job_id
+
+        monkeypatch.setattr(store, "job_of_request", deleted_meanwhile)
+        assert jobs.submitted(key) is None
+        again = jobs.submit("evaluate", lambda ctx: _empty(), request=key)
+        assert again.record.job_id != first.record.job_id and jobs.wait(again.record.job_id, 10).record.state == "succeeded"
+    finally:
+        jobs.shutdown(1)
+        store.close()
+
+
 def test_a_request_id_whose_job_a_restart_aborted_starts_it_again(tmp_path):
     # The repeat got the ABORTED operation back, whose message says to submit it again: a
     # pipeline with a fixed request_id could not, until retention deleted the operation.
