@@ -568,6 +568,24 @@ def test_images_pillow_warns_about_are_the_callers_error_not_warning_lines_in_th
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line) for line in log[logged_before:].splitlines()), log[logged_before:]
 
 
+@pytest.mark.parametrize("pillow_library", [dict(), None])
+def test_a_pillow_without_libtiff_or_whose_library_cannot_be_loaded_still_starts_the_logging(monkeypatch, pillow_library):
+    # Pillow builds without libtiff (no TIFFSet*Handler symbols), or a library ctypes
+    # cannot open: the server logs as it would, with libtiff left as it is.
+    import ctypes
+    from types import SimpleNamespace
+
+    from explaind.logs import _silence_libtiff
+
+    def load(path):
+        if pillow_library is None:
+            raise OSError(f"{path}: cannot open shared object file")
+        return SimpleNamespace(**pillow_library)
+
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    _silence_libtiff()
+
+
 def test_requests_that_are_not_their_message_or_carry_malformed_ids_or_ignored_options_are_invalid_arguments(server, client, world_images):
     # Each was accepted, or answered NOT_FOUND or INTERNAL (with a traceback in the log).
     with grpc.insecure_channel(server.target) as channel:
