@@ -101,8 +101,6 @@ class _WatchedFiles:
                 reload()
 
     def changed(self) -> bool:
-        if not self._paths:
-            return False
         with self._lock:
             now = time.monotonic()
             if now - self._checked_at < RECHECK_INTERVAL_S:
