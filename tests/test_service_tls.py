@@ -127,6 +127,26 @@ def test_only_loopback_addresses_count_as_taking_connections_from_this_machine_a
     assert _is_loopback(host) is loopback
 
 
+def test_a_certificate_in_the_older_x509_certificate_pem_form_is_served_and_a_trusted_certificate_refused(tmp_path, classifier_dir):
+    # gRPC serves a "BEGIN X509 CERTIFICATE" block (the old label), which the validity
+    # check, looking for "BEGIN CERTIFICATE" alone, refused as "cannot read the validity
+    # ... (list index out of range)". A "TRUSTED CERTIFICATE", which OpenSSL reads and
+    # gRPC does not, is refused before the bind, where it would read as a port in use.
+    authority = Authority(tmp_path, "ca")
+    cert, key = authority.issue("server")
+    pem = cert.read_text()
+    cert.write_text(pem.replace("BEGIN CERTIFICATE", "BEGIN X509 CERTIFICATE").replace("END CERTIFICATE", "END X509 CERTIFICATE"))
+    server = tls_server(tmp_path, classifier_dir, cert, key)
+    try:
+        assert answers(f"127.0.0.1:{server.port}", root_certificates=authority.file)
+    finally:
+        server.stop(0)
+    cert.write_text(pem.replace("BEGIN CERTIFICATE", "BEGIN TRUSTED CERTIFICATE").replace("END CERTIFICATE", "END TRUSTED CERTIFICATE"))
+    with pytest.raises(ConfigError, match=re.escape(f"[server].tls_cert_file: cannot read the validity of the certificate in {cert} "
+                                                    "(no PEM block labelled CERTIFICATE or X509 CERTIFICATE, the forms gRPC serves)")):
+        ExplaindServer(default_config().replace("server", data_dir=str(tmp_path / "data"), tls_cert_file=str(cert), tls_key_file=str(key)))
+
+
 def test_a_tls_server_answers_only_clients_that_trust_its_certificate(tmp_path, classifier_dir, capsys):
     authority = Authority(tmp_path, "ca")
     server = tls_server(tmp_path, classifier_dir, *authority.issue("server"))

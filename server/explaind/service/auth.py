@@ -19,6 +19,7 @@ import datetime as dt
 import hmac
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -333,14 +334,20 @@ class TlsCredentials:
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
 
 
+_CERTIFICATE_BLOCK = re.compile(r"-----BEGIN (?:X509 )?CERTIFICATE-----(.*?)-----END (?:X509 )?CERTIFICATE-----", re.DOTALL)
+
+
 def certificate_validity(chain: bytes) -> tuple[dt.datetime, dt.datetime]:
     """(notBefore, notAfter), in UTC, of the first certificate of a PEM chain: the
     Certificate's tbsCertificate holds, after an optional [0] version, the serial number,
     the signature algorithm and the issuer, then Validity (RFC 5280, 4.1). Read from the
-    DER here: the standard library parses no certificate it does not verify."""
-    text = chain.decode("ascii", "replace")
-    body = text.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END CERTIFICATE-----", 1)[0]
-    der = base64.b64decode("".join(body.split()))
+    DER here: the standard library parses no certificate it does not verify. The block's
+    label is one gRPC serves: CERTIFICATE, or X509 CERTIFICATE (the old one); OpenSSL also
+    reads TRUSTED CERTIFICATE, which gRPC refuses (it could not bind the port)."""
+    block = _CERTIFICATE_BLOCK.search(chain.decode("ascii", "replace"))
+    if block is None:
+        raise ValueError("no PEM block labelled CERTIFICATE or X509 CERTIFICATE, the forms gRPC serves")
+    der = base64.b64decode("".join(block.group(1).split()))
 
     def element(data: bytes, at: int) -> tuple[int, bytes, int]:
         """(tag, contents, offset after) of the DER element at ``at``."""
