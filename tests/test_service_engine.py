@@ -6669,6 +6669,22 @@ def test_a_generated_stub_s_unimplemented_method_is_answered_without_a_traceback
     assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
 
 
+def test_a_method_the_server_does_not_have_is_unimplemented_and_makes_no_metric_series():
+    # Anyone may name any method: one series per name sent would grow /metrics without bound.
+    import grpc
+
+    metrics = Metrics()
+    server, port = _intercepted_server(metrics, lambda request, context: request)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/test.Service/Missing")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert not [sample for family in metrics.registry.collect() for sample in family.samples if sample.labels.get("method") == "Missing"]
+
+
 def test_a_request_that_is_not_its_method_s_message_is_invalid_argument_and_never_served():
     # grpcio's own answer to a request its deserializer refuses is INTERNAL, with a traceback in the log.
     import grpc
