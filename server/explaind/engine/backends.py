@@ -85,7 +85,9 @@ def build_feature_fn(
 
     ``num_threads`` caps ONNX Runtime's intra-op threads as ``torch.set_num_threads``
     caps torch's (0: the runtime's default, one per core). ``max_batch_size`` is the
-    largest batch TensorRT's engine is built for; larger ones run in slices.
+    largest batch TensorRT's engine is built for; larger ones run in slices. ``version`` is
+    differentiable (has a PyTorch feature extractor) and ``backend`` one of BACKENDS, as
+    the config checks [runtime].backend.
     """
     extractor = version.feature_extractor
     if extractor is None:
@@ -100,9 +102,7 @@ def build_feature_fn(
             return compiled(images)
 
         return run_compiled
-    if backend in ONNX_BACKENDS:
-        return _onnx_engine_fn(version, backend, device, cache_dir, num_threads, max_batch_size)
-    raise FailedPrecondition(f"unknown backend {backend!r}")
+    return _onnx_engine_fn(version, backend, device, cache_dir, num_threads, max_batch_size)  # one of ONNX_BACKENDS
 
 
 def warm_up_batch_sizes(backend: str, max_batch_size: int) -> tuple[int, ...]:
