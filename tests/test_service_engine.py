@@ -1309,6 +1309,22 @@ def test_a_float16_onnx_classifier_is_fed_float16_images_and_served_float32_logi
     onnx_engine.close()
 
 
+def test_a_classifier_on_its_own_runtime_says_that_runtime_backend_does_not_apply_to_it(tmp_path, classifier_dir, world_model, caplog):
+    # An operator who set backend = "onnxruntime" for an inference-only ONNX classifier
+    # would otherwise read it as served by the configured backend.
+    ending_in_softmax = torch.nn.Sequential(world_model, torch.nn.Softmax(dim=1))
+    whole = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(ending_in_softmax, tmp_path / "whole.onnx"), image_size=64))
+    for backend, warned in (("eager", False), ("onnxruntime", True)):
+        engine = _engine(tmp_path / backend, classifier_dir, load=False, backend=backend)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="explaind"):
+            engine.activate(whole)
+        said = "the onnx classifier runs on its own runtime; [runtime].backend applies to PyTorch classifiers only"
+        assert (said in caplog.text) is warned, caplog.text
+        assert engine.runtime(whole) == ("onnxruntime", "cpu")
+        engine.close()
+
+
 def test_a_float16_onnx_classifier_whose_logits_sit_far_from_0_on_its_bias_is_split(tmp_path, world_model):
     # The graph rounds its logits to float16 where they are: around 1000, to 0.5. The
     # check's bound scales with each logit's terms, the bias among them.
