@@ -236,6 +236,7 @@ def test_without_tracing_nothing_imports_opentelemetry_and_calls_and_jobs_run(tm
     # A platform's variable (often an OTLP/HTTP port) turns nothing on: the key or the flag does.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     assert start_tracing(TracingSection()) is NO_TRACING
+    assert NO_TRACING.rpc_span("explaind.v1.InferenceService", "Predict", ()) is None  # off: no span, for a caller that does not check enabled first
     script = textwrap.dedent(f"""
         import sys
         import urllib.request
