@@ -506,3 +506,8 @@ def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
                   RuntimeError("DefaultCPUAllocator: can't allocate memory: Failed to allocate memory for requested buffer"),
                   MemoryError("bad allocation")):
         assert report_unexpected(log, "a run", error)[0] == "INTERNAL"
+    # A server that never loaded ONNX Runtime cannot have met its failure (the same words are a bug), nor imports it to judge one.
+    with pytest.MonkeyPatch.context() as patched:
+        patched.delitem(sys.modules, "onnxruntime")
+        assert report_unexpected(log, "a run", errors[1])[0] == "INTERNAL"
+        assert "onnxruntime" not in sys.modules
