@@ -1,6 +1,7 @@
 """The NeuroInspect engines used in-process: bad arguments fail early and name themselves,
 nothing silently wrong comes back, and the caller's models keep their mode."""
 
+import threading
 import warnings
 
 import numpy as np
@@ -692,6 +693,33 @@ class _SharedActivation(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.hidden(self.act(self.conv2(self.act(self.conv1(images)))).mean((2, 3)))))
+
+
+class _ServedMeanwhile(nn.Module):
+    """``model``, which another thread runs to the end (as the batcher does for Predict) before each forward of its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        served = threading.Thread(target=lambda: self.model(torch.rand(3, 3, 2, 2, generator=torch.Generator().manual_seed(1))))  # maps of 2x2, then 1x1
+        served.start()
+        served.join()
+        return self.model(images)
+
+
+def test_a_forward_another_thread_runs_meanwhile_is_neither_counted_nor_mapped():
+    # The served model answers Predict on the batcher's thread while a visualisation maps
+    # its neurons with hooks on the same modules.
+    from explaind.methods.neuroinspect import last_spatial_module, neuron_gradient_maps
+
+    shared = _SharedActivation().eval()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    spatial = last_spatial_module(shared, images[:1], shared.hidden)
+    alone = neuron_gradient_maps(shared, images, spatial, shared.head, torch.tensor([0, 1]))
+    assert torch.equal(neuron_gradient_maps(_ServedMeanwhile(shared), images, spatial, shared.head, torch.tensor([0, 1])), alone)
+    assert last_spatial_module(_ServedMeanwhile(shared), images[:1], shared.hidden) == spatial
 
 
 class _SpatialAfter(nn.Module):
