@@ -460,6 +460,9 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
         (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=64.7), r"image_size must be an integer ≥ 1, got 64.7"),
         (lambda: ClipIllusion(model, "hidden", head="classifier", image_size=-5), r"image_size must be an integer ≥ 1, got -5"),
         (lambda: ClipIllusion(model, "hidden", head="classifier"), r"image_size must be given"),
+        (lambda: ClipIllusion(model, "hidden", nn.Module(), head="classifier", image_size=9, class_names=list("abc")),
+         r"clip_model and tokenizer must be given together"),  # else its prompts could not be tokenised
+        (lambda: ClipIllusion(model, "hidden", tokenizer=str.split, head="classifier", image_size=9), r"clip_model and tokenizer must be given together"),
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=-1), r"learning_rate must be ≥ 0"),
         # Was a bare overflow RuntimeError from inside AdamW (β1 0.5: its first step is 2 × the rate).
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=2e38), r"learning_rate must be at most 1.7e\+38 \(2 × learning_rate"),
