@@ -4378,6 +4378,9 @@ def test_config_files_that_cannot_be_read_and_home_relative_paths(tmp_path, clas
     (tmp_path / "latin1.toml").write_bytes(b'[server]\nhost = "caf\xe9"\n')
     with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 20\), as TOML must be$"):
         load_config(tmp_path / "latin1.toml")
+    (tmp_path / "broken.toml").write_text('[server]\nhost = "unterminated\n')  # tomllib's own words say where
+    with pytest.raises(ConfigError, match=r"broken.toml: invalid TOML: .*\(at line 2, column \d+\)$"):
+        load_config(tmp_path / "broken.toml")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "sub").mkdir()
     config = load_config(write_config(tmp_path / "sub" / "home.toml", classifier_dir, server={"data_dir": "~/explaind"}))
