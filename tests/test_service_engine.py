@@ -1194,6 +1194,32 @@ def test_a_float16_state_dict_is_loaded_into_the_float32_torchvision_architectur
         torch.testing.assert_close(version.logits(version.features(images)), model.half().float()(images))
 
 
+def test_torch_export_s_other_log_lines_pass_while_a_program_loads(tmp_path, monkeypatch):
+    # Only the tracebacks torch logs for a file it cannot read are held back (their error
+    # is ModelLoadError's message); a warning about a program it reads still reaches the log.
+    from explaind.engine.models import _read_exported_program
+
+    program, seen = object(), []
+
+    def load(path):
+        logging.getLogger("torch.export").warning("a note about %s", path)
+        return program
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("torch.export")
+    handler = Seen()
+    logger.addHandler(handler)
+    monkeypatch.setattr(torch.export, "load", load)
+    try:
+        assert _read_exported_program(tmp_path / "model.pt2") is program
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [f"a note about {tmp_path / 'model.pt2'}"]
+
+
 def test_a_damaged_or_foreign_model_file_is_named_without_torch_s_traceback(tmp_path, capfd):
     # A Git LFS pointer checked out as the weights was "holds objects other than tensors ...
     # save the model's state dict alone"; a damaged .pt2 logged torch's traceback, then
