@@ -6730,6 +6730,30 @@ def test_a_method_the_server_does_not_have_is_unimplemented_and_makes_no_metric_
     assert not [sample for family in metrics.registry.collect() for sample in family.samples if sample.labels.get("method") == "Missing"]
 
 
+def test_a_client_streaming_method_which_the_interceptor_cannot_guard_is_refused_not_served_past_its_token_check():
+    # No service here has one; a method added with one was handed back as it was: served to
+    # a caller without the token, unmetered.
+    import grpc
+
+    from explaind.service.auth import BearerToken
+    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
+
+    served = []
+    method = grpc.stream_unary_rpc_method_handler(lambda requests, context: served.append(list(requests)) or b"",
+                                                  response_serializer=bytes)
+    interceptor = ServiceInterceptor(Metrics(), BearerToken("s3cret"), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
+    server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor],
+                         handlers=[grpc.method_handlers_generic_handler("test.Service", {"Upload": method})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+            channel.stream_unary("/test.Service/Upload")(iter([b"x"]), timeout=10)
+    finally:
+        server.stop(None)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and not served
+
+
 def test_a_request_that_is_not_its_method_s_message_is_invalid_argument_and_never_served():
     # grpcio's own answer to a request its deserializer refuses is INTERNAL, with a traceback in the log.
     import grpc

@@ -217,7 +217,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, caller, grant), **parsing)
         if handler.stream_stream is not None:  # its request is the stream of the caller's messages
             return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, caller, grant))
-        return handler
+        return None  # client-streaming, which no service here has and no wrapper guards: UNIMPLEMENTED, not served unchecked
 
     def _traced(self, service: str) -> Tracing:
         return NO_TRACING if service in _PUBLIC_SERVICES else self._tracing
