@@ -5974,6 +5974,18 @@ def test_the_sweep_deletes_the_operations_that_ended_over_retention_days_ago_and
         store.close()
 
 
+def test_a_server_stopped_before_it_started_frees_its_data_dir(tmp_path):
+    # An embedding program whose own start-up failed after building the server stops it:
+    # the data dir's lock must go, for the next server there.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)))
+    started = time.monotonic()
+    server.stop(0)
+    assert time.monotonic() - started < 20  # not the 36 s it waited for the calls of a gRPC server it never had
+    SQLiteStore(tmp_path).close()
+
+
 def test_a_sweep_step_that_fails_is_logged_and_the_other_steps_still_run(tmp_path, monkeypatch, caplog):
     # The sweep is what records the ends a full data dir refused and frees its space; one
     # step's store error must not stop the others, nor end the sweeper's thread.

@@ -242,11 +242,12 @@ class ExplaindServer:
         # its final state rather than UNAVAILABLE, however long the job takes to reach its
         # next cancellation check (within ABORTED_JOBS_WAIT_S).
         longest = grace + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
-        done = self._grpc.stop(longest) if self._grpc is not None else threading.Event()
+        done = self._grpc.stop(longest) if self._grpc is not None else None  # None: never started, no call to wait for
         self.engine.jobs.shutdown(grace)
         if self._grpc is not None:
             self._grpc.stop(FINAL_STATE_MARGIN_S)  # a later, shorter grace ends the calls sooner
-        done.wait(longest + 5)
+        if done is not None:
+            done.wait(longest + 5)
         self.engine.close()  # the batcher, once no call can submit to it (the jobs have ended)
         if self._health_grpc is not None:  # last: probes see NOT_SERVING until the end
             self._health_grpc.stop(0).wait()
