@@ -267,12 +267,11 @@ class _HealthServicer(health.HealthServicer):
 
     def _on_close_callback(self, send_response_callback: Callable[[object], None], service: str) -> Callable[[], None]:
         def callback() -> None:
-            with self._lock:
-                watchers = self._send_response_callbacks.get(service)
-                if watchers is not None:
-                    watchers.discard(send_response_callback)
-                    if not watchers:
-                        del self._send_response_callbacks[service]
+            with self._lock:  # Watch added it under this lock; only its last watcher's callback deletes the entry
+                watchers = self._send_response_callbacks[service]
+                watchers.discard(send_response_callback)
+                if not watchers:
+                    del self._send_response_callbacks[service]
             send_response_callback(None)
 
         return callback
