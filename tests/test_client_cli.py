@@ -868,6 +868,7 @@ def test_an_image_file_unreadable_when_its_turn_comes_is_an_error_line_not_a_tra
     monkeypatch.setattr(_images, "to_image_message", unreadable_c)
     assert main(["--target", server.target, "sample-set", "create", "--id", "unreadable", "--images", *images, "--labels", "0", "0", "0"]) == 1
     assert f"error: images[2]: cannot read {images[2]}: Permission denied" in capsys.readouterr().err
+    assert _error(capsys, ["--target", server.target, "predict", *images]) == f"error: images[2]: cannot read {images[2]}: Permission denied"
 
 
 def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):

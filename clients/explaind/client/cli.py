@@ -481,7 +481,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.top_k and args.top_k > classes:  # said here: the server's refusal offers a 0 that --top-k does not take
             raise CommandError(f"--top-k: {args.top_k} is more than the served model's {classes} classes")
         top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, classes)
-        predictions = client.predict([Path(p) for p in args.images], top_k=top_k, max_in_flight=args.max_in_flight)
+        try:
+            predictions = client.predict([Path(p) for p in args.images], top_k=top_k, max_in_flight=args.max_in_flight)
+        except OSError as error:  # a file unreadable when its turn came (gone meanwhile, an I/O error)
+            raise _command_error(error) from None
     if args.json:
         _print_json([{"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
                       "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
