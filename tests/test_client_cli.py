@@ -159,6 +159,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["info", "--timeout", "inf"], "--timeout: expected a number of seconds > 0, got 'inf'"),  # no call ends without a deadline  # was a traceback once the server had started
         (["info", "--timeout", "0"], "--timeout: expected a number of seconds > 0, got '0'"),
         (["info", "--timeout", "nan"], "--timeout: expected a number of seconds > 0, got 'nan'"),  # NaN compares false with everything
+        # A word, not a number: in its own words argparse would name a function of the CLI ("invalid _int64 value").
+        (["info", "--timeout", "soon"], "--timeout: expected a number of seconds > 0, got 'soon'"),
+        (["visualize", "3", "--seed", "random"], "--seed: expected an integer, got 'random'"),
         # One past each end of the field's range; a seed's is int64, not int32.
         (["rank", "s", "--class", "2147483648"], "--class: 2147483648 is out of range [-2147483648, 2147483647]"),
         (["rank", "s", "--class", "-2147483649"], "--class: -2147483649 is out of range [-2147483648, 2147483647]"),
