@@ -874,6 +874,24 @@ def test_an_image_file_unreadable_when_its_turn_comes_is_an_error_line_not_a_tra
     assert _error(capsys, ["--target", server.target, "predict", *images]) == f"error: images[2]: cannot read {images[2]}: Permission denied"
 
 
+def test_an_upload_that_fails_after_its_first_request_says_under_its_error_what_became_of_the_set(server, capsys, tmp_path, monkeypatch):
+    # The SDK's note on the error (the partly uploaded set deleted) must reach the user
+    # with the CLI's error line, or they cannot tell whether a set was left behind.
+    from explaind.client import _images
+
+    # Requests of 512, each read before the one ahead of it is sent: the last file is read after the first request.
+    images = [_png(tmp_path / "a.png", 0)] * 1025 + [_png(tmp_path / "last.png", 0)]
+    read = _images.to_image_message
+    monkeypatch.setattr(_images, "to_image_message", lambda image: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if str(image).endswith("last.png") else read(image))
+    assert main(["--target", server.target, "sample-set", "create", "--id", "partial", "--images", *images, "--labels", *["0"] * 1026]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: images[1025]: cannot read {images[1025]}: Permission denied\n"
+                        "  the partly uploaded sample set 'partial' was deleted\n"), err
+    with Client(server.target, timeout=30) as client:
+        assert "partial" not in [s.sample_set_id for s in client.sample_sets()]
+
+
 def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     root = tmp_path / "images"
     for name, count in (("heart", 2), ("circle", 3)):
