@@ -378,6 +378,25 @@ def test_an_output_through_a_link_to_a_file_not_made_yet_is_written_where_the_li
     assert (tmp_path / "report-1.html").read_bytes() == b"report" and link.is_symlink()
 
 
+def test_an_output_that_is_a_pipe_is_written_into_not_replaced_by_a_file(tmp_path):
+    # `--out /dev/stdout` or a named pipe a reader waits on: a file renamed over it would
+    # take its place, and the check before the work must not open it (that blocks).
+    import stat
+
+    from explaind.client.cli import _require_writable, _write
+
+    pipe = tmp_path / "report.pipe"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        _require_writable(str(pipe))
+        _write(pipe, b"report")
+        assert os.read(reader, 100) == b"report"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(pipe.lstat().st_mode) and sorted(tmp_path.iterdir()) == [pipe]
+
+
 def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback(server, capsys, monkeypatch):
     with open("/dev/full", "w") as full:  # every write fails: No space left on device
         monkeypatch.setattr(sys, "stdout", full)
