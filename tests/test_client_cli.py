@@ -824,6 +824,7 @@ def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure)
         # `python -m explaind`, as the `explaind` command runs: gRPC's C core wrote its own
         # plain line about the port before the JSON, unless GRPC_VERBOSITY was set.
         env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+        env["EXPLAIND_TOKEN"] = "s3cret"  # a warning before the bind (the bad config fails before it)
         result = subprocess.run([sys.executable, "-m", "explaind", "serve", "--log-format", "json", "--config", str(config),
                                  "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]), "--data-dir", str(tmp_path / "data")],
                                 capture_output=True, text=True, timeout=120, check=False, env=env)
@@ -833,6 +834,8 @@ def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure)
     assert len(failures) == 1 and failures[0]["message"].startswith("cannot start: "), result.stderr
     assert ("cannot bind" if failure == "busy port" else "grace_period_s") in failures[0]["message"]
     assert "error:" not in result.stderr
+    warned = [record["message"] for record in records if record["level"] == "WARNING"]
+    assert ("EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)" in warned) == (failure == "busy port")
 
 
 @pytest.mark.parametrize(("flag", "message"), [("--metrics-port", "cannot bind metrics 127.0.0.1:{port}"),
