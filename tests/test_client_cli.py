@@ -1759,6 +1759,18 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert f"NOT_FOUND: version_id: no head version '{versions[-1].version_id}'" in line
 
 
+def test_edit_head_no_wait_prints_the_operation_name_alone(server, capsys, world_images):
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, labels, sample_set_id="edit-no-wait")
+        assert main(["--target", server.target, "edit-head", "edit-no-wait", "--class", "heart", "--neurons", "3", "--no-wait"]) == 0
+        printed = capsys.readouterr()
+        name = printed.out.strip()
+        assert re.fullmatch(r"operations/\w+\n", printed.out) and printed.err == f"started {name}; explaind operations wait {name} waits for it\n"
+        edit = client.operation(name).result(timeout=60)
+        client.delete_head_version(edit.version.version_id)  # the module's server keeps the versions it had
+
+
 def test_edit_head_sends_the_group_attribute_and_says_it_was_evaluated_on_the_validation_set(server, capsys):
     target = ["--target", server.target]
     for set_id, spec in (("edit-groups", "balanced:test:40"), ("edit-validation", "balanced:val:20")):
