@@ -1210,7 +1210,9 @@ def test_evaluate_grid_of_a_set_without_mistakes_is_not_written_and_the_batch_si
 
 def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     with Client(server.target, timeout=30) as client:
-        job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
+        job, other = (client.visualize_neurons([3], method="feature_visualization", steps=10000) for _ in range(2))
+    cancelled = _json_out(capsys, ["--target", server.target, "operations", "cancel", other.name, "--json"])  # the job as the cancel left it
+    assert (cancelled["name"], cancelled["kind"], cancelled["cancel_requested"]) == (other.name, "visualize_neurons", True)
     assert main(["--target", server.target, "operations", "cancel", job.name]) == 0
     said = capsys.readouterr().out  # it printed the operation, whose state still read running
     assert re.fullmatch(rf"(cancelled {job.name}|cancel requested for {job.name} \((queued|running)\); it ends at its next check "
@@ -1267,6 +1269,8 @@ def test_operations_cancel_json_of_a_finished_job_prints_the_job(server, capsys,
         job.wait(60)
     cancelled = _json_out(capsys, ["--target", server.target, "operations", "cancel", job.name, "--json"])
     assert (cancelled["name"], cancelled["state"], cancelled["cancel_requested"]) == (job.name, "succeeded", False)
+    assert main(["--target", server.target, "operations", "cancel", job.name]) == 0  # without --json: said in words, nothing cancelled
+    assert capsys.readouterr().out == f"{job.name} had already finished (succeeded); nothing to cancel\n"
 
 
 def test_operations_get_shows_a_cancel_requested_the_owner_and_a_result_cut_short(capsys):
