@@ -1759,6 +1759,9 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         assert [v.version_id for v in client.head_versions()] == [v.version_id for v in before]
     assert main(["--target", server.target, "operations", "get", promoted.split()[1]]) == 0  # it offered a promote
     assert capsys.readouterr().out.splitlines()[-1] == f"head version {versions[-1].version_id} has been deleted since"
+    got = _json_out(capsys, ["--target", server.target, "operations", "get", promoted.split()[1], "--json"])
+    assert got["result"]["version"]["version_id"] == versions[-1].version_id
+    assert (got["result"]["version"]["active"], got["result"]["version"]["deleted"]) == (False, True)
     line = _error(capsys, ["--target", server.target, "head-versions", "show", versions[-1].version_id])
     assert f"NOT_FOUND: version_id: no head version '{versions[-1].version_id}'" in line
 
