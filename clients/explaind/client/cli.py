@@ -606,7 +606,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             named = f" ({s.display_name!r})" if s.display_name else ""
             print(f"{s.sample_set_id}{named}: {_counted(s.sample_count, 'sample')}, per class {_named_counts(client, s.class_counts)}, "
                   f"created {_local_time(s.create_time)}")
-        elif args.action == "delete":
+        else:  # delete: the last of the action's choices
             client.delete_sample_set(args.id)
             print(json.dumps({"deleted": args.id}) if args.json else f"deleted {args.id}")
     return 0
@@ -631,16 +631,15 @@ _NOT_IN_JSON = ("image", "masked_image", "preview", "omega")
 
 def _json_value(value: Any) -> Any:
     """An SDK result as a JSON value: dataclasses as objects (``_NOT_IN_JSON`` fields left
-    out), times in ISO 8601, arrays as lists, and NaN or infinity as null, since JSON has
-    neither (a visualisation without CLIP has no similarity)."""
+    out), times in ISO 8601, and NaN or infinity as null, since JSON has neither (a
+    visualisation without CLIP has no similarity). No array reaches it: an evaluation's
+    (its confusion matrix) goes through ``_evaluation_json``, a ranking's ω is left out."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _NOT_IN_JSON}
     if isinstance(value, dict):
         return {str(key): _json_value(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_value(item) for item in value]
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return _json_value(value.tolist())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dt.datetime):
