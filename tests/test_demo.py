@@ -64,3 +64,39 @@ def test_the_demos_server_gets_a_port_the_kernel_hands_to_no_one_unasked():
     assert 1024 <= port < ephemeral_low
     with socket.socket() as server:
         server.bind(("127.0.0.1", port))  # free, as the server finds it
+
+
+def test_without_the_kernel_s_port_range_file_ports_below_32768_are_taken(monkeypatch):
+    # Not Linux (no /proc): 32768 is below the ephemeral ranges of the others too.
+    from explaind.client.cli import _ports_below_the_ephemeral_range
+
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda path, *args, **kwargs: (_ for _ in ()).throw(FileNotFoundError(2, "No such file"))
+                        if str(path).startswith("/proc/") else read_text(path, *args, **kwargs))
+    assert _ports_below_the_ephemeral_range() == range(1024, 32768)
+
+
+def test_a_port_taken_is_passed_over_and_none_free_is_none():
+    import socket
+
+    from explaind.client.cli import _bindable_port
+
+    with socket.socket() as taken, socket.socket() as other:
+        taken.bind(("127.0.0.1", 0))
+        other.bind(("127.0.0.1", 0))
+        busy, also_busy = taken.getsockname()[1], other.getsockname()[1]
+        other.close()  # free again
+        assert _bindable_port(iter([busy, also_busy])) == also_busy
+        assert _bindable_port([busy, busy]) is None
+
+
+def test_with_no_port_free_below_the_ephemeral_range_the_demo_takes_one_the_kernel_hands_out(monkeypatch):
+    import socket
+
+    from explaind.client import cli
+
+    monkeypatch.setattr(cli, "_bindable_port", lambda candidates: None)  # every port tried is taken
+    port = cli._free_port()
+    assert port not in cli._ports_below_the_ephemeral_range()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))  # free, as the server finds it
