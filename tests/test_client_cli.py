@@ -1676,6 +1676,15 @@ def test_visualization_files_are_safe_names_whatever_the_class(class_name, stem)
     assert _visualization_stem(3, 7, class_name) == stem
 
 
+@pytest.mark.parametrize("server", ["grace_period_s = -1", 'token_file = "missing-token"'])
+def test_demo_with_a_config_it_cannot_use_says_why_in_one_line_before_serving(capsys, tmp_path, monkeypatch, server):
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: pytest.fail("the demo started a server"))
+    config = tmp_path / "explaind.toml"
+    config.write_text(f"[server]\n{server}\n")
+    line = _error(capsys, ["demo", "--config", str(config)])
+    assert ("grace_period_s" if "grace" in server else "missing-token") in line and "Traceback" not in line, line
+
+
 @pytest.mark.parametrize(("class_name", "file_name"), [("../../escaped", "report-s-escaped.html"),
                                                       ("n02085620 Chihuahua/toy", "report-s-n02085620-Chihuahua-toy.html")])
 def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path, monkeypatch, class_name, file_name):
