@@ -1685,6 +1685,46 @@ def test_demo_with_a_config_it_cannot_use_says_why_in_one_line_before_serving(ca
     assert ("grace_period_s" if "grace" in server else "missing-token") in line and "Traceback" not in line, line
 
 
+def test_a_demo_interrupted_while_its_server_loads_kills_a_server_that_ignores_the_stop_and_removes_its_store(capsys, tmp_path, monkeypatch):
+    # A server still loading large models acts on SIGTERM only after: the demo must not
+    # wait on it for ever, nor leave its store behind.
+    import tempfile
+
+    from explaind.client import cli
+
+    done = []
+
+    class LoadingServer:
+        def __init__(self, command, env):
+            self.store = Path(command[command.index("--data-dir") + 1])
+            self.store.mkdir()
+            done.append(command)
+
+        def terminate(self):
+            done.append("terminate")
+
+        def wait(self, timeout=None):
+            done.append(("wait", timeout))
+            if timeout is not None:
+                raise subprocess.TimeoutExpired("explaind serve", timeout)
+
+        def kill(self):
+            done.append("kill")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(subprocess, "Popen", LoadingServer)
+    monkeypatch.setattr(cli, "Client", interrupted)
+    assert main(["demo", "--scenario", "balanced"]) == 130
+    command = done[0]
+    assert "--config" not in command  # the balanced classifier is the default config's
+    assert done[1:] == ["terminate", ("wait", 30), "kill", ("wait", None)]
+    store = Path(command[command.index("--data-dir") + 1])
+    assert store.parent.parent == tmp_path and not store.exists()
+
+
 @pytest.mark.parametrize(("class_name", "file_name"), [("../../escaped", "report-s-escaped.html"),
                                                       ("n02085620 Chihuahua/toy", "report-s-n02085620-Chihuahua-toy.html")])
 def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path, monkeypatch, class_name, file_name):
