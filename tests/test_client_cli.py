@@ -1744,6 +1744,31 @@ def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path,
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*.html")] == [directory.relative_to(tmp_path) / file_name]
 
 
+def test_a_demo_set_without_mistakes_explains_nothing(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from explaind.client import cli, report
+
+    monkeypatch.setattr(report, "build_report", lambda *args, **kwargs: pytest.fail("a report on a class without mistakes"))
+    cli._explain_worst_class(None, SimpleNamespace(worst_class="heart", worst_class_accuracy=1.0), "s", Path("unused"), "s")
+    assert capsys.readouterr().out == "\nno mistakes to explain: every class of the set is classified correctly\n"
+
+
+def test_a_demo_config_names_clip_only_where_it_is_shipped(tmp_path, monkeypatch):
+    # A file's [clip] must load: one naming the world's CLIP where it is not installed failed the demo's server.
+    import explaind.config
+    from explaind.client.cli import _world_config
+    from explaind.config import load_config
+
+    shipped = explaind.config.default_config()
+    with_clip = load_config(_world_config("spurious_background", tmp_path))
+    assert (with_clip.clip.path, with_clip.classifier.loader) == (shipped.clip.path, "world")
+    monkeypatch.setattr(explaind.config, "default_config",
+                        lambda: dataclasses.replace(shipped, clip=dataclasses.replace(shipped.clip, path=str(tmp_path / "no-clip"))))
+    text = Path(_world_config("spurious_background", tmp_path)).read_text()
+    assert "[classifier]" in text and "[clip]" not in text
+
+
 def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_control_characters_escaped(capsys):
     # Attribute values are kept as given: a worst group named "\x1b[2J" cleared the screen
     # of whoever printed the edit, and a "\n" forged a line of its output.
