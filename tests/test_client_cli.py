@@ -290,6 +290,25 @@ def test_errors_say_what_to_check_when_no_server_answers_or_it_wants_a_token(cap
     assert command.returncode == 1 and command.stderr.startswith("error: UNAVAILABLE: ") and len(command.stderr.splitlines()) == 2, command.stderr
 
 
+def test_an_unavailable_server_that_says_why_gets_no_guess_at_the_connection(capsys):
+    # Its own reason (a server shutting down) is the whole story: no "is a server running?".
+    import grpc
+
+    from explaind.v1 import inference_pb2_grpc
+    from test_client_sdk import _serve
+
+    class ShuttingDown(inference_pb2_grpc.InferenceServiceServicer):
+        def EvaluateSampleSet(self, request, context):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; no new jobs are accepted")
+
+    server, target = _serve(ShuttingDown(), add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        assert main(["--target", target, "--timeout", "10", "evaluate", "s"]) == 1
+    finally:
+        server.stop(0)
+    assert capsys.readouterr().err == "error: UNAVAILABLE: the server is shutting down; no new jobs are accepted\n"
+
+
 def test_a_call_unanswered_within_the_timeout_names_the_option(capsys, monkeypatch):
     # It said "DEADLINE_EXCEEDED: Deadline Exceeded" alone: no word of the --timeout that set the deadline.
     with socket.socket() as silent:  # takes the connection and never answers
@@ -1088,6 +1107,23 @@ def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(
         groups = client.head_version(edit[1]).evaluation.group_accuracy  # (class, background) pairs
         assert {group.partition("/")[2] for group in groups} == {"grass", "sand"}
         client.delete_head_version(edit[1])
+
+
+def test_a_report_without_sample_set_on_a_server_without_any_says_to_create_one(capsys, tmp_path):
+    from explaind.v1 import sample_sets_pb2, sample_sets_pb2_grpc
+    from test_client_sdk import _serve
+
+    class NoSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
+        def ListSampleSets(self, request, context):
+            return sample_sets_pb2.ListSampleSetsResponse()
+
+    server, target = _serve(NoSets())
+    try:
+        assert _error(capsys, ["--target", target, "report", "--class", "heart", "--out", str(tmp_path / "r.html")]) == (
+            "error: the server has no sample set; create one (explaind sample-set create) or pass --sample-set")
+    finally:
+        server.stop(0)
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_an_artifact_goes_to_standard_output_with_dash_and_is_not_fetched_for_an_unwritable_file(server, capsysbinary, world_images, tmp_path, monkeypatch):
