@@ -432,6 +432,11 @@ def test_standard_output_that_cannot_be_written_is_an_error_line_not_a_traceback
 
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))  # as a terminal's or a pipe's without PYTHONUNBUFFERED
     assert not _standard_output_failed(OSError(errno.ENOSPC, "No space left on device"))
+    # So main lets it through (an error the CLI does not know, a traceback) rather than blame standard output.
+    monkeypatch.setattr(Client, "model_metadata", lambda self: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["--target", server.target, "info"])
+    assert "standard output" not in capsys.readouterr().err
 
 
 def test_a_token_that_no_header_can_carry_is_refused_before_any_call(capsys, monkeypatch):
