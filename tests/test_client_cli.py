@@ -562,6 +562,17 @@ def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_pa
     assert f"  that is file {folder / 'heart' / '1.png'}" in capsys.readouterr().err.splitlines()
 
 
+def test_a_server_error_about_an_image_past_the_files_given_names_no_file():
+    # An index beyond the caller's files (a faulty or other server's) must not end in an IndexError.
+    from explaind.client import InvalidArgumentError
+    from explaind.client.cli import _naming_failing_file
+
+    error = InvalidArgumentError("images[2]: not an image", field_violations=[("images[2]", "not an image")])
+    with pytest.raises(InvalidArgumentError) as raised, _naming_failing_file(["a.png", "b.png"]):
+        raise error
+    assert raised.value is error and not hasattr(error, "__notes__")
+
+
 def test_a_closed_pipe_ends_the_command_quietly(server, world_images):
     # `explaind info | head -1` printed a BrokenPipeError traceback.
     command = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", "--target", server.target, "info"],
