@@ -388,6 +388,8 @@ def test_a_client_refuses_a_target_timeout_message_size_or_key_file_every_call_w
     ("dns:localhost:50051", False),  # gRPC's URI form without an authority
     ("dns:[::1]:50051", False),
     ("ipv6:[::1]:50051", False),
+    ("::1", False),  # a bare IPv6 address: gRPC's default port
+    ("2001:db8::1", True),
     ("unix:/run/explaind.sock", False),
 ])
 def test_a_token_sent_without_tls_to_another_machine_is_warned_about(target, remote):
