@@ -1043,6 +1043,60 @@ def test_an_image_unread_after_a_failing_request_raises_the_request_s_error_as_o
         assert 0 in servicer.answered
 
 
+class _OnceUnavailableInference(inference_pb2_grpc.InferenceServiceServicer):
+    """A batch size of 2 images. The request of first pixel 2 answers its first attempt
+    UNAVAILABLE with a RetryInfo of ``retry_delay_s``; with ``refusing_first``, the request
+    of first pixel 0 is refused (INVALID_ARGUMENT) once that UNAVAILABLE has been sent.
+    Others answer each image with its first pixel as its class."""
+
+    def __init__(self, retry_delay_s: float, *, refusing_first: bool = False) -> None:
+        self.retry_delay_s, self.refusing_first = retry_delay_s, refusing_first
+        self.attempts: dict[int, int] = {}
+        self.unavailable_sent = threading.Event()
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=2),
+                                                      limits=inference_pb2.RequestLimits(max_images_per_request=1024))
+
+    def Predict(self, request, context):
+        from google.protobuf import duration_pb2
+        from google.rpc import error_details_pb2, status_pb2
+
+        first = request.images[0].tensor.data[0]
+        self.attempts[first] = self.attempts.get(first, 0) + 1
+        if first == 2 and self.attempts[first] == 1:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(round(self.retry_delay_s * 1e9))
+            status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="models are still loading")
+            status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+            context.add_callback(self.unavailable_sent.set)  # once the call has ended
+            context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+        if first == 0 and self.refusing_first:
+            self.unavailable_sent.wait(HOLD_S)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "images[1]: not an image")
+        return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction(class_indices=[image.tensor.data[0]])
+                                                          for image in request.images])
+
+
+def test_a_request_among_those_in_flight_is_retried_after_an_unavailable_and_its_pause_ends_with_the_call():
+    from explaind.client import InvalidArgumentError
+
+    servicer = _OnceUnavailableInference(retry_delay_s=0.1)
+    with _client_of(servicer) as client:
+        assert [p.class_indices for p in client.predict(_numbered_images(6))] == [[i] for i in range(6)]
+    assert servicer.attempts == {0: 1, 2: 2, 4: 1}
+    # Another request's refusal ends the call: the retry's pause (the server asked for 60 s,
+    # the call's deadline allows 30) is cut short, and no thread is left pausing.
+    servicer = _OnceUnavailableInference(retry_delay_s=60, refusing_first=True)
+    with _client_of(servicer) as client:
+        started = time.monotonic()
+        with pytest.raises(InvalidArgumentError, match=r"images\[1\]: not an image$"):
+            client.predict(_numbered_images(6))
+        assert time.monotonic() - started < HOLD_S
+    assert servicer.attempts[2] == 1 and not [thread.name for thread in threading.enumerate() if thread.name.startswith("explaind-Predict")]
+
+
 class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Knows one running operation, but WaitOperation and CancelOperation answer
     UNAVAILABLE, as a server shutting down does."""
