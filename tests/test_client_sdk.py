@@ -2819,6 +2819,30 @@ def test_an_append_cut_off_by_a_server_killed_mid_way_says_what_was_stored_and_i
         assert [sample.image.getpixel((0, 0))[0] for sample in client.samples("cut")][1:] == list(range(8))
 
 
+def test_an_append_whose_answer_was_lost_says_how_to_tell_what_was_appended():
+    # Without a request_id it cannot be run again as it is: the set's count tells which samples it holds.
+    from explaind.client import UnavailableError
+
+    class LosingTheSecondAppend(_UploadServer):
+        def AppendSamples(self, request, context):
+            if [method for method, _ in self.calls].count("AppendSamples") == 1:
+                self.drop.add("AppendSamples")
+            return super().AppendSamples(request, context)
+
+    servicer = LosingTheSecondAppend((), set())
+    servicer.labels["lost"] = [0]
+    server, target = _serve_uploads(servicer)
+    try:
+        with Client(target, timeout=30) as client, pytest.raises(UnavailableError) as lost:
+            client.append_samples("lost", [IMAGE] * 6, [0] * 6, chunk_size=2)
+    finally:
+        server.stop(0)
+    assert lost.value.__notes__[-1] == (
+        "the first 2 of 6 samples were appended to 'lost', and samples 2 to 3 may have been too (their request got no answer): "
+        "sample_set('lost').sample_count tells which; then append the rest (an append given a request_id can be run again as it is instead)")
+    assert len(servicer.labels["lost"]) == 1 + 4  # the lost answer's samples were appended
+
+
 def test_an_async_upload_cut_off_says_what_it_left_and_what_to_do(client):
     # A create whose delete also found the server gone said "left with 4 of 6 samples", as
     # if the set stayed so; an append refused part way said how many, not what next.
