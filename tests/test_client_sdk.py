@@ -3159,6 +3159,60 @@ def test_a_watch_a_busy_server_has_no_stream_for_polls_it_until_the_job_ends(mon
     assert polls == ["GetOperation"] * 3 and clock.pauses == [_operations.WATCH_POLL_INTERVAL_S] * 3
 
 
+class _DroppingStreamsServer:
+    """A stand-in client whose watch streams are ``streams`` in turn and whose GetOperation
+    answers ``refreshed``, or raises it (an error) after retrying for the call's whole timeout."""
+
+    timeout = 30.0
+
+    def __init__(self, clock: _FakeClock, streams: list, refreshed, *, retry: bool = True) -> None:
+        self.clock, self.streams, self.refreshed, self._retry = clock, streams, refreshed, retry
+        self.refreshes = 0
+
+    def _stream(self, *args, **kwargs):
+        return self.streams.pop(0)
+
+    def _call(self, service, method, request, *, timeout, **kwargs):
+        self.refreshes += 1
+        assert self.refreshes <= 10, "refreshed past the watch's timeout"  # the clock stands still between them
+        if isinstance(self.refreshed, Exception):
+            self.clock.sleep(timeout)
+            raise self.refreshed
+        return operations_pb2.GetOperationResponse(operation=self.refreshed)
+
+
+def test_a_watch_whose_stream_drops_refreshes_reopens_and_gives_up_at_its_own_timeout(monkeypatch):
+    from explaind.client import ResourceExhaustedError, UnavailableError, _operations
+    from explaind.client._operations import Operation
+
+    clock = _FakeClock()
+    monkeypatch.setattr(_operations, "time", clock)
+    running = _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING)
+    succeeded = _operation_message(done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED)
+    # A stream dropped with the job still running: refreshed, then opened again after a pause.
+    server = _DroppingStreamsServer(clock, [_RefusedStream(UnavailableError("restarting")), _Stream([succeeded])], running)
+    assert [update.state for update in Operation(server, running).watch(timeout=60)] == ["running", "succeeded"]
+    assert clock.pauses == [_operations.WATCH_REOPEN_PAUSE_S] and not server.streams
+    # The server unavailable past the watch's own timeout: its error, once the refreshes have used the time up.
+    clock.pauses.clear()
+    server = _DroppingStreamsServer(clock, [_RefusedStream(UnavailableError("restarting"))], UnavailableError("restarting"))
+    with pytest.raises(UnavailableError, match="restarting"):
+        list(Operation(server, running).watch(timeout=60))
+    assert sum(clock.pauses) == 60
+    # A client that does not retry raises the dropped stream's error at once.
+    clock.pauses.clear()
+    server = _DroppingStreamsServer(clock, [_RefusedStream(UnavailableError("restarting"))], running, retry=False)
+    with pytest.raises(UnavailableError, match="restarting"):
+        list(Operation(server, running).watch(timeout=60))
+    assert clock.pauses == []
+    # A busy server (no thread for a stream) is polled until the watch's timeout, the job still running.
+    server = _DroppingStreamsServer(clock, [_RefusedStream(ResourceExhaustedError("no thread for another stream"))], running)
+    operation = Operation(server, running)
+    interval = _operations.WATCH_POLL_INTERVAL_S
+    assert [update.state for update in operation.watch(timeout=2.5 * interval)] == ["running"] * 3 and not operation.done
+    assert clock.pauses == [interval, interval, interval / 2]
+
+
 def test_a_watch_whose_stream_the_server_ended_early_as_deadline_exceeded_raises_it():
     # Before the watch's own timeout a DEADLINE_EXCEEDED is the server's (or a proxy's):
     # ending the watch quietly read as the timeout having passed with the job still running.
