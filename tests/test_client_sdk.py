@@ -3079,6 +3079,11 @@ def test_a_progress_bar_on_a_terminal_shows_the_step_of_the_total_and_the_messag
         display.show(3, 10, "running", "running: epoch 3")
     drawn = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert drawn.startswith("edit_head:  30%") and " 3/10 " in drawn and drawn.endswith(", running: epoch 3]"), drawn
+    with ProgressDisplay("edit_head", unit="step") as display:  # an update of unknown total (0) keeps the total known
+        display.show(3, 10, "running")
+        display.show(4, 0, "running")
+    drawn = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert drawn.startswith("edit_head:  40%") and " 4/10 " in drawn, drawn
 
 
 def test_an_operations_repr_says_a_cancel_was_asked_only_while_it_runs():
