@@ -426,6 +426,17 @@ def test_names_in_the_edit_the_ranking_and_a_failure_message_are_escaped_too():
     assert len(re.findall(r"<img ", page)) == 2  # only the visualisation and its mask
 
 
+def test_an_edit_without_its_parent_s_evaluation_is_suggested_without_a_comparison():
+    # parent_evaluation is unset once the version the edit came from is deleted.
+    import dataclasses
+
+    report = _edited_report()
+    report = dataclasses.replace(report, edit=dataclasses.replace(report.edit, version=dataclasses.replace(report.edit.version, parent_evaluation=None)))
+    page = render_report(report)
+    assert "<h2>Suggested head edit</h2>" in page and "explaind head-versions promote v2tench" in page
+    assert "<th>metric</th>" not in page and "evaluated-on" not in page and page.endswith("</body></html>")
+
+
 def test_the_page_reads_each_number_in_its_own_column():
     page = render_report(_edited_report())
     # The ranking: each ratio under its heading, ω signed; only a shown neuron links to its images.

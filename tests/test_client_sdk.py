@@ -2888,6 +2888,7 @@ def test_an_async_upload_cut_off_says_what_it_left_and_what_to_do(client):
 
 def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
     # Its repr held the version with both nested evaluations: some 1,500 characters.
+    import dataclasses
     import datetime as dt
     from types import SimpleNamespace
 
@@ -2912,6 +2913,12 @@ def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
     edit._repr_pretty_(SimpleNamespace(text=shown.append), False)
     assert shown == [edit.summary()]
     assert repr(edit).startswith("HeadEdit(version=HeadVersion(version_id='v2'")  # repr() keeps the fields, for logs
+    # Its parent deleted since, a version read again has no parent_evaluation: nothing to compare.
+    orphan = HeadEdit(dataclasses.replace(version, parent_evaluation=None), best_epoch=4, epochs_run=6, validation_accuracy=[0.5] * 6)
+    assert orphan.summary().splitlines() == [
+        "stored head version (best epoch 4 of 6; not served; explaind head-versions promote v2 serves it):",
+        "  v2 world+head.v2 constrain heart neurons [3, 7]",
+    ]
 
 
 class _FakeClock:
