@@ -134,6 +134,15 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
     client.delete_head_version(stored)
 
 
+def test_a_report_stopped_without_an_edit_stored_names_none():
+    # The server refused the edit (too few samples): an interrupt in the images has no version to mention.
+    from explaind.client.report import noting_stored_edit
+
+    with pytest.raises(KeyboardInterrupt) as raised, noting_stored_edit(None):
+        raise KeyboardInterrupt
+    assert not hasattr(raised.value, "__notes__")
+
+
 def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
     # The edit was refused after the ranking and images had been computed, and the
     # command failed without writing the page.
