@@ -1408,21 +1408,17 @@ def _request(message_class: Any, **fields: Any) -> Any:
 
 
 class _ErrorMappingStream:
-    """Iterates a server stream, raising typed errors; ``cancel()`` ends it."""
+    """Iterates a server stream, raising typed errors; ``cancel()`` ends the call (its one
+    caller, Operation.watch, cancels a stream it no longer iterates)."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
-        self._cancelled = False
 
     def __iter__(self) -> Iterator[Any]:
         try:
             yield from self._call
         except grpc.RpcError as error:
-            # Only this end's cancel() ends it quietly: a CANCELLED the server sent raises.
-            # (The call is no longer active once its error is raised, whoever cancelled it.)
-            if error.code() != grpc.StatusCode.CANCELLED or not self._cancelled:
-                raise from_rpc_error(error) from None
+            raise from_rpc_error(error) from None
 
     def cancel(self) -> None:
-        self._cancelled = True
         self._call.cancel()
