@@ -949,6 +949,19 @@ def test_an_upload_that_fails_after_its_first_request_says_under_its_error_what_
         assert "partial" not in [s.sample_set_id for s in client.sample_sets()]
 
 
+def test_a_folder_that_cannot_be_listed_is_an_error_line_not_a_traceback(capsys, tmp_path, monkeypatch):
+    # A folder without read permission (not so for root, hence faked) raised its
+    # PermissionError through main.
+    from explaind.client import cli
+
+    def unlistable(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(cli, "image_folder", unlistable)
+    assert _error(capsys, ["--target", "127.0.0.1:1", "sample-set", "create", "--folder", str(tmp_path)]) == (
+        f"error: --folder: cannot read {tmp_path}: Permission denied")
+
+
 def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     root = tmp_path / "images"
     for name, count in (("heart", 2), ("circle", 3)):

@@ -322,6 +322,8 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
         images, labels = image_folder(folder)
     except (NotADirectoryError, ValueError) as error:
         raise CommandError(f"--folder: {error}") from None
+    except OSError as error:  # a folder it may not list (no permission), an I/O error
+        raise CommandError(f"--folder: cannot read {error.filename or folder}: {error.strerror or error}") from None
     names = _served_class_names(client)
     if names and (unknown := sorted(set(labels) - set(names))):  # an ImageNet tree of synset ids: 1000, named 3
         folders = ", ".join(str(Path(folder) / name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
