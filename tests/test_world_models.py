@@ -180,7 +180,6 @@ def test_quality_table_shows_accuracy_worst_group_and_gap_in_points():
     assert format_classifier_table({"spurious_background": GroupReport(accuracy=0.85, group_accuracy=groups)}, per_group=False) == "\n".join(lines[:2])
 
 
-
 def test_quality_command_prints_what_each_part_asked_for_measures_on_the_models_under_its_root(monkeypatch, capsys, tmp_path):
     """``python -m explaind.world.quality --parts ... --root ...`` (docs/world.md) on the shipped
     weights, each evaluation cut to a few images: every number printed is the one measured."""
@@ -384,11 +383,13 @@ def test_full_length_schedules_are_torchs_one_cycle_unchanged():
 
 
 def test_training_length_defaults_to_the_scenarios_classifier_epochs_else_the_recipes(capsys):
-    """The shipped spurious_background classifier trained 7 epochs (scenarios.toml), the others 5."""
+    """The shipped spurious_background classifier trained its own epochs (scenarios.toml), the others the recipe's."""
     from explaind.world.classifier import ClassifierConfig
     from explaind.world.train_classifier import CLASSIFIER_EPOCHS, train_classifier
 
-    for name, epochs in (("spurious_background", 7), ("balanced", CLASSIFIER_EPOCHS)):
+    own = get_scenario("spurious_background").classifier_epochs
+    assert own not in (None, CLASSIFIER_EPOCHS) and get_scenario("balanced").classifier_epochs is None  # else the two cases are one
+    for name, epochs in (("spurious_background", own), ("balanced", CLASSIFIER_EPOCHS)):
         train_classifier(name, train_size=6, test_size=6, config=ClassifierConfig(image_size=32))
         assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()] == [
             [f"[{name}]", "epoch", f"{epoch}/{epochs}"] for epoch in range(1, epochs + 1)]
