@@ -6750,20 +6750,15 @@ def test_a_client_streaming_method_which_the_interceptor_cannot_guard_is_refused
     # a caller without the token, unmetered.
     import grpc
 
-    from explaind.service.auth import BearerToken
-    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
-
     served = []
     method = grpc.stream_unary_rpc_method_handler(lambda requests, context: served.append(list(requests)) or b"",
                                                   response_serializer=bytes)
-    interceptor = ServiceInterceptor(Metrics(), BearerToken("s3cret"), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
-    server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor],
-                         handlers=[grpc.method_handlers_generic_handler("test.Service", {"Upload": method})])
-    port = server.add_insecure_port("127.0.0.1:0")
+    server, port = _intercepted_server(Metrics(), lambda request, context: pytest.fail("a unary method called"), token="s3cret")
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Upload", {"Upload": method})])
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
-            channel.stream_unary("/test.Service/Upload")(iter([b"x"]), timeout=10)
+            channel.stream_unary("/test.Upload/Upload")(iter([b"x"]), timeout=10)
     finally:
         server.stop(None)
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and not served
@@ -6787,9 +6782,9 @@ def test_a_request_that_is_not_its_method_s_message_is_invalid_argument_and_neve
     assert refused.value.details().startswith("the request is not a valid test.Service/Call request message (")
 
 
-def _intercepted_server(metrics: Metrics, behaviour, request_deserializer=None):
+def _intercepted_server(metrics: Metrics, behaviour, request_deserializer=None, *, token: str = ""):
     """A gRPC server on a free port with unary methods ``/test.Service/Call`` and ``/test.Service/Other``,
-    both ``behaviour``, behind the service interceptor."""
+    both ``behaviour``, behind the service interceptor (asking for ``token``, none by default)."""
     import grpc
 
     from explaind.service.auth import BearerToken
@@ -6798,7 +6793,7 @@ def _intercepted_server(metrics: Metrics, behaviour, request_deserializer=None):
     method = grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=request_deserializer,
                                                  response_serializer=lambda message: message.SerializeToString())
     handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method, "Other": method})
-    interceptor = ServiceInterceptor(metrics, BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
+    interceptor = ServiceInterceptor(metrics, BearerToken(token), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
     return server, server.add_insecure_port("127.0.0.1:0")
 
