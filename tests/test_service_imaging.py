@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from explaind.errors import InvalidArgument
-from explaind.imaging import MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png
+from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png
 
 
 def _encoded(array: np.ndarray, format: str) -> bytes:
@@ -35,6 +35,46 @@ def test_an_image_file_longer_than_the_largest_side_either_way_is_refused(height
         decode_encoded(data, field="images[0].encoded")
     fits = encode_png(np.zeros((min(height, MAX_IMAGE_SIDE), min(width, MAX_IMAGE_SIDE), 3), np.uint8))
     assert decode_encoded(fits, field="x").shape == (3, min(height, MAX_IMAGE_SIDE), min(width, MAX_IMAGE_SIDE))
+
+
+def _with_width(format: str, width: int) -> bytes:
+    """An 8x8 file of ``format`` whose header says it is ``width`` wide (the pixels left as they are)."""
+    if format == "GIF":  # its logical screen and its image, to which Pillow widens the screen
+        gif, first_image = _gif_and_first_image()
+        data = bytearray(gif)
+        data[6:8] = data[first_image + 5:first_image + 7] = struct.pack("<H", width)
+        return bytes(data)
+    data = bytearray(_encoded(np.zeros((8, 8, 3), np.uint8), format))
+    if format == "PNG":  # IHDR first, its CRC recomputed
+        return bytes(data[:8] + _png_chunk(b"IHDR", struct.pack(">I", width) + data[20:29]) + data[33:])
+    if format == "TIFF":  # the ImageWidth entry (tag 256) of the first directory
+        directory = struct.unpack("<I", data[4:8])[0]
+        at = next(entry for entry in range(directory + 2, len(data), 12) if struct.unpack("<H", data[entry:entry + 2])[0] == 256)
+        data[at + 8:at + 12] = struct.pack("<H", width) + b"\0\0" if struct.unpack("<H", data[at + 2:at + 4])[0] == 3 else struct.pack("<I", width)
+    elif format == "JPEG":  # SOF0: its height, then its width
+        at = data.index(b"\xff\xc0") + 7
+        data[at:at + 2] = struct.pack(">H", width)
+    elif format == "WEBP":  # the VP8 frame header after its start code
+        at = data.index(b"\x9d\x01\x2a") + 3
+        data[at:at + 2] = struct.pack("<H", width)
+    else:  # BMP's info header
+        data[18:22] = struct.pack("<i", width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("format", ENCODED_FORMATS)
+def test_an_image_file_zero_pixels_wide_is_refused_in_every_format_decoded(format):
+    # decode_pixels keeps no zero-size check of its own: Pillow (10.0, the lowest the
+    # project admits, as 13) refuses such a header as no image while opening it, and
+    # libwebp its VP8 frame. (A GIF's screen alone is widened to its image's width.)
+    with Image.open(io.BytesIO(_with_width(format, 4))) as narrower:
+        assert narrower.size == (4, 8)  # the field patched is the width
+    zero_wide = _with_width(format, 0)
+    with pytest.raises(OSError):  # UnidentifiedImageError, or libwebp's OSError: refused as it is opened
+        Image.open(io.BytesIO(zero_wide), formats=ENCODED_FORMATS)
+    with pytest.raises(InvalidArgument) as refused:
+        decode_encoded(zero_wide, field="images[0].encoded")
+    assert refused.value.field == "images[0].encoded"
 
 
 def test_negative_integer_greyscale_pixels_are_refused_not_wrapped_round():
