@@ -397,7 +397,7 @@ def test_an_output_through_a_link_to_a_file_not_made_yet_is_written_where_the_li
     assert (tmp_path / "report-1.html").read_bytes() == b"report" and link.is_symlink()
 
 
-def test_an_output_that_is_a_pipe_is_written_into_not_replaced_by_a_file(tmp_path):
+def test_an_output_that_is_a_pipe_is_written_into_not_replaced_by_a_file(tmp_path, monkeypatch):
     # `--out /dev/stdout` or a named pipe a reader waits on: a file renamed over it would
     # take its place, and the check before the work must not open it (that blocks).
     import stat
@@ -406,9 +406,13 @@ def test_an_output_that_is_a_pipe_is_written_into_not_replaced_by_a_file(tmp_pat
 
     pipe = tmp_path / "report.pipe"
     os.mkfifo(pipe)
-    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # so that a write cannot block the test
     try:
-        _require_writable(str(pipe))
+        with monkeypatch.context() as watched:
+            opened, open_path = [], Path.open
+            watched.setattr(Path, "open", lambda path, *args, **kwargs: (opened.append(path), open_path(path, *args, **kwargs))[1])
+            _require_writable(str(pipe))
+        assert opened == []  # without a reader, opening it for writing would block
         _write(pipe, b"report")
         assert os.read(reader, 100) == b"report"
     finally:
