@@ -1789,7 +1789,7 @@ def test_a_demo_interrupted_while_its_server_loads_kills_a_server_that_ignores_t
     assert main(["demo", "--scenario", "balanced"]) == 130
     command = done[0]
     assert "--config" not in command  # the balanced classifier is the default config's
-    assert done[1:] == ["terminate", ("wait", 30), "kill", ("wait", None)]
+    assert done[1:] == ["terminate", ("wait", cli.DEMO_SERVER_STOP_S), "kill", ("wait", None)]
     store = Path(command[command.index("--data-dir") + 1])
     assert store.parent.parent == tmp_path and not store.exists()
 

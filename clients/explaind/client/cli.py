@@ -313,6 +313,7 @@ def _require_writable(path: str) -> None:
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
 DEFAULT_PREDICT_CLASSES = 3  # predict's lines per image, when --top-k is not given
 UPLOAD_PROGRESS_SAMPLES = 512  # sample-set create/append show progress above this many samples
+DEMO_SERVER_STOP_S = 30.0  # the demo's server, sent SIGTERM, is killed if it has not ended by then
 
 
 def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]:
@@ -1070,7 +1071,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         server.terminate()
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=DEMO_SERVER_STOP_S)
         except subprocess.TimeoutExpired:  # e.g. still loading large models: it acts on SIGTERM after
             server.kill()
             server.wait()
