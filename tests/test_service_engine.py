@@ -6199,6 +6199,33 @@ def test_the_oldest_unfinished_job_bounds_the_sweep(tmp_path):
     jobs.shutdown(1)
 
 
+def test_a_wall_clock_set_back_while_a_job_runs_does_not_sweep_the_images_of_a_set_deleted_since(tmp_path, monkeypatch):
+    # NTP setting the clock back an hour: the set deleted after the job was submitted lost
+    # its images "an hour before" it, and the sweep removed them while the job read them.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)))
+    store, jobs, gate = server.store, server.engine.jobs, threading.Event()
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"image"))
+        running = jobs.submit("evaluate", lambda ctx: (gate.wait(10), _empty())[1])
+        set_back = running.record.create_time - 3600
+        monkeypatch.setattr(time, "time", lambda: set_back)
+        store.delete_sample_set("s")
+        server._sweep_once()
+        assert _blob_files(store) == {_digest(b"image")}
+        gate.set()
+        jobs.wait(running.record.job_id, 10)
+        monkeypatch.setattr(time, "time", lambda: running.record.create_time + 1)
+        server._sweep_once()  # the job ended and the clock caught up: they go
+        assert _blob_files(store) == set()
+    finally:
+        gate.set()
+        server.engine.jobs.shutdown(1)
+        store.close()
+
+
 def test_a_deleted_job_frees_the_artifacts_only_it_used(tmp_path):
     from explaind.store import ArtifactRef, JobRecord
 

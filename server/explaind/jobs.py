@@ -355,7 +355,7 @@ class JobManager:
             if len(queued) >= self.max_queued:
                 raise ResourceExhausted(f"job queue is full ({len(queued)} queued, limit {self.max_queued}); retry later")
             self._kinds.add(kind)
-            record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=time.time(), message=message, owner=owner)
+            record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=self.store.now(), message=message, owner=owner)
             self.store.insert_job(record, request=request)
             live = _LiveJob(record, (fn, cut_lists), self.tracing.operation(record.job_id, kind))
             self._live[record.job_id] = live

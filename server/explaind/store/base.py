@@ -160,6 +160,11 @@ class Store(Protocol):
     # ``length`` bytes from ``offset`` (None: to the end), so large artifacts are served in ranges.
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes: ...
 
+    # The wall clock (epoch s), never before a time it gave already (set back, it stands
+    # still until it catches up): what stamps jobs' submissions and blobs' loss of their last
+    # reference, which the sweep compares.
+    def now(self) -> float: ...
+
     # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.
     # A request applied with a ``request_id`` (AIP-155) is remembered with its fingerprint
     # for as long as its set is kept: applied again with the same ones, it changes nothing

@@ -323,6 +323,7 @@ class SQLiteStore:
         # Names this store's scratch files, so start-up removes only those of earlier ones.
         # Not the pid: in a container every server is pid 1.
         self._scratch_tag = uuid.uuid4().hex[:12]
+        self._clock_lock, self._latest_time = threading.Lock(), 0.0  # see now()
         self._dir_lock = self._lock_data_dir()
         self._reserve, self._reserve_bytes = self.data_dir / RESERVE_FILE, reserve_bytes
         for stale in self.data_dir.glob(f"{RESERVE_FILE}.*.tmp"):  # being set aside when an earlier server died (the lock is ours)
@@ -537,7 +538,7 @@ class SQLiteStore:
             # a bad label): the next sweep removes those nothing else uses.
             def mark_for_deletion() -> None:
                 with self._transaction() as db:
-                    db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, ?)", [(digest, time.time()) for digest in set(written)])
+                    db.executemany("INSERT OR IGNORE INTO blob_candidates VALUES (?, ?)", [(digest, self.now()) for digest in set(written)])
 
             try:  # bookkeeping, which the reserve is kept for: the files it frees are what a full data dir needs
                 self._with_reserve("to mark the files of a failed write for deletion", mark_for_deletion)
@@ -574,6 +575,16 @@ class SQLiteStore:
     def _full(self, detail: str) -> ResourceExhausted:
         """A write refused for want of space: the caller's answer, the operator's cue."""
         return ResourceExhausted(f"the server's data dir {self.data_dir} is full ({detail}); the operator must free space there")
+
+    def now(self) -> float:
+        """The wall clock (epoch s), never before a time this store gave already: set back
+        (NTP, a VM resumed), it stands still until the clock catches up. A blob's loss of
+        its last reference and a job's submission are stamped with it, so one that came
+        after the other is never stamped before it: the sweep (delete_unused_blobs'
+        ``before``) keeps the images a running job may read."""
+        with self._clock_lock:
+            self._latest_time = max(self._latest_time, time.time())
+            return self._latest_time
 
     @_frees_space
     def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False) -> int:
@@ -880,12 +891,11 @@ class SQLiteStore:
             self._require_set(db, sample_set_id, uid, check_owner)
             self._delete_set(db, sample_set_id)
 
-    @staticmethod
-    def _delete_set(db: sqlite3.Connection, sample_set_id: str) -> None:
+    def _delete_set(self, db: sqlite3.Connection, sample_set_id: str) -> None:
         """Delete a set's rows (samples and upload mark cascade); its images become candidates
         for the next sweep."""
         db.execute("INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM samples WHERE set_id = ?",
-                   (time.time(), sample_set_id))
+                   (self.now(), sample_set_id))
         db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
 
     # Jobs ----------------------------------------------------------------------------
@@ -1011,11 +1021,10 @@ class SQLiteStore:
             if count < _SWEEP_CHUNK:
                 return deleted
 
-    @staticmethod
-    def _forget_jobs(db: sqlite3.Connection, where: str, params: tuple) -> int:
+    def _forget_jobs(self, db: sqlite3.Connection, where: str, params: tuple) -> int:
         """Delete the jobs matching ``where``, recording their artifacts as blob candidates."""
         db.execute(f"INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM job_artifacts WHERE job_id IN (SELECT id FROM jobs WHERE {where})",
-                   (time.time(), *params))
+                   (self.now(), *params))
         return db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount  # and, cascading, their job_artifacts
 
     def fail_unfinished_jobs(self, reason: str) -> list[tuple[str, str]]:
@@ -1127,7 +1136,7 @@ class SQLiteStore:
             if row is None:
                 raise NotFound(f"no head version {version_id!r} for the served feature extractor", field="version_id")
             db.execute("INSERT OR REPLACE INTO blob_candidates SELECT weights_digest, ? FROM head_versions WHERE feature_version = ? AND version_id = ?",
-                       (time.time(), feature_version, version_id))
+                       (self.now(), feature_version, version_id))
             db.execute("DELETE FROM head_versions WHERE feature_version = ? AND version_id = ?", (feature_version, version_id))
             # Only the highest deleted id is needed (ids are given out above every id ever
             # used): one row per deletion grew the table for as long as edits were deleted.
