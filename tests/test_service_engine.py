@@ -6226,6 +6226,23 @@ def test_a_wall_clock_set_back_while_a_job_runs_does_not_sweep_the_images_of_a_s
         store.close()
 
 
+def test_a_wall_clock_set_back_never_puts_an_operation_s_times_out_of_order(tmp_path, monkeypatch):
+    # NTP setting the clock back an hour: the job running then ended an hour before it
+    # started, and one submitted then could start before its submission.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    started, gate = threading.Event(), threading.Event()
+    running = jobs.submit("evaluate", lambda ctx: (started.set(), gate.wait(10), _empty())[2])
+    assert started.wait(10)
+    set_back = time.time() - 3600
+    monkeypatch.setattr(time, "time", lambda: set_back)
+    submitted_after = jobs.submit("evaluate", lambda ctx: _empty())
+    gate.set()
+    for job in (running, submitted_after):
+        record = jobs.wait(job.record.job_id, 10).record
+        assert record.create_time <= record.start_time <= record.end_time
+    jobs.shutdown(1)
+
+
 def test_a_deleted_job_frees_the_artifacts_only_it_used(tmp_path):
     from explaind.store import ArtifactRef, JobRecord
 

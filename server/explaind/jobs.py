@@ -403,7 +403,7 @@ class JobManager:
                 return
             self.metrics.jobs_queued.dec()
             stages = _Stages(live.trace)
-            started, started_clock = time.time(), time.monotonic()  # the record's epoch time; the duration's clock
+            started, started_clock = self.store.now(), time.monotonic()  # the record's epoch time; the duration's clock
             try:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
             except Exception as error:  # noqa: BLE001 - the store refused the write; the job cannot run
@@ -500,12 +500,12 @@ class JobManager:
         stays live as FAILED in memory (the store says running until a restart fails it)."""
         message = {SUCCEEDED: "done", FAILED: "failed", CANCELLED: "cancelled"}[state]
         try:
-            self._end(live, state=state, end_time=time.time(), error_code=error[0], error_message=error[1],
+            self._end(live, state=state, end_time=self.store.now(), error_code=error[0], error_message=error[1],
                       result=result, message=message, **changes)
         except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
             log.exception("job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
             code, why = _store_refusal(write_error)
-            failed = dict(state=FAILED, end_time=time.time(), error_code=code, result=b"", message="failed",
+            failed = dict(state=FAILED, end_time=self.store.now(), error_code=code, result=b"", message="failed",
                           error_message=f"the job ended {state} but {why}; submit it again")
             try:
                 self._end(live, **failed)

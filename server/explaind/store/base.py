@@ -161,8 +161,8 @@ class Store(Protocol):
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes: ...
 
     # The wall clock (epoch s), never before a time it gave already (set back, it stands
-    # still until it catches up): what stamps jobs' submissions and blobs' loss of their last
-    # reference, which the sweep compares.
+    # still until it catches up): what stamps a job's submission, start and end (in that
+    # order) and blobs' loss of their last reference, which the sweep compares with the first.
     def now(self) -> float: ...
 
     # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.

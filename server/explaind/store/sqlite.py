@@ -579,9 +579,10 @@ class SQLiteStore:
     def now(self) -> float:
         """The wall clock (epoch s), never before a time this store gave already: set back
         (NTP, a VM resumed), it stands still until the clock catches up. A blob's loss of
-        its last reference and a job's submission are stamped with it, so one that came
-        after the other is never stamped before it: the sweep (delete_unused_blobs'
-        ``before``) keeps the images a running job may read."""
+        its last reference and a job's submission, start and end are stamped with it, so
+        one that came after another is never stamped before it: an operation never ends
+        before it started, and the sweep (delete_unused_blobs' ``before``) keeps the
+        images a running job may read."""
         with self._clock_lock:
             self._latest_time = max(self._latest_time, time.time())
             return self._latest_time
