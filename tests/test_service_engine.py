@@ -3621,6 +3621,21 @@ def test_a_queued_job_says_its_place_and_what_runs_as_the_queue_moves_without_a_
     jobs.shutdown(1)
 
 
+def test_a_wall_clock_set_back_does_not_make_the_running_job_a_queued_one_names_run_for_negative_minutes(tmp_path, monkeypatch):
+    # NTP setting the clock back an hour: the job holding the worker "ran -60 min".
+    jobs, gate = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1), threading.Event()
+    running = jobs.submit("evaluate", lambda ctx: (gate.wait(10), _empty())[1]).record.job_id
+    while jobs.get(running).record.state != "running":
+        time.sleep(0.01)
+    set_back = time.time() - 3600
+    monkeypatch.setattr(time, "time", lambda: set_back)
+    queued = jobs.submit("evaluate", lambda ctx: _empty())
+    assert queued.record.message == f"queued: next; running: evaluate {running} (under a minute)"
+    gate.set()
+    jobs.wait(queued.record.job_id, 10)
+    jobs.shutdown(1)
+
+
 def _started_after_a_gate(jobs: JobManager, owner: str | None) -> tuple[str, threading.Event]:
     """A job of ``owner`` that holds the only worker until the returned gate is set, running."""
     gate = threading.Event()

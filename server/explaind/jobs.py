@@ -224,11 +224,12 @@ def _store_refusal(error: Exception) -> tuple[str, str]:
     return "INTERNAL", f"the store failed to record it ({type(error).__name__})"
 
 
-def _holder(record: JobRecord) -> str:
+def _holder(record: JobRecord, now: float) -> str:
     """A running job as a queued one's message names it: kind, id, its step and how long
-    it has run, e.g. "visualize_neurons 0123456789abcdef (step 120/400, 14 min)"."""
+    it has run by ``now`` (the clock of its start_time, JobManager.store's now()), e.g.
+    "visualize_neurons 0123456789abcdef (step 120/400, 14 min)"."""
     step = f"step {record.step}/{record.total}" if record.total else f"step {record.step}" if record.step else ""
-    minutes = int((time.time() - (record.start_time or time.time())) // 60)
+    minutes = int((now - (record.start_time or now)) // 60)
     ran = f"{minutes} min" if minutes else "under a minute"
     cancelling = ", cancel requested" if record.cancel_requested else ""
     return f"{record.kind} {record.job_id} ({', '.join(part for part in (step, ran) if part)}{cancelling})"
@@ -576,7 +577,8 @@ class JobManager:
         (:meth:`_queue_order`): a job another caller submits later may go before it."""
         order = self._queue_order()
         ahead = order.index(live) if live in order else 0  # not in it: a worker has just taken it
-        running = [_holder(other.record) for other in self._live.values() if other.record.state == RUNNING]
+        now = self.store.now()
+        running = [_holder(other.record, now) for other in self._live.values() if other.record.state == RUNNING]
         return f"{live.record.message}: {f'{ahead} ahead' if ahead else 'next'}" + (f"; running: {', '.join(running)}" if running else "")
 
     def _read_again(self, job_id: str, read: _LiveJob | None) -> tuple[JobSnapshot, _LiveJob | None]:
