@@ -5953,8 +5953,9 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
             store.create_sample_set("abandoned", "", [SampleRecord(abandoned_image, 0), SampleRecord(only_abandoned, 0)], uploading=True)
             store.create_sample_set("continued", "", [SampleRecord(continued_image, 0)], uploading=True)
             store.create_sample_set("finished", "", [SampleRecord(abandoned_image, 1)])
-        later = time.time() + 601
+        later, later_clock = time.time() + 601, time.monotonic() + 601
         monkeypatch.setattr(time, "time", lambda: later)
+        monkeypatch.setattr(time, "monotonic", lambda: later_clock)  # idle by the clock no one sets
         store.append_samples("continued", [SampleRecord(continued_image, 1)])  # a request: still alive
         server._sweep_once()
         assert [(s.sample_set_id, s.uploading) for s in store.list_sample_sets()] == [("continued", True), ("finished", False)]
@@ -5965,8 +5966,31 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
         assert not store._blob_path(only_abandoned).exists()  # the set's deletion alone made it a candidate
         server.config = server.config.replace("server", upload_idle_timeout_s=0)  # 0: only a restart deletes it
         monkeypatch.setattr(time, "time", lambda: later + 10**6)
+        monkeypatch.setattr(time, "monotonic", lambda: later_clock + 10**6)
         server._sweep_once()
         assert [s.sample_set_id for s in store.list_sample_sets()] == ["continued"]
+    finally:
+        store.close()
+
+
+def test_a_wall_clock_set_forward_does_not_make_an_upload_that_just_had_a_request_idle(tmp_path, monkeypatch):
+    # A container's clock corrected three days forward: every upload under way "had no
+    # request for three days", and the next sweep deleted it under its client.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path), upload_idle_timeout_s=600))
+    store, created = server.store, time.monotonic() + 3600
+    try:
+        monkeypatch.setattr(time, "monotonic", lambda: created)  # an hour after the store opened
+        with store.writing_blobs() as put:
+            store.create_sample_set("uploading", "", _samples(put, b"image"), uploading=True)
+        set_forward = time.time() + 3 * 86_400
+        monkeypatch.setattr(time, "time", lambda: set_forward)
+        server._sweep_once()
+        assert [s.sample_set_id for s in store.list_sample_sets()] == ["uploading"]
+        monkeypatch.setattr(time, "monotonic", lambda: created + 601)
+        server._sweep_once()  # no request for 601 s, by the clock no one sets
+        assert store.list_sample_sets() == []
     finally:
         store.close()
 

@@ -210,7 +210,7 @@ class ExplaindServer:
             log.exception("deleting operations past their retention failed")
         try:
             if idle_s := self.config.server.upload_idle_timeout_s:
-                if abandoned := self.store.delete_unfinished_uploads(idle_since=time.time() - idle_s):
+                if abandoned := self.store.delete_unfinished_uploads(idle_s=idle_s):
                     log.warning("deleted %d sample set(s) whose upload had no request for %gs ([server].upload_idle_timeout_s): %s",
                                 len(abandoned), idle_s, ", ".join(abandoned))
         except Exception:  # noqa: BLE001

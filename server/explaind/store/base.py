@@ -197,9 +197,10 @@ class Store(Protocol):
     # Its images become candidates for delete_unused_blobs (a job still reading them keeps them).
     def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None, check_owner: OwnerCheck | None = None) -> None: ...
     # Delete the sets still uploading (at start-up: an earlier process left them so), or
-    # with ``idle_since`` only those whose last request (update_time) came before it;
+    # with ``idle_s`` only those that had no request for over ``idle_s`` seconds (by the
+    # monotonic clock: a wall clock set forward does not make a live upload idle);
     # returns their ids.
-    def delete_unfinished_uploads(self, *, idle_since: float | None = None) -> list[str]: ...
+    def delete_unfinished_uploads(self, *, idle_s: float | None = None) -> list[str]: ...
 
     # Jobs. A job inserted with a ``request_id`` (AIP-155) is found by it, with the
     # fingerprint of its request, until the job is deleted or another is inserted with it

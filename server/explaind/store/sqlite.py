@@ -324,6 +324,11 @@ class SQLiteStore:
         # Not the pid: in a container every server is pid 1.
         self._scratch_tag = uuid.uuid4().hex[:12]
         self._clock_lock, self._latest_time = threading.Lock(), 0.0  # see now()
+        # An uploading set's last request (time.monotonic(): a wall clock set forward must
+        # not make a live upload look idle), for delete_unfinished_uploads; a set with none
+        # here had none since the store opened.
+        self._upload_requests: dict[str, float] = {}
+        self._opened = time.monotonic()
         self._dir_lock = self._lock_data_dir()
         self._reserve, self._reserve_bytes = self.data_dir / RESERVE_FILE, reserve_bytes
         for stale in self.data_dir.glob(f"{RESERVE_FILE}.*.tmp"):  # being set aside when an earlier server died (the lock is ours)
@@ -752,6 +757,7 @@ class SQLiteStore:
                 db.execute("INSERT INTO sample_set_owners (set_id, owner, create_time) VALUES (?, ?, ?)", (sample_set_id, owner, now))
             if uploading:
                 db.execute("INSERT INTO uploading_sets VALUES (?)", (sample_set_id,))
+                self._upload_requests[sample_set_id] = time.monotonic()
             self._insert_samples(db, sample_set_id, 0, samples)
             self._record_request(db, request, sample_set_id)
         return self.get_sample_set(sample_set_id)
@@ -774,6 +780,7 @@ class SQLiteStore:
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
             if samples or finished:  # a finish_upload of a finished set changes nothing; an upload's request shows it alive
                 db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
+                self._upload_requests[sample_set_id] = time.monotonic()
         return self.get_sample_set(sample_set_id)
 
     def require_room_for_samples(self, owner: str | None, adding: int) -> None:
@@ -794,13 +801,16 @@ class SQLiteStore:
                                     f"of {self.max_samples_per_owner} ([server].max_samples_per_caller): delete sets it no longer needs",
                                     field="samples")
 
-    def delete_unfinished_uploads(self, *, idle_since: float | None = None) -> list[str]:
-        where = "" if idle_since is None else " AND update_time < ?"
+    def delete_unfinished_uploads(self, *, idle_s: float | None = None) -> list[str]:
         with self._transaction() as db:
-            abandoned = [row[0] for row in db.execute(
-                f"SELECT id FROM sample_sets WHERE id IN (SELECT id FROM uploading_sets){where} ORDER BY id", () if idle_since is None else (idle_since,))]
+            uploading = [row[0] for row in db.execute("SELECT id FROM uploading_sets ORDER BY id")]
+            now = time.monotonic()
+            abandoned = [set_id for set_id in uploading if idle_s is None or now - self._upload_requests.get(set_id, self._opened) > idle_s]
             for set_id in abandoned:
                 self._delete_set(db, set_id)
+            # Only the sets still uploading: a finished or deleted one's entry goes.
+            self._upload_requests = {set_id: self._upload_requests[set_id] for set_id in uploading
+                                     if set_id in self._upload_requests and set_id not in abandoned}
         return abandoned
 
     def sample_set_of_request(self, request: RequestKey) -> SampleSetInfo | None:
