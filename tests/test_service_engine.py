@@ -6265,6 +6265,20 @@ def test_a_wall_clock_set_back_while_a_job_runs_does_not_sweep_the_images_of_a_s
         store.close()
 
 
+def test_a_wall_clock_set_back_keeps_the_operations_newest_first(tmp_path, monkeypatch):
+    # NTP setting the clock back an hour: the jobs submitted then listed below the one
+    # submitted before it, and a client paging from the top missed them.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    submitted = [jobs.submit("evaluate", lambda ctx: _empty()).record.job_id]
+    set_back = time.time() - 3600
+    monkeypatch.setattr(time, "time", lambda: set_back)
+    submitted += [jobs.submit("evaluate", lambda ctx: _empty()).record.job_id for _ in range(5)]
+    for job_id in submitted:
+        jobs.wait(job_id, 10)
+    assert [snapshot.record.job_id for snapshot in jobs.list()] == submitted[::-1]
+    jobs.shutdown(1)
+
+
 def test_a_wall_clock_set_back_never_puts_an_operation_s_times_out_of_order(tmp_path, monkeypatch):
     # NTP setting the clock back an hour: the job running then ended an hour before it
     # started, and one submitted then could start before its submission.

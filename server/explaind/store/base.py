@@ -160,9 +160,10 @@ class Store(Protocol):
     # ``length`` bytes from ``offset`` (None: to the end), so large artifacts are served in ranges.
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes: ...
 
-    # The wall clock (epoch s), never before a time it gave already (set back, it stands
-    # still until it catches up): what stamps a job's submission, start and end (in that
-    # order) and blobs' loss of their last reference, which the sweep compares with the first.
+    # The wall clock (epoch s), always after any time it gave already (set back, it moves on
+    # from there by the least a float can until it catches up): what stamps a job's
+    # submission, start and end and blobs' loss of their last reference, in the order they
+    # happened (the sweep compares the last with the first).
     def now(self) -> float: ...
 
     # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.

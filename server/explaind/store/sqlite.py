@@ -582,14 +582,14 @@ class SQLiteStore:
         return ResourceExhausted(f"the server's data dir {self.data_dir} is full ({detail}); the operator must free space there")
 
     def now(self) -> float:
-        """The wall clock (epoch s), never before a time this store gave already: set back
-        (NTP, a VM resumed), it stands still until the clock catches up. A blob's loss of
-        its last reference and a job's submission, start and end are stamped with it, so
-        one that came after another is never stamped before it: an operation never ends
-        before it started, and the sweep (delete_unused_blobs' ``before``) keeps the
-        images a running job may read."""
+        """The wall clock (epoch s), always after any time this store gave already: set back
+        (NTP, a VM resumed), it moves on from there by the least a float can until the
+        clock catches up. A blob's loss of its last reference and a job's submission, start
+        and end are stamped with it, so one that came after another is stamped after it:
+        operations list newest first, one never ends before it started, and the sweep
+        (delete_unused_blobs' ``before``) keeps the images a running job may read."""
         with self._clock_lock:
-            self._latest_time = max(self._latest_time, time.time())
+            self._latest_time = max(math.nextafter(self._latest_time, math.inf), time.time())
             return self._latest_time
 
     @_frees_space
