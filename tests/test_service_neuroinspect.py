@@ -874,6 +874,21 @@ def test_a_restart_that_changes_no_head_version_writes_nothing(tmp_path, monkeyp
         _shut(restarted)
 
 
+def test_a_wall_clock_set_back_keeps_the_head_versions_in_the_order_they_were_stored(tmp_path, monkeypatch):
+    # NTP setting the clock back an hour between two edits: the later version listed
+    # first (oldest first), before the model file's own.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _store_shifted_head(inspect, engine.models.active)
+        set_back = time.time() - 3600
+        monkeypatch.setattr(time, "time", lambda: set_back)
+        _store_shifted_head(inspect, engine.models.active)
+        assert [record.version_id for record in inspect.head_versions()[0]] == ["v0", "v1", "v2"]
+    finally:
+        monkeypatch.undo()
+        _shut(engine)
+
+
 def test_the_model_files_head_is_served_again_without_its_stored_copy(tmp_path):
     # Head versions are read from the store when served, but the file's own head is kept:
     # a rollback to it cannot fail on a lost weights file.

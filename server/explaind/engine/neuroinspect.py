@@ -17,7 +17,6 @@ import logging
 import math
 import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -677,7 +676,7 @@ class NeuroInspectEngine:
             number = store.next_head_version_number(version.feature_version)
             record = HeadVersionRecord(
                 feature_version=version.feature_version, version_id=f"v{number}", head_hash=version.with_head(head).head_version,
-                weights_digest=digest, parent_version_id=parent_id, create_time=time.time(), details=details, owner=owner,
+                weights_digest=digest, parent_version_id=parent_id, create_time=store.now(), details=details, owner=owner,
             )
             if check is not None:
                 check(record)
