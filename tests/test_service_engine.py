@@ -6626,6 +6626,21 @@ def test_finishing_an_upload_that_is_finished_changes_nothing(tmp_path):
     assert again == finished
 
 
+def test_a_wall_clock_set_back_keeps_the_sample_sets_in_the_order_they_were_made(tmp_path, monkeypatch):
+    # NTP setting the clock back an hour: the set made then listed first (oldest first),
+    # and a request to a set made before it gave it an update_time before its create_time.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("made before", "", _samples(put, b"image"), uploading=True)
+        set_back = time.time() - 3600
+        monkeypatch.setattr(time, "time", lambda: set_back)
+        store.create_sample_set("made after", "", _samples(put, b"image"))
+        appended = store.append_samples("made before", _samples(put, b"image"))
+    assert [info.sample_set_id for info in store.list_sample_sets()] == ["made before", "made after"]
+    assert appended.update_time >= appended.create_time
+    store.close()
+
+
 def test_the_unfinished_uploads_deleted_are_named_in_id_order(tmp_path):
     # The server logs the ids it deleted: in id order, so one start's line reads as another's.
     store = SQLiteStore(tmp_path)
@@ -7553,13 +7568,14 @@ def test_list_pages_filters_and_sweeps_cost_the_same_with_many_stored_objects(tm
 
 
 def test_sample_set_and_head_version_pages_resume_among_ties_in_create_time_by_id(tmp_path, monkeypatch):
-    # Sets made within one clock tick share a create_time: a page that ends among them
-    # resumes after its last id, neither skipping the others of that time nor repeating it,
-    # and holds no more than its limit.
+    # Sets made within one clock tick share a create_time (as an earlier release stamped
+    # them; the store's clock now moves on at each): a page that ends among them resumes
+    # after its last id, neither skipping the others of that time nor repeating it, and
+    # holds no more than its limit.
     from explaind.store import HeadVersionRecord
 
     store = SQLiteStore(tmp_path)
-    monkeypatch.setattr("explaind.store.sqlite.time.time", lambda: 100.0)
+    monkeypatch.setattr(store, "now", lambda: 100.0)
     with store.writing_blobs() as put:
         for set_id in ("b", "d", "a", "c"):
             store.create_sample_set(set_id, "", _samples(put, b"image"))

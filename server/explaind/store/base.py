@@ -161,9 +161,9 @@ class Store(Protocol):
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes: ...
 
     # The wall clock (epoch s), always after any time it gave already (set back, it moves on
-    # from there by the least a float can until it catches up): what stamps a job's
-    # submission, start and end and blobs' loss of their last reference, in the order they
-    # happened (the sweep compares the last with the first).
+    # from there by the least a float can until it catches up): what stamps jobs, sets,
+    # head versions and blobs' loss of their last reference, in the order things happened
+    # (the sweep compares a blob's with the oldest unfinished job's submission).
     def now(self) -> float: ...
 
     # Sample sets. Unknown ids raise NotFound; existing ids on create raise AlreadyExists.

@@ -584,9 +584,10 @@ class SQLiteStore:
     def now(self) -> float:
         """The wall clock (epoch s), always after any time this store gave already: set back
         (NTP, a VM resumed), it moves on from there by the least a float can until the
-        clock catches up. A blob's loss of its last reference and a job's submission, start
-        and end are stamped with it, so one that came after another is stamped after it:
-        operations list newest first, one never ends before it started, and the sweep
+        clock catches up. A blob's loss of its last reference, a job's submission, start
+        and end, a set's creation and last request and a head version's creation are
+        stamped with it, so one that came after another is stamped after it: lists keep
+        their order, an operation never ends before it started, and the sweep
         (delete_unused_blobs' ``before``) keeps the images a running job may read."""
         with self._clock_lock:
             self._latest_time = max(math.nextafter(self._latest_time, math.inf), time.time())
@@ -744,7 +745,7 @@ class SQLiteStore:
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
                           request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None) -> SampleSetInfo:
-        now = time.time()
+        now = self.now()
         with self._transaction() as db:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated))
@@ -779,7 +780,7 @@ class SQLiteStore:
             self._insert_samples(db, sample_set_id, count, samples)
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
             if samples or finished:  # a finish_upload of a finished set changes nothing; an upload's request shows it alive
-                db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (time.time(), sample_set_id))
+                db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (self.now(), sample_set_id))
                 self._upload_requests[sample_set_id] = time.monotonic()
         return self.get_sample_set(sample_set_id)
 
