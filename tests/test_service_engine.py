@@ -4466,6 +4466,19 @@ def test_the_world_loader_takes_the_configs_layers_input_size_and_normalisation_
         load_classifier(dataclasses.replace(section, head="classifier"))
 
 
+def test_a_class_names_file_is_read_as_utf_8_whatever_the_locale_and_without_its_byte_order_mark(tmp_path, classifier_dir, monkeypatch):
+    # Read in the locale's encoding, a Latin-1 locale made "café" "cafÃ©"; Windows Notepad's
+    # byte order mark began the first class's name, which no --class or folder then matched.
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "latin-1")  # a Latin-1 locale, as pathlib sees it
+    names = ["café", "straße", "猫", "d", "e", "f"]
+    (tmp_path / "names.txt").write_bytes("\ufeff".encode() + "\n".join(names).encode())
+    section = ClassifierSection(loader="world", path=str(classifier_dir), class_names_file=str(tmp_path / "names.txt"))
+    assert load_classifier(section).class_names == tuple(names)
+    (tmp_path / "names.txt").write_bytes("\n".join(names).encode("latin-1", "replace"))
+    with pytest.raises(ModelLoadError, match=r"^class names file .*names.txt: not UTF-8 text \(byte 3\)$"):
+        load_classifier(section)
+
+
 def test_config_replace_checks_the_result_like_a_loaded_file():
     with pytest.raises(ConfigError, match=r"\[batching\].max_batch_size must be at least 1, got 0"):
         default_config().replace("batching", max_batch_size=0)

@@ -364,7 +364,11 @@ def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequenc
         path = Path(section.class_names_file)
         if not path.is_file():
             raise ModelLoadError(f"class names file not found: {path}")
-        names, source = tuple(line.strip() for line in path.read_text().splitlines() if line.strip()), f"class names file {path}"
+        try:  # UTF-8 whatever the locale; "-sig": a byte order mark (Windows Notepad's) is not part of the first name
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise ModelLoadError(f"class names file {path}: not UTF-8 text (byte {error.start})") from None
+        names, source = tuple(line.strip() for line in text.splitlines() if line.strip()), f"class names file {path}"
         if not names:  # else "required", for a key that is set
             raise ModelLoadError(f"class names file {path} holds no class names (one per line)")
     if names:
