@@ -4453,6 +4453,9 @@ def test_the_world_loader_takes_a_class_names_file(tmp_path, classifier_dir):
     inline = ClassifierSection(loader="world", path=str(classifier_dir), class_names=["a", "b", "c", "a", "e", "f"])
     with pytest.raises(ModelLoadError, match=r"^\[classifier\].class_names: 'a' names both class 0 and class 3"):
         load_classifier(inline)
+    alike = dataclasses.replace(inline, class_names=["caf\u00e9", "b", "c", "d", "e", "cafe\u0301"])  # shown alike, matched alike
+    with pytest.raises(ModelLoadError, match=r"^\[classifier\].class_names: 'cafe\u0301' names both class 0 and class 5 \(in other Unicode "):
+        load_classifier(alike)
 
 
 def test_the_world_loader_takes_the_configs_layers_input_size_and_normalisation_over_the_classifiers_own(classifier_dir, world_model):

@@ -164,6 +164,17 @@ def test_an_unknown_class_among_a_thousand_lists_only_the_first_twenty():
     assert str(raised.value).endswith("'class18', 'class19' and 980 more")
 
 
+def test_a_class_name_is_found_however_its_accents_are_encoded():
+    # "é" typed (one code point) against a name from a macOS file listing ("e" and a
+    # combining accent) was "unknown class 'café'; did you mean 'café'?".
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import NeuroInspectEngine
+
+    version = SimpleNamespace(class_names=("cafe\u0301", "cr\u00e8me", "stra\u00dfe"))
+    assert [NeuroInspectEngine._class_index(version, name) for name in ("caf\u00e9", "cre\u0300me", "stra\u00dfe")] == [0, 1, 2]
+
+
 def test_a_ranking_of_fewer_than_five_neurons_takes_them_all_by_default(tmp_path):
     # top_k 0 means 5, or D where D < 5: asking the solver for 5 of 3 neurons fails.
     from types import SimpleNamespace

@@ -21,6 +21,7 @@ import logging
 import pickle
 import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,6 +354,12 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
         raise ModelLoadError(f"cannot load classifier ({section.loader}) from {where}: {type(error).__name__}: {error}") from error
 
 
+def class_name_key(name: str) -> str:
+    """A class name as calls match it: NFC, so an "é" sent as one code point or as "e" and
+    a combining accent (as macOS writes file names) names the same class."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequence[str] = ()) -> tuple[str, ...]:
     """The configured class names, else those ``shipped`` with the model's weights, else
     ``class_<i>`` for each of the model's ``count`` outputs; configured names must be one
@@ -375,10 +382,11 @@ def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequenc
         # Calls name classes by name, so two alike would rank one class and edit the other.
         first: dict[str, int] = {}
         for index, name in enumerate(names):
-            if name in first:
-                raise ModelLoadError(f"{source}: {name!r} names both class {first[name]} and class {index}; "
+            if (key := class_name_key(name)) in first:
+                spelled = "" if names[first[key]] == name else " (in other Unicode code points, alike once normalised)"
+                raise ModelLoadError(f"{source}: {name!r} names both class {first[key]} and class {index}{spelled}; "
                                      f"class names must be unique (e.g. {name + ' (2)'!r})")
-            first[name] = index
+            first[key] = index
         if count and len(names) != count:
             raise ModelLoadError(f"the model has {count} outputs but {len(names)} class names were given")
         return names

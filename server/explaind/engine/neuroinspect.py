@@ -49,7 +49,7 @@ from ..methods.neuroinspect import (
 )
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
-from .models import ClassifierVersion, model_version
+from .models import ClassifierVersion, class_name_key, model_version
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +193,15 @@ class NeuroInspectEngine:
         if target is None or target == "":
             raise InvalidArgument("a class is required (class_name or class_index)", field=f"{field}_name")
         if isinstance(target, str):
-            if target not in names:
+            wanted = class_name_key(target)
+            index = next((position for position, name in enumerate(names) if class_name_key(name) == wanted), None)  # the first, as list.index
+            if index is None:
                 # A typo among a thousand classes is not found in the first twenty shown.
                 close = difflib.get_close_matches(target, names, n=3)
                 guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
                 shown = ", ".join(map(repr, names[:20])) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
                 raise InvalidArgument(f"unknown class {target[:100]!r}; {guess}classes are {shown}", field=f"{field}_name")
-            return names.index(target)
+            return index
         if not 0 <= int(target) < len(names):
             raise InvalidArgument(f"{target} is not a class index in [0, {len(names)})", field=f"{field}_index")
         return int(target)
