@@ -994,6 +994,19 @@ def test_sample_set_from_an_image_folder_tree(server, capsys, tmp_path):
     assert f"argument --folder: no such directory: {tmp_path / 'nope'}" in _usage_error(capsys, ["sample-set", "create", "--folder", str(tmp_path / "nope")])
 
 
+def test_a_class_folder_whose_name_macos_decomposed_is_its_class(tmp_path):
+    # A folder "café" copied from a Mac is "e" and a combining accent: it was refused as
+    # "a folder's name must be a class of the served model (café, dog)".
+    from types import SimpleNamespace
+
+    from explaind.client import cli
+
+    (tmp_path / "cafe\u0301").mkdir()
+    image = _png(tmp_path / "cafe\u0301" / "0.png", 0)
+    served = SimpleNamespace(model_metadata=lambda: SimpleNamespace(class_names=["caf\u00e9", "dog"]))
+    assert cli._folder_samples(served, str(tmp_path)) == ([Path(image)], ["cafe\u0301"])
+
+
 def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, capsys, world_images):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

@@ -207,6 +207,17 @@ def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
         assert [index_of(label, i) for i, label in enumerate(["cat", "dog", 2])] == [0, 1, 2]
 
 
+def test_a_label_names_its_class_however_its_accents_are_encoded(monkeypatch):
+    # As the server matches class names: "é" as one code point or as "e" and a combining
+    # accent (a macOS folder name) is one class, not "'café' is not a class ... (café)".
+    from types import SimpleNamespace
+
+    with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
+        monkeypatch.setattr(offline, "model_metadata", lambda: SimpleNamespace(class_names=["caf\u00e9", "cre\u0300me"]))
+        index_of = offline._label_indices()
+        assert [index_of(label, i) for i, label in enumerate(["cafe\u0301", "cr\u00e8me", "caf\u00e9"])] == [0, 1, 0]
+
+
 def test_an_unknown_class_name_is_a_value_error_naming_the_label(client):
     with pytest.raises(ValueError, match=r"labels\[1\]: 'dog' is not a class of the served model \(circle, square"):
         client.create_sample_set([IMAGE] * 2, ["heart", "dog"])

@@ -46,7 +46,7 @@ from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
 from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, checked_timeout, enum_number, require_seconds
-from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
+from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, class_name_key, float32_array
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -734,10 +734,10 @@ class Client:
                 return label
             if not names:
                 names.extend(self.model_metadata().class_names)
-                indices.update({name: index for index, name in reversed(list(enumerate(names)))})  # the first of a repeated name, as list.index
-            if label not in indices:
+                indices.update({class_name_key(name): index for index, name in reversed(list(enumerate(names)))})  # the first of a repeated name, as list.index
+            if (key := class_name_key(label)) not in indices:
                 raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({_classes_hint(label, names)})")
-            return indices[label]
+            return indices[key]
 
         return index_of
 

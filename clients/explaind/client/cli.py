@@ -53,7 +53,7 @@ from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, Opera
                       UnavailableError)
 from ._images import image_folder
 from ._operations import OPERATION_STATES, cancel_outcome
-from ._types import ModelMetadata, escape_controls
+from ._types import ModelMetadata, class_name_key, escape_controls
 
 if TYPE_CHECKING:
     import numpy as np
@@ -326,7 +326,8 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
     except OSError as error:  # a folder it may not list (no permission), an I/O error
         raise CommandError(f"--folder: cannot read {error.filename or folder}: {error.strerror or error}") from None
     names = _served_class_names(client)
-    if names and (unknown := sorted(set(labels) - set(names))):  # an ImageNet tree of synset ids: 1000, named 3
+    known = {class_name_key(name) for name in names}  # a macOS folder "café" is "e" and a combining accent
+    if names and (unknown := sorted(label for label in set(labels) if class_name_key(label) not in known)):  # an ImageNet tree of synset ids: 1000, named 3
         folders = ", ".join(str(Path(folder) / name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise CommandError(f"--folder: {folders}: a folder's name must be a class of the served model "
                            f"({_first_classes(names, ' classes: explaind info --json lists them')})")
