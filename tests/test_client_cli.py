@@ -28,7 +28,7 @@ from PIL import Image
 
 from conftest import free_port
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
-from explaind.client.cli import main
+from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
 
 
 @pytest.fixture(scope="module")
@@ -1749,9 +1749,14 @@ def test_visualize_sends_classes_per_neuron_and_the_seed_and_makes_a_nested_out_
     assert sorted(p.name for p in (tmp_path / "nested" / "1").iterdir())[0].startswith("00_neuron3_")
 
 
+# A class name of 300 characters in a file name: its first SAFE_FILE_NAME_CHARS (255 bytes
+# are the most a file system takes in a name).
+_LONG_CLASS_FILE_NAME = "-".join(["long"] * 60)[:SAFE_FILE_NAME_CHARS].rstrip("-")
+
+
 @pytest.mark.parametrize(("class_name", "stem"), [("heart", "03_neuron7_heart"), ("n02085620 Chihuahua/toy", "03_neuron7_n02085620-Chihuahua-toy"),
                                                  ("../..", "03_neuron7_class"), ("é", "03_neuron7_e"), ("étoile ★", "03_neuron7_etoile"),
-                                                 ("星", "03_neuron7_class")])
+                                                 ("星", "03_neuron7_class"), ("long " * 60, "03_neuron7_" + _LONG_CLASS_FILE_NAME)])
 def test_visualization_files_are_safe_names_whatever_the_class(class_name, stem):
     from explaind.client.cli import _visualization_stem
 
@@ -1808,7 +1813,8 @@ def test_a_demo_interrupted_while_its_server_loads_kills_a_server_that_ignores_t
 
 
 @pytest.mark.parametrize(("class_name", "file_name"), [("../../escaped", "report-s-escaped.html"),
-                                                      ("n02085620 Chihuahua/toy", "report-s-n02085620-Chihuahua-toy.html")])
+                                                      ("n02085620 Chihuahua/toy", "report-s-n02085620-Chihuahua-toy.html"),
+                                                      ("long " * 60, f"report-s-{_LONG_CLASS_FILE_NAME}.html")])
 def test_the_demo_report_of_any_class_name_is_written_in_its_directory(tmp_path, monkeypatch, class_name, file_name):
     # The demo named its report after the worst class as the server spelled it: a "/" in
     # a class name (a --config classifier's class-names file) wrote elsewhere, or nowhere.

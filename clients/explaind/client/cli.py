@@ -848,12 +848,18 @@ def _visualization_stem(index: int, neuron: int, class_name: str) -> str:
     return f"{index:02d}_neuron{neuron}_{_safe_file_name(class_name)}"
 
 
+# The most of a class name a file name takes: a file system takes names of 255 bytes at
+# most, and a longer class name (the server bounds none) failed the write after the job.
+SAFE_FILE_NAME_CHARS = 100
+
+
 def _safe_file_name(class_name: str) -> str:
     """A class name (the server's) as part of a file name: no "/" or ".." to leave the
     directory by, nothing a file system refuses ("n02085620 Chihuahua/toy" -> "n02085620-Chihuahua-toy"),
-    ASCII, accents dropped rather than their letters ("étoile" -> "etoile", not "toile")."""
+    ASCII, accents dropped rather than their letters ("étoile" -> "etoile", not "toile"),
+    its first SAFE_FILE_NAME_CHARS characters."""
     ascii_name = unicodedata.normalize("NFKD", class_name).encode("ascii", "ignore").decode()
-    return re.sub(r'[^A-Za-z0-9_.-]+', '-', ascii_name).strip('.-') or 'class'
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', ascii_name)[:SAFE_FILE_NAME_CHARS].strip('.-') or 'class'
 
 
 def cmd_edit_head(args: argparse.Namespace) -> int:
