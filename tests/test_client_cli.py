@@ -529,6 +529,17 @@ def test_predict_of_a_two_class_model_asks_for_both_classes_and_prints_each_pred
         server.stop(0)
 
 
+def test_predictions_line_up_after_file_names_of_wide_characters_and_combining_accents(capsys):
+    # Padded to the longest name in characters, a CJK name (2 columns a character) pushed
+    # its predictions right, a decomposed "é" (2 characters, 1 column) pulled them left.
+    from explaind.client import Prediction
+    from explaind.client.cli import _print_predictions
+
+    names = ["\u732b\u732b.png", "abcd.png", "cafe\u0301.png", "x.png"]  # 8, 8, 8 and 5 columns
+    _print_predictions(names, [Prediction(["dog"], [1], [0.75], None, "v1")] * len(names))
+    assert capsys.readouterr().out.splitlines() == ["\u732b\u732b.png  dog 0.75", "abcd.png  dog 0.75", "cafe\u0301.png  dog 0.75", "x.png     dog 0.75"]
+
+
 @pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
 def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
     asked = []

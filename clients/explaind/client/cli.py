@@ -113,11 +113,19 @@ def _token_source(args: argparse.Namespace) -> str:
     return "--token" if args.token else "EXPLAIND_TOKEN"
 
 
+def _display_width(text: str) -> int:
+    """The terminal columns ``text`` takes: two for an East Asian wide or full-width
+    character (CJK, most emoji), none for a combining mark."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
-    width = max((len(n) for n in names), default=8)
+    """One line an image, its name padded to the widest name's columns (not characters:
+    a file named in CJK shifted its predictions)."""
+    width = max((_display_width(n) for n in names), default=8)
     for name, prediction in zip(names, predictions, strict=True):
         ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
-        print(f"{name:<{width}}  {ranked}")
+        print(f"{name}{' ' * (width - _display_width(name))}  {ranked}")
 
 
 def _file_problem(path: str) -> str | None:
