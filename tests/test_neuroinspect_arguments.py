@@ -1,6 +1,7 @@
 """The NeuroInspect engines used in-process: bad arguments fail early and name themselves,
 nothing silently wrong comes back, and the caller's models keep their mode."""
 
+import re
 import threading
 import warnings
 
@@ -476,8 +477,14 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
     # One template per character, and prompts that never name the class, for CLIP to compare with.
     with pytest.raises(TypeError, match=r"prompt_templates must be a sequence of templates, got a str: 'a photo of a \{\}.'"):
         ClipIllusion(model, "hidden", head="classifier", image_size=9, prompt_templates="a photo of a {}.")
-    with pytest.raises(ValueError, match=r"prompt_templates\[1\] must be a str with '\{\}' where the class name goes, got 'a photo'"):
+    with pytest.raises(ValueError, match=r"prompt_templates\[1\] must be a str with '\{\}' where the class name goes \(any other brace doubled\), got 'a photo'"):
         ClipIllusion(model, "hidden", head="classifier", image_size=9, prompt_templates=["a {}.", "a photo"])
+    # As str.format reads them: "{{}}" is a literal "{}" (no class name, accepted), a second
+    # field or a named one failed only as the job filled them in.
+    for template in ("a {{}} photo", "a {} in {style}", "a {} and a {}", "a {}}", "a {.plural}"):
+        with pytest.raises(ValueError, match=rf"prompt_templates\[0\] must be a str with .* got {re.escape(repr(template))}$"):
+            ClipIllusion(model, "hidden", head="classifier", image_size=9, prompt_templates=[template])
+    assert ClipIllusion(model, "hidden", head="classifier", image_size=9, prompt_templates=["{0}, a {0} {{sic}}"]).prompt_templates == ("{0}, a {0} {{sic}}",)
     # Was a result of NaN images, each masked whole (AdamW's decay of 1e38 sends the spectrum to infinity).
     with pytest.raises(ValueError, match=r"learning_rate, weight_decay or gamma are too large: the images overflowed to NaN or infinity in 2 steps"):
         illusion.visualize([(1, 2)], method="no_clip", steps=2, weight_decay=1e38)

@@ -50,6 +50,20 @@ _ADAM_BETAS = (0.5, 0.99)  # the authors' AdamW betas
 VisualizationCallback = Callable[[int, int, torch.Tensor], "bool | None"]
 
 
+# Stands for a class name in a template filled in to check it (a private-use character).
+_CLASS_NAME_PROBE = "\ue000"
+
+
+def _names_the_class(template: str) -> bool:
+    """Whether ``template.format(class_name)``, as the prompts are made, names the class
+    and fails for none: "{{}}" is a literal "{}", and a second field or a named one
+    ("{style}") failed only in the job that filled the templates in."""
+    try:
+        return _CLASS_NAME_PROBE in template.format(_CLASS_NAME_PROBE)
+    except (IndexError, KeyError, ValueError, AttributeError):
+        return False
+
+
 @runtime_checkable
 class _ClipEncoders(Protocol):
     """What :class:`ClipIllusion` calls on an open_clip model beyond its tower ``visual``."""
@@ -126,8 +140,9 @@ class ClipIllusion:
             raise TypeError(f"prompt_templates must be a sequence of templates, got a {type(prompt_templates).__name__}: {prompt_templates!r}")
         self.prompt_templates = tuple(prompt_templates)
         for position, template in enumerate(self.prompt_templates):
-            if not isinstance(template, str) or "{}" not in template:  # a prompt without the class name
-                raise ValueError(f"prompt_templates[{position}] must be a str with '{{}}' where the class name goes, got {template!r}")
+            if not isinstance(template, str) or not _names_the_class(template):  # a prompt without the class name
+                raise ValueError(f"prompt_templates[{position}] must be a str with '{{}}' where the class name goes (any other brace doubled), "
+                                 f"got {template!r}")
         if clip_model is not None:
             if not isinstance(clip_model, _ClipEncoders):
                 raise TypeError(f"clip_model must be an open_clip model (encode_image, encode_text), got {type(clip_model).__name__}")
