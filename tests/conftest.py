@@ -12,8 +12,10 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -250,6 +252,56 @@ def _toml(value: object) -> str:
     if isinstance(value, dict):  # an inline table
         return "{" + ", ".join(f"{key} = {_toml(v)}" for key, v in value.items()) + "}"
     return str(value)
+
+
+class StallingRelay:
+    """A TCP relay to 127.0.0.1:``port`` (connect to ``target``) that ``stall()`` makes go
+    silent both ways, every connection left open: a peer gone with no FIN or RST (its host
+    down, a network partition), as SIGSTOP leaves one. ``close()`` closes them all."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stalled, self._closed = threading.Event(), threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        self._stalled.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self._sockets.append(downstream)
+            if self._stalled.is_set():  # accepted, never answered
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self._port))
+            self._sockets.append(upstream)
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+                if self._stalled.is_set():  # what comes now is never passed on
+                    self._closed.wait()
+                    return
+                if not data:  # the peer closed its side
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+            except OSError:  # closed
+                return
 
 
 class ServerProcess:

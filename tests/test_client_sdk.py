@@ -504,12 +504,14 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         return sample_sets_pb2.DeleteSampleSetResponse()
 
 
-def _serve(servicer, port: int = 0, *, add=sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server, threads: int = 2) -> tuple[grpc.Server, str]:
+def _serve(servicer, port: int = 0, *, add=sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server, threads: int = 2,
+           options: Sequence[tuple[str, int]] = ()) -> tuple[grpc.Server, str]:
     """A local gRPC server of ``servicer`` (``add``: its service's add_*_to_server) on
-    ``port`` (0: any free one), answering ``threads`` calls at once; the server and its address."""
+    ``port`` (0: any free one), answering ``threads`` calls at once, with gRPC ``options``;
+    the server and its address."""
     from concurrent.futures import ThreadPoolExecutor
 
-    server = grpc.server(ThreadPoolExecutor(threads))
+    server = grpc.server(ThreadPoolExecutor(threads), options=options)
     add(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -1434,6 +1436,48 @@ def test_a_watch_with_a_timeout_of_zero_ends_at_once_with_the_operation_still_ru
     with _running_operation_of(_EndlessOperations()) as operation:
         list(operation.watch(timeout=0))
         assert not operation.done and operation.state == "running"
+
+
+def test_a_watch_outlives_quiet_spells_and_fails_once_its_server_goes_silent(monkeypatch):
+    # A server gone without closing the connection (its host down, a partition) left the
+    # watch waiting for its deadline, 24 hours by default; the channel's keepalive pings,
+    # as often as an explaind server lets clients ping, do not get it closed meanwhile.
+    from conftest import StallingRelay
+    from explaind.client import UnavailableError, _client
+    from explaind.client._operations import Operation
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(_client, "KEEPALIVE_TIME_MS", 300)
+    monkeypatch.setattr(_client, "KEEPALIVE_TIMEOUT_MS", 500)
+    monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
+    quiet_spell_over = threading.Event()
+
+    class QuietOperations(operations_pb2_grpc.OperationsServiceServicer):
+        def WatchOperation(self, request, context):
+            yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+            quiet_spell_over.wait()
+            yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+            while context.is_active():
+                time.sleep(0.05)
+
+    server, target = _serve(QuietOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server,
+                            options=explaind_server.keepalive_options())
+    relay = StallingRelay(int(target.rpartition(":")[2]))
+    try:
+        with Client(relay.target, timeout=5, retry=False) as client:
+            updates = Operation(client, _running_operation("operations/x")).watch(timeout=20)
+            next(updates)
+            time.sleep(3.5)  # pings without an update (gRPC sends one a second at most)
+            quiet_spell_over.set()
+            next(updates)
+            time.sleep(0.5)  # the ping gRPC sends on an update answered: the keepalive's to find the silence
+            relay.stall()
+            with pytest.raises(UnavailableError):
+                next(updates)
+    finally:
+        quiet_spell_over.set()
+        relay.close()
+        server.stop(0)
 
 
 def test_a_key_or_certificate_path_that_is_a_directory_is_refused_naming_its_argument(tmp_path):

@@ -937,6 +937,42 @@ def test_a_server_holds_streams_to_half_of_its_max_workers(tmp_path, classifier_
         server.stop(0)
 
 
+def test_a_stream_of_a_client_gone_silent_gives_its_slot_back_once_the_servers_ping_goes_unanswered(tmp_path, classifier_dir, monkeypatch):
+    # A client whose host went down (no FIN) held its health Watch's slot, and a thread,
+    # for as long as its deadline, or forever without one: the only slot for calls
+    # without a token here, the next prober's Watch was refused.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import StallingRelay
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(explaind_server, "KEEPALIVE_TIME_MS", 200)
+    monkeypatch.setattr(explaind_server, "KEEPALIVE_TIMEOUT_MS", 500)
+    server = start(tmp_path, classifier_dir, max_workers=8, token="tokenONE")
+    relay = StallingRelay(server.port)
+    try:
+        with grpc.insecure_channel(relay.target) as gone, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(gone).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(0.5)  # the pings gRPC sends on a response answered: the keepalive's to find the silence
+            relay.stall()
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 20
+            while True:
+                call = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+                try:
+                    assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, refused
+                    time.sleep(0.1)
+                finally:
+                    call.cancel()
+    finally:
+        relay.close()
+        server.stop(0)
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),

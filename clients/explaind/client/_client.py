@@ -99,6 +99,14 @@ RETRY_MAX_BACKOFF_S = 2.0
 # sent while the server runs the last, so the round trips overlap and the server's batcher
 # can join them, yet one call's requests queue no more than a few batches ahead of others'.
 DEFAULT_PREDICT_IN_FLIGHT = 4
+# While a call is open the channel pings the server this often, and drops the connection
+# (the call fails UNAVAILABLE) when a ping goes unanswered this long: a server gone without
+# closing the connection (its host down, a network partition) otherwise left a watch silent
+# until its deadline, 24 hours away. No more often than an explaind server lets clients ping
+# (its CLIENT_PING_INTERVAL_MIN_MS), or it closes the connection (GOAWAY too_many_pings).
+# The wait is long enough for a ping's answer queued behind a large response on a slow link.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 60_000
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -108,6 +116,12 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         # Reconnect to a restarted server within 2 s (gRPC's backoff otherwise grows to 120 s).
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", int(RETRY_MAX_BACKOFF_S * 1000)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        # grpcio 1.85 waits for a keepalive ping's answer for the ping timeout, not the keepalive's.
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Ping on through a watch with no update (gRPC stops after 2 pings without data).
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

@@ -69,6 +69,16 @@ ABORTED_JOBS_WAIT_S = 30.0
 # How often operations past their retention, abandoned uploads, and the files of deleted
 # sets, head versions and operations, are removed (seconds).
 SWEEP_INTERVAL_S = 60.0
+# The server pings each connection this often and drops it when a ping goes unanswered this
+# long: a client gone without closing it (its host down, a network partition) otherwise
+# held its WatchOperation's or health Watch's thread and HeldCalls slot until the job
+# ended or the call's deadline, if any.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 60_000
+# How often clients may ping: the SDK pings every 30 s while a call is open; at gRPC's
+# default, 5 minutes, a watch with no update for a minute or two had its connection closed
+# (GOAWAY too_many_pings).
+CLIENT_PING_INTERVAL_MIN_MS = 10_000
 
 
 class ExplaindServer:
@@ -122,6 +132,7 @@ class ExplaindServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *keepalive_options(),
         ]
         held_calls = HeldCalls(max(1, settings.max_workers // 2))
         interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls, self.tracing)
@@ -305,6 +316,18 @@ def _enable_reflection(server: grpc.Server, service_names: tuple[str, ...]) -> N
                                                  request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
                                                  response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {"ServerReflectionInfo": info}),))
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    """The gRPC server options for HTTP/2 keepalive (see KEEPALIVE_TIME_MS)."""
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        # grpcio 1.85 waits for a keepalive ping's answer for the ping timeout, not the keepalive's.
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; "grpc.http2.min_recv_..." is no option.
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_INTERVAL_MIN_MS),
+    ]
 
 
 def _store_failure(data_dir: str, error: Exception) -> StoreOpenError:
