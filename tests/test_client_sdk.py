@@ -1467,7 +1467,7 @@ def test_a_watch_outlives_quiet_spells_and_fails_once_its_server_goes_silent(mon
         with Client(relay.target, timeout=5, retry=False) as client:
             updates = Operation(client, _running_operation("operations/x")).watch(timeout=20)
             next(updates)
-            time.sleep(3.5)  # pings without an update (gRPC sends one a second at most)
+            time.sleep(3.5)  # 3 pings without an update (one a second at most): gRPC's default policy closed the connection
             quiet_spell_over.set()
             next(updates)
             time.sleep(0.5)  # the ping gRPC sends on an update answered: the keepalive's to find the silence
