@@ -947,7 +947,7 @@ def test_a_stream_of_a_client_gone_silent_gives_its_slot_back_once_the_servers_p
     from explaind.service import server as explaind_server
 
     monkeypatch.setattr(explaind_server, "KEEPALIVE_TIME_MS", 200)
-    monkeypatch.setattr(explaind_server, "KEEPALIVE_TIMEOUT_MS", 500)
+    monkeypatch.setattr(explaind_server, "KEEPALIVE_TIMEOUT_MS", 2000)  # an answer late on a loaded machine is no silence
     server = start(tmp_path, classifier_dir, max_workers=8, token="tokenONE")
     relay = StallingRelay(server.port)
     try:
