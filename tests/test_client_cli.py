@@ -1511,6 +1511,19 @@ def test_sample_set_list_marks_unfinished_uploads_names_owners_and_escapes_names
     assert re.fullmatch(r"half +512 samples  red\\x1b\[2J\\nforged  \(updated [-\d]+ [:\d]+ \w+, still uploading, by ops\)", line), line
 
 
+def test_sample_set_list_escapes_a_name_s_bidirectional_controls(capsys, monkeypatch):
+    # U+202E (right-to-left override) in a set's name showed the rest of its line, the
+    # owner included, reversed on a terminal that lays out bidirectional text.
+    from explaind.client import SampleSet
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    listed = [SampleSet("rtl", "left\u202eright\u2067isolated\u2069", 1, {0: 1}, now, now, owner="ops")]
+    monkeypatch.setattr(Client, "sample_sets", lambda self, owner="": listed)
+    assert main(["--target", "127.0.0.1:1", "sample-set", "list"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "  left\\u202eright\\u2067isolated\\u2069  (updated " in line and line.endswith(", by ops)"), line
+
+
 def test_sample_set_show_quotes_the_set_s_name_and_delete_json_says_what_it_deleted(server, capsys):
     target = ["--target", server.target]
     assert main([*target, "sample-set", "create", "named-set", "--name", "red set", "--world", "balanced:test:2"]) == 0

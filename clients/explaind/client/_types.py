@@ -53,14 +53,17 @@ def _abbreviated(value: object, shown: int) -> str:
 
 
 # C0 and C1 control characters, which a terminal acts on (ESC [2J clears it, OSC 52 sets
-# the clipboard) or which forge lines: a set's attribute values are kept as given.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# the clipboard) or which forge lines: a set's attribute values are kept as given. Also
+# the bidirectional embeddings, overrides and isolates (U+202A-202E, U+2066-2069): a
+# set's name holding U+202E (right-to-left override) showed the rest of its line, "by
+# <owner>" included, reversed on a terminal that lays out bidirectional text.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_controls(text: str) -> str:
     """``text`` another caller stored (an attribute value, a set's name) with its control
-    characters escaped as Python writes them (``\\x1b``, ``\\n``), for a terminal or a
-    summary's lines."""
+    and bidirectional-control characters escaped as Python writes them (``\\x1b``, ``\\n``,
+    ``\\u202e``), for a terminal or a summary's lines."""
     return _CONTROL_CHARACTER.sub(lambda control: repr(control.group())[1:-1], text)
 
 
