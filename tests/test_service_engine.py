@@ -2947,6 +2947,31 @@ def test_an_evaluation_whose_confusion_matrix_cannot_fit_a_response_sends_its_ce
     assert submitted == [("evaluate_sample_set", ("mistakes", "confusion_cells"))] * 3
 
 
+def test_an_evaluation_sends_its_cells_where_the_matrix_fits_a_response_but_not_beside_the_per_class_rows(engine, monkeypatch):
+    # C² bytes fit the limit for up to 5,792 classes at the default, but the per-class
+    # rows (a name each) come too: an evaluation of 5,780 classes with 70-character names
+    # failed with a 33.9 MB result over the 33.5 MB limit, its confusion cells 8 bytes.
+    from google.protobuf import any_pb2
+
+    from explaind.engine.evaluation import evaluate
+
+    labels, logits = torch.tensor([0, 1]), torch.nn.functional.one_hot(torch.tensor([0, 2]), 6).float()
+    monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, ["d0", "d1"]))
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: np.zeros((4, 4, 3), np.uint8))
+    version = engine.models.active
+    sparse = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 2, version, 0, 2, dense_confusion=False)
+    packed = any_pb2.Any()
+    packed.Pack(sparse)
+    monkeypatch.setattr(engine.jobs, "max_result_bytes", packed.ByteSize())
+    assert len(version.class_names) ** 2 <= engine.jobs.max_result_bytes  # the submit lets it try the matrix
+    result = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 2, version, 0, 2, dense_confusion=True)
+    assert result == sparse
+    engine.jobs.require_result_fits(result)
+    # With room for the matrix beside the rows, it is sent whole.
+    monkeypatch.setattr(engine.jobs, "max_result_bytes", None)
+    dense = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 2, version, 0, 2, dense_confusion=True)
+    assert not dense.confusion_cells and np.array(dense.confusion_matrix).reshape(6, 6)[1, 2] == 1
+
 def _divides_by_mean_engine(tmp_path: Path) -> Engine:
     """An engine serving conftest's divides_by_mean."""
     config = default_config().replace("classifier", **DIVIDES_BY_MEAN_CLASSIFIER).replace("server", data_dir=str(tmp_path / "data"))

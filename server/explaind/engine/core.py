@@ -672,7 +672,8 @@ class Engine:
         if max_grid_images < 0 or max_grid_images > 1024:
             raise InvalidArgument("must be between 1 and 1024, or 0 for 64", field="max_grid_images")
         version = self.models.active
-        # Its C² counts take a byte each at least: where they cannot fit a response, its cells do.
+        # Its C² counts take a byte each at least: where they cannot fit a response, its cells do
+        # (and where they fit alone but not beside the per-class rows, as evaluate finds).
         most = self.jobs.max_result_bytes
         dense = most is None or len(version.class_names) ** 2 <= most
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, info.uid, info.sample_count, version, batch_size,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from explaind.v1 import inference_pb2
+from ..errors import ResourceExhausted
 from ..jobs import JobContext
 from .models import ClassifierVersion
 
@@ -20,7 +21,9 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
     first) and a ``mistakes.png`` grid artifact captioned ``true>predicted``, of the set
     of ``uid`` as it was when it held ``count`` samples (at the submit). Without
     ``dense_confusion`` the matrix is its non-zero cells: (C, C) counts of 21k classes
-    are 441M, a response of at least as many bytes."""
+    are 441M, a response of at least as many bytes. With it too, where the whole matrix
+    and the per-class rows beside it are over the job's result limit: 5,780 classes'
+    33.4M counts fit it alone, and the job failed for the rows of their names."""
     context.stage("inference")
     logits, labels, digests = engine.sample_set_logits(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid, count=count)
     context.raise_if_cancelled()
@@ -37,18 +40,23 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
         sample_count=len(labels),
         accuracy=float(correct.double().mean()),  # as a head version's evaluation (float32 gave 0.97500002)
     )
-    cells = labels * num_classes + predicted  # each sample's row-major cell
-    if dense_confusion:
-        result.confusion_matrix.extend(torch.bincount(cells, minlength=num_classes * num_classes).tolist())
-    else:
-        cells, counts = torch.unique(cells, return_counts=True)
-        order = torch.argsort(counts, descending=True, stable=True)  # most samples first, then row-major
-        for cell, samples in zip(cells[order].tolist(), counts[order].tolist()):
-            result.confusion_cells.add(label=cell // num_classes, predicted=cell % num_classes, count=samples)
     for index, name in enumerate(names):
         members = labels == index
         count = int(members.sum())
         result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].double().mean()) if count else float("nan"))
+    cells = labels * num_classes + predicted  # each sample's row-major cell
+    if dense_confusion:
+        result.confusion_matrix.extend(torch.bincount(cells, minlength=num_classes * num_classes).tolist())
+        try:  # the mistakes, added below, may be cut to fit; the matrix and the per-class rows may not
+            engine.jobs.require_result_fits(result)
+        except ResourceExhausted:
+            result.ClearField("confusion_matrix")
+            dense_confusion = False
+    if not dense_confusion:
+        cells, counts = torch.unique(cells, return_counts=True)
+        order = torch.argsort(counts, descending=True, stable=True)  # most samples first, then row-major
+        for cell, samples in zip(cells[order].tolist(), counts[order].tolist()):
+            result.confusion_cells.add(label=cell // num_classes, predicted=cell % num_classes, count=samples)
     for index in wrong.tolist():
         result.mistakes.add(sample_index=index, label=int(labels[index]), predicted=int(predicted[index]), probability=float(confidence[index]))
     context.stage("images")
