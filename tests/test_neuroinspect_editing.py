@@ -287,3 +287,13 @@ def test_evaluated_accuracy_is_over_samples_whatever_the_class_and_group_sizes()
     assert result.class_accuracy == pytest.approx({0: 3 / 4, 1: 1 / 2})
     assert result.group_accuracy == {"0/water": 1.0, "0/grass": 0.0, "1/water": 1.0, "1/grass": 0.0}
     assert result.worst_group == ("0/grass", 0.0)
+
+
+def test_evaluated_class_accuracy_lists_only_the_classes_the_samples_hold():
+    # A head of three classes on samples of two: the class with no sample has no accuracy
+    # (a NaN among them would make the worst class depend on where it sits).
+    weight, bias = torch.eye(3), torch.zeros(3)
+    features = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])  # predicts 0, 2, 2, 2
+    labels = torch.tensor([0, 2, 2, 0])
+    result = evaluate_head(weight, bias, features, labels)
+    assert result.class_accuracy == {0: 1 / 2, 2: 1.0}

@@ -40,10 +40,11 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
         sample_count=len(labels),
         accuracy=float(correct.double().mean()),  # as a head version's evaluation (float32 gave 0.97500002)
     )
-    for index, name in enumerate(names):
-        members = labels == index
-        count = int(members.sum())
-        result.per_class.add(class_name=name, count=count, accuracy=float(correct[members].double().mean()) if count else float("nan"))
+    # Counted in one pass (a mask per class took C x N: 4.5 s for 21,843 classes of 5 samples).
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    hits = torch.bincount(labels[correct], minlength=num_classes).tolist()
+    for name, count, hit in zip(names, counts, hits, strict=True):
+        result.per_class.add(class_name=name, count=count, accuracy=hit / count if count else float("nan"))
     cells = labels * num_classes + predicted  # each sample's row-major cell
     if dense_confusion:
         result.confusion_matrix.extend(torch.bincount(cells, minlength=num_classes * num_classes).tolist())
