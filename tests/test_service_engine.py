@@ -6682,6 +6682,22 @@ def test_a_wall_clock_set_back_keeps_the_sample_sets_in_the_order_they_were_made
     store.close()
 
 
+def test_the_store_keeps_the_last_request_of_the_sets_still_uploading_only(tmp_path):
+    # With [server].upload_idle_timeout_s 0 the sweep never asks which uploads are idle:
+    # the time of the last request of every set ever uploaded, or appended to, stayed in
+    # memory for as long as the server ran.
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        for set_id in ("finished", "deleted", "uploading"):
+            store.create_sample_set(set_id, "", _samples(put, b"image"), uploading=True)
+        store.create_sample_set("complete", "", _samples(put, b"image"))
+        store.append_samples("finished", _samples(put, b"image"), finish_upload=True)
+        store.append_samples("complete", _samples(put, b"image"))
+        store.delete_sample_set("deleted")
+    assert set(store._upload_requests) == {"uploading"}
+    store.close()
+
+
 def test_the_unfinished_uploads_deleted_are_named_in_id_order(tmp_path):
     # The server logs the ids it deleted: in id order, so one start's line reads as another's.
     store = SQLiteStore(tmp_path)

@@ -325,8 +325,8 @@ class SQLiteStore:
         self._scratch_tag = uuid.uuid4().hex[:12]
         self._clock_lock, self._latest_time = threading.Lock(), 0.0  # see now()
         # An uploading set's last request (time.monotonic(): a wall clock set forward must
-        # not make a live upload look idle), for delete_unfinished_uploads; a set with none
-        # here had none since the store opened.
+        # not make a live upload look idle), for delete_unfinished_uploads, forgotten once it
+        # is finished or deleted; a set with none here had none since the store opened.
         self._upload_requests: dict[str, float] = {}
         self._opened = time.monotonic()
         self._dir_lock = self._lock_data_dir()
@@ -770,7 +770,8 @@ class SQLiteStore:
         with self._transaction() as db:
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
-            owner = self._require_set(db, sample_set_id, uid, check_owner)[5]
+            row = self._require_set(db, sample_set_id, uid, check_owner)
+            owner, uploading = row[5], row[4]
             if samples:  # a finish_upload alone is bookkeeping
                 self._refuse_while_reserve_released()
             self._require_room_for_samples(db, owner, len(samples))  # charged to the set's owner, whoever appends
@@ -781,7 +782,11 @@ class SQLiteStore:
             finished = finish_upload and db.execute("DELETE FROM uploading_sets WHERE id = ?", (sample_set_id,)).rowcount > 0
             if samples or finished:  # a finish_upload of a finished set changes nothing; an upload's request shows it alive
                 db.execute("UPDATE sample_sets SET update_time = ? WHERE id = ?", (self.now(), sample_set_id))
-                self._upload_requests[sample_set_id] = time.monotonic()
+                if uploading:
+                    self._upload_requests[sample_set_id] = time.monotonic()
+        if finished:  # once committed: a finish rolled back leaves the upload timed
+            with self._lock:
+                self._upload_requests.pop(sample_set_id, None)
         return self.get_sample_set(sample_set_id)
 
     def require_room_for_samples(self, owner: str | None, adding: int) -> None:
@@ -809,7 +814,7 @@ class SQLiteStore:
             abandoned = [set_id for set_id in uploading if idle_s is None or now - self._upload_requests.get(set_id, self._opened) > idle_s]
             for set_id in abandoned:
                 self._delete_set(db, set_id)
-            # Only the sets still uploading: a finished or deleted one's entry goes.
+            # Only the sets still uploading: an entry a create rolled back left goes too.
             self._upload_requests = {set_id: self._upload_requests[set_id] for set_id in uploading
                                      if set_id in self._upload_requests and set_id not in abandoned}
         return abandoned
@@ -904,8 +909,9 @@ class SQLiteStore:
             self._delete_set(db, sample_set_id)
 
     def _delete_set(self, db: sqlite3.Connection, sample_set_id: str) -> None:
-        """Delete a set's rows (samples and upload mark cascade); its images become candidates
-        for the next sweep."""
+        """Delete a set's rows (samples and upload mark cascade) and its upload's last
+        request; its images become candidates for the next sweep."""
+        self._upload_requests.pop(sample_set_id, None)
         db.execute("INSERT OR REPLACE INTO blob_candidates SELECT DISTINCT digest, ? FROM samples WHERE set_id = ?",
                    (self.now(), sample_set_id))
         db.execute("DELETE FROM sample_sets WHERE id = ?", (sample_set_id,))
