@@ -6306,6 +6306,27 @@ def test_a_wall_clock_set_back_while_a_job_runs_does_not_sweep_the_images_of_a_s
         store.close()
 
 
+def test_a_wall_clock_set_back_does_not_keep_the_images_of_a_set_deleted_since_until_it_catches_up(tmp_path, monkeypatch):
+    # No job running, the sweep compared the store's stamps (which do not go back) with the
+    # wall clock: a set deleted within an hour of NTP setting it back an hour kept its images
+    # on disk until the clock caught up.
+    from explaind.service import ExplaindServer
+
+    server = ExplaindServer(default_config().replace("server", port=0, data_dir=str(tmp_path)))
+    store = server.store
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"image"))
+        set_back = time.time() - 3600
+        monkeypatch.setattr(time, "time", lambda: set_back)
+        store.delete_sample_set("s")
+        server._sweep_once()
+        assert _blob_files(store) == set()
+    finally:
+        server.engine.jobs.shutdown(1)
+        store.close()
+
+
 def test_a_wall_clock_set_back_keeps_the_operations_newest_first(tmp_path, monkeypatch):
     # NTP setting the clock back an hour: the jobs submitted then listed below the one
     # submitted before it, and a client paging from the top missed them.

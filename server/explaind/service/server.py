@@ -227,7 +227,7 @@ class ExplaindServer:
         except Exception:  # noqa: BLE001
             log.exception("deleting abandoned uploads failed")
         try:
-            before = self.engine.jobs.oldest_unfinished_create_time() or time.time()
+            before = self.engine.jobs.oldest_unfinished_create_time() or self.store.now()  # the stamps' clock, which a wall clock set back does not take back
             if removed := self.store.delete_unused_blobs(before=before, everything=everything):
                 self.metrics.stored_files_deleted.inc(removed)
                 log.info("deleted %d stored file(s) nothing uses any more", removed)
