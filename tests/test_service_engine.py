@@ -4505,6 +4505,9 @@ def test_a_class_names_file_is_read_as_utf_8_whatever_the_locale_and_without_its
     (tmp_path / "names.txt").write_bytes("\n".join(names).encode("latin-1", "replace"))
     with pytest.raises(ModelLoadError, match=r"^class names file .*names.txt: not UTF-8 text \(byte 3\)$"):
         load_classifier(section)
+    (tmp_path / "names.txt").write_bytes("\ufeff".encode() + "\n".join(names).encode("latin-1", "replace"))
+    with pytest.raises(ModelLoadError, match=r"^class names file .*names.txt: not UTF-8 text \(byte 6\)$"):  # the file's byte, its mark counted
+        load_classifier(section)
 
 
 def test_config_replace_checks_the_result_like_a_loaded_file():

@@ -371,8 +371,8 @@ def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequenc
         path = Path(section.class_names_file)
         if not path.is_file():
             raise ModelLoadError(f"class names file not found: {path}")
-        try:  # UTF-8 whatever the locale; "-sig": a byte order mark (Windows Notepad's) is not part of the first name
-            text = path.read_text(encoding="utf-8-sig")
+        try:  # UTF-8 whatever the locale; a byte order mark (Windows Notepad's) is not part of the first name
+            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # not "utf-8-sig", whose error offsets leave out the mark
         except UnicodeDecodeError as error:
             raise ModelLoadError(f"class names file {path}: not UTF-8 text (byte {error.start})") from None
         names, source = tuple(line.strip() for line in text.splitlines() if line.strip()), f"class names file {path}"
