@@ -28,6 +28,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from explaind.class_names import class_name_key
 from explaind.v1 import (
     common_pb2,
     inference_pb2,
@@ -46,7 +47,7 @@ from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
 from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, checked_timeout, enum_number, require_seconds
-from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, class_name_key, float32_array
+from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -65,13 +64,6 @@ def escape_controls(text: str) -> str:
     and bidirectional-control characters escaped as Python writes them (``\\x1b``, ``\\n``,
     ``\\u202e``), for a terminal or a summary's lines."""
     return _CONTROL_CHARACTER.sub(lambda control: repr(control.group())[1:-1], text)
-
-
-def class_name_key(name: str) -> str:
-    """A class name as it is matched with the served model's: NFC, as the server matches it,
-    so an "é" given as one code point or as "e" and a combining accent (as macOS writes
-    folder names) names one class."""
-    return unicodedata.normalize("NFC", name)
 
 
 def float32_array(tensor: common_pb2.Tensor) -> np.ndarray:

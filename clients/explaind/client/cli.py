@@ -48,12 +48,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
+from explaind.class_names import class_name_key
+
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
                       UnavailableError)
 from ._images import image_folder
 from ._operations import OPERATION_STATES, cancel_outcome
-from ._types import ModelMetadata, class_name_key, escape_controls
+from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
     import numpy as np

@@ -21,7 +21,6 @@ import logging
 import pickle
 import re
 import threading
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..class_names import class_name_key
 from ..config import ClassifierSection, ClipSection, DiffusionSection, missing_classifier_key
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
@@ -352,12 +352,6 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
     except Exception as error:  # noqa: BLE001 - any loader failure becomes one clear message
         where = section.path or section.weights or section.factory or section.name
         raise ModelLoadError(f"cannot load classifier ({section.loader}) from {where}: {type(error).__name__}: {error}") from error
-
-
-def class_name_key(name: str) -> str:
-    """A class name as calls match it: NFC, so an "é" sent as one code point or as "e" and
-    a combining accent (as macOS writes file names) names the same class."""
-    return unicodedata.normalize("NFC", name)
 
 
 def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequence[str] = ()) -> tuple[str, ...]:

@@ -49,7 +49,8 @@ from ..methods.neuroinspect import (
 )
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
-from .models import ClassifierVersion, class_name_key, model_version
+from ..class_names import class_name_key
+from .models import ClassifierVersion, model_version
 
 log = logging.getLogger(__name__)
 
