@@ -273,6 +273,8 @@ class StallingRelay:
     def close(self) -> None:
         self._closed.set()
         for sock in self._sockets:
+            with contextlib.suppress(OSError):  # a listener, or a connection its peer closed
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads in accept() and recv(); close() alone leaves them
             sock.close()
 
     def _accept(self) -> None:
