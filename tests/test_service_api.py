@@ -1830,9 +1830,11 @@ def test_metrics_on_a_wildcard_host_without_ipv6_listen_on_ipv4(monkeypatch):
 
     import explaind.metrics
 
-    tried = []
+    tried, make_server = [], explaind.metrics.make_server
 
-    def no_ipv6(host, *args: object, **kwargs: object) -> None:
+    def no_ipv6(host, *args: object, **kwargs: object) -> object:
+        if host != "::":  # IPv4's
+            return make_server(host, *args, **kwargs)
         tried.append(host)
         raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
 
@@ -1855,6 +1857,57 @@ def test_metrics_on_a_named_host_listen_there_alone():
         assert http.server_address[:2] == ("127.0.0.1", port)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200
     finally:
+        http.shutdown()
+        http.server_close()
+
+
+def test_metrics_at_the_open_file_limit_wait_before_accepting_again(monkeypatch, caplog):
+    """A scrape waiting while the process is at its open-file limit (a container's
+    ``ulimit -n``): each accept fails with EMFILE at once while the scrape keeps the
+    listener readable, so /metrics spun a core at 100 % until descriptors were freed.
+    It waits ACCEPT_RETRY_S between tries, says so once, and answers once it can."""
+    import errno
+    import logging
+    import threading
+
+    import explaind.metrics
+
+    monkeypatch.setattr(explaind.metrics, "ACCEPT_RETRY_S", 0.05)
+    http, port = Metrics().serve_http("127.0.0.1", 0)
+    listener, tries, at_limit = http.socket, [], threading.Event()
+
+    class AtTheLimit:
+        """The listener, its accept failing as the kernel's does at RLIMIT_NOFILE."""
+
+        def fileno(self) -> int:
+            return listener.fileno()
+
+        def accept(self) -> tuple[socket.socket, object]:
+            tries.append(time.monotonic())
+            if at_limit.is_set():
+                raise OSError(errno.EMFILE, "Too many open files")
+            return listener.accept()
+
+    http.socket = AtTheLimit()
+    try:
+        with caplog.at_level(logging.INFO, logger=explaind.metrics.__name__):
+            for episode in (1, 2):  # the second time at the limit is told of again
+                tries.clear()
+                at_limit.set()
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as scrape:
+                    deadline = time.monotonic() + 10
+                    while len(tries) < 4 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    at_limit.clear()
+                    scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    assert scrape.makefile("rb").readline().startswith(b"HTTP/1.0 200 ")
+                gaps = [later - earlier for earlier, later in zip(tries[:4], tries[1:4])]
+                assert len(gaps) == 3 and min(gaps) >= 0.05, gaps
+                warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+                assert len(warnings) == episode and "Too many open files" in warnings[-1] and "ulimit -n" in warnings[-1], warnings
+                assert caplog.messages.count("/metrics accepts scrapes again") == episode
+    finally:
+        http.socket = listener
         http.shutdown()
         http.server_close()
 
