@@ -32,6 +32,7 @@ from explaind.client import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 from explaind.client.cli import main as cli_main
 from explaind.metrics import Metrics
@@ -620,6 +621,37 @@ def test_requests_that_are_not_their_message_or_carry_malformed_ids_or_ignored_o
     with pytest.raises(InvalidArgumentError, match="4097 characters, more than the 4096 allowed") as refused:
         client.edit_head("six", int(world_images[1][0]), [1], description="d" * 4097)
     assert refused.value.field == "description"
+
+
+def test_at_its_open_file_limit_the_server_answers_resource_exhausted_and_serves_again_below_it(server_factory):
+    """A container's low ``ulimit -n`` with every descriptor taken (by connections, say):
+    a call or job that opened a file failed INTERNAL ("internal error (OSError)"), as a
+    bug does, with a traceback per call in the log. RESOURCE_EXHAUSTED tells the caller
+    to retry, the log line the operator what to raise; nothing is left half stored."""
+    import resource
+
+    server = server_factory()
+    pid, images = server.process.pid, torch.rand(6, 3, 64, 64)
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:2], [0, 0], sample_set_id="warm")  # what storing and evaluating import, imported
+        client.evaluate_sample_set("warm").result(timeout=30)
+        client.create_sample_set(images[2:4], [0, 0], sample_set_id="stored")
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(taken) + 1)) - taken)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))  # any file opened now is one too many
+        try:
+            with pytest.raises(ResourceExhaustedError, match=r"out of file descriptors \(Too many open files\); retry later"):
+                client.create_sample_set(images[4:], [0, 0], sample_set_id="new")  # writes its images' files
+            with pytest.raises(ResourceExhaustedError, match="out of file descriptors"):
+                client.evaluate_sample_set("stored").result(timeout=30)  # reads them
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        assert sorted(stored.sample_set_id for stored in client.sample_sets()) == ["stored", "warm"]
+        assert client.create_sample_set(images[4:], [0, 0], sample_set_id="new").sample_count == 2
+        assert client.evaluate_sample_set("stored").result(timeout=30).sample_count == 2
+    log = server.log_path.read_text()
+    assert log.count("out of file descriptors opening ") == 2 and "Traceback" not in log, log[-3000:]
 
 
 def test_an_upload_refused_for_its_id_display_name_or_set_is_refused_so_before_its_images_are_decoded(server):

@@ -7,6 +7,7 @@ as the message. Messages name the offending request field where there is one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import secrets
@@ -132,8 +133,17 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
     the caller's (code, message). Why: an exception's text can hold server file paths and
     internals; the caller gets its type and an id to quote, the operator's log the rest.
-    A damaged SQLite database is DATA_LOSS, not a bug: the operator must restore it."""
+    A damaged SQLite database is DATA_LOSS, not a bug: the operator must restore it; the
+    process out of file descriptors (EMFILE, ENFILE) is RESOURCE_EXHAUSTED."""
     incident = secrets.token_hex(4)
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        # Every call that opens a file fails alike until descriptors are freed: one line
+        # each, naming the cause and the remedy, not a traceback per call; and the caller
+        # hears it is a limit that may pass, not a bug.
+        opening = f" opening {error.filename}" if error.filename else ""
+        logger.error("%s (incident %s): out of file descriptors%s: %s; raise the open-file limit (ulimit -n)", what, incident, opening, error.strerror)
+        return "RESOURCE_EXHAUSTED", (f"the server is out of file descriptors ({error.strerror}); retry later "
+                                      f"(the server log has the details under incident {incident})")
     logger.error("%s (incident %s)", what, incident, exc_info=error)
     if is_damaged_database(error):
         return "DATA_LOSS", (f"the server's database is damaged ({error}); the operator must restore it from a backup "
