@@ -677,6 +677,23 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path, host, questi
     assert line == f"error: cannot bind {host}:{port}: {question}"
 
 
+# 10: gRPC's core aborted (SIGABRT) making its server; 12: the bind failed, said to be a busy port.
+@pytest.mark.parametrize("limit", [10, 12])
+def test_serve_under_a_too_low_open_file_limit_says_so_in_one_line(tmp_path, limit):
+    import resource
+
+    def lower_the_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    # A fresh port: at 12 the bind itself is reached.
+    result = subprocess.run([sys.executable, "-m", "explaind", "serve", "--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                             str(tmp_path / "data")], capture_output=True, text=True, timeout=120, check=False, preexec_fn=lower_the_limit)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [f"error: the open-file limit (ulimit -n) is {limit}, below the 64 explaind "
+                                                                   "needs (about 16 to start, then one per client connection and stored file "
+                                                                   "in use): raise it (ulimit -n, docker run --ulimit nofile=N, the container "
+                                                                   "runtime's default)"]), result.stderr[-3000:]
+
+
 def test_serve_warns_that_the_clients_token_variable_does_not_protect_it(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("EXPLAIND_TOKEN", "s3cret")
     with socket.socket() as busy:  # the warning comes before the server binds; a busy port ends the run there

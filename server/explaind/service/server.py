@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import sqlite3
 import tempfile
 import threading
@@ -75,6 +76,12 @@ SWEEP_INTERVAL_S = 60.0
 # ended or the call's deadline, if any.
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 60_000
+# The least open-file limit (RLIMIT_NOFILE) serve() starts with: the process holds about 15
+# descriptors once started, then one per client connection, scrape, and stored file it
+# reads or writes. Below about 16 it could not start, and said why in the wrong words: gRPC
+# aborted ("Eventfd wakeup fd is not supported"), the bind blamed the port, the store "unable
+# to open database file".
+MIN_OPEN_FILES = 64
 # How often clients may ping: the SDK pings every 30 s while a call is open; at gRPC's
 # default, 5 minutes, a watch with no update for a minute or two had its connection closed
 # (GOAWAY too_many_pings).
@@ -384,17 +391,29 @@ def check_temporary_directory() -> None:
                       "to a writable directory") from None
 
 
+def check_open_file_limit() -> None:
+    """OSError unless the process may open MIN_OPEN_FILES descriptors (``ulimit -n``; a
+    container's nofile limit)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        raise OSError(f"the open-file limit (ulimit -n) is {soft}, below the {MIN_OPEN_FILES} explaind needs (about 16 to start, then one "
+                      "per client connection and stored file in use): raise it (ulimit -n, docker run --ulimit nofile=N, the container "
+                      "runtime's default)")
+
+
 def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop_requested``, from :func:`stop_on_signals`
     called before); returns the process exit code. A stop asked for while it starts
     ends it before the store's recovery and the bind, or once bound if it came later. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
-    token or TLS file cannot be read, no temporary directory is writable or [tracing] lacks its packages, FailedPrecondition when [runtime].device names an
+    token or TLS file cannot be read, no temporary directory is writable or [tracing] lacks its packages, OSError when the
+    open-file limit is below MIN_OPEN_FILES, FailedPrecondition when [runtime].device names an
     absent GPU or [runtime].backend a provider ONNX Runtime lacks here (before binding:
     "listening" must not be the first word of a server that cannot run)."""
     stop_requested = stop_requested or stop_on_signals()
     configure_logging(config.server.log_format)
+    check_open_file_limit()  # first: each check after it opens files
     check_device(config.runtime.device)
     check_backend(config.runtime.backend, config.runtime.device, loader=config.classifier.loader)
     check_temporary_directory()
