@@ -677,8 +677,9 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path, host, questi
     assert line == f"error: cannot bind {host}:{port}: {question}"
 
 
-# 10: gRPC's core aborted (SIGABRT) making its server; 12: the bind failed, said to be a busy port.
-@pytest.mark.parametrize("limit", [10, 12])
+# 12: the bind failed, said to be a busy port; 14: "listening", then the classifier's load failed.
+# (At 9 to 11 gRPC's core aborted, but the imports before the check may fail there too.)
+@pytest.mark.parametrize("limit", [12, 14])
 def test_serve_under_a_too_low_open_file_limit_says_so_in_one_line(tmp_path, limit):
     import resource
 
