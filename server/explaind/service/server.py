@@ -76,16 +76,16 @@ SWEEP_INTERVAL_S = 60.0
 # ended or the call's deadline, if any.
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 60_000
+# How often clients may ping: the SDK pings every 30 s while a call is open; at gRPC's
+# default, 5 minutes, a watch with no update for a minute or two had its connection closed
+# (GOAWAY too_many_pings).
+CLIENT_PING_INTERVAL_MIN_MS = 10_000
 # The least open-file limit (RLIMIT_NOFILE) serve() starts with: the process holds about 15
 # descriptors once started, then one per client connection, scrape, and stored file it
 # reads or writes. Below about 16 it could not start, and said why in the wrong words: gRPC
 # aborted ("Eventfd wakeup fd is not supported"), the bind blamed the port, the store "unable
 # to open database file".
 MIN_OPEN_FILES = 64
-# How often clients may ping: the SDK pings every 30 s while a call is open; at gRPC's
-# default, 5 minutes, a watch with no update for a minute or two had its connection closed
-# (GOAWAY too_many_pings).
-CLIENT_PING_INTERVAL_MIN_MS = 10_000
 
 
 class ExplaindServer:
