@@ -682,17 +682,17 @@ def test_serve_on_a_busy_port_says_so_in_one_line(capsys, tmp_path, host, questi
 # their own: a limit nearer may fail there on a loaded machine) and at the floor's last refusal.
 @pytest.mark.parametrize("at_the_floor", [False, True])
 def test_serve_under_a_too_low_open_file_limit_says_so_in_one_line(tmp_path, at_the_floor):
-    import resource
-
     from explaind.service.server import MIN_OPEN_FILES
 
     limit = MIN_OPEN_FILES - 1 if at_the_floor else 16
-
-    def lower_the_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-    result = subprocess.run([sys.executable, "-m", "explaind", "serve", "--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
-                             str(tmp_path / "data")], capture_output=True, text=True, timeout=120, check=False, preexec_fn=lower_the_limit)
+    # The limit is lowered by the child, which then becomes the server (exec): a preexec_fn
+    # would fork this process, whose gRPC threads' fork handlers then ran in the child and
+    # aborted it (SIGABRT, "epoll_wait error: Bad file descriptor") when earlier tests had
+    # used gRPC here.
+    lower_then_serve = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]),) * 2); "
+                        "os.execv(sys.executable, [sys.executable, '-m', 'explaind', *sys.argv[2:]])")
+    result = subprocess.run([sys.executable, "-c", lower_then_serve, str(limit), "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120, check=False)
     assert (result.returncode, result.stderr.splitlines()) == (1, [f"error: the open-file limit (ulimit -n) is {limit}, below the {MIN_OPEN_FILES} "
                                                                    "explaind needs (about 16 to start, then one per client connection and stored "
                                                                    "file in use): raise it (ulimit -n, docker run --ulimit nofile=N, the container "
