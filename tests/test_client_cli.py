@@ -29,6 +29,7 @@ from PIL import Image
 from conftest import free_port
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
 from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
+from explaind.v1 import inference_pb2_grpc, neuroinspect_pb2_grpc, sample_sets_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -1038,6 +1039,86 @@ def test_a_class_folder_whose_name_macos_decomposed_is_its_class(tmp_path):
     image = _png(tmp_path / "cafe\u0301" / "0.png", 0)
     served = SimpleNamespace(model_metadata=lambda: SimpleNamespace(class_names=["caf\u00e9", "dog"]))
     assert cli._folder_samples(served, str(tmp_path)) == ([Path(image)], ["cafe\u0301"])
+
+
+class _DigitNamedClasses(inference_pb2_grpc.InferenceServiceServicer, neuroinspect_pb2_grpc.NeuroInspectServiceServicer,
+                         sample_sets_pb2_grpc.SampleSetServiceServicer):
+    """A server of classes named "1" to "3" at indices 0 to 2, "-1" and "4" at 3 and 4,
+    that records the class each ranking, visualisation and sample names, then refuses it."""
+
+    names = ["1", "2", "3", "-1", "4"]
+
+    def __init__(self) -> None:
+        self.classes: list[tuple[str, str | int]] = []  # (the oneof's field, its value)
+        self.metadata_calls = 0
+
+    def GetModelMetadata(self, request, context):
+        from explaind.v1 import inference_pb2
+
+        self.metadata_calls += 1
+        return inference_pb2.GetModelMetadataResponse(classifier=inference_pb2.ClassifierInfo(class_names=self.names))
+
+    def _record(self, message, context):
+        import grpc
+
+        field = message.WhichOneof("target_class")
+        self.classes.append((field, getattr(message, field)))
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "recorded")
+
+    def RankMistakeNeurons(self, request, context):
+        self._record(request, context)
+
+    def VisualizeNeurons(self, request, context):
+        for pair in request.pairs[:-1]:
+            self.classes.append((pair.WhichOneof("target_class"), getattr(pair, pair.WhichOneof("target_class"))))
+        self._record(request.pairs[-1], context)
+
+    def CreateSampleSet(self, request, context):
+        import grpc
+
+        self.classes += [("label", sample.label) for sample in request.samples]
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "recorded")
+
+
+def test_digits_naming_a_class_at_another_index_are_refused_as_ambiguous_and_index_or_name_says_which(capsys, tmp_path):
+    # "--class 3" ranked class 3 ("-1") where the user meant the class named "3" (index 2).
+    from test_client_sdk import _serve
+
+    def add(servicer, server):
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(servicer, server)
+        sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+
+    image = _png(tmp_path / "a.png", 10)
+    recorder = _DigitNamedClasses()
+    server, target = _serve(recorder, add=add)
+    try:
+        assert _error(capsys, ["--target", target, "rank", "set", "--class", "3"]) == (
+            "error: --class 3 is ambiguous: class 3 is '-1' and class 2 is named '3'; write --class index:3 or --class name:3")
+        assert _error(capsys, ["--target", target, "visualize", "8:0", "9:2", "--out-dir", str(tmp_path)]) == (
+            "error: 9:2 is ambiguous: class 2 is '3' and class 1 is named '2'; write 9:index:2 or 9:name:2")
+        assert _error(capsys, ["--target", target, "sample-set", "create", "s", "--images", image, image, "--labels", "0", "1"]) == (
+            "error: --labels 1 is ambiguous: class 1 is '2' and class 0 is named '1'; write --labels index:1 or --labels name:1")
+        assert recorder.classes == []  # nothing was sent
+        asked = recorder.metadata_calls
+        assert main(["--target", target, "rank", "set", "--class", "index:3"]) == 1
+        assert recorder.metadata_calls == asked  # no names are needed, so none are asked for
+        for given in ("name:3", "name:index:3", "4", "-1", "03"):
+            assert main(["--target", target, "rank", "set", "--class", given]) == 1
+        assert main(["--target", target, "visualize", "8:index:2", "9:name:2", "7:-1", "--out-dir", str(tmp_path)]) == 1
+        assert main(["--target", target, "sample-set", "create", "s", "--images", image, image, image, "--labels", "index:1", "name:1", "-1"]) == 1
+        assert recorder.classes == [
+            ("class_index", 3), ("class_name", "3"), ("class_name", "index:3"),
+            ("class_index", 4),  # the class named "4" is class 4
+            ("class_name", "-1"),  # no index: the class of that name
+            ("class_index", 3),  # "03" is no class's name
+            ("class_index", 2), ("class_name", "2"), ("class_name", "-1"),
+            ("label", 1), ("label", 0), ("label", 3),  # the SDK sends names as indices
+        ]
+    finally:
+        server.stop(0)
+    assert _usage_error(capsys, ["--target", target, "rank", "set", "--class", "index:three"]).rstrip().endswith(
+        "argument --class: 'index:three': expected index:N with N an integer")
 
 
 def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, capsys, world_images):

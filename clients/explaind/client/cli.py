@@ -181,10 +181,56 @@ def _int64(value: str) -> int:
     return _integer(value, 64)
 
 
+class _BareIndex(int):
+    """A class given as digits alone: an index, unless a class at another index is named
+    by those digits (see ``_resolved_class``). ``text`` is the value as typed ("03")."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _BareIndex:
+        index = super().__new__(cls, _integer(text))
+        index.text = text
+        return index
+
+
 def _class_ref(value: str) -> str | int:
-    """argparse type: a class index (digits; a negative one is the server's to refuse as
-    an index, not as an unknown name) or a name."""
-    return _integer(value) if value.removeprefix("-").isdecimal() else value
+    """argparse type: ``name:X`` a class name, ``index:N`` a class index, else digits an
+    index (a negative one is the server's to refuse as an index, not as an unknown name) and
+    anything else a name."""
+    if value.startswith("name:"):
+        return value.removeprefix("name:")
+    if value.startswith("index:"):
+        if not value.removeprefix("index:").removeprefix("-").isdecimal():
+            raise argparse.ArgumentTypeError(f"{value!r}: expected index:N with N an integer")
+        return _integer(value.removeprefix("index:"))
+    return _BareIndex(value) if value.removeprefix("-").isdecimal() else value
+
+
+def _resolved_class(ref: str | int, names: Sequence[str], prefix: str) -> str | int:
+    """``ref`` as the server should read it. Digits that name a class at another index
+    would silently explain the wrong class ("--class 3" where the classes are named "1" to
+    "10"): refused, asking for ``index:`` or ``name:``. Digits that are no index but a
+    class's name ("-1") are that name."""
+    if not isinstance(ref, _BareIndex):
+        return ref
+    named = next((index for index, name in enumerate(names) if class_name_key(name) == ref.text), None)
+    if named is None or named == ref:
+        return int(ref)
+    if not 0 <= ref < len(names):
+        return ref.text
+    raise CommandError(f"{prefix}{ref.text} is ambiguous: class {int(ref)} is {names[ref]!r} and class {named} is named "
+                       f"{ref.text!r}; write {prefix}index:{ref.text} or {prefix}name:{ref.text}")
+
+
+def _target_class(client: Client, args: argparse.Namespace) -> str | int:
+    """``--class`` as the server should read it."""
+    return _resolved_class(args.target_class, _class_names_for(client, [args.target_class]), "--class ")
+
+
+def _class_names_for(client: Client, refs: Iterable[str | int]) -> list[str]:
+    """The served class names where digits among ``refs`` need them (``_resolved_class``),
+    else none: no call for names and plain indices."""
+    return client.model_metadata().class_names if any(isinstance(ref, _BareIndex) for ref in refs) else []
 
 
 def _request_id(value: str) -> str:
@@ -573,7 +619,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action in ("create", "append"):
             images: _WorldImages | list[Path]
-            labels: Sequence[int] | Sequence[str]
+            labels: Sequence[int | str]
             attributes: Sequence[dict[str, str]] | None
             if args.world:
                 images, labels, attributes = _world_samples(*args.world)
@@ -581,7 +627,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 images, labels = _folder_samples(client, args.folder)
                 attributes = None
             else:  # parse_arguments saw as many --labels
-                images, labels, attributes = [Path(p) for p in args.images], args.labels, None
+                names = _class_names_for(client, args.labels)
+                images, labels, attributes = [Path(p) for p in args.images], [_resolved_class(label, names, "--labels ") for label in args.labels], None
             try:
                 with _naming_failing_file(None if args.world else cast("list[Path]", images)):  # not the world's array
                     progress = len(labels) > UPLOAD_PROGRESS_SAMPLES  # more than one request, by default
@@ -769,7 +816,7 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         # Progress goes to stderr, so --json's stdout stays JSON alone.
-        ranking = client.rank_mistake_neurons(args.id, args.target_class, solver=args.solver, progress=True, request_id=args.request_id)
+        ranking = client.rank_mistake_neurons(args.id, _target_class(client, args), solver=args.solver, progress=True, request_id=args.request_id)
     if args.json:
         _print_json(_ranking_json(ranking))
         return 0
@@ -822,7 +869,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             raise CommandError(f"--out-dir: cannot create {out_dir}: {error.strerror or error}") from None
     try:
         with _client(args) as client:
-            operation = client.visualize_neurons(args.neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
+            names = _class_names_for(client, [pair[1] for pair in args.neurons if isinstance(pair, tuple)])
+            neurons = [(pair[0], _resolved_class(pair[1], names, f"{pair[0]}:")) if isinstance(pair, tuple) else pair for pair in args.neurons]
+            operation = client.visualize_neurons(neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
                                                  seed=args.seed, request_id=args.request_id)
             result = _announce_and_wait(operation, args)
     except BaseException:  # no images to write (no server, a refused request, Ctrl-C): no empty directories left either
@@ -875,7 +924,7 @@ def _safe_file_name(class_name: str) -> str:
 def cmd_edit_head(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.edit_head(
-            args.id, args.target_class, args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
+            args.id, _target_class(client, args), args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
             evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, seed=args.seed,
             promote=args.promote, request_id=args.request_id,
         )
@@ -1158,7 +1207,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             sample_set_id = sets[-1].sample_set_id
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
         report = build_report(
-            client, args.target_class, sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
+            client, _target_class(client, args), sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
             evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
         )
     with noting_stored_edit(report.edit):
@@ -1290,7 +1339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
     sample_set.add_argument("--folder", type=_path, help="create or append from DIR/<class name>/**/*.png|jpg... (the ImageFolder layout, subfolders included); folder names are class names")
     sample_set.add_argument("--images", nargs="*", help="image files (create, append; with --labels)")
-    sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file")
+    sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file (name:X, index:N where classes are named by digits)")
     sample_set.add_argument("--owner", metavar="NAME", help="list only the sets this named caller created")
     sample_set.add_argument("--json", action="store_true", help="print the set (create, append, show) or the sets (list) as JSON")
     sample_set.set_defaults(run=cmd_sample_set)
@@ -1306,7 +1355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rank = command("rank", "rank the neurons behind a class's mistakes in a sample set (NeuroInspect)")
     rank.add_argument("id", help="sample set id")
-    rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained (name or index)")
+    rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained: a name or index (name:X, index:N where classes are named by digits)")
     rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
     rank.add_argument("--show", type=_non_negative_int, default=RANKING_LINES, help="neurons to print; 0: all")
     rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
@@ -1314,7 +1363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     visualize = command("visualize", "optimise images of what neurons respond to (a job with progress; Ctrl-C cancels it)")
     visualize.add_argument("neurons", nargs="+", type=_neuron_pair, metavar="NEURON[:CLASS]",
-                           help="a neuron, conditioned on its top classes by head weight, or on CLASS (name or index)")
+                           help="a neuron, conditioned on its top classes by head weight, or on CLASS (name or index; 8:name:3 or 8:index:3 where classes are named by digits)")
     visualize.add_argument("--method", choices=("clip_illusion", "feature_visualization", "no_clip"), default="clip_illusion",
                            help="clip_illusion needs the server's CLIP")
     visualize.add_argument("--steps", type=_integer, default=0, help="optimisation steps; 0: 400")
@@ -1328,7 +1377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit_head = command("edit-head", "retrain the head so a class relies less on some neurons (a new head version)")
     edit_head.add_argument("id", help="training sample set id")
-    edit_head.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
+    edit_head.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index (name:X, index:N where classes are named by digits)")
     edit_head.add_argument("--neurons", nargs="+", type=_integer, required=True, help="neuron indices, e.g. from explaind rank")
     edit_head.add_argument("--method", choices=("probability_ratio", "constrain"), default="probability_ratio", help="the regulariser")
     edit_head.add_argument("--validation-sample-set", dest="validation_sample_set", default="",
@@ -1368,7 +1417,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.set_defaults(run=cmd_operations)
 
     report = command("report", "write one self-contained HTML report on a class's mistakes")
-    report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index")
+    report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index (name:X, index:N where classes are named by digits)")
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
     report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
     report.add_argument("--neurons", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
