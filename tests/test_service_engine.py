@@ -2880,6 +2880,23 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     assert [(c.label, c.predicted, c.count) for c in sparse.confusion_cells] == sorted(((*cell, n) for cell, n in counts.items()), key=lambda cell: (-cell[2], cell[:2]))
 
 
+def test_an_evaluation_lists_equally_confident_mistakes_in_sample_order(engine, monkeypatch):
+    # Identical images (a set of blank ones, a sample uploaded twice) are mistaken with the
+    # same confidence: an unstable sort kept their order for up to 16 and scrambled 17 or
+    # more, in the mistakes and the grid, as it did the confusion cells.
+    from explaind.engine.evaluation import evaluate
+
+    labels = torch.zeros(20, dtype=torch.long)
+    logits = torch.nn.functional.one_hot(torch.ones(20, dtype=torch.long), 6).float()
+    digests = [f"d{i}" for i in range(20)]
+    monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, digests))
+    grids = []
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: grids.append(shown) or np.zeros((4, 4, 3), np.uint8))
+    result = evaluate(engine, _EvaluationContext(), "blank", "uid of blank", 20, engine.models.active, 0, 20, dense_confusion=True)
+    assert [m.sample_index for m in result.mistakes] == list(range(20))
+    assert grids == [digests]
+
+
 def test_an_evaluation_cancelled_during_its_last_batch_draws_no_grid(engine, monkeypatch):
     # The inference checks for a cancel before each batch: one that comes during the
     # last must still stop the job before it decodes and draws up to 64 mistakes.

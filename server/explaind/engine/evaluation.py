@@ -33,7 +33,7 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
     num_classes = len(names)
     correct = predicted == labels
     wrong = torch.nonzero(~correct).flatten()
-    wrong = wrong[torch.argsort(confidence[wrong], descending=True)]
+    wrong = wrong[torch.argsort(confidence[wrong], descending=True, stable=True)]  # equally sure ones in sample order
     result = inference_pb2.EvaluateSampleSetResult(
         sample_set_id=sample_set_id,
         model_version=version.version,
