@@ -2685,6 +2685,9 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     assert lines[1].startswith("  neuron   0  excessive    top k in 0% of mistakes as insufficient, 100% as excessive")
     assert len(_ranking(8).summary(limit=0).splitlines()) == 6  # every neuron
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
+    # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.
+    assert dataclasses.replace(_ranking(8), top_k=3, neurons=[]).summary().splitlines()[1:] == [
+        "  none passed the cut ratio", "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
     with pytest.raises(ValueError, match="limit must be 0"):
         _ranking(8).summary(limit=-1)
 

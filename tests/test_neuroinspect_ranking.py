@@ -261,6 +261,9 @@ def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
         "4 of 4 counterfactuals flipped the prediction",
     ]
     assert len(ranking.summary(limit=1).splitlines()) == 3 and ranking.summary(limit=0) == ranking.summary()
+    # Mistakes, but no neuron passes the cut: said, not a heading ending in a colon over nothing.
+    uncut = ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.9)
+    assert not uncut.neurons and uncut.summary().splitlines()[1:] == ["  none passed the cut ratio", "4 of 4 counterfactuals flipped the prediction"]
     shown: list[str] = []
     ranking._repr_pretty_(SimpleNamespace(text=shown.append), False)
     assert shown == [ranking.summary()]

@@ -38,8 +38,11 @@ def check_limit(limit: int) -> None:
 def neuron_lines(neurons: Sequence[RankedNeuronLike], top: str, limit: int) -> list[str]:
     """One line per ranked neuron, the first ``limit`` (0: all): its direction, shares of
     mistakes in their ``top`` (e.g. "top 5"), importance and top classes (semicolons
-    between them, as ImageNet's names hold commas)."""
+    between them, as ImageNet's names hold commas); one line saying so where none passed
+    the cut ratio (a summary of mistakes then ended in a heading over nothing)."""
     check_limit(limit)
+    if not neurons:
+        return ["  none passed the cut ratio"]
     return [f"  neuron {n.neuron:>3}  {n.direction:<12} {top} in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
             f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {'; '.join(map(str, n.top_classes))}"
             for n in neurons[:limit or None]]
