@@ -3398,6 +3398,18 @@ def test_a_rankings_fields_are_the_servers_each_in_its_place():
     assert read.omega.dtype == np.float32 and np.array_equal(read.omega, omega)
 
 
+def test_a_rankings_classes_predicted_equally_often_are_listed_by_name_not_in_the_maps_order():
+    # A few mistakes spread over classes tie in their counts: a proto map iterates in its
+    # hash order, so summary() and the report listed them in an order of no meaning.
+    from explaind.client._neuroinspect import ranking
+    from explaind.v1 import neuroinspect_pb2 as ni
+
+    names = [f"class {i:02d}" for i in range(20)]
+    message = ni.NeuronRanking(mistake_count=21, predicted_as={name: 1 for name in names} | {"class 07": 2})
+    parsed = ni.NeuronRanking.FromString(message.SerializeToString())
+    assert list(ranking(parsed).predicted_as) == ["class 07", *(name for name in names if name != "class 07")]
+
+
 def test_visualizations_fields_and_images_are_the_servers_each_in_its_place():
     from PIL import Image
 

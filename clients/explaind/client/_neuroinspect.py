@@ -275,7 +275,8 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
                          list(n.top_classes))
             for n in message.neurons
         ],
-        predicted_as=dict(sorted(message.predicted_as.items(), key=lambda item: -item[1])),
+        # Most first, ties by name: a proto map iterates in its hash order, not the server's.
+        predicted_as=dict(sorted(message.predicted_as.items(), key=lambda item: (-item[1], item[0]))),
         mistakes=[
             MistakeSummary(m.sample_index, m.predicted_class, m.converged, m.iterations, list(m.insufficient_neurons), list(m.excessive_neurons), m.omega_l1)
             for m in message.mistakes
