@@ -41,6 +41,14 @@ def test_concept_neurons_are_the_detectors_strongest_first(labelled_features):
     assert concept_neurons(features, {("shape", "a"): concepts["a"]}, per_concept=1) == {("shape", "a"): [5]}
 
 
+def test_equally_strong_detectors_are_listed_by_neuron():
+    # Indicator features (0/1, as a probe's binary attributes are) make detectors of one
+    # mean: an unstable sort listed 20 of them as 10, 19, 18, not 0, 1, 2.
+    positive = torch.arange(8) < 4
+    features = positive.float()[:, None].repeat(1, 20)
+    assert concept_neurons(features, {"c": positive}) == {"c": [0, 1, 2]}
+
+
 @pytest.mark.parametrize("min_auc", [0.5, 1.2])
 def test_concept_neurons_rejects_a_threshold_that_is_no_detector(labelled_features, min_auc):
     features, concepts = labelled_features

@@ -61,7 +61,8 @@ def concept_neurons(
     features = feature_matrix(features, "features")
     if not isinstance(concepts, Mapping):
         raise TypeError(f"concepts must be a mapping of concept to its (N,) bool mask, got {type(concepts).__name__}")
-    by_strength = features.mean(0).argsort(descending=True).cpu()  # indexes neuron_auc's host tensor
+    # Ties by neuron (an unstable sort reorders 17 or more); on the host, as neuron_auc's tensor it indexes.
+    by_strength = features.mean(0).argsort(descending=True, stable=True).cpu()
     found = {}
     for name, positive in concepts.items():
         detects = _neuron_auc(features, positive, f"concepts[{name!r}]")[by_strength] >= min_auc
