@@ -76,6 +76,15 @@ def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
 
 
+
+def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixels_are_the_same():
+    run = _run(str(BENCH / "png_encoding.py"), "--pairs", "2", "--grid-images", "3", "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    ratios = re.findall(r"^  level 1 +[0-9.]+ ms +\d+ bytes   \([0-9.]+x faster, [0-9.]+x the bytes, same pixels: (\w+)\)$", run.stdout, re.M)
+    assert ratios == ["yes", "yes"], run.stdout
+    refused = _run(str(BENCH / "png_encoding.py"), "--pairs", "0")
+    assert refused.returncode == 2 and "argument --pairs: expected an integer >= 1, got '0'" in refused.stderr
+
 def _bench_module(name: str, monkeypatch):
     """A bench script imported as a module (its directory on sys.path, as when it runs), to
     check the numbers it prints against their definitions."""

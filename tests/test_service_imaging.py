@@ -347,3 +347,16 @@ def test_an_unsupported_tensor_dtype_is_refused_naming_the_dtype():
 def test_an_rgba_file_decodes_to_its_rgb_pixels_without_the_alpha():
     rgba = np.random.default_rng(0).integers(0, 256, (4, 5, 4), dtype=np.uint8)
     assert np.array_equal(decode_pixels(_encoded(rgba, "PNG"), field="f"), rgba[:, :, :3])
+
+
+def test_a_job_image_png_is_lossless_and_a_sample_s_keeps_pillow_s_default_bytes():
+    from explaind.imaging import JOB_IMAGE_COMPRESS_LEVEL
+
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    fast = encode_png(pixels, compress_level=JOB_IMAGE_COMPRESS_LEVEL)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast))), pixels)
+    # A stored sample's bytes, and so its digest, are those Pillow's default level made:
+    # an upgrade re-encoding the same pixels otherwise stored every image a second time.
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    assert encode_png(pixels) == buffer.getvalue() != fast

@@ -56,7 +56,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from .errors import DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
-from .imaging import encode_png
+from .imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png
 from .messages import leading_items_that_fit
 from .metrics import Metrics, exemplar
 from .ownership import Ownership
@@ -194,7 +194,7 @@ class JobContext:
 
     def save_image(self, name: str, pixels) -> ArtifactRef:
         """Save an (H, W, 3) uint8 image as a PNG artifact."""
-        return self.save_artifact(name, encode_png(pixels), "image/png")
+        return self.save_artifact(name, encode_png(pixels, compress_level=JOB_IMAGE_COMPRESS_LEVEL), "image/png")
 
 
 def _field_violation(error: ExplaindError) -> bytes:

@@ -32,7 +32,7 @@ from explaind.v1 import neuroinspect_pb2
 
 from ..config import MAX_LOSS_WEIGHT
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from ..imaging import encode_png, image_grid, to_uint8_hwc
+from ..imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
 from ..methods.neuroinspect import (
@@ -447,7 +447,8 @@ class NeuroInspectEngine:
             preview = None
             if step % preview_every == 0 or step == total:
                 context.stage("preview")
-                preview = encode_png(image_grid([to_uint8_hwc(image) for image in images.detach().float().cpu()], captions))
+                preview = encode_png(image_grid([to_uint8_hwc(image) for image in images.detach().float().cpu()], captions),
+                                     compress_level=JOB_IMAGE_COMPRESS_LEVEL)
             context.report_progress(step, total, f"optimising {counted}", preview=preview)
             context.stage("optimise")
             return False
