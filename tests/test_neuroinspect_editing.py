@@ -289,6 +289,20 @@ def test_evaluated_accuracy_is_over_samples_whatever_the_class_and_group_sizes()
     assert result.worst_group == ("0/grass", 0.0)
 
 
+
+def test_each_group_s_accuracy_is_that_of_its_own_samples_among_many_groups_of_unequal_sizes():
+    # Counted in one pass over the samples: each group's hits over its own count, exactly
+    # as the mean over a mask of its samples, whatever order the groups come in.
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(3, 4, generator=generator), torch.zeros(3)
+    features, labels = torch.randn(400, 4, generator=generator), torch.randint(0, 3, (400,), generator=generator)
+    groups = [f"g{int(i)}" for i in torch.randint(0, 37, (400,), generator=generator) ** 2 % 37]  # a list, sizes 1 to dozens
+    correct = ((features @ weight.T + bias).argmax(1) == labels).numpy()
+    expected = {g: float(correct[np.array(groups) == g].mean()) for g in set(groups)}
+    result = evaluate_head(weight, bias, features, labels, groups=groups)
+    assert result.group_accuracy == expected and len(set(expected.values())) > 5
+    assert list(result.group_accuracy) == sorted(expected)
+
 def test_evaluated_class_accuracy_lists_only_the_classes_the_samples_hold():
     # A head of three classes on samples of two: the class with no sample has no accuracy
     # (a NaN among them would make the worst class depend on where it sits).
