@@ -190,7 +190,7 @@ class MistakeNeuronRanker:
                 where the features have fewer.
             target_class: explain only the mistakes whose true label is this class; by
                 default all mistakes, and the class for ``importance`` is their most
-                common true label.
+                common true label (the smallest such class where several tie).
             class_mean_feature: f̄ (D,) for ``importance``; default the mean feature of the
                 given samples labelled ``target_class``.
             num_top_classes: classes reported per neuron by head weight (at most C).
@@ -221,7 +221,9 @@ class MistakeNeuronRanker:
         mistake_indices = wrong.nonzero().squeeze(1)
         if target_class is None:
             pool = labels[mistake_indices] if len(mistake_indices) else labels
-            target_class = Counter(pool.tolist()).most_common(1)[0][0]
+            # Ties go to the smallest class: the first one met would depend on the samples' order.
+            counts = Counter(pool.tolist())
+            target_class = min(counts, key=lambda klass: (-counts[klass], klass))
 
         if class_mean_feature is None:
             in_class = labels == target_class
