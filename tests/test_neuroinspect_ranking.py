@@ -116,7 +116,6 @@ def test_by_default_the_commonest_true_class_among_the_mistakes_is_explained_wit
     assert MistakeNeuronRanker(head).rank(features, labels, solver=FixedShifts(), top_k=2).target_class == 2
 
 
-
 def test_by_default_a_tie_between_the_commonest_classes_goes_to_the_smallest_whatever_the_samples_order():
     head = torch.nn.Linear(8, 3)
     with torch.no_grad():
@@ -125,6 +124,7 @@ def test_by_default_a_tie_between_the_commonest_classes_goes_to_the_smallest_wha
     features = torch.rand(4, 8)
     for labels in ([0, 1, 0, 1], [1, 0, 1, 0]):  # two mistakes of each class, either first
         assert MistakeNeuronRanker(head).rank(features, torch.tensor(labels), solver=FixedShifts()).target_class == 0
+
 
 def test_neuron_importance_matches_zeroing_each_neuron():
     torch.manual_seed(0)
