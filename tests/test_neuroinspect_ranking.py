@@ -84,6 +84,25 @@ def test_ratios_are_shares_of_all_mistakes_not_of_those_with_a_neuron_in_that_di
     assert by_id[5].excessive_ratio == pytest.approx(2 / 5) and by_id[7].insufficient_ratio == pytest.approx(2 / 5)
 
 
+
+class TiedShifts(FixedShifts):
+    """Two mistakes whose ω ties: neurons 3, 4 and 6 are equally insufficient for the first
+    and equally excessive for the second (as neurons of equal head columns are)."""
+
+    def solve(self, weight, bias, features, labels, *, l1, l2, max_iterations, callback_on_step_end=None):
+        tied = torch.tensor([0.0, 0.0, 0.0, 2.0, 2.0, 1.0, 2.0, 0.0])
+        return CounterfactualSolution(torch.stack([tied, -tied]), torch.ones(2, dtype=torch.bool), torch.full((2,), 7))
+
+
+def test_equal_shifts_are_taken_by_neuron_id():
+    ranker = MistakeNeuronRanker(always_wrong_head())
+    features, labels = torch.rand(2, 8), torch.zeros(2, dtype=torch.long)
+    ranking = ranker.rank(features, labels, solver=TiedShifts(), top_k=2, cut_ratio=0)
+    assert ranking.insufficient_top.tolist() == [[3, 4], [-1, -1]] and ranking.excessive_top.tolist() == [[-1, -1], [3, 4]]
+    assert ranking.neuron_ids == [3, 4]  # 6 ties them but comes after them
+    # Within a mistake's top-k too, equal shifts are listed by id, the larger shift first.
+    assert ranker.rank(features, labels, solver=TiedShifts(), top_k=4).insufficient_top[0].tolist() == [3, 4, 6, 5]
+
 def test_only_mistakes_of_the_target_class_are_explained():
     ranker = MistakeNeuronRanker(always_wrong_head())
     labels = torch.tensor([0, 1, 0, 1])  # samples 1 and 3 are predicted correctly

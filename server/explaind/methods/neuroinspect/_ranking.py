@@ -126,9 +126,21 @@ class NeuronRanking:
 
 
 def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the ids of the k largest strictly positive scores; -1 pads rows with fewer."""
-    values, ids = scores.topk(k, dim=1)
-    return torch.where(values > 0, ids, -1)
+    """Per row, the ids of the k largest strictly positive scores, largest first; -1 pads
+    rows with fewer. Equal scores (neurons with equal head columns have equal ω) go by
+    neuron id: ``topk`` leaves ties to its kernel, which picked ids 6 and 4 of three tied
+    at 3, 4 and 6, and may pick others on another device."""
+    values, ids = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    ids = ids[:, :k].clone()
+    if k < scores.shape[1]:  # rows whose k-th positive score ties the next: the first tied ids fill them
+        crowded = ((values[:, k - 1] > 0) & (values[:, k - 1] == values[:, k])).nonzero().squeeze(1)
+        rows, kth = scores[crowded], values[crowded, k - 1 : k]
+        above, tied = rows > kth, rows == kth
+        chosen = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+        ids[crowded] = chosen.nonzero()[:, 1].view(len(crowded), k)
+    ids = ids.sort(dim=1).values
+    values, order = scores.gather(1, ids).sort(dim=1, descending=True, stable=True)
+    return torch.where(values > 0, ids.gather(1, order), -1)
 
 
 def _ratios(top: torch.Tensor, dim: int) -> torch.Tensor:
