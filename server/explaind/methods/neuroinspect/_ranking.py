@@ -128,8 +128,8 @@ class NeuronRanking:
 def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the ids of the k largest strictly positive scores, largest first; -1 pads
     rows with fewer. Equal scores (neurons with equal head columns have equal ω) go by
-    neuron id: ``topk`` leaves ties to its kernel, which picked ids 6 and 4 of three tied
-    at 3, 4 and 6, and may pick others on another device."""
+    neuron id: ``topk`` leaves ties to its kernel, which took ids 6 and 3 of 3, 4 and 6
+    tied in a row of 8 on a CPU, and may take others on another device."""
     values, ids = scores.topk(min(k + 1, scores.shape[1]), dim=1)
     ids = ids[:, :k].clone()
     if k < scores.shape[1]:  # rows whose k-th positive score ties the next: the first tied ids fill them
