@@ -392,7 +392,8 @@ def _pair_generator(seed: int, neuron: int, class_index: int, device: torch.devi
     """The random stream of one (neuron, class) image: its start and augmentations are the
     same whatever else shares its batch, and every method starts from the same spectrum.
     (Batched kernels still round differently per batch shape, so after hundreds of steps
-    an image can drift slightly, a few hundredths of CLIP cosine.) Drawn on ``device``,
+    an image can drift: less than 0.01 of CLIP cosine on the world, but its activation and
+    mask by up to a third and an eighth; docs/neuroinspect.md.) Drawn on ``device``,
     so a GPU's draws differ from the CPU's for the same seed. A negative (int64) seed is
     taken as its two's complement."""
     state = np.random.SeedSequence((seed & 0xFFFF_FFFF_FFFF_FFFF, neuron, class_index)).generate_state(2, np.uint32)
