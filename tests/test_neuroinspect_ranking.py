@@ -102,6 +102,13 @@ def test_equal_shifts_are_taken_by_neuron_id():
     assert ranking.neuron_ids == [3, 4]  # 6 ties them but comes after them
     # Within a mistake's top-k too, equal shifts are listed by id, the larger shift first.
     assert ranker.rank(features, labels, solver=TiedShifts(), top_k=4).insufficient_top[0].tolist() == [3, 4, 6, 5]
+    # A neuron's top classes too: every class weighs these neurons 0 (topk took 2, 4, 3).
+    head = torch.nn.Linear(8, 5)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]))  # always predicts class 4
+    ranking = MistakeNeuronRanker(head).rank(features, labels, solver=TiedShifts(), top_k=2, cut_ratio=0)
+    assert [n.top_classes for n in ranking.neurons] == [(0, 1, 2)] * 2
 
 def test_only_mistakes_of_the_target_class_are_explained():
     ranker = MistakeNeuronRanker(always_wrong_head())

@@ -313,6 +313,20 @@ def test_classes_per_neuron_applies_to_the_pairs_without_a_class(tmp_path):
         _shut(engine)
 
 
+
+def test_a_pair_without_a_class_takes_classes_of_equal_head_weight_by_class_index(tmp_path):
+    # Classes 1, 2 and 3 weigh neuron 4 alike: topk took 1 and 3, and may take others on a GPU.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        with torch.no_grad():
+            engine.models.active.head.weight[:, 4] = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+        job = inspect.visualize_neurons([(4, None)], method="no_clip", classes_per_neuron=2, steps=1)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        result = _succeeded_result(record, neuroinspect_pb2.VisualizeNeuronsResult())
+        assert [(v.neuron, v.class_index) for v in result.visualizations] == [(4, 1), (4, 2)]
+    finally:
+        _shut(engine)
+
 def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_class_name_is_no_class(tmp_path, world_set):
     # Neurons are int32 on the wire, a pair's class_name may be set but empty, and an
     # in-process caller passes classes_per_neuron 0 as it is (the servicer's 0 means 1).

@@ -33,6 +33,7 @@ from torch import nn
 from ._checks import callback_or_none, count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
+from ._ranking import top_ids
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
 DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -165,13 +166,13 @@ class ClipIllusion:
         return self.head.weight.dtype
 
     def top_classes(self, neuron: int, k: int = 1) -> list[int]:
-        """The ``k`` classes whose head weight for ``neuron`` is largest, largest first: the
-        automatic conditioning."""
+        """The ``k`` classes whose head weight for ``neuron`` is largest, largest first (equal
+        weights by class index): the automatic conditioning."""
         num_classes, dim = self.head.weight.shape
         neuron = index(neuron, "neuron", dim)
         if not 1 <= count(k, "k") <= num_classes:
             raise ValueError(f"k must lie in [1, {num_classes}] (the number of classes), got {k}")
-        return self.head.weight[:, neuron].topk(k).indices.tolist()
+        return top_ids(self.head.weight.detach()[:, neuron].unsqueeze(0), k)[1][0].tolist()
 
     @torch.no_grad()
     def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -125,22 +125,29 @@ class NeuronRanking:
         return sorted(chosen, key=lambda n: (-n.excessive_ratio, -abs(n.mean_omega), n.neuron))
 
 
-def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the ids of the k largest strictly positive scores, largest first; -1 pads
-    rows with fewer. Equal scores (neurons with equal head columns have equal ω) go by
-    neuron id: ``topk`` leaves ties to its kernel, which took ids 6 and 3 of 3, 4 and 6
-    tied in a row of 8 on a CPU, and may take others on another device."""
+def top_ids(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the k largest of each row of ``scores`` (R, n), largest first and
+    equal scores by id (neurons of equal head columns have equal ω; a dead neuron's head
+    column weighs every class 0). ``topk`` leaves ties to its kernel, which took ids 6 and
+    3 of 3, 4 and 6 tied in a row of 8 on a CPU, and may take others on another device."""
     values, ids = scores.topk(min(k + 1, scores.shape[1]), dim=1)
     ids = ids[:, :k].clone()
-    if k < scores.shape[1]:  # rows whose k-th positive score ties the next: the first tied ids fill them
-        crowded = ((values[:, k - 1] > 0) & (values[:, k - 1] == values[:, k])).nonzero().squeeze(1)
+    if k < scores.shape[1]:  # rows whose k-th score ties the next: the first tied ids fill them
+        crowded = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
         rows, kth = scores[crowded], values[crowded, k - 1 : k]
         above, tied = rows > kth, rows == kth
         chosen = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
         ids[crowded] = chosen.nonzero()[:, 1].view(len(crowded), k)
     ids = ids.sort(dim=1).values
     values, order = scores.gather(1, ids).sort(dim=1, descending=True, stable=True)
-    return torch.where(values > 0, ids.gather(1, order), -1)
+    return values, ids.gather(1, order)
+
+
+def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the ids of the k largest strictly positive scores, largest first, equal
+    ones by id (:func:`top_ids`); -1 pads rows with fewer."""
+    values, ids = top_ids(scores, k)
+    return torch.where(values > 0, ids, -1)
 
 
 def _ratios(top: torch.Tensor, dim: int) -> torch.Tensor:
@@ -252,7 +259,7 @@ class MistakeNeuronRanker:
         insufficient_ratio = _ratios(insufficient_top, dim)
         excessive_ratio = _ratios(excessive_top, dim)
         mean_omega = omega.mean(0) if len(omega) else torch.zeros(dim, device=omega.device)
-        top_classes = weight.T.topk(min(num_top_classes, num_classes), dim=1).indices  # (D, num_top_classes)
+        top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
 
         # The per-neuron loop reads Python lists: indexing device tensors neuron by neuron
         # synchronised with a GPU several times per neuron (8000 times for D = 2048).
