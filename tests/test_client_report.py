@@ -518,3 +518,24 @@ def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     assert methods == ["no_clip", "no_clip"]  # CLIP configured but not loaded: clip_illusion would be refused
     # The edit job refusing the data (INVALID_ARGUMENT) leaves the page without an edit, saying why.
     assert report.edit is None and report.no_edit_reason == refused.details
+
+
+def _relative_luminance(colour: str) -> float:
+    """WCAG 2.1's relative luminance of a #rgb or #rrggbb colour."""
+    digits = colour.lstrip("#")
+    digits = "".join(2 * d for d in digits) if len(digits) == 3 else digits
+    channels = [int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+    r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_every_text_colour_in_the_page_reads_at_wcag_aa_contrast_on_its_background():
+    # The legends and the page's subtitle were #777 on white: 4.48:1, under AA's 4.5:1.
+    from explaind.client.report import _STYLE
+
+    (background,) = re.findall(r"body \{[^}]*\bbackground: (#[0-9a-f]+)", _STYLE)
+    colours = re.findall(r"(?<![-\w])color: (#[0-9a-f]+)", _STYLE)
+    assert len(colours) >= 2
+    lighter = _relative_luminance(background)
+    for colour in colours:
+        assert (lighter + 0.05) / (_relative_luminance(colour) + 0.05) >= 4.5, colour

@@ -229,13 +229,13 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
 
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; background: #fff; max-width: 1100px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; }
 td:first-child, th:first-child, .text { text-align: left; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
-.muted { color: #777; font-size: .9em; }
+.muted { color: #595959; font-size: .9em; }
 """
 _STYLE += (f".neuron img {{ width: {IMAGE_BOX}px; height: {IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
            ".neuron img[data-upscaled] { image-rendering: pixelated; }\n")  # small inputs as crisp pixels, larger smoothly scaled
