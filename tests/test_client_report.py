@@ -539,3 +539,22 @@ def test_every_text_colour_in_the_page_reads_at_wcag_aa_contrast_on_its_backgrou
     lighter = _relative_luminance(background)
     for colour in colours:
         assert (lighter + 0.05) / (_relative_luminance(colour) + 0.05) >= 4.5, colour
+
+
+def test_bidirectional_controls_in_callers_names_cannot_reorder_the_page():
+    # A group value or set id holding U+202E (right-to-left override) turned the rest of its
+    # line around in the browser: "grass" + U+202E + "gnp.exe" read as "grassexe.png".
+    import dataclasses
+
+    controls = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    spoofed = "grass\u202egnp.exe"
+    report = _edited_report(spoofed)
+    edit = report.edit.version
+    report = dataclasses.replace(
+        report, ranking=dataclasses.replace(report.ranking, sample_set_id=spoofed, predicted_as={spoofed: 2}),
+        edit=dataclasses.replace(report.edit, version=dataclasses.replace(
+            edit, evaluation=evaluation({"tench": 0.75}, {spoofed + controls: 0.5}), parent_evaluation=evaluation({"tench": 0.25}, {spoofed + controls: 0.25}))))
+    page = render_report(report)
+    assert not set(controls) & set(page)
+    assert "sample set grass\\u202egnp.exe · model" in page and "<td>group grass\\u202egnp.exe\\u202a\\u202b" in page
+    assert "Evaluated on grass\\u202egnp.exe." in page

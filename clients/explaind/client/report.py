@@ -22,6 +22,7 @@ from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
+from ._types import escape_controls
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -176,6 +177,13 @@ def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_
     return f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
+def _text(value: str) -> str:
+    """``value`` for the page: markup escaped, and control and bidirectional-control
+    characters written out (``\\u202e``) as the CLI writes them, so a caller's group or set
+    name cannot reorder the text around it."""
+    return html.escape(escape_controls(value))
+
+
 def _number(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -223,7 +231,7 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     if rest:
         rows.append((f"the other {len(rest)} classes, mean", _mean([old for _, old, _ in rest]), _mean([new for _, _, new in rest])))
     return "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
+        f"<tr><td>{_text(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
         for label, b, a in rows
     )
 
@@ -268,7 +276,7 @@ _PREDICTED_SHOWN = 10
 def _class_list(names: list[str]) -> str:
     """Class names, escaped, separated by semicolons: ImageNet's names hold commas
     ("great white shark, white shark, man-eater, ...")."""
-    return "; ".join(html.escape(name) for name in names)
+    return "; ".join(_text(name) for name in names)
 
 
 def _predicted_as(predicted_as: dict[str, int]) -> str:
@@ -276,7 +284,7 @@ def _predicted_as(predicted_as: dict[str, int]) -> str:
     named and the rest counted."""
     ordered = sorted(predicted_as.items(), key=lambda item: -item[1])  # stable: equal counts keep their order
     shown, rest = ordered[:_PREDICTED_SHOWN], ordered[_PREDICTED_SHOWN:]
-    text = "; ".join(f"{html.escape(name)} ({count})" for name, count in shown) or "–"
+    text = "; ".join(f"{_text(name)} ({count})" for name, count in shown) or "–"
     if rest:
         others = sum(count for _, count in rest)
         text += f"; and {len(rest)} other class{'' if len(rest) == 1 else 'es'} ({others} mistake{'' if others == 1 else 's'})"
@@ -286,7 +294,7 @@ def _predicted_as(predicted_as: dict[str, int]) -> str:
 def render_report(report: MistakeReport) -> str:
     """The report as one HTML document (UTF-8, images inlined, no scripts)."""
     ranking = report.ranking
-    escape = html.escape
+    escape = _text
     predicted = _predicted_as(ranking.predicted_as)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
