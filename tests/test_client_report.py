@@ -4,6 +4,8 @@ measured on samples the suggested edit did not train on."""
 import base64
 import io
 import re
+import shutil
+import subprocess
 
 import grpc
 import numpy as np
@@ -371,18 +373,18 @@ def test_the_classes_the_mistakes_went_to_are_the_most_common_ten_and_a_count_of
     # above the ranking.
     predicted_as = {f"class {i}": 1 for i in range(400)} | {"goldfish": 9, "great white shark, white shark": 5}
     page = render_report(_imagenet_sized_report(64, predicted_as, ["tench"]))
-    (cell,) = re.findall(r"<tr><td>predicted instead as</td><td>(.*?)</td></tr>", page)
+    (cell,) = re.findall(r"<tr><td>predicted instead as</td><td class='names'>(.*?)</td></tr>", page)
     assert cell.startswith("goldfish (9); great white shark, white shark (5); class 0 (1); ")
     assert cell.count("(") == 10 + 1 and cell.endswith("; and 392 other classes (392 mistakes)")
     one_more = render_report(_imagenet_sized_report(64, {f"c{i}": 2 for i in range(11)}, ["tench"]))
     assert "; and 1 other class (2 mistakes)</td>" in one_more and "c9 (2); and 1 other" in one_more
-    assert "<td>predicted instead as</td><td>c0 (2); c1 (2)</td>" in render_report(_imagenet_sized_report(64, {"c0": 2, "c1": 2}, ["tench"]))
+    assert "<td>predicted instead as</td><td class='names'>c0 (2); c1 (2)</td>" in render_report(_imagenet_sized_report(64, {"c0": 2, "c1": 2}, ["tench"]))
 
 
 def test_top_classes_whose_names_hold_commas_stay_told_apart():
     # ImageNet names hold commas: "a, b, c, d" could not say whether it was two classes or four.
     page = render_report(_imagenet_sized_report(64, {"goldfish": 2}, ["great white shark, white shark", "tiger shark, Galeocerdo cuvieri"]))
-    assert "<td class='text'>great white shark, white shark; tiger shark, Galeocerdo cuvieri</td>" in page
+    assert "<td class='names'>great white shark, white shark; tiger shark, Galeocerdo cuvieri</td>" in page
 
 
 def test_the_legend_names_how_many_neurons_per_mistake_the_ranking_took():
@@ -558,3 +560,32 @@ def test_bidirectional_controls_in_callers_names_cannot_reorder_the_page():
     assert not set(controls) & set(page)
     assert "sample set grass\\u202egnp.exe · model" in page and "<td>group grass\\u202egnp.exe\\u202a\\u202b" in page
     assert "Evaluated on grass\\u202egnp.exe." in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found (make test installs it with apt-get where it can)")
+def test_long_names_without_spaces_wrap_inside_the_page_instead_of_running_off_it(tmp_path):
+    # Class, group and set names like "n01440764_tench_..." cannot wrap at a space: a table
+    # grew wider than the window and, printed, its numbers were cut off the page's edge.
+    import dataclasses
+
+    long = "n01440764_" + "x" * 110
+    report = _edited_report()
+    edit = report.edit.version
+    report = dataclasses.replace(
+        report, ranking=dataclasses.replace(report.ranking, sample_set_id=long, class_name=long, predicted_as={long: 2}, neurons=[
+            dataclasses.replace(n, top_classes=[long, long]) for n in report.ranking.neurons]),
+        edit=dataclasses.replace(report.edit, version=dataclasses.replace(
+            edit, evaluation=evaluation({long: 0.75}, {long: 0.5}), parent_evaluation=evaluation({long: 0.25}, {long: 0.25}))))
+    measured = tmp_path / "report.html"  # the page with a script, outside the report, that writes down how wide it laid out
+    measured.write_text(render_report(report).replace(
+        "</body>", "<script>document.body.dataset.width = document.documentElement.scrollWidth</script></body>"), encoding="utf-8")
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--hide-scrollbars",
+               "--window-size=900,1000", "--dump-dom", measured.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (width,) = re.findall(r'data-width="(\d+)"', result.stdout)
+    assert int(width) <= 900

@@ -237,10 +237,12 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
 
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; background: #fff; max-width: 1100px; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; background: #fff; max-width: 1100px; overflow-wrap: anywhere; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; }
-td:first-child, th:first-child, .text { text-align: left; }
+table { border-collapse: collapse; margin: .5em 0; }
+td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; overflow-wrap: normal; }
+td:first-child, th:first-child, .text, .names { text-align: left; }
+.names, .evaluation td:first-child { overflow-wrap: anywhere; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
 .muted { color: #595959; font-size: .9em; }
@@ -303,9 +305,9 @@ def render_report(report: MistakeReport) -> str:
         f"<p class='muted'>sample set {escape(ranking.sample_set_id)} · model {escape(ranking.model_version)} · solver {escape(ranking.solver)}</p>",
         "<h2>Mistakes</h2><table>",
         f"<tr><td>samples in the set</td><td>{ranking.sample_count}</td></tr>",
-        f"<tr><td>mistakes on {escape(ranking.class_name)}</td><td>{ranking.mistake_count}</td></tr>",
+        f"<tr><td>mistakes on <span class='names'>{escape(ranking.class_name)}</span></td><td>{ranking.mistake_count}</td></tr>",
         f"<tr><td>counterfactuals that flip the prediction</td><td>{ranking.converged_count}</td></tr>",
-        f"<tr><td>predicted instead as</td><td>{predicted}</td></tr></table>",
+        f"<tr><td>predicted instead as</td><td class='names'>{predicted}</td></tr></table>",
         "<h2>Ranked neurons</h2>",
     ]
     if ranking.neurons:
@@ -316,7 +318,7 @@ def render_report(report: MistakeReport) -> str:
             neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
             parts.append(
                 f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
-                f"<td>{_signed(n.mean_omega)}</td><td>{_number(n.importance)}</td><td class='text'>{_class_list(n.top_classes)}</td></tr>"
+                f"<td>{_signed(n.mean_omega)}</td><td>{_number(n.importance)}</td><td class='names'>{_class_list(n.top_classes)}</td></tr>"
             )
         # A server too old to say (0) took the default, 5 (or D where D < 5).
         parts.append("</table>" + _RANKING_LEGEND.format(top=f"the {ranking.top_k} largest" if ranking.top_k else "top 5 by default"))
@@ -362,7 +364,7 @@ def render_report(report: MistakeReport) -> str:
             f"or, if you do not want it, <code>explaind head-versions delete {escape(version.version_id)}</code>.</p>"
         )
         if version.evaluation is not None and version.parent_evaluation is not None:
-            parts.append(f"<table><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
+            parts.append(f"<table class='evaluation'><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
             parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
     elif ranking.neurons and report.no_edit_reason:
