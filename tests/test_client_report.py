@@ -589,3 +589,45 @@ def test_long_names_without_spaces_wrap_inside_the_page_instead_of_running_off_i
     assert result.returncode == 0, result.stderr[-2000:]
     (width,) = re.findall(r'data-width="(\d+)"', result.stdout)
     assert int(width) <= 900
+
+
+def test_each_image_is_described_for_a_reader_who_cannot_see_it_and_the_title_names_class_and_model():
+    # The alts read "neuron 7 visualisation" and "neuron 7 masked": which class, and what
+    # the mask means, only a sighted reader of the card could tell; the title named no model.
+    import dataclasses
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.open, self.title, self.images, self.captions = [], "", [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append((dict(attrs), "figure" in self.open))
+            elif tag not in ("meta", "br"):  # the page's other void elements
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            self.open.pop()
+
+        def handle_data(self, data):
+            if self.open[-1:] == ["title"]:
+                self.title += data
+            elif "figcaption" in self.open:
+                self.captions.append(data)
+
+    report = _edited_report()
+    (shown,) = report.visualizations
+    report = dataclasses.replace(report, visualizations=[shown, dataclasses.replace(shown, neuron=8, class_name="goldfish's kin")])
+    page = Page()
+    page.feed(render_report(report))
+    assert page.title == "explaind: mistakes of class tench (model v)"
+    alts = [(image["class"], image["alt"], in_figure) for image, in_figure in page.images]
+    assert alts == [
+        ("visualization", "neuron 7, class tench: an image optimised to make the neuron fire", True),
+        ("mask", "neuron 7, class tench: the same image, the regions where the neuron fires little dimmed", True),
+        ("visualization", "neuron 8, class goldfish's kin: an image optimised to make the neuron fire", True),
+        ("mask", "neuron 8, class goldfish's kin: the same image, the regions where the neuron fires little dimmed", True),
+    ]
+    assert "".join(page.captions) == "neuron 7 · class tenchneuron 8 · class goldfish's kin"

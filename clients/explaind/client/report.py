@@ -244,7 +244,7 @@ td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; 
 td:first-child, th:first-child, .text, .names { text-align: left; }
 .names, .evaluation td:first-child { overflow-wrap: anywhere; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
-.neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; }
+.neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; margin: 0; }
 .muted { color: #595959; font-size: .9em; }
 """
 _STYLE += (f".neuron img {{ width: {IMAGE_BOX}px; height: {IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
@@ -300,7 +300,7 @@ def render_report(report: MistakeReport) -> str:
     predicted = _predicted_as(ranking.predicted_as)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>explaind: mistakes of class {escape(ranking.class_name)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>explaind: mistakes of class {escape(ranking.class_name)} (model {escape(ranking.model_version)})</title><style>{_STYLE}</style></head><body>",
         f"<h1>Why the classifier gets <em>{escape(ranking.class_name)}</em> wrong</h1>",
         f"<p class='muted'>sample set {escape(ranking.sample_set_id)} · model {escape(ranking.model_version)} · solver {escape(ranking.solver)}</p>",
         "<h2>Mistakes</h2><table>",
@@ -338,14 +338,19 @@ def render_report(report: MistakeReport) -> str:
             # build_report's visualisations are downloaded (result() with download=True): their images are set.
             image, masked_image = cast("Image", v.image), cast("Image", v.masked_image)
             upscaled = " data-upscaled" if image.width < IMAGE_BOX else ""
+            # Each image's alt names its neuron and class and says what it is: read out alone
+            # (a screen reader, a page printed without images), "neuron 7 masked" said neither.
+            subject = f"neuron {v.neuron}, class {escape(v.class_name)}"
             parts.append(
-                f"<div class='neuron' id='neuron-{v.neuron}'><b>neuron {v.neuron}</b> · class {escape(v.class_name)}<br>"
-                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} visualisation' src='{image_data_uri(image)}'> "
-                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='neuron {v.neuron} masked' src='{image_data_uri(masked_image)}'>"
+                f"<figure class='neuron' id='neuron-{v.neuron}'><figcaption><b>neuron {v.neuron}</b> · class {escape(v.class_name)}</figcaption>"
+                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='{subject}: an image optimised to make the neuron fire' "
+                f"src='{image_data_uri(image)}'> "
+                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='{subject}: the same image, the regions where the neuron fires "
+                f"little dimmed' src='{image_data_uri(masked_image)}'>"
                 f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
                 f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
-                f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></div>"
+                f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></figure>"
             )
         parts.append(f"</div>{_VISUALIZATION_LEGEND}")
     elif report.no_visualization_reason or report.visualization_error:
