@@ -631,3 +631,19 @@ def test_each_image_is_described_for_a_reader_who_cannot_see_it_and_the_title_na
         ("mask", "neuron 8, class goldfish's kin: the same image, the regions where the neuron fires little dimmed", True),
     ]
     assert "".join(page.captions) == "neuron 7 · class tenchneuron 8 · class goldfish's kin"
+
+
+def test_printed_a_neurons_card_stays_on_one_page_under_its_heading():
+    # Printed to PDF for a ticket, a card's caption ended one page and its images began the
+    # next, a heading sat alone at a page's foot, and the screen's 2em margins came on top
+    # of the paper's, leaving the ranking's class names a word wide. (Checked by eye in
+    # Chromium's --print-to-pdf; no PDF reader here to check it in the test.)
+    from explaind.client.report import _STYLE
+
+    (printed,) = re.findall(r"@media print \{(.*?)\n\}", _STYLE, re.S)
+    rules: dict[str, str] = {}
+    for selectors, declarations in re.findall(r"([^{}]+)\{([^}]*)\}", printed):
+        for selector in selectors.split(","):
+            rules[selector.strip()] = rules.get(selector.strip(), "") + declarations
+    assert "break-inside: avoid" in rules[".neuron"] and "break-inside: avoid" in rules["tr"]
+    assert "break-after: avoid" in rules["h2"] and "margin: 0" in rules["body"]

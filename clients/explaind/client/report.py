@@ -246,6 +246,12 @@ td:first-child, th:first-child, .text, .names { text-align: left; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; margin: 0; }
 .muted { color: #595959; font-size: .9em; }
+@media print {
+  body { margin: 0; max-width: none; }
+  td, th { padding: .2em .4em; }
+  .neuron, tr { break-inside: avoid; }
+  h2 { break-after: avoid; }
+}
 """
 _STYLE += (f".neuron img {{ width: {IMAGE_BOX}px; height: {IMAGE_BOX}px; border: 1px solid #ccc; }}\n"
            ".neuron img[data-upscaled] { image-rendering: pixelated; }\n")  # small inputs as crisp pixels, larger smoothly scaled
