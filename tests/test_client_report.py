@@ -647,3 +647,12 @@ def test_printed_a_neurons_card_stays_on_one_page_under_its_heading():
             rules[selector.strip()] = rules.get(selector.strip(), "") + declarations
     assert "break-inside: avoid" in rules[".neuron"] and "break-inside: avoid" in rules["tr"]
     assert "break-after: avoid" in rules["h2"] and "margin: 0" in rules["body"]
+
+
+def test_printed_tables_repeat_their_column_headings_on_every_page():
+    # A ranking of 60 neurons printed over three pages: the second and third were columns
+    # of numbers without their headings. Chromium repeats a table's <thead> on each page.
+    page = render_report(_edited_report())
+    headed = re.findall(r"<table[^>]*><thead>(<tr>(?:<th[^>]*>[^<]*</th>)+</tr>)</thead><tbody>(.*?)</tbody></table>", page, re.S)
+    assert [(heading.count("<th"), body.count("<tr>")) for heading, body in headed] == [(7, 2), (4, 2 + 2)]  # the ranking, the edit's
+    assert "<th" not in re.sub(r"<thead>.*?</thead>", "", page, flags=re.S)  # no heading row outside them

@@ -317,8 +317,9 @@ def render_report(report: MistakeReport) -> str:
         "<h2>Ranked neurons</h2>",
     ]
     if ranking.neurons:
-        parts.append("<table><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th>"
-                     "<th>importance</th><th class='text'>top classes</th></tr>")
+        # The header rows in <thead>: printed, each page of a long ranking repeats them over its numbers.
+        parts.append("<table><thead><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th>"
+                     "<th>importance</th><th class='text'>top classes</th></tr></thead><tbody>")
         shown = {v.neuron for v in report.visualizations}
         for n in ranking.neurons:
             neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
@@ -327,7 +328,7 @@ def render_report(report: MistakeReport) -> str:
                 f"<td>{_signed(n.mean_omega)}</td><td>{_number(n.importance)}</td><td class='names'>{_class_list(n.top_classes)}</td></tr>"
             )
         # A server too old to say (0) took the default, 5 (or D where D < 5).
-        parts.append("</table>" + _RANKING_LEGEND.format(top=f"the {ranking.top_k} largest" if ranking.top_k else "top 5 by default"))
+        parts.append("</tbody></table>" + _RANKING_LEGEND.format(top=f"the {ranking.top_k} largest" if ranking.top_k else "top 5 by default"))
     elif not ranking.mistake_count:  # not an empty table under a heading that asks why
         parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
     else:
@@ -375,9 +376,10 @@ def render_report(report: MistakeReport) -> str:
             f"or, if you do not want it, <code>explaind head-versions delete {escape(version.version_id)}</code>.</p>"
         )
         if version.evaluation is not None and version.parent_evaluation is not None:
-            parts.append(f"<table class='evaluation'><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th><th>change</th></tr>")
+            parts.append(f"<table class='evaluation'><thead><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th>"
+                         "<th>change</th></tr></thead><tbody>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
-            parts.append(f"</table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
+            parts.append(f"</tbody></table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
     elif ranking.neurons and report.no_edit_reason:
         parts.append(f"<h2>Suggested head edit</h2><p id='no-edit'>None: the server refused the edit ({escape(report.no_edit_reason)}).</p>")
     parts.append("</body></html>")
