@@ -28,7 +28,7 @@ def evaluation(classes: dict[str, float], groups: dict[str, float]) -> HeadEvalu
 
 
 def table(html: str) -> dict[str, list[str]]:
-    return {cells[0]: cells[1:] for cells in (re.findall(r"<td>(.*?)</td>", row) for row in html.split("</tr>")) if cells}
+    return {cells[0]: cells[1:] for cells in (re.findall(r"<(?:td|th scope='row')>(.*?)</t[dh]>", row) for row in html.split("</tr>")) if cells}
 
 
 def test_worst_rows_compare_each_versions_worst_and_name_both():
@@ -373,12 +373,12 @@ def test_the_classes_the_mistakes_went_to_are_the_most_common_ten_and_a_count_of
     # above the ranking.
     predicted_as = {f"class {i}": 1 for i in range(400)} | {"goldfish": 9, "great white shark, white shark": 5}
     page = render_report(_imagenet_sized_report(64, predicted_as, ["tench"]))
-    (cell,) = re.findall(r"<tr><td>predicted instead as</td><td class='names'>(.*?)</td></tr>", page)
+    (cell,) = re.findall(r"<tr><th scope='row'>predicted instead as</th><td class='names'>(.*?)</td></tr>", page)
     assert cell.startswith("goldfish (9); great white shark, white shark (5); class 0 (1); ")
     assert cell.count("(") == 10 + 1 and cell.endswith("; and 392 other classes (392 mistakes)")
     one_more = render_report(_imagenet_sized_report(64, {f"c{i}": 2 for i in range(11)}, ["tench"]))
     assert "; and 1 other class (2 mistakes)</td>" in one_more and "c9 (2); and 1 other" in one_more
-    assert "<td>predicted instead as</td><td class='names'>c0 (2); c1 (2)</td>" in render_report(_imagenet_sized_report(64, {"c0": 2, "c1": 2}, ["tench"]))
+    assert "<th scope='row'>predicted instead as</th><td class='names'>c0 (2); c1 (2)</td>" in render_report(_imagenet_sized_report(64, {"c0": 2, "c1": 2}, ["tench"]))
 
 
 def test_top_classes_whose_names_hold_commas_stay_told_apart():
@@ -558,7 +558,7 @@ def test_bidirectional_controls_in_callers_names_cannot_reorder_the_page():
             edit, evaluation=evaluation({"tench": 0.75}, {spoofed + controls: 0.5}), parent_evaluation=evaluation({"tench": 0.25}, {spoofed + controls: 0.25}))))
     page = render_report(report)
     assert not set(controls) & set(page)
-    assert "sample set grass\\u202egnp.exe · model" in page and "<td>group grass\\u202egnp.exe\\u202a\\u202b" in page
+    assert "sample set grass\\u202egnp.exe · model" in page and "<th scope='row'>group grass\\u202egnp.exe\\u202a\\u202b" in page
     assert "Evaluated on grass\\u202egnp.exe." in page
 
 
@@ -655,4 +655,14 @@ def test_printed_tables_repeat_their_column_headings_on_every_page():
     page = render_report(_edited_report())
     headed = re.findall(r"<table[^>]*><thead>(<tr>(?:<th[^>]*>[^<]*</th>)+</tr>)</thead><tbody>(.*?)</tbody></table>", page, re.S)
     assert [(heading.count("<th"), body.count("<tr>")) for heading, body in headed] == [(7, 2), (4, 2 + 2)]  # the ranking, the edit's
-    assert "<th" not in re.sub(r"<thead>.*?</thead>", "", page, flags=re.S)  # no heading row outside them
+    assert set(re.findall(r"<th[^>]*>", re.sub(r"<thead>.*?</thead>", "", page, flags=re.S))) == {"<th scope='row'>"}  # only row labels outside
+
+
+def test_each_number_is_announced_with_the_label_of_its_row():
+    # The labels were plain cells: a screen reader moving down a column of numbers read
+    # "0.900" with no word of what it measured (or, in the edit's table, of which class).
+    page = render_report(_edited_report())
+    for label in ("samples in the set", "predicted instead as", "activation α", "mask area", "overall accuracy", "class goldfish"):
+        assert f"<tr><th scope='row'>{label}</th><td" in page
+    # Every row of the mistakes (4), the neuron's card (6) and the edit's (4) tables; the ranking's are led by their neuron.
+    assert page.count("<th scope='row'>") == 4 + 6 + 4

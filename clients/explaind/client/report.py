@@ -231,7 +231,7 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     if rest:
         rows.append((f"the other {len(rest)} classes, mean", _mean([old for _, old, _ in rest]), _mean([new for _, _, new in rest])))
     return "".join(
-        f"<tr><td>{_text(label)}</td><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
+        f"<tr><th scope='row'>{_text(label)}</th><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
         for label, b, a in rows
     )
 
@@ -242,7 +242,8 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom
 table { border-collapse: collapse; margin: .5em 0; }
 td, th { padding: .25em .7em; border-bottom: 1px solid #eee; text-align: right; overflow-wrap: normal; }
 td:first-child, th:first-child, .text, .names { text-align: left; }
-.names, .evaluation td:first-child { overflow-wrap: anywhere; }
+.names, .evaluation tbody th { overflow-wrap: anywhere; }
+th[scope=row] { font-weight: normal; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; margin: 0; }
 .muted { color: #595959; font-size: .9em; }
@@ -310,10 +311,10 @@ def render_report(report: MistakeReport) -> str:
         f"<h1>Why the classifier gets <em>{escape(ranking.class_name)}</em> wrong</h1>",
         f"<p class='muted'>sample set {escape(ranking.sample_set_id)} · model {escape(ranking.model_version)} · solver {escape(ranking.solver)}</p>",
         "<h2>Mistakes</h2><table>",
-        f"<tr><td>samples in the set</td><td>{ranking.sample_count}</td></tr>",
-        f"<tr><td>mistakes on <span class='names'>{escape(ranking.class_name)}</span></td><td>{ranking.mistake_count}</td></tr>",
-        f"<tr><td>counterfactuals that flip the prediction</td><td>{ranking.converged_count}</td></tr>",
-        f"<tr><td>predicted instead as</td><td class='names'>{predicted}</td></tr></table>",
+        f"<tr><th scope='row'>samples in the set</th><td>{ranking.sample_count}</td></tr>",
+        f"<tr><th scope='row'>mistakes on <span class='names'>{escape(ranking.class_name)}</span></th><td>{ranking.mistake_count}</td></tr>",
+        f"<tr><th scope='row'>counterfactuals that flip the prediction</th><td>{ranking.converged_count}</td></tr>",
+        f"<tr><th scope='row'>predicted instead as</th><td class='names'>{predicted}</td></tr></table>",
         "<h2>Ranked neurons</h2>",
     ]
     if ranking.neurons:
@@ -354,10 +355,10 @@ def render_report(report: MistakeReport) -> str:
                 f"src='{image_data_uri(image)}'> "
                 f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='{subject}: the same image, the regions where the neuron fires "
                 f"little dimmed' src='{image_data_uri(masked_image)}'>"
-                f"<table><tr><td>activation α</td><td>{_number(v.activation)}</td></tr><tr><td>logit</td><td>{_number(v.logit)}</td></tr>"
-                f"<tr><td>importance</td><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
-                f"<tr><td>CLIP similarity</td><td>{_number(v.clip_similarity)}</td></tr><tr><td>core relevance</td><td>{_number(v.core_relevance)}</td></tr>"
-                f"<tr><td>mask area</td><td>{v.mask_fraction:.0%}</td></tr></table></figure>"
+                f"<table><tr><th scope='row'>activation α</th><td>{_number(v.activation)}</td></tr><tr><th scope='row'>logit</th><td>{_number(v.logit)}</td></tr>"
+                f"<tr><th scope='row'>importance</th><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
+                f"<tr><th scope='row'>CLIP similarity</th><td>{_number(v.clip_similarity)}</td></tr><tr><th scope='row'>core relevance</th><td>{_number(v.core_relevance)}</td></tr>"
+                f"<tr><th scope='row'>mask area</th><td>{v.mask_fraction:.0%}</td></tr></table></figure>"
             )
         parts.append(f"</div>{_VISUALIZATION_LEGEND}")
     elif report.no_visualization_reason or report.visualization_error:
