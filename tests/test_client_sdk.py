@@ -1998,6 +1998,15 @@ class _ComputedLabels(Sequence):
         return self.label_at(index)
 
 
+def test_a_samples_attributes_are_read_by_name_whatever_the_process_s_hash_order(client):
+    # A proto map iterates in its hash order, which PYTHONHASHSEED changes from process to
+    # process: printed or dumped as JSON, the same sample's attributes came in another order.
+    names = ["shape", "colour", "texture", "background", "zone", "angle", "mood", "id"]
+    client.create_sample_set([IMAGE], [0], sample_set_id="attribute-order", attributes=[{name: "x" for name in names}])
+    (sample,) = client.samples("attribute-order")
+    assert list(sample.attributes) == sorted(names)
+
+
 def test_labels_computed_when_read_are_read_as_their_samples_are_sent():
     # Read ahead, a million computed labels were all read (and held) before anything was
     # sent: a set of 10**14 world scenes ran silently until interrupted.

@@ -1048,7 +1048,8 @@ class Client:
             request = _request(sample_sets_pb2.ListSamplesRequest, sample_set_id=sample_set_id, page_token=token)
             response = self._call("sample_sets", "ListSamples", request)
             for sample in response.samples:
-                yield Sample(open_image(sample.image.encoded), sample.label, dict(sample.attributes))
+                # By name: a proto map's order is its hash order, another in each process.
+                yield Sample(open_image(sample.image.encoded), sample.label, dict(sorted(sample.attributes.items())))
             token = response.next_page_token
             if not token:
                 return

@@ -181,7 +181,7 @@ class SampleSet(AbbreviatedRepr):
 
 @dataclass(frozen=True)
 class Sample:
-    """One stored image with its label (class index) and attributes."""
+    """One stored image with its label (class index) and attributes (by name)."""
 
     image: Image
     label: int
