@@ -857,6 +857,12 @@ def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
     with pytest.raises(ModelLoadError, match=r"with_args.pth holds objects other than tensors \(Unsupported global: GLOBAL argparse.Namespace\), "
                                              r".*torch.save\(checkpoint\['model'\], 'weights.pth'\)$"):
         load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "with_args.pth")))
+    # A whole model saved with torch.save(model) is told to save its state dict, not a checkpoint's entry it has none of.
+    torch.save(torchvision.models.resnet18(num_classes=3), tmp_path / "whole_model.pth")
+    with pytest.raises(ModelLoadError, match=r"whole_model.pth holds objects other than tensors \(Unsupported global: GLOBAL "
+                                             r"torchvision.models.resnet.ResNet\), as a whole model saved with torch.save\(model\), .*"
+                                             r"e.g. torch.save\(model.state_dict\(\), 'weights.pth'\)"):
+        load_classifier(ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "whole_model.pth")))
     for name, content in (("tensor.pth", state["fc.weight"]), ("list.pth", list(state.values()))):  # weights_only loads these too
         torch.save(content, tmp_path / name)
         with pytest.raises(ModelLoadError, match=rf"{name} holds a {type(content).__name__}, not a state dict \(layer names to tensors\); "
@@ -911,6 +917,25 @@ def test_each_row_of_the_torchvision_table_names_a_linear_head_and_a_layer_run_b
     linear = model.get_submodule(head)
     assert isinstance(linear, nn.Linear) and [name for name, _ in runs] == [feature_layer, head]
     assert channel_maps(runs[0][1], linear.in_features).shape[:2] == (2, linear.in_features)
+
+
+def test_torchvision_weights_of_another_architecture_are_refused_naming_what_does_not_fit(tmp_path):
+    # resnet18's weights served as name = "resnet34" (or resnet50) stopped start-up with
+    # torch's list of every missing key, some 2,000 characters and no word of [classifier].name.
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "resnet18.pth")
+    section = ClassifierSection(loader="torchvision", name="resnet34", weights=str(tmp_path / "resnet18.pth"), image_size=32)
+    with pytest.raises(ModelLoadError, match=r"resnet18.pth does not fit torchvision's resnet34: its state dict has 80 missing "
+                                             r"\(first: layer1.2.conv1.weight, layer1.2.bn1.weight, layer1.2.bn1.bias\); "
+                                             r"set \[classifier\].name to the architecture the weights were saved from$"):
+        load_classifier(section)
+    # Extra keys and resized layers are counted too (wide_resnet50_2's weights as resnet18).
+    torch.save(torchvision.models.wide_resnet50_2(num_classes=3).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(ModelLoadError, match=r"wide.pth does not fit torchvision's resnet18: its state dict has \d+ unexpected "
+                                             r"\(first: layer1.0.conv3.weight, .*\); \d+ of another shape \(first: layer1.0.conv1.weight "
+                                             r"\(128, 64, 1, 1\) for \(64, 64, 3, 3\), .*\); set \[classifier\].name"):
+        load_classifier(dataclasses.replace(section, name="resnet18", weights=str(tmp_path / "wide.pth")))
 
 
 def test_torchvision_models_not_named_like_a_resnet_are_split_where_the_config_says_or_told_why_not(tmp_path):

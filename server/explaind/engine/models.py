@@ -405,9 +405,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if detail.startswith("Unsupported operand"):  # its first bytes are no pickle: not a checkpoint at all
             raise ModelLoadError(f"{path} is not a file torch.save wrote ({detail}): it is damaged or another format, such as a "
                                  "Git LFS pointer or the web page of a failed download; fetch the weights file again") from None
-        raise ModelLoadError(f"{path} holds objects other than tensors ({detail}), as a training checkpoint's saved "
-                             "arguments or optimiser do; save the model's state dict alone, e.g. "
-                             "torch.save(checkpoint['model'], 'weights.pth')") from None
+        raise ModelLoadError(f"{path} holds objects other than tensors ({detail}), as a whole model saved with torch.save(model), "
+                             "or a training checkpoint's saved arguments or optimiser, does; save the model's state dict alone, "
+                             "e.g. torch.save(model.state_dict(), 'weights.pth') or torch.save(checkpoint['model'], 'weights.pth')") from None
     if isinstance(state, dict):
         # A training checkpoint holds the state dict under a key: "state_dict" (Lightning,
         # timm), "model" (torchvision's reference scripts) or "model_state_dict" (PyTorch's
@@ -497,7 +497,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
                                  "set [classifier].head to the final linear layer's name, or save the model's state_dict()")
         class_names = _class_names(section, state[f"{head}.weight"].shape[0])
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
-        model.load_state_dict(state)
+        _load_architecture_state(model, state, path, section.name)
         source, image_size, mean, std, resize_size, interpolation = str(path), 224, (), (), 0, "bilinear"
     return split_classifier(
         model,
@@ -511,6 +511,27 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         **_fitting(section, resize_size, interpolation),
         preprocess=Preprocess(section.mean or mean, section.std or std),
     )
+
+
+def _load_architecture_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, architecture: str) -> None:
+    """Loads ``state`` into ``model``; weights of another architecture (resnet18's as
+    resnet34) are refused in one line naming what does not fit, where torch lists every
+    missing key."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        expected = model.state_dict()
+        # BatchNorm fills a missing num_batches_tracked itself: never what failed.
+        missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+        unexpected = [str(key) for key in state if key not in expected]
+        resized = [f"{key} {tuple(state[key].shape)} for {tuple(value.shape)}" for key, value in expected.items()
+                   if key in state and isinstance(state[key], torch.Tensor) and state[key].shape != value.shape]
+        found = [f"{len(keys)} {what} (first: {', '.join(keys[:3])})"
+                 for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (resized, "of another shape")) if keys]
+        if not found:  # not a mismatch of keys or shapes: torch's own error says what
+            raise
+        raise ModelLoadError(f"{path} does not fit torchvision's {architecture}: its state dict has {'; '.join(found)}; "
+                             "set [classifier].name to the architecture the weights were saved from") from None
 
 
 def _linear_layers(state: dict[str, torch.Tensor]) -> list[str]:
