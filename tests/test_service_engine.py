@@ -6853,6 +6853,15 @@ def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name
                                         f"{tmp_path / 'no_weights'} has no weights file (open_clip_model.safetensors, ")
     with pytest.raises(ModelLoadError, match="has no weights file"):
         load_clip(ClipSection(path=str(tmp_path / "no_weights")), required=True)
+    # The weights file set as path, where open_clip said "Directory specified via 'local-dir:' schema not found".
+    weights_as_path = load_clip(ClipSection(path=str(clip_dir() / CHECKPOINT_NAME)), required=False)
+    assert weights_as_path.detail == (f"cannot load CLIP ([clip]) from {clip_dir() / CHECKPOINT_NAME}: ModelLoadError: [clip].path "
+                                      f"{clip_dir() / CHECKPOINT_NAME} is not a directory holding open_clip_config.json; a weights "
+                                      "file alone is [clip].checkpoint, with its architecture as [clip].model")
+    # A weights file of another architecture than model: open_clip's words alone did not say which key to change.
+    mismatched = load_clip(ClipSection(model="RN50", checkpoint=str(clip_dir() / CHECKPOINT_NAME)), required=False)
+    assert not mismatched.loaded and mismatched.detail.startswith(f"cannot load CLIP ([clip]) from {clip_dir() / CHECKPOINT_NAME}: ")
+    assert mismatched.detail.endswith("; is [clip].model 'RN50' the architecture the checkpoint was saved from?")
     name = register_world_clip_config()
     from_file = load_clip(ClipSection(model=name, checkpoint=str(clip_dir() / CHECKPOINT_NAME)), required=True)
     assert from_file.loaded and from_file.model[0].encode_text(from_file.model[2](["a photo of a heart"])).shape[0] == 1

@@ -913,6 +913,9 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
 
         if section.path:
             directory = Path(section.path)
+            if not (directory / "open_clip_config.json").is_file():  # open_clip said "Directory ... not found" of a file
+                raise ModelLoadError(f"[clip].path {section.path} is not a directory holding open_clip_config.json; a weights "
+                                     "file alone is [clip].checkpoint, with its architecture as [clip].model")
             # open_clip loads a directory without a weights file as a randomly initialised
             # CLIP, with a warning, which clip_illusion would then optimise against.
             if directory.is_dir() and not any(next(directory.glob(f"*{suffix}"), None) for suffix in (".safetensors", ".bin", ".pth")):
@@ -931,7 +934,12 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=section.checkpoint)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:  # noqa: BLE001
-        return _optional_failure("clip", source, f"cannot load CLIP ([clip]) from {source}: {type(error).__name__}: {error}", required)
+        detail = f"cannot load CLIP ([clip]) from {source}: {type(error).__name__}: {error}"
+        if not section.path and Path(section.checkpoint).is_file() and isinstance(error, (AssertionError, KeyError, RuntimeError)):
+            # open_clip's own words for weights of another architecture ("text pos_embed width changed!", a
+            # state dict's missing keys) do not say that [clip].model is what to change.
+            detail += f"; is [clip].model {section.model!r} the architecture the checkpoint was saved from?"
+        return _optional_failure("clip", source, detail, required)
     return ComponentStatus("clip", True, source, f"open_clip {section.model or type(model).__name__}", (model.eval(), preprocess, tokenizer))
 
 
