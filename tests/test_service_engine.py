@@ -1311,8 +1311,13 @@ def test_onnx_models_are_told_apart_by_their_external_weights_and_checked_agains
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()  # only the weights differ
     assert first.feature_version != second.feature_version and first.supports_features
     names = ("circle", "square", "triangle")
-    with pytest.raises(ModelLoadError, match="the model has 6 outputs but 3 class names were given"):
+    with pytest.raises(ModelLoadError, match=re.escape("the model has 6 outputs but [classifier].class_names gives 3 class names; give one per output")):
         load_classifier(ClassifierSection(loader="onnx", path=str(tmp_path / "a" / "model.onnx"), image_size=64, class_names=names))
+    # A file of names is named, as the key that set them.
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    with pytest.raises(ModelLoadError, match=re.escape(f"the model has 6 outputs but class names file {tmp_path / 'classes.txt'} gives 3 class names")):
+        load_classifier(ClassifierSection(loader="onnx", path=str(tmp_path / "a" / "model.onnx"), image_size=64,
+                                          class_names_file=str(tmp_path / "classes.txt")))
 
 
 @pytest.mark.parametrize("batch", [1, 4])

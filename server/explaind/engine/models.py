@@ -382,7 +382,7 @@ def _class_names(section: ClassifierSection, count: int = 0, *, shipped: Sequenc
                                      f"class names must be unique (e.g. {name + ' (2)'!r})")
             first[key] = index
         if count and len(names) != count:
-            raise ModelLoadError(f"the model has {count} outputs but {len(names)} class names were given")
+            raise ModelLoadError(f"the model has {count} outputs but {source} gives {len(names)} class names; give one per output, in their order")
         return names
     return tuple(shipped) or tuple(f"class_{i}" for i in range(count))
 
