@@ -3,6 +3,8 @@ refused naming its key, so a bad file stops the start and a good one is never re
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import write_config
@@ -119,6 +121,18 @@ def test_a_normalisation_that_is_not_finite_is_refused_naming_its_key(tmp_path, 
     normalisation[name] = [bad, 0.5, 0.5]
     with pytest.raises(ConfigError, match=rf"c.toml: \[classifier\]\.{name} must hold finite numbers, got \[{bad}, 0.5, 0.5\]"):
         load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation))
+
+
+def test_a_normalisation_for_0_255_pixels_is_refused_saying_to_divide_it_by_255(tmp_path, classifier_dir):
+    # mmcv's and OpenCV pipelines' mean = [123.675, 116.28, 103.53] (std [58.395, 57.12, 57.375]) was
+    # served as given, on pixels in [0, 1]: every image reached the model about alike, and got one prediction.
+    normalisation = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    with pytest.raises(ConfigError, match=re.escape("c.toml: [classifier].mean holds values above 1, got [123.675, 116.28, 103.53], "
+                                                    "but images reach the model with pixels in [0, 1]: give mean and std on that scale")):
+        load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation))
+    # 1 itself is a mean [0, 1] pixels can have (all white).
+    normalisation = {"mean": [1, 0.5, 0], "std": [0.5, 0.5, 0.5]}
+    assert load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation)).classifier.mean == (1, 0.5, 0)
 
 
 def test_sections_that_are_unknown_or_no_table_and_settings_that_exclude_each_other_are_refused(tmp_path, classifier_dir):

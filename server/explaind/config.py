@@ -571,6 +571,10 @@ def _validate(path: Path | str, config: Config) -> None:
     for name in ("mean", "std"):  # (pixels - mean) / std: NaN or an infinity makes every prediction NaN or 0
         if not all(math.isfinite(v) for v in getattr(classifier, name)):
             raise ConfigError(f"{path}: [classifier].{name} must hold finite numbers, got {list(getattr(classifier, name))}")
+    if any(v > 1 for v in classifier.mean):  # no channel of [0, 1] pixels averages above 1: 0-255 values served every image alike
+        raise ConfigError(f"{path}: [classifier].mean holds values above 1, got {list(classifier.mean)}, but images reach the model "
+                          "with pixels in [0, 1]: give mean and std on that scale (values for 0-255 pixels divided by 255, "
+                          "e.g. 123.675 as 0.485)")
     for section_field in dataclasses.fields(config):
         values = getattr(config, section_field.name)
         for key_field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
