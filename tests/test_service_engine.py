@@ -825,6 +825,24 @@ def test_torchvision_loader(tmp_path):
         load_classifier(dataclasses.replace(section, feature_layer="layer3"))
 
 
+def test_torchvision_weights_served_without_normalisation_are_a_warning(tmp_path, caplog):
+    # torchvision's models do not normalise their images: weights trained on normalised
+    # images, served with mean and std unset, predicted quietly worse (here one class for
+    # most images) and nothing said why.
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "weights.pth")
+    section = ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "weights.pth"), image_size=32)
+    with caplog.at_level(logging.WARNING, logger="explaind"):
+        load_classifier(section)
+    assert f"{tmp_path / 'weights.pth'}: served without normalisation ([classifier].mean and .std unset), but torchvision's " \
+           "resnet18 does not normalise its images itself: set the mean and std it was trained with" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="explaind"):
+        load_classifier(dataclasses.replace(section, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    assert "normalisation" not in caplog.text
+
+
 def test_torchvision_loader_reads_a_training_checkpoints_state_dict(tmp_path):
     # A fine-tuned model's file is often its training checkpoint, not model.state_dict():
     # these failed with "class_names or class_names_file is required", or torch's advice

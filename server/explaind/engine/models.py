@@ -499,6 +499,10 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
         _load_architecture_state(model, state, path, section.name)
         source, image_size, mean, std, resize_size, interpolation = str(path), 224, (), (), 0, "bilinear"
+        if not section.mean:  # served as is, its predictions are quietly worse, often one class for every image
+            log.warning("%s: served without normalisation ([classifier].mean and .std unset), but torchvision's %s does not normalise "
+                        "its images itself: set the mean and std it was trained with (ImageNet's: mean = [0.485, 0.456, 0.406], "
+                        "std = [0.229, 0.224, 0.225])", path, section.name)
     return split_classifier(
         model,
         name=section.name,
