@@ -801,6 +801,15 @@ def test_a_factory_model_is_loaded_with_its_weights_file_keeping_keys_that_only_
                                                 feature_layer="module.0", head="fc", image_size=16))
     assert torch.equal(version.head.weight, trained["fc.weight"]) and version.source == str(tmp_path / "weights.pth")
     assert torch.equal(version.feature_extractor.trunk.module[0].weight, trained["module.0.weight"])
+    # Weights of another model than the factory builds are refused in one line naming what does not fit, not torch's list of keys.
+    other = {"fc.weight": trained["fc.weight"][:, :1], "head.bias": trained["fc.bias"]}
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(ModelLoadError, match=re.escape(f"{tmp_path / 'other.pth'} does not fit the model {__name__}:backbone_named_module builds: its state "
+                                                       "dict has 3 missing (first: module.0.weight, module.0.bias, fc.bias); 1 unexpected (first: head.bias); "
+                                                       f"1 of another shape (first: fc.weight {tuple(other['fc.weight'].shape)} for "
+                                                       f"{tuple(trained['fc.weight'].shape)}); make [classifier].factory and .factory_kwargs build")):
+        load_classifier(ClassifierSection(loader="factory", factory=f"{__name__}:backbone_named_module", weights=str(tmp_path / "other.pth"),
+                                          feature_layer="module.0", head="fc", image_size=16))
 
 
 def test_torchvision_loader(tmp_path):

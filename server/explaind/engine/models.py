@@ -497,7 +497,7 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
                                  "set [classifier].head to the final linear layer's name, or save the model's state_dict()")
         class_names = _class_names(section, state[f"{head}.weight"].shape[0])
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
-        _load_architecture_state(model, state, path, section.name)
+        _load_architecture_state(model, state, path, f"torchvision's {section.name}", "set [classifier].name to the architecture the weights were saved from")
         source, image_size, mean, std, resize_size, interpolation = str(path), 224, (), (), 0, "bilinear"
         if not section.mean:  # served as is, its predictions are quietly worse, often one class for every image
             log.warning("%s: served without normalisation ([classifier].mean and .std unset), but torchvision's %s does not normalise "
@@ -517,10 +517,10 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
     )
 
 
-def _load_architecture_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, architecture: str) -> None:
+def _load_architecture_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, architecture: str, fix: str) -> None:
     """Loads ``state`` into ``model``; weights of another architecture (resnet18's as
-    resnet34) are refused in one line naming what does not fit, where torch lists every
-    missing key."""
+    resnet34) are refused in one line naming what does not fit and the ``fix``, where
+    torch lists every missing key."""
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -534,8 +534,7 @@ def _load_architecture_state(model: nn.Module, state: dict[str, torch.Tensor], p
                  for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (resized, "of another shape")) if keys]
         if not found:  # not a mismatch of keys or shapes: torch's own error says what
             raise
-        raise ModelLoadError(f"{path} does not fit torchvision's {architecture}: its state dict has {'; '.join(found)}; "
-                             "set [classifier].name to the architecture the weights were saved from") from None
+        raise ModelLoadError(f"{path} does not fit {architecture}: its state dict has {'; '.join(found)}; {fix}") from None
 
 
 def _linear_layers(state: dict[str, torch.Tensor]) -> list[str]:
@@ -638,7 +637,9 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
         raise ModelLoadError(f"[classifier].factory must be 'package.module:function', got {section.factory!r}")
     model = getattr(importlib.import_module(module_name), function)(**section.factory_kwargs)
     if section.weights:
-        model.load_state_dict(_load_state_dict(_require_file(section.weights, "weights file")))
+        path = _require_file(section.weights, "weights file")
+        _load_architecture_state(model, _load_state_dict(path), path, f"the model {section.factory} builds",
+                                 "make [classifier].factory and .factory_kwargs build the architecture the weights were saved from")
     head = dict(model.named_modules()).get(section.head)
     return split_classifier(
         model,
