@@ -871,6 +871,16 @@ def test_json_logging_keeps_our_info_lines_and_libraries_from_warning():
         ("open_clip", "WARNING", "slow load"), ("explaind.service", "INFO", "serving")]
 
 
+def test_json_logging_prints_huggingface_hub_warnings_once_as_json():
+    # huggingface_hub's own stderr handler printed each (a CLIP tag's download retries offline)
+    # a second time, as a plain line in the JSON log.
+    script = ("from explaind.logs import configure_logging\nconfigure_logging('json')\n"
+              "from huggingface_hub.utils import logging\nlogging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert [(line["logger"], line["message"]) for line in map(json.loads, done.stderr.splitlines())] == [
+        ("huggingface_hub.utils._http", "Retrying in 1s")], done.stderr
+
+
 @pytest.mark.parametrize("loader", ["export", "torchscript"])
 def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_output_json_too(tmp_path, loader):
     # torch printed a traceback (export) or a FutureWarning (torchscript) as plain lines.

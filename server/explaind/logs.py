@@ -70,7 +70,22 @@ def configure_logging(log_format: str) -> None:
     warnings.filterwarnings("ignore", module=r"PIL\.")
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     _silence_libtiff()
+    _drop_huggingface_handler()
     logging.getLogger("explaind").setLevel(logging.INFO)
+
+
+def _drop_huggingface_handler() -> None:
+    """huggingface_hub, which open_clip and diffusers download with, puts a plain stderr
+    handler of its own on its logger: each of its warnings (an offline download's retries,
+    ten of them for a CLIP pretrained tag) was printed twice, once outside the log's format
+    (a JSON log's one object a line). Its lines go through the root handler alone."""
+    try:
+        from huggingface_hub.utils import logging as huggingface_logging
+    except ImportError:  # a client without the server's dependencies
+        return
+    root = huggingface_logging.get_logger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
 
 
 def _silence_libtiff() -> None:
