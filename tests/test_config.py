@@ -123,13 +123,18 @@ def test_a_normalisation_that_is_not_finite_is_refused_naming_its_key(tmp_path, 
         load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation))
 
 
-def test_a_normalisation_for_0_255_pixels_is_refused_saying_to_divide_it_by_255(tmp_path, classifier_dir):
+def test_a_normalisation_for_0_255_pixels_or_another_channel_count_is_refused_saying_what_to_give(tmp_path, classifier_dir):
     # mmcv's and OpenCV pipelines' mean = [123.675, 116.28, 103.53] (std [58.395, 57.12, 57.375]) was
     # served as given, on pixels in [0, 1]: every image reached the model about alike, and got one prediction.
     normalisation = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
     with pytest.raises(ConfigError, match=re.escape("c.toml: [classifier].mean holds values above 1, got [123.675, 116.28, 103.53], "
                                                     "but images reach the model with pixels in [0, 1]: give mean and std on that scale")):
         load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation))
+    # Images are RGB: 3 values, or 1 for every channel; 2 failed at load with torch's broadcasting error, naming no key.
+    with pytest.raises(ConfigError, match=re.escape("c.toml: [classifier].mean and .std must hold one value per channel of RGB images (3), "
+                                                    "or one for all, got 2")):
+        load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier={"mean": [0.5, 0.5], "std": [0.2, 0.2]}))
+    assert load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier={"mean": [0.5], "std": [0.2]})).classifier.std == (0.2,)
     # 1 itself is a mean [0, 1] pixels can have (all white).
     normalisation = {"mean": [1, 0.5, 0], "std": [0.5, 0.5, 0.5]}
     assert load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=normalisation)).classifier.mean == (1, 0.5, 0)

@@ -566,6 +566,9 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: [classifier].interpolation must be one of {INTERPOLATIONS}, got {classifier.interpolation!r}")
     if len(classifier.mean) != len(classifier.std):
         raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
+    if len(classifier.mean) not in (0, 1, 3):  # torch's "size of tensor a (3) must match ... b (2)" at load named neither
+        raise ConfigError(f"{path}: [classifier].mean and .std must hold one value per channel of RGB images (3), or one for all, "
+                          f"got {len(classifier.mean)}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in classifier.std):
         raise ConfigError(f"{path}: [classifier].std must hold positive numbers, got {list(classifier.std)}")
     for name in ("mean", "std"):  # (pixels - mean) / std: NaN or an infinity makes every prediction NaN or 0
