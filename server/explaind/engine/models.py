@@ -497,7 +497,8 @@ def _load_torchvision(section: ClassifierSection) -> ClassifierVersion:
                                  "set [classifier].head to the final linear layer's name, or save the model's state_dict()")
         class_names = _class_names(section, state[f"{head}.weight"].shape[0])
         model = torchvision.models.get_model(section.name, weights=None, num_classes=len(class_names))
-        _load_architecture_state(model, state, path, f"torchvision's {section.name}", "set [classifier].name to the architecture the weights were saved from")
+        _load_architecture_state(model, state, path, f"torchvision's {section.name}",
+                                 "set [classifier].name to the architecture the weights were saved from")
         source, image_size, mean, std, resize_size, interpolation = str(path), 224, (), (), 0, "bilinear"
         if not section.mean:  # served as is, its predictions are quietly worse, often one class for every image
             log.warning("%s: served without normalisation ([classifier].mean and .std unset), but torchvision's %s does not normalise "
