@@ -521,6 +521,8 @@ def test_predict_of_a_two_class_model_asks_for_both_classes_and_prints_each_pred
     server, target = _serve(TwoClasses(), add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
     try:
         short, longer = _png(tmp_path / "a.png", 10), _png(tmp_path / "longer.png", 20)
+        with Client(target) as client:
+            assert client.model_metadata().normalization is None  # a server that does not say
         assert main(["--target", target, "predict", short, "--json"]) == 0
         assert json.loads(capsys.readouterr().out) == [
             {"image": short, "labels": ["dog", "cat"], "class_indices": [1, 0], "probabilities": [0.75, 0.25], "model_version": "v1"}]
@@ -2136,6 +2138,8 @@ def test_info_prints_the_served_models_and_json_with_every_class(server, capsys)
     classifier = meta.components["classifier"]
     assert f"classifier  loaded: {classifier.detail}, from {classifier.source}\n" in text
     assert info["capabilities"] == list(meta.capabilities) and f"honours     {', '.join(meta.capabilities)}\n" in text
+    # The world's classifier normalises its images itself.
+    assert info["normalization"] == {"mean": [], "std": []} and "; pixels in [0, 1], not normalised)\n" in text
 
 
 def test_info_names_the_first_classes_of_a_large_classifier():
@@ -2160,7 +2164,7 @@ def test_info_names_the_first_classes_of_a_large_classifier():
 
 
 def test_info_says_how_images_are_fitted_what_the_model_cannot_do_and_the_request_limits():
-    from explaind.client._types import ModelMetadata, RequestLimits
+    from explaind.client._types import ModelMetadata, Normalization, RequestLimits
     from explaind.client.cli import _print_metadata
 
     meta = ModelMetadata(
@@ -2183,6 +2187,13 @@ def test_info_says_how_images_are_fitted_what_the_model_cannot_do_and_the_reques
     # An older server says no limits (0): no line of zeros.
     assert printed(dataclasses.replace(meta, supports_features=False, resize_size=0, interpolation="", limits=RequestLimits(0, 0, 0, 0))) == [
         "            inference only: no penultimate features, so no ranking or head edits", "            input 224x224 (images stretched to it)"]
+    # How pixels are normalised, where the server says: a user checks the mean and std they set.
+    imagenet = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert printed(dataclasses.replace(meta, normalization=imagenet))[1] == (
+        "            input 224x224 (shorter side resized to 256, centre crop, bicubic; pixels in [0, 1] normalised by mean 0.485, 0.456, 0.406, "
+        "std 0.229, 0.224, 0.225)")
+    assert printed(dataclasses.replace(meta, normalization=Normalization((), ())))[1] == (
+        "            input 224x224 (shorter side resized to 256, centre crop, bicubic; pixels in [0, 1], not normalised)")
 
 
 def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_the_rest(capsys):

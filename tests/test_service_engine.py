@@ -823,6 +823,7 @@ def test_torchvision_loader(tmp_path):
     )
     version = load_classifier(section)
     assert (version.feature_layer, version.head_name, version.feature_dim, len(version.class_names)) == ("layer4", "fc", 512, 3)
+    assert version.normalization == (section.mean, section.std)  # what GetModelMetadata says
     # Images in [0, 1] reach the model normalised as configured: (x - mean) / std.
     images = torch.rand(2, 3, 64, 64)
     mean, std = torch.tensor(section.mean).view(1, 3, 1, 1), torch.tensor(section.std).view(1, 3, 1, 1)
@@ -843,7 +844,7 @@ def test_torchvision_weights_served_without_normalisation_are_a_warning(tmp_path
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "weights.pth")
     section = ClassifierSection(loader="torchvision", name="resnet18", weights=str(tmp_path / "weights.pth"), image_size=32)
     with caplog.at_level(logging.WARNING, logger="explaind"):
-        load_classifier(section)
+        assert load_classifier(section).normalization == ((), ())
     assert f"{tmp_path / 'weights.pth'}: served without normalisation ([classifier].mean and .std unset), but torchvision's " \
            "resnet18 does not normalise its images itself: set the mean and std it was trained with" in caplog.text
     caplog.clear()
@@ -1170,6 +1171,7 @@ def test_a_torchscript_model_runs_in_eval_mode_on_its_normalised_images_at_224_u
     section = ClassifierSection(loader="torchscript", path=str(path), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     served = load_classifier(section)
     assert (served.image_size, served.class_names) == (224, ("class_0", "class_1", "class_2"))
+    assert served.normalization == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(served.predict_fn(images), model.eval()((images - 0.5) / 0.25))
@@ -1516,6 +1518,7 @@ def test_an_onnx_classifier_is_split_on_its_normalised_images(tmp_path, world_mo
     normalisation = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     split = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(world_model, tmp_path / "split.onnx"), **normalisation))
     assert split.supports_features, split.inference_only_reason
+    assert split.normalization == (normalisation["mean"], normalisation["std"])
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         want = world_model((images - 0.5) / 0.25)

@@ -37,7 +37,7 @@ from ._errors import (
 from ._images import image_folder
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadEvaluation, HeadVersion, MistakeSummary, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron
 from ._operations import EvaluatedMistake, Evaluation, Operation
-from ._types import Artifact, Component, ModelMetadata, Prediction, Progress, RequestLimits, Sample, SampleSet
+from ._types import Artifact, Component, ModelMetadata, Normalization, Prediction, Progress, RequestLimits, Sample, SampleSet
 
 __all__ = [
     "AbortedError",
@@ -64,6 +64,7 @@ __all__ = [
     "NeuronRanking",
     "NeuronVisualization",
     "NeuronVisualizations",
+    "Normalization",
     "NotFoundError",
     "Operation",
     "OperationError",

@@ -47,7 +47,7 @@ from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
 from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, checked_timeout, enum_number, require_seconds
-from ._types import Component, ModelMetadata, Prediction, RequestLimits, Sample, SampleSet, float32_array
+from ._types import Component, ModelMetadata, Normalization, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -615,7 +615,7 @@ class Client:
 
     def model_metadata(self) -> ModelMetadata:
         """What the server serves: the classifier (class names, feature dim D, input size
-        and how images are fitted to it: ``resize_size``, ``interpolation``; the serving
+        and how images are fitted to it: ``resize_size``, ``interpolation``, ``normalization``; the serving
         head's ``model_version``), its components (CLIP, diffusion), batching and
         per-request limits."""
         response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
@@ -646,6 +646,7 @@ class Client:
             max_queue_size=response.batching.max_queue_size,
             max_queued_images_per_caller=response.batching.max_queued_images_per_caller,
             capabilities=tuple(response.capabilities),
+            normalization=Normalization(tuple(c.normalization.mean), tuple(c.normalization.std)) if c.HasField("normalization") else None,
         )
 
     # Predict -------------------------------------------------------------------------

@@ -110,6 +110,16 @@ class Component:
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How the server normalises pixels in [0, 1] before its classifier: (pixel - mean) /
+    std per channel, one value for all channels where each holds one; both () for none
+    (the model takes [0, 1] pixels, or normalises them itself)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class RequestLimits:
     """What one request may carry on this server, and what one caller's sets may hold; 0
     where the server does not say (or, for ``max_samples_per_caller``, sets no such limit)."""
@@ -157,6 +167,8 @@ class ModelMetadata(AbbreviatedRepr):
     # What the server honours that an older one ignores, e.g. "request_id" (calls that
     # start an operation are then retried after a dropped connection); () from such a server.
     capabilities: tuple[str, ...] = ()
+    # None from a server that does not say.
+    normalization: Normalization | None = None
 
 
 @dataclass(frozen=True, repr=False)

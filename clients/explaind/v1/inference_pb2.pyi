@@ -71,7 +71,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels_per_request: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_samples_per_caller: _Optional[int] = ...) -> None: ...
 
 class ClassifierInfo(_message.Message):
-    __slots__ = ("name", "loader", "source", "class_names", "feature_layer", "head", "feature_dim", "image_size", "model_version", "backend", "device", "supports_features", "resize_size", "interpolation", "supports_visualization")
+    __slots__ = ("name", "loader", "source", "class_names", "feature_layer", "head", "feature_dim", "image_size", "model_version", "backend", "device", "supports_features", "resize_size", "interpolation", "supports_visualization", "normalization")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class ClassifierInfo(_message.Message):
     RESIZE_SIZE_FIELD_NUMBER: _ClassVar[int]
     INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_VISUALIZATION_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     loader: str
     source: str
@@ -102,7 +103,16 @@ class ClassifierInfo(_message.Message):
     resize_size: int
     interpolation: str
     supports_visualization: bool
-    def __init__(self, name: _Optional[str] = ..., loader: _Optional[str] = ..., source: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., feature_layer: _Optional[str] = ..., head: _Optional[str] = ..., feature_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., model_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., supports_features: _Optional[bool] = ..., resize_size: _Optional[int] = ..., interpolation: _Optional[str] = ..., supports_visualization: _Optional[bool] = ...) -> None: ...
+    normalization: Normalization
+    def __init__(self, name: _Optional[str] = ..., loader: _Optional[str] = ..., source: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., feature_layer: _Optional[str] = ..., head: _Optional[str] = ..., feature_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., model_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., supports_features: _Optional[bool] = ..., resize_size: _Optional[int] = ..., interpolation: _Optional[str] = ..., supports_visualization: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, _Mapping[str, _Any]]] = ...) -> None: ...
+
+class Normalization(_message.Message):
+    __slots__ = ("mean", "std")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ComponentStatus(_message.Message):
     __slots__ = ("name", "loaded", "source", "detail")

@@ -48,6 +48,9 @@ class Preprocess(nn.Module):
     def __init__(self, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.enabled = bool(mean)
+        # (mean, std) as given, one value per channel or one for all (not the float32
+        # buffers' 0.48500001430511475); both () when off.
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] = (tuple(mean), tuple(std)) if self.enabled else ((), ())
         self.register_buffer("mean", torch.tensor(mean or (0.0,)).view(1, -1, 1, 1), persistent=self.enabled)
         self.register_buffer("std", torch.tensor(std or (1.0,)).view(1, -1, 1, 1), persistent=self.enabled)
 
@@ -138,6 +141,8 @@ class ClassifierVersion:
     interpolation: str = "bilinear"
     # Why an inference-only classifier (no head) is not split, and what would split it.
     inference_only_reason: str = ""
+    # (mean, std) pixels in [0, 1] are normalised by before the model; both (): none.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
     _tap: _LayerTap | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -312,6 +317,7 @@ def split_classifier(
         head_version=_hash_module(head_module),
         resize_size=resize_size,
         interpolation=interpolation,
+        normalization=preprocess.normalization,
         _tap=tap,
     )
 
@@ -689,6 +695,7 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, digest:
         head_version=digest,
         predict_fn=fn,
         inference_only_reason=reason,
+        normalization=Preprocess(section.mean, section.std).normalization,
         **fitting,
     )
 

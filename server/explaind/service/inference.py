@@ -82,6 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 device=device,
                 supports_features=version.supports_features,
                 supports_visualization=version.differentiable,
+                normalization=inference_pb2.Normalization(mean=version.normalization[0], std=version.normalization[1]),
             ),
             components=[inference_pb2.ComponentStatus(name=s.name, loaded=s.loaded, source=s.source, detail=s.detail) for s in engine.components.values()],
             batching=inference_pb2.BatchingInfo(
