@@ -1131,6 +1131,11 @@ def test_digits_naming_a_class_at_another_index_are_refused_as_ambiguous_and_ind
         server.stop(0)
     assert _usage_error(capsys, ["--target", target, "rank", "set", "--class", "index:three"]).rstrip().endswith(
         "argument --class: 'index:three': expected index:N with N an integer")
+    # An empty name is no class: "8:name:" was sent as 8 with no class, and conditioned on its top classes.
+    assert _usage_error(capsys, ["--target", target, "visualize", "8:name:"]).rstrip().endswith(
+        "argument NEURON[:CLASS]: 'name:': expected name:X with X a class name")
+    assert _usage_error(capsys, ["--target", target, "rank", "set", "--class", "name:"]).rstrip().endswith(
+        "argument --class: 'name:': expected name:X with X a class name")
 
 
 def test_operations_wait_and_get_print_the_result_of_a_finished_job(server, capsys, world_images):

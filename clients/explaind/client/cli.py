@@ -198,6 +198,8 @@ def _class_ref(value: str) -> str | int:
     index (a negative one is the server's to refuse as an index, not as an unknown name) and
     anything else a name."""
     if value.startswith("name:"):
+        if value == "name:":  # an empty name is no class: a pair's would be conditioned on its top classes instead
+            raise argparse.ArgumentTypeError(f"{value!r}: expected name:X with X a class name")
         return value.removeprefix("name:")
     if value.startswith("index:"):
         if not value.removeprefix("index:").removeprefix("-").isdecimal():
