@@ -110,6 +110,25 @@ def test_equal_shifts_are_taken_by_neuron_id():
     ranking = MistakeNeuronRanker(head).rank(features, labels, solver=TiedShifts(), top_k=2, cut_ratio=0)
     assert [n.top_classes for n in ranking.neurons] == [(0, 1, 2)] * 2
 
+
+def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_ties():
+    # Checked against a plain sort by (-score, id): a tie where the k-th score meets the
+    # next one (k = n - 1 included), more than 16 equal scores (where an unstable sort
+    # reorders them), -0.0 beside 0.0, k = 1 and k = n, and rows of one value.
+    from explaind.methods.neuroinspect._ranking import top_ids
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4, 7, 20, 40):
+        scores = torch.randint(-1, 2, (6, n), generator=generator).float()
+        scores[0] = 1.0
+        scores[1, ::2] = -0.0
+        for k in sorted({1, max(n - 1, 1), n, (n + 1) // 2}):
+            values, ids = top_ids(scores, k)
+            expected = [sorted(range(n), key=lambda i: (-row[i], i))[:k] for row in scores.tolist()]
+            assert ids.tolist() == expected, (n, k)
+            assert torch.equal(values, scores.gather(1, ids))
+
+
 def test_only_mistakes_of_the_target_class_are_explained():
     ranker = MistakeNeuronRanker(always_wrong_head())
     labels = torch.tensor([0, 1, 0, 1])  # samples 1 and 3 are predicted correctly
