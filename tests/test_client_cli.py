@@ -1055,10 +1055,10 @@ def test_a_class_folder_whose_name_macos_decomposed_is_its_class(tmp_path):
 
 class _DigitNamedClasses(inference_pb2_grpc.InferenceServiceServicer, neuroinspect_pb2_grpc.NeuroInspectServiceServicer,
                          sample_sets_pb2_grpc.SampleSetServiceServicer):
-    """A server of classes named "1" to "3" at indices 0 to 2, "-1" and "4" at 3 and 4,
+    """A server of classes named "1" to "3" at indices 0 to 2, "-1", "4" and "7" at 3 to 5,
     that records the class each ranking, visualisation and sample names, then refuses it."""
 
-    names = ["1", "2", "3", "-1", "4"]
+    names = ["1", "2", "3", "-1", "4", "7"]
 
     def __init__(self) -> None:
         self.classes: list[tuple[str, str | int]] = []  # (the oneof's field, its value)
@@ -1115,14 +1115,14 @@ def test_digits_naming_a_class_at_another_index_are_refused_as_ambiguous_and_ind
         asked = recorder.metadata_calls
         assert main(["--target", target, "rank", "set", "--class", "index:3"]) == 1
         assert recorder.metadata_calls == asked  # no names are needed, so none are asked for
-        for given in ("name:3", "name:index:3", "4", "-1", "03"):
+        for given in ("name:3", "name:index:3", "4", "-1", "7", "03"):
             assert main(["--target", target, "rank", "set", "--class", given]) == 1
         assert main(["--target", target, "visualize", "8:index:2", "9:name:2", "7:-1", "--out-dir", str(tmp_path)]) == 1
         assert main(["--target", target, "sample-set", "create", "s", "--images", image, image, image, "--labels", "index:1", "name:1", "-1"]) == 1
         assert recorder.classes == [
             ("class_index", 3), ("class_name", "3"), ("class_name", "index:3"),
             ("class_index", 4),  # the class named "4" is class 4
-            ("class_name", "-1"),  # no index: the class of that name
+            ("class_name", "-1"), ("class_name", "7"),  # no index: the class of that name
             ("class_index", 3),  # "03" is no class's name
             ("class_index", 2), ("class_name", "2"), ("class_name", "-1"),
             ("label", 1), ("label", 0), ("label", 3),  # the SDK sends names as indices
