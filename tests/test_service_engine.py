@@ -6902,6 +6902,23 @@ def test_clip_sources_are_a_directory_a_file_or_a_pretrained_tag_and_errors_name
     assert from_file.loaded and from_file.model[0].encode_text(from_file.model[2](["a photo of a heart"])).shape[0] == 1
 
 
+def test_a_pretrained_tag_that_fails_to_load_is_not_blamed_on_its_architecture(monkeypatch):
+    # Offline, open_clip says "Pretrained weights (openai) not found for model RN50." as a
+    # RuntimeError, as it says a mismatched file's: the tag is RN50's own, so asking whether
+    # [clip].model is the checkpoint's architecture would send the user to the wrong key.
+    import open_clip
+
+    from explaind.config import ClipSection
+    from explaind.engine.models import load_clip
+
+    def offline(model_name, pretrained):
+        raise RuntimeError(f"Pretrained weights ({pretrained}) not found for model {model_name}.")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    failed = load_clip(ClipSection(model="RN50", checkpoint="openai"), required=False)
+    assert failed.detail == "cannot load CLIP ([clip]) from openai: RuntimeError: Pretrained weights (openai) not found for model RN50."
+
+
 def test_an_empty_clip_section_is_not_configured_even_where_models_must_load_and_a_model_needs_its_checkpoint():
     from explaind.config import ClipSection
     from explaind.engine.models import load_clip
