@@ -931,7 +931,7 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
                                      "file alone is [clip].checkpoint, with its architecture as [clip].model")
             # open_clip loads a directory without a weights file as a randomly initialised
             # CLIP, with a warning, which clip_illusion would then optimise against.
-            if directory.is_dir() and not any(next(directory.glob(f"*{suffix}"), None) for suffix in (".safetensors", ".bin", ".pth")):
+            if not any(next(directory.glob(f"*{suffix}"), None) for suffix in (".safetensors", ".bin", ".pth")):
                 raise ModelLoadError(f"[clip].path {section.path} has no weights file (open_clip_model.safetensors, or another "
                                      ".safetensors, .bin or .pth file) beside its open_clip_config.json")
             model_name = f"local-dir:{section.path}"
