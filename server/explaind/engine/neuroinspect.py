@@ -47,7 +47,7 @@ from ..methods.neuroinspect import (
     ShiftsOverflowed,
     TrainingDiverged,
 )
-from ..methods.neuroinspect._ranking import top_ids
+from ..methods.neuroinspect._ranking import neuron_top_classes
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from ..class_names import class_name_key
@@ -408,7 +408,7 @@ class NeuroInspectEngine:
             if not 0 <= int(neuron) < version.feature_dim:
                 raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"pairs[{i}].neuron")
             if target is None or target == "":
-                classes = top_ids(version.head.weight.detach()[:, int(neuron)].unsqueeze(0), classes_per_neuron)[1][0].tolist()
+                classes = neuron_top_classes(version.head.weight, int(neuron), classes_per_neuron)
             else:
                 classes = [self._class_index(version, target, field=f"pairs[{i}].class")]
             resolved += [(int(neuron), klass) for klass in classes]

@@ -33,7 +33,7 @@ from torch import nn
 from ._checks import callback_or_none, count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
-from ._ranking import top_ids
+from ._ranking import neuron_top_classes
 
 METHODS = ("clip_illusion", "feature_visualization", "no_clip")
 DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -172,7 +172,7 @@ class ClipIllusion:
         neuron = index(neuron, "neuron", dim)
         if not 1 <= count(k, "k") <= num_classes:
             raise ValueError(f"k must lie in [1, {num_classes}] (the number of classes), got {k}")
-        return top_ids(self.head.weight.detach()[:, neuron].unsqueeze(0), k)[1][0].tolist()
+        return neuron_top_classes(self.head.weight, neuron, k)
 
     @torch.no_grad()
     def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -143,6 +143,13 @@ def top_ids(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, ids.gather(1, order)
 
 
+def neuron_top_classes(weight: torch.Tensor, neuron: int, k: int) -> list[int]:
+    """The ``k`` classes whose head ``weight`` (C, D) for ``neuron`` is largest, largest
+    first, equal weights by class index (:func:`top_ids`): a visualisation's automatic
+    conditioning, in-process and through the engine alike."""
+    return top_ids(weight.detach()[:, neuron].unsqueeze(0), k)[1][0].tolist()
+
+
 def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the ids of the k largest strictly positive scores, largest first, equal
     ones by id (:func:`top_ids`); -1 pads rows with fewer."""
