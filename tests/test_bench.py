@@ -76,7 +76,6 @@ def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
 
 
-
 def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixels_are_the_same():
     run = _run(str(BENCH / "png_encoding.py"), "--pairs", "2", "--grid-images", "3", "--repeats", "1")
     assert run.returncode == 0, run.stderr
@@ -91,6 +90,7 @@ def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_s
     assert run.returncode == 0, run.stderr
     assert re.search(r"^evaluate_head on 300 samples in \d+ groups \(median of 1\):$", run.stdout, re.M), run.stdout
     assert re.search(r"^  one pass \(ours\) +[0-9.]+ s   \([0-9.]+x, same accuracies: yes\)$", run.stdout, re.M), run.stdout
+
 
 def _bench_module(name: str, monkeypatch):
     """A bench script imported as a module (its directory on sys.path, as when it runs), to

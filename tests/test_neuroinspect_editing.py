@@ -289,7 +289,6 @@ def test_evaluated_accuracy_is_over_samples_whatever_the_class_and_group_sizes()
     assert result.worst_group == ("0/grass", 0.0)
 
 
-
 def test_each_group_s_accuracy_is_that_of_its_own_samples_among_many_groups_of_unequal_sizes():
     # Counted in one pass over the samples: each group's hits over its own count, exactly
     # as the mean over a mask of its samples, whatever order the groups come in.
@@ -302,6 +301,7 @@ def test_each_group_s_accuracy_is_that_of_its_own_samples_among_many_groups_of_u
     result = evaluate_head(weight, bias, features, labels, groups=groups)
     assert result.group_accuracy == expected and len(set(expected.values())) > 5
     assert list(result.group_accuracy) == sorted(expected)
+
 
 def test_evaluated_class_accuracy_lists_only_the_classes_the_samples_hold():
     # A head of three classes on samples of two: the class with no sample has no accuracy

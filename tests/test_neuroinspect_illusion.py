@@ -308,12 +308,12 @@ def test_top_classes_can_rank_every_class_by_the_neuron_s_head_weight(illusion, 
     assert all(weights[a] >= weights[b] for a, b in zip(ranked, ranked[1:]))
 
 
-
 def test_classes_of_equal_head_weight_are_taken_by_class_index(world_model):
     model = copy.deepcopy(world_model)
     with torch.no_grad():
         model.fc.weight[:, 3] = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # topk took classes 1 and 3
     assert ClipIllusion(model, "layer3").top_classes(3, k=2) == [1, 2]
+
 
 def test_a_class_prompt_is_the_unit_mean_of_its_templates_unit_embeddings(illusion, tiny_clip):
     # T_c: every template filled with the class name, each embedding normalised before the

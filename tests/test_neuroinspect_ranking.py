@@ -84,7 +84,6 @@ def test_ratios_are_shares_of_all_mistakes_not_of_those_with_a_neuron_in_that_di
     assert by_id[5].excessive_ratio == pytest.approx(2 / 5) and by_id[7].insufficient_ratio == pytest.approx(2 / 5)
 
 
-
 class TiedShifts(FixedShifts):
     """Two mistakes whose ω ties: neurons 3, 4 and 6 are equally insufficient for the first
     and equally excessive for the second (as neurons of equal head columns are)."""

@@ -313,7 +313,6 @@ def test_classes_per_neuron_applies_to_the_pairs_without_a_class(tmp_path):
         _shut(engine)
 
 
-
 def test_a_pair_without_a_class_takes_classes_of_equal_head_weight_by_class_index(tmp_path):
     # Classes 1, 2 and 3 weigh neuron 4 alike: topk took 1 and 3, and may take others on a GPU.
     engine, inspect = _in_process(tmp_path)
@@ -326,6 +325,7 @@ def test_a_pair_without_a_class_takes_classes_of_equal_head_weight_by_class_inde
         assert [(v.neuron, v.class_index) for v in result.visualizations] == [(4, 1), (4, 2)]
     finally:
         _shut(engine)
+
 
 def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_class_name_is_no_class(tmp_path, world_set):
     # Neurons are int32 on the wire, a pair's class_name may be set but empty, and an
