@@ -92,6 +92,15 @@ def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_s
     assert re.search(r"^  one pass \(ours\) +[0-9.]+ s   \([0-9.]+x, same accuracies: yes\)$", run.stdout, re.M), run.stdout
 
 
+def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same_neurons():
+    run = _run(str(BENCH / "top_neurons.py"), "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^top 5 of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions \(median of 1\):$", run.stdout, re.M), run.stdout
+    assert re.search(r"^  ties at zero left +[0-9.]+ s   \([0-9.]+x, same neurons: yes\)$", run.stdout, re.M), run.stdout
+    refused = _run(str(BENCH / "top_neurons.py"), "--nonzero", "0")
+    assert refused.returncode == 2 and "argument --nonzero: expected a share in (0, 1], got '0'" in refused.stderr
+
+
 def _bench_module(name: str, monkeypatch):
     """A bench script imported as a module (its directory on sys.path, as when it runs), to
     check the numbers it prints against their definitions."""
