@@ -168,7 +168,7 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     assert [tuple(cell) for cell in evaluation.confusion_cells] == sorted(((l, p, confusion[l, p]) for l, p in zip(*np.nonzero(confusion))),
                                                                           key=lambda cell: -cell[2])
     assert cli_main(["--target", server.target, "info"]) == 0
-    assert "input 64x64 (shorter side resized to 80, centre crop, bilinear)" in capsys.readouterr().out
+    assert "input 64x64 (shorter side resized to 80, centre crop, bilinear; pixels in [0, 1], not normalised)" in capsys.readouterr().out
 
 
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
