@@ -4,8 +4,11 @@ option's default in --help, and sizes refused as usage errors, not tracebacks la
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable, Mapping
 
-__all__ = ["bench_parser", "positive_int", "share"]
+__all__ = ["bench_parser", "median_seconds", "positive_int", "share"]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -36,3 +39,17 @@ def share(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
     return value
+
+
+def median_seconds(runs: Mapping[str, Callable[[], object]], repeats: int, *, settle: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """The median seconds of ``repeats`` timed calls of each of ``runs``, alternating which
+    goes first, so a drift in the machine's speed hits each alike. ``settle`` runs inside
+    each timing after the call (a CUDA synchronize, for work queued on a GPU)."""
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats):
+        for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+            started = time.perf_counter()
+            runs[name]()
+            settle()
+            timings[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in timings.items()}

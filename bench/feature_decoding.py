@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from explaind.engine import Engine, NewSample
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, median_seconds, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def _photographs(count: int) -> list[bytes]:
@@ -77,20 +75,12 @@ def _measure(args: argparse.Namespace, data_dir: str) -> None:
         engine.store.retain_features("")  # empty the cache
         engine.sample_set_features("photos")
 
-    runs = [("reference", reference), ("ours", ours)]
-    for _, run in runs:  # warm-up: the first full-size batches pay one-off costs
+    runs = {"reference": reference, "ours": ours}
+    for run in runs.values():  # warm-up: the first full-size batches pay one-off costs
         run()
-    timings: dict[str, list[float]] = {"reference": [], "ours": []}
-    for repeat in range(args.repeats):  # alternating, and each first in turn, so drifts in the machine's speed hit both
-        for name, run in runs if repeat % 2 == 0 else runs[::-1]:
-            started = time.perf_counter()
-            run()
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize()
-            timings[name].append(time.perf_counter() - started)
+    seconds = median_seconds(runs, args.repeats, settle=torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None)
     engine.close()
     engine.store.close()
-    seconds = {name: statistics.median(values) for name, values in timings.items()}
     print(f"{args.images} images of 500x375 -> 224, batches of {batch_size}, on {args.device}, "
           f"{engine_core._DECODE_THREADS} decode threads (median of {args.repeats}):")
     print(f"  one image at a time, then the batch   {seconds['reference']:7.2f} s")

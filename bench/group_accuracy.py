@@ -13,15 +13,13 @@ seconds, their ratio, and whether both give the same accuracies (they must, exac
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import numpy as np
 import torch
 
 from explaind.methods.neuroinspect import evaluate_head
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, median_seconds, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def main() -> None:
@@ -48,13 +46,8 @@ def main() -> None:
 
     runs = {"reference": reference, "ours": ours}
     results = {name: run() for name, run in runs.items()}  # warm-up, and the accuracies compared below
-    timings: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(args.repeats):  # alternating, each first in turn
-        for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
-            started = time.perf_counter()
-            runs[name]()
-            timings[name].append(time.perf_counter() - started)
-    reference_s, ours_s = (statistics.median(timings[name]) for name in ("reference", "ours"))
+    seconds = median_seconds(runs, args.repeats)
+    reference_s, ours_s = seconds["reference"], seconds["ours"]
     print(f"evaluate_head on {args.samples} samples in {len(results['ours'])} groups (median of {args.repeats}):")
     print(f"  a mask per group       {reference_s:8.3f} s")
     print(f"  one pass (ours)        {ours_s:8.3f} s   ({reference_s / ours_s:.1f}x, same accuracies: "

@@ -14,8 +14,6 @@ lossless: they must).
 from __future__ import annotations
 
 import io
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.classifier import load_classifier
 from explaind.world.scenarios import get_scenario
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, median_seconds, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def _preview(pairs: int, assets: Path) -> np.ndarray:
@@ -64,13 +62,8 @@ def main() -> None:
     for title, pixels in cases:
         runs = {"default": lambda: encode_png(pixels), "ours": lambda: encode_png(pixels, compress_level=JOB_IMAGE_COMPRESS_LEVEL)}
         encoded = {name: run() for name, run in runs.items()}  # warm-up, and the bytes compared below
-        timings: dict[str, list[float]] = {name: [] for name in runs}
-        for repeat in range(args.repeats):  # alternating, each first in turn
-            for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
-                started = time.perf_counter()
-                runs[name]()
-                timings[name].append(time.perf_counter() - started)
-        default, ours = (statistics.median(timings[name]) * 1e3 for name in ("default", "ours"))
+        seconds = median_seconds(runs, args.repeats)
+        default, ours = seconds["default"] * 1e3, seconds["ours"] * 1e3
         same = np.array_equal(_decoded(encoded["default"]), _decoded(encoded["ours"]))
         print(f"{title} ({pixels.shape[1]}x{pixels.shape[0]}):")
         print(f"  level 6  {default:8.1f} ms  {len(encoded['default']):>9} bytes")

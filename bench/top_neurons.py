@@ -14,14 +14,12 @@ same neurons (they must, exactly).
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
 from explaind.methods.neuroinspect._ranking import _top_neurons, top_ids
 
-from _cli import bench_parser, positive_int, share  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, median_seconds, positive_int, share  # bench/, the script's directory, is on sys.path
 
 TOP_K = 5  # the top 5
 
@@ -51,13 +49,8 @@ def main() -> None:
 
     runs = {"reference": reference, "ours": ours}
     results = {name: run() for name, run in runs.items()}  # warm-up, and the neurons compared below
-    timings: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(args.repeats):  # alternating, each first in turn
-        for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
-            started = time.perf_counter()
-            runs[name]()
-            timings[name].append(time.perf_counter() - started)
-    reference_s, ours_s = (statistics.median(timings[name]) for name in ("reference", "ours"))
+    seconds = median_seconds(runs, args.repeats)
+    reference_s, ours_s = seconds["reference"], seconds["ours"]
     same = all(torch.equal(a, b) for a, b in zip(results["ours"], results["reference"], strict=True))
     print(f"top {TOP_K} of {args.mistakes} mistakes x {args.neurons} neurons, {args.nonzero:.1%} of ω nonzero, both directions (median of {args.repeats}):")
     print(f"  every tie ordered      {reference_s:8.3f} s")
