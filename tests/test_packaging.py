@@ -58,3 +58,15 @@ def test_make_coverage_measures_every_source_root_but_the_generated_stubs():
     roots = set(config["setuptools"]["package-dir"].values())
     assert set(config["coverage"]["run"]["source"]) == roots - {"clients/explaind/v1"}
     assert all((ROOT / root).is_dir() for root in roots)
+
+
+def test_starting_the_server_imports_none_of_the_libraries_only_some_requests_need():
+    """Every server start (a pod's readiness, a restart) pays for what the server module
+    imports: scipy.stats alone took about a quarter of it. Probing, CLIP, diffusion and
+    ONNX Runtime load their libraries when first used."""
+    lazy = ("scipy", "open_clip", "diffusers", "onnxruntime", "onnx")
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, explaind.service.server; print(*sorted({m.split('.')[0] for m in sys.modules}))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert "torch" in loaded and not set(lazy) & set(loaded), sorted(set(lazy) & set(loaded))

@@ -7,7 +7,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from scipy.stats import rankdata  # type: ignore[import-untyped]  # scipy ships no types
 
 from ._checks import count, feature_matrix, number
 
@@ -39,6 +38,10 @@ def _neuron_auc(features: torch.Tensor, positive: torch.Tensor | np.ndarray, nam
     num_positive, num_negative = int(positive.sum()), int((~positive).sum())
     if num_positive == 0 or num_negative == 0:
         raise ValueError(f"{name} must mark at least one positive and one negative sample")
+    # Imported here, not at the top: scipy.stats takes about a quarter of the server's
+    # start-up imports, and only probing needs it.
+    from scipy.stats import rankdata  # type: ignore[import-untyped]  # scipy ships no types
+
     ranks = rankdata(features.cpu().double().numpy(), axis=0)
     u = ranks[positive].sum(0) - num_positive * (num_positive + 1) / 2
     return torch.from_numpy(u / (num_positive * num_negative))
