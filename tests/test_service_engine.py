@@ -2501,7 +2501,16 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
         with pytest.raises(InvalidArgument, match="control character") as refused:
             engine.create_sample_set("named", name, [NewSample.from_array(pixels, 0)])
         assert refused.value.field == "display_name"
+    # Nor bidirectional overrides, embeddings or isolates ("Trojan Source"): U+202E showed
+    # the rest of the listing row, "by <owner>" included, reversed.
+    for name, shown in (("ab\u202ecd", "U+202E) at 2"), ("\u202aa", "U+202A) at 0"), ("x\u2066y", "U+2066) at 1"), ("xy\u2069", "U+2069) at 2")):
+        with pytest.raises(InvalidArgument, match=re.escape(shown)) as refused:
+            engine.create_sample_set("named", name, [NewSample.from_array(pixels, 0)])
+        assert refused.value.field == "display_name"
     assert engine.create_sample_set("named", "Café ✓ 🙂 tab-free", [NewSample.from_array(pixels, 0)]).display_name == "Café ✓ 🙂 tab-free"
+    # Right-to-left letters, and the LRM/RLM marks that open nothing, are names people write.
+    for i, name in enumerate(("مجموعة ١", "קבוצה\u200f 2", "a\u200eb")):
+        assert engine.create_sample_set(f"rtl{i}", name, [NewSample.from_array(pixels, 0)]).display_name == name
     for top_k in (9, -1):  # a negative k reached topk() and failed as INTERNAL
         with pytest.raises(InvalidArgument, match="top_k"):
             engine.predict(torch.rand(1, 3, 64, 64), top_k=top_k)

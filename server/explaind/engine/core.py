@@ -76,14 +76,21 @@ def check_text_length(text: str, limit: int, field: str) -> None:
 # C0 and C1 control characters (Unicode category Cc): a name one caller stores, that the
 # CLI prints as it is for every caller, must not carry terminal escapes (ESC [2J clears
 # the screen, OSC 52 writes the clipboard), line breaks that forge list rows, or NULs.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Nor the bidirectional embeddings, overrides and isolates (U+202A-202E, U+2066-2069,
+# "Trojan Source"): U+202E shows the rest of a listing row, the owner included, reversed.
+# Right-to-left letters and the LRM/RLM marks (U+200E, U+200F) open no embedding or
+# override that carries on past the name, and stay allowed.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def check_display_name(text: str, field: str = "display_name") -> None:
-    """A one-line label for people: at most MAX_DISPLAY_NAME_CHARS, no control characters."""
+    """A one-line label for people: at most MAX_DISPLAY_NAME_CHARS, no control or
+    bidirectional-control characters."""
     check_text_length(text, MAX_DISPLAY_NAME_CHARS, field)
     if (control := _CONTROL_CHARACTER.search(text)) is not None:
-        raise InvalidArgument(f"holds the control character {control.group()!r} at {control.start()}; use printable text", field=field)
+        character = control.group()
+        raise InvalidArgument(f"holds the control character {character!r} (U+{ord(character):04X}) at {control.start()}; use printable text",
+                              field=field)
 
 
 def check_new_sample_set(sample_set_id: str, display_name: str) -> None:
