@@ -633,6 +633,24 @@ def test_a_predict_names_the_head_version_that_answered_it_not_one_promoted_sinc
     assert output.model_version == answering.version != promoted.version
 
 
+def test_a_predict_orders_classes_of_equal_probability_by_class_index(engine):
+    # topk's kernel orders exact ties as it likes (classes 1, 4, 3 of these three tied on
+    # a CPU): equal probabilities are listed by class index, as a ranking's top_ids lists
+    # them, and the k-th place of a tie that k cuts goes to the smallest index.
+    base = engine.models.active
+    for bias in ([0.0, 5.0, 0.0, 5.0, 5.0, 0.0], [1.0] * 6):
+        head = nn.Linear(128, 6)
+        nn.init.zeros_(head.weight)
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor(bias))
+        engine.activate(base.with_head(head))
+        by_probability_then_index = sorted(range(6), key=lambda klass: (-bias[klass], klass))
+        for top_k in (1, 2, 4, 6):
+            output = engine.predict(torch.rand(2, 3, 64, 64), top_k=top_k)
+            assert output.class_indices.tolist() == [by_probability_then_index[:top_k]] * 2, (bias, top_k)
+            assert (np.diff(output.probabilities, axis=1) <= 0).all()
+
+
 def test_split_reproduces_the_model_and_exposes_feature_maps(engine, world_model):
     version = engine.models.active
     images = torch.rand(5, 3, 64, 64)

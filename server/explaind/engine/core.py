@@ -29,6 +29,7 @@ from ..config import Config
 from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
+from ..methods.neuroinspect._ranking import top_ids
 from ..metrics import Metrics
 from ..ownership import Ownership, OwnerCheck
 from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid, sample_set_id_taken
@@ -221,9 +222,10 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_PredictOptions]) -> list[BatchOutput]:
     """Each request's top classes from one softmax and top-k of the whole batch, as deep as
-    the deepest request asks (a full sort of 21k classes cost 34x a top-5 here); features
-    leave the device only when a request asks for them."""
-    probabilities, indices = torch.softmax(forward.logits.float(), dim=1).topk(max(o.top_k for o in options), dim=1)
+    the deepest request asks (a full sort of 21k classes cost 34x a top-5 here), equal
+    probabilities by class index (:func:`top_ids`: topk's kernel orders ties as it likes);
+    features leave the device only when a request asks for them."""
+    probabilities, indices = top_ids(torch.softmax(forward.logits.float(), dim=1), max(o.top_k for o in options))
     probabilities, indices = probabilities.cpu().numpy(), indices.cpu().numpy()
     features = forward.features.float().cpu().numpy() if forward.features is not None and any(o.return_features for o in options) else None
     outputs, start = [], 0
