@@ -80,7 +80,7 @@ def _equal(first: object, second: object) -> bool:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Prediction(AbbreviatedRepr, ComparedByValue):
-    """Top-k for one image, highest first."""
+    """Top-k for one image, highest first, equal probabilities by class index."""
 
     labels: list[str]
     class_indices: list[int]
