@@ -171,6 +171,18 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     assert "input 64x64 (shorter side resized to 80, centre crop, bilinear; pixels in [0, 1], not normalised)" in capsys.readouterr().out
 
 
+def test_a_torchscript_classifier_starts_without_a_futurewarning_in_the_log(server_factory, tmp_path):
+    # torch deprecates torch.jit.load, the only reader of a TorchScript file: every start
+    # of a torchscript server logged its FutureWarning, which the operator cannot act on
+    # but by changing loader.
+    with pytest.warns(FutureWarning):  # saving it is deprecated too
+        torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4))),
+                       tmp_path / "tiny.pt")
+    server = server_factory(classifier={"loader": "torchscript", "path": str(tmp_path / "tiny.pt"), "image_size": 32})
+    log = server.log_path.read_text()
+    assert "serving tiny (version" in log and "FutureWarning" not in log, log
+
+
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
     # 36M counts: over half of the default 64 MiB message limit, so the evaluation was refused.
     classes = 6000

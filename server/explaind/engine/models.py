@@ -21,6 +21,7 @@ import logging
 import pickle
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -745,7 +746,13 @@ def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Call
 
 def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     path = _require_file(section.path, "path (a TorchScript file)")
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        # torch deprecates torch.jit.load, and has no other reader of a TorchScript file
+        # (torch.export.load reads loader 'export''s .pt2): its FutureWarning was a WARNING
+        # line at every start that no setting of this loader removes; the way off
+        # TorchScript, loader 'export', is the docs' to say (configuration.md).
+        warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu").eval()
     dtype = parameters_dtype(module)  # a half-precision model takes float16 images
     preprocess = Preprocess(section.mean, section.std)
 
