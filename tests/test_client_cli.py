@@ -152,6 +152,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["evaluate", "s", "--batch-size", "99999999999"], "--batch-size: 99999999999 is out of range"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--request-id", "nightly"], "--request-id: expected a UUID (e.g. from uuidgen), got 'nightly'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--target-ratio", "nan"], "--target-ratio: expected a finite number, got 'nan'"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--strength", "high"], "--strength: expected a finite number, got 'high'"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--max-epochs", "-1"], "--max-epochs: expected an integer >= 0, got '-1'"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
         # A digit int() does not read was "invalid _positive_int value: '²'", naming a function of the CLI's code.
@@ -2318,6 +2321,29 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     rolled = _json_out(capsys, [*target, "head-versions", "rollback", "--json"])
     assert (rolled["version"]["version_id"], rolled["previous_version_id"]) == (served_before, version["version_id"])
     assert _json_out(capsys, [*target, "head-versions", "delete", version["version_id"], "--json"]) == {"deleted": version["version_id"]}
+
+
+def test_edit_head_passes_its_training_options_and_says_the_target_ratio_auto_chose(server, capsys, world_images):
+    # The CLI had no way to set λ3, o (or ask for auto), the learning rate, epochs, patience
+    # or a description, which the SDK and the API take.
+    images, labels = world_images
+    target = ["--target", server.target]
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images, labels, sample_set_id="edit-options")
+    options = ["--strength", "0.05", "--learning-rate", "0.01", "--max-epochs", "2", "--patience", "1", "--description", "nightly fix"]
+    auto = _json_out(capsys, [*target, "edit-head", "edit-options", "--class", "heart", "--neurons", "3", "--target-ratio", "auto", *options, "--json"])
+    assert auto["epochs_run"] <= 2 and auto["version"]["description"] == "nightly fix"
+    assert auto["target_ratio"] > 0 and auto["target_ratio"] != 1.0
+    explicit = _json_out(capsys, [*target, "edit-head", "edit-options", "--class", "heart", "--neurons", "3", "--target-ratio", "2.5", "--json"])
+    assert explicit["target_ratio"] == 2.5 and explicit["epochs_run"] > 2  # the defaults: 20 epochs, patience 5
+    for option, refused in ((["--strength", "2000"], "strength: 2000.0 is not in [0.0, 1000.0]"),
+                            (["--learning-rate", "20"], "learning_rate: 20.0 is not in (0.0, 10.0]"),
+                            (["--patience", "1001"], "patience: 1001 is not in [1, 1000]")):
+        line = _error(capsys, [*target, "edit-head", "edit-options", "--class", "heart", "--neurons", "3", *option])
+        assert refused in line, line
+    for created in (auto, explicit):
+        assert main([*target, "head-versions", "delete", created["version"]["version_id"]]) == 0
+    capsys.readouterr()
 
 
 def test_counts_of_one_read_in_the_singular():

@@ -2986,6 +2986,11 @@ def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
         "stored head version (best epoch 4 of 6; not served; explaind head-versions promote v2 serves it):",
         "  v2 world+head.v2 constrain heart neurons [3, 7]",
     ]
+    # A probability_ratio edit says the o it trained towards (auto computes one).
+    towards = HeadEdit(dataclasses.replace(version, method="probability_ratio", parent_evaluation=None), best_epoch=4, epochs_run=6,
+                       validation_accuracy=[0.5] * 6, target_ratio=123456.789)
+    assert towards.summary().splitlines()[0] == (
+        "stored head version (best epoch 4 of 6, towards probability ratio 1.235e+05; not served; explaind head-versions promote v2 serves it):")
 
 
 class _FakeClock:
@@ -3453,7 +3458,8 @@ def test_a_head_edits_fields_are_the_servers_each_in_its_place():
                              description="d", create_time=timestamp_pb2.Timestamp(seconds=60), active=True, owner="analyst",
                              parent_evaluation=evaluation(0.5, {"water": 0.25, "land": 0.75}), evaluation=evaluation(0.75, {"water": 0.5, "land": 0.75}))
     edit = head_edit(ni.EditHeadResult(version=version, best_epoch=2, epochs_run=5, validation_accuracy=[0.5, 0.75]))
-    assert (edit.best_epoch, edit.epochs_run, edit.validation_accuracy) == (2, 5, [0.5, 0.75])
+    assert (edit.best_epoch, edit.epochs_run, edit.validation_accuracy, edit.target_ratio) == (2, 5, [0.5, 0.75], None)
+    assert head_edit(ni.EditHeadResult(version=version, target_ratio=0.0)).target_ratio == 0.0  # set, though a proto default
     read = edit.version
     assert (read.version_id, read.model_version, read.parent_version_id, read.method, read.class_name) == ("h2", "m@h2", "h1", "constrain", "heart")
     assert (read.neurons, read.description, read.active, read.owner) == ([7, 3], "d", True, "analyst")

@@ -767,6 +767,39 @@ def test_an_edit_request_s_unset_strength_max_epochs_and_patience_take_the_defau
         _shut(engine)
 
 
+def test_an_edit_result_reports_the_target_ratio_it_trained_towards(tmp_path, world_set):
+    # auto_target_ratio's o was computed and used but never shown: a caller could not tell
+    # what the edit aimed at, nor that auto may go past the 1e6 an explicit o is held to.
+    from explaind.methods.neuroinspect import HeadEditor
+    from explaind.service import convert
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+
+        def trained_towards(**options) -> float | None:
+            request = neuroinspect_pb2.EditHeadRequest(sample_set_id="train", class_name="heart", neurons=[1, 4], max_epochs=1, **options)
+            record = engine.jobs.wait(convert.job_id(servicer.EditHead(request, None).operation.name), 60).record
+            result = _succeeded_result(record, neuroinspect_pb2.EditHeadResult())
+            return result.target_ratio if result.HasField("target_ratio") else None
+
+        version = engine.models.active
+        train = engine.sample_set_features("train", version=version)
+        kept = torch.ones(len(train.labels), dtype=torch.bool)
+        kept[::5] = False  # the validation fifth the edit holds out
+        expected = HeadEditor(version.head).suggested_target_ratio(train.features[kept], train.labels[kept],
+                                                                    target_class=version.class_names.index("heart"), neurons=[1, 4])
+        assert expected != 1.0
+        assert trained_towards(auto_target_ratio=True) == pytest.approx(expected, rel=1e-6)
+        assert (trained_towards(), trained_towards(target_ratio=2.5)) == (1.0, 2.5)
+        assert trained_towards(method=neuroinspect_pb2.HEAD_EDIT_METHOD_CONSTRAIN) is None
+    finally:
+        _shut(engine)
+
+
 def test_an_edit_stopped_early_ends_with_all_its_epochs_done(tmp_path, world_set):
     # Early stopping left the progress at the last epoch of max_epochs: a succeeded edit
     # said "9/20", as if it had stopped part-way.

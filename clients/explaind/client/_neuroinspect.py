@@ -227,12 +227,15 @@ class ActiveHeadChange:
 
 @dataclass(frozen=True, repr=False)
 class HeadEdit(AbbreviatedRepr):
-    """Result of ``edit_head``: the new version and how training went."""
+    """Result of ``edit_head``: the new version and how training went. ``target_ratio``:
+    the o trained towards (what "auto" computed, or the one given); None for constrain,
+    and from a server older than the field."""
 
     version: HeadVersion
     best_epoch: int
     epochs_run: int
     validation_accuracy: list[float]
+    target_ratio: float | None = None
 
     def summary(self) -> str:
         """As ``explaind edit-head`` prints it: the training, whether the version is served,
@@ -240,7 +243,8 @@ class HeadEdit(AbbreviatedRepr):
         names, attribute values as uploaded, with their control characters escaped."""
         version = self.version
         served = "served now" if version.active else f"not served; explaind head-versions promote {version.version_id} serves it"
-        lines = [f"stored head version (best epoch {self.best_epoch} of {self.epochs_run}; {served}):", version.summary()]
+        towards = "" if self.target_ratio is None else f", towards probability ratio {self.target_ratio:.4g}"
+        lines = [f"stored head version (best epoch {self.best_epoch} of {self.epochs_run}{towards}; {served}):", version.summary()]
         before, after = version.parent_evaluation, version.evaluation
         if before and after:
             lines.append(f"  worst class {before.worst_class} {before.worst_class_accuracy:.3f} -> {after.worst_class} {after.worst_class_accuracy:.3f}")
@@ -341,7 +345,8 @@ def active_head_change(message: neuroinspect_pb2.PromoteHeadVersionResponse | ne
 
 
 def head_edit(message: neuroinspect_pb2.EditHeadResult, operation: Operation | None = None) -> HeadEdit:
-    return HeadEdit(head_version(message.version), message.best_epoch, message.epochs_run, list(message.validation_accuracy))
+    return HeadEdit(head_version(message.version), message.best_epoch, message.epochs_run, list(message.validation_accuracy),
+                    message.target_ratio if message.HasField("target_ratio") else None)
 
 
 RESULT_CONVERTERS.update({

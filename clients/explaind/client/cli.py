@@ -268,6 +268,22 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
+def _finite_number(value: str) -> float:
+    """argparse type: a finite number (the server checks its range and names the field)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _target_ratio(value: str) -> float | str:
+    """argparse type of ``edit-head --target-ratio``: a number, or auto."""
+    return "auto" if value == "auto" else _finite_number(value)
+
+
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
     neuron, colon, target = spec.partition(":")
@@ -930,8 +946,9 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.edit_head(
             args.id, _target_class(client, args), args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
-            evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, seed=args.seed,
-            promote=args.promote, request_id=args.request_id,
+            evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, strength=args.strength,
+            target_ratio=args.target_ratio, learning_rate=args.learning_rate, max_epochs=args.max_epochs, patience=args.patience,
+            seed=args.seed, promote=args.promote, description=args.description, request_id=args.request_id,
         )
         edit = _announce_and_wait(operation, args)
         if edit is not None and args.json:
@@ -1391,6 +1408,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="set for the before/after evaluation (default: the validation set)")
     edit_head.add_argument("--group-attribute", dest="group_attribute", default="",
                            help="sample attribute for per-group accuracy of the evaluated samples, e.g. background")
+    edit_head.add_argument("--strength", type=_finite_number, help="λ3, the regulariser's weight in [0, 1000] (default: 0.01, or 1.0 for constrain)")
+    edit_head.add_argument("--target-ratio", dest="target_ratio", type=_target_ratio, metavar="O|auto",
+                           help="probability_ratio's o in (0, 1e6] (default 1), or auto: (min importance - 1) / 3 + 1")
+    edit_head.add_argument("--learning-rate", dest="learning_rate", type=_finite_number, help="Adam's learning rate in (0, 10] (default 1e-3)")
+    edit_head.add_argument("--max-epochs", dest="max_epochs", type=_non_negative_int, default=0, help="epochs at most, 1..1000; 0: 20")
+    edit_head.add_argument("--patience", type=_non_negative_int, default=0,
+                           help="epochs without a better validation score before stopping, 1..1000; 0: 5")
+    edit_head.add_argument("--description", default="", help="a note kept with the version (at most 4096 characters)")
     edit_head.add_argument("--seed", type=_int64, default=0, help="random seed of the minibatch order (the same seed: the same head)")
     edit_head.add_argument("--promote", action="store_true", help="serve the new version at once")
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")

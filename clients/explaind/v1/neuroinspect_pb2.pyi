@@ -351,16 +351,18 @@ class HeadVersion(_message.Message):
     def __init__(self, version_id: _Optional[str] = ..., model_version: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., method: _Optional[str] = ..., class_name: _Optional[str] = ..., neurons: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., active: _Optional[bool] = ..., parent_evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ..., evaluation: _Optional[_Union[HeadEvaluation, _Mapping[str, _Any]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class EditHeadResult(_message.Message):
-    __slots__ = ("version", "best_epoch", "epochs_run", "validation_accuracy")
+    __slots__ = ("version", "best_epoch", "epochs_run", "validation_accuracy", "target_ratio")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BEST_EPOCH_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_RUN_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RATIO_FIELD_NUMBER: _ClassVar[int]
     version: HeadVersion
     best_epoch: int
     epochs_run: int
     validation_accuracy: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping[str, _Any]]] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
+    target_ratio: float
+    def __init__(self, version: _Optional[_Union[HeadVersion, _Mapping[str, _Any]]] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., validation_accuracy: _Optional[_Iterable[float]] = ..., target_ratio: _Optional[float] = ...) -> None: ...
 
 class ListHeadVersionsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

@@ -68,8 +68,9 @@ VISUALIZE_STAGES = ("setup", "optimise", "preview", "images")
 EDIT_STAGES = ("features", "training", "evaluation", "storing")
 # The artifact that holds ω (float32 (M, D), .npy) when a ranking ran as an operation.
 OMEGA_ARTIFACT = "omega.npy"
-# Upper bound of the edit's target probability ratio (auto picks about 1-10), for the same
-# reason as config.MAX_LOSS_WEIGHT's.
+# Upper bound of the edit's target probability ratio given by a caller, for the same reason
+# as config.MAX_LOSS_WEIGHT's. auto's o is not held to it: it follows the importances, up to
+# about 3.3e14 where they reach their 1e15 cap (the result reports it).
 MAX_TARGET_RATIO = 1e6
 # Groups (class, attribute value) an edit's evaluation may have: per-group accuracy is for
 # attributes of a few values (a background, a colour); one of a value per sample (a file
@@ -640,6 +641,7 @@ class NeuroInspectEngine:
         return neuroinspect_pb2.EditHeadResult(
             version=self.head_version_message(record, active_id), best_epoch=edit.best_epoch, epochs_run=len(edit.history),
             validation_accuracy=[r.validation_accuracy for r in edit.history],
+            target_ratio=None if math.isnan(edit.target_ratio) else edit.target_ratio,
         )
 
     @staticmethod
