@@ -1801,10 +1801,11 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--show", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{expected.mistake_count} mistakes of heart in all-hearts")
-    assert [int(line.split()[1]) for line in out[1:4]] == [n.neuron for n in expected.neurons[:3]]
+    assert "in their top 5 (solver faithful)" in out[0] and out[1].split() == ["neuron", "direction", "insufficient", "excessive", "importance", "top", "classes"]
+    assert [int(line.split()[0]) for line in out[2:5]] == [n.neuron for n in expected.neurons[:3]]
     first = expected.neurons[0]
-    assert f"top 5 in {first.insufficient_ratio:.0%} of mistakes as insufficient, {first.excessive_ratio:.0%} as excessive" in out[1]
-    assert out[4].startswith("predicted as: ") and f"of {expected.mistake_count} counterfactuals flipped" in out[4]
+    assert out[2].split()[1:4] == [first.direction, f"{first.insufficient_ratio:.0%}", f"{first.excessive_ratio:.0%}"]
+    assert out[5].startswith("predicted as: ") and f"of {expected.mistake_count} counterfactuals flipped" in out[5]
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "5", "--json"]) == 0
     ranking = json.loads(capsys.readouterr().out)
     assert [n["neuron"] for n in ranking["neurons"]] == [n.neuron for n in expected.neurons]
@@ -1813,7 +1814,7 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert "omega" not in ranking  # (mistakes x features) floats: the SDK's result or omega.npy has them
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart"]) == 0
     out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise
-    assert len(out[1:-1]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
+    assert len(out[2:-1]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
     proximal = _json_out(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "heart", "--solver", "proximal", "--json"])
     assert proximal["solver"] == "proximal"
     for given, said, field in (("circle", "class_name: sample set 'all-hearts' has no sample of class 'circle'", "class_name"),

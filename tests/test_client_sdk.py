@@ -2683,16 +2683,16 @@ def test_a_ranking_reads_as_the_cli_prints_it():
 
     lines = dataclasses.replace(_ranking(8), top_k=3).summary(limit=2).splitlines()
     assert lines[0] == "8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top 3 (solver faithful):"
-    assert lines[1] == ("  neuron   0  excessive    top 3 in 0% of mistakes as insufficient, 100% as excessive  importance 0.87"
-                        "  top classes square; circle")
-    assert lines[2].startswith("  neuron   1  excessive    top 3 in 0% of mistakes as insufficient, 90% as excessive")
-    assert lines[3:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
+    assert lines[1:3] == ["  neuron  direction     insufficient  excessive  importance  top classes", "       0  excessive               0%       100%        0.87  square; circle"]
+    assert lines[3].startswith("       1  excessive               0%        90%  ")
+    assert lines[4:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
     # A server too old to report top_k (0): no "top 5" it cannot know.
     lines = _ranking(8).summary(limit=1).splitlines()
     assert lines[0] == ("8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top k "
                         "(solver faithful, k not reported by this server):")
-    assert lines[1].startswith("  neuron   0  excessive    top k in 0% of mistakes as insufficient, 100% as excessive")
-    assert len(_ranking(8).summary(limit=0).splitlines()) == 6  # every neuron
+    assert lines[1:] == ["  neuron  direction     insufficient  excessive  importance  top classes", "       0  excessive               0%       100%        0.87  square; circle",
+                         "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
+    assert len(_ranking(8).summary(limit=0).splitlines()) == 7  # every neuron, under the header
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.
     assert dataclasses.replace(_ranking(8), top_k=3, neurons=[]).summary().splitlines()[1:] == [

@@ -310,11 +310,12 @@ def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
     assert repr(ranking) == "NeuronRanking(target_class=0, solver='fixed', num_samples=4, cancelled=False)"
     assert ranking.summary().splitlines() == [
         "4 mistakes of class 0 in 4 samples; neurons ranked by share of mistakes in their top 2 (solver fixed):",
-        "  neuron   0  insufficient top 2 in 75% of mistakes as insufficient, 0% as excessive  importance 1.00  top classes 0; 1",
-        "  neuron   5  excessive    top 2 in 0% of mistakes as insufficient, 50% as excessive  importance 1.00  top classes 0; 1",
+        "  neuron  direction     insufficient  excessive  importance  top classes",
+        "       0  insufficient           75%         0%        1.00  0; 1",
+        "       5  excessive               0%        50%        1.00  0; 1",
         "4 of 4 counterfactuals flipped the prediction",
     ]
-    assert len(ranking.summary(limit=1).splitlines()) == 3 and ranking.summary(limit=0) == ranking.summary()
+    assert len(ranking.summary(limit=1).splitlines()) == 4 and ranking.summary(limit=0) == ranking.summary()
     # Mistakes, but no neuron passes the cut: said, not a heading ending in a colon over nothing.
     uncut = ranker.rank(features, labels, solver=FixedShifts(), top_k=2, cut_ratio=0.9)
     assert not uncut.neurons and uncut.summary().splitlines()[1:] == ["  none passed the cut ratio", "4 of 4 counterfactuals flipped the prediction"]
@@ -392,6 +393,9 @@ def test_a_summary_with_limit_0_lists_every_neuron_however_many():
 
     neurons = [SimpleNamespace(neuron=n, direction="insufficient", insufficient_ratio=0.5, excessive_ratio=0.0, importance=1.0,
                                top_classes=(0,)) for n in range(25)]
-    assert len(neuron_lines(neurons, "top 5", 0)) == 25 and len(neuron_lines(neurons, "top 5", 12)) == 12
+    assert len(neuron_lines(neurons, 0)) == 1 + 25 and len(neuron_lines(neurons, 12)) == 1 + 12  # under a header row
     with pytest.raises(ValueError, match="limit must be 0"):  # not read as "all but the last"
-        neuron_lines(neurons, "top 5", -1)
+        neuron_lines(neurons, -1)
+    # An importance at its cap (1e15) keeps the top classes in their column.
+    huge = [SimpleNamespace(**{**vars(neurons[0]), "importance": 1e15}), neurons[1]]
+    assert len({line.index(" 0", 60) for line in neuron_lines(huge, 0)[1:]}) == 1

@@ -109,7 +109,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
-        lines += neuron_lines(self.neurons, top, limit)
+        lines += neuron_lines(self.neurons, limit)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         return "\n".join(lines)

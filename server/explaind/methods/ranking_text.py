@@ -35,14 +35,24 @@ def check_limit(limit: int) -> None:
         raise ValueError(f"limit must be 0 (all) or more, got {limit}")
 
 
-def neuron_lines(neurons: Sequence[RankedNeuronLike], top: str, limit: int) -> list[str]:
-    """One line per ranked neuron, the first ``limit`` (0: all): its direction, shares of
-    mistakes in their ``top`` (e.g. "top 5"), importance and top classes (semicolons
-    between them, as ImageNet's names hold commas); one line saying so where none passed
-    the cut ratio (a summary of mistakes then ended in a heading over nothing)."""
+def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int) -> list[str]:
+    """A table of the first ``limit`` ranked neurons (0: all) under a header row: each
+    one's direction, the shares of mistakes with it in their top k (which the ranking's
+    heading states) as insufficient and as excessive, its importance and top classes (semicolons between them, as ImageNet's names hold commas); one line saying so
+    where none passed the cut ratio (a summary of mistakes then ended in a heading over
+    nothing)."""
     check_limit(limit)
     if not neurons:
         return ["  none passed the cut ratio"]
-    return [f"  neuron {n.neuron:>3}  {n.direction:<12} {top} in {n.insufficient_ratio:.0%} of mistakes as insufficient, "
-            f"{n.excessive_ratio:.0%} as excessive  importance {n.importance:.2f}  top classes {'; '.join(map(str, n.top_classes))}"
-            for n in neurons[:limit or None]]
+    header = f"  {'neuron':>6}  {'direction':<12}  {'insufficient':>12}  {'excessive':>9}  {'importance':>10}  top classes"
+    return [header] + [
+        f"  {n.neuron:>6}  {n.direction:<12}  {n.insufficient_ratio:>12.0%}  {n.excessive_ratio:>9.0%}  {_importance(n.importance):>10}  "
+        f"{'; '.join(map(str, n.top_classes))}"
+        for n in neurons[:limit or None]
+    ]
+
+
+def _importance(ratio: float) -> str:
+    """Two decimals, as importances sit near 1 (1.01, 0.87); in exponent form from 1e6 up to
+    their cap of 1e15, which would otherwise push the top classes out of their column."""
+    return f"{ratio:.2f}" if ratio < 1e6 else f"{ratio:.2e}"

@@ -106,7 +106,7 @@ class NeuronRanking:
         top = f"top {self.top_k}"
         lines = [f"{self.num_mistakes} mistakes of class {self.target_class} in {self.num_samples} samples{cancelled}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}):"]
-        lines += neuron_lines(self.neurons, top, limit)
+        lines += neuron_lines(self.neurons, limit)
         lines.append(f"{self.num_converged} of {self.num_mistakes} counterfactuals flipped the prediction")
         return "\n".join(lines)
 
