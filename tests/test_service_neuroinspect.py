@@ -2094,14 +2094,25 @@ def test_report_is_one_self_contained_page_that_chromium_renders(client, server,
     (ARTIFACTS / "neuroinspect_report.html").write_text(page, encoding="utf-8")
 
 
-def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_patch_grid(server_factory):
+def test_a_vision_transformer_served_by_factory_visualises_its_neurons_on_the_patch_grid(tmp_path):
     # Its feature layer gives tokens (N, 1 + 16, 16), not maps; they are read as a 4 x 4 grid.
-    server = server_factory(classifier={**TINY_VIT_CLASSIFIER, "path": ""})
-    with Client(server.target, timeout=60) as client:
-        meta = client.model_metadata()
+    # In process, as a server serves it: a server of its own would add seconds and nothing more.
+    from PIL import Image
+
+    from explaind.service.inference import InferenceServicer
+
+    engine, inspect = _in_process(tmp_path, classifier={**TINY_VIT_CLASSIFIER, "path": ""})
+    try:
+        meta = InferenceServicer(engine, serving=lambda: True).GetModelMetadata(inference_pb2.GetModelMetadataRequest(), None).classifier
         assert (meta.feature_layer, meta.head, meta.feature_dim, meta.supports_visualization) == ("encoder", "heads.head", 16, True)
-        (visualization,) = client.visualize_neurons([(5, "class_1")], method="no_clip", steps=3).result().visualizations
-        assert visualization.image.size == (32, 32) and math.isfinite(visualization.activation) and 0 < visualization.mask_fraction < 1
+        job = inspect.visualize_neurons([(5, "class_1")], method="no_clip", steps=3)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        (visualization,) = _succeeded_result(record, neuroinspect_pb2.VisualizeNeuronsResult()).visualizations
+        (artifact,) = [a for a in record.artifacts if a.name == visualization.image_artifact]
+        image = Image.open(io.BytesIO(engine.store.get_blob(artifact.digest)))
+        assert image.size == (32, 32) and math.isfinite(visualization.activation) and 0 < visualization.mask_fraction < 1
+    finally:
+        _shut(engine)
 
 
 def test_an_edit_without_a_validation_set_holds_out_every_fifth_sample_and_follows_its_seed(tmp_path, world_set):
