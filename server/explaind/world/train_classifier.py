@@ -60,8 +60,10 @@ def one_cycle_schedule(
 
 
 @torch.no_grad()
-def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Argmax labels (N,) for images (N, 3, H, W)."""
+def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Argmax labels (N,) for images (N, 3, H, W). Batches of 64 keep a 64 px world
+    classifier's activations in the CPU's caches: a third faster than 512 on one thread,
+    with the same labels (the five shipped classifiers' 1800 test images, 2026-12-06)."""
     model.eval()
     return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
 
