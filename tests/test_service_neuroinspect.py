@@ -1693,12 +1693,16 @@ def test_listed_head_versions_always_hold_the_active_one(tmp_path, world_set, mo
         gate, blocker = _hold_the_job_worker(engine)
         edit = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
         listed = engine.store.list_head_versions
+        versions_lock = _AskedForLock(inspect._versions_lock)
+        monkeypatch.setattr(inspect, "_versions_lock", versions_lock)
 
         def list_while_the_edit_promotes(feature_version, **page):
             versions = listed(feature_version, **page)
             if not gate.is_set():  # the listing's own read, not the edit's
                 gate.set()
-                engine.jobs.wait(edit, 5)  # with the list and the active id read together, it waits for them
+                assert versions_lock.asked.wait(60), "the edit never came to store its version"
+                if versions_lock.holder is not threading.current_thread():  # the list read alone: the edit promotes meanwhile
+                    engine.jobs.wait(edit, 60)  # with the list and the active id read together, it waits for them
             return versions
 
         monkeypatch.setattr(engine.store, "list_head_versions", list_while_the_edit_promotes)
@@ -1709,6 +1713,27 @@ def test_listed_head_versions_always_hold_the_active_one(tmp_path, world_set, mo
         assert engine.jobs.wait(edit, 60).record.state == "succeeded" and inspect.head_versions()[1] == "v1"
     finally:
         _shut(engine)
+
+
+class _AskedForLock:
+    """A lock in place of ``lock`` that says when a thread other than its maker's asks
+    for it (``asked``) and which thread holds it (``holder``)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock, self._maker = lock, threading.current_thread()
+        self.asked = threading.Event()
+        self.holder: threading.Thread | None = None
+
+    def __enter__(self) -> _AskedForLock:
+        if threading.current_thread() is not self._maker:
+            self.asked.set()
+        self._lock.acquire()
+        self.holder = threading.current_thread()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.holder = None
+        self._lock.release()
 
 
 def _hold_the_job_worker(engine):
