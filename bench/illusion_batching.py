@@ -18,19 +18,16 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
-from explaind.methods.neuroinspect import ClipIllusion
 from explaind.world.assets import ASSETS_DIR, classifier_dir
-from explaind.world.classifier import load_classifier
-from explaind.world.clip import load_world_clip
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def timed(run) -> tuple[float, object]:
     """(seconds, result) of ``run()``, synchronising CUDA around it."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -52,6 +49,13 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads for both runs")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, alternating; the median is printed")
     args = parser.parse_args()
+    # After the arguments: --help and a usage error answer without the seconds of torch and open_clip.
+    import torch
+
+    from explaind.methods.neuroinspect import ClipIllusion
+    from explaind.world.classifier import load_classifier
+    from explaind.world.clip import load_world_clip
+
     torch.set_num_threads(args.threads)
 
     model = load_classifier(classifier_dir(args.classifier, Path(args.assets))).to(args.device)

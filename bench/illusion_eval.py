@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.world.assets import ASSETS_DIR, classifier_dir
-from explaind.world.illusion_check import NeuronComparison, compare_shipped_classifiers
 from explaind.world.scenarios import scenario_names
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+
+if TYPE_CHECKING:
+    from explaind.world.illusion_check import NeuronComparison
 
 
 def summary_line(label: str, results: list[NeuronComparison]) -> str:
@@ -103,6 +104,11 @@ def main() -> None:
                         help="own-shape: condition shape neurons on their shape's class, the others on their top class")
     parser.add_argument("--per-neuron", action="store_true", help="also print one row per neuron")
     args = parser.parse_args()
+    # After the arguments: --help and a usage error answer without the seconds of open_clip.
+    import torch
+
+    from explaind.world.illusion_check import compare_shipped_classifiers
+
     torch.set_num_threads(args.threads)
 
     assets = Path(args.assets)
