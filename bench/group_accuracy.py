@@ -13,12 +13,6 @@ seconds, their ratio, and whether both give the same accuracies (they must, exac
 
 from __future__ import annotations
 
-
-import numpy as np
-import torch
-
-from explaind.methods.neuroinspect import evaluate_head
-
 from _cli import bench_parser, median_seconds, positive_int  # bench/, the script's directory, is on sys.path
 
 
@@ -28,6 +22,12 @@ def main() -> None:
     parser.add_argument("--groups", type=positive_int, default=10_000, help="distinct groups among them")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, alternating; the median is printed")
     args = parser.parse_args()
+    # After the arguments: --help and a usage error answer without the seconds of torch.
+    import numpy as np
+    import torch
+
+    from explaind.methods.neuroinspect import evaluate_head
+
     torch.set_num_threads(1)
 
     generator = torch.Generator().manual_seed(0)

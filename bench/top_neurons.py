@@ -14,11 +14,6 @@ same neurons (they must, exactly).
 
 from __future__ import annotations
 
-
-import torch
-
-from explaind.methods.neuroinspect._ranking import _top_neurons, top_ids
-
 from _cli import bench_parser, median_seconds, positive_int, share  # bench/, the script's directory, is on sys.path
 
 TOP_K = 5  # the top 5
@@ -31,6 +26,11 @@ def main() -> None:
     parser.add_argument("--nonzero", type=share, default=0.002, help="share of ω entries not exactly zero")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, alternating; the median is printed")
     args = parser.parse_args()
+    # After the arguments: --help and a usage error answer without the seconds of torch.
+    import torch
+
+    from explaind.methods.neuroinspect._ranking import _top_neurons, top_ids
+
     torch.set_num_threads(1)
 
     generator = torch.Generator().manual_seed(0)
