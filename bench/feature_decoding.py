@@ -21,12 +21,9 @@ import io
 import tempfile
 
 import numpy as np
-import torch
 from PIL import Image
 
-import explaind.engine.core as engine_core
 from explaind.config import default_config
-from explaind.engine import Engine, NewSample
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
 
@@ -58,6 +55,12 @@ def main() -> None:
 
 def _measure(args: argparse.Namespace, data_dir: str) -> None:
     """Both runs on a set stored under ``data_dir``; prints their times and ratio."""
+    # Here, after the arguments: --help and a usage error answer without the seconds of torch.
+    import torch
+
+    import explaind.engine.core as engine_core
+    from explaind.engine import Engine, NewSample
+
     config = (default_config().replace("server", data_dir=data_dir).replace("runtime", device=args.device)
               .replace("classifier", image_size=224, resize_size=256))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
