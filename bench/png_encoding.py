@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from explaind.imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png, image_grid, to_uint8_hwc
-from explaind.methods.neuroinspect import ClipIllusion
 from explaind.world.assets import ASSETS_DIR, classifier_dir
-from explaind.world.classifier import load_classifier
-from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, median_seconds, positive_int  # bench/, the script's directory, is on sys.path
 
 
 def _preview(pairs: int, assets: Path) -> np.ndarray:
     """A preview grid as VisualizeNeurons sends it: its images after 10 no_clip steps."""
+    from explaind.imaging import image_grid, to_uint8_hwc
+    from explaind.methods.neuroinspect import ClipIllusion
+    from explaind.world.classifier import load_classifier
+
     model = load_classifier(classifier_dir("balanced", assets))
     illusion = ClipIllusion(model, model.config.feature_layer, head=model.config.head)
     result = illusion.visualize([(neuron, None) for neuron in range(pairs)], method="no_clip", steps=10)
@@ -40,6 +40,9 @@ def _preview(pairs: int, assets: Path) -> np.ndarray:
 
 def _mistakes_grid(count: int) -> np.ndarray:
     """A mistakes.png as EvaluateSampleSet draws it: world test images captioned true>predicted."""
+    from explaind.imaging import image_grid, to_uint8_hwc
+    from explaind.world.scenarios import get_scenario
+
     batch = get_scenario("balanced").dataset("test", size=count).all()
     return image_grid([to_uint8_hwc(image) for image in batch.images], [f"square>circle {i}" for i in range(count)])
 
@@ -55,6 +58,8 @@ def main() -> None:
     parser.add_argument("--grid-images", type=positive_int, default=64, help="images in the mistakes grid (the job's default most)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed encodings of each, alternating; the median is printed")
     args = parser.parse_args()
+    # Here and in the helpers, after the arguments: --help and a usage error answer without the seconds of torch.
+    from explaind.imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png
 
     cases = [(f"VisualizeNeurons preview, {args.pairs} images", _preview(args.pairs, Path(args.assets))),
              (f"EvaluateSampleSet mistakes.png, {args.grid_images} images", _mistakes_grid(args.grid_images))]
