@@ -28,22 +28,25 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from explaind.client import Client
 from explaind.client._client import DEFAULT_PREDICT_IN_FLIGHT
 from explaind.client.cli import _free_port
 from explaind.config import BACKENDS, ClassifierSection
-from explaind.engine.backends import build_feature_fn, check_device
-from explaind.engine.models import load_classifier
 from explaind.errors import FailedPrecondition
-from explaind.imaging import uint8_hwc_to_float_chw
 from explaind.world import assets
-from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+
+if TYPE_CHECKING:
+    import torch
+
+# torch's side (torch, the engine, imaging, the world's scenes) is imported in the functions that
+# use it: --help and a usage error answer at once, and the benches importing free_port or
+# latencies from here need none of it.
 
 
 _given_ports: set[int] = set()
@@ -85,6 +88,9 @@ def in_process_model(classifier: Path, backend: str, threads: int, device: str, 
     """What the server computes per batch, without the RPC: images (N, 3, S, S) in
     [0, 1] on the CPU go to ``device``, through h_b (``backend``) and the head; returns
     the logits (N, C) back on the CPU, so every call includes the device's work."""
+    from explaind.engine.backends import build_feature_fn
+    from explaind.engine.models import load_classifier
+
     version = load_classifier(ClassifierSection(loader="world", path=str(classifier)))
     version.feature_extractor.to(device)
     version.head.to(device)
@@ -96,6 +102,10 @@ def paired_latency(model: Callable[[torch.Tensor], torch.Tensor], target: str, i
     """Alternate one in-process forward and one Predict RPC, so that drift in the
     machine's speed (a shared VM) hits both alike. In-process: the server's uint8 ->
     float conversion, then the model, softmax and top-5."""
+    import torch
+
+    from explaind.imaging import uint8_hwc_to_float_chw
+
     forwards, rpcs = [], []
     with Client(target) as client, torch.inference_mode():
         for _ in range(iterations + 20):
@@ -145,6 +155,10 @@ def throughput(target: str, images: np.ndarray, clients: int, seconds: float) ->
 def model_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int, seconds: float) -> float:
     """Images per second through ``model`` alone, ``batch_size`` images per forward
     (stacked as the server stacks them: contiguous (N, 3, S, S))."""
+    import torch
+
+    from explaind.imaging import uint8_hwc_to_float_chw
+
     x = torch.stack([uint8_hwc_to_float_chw(image) for image in images[:batch_size]])
     with torch.inference_mode():
         for _ in range(5):
@@ -182,6 +196,11 @@ def main() -> None:
     parser.add_argument("--images", type=positive_int, default=1024, help="images of the one predict call sent one request at a time and pipelined")
     parser.add_argument("--repeats", type=positive_int, default=5, help="runs of that predict call each way (the median is printed)")
     args = parser.parse_args()
+    import torch
+
+    from explaind.engine.backends import check_device
+    from explaind.world.scenarios import get_scenario
+
     try:
         check_device(args.device)
     except FailedPrecondition as error:
