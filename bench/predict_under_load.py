@@ -33,7 +33,6 @@ import numpy as np
 
 from explaind.client import Client
 from explaind.world import assets
-from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 from predict import free_port, latencies, percentiles
@@ -94,6 +93,9 @@ def main() -> None:
     parser.add_argument("--neurons", type=positive_int, default=4, help="neurons the VisualizeNeurons job optimises at once")
     parser.add_argument("--threads", type=int, default=0, help="the server's [runtime].num_threads (0: torch's default, one per core)")
     args = parser.parse_args()
+    # After the arguments: --help and a usage error answer without the seconds of torch.
+    from explaind.world.scenarios import get_scenario
+
     batch = get_scenario("balanced").dataset("test", size=64).all()
     images = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     labels = batch.labels.tolist()

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from explaind.client import Client, DeadlineExceededError, InvalidArgumentError
-from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 from predict import free_port
@@ -88,6 +87,9 @@ def main() -> None:
     parser.add_argument("--cycles", type=positive_int, default=300, help="request cycles to run")
     parser.add_argument("--every", type=positive_int, default=100, help="cycles between measurements")
     args = parser.parse_args()
+    # After the arguments: --help and a usage error answer without the seconds of torch.
+    from explaind.world.scenarios import get_scenario
+
     batch = get_scenario("balanced").dataset("test", size=20).all()
     images = list((batch.images.permute(0, 2, 3, 1) * 255).round().byte().numpy())
     labels = batch.labels.tolist()

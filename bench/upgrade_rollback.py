@@ -45,7 +45,6 @@ import numpy as np
 from explaind.client import Client, NotFoundError, Operation, PermissionDeniedError
 from explaind.client._images import iter_image_messages, open_image
 from explaind.v1 import operations_pb2, sample_sets_pb2
-from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser  # bench/, the script's directory, is on sys.path
 from predict import free_port
@@ -70,6 +69,9 @@ class World:
     each owned object."""
 
     def __init__(self) -> None:
+        # Here, once the arguments are parsed: --help and a usage error answer without the seconds of torch.
+        from explaind.world.scenarios import get_scenario
+
         batch = get_scenario("balanced").dataset("test", size=400).all()
         self.images = list((batch.images.permute(0, 2, 3, 1) * 255).round().byte().numpy())
         self.labels = batch.labels.tolist()

@@ -35,20 +35,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from explaind.client import Client
 from explaind.config import default_config
-from explaind.engine import Engine, NewSample
-from explaind.engine.core import BLOB_WRITE_THREADS
-from explaind.imaging import encode_png
 from explaind.metrics import Metrics
 from explaind.store import SQLiteStore
 from explaind.world import assets
-from explaind.world.scenarios import get_scenario
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 from predict import start_server
 from soak import rss_mib
+
+if TYPE_CHECKING:
+    from explaind.engine import Engine, NewSample
 
 SERVED_SCENARIO = "spurious_background"
 SERVED_CALL_IMAGES = 1000  # images per CreateSampleSet / AppendSamples call of --served
@@ -99,6 +99,9 @@ def _timed(call: Callable[[], object]) -> tuple[float, object]:
 
 def _served(images: int, every: int, data_root: str | None) -> None:
     """The --served run (see the module's docstring)."""
+    from explaind.imaging import encode_png
+    from explaind.world.scenarios import get_scenario
+
     pngs, labels, attributes = [], [], []
     for batch in get_scenario(SERVED_SCENARIO).dataset("test", size=images).batches(SERVED_CALL_IMAGES):
         pngs += [encode_png(pixels) for pixels in (batch.images.permute(0, 2, 3, 1) * 255).round().byte().numpy()]
@@ -168,9 +171,14 @@ def main() -> None:
     parser.add_argument("--served", action="store_true", help="measure a served server with one large set instead (see above)")
     parser.add_argument("--every", type=positive_int, default=5000, help="with --served, images between measurements")
     args = parser.parse_args()
+    # Here and in _served, after the arguments: --help and a usage error answer without the seconds of torch.
     if args.served:
         _served(args.images, args.every, args.data_dir)
         return
+    from explaind.engine import Engine, NewSample
+    from explaind.engine.core import BLOB_WRITE_THREADS
+    from explaind.world.scenarios import get_scenario
+
     batch = get_scenario("balanced").dataset("test", size=args.images).all()
     pixels = (batch.images.permute(0, 2, 3, 1) * 255).round().byte().numpy()
     samples = [NewSample.from_array(image, int(label)) for image, label in zip(pixels, batch.labels)]
