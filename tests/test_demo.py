@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,18 +35,23 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class(tmp_path):
 
 
 @pytest.mark.parametrize("server", ['token_file = "token"', 'callers_file = "token"', 'callers_file = "token"\nadmins = ["ops"]'])
-def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path, server):
+def test_demo_with_a_config_that_asks_for_a_token_sends_it(tmp_path, server, monkeypatch, capfd):
     # The demo's client sent no token, so the first call after "server ready" failed
     # UNAUTHENTICATED (with named callers too: it sent their file's text); and a set without
     # mistakes has nothing to explain (not an error). The token is in a file beside the
-    # config, as a mounted secret would be.
+    # config, as a mounted secret would be. The demo's session runs in this process (its
+    # server is still a subprocess): the command line is the test above's.
+    from explaind.client.cli import main
+
     config = tmp_path / "explaind.toml"
     (tmp_path / "token").write_text("s3cret\n" if "token_file" in server else "analyst an4lyst\nops s3cret\n")
     config.write_text(f'[server]\n{server}\n')  # the balanced classifier, no CLIP
-    result = run_demo(tmp_path, "--count", "6", "--config", str(config))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"accuracy \d\.\d+ on 6 samples", result.stdout)
-    assert "UNAUTHENTICATED" not in result.stderr
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the demo leaves its report
+    code = main(["demo", "--count", "6", "--config", str(config)])
+    printed = capfd.readouterr()  # the server's output too: its stderr is this process's
+    assert code == 0, printed.err[-2000:]
+    assert re.search(r"accuracy \d\.\d+ on 6 samples", printed.out)
+    assert "UNAUTHENTICATED" not in printed.err
 
 
 def test_the_demos_server_gets_a_port_the_kernel_hands_to_no_one_unasked():
