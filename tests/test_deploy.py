@@ -704,7 +704,7 @@ def evaluated_at(rule: dict) -> float:
 
 class Prometheus:
     """Debian's prometheus on a loopback port, with the shipped config pointed at ``target``
-    and sped up (1 s scrapes and rule evaluations) and compose's features (the exemplar
+    and sped up (scrapes and rule evaluations every 250 ms) and compose's features (the exemplar
     store); its HTTP API answers the queries."""
 
     def __init__(self, root: Path, target: str) -> None:
@@ -712,7 +712,7 @@ class Prometheus:
         if binary is None:
             pytest.skip("prometheus is not installed (make test installs Debian's)")
         config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["global"] = {"scrape_interval": "250ms", "evaluation_interval": "250ms"}
         config["rule_files"] = [str(DEPLOY / rules) for rules in config["rule_files"]]
         config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
