@@ -7,6 +7,7 @@ import collections
 import copy
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -1336,14 +1337,40 @@ def test_a_feature_version_changes_with_the_normalisation_in_front_of_the_model(
     assert not [key for key in versions[0].feature_extractor.state_dict() if key.startswith("preprocess.")]
 
 
+_onnx_exports: dict[tuple[object, ...], bytes] = {}
+
+
+def _model_key(model: torch.nn.Module) -> tuple[object, ...]:
+    """What an export of ``model`` depends on: its modules' classes, their configuration and its weights."""
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return tuple(type(module) for module in model.modules()), repr(model), weights.hexdigest()
+
+
 def _export_onnx(model: torch.nn.Module, path: Path, *, batch: int | None = None, external_data: bool = False,
                  dtype: torch.dtype = torch.float32) -> str:
     """``model`` as ONNX with a dynamic batch, or a fixed ``batch``; a ``dtype`` other than
-    float32 exports a copy cast to it, taking and giving tensors of that type."""
+    float32 exports a copy cast to it, taking and giving tensors of that type.
+
+    A dynamo export takes seconds and this module's tests export the same models many times:
+    a file of one piece is exported once per model, batch and dtype and written again after
+    that (with ``external_data`` its weights file is named after ``path``, so it is exported
+    each time). The export draws nothing from the global generator, so a test's own draws
+    are the same whether its file was exported or written again."""
+    key = None if external_data else (_model_key(model), batch, dtype)
+    if key in _onnx_exports:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_onnx_exports[key])
+        return str(path)
     dynamic = {} if batch else {"dynamic_shapes": ({0: torch.export.Dim("n")},)}
-    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    torch.onnx.export(model.eval(), (torch.rand(batch or 2, 3, 64, 64, dtype=dtype),), str(path), input_names=["images"], dynamo=True,
-                      external_data=external_data, verbose=False, **dynamic)
+    cast = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.onnx.export(cast.eval(), (torch.rand(batch or 2, 3, 64, 64, dtype=dtype),), str(path), input_names=["images"], dynamo=True,
+                          external_data=external_data, verbose=False, **dynamic)
+    if key is not None:
+        _onnx_exports[key] = path.read_bytes()
     return str(path)
 
 
