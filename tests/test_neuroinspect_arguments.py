@@ -77,7 +77,7 @@ def test_a_summary_s_limit_is_a_whole_number_of_neurons(head):
     for limit in (1.5, None, True):
         with pytest.raises(TypeError, match=rf"limit must be an integer, 0 \(all\) or more, got {limit!r}"):
             ranking.summary(limit)
-    assert len(ranking.summary(np.int64(1)).splitlines()) == 3  # the heading, one neuron, the flips
+    assert len(ranking.summary(np.int64(1)).splitlines()) == 4  # the heading, the table's header, one neuron, the flips
 
 
 def test_the_proximal_solver_runs_on_an_all_zero_head():

@@ -90,4 +90,4 @@ def test_the_ranking_of_the_shapes_world_shows_in_a_few_lines(ranking):
     # Its repr was some 5 kB: every neuron and mistake index.
     assert len(repr(ranking)) < 120
     lines = ranking.summary().splitlines()
-    assert len(lines) == 2 + min(10, len(ranking.neurons)) and lines[0].startswith(f"{ranking.num_mistakes} mistakes of class ")
+    assert len(lines) == 3 + min(10, len(ranking.neurons)) and lines[0].startswith(f"{ranking.num_mistakes} mistakes of class ")

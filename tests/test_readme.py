@@ -291,7 +291,7 @@ def test_the_session_by_hand_runs_as_written_against_a_fresh_server(server_facto
         assert main(argv) == 0, argv
     printed = capsys.readouterr().out
     assert "mistakes of heart in sb-test" in printed
-    ranked = {int(neuron) for neuron in re.findall(r"^  neuron +(\d+) ", printed, flags=re.M)}
+    ranked = {int(neuron) for neuron in re.findall(r"^ +(\d+)  (?:insufficient|excessive|both) ", printed, flags=re.M)}
     named = {neuron if isinstance(neuron, int) else neuron[0]
              for argv in commands if argv[0] in ("visualize", "edit-head") for neuron in parse_arguments(argv).neurons}
     assert named and named <= ranked, f"the block's neurons {sorted(named - ranked)} are not in the ranking it prints"  # "neurons from the ranking"
