@@ -126,6 +126,11 @@ def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_tie
             expected = [sorted(range(n), key=lambda i: (-row[i], i))[:k] for row in scores.tolist()]
             assert ids.tolist() == expected, (n, k)
             assert torch.equal(values, scores.gather(1, ids))
+    # NaN, which topk takes as the largest, beside a tie that k cuts: the tie filled the k
+    # places left without the NaNs, fewer than k ids for the row, and failed reshaping them.
+    nan = math.nan
+    values, ids = top_ids(torch.tensor([[0.5, 0.5, nan, nan, 0.1, 0.2]]), 3)
+    assert ids.tolist() == [[2, 3, 0]] and values[0, 2] == 0.5 and values[0, :2].isnan().all()
 
 
 def test_only_mistakes_of_the_target_class_are_explained():

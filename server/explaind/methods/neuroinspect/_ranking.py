@@ -141,7 +141,8 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float = -math.inf)
     if k < scores.shape[1]:  # rows whose k-th score ties the next: the first tied ids fill them
         crowded = ((values[:, k - 1] == values[:, k]) & (values[:, k - 1] > ties_kept_above)).nonzero().squeeze(1)
         rows, kth = scores[crowded], values[crowded, k - 1 : k]
-        above, tied = rows > kth, rows == kth
+        # NaN (a Predict's softmax of an infinite logit) compares false but topk puts it first: it is above.
+        above, tied = (rows > kth) | rows.isnan(), rows == kth
         chosen = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
         ids[crowded] = chosen.nonzero()[:, 1].view(len(crowded), k)
     ids = ids.sort(dim=1).values
