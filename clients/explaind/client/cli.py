@@ -280,8 +280,14 @@ def _finite_number(value: str) -> float:
 
 
 def _target_ratio(value: str) -> float | str:
-    """argparse type of ``edit-head --target-ratio``: a number, or auto."""
-    return "auto" if value == "auto" else _finite_number(value)
+    """argparse type of ``edit-head --target-ratio``: a number, or auto (named in the error,
+    which said only "a finite number" to one who typed Auto)."""
+    if value == "auto":
+        return "auto"
+    try:
+        return _finite_number(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number or auto, got {value!r}") from None
 
 
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
