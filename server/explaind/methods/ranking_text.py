@@ -38,9 +38,9 @@ def check_limit(limit: int) -> None:
 def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int) -> list[str]:
     """A table of the first ``limit`` ranked neurons (0: all) under a header row: each
     one's direction, the shares of mistakes with it in their top k (which the ranking's
-    heading states) as insufficient and as excessive, its importance and top classes (semicolons between them, as ImageNet's names hold commas); one line saying so
-    where none passed the cut ratio (a summary of mistakes then ended in a heading over
-    nothing)."""
+    heading states) as insufficient and as excessive, its importance and top classes
+    (semicolons between them, as ImageNet's names hold commas); one line saying so where
+    none passed the cut ratio (a summary of mistakes then ended in a heading over nothing)."""
     check_limit(limit)
     if not neurons:
         return ["  none passed the cut ratio"]
