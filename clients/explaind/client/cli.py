@@ -257,12 +257,18 @@ def _positive_int(value: str) -> int:
     return _integer(value)
 
 
+def _number_or_nan(value: str) -> float:
+    """``float(value)``, NaN where ``value`` is no number: each argparse type below then
+    refuses it, with what it expects, as it refuses a number out of its range."""
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")
+
+
 def _positive_seconds(value: str) -> float:
     """argparse type: a number of seconds > 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
+    seconds = _number_or_nan(value)
     if not seconds > 0 or seconds == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
     return seconds
@@ -270,10 +276,7 @@ def _positive_seconds(value: str) -> float:
 
 def _finite_number(value: str) -> float:
     """argparse type: a finite number (the server checks its range and names the field)."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
+    number = _number_or_nan(value)
     if not math.isfinite(number):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
     return number
@@ -284,10 +287,10 @@ def _target_ratio(value: str) -> float | str:
     which said only "a finite number" to one who typed Auto)."""
     if value == "auto":
         return "auto"
-    try:
-        return _finite_number(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a finite number or auto, got {value!r}") from None
+    number = _number_or_nan(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number or auto, got {value!r}")
+    return number
 
 
 def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
