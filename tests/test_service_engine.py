@@ -48,7 +48,7 @@ from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
-from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, divides_by_mean, torch_threads, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, divides_by_mean, json_log_lines, torch_threads, vm_steps, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtime) -> Engine:
@@ -3716,6 +3716,38 @@ def test_a_job_whose_work_calls_sys_exit_ends_failed_internal_and_its_worker_run
     finally:
         jobs.shutdown(1)
 
+def test_each_json_line_about_an_operation_or_logged_by_its_run_carries_its_id_and_kind(tmp_path):
+    # Only their messages named them: a log pipeline joined an operation's lines, its
+    # traceback (under an incident id) and an engine's warning from its run to the
+    # operation, and to its audit line's operation_id, by parsing text.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    gate = threading.Event()
+
+    def warns_and_fails(context):
+        logging.getLogger("explaind.engine").warning("a warning from the run")
+        gate.wait(10)
+        raise RuntimeError("a bug")
+
+    try:
+        with json_log_lines("explaind") as lines:
+            failing = jobs.submit("visualize_neurons", warns_and_fails)
+            while jobs.get(failing.record.job_id).record.state != "running":
+                time.sleep(0.01)
+            queued = jobs.submit("evaluate_sample_set", lambda ctx: _empty())
+            jobs.cancel(queued.record.job_id)  # its end is logged in this thread, not a worker's
+            gate.set()
+            assert jobs.wait(failing.record.job_id, 10).record.state == "failed"
+    finally:
+        jobs.shutdown(1)
+    kinds = {failing.record.job_id: "visualize_neurons", queued.record.job_id: "evaluate_sample_set"}
+    for line in lines:
+        (job_id,) = [job_id for job_id in kinds if job_id in line["message"]] or [failing.record.job_id]  # the warning names none
+        assert (line.get("operation_id"), line.get("kind")) == (job_id, kinds[job_id]), line
+    # Queued, started, the run's warning, the traceback, the end; queued and cancelled.
+    assert [line.get("operation_id") for line in lines].count(failing.record.job_id) == 5 and len(lines) == 7, lines
+    assert any("RuntimeError: a bug" in line.get("exception", "") for line in lines)
+
+
 def test_cancelling_a_queued_job_ends_it_at_once_and_frees_its_queue_slot(tmp_path):
     store, metrics, gate, ran = SQLiteStore(tmp_path), Metrics(), threading.Event(), []
     jobs = JobManager(store, metrics, max_queued=1, workers=1)
@@ -5017,6 +5049,21 @@ def test_json_log_lines_carry_the_exception_and_any_text():
     parsed = json.loads(line)
     assert (parsed["level"], parsed["logger"], parsed["message"]) == ("ERROR", "explaind.jobs", 'job j1 failed: "ü"\n')
     assert parsed["exception"].startswith("Traceback") and "RuntimeError: store refused" in parsed["exception"]
+
+
+def test_json_log_lines_carry_the_log_fields_of_their_block_only_and_their_own_fields_first():
+    from explaind.logs import FIELDS, JsonFormatter, log_fields
+
+    def logged(**extra: object) -> dict:
+        record = logging.LogRecord("explaind.jobs", logging.INFO, __file__, 1, "line", None, None)
+        record.__dict__.update(extra)
+        return json.loads(JsonFormatter().format(record))
+
+    with log_fields(operation_id="0123", kind="edit_head"):
+        assert (logged()["operation_id"], logged()["kind"]) == ("0123", "edit_head")
+        assert logged(**{FIELDS: {"kind": "evaluate_sample_set"}})["kind"] == "evaluate_sample_set"
+    # A worker's next line, after its job's block, belongs to no operation.
+    assert set(logged()) == {"time", "level", "logger", "message"}
 
 
 def test_a_bad_token_is_refused_at_start_up_before_the_store_is_locked(tmp_path, classifier_dir):

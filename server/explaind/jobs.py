@@ -57,6 +57,7 @@ from google.protobuf.message import Message
 
 from .errors import DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
 from .imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png
+from .logs import FIELDS, log_fields
 from .messages import leading_items_that_fit
 from .metrics import Metrics, exemplar
 from .ownership import Ownership
@@ -235,15 +236,22 @@ def _holder(record: JobRecord, now: float) -> str:
     return f"{record.kind} {record.job_id} ({', '.join(part for part in (step, ran) if part)}{cancelling})"
 
 
+def _operation_ids(record: JobRecord) -> dict[str, str]:
+    """An operation's id and kind, the JSON fields (logs.FIELDS) of each line about it
+    (queued, started, ended, and all its run logs), named as its audit line names them:
+    a log pipeline joins the lines of one operation without parsing their messages."""
+    return {"operation_id": record.job_id, "kind": record.kind}
+
+
 def _log_end(record: JobRecord) -> None:
     """One line per operation's end, with its id, kind, outcome and time since submission."""
     took = (record.end_time or time.time()) - record.create_time
     if record.state == SUCCEEDED:
-        log.info("operation %s (%s) succeeded in %.2f s", record.job_id, record.kind, took)
+        log.info("operation %s (%s) succeeded in %.2f s", record.job_id, record.kind, took, extra={FIELDS: _operation_ids(record)})
         return
     level = logging.WARNING if record.error_code in _SERVER_FAILURES else logging.INFO
     log.log(level, "operation %s (%s) %s after %.2f s: %s %s", record.job_id, record.kind, record.state, took,
-            record.error_code, record.error_message)
+            record.error_code, record.error_message, extra={FIELDS: _operation_ids(record)})
 
 
 class JobManager:
@@ -344,7 +352,7 @@ class JobManager:
         with self._changed:
             if (previous := self.submitted(request)) is not None:
                 log.info("operation %s (%s) requested again (request_id %s)", previous.record.job_id, previous.record.kind,
-                         request.request_id if request else "")
+                         request.request_id if request else "", extra={FIELDS: _operation_ids(previous.record)})
                 return previous
             if not self._accepting:
                 raise Unavailable("the server is shutting down; no new jobs are accepted")
@@ -364,7 +372,7 @@ class JobManager:
             # One turn of a worker per job: the turn takes whichever job is first then (_queue_order).
             self._executor.submit(self._take_turn)
             submitted = self._snapshot(live)
-        log.info("operation %s (%s) queued", record.job_id, kind)
+        log.info("operation %s (%s) queued", record.job_id, kind, extra={FIELDS: _operation_ids(record)})
         return submitted
 
     def _queue_order(self) -> list[_LiveJob]:
@@ -395,7 +403,8 @@ class JobManager:
             live = order[0]
             self._last_start[live.record.owner] = next(self._starts)
             live.taken = True
-        with current(live.trace.span if live.trace is not None else None):  # the job's log lines carry its span's ids
+        # Every line the job's run logs carries its span's ids and its operation's (JSON fields).
+        with current(live.trace.span if live.trace is not None else None), log_fields(**_operation_ids(live.record)):
             self._run_job(live, *live.work)
 
     def _run_job(self, live: _LiveJob, fn: Callable[[JobContext], Message], cut_lists: tuple[str, ...]) -> None:
@@ -652,7 +661,7 @@ class JobManager:
                 # tell a cancel (CANCELLED) from a shutdown (FAILED, ABORTED).
                 self._update(live, persist=True, cancel_requested=True)
                 live.cancel_event.set()
-                log.info("operation %s (%s): cancel requested", job_id, live.record.kind)
+                log.info("operation %s (%s): cancel requested", job_id, live.record.kind, extra={FIELDS: _operation_ids(live.record)})
         return self.get(job_id), True
 
     def _require_owner(self, job_id: str, caller: str | None) -> None:

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import json
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 LOG_FORMATS = ("text", "json")
@@ -16,13 +19,30 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The ``extra`` key of a record whose fields (name -> str) its JSON line carries as keys
 # of their own, beside its message that names them too: a pipeline filters on them
-# without parsing the message (the audit lines of explaind.service.audit).
+# without parsing the message (the audit lines of explaind.service.audit, an operation's
+# lines: explaind.jobs).
 FIELDS = "fields"
+
+# The fields every line logged in the current context carries besides its own (log_fields).
+_CONTEXT_FIELDS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("explaind_log_fields", default={})
+
+
+@contextmanager
+def log_fields(**fields: str) -> Iterator[None]:
+    """While the block runs (in this thread), each JSON line carries ``fields`` as keys of
+    their own, as a record's FIELDS do (which win over them): a job's ``operation_id`` and ``kind`` on every line
+    its run logs (its traceback under an incident id, an engine's warning), which a log
+    pipeline then joins to the operation without parsing messages."""
+    token = _CONTEXT_FIELDS.set(fields)
+    try:
+        yield
+    finally:
+        _CONTEXT_FIELDS.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, the FIELDS][, "trace_id",
-    "span_id"][, "exception"]}`` per record; the ids (hex, as trace backends show them) of
+    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, the log_fields and FIELDS][,
+    "trace_id", "span_id"][, "exception"]}`` per record; the ids (hex, as trace backends show them) of
     the span current in the thread that logs, when tracing (explaind.tracing) has one
     sampled: a call's or an operation's lines then lead to its trace, and back."""
 
@@ -32,6 +52,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **_CONTEXT_FIELDS.get(),
             **getattr(record, FIELDS, {}),
         }
         line.update(_current_span_ids())
