@@ -172,6 +172,17 @@ def test_dashboard_queries_work_under_any_scrape_job_name():
         assert not re.search(r"\bjob\s*(=~|!~|!=|=)", expr), f"{title}: {expr!r}"
 
 
+def test_job_latency_panels_read_windows_long_enough_to_hold_a_job_s_end():
+    # A visualisation or an edit runs for minutes and ends a few times an hour: over 5
+    # minutes most windows held no observation, and the job p99 panels showed no data
+    # most of the time. 30 minutes, as the alerts on calls made every few minutes read.
+    job_series = re.compile(r"explaind_job_(?:duration|queue_wait|stage_duration)_seconds")
+    read = [(title, expr) for title, expr in dashboard_queries() if job_series.search(expr)]
+    assert len(read) >= 5
+    for title, expr in read:
+        assert set(re.findall(r"\[(\w+)\]", expr)) == {"30m"}, (title, expr)
+
+
 def test_dashboard_and_alert_label_values_name_real_rpcs():
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
 
