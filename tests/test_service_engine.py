@@ -6172,9 +6172,10 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
     try:
         with store.writing_blobs() as put:
             abandoned_image, continued_image, only_abandoned = put(b"abandoned"), put(b"continued"), put(b"only in the abandoned set")
+            only_finished = put(b"only in the finished set")
             store.create_sample_set("abandoned", "", [SampleRecord(abandoned_image, 0), SampleRecord(only_abandoned, 0)], uploading=True)
             store.create_sample_set("continued", "", [SampleRecord(continued_image, 0)], uploading=True)
-            store.create_sample_set("finished", "", [SampleRecord(abandoned_image, 1)])
+            store.create_sample_set("finished", "", [SampleRecord(abandoned_image, 1), SampleRecord(only_finished, 1)])
         later, later_clock = time.time() + 601, time.monotonic() + 601
         monkeypatch.setattr(time, "time", lambda: later)
         monkeypatch.setattr(time, "monotonic", lambda: later_clock)  # idle by the clock no one sets
@@ -6186,6 +6187,8 @@ def test_an_upload_no_request_continues_is_deleted_with_its_images_by_the_sweep(
         server._sweep_once()  # its images lost their last reference at the first sweep
         assert not store._blob_path(abandoned_image).exists() and store._blob_path(continued_image).exists()
         assert not store._blob_path(only_abandoned).exists()  # the set's deletion alone made it a candidate
+        assert not store._blob_path(only_finished).exists()
+        assert server.metrics.registry.get_sample_value("explaind_stored_files_deleted_total") == 3  # per file, not per sweep
         server.config = server.config.replace("server", upload_idle_timeout_s=0)  # 0: only a restart deletes it
         monkeypatch.setattr(time, "time", lambda: later + 10**6)
         monkeypatch.setattr(time, "monotonic", lambda: later_clock + 10**6)
