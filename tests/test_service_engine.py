@@ -4193,7 +4193,7 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
 
 
 @pytest.mark.parametrize(("refused", "said"), [("succeeded", "the job ended succeeded but"), ("running", "the job could not be started:")])
-def test_a_job_whose_end_or_start_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path, refused, said):
+def test_a_job_whose_end_or_start_a_full_data_dir_refuses_fails_resource_exhausted_naming_it(tmp_path, refused, said, caplog):
     # It failed INTERNAL, "the store failed to record it (ResourceExhausted)": no word of
     # the full data dir the caller can do nothing about but wait, nor of the operator's cue.
     # So did a job queued while the data dir filled, at its start.
@@ -4211,6 +4211,10 @@ def test_a_job_whose_end_or_start_a_full_data_dir_refuses_fails_resource_exhaust
     assert record.error_message == (f"{said} the store could not record it: the server's data dir {tmp_path} is full "
                                     "(database or disk is full); the operator must free space there; submit it again")
     assert store.get_job(job.record.job_id).error_code == "RESOURCE_EXHAUSTED"
+    # Its end line says so, at WARNING; an ERROR traceback of the refusal, per job while
+    # the disk was full (two for a start refused), only repeated it.
+    assert [(line.levelname, line.exc_info) for line in caplog.records if line.name == "explaind.jobs" and line.levelno >= logging.WARNING
+            and job.record.job_id in line.getMessage()] == [("WARNING", None)]
     jobs.delete(job.record.job_id)
     jobs.shutdown(5)
     store.close()

@@ -225,6 +225,15 @@ def _store_refusal(error: Exception) -> tuple[str, str]:
     return "INTERNAL", f"the store failed to record it ({type(error).__name__})"
 
 
+def _log_write_failure(error: Exception, message: str, *args: object) -> None:
+    """A job's write the store failed: with its traceback, unless the store refused it with
+    a reason (an ExplaindError: the data dir full, which the store says once itself). The
+    operation's end line then tells it, at WARNING with that reason; an ERROR traceback
+    of the refusal per job, two for a job it refused to start, only repeated it."""
+    if not isinstance(error, ExplaindError):
+        log.error(message, *args, exc_info=error)
+
+
 def _holder(record: JobRecord, now: float) -> str:
     """A running job as a queued one's message names it: kind, id, its step and how long
     it has run by ``now`` (the clock of its start_time, JobManager.store's now()), e.g.
@@ -417,7 +426,7 @@ class JobManager:
             try:
                 self._update(live, persist=True, state=RUNNING, start_time=started, message="running")
             except Exception as error:  # noqa: BLE001 - the store refused the write; the job cannot run
-                log.exception("job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
+                _log_write_failure(error, "job %s (%s): storing its start failed", live.record.job_id, live.record.kind)
                 code, why = _store_refusal(error)
                 self._finish(live, FAILED, error=(code, f"the job could not be started: {why}; submit it again"))
                 return
@@ -513,14 +522,14 @@ class JobManager:
             self._end(live, state=state, end_time=self.store.now(), error_code=error[0], error_message=error[1],
                       result=result, message=message, **changes)
         except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
-            log.exception("job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
+            _log_write_failure(write_error, "job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
             code, why = _store_refusal(write_error)
             failed = dict(state=FAILED, end_time=self.store.now(), error_code=code, result=b"", message="failed",
                           error_message=f"the job ended {state} but {why}; submit it again")
             try:
                 self._end(live, **failed)
-            except Exception:  # noqa: BLE001
-                log.exception("job %s: storing its failure failed too", live.record.job_id)
+            except Exception as failure_write_error:  # noqa: BLE001
+                _log_write_failure(failure_write_error, "job %s: storing its failure failed too", live.record.job_id)
                 with self._changed:
                     self._set_record(live, dataclasses.replace(live.record, **failed))
 
