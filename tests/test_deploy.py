@@ -183,6 +183,22 @@ def test_job_latency_panels_read_windows_long_enough_to_hold_a_job_s_end():
         assert set(re.findall(r"\[(\w+)\]", expr)) == {"30m"}, (title, expr)
 
 
+def test_dashboard_panels_state_the_unit_of_what_they_plot():
+    # Without one Grafana prints a p99 of 0.0042 as "0.00420" and 90 s as "90": seconds of
+    # Predict and hours of visualisations, free bytes of a data dir, read as bare numbers.
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "explaind.json").read_text())
+    for panel in dashboard["panels"]:
+        if panel["type"] != "timeseries":
+            continue
+        exprs, unit = [target["expr"] for target in panel["targets"]], panel["fieldConfig"]["defaults"].get("unit")
+        if all(re.search(r"_seconds_(bucket|sum)\b", expr) for expr in exprs):
+            assert unit == "s", panel["title"]
+        elif all("_bytes" in expr for expr in exprs):
+            assert unit == "bytes", panel["title"]
+        else:
+            assert unit, panel["title"]
+
+
 def test_dashboard_and_alert_label_values_name_real_rpcs():
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
 
