@@ -5499,6 +5499,33 @@ def test_list_operations_pages_hold_100_by_default_and_at_most_1000(tmp_path):
         jobs.shutdown(5)
 
 
+def test_operations_created_at_the_same_time_are_listed_by_id_and_paged_through_once_each(tmp_path):
+    """ListOperationsResponse.operations: "Newest first (by create time, then id)": a tie
+    in create time goes by id, and pages of one resume past it, skipping and repeating none."""
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.operations import OperationsServicer
+    from explaind.store import JobRecord
+    from explaind.v1 import operations_pb2
+
+    store = SQLiteStore(tmp_path, reserve_bytes=0)
+    times = {"00000000000000c0": 1000.0, "00000000000000b2": 2000.0, "00000000000000a1": 2000.0, "00000000000000b1": 2000.0}
+    for job_id, create_time in times.items():
+        store.insert_job(JobRecord(job_id=job_id, kind="evaluate", state="succeeded", create_time=create_time, end_time=create_time + 1))
+    jobs = JobManager(store, Metrics(), workers=1)
+    try:
+        servicer = OperationsServicer(jobs, max_message_bytes=4 << 20, held_calls=HeldCalls(1))
+        expected = ["operations/00000000000000a1", "operations/00000000000000b1", "operations/00000000000000b2", "operations/00000000000000c0"]
+        assert [o.name for o in servicer.ListOperations(operations_pb2.ListOperationsRequest(), None).operations] == expected
+        paged, token = [], ""
+        for _ in range(len(times)):
+            page = servicer.ListOperations(operations_pb2.ListOperationsRequest(page_size=1, page_token=token), None)
+            paged += [o.name for o in page.operations]
+            token = page.next_page_token
+        assert paged == expected
+    finally:
+        jobs.shutdown(5)
+
+
 def test_list_operations_reads_only_the_responses_it_sends(tmp_path):
     # A page of up to 1000 operations read every one's stored response (up to half the
     # message limit each) before sending none (OPERATION_VIEW_BASIC) or the few that fit:
