@@ -1287,6 +1287,120 @@ def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_
         _shut(engine)
 
 
+def test_a_visualisation_or_edit_request_left_unset_runs_with_the_defaults_its_proto_documents(tmp_path, world_set, monkeypatch):
+    # VisualizeNeuronsRequest: steps 0 means 400, γ 0.5, learning rate 9e-3, seed 0,
+    # classes_per_neuron 0 means 1, a preview every 10 steps; EditHeadRequest: learning
+    # rate 1e-3, max_epochs 0 means 20 and patience 0 means 5. Only that a 0 was accepted
+    # was tested: another default in the engine went unnoticed. What reaches the methods
+    # is recorded; they then run a few steps or one epoch instead.
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.jobs import JobContext
+    from explaind.service import convert
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    received, previewed = {}, []
+    report = JobContext.report_progress
+
+    def recorded(self, step, total=None, message="", preview=None):
+        if preview is not None:
+            previewed.append(step)
+        report(self, step, total, message, preview)
+
+    class RecordedIllusion(engine_module.ClipIllusion):
+        def visualize(self, pairs, **options):
+            received["visualize"] = (list(pairs), options)
+            return super().visualize(pairs, **{**options, "steps": 15, "method": "no_clip"})  # no CLIP model here
+
+    class RecordedEditor(engine_module.HeadEditor):
+        def edit(self, features, labels, **options):
+            received["edit"] = options
+            return super().edit(features, labels, **{**options, "max_epochs": 1})
+
+    monkeypatch.setattr(JobContext, "report_progress", recorded)
+    monkeypatch.setattr(engine_module, "ClipIllusion", RecordedIllusion)
+    monkeypatch.setattr(engine_module, "HeadEditor", RecordedEditor)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+        visualize = neuroinspect_pb2.VisualizeNeuronsRequest(pairs=[neuroinspect_pb2.NeuronClassPair(neuron=7)],
+                                                             method=neuroinspect_pb2.VISUALIZATION_METHOD_NO_CLIP)
+        edit = neuroinspect_pb2.EditHeadRequest(sample_set_id="train", class_name="heart", neurons=[1])
+        for call, request in ((servicer.VisualizeNeurons, visualize), (servicer.EditHead, edit)):
+            assert engine.jobs.wait(convert.job_id(call(request, None).operation.name), 120).record.state == "succeeded"
+        pairs, options = received["visualize"]
+        top_class = int(engine.models.active.head.weight[:, 7].argmax())
+        assert pairs == [(7, top_class)]  # one class: the neuron's largest head weight
+        assert {name: options[name] for name in ("steps", "gamma", "learning_rate", "seed")} == {"steps": 400, "gamma": 0.5, "learning_rate": 9e-3, "seed": 0}
+        assert previewed == [10, 15]  # every 10 steps, and the last
+        assert {name: received["edit"][name] for name in ("learning_rate", "max_epochs", "patience", "seed")} == {
+            "learning_rate": 1e-3, "max_epochs": 20, "patience": 5, "seed": 0}
+        # clip_illusion's unset ε is the server's [clip].illusion_epsilon, not a fixed 0.05.
+        monkeypatch.setitem(engine.components, "clip", SimpleNamespace(loaded=True, model=(None, None, None), detail=""))
+        monkeypatch.setattr(engine, "config", engine.config.replace("clip", illusion_epsilon=0.25))
+        visualize.method = neuroinspect_pb2.VISUALIZATION_METHOD_UNSPECIFIED  # clip_illusion
+        assert engine.jobs.wait(convert.job_id(servicer.VisualizeNeurons(visualize, None).operation.name), 120).record.state == "succeeded"
+        assert (received["visualize"][1]["method"], received["visualize"][1]["epsilon"]) == ("clip_illusion", 0.25)
+    finally:
+        _shut(engine)
+
+
+def test_a_ranking_request_left_unset_runs_with_the_defaults_its_proto_documents_and_its_operation_ends_at_step_total(tmp_path, world_set, monkeypatch):
+    # RankMistakeNeuronsRequest: l1 0.1, l2 0.01, max_iterations 0 means 1000, cut_ratio
+    # 0.03, top_k 0 means 5, solver faithful. Progress: "total is the iteration cap, and a
+    # ranking whose mistakes all flipped sooner ends at step == total".
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.service import convert
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    received = []
+
+    class RecordedRanker(engine_module.MistakeNeuronRanker):
+        def rank(self, features, labels, **options):
+            received.append(options)
+            return super().rank(features, labels, **options)
+
+    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordedRanker)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+        request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="train", class_name="heart", execution=neuroinspect_pb2.EXECUTION_OPERATION)
+        context = SimpleNamespace(is_active=lambda: True)
+        record = engine.jobs.wait(convert.job_id(servicer.RankMistakeNeurons(request, context).operation.name), 120).record
+        ranking = _succeeded_result(record, neuroinspect_pb2.NeuronRanking())
+        assert {name: received[0][name] for name in ("solver", "l1", "l2", "max_iterations", "cut_ratio", "top_k")} == {
+            "solver": "faithful", "l1": 0.1, "l2": 0.01, "max_iterations": 1000, "cut_ratio": 0.03, "top_k": None}
+        assert (ranking.top_k, ranking.solver) == (5, "faithful")
+        assert ranking.mistake_count and (record.step, record.total) == (1000, 1000)
+    finally:
+        _shut(engine)
+
+
+def test_head_version_pages_hold_100_by_default_and_at_most_1000(tmp_path, monkeypatch):
+    # ListHeadVersionsRequest.page_size: "0 means 100; at most 1000". Unit level: a thousand
+    # versions are too slow to store here.
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        limits, listed = [], inspect.head_versions
+        monkeypatch.setattr(inspect, "head_versions", lambda *, after, limit: limits.append(limit) or listed(after=after, limit=limit))
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+        for page_size in (0, 1000, 1001):
+            assert [v.version_id for v in servicer.ListHeadVersions(neuroinspect_pb2.ListHeadVersionsRequest(page_size=page_size), None).versions] == ["v0"]
+        assert limits == [100, 1000, 1000]
+    finally:
+        _shut(engine)
+
+
 def test_an_inline_ranking_ranks_the_set_it_checked_not_one_made_under_its_id_since(tmp_path, world_set, monkeypatch):
     # The set was read by id alone after its checks: one deleted and created again in
     # between (another client's replace) was ranked instead, and answered as the set asked for.
