@@ -1813,6 +1813,22 @@ def test_a_ranking_answered_neither_inline_nor_as_an_operation_says_to_upgrade(c
         client.rank_mistake_neurons("any", 0)
 
 
+def test_a_ranking_without_a_timeout_gives_its_request_at_least_300_s_and_one_with_a_timeout_that(client, monkeypatch):
+    # rank_mistake_neurons: "None: the request gets at least 300 s" (an inline ranking
+    # computes in the call), the client's timeout where that is longer; a given timeout as is.
+    from explaind.v1 import neuroinspect_pb2
+
+    deadlines = []
+    answer = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=neuroinspect_pb2.NeuronRanking(class_name="heart"))
+    monkeypatch.setattr(client, "_call", lambda service, method, request, **kwargs: deadlines.append(kwargs["timeout"]) or answer)
+    monkeypatch.setattr(client, "timeout", 5.0)
+    client.rank_mistake_neurons("any", 0)
+    monkeypatch.setattr(client, "timeout", 600.0)
+    client.rank_mistake_neurons("any", 0)
+    client.rank_mistake_neurons("any", 0, timeout=2)
+    assert deadlines == [300.0, 600.0, 2]
+
+
 class _EvaluatingServer(inference_pb2_grpc.InferenceServiceServicer):
     """An InferenceService whose first EvaluateSampleSet answer is lost (UNAVAILABLE without
     a RetryInfo, after it started the operation), which honours request_id if ``capable``
