@@ -1188,10 +1188,10 @@ class Client:
         (neuron, class) pair, 64 images at most. ``method``: "clip_illusion",
         "feature_visualization" or "no_clip"; ``steps`` 0 means 400. Unset, ``gamma`` (γ,
         the class logit's weight) is 0.5, ``epsilon`` (ε, CLIP-Illusion's, which needs
-        cos + ε > 0) the server's ``[clip].illusion_epsilon`` (0.05; 1.0 for the shapes
-        world's CLIP), ``learning_rate`` 9e-3; one the method ignores is refused. ``seed``
-        fixes each pair's start image and augmentations; ``preview_every``: a progress
-        preview every this many steps (0: 10). ``.result()`` gives
+        cos + ε > 0) the server's ``[clip].illusion_epsilon`` (0.05 unless configured; 1.0
+        without a config file, for the shapes world's CLIP), ``learning_rate`` 9e-3; one the
+        method ignores is refused. ``seed`` fixes each pair's start image and augmentations;
+        ``preview_every``: a progress preview every this many steps (0: 10). ``.result()`` gives
         :class:`NeuronVisualizations`, whose ``visualizations`` hold PIL images, in request
         order. ``request_id``: see :meth:`evaluate_sample_set`."""
         expected = "expected a list of neuron indices or (neuron, class) pairs"
