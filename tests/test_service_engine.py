@@ -782,6 +782,27 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     version.require_split("anything")  # a split one passes
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
+def test_a_torchscript_classifier_reports_its_own_runtime_on_the_cpu_whatever_the_config_says(tmp_path):
+    # ClassifierInfo.backend: "torchscript" for TorchScript, whatever the config says;
+    # .device: "cpu" for an inference-only classifier.
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import inference_pb2
+
+    scripted = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(tiny_net().eval(), torch.rand(1, 3, 32, 32)), scripted)
+    config = (default_config().replace("classifier", loader="torchscript", path=str(scripted), image_size=32)
+              .replace("runtime", backend="compile").replace("server", data_dir=str(tmp_path / "data"))
+              .replace("clip", path="").replace("diffusion", path=""))  # loading those would only slow the test
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    try:
+        meta = InferenceServicer(engine, serving=lambda: True).GetModelMetadata(inference_pb2.GetModelMetadataRequest(), None).classifier
+        assert (meta.loader, meta.backend, meta.device, meta.supports_features) == ("torchscript", "torchscript", "cpu", False)
+    finally:
+        engine.close()
+
+
 class _Overflowing(_Tiny):
     """tiny_net with its features scaled past float32's range: infinite for every image."""
 
