@@ -2114,6 +2114,10 @@ def test_a_jobs_feature_progress_counts_each_batch_as_it_starts_and_ends_with_al
     engine.sample_set_features("progress", batch_size=2, context=context)
     assert context.reports == [(0, 5, "computing features 0/5"), (2, 5, "computing features 2/5"), (4, 5, "computing features 4/5"),
                                (5, 5, "features ready")]
+    # Progress: "0 of 0 when all are cached".
+    cached = Recording()
+    engine.sample_set_features("progress", batch_size=2, context=cached)
+    assert cached.reports == [(0, 0, "features ready")]
 
 
 def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, monkeypatch):
