@@ -1192,6 +1192,28 @@ def test_a_result_that_runs_out_of_time_hands_back_its_operation():
         assert late.value.operation is operation
 
 
+class _EndedOperations(operations_pb2_grpc.OperationsServiceServicer):
+    """Answers that "operations/x" has succeeded, and records the methods asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def GetOperation(self, request, context):
+        self.asked.append("GetOperation")
+        return operations_pb2.GetOperationResponse(operation=_operation_message(request.name, done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED))
+
+
+def test_a_wait_of_0_or_less_looks_once_and_does_not_wait():
+    # Operation.wait: "0 or less: look once, the poll of 'is it done yet?'": without the
+    # look it handed back the state last seen (running), however long ago that was.
+    servicer = _EndedOperations()
+    with _running_operation_of(servicer) as operation:
+        assert operation.wait(timeout=0).done and operation.state == "succeeded"
+    with _running_operation_of(servicer) as operation:
+        assert operation.wait(timeout=-1).done
+    assert servicer.asked == ["GetOperation", "GetOperation"]  # a look each, no WaitOperation
+
+
 def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exceeded():
     # Each WaitOperation call's deadline is WAIT_CALL_MARGIN_S past the wait it asks for;
     # a deadline of the wait alone failed the caller's wait with DEADLINE_EXCEEDED.
