@@ -30,9 +30,9 @@ _CONTEXT_FIELDS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar
 @contextmanager
 def log_fields(**fields: str) -> Iterator[None]:
     """While the block runs (in this thread), each JSON line carries ``fields`` as keys of
-    their own, as a record's FIELDS do (which win over them): a job's ``operation_id`` and ``kind`` on every line
-    its run logs (its traceback under an incident id, an engine's warning), which a log
-    pipeline then joins to the operation without parsing messages."""
+    their own, as a record's FIELDS do (which win over them): a job's ``operation_id`` and
+    ``kind`` on every line its run logs (its traceback under an incident id, an engine's
+    warning), which a log pipeline then joins to the operation without parsing messages."""
     token = _CONTEXT_FIELDS.set(fields)
     try:
         yield
@@ -41,10 +41,11 @@ def log_fields(**fields: str) -> Iterator[None]:
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, the log_fields and FIELDS][,
-    "trace_id", "span_id"][, "exception"]}`` per record; the ids (hex, as trace backends show them) of
-    the span current in the thread that logs, when tracing (explaind.tracing) has one
-    sampled: a call's or an operation's lines then lead to its trace, and back."""
+    """``{"time": RFC 3339 UTC, "level", "logger", "message"[, the log_fields and
+    FIELDS][, "trace_id", "span_id"][, "exception"]}`` per record; the ids (hex, as trace
+    backends show them) of the span current in the thread that logs, when tracing
+    (explaind.tracing) has one sampled: a call's or an operation's lines then lead to its
+    trace, and back."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
