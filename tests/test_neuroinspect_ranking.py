@@ -404,3 +404,20 @@ def test_a_summary_with_limit_0_lists_every_neuron_however_many():
     # An importance at its cap (1e15) keeps the top classes in their column.
     huge = [SimpleNamespace(**{**vars(neurons[0]), "importance": 1e15}), neurons[1]]
     assert len({line.index(" 0", 60) for line in neuron_lines(huge, 0)[1:]}) == 1
+
+
+def test_importances_read_with_two_decimals_below_1e6_and_in_exponent_form_from_it():
+    # Every power of ten up to the 1e15 cap keeps the top classes in their column (1e7's
+    # "10000000.00" would push them out), and the form changes at 1e6 itself.
+    from types import SimpleNamespace
+
+    from explaind.methods.ranking_text import neuron_lines
+
+    neurons = [SimpleNamespace(neuron=e, direction="excessive", insufficient_ratio=0.0, excessive_ratio=1.0, importance=10.0**e, top_classes=("cat",))
+               for e in range(16)]
+    lines = neuron_lines(neurons, 0)
+    assert {line.index("cat") for line in lines[1:]} == {lines[0].index("top classes")}
+    importance = {line.split()[0]: line.split()[4] for line in lines[1:]}
+    assert (importance["0"], importance["5"], importance["6"], importance["15"]) == ("1.00", "100000.00", "1.00e+06", "1.00e+15")
+    below = SimpleNamespace(**{**vars(neurons[0]), "importance": 999999.99})
+    assert neuron_lines([below], 0)[1].split()[4] == "999999.99"
