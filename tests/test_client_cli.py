@@ -156,6 +156,10 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--target-ratio", "nan"], "--target-ratio: expected a finite number or auto, got 'nan'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--target-ratio", "Auto"], "--target-ratio: expected a finite number or auto, got 'Auto'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--strength", "high"], "--strength: expected a finite number, got 'high'"),
+        # An infinity is no number the server takes either: refused here, as NaN is, in the option's words.
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--strength", "inf"], "--strength: expected a finite number, got 'inf'"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--target-ratio=-inf"], "--target-ratio: expected a finite number or auto, got '-inf'"),
+        (["edit-head", "s", "--class", "heart", "--neurons", "3", "--learning-rate", "fast"], "--learning-rate: expected a finite number, got 'fast'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--max-epochs", "-1"], "--max-epochs: expected an integer >= 0, got '-1'"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
