@@ -2567,8 +2567,9 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
     engine.create_sample_set("attributes", "", [NewSample.from_array(pixels, 0, at_the_limits)])
     # A display name is printed as it is by the CLI's listing, for every caller: a hostile
     # one's terminal escapes, line breaks or NULs were stored and listed back.
-    for name in ("\x1b[2Jred", "two\nlines", "nul\x00", "c1\x9b31m", "del\x7f"):
-        with pytest.raises(InvalidArgument, match="control character") as refused:
+    for name, shown in (("\x1b[2Jred", "(U+001B) at 0"), ("two\nlines", "(U+000A) at 3"), ("nul\x00", "(U+0000) at 3"), ("c1\x9b31m", "(U+009B) at 2"),
+                        ("del\x7f", "(U+007F) at 3")):
+        with pytest.raises(InvalidArgument, match="control character .*" + re.escape(shown)) as refused:
             engine.create_sample_set("named", name, [NewSample.from_array(pixels, 0)])
         assert refused.value.field == "display_name"
     # Nor bidirectional overrides, embeddings or isolates ("Trojan Source"): U+202E showed
@@ -2579,7 +2580,8 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
         assert refused.value.field == "display_name"
     assert engine.create_sample_set("named", "Café ✓ 🙂 tab-free", [NewSample.from_array(pixels, 0)]).display_name == "Café ✓ 🙂 tab-free"
     # Right-to-left letters, and the LRM/RLM marks that open nothing, are names people write.
-    for i, name in enumerate(("مجموعة ١", "קבוצה\u200f 2", "a\u200eb")):
+    # U+202F (narrow no-break space, French "1\u202f000"), just past the overrides, is text.
+    for i, name in enumerate(("مجموعة ١", "קבוצה\u200f 2", "a\u200eb", "lot 1\u202f000")):
         assert engine.create_sample_set(f"rtl{i}", name, [NewSample.from_array(pixels, 0)]).display_name == name
     for top_k in (9, -1):  # a negative k reached topk() and failed as INTERNAL
         with pytest.raises(InvalidArgument, match="top_k"):
