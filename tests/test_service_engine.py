@@ -24,6 +24,7 @@ import threading
 import time
 import tracemalloc
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -771,7 +772,9 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     # A TorchScript model predicts as it is; what would explain it is said where it is refused.
     scripted = tmp_path / "tiny.pt"
     torch.jit.save(torch.jit.trace(tiny_net().eval(), torch.rand(1, 3, 32, 32)), scripted)
+    filters = list(warnings.filters)
     served = load_classifier(ClassifierSection(loader="torchscript", path=str(scripted), image_size=32))
+    assert warnings.filters == filters  # the loader's ignoring of jit.load's FutureWarning does not outlast its load
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(served.predict_fn(images), tiny_net().eval()(images))
