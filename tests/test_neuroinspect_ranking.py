@@ -126,6 +126,9 @@ def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_tie
             expected = [sorted(range(n), key=lambda i: (-row[i], i))[:k] for row in scores.tolist()]
             assert ids.tolist() == expected, (n, k)
             assert torch.equal(values, scores.gather(1, ids))
+            # Each row alone too: whether ties are looked for holds for the whole batch, and
+            # another row's ties hid a row whose only tie is its k-th score with the next.
+            assert [top_ids(row.unsqueeze(0), k)[1][0].tolist() for row in scores] == expected, (n, k)
     # NaN, which topk takes as the largest, beside a tie that k cuts: the tie filled the k
     # places left without the NaNs, fewer than k ids for the row, and failed reshaping them.
     nan = math.nan
