@@ -134,6 +134,16 @@ def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_tie
     nan = math.nan
     values, ids = top_ids(torch.tensor([[0.5, 0.5, nan, nan, 0.1, 0.2]]), 3)
     assert ids.tolist() == [[2, 3, 0]] and values[0, 2] == 0.5 and values[0, :2].isnan().all()
+    # NaNs with no tie among the numbers: they were left in topk's order (3, 5, 4 for a k of
+    # 3 below) while a tie in another row of the batch put them in id order, so a Predict
+    # answered an image of NaN probabilities by which requests shared its batch. NaNs tie
+    # with each other: the first by id, first.
+    tied = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    for row in ([0.1, 0.2, nan, nan, nan, nan], [0.1, 0.2, nan, nan, 0.5, nan], [nan, 0.3, nan, 0.2, nan, 0.1]):
+        expected = sorted(range(6), key=lambda i: (not math.isnan(row[i]), 0.0 if math.isnan(row[i]) else -row[i], i))
+        for k in range(1, 7):
+            alone, batched = top_ids(torch.tensor([row]), k)[1][0], top_ids(torch.stack([torch.tensor(row), tied]), k)[1][0]
+            assert alone.tolist() == batched.tolist() == expected[:k], (row, k)
 
 
 def test_only_mistakes_of_the_target_class_are_explained():

@@ -134,21 +134,29 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float = -math.inf)
     leaves ties to its kernel, which took ids 6 and 3 of 3, 4 and 6 tied in a row of 8 on
     a CPU, and may take others on another device.
     Scores tied at or below ``ties_kept_above`` are left in topk's order, for a caller
-    that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time."""
+    that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time.
+    NaN (a Predict's softmax of an infinite logit), which topk puts above every number,
+    ties with NaN here: a row's NaNs are ordered by id, whatever the other rows hold."""
     values, ids = scores.topk(min(k + 1, scores.shape[1]), dim=1)
-    if not (values[:, 1:] == values[:, :-1]).any():  # no ties: topk's answer is the only one (Predict's usual case)
+    if not _tied(values[:, 1:], values[:, :-1]).any():  # no ties: topk's answer is the only one (Predict's usual case)
         return values[:, :k], ids[:, :k]
     ids = ids[:, :k].clone()
     if k < scores.shape[1]:  # rows whose k-th score ties the next: the first tied ids fill them
-        crowded = ((values[:, k - 1] == values[:, k]) & (values[:, k - 1] > ties_kept_above)).nonzero().squeeze(1)
+        last, following = values[:, k - 1], values[:, k]
+        crowded = (_tied(last, following) & ((last > ties_kept_above) | last.isnan())).nonzero().squeeze(1)
         rows, kth = scores[crowded], values[crowded, k - 1 : k]
-        # NaN (a Predict's softmax of an infinite logit) compares false but topk puts it first: it is above.
-        above, tied = (rows > kth) | rows.isnan(), rows == kth
+        tied = _tied(rows, kth)
+        above = ((rows > kth) | rows.isnan()) & ~tied
         chosen = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
         ids[crowded] = chosen.nonzero()[:, 1].view(len(crowded), k)
     ids = ids.sort(dim=1).values
     values, order = scores.gather(1, ids).sort(dim=1, descending=True, stable=True)
     return values, ids.gather(1, order)
+
+
+def _tied(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Where ``first`` and ``second`` are equal or both NaN (which ``==`` calls unequal)."""
+    return (first == second) | (first.isnan() & second.isnan())
 
 
 def neuron_top_classes(weight: torch.Tensor, neuron: int, k: int) -> list[int]:
