@@ -1633,11 +1633,11 @@ def test_sample_set_list_marks_unfinished_uploads_names_owners_and_escapes_names
     from explaind.client import SampleSet
 
     now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-    listed = [SampleSet("half", "red\x1b[2J\nforged", 512, {0: 512}, now, now, uploading=True, owner="ops")]
+    listed = [SampleSet("half", "red\x1b[2J\nforged\u2028too", 512, {0: 512}, now, now, uploading=True, owner="ops")]
     monkeypatch.setattr(Client, "sample_sets", lambda self, owner="": listed)
     assert main(["--target", "127.0.0.1:1", "sample-set", "list"]) == 0
-    (line,) = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"half +512 samples  red\\x1b\[2J\\nforged  \(updated [-\d]+ [:\d]+ \w+, still uploading, by ops\)", line), line
+    (line,) = capsys.readouterr().out.splitlines()  # U+2028 (line separator) is a line break to splitlines
+    assert re.fullmatch(r"half +512 samples  red\\x1b\[2J\\nforged\\u2028too  \(updated [-\d]+ [:\d]+ \w+, still uploading, by ops\)", line), line
 
 
 def test_sample_set_list_escapes_a_name_s_bidirectional_controls(capsys, monkeypatch):

@@ -55,14 +55,16 @@ def _abbreviated(value: object, shown: int) -> str:
 # the clipboard) or which forge lines: a set's attribute values are kept as given. Also
 # the bidirectional embeddings, overrides and isolates (U+202A-202E, U+2066-2069): a
 # set's name holding U+202E (right-to-left override) showed the rest of its line, "by
-# <owner>" included, reversed on a terminal that lays out bidirectional text.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# <owner>" included, reversed on a terminal that lays out bidirectional text. And the
+# line and paragraph separators (U+2028, U+2029), which break lines as \n does for
+# str.splitlines and editors.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
 
 
 def escape_controls(text: str) -> str:
-    """``text`` another caller stored (an attribute value, a set's name) with its control
-    and bidirectional-control characters escaped as Python writes them (``\\x1b``, ``\\n``,
-    ``\\u202e``), for a terminal or a summary's lines."""
+    """``text`` another caller stored (an attribute value, a set's name) with its control,
+    bidirectional-control and line-separator characters escaped as Python writes them
+    (``\\x1b``, ``\\n``, ``\\u202e``), for a terminal or a summary's lines."""
     return _CONTROL_CHARACTER.sub(lambda control: repr(control.group())[1:-1], text)
 
 

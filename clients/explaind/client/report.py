@@ -178,9 +178,9 @@ def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_
 
 
 def _text(value: str) -> str:
-    """``value`` for the page: markup escaped, and control and bidirectional-control
-    characters written out (``\\u202e``) as the CLI writes them, so a caller's group or set
-    name cannot reorder the text around it."""
+    """``value`` for the page: markup escaped, and control, bidirectional-control and
+    line-separator characters written out (``\\u202e``) as the CLI writes them, so a
+    caller's group or set name cannot reorder the text around it."""
     return html.escape(escape_controls(value))
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -80,17 +81,19 @@ def check_text_length(text: str, limit: int, field: str) -> None:
 # Nor the bidirectional embeddings, overrides and isolates (U+202A-202E, U+2066-2069,
 # "Trojan Source"): U+202E shows the rest of a listing row, the owner included, reversed.
 # Right-to-left letters and the LRM/RLM marks (U+200E, U+200F) open no embedding or
-# override that carries on past the name, and stay allowed.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# override that carries on past the name, and stay allowed. Nor the line and paragraph
+# separators (U+2028, U+2029), which str.splitlines and many editors take as line breaks.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
 
 
 def check_display_name(text: str, field: str = "display_name") -> None:
-    """A one-line label for people: at most MAX_DISPLAY_NAME_CHARS, no control or
-    bidirectional-control characters."""
+    """A one-line label for people: at most MAX_DISPLAY_NAME_CHARS, no control,
+    bidirectional-control or line-separator characters."""
     check_text_length(text, MAX_DISPLAY_NAME_CHARS, field)
     if (control := _CONTROL_CHARACTER.search(text)) is not None:
         character = control.group()
-        raise InvalidArgument(f"holds the control character {character!r} (U+{ord(character):04X}) at {control.start()}; use printable text",
+        kind = {"Cc": "control", "Zl": "line-separator", "Zp": "line-separator"}.get(unicodedata.category(character), "bidirectional-control")
+        raise InvalidArgument(f"holds the {kind} character {character!r} (U+{ord(character):04X}) at {control.start()}; use printable text",
                               field=field)
 
 
