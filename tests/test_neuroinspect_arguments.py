@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from explaind.methods.neuroinspect import _checks
 from explaind.methods.neuroinspect import (
     ClipIllusion,
     FeatureExtractor,
@@ -68,6 +69,30 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
     expected = ranker.rank(features, labels, l1=0.1, max_iterations=50).neuron_ids
     assert ranker.rank(features.double(), labels.int(), l1=torch.tensor(0.1), max_iterations=torch.tensor(50)).neuron_ids == expected
     assert ranker.rank(features, labels, l1=np.array(0.1), max_iterations=np.array([50])).neuron_ids == expected
+
+
+def test_the_finite_check_sums_slices_of_rows_and_reports_the_rows_of_the_whole_set(monkeypatch, head):
+    """torch casts a whole tensor to a float64 sum's dtype first: the check sums slices
+    of rows, so the copy is bounded, and still names the rows of the whole set."""
+    sums: list[int] = []
+
+    class RecordingSums(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.sum:
+                sums.append(len(args[0]))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    monkeypatch.setattr(_checks, "FINITE_CHECK_ELEMENTS", 3 * DIM)  # 3 rows a slice
+    features, labels = _data(10)
+    features[[4, 9], 1] = float("nan")
+    with pytest.raises(ValueError, match=r"features holds NaN or infinite values in 2 rows \(first: row 4\)"):
+        MistakeNeuronRanker(head).rank(features.as_subclass(RecordingSums), labels)
+    assert sums == [3, 3, 3, 1]
+    features[[4, 9], 1] = 0.0
+    sums.clear()
+    _checks.finite_rows(features.as_subclass(RecordingSums), "features")  # no NaN left: no error
+    assert sums == [3, 3, 3, 1]
 
 
 def test_a_summary_s_limit_is_a_whole_number_of_neurons(head):
