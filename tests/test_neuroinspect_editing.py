@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from explaind.methods.neuroinspect import HeadEditor, evaluate_head, neuron_importance, probability_ratio
+from explaind.methods.neuroinspect import HeadEditor, _probability, evaluate_head, neuron_importance, probability_ratio
 
 SPURIOUS = 9
 
@@ -311,3 +311,24 @@ def test_evaluated_class_accuracy_lists_only_the_classes_the_samples_hold():
     labels = torch.tensor([0, 2, 2, 0])
     result = evaluate_head(weight, bias, features, labels)
     assert result.class_accuracy == {0: 1 / 2, 2: 1.0}
+
+
+def test_the_evaluation_predicts_in_slices_of_rows_with_the_whole_set_s_answer(monkeypatch):
+    """A large set's (N, C) logits are never held at once: each slice's are argmaxed."""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(5, 8, generator=generator), torch.randn(5, generator=generator)
+    features, labels = torch.randn(50, 8, generator=generator), torch.randint(0, 5, (50,), generator=generator)
+    whole = evaluate_head(weight, bias, features, labels)
+    product_rows: list[int] = []
+
+    class RecordingProducts(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.matmul:
+                product_rows.append(len(args[0]))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    monkeypatch.setattr(_probability, "PREDICTION_ROWS", 7)
+    sliced = evaluate_head(weight, bias, features.as_subclass(RecordingProducts), labels)
+    assert product_rows == [7] * 7 + [1]
+    assert sliced == whole and whole.accuracy == int(((features @ weight.T + bias).argmax(1) == labels).sum()) / len(labels)

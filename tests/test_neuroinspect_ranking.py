@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from explaind.methods.neuroinspect import _ranking
 from explaind.methods.neuroinspect import (
     CounterfactualSolution,
     MistakeNeuronRanker,
@@ -156,6 +157,29 @@ def test_only_mistakes_of_the_target_class_are_explained():
     # A class no sample has: nothing to explain either (its mean feature would be NaN).
     absent = MistakeNeuronRanker(torch.nn.Linear(8, 3)).rank(torch.rand(4, 8), labels, solver=FixedShifts(), target_class=2)
     assert absent.num_mistakes == 0 and absent.neurons == [] and absent.target_class == 2
+
+
+def test_with_a_target_class_only_its_samples_are_predicted(monkeypatch):
+    """A set's other classes need no (N, C) logits: their mistakes are not explained."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 3)
+    features, labels = torch.randn(12, 8, generator=generator), torch.tensor([0, 1, 2, 2, 1, 0, 2, 1, 1, 0, 1, 1])
+    predicted = (features @ head.weight.detach().T + head.bias.detach()).argmax(1)
+    predicted_rows: list[int] = []
+    predicted_classes = _ranking.predicted_classes
+
+    def recording(weight, bias, rows):
+        predicted_rows.append(len(rows))
+        return predicted_classes(weight, bias, rows)
+
+    monkeypatch.setattr(_ranking, "predicted_classes", recording)
+    ranker = MistakeNeuronRanker(head)
+    for target_class, rows in ((2, 3), (1, 6), (None, 12)):
+        predicted_rows.clear()
+        ranking = ranker.rank(features, labels, solver=FixedShifts(), target_class=target_class)
+        wrong = (predicted != labels) & ((labels == target_class) if target_class is not None else True)
+        assert predicted_rows == [rows] and ranking.mistake_indices.tolist() == wrong.nonzero().squeeze(1).tolist()
+    assert 0 < ranking.num_mistakes < 12
 
 
 def test_by_default_the_commonest_true_class_among_the_mistakes_is_explained_with_three_top_classes():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import callback_or_none, count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
-from ._probability import MAX_RATIO, _probability_ratio, neuron_importance
+from ._probability import MAX_RATIO, _probability_ratio, neuron_importance, predicted_classes
 
 METHODS = ("probability_ratio", "constrain")
 SELECTIONS = ("accuracy", "worst_class")
@@ -67,7 +67,7 @@ def evaluate_head(
 def _evaluate(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
               groups: Sequence[str] | np.ndarray | None = None) -> HeadEvaluation:
     """:func:`evaluate_head` on features and labels already checked (each epoch of an edit)."""
-    correct = ((features @ weight.T + bias).argmax(1) == labels).cpu().numpy()
+    correct = (predicted_classes(weight, bias, features) == labels).cpu().numpy()
     labels_np = labels.cpu().numpy()
     counts, hits = np.bincount(labels_np), np.bincount(labels_np, weights=correct)  # one pass, not a mask per class
     class_accuracy = {int(c): float(hits[c] / counts[c]) for c in np.flatnonzero(counts)}
