@@ -276,14 +276,17 @@ class NeuroInspectEngine:
     @staticmethod
     def _mistakes(version: ClassifierVersion, features: torch.Tensor, labels: torch.Tensor, class_index: int, class_field: str, sample_set_id: str) -> torch.Tensor:
         labels = labels.to(features.device)
-        predicted = version.logits(features).argmax(1)
-        in_class = labels == class_index
+        in_class = (labels == class_index).nonzero().squeeze(1)
         name = version.class_names[class_index]
-        if not in_class.any():
+        if not len(in_class):
             raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {name!r}", field=class_field)
+        # Only the class's samples are classified: the whole set's logits took 2.4 s and
+        # 390 MB for 50,000 samples of a 1000-class head on 2048 features, twice an inline ranking.
+        with torch.no_grad():
+            predicted = version.logits(features[in_class]).argmax(1)
         # None is an answer, an empty ranking: a pipeline ranking every class daily must
         # not fail on the classes it gets right.
-        return (in_class & (predicted != labels)).nonzero().squeeze(1)
+        return in_class[predicted != labels[in_class]]
 
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
               settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True,
