@@ -209,6 +209,22 @@ def test_the_proximal_solver_stops_at_the_first_update_that_moves_no_coordinate_
         assert (last - before).abs().max() <= 1e-4 < (before - earlier).abs().max()
 
 
+def test_the_proximal_tolerance_bounds_the_largest_coordinate_change_of_a_row_not_its_norm(problem):
+    # At l1 = 10 every stopped sample moves one coordinate, where both are the same number.
+    head, features, labels = problem
+    weight, bias = head.weight.detach(), head.bias.detach()
+    wrong = F.linear(features, weight, bias).argmax(1) != labels
+    features, labels = features[wrong], labels[wrong]
+    stopped = ProximalGradient(tolerance=1e-4).solve(weight, bias, features, labels, l1=8.0)
+    several = (~stopped.converged & ((stopped.omega != 0).sum(1) >= 2) & (stopped.iterations > 2)).nonzero().squeeze(1)[:4]
+    assert len(several) == 4
+    iterate = lambda k: ProximalGradient(tolerance=0).solve(weight, bias, features, labels, l1=8.0, max_iterations=k).omega
+    for i, k in zip(several.tolist(), stopped.iterations[several].tolist()):
+        last, before, earlier = iterate(k)[i], iterate(k - 1)[i], iterate(k - 2)[i]
+        torch.testing.assert_close(stopped.omega[i], last)  # batches of other sizes round their products otherwise
+        assert (last - before).abs().max() <= 1e-4 < (before - earlier).abs().max()
+
+
 @pytest.mark.parametrize("name", ["faithful", "proximal"])
 def test_callback_reports_progress_and_cancels(problem, name):
     head, features, labels = problem
