@@ -107,6 +107,17 @@ def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same
     assert refused.returncode == 2 and "argument --nonzero: expected a share in (0, 1], got '0'" in refused.stderr
 
 
+def test_the_scale_bench_prints_each_step_s_peak_as_a_multiple_of_one_feature_matrix():
+    run = _run(str(BENCH / "neuroinspect_scale.py"), "--mistakes", "40", "--dim", "16", "--classes", "5", "--samples", "60", "--steps", "2")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "solve 40 mistakes x 16 features, 5 classes, 2 steps:" and lines[3] == "60 samples x 16 features, 5 classes:", run.stdout
+    steps = [re.fullmatch(r"  (\S+(?: \S+)*) +peak \+ *\d+ MB  \( *[0-9.]+ x one \((\d+), 16\) float32\) +[0-9.]+ s", line) for line in lines[1:3] + lines[4:]]
+    assert [(step[1], step[2]) for step in steps] == [("faithful", "40"), ("proximal", "40"), ("rank one class", "60"), ("evaluate_head", "60")], run.stdout
+    refused = _run(str(BENCH / "neuroinspect_scale.py"), "--dim", "0")
+    assert refused.returncode == 2 and "argument --dim: expected an integer >= 1, got '0'" in refused.stderr
+
+
 def _bench_module(name: str, monkeypatch):
     """A bench script imported as a module (its directory on sys.path, as when it runs), to
     check the numbers it prints against their definitions."""
