@@ -2070,6 +2070,30 @@ def test_a_set_s_cached_features_are_read_a_chunk_at_a_time_into_one_array(engin
     assert torch.equal(chunked, whole) and torch.equal(chunked[7], chunked[0]) and torch.equal(chunked[8], chunked[1])
 
 
+def test_a_set_never_seen_is_computed_straight_into_the_array_its_features_come_back_in(engine, monkeypatch):
+    # The computed rows had an array of their own beside the set's: twice its features while
+    # a new set's were computed. Where some are cached or repeated, they are copied over.
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(7)]
+    computed: list[np.ndarray] = []
+    put_features = engine.store.put_features
+
+    def recording(version: str, features: dict[str, np.ndarray]) -> None:
+        computed.extend(features.values())
+        put_features(version, features)
+
+    monkeypatch.setattr(engine.store, "put_features", recording)
+    engine.create_sample_set("fresh", "", [NewSample.from_array(image, 0) for image in images[:5]])
+    fresh = engine.sample_set_features("fresh", batch_size=2).features
+    assert len(computed) == 5 and all(np.shares_memory(row, fresh.numpy()) for row in computed)
+    computed.clear()
+    engine.create_sample_set("partly", "", [NewSample.from_array(image, 0) for image in (images[5], images[0], images[6], images[5])])
+    partly = engine.sample_set_features("partly", batch_size=2).features
+    assert len(computed) == 2 and not any(np.shares_memory(row, partly.numpy()) for row in computed)
+    assert torch.equal(partly[1], fresh[0]) and torch.equal(partly[3], partly[0])
+    torch.testing.assert_close(partly[[0, 2]], torch.from_numpy(np.stack(computed)))
+
+
 def test_a_jobs_logits_are_those_of_the_set_as_it_was_submitted_not_of_samples_appended_since(engine):
     # An evaluation reads the first ``count`` samples, the set it was submitted for, whether
     # the classifier is split (logits from cached features) or inference-only (the whole model).

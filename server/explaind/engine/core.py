@@ -577,11 +577,16 @@ class Engine:
         self.metrics.feature_cache_hits.inc(len(digests) - len(missing))
         self.metrics.feature_cache_misses.inc(len(missing))
         fn = self._feature_fns.get(version.feature_cache_key, version.features)
+        # A set none of whose rows are cached or repeated is computed straight into
+        # ``stacked``: an array of the computed rows beside it was twice its features.
+        computed_into = stacked if len(missing) == len(digests) else None
         with self._reading_images_of(sample_set_id, field):
-            for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context, "computing features"):
+            for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
+                                                        "computing features", outputs=computed_into):
                 self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True)))
-                for digest, vector in zip(chunk, computed, strict=True):
-                    stacked[rows_of[digest]] = vector
+                if computed_into is None:
+                    for digest, vector in zip(chunk, computed, strict=True):
+                        stacked[rows_of[digest]] = vector
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
         _require_finite_rows(stacked, sample_set_id, field, "penultimate features")
@@ -635,18 +640,20 @@ class Engine:
         return records
 
     def _run_on_samples(self, digests: list[str], version: ClassifierVersion, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
-                        context: JobContext | None, activity: str) -> Iterator[tuple[list[str], np.ndarray]]:
+                        context: JobContext | None, activity: str, *,
+                        outputs: np.ndarray | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
         """``fn`` on the stored images ``digests`` (decoded on the CPU) in batches of
         ``batch_size`` (0: ``[jobs].evaluate_batch_size``): each batch's digests and float
         outputs, with progress ("<activity> i/n") and cancellation through ``context``.
 
-        The outputs are rows of one (len(digests), ...) array, filled batch by batch: each
-        batch's own output, kept by the caller to the end, pinned the allocator's heap
-        between the batches' freed temporaries, which the process then held (its RSS grew
-        25 kB a 64 px sample: 1.2 GB to evaluate 50,000)."""
+        The outputs are rows of one (len(digests), ...) array, filled batch by batch (the
+        caller's ``outputs``, or one of its own): each batch's own output, kept by the
+        caller to the end, pinned the allocator's heap between the batches' freed
+        temporaries, which the process then held (its RSS grew 25 kB a 64 px sample:
+        1.2 GB to evaluate 50,000)."""
         batch_size = batch_size or self.config.jobs.evaluate_batch_size
         chunks = [digests[start : start + batch_size] for start in range(0, len(digests), batch_size)]
-        done, outputs = 0, None
+        done = 0
         with contextlib.closing(self._decoded_chunks(chunks, version)) as decoded:  # a cancel stops the decoding too
             for chunk, images in zip(chunks, decoded, strict=True):
                 if context is not None:
