@@ -29,7 +29,8 @@ def predicted_classes(weight: torch.Tensor, bias: torch.Tensor, features: torch.
     """The head's class (N,) for each row of ``features`` (N, D), ``features @ weight.T +
     bias`` argmaxed by slices of rows of :data:`PREDICTION_ELEMENTS` logits."""
     rows_per_slice = max(1, PREDICTION_ELEMENTS // len(weight))
-    return torch.cat([(rows @ weight.T + bias).argmax(1) for rows in features.split(rows_per_slice)])
+    slices = [features[start : start + rows_per_slice] for start in range(0, len(features), rows_per_slice)] or [features]
+    return torch.cat([(rows @ weight.T + bias).argmax(1) for rows in slices])
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
