@@ -4246,7 +4246,10 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     record = jobs.wait(job.record.job_id, 10).record
     assert (record.state, record.error_code) == ("failed", "INTERNAL")
     assert record.error_message == "the job ended succeeded but the store failed to record it (OperationalError); submit it again"
-    assert "storing its end (succeeded) failed" in caplog.text
+    # A write failure the store gives no reason for keeps its traceback, the failure's too.
+    tracebacks = [(line.getMessage(), type(line.exc_info[1])) for line in caplog.records if line.name == "explaind.jobs" and line.exc_info]
+    assert tracebacks == [(f"job {job.record.job_id} (evaluate): storing its end (succeeded) failed", sqlite3.OperationalError),
+                          (f"job {job.record.job_id}: storing its failure failed too", sqlite3.OperationalError)][:failures]
     # Stored FAILED when the second write worked; else still "running" there until the
     # store takes it (a sweep, a delete), no longer until a restart.
     assert store.get_job(job.record.job_id).state == ("failed" if failures == 1 else "running")
@@ -4266,6 +4269,27 @@ def test_a_job_whose_end_cannot_be_stored_reads_failed_never_succeeded(tmp_path,
     started = time.monotonic()
     jobs.shutdown(5)
     assert time.monotonic() - started < 4  # not the 5 s grace waited out; 1 s was a loaded machine's to miss
+
+
+def test_a_job_whose_start_the_store_fails_to_write_fails_internal_and_logs_the_traceback(tmp_path, caplog):
+    # Unlike a full data dir's refusal (below), a failure with no reason is the operator's
+    # to investigate: its traceback is logged, once.
+    class FailingStarts(SQLiteStore):
+        def update_job(self, record):
+            if record.state == "running":
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().update_job(record)
+
+    jobs = JobManager(FailingStarts(tmp_path), Metrics(), workers=1)
+    try:
+        job = jobs.submit("evaluate", lambda ctx: _empty())
+        record = jobs.wait(job.record.job_id, 10).record
+        assert (record.state, record.error_code) == ("failed", "INTERNAL")
+        assert record.error_message == "the job could not be started: the store failed to record it (OperationalError); submit it again"
+        tracebacks = [(line.getMessage(), type(line.exc_info[1])) for line in caplog.records if line.name == "explaind.jobs" and line.exc_info]
+        assert tracebacks == [(f"job {job.record.job_id} (evaluate): storing its start failed", sqlite3.OperationalError)]
+    finally:
+        jobs.shutdown(5)
 
 
 @pytest.mark.parametrize(("refused", "said"), [("succeeded", "the job ended succeeded but"), ("running", "the job could not be started:")])
