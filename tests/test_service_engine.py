@@ -5168,6 +5168,10 @@ def test_json_log_lines_carry_the_log_fields_of_their_block_only_and_their_own_f
         assert logged(**{FIELDS: {"kind": "evaluate_sample_set"}})["kind"] == "evaluate_sample_set"
     # A worker's next line, after its job's block, belongs to no operation.
     assert set(logged()) == {"time", "level", "logger", "message"}
+    # Nor after a block a failure left: the worker's next job would log under this one's id.
+    with pytest.raises(RuntimeError), log_fields(operation_id="0456", kind="edit_head"):
+        raise RuntimeError("a job's failure")
+    assert set(logged()) == {"time", "level", "logger", "message"}
 
 
 def test_a_bad_token_is_refused_at_start_up_before_the_store_is_locked(tmp_path, classifier_dir):
