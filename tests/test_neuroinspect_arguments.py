@@ -95,6 +95,16 @@ def test_the_finite_check_sums_slices_of_rows_and_reports_the_rows_of_the_whole_
     assert sums == [3, 3, 3, 1]
 
 
+def test_row_slices_take_a_row_at_least_and_give_an_empty_set_one_empty_slice():
+    # The finite check's and the predictions' slices: a row wider than the budget is still
+    # a slice of its own, and torch.cat needs one slice to answer an empty set.
+    rows = torch.arange(15.0).view(5, 3)
+    assert [s.tolist() for s in _checks.row_slices(rows, 7, 3)] == [rows[:2].tolist(), rows[2:4].tolist(), rows[4:].tolist()]
+    assert [len(s) for s in _checks.row_slices(rows, 2, 3)] == [1] * 5
+    (empty,) = _checks.row_slices(rows[:0], 7, 3)
+    assert empty.shape == (0, 3)
+
+
 def test_a_summary_s_limit_is_a_whole_number_of_neurons(head):
     # 1.5 failed as a slice index and None in a bare comparison; True showed one neuron.
     features, labels = _data()

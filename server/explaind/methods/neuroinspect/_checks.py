@@ -44,12 +44,19 @@ def _matrix(value: object, name: str, dim: int | None) -> torch.Tensor:
 FINITE_CHECK_ELEMENTS = 1 << 22
 
 
+def row_slices(rows: torch.Tensor, elements: int, per_row: int) -> list[torch.Tensor]:
+    """``rows`` (N, ...) as consecutive views of ``elements // per_row`` rows (at least one),
+    for work whose temporaries hold ``per_row`` elements a row; an empty ``rows`` as
+    itself, so that torch.cat of the slices' answers is the empty answer."""
+    rows_per_slice = max(1, elements // max(1, per_row))
+    return [rows[start : start + rows_per_slice] for start in range(0, len(rows), rows_per_slice)] or [rows]
+
+
 def finite_rows(features: torch.Tensor, name: str) -> torch.Tensor:
     """``features`` (N, D), after checking that every value is finite."""
     # A row sums (in float64, which no sum of float32s overflows) to a finite number only
     # if every element is finite: one pass and an (N,) result, not an (N, D) mask.
-    rows_per_slice = max(1, FINITE_CHECK_ELEMENTS // max(1, features.shape[1]))
-    slices = [features[start : start + rows_per_slice] for start in range(0, len(features), rows_per_slice)] or [features]
+    slices = row_slices(features, FINITE_CHECK_ELEMENTS, features.shape[1])
     bad = torch.cat([~torch.isfinite(rows.sum(1, dtype=torch.float64)) for rows in slices])
     if bad.any():
         rows = bad.nonzero().squeeze(1)

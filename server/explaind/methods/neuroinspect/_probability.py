@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._checks import feature_vector, features_tensor, finite_head, index, indices
+from ._checks import feature_vector, features_tensor, finite_head, index, indices, row_slices
 
 MAX_RATIO = 1e15
 _MAX_LOG_RATIO = math.log(MAX_RATIO)
@@ -28,9 +28,7 @@ PREDICTION_ELEMENTS = 1 << 20
 def predicted_classes(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """The head's class (N,) for each row of ``features`` (N, D), ``features @ weight.T +
     bias`` argmaxed by slices of rows of :data:`PREDICTION_ELEMENTS` logits."""
-    rows_per_slice = max(1, PREDICTION_ELEMENTS // len(weight))
-    slices = [features[start : start + rows_per_slice] for start in range(0, len(features), rows_per_slice)] or [features]
-    return torch.cat([(rows @ weight.T + bias).argmax(1) for rows in slices])
+    return torch.cat([(rows @ weight.T + bias).argmax(1) for rows in row_slices(features, PREDICTION_ELEMENTS, len(weight))])
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
