@@ -2623,7 +2623,8 @@ def test_engine_rejects_bad_samples_and_empty_sets(engine):
     for name, shown in (("ab\u202ecd", "bidirectional-control character '\\u202e' (U+202E) at 2"), ("\u202aa", "U+202A) at 0"),
                         ("x\u2066y", "U+2066) at 1"), ("xy\u2069", "U+2069) at 2"),
                         # Nor the line and paragraph separators, line breaks to str.splitlines.
-                        ("one\u2028two", "line-separator character '\\u2028' (U+2028) at 3"), ("\u2029p", "U+2029) at 0")):
+                        ("one\u2028two", "line-separator character '\\u2028' (U+2028) at 3"),
+                        ("\u2029p", "paragraph-separator character '\\u2029' (U+2029) at 0")):
         with pytest.raises(InvalidArgument, match=re.escape(shown)) as refused:
             engine.create_sample_set("named", name, [NewSample.from_array(pixels, 0)])
         assert refused.value.field == "display_name"

@@ -96,7 +96,7 @@ def check_display_name(text: str, field: str = "display_name") -> None:
     check_text_length(text, MAX_DISPLAY_NAME_CHARS, field)
     if (control := _CONTROL_CHARACTER.search(text)) is not None:
         character = control.group()
-        kind = {"Cc": "control", "Zl": "line-separator", "Zp": "line-separator"}.get(unicodedata.category(character), "bidirectional-control")
+        kind = {"Cc": "control", "Zl": "line-separator", "Zp": "paragraph-separator"}.get(unicodedata.category(character), "bidirectional-control")
         raise InvalidArgument(f"holds the {kind} character {character!r} (U+{ord(character):04X}) at {control.start()}; use printable text",
                               field=field)
 
