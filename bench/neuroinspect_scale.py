@@ -22,8 +22,8 @@ The peak counts what the allocator keeps as well as what is live: one line may r
 shared, one thread), before -> after the fixes this script came with:
 
     faithful         +1336 MB (8.5 x) ->  +871 MB (5.6 x)
-    proximal         +1576 MB (10.1 x) -> +883 MB (5.7 x)
-    rank one class    +781 MB, 2.2 s  ->    +32 MB, 0.5 s
+    proximal         +1576 MB (10.1 x) -> +885 MB (5.7 x)
+    rank one class    +781 MB, 2.2 s  ->    +32 MB, 0.4 s
     evaluate_head     +781 MB         ->    +32 MB (a float64 copy in the finite check, then the logits)
 """
 
