@@ -1342,6 +1342,28 @@ def test_a_ranking_asked_for_as_an_operation_leaves_the_held_call_slots_to_the_w
     assert seen == [("operation", True), ("inline", False)]
 
 
+def test_an_inline_ranking_larger_than_a_message_is_refused_with_the_way_to_get_it():
+    # The interceptor's refusal named only the limit; the ranking's caller is told to ask
+    # for an operation, whose result is cut to fit.
+    from types import SimpleNamespace
+
+    from explaind.errors import ResourceExhausted
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    omega = common_pb2.Tensor(data=bytes(4 * 4096), shape=[4, 1024])  # 16 KiB of ω: 4 mistakes x 1024 features
+
+    def rank_mistake_neurons(sample_set_id, **options):
+        return neuroinspect_pb2.NeuronRanking(sample_set_id=sample_set_id, omega=omega)
+
+    request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="wide", class_name="heart", include_samples=True)
+    engine = SimpleNamespace(rank_mistake_neurons=rank_mistake_neurons)
+    with pytest.raises(ResourceExhausted, match=r"^the ranking is 16\d{3} bytes, more than the server's limit of 16384 .*use execution OPERATION"):
+        NeuroInspectServicer(engine, max_message_bytes=16384, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+    fits = NeuroInspectServicer(engine, max_message_bytes=32768, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+    assert fits.ranking.omega == omega
+
+
 def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):
     # proto: steps 0 means 400, preview_every 0 means every 10; the engine refuses a 0 of either.
     from explaind.errors import InvalidArgument

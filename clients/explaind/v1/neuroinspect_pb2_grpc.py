@@ -127,6 +127,8 @@ class NeuroInspectServiceServicer:
         docs/configuration.md, Streams and waits); otherwise the response carries an
         operation (kind "rank_mistake_neurons", response NeuronRanking). INLINE refuses large
         work with FAILED_PRECONDITION, and is RESOURCE_EXHAUSTED while no such thread is free;
+        an inline ranking over [server].max_message_bytes (per-sample summaries of very wide
+        features) is RESOURCE_EXHAUSTED, where OPERATION cuts the result to fit.
         OPERATION always returns an operation. The SDK hides the difference:
         `rank_mistake_neurons` waits for the operation when there is one.
 

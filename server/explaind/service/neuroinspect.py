@@ -55,7 +55,7 @@ def _given(**options: Any) -> dict[str, Any]:
 class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
     def __init__(self, engine: NeuroInspectEngine, *, max_message_bytes: int, held_calls: HeldCalls) -> None:
         self._engine = engine
-        self._max_message_bytes = max_message_bytes  # a ListHeadVersions page ends before it
+        self._max_message_bytes = max_message_bytes  # a ListHeadVersions page ends before it; an inline ranking fits
         self._held_calls = held_calls  # an inline ranking computes in its RPC's thread
 
     def RankMistakeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
@@ -86,7 +86,13 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             )
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
-        return neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=outcome)
+        response = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=outcome)
+        # The interceptor refuses it too, but cannot say how else to get the ranking.
+        if (size := response.ByteSize()) > self._max_message_bytes:
+            raise ResourceExhausted(f"the ranking is {size} bytes, more than the server's limit of {self._max_message_bytes} "
+                                    "([server].max_message_bytes); use execution OPERATION, whose result keeps the top neurons "
+                                    "and the first mistakes that fit (with include_samples, every ω in its artifact)")
+        return response
 
     def VisualizeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.VisualizeNeuronsResponse:
         snapshot = self._engine.visualize_neurons(
