@@ -36,6 +36,15 @@ def problem():
     return head, features, labels
 
 
+@pytest.fixture(scope="module")
+def mistakes(problem):
+    """The head's weight and bias, and the features and labels of the samples it gets wrong."""
+    head, features, labels = problem
+    weight, bias = head.weight.detach(), head.bias.detach()
+    wrong = F.linear(features, weight, bias).argmax(1) != labels
+    return weight, bias, features[wrong], labels[wrong]
+
+
 def solve(solver, head, features, labels, **kwargs):
     return solver.solve(head.weight.detach(), head.bias.detach(), features, labels, **kwargs)
 
@@ -177,12 +186,9 @@ def test_proximal_steps_extrapolate_as_fista_does(problem):
     torch.testing.assert_close(solution.omega[ran], omega[ran], rtol=1e-4, atol=1e-6)
 
 
-def test_the_proximal_solver_s_defaults_are_the_paper_s_weights_and_a_tolerance_of_1e_6(problem):
+def test_the_proximal_solver_s_defaults_are_the_paper_s_weights_and_a_tolerance_of_1e_6(mistakes):
     # l1 = 10 flips no mistake, and the iterates settle slowly: the tolerance decides when each stops.
-    head, features, labels = problem
-    weight, bias = head.weight.detach(), head.bias.detach()
-    wrong = F.linear(features, weight, bias).argmax(1) != labels
-    features, labels = features[wrong], labels[wrong]
+    weight, bias, features, labels = mistakes
     default = ProximalGradient().solve(weight, bias, features, labels)
     explicit = ProximalGradient(tolerance=1e-6).solve(weight, bias, features, labels, l1=0.1, l2=0.01, max_iterations=1000)
     assert torch.equal(default.omega, explicit.omega) and torch.equal(default.iterations, explicit.iterations)
@@ -192,11 +198,8 @@ def test_the_proximal_solver_s_defaults_are_the_paper_s_weights_and_a_tolerance_
     assert not torch.equal(slow.iterations, ProximalGradient(tolerance=1e-4).solve(weight, bias, features, labels, l1=10.0).iterations)
 
 
-def test_the_proximal_solver_stops_at_the_first_update_that_moves_no_coordinate_by_more_than_the_tolerance(problem):
-    head, features, labels = problem
-    weight, bias = head.weight.detach(), head.bias.detach()
-    wrong = F.linear(features, weight, bias).argmax(1) != labels
-    features, labels = features[wrong], labels[wrong]
+def test_the_proximal_solver_stops_at_the_first_update_that_moves_no_coordinate_by_more_than_the_tolerance(mistakes):
+    weight, bias, features, labels = mistakes
     stopped = ProximalGradient(tolerance=1e-4).solve(weight, bias, features, labels, l1=10.0)
     assert not stopped.converged.any()
     # Capped runs (tolerance 0 stops nothing early) give each sample's iterates.
@@ -209,12 +212,9 @@ def test_the_proximal_solver_stops_at_the_first_update_that_moves_no_coordinate_
         assert (last - before).abs().max() <= 1e-4 < (before - earlier).abs().max()
 
 
-def test_the_proximal_tolerance_bounds_the_largest_coordinate_change_of_a_row_not_its_norm(problem):
+def test_the_proximal_tolerance_bounds_the_largest_coordinate_change_of_a_row_not_its_norm(mistakes):
     # At l1 = 10 every stopped sample moves one coordinate, where both are the same number.
-    head, features, labels = problem
-    weight, bias = head.weight.detach(), head.bias.detach()
-    wrong = F.linear(features, weight, bias).argmax(1) != labels
-    features, labels = features[wrong], labels[wrong]
+    weight, bias, features, labels = mistakes
     stopped = ProximalGradient(tolerance=1e-4).solve(weight, bias, features, labels, l1=8.0)
     several = (~stopped.converged & ((stopped.omega != 0).sum(1) >= 2) & (stopped.iterations > 2)).nonzero().squeeze(1)[:4]
     assert len(several) == 4
