@@ -2070,19 +2070,25 @@ def test_a_set_s_cached_features_are_read_a_chunk_at_a_time_into_one_array(engin
     assert torch.equal(chunked, whole) and torch.equal(chunked[7], chunked[0]) and torch.equal(chunked[8], chunked[1])
 
 
+def _rows_cached(engine, monkeypatch) -> list[np.ndarray]:
+    """The feature rows the engine caches from now on, as it hands them to the store."""
+    cached: list[np.ndarray] = []
+    put_features = engine.store.put_features
+
+    def recording(version: str, features: dict[str, np.ndarray]) -> None:
+        cached.extend(features.values())
+        put_features(version, features)
+
+    monkeypatch.setattr(engine.store, "put_features", recording)
+    return cached
+
+
 def test_a_set_never_seen_is_computed_straight_into_the_array_its_features_come_back_in(engine, monkeypatch):
     # The computed rows had an array of their own beside the set's: twice its features while
     # a new set's were computed. Where some are cached or repeated, they are copied over.
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(7)]
-    computed: list[np.ndarray] = []
-    put_features = engine.store.put_features
-
-    def recording(version: str, features: dict[str, np.ndarray]) -> None:
-        computed.extend(features.values())
-        put_features(version, features)
-
-    monkeypatch.setattr(engine.store, "put_features", recording)
+    computed = _rows_cached(engine, monkeypatch)
     engine.create_sample_set("fresh", "", [NewSample.from_array(image, 0) for image in images[:5]])
     fresh = engine.sample_set_features("fresh", batch_size=2).features
     assert len(computed) == 5 and all(np.shares_memory(row, fresh.numpy()) for row in computed)
@@ -2172,14 +2178,7 @@ def test_computed_features_are_rows_of_one_array_not_one_array_a_batch(engine, m
     left the server 1.2 GB larger. The rows are copied into one array instead."""
     rng = np.random.default_rng(2)
     engine.create_sample_set("rows", "", [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), 0) for _ in range(5)])
-    cached: list[np.ndarray] = []
-    put_features = engine.store.put_features
-
-    def recording(version: str, features: dict[str, np.ndarray]) -> None:
-        cached.extend(features.values())
-        put_features(version, features)
-
-    monkeypatch.setattr(engine.store, "put_features", recording)
+    cached = _rows_cached(engine, monkeypatch)
     features = engine.sample_set_features("rows", batch_size=2).features  # three batches
     assert len(cached) == 5 and len({id(row.base) for row in cached}) == 1
     torch.testing.assert_close(torch.from_numpy(np.stack(cached)), features)
