@@ -240,16 +240,24 @@ class NeuronVisualization(_message.Message):
     def __init__(self, neuron: _Optional[int] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., image_artifact: _Optional[str] = ..., masked_image_artifact: _Optional[str] = ..., activation: _Optional[float] = ..., logit: _Optional[float] = ..., clip_similarity: _Optional[float] = ..., core_relevance: _Optional[float] = ..., mask_fraction: _Optional[float] = ...) -> None: ...
 
 class VisualizeNeuronsResult(_message.Message):
-    __slots__ = ("model_version", "method", "steps", "visualizations")
+    __slots__ = ("model_version", "method", "steps", "visualizations", "gamma", "epsilon", "learning_rate", "seed")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     VISUALIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     method: str
     steps: int
     visualizations: _containers.RepeatedCompositeFieldContainer[NeuronVisualization]
-    def __init__(self, model_version: _Optional[str] = ..., method: _Optional[str] = ..., steps: _Optional[int] = ..., visualizations: _Optional[_Iterable[_Union[NeuronVisualization, _Mapping[str, _Any]]]] = ...) -> None: ...
+    gamma: float
+    epsilon: float
+    learning_rate: float
+    seed: int
+    def __init__(self, model_version: _Optional[str] = ..., method: _Optional[str] = ..., steps: _Optional[int] = ..., visualizations: _Optional[_Iterable[_Union[NeuronVisualization, _Mapping[str, _Any]]]] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class EditHeadRequest(_message.Message):
     __slots__ = ("sample_set_id", "class_name", "class_index", "neurons", "method", "validation_sample_set_id", "evaluation_sample_set_id", "group_attribute", "strength", "target_ratio", "auto_target_ratio", "learning_rate", "max_epochs", "patience", "seed", "promote", "description", "request_id")
