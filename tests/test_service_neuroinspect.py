@@ -716,6 +716,85 @@ def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monke
         _shut(engine)
 
 
+def _clip_illusion_with_similarities(engine, monkeypatch, similarities=None):
+    """clip_illusion served by a stand-in CLIP: the images are optimised as no_clip (no
+    CLIP model here) and, given ``similarities``, report them as their CLIP cosines."""
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+
+    class WithClipScores(engine_module.ClipIllusion):
+        def visualize(self, pairs, **options):
+            result = super().visualize(pairs, **{**options, "method": "no_clip"})
+            return result if similarities is None else dataclasses.replace(result, clip_similarity=torch.tensor(similarities))
+
+    monkeypatch.setitem(engine.components, "clip", SimpleNamespace(loaded=True, model=(None, None, None), detail=""))
+    monkeypatch.setattr(engine_module, "ClipIllusion", WithClipScores)
+
+
+def test_a_visualisation_s_result_echoes_the_settings_it_ran_with_and_leaves_unset_those_its_method_lacks(tmp_path, monkeypatch):
+    # The result told the method and steps but not γ, ε, the learning rate or the seed, so
+    # it could be neither repeated nor judged (cos + ε ≤ 0) on its own.
+    engine, inspect = _in_process(tmp_path)
+    _clip_illusion_with_similarities(engine, monkeypatch)
+    monkeypatch.setattr(engine, "config", engine.config.replace("clip", illusion_epsilon=0.375))
+    settings = ("gamma", "epsilon", "learning_rate", "seed")
+    try:
+        cases = [
+            (dict(method="clip_illusion"), {"gamma": 0.5, "epsilon": 0.375, "learning_rate": 9e-3, "seed": 0}),  # the defaults
+            (dict(method="clip_illusion", gamma=0.25, epsilon=0.75, learning_rate=0.02, seed=5),
+             {"gamma": 0.25, "epsilon": 0.75, "learning_rate": 0.02, "seed": 5}),
+            (dict(method="no_clip", gamma=2.0, seed=-3), {"gamma": 2.0, "epsilon": None, "learning_rate": 9e-3, "seed": -3}),
+            (dict(method="feature_visualization", learning_rate=0.5), {"gamma": None, "epsilon": None, "learning_rate": 0.5, "seed": 0}),
+        ]
+        for options, echoed in cases:
+            job = inspect.visualize_neurons([(7, "heart")], steps=1, **options)
+            result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+            assert {name: getattr(result, name) if result.HasField(name) else None for name in settings} == echoed, options
+    finally:
+        _shut(engine)
+
+
+def test_a_clip_illusion_whose_cosine_plus_epsilon_is_not_positive_says_so_once_in_its_progress_and_log(tmp_path, monkeypatch, caplog):
+    # L = −(cos + ε)(α_n + γ l_c) rewards a lower activation where cos + ε ≤ 0: the image
+    # is meaningless, and nothing said so. Two such pairs (one at exactly 0) of three, one
+    # warning for the job; a healthy job, or one of another method, none.
+    from explaind.jobs import JobContext
+
+    said = []
+    report = JobContext.report_progress
+
+    def recorded(self, step, total=None, message="", preview=None):
+        said.append(message)
+        report(self, step, total, message, preview)
+
+    monkeypatch.setattr(JobContext, "report_progress", recorded)
+    engine, inspect = _in_process(tmp_path)
+    _clip_illusion_with_similarities(engine, monkeypatch, [-0.5, 0.5, -0.25])
+    pairs = [(7, "heart"), (11, "heart"), (3, "heart")]
+    try:
+        with caplog.at_level("WARNING", logger="explaind.engine.neuroinspect"):
+            job = inspect.visualize_neurons(pairs, method="clip_illusion", epsilon=0.25, steps=1)
+            assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
+        advice = ("2 of 3 pairs ended with clip_similarity + epsilon 0.25 ≤ 0, where the loss rewarded a lower activation; "
+                  "raise epsilon in the request or [clip].illusion_epsilon")
+        assert said[-1] == f"saving 3 images and their masked versions; {advice}"
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", f"job {job.record.job_id} (visualize_neurons): {advice}")]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="explaind.engine.neuroinspect"):
+            job = inspect.visualize_neurons(pairs, method="clip_illusion", epsilon=0.5 + 1 / 64, steps=1)
+            assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
+        assert said[-1] == "saving 3 images and their masked versions"
+        # no_clip has no ε: the cosines it measures with CLIP loaded flip no sign of its loss.
+        with caplog.at_level("WARNING", logger="explaind.engine.neuroinspect"):
+            job = inspect.visualize_neurons(pairs, method="no_clip", steps=1)
+            assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
+        assert said[-1] == "saving 3 images and their masked versions"
+        assert caplog.records == []
+    finally:
+        _shut(engine)
+
+
 def test_an_edit_request_s_promote_description_and_learning_rates_reach_the_engine(tmp_path, world_set):
     # The servicer's copying of these options had no test: dropped, an edit asked to
     # promote left the old head served, and a learning rate out of range trained anyway.

@@ -465,8 +465,19 @@ class NeuroInspectEngine:
             callback_on_step_end=on_step,
         )
         context.stage("images")
-        context.report_progress(result.steps, steps, f"saving {counted} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}")
-        message = neuroinspect_pb2.VisualizeNeuronsResult(model_version=version.version, method=method, steps=result.steps)
+        saving = f"saving {counted} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}"
+        if method == "clip_illusion" and (reversed_pairs := int((result.clip_similarity + epsilon <= 0).sum())):
+            # The loss −(cos + ε)·(α_n + γ l_c) rewarded a lower activation there: the image is
+            # meaningless, so the caller is told in the job's progress and the log, once per job.
+            advice = (f"{reversed_pairs} of {len(pairs)} pairs ended with clip_similarity + epsilon {epsilon:g} ≤ 0, where the loss "
+                      f"rewarded a lower activation; raise epsilon in the request or [clip].illusion_epsilon")
+            log.warning("job %s (%s): %s", context.job_id, VISUALIZE_KIND, advice)
+            saving = f"{saving}; {advice}"
+        context.report_progress(result.steps, steps, saving)
+        message = neuroinspect_pb2.VisualizeNeuronsResult(
+            model_version=version.version, method=method, steps=result.steps, learning_rate=learning_rate, seed=seed,
+            gamma=None if method == "feature_visualization" else gamma, epsilon=epsilon if method == "clip_illusion" else None,
+        )
         for i, (neuron, klass) in enumerate(pairs):
             stem = f"{i:02d}_neuron{neuron}_{names[klass]}"
             context.save_image(f"{stem}.png", to_uint8_hwc(result.images[i].float().cpu()))
