@@ -1876,7 +1876,8 @@ def test_visualize_writes_each_image_and_its_masked_version(server, capsys, tmp_
     assert out.startswith("started operations/") and "wrote 4 images to" in out
     with Client(server.target, timeout=30) as client:
         served = client.model_metadata().model_version
-    assert f"\n2 neurons visualised with feature_visualization, 3 steps, against head {served}:\n" in out, out
+    # The settings it ran with, those of its method: the defaults (feature_visualization has no γ or ε).
+    assert f"\n2 neurons visualised with feature_visualization, 3 steps (learning rate 0.009, seed 0), against head {served}:\n" in out, out
     names = sorted(p.name for p in out_dir.iterdir())
     assert names[0].startswith("00_neuron3_") and names[2:] == ["01_neuron5_heart.png", "01_neuron5_heart_masked.png"]
     assert Image.open(out_dir / "01_neuron5_heart.png").size == (64, 64)
@@ -1904,7 +1905,30 @@ def test_visualize_sends_classes_per_neuron_and_the_seed_and_makes_a_nested_out_
                                "--seed", str(seed), "--out-dir", str(tmp_path / "nested" / str(seed)), "--json"]) for seed in (1, 2)]
     assert [len({v["class_name"] for v in run["visualizations"]}) for run in runs] == [2, 2]  # the neuron's top two classes
     assert runs[0]["visualizations"][0]["activation"] != runs[1]["visualizations"][0]["activation"]  # other start images
+    # --json has the settings each ran with: no_clip's default γ and learning rate, no ε.
+    assert [{name: run[name] for name in ("gamma", "epsilon", "learning_rate", "seed")} for run in runs] == [
+        {"gamma": 0.5, "epsilon": None, "learning_rate": 9e-3, "seed": seed} for seed in (1, 2)]
     assert sorted(p.name for p in (tmp_path / "nested" / "1").iterdir())[0].startswith("00_neuron3_")
+
+
+def test_visualize_marks_the_images_whose_clip_similarity_plus_epsilon_is_not_positive(capsys):
+    # There CLIP-Illusion's loss rewarded a lower activation: the image is meaningless,
+    # and the printed result said nothing of it.
+    import dataclasses
+
+    from explaind.client import NeuronVisualization, NeuronVisualizations, cli
+
+    healthy = NeuronVisualization(neuron=8, class_index=1, class_name="square", image=None, masked_image=None, activation=2.5,
+                                  logit=20.1, clip_similarity=0.2, core_relevance=0.1, mask_fraction=0.25)
+    result = NeuronVisualizations(model_version="m.1", method="clip_illusion", steps=40, gamma=0.5, epsilon=0.05, learning_rate=9e-3, seed=0,
+                                  visualizations=[healthy, dataclasses.replace(healthy, neuron=21, clip_similarity=-0.125)])
+    cli._print_visualizations(result)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "2 neurons visualised with clip_illusion, 40 steps (gamma 0.5, epsilon 0.05, learning rate 0.009, seed 0), against head m.1:"
+    assert [line.endswith(" !") for line in printed[1:3]] == [False, True]
+    assert printed[3].startswith("warning: 1 of 2 images ended with clip_similarity + epsilon ≤ 0 (marked !): the loss rewarded a lower activation; raise epsilon")
+    cli._print_visualizations(dataclasses.replace(result, epsilon=0.25))
+    assert "!" not in capsys.readouterr().out
 
 
 # A class name of 300 characters in a file name: its first SAFE_FILE_NAME_CHARS (255 bytes

@@ -2889,6 +2889,37 @@ def test_visualizations_show_their_images_in_a_notebook():
     assert page.count("<tr>") == 3 and "clip_illusion, 40 steps" in page
 
 
+def test_visualizations_whose_clip_similarity_plus_epsilon_is_not_positive_are_flagged_in_their_summary_and_notebook_table():
+    # CLIP-Illusion's loss −(cos + ε)(α_n + γ l_c) rewards a lower activation where
+    # cos + ε ≤ 0: such an image is meaningless, and nothing said so. One at exactly 0.
+    import dataclasses
+    import html
+
+    from explaind.client import NeuronVisualization, NeuronVisualizations
+
+    healthy = NeuronVisualization(neuron=8, class_index=1, class_name="square", image=None, masked_image=None, activation=2.5,
+                                  logit=20.1, clip_similarity=0.2, core_relevance=0.1, mask_fraction=0.25)
+    below, at_zero = dataclasses.replace(healthy, neuron=21, clip_similarity=-0.5), dataclasses.replace(healthy, neuron=34, clip_similarity=-0.25)
+    result = NeuronVisualizations(model_version="m.1", method="clip_illusion", steps=40, visualizations=[healthy, below, at_zero],
+                                  gamma=0.5, epsilon=0.25, learning_rate=9e-3, seed=7)
+    assert result.flipped() == [below, at_zero]
+    warning = ("warning: 2 of 3 images ended with clip_similarity + epsilon ≤ 0 (marked !): the loss rewarded a lower activation; "
+               "raise epsilon (visualize_neurons(epsilon=...) or the server's [clip].illusion_epsilon)")
+    assert result.summary().splitlines() == [
+        "3 neurons visualised with clip_illusion, 40 steps (gamma 0.5, epsilon 0.25, learning rate 0.009, seed 7), against head m.1:",
+        "neuron   8 as square: activation 2.500, logit 20.100, CLIP similarity 0.200, mask area 25%",
+        "neuron  21 as square: activation 2.500, logit 20.100, CLIP similarity -0.500, mask area 25% !",
+        "neuron  34 as square: activation 2.500, logit 20.100, CLIP similarity -0.250, mask area 25% !",
+        warning,
+    ]
+    page = result._repr_html_()
+    assert "<td>8</td>" in page and "<td>21 !</td>" in page and "<td>34 !</td>" in page
+    assert page.endswith(f"</table><p>{html.escape(warning)}</p>") and "(gamma 0.5, epsilon 0.25, learning rate 0.009, seed 7)" in page
+    # With a larger ε, or none (another method, an older server), nothing is flagged.
+    for healthy_result in (dataclasses.replace(result, epsilon=0.5 + 1 / 64), dataclasses.replace(result, method="no_clip", epsilon=None)):
+        assert healthy_result.flipped() == [] and "!" not in healthy_result.summary() + healthy_result._repr_html_()
+
+
 def test_an_append_cut_off_by_a_server_killed_mid_way_says_what_was_stored_and_its_request_id_run_again_appends_the_rest(server_factory):
     # The error said "the first 4 of 8 samples were appended", though the request that got
     # no answer may have been applied too, and said nothing of how to go on.
@@ -3481,6 +3512,14 @@ def test_visualizations_fields_and_images_are_the_servers_each_in_its_place():
     assert (shown.image_artifact, shown.masked_image_artifact) == ("n7.png", "n7_masked.png")
     assert (shown.image.size, shown.masked_image.size) == ((4, 4), (5, 5))
     assert visualizations(message, None).visualizations[0].image is None
+    # The settings it ran with; None where unset (gamma for feature_visualization, epsilon
+    # for all but clip_illusion, any from an older server), not the proto's 0.
+    assert (read.gamma, read.epsilon, read.learning_rate, read.seed) == (None, None, None, None)
+    message.MergeFrom(ni.VisualizeNeuronsResult(gamma=0.25, epsilon=0.125, learning_rate=0.5, seed=-9))
+    echoed = visualizations(message, None)
+    assert (echoed.gamma, echoed.epsilon, echoed.learning_rate, echoed.seed) == (0.25, 0.125, 0.5, -9)
+    message.ClearField("epsilon")
+    assert visualizations(message, None).epsilon is None
 
 
 def test_a_head_edits_fields_are_the_servers_each_in_its_place():

@@ -143,22 +143,73 @@ class NeuronVisualization:
 @dataclass(frozen=True, repr=False)
 class NeuronVisualizations(AbbreviatedRepr):
     """Result of ``visualize_neurons``: how the images were made, and one visualisation
-    per requested pair, in request order."""
+    per requested pair, in request order. The settings the images were optimised with
+    (the request's, or the defaults it left unset) are None where the method has no such
+    term (``gamma`` for feature_visualization, ``epsilon`` for all but clip_illusion),
+    and from a server older than them."""
 
     model_version: str  # the head the images were optimised against (its logit l_c)
     method: str  # "clip_illusion", "feature_visualization" or "no_clip"
     steps: int
     visualizations: list[NeuronVisualization]
+    gamma: float | None = None  # γ, the class logit's weight
+    epsilon: float | None = None  # ε, CLIP-Illusion's: its loss is −(cos + ε)(α_n + γ l_c)
+    learning_rate: float | None = None
+    seed: int | None = None
+
+    def flipped(self) -> list[NeuronVisualization]:
+        """The visualisations whose clip_similarity + epsilon ≤ 0: there CLIP-Illusion's
+        loss rewarded a lower activation, so the image is not what excites the neuron;
+        run them again with a larger epsilon."""
+        return [v for v in self.visualizations if self._flips(v)]
+
+    def _flips(self, visualization: NeuronVisualization) -> bool:
+        """Whether ``visualization``'s clip_similarity + epsilon ≤ 0 (never without epsilon)."""
+        return self.epsilon is not None and visualization.clip_similarity + self.epsilon <= 0
+
+    def _settings(self) -> str:
+        """"gamma 0.5, epsilon 0.05, learning rate 0.009, seed 0", the settings known."""
+        weights = [f"{name} {value:g}" for name, value in (("gamma", self.gamma), ("epsilon", self.epsilon), ("learning rate", self.learning_rate))
+                   if value is not None]
+        return ", ".join(weights + ([] if self.seed is None else [f"seed {self.seed}"]))
+
+    def _flipped_warning(self) -> str:
+        """The warning for the flipped visualisations, "" for none."""
+        flipped = self.flipped()
+        if not flipped:
+            return ""
+        return (f"warning: {len(flipped)} of {len(self.visualizations)} images ended with clip_similarity + epsilon ≤ 0 (marked !): "
+                f"the loss rewarded a lower activation; raise epsilon (visualize_neurons(epsilon=...) or the server's [clip].illusion_epsilon)")
+
+    def summary(self) -> str:
+        """As ``explaind visualize`` prints it: how the images were made, one line per
+        visualisation with its scores, and a warning marking those whose clip_similarity
+        + epsilon ≤ 0."""
+        count = len(self.visualizations)
+        settings = self._settings()
+        lines = [f"{count} neuron{'' if count == 1 else 's'} visualised with {self.method}, {self.steps} steps"
+                 f"{f' ({settings})' if settings else ''}, against head {self.model_version}:"]
+        for v in self.visualizations:
+            similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
+            lines.append(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
+                         f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}{' !' if self._flips(v) else ''}")
+        if warning := self._flipped_warning():
+            lines.append(warning)
+        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         """A notebook shows the images, not their PIL reprs: a table with one row per
-        visualisation (its numbers, image and masked image inlined as PNG)."""
+        visualisation (its numbers, image and masked image inlined as PNG), a flipped one
+        marked !, then the warning for those."""
         rows = "".join(
-            f"<tr><td>{v.neuron}</td><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td><td>{v.logit:.3g}</td>"
+            f"<tr><td>{v.neuron}{' !' if self._flips(v) else ''}</td><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td><td>{v.logit:.3g}</td>"
             f"<td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image)}</td><td>{_html_image(v.masked_image)}</td></tr>"
             for v in self.visualizations)
-        return (f"<p>{html.escape(self.method)}, {self.steps} steps, model {html.escape(self.model_version)}</p><table><tr><th>neuron</th>"
-                f"<th>class</th><th>activation</th><th>logit</th><th>CLIP similarity</th><th>mask</th><th>image</th><th>masked</th></tr>{rows}</table>")
+        settings = self._settings()
+        warning = self._flipped_warning()
+        return (f"<p>{html.escape(self.method)}, {self.steps} steps{f' ({settings})' if settings else ''}, model {html.escape(self.model_version)}</p>"
+                f"<table><tr><th>neuron</th><th>class</th><th>activation</th><th>logit</th><th>CLIP similarity</th><th>mask</th><th>image</th>"
+                f"<th>masked</th></tr>{rows}</table>{f'<p>{html.escape(warning)}</p>' if warning else ''}")
 
 
 def _html_image(image: Image | None) -> str:
@@ -292,6 +343,9 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
 
 def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: Operation | None) -> NeuronVisualizations:
     """Images downloaded from the operation's artifacts (None without it)."""
+    def echoed(name: str) -> Any:
+        return getattr(message, name) if message.HasField(name) else None
+
     return NeuronVisualizations(message.model_version, message.method, message.steps, [
         NeuronVisualization(
             neuron=v.neuron,
@@ -308,7 +362,7 @@ def visualizations(message: neuroinspect_pb2.VisualizeNeuronsResult, operation: 
             masked_image_artifact=v.masked_image_artifact,
         )
         for v in message.visualizations
-    ])
+    ], gamma=echoed("gamma"), epsilon=echoed("epsilon"), learning_rate=echoed("learning_rate"), seed=echoed("seed"))
 
 
 def head_evaluation(message: neuroinspect_pb2.HeadEvaluation) -> HeadEvaluation:

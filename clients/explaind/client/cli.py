@@ -783,11 +783,7 @@ def _print_ranking(ranking: NeuronRanking, limit: int = RANKING_LINES) -> None:
 
 
 def _print_visualizations(result: NeuronVisualizations) -> None:
-    print(f"{_counted(len(result.visualizations), 'neuron')} visualised with {result.method}, {result.steps} steps, against head {result.model_version}:")
-    for v in result.visualizations:
-        similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
-        print(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
-              f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}")
+    print(result.summary())
 
 
 def _print_head_edit(edit: HeadEdit) -> None:
