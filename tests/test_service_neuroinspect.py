@@ -630,11 +630,12 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
     assert len(re.findall(r"serving head version v1 of classifier \S+ \(unchanged\)", log)) == 1  # the restart's; not "(was v1)"
 
 
-def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu", classifier: dict | None = None):
+def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu", classifier: dict | None = None,
+                clip: dict | None = None):
     """An engine and its NeuroInspect engine serving ``classifier_dir`` (or the
     ``classifier`` of these `[classifier]` keys) from ``data_dir`` on ``device``, as a
-    server would."""
-    from explaind.config import ClassifierSection, Config, RuntimeSection, ServerSection
+    server would; with the CLIP of these `[clip]` keys, or none."""
+    from explaind.config import ClassifierSection, ClipSection, Config, RuntimeSection, ServerSection
     from explaind.engine import Engine
     from explaind.engine.neuroinspect import NeuroInspectEngine
     from explaind.metrics import Metrics
@@ -642,6 +643,8 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: boo
 
     section = ClassifierSection(**classifier) if classifier else ClassifierSection(loader="world", path=str(classifier_dir))
     config = Config(classifier=section, server=ServerSection(data_dir=str(data_dir)), runtime=RuntimeSection(device=device))
+    if clip is not None:
+        config = dataclasses.replace(config, clip=ClipSection(**clip))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
     engine.load()
     inspect = NeuroInspectEngine(engine)
@@ -791,6 +794,26 @@ def test_a_clip_illusion_whose_cosine_plus_epsilon_is_not_positive_says_so_once_
             assert engine.jobs.wait(job.record.job_id, 120).record.state == "succeeded"
         assert said[-1] == "saving 3 images and their masked versions"
         assert caplog.records == []
+    finally:
+        _shut(engine)
+
+
+def test_a_clip_illusion_with_the_world_clip_and_epsilon_0_flags_the_pairs_whose_cosine_is_negative(tmp_path, caplog):
+    # End to end with a real CLIP: the shapes world's scores the start image of neuron 7
+    # negatively against "heart" (as the wrong classes of its tiny CLIP often are) and
+    # positively against "triangle"; with ε 0 only the heart's loss rewarded a lower activation.
+    from explaind.client._neuroinspect import visualizations
+    from explaind.world import assets
+
+    engine, inspect = _in_process(tmp_path, clip={"path": str(assets.clip_dir())})
+    try:
+        with caplog.at_level("WARNING", logger="explaind.engine.neuroinspect"):
+            job = inspect.visualize_neurons([(7, "heart"), (7, "triangle")], method="clip_illusion", epsilon=0.0, steps=1)
+            result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        heart, triangle = result.visualizations
+        assert heart.clip_similarity < -0.1 and triangle.clip_similarity > 0.1 and result.epsilon == 0.0
+        assert [v.class_name for v in visualizations(result, None).flipped()] == ["heart"]
+        assert len(caplog.records) == 1 and "1 of 2 pairs ended with clip_similarity + epsilon 0 ≤ 0," in caplog.records[0].getMessage()
     finally:
         _shut(engine)
 
