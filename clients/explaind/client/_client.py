@@ -1193,7 +1193,9 @@ class Client:
         method ignores is refused. ``seed`` fixes each pair's start image and augmentations;
         ``preview_every``: a progress preview every this many steps (0: 10). ``.result()`` gives
         :class:`NeuronVisualizations`, whose ``visualizations`` hold PIL images, in request
-        order. ``request_id``: see :meth:`evaluate_sample_set`."""
+        order, with the settings they were made with; its ``flipped()`` are those whose
+        cos + ε ≤ 0 (run them again with a larger ``epsilon``). ``request_id``: see
+        :meth:`evaluate_sample_set`."""
         expected = "expected a list of neuron indices or (neuron, class) pairs"
         if not _is_sequence(pairs):
             raise TypeError(f"pairs: {expected}, got {pairs!r}")
