@@ -1908,6 +1908,14 @@ def test_visualize_sends_classes_per_neuron_and_the_seed_and_makes_a_nested_out_
     # --json has the settings each ran with: no_clip's default γ and learning rate, no ε.
     assert [{name: run[name] for name in ("gamma", "epsilon", "learning_rate", "seed")} for run in runs] == [
         {"gamma": 0.5, "epsilon": None, "learning_rate": 9e-3, "seed": seed} for seed in (1, 2)]
+    # --gamma, --learning-rate and --epsilon (what clip_illusion's warning tells to raise)
+    # reach the server: this one has no CLIP, so no_clip's job takes the first two, and
+    # refuses ε, which only clip_illusion has.
+    tuned = _json_out(capsys, ["--target", server.target, "visualize", "3:heart", "--method", "no_clip", "--steps", "1", "--gamma", "0.25",
+                               "--learning-rate", "0.02", "--out-dir", str(tmp_path / "tuned"), "--json"])
+    assert {name: tuned[name] for name in ("gamma", "epsilon", "learning_rate")} == {"gamma": 0.25, "epsilon": None, "learning_rate": 0.02}
+    refused = _error(capsys, ["--target", server.target, "visualize", "3:heart", "--method", "no_clip", "--epsilon", "1.5", "--out-dir", str(tmp_path / "tuned")])
+    assert refused.startswith("error: INVALID_ARGUMENT: epsilon: "), refused
     assert sorted(p.name for p in (tmp_path / "nested" / "1").iterdir())[0].startswith("00_neuron3_")
 
 

@@ -2904,7 +2904,7 @@ def test_visualizations_whose_clip_similarity_plus_epsilon_is_not_positive_are_f
                                   gamma=0.5, epsilon=0.25, learning_rate=9e-3, seed=7)
     assert result.flipped() == [below, at_zero]
     warning = ("warning: 2 of 3 images ended with clip_similarity + epsilon ≤ 0 (marked !): the loss rewarded a lower activation; "
-               "raise epsilon (visualize_neurons(epsilon=...) or the server's [clip].illusion_epsilon)")
+               "raise epsilon (visualize_neurons(epsilon=...), explaind visualize --epsilon, or the server's [clip].illusion_epsilon)")
     assert result.summary().splitlines() == [
         "3 neurons visualised with clip_illusion, 40 steps (gamma 0.5, epsilon 0.25, learning rate 0.009, seed 7), against head m.1:",
         "neuron   8 as square: activation 2.500, logit 20.100, CLIP similarity 0.200, mask area 25%",

@@ -179,7 +179,8 @@ class NeuronVisualizations(AbbreviatedRepr):
         if not flipped:
             return ""
         return (f"warning: {len(flipped)} of {len(self.visualizations)} images ended with clip_similarity + epsilon ≤ 0 (marked !): "
-                f"the loss rewarded a lower activation; raise epsilon (visualize_neurons(epsilon=...) or the server's [clip].illusion_epsilon)")
+                "the loss rewarded a lower activation; raise epsilon (visualize_neurons(epsilon=...), explaind visualize --epsilon, "
+                "or the server's [clip].illusion_epsilon)")
 
     def summary(self) -> str:
         """As ``explaind visualize`` prints it: how the images were made, one line per

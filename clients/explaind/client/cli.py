@@ -898,7 +898,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             names = _class_names_for(client, [pair[1] for pair in args.neurons if isinstance(pair, tuple)])
             neurons = [(pair[0], _resolved_class(pair[1], names, f"{pair[0]}:")) if isinstance(pair, tuple) else pair for pair in args.neurons]
             operation = client.visualize_neurons(neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron,
-                                                 seed=args.seed, request_id=args.request_id)
+                                                 gamma=args.gamma, epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed,
+                                                 request_id=args.request_id)
             result = _announce_and_wait(operation, args)
     except BaseException:  # no images to write (no server, a refused request, Ctrl-C): no empty directories left either
         for directory in created:
@@ -1397,6 +1398,10 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--classes-per-neuron", dest="classes_per_neuron", type=_integer, default=0,
                            help="images per neuron without a CLASS, one per top class; 0: 1")
     visualize.add_argument("--seed", type=_int64, default=0, help="random seed of the start images and augmentations")
+    visualize.add_argument("--gamma", type=_finite_number, help="weight of the class logit against the activation (default 0.5; not for feature_visualization)")
+    visualize.add_argument("--epsilon", type=_finite_number,
+                           help="clip_illusion's ε, which keeps clip_similarity + ε positive (default: the server's [clip].illusion_epsilon)")
+    visualize.add_argument("--learning-rate", dest="learning_rate", type=_finite_number, help="AdamW's learning rate in (0, 10] (default 9e-3)")
     visualize.add_argument("--out-dir", dest="out_dir", type=_path, help="directory for <i>_neuron<N>_<class>.png and its _masked.png (default: .)")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
     visualize.add_argument("--json", action="store_true", help="print the visualisations and the files written as JSON")
