@@ -97,6 +97,15 @@ def torch_threads(count: int | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def default_device_meta() -> Iterator[None]:
+    """Run the block with torch's default device "meta": a tensor the code under test makes
+    without ``device=`` is then a meta tensor, and meeting the CPU inputs fails at once, as
+    a CPU tensor beside a model on a GPU fails there, which CPU-only tests cannot see."""
+    with torch.device("meta"):
+        yield
+
+
+@contextlib.contextmanager
 def json_log_lines(logger: str) -> Iterator[list[dict]]:
     """The INFO and higher lines ``logger`` logs while the block runs, each as the object
     of its line in ``log_format = "json"``; formatted in the thread that logs, where its

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import default_device_meta
 from explaind.methods.neuroinspect import HeadEditor, _probability, evaluate_head, neuron_importance, probability_ratio
 
 SPURIOUS = 9
@@ -251,6 +252,15 @@ def test_the_seed_fixes_the_minibatch_order_and_a_negative_seed_is_its_twos_comp
     assert same(edit(world, max_epochs=2, seed=0), runs[0])
     assert not same(runs[0], runs[1])  # another seed, other minibatches
     assert same(runs[-1], runs[2**64 - 1]) and not same(runs[-1], runs[1])
+
+
+def test_the_minibatch_order_is_drawn_on_the_host_whatever_the_default_device(world):
+    # The seeded generator is a CPU one: an order drawn on the default device (a GPU's under
+    # torch.set_default_device) refused it, where the same seed must give the same edit.
+    expected = edit(world, max_epochs=1)
+    with default_device_meta():
+        result = edit(world, max_epochs=1)
+    assert torch.equal(result.weight, expected.weight) and torch.equal(result.bias, expected.bias)
 
 
 def test_patience_counts_the_epochs_since_the_last_improvement_not_all_that_failed_to_improve(world):

@@ -273,12 +273,12 @@ class HeadEditor:
         weight = weight0.to(train_dtype).clone().requires_grad_(True)
         bias = bias0.to(train_dtype).clone().requires_grad_(True)
         optimiser = torch.optim.Adam([weight, bias], lr=learning_rate, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # a negative seed as its two's complement
+        generator = torch.Generator(device="cpu").manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # a negative seed as its two's complement
         history: list[EpochRecord] = []
         best_key, best_state, best_epoch, stale = None, (weight0, bias0), 0, 0
         cancelled = False
         for epoch in range(1, max_epochs + 1):
-            order = torch.randperm(len(features), generator=generator).to(device)
+            order = torch.randperm(len(features), generator=generator, device="cpu").to(device)  # drawn on the host: one order on every device
             totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed where computed: .item() would sync a GPU every step
             batches = 0
             for start in range(0, len(order), batch_size):
