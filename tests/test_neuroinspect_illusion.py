@@ -16,7 +16,7 @@ from explaind.world.assets import classifier_dir, clip_dir
 from explaind.world.illusion_check import attribute_similarity
 from explaind.world.scenarios import WorldBatch
 
-from conftest import TINY_VIT_KWARGS, cores
+from conftest import TINY_VIT_KWARGS, cores, default_device_meta
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -593,6 +593,17 @@ def test_each_image_starts_from_its_own_generator_at_init_std():
 def test_an_odd_sized_image_keeps_its_size():
     # A half spectrum of S // 2 + 1 columns fits both S and S − 1 columns: the size is passed on.
     assert _fourier_image(9)().shape == (1, 3, 9, 9)
+
+
+def test_the_image_s_buffers_are_made_on_its_generators_device_whatever_the_default_device():
+    # The spectrum is drawn on the generators' device; its amplitudes and colours were made
+    # on the default one, so an image drawn by GPU generators multiplied CUDA by CPU tensors.
+    expected = _fourier_image(8)().detach()
+    with default_device_meta():
+        image = _fourier_image(8)
+        pixels = image().detach()
+    assert image.scale.device == image.colour.device == torch.device("cpu")
+    assert torch.equal(pixels, expected)
 
 
 def test_the_augmentations_draw_rotation_scale_and_shift_independently(monkeypatch):

@@ -51,14 +51,15 @@ class FourierImage(nn.Module):
             raise ValueError("generators must hold at least one torch.Generator (one per image)")
         self.image_size = image_size = count(image_size, "image_size")
         decay_power, init_std = number(decay_power, "decay_power"), number(init_std, "init_std")
-        fy = torch.fft.fftfreq(image_size).unsqueeze(1)
-        fx = torch.fft.rfftfreq(image_size).unsqueeze(0)
+        device = generators[0].device  # the spectrum's: its buffers beside it, as forward multiplies them
+        fy = torch.fft.fftfreq(image_size, device=device).unsqueeze(1)
+        fx = torch.fft.rfftfreq(image_size, device=device).unsqueeze(0)
         frequency = (fx * fx + fy * fy).sqrt()
         self.register_buffer("scale", 1.0 / frequency.clamp_min(1.0 / image_size) ** decay_power, persistent=False)
         if not torch.isfinite(self.scale).all():  # the images would be NaN from the start
             raise ValueError(f"decay_power {decay_power:g} is too large for image_size {image_size}: the lowest frequency's "
                              f"amplitude, {image_size}^{decay_power:g}, overflows {self.scale.dtype}")
-        self.register_buffer("colour", _COLOUR_CORRELATION.clone(), persistent=False)
+        self.register_buffer("colour", _COLOUR_CORRELATION.to(device, copy=True), persistent=False)
         shape = (3, image_size, image_size // 2 + 1, 2)
         self.spectrum = nn.Parameter(torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]) * init_std)
 
