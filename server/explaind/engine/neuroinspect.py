@@ -586,7 +586,7 @@ class NeuroInspectEngine:
                                                               count=submitted[validation_sample_set_id].sample_count)
                 val_features, val_labels = validation.features, validation.labels
             else:  # every 5th sample held out
-                held = torch.zeros(len(labels), dtype=torch.bool)
+                held = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
                 held[::5] = True
                 val_features, val_labels = features[held.to(features.device)], labels[held]
                 features, labels = features[~held.to(features.device)], labels[~held]
