@@ -19,7 +19,7 @@ from ._checks import count, number
 
 # Square root of the ImageNet colour covariance (from Lucid); normalised by its largest
 # column norm so decorrelated unit noise stays in range.
-_COLOUR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOUR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], device="cpu")
 _COLOUR_CORRELATION = _COLOUR_CORRELATION_SQRT / _COLOUR_CORRELATION_SQRT.norm(dim=0).max()
 
 
