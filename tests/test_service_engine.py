@@ -49,7 +49,7 @@ from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
-from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, divides_by_mean, json_log_lines, torch_threads, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, default_device_meta, divides_by_mean, json_log_lines, torch_threads, vm_steps, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtime) -> Engine:
@@ -2115,6 +2115,11 @@ def test_a_jobs_logits_are_those_of_the_set_as_it_was_submitted_not_of_samples_a
         logits, labels, digests = engine.sample_set_logits("grown", version=version, uid=uid, count=3)
         assert digests == every_digest[:3] and labels.tolist() == [0, 1, 2]
         torch.testing.assert_close(logits, every_logits[:3])
+    # Labels are made on the host, as the logits are, whatever torch's default device (a
+    # GPU default put them beside CPU logits).
+    with default_device_meta():
+        labelled = [engine.sample_set_logits("grown", version=version)[1] for version in (split, whole)] + [engine.sample_set_features("grown").labels]
+    assert [labels.device.type for labels in labelled] == ["cpu"] * 3
 
 
 def test_features_of_a_set_for_an_inference_only_classifier_are_refused_saying_why(engine):

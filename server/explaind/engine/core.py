@@ -591,7 +591,7 @@ class Engine:
             context.report_progress(len(missing), len(missing), "features ready")
         _require_finite_rows(stacked, sample_set_id, field, "penultimate features")
         features = torch.from_numpy(stacked).to(self.device)
-        labels = torch.tensor([record.label for record in records], dtype=torch.long)
+        labels = torch.tensor([record.label for record in records], dtype=torch.long, device="cpu")
         return SampleFeatures(features, labels, records, version)
 
     def sample_set_logits(self, sample_set_id: str, *, version: ClassifierVersion, batch_size: int = 0,
@@ -615,7 +615,7 @@ class Engine:
                 computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests]))  # never empty: usable sets have samples
         _require_finite_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")
-        return logits, torch.tensor([record.label for record in records], dtype=torch.long), digests
+        return logits, torch.tensor([record.label for record in records], dtype=torch.long, device="cpu"), digests
 
     @staticmethod
     @contextlib.contextmanager

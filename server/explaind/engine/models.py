@@ -679,7 +679,7 @@ def _inference_only(section: ClassifierSection, loader: str, path: Path, digest:
         raise ModelLoadError(f"[classifier].path: {path}'s (first) output for 2 images is {probe.dtype} of shape {tuple(probe.shape)}, "
                              "not scores (N, classes): logits or probabilities")
     probe = probe.float()
-    if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe)), atol=_tolerance(scores_dtype)):
+    if bool(((probe >= 0) & (probe <= 1)).all()) and torch.allclose(probe.sum(dim=1), torch.ones(len(probe), device=probe.device), atol=_tolerance(scores_dtype)):
         log.info("%s: its outputs are probabilities (each row sums to 1); serving their logarithms as logits", path)
         fn = _logarithm_of(fn)
     return ClassifierVersion(
