@@ -666,3 +666,92 @@ def test_each_number_is_announced_with_the_label_of_its_row():
         assert f"<tr><th scope='row'>{label}</th><td" in page
     # Every row of the mistakes (4), the neuron's card (6) and the edit's (4) tables; the ranking's are led by their neuron.
     assert page.count("<th scope='row'>") == 4 + 6 + 4
+
+
+def _visualized(neurons_similarities: list[tuple[int, float]], epsilon: float | None, method: str = "clip_illusion"):
+    """A visualize_neurons result made with ``epsilon``: one 8 px visualisation of class
+    tench per (neuron, CLIP similarity)."""
+    from PIL import Image
+
+    from explaind.client._neuroinspect import NeuronVisualization, NeuronVisualizations
+
+    image = Image.new("RGB", (8, 8))
+    return NeuronVisualizations(model_version="v", method=method, steps=100, gamma=0.5, epsilon=epsilon, learning_rate=0.009, seed=0, visualizations=[
+        NeuronVisualization(neuron=n, class_index=0, class_name="tench", image=image, masked_image=image, activation=1.0, logit=2.0,
+                            clip_similarity=similarity, core_relevance=0.1, mask_fraction=0.5) for n, similarity in neurons_similarities])
+
+
+def test_a_visualisation_whose_clip_illusion_loss_flipped_sign_is_flagged_in_words_on_its_card_and_at_the_top():
+    # clip_similarity + epsilon ≤ 0 made the optimiser lower the neuron's activation: the
+    # page showed that image as if it were what excites the neuron, and never said epsilon.
+    import dataclasses
+
+    from html.parser import HTMLParser
+
+    class Cards(HTMLParser):
+        """Each card's text by its id, and the text above the first heading after the title."""
+
+        def __init__(self):
+            super().__init__()
+            self.card, self.cards, self.top, self.headings = None, {}, "", 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "figure":
+                self.card = dict(attrs)["id"]
+                self.cards[self.card] = ""
+            elif tag == "h2":
+                self.headings += 1
+
+        def handle_endtag(self, tag):
+            if tag == "figure":
+                self.card = None
+
+        def handle_data(self, data):
+            if self.card:
+                self.cards[self.card] += data
+            elif not self.headings:
+                self.top += data
+
+    results = [_visualized([(7, -0.1), (8, 0.3)], epsilon=0.05), _visualized([(9, -0.1)], epsilon=0.5)]
+    report = dataclasses.replace(_edited_report(), visualizations=[v for r in results for v in r.visualizations], visualization_results=results)
+    page = render_report(report)
+    cards = Cards()
+    cards.feed(page)
+    settings = "clip_illusion, 100 steps (gamma 0.5, epsilon {}, learning rate 0.009, seed 0)"
+    assert settings.format(0.05) in cards.cards["neuron-7"] and settings.format(0.5) in cards.cards["neuron-9"]
+    assert "Warning: CLIP similarity + epsilon ≤ 0 (epsilon 0.05)" in cards.cards["neuron-7"]
+    assert "Warning" not in cards.cards["neuron-8"] and "Warning" not in cards.cards["neuron-9"]  # 0.3 + 0.05 and -0.1 + 0.5 are above 0
+    assert "<figure class='neuron flipped' id='neuron-7'>" in page and "<figure class='neuron' id='neuron-8'>" in page
+    assert "Warning: 1 of the 3 images shown (neuron 7) ended with CLIP similarity + epsilon ≤ 0" in cards.top
+    for remedy in ("explaind visualize --epsilon", "visualize_neurons(epsilon=...)", "[clip].illusion_epsilon"):
+        assert remedy in cards.top
+    assert "<a href='#neuron-7'>neuron 7</a>" in page.split("<h2>")[0]
+    # Without a flipped image, no warning; a visualisation of no known result shows no settings.
+    unflipped = render_report(dataclasses.replace(report, visualization_results=[results[1]]))
+    assert "Warning" not in unflipped and "neuron flipped" not in unflipped and settings.format(0.05) not in unflipped
+    assert settings.format(0.5) in unflipped
+
+
+def test_a_report_pairs_each_visualisation_with_the_epsilon_of_the_request_that_made_it():
+    # The report merged the requests' visualisations into one list and lost each one's
+    # settings: a flip could not be told, nor which epsilon to raise.
+    from types import SimpleNamespace
+
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    neurons = [RankedNeuron(n, "insufficient", 0.5, 0.0, 0.1, 1.0, ["tench"]) for n in range(65)]
+    ranking = NeuronRanking("s", "m", 0, "tench", "faithful", 100, 65, 65, neurons, {}, [], None)
+    epsilons = iter([0.05, 0.5])  # the second request's, as a server of another default would echo it
+
+    def visualize_neurons(pairs, method, steps):
+        made = _visualized([(n, -0.1) for n, _ in pairs], epsilon=next(epsilons), method=method)
+        return SimpleNamespace(result=lambda progress: made)
+
+    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
+                             edit_head=lambda *a, **k: (_ for _ in ()).throw(InvalidArgumentError("sample_set_id: needs at least 5 samples")),
+                             model_metadata=lambda: SimpleNamespace(components={"clip": SimpleNamespace(loaded=True)}, supports_visualization=True, loader="world"))
+    report = build_report(client, "tench", "s", steps=2)
+    assert [v.neuron for v in report.visualizations] == list(range(65)) and [r.epsilon for r in report.visualization_results] == [0.05, 0.5]
+    page = render_report(report)
+    assert "Warning:</strong> 64 of the 65 images shown (" in page and "<a href='#neuron-9'>neuron 9</a> and 54 more) ended" in page and "<figure class='neuron' id='neuron-64'>" in page
+    assert "epsilon 0.5, learning rate" in page.split("id='neuron-64'")[1]

@@ -13,7 +13,7 @@ import contextlib
 import html
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -21,7 +21,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization
+from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations
 from ._types import escape_controls
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ class MistakeReport:
     # The server's failure that stopped the visualisations part way (a job out of memory,
     # say); those made before it are kept, and the page still shows the ranking and edit.
     visualization_error: ExplaindError | None = None
+    # The results the visualisations came from, with the settings each ran with (method,
+    # steps, epsilon...): the page states them beside each image and flags those whose
+    # CLIP-Illusion loss flipped sign. A visualisation found in none is shown without them.
+    visualization_results: list[NeuronVisualizations] = field(default_factory=list)
 
 
 def build_report(
@@ -98,8 +102,9 @@ def build_report(
                 raise
             no_edit_reason = error.details
     with noting_stored_edit(edit):
-        visualizations, method, no_visualization_reason, visualization_error = _visualize_ranked(client, ranking, max_neurons, steps, progress)
-    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason, visualization_error)
+        results, method, no_visualization_reason, visualization_error = _visualize_ranked(client, ranking, max_neurons, steps, progress)
+    visualizations = [v for result in results for v in result.visualizations]
+    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason, visualization_error, results)
 
 
 @contextlib.contextmanager
@@ -116,24 +121,25 @@ def noting_stored_edit(edit: HeadEdit | None) -> Iterator[None]:
 
 
 def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int,
-                      progress: bool) -> tuple[list[NeuronVisualization], str, str, ExplaindError | None]:
+                      progress: bool) -> tuple[list[NeuronVisualizations], str, str, ExplaindError | None]:
     """Visualise every ranked neuron (or the top ``max_neurons``) on the class: the
-    visualisations, the method, why there are none where the classifier has no gradients,
-    and the server's error that stopped them part way (those before it kept)."""
+    results (each request's visualisations with the settings they ran with), the method,
+    why there are none where the classifier has no gradients, and the server's error that
+    stopped them part way (those before it kept)."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
     method = "clip_illusion" if clip is not None and clip.loaded else "no_clip"
-    visualizations: list[NeuronVisualization] = []
+    results: list[NeuronVisualizations] = []
     no_visualization_reason = "" if meta.supports_visualization or not shown else (
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
     for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
         pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
         try:
-            visualizations += client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress).visualizations
+            results.append(client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress))
         except ExplaindError as error:  # the queue full, a job out of memory: what came before is still worth its page
-            return visualizations, method, no_visualization_reason, error
-    return visualizations, method, no_visualization_reason, None
+            return results, method, no_visualization_reason, error
+    return results, method, no_visualization_reason, None
 
 
 # Request fields build_report's caller chose: the edit refusing one of them is the caller's mistake.
@@ -247,6 +253,8 @@ th[scope=row] { font-weight: normal; }
 .neurons { display: flex; flex-wrap: wrap; gap: 1em; }
 .neuron { border: 1px solid #ddd; border-radius: 6px; padding: .6em; width: 300px; margin: 0; }
 .muted { color: #595959; font-size: .9em; }
+.warning { color: #9b1c1c; }
+.neuron.flipped { border: 2px solid #9b1c1c; }
 @media print {
   body { margin: 0; max-width: none; }
   td, th { padding: .2em .4em; }
@@ -300,16 +308,46 @@ def _predicted_as(predicted_as: dict[str, int]) -> str:
     return text
 
 
+def _settings(result: NeuronVisualizations) -> str:
+    """How ``result``'s images were made, as ``explaind visualize`` says it: "clip_illusion,
+    100 steps (gamma 0.5, epsilon 0.05, learning rate 0.009, seed 0)"."""
+    settings = result._settings()
+    return f"{result.method}, {result.steps} steps" + (f" ({settings})" if settings else "")
+
+
+# Flipped images the page's warning links to; the rest it counts (each card says so too).
+_FLIPPED_LINKED = 10
+
+
+def _flipped_warning(flipped: list[NeuronVisualization], shown: int) -> str:
+    """The page's warning over the visualisations whose CLIP-Illusion loss flipped sign,
+    linking to each, and how to make them again; "" for none."""
+    if not flipped:
+        return ""
+    links = ", ".join(f"<a href='#neuron-{v.neuron}'>neuron {v.neuron}</a>" for v in flipped[:_FLIPPED_LINKED])
+    if len(flipped) > _FLIPPED_LINKED:
+        links += f" and {len(flipped) - _FLIPPED_LINKED} more"
+    return (f"<p id='flipped-warning' class='warning'><strong>Warning:</strong> {len(flipped)} of the {shown} images shown ({links}) ended with "
+            "CLIP similarity + epsilon ≤ 0: CLIP-Illusion's loss, −(cos + ε)(α + γ·logit), then rewarded a lower activation, so they do "
+            "not show what makes their neuron fire. Make them again with a larger epsilon: <code>explaind visualize --epsilon</code>, "
+            "the SDK's <code>visualize_neurons(epsilon=...)</code>, or the server's <code>[clip].illusion_epsilon</code>.</p>")
+
+
 def render_report(report: MistakeReport) -> str:
     """The report as one HTML document (UTF-8, images inlined, no scripts)."""
     ranking = report.ranking
     escape = _text
     predicted = _predicted_as(ranking.predicted_as)
+    # Each visualisation's result (its settings), and those flipped, by identity: the results hold these very objects.
+    result_of = {id(v): result for result in report.visualization_results for v in result.visualizations}
+    flipped_ids = {id(v) for result in report.visualization_results for v in result.flipped()}
+    flipped = [v for v in report.visualizations if id(v) in flipped_ids]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>explaind: mistakes of class {escape(ranking.class_name)} (model {escape(ranking.model_version)})</title><style>{_STYLE}</style></head><body>",
         f"<h1>Why the classifier gets <em>{escape(ranking.class_name)}</em> wrong</h1>",
         f"<p class='muted'>sample set {escape(ranking.sample_set_id)} · model {escape(ranking.model_version)} · solver {escape(ranking.solver)}</p>",
+        _flipped_warning(flipped, len(report.visualizations)),
         "<h2>Mistakes</h2><table>",
         f"<tr><th scope='row'>samples in the set</th><td>{ranking.sample_count}</td></tr>",
         f"<tr><th scope='row'>mistakes on <span class='names'>{escape(ranking.class_name)}</span></th><td>{ranking.mistake_count}</td></tr>",
@@ -349,12 +387,19 @@ def render_report(report: MistakeReport) -> str:
             # Each image's alt names its neuron and class and says what it is: read out alone
             # (a screen reader, a page printed without images), "neuron 7 masked" said neither.
             subject = f"neuron {v.neuron}, class {escape(v.class_name)}"
+            result = result_of.get(id(v))
+            settings = f"<br><span class='muted settings'>{escape(_settings(result))}</span>" if result is not None else ""
+            # Said in words beside the images, not by the card's colour alone.
+            warning = (f"<p class='warning'><strong>Warning:</strong> CLIP similarity + epsilon ≤ 0 (epsilon {result.epsilon:g}): "
+                       "the optimiser lowered the neuron's activation, so this image does not show what makes it fire.</p>"
+                       if result is not None and id(v) in flipped_ids else "")
             parts.append(
-                f"<figure class='neuron' id='neuron-{v.neuron}'><figcaption><b>neuron {v.neuron}</b> · class {escape(v.class_name)}</figcaption>"
+                f"<figure class='neuron{' flipped' if warning else ''}' id='neuron-{v.neuron}'><figcaption><b>neuron {v.neuron}</b> · "
+                f"class {escape(v.class_name)}{settings}</figcaption>"
                 f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='{subject}: an image optimised to make the neuron fire' "
                 f"src='{image_data_uri(image)}'> "
                 f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='{subject}: the same image, the regions where the neuron fires "
-                f"little dimmed' src='{image_data_uri(masked_image)}'>"
+                f"little dimmed' src='{image_data_uri(masked_image)}'>{warning}"
                 f"<table><tr><th scope='row'>activation α</th><td>{_number(v.activation)}</td></tr><tr><th scope='row'>logit</th><td>{_number(v.logit)}</td></tr>"
                 f"<tr><th scope='row'>importance</th><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><th scope='row'>CLIP similarity</th><td>{_number(v.clip_similarity)}</td></tr><tr><th scope='row'>core relevance</th><td>{_number(v.core_relevance)}</td></tr>"
