@@ -579,6 +579,8 @@ def test_long_names_without_spaces_wrap_inside_the_page_instead_of_running_off_i
             dataclasses.replace(n, top_classes=[long, long]) for n in report.ranking.neurons]),
         edit=dataclasses.replace(report.edit, version=dataclasses.replace(
             edit, evaluation=evaluation({long: 0.75}, {long: 0.5}), parent_evaluation=evaluation({long: 0.25}, {long: 0.25}))))
+    flipped = _visualized([(7, -0.1)], epsilon=0.05)  # its card's settings and warning, and the page's warning, laid out too
+    report = dataclasses.replace(report, visualizations=flipped.visualizations, visualization_results=[flipped])
     measured = tmp_path / "report.html"  # the page with a script, outside the report, that writes down how wide it laid out
     measured.write_text(render_report(report).replace(
         "</body>", "<script>document.body.dataset.width = document.documentElement.scrollWidth</script></body>"), encoding="utf-8")
