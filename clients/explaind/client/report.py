@@ -10,10 +10,11 @@ attached to a ticket as is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -49,7 +50,7 @@ class MistakeReport:
     # The results the visualisations came from, with the settings each ran with (method,
     # steps, epsilon...): the page states them beside each image and flags those whose
     # CLIP-Illusion loss flipped sign. A visualisation found in none is shown without them.
-    visualization_results: list[NeuronVisualizations] = field(default_factory=list)
+    visualization_results: list[NeuronVisualizations] = dataclasses.field(default_factory=list)
 
 
 def build_report(
