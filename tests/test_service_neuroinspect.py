@@ -1467,6 +1467,13 @@ def test_an_inline_ranking_larger_than_a_message_is_refused_with_the_way_to_get_
         NeuroInspectServicer(engine, max_message_bytes=16384, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
     fits = NeuroInspectServicer(engine, max_message_bytes=32768, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
     assert fits.ranking.omega == omega
+    # The interceptor's bound, on the whole response (the ranking and its wrapper's bytes):
+    # one of exactly the limit is sent, not refused with a hint the caller need not follow.
+    size = fits.ByteSize()
+    at_limit = NeuroInspectServicer(engine, max_message_bytes=size, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+    assert at_limit == fits and size > fits.ranking.ByteSize()
+    with pytest.raises(ResourceExhausted, match=f"^the ranking is {size} bytes, more than the server's limit of {size - 1} "):
+        NeuroInspectServicer(engine, max_message_bytes=size - 1, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
 
 
 def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):
