@@ -2918,6 +2918,10 @@ def test_visualizations_whose_clip_similarity_plus_epsilon_is_not_positive_are_f
     # With a larger ε, or none (another method, an older server), nothing is flagged.
     for healthy_result in (dataclasses.replace(result, epsilon=0.5 + 1 / 64), dataclasses.replace(result, method="no_clip", epsilon=None)):
         assert healthy_result.flipped() == [] and "!" not in healthy_result.summary() + healthy_result._repr_html_()
+    # A server older than the echo sent none of the settings: none is shown, as before.
+    older = dataclasses.replace(result, gamma=None, epsilon=None, learning_rate=None, seed=None)
+    assert older.summary().splitlines()[0] == "3 neurons visualised with clip_illusion, 40 steps, against head m.1:"
+    assert older._repr_html_().startswith("<p>clip_illusion, 40 steps, model m.1</p>") and older.flipped() == []
 
 
 def test_an_append_cut_off_by_a_server_killed_mid_way_says_what_was_stored_and_its_request_id_run_again_appends_the_rest(server_factory):
