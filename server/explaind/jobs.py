@@ -185,9 +185,8 @@ class JobContext:
             changes["total"] = int(total)
         self._manager._update(self._live, preview=preview, **changes)
 
-    def save_artifact(self, name: str, data: bytes | memoryview, media_type: str = "application/octet-stream") -> ArtifactRef:
-        """Store ``data`` content-addressed and list it in the operation's metadata; a
-        memoryview (a BytesIO's getbuffer()) spares a copy of a large artifact."""
+    def save_artifact(self, name: str, data: bytes, media_type: str = "application/octet-stream") -> ArtifactRef:
+        """Store ``data`` content-addressed and list it in the operation's metadata."""
         with self._manager.store.writing_blobs() as put:
             artifact = ArtifactRef(name, media_type, put(data), len(data))
             artifacts = tuple(a for a in self._live.record.artifacts if a.name != name) + (artifact,)

@@ -351,10 +351,11 @@ class NeuroInspectEngine:
                 message.omega.CopyFrom(array_to_tensor(omega.numpy()))
             else:  # (M, D) floats of a large set outgrow one message: an artifact, read in ranges
                 buffer = io.BytesIO()
-                # Little-endian float32 already on most hosts: astype copied it anyway, and
-                # getvalue() would copy the buffer: 164 MB each for 20,000 mistakes of D = 2048.
+                # Little-endian float32 already on most hosts: astype copied it anyway, 164 MB
+                # more for 20,000 mistakes of D = 2048 beside the buffer, whose getvalue()
+                # hands over the buffer's own memory (CPython copies only an exported one).
                 np.save(buffer, omega.numpy().astype("<f4", copy=False), allow_pickle=False)
-                message.omega_artifact = context.save_artifact(OMEGA_ARTIFACT, buffer.getbuffer(), "application/x-npy").name
+                message.omega_artifact = context.save_artifact(OMEGA_ARTIFACT, buffer.getvalue(), "application/x-npy").name
         if context is not None:
             context.report_progress(settings.max_iterations, settings.max_iterations, f"ranked {len(ranking.neurons)} neurons from {ranking.num_mistakes} mistakes")
         return message

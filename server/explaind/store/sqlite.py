@@ -517,14 +517,14 @@ class SQLiteStore:
         return self.blob_dir / digest[:2] / digest
 
     @contextmanager
-    def writing_blobs(self) -> Iterator[Callable[[bytes | memoryview], str]]:
+    def writing_blobs(self) -> Iterator[Callable[[bytes], str]]:
         """``put(data) -> digest`` for content-addressed blobs. A blob is written before the
         record that references it; deletes leave the blobs put in this block alone until it
         ends, so write those records inside it. If the block fails, its blobs become
         candidates for :meth:`delete_unused_blobs`."""
         written: list[str] = []
 
-        def put(data: bytes | memoryview) -> str:
+        def put(data: bytes) -> str:
             digest = hashlib.sha256(data).hexdigest()
             with self._lock:  # a delete either removed the file already or sees it kept
                 missing = not self._blob_path(digest).exists()
@@ -555,7 +555,7 @@ class SQLiteStore:
                 self._writing.subtract(written)
                 self._writing += Counter()  # drops the zeros
 
-    def _write_blob(self, digest: str, data: bytes | memoryview) -> None:
+    def _write_blob(self, digest: str, data: bytes) -> None:
         path = self._blob_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{digest}.{self._scratch_tag}.{threading.get_ident()}.tmp")
