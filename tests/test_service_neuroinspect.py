@@ -798,6 +798,24 @@ def test_a_clip_illusion_whose_cosine_plus_epsilon_is_not_positive_says_so_once_
         _shut(engine)
 
 
+def test_the_server_and_the_sdk_judge_cosine_plus_epsilon_alike_at_float32_s_rounding(tmp_path, monkeypatch, caplog):
+    # The server added ε to float32 cosines in float32, the SDK to their doubles: the cosine
+    # −0.7 (float32: −0.69999999) with ε 0.7 summed to 0 and was logged as flipped, while
+    # the SDK, from the same result, flagged nothing.
+    from explaind.client._neuroinspect import visualizations
+
+    engine, inspect = _in_process(tmp_path)
+    _clip_illusion_with_similarities(engine, monkeypatch, [-0.7, -0.75])
+    try:
+        with caplog.at_level("WARNING", logger="explaind.engine.neuroinspect"):
+            job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", epsilon=0.7, steps=1)
+            result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        assert [v.neuron for v in visualizations(result, None).flipped()] == [11]
+        assert [r.getMessage().split(": ", 1)[1].split(" pairs")[0] for r in caplog.records] == ["1 of 2"]
+    finally:
+        _shut(engine)
+
+
 def test_a_clip_illusion_with_the_world_clip_and_epsilon_0_flags_the_pairs_whose_cosine_is_negative(tmp_path, caplog):
     # End to end with a real CLIP: the shapes world's scores the start image of neuron 7
     # negatively against "heart" (as the wrong classes of its tiny CLIP often are) and

@@ -467,7 +467,9 @@ class NeuroInspectEngine:
         )
         context.stage("images")
         saving = f"saving {counted} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}"
-        if method == "clip_illusion" and (reversed_pairs := int((result.clip_similarity + epsilon <= 0).sum())):
+        # In double, as the SDK's flipped() judges the result's (double) cosines: in float32
+        # a cosine within its rounding of −ε summed to 0 here and not there.
+        if method == "clip_illusion" and (reversed_pairs := int((result.clip_similarity.double() + epsilon <= 0).sum())):
             # The loss −(cos + ε)·(α_n + γ l_c) rewarded a lower activation there: the image is
             # meaningless, so the caller is told in the job's progress and the log, once per job.
             advice = (f"{reversed_pairs} of {len(pairs)} pairs ended with clip_similarity + epsilon {epsilon:g} ≤ 0, where the loss "
