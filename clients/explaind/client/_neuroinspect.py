@@ -167,11 +167,14 @@ class NeuronVisualizations(AbbreviatedRepr):
         """Whether ``visualization``'s clip_similarity + epsilon ≤ 0 (never without epsilon)."""
         return self.epsilon is not None and visualization.clip_similarity + self.epsilon <= 0
 
-    def _settings(self) -> str:
-        """"gamma 0.5, epsilon 0.05, learning rate 0.009, seed 0", the settings known."""
+    def _made_with(self) -> str:
+        """How the images were made, with the settings known: "clip_illusion, 100 steps
+        (gamma 0.5, epsilon 0.05, learning rate 0.009, seed 0)" (the summary's, the
+        notebook's and the report's words)."""
         weights = [f"{name} {value:g}" for name, value in (("gamma", self.gamma), ("epsilon", self.epsilon), ("learning rate", self.learning_rate))
                    if value is not None]
-        return ", ".join(weights + ([] if self.seed is None else [f"seed {self.seed}"]))
+        settings = ", ".join(weights + ([] if self.seed is None else [f"seed {self.seed}"]))
+        return f"{self.method}, {self.steps} steps" + (f" ({settings})" if settings else "")
 
     def _flipped_warning(self) -> str:
         """The warning for the flipped visualisations, "" for none."""
@@ -187,9 +190,7 @@ class NeuronVisualizations(AbbreviatedRepr):
         visualisation with its scores, and a warning marking those whose clip_similarity
         + epsilon ≤ 0."""
         count = len(self.visualizations)
-        settings = self._settings()
-        lines = [f"{count} neuron{'' if count == 1 else 's'} visualised with {self.method}, {self.steps} steps"
-                 f"{f' ({settings})' if settings else ''}, against head {self.model_version}:"]
+        lines = [f"{count} neuron{'' if count == 1 else 's'} visualised with {self._made_with()}, against head {self.model_version}:"]
         for v in self.visualizations:
             similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
             lines.append(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
@@ -206,9 +207,8 @@ class NeuronVisualizations(AbbreviatedRepr):
             f"<tr><td>{v.neuron}{' !' if self._flips(v) else ''}</td><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td><td>{v.logit:.3g}</td>"
             f"<td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image)}</td><td>{_html_image(v.masked_image)}</td></tr>"
             for v in self.visualizations)
-        settings = self._settings()
         warning = self._flipped_warning()
-        return (f"<p>{html.escape(self.method)}, {self.steps} steps{f' ({settings})' if settings else ''}, model {html.escape(self.model_version)}</p>"
+        return (f"<p>{html.escape(self._made_with())}, model {html.escape(self.model_version)}</p>"
                 f"<table><tr><th>neuron</th><th>class</th><th>activation</th><th>logit</th><th>CLIP similarity</th><th>mask</th><th>image</th>"
                 f"<th>masked</th></tr>{rows}</table>{f'<p>{html.escape(warning)}</p>' if warning else ''}")
 

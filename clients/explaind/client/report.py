@@ -309,13 +309,6 @@ def _predicted_as(predicted_as: dict[str, int]) -> str:
     return text
 
 
-def _settings(result: NeuronVisualizations) -> str:
-    """How ``result``'s images were made, as ``explaind visualize`` says it: "clip_illusion,
-    100 steps (gamma 0.5, epsilon 0.05, learning rate 0.009, seed 0)"."""
-    settings = result._settings()
-    return f"{result.method}, {result.steps} steps" + (f" ({settings})" if settings else "")
-
-
 # Flipped images the page's warning links to; the rest it counts (each card says so too).
 _FLIPPED_LINKED = 10
 
@@ -389,7 +382,7 @@ def render_report(report: MistakeReport) -> str:
             # (a screen reader, a page printed without images), "neuron 7 masked" said neither.
             subject = f"neuron {v.neuron}, class {escape(v.class_name)}"
             result = result_of.get(id(v))
-            settings = f"<br><span class='muted settings'>{escape(_settings(result))}</span>" if result is not None else ""
+            settings = f"<br><span class='muted settings'>{escape(result._made_with())}</span>" if result is not None else ""
             # Said in words beside the images, not by the card's colour alone.
             warning = (f"<p class='warning'><strong>Warning:</strong> CLIP similarity + epsilon ≤ 0 (epsilon {result.epsilon:g}): "
                        "the optimiser lowered the neuron's activation, so this image does not show what makes it fire.</p>"
