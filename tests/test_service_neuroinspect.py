@@ -631,10 +631,10 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
 
 
 def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu", classifier: dict | None = None,
-                clip: dict | None = None):
+                clip: dict | None = None, server: dict | None = None):
     """An engine and its NeuroInspect engine serving ``classifier_dir`` (or the
     ``classifier`` of these `[classifier]` keys) from ``data_dir`` on ``device``, as a
-    server would; with the CLIP of these `[clip]` keys, or none."""
+    server would; with the CLIP of these `[clip]` keys, or none, and these further `[server]` keys."""
     from explaind.config import ClassifierSection, ClipSection, Config, RuntimeSection, ServerSection
     from explaind.engine import Engine
     from explaind.engine.neuroinspect import NeuroInspectEngine
@@ -642,7 +642,7 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: boo
     from explaind.store import SQLiteStore
 
     section = ClassifierSection(**classifier) if classifier else ClassifierSection(loader="world", path=str(classifier_dir))
-    config = Config(classifier=section, server=ServerSection(data_dir=str(data_dir)), runtime=RuntimeSection(device=device))
+    config = Config(classifier=section, server=ServerSection(data_dir=str(data_dir), **(server or {})), runtime=RuntimeSection(device=device))
     if clip is not None:
         config = dataclasses.replace(config, clip=ClipSection(**clip))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
@@ -1489,6 +1489,80 @@ def test_an_inline_ranking_larger_than_a_message_is_refused_with_the_way_to_get_
     assert at_limit == fits and size > fits.ranking.ByteSize()
     with pytest.raises(ResourceExhausted, match=f"^the ranking is {size} bytes, more than the server's limit of {size - 1} "):
         NeuroInspectServicer(engine, max_message_bytes=size - 1, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+
+
+def test_an_auto_ranking_whose_response_might_not_fit_a_message_runs_as_an_operation_holding_it_whole(tmp_path, world_set):
+    # AUTO ran it inline and, after the work, refused the response with a hint to ask for
+    # an operation. Now it decides before the solver, from a bound of the response's bytes.
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import OMEGA_ARTIFACT, RankSettings
+    from explaind.errors import ResourceExhausted
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        inline = inspect.rank_mistake_neurons("train", target_class="heart", settings=RankSettings(include_samples=True), execution="inline")
+    finally:
+        _shut(engine)
+    size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=inline).ByteSize()
+    limit = size - 1  # the tightest the inline answer misses
+    engine, inspect = _in_process(tmp_path, server={"max_message_bytes": limit})  # the same data dir: its set and features
+    try:
+        servicer = NeuroInspectServicer(inspect, max_message_bytes=limit, held_calls=HeldCalls(1))
+
+        def rank(execution: int) -> neuroinspect_pb2.RankMistakeNeuronsResponse:
+            request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="train", class_name="heart", include_samples=True,
+                                                                 execution=execution)
+            return servicer.RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+
+        with pytest.raises(ResourceExhausted, match=f"^the ranking is {size} bytes, more than the server's limit of {limit} .*use execution OPERATION"):
+            rank(neuroinspect_pb2.EXECUTION_INLINE)  # asked for inline, it is refused still
+        response = rank(neuroinspect_pb2.EXECUTION_UNSPECIFIED)
+        assert response.WhichOneof("outcome") == "operation"
+        record = engine.jobs.wait(response.operation.name.removeprefix("operations/"), 60).record
+        result = _succeeded_result(record, neuroinspect_pb2.NeuronRanking())
+        # Whole, not cut to fit: every neuron and mistake, and ω in its artifact.
+        assert result.omega_artifact == OMEGA_ARTIFACT and len(inline.mistakes) > 1
+        omega = np.load(io.BytesIO(engine.store.get_blob(record.artifacts[0].digest)))
+        assert omega.shape == tuple(inline.omega.shape) and omega.astype("<f4").tobytes() == inline.omega.data
+        result.ClearField("omega_artifact")
+        inline.ClearField("omega")
+        assert result == inline
+    finally:
+        _shut(engine)
+
+
+def test_an_auto_ranking_without_mistakes_stays_inline_up_to_a_limit_of_exactly_its_bytes(tmp_path, world_set):
+    # Without mistakes the bound AUTO decides by is exact: the empty ranking is answered
+    # inline at a limit of its size, and one byte less runs it as an operation (the call
+    # would refuse it inline).
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        empty = inspect.rank_mistake_neurons("train", target_class="triangle", settings=RankSettings(), execution="inline")
+    finally:
+        _shut(engine)
+    assert empty.sample_count > 0 and empty.mistake_count == 0
+    size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=empty).ByteSize()
+    outcomes = []
+    for limit in (size, size - 1):
+        engine, inspect = _in_process(tmp_path, server={"max_message_bytes": limit})
+        try:
+            servicer = NeuroInspectServicer(inspect, max_message_bytes=limit, held_calls=HeldCalls(1))
+            request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="train", class_name="triangle")
+            outcomes.append(servicer.RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True)).WhichOneof("outcome"))
+        finally:
+            _shut(engine)
+    assert outcomes == ["ranking", "operation"]
 
 
 def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):

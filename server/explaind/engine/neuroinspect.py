@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from explaind.v1 import neuroinspect_pb2
+from explaind.v1 import common_pb2, neuroinspect_pb2
 
 from ..config import MAX_LOSS_WEIGHT
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -47,7 +47,7 @@ from ..methods.neuroinspect import (
     ShiftsOverflowed,
     TrainingDiverged,
 )
-from ..methods.neuroinspect._ranking import neuron_top_classes
+from ..methods.neuroinspect._ranking import DEFAULT_TOP_K, neuron_top_classes
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from ..class_names import class_name_key
@@ -55,9 +55,12 @@ from .models import ClassifierVersion, model_version
 
 log = logging.getLogger(__name__)
 
-# RankMistakeNeurons answers inline up to these sizes (execution "auto").
+# RankMistakeNeurons answers inline up to these sizes (execution "auto"), and while its
+# response cannot outgrow [server].max_message_bytes (see _inline_response_bound).
 INLINE_MAX_SAMPLES = 4096
 INLINE_MAX_MISTAKES = 256
+# Classes a ranked neuron reports by head weight (RankedNeuron.top_classes).
+RANKED_NEURON_TOP_CLASSES = 3
 MAX_VISUALIZATION_PAIRS = 64
 EXECUTIONS = ("auto", "inline", "operation")
 # The job kinds, as operations report them.
@@ -119,6 +122,43 @@ def _bounded(value: float, field: str, *, high: float, low: float = 0.0, low_ope
         bounds = f"{'(' if low_open else '['}{low}, {high}]"
         raise InvalidArgument(f"{value} is not in {bounds}", field=field)
     return value
+
+
+def _length_delimited(size: int) -> int:
+    """Bytes of a field of ``size`` bytes of message or bytes, with its one-byte tag
+    (field numbers below 16) and its length's varint."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+def _inline_response_bound(version: ClassifierVersion, sample_set_id: str, class_index: int, settings: RankSettings,
+                           sample_count: int, mistake_count: int) -> int:
+    """The most bytes a RankMistakeNeuronsResponse holding this ranking inline can take,
+    known before the solver runs: every field at its widest (the largest indices, the
+    longest class names), a neuron for each one the mistakes' top-k can reach (at most
+    D), and with include_samples a summary per mistake and ω's (M, D) float32."""
+    names, dim = version.class_names, version.feature_dim
+    top_k = settings.top_k or min(DEFAULT_TOP_K, dim)
+    longest = sorted(names, key=lambda name: len(name.encode()), reverse=True)
+    shown = min(RANKED_NEURON_TOP_CLASSES, len(names))
+    ranking = neuroinspect_pb2.NeuronRanking(
+        sample_set_id=sample_set_id, model_version=version.version, class_index=class_index, class_name=names[class_index],
+        solver=settings.solver, sample_count=sample_count, mistake_count=mistake_count, converged_count=mistake_count, top_k=top_k,
+        predicted_as=dict.fromkeys(list(dict.fromkeys(longest))[:mistake_count], mistake_count),  # distinct names, as the map's keys
+    )
+    neuron = neuroinspect_pb2.RankedNeuron(
+        neuron=dim - 1, direction=max(neuroinspect_pb2.NeuronDirection.values()), insufficient_ratio=1.0, excessive_ratio=1.0,
+        mean_omega=1.0, importance=1.0, top_classes=[len(names) - 1] * shown, top_class_names=longest[:shown],
+    )
+    size = ranking.ByteSize() + min(dim, 2 * top_k * mistake_count) * _length_delimited(neuron.ByteSize())
+    if settings.include_samples:
+        mistake = neuroinspect_pb2.MistakeSummary(
+            sample_index=sample_count - 1, predicted_class=len(names) - 1, converged=True, iterations=settings.max_iterations,
+            insufficient_neurons=[dim - 1] * top_k, excessive_neurons=[dim - 1] * top_k, omega_l1=1.0,
+        )
+        omega = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[mistake_count, dim]).ByteSize()
+        omega += _length_delimited(4 * mistake_count * dim)  # its data
+        size += mistake_count * _length_delimited(mistake.ByteSize()) + _length_delimited(omega)
+    return _length_delimited(size)
 
 
 def _check_version_id(version_id: str) -> None:
@@ -223,7 +263,9 @@ class NeuroInspectEngine:
         caller: str | None = None,
     ) -> neuroinspect_pb2.NeuronRanking | JobSnapshot:
         """Rank the neurons behind ``target_class``'s mistakes in a sample set: the
-        ranking itself when small (see ``INLINE_MAX_*``), else the job computing it.
+        ranking itself when small (see ``INLINE_MAX_*``), else the job computing it. AUTO
+        never answers inline what might outgrow [server].max_message_bytes: its response
+        would be refused after the work, and the operation's result fits (cut if need be).
         An inline ranking stops (Cancelled) once ``caller_waits()`` is False: a caller past
         its deadline, or gone, must not leave the solver running for nobody. ``request``:
         the job an earlier request of its request_id started, if kept; an inline ranking
@@ -246,9 +288,12 @@ class NeuroInspectEngine:
         # ``count``: the samples counted above, not those appended since (past the inline limit).
         features = self._engine.sample_set_features(sample_set_id, version=version, uid=info.uid, count=count)
         mistakes = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
-        if len(mistakes) > INLINE_MAX_MISTAKES:
-            if execution == "inline":
-                raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
+        too_many = len(mistakes) > INLINE_MAX_MISTAKES
+        if too_many and execution == "inline":
+            raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
+        # INLINE is answered even so: the bound is an upper one, and the call refuses what does not fit.
+        if too_many or (execution == "auto" and _inline_response_bound(version, sample_set_id, class_index, settings, count, len(mistakes))
+                        > self._engine.config.server.max_message_bytes):
             return self._submit_ranking(sample_set_id, info, version, class_index, class_field, settings, request, caller)
         return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
 
@@ -310,7 +355,7 @@ class NeuroInspectEngine:
             ranking = MistakeNeuronRanker(version.head).rank(
                 features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
                 max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
-                target_class=class_index, callback_on_step_end=on_step,
+                target_class=class_index, num_top_classes=RANKED_NEURON_TOP_CLASSES, callback_on_step_end=on_step,
             )
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None

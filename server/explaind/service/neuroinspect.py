@@ -87,7 +87,8 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         if isinstance(outcome, JobSnapshot):
             return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=convert.operation(outcome))
         response = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=outcome)
-        # The interceptor refuses it too, but cannot say how else to get the ranking.
+        # Only INLINE gets here past the limit: AUTO ran as an operation whatever might
+        # not fit. The interceptor refuses it too, but cannot say how else to get the ranking.
         if (size := response.ByteSize()) > self._max_message_bytes:
             raise ResourceExhausted(f"the ranking is {size} bytes, more than the server's limit of {self._max_message_bytes} "
                                     "([server].max_message_bytes); use execution OPERATION, whose result keeps the top neurons "

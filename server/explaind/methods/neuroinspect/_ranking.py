@@ -20,6 +20,8 @@ from ._probability import neuron_importance, predicted_classes
 INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
 EXCESSIVE = "excessive"  # ω < 0: the neuron pushed the sample away from its class
 BOTH = "both"
+# Neurons taken per sample and direction when top_k is not given (the paper's), or D where D is smaller.
+DEFAULT_TOP_K = 5
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ class MistakeNeuronRanker:
         num_classes, dim = weight.shape
         features, labels = labelled_features(features, labels, like=weight)
         l1, l2 = number(l1, "l1"), number(l2, "l2")
-        top_k = min(5, dim) if top_k is None else top_k
+        top_k = min(DEFAULT_TOP_K, dim) if top_k is None else top_k
         max_iterations, top_k, num_top_classes = (count(max_iterations, "max_iterations"), count(top_k, "top_k"),
                                                   count(num_top_classes, "num_top_classes"))
         if top_k > dim:
