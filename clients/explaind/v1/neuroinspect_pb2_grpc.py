@@ -125,10 +125,13 @@ class NeuroInspectServiceServicer:
         inside the call when the sample set has at most 4096 samples and the class has at
         most 256 mistakes, and one of the threads the server lets calls hold is free (see
         docs/configuration.md, Streams and waits); otherwise the response carries an
-        operation (kind "rank_mistake_neurons", response NeuronRanking). INLINE refuses large
-        work with FAILED_PRECONDITION, and is RESOURCE_EXHAUSTED while no such thread is free;
-        an inline ranking over [server].max_message_bytes (per-sample summaries of very wide
-        features) is RESOURCE_EXHAUSTED, where OPERATION cuts the result to fit.
+        operation (kind "rank_mistake_neurons", response NeuronRanking). AUTO also runs as an
+        operation a ranking whose response might outgrow [server].max_message_bytes, judged
+        before the work from an upper bound (the mistakes, D, include_samples), so it never
+        refuses one for its size. INLINE refuses large work with FAILED_PRECONDITION, and is
+        RESOURCE_EXHAUSTED while no such thread is free; an inline ranking over
+        [server].max_message_bytes (per-sample summaries of very wide features) is
+        RESOURCE_EXHAUSTED after the work, where an operation cuts the result to fit.
         OPERATION always returns an operation. The SDK hides the difference:
         `rank_mistake_neurons` waits for the operation when there is one.
 
