@@ -1937,6 +1937,9 @@ def test_visualize_marks_the_images_whose_clip_similarity_plus_epsilon_is_not_po
     assert printed[3].startswith("warning: 1 of 2 images ended with clip_similarity + epsilon ≤ 0 (marked !): the loss rewarded a lower activation; raise epsilon")
     cli._print_visualizations(dataclasses.replace(result, epsilon=0.25))
     assert "!" not in capsys.readouterr().out
+    # --json (visualize's, and operations get's result) marks the same images, for a script to rerun them.
+    assert [v["flipped"] for v in cli._visualizations_json(result)["visualizations"]] == [False, True]
+    assert [v["flipped"] for v in cli._RESULT_JSON["visualize_neurons"](dataclasses.replace(result, epsilon=0.25))["visualizations"]] == [False, False]
 
 
 # A class name of 300 characters in a file name: its first SAFE_FILE_NAME_CHARS (255 bytes
@@ -2323,6 +2326,7 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert [(v["neuron"], v["class_name"]) for v in shown][1] == (5, "heart") and shown[1]["clip_similarity"] is None
     assert all(Image.open(v["image_file"]).size == Image.open(v["masked_image_file"]).size == (64, 64) for v in shown)
     assert "image" not in shown[0] and shown[0]["activation"] > 0
+    assert [v["flipped"] for v in shown] == [False, False]  # no_clip has no ε: nothing flips
 
     name = _json_out(capsys, [*target, "evaluate", "json", "--no-wait", "--json"])["name"]
     waited = _json_out(capsys, [*target, "operations", "wait", name, "--json"])

@@ -859,8 +859,15 @@ def _ranking_json(ranking: NeuronRanking) -> dict[str, Any]:
     return value
 
 
+def _visualizations_json(result: NeuronVisualizations) -> dict[str, Any]:
+    """The visualisations as JSON, each with ``flipped``: whether its clip_similarity +
+    epsilon ≤ 0, the image the text output marks ! (the SDK's ``flipped()`` decides)."""
+    return {**_json_value(result), "visualizations": [{**_json_value(v), "flipped": result._flips(v)} for v in result.visualizations]}
+
+
 # Results whose --json differs from their fields (see each function); the rest print every field.
-_RESULT_JSON: dict[str, Callable[[Any], Any]] = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json}
+_RESULT_JSON: dict[str, Callable[[Any], Any]] = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json,
+                                                 "visualize_neurons": _visualizations_json}
 
 
 def _counted(count: int, noun: str) -> str:
@@ -910,21 +917,19 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         _print_visualizations(result)
-    written = []
-    for i, v in enumerate(result.visualizations):
+    value = _visualizations_json(result)
+    for i, (v, shown) in enumerate(zip(result.visualizations, value["visualizations"])):
         stem = _visualization_stem(i, v.neuron, v.class_name)
-        files = {}
         for key, suffix, image in (("image_file", "", v.image), ("masked_image_file", "_masked", v.masked_image)):
             path = out_dir / f"{stem}{suffix}.png"
             buffer = io.BytesIO()
             cast("Image", image).save(buffer, format="PNG")  # downloaded: result() without download=False
             _write(path, buffer.getvalue())
-            files[key] = str(path)
-        written.append({**_json_value(v), **files})
+            shown[key] = str(path)
     if args.json:
-        _print_json({"operation": operation.name, **_json_value(result), "visualizations": written})
+        _print_json({"operation": operation.name, **value})
     else:
-        print(f"wrote {2 * len(written)} images to {out_dir}")
+        print(f"wrote {2 * len(result.visualizations)} images to {out_dir}")
     return 0
 
 
