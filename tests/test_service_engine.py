@@ -772,9 +772,7 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     # A TorchScript model predicts as it is; what would explain it is said where it is refused.
     scripted = tmp_path / "tiny.pt"
     torch.jit.save(torch.jit.trace(tiny_net().eval(), torch.rand(1, 3, 32, 32)), scripted)
-    filters = list(warnings.filters)
     served = load_classifier(ClassifierSection(loader="torchscript", path=str(scripted), image_size=32))
-    assert warnings.filters == filters  # the loader's ignoring of jit.load's FutureWarning does not outlast its load
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(served.predict_fn(images), tiny_net().eval()(images))
@@ -783,6 +781,29 @@ def test_loaders_split_or_explain_why_not(tmp_path):
         served.require_split("features need a split classifier", field="return_features")
     assert refused.value.field == "return_features"
     version.require_split("anything")  # a split one passes
+
+
+def test_a_torchscript_load_neither_warns_nor_drops_a_filter_another_thread_adds_meanwhile(tmp_path, monkeypatch):
+    # torch.jit.load's FutureWarning (a WARNING line at every start) was ignored inside
+    # catch_warnings(), which swaps the process's filters for the load: a filter another
+    # thread added meanwhile was gone at its exit. Here one is added during each load.
+    scripted = tmp_path / "tiny.pt"
+    with pytest.warns(FutureWarning, match="jit.save"):
+        torch.jit.save(torch.jit.trace(tiny_net().eval(), torch.rand(1, 3, 32, 32)), scripted)
+    jit_load = torch.jit.load
+
+    def load_while_another_thread_adds_a_filter(*args: object, **kwargs: object) -> torch.jit.ScriptModule:
+        warnings.filterwarnings("ignore", "another thread's warning")
+        return jit_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", load_while_another_thread_adds_a_filter)
+    with warnings.catch_warnings(record=True) as caught:  # the filters as they are, the test's own restored after
+        for _ in range(2):
+            load_classifier(ClassifierSection(loader="torchscript", path=str(scripted), image_size=32))
+        patterns = [message.pattern for _, message, *_ in warnings.filters if message is not None]
+    assert [str(warning.message) for warning in caught] == []
+    # The other thread's filter stays, and the loads' own is there once, not once a load.
+    assert (patterns.count("another thread's warning"), sum("jit\\.load" in pattern for pattern in patterns)) == (1, 1), patterns
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for

@@ -746,13 +746,16 @@ def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Call
 
 def _load_torchscript(section: ClassifierSection) -> ClassifierVersion:
     path = _require_file(section.path, "path (a TorchScript file)")
-    with warnings.catch_warnings():
-        # torch deprecates torch.jit.load, and has no other reader of a TorchScript file
-        # (torch.export.load reads loader 'export''s .pt2): its FutureWarning was a WARNING
-        # line at every start that no setting of this loader removes; the way off
-        # TorchScript, loader 'export', is the docs' to say (configuration.md).
-        warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+    # torch deprecates torch.jit.load, and has no other reader of a TorchScript file
+    # (torch.export.load reads loader 'export''s .pt2): its FutureWarning was a WARNING line
+    # at every start that no setting of this loader removes; the way off TorchScript, loader
+    # 'export', is the docs' to say (configuration.md). The filter is added for good (once:
+    # filterwarnings appends none that is there), last, so an operator's -W still decides,
+    # and for that message from torch's serialisation module alone. Not catch_warnings()
+    # around the load: the filters are the process's, so that swapped them for every thread
+    # during the load, and its exit dropped any filter another thread added meanwhile.
+    warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning, module=r"torch\.jit\._serialization\Z", append=True)
+    module = torch.jit.load(str(path), map_location="cpu").eval()
     dtype = parameters_dtype(module)  # a half-precision model takes float16 images
     preprocess = Preprocess(section.mean, section.std)
 
