@@ -1148,7 +1148,7 @@ def test_a_head_with_nan_weights_is_never_stored_or_served(tmp_path, world_set, 
     engine, inspect = _in_process(tmp_path)
     _create_train_set(engine, world_set)
     # A NaN penalty: its gradients make the weights NaN in the first step.
-    monkeypatch.setattr(_editing, "_probability_ratio", lambda weight, *args: weight.sum() * float("nan"))
+    monkeypatch.setattr(_editing, "_ratio_of_logits", lambda logits, *args: logits.sum() * float("nan"))
     job = inspect.edit_head("train", target_class="heart", neurons=[1], max_epochs=1, promote=True).record.job_id
     failed = engine.jobs.wait(job, 60).record
     assert (failed.state, failed.error_code) == ("failed", "FAILED_PRECONDITION")

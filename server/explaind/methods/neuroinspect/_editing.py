@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import callback_or_none, count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
-from ._probability import MAX_RATIO, _probability_ratio, neuron_importance, predicted_classes
+from ._probability import MAX_RATIO, _ratio_of_logits, neuron_importance, predicted_classes
 
 METHODS = ("probability_ratio", "constrain")
 SELECTIONS = ("accuracy", "worst_class")
@@ -284,9 +284,10 @@ class HeadEditor:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 x, y = train_features[batch], labels[batch]
-                ce = F.cross_entropy(x @ weight.T + bias, y)
+                logits = x @ weight.T + bias  # once, for the cross-entropy and the ratio
+                ce = F.cross_entropy(logits, y)
                 if method == "probability_ratio":
-                    penalty = (_probability_ratio(weight, bias, x, target_class, neuron_ids) - target_ratio).norm()
+                    penalty = (_ratio_of_logits(logits, weight, x, target_class, neuron_ids) - target_ratio).norm()
                 else:
                     penalty = (x[:, neuron_ids] * weight[target_class, neuron_ids] + bias[target_class]).norm(dim=1).mean()
                 loss = ce + strength * penalty

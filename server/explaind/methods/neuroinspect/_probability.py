@@ -51,7 +51,7 @@ def probability_ratio(
 
     Differentiable in ``weight`` and ``bias``: the head editor's regulariser. ``features``
     are checked finite (a read of the device), detached and cast to the head's device and
-    dtype; the editor's minibatches skip the check, through ``_probability_ratio``.
+    dtype; the editor's minibatches skip the check, through ``_ratio_of_logits``.
     """
     finite_head(weight, bias)
     features = features_tensor(features, "features", dim=weight.shape[1], like=weight)
@@ -61,14 +61,15 @@ def probability_ratio(
     indices(neurons, "neurons", weight.shape[1], distinct=True)  # -1 would silently be the last neuron, [2, 2] zero it twice
     # int64 on the head's device: uint8 indices are read as a mask, int8 ones refused, and
     # a CPU tensor cannot be indexed by a GPU one.
-    return _probability_ratio(weight, bias, features, class_index, neurons.to(weight.device, torch.long))
+    neurons = neurons.to(weight.device, torch.long)
+    return _ratio_of_logits(features @ weight.T + bias, weight, features, class_index, neurons)
 
 
-def _probability_ratio(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, class_index: int,
-                       neurons: torch.Tensor) -> torch.Tensor:
-    """:func:`probability_ratio` on checked arguments: per minibatch of an edit, where
-    reading the neuron indices back would wait for a GPU."""
-    logits = features @ weight.T + bias
+def _ratio_of_logits(logits: torch.Tensor, weight: torch.Tensor, features: torch.Tensor, class_index: int,
+                     neurons: torch.Tensor) -> torch.Tensor:
+    """:func:`probability_ratio` on checked arguments, from the head's ``logits`` (N, C) of
+    ``features``: per minibatch of an edit, which computes them for its cross-entropy
+    already, and where reading the neuron indices back would wait for a GPU."""
     zeroed = logits - features[:, neurons] @ weight[:, neurons].T
     log_p = logits[:, class_index] - logits.logsumexp(1)
     log_p_zeroed = zeroed[:, class_index] - zeroed.logsumexp(1)
