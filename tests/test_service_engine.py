@@ -5868,17 +5868,66 @@ def test_artifacts_reach_the_disk_before_the_database_can_point_at_them(tmp_path
     store = SQLiteStore(tmp_path)
     synced, named = [], []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), named.append(store._blob_path(_digest(b"artifact bytes")).exists()),
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), named.append(store._blob_path(_digest(b"artifact bytes")).exists()),
                                                  real_fsync(fd)))
     with store.writing_blobs() as put:
         digest = put(b"artifact bytes")
-    # The file's data, then the directory entry of the rename.
-    assert [stat.S_ISREG(mode) for mode in synced] == [True, False]
+        again = put(b"other bytes" * 1000)
+    path, other = store._blob_path(digest), store._blob_path(again)
+    assert path.parent != other.parent
+    # Its new directory's entry, the file's data, then the directory entry of the rename;
+    # the second blob's directory is new too.
+    assert synced == [inode(store.blob_dir), inode(path), inode(path.parent), inode(store.blob_dir), inode(other), inode(other.parent)]
     # Under its digest only once whole: a crash while writing leaves no half file there,
     # which a later put of the same bytes would take for stored.
-    assert named == [False, True]
+    assert named[:3] == [False, False, True]
     assert store.get_blob(digest) == b"artifact bytes"
     assert not list(tmp_path.rglob("*.tmp"))
+    synced.clear()
+    neighbour = next(data for data in (b"neighbour %d" % n for n in range(10_000)) if _digest(data)[:2] == digest[:2])
+    with store.writing_blobs() as put:  # into a directory made already: not synced again
+        put(neighbour)
+    assert synced == [inode(store._blob_path(_digest(neighbour))), inode(path.parent)]
+
+
+def inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itself(tmp_path, monkeypatch):
+    # Its record could otherwise commit before the other put's rename reached the disk.
+    store = SQLiteStore(tmp_path)
+    renamed, release, regular_syncs = threading.Event(), threading.Event(), []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            regular_syncs.append(threading.current_thread().name)
+        elif threading.current_thread().name == "first" and os.fstat(fd).st_ino != inode(store.blob_dir):
+            renamed.set()  # the rename is done, its directory's sync to come
+            assert release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def first_put():
+        with store.writing_blobs() as put:
+            put(b"shared image")
+
+    first = threading.Thread(target=first_put, name="first")
+    first.start()
+    try:
+        assert renamed.wait(30) and store._blob_path(_digest(b"shared image")).exists()
+        with store.writing_blobs() as put:
+            put(b"shared image")
+    finally:
+        release.set()
+        first.join(30)
+    assert regular_syncs == ["first", "MainThread"]
+    with store.writing_blobs() as put:  # synced now: stored
+        put(b"shared image")
+    assert regular_syncs == ["first", "MainThread"]
+    assert store.get_blob(_digest(b"shared image")) == b"shared image" and not list(tmp_path.rglob("*.tmp"))
 
 
 def _digest(data: bytes) -> str:

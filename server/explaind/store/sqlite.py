@@ -287,6 +287,15 @@ _JOB_SELECTED_WITHOUT_RESPONSE = ", ".join(f"CASE WHEN jobs.state = '{SUCCEEDED}
 _JOB_OWNER = "(SELECT owner FROM job_owners WHERE job_id = jobs.id)"
 
 
+def _sync_directory(path: Path) -> None:
+    """Put a directory's entries (a rename into it, a new subdirectory) on disk."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def _uses_reserve(why: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Marks a store method that must go on with the file system full: when it is, the
     method releases the reserve (logged as released ``why``) and runs again."""
@@ -320,6 +329,7 @@ class SQLiteStore:
             raise StoreOpenError(f"cannot use the data dir {self.data_dir}: {error.strerror}; the server must be able to write there") from None
         self._lock = threading.RLock()  # re-entered: blob deletion runs a transaction under it
         self._writing: Counter[str] = Counter()  # digests written but maybe not yet referenced (writing_blobs)
+        self._syncing: Counter[str] = Counter()  # digests whose file a put is writing, maybe renamed but not yet synced
         # Names this store's scratch files, so start-up removes only those of earlier ones.
         # Not the pid: in a container every server is pid 1.
         self._scratch_tag = uuid.uuid4().hex[:12]
@@ -527,13 +537,21 @@ class SQLiteStore:
         def put(data: bytes) -> str:
             digest = hashlib.sha256(data).hexdigest()
             with self._lock:  # a delete either removed the file already or sees it kept
-                missing = not self._blob_path(digest).exists()
+                # Renamed into place by another put but not yet synced is not stored: this
+                # put's record could commit before that rename reached the disk.
+                missing = self._syncing[digest] > 0 or not self._blob_path(digest).exists()
                 if missing:
                     self._refuse_while_reserve_released()
+                    self._syncing[digest] += 1
                 self._writing[digest] += 1
                 written.append(digest)
             if missing:
-                self._write_blob(digest, data)
+                try:
+                    self._write_blob(digest, data)
+                finally:
+                    with self._lock:
+                        self._syncing[digest] -= 1
+                        self._syncing += Counter()  # drops the zeros
             return digest
 
         try:
@@ -557,20 +575,19 @@ class SQLiteStore:
 
     def _write_blob(self, digest: str, data: bytes) -> None:
         path = self._blob_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{digest}.{self._scratch_tag}.{threading.get_ident()}.tmp")
-        # Durable before the database can point at it: data, then the rename, on disk.
+        # Durable before the database can point at it: a new directory's entry, the data,
+        # then the rename, on disk.
         try:
+            if not path.parent.is_dir():
+                path.parent.mkdir(exist_ok=True)
+                _sync_directory(self.blob_dir)
             with open(temporary, "wb") as file:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            _sync_directory(path.parent)
         except BaseException as error:  # a full disk, say: leave no half file behind
             temporary.unlink(missing_ok=True)
             if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
