@@ -47,7 +47,7 @@ def start_server(root: Path, threads: int) -> tuple[subprocess.Popen, str]:
     config = root / f"threads{threads}.toml"
     config.write_text(
         f'[classifier]\nloader = "world"\npath = "{assets.classifier_dir("balanced")}"\n'
-        f'[clip]\npath = "{assets.clip_dir()}"\nillusion_epsilon = 1.0\n'
+        f'[clip]\npath = "{assets.clip_dir()}"\n'
         f'[runtime]\nnum_threads = {threads}\n'
     )
     port = free_port()

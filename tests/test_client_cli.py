@@ -2044,6 +2044,7 @@ def test_a_demo_config_names_clip_only_where_it_is_shipped(tmp_path, monkeypatch
     shipped = explaind.config.default_config()
     with_clip = load_config(_world_config("spurious_background", tmp_path))
     assert (with_clip.clip.path, with_clip.classifier.loader) == (shipped.clip.path, "world")
+    assert with_clip.clip.default_epsilon() == shipped.clip.default_epsilon() == explaind.config.WORLD_CLIP_ILLUSION_EPSILON
     monkeypatch.setattr(explaind.config, "default_config",
                         lambda: dataclasses.replace(shipped, clip=dataclasses.replace(shipped.clip, path=str(tmp_path / "no-clip"))))
     text = Path(_world_config("spurious_background", tmp_path)).read_text()

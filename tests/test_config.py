@@ -4,11 +4,12 @@ refused naming its key, so a bad file stops the start and a good one is never re
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
 from conftest import write_config
-from explaind.config import ConfigError, ServerSection, default_config, load_config, parse_callers
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON, ConfigError, ServerSection, default_config, load_config, parse_callers
 
 # Listed here, not taken from explaind.config: a key dropped from a range there must fail a test.
 NOT_NEGATIVE = [
@@ -243,3 +244,45 @@ def test_a_token_or_callers_file_that_cannot_be_used_is_refused_naming_its_key(t
         ServerSection(token_file=str(tmp_path / "token")).bearer_token()
     (tmp_path / "token").write_text("tokenONE\n")
     assert ServerSection(token_file=str(tmp_path / "token")).bearer_token() == "tokenONE"
+
+
+def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tmp_path, classifier_dir):
+    # The world CLIP's cosines go down to -0.75: a file naming it without illusion_epsilon
+    # got the paper's 0.05, and its visualisations rewarded lower activations.
+    from explaind.world import assets
+
+    world = {"path": str(assets.clip_dir())}
+    assert config_with(tmp_path, classifier_dir, "clip.path", world["path"]).clip.default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON
+    assert config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.3, **world).clip.default_epsilon() == 0.3
+    assert config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.0, **world).clip.default_epsilon() == 0.0
+    assert default_config().clip.default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON
+    (tmp_path / "other").mkdir()  # an open_clip directory recommending nothing: the paper's
+    shutil.copy(assets.clip_dir() / "open_clip_config.json", tmp_path / "other")
+    other = config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "other"))
+    assert other.clip.default_epsilon() == 0.05
+    assert config_with(tmp_path, classifier_dir, "clip.model", "ViT-B-32").clip.default_epsilon() == 0.05
+    # The recommendation goes with the path, not with the config it was read from.
+    assert default_config().replace("clip", path=str(tmp_path / "other")).clip.default_epsilon() == 0.05
+    assert other.replace("clip", path=world["path"]).clip.default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("{", "not JSON"),
+    (b'{"illusion_epsilon": 1} # \xe9', "cannot read it: 'utf-8' codec can't decode"),
+    ("[1.0]", "must be a JSON object, got \\[1.0\\]"),
+    ('{"illusion_epsilon": "1"}', "illusion_epsilon must be a number, got '1'"),
+    ('{"illusion_epsilon": -0.5}', "illusion_epsilon must be in \\[0, 1000.0\\], got -0.5"),
+    ('{"illusion_epsilon": NaN}', "illusion_epsilon must be in \\[0, 1000.0\\], got nan"),
+    ('{"illusion_epsilon": 1, "epsilon": 2}', "unknown key\\(s\\) \\['epsilon'\\]; expected \\['illusion_epsilon'\\]"),
+])
+def test_a_clip_recommendation_that_cannot_be_used_stops_the_start_naming_its_file(tmp_path, classifier_dir, content, problem):
+    from explaind.config import CLIP_SETTINGS_FILE
+    from explaind.world import assets
+
+    (tmp_path / "clip").mkdir()
+    shutil.copy(assets.clip_dir() / "open_clip_config.json", tmp_path / "clip")
+    (tmp_path / "clip" / CLIP_SETTINGS_FILE).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=rf"c.toml: \[clip\]\.path: .*{CLIP_SETTINGS_FILE}: {problem}"):
+        config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "clip"))
+    # An explicit ε needs no recommendation: the file is not read.
+    assert config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.5, path=str(tmp_path / "clip")).clip.default_epsilon() == 0.5

@@ -144,7 +144,7 @@ def _serve_the_defaults(server_factory):
     world's balanced classifier and CLIP (for the SDK's default clip_illusion), no T2I."""
     from explaind.world import assets
 
-    return server_factory(clip={"path": str(assets.clip_dir()), "illusion_epsilon": 1.0})
+    return server_factory(clip={"path": str(assets.clip_dir())})  # its ε is its directory's, as the README says
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import torch
 from google.protobuf import any_pb2
 
 from explaind.client import Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
@@ -832,6 +833,10 @@ def test_a_clip_illusion_with_the_world_clip_and_epsilon_0_flags_the_pairs_whose
         assert heart.clip_similarity < -0.1 and triangle.clip_similarity > 0.1 and result.epsilon == 0.0
         assert [v.class_name for v in visualizations(result, None).flipped()] == ["heart"]
         assert len(caplog.records) == 1 and "1 of 2 pairs ended with clip_similarity + epsilon 0 ≤ 0," in caplog.records[0].getMessage()
+        # Without an ε, and with none in [clip], the one the world CLIP's directory recommends: with the paper's 0.05 the heart flipped.
+        job = inspect.visualize_neurons([(7, "heart"), (7, "triangle")], method="clip_illusion", steps=1)
+        result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        assert result.epsilon == WORLD_CLIP_ILLUSION_EPSILON and not visualizations(result, None).flipped()
     finally:
         _shut(engine)
 

@@ -24,7 +24,7 @@ silently ignored). Example::
     [clip]
     model = "ViT-B-32"
     checkpoint = "/models/clip.safetensors"
-    illusion_epsilon = 0.05    # CLIP-Illusion's default ε (needs cos + ε > 0)
+    illusion_epsilon = 0.05    # CLIP-Illusion's default ε (needs cos + ε > 0); unset: the CLIP directory's, or 0.05
 
     [diffusion]
     path = "/models/sd-turbo"  # a diffusers pipeline directory
@@ -46,6 +46,8 @@ silently ignored). Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import re
 import tomllib
@@ -59,7 +61,14 @@ from .logs import LOG_FORMATS
 CLASSIFIER_LOADERS = ("world", "torchvision", "export", "torchscript", "onnx", "factory")
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 # The world CLIP's cosines to a mismatching class prompt reach -0.75: ε = 1 keeps cos + ε >= 0.
+# Its directory says so in its CLIP_SETTINGS_FILE, so every config naming it gets this ε.
 WORLD_CLIP_ILLUSION_EPSILON = 1.0
+# The CLIP-Illusion paper's ε, for a CLIP that recommends none.
+PAPER_ILLUSION_EPSILON = 0.05
+# A JSON file beside an open_clip directory's open_clip_config.json ([clip].path) holding
+# what explaind should use that CLIP with, {"illusion_epsilon": 1.0}: the ε travels with
+# the model, not with whichever config names it.
+CLIP_SETTINGS_FILE = "explaind.json"
 
 
 # Sizes, counts and thread pools: 0 or less would fail later as a traceback or INTERNAL.
@@ -292,8 +301,44 @@ class ClipSection:
     # CLIP-Illusion's ε when a request sets none. The loss -(cos + ε)·(α_n + γ l_c)
     # rewards the neuron only while cos + ε > 0: real CLIPs give image-text cosines of
     # about 0.2-0.35, so the paper's 0.05 suffices; a CLIP whose cosines go negative
-    # (the shapes world's) needs about 1.
-    illusion_epsilon: float = 0.05
+    # (the shapes world's) needs about 1. Unset: see default_epsilon().
+    illusion_epsilon: float | None = None
+
+    def default_epsilon(self) -> float:
+        """CLIP-Illusion's ε for a request without one: ``illusion_epsilon``; unset, the one
+        ``path``'s CLIP_SETTINGS_FILE recommends (the shapes world's CLIP: 1.0), else the
+        paper's 0.05. ConfigError naming the file when its recommendation cannot be used."""
+        if self.illusion_epsilon is not None:
+            return self.illusion_epsilon
+        recommended = _recommended_epsilon(self.path) if self.path else None
+        return PAPER_ILLUSION_EPSILON if recommended is None else recommended
+
+
+@functools.cache  # read once, as the CLIP is loaded once: a request meets what the start checked
+def _recommended_epsilon(directory: str) -> float | None:
+    """The ``illusion_epsilon`` of ``directory``'s CLIP_SETTINGS_FILE; None without one."""
+    settings_file = Path(directory) / CLIP_SETTINGS_FILE
+    where = f"[clip].path: {settings_file}"
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{where}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
+    except ValueError as error:
+        raise ConfigError(f"{where}: not JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: must be a JSON object, got {settings!r}")
+    if unknown := set(settings) - {"illusion_epsilon"}:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected ['illusion_epsilon']")
+    epsilon = settings.get("illusion_epsilon")
+    if epsilon is None:
+        return None
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise ConfigError(f"{where}: illusion_epsilon must be a number, got {epsilon!r}")
+    if not 0 <= epsilon <= MAX_LOSS_WEIGHT:  # a request's ε's range; NaN is in none
+        raise ConfigError(f"{where}: illusion_epsilon must be in [0, {MAX_LOSS_WEIGHT}], got {epsilon!r}")
+    return float(epsilon)
 
 
 @dataclass(frozen=True)
@@ -382,7 +427,7 @@ def default_config() -> Config:
 
     return Config(
         classifier=ClassifierSection(loader="world", path=str(assets.classifier_dir("balanced"))),
-        clip=ClipSection(path=str(assets.clip_dir()), illusion_epsilon=WORLD_CLIP_ILLUSION_EPSILON),
+        clip=ClipSection(path=str(assets.clip_dir())),  # its ε is its directory's
         diffusion=DiffusionSection(path=str(assets.t2i_dir())),
     )
 
@@ -479,7 +524,7 @@ _LIST_ITEM_TYPES: dict[str, type | tuple[type, ...]] = {"class_names": str, "adm
 _TYPE_WORDS = {str: "strings", (int, float): "numbers"}
 
 # A value of each type optional keys are annotated with, to check a given value against.
-_OPTIONAL_TYPE_EXAMPLES = {"int | None": 0}
+_OPTIONAL_TYPE_EXAMPLES = {"int | None": 0, "float | None": 0.0}
 
 # Keys holding a file or directory: relative values are relative to the config file.
 _PATH_KEYS = ("path", "weights", "checkpoint", "class_names_file", "data_dir", "token_file", "callers_file",
@@ -592,13 +637,17 @@ def _validate(path: Path | str, config: Config) -> None:
                 raise ConfigError(f"{path}: [{section}].{name} must be at least {least}, got {value!r}")
     for key, most in _AT_MOST.items():
         section, _, name = key.partition(".")
-        if (value := getattr(getattr(config, section), name)) > most:
+        if (value := getattr(getattr(config, section), name)) is not None and value > most:
             raise ConfigError(f"{path}: [{section}].{name} must be at most {most}, got {value!r}")
     clip = config.clip
     if clip.path and (clip.model or clip.checkpoint):
         raise ConfigError(f"{path}: set [clip].path (an open_clip directory) or [clip].model and .checkpoint, not both")
     if clip.checkpoint and not clip.model:
         raise ConfigError(f"{path}: [clip].checkpoint needs [clip].model, the open_clip architecture it is for (e.g. \"ViT-B-32\")")
+    try:  # a CLIP's recommended ε that cannot be used stops the start, not a visualisation
+        clip.default_epsilon()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if config.server.log_format not in LOG_FORMATS:
         raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")
     if config.server.token and (problem := token_problem(config.server.token)):

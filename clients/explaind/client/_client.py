@@ -1188,8 +1188,8 @@ class Client:
         (neuron, class) pair, 64 images at most. ``method``: "clip_illusion",
         "feature_visualization" or "no_clip"; ``steps`` 0 means 400. Unset, ``gamma`` (γ,
         the class logit's weight) is 0.5, ``epsilon`` (ε, CLIP-Illusion's, which needs
-        cos + ε > 0) the server's ``[clip].illusion_epsilon`` (0.05 unless configured; 1.0
-        without a config file, for the shapes world's CLIP), ``learning_rate`` 9e-3; one the
+        cos + ε > 0) the server's ``[clip].illusion_epsilon`` (unset there, the one its CLIP's
+        directory recommends, 1.0 for the shapes world's CLIP, else 0.05), ``learning_rate`` 9e-3; one the
         method ignores is refused. ``seed`` fixes each pair's start image and augmentations;
         ``preview_every``: a progress preview every this many steps (0: 10). ``.result()`` gives
         :class:`NeuronVisualizations`, whose ``visualizations`` hold PIL images, in request

@@ -1187,9 +1187,9 @@ def _world_config(scenario: str, directory: Path) -> str | None:
 
     path = directory / "explaind.toml"
     text = f'[classifier]\nloader = "world"\npath = "{classifier_dir(scenario)}"\n'
-    clip = default_config().clip  # the world's, with its ε; a file's [clip] must load, so only when shipped
+    clip = default_config().clip  # the world's (its directory gives its ε); a file's [clip] must load, so only when shipped
     if (Path(clip.path) / "open_clip_config.json").is_file():
-        text += f'\n[clip]\npath = "{clip.path}"\nillusion_epsilon = {clip.illusion_epsilon}\n'
+        text += f'\n[clip]\npath = "{clip.path}"\n'
     _write(path, text.encode())
     return str(path)
 

@@ -446,7 +446,7 @@ class NeuroInspectEngine:
         if classes_per_neuron is not None and all(target not in (None, "") for _, target in pairs):
             raise InvalidArgument("every pair names its class; classes_per_neuron is for pairs without one", field="classes_per_neuron")
         gamma = 0.5 if gamma is None else gamma
-        epsilon = self._engine.config.clip.illusion_epsilon if epsilon is None else epsilon
+        epsilon = self._engine.config.clip.default_epsilon() if epsilon is None else epsilon
         classes_per_neuron = 1 if classes_per_neuron is None else classes_per_neuron
         num_classes = len(version.class_names)
         if not 1 <= classes_per_neuron <= num_classes:

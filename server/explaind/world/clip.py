@@ -297,13 +297,16 @@ def train_clip(
 
 
 def save_world_clip(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write the fp16 open_clip checkpoint plus an ``open_clip_config.json`` (for ``local-dir:`` loading)."""
+    """Write the fp16 open_clip checkpoint plus an ``open_clip_config.json`` (for ``local-dir:`` loading)
+    and the ε its negative cosines need (CLIP_SETTINGS_FILE), which every config naming the directory gets."""
+    from ..config import CLIP_SETTINGS_FILE, WORLD_CLIP_ILLUSION_EPSILON
     from .weights import save_weights
 
     out_dir = Path(out_dir)
     save_weights(model, out_dir / CHECKPOINT_NAME)
     config = {"model_cfg": json.loads(MODEL_CONFIG_FILE.read_text()), "preprocess_cfg": dict(model.visual.preprocess_cfg)}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / CLIP_SETTINGS_FILE).write_text(json.dumps({"illusion_epsilon": WORLD_CLIP_ILLUSION_EPSILON}, indent=2) + "\n")
     return out_dir
 
 
