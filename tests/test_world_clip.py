@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON, ClipSection
 from explaind.world import clip
 from explaind.world.assets import clip_dir
 from explaind.world.clip import (
@@ -161,6 +162,8 @@ def test_smoke_training_writes_a_checkpoint_that_open_clip_loads(smoke_clip):
     assert preprocess is not None
     classifier = zero_shot_classifier(model, tokenizer, ["star", "red", "sand"])
     assert classifier.shape == (3, 64) and torch.allclose(classifier.norm(dim=1), torch.ones(3), atol=1e-5)
+    # A retrained CLIP's cosines go negative as the shipped one's do: its directory carries the ε they need.
+    assert ClipSection(path=str(smoke_clip)).default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON
 
 
 def test_zero_shot_checks_during_training_are_logged_and_leave_the_training_as_it_was(tmp_path, capsys):
