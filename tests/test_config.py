@@ -165,6 +165,25 @@ def test_sections_that_are_unknown_or_no_table_and_settings_that_exclude_each_ot
         config_with(tmp_path, classifier_dir, "server.admins", ["R" * 5000], callers_file="callers")
 
 
+@pytest.mark.parametrize(("text", "error"), [
+    ("[server]\nprot = 5\n", "unknown key(s) ['prot'] in [server] ('prot': did you mean 'port'?); expected ['admins', "),
+    ("[server]\nmax_worker = 5\nPort = 1\n", "unknown key(s) ['Port', 'max_worker'] in [server] "
+                                              "('Port': did you mean 'port'?; 'max_worker': did you mean 'max_workers'?); expected"),
+    ('[server]\ndevice = "cuda"\n', "unknown key(s) ['device'] in [server] ('device' is a key of [runtime]); expected"),
+    ('[server]\npath = "m"\n', "unknown key(s) ['path'] in [server] ('path' is a key of [classifier], [clip], [diffusion]); expected"),
+    ("[diffusion]\nxyzzy = 1\n", "unknown key(s) ['xyzzy'] in [diffusion]; expected ['path']"),
+    ("port = 5\n", "unknown section(s) ['port'] ('port' is a key of [server]); expected ['batching', "),
+    ("[sever]\nport = 5\n", "unknown section(s) ['sever'] ('sever': did you mean [server]?); expected"),
+    ("[xyzzy]\n", "unknown section(s) ['xyzzy']; expected ['batching', "),
+])
+def test_an_unknown_key_or_section_is_refused_with_the_one_it_is_likely_a_typo_of_or_the_section_it_belongs_in(tmp_path, text, error):
+    # A 28-key list to scan for the typo, and not a word that [server] device was [runtime]'s.
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "c.toml")
+    assert str(refused.value).startswith(f"{tmp_path / 'c.toml'}: {error}")
+
+
 def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_files(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "c.toml").write_text('[server]\ndata_dir = "../data"\n')

@@ -46,12 +46,14 @@ silently ignored). Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
 import re
 import tomllib
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,7 +453,8 @@ def load_config(path: str | Path | None = None) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
     unknown = set(raw) - set(sections)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
+        hints = _unknown_hints(unknown, sections, section_hint=True)
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}{hints}; expected {sorted(sections)}")
     defaults = default_config()
     parsed: dict[str, Any] = {}
     for name, section_field in sections.items():
@@ -465,6 +468,24 @@ def load_config(path: str | Path | None = None) -> Config:
     return config
 
 
+def _unknown_hints(unknown: set[str], known: Iterable[str], *, section_hint: bool = False) -> str:
+    """What each of ``unknown`` (keys of one section, or sections) likely meant, as
+    " (...)", or "": the sections it is a key of (written in the wrong one, or above every
+    section), else the known name it is a typo of; the expected list alone left a typo to
+    be found among 28 keys, and said nothing of a key in the wrong section."""
+    sections_of: dict[str, list[str]] = {}
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.default) if dataclasses.is_dataclass(section.default) else ():
+            sections_of.setdefault(key.name, []).append(f"[{section.name}]")
+    hints = []
+    for name in sorted(unknown):
+        if name in sections_of:
+            hints.append(f"{name!r} is a key of {', '.join(sections_of[name])}")
+        elif close := difflib.get_close_matches(name, list(known), n=1):
+            hints.append(f"{name!r}: did you mean {f'[{close[0]}]' if section_hint else repr(close[0])}?")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 # Keys whose value a refusal must not quote: it reaches logs and terminals.
 _SECRET_KEYS = frozenset({"token"})
 
@@ -475,7 +496,7 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(default)}
     unknown = set(body) - set(fields)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in [{name}]; expected {sorted(fields)}")
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in [{name}]{_unknown_hints(unknown, fields)}; expected {sorted(fields)}")
     values: dict[str, Any] = {}
     for key, value in body.items():
         expected = getattr(default, key)
