@@ -280,6 +280,9 @@ def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tm
     other = config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "other"))
     assert other.clip.default_epsilon() == 0.05
     assert config_with(tmp_path, classifier_dir, "clip.model", "ViT-B-32").clip.default_epsilon() == 0.05
+    # A weights file given as path, or a path not there on this machine: the CLIP's load says what is wrong, not the config.
+    for not_a_directory in (assets.clip_dir() / "open_clip_model.safetensors", tmp_path / "absent"):
+        assert config_with(tmp_path, classifier_dir, "clip.path", str(not_a_directory)).clip.default_epsilon() == 0.05
     # The recommendation goes with the path, not with the config it was read from.
     assert default_config().replace("clip", path=str(tmp_path / "other")).clip.default_epsilon() == 0.05
     assert other.replace("clip", path=world["path"]).clip.default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON

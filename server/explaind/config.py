@@ -323,7 +323,7 @@ def _recommended_epsilon(directory: str) -> float | None:
     where = f"[clip].path: {settings_file}"
     try:
         settings = json.loads(settings_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no recommendation; a path that is no CLIP directory is load_clip's to refuse
         return None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{where}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
