@@ -497,7 +497,7 @@ def test_helm_chart_renders_valid_manifests_for_a_gpu_and_a_cpu_install(chart_re
     # Production model files from a volume of the user's, beside the chart's own (alone and with a config).
     models = {"extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
               "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]}
-    for extra in ({}, {"config": '[clip]\npath = "/models/clip.bin"\n'}):
+    for extra in ({}, {"config": '[clip]\npath = "/models/clip"\n'}):
         spec = rendered(chart_renderer, **models, **extra)["StatefulSet"]["spec"]["template"]["spec"]
         assert models["extraVolumes"][0] in spec["volumes"] and len(spec["volumes"]) == 3 + bool(extra)  # with tmp and cache
         assert models["extraVolumeMounts"][0] in spec["containers"][0]["volumeMounts"]

@@ -167,3 +167,18 @@ def test_the_config_modules_example_is_a_valid_config(tmp_path):
     (tmp_path / "explaind.toml").write_text(textwrap.dedent(explaind.config.__doc__.split("Example::", 1)[1]))
     config = load_config(tmp_path / "explaind.toml")  # every key known, every value of its type and range
     assert (config.classifier.loader, config.classifier.resize_size, config.tracing.sample_ratio) == ("torchvision", 256, 0.1)
+
+
+def test_every_toml_example_in_the_docs_is_a_valid_config(tmp_path):
+    # Copied into a file as they stand (a list item's indented, too): an unknown key or a
+    # value out of range in one would stop the reader's server.
+    import textwrap
+
+    from explaind.config import load_config
+
+    examples = [(page.name, textwrap.dedent(block)) for page in sorted((ROOT / "docs").glob("*.md"))
+                for _, block in re.findall(r"^( *)```toml\n(.*?)^\1```", page.read_text(), flags=re.S | re.M)]
+    assert examples
+    for number, (page, example) in enumerate(examples):
+        (tmp_path / f"{number}.toml").write_text(example)
+        assert load_config(tmp_path / f"{number}.toml").source.endswith(f"{number}.toml"), page
