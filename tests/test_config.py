@@ -184,6 +184,14 @@ def test_an_unknown_key_or_section_is_refused_with_the_one_it_is_likely_a_typo_o
     assert str(refused.value).startswith(f"{tmp_path / 'c.toml'}: {error}")
 
 
+def test_a_clip_model_without_its_checkpoint_stops_the_start_as_the_config_is_read(tmp_path, classifier_dir):
+    # As a checkpoint without its model does: found only as the models loaded, after the file was taken.
+    with pytest.raises(ConfigError, match=r"c.toml: \[clip\]\.model needs \[clip\]\.checkpoint, its weights \(a file, or an open_clip "
+                                          r"pretrained tag such as \"openai\"\)"):
+        config_with(tmp_path, classifier_dir, "clip.model", "RN50")
+    assert config_with(tmp_path, classifier_dir, "clip.model", "RN50", checkpoint="openai").clip.checkpoint == "openai"
+
+
 def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_files(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "c.toml").write_text('[server]\ndata_dir = "../data"\n')
@@ -279,7 +287,7 @@ def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tm
     shutil.copy(assets.clip_dir() / "open_clip_config.json", tmp_path / "other")
     other = config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "other"))
     assert other.clip.default_epsilon() == 0.05
-    assert config_with(tmp_path, classifier_dir, "clip.model", "ViT-B-32").clip.default_epsilon() == 0.05
+    assert config_with(tmp_path, classifier_dir, "clip.model", "ViT-B-32", checkpoint="openai").clip.default_epsilon() == 0.05
     # A weights file given as path, or a path not there on this machine: the CLIP's load says what is wrong, not the config.
     for not_a_directory in (assets.clip_dir() / "open_clip_model.safetensors", tmp_path / "absent"):
         assert config_with(tmp_path, classifier_dir, "clip.path", str(not_a_directory)).clip.default_epsilon() == 0.05

@@ -4824,9 +4824,9 @@ def test_the_readme_config_examples_parse(tmp_path):
 
 def test_clip_illusion_epsilon_is_the_papers_unless_the_clip_needs_more(tmp_path, classifier_dir):
     # A configured CLIP gets the paper's ε; the world CLIP, whose cosines go negative, gets 1.
-    assert load_config(write_config(tmp_path / "a.toml", classifier_dir, clip={"model": "ViT-B-32"})).clip.default_epsilon() == 0.05
+    assert load_config(write_config(tmp_path / "a.toml", classifier_dir, clip={"model": "ViT-B-32", "checkpoint": "openai"})).clip.default_epsilon() == 0.05
     assert default_config().clip.default_epsilon() == 1.0
-    tuned = load_config(write_config(tmp_path / "b.toml", classifier_dir, clip={"model": "ViT-B-32", "illusion_epsilon": 0.3}))
+    tuned = load_config(write_config(tmp_path / "b.toml", classifier_dir, clip={"model": "ViT-B-32", "checkpoint": "openai", "illusion_epsilon": 0.3}))
     assert tuned.clip.default_epsilon() == 0.3
 
 

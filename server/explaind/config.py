@@ -665,6 +665,8 @@ def _validate(path: Path | str, config: Config) -> None:
         raise ConfigError(f"{path}: set [clip].path (an open_clip directory) or [clip].model and .checkpoint, not both")
     if clip.checkpoint and not clip.model:
         raise ConfigError(f"{path}: [clip].checkpoint needs [clip].model, the open_clip architecture it is for (e.g. \"ViT-B-32\")")
+    if clip.model and not clip.checkpoint:
+        raise ConfigError(f"{path}: [clip].model needs [clip].checkpoint, its weights (a file, or an open_clip pretrained tag such as \"openai\")")
     try:  # a CLIP's recommended ε that cannot be used stops the start, not a visualisation
         clip.default_epsilon()
     except ConfigError as error:
