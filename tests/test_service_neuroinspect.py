@@ -720,6 +720,36 @@ def test_a_visualisation_reports_each_image_s_scores_as_computed(tmp_path, monke
         _shut(engine)
 
 
+def test_a_visualisation_out_of_device_memory_fails_naming_its_images_and_the_pairs_to_cut(tmp_path, monkeypatch, caplog):
+    # A job's images are optimised in one batch; out of memory, it failed with the generic
+    # "fewer images or a smaller batch" under an incident id, as if a bug, without saying
+    # that the pairs are the batch. A device that holds two images at once stands in here.
+    from explaind.engine import neuroinspect as engine_module
+
+    forward = engine_module._Classifier.forward
+
+    def holds_two(self, images):
+        if torch.is_grad_enabled() and len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+        return forward(self, images)
+
+    monkeypatch.setattr(engine_module._Classifier, "forward", holds_two)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        job = inspect.visualize_neurons([(7, "heart"), (11, None)], method="no_clip", steps=2, classes_per_neuron=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+        assert record.error_message == ("pairs: the model's device ran out of memory optimising 3 images at once; retry with fewer pairs "
+                                        "(or a smaller classes_per_neuron) per request, or later")
+        reported = "optimising 3 images at once: CUDA out of memory. Tried to allocate 2.00 GiB"  # the operator's, at ERROR as any out of memory
+        assert [r.levelname for r in caplog.records if reported in r.getMessage()] == ["ERROR"]
+        job = inspect.visualize_neurons([(7, "heart"), (11, None)], method="no_clip", steps=2)  # as advised
+        result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        assert len(result.visualizations) == 2
+    finally:
+        _shut(engine)
+
+
 def _clip_illusion_with_similarities(engine, monkeypatch, similarities=None):
     """clip_illusion served by a stand-in CLIP: the images are optimised as no_clip (no
     CLIP model here) and, given ``similarities``, report them as their CLIP cosines."""

@@ -31,7 +31,7 @@ from torch import nn
 from explaind.v1 import common_pb2, neuroinspect_pb2
 
 from ..config import MAX_LOSS_WEIGHT
-from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
@@ -506,10 +506,19 @@ class NeuroInspectEngine:
             return False
 
         context.stage("optimise")
-        result = illusion.visualize(
-            pairs, method=method, steps=steps, gamma=gamma, epsilon=epsilon, learning_rate=learning_rate, seed=seed,
-            callback_on_step_end=on_step,
-        )
+        try:
+            result = illusion.visualize(
+                pairs, method=method, steps=steps, gamma=gamma, epsilon=epsilon, learning_rate=learning_rate, seed=seed,
+                callback_on_step_end=on_step,
+            )
+        except torch.OutOfMemoryError as error:
+            # All the images are optimised in one batch, each keeping its activations through the
+            # classifier (and CLIP) for the backward pass: the pairs are what to cut, which the
+            # generic "fewer images or a smaller batch" did not say. The allocator's report is the operator's, at
+            # ERROR as any device out of memory is.
+            log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
+            raise ResourceExhausted(f"the model's device ran out of memory optimising {counted} at once; retry with fewer pairs "
+                                    "(or a smaller classes_per_neuron) per request, or later", field="pairs") from None
         context.stage("images")
         saving = f"saving {counted} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}"
         # In double, as the SDK's flipped() judges the result's (double) cosines: in float32
