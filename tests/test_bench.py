@@ -127,6 +127,15 @@ def _bench_module(name: str, monkeypatch):
     return importlib.import_module(name)
 
 
+def test_the_illusion_scale_bench_fits_mb_per_pair_apart_from_the_fixed_memory(monkeypatch):
+    fit = _bench_module("illusion_scale", monkeypatch).per_pair_fit
+    assert fit({1: 150.0, 2: 290.0, 4: 570.0, 8: 1130.0}) == pytest.approx((140.0, 10.0))  # on a line: its slope and intercept
+    per_pair, fixed = fit({1: 160.0, 2: 293.0, 4: 568.0, 8: 1140.0})  # off it: least squares, not the first or last ratio
+    assert (per_pair, fixed) == pytest.approx((4034.25 / 28.75, 540.25 - 4034.25 / 28.75 * 3.75))  # Sxy / Sxx about the means 3.75, 540.25
+    refused = _run(str(BENCH / "illusion_scale.py"), "--pairs", "4", "4")  # one number cannot tell the two apart
+    assert refused.returncode == 2 and "--pairs needs at least two different numbers" in refused.stderr
+
+
 def test_the_solver_bench_counts_identical_top5_sets_not_orders(monkeypatch):
     solver = _bench_module("neuroinspect_solver", monkeypatch)
     reference = torch.tensor([[9.0, 8, 7, 6, 5, 0, 0], [9.0, 8, 7, 6, 5, 0, 0], [9.0, 8, 7, 6, 5, 0, 0], [0.0, 0, 1, 2, 3, 4, 5]])
