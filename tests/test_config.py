@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import write_config
-from explaind.config import WORLD_CLIP_ILLUSION_EPSILON, ConfigError, ServerSection, default_config, load_config, parse_callers
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON, ConfigError, ServerSection, default_config, ignored_keys, load_config, parse_callers
 
 # Listed here, not taken from explaind.config: a key dropped from a range there must fail a test.
 NOT_NEGATIVE = [
@@ -190,6 +190,58 @@ def test_a_clip_model_without_its_checkpoint_stops_the_start_as_the_config_is_re
                                           r"pretrained tag such as \"openai\"\)"):
         config_with(tmp_path, classifier_dir, "clip.model", "RN50")
     assert config_with(tmp_path, classifier_dir, "clip.model", "RN50", checkpoint="openai").clip.checkpoint == "openai"
+
+
+# The keys of [classifier] each loader leaves unused (engine/models.py), listed here: a key
+# a loader is wrongly said to read, or not to, must fail a test.
+LOADER_IGNORES = {
+    "world": ["name", "weights", "factory", "factory_kwargs"],
+    "torchvision": ["path", "factory", "factory_kwargs"],
+    "export": ["name", "weights", "factory", "factory_kwargs"],
+    "torchscript": ["name", "weights", "factory", "factory_kwargs", "feature_layer", "head"],
+    "onnx": ["name", "weights", "factory", "factory_kwargs", "feature_layer", "head"],
+    "factory": ["path", "name"],
+}
+
+
+@pytest.mark.parametrize("loader", sorted(LOADER_IGNORES))
+def test_the_classifier_keys_a_loader_leaves_unused_are_warned_of_by_name(tmp_path, classifier_dir, loader):
+    # A path beside loader "torchvision" was ignored without a word: its reader believed it served that file.
+    every_key = {"loader": loader, "name": "resnet18", "weights": "w.pth", "factory": "tiny_net:build", "factory_kwargs": {"width": 4},
+                 "feature_layer": "layer3", "head": "fc", "class_names": ["a", "b"], "image_size": 64, "resize_size": 72,
+                 "interpolation": "bicubic", "mean": [0.5], "std": [0.25]}
+    config = load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=every_key))
+    ignored = [f"[classifier].{key}" for key in LOADER_IGNORES[loader]]
+    warnings = ignored_keys(config)
+    assert [warning.partition(" (its own keys: ")[0] for warning in warnings] == [
+        f"{tmp_path / 'c.toml'}: {', '.join(ignored[:-1])} and {ignored[-1]} are ignored by loader {loader!r}"]
+
+
+def test_only_keys_the_file_sets_to_other_than_their_default_are_warned_of(tmp_path, classifier_dir):
+    assert ignored_keys(load_config(write_config(tmp_path / "c.toml", classifier_dir))) == []
+    one = load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier={"loader": "onnx", "name": "resnet18", "weights": ""}))
+    assert ignored_keys(one) == [f"{tmp_path / 'c.toml'}: [classifier].name is ignored by loader 'onnx' (its own keys: path)"]
+    # The world's path, which the defaults put in, is no key of the file.
+    assert ignored_keys(default_config().replace("classifier", loader="torchvision", name="resnet18", weights="DEFAULT")) == []
+
+
+@pytest.mark.parametrize(("sections", "warning", "with_what_they_need"), [
+    ({"classifier": {"class_names": ["a", "b"], "class_names_file": "names.txt"}},
+     "[classifier].class_names_file is ignored while [classifier].class_names is set, which wins", {"classifier": {"class_names": []}}),
+    ({"clip": {"illusion_epsilon": 0.5}}, "[clip].illusion_epsilon is ignored without a CLIP ([clip].path, or .model and .checkpoint), "
+     "which CLIP-Illusion needs", {"clip": {"model": "ViT-B-32", "checkpoint": "openai"}}),
+    ({"tracing": {"service_name": "inspector", "sample_ratio": 0.5}}, "[tracing].service_name and [tracing].sample_ratio are ignored "
+     "without [tracing].otlp_endpoint: nothing is traced", {"tracing": {"otlp_endpoint": "http://collector:4317"}}),
+    ({"server": {"max_samples_per_caller": 10}, "batching": {"max_queued_images_per_caller": 10}, "jobs": {"max_queued_per_caller": 2}},
+     "[server].max_samples_per_caller, [batching].max_queued_images_per_caller and [jobs].max_queued_per_caller are ignored without "
+     "[server].callers_file: per-caller limits bound named callers, and no call has one", {"server": {"callers_file": "callers"}}),
+])
+def test_keys_another_key_leaves_unused_are_warned_of_until_it_is_set(tmp_path, classifier_dir, sections, warning, with_what_they_need):
+    config = load_config(write_config(tmp_path / "c.toml", classifier_dir, **sections))
+    assert ignored_keys(config) == [f"{tmp_path / 'c.toml'}: {warning}"]
+    for name, values in with_what_they_need.items():
+        sections[name] = {**sections.get(name, {}), **values}
+    assert ignored_keys(load_config(write_config(tmp_path / "c.toml", classifier_dir, **sections))) == []
 
 
 def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_files(tmp_path):

@@ -162,11 +162,12 @@ def test_the_config_modules_example_is_a_valid_config(tmp_path):
     import textwrap
 
     import explaind.config
-    from explaind.config import load_config
+    from explaind.config import ignored_keys, load_config
 
     (tmp_path / "explaind.toml").write_text(textwrap.dedent(explaind.config.__doc__.split("Example::", 1)[1]))
     config = load_config(tmp_path / "explaind.toml")  # every key known, every value of its type and range
     assert (config.classifier.loader, config.classifier.resize_size, config.tracing.sample_ratio) == ("torchvision", 256, 0.1)
+    assert ignored_keys(config) == []  # and each in force: a key of another loader would mislead its reader
 
 
 def test_every_toml_example_in_the_docs_is_a_valid_config(tmp_path):
@@ -174,11 +175,12 @@ def test_every_toml_example_in_the_docs_is_a_valid_config(tmp_path):
     # value out of range in one would stop the reader's server.
     import textwrap
 
-    from explaind.config import load_config
+    from explaind.config import ignored_keys, load_config
 
     examples = [(page.name, textwrap.dedent(block)) for page in sorted((ROOT / "docs").glob("*.md"))
                 for _, block in re.findall(r"^( *)```toml\n(.*?)^\1```", page.read_text(), flags=re.S | re.M)]
     assert examples
     for number, (page, example) in enumerate(examples):
         (tmp_path / f"{number}.toml").write_text(example)
-        assert load_config(tmp_path / f"{number}.toml").source.endswith(f"{number}.toml"), page
+        config = load_config(tmp_path / f"{number}.toml")
+        assert config.source.endswith(f"{number}.toml") and ignored_keys(config) == [], page

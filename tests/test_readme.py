@@ -56,12 +56,13 @@ def test_the_own_classifier_example_splits_a_normalising_torchvision_model_exact
 
 
 def test_the_production_config_is_a_valid_config(tmp_path):
-    from explaind.config import load_config
+    from explaind.config import ignored_keys, load_config
 
     (block,) = re.findall(r"```toml\n(.*?)```", _section("## Configuration"), flags=re.S)
     (tmp_path / "explaind.toml").write_text(block)
     config = load_config(tmp_path / "explaind.toml")  # every key known, every value of its type and range
     assert config.classifier.loader == "export" and config.server.tls_cert_file and config.server.health_port
+    assert ignored_keys(config) == []  # and each in force
 
 
 def test_the_chart_values_the_readme_states_are_the_charts():

@@ -4159,6 +4159,20 @@ def test_serve_exits_with_code_1_when_the_models_fail_to_load_after_it_bound(tmp
     assert "missing.safetensors" in caplog.text
 
 
+def test_serve_logs_once_each_key_of_its_file_that_goes_unused(tmp_path, classifier_dir, caplog):
+    # A path beside loader "torchvision", a sample ratio without an endpoint: unused without a word.
+    from explaind.service.server import serve
+
+    config = load_config(write_config(tmp_path / "c.toml", classifier_dir, tracing={"sample_ratio": 0.5})).replace(
+        "server", host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))
+    stop = threading.Event()
+    stop.set()  # it stops before it binds: the warning comes first
+    with caplog.at_level(logging.WARNING, logger="explaind"):
+        assert serve(config, stop) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{tmp_path / 'c.toml'}: [tracing].sample_ratio is ignored without [tracing].otlp_endpoint: nothing is traced"]
+
+
 def test_a_stopped_server_leaves_none_of_its_threads_running(tmp_path, classifier_dir):
     # An embedding process (a test suite, a notebook) starts and stops servers in one
     # process: each stop must end the Predict batcher's worker and the sweeper it started.

@@ -413,6 +413,9 @@ class Config:
     jobs: JobsSection = JobsSection()
     tracing: TracingSection = TracingSection()
     source: str = "<defaults: shapes world>"
+    # The keys the file sets, as "section.key": what ignored_keys may warn of (a default,
+    # or a value the defaults put in, is no one's mistake).
+    file_keys: frozenset[str] = frozenset()
 
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with keys of one section changed, e.g. ``config.replace("server", port=0)``,
@@ -450,7 +453,7 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}), as TOML must be") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    sections = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default)}
     unknown = set(raw) - set(sections)
     if unknown:
         hints = _unknown_hints(unknown, sections, section_hint=True)
@@ -463,7 +466,8 @@ def load_config(path: str | Path | None = None) -> Config:
             parsed[name] = defaults.classifier if name == "classifier" else section_field.default
             continue
         parsed[name] = _parse_section(path, name, section_field.default, raw[name])
-    config = Config(**parsed, source=str(path))
+    file_keys = frozenset(f"{name}.{key}" for name, body in raw.items() for key in body)
+    config = Config(**parsed, source=str(path), file_keys=file_keys)
     _validate(path, config)
     return config
 
@@ -617,6 +621,55 @@ def missing_classifier_key(section: ClassifierSection) -> str | None:
         if not getattr(section, key):
             return f"[classifier] loader {section.loader!r} needs {key} ({meaning})"
     return None
+
+
+# The [classifier] keys each loader reads (engine/models.py) besides those every one
+# reads, _EVERY_LOADER_READS: the class names, and how images reach the model.
+_LOADER_READS: dict[str, tuple[str, ...]] = {
+    "world": ("path", "feature_layer", "head"),
+    "torchvision": ("name", "weights", "feature_layer", "head"),
+    "export": ("path", "feature_layer", "head"),
+    "torchscript": ("path",),
+    "onnx": ("path",),
+    "factory": ("factory", "factory_kwargs", "weights", "feature_layer", "head"),
+}
+_EVERY_LOADER_READS = ("loader", "class_names", "class_names_file", "image_size", "resize_size", "interpolation", "mean", "std")
+# Keys that limit one named caller: without [server].callers_file no call has one.
+_PER_CALLER_KEYS = ("server.max_samples_per_caller", "batching.max_queued_images_per_caller", "jobs.max_queued_per_caller")
+
+
+def ignored_keys(config: Config) -> list[str]:
+    """A warning for each group of keys the file sets (to other than their defaults) that
+    the rest of the config leaves unused: a [classifier].path beside loader 'torchvision',
+    a [tracing].sample_ratio without an endpoint. Not refused, as a file may keep them for
+    another setting, but not silent: the reader may believe they are in force."""
+    classifier = config.classifier
+    reads = _LOADER_READS[classifier.loader]
+    unused = [
+        ([f"classifier.{f.name}" for f in dataclasses.fields(ClassifierSection) if f.name not in reads + _EVERY_LOADER_READS],
+         f"by loader {classifier.loader!r} (its own keys: {', '.join(reads)})"),
+        (["classifier.class_names_file"] if classifier.class_names else [], "while [classifier].class_names is set, which wins"),
+        (["clip.illusion_epsilon"] if not (config.clip.path or config.clip.model) else [],
+         "without a CLIP ([clip].path, or .model and .checkpoint), which CLIP-Illusion needs"),
+        (["tracing.service_name", "tracing.sample_ratio"] if not config.tracing.otlp_endpoint else [],
+         "without [tracing].otlp_endpoint: nothing is traced"),
+        (list(_PER_CALLER_KEYS) if not config.server.callers_file else [],
+         "without [server].callers_file: per-caller limits bound named callers, and no call has one"),
+    ]
+    warnings = []
+    for keys, why in unused:
+        if written := [key for key in keys if key in config.file_keys and _differs_from_default(config, key)]:
+            named = [f"[{section}].{name}" for section, _, name in (key.partition(".") for key in written)]
+            listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+            warnings.append(f"{config.source}: {listed} {'is' if len(named) == 1 else 'are'} ignored {why}")
+    return warnings
+
+
+def _differs_from_default(config: Config, key: str) -> bool:
+    """Whether ``config``'s ``section.key`` is other than its section's default."""
+    section, _, name = key.partition(".")
+    values = getattr(config, section)
+    return getattr(values, name) != getattr(type(values)(), name)
 
 
 def _validate(path: Path | str, config: Config) -> None:

@@ -342,6 +342,7 @@ def load_classifier(section: ClassifierSection, *, device: str | torch.device = 
     program, which is placed on ``device`` as it loads (see :func:`_load_export`).
     ``num_threads`` caps the intra-op threads of an ONNX classifier's ONNX Runtime
     sessions ([runtime].num_threads; 0: one per core)."""
+    # Which keys each reads is explaind.config's _LOADER_READS: a file's other keys are warned of as unused.
     loaders = {
         "world": _load_world,
         "torchvision": _load_torchvision,

@@ -36,7 +36,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ..config import Config
+from ..config import Config, ignored_keys
 from ..engine import Engine, NeuroInspectEngine
 from ..engine.backends import check_backend, check_device
 from ..errors import is_damaged_database
@@ -413,6 +413,8 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     "listening" must not be the first word of a server that cannot run)."""
     stop_requested = stop_requested or stop_on_signals()
     configure_logging(config.server.log_format)
+    for warning in ignored_keys(config):  # in the log's format, once a start
+        log.warning("%s", warning)
     check_open_file_limit()  # first: each check after it opens files
     check_device(config.runtime.device)
     check_backend(config.runtime.backend, config.runtime.device, loader=config.classifier.loader)
