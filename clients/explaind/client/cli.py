@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import unicodedata
 import uuid
 import warnings
@@ -515,13 +514,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             changes.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
     json_logs = (args.log_format or config.server.log_format) == "json"
     start_warnings = []
-    # The keys the file sets (it loaded, so it parses): a container's entrypoint passes
-    # --port, --data-dir..., and the file's own value for one went unused without a word.
-    written = tomllib.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
+    # A flag over a key the file sets: a container's entrypoint passes --port,
+    # --data-dir..., and the file's own value for one went unused without a word.
     for section, values in changes.items():
         for key, value in values.items():
             given = getattr(getattr(config, section), key)
-            if key in written.get(section, {}) and given != value:
+            if f"{section}.{key}" in config.file_keys and given != value:
                 start_warnings.append(f"{_as_typed(key, value)} overrides [{section}].{key} = {given!r} of {args.config}")
         try:
             config = config.replace(section, **values)
