@@ -620,6 +620,11 @@ def test_operations_state_must_be_a_known_state(capsys):
         ("[server]\nprot = 5\n", "unknown key(s) ['prot'] in [server]"),
         ('[server]\nport = "5"\n', "[server].port must be a number, got '5'"),
         (None, "config file not found"),
+        # Both were found only once the model loaded, after the server listened.
+        ('[classifier]\nloader = "onnx"\npath = "m.onnx"\nimage_size = 224\nresize_size = 200\n',
+         "[classifier].resize_size 200 is below the input size 224"),
+        ('[classifier]\nloader = "factory"\nfactory = "tiny_net"\nfeature_layer = "layer3"\nhead = "fc"\n',
+         "[classifier].factory must be 'package.module:function', got 'tiny_net'"),
     ],
 )
 def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, monkeypatch, text, message):

@@ -244,6 +244,31 @@ def test_keys_another_key_leaves_unused_are_warned_of_until_it_is_set(tmp_path, 
     assert ignored_keys(load_config(write_config(tmp_path / "c.toml", classifier_dir, **sections))) == []
 
 
+def test_a_resize_size_below_the_configured_image_size_stops_the_start_as_the_config_is_read(tmp_path, classifier_dir):
+    # Refused only as the model loaded, after the server listened; the centre crop would not fit.
+    with pytest.raises(ConfigError, match=re.escape("c.toml: [classifier].resize_size 63 is below the input size 64: the centre crop "
+                                                    "would not fit (0 stretches whole images to the input size instead)")):
+        config_with(tmp_path, classifier_dir, "classifier.resize_size", 63, image_size=64)
+    assert config_with(tmp_path, classifier_dir, "classifier.resize_size", 64, image_size=64).classifier.resize_size == 64
+    assert config_with(tmp_path, classifier_dir, "classifier.resize_size", 0, image_size=64).classifier.resize_size == 0  # stretched
+    # The model's own size (image_size 0) is known only as it loads, which checks it then.
+    assert config_with(tmp_path, classifier_dir, "classifier.resize_size", 16).classifier.resize_size == 16
+
+
+@pytest.mark.parametrize(("factory", "refused"), [
+    ("tiny_net", True), (":build", True), ("tiny_net:", True), ("tiny_net:build:more", True), ("tiny net:build", True),
+    ("tiny_net:build.inner", True), ("tiny_net.:build", True), ("tiny_net:build", False), ("models.tiny_net:build", False),
+])
+def test_a_factory_that_is_no_module_and_function_stops_the_start_as_the_config_is_read(tmp_path, classifier_dir, factory, refused):
+    # Refused only as the model loaded, after the server listened (or imported as a module named "tiny net").
+    needed = {"loader": "factory", "feature_layer": "layer3", "head": "fc"}
+    if refused:
+        with pytest.raises(ConfigError, match=re.escape(f"c.toml: [classifier].factory must be 'package.module:function', got {factory!r}")):
+            config_with(tmp_path, classifier_dir, "classifier.factory", factory, **needed)
+    else:
+        assert config_with(tmp_path, classifier_dir, "classifier.factory", factory, **needed).classifier.factory == factory
+
+
 def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_files(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "c.toml").write_text('[server]\ndata_dir = "../data"\n')

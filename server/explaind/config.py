@@ -623,6 +623,25 @@ def missing_classifier_key(section: ClassifierSection) -> str | None:
     return None
 
 
+def resize_size_problem(resize_size: int, image_size: int) -> str | None:
+    """Why images cannot have their shorter side resized to ``resize_size`` and the central
+    ``image_size`` square cropped (None when they can; 0 stretches them). Checked as the
+    config is read, for the sizes it sets, and as the model loads, with the model's own."""
+    if resize_size and resize_size < image_size:
+        return (f"[classifier].resize_size {resize_size} is below the input size {image_size}: the centre crop "
+                "would not fit (0 stretches whole images to the input size instead)")
+    return None
+
+
+def parse_factory(factory: str) -> tuple[str, str]:
+    """(module, function) of a [classifier].factory, "package.module:function"; ConfigError
+    naming the key when it is none (as the config is read, not once the server listens)."""
+    module, _, function = factory.partition(":")
+    if not (all(part.isidentifier() for part in module.split(".")) and function.isidentifier()):
+        raise ConfigError(f"[classifier].factory must be 'package.module:function', got {factory!r}")
+    return module, function
+
+
 # The [classifier] keys each loader reads (engine/models.py) besides those every one
 # reads, _EVERY_LOADER_READS: the class names, and how images reach the model.
 _LOADER_READS: dict[str, tuple[str, ...]] = {
@@ -713,6 +732,13 @@ def _validate(path: Path | str, config: Config) -> None:
         section, _, name = key.partition(".")
         if (value := getattr(getattr(config, section), name)) is not None and value > most:
             raise ConfigError(f"{path}: [{section}].{name} must be at most {most}, got {value!r}")
+    if problem := resize_size_problem(classifier.resize_size or 0, classifier.image_size):  # image_size 0, the model's: checked as it loads
+        raise ConfigError(f"{path}: {problem}")
+    if classifier.factory:
+        try:
+            parse_factory(classifier.factory)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     clip = config.clip
     if clip.path and (clip.model or clip.checkpoint):
         raise ConfigError(f"{path}: set [clip].path (an open_clip directory) or [clip].model and .checkpoint, not both")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..class_names import class_name_key
-from ..config import ClassifierSection, ClipSection, DiffusionSection, missing_classifier_key
+from ..config import ClassifierSection, ClipSection, ConfigError, DiffusionSection, missing_classifier_key, parse_factory, resize_size_problem
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import InputGeometry
 from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
@@ -331,9 +331,9 @@ def _fitting(section: ClassifierSection, resize_size: int = 0, interpolation: st
 
 
 def _check_resize_size(resize_size: int, image_size: int) -> None:
-    if resize_size and resize_size < image_size:
-        raise ModelLoadError(f"[classifier].resize_size {resize_size} is below the input size {image_size}: the centre crop "
-                             "would not fit (0 stretches whole images to the input size instead)")
+    """The config's check of the sizes it sets, for the model's own (image_size 0, a weights' resize)."""
+    if problem := resize_size_problem(resize_size, image_size):
+        raise ModelLoadError(problem)
 
 
 def load_classifier(section: ClassifierSection, *, device: str | torch.device = "cpu", num_threads: int = 0) -> ClassifierVersion:
@@ -641,9 +641,10 @@ def _replace_with_linear(model: nn.Module, name: str, source: str | Path) -> nn.
 
 
 def _load_factory(section: ClassifierSection) -> ClassifierVersion:
-    module_name, _, function = section.factory.partition(":")
-    if not module_name or not function:
-        raise ModelLoadError(f"[classifier].factory must be 'package.module:function', got {section.factory!r}")
+    try:  # a config's was checked as it was read; a section built in code is checked here
+        module_name, function = parse_factory(section.factory)
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from None
     model = getattr(importlib.import_module(module_name), function)(**section.factory_kwargs)
     if section.weights:
         path = _require_file(section.weights, "weights file")
