@@ -688,7 +688,7 @@ def _differs_from_default(config: Config, key: str) -> bool:
     """Whether ``config``'s ``section.key`` is other than its section's default."""
     section, _, name = key.partition(".")
     values = getattr(config, section)
-    return getattr(values, name) != getattr(type(values)(), name)
+    return bool(getattr(values, name) != getattr(type(values)(), name))
 
 
 def _validate(path: Path | str, config: Config) -> None:
