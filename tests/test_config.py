@@ -357,7 +357,8 @@ def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tm
 
     world = {"path": str(assets.clip_dir())}
     assert config_with(tmp_path, classifier_dir, "clip.path", world["path"]).clip.default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON
-    assert config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.3, **world).clip.default_epsilon() == 0.3
+    chosen = config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.3, **world)
+    assert chosen.clip.default_epsilon() == 0.3 and ignored_keys(chosen) == []  # a CLIP by path uses it
     assert config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.0, **world).clip.default_epsilon() == 0.0
     assert default_config().clip.default_epsilon() == WORLD_CLIP_ILLUSION_EPSILON
     (tmp_path / "other").mkdir()  # an open_clip directory recommending nothing: the paper's
