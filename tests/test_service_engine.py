@@ -5944,6 +5944,45 @@ def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itsel
     assert store.get_blob(_digest(b"shared image")) == b"shared image" and not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_put_into_a_directory_another_put_has_made_but_not_synced_syncs_its_entry_itself(tmp_path, monkeypatch):
+    # The directory's entry in artifacts/sha256 reaches the disk with that sync: skipped
+    # for a directory that merely exists, this put's record could commit before it did.
+    store = SQLiteStore(tmp_path)
+    made, release, syncs = threading.Event(), threading.Event(), []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.fstat(fd).st_ino == inode(store.blob_dir):
+            syncs.append(threading.current_thread().name)
+            if threading.current_thread().name == "first":
+                made.set()  # its directory is made, the entry's sync to come
+                assert release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    digest = _digest(b"first image")
+    neighbour, later = [data for data in (b"neighbour %d" % n for n in range(10_000)) if _digest(data)[:2] == digest[:2]][:2]
+
+    def first_put():
+        with store.writing_blobs() as put:
+            put(b"first image")
+
+    first = threading.Thread(target=first_put, name="first")
+    first.start()
+    try:
+        assert made.wait(30) and store._blob_path(digest).parent.is_dir()
+        with store.writing_blobs() as put:
+            put(neighbour)
+    finally:
+        release.set()
+        first.join(30)
+    assert syncs == ["first", "MainThread"]
+    with store.writing_blobs() as put:  # synced now: not again
+        put(later)
+    assert syncs == ["first", "MainThread"]
+    assert [store.get_blob(_digest(data)) for data in (b"first image", neighbour, later)] == [b"first image", neighbour, later]
+
+
 def _digest(data: bytes) -> str:
     import hashlib
 

@@ -330,6 +330,9 @@ class SQLiteStore:
         self._lock = threading.RLock()  # re-entered: blob deletion runs a transaction under it
         self._writing: Counter[str] = Counter()  # digests written but maybe not yet referenced (writing_blobs)
         self._syncing: Counter[str] = Counter()  # digests whose file a put is writing, maybe renamed but not yet synced
+        # Blob directories whose entry in blob_dir this store has synced: one that merely
+        # exists may be another put's, made but not yet synced.
+        self._synced_directories: set[str] = set()
         # Names this store's scratch files, so start-up removes only those of earlier ones.
         # Not the pid: in a container every server is pid 1.
         self._scratch_tag = uuid.uuid4().hex[:12]
@@ -576,12 +579,13 @@ class SQLiteStore:
     def _write_blob(self, digest: str, data: bytes) -> None:
         path = self._blob_path(digest)
         temporary = path.with_name(f"{digest}.{self._scratch_tag}.{threading.get_ident()}.tmp")
-        # Durable before the database can point at it: a new directory's entry, the data,
+        # Durable before the database can point at it: its directory's entry (once a store), the data,
         # then the rename, on disk.
         try:
-            if not path.parent.is_dir():
+            if path.parent.name not in self._synced_directories:
                 path.parent.mkdir(exist_ok=True)
                 _sync_directory(self.blob_dir)
+                self._synced_directories.add(path.parent.name)
             with open(temporary, "wb") as file:
                 file.write(data)
                 file.flush()
