@@ -1401,6 +1401,7 @@ def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_s
 def test_a_ranking_classifies_only_the_samples_of_its_class(tmp_path, world_set, monkeypatch):
     # It classified the whole set to find one class's mistakes, twice an inline ranking:
     # (N, C) logits, 2.4 s for 50,000 samples of a 1000-class head, for its class's 50.
+    from explaind.engine import neuroinspect as neuroinspect_engine
     from explaind.engine.models import ClassifierVersion
 
     engine, inspect = _in_process(tmp_path)
@@ -1411,6 +1412,9 @@ def test_a_ranking_classifies_only_the_samples_of_its_class(tmp_path, world_set,
         classified: list[int] = []
         logits = ClassifierVersion.logits
         monkeypatch.setattr(ClassifierVersion, "logits", lambda version, features: classified.append(len(features)) or logits(version, features))
+        predicted_classes = neuroinspect_engine.predicted_classes  # how the engine finds the mistakes
+        monkeypatch.setattr(neuroinspect_engine, "predicted_classes",
+                            lambda weight, bias, features: classified.append(len(features)) or predicted_classes(weight, bias, features))
         ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
         assert 0 < ranking.mistake_count < hearts < 40 and classified == [hearts, hearts, ranking.mistake_count]
         assert ranking == whole
@@ -1598,6 +1602,37 @@ def test_an_auto_ranking_without_mistakes_stays_inline_up_to_a_limit_of_exactly_
         finally:
             _shut(engine)
     assert outcomes == ["ranking", "operation"]
+
+
+def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains(tmp_path):
+    # Samples on the head's decision boundary: nn.Linear's addmm and the ranker's
+    # features @ W.T + b round some of them to different classes. The engine counted the
+    # mistakes with the module, the ranker with its own product: AUTO bounded a response
+    # of no mistakes (tens of bytes) and answered inline the ranker's 40 (82 kB).
+    from explaind.engine.models import ClassifierVersion
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
+    from explaind.methods.neuroinspect import MistakeNeuronRanker
+    from explaind.methods.neuroinspect._probability import predicted_classes
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(512, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.3, -0.2]))
+        across = head.weight[0] - head.weight[1]
+        features = torch.randn(20_000, 512)
+        features -= ((features @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
+        right_for_the_module = (head(features).argmax(1) == 0) & (predicted_classes(head.weight, head.bias, features) == 1)
+    features = features[right_for_the_module][:40]
+    if not len(features):
+        pytest.skip("this machine's addmm and matmul round the boundary alike")
+    labels = torch.zeros(len(features), dtype=torch.long)
+    version = ClassifierVersion(name="boundary", loader="world", source="test", class_names=("zero", "one"), image_size=32, feature_layer="",
+                                head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
+    mistakes = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "boundary")
+    ranking = MistakeNeuronRanker(head).rank(features, labels, target_class=0, max_iterations=5)
+    assert mistakes.tolist() == ranking.mistake_indices.tolist() and ranking.num_mistakes == len(features)
+    settings = RankSettings(include_samples=True, max_iterations=5)
+    assert _inline_response_bound(version, "boundary", 0, settings, len(features), len(mistakes)) > 4 * len(features) * 512  # ω's floats
 
 
 def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):
