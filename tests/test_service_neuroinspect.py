@@ -1609,6 +1609,8 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
     # features @ W.T + b round some of them to different classes. The engine counted the
     # mistakes with the module, the ranker with its own product: AUTO bounded a response
     # of no mistakes (tens of bytes) and answered inline the ranker's 40 (82 kB).
+    from types import SimpleNamespace
+
     from explaind.engine.models import ClassifierVersion
     from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
     from explaind.methods.neuroinspect import MistakeNeuronRanker
@@ -1632,7 +1634,13 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
     ranking = MistakeNeuronRanker(head).rank(features, labels, target_class=0, max_iterations=5)
     assert mistakes.tolist() == ranking.mistake_indices.tolist() and ranking.num_mistakes == len(features)
     settings = RankSettings(include_samples=True, max_iterations=5)
-    assert _inline_response_bound(version, "boundary", 0, settings, len(features), len(mistakes)) > 4 * len(features) * 512  # ω's floats
+    bound = _inline_response_bound(version, "boundary", 0, settings, len(features), len(mistakes))
+    # The response names the class each mistake was taken for as the ranker did: not its own, as the module rounds it.
+    inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
+    answered = NeuroInspectEngine._rank(inspect, None, "boundary", version, 0, "class_index", settings,
+                                        features=SimpleNamespace(features=features, labels=labels))
+    assert dict(answered.predicted_as) == {"one": len(features)} and {m.predicted_class for m in answered.mistakes} == {1}
+    assert neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize() <= bound
 
 
 def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):

@@ -367,7 +367,8 @@ class NeuroInspectEngine:
         stage("response")
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
-        predicted = version.logits(features.features[ranking.mistake_indices]).argmax(1).cpu()
+        with torch.inference_mode():  # as _mistakes finds them: the module rounds some on the boundary to their own class
+            predicted = predicted_classes(version.head.weight, version.head.bias, features.features[ranking.mistake_indices]).cpu()
         message = neuroinspect_pb2.NeuronRanking(
             sample_set_id=sample_set_id,
             model_version=version.version,
