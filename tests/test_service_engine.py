@@ -6119,13 +6119,18 @@ def test_a_full_data_dir_is_resource_exhausted_and_a_failed_blob_write_leaves_no
     # which only a restart under another pid removed.
     store = SQLiteStore(tmp_path)
     full = f"the server's data dir {tmp_path} is full"
+    real_fsync = os.fsync
+
+    def failing_at_the_data(error: OSError) -> Callable[[int], None]:  # its scratch file written, not at its directory's sync before that
+        return lambda fd: (_ for _ in ()).throw(error) if stat.S_ISREG(os.fstat(fd).st_mode) else real_fsync(fd)
+
     with monkeypatch.context() as patched:
-        patched.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        patched.setattr(os, "fsync", failing_at_the_data(OSError(28, "No space left on device")))
         with pytest.raises(ResourceExhausted, match=re.escape(f"{full} (No space left on device)")), store.writing_blobs() as put:
             put(b"image")
     assert not list(store.blob_dir.rglob("*.tmp")) and not list(store.blob_dir.rglob(_digest(b"image")))
     with monkeypatch.context() as patched:  # another error is the caller's as it is (INTERNAL), no scratch file left either
-        patched.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+        patched.setattr(os, "fsync", failing_at_the_data(OSError(errno.EIO, os.strerror(errno.EIO))))
         with pytest.raises(OSError, match=os.strerror(errno.EIO)), store.writing_blobs() as put:
             put(b"image")
     assert not list(store.blob_dir.rglob("*.tmp")) and not list(store.blob_dir.rglob(_digest(b"image")))
