@@ -5908,6 +5908,19 @@ def inode(path: Path) -> int:
     return path.stat().st_ino
 
 
+def test_a_new_data_dir_puts_its_blob_directories_entries_on_disk_before_any_put(tmp_path, monkeypatch):
+    # A put syncs artifacts/sha256 and below; artifacts/sha256 made at the open, its entry
+    # in artifacts/ and that one's in the data dir were never synced.
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    store = SQLiteStore(tmp_path / "data")
+    try:
+        assert synced == [inode(tmp_path / "data" / "artifacts"), inode(tmp_path / "data")]
+    finally:
+        store.close()
+
+
 def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itself(tmp_path, monkeypatch):
     # Its record could otherwise commit before the other put's rename reached the disk.
     store = SQLiteStore(tmp_path)

@@ -325,6 +325,8 @@ class SQLiteStore:
         self.blob_dir = self.data_dir / "artifacts" / "sha256"
         try:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
+            for directory in (self.blob_dir.parent, self.data_dir):  # their entries on disk: a put syncs blob_dir and below only
+                _sync_directory(directory)
         except OSError as error:
             raise StoreOpenError(f"cannot use the data dir {self.data_dir}: {error.strerror}; the server must be able to write there") from None
         self._lock = threading.RLock()  # re-entered: blob deletion runs a transaction under it
