@@ -1604,7 +1604,38 @@ def test_an_auto_ranking_without_mistakes_stays_inline_up_to_a_limit_of_exactly_
     assert outcomes == ["ranking", "operation"]
 
 
-def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains(tmp_path):
+def test_the_bound_auto_decides_by_is_never_below_the_inline_response():
+    # Over 60 small random heads: D small enough for min(D, ...) to bind, top_k 1 or D,
+    # class names of one to four UTF-8 bytes a character, sample indices past a varint's
+    # first byte, with and without per-sample summaries.
+    import random
+    from types import SimpleNamespace
+
+    from explaind.engine.models import ClassifierVersion
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
+
+    chance = random.Random(0)
+    inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
+    for case in range(60):
+        torch.manual_seed(case)
+        num_classes, dim, count = chance.choice([2, 3, 20]), chance.choice([1, 2, 3, 40]), chance.choice([3, 30, 200])
+        names = tuple(f"{chance.choice(['a', 'é', '猫', '😀']) * chance.randint(1, 40)}{i}" for i in range(num_classes))
+        head = torch.nn.Linear(dim, num_classes)
+        version = ClassifierVersion(name="bound", loader="world", source="test", class_names=names, image_size=32, feature_layer="",
+                                    head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
+        features, labels = torch.randn(count, dim) * 3, torch.randint(0, num_classes, (count,))
+        target = int(labels[0])
+        settings = RankSettings(solver=chance.choice(["faithful", "proximal"]), top_k=chance.choice([0, 1, dim]), max_iterations=chance.choice([1, 200]),
+                                cut_ratio=0.0, include_samples=chance.random() < 0.5)
+        mistakes = NeuroInspectEngine._mistakes(version, features, labels, target, "class_index", "s" * case)
+        answered = NeuroInspectEngine._rank(inspect, None, "s" * case, version, target, "class_index", settings,
+                                            features=SimpleNamespace(features=features, labels=labels))
+        size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
+        bound = _inline_response_bound(version, "s" * case, target, settings, count, len(mistakes))
+        assert size <= bound, (case, size, bound)
+
+
+def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains():
     # Samples on the head's decision boundary: nn.Linear's addmm and the ranker's
     # features @ W.T + b round some of them to different classes. The engine counted the
     # mistakes with the module, the ranker with its own product: AUTO bounded a response
