@@ -379,6 +379,7 @@ def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tm
     (b'{"illusion_epsilon": 1} # \xe9', "cannot read it: 'utf-8' codec can't decode"),
     ("[1.0]", "must be a JSON object, got \\[1.0\\]"),
     ('{"illusion_epsilon": "1"}', "illusion_epsilon must be a number, got '1'"),
+    ('{"illusion_epsilon": true}', "illusion_epsilon must be a number, got True"),  # JSON's true is no 1
     ('{"illusion_epsilon": -0.5}', "illusion_epsilon must be in \\[0, 1000.0\\], got -0.5"),
     ('{"illusion_epsilon": NaN}', "illusion_epsilon must be in \\[0, 1000.0\\], got nan"),
     ('{"illusion_epsilon": 1, "epsilon": 2}', "unknown key\\(s\\) \\['epsilon'\\]; expected \\['illusion_epsilon'\\]"),
@@ -394,3 +395,18 @@ def test_a_clip_recommendation_that_cannot_be_used_stops_the_start_naming_its_fi
         config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "clip"))
     # An explicit ε needs no recommendation: the file is not read.
     assert config_with(tmp_path, classifier_dir, "clip.illusion_epsilon", 0.5, path=str(tmp_path / "clip")).clip.default_epsilon() == 0.5
+
+
+def test_a_clip_recommendation_is_read_once_at_the_start_and_an_empty_one_recommends_nothing(tmp_path, classifier_dir):
+    from explaind.config import CLIP_SETTINGS_FILE
+    from explaind.world import assets
+
+    for name, recommendation in (("kept", '{"illusion_epsilon": 0.5}'), ("empty", "{}")):
+        (tmp_path / name).mkdir()
+        shutil.copy(assets.clip_dir() / "open_clip_config.json", tmp_path / name)
+        (tmp_path / name / CLIP_SETTINGS_FILE).write_text(recommendation)
+    kept = config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "kept"))
+    # A request meets the ε the start checked: the file broken since is not read again.
+    (tmp_path / "kept" / CLIP_SETTINGS_FILE).write_text("{")
+    assert kept.clip.default_epsilon() == 0.5
+    assert config_with(tmp_path, classifier_dir, "clip.path", str(tmp_path / "empty")).clip.default_epsilon() == 0.05  # the paper's
