@@ -806,6 +806,19 @@ def test_a_torchscript_load_neither_warns_nor_drops_a_filter_another_thread_adds
     assert (patterns.count("another thread's warning"), sum("jit\\.load" in pattern for pattern in patterns)) == (1, 1), patterns
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")  # making the file
+def test_an_operators_warning_filter_still_decides_whether_torch_jit_load_warns(tmp_path):
+    # The loader's filter goes last: one the operator set (python -W always::FutureWarning) matches first.
+    scripted = tmp_path / "tiny.pt"
+    with pytest.warns(FutureWarning, match="jit.save"):
+        torch.jit.save(torch.jit.trace(tiny_net().eval(), torch.rand(1, 3, 32, 32)), scripted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        load_classifier(ClassifierSection(loader="torchscript", path=str(scripted), image_size=32))
+    assert [str(warning.message) for warning in caught if "jit.load" in str(warning.message)] == [
+        "`torch.jit.load` is deprecated. Please switch to `torch.export`."]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # what the torchscript loader is for
 def test_a_torchscript_classifier_reports_its_own_runtime_on_the_cpu_whatever_the_config_says(tmp_path):
     # ClassifierInfo.backend: "torchscript" for TorchScript, whatever the config says;
