@@ -8,6 +8,7 @@ import inspect
 import io
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,11 +18,12 @@ import pytest
 from PIL import Image
 
 from conftest import free_port
-from explaind.client import AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation, OperationError, UnavailableError
+from explaind.client import (AsyncClient, Client, DeadlineExceededError, Evaluation, NotFoundError, Operation, OperationError,
+                             PlaintextTokenWarning, UnavailableError)
 from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
-from test_client_sdk import _operation_message, _ranking_with_omega, _running_operation, _serve
+from test_client_sdk import _channels_made_while_another_thread_warns, _operation_message, _ranking_with_omega, _running_operation, _serve
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -703,6 +705,20 @@ def test_an_async_clients_timeout_and_tls_files_are_its_clients(tmp_path):
         AsyncClient("127.0.0.1:1", private_key=tmp_path / "key.pem", certificate_chain=tmp_path / "chain.pem")
     with pytest.raises(ValueError, match="^private_key and certificate_chain go together"):
         AsyncClient("127.0.0.1:1", certificate_chain=tmp_path / "chain.pem")
+
+
+def test_making_an_async_client_neither_catches_another_threads_warning_nor_drops_its_filter(monkeypatch):
+    # AsyncClient() made its Client inside catch_warnings(record=True), to point its
+    # PlaintextTokenWarning at the caller's line: another thread's warning meanwhile was
+    # given again as if from that line, and a filter that thread added was gone at the end.
+    _channels_made_while_another_thread_warns(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:  # the test's own, restoring the filters after
+        warnings.simplefilter("always")
+        asyncio.run(AsyncClient("10.0.0.7:50051", token="secret").close())
+        patterns = [message.pattern for _, message, *_ in warnings.filters if message is not None]
+    assert [(warning.category, warning.filename) for warning in caught] == [
+        (PlaintextTokenWarning, __file__), (UserWarning, "another_thread.py")]
+    assert patterns.count("another thread's filter") == 1
 
 
 def test_a_function_on_the_async_clients_threads_runs_in_the_callers_context(served):

@@ -423,6 +423,26 @@ def test_a_token_sent_without_tls_to_another_machine_is_warned_about(target, rem
     assert [(warning.category, warning.filename) for warning in caught] == ([(PlaintextTokenWarning, __file__)] if remote else [])
 
 
+def _channels_made_while_another_thread_warns(monkeypatch) -> None:
+    """Each Client's channel without TLS is made after another thread adds a warning filter
+    ("another thread's filter") and gives a warning (from another_thread.py): what
+    catch_warnings() around a Client() caught or dropped, as it swaps the filters and
+    display of every thread."""
+    insecure_channel = grpc.insecure_channel
+
+    def another_thread() -> None:
+        warnings.filterwarnings("ignore", "another thread's filter")
+        warnings.warn_explicit("another thread's warning", UserWarning, "another_thread.py", 1)
+
+    def made_while_another_thread_warns(*args: Any, **kwargs: Any) -> grpc.Channel:
+        thread = threading.Thread(target=another_thread)
+        thread.start()
+        thread.join()
+        return insecure_channel(*args, **kwargs)
+
+    monkeypatch.setattr(grpc, "insecure_channel", made_while_another_thread_warns)
+
+
 def test_uploads_whose_images_and_labels_do_not_match_or_name_missing_files_are_refused_before_any_call(tmp_path):
     # A list (or tuple) is counted and its paths checked before the first request: an
     # upload that could only fail part way is never begun (this client reaches no server).

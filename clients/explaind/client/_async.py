@@ -8,7 +8,6 @@ import contextvars
 import functools
 import math
 import time
-import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,11 +76,9 @@ class AsyncClient:
     ) -> None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
             raise ValueError(f"max_workers must be a positive integer (threads), got {max_workers!r}")
-        with warnings.catch_warnings(record=True) as caught:
-            self.client = Client(target, timeout=timeout, token=token, max_message_bytes=max_message_bytes, retry=retry, tls=tls,
-                                 root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
-        for warning in caught:  # a PlaintextTokenWarning, pointed at the caller's line rather than this one
-            warnings.warn(warning.message, stacklevel=2)
+        # Its PlaintextTokenWarning points past this line, at the caller's.
+        self.client = Client(target, timeout=timeout, token=token, max_message_bytes=max_message_bytes, retry=retry, tls=tls,
+                             root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="explaind-async")
 
     async def close(self) -> None:

@@ -181,6 +181,16 @@ def _is_loopback_host(address: str) -> bool:
         return False
 
 
+def _caller_outside_package() -> int:
+    """warnings.warn's ``stacklevel``, from the function calling this one, of the first
+    frame outside explaind.client: the line that made a Client, itself or through an
+    AsyncClient (skip_file_prefixes, which says so, is Python 3.12's)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(f"{__package__}."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _tls_credentials(root_certificates: str | Path | None, private_key: str | Path | None,
                      certificate_chain: str | Path | None) -> grpc.ChannelCredentials:
     """Channel credentials from PEM files, checked here: gRPC takes a CA file without a
@@ -421,9 +431,9 @@ class Client:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             if token and not _is_local_target(target):
-                warnings.warn(PlaintextTokenWarning(
+                self._warn_of_plaintext_token(PlaintextTokenWarning(
                     f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
-                    "(the CLI's --tls), or through a proxy that adds TLS"), stacklevel=2)
+                    "(the CLI's --tls), or through a proxy that adds TLS"))
             self._channel = grpc.insecure_channel(target, options=options)
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
         # worth waiting for, rather than a wrong address, worth saying at once.
@@ -443,6 +453,13 @@ class Client:
         as cancelled (CancelledError, explaind's)."""
         self._closed = True
         self._channel.close()
+
+    def _warn_of_plaintext_token(self, warning: PlaintextTokenWarning) -> None:
+        """Give ``warning`` (the token travels in plaintext), before the channel is made,
+        at the line that made this client; the CLI's says it in its own words. Neither
+        wraps the warning in catch_warnings(), which swaps the warning filters and display
+        of every thread while it lasts."""
+        warnings.warn(warning, stacklevel=_caller_outside_package())
 
     def _require_open(self) -> None:
         if self._closed:  # gRPC's own "Cannot invoke RPC on closed channel!" named no client
