@@ -431,9 +431,11 @@ class Client:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             if token and not _is_local_target(target):
-                self._warn_of_plaintext_token(PlaintextTokenWarning(
+                # At the line that made this client, itself or through an AsyncClient, which
+                # no longer wraps it in catch_warnings(): that swapped every thread's filters.
+                warnings.warn(PlaintextTokenWarning(
                     f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
-                    "(the CLI's --tls), or through a proxy that adds TLS"))
+                    "(the CLI's --tls), or through a proxy that adds TLS"), stacklevel=_caller_outside_package())
             self._channel = grpc.insecure_channel(target, options=options)
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
         # worth waiting for, rather than a wrong address, worth saying at once.
@@ -453,13 +455,6 @@ class Client:
         as cancelled (CancelledError, explaind's)."""
         self._closed = True
         self._channel.close()
-
-    def _warn_of_plaintext_token(self, warning: PlaintextTokenWarning) -> None:
-        """Give ``warning`` (the token travels in plaintext), before the channel is made,
-        at the line that made this client; the CLI's says it in its own words. Neither
-        wraps the warning in catch_warnings(), which swaps the warning filters and display
-        of every thread while it lasts."""
-        warnings.warn(warning, stacklevel=_caller_outside_package())
 
     def _require_open(self) -> None:
         if self._closed:  # gRPC's own "Cannot invoke RPC on closed channel!" named no client
