@@ -26,9 +26,9 @@ import tracemalloc
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -5934,35 +5934,52 @@ def test_a_new_data_dir_puts_its_blob_directories_entries_on_disk_before_any_put
         store.close()
 
 
-def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itself(tmp_path, monkeypatch):
-    # Its record could otherwise commit before the other put's rename reached the disk.
-    store = SQLiteStore(tmp_path)
-    renamed, release, regular_syncs = threading.Event(), threading.Event(), []
+@contextmanager
+def _a_put_paused_at_a_sync(monkeypatch, store: SQLiteStore, data: bytes, paused: Callable[[int], bool],
+                            seen: Callable[[int], None]) -> Iterator[None]:
+    """A put of ``data`` on a thread named "first", stopped at its first fsync(fd) that
+    ``paused`` picks until the block ends; ``seen`` hears every thread's fsync(fd)."""
+    reached, release = threading.Event(), threading.Event()
     real_fsync = os.fsync
 
     def fsync(fd):
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            regular_syncs.append(threading.current_thread().name)
-        elif threading.current_thread().name == "first" and os.fstat(fd).st_ino != inode(store.blob_dir):
-            renamed.set()  # the rename is done, its directory's sync to come
+        seen(fd)
+        if threading.current_thread().name == "first" and not reached.is_set() and paused(fd):
+            reached.set()
             assert release.wait(30)
         real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
-
-    def first_put():
+    def put_first():
         with store.writing_blobs() as put:
-            put(b"shared image")
+            put(data)
 
-    first = threading.Thread(target=first_put, name="first")
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = threading.Thread(target=put_first, name="first")
     first.start()
     try:
-        assert renamed.wait(30) and store._blob_path(_digest(b"shared image")).exists()
-        with store.writing_blobs() as put:
-            put(b"shared image")
+        assert reached.wait(30)
+        yield
     finally:
         release.set()
         first.join(30)
+
+
+def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itself(tmp_path, monkeypatch):
+    # Its record could otherwise commit before the other put's rename reached the disk.
+    store = SQLiteStore(tmp_path)
+    regular_syncs = []
+
+    def seen(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            regular_syncs.append(threading.current_thread().name)
+
+    def renamed(fd):  # its directory's sync, the rename done
+        return not stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_ino != inode(store.blob_dir)
+
+    with _a_put_paused_at_a_sync(monkeypatch, store, b"shared image", renamed, seen):
+        assert store._blob_path(_digest(b"shared image")).exists()
+        with store.writing_blobs() as put:
+            put(b"shared image")
     assert regular_syncs == ["first", "MainThread"]
     with store.writing_blobs() as put:  # synced now: stored
         put(b"shared image")
@@ -5974,34 +5991,21 @@ def test_a_put_into_a_directory_another_put_has_made_but_not_synced_syncs_its_en
     # The directory's entry in artifacts/sha256 reaches the disk with that sync: skipped
     # for a directory that merely exists, this put's record could commit before it did.
     store = SQLiteStore(tmp_path)
-    made, release, syncs = threading.Event(), threading.Event(), []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        if os.fstat(fd).st_ino == inode(store.blob_dir):
-            syncs.append(threading.current_thread().name)
-            if threading.current_thread().name == "first":
-                made.set()  # its directory is made, the entry's sync to come
-                assert release.wait(30)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    syncs = []
     digest = _digest(b"first image")
     neighbour, later = [data for data in (b"neighbour %d" % n for n in range(10_000)) if _digest(data)[:2] == digest[:2]][:2]
 
-    def first_put():
-        with store.writing_blobs() as put:
-            put(b"first image")
+    def of_blob_dir(fd):  # its directory made, the entry's sync to come
+        return os.fstat(fd).st_ino == inode(store.blob_dir)
 
-    first = threading.Thread(target=first_put, name="first")
-    first.start()
-    try:
-        assert made.wait(30) and store._blob_path(digest).parent.is_dir()
+    def seen(fd):
+        if of_blob_dir(fd):
+            syncs.append(threading.current_thread().name)
+
+    with _a_put_paused_at_a_sync(monkeypatch, store, b"first image", of_blob_dir, seen):
+        assert store._blob_path(digest).parent.is_dir()
         with store.writing_blobs() as put:
             put(neighbour)
-    finally:
-        release.set()
-        first.join(30)
     assert syncs == ["first", "MainThread"]
     with store.writing_blobs() as put:  # synced now: not again
         put(later)
