@@ -182,6 +182,28 @@ def test_with_a_target_class_only_its_samples_are_predicted(monkeypatch):
     assert 0 < ranking.num_mistakes < 12
 
 
+def test_a_sample_on_the_decision_boundary_is_a_mistake_as_the_head_module_classifies_it():
+    # EvaluateSampleSet and Predict classify with the head module (nn.Linear's F.linear), and
+    # the solvers judge a flip with it; features @ W.T + b rounds some samples on the boundary
+    # to the other class, which the ranker explained as mistakes an evaluation counted right
+    # (and the solver "flipped" at ω = 0), and an edit's evaluation counted wrong.
+    from explaind.methods.neuroinspect import evaluate_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(512, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.3, -0.2]))
+        across = head.weight[0] - head.weight[1]
+        features = torch.randn(4000, 512)
+        features -= ((features @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
+        labels = head(features).argmax(1)  # each sample right, as an evaluation counts
+        if not ((features @ head.weight.T + head.bias).argmax(1) != labels).any():
+            pytest.skip("this machine's addmm and matmul round the boundary alike")
+    ranking = MistakeNeuronRanker(head).rank(features, labels, solver=FixedShifts())
+    assert ranking.num_mistakes == 0
+    assert evaluate_head(head.weight.detach(), head.bias.detach(), features, labels).accuracy == 1.0
+
+
 def test_by_default_the_commonest_true_class_among_the_mistakes_is_explained_with_three_top_classes():
     # Most samples are of class 4 and predicted right: the class whose importance is
     # reported is that of most mistakes (0), not of most samples.

@@ -1636,16 +1636,15 @@ def test_the_bound_auto_decides_by_is_never_below_the_inline_response():
 
 
 def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains():
-    # Samples on the head's decision boundary: nn.Linear's addmm and the ranker's
-    # features @ W.T + b round some of them to different classes. The engine counted the
-    # mistakes with the module, the ranker with its own product: AUTO bounded a response
-    # of no mistakes (tens of bytes) and answered inline the ranker's 40 (82 kB).
+    # Samples on the head's decision boundary: nn.Linear's addmm and features @ W.T + b
+    # round some of them to different classes. The engine counted the mistakes with one,
+    # the ranker with the other: AUTO bounded a response of no mistakes (tens of bytes)
+    # and answered inline the ranker's 40 (82 kB). Both classify as the module does now.
     from types import SimpleNamespace
 
     from explaind.engine.models import ClassifierVersion
     from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
     from explaind.methods.neuroinspect import MistakeNeuronRanker
-    from explaind.methods.neuroinspect._probability import predicted_classes
 
     torch.manual_seed(0)
     head = torch.nn.Linear(512, 2)
@@ -1654,8 +1653,8 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
         across = head.weight[0] - head.weight[1]
         features = torch.randn(20_000, 512)
         features -= ((features @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
-        right_for_the_module = (head(features).argmax(1) == 0) & (predicted_classes(head.weight, head.bias, features) == 1)
-    features = features[right_for_the_module][:40]
+        wrong_for_the_module_only = (head(features).argmax(1) == 1) & ((features @ head.weight.T + head.bias).argmax(1) == 0)
+    features = features[wrong_for_the_module_only][:40]
     if not len(features):
         pytest.skip("this machine's addmm and matmul round the boundary alike")
     labels = torch.zeros(len(features), dtype=torch.long)
@@ -1666,7 +1665,7 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
     assert mistakes.tolist() == ranking.mistake_indices.tolist() and ranking.num_mistakes == len(features)
     settings = RankSettings(include_samples=True, max_iterations=5)
     bound = _inline_response_bound(version, "boundary", 0, settings, len(features), len(mistakes))
-    # The response names the class each mistake was taken for as the ranker did: not its own, as the module rounds it.
+    # The response names the class each mistake was taken for as the ranker did: not its own, as features @ W.T + b rounds it.
     inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
     answered = NeuroInspectEngine._rank(inspect, None, "boundary", version, 0, "class_index", settings,
                                         features=SimpleNamespace(features=features, labels=labels))

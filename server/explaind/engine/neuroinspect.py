@@ -328,9 +328,9 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"sample set {sample_set_id!r} has no sample of class {name!r}", field=class_field)
         # Only the class's samples are classified: the whole set's logits took 2.4 s and
         # 390 MB for 50,000 samples of a 1000-class head on 2048 features, twice an inline ranking.
-        # With the ranker's own product, not the head module's: the two round a sample on the
-        # decision boundary to different classes at times, and the mistakes counted here
-        # (AUTO's bound of the response, the inline limit) must be those it explains.
+        # With the ranker's own function (the head module's product, in slices): another
+        # product rounds a sample on the decision boundary to another class at times, and the
+        # mistakes counted here (AUTO's bound of the response, the inline limit) must be those it explains.
         with torch.inference_mode():
             predicted = predicted_classes(version.head.weight, version.head.bias, features[in_class])
         # None is an answer, an empty ranking: a pipeline ranking every class daily must
@@ -367,7 +367,7 @@ class NeuroInspectEngine:
         stage("response")
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
-        with torch.inference_mode():  # as _mistakes finds them: the module rounds some on the boundary to their own class
+        with torch.inference_mode():  # as _mistakes and the ranker find them: another product rounds some on the boundary to their own class
             predicted = predicted_classes(version.head.weight, version.head.bias, features.features[ranking.mistake_indices]).cpu()
         message = neuroinspect_pb2.NeuronRanking(
             sample_set_id=sample_set_id,

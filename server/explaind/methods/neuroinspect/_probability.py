@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import feature_vector, features_tensor, finite_head, index, indices, row_slices
 
@@ -26,9 +27,12 @@ PREDICTION_ELEMENTS = 1 << 20
 
 
 def predicted_classes(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """The head's class (N,) for each row of ``features`` (N, D), ``features @ weight.T +
-    bias`` argmaxed by slices of rows of :data:`PREDICTION_ELEMENTS` logits."""
-    return torch.cat([(rows @ weight.T + bias).argmax(1) for rows in row_slices(features, PREDICTION_ELEMENTS, len(weight))])
+    """The head's class (N,) for each row of ``features`` (N, D), its logits argmaxed by
+    slices of rows of :data:`PREDICTION_ELEMENTS` logits. The head module's own product,
+    F.linear, as EvaluateSampleSet and Predict classify and the solvers judge a flip:
+    ``features @ weight.T + bias`` rounds some samples on the decision boundary to another
+    class, mistakes an evaluation counted right."""
+    return torch.cat([F.linear(rows, weight, bias).argmax(1) for rows in row_slices(features, PREDICTION_ELEMENTS, len(weight))])
 
 
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
