@@ -258,6 +258,8 @@ def test_a_resize_size_below_the_configured_image_size_stops_the_start_as_the_co
 @pytest.mark.parametrize(("factory", "refused"), [
     ("tiny_net", True), (":build", True), ("tiny_net:", True), ("tiny_net:build:more", True), ("tiny net:build", True),
     ("tiny_net:build.inner", True), ("tiny_net.:build", True), ("tiny_net:build", False), ("models.tiny_net:build", False),
+    # Names importlib imports though no import statement could: my-model.py, 2024_net.py.
+    ("my-model:build", False), ("models.2024_net:build", False), ("_private.réseau:build", False),
 ])
 def test_a_factory_that_is_no_module_and_function_stops_the_start_as_the_config_is_read(tmp_path, classifier_dir, factory, refused):
     # Refused only as the model loaded, after the server listened (or imported as a module named "tiny net").

@@ -637,7 +637,9 @@ def parse_factory(factory: str) -> tuple[str, str]:
     """(module, function) of a [classifier].factory, "package.module:function"; ConfigError
     naming the key when it is none (as the config is read, not once the server listens)."""
     module, _, function = factory.partition(":")
-    if not (all(part.isidentifier() for part in module.split(".")) and function.isidentifier()):
+    # Modules as importlib finds them, not only identifiers: a file my-model.py imports as
+    # "my-model" (as it did before this check); no part may be empty or hold a space.
+    if not (all(part and not any(c.isspace() for c in part) for part in module.split(".")) and function.isidentifier()):
         raise ConfigError(f"[classifier].factory must be 'package.module:function', got {factory!r}")
     return module, function
 
