@@ -1635,6 +1635,37 @@ def test_the_bound_auto_decides_by_is_never_below_the_inline_response():
         assert size <= bound, (case, size, bound)
 
 
+def test_the_bound_auto_decides_by_holds_for_mistakes_whose_summaries_are_at_their_widest():
+    # Random heads leave a summary's fields below their widest (lists not full, indices of
+    # one byte, unconverged samples without their flag), and the slack of one hid a term
+    # left out of another. Here each mistake (over 64 of 127 samples) is converged, taken
+    # for class 1 and has both its lists full: 5 neurons raise the true class, 5 lower it;
+    # the bound's only slack is its neurons' and class names' (about 100 bytes), under 2 a mistake.
+    from types import SimpleNamespace
+
+    from explaind.engine.models import ClassifierVersion
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
+
+    torch.manual_seed(0)
+    dim, count = 10, 127
+    head = torch.nn.Linear(dim, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.3] * 5 + [-0.3] * 5, [0.0] * dim]))
+        head.bias.copy_(torch.tensor([-0.5, 0.5]))
+    version = ClassifierVersion(name="widest", loader="world", source="test", class_names=("cat", "dog"), image_size=32, feature_layer="",
+                                head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
+    features, labels = torch.randn(count, dim), torch.zeros(count, dtype=torch.long)
+    settings = RankSettings(top_k=5, max_iterations=100, cut_ratio=0.0, include_samples=True)
+    mistakes = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "widest")
+    inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
+    answered = NeuroInspectEngine._rank(inspect, None, "widest", version, 0, "class_index", settings,
+                                        features=SimpleNamespace(features=features, labels=labels))
+    assert answered.mistake_count == answered.converged_count == len(mistakes) > 64
+    assert all(len(m.insufficient_neurons) == len(m.excessive_neurons) == 5 and m.predicted_class == 1 for m in answered.mistakes)
+    size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
+    assert size <= _inline_response_bound(version, "widest", 0, settings, count, len(mistakes))
+
+
 def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains():
     # Samples on the head's decision boundary: nn.Linear's addmm and features @ W.T + b
     # round some of them to different classes. The engine counted the mistakes with one,
