@@ -31,7 +31,9 @@ def predicted_classes(weight: torch.Tensor, bias: torch.Tensor, features: torch.
     slices of rows of :data:`PREDICTION_ELEMENTS` logits. The head module's own product,
     F.linear, as EvaluateSampleSet and Predict classify and the solvers judge a flip:
     ``features @ weight.T + bias`` rounds some samples on the decision boundary to another
-    class, mistakes an evaluation counted right."""
+    class, mistakes an evaluation counted right. A BLAS may still round a product of a few
+    rows otherwise than one of many (on this project's CPU, under 16 rows against thousands:
+    a class's handful of samples, the last slice)."""
     return torch.cat([F.linear(rows, weight, bias).argmax(1) for rows in row_slices(features, PREDICTION_ELEMENTS, len(weight))])
 
 
