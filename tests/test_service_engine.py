@@ -4186,6 +4186,19 @@ def test_serve_logs_once_each_key_of_its_file_that_goes_unused(tmp_path, classif
         f"{tmp_path / 'c.toml'}: [tracing].sample_ratio is ignored without [tracing].otlp_endpoint: nothing is traced"]
 
 
+def test_serve_given_a_config_built_in_code_with_an_unknown_loader_says_why_it_cannot_start(tmp_path, caplog):
+    # A Config built in code is not checked as a file is: the loader's name is refused as
+    # the model loads. The unused-key warnings looked the loader up first and raised a
+    # KeyError out of serve, a traceback in place of the line naming it.
+    from explaind.service.server import serve
+
+    config = default_config().replace("server", host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))
+    config = dataclasses.replace(config, classifier=dataclasses.replace(config.classifier, loader="onnxx"))
+    with caplog.at_level(logging.ERROR, logger="explaind"):
+        assert serve(config, threading.Event()) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][0].startswith("cannot start: cannot load classifier (onnxx)")
+
+
 def test_a_stopped_server_leaves_none_of_its_threads_running(tmp_path, classifier_dir):
     # An embedding process (a test suite, a notebook) starts and stops servers in one
     # process: each stop must end the Predict batcher's worker and the sweeper it started.

@@ -665,10 +665,11 @@ def ignored_keys(config: Config) -> list[str]:
     a [tracing].sample_ratio without an endpoint. Not refused, as a file may keep them for
     another setting, but not silent: the reader may believe they are in force."""
     classifier = config.classifier
-    reads = _LOADER_READS[classifier.loader]
+    # None for an unknown loader (a Config built in code goes unchecked): its load fails, naming it.
+    reads = _LOADER_READS.get(classifier.loader)
     unused = [
-        ([f"classifier.{f.name}" for f in dataclasses.fields(ClassifierSection) if f.name not in reads + _EVERY_LOADER_READS],
-         f"by loader {classifier.loader!r} (its own keys: {', '.join(reads)})"),
+        ([f"classifier.{f.name}" for f in dataclasses.fields(ClassifierSection) if f.name not in reads + _EVERY_LOADER_READS] if reads else [],
+         f"by loader {classifier.loader!r} (its own keys: {', '.join(reads or ())})"),
         (["classifier.class_names_file"] if classifier.class_names else [], "while [classifier].class_names is set, which wins"),
         (["clip.illusion_epsilon"] if not (config.clip.path or config.clip.model) else [],
          "without a CLIP ([clip].path, or .model and .checkpoint), which CLIP-Illusion needs"),
