@@ -1416,7 +1416,7 @@ def test_a_ranking_classifies_only_the_samples_of_its_class(tmp_path, world_set,
         monkeypatch.setattr(neuroinspect_engine, "predicted_classes",
                             lambda weight, bias, features: classified.append(len(features)) or predicted_classes(weight, bias, features))
         ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline")
-        assert 0 < ranking.mistake_count < hearts < 40 and classified == [hearts, hearts, ranking.mistake_count]
+        assert 0 < ranking.mistake_count < hearts < 40 and classified == [hearts, hearts]  # the count, the ranking (its mistakes' classes those it counted)
         assert ranking == whole
     finally:
         _shut(engine)
@@ -1627,7 +1627,7 @@ def test_the_bound_auto_decides_by_is_never_below_the_inline_response():
         target = int(labels[0])
         settings = RankSettings(solver=chance.choice(["faithful", "proximal"]), top_k=chance.choice([0, 1, dim]), max_iterations=chance.choice([1, 200]),
                                 cut_ratio=0.0, include_samples=chance.random() < 0.5)
-        mistakes = NeuroInspectEngine._mistakes(version, features, labels, target, "class_index", "s" * case)
+        mistakes, _ = NeuroInspectEngine._mistakes(version, features, labels, target, "class_index", "s" * case)
         answered = NeuroInspectEngine._rank(inspect, None, "s" * case, version, target, "class_index", settings,
                                             features=SimpleNamespace(features=features, labels=labels))
         size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
@@ -1656,7 +1656,7 @@ def test_the_bound_auto_decides_by_holds_for_mistakes_whose_summaries_are_at_the
                                 head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
     features, labels = torch.randn(count, dim), torch.zeros(count, dtype=torch.long)
     settings = RankSettings(top_k=5, max_iterations=100, cut_ratio=0.0, include_samples=True)
-    mistakes = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "widest")
+    mistakes, _ = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "widest")
     inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
     answered = NeuroInspectEngine._rank(inspect, None, "widest", version, 0, "class_index", settings,
                                         features=SimpleNamespace(features=features, labels=labels))
@@ -1691,7 +1691,7 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
     labels = torch.zeros(len(features), dtype=torch.long)
     version = ClassifierVersion(name="boundary", loader="world", source="test", class_names=("zero", "one"), image_size=32, feature_layer="",
                                 head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
-    mistakes = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "boundary")
+    mistakes, _ = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "boundary")
     ranking = MistakeNeuronRanker(head).rank(features, labels, target_class=0, max_iterations=5)
     assert mistakes.tolist() == ranking.mistake_indices.tolist() and ranking.num_mistakes == len(features)
     settings = RankSettings(include_samples=True, max_iterations=5)
@@ -1702,6 +1702,42 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
                                         features=SimpleNamespace(features=features, labels=labels))
     assert dict(answered.predicted_as) == {"one": len(features)} and {m.predicted_class for m in answered.mistakes} == {1}
     assert neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize() <= bound
+
+
+def test_a_rankings_mistakes_are_reported_predicted_as_the_class_they_were_counted_wrong_as():
+    # The response re-predicted the mistakes on their own rows: a BLAS rounds a product of
+    # a few rows otherwise than one of many, so mistakes counted wrong among their class's
+    # 40 samples came back as their own class ("zero": 7 of 15 here), a class's mistakes
+    # predicted as itself.
+    from types import SimpleNamespace
+
+    from explaind.engine.models import ClassifierVersion
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings
+    from explaind.methods.neuroinspect._probability import predicted_classes
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(512, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.3, -0.2]))
+        across = head.weight[0] - head.weight[1]
+        boundary = torch.randn(20_000, 512)
+        boundary -= ((boundary @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
+
+        def rounded_otherwise_alone(rows):
+            wrong = predicted_classes(head.weight, head.bias, rows) == 1
+            return bool(wrong.any()) and bool((predicted_classes(head.weight, head.bias, rows[wrong]) == 0).any())
+
+        windows = [rows for rows in boundary.split(40) if rounded_otherwise_alone(rows)]
+    if not windows:
+        pytest.skip("this machine's BLAS rounds a few rows as it rounds many")
+    features, labels = windows[0], torch.zeros(40, dtype=torch.long)
+    version = ClassifierVersion(name="boundary", loader="world", source="test", class_names=("zero", "one"), image_size=32, feature_layer="",
+                                head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
+    inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
+    answered = NeuroInspectEngine._rank(inspect, None, "boundary", version, 0, "class_index", RankSettings(include_samples=True, max_iterations=5),
+                                        features=SimpleNamespace(features=features, labels=labels))
+    assert answered.mistake_count > 0 and dict(answered.predicted_as) == {"one": answered.mistake_count}
+    assert [m.predicted_class for m in answered.mistakes] == [1] * answered.mistake_count
 
 
 def test_a_visualisation_passes_on_its_steps_and_preview_every_and_without_them_runs_with_their_defaults(tmp_path):

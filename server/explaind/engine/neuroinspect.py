@@ -288,7 +288,7 @@ class NeuroInspectEngine:
         # ``uid``: the set checked above, not one made under its id since (as a job reads it);
         # ``count``: the samples counted above, not those appended since (past the inline limit).
         features = self._engine.sample_set_features(sample_set_id, version=version, uid=info.uid, count=count)
-        mistakes = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
+        mistakes, _ = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
         too_many = len(mistakes) > INLINE_MAX_MISTAKES
         if too_many and execution == "inline":
             raise FailedPrecondition(f"{len(mistakes)} mistakes exceed the inline limit of {INLINE_MAX_MISTAKES}; use execution OPERATION", field="execution")
@@ -320,7 +320,10 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{settings.top_k} is not in [1, {version.feature_dim}] (0 means 5, or D where D < 5)", field="top_k")
 
     @staticmethod
-    def _mistakes(version: ClassifierVersion, features: torch.Tensor, labels: torch.Tensor, class_index: int, class_field: str, sample_set_id: str) -> torch.Tensor:
+    def _mistakes(version: ClassifierVersion, features: torch.Tensor, labels: torch.Tensor, class_index: int, class_field: str,
+                  sample_set_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indices of the class's mistakes among ``features`` and the classes they were
+        predicted as: those the ranker explains, of the same product of the same rows."""
         labels = labels.to(features.device)
         in_class = (labels == class_index).nonzero().squeeze(1)
         name = version.class_names[class_index]
@@ -335,7 +338,8 @@ class NeuroInspectEngine:
             predicted = predicted_classes(version.head.weight, version.head.bias, features[in_class])
         # None is an answer, an empty ranking: a pipeline ranking every class daily must
         # not fail on the classes it gets right.
-        return in_class[predicted != labels[in_class]]
+        wrong = predicted != labels[in_class]
+        return in_class[wrong], predicted[wrong]
 
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
               settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True,
@@ -345,7 +349,9 @@ class NeuroInspectEngine:
         if features is None:
             features = self._engine.sample_set_features(sample_set_id, version=version, context=context, uid=uid, count=count)
         stage("solve")
-        self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
+        # Each mistake's class as it was counted wrong: predicted again on the mistakes' rows
+        # alone, a BLAS's kernel for few rows rounded some on the boundary to their own class.
+        _, mistaken_for = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
 
         def on_step(step: int, total: int, running: int) -> bool:
             if context is not None:
@@ -367,8 +373,7 @@ class NeuroInspectEngine:
         stage("response")
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
-        with torch.inference_mode():  # as _mistakes and the ranker find them: another product rounds some on the boundary to their own class
-            predicted = predicted_classes(version.head.weight, version.head.bias, features.features[ranking.mistake_indices]).cpu()
+        predicted = mistaken_for.cpu()
         message = neuroinspect_pb2.NeuronRanking(
             sample_set_id=sample_set_id,
             model_version=version.version,
@@ -391,7 +396,7 @@ class NeuroInspectEngine:
             omega = ranking.omega.float().cpu()
             # Whole columns to the host at once: reading device tensors row by row synced a GPU four times a mistake.
             rows = zip(mistake_indices.tolist(), predicted.tolist(), ranking.converged.tolist(), ranking.iterations.tolist(),
-                       ranking.insufficient_top.tolist(), ranking.excessive_top.tolist(), omega.abs().sum(1).tolist())
+                       ranking.insufficient_top.tolist(), ranking.excessive_top.tolist(), omega.abs().sum(1).tolist(), strict=True)
             for index, predicted_class, converged, iterations, insufficient, excessive, omega_l1 in rows:
                 message.mistakes.add(
                     sample_index=index, predicted_class=predicted_class, converged=converged, iterations=iterations,
