@@ -55,6 +55,21 @@ def divides_by_mean() -> DividesByMean:
         return DividesByMean().eval()
 
 
+def on_the_decision_boundary(count: int) -> tuple[torch.nn.Linear, torch.Tensor]:
+    """A 2-class head (512 features) and ``count`` feature rows each on its decision boundary,
+    the two logits equal but for rounding: which class a row gets depends on how its
+    product is computed (F.linear or @ and +, of few rows or many). The global random
+    state is left as it was."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        head = torch.nn.Linear(512, 2)
+        head.bias.copy_(torch.tensor([0.3, -0.2]))
+        across = head.weight[0] - head.weight[1]
+        features = torch.randn(count, 512)
+        features -= ((features @ across + 0.5) / across.dot(across))[:, None] * across
+    return head, features
+
+
 # `[classifier]` keys serving divides_by_mean on 16 px images of classes a, b and c.
 DIVIDES_BY_MEAN_CLASSIFIER = {"loader": "factory", "path": "", "factory": "conftest:divides_by_mean", "feature_layer": "body.0", "head": "fc",
                               "image_size": 16, "class_names": ("a", "b", "c")}

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import on_the_decision_boundary
 from explaind.methods.neuroinspect import _ranking
 from explaind.methods.neuroinspect import (
     CounterfactualSolution,
@@ -189,13 +190,8 @@ def test_a_sample_on_the_decision_boundary_is_a_mistake_as_the_head_module_class
     # (and the solver "flipped" at ω = 0), and an edit's evaluation counted wrong.
     from explaind.methods.neuroinspect import evaluate_head
 
-    torch.manual_seed(0)
-    head = torch.nn.Linear(512, 2)
+    head, features = on_the_decision_boundary(4000)
     with torch.no_grad():
-        head.bias.copy_(torch.tensor([0.3, -0.2]))
-        across = head.weight[0] - head.weight[1]
-        features = torch.randn(4000, 512)
-        features -= ((features @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
         labels = head(features).argmax(1)  # each sample right, as an evaluation counts
         if not ((features @ head.weight.T + head.bias).argmax(1) != labels).any():
             pytest.skip("this machine's addmm and matmul round the boundary alike")

@@ -27,7 +27,7 @@ from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
-from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, ServerProcess, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, ServerProcess, on_the_decision_boundary, vm_steps, write_config
 
 SPURIOUS = assets.classifier_dir("spurious_background")
 pytestmark = pytest.mark.skipif(
@@ -1677,13 +1677,8 @@ def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranke
     from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
     from explaind.methods.neuroinspect import MistakeNeuronRanker
 
-    torch.manual_seed(0)
-    head = torch.nn.Linear(512, 2)
+    head, features = on_the_decision_boundary(20_000)
     with torch.no_grad():
-        head.bias.copy_(torch.tensor([0.3, -0.2]))
-        across = head.weight[0] - head.weight[1]
-        features = torch.randn(20_000, 512)
-        features -= ((features @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
         wrong_for_the_module_only = (head(features).argmax(1) == 1) & ((features @ head.weight.T + head.bias).argmax(1) == 0)
     features = features[wrong_for_the_module_only][:40]
     if not len(features):
@@ -1715,19 +1710,13 @@ def test_a_rankings_mistakes_are_reported_predicted_as_the_class_they_were_count
     from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings
     from explaind.methods.neuroinspect._probability import predicted_classes
 
-    torch.manual_seed(0)
-    head = torch.nn.Linear(512, 2)
-    with torch.no_grad():
-        head.bias.copy_(torch.tensor([0.3, -0.2]))
-        across = head.weight[0] - head.weight[1]
-        boundary = torch.randn(20_000, 512)
-        boundary -= ((boundary @ across + 0.5) / across.dot(across))[:, None] * across  # logits equal, but for rounding
+    head, boundary = on_the_decision_boundary(20_000)
 
-        def rounded_otherwise_alone(rows):
-            wrong = predicted_classes(head.weight, head.bias, rows) == 1
-            return bool(wrong.any()) and bool((predicted_classes(head.weight, head.bias, rows[wrong]) == 0).any())
+    def rounded_otherwise_alone(rows):
+        wrong = predicted_classes(head.weight, head.bias, rows) == 1
+        return bool(wrong.any()) and bool((predicted_classes(head.weight, head.bias, rows[wrong]) == 0).any())
 
-        windows = [rows for rows in boundary.split(40) if rounded_otherwise_alone(rows)]
+    windows = [rows for rows in boundary.split(40) if rounded_otherwise_alone(rows)]
     if not windows:
         pytest.skip("this machine's BLAS rounds a few rows as it rounds many")
     features, labels = windows[0], torch.zeros(40, dtype=torch.long)
