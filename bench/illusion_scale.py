@@ -109,8 +109,8 @@ def main() -> None:
                                        args.device, args.threads).result()
     per_pair, fixed = per_pair_fit(grown)
 
-    print(f"{args.architecture} ({args.image_size} px) + {args.clip}, clip_illusion, {args.steps} steps, on {args.device}, "
-          f"{args.threads} threads; peak growth over the models' memory, each in a fresh process:")
+    print(f"{args.architecture} ({args.image_size} px) + {args.clip}, clip_illusion, {args.steps} step{'s' * (args.steps != 1)}, on {args.device}, "
+          f"{args.threads} thread{'s' * (args.threads != 1)}; peak growth over the models' memory, each in a fresh process:")
     for pairs, mb in grown.items():
         print(f"  {pairs:>4} pairs  +{mb:8.0f} MB  ({mb / pairs:6.0f} MB per pair)")
     print(f"fit: {per_pair:.0f} MB per pair + {fixed:.0f} MB; {args.limit} pairs: about {(fixed + per_pair * args.limit) / 1024:.1f} GB")
