@@ -5975,6 +5975,7 @@ def _a_put_paused_at_a_sync(monkeypatch, store: SQLiteStore, data: bytes, paused
     finally:
         release.set()
         first.join(30)
+    assert not first.is_alive()
 
 
 def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itself(tmp_path, monkeypatch):
