@@ -6001,6 +6001,35 @@ def test_a_put_of_bytes_another_put_has_renamed_but_not_synced_writes_them_itsel
     assert store.get_blob(_digest(b"shared image")) == b"shared image" and not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_put_of_bytes_whose_rename_a_failed_directory_sync_left_unconfirmed_writes_them_itself(tmp_path, monkeypatch):
+    # The file stays in place after that put fails: taken for stored, the next put's
+    # record could commit before its rename reached the disk.
+    store = SQLiteStore(tmp_path)
+    digest = _digest(b"image")
+    regular_syncs, failures = [], [OSError(errno.EIO, os.strerror(errno.EIO))]
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            regular_syncs.append(fd)
+        elif os.fstat(fd).st_ino != inode(store.blob_dir) and failures:  # its directory's sync, the rename done
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)), store.writing_blobs() as put:
+        put(b"image")
+    assert store._blob_path(digest).exists() and len(regular_syncs) == 1
+    with store.writing_blobs() as put:
+        store.create_sample_set("s", "", _samples(put, b"image"))
+    assert len(regular_syncs) == 2
+    with store.writing_blobs() as put:  # synced now: stored
+        put(b"image")
+    assert len(regular_syncs) == 2
+    assert [sample.digest for sample in store.list_samples("s")] == [digest] and store.get_blob(digest) == b"image"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_a_put_into_a_directory_another_put_has_made_but_not_synced_syncs_its_entry_itself(tmp_path, monkeypatch):
     # The directory's entry in artifacts/sha256 reaches the disk with that sync: skipped
     # for a directory that merely exists, this put's record could commit before it did.

@@ -332,6 +332,9 @@ class SQLiteStore:
         self._lock = threading.RLock()  # re-entered: blob deletion runs a transaction under it
         self._writing: Counter[str] = Counter()  # digests written but maybe not yet referenced (writing_blobs)
         self._syncing: Counter[str] = Counter()  # digests whose file a put is writing, maybe renamed but not yet synced
+        # Digests whose rename into place a failed directory sync left unconfirmed: the file
+        # stays, but is not stored until a put's own sync confirms it.
+        self._unconfirmed_renames: set[str] = set()
         # Blob directories whose entry in blob_dir this store has synced: one that merely
         # exists may be another put's, made but not yet synced.
         self._synced_directories: set[str] = set()
@@ -542,9 +545,9 @@ class SQLiteStore:
         def put(data: bytes) -> str:
             digest = hashlib.sha256(data).hexdigest()
             with self._lock:  # a delete either removed the file already or sees it kept
-                # Renamed into place by another put but not yet synced is not stored: this
+                # Renamed into place by another put but not yet synced, or whose sync failed, is not stored: this
                 # put's record could commit before that rename reached the disk.
-                missing = self._syncing[digest] > 0 or not self._blob_path(digest).exists()
+                missing = self._syncing[digest] > 0 or digest in self._unconfirmed_renames or not self._blob_path(digest).exists()
                 if missing:
                     self._refuse_while_reserve_released()
                     self._syncing[digest] += 1
@@ -593,7 +596,14 @@ class SQLiteStore:
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
-            _sync_directory(path.parent)
+            try:
+                _sync_directory(path.parent)
+            except BaseException:
+                with self._lock:
+                    self._unconfirmed_renames.add(digest)
+                raise
+            with self._lock:  # the name on disk now: another put's later rename swaps in the same synced bytes or is lost
+                self._unconfirmed_renames.discard(digest)
         except BaseException as error:  # a full disk, say: leave no half file behind
             temporary.unlink(missing_ok=True)
             if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
