@@ -2,16 +2,19 @@
 measured on samples the suggested edit did not train on."""
 
 import base64
+import contextlib
 import io
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
+import torch
 
-from explaind.client import Client, InvalidArgumentError, OperationError
+from explaind.client import Client, InvalidArgumentError, OperationError, ResourceExhaustedError
 from explaind.client._neuroinspect import HeadEvaluation
 from explaind.client.report import _evaluation_rows, build_report, render_report
 from explaind.world import assets
@@ -495,14 +498,16 @@ def test_mistakes_without_a_neuron_past_the_cut_say_so_instead_of_a_table():
 
 
 def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
-    # A job out of memory in the second request of 64 pairs must not cost the first one's images.
+    # A job failing in the second request of 64 pairs must not cost the first one's images;
+    # resources it lacks other than the device's memory for its pairs are not retried.
     from types import SimpleNamespace
 
+    from explaind.client._errors import operation_error
     from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
 
     neurons = [RankedNeuron(n, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"]) for n in range(70)]
     ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 70, 70, neurons, {}, [], None)
-    failure = OperationError("the GPU ran out of memory", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    failure = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's data dir /var/lib/explaind is full")
     methods = []
 
     def visualize_neurons(pairs, method, steps):
@@ -520,6 +525,83 @@ def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     assert methods == ["no_clip", "no_clip"]  # CLIP configured but not loaded: clip_illusion would be refused
     # The edit job refusing the data (INVALID_ARGUMENT) leaves the page without an edit, saying why.
     assert report.edit is None and report.no_edit_reason == refused.details
+    # A refusal of the pairs (a server of a lower limit) is no shortage of memory either.
+    limit = "6 images exceed the limit of 4 per operation"
+    failure = InvalidArgumentError(f"pairs: {limit}", field_violations=[("pairs", limit)])
+    methods.clear()
+    report = build_report(client, "heart", "s", steps=2)
+    assert [v.neuron for v in report.visualizations] == list(range(64)) and report.visualization_error is failure and len(methods) == 2
+
+
+@contextlib.contextmanager
+def _served_holding(images: int, data_dir) -> Iterator[Client]:
+    """A client of a server in this process whose device holds ``images`` images at once
+    while optimising them: a larger batch raises torch.OutOfMemoryError, as a small GPU does."""
+    from explaind.config import default_config
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.service import ExplaindServer
+
+    forward = engine_module._Classifier.forward
+
+    def holds(self, batch):
+        if torch.is_grad_enabled() and len(batch) > images:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, batch)
+
+    config = (default_config().replace("classifier", loader="world", path=str(SPURIOUS)).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=0, data_dir=str(data_dir), data_dir_reserve_bytes=1 << 20))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module._Classifier, "forward", holds)
+        server = ExplaindServer(config)
+        port = server.start()
+        try:
+            server.load_models()
+            with Client(f"127.0.0.1:{port}", timeout=60) as client:
+                yield client
+        finally:
+            server.stop(0)
+
+
+def _ranked(client: Client, neurons: list[int]) -> None:
+    """Make ``client`` rank ``neurons`` on heart, in that order, and refuse the edit: the
+    report's visualisations alone reach its server."""
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    ranked = [RankedNeuron(n, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"]) for n in neurons]
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, len(neurons), len(neurons), ranked, {}, [], None)
+    client.rank_mistake_neurons = lambda *args, **kwargs: ranking
+    client.edit_head = lambda *args, **kwargs: (_ for _ in ()).throw(InvalidArgumentError("sample_set_id: needs at least 5 samples"))
+
+
+@pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
+def test_visualisations_out_of_device_memory_are_requested_in_halves_until_they_fit(tmp_path, capsys):
+    # A job out of memory stopped the report with the server's advice, fewer pairs per
+    # request, which the report gave no way to follow: a smaller GPU got a page cut short.
+    neurons = [9, 3, 14, 0, 7]
+    with _served_holding(2, tmp_path / "data") as client:
+        _ranked(client, neurons)
+        report = build_report(client, "heart", "s", steps=2, progress=True)
+    assert report.visualization_error is None and [v.neuron for v in report.visualizations] == neurons  # in ranking order
+    assert [[v.neuron for v in r.visualizations] for r in report.visualization_results] == [[9, 3], [14, 0], [7]]
+    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (3, 2)  # 5, then 3, ran out
+    assert "the device ran out of memory visualising 3 pairs at once; retrying 2 at a time" in capsys.readouterr().err
+    assert ("<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising 3 pairs at once, so the "
+            "visualisations were requested 2 at a time.</p>") in render_report(report)
+
+
+@pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
+def test_a_single_visualisation_out_of_device_memory_stops_the_visualisations_with_the_server_s_error(tmp_path, capsys):
+    with _served_holding(0, tmp_path / "data") as client:
+        _ranked(client, [9, 3, 14])
+        report = build_report(client, "heart", "s", steps=2)
+    assert "retrying" not in capsys.readouterr().err  # said only with the progress shown
+    error = report.visualization_error
+    assert isinstance(error, ResourceExhaustedError) and isinstance(error, OperationError) and error.field == "pairs"
+    assert error.details == ("pairs: the model's device ran out of memory optimising 1 image at once; retry with fewer pairs "
+                             "(or a smaller classes_per_neuron) per request, or later")
+    assert report.visualizations == [] and (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (2, 1)
+    page = render_report(report)
+    assert "requested 1 at a time." in page and "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: pairs: " in page
 
 
 def _relative_luminance(colour: str) -> float:

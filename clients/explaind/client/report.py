@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import html
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 import grpc
 
 from ._client import Client, _is_index
-from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, error_from_code
+from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
 from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations
 from ._types import escape_controls
@@ -44,13 +45,19 @@ class MistakeReport:
     evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
     no_edit_reason: str = ""  # why no edit was suggested, when the server refused one (e.g. too few samples)
     no_visualization_reason: str = ""  # why there are no visualisations (a classifier without gradients)
-    # The server's failure that stopped the visualisations part way (a job out of memory,
-    # say); those made before it are kept, and the page still shows the ranking and edit.
+    # The server's failure that stopped the visualisations part way (a full data dir, or a
+    # job out of memory on one pair); those made before it are kept, and the page still
+    # shows the ranking and edit.
     visualization_error: ExplaindError | None = None
     # The results the visualisations came from, with the settings each ran with (method,
     # steps, epsilon...): the page states them beside each image and flags those whose
     # CLIP-Illusion loss flipped sign. A visualisation found in none is shown without them.
     visualization_results: list[NeuronVisualizations] = dataclasses.field(default_factory=list)
+    # Where a visualisation job ran out of device memory and its pairs were retried in
+    # halves: the fewest pairs of a request that ran out (0: none did), and the pairs per
+    # request the rest were then visualised with.
+    visualization_out_of_memory_at: int = 0
+    visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
 
 
 def build_report(
@@ -80,7 +87,8 @@ def build_report(
     before them. A refusal the data causes (too few samples, training that diverged)
     leaves the page without an edit, saying why; a server error that stops the
     visualisations leaves it without the rest of them, in ``visualization_error``, rather
-    than losing the ranking and the edit."""
+    than losing the ranking and the edit; a job out of device memory is retried with
+    half its pairs, down to one (``visualization_out_of_memory_at``)."""
     for name, count in (("edit_neurons", edit_neurons), ("max_neurons", max_neurons)):
         if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
@@ -103,9 +111,10 @@ def build_report(
                 raise
             no_edit_reason = error.details
     with noting_stored_edit(edit):
-        results, method, no_visualization_reason, visualization_error = _visualize_ranked(client, ranking, max_neurons, steps, progress)
-    visualizations = [v for result in results for v in result.visualizations]
-    return MistakeReport(ranking, visualizations, edit, method, evaluated_on, no_edit_reason, no_visualization_reason, visualization_error, results)
+        visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
+    visualizations = [v for result in visualized.results for v in result.visualizations]
+    return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
+                         visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request)
 
 
 @contextlib.contextmanager
@@ -121,12 +130,25 @@ def noting_stored_edit(edit: HeadEdit | None) -> Iterator[None]:
         raise
 
 
-def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int,
-                      progress: bool) -> tuple[list[NeuronVisualizations], str, str, ExplaindError | None]:
+@dataclass(frozen=True)
+class _Visualized:
+    """What :func:`_visualize_ranked` made, and how (MistakeReport's fields of the same names)."""
+
+    results: list[NeuronVisualizations]
+    method: str
+    no_visualization_reason: str
+    error: ExplaindError | None
+    out_of_memory_at: int
+    pairs_per_request: int
+
+
+def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int, progress: bool) -> _Visualized:
     """Visualise every ranked neuron (or the top ``max_neurons``) on the class: the
     results (each request's visualisations with the settings they ran with), the method,
     why there are none where the classifier has no gradients, and the server's error that
-    stopped them part way (those before it kept)."""
+    stopped them part way (those before it kept). A job out of device memory optimising
+    its pairs in one batch is retried with half of them, and the rest go at that size:
+    only one pair out of memory stops them."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -134,13 +156,28 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     results: list[NeuronVisualizations] = []
     no_visualization_reason = "" if meta.supports_visualization or not shown else (
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
-    for start in range(0, len(shown) if meta.supports_visualization else 0, VISUALIZATION_PAIRS_PER_REQUEST):
-        pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + VISUALIZATION_PAIRS_PER_REQUEST]]
+    per_request, out_of_memory_at, start = VISUALIZATION_PAIRS_PER_REQUEST, 0, 0
+    while meta.supports_visualization and start < len(shown):
+        pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + per_request]]
         try:
             results.append(client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress))
-        except ExplaindError as error:  # the queue full, a job out of memory: what came before is still worth its page
-            return results, method, no_visualization_reason, error
-    return results, method, no_visualization_reason, None
+        except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
+            if not (_out_of_device_memory(error) and len(pairs) > 1):
+                return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, per_request)
+            out_of_memory_at, per_request = len(pairs), (len(pairs) + 1) // 2
+            if progress:
+                print(f"the device ran out of memory visualising {out_of_memory_at} pairs at once; retrying {per_request} at a time",
+                      file=sys.stderr)
+            continue
+        start += len(pairs)
+    return _Visualized(results, method, no_visualization_reason, None, out_of_memory_at, per_request)
+
+
+def _out_of_device_memory(error: ExplaindError) -> bool:
+    """Whether a visualisation job failed for its batch of pairs not fitting the device's
+    memory (RESOURCE_EXHAUSTED on field ``pairs``), which fewer pairs per request may fit;
+    a full queue, say, is RESOURCE_EXHAUSTED on no field."""
+    return isinstance(error, ResourceExhaustedError) and error.field == "pairs"
 
 
 # Request fields build_report's caller chose: the edit refusing one of them is the caller's mistake.
@@ -404,6 +441,10 @@ def render_report(report: MistakeReport) -> str:
         parts.append("<h2>What the ranked neurons respond to</h2>")
         if report.no_visualization_reason:
             parts.append(f"<p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
+    if report.visualization_out_of_memory_at:
+        parts.append(f"<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising "
+                     f"{report.visualization_out_of_memory_at} pairs at once, so the visualisations were requested "
+                     f"{report.visualization_pairs_per_request} at a time.</p>")
     if report.visualization_error is not None:
         parts.append(f"<p id='visualization-failed'>The visualisations stopped after {len(report.visualizations)} of the ranked neurons: "
                      f"{escape(str(report.visualization_error))}</p>")
