@@ -783,6 +783,7 @@ def test_loaders_split_or_explain_why_not(tmp_path):
     version.require_split("anything")  # a split one passes
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")  # making the file
 def test_a_torchscript_load_neither_warns_nor_drops_a_filter_another_thread_adds_meanwhile(tmp_path, monkeypatch):
     # torch.jit.load's FutureWarning (a WARNING line at every start) was ignored inside
     # catch_warnings(), which swaps the process's filters for the load: a filter another
