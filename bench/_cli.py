@@ -7,8 +7,9 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
-__all__ = ["bench_parser", "median_seconds", "positive_int", "share"]
+__all__ = ["bench_parser", "median_seconds", "peak_rss_growth_mb", "positive_int", "require_peak_rss", "share"]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -53,3 +54,26 @@ def median_seconds(runs: Mapping[str, Callable[[], object]], repeats: int, *, se
             settle()
             timings[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in timings.items()}
+
+
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def require_peak_rss(parser: argparse.ArgumentParser) -> None:
+    """A usage error where :func:`peak_rss_growth_mb` cannot measure: it resets the peak
+    through Linux's /proc/self/clear_refs."""
+    if not _CLEAR_REFS.exists():
+        parser.error("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+
+
+def peak_rss_growth_mb(run: Callable[[], object]) -> float:
+    """MB the peak resident memory of ``run()`` rose above the resident memory before it."""
+    _CLEAR_REFS.write_text("5")  # the peak (VmHWM) starts again from the current RSS
+    before = _status_mb("VmRSS")
+    run()
+    return _status_mb("VmHWM") - before
+
+
+def _status_mb(key: str) -> float:
+    line = next(line for line in _STATUS.read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024

@@ -25,17 +25,10 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, peak_rss_growth_mb, positive_int, require_peak_rss  # bench/, the script's directory, is on sys.path
 
-_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _status_mb(key: str) -> float:
-    line = next(line for line in _STATUS.read_text().splitlines() if line.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
 
 
 def peak_growth_mb(architecture: str, clip_name: str, image_size: int, pairs: int, steps: int, device: str, threads: int) -> float:
@@ -70,10 +63,7 @@ def peak_growth_mb(architecture: str, clip_name: str, image_size: int, pairs: in
         illusion.visualize(chosen, steps=steps)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    _CLEAR_REFS.write_text("5")  # the peak (VmHWM) starts again from the current RSS
-    before = _status_mb("VmRSS")
-    illusion.visualize(chosen, steps=steps)
-    return _status_mb("VmHWM") - before
+    return peak_rss_growth_mb(lambda: illusion.visualize(chosen, steps=steps))
 
 
 def per_pair_fit(grown: dict[int, float]) -> tuple[float, float]:
@@ -98,8 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.pairs)) < 2:
         parser.error("--pairs needs at least two different numbers to tell the memory per pair from the fixed memory")
-    if not args.device.startswith("cuda") and not _CLEAR_REFS.exists():
-        parser.error("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    if not args.device.startswith("cuda"):
+        require_peak_rss(parser)
 
     grown = {}
     spawn = multiprocessing.get_context("spawn")  # a fresh process: no allocator cache, no CUDA context inherited
@@ -112,7 +102,7 @@ def main() -> None:
     print(f"{args.architecture} ({args.image_size} px) + {args.clip}, clip_illusion, {args.steps} step{'s' * (args.steps != 1)}, on {args.device}, "
           f"{args.threads} thread{'s' * (args.threads != 1)}; peak growth over the models' memory, each in a fresh process:")
     for pairs, mb in grown.items():
-        print(f"  {pairs:>4} pairs  +{mb:8.0f} MB  ({mb / pairs:6.0f} MB per pair)")
+        print(f"  {pairs:>4} pair{'s' if pairs != 1 else ' '}  +{mb:8.0f} MB  ({mb / pairs:6.0f} MB per pair)")
     print(f"fit: {per_pair:.0f} MB per pair + {fixed:.0f} MB; {args.limit} pairs: about {(fixed + per_pair * args.limit) / 1024:.1f} GB")
 
 

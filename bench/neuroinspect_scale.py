@@ -31,25 +31,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
-
-_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-
-
-def _status_mb(key: str) -> float:
-    line = next(line for line in _STATUS.read_text().splitlines() if line.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
-
+from _cli import bench_parser, peak_rss_growth_mb, positive_int, require_peak_rss  # bench/, the script's directory, is on sys.path
 
 def measured(run: Callable[[], object]) -> tuple[float, float]:
     """(MB the peak RSS rose above the RSS before ``run``, seconds) of one call."""
-    _CLEAR_REFS.write_text("5")  # the peak (VmHWM) starts again from the current RSS
-    before = _status_mb("VmRSS")
     started = time.perf_counter()
-    run()
-    return _status_mb("VmHWM") - before, time.perf_counter() - started
+    return peak_rss_growth_mb(run), time.perf_counter() - started
 
 
 def main() -> None:
@@ -60,8 +48,7 @@ def main() -> None:
     parser.add_argument("--samples", type=positive_int, default=50_000, help="samples of the set ranked and evaluated")
     parser.add_argument("--steps", type=positive_int, default=3, help="solver steps (each is two (N, D) x (D, C) products)")
     args = parser.parse_args()
-    if not _CLEAR_REFS.exists():
-        parser.error("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    require_peak_rss(parser)
     # After the arguments: --help and a usage error answer without the seconds of torch.
     import torch
 
