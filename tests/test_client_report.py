@@ -290,6 +290,32 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
         build_report(client, "heart", "s", max_neurons=1)
 
 
+def test_an_excessive_neuron_is_visualised_on_its_top_class_and_the_others_on_the_explained_class():
+    # An excessive neuron fired too much, pushing the heart's mistakes to other classes:
+    # heart's head weight for it is small or negative, so conditioned on heart, α_n and
+    # γ·l_heart pulled apart (on the shapes world its activation reached about a third of
+    # that on its top class). Its class is left to the server: the largest head weight's.
+    from types import SimpleNamespace
+
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    directions = ["excessive", "insufficient", "both", "excessive"]
+    neurons = [RankedNeuron(n, direction, 0.5, 0.5, 0.1, 1.0, ["square"]) for n, direction in enumerate(directions)]
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 4, 4, neurons, {}, [], None)
+    requests = []
+
+    def visualize_neurons(pairs, **options):
+        requests.append(pairs)
+        return SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[SimpleNamespace(neuron=n) for n, _ in pairs]))
+
+    refused = InvalidArgumentError("sample_set_id: needs at least 5 samples")
+    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
+                             edit_head=lambda *a, **k: (_ for _ in ()).throw(refused),
+                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+    build_report(client, "heart", "s", steps=2)
+    assert requests == [[(0, None), (1, "heart"), (2, "heart"), (3, None)]]
+
+
 def test_only_images_smaller_than_their_box_are_drawn_as_crisp_pixels():
     # 224 px visualisations were shrunk nearest-neighbour into the 128 px box: jagged.
     from PIL import Image

@@ -23,7 +23,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations
+from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron
 from ._types import escape_controls
 
 if TYPE_CHECKING:
@@ -73,12 +73,13 @@ def build_report(
     validation_sample_set_id: str = "",
     progress: bool = False,
 ) -> MistakeReport:
-    """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class, with
-    CLIP-Illusion when the server has CLIP, else the no_clip ablation (none when the
-    classifier has no gradients, e.g. ONNX: ``no_visualization_reason`` says so), and edit the head on
-    the top ``edit_neurons`` of the ranking (however many are shown). The edit stops
-    early on ``validation_sample_set_id``, else on the fifth of the set the server holds
-    out (every 5th sample), and is evaluated on data it did not train on:
+    """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class (an
+    excessive one on its top class by head weight), with CLIP-Illusion when the server has
+    CLIP, else the no_clip ablation (none when the classifier has no gradients, e.g. ONNX:
+    ``no_visualization_reason`` says so), and edit the head on the top ``edit_neurons`` of
+    the ranking (however many are shown). The edit stops early on
+    ``validation_sample_set_id``, else on the fifth of the set the server holds out (every
+    5th sample), and is evaluated on data it did not train on:
     ``evaluation_sample_set_id``, else that validation data; ``group_attribute`` adds
     per-group accuracy (e.g. "background").
 
@@ -143,12 +144,13 @@ class _Visualized:
 
 
 def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int, progress: bool) -> _Visualized:
-    """Visualise every ranked neuron (or the top ``max_neurons``) on the class: the
-    results (each request's visualisations with the settings they ran with), the method,
-    why there are none where the classifier has no gradients, and the server's error that
-    stopped them part way (those before it kept). A job out of device memory optimising
-    its pairs in one batch is retried with half of them, and the rest go at that size:
-    only one pair out of memory stops them."""
+    """Visualise every ranked neuron (or the top ``max_neurons``) on the class (an
+    excessive one on its top class, :func:`_conditioning_class`): the results (each
+    request's visualisations with the settings they ran with), the method, why there are
+    none where the classifier has no gradients, and the server's error that stopped them
+    part way (those before it kept). A job out of device memory optimising its pairs in
+    one batch is retried with half of them, and the rest go at that size: only one pair
+    out of memory stops them."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -158,7 +160,7 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
     per_request, out_of_memory_at, start = VISUALIZATION_PAIRS_PER_REQUEST, 0, 0
     while meta.supports_visualization and start < len(shown):
-        pairs = [(n.neuron, ranking.class_name) for n in shown[start : start + per_request]]
+        pairs = [(n.neuron, _conditioning_class(n, ranking.class_name)) for n in shown[start : start + per_request]]
         try:
             results.append(client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress))
         except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
@@ -171,6 +173,18 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
             continue
         start += len(pairs)
     return _Visualized(results, method, no_visualization_reason, None, out_of_memory_at, per_request)
+
+
+def _conditioning_class(neuron: RankedNeuron, class_name: str) -> str | None:
+    """The class a ranked neuron's image is conditioned on: the explained class for a
+    neuron that fired too little for it (insufficient, or both); for an excessive one,
+    which fired too much and pushed the mistakes elsewhere, None: the server's automatic
+    choice, the class whose head weight for the neuron is largest (the paper conditions
+    on "classes correlated to features embedded in the neurons"). The explained class's
+    weight for an excessive neuron is small or negative, so α_n + γ·l_c pulls two ways:
+    on the shapes world's heart, its excessive neurons reached about a third of the
+    activation conditioned on heart that they reached on their top class."""
+    return None if neuron.direction == "excessive" else class_name
 
 
 def _out_of_device_memory(error: ExplaindError) -> bool:
@@ -315,7 +329,9 @@ _RANKING_LEGEND = (
     "classes whose head weight for the neuron is largest.</p>"
 )
 _VISUALIZATION_LEGEND = (
-    "<p class='muted' id='visualization-legend'>Left, an image optimised to make the neuron fire within the class; right, the "
+    "<p class='muted' id='visualization-legend'>Left, an image optimised to make the neuron fire within the class named on its "
+    "card: the explained class for a neuron that fired too little (insufficient or both); for an excessive one, the class whose "
+    "head weight for it is largest, the class it speaks for, as the explained class's weight for it is small or negative. Right, the "
     "same with the regions where it fires little dimmed. <b>activation α</b>: the neuron's value on the image, as the head reads "
     "it. <b>logit</b>: the class's logit on it. <b>CLIP similarity</b>: cosine between the image and the class's prompts (– "
     "without CLIP). <b>core relevance</b>: that similarity minus the same with the neuron's region greyed out: how much of the "
