@@ -187,11 +187,12 @@ class ExplaindServer:
         """Load models (raises ModelLoadError naming the file), serve the stored active
         head version, then report SERVING."""
         self.engine.load()
-        # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
-        # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
-        # not by the first such job. Before restore(), while Predict is still refused: the
-        # import holds the GIL, and in a background thread it raised Predict's latency tenfold.
-        import torch._dynamo  # noqa: F401
+        if self.engine.models.active.supports_features:  # else no edit or visualisation runs
+            # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
+            # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
+            # not by the first such job. Before restore(), while Predict is still refused: the
+            # import holds the GIL, and in a background thread it raised Predict's latency tenfold.
+            import torch._dynamo  # noqa: F401
         try:  # reads the head versions, which start() did not
             self.neuroinspect.restore()
         except sqlite3.Error as error:
