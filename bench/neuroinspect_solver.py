@@ -116,7 +116,7 @@ def main() -> None:
 
     def best_of(solve):
         """Best wall time of --repeats runs of ``solve(n)`` on all problems (n None), and
-        its solution. A warm-up on two problems comes first: the first optimiser step
+        its solution. A warm-up on two problems comes first: building the first optimiser
         imports torch._dynamo (about 1.4 s), a cost of neither side."""
         solve(2)
         best, solution = float("inf"), None
