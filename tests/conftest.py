@@ -281,18 +281,32 @@ def _toml(value: object) -> str:
 class StallingRelay:
     """A TCP relay to 127.0.0.1:``port`` (connect to ``target``) that ``stall()`` makes go
     silent both ways, every connection left open: a peer gone with no FIN or RST (its host
-    down, a network partition), as SIGSTOP leaves one. ``close()`` closes them all."""
+    down, a network partition), as SIGSTOP leaves one. ``drop_open_connections()`` silences
+    only the connections open now and relays later ones: a NAT or load balancer that forgot
+    an idle connection. ``connections`` counts those accepted; ``server_hung_up`` is set once
+    the server closes a silenced connection; ``close()`` closes them all."""
 
     def __init__(self, port: int) -> None:
         self._port = port
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0
+        self.server_hung_up = threading.Event()
         self._stalled, self._closed = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+        self._dropped: list[threading.Event] = []  # one per connection relayed: set, it is silent
         self._sockets: list[socket.socket] = [self._listener]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stall(self) -> None:
-        self._stalled.set()
+        with self._lock:
+            self._stalled.set()
+        self.drop_open_connections()
+
+    def drop_open_connections(self) -> None:
+        with self._lock:
+            for dropped in self._dropped:
+                dropped.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -308,19 +322,26 @@ class StallingRelay:
             except OSError:  # closed
                 return
             self._sockets.append(downstream)
-            if self._stalled.is_set():  # accepted, never answered
-                continue
+            with self._lock:
+                self.connections += 1
+                if self._stalled.is_set():  # accepted, never answered
+                    continue
+                dropped = threading.Event()
+                self._dropped.append(dropped)
             upstream = socket.create_connection(("127.0.0.1", self._port))
             self._sockets.append(upstream)
-            for source, sink in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+            for source, sink, from_server in ((downstream, upstream, False), (upstream, downstream, True)):
+                threading.Thread(target=self._relay, args=(source, sink, dropped, from_server), daemon=True).start()
 
-    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+    def _relay(self, source: socket.socket, sink: socket.socket, dropped: threading.Event, from_server: bool) -> None:
         while True:
             try:
                 data = source.recv(65536)
-                if self._stalled.is_set():  # what comes now is never passed on
-                    self._closed.wait()
+                if dropped.is_set():  # what comes now is never passed on
+                    while data:  # until its sender closes its side
+                        data = source.recv(65536)
+                    if from_server and not self._closed.is_set():
+                        self.server_hung_up.set()
                     return
                 if not data:  # the peer closed its side
                     sink.shutdown(socket.SHUT_WR)

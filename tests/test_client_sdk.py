@@ -1522,6 +1522,41 @@ def test_a_watch_outlives_quiet_spells_and_fails_once_its_server_goes_silent(mon
         server.stop(0)
 
 
+def test_an_idle_client_keeps_its_connection_and_finds_it_dropped_before_its_next_call(monkeypatch):
+    # An idle channel sent no keepalive ping: the first call after a NAT or load balancer
+    # forgot the idle connection (or the server's host went down) went out on it and
+    # failed UNAVAILABLE only once the call's own ping went unanswered, 30 s + 60 s.
+    import queue
+
+    from conftest import StallingRelay
+    from explaind.client import _client
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(_client, "KEEPALIVE_TIME_MS", 300)
+    monkeypatch.setattr(_client, "KEEPALIVE_TIMEOUT_MS", 2000)  # an answer late on a loaded machine is no silence
+    monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
+    server, target = _serve(_LoadingSampleSets(loading_s=0), options=explaind_server.keepalive_options())
+    relay = StallingRelay(int(target.rpartition(":")[2]))
+    try:
+        with Client(relay.target, timeout=5, retry=False) as client:
+            assert client.sample_set("s").sample_set_id == "s"
+            states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+            client._channel.subscribe(states.put)
+            assert states.get(timeout=5) == grpc.ChannelConnectivity.READY
+            # 4 pings without a call (gRPC sends one a second at most): a server that does
+            # not permit them closes the connection at the 4th (GOAWAY too_many_pings).
+            time.sleep(5)
+            assert states.empty() and relay.connections == 1
+            relay.drop_open_connections()
+            # Generous: the idle ping unanswered for KEEPALIVE_TIMEOUT_MS closes the connection.
+            assert states.get(timeout=20) != grpc.ChannelConnectivity.READY
+            assert client.sample_set("s").sample_set_id == "s"  # no retry: the call went out on a new connection
+            assert relay.connections == 2
+    finally:
+        relay.close()
+        server.stop(0)
+
+
 def test_a_key_or_certificate_path_that_is_a_directory_is_refused_naming_its_argument(tmp_path):
     # The OSError named the path, not which of the three arguments gave it.
     with pytest.raises(OSError, match=r"^root_certificates: cannot read .+: Is a directory$"):

@@ -973,6 +973,29 @@ def test_a_stream_of_a_client_gone_silent_gives_its_slot_back_once_the_servers_p
         server.stop(0)
 
 
+def test_the_idle_connection_of_a_client_gone_silent_is_closed_once_the_servers_ping_goes_unanswered(tmp_path, classifier_dir, monkeypatch):
+    # The server pinged a connection only while a call was open: one a client left idle
+    # when its host went down (no FIN) held a descriptor until the server restarted.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import StallingRelay
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(explaind_server, "KEEPALIVE_TIME_MS", 200)
+    monkeypatch.setattr(explaind_server, "KEEPALIVE_TIMEOUT_MS", 2000)  # an answer late on a loaded machine is no silence
+    server = start(tmp_path, classifier_dir)
+    relay = StallingRelay(server.port)
+    try:
+        with grpc.insecure_channel(relay.target) as gone:  # a channel of gRPC's defaults: it sends no ping
+            health = health_pb2_grpc.HealthStub(gone)
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+            relay.drop_open_connections()
+            assert relay.server_hung_up.wait(20)  # generous: a ping every 0.2 s, unanswered for 2 s
+    finally:
+        relay.close()
+        server.stop(0)
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),

@@ -123,6 +123,7 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # Ping on through a watch with no update (gRPC stops after 2 pings without data).
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 

@@ -340,6 +340,7 @@ def keepalive_options() -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; "grpc.http2.min_recv_..." is no option.
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_INTERVAL_MIN_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
