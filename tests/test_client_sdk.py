@@ -1557,6 +1557,36 @@ def test_an_idle_client_keeps_its_connection_and_finds_it_dropped_before_its_nex
         server.stop(0)
 
 
+def test_an_idle_client_whose_server_refuses_pings_without_calls_has_its_next_call_answered(monkeypatch):
+    # A server of an earlier release permits no ping without a call: it closes an idle
+    # client's connection at the 4th (GOAWAY too_many_pings), which the next call opens
+    # again, without a retry (gRPC halves the client's pings each time).
+    import queue
+
+    from conftest import StallingRelay
+    from explaind.client import _client
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(_client, "KEEPALIVE_TIME_MS", 300)
+    monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
+    earlier_options = [option for option in explaind_server.keepalive_options()
+                       if option[0] != "grpc.keepalive_permit_without_calls"]
+    server, target = _serve(_LoadingSampleSets(loading_s=0), options=earlier_options)
+    relay = StallingRelay(int(target.rpartition(":")[2]))
+    try:
+        with Client(relay.target, timeout=5, retry=False) as client:
+            assert client.sample_set("s").sample_set_id == "s"
+            states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+            client._channel.subscribe(states.put)
+            assert states.get(timeout=5) == grpc.ChannelConnectivity.READY
+            assert states.get(timeout=20) != grpc.ChannelConnectivity.READY  # generous: 4 pings, one a second
+            assert client.sample_set("s").sample_set_id == "s"
+            assert relay.connections == 2
+    finally:
+        relay.close()
+        server.stop(0)
+
+
 def test_a_key_or_certificate_path_that_is_a_directory_is_refused_naming_its_argument(tmp_path):
     # The OSError named the path, not which of the three arguments gave it.
     with pytest.raises(OSError, match=r"^root_certificates: cannot read .+: Is a directory$"):

@@ -100,11 +100,16 @@ RETRY_MAX_BACKOFF_S = 2.0
 # sent while the server runs the last, so the round trips overlap and the server's batcher
 # can join them, yet one call's requests queue no more than a few batches ahead of others'.
 DEFAULT_PREDICT_IN_FLIGHT = 4
-# While a call is open the channel pings the server this often, and drops the connection
-# (the call fails UNAVAILABLE) when a ping goes unanswered this long: a server gone without
-# closing the connection (its host down, a network partition) otherwise left a watch silent
-# until its deadline, 24 hours away. No more often than an explaind server lets clients ping
-# (its CLIENT_PING_INTERVAL_MIN_MS), or it closes the connection (GOAWAY too_many_pings).
+# The channel pings the server this often, with or without a call open, and drops the
+# connection (an open call fails UNAVAILABLE) when a ping goes unanswered this long: a server
+# gone without closing the connection (its host down, a network partition) otherwise left a
+# watch silent until its deadline, 24 hours away, and the first call after an idle spell
+# waiting for its own ping, 30 s + 60 s; the pings also keep an idle connection alive through
+# a NAT or load balancer that forgets flows idle for minutes. No more often than an explaind
+# server lets clients ping (its CLIENT_PING_INTERVAL_MIN_MS), or it closes the connection
+# (GOAWAY too_many_pings). A server of an earlier release permits no ping without a call: it
+# closes an idle connection at the 4th, which the next call opens again, and gRPC doubles
+# this interval for the channel each time it does.
 # The wait is long enough for a ping's answer queued behind a large response on a slow link.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 60_000
@@ -123,6 +128,7 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # Ping on through a watch with no update (gRPC stops after 2 pings without data).
         ("grpc.http2.max_pings_without_data", 0),
+        # Ping an idle connection too (see KEEPALIVE_TIME_MS).
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 

@@ -70,15 +70,17 @@ ABORTED_JOBS_WAIT_S = 30.0
 # How often operations past their retention, abandoned uploads, and the files of deleted
 # sets, head versions and operations, are removed (seconds).
 SWEEP_INTERVAL_S = 60.0
-# The server pings each connection this often and drops it when a ping goes unanswered this
-# long: a client gone without closing it (its host down, a network partition) otherwise
-# held its WatchOperation's or health Watch's thread and HeldCalls slot until the job
-# ended or the call's deadline, if any.
+# The server pings each connection this often, with or without a call open, and drops it
+# when a ping goes unanswered this long: a client gone without closing it (its host down, a
+# network partition) otherwise held its WatchOperation's or health Watch's thread and
+# HeldCalls slot until the job ended or the call's deadline, if any, and an idle connection's
+# descriptor until the server stopped.
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 60_000
-# How often clients may ping: the SDK pings every 30 s while a call is open; at gRPC's
-# default, 5 minutes, a watch with no update for a minute or two had its connection closed
-# (GOAWAY too_many_pings).
+# How often clients may ping, with or without a call open: the SDK pings every 30 s; at
+# gRPC's default, 5 minutes, a watch with no update for a minute or two had its connection
+# closed (GOAWAY too_many_pings); without a call it permits one ping in 2 hours unless
+# keepalive_permit_without_calls is set.
 CLIENT_PING_INTERVAL_MIN_MS = 10_000
 # The least open-file limit (RLIMIT_NOFILE) serve() starts with: the process holds about 15
 # descriptors once started, then one per client connection, scrape, and stored file it
@@ -340,6 +342,7 @@ def keepalive_options() -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; "grpc.http2.min_recv_..." is no option.
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_INTERVAL_MIN_MS),
+        # Pings without a call, the clients' and the server's own (see CLIENT_PING_INTERVAL_MIN_MS).
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
