@@ -1666,6 +1666,50 @@ def test_the_bound_auto_decides_by_holds_for_mistakes_whose_summaries_are_at_the
     assert size <= _inline_response_bound(version, "widest", 0, settings, count, len(mistakes))
 
 
+def test_the_bound_auto_decides_by_holds_where_it_has_two_bytes_to_spare_and_omega_three_byte_lengths():
+    # Every field at its widest but neuron 0's (unset, 2 bytes under the bound's D - 1):
+    # 32 mistakes, each taken for its own class, converged, with both top-4 lists full; all
+    # 128 neurons ranked in both directions; the class names the bound picks by bytes are
+    # the ones shown (not the target's longer one in characters). ω's 32 x 128 float32 are
+    # 16,384 bytes, so its data's and its message's lengths take 3 bytes each: a term of
+    # the bound left out there, or a byte a neuron, is more than the 2 bytes to spare.
+    from types import SimpleNamespace
+
+    from explaind.engine.models import ClassifierVersion
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
+
+    classes, top_k = 32, 4
+    dim = classes * top_k
+    weight = torch.full((classes + 1, dim), -0.01)  # the target's small, as no neuron's top class
+    for klass in range(1, classes + 1):  # raises its block of top_k neurons, lowers the next one's
+        weight[klass] = 0.0
+        weight[klass, (klass - 1) * top_k:klass * top_k] = 1.0
+        weight[klass, klass % classes * top_k:(klass % classes + 1) * top_k] = -1.0
+    head = torch.nn.Linear(dim, classes + 1)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(torch.tensor([0.0] + [-1.0] * classes))
+    names = ("a" * 13,) + tuple(f"{'猫' * 4}{klass:02d}" for klass in range(1, classes + 1))  # 13 bytes; 14 bytes of 6 characters
+    version = ClassifierVersion(name="tight", loader="world", source="test", class_names=names, image_size=32, feature_layer="",
+                                head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
+    torch.manual_seed(0)
+    # Sample 0 right (its index would be unset), then one mistake a class; the noise keeps each mean ω off 0.
+    features = torch.cat([torch.zeros(1, dim), weight[1:] * 0.5]) + 0.01 * torch.randn(classes + 1, dim)
+    labels = torch.zeros(classes + 1, dtype=torch.long)
+    settings = RankSettings(l1=0.0, top_k=top_k, max_iterations=100, cut_ratio=0.0, include_samples=True)
+    mistakes, _ = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "tight")
+    inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
+    answered = NeuroInspectEngine._rank(inspect, None, "tight", version, 0, "class_index", settings,
+                                        features=SimpleNamespace(features=features, labels=labels))
+    assert answered.mistake_count == answered.converged_count == len(answered.predicted_as) == classes
+    assert all(len(m.insufficient_neurons) == len(m.excessive_neurons) == top_k for m in answered.mistakes)
+    assert sorted(n.neuron for n in answered.neurons) == list(range(dim))
+    assert all(n.insufficient_ratio and n.excessive_ratio and n.mean_omega and 0 not in n.top_classes for n in answered.neurons)
+    assert len(answered.omega.data) == 16_384
+    size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
+    assert size <= _inline_response_bound(version, "tight", 0, settings, len(features), len(mistakes))
+
+
 def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains():
     # Samples on the head's decision boundary: nn.Linear's addmm and features @ W.T + b
     # round some of them to different classes. The engine counted the mistakes with one,
