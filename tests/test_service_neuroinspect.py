@@ -1710,6 +1710,44 @@ def test_the_bound_auto_decides_by_holds_where_it_has_two_bytes_to_spare_and_ome
     assert size <= _inline_response_bound(version, "tight", 0, settings, len(features), len(mistakes))
 
 
+def test_the_bound_auto_decides_by_holds_where_it_is_exact():
+    # One neuron (its index 0 is the widest), three classes and two mistakes, one on either
+    # side of the target's interval: the neuron is ranked in both directions, each mistake is
+    # taken for another class, and the 128 samples' count takes a 2-byte varint. Every field
+    # is at its widest, so no byte of the bound's count can be left out unnoticed.
+    from types import SimpleNamespace
+
+    from explaind.engine.models import ClassifierVersion
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
+
+    head = torch.nn.Linear(1, 3)
+    with torch.no_grad():  # the target wins for |f| < 1, "left" below it, "right" above
+        head.weight.copy_(torch.tensor([[0.0], [-1.0], [1.0]]))
+        head.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    version = ClassifierVersion(name="exact", loader="world", source="test", class_names=("mid", "left", "right"), image_size=32, feature_layer="",
+                                head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
+    features = torch.cat([torch.zeros(126, 1), torch.tensor([[-3.0], [4.0]])])  # not symmetric: a mean ω of 0 is unset
+    labels = torch.zeros(128, dtype=torch.long)
+    settings = RankSettings(cut_ratio=0.0)
+    mistakes, _ = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "exact")
+    inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
+    answered = NeuroInspectEngine._rank(inspect, None, "exact", version, 0, "class_index", settings,
+                                        features=SimpleNamespace(features=features, labels=labels))
+    assert answered.mistake_count == answered.converged_count == 2 and dict(answered.predicted_as) == {"left": 1, "right": 1}
+    [neuron] = answered.neurons
+    assert neuron.insufficient_ratio and neuron.excessive_ratio and neuron.mean_omega and len(neuron.top_classes) == 3
+    size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
+    assert size <= _inline_response_bound(version, "exact", 0, settings, len(features), len(mistakes))
+
+
+def test_the_bounds_length_delimited_fields_take_the_bytes_protobuf_gives_them():
+    # A length's varint gains a byte at 128 and 16,384 bytes: the bound's count of it must too.
+    from explaind.engine.neuroinspect import _length_delimited
+
+    for size in (1, 127, 128, 16_383, 16_384, 2**21 - 1, 2**21):
+        assert _length_delimited(size) == common_pb2.Tensor(data=bytes(size)).ByteSize(), size  # data: field 3, a one-byte tag
+
+
 def test_the_mistakes_an_auto_ranking_bounds_its_response_by_are_those_the_ranker_explains():
     # Samples on the head's decision boundary: nn.Linear's addmm and features @ W.T + b
     # round some of them to different classes. The engine counted the mistakes with one,
