@@ -1666,46 +1666,59 @@ def test_the_bound_auto_decides_by_holds_for_mistakes_whose_summaries_are_at_the
     assert size <= _inline_response_bound(version, "widest", 0, settings, count, len(mistakes))
 
 
-def test_the_bound_auto_decides_by_holds_where_it_has_two_bytes_to_spare_and_omega_three_byte_lengths():
-    # Every field at its widest but neuron 0's (unset, 2 bytes under the bound's D - 1):
-    # 32 mistakes, each taken for its own class, converged, with both top-4 lists full; all
-    # 128 neurons ranked in both directions; the class names the bound picks by bytes are
-    # the ones shown (not the target's longer one in characters). ω's 32 x 128 float32 are
-    # 16,384 bytes, so its data's and its message's lengths take 3 bytes each: a term of
-    # the bound left out there, or a byte a neuron, is more than the 2 bytes to spare.
+# (raised, lowered): the blocks of top_k neurons each predicted class raises and lowers. 128
+# neurons: each block once each way. 256: the low blocks (neurons under 128) once each way,
+# the high ones 3 times each way.
+_ONCE_EACH_WAY = [(block, (block + 1) % 32) for block in range(32)]
+_LOW_ONCE_HIGH_THRICE = ([(8 + block, block) for block in range(8)] + [(block, 8 + block) for block in range(8)]
+                         + [(8 + block, 8 + (block + 1) % 8) for block in range(8)] + [(8 + block, 8 + (block + 2) % 8) for block in range(8)])
+
+
+@pytest.mark.parametrize("top_k, blocks", [(4, _ONCE_EACH_WAY), (16, _LOW_ONCE_HIGH_THRICE)], ids=["D128", "D256"])
+def test_the_bound_auto_decides_by_holds_where_each_field_but_neuron_0s_is_at_its_widest(top_k, blocks):
+    # 32 mistakes, each taken for its own class (past index 128), converged after 128 steps
+    # or more, with both top-k lists full; every neuron ranked in both directions, by classes
+    # past index 128; the class names the bound picks by bytes are the ones shown (the
+    # others are longer in characters). D = 128: the bound's only slack is neuron 0's unset
+    # index (2 bytes), and ω's 32 x 128 float32 are 16,384 bytes, so its data's and its
+    # message's lengths take 3 bytes each: a term left out there, or a byte a neuron or a
+    # mistake, shows. D = 256: most list entries take 2 bytes, more than the indices under
+    # 128 leave to spare (1 byte each).
     from types import SimpleNamespace
 
     from explaind.engine.models import ClassifierVersion
     from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings, _inline_response_bound
 
-    classes, top_k = 32, 4
-    dim = classes * top_k
-    weight = torch.full((classes + 1, dim), -0.01)  # the target's small, as no neuron's top class
-    for klass in range(1, classes + 1):  # raises its block of top_k neurons, lowers the next one's
+    classes, unused = len(blocks), 128
+    dim = top_k * (1 + max(max(pair) for pair in blocks))
+    weight = torch.full((1 + unused + classes, dim), -0.01)  # the target's and the unused classes', no neuron's top classes
+    for klass, (raised, lowered) in enumerate(blocks, start=1 + unused):
         weight[klass] = 0.0
-        weight[klass, (klass - 1) * top_k:klass * top_k] = 1.0
-        weight[klass, klass % classes * top_k:(klass % classes + 1) * top_k] = -1.0
-    head = torch.nn.Linear(dim, classes + 1)
+        weight[klass, raised * top_k:(raised + 1) * top_k] = 1.0
+        weight[klass, lowered * top_k:(lowered + 1) * top_k] = -1.0
+    head = torch.nn.Linear(dim, len(weight))
     with torch.no_grad():
         head.weight.copy_(weight)
-        head.bias.copy_(torch.tensor([0.0] + [-1.0] * classes))
-    names = ("a" * 13,) + tuple(f"{'猫' * 4}{klass:02d}" for klass in range(1, classes + 1))  # 13 bytes; 14 bytes of 6 characters
+        head.bias.copy_(torch.tensor([0.0] + [-1.0] * (len(weight) - 1)))
+    # 13 bytes and characters; 14 bytes of 6 characters
+    names = ("a" * 13,) + tuple(f"{'b' * 10}{klass:03d}" for klass in range(unused)) + tuple(f"{'猫' * 4}{klass:02d}" for klass in range(classes))
     version = ClassifierVersion(name="tight", loader="world", source="test", class_names=names, image_size=32, feature_layer="",
                                 head_name="head", feature_extractor=None, head=head, feature_version="f", head_version="h")
     torch.manual_seed(0)
-    # Sample 0 right (its index would be unset), then one mistake a class; the noise keeps each mean ω off 0.
-    features = torch.cat([torch.zeros(1, dim), weight[1:] * 0.5]) + 0.01 * torch.randn(classes + 1, dim)
-    labels = torch.zeros(classes + 1, dtype=torch.long)
-    settings = RankSettings(l1=0.0, top_k=top_k, max_iterations=100, cut_ratio=0.0, include_samples=True)
+    # Sample 0 right (its index would be unset), then one mistake a class, far enough to take
+    # over 128 steps; the noise keeps each mean ω off 0.
+    features = torch.cat([torch.zeros(1, dim), weight[1 + unused:] * 25]) + 0.01 * torch.randn(1 + classes, dim)
+    labels = torch.zeros(len(features), dtype=torch.long)
+    settings = RankSettings(l1=0.0, top_k=top_k, max_iterations=1000, cut_ratio=0.0, include_samples=True)
     mistakes, _ = NeuroInspectEngine._mistakes(version, features, labels, 0, "class_index", "tight")
     inspect = SimpleNamespace(_mistakes=NeuroInspectEngine._mistakes)  # all _rank needs of an engine, given the features
     answered = NeuroInspectEngine._rank(inspect, None, "tight", version, 0, "class_index", settings,
                                         features=SimpleNamespace(features=features, labels=labels))
     assert answered.mistake_count == answered.converged_count == len(answered.predicted_as) == classes
-    assert all(len(m.insufficient_neurons) == len(m.excessive_neurons) == top_k for m in answered.mistakes)
+    assert all(len(m.insufficient_neurons) == len(m.excessive_neurons) == top_k and m.iterations >= 128 for m in answered.mistakes)
     assert sorted(n.neuron for n in answered.neurons) == list(range(dim))
-    assert all(n.insufficient_ratio and n.excessive_ratio and n.mean_omega and 0 not in n.top_classes for n in answered.neurons)
-    assert len(answered.omega.data) == 16_384
+    assert all(n.insufficient_ratio and n.excessive_ratio and n.mean_omega and min(n.top_classes) > 128 for n in answered.neurons)
+    assert len(answered.omega.data) == 4 * classes * dim
     size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
     assert size <= _inline_response_bound(version, "tight", 0, settings, len(features), len(mistakes))
 
