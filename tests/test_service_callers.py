@@ -996,6 +996,30 @@ def test_the_idle_connection_of_a_client_gone_silent_is_closed_once_the_servers_
         server.stop(0)
 
 
+def test_an_idle_client_of_the_health_port_keeps_its_connection(tmp_path, monkeypatch):
+    # The SDK pings an idle connection; the health port's server, of gRPC's defaults, took
+    # that for abuse: a Client kept on it had its connection closed at the 4th idle ping
+    # (GOAWAY too_many_pings, logged as an error) and its pings slowed down each time.
+    from conftest import free_port
+    from explaind.client import _client
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(_client, "KEEPALIVE_TIME_MS", 300)
+    monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
+    loading = ExplaindServer(default_config().replace("server", port=0, health_port=free_port(), data_dir=str(tmp_path)))  # models not loaded
+    try:
+        loading.start()
+        with Client(f"127.0.0.1:{loading.health_port}", timeout=5, retry=False) as prober:
+            assert prober.health() == "NOT_SERVING"
+            states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+            prober._channel.subscribe(states.put)
+            assert states.get(timeout=5) == grpc.ChannelConnectivity.READY
+            time.sleep(5)  # 4 pings without a call (gRPC sends one a second at most)
+            assert states.empty()
+    finally:
+        loading.stop(0)
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),

@@ -178,8 +178,10 @@ class ExplaindServer:
     def _serve_health(self, host: str, port: int) -> tuple[grpc.Server, int]:
         """Health's Check alone, in plaintext on its own port: probes that cannot speak TLS
         (kubelet's gRPC probes) still see whether a TLS server is SERVING. No Watch: a
-        stream would hold one of the port's few threads, which the probes need."""
-        server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0)])
+        stream would hold one of the port's few threads, which the probes need. Keepalive as
+        on the gRPC port: a Client kept on it pings its idle connection, which gRPC's defaults
+        answer by closing it (GOAWAY too_many_pings)."""
+        server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0), *keepalive_options()])
         health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), server)
         bound = _bind(server, f"{host}:{port}", None, what="health ")
         server.start()
