@@ -201,10 +201,12 @@ class ExplaindServer:
             import torch._dynamo  # noqa: F401
         # The modules imported by now (torch, torch._dynamo, grpc, open_clip) leave ~340k
         # objects (~400k with CLIP) that live as long as the process, and every full
-        # (generation 2) collection walked them all: 110-210 ms holding the GIL, every thread
-        # stalled, once every 20-40 s under Predict load and jobs; Predict's longest call took
-        # 130-250 ms, 30-70 ms with them frozen (a full collection then takes 3-6 ms; 2-core
-        # CPU). Collected first (140-190 ms), so no garbage is frozen; before restore() lets Predict in.
+        # (generation 2) collection walked them all: 110-300 ms holding the GIL, every thread
+        # stalled; the first came within half a minute of serving, the next each time the
+        # long-lived objects grew by a quarter, and Predict's longest call took 130-280 ms.
+        # Frozen, a full collection takes 3-7 ms (bench/gc_pauses.py, 2-core CPU); collected
+        # without the freeze, the first is postponed, no shorter. Collected first (140-190 ms)
+        # so that no garbage is frozen; before restore() lets Predict in.
         gc.collect()
         gc.freeze()
         self._heap_frozen = True
