@@ -82,6 +82,17 @@ def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
 
 
+def test_the_gc_pauses_bench_prints_each_variant_s_collections_and_predict_s_latency_in_each_phase():
+    run = _run(str(BENCH / "gc_pauses.py"), "--rounds", "1", "--seconds", "0.3", "--no-clip")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^  full \(generation 2\): count(\s+\d+){3}$", run.stdout, re.M), run.stdout
+    assert re.search(r"^  full, timed as the server stops \(ms, median\)(\s+[0-9.]+){3}$", run.stdout, re.M), run.stdout
+    for phase in ("idle, 1", "idle, 8", "jobs, 8"):
+        assert re.search(rf"^  {phase} client\(s\)(\s+[0-9.]+ / [0-9.]+ / [0-9.]+){{3}}$", run.stdout, re.M), run.stdout
+    refused = _run(str(BENCH / "gc_pauses.py"), "--rounds", "0")
+    assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
+
+
 def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixels_are_the_same():
     run = _run(str(BENCH / "png_encoding.py"), "--pairs", "2", "--grid-images", "3", "--repeats", "1")
     assert run.returncode == 0, run.stderr
