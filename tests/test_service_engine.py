@@ -653,6 +653,32 @@ def test_a_predict_orders_classes_of_equal_probability_by_class_index(engine):
             assert (np.diff(output.probabilities, axis=1) <= 0).all()
 
 
+def test_predict_and_an_evaluation_take_the_larger_of_two_logits_their_softmax_rounds_to_one_probability(engine, monkeypatch):
+    # Logits 2^-26 apart: their probabilities round to one float32, whose max (and a
+    # ranking by probability) took the lower class, where the head, a ranking's mistakes
+    # and an edit's evaluation (predicted_classes) take the larger logit.
+    from explaind.engine.evaluation import evaluate
+    from explaind.methods.neuroinspect._probability import predicted_classes
+
+    head = nn.Linear(128, 6)
+    nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.0, 2.0**-26, -5.0, -5.0, -5.0, -5.0]))
+    probabilities = torch.softmax(head.bias.detach()[None], dim=1)[0]
+    assert head.bias[1] > head.bias[0] and probabilities[0] == probabilities[1]  # the case the test is about
+    assert predicted_classes(head.weight, head.bias, torch.rand(3, 128)).tolist() == [1, 1, 1]
+    engine.activate(engine.models.active.with_head(head))
+    output = engine.predict(torch.rand(2, 3, 64, 64), top_k=3)
+    assert output.class_indices.tolist() == [[1, 0, 2]] * 2
+    np.testing.assert_array_equal(output.probabilities, probabilities[[1, 0, 2]].expand(2, 3).numpy())
+    logits, labels = head.bias.detach().expand(4, 6), torch.tensor([1, 1, 0, 0])
+    monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, [f"d{i}" for i in range(4)]))
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: np.zeros((4, 4, 3), np.uint8))
+    result = evaluate(engine, _EvaluationContext(), "tied", "uid of tied", 4, engine.models.active, 0, 2, dense_confusion=True)
+    assert [(m.sample_index, m.label, m.predicted) for m in result.mistakes] == [(2, 0, 1), (3, 0, 1)]
+    assert [m.probability for m in result.mistakes] == [probabilities[1].item()] * 2 and result.accuracy == 0.5
+
+
 def test_split_reproduces_the_model_and_exposes_feature_maps(engine, world_model):
     version = engine.models.active
     images = torch.rand(5, 3, 64, 64)

@@ -82,7 +82,8 @@ def _equal(first: object, second: object) -> bool:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Prediction(AbbreviatedRepr, ComparedByValue):
-    """Top-k for one image, highest first, equal probabilities by class index."""
+    """Top-k for one image, highest logit first (as the head orders classes whose
+    probabilities round to one float), equal logits by class index."""
 
     labels: list[str]
     class_indices: list[int]
