@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import weakref
@@ -237,6 +238,45 @@ def test_a_server_freezes_its_start_up_heap_once_collected_and_unfreezes_it_when
         gc.enable()
         server.stop(0)
     assert frozen_serving > frozen_before and gc.get_freeze_count() == 0, (frozen_before, frozen_serving)
+
+
+def test_a_server_stopped_while_its_models_load_leaves_the_heap_unfrozen(classifier_dir, tmp_path):
+    # serve() stops at once on SIGTERM while the models load in their thread, which goes on:
+    # frozen after stop() had found nothing to unfreeze, the heap stayed frozen for the
+    # embedding process's life, the stopped server's cycles with it.
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
+    config = (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    server = ExplaindServer(config)
+    server.start()
+    loaded, stopped, failures = threading.Event(), threading.Event(), []
+    load = server.engine.load
+
+    def load_then_wait_for_the_stop() -> None:
+        load()
+        loaded.set()
+        stopped.wait(30)
+
+    def load_models() -> None:
+        try:
+            server.load_models()
+        except Exception as error:  # noqa: BLE001 - the store is closed under it
+            failures.append(error)
+
+    server.engine.load = load_then_wait_for_the_stop
+    loading = threading.Thread(target=load_models)
+    loading.start()
+    try:
+        assert loaded.wait(60)
+        server.stop(0)
+    finally:
+        stopped.set()
+        loading.join(60)
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    assert frozen == 0 and not server.serving and len(failures) == 1, (frozen, failures)
 
 
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):

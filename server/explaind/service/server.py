@@ -116,6 +116,7 @@ class ExplaindServer:
         self.metrics_port = 0
         self.serving = False  # models loaded, health SERVING
         self._heap_frozen = False  # load_models froze the start-up heap (gc.freeze); stop() unfreezes it
+        self._freezing = threading.Lock()  # load_models' check of _closing and its freeze, against stop()'s unfreeze
         self._metrics_http = None
         self.health_port = 0
         self._health_grpc: grpc.Server | None = None
@@ -207,9 +208,11 @@ class ExplaindServer:
         # Frozen, a full collection takes 3-7 ms (bench/gc_pauses.py, 2-core CPU); collected
         # without the freeze, the first is postponed, no shorter. Collected first (140-190 ms)
         # so that no garbage is frozen; before restore() lets Predict in.
-        gc.collect()
-        gc.freeze()
-        self._heap_frozen = True
+        with self._freezing:  # a stop() that ended while the models loaded (serve's, on SIGTERM) unfroze nothing: no freeze after it
+            if not self._closing.is_set():
+                gc.collect()
+                gc.freeze()
+                self._heap_frozen = True
         try:  # reads the head versions, which start() did not
             self.neuroinspect.restore()
         except sqlite3.Error as error:
@@ -297,8 +300,9 @@ class ExplaindServer:
             self._sweeper.join()  # before the store closes under it
         self.store.close()
         self.tracing.close()  # after the last call and job: their spans are exported
-        if self._heap_frozen:  # frozen objects in cycles are never collected: this stopped server's would stay for the process's life
-            gc.unfreeze()
+        with self._freezing:
+            if self._heap_frozen:  # frozen objects in cycles are never collected: this stopped server's would stay for the process's life
+                gc.unfreeze()
         self._stopped.set()
 
 
