@@ -267,6 +267,7 @@ def test_a_server_stopped_while_its_models_load_leaves_the_heap_unfrozen(classif
 
     server.engine.load = load_then_wait_for_the_stop
     loading = threading.Thread(target=load_models)
+    frozen_before = gc.get_freeze_count()  # another server in this process may hold the heap frozen
     loading.start()
     try:
         assert loaded.wait(60)
@@ -275,8 +276,9 @@ def test_a_server_stopped_while_its_models_load_leaves_the_heap_unfrozen(classif
         stopped.set()
         loading.join(60)
     frozen = gc.get_freeze_count()
-    gc.unfreeze()
-    assert frozen == 0 and not server.serving and len(failures) == 1, (frozen, failures)
+    if frozen > frozen_before:  # not left to the tests after
+        gc.unfreeze()
+    assert frozen == frozen_before and not server.serving and len(failures) == 1, (frozen_before, frozen, failures)
 
 
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
