@@ -149,7 +149,7 @@ class _BatchForward:
 @dataclass(frozen=True)
 class BatchOutput:
     """One request's slice of a batch, ranked in the batcher's thread: its top-k class
-    indices (n, k) int64, most probable first, their probabilities (n, k) float32, and its
+    indices (n, k) int64, highest logit first, their probabilities (n, k) float32, and its
     features (n, D) float32 or None. NumPy: the Predict threads then run no torch op,
     each of which would release the GIL and wait to retake it behind the forward pass
     and the other callers (ranking there, 32 clients got 11-18 % fewer answers a second)."""

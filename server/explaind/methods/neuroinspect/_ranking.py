@@ -132,13 +132,14 @@ class NeuronRanking:
 def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float = -math.inf) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) of the k largest of each row of ``scores`` (R, n), largest first and
     equal scores by id (neurons of equal head columns have equal ω; a dead neuron's head
-    column weighs every class 0; a Predict's classes of equal probability). ``topk``
+    column weighs every class 0; a Predict's classes of equal logits). ``topk``
     leaves ties to its kernel, which took ids 6 and 3 of 3, 4 and 6 tied in a row of 8 on
     a CPU, and may take others on another device.
     Scores tied at or below ``ties_kept_above`` are left in topk's order, for a caller
     that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time.
-    NaN (a Predict's softmax of an infinite logit), which topk puts above every number,
-    ties with NaN here: a row's NaNs are ordered by id, whatever the other rows hold."""
+    NaN (a Predict's logit where the model overflows: inf - inf), which topk puts above
+    every number, ties with NaN here: a row's NaNs are ordered by id, whatever the other
+    rows hold."""
     values, ids = scores.topk(min(k + 1, scores.shape[1]), dim=1)
     if not _tied(values[:, 1:], values[:, :-1]).any():  # no ties: topk's answer is the only one (Predict's usual case)
         return values[:, :k], ids[:, :k]
