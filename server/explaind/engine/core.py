@@ -354,9 +354,15 @@ class Engine:
     def close(self) -> None:
         """Finish queued predictions, then abort the jobs left (a server gives them its grace
         period first, and closes this once they and its calls have ended: ExplaindServer.stop)."""
+        self.close_batcher()
+        self.jobs.shutdown(0.0)
+
+    def close_batcher(self) -> None:
+        """Finish queued predictions and stop the batcher's thread, the jobs left alone: a
+        server stopped while this loaded closes the batcher :meth:`load` started after its
+        :meth:`close`, while its stop may still give the jobs their grace period."""
         if self._batcher is not None:
             self._batcher.close()
-        self.jobs.shutdown(0.0)
 
     # Predict -------------------------------------------------------------------------
 

@@ -116,7 +116,9 @@ class ExplaindServer:
         self.metrics_port = 0
         self.serving = False  # models loaded, health SERVING
         self._heap_frozen = False  # load_models froze the start-up heap (gc.freeze); stop() unfreezes it
-        self._freezing = threading.Lock()  # load_models' check of _closing and its freeze, against stop()'s unfreeze
+        # load_models' check of _closing and its steps after the engine loaded (the freeze,
+        # restore, the first sweep), against stop()'s setting it: none runs once stop() has begun.
+        self._starting = threading.Lock()
         self._metrics_http = None
         self.health_port = 0
         self._health_grpc: grpc.Server | None = None
@@ -192,8 +194,24 @@ class ExplaindServer:
 
     def load_models(self) -> None:
         """Load models (raises ModelLoadError naming the file), serve the stored active
-        head version, then report SERVING."""
-        self.engine.load()
+        head version, then report SERVING. A stop() begun meanwhile (serve's, on SIGTERM,
+        returns at once while the models load) ends it once the engine's load returns: the
+        batcher engine.load started after stop() closed the engine (a thread that ran for
+        the process's life) is closed, the jobs left to stop()'s grace, and the store stop()
+        closes is left alone, nor is a load that store failed reported."""
+        try:
+            self.engine.load()
+        except Exception:
+            if not self._closing.is_set():
+                raise
+        with self._starting:
+            if self._closing.is_set():
+                self.engine.close_batcher()
+                return
+            self._serve_loaded_models()
+
+    def _serve_loaded_models(self) -> None:
+        """:meth:`load_models` once the engine has loaded, stop() not begun."""
         if self.engine.models.active.supports_features:  # else no edit or visualisation runs
             # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
             # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
@@ -208,11 +226,9 @@ class ExplaindServer:
         # Frozen, a full collection takes 3-7 ms (bench/gc_pauses.py, 2-core CPU); collected
         # without the freeze, the first is postponed, no shorter. Collected first (140-190 ms)
         # so that no garbage is frozen; before restore() lets Predict in.
-        with self._freezing:  # a stop() that ended while the models loaded (serve's, on SIGTERM) unfroze nothing: no freeze after it
-            if not self._closing.is_set():
-                gc.collect()
-                gc.freeze()
-                self._heap_frozen = True
+        gc.collect()
+        gc.freeze()
+        self._heap_frozen = True
         try:  # reads the head versions, which start() did not
             self.neuroinspect.restore()
         except sqlite3.Error as error:
@@ -280,7 +296,8 @@ class ExplaindServer:
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
-        self._closing.set()
+        with self._starting:  # after load_models' start-up steps, if they began: what they start, this stops
+            self._closing.set()
         self.health.enter_graceful_shutdown()
         # Calls outlast the jobs, so a client waiting on a job the shutdown aborts receives
         # its final state rather than UNAVAILABLE, however long the job takes to reach its
@@ -300,9 +317,8 @@ class ExplaindServer:
             self._sweeper.join()  # before the store closes under it
         self.store.close()
         self.tracing.close()  # after the last call and job: their spans are exported
-        with self._freezing:
-            if self._heap_frozen:  # frozen objects in cycles are never collected: this stopped server's would stay for the process's life
-                gc.unfreeze()
+        if self._heap_frozen:  # frozen objects in cycles are never collected: this stopped server's would stay for the process's life
+            gc.unfreeze()
         self._stopped.set()
 
 
