@@ -127,6 +127,12 @@ def serve_once(root: Path, variant: str, clip: bool, images: np.ndarray, labels:
             "serving_s": serving_until - serving_from, "at_stop": recorded["full_at_stop_ms"]}, samples
 
 
+def _longest_ms(records: list[dict], kind: str) -> str:
+    """The longest of the ``kind`` ("full" or "young") collections of ``records``, "-" for none."""
+    durations = [ms for record in records for ms in record[kind]]
+    return f"{max(durations):.1f}" if durations else "-"
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=positive_int, default=2, help="rounds, each starting one server of each variant")
@@ -153,8 +159,8 @@ def main() -> None:
     print(f"\n  {'collections while serving':<44}" + "".join(f"{variant:>12}" for variant in VARIANTS))
     rows = {"seconds served": lambda r: f"{sum(x['serving_s'] for x in r):.0f}",
             "full (generation 2): count": lambda r: f"{sum(len(x['full']) for x in r)}",
-            "full: longest (ms)": lambda r: f"{max(ms for x in r for ms in x['full']):.1f}" if any(x["full"] for x in r) else "-",
-            "young (generations 0, 1): longest (ms)": lambda r: f"{max(ms for x in r for ms in x['young']):.1f}",
+            "full: longest (ms)": lambda r: _longest_ms(r, "full"),
+            "young (generations 0, 1): longest (ms)": lambda r: _longest_ms(r, "young"),
             "full, timed as the server stops (ms, median)": lambda r: f"{np.median([ms for x in r for ms in x['at_stop']]):.1f}"}
     for name, cell in rows.items():
         print(f"  {name:<44}" + "".join(f"{cell(gc_records[variant]):>12}" for variant in VARIANTS))
