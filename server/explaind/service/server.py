@@ -10,6 +10,7 @@ with code ABORTED ("submit it again"), as after a crash.
 from __future__ import annotations
 
 import gc
+import importlib
 import ipaddress
 import logging
 import resource
@@ -217,7 +218,7 @@ class ExplaindServer:
             # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
             # not by the first such job. Before restore(), while Predict is still refused: the
             # import holds the GIL, and in a background thread it raised Predict's latency tenfold.
-            import torch._dynamo  # noqa: F401
+            importlib.import_module("torch._dynamo")
         # The modules imported by now (torch, torch._dynamo, grpc, open_clip) leave ~340k
         # objects (~400k with CLIP) that live as long as the process, and every full
         # (generation 2) collection walked them all: 110-300 ms holding the GIL, every thread
