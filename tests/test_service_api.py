@@ -322,6 +322,46 @@ def test_a_server_stopped_inside_its_engines_load_leaves_no_thread_running_and_i
     assert not loading.is_alive() and left == [] and failures == [] and not server.serving, (left, failures)
 
 
+def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_steps_and_stops_what_they_started(classifier_dir, tmp_path):
+    # stop() waits for load_models' steps after the engine's load: begun under restore(), it
+    # closed the store restore() then read (serve()'s load thread handed the error to a list
+    # nobody reads), and the sweep and the sweeper started after it.
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
+    config = (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    server = ExplaindServer(config)
+    server.start()
+    in_restore, restore_may_go, failures = threading.Event(), threading.Event(), []
+    restore = server.neuroinspect.restore
+
+    def restore_once_let_go() -> None:
+        in_restore.set()
+        restore_may_go.wait(30)
+        restore()
+
+    def load_models() -> None:
+        try:
+            server.load_models()
+        except Exception as error:  # noqa: BLE001 - what serve()'s thread hands to a list nobody reads once it stopped
+            failures.append(error)
+
+    server.neuroinspect.restore = restore_once_let_go
+    loading, stopping = threading.Thread(target=load_models), threading.Thread(target=server.stop, args=(0,))
+    loading.start()
+    try:
+        assert in_restore.wait(60)
+        stopping.start()
+        stopping.join(1)  # a stop that does not wait for restore() ends meanwhile
+    finally:
+        restore_may_go.set()
+        loading.join(60)
+        stopping.join(60)
+    assert not stopping.is_alive() and failures == [] and not server._sweeper.is_alive(), failures
+    assert gc.get_freeze_count() == 0  # the heap frozen before restore(), unfrozen by the stop that waited
+
+
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
     # 36M counts: over half of the default 64 MiB message limit, so the evaluation was refused.
     classes = 6000
