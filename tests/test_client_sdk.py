@@ -1522,20 +1522,16 @@ def test_a_watch_outlives_quiet_spells_and_fails_once_its_server_goes_silent(mon
         server.stop(0)
 
 
-def test_an_idle_client_keeps_its_connection_and_finds_it_dropped_before_its_next_call(monkeypatch):
-    # An idle channel sent no keepalive ping: the first call after a NAT or load balancer
-    # forgot the idle connection (or the server's host went down) went out on it and
-    # failed UNAVAILABLE only once the call's own ping went unanswered, 30 s + 60 s.
+@contextlib.contextmanager
+def _a_client_connected_through_a_relay(server_options: list[tuple[str, int]]):
+    """(client, its channel's connectivity states after READY, the relay): a Client with no
+    retry, connected through a StallingRelay to a sample-set server of ``server_options``,
+    READY after one call. The keepalive tests drop or watch its connection."""
     import queue
 
     from conftest import StallingRelay
-    from explaind.client import _client
-    from explaind.service import server as explaind_server
 
-    monkeypatch.setattr(_client, "KEEPALIVE_TIME_MS", 300)
-    monkeypatch.setattr(_client, "KEEPALIVE_TIMEOUT_MS", 2000)  # an answer late on a loaded machine is no silence
-    monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
-    server, target = _serve(_LoadingSampleSets(loading_s=0), options=explaind_server.keepalive_options())
+    server, target = _serve(_LoadingSampleSets(loading_s=0), options=server_options)
     relay = StallingRelay(int(target.rpartition(":")[2]))
     try:
         with Client(relay.target, timeout=5, retry=False) as client:
@@ -1543,27 +1539,38 @@ def test_an_idle_client_keeps_its_connection_and_finds_it_dropped_before_its_nex
             states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
             client._channel.subscribe(states.put)
             assert states.get(timeout=5) == grpc.ChannelConnectivity.READY
-            # 4 pings without a call (gRPC sends one a second at most): a server that does
-            # not permit them closes the connection at the 4th (GOAWAY too_many_pings).
-            time.sleep(5)
-            assert states.empty() and relay.connections == 1
-            relay.drop_open_connections()
-            # Generous: the idle ping unanswered for KEEPALIVE_TIMEOUT_MS closes the connection.
-            assert states.get(timeout=20) != grpc.ChannelConnectivity.READY
-            assert client.sample_set("s").sample_set_id == "s"  # no retry: the call went out on a new connection
-            assert relay.connections == 2
+            yield client, states, relay
     finally:
         relay.close()
         server.stop(0)
+
+
+def test_an_idle_client_keeps_its_connection_and_finds_it_dropped_before_its_next_call(monkeypatch):
+    # An idle channel sent no keepalive ping: the first call after a NAT or load balancer
+    # forgot the idle connection (or the server's host went down) went out on it and
+    # failed UNAVAILABLE only once the call's own ping went unanswered, 30 s + 60 s.
+    from explaind.client import _client
+    from explaind.service import server as explaind_server
+
+    monkeypatch.setattr(_client, "KEEPALIVE_TIME_MS", 300)
+    monkeypatch.setattr(_client, "KEEPALIVE_TIMEOUT_MS", 2000)  # an answer late on a loaded machine is no silence
+    monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
+    with _a_client_connected_through_a_relay(explaind_server.keepalive_options()) as (client, states, relay):
+        # 4 pings without a call (gRPC sends one a second at most): a server that does
+        # not permit them closes the connection at the 4th (GOAWAY too_many_pings).
+        time.sleep(5)
+        assert states.empty() and relay.connections == 1
+        relay.drop_open_connections()
+        # Generous: the idle ping unanswered for KEEPALIVE_TIMEOUT_MS closes the connection.
+        assert states.get(timeout=20) != grpc.ChannelConnectivity.READY
+        assert client.sample_set("s").sample_set_id == "s"  # no retry: the call went out on a new connection
+        assert relay.connections == 2
 
 
 def test_an_idle_client_whose_server_refuses_pings_without_calls_has_its_next_call_answered(monkeypatch):
     # A server of an earlier release permits no ping without a call: it closes an idle
     # client's connection at the 4th (GOAWAY too_many_pings), which the next call opens
     # again, without a retry (gRPC halves the client's pings each time).
-    import queue
-
-    from conftest import StallingRelay
     from explaind.client import _client
     from explaind.service import server as explaind_server
 
@@ -1571,20 +1578,10 @@ def test_an_idle_client_whose_server_refuses_pings_without_calls_has_its_next_ca
     monkeypatch.setattr(explaind_server, "CLIENT_PING_INTERVAL_MIN_MS", 100)
     earlier_options = [option for option in explaind_server.keepalive_options()
                        if option[0] != "grpc.keepalive_permit_without_calls"]
-    server, target = _serve(_LoadingSampleSets(loading_s=0), options=earlier_options)
-    relay = StallingRelay(int(target.rpartition(":")[2]))
-    try:
-        with Client(relay.target, timeout=5, retry=False) as client:
-            assert client.sample_set("s").sample_set_id == "s"
-            states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
-            client._channel.subscribe(states.put)
-            assert states.get(timeout=5) == grpc.ChannelConnectivity.READY
-            assert states.get(timeout=20) != grpc.ChannelConnectivity.READY  # generous: 4 pings, one a second
-            assert client.sample_set("s").sample_set_id == "s"
-            assert relay.connections == 2
-    finally:
-        relay.close()
-        server.stop(0)
+    with _a_client_connected_through_a_relay(earlier_options) as (client, states, relay):
+        assert states.get(timeout=20) != grpc.ChannelConnectivity.READY  # generous: 4 pings, one a second
+        assert client.sample_set("s").sample_set_id == "s"
+        assert relay.connections == 2
 
 
 def test_a_key_or_certificate_path_that_is_a_directory_is_refused_naming_its_argument(tmp_path):

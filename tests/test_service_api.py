@@ -209,19 +209,26 @@ def test_a_server_without_clip_imports_torch_dynamo_before_it_reports_serving_if
     assert done.stdout.split() == ["False", "True", str(loader == "world")], done.stderr[-3000:]
 
 
+def _world_classifier_alone(classifier_dir, tmp_path):
+    """A config serving the world classifier alone (no CLIP, no diffusion model) on free
+    ports, its data dir under ``tmp_path``: the start-up and stop tests' server."""
+    from explaind.config import default_config
+
+    return (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
+            .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+
+
 def test_a_server_freezes_its_start_up_heap_once_collected_and_unfreezes_it_when_stopped(classifier_dir, tmp_path):
     # Every full collection walked the ~340k objects torch, grpc and open_clip leave, holding
     # the GIL 110-210 ms: Predict stalled. Frozen at start-up, later collections skip them;
     # garbage left then is collected first, not frozen (a frozen cycle is never freed), and
     # a stopped server unfreezes the heap, its own cycles among it.
-    from explaind.config import default_config
     from explaind.service import ExplaindServer
 
     class Cycle:
         pass
 
-    config = (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
-              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    config = _world_classifier_alone(classifier_dir, tmp_path)
     server = ExplaindServer(config)
     server.start()
     gc.disable()  # only the server's own collection may free the garbage
@@ -244,11 +251,9 @@ def test_a_server_stopped_while_its_models_load_leaves_the_heap_unfrozen(classif
     # serve() stops at once on SIGTERM while the models load in their thread, which goes on:
     # frozen after stop() had found nothing to unfreeze, the heap stayed frozen for the
     # embedding process's life, the stopped server's cycles with it.
-    from explaind.config import default_config
-    from explaind.service import ExplaindServer
+    from explaind.service import ExplaindServer, server as explaind_server
 
-    config = (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
-              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    config = _world_classifier_alone(classifier_dir, tmp_path)
     server = ExplaindServer(config)
     server.start()
     loaded, stopped, failures = threading.Event(), threading.Event(), []
@@ -259,14 +264,8 @@ def test_a_server_stopped_while_its_models_load_leaves_the_heap_unfrozen(classif
         loaded.set()
         stopped.wait(30)
 
-    def load_models() -> None:
-        try:
-            server.load_models()
-        except Exception as error:  # noqa: BLE001 - restore() on the store closed under it
-            failures.append(error)
-
     server.engine.load = load_then_wait_for_the_stop
-    loading = threading.Thread(target=load_models)
+    loading = threading.Thread(target=explaind_server._load_models, args=(server, failures))
     frozen_before = gc.get_freeze_count()  # another server in this process may hold the heap frozen
     loading.start()
     try:
@@ -286,12 +285,10 @@ def test_a_server_stopped_inside_its_engines_load_leaves_no_thread_running_and_i
     # engine.load then started Predict's batcher after stop() had closed the engine, a
     # thread left running for the embedding process's life, and the load went on into the
     # closed store (restore(), the start-up sweep), its error handed to a list nobody reads.
-    from explaind.config import default_config
     from explaind.engine import core
-    from explaind.service import ExplaindServer
+    from explaind.service import ExplaindServer, server as explaind_server
 
-    config = (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
-              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    config = _world_classifier_alone(classifier_dir, tmp_path)
     in_load, stopped, failures = threading.Event(), threading.Event(), []
     load_diffusion = core.load_diffusion
 
@@ -300,17 +297,11 @@ def test_a_server_stopped_inside_its_engines_load_leaves_no_thread_running_and_i
         stopped.wait(30)
         return load_diffusion(*args, **kwargs)
 
-    def load_models() -> None:
-        try:
-            server.load_models()
-        except Exception as error:  # noqa: BLE001 - what serve()'s thread hands to a list nobody reads once it stopped
-            failures.append(error)
-
     monkeypatch.setattr(core, "load_diffusion", load_diffusion_after_the_stop)
     running_before = set(threading.enumerate())
     server = ExplaindServer(config)
     server.start()
-    loading = threading.Thread(target=load_models)
+    loading = threading.Thread(target=explaind_server._load_models, args=(server, failures))
     loading.start()
     try:
         assert in_load.wait(60)
@@ -326,11 +317,9 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
     # stop() waits for load_models' steps after the engine's load: begun under restore(), it
     # closed the store restore() then read (serve()'s load thread handed the error to a list
     # nobody reads), and the sweep and the sweeper started after it.
-    from explaind.config import default_config
-    from explaind.service import ExplaindServer
+    from explaind.service import ExplaindServer, server as explaind_server
 
-    config = (default_config().replace("classifier", loader="world", path=str(classifier_dir)).replace("clip", path="").replace("diffusion", path="")
-              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    config = _world_classifier_alone(classifier_dir, tmp_path)
     server = ExplaindServer(config)
     server.start()
     in_restore, restore_may_go, failures = threading.Event(), threading.Event(), []
@@ -341,14 +330,8 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
         restore_may_go.wait(30)
         restore()
 
-    def load_models() -> None:
-        try:
-            server.load_models()
-        except Exception as error:  # noqa: BLE001 - what serve()'s thread hands to a list nobody reads once it stopped
-            failures.append(error)
-
     server.neuroinspect.restore = restore_once_let_go
-    loading, stopping = threading.Thread(target=load_models), threading.Thread(target=server.stop, args=(0,))
+    loading, stopping = threading.Thread(target=explaind_server._load_models, args=(server, failures)), threading.Thread(target=server.stop, args=(0,))
     loading.start()
     try:
         assert in_restore.wait(60)
