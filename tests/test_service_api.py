@@ -316,7 +316,8 @@ def test_a_server_stopped_inside_its_engines_load_leaves_no_thread_running_and_i
 def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_steps_and_stops_what_they_started(classifier_dir, tmp_path):
     # stop() waits for load_models' steps after the engine's load: begun under restore(), it
     # closed the store restore() then read (serve()'s load thread handed the error to a list
-    # nobody reads), and the sweep and the sweeper started after it.
+    # nobody reads), and the sweep and the sweeper started after it. The start-up sweep of
+    # stored files, 0.1 s per 1000 it deletes, is not waited for: the next start runs it.
     from explaind.service import ExplaindServer, server as explaind_server
 
     config = _world_classifier_alone(classifier_dir, tmp_path)
@@ -331,6 +332,8 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
         restore()
 
     server.neuroinspect.restore = restore_once_let_go
+    sweeps: list[dict] = []
+    server._sweep_once = lambda **kwargs: sweeps.append(kwargs)
     loading, stopping = threading.Thread(target=explaind_server._load_models, args=(server, failures)), threading.Thread(target=server.stop, args=(0,))
     loading.start()
     try:
@@ -341,7 +344,7 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
         restore_may_go.set()
         loading.join(60)
         stopping.join(60)
-    assert not stopping.is_alive() and failures == [] and not server._sweeper.is_alive(), failures
+    assert not stopping.is_alive() and failures == [] and not server._sweeper.is_alive() and sweeps == [], (failures, sweeps)
     assert gc.get_freeze_count() == 0  # the heap frozen before restore(), unfrozen by the stop that waited
 
 

@@ -117,9 +117,11 @@ class ExplaindServer:
         self.metrics_port = 0
         self.serving = False  # models loaded, health SERVING
         self._heap_frozen = False  # load_models froze the start-up heap (gc.freeze); stop() unfreezes it
-        # load_models' check of _closing and its steps after the engine loaded (the freeze,
-        # restore, the first sweep), against stop()'s setting it: none runs once stop() has begun.
+        # load_models' steps after the engine loaded (the freeze, restore, the first sweep),
+        # against stop()'s setting _closing: none runs once stop() has begun. stop() asks
+        # first, so the steps not yet begun are skipped rather than waited for.
         self._starting = threading.Lock()
+        self._stop_asked = threading.Event()
         self._metrics_http = None
         self.health_port = 0
         self._health_grpc: grpc.Server | None = None
@@ -203,16 +205,18 @@ class ExplaindServer:
         try:
             self.engine.load()
         except Exception:
-            if not self._closing.is_set():
+            if not self._stop_asked.is_set():
                 raise
         with self._starting:
-            if self._closing.is_set():
+            if self._stop_asked.is_set():
                 self.engine.close_batcher()
                 return
             self._serve_loaded_models()
 
     def _serve_loaded_models(self) -> None:
-        """:meth:`load_models` once the engine has loaded, stop() not begun."""
+        """:meth:`load_models` once the engine has loaded, stop() not begun. A stop() asked
+        meanwhile waits for the steps up to restore() (about a second), not for the sweep
+        after them (0.1 s per 1000 files it deletes), which the next start-up runs again."""
         if self.engine.models.active.supports_features:  # else no edit or visualisation runs
             # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
             # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
@@ -234,6 +238,8 @@ class ExplaindServer:
             self.neuroinspect.restore()
         except sqlite3.Error as error:
             raise _store_failure(self.config.server.data_dir, error) from error
+        if self._stop_asked.is_set():
+            return
         # After restore, which may have deleted head versions: their weights are unused now.
         self._sweep_once(everything=True)
         self._sweeper.start()
@@ -297,7 +303,8 @@ class ExplaindServer:
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
-        with self._starting:  # after load_models' start-up steps, if they began: what they start, this stops
+        self._stop_asked.set()
+        with self._starting:  # after load_models' start-up step under way, if one is: what it started, this stops
             self._closing.set()
         self.health.enter_graceful_shutdown()
         # Calls outlast the jobs, so a client waiting on a job the shutdown aborts receives
