@@ -119,7 +119,8 @@ class ExplaindServer:
         self._heap_frozen = False  # load_models froze the start-up heap (gc.freeze); stop() unfreezes it
         # load_models' steps after the engine loaded (the freeze, restore, the first sweep),
         # against stop()'s setting _closing: none runs once stop() has begun. stop() asks
-        # first, so the steps not yet begun are skipped rather than waited for.
+        # (_stop_asked) before it waits for this lock: asked before the steps, they are skipped;
+        # asked during them, it waits up to restore(), and the sweep is skipped if not begun.
         self._starting = threading.Lock()
         self._stop_asked = threading.Event()
         self._metrics_http = None
