@@ -340,7 +340,7 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
         assert in_restore.wait(60)
         stopping.start()
         stopping.join(1)  # a stop that does not wait for restore() ends meanwhile
-        assert server._stop_asked.wait(30)  # asked before restore() goes on, however late the stop's thread ran
+        assert server._closing.wait(30)  # asked before restore() goes on, however late the stop's thread ran
     finally:
         restore_may_go.set()
         loading.join(60)

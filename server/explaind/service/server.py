@@ -117,12 +117,10 @@ class ExplaindServer:
         self.metrics_port = 0
         self.serving = False  # models loaded, health SERVING
         self._heap_frozen = False  # load_models froze the start-up heap (gc.freeze); stop() unfreezes it
-        # load_models' steps after the engine loaded (the freeze, restore, the first sweep),
-        # against stop()'s setting _closing: none runs once stop() has begun. stop() asks
-        # (_stop_asked) before it waits for this lock: asked before the steps, they are skipped;
-        # asked during them, it waits up to restore(), and the sweep is skipped if not begun.
+        # Held by load_models' steps after the engine loaded (the freeze, restore, the first
+        # sweep), which stop() waits for once it has set _closing: a stop before the steps
+        # skips them; one during them waits up to restore(), the sweep skipped if not begun.
         self._starting = threading.Lock()
-        self._stop_asked = threading.Event()
         self._metrics_http = None
         self.health_port = 0
         self._health_grpc: grpc.Server | None = None
@@ -206,10 +204,10 @@ class ExplaindServer:
         try:
             self.engine.load()
         except Exception:
-            if not self._stop_asked.is_set():
+            if not self._closing.is_set():
                 raise
         with self._starting:
-            if self._stop_asked.is_set():
+            if self._closing.is_set():
                 self.engine.close_batcher()
                 return
             self._serve_loaded_models()
@@ -239,7 +237,7 @@ class ExplaindServer:
             self.neuroinspect.restore()
         except sqlite3.Error as error:
             raise _store_failure(self.config.server.data_dir, error) from error
-        if self._stop_asked.is_set():
+        if self._closing.is_set():
             return
         # After restore, which may have deleted head versions: their weights are unused now.
         self._sweep_once(everything=True)
@@ -304,9 +302,9 @@ class ExplaindServer:
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
-        self._stop_asked.set()
-        with self._starting:  # after load_models' start-up step under way, if one is: what it started, this stops
-            self._closing.set()
+        self._closing.set()
+        with self._starting:  # waits for a start-up step of load_models under way: what it started, this stops
+            pass
         self.health.enter_graceful_shutdown()
         # Calls outlast the jobs, so a client waiting on a job the shutdown aborts receives
         # its final state rather than UNAVAILABLE, however long the job takes to reach its
