@@ -11,6 +11,7 @@ from explaind.world import build as building
 from explaind.world.assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
 from explaind.world.build import PARTS, build
 from explaind.world.classifier import load_classifier
+from explaind.world.fingerprint import FINGERPRINT_FILE, recorded_render_fingerprint, render_fingerprint
 from explaind.world.oracle import ORACLE_ATTRIBUTES, _augment, load_oracle, oracle_accuracy, train_oracle
 from explaind.world.quality import classifier_report, format_classifier_table
 from explaind.world.render import ATTRIBUTE_VALUES, SHAPES, SceneSpec, render
@@ -319,6 +320,22 @@ def test_build_trains_only_the_parts_asked_for(monkeypatch, tmp_path):
     calls.clear()
     assert set(build(("clip",), root=tmp_path)) == {"clip"}
     assert [call[0] for call in calls] == ["threads", "train_clip"]
+
+
+def test_a_build_records_the_renderers_fingerprint_and_a_partial_one_refuses_a_changed_renderer(monkeypatch, tmp_path):
+    # Models trained on two renderers would sit side by side under one fingerprint.
+    calls = _record_training(monkeypatch)
+    build(("clip",), root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
+    stale = render_fingerprint() | {"balanced/train/0": "0" * 16}
+    del stale["balanced/train/1"]  # a scene the fingerprint did not hold yet is no match either
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(stale))
+    calls.clear()
+    with pytest.raises(ValueError, match=r"draws 2 fingerprint scenes differently .*'balanced/train/0'.*rebuild every part"):
+        build(("clip",), root=tmp_path)
+    assert calls == []  # refused before anything was trained
+    build(PARTS, root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
 
 
 def _run_build_command(monkeypatch, *arguments: str) -> list[tuple]:

@@ -3,7 +3,8 @@
 Layout under ``assets/`` (all written by ``python -m explaind.world.build``):
 ``classifiers/<scenario>/`` (config.json + model.safetensors), ``clip/``
 (open_clip model config + checkpoint), ``t2i/`` (diffusers pipeline directory)
-and ``oracle/`` (attribute oracle).
+and ``oracle/`` (attribute oracle), beside them ``render_fingerprint.json`` (the renderer
+they were trained with, :mod:`explaind.world.fingerprint`).
 """
 
 from __future__ import annotations

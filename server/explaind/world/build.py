@@ -17,6 +17,7 @@ import torch
 
 from .assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
 from .classifier import load_classifier, save_classifier
+from .fingerprint import changed_scenes, record_render_fingerprint, recorded_render_fingerprint, render_fingerprint
 from .oracle import save_oracle, train_oracle
 from .quality import print_quality_table
 from .scenarios import scenario_names
@@ -32,7 +33,20 @@ def build(
 
     ``num_threads`` pins torch's CPU threads: runs with different counts sum floats in a
     different order and end in different weights (docs/neuroinspect.md).
+
+    Afterwards the renderer's fingerprint is recorded under ``root``
+    (:mod:`explaind.world.fingerprint`). Where the renderer draws other scenes than the
+    recorded fingerprint says, every model under ``root`` was trained on the old ones, so
+    only a build of all parts is allowed: ValueError otherwise, before anything is trained.
     """
+    recorded = recorded_render_fingerprint(root)
+    if recorded is not None and set(parts) != set(PARTS):
+        changed = changed_scenes(recorded, render_fingerprint())
+        if changed:
+            raise ValueError(
+                f"the renderer draws {len(changed)} fingerprint scenes differently than the one the models under "
+                f"{root} were trained with (e.g. {changed[0]!r}); rebuild every part "
+                f"(python -m explaind.world.build --root {root}), not only {parts}")
     torch.set_num_threads(num_threads)
     timings: dict[str, float] = {}
     if "classifiers" in parts:
@@ -68,6 +82,7 @@ def build(
                 init_from=t2i_dir(root) if stage else None, num_threads=num_threads,
             )
         timings["t2i"] = time.perf_counter() - start
+    record_render_fingerprint(root)
     return timings
 
 
