@@ -9,6 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from explaind.world.assets import ASSETS_DIR
+from explaind.world.fingerprint import FINGERPRINT_FILE, changed_scenes, recorded_render_fingerprint, render_fingerprint
 from explaind.world.probes import probe_batch
 from explaind.world.render import ATTRIBUTE_VALUES, BACKGROUNDS, COLOURS, SHAPES, TEXTURES, SceneSpec, caption_for, render
 from explaind.world.scenarios import SPLITS, get_scenario, load_scenarios, scenario_names
@@ -18,6 +20,19 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ():
     spec = SceneSpec("star", "red", "stripes", "water", artifact=True, seed=7)
     assert render(spec).image.tobytes() == render(spec).image.tobytes()
     assert render(dataclasses.replace(spec, seed=8)).image.tobytes() != render(spec).image.tobytes()
+
+
+def test_the_renderer_still_draws_the_scenes_the_shipped_weights_were_trained_on():
+    # The build recorded the fingerprint of the renderer it trained with; any change to a
+    # pixel, a mask or a scenario's draws leaves the shipped weights behind.
+    recorded = recorded_render_fingerprint(ASSETS_DIR)
+    assert recorded, f"{ASSETS_DIR / FINGERPRINT_FILE} is missing: `python -m explaind.world.build` records it"
+    changed = changed_scenes(recorded, render_fingerprint())
+    assert not changed, (
+        f"{len(changed)} of {len(recorded)} scenes in {FINGERPRINT_FILE} are drawn differently now, e.g. {changed[:3]}. "
+        "The shipped weights were trained on the old scenes: a change to the renderer or the scenarios needs every "
+        "model rebuilt with `make world` (python -m explaind.world.build, about three hours on 2 CPU cores), which "
+        "also records the new fingerprint; docs/world.md gives the quality table to check against.")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
