@@ -338,6 +338,16 @@ def test_a_build_records_the_renderers_fingerprint_and_a_partial_one_refuses_a_c
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
 
 
+def test_build_command_refuses_a_partial_build_on_a_changed_renderer_as_a_usage_error(monkeypatch, capsys, tmp_path):
+    calls = _record_training(monkeypatch)
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(render_fingerprint() | {"balanced/train/0": "0" * 16}))
+    monkeypatch.setattr(sys, "argv", ["build", "--parts", "clip", "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        building.main()
+    assert exited.value.code == 2 and calls == []
+    assert "the renderer draws 1 fingerprint scenes differently" in capsys.readouterr().err
+
+
 def _run_build_command(monkeypatch, *arguments: str) -> list[tuple]:
     """Run ``python -m explaind.world.build ARGUMENTS`` with build and the quality table recorded."""
     calls: list[tuple] = []

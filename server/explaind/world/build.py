@@ -26,6 +26,10 @@ from .train_classifier import train_classifier
 PARTS = ("classifiers", "oracle", "clip", "t2i")
 
 
+class RendererChanged(ValueError):
+    """A build of some parts asked for where the renderer no longer draws the recorded scenes."""
+
+
 def build(
     parts: tuple[str, ...] = PARTS, *, root: Path = ASSETS_DIR, smoke: bool = False, num_threads: int = 2
 ) -> dict[str, float]:
@@ -37,13 +41,13 @@ def build(
     Afterwards the renderer's fingerprint is recorded under ``root``
     (:mod:`explaind.world.fingerprint`). Where the renderer draws other scenes than the
     recorded fingerprint says, every model under ``root`` was trained on the old ones, so
-    only a build of all parts is allowed: ValueError otherwise, before anything is trained.
+    only a build of all parts is allowed: RendererChanged otherwise, before anything is trained.
     """
     recorded = recorded_render_fingerprint(root)
     if recorded is not None and set(parts) != set(PARTS):
         changed = changed_scenes(recorded, render_fingerprint())
         if changed:
-            raise ValueError(
+            raise RendererChanged(
                 f"the renderer draws {len(changed)} fingerprint scenes differently than the one the models under "
                 f"{root} were trained with (e.g. {changed[0]!r}); rebuild every part "
                 f"(python -m explaind.world.build --root {root}), not only {parts}")
@@ -97,7 +101,10 @@ def main() -> None:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    timings = build(parts, root=args.root, smoke=args.smoke, num_threads=args.threads)
+    try:
+        timings = build(parts, root=args.root, smoke=args.smoke, num_threads=args.threads)
+    except RendererChanged as error:
+        parser.error(str(error))
     print("== Training time (seconds, this machine) ==")
     for part, seconds in timings.items():
         print(f"  {part:<40}{seconds:>8.0f}")
