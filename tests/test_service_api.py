@@ -349,6 +349,32 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
     assert gc.get_freeze_count() == 0  # the heap frozen before restore(), unfrozen by the stop that waited
 
 
+def test_a_stop_on_the_thread_running_the_start_up_steps_is_refused_not_left_waiting_for_itself(classifier_dir, tmp_path):
+    # An embedder's signal handler runs on the thread it interrupts: one that called stop()
+    # while that thread restored the head waited for the start-up lock it held, forever.
+    from explaind.service import ExplaindServer, server as explaind_server
+
+    server = ExplaindServer(_world_classifier_alone(classifier_dir, tmp_path))
+    server.start()
+    restore = server.neuroinspect.restore
+
+    def stop_as_a_signal_handler_would() -> None:
+        server.stop(0)
+        restore()
+
+    server.neuroinspect.restore = stop_as_a_signal_handler_would
+    failures: list[Exception] = []
+    loading = threading.Thread(target=explaind_server._load_models, args=(server, failures), daemon=True)
+    loading.start()
+    loading.join(60)
+    assert not loading.is_alive() and [type(error) for error in failures] == [RuntimeError], failures
+    assert "from another thread" in str(failures[0]) and not server.serving
+    stopping = threading.Thread(target=server.stop, args=(0,))  # from another thread, the stop goes through
+    stopping.start()
+    stopping.join(60)
+    assert not stopping.is_alive() and server._stopped.is_set() and gc.get_freeze_count() == 0
+
+
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
     # 36M counts: over half of the default 64 MiB message limit, so the evaluation was refused.
     classes = 6000

@@ -121,6 +121,7 @@ class ExplaindServer:
         # sweep), which stop() waits for once it has set _closing: a stop before the steps
         # skips them; one during them waits up to restore(), the sweep skipped if not begun.
         self._starting = threading.Lock()
+        self._starting_thread: int | None = None  # the thread in those steps: a stop() on it would wait for itself
         self._metrics_http = None
         self.health_port = 0
         self._health_grpc: grpc.Server | None = None
@@ -207,10 +208,14 @@ class ExplaindServer:
             if not self._closing.is_set():
                 raise
         with self._starting:
-            if self._closing.is_set():
-                self.engine.close_batcher()
-                return
-            self._serve_loaded_models()
+            self._starting_thread = threading.get_ident()
+            try:
+                if self._closing.is_set():
+                    self.engine.close_batcher()
+                    return
+                self._serve_loaded_models()
+            finally:
+                self._starting_thread = None
 
     def _serve_loaded_models(self) -> None:
         """:meth:`load_models` once the engine has loaded, stop() not begun. A stop() asked
@@ -298,11 +303,16 @@ class ExplaindServer:
         """Graceful stop: NOT_SERVING, refuse new calls, give jobs ``grace_s`` (default from
         config) to finish and abort the rest, give in-flight calls a second more once every
         job has ended, then cancel them. Predict's batcher closes only then: a Predict
-        accepted before the stop, still decoding its images, is answered, not refused."""
+        accepted before the stop, still decoding its images, is answered, not refused.
+        RuntimeError on the thread in load_models' steps after the engine's load (a signal
+        handler's stop() interrupting them), which would wait for itself."""
         if self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         self._closing.set()
+        if self._starting_thread == threading.get_ident():
+            raise RuntimeError("stop() was called on the thread running load_models' start-up steps (from a signal handler?), "
+                               "and would wait for them forever; set an event there and call stop() from another thread, as serve() does")
         with self._starting:  # waits for a start-up step of load_models under way: what it started, this stops
             pass
         self.health.enter_graceful_shutdown()
