@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from explaind.errors import InvalidArgument
 from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png
@@ -360,3 +360,88 @@ def test_a_job_image_png_is_lossless_and_a_sample_s_keeps_pillow_s_default_bytes
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     assert encode_png(pixels) == buffer.getvalue() != fast
+
+
+def _with_orientation(array: np.ndarray, format: str, orientation: int) -> bytes:
+    """``array`` stored as a ``format`` file whose EXIF Orientation tag is ``orientation``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=format, exif=exif, **({"lossless": True} if format == "WEBP" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("format", ["PNG", "WEBP", "TIFF", "JPEG"])
+def test_a_file_decodes_to_the_pixels_a_viewer_shows_by_its_exif_orientation(format, orientation):
+    # A phone stores a photo taken upright sideways, with Orientation 6; browsers and
+    # Pillow's exif_transpose show it turned, and so the classifier must see it.
+    pixels = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)  # not square: a transpose shows
+    data = _with_orientation(pixels, format, orientation)
+    with Image.open(io.BytesIO(data)) as stored:
+        shown = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    decoded = decode_pixels(data, field="f")
+    assert np.array_equal(decoded, shown)
+    assert decoded.shape == ((7, 5, 3) if orientation >= 5 else (5, 7, 3))
+    if format != "JPEG":  # lossless: the stored pixels themselves
+        assert np.array_equal(decoded, pixels) == (orientation == 1)
+    if orientation == 6 and format == "PNG":  # the phone's: 90 degrees clockwise
+        assert np.array_equal(decoded, np.rot90(pixels, -1))
+        tensor = decode_encoded(data, field="f")
+        assert np.array_equal(tensor.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy(), np.rot90(pixels, -1))
+
+
+@pytest.mark.parametrize("mode, format", [("I;16", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "TIFF"), ("CMYK", "JPEG")])
+def test_a_file_of_any_mode_is_turned_by_its_exif_orientation_as_an_rgb_one_is(mode, format):
+    # The 16-bit grey path and convert("RGB") decode apart from an RGB file's.
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (5, 7), dtype=np.uint16))
+    elif mode == "P":
+        image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).quantize(8)
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (5, 7, len(mode)), dtype=np.uint8).squeeze(), mode=mode)
+    assert image.mode == mode
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    as_stored, turned = io.BytesIO(), io.BytesIO()
+    image.save(as_stored, format=format)
+    image.save(turned, format=format, exif=exif)
+    assert np.array_equal(decode_pixels(turned.getvalue(), field="f"), np.rot90(decode_pixels(as_stored.getvalue(), field="f"), -1))
+
+
+def _exif_orientation_entry(type: int, count: int, value: bytes) -> bytes:
+    """An EXIF block of one entry, Orientation of TIFF ``type`` and ``count``; ``value``
+    in the entry if it fits in 4 bytes, else after the directory."""
+    directory = struct.pack("<H", 1) + struct.pack("<HHI", 0x0112, type, count)
+    directory += value.ljust(4, b"\0") if len(value) <= 4 else struct.pack("<I", 8 + len(directory) + 8)
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + (value if len(value) > 4 else b"")
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("exif", [
+    pytest.param(b"Exif\0\0not a TIFF header", id="not-tiff"),
+    pytest.param(b"Exif\0\0II*\0\x08\0", id="header-cut-short"),
+    pytest.param(b"Exif\0\0II*\0" + struct.pack("<IH", 8, 5), id="directory-cut-short"),
+    pytest.param(b"Exif\0\0II*\0" + struct.pack("<I", 1 << 30), id="directory-past-the-end"),
+    pytest.param(_exif_orientation_entry(3, 1, struct.pack("<H", 0)), id="orientation-0"),
+    pytest.param(_exif_orientation_entry(3, 1, struct.pack("<H", 9)), id="orientation-9"),
+    pytest.param(_exif_orientation_entry(2, 2, b"6\0"), id="orientation-text-6"),
+    pytest.param(_exif_orientation_entry(5, 1, struct.pack("<II", 6, 1)), id="orientation-rational-6"),
+])
+def test_a_file_with_an_unreadable_exif_block_or_orientation_decodes_to_its_stored_pixels(exif):
+    # The pixels are sound: only the tag is not (as browsers show such a file), so the
+    # file is not refused and not turned. Pillow reads an unreadable block as empty.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+
+    def png(exif: bytes) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+        with Image.open(io.BytesIO(buffer.getvalue())) as stored:
+            assert stored.info["exif"] == exif  # the block written as it was given
+        return buffer.getvalue()
+
+    assert np.array_equal(decode_pixels(png(exif), field="f"), pixels)
+    # The blocks are built as a readable one is: the SHORT 6 of a camera turns the pixels.
+    readable = _exif_orientation_entry(3, 1, struct.pack("<H", 6))
+    assert np.array_equal(decode_pixels(png(readable), field="f"), np.rot90(pixels, -1))

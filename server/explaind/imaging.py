@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from .config import INTERPOLATIONS
 from .errors import InvalidArgument
@@ -82,7 +82,9 @@ class PixelBudget:
 
 
 def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None) -> np.ndarray:
-    """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (H, W, 3) uint8 RGB; any failure is INVALID_ARGUMENT."""
+    """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (H, W, 3) uint8 RGB as a viewer shows them
+    (turned by the EXIF Orientation, :func:`_as_viewed`; possibly a read-only strided
+    view); any failure is INVALID_ARGUMENT."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
     # Costly chunks and blocks of PNG and GIF are read while Pillow opens the file, so they
@@ -103,17 +105,57 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
             if image.mode == "I" or image.mode.startswith("I;16"):
-                return _grey16_to_rgb8(np.asarray(image), field=field)
-            if image.mode == "RGB":  # convert("RGB") would load it and copy it whole: an extra copy per image
+                pixels = _grey16_to_rgb8(np.asarray(image), field=field)
+            elif image.mode == "RGB":  # convert("RGB") would load it and copy it whole: an extra copy per image
                 image.load()
-                return np.asarray(image)
-            return np.asarray(image.convert("RGB"))
+                pixels = np.asarray(image)
+            else:
+                pixels = np.asarray(image.convert("RGB"))
+            return _as_viewed(pixels, _exif_orientation(image))
     except InvalidArgument:
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
+
+
+# The EXIF Orientation values (TIFF tag 274) other than 1 (as stored): what turns the
+# stored (H, W, 3) pixels into those shown, as views. Pillow's ImageOps.exif_transpose
+# does the same, as a copy: 2 mirrors, 3 rotates 180 degrees, 4 flips, 5 transposes, 6
+# rotates 90 degrees clockwise (a phone held upright), 7 transverses, 8 rotates 90 anticlockwise.
+_ORIENTATIONS = {
+    2: lambda pixels: pixels[:, ::-1],
+    3: lambda pixels: pixels[::-1, ::-1],
+    4: lambda pixels: pixels[::-1],
+    5: lambda pixels: pixels.swapaxes(0, 1),
+    6: lambda pixels: np.rot90(pixels, -1),
+    7: lambda pixels: np.rot90(pixels, 2).swapaxes(0, 1),
+    8: lambda pixels: np.rot90(pixels, 1),
+}
+
+
+def _exif_orientation(image: Image.Image) -> object:
+    """The file's EXIF Orientation as Pillow reads it, of any type (from an XMP packet's
+    tiff:Orientation where the EXIF block has none, as exif_transpose); None without one, or
+    where the block cannot be read: Pillow warns and reads none of a block it takes for
+    corrupt, but raises on others (a PNG's eXIf chunk that is no TIFF header: SyntaxError;
+    cut short: struct.error). Read once the pixels are loaded: that chunk may follow them."""
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # noqa: BLE001 - only the tag is unsound, not the pixels: they are shown as stored
+        return None
+
+
+def _as_viewed(pixels: np.ndarray, orientation: object) -> np.ndarray:
+    """(H, W, 3) pixels as stored -> as a viewer shows them, by the file's EXIF Orientation,
+    as browsers (CSS ``image-orientation: from-image``) and ``ImageOps.exif_transpose`` do:
+    a phone's photo stored sideways with Orientation 6 is classified upright. A view, no
+    copy; the side and pixel count checked before are the same either way round. Another
+    value (0, 9, a string or a rational), or none (:func:`_exif_orientation`), leaves the
+    pixels as stored: they are sound, only the tag is not, and browsers show them so."""
+    transform = _ORIENTATIONS.get(orientation) if type(orientation) is int else None  # noqa: E721 - not a bool or a rational equal to one
+    return pixels if transform is None else transform(pixels)
 
 
 def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
