@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import ExifTags, ImageOps
 from PIL import Image as PILImage
 
 from explaind.v1 import common_pb2
@@ -154,14 +155,32 @@ def _pil_message(image: PILImage.Image) -> common_pb2.Image:
     """An 8-bit PIL image travels as raw RGB uint8. Integer greyscale (modes I and I;16)
     travels as a lossless TIFF, which the server scales to 8 bits as it does such files:
     Pillow's ``convert("RGB")`` would clip every value above 255 to white. A float (F)
-    image is refused, for its pixel range is unknown."""
+    image is refused, for its pixel range is unknown. Either way its pixels are first
+    turned as its EXIF Orientation says (see :func:`_as_viewed`)."""
     if image.mode == "F":
         raise ValueError("a PIL image of mode F (float) has no known pixel range; send a float32 array with pixels in [0, 1]")
+    image = _as_viewed(image)
     if image.mode == "I" or image.mode.startswith("I;16"):
         buffer = io.BytesIO()
         image.save(buffer, format="TIFF")
         return common_pb2.Image(encoded=buffer.getvalue())
     return _raw(np.asarray(image.convert("RGB")))
+
+
+def _as_viewed(image: PILImage.Image) -> PILImage.Image:
+    """The image as a viewer shows it: turned by its EXIF Orientation (2-8), as the server
+    turns a file's pixels. ``Image.open`` of a phone's photo keeps the tag, and so does
+    ``convert``; sent as stored, it would be classified sideways, and otherwise than the
+    same file sent by its path. ``ImageOps.exif_transpose`` removes the tag, so an image
+    already turned by it is not turned again. As on the server, only an int is a value
+    (Pillow would take a rational 6/1 for 6), and an EXIF block Pillow cannot read is none."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # noqa: BLE001 - a PNG's eXIf chunk that is no TIFF header (SyntaxError), cut short (struct.error)
+        return image
+    if type(orientation) is not int or not 2 <= orientation <= 8:  # noqa: E721 - not a bool or a rational equal to one
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _raw(array: np.ndarray) -> common_pb2.Image:
