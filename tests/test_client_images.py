@@ -261,3 +261,16 @@ def test_a_pil_image_with_an_unreadable_exif_orientation_travels_as_stored_as_on
     sent = np.frombuffer(tensor.data, np.uint8).reshape(tensor.shape)
     assert np.array_equal(sent, pixels)
     assert torch.equal(decode_image(common_pb2.Image(encoded=png), field="x"), torch.from_numpy(sent.transpose(2, 0, 1) / np.float32(255)))
+
+
+def test_a_stored_sample_s_file_opens_as_the_server_classified_it():
+    # Client.samples opens each stored file: a phone's photo (Orientation 6) was shown
+    # sideways beside the mistake the model made on it upright.
+    from explaind.client._images import open_image
+    from explaind.service.convert import decode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    png = _file_with_orientation(Image.fromarray(pixels), "PNG", _orientation(6))
+    opened = open_image(png)
+    assert np.array_equal(np.asarray(opened), np.rot90(pixels, -1))
+    assert torch.equal(decode_image(to_image_message(opened), field="x"), decode_image(common_pb2.Image(encoded=png), field="x"))

@@ -192,9 +192,12 @@ def _raw(array: np.ndarray) -> common_pb2.Image:
 
 
 def open_image(data: bytes) -> PILImage.Image:
+    """A file the server returned (a stored sample, a preview, an artifact) as a PIL image,
+    turned by its EXIF Orientation as the server turned it to classify it: a sample
+    uploaded as a phone's photo is shown upright, as the model saw it, not sideways."""
     image = PILImage.open(io.BytesIO(data))
     image.load()
-    return image
+    return _as_viewed(image)
 
 
 # Side in CSS pixels an image is shown at in the report and a notebook's table: smaller
