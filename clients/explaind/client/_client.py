@@ -1060,7 +1060,7 @@ class Client:
     def samples(self, sample_set_id: str, *, start: int = 0) -> Iterator[Sample]:
         """The set's samples in insertion order from index ``start`` (an evaluation's
         ``sample_index``: the image of a mistake, without downloading those before it),
-        images as PIL images."""
+        images as PIL images, turned by their EXIF Orientation as the server turned them."""
         if not _is_index(start) or start < 0:
             raise ValueError(f"start must be a sample index (an int ≥ 0), got {start!r}")
         token = str(start) if start else ""  # ListSamples' page tokens are offsets (samples are only appended)
