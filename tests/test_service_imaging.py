@@ -400,7 +400,7 @@ def test_a_file_of_any_mode_is_turned_by_its_exif_orientation_as_an_rgb_one_is(m
     elif mode == "P":
         image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).quantize(8)
     else:
-        image = Image.fromarray(rng.integers(0, 256, (5, 7, len(mode)), dtype=np.uint8).squeeze(), mode=mode)
+        image = Image.frombytes(mode, (7, 5), rng.integers(0, 256, 5 * 7 * len(mode), dtype=np.uint8).tobytes())
     assert image.mode == mode
     exif = Image.Exif()
     exif[0x0112] = 6
