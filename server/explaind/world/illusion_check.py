@@ -40,6 +40,12 @@ def attribute_similarity(illusion: ClipIllusion, images: torch.Tensor, words: li
         return illusion.clip_similarity(images, attribute_prompts(illusion, words))
 
 
+def top_percent_activations(features: torch.Tensor, neurons: Sequence[int]) -> torch.Tensor:
+    """Each of ``neurons``' top-1 % activation (K,) on the probe scenes' ``features`` (N, D):
+    the level acceptance 4 asks a visualisation's α_n to reach."""
+    return features[:, list(neurons)].quantile(0.99, dim=0)
+
+
 @dataclass(frozen=True)
 class NeuronComparison:
     """One neuron with a known attribute, visualised both ways. Similarities are CLIP
@@ -98,7 +104,7 @@ def compare_on_known_attributes(
     with torch.no_grad():
         similarity = {(run, masked): illusion.clip_similarity(result.masked_images if masked else result.images, prompts)
                       for run, result in (("ours", ours), ("baseline", baseline)) for masked in (False, True)}
-    top_percent = features[:, [neuron for *_, neuron in rows]].quantile(0.99, dim=0)
+    top_percent = top_percent_activations(features, [neuron for *_, neuron in rows])
     return [
         NeuronComparison(name, attribute, value, neuron, names[int(ours.classes[i])],
                          float(similarity["ours", False][i]), float(similarity["baseline", False][i]),
