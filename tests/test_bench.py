@@ -238,6 +238,47 @@ def test_the_illusion_bench_holds_when_ours_beats_fv_on_average_and_every_neuron
     assert summary(own, missed) == (["2", "1"], [0.3, 0.15], ["2/2", "1/2", "fails"])
 
 
+def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_refuses_a_class_the_classifier_lacks():
+    from explaind.world.assets import classifier_dir, clip_dir
+    from explaind.world.clip import CHECKPOINT_NAME
+
+    if not ((classifier_dir("spurious_background") / "model.safetensors").is_file() and (clip_dir() / CHECKPOINT_NAME).is_file()):
+        pytest.skip("shipped spurious_background classifier or world CLIP not built yet")
+    script = str(BENCH / "excessive_conditioning.py")
+    run = _run(script, "--count", "60", "--seeds", "0,1", "--steps", "2", "--probe-size", "60")
+    assert run.returncode == 0, run.stderr
+    excessive = int(re.search(r"^spurious_background, first 60 test scenes: \d+ mistakes of heart, \d+ ranked neurons, (\d+) excessive$",
+                              run.stdout, re.M)[1])
+    neurons = re.findall(r"^ +(\d+)  \w+ \([0-9.]+\) +\w+ \([0-9.]+\) +[-+][0-9.]+  \w+ +[-+][0-9.]+ +([0-9.]+)$", run.stdout, re.M)
+    top_percent = {int(neuron): float(level) for neuron, level in neurons}
+    rows = [(int(seed), int(neuron), *map(float, scores)) for seed, neuron, *scores in
+            re.findall(r"^ +([01]) +(\d+)" + r" +([-+]?[0-9.]+)" * 6 + "$", run.stdout, re.M)]
+    assert excessive > 0 and len(top_percent) == excessive and len(rows) == 2 * excessive, run.stdout
+    # Each summary is over every (seed, neuron) image each way, and "better" counts the images the top class raises.
+    for label, explained, top in (("mean activation α", 2, 3), ("CLIP cosine to the strongest probe shape", 4, 5),
+                                  ("CLIP cosine to the strongest background", 6, 7)):
+        summary = re.search(rf"^{label} +([-+]?[0-9.]+) +([-+]?[0-9.]+)  \(better (\d+) of {2 * excessive}\)$", run.stdout, re.M)
+        assert summary, run.stdout
+        mean_explained, mean_top, better = float(summary[1]), float(summary[2]), int(summary[3])
+        assert mean_explained == pytest.approx(sum(row[explained] for row in rows) / len(rows), abs=0.01), label
+        assert mean_top == pytest.approx(sum(row[top] for row in rows) / len(rows), abs=0.01), label
+        # The rows are rounded: a tie among them may have been a win either way.
+        assert sum(row[top] > row[explained] for row in rows) <= better <= sum(row[top] >= row[explained] for row in rows), label
+    reached = re.search(r"^α at the neuron's top 1 % on probe scenes, per seed +(\d+)/(\d+) (\d+)/(\d+) +(\d+)/(\d+) (\d+)/(\d+)$",
+                        run.stdout, re.M)
+    assert reached and {int(reached[k]) for k in (2, 4, 6, 8)} == {excessive}, run.stdout
+    for seed, (explained, top) in enumerate(((1, 5), (3, 7))):
+        mine = [row for row in rows if row[0] == seed]
+        for column, count in ((2, int(reached[explained])), (3, int(reached[top]))):
+            assert (sum(row[column] > top_percent[row[1]] + 0.01 for row in mine) <= count
+                    <= sum(row[column] >= top_percent[row[1]] - 0.01 for row in mine)), run.stdout
+
+    refused = _run(script, "--class", "dragon")
+    assert refused.returncode == 2 and "argument --class: 'dragon' is not a class of spurious_background" in refused.stderr
+    refused = _run(script, "--seeds", "0,0")
+    assert refused.returncode == 2 and "argument --seeds: expected distinct seeds, got '0,0'" in refused.stderr
+
+
 def test_the_eval_bench_ranks_on_one_half_of_the_test_split_and_edits_and_scores_on_the_other(monkeypatch):
     import argparse
 
