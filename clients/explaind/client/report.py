@@ -183,7 +183,8 @@ def _conditioning_class(neuron: RankedNeuron, class_name: str) -> str | None:
     on "classes correlated to features embedded in the neurons"). The explained class's
     weight for an excessive neuron is small or negative, so α_n + γ·l_c pulls two ways:
     on the shapes world's heart, its excessive neurons reached about a third of the
-    activation conditioned on heart that they reached on their top class."""
+    activation conditioned on heart that they reached on their top class
+    (bench/excessive_conditioning.py)."""
     return None if neuron.direction == "excessive" else class_name
 
 
