@@ -247,6 +247,33 @@ def test_a_server_freezes_its_start_up_heap_once_collected_and_unfreezes_it_when
     assert frozen_serving > frozen_before and gc.get_freeze_count() == 0, (frozen_before, frozen_serving)
 
 
+def test_a_server_stopped_before_its_models_loaded_leaves_a_heap_frozen_by_others_frozen(classifier_dir, tmp_path):
+    # gc.unfreeze() thaws every frozen object, whoever froze it: a server that froze
+    # nothing (stopped before load_models) must not thaw the embedding process's heap,
+    # whose frozen cycles a collection would then free.
+    from explaind.service import ExplaindServer
+
+    class Cycle:
+        pass
+
+    config = _world_classifier_alone(classifier_dir, tmp_path)
+    frozen_by_others = gc.get_freeze_count()  # another server in this process may hold the heap frozen
+    kept = Cycle()
+    kept.itself = kept
+    kept_alive = weakref.ref(kept)
+    gc.freeze()  # the embedding process's own, the cycle with it
+    del kept
+    try:
+        server = ExplaindServer(config)
+        server.start()
+        server.stop(0)
+        gc.collect()
+        assert kept_alive() is not None
+    finally:
+        if not frozen_by_others:  # not left to the tests after
+            gc.unfreeze()
+
+
 def test_a_server_stopped_while_its_models_load_leaves_the_heap_unfrozen(classifier_dir, tmp_path):
     # serve() stops at once on SIGTERM while the models load in their thread, which goes on:
     # frozen after stop() had found nothing to unfreeze, the heap stayed frozen for the
