@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import os
 import io
 import json
@@ -245,6 +246,35 @@ def test_a_server_freezes_its_start_up_heap_once_collected_and_unfreezes_it_when
         gc.enable()
         server.stop(0)
     assert frozen_serving > frozen_before and gc.get_freeze_count() == 0, (frozen_before, frozen_serving)
+
+
+def test_a_servers_start_up_imports_and_collects_while_predict_is_still_refused(classifier_dir, tmp_path, monkeypatch):
+    # The torch._dynamo import and the full collection before the freeze hold the GIL for
+    # a second or more: run once restore() let Predict in, they stalled its calls. Each
+    # step records whether the Inference service would answer Predict then.
+    from types import SimpleNamespace
+
+    from explaind.service import ExplaindServer, server as explaind_server
+
+    server = ExplaindServer(_world_classifier_alone(classifier_dir, tmp_path))
+    predict_answered_during: dict[str, bool] = {}
+
+    def recorded(step: str, run: Callable) -> Callable:
+        def step_then_run(*args):
+            predict_answered_during[step] = server.neuroinspect.restored
+            return run(*args)
+        return step_then_run
+
+    monkeypatch.setattr(explaind_server, "importlib", SimpleNamespace(import_module=recorded("import", importlib.import_module)))
+    monkeypatch.setattr(explaind_server, "gc", SimpleNamespace(collect=recorded("collect", gc.collect), freeze=recorded("freeze", gc.freeze),
+                                                               unfreeze=gc.unfreeze))
+    server.start()
+    try:
+        server.load_models()
+        assert server.serving and server.neuroinspect.restored
+    finally:
+        server.stop(0)
+    assert predict_answered_during == {"import": False, "collect": False, "freeze": False}
 
 
 def test_a_server_stopped_before_its_models_loaded_leaves_a_heap_frozen_by_others_frozen(classifier_dir, tmp_path):
