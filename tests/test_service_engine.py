@@ -653,6 +653,23 @@ def test_a_predict_orders_classes_of_equal_probability_by_class_index(engine):
             assert (np.diff(output.probabilities, axis=1) <= 0).all()
 
 
+def test_a_predict_orders_classes_a_model_masks_with_minus_infinity_by_class_index(engine):
+    # Ranked by logit, classes of logit -inf tied below every number: topk took classes 4
+    # and 5 of the four masked here for a top 4, where their probabilities, 0, had been
+    # ordered by class index.
+    base = engine.models.active
+    bias = [0.0, 1.0, -math.inf, -math.inf, -math.inf, -math.inf]
+    head = nn.Linear(128, 6)
+    nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor(bias))
+    engine.activate(base.with_head(head))
+    for top_k in (3, 4, 5, 6):
+        output = engine.predict(torch.rand(2, 3, 64, 64), top_k=top_k)
+        assert output.class_indices.tolist() == [[1, 0, 2, 3, 4, 5][:top_k]] * 2, top_k
+        assert (output.probabilities[:, 2:] == 0).all()
+
+
 def test_predict_and_an_evaluation_take_the_larger_of_two_logits_their_softmax_rounds_to_one_probability(engine, monkeypatch):
     # Logits 2^-26 apart: their probabilities round to one float32, whose max (and a
     # ranking by probability) took the lower class, where the head, a ranking's mistakes

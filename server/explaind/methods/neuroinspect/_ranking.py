@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,14 +127,15 @@ class NeuronRanking:
         return sorted(chosen, key=lambda n: (-n.excessive_ratio, -abs(n.mean_omega), n.neuron))
 
 
-def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float = -math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) of the k largest of each row of ``scores`` (R, n), largest first and
     equal scores by id (neurons of equal head columns have equal ω; a dead neuron's head
     column weighs every class 0; a Predict's classes of equal logits). ``topk``
     leaves ties to its kernel, which took ids 6 and 3 of 3, 4 and 6 tied in a row of 8 on
     a CPU, and may take others on another device.
-    Scores tied at or below ``ties_kept_above`` are left in topk's order, for a caller
-    that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time.
+    Scores tied at or below ``ties_kept_above``, if given, are left in topk's order, for a
+    caller that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time.
+    Without it every tie is ordered, -inf's too (a Predict's classes a model masks).
     NaN (a Predict's logit where the model overflows: inf - inf), which topk puts above
     every number, ties with NaN here: a row's NaNs are ordered by id, whatever the other
     rows hold."""
@@ -146,7 +145,10 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float = -math.inf)
     ids = ids[:, :k].clone()
     if k < scores.shape[1]:  # rows whose k-th score ties the next: the first tied ids fill them
         last, following = values[:, k - 1], values[:, k]
-        crowded = (_tied(last, following) & ((last > ties_kept_above) | last.isnan())).nonzero().squeeze(1)
+        cut_tie = _tied(last, following)
+        if ties_kept_above is not None:
+            cut_tie &= (last > ties_kept_above) | last.isnan()
+        crowded = cut_tie.nonzero().squeeze(1)
         rows, kth = scores[crowded], values[crowded, k - 1 : k]
         tied = _tied(rows, kth)
         above = ((rows > kth) | rows.isnan()) & ~tied
