@@ -831,8 +831,9 @@ def test_classifiers_compared_in_worker_processes_get_the_numbers_they_get_in_pr
 def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_and_its_top_percent_on_the_probe(world_model, tiny_clip):
     """Acceptance 4's numbers as defined, on the tiny CLIP and a few steps: the neurons are
     the concept detectors of the probe scenes, each image's cosine is to its own
-    attribute's prompt (the masked image's apart), and the top 1 % is the 99th percentile
-    of the neuron's α_n (the head's input) over the probe scenes."""
+    attribute's prompt (the masked image's apart), the top 1 % is the 99th percentile
+    of the neuron's α_n (the head's input) over the probe scenes, and the core relevance
+    and mask share are those of the CLIP-Illusion image."""
     from explaind.world.clip import CAPTION_WORDS
     from explaind.world.illusion_check import compare_on_known_attributes
     from explaind.world.probes import probe_batch
@@ -856,7 +857,8 @@ def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_an
               "similarity_baseline": attribute_similarity(illusion, baseline.images, words),
               "masked_similarity_ours": attribute_similarity(illusion, ours.masked_images, words),
               "masked_similarity_baseline": attribute_similarity(illusion, baseline.masked_images, words),
-              "activation_ours": ours.activations, "activation_baseline": baseline.activations}
+              "activation_ours": ours.activations, "activation_baseline": baseline.activations,
+              "core_relevance": ours.core_relevance, "mask_fraction": ours.masks.float().mean(dim=(1, 2))}
     for field, expected_scores in scores.items():
         assert [getattr(c, field) for c in comparisons] == pytest.approx(expected_scores.tolist(), abs=1e-6), field
 

@@ -63,6 +63,8 @@ class NeuronComparison:
     activation_ours: float
     activation_baseline: float
     top_percent: float  # the neuron's top-1 % activation on the probe scenes
+    core_relevance: float  # of our image: the cosine to the conditioned class's prompt lost when the mask region is greyed
+    mask_fraction: float  # of our image: the share of its pixels in that mask region
 
     @property
     def own_class(self) -> bool:
@@ -105,11 +107,13 @@ def compare_on_known_attributes(
         similarity = {(run, masked): illusion.clip_similarity(result.masked_images if masked else result.images, prompts)
                       for run, result in (("ours", ours), ("baseline", baseline)) for masked in (False, True)}
     top_percent = top_percent_activations(features, [neuron for *_, neuron in rows])
+    mask_fractions = ours.masks.float().mean(dim=(1, 2))
     return [
         NeuronComparison(name, attribute, value, neuron, names[int(ours.classes[i])],
                          float(similarity["ours", False][i]), float(similarity["baseline", False][i]),
                          float(similarity["ours", True][i]), float(similarity["baseline", True][i]),
-                         float(ours.activations[i]), float(baseline.activations[i]), float(top_percent[i]))
+                         float(ours.activations[i]), float(baseline.activations[i]), float(top_percent[i]),
+                         float(ours.core_relevance[i]), float(mask_fractions[i]))
         for i, (attribute, value, neuron) in enumerate(rows)
     ]
 
