@@ -24,6 +24,13 @@ attribute:
 * ``masked ours`` / ``FV``: the mean cosine of the masked images (regions where the
   neuron's map is low dimmed), the paper's final visualisation, not part of the verdict.
 
+A second table asks whether CLIP-Illusion's core relevance (the cosine to the conditioned
+class's prompt lost when the neuron's region is greyed) tells core neurons (shape
+neurons conditioned on their own shape) from context neurons (colour, texture,
+background, watermark): mean core relevance and mask share (``mask``, the greyed
+region's share of the image) per group, and for each group of core neurons the ROC AUC
+of each against all context neurons (docs/neuroinspect.md).
+
 ``--per-neuron`` adds a row per neuron. Each image's random draws depend only on its
 (neuron, class, seed), but batched kernels round differently per batch shape, so a
 neuron's numbers still move slightly (a few hundredths of cosine) with ``--per-value``.
@@ -58,14 +65,52 @@ def summary_line(label: str, results: list[NeuronComparison]) -> str:
             f"{f'{reached}/{len(results)}':>12}{verdict:>7}{masked_ours:>11.3f}{masked_baseline:>8.3f}")
 
 
+def roc_auc(positive: list[float], negative: list[float]) -> float:
+    """ROC AUC of a score separating ``positive`` from ``negative`` (ties count half)."""
+    import torch
+
+    from explaind.methods.neuroinspect import neuron_auc
+
+    scores = torch.tensor([[score] for score in positive + negative])
+    return float(neuron_auc(scores, torch.arange(len(scores)) < len(positive))[0])
+
+
+def core_relevance_lines(results: list[NeuronComparison]) -> list[str]:
+    """Core relevance of the CLIP-Illusion images by the neuron's known attribute: core
+    neurons (shape neurons conditioned on their own shape, whose region should carry the
+    class) against context neurons (every other attribute; no class is one of them), with
+    the ROC AUC of core relevance, and of the mask share beside it, for each group of core
+    neurons against all context neurons. Shape neurons conditioned on another shape are
+    neither; their row is shown apart."""
+    core = [r for r in results if r.own_class]
+    context = [r for r in results if r.attribute != "shape"]
+    groups = [("core: shape on its own class", core)]
+    groups += [(f"  {value}", [r for r in core if r.value == value]) for value in dict.fromkeys(r.value for r in core)]
+    groups.append(("shape on another class", [r for r in results if r.attribute == "shape" and not r.own_class]))
+    groups.append(("context: every other attribute", context))
+    groups += [(f"  {attribute}", [r for r in context if r.attribute == attribute]) for attribute in dict.fromkeys(r.attribute for r in context)]
+    lines = [f"{'neurons':<36}{'n':>4}{'core rel':>10}{'mask':>7}{'AUC rel':>9}{'AUC mask':>10}"]
+    for label, group in groups:
+        if not group:
+            continue
+        relevance = sum(r.core_relevance for r in group) / len(group)
+        mask = sum(r.mask_fraction for r in group) / len(group)
+        line = f"{label:<36}{len(group):>4}{relevance:>10.3f}{mask:>7.3f}"
+        if context and group[0].own_class:  # a core group: how well each score tells it from the context neurons
+            line += (f"{roc_auc([r.core_relevance for r in group], [r.core_relevance for r in context]):>9.2f}"
+                     f"{roc_auc([r.mask_fraction for r in group], [r.mask_fraction for r in context]):>10.2f}")
+        lines.append(line)
+    return lines
+
+
 def print_tables(results: list[NeuronComparison], per_neuron: bool) -> None:
     if per_neuron:
         print(f"\n{'classifier':<28}{'attribute=value':<22}{'neuron':>7}  {'conditioned on':<15}"
-              f"{'sim ours':>9}{'FV':>8}{'act ours':>9}{'FV':>8}{'top1%':>7}")
+              f"{'sim ours':>9}{'FV':>8}{'act ours':>9}{'FV':>8}{'top1%':>7}{'core rel':>10}{'mask':>7}")
         for r in results:
             print(f"{r.classifier:<28}{r.attribute + '=' + r.value:<22}{r.neuron:>7}  {r.conditioned_on:<15}"
                   f"{r.similarity_ours:>9.3f}{r.similarity_baseline:>8.3f}{r.activation_ours:>9.2f}"
-                  f"{r.activation_baseline:>8.2f}{r.top_percent:>7.2f}")
+                  f"{r.activation_baseline:>8.2f}{r.top_percent:>7.2f}{r.core_relevance:>10.3f}{r.mask_fraction:>7.3f}")
     print("\n== CLIP-Illusion vs feature visualisation on neurons with a known attribute ==")
     print(f"{'classifier / attribute':<40}{'n':>4}{'own':>5}{'sim ours':>9}{'FV':>8}{'wins':>8}{'act>=top1%':>12}{'':>7}"
           f"{'masked ours':>11}{'FV':>8}")
@@ -85,6 +130,8 @@ def print_tables(results: list[NeuronComparison], per_neuron: bool) -> None:
     for r in missed:
         print(f"below top 1 %: {r.classifier} neuron {r.neuron} ({r.attribute}={r.value}) conditioned on "
               f"{r.conditioned_on}: {r.activation_ours:.2f} < {r.top_percent:.2f} (FV {r.activation_baseline:.2f})")
+    print("\n== Core relevance of the CLIP-Illusion images: core (own shape) against context neurons ==")
+    print("\n".join(core_relevance_lines(results)))
 
 
 def main() -> None:

@@ -281,6 +281,35 @@ def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_re
     assert refused.returncode == 2 and "argument --seeds: expected distinct seeds, got '0,0'" in refused.stderr
 
 
+def test_the_illusion_bench_tells_core_relevance_of_own_shape_neurons_from_context_neurons_by_roc_auc(monkeypatch):
+    illusion = _bench_module("illusion_eval", monkeypatch)
+
+    def rows(*comparisons):
+        lines = illusion.core_relevance_lines(list(comparisons))
+        assert lines[0].split() == ["neurons", "n", "core", "rel", "mask", "AUC", "rel", "AUC", "mask"]
+        return [(line[:36].strip(), line[36:].split()) for line in lines[1:]]
+
+    def scored(value, conditioned_on, core_relevance, mask_fraction):
+        return _comparison(0.3, 0.2, 2.0, 1.0, value=value, conditioned_on=conditioned_on,
+                           core_relevance=core_relevance, mask_fraction=mask_fraction)
+
+    heart = scored("heart", "heart", 0.4, 0.2)
+    circle = scored("circle", "circle", 0.1, 0.6)
+    water = [scored("water", "heart", 0.2, 0.3), scored("water", "circle", 0.05, 0.5)]
+    other_class = scored("circle", "heart", 0.9, 0.5)  # neither core nor context: in no mean or AUC but its own
+    # AUC of core {0.4, 0.1} against context {0.2, 0.05}: 3 of 4 pairs ordered; of the masks {0.2, 0.6} against {0.3, 0.5}: 2 of 4.
+    assert rows(heart, water[0], circle, other_class, water[1]) == [
+        ("core: shape on its own class", ["2", "0.250", "0.400", "0.75", "0.50"]),
+        ("heart", ["1", "0.400", "0.200", "1.00", "0.00"]),
+        ("circle", ["1", "0.100", "0.600", "0.50", "1.00"]),
+        ("shape on another class", ["1", "0.900", "0.500"]),
+        ("context: every other attribute", ["2", "0.125", "0.400"]),
+        ("background", ["2", "0.125", "0.400"]),
+    ]
+    # Without context neurons there is nothing to tell the core ones from: no AUC.
+    assert rows(heart) == [("core: shape on its own class", ["1", "0.400", "0.200"]), ("heart", ["1", "0.400", "0.200"])]
+
+
 def test_the_eval_bench_ranks_on_one_half_of_the_test_split_and_edits_and_scores_on_the_other(monkeypatch):
     import argparse
 
