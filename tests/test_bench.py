@@ -310,6 +310,28 @@ def test_the_illusion_bench_tells_core_relevance_of_own_shape_neurons_from_conte
     assert rows(heart) == [("core: shape on its own class", ["1", "0.400", "0.200"]), ("heart", ["1", "0.400", "0.200"])]
 
 
+def test_the_illusion_bench_prints_the_core_relevance_table_of_the_neurons_it_visualised():
+    from explaind.world.assets import classifier_dir
+
+    name = "spurious_background"  # the one with both kinds of neurons at one per value: shapes and water
+    if not (classifier_dir(name) / "model.safetensors").is_file():
+        pytest.skip(f"shipped {name} classifier not built yet")
+    run = _run(str(BENCH / "illusion_eval.py"), "--classifiers", name, "--per-value", "1", "--steps", "2",
+               "--probe-size", "200", "--threads", "1", "--per-neuron")
+    assert run.returncode == 0, run.stderr
+    per_neuron = run.stdout.split("\n\nclassifier ", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    table = run.stdout.split("(own shape) against context neurons ==\n", 1)[1]
+    neurons = [line.split() for line in per_neuron]  # classifier, attribute=value, neuron, class, ..., core rel, mask
+    core = [float(n[-2]) for n in neurons if n[1] == f"shape={n[3]}"]
+    context = [float(n[-2]) for n in neurons if not n[1].startswith("shape=")]
+    rows = {line[:36].strip(): line[36:].split() for line in table.splitlines()[1:]}
+    assert core and context, run.stdout
+    assert rows["core: shape on its own class"][0] == str(len(core)) and rows["context: every other attribute"][0] == str(len(context))
+    assert float(rows["core: shape on its own class"][1]) == pytest.approx(sum(core) / len(core), abs=1e-3)
+    assert float(rows["context: every other attribute"][1]) == pytest.approx(sum(context) / len(context), abs=1e-3)
+    assert 0 <= float(rows["core: shape on its own class"][3]) <= 1 and len(rows["context: every other attribute"]) == 3, table
+
+
 def test_the_eval_bench_ranks_on_one_half_of_the_test_split_and_edits_and_scores_on_the_other(monkeypatch):
     import argparse
 
