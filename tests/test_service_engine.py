@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from prometheus_client import generate_latest
 from torch import nn
 
@@ -2102,6 +2102,25 @@ def test_feature_cache_is_per_feature_version(engine):
     assert engine.store.get_features(version.feature_cache_key, first.digests) == {}
     recomputed = engine.sample_set_features("cached")
     assert not torch.allclose(recomputed.features, first.features)
+
+
+def test_features_an_earlier_release_cached_from_differently_decoded_pixels_are_not_reused(engine):
+    # The cache is keyed by an image's bytes; the release before EXIF Orientation turned a
+    # file's pixels cached a phone's photo's features computed sideways, under the key below.
+    # Reused, an evaluation saw it sideways while Predict on the same file saw it upright.
+    import hashlib
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG", exif=exif)
+    engine.create_sample_set("photos", "", [NewSample(buffer.getvalue(), 1)])
+    version = engine.models.active
+    digest = engine.store.list_samples("photos")[0].digest
+    earlier_key = hashlib.sha256(f"{version.feature_version}:{version.input_geometry}".encode()).hexdigest()
+    engine.store.put_features(earlier_key, {digest: np.full(version.feature_dim, 7.0, dtype=np.float32)})
+    upright = version.features(engine.load_sample_image(digest)[None].to(engine.device))
+    torch.testing.assert_close(engine.sample_set_features("photos").features, upright)
 
 
 def test_cached_features_are_all_found_however_many_are_asked_for_at_once(tmp_path):

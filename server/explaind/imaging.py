@@ -62,6 +62,11 @@ _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", 
 # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts: one value per strip or tile.
 _TIFF_STRIP_TAGS = (273, 279, 324, 325)
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
+# What :func:`decode_pixels` makes of a file's bytes, as a number raised with every change
+# to it: a stored image's cached features are keyed by its bytes, so those an earlier
+# release computed from other pixels must not be reused (engine.models' feature_cache_key).
+# 2: EXIF Orientation turns the pixels.
+DECODING_VERSION = 2
 
 
 class PixelBudget:

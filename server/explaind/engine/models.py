@@ -33,7 +33,7 @@ from torch import nn
 from ..class_names import class_name_key
 from ..config import ClassifierSection, ClipSection, ConfigError, DiffusionSection, missing_classifier_key, parse_factory, resize_size_problem
 from ..errors import FailedPrecondition, ModelLoadError
-from ..imaging import InputGeometry
+from ..imaging import DECODING_VERSION, InputGeometry
 from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
 from ..methods.neuroinspect import channel_maps
 from ..methods.neuroinspect._features import modules_like
@@ -157,9 +157,10 @@ class ClassifierVersion:
 
     @functools.cached_property  # read on every Predict
     def feature_cache_key(self) -> str:
-        """What a stored image's cached features depend on: h_b and how the image is fitted
-        to its input (a head version's identity, ``feature_version``, is h_b's alone)."""
-        return hashlib.sha256(f"{self.feature_version}:{self.input_geometry}".encode()).hexdigest()
+        """What a stored image's cached features depend on: h_b, how its file is decoded and
+        how the image is fitted to its input (a head version's identity, ``feature_version``,
+        is h_b's alone)."""
+        return hashlib.sha256(f"{self.feature_version}:{self.input_geometry}:decoding {DECODING_VERSION}".encode()).hexdigest()
 
     @property
     def supports_features(self) -> bool:
