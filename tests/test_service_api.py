@@ -432,6 +432,44 @@ def test_a_stop_on_the_thread_running_the_start_up_steps_is_refused_not_left_wai
     assert not stopping.is_alive() and server._stopped.is_set() and gc.get_freeze_count() == 0
 
 
+def test_a_stop_on_the_start_up_thread_the_moment_it_takes_the_start_up_lock_is_refused_too(classifier_dir, tmp_path):
+    # A signal handler runs at the next bytecode boundary: one right after load_models took
+    # the lock, before it had noted its thread, waited for the lock its own thread held.
+    from explaind.service import ExplaindServer, server as explaind_server
+
+    server = ExplaindServer(_world_classifier_alone(classifier_dir, tmp_path))
+    server.start()
+    lock = server._starting
+
+    class InterruptedOnceTaken:
+        """The start-up lock; on the loading thread, stop() runs as soon as it is taken,
+        and an error there lets it go again, as a with statement does."""
+
+        def __enter__(self) -> None:
+            lock.acquire()
+            if threading.current_thread() is loading and not server._closing.is_set():
+                try:
+                    server.stop(0)
+                except BaseException:
+                    lock.release()
+                    raise
+
+        def __exit__(self, *exc_info) -> None:
+            lock.release()
+
+    server._starting = InterruptedOnceTaken()
+    failures: list[Exception] = []
+    loading = threading.Thread(target=explaind_server._load_models, args=(server, failures), daemon=True)
+    loading.start()
+    loading.join(60)
+    assert not loading.is_alive() and [type(error) for error in failures] == [RuntimeError], failures
+    assert server._starting_thread is None  # a stop() on this thread after load_models is not refused
+    stopping = threading.Thread(target=server.stop, args=(0,))
+    stopping.start()
+    stopping.join(60)
+    assert not stopping.is_alive() and server._stopped.is_set()
+
+
 def test_a_classifier_of_6000_classes_is_evaluated_with_the_cells_of_its_confusion_matrix(server_factory, tmp_path, capsys):
     # 36M counts: over half of the default 64 MiB message limit, so the evaluation was refused.
     classes = 6000

@@ -207,15 +207,17 @@ class ExplaindServer:
         except Exception:
             if not self._closing.is_set():
                 raise
-        with self._starting:
+        try:
+            # Noted before the lock is taken and cleared once it is let go: a signal handler
+            # may run between any two steps, the moment the lock is taken included.
             self._starting_thread = threading.get_ident()
-            try:
+            with self._starting:
                 if self._closing.is_set():
                     self.engine.close_batcher()
                     return
                 self._serve_loaded_models()
-            finally:
-                self._starting_thread = None
+        finally:
+            self._starting_thread = None
 
     def _serve_loaded_models(self) -> None:
         """:meth:`load_models` once the engine has loaded, stop() not begun. A stop() asked
