@@ -166,8 +166,6 @@ def _exif_block(image: Image.Image) -> bytes:
     return b""
 
 
-
-
 def _exif_values_fit(block: bytes) -> bool:
     """Whether the values of an EXIF block's first directory, those not held in their
     entries, fit in the block together. Pillow 12 and older (pyproject allows 10) copy each
