@@ -263,6 +263,44 @@ def test_a_pil_image_with_an_unreadable_exif_orientation_travels_as_stored_as_on
     assert torch.equal(decode_image(common_pb2.Image(encoded=png), field="x"), torch.from_numpy(sent.transpose(2, 0, 1) / np.float32(255)))
 
 
+def _with_exif_after_pixels(png: bytes) -> bytes:
+    """``png`` with its eXIf chunk moved after its IDAT, where the PNG spec allows it and
+    Pillow finds it only as it loads the pixels."""
+    chunks, position = [], 8
+    while position < len(png):
+        length = struct.unpack(">I", png[position:position + 4])[0]
+        chunks.append(png[position:position + 12 + length])
+        position += 12 + length
+    exif = next(chunk for chunk in chunks if chunk[4:8] == b"eXIf")
+    chunks.remove(exif)
+    chunks.insert(len(chunks) - 1, exif)  # before IEND
+    return png[:8] + b"".join(chunks)
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("after_pixels", [False, True])
+def test_an_exif_block_whose_values_would_not_fit_in_it_is_not_read_by_the_sdk_either(after_pixels):
+    # A stored sample's file is another caller's upload: with Pillow 12 and older, reading
+    # a block of many entries at the same bytes took memory many times its size. The SDK
+    # leaves it unread as the server does, wherever the PNG holds it: an eXIf chunk after
+    # the pixels is found as they load, which Pillow's getexif does to read it unchecked.
+    from explaind.client._images import open_image
+    from test_service_imaging import _exif_of_values
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    png = _file_with_orientation(Image.fromarray(pixels), "PNG", _exif_of_values([1024] * 64, 1024))
+    if after_pixels:
+        png = _with_exif_after_pixels(png)
+    read: list[bool] = []
+    with Image.open(io.BytesIO(png)) as opened:
+        assert ("exif" in opened.info) != after_pixels
+        getexif = opened.getexif
+        opened.getexif = lambda: (read.append(True), getexif())[1]
+        tensor = to_image_message(opened).tensor
+    assert np.array_equal(np.frombuffer(tensor.data, np.uint8).reshape(tensor.shape), pixels) and read == []
+    assert np.array_equal(np.asarray(open_image(png)), pixels)
+
+
 def test_a_stored_sample_s_file_opens_as_the_server_classified_it():
     # Client.samples opens each stored file: a phone's photo (Orientation 6) was shown
     # sideways beside the mistake the model made on it upright.

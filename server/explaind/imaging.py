@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 
 from .config import INTERPOLATIONS
 from .errors import InvalidArgument
+from .exif import TIFF_TYPE_SIZES, exif_orientation
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
 MAX_IMAGE_SIDE = 4096
@@ -61,8 +62,6 @@ MAX_TIFF_DIRECTORY_ENTRIES = 65535
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
 # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts: one value per strip or tile.
 _TIFF_STRIP_TAGS = (273, 279, 324, 325)
-# Bytes per value of the TIFF field types Pillow reads, by type number (0 for those it skips).
-_TIFF_TYPE_SIZES = (0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8, 8, 8)
 _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 # What :func:`decode_pixels` makes of a file's bytes, as a number raised with every change
 # to it: a stored image's cached features are keyed by its bytes, so those an earlier
@@ -112,7 +111,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
             image.load()  # before its EXIF Orientation is read: a PNG's eXIf chunk may follow the pixels
-            shown = _as_viewed(image, _exif_orientation(image))
+            shown = _as_viewed(image, exif_orientation(image))
             if shown.mode == "I" or shown.mode.startswith("I;16"):
                 return _grey16_to_rgb8(np.asarray(shown), field=field)
             if shown.mode == "RGB":  # convert("RGB") would copy it whole: an extra copy per image
@@ -141,66 +140,15 @@ _ORIENTATIONS = {
 }
 
 
-def _exif_orientation(image: Image.Image) -> object:
-    """The file's EXIF Orientation as Pillow reads it, of any type (from an XMP packet's
-    tiff:Orientation where the EXIF block has none, as exif_transpose); None without one, or
-    where the block cannot be read: Pillow warns and reads none of a block it takes for
-    corrupt, but raises on others (a PNG's eXIf chunk that is no TIFF header: SyntaxError;
-    cut short: struct.error), and :func:`_exif_values_fit` refuses one before Pillow reads
-    it. Read once the pixels are loaded: that chunk may follow them."""
-    try:
-        if not _exif_values_fit(_exif_block(image)):
-            return None
-        return image.getexif().get(ExifTags.Base.Orientation)
-    except Exception:  # noqa: BLE001 - only the tag is unsound, not the pixels: they are shown as stored
-        return None
-
-
-def _exif_block(image: Image.Image) -> bytes:
-    """The EXIF block Pillow's getexif reads, as it finds it (empty where there is none, or
-    a TIFF's, whose tags Pillow read while it opened the file)."""
-    if "exif" in image.info:
-        return image.info["exif"]
-    if "Raw profile type exif" in image.info:  # ImageMagick's PNG text chunk, in hex
-        return bytes.fromhex("".join(image.info["Raw profile type exif"].split("\n")[3:]))
-    return b""
-
-
-def _exif_values_fit(block: bytes) -> bool:
-    """Whether the values of an EXIF block's first directory, those not held in their
-    entries, fit in the block together. Pillow 12 and older (pyproject allows 10) copy each
-    entry's value from wherever it points, so a block of many entries pointing at the same
-    bytes took memory many times its size (4000 entries at the same 100 KB: 400 MB from a
-    148 KB PNG with Pillow 11, and a PNG's or WebP's block has no size limit); Pillow 13
-    stops reading there."""
-    while block.startswith(b"Exif\0\0"):
-        block = block[6:]
-    if block[:4] not in (b"II*\0", b"II\0*", b"MM\0*", b"MM*\0"):  # the classic TIFF headers Pillow reads
-        return True  # none, or one Pillow refuses, or BigTIFF's, which it cannot read from 8 bytes
-    byteorder, order = ("little", "<") if block[:2] == b"II" else ("big", ">")
-    directory = int.from_bytes(block[4:8], byteorder)
-    if directory + 2 > len(block):
-        return True  # Pillow reads no entries
-    count = min(int.from_bytes(block[directory:directory + 2], byteorder), (len(block) - directory - 2) // 12)  # those there are, as Pillow reads them
-    entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", order + "u4"), ("value", order + "u4")])
-    entries = np.frombuffer(block, dtype=entry, count=count, offset=directory + 2)
-    types = entries["type"].astype(np.intp)
-    type_sizes = np.array(_TIFF_TYPE_SIZES, dtype=np.uint64)
-    sizes = entries["count"].astype(np.uint64) * np.where(types < len(type_sizes), type_sizes[np.minimum(types, len(type_sizes) - 1)], 0)
-    return int(sizes[sizes > 4].sum()) <= len(block)
-
-
-def _as_viewed(image: Image.Image, orientation: object) -> Image.Image:
+def _as_viewed(image: Image.Image, orientation: int | None) -> Image.Image:
     """A loaded image as stored -> as a viewer shows it, by the file's EXIF Orientation,
     as browsers (CSS ``image-orientation: from-image``) and ``ImageOps.exif_transpose`` do:
     a phone's photo stored sideways with Orientation 6 is classified upright. Turned by
     Pillow, before it is an array: a numpy view turned 90 degrees took 150 ms to copy for a
     12-megapixel photo, Pillow's transpose 55 ms. The side and pixel count checked before
-    are the same either way round. Another value (0, 9, a string or a rational), or none
-    (:func:`_exif_orientation`), leaves the image as stored: its pixels are sound, only the
-    tag is not, and browsers show them so."""
-    method = _ORIENTATIONS.get(orientation) if type(orientation) is int else None  # noqa: E721 - not a bool or a rational equal to one
-    return image if method is None else image.transpose(method)
+    are the same either way round. None (:func:`explaind.exif.exif_orientation`) leaves
+    the image as stored."""
+    return image if orientation is None else image.transpose(_ORIENTATIONS[orientation])
 
 
 def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
@@ -317,7 +265,7 @@ def _check_tiff_layout(data: bytes, order: str, big: bool, field: str) -> None:
         values = int.from_bytes(data[position + 4:position + 4 + value_count_size], order)
         if tag in _TIFF_STRIP_TAGS and values > MAX_TIFF_STRIPS:
             raise InvalidArgument(f"TIFF has {values} strips or tiles; at most {MAX_TIFF_STRIPS} are decoded", field=field)
-        if (size := values * (_TIFF_TYPE_SIZES[kind] if kind < len(_TIFF_TYPE_SIZES) else 0)) > value_count_size:
+        if (size := values * (TIFF_TYPE_SIZES[kind] if kind < len(TIFF_TYPE_SIZES) else 0)) > value_count_size:
             value_bytes += size
     # Pillow 12 and older read each value wherever it points, however many point at the
     # same bytes: 4000 tags at the same 100 KB of a 148 KB file took 1.3 GB (Pillow 13 stops there).

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import ExifTags, ImageOps
+from PIL import ImageOps
 from PIL import Image as PILImage
 
+from explaind.exif import exif_orientation
 from explaind.v1 import common_pb2
 
 # Encoded files as bytes-like objects (a memoryview has an ndim, but is one file).
@@ -168,19 +169,12 @@ def _pil_message(image: PILImage.Image) -> common_pb2.Image:
 
 
 def _as_viewed(image: PILImage.Image) -> PILImage.Image:
-    """The image as a viewer shows it: turned by its EXIF Orientation (2-8), as the server
-    turns a file's pixels. ``Image.open`` of a phone's photo keeps the tag, and so does
-    ``convert``; sent as stored, it would be classified sideways, and otherwise than the
-    same file sent by its path. ``ImageOps.exif_transpose`` removes the tag, so an image
-    already turned by it is not turned again. As on the server, only an int is a value
-    (Pillow would take a rational 6/1 for 6), and an EXIF block Pillow cannot read is none."""
-    try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation)
-    except Exception:  # noqa: BLE001 - a PNG's eXIf chunk that is no TIFF header (SyntaxError), cut short (struct.error)
-        return image
-    if type(orientation) is not int or not 2 <= orientation <= 8:  # noqa: E721 - not a bool or a rational equal to one
-        return image
-    return ImageOps.exif_transpose(image)
+    """The image as a viewer shows it: turned by its EXIF Orientation, read as the server
+    reads a file's (:func:`explaind.exif.exif_orientation`). ``Image.open`` of a phone's
+    photo keeps the tag, and so does ``convert``; sent as stored, it would be classified
+    sideways, and otherwise than the same file sent by its path. ``ImageOps.exif_transpose``
+    removes the tag, so an image already turned by it is not turned again."""
+    return image if exif_orientation(image) is None else ImageOps.exif_transpose(image)
 
 
 def _raw(array: np.ndarray) -> common_pb2.Image:
