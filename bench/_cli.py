@@ -4,12 +4,13 @@ option's default in --help, and sizes refused as usage errors, not tracebacks la
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["bench_parser", "median_seconds", "peak_rss_growth_mb", "positive_int", "require_peak_rss", "share"]
+__all__ = ["bench_parser", "finite_number", "median_seconds", "peak_rss_growth_mb", "positive_int", "require_peak_rss", "share"]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -28,6 +29,18 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def finite_number(text: str) -> float:
+    """An argparse type for a real setting: float() takes "nan" and "inf", which a method
+    refuses only after the work before it, with a traceback rather than a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 

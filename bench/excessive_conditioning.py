@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.world.assets import ASSETS_DIR
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, finite_number, positive_int  # bench/, the script's directory, is on sys.path
 
 if TYPE_CHECKING:
     import torch
 
     from explaind.world.classifier import WorldClassifier
-    from explaind.world.scenarios import Scenario
+    from explaind.world.scenarios import Scenario, WorldBatch
 
 CONDITIONINGS = ("explained", "top")  # the explained class, the neuron's top class
 ATTRIBUTES = ("shape", "background")  # the attributes whose strongest value each image is scored against
@@ -69,13 +69,14 @@ class Comparison:
     scores: dict[tuple[int, str], dict[str, torch.Tensor]]
 
 
-def compare_conditionings(scenario: Scenario, model: WorldClassifier, args: argparse.Namespace, assets: Path) -> Comparison | None:
+def compare_conditionings(scenario: Scenario, model: WorldClassifier, probe: WorldBatch, args: argparse.Namespace,
+                          assets: Path) -> Comparison | None:
     """Rank the class's mistakes, print its excessive neurons' probe profile, and score
     their images conditioned both ways (None: no excessive neuron)."""
     from explaind.methods.neuroinspect import EXCESSIVE, ClipIllusion, FeatureExtractor, MistakeNeuronRanker, neuron_auc
+    from explaind.world.assets import clip_dir
     from explaind.world.clip import CAPTION_WORDS, load_world_clip
     from explaind.world.illusion_check import attribute_similarity, top_percent_activations
-    from explaind.world.probes import probe_batch
 
     names = model.config.class_names
     explained = names.index(args.class_name)
@@ -88,7 +89,6 @@ def compare_conditionings(scenario: Scenario, model: WorldClassifier, args: argp
     if not neurons:
         return None
 
-    probe = probe_batch(args.probe_size, seed=0)
     probe_features = extractor.features(probe.images)
     top_percent = top_percent_activations(probe_features, neurons)
     # (attribute, value) -> (K,) each neuron's AUC for that value against the rest
@@ -106,7 +106,7 @@ def compare_conditionings(scenario: Scenario, model: WorldClassifier, args: argp
         print(f"{neuron:>6}  {f'{shape} ({shape_auc:.2f})':<23}{f'{background} ({background_auc:.2f})':<18}"
               f"{float(weight[explained, neuron]):>+9.3f}  {names[top]:<10}{float(weight[top, neuron]):>+7.3f}{float(top_percent[i]):>9.2f}")
 
-    illusion = ClipIllusion(model, model.config.feature_layer, *load_world_clip(assets / "clip")[:2], head=model.config.head)
+    illusion = ClipIllusion(model, model.config.feature_layer, *load_world_clip(clip_dir(assets))[:2], head=model.config.head)
     words = {attribute: [CAPTION_WORDS[attribute][value] for value in strongest[attribute]] for attribute in ATTRIBUTES}
     scores = {}
     for seed in args.seeds:
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--count", type=positive_int, default=240, help="first test scenes ranked (the demo's sample set)")
     parser.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds of the visualisations")
     parser.add_argument("--steps", type=positive_int, default=400, help="optimisation steps per image (the report's default; the demo runs 60)")
-    parser.add_argument("--epsilon", type=float, default=WORLD_CLIP_ILLUSION_EPSILON, help="CLIP-Illusion's ε")
+    parser.add_argument("--epsilon", type=finite_number, default=WORLD_CLIP_ILLUSION_EPSILON, help="CLIP-Illusion's ε")
     parser.add_argument("--probe-size", type=positive_int, default=600, help="attribute-independent probe scenes (drawn with seed 0)")
     parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<scenario> and clip")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
@@ -169,8 +169,10 @@ def main() -> None:
     # After the arguments: --help and a usage error answer without the seconds of torch and open_clip.
     import torch
 
-    from explaind.world.assets import classifier_dir
+    from explaind.world.assets import classifier_dir, clip_dir
     from explaind.world.classifier import load_classifier
+    from explaind.world.probes import probe_batch
+    from explaind.world.render import ATTRIBUTE_VALUES
     from explaind.world.scenarios import get_scenario
 
     torch.set_num_threads(args.threads)
@@ -181,12 +183,23 @@ def main() -> None:
     assets = Path(args.assets)
     if not (classifier_dir(scenario.name, assets) / "model.safetensors").is_file():
         parser.error(f"argument --scenario: no shipped classifier for {scenario.name} under {assets}")
+    # A value's AUC against the rest (its neurons' strongest values) needs scenes with it and without it.
+    probe = probe_batch(args.probe_size, seed=0)
+    unseen = [f"{attribute} {value}" for attribute in ATTRIBUTES for value in ATTRIBUTE_VALUES[attribute]
+              if not 0 < int((probe.attributes[attribute] == value).sum()) < args.probe_size]
+    if unseen:
+        parser.error(f"argument --probe-size: {args.probe_size} probe scenes leave no scene with, or none without, "
+                     f"{', '.join(unseen)}; take more")
+    from explaind.world.clip import CHECKPOINT_NAME  # open_clip's seconds, after the cheaper checks
+
+    if not (clip_dir(assets) / CHECKPOINT_NAME).is_file():
+        parser.error(f"argument --assets: no world CLIP under {clip_dir(assets)} (build it with python -m explaind.world.clip)")
     model = load_classifier(classifier_dir(scenario.name, assets))
     if args.class_name not in model.config.class_names:
         parser.error(f"argument --class: {args.class_name!r} is not a class of {scenario.name}; "
                      f"its classes: {', '.join(model.config.class_names)}")
     started = time.perf_counter()
-    comparison = compare_conditionings(scenario, model, args, assets)
+    comparison = compare_conditionings(scenario, model, probe, args, assets)
     if comparison is not None:
         print_images(comparison, args.class_name)
         print_table(comparison, args, time.perf_counter() - started)

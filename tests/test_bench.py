@@ -281,6 +281,27 @@ def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_re
     assert refused.returncode == 2 and "argument --seeds: expected distinct seeds, got '0,0'" in refused.stderr
 
 
+def test_the_excessive_conditioning_bench_refuses_before_its_work_what_would_fail_after_it(tmp_path):
+    # Each of these ended in a traceback (exit 1) after the ranking and the probe scenes' features.
+    script = str(BENCH / "excessive_conditioning.py")
+    refused = _run(script, "--epsilon", "nan")  # float() takes it; CLIP-Illusion refuses it at the first image
+    assert refused.returncode == 2 and "argument --epsilon: expected a finite number, got 'nan'" in refused.stderr
+    from explaind.world.assets import classifier_dir
+
+    if not (classifier_dir("spurious_background") / "model.safetensors").is_file():
+        pytest.skip("shipped spurious_background classifier not built yet")
+    # One scene shows each value everywhere or nowhere: no AUC of a value against the rest.
+    from explaind.world.render import ATTRIBUTE_VALUES
+
+    refused = _run(script, "--probe-size", "1")
+    every_shape = ", ".join(f"shape {shape}" for shape in ATTRIBUTE_VALUES["shape"])
+    assert refused.returncode == 2, refused.stderr
+    assert f"argument --probe-size: 1 probe scenes leave no scene with, or none without, {every_shape}, background " in refused.stderr
+    (tmp_path / "classifiers").symlink_to(classifier_dir("spurious_background").parent)
+    refused = _run(script, "--assets", str(tmp_path))
+    assert refused.returncode == 2 and f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused.stderr
+
+
 def test_the_illusion_bench_tells_core_relevance_of_own_shape_neurons_from_context_neurons_by_roc_auc(monkeypatch):
     illusion = _bench_module("illusion_eval", monkeypatch)
 
