@@ -183,6 +183,10 @@ def main() -> None:
     assets = Path(args.assets)
     if not (classifier_dir(scenario.name, assets) / "model.safetensors").is_file():
         parser.error(f"argument --scenario: no shipped classifier for {scenario.name} under {assets}")
+    model = load_classifier(classifier_dir(scenario.name, assets))
+    if args.class_name not in model.config.class_names:
+        parser.error(f"argument --class: {args.class_name!r} is not a class of {scenario.name}; "
+                     f"its classes: {', '.join(model.config.class_names)}")
     # A value's AUC against the rest (its neurons' strongest values) needs scenes with it and without it.
     probe = probe_batch(args.probe_size, seed=0)
     unseen = [f"{attribute} {value}" for attribute in ATTRIBUTES for value in ATTRIBUTE_VALUES[attribute]
@@ -194,10 +198,6 @@ def main() -> None:
 
     if not (clip_dir(assets) / CHECKPOINT_NAME).is_file():
         parser.error(f"argument --assets: no world CLIP under {clip_dir(assets)} (build it with python -m explaind.world.clip)")
-    model = load_classifier(classifier_dir(scenario.name, assets))
-    if args.class_name not in model.config.class_names:
-        parser.error(f"argument --class: {args.class_name!r} is not a class of {scenario.name}; "
-                     f"its classes: {', '.join(model.config.class_names)}")
     started = time.perf_counter()
     comparison = compare_conditionings(scenario, model, probe, args, assets)
     if comparison is not None:
