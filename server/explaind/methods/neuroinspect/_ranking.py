@@ -133,8 +133,9 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     column weighs every class 0; a Predict's classes of equal logits). ``topk``
     leaves ties to its kernel, which took ids 6 and 3 of 3, 4 and 6 tied in a row of 8 on
     a CPU, and may take others on another device.
-    Scores tied at or below ``ties_kept_above``, if given, are left in topk's order, for a
-    caller that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time.
+    Where the k-th score ties the next at or below ``ties_kept_above``, if given, which
+    of the tied ids are taken is left to topk (they are still listed by id), for a caller
+    that drops them: ordering a mostly-zero ω's zeros took 15 times topk's time.
     Without it every tie is ordered, -inf's too (a Predict's classes a model masks).
     NaN (a Predict's logit where the model overflows: inf - inf), which topk puts above
     every number, ties with NaN here: a row's NaNs are ordered by id, whatever the other
