@@ -59,12 +59,16 @@ def test_batched_pairs_give_images_masks_and_scores(illusion, world_model):
 
 
 def test_core_relevance_is_the_similarity_lost_when_the_neuron_s_region_is_greyed(illusion):
+    from explaind.methods.neuroinspect import grey_out
+
     result = illusion.visualize([(5, None), (17, 2)], steps=3)
     keep = result.masks.unsqueeze(1).to(result.images.dtype)
     targets = torch.stack([illusion.class_embedding(int(c)) for c in result.classes])
     with torch.no_grad():
         greyed = illusion.clip_similarity(result.images * (1 - keep) + 0.5 * keep, targets)
     torch.testing.assert_close(result.core_relevance, result.clip_similarity - greyed)
+    with pytest.raises(ValueError, match=r"masks must be \(B, H, W\) of the images' \(2, 3, 64, 64\), got \(2, 64, 16\)"):
+        grey_out(result.images, result.masks[..., :16])
 
 
 def test_the_defaults_are_the_papers():

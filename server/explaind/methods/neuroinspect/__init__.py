@@ -27,7 +27,7 @@ from ._editing import METHODS as EDIT_METHODS
 from ._editing import EpochCallback, EpochRecord, HeadEdit, HeadEditor, HeadEvaluation, TrainingDiverged, evaluate_head
 from ._features import FeatureExtractor, channel_maps, last_spatial_module, neuron_gradient_maps
 from ._fourier import FourierImage
-from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationCallback, VisualizationResult, activation_masks
+from ._illusion import DEFAULT_PROMPT_TEMPLATES, ClipIllusion, VisualizationCallback, VisualizationResult, activation_masks, grey_out
 from ._illusion import METHODS as VISUALIZATION_METHODS
 from ._probing import concept_neurons, neuron_auc
 from ._probability import neuron_importance, probability_ratio
@@ -65,6 +65,7 @@ __all__ = [
     "channel_maps",
     "concept_neurons",
     "evaluate_head",
+    "grey_out",
     "last_spatial_module",
     "make_solver",
     "neuron_auc",

@@ -317,7 +317,7 @@ class ClipIllusion:
         if self.clip_model is not None:
             targets = torch.stack([self.class_embedding(int(c)) for c in classes])
             similarity = self.clip_similarity(images, targets)
-            relevance = similarity - self.clip_similarity(images * (1 - keep) + 0.5 * keep, targets)
+            relevance = similarity - self.clip_similarity(grey_out(images, masks), targets)
         return VisualizationResult(
             method=method,
             neurons=neurons,
@@ -399,6 +399,15 @@ def _pair_generator(seed: int, neuron: int, class_index: int, device: torch.devi
     taken as its two's complement."""
     state = np.random.SeedSequence((seed & 0xFFFF_FFFF_FFFF_FFFF, neuron, class_index)).generate_state(2, np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def grey_out(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, 3, H, W) with the pixels where ``masks`` (B, H, W) is true set to
+    0.5 grey: the fill of core relevance, which greys the neuron's mask this way."""
+    if masks.shape != images.shape[:1] + images.shape[2:]:
+        raise ValueError(f"masks must be (B, H, W) of the images' {tuple(images.shape)}, got {tuple(masks.shape)}")
+    keep = masks.unsqueeze(1).to(images.dtype)
+    return images * (1 - keep) + 0.5 * keep
 
 
 def activation_masks(maps: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
