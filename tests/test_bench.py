@@ -215,13 +215,14 @@ def test_precision_at_3_counts_the_top_3_that_carry_the_focus_value_in_their_dir
 
 def _comparison(similarity_ours: float, similarity_baseline: float, activation_ours: float, top_percent: float, *,
                 value: str = "water", conditioned_on: str = "heart", activation_baseline: float = 0.0,
-                core_relevance: float = 0.0, mask_fraction: float = 0.5):
+                core_relevance: float = 0.0, mask_fraction: float = 0.5, shifted_relevance: float = 0.0,
+                rest_relevance: float = 0.0, class_similarity: float = 0.2, grey_similarity: float = 0.0):
     from explaind.world.illusion_check import NeuronComparison
 
     attribute = "shape" if value in ("circle", "heart") else "background"
     return NeuronComparison("balanced", attribute, value, 3, conditioned_on, similarity_ours, similarity_baseline,
                             similarity_ours / 2, similarity_baseline / 2, activation_ours, activation_baseline, top_percent,
-                            core_relevance, mask_fraction)
+                            core_relevance, mask_fraction, shifted_relevance, rest_relevance, class_similarity, grey_similarity)
 
 
 def test_the_illusion_bench_holds_when_ours_beats_fv_on_average_and_every_neuron_reaches_its_top_percent(monkeypatch):

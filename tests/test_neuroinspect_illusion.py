@@ -837,7 +837,8 @@ def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_an
     the concept detectors of the probe scenes, each image's cosine is to its own
     attribute's prompt (the masked image's apart), the top 1 % is the 99th percentile
     of the neuron's α_n (the head's input) over the probe scenes, and the core relevance
-    and mask share are those of the CLIP-Illusion image."""
+    and mask share are those of the CLIP-Illusion image. Its controls grey, the same way,
+    the mask rolled by half the image, everything but the mask, and the whole image."""
     from explaind.world.clip import CAPTION_WORDS
     from explaind.world.illusion_check import compare_on_known_attributes
     from explaind.world.probes import probe_batch
@@ -862,7 +863,17 @@ def test_each_known_attribute_neuron_is_scored_against_its_attribute_s_prompt_an
               "masked_similarity_ours": attribute_similarity(illusion, ours.masked_images, words),
               "masked_similarity_baseline": attribute_similarity(illusion, baseline.masked_images, words),
               "activation_ours": ours.activations, "activation_baseline": baseline.activations,
-              "core_relevance": ours.core_relevance, "mask_fraction": ours.masks.float().mean(dim=(1, 2))}
+              "core_relevance": ours.core_relevance, "mask_fraction": ours.masks.float().mean(dim=(1, 2)),
+              "class_similarity": ours.clip_similarity}
+    targets = torch.stack([illusion.class_embedding(int(c)) for c in ours.classes])
+    side = ours.images.shape[-1]
+    shifted = torch.cat([ours.masks[:, side // 2:], ours.masks[:, :side // 2]], dim=1)
+    shifted = torch.cat([shifted[:, :, side // 2:], shifted[:, :, :side // 2]], dim=2)
+    with torch.no_grad():
+        for field, greyed in (("shifted_relevance", shifted), ("rest_relevance", ~ours.masks)):
+            keep = greyed.unsqueeze(1).float()
+            scores[field] = ours.clip_similarity - illusion.clip_similarity(ours.images * (1 - keep) + 0.5 * keep, targets)
+        scores["grey_similarity"] = illusion.clip_similarity(torch.full_like(ours.images, 0.5), targets)
     for field, expected_scores in scores.items():
         assert [getattr(c, field) for c in comparisons] == pytest.approx(expected_scores.tolist(), abs=1e-6), field
 

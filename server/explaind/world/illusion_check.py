@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..methods.neuroinspect import ClipIllusion, FeatureExtractor, concept_neurons
+from ..methods.neuroinspect import ClipIllusion, FeatureExtractor, VisualizationResult, concept_neurons, grey_out
 from .assets import ASSETS_DIR, classifier_dir
 from .classifier import WorldClassifier, load_classifier
 from .clip import CAPTION_WORDS, ZERO_SHOT_TEMPLATE, load_world_clip
@@ -65,6 +65,12 @@ class NeuronComparison:
     top_percent: float  # the neuron's top-1 % activation on the probe scenes
     core_relevance: float  # of our image: the cosine to the conditioned class's prompt lost when the mask region is greyed
     mask_fraction: float  # of our image: the share of its pixels in that mask region
+    # Controls of core relevance, each the cosine to the conditioned class's prompt lost
+    # when another region of our image is greyed the same way:
+    shifted_relevance: float  # the mask rolled by half the image each way (the same share, elsewhere)
+    rest_relevance: float  # everything outside the mask
+    class_similarity: float  # of our image: its cosine to the conditioned class's prompt
+    grey_similarity: float  # of a plain 0.5-grey image: its cosine to the conditioned class's prompt
 
     @property
     def own_class(self) -> bool:
@@ -74,6 +80,23 @@ class NeuronComparison:
     @property
     def reaches_top_percent(self) -> bool:
         return self.activation_ours >= self.top_percent
+
+
+def core_relevance_controls(illusion: ClipIllusion, ours: VisualizationResult) -> tuple[torch.Tensor, ...]:
+    """What core relevance is measured against, for each CLIP-Illusion image of ``ours``:
+    the cosine (B,) to its class's prompt lost when the mask rolled by half the image each
+    way is greyed instead of the mask (is the neuron's region worth more than any patch
+    of its size?), the same lost when everything but the mask is greyed, and the cosine
+    (B,) of a plain grey image to that prompt (what greying tends to)."""
+    targets = torch.stack([illusion.class_embedding(int(c)) for c in ours.classes])
+    height, width = ours.masks.shape[-2:]
+    shifted = torch.roll(ours.masks, shifts=(height // 2, width // 2), dims=(1, 2))
+    with torch.no_grad():
+        shifted_relevance = ours.clip_similarity - illusion.clip_similarity(grey_out(ours.images, shifted), targets)
+        rest_relevance = ours.clip_similarity - illusion.clip_similarity(grey_out(ours.images, ~ours.masks), targets)
+        grey = grey_out(ours.images, torch.ones_like(ours.masks))
+        grey_similarity = illusion.clip_similarity(grey, targets)
+    return shifted_relevance, rest_relevance, grey_similarity
 
 
 def compare_on_known_attributes(
@@ -108,12 +131,14 @@ def compare_on_known_attributes(
                       for run, result in (("ours", ours), ("baseline", baseline)) for masked in (False, True)}
     top_percent = top_percent_activations(features, [neuron for *_, neuron in rows])
     mask_fractions = ours.masks.float().mean(dim=(1, 2))
+    shifted_relevance, rest_relevance, grey_similarity = core_relevance_controls(illusion, ours)
     return [
         NeuronComparison(name, attribute, value, neuron, names[int(ours.classes[i])],
                          float(similarity["ours", False][i]), float(similarity["baseline", False][i]),
                          float(similarity["ours", True][i]), float(similarity["baseline", True][i]),
                          float(ours.activations[i]), float(baseline.activations[i]), float(top_percent[i]),
-                         float(ours.core_relevance[i]), float(mask_fractions[i]))
+                         float(ours.core_relevance[i]), float(mask_fractions[i]), float(shifted_relevance[i]),
+                         float(rest_relevance[i]), float(ours.clip_similarity[i]), float(grey_similarity[i]))
         for i, (attribute, value, neuron) in enumerate(rows)
     ]
 
