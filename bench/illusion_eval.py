@@ -29,7 +29,12 @@ class's prompt lost when the neuron's region is greyed) tells core neurons (shap
 neurons conditioned on their own shape) from context neurons (colour, texture,
 background, watermark): mean core relevance and mask share (``mask``, the greyed
 region's share of the image) per group, and for each group of core neurons the ROC AUC
-of each against all context neurons (docs/neuroinspect.md).
+of each against all context neurons (docs/neuroinspect.md). Beside core relevance, its
+controls: ``shifted``, the cosine lost greying the mask rolled by half the image each way
+(the same share elsewhere), with ``own>shift``, the neurons whose own region costs more,
+and ``rest``, the cosine lost greying everything but the mask. A third table gives, per
+conditioned class, the mean cosine of the images to the class's prompt and that of a
+plain 0.5-grey image, the fill that greying tends to.
 
 ``--per-neuron`` adds a row per neuron. Each image's random draws depend only on its
 (neuron, class, seed), but batched kernels round differently per batch shape, so a
@@ -89,13 +94,18 @@ def core_relevance_lines(results: list[NeuronComparison]) -> list[str]:
     groups.append(("shape on another class", [r for r in results if r.attribute == "shape" and not r.own_class]))
     groups.append(("context: every other attribute", context))
     groups += [(f"  {attribute}", [r for r in context if r.attribute == attribute]) for attribute in dict.fromkeys(r.attribute for r in context)]
-    lines = [f"{'neurons':<36}{'n':>4}{'core rel':>10}{'mask':>7}{'AUC rel':>9}{'AUC mask':>10}"]
+    lines = [f"{'neurons':<36}{'n':>4}{'core rel':>10}{'shifted':>9}{'own>shift':>11}{'rest':>7}{'mask':>7}"
+             f"{'AUC rel':>9}{'AUC mask':>10}"]
     for label, group in groups:
         if not group:
             continue
         relevance = sum(r.core_relevance for r in group) / len(group)
+        shifted = sum(r.shifted_relevance for r in group) / len(group)
+        own_costs_more = sum(r.core_relevance > r.shifted_relevance for r in group)
+        rest = sum(r.rest_relevance for r in group) / len(group)
         mask = sum(r.mask_fraction for r in group) / len(group)
-        line = f"{label:<36}{len(group):>4}{relevance:>10.3f}{mask:>7.3f}"
+        line = (f"{label:<36}{len(group):>4}{relevance:>10.3f}{shifted:>9.3f}{f'{own_costs_more}/{len(group)}':>11}"
+                f"{rest:>7.3f}{mask:>7.3f}")
         if context and group[0].own_class:  # a core group: how well each score tells it from the context neurons
             line += (f"{roc_auc([r.core_relevance for r in group], [r.core_relevance for r in context]):>9.2f}"
                      f"{roc_auc([r.mask_fraction for r in group], [r.mask_fraction for r in context]):>10.2f}")
@@ -103,14 +113,28 @@ def core_relevance_lines(results: list[NeuronComparison]) -> list[str]:
     return lines
 
 
+def grey_similarity_lines(results: list[NeuronComparison]) -> list[str]:
+    """Per conditioned class: how many images, their mean CLIP cosine to the class's
+    prompt, and a plain 0.5-grey image's, the fill core relevance greys with. Where the
+    grey scores as high as the images, greying any region cannot cost much."""
+    lines = [f"{'conditioned on':<16}{'n':>4}{'images':>8}{'plain grey':>12}"]
+    for name in dict.fromkeys(r.conditioned_on for r in results):
+        group = [r for r in results if r.conditioned_on == name]
+        images = sum(r.class_similarity for r in group) / len(group)
+        grey = sum(r.grey_similarity for r in group) / len(group)
+        lines.append(f"{name:<16}{len(group):>4}{images:>8.3f}{grey:>12.3f}")
+    return lines
+
+
 def print_tables(results: list[NeuronComparison], per_neuron: bool) -> None:
     if per_neuron:
         print(f"\n{'classifier':<28}{'attribute=value':<22}{'neuron':>7}  {'conditioned on':<15}"
-              f"{'sim ours':>9}{'FV':>8}{'act ours':>9}{'FV':>8}{'top1%':>7}{'core rel':>10}{'mask':>7}")
+              f"{'sim ours':>9}{'FV':>8}{'act ours':>9}{'FV':>8}{'top1%':>7}{'core rel':>10}{'mask':>7}{'shifted':>9}{'rest':>7}")
         for r in results:
             print(f"{r.classifier:<28}{r.attribute + '=' + r.value:<22}{r.neuron:>7}  {r.conditioned_on:<15}"
                   f"{r.similarity_ours:>9.3f}{r.similarity_baseline:>8.3f}{r.activation_ours:>9.2f}"
-                  f"{r.activation_baseline:>8.2f}{r.top_percent:>7.2f}{r.core_relevance:>10.3f}{r.mask_fraction:>7.3f}")
+                  f"{r.activation_baseline:>8.2f}{r.top_percent:>7.2f}{r.core_relevance:>10.3f}{r.mask_fraction:>7.3f}"
+                  f"{r.shifted_relevance:>9.3f}{r.rest_relevance:>7.3f}")
     print("\n== CLIP-Illusion vs feature visualisation on neurons with a known attribute ==")
     print(f"{'classifier / attribute':<40}{'n':>4}{'own':>5}{'sim ours':>9}{'FV':>8}{'wins':>8}{'act>=top1%':>12}{'':>7}"
           f"{'masked ours':>11}{'FV':>8}")
@@ -132,6 +156,8 @@ def print_tables(results: list[NeuronComparison], per_neuron: bool) -> None:
               f"{r.conditioned_on}: {r.activation_ours:.2f} < {r.top_percent:.2f} (FV {r.activation_baseline:.2f})")
     print("\n== Core relevance of the CLIP-Illusion images: core (own shape) against context neurons ==")
     print("\n".join(core_relevance_lines(results)))
+    print("\n== CLIP cosine to the conditioned class's prompt: the images against a plain 0.5-grey image ==")
+    print("\n".join(grey_similarity_lines(results)))
 
 
 def main() -> None:

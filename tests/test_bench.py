@@ -5,6 +5,7 @@ reader copies from the README runs, and says what its options mean, and that the
 acceptance numbers the NeuroInspect benches print follow their definitions (the scripts'
 functions imported, on small hand-built cases)."""
 
+import collections
 import os
 import re
 import subprocess
@@ -308,28 +309,42 @@ def test_the_illusion_bench_tells_core_relevance_of_own_shape_neurons_from_conte
 
     def rows(*comparisons):
         lines = illusion.core_relevance_lines(list(comparisons))
-        assert lines[0].split() == ["neurons", "n", "core", "rel", "mask", "AUC", "rel", "AUC", "mask"]
+        assert lines[0].split() == ["neurons", "n", "core", "rel", "shifted", "own>shift", "rest", "mask", "AUC", "rel", "AUC", "mask"]
         return [(line[:36].strip(), line[36:].split()) for line in lines[1:]]
 
-    def scored(value, conditioned_on, core_relevance, mask_fraction):
-        return _comparison(0.3, 0.2, 2.0, 1.0, value=value, conditioned_on=conditioned_on,
-                           core_relevance=core_relevance, mask_fraction=mask_fraction)
+    def scored(value, conditioned_on, core_relevance, mask_fraction, shifted_relevance, rest_relevance):
+        return _comparison(0.3, 0.2, 2.0, 1.0, value=value, conditioned_on=conditioned_on, core_relevance=core_relevance,
+                           mask_fraction=mask_fraction, shifted_relevance=shifted_relevance, rest_relevance=rest_relevance)
 
-    heart = scored("heart", "heart", 0.4, 0.2)
-    circle = scored("circle", "circle", 0.1, 0.6)
-    water = [scored("water", "heart", 0.2, 0.3), scored("water", "circle", 0.05, 0.5)]
-    other_class = scored("circle", "heart", 0.9, 0.5)  # neither core nor context: in no mean or AUC but its own
+    heart = scored("heart", "heart", 0.4, 0.2, 0.1, 0.05)
+    circle = scored("circle", "circle", 0.1, 0.6, 0.3, 0.2)
+    water = [scored("water", "heart", 0.2, 0.3, 0.2, 0.5),  # a tie: its own region does not cost more
+             scored("water", "circle", 0.05, 0.5, 0.0, 0.3)]
+    other_class = scored("circle", "heart", 0.9, 0.5, 0.7, 0.1)  # neither core nor context: in no mean or AUC but its own
     # AUC of core {0.4, 0.1} against context {0.2, 0.05}: 3 of 4 pairs ordered; of the masks {0.2, 0.6} against {0.3, 0.5}: 2 of 4.
     assert rows(heart, water[0], circle, other_class, water[1]) == [
-        ("core: shape on its own class", ["2", "0.250", "0.400", "0.75", "0.50"]),
-        ("heart", ["1", "0.400", "0.200", "1.00", "0.00"]),
-        ("circle", ["1", "0.100", "0.600", "0.50", "1.00"]),
-        ("shape on another class", ["1", "0.900", "0.500"]),
-        ("context: every other attribute", ["2", "0.125", "0.400"]),
-        ("background", ["2", "0.125", "0.400"]),
+        ("core: shape on its own class", ["2", "0.250", "0.200", "1/2", "0.125", "0.400", "0.75", "0.50"]),
+        ("heart", ["1", "0.400", "0.100", "1/1", "0.050", "0.200", "1.00", "0.00"]),
+        ("circle", ["1", "0.100", "0.300", "0/1", "0.200", "0.600", "0.50", "1.00"]),
+        ("shape on another class", ["1", "0.900", "0.700", "1/1", "0.100", "0.500"]),
+        ("context: every other attribute", ["2", "0.125", "0.100", "1/2", "0.400", "0.400"]),
+        ("background", ["2", "0.125", "0.100", "1/2", "0.400", "0.400"]),
     ]
     # Without context neurons there is nothing to tell the core ones from: no AUC.
-    assert rows(heart) == [("core: shape on its own class", ["1", "0.400", "0.200"]), ("heart", ["1", "0.400", "0.200"])]
+    alone = ["1", "0.400", "0.100", "1/1", "0.050", "0.200"]
+    assert rows(heart) == [("core: shape on its own class", alone), ("heart", alone)]
+
+
+def test_the_illusion_bench_sets_a_plain_grey_image_s_cosine_beside_the_images_per_conditioned_class(monkeypatch):
+    illusion = _bench_module("illusion_eval", monkeypatch)
+
+    def scored(conditioned_on, class_similarity, grey_similarity):
+        return _comparison(0.3, 0.2, 2.0, 1.0, conditioned_on=conditioned_on, class_similarity=class_similarity,
+                           grey_similarity=grey_similarity)
+
+    lines = illusion.grey_similarity_lines([scored("heart", 0.2, 0.1), scored("circle", 0.3, -0.2), scored("heart", 0.4, 0.2)])
+    assert lines[0].split() == ["conditioned", "on", "n", "images", "plain", "grey"]
+    assert [line.split() for line in lines[1:]] == [["heart", "2", "0.300", "0.150"], ["circle", "1", "0.300", "-0.200"]]
 
 
 def test_the_illusion_bench_prints_the_core_relevance_table_of_the_neurons_it_visualised():
@@ -343,15 +358,24 @@ def test_the_illusion_bench_prints_the_core_relevance_table_of_the_neurons_it_vi
     assert run.returncode == 0, run.stderr
     per_neuron = run.stdout.split("\n\nclassifier ", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     table = run.stdout.split("(own shape) against context neurons ==\n", 1)[1]
-    neurons = [line.split() for line in per_neuron]  # classifier, attribute=value, neuron, class, ..., core rel, mask
-    core = [float(n[-2]) for n in neurons if n[1] == f"shape={n[3]}"]
-    context = [float(n[-2]) for n in neurons if not n[1].startswith("shape=")]
+    table, grey_table = table.split("\n\n== CLIP cosine to the conditioned class's prompt: the images against a plain 0.5-grey image ==\n")
+    # classifier, attribute=value, neuron, class, ..., core rel, mask, shifted, rest
+    neurons = [line.split() for line in per_neuron]
+    core = [[float(x) for x in n[-4:]] for n in neurons if n[1] == f"shape={n[3]}"]
+    context = [[float(x) for x in n[-4:]] for n in neurons if not n[1].startswith("shape=")]
     rows = {line[:36].strip(): line[36:].split() for line in table.splitlines()[1:]}
     assert core and context, run.stdout
-    assert rows["core: shape on its own class"][0] == str(len(core)) and rows["context: every other attribute"][0] == str(len(context))
-    assert float(rows["core: shape on its own class"][1]) == pytest.approx(sum(core) / len(core), abs=1e-3)
-    assert float(rows["context: every other attribute"][1]) == pytest.approx(sum(context) / len(context), abs=1e-3)
-    assert 0 <= float(rows["core: shape on its own class"][3]) <= 1 and len(rows["context: every other attribute"]) == 3, table
+    for label, group in (("core: shape on its own class", core), ("context: every other attribute", context)):
+        count, relevance, shifted, own_costs_more, rest, mask = rows[label][:6]
+        assert count == str(len(group)), table
+        for printed, column in ((relevance, 0), (mask, 1), (shifted, 2), (rest, 3)):
+            assert float(printed) == pytest.approx(sum(n[column] for n in group) / len(group), abs=1e-3), (label, column)
+        # The rows are rounded: a tie among them may have been a win either way.
+        assert (sum(n[0] > n[2] for n in group) <= int(own_costs_more.split("/")[0]) <= sum(n[0] >= n[2] for n in group)
+                and own_costs_more.endswith(f"/{len(group)}")), table
+    assert 0 <= float(rows["core: shape on its own class"][6]) <= 1 and len(rows["context: every other attribute"]) == 6, table
+    grey = {line.split()[0]: line.split()[1:] for line in grey_table.strip().splitlines()[1:]}
+    assert {name: int(row[0]) for name, row in grey.items()} == collections.Counter(n[3] for n in neurons), grey_table
 
 
 def test_the_eval_bench_ranks_on_one_half_of_the_test_split_and_edits_and_scores_on_the_other(monkeypatch):
