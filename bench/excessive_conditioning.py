@@ -171,7 +171,7 @@ def main() -> None:
 
     from explaind.world.assets import classifier_dir, clip_dir
     from explaind.world.classifier import load_classifier
-    from explaind.world.probes import probe_batch
+    from explaind.world.probes import one_sided_values, probe_batch
     from explaind.world.render import ATTRIBUTE_VALUES
     from explaind.world.scenarios import get_scenario
 
@@ -189,8 +189,7 @@ def main() -> None:
                      f"its classes: {', '.join(model.config.class_names)}")
     # A value's AUC against the rest (its neurons' strongest values) needs scenes with it and without it.
     probe = probe_batch(args.probe_size, seed=0)
-    unseen = [f"{attribute} {value}" for attribute in ATTRIBUTES for value in ATTRIBUTE_VALUES[attribute]
-              if not 0 < int((probe.attributes[attribute] == value).sum()) < args.probe_size]
+    unseen = one_sided_values(probe, {attribute: ATTRIBUTE_VALUES[attribute] for attribute in ATTRIBUTES})
     if unseen:
         parser.error(f"argument --probe-size: {args.probe_size} probe scenes leave no scene with, or none without, "
                      f"{', '.join(unseen)}; take more")

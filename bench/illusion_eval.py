@@ -51,7 +51,7 @@ from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
 from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.scenarios import scenario_names
 
-from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
+from _cli import bench_parser, finite_number, positive_int, share  # bench/, the script's directory, is on sys.path
 
 if TYPE_CHECKING:
     from explaind.world.illusion_check import NeuronComparison
@@ -165,9 +165,9 @@ def main() -> None:
     parser.add_argument("--classifiers", default=",".join(scenario_names()), help="comma-separated world classifiers")
     parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<scenario> and clip")
     parser.add_argument("--per-value", type=positive_int, default=3, help="strongest neurons taken per attribute value")
-    parser.add_argument("--min-auc", type=float, default=0.9, help="probe ROC AUC that makes an attribute a neuron's known one")
+    parser.add_argument("--min-auc", type=share, default=0.9, help="probe ROC AUC that makes an attribute a neuron's known one")
     parser.add_argument("--steps", type=positive_int, default=400, help="optimisation steps per image")
-    parser.add_argument("--epsilon", type=float, default=WORLD_CLIP_ILLUSION_EPSILON, help="CLIP-Illusion's ε")
+    parser.add_argument("--epsilon", type=finite_number, default=WORLD_CLIP_ILLUSION_EPSILON, help="CLIP-Illusion's ε")
     parser.add_argument("--probe-size", type=positive_int, default=600, help="attribute-independent probe scenes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe scenes and the optimisation")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (of each worker with --workers > 1)")
@@ -180,11 +180,20 @@ def main() -> None:
     # After the arguments: --help and a usage error answer without the seconds of open_clip.
     import torch
 
+    from explaind.world.assets import clip_dir
+    from explaind.world.clip import CAPTION_WORDS, CHECKPOINT_NAME
     from explaind.world.illusion_check import compare_shipped_classifiers
+    from explaind.world.probes import one_sided_values, probe_batch
 
     torch.set_num_threads(args.threads)
 
     assets = Path(args.assets)
+    # Refused now, not with a traceback after the first classifier's minutes.
+    if not (clip_dir(assets) / CHECKPOINT_NAME).is_file():
+        parser.error(f"argument --assets: no world CLIP under {clip_dir(assets)} (build it with python -m explaind.world.clip)")
+    if unseen := one_sided_values(probe_batch(args.probe_size, seed=args.seed), CAPTION_WORDS):
+        parser.error(f"argument --probe-size: {args.probe_size} probe scenes leave no scene with, or none without, "
+                     f"{', '.join(unseen)}; take more")
     names = []
     for name in args.classifiers.split(","):
         if (classifier_dir(name, assets) / "model.safetensors").is_file():

@@ -304,6 +304,23 @@ def test_the_excessive_conditioning_bench_refuses_before_its_work_what_would_fai
     assert refused.returncode == 2 and f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused.stderr
 
 
+def test_the_illusion_bench_refuses_before_its_work_what_would_fail_after_it(tmp_path):
+    # Each ended in a traceback (exit 1), most after a classifier's minutes of work.
+    script = str(BENCH / "illusion_eval.py")
+    for option in ("--epsilon", "--min-auc"):
+        refused = _run(script, option, "nan")
+        assert refused.returncode == 2 and f"argument {option}: expected " in refused.stderr and "'nan'" in refused.stderr, refused.stderr
+    from explaind.world.assets import clip_dir
+    from explaind.world.clip import CHECKPOINT_NAME
+
+    if not (clip_dir() / CHECKPOINT_NAME).is_file():
+        pytest.skip("world CLIP not built yet")
+    refused = _run(script, "--probe-size", "1")
+    assert refused.returncode == 2 and "argument --probe-size: 1 probe scenes leave no scene with, or none without, shape " in refused.stderr
+    refused = _run(script, "--assets", str(tmp_path))
+    assert refused.returncode == 2 and f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused.stderr
+
+
 def test_the_illusion_bench_tells_core_relevance_of_own_shape_neurons_from_context_neurons_by_roc_auc(monkeypatch):
     illusion = _bench_module("illusion_eval", monkeypatch)
 

@@ -6,6 +6,8 @@ explanation methods: no attribute is correlated with the class or with another o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 
 from .render import ATTRIBUTE_VALUES, SceneSpec, render, whole_number
@@ -30,3 +32,10 @@ def probe_batch(size: int = 1200, *, seed: int = 0, image_size: int = 64) -> Wor
         for i in range(size)
     ]
     return collate([render(spec) for spec in specs])
+
+
+def one_sided_values(probe: WorldBatch, values: Mapping[str, Iterable[str]]) -> list[str]:
+    """"attribute value" for each of ``values`` that no scene of ``probe`` shows, or every
+    scene does: a neuron's ROC AUC for it against the rest is undefined (a small probe)."""
+    return [f"{attribute} {value}" for attribute, attribute_values in values.items() for value in attribute_values
+            if not 0 < int((probe.attributes[attribute] == value).sum()) < len(probe.attributes[attribute])]
