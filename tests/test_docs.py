@@ -59,6 +59,8 @@ def _default_shown(value: object, cell: str) -> bool:
         return cell.startswith("`[]`")
     if isinstance(value, dict) and not value:
         return cell.startswith("`{}`")
+    if isinstance(value, bool):  # before int, which it is: TOML's spelling
+        return cell.startswith(f"`{str(value).lower()}`")
     if isinstance(value, (int, float)):
         number = int(value) if float(value).is_integer() else value
         shown = {f"`{number}`", f"{number} "}

@@ -140,6 +140,8 @@ class ClassifierVersion:
     # 0: images are stretched to image_size; else shorter side to this, then centre crop.
     resize_size: int = 0
     interpolation: str = "bilinear"
+    # JPEG files decoded at a reduced scale ([classifier].jpeg_reduced_decode, InputGeometry).
+    jpeg_reduced_decode: bool = False
     # Why an inference-only classifier (no head) is not split, and what would split it.
     inference_only_reason: str = ""
     # (mean, std) pixels in [0, 1] are normalised by before the model; both (): none.
@@ -153,14 +155,16 @@ class ClassifierVersion:
     @functools.cached_property
     def input_geometry(self) -> InputGeometry:
         """How images of any size become this model's (image_size, image_size) input."""
-        return InputGeometry(self.image_size, self.resize_size, self.interpolation)
+        return InputGeometry(self.image_size, self.resize_size, self.interpolation, self.jpeg_reduced_decode)
 
     @functools.cached_property  # read on every Predict
     def feature_cache_key(self) -> str:
         """What a stored image's cached features depend on: h_b, how its file is decoded and
         how the image is fitted to its input (a head version's identity, ``feature_version``,
-        is h_b's alone)."""
-        return hashlib.sha256(f"{self.feature_version}:{self.input_geometry}:decoding {DECODING_VERSION}".encode()).hexdigest()
+        is h_b's alone). A JPEG decoded at a reduced scale is named apart, as the geometry's
+        repr leaves it out: keys made without it are those of earlier releases."""
+        reduced = ", JPEG reduced" if self.jpeg_reduced_decode else ""
+        return hashlib.sha256(f"{self.feature_version}:{self.input_geometry}:decoding {DECODING_VERSION}{reduced}".encode()).hexdigest()
 
     @property
     def supports_features(self) -> bool:
@@ -260,6 +264,7 @@ def split_classifier(
     image_size: int,
     resize_size: int = 0,
     interpolation: str = "bilinear",
+    jpeg_reduced_decode: bool = False,
     preprocess: Preprocess,
 ) -> ClassifierVersion:
     """Split ``model`` by module names and check that ``head(h_b(x)) == model(x)``, to
@@ -319,6 +324,7 @@ def split_classifier(
         head_version=_hash_module(head_module),
         resize_size=resize_size,
         interpolation=interpolation,
+        jpeg_reduced_decode=jpeg_reduced_decode,
         normalization=preprocess.normalization,
         _tap=tap,
     )
@@ -328,7 +334,7 @@ def _fitting(section: ClassifierSection, resize_size: int = 0, interpolation: st
     """How images are fitted to the input: what the config sets, else the model's own
     (``resize_size`` and ``interpolation`` of torchvision weights by name)."""
     return {"resize_size": resize_size if section.resize_size is None else section.resize_size,
-            "interpolation": section.interpolation or interpolation}
+            "interpolation": section.interpolation or interpolation, "jpeg_reduced_decode": section.jpeg_reduced_decode}
 
 
 def _check_resize_size(resize_size: int, image_size: int) -> None:
