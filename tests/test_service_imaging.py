@@ -504,3 +504,67 @@ def test_a_file_with_an_unreadable_exif_block_or_orientation_decodes_to_its_stor
     # The blocks are built as a readable one is: the SHORT 6 of a camera turns the pixels.
     readable = _exif_orientation_entry(3, 1, struct.pack("<H", 6))
     assert np.array_equal(decode_pixels(png(readable), field="f"), np.rot90(pixels, -1))
+
+
+def _smooth_jpeg(width: int, height: int, *, exif: Image.Exif | None = None, format: str = "JPEG") -> bytes:
+    """A ``width`` x ``height`` file of gradients and a hard edge, as photographs are, quality 90."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    pixels = np.stack([columns * 255 // width, rows * 255 // height, np.where(columns < width // 3, 40, 200)], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    options = ({} if exif is None else {"exif": exif}) | ({"save_all": True, "append_images": [Image.new("RGB", (8, 8))]} if format == "MPO" else {})
+    Image.fromarray(pixels).save(buffer, format=format, quality=90, **options)
+    return buffer.getvalue()
+
+
+def test_the_reduced_jpeg_decode_keeps_twice_the_side_the_fit_resizes_from_and_only_when_asked():
+    # The shorter side is resized to resize_size; stretched (0), both sides to size. Twice
+    # that leaves the antialiased resize most of the reduction (bench/jpeg_reduced_decode.py).
+    assert InputGeometry(16, 20, jpeg_reduced_decode=True).jpeg_min_side == 40
+    assert InputGeometry(16, 0, jpeg_reduced_decode=True).jpeg_min_side == 32
+    assert InputGeometry(16, 20).jpeg_min_side == InputGeometry(16).jpeg_min_side == 0  # off unless chosen: decoded whole
+
+
+@pytest.mark.parametrize("format", ["JPEG", "MPO"])  # a camera's JPEG with a multi-picture segment opens as MPO
+def test_a_jpeg_decodes_at_the_largest_reduction_that_keeps_both_sides_at_least_the_side_asked_for(format):
+    data = _smooth_jpeg(160, 96, format=format)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == format
+    assert decode_pixels(data, field="f").shape == (96, 160, 3)
+    # 1/4 would make the 96 rows 24, below 40: 1/2. Asked for 24, 1/4; for 12, 1/8, the most there is.
+    assert decode_pixels(data, field="f", jpeg_min_side=40).shape == (48, 80, 3)
+    assert decode_pixels(data, field="f", jpeg_min_side=24).shape == (24, 40, 3)
+    assert decode_pixels(data, field="f", jpeg_min_side=6).shape == (12, 20, 3)
+
+
+def test_a_jpeg_turned_by_its_exif_orientation_is_reduced_as_stored_then_turned():
+    # The side asked for holds whichever way the Orientation turns the stored image.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone held upright: 90 degrees clockwise
+    stored, turned = _smooth_jpeg(160, 96), _smooth_jpeg(160, 96, exif=exif)
+    reduced = decode_pixels(turned, field="f", jpeg_min_side=40)
+    assert reduced.shape == (80, 48, 3)
+    assert np.array_equal(reduced, np.rot90(decode_pixels(stored, field="f", jpeg_min_side=40), -1))
+
+
+@pytest.mark.parametrize("format", ["PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_only_jpeg_files_are_decoded_at_a_reduced_scale(format):
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    data = _encoded(pixels, format)
+    assert np.array_equal(decode_pixels(data, field="f", jpeg_min_side=40), decode_pixels(data, field="f"))
+
+
+@pytest.mark.parametrize("resize_size", [0, 20])
+def test_a_jpeg_decoded_at_a_reduced_scale_fits_to_nearly_the_input_of_the_whole_image(resize_size):
+    # Not the same pixels (the classifier was trained on the whole image resized), hence
+    # opt-in; on a smooth photo-like file within a few levels of 255.
+    data = _smooth_jpeg(320, 192)
+    whole, reduced = InputGeometry(16, resize_size), InputGeometry(16, resize_size, jpeg_reduced_decode=True)
+    expected = decode_encoded(data, field="f", geometry=whole)
+    fitted = decode_encoded(data, field="f", geometry=reduced)
+    assert fitted.shape == expected.shape == (3, 16, 16)
+    difference = (fitted - expected).abs() * 255
+    assert 0 < float(difference.mean()) < 0.5 and float(difference.max()) < 4  # decoded at 1x the side: 0.8 and 12
+    # Off, the file decodes whole as it did before the option: the same pixels bit for bit.
+    assert torch.equal(expected, decode_encoded(data, field="f", geometry=InputGeometry(16, resize_size, "bilinear", False)))
+    whole_pixels = torch.from_numpy(np.array(decode_pixels(data, field="f"))).permute(2, 0, 1)
+    assert torch.equal(expected, whole.fit(whole_pixels) / np.float32(255))
