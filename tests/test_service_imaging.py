@@ -524,16 +524,20 @@ def test_the_reduced_jpeg_decode_keeps_twice_the_side_the_fit_resizes_from_and_o
     assert InputGeometry(16, 20).jpeg_min_side == InputGeometry(16).jpeg_min_side == 0  # off unless chosen: decoded whole
 
 
+@pytest.mark.parametrize("landscape", [True, False])
 @pytest.mark.parametrize("format", ["JPEG", "MPO"])  # a camera's JPEG with a multi-picture segment opens as MPO
-def test_a_jpeg_decodes_at_the_largest_reduction_that_keeps_both_sides_at_least_the_side_asked_for(format):
-    data = _smooth_jpeg(160, 96, format=format)
+def test_a_jpeg_decodes_at_the_largest_reduction_that_keeps_both_sides_at_least_the_side_asked_for(format, landscape):
+    def shape(long: int, short: int) -> tuple[int, int, int]:
+        return (short, long, 3) if landscape else (long, short, 3)
+
+    data = _smooth_jpeg(*(shape(160, 96)[1::-1]), format=format)
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == format
-    assert decode_pixels(data, field="f").shape == (96, 160, 3)
-    # 1/4 would make the 96 rows 24, below 40: 1/2. Asked for 24, 1/4; for 12, 1/8, the most there is.
-    assert decode_pixels(data, field="f", jpeg_min_side=40).shape == (48, 80, 3)
-    assert decode_pixels(data, field="f", jpeg_min_side=24).shape == (24, 40, 3)
-    assert decode_pixels(data, field="f", jpeg_min_side=6).shape == (12, 20, 3)
+    assert decode_pixels(data, field="f").shape == shape(160, 96)
+    # 1/4 would make the 96 pixels of the short side 24, below 40: 1/2. Asked for 24, 1/4; for 12, 1/8, the most there is.
+    assert decode_pixels(data, field="f", jpeg_min_side=40).shape == shape(80, 48)
+    assert decode_pixels(data, field="f", jpeg_min_side=24).shape == shape(40, 24)
+    assert decode_pixels(data, field="f", jpeg_min_side=6).shape == shape(20, 12)
 
 
 def test_a_jpeg_turned_by_its_exif_orientation_is_reduced_as_stored_then_turned():
