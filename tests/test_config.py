@@ -209,7 +209,7 @@ def test_the_classifier_keys_a_loader_leaves_unused_are_warned_of_by_name(tmp_pa
     # A path beside loader "torchvision" was ignored without a word: its reader believed it served that file.
     every_key = {"loader": loader, "name": "resnet18", "weights": "w.pth", "factory": "tiny_net:build", "factory_kwargs": {"width": 4},
                  "feature_layer": "layer3", "head": "fc", "class_names": ["a", "b"], "image_size": 64, "resize_size": 72,
-                 "interpolation": "bicubic", "mean": [0.5], "std": [0.25]}
+                 "interpolation": "bicubic", "jpeg_reduced_decode": True, "mean": [0.5], "std": [0.25]}
     config = load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=every_key))
     ignored = [f"[classifier].{key}" for key in LOADER_IGNORES[loader]]
     warnings = ignored_keys(config)
@@ -253,6 +253,15 @@ def test_a_resize_size_below_the_configured_image_size_stops_the_start_as_the_co
     assert config_with(tmp_path, classifier_dir, "classifier.resize_size", 0, image_size=64).classifier.resize_size == 0  # stretched
     # The model's own size (image_size 0) is known only as it loads, which checks it then.
     assert config_with(tmp_path, classifier_dir, "classifier.resize_size", 16).classifier.resize_size == 16
+
+
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_jpeg_reduced_decode_takes_true_or_false_and_refuses_another_value_by_name(tmp_path, classifier_dir, value):
+    # A TOML 1 or "yes" is no boolean: read as true it would change the pixels every model sees.
+    assert default_config().classifier.jpeg_reduced_decode is False
+    assert config_with(tmp_path, classifier_dir, "classifier.jpeg_reduced_decode", True).classifier.jpeg_reduced_decode is True
+    with pytest.raises(ConfigError, match=re.escape(f"c.toml: [classifier].jpeg_reduced_decode must be a bool, got {value!r}")):
+        config_with(tmp_path, classifier_dir, "classifier.jpeg_reduced_decode", value)
 
 
 @pytest.mark.parametrize(("factory", "refused"), [
