@@ -44,7 +44,7 @@ from explaind.engine.core import BLOB_WRITE_THREADS
 from explaind.engine.models import Preprocess, load_classifier
 from explaind.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, PermissionDenied,
                              ResourceExhausted, Unavailable)
-from explaind.imaging import InputGeometry, decode_array, decode_encoded, encode_png
+from explaind.imaging import DECODING_VERSION, InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
@@ -2121,6 +2121,32 @@ def test_features_an_earlier_release_cached_from_differently_decoded_pixels_are_
     engine.store.put_features(earlier_key, {digest: np.full(version.feature_dim, 7.0, dtype=np.float32)})
     upright = version.features(engine.load_sample_image(digest)[None].to(engine.device))
     torch.testing.assert_close(engine.sample_set_features("photos").features, upright)
+
+
+def test_features_of_a_jpeg_decoded_at_a_reduced_scale_are_cached_apart_and_are_those_predict_computes(engine):
+    # [classifier].jpeg_reduced_decode moves a JPEG's pixels slightly: features cached with
+    # one setting must not serve the other, and an evaluation must see what Predict sees.
+    from explaind.service.convert import decode_image
+    from explaind.v1 import common_pb2
+
+    rows, columns = np.mgrid[0:288, 0:320]  # at least twice 2 x 64 a side: decoded at 1/2
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([columns % 256, rows % 256, (rows + columns) % 256], axis=-1).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    engine.create_sample_set("photos", "", [NewSample(buffer.getvalue(), 1)])
+    version = engine.models.active
+    reduced = load_classifier(dataclasses.replace(default_config().classifier, jpeg_reduced_decode=True))
+    assert reduced.input_geometry == dataclasses.replace(version.input_geometry, jpeg_reduced_decode=True)
+    assert reduced.feature_version == version.feature_version and reduced.feature_cache_key != version.feature_cache_key
+    # Off, the key is the one releases before the option made: their cached features stay in use.
+    earlier = f"InputGeometry(size={version.image_size}, resize_size={version.resize_size}, interpolation={version.interpolation!r})"
+    assert version.feature_cache_key == hashlib.sha256(f"{version.feature_version}:{earlier}:decoding {DECODING_VERSION}".encode()).hexdigest()
+    whole = engine.sample_set_features("photos").features
+    engine.activate(reduced)
+    predicted = reduced.features(decode_image(common_pb2.Image(encoded=buffer.getvalue()), field="images[0]",
+                                              geometry=engine.models.active.input_geometry)[None].to(engine.device))
+    evaluated = engine.sample_set_features("photos").features
+    torch.testing.assert_close(evaluated, predicted)
+    assert not torch.allclose(evaluated, whole)
 
 
 def test_cached_features_are_all_found_however_many_are_asked_for_at_once(tmp_path):
