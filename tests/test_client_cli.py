@@ -2198,6 +2198,7 @@ def test_info_prints_the_served_models_and_json_with_every_class(server, capsys)
     classifier = meta.components["classifier"]
     assert f"classifier  loaded: {classifier.detail}, from {classifier.source}\n" in text
     assert info["capabilities"] == list(meta.capabilities) and f"honours     {', '.join(meta.capabilities)}\n" in text
+    assert info["jpeg_reduced_decode"] is False and "decoded at reduced scale" not in text  # off by default
     # The world's classifier normalises its images itself.
     assert info["normalization"] == {"mean": [], "std": []} and "; pixels in [0, 1], not normalised)\n" in text
 
@@ -2254,6 +2255,11 @@ def test_info_says_how_images_are_fitted_what_the_model_cannot_do_and_the_reques
         "std 0.229, 0.224, 0.225)")
     assert printed(dataclasses.replace(meta, normalization=Normalization((), ())))[1] == (
         "            input 224x224 (shorter side resized to 256, centre crop, bicubic; pixels in [0, 1], not normalised)")
+    # A JPEG decoded at a reduced scale is fitted from other pixels than the whole image's.
+    assert printed(dataclasses.replace(meta, jpeg_reduced_decode=True))[1] == (
+        "            input 224x224 (shorter side resized to 256, centre crop, bicubic, JPEG files decoded at reduced scale)")
+    assert printed(dataclasses.replace(meta, resize_size=0, interpolation="", jpeg_reduced_decode=True))[1] == (
+        "            input 224x224 (images stretched to it, JPEG files decoded at reduced scale)")
 
 
 def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_the_rest(capsys):

@@ -3671,6 +3671,29 @@ def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
     assert (meta.components["classifier"].source, meta.components["classifier"].detail) == (meta.source, "world:balanced (world)")
 
 
+class _FittingServer(inference_pb2_grpc.InferenceServiceServicer):
+    """Answers GetModelMetadata with ``classifier`` alone."""
+
+    def __init__(self, classifier: inference_pb2.ClassifierInfo) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(classifier=self.classifier)
+
+
+def test_model_metadata_says_whether_jpeg_files_are_decoded_at_a_reduced_scale_and_an_older_server_decodes_them_whole():
+    for classifier, expected in [(inference_pb2.ClassifierInfo(resize_size=256, jpeg_reduced_decode=True), True),
+                                 (inference_pb2.ClassifierInfo(resize_size=256), False)]:  # an older server sets no such field
+        server, target = _serve(_FittingServer(classifier), add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+        try:
+            with Client(target, timeout=30) as client:
+                meta = client.model_metadata()
+        finally:
+            server.stop(0)
+        assert (meta.resize_size, meta.jpeg_reduced_decode) == (256, expected)
+
+
 def test_health_is_asked_of_the_service_named(client):
     from explaind.client import NotFoundError
 

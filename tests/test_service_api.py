@@ -134,6 +134,7 @@ def test_metadata_describes_the_split_classifier(client, world_model, classifier
     meta = client.model_metadata()
     assert meta.class_names == list(world_model.config.class_names)
     assert (meta.feature_layer, meta.head, meta.feature_dim, meta.image_size, meta.resize_size) == ("layer3", "fc", 128, 64, 0)
+    assert not meta.jpeg_reduced_decode  # off unless [classifier].jpeg_reduced_decode chooses it
     assert meta.supports_features and meta.backend == "eager"
     assert meta.components["classifier"].loaded
     assert not meta.components["clip"].loaded and meta.components["clip"].detail == "not configured"
@@ -143,10 +144,11 @@ def test_metadata_describes_the_split_classifier(client, world_model, classifier
 
 def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(server_factory, world_model, capsys):
     # Predict and the jobs on stored samples fit images alike: what the model sees is the
-    # centre crop, whatever the image's aspect ratio.
+    # centre crop, whatever the image's aspect ratio. A reduced JPEG decode leaves raw
+    # pixels (and the PNGs they are stored as) as they are, and info says it is on.
     from explaind.imaging import InputGeometry, decode_array
 
-    server = server_factory(classifier={"resize_size": 80}, batching={"max_queue_delay_ms": 2.0, "max_queued_images_per_caller": 64})
+    server = server_factory(classifier={"resize_size": 80, "jpeg_reduced_decode": True}, batching={"max_queue_delay_ms": 2.0, "max_queued_images_per_caller": 64})
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 96, 3), (120, 70, 3), (80, 80, 3), (50, 200, 3)] * 3]
     labels = [i % 6 for i in range(len(pixels))]
@@ -162,7 +164,7 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
         # Results holding arrays compare by value (== raised, an array's truth being ambiguous).
         assert evaluation == operation.result(timeout=60) and predictions == client.predict(pixels, top_k=6)
         assert evaluation != dataclasses.replace(evaluation, confusion_matrix=evaluation.confusion_matrix + 1)
-    assert (meta.image_size, meta.resize_size) == (64, 80)
+    assert (meta.image_size, meta.resize_size, meta.jpeg_reduced_decode) == (64, 80, True)
     assert (meta.max_queue_delay_seconds, meta.max_queued_images_per_caller) == (0.002, 64)  # the batcher's, in seconds
     for prediction, probabilities in zip(predictions, expected, strict=True):
         np.testing.assert_allclose(prediction.probabilities, probabilities[prediction.class_indices].numpy(), atol=1e-5)
@@ -174,7 +176,8 @@ def test_a_resize_size_fits_every_image_by_its_shorter_side_and_centre_crop(serv
     assert [tuple(cell) for cell in evaluation.confusion_cells] == sorted(((l, p, confusion[l, p]) for l, p in zip(*np.nonzero(confusion))),
                                                                           key=lambda cell: -cell[2])
     assert cli_main(["--target", server.target, "info"]) == 0
-    assert "input 64x64 (shorter side resized to 80, centre crop, bilinear; pixels in [0, 1], not normalised)" in capsys.readouterr().out
+    assert ("input 64x64 (shorter side resized to 80, centre crop, bilinear, JPEG files decoded at reduced scale; pixels in [0, 1], "
+            "not normalised)") in capsys.readouterr().out
 
 
 def test_a_torchscript_classifier_starts_without_a_futurewarning_in_the_log(server_factory, tmp_path):

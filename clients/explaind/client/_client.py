@@ -634,9 +634,9 @@ class Client:
 
     def model_metadata(self) -> ModelMetadata:
         """What the server serves: the classifier (class names, feature dim D, input size
-        and how images are fitted to it: ``resize_size``, ``interpolation``, ``normalization``; the serving
-        head's ``model_version``), its components (CLIP, diffusion), batching and
-        per-request limits."""
+        and how images are fitted to it: ``resize_size``, ``interpolation``,
+        ``jpeg_reduced_decode``, ``normalization``; the serving head's ``model_version``),
+        its components (CLIP, diffusion), batching and per-request limits."""
         response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
         c = response.classifier
         return ModelMetadata(
@@ -666,6 +666,7 @@ class Client:
             max_queued_images_per_caller=response.batching.max_queued_images_per_caller,
             capabilities=tuple(response.capabilities),
             normalization=Normalization(tuple(c.normalization.mean), tuple(c.normalization.std)) if c.HasField("normalization") else None,
+            jpeg_reduced_decode=c.jpeg_reduced_decode,
         )
 
     # Predict -------------------------------------------------------------------------

@@ -172,6 +172,9 @@ class ModelMetadata(AbbreviatedRepr):
     capabilities: tuple[str, ...] = ()
     # None from a server that does not say.
     normalization: Normalization | None = None
+    # JPEG files are decoded at a reduced scale before they are fitted, slightly unlike the
+    # whole image ([classifier].jpeg_reduced_decode); False from a server that does not say.
+    jpeg_reduced_decode: bool = False
 
 
 @dataclass(frozen=True, repr=False)

@@ -603,6 +603,7 @@ def _print_metadata(meta: ModelMetadata) -> None:
     print(f"            {len(meta.class_names)} classes: {_first_classes(meta.class_names, ' (--json lists them all)')}")
     fit = f"shorter side resized to {meta.resize_size}, centre crop" if meta.resize_size else "images stretched to it"
     fit += f", {meta.interpolation}" if meta.interpolation else ""
+    fit += ", JPEG files decoded at reduced scale" if meta.jpeg_reduced_decode else ""
     if (normalization := meta.normalization) is not None:  # an older server does not say
         fit += (f"; pixels in [0, 1] normalised by mean {', '.join(f'{v:g}' for v in normalization.mean)}, "
                 f"std {', '.join(f'{v:g}' for v in normalization.std)}") if normalization.mean else "; pixels in [0, 1], not normalised"

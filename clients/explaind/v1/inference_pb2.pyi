@@ -71,7 +71,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels_per_request: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_samples_per_caller: _Optional[int] = ...) -> None: ...
 
 class ClassifierInfo(_message.Message):
-    __slots__ = ("name", "loader", "source", "class_names", "feature_layer", "head", "feature_dim", "image_size", "model_version", "backend", "device", "supports_features", "resize_size", "interpolation", "supports_visualization", "normalization")
+    __slots__ = ("name", "loader", "source", "class_names", "feature_layer", "head", "feature_dim", "image_size", "model_version", "backend", "device", "supports_features", "resize_size", "interpolation", "supports_visualization", "normalization", "jpeg_reduced_decode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class ClassifierInfo(_message.Message):
     INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_VISUALIZATION_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    JPEG_REDUCED_DECODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     loader: str
     source: str
@@ -104,7 +105,8 @@ class ClassifierInfo(_message.Message):
     interpolation: str
     supports_visualization: bool
     normalization: Normalization
-    def __init__(self, name: _Optional[str] = ..., loader: _Optional[str] = ..., source: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., feature_layer: _Optional[str] = ..., head: _Optional[str] = ..., feature_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., model_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., supports_features: _Optional[bool] = ..., resize_size: _Optional[int] = ..., interpolation: _Optional[str] = ..., supports_visualization: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, _Mapping[str, _Any]]] = ...) -> None: ...
+    jpeg_reduced_decode: bool
+    def __init__(self, name: _Optional[str] = ..., loader: _Optional[str] = ..., source: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., feature_layer: _Optional[str] = ..., head: _Optional[str] = ..., feature_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., model_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., supports_features: _Optional[bool] = ..., resize_size: _Optional[int] = ..., interpolation: _Optional[str] = ..., supports_visualization: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, _Mapping[str, _Any]]] = ..., jpeg_reduced_decode: _Optional[bool] = ...) -> None: ...
 
 class Normalization(_message.Message):
     __slots__ = ("mean", "std")

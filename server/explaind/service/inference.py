@@ -77,6 +77,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 image_size=version.image_size,
                 resize_size=version.resize_size,
                 interpolation=version.interpolation,
+                jpeg_reduced_decode=version.jpeg_reduced_decode,
                 model_version=version.version,
                 backend=backend,
                 device=device,
