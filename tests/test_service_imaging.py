@@ -572,3 +572,38 @@ def test_a_jpeg_decoded_at_a_reduced_scale_fits_to_nearly_the_input_of_the_whole
     assert torch.equal(expected, decode_encoded(data, field="f", geometry=InputGeometry(16, resize_size, "bilinear", False)))
     whole_pixels = torch.from_numpy(np.array(decode_pixels(data, field="f"))).permute(2, 0, 1)
     assert torch.equal(expected, whole.fit(whole_pixels) / np.float32(255))
+
+
+def _lossless_jpeg(grey: np.ndarray) -> bytes:
+    """An 8-bit greyscale lossless JPEG (SOF3, ITU T.81 annex H; Pillow writes none):
+    each pixel coded as its difference from the one on its left (above, at a row's start;
+    128 first) in the DC luminance Huffman table's categories."""
+    codes = ["00", "010", "011", "100", "101", "110", "1110", "11110", "111110"]  # categories 0-8
+    values, bits = grey.astype(np.int64), []
+    for y, x in np.ndindex(grey.shape):
+        predicted = 128 if y == x == 0 else values[y - 1, x] if x == 0 else values[y, x - 1]
+        difference = int(values[y, x] - predicted)
+        category = abs(difference).bit_length()
+        bits.append(codes[category] + (format(difference if difference > 0 else difference + (1 << category) - 1, f"0{category}b") if category else ""))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = bytes(int(stream[i:i + 8], 2) for i in range(0, len(stream), 8)).replace(b"\xff", b"\xff\x00")
+    frame = struct.pack(">BHHB3B", 8, grey.shape[0], grey.shape[1], 1, 1, 0x11, 0)
+    table = bytes([0, 0, 1, 5, 1, 1, 1, 1, 1, 1] + [0] * 7) + bytes(range(12))
+    scan = bytes([1, 1, 0x00, 1, 0, 0])  # component 1, table 0, predictor 1 (left)
+    # The table before the frame, as some encoders write it: a marker of the C0-CF range that starts no frame.
+    segments = b"".join(b"\xff" + bytes([marker]) + struct.pack(">H", 2 + len(body)) + body for marker, body in
+                        [(0xC4, table), (0xC3, frame), (0xDA, scan)])
+    return b"\xff\xd8" + segments + data + b"\xff\xd9"
+
+
+def test_a_lossless_jpeg_is_decoded_whole_when_a_reduced_scale_is_asked_for():
+    # Lossless JPEG has no DCT to scale: libjpeg-turbo failed the reduced decode ("broken
+    # data stream"), so with the option on a file that uploaded (decoded whole) was refused.
+    rows, columns = np.mgrid[0:48, 0:80]
+    grey = ((columns + 3 * rows) % 256).astype(np.uint8)
+    data = _lossless_jpeg(grey)
+    assert np.array_equal(decode_pixels(data, field="f"), np.repeat(grey[:, :, None], 3, axis=2))
+    assert np.array_equal(decode_pixels(data, field="f", jpeg_min_side=12), decode_pixels(data, field="f"))
+    # A lossy file of that size is still reduced: only the frame's process decides.
+    assert decode_pixels(_smooth_jpeg(80, 48), field="f", jpeg_min_side=12).shape == (12, 20, 3)

@@ -39,6 +39,9 @@ MAX_JPEG_MARKERS = 65536
 # FF D0-D7 a restart marker within the scan.
 _JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_FILL = re.compile(rb"\xff+")
+# Start-of-frame markers of JPEG's lossless processes (SOF3, 7, 11, 15 of ITU T.81), which
+# have no DCT to scale: libjpeg-turbo (3.0 on) decodes them whole only.
+_JPEG_LOSSLESS_FRAMES = (0xC3, 0xC7, 0xCB, 0xCF)
 # Most zTXt/iTXt chunks a PNG may hold. Pillow inflates each (up to 1 MB from about 1 KB)
 # while it reads the file; the PNG spec allows one iCCP, and Pillow inflated every one of
 # 300 (4.7 s for a 670 KB file).
@@ -93,7 +96,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
     (turned by the EXIF Orientation, :func:`_as_viewed`; possibly read-only); any failure
     is INVALID_ARGUMENT. ``jpeg_min_side`` N > 0 decodes a JPEG at 1/2, 1/4 or 1/8 of its
     size (libjpeg's DCT scaling, several times faster), the smallest with both sides still
-    at least N (:attr:`InputGeometry.jpeg_min_side`); other formats, and 0, decode whole.
+    at least N (:attr:`InputGeometry.jpeg_min_side`); other formats, a lossless JPEG
+    (which has no DCT: libjpeg-turbo fails to scale one), and 0, decode whole.
     The side and pixel budget are checked on the file's own size either way."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
@@ -114,7 +118,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
             _check_decode_cost(image, data, field)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
-            if jpeg_min_side:  # Pillow's JPEG (and MPO) files reduce; other formats' draft does nothing
+            # Pillow's JPEG (and MPO) files reduce; other formats' draft does nothing.
+            if jpeg_min_side and not (image.format in ("JPEG", "MPO") and _jpeg_frame(data) in _JPEG_LOSSLESS_FRAMES):
                 # A square request: the Orientation turns the image after it is decoded.
                 image.draft(None, (jpeg_min_side, jpeg_min_side))
             image.load()  # before its EXIF Orientation is read: a PNG's eXIf chunk may follow the pixels
@@ -167,6 +172,24 @@ def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
     # file of 4096 one-pixel rows took 5.8 s (a 4096x4096 PNG: 0.4 s).
     if image.format == "BMP" and image.info.get("compression") in (1, 2):
         raise InvalidArgument("run-length encoded (RLE4/RLE8) BMP files are not supported; send PNG or an uncompressed BMP", field=field)
+
+
+def _jpeg_frame(data: bytes) -> int | None:
+    """The start-of-frame marker (second byte, C0-CF but C4, C8 and CC) of a JPEG's own
+    stream, walked to by its segments' lengths; None where none comes before a scan.
+    Bounded by the markers :func:`_jpeg_scans` has counted."""
+    position = 2  # after SOI
+    while (fill := _JPEG_FILL.match(data, position)) is not None:
+        position = fill.end() - 1
+        if position + 1 >= len(data):
+            return None
+        marker = data[position + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG or DAC
+            return marker
+        if marker in (0xD9, 0xDA):  # EOI, or a scan before any frame: malformed, the decoder's to refuse
+            return None
+        position += 2 if 0xD0 <= marker <= 0xD8 or marker == 0x01 else 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
 
 
 def _jpeg_scans(data: bytes, field: str) -> int:
