@@ -2149,6 +2149,19 @@ def test_features_of_a_jpeg_decoded_at_a_reduced_scale_are_cached_apart_and_are_
     assert not torch.allclose(evaluated, whole)
 
 
+def test_features_of_jpeg_files_reduced_to_another_side_are_cached_apart(engine, monkeypatch):
+    # How far a JPEG is reduced (JPEG_REDUCED_DECODE_MARGIN times the fitted side) moves its
+    # pixels: a release that changes the margin must not serve features cached at the old one.
+    from explaind import imaging
+
+    reduced = dataclasses.replace(engine.models.active, jpeg_reduced_decode=True)
+    key, side = reduced.feature_cache_key, reduced.input_geometry.jpeg_min_side
+    monkeypatch.setattr(imaging, "JPEG_REDUCED_DECODE_MARGIN", imaging.JPEG_REDUCED_DECODE_MARGIN + 1)
+    wider = dataclasses.replace(reduced)  # the same model and geometry, its key made afresh
+    assert wider.input_geometry == reduced.input_geometry and wider.input_geometry.jpeg_min_side > side
+    assert wider.feature_cache_key != key
+
+
 def test_cached_features_are_all_found_however_many_are_asked_for_at_once(tmp_path):
     # The store reads them in chunks of 500 (SQLite's bound on a statement's parameters):
     # one lost at a chunk's edge is computed again for every evaluation of a large set.

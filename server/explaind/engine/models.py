@@ -161,9 +161,10 @@ class ClassifierVersion:
     def feature_cache_key(self) -> str:
         """What a stored image's cached features depend on: h_b, how its file is decoded and
         how the image is fitted to its input (a head version's identity, ``feature_version``,
-        is h_b's alone). A JPEG decoded at a reduced scale is named apart, as the geometry's
-        repr leaves it out: keys made without it are those of earlier releases."""
-        reduced = ", JPEG reduced" if self.jpeg_reduced_decode else ""
+        is h_b's alone). A JPEG decoded at a reduced scale is named apart, with the least side
+        it is reduced to (which the margin sets), as the geometry's repr leaves it out: keys
+        made without it are those of earlier releases."""
+        reduced = f", JPEG reduced to {self.input_geometry.jpeg_min_side} a side" if self.jpeg_reduced_decode else ""
         return hashlib.sha256(f"{self.feature_version}:{self.input_geometry}:decoding {DECODING_VERSION}{reduced}".encode()).hexdigest()
 
     @property
