@@ -119,7 +119,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
             # Pillow's JPEG (and MPO) files reduce; other formats' draft does nothing.
-            if jpeg_min_side and not (image.format in ("JPEG", "MPO") and _jpeg_frame(data) in _JPEG_LOSSLESS_FRAMES):
+            if jpeg_min_side and not (image.format in ("JPEG", "MPO") and _jpeg_stream(data, field)[1] in _JPEG_LOSSLESS_FRAMES):
                 # A square request: the Orientation turns the image after it is decoded.
                 image.draft(None, (jpeg_min_side, jpeg_min_side))
             image.load()  # before its EXIF Orientation is read: a PNG's eXIf chunk may follow the pixels
@@ -166,7 +166,7 @@ def _as_viewed(image: Image.Image, orientation: int | None) -> Image.Image:
 def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
     """Refuse files whose decode costs far more than their pixel count suggests."""
     # Pillow opens a JPEG with a multi-picture (MPF) segment, as cameras write, as format MPO.
-    if image.format in ("JPEG", "MPO") and (scans := _jpeg_scans(data, field)) > MAX_JPEG_SCANS:
+    if image.format in ("JPEG", "MPO") and (scans := _jpeg_stream(data, field)[0]) > MAX_JPEG_SCANS:
         raise InvalidArgument(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded", field=field)
     # Pillow decodes RLE bitmaps in Python, a pixel or a command at a time: a 17 KB RLE8
     # file of 4096 one-pixel rows took 5.8 s (a 4096x4096 PNG: 0.4 s).
@@ -174,29 +174,12 @@ def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
         raise InvalidArgument("run-length encoded (RLE4/RLE8) BMP files are not supported; send PNG or an uncompressed BMP", field=field)
 
 
-def _jpeg_frame(data: bytes) -> int | None:
-    """The start-of-frame marker (second byte, C0-CF but C4, C8 and CC) of a JPEG's own
-    stream, walked to by its segments' lengths; None where none comes before a scan.
-    Bounded by the markers :func:`_jpeg_scans` has counted."""
-    position = 2  # after SOI
-    while (fill := _JPEG_FILL.match(data, position)) is not None:
-        position = fill.end() - 1
-        if position + 1 >= len(data):
-            return None
-        marker = data[position + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG or DAC
-            return marker
-        if marker in (0xD9, 0xDA):  # EOI, or a scan before any frame: malformed, the decoder's to refuse
-            return None
-        position += 2 if 0xD0 <= marker <= 0xD8 or marker == 0x01 else 2 + int.from_bytes(data[position + 2:position + 4], "big")
-    return None
-
-
-def _jpeg_scans(data: bytes, field: str) -> int:
-    """The SOS markers of a JPEG's own stream: its segments are walked by their lengths
-    up to EOI, and each scan's data up to the next marker; a malformed file is left for
-    the decoder to refuse."""
+def _jpeg_stream(data: bytes, field: str) -> tuple[int, int | None]:
+    """(the SOS markers, the first start-of-frame marker's second byte or None) of a JPEG's
+    own stream: its segments are walked by their lengths up to EOI, and each scan's data up
+    to the next marker; a malformed file is left for the decoder to refuse."""
     scans = markers = 0
+    frame: int | None = None
     position = 2  # after SOI
     while (fill := _JPEG_FILL.match(data, position)) is not None:
         position = fill.end() - 1  # at the marker's FF, past any fill bytes before it
@@ -211,6 +194,8 @@ def _jpeg_scans(data: bytes, field: str) -> int:
         if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
             position += 2
             continue
+        if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT, JPG or DAC
+            frame = marker
         position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
         if marker == 0xDA:
             scans += 1
@@ -218,7 +203,7 @@ def _jpeg_scans(data: bytes, field: str) -> int:
             if after_scan is None:
                 break
             position = after_scan.start()
-    return scans
+    return scans, frame
 
 
 def _check_png_chunks(data: bytes, field: str) -> None:
