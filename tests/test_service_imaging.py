@@ -452,6 +452,45 @@ def test_an_exif_block_whose_values_would_not_fit_in_it_is_not_read(order):
     assert np.array_equal(decoded(cut_short), np.rot90(pixels, -1))
 
 
+def _exif_directory_of_values(counts: list[int], padding: int, order: str = "<") -> bytes:
+    """As :func:`_exif_of_values`, but the entries of ``counts`` bytes are those of the EXIF
+    directory (ExifIFD, tag 0x8769) that the first points at, after it."""
+    first = struct.pack(order + "H", 2) + struct.pack(order + "HHIH2x", 0x0112, 3, 1, 6) + struct.pack(order + "HHII", 0x8769, 4, 1, 38) + struct.pack(order + "I", 0)
+    exif = struct.pack(order + "H", len(counts)) + b"".join(struct.pack(order + "HHII", 0x9000 + index, 7, count, 0) for index, count in enumerate(counts))
+    header = b"II*\0" if order == "<" else b"MM\0*"
+    return b"Exif\0\0" + header + struct.pack(order + "I", 8) + first + exif + struct.pack(order + "I", 0) + bytes(padding)
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_an_exif_block_whose_exif_directory_values_would_not_fit_in_it_is_not_read(order):
+    # ImageOps.exif_transpose, which the SDK turns a PIL image with, reads the EXIF and GPS
+    # directories too: with Pillow 12, 2000 entries at the same 100 KB of a 124 KB PNG's
+    # EXIF directory took 1.2 GB. The server leaves such a block unread as the SDK does, so
+    # that both turn the same files.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+
+    def decoded(exif: bytes) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+        return decode_pixels(buffer.getvalue(), field="f")
+
+    padding = 1024
+    assert np.array_equal(decoded(_exif_directory_of_values([padding], padding, order)), np.rot90(pixels, -1))
+    assert np.array_equal(decoded(_exif_directory_of_values([padding] * 64, padding, order)), pixels)
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Possibly corrupt EXIF data", "ignore:Truncated File Read")
+def test_an_exif_block_with_a_value_running_past_its_end_is_still_read():
+    # A corrupt count (cameras write them: Pillow's "Possibly corrupt EXIF data") makes
+    # Pillow skip that value, or stop reading the directory there (12 and older), not read
+    # it many times: the block's Orientation still turns the pixels, as before it was checked.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=_exif_of_values([1 << 30], 1024))
+    assert np.array_equal(decode_pixels(buffer.getvalue(), field="f"), np.rot90(pixels, -1))
+
+
 def _tiff_with_values_at_one_place(values: int, size: int) -> bytes:
     """A valid 8x8 TIFF whose directory also has ``values`` private tags, each of the same
     ``size`` bytes appended after its pixels."""
@@ -475,6 +514,41 @@ def test_a_tiff_whose_tag_values_add_up_to_more_than_the_file_is_refused_before_
     with pytest.raises(InvalidArgument, match=r"TIFF tag values add up to \d+ bytes, more than the file's \d+") as refused:
         decode_pixels(several, field="images[0].encoded")
     assert refused.value.field == "images[0].encoded"
+
+
+def _tiff_with_exif_directory_values_at_one_place(values: int, size: int) -> bytes:
+    """A valid 8x8 TIFF whose first directory also points at an EXIF directory (ExifIFD,
+    tag 34665) of ``values`` private tags, each of the same ``size`` bytes appended after its pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(192, dtype=np.uint8).reshape(8, 8, 3)).save(buffer, format="TIFF")
+    stored = buffer.getvalue()
+    directory = struct.unpack("<I", stored[4:8])[0]
+    entries = [stored[directory + 2 + 12 * index:directory + 14 + 12 * index] for index in range(struct.unpack("<H", stored[directory:directory + 2])[0])]
+    exif_at = len(stored) + size
+    entries.append(struct.pack("<HHII", 34665, 4, 1, exif_at))  # sorted after the image's tags
+    exif = struct.pack("<H", values) + b"".join(struct.pack("<HHII", 0x9000 + index, 7, size, len(stored)) for index in range(values)) + bytes(4)
+    return b"II*\0" + struct.pack("<I", exif_at + len(exif)) + stored[8:] + bytes(size) + exif + struct.pack("<H", len(entries)) + b"".join(entries) + bytes(4)
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file")
+def test_a_tiff_whose_exif_directory_values_add_up_to_more_than_the_file_is_refused_too():
+    # Pillow reads a TIFF's EXIF and GPS directories as it loads its pixels: with Pillow 12,
+    # 2000 tags of its EXIF directory at the same 100 KB of a 124 KB file took 190 MB.
+    pixels = np.arange(192, dtype=np.uint8).reshape(8, 8, 3)
+    size = 4096
+    assert np.array_equal(decode_pixels(_tiff_with_exif_directory_values_at_one_place(1, size), field="f"), pixels)
+    with pytest.raises(InvalidArgument, match=r"TIFF tag values add up to \d+ bytes, more than the file's \d+"):
+        decode_pixels(_tiff_with_exif_directory_values_at_one_place(3, size), field="f")
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Possibly corrupt EXIF data", "ignore:Truncated File Read")
+def test_a_tiff_with_a_tag_value_running_past_its_end_still_decodes():
+    # Pillow skips a value its count says runs past the file's end (a corrupt count), or
+    # stops reading the directory there (12 and older), and decodes the image: it was
+    # refused as if that count were read, once values were added up.
+    stored = bytearray(_tiff_with_values_at_one_place(1, 4096))
+    struct.pack_into("<I", stored, len(stored) - 12, 1 << 30)  # the count of the last entry, the private tag's
+    assert np.array_equal(decode_pixels(bytes(stored), field="f"), np.arange(192, dtype=np.uint8).reshape(8, 8, 3))
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

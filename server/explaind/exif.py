@@ -9,6 +9,11 @@ from PIL import ExifTags, Image
 
 # Bytes per value of the TIFF field types Pillow reads, by type number (0 for those it skips).
 TIFF_TYPE_SIZES = (0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8, 8, 8)
+# Those whose one value Pillow reads as an int: BYTE, SHORT, LONG, their signed types, IFD, LONG8 and the rest.
+_INTEGER_TYPES = (1, 3, 4, 6, 8, 9, 13, 16, 17, 18)
+# The tags of the directories Pillow's Image.Exif.get_ifd reads besides the first: EXIF's
+# and GPS's, pointed at from the first, and Interop's, from EXIF's.
+EXIF_IFD, GPS_IFD, INTEROP_IFD = 34665, 34853, 40965
 
 
 def exif_orientation(image: Image.Image) -> int | None:
@@ -42,24 +47,74 @@ def _exif_block(image: Image.Image) -> bytes:
 
 
 def _exif_values_fit(block: bytes) -> bool:
-    """Whether the values of an EXIF block's first directory, those not held in their
-    entries, fit in the block together. Pillow 12 and older (pyproject allows 10) copy each
-    entry's value from wherever it points, so a block of many entries pointing at the same
-    bytes took memory many times its size (4000 entries at the same 100 KB: 400 MB from a
-    148 KB PNG with Pillow 11, and a PNG's or WebP's block has no size limit); Pillow 13
-    stops reading there."""
+    """Whether the values of an EXIF block's directories that Pillow reads, those not held
+    in their entries, fit in the block together. Pillow 12 and older (pyproject allows 10)
+    copy each entry's value from wherever it points, so a block of many entries pointing at
+    the same bytes took memory many times its size (4000 entries at the same 100 KB: 400 MB
+    from a 148 KB PNG with Pillow 11, and a PNG's or WebP's block has no size limit); Pillow
+    13 stops reading there. The EXIF, GPS and Interop directories count too: ImageOps.exif_transpose,
+    which the SDK turns a PIL image with, reads them (2000 entries at the same 100 KB of a
+    124 KB PNG's EXIF directory: 1.2 GB with Pillow 12), and so the server and the SDK turn
+    the same files."""
     while block.startswith(b"Exif\0\0"):
         block = block[6:]
     if block[:4] not in (b"II*\0", b"II\0*", b"MM\0*", b"MM*\0"):  # the classic TIFF headers Pillow reads
         return True  # none, or one Pillow refuses, or BigTIFF's, which it cannot read from 8 bytes
-    byteorder, order = ("little", "<") if block[:2] == b"II" else ("big", ">")
-    directory = int.from_bytes(block[4:8], byteorder)
-    if directory + 2 > len(block):
-        return True  # Pillow reads no entries
-    count = min(int.from_bytes(block[directory:directory + 2], byteorder), (len(block) - directory - 2) // 12)  # those there are, as Pillow reads them
-    entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", order + "u4"), ("value", order + "u4")])
-    entries = np.frombuffer(block, dtype=entry, count=count, offset=directory + 2)
+    order = "little" if block[:2] == b"II" else "big"
+    directories = directories_read(block, int.from_bytes(block[4:8], order), order)
+    return sum(stored_value_bytes(block, entries) for entries in directories) <= len(block)
+
+
+def directory_entries(data: bytes, directory: int, order: str, big: bool = False) -> np.ndarray:
+    """The entries (tag, type, count, value) of the TIFF directory at offset ``directory``
+    of ``data``, those there are, as Pillow reads them; classic TIFF's layout, or BigTIFF's
+    (``big``: 8-byte counts and values); none where it lies past the end."""
+    count_size, entry_size, width = (8, 20, "u8") if big else (2, 12, "u4")
+    if directory + count_size > len(data):
+        return np.empty(0, dtype=_entry_dtype(order, width))
+    count = min(int.from_bytes(data[directory:directory + count_size], order), (len(data) - directory - count_size) // entry_size)
+    return np.frombuffer(data, dtype=_entry_dtype(order, width), count=count, offset=directory + count_size)
+
+
+def _entry_dtype(order: str, width: str) -> np.dtype:
+    prefix = "<" if order == "little" else ">"
+    return np.dtype([("tag", prefix + "u2"), ("type", prefix + "u2"), ("count", prefix + width), ("value", prefix + width)])
+
+
+def directories_read(data: bytes, first: int, order: str, big: bool = False) -> list[np.ndarray]:
+    """The entries of the directories Pillow reads from a TIFF structure: the first, and
+    those its ``Image.Exif.get_ifd`` follows (a TIFF's load and ImageOps.exif_transpose
+    call it): EXIF's and GPS's, pointed at from the first, and Interop's, from EXIF's."""
+    entries = directory_entries(data, first, order, big)
+    exif = _pointed_at(data, entries, EXIF_IFD, order, big)
+    return [entries, exif, _pointed_at(data, entries, GPS_IFD, order, big), _pointed_at(data, exif, INTEROP_IFD, order, big)]
+
+
+def _pointed_at(data: bytes, entries: np.ndarray, tag: int, order: str, big: bool) -> np.ndarray:
+    """The entries of the directory an entry of ``tag`` points at; none where none does."""
+    offset = _pointer(entries, tag, order, big)
+    return directory_entries(data, len(data) if offset is None else offset, order, big)
+
+
+def _pointer(entries: np.ndarray, tag: int, order: str, big: bool) -> int | None:
+    """The offset an entry of ``tag`` holds, read as Pillow reads it: one value of an
+    integer type, left-justified in the entry's value field; else None."""
+    found = entries[entries["tag"] == tag]
+    if not len(found) or found["count"][0] != 1 or int(found["type"][0]) not in _INTEGER_TYPES:
+        return None
+    field = int(found["value"][0]).to_bytes(8 if big else 4, order)
+    return int.from_bytes(field[:TIFF_TYPE_SIZES[int(found["type"][0])]], order)
+
+
+def stored_value_bytes(data: bytes, entries: np.ndarray, big: bool = False) -> int:
+    """Bytes of the values of ``entries`` not held in them (more than a value field's
+    bytes) that lie wholly in ``data``: those Pillow copies. One its count says runs past
+    the end (a corrupt count) is not counted: Pillow 13 skips it, and older ones stop
+    reading its directory there, having copied no more than ``data``."""
     types = entries["type"].astype(np.intp)
-    type_sizes = np.array(TIFF_TYPE_SIZES, dtype=np.uint64)
-    sizes = entries["count"].astype(np.uint64) * np.where(types < len(type_sizes), type_sizes[np.minimum(types, len(type_sizes) - 1)], 0)
-    return int(sizes[sizes > 4].sum()) <= len(block)
+    units = np.array(TIFF_TYPE_SIZES, dtype=np.uint64)[np.minimum(types, len(TIFF_TYPE_SIZES) - 1)] * (types < len(TIFF_TYPE_SIZES))
+    counts = entries["count"].astype(np.uint64)
+    available = np.uint64(len(data)) - np.minimum(entries["value"].astype(np.uint64), np.uint64(len(data)))
+    whole = (units > 0) & (counts <= available // np.maximum(units, np.uint64(1)))  # no count x size: BigTIFF's 8-byte counts overflow it
+    sizes = np.where(whole, counts * units, np.uint64(0))
+    return int(sizes[sizes > (8 if big else 4)].sum())

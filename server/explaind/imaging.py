@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import INTERPOLATIONS
 from .errors import InvalidArgument
-from .exif import TIFF_TYPE_SIZES, exif_orientation
+from .exif import directories_read, exif_orientation, stored_value_bytes
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
 MAX_IMAGE_SIDE = 4096
@@ -267,23 +267,19 @@ def _check_tiff_directory(data: bytes, field: str) -> None:
 
 def _check_tiff_layout(data: bytes, order: str, big: bool, field: str) -> None:
     """:func:`_check_tiff_directory` for one layout: BigTIFF's (``big``) or classic TIFF's."""
-    # Bytes of a directory's entry count, of an entry, and of an entry's count of values.
-    count_size, entry_size, value_count_size = (8, 20, 8) if big else (2, 12, 4)
+    count_size = 8 if big else 2  # bytes of a directory's entry count
     directory = int.from_bytes(data[8:16] if big else data[4:8], order)
     entries = int.from_bytes(data[directory:directory + count_size], order)
     if entries > MAX_TIFF_DIRECTORY_ENTRIES:  # BigTIFF's count allows billions; Pillow reads each in Python
         raise InvalidArgument(f"TIFF directory has {entries} entries; at most {MAX_TIFF_DIRECTORY_ENTRIES} are read", field=field)
-    first = directory + count_size
-    value_bytes = 0  # of the values not held in their entries (more than a count's bytes), together
-    for position in range(first, min(first + entries * entry_size, len(data) - entry_size + 1), entry_size):
-        tag, kind = int.from_bytes(data[position:position + 2], order), int.from_bytes(data[position + 2:position + 4], order)
-        values = int.from_bytes(data[position + 4:position + 4 + value_count_size], order)
-        if tag in _TIFF_STRIP_TAGS and values > MAX_TIFF_STRIPS:
-            raise InvalidArgument(f"TIFF has {values} strips or tiles; at most {MAX_TIFF_STRIPS} are decoded", field=field)
-        if (size := values * (TIFF_TYPE_SIZES[kind] if kind < len(TIFF_TYPE_SIZES) else 0)) > value_count_size:
-            value_bytes += size
+    directories = directories_read(data, directory, order, big)
+    strips = directories[0]["count"][np.isin(directories[0]["tag"], _TIFF_STRIP_TAGS)]
+    if (over := strips[strips > MAX_TIFF_STRIPS]).size:
+        raise InvalidArgument(f"TIFF has {int(over[0])} strips or tiles; at most {MAX_TIFF_STRIPS} are decoded", field=field)
     # Pillow 12 and older read each value wherever it points, however many point at the
-    # same bytes: 4000 tags at the same 100 KB of a 148 KB file took 1.3 GB (Pillow 13 stops there).
+    # same bytes: 4000 tags at the same 100 KB of a 148 KB file took 1.3 GB (Pillow 13 stops
+    # there); and those of the EXIF and GPS directories as it loads the pixels.
+    value_bytes = sum(stored_value_bytes(data, entries, big) for entries in directories)
     if value_bytes > len(data):
         raise InvalidArgument(f"TIFF tag values add up to {value_bytes} bytes, more than the file's {len(data)}", field=field)
 
