@@ -2162,6 +2162,29 @@ def test_features_of_jpeg_files_reduced_to_another_side_are_cached_apart(engine,
     assert wider.feature_cache_key != key
 
 
+def test_features_an_earlier_release_cached_are_dropped_at_the_first_start(tmp_path, classifier_dir):
+    # Keyed by what they depend on, an earlier release's rows are never read again: left,
+    # they filled the data dir with every upgrade (a classifier change drops them, a head
+    # edit does not), so the start drops the rows of every other key.
+    import hashlib
+
+    engine = _engine(tmp_path, classifier_dir)
+    version = engine.models.active
+    digest = _digest(b"a stored image")
+    earlier_key = hashlib.sha256(f"{version.feature_version}:{version.input_geometry}".encode()).hexdigest()
+    vector = np.ones(version.feature_dim, dtype=np.float32)
+    engine.store.put_features(earlier_key, {digest: vector})
+    engine.store.put_features(version.feature_cache_key, {digest: vector})
+    engine.close()
+    engine.store.close()
+    restarted = _engine(tmp_path, classifier_dir)
+    try:
+        assert restarted.store.get_features(earlier_key, [digest]) == {}
+        assert list(restarted.store.get_features(version.feature_cache_key, [digest])) == [digest]  # this release's kept
+    finally:
+        restarted.close()
+
+
 def test_cached_features_are_all_found_however_many_are_asked_for_at_once(tmp_path):
     # The store reads them in chunks of 500 (SQLite's bound on a statement's parameters):
     # one lost at a chunk's edge is computed again for every evaluation of a large set.
