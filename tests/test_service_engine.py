@@ -2600,6 +2600,26 @@ def test_a_tiff_with_more_strips_than_its_image_can_need_is_refused_before_pillo
             decode_pixels(bytes(many_entries), field="f")
 
 
+def _bigtiff_with_values_at_one_place(values: int, size: int) -> bytes:
+    """``_tiff_of_strips(3, big=True)`` whose directory also has ``values`` private tags,
+    each of the same ``size`` bytes appended after its pixels."""
+    stored = _tiff_of_strips(3, big=True)
+    entries = [stored[24 + 20 * index:44 + 20 * index] for index in range(struct.unpack("<Q", stored[16:24])[0])]
+    entries += [struct.pack("<HHQQ", 65000 + index, 7, size, len(stored)) for index in range(values)]  # UNDEFINED bytes, sorted last
+    return stored[:8] + struct.pack("<Q", len(stored) + size) + stored[16:] + bytes(size) + struct.pack("<Q", len(entries)) + b"".join(entries) + bytes(8)
+
+
+def test_a_bigtiff_whose_tag_values_add_up_to_more_than_the_file_is_refused():
+    # BigTIFF's entries are read in its own layout (8-byte counts and offsets): in classic
+    # TIFF's, its tags' values were not found at all.
+    from explaind.imaging import decode_pixels
+
+    assert decode_pixels(_bigtiff_with_values_at_one_place(1, 4096), field="f")[:, :, 0].ravel().tolist() == list(range(64))
+    values = 3 * 4096 + 2 * 3 * 4  # and the three strips' offsets and byte counts, LONGs
+    with pytest.raises(InvalidArgument, match=rf"^f: TIFF tag values add up to {values} bytes, more than the file's \d+"):
+        decode_pixels(_bigtiff_with_values_at_one_place(3, 4096), field="f")
+
+
 def test_a_tiff_header_pillow_reads_in_another_layout_is_checked_in_that_layout():
     # Pillow opens version 42 written in the other byte order (II 00 2A, MM 2A 00) as TIFF,
     # and reads a big-endian BigTIFF header (MM 00 2B) as classic TIFF's: a file of a

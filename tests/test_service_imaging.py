@@ -452,22 +452,35 @@ def test_an_exif_block_whose_values_would_not_fit_in_it_is_not_read(order):
     assert np.array_equal(decoded(cut_short), np.rot90(pixels, -1))
 
 
-def _exif_directory_of_values(counts: list[int], padding: int, order: str = "<") -> bytes:
-    """As :func:`_exif_of_values`, but the entries of ``counts`` bytes are those of the EXIF
-    directory (ExifIFD, tag 0x8769) that the first points at, after it."""
-    first = struct.pack(order + "H", 2) + struct.pack(order + "HHIH2x", 0x0112, 3, 1, 6) + struct.pack(order + "HHII", 0x8769, 4, 1, 38) + struct.pack(order + "I", 0)
-    exif = struct.pack(order + "H", len(counts)) + b"".join(struct.pack(order + "HHII", 0x9000 + index, 7, count, 0) for index, count in enumerate(counts))
+def _exif_directory_of_values(counts: list[int], padding: int, order: str = "<", path: tuple[int, ...] = (0x8769,), pointer_type: int = 4) -> bytes:
+    """As :func:`_exif_of_values`, but the entries of ``counts`` bytes are those of a
+    directory the first points at through ``path``, each tag of which (a LONG, or a SHORT:
+    ``pointer_type`` 3) points at the next directory, after it: (0x8769,) EXIF's,
+    (0x8825,) GPS's, (0x8769, 0xA005) the Interop directory EXIF's points at."""
+    sizes = [2 + 2 * 12 + 4] + [2 + 12 + 4] * (len(path) - 1) + [2 + 12 * len(counts) + 4]
+    offsets = [8 + sum(sizes[:index]) for index in range(len(sizes))]
+
+    def pointer(tag: int, offset: int) -> bytes:
+        return struct.pack(order + "HHII", tag, 4, 1, offset) if pointer_type == 4 else struct.pack(order + "HHIH2x", tag, 3, 1, offset)
+
+    directories = [[struct.pack(order + "HHIH2x", 0x0112, 3, 1, 6)]] + [[] for _ in path]
+    for depth, tag in enumerate(path):
+        directories[depth].append(pointer(tag, offsets[depth + 1]))
+    directories[-1] += [struct.pack(order + "HHII", 0x9000 + index, 7, count, 0) for index, count in enumerate(counts)]
     header = b"II*\0" if order == "<" else b"MM\0*"
-    return b"Exif\0\0" + header + struct.pack(order + "I", 8) + first + exif + struct.pack(order + "I", 0) + bytes(padding)
+    return (b"Exif\0\0" + header + struct.pack(order + "I", 8)
+            + b"".join(struct.pack(order + "H", len(entries)) + b"".join(entries) + struct.pack(order + "I", 0) for entries in directories) + bytes(padding))
 
 
 @pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
-@pytest.mark.parametrize("order", ["<", ">"])
-def test_an_exif_block_whose_exif_directory_values_would_not_fit_in_it_is_not_read(order):
-    # ImageOps.exif_transpose, which the SDK turns a PIL image with, reads the EXIF and GPS
-    # directories too: with Pillow 12, 2000 entries at the same 100 KB of a 124 KB PNG's
-    # EXIF directory took 1.2 GB. The server leaves such a block unread as the SDK does, so
-    # that both turn the same files.
+@pytest.mark.parametrize("path", [(0x8769,), (0x8825,), (0x8769, 0xA005)], ids=["exif", "gps", "interop"])
+@pytest.mark.parametrize("order, pointer_type", [("<", 4), (">", 4), (">", 3)], ids=["long", "long-big-endian", "short-big-endian"])
+def test_an_exif_block_whose_exif_directory_values_would_not_fit_in_it_is_not_read(order, pointer_type, path):
+    # ImageOps.exif_transpose, which the SDK turns a PIL image with, reads the EXIF, GPS and
+    # Interop directories too: with Pillow 12, 2000 entries at the same 100 KB of a 124 KB
+    # PNG's EXIF directory took 1.2 GB. The server leaves such a block unread as the SDK
+    # does, so that both turn the same files. A SHORT pointer is read as Pillow reads it,
+    # from the first two bytes of its entry's value.
     pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
 
     def decoded(exif: bytes) -> np.ndarray:
@@ -476,8 +489,8 @@ def test_an_exif_block_whose_exif_directory_values_would_not_fit_in_it_is_not_re
         return decode_pixels(buffer.getvalue(), field="f")
 
     padding = 1024
-    assert np.array_equal(decoded(_exif_directory_of_values([padding], padding, order)), np.rot90(pixels, -1))
-    assert np.array_equal(decoded(_exif_directory_of_values([padding] * 64, padding, order)), pixels)
+    assert np.array_equal(decoded(_exif_directory_of_values([padding], padding, order, path, pointer_type)), np.rot90(pixels, -1))
+    assert np.array_equal(decoded(_exif_directory_of_values([padding] * 64, padding, order, path, pointer_type)), pixels)
 
 
 @pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Possibly corrupt EXIF data", "ignore:Truncated File Read")
