@@ -564,6 +564,35 @@ def test_a_tiff_with_a_tag_value_running_past_its_end_still_decodes():
     assert np.array_equal(decode_pixels(bytes(stored), field="f"), np.arange(192, dtype=np.uint8).reshape(8, 8, 3))
 
 
+def _jpeg_with_multi_picture_values_at_one_place(values: int, size: int) -> bytes:
+    """An 8x8 JPEG with an MPF (APP2) segment, as cameras write for the pictures a file
+    holds, whose directory has ``values`` entries of the same ``size`` bytes after it."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="JPEG")
+    stored = buffer.getvalue()
+    after_directory = 8 + 2 + 12 * values + 4
+    index = b"II*\0" + struct.pack("<IH", 8, values) + b"".join(struct.pack("<HHII", 0xB100 + n, 7, size, after_directory) for n in range(values)) + bytes(4 + size)
+    after_app0 = 4 + struct.unpack(">H", stored[4:6])[0]  # where cameras write it: after JFIF's (or EXIF's) segment
+    return stored[:after_app0] + b"\xff\xe2" + struct.pack(">H", 2 + 4 + len(index)) + b"MPF\0" + index + stored[after_app0:]
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Image appears to be a malformed MPO file")
+def test_a_jpeg_whose_multi_picture_index_values_add_up_to_more_than_its_segment_is_refused():
+    # Pillow reads a JPEG's MPF directory as it opens the file, 12 and older each value
+    # wherever it points: 2600 entries at the same 33 KB of a 65 KB file took 82 MB.
+    assert decode_pixels(_jpeg_with_multi_picture_values_at_one_place(1, 4096), field="f").shape == (8, 8, 3)
+    with pytest.raises(InvalidArgument, match=r"^images\[0\]\.encoded: JPEG's multi-picture \(MPF\) index has tag values that add up to more than its segment"):
+        decode_pixels(_jpeg_with_multi_picture_values_at_one_place(3, 4096), field="images[0].encoded")
+    # A camera's file of several pictures (MPO) is read as its first, as before.
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="MPO", save_all=True, append_images=[Image.fromarray(pixels[::-1])], quality=100)
+    with Image.open(io.BytesIO(buffer.getvalue())) as stored:
+        assert stored.format == "MPO" and stored.n_frames == 2
+        first = np.asarray(stored.convert("RGB"))
+    assert np.array_equal(decode_pixels(buffer.getvalue(), field="f"), first)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("exif", [
     pytest.param(b"Exif\0\0not a TIFF header", id="not-tiff"),

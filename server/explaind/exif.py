@@ -22,13 +22,13 @@ def exif_orientation(image: Image.Image) -> int | None:
     else None: none, 1, another value (0, 9, a string, a rational 6/1 that Pillow would
     take for 6), or a block that cannot be read. Pillow warns and reads none of a block it
     takes for corrupt, but raises on others (a PNG's eXIf chunk that is no TIFF header:
-    SyntaxError; cut short: struct.error), and :func:`_exif_values_fit` refuses one before
+    SyntaxError; cut short: struct.error), and :func:`values_fit` refuses one before
     Pillow reads it. Only the tag is unsound there, not the pixels: they are shown as
     stored, as browsers show them. The image is loaded first: a PNG's eXIf chunk may
     follow its pixels, and Pillow's getexif would load it to read the block unchecked."""
     image.load()
     try:
-        if not _exif_values_fit(_exif_block(image)):
+        if not values_fit(_exif_block(image)):
             return None
         orientation = image.getexif().get(ExifTags.Base.Orientation)
     except Exception:  # noqa: BLE001 - see the docstring
@@ -46,9 +46,9 @@ def _exif_block(image: Image.Image) -> bytes:
     return b""
 
 
-def _exif_values_fit(block: bytes) -> bool:
-    """Whether the values of an EXIF block's directories that Pillow reads, those not held
-    in their entries, fit in the block together. Pillow 12 and older (pyproject allows 10)
+def values_fit(block: bytes) -> bool:
+    """Whether the values of an EXIF block's directories that Pillow reads (or a JPEG's MPF
+    index's), those not held in their entries, fit in the block together. Pillow 12 and older (pyproject allows 10.1)
     copy each entry's value from wherever it points, so a block of many entries pointing at
     the same bytes took memory many times its size (4000 entries at the same 100 KB: 400 MB
     from a 148 KB PNG with Pillow 11, and a PNG's or WebP's block has no size limit); Pillow
