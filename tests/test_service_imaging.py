@@ -493,6 +493,18 @@ def test_an_exif_block_whose_exif_directory_values_would_not_fit_in_it_is_not_re
     assert np.array_equal(decoded(_exif_directory_of_values([padding] * 64, padding, order, path, pointer_type)), pixels)
 
 
+@pytest.mark.parametrize("type, count", [(4, 2), (2, 1), (99, 1)], ids=["two-longs", "text", "unknown-type"])
+def test_an_exif_directory_pointer_pillow_does_not_follow_leaves_that_directory_uncounted(type, count):
+    # Pillow takes one value of an integer type for an offset, nothing else (two LONGs, a
+    # string, a type it skips): the directory there is never read, whatever its values.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    exif = bytearray(_exif_directory_of_values([1024] * 64, 1024))
+    struct.pack_into("<HI", exif, 6 + 8 + 2 + 12 + 2, type, count)  # the type and count of the first directory's second entry, the pointer
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=bytes(exif))
+    assert np.array_equal(decode_pixels(buffer.getvalue(), field="f"), np.rot90(pixels, -1))
+
+
 @pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Possibly corrupt EXIF data", "ignore:Truncated File Read")
 def test_an_exif_block_with_a_value_running_past_its_end_is_still_read():
     # A corrupt count (cameras write them: Pillow's "Possibly corrupt EXIF data") makes
