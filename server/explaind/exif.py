@@ -48,14 +48,14 @@ def _exif_block(image: Image.Image) -> bytes:
 
 def values_fit(block: bytes) -> bool:
     """Whether the values of an EXIF block's directories that Pillow reads (or a JPEG's MPF
-    index's), those not held in their entries, fit in the block together. Pillow 12 and older (pyproject allows 10.1)
-    copy each entry's value from wherever it points, so a block of many entries pointing at
-    the same bytes took memory many times its size (4000 entries at the same 100 KB: 400 MB
-    from a 148 KB PNG with Pillow 11, and a PNG's or WebP's block has no size limit); Pillow
-    13 stops reading there. The EXIF, GPS and Interop directories count too: ImageOps.exif_transpose,
-    which the SDK turns a PIL image with, reads them (2000 entries at the same 100 KB of a
-    124 KB PNG's EXIF directory: 1.2 GB with Pillow 12), and so the server and the SDK turn
-    the same files."""
+    index's), those not held in their entries, fit in the block together. Pillow 12 and
+    older (pyproject allows 10.1) copy each entry's value from wherever it points, so a
+    block of many entries pointing at the same bytes took memory many times its size (4000
+    entries at the same 100 KB: 400 MB from a 148 KB PNG with Pillow 11, and a PNG's or
+    WebP's block has no size limit); Pillow 13 stops reading there. The EXIF, GPS and
+    Interop directories count too: ImageOps.exif_transpose, which the SDK turns a PIL image
+    with, reads them (2000 entries at the same 100 KB of a 124 KB PNG's EXIF directory: 1.2
+    GB with Pillow 12), and so the server and the SDK turn the same files."""
     while block.startswith(b"Exif\0\0"):
         block = block[6:]
     if block[:4] not in (b"II*\0", b"II\0*", b"MM\0*", b"MM*\0"):  # the classic TIFF headers Pillow reads
