@@ -60,6 +60,18 @@ def test_make_coverage_measures_every_source_root_but_the_generated_stubs():
     assert all((ROOT / root).is_dir() for root in roots)
 
 
+def test_the_sdk_and_its_cli_import_neither_torch_nor_the_server():
+    """A client script or an `explaind` command pays only for what the SDK imports: it
+    takes a torch tensor without importing torch, and shares explaind.exif with the
+    server, which is numpy and Pillow only (explaind.imaging would bring torch: seconds)."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, explaind.client, explaind.client.cli; print(*sorted(sys.modules))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert "explaind.exif" in loaded
+    assert not {"torch", "explaind.imaging", "explaind.service"} & set(loaded), sorted({"torch", "explaind.imaging", "explaind.service"} & set(loaded))
+
+
 def test_starting_the_server_imports_none_of_the_libraries_only_some_requests_need():
     """Every server start (a pod's readiness, a restart) pays for what the server module
     imports: scipy.stats alone took about a quarter of it. Probing, CLIP, diffusion and
