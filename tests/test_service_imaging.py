@@ -4,6 +4,7 @@ one, a check on one side only, a rounding dropped) that the other tests let thro
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
@@ -428,6 +429,13 @@ def _exif_of_values(counts: list[int], padding: int, order: str = "<") -> bytes:
     return b"Exif\0\0" + header + struct.pack(order + "I", 8) + directory + struct.pack(order + "I", 0) + bytes(padding)
 
 
+def _decoded_png_with_exif(pixels: np.ndarray, exif: bytes) -> np.ndarray:
+    """``pixels`` saved as a PNG holding the EXIF block ``exif``, decoded by the server."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+    return decode_pixels(buffer.getvalue(), field="f")
+
+
 @pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_an_exif_block_whose_values_would_not_fit_in_it_is_not_read(order):
@@ -436,11 +444,7 @@ def test_an_exif_block_whose_values_would_not_fit_in_it_is_not_read(order):
     # and a PNG's or WebP's EXIF block has no size limit. Such a block is corrupt: the
     # pixels are left as stored, without Pillow reading it.
     pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-
-    def decoded(exif: bytes) -> np.ndarray:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
-        return decode_pixels(buffer.getvalue(), field="f")
+    decoded = functools.partial(_decoded_png_with_exif, pixels)
 
     padding = 1024
     block = len(_exif_of_values([padding, 0], padding)) - len(b"Exif\0\0")  # the TIFF structure Pillow reads
@@ -482,11 +486,7 @@ def test_an_exif_block_whose_exif_directory_values_would_not_fit_in_it_is_not_re
     # does, so that both turn the same files. A SHORT pointer is read as Pillow reads it,
     # from the first two bytes of its entry's value.
     pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-
-    def decoded(exif: bytes) -> np.ndarray:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
-        return decode_pixels(buffer.getvalue(), field="f")
+    decoded = functools.partial(_decoded_png_with_exif, pixels)
 
     padding = 1024
     assert np.array_equal(decoded(_exif_directory_of_values([padding], padding, order, path, pointer_type)), np.rot90(pixels, -1))
