@@ -222,6 +222,22 @@ def test_repeated_scans_are_counted_past_fill_bytes_and_restart_markers(before_s
         decode_encoded(bomb, field="f")
 
 
+def test_a_stray_byte_between_segments_does_not_hide_the_scans_after_it():
+    # libjpeg, as Pillow while it opens the file, skips bytes that are no marker between
+    # segments and decodes every scan after them: the walk ended at such a byte, so a scan
+    # bomb behind one byte was decoded uncounted.
+    from explaind.imaging import MAX_JPEG_SCANS
+
+    data, last_scan = _progressive_jpeg()
+    after_app0 = 4 + int.from_bytes(data[4:6], "big")
+    scans = data.count(b"\xff\xda")
+    bomb = data[:after_app0] + b"\x00" + data[after_app0:-2] + last_scan * (MAX_JPEG_SCANS + 1 - scans) + data[-2:]
+    with Image.open(io.BytesIO(bomb)) as image:
+        image.load()  # libjpeg decodes every scan
+    with pytest.raises(InvalidArgument, match=rf"^f: JPEG has {MAX_JPEG_SCANS + 1} scans; at most {MAX_JPEG_SCANS} are decoded$"):
+        decode_encoded(bomb, field="f")
+
+
 def test_a_marker_without_a_length_between_scans_does_not_hide_the_scans_after_it():
     # TEM (FF 01), like SOI and RSTn, has no length field; libjpeg skips it between scans.
     from explaind.imaging import MAX_JPEG_SCANS

@@ -38,7 +38,10 @@ MAX_JPEG_MARKERS = 65536
 # The next marker after a scan's entropy-coded data, where FF 00 is a data byte FF and
 # FF D0-D7 a restart marker within the scan.
 _JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_JPEG_FILL = re.compile(rb"\xff+")
+# The next marker between segments: FF (the last of any fill bytes FF) then a byte other
+# than 00. Searched for, so that other bytes there are skipped as libjpeg and Pillow skip
+# them: a stray byte ended the walk, and libjpeg decoded every scan after it uncounted.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff]")
 # Start-of-frame markers of JPEG's lossless processes (SOF3, 7, 11, 15 of ITU T.81), which
 # have no DCT to scale: libjpeg-turbo (3.0 on) decodes them whole only.
 _JPEG_LOSSLESS_FRAMES = (0xC3, 0xC7, 0xCB, 0xCF)
@@ -103,6 +106,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
     The side and pixel budget are checked on the file's own size either way."""
     if not data:
         raise InvalidArgument("image bytes are empty", field=field)
+    jpeg: _JpegStream | None = None
     # Costly chunks and blocks of PNG and GIF are read while Pillow opens the file, so they
     # are checked before it; JPEG's scans and BMP's compression once it has named the format.
     if data.startswith(_PNG_SIGNATURE):
@@ -111,19 +115,20 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
         _check_gif_blocks(data, field)
     elif data.startswith(_TIFF_SIGNATURES):
         _check_tiff_directory(data, field)
-    elif data.startswith(b"\xff\xd8\xff"):
-        _check_jpeg_multi_picture_index(data, field)
+    elif data.startswith(b"\xff\xd8\xff"):  # what Pillow opens as JPEG (MPO with a multi-picture segment)
+        jpeg = _jpeg_stream(data, field)
+        _check_jpeg_multi_picture_index(jpeg.multi_picture_index, field)
     try:
         with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
             if budget is not None:
                 budget.charge(*image.size)
-            _check_decode_cost(image, data, field)
+            _check_decode_cost(image, jpeg, field)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
             # Pillow's JPEG (and MPO) files reduce; other formats' draft does nothing.
-            if jpeg_min_side and not (image.format in ("JPEG", "MPO") and _jpeg_stream(data, field)[1] in _JPEG_LOSSLESS_FRAMES):
+            if jpeg_min_side and not (jpeg is not None and jpeg.frame in _JPEG_LOSSLESS_FRAMES):
                 # A square request: the Orientation turns the image after it is decoded.
                 image.draft(None, (jpeg_min_side, jpeg_min_side))
             image.load()  # before its EXIF Orientation is read: a PNG's eXIf chunk may follow the pixels
@@ -167,28 +172,36 @@ def _as_viewed(image: Image.Image, orientation: int | None) -> Image.Image:
     return image if orientation is None else image.transpose(_ORIENTATIONS[orientation])
 
 
-def _check_decode_cost(image: Image.Image, data: bytes, field: str) -> None:
-    """Refuse files whose decode costs far more than their pixel count suggests."""
-    # Pillow opens a JPEG with a multi-picture (MPF) segment, as cameras write, as format MPO.
-    if image.format in ("JPEG", "MPO") and (scans := _jpeg_stream(data, field)[0]) > MAX_JPEG_SCANS:
-        raise InvalidArgument(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded", field=field)
+def _check_decode_cost(image: Image.Image, jpeg: _JpegStream | None, field: str) -> None:
+    """Refuse files whose decode costs far more than their pixel count suggests (``jpeg``:
+    a JPEG's stream, walked before Pillow opened it)."""
+    if jpeg is not None and jpeg.scans > MAX_JPEG_SCANS:
+        raise InvalidArgument(f"JPEG has {jpeg.scans} scans; at most {MAX_JPEG_SCANS} are decoded", field=field)
     # Pillow decodes RLE bitmaps in Python, a pixel or a command at a time: a 17 KB RLE8
     # file of 4096 one-pixel rows took 5.8 s (a 4096x4096 PNG: 0.4 s).
     if image.format == "BMP" and image.info.get("compression") in (1, 2):
         raise InvalidArgument("run-length encoded (RLE4/RLE8) BMP files are not supported; send PNG or an uncompressed BMP", field=field)
 
 
-def _jpeg_stream(data: bytes, field: str) -> tuple[int, int | None]:
-    """(the SOS markers, the first start-of-frame marker's second byte or None) of a JPEG's
-    own stream: its segments are walked by their lengths up to EOI, and each scan's data up
-    to the next marker; a malformed file is left for the decoder to refuse."""
+@dataclass(frozen=True)
+class _JpegStream:
+    """What one walk of a JPEG's own stream (:func:`_jpeg_stream`) finds."""
+
+    scans: int  # SOS markers
+    frame: int | None  # the first start-of-frame marker's second byte
+    multi_picture_index: bytes  # the last MPF (APP2) segment's TIFF structure before the first scan; empty where none
+
+
+def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
+    """A JPEG's own stream, walked once: its segments by their lengths up to EOI, each
+    scan's data up to the next marker, and other bytes between segments skipped, as libjpeg
+    and Pillow skip them; a malformed file is left for the decoder to refuse."""
     scans = markers = 0
     frame: int | None = None
+    multi_picture_index = b""
     position = 2  # after SOI
-    while (fill := _JPEG_FILL.match(data, position)) is not None:
-        position = fill.end() - 1  # at the marker's FF, past any fill bytes before it
-        if position + 1 >= len(data):
-            break
+    while (found := _JPEG_MARKER.search(data, position)) is not None:
+        position = found.start()
         marker = data[position + 1]
         markers += 1
         if markers > MAX_JPEG_MARKERS:
@@ -200,35 +213,25 @@ def _jpeg_stream(data: bytes, field: str) -> tuple[int, int | None]:
             continue
         if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT, JPG or DAC
             frame = marker
-        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        # Pillow reads the segments before the first scan while it opens the file, and the last MPF one's index.
+        if marker == 0xE2 and not scans and data[position + 4:position + 8] == b"MPF\0":
+            multi_picture_index = data[position + 8:end]
+        position = end
         if marker == 0xDA:
             scans += 1
             after_scan = _JPEG_MARKER_AFTER_SCAN.search(data, position)
             if after_scan is None:
                 break
             position = after_scan.start()
-    return scans, frame
+    return _JpegStream(scans, frame, multi_picture_index)
 
 
-def _check_jpeg_multi_picture_index(data: bytes, field: str) -> None:
-    """Refuse a JPEG whose multi-picture (MPF, APP2) segment's values would not fit in it
+def _check_jpeg_multi_picture_index(index: bytes, field: str) -> None:
+    """Refuse a JPEG whose multi-picture (MPF, APP2) index's values would not fit in it
     together: Pillow reads its directory while it opens the file, 12 and older each value
     wherever it points (2600 entries at the same 33 KB of a 65 KB file took 82 MB with
-    Pillow 12). Walks the segments before the first scan by their lengths, skipping other
-    bytes between them as Pillow does; it reads the last such segment."""
-    index = b""
-    position = 2  # after SOI
-    while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
-        marker = data[position + 1]
-        if marker in (0xDA, 0xD9):  # the first scan, or the end: Pillow reads no further segments while it opens the file
-            break
-        if marker == 0xFF or marker == 0x00 or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # a fill byte; markers without a length
-            position += 1 if marker == 0xFF else 2
-            continue
-        length = int.from_bytes(data[position + 2:position + 4], "big")
-        if marker == 0xE2 and data[position + 4:position + 8] == b"MPF\0":
-            index = data[position + 8:position + 2 + length]
-        position += 2 + length
+    Pillow 12)."""
     if not values_fit(index):
         raise InvalidArgument("JPEG's multi-picture (MPF) index has tag values that add up to more than its segment", field=field)
 
