@@ -621,6 +621,18 @@ def test_a_jpeg_whose_multi_picture_index_values_add_up_to_more_than_its_segment
     assert np.array_equal(decode_pixels(buffer.getvalue(), field="f"), first)
 
 
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Image appears to be a malformed MPO file")
+def test_the_multi_picture_index_checked_is_the_one_pillow_reads_the_last_before_the_first_scan():
+    # Pillow reads the segments before the first scan as it opens the file, keeping the
+    # last MPF one: a small index after the scan does not stand for the one it reads.
+    unfit = _jpeg_with_multi_picture_values_at_one_place(3, 4096)
+    fit = _jpeg_with_multi_picture_values_at_one_place(1, 4096)
+    start = fit.index(b"\xff\xe2")
+    segment = fit[start:start + 2 + struct.unpack(">H", fit[start + 2:start + 4])[0]]  # the MPF segment of a fitting index
+    with pytest.raises(InvalidArgument, match=r"^f: JPEG's multi-picture \(MPF\) index has tag values"):
+        decode_pixels(unfit[:-2] + segment + unfit[-2:], field="f")
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("exif", [
     pytest.param(b"Exif\0\0not a TIFF header", id="not-tiff"),
