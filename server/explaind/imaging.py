@@ -117,7 +117,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
         _check_tiff_directory(data, field)
     elif data.startswith(b"\xff\xd8\xff"):  # what Pillow opens as JPEG (MPO with a multi-picture segment)
         jpeg = _jpeg_stream(data, field)
-        _check_jpeg_multi_picture_index(jpeg.multi_picture_index, field)
+        _check_jpeg_tag_values(jpeg, field)
     try:
         with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
@@ -190,6 +190,7 @@ class _JpegStream:
     scans: int  # SOS markers
     frame: int | None  # the first start-of-frame marker's second byte
     multi_picture_index: bytes  # the last MPF (APP2) segment's TIFF structure before the first scan; empty where none
+    exif: bytes  # the EXIF block of its APP1 segments before the first scan, joined as Pillow joins them; empty where none
 
 
 def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
@@ -199,6 +200,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
     scans = markers = 0
     frame: int | None = None
     multi_picture_index = b""
+    exif: list[bytes] = []
     position = 2  # after SOI
     while (found := _JPEG_MARKER.search(data, position)) is not None:
         position = found.start()
@@ -214,9 +216,12 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
         if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT, JPG or DAC
             frame = marker
         end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
-        # Pillow reads the segments before the first scan while it opens the file, and the last MPF one's index.
+        # Pillow reads the segments before the first scan while it opens the file: the last
+        # MPF one's index, and the EXIF ones joined, the first whole, the others past "Exif\0\0".
         if marker == 0xE2 and not scans and data[position + 4:position + 8] == b"MPF\0":
             multi_picture_index = data[position + 8:end]
+        if marker == 0xE1 and not scans and data[position + 4:position + 10] == b"Exif\0\0":
+            exif.append(data[position + (10 if exif else 4):end])
         position = end
         if marker == 0xDA:
             scans += 1
@@ -224,16 +229,21 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             if after_scan is None:
                 break
             position = after_scan.start()
-    return _JpegStream(scans, frame, multi_picture_index)
+    return _JpegStream(scans, frame, multi_picture_index, b"".join(exif))
 
 
-def _check_jpeg_multi_picture_index(index: bytes, field: str) -> None:
-    """Refuse a JPEG whose multi-picture (MPF, APP2) index's values would not fit in it
-    together: Pillow reads its directory while it opens the file, 12 and older each value
-    wherever it points (2600 entries at the same 33 KB of a 65 KB file took 82 MB with
-    Pillow 12)."""
-    if not values_fit(index):
+def _check_jpeg_tag_values(jpeg: _JpegStream, field: str) -> None:
+    """Refuse a JPEG whose multi-picture (MPF, APP2) index's or EXIF block's values would
+    not fit in it together: Pillow reads them while it opens the file (the EXIF block's
+    first directory for its resolution, where no JFIF segment gives it), 12 and older each
+    value wherever it points (2600 entries at the same 33 KB of a 65 KB MPF segment took 82
+    MB with Pillow 12; 1000 at the same 300 KB of an EXIF block in 5 APP1 segments, 290
+    MB). Either is read only once it fits, as :func:`explaind.exif.exif_orientation` reads
+    other formats' blocks."""
+    if not values_fit(jpeg.multi_picture_index):
         raise InvalidArgument("JPEG's multi-picture (MPF) index has tag values that add up to more than its segment", field=field)
+    if not values_fit(jpeg.exif):
+        raise InvalidArgument("JPEG's EXIF block has tag values that add up to more than the block", field=field)
 
 
 def _check_png_chunks(data: bytes, field: str) -> None:
