@@ -552,6 +552,26 @@ def test_an_exif_directory_pointer_pillow_does_not_follow_leaves_that_directory_
     assert np.array_equal(decode_pixels(buffer.getvalue(), field="f"), np.rot90(pixels, -1))
 
 
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("pointers", [("unfit", "empty"), ("empty", "unfit"), ("empty", "unfit", "skipped")], ids="-".join)
+def test_an_exif_directory_pointed_at_twice_counts_both_directories(pointers):
+    # Of a directory holding the ExifIFD tag twice, Pillow 13 follows the first entry and 12
+    # and older the last they keep (each replaced the one before; one of a type they skip
+    # does not): with Pillow 12, an empty directory first and 1000 entries at the same 200
+    # KB last took 1.1 GB in exif_transpose.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    padding = 1024
+    tiff = _exif_directory_of_values([padding] * 64, padding)[len(b"Exif\0\0"):]  # its EXIF directory's values do not fit
+    unfit = tiff[8 + 2 + 2 * 12 + 4:]  # that directory and the padding after it, its values at the block's start
+    unfit_at = 8 + 2 + (1 + len(pointers)) * 12 + 4
+    entries = {"unfit": struct.pack("<HHII", 0x8769, 4, 1, unfit_at),
+               "empty": struct.pack("<HHII", 0x8769, 4, 1, unfit_at + len(unfit) - 4),  # in the padding: no entries
+               "skipped": struct.pack("<HHII", 0x8769, 99, 1, 0)}  # a type Pillow does not read
+    orientation = tiff[8 + 2:8 + 2 + 12]
+    block = tiff[:8] + struct.pack("<H", 1 + len(pointers)) + orientation + b"".join(entries[name] for name in pointers) + bytes(4) + unfit
+    assert np.array_equal(_decoded_png_with_exif(pixels, b"Exif\0\0" + block), pixels)
+
+
 @pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Possibly corrupt EXIF data", "ignore:Truncated File Read")
 def test_an_exif_block_with_a_value_running_past_its_end_is_still_read():
     # A corrupt count (cameras write them: Pillow's "Possibly corrupt EXIF data") makes

@@ -87,34 +87,46 @@ def directories_read(data: bytes, first: int, order: str, big: bool = False) -> 
     call it): EXIF's and GPS's, pointed at from the first, and Interop's, from EXIF's."""
     entries = directory_entries(data, first, order, big)
     exif = _pointed_at(data, entries, EXIF_IFD, order, big)
-    return [entries, exif, _pointed_at(data, entries, GPS_IFD, order, big), _pointed_at(data, exif, INTEROP_IFD, order, big)]
+    interop = [found for directory in exif for found in _pointed_at(data, directory, INTEROP_IFD, order, big)]
+    return [entries, *exif, *_pointed_at(data, entries, GPS_IFD, order, big), *interop]
 
 
-def _pointed_at(data: bytes, entries: np.ndarray, tag: int, order: str, big: bool) -> np.ndarray:
-    """The entries of the directory an entry of ``tag`` points at; none where none does."""
-    offset = _pointer(entries, tag, order, big)
-    return directory_entries(data, len(data) if offset is None else offset, order, big)
-
-
-def _pointer(entries: np.ndarray, tag: int, order: str, big: bool) -> int | None:
-    """The offset an entry of ``tag`` holds, read as Pillow reads it: one value of an
-    integer type, left-justified in the entry's value field; else None."""
+def _pointed_at(data: bytes, entries: np.ndarray, tag: int, order: str, big: bool) -> list[np.ndarray]:
+    """The entries of the directories entries of ``tag`` point at: of the first and of the
+    last of them Pillow keeps, the one Pillow 13 reads of a directory holding the tag twice
+    and the one 12 and older read (each entry replaced the one before)."""
     found = entries[entries["tag"] == tag]
-    if not len(found) or found["count"][0] != 1 or int(found["type"][0]) not in _INTEGER_TYPES:
+    kept = found[_value_sizes(data, found, big) > 0]
+    ends = kept[[0, -1]] if len(kept) else kept
+    offsets = sorted({offset for entry in ends if (offset := _pointer(entry, order, big)) is not None})
+    return [directory_entries(data, offset, order, big) for offset in offsets]
+
+
+def _pointer(entry: np.void, order: str, big: bool) -> int | None:
+    """The offset an entry holds, read as Pillow reads it: one value of an integer type,
+    left-justified in the entry's value field; else None."""
+    if entry["count"] != 1 or int(entry["type"]) not in _INTEGER_TYPES:
         return None
-    field = int(found["value"][0]).to_bytes(8 if big else 4, order)
-    return int.from_bytes(field[:TIFF_TYPE_SIZES[int(found["type"][0])]], order)
+    field = int(entry["value"]).to_bytes(8 if big else 4, order)
+    return int.from_bytes(field[:TIFF_TYPE_SIZES[int(entry["type"])]], order)
+
+
+def _value_sizes(data: bytes, entries: np.ndarray, big: bool) -> np.ndarray:
+    """Bytes of each entry's value, 0 for one Pillow skips: of a type it does not read, of
+    no values, or held outside its entry and said by its count to run past the end of
+    ``data`` (a corrupt count: Pillow 13 skips it, and older ones stop reading its
+    directory there, having copied no more than ``data``)."""
+    types = entries["type"].astype(np.intp)
+    units = np.array(TIFF_TYPE_SIZES, dtype=np.uint64)[np.minimum(types, len(TIFF_TYPE_SIZES) - 1)] * (types < len(TIFF_TYPE_SIZES))
+    counts = entries["count"].astype(np.uint64)
+    per_unit = np.maximum(units, np.uint64(1))
+    available = np.uint64(len(data)) - np.minimum(entries["value"].astype(np.uint64), np.uint64(len(data)))
+    held = (units > 0) & ((counts <= np.uint64(8 if big else 4) // per_unit) | (counts <= available // per_unit))  # no count x size: BigTIFF's 8-byte counts overflow it
+    return np.where(held, counts * units, np.uint64(0))
 
 
 def stored_value_bytes(data: bytes, entries: np.ndarray, big: bool = False) -> int:
     """Bytes of the values of ``entries`` not held in them (more than a value field's
-    bytes) that lie wholly in ``data``: those Pillow copies. One its count says runs past
-    the end (a corrupt count) is not counted: Pillow 13 skips it, and older ones stop
-    reading its directory there, having copied no more than ``data``."""
-    types = entries["type"].astype(np.intp)
-    units = np.array(TIFF_TYPE_SIZES, dtype=np.uint64)[np.minimum(types, len(TIFF_TYPE_SIZES) - 1)] * (types < len(TIFF_TYPE_SIZES))
-    counts = entries["count"].astype(np.uint64)
-    available = np.uint64(len(data)) - np.minimum(entries["value"].astype(np.uint64), np.uint64(len(data)))
-    whole = (units > 0) & (counts <= available // np.maximum(units, np.uint64(1)))  # no count x size: BigTIFF's 8-byte counts overflow it
-    sizes = np.where(whole, counts * units, np.uint64(0))
+    bytes) that Pillow copies (:func:`_value_sizes`)."""
+    sizes = _value_sizes(data, entries, big)
     return int(sizes[sizes > (8 if big else 4)].sum())

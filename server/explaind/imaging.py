@@ -75,8 +75,9 @@ _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 # release computed from other pixels must not be reused (engine.models' feature_cache_key).
 # 2: EXIF Orientation turns the pixels. 3: a block with a value running past its end
 # (a corrupt count) is read, one whose EXIF, GPS or Interop directory's values would not
-# fit in it is not.
-DECODING_VERSION = 3
+# fit in it is not. 4: nor one whose directory holds the EXIF, GPS or Interop tag twice and
+# the last entry's directory would not fit (the first's alone was counted).
+DECODING_VERSION = 4
 
 
 class PixelBudget:
