@@ -553,6 +553,21 @@ def test_an_exif_directory_pointer_pillow_does_not_follow_leaves_that_directory_
 
 
 @pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("values, turned", [(1, True), (64, False)], ids=["fits", "unfit"])
+def test_an_exif_directory_pointer_wider_than_its_entry_is_read_where_it_points(values, turned):
+    # A LONG8 (8 bytes) does not fit in a classic TIFF entry's 4: Pillow reads the pointer at
+    # the offset the entry holds, and follows it; with Pillow 12, 1000 entries at the same
+    # 200 KB of a 212 KB block reached so took 1.1 GB in exif_transpose.
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    exif = bytearray(_exif_directory_of_values([1024] * values, 1024))
+    pointer = 6 + 8 + 2 + 12  # the first directory's second entry, the EXIF directory's pointer
+    long8_at = len(exif) - 6 - 8  # in the padding
+    struct.pack_into("<Q", exif, 6 + long8_at, struct.unpack_from("<I", exif, pointer + 8)[0])
+    struct.pack_into("<HHII", exif, pointer, 0x8769, 16, 1, long8_at)
+    assert np.array_equal(_decoded_png_with_exif(pixels, bytes(exif)), np.rot90(pixels, -1) if turned else pixels)
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file", "ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("pointers", [("unfit", "empty"), ("empty", "unfit"), ("empty", "unfit", "skipped")], ids="-".join)
 def test_an_exif_directory_pointed_at_twice_counts_both_directories(pointers):
     # Of a directory holding the ExifIFD tag twice, Pillow 13 follows the first entry and 12

@@ -98,17 +98,22 @@ def _pointed_at(data: bytes, entries: np.ndarray, tag: int, order: str, big: boo
     found = entries[entries["tag"] == tag]
     kept = found[_value_sizes(data, found, big) > 0]
     ends = kept[[0, -1]] if len(kept) else kept
-    offsets = sorted({offset for entry in ends if (offset := _pointer(entry, order, big)) is not None})
+    offsets = sorted({offset for entry in ends if (offset := _pointer(data, entry, order, big)) is not None})
     return [directory_entries(data, offset, order, big) for offset in offsets]
 
 
-def _pointer(entry: np.void, order: str, big: bool) -> int | None:
+def _pointer(data: bytes, entry: np.void, order: str, big: bool) -> int | None:
     """The offset an entry holds, read as Pillow reads it: one value of an integer type,
-    left-justified in the entry's value field; else None."""
+    left-justified in the entry's value field, or, one wider than that field (a LONG8 in
+    classic TIFF), at the offset the field holds; else None."""
     if entry["count"] != 1 or int(entry["type"]) not in _INTEGER_TYPES:
         return None
+    size = TIFF_TYPE_SIZES[int(entry["type"])]
     field = int(entry["value"]).to_bytes(8 if big else 4, order)
-    return int.from_bytes(field[:TIFF_TYPE_SIZES[int(entry["type"])]], order)
+    if size > len(field):
+        start = int.from_bytes(field, order)
+        field = data[start:start + size]
+    return int.from_bytes(field[:size], order)
 
 
 def _value_sizes(data: bytes, entries: np.ndarray, big: bool) -> np.ndarray:

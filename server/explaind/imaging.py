@@ -76,7 +76,8 @@ _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 # 2: EXIF Orientation turns the pixels. 3: a block with a value running past its end
 # (a corrupt count) is read, one whose EXIF, GPS or Interop directory's values would not
 # fit in it is not. 4: nor one whose directory holds the EXIF, GPS or Interop tag twice and
-# the last entry's directory would not fit (the first's alone was counted).
+# the last entry's directory would not fit (the first's alone was counted), or holds a
+# LONG8 pointer, read where it points, to one that would not.
 DECODING_VERSION = 4
 
 
