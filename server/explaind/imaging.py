@@ -73,12 +73,9 @@ _DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 # What :func:`decode_pixels` makes of a file's bytes, as a number raised with every change
 # to it: a stored image's cached features are keyed by its bytes, so those an earlier
 # release computed from other pixels must not be reused (engine.models' feature_cache_key).
-# 2: EXIF Orientation turns the pixels. 3: a block with a value running past its end
-# (a corrupt count) is read, one whose EXIF, GPS or Interop directory's values would not
-# fit in it is not. 4: nor one whose directory holds the EXIF, GPS or Interop tag twice and
-# the last entry's directory would not fit (the first's alone was counted), or holds a
-# LONG8 pointer, read where it points, to one that would not.
-DECODING_VERSION = 4
+# 2: EXIF Orientation turns the pixels, unless its block cannot be read or the values of
+# the directories Pillow reads would not fit in it (explaind.exif.values_fit).
+DECODING_VERSION = 2
 
 
 class PixelBudget:
