@@ -1,6 +1,8 @@
 """A file's EXIF Orientation, read as the server and the SDK both read it (numpy and Pillow
 only: the SDK imports it without torch), so that a photo sent as a file, as bytes or as a
-PIL image reaches the classifier turned the same way."""
+PIL image reaches the classifier turned the same way; and the TIFF directories Pillow reads
+(an EXIF block's, a TIFF file's, a JPEG's MPF index), whose values Pillow 12 and older copy
+however many entries point at the same bytes, added up before Pillow is let read them."""
 
 from __future__ import annotations
 
