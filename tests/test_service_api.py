@@ -409,6 +409,50 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
     assert gc.get_freeze_count() == 0  # the heap frozen before restore(), unfrozen by the stop that waited
 
 
+def test_a_stop_begun_during_the_start_up_sweep_cuts_it_short_and_the_next_start_up_finishes_it(classifier_dir, tmp_path, monkeypatch):
+    # The start-up sweep deletes every stored file nothing references, 0.1 s per 1000, under
+    # the start-up lock: a stop() begun meanwhile waited for all of them (minutes for a data
+    # dir of millions), then found the server reported SERVING and its sweeper started.
+    from explaind.service import ExplaindServer, server as explaind_server
+    from explaind.store import sqlite
+
+    monkeypatch.setattr(sqlite, "_SWEEP_CHUNK", 2)  # files per chunk: the sweep's steps, between which it notices a stop
+    config = _world_classifier_alone(classifier_dir, tmp_path)
+    server = ExplaindServer(config)
+    strays = [server.store._blob_path(f"ab{index:062x}") for index in range(6)]  # one directory: the stray files' chunks are per directory
+    strays[0].parent.mkdir()
+    for stray in strays:
+        stray.write_bytes(b"written, never recorded")
+    server.start()
+    in_sweep, failures = threading.Event(), []
+    delete_unreferenced = server.store._delete_unreferenced
+
+    def delete_once_stopping(chunk: list[str]) -> int:
+        if chunk[0].startswith("ab"):  # not another directory's (the head's weights, say)
+            in_sweep.set()
+            assert server._closing.wait(30)
+        return delete_unreferenced(chunk)
+
+    server.store._delete_unreferenced = delete_once_stopping
+    loading, stopping = threading.Thread(target=explaind_server._load_models, args=(server, failures)), threading.Thread(target=server.stop, args=(0,))
+    loading.start()
+    try:
+        assert in_sweep.wait(60)
+        stopping.start()
+    finally:
+        loading.join(60)
+        stopping.join(60)
+    assert not stopping.is_alive() and failures == [] and not server.serving and not server._sweeper.is_alive(), failures
+    assert sum(stray.exists() for stray in strays) == len(strays) - 2  # the chunk under way, no more
+    server = ExplaindServer(config)
+    try:
+        server.start()
+        server.load_models()
+        assert server.serving and not any(stray.exists() for stray in strays)
+    finally:
+        server.stop(0)
+
+
 def test_a_stop_on_the_thread_running_the_start_up_steps_is_refused_not_left_waiting_for_itself(classifier_dir, tmp_path):
     # An embedder's signal handler runs on the thread it interrupts: one that called stop()
     # while that thread restored the head waited for the start-up lock it held, forever.

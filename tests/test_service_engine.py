@@ -6254,6 +6254,42 @@ def test_a_sweep_removes_the_images_and_features_only_deleted_sets_used(tmp_path
     assert store.get_features("v", [_digest(b"only-old"), _digest(b"shared")]) == {}
 
 
+def test_a_sweep_interrupted_returns_after_its_chunk_and_the_next_sweep_deletes_the_rest(tmp_path, monkeypatch):
+    # The server's stop() waits for a sweep under way: the sweep must return after the
+    # chunk it is deleting, leaving records and files a later sweep finds again.
+    from explaind.store import sqlite
+
+    monkeypatch.setattr(sqlite, "_SWEEP_CHUNK", 2)
+    store = SQLiteStore(tmp_path)
+    interrupt = threading.Event()
+    delete_unreferenced = store._delete_unreferenced
+
+    def delete_as_a_stop_begins(chunk: list[str]) -> int:
+        interrupt.set()
+        return delete_unreferenced(chunk)
+
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, *(b"image %d" % index for index in range(5))))
+        store.delete_sample_set("s")
+        store._delete_unreferenced = delete_as_a_stop_begins
+        assert store.delete_unused_blobs(interrupt=interrupt) == 2 and len(_blob_files(store)) == 3
+        interrupt.clear()
+        assert store.delete_unused_blobs(interrupt=interrupt) == 2 and len(_blob_files(store)) == 1
+        # At start-up the files nothing references, checked per directory, stop likewise.
+        strays = [store._blob_path(f"cd{index:062x}") for index in range(5)]
+        strays[0].parent.mkdir()
+        for stray in strays:
+            stray.write_bytes(b"written, never recorded")
+        interrupt.clear()
+        assert store.delete_unused_blobs(everything=True, interrupt=interrupt) == 2 and len(_blob_files(store)) == 4
+        del store._delete_unreferenced
+        interrupt.clear()
+        assert store.delete_unused_blobs(everything=True, interrupt=interrupt) == 4 and not _blob_files(store)
+    finally:
+        store.close()
+
+
 def test_a_blob_file_the_sweep_cannot_delete_is_logged_not_counted_and_the_others_go(tmp_path, caplog):
     # The count feeds explaind_stored_files_deleted_total: a file left on disk is no file deleted.
     store = SQLiteStore(tmp_path)

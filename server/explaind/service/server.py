@@ -119,7 +119,8 @@ class ExplaindServer:
         self._heap_frozen = False  # load_models froze the start-up heap (gc.freeze); stop() unfreezes it
         # Held by load_models' steps after the engine loaded (the freeze, restore, the first
         # sweep), which stop() waits for once it has set _closing: a stop before the steps
-        # skips them; one during them waits up to restore(), the sweep skipped if not begun.
+        # skips them; one during them waits up to restore(), the sweep skipped if not begun
+        # and cut short, after the chunk of files it is deleting, if begun.
         self._starting = threading.Lock()
         self._starting_thread: int | None = None  # the thread in those steps: a stop() on it would wait for itself
         self._metrics_http = None
@@ -222,7 +223,8 @@ class ExplaindServer:
     def _serve_loaded_models(self) -> None:
         """:meth:`load_models` once the engine has loaded, stop() not begun. A stop() asked
         meanwhile waits for the steps up to restore() (about a second), not for the sweep
-        after them (0.1 s per 1000 files it deletes), which the next start-up runs again."""
+        after them (0.1 s per 1000 files it deletes): it ends after the chunk of 500 files
+        under way, the rest left to the next start-up's sweep."""
         if self.engine.models.active.supports_features:  # else no edit or visualisation runs
             # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
             # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
@@ -248,6 +250,8 @@ class ExplaindServer:
             return
         # After restore, which may have deleted head versions: their weights are unused now.
         self._sweep_once(everything=True)
+        if self._closing.is_set():  # the sweep was cut short by a stop() now waiting for it
+            return
         self._sweeper.start()
         active = self.engine.models.active
         # Logged before health says SERVING: a caller that sees SERVING finds this line.
@@ -269,7 +273,8 @@ class ExplaindServer:
         reserve aside again if it was released. ``everything`` (at
         start-up) also takes every file on disk nothing references, as having lost it
         then; jobs may already run (calls are served while models load). A step that
-        fails is logged and retried at the next sweep; the other still runs."""
+        fails is logged and retried at the next sweep; the other still runs. Deleting
+        files stops between chunks once stop() has begun (it waits for the sweep)."""
         try:
             if recorded := self.engine.jobs.record_unrecorded_ends():
                 log.info("recorded the end of %d operation(s) the store had refused (a full data dir, say)", recorded)
@@ -290,7 +295,7 @@ class ExplaindServer:
             log.exception("deleting abandoned uploads failed")
         try:
             before = self.engine.jobs.oldest_unfinished_create_time() or self.store.now()  # the stamps' clock, which a wall clock set back does not take back
-            if removed := self.store.delete_unused_blobs(before=before, everything=everything):
+            if removed := self.store.delete_unused_blobs(before=before, everything=everything, interrupt=self._closing):
                 self.metrics.stored_files_deleted.inc(removed)
                 log.info("deleted %d stored file(s) nothing uses any more", removed)
             self.store.keep_reserve()  # released when the file system was full; taken again once there is room

@@ -6,6 +6,7 @@ store) implementation can replace the embedded SQLite one without touching them.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -155,8 +156,9 @@ class Store(Protocol):
     # (sweeps leave its blobs alone until it ends).
     def writing_blobs(self) -> AbstractContextManager[Callable[[bytes], str]]: ...
     # Sweep: remove the blobs that lost their last reference before ``before`` (epoch s;
-    # None: any time); ``everything`` also checks every file on disk. Returns how many.
-    def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False) -> int: ...
+    # None: any time); ``everything`` also checks every file on disk. Returns how many;
+    # returns early once ``interrupt`` is set, the rest left for a later sweep.
+    def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False, interrupt: threading.Event | None = None) -> int: ...
     # ``length`` bytes from ``offset`` (None: to the end), so large artifacts are served in ranges.
     def get_blob(self, digest: str, *, offset: int = 0, length: int | None = None, size: int | None = None) -> bytes: ...
 

@@ -627,7 +627,7 @@ class SQLiteStore:
             return self._latest_time
 
     @_frees_space
-    def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False) -> int:
+    def delete_unused_blobs(self, *, before: float | None = None, everything: bool = False, interrupt: threading.Event | None = None) -> int:
         """Remove the blob files, and their cached features, that lost their last
         reference (a deleted set's images, a deleted head version's weights) before
         ``before`` (epoch seconds; None: any time) and that no writer is about to
@@ -636,10 +636,13 @@ class SQLiteStore:
         blob files removed.
 
         Works in chunks, holding the store's lock for one chunk at a time, so requests are
-        never held up for long."""
-        removed = self._delete_stray_files() if everything else 0
+        never held up for long. Once ``interrupt`` is set (the server stopping), returns
+        after the chunk under way: each chunk's records are committed before its files go,
+        so what is left is what a later sweep finds again (candidates still recorded, or
+        files nothing references, which the next ``everything`` sweep takes)."""
+        removed = self._delete_stray_files(interrupt) if everything else 0
         after = ""
-        while True:
+        while not (interrupt is not None and interrupt.is_set()):
             with self._lock:
                 chunk = [row[0] for row in self._db.execute(
                     "SELECT digest FROM blob_candidates WHERE digest > ? AND since < ? ORDER BY digest LIMIT ?",
@@ -648,14 +651,16 @@ class SQLiteStore:
                     return removed
                 removed += self._delete_unreferenced(chunk)
             after = chunk[-1]
+        return removed
 
-    def _delete_stray_files(self) -> int:
+    def _delete_stray_files(self, interrupt: threading.Event | None) -> int:
         """Delete the blob files nothing references and no writer holds, but those that are
         candidates already (they wait for their ``before``); scratch files no live writer
         owns; and cached features of images no set holds (a job may cache them after a
         sweep). Returns the blob files removed. Each file is checked, not recorded as a
         candidate first: that wrote a row per stored file at every start, in the database's
-        log, which on a full data dir took what its reserve freed for deletes."""
+        log, which on a full data dir took what its reserve freed for deletes. Returns
+        between chunks once ``interrupt`` is set."""
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE digest NOT IN (SELECT digest FROM samples)")
         removed = 0
@@ -666,6 +671,8 @@ class SQLiteStore:
                     (directory / name).unlink(missing_ok=True)
             digests = [name for name in names if len(name) == 64]
             for start in range(0, len(digests), _SWEEP_CHUNK):
+                if interrupt is not None and interrupt.is_set():
+                    return removed
                 chunk = digests[start:start + _SWEEP_CHUNK]
                 with self._lock:
                     waiting = {row[0] for row in self._db.execute(
