@@ -10,7 +10,12 @@ saves, and what it changes, against decoding it whole, in one run.
    far the 224x224 input's pixels move (mean and largest absolute difference, in levels of
    255), at the shipped margin (the JPEG keeps at least twice the side it is resized from)
    and at none (1x), for comparison.
-2. The shipped world classifier (balanced) on world scenes drawn at 512 and upscaled to
+2. Upload validation (CreateSampleSet and AppendSamples decode each encoded sample only
+   to check it, as the served classifier will decode it): the seconds per photo of the
+   check whole and at the reduced scale, and their ratio; then, on ``--damaged`` copies of
+   the first 12 MP photo, truncated or with a marker written into its coded data, how
+   many each setting refuses and on how many they disagree (refused or not, and why).
+3. The shipped world classifier (balanced) on world scenes drawn at 512 and upscaled to
    2048x2048 (bicubic) as JPEG, fitted to its 64x64 input: the share whose top-1 class is
    the same with and without the option, and each setting's accuracy.
 
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--photos", type=positive_int, default=3, help="photo-like JPEGs of each size")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs of each setting, alternating; the median is printed")
     parser.add_argument("--scenes", type=positive_int, default=60, help="upscaled world scenes the classifiers' top-1 classes are compared on")
+    parser.add_argument("--damaged", type=positive_int, default=40, help="truncated or corrupted copies the upload check is compared on")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     args = parser.parse_args()
     # Here, after the arguments: --help and a usage error answer without the seconds of torch.
@@ -80,6 +86,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     _photos(args)
+    _upload_validation(args)
     _classifier_agreement(args)
 
 
@@ -110,6 +117,43 @@ def _photos(args: argparse.Namespace) -> None:
                   f"full {seconds['full'] / len(photos) * 1e3:6.1f} ms, reduced {seconds['reduced'] / len(photos) * 1e3:6.1f} ms "
                   f"({seconds['full'] / seconds['reduced']:.1f}x); 224x224 input differs by mean {difference.mean():.2f}, "
                   f"max {difference.max()} levels of 255")
+
+
+def _upload_validation(args: argparse.Namespace) -> None:
+    from explaind import imaging
+    from explaind.errors import InvalidArgument
+    from explaind.service import convert
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    jpeg_min_side = dataclasses.replace(imaging.InputGeometry(224, 256), jpeg_reduced_decode=True).jpeg_min_side
+    print(f"upload check of an encoded sample (convert.new_sample), whole and reduced to {jpeg_min_side} a side, median of {args.repeats}, per image:")
+
+    def check(data: bytes, side: int) -> str:
+        """The check's refusal; "" where it passes."""
+        sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=data))
+        try:
+            convert.new_sample(sample, field="samples[0]", budget=imaging.PixelBudget(1 << 40, field="samples"), jpeg_min_side=side)
+        except InvalidArgument as error:
+            return str(error)
+        return ""
+
+    first = b""
+    for width, height in PHOTO_SIZES:
+        photos = [_photo(width, height, seed) for seed in range(args.photos)]
+        first = first or photos[0]
+        seconds = median_seconds({side: lambda side=side: [check(photo, side) for photo in photos] for side in (0, jpeg_min_side)}, args.repeats)
+        print(f"  {width}x{height}: whole {seconds[0] / len(photos) * 1e3:6.1f} ms, reduced {seconds[jpeg_min_side] / len(photos) * 1e3:6.1f} ms "
+              f"({seconds[0] / seconds[jpeg_min_side]:.1f}x)")
+    rng = np.random.default_rng(0)
+    scan = first.index(b"\xff\xda")
+    damaged = []
+    for index in range(args.damaged):
+        at = int(rng.integers(scan + 16, len(first) - 2))
+        # Truncated, or a marker (EOI, SOS, DHT, a restart out of turn, an undefined one) written into the coded data.
+        damaged.append(first[:at] if index % 2 == 0 else first[:at] + bytes([0xFF, int(rng.choice([0xD9, 0xDA, 0xC4, 0xD4, 0x55]))]) + first[at + 2:])
+    verdicts = [(check(data, 0), check(data, jpeg_min_side)) for data in damaged]
+    print(f"  {len(damaged)} damaged copies of the first {PHOTO_SIZES[0][0]}x{PHOTO_SIZES[0][1]}: whole refuses {sum(bool(whole) for whole, _ in verdicts)}, "
+          f"reduced {sum(bool(reduced) for _, reduced in verdicts)}, they disagree on {sum(whole != reduced for whole, reduced in verdicts)}")
 
 
 def _classifier_agreement(args: argparse.Namespace) -> None:

@@ -1306,15 +1306,15 @@ def test_float16_tensors_decode_as_half_floats_and_raw_samples_count_against_the
     assert refused.value.field == "images[2].tensor"
     budget = PixelBudget(100, field="samples")
     raw = sample_sets_pb2.Sample(image=_raw(common_pb2.DATA_TYPE_UINT8, (10, 10, 3), bytes(300)))
-    convert.new_sample(raw, field="samples[0]", budget=budget)
+    convert.new_sample(raw, field="samples[0]", budget=budget, jpeg_min_side=0)
     with pytest.raises(InvalidArgument, match="more than the limit of 100 pixels per request") as refused:
-        convert.new_sample(raw, field="samples[1]", budget=budget)
+        convert.new_sample(raw, field="samples[1]", budget=budget, jpeg_min_side=0)
     assert refused.value.field == "samples"
     # A raw float sample is stored as a PNG of the nearest levels: rounded, not truncated.
     every_level = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
     floats = np.clip((every_level.astype(np.float32) - 0.3) / 255, 0, 1)  # each a little under its level
     stored = convert.new_sample(sample_sets_pb2.Sample(image=_raw(common_pb2.DATA_TYPE_FLOAT32, floats.shape, floats.tobytes())),
-                                field="samples[0]", budget=PixelBudget(1000, field="samples"))
+                                field="samples[0]", budget=PixelBudget(1000, field="samples"), jpeg_min_side=0)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored.encoded))), every_level)
 
 

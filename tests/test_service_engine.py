@@ -2149,6 +2149,43 @@ def test_features_of_a_jpeg_decoded_at_a_reduced_scale_are_cached_apart_and_are_
     assert not torch.allclose(evaluated, whole)
 
 
+def test_an_uploaded_jpeg_is_checked_at_the_scale_the_served_classifier_decodes_it(engine, monkeypatch):
+    # With [classifier].jpeg_reduced_decode the upload check still decoded a JPEG whole:
+    # 150 ms for 12 MP, against 36 ms reduced (bench/jpeg_reduced_decode.py), which refuses
+    # the same damaged files (test_service_imaging).
+    from explaind.service import convert
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import common_pb2, sample_sets_pb2
+
+    rows, columns = np.mgrid[0:288, 0:320]  # at least twice 2 x 64 a side: decoded at 1/2
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([columns % 256, rows % 256, (rows + columns) % 256], axis=-1).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    photo = buffer.getvalue()
+    decoded: list[tuple[int, ...]] = []
+    decode_pixels = convert.decode_pixels
+
+    def recording_decode(*args, **kwargs) -> np.ndarray:
+        pixels = decode_pixels(*args, **kwargs)
+        decoded.append(pixels.shape)
+        return pixels
+
+    monkeypatch.setattr(convert, "decode_pixels", recording_decode)
+    servicer = SampleSetServicer(engine)
+
+    def upload(sample_set_id: str, data: bytes) -> None:
+        sample = sample_sets_pb2.Sample(image=common_pb2.Image(encoded=data), label=1)
+        servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, samples=[sample]), _CallerWaits())
+
+    upload("whole", photo)
+    engine.activate(dataclasses.replace(engine.models.active, jpeg_reduced_decode=True))
+    upload("reduced", photo)
+    assert decoded == [(288, 320, 3), (144, 160, 3)]
+    with pytest.raises(InvalidArgument, match="image file is truncated") as refused:
+        upload("truncated", photo[:len(photo) * 2 // 3])
+    assert refused.value.field == "samples[0].image.encoded"
+    assert [info.sample_set_id for info in engine.store.list_sample_sets()] == ["whole", "reduced"]
+
+
 def test_features_of_jpeg_files_reduced_to_another_side_are_cached_apart(engine, monkeypatch):
     # How far a JPEG is reduced (JPEG_REDUCED_DECODE_MARGIN times the fitted side) moves its
     # pixels: a release that changes the margin must not serve features cached at the old one.

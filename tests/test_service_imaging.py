@@ -779,6 +779,28 @@ def test_only_jpeg_files_are_decoded_at_a_reduced_scale(format):
     assert np.array_equal(decode_pixels(data, field="f", jpeg_min_side=40), decode_pixels(data, field="f"))
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_damaged_jpeg_is_refused_at_every_reduced_scale_as_it_is_whole(progressive):
+    # The upload check decodes at the served classifier's reduced scale: libjpeg's scaled
+    # IDCT still reads every scan's coded data to its end, so truncation and a marker
+    # written into the data are met, and refused, at 1/2, 1/4 and 1/8 as they are whole.
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(_smooth_jpeg(320, 192))).save(buffer, format="JPEG", quality=90, progressive=progressive)
+    data = buffer.getvalue()
+    middle = (data.rindex(b"\xff\xda") + len(data)) // 2  # within the last scan's coded data
+    damaged = [data[:middle], data[:-2], *(data[:middle] + marker + data[middle + 2:] for marker in (b"\xff\xda", b"\xff\xc4", b"\xff\x55"))]
+    for file in damaged:
+        with pytest.raises(InvalidArgument) as whole:
+            decode_pixels(file, field="f")
+        for side in (80, 40, 20):
+            with pytest.raises(InvalidArgument) as reduced:
+                decode_pixels(file, field="f", jpeg_min_side=side)
+            assert str(reduced.value) == str(whole.value)
+    # What libjpeg only warns of (an early EOI: the rest grey) passes either way, as it did whole.
+    early_end = data[:middle] + b"\xff\xd9" + data[middle + 2:]
+    assert decode_pixels(early_end, field="f").shape == (192, 320, 3) and decode_pixels(early_end, field="f", jpeg_min_side=20).shape == (24, 40, 3)
+
+
 @pytest.mark.parametrize("resize_size", [0, 20])
 def test_a_jpeg_decoded_at_a_reduced_scale_fits_to_nearly_the_input_of_the_whole_image(resize_size):
     # Not the same pixels (the classifier was trained on the whole image resized), hence

@@ -107,12 +107,16 @@ def tensor_to_array(tensor: common_pb2.Tensor, *, field: str) -> np.ndarray:
     return array_from_buffer(_DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.data, field=field)
 
 
-def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudget) -> NewSample:
+def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudget, jpeg_min_side: int) -> NewSample:
     """Validate a Sample's image; keep encoded bytes as given (decoded only to check them,
-    never to float), store raw tensors as PNG."""
+    never to float), store raw tensors as PNG. Encoded bytes are checked as the served
+    classifier decodes them (``jpeg_min_side``, :attr:`InputGeometry.jpeg_min_side`): a
+    JPEG at reduced scale still has all its coded data read, so a truncated or corrupt
+    file is refused as a whole decode refuses it, 4.2x faster for 12 MP
+    (bench/jpeg_reduced_decode.py)."""
     image = sample.image
     if image.WhichOneof("data") == "encoded":
-        decode_pixels(image.encoded, field=f"{field}.image.encoded", budget=budget)
+        decode_pixels(image.encoded, field=f"{field}.image.encoded", budget=budget, jpeg_min_side=jpeg_min_side)
         return NewSample(image.encoded, sample.label, dict(sample.attributes))
     pixels = to_uint8_hwc(decode_image(image, field=f"{field}.image", budget=budget))
     return NewSample(encode_png(pixels), sample.label, dict(sample.attributes))

@@ -51,7 +51,8 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         """The decoded samples. Called after every check that reads no image, so that a
         request those refuse costs no decoding."""
         budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="samples")
-        return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget) for i, sample in enumerate(samples)]
+        jpeg_min_side = self._engine.models.active.input_geometry.jpeg_min_side
+        return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget, jpeg_min_side=jpeg_min_side) for i, sample in enumerate(samples)]
 
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
         check_new_sample_set(request.sample_set_id, request.display_name)
