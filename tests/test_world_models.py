@@ -338,6 +338,33 @@ def test_a_build_records_the_renderers_fingerprint_and_a_partial_one_refuses_a_c
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
 
 
+def test_a_partial_build_beside_weights_no_fingerprint_vouches_for_records_none_and_warns_before_training(monkeypatch, tmp_path):
+    # A root without a fingerprint, holding classifiers of an unknown renderer: a build of
+    # the oracle (trained from the balanced classifier there) recorded the current
+    # renderer's fingerprint, vouching for classifiers it never trained.
+    calls = _record_training(monkeypatch)
+    weights = classifier_dir("balanced", tmp_path) / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"trained on some renderer")
+    monkeypatch.setattr(building, "train_oracle", lambda **kw: pytest.fail("trained before the warning") if not warned else "oracle")
+    with pytest.warns(building.FingerprintNotRecorded, match=r"holds weights of classifiers but no render_fingerprint.json.*build of oracle") as warned:
+        assert set(build(("oracle",), root=tmp_path)) == {"oracle"}
+    assert ("save_oracle", "oracle", oracle_dir(tmp_path)) in calls and recorded_render_fingerprint(tmp_path) is None
+    # Rebuilt whole, every weight under the root comes from this renderer.
+    build(PARTS, root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
+
+
+def test_a_partial_build_into_a_root_holding_only_the_parts_it_builds_records_the_fingerprint(monkeypatch, tmp_path, recwarn):
+    # What it overwrites does not count: every weight left under the root is this build's.
+    _record_training(monkeypatch)
+    old_clip = clip_dir(tmp_path) / "open_clip_model.safetensors"
+    old_clip.parent.mkdir(parents=True)
+    old_clip.write_bytes(b"an earlier clip")
+    build(("clip",), root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint() and not recwarn.list
+
+
 def test_build_command_refuses_a_partial_build_on_a_changed_renderer_as_a_usage_error(monkeypatch, capsys, tmp_path):
     calls = _record_training(monkeypatch)
     (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(render_fingerprint() | {"balanced/train/0": "0" * 16}))

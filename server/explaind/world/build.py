@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from .assets import ASSETS_DIR, classifier_dir, clip_dir, oracle_dir, t2i_dir
 from .classifier import load_classifier, save_classifier
-from .fingerprint import changed_scenes, record_render_fingerprint, recorded_render_fingerprint, render_fingerprint
+from .fingerprint import FINGERPRINT_FILE, changed_scenes, record_render_fingerprint, recorded_render_fingerprint, render_fingerprint
 from .oracle import save_oracle, train_oracle
 from .quality import print_quality_table
 from .scenarios import scenario_names
@@ -28,6 +29,20 @@ PARTS = ("classifiers", "oracle", "clip", "t2i")
 
 class RendererChanged(ValueError):
     """A build of some parts asked for where the renderer no longer draws the recorded scenes."""
+
+
+class FingerprintNotRecorded(UserWarning):
+    """A build of some parts into a root holding other parts' weights but no fingerprint:
+    those were trained on a renderer nobody recorded, so none is recorded for them."""
+
+
+def _part_dir(part: str, root: Path) -> Path:
+    """The directory under ``root`` that ``part``'s weights are saved in."""
+    return {"classifiers": classifier_dir(root=root).parent, "oracle": oracle_dir(root), "clip": clip_dir(root), "t2i": t2i_dir(root)}[part]
+
+
+def _holds_weights(part: str, root: Path) -> bool:
+    return any(path.is_file() for path in _part_dir(part, root).rglob("*"))
 
 
 def build(
@@ -42,6 +57,9 @@ def build(
     (:mod:`explaind.world.fingerprint`). Where the renderer draws other scenes than the
     recorded fingerprint says, every model under ``root`` was trained on the old ones, so
     only a build of all parts is allowed: RendererChanged otherwise, before anything is trained.
+    Where ``root`` has no fingerprint but holds weights of parts not built (which the
+    oracle and t2i may start from), nothing says which renderer trained those: the parts
+    are built, no fingerprint is recorded, and FingerprintNotRecorded warns so first.
     """
     recorded = recorded_render_fingerprint(root)
     if recorded is not None and set(parts) != set(PARTS):
@@ -51,6 +69,11 @@ def build(
                 f"the renderer draws {len(changed)} fingerprint scenes differently than the one the models under "
                 f"{root} were trained with (e.g. {changed[0]!r}); rebuild every part "
                 f"(python -m explaind.world.build --root {root}), not only {parts}")
+    unvouched = [] if recorded is not None else [part for part in PARTS if part not in parts and _holds_weights(part, root)]
+    if unvouched:
+        warnings.warn(f"{root} holds weights of {', '.join(unvouched)} but no {FINGERPRINT_FILE}: they may come from another renderer, "
+                      f"so this build of {', '.join(parts)} records no fingerprint; rebuild every part to record one",
+                      FingerprintNotRecorded, stacklevel=2)
     torch.set_num_threads(num_threads)
     timings: dict[str, float] = {}
     if "classifiers" in parts:
@@ -86,7 +109,8 @@ def build(
                 init_from=t2i_dir(root) if stage else None, num_threads=num_threads,
             )
         timings["t2i"] = time.perf_counter() - start
-    record_render_fingerprint(root)
+    if not unvouched:
+        record_render_fingerprint(root)
     return timings
 
 
