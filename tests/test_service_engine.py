@@ -401,6 +401,22 @@ def test_a_split_returning_the_wrong_count_fails_its_callers_and_the_worker_goes
     assert forwards == [1, 3, 2]
 
 
+def test_a_split_may_fail_one_request_of_a_batch_and_answer_the_others():
+    # An exception split gives a request (Predict's for an image its model gives NaN for)
+    # is that request's alone: the callers batched with it get their outputs.
+    def split(out: torch.Tensor, sizes: list[int], _options: list) -> list[object]:
+        return [ValueError(f"{len(part)} images refused") if len(part) == 3 else part for part in out.split(sizes)]
+
+    batcher, first, queued, forwards = _held_first_then_queued(lambda x: x.flatten(1).sum(1), (1, 3, 2), split=split)
+    assert first.result(5).tolist() == [1.0]
+    assert queued[0].result(timeout=5).tolist() == [1.0] and queued[2].result(timeout=5).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="^3 images refused$"):
+        queued[1].result(timeout=5)
+    assert batcher.submit(torch.full((2, 1, 1, 1), 2.0)).result(timeout=5).tolist() == [2.0, 2.0]  # the worker goes on
+    batcher.close()
+    assert forwards == [1, 6, 2]
+
+
 def test_a_batch_whose_requests_were_all_cancelled_frees_the_model():
     # The worker may take requests whose callers cancel before their forward starts: it
     # runs none of them, and must still free the model, or every later request waits.

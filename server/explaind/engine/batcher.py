@@ -43,7 +43,9 @@ class DynamicBatcher(Generic[Output]):
 
     ``split(outputs, sizes, options)`` cuts a batch's outputs back into one per request,
     given each request's image count and the ``options`` it was submitted with (what it
-    needs of the outputs). Both run in the batcher's thread.
+    needs of the outputs), or an exception for a request its outputs cannot answer: that
+    request's future raises it, the others of the batch get theirs. Both run in the
+    batcher's thread.
     """
 
     def __init__(
@@ -207,7 +209,10 @@ class DynamicBatcher(Generic[Output]):
             return
         self._release_model()
         for request, output in zip(live, outputs):
-            request.future.set_result(output)
+            if isinstance(output, BaseException):
+                request.future.set_exception(output)
+            else:
+                request.future.set_result(output)
 
     def _release_model(self) -> None:
         with self._condition:
