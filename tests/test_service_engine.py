@@ -3465,9 +3465,10 @@ def test_a_sets_logits_that_are_nan_or_infinite_are_refused_naming_the_samples_s
             overflowing.weight.fill_(-3e38)
             overflowing.bias.fill_(3e38)
         whole = dataclasses.replace(split, feature_extractor=None, head=None, predict_fn=torch.no_grad()(divides_by_mean()))
-        for version, set_id, samples in ((split.with_head(overflowing), "bright", "12 samples of sample set 'bright' are NaN or infinite "
-                                          "(sample_index 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more): the model overflows or divides by zero on their images"),
-                                         (whole, "dark", "2 samples of sample set 'dark' are NaN or infinite (sample_index 1, 4)")):
+        for version, set_id, samples in ((split.with_head(overflowing), "bright", "12 samples of sample set 'bright' hold NaN or +infinity, "
+                                          "or are -infinity for every class (sample_index 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more): the model "
+                                          "overflows, divides by zero or rules out every class on their images"),
+                                         (whole, "dark", "2 samples of sample set 'dark' hold NaN or +infinity, or are -infinity for every class (sample_index 1, 4)")):
             with pytest.raises(FailedPrecondition, match=re.escape(f"sample_set_id: the served classifier's logits of {samples}")):
                 engine.sample_set_logits(set_id, version=version)
     finally:
@@ -3475,22 +3476,118 @@ def test_a_sets_logits_that_are_nan_or_infinite_are_refused_naming_the_samples_s
         engine.store.close()
 
 
-def test_a_predict_serves_the_nan_a_model_gives_for_one_image_and_the_others_of_its_batch_their_own_answers(tmp_path):
-    # Predict serves the model's outputs as they are (the caller sees NaN, not a guess), and
-    # the other images of the batch are answered as they would be alone.
+def test_a_predict_of_an_image_a_split_model_gives_nan_for_is_refused_naming_it(tmp_path):
+    # Its probabilities were served as NaN: a caller reading the top class took class 0.
+    # With features asked for too (their row is infinite); one image alone is named so.
     engine = _divides_by_mean_engine(tmp_path)
     try:
-        images = torch.rand(3, 3, 16, 16)
-        images[1] = 0
-        served = engine.predict(images, top_k=3, return_features=True)
-        assert np.isnan(served.probabilities[1]).all() and np.isinf(served.features[1]).all()
+        images = torch.rand(4, 3, 16, 16)
+        images[[1, 3]] = 0
+        for sent, named in ((images, "2 images of the request hold NaN or +infinity, or are -infinity for every class (images[1], images[3]): "
+                                     "the model overflows, divides by zero or rules out every class on their images; send the request "
+                                     "without them, or mend the model"),
+                            (images[1:3], "1 image of the request hold")):
+            with pytest.raises(FailedPrecondition) as refused:
+                engine.predict(sent, top_k=3, return_features=True)
+            assert refused.value.field == "images" and refused.value.description.startswith(f"the served classifier's logits of {named}")
+        served = engine.predict(images[[0, 2]], top_k=3)
         with torch.no_grad():
             expected = torch.softmax(divides_by_mean()(images[[0, 2]]), 1).sort(1, descending=True)
-        np.testing.assert_allclose(served.probabilities[[0, 2]], expected.values.numpy(), rtol=1e-5)
-        assert served.class_indices[[0, 2]].tolist() == expected.indices.tolist()
+        np.testing.assert_allclose(served.probabilities, expected.values.numpy(), rtol=1e-5)
     finally:
         engine.close()
         engine.store.close()
+
+
+class _Masking(nn.Module):
+    """tiny_net's 4 classes, class 2 always ruled out (-inf), as a model restricted to some
+    labels masks the others; a black image gets ``black`` for every class."""
+
+    def __init__(self, black: float) -> None:
+        super().__init__()
+        self.model, self.black = tiny_net().eval(), black
+        self.model.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x).masked_fill(torch.tensor([False, False, True, False]), -math.inf)
+        is_black = (x.amax(dim=(1, 2, 3)) == 0)[:, None]
+        return torch.where(is_black, torch.full_like(logits, self.black), logits)
+
+
+@contextmanager
+def _masking_engine(tmp_path: Path, black: float, **batching) -> Iterator[Engine]:
+    """An engine serving :class:`_Masking` as TorchScript (inference-only) on 16 px images."""
+    path = tmp_path / f"masking {black}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated: what the torchscript loader is for
+        torch.jit.save(torch.jit.script(_Masking(black).eval()), path)
+    config = (default_config().replace("classifier", loader="torchscript", path=str(path), image_size=16, class_names=("a", "b", "c", "d"))
+              .replace("server", data_dir=str(tmp_path / f"data {black}")).replace("batching", **batching)
+              .replace("clip", path="").replace("diffusion", path=""))
+    engine = Engine(config, SQLiteStore(tmp_path / f"data {black}"), Metrics())
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.close()
+        engine.store.close()
+
+
+def test_an_inference_only_model_that_rules_out_classes_with_minus_infinity_is_predicted_and_evaluated(tmp_path):
+    # Its masked classes have probability 0, listed last by class index; an evaluation
+    # refused every sample as "NaN or infinite", where it classifies them by largest logit.
+    from explaind.engine.evaluation import evaluate
+
+    with _masking_engine(tmp_path, -math.inf) as engine:
+        assert not engine.models.active.supports_features
+        images = torch.rand(3, 3, 16, 16)
+        with torch.no_grad():
+            logits = _Masking(-math.inf)(images)
+        served = engine.predict(images, top_k=4)
+        assert served.class_indices[:, 3].tolist() == [2] * 3 and (served.probabilities[:, 3] == 0).all()
+        np.testing.assert_allclose(served.probabilities[:, :3], torch.softmax(logits, 1).sort(1, descending=True).values[:, :3].numpy(), rtol=1e-5)
+        pixels = np.random.default_rng(0).integers(1, 256, (8, 16, 16, 3), dtype=np.uint8)
+        engine.create_sample_set("bright", "", [NewSample.from_array(p, i % 4) for i, p in enumerate(pixels)])
+        logits, labels, _ = engine.sample_set_logits("bright", version=engine.models.active)
+        assert torch.isneginf(logits[:, 2]).all()
+        result = evaluate(engine, _EvaluationContext(), "bright", engine.store.get_sample_set("bright").uid, 8, engine.models.active, 0, 8,
+                          dense_confusion=True)
+        predicted = logits.argmax(1)
+        assert result.accuracy == (predicted == labels).double().mean().item() and 2 not in predicted.tolist()
+        assert [m.sample_index for m in result.mistakes] and all(0 < m.probability <= 1 for m in result.mistakes)
+        assert np.array(result.confusion_matrix).reshape(4, 4)[:, 2].sum() == 0 and result.per_class[2].accuracy == 0  # class c: 2 samples, both wrong
+        job = engine.jobs.wait(engine.evaluate_sample_set("bright").record.job_id, 60).record
+        assert job.state == "succeeded", job.error_message
+
+
+@pytest.mark.parametrize("black", [-math.inf, math.nan, math.inf])
+def test_an_image_an_inference_only_model_gives_nan_or_infinite_logits_for_is_refused_and_its_batch_mates_answered(tmp_path, black):
+    # NaN, +inf or -inf for every class: softmax gave the image NaN probabilities. The
+    # request holding it is refused naming it; another batched with it is answered as alone.
+    with _masking_engine(tmp_path, black, max_queue_delay_ms=1000) as engine:
+        images = torch.rand(4, 3, 16, 16)
+        images[[1, 3]] = 0
+        alone = engine.predict(images[[0]], top_k=4)
+        refused_request = engine.submit_predict(images, top_k=2)
+        answered_request = engine.submit_predict(images[[0]], top_k=4)
+        with pytest.raises(FailedPrecondition) as refused:
+            refused_request.result(timeout=60)
+        assert refused.value.field == "images"
+        assert refused.value.description.startswith("the served classifier's logits of 2 images of the request hold NaN or +infinity, or are "
+                                                    "-infinity for every class (images[1], images[3])")
+        answered = engine.finish_predict(answered_request.result(timeout=60))
+        assert answered.class_indices.tolist() == alone.class_indices.tolist()
+        np.testing.assert_array_equal(answered.probabilities, alone.probabilities)
+        batches = engine.metrics.registry.get_sample_value("explaind_batch_size_images_count")
+        assert (batches, engine.metrics.registry.get_sample_value("explaind_batch_size_images_sum")) == (2, 6)  # alone, then both in one forward
+        pixels = np.random.default_rng(0).integers(1, 256, (4, 16, 16, 3), dtype=np.uint8)
+        pixels[2] = 0
+        engine.create_sample_set("dark", "", [NewSample.from_array(p, 0) for p in pixels])
+        job = engine.jobs.wait(engine.evaluate_sample_set("dark").record.job_id, 60).record
+        assert (job.state, job.error_code) == ("failed", "FAILED_PRECONDITION")
+        assert job.error_message.startswith("sample_set_id: the served classifier's logits of 1 sample of sample set 'dark' hold NaN or "
+                                            "+infinity, or are -infinity for every class (sample_index 2): the model overflows, divides by "
+                                            "zero or rules out every class on its image; use a set without it, or mend the model")
 
 
 # Jobs and store --------------------------------------------------------------------------

@@ -200,26 +200,52 @@ class SampleFeatures:
         return [record.digest for record in self.records]
 
 
-# Samples a non-finite output's error lists by index; the rest are counted.
+# Rows a non-finite output's error lists by index; the rest are counted.
 MAX_SAMPLES_NAMED = 10
+# Of each kind of a served model's outputs: what makes a row unusable, and what the model
+# does to give one. A logit of -inf is a class the model rules out (one that masks
+# classes it may not answer), of probability exactly 0; a row needs one class not ruled
+# out, and NaN or +inf leaves no probability defined (softmax gives NaN for the row).
+_UNUSABLE_ROWS = {
+    "penultimate features": ("are NaN or infinite", "overflows or divides by zero"),
+    "logits": ("hold NaN or +infinity, or are -infinity for every class", "overflows, divides by zero or rules out every class"),
+}
 
 
-def _require_finite_rows(outputs: np.ndarray, sample_set_id: str, field: str, what: str) -> None:
-    """FailedPrecondition naming ``field`` and the samples (indices in the set) whose row
-    of ``outputs`` (N, D), the served model's on a set's images, holds NaN or an infinity:
-    it overflowed or divided by zero on them (a float16 model, a constant image). A job
-    must not go on with them: a NaN row's argmax is class 0, a mistake or not as it
-    happens, and the methods refuse such features by their own row numbers."""
-    # A row sums (in float64, which no sum of float32s overflows) to a finite number only
-    # if every value is finite: one pass, and an (N,) result rather than a mask of them all.
-    with np.errstate(invalid="ignore"):  # inf + -inf is the NaN looked for, not a warning for the log
-        bad = np.flatnonzero(~np.isfinite(outputs.reshape(len(outputs), -1).sum(1, dtype=np.float64)))
+def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str | None = None) -> FailedPrecondition:
+    """FailedPrecondition naming ``field`` and the rows ``bad`` of the served model's
+    ``what`` (a key of _UNUSABLE_ROWS) that no answer can come from: samples of sample
+    set ``sample_set_id`` by sample_index, else images of a Predict request as
+    ``images[i]`` (which the SDK renumbers in the caller's list, see its _note_chunk)."""
+    fault, cause = _UNUSABLE_ROWS[what]
+    many, first = len(bad) != 1, bad[:MAX_SAMPLES_NAMED]
+    if sample_set_id is not None:
+        rows, named, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", "sample_index " + ", ".join(map(str, first)), "use a set"
+    else:
+        rows, named, remedy = f"image{'s' * many} of the request", ", ".join(f"images[{row}]" for row in first), "send the request"
+    more = f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else ""
+    return FailedPrecondition(f"the served classifier's {what} of {len(bad)} {rows} {fault} ({named}{more}): the model {cause} on "
+                              f"{'their images' if many else 'its image'}; {remedy} without {'them' if many else 'it'}, or mend the model",
+                              field=field)
+
+
+def _require_usable_rows(outputs: np.ndarray, sample_set_id: str, field: str, what: str) -> None:
+    """:func:`_unusable_rows` for the samples of a set whose row of ``outputs`` (N, D), the
+    served model's ``what`` on the set's images, is unusable (_UNUSABLE_ROWS): it
+    overflowed or divided by zero on them (a float16 model, a constant image), or ruled
+    out every class. A job must not go on with them: a NaN row's argmax is class 0, a
+    mistake or not as it happens, and the methods refuse such features by their own row
+    numbers."""
+    rows = outputs.reshape(len(outputs), -1)
+    if what == "logits":  # usable where the largest is a number: max gives NaN where there is one
+        bad = np.flatnonzero(~np.isfinite(rows.max(1)))
+    else:
+        # A row sums (in float64, which no sum of float32s overflows) to a finite number only
+        # if every value is finite: one pass, and an (N,) result rather than a mask of them all.
+        with np.errstate(invalid="ignore"):  # inf + -inf is the NaN looked for, not a warning for the log
+            bad = np.flatnonzero(~np.isfinite(rows.sum(1, dtype=np.float64)))
     if len(bad):
-        named = ", ".join(map(str, bad[:MAX_SAMPLES_NAMED].tolist())) + (f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else "")
-        raise FailedPrecondition(f"the served classifier's {what} of {len(bad)} sample{'s' * (len(bad) != 1)} of sample set {sample_set_id!r} "
-                                 f"are NaN or infinite (sample_index {named}): the model overflows or divides by zero on "
-                                 f"{'their images' if len(bad) != 1 else 'its image'}; use a set without {'them' if len(bad) != 1 else 'it'}, "
-                                 "or mend the model", field=field)
+        raise _unusable_rows(bad.tolist(), what, field, sample_set_id)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -227,24 +253,33 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_PredictOptions]) -> list[BatchOutput]:
+def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_PredictOptions]) -> list[BatchOutput | FailedPrecondition]:
     """Each request's top classes from one top-k of the whole batch's logits, as deep as
     the deepest request asks (a full sort of 21k classes cost 34x a top-5 here), equal
     logits by class index (:func:`top_ids`: topk's kernel orders ties as it likes), and
     their probabilities from one softmax. Ranked by logit, as EvaluateSampleSet and a
     ranking classify: softmax rounds logits a rounding step apart to equal probabilities,
     which put the lower class first. Features leave the device only when a request asks
-    for them."""
+    for them. A request with an image whose logits are unusable (_UNUSABLE_ROWS) gets
+    the FailedPrecondition naming them instead, the other requests their answers."""
     logits = forward.logits.float()
     _, indices = top_ids(logits, max(o.top_k for o in options))
     probabilities = torch.softmax(logits, dim=1).gather(1, indices)
     probabilities, indices = probabilities.cpu().numpy(), indices.cpu().numpy()
+    # A row's softmax is NaN exactly where it is unusable: one of NaN or +inf makes its sum
+    # NaN, and so does -inf less -inf where all are -inf; else its largest logit adds
+    # exp(0) = 1 to a sum of numbers in [0, 1]. So its top probability, already here, tells.
+    unusable = np.isnan(probabilities[:, 0])
     features = forward.features.float().cpu().numpy() if forward.features is not None and any(o.return_features for o in options) else None
-    outputs, start = [], 0
+    outputs: list[BatchOutput | FailedPrecondition] = []
+    start = 0
     for size, option in zip(sizes, options, strict=True):
         rows = slice(start, start + size)
-        outputs.append(BatchOutput(forward.version, indices[rows, :option.top_k], probabilities[rows, :option.top_k],
-                                   features[rows] if option.return_features and features is not None else None))
+        if unusable[rows].any():
+            outputs.append(_unusable_rows(np.flatnonzero(unusable[rows]).tolist(), "logits", "images"))
+        else:
+            outputs.append(BatchOutput(forward.version, indices[rows, :option.top_k], probabilities[rows, :option.top_k],
+                                       features[rows] if option.return_features and features is not None else None))
         start += size
     return outputs
 
@@ -567,7 +602,7 @@ class Engine:
         the job was queued. With ``count``, only its first ``count`` samples: the set as it
         was when it held that many (samples are only appended), not samples appended since.
         FailedPrecondition naming ``field`` and the samples whose features are NaN or
-        infinite (:func:`_require_finite_rows`)."""
+        infinite (:func:`_require_usable_rows`)."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
         records = self._samples_of(sample_set_id, field, uid, count)
@@ -600,7 +635,7 @@ class Engine:
                         stacked[rows_of[digest]] = vector
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
-        _require_finite_rows(stacked, sample_set_id, field, "penultimate features")
+        _require_usable_rows(stacked, sample_set_id, field, "penultimate features")
         features = torch.from_numpy(stacked).to(self.device)
         labels = torch.tensor([record.label for record in records], dtype=torch.long, device="cpu")
         return SampleFeatures(features, labels, records, version)
@@ -610,12 +645,13 @@ class Engine:
         """Logits (N, C) on the CPU, labels (N,) and digests of every sample (with ``count``,
         of the first ``count``, as sample_set_features): the head on the cached features, or
         for an inference-only classifier the whole model on every image (it has no
-        features to cache). FailedPrecondition naming the samples whose logits (or
-        features) are NaN or infinite (:func:`_require_finite_rows`)."""
+        features to cache). Logits of -inf are classes the model rules out (one that masks
+        classes). FailedPrecondition naming the samples whose features are not all finite,
+        or whose logits are NaN, +inf or -inf for every class (:func:`_require_usable_rows`)."""
         if version.supports_features:
             sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid, count=count)
             logits = version.logits(sample.features).float().cpu()
-            _require_finite_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")  # finite features, a head that overflows float32
+            _require_usable_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")  # finite features, a head that overflows float32
             return logits, sample.labels, sample.digests
         records = self._samples_of(sample_set_id, "sample_set_id", uid, count)
         digests = [record.digest for record in records]
@@ -625,7 +661,7 @@ class Engine:
             for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
                 computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests]))  # never empty: usable sets have samples
-        _require_finite_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")
+        _require_usable_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")
         return logits, torch.tensor([record.label for record in records], dtype=torch.long, device="cpu"), digests
 
     @staticmethod
