@@ -1054,6 +1054,21 @@ def test_a_failing_request_of_a_predict_one_request_at_a_time_says_where_it_bega
     assert raised.value.request_offset == 4 and servicer.arrived == [0, 2, 4]
 
 
+def test_a_predict_refusal_listing_images_of_a_later_request_says_where_that_request_began():
+    # The server names images its model gives no usable logits for as images[i] of the
+    # request, under the field images: i is the caller's item start + i.
+    from explaind.client import FailedPreconditionError, InvalidArgumentError
+    from explaind.client._client import _note_chunk
+
+    listing = FailedPreconditionError("images: the served classifier's logits of 1 image of the request hold NaN or +infinity, or are "
+                                      "-infinity for every class (images[1]): ...", field="images")
+    _note_chunk(listing, 32, 40)
+    assert listing.__notes__ == ["the failing request began at item 32 of 40: [i] there is item 32 + i here"]
+    unlisted = InvalidArgumentError("images: 33 images exceed the limit of 32 per request", field="images")
+    _note_chunk(unlisted, 32, 40)
+    assert unlisted.request_offset == 32 and not hasattr(unlisted, "__notes__")
+
+
 def test_an_image_unread_after_a_failing_request_raises_the_request_s_error_as_one_at_a_time_does():
     # The images are read while the requests before them run: a read error raised at once
     # hid the earlier request's refusal, which one request at a time raised first.

@@ -279,12 +279,14 @@ def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
 
 def _note_chunk(error: ExplaindError, start: int, total: int | None) -> None:
     """Say where a failed request of a split call began, when its error names
-    ``samples[i]`` or ``images[i]``: the server numbers them within the request, not
-    within the caller's list. Also kept as
+    ``samples[i]`` or ``images[i]`` (as its field, or in the text of one about the
+    ``images``: a Predict's images the model gives no usable logits for): the server
+    numbers them within the request, not within the caller's list. Also kept as
     ``error.request_offset`` (item ``request_offset + i`` of the caller's list)."""
     error.request_offset = start
     named = [getattr(error, "field", None) or "", *(field for field, _ in getattr(error, "field_violations", ()))]
-    if start and any(field.startswith(("samples[", "images[")) for field in named):  # not, say, a replaced set's sample_set_uid
+    listed = named[0] == "images" and "images[" in error.details
+    if start and (listed or any(field.startswith(("samples[", "images[")) for field in named)):  # not, say, a replaced set's sample_set_uid
         of = f" of {total}" if total is not None else ""
         error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
 
