@@ -87,6 +87,7 @@ class Prediction(AbbreviatedRepr, ComparedByValue):
 
     labels: list[str]
     class_indices: list[int]
+    # Softmax probabilities of class_indices: 0 for a class the model rules out (logit -inf).
     probabilities: list[float]
     # Penultimate activations (D,), when requested.
     features: np.ndarray | None = None

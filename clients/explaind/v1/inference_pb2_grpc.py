@@ -62,7 +62,11 @@ class InferenceServiceServicer:
 
     def Predict(self, request, context):
         """Top-k labels and probabilities for a batch of images; requests from many callers
-        are dynamically batched in front of the model.
+        are dynamically batched in front of the model. A logit of -infinity is a class the
+        model rules out (one that masks classes), of probability 0. FAILED_PRECONDITION
+        (field images) where the model's logits for some of the images hold NaN or
+        +infinity, or are -infinity for every class (no probability is defined), naming
+        them as images[i]; the requests batched with it are answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,7 +81,12 @@ class InferenceServiceServicer:
 
     def EvaluateSampleSet(self, request, context):
         """Runs the classifier over a sample set (long-running): accuracy, confusion matrix,
-        the misclassified samples, and a PNG grid of the mistakes as an artifact.
+        the misclassified samples, and a PNG grid of the mistakes as an artifact. Each
+        sample is classified by its largest logit (-infinity: a class ruled out, as in
+        Predict). The operation fails FAILED_PRECONDITION (field sample_set_id) naming by
+        sample_index the samples whose logits hold NaN or +infinity, or are -infinity for
+        every class, or, for a classifier split into features and head, whose features
+        are NaN or infinite.
         Operation metadata: OperationMetadata; response: EvaluateSampleSetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
