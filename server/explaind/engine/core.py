@@ -404,7 +404,8 @@ class Engine:
     def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False,
                        caller: str | None = None) -> Future:
         """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`
-        for :meth:`finish_predict`. The options are checked first, so
+        for :meth:`finish_predict`, or raises FailedPrecondition naming the images whose
+        logits are unusable (_UNUSABLE_ROWS). The options are checked first, so
         a request they refuse never costs a forward pass. Head versions share the classes
         and the feature layer, so what is checked here still holds when the batch runs.
         ``caller``: the named caller, whose images waiting count against
@@ -647,7 +648,7 @@ class Engine:
         for an inference-only classifier the whole model on every image (it has no
         features to cache). Logits of -inf are classes the model rules out (one that masks
         classes). FailedPrecondition naming the samples whose features are not all finite,
-        or whose logits are NaN, +inf or -inf for every class (:func:`_require_usable_rows`)."""
+        or whose logits hold NaN or +inf, or are -inf for every class (:func:`_require_usable_rows`)."""
         if version.supports_features:
             sample = self.sample_set_features(sample_set_id, version=version, batch_size=batch_size, context=context, uid=uid, count=count)
             logits = version.logits(sample.features).float().cpu()
