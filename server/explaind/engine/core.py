@@ -270,12 +270,13 @@ def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_Pred
     # NaN, and so does -inf less -inf where all are -inf; else its largest logit adds
     # exp(0) = 1 to a sum of numbers in [0, 1]. So its top probability, already here, tells.
     unusable = np.isnan(probabilities[:, 0])
+    any_unusable = bool(unusable.any())  # the usual batch has none: one test for it, not a numpy call a request
     features = forward.features.float().cpu().numpy() if forward.features is not None and any(o.return_features for o in options) else None
     outputs: list[BatchOutput | FailedPrecondition] = []
     start = 0
     for size, option in zip(sizes, options, strict=True):
         rows = slice(start, start + size)
-        if unusable[rows].any():
+        if any_unusable and unusable[rows].any():
             outputs.append(_unusable_rows(np.flatnonzero(unusable[rows]).tolist(), "logits", "images"))
         else:
             outputs.append(BatchOutput(forward.version, indices[rows, :option.top_k], probabilities[rows, :option.top_k],
