@@ -8,6 +8,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -179,6 +180,25 @@ def test_mutual_tls_asks_every_client_for_a_certificate_its_ca_signed(tmp_path, 
         assert not answers(target, root_certificates=servers.file)
         stranger_cert, stranger_key = strangers.issue("analyst")
         assert not answers(target, root_certificates=servers.file, certificate_chain=stranger_cert, private_key=stranger_key)
+    finally:
+        server.stop(0)
+
+
+def test_a_pickled_mutual_tls_client_carries_its_files_paths_not_their_contents(tmp_path, classifier_dir, monkeypatch):
+    # For a spawn pool: the pickle holds the PEM files' absolute paths, read again where it
+    # is unpickled, so a relative path given in one working directory serves in another.
+    servers, clients = Authority(tmp_path, "servers"), Authority(tmp_path, "clients")
+    server = tls_server(tmp_path, classifier_dir, *servers.issue("server"), client_ca=clients.file)
+    cert, key = clients.issue("analyst")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=5, root_certificates=servers.file.name, certificate_chain=cert.name,
+                    private_key=key.name) as client:
+            pickled = pickle.dumps(client)
+        assert key.read_bytes() not in pickled and str(key).encode() in pickled
+        monkeypatch.chdir(tmp_path / "data")
+        with pickle.loads(pickled) as copy:
+            assert copy.model_metadata().feature_dim == 128
     finally:
         server.stop(0)
 

@@ -7,6 +7,8 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,18 @@ from ._types import Sample
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# Held while an AsyncClient starts its threads in a forked process (see AsyncClient._threads);
+# a new one in each child, as one held by another thread at the fork stays held there.
+_threads_lock = threading.Lock()
+
+
+def _new_threads_lock() -> None:
+    global _threads_lock
+    _threads_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_threads_lock)
 
 # Threads of an AsyncClient, so as many of its calls run at once; more wait their turn.
 DEFAULT_MAX_WORKERS = 16
@@ -58,7 +72,9 @@ class AsyncClient:
     steps, so a cancelled wait for a job frees its thread within ``RESULT_STEP_S``.
 
     ``async with AsyncClient(...) as client`` closes it at the end of the block, as
-    :meth:`close` does."""
+    :meth:`close` does. Across processes it is as the Client: a process forked from its
+    own uses it with threads of its own, started at its first call there, and it pickles
+    as its arguments."""
 
     def __init__(
         self,
@@ -79,7 +95,25 @@ class AsyncClient:
         # Its PlaintextTokenWarning points past this line, at the caller's.
         self.client = Client(target, timeout=timeout, token=token, max_message_bytes=max_message_bytes, retry=retry, tls=tls,
                              root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
+        self._max_workers = max_workers
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="explaind-async")
+        self._executor_pid = os.getpid()
+
+    def _threads(self) -> ThreadPoolExecutor:
+        """This process's pool of threads. In a process forked from the one that started
+        it, a new one: the pool copied there counted idle threads that are not there, and
+        a call waited for them forever."""
+        if self._executor_pid != os.getpid():
+            with _threads_lock:
+                if self._executor_pid != os.getpid():
+                    self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="explaind-async")
+                    self._executor_pid = os.getpid()
+        return self._executor
+
+    def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()]]:
+        """Pickled as its arguments, as the Client: unpickled, a new client."""
+        self.client._require_open()
+        return functools.partial(type(self), **self.client._arguments, max_workers=self._max_workers), ()
 
     async def close(self) -> None:
         """Close the connection, as :meth:`Client.close`: calls still running end as
@@ -100,7 +134,7 @@ class AsyncClient:
         blocking methods, ``await client.to_thread(operation.cancel)``."""
         self.client._require_open()  # a closed pool's own error named no client
         context = contextvars.copy_context()
-        return asyncio.get_running_loop().run_in_executor(self._executor, lambda: context.run(function, *args, **kwargs))
+        return asyncio.get_running_loop().run_in_executor(self._threads(), lambda: context.run(function, *args, **kwargs))
 
     async def result(self, operation: Operation[R], *, progress: bool = False, timeout: float | None = None,
                      download: bool = True) -> R:

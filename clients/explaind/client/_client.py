@@ -8,6 +8,7 @@ import contextvars
 import dataclasses
 import datetime as dt
 import difflib
+import functools
 import itertools
 import numbers
 import os
@@ -113,6 +114,47 @@ DEFAULT_PREDICT_IN_FLIGHT = 4
 # The wait is long enough for a ping's answer queued behind a large response on a slow link.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 60_000
+
+
+# The gRPC calls of this process's clients under way, a token each: added and discarded
+# without a lock, which another thread could hold at a fork and so never release in the child.
+_calls_under_way: set[object] = set()
+# Whether this process was forked while another thread of its parent (or of an ancestor)
+# was in a call: gRPC's C core then skips its fork handlers, and its state copied here is
+# not to be used (see _require_usable_grpc).
+_forked_amid_calls = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_amid_calls
+    _forked_amid_calls = _forked_amid_calls or bool(_calls_under_way)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _under_way() -> Iterator[None]:
+    """Count the block as a gRPC call under way (see _forked_amid_calls)."""
+    token = object()
+    _calls_under_way.add(token)
+    try:
+        yield
+    finally:
+        _calls_under_way.discard(token)
+
+
+def _require_usable_grpc() -> None:
+    """Refuse to use gRPC in a process forked while another thread was in a call, where
+    gRPC's C core skipped its fork handlers: 13 of 60 such children hung in their calls
+    past the 5 s deadline, and with a channel opened in the child 11 of 60 failed
+    DEADLINE_EXCEEDED or died (2026-12-06). A process forked while no call was under way
+    gets a connection of its own from gRPC, its parent's left alone."""
+    if _forked_amid_calls:
+        raise RuntimeError(
+            "this process was forked while another thread was in a call of an explaind Client, and gRPC cannot be "
+            "used in it: start worker processes before calls begin in other threads, or with multiprocessing's "
+            "'spawn' or 'forkserver' start method (a Client pickles, so it can be passed to them)")
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -394,6 +436,15 @@ class Client:
     implies ``tls``. A file that is missing, holds no certificate, or a key that is not
     the certificate's raises OSError or ValueError naming the argument, here rather than
     at every connection.
+
+    A client may be used across processes. A process forked from its own (a
+    ``multiprocessing`` or ``ProcessPoolExecutor`` worker on Linux, a web server's worker
+    forked after loading the app) uses it over a connection of its own, unless it was
+    forked while another thread was in a call: gRPC cannot be used there, and its calls
+    raise RuntimeError saying so. It pickles (for a ``spawn`` or ``forkserver`` pool) as
+    its arguments, into a new client that connects at its first call: the pickle then
+    holds the token, as the arguments did, and the PEM files' paths, read again where it
+    is unpickled (not their contents).
     """
 
     def __init__(
@@ -434,6 +485,7 @@ class Client:
         self._max_queued_images_per_caller = 0  # the server's [batching] one, asked with _limits; 0: no limit or unknown
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
+        _require_usable_grpc()
         options = _channel_options(max_message_bytes)
         if tls or any(path is not None for path in (root_certificates, private_key, certificate_chain)):
             credentials = _tls_credentials(root_certificates, private_key, certificate_chain)
@@ -446,6 +498,11 @@ class Client:
                     f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
                     "(the CLI's --tls), or through a proxy that adds TLS"), stacklevel=_caller_outside_package())
             self._channel = grpc.insecure_channel(target, options=options)
+        # What a pickle carries (see __reduce__): the arguments, checked above; the files' paths absolute.
+        self._arguments: dict[str, Any] = {
+            "target": target, "timeout": timeout, "token": token, "max_message_bytes": max_message_bytes, "retry": retry,
+            "tls": tls, **{name: None if path is None else os.path.abspath(path) for name, path in (
+                ("root_certificates", root_certificates), ("private_key", private_key), ("certificate_chain", certificate_chain))}}
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
         # worth waiting for, rather than a wrong address, worth saying at once.
         self._reached = False
@@ -457,6 +514,12 @@ class Client:
             "neuroinspect": neuroinspect_pb2_grpc.NeuroInspectServiceStub(self._channel),
             "health": health_pb2_grpc.HealthStub(self._channel),
         }
+
+    def __reduce__(self) -> tuple[Callable[[], Client], tuple[()]]:
+        """Pickled as its arguments (see the class): unpickled, a new client that connects
+        at its first call."""
+        self._require_open()
+        return functools.partial(type(self), **self._arguments), ()
 
     def close(self) -> None:
         """Close the connection; later calls raise ValueError (as a closed file's do), as
@@ -504,13 +567,16 @@ class Client:
         started, attempts = time.monotonic(), 0
         while True:
             self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
+            _require_usable_grpc()
             attempts += 1
             try:
                 send = getattr(self._stubs[service], method)
-                if cancellation is None:
-                    response = send(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
-                else:
-                    response = cancellation.result(lambda: send.future(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata()))
+                with _under_way():
+                    if cancellation is None:
+                        response = send(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
+                    else:
+                        response = cancellation.result(lambda: send.future(request, timeout=deadline - time.monotonic(),
+                                                                           metadata=self._call_metadata()))
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 unavailable = error.code == grpc.StatusCode.UNAVAILABLE
@@ -606,6 +672,7 @@ class Client:
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
+        _require_usable_grpc()
         call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
         return _ErrorMappingStream(call)
 
@@ -1450,10 +1517,13 @@ def _request(message_class: Any, **fields: Any) -> Any:
 
 class _ErrorMappingStream:
     """Iterates a server stream, raising typed errors; ``cancel()`` ends the call (its one
-    caller, Operation.watch, cancels a stream it no longer iterates)."""
+    caller, Operation.watch, cancels every stream it opens once it is done with it). A
+    call under way (see _forked_amid_calls) until cancelled: gRPC reads it in a thread of
+    its own meanwhile."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
+        _calls_under_way.add(self)
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -1463,3 +1533,4 @@ class _ErrorMappingStream:
 
     def cancel(self) -> None:
         self._call.cancel()
+        _calls_under_way.discard(self)

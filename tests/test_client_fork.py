@@ -1,0 +1,149 @@
+"""The SDK's clients across processes: used in forked workers, and pickled for spawned ones.
+
+No torch here: a spawned worker imports this module to find its function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import StallingRelay
+from explaind.client import AsyncClient, Client, ExplaindError
+
+# Four 64 px images, whose top classes are compared across processes.
+IMAGES = np.stack([np.full((64, 64, 3), shade, np.uint8) for shade in (0, 80, 160, 240)])
+# Longest a forked child may take for its calls before it counts as hung, seconds.
+CHILD_LIMIT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    return server_factory()
+
+
+def _top_classes(client: Client) -> list[int]:
+    return [prediction.class_indices[0] for prediction in client.predict(IMAGES, top_k=1)]
+
+
+def _in_forked_child(work: Callable[[], object]) -> str:
+    """``repr(work())`` run in a child forked from this process, or ``"Type: message"`` of
+    what it raised there; fails the test if the child does not end within CHILD_LIMIT_S."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave at once (no pytest teardown here)
+        try:
+            answer = repr(work())
+        except BaseException as error:  # reported to the parent, whatever it is
+            answer = f"{type(error).__name__}: {error}"
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + CHILD_LIMIT_S
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read)
+            pytest.fail(f"the forked child hung: no answer in {CHILD_LIMIT_S:.0f}s")
+        time.sleep(0.01)
+    with os.fdopen(read, "rb") as answer:
+        return answer.read().decode()
+
+
+def test_a_forked_child_calls_with_its_parents_client_and_the_parent_goes_on(server):
+    # A pool's workers forked after the client was made and used (Linux's default start
+    # method), or a web server's workers forked after loading the app.
+    with Client(server.target, timeout=10) as client:
+        expected = _top_classes(client)
+        assert _in_forked_child(lambda: _top_classes(client)) == repr(expected)
+        assert _in_forked_child(lambda: client.close()) == "None"  # the child's close leaves the parent's connection
+        assert _top_classes(client) == expected
+
+
+@pytest.mark.parametrize("under_way", ["call", "watch"])
+def test_a_forked_child_of_a_process_with_a_call_under_way_refuses_its_calls_saying_why(server, under_way):
+    # gRPC's C core skips its fork handlers while another thread is in a call, or reads
+    # a stream: a child forked then hung in its calls (13 of 60), past their deadline. Now
+    # every call there is refused at once, saying what to do.
+    refusal = ("RuntimeError: this process was forked while another thread was in a call of an explaind Client, and gRPC "
+               "cannot be used in it: start worker processes before calls begin in other threads, or with "
+               "multiprocessing's 'spawn' or 'forkserver' start method (a Client pickles, so it can be passed to them)")
+    relay = StallingRelay(server.port)
+    stalled = Client(relay.target, timeout=10, retry=False)
+    ended: list[ExplaindError] = []
+    with Client(server.target, timeout=10) as client:
+        job = client.evaluate_sample_set(client.create_sample_set(IMAGES, [0, 1, 2, 3]).sample_set_id)
+        operation = stalled.operation(job.name)  # connected through the relay, which then goes silent
+        relay.stall()
+
+        def wait_for_an_answer() -> None:
+            try:
+                stalled.health() if under_way == "call" else list(operation.watch())
+            except ExplaindError as error:
+                ended.append(error)
+
+        waiting = threading.Thread(target=wait_for_an_answer)
+        waiting.start()
+        try:
+            time.sleep(0.2)  # the call is under way
+            assert _in_forked_child(lambda: _top_classes(client)) == refusal
+            assert _in_forked_child(lambda: list(job.watch())) == refusal
+            assert _in_forked_child(lambda: Client(server.target)) == refusal  # gRPC is not to be used there at all
+            assert _in_forked_child(lambda: _in_forked_child(lambda: _top_classes(client))) == repr(refusal)  # nor in its children
+        finally:
+            relay.close()  # the waiting call ends UNAVAILABLE
+            waiting.join()
+            stalled.close()
+        assert [error.code.name for error in ended] == ["UNAVAILABLE"]
+        # No call under way now: a child forked now calls.
+        assert _in_forked_child(lambda: _top_classes(client)) == repr(_top_classes(client))
+
+
+def test_an_async_client_works_in_a_forked_child(server):
+    # The thread pool copied into the child counted idle threads that were not there: the
+    # child's first call waited for them forever.
+    async def top_classes(client: AsyncClient) -> list[int]:
+        return [prediction.class_indices[0] for prediction in await asyncio.wait_for(client.predict(IMAGES, top_k=1), CHILD_LIMIT_S / 2)]
+
+    client = AsyncClient(server.target, timeout=10)
+    expected = asyncio.run(top_classes(client))
+    assert _in_forked_child(lambda: asyncio.run(top_classes(client))) == repr(expected)
+    assert asyncio.run(top_classes(client)) == expected
+    asyncio.run(client.close())
+
+
+def test_a_client_pickles_as_its_arguments_into_a_new_client(server):
+    # A spawn or forkserver pool pickles what it is given: a Client failed with gRPC's
+    # "TypeError: no default __reduce__ due to non-trivial __cinit__".
+    with Client(server.target, timeout=7, token="s3cret", retry=False) as client:
+        copy = pickle.loads(pickle.dumps(client))
+        assert copy is not client and copy._channel is not client._channel
+        assert (copy.target, copy.timeout, copy._retry, copy._metadata) == (server.target, 7, False, (("authorization", "Bearer s3cret"),))
+        assert _top_classes(copy) == _top_classes(client)
+        copy.close()
+        assert _top_classes(client)  # closing the copy leaves the original open
+    with pytest.raises(ValueError, match="this Client of .* is closed"):
+        pickle.dumps(client)
+    async_client = AsyncClient(server.target, timeout=7, max_workers=3)
+    async_copy = pickle.loads(pickle.dumps(async_client))
+    assert (async_copy.client.target, async_copy.client.timeout, async_copy._max_workers) == (server.target, 7, 3)
+    assert len(asyncio.run(async_copy.model_metadata()).class_names) == 6
+    asyncio.run(async_client.close())
+    asyncio.run(async_copy.close())
+
+
+def test_a_spawned_worker_calls_with_a_client_it_was_given(server):
+    with Client(server.target, timeout=10) as client, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_top_classes, client).result(timeout=60) == _top_classes(client)
