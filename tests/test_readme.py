@@ -3,6 +3,8 @@
 import contextlib
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,6 +247,25 @@ def test_the_image_folder_line_uploads_a_folder_of_class_subfolders(default_serv
             client.delete_sample_set("production")
     assert stored.sample_count == len(test.labels)
     assert stored.class_counts == {label: test.labels.tolist().count(label) for label in set(test.labels.tolist())}
+
+
+def test_the_spawn_pool_script_labels_each_image_it_is_given(default_server, tmp_path):
+    """The block sharing a client with a spawn pool, saved as a script and run on PNG files
+    of the shapes world: it prints each file's top class, as the client's own predict."""
+    from torchvision.utils import save_image
+
+    from explaind.client import Client
+
+    test = _shapes_split(3)
+    paths = [str(tmp_path / f"{index}.png") for index in range(len(test.images))]
+    for image, path in zip(test.images, paths):
+        save_image(image, path)
+    script = tmp_path / "classify.py"
+    script.write_text(_at(default_server.target, _api_python_block("import multiprocessing\nimport sys\n")))
+    ran = subprocess.run([sys.executable, str(script), *paths], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    with Client(default_server.target, timeout=30) as client:
+        assert ran.stdout == " ".join(prediction.label for prediction in client.predict(paths, top_k=1)) + "\n"
 
 
 def test_the_report_lines_build_and_render_the_page_the_cli_writes(default_server):
