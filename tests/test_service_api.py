@@ -453,6 +453,47 @@ def test_a_stop_begun_during_the_start_up_sweep_cuts_it_short_and_the_next_start
         server.stop(0)
 
 
+def test_a_stop_begun_while_the_start_up_sweep_deletes_operations_past_retention_cuts_that_short_too(classifier_dir, tmp_path, monkeypatch):
+    # The start-up sweep deletes the operations past [jobs].retention_days before the files,
+    # 0.13 s per 1000 with 20 KB responses, in chunks under the start-up lock: a retention
+    # first set or lowered on a server holding years of them kept a stop() waiting for all.
+    from explaind.service import ExplaindServer, server as explaind_server
+    from explaind.store import JobRecord, sqlite
+
+    monkeypatch.setattr(sqlite, "_SWEEP_CHUNK", 2)  # operations per chunk
+    config = _world_classifier_alone(classifier_dir, tmp_path).replace("jobs", retention_days=1.0)
+    server = ExplaindServer(config)
+    for index in range(6):
+        server.store.insert_job(JobRecord(job_id=f"{index:016x}", kind="evaluate", state="succeeded", create_time=1.0, end_time=2.0))
+    server.start()
+    in_retention, failures = threading.Event(), []
+    forget_jobs = server.store._forget_jobs
+
+    def forget_once_stopping(*args) -> int:
+        in_retention.set()
+        assert server._closing.wait(30)
+        return forget_jobs(*args)
+
+    server.store._forget_jobs = forget_once_stopping
+    loading, stopping = threading.Thread(target=explaind_server._load_models, args=(server, failures)), threading.Thread(target=server.stop, args=(0,))
+    loading.start()
+    try:
+        assert in_retention.wait(60)
+        stopping.start()
+    finally:
+        loading.join(60)
+        stopping.join(60)
+    assert not stopping.is_alive() and failures == [] and not server.serving, failures
+    server = ExplaindServer(config)
+    try:
+        assert len(server.store.list_jobs()) == 4  # the chunk under way went, no more
+        server.start()
+        server.load_models()
+        assert server.serving and not server.store.list_jobs()
+    finally:
+        server.stop(0)
+
+
 def test_a_stop_on_the_thread_running_the_start_up_steps_is_refused_not_left_waiting_for_itself(classifier_dir, tmp_path):
     # An embedder's signal handler runs on the thread it interrupts: one that called stop()
     # while that thread restored the head waited for the start-up lock it held, forever.

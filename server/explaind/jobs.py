@@ -710,9 +710,10 @@ class JobManager:
                 recorded += 1
         return recorded
 
-    def delete_ended_before(self, end_time: float) -> int:
-        """Retention: forget the jobs that finished before ``end_time`` (epoch s)."""
-        deleted = self.store.delete_jobs_ended_before(end_time)
+    def delete_ended_before(self, end_time: float, *, interrupt: threading.Event | None = None) -> int:
+        """Retention: forget the jobs that finished before ``end_time`` (epoch s); once
+        ``interrupt`` is set, after the chunk under way (the rest: the next sweep's)."""
+        deleted = self.store.delete_jobs_ended_before(end_time, interrupt=interrupt)
         self.metrics.operations_deleted.labels(reason="retention").inc(deleted)
         return deleted
 

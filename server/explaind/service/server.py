@@ -274,7 +274,7 @@ class ExplaindServer:
         start-up) also takes every file on disk nothing references, as having lost it
         then; jobs may already run (calls are served while models load). A step that
         fails is logged and retried at the next sweep; the other still runs. Deleting
-        files stops between chunks once stop() has begun (it waits for the sweep)."""
+        operations and files stops between chunks once stop() has begun (it waits for the sweep)."""
         try:
             if recorded := self.engine.jobs.record_unrecorded_ends():
                 log.info("recorded the end of %d operation(s) the store had refused (a full data dir, say)", recorded)
@@ -282,7 +282,7 @@ class ExplaindServer:
             log.exception("recording the ends of operations the store had refused failed")
         try:
             if retention_days := self.config.jobs.retention_days:
-                if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400):
+                if deleted := self.engine.jobs.delete_ended_before(time.time() - retention_days * 86_400, interrupt=self._closing):
                     log.info("deleted %d operation(s) that ended over %g day(s) ago ([jobs].retention_days)", deleted, retention_days)
         except Exception:  # noqa: BLE001 - serving goes on
             log.exception("deleting operations past their retention failed")

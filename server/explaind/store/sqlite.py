@@ -1060,10 +1060,11 @@ class SQLiteStore:
             self._forget_jobs(db, "id = ?", (job_id,))
 
     @_frees_space
-    def delete_jobs_ended_before(self, end_time: float) -> int:
+    def delete_jobs_ended_before(self, end_time: float, *, interrupt: threading.Event | None = None) -> int:
         """Forget the finished jobs that ended before ``end_time`` (epoch s), at most
         ``_SWEEP_CHUNK`` per hold of the lock; returns how many. An edit that did not
-        succeed stays while the head version it stored does (restore drops that first)."""
+        succeed stays while the head version it stored does (restore drops that first).
+        Once ``interrupt`` is set (the server stopping), returns after the chunk under way."""
         placeholders = ", ".join("?" * len(FINISHED_STATES))
         deleted = 0
         while True:
@@ -1076,7 +1077,7 @@ class SQLiteStore:
                                    ORDER BY end_time LIMIT ?)""",
                     (end_time, *FINISHED_STATES, SUCCEEDED, _SWEEP_CHUNK))
             deleted += count
-            if count < _SWEEP_CHUNK:
+            if count < _SWEEP_CHUNK or (interrupt is not None and interrupt.is_set()):
                 return deleted
 
     def _forget_jobs(self, db: sqlite3.Connection, where: str, params: tuple) -> int:
