@@ -6440,6 +6440,25 @@ def test_a_sweep_interrupted_returns_after_its_chunk_and_the_next_sweep_deletes_
         store.close()
 
 
+def test_a_start_up_sweep_interrupted_before_it_begins_reads_nothing_and_leaves_everything_to_the_next(tmp_path):
+    # A stop begun during the sweep's earlier steps (retention) found the start-up sweep
+    # still scanning every cached feature for those of no set first (0.7 s per 200,000).
+    store = SQLiteStore(tmp_path)
+    stray = store._blob_path(f"cd{0:062x}")
+    stray.parent.mkdir()
+    stray.write_bytes(b"written, never recorded")
+    store.put_features("v", {_digest(b"in no set"): np.ones(4, dtype=np.float32)})
+    interrupt = threading.Event()
+    interrupt.set()
+    try:
+        assert store.delete_unused_blobs(everything=True, interrupt=interrupt) == 0
+        assert stray.exists() and store.get_features("v", [_digest(b"in no set")])
+        assert store.delete_unused_blobs(everything=True) == 1
+        assert not stray.exists() and not store.get_features("v", [_digest(b"in no set")])
+    finally:
+        store.close()
+
+
 def test_a_blob_file_the_sweep_cannot_delete_is_logged_not_counted_and_the_others_go(tmp_path, caplog):
     # The count feeds explaind_stored_files_deleted_total: a file left on disk is no file deleted.
     store = SQLiteStore(tmp_path)
