@@ -365,6 +365,61 @@ def test_a_partial_build_into_a_root_holding_only_the_parts_it_builds_records_th
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint() and not recwarn.list
 
 
+def _write_weights(monkeypatch, tmp_path, calls: list[tuple], *, failing: str) -> None:
+    """Savers that write a weight file where the real ones would, and a ``failing`` trainer
+    that raises, as a build killed in that part."""
+    def write(directory) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "weights.safetensors").write_bytes(b"trained")
+
+    monkeypatch.setattr(building, "save_classifier", lambda model, directory: write(directory))
+    monkeypatch.setattr(building, "save_oracle", lambda oracle, directory: write(directory))
+
+    def train_clip(out_dir, **kw) -> None:
+        if failing == "clip":
+            raise RuntimeError("killed while training clip")
+        calls.append(("train_clip", kw))
+        write(out_dir)
+
+    def train_t2i(out_dir, **kw) -> None:
+        if failing == "t2i":
+            raise RuntimeError("killed while training t2i")
+        calls.append(("train_t2i", kw))
+        write(out_dir)
+
+    monkeypatch.setitem(sys.modules, "explaind.world.clip", SimpleNamespace(train_clip=train_clip))
+    monkeypatch.setitem(sys.modules, "explaind.world.t2i", SimpleNamespace(UNET_TRAIN_STAGES=((3, 0),), train_t2i=train_t2i))
+
+
+def test_a_whole_build_killed_in_a_later_part_records_the_fingerprint_of_the_parts_it_finished(monkeypatch, tmp_path, recwarn):
+    # The text-to-image model is 2.5 h of a 3 h build: one that failed there could only be
+    # finished by building everything again, its fingerprint recorded at the very end.
+    calls = _record_training(monkeypatch)
+    _write_weights(monkeypatch, tmp_path, calls, failing="t2i")
+    with pytest.raises(RuntimeError, match="killed while training t2i"):
+        build(PARTS, root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
+    _write_weights(monkeypatch, tmp_path, calls, failing="")
+    calls.clear()
+    build(("t2i",), root=tmp_path)
+    assert [call[0] for call in calls] == ["threads", "train_t2i"] and not recwarn.list
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
+
+
+def test_a_whole_build_killed_before_every_stale_weight_is_replaced_leaves_the_stale_fingerprint(monkeypatch, tmp_path):
+    # Parts of the old renderer are still there: the current fingerprint would vouch for them.
+    calls = _record_training(monkeypatch)
+    stale = render_fingerprint() | {"balanced/train/0": "0" * 16}
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(stale))
+    for part_dir in (clip_dir(tmp_path), t2i_dir(tmp_path)):
+        part_dir.mkdir(parents=True)
+        (part_dir / "weights.safetensors").write_bytes(b"trained on the old renderer")
+    _write_weights(monkeypatch, tmp_path, calls, failing="clip")
+    with pytest.raises(RuntimeError, match="killed while training clip"):
+        build(PARTS, root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == stale
+
+
 def test_build_command_refuses_a_partial_build_on_a_changed_renderer_as_a_usage_error(monkeypatch, capsys, tmp_path):
     calls = _record_training(monkeypatch)
     (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(render_fingerprint() | {"balanced/train/0": "0" * 16}))

@@ -53,10 +53,13 @@ def build(
     ``num_threads`` pins torch's CPU threads: runs with different counts sum floats in a
     different order and end in different weights (docs/neuroinspect.md).
 
-    Afterwards the renderer's fingerprint is recorded under ``root``
-    (:mod:`explaind.world.fingerprint`). Where the renderer draws other scenes than the
-    recorded fingerprint says, every model under ``root`` was trained on the old ones, so
-    only a build of all parts is allowed: RendererChanged otherwise, before anything is trained.
+    The renderer's fingerprint is recorded under ``root`` (:mod:`explaind.world.fingerprint`)
+    once every weight there is this build's: after each part, so a build that fails in a
+    later part (the 2.5 h text-to-image model) can be finished by building the parts left
+    (a fingerprint that matches stays as it is). Where the renderer draws other scenes
+    than the recorded fingerprint says, every model under ``root`` was trained on the old
+    ones, so only a build of all parts is allowed: RendererChanged otherwise, before
+    anything is trained.
     Where ``root`` has no fingerprint but holds weights of parts not built (which the
     oracle and t2i may start from), nothing says which renderer trained those: the parts
     are built, no fingerprint is recorded, and FingerprintNotRecorded warns so first.
@@ -74,6 +77,13 @@ def build(
         warnings.warn(f"{root} holds weights of {', '.join(unvouched)} but no {FINGERPRINT_FILE}: they may come from another renderer, "
                       f"so this build of {', '.join(parts)} records no fingerprint; rebuild every part to record one",
                       FingerprintNotRecorded, stacklevel=2)
+    built: set[str] = set()
+
+    def finished(part: str) -> None:
+        built.add(part)
+        if not any(_holds_weights(other, root) for other in PARTS if other not in built):
+            record_render_fingerprint(root)
+
     torch.set_num_threads(num_threads)
     timings: dict[str, float] = {}
     if "classifiers" in parts:
@@ -87,18 +97,21 @@ def build(
             )
             save_classifier(model, classifier_dir(name, root))
             timings[f"classifier/{name}"] = time.perf_counter() - start
+        finished("classifiers")
     if "oracle" in parts:
         start = time.perf_counter()
         balanced = load_classifier(classifier_dir("balanced", root))
         oracle = train_oracle(epochs=1 if smoke else 6, train_size=96 if smoke else None, init_from=balanced)
         save_oracle(oracle, oracle_dir(root))
         timings["oracle"] = time.perf_counter() - start
+        finished("oracle")
     if "clip" in parts:
         from .clip import train_clip
 
         start = time.perf_counter()
         train_clip(steps=3 if smoke else None, seed=0, out_dir=clip_dir(root), num_threads=num_threads)
         timings["clip"] = time.perf_counter() - start
+        finished("clip")
     if "t2i" in parts:
         from .t2i import UNET_TRAIN_STAGES, train_t2i
 
@@ -109,8 +122,7 @@ def build(
                 init_from=t2i_dir(root) if stage else None, num_threads=num_threads,
             )
         timings["t2i"] = time.perf_counter() - start
-    if not unvouched:
-        record_render_fingerprint(root)
+        finished("t2i")
     return timings
 
 
