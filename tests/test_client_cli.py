@@ -600,6 +600,23 @@ def test_a_server_error_about_an_image_past_the_files_given_names_no_file():
     assert raised.value is error and not hasattr(error, "__notes__")
 
 
+def test_a_predict_refusal_listing_images_the_model_gives_no_usable_logits_for_names_their_files():
+    # The refusal's field is images, its images[i] in the text (counted within the failing
+    # request): the command named no file, where it names one for an images[i] field.
+    from explaind.client import FailedPreconditionError
+    from explaind.client.cli import _naming_failing_file
+    from explaind.engine.core import _unusable_rows
+
+    files = [f"{i}.png" for i in range(8)]
+    for bad, note in (([1], "that is file 5.png"), ([0, 3], "those are files 4.png, 7.png")):
+        refused = _unusable_rows(bad, "logits", "images")
+        error = FailedPreconditionError(str(refused), field=refused.field)
+        error.request_offset = 4
+        with pytest.raises(FailedPreconditionError), _naming_failing_file(files):
+            raise error
+        assert error.__notes__ == [note]
+
+
 def test_a_closed_pipe_ends_the_command_quietly(server, world_images):
     # `explaind info | head -1` printed a BrokenPipeError traceback.
     command = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", "--target", server.target, "info"],

@@ -327,16 +327,21 @@ def _world_spec(spec: str) -> tuple[str, str, int]:
 
 @contextlib.contextmanager
 def _naming_failing_file(files: list[str] | list[Path] | None) -> Iterator[None]:
-    """Add the file name to a server error about ``images[i]`` / ``samples[i]``: the index
-    counts within the failing request, which may not be the first (``request_offset``)."""
+    """Add the file names to a server error about ``images[i]`` / ``samples[i]``, as its
+    field or, for the field ``images``, in its text (a Predict of images the model gives
+    no usable logits for): the index counts within the failing request, which may not be
+    the first (``request_offset``)."""
     try:
         yield
     except ExplaindError as error:
         match = re.match(r"(?:images|samples)\[(\d+)\]", error.field or "")
-        if files and match:
-            index = getattr(error, "request_offset", 0) + int(match.group(1))
-            if index < len(files):
-                error.add_note(f"that is file {files[index]}")
+        listed = [match.group(1)] if match else re.findall(r"\bimages\[(\d+)\]", error.details) if error.field == "images" else []
+        indices = [getattr(error, "request_offset", 0) + int(index) for index in listed]
+        named = [str(files[index]) for index in indices if files and index < len(files)]
+        if len(named) == 1:
+            error.add_note(f"that is file {named[0]}")
+        elif named:
+            error.add_note(f"those are files {', '.join(named)}")
         raise
 
 
