@@ -1927,6 +1927,23 @@ def test_an_onnx_classifier_with_non_finite_logits_for_the_probe_images_says_so_
         load_classifier(dataclasses.replace(section, path=nan_bias))
 
 
+def test_an_onnx_classifier_whose_final_linear_layer_rules_out_a_class_with_a_minus_infinite_bias_is_served_inference_only(tmp_path):
+    # A logit of -inf is a class the model rules out: the graph's predictions are of use.
+    # Start-up was refused, its head said to have "NaN or infinite weights, which would make
+    # every prediction NaN"; rankings and head edits need a finite head, so it is not cut.
+    masking = tiny_net().eval()
+    with torch.no_grad():
+        masking.fc.bias[2] = -math.inf
+    version = load_classifier(ClassifierSection(loader="onnx", path=_export_onnx(masking, tmp_path / "masking.onnx"), image_size=64))
+    assert version.inference_only_reason == ("its graph could not be split before a final linear layer: its final linear layer's bias is "
+                                             "-infinity for some classes (it rules them out), and rankings and head edits need a finite head")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = masking(images)
+    assert torch.isneginf(version.predict_fn(images)[:, 2]).all()
+    torch.testing.assert_close(version.predict_fn(images)[:, :2], expected[:, :2], rtol=1e-4, atol=1e-5)
+
+
 def test_why_an_onnx_classifier_is_not_split_tells_callers_nothing_of_the_server(tmp_path, world_model, monkeypatch):
     # The reason goes into every refusal's message: another error's text (e.g. a missing
     # external-data file) can name server paths, which only the log may show.

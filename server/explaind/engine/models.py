@@ -825,6 +825,10 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         on_cpu = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=num_threads)
         with torch.inference_mode():
             probes = [(run(image), on_cpu(preprocess(image))) for image in _probe_images(whole.image_size).split(1)]
+            # A bias of -inf rules classes out, as -inf logits do: the whole graph serves them.
+            if torch.isfinite(head.weight).all() and (torch.isfinite(head.bias) | torch.isneginf(head.bias)).all() and torch.isneginf(head.bias).any():
+                raise UnsplittableGraph("its final linear layer's bias is -infinity for some classes (it rules them out), and rankings "
+                                        "and head edits need a finite head")
             # Either would fail the comparison below (NaN equals nothing), told as a head that gives other logits.
             _require_finite_head(head, f"[classifier].path: {path}", split.head_name)  # refused, as the torch loaders refuse it
             if not all(torch.isfinite(logits).all() for logits, _ in probes):
