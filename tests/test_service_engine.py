@@ -917,6 +917,24 @@ def non_finite_net(kind: str) -> nn.Module:
     return model
 
 
+def ruling_out_net() -> nn.Module:
+    """tiny_net whose head's bias is -inf for class 2: a model that rules that class out."""
+    model = tiny_net()
+    with torch.no_grad():
+        model.fc.bias[2] = -math.inf
+    return model
+
+
+def test_a_split_model_whose_head_rules_out_a_class_with_a_minus_infinite_bias_is_refused_saying_how_to_serve_it():
+    # Its -inf logits are a class ruled out, which Predict and EvaluateSampleSet take: it was
+    # said to have "NaN or infinite weights, which would make every prediction NaN".
+    section = ClassifierSection(loader="factory", factory=f"{__name__}:ruling_out_net", feature_layer="body.0", head="fc", image_size=32)
+    with pytest.raises(ModelLoadError, match=re.escape(":ruling_out_net: head 'fc' has a bias of -infinity for some classes (it rules them "
+                                                       "out), and rankings and head edits need a finite head; serve the model "
+                                                       "inference-only (loader 'torchscript' or 'onnx')")):
+        load_classifier(section)
+
+
 def test_a_model_with_a_nan_head_or_non_finite_logits_for_the_probe_images_is_refused_saying_so(tmp_path):
     # NaN equals nothing: both were refused as "'fc' is not the last operation of the model",
     # sending the operator to rename a head that was named right.

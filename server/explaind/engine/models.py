@@ -825,8 +825,7 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
         on_cpu = onnx_runtime_features(split.feature_graph, execution_providers(), num_threads=num_threads)
         with torch.inference_mode():
             probes = [(run(image), on_cpu(preprocess(image))) for image in _probe_images(whole.image_size).split(1)]
-            # A bias of -inf rules classes out, as -inf logits do: the whole graph serves them.
-            if torch.isfinite(head.weight).all() and (torch.isfinite(head.bias) | torch.isneginf(head.bias)).all() and torch.isneginf(head.bias).any():
+            if _rules_out_classes(head):  # as -inf logits do: the whole graph serves them
                 raise UnsplittableGraph("its final linear layer's bias is -infinity for some classes (it rules them out), and rankings "
                                         "and head edits need a finite head")
             # Either would fail the comparison below (NaN equals nothing), told as a head that gives other logits.
@@ -852,9 +851,20 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
     )
 
 
+def _rules_out_classes(head: nn.Linear) -> bool:
+    """Whether ``head``'s weights are finite and its bias is too but for some -inf: classes
+    the model rules out (logits of -inf), not a head that makes predictions NaN."""
+    finite = torch.isfinite(head.bias)
+    return bool(torch.isfinite(head.weight).all() and not finite.all() and (finite | torch.isneginf(head.bias)).all())
+
+
 def _require_finite_head(head: nn.Linear, source: str, name: str) -> None:
     """ModelLoadError where the head ``name`` of the model at ``source`` holds NaN or an
-    infinity: served, every prediction would be NaN."""
+    infinity: served, every prediction would be NaN; or, where its bias alone is -inf for
+    some classes, the model rules them out, and only rankings and head edits cannot use it."""
+    if _rules_out_classes(head):
+        raise ModelLoadError(f"{source}: head {name!r} has a bias of -infinity for some classes (it rules them out), and rankings and head "
+                             "edits need a finite head; serve the model inference-only (loader 'torchscript' or 'onnx')")
     if not (torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()):
         raise ModelLoadError(f"{source}: head {name!r} has NaN or infinite weights, which would make every prediction NaN; "
                              "its training diverged or the file is damaged")
