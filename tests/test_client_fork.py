@@ -14,12 +14,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
+from google.longrunning import operations_pb2 as operations_lro
+from google.protobuf import any_pb2
 
 from conftest import StallingRelay
-from explaind.client import AsyncClient, Client, ExplaindError
+from explaind.client import AsyncClient, Client, ExplaindError, _operations
+from explaind.client._operations import Operation
+from explaind.v1 import operations_pb2
 
 # Four 64 px images, whose top classes are compared across processes.
 IMAGES = np.stack([np.full((64, 64, 3), shade, np.uint8) for shade in (0, 80, 160, 240)])
@@ -147,3 +153,47 @@ def test_a_spawned_worker_calls_with_a_client_it_was_given(server):
     with Client(server.target, timeout=10) as client, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         assert pool.submit(_top_classes, client).result(timeout=60) == _top_classes(client)
+
+
+class _RefusedWatch(grpc.RpcError):
+    """A WatchOperation call a busy server refused (every thread for streams taken): it
+    raises itself once read, as a gRPC stream that ended RESOURCE_EXHAUSTED."""
+
+    def __iter__(self):
+        raise self
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "no thread for another stream"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def cancel(self) -> bool:
+        return False
+
+
+def test_a_watch_polling_a_busy_server_leaves_no_call_under_way_between_its_polls(server, monkeypatch):
+    # A watch the server refused a stream polls GetOperation until the job ends (for up to
+    # a day): its ended stream counted as a call under way all that time, so every process
+    # forked meanwhile refused its calls.
+    monkeypatch.setattr(_operations, "WATCH_POLL_INTERVAL_S", 0.01)
+    polls = []
+
+    def get_operation(request, **kwargs):
+        polls.append(request.name)
+        done = len(polls) == 2
+        state = operations_pb2.OPERATION_STATE_SUCCEEDED if done else operations_pb2.OPERATION_STATE_RUNNING
+        metadata = any_pb2.Any()
+        metadata.Pack(operations_pb2.OperationMetadata(state=state))
+        return operations_pb2.GetOperationResponse(operation=operations_lro.Operation(name=request.name, done=done, metadata=metadata))
+
+    with Client(server.target, timeout=10) as client:
+        client._stubs["operations"] = SimpleNamespace(WatchOperation=lambda request, **kwargs: _RefusedWatch(),
+                                                      GetOperation=get_operation)
+        expected = _top_classes(client)
+        running = operations_lro.Operation(name="operations/busy")
+        children = [_in_forked_child(lambda: _top_classes(client)) for _ in Operation(client, running).watch(timeout=60)]
+        assert polls == ["operations/busy"] * 2 and children == [repr(expected)] * 2

@@ -1518,8 +1518,9 @@ def _request(message_class: Any, **fields: Any) -> Any:
 class _ErrorMappingStream:
     """Iterates a server stream, raising typed errors; ``cancel()`` ends the call (its one
     caller, Operation.watch, cancels every stream it opens once it is done with it). A
-    call under way (see _forked_amid_calls) until cancelled: gRPC reads it in a thread of
-    its own meanwhile."""
+    call under way (see _forked_amid_calls) until it ends or is cancelled: gRPC reads it
+    in a thread of its own meanwhile. (A watch refused a stream polls for hours before
+    it cancels the ended one.)"""
 
     def __init__(self, call: Any) -> None:
         self._call = call
@@ -1530,6 +1531,8 @@ class _ErrorMappingStream:
             yield from self._call
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            _calls_under_way.discard(self)
 
     def cancel(self) -> None:
         self._call.cancel()
