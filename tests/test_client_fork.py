@@ -197,3 +197,21 @@ def test_a_watch_polling_a_busy_server_leaves_no_call_under_way_between_its_poll
         running = operations_lro.Operation(name="operations/busy")
         children = [_in_forked_child(lambda: _top_classes(client)) for _ in Operation(client, running).watch(timeout=60)]
         assert polls == ["operations/busy"] * 2 and children == [repr(expected)] * 2
+
+
+def test_a_watch_stream_counts_as_under_way_from_before_its_call_starts(monkeypatch):
+    # gRPC reads a stream in a thread of its own from the moment its call starts: a process
+    # another thread forked before the stream counted itself went on to use gRPC there.
+    from explaind.client import _client
+
+    counted_at_start = []
+
+    def watch_operation(request, **kwargs):
+        counted_at_start.append(bool(_client._calls_under_way))
+        return _RefusedWatch()
+
+    with Client("127.0.0.1:1") as client:
+        client._stubs["operations"] = SimpleNamespace(WatchOperation=watch_operation)
+        stream = client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name="operations/x"), timeout=5)
+        stream.cancel()
+    assert counted_at_start == [True] and not _client._calls_under_way

@@ -673,8 +673,9 @@ class Client:
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
         _require_usable_grpc()
-        call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
-        return _ErrorMappingStream(call)
+        with _under_way():  # from the call's start, which gRPC reads in a thread of its own, until the stream counts itself
+            call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
+            return _ErrorMappingStream(call)
 
     # Health and metadata -------------------------------------------------------------
 
