@@ -139,14 +139,20 @@ def test_a_client_pickles_as_its_arguments_into_a_new_client(server):
         assert _top_classes(copy) == _top_classes(client)
         copy.close()
         assert _top_classes(client)  # closing the copy leaves the original open
+    # An error a pool's worker raises holds its operation, and so the client its with-block
+    # closed: it reached the caller as "this Client ... is closed", not as the error it was.
+    closed_copy = pickle.loads(pickle.dumps(client))
+    assert closed_copy.target == server.target
     with pytest.raises(ValueError, match="this Client of .* is closed"):
-        pickle.dumps(client)
+        closed_copy.model_metadata()
     async_client = AsyncClient(server.target, timeout=7, max_workers=3)
     async_copy = pickle.loads(pickle.dumps(async_client))
     assert (async_copy.client.target, async_copy.client.timeout, async_copy._max_workers) == (server.target, 7, 3)
     assert len(asyncio.run(async_copy.model_metadata()).class_names) == 6
     asyncio.run(async_client.close())
     asyncio.run(async_copy.close())
+    with pytest.raises(ValueError, match="this Client of .* is closed"):
+        asyncio.run(pickle.loads(pickle.dumps(async_client)).model_metadata())
 
 
 def test_a_spawned_worker_calls_with_a_client_it_was_given(server):
@@ -215,3 +221,13 @@ def test_a_watch_stream_counts_as_under_way_from_before_its_call_starts(monkeypa
         stream = client._stream("operations", "WatchOperation", operations_pb2.WatchOperationRequest(name="operations/x"), timeout=5)
         stream.cancel()
     assert counted_at_start == [True] and not _client._calls_under_way
+
+
+def test_a_late_results_error_reaches_a_pools_caller_with_its_operation_though_the_worker_closed_its_client(server):
+    # What a worker raises crosses to the pool's caller pickled; the error of a result not
+    # ready in time holds its operation, and so the client the worker's with-block closed.
+    with Client(server.target) as client:
+        error = Operation(client, operations_lro.Operation(name="operations/late"))._late(5.0, time.monotonic() - 5.0)
+    delivered = pickle.loads(pickle.dumps(error))
+    assert type(delivered) is type(error) and str(delivered) == str(error)
+    assert delivered.operation.name == "operations/late"

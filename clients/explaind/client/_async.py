@@ -110,10 +110,14 @@ class AsyncClient:
                     self._executor_pid = os.getpid()
         return self._executor
 
-    def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()]]:
-        """Pickled as its arguments, as the Client: unpickled, a new client."""
-        self.client._require_open()
-        return functools.partial(type(self), **self.client._arguments, max_workers=self._max_workers), ()
+    def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()], dict[str, bool]]:
+        """Pickled as its arguments, as the Client: unpickled, a new client, closed if this one is."""
+        return functools.partial(type(self), **self.client._arguments, max_workers=self._max_workers), (), {"closed": self.client._closed}
+
+    def __setstate__(self, state: dict[str, bool]) -> None:
+        if state["closed"]:
+            self.client.close()
+            self._executor.shutdown(wait=False)
 
     async def close(self) -> None:
         """Close the connection, as :meth:`Client.close`: calls still running end as

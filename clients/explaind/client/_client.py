@@ -515,11 +515,15 @@ class Client:
             "health": health_pb2_grpc.HealthStub(self._channel),
         }
 
-    def __reduce__(self) -> tuple[Callable[[], Client], tuple[()]]:
+    def __reduce__(self) -> tuple[Callable[[], Client], tuple[()], dict[str, bool]]:
         """Pickled as its arguments (see the class): unpickled, a new client that connects
-        at its first call."""
-        self._require_open()
-        return functools.partial(type(self), **self._arguments), ()
+        at its first call, or a closed one for a closed client (an error a worker raises
+        holds its operation and so its client, which the worker's with-block closed)."""
+        return functools.partial(type(self), **self._arguments), (), {"closed": self._closed}
+
+    def __setstate__(self, state: dict[str, bool]) -> None:
+        if state["closed"]:
+            self.close()
 
     def close(self) -> None:
         """Close the connection; later calls raise ValueError (as a closed file's do), as
