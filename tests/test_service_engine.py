@@ -917,11 +917,11 @@ def non_finite_net(kind: str) -> nn.Module:
     return model
 
 
-def ruling_out_net() -> nn.Module:
-    """tiny_net whose head's bias is -inf for class 2: a model that rules that class out."""
+def ruling_out_net(every: bool = False) -> nn.Module:
+    """tiny_net whose head's bias is -inf for class 2 (for ``every`` class): a model that rules that class out."""
     model = tiny_net()
     with torch.no_grad():
-        model.fc.bias[2] = -math.inf
+        model.fc.bias[slice(None) if every else 2] = -math.inf
     return model
 
 
@@ -933,6 +933,19 @@ def test_a_split_model_whose_head_rules_out_a_class_with_a_minus_infinite_bias_i
                                                        "out), and rankings and head edits need a finite head; serve the model "
                                                        "inference-only (loader 'torchscript' or 'onnx')")):
         load_classifier(section)
+
+
+def test_a_head_whose_bias_rules_out_every_class_is_refused_as_one_no_prediction_of_which_is_of_use(tmp_path):
+    # Its logits are -inf for every class, so every Predict is refused: the ONNX loader
+    # served it inference-only, and the torch loaders sent the operator to do so.
+    refused = re.escape("head 'fc' has NaN or infinite weights, which would make every prediction NaN")
+    section = ClassifierSection(loader="factory", factory=f"{__name__}:ruling_out_net", factory_kwargs={"every": True},
+                                feature_layer="body.0", head="fc", image_size=32)
+    with pytest.raises(ModelLoadError, match=f":ruling_out_net: {refused}"):
+        load_classifier(section)
+    path = _export_onnx(ruling_out_net(every=True), tmp_path / "ruling_out_every_class.onnx")
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(f'[classifier].path: {path}: ')}head '.+' has NaN or infinite weights"):
+        load_classifier(ClassifierSection(loader="onnx", path=path, image_size=64))
 
 
 def test_a_model_with_a_nan_head_or_non_finite_logits_for_the_probe_images_is_refused_saying_so(tmp_path):

@@ -853,9 +853,10 @@ def _load_onnx(section: ClassifierSection, device: torch.device, num_threads: in
 
 def _rules_out_classes(head: nn.Linear) -> bool:
     """Whether ``head``'s weights are finite and its bias is too but for some -inf: classes
-    the model rules out (logits of -inf), not a head that makes predictions NaN."""
+    the model rules out (logits of -inf), not a head that makes predictions NaN, nor one
+    that rules out every class (no prediction of it is of use)."""
     finite = torch.isfinite(head.bias)
-    return bool(torch.isfinite(head.weight).all() and not finite.all() and (finite | torch.isneginf(head.bias)).all())
+    return bool(torch.isfinite(head.weight).all() and finite.any() and not finite.all() and (finite | torch.isneginf(head.bias)).all())
 
 
 def _require_finite_head(head: nn.Linear, source: str, name: str) -> None:
