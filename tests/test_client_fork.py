@@ -12,6 +12,7 @@ import pickle
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2
 
 from conftest import StallingRelay
-from explaind.client import AsyncClient, Client, ExplaindError, _operations
+from explaind.client import AsyncClient, Client, ExplaindError, PlaintextTokenWarning, _operations
 from explaind.client._operations import Operation
 from explaind.v1 import operations_pb2
 
@@ -231,3 +232,21 @@ def test_a_late_results_error_reaches_a_pools_caller_with_its_operation_though_t
     delivered = pickle.loads(pickle.dumps(error))
     assert type(delivered) is type(error) and str(delivered) == str(error)
     assert delivered.operation.name == "operations/late"
+
+
+def test_a_closed_client_pickles_without_its_token_and_unpickles_without_a_plaintext_warning():
+    # A late result's error carries its closed client to the pool's caller: its pickle held
+    # the token, and unpickling it warned that the token travels in plaintext, where nothing
+    # travels through a closed client.
+    with pytest.warns(PlaintextTokenWarning):
+        client = Client("explaind.example:50051", token="s3cret")
+        async_client = AsyncClient("explaind.example:50051", token="s3cret")
+    client.close()
+    asyncio.run(async_client.close())
+    for pickled in (pickle.dumps(client), pickle.dumps(async_client)):
+        assert b"s3cret" not in pickled
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            copy = pickle.loads(pickled)
+        with pytest.raises(ValueError, match="this Client of explaind.example:50051 is closed"):
+            (copy if isinstance(copy, Client) else copy.client).model_metadata()

@@ -203,6 +203,20 @@ def test_a_pickled_mutual_tls_client_carries_its_files_paths_not_their_contents(
         server.stop(0)
 
 
+def test_a_closed_tls_client_unpickles_closed_after_its_files_are_gone(tmp_path):
+    # The error of a late result holds its client, closed: unpickling it read the PEM files
+    # again, and where they were gone (rotated, a worker's temporary copy) the pool's caller
+    # got the unpickling's error, not the one raised.
+    authority = Authority(tmp_path, "clients")
+    cert, key = authority.issue("analyst")
+    client = Client("127.0.0.1:1", root_certificates=authority.file, certificate_chain=cert, private_key=key)
+    client.close()
+    pickled = pickle.dumps(client)
+    key.unlink()
+    with pytest.raises(ValueError, match=r"this Client of 127\.0\.0\.1:1 is closed"):
+        pickle.loads(pickled).model_metadata()
+
+
 def test_each_tls_failure_says_what_to_check(tmp_path, classifier_dir, capsys):
     # An expired certificate read as an unknown CA, and a wrong host name or a refused
     # client certificate got no hint; a CA file holding a key, or a key of another

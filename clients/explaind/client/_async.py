@@ -112,7 +112,7 @@ class AsyncClient:
 
     def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()], dict[str, bool]]:
         """Pickled as its arguments, as the Client: unpickled, a new client, closed if this one is."""
-        return functools.partial(type(self), **self.client._arguments, max_workers=self._max_workers), (), {"closed": self.client._closed}
+        return functools.partial(type(self), **self.client._pickled_arguments(), max_workers=self._max_workers), (), {"closed": self.client._closed}
 
     def __setstate__(self, state: dict[str, bool]) -> None:
         if state["closed"]:

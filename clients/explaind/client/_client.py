@@ -519,7 +519,15 @@ class Client:
         """Pickled as its arguments (see the class): unpickled, a new client that connects
         at its first call, or a closed one for a closed client (an error a worker raises
         holds its operation and so its client, which the worker's with-block closed)."""
-        return functools.partial(type(self), **self._arguments), (), {"closed": self._closed}
+        return functools.partial(type(self), **self._pickled_arguments()), (), {"closed": self._closed}
+
+    def _pickled_arguments(self) -> dict[str, Any]:
+        """The arguments a pickle carries; a closed client's without its token and TLS
+        files, which nothing uses through it: unpickled, the token warned of plaintext, and
+        files since gone (a rotated key) failed the unpickling of the error that held it."""
+        if not self._closed:
+            return self._arguments
+        return self._arguments | {"token": None, "tls": False, "root_certificates": None, "private_key": None, "certificate_chain": None}
 
     def __setstate__(self, state: dict[str, bool]) -> None:
         if state["closed"]:
