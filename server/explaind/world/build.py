@@ -54,9 +54,10 @@ def build(
     different order and end in different weights (docs/neuroinspect.md).
 
     The renderer's fingerprint is recorded under ``root`` (:mod:`explaind.world.fingerprint`)
-    once every weight there is this build's: after each part, so a build that fails in a
-    later part (the 2.5 h text-to-image model) can be finished by building the parts left
-    (a fingerprint that matches stays as it is). Where the renderer draws other scenes
+    once every weight there is this build's: after each part, so a build into an empty
+    root that fails in a later part (the 2.5 h text-to-image model) can be finished by
+    building the parts left (a fingerprint that matches stays as it is; over an older
+    renderer's weights, it is recorded at the end). Where the renderer draws other scenes
     than the recorded fingerprint says, every model under ``root`` was trained on the old
     ones, so only a build of all parts is allowed: RendererChanged otherwise, before
     anything is trained.
