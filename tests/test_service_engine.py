@@ -1379,6 +1379,15 @@ def test_an_inference_only_models_scores_are_served_as_logits_and_other_outputs_
             served(kind)
 
 
+def test_a_probability_models_row_of_only_zeros_is_served_as_unusable_not_as_uniform():
+    # A row that underflowed everywhere (or a model giving no class) named every class
+    # equally likely, top class 0: now NaN, which Predict and evaluation refuse naming it.
+    from explaind.engine.models import _logarithm_of
+
+    logits = _logarithm_of(lambda images: images)(torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 0.0]]))
+    assert logits[0].isfinite().all() and logits[0, 1] > logits[0, 0] > logits[0, 2] and logits[1].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_half_precision_exported_or_factory_model_is_split_into_float32_features_and_head(tmp_path, dtype):
     """A program exported after ``model.half()`` (or a factory's half model) stopped

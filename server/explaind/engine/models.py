@@ -748,8 +748,13 @@ def _read_exported_program(path: Path) -> torch.export.ExportedProgram:
 
 
 def _logarithm_of(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of a model that outputs probabilities (N, C). One that underflowed to 0 is a
+    very low logit, not a class ruled out; a row of only zeros names no class, and is NaN,
+    which Predict and EvaluateSampleSet refuse (it was a uniform row)."""
     def log_probabilities(images: torch.Tensor) -> torch.Tensor:
-        return probabilities(images).float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        scores = probabilities(images).float()
+        logits = scores.clamp_min(torch.finfo(torch.float32).tiny).log()
+        return torch.where((scores > 0).any(dim=1, keepdim=True), logits, torch.nan)
 
     return log_probabilities
 
