@@ -3647,6 +3647,37 @@ def test_an_image_an_inference_only_model_gives_nan_or_infinite_logits_for_is_re
                                             "zero or rules out every class on its image; use a set without it, or mend the model")
 
 
+
+def test_a_request_refused_in_a_batch_after_another_names_its_images_by_their_place_in_it(tmp_path):
+    # Its images are rows 2 and 4 of the batch's forward, after a request of two images;
+    # the caller sent them as its images[1] and images[3].
+    with _masking_engine(tmp_path, math.nan, max_queue_delay_ms=1000) as engine:
+        images = torch.rand(4, 3, 16, 16)
+        images[[1, 3]] = 0
+        answered_request = engine.submit_predict(images[[0, 2]], top_k=1)
+        refused_request = engine.submit_predict(images, top_k=1)
+        with pytest.raises(FailedPrecondition) as refused:
+            refused_request.result(timeout=60)
+        assert "of 2 images of the request hold NaN or +infinity, or are -infinity for every class (images[1], images[3])" in refused.value.description
+        assert engine.finish_predict(answered_request.result(timeout=60)).class_indices.shape == (2, 1)
+        assert engine.metrics.registry.get_sample_value("explaind_batch_size_images_count") == 1  # both in one forward
+
+
+@pytest.mark.parametrize(("unusable", "more"), [(10, ""), (11, " and 1 more")])
+def test_a_predict_refusal_names_ten_images_and_counts_the_rest(tmp_path, unusable, more):
+    # Exactly ten are all named, with no "and 0 more".
+    engine = _divides_by_mean_engine(tmp_path)
+    try:
+        images = torch.rand(12, 3, 16, 16)
+        images[:unusable] = 0
+        with pytest.raises(FailedPrecondition) as refused:
+            engine.predict(images, top_k=1)
+        named = ", ".join(f"images[{i}]" for i in range(10))
+        assert f"logits of {unusable} images of the request hold NaN or +infinity, or are -infinity for every class ({named}{more}): " in refused.value.description
+    finally:
+        engine.close()
+        engine.store.close()
+
 # Jobs and store --------------------------------------------------------------------------
 
 
