@@ -1067,6 +1067,10 @@ def test_a_predict_refusal_listing_images_of_a_later_request_says_where_that_req
     unlisted = InvalidArgumentError("images: 33 images exceed the limit of 32 per request", field="images")
     _note_chunk(unlisted, 32, 40)
     assert unlisted.request_offset == 32 and not hasattr(unlisted, "__notes__")
+    # In the first request, images[i] is the caller's item i already.
+    first = FailedPreconditionError(listing.details, field="images")
+    _note_chunk(first, 0, 40)
+    assert first.request_offset == 0 and not hasattr(first, "__notes__")
 
 
 def test_an_image_unread_after_a_failing_request_raises_the_request_s_error_as_one_at_a_time_does():
