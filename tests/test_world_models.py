@@ -365,6 +365,28 @@ def test_a_partial_build_into_a_root_holding_only_the_parts_it_builds_records_th
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint() and not recwarn.list
 
 
+
+def test_a_partial_build_beside_any_scenario_s_classifier_and_no_fingerprint_warns_and_records_none(monkeypatch, tmp_path):
+    # Not only the balanced classifier's: every scenario's was trained on some renderer.
+    _record_training(monkeypatch)
+    other = scenario_names()[-1]
+    assert other != "balanced"
+    weights = classifier_dir(other, tmp_path) / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"trained on some renderer")
+    with pytest.warns(building.FingerprintNotRecorded, match="holds weights of classifiers"):
+        build(("clip",), root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) is None
+
+
+def test_a_partial_build_beside_empty_directories_of_other_parts_records_the_fingerprint(monkeypatch, tmp_path, recwarn):
+    # A trainer killed before it saved anything leaves its directories, and no weights in them.
+    _record_training(monkeypatch)
+    (clip_dir(tmp_path) / "checkpoints").mkdir(parents=True)
+    t2i_dir(tmp_path).mkdir(parents=True)
+    build(("classifiers", "oracle"), root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint() and not recwarn.list
+
 def _write_weights(monkeypatch, tmp_path, calls: list[tuple], *, failing: str) -> None:
     """Savers that write a weight file where the real ones would, and a ``failing`` trainer
     that raises, as a build killed in that part."""
