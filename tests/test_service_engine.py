@@ -3505,6 +3505,21 @@ def test_a_job_on_samples_the_model_gives_nan_or_infinite_features_for_fails_nam
         engine.store.close()
 
 
+
+def test_features_too_large_to_sum_in_float32_but_finite_are_taken(tmp_path):
+    # A float32 model's activations may be near its largest value: finite, and usable.
+    engine = _divides_by_mean_engine(tmp_path)
+    try:
+        pixels = np.random.default_rng(0).integers(1, 256, (3, 16, 16, 3), dtype=np.uint8)
+        engine.create_sample_set("bright", "", [NewSample.from_array(p, 0) for p in pixels])
+        version = engine.models.active
+        large = np.full(version.feature_dim, 3e38, dtype=np.float32)
+        engine.store.put_features(version.feature_cache_key, {digest: large for digest in engine.sample_set_features("bright").digests})
+        np.testing.assert_array_equal(engine.sample_set_features("bright").features.numpy(), np.stack([large] * 3))
+    finally:
+        engine.close()
+        engine.store.close()
+
 def test_a_sets_logits_that_are_nan_or_infinite_are_refused_naming_the_samples_split_or_inference_only(tmp_path):
     # What an evaluation classifies a set by: finite features through a head that overflows
     # float32, or an inference-only model (no features to check) dividing by a black
