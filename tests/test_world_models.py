@@ -442,6 +442,25 @@ def test_a_whole_build_killed_before_every_stale_weight_is_replaced_leaves_the_s
     assert recorded_render_fingerprint(tmp_path) == stale
 
 
+
+@pytest.mark.parametrize(("old_parts", "failing"), [(PARTS, ""), (("oracle",), "clip")])
+def test_a_whole_build_over_old_weights_records_the_fingerprint_once_it_has_replaced_them(monkeypatch, tmp_path, old_parts, failing):
+    # Every part's old weights replaced, the last by the text-to-image model; or the old
+    # oracle's, by a build then killed in clip: the current renderer made every weight left.
+    calls = _record_training(monkeypatch)
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(render_fingerprint() | {"balanced/train/0": "0" * 16}))
+    saved_in = {"classifiers": classifier_dir("balanced", tmp_path), "oracle": oracle_dir(tmp_path), "clip": clip_dir(tmp_path), "t2i": t2i_dir(tmp_path)}
+    for part in old_parts:
+        saved_in[part].mkdir(parents=True)
+        (saved_in[part] / "weights.safetensors").write_bytes(b"trained on the old renderer")
+    _write_weights(monkeypatch, tmp_path, calls, failing=failing)
+    if failing:
+        with pytest.raises(RuntimeError, match=f"killed while training {failing}"):
+            build(PARTS, root=tmp_path)
+    else:
+        build(PARTS, root=tmp_path)
+    assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
+
 def test_build_command_refuses_a_partial_build_on_a_changed_renderer_as_a_usage_error(monkeypatch, capsys, tmp_path):
     calls = _record_training(monkeypatch)
     (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(render_fingerprint() | {"balanced/train/0": "0" * 16}))
