@@ -130,6 +130,15 @@ def test_an_async_client_works_in_a_forked_child(server):
     asyncio.run(client.close())
 
 
+def test_an_async_client_closed_in_a_forked_child_leaves_its_parents_threads_alone(server):
+    # The child's copy of its parent's pool has no threads there, and its lock stays held
+    # if a parent thread held it at the fork: the child's close() waited forever.
+    client = AsyncClient(server.target, timeout=10)
+    classes = len(asyncio.run(client.model_metadata()).class_names)  # the parent's threads started
+    with client._executor._shutdown_lock:  # as a parent thread submitting a call at the fork
+        assert _in_forked_child(lambda: asyncio.run(client.close())) == "None"
+    assert len(asyncio.run(client.model_metadata()).class_names) == classes  # the parent's threads still run
+    asyncio.run(client.close())
 def test_a_client_pickles_as_its_arguments_into_a_new_client(server):
     # A spawn or forkserver pool pickles what it is given: a Client failed with gRPC's
     # "TypeError: no default __reduce__ due to non-trivial __cinit__".

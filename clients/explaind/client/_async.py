@@ -116,15 +116,20 @@ class AsyncClient:
 
     def __setstate__(self, state: dict[str, bool]) -> None:
         if state["closed"]:
-            self.client.close()
-            self._executor.shutdown(wait=False)
+            self._close()
 
     async def close(self) -> None:
         """Close the connection, as :meth:`Client.close`: calls still running end as
         cancelled (CancelledError, explaind's; ValueError for one between retries), those
         waiting their turn and later ones raise ValueError; the threads end with them."""
+        self._close()
+
+    def _close(self) -> None:
         self.client.close()
-        self._executor.shutdown(wait=False)
+        # Not the pool a forked process copied from its parent: it has no threads here, and
+        # its lock, held by a parent thread at the fork, would stay held for good.
+        if self._executor_pid == os.getpid():
+            self._executor.shutdown(wait=False)
 
     async def __aenter__(self) -> AsyncClient:
         return self
