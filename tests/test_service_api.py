@@ -409,11 +409,31 @@ def test_a_stop_begun_while_the_server_restores_its_head_waits_for_the_start_up_
     assert gc.get_freeze_count() == 0  # the heap frozen before restore(), unfrozen by the stop that waited
 
 
+def _load_and_stop_once(server, reached: threading.Event) -> None:
+    """Load ``server``'s models in a thread of their own, as serve() does, and stop it from
+    another once ``reached`` (a start-up step under way) is set: both end, the load without
+    failing, and the server never reports SERVING."""
+    from explaind.service import server as explaind_server
+
+    failures: list[BaseException] = []
+    loading = threading.Thread(target=explaind_server._load_models, args=(server, failures))
+    stopping = threading.Thread(target=server.stop, args=(0,))
+    loading.start()
+    try:
+        assert reached.wait(60)
+        stopping.start()
+    finally:
+        loading.join(60)
+        if stopping.ident is not None:
+            stopping.join(60)
+    assert not loading.is_alive() and not stopping.is_alive() and failures == [] and not server.serving, failures
+
+
 def test_a_stop_begun_during_the_start_up_sweep_cuts_it_short_and_the_next_start_up_finishes_it(classifier_dir, tmp_path, monkeypatch):
     # The start-up sweep deletes every stored file nothing references, 0.1 s per 1000, under
     # the start-up lock: a stop() begun meanwhile waited for all of them (minutes for a data
     # dir of millions), then found the server reported SERVING and its sweeper started.
-    from explaind.service import ExplaindServer, server as explaind_server
+    from explaind.service import ExplaindServer
     from explaind.store import sqlite
 
     monkeypatch.setattr(sqlite, "_SWEEP_CHUNK", 2)  # files per chunk: the sweep's steps, between which it notices a stop
@@ -424,7 +444,7 @@ def test_a_stop_begun_during_the_start_up_sweep_cuts_it_short_and_the_next_start
     for stray in strays:
         stray.write_bytes(b"written, never recorded")
     server.start()
-    in_sweep, failures = threading.Event(), []
+    in_sweep = threading.Event()
     delete_unreferenced = server.store._delete_unreferenced
 
     def delete_once_stopping(chunk: list[str]) -> int:
@@ -434,15 +454,8 @@ def test_a_stop_begun_during_the_start_up_sweep_cuts_it_short_and_the_next_start
         return delete_unreferenced(chunk)
 
     server.store._delete_unreferenced = delete_once_stopping
-    loading, stopping = threading.Thread(target=explaind_server._load_models, args=(server, failures)), threading.Thread(target=server.stop, args=(0,))
-    loading.start()
-    try:
-        assert in_sweep.wait(60)
-        stopping.start()
-    finally:
-        loading.join(60)
-        stopping.join(60)
-    assert not stopping.is_alive() and failures == [] and not server.serving and not server._sweeper.is_alive(), failures
+    _load_and_stop_once(server, in_sweep)
+    assert not server._sweeper.is_alive()
     assert sum(stray.exists() for stray in strays) == len(strays) - 2  # the chunk under way, no more
     server = ExplaindServer(config)
     try:
@@ -457,7 +470,7 @@ def test_a_stop_begun_while_the_start_up_sweep_deletes_operations_past_retention
     # The start-up sweep deletes the operations past [jobs].retention_days before the files,
     # 0.13 s per 1000 with 20 KB responses, in chunks under the start-up lock: a retention
     # first set or lowered on a server holding years of them kept a stop() waiting for all.
-    from explaind.service import ExplaindServer, server as explaind_server
+    from explaind.service import ExplaindServer
     from explaind.store import JobRecord, sqlite
 
     monkeypatch.setattr(sqlite, "_SWEEP_CHUNK", 2)  # operations per chunk
@@ -466,7 +479,7 @@ def test_a_stop_begun_while_the_start_up_sweep_deletes_operations_past_retention
     for index in range(6):
         server.store.insert_job(JobRecord(job_id=f"{index:016x}", kind="evaluate", state="succeeded", create_time=1.0, end_time=2.0))
     server.start()
-    in_retention, failures = threading.Event(), []
+    in_retention = threading.Event()
     forget_jobs = server.store._forget_jobs
 
     def forget_once_stopping(*args) -> int:
@@ -475,15 +488,7 @@ def test_a_stop_begun_while_the_start_up_sweep_deletes_operations_past_retention
         return forget_jobs(*args)
 
     server.store._forget_jobs = forget_once_stopping
-    loading, stopping = threading.Thread(target=explaind_server._load_models, args=(server, failures)), threading.Thread(target=server.stop, args=(0,))
-    loading.start()
-    try:
-        assert in_retention.wait(60)
-        stopping.start()
-    finally:
-        loading.join(60)
-        stopping.join(60)
-    assert not stopping.is_alive() and failures == [] and not server.serving, failures
+    _load_and_stop_once(server, in_retention)
     server = ExplaindServer(config)
     try:
         assert len(server.store.list_jobs()) == 4  # the chunk under way went, no more
