@@ -68,6 +68,17 @@ def _in_forked_child(work: Callable[[], object]) -> str:
         return answer.read().decode()
 
 
+def _wait_for_a_call_under_way() -> None:
+    """Until another thread's call counts as under way: a fixed sleep raced a thread slow
+    to start on a loaded machine, whose child was then forked with no call under way."""
+    from explaind.client import _client
+
+    deadline = time.monotonic() + CHILD_LIMIT_S
+    while not _client._calls_under_way:
+        assert time.monotonic() < deadline, f"no call under way after {CHILD_LIMIT_S:.0f}s"
+        time.sleep(0.01)
+
+
 def test_a_forked_child_calls_with_its_parents_client_and_the_parent_goes_on(server):
     # A pool's workers forked after the client was made and used (Linux's default start
     # method), or a web server's workers forked after loading the app.
@@ -103,7 +114,7 @@ def test_a_forked_child_of_a_process_with_a_call_under_way_refuses_its_calls_say
         waiting = threading.Thread(target=wait_for_an_answer)
         waiting.start()
         try:
-            time.sleep(0.2)  # the call is under way
+            _wait_for_a_call_under_way()
             assert _in_forked_child(lambda: _top_classes(client)) == refusal
             assert _in_forked_child(lambda: list(job.watch())) == refusal
             assert _in_forked_child(lambda: Client(server.target)) == refusal  # gRPC is not to be used there at all
@@ -139,6 +150,8 @@ def test_an_async_client_closed_in_a_forked_child_leaves_its_parents_threads_alo
         assert _in_forked_child(lambda: asyncio.run(client.close())) == "None"
     assert len(asyncio.run(client.model_metadata()).class_names) == classes  # the parent's threads still run
     asyncio.run(client.close())
+
+
 def test_a_client_pickles_as_its_arguments_into_a_new_client(server):
     # A spawn or forkserver pool pickles what it is given: a Client failed with gRPC's
     # "TypeError: no default __reduce__ due to non-trivial __cinit__".
