@@ -120,7 +120,7 @@ class ExplaindServer:
         # Held by load_models' steps after the engine loaded (the freeze, restore, the first
         # sweep), which stop() waits for once it has set _closing: a stop before the steps
         # skips them; one during them waits up to restore(), the sweep skipped if not begun
-        # and cut short, after the chunk of files it is deleting, if begun.
+        # and cut short, after the chunk of operations or files it is deleting, if begun.
         self._starting = threading.Lock()
         self._starting_thread: int | None = None  # the thread in those steps: a stop() on it would wait for itself
         self._metrics_http = None
@@ -222,9 +222,10 @@ class ExplaindServer:
 
     def _serve_loaded_models(self) -> None:
         """:meth:`load_models` once the engine has loaded, stop() not begun. A stop() asked
-        meanwhile waits for the steps up to restore() (about a second), not for the sweep
-        after them (0.1 s per 1000 files it deletes): it ends after the chunk of 500 files
-        under way, the rest left to the next start-up's sweep."""
+        meanwhile waits for the steps up to restore() (about a second), not for the whole
+        sweep after them (operations past retention, then files, 0.1 s per 1000 it deletes):
+        it ends after the chunk of 500 under way (or the scan of cached features the file
+        step begins with), the rest left to the next start-up's sweep."""
         if self.engine.models.active.supports_features:  # else no edit or visualisation runs
             # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
             # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,

@@ -660,7 +660,7 @@ class SQLiteStore:
         sweep). Returns the blob files removed. Each file is checked, not recorded as a
         candidate first: that wrote a row per stored file at every start, in the database's
         log, which on a full data dir took what its reserve freed for deletes. Returns
-        before the features' scan (0.7 s per 200,000) and between chunks once ``interrupt``
+        before the features' scan (about 3.6 s per million rows) and between chunks once ``interrupt``
         is set."""
         if interrupt is not None and interrupt.is_set():
             return 0
