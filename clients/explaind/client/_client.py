@@ -444,7 +444,8 @@ class Client:
     raise RuntimeError saying so. It pickles (for a ``spawn`` or ``forkserver`` pool) as
     its arguments, into a new client that connects at its first call: the pickle then
     holds the token, as the arguments did, and the PEM files' paths, read again where it
-    is unpickled (not their contents).
+    is unpickled (not their contents). A closed client pickles into a closed one, without
+    either.
     """
 
     def __init__(
