@@ -57,10 +57,10 @@ def build(
     once every weight there is this build's: after each part, so a build into an empty
     root that fails in a later part (the 2.5 h text-to-image model) can be finished by
     building the parts left (a fingerprint that matches stays as it is; over an older
-    renderer's weights, it is recorded at the end). Where the renderer draws other scenes
-    than the recorded fingerprint says, every model under ``root`` was trained on the old
-    ones, so only a build of all parts is allowed: RendererChanged otherwise, before
-    anything is trained.
+    renderer's weights, it is recorded once the build has replaced them all). Where the
+    renderer draws other scenes than the recorded fingerprint says, every model under
+    ``root`` was trained on the old ones, so only a build of all parts is allowed:
+    RendererChanged otherwise, before anything is trained.
     Where ``root`` has no fingerprint but holds weights of parts not built (which the
     oracle and t2i may start from), nothing says which renderer trained those: the parts
     are built, no fingerprint is recorded, and FingerprintNotRecorded warns so first.
