@@ -2403,3 +2403,30 @@ def test_returned_arrays_are_writable_and_long_results_print_short():
     assert len(repr(metadata)) < 800 and "class_names=['class 0'," in repr(metadata) and "... 992 more]" in repr(metadata), repr(metadata)
     prediction = Prediction(["a"], [0], [1.0], np.zeros(2048, np.float32), "v")
     assert repr(prediction) == "Prediction(labels=['a'], class_indices=[0], probabilities=[1.0], features=array(shape=(2048,), dtype=float32), model_version='v')"
+
+
+def test_a_predict_of_an_image_the_model_gives_nan_logits_for_is_refused_over_grpc_naming_it_without_a_traceback(tmp_path):
+    # The refusal is raised in the batcher's thread and handed over through the request's
+    # future: the caller gets FAILED_PRECONDITION on the field images, as the engine words it.
+    from conftest import DIVIDES_BY_MEAN_CLASSIFIER
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
+    config = (default_config().replace("classifier", **DIVIDES_BY_MEAN_CLASSIFIER).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=0, data_dir=str(tmp_path / "data"), data_dir_reserve_bytes=1 << 20))
+    server = ExplaindServer(config)
+    try:
+        server.start()
+        server.load_models()
+        images = [common_pb2.Image(encoded=_png(np.full((16, 16, 3), shade, np.uint8))) for shade in (90, 0)]
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                inference_pb2_grpc.InferenceServiceStub(channel).Predict(inference_pb2.PredictRequest(images=images, top_k=1), timeout=30)
+            answered = inference_pb2_grpc.InferenceServiceStub(channel).Predict(inference_pb2.PredictRequest(images=images[:1], top_k=1), timeout=30)
+    finally:
+        server.stop(0)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details() == ("images: the served classifier's logits of 1 image of the request hold NaN or +infinity, or are -infinity "
+                                       "for every class (images[1]): the model overflows, divides by zero or rules out every class on its "
+                                       "image; send the request without it, or mend the model")
+    assert len(answered.predictions) == 1 and 0 < answered.predictions[0].probabilities[0] <= 1
