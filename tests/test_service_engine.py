@@ -3505,7 +3505,6 @@ def test_a_job_on_samples_the_model_gives_nan_or_infinite_features_for_fails_nam
         engine.store.close()
 
 
-
 def test_features_too_large_to_sum_in_float32_but_finite_are_taken(tmp_path):
     # A float32 model's activations may be near its largest value: finite, and usable.
     engine = _divides_by_mean_engine(tmp_path)
@@ -3519,6 +3518,7 @@ def test_features_too_large_to_sum_in_float32_but_finite_are_taken(tmp_path):
     finally:
         engine.close()
         engine.store.close()
+
 
 def test_a_sets_logits_that_are_nan_or_infinite_are_refused_naming_the_samples_split_or_inference_only(tmp_path):
     # What an evaluation classifies a set by: finite features through a head that overflows
@@ -3662,7 +3662,6 @@ def test_an_image_an_inference_only_model_gives_nan_or_infinite_logits_for_is_re
                                             "zero or rules out every class on its image; use a set without it, or mend the model")
 
 
-
 def test_a_request_refused_in_a_batch_after_another_names_its_images_by_their_place_in_it(tmp_path):
     # Its images are rows 2 and 4 of the batch's forward, after a request of two images;
     # the caller sent them as its images[1] and images[3].
@@ -3692,6 +3691,7 @@ def test_a_predict_refusal_names_ten_images_and_counts_the_rest(tmp_path, unusab
     finally:
         engine.close()
         engine.store.close()
+
 
 # Jobs and store --------------------------------------------------------------------------
 

@@ -365,7 +365,6 @@ def test_a_partial_build_into_a_root_holding_only_the_parts_it_builds_records_th
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint() and not recwarn.list
 
 
-
 def test_a_partial_build_beside_any_scenario_s_classifier_and_no_fingerprint_warns_and_records_none(monkeypatch, tmp_path):
     # Not only the balanced classifier's: every scenario's was trained on some renderer.
     _record_training(monkeypatch)
@@ -386,6 +385,7 @@ def test_a_partial_build_beside_empty_directories_of_other_parts_records_the_fin
     t2i_dir(tmp_path).mkdir(parents=True)
     build(("classifiers", "oracle"), root=tmp_path)
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint() and not recwarn.list
+
 
 def _write_weights(monkeypatch, tmp_path, calls: list[tuple], *, failing: str) -> None:
     """Savers that write a weight file where the real ones would, and a ``failing`` trainer
@@ -442,7 +442,6 @@ def test_a_whole_build_killed_before_every_stale_weight_is_replaced_leaves_the_s
     assert recorded_render_fingerprint(tmp_path) == stale
 
 
-
 @pytest.mark.parametrize(("old_parts", "failing"), [(PARTS, ""), (("oracle",), "clip")])
 def test_a_whole_build_over_old_weights_records_the_fingerprint_once_it_has_replaced_them(monkeypatch, tmp_path, old_parts, failing):
     # Every part's old weights replaced, the last by the text-to-image model; or the old
@@ -460,6 +459,7 @@ def test_a_whole_build_over_old_weights_records_the_fingerprint_once_it_has_repl
     else:
         build(PARTS, root=tmp_path)
     assert recorded_render_fingerprint(tmp_path) == render_fingerprint()
+
 
 def test_build_command_refuses_a_partial_build_on_a_changed_renderer_as_a_usage_error(monkeypatch, capsys, tmp_path):
     calls = _record_training(monkeypatch)
