@@ -441,11 +441,11 @@ class Client:
     ``multiprocessing`` or ``ProcessPoolExecutor`` worker on Linux, a web server's worker
     forked after loading the app) uses it over a connection of its own, unless it was
     forked while another thread was in a call: gRPC cannot be used there, and its calls
-    raise RuntimeError saying so. It pickles (for a ``spawn`` or ``forkserver`` pool) as
-    its arguments, into a new client that connects at its first call: the pickle then
-    holds the token, as the arguments did, and the PEM files' paths, read again where it
-    is unpickled (not their contents). A closed client pickles into a closed one, without
-    either.
+    (and a client made there) raise RuntimeError saying so. It pickles (for a ``spawn``
+    or ``forkserver`` pool) as its arguments, into a new client that connects at its first
+    call: the pickle then holds the token, as the arguments did, and the PEM files' paths,
+    read again where it is unpickled (not their contents). A closed client pickles into a
+    closed one, without either.
     """
 
     def __init__(
