@@ -2224,7 +2224,7 @@ def test_features_of_a_jpeg_decoded_at_a_reduced_scale_are_cached_apart_and_are_
 
 def test_an_uploaded_jpeg_is_checked_at_the_scale_the_served_classifier_decodes_it(engine, monkeypatch):
     # With [classifier].jpeg_reduced_decode the upload check still decoded a JPEG whole:
-    # 151 ms for 12 MP, against 36 ms reduced (bench/jpeg_reduced_decode.py), which refuses
+    # 73-99 ms for 12 MP, against 27 ms reduced (bench/jpeg_reduced_decode.py), which refuses
     # the same damaged files (test_service_imaging).
     from explaind.service import convert
     from explaind.service.sample_sets import SampleSetServicer

@@ -112,7 +112,7 @@ def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudge
     never to float), store raw tensors as PNG. Encoded bytes are checked as the served
     classifier decodes them (``jpeg_min_side``, :attr:`InputGeometry.jpeg_min_side`): a
     JPEG at reduced scale still has all its coded data read, so a truncated or corrupt
-    file is refused as a whole decode refuses it, 4.2x faster for 12 MP
+    file is refused as a whole decode refuses it, 2.7-3.7x faster for 12 MP
     (bench/jpeg_reduced_decode.py)."""
     image = sample.image
     if image.WhichOneof("data") == "encoded":
