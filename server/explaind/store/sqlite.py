@@ -314,6 +314,11 @@ def _uses_reserve(why: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
 _frees_space = _uses_reserve("for a delete")
 
 
+def _interrupted(interrupt: threading.Event | None) -> bool:
+    """Whether a sweep given ``interrupt`` is to return now (the server stopping)."""
+    return interrupt is not None and interrupt.is_set()
+
+
 class SQLiteStore:
     """Thread-safe (one connection behind a lock); durable across restarts and kill -9."""
 
@@ -642,7 +647,7 @@ class SQLiteStore:
         files nothing references, which the next ``everything`` sweep takes)."""
         removed = self._delete_stray_files(interrupt) if everything else 0
         after = ""
-        while not (interrupt is not None and interrupt.is_set()):
+        while not _interrupted(interrupt):
             with self._lock:
                 chunk = [row[0] for row in self._db.execute(
                     "SELECT digest FROM blob_candidates WHERE digest > ? AND since < ? ORDER BY digest LIMIT ?",
@@ -659,10 +664,10 @@ class SQLiteStore:
         owns; and cached features of images no set holds (a job may cache them after a
         sweep). Returns the blob files removed. Each file is checked, not recorded as a
         candidate first: that wrote a row per stored file at every start, in the database's
-        log, which on a full data dir took what its reserve freed for deletes. Returns
-        before the features' scan (about 3.6 s per million rows) and between chunks once ``interrupt``
-        is set."""
-        if interrupt is not None and interrupt.is_set():
+        log, which on a full data dir took what its reserve freed for deletes. Once
+        ``interrupt`` is set, returns before the features' scan (about 3.6 s per million
+        rows) or between chunks."""
+        if _interrupted(interrupt):
             return 0
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE digest NOT IN (SELECT digest FROM samples)")
@@ -674,7 +679,7 @@ class SQLiteStore:
                     (directory / name).unlink(missing_ok=True)
             digests = [name for name in names if len(name) == 64]
             for start in range(0, len(digests), _SWEEP_CHUNK):
-                if interrupt is not None and interrupt.is_set():
+                if _interrupted(interrupt):
                     return removed
                 chunk = digests[start:start + _SWEEP_CHUNK]
                 with self._lock:
@@ -1080,7 +1085,7 @@ class SQLiteStore:
                                    ORDER BY end_time LIMIT ?)""",
                     (end_time, *FINISHED_STATES, SUCCEEDED, _SWEEP_CHUNK))
             deleted += count
-            if count < _SWEEP_CHUNK or (interrupt is not None and interrupt.is_set()):
+            if count < _SWEEP_CHUNK or _interrupted(interrupt):
                 return deleted
 
     def _forget_jobs(self, db: sqlite3.Connection, where: str, params: tuple) -> int:
