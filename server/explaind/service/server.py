@@ -224,8 +224,8 @@ class ExplaindServer:
         """:meth:`load_models` once the engine has loaded, stop() not begun. A stop() asked
         meanwhile waits for the steps up to restore() (about a second), not for the whole
         sweep after them (operations past retention, then files, 0.1 s per 1000 it deletes):
-        it ends after the chunk of 500 under way (or the scan of cached features the file
-        step begins with), the rest left to the next start-up's sweep."""
+        it ends after the chunk under way (500 operations or files, or 50,000 cached
+        features' rows), the rest left to the next start-up's sweep."""
         if self.engine.models.active.supports_features:  # else no edit or visualisation runs
             # Building a torch.optim optimiser (an edit's Adam, a visualisation's AdamW) imports
             # torch._dynamo, 1-2 s, unless loading CLIP (open_clip) already did: imported here,
