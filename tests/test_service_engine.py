@@ -6604,6 +6604,26 @@ def test_the_start_up_sweep_scans_cached_features_in_chunks_letting_requests_in_
     finally:
         store.close()
 
+def test_the_start_up_sweep_checks_every_cached_feature_whatever_its_rowid_and_the_chunk_size(tmp_path, monkeypatch):
+    # Chunked by rowid, the scan must check what the one statement did: the first and the
+    # last row, a row on a chunk's edge, and a row a re-cache moved past the others.
+    from explaind.store import sqlite
+
+    for rows_per_chunk in (1, 2, 3, 5):
+        monkeypatch.setattr(sqlite, "_FEATURE_SCAN_ROWS", rows_per_chunk)
+        store = SQLiteStore(tmp_path / str(rows_per_chunk))
+        try:
+            with store.writing_blobs() as put:
+                store.create_sample_set("s", "", _samples(put, b"kept"))
+            strays = [_digest(bytes([index])) for index in range(7)]
+            store.put_features("v", {digest: np.ones(4, dtype=np.float32) for digest in (*strays, _digest(b"kept"))})  # rowids 1 to 8
+            store.put_features("v", {strays[3]: np.ones(4, dtype=np.float32)})  # replaced: rowid 9, none left at 4
+            store.delete_unused_blobs(everything=True)
+            assert list(store.get_features("v", [_digest(b"kept"), *strays])) == [_digest(b"kept")], rows_per_chunk
+        finally:
+            store.close()
+
+
 def test_a_blob_file_the_sweep_cannot_delete_is_logged_not_counted_and_the_others_go(tmp_path, caplog):
     # The count feeds explaind_stored_files_deleted_total: a file left on disk is no file deleted.
     store = SQLiteStore(tmp_path)
