@@ -2,6 +2,7 @@
 
 import json
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -588,3 +589,22 @@ def test_a_classifier_is_trained_and_tested_at_its_configured_image_size(monkeyp
     monkeypatch.setattr(training, "WorldClassifier", Recording)
     training.train_classifier("balanced", epochs=1, train_size=12, test_size=12, config=ClassifierConfig(image_size=32), log=False)
     assert sizes == {(32, 32)}
+
+
+def test_build_command_where_warnings_are_errors_stops_before_training_with_a_message_not_a_traceback(monkeypatch, capsys, tmp_path):
+    # Under -W error (or PYTHONWARNINGS=error) FingerprintNotRecorded left the command as a traceback.
+    calls = _record_training(monkeypatch)
+    weights = classifier_dir("balanced", tmp_path) / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"trained on some renderer")
+    monkeypatch.setattr(sys, "argv", ["build", "--parts", "clip", "--root", str(tmp_path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SystemExit) as exited:
+            building.main()
+    assert exited.value.code == 1 and calls == []  # nothing trained
+    assert capsys.readouterr().err == (
+        f"build: error: {tmp_path} holds weights of classifiers but no {FINGERPRINT_FILE}: they may come from another renderer, "
+        f"so this build of clip records no fingerprint; rebuild every part to record one\n(a warning, stopped here as warnings "
+        f"are errors under -W error or PYTHONWARNINGS; before any training: nothing under {tmp_path} changed)\n")
+    assert weights.read_bytes() == b"trained on some renderer" and sorted(tmp_path.rglob("*")) == [weights.parent.parent, weights.parent, weights]

@@ -63,7 +63,8 @@ def build(
     RendererChanged otherwise, before anything is trained.
     Where ``root`` has no fingerprint but holds weights of parts not built (which the
     oracle and t2i may start from), nothing says which renderer trained those: the parts
-    are built, no fingerprint is recorded, and FingerprintNotRecorded warns so first.
+    are built, no fingerprint is recorded, and FingerprintNotRecorded warns so first
+    (where warnings are errors, it is raised before anything is trained).
     """
     recorded = recorded_render_fingerprint(root)
     if recorded is not None and set(parts) != set(PARTS):
@@ -142,6 +143,9 @@ def main() -> None:
         timings = build(parts, root=args.root, smoke=args.smoke, num_threads=args.threads)
     except RendererChanged as error:
         parser.error(str(error))
+    except FingerprintNotRecorded as error:  # raised where warnings are errors (-W error, PYTHONWARNINGS=error): a traceback
+        parser.exit(1, f"{parser.prog}: error: {error}\n(a warning, stopped here as warnings are errors under -W error or "
+                       f"PYTHONWARNINGS; before any training: nothing under {args.root} changed)\n")
     print("== Training time (seconds, this machine) ==")
     for part, seconds in timings.items():
         print(f"  {part:<40}{seconds:>8.0f}")
