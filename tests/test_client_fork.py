@@ -272,3 +272,25 @@ def test_a_closed_client_pickles_without_its_token_and_unpickles_without_a_plain
             copy = pickle.loads(pickled)
         with pytest.raises(ValueError, match="this Client of explaind.example:50051 is closed"):
             (copy if isinstance(copy, Client) else copy.client).model_metadata()
+
+
+def test_a_pickle_carries_the_timeout_set_after_the_client_was_made():
+    # A spawn pool's worker got the constructor's timeout: calls waited 30 s there where the
+    # caller had set 5; set on an AsyncClient, it was an attribute no call read.
+    client = Client("127.0.0.1:1", timeout=30)
+    async_client = AsyncClient("127.0.0.1:1", timeout=30)
+    client.timeout = 5
+    async_client.timeout = 2.5
+    assert pickle.loads(pickle.dumps(client)).timeout == 5
+    async_copy = pickle.loads(pickle.dumps(async_client))
+    assert (async_client.client.timeout, async_copy.client.timeout, async_copy.timeout) == (2.5, 2.5, 2.5)
+    with pytest.raises(TypeError, match="^timeout must be a number of seconds, got '5'"):
+        client.timeout = "5"  # failed at the next call, as a TypeError naming nothing
+    with pytest.raises(ValueError, match="^timeout must be a positive number of seconds"):
+        async_client.timeout = 0
+    # The connection keeps its address: a new target set here went unused by the calls.
+    with pytest.raises(AttributeError):
+        client.target = "127.0.0.1:2"
+    client.close()
+    asyncio.run(async_client.close())
+    assert (pickle.loads(pickle.dumps(client)).timeout, pickle.loads(pickle.dumps(async_client)).timeout) == (5, 2.5)

@@ -99,6 +99,16 @@ class AsyncClient:
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="explaind-async")
         self._executor_pid = os.getpid()
 
+    @property
+    def timeout(self) -> float:
+        """The Client's :attr:`Client.timeout`: settable, for every later call (set here, it
+        was an attribute no call read), and carried by a pickle."""
+        return self.client.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self.client.timeout = seconds
+
     def _threads(self) -> ThreadPoolExecutor:
         """This process's pool of threads. In a process forked from the one that started
         it, a new one: the pool copied there counted idle threads that are not there, and

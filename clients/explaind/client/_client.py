@@ -414,8 +414,8 @@ class Client:
     (64 MiB, the server's default) bounds each message either way; set it to the
     server's ``[server].max_message_bytes`` where that is larger.
 
-    Every call has a deadline (``timeout`` seconds, 30 by default, unless the method is given its own)
-    and failures raise typed :class:`ExplaindError` subclasses with the server's message.
+    Every call has a deadline (``timeout`` seconds, 30 by default, unless the method is given its own;
+    ``client.timeout = 5`` changes it for later calls, and a pickle carries the latest) and failures raise typed :class:`ExplaindError` subclasses with the server's message.
     With ``retry`` (the default), calls that change nothing (Predict and the Get*, List*
     and WaitOperation calls) are retried while the server is UNAVAILABLE, until their
     deadline, once the server has answered this client (an UNAVAILABLE it sent itself,
@@ -467,7 +467,7 @@ class Client:
             raise TypeError(f"target must be the server's address (a host:port string), got {target!r}")
         if not target.strip():
             raise ValueError(f"target must be the server's address (host:port), got {target!r}")
-        require_seconds("timeout", timeout)
+        self.timeout = timeout  # checked by its setter
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or not 0 < max_message_bytes < 2**31:
             # gRPC's channel options are C ints: 2**31 was an OverflowError naming nothing.
             raise ValueError(f"max_message_bytes must be a positive 32-bit integer, got {max_message_bytes!r}")
@@ -478,8 +478,7 @@ class Client:
         # as INTERNAL "Invalid metadata". Never quoted: it is a secret.
         if token and not (isinstance(token, str) and all("!" <= character <= "~" for character in token)):
             raise ValueError("token must be printable ASCII without spaces or line breaks (it travels in a gRPC header)")
-        self.target = target
-        self.timeout = timeout
+        self._target = target
         self._max_message_bytes = max_message_bytes
         self._limits: RequestLimits | None = None
         self._max_batch_size = 0  # the server's [batching].max_batch_size, asked with _limits; 0: unknown
@@ -499,9 +498,9 @@ class Client:
                     f"the token travels to {target} in plaintext, readable by anyone on the network path: connect with tls=True "
                     "(the CLI's --tls), or through a proxy that adds TLS"), stacklevel=_caller_outside_package())
             self._channel = grpc.insecure_channel(target, options=options)
-        # What a pickle carries (see __reduce__): the arguments, checked above; the files' paths absolute.
+        # What a pickle carries (see __reduce__) besides the current timeout: the arguments, checked above; the files' paths absolute.
         self._arguments: dict[str, Any] = {
-            "target": target, "timeout": timeout, "token": token, "max_message_bytes": max_message_bytes, "retry": retry,
+            "target": target, "token": token, "max_message_bytes": max_message_bytes, "retry": retry,
             "tls": tls, **{name: None if path is None else os.path.abspath(path) for name, path in (
                 ("root_certificates", root_certificates), ("private_key", private_key), ("certificate_chain", certificate_chain))}}
         # Whether the server ever answered: only then is UNAVAILABLE a server restarting,
@@ -516,6 +515,24 @@ class Client:
             "health": health_pb2_grpc.HealthStub(self._channel),
         }
 
+    @property
+    def target(self) -> str:
+        """The server's ``host:port`` this client's connection goes to. Not settable: the
+        connection keeps its address, so a new one needs a new Client (set, it went on
+        calling the old address, and its errors and pickles named either)."""
+        return self._target
+
+    @property
+    def timeout(self) -> float:
+        """The deadline of each call not given its own, seconds. Settable, checked as the
+        argument is; a pickle carries the latest (it carried the constructor's)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        require_seconds("timeout", seconds)  # a string failed at the next call as a TypeError naming nothing
+        self._timeout = seconds
+
     def __reduce__(self) -> tuple[Callable[[], Client], tuple[()], dict[str, bool]]:
         """Pickled as its arguments (see the class): unpickled, a new client that connects
         at its first call, or a closed one for a closed client (an error a worker raises
@@ -526,9 +543,10 @@ class Client:
         """The arguments a pickle carries; a closed client's without its token and TLS
         files, which nothing uses through it: unpickled, the token warned of plaintext, and
         files since gone (a rotated key) failed the unpickling of the error that held it."""
+        arguments = self._arguments | {"timeout": self.timeout}
         if not self._closed:
-            return self._arguments
-        return self._arguments | {"token": None, "tls": False, "root_certificates": None, "private_key": None, "certificate_chain": None}
+            return arguments
+        return arguments | {"token": None, "tls": False, "root_certificates": None, "private_key": None, "certificate_chain": None}
 
     def __setstate__(self, state: dict[str, bool]) -> None:
         if state["closed"]:
