@@ -330,3 +330,26 @@ def test_a_stored_sample_s_file_opens_as_the_server_classified_it():
     opened = open_image(png)
     assert np.array_equal(np.asarray(opened), np.rot90(pixels, -1))
     assert torch.equal(decode_image(to_image_message(opened), field="x"), decode_image(common_pb2.Image(encoded=png), field="x"))
+
+
+def test_a_pil_image_turned_by_hand_is_turned_again_unless_its_tag_is_cleared_as_the_readme_says():
+    # Pillow keeps no sign of a hand-made turn: a rotated image is as a converted one, which
+    # must be turned, so the SDK turns both; the README's ways out send it as it is.
+    from PIL import ExifTags
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    upright = np.rot90(pixels, -1)  # Orientation 6: 90 degrees clockwise
+
+    def sent(image: Image.Image | np.ndarray) -> np.ndarray:
+        tensor = to_image_message(image).tensor
+        return np.frombuffer(tensor.data, np.uint8).reshape(tensor.shape)
+
+    with Image.open(io.BytesIO(_file_with_orientation(Image.fromarray(pixels), "PNG", _orientation(6)))) as opened:
+        converted, rotated = opened.convert("RGB"), opened.rotate(-90, expand=True)
+        assert (type(converted), converted.format, converted.info) == (type(rotated), rotated.format, rotated.info)
+        assert np.array_equal(sent(converted), upright) and np.array_equal(sent(rotated), np.rot90(upright, -1))
+        del rotated.getexif()[ExifTags.Base.Orientation]
+        assert np.array_equal(sent(rotated), upright)
+        del opened.getexif()[ExifTags.Base.Orientation]  # cleared before the turn: the turned copy has it again
+        assert np.array_equal(sent(opened.rotate(-90, expand=True)), np.rot90(upright, -1))
+        assert np.array_equal(sent(np.asarray(opened.rotate(-90, expand=True))), upright)

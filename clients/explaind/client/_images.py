@@ -173,7 +173,13 @@ def _as_viewed(image: PILImage.Image) -> PILImage.Image:
     reads a file's (:func:`explaind.exif.exif_orientation`). ``Image.open`` of a phone's
     photo keeps the tag, and so does ``convert``; sent as stored, it would be classified
     sideways, and otherwise than the same file sent by its path. ``ImageOps.exif_transpose``
-    removes the tag, so an image already turned by it is not turned again."""
+    removes the tag, so an image already turned by it is not turned again; one turned by
+    hand (``rotate``, ``transpose``) keeps it and is turned again. No rule tells the two
+    apart: Pillow's rotated image is as its converted, copied or resized one (a plain
+    Image, ``format`` None, the same ``info["exif"]``), and those must be turned. Its
+    caller clears the tag, ``del image.getexif()[ExifTags.Base.Orientation]`` on the
+    turned image (the rotated copy reads ``info["exif"]`` again, so cleared on the
+    original it comes back), or sends ``np.asarray(image)``, which carries none."""
     return image if exif_orientation(image) is None else ImageOps.exif_transpose(image)
 
 
