@@ -85,6 +85,12 @@ class PixelBudget:
     def __init__(self, limit: int, *, field: str) -> None:
         self.limit, self.field, self.used = limit, field, 0
 
+    @property
+    def exceeded(self) -> bool:
+        """Whether the request's images have passed the limit: a fault of the request as a
+        whole, never of the image being decoded when it did."""
+        return self.used > self.limit
+
     def charge(self, width: int, height: int) -> None:
         self.used += width * height
         if self.used > self.limit:

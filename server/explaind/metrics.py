@@ -123,6 +123,14 @@ class Metrics:
         self.batch_size = Histogram("explaind_batch_size_images", "Images per forward pass of Predict's batcher (jobs' forwards are not counted).", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("explaind_predict_queue_depth_images", "Images waiting for the model.", registry=r)
         self.predicted_images = Counter("explaind_predicted_images_total", "Images classified by Predict.", registry=r)
+        # Images a partial_failure Predict answered with an error rather than failing the
+        # call, by the status code of that error (INVALID_ARGUMENT: it did not decode;
+        # FAILED_PRECONDITION: its logits were unusable). Calls that failed whole are in
+        # rpc_duration's code, not here.
+        self.predict_image_errors = Counter("explaind_predict_image_errors_total", "Images a partial_failure Predict answered with an error.",
+                                            ("code",), registry=r)
+        for code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION"):  # exported at zero, so a rate over them starts at once
+            self.predict_image_errors.labels(code=code)
         self.feature_cache_hits = Counter("explaind_feature_cache_hits_total", "Sample features served from the cache.", registry=r)
         self.feature_cache_misses = Counter("explaind_feature_cache_misses_total", "Sample features computed.", registry=r)
         self.operations_deleted = Counter(

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from explaind.v1 import common_pb2 as explaind_dot_v1_dot_common__pb2
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xplaind/v1/inference.proto\x12\x0b\x65xplaind.v1\x1a\x18\x65xplaind/v1/common.proto\x1a#google/longrunning/operations.proto\"\\\n\x0ePredictRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.explaind.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x17\n\x0freturn_features\x18\x03 \x01(\x08\"}\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.explaind.v1.Prediction\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x13.explaind.v1.Tensor\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"J\n\nPrediction\x12\x15\n\rclass_indices\x18\x01 \x03(\x05\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"\x19\n\x17GetModelMetadataRequest\"\xec\x01\n\x18GetModelMetadataResponse\x12/\n\nclassifier\x18\x01 \x01(\x0b\x32\x1b.explaind.v1.ClassifierInfo\x12\x30\n\ncomponents\x18\x02 \x03(\x0b\x32\x1c.explaind.v1.ComponentStatus\x12+\n\x08\x62\x61tching\x18\x03 \x01(\x0b\x32\x19.explaind.v1.BatchingInfo\x12*\n\x06limits\x18\x04 \x01(\x0b\x32\x1a.explaind.v1.RequestLimits\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\"\xa2\x01\n\rRequestLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_pixels_per_request\x18\x02 \x01(\x03\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\x05\x12\x16\n\x0emax_image_side\x18\x04 \x01(\x05\x12\x1e\n\x16max_samples_per_caller\x18\x05 \x01(\x05\"\x90\x03\n\x0e\x43lassifierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loader\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x15\n\rfeature_layer\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x07 \x01(\x03\x12\x12\n\nimage_size\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x19\n\x11supports_features\x18\x0c \x01(\x08\x12\x13\n\x0bresize_size\x18\r \x01(\x03\x12\x15\n\rinterpolation\x18\x0e \x01(\t\x12\x1e\n\x16supports_visualization\x18\x0f \x01(\x08\x12\x31\n\rnormalization\x18\x10 \x01(\x0b\x32\x1a.explaind.v1.Normalization\x12\x1b\n\x13jpeg_reduced_decode\x18\x11 \x01(\x08\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\"O\n\x0f\x43omponentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x85\x01\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1f\n\x17max_queue_delay_seconds\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\x12$\n\x1cmax_queued_images_per_caller\x18\x04 \x01(\x05\"r\n\x18\x45valuateSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x17\n\x0fmax_grid_images\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"M\n\x19\x45valuateSampleSetResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"\x95\x02\n\x17\x45valuateSampleSetResult\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12-\n\tper_class\x18\x05 \x03(\x0b\x32\x1a.explaind.v1.ClassAccuracy\x12\x18\n\x10\x63onfusion_matrix\x18\x06 \x03(\x03\x12&\n\x08mistakes\x18\x07 \x03(\x0b\x32\x14.explaind.v1.Mistake\x12\x33\n\x0f\x63onfusion_cells\x18\x08 \x03(\x0b\x32\x1a.explaind.v1.ConfusionCell\"@\n\rConfusionCell\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x11\n\tpredicted\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"D\n\rClassAccuracy\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\"V\n\x07Mistake\x12\x14\n\x0csample_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x11\n\tpredicted\x18\x03 \x01(\x05\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x32\x9d\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.explaind.v1.PredictRequest\x1a\x1c.explaind.v1.PredictResponse\x12_\n\x10GetModelMetadata\x12$.explaind.v1.GetModelMetadataRequest\x1a%.explaind.v1.GetModelMetadataResponse\x12\x62\n\x11\x45valuateSampleSet\x12%.explaind.v1.EvaluateSampleSetRequest\x1a&.explaind.v1.EvaluateSampleSetResponseB\x90\x01\n\x0f\x64\x65v.explaind.v1B\x0eInferenceProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xplaind/v1/inference.proto\x12\x0b\x65xplaind.v1\x1a\x18\x65xplaind/v1/common.proto\x1a#google/longrunning/operations.proto\x1a\x17google/rpc/status.proto\"u\n\x0ePredictRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.explaind.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x17\n\x0freturn_features\x18\x03 \x01(\x08\x12\x17\n\x0fpartial_failure\x18\x04 \x01(\x08\"}\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.explaind.v1.Prediction\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x13.explaind.v1.Tensor\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"m\n\nPrediction\x12\x15\n\rclass_indices\x18\x01 \x03(\x05\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x19\n\x17GetModelMetadataRequest\"\xec\x01\n\x18GetModelMetadataResponse\x12/\n\nclassifier\x18\x01 \x01(\x0b\x32\x1b.explaind.v1.ClassifierInfo\x12\x30\n\ncomponents\x18\x02 \x03(\x0b\x32\x1c.explaind.v1.ComponentStatus\x12+\n\x08\x62\x61tching\x18\x03 \x01(\x0b\x32\x19.explaind.v1.BatchingInfo\x12*\n\x06limits\x18\x04 \x01(\x0b\x32\x1a.explaind.v1.RequestLimits\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\"\xa2\x01\n\rRequestLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_pixels_per_request\x18\x02 \x01(\x03\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\x05\x12\x16\n\x0emax_image_side\x18\x04 \x01(\x05\x12\x1e\n\x16max_samples_per_caller\x18\x05 \x01(\x05\"\x90\x03\n\x0e\x43lassifierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loader\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x15\n\rfeature_layer\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x07 \x01(\x03\x12\x12\n\nimage_size\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x19\n\x11supports_features\x18\x0c \x01(\x08\x12\x13\n\x0bresize_size\x18\r \x01(\x03\x12\x15\n\rinterpolation\x18\x0e \x01(\t\x12\x1e\n\x16supports_visualization\x18\x0f \x01(\x08\x12\x31\n\rnormalization\x18\x10 \x01(\x0b\x32\x1a.explaind.v1.Normalization\x12\x1b\n\x13jpeg_reduced_decode\x18\x11 \x01(\x08\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\"O\n\x0f\x43omponentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x85\x01\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1f\n\x17max_queue_delay_seconds\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\x12$\n\x1cmax_queued_images_per_caller\x18\x04 \x01(\x05\"r\n\x18\x45valuateSampleSetRequest\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x17\n\x0fmax_grid_images\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"M\n\x19\x45valuateSampleSetResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"\x95\x02\n\x17\x45valuateSampleSetResult\x12\x15\n\rsample_set_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12-\n\tper_class\x18\x05 \x03(\x0b\x32\x1a.explaind.v1.ClassAccuracy\x12\x18\n\x10\x63onfusion_matrix\x18\x06 \x03(\x03\x12&\n\x08mistakes\x18\x07 \x03(\x0b\x32\x14.explaind.v1.Mistake\x12\x33\n\x0f\x63onfusion_cells\x18\x08 \x03(\x0b\x32\x1a.explaind.v1.ConfusionCell\"@\n\rConfusionCell\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x11\n\tpredicted\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"D\n\rClassAccuracy\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\"V\n\x07Mistake\x12\x14\n\x0csample_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x11\n\tpredicted\x18\x03 \x01(\x05\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x32\x9d\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.explaind.v1.PredictRequest\x1a\x1c.explaind.v1.PredictResponse\x12_\n\x10GetModelMetadata\x12$.explaind.v1.GetModelMetadataRequest\x1a%.explaind.v1.GetModelMetadataResponse\x12\x62\n\x11\x45valuateSampleSet\x12%.explaind.v1.EvaluateSampleSetRequest\x1a&.explaind.v1.EvaluateSampleSetResponseB\x90\x01\n\x0f\x64\x65v.explaind.v1B\x0eInferenceProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +35,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'explaind.v1.inference_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.explaind.v1B\016InferenceProtoP\001Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\242\002\003EXD\252\002\013Explaind.V1\312\002\013Explaind\\V1\352\002\014Explaind::V1'
-  _globals['_PREDICTREQUEST']._serialized_start=107
-  _globals['_PREDICTREQUEST']._serialized_end=199
-  _globals['_PREDICTRESPONSE']._serialized_start=201
-  _globals['_PREDICTRESPONSE']._serialized_end=326
-  _globals['_PREDICTION']._serialized_start=328
-  _globals['_PREDICTION']._serialized_end=402
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=404
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=429
-  _globals['_GETMODELMETADATARESPONSE']._serialized_start=432
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=668
-  _globals['_REQUESTLIMITS']._serialized_start=671
-  _globals['_REQUESTLIMITS']._serialized_end=833
-  _globals['_CLASSIFIERINFO']._serialized_start=836
-  _globals['_CLASSIFIERINFO']._serialized_end=1236
-  _globals['_NORMALIZATION']._serialized_start=1238
-  _globals['_NORMALIZATION']._serialized_end=1280
-  _globals['_COMPONENTSTATUS']._serialized_start=1282
-  _globals['_COMPONENTSTATUS']._serialized_end=1361
-  _globals['_BATCHINGINFO']._serialized_start=1364
-  _globals['_BATCHINGINFO']._serialized_end=1497
-  _globals['_EVALUATESAMPLESETREQUEST']._serialized_start=1499
-  _globals['_EVALUATESAMPLESETREQUEST']._serialized_end=1613
-  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_start=1615
-  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_end=1692
-  _globals['_EVALUATESAMPLESETRESULT']._serialized_start=1695
-  _globals['_EVALUATESAMPLESETRESULT']._serialized_end=1972
-  _globals['_CONFUSIONCELL']._serialized_start=1974
-  _globals['_CONFUSIONCELL']._serialized_end=2038
-  _globals['_CLASSACCURACY']._serialized_start=2040
-  _globals['_CLASSACCURACY']._serialized_end=2108
-  _globals['_MISTAKE']._serialized_start=2110
-  _globals['_MISTAKE']._serialized_end=2196
-  _globals['_INFERENCESERVICE']._serialized_start=2199
-  _globals['_INFERENCESERVICE']._serialized_end=2484
+  _globals['_PREDICTREQUEST']._serialized_start=132
+  _globals['_PREDICTREQUEST']._serialized_end=249
+  _globals['_PREDICTRESPONSE']._serialized_start=251
+  _globals['_PREDICTRESPONSE']._serialized_end=376
+  _globals['_PREDICTION']._serialized_start=378
+  _globals['_PREDICTION']._serialized_end=487
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=489
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=514
+  _globals['_GETMODELMETADATARESPONSE']._serialized_start=517
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=753
+  _globals['_REQUESTLIMITS']._serialized_start=756
+  _globals['_REQUESTLIMITS']._serialized_end=918
+  _globals['_CLASSIFIERINFO']._serialized_start=921
+  _globals['_CLASSIFIERINFO']._serialized_end=1321
+  _globals['_NORMALIZATION']._serialized_start=1323
+  _globals['_NORMALIZATION']._serialized_end=1365
+  _globals['_COMPONENTSTATUS']._serialized_start=1367
+  _globals['_COMPONENTSTATUS']._serialized_end=1446
+  _globals['_BATCHINGINFO']._serialized_start=1449
+  _globals['_BATCHINGINFO']._serialized_end=1582
+  _globals['_EVALUATESAMPLESETREQUEST']._serialized_start=1584
+  _globals['_EVALUATESAMPLESETREQUEST']._serialized_end=1698
+  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_start=1700
+  _globals['_EVALUATESAMPLESETRESPONSE']._serialized_end=1777
+  _globals['_EVALUATESAMPLESETRESULT']._serialized_start=1780
+  _globals['_EVALUATESAMPLESETRESULT']._serialized_end=2057
+  _globals['_CONFUSIONCELL']._serialized_start=2059
+  _globals['_CONFUSIONCELL']._serialized_end=2123
+  _globals['_CLASSACCURACY']._serialized_start=2125
+  _globals['_CLASSACCURACY']._serialized_end=2193
+  _globals['_MISTAKE']._serialized_start=2195
+  _globals['_MISTAKE']._serialized_end=2281
+  _globals['_INFERENCESERVICE']._serialized_start=2284
+  _globals['_INFERENCESERVICE']._serialized_end=2569
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from explaind.v1 import common_pb2 as _common_pb2
 from google.longrunning import operations_pb2 as _operations_pb2  # type: ignore[import-untyped, unused-ignore]
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -9,14 +10,16 @@ from typing import Any as _Any, ClassVar as _ClassVar, Optional as _Optional, Un
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images", "top_k", "return_features")
+    __slots__ = ("images", "top_k", "return_features", "partial_failure")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FAILURE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     top_k: int
     return_features: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping[str, _Any]]]] = ..., top_k: _Optional[int] = ..., return_features: _Optional[bool] = ...) -> None: ...
+    partial_failure: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping[str, _Any]]]] = ..., top_k: _Optional[int] = ..., return_features: _Optional[bool] = ..., partial_failure: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "features", "model_version")
@@ -29,14 +32,16 @@ class PredictResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping[str, _Any]]]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("class_indices", "labels", "probabilities")
+    __slots__ = ("class_indices", "labels", "probabilities", "error")
     CLASS_INDICES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     class_indices: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, class_indices: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, class_indices: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
     __slots__ = ()

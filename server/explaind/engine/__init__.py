@@ -3,7 +3,7 @@ batching, the model registry, the :class:`Engine` that ties them to the store an
 and the :class:`NeuroInspectEngine` that runs the method's jobs on it."""
 
 from .batcher import DynamicBatcher
-from .core import BatchOutput, Engine, NewSample, PredictOutput, SampleFeatures, check_new_sample_set, check_sample_set_id
+from .core import BatchOutput, Engine, NewSample, PredictOutput, SampleFeatures, check_new_sample_set, check_sample_set_id, unusable_image
 from .models import Backbone, ClassifierVersion, ComponentStatus, load_classifier, split_classifier
 from .neuroinspect import NeuroInspectEngine, RankSettings
 from .registry import ModelRegistry
@@ -25,4 +25,5 @@ __all__ = [
     "check_sample_set_id",
     "load_classifier",
     "split_classifier",
+    "unusable_image",
 ]

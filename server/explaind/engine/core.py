@@ -129,12 +129,14 @@ def _check_attributes(attributes: dict[str, str], field: str) -> None:
 
 
 @dataclass(frozen=True)
-class _PredictOptions:
+class PredictOptions:
     """What one Predict request needs of its batch's output: its ``top_k`` classes (already
-    resolved: 1..C) and whether its features."""
+    resolved: 1..C), whether its features, and whether images with unusable logits are
+    answered apart (``partial_failure``) rather than failing the request."""
 
     top_k: int
     return_features: bool
+    partial_failure: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,23 +154,28 @@ class BatchOutput:
     indices (n, k) int64, highest logit first, their probabilities (n, k) float32, and its
     features (n, D) float32 or None. NumPy: the Predict threads then run no torch op,
     each of which would release the GIL and wait to retake it behind the forward pass
-    and the other callers (ranking there, 32 clients got 11-18 % fewer answers a second)."""
+    and the other callers (ranking there, 32 clients got 11-18 % fewer answers a second).
+    ``unusable_rows``: of a partial_failure request, the rows whose logits are unusable
+    (_UNUSABLE_ROWS), ascending; their classes and probabilities mean nothing."""
 
     version: ClassifierVersion
     class_indices: np.ndarray
     probabilities: np.ndarray
     features: np.ndarray | None
+    unusable_rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class PredictOutput:
-    """Top-k per image: ``class_indices`` / ``probabilities`` (N, k), highest first."""
+    """Top-k per image: ``class_indices`` / ``probabilities`` (N, k), highest first;
+    ``unusable_rows`` as :class:`BatchOutput`'s."""
 
     class_indices: np.ndarray
     probabilities: np.ndarray
     labels: list[list[str]]
     features: np.ndarray | None
     model_version: str
+    unusable_rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,12 @@ def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str
                               field=field)
 
 
+def unusable_image(index: int) -> FailedPrecondition:
+    """The error of ``images[index]`` alone, whose logits are unusable (_UNUSABLE_ROWS): a
+    partial_failure Predict answers it with this, naming the image as its field."""
+    return _unusable_rows([index], "logits", f"images[{index}]")
+
+
 def _require_usable_rows(outputs: np.ndarray, sample_set_id: str, field: str, what: str) -> None:
     """:func:`_unusable_rows` for the samples of a set whose row of ``outputs`` (N, D), the
     served model's ``what`` on the set's images, is unusable (_UNUSABLE_ROWS): it
@@ -253,7 +266,7 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_PredictOptions]) -> list[BatchOutput | FailedPrecondition]:
+def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[PredictOptions]) -> list[BatchOutput | FailedPrecondition]:
     """Each request's top classes from one top-k of the whole batch's logits, as deep as
     the deepest request asks (a full sort of 21k classes cost 34x a top-5 here), equal
     logits by class index (:func:`top_ids`: topk's kernel orders ties as it likes), and
@@ -261,7 +274,8 @@ def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_Pred
     ranking classify: softmax rounds logits a rounding step apart to equal probabilities,
     which put the lower class first. Features leave the device only when a request asks
     for them. A request with an image whose logits are unusable (_UNUSABLE_ROWS) gets
-    the FailedPrecondition naming them instead, the other requests their answers."""
+    the FailedPrecondition naming them instead, the other requests their answers; one
+    with partial_failure gets its answer with those rows listed as unusable_rows."""
     logits = forward.logits.float()
     _, indices = top_ids(logits, max(o.top_k for o in options))
     probabilities = torch.softmax(logits, dim=1).gather(1, indices)
@@ -276,11 +290,12 @@ def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[_Pred
     start = 0
     for size, option in zip(sizes, options, strict=True):
         rows = slice(start, start + size)
-        if any_unusable and unusable[rows].any():
-            outputs.append(_unusable_rows(np.flatnonzero(unusable[rows]).tolist(), "logits", "images"))
+        bad = np.flatnonzero(unusable[rows]).tolist() if any_unusable else []
+        if bad and not option.partial_failure:
+            outputs.append(_unusable_rows(bad, "logits", "images"))
         else:
             outputs.append(BatchOutput(forward.version, indices[rows, :option.top_k], probabilities[rows, :option.top_k],
-                                       features[rows] if option.return_features and features is not None else None))
+                                       features[rows] if option.return_features and features is not None else None, tuple(bad)))
         start += size
     return outputs
 
@@ -402,21 +417,27 @@ class Engine:
 
     # Predict -------------------------------------------------------------------------
 
-    def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False,
-                       caller: str | None = None) -> Future:
-        """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`
-        for :meth:`finish_predict`, or raises FailedPrecondition naming the images whose
-        logits are unusable (_UNUSABLE_ROWS). The options are checked first, so
-        a request they refuse never costs a forward pass. Head versions share the classes
-        and the feature layer, so what is checked here still holds when the batch runs.
-        ``caller``: the named caller, whose images waiting count against
-        [batching].max_queued_images_per_caller."""
+    def predict_options(self, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False, partial_failure: bool = False) -> PredictOptions:
+        """A Predict request's options, checked against the served classifier (InvalidArgument
+        naming top_k or return_features). Head versions share the classes and the feature
+        layer, so what is checked here still holds when the batch runs."""
         version = self.models.active  # raises Unavailable while loading
         if top_k < 0 or top_k > len(version.class_names):
             raise InvalidArgument(f"must be between 1 and {len(version.class_names)} (the number of classes), or 0 for the default", field="top_k")
         if return_features:
             version.require_split("features need a split classifier", field="return_features")
-        options = _PredictOptions(min(top_k or DEFAULT_TOP_K, len(version.class_names)), return_features)
+        return PredictOptions(min(top_k or DEFAULT_TOP_K, len(version.class_names)), return_features, partial_failure)
+
+    def submit_predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False,
+                       partial_failure: bool = False, caller: str | None = None) -> Future:
+        """Queue (N, 3, S, S) images for the batcher; the future yields a :class:`BatchOutput`
+        for :meth:`finish_predict`, or raises FailedPrecondition naming the images whose
+        logits are unusable (_UNUSABLE_ROWS; with ``partial_failure``, the output lists
+        them as its unusable_rows instead). The options are checked first
+        (:meth:`predict_options`), so a request they refuse never costs a forward pass.
+        ``caller``: the named caller, whose images waiting count against
+        [batching].max_queued_images_per_caller."""
+        options = self.predict_options(top_k=top_k, return_features=return_features, partial_failure=partial_failure)
         return self._batcher.submit(images, caller=caller, options=options)
 
     def check_predict_room(self, count: int, *, caller: str | None = None) -> None:
@@ -442,15 +463,17 @@ class Engine:
         return _BatchForward(version, version.logits(features), features)
 
     def finish_predict(self, output: BatchOutput) -> PredictOutput:
-        """Labels for a batch slice's top classes."""
+        """Labels for a batch slice's top classes; its unusable rows are not counted as
+        predicted."""
         names = output.version.class_names
-        self.metrics.predicted_images.inc(len(output.class_indices))
+        self.metrics.predicted_images.inc(len(output.class_indices) - len(output.unusable_rows))
         return PredictOutput(
             class_indices=output.class_indices,
             probabilities=output.probabilities,
             labels=[[names[i] for i in row] for row in output.class_indices.tolist()],
             features=output.features,
             model_version=output.version.version,
+            unusable_rows=output.unusable_rows,
         )
 
     def predict(self, images: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, return_features: bool = False, timeout: float | None = None) -> PredictOutput:
@@ -768,4 +791,4 @@ class Engine:
         return image_grid([to_uint8_hwc(self.load_sample_image(d)) for d in digests], list(captions) if captions else None)
 
 
-__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOutput", "SampleFeatures", "check_sample_set_id"]
+__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOptions", "PredictOutput", "SampleFeatures", "check_sample_set_id", "unusable_image"]

@@ -15,7 +15,7 @@ import grpc
 from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 
 from ..engine import NewSample
-from ..errors import InvalidArgument
+from ..errors import ExplaindError, InvalidArgument, field_detail
 from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
@@ -43,8 +43,9 @@ OPERATION_PREFIX = "operations/"
 # "request_id": the calls that start an operation; "sample_set_request_id": CreateSampleSet
 # and AppendSamples (a client that knows only the first must not retry uploads);
 # "list_owner_filter": ListOperations' and ListSampleSets' owner (an older server lists
-# everyone's).
-CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter")
+# everyone's); "predict_partial_failure": Predict's partial_failure (an older server fails
+# the whole request for one bad image).
+CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter", "predict_partial_failure")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -97,6 +98,15 @@ def decode_image(image: common_pb2.Image, *, field: str, geometry: InputGeometry
     if kind == "tensor":
         return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor", geometry=geometry, budget=budget)
     raise InvalidArgument("image has neither encoded bytes nor a tensor", field=field)
+
+
+def error_status(error: ExplaindError) -> status_pb2.Status:
+    """``error`` as the google.rpc.Status a call refused with it would carry (code,
+    message, the detail naming its field), for one image of a partial_failure Predict."""
+    status = status_pb2.Status(code=grpc.StatusCode[error.code].value[0], message=str(error))
+    if error.field:
+        status.details.add().Pack(field_detail(error.code, error.field, error.description))
+    return status
 
 
 def tensor_to_array(tensor: common_pb2.Tensor, *, field: str) -> np.ndarray:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 
 import grpc
+import numpy as np
 import torch
 from explaind.v1 import inference_pb2, inference_pb2_grpc
 
-from ..engine import Engine
-from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
-from ..imaging import MAX_IMAGE_SIDE, PixelBudget
+from ..engine import BatchOutput, Engine, PredictOutput, unusable_image
+from ..errors import Cancelled, DeadlineExceeded, ExplaindError, InvalidArgument, Unavailable
+from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget
 from ..messages import array_to_tensor
 from . import convert
 from .auth import current_caller
@@ -41,23 +42,62 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._engine.check_predict_room(len(request.images), caller=current_caller())
         # Each image is resized as it is decoded: the request never holds full-size floats.
         geometry, budget = self._engine.models.active.input_geometry, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
+        if request.partial_failure:
+            return self._predict_each(request, context, geometry, budget)
         images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
         future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features, caller=current_caller())
-        context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
-        remaining = context.time_remaining()  # 9.2e18 s without a deadline: no lock waits that long
-        try:
-            output = future.result(timeout=remaining if remaining is not None and remaining < threading.TIMEOUT_MAX else None)
-        except TimeoutError:
-            future.cancel()
-            raise DeadlineExceeded("the prediction did not finish before the call's deadline") from None
-        except CancelledError:
-            raise Cancelled("the call was cancelled") from None
-        result = self._engine.finish_predict(output)
+        result = self._engine.finish_predict(_awaited(future, context))
         response = inference_pb2.PredictResponse(model_version=result.model_version)
         for indices, probabilities, labels in zip(result.class_indices, result.probabilities, result.labels, strict=True):
             response.predictions.add(class_indices=indices.tolist(), labels=labels, probabilities=probabilities.tolist())
         if result.features is not None:
             response.features.CopyFrom(array_to_tensor(result.features))
+        return response
+
+    def _predict_each(self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext, geometry: InputGeometry,
+                      budget: PixelBudget) -> inference_pb2.PredictResponse:
+        """Predict with partial_failure: each image is decoded once, an image that fails
+        alone (INVALID_ARGUMENT decoding it, unusable logits) is answered with its error,
+        and only the images that decoded go to the batcher (none: no forward pass). Faults
+        of the request (its options, the pixel budget of all its images, a full queue, the
+        deadline) still fail the call."""
+        decoded: list[torch.Tensor] = []
+        rows: list[int] = []  # the request index of each decoded image
+        failed: dict[int, ExplaindError] = {}
+        for i, image in enumerate(request.images):
+            try:
+                decoded.append(convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget))
+                rows.append(i)
+            except InvalidArgument as error:
+                if budget.exceeded:
+                    raise
+                failed[i] = error
+        result: PredictOutput | None = None
+        if decoded:
+            future = self._engine.submit_predict(torch.stack(decoded), top_k=request.top_k, return_features=request.return_features,
+                                                 partial_failure=True, caller=current_caller())
+            result = self._engine.finish_predict(_awaited(future, context))
+            failed.update((rows[row], unusable_image(rows[row])) for row in result.unusable_rows)
+        else:
+            self._engine.predict_options(top_k=request.top_k, return_features=request.return_features)  # refused as with images to run
+        response = inference_pb2.PredictResponse(model_version=result.model_version if result is not None else self._engine.models.active.version)
+        answered = {i: row for row, i in enumerate(rows)}
+        for i in range(len(request.images)):
+            if (error := failed.get(i)) is not None:
+                response.predictions.add(error=convert.error_status(error))
+                self._engine.metrics.predict_image_errors.labels(code=error.code).inc()
+            else:
+                assert result is not None  # an image not failed was decoded and run
+                row = answered[i]
+                response.predictions.add(class_indices=result.class_indices[row].tolist(), labels=result.labels[row],
+                                         probabilities=result.probabilities[row].tolist())
+        if request.return_features:
+            # Row i for images[i]; a failed image's row NaN (see PredictResponse.features).
+            features = np.full((len(request.images), self._engine.models.active.feature_dim), np.nan, dtype=np.float32)
+            if result is not None and result.features is not None:
+                features[rows] = result.features
+                features[list(failed)] = np.nan
+            response.features.CopyFrom(array_to_tensor(features))
         return response
 
     def GetModelMetadata(self, request: inference_pb2.GetModelMetadataRequest, context: grpc.ServicerContext) -> inference_pb2.GetModelMetadataResponse:
@@ -103,3 +143,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         snapshot = self._engine.evaluate_sample_set(required_set_id(request), batch_size=request.batch_size, max_grid_images=request.max_grid_images,
                                                     request=convert.request_key(request), caller=current_caller())
         return inference_pb2.EvaluateSampleSetResponse(operation=convert.operation(snapshot))
+
+
+def _awaited(future: Future, context: grpc.ServicerContext) -> BatchOutput:
+    """A submitted prediction's output, within the call's deadline; the request is dropped
+    if the caller leaves before it runs."""
+    context.add_callback(future.cancel)  # the caller left: drop the request if not yet run
+    remaining = context.time_remaining()  # 9.2e18 s without a deadline: no lock waits that long
+    try:
+        return future.result(timeout=remaining if remaining is not None and remaining < threading.TIMEOUT_MAX else None)
+    except TimeoutError:
+        future.cancel()
+        raise DeadlineExceeded("the prediction did not finish before the call's deadline") from None
+    except CancelledError:
+        raise Cancelled("the call was cancelled") from None

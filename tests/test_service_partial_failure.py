@@ -1,0 +1,133 @@
+"""Predict's partial_failure: an image that fails alone gets Prediction.error, the others
+their answers; request-level faults and requests without it fail as a whole."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER
+from google.rpc import error_details_pb2
+from PIL import Image
+
+from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+
+def _png(shade: int, side: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), shade, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# divides_by_mean gives NaN logits for a black image (it divides by its mean pixel, 0).
+GOOD, BLACK, CORRUPT = _png(90), _png(0), _png(90)[:40]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from explaind.config import default_config
+    from explaind.service import ExplaindServer
+
+    data = tmp_path_factory.mktemp("partial") / "data"
+    config = (default_config().replace("classifier", **DIVIDES_BY_MEAN_CLASSIFIER).replace("clip", path="").replace("diffusion", path="")
+              .replace("server", port=0, metrics_port=0, data_dir=str(data), data_dir_reserve_bytes=1 << 20, max_pixels_per_request=64 * 64)
+              .replace("batching", max_images_per_request=16))
+    server = ExplaindServer(config)
+    server.start()
+    server.load_models()
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def _predict(stub, *encoded: bytes, **options) -> inference_pb2.PredictResponse:
+    return stub.Predict(inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=e) for e in encoded], top_k=2, **options), timeout=30)
+
+
+def _errors_counted(server, code: str) -> float:
+    return server.metrics.registry.get_sample_value("explaind_predict_image_errors_total", {"code": code})
+
+
+def test_each_failing_image_gets_its_own_error_and_the_others_their_answers(server, stub):
+    whole = _predict(stub, GOOD, GOOD)
+    before = {code: _errors_counted(server, code) for code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION")}
+    predicted = server.metrics.registry.get_sample_value("explaind_predicted_images_total")
+    response = _predict(stub, GOOD, CORRUPT, BLACK, GOOD, partial_failure=True, return_features=True)
+    first, corrupt, black, last = response.predictions
+    for answered in (first, last):
+        assert answered.labels == whole.predictions[0].labels and answered.probabilities == whole.predictions[0].probabilities
+        assert answered.error.code == 0
+    assert corrupt.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and corrupt.error.message.startswith("images[1].encoded: ")
+    violation = error_details_pb2.BadRequest()
+    assert corrupt.error.details[0].Unpack(violation) and violation.field_violations[0].field == "images[1].encoded"
+    assert black.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert black.error.message.startswith("images[2]: the served classifier's logits of 1 image of the request hold NaN"), black.error.message
+    info = error_details_pb2.ErrorInfo()
+    assert black.error.details[0].Unpack(info) and info.metadata["field"] == "images[2]" and info.domain == "explaind.v1"
+    for failed in (corrupt, black):
+        assert not failed.labels and not failed.class_indices and not failed.probabilities
+    features = np.frombuffer(response.features.data, np.float32).reshape(tuple(response.features.shape))
+    assert features.shape == (4, 4)
+    assert np.isnan(features[1:3]).all() and np.isfinite(features[[0, 3]]).all()
+    assert _errors_counted(server, "INVALID_ARGUMENT") == before["INVALID_ARGUMENT"] + 1
+    assert _errors_counted(server, "FAILED_PRECONDITION") == before["FAILED_PRECONDITION"] + 1
+    assert server.metrics.registry.get_sample_value("explaind_predicted_images_total") == predicted + 2  # the answered ones
+
+
+def test_a_request_whose_every_image_fails_is_answered_ok_without_running_the_model(server, stub, monkeypatch):
+    submitted = []
+    monkeypatch.setattr(server.engine, "submit_predict", lambda *args, **kwargs: submitted.append(args))
+    response = _predict(stub, CORRUPT, b"not an image", partial_failure=True, return_features=True)
+    assert [p.error.code for p in response.predictions] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2
+    assert "images[1].encoded" in response.predictions[1].error.message
+    assert response.model_version == server.engine.models.active.version
+    assert tuple(response.features.shape) == (2, 4) and np.isnan(np.frombuffer(response.features.data, np.float32)).all()
+    assert submitted == []
+
+
+def test_only_the_images_that_decode_are_decoded_once_and_sent_to_the_batcher(server, stub, monkeypatch):
+    from explaind.service import convert
+
+    decoded, submitted = [], []
+    decode, submit = convert.decode_image, server.engine.submit_predict
+    monkeypatch.setattr(convert, "decode_image", lambda image, **kwargs: decoded.append(kwargs["field"]) or decode(image, **kwargs))
+    monkeypatch.setattr(server.engine, "submit_predict", lambda images, **kwargs: submitted.append(len(images)) or submit(images, **kwargs))
+    response = _predict(stub, CORRUPT, GOOD, CORRUPT, partial_failure=True)
+    assert decoded == ["images[0]", "images[1]", "images[2]"]
+    assert submitted == [1]
+    assert [bool(p.labels) for p in response.predictions] == [False, True, False]
+
+
+def test_request_level_faults_still_fail_the_whole_call_with_partial_failure(stub):
+    cases = {
+        "no images": ((), {}, "images"),
+        "too many": ((GOOD,) * 17, {}, "images"),
+        # Four 32x32 images fill the 64x64 budget: the fifth passes it, whatever it is.
+        "pixel budget": ((_png(90, 32),) * 4 + (CORRUPT, _png(90, 32)), {}, "images: the images decode to more than"),
+        "top_k": ((CORRUPT,), {"top_k": 9}, "top_k"),
+    }
+    for name, (images, options, message) in cases.items():
+        request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=e) for e in images], partial_failure=True)
+        request.top_k = options.get("top_k", 2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert refused.value.details().startswith(message), (name, refused.value.details())
+
+
+def test_without_partial_failure_one_failing_image_still_fails_the_call(stub):
+    for image, code in ((CORRUPT, grpc.StatusCode.INVALID_ARGUMENT), (BLACK, grpc.StatusCode.FAILED_PRECONDITION)):
+        with pytest.raises(grpc.RpcError) as refused:
+            _predict(stub, GOOD, image)
+        assert refused.value.code() == code
+
+
+def test_the_server_lists_the_capability(stub):
+    assert "predict_partial_failure" in stub.GetModelMetadata(inference_pb2.GetModelMetadataRequest(), timeout=30).capabilities
