@@ -12,6 +12,7 @@ from conftest import DIVIDES_BY_MEAN_CLASSIFIER
 from google.rpc import error_details_pb2
 from PIL import Image
 
+from explaind.client import AsyncClient, Client, FailedPreconditionError, InvalidArgumentError, UnimplementedError
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -33,7 +34,7 @@ def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("partial") / "data"
     config = (default_config().replace("classifier", **DIVIDES_BY_MEAN_CLASSIFIER).replace("clip", path="").replace("diffusion", path="")
               .replace("server", port=0, metrics_port=0, data_dir=str(data), data_dir_reserve_bytes=1 << 20, max_pixels_per_request=64 * 64)
-              .replace("batching", max_images_per_request=16))
+              .replace("batching", max_images_per_request=16, max_batch_size=2))  # the SDK sends 2 images a request
     server = ExplaindServer(config)
     server.start()
     server.load_models()
@@ -131,3 +132,52 @@ def test_without_partial_failure_one_failing_image_still_fails_the_call(stub):
 
 def test_the_server_lists_the_capability(stub):
     assert "predict_partial_failure" in stub.GetModelMetadata(inference_pb2.GetModelMetadataRequest(), timeout=30).capabilities
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3])
+def test_the_sdk_names_each_failed_image_by_its_index_in_the_callers_list_across_requests(server, max_in_flight):
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        whole = client.predict([GOOD], top_k=2)[0]
+        predictions = client.predict([GOOD, GOOD, GOOD, CORRUPT, BLACK], top_k=2, partial_failure=True, return_features=True,
+                                     max_in_flight=max_in_flight)
+    assert [p.labels for p in predictions[:3]] == [whole.labels] * 3 and all(p.error is None for p in predictions[:3])
+    corrupt, black = predictions[3:]
+    # The server named them images[1] and images[0] of their requests (2 images each).
+    assert isinstance(corrupt.error, InvalidArgumentError) and corrupt.error.field == "images[3].encoded"
+    assert corrupt.error.details.startswith("images[3].encoded: ")
+    assert isinstance(black.error, FailedPreconditionError) and black.error.field == "images[4]"
+    assert black.error.details.startswith("images[4]: ") and "(images[4])" in black.error.details and "images[0]" not in black.error.details
+    for failed in (corrupt, black):
+        assert failed.labels == [] and failed.class_indices == [] and failed.probabilities == []
+        assert failed.features.shape == (4,) and np.isnan(failed.features).all()
+        with pytest.raises(type(failed.error)) as raised:
+            failed.label
+        assert raised.value is failed.error
+        with pytest.raises(type(failed.error)):
+            failed.probability
+        assert repr(failed).endswith(f", error={failed.error!r})")
+    assert predictions[0].label == whole.label and repr(predictions[0]) == repr(whole).replace("features=None", "features=array(shape=(4,), dtype=float32)")
+
+
+def test_the_async_client_takes_partial_failure_too(server):
+    import asyncio
+
+    async def predict():
+        async with AsyncClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            return await client.predict([CORRUPT, GOOD], partial_failure=True)
+
+    corrupt, good = asyncio.run(predict())
+    assert isinstance(corrupt.error, InvalidArgumentError) and corrupt.error.field == "images[0].encoded" and good.error is None and good.labels
+
+
+def test_the_sdk_refuses_partial_failure_up_front_on_a_server_without_the_capability(server, monkeypatch):
+    from explaind.service import convert
+
+    monkeypatch.setattr(convert, "CAPABILITIES", tuple(c for c in convert.CAPABILITIES if c != "predict_partial_failure"))
+    sent = server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"})
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with pytest.raises(UnimplementedError, match="does not honour partial_failure .*'predict_partial_failure'"):
+            client.predict([GOOD, CORRUPT], partial_failure=True)
+        with pytest.raises(InvalidArgumentError, match=r"images\[1\]"):  # without it, as ever
+            client.predict([GOOD, CORRUPT])
+    assert server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"}) == sent + 1

@@ -43,7 +43,7 @@ from explaind.v1 import (
 )
 
 from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PlaintextTokenWarning, ResourceExhaustedError,
-                      UnavailableError, UnimplementedError, error_from_code, from_rpc_error)
+                      UnavailableError, UnimplementedError, error_from_code, error_from_status, from_rpc_error)
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -52,6 +52,7 @@ from ._types import Component, ModelMetadata, Normalization, Prediction, Request
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
+    from google.rpc import status_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -333,6 +334,15 @@ def _note_chunk(error: ExplaindError, start: int, total: int | None) -> None:
         error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
 
 
+def _image_error(status: status_pb2.Status, index: int, position: int) -> ExplaindError:
+    """The error of image ``index`` of one request of a split partial_failure Predict,
+    naming it as the caller's list does, ``images[position]`` (in its message and fields).
+    The server names only that image in it, so its name alone is replaced; the bracket
+    keeps images[1] from matching images[10]."""
+    within, caller_s = f"images[{index}]", f"images[{position}]"
+    return error_from_status(status, rename=lambda text: text.replace(within, caller_s))
+
+
 def _classes_hint(name: str, names: Sequence[str]) -> str:
     """The class names, or for many (an ImageNet model has 1000) their count and the
     closest to ``name``."""
@@ -357,6 +367,9 @@ MAX_CALL_SECONDS = 1e9
 
 # Images per Predict request where the server states no limit (one before limits existed).
 _UNLIMITED = 2**31 - 1
+# What a server lists in GetModelMetadataResponse.capabilities when it honours Predict's
+# partial_failure; an older one ignores the field and fails the whole request.
+PARTIAL_FAILURE_CAPABILITY = "predict_partial_failure"
 
 
 def _with_last(items: Iterator[Run]) -> Iterator[tuple[Run, bool]]:
@@ -483,6 +496,7 @@ class Client:
         self._limits: RequestLimits | None = None
         self._max_batch_size = 0  # the server's [batching].max_batch_size, asked with _limits; 0: unknown
         self._max_queued_images_per_caller = 0  # the server's [batching] one, asked with _limits; 0: no limit or unknown
+        self._capabilities: tuple[str, ...] = ()  # the server's, asked with _limits
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
         _require_usable_grpc()
@@ -773,7 +787,7 @@ class Client:
     # Predict -------------------------------------------------------------------------
 
     def predict(self, images: Any, *, top_k: int = 0, return_features: bool = False, timeout: float | None = None,
-                max_in_flight: int = DEFAULT_PREDICT_IN_FLIGHT) -> list[Prediction]:
+                max_in_flight: int = DEFAULT_PREDICT_IN_FLIGHT, partial_failure: bool = False) -> list[Prediction]:
         """Classify images, the ``top_k`` classes each (0: the server's default, 5, or every
         class of a classifier with fewer): a list or any iterable (numpy arrays, torch tensors, PIL images,
         paths, encoded bytes, each read as its request is made) or one (N, 3, H, W) /
@@ -789,15 +803,29 @@ class Client:
         limits a caller's images waiting ([batching].max_queued_images_per_caller): the
         next images are read and sent while the server runs the earlier, whose answers
         are taken in order. The first request to fail, in the list's order, raises its
-        error and cancels the others."""
+        error and cancels the others.
+
+        ``partial_failure``: an image the server cannot answer on its own (it does not
+        decode, is not an image, is too large a side, or the model's logits for it are
+        unusable) gets a Prediction whose ``error`` is the typed exception (naming it as
+        ``images[i]``, i its index in ``images``), the others their classes; only a fault
+        of a whole request (a full queue, the deadline, top_k, the pixel limit) still
+        raises. A server that does not list the ``"predict_partial_failure"`` capability
+        (an older release, which would fail the whole request for one image) is refused
+        up front with UnimplementedError, before any image is read or sent."""
         timeout = checked_timeout(timeout)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
         require_files(images)  # requests already answered would be thrown away with the error
+        if partial_failure and PARTIAL_FAILURE_CAPABILITY not in self._server_capabilities():
+            raise UnimplementedError(f"the server at {self.target} does not honour partial_failure (it lacks the "
+                                     f"{PARTIAL_FAILURE_CAPABILITY!r} capability: an older release, which fails the whole request for one "
+                                     "image); upgrade it, or predict without partial_failure")
         # One image needs no limits: the usual low-latency call, in this thread.
         chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True)
-        requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features), len(chunk))
+        requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features,
+                              partial_failure=partial_failure), len(chunk))
                     for chunk in chunks)
         predictions: list[Prediction] = []
         with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
@@ -806,8 +834,10 @@ class Client:
                 features = None
                 if response.HasField("features"):
                     features = float32_array(response.features)
+                offset = len(predictions)  # of the request's first image in the caller's list
                 predictions += [
-                    Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version)
+                    Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version,
+                               _image_error(p.error, i, offset + i) if p.error.code else None)
                     for i, p in enumerate(response.predictions)
                 ]
         return predictions
@@ -1136,12 +1166,22 @@ class Client:
         while it is still loading its models, when metadata is unavailable."""
         if self._limits is None:
             try:
-                metadata = self.model_metadata()
+                self._keep_limits(self.model_metadata())
             except UnavailableError:
                 return RequestLimits(0, 0, 0, 0)
-            self._limits, self._max_batch_size = metadata.limits, metadata.max_batch_size
-            self._max_queued_images_per_caller = metadata.max_queued_images_per_caller
-        return self._limits
+        return cast(RequestLimits, self._limits)
+
+    def _server_capabilities(self) -> tuple[str, ...]:
+        """The server's capabilities, asked with its limits (once per client), waiting out
+        its loading as a call would."""
+        if self._limits is None:
+            self._keep_limits(self.model_metadata())
+        return self._capabilities
+
+    def _keep_limits(self, metadata: ModelMetadata) -> None:
+        self._limits, self._max_batch_size = metadata.limits, metadata.max_batch_size
+        self._max_queued_images_per_caller = metadata.max_queued_images_per_caller
+        self._capabilities = metadata.capabilities
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
         """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""

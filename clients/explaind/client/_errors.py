@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -143,6 +144,25 @@ def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[
                     retry_delay: float | None = None, field: str | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
     return cls(details, code, field_violations, retry_delay=retry_delay, field=field)
+
+
+# Each status code by its number, as a google.rpc.Status holds it.
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def code_of(status: status_pb2.Status) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a ``google.rpc.Status`` (UNKNOWN for a number gRPC lacks)."""
+    return _CODE_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+
+
+def error_from_status(status: status_pb2.Status, *, rename: Callable[[str], str] = str) -> ExplaindError:
+    """The typed error a ``google.rpc.Status`` in a response stands for (an image's error
+    in a partial_failure Predict), with the fields of its details; its message and the
+    fields it names passed through ``rename``."""
+    code = code_of(status)
+    named = named_field(status)
+    return error_from_code(code, rename(status.message) or code.name, [(rename(field), description) for field, description in field_violations(status)],
+                           field=None if named is None else rename(named))
 
 
 def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,

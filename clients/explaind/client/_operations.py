@@ -29,6 +29,7 @@ from ._errors import (
     OperationError,
     ResourceExhaustedError,
     UnavailableError,
+    code_of,
     error_from_code,
     field_violations,
     named_field,
@@ -365,8 +366,7 @@ class Operation(Generic[ResultT]):
         if not self._message.HasField("error"):
             return None
         status = self._message.error
-        code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
-        return operation_error(code, status.message, field_violations(status), field=named_field(status))
+        return operation_error(code_of(status), status.message, field_violations(status), field=named_field(status))
 
     def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for

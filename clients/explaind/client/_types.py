@@ -12,6 +12,8 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from ._errors import ExplaindError
+
     from explaind.v1 import common_pb2
 
 
@@ -83,7 +85,13 @@ def _equal(first: object, second: object) -> bool:
 @dataclass(frozen=True, eq=False, repr=False)
 class Prediction(AbbreviatedRepr, ComparedByValue):
     """Top-k for one image, highest logit first (as the head orders classes whose
-    probabilities round to one float), equal logits by class index."""
+    probabilities round to one float), equal logits by class index.
+
+    With ``predict(..., partial_failure=True)``, an image the server could not answer
+    (it did not decode, or the model's logits for it are unusable) has its ``error``
+    (the typed exception the whole call would have raised for it alone, naming
+    ``images[i]`` by its index in the caller's list), empty lists, and features of NaN;
+    ``label`` and ``probability`` raise that error."""
 
     labels: list[str]
     class_indices: list[int]
@@ -93,14 +101,24 @@ class Prediction(AbbreviatedRepr, ComparedByValue):
     features: np.ndarray | None = None
     # The classifier and head version that computed it (changes on promote/rollback).
     model_version: str = ""
+    # Why the image got no answer (partial_failure only); None when answered.
+    error: ExplaindError | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
+        if self.error is not None:
+            raise self.error
         return self.labels[0]
 
     @property
     def probability(self) -> float:
+        if self.error is not None:
+            raise self.error
         return self.probabilities[0]
+
+    def __repr__(self) -> str:
+        shown = super().__repr__()
+        return shown if self.error is None else f"{shown[:-1]}, error={self.error!r})"
 
 
 @dataclass(frozen=True)
