@@ -181,3 +181,33 @@ def test_the_sdk_refuses_partial_failure_up_front_on_a_server_without_the_capabi
         with pytest.raises(InvalidArgumentError, match=r"images\[1\]"):  # without it, as ever
             client.predict([GOOD, CORRUPT])
     assert server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"}) == sent + 1
+
+
+def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, tmp_path, capsys):
+    import json
+
+    from explaind.client.cli import main as cli_main
+
+    files = {"good.png": GOOD, "corrupt.png": CORRUPT, "black.png": BLACK}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    good, corrupt, black = (str(tmp_path / name) for name in files)
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    assert cli_main([*target, "predict", good, corrupt, black, "--keep-going", "--top-k", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(good + "  ") and len(out.splitlines()) == 1
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("error: ")]
+    assert err.startswith(f"error: {corrupt}: INVALID_ARGUMENT: images[1].encoded: ")
+    assert f"error: {black}: FAILED_PRECONDITION: images[2]: the served classifier's logits" in err
+    assert cli_main([*target, "predict", good, corrupt, black, "--keep-going", "--top-k", "2", "--json"]) == 1
+    entries = json.loads(capsys.readouterr().out)
+    assert [entry["image"] for entry in entries] == [good, corrupt, black] and len(entries[0]["labels"]) == 2
+    assert entries[1]["error"]["code"] == "INVALID_ARGUMENT" and entries[1]["error"]["field"] == "images[1].encoded"
+    assert entries[2]["error"] == {"code": "FAILED_PRECONDITION", "field": "images[2]", "message": entries[2]["error"]["message"]}
+    assert "labels" not in entries[1] and "labels" not in entries[2]
+    assert cli_main([*target, "predict", good, good, "--keep-going"]) == 0
+    # Without it, the first failing file fails the command, as ever.
+    assert cli_main([*target, "predict", good, corrupt]) == 1
+    out, err = capsys.readouterr()
+    assert out.count(good) == 2 and out.count("\n") == 2  # only the two good ones of the --keep-going run
+    assert f"that is file {corrupt}" in err

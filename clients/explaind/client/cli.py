@@ -572,15 +572,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise CommandError(f"--top-k: {args.top_k} is more than the served model's {classes} classes")
         top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, classes)
         try:
-            predictions = client.predict([Path(p) for p in args.images], top_k=top_k, max_in_flight=args.max_in_flight)
+            predictions = client.predict([Path(p) for p in args.images], top_k=top_k, max_in_flight=args.max_in_flight,
+                                         partial_failure=args.keep_going)
         except OSError as error:  # a file unreadable when its turn came (gone meanwhile, an I/O error)
             raise _command_error(error) from None
+    # --keep-going: each file the server could not answer is named on stderr, the others printed.
+    failed = [(name, p.error) for name, p in zip(args.images, predictions, strict=True) if p.error is not None]
+    for name, error in failed:
+        print(f"error: {name}: {error}", file=sys.stderr)
     if args.json:
-        _print_json([{"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
-                      "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
+        _print_json([{"image": i, "error": {"code": p.error.code.name, "message": p.error.details, "field": p.error.field}} if p.error is not None
+                     else {"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
+                           "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
     else:
-        _print_predictions(args.images, predictions)
-    return 0
+        answered = [(name, p) for name, p in zip(args.images, predictions, strict=True) if p.error is None]
+        _print_predictions([name for name, _ in answered], [p for _, p in answered])
+    return 1 if failed else 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -1361,6 +1368,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-in-flight", type=_positive_int, default=DEFAULT_PREDICT_IN_FLIGHT,
                          help=f"requests of the server's batch size in flight at once; 1 sends the next only after "
                               f"the last answered (default: {DEFAULT_PREDICT_IN_FLIGHT})")
+    predict.add_argument("--keep-going", dest="keep_going", action="store_true",
+                         help="print the files the server can answer when others fail (do not decode, unusable logits): each "
+                              "failed file's error on stderr (with --json, an \"error\" entry for it), exit status 1 if any failed "
+                              "(needs a server with the predict_partial_failure capability)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
 
