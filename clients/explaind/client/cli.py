@@ -578,8 +578,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise _command_error(error) from None
     # --keep-going: each file the server could not answer is named on stderr, the others printed.
     failed = [(name, p.error) for name, p in zip(args.images, predictions, strict=True) if p.error is not None]
-    for name, error in failed:
-        print(f"error: {name}: {error}", file=sys.stderr)
+    for name, refusal in failed:
+        print(f"error: {name}: {refusal}", file=sys.stderr)
     if args.json:
         _print_json([{"image": i, "error": {"code": p.error.code.name, "message": p.error.details, "field": p.error.field}} if p.error is not None
                      else {"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
