@@ -290,12 +290,12 @@ def _split_outputs(forward: _BatchForward, sizes: list[int], options: list[Predi
     start = 0
     for size, option in zip(sizes, options, strict=True):
         rows = slice(start, start + size)
-        bad = np.flatnonzero(unusable[rows]).tolist() if any_unusable else []
+        bad = tuple(np.flatnonzero(unusable[rows]).tolist()) if any_unusable else ()
         if bad and not option.partial_failure:
             outputs.append(_unusable_rows(bad, "logits", "images"))
         else:
             outputs.append(BatchOutput(forward.version, indices[rows, :option.top_k], probabilities[rows, :option.top_k],
-                                       features[rows] if option.return_features and features is not None else None, tuple(bad)))
+                                       features[rows] if option.return_features and features is not None else None, bad))
         start += size
     return outputs
 
