@@ -211,3 +211,20 @@ def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, 
     out, err = capsys.readouterr()
     assert out.count(good) == 2 and out.count("\n") == 2  # only the two good ones of the --keep-going run
     assert f"that is file {corrupt}" in err
+
+
+def test_a_batch_answers_a_partial_failure_request_with_its_unusable_rows_and_refuses_a_plain_one_batched_with_it():
+    import torch
+
+    from explaind.engine import core
+    from explaind.errors import FailedPrecondition
+
+    logits = torch.tensor([[1.0, 2.0, 0.0], [float("nan"), 0.0, 0.0], [0.5, 0.0, 1.0],
+                           [float("-inf")] * 3, [0.0, 1.0, 2.0], [float("inf"), 0.0, 0.0]])
+    forward = core._BatchForward(object(), logits, None)
+    with_partial, plain = core.PredictOptions(2, False, partial_failure=True), core.PredictOptions(2, False)
+    partial, answered, refused = core._split_outputs(forward, [4, 1, 1], [with_partial, plain, plain])
+    assert partial.unusable_rows == (1, 3) and partial.class_indices.tolist()[0] == [1, 0] and partial.class_indices.tolist()[2] == [2, 0]
+    assert answered.unusable_rows == () and answered.class_indices.tolist() == [[2, 1]]
+    # A plain request with a row of +inf is refused whole, naming it; those batched with it are answered.
+    assert isinstance(refused, FailedPrecondition) and "(images[0])" in str(refused) and refused.field == "images"
