@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps, features
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from explaind.errors import InvalidArgument
-from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png
+from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 
 
 def _encoded(array: np.ndarray, format: str) -> bytes:
@@ -115,6 +117,55 @@ def test_float_pixels_past_the_rounding_tolerance_are_refused_not_clamped(low, h
     # for another range, which clamping would hide.
     with pytest.raises(InvalidArgument, match=r"^x: float pixels must lie in \[0, 1\]"):
         decode_array(np.array([[[low, high]]] * 3, np.float32), field="x")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_float_tensor_with_a_nan_or_an_infinity_is_refused(bad, dtype):
+    pixels = np.full((3, 4, 4), 0.5, dtype)
+    pixels[1, 2, 3] = bad
+    with pytest.raises(InvalidArgument, match=r"^x: tensor contains NaN or infinite values$"):
+        decode_array(pixels, field="x")
+
+
+class _FullSizeAllocations(TorchDispatchMode):
+    """The dtypes of the tensors of at least ``numel`` elements that the torch ops run
+    inside allocate: outputs sharing no input's storage (an in-place op or a view
+    allocates none)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.dtypes = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        given = {leaf.untyped_storage().data_ptr() for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)}
+        self.dtypes += [leaf.dtype for leaf in pytree.tree_leaves(output)
+                        if isinstance(leaf, torch.Tensor) and leaf.numel() >= self.numel and leaf.untyped_storage().data_ptr() not in given]
+        return output
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 50), (40, 50, 3)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_float_tensor_is_checked_and_clamped_in_its_one_float32_copy(shape, dtype):
+    # Every gRPC worker thread may decode a max_message_bytes tensor at once: a temporary of
+    # its size per check (isfinite's) or an out-of-place clamp multiplied the server's peak.
+    pixels = np.random.default_rng(0).uniform(-5e-4, 1 + 5e-4, shape).astype(dtype)
+    with _FullSizeAllocations(pixels.size) as allocations:
+        decoded = decode_array(pixels, field="x")
+    assert allocations.dtypes == []
+    expected = np.clip(pixels.astype(np.float32), 0, 1)
+    assert torch.equal(decoded, torch.from_numpy(expected if shape[0] == 3 else expected.transpose(2, 0, 1)))
+
+
+def test_float_pixels_become_uint8_through_one_float_copy_leaving_the_given_tensor_as_it_was():
+    image = torch.rand(3, 40, 50) * 1.2 - 0.1
+    given = image.clone()
+    with _FullSizeAllocations(image.numel()) as allocations:
+        pixels = to_uint8_hwc(image)
+    assert allocations.dtypes == [torch.float32, torch.uint8]
+    assert torch.equal(image, given)
+    assert np.array_equal(pixels, np.round(np.clip(given.numpy(), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0))
 
 
 @pytest.mark.parametrize("array, message", [
