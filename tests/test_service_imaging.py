@@ -18,7 +18,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from explaind.errors import InvalidArgument
-from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
+from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, PixelBudget, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
+from explaind.service.convert import new_sample
+from explaind.v1 import common_pb2, sample_sets_pb2
 
 
 def _encoded(array: np.ndarray, format: str) -> bytes:
@@ -166,6 +168,19 @@ def test_float_pixels_become_uint8_through_one_float_copy_leaving_the_given_tens
     assert allocations.dtypes == [torch.float32, torch.uint8]
     assert torch.equal(image, given)
     assert np.array_equal(pixels, np.round(np.clip(given.numpy(), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("dtype, kind", [(np.float16, common_pb2.DATA_TYPE_FLOAT16), (np.float32, common_pb2.DATA_TYPE_FLOAT32)])
+def test_an_uploaded_float_tensor_becomes_png_through_its_one_float32_copy(dtype, kind):
+    # An upload's tensor was copied again to scale it to uint8: one more float32 copy per
+    # worker thread at once, the largest allocation of a maximal CreateSampleSet.
+    pixels = np.random.default_rng(0).random((3, 40, 50)).astype(dtype)
+    sample = sample_sets_pb2.Sample(image=common_pb2.Image(tensor=common_pb2.Tensor(dtype=kind, shape=pixels.shape, data=pixels.tobytes())), label=1)
+    with _FullSizeAllocations(pixels.size) as allocations:
+        stored = new_sample(sample, field="samples[0]", budget=PixelBudget(10**6, field="samples"), jpeg_min_side=0)
+    assert allocations.dtypes == [torch.uint8]
+    expected = np.round(pixels.astype(np.float32) * 255).astype(np.uint8).transpose(1, 2, 0)
+    assert np.array_equal(decode_pixels(stored.encoded, field="x"), expected)
 
 
 @pytest.mark.parametrize("array, message", [

@@ -508,10 +508,12 @@ def array_from_buffer(dtype: str, shape: tuple[int, ...], data: bytes, *, field:
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
 
-def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+def to_uint8_hwc(image: torch.Tensor, *, overwrite: bool = False) -> np.ndarray:
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, through one float copy of ``image``
-    (scaled and rounded in place: an upload's 64 MiB tensor made two more)."""
-    return image.clamp(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+    scaled and rounded in place (an upload's 64 MiB tensor made two more), or none where
+    ``overwrite`` says the caller has no further use for ``image``'s values."""
+    scaled = image.clamp_(0, 1) if overwrite else image.clamp(0, 1)
+    return scaled.mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 # zlib level of the images a job makes (progress previews, grids, visualisations): the

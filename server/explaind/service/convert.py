@@ -128,7 +128,8 @@ def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudge
     if image.WhichOneof("data") == "encoded":
         decode_pixels(image.encoded, field=f"{field}.image.encoded", budget=budget, jpeg_min_side=jpeg_min_side)
         return NewSample(image.encoded, sample.label, dict(sample.attributes))
-    pixels = to_uint8_hwc(decode_image(image, field=f"{field}.image", budget=budget))
+    # The decoded tensor is this call's own float32 copy: scaled to uint8 in place.
+    pixels = to_uint8_hwc(decode_image(image, field=f"{field}.image", budget=budget), overwrite=True)
     return NewSample(encode_png(pixels), sample.label, dict(sample.attributes))
 
 
