@@ -8,6 +8,7 @@ import functools
 import io
 import re
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from explaind.errors import InvalidArgument
-from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, PixelBudget, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
+from explaind.imaging import ENCODED_FORMATS, MAX_IMAGE_SIDE, InputGeometry, PixelBudget, _grey16_to_rgb8, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from explaind.service.convert import new_sample
 from explaind.v1 import common_pb2, sample_sets_pb2
 
@@ -181,6 +182,21 @@ def test_an_uploaded_float_tensor_becomes_png_through_its_one_float32_copy(dtype
     assert allocations.dtypes == [torch.uint8]
     expected = np.round(pixels.astype(np.float32) * 255).astype(np.uint8).transpose(1, 2, 0)
     assert np.array_equal(decode_pixels(stored.encoded, field="x"), expected)
+
+
+def test_a_16_bit_greyscale_file_becomes_rgb_through_one_uint32_copy():
+    # Every worker thread may decode a 4096² file at once, however small the file: the
+    # scaling's temporaries held 8 bytes a pixel besides the file's own.
+    values = np.random.default_rng(0).integers(0, 65536, (300, 200), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        pixels = _grey16_to_rgb8(values, field="x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5.5 * values.size  # the uint32 copy and the uint8 grey, then the grey and the RGB
+    grey = ((values.astype(np.uint64) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.array_equal(pixels, np.stack([grey] * 3, axis=2))
 
 
 @pytest.mark.parametrize("array, message", [
