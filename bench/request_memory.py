@@ -39,9 +39,10 @@ MIB = 1024 * 1024
 # The largest float16 tensor of one image within MAX_IMAGE_SIDE (4096) a side: 96 MiB.
 MAX_MESSAGE_MIB = 3 * 4096 * 4096 * 2 // MIB
 # Peak resident memory one running request adds, in multiples of its message
-# (docs/configuration.md, Memory): the message as received and as parsed, its tensor's
-# bytes, their float32 copy (2 for float16); an upload also its uint8 pixels and their PNG.
-PER_REQUEST_MESSAGES = {"Predict": 6.0, "CreateSampleSet": 10.0}
+# (docs/configuration.md, Memory): the message as parsed, its tensor's bytes, their
+# float32 copy (2 for float16), an upload's uint8 pixels and PNG, and what the allocator
+# keeps of them in the thread's arena.
+PER_REQUEST_MESSAGES = {"Predict": 6.0, "CreateSampleSet": 11.0}
 
 
 def _status_mib(pid: int, key: str) -> float:
