@@ -92,19 +92,23 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
 
 # googleapis-common-protos ships no types (and types-protobuf covers google.protobuf
 # only): its import is Any, whether or not a checker has stubs for it.
-_LONGRUNNING_IMPORT = "from google.longrunning import operations_pb2 as _operations_pb2"
+# googleapis-common-protos' modules: no types (google.longrunning), or .pyi files without a
+# py.typed marker (google.rpc), both "import-untyped" to a user's mypy --strict.
+_UNTYPED_IMPORTS = ("from google.longrunning import operations_pb2 as _operations_pb2", "from google.rpc import status_pb2 as _status_pb2")
 _TYPING_IMPORT = "from typing import ClassVar as _ClassVar"
 
 
 def strict_stub(text: str) -> str:
     """protoc's .pyi as ``mypy --strict`` reads it in a checkout (the SDK's stubs are
     checked as source there, not as an installed package's): a message field's dict form
-    is ``Mapping[str, Any]``, not the bare generic ``Mapping``, and google.longrunning,
-    which has no types, is an ignored import."""
+    is ``Mapping[str, Any]``, not the bare generic ``Mapping``, and googleapis-common-protos'
+    imports (_UNTYPED_IMPORTS) are ignored."""
     text = text.replace("_Mapping]", "_Mapping[str, _Any]]")
     if "_Any]" in text:
         text = text.replace(_TYPING_IMPORT, "from typing import Any as _Any, ClassVar as _ClassVar", 1)
-    return text.replace(_LONGRUNNING_IMPORT, _LONGRUNNING_IMPORT + "  # type: ignore[import-untyped, unused-ignore]")
+    for untyped in _UNTYPED_IMPORTS:
+        text = text.replace(untyped, untyped + "  # type: ignore[import-untyped, unused-ignore]")
+    return text
 
 
 if __name__ == "__main__":

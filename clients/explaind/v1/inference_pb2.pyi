@@ -1,6 +1,6 @@
 from explaind.v1 import common_pb2 as _common_pb2
 from google.longrunning import operations_pb2 as _operations_pb2  # type: ignore[import-untyped, unused-ignore]
-from google.rpc import status_pb2 as _status_pb2
+from google.rpc import status_pb2 as _status_pb2  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
