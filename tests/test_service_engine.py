@@ -8196,7 +8196,7 @@ def test_a_throttled_line_counts_the_lines_it_left_out_since_the_last_one(caplog
 
     now = [1000.0]
     monkeypatch.setattr(interceptors, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    throttled = interceptors._ThrottledLog(interval_s=60.0)
+    throttled = interceptors.ThrottledLog(interval_s=60.0)
     with caplog.at_level(logging.INFO, logger="explaind.service.interceptors"):
         for now[0] in (1000.0, 1001.0, 1059.0, 1060.0, 1070.0, 1120.0, 1500.0):
             throttled.log(logging.WARNING, "refused %s", "Predict")

@@ -228,3 +228,30 @@ def test_a_batch_answers_a_partial_failure_request_with_its_unusable_rows_and_re
     assert answered.unusable_rows == () and answered.class_indices.tolist() == [[2, 1]]
     # A plain request with a row of +inf is refused whole, naming it; those batched with it are answered.
     assert isinstance(refused, FailedPrecondition) and "(images[0])" in str(refused) and refused.field == "images"
+
+
+class _Context:
+    """What Predict asks of a gRPC context, for calling the servicer without a channel."""
+
+    def peer(self) -> str:
+        return "ipv4:192.0.2.7:5000"
+
+    def time_remaining(self) -> None:
+        return None
+
+    def add_callback(self, callback) -> bool:
+        return True
+
+
+def test_a_partially_failed_call_is_logged_with_its_peer_and_first_error_as_a_refused_one_is(server, caplog):
+    import logging
+
+    from explaind.service.inference import InferenceServicer
+
+    servicer = InferenceServicer(server.engine, serving=lambda: True)  # its own once-a-minute log, not yet used
+    request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=e) for e in (GOOD, CORRUPT, BLACK)], top_k=2, partial_failure=True)
+    with caplog.at_level(logging.INFO):
+        servicer.Predict(request, _Context())
+        servicer.Predict(request, _Context())  # within the minute: left out, counted on the next line
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("answered explaind.v1.InferenceService/Predict")]
+    assert lines == [lines[0]] and "from ipv4:192.0.2.7:5000 with 2 of 3 images failed, the first INVALID_ARGUMENT: images[1].encoded: " in lines[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -17,6 +18,7 @@ from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget
 from ..messages import array_to_tensor
 from . import convert
 from .auth import current_caller
+from .interceptors import ThrottledLog, who
 from .sample_sets import required_set_id
 
 
@@ -27,6 +29,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         EvaluateSampleSet are UNAVAILABLE, so no answer comes from a head about to go."""
         self._engine = engine
         self._serving = serving
+        # A partial_failure Predict's failed images, logged as the interceptor logs a refused
+        # call (at most once a minute): the operator chasing a producer of bad images sees
+        # it, and who sends them, whether or not its calls set the flag.
+        self._image_errors_log = ThrottledLog()
 
     def _require_serving(self) -> None:
         if not self._serving():
@@ -91,6 +97,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 row = answered[i]
                 response.predictions.add(class_indices=result.class_indices[row].tolist(), labels=result.labels[row],
                                          probabilities=result.probabilities[row].tolist())
+        if failed:
+            first = failed[min(failed)]
+            self._image_errors_log.log(logging.INFO, "answered explaind.v1.InferenceService/Predict from %s with %d of %d images failed, the first %s: %s",
+                                       who(context, current_caller()), len(failed), len(request.images), first.code, first)
         if request.return_features:
             # Row i for images[i]; a failed image's row NaN (see PredictResponse.features).
             features = np.full((len(request.images), self._engine.models.active.feature_dim), np.nan, dtype=np.float32)

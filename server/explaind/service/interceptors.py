@@ -147,7 +147,7 @@ class HeldCalls:
         return f"the streams, waits and inline rankings this server keeps at once are open (at most {self.limit}, {most}); try again later"
 
 
-class _ThrottledLog:
+class ThrottledLog:
     """A recurring line logged at most once per ``interval_s``, with how many were left
     out: a misconfigured client retrying fast must not flood the log."""
 
@@ -177,9 +177,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._token = token
         self._max_send_bytes = max_send_bytes
         self._held_calls = held_calls
-        self._refusals = _ThrottledLog()
+        self._refusals = ThrottledLog()
         # Per method: a flood of Predict must not hide that uploads are refused too.
-        self._refusal_logs: dict[tuple[str, str, str], _ThrottledLog] = {}
+        self._refusal_logs: dict[tuple[str, str, str], ThrottledLog] = {}
         self._refusal_logs_lock = threading.Lock()
 
     def _log_refusal(self, service: str, method: str, context: grpc.ServicerContext, code: str, message: str, caller: str | None) -> None:
@@ -188,8 +188,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         streams), which ExplaindOverloaded's on-call engineer otherwise never sees, the
         object and its owner, or the caller's mistake, and the line the caller."""
         with self._refusal_logs_lock:
-            throttle = self._refusal_logs.setdefault((service, method, code), _ThrottledLog())
-        throttle.log(_LOGGED_REFUSALS[code], "refused %s/%s from %s: %s: %s", service, method, _who(context, caller), code, message)
+            throttle = self._refusal_logs.setdefault((service, method, code), ThrottledLog())
+        throttle.log(_LOGGED_REFUSALS[code], "refused %s/%s from %s: %s: %s", service, method, who(context, caller), code, message)
 
     def _refuse_unauthenticated(self, observed: _Observed, service: str, method: str, context: grpc.ServicerContext) -> None:
         self._refusals.log(logging.WARNING, "refused %s/%s from %s: missing or wrong bearer token", service, method, context.peer())
@@ -255,7 +255,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return handle
 
 
-def _who(context: grpc.ServicerContext, caller: str | None) -> str:
+def who(context: grpc.ServicerContext, caller: str | None) -> str:
     """The peer of a call, and its named caller if it has one, for log lines."""
     return f"{context.peer()} (caller {caller})" if caller else context.peer()
 
@@ -406,7 +406,7 @@ class _Observed:
                     except StopIteration:
                         response = None  # the servicer is done
                 if why := revocation():
-                    log.info("ended %s/%s of %s: %s", self._service, self._method, _who(self._context, self._caller), why)
+                    log.info("ended %s/%s of %s: %s", self._service, self._method, who(self._context, self._caller), why)
                     self.abort("UNAUTHENTICATED", why)
                 if response is None:
                     return
