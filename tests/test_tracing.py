@@ -117,6 +117,17 @@ def test_a_failed_call_records_its_code(traced, spans):
     assert "nothing-here" not in json.dumps(dict(span.attributes))
 
 
+def test_a_partially_failed_predict_counts_its_failed_images_on_its_ok_span(traced, spans, world_images):
+    client, *_ = traced
+    images, _ = world_images
+    predictions = client.predict([images[0], b"not an image", images[1]], partial_failure=True)
+    assert [p.error is None for p in predictions] == [True, False, True]
+    client.predict([images[0]], partial_failure=True)
+    failed, answered = _server_spans(spans, "InferenceService/Predict")
+    assert failed.attributes["rpc.grpc.status_code"] == 0 and failed.attributes["explaind.predict.failed_images"] == 1
+    assert "explaind.predict.failed_images" not in answered.attributes
+
+
 def test_health_checks_make_no_spans(traced, spans):
     # Probes call it every few seconds: their spans would drown the traces.
     client, *_ = traced

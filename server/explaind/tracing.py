@@ -5,7 +5,9 @@ provider (the process-wide one stays the application's: an embedding program kee
 own) and the interceptor and the JobManager make:
 
 * per RPC, a SERVER span "explaind.v1.Service/Method", child of the caller's W3C
-  ``traceparent`` metadata when it sends one, with ``rpc.grpc.status_code``;
+  ``traceparent`` metadata when it sends one, with ``rpc.grpc.status_code`` (and, of a
+  partial_failure Predict that answered some images with an error, their number as
+  ``explaind.predict.failed_images``: the call is OK, so its code does not tell);
 * per operation, a span "operation <kind>" from its submission to its end, child of the
   RPC that submitted it, with a child "queued" (submission to start) and one per stage
   the job's time goes to (the stages ``explaind_job_stage_duration_seconds`` times).
@@ -19,6 +21,7 @@ opentelemetry packages (the ``tracing`` extra) are not imported.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -94,6 +97,15 @@ def trace_id(span: Span | None) -> str | None:
         return None
     context = span.get_span_context()
     return f"{context.trace_id:032x}" if context.trace_flags.sampled else None
+
+
+def count_on_current_span(attribute: str, count: int) -> None:
+    """Set ``attribute`` to ``count`` on the current span (inside a servicer, its call's);
+    nothing without one, or when opentelemetry was never imported (tracing off: nothing
+    imported)."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None:
+        trace.get_current_span().set_attribute(attribute, count)
 
 
 def current(span: Span | None) -> AbstractContextManager[object]:

@@ -16,6 +16,7 @@ from ..engine import BatchOutput, Engine, PredictOutput, unusable_image
 from ..errors import Cancelled, DeadlineExceeded, ExplaindError, InvalidArgument, Unavailable
 from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget
 from ..messages import array_to_tensor
+from ..tracing import count_on_current_span
 from . import convert
 from .auth import current_caller
 from .interceptors import ThrottledLog, who
@@ -98,6 +99,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 response.predictions.add(class_indices=result.class_indices[row].tolist(), labels=result.labels[row],
                                          probabilities=result.probabilities[row].tolist())
         if failed:
+            count_on_current_span("explaind.predict.failed_images", len(failed))
             first = failed[min(failed)]
             self._image_errors_log.log(logging.INFO, "answered explaind.v1.InferenceService/Predict from %s with %d of %d images failed, the first %s: %s",
                                        who(context, current_caller()), len(failed), len(request.images), first.code, first)
