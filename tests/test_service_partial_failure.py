@@ -255,3 +255,26 @@ def test_a_partially_failed_call_is_logged_with_its_peer_and_first_error_as_a_re
         servicer.Predict(request, _Context())  # within the minute: left out, counted on the next line
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("answered explaind.v1.InferenceService/Predict")]
     assert lines == [lines[0]] and "from ipv4:192.0.2.7:5000 with 2 of 3 images failed, the first INVALID_ARGUMENT: images[1].encoded: " in lines[0]
+
+
+def test_a_failed_images_decoded_pixels_are_not_kept_while_the_others_run(server, monkeypatch):
+    import tracemalloc
+
+    from explaind.service.inference import InferenceServicer
+
+    # Integer greyscale past 65535 fails only once its pixels are decoded, at 4 bytes a pixel.
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((512, 512), 70000, np.int32), mode="I").save(buffer, format="TIFF")
+    monkeypatch.setattr(server.engine, "config", server.engine.config.replace("server", max_pixels_per_request=8 * 512 * 512))
+    held = []
+    submit = server.engine.submit_predict
+    monkeypatch.setattr(server.engine, "submit_predict", lambda images, **kwargs: held.append(tracemalloc.get_traced_memory()[0]) or submit(images, **kwargs))
+    request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=e) for e in (buffer.getvalue(),) * 4 + (GOOD,)], top_k=2, partial_failure=True)
+    tracemalloc.start()
+    try:
+        response = InferenceServicer(server.engine, serving=lambda: True).Predict(request, _Context())
+    finally:
+        tracemalloc.stop()
+    assert [p.error.code for p in response.predictions] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 4 + [0]
+    assert "must lie in [0, 65535]" in response.predictions[0].error.message
+    assert held[0] < 512 * 512 * 4  # less than one failed image's pixels, of the four

@@ -78,7 +78,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             except InvalidArgument as error:
                 if budget.exceeded:
                     raise
-                failed[i] = error
+                # A fresh error: the caught one's traceback (and its decoder's error, its
+                # context) keeps the frames of its decoding alive, full-size pixels and all,
+                # until the response is made: 8 MiB an int32 image of 1024² past 65535.
+                failed[i] = InvalidArgument(error.description, field=error.field)
         result: PredictOutput | None = None
         if decoded:
             future = self._engine.submit_predict(torch.stack(decoded), top_k=request.top_k, return_features=request.return_features,
