@@ -278,3 +278,20 @@ def test_a_failed_images_decoded_pixels_are_not_kept_while_the_others_run(server
     assert [p.error.code for p in response.predictions] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 4 + [0]
     assert "must lie in [0, 65535]" in response.predictions[0].error.message
     assert held[0] < 512 * 512 * 4  # less than one failed image's pixels, of the four
+
+
+@pytest.mark.parametrize("partial_failure", [True, False])
+def test_the_sdk_asks_the_servers_limits_and_capabilities_within_the_predicts_timeout(server, monkeypatch, partial_failure):
+    # With the client's timeout instead, predict(timeout=1) on a server still loading its
+    # models waited the client's 30 s for GetModelMetadata before its first request.
+    asked = []
+    call = Client._call
+
+    def recorded(client, service, method, request, **kwargs):
+        asked.append((method, kwargs.get("timeout")))
+        return call(client, service, method, request, **kwargs)
+
+    monkeypatch.setattr(Client, "_call", recorded)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.predict([GOOD, GOOD, GOOD], top_k=2, timeout=7, partial_failure=partial_failure)
+    assert ("GetModelMetadata", 7) in asked and all(timeout == 7 for _, timeout in asked)

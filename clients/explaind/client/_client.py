@@ -747,12 +747,13 @@ class Client:
             time.sleep(0.1)
         raise TimeoutError(f"{self.target} was not SERVING within {timeout}s (last error: {last})")
 
-    def model_metadata(self) -> ModelMetadata:
+    def model_metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         """What the server serves: the classifier (class names, feature dim D, input size
         and how images are fitted to it: ``resize_size``, ``interpolation``,
         ``jpeg_reduced_decode``, ``normalization``; the serving head's ``model_version``),
-        its components (CLIP, diffusion), batching and per-request limits."""
-        response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest())
+        its components (CLIP, diffusion), batching and per-request limits. ``timeout``:
+        seconds, retries while the server loads included (None: the client's)."""
+        response = self._call("inference", "GetModelMetadata", inference_pb2.GetModelMetadataRequest(), timeout=checked_timeout(timeout))
         c = response.classifier
         return ModelMetadata(
             name=c.name,
@@ -818,12 +819,13 @@ class Client:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
         require_files(images)  # requests already answered would be thrown away with the error
-        if partial_failure and PARTIAL_FAILURE_CAPABILITY not in self._server_capabilities():
+        if partial_failure and PARTIAL_FAILURE_CAPABILITY not in self._server_capabilities(timeout):
             raise UnimplementedError(f"the server at {self.target} does not honour partial_failure (it lacks the "
                                      f"{PARTIAL_FAILURE_CAPABILITY!r} capability: an older release, which fails the whole request for one "
                                      "image); upgrade it, or predict without partial_failure")
         # One image needs no limits: the usual low-latency call, in this thread.
-        chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True)
+        chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True,
+                                     timeout=timeout)
         requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features,
                               partial_failure=partial_failure), len(chunk))
                     for chunk in chunks)
@@ -1120,7 +1122,7 @@ class Client:
         return updated
 
     def _request_chunks(self, items: Iterable[T], max_count: int, image_of: Callable[[T], common_pb2.Image], *,
-                        single: bool = False, batch: bool = False) -> Iterator[list[T]]:
+                        single: bool = False, batch: bool = False, timeout: float | None = None) -> Iterator[list[T]]:
         """Consecutive runs of at most ``max_count`` items (samples or images) and the server's
         images per request, whose request stays under half the smaller of the client's and
         the server's message limits (raw 224² arrays are 150 kB each: 512 of them would not
@@ -1130,12 +1132,13 @@ class Client:
         give one empty run.
         ``single``: there is one item, sent as it is (the common one-image predict skips
         the reads of the server's limits). ``batch``: runs of at most the server's
-        [batching].max_batch_size too (a Predict's)."""
+        [batching].max_batch_size too (a Predict's). ``timeout``: the requests', for asking
+        the limits too (None: the client's)."""
         _require_count("chunk_size", max_count)
         if single:
             yield list(items)
             return
-        limits = self._request_limits()
+        limits = self._request_limits(timeout)
         max_count = min(max_count, limits.max_images_per_request or max_count)  # 0 from an old server: no limit known
         if batch:
             max_count = min(max_count, self._max_batch_size or max_count)
@@ -1161,21 +1164,22 @@ class Client:
             _note_chunk(error, offset, total)
             raise
 
-    def _request_limits(self) -> RequestLimits:
-        """The server's limits, asked once per client with its batch size; all 0 (unknown)
-        while it is still loading its models, when metadata is unavailable."""
+    def _request_limits(self, timeout: float | None = None) -> RequestLimits:
+        """The server's limits, asked once per client with its batch size (within
+        ``timeout``, None: the client's); all 0 (unknown) while it is still loading its
+        models, when metadata is unavailable."""
         if self._limits is None:
             try:
-                self._keep_limits(self.model_metadata())
+                self._keep_limits(self.model_metadata(timeout=timeout))
             except UnavailableError:
                 return RequestLimits(0, 0, 0, 0)
         return cast(RequestLimits, self._limits)
 
-    def _server_capabilities(self) -> tuple[str, ...]:
+    def _server_capabilities(self, timeout: float | None) -> tuple[str, ...]:
         """The server's capabilities, asked with its limits (once per client), waiting out
-        its loading as a call would."""
+        its loading as a call of ``timeout`` would (None: the client's)."""
         if self._limits is None:
-            self._keep_limits(self.model_metadata())
+            self._keep_limits(self.model_metadata(timeout=timeout))
         return self._capabilities
 
     def _keep_limits(self, metadata: ModelMetadata) -> None:
