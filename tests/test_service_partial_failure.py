@@ -295,3 +295,20 @@ def test_the_sdk_asks_the_servers_limits_and_capabilities_within_the_predicts_ti
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
         client.predict([GOOD, GOOD, GOOD], top_k=2, timeout=7, partial_failure=partial_failure)
     assert ("GetModelMetadata", 7) in asked and all(timeout == 7 for _, timeout in asked)
+
+
+def test_predictions_of_failed_images_compare_by_value(server):
+    import copy
+    import pickle
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        first = client.predict([GOOD, CORRUPT, BLACK], top_k=2, partial_failure=True, return_features=True)
+        again = client.predict([GOOD, CORRUPT, BLACK], top_k=2, partial_failure=True, return_features=True)
+    failed = first[1]
+    # NaN features and an exception compared by identity made it unequal even to itself.
+    assert failed == failed and first == again
+    assert pickle.loads(pickle.dumps(first)) == first and copy.deepcopy(failed) == failed
+    assert first[1] != first[2] and first[0] != first[1]
+    renamed = copy.deepcopy(failed)
+    renamed.error.field_violations[0] = ("images[9].encoded", renamed.error.field_violations[0][1])
+    assert renamed != failed

@@ -77,8 +77,16 @@ def float32_array(tensor: common_pb2.Tensor) -> np.ndarray:
 
 
 def _equal(first: object, second: object) -> bool:
+    """Arrays by their items, NaN equal to NaN (a failed image's features are NaN: such a
+    Prediction was unequal even to itself); exceptions (a Prediction's error) by their
+    type and values, not identity (one pickled, or the same image's error from another call)."""
     if isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
-        return isinstance(first, np.ndarray) and isinstance(second, np.ndarray) and np.array_equal(first, second)
+        if not (isinstance(first, np.ndarray) and isinstance(second, np.ndarray)):
+            return False
+        inexact = np.issubdtype(first.dtype, np.inexact) and np.issubdtype(second.dtype, np.inexact)  # isnan takes no other
+        return np.array_equal(first, second, equal_nan=inexact)
+    if isinstance(first, BaseException) or isinstance(second, BaseException):
+        return type(first) is type(second) and first.args == second.args and vars(first) == vars(second)  # type: ignore[union-attr]
     return first == second
 
 
