@@ -85,8 +85,8 @@ def _equal(first: object, second: object) -> bool:
             return False
         inexact = np.issubdtype(first.dtype, np.inexact) and np.issubdtype(second.dtype, np.inexact)  # isnan takes no other
         return np.array_equal(first, second, equal_nan=inexact)
-    if isinstance(first, BaseException) or isinstance(second, BaseException):
-        return type(first) is type(second) and first.args == second.args and vars(first) == vars(second)  # type: ignore[union-attr]
+    if isinstance(first, BaseException) and isinstance(second, BaseException):
+        return type(first) is type(second) and first.args == second.args and vars(first) == vars(second)
     return first == second
 
 
