@@ -183,6 +183,19 @@ def test_the_sdk_refuses_partial_failure_up_front_on_a_server_without_the_capabi
     assert server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"}) == sent + 1
 
 
+def test_the_cli_names_keep_going_where_the_server_lacks_the_capability(server, monkeypatch, tmp_path, capsys):
+    from explaind.client.cli import main as cli_main
+    from explaind.service import convert
+
+    monkeypatch.setattr(convert, "CAPABILITIES", tuple(c for c in convert.CAPABILITIES if c != "predict_partial_failure"))
+    (tmp_path / "good.png").write_bytes(GOOD)
+    assert cli_main(["--target", f"127.0.0.1:{server.port}", "predict", str(tmp_path / "good.png"), "--keep-going"]) == 1
+    out, err = capsys.readouterr()
+    # The SDK's refusal told a CLI user to "predict without partial_failure", no option of the CLI.
+    assert out == "" and err.startswith("error: --keep-going: the server at ") and err.rstrip().endswith("run without --keep-going")
+    assert "partial_failure" not in err.replace("'predict_partial_failure'", "")
+
+
 def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, tmp_path, capsys):
     import json
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from explaind.class_names import class_name_key
 
-from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, Client
+from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
                       UnavailableError)
 from ._images import image_folder
@@ -567,7 +567,11 @@ def _json_log() -> Any:
 def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as client, _naming_failing_file(args.images):
         # Unset: 3 classes, or all of a classifier with fewer (more would be refused).
-        classes = len(client.model_metadata().class_names)
+        metadata = client.model_metadata()
+        classes = len(metadata.class_names)
+        if args.keep_going and PARTIAL_FAILURE_CAPABILITY not in metadata.capabilities:  # the SDK's refusal says "without partial_failure"
+            raise CommandError(f"--keep-going: the server at {args.target} lacks the {PARTIAL_FAILURE_CAPABILITY!r} capability (an older "
+                               "release, which fails the whole request for one file); upgrade it, or run without --keep-going")
         if args.top_k and args.top_k > classes:  # said here: the server's refusal offers a 0 that --top-k does not take
             raise CommandError(f"--top-k: {args.top_k} is more than the served model's {classes} classes")
         top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, classes)
