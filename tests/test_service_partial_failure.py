@@ -325,3 +325,19 @@ def test_predictions_of_failed_images_compare_by_value(server):
     renamed = copy.deepcopy(failed)
     renamed.error.field_violations[0] = ("images[9].encoded", renamed.error.field_violations[0][1])
     assert renamed != failed
+
+
+def test_each_access_of_a_failed_predictions_label_raises_with_a_traceback_of_its_own():
+    import traceback
+
+    from explaind.client import Prediction
+
+    failed = Prediction([], [], [], error=InvalidArgumentError("images[3].encoded: bytes are not an image", field="images[3].encoded"))
+    depths = []
+    for read in ("label", "probability", "label"):
+        with pytest.raises(InvalidArgumentError) as raised:
+            getattr(failed, read)
+        assert raised.value is failed.error
+        depths.append(len(traceback.extract_tb(raised.value.__traceback__)))
+    # Raised as kept, each access added its frames to the earlier ones': 3, 6, 9 deep.
+    assert depths[0] == depths[1] == depths[2]
