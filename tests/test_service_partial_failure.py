@@ -341,3 +341,20 @@ def test_each_access_of_a_failed_predictions_label_raises_with_a_traceback_of_it
         depths.append(len(traceback.extract_tb(raised.value.__traceback__)))
     # Raised as kept, each access added its frames to the earlier ones': 3, 6, 9 deep.
     assert depths[0] == depths[1] == depths[2]
+
+
+def test_a_call_in_another_thread_that_finds_the_limits_asked_finds_the_capabilities_too(server):
+    from explaind.client._client import PARTIAL_FAILURE_CAPABILITY
+
+    seen = []
+
+    class Observed(Client):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "_limits" and value is not None:  # where another thread's predict may look, as _limits is set
+                seen.append((PARTIAL_FAILURE_CAPABILITY in self._server_capabilities(None), self._max_batch_size))
+
+    with Observed(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.predict([GOOD, CORRUPT], top_k=2, partial_failure=True)
+    # Set before the capabilities, _limits told such a call "does not honour partial_failure".
+    assert seen == [(True, 2)]

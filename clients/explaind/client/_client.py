@@ -1183,9 +1183,12 @@ class Client:
         return self._capabilities
 
     def _keep_limits(self, metadata: ModelMetadata) -> None:
-        self._limits, self._max_batch_size = metadata.limits, metadata.max_batch_size
+        """``_limits`` set last: a call in another thread (an AsyncClient's run in threads)
+        that finds it set reads the rest, not a server without capabilities or batch size."""
+        self._max_batch_size = metadata.max_batch_size
         self._max_queued_images_per_caller = metadata.max_queued_images_per_caller
         self._capabilities = metadata.capabilities
+        self._limits = metadata.limits
 
     def sample_set(self, sample_set_id: str) -> SampleSet:
         """One set's summary (sample and per-class counts, times); NotFoundError if unknown."""
