@@ -358,3 +358,17 @@ def test_a_call_in_another_thread_that_finds_the_limits_asked_finds_the_capabili
         client.predict([GOOD, CORRUPT], top_k=2, partial_failure=True)
     # Set before the capabilities, _limits told such a call "does not honour partial_failure".
     assert seen == [(True, 2)]
+
+
+def test_the_cli_prints_a_file_name_that_is_not_utf8_with_its_bytes_escaped(server, tmp_path, capsys):
+    import os
+
+    from explaind.client.cli import main as cli_main
+
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")  # Latin-1, as an older camera or archive names it
+    with open(odd, "wb") as file:
+        file.write(GOOD)
+    for keep_going in ([], ["--keep-going"]):
+        # capsys's stdout is strict UTF-8, as a terminal's in a UTF-8 locale: the name's lone surrogate was a traceback.
+        assert cli_main(["--target", f"127.0.0.1:{server.port}", "predict", os.fsdecode(odd), "--top-k", "2", *keep_going]) == 0
+        assert capsys.readouterr().out.startswith(f"{tmp_path}/caf\\xe9.png  ")

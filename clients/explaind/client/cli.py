@@ -120,9 +120,16 @@ def _display_width(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
+def _shown_file_name(name: str) -> str:
+    """A file name as printed: bytes of it that do not decode (held by Python as lone
+    surrogates, which a UTF-8 stdout refuses with a traceback) written ``\\xff``."""
+    return os.fsencode(name).decode(sys.getfilesystemencoding(), "backslashreplace")
+
+
 def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
     """One line an image, its name padded to the widest name's columns (not characters:
     a file named in CJK shifted its predictions)."""
+    names = [_shown_file_name(n) for n in names]
     width = max((_display_width(n) for n in names), default=8)
     for name, prediction in zip(names, predictions, strict=True):
         ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
