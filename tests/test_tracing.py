@@ -122,9 +122,11 @@ def test_a_partially_failed_predict_counts_its_failed_images_on_its_ok_span(trac
     images, _ = world_images
     predictions = client.predict([images[0], b"not an image", images[1]], partial_failure=True)
     assert [p.error is None for p in predictions] == [True, False, True]
+    client.predict([b"not an image", images[0], b"nor this"], partial_failure=True)  # the count, not a flag
     client.predict([images[0]], partial_failure=True)
-    failed, answered = _server_spans(spans, "InferenceService/Predict")
-    assert failed.attributes["rpc.grpc.status_code"] == 0 and failed.attributes["explaind.predict.failed_images"] == 1
+    one_failed, two_failed, answered = _server_spans(spans, "InferenceService/Predict")
+    assert one_failed.attributes["rpc.grpc.status_code"] == 0 and one_failed.attributes["explaind.predict.failed_images"] == 1
+    assert two_failed.attributes["explaind.predict.failed_images"] == 2
     assert "explaind.predict.failed_images" not in answered.attributes
 
 
