@@ -194,6 +194,10 @@ def test_the_cli_names_keep_going_where_the_server_lacks_the_capability(server, 
     # The SDK's refusal told a CLI user to "predict without partial_failure", no option of the CLI.
     assert out == "" and err.startswith("error: --keep-going: the server at ") and err.rstrip().endswith("run without --keep-going")
     assert "partial_failure" not in err.replace("'predict_partial_failure'", "")
+    # Without --keep-going, such a server answers predict as ever.
+    assert cli_main(["--target", f"127.0.0.1:{server.port}", "predict", str(tmp_path / "good.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "good.png" in out and err == ""
 
 
 def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, tmp_path, capsys):
@@ -259,15 +263,17 @@ class _Context:
 def test_a_partially_failed_call_is_logged_with_its_peer_and_first_error_as_a_refused_one_is(server, caplog):
     import logging
 
+    from explaind.service.auth import calling_as
     from explaind.service.inference import InferenceServicer
 
     servicer = InferenceServicer(server.engine, serving=lambda: True)  # its own once-a-minute log, not yet used
     request = inference_pb2.PredictRequest(images=[common_pb2.Image(encoded=e) for e in (GOOD, CORRUPT, BLACK)], top_k=2, partial_failure=True)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), calling_as("batch-job"):
         servicer.Predict(request, _Context())
         servicer.Predict(request, _Context())  # within the minute: left out, counted on the next line
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("answered explaind.v1.InferenceService/Predict")]
-    assert lines == [lines[0]] and "from ipv4:192.0.2.7:5000 with 2 of 3 images failed, the first INVALID_ARGUMENT: images[1].encoded: " in lines[0]
+    assert lines == [lines[0]]
+    assert "from ipv4:192.0.2.7:5000 (caller batch-job) with 2 of 3 images failed, the first INVALID_ARGUMENT: images[1].encoded: " in lines[0]
 
 
 def test_a_failed_images_decoded_pixels_are_not_kept_while_the_others_run(server, monkeypatch):
