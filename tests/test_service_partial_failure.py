@@ -378,3 +378,21 @@ def test_the_cli_prints_a_file_name_that_is_not_utf8_with_its_bytes_escaped(serv
         # capsys's stdout is strict UTF-8, as a terminal's in a UTF-8 locale: the name's lone surrogate was a traceback.
         assert cli_main(["--target", f"127.0.0.1:{server.port}", "predict", os.fsdecode(odd), "--top-k", "2", *keep_going]) == 0
         assert capsys.readouterr().out.startswith(f"{tmp_path}/caf\\xe9.png  ")
+
+
+def test_an_image_error_with_a_code_and_no_message_is_an_error_named_by_its_code(server, monkeypatch):
+    # A google.rpc.Status needs no message: the code alone marks the image failed.
+    from explaind.service import convert
+
+    error_status = convert.error_status
+
+    def without_message(error):
+        status = error_status(error)
+        status.message = ""
+        return status
+
+    monkeypatch.setattr(convert, "error_status", without_message)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        good, corrupt = client.predict([GOOD, CORRUPT], partial_failure=True)
+    assert good.error is None and isinstance(corrupt.error, InvalidArgumentError)
+    assert corrupt.error.details == "INVALID_ARGUMENT" and corrupt.error.field == "images[1].encoded"
