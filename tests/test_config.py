@@ -19,7 +19,7 @@ NOT_NEGATIVE = [
     "jobs.retention_days", "jobs.max_run_seconds", "jobs.max_queued_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
 ]
 AT_LEAST_ONE = [
-    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers", "batching.max_batch_size",
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes", "server.max_workers", "batching.max_batch_size",
     "batching.max_queue_size", "batching.max_images_per_request", "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 ]
 # Sent as int32 (RequestLimits) or passed to gRPC or torch as a C int.

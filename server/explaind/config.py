@@ -75,7 +75,7 @@ CLIP_SETTINGS_FILE = "explaind.json"
 
 # Sizes, counts and thread pools: 0 or less would fail later as a traceback or INTERNAL.
 _AT_LEAST_ONE = (
-    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_workers",
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes", "server.max_workers",
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
@@ -129,6 +129,10 @@ class ServerSection:
     # Pixels the images of one Predict / CreateSampleSet / AppendSamples call may decode
     # to in all (8 images of 4096x4096); bounds the memory and time a small request costs.
     max_pixels_per_request: int = 128 * 1024 * 1024
+    # Bytes all calls' images may take at once while they decode (the estimate of each in
+    # docs/configuration.md, Memory); a call waits for room within its deadline, and one
+    # larger than this decodes alone. Decodes under 16 MiB are not counted.
+    max_decode_bytes: int = 2 * 1024 * 1024 * 1024
     # Seconds that in-flight RPCs and jobs get to finish on shutdown; then RPCs are
     # cancelled and jobs end FAILED with code ABORTED.
     grace_period_s: float = 10.0

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .config import INTERPOLATIONS
+from .decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL, DecodeLease
 from .errors import InvalidArgument
 from .exif import directories_read, exif_orientation, stored_value_bytes, values_fit
 
@@ -80,10 +81,25 @@ DECODING_VERSION = 2
 
 class PixelBudget:
     """The decoded pixels one request may still use: each image is charged from its size
-    before its pixels are decoded, so many small files cannot decode to gigabytes."""
+    before its pixels are decoded, so many small files cannot decode to gigabytes. With
+    ``memory``, the call's lease of the server's decode memory: each image reserves what
+    it may take to decode before it does; ``with`` the budget gives it back."""
 
-    def __init__(self, limit: int, *, field: str) -> None:
+    def __init__(self, limit: int, *, field: str, memory: DecodeLease | None = None) -> None:
         self.limit, self.field, self.used = limit, field, 0
+        self.memory = memory
+
+    def reserve(self, nbytes: int) -> None:
+        """Hold at least ``nbytes`` of decode memory (none without ``memory``)."""
+        if self.memory is not None:
+            self.memory.reserve(nbytes)
+
+    def __enter__(self) -> PixelBudget:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.memory is not None:
+            self.memory.release()
 
     @property
     def exceeded(self) -> bool:
@@ -99,6 +115,7 @@ class PixelBudget:
                 "send fewer or smaller images per call",
                 field=self.field,
             )
+        self.reserve(width * height * ENCODED_DECODE_BYTES_PER_PIXEL)
 
 
 def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None, jpeg_min_side: int = 0) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..decode_memory import DecodeMemory
 from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
@@ -318,6 +319,8 @@ class Engine:
                                max_run_s=config.jobs.max_run_seconds or None, tracing=tracing, ownership=Ownership(config.server.admins))
         self.ownership = self.jobs.ownership
         self.jobs.register_kinds(EVALUATE_KIND, stages=EVALUATE_STAGES)
+        self.decode_memory = DecodeMemory(config.server.max_decode_bytes, held_gauge=metrics.decode_memory_held,
+                                          wait_seconds=metrics.decode_memory_wait)
         self.device = torch.device("cpu")
         self._feature_fns: dict[str, FeatureFn] = {}
         self._batcher: DynamicBatcher[_BatchForward] | None = None

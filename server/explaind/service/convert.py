@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -14,9 +15,10 @@ from google.rpc import status_pb2
 import grpc
 from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 
+from ..decode_memory import TENSOR_DECODE_BYTES_PER_VALUE, UPLOAD_BYTES_PER_VALUE
 from ..engine import NewSample
 from ..errors import ExplaindError, InvalidArgument, field_detail
-from ..imaging import InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
+from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
 from ..store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, RequestKey, SampleSetInfo
@@ -96,8 +98,19 @@ def decode_image(image: common_pb2.Image, *, field: str, geometry: InputGeometry
     if kind == "encoded":
         return decode_encoded(image.encoded, field=f"{field}.encoded", geometry=geometry, budget=budget)
     if kind == "tensor":
+        if budget is not None:  # before its bytes are copied out of the message
+            budget.reserve(tensor_decode_bytes(image.tensor, TENSOR_DECODE_BYTES_PER_VALUE))
         return decode_array(tensor_to_array(image.tensor, field=f"{field}.tensor"), field=f"{field}.tensor", geometry=geometry, budget=budget)
     raise InvalidArgument("image has neither encoded bytes nor a tensor", field=field)
+
+
+def tensor_decode_bytes(tensor: common_pb2.Tensor, bytes_per_value: int) -> int:
+    """What decoding ``tensor`` may take: its bytes copied out of the message and
+    ``bytes_per_value`` more a value, read from its dtype and shape (at most an image's
+    3 x MAX_IMAGE_SIDE² values: a larger shape is refused before its decode allocates)."""
+    values = min(math.prod(max(side, 0) for side in tensor.shape), 3 * MAX_IMAGE_SIDE**2)
+    itemsize = np.dtype(_DTYPE_NAMES.get(tensor.dtype, "float32")).itemsize
+    return values * (itemsize + bytes_per_value)
 
 
 def error_status(error: ExplaindError) -> status_pb2.Status:
@@ -128,6 +141,7 @@ def new_sample(sample: sample_sets_pb2.Sample, *, field: str, budget: PixelBudge
     if image.WhichOneof("data") == "encoded":
         decode_pixels(image.encoded, field=f"{field}.image.encoded", budget=budget, jpeg_min_side=jpeg_min_side)
         return NewSample(image.encoded, sample.label, dict(sample.attributes))
+    budget.reserve(tensor_decode_bytes(image.tensor, TENSOR_DECODE_BYTES_PER_VALUE + UPLOAD_BYTES_PER_VALUE))
     # The decoded tensor is this call's own float32 copy: scaled to uint8 in place.
     pixels = to_uint8_hwc(decode_image(image, field=f"{field}.image", budget=budget), overwrite=True)
     return NewSample(encode_png(pixels), sample.label, dict(sample.attributes))

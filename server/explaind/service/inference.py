@@ -48,10 +48,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument(f"{len(request.images)} images exceed the limit of {limit} per request; split them into several calls", field="images")
         self._engine.check_predict_room(len(request.images), caller=current_caller())
         # Each image is resized as it is decoded: the request never holds full-size floats.
-        geometry, budget = self._engine.models.active.input_geometry, PixelBudget(self._engine.config.server.max_pixels_per_request, field="images")
+        geometry = self._engine.models.active.input_geometry
+        budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="images", memory=self._engine.decode_memory.lease(context))
         if request.partial_failure:
             return self._predict_each(request, context, geometry, budget)
-        images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
+        with budget:  # the decode memory held, given back before the forward
+            images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
         future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features, caller=current_caller())
         result = self._engine.finish_predict(_awaited(future, context))
         response = inference_pb2.PredictResponse(model_version=result.model_version)
@@ -71,17 +73,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         decoded: list[torch.Tensor] = []
         rows: list[int] = []  # the request index of each decoded image
         failed: dict[int, ExplaindError] = {}
-        for i, image in enumerate(request.images):
-            try:
-                decoded.append(convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget))
-                rows.append(i)
-            except InvalidArgument as error:
-                if budget.exceeded:
-                    raise
-                # A fresh error: the caught one's traceback (and its decoder's error, its
-                # context) keeps the frames of its decoding alive, full-size pixels and all,
-                # until the response is made: 8 MiB an int32 image of 1024² past 65535.
-                failed[i] = InvalidArgument(error.description, field=error.field)
+        with budget:
+            for i, image in enumerate(request.images):
+                try:
+                    decoded.append(convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget))
+                    rows.append(i)
+                except InvalidArgument as error:
+                    if budget.exceeded:
+                        raise
+                    # A fresh error: the caught one's traceback (and its decoder's error, its
+                    # context) keeps the frames of its decoding alive, full-size pixels and all,
+                    # until the response is made: 8 MiB an int32 image of 1024² past 65535.
+                    failed[i] = InvalidArgument(error.description, field=error.field)
         result: PredictOutput | None = None
         if decoded:
             future = self._engine.submit_predict(torch.stack(decoded), top_k=request.top_k, return_features=request.return_features,

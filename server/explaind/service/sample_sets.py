@@ -47,12 +47,13 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
             raise InvalidArgument(f"{len(samples)} samples exceed the limit of {limit} per request; split them into AppendSamples requests",
                                   field="samples")
 
-    def _samples(self, samples) -> list:
+    def _samples(self, samples, context: grpc.ServicerContext) -> list:
         """The decoded samples. Called after every check that reads no image, so that a
         request those refuse costs no decoding."""
-        budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="samples")
+        budget = PixelBudget(self._engine.config.server.max_pixels_per_request, field="samples", memory=self._engine.decode_memory.lease(context))
         jpeg_min_side = self._engine.models.active.input_geometry.jpeg_min_side
-        return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget, jpeg_min_side=jpeg_min_side) for i, sample in enumerate(samples)]
+        with budget:
+            return [convert.new_sample(sample, field=f"samples[{i}]", budget=budget, jpeg_min_side=jpeg_min_side) for i, sample in enumerate(samples)]
 
     def CreateSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.CreateSampleSetResponse:
         check_new_sample_set(request.sample_set_id, request.display_name)
@@ -64,7 +65,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         if (info := self._engine.repeated_sample_set_request(key, "CreateSampleSet")) is None:
             caller = current_caller()
             self._engine.check_create(request.sample_set_id, len(request.samples), caller=caller)
-            info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples),
+            info = self._engine.create_sample_set(request.sample_set_id, request.display_name, self._samples(request.samples, context),
                                                   uploading=request.upload_continues, caller_waits=context.is_active, request=key,
                                                   caller=caller)
         return sample_sets_pb2.CreateSampleSetResponse(sample_set=convert.sample_set(info))
@@ -76,7 +77,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         if (info := self._engine.repeated_sample_set_request(key, "AppendSamples")) is None:
             caller = current_caller()
             self._engine.check_append(set_id, len(request.samples), finish_upload=request.finish_upload, uid=uid, caller=caller)
-            info = self._engine.append_samples(set_id, self._samples(request.samples), finish_upload=request.finish_upload,
+            info = self._engine.append_samples(set_id, self._samples(request.samples, context), finish_upload=request.finish_upload,
                                                caller_waits=context.is_active, uid=uid, request=key, caller=caller)
         return sample_sets_pb2.AppendSamplesResponse(sample_set=convert.sample_set(info))
 

@@ -1,0 +1,119 @@
+"""A server-wide budget on the memory that requests' images take while they decode
+([server].max_decode_bytes): without it each gRPC worker thread could hold several times
+the largest message at once, 64 threads 44 GiB (docs/configuration.md, Memory)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Protocol
+
+from prometheus_client import Gauge, Histogram
+
+from .errors import Cancelled, DeadlineExceeded
+
+MIB = 1024 * 1024
+# A decode that may take less is not reserved: it takes no lock, so a Predict of a few
+# photos pays nothing, and 64 threads decoding that much each hold 1 GiB at most.
+UNRESERVED_DECODE_BYTES = 16 * MIB
+# What an image file takes while it decodes, per pixel of its header's size, at worst (a
+# palette PNG of 4096² takes 11; RGB and 16-bit greyscale files 9 to 10).
+ENCODED_DECODE_BYTES_PER_PIXEL = 11
+# What a raw tensor's decode takes per value beside its own bytes: its float32 copy.
+TENSOR_DECODE_BYTES_PER_VALUE = 4
+# An upload's more per value: the uint8 pixels and their PNG (at most about as large).
+UPLOAD_BYTES_PER_VALUE = 2
+# How often a waiting call looks whether its caller left (seconds).
+_CANCEL_POLL_S = 0.1
+
+
+class CallContext(Protocol):
+    """What a wait needs of a grpc.ServicerContext."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def is_active(self) -> bool: ...
+
+
+class DecodeMemory:
+    """The bytes all calls' decodes may hold at once. A call's :class:`DecodeLease` holds
+    the most any of its images needs (they decode one at a time) and waits for room; one
+    asking more than the whole budget runs once nothing else holds any, alone."""
+
+    def __init__(self, capacity: int, *, held_gauge: Gauge | None = None, wait_seconds: Histogram | None = None) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._room = threading.Condition()
+        self._held_gauge, self._wait_seconds = held_gauge, wait_seconds
+
+    def lease(self, context: CallContext) -> DecodeLease:
+        """A call's lease, empty: release it (``with``) once its images are decoded."""
+        return DecodeLease(self, context)
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.held + nbytes <= self.capacity or self.held == 0
+
+    def _take(self, nbytes: int) -> None:
+        self.held += nbytes
+        if self._held_gauge is not None:
+            self._held_gauge.set(self.held)
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._room:
+            self.held -= nbytes
+            if self._held_gauge is not None:
+                self._held_gauge.set(self.held)
+            self._room.notify_all()
+
+
+class DecodeLease:
+    """The decode memory one call holds, grown image by image to the most one needs."""
+
+    def __init__(self, memory: DecodeMemory, context: CallContext) -> None:
+        self._memory, self._context = memory, context
+        self.held = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Hold at least ``nbytes``, waiting for room within the call's deadline (else
+        DEADLINE_EXCEEDED) while the caller stays (else CANCELLED). A lease that must
+        wait to grow gives back what it holds first: no call waits holding any, so
+        calls never wait on each other in a cycle."""
+        if nbytes <= self.held or nbytes < UNRESERVED_DECODE_BYTES:
+            return
+        memory = self._memory
+        started = time.monotonic()
+        with memory._room:
+            if not memory._fits(nbytes - self.held):
+                memory.held -= self.held
+                self.held = 0
+                memory._room.notify_all()
+                self._wait(nbytes, started)
+            memory._take(nbytes - self.held)
+            self.held = nbytes
+        if memory._wait_seconds is not None:
+            memory._wait_seconds.observe(time.monotonic() - started)
+
+    def _wait(self, nbytes: int, started: float) -> None:
+        """Wait, holding the budget's lock, until ``nbytes`` fit."""
+        remaining = self._context.time_remaining()
+        deadline = started + remaining if remaining is not None and math.isfinite(remaining) and remaining < threading.TIMEOUT_MAX else math.inf
+        while not self._memory._fits(nbytes):
+            if not self._context.is_active():
+                raise Cancelled("the call was cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"the call's images found no room to decode in [server].max_decode_bytes "
+                                       f"({self._memory.capacity} bytes) before its deadline")
+            self._memory._room.wait(min(left, _CANCEL_POLL_S))
+
+    def release(self) -> None:
+        if self.held:
+            held, self.held = self.held, 0
+            self._memory._give_back(held)
+
+    def __enter__(self) -> DecodeLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

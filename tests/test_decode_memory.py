@@ -1,0 +1,225 @@
+"""[server].max_decode_bytes: calls wait for room to decode their images, within their
+deadline and while their caller stays, and give it back however their decode ends."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from explaind.v1 import common_pb2
+
+from explaind.decode_memory import MIB, DecodeMemory
+from explaind.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from explaind.imaging import PixelBudget
+from explaind.metrics import Metrics
+from explaind.service import convert
+
+
+class _Call:
+    """A servicer context: ``remaining`` seconds to its deadline (None: none), active
+    until ``leave`` is set."""
+
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining, self.leave = remaining, threading.Event()
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def is_active(self) -> bool:
+        return not self.leave.is_set()
+
+    def add_callback(self, callback) -> bool:
+        return True
+
+
+def _reserve_in_thread(memory: DecodeMemory, nbytes: int, call: _Call) -> tuple[threading.Thread, list[object]]:
+    """A thread reserving ``nbytes`` on a new lease; its outcome (the lease, or the error) lands in the list."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        lease = memory.lease(call)
+        try:
+            lease.reserve(nbytes)
+            outcome.append(lease)
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_call_waits_for_room_and_decodes_once_another_gives_it_back():
+    metrics = Metrics()
+    memory = DecodeMemory(100 * MIB, held_gauge=metrics.decode_memory_held, wait_seconds=metrics.decode_memory_wait)
+    first = memory.lease(_Call())
+    first.reserve(80 * MIB)
+    thread, outcome = _reserve_in_thread(memory, 40 * MIB, _Call())
+    thread.join(0.3)
+    assert thread.is_alive() and not outcome and memory.held == 80 * MIB
+    first.release()
+    thread.join(10)
+    assert not thread.is_alive() and outcome[0].held == 40 * MIB and memory.held == 40 * MIB
+    assert metrics.registry.get_sample_value("explaind_decode_memory_bytes") == 40 * MIB
+    assert metrics.registry.get_sample_value("explaind_decode_memory_wait_seconds_count") == 2
+    outcome[0].release()
+    assert memory.held == 0 and metrics.registry.get_sample_value("explaind_decode_memory_bytes") == 0
+
+
+def test_a_wait_ends_deadline_exceeded_at_the_calls_deadline_holding_nothing():
+    memory = DecodeMemory(100 * MIB)
+    memory.lease(_Call()).reserve(80 * MIB)
+    lease = memory.lease(_Call(remaining=0.2))
+    with pytest.raises(DeadlineExceeded, match="max_decode_bytes"):
+        lease.reserve(40 * MIB)
+    assert lease.held == 0 and memory.held == 80 * MIB
+
+
+def test_a_wait_ends_cancelled_when_the_caller_leaves():
+    memory = DecodeMemory(100 * MIB)
+    memory.lease(_Call()).reserve(80 * MIB)
+    call = _Call()
+    thread, outcome = _reserve_in_thread(memory, 40 * MIB, call)
+    call.leave.set()
+    thread.join(10)
+    assert isinstance(outcome[0], Cancelled) and memory.held == 80 * MIB
+
+
+def test_a_call_larger_than_the_whole_budget_decodes_alone():
+    memory = DecodeMemory(32 * MIB)
+    small = memory.lease(_Call())
+    small.reserve(20 * MIB)
+    thread, outcome = _reserve_in_thread(memory, 100 * MIB, _Call())
+    thread.join(0.3)
+    assert thread.is_alive() and not outcome
+    small.release()
+    thread.join(10)
+    assert outcome[0].held == 100 * MIB and memory.held == 100 * MIB
+
+
+def test_calls_growing_at_once_never_wait_on_each_other():
+    """Two calls each holding half the budget, each growing to most of it: the one that
+    cannot grow gives back what it holds while it waits, so both decode in turn."""
+    memory = DecodeMemory(100 * MIB)
+    leases = [memory.lease(_Call(remaining=5)), memory.lease(_Call(remaining=5))]
+    for lease in leases:
+        lease.reserve(50 * MIB)
+    outcomes: list[object] = []
+
+    def grow(lease) -> None:
+        try:
+            lease.reserve(80 * MIB)
+            outcomes.append(lease.held)
+            lease.release()
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=grow, args=(lease,), daemon=True) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == [80 * MIB, 80 * MIB] and memory.held == 0
+
+
+def _float16_tensor(pixels: np.ndarray) -> common_pb2.Image:
+    return common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT16, shape=pixels.shape, data=pixels.tobytes()))
+
+
+def test_a_large_tensor_reserves_its_decode_and_gives_it_back_even_when_refused():
+    memory = DecodeMemory(1024 * MIB)
+    values = np.full((3, 1024, 1024), 0.5, dtype=np.float16)
+    with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+        convert.decode_image(_float16_tensor(values), field="images[0]", budget=budget)
+        assert memory.held == values.size * (2 + 4)  # its bytes and their float32 copy
+    assert memory.held == 0
+    values[0, 0, 0] = np.nan
+    with pytest.raises(InvalidArgument, match="NaN"), PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+        convert.decode_image(_float16_tensor(values), field="images[0]", budget=budget)
+    assert memory.held == 0
+
+
+def test_an_uploaded_tensor_reserves_its_pixels_and_png_too():
+    memory = DecodeMemory(1024 * MIB)
+    values = np.full((3, 1024, 1024), 0.5, dtype=np.float16)
+    sample = convert.sample_sets_pb2.Sample(image=_float16_tensor(values), label=0)
+    with PixelBudget(1 << 30, field="samples", memory=memory.lease(_Call())) as budget:
+        convert.new_sample(sample, field="samples[0]", budget=budget, jpeg_min_side=0)
+        assert memory.held == values.size * (2 + 4 + 2)
+    assert memory.held == 0
+
+
+def test_a_large_image_file_reserves_by_its_header_size():
+    from PIL import Image
+    import io
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (2048, 2048)).save(encoded, format="PNG")
+    memory = DecodeMemory(1024 * MIB)
+    with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+        convert.decode_image(common_pb2.Image(encoded=encoded.getvalue()), field="images[0]", budget=budget)
+        assert memory.held == 2048 * 2048 * 11
+    assert memory.held == 0
+
+
+def test_small_images_take_nothing_and_many_calls_leave_nothing_held():
+    memory = DecodeMemory(64 * MIB)
+    small = common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_UINT8, shape=[64, 64, 3], data=bytes(64 * 64 * 3)))
+    large = _float16_tensor(np.full((3, 1024, 1024), 2.0, dtype=np.float16))  # refused: out of [0, 1]
+    for _ in range(50):
+        with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+            convert.decode_image(small, field="images[0]", budget=budget)
+            assert memory.held == 0
+        with pytest.raises(InvalidArgument), PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+            convert.decode_image(large, field="images[0]", budget=budget)
+    assert memory.held == 0
+
+
+@pytest.fixture
+def engine(tmp_path, classifier_dir):
+    from explaind.config import default_config
+    from explaind.engine import Engine
+    from explaind.store import SQLiteStore
+
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", data_dir=str(tmp_path / "data"))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("partial_failure", [False, True])
+def test_predict_gives_its_decode_memory_back_whether_its_images_decode_or_not(engine, partial_failure):
+    from explaind.service.inference import InferenceServicer
+    from explaind.v1 import inference_pb2
+
+    servicer = InferenceServicer(engine, serving=lambda: True)
+    good = _float16_tensor(np.full((3, 1024, 1024), 0.5, dtype=np.float16))
+    bad = _float16_tensor(np.full((3, 1024, 1024), np.nan, dtype=np.float16))
+    answer = servicer.Predict(inference_pb2.PredictRequest(images=[good], partial_failure=partial_failure), _Call())
+    assert len(answer.predictions) == 1 and engine.decode_memory.held == 0
+    if partial_failure:
+        answer = servicer.Predict(inference_pb2.PredictRequest(images=[good, bad], partial_failure=True), _Call())
+        assert answer.predictions[1].error.code == 3  # INVALID_ARGUMENT
+    else:
+        with pytest.raises(InvalidArgument, match="NaN"):
+            servicer.Predict(inference_pb2.PredictRequest(images=[good, bad]), _Call())
+    assert engine.decode_memory.held == 0
+
+
+def test_an_upload_gives_its_decode_memory_back_whether_its_images_decode_or_not(engine):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    servicer = SampleSetServicer(engine)
+    good = sample_sets_pb2.Sample(image=_float16_tensor(np.full((3, 1024, 1024), 0.5, dtype=np.float16)), label=0)
+    bad = sample_sets_pb2.Sample(image=_float16_tensor(np.full((3, 1024, 1024), np.nan, dtype=np.float16)), label=0)
+    with pytest.raises(InvalidArgument, match="NaN"):
+        servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="refused", samples=[good, bad]), _Call())
+    assert engine.decode_memory.held == 0
+    servicer.CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="kept", samples=[good]), _Call())
+    assert engine.decode_memory.held == 0
+    with pytest.raises(InvalidArgument, match="NaN"):
+        servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="kept", samples=[bad]), _Call())
+    assert engine.decode_memory.held == 0
