@@ -2,6 +2,7 @@
 the sizing in docs/configuration.md (Memory), measured in one run.
 
     python bench/request_memory.py [--message-mib 64] [--workers 4] [--levels 1 2 4 8]
+                                   [--decode-mib MIB] [--env NAME=VALUE ...]
 
 Starts ``explaind serve`` (the embedded defaults, with [server].max_message_bytes of
 ``--message-mib`` and max_workers of ``--workers``) in a fresh data dir, sends one small
@@ -13,11 +14,15 @@ server's peak resident memory (VmHWM, reset before each), the docs' bound for it
 the peak's growth per running request as a multiple of the message, and the resident
 memory left once they are done. A level over ``--workers`` checks that the calls waiting
 for a thread add nothing: gRPC reads a call's message only once a thread takes it.
+``--decode-mib`` sets [server].max_decode_bytes (else its default), ``--env`` the
+server's environment (glibc's MALLOC_ARENA_MAX or GLIBC_TUNABLES, to compare the memory
+its allocator keeps once the requests are done: the "left" column).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,16 +68,22 @@ def main() -> None:
     parser.add_argument("--message-mib", type=positive_int, default=64, help=f"[server].max_message_bytes in MiB, at most {MAX_MESSAGE_MIB}")
     parser.add_argument("--workers", type=positive_int, default=4, help="[server].max_workers")
     parser.add_argument("--levels", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="requests sent at once, in turn")
+    parser.add_argument("--decode-mib", type=positive_int, help="[server].max_decode_bytes in MiB (default: the config's)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="the server's environment, added to this one's")
     args = parser.parse_args()
     if args.message_mib > MAX_MESSAGE_MIB:
         parser.error(f"argument --message-mib: at most {MAX_MESSAGE_MIB} (one float16 image of 4096x4096)")
     message_bytes = args.message_mib * MIB
     root = Path(tempfile.mkdtemp(prefix="request-memory-"))
     config = root / "explaind.toml"
-    config.write_text(f"[server]\nmax_message_bytes = {message_bytes}\nmax_workers = {args.workers}\n")
+    decode = f"max_decode_bytes = {args.decode_mib * MIB}\n" if args.decode_mib else ""
+    config.write_text(f"[server]\nmax_message_bytes = {message_bytes}\nmax_workers = {args.workers}\n{decode}")
+    if any("=" not in setting for setting in args.env):
+        parser.error("argument --env: expected NAME=VALUE")
+    environment = dict(os.environ, **dict(setting.split("=", 1) for setting in args.env))
     port = free_port()
     command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port), "--data-dir", str(root / "data")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     target = f"127.0.0.1:{port}"
     options = [("grpc.max_send_message_length", message_bytes), ("grpc.max_receive_message_length", message_bytes)]
     try:
@@ -88,6 +99,7 @@ def main() -> None:
         predict = inference_pb2.PredictRequest(images=[image])
         upload = sample_sets_pb2.CreateSampleSetRequest(samples=[sample_sets_pb2.Sample(image=image, label=0)])
         print(f"message {predict.ByteSize() / MIB:.1f} MiB (max_message_bytes {args.message_mib} MiB), max_workers {args.workers}, "
+              f"max_decode_bytes {f'{args.decode_mib} MiB' if args.decode_mib else 'default'}, environment {' '.join(args.env) or 'as is'}, "
               f"baseline {baseline:.0f} MiB resident after one small Predict")
         requests: dict[str, Callable[[], object]] = {
             "Predict": lambda: inference.Predict(predict, timeout=600),

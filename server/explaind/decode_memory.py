@@ -4,9 +4,12 @@ the largest message at once, 64 threads 44 GiB (docs/configuration.md, Memory)."
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import Gauge, Histogram
@@ -26,6 +29,25 @@ TENSOR_DECODE_BYTES_PER_VALUE = 4
 UPLOAD_BYTES_PER_VALUE = 2
 # How often a waiting call looks whether its caller left (seconds).
 _CANCEL_POLL_S = 0.1
+
+
+def _glibc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``: it hands the free memory of every thread's malloc arena
+    back to the system. None on other C libraries (musl, macOS), which keep no such arenas."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+# Called once a lease is given back: each worker thread's glibc arena otherwise keeps
+# the buffers its large decodes freed, several times the message each
+# (docs/configuration.md, Memory; bench/request_memory.py).
+_MALLOC_TRIM = _glibc_malloc_trim()
 
 
 class CallContext(Protocol):
@@ -65,6 +87,8 @@ class DecodeMemory:
             if self._held_gauge is not None:
                 self._held_gauge.set(self.held)
             self._room.notify_all()
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM()
 
 
 class DecodeLease:
