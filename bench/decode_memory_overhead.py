@@ -1,0 +1,82 @@
+"""What [server].max_decode_bytes costs the usual Predict, measured in one run.
+
+    python bench/decode_memory_overhead.py [--images 4] [--repeats 2000]
+
+An in-process InferenceServicer.Predict of ``--images`` small PNGs (64x64) on the
+shapes world, with the engine's decode memory and with none (the handlers as before the
+budget: no lease), alternating; prints each median and their ratio. Such images reserve
+nothing (under 16 MiB, explaind.decode_memory): the difference is the lease's fast path.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from explaind.config import default_config
+from explaind.metrics import Metrics
+from explaind.store import SQLiteStore
+from explaind.v1 import common_pb2, inference_pb2
+
+from _cli import bench_parser, median_seconds, positive_int  # bench/, the script's directory, is on sys.path
+
+
+class _Call:
+    """A servicer context with no deadline whose caller waits."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+    def add_callback(self, callback) -> bool:
+        return True
+
+
+class _NoDecodeMemory:
+    """An engine's decode memory that leases none: PixelBudget(memory=None)."""
+
+    def lease(self, context) -> None:
+        return None
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--images", type=positive_int, default=4, help="PNGs per Predict")
+    parser.add_argument("--repeats", type=positive_int, default=2000, help="timed Predicts of each kind")
+    args = parser.parse_args()
+    from explaind.engine import Engine
+    from explaind.service.inference import InferenceServicer
+
+    data_dir = tempfile.mkdtemp(prefix="decode-memory-overhead-")
+    engine = Engine(default_config().replace("server", data_dir=data_dir), SQLiteStore(data_dir), Metrics())
+    engine.load()
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(args.images):
+        encoded = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, format="PNG")
+        images.append(common_pb2.Image(encoded=encoded.getvalue()))
+    request, call = inference_pb2.PredictRequest(images=images), _Call()
+    servicer = InferenceServicer(engine, serving=lambda: True)
+    budgeted, unbudgeted = engine.decode_memory, _NoDecodeMemory()
+
+    def predict(memory) -> None:
+        engine.decode_memory = memory
+        servicer.Predict(request, call)
+
+    for _ in range(50):  # warm up
+        predict(budgeted)
+    medians = median_seconds({"with the budget": lambda: predict(budgeted), "without": lambda: predict(unbudgeted)}, args.repeats)
+    for name, seconds in medians.items():
+        print(f"Predict of {args.images} 64x64 PNGs, {name}: {seconds * 1e3:.3f} ms (median of {args.repeats})")
+    print(f"with / without: {medians['with the budget'] / medians['without']:.3f}")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
