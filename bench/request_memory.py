@@ -10,7 +10,8 @@ Predict and takes its resident memory as the baseline. Then, for the largest req
 worker thread may hold, a Predict and a CreateSampleSet of one float16 tensor filling the
 message, and each N of ``--levels``, sends N at once from N threads and prints the
 server's peak resident memory (VmHWM, reset before each), the docs' bound for it
-(baseline + min(N, workers) x the per-request multiple x max_message_bytes), their ratio,
+(baseline + min(max_decode_bytes, R x the decode's multiple x max_message_bytes)
++ R x 2 x max_message_bytes, for R = min(N, workers) running), their ratio,
 the peak's growth per running request as a multiple of the message, and the resident
 memory left once they are done. A level over ``--workers`` checks that the calls waiting
 for a thread add nothing: gRPC reads a call's message only once a thread takes it.
@@ -35,6 +36,7 @@ import grpc
 import numpy as np
 
 from explaind.client import Client
+from explaind.config import ServerSection
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
@@ -43,11 +45,13 @@ from predict import free_port
 MIB = 1024 * 1024
 # The largest float16 tensor of one image within MAX_IMAGE_SIDE (4096) a side: 96 MiB.
 MAX_MESSAGE_MIB = 3 * 4096 * 4096 * 2 // MIB
-# Peak resident memory one running request adds, in multiples of its message
-# (docs/configuration.md, Memory): the message as parsed, its tensor's bytes, their
-# float32 copy (2 for float16), an upload's uint8 pixels and PNG, and what the allocator
-# keeps of them in the thread's arena.
-PER_REQUEST_MESSAGES = {"Predict": 6.0, "CreateSampleSet": 11.0}
+# What one request's decode reserves of [server].max_decode_bytes, in multiples of its
+# message (docs/configuration.md, Memory): its tensor's bytes (1) and their float32 copy
+# (2 for float16), an upload's uint8 pixels and PNG (0.5 each) too.
+DECODE_MESSAGES = {"Predict": 3.0, "CreateSampleSet": 4.0}
+# What each running request holds beside its decode: the message as received and as
+# parsed, an upload's PNG once made.
+THREAD_MESSAGES = 2.0
 
 
 def _status_mib(pid: int, key: str) -> float:
@@ -77,6 +81,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="request-memory-"))
     config = root / "explaind.toml"
     decode = f"max_decode_bytes = {args.decode_mib * MIB}\n" if args.decode_mib else ""
+    decode_mib = args.decode_mib or ServerSection().max_decode_bytes / MIB
     config.write_text(f"[server]\nmax_message_bytes = {message_bytes}\nmax_workers = {args.workers}\n{decode}")
     if any("=" not in setting for setting in args.env):
         parser.error("argument --env: expected NAME=VALUE")
@@ -113,7 +118,8 @@ def main() -> None:
                     for future in [pool.submit(send) for _ in range(level)]:
                         future.result()
                 peak, running = _status_mib(process.pid, "VmHWM"), min(level, args.workers)
-                bound = baseline + running * PER_REQUEST_MESSAGES[name] * args.message_mib
+                decodes = min(decode_mib, running * DECODE_MESSAGES[name] * args.message_mib)
+                bound = baseline + decodes + running * THREAD_MESSAGES * args.message_mib
                 growth = (peak - baseline) / running / args.message_mib
                 time.sleep(0.5)
                 print(f"{name:<16}{level:>4}{peak:>10.0f}{bound:>11.0f}{peak / bound:>12.2f}{growth:>28.2f}{_status_mib(process.pid, 'VmRSS'):>10.0f}", flush=True)
