@@ -32,6 +32,9 @@ class _Call:
     def add_callback(self, callback) -> bool:
         return True
 
+    def peer(self) -> str:  # a partially failed Predict logs it
+        return "ipv4:127.0.0.1:1"
+
 
 def _reserve_in_thread(memory: DecodeMemory, nbytes: int, call: _Call) -> tuple[threading.Thread, list[object]]:
     """A thread reserving ``nbytes`` on a new lease; its outcome (the lease, or the error) lands in the list."""
