@@ -18,15 +18,16 @@ from explaind.service import convert
 
 class _Call:
     """A servicer context: ``remaining`` seconds to its deadline (None: none), active
-    until ``leave`` is set."""
+    until ``leave`` is set; ``waiting`` is set once a wait for room asks whether it is."""
 
     def __init__(self, remaining: float | None = None) -> None:
-        self.remaining, self.leave = remaining, threading.Event()
+        self.remaining, self.leave, self.waiting = remaining, threading.Event(), threading.Event()
 
     def time_remaining(self) -> float | None:
         return self.remaining
 
     def is_active(self) -> bool:
+        self.waiting.set()
         return not self.leave.is_set()
 
     def add_callback(self, callback) -> bool:
@@ -124,6 +125,73 @@ def test_calls_growing_at_once_never_wait_on_each_other():
     for thread in threads:
         thread.join(10)
     assert outcomes == [80 * MIB, 80 * MIB] and memory.held == 0
+
+
+def _waiting_or_done(call: _Call, thread: threading.Thread) -> None:
+    """Block until ``thread``'s reservation waits for room (it holds the budget's lock
+    until its wait begins) or it ended without waiting."""
+    while not call.waiting.wait(0.01) and thread.is_alive():
+        pass
+
+
+@pytest.mark.parametrize("large", [80 * MIB, 150 * MIB], ids=["larger than the room", "larger than the budget"])
+def test_a_large_waiting_call_is_not_overtaken_by_smaller_ones_that_would_fit(large):
+    """First come first served: a call that would fit does not take room ahead of an
+    earlier waiter, else a stream of small calls starves a large one until its deadline."""
+    memory = DecodeMemory(100 * MIB)
+    first = memory.lease(_Call())
+    first.reserve(60 * MIB)
+    large_call, small_call = _Call(), _Call()
+    large_thread, large_outcome = _reserve_in_thread(memory, large, large_call)
+    _waiting_or_done(large_call, large_thread)
+    small_thread, small_outcome = _reserve_in_thread(memory, 30 * MIB, small_call)
+    _waiting_or_done(small_call, small_thread)
+    assert not small_outcome and memory.held == 60 * MIB  # 30 MiB fit, yet it waits its turn
+    first.release()
+    large_thread.join(10)
+    assert large_outcome[0].held == large and memory.held == large
+    assert small_thread.is_alive() and not small_outcome  # its turn, but no room yet
+    large_outcome[0].release()
+    small_thread.join(10)
+    assert small_outcome[0].held == 30 * MIB and memory.held == 30 * MIB
+
+
+def test_a_waiter_that_leaves_lets_the_next_one_in():
+    memory = DecodeMemory(100 * MIB)
+    memory.lease(_Call()).reserve(60 * MIB)
+    large_call, small_call = _Call(), _Call()
+    large_thread, large_outcome = _reserve_in_thread(memory, 80 * MIB, large_call)
+    _waiting_or_done(large_call, large_thread)
+    small_thread, small_outcome = _reserve_in_thread(memory, 30 * MIB, small_call)
+    _waiting_or_done(small_call, small_thread)
+    large_call.leave.set()
+    large_thread.join(10)
+    small_thread.join(10)
+    assert isinstance(large_outcome[0], Cancelled) and small_outcome[0].held == 30 * MIB and memory.held == 90 * MIB
+
+
+def test_a_growing_call_that_waits_shows_what_it_gave_back_in_the_gauge():
+    metrics = Metrics()
+    memory = DecodeMemory(100 * MIB, held_gauge=metrics.decode_memory_held)
+    memory.lease(_Call()).reserve(40 * MIB)
+    call = _Call()
+    growing = memory.lease(call)
+    growing.reserve(50 * MIB)
+    outcome: list[Exception] = []
+
+    def grow() -> None:
+        try:
+            growing.reserve(80 * MIB)
+        except Cancelled as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=grow, daemon=True)
+    thread.start()
+    _waiting_or_done(call, thread)
+    assert memory.held == 40 * MIB and metrics.registry.get_sample_value("explaind_decode_memory_bytes") == 40 * MIB
+    call.leave.set()
+    thread.join(10)
+    assert outcome and growing.held == 0
 
 
 def _float16_tensor(pixels: np.ndarray) -> common_pb2.Image:

@@ -9,6 +9,7 @@ import math
 import platform
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -61,12 +62,15 @@ class CallContext(Protocol):
 class DecodeMemory:
     """The bytes all calls' decodes may hold at once. A call's :class:`DecodeLease` holds
     the most any of its images needs (they decode one at a time) and waits for room; one
-    asking more than the whole budget runs once nothing else holds any, alone."""
+    asking more than the whole budget runs once nothing else holds any, alone. Waits are
+    served first come first served: a call never takes room ahead of an earlier waiter, so
+    a stream of small reservations cannot starve a large one."""
 
     def __init__(self, capacity: int, *, held_gauge: Gauge | None = None, wait_seconds: Histogram | None = None) -> None:
         self.capacity = capacity
         self.held = 0
         self._room = threading.Condition()
+        self._waiting: deque[object] = deque()  # the waiting leases' tickets, in arrival order
         self._held_gauge, self._wait_seconds = held_gauge, wait_seconds
 
     def lease(self, context: CallContext) -> DecodeLease:
@@ -76,16 +80,15 @@ class DecodeMemory:
     def _fits(self, nbytes: int) -> bool:
         return self.held + nbytes <= self.capacity or self.held == 0
 
-    def _take(self, nbytes: int) -> None:
+    def _add(self, nbytes: int) -> None:
+        """Take ``nbytes`` (give them back if negative); the caller holds the lock."""
         self.held += nbytes
         if self._held_gauge is not None:
             self._held_gauge.set(self.held)
 
     def _give_back(self, nbytes: int) -> None:
         with self._room:
-            self.held -= nbytes
-            if self._held_gauge is not None:
-                self._held_gauge.set(self.held)
+            self._add(-nbytes)
             self._room.notify_all()
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM()
@@ -108,28 +111,35 @@ class DecodeLease:
         memory = self._memory
         started = time.monotonic()
         with memory._room:
-            if not memory._fits(nbytes - self.held):
-                memory.held -= self.held
+            if memory._waiting or not memory._fits(nbytes - self.held):
+                memory._add(-self.held)
                 self.held = 0
                 memory._room.notify_all()
                 self._wait(nbytes, started)
-            memory._take(nbytes - self.held)
+            memory._add(nbytes - self.held)
             self.held = nbytes
         if memory._wait_seconds is not None:
             memory._wait_seconds.observe(time.monotonic() - started)
 
     def _wait(self, nbytes: int, started: float) -> None:
-        """Wait, holding the budget's lock, until ``nbytes`` fit."""
+        """Wait, holding the budget's lock, until this lease is the earliest waiter and
+        ``nbytes`` fit."""
+        memory, ticket = self._memory, object()
         remaining = self._context.time_remaining()
         deadline = started + remaining if remaining is not None and math.isfinite(remaining) and remaining < threading.TIMEOUT_MAX else math.inf
-        while not self._memory._fits(nbytes):
-            if not self._context.is_active():
-                raise Cancelled("the call was cancelled")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceeded(f"the call's images found no room to decode in [server].max_decode_bytes "
-                                       f"({self._memory.capacity} bytes) before its deadline")
-            self._memory._room.wait(min(left, _CANCEL_POLL_S))
+        memory._waiting.append(ticket)
+        try:
+            while memory._waiting[0] is not ticket or not memory._fits(nbytes):
+                if not self._context.is_active():
+                    raise Cancelled("the call was cancelled")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(f"the call's images found no room to decode in [server].max_decode_bytes "
+                                           f"({memory.capacity} bytes) before its deadline")
+                memory._room.wait(min(left, _CANCEL_POLL_S))
+        finally:
+            memory._waiting.remove(ticket)
+            memory._room.notify_all()  # the next waiter may be first now
 
     def release(self) -> None:
         if self.held:
