@@ -19,11 +19,13 @@ from .errors import Cancelled, DeadlineExceeded
 
 MIB = 1024 * 1024
 # A decode that may take less is not reserved: it takes no lock, so a Predict of a few
-# photos pays nothing, and 64 threads decoding that much each hold 1 GiB at most.
+# thumbnails (an image file under 0.6 megapixels) pays nothing, and 64 threads decoding
+# that much each hold 1 GiB at most.
 UNRESERVED_DECODE_BYTES = 16 * MIB
-# What an image file takes while it decodes, per pixel of its header's size, at worst (a
-# palette PNG of 4096² takes 11; RGB and 16-bit greyscale files 9 to 10).
-ENCODED_DECODE_BYTES_PER_PIXEL = 11
+# What an image file takes while it decodes, per pixel of its header's size, at worst: a
+# lossless WebP with alpha turned by its EXIF Orientation took 25.2, a phone's JPEG turned
+# upright 14.1, PNGs 10 to 18 (bench/decode_bytes_per_pixel.py, 4096²).
+ENCODED_DECODE_BYTES_PER_PIXEL = 26
 # What a raw tensor's decode takes per value beside its own bytes: its float32 copy.
 TENSOR_DECODE_BYTES_PER_VALUE = 4
 # An upload's more per value: the uint8 pixels and their PNG (at most about as large).

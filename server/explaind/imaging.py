@@ -115,7 +115,6 @@ class PixelBudget:
                 "send fewer or smaller images per call",
                 field=self.field,
             )
-        self.reserve(width * height * ENCODED_DECODE_BYTES_PER_PIXEL)
 
 
 def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None, jpeg_min_side: int = 0) -> np.ndarray:
@@ -146,6 +145,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
             if budget is not None:
                 budget.charge(*image.size)
+                budget.reserve(image.size[0] * image.size[1] * ENCODED_DECODE_BYTES_PER_PIXEL)
             _check_decode_cost(image, jpeg, field)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
