@@ -234,6 +234,23 @@ def test_a_large_image_file_reserves_by_its_header_size():
     assert memory.held == 0
 
 
+
+def test_an_image_file_whose_caller_leaves_while_it_waits_ends_cancelled_not_invalid():
+    from PIL import Image
+    import io
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (1024, 1024)).save(encoded, format="PNG")
+    memory = DecodeMemory(64 * MIB)
+    gone = _Call()
+    gone.leave.set()
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        with pytest.raises(Cancelled), PixelBudget(1 << 30, field="images", memory=memory.lease(gone)) as budget:
+            convert.decode_image(common_pb2.Image(encoded=encoded.getvalue()), field="images[0]", budget=budget)
+        assert memory.held == memory.capacity
+    assert memory.held == 0
+
 def test_small_images_take_nothing_and_many_calls_leave_nothing_held():
     memory = DecodeMemory(64 * MIB)
     small = common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_UINT8, shape=[64, 64, 3], data=bytes(64 * 64 * 3)))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import INTERPOLATIONS
 from .decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL, DecodeLease
-from .errors import InvalidArgument
+from .errors import ExplaindError, InvalidArgument
 from .exif import directories_read, exif_orientation, stored_value_bytes, values_fit
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
@@ -160,7 +160,7 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
             if shown.mode == "RGB":  # convert("RGB") would copy it whole: an extra copy per image
                 return np.asarray(shown)
             return np.asarray(shown.convert("RGB"))
-    except InvalidArgument:
+    except ExplaindError:  # the file's fault as INVALID_ARGUMENT, or a wait for decode memory that ended (CANCELLED, DEADLINE_EXCEEDED)
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
