@@ -4,6 +4,7 @@ deadline and while their caller stays, and give it back however their decode end
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -311,3 +312,45 @@ def test_an_upload_gives_its_decode_memory_back_whether_its_images_decode_or_not
     with pytest.raises(InvalidArgument, match="NaN"):
         servicer.AppendSamples(sample_sets_pb2.AppendSamplesRequest(sample_set_id="kept", samples=[bad]), _Call())
     assert engine.decode_memory.held == 0
+
+
+def _store_a_large_sample(engine, sample_set_id: str) -> None:
+    """A set of one stored 1024² image: 26 MiB to decode, over the unreserved 16."""
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    large = sample_sets_pb2.Sample(image=_float16_tensor(np.full((3, 1024, 1024), 0.5, dtype=np.float16)), label=0)
+    SampleSetServicer(engine).CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id=sample_set_id, samples=[large]), _Call())
+
+
+def _until(condition, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.01)
+
+
+def test_a_jobs_stored_image_waits_for_room_and_decodes_once_it_is_given_back(engine):
+    _store_a_large_sample(engine, "large")
+    memory = engine.decode_memory
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        job_id = engine.evaluate_sample_set("large").record.job_id
+        _until(lambda: memory._waiting, "waited for room")
+        assert not engine.jobs.get(job_id).done and memory.held == memory.capacity
+    assert engine.jobs.wait(job_id, 60).record.state == "succeeded"
+    assert memory.held == 0
+
+
+def test_a_cancelled_job_waiting_for_room_ends_cancelled_holding_nothing(engine):
+    _store_a_large_sample(engine, "large")
+    memory = engine.decode_memory
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        job_id = engine.evaluate_sample_set("large").record.job_id
+        _until(lambda: memory._waiting, "waited for room")
+        engine.jobs.cancel(job_id)
+        ended = engine.jobs.wait(job_id, 60).record
+        assert (ended.state, ended.error_code) == ("cancelled", "CANCELLED")
+        assert memory.held == memory.capacity and not memory._waiting
+    assert memory.held == 0

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import unicodedata
 import uuid
@@ -29,7 +30,7 @@ import torch
 from ..config import Config
 from ..decode_memory import DecodeMemory
 from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
-from ..imaging import decode_encoded, encode_png, image_grid, to_uint8_hwc
+from ..imaging import PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..methods.neuroinspect._ranking import top_ids
 from ..metrics import Metrics
@@ -115,6 +116,22 @@ def require_caller(caller_waits: Callable[[], bool]) -> None:
     (its deadline passed, or it left) stops before storing anything it was told failed."""
     if not caller_waits():
         raise Cancelled("the caller stopped waiting (its deadline passed, or it left); nothing was stored")
+
+
+class _JobDecodeWait:
+    """A job as the context of its stored images' waits for room in [server].max_decode_bytes
+    (a :class:`~explaind.decode_memory.CallContext`): no call's deadline; active until the
+    job is cancelled. With no job (an inline ranking's features, an evaluation's grid), it
+    waits until there is room."""
+
+    def __init__(self, job: JobContext | None) -> None:
+        self._job = job
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def is_active(self) -> bool:
+        return self._job is None or not self._job.cancelled
 
 
 def _check_attributes(attributes: dict[str, str], field: str) -> None:
@@ -606,11 +623,23 @@ class Engine:
         require_caller(caller_waits)
         return [SampleRecord(digest, sample.label, dict(sample.attributes)) for digest, sample in zip(digests, samples, strict=True)]
 
-    def load_sample_image(self, digest: str, version: ClassifierVersion | None = None) -> torch.Tensor:
+    def load_sample_image(self, digest: str, version: ClassifierVersion | None = None, *, job: JobContext | None = None) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1], fitted to the input of ``version`` (the
-        active one by default)."""
+        active one by default). Its decode holds room in [server].max_decode_bytes, as a
+        request's image does, until it is fitted: a stored image may be 4096² (436 MB to
+        decode), and a job decodes several at once. Waiting for room ends as ``job`` does
+        (:class:`_JobDecodeWait`)."""
         geometry = (version or self.models.active).input_geometry
-        return decode_encoded(self.store.get_blob(digest), field=f"sample {digest[:12]}", geometry=geometry)
+        field = f"sample {digest[:12]}"
+        data = self.store.get_blob(digest)
+        # Stored samples passed the pixel limit when they were sent: only the memory is budgeted here.
+        try:
+            with PixelBudget(sys.maxsize, field=field, memory=self.decode_memory.lease(_JobDecodeWait(job))) as budget:
+                return decode_encoded(data, field=field, geometry=geometry, budget=budget)
+        except Cancelled:
+            if job is not None:
+                job.raise_if_cancelled()  # the job's own end (JobCancelled), not a call's CANCELLED
+            raise
 
     def sample_set_features(
         self,
@@ -729,7 +758,7 @@ class Engine:
         batch_size = batch_size or self.config.jobs.evaluate_batch_size
         chunks = [digests[start : start + batch_size] for start in range(0, len(digests), batch_size)]
         done = 0
-        with contextlib.closing(self._decoded_chunks(chunks, version)) as decoded:  # a cancel stops the decoding too
+        with contextlib.closing(self._decoded_chunks(chunks, version, context)) as decoded:  # a cancel stops the decoding too
             for chunk, images in zip(chunks, decoded, strict=True):
                 if context is not None:
                     context.raise_if_cancelled()
@@ -743,20 +772,21 @@ class Engine:
                 yield chunk, rows
                 done += len(chunk)
 
-    def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion) -> Iterator[torch.Tensor]:
+    def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion, job: JobContext | None) -> Iterator[torch.Tensor]:
         """Each chunk of stored samples as images (n, 3, S, S), decoded by a thread pool
         while the model runs on the chunk before: decoding and resizing one at a time
         (3 ms a 224 px image) left a GPU idle most of the time. Only the next chunk is
-        decoded ahead of the one in use."""
+        decoded ahead of the one in use. Each decode holds its own room in
+        [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job``."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
         try:
-            upcoming = [pool.submit(self.load_sample_image, digest, version) for digest in chunks[0]]
+            upcoming = [pool.submit(self.load_sample_image, digest, version, job=job) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
                 images = torch.stack([future.result() for future in upcoming])
                 # Nothing else holds this chunk's decoded images while the model runs on it.
-                upcoming = [pool.submit(self.load_sample_image, digest, version) for digest in following] if following else []
+                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job) for digest in following] if following else []
                 yield images
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
