@@ -354,3 +354,25 @@ def test_a_cancelled_job_waiting_for_room_ends_cancelled_holding_nothing(engine)
         assert (ended.state, ended.error_code) == ("cancelled", "CANCELLED")
         assert memory.held == memory.capacity and not memory._waiting
     assert memory.held == 0
+
+
+def test_a_cancelled_evaluation_waiting_for_room_to_draw_its_mistakes_ends_cancelled(engine):
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    # One 1024² image labelled two ways: one of them is a mistake, drawn in the grid.
+    image = _float16_tensor(np.full((3, 1024, 1024), 0.5, dtype=np.float16))
+    samples = [sample_sets_pb2.Sample(image=image, label=label) for label in (0, 1)]
+    SampleSetServicer(engine).CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="large", samples=samples), _Call())
+    # Its features are cached by the first evaluation: the second decodes only its grid's image.
+    assert engine.jobs.wait(engine.evaluate_sample_set("large").record.job_id, 60).record.state == "succeeded"
+    memory = engine.decode_memory
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        job_id = engine.evaluate_sample_set("large").record.job_id
+        _until(lambda: memory._waiting, "waited for room")
+        engine.jobs.cancel(job_id)
+        ended = engine.jobs.wait(job_id, 30).record
+        assert (ended.state, ended.error_code) == ("cancelled", "CANCELLED")
+        assert not memory._waiting
+    assert memory.held == 0

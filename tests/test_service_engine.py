@@ -706,7 +706,7 @@ def test_predict_and_an_evaluation_take_the_larger_of_two_logits_their_softmax_r
     np.testing.assert_array_equal(output.probabilities, probabilities[[1, 0, 2]].expand(2, 3).numpy())
     logits, labels = head.bias.detach().expand(4, 6), torch.tensor([1, 1, 0, 0])
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, [f"d{i}" for i in range(4)]))
-    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions, job=None: np.zeros((4, 4, 3), np.uint8))
     result = evaluate(engine, _EvaluationContext(), "tied", "uid of tied", 4, engine.models.active, 0, 2, dense_confusion=True)
     assert [(m.sample_index, m.label, m.predicted) for m in result.mistakes] == [(2, 0, 1), (3, 0, 1)]
     assert [m.probability for m in result.mistakes] == [probabilities[1].item()] * 2 and result.accuracy == 0.5
@@ -3321,7 +3321,7 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     digests = [f"d{i}" for i in range(5)]
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, digests))
     grids = []
-    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: grids.append((shown, captions)) or np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions, job=None: grids.append((shown, captions)) or np.zeros((4, 4, 3), np.uint8))
     version = engine.models.active
     context = _EvaluationContext()
     result = evaluate(engine, context, "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=True)
@@ -3375,7 +3375,7 @@ def test_an_evaluation_lists_equally_confident_mistakes_in_sample_order(engine, 
     digests = [f"d{i}" for i in range(20)]
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, digests))
     grids = []
-    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: grids.append(shown) or np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions, job=None: grids.append(shown) or np.zeros((4, 4, 3), np.uint8))
     result = evaluate(engine, _EvaluationContext(), "blank", "uid of blank", 20, engine.models.active, 0, 20, dense_confusion=True)
     assert [m.sample_index for m in result.mistakes] == list(range(20))
     assert grids == [digests]
@@ -3393,7 +3393,7 @@ def test_an_evaluation_cancelled_during_its_last_batch_draws_no_grid(engine, mon
         return torch.eye(6)[[1, 0]], torch.tensor([0, 1]), ["d0", "d1"]
 
     monkeypatch.setattr(engine, "sample_set_logits", classify_then_cancel)
-    monkeypatch.setattr(engine, "sample_grid", lambda *args: pytest.fail("a cancelled evaluation drew its mistakes"))
+    monkeypatch.setattr(engine, "sample_grid", lambda *args, **kwargs: pytest.fail("a cancelled evaluation drew its mistakes"))
     with pytest.raises(JobCancelled):
         evaluate(engine, context, "fixed", "uid of fixed", 2, engine.models.active, 0, 2, dense_confusion=True)
 
@@ -3406,7 +3406,7 @@ def test_an_evaluation_reports_the_version_it_ran_not_the_one_served_when_it_end
     evaluated = engine.models.active
     engine.activate(evaluated.with_head(_constant_head(2)))
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (torch.eye(6)[[0, 1]], torch.tensor([0, 1]), ["d0", "d1"]))
-    monkeypatch.setattr(engine, "sample_grid", lambda *args: np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(engine, "sample_grid", lambda *args, **kwargs: np.zeros((4, 4, 3), np.uint8))
     result = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 2, evaluated, 0, 2, dense_confusion=True)
     assert result.model_version == evaluated.version != engine.models.active.version
 
@@ -3458,7 +3458,7 @@ def test_an_evaluation_sends_its_cells_where_the_matrix_fits_a_response_but_not_
 
     labels, logits = torch.tensor([0, 1]), torch.nn.functional.one_hot(torch.tensor([0, 2]), 6).float()
     monkeypatch.setattr(engine, "sample_set_logits", lambda *args, **kwargs: (logits, labels, ["d0", "d1"]))
-    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions: np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(engine, "sample_grid", lambda shown, captions, job=None: np.zeros((4, 4, 3), np.uint8))
     version = engine.models.active
     sparse = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 2, version, 0, 2, dense_confusion=False)
     packed = any_pb2.Any()

@@ -121,7 +121,7 @@ def require_caller(caller_waits: Callable[[], bool]) -> None:
 class _JobDecodeWait:
     """A job as the context of its stored images' waits for room in [server].max_decode_bytes
     (a :class:`~explaind.decode_memory.CallContext`): no call's deadline; active until the
-    job is cancelled. With no job (an inline ranking's features, an evaluation's grid), it
+    job is cancelled. With no job (an inline ranking's features), it
     waits until there is room."""
 
     def __init__(self, job: JobContext | None) -> None:
@@ -819,9 +819,10 @@ class Engine:
         # Cut, each keeps its head: the most confident mistakes, the cells of the most samples.
         return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes", "confusion_cells"), request=request, owner=caller)
 
-    def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None) -> np.ndarray:
-        """A (H', W', 3) uint8 tile image of stored samples."""
-        return image_grid([to_uint8_hwc(self.load_sample_image(d)) for d in digests], list(captions) if captions else None)
+    def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None, *, job: JobContext | None = None) -> np.ndarray:
+        """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory
+        end as ``job`` does (:meth:`load_sample_image`)."""
+        return image_grid([to_uint8_hwc(self.load_sample_image(d, job=job)) for d in digests], list(captions) if captions else None)
 
 
 __all__ = ["BatchOutput", "Engine", "NewSample", "PredictOptions", "PredictOutput", "SampleFeatures", "check_sample_set_id", "unusable_image"]

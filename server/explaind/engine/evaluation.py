@@ -69,5 +69,5 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
     shown = wrong[:max_grid_images].tolist()
     context.report_progress(len(labels), len(labels), f"drawing {len(shown)} mistakes")
     captions = [f"{names[int(labels[i])]}>{names[int(predicted[i])]}" for i in shown]
-    context.save_image("mistakes.png", engine.sample_grid([digests[i] for i in shown], captions))
+    context.save_image("mistakes.png", engine.sample_grid([digests[i] for i in shown], captions, job=context))
     return result
