@@ -12,7 +12,7 @@ from explaind.v1 import common_pb2
 
 from explaind.decode_memory import MIB, DecodeMemory
 from explaind.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from explaind.imaging import PixelBudget
+from explaind.imaging import PixelBudget, encode_png
 from explaind.metrics import Metrics
 from explaind.service import convert
 
@@ -376,3 +376,18 @@ def test_a_cancelled_evaluation_waiting_for_room_to_draw_its_mistakes_ends_cance
         assert (ended.state, ended.error_code) == ("cancelled", "CANCELLED")
         assert not memory._waiting
     assert memory.held == 0
+
+
+def test_a_feature_pass_trims_the_arenas_once_at_its_end_and_a_call_after_each_decode(engine, monkeypatch):
+    from explaind import decode_memory
+
+    trims: list[int] = []
+    monkeypatch.setattr(decode_memory, "_MALLOC_TRIM", lambda: trims.append(engine.decode_memory.held))
+    with engine.store.writing_blobs() as put:  # three stored 1024² images, 26 MiB each to decode: each reserves
+        digests = [put(encode_png(np.full((1024, 1024, 3), value, dtype=np.uint8))) for value in (0, 128, 255)]
+    for _ in engine._decoded_chunks([digests[:2], digests[2:]], engine.models.active, None):
+        pass
+    assert trims == [0]  # one trim (per image, it took 1.28x as long), once nothing is held
+    with PixelBudget(1 << 30, field="images", memory=engine.decode_memory.lease(_Call())) as budget:
+        convert.decode_image(_float16_tensor(np.full((3, 1024, 1024), 0.5, dtype=np.float16)), field="images[0]", budget=budget)
+    assert trims == [0, 0]  # a call's lease trims as it is given back

@@ -53,6 +53,13 @@ def _glibc_malloc_trim() -> Callable[[], object] | None:
 _MALLOC_TRIM = _glibc_malloc_trim()
 
 
+def trim_arenas() -> None:
+    """Hand the free memory of every malloc arena back to the system (glibc's
+    ``malloc_trim(0)``; nothing elsewhere): 0.04 ms with nothing to free."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM()
+
+
 class CallContext(Protocol):
     """What a wait needs of a grpc.ServicerContext."""
 
@@ -75,9 +82,12 @@ class DecodeMemory:
         self._waiting: deque[object] = deque()  # the waiting leases' tickets, in arrival order
         self._held_gauge, self._wait_seconds = held_gauge, wait_seconds
 
-    def lease(self, context: CallContext) -> DecodeLease:
-        """A call's lease, empty: release it (``with``) once its images are decoded."""
-        return DecodeLease(self, context)
+    def lease(self, context: CallContext, *, trim: bool = True) -> DecodeLease:
+        """A call's lease, empty: release it (``with``) once its images are decoded. Given
+        back, it trims the arenas (:func:`trim_arenas`) unless ``trim`` is False, for a
+        caller that trims once after many decodes: a job's feature pass trimming after each
+        of 16 stored 1024² images took 1.28x as long."""
+        return DecodeLease(self, context, trim=trim)
 
     def _fits(self, nbytes: int) -> bool:
         return self.held + nbytes <= self.capacity or self.held == 0
@@ -88,19 +98,19 @@ class DecodeMemory:
         if self._held_gauge is not None:
             self._held_gauge.set(self.held)
 
-    def _give_back(self, nbytes: int) -> None:
+    def _give_back(self, nbytes: int, *, trim: bool) -> None:
         with self._room:
             self._add(-nbytes)
             self._room.notify_all()
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM()
+        if trim:
+            trim_arenas()
 
 
 class DecodeLease:
     """The decode memory one call holds, grown image by image to the most one needs."""
 
-    def __init__(self, memory: DecodeMemory, context: CallContext) -> None:
-        self._memory, self._context = memory, context
+    def __init__(self, memory: DecodeMemory, context: CallContext, *, trim: bool = True) -> None:
+        self._memory, self._context, self._trim = memory, context, trim
         self.held = 0
 
     def reserve(self, nbytes: int) -> None:
@@ -146,7 +156,7 @@ class DecodeLease:
     def release(self) -> None:
         if self.held:
             held, self.held = self.held, 0
-            self._memory._give_back(held)
+            self._memory._give_back(held, trim=self._trim)
 
     def __enter__(self) -> DecodeLease:
         return self

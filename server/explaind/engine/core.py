@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..decode_memory import DecodeMemory
+from ..decode_memory import DecodeMemory, trim_arenas
 from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from ..imaging import PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
@@ -623,18 +623,19 @@ class Engine:
         require_caller(caller_waits)
         return [SampleRecord(digest, sample.label, dict(sample.attributes)) for digest, sample in zip(digests, samples, strict=True)]
 
-    def load_sample_image(self, digest: str, version: ClassifierVersion | None = None, *, job: JobContext | None = None) -> torch.Tensor:
+    def load_sample_image(self, digest: str, version: ClassifierVersion | None = None, *, job: JobContext | None = None,
+                          trim: bool = True) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1], fitted to the input of ``version`` (the
         active one by default). Its decode holds room in [server].max_decode_bytes, as a
         request's image does, until it is fitted: a stored image may be 4096² (436 MB to
         decode), and a job decodes several at once. Waiting for room ends as ``job`` does
-        (:class:`_JobDecodeWait`)."""
+        (:class:`_JobDecodeWait`). ``trim``: as :meth:`DecodeMemory.lease`'s."""
         geometry = (version or self.models.active).input_geometry
         field = f"sample {digest[:12]}"
         data = self.store.get_blob(digest)
         # Stored samples passed the pixel limit when they were sent: only the memory is budgeted here.
         try:
-            with PixelBudget(sys.maxsize, field=field, memory=self.decode_memory.lease(_JobDecodeWait(job))) as budget:
+            with PixelBudget(sys.maxsize, field=field, memory=self.decode_memory.lease(_JobDecodeWait(job), trim=trim)) as budget:
                 return decode_encoded(data, field=field, geometry=geometry, budget=budget)
         except Cancelled:
             if job is not None:
@@ -777,19 +778,21 @@ class Engine:
         while the model runs on the chunk before: decoding and resizing one at a time
         (3 ms a 224 px image) left a GPU idle most of the time. Only the next chunk is
         decoded ahead of the one in use. Each decode holds its own room in
-        [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job``."""
+        [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job``;
+        the arenas are trimmed once, at the end, not after each."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
         try:
-            upcoming = [pool.submit(self.load_sample_image, digest, version, job=job) for digest in chunks[0]]
+            upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
                 images = torch.stack([future.result() for future in upcoming])
                 # Nothing else holds this chunk's decoded images while the model runs on it.
-                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job) for digest in following] if following else []
+                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, trim=False) for digest in following] if following else []
                 yield images
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            trim_arenas()
 
     # Jobs ----------------------------------------------------------------------------
 
