@@ -1,7 +1,7 @@
 """What [server].max_decode_bytes costs the usual Predict and a job's features, measured
 in one run.
 
-    python bench/decode_memory_overhead.py [--images 4] [--repeats 2000] [--samples 300] [--job-repeats 30]
+    python bench/decode_memory_overhead.py [--images 4] [--repeats 2000] [--samples 300] [--job-repeats 30] [--large-samples 16]
 
 An in-process InferenceServicer.Predict of ``--images`` small PNGs (64x64) on the
 shapes world, with the engine's decode memory and with none (the handlers as before the
@@ -9,6 +9,9 @@ budget: no lease), alternating; prints each median and their ratio. Then the sam
 job's feature computation of a stored set of ``--samples`` 64x64 PNGs (the engine's
 batches, decode threads and model; the feature cache bypassed). Such images reserve
 nothing (under 16 MiB, explaind.decode_memory): the difference is the lease's fast path.
+Last, a job's feature computation of ``--large-samples`` stored 1024x1024 PNGs of random
+pixels, which reserve, trimming the malloc arenas once at its end (the server) and after
+each image.
 """
 
 from __future__ import annotations
@@ -43,8 +46,24 @@ class _Call:
 class _NoDecodeMemory:
     """An engine's decode memory that leases none: PixelBudget(memory=None)."""
 
-    def lease(self, context) -> None:
+    def lease(self, context, *, trim: bool = True) -> None:
         return None
+
+
+class _TrimAfterEachDecode:
+    """An engine's decode memory whose every lease trims the arenas as it is given back."""
+
+    def __init__(self, memory) -> None:
+        self._memory = memory
+
+    def lease(self, context, *, trim: bool = True):
+        return self._memory.lease(context, trim=True)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    return encoded.getvalue()
 
 
 def main() -> None:
@@ -53,6 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=2000, help="timed Predicts of each kind")
     parser.add_argument("--samples", type=positive_int, default=300, help="stored 64x64 PNGs whose features a job computes")
     parser.add_argument("--job-repeats", type=positive_int, default=30, help="timed feature computations of each kind")
+    parser.add_argument("--large-samples", type=positive_int, default=16, help="stored 1024x1024 PNGs whose features a job computes")
     args = parser.parse_args()
     from explaind.engine import Engine
     from explaind.service.inference import InferenceServicer
@@ -64,9 +84,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = []
     for _ in range(max(args.images, args.samples)):
-        encoded = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, format="PNG")
-        images.append(common_pb2.Image(encoded=encoded.getvalue()))
+        images.append(common_pb2.Image(encoded=_png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))))
     request, call = inference_pb2.PredictRequest(images=images[: args.images]), _Call()
     servicer = InferenceServicer(engine, serving=lambda: True)
     budgeted, unbudgeted = engine.decode_memory, _NoDecodeMemory()
@@ -84,20 +102,27 @@ def main() -> None:
 
     samples = [sample_sets_pb2.Sample(image=image, label=0) for image in images[: args.samples]]
     SampleSetServicer(engine).CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="bench", samples=samples), call)
-    digests = list(dict.fromkeys(record.digest for record in engine.store.list_samples("bench")))
     version = engine.models.active
 
-    def compute_features(memory) -> None:
+    def compute_features(digests: list[str], memory) -> None:
         engine.decode_memory = memory
         for _ in engine._run_on_samples(digests, version, lambda batch: version.features(batch.to(engine.device)), 0, None, "computing features"):
             pass
 
-    for _ in range(3):  # warm up
-        compute_features(budgeted)
-    medians = median_seconds({"with the budget": lambda: compute_features(budgeted), "without": lambda: compute_features(unbudgeted)}, args.job_repeats)
-    for name, seconds in medians.items():
-        print(f"features of {len(digests)} stored 64x64 PNGs, {name}: {seconds * 1e3:.2f} ms (median of {args.job_repeats})")
-    print(f"with / without: {medians['with the budget'] / medians['without']:.3f}")
+    def compare(what: str, digests: list[str], kinds: dict[str, object]) -> None:
+        for _ in range(3):  # warm up
+            compute_features(digests, budgeted)
+        medians = median_seconds({name: (lambda memory=memory: compute_features(digests, memory)) for name, memory in kinds.items()}, args.job_repeats)
+        for name, seconds in medians.items():
+            print(f"features of {len(digests)} stored {what}, {name}: {seconds * 1e3:.2f} ms (median of {args.job_repeats})")
+        first, second = medians
+        print(f"{first} / {second}: {medians[first] / medians[second]:.3f}")
+
+    compare("64x64 PNGs", list(dict.fromkeys(record.digest for record in engine.store.list_samples("bench"))),
+            {"with the budget": budgeted, "without": unbudgeted})
+    with engine.store.writing_blobs() as put:
+        large = [put(_png(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))) for _ in range(args.large_samples)]
+    compare("1024x1024 PNGs", large, {"trimmed once (the server)": budgeted, "trimmed after each": _TrimAfterEachDecode(budgeted)})
     engine.close()
 
 
