@@ -344,10 +344,17 @@ def test_a_jobs_stored_image_waits_for_room_and_decodes_once_it_is_given_back(en
 
 def test_a_cancelled_job_waiting_for_room_ends_cancelled_holding_nothing(engine):
     _store_a_large_sample(engine, "large")
+    _cancel_an_evaluation_waiting_for_room(engine, "large")
+
+
+def _cancel_an_evaluation_waiting_for_room(engine, sample_set_id: str) -> None:
+    """Starts an evaluation of ``sample_set_id`` while another lease holds the whole
+    budget, and cancels it once it waits: it must end CANCELLED at once, waiting no more,
+    and nothing be held once the other lease is given back."""
     memory = engine.decode_memory
     with memory.lease(_Call()) as other:
         other.reserve(memory.capacity)
-        job_id = engine.evaluate_sample_set("large").record.job_id
+        job_id = engine.evaluate_sample_set(sample_set_id).record.job_id
         _until(lambda: memory._waiting, "waited for room")
         engine.jobs.cancel(job_id)
         ended = engine.jobs.wait(job_id, 60).record
@@ -366,16 +373,7 @@ def test_a_cancelled_evaluation_waiting_for_room_to_draw_its_mistakes_ends_cance
     SampleSetServicer(engine).CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="large", samples=samples), _Call())
     # Its features are cached by the first evaluation: the second decodes only its grid's image.
     assert engine.jobs.wait(engine.evaluate_sample_set("large").record.job_id, 60).record.state == "succeeded"
-    memory = engine.decode_memory
-    with memory.lease(_Call()) as other:
-        other.reserve(memory.capacity)
-        job_id = engine.evaluate_sample_set("large").record.job_id
-        _until(lambda: memory._waiting, "waited for room")
-        engine.jobs.cancel(job_id)
-        ended = engine.jobs.wait(job_id, 30).record
-        assert (ended.state, ended.error_code) == ("cancelled", "CANCELLED")
-        assert not memory._waiting
-    assert memory.held == 0
+    _cancel_an_evaluation_waiting_for_room(engine, "large")
 
 
 def test_a_feature_pass_trims_the_arenas_once_at_its_end_and_a_call_after_each_decode(engine, monkeypatch):
