@@ -6288,10 +6288,10 @@ def test_until_the_stored_head_is_restored_predict_and_evaluate_wait_and_the_sta
             reading, swept = threading.Event(), threading.Event()
             load = server.engine.load_sample_image
 
-            def load_after_the_sweep(digest, version=None, *, job=None):  # the job has read the set's records, not yet its images
+            def load_after_the_sweep(digest, version=None, **options):  # the job has read the set's records, not yet its images
                 reading.set()
                 swept.wait(30)
-                return load(digest, version, job=job)
+                return load(digest, version, **options)
 
             server.engine.load_sample_image = load_after_the_sweep
             evaluation = client.evaluate_sample_set("deleted-soon")
@@ -8286,8 +8286,8 @@ def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(eng
     decoded, alive_while_running = [], []  # weak references to each decoded image; live ones counted in each forward
     load, forward = engine.load_sample_image, engine._feature_fns[version.feature_cache_key]
 
-    def loading(digest, version=None, *, job=None):
-        image = load(digest, version, job=job)
+    def loading(digest, version=None, **options):
+        image = load(digest, version, **options)
         decoded.append(weakref.ref(image))
         return image
 
