@@ -389,3 +389,34 @@ def test_a_feature_pass_trims_the_arenas_once_at_its_end_and_a_call_after_each_d
     with PixelBudget(1 << 30, field="images", memory=engine.decode_memory.lease(_Call())) as budget:
         convert.decode_image(_float16_tensor(np.full((3, 1024, 1024), 0.5, dtype=np.float16)), field="images[0]", budget=budget)
     assert trims == [0, 0]  # a call's lease trims as it is given back
+
+
+@pytest.mark.parametrize(("options", "reduced", "expected"), [
+    ({}, False, 2048 * 2048 * 26),  # whole, as any image file
+    ({}, True, 1024 * 1024 * 26),  # at 1/2: [classifier].jpeg_reduced_decode, 2 x resize_size 512 the least side
+    # A progressive JPEG's coefficients, 2 bytes a pixel and component, are kept whole before any pixel comes out.
+    ({"progressive": True}, True, 1024 * 1024 * 26 + 2 * 3 * 2048 * 2048),
+    ({"progressive": True}, False, 2048 * 2048 * 26 + 2 * 3 * 2048 * 2048),
+    ({"progressive": True, "mode": "L"}, True, 1024 * 1024 * 26 + 2 * 1 * 2048 * 2048),
+    ({"progressive": True, "mode": "CMYK"}, True, 1024 * 1024 * 26 + 2 * 4 * 2048 * 2048),
+    ({"progressive": True, "size": 2050}, True, 1025 * 1025 * 26 + 2 * 3 * 2080 * 2080),  # each side padded to 32 px
+])
+def test_a_jpeg_reserves_by_the_size_it_decodes_to_and_a_progressive_one_its_coefficients_too(options, reduced, expected):
+    # bench/decode_bytes_per_pixel.py: a 2048² JPEG decoded at 1/8 took 0.65 B/px of its
+    # stored size, progressive 3.07 (4:2:0) to 8.07 (CMYK), against 26 reserved before.
+    import io
+
+    from PIL import Image
+
+    from explaind.imaging import InputGeometry, decode_encoded
+
+    options = dict(options)
+    side, mode = options.pop("size", 2048), options.pop("mode", "RGB")
+    encoded = io.BytesIO()
+    Image.new(mode, (side, side)).save(encoded, format="JPEG", **options)
+    memory = DecodeMemory(1024 * MIB)
+    geometry = InputGeometry(size=448, resize_size=512, jpeg_reduced_decode=reduced)
+    with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+        decode_encoded(encoded.getvalue(), field="images[0]", geometry=geometry, budget=budget)
+        assert (memory.held, budget.used) == (expected, side * side)  # the pixel limit counts the stored size
+    assert memory.held == 0

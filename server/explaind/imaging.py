@@ -46,6 +46,9 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff]")
 # Start-of-frame markers of JPEG's lossless processes (SOF3, 7, 11, 15 of ITU T.81), which
 # have no DCT to scale: libjpeg-turbo (3.0 on) decodes them whole only.
 _JPEG_LOSSLESS_FRAMES = (0xC3, 0xC7, 0xCB, 0xCF)
+# The largest side of a JPEG's minimum coded unit (pixels): 8 times the largest sampling
+# factor a component may have, 4.
+_JPEG_LARGEST_MCU = 32
 # Most zTXt/iTXt chunks a PNG may hold. Pillow inflates each (up to 1 MB from about 1 KB)
 # while it reads the file; the PNG spec allows one iCCP, and Pillow inflated every one of
 # 300 (4.7 s for a 670 KB file).
@@ -143,9 +146,9 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
         with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; the largest side allowed is {MAX_IMAGE_SIDE}", field=field)
+            stored_size = image.size
             if budget is not None:
-                budget.charge(*image.size)
-                budget.reserve(image.size[0] * image.size[1] * ENCODED_DECODE_BYTES_PER_PIXEL)
+                budget.charge(*stored_size)
             _check_decode_cost(image, jpeg, field)
             if image.mode == "F":
                 raise InvalidArgument("floating-point image files are not supported; send a FLOAT32 tensor with pixels in [0, 1]", field=field)
@@ -153,6 +156,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
             if jpeg_min_side and not (jpeg is not None and jpeg.frame in _JPEG_LOSSLESS_FRAMES):
                 # A square request: the Orientation turns the image after it is decoded.
                 image.draft(None, (jpeg_min_side, jpeg_min_side))
+            if budget is not None:
+                budget.reserve(_decode_bytes(image.size, stored_size, jpeg))
             image.load()  # before its EXIF Orientation is read: a PNG's eXIf chunk may follow the pixels
             shown = _as_viewed(image, exif_orientation(image))
             if shown.mode == "I" or shown.mode.startswith("I;16"):
@@ -166,6 +171,21 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
+
+
+def _decode_bytes(decoded_size: tuple[int, int], stored_size: tuple[int, int], jpeg: _JpegStream | None) -> int:
+    """What an image file may take while it decodes (bytes): ENCODED_DECODE_BYTES_PER_PIXEL
+    of the size it decodes to, which a JPEG decoded at reduced scale makes 4 to 64 times
+    smaller than its stored size, plus, for a JPEG of several scans (progressive), the DCT
+    coefficients libjpeg keeps for the whole stored image before any pixel comes out: two
+    bytes per pixel and component at most, each side padded to the largest MCU (32 px).
+    bench/decode_bytes_per_pixel.py measures both against this."""
+    width, height = decoded_size
+    reserved = width * height * ENCODED_DECODE_BYTES_PER_PIXEL
+    if jpeg is not None and jpeg.scans > 1:
+        padded_width, padded_height = (-(-side // _JPEG_LARGEST_MCU) * _JPEG_LARGEST_MCU for side in stored_size)
+        reserved += 2 * jpeg.components * padded_width * padded_height
+    return reserved
 
 
 # The EXIF Orientation values (TIFF tag 274) other than 1 (as stored): how the stored
@@ -211,6 +231,7 @@ class _JpegStream:
 
     scans: int  # SOS markers
     frame: int | None  # the first start-of-frame marker's second byte
+    components: int  # the colour components that frame names (1 grey, 3 YCbCr, 4 CMYK); 0 where none
     multi_picture_index: bytes  # the last MPF (APP2) segment's TIFF structure before the first scan; empty where none
     exif: bytes  # the EXIF block of its APP1 segments before the first scan, joined as Pillow joins them; empty where none
 
@@ -221,6 +242,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
     and Pillow skip them; a malformed file is left for the decoder to refuse."""
     scans = markers = 0
     frame: int | None = None
+    components = 0
     multi_picture_index = b""
     exif: list[bytes] = []
     position = 2  # after SOI
@@ -237,6 +259,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             continue
         if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT, JPG or DAC
             frame = marker
+            components = data[position + 9] if position + 9 < len(data) else 0  # after length, precision, height and width
         end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
         # Pillow reads the segments before the first scan while it opens the file: the last
         # MPF one's index, and the EXIF ones joined, the first whole, the others past "Exif\0\0".
@@ -251,7 +274,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             if after_scan is None:
                 break
             position = after_scan.start()
-    return _JpegStream(scans, frame, multi_picture_index, b"".join(exif))
+    return _JpegStream(scans, frame, components, multi_picture_index, b"".join(exif))
 
 
 def _check_jpeg_tag_values(jpeg: _JpegStream, field: str) -> None:
