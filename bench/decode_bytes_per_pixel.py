@@ -1,13 +1,17 @@
 """What an image file takes while it decodes, per pixel, against what its call reserves
-(explaind.decode_memory.ENCODED_DECODE_BYTES_PER_PIXEL), measured in one run.
+(explaind.imaging's reservation: ENCODED_DECODE_BYTES_PER_PIXEL of the size it decodes
+to, and a progressive JPEG's coefficients), measured in one run.
 
     python bench/decode_bytes_per_pixel.py [--side 4096]
 
 Writes one ``--side``² file of random pixels per format and mode (incompressible, so the
 file is as large as it gets; those with EXIF Orientation 6 are turned as decoded), then
-decodes each in a fresh process as Predict does (decode_encoded to 224 px) and prints the
-peak resident growth per pixel and its ratio to the reservation: above 1, the budget
-under-counts that file.
+decodes each in a fresh process as Predict does (decode_encoded to 224 px; the JPEGs
+marked "reduced" as with [classifier].jpeg_reduced_decode, at 1/8 of their size) and
+prints the peak resident growth per pixel of the stored size and its ratio to what the
+decode reserved: above 1, the budget under-counts that file. Each process first decodes a
+64² file of the same kind, so that what the first decode sets up once (torch's resize, the
+codec's tables) is not counted as the file's.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from explaind.decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL
-
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
 
@@ -32,6 +34,8 @@ def _write_files(directory: Path, side: int) -> list[Path]:
     rgb = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB")
     rgba = rgb.convert("RGBA")
     grey = Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), "L")
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    smooth = Image.fromarray(np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1).astype(np.uint8), "RGB")
     files = {
         "palette.png": (grey.convert("P"), {}),
         "palette-transparent-turned.png": (grey.convert("P"), {"transparency": 0, "exif": turned}),
@@ -41,6 +45,12 @@ def _write_files(directory: Path, side: int) -> list[Path]:
         "rgba.png": (rgba, {}),
         "rgba-turned.png": (rgba, {"exif": turned}),
         "rgb-turned.jpg": (rgb, {"exif": turned, "quality": 90}),
+        "rgb-turned.jpg reduced": (rgb, {"exif": turned, "quality": 90}),
+        # Smooth: random pixels at this quality overflow the progressive encoder's buffer.
+        "progressive.jpg reduced": (smooth, {"quality": 90, "progressive": True}),
+        "progressive-444.jpg": (smooth, {"quality": 95, "progressive": True, "subsampling": 0}),
+        "progressive-444.jpg reduced": (smooth, {"quality": 95, "progressive": True, "subsampling": 0}),
+        "progressive-cmyk.jpg reduced": (smooth.convert("CMYK"), {"quality": 95, "progressive": True}),
         "cmyk-turned.jpg": (rgb.convert("CMYK"), {"exif": turned, "quality": 90}),
         "rgb-turned.tif": (rgb, {"exif": turned}),
         "rgba-turned.tif": (rgba, {"exif": turned}),
@@ -49,18 +59,27 @@ def _write_files(directory: Path, side: int) -> list[Path]:
         "rgba-lossless-turned.webp": (rgba, {"exif": turned, "lossless": True}),
     }
     for name, (image, options) in files.items():
-        image.save(directory / name, **options)
+        for side_name, shown in (("", image), ("small-", image.resize((64, 64)))):
+            shown.save(directory / (side_name + name), format=Path(name.split()[0]).suffix[1:].replace("jpg", "jpeg").replace("tif", "tiff"), **options)
     return [directory / name for name in files]
 
 
-def _decode_peak(path: Path) -> int:
-    """Peak resident growth (bytes) of decoding ``path`` in a fresh process (Linux)."""
+def _decode_peak(path: Path) -> tuple[int, int]:
+    """(peak resident growth, largest reservation) in bytes of decoding ``path`` in a fresh
+    process (Linux), after a decode of its 64² copy."""
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's, this one's large files and all.
-    code = ("import sys; from explaind.imaging import InputGeometry, decode_encoded\n"
+    code = ("import sys; from explaind.imaging import InputGeometry, PixelBudget, decode_encoded\n"
+            "reserved = [0]\n"
+            "class Recording(PixelBudget):\n"
+            "    def reserve(self, nbytes): reserved.append(nbytes)\n"
             "def peak(): return int(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1]) * 1024\n"
-            "data = open(sys.argv[1], 'rb').read(); before = peak()\n"
-            "decode_encoded(data, field='x', geometry=InputGeometry(size=224, resize_size=256)); print(peak() - before)")
-    return int(subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True).stdout)
+            "geometry = InputGeometry(size=224, resize_size=256, jpeg_reduced_decode=sys.argv[1].endswith(' reduced'))\n"
+            "small = open(sys.argv[2], 'rb').read(); data = open(sys.argv[1], 'rb').read()\n"
+            "decode_encoded(small, field='x', geometry=geometry); before = peak()\n"
+            "decode_encoded(data, field='x', geometry=geometry, budget=Recording(sys.maxsize, field='x')); print(peak() - before, max(reserved))")
+    small = path.with_name("small-" + path.name)
+    grown, reserved = subprocess.run([sys.executable, "-c", code, str(path), str(small)], check=True, capture_output=True, text=True).stdout.split()
+    return int(grown), int(reserved)
 
 
 def main() -> None:
@@ -69,9 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         for path in _write_files(Path(directory), args.side):
-            per_pixel = _decode_peak(path) / args.side**2
-            print(f"{path.name:28s} {path.stat().st_size / args.side**2:5.2f} B/px file, decode +{per_pixel:5.2f} B/px, "
-                  f"{per_pixel / ENCODED_DECODE_BYTES_PER_PIXEL:.2f} x the reservation ({ENCODED_DECODE_BYTES_PER_PIXEL} B/px)")
+            grown, reserved = _decode_peak(path)
+            pixels = args.side**2
+            print(f"{path.name:30s} {path.stat().st_size / pixels:5.2f} B/px file, decode +{grown / pixels:5.2f} B/px, "
+                  f"{grown / reserved:.2f} x the reservation ({reserved / pixels:5.2f} B/px)")
 
 
 if __name__ == "__main__":
