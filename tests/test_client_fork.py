@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -150,6 +152,25 @@ def test_an_async_client_closed_in_a_forked_child_leaves_its_parents_threads_alo
         assert _in_forked_child(lambda: asyncio.run(client.close())) == "None"
     assert len(asyncio.run(client.model_metadata()).class_names) == classes  # the parent's threads still run
     asyncio.run(client.close())
+
+
+def test_the_sdk_imports_and_calls_where_the_os_has_no_fork_handlers(server):
+    # Windows has no os.register_at_fork: the SDK's import called it, and failed there
+    # with AttributeError before an analyst's first call.
+    script = ("import asyncio, os, sys\n"
+              "del os.fork, os.register_at_fork  # as on Windows\n"
+              "from explaind.client import AsyncClient, Client, cli, report\n"
+              "with Client(sys.argv[1], timeout=10) as client:\n"
+              "    print(len(client.model_metadata().class_names))\n"
+              "async def classes():\n"
+              "    async with AsyncClient(sys.argv[1], timeout=10) as client:\n"
+              "        return len((await client.model_metadata()).class_names)\n"
+              "print(asyncio.run(classes()))\n")
+    done = subprocess.run([sys.executable, "-c", script, server.target], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    with Client(server.target, timeout=10) as client:
+        classes = len(client.model_metadata().class_names)
+    assert done.stdout.split() == [str(classes), str(classes)]
 
 
 def test_a_client_pickles_as_its_arguments_into_a_new_client(server):

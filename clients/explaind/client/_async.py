@@ -33,7 +33,8 @@ def _new_threads_lock() -> None:
     _threads_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_threads_lock)
+if hasattr(os, "register_at_fork"):  # Windows has none, and no fork to track
+    os.register_at_fork(after_in_child=_new_threads_lock)
 
 # Threads of an AsyncClient, so as many of its calls run at once; more wait their turn.
 DEFAULT_MAX_WORKERS = 16

@@ -131,7 +131,8 @@ def _after_fork_in_child() -> None:
     _forked_amid_calls = _forked_amid_calls or bool(_calls_under_way)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # Windows has none, and no fork to track
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
