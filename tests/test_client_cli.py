@@ -395,6 +395,18 @@ def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert old.read_bytes() == b"in place" and sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "new.html", "report.html"]
 
 
+def test_an_output_file_is_replaced_where_the_os_has_no_fchmod(tmp_path, monkeypatch):
+    # Windows before Python 3.13 has no os.fchmod: a report written over an older one
+    # failed there with AttributeError, a stack trace.
+    from explaind.client.cli import _write
+
+    monkeypatch.delattr(os, "fchmod")
+    old = tmp_path / "report.html"
+    old.write_text("old report")
+    _write(old, b"new report")
+    assert old.read_bytes() == b"new report" and sorted(tmp_path.iterdir()) == [old]
+
+
 def test_an_output_through_a_link_to_a_file_not_made_yet_is_written_where_the_link_points(tmp_path):
     # The check before the work refused it ("File exists") though the write follows the link.
     from explaind.client.cli import _require_writable, _write

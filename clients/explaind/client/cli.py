@@ -372,7 +372,7 @@ def _write(path: str | Path, data: bytes) -> None:
             return
         try:
             with os.fdopen(descriptor, "wb") as file:
-                if kept_mode is not None:
+                if kept_mode is not None and hasattr(os, "fchmod"):  # none on Windows before Python 3.13, whose files have no mode but read-only
                     os.fchmod(file.fileno(), kept_mode)
                 file.write(data)
             os.replace(temporary, target)
