@@ -1830,6 +1830,18 @@ def test_help_states_each_options_default_once(capsys):
         assert not repeated, f"explaind {command} --help: {repeated}"
 
 
+def test_help_goes_to_a_redirect_whose_encoding_lacks_its_letters(monkeypatch):
+    # On Windows, output redirected to a file or pipe is in the locale's encoding, cp1252,
+    # which has no "λ": `explaind edit-head --help > help.txt` ended in UnicodeEncodeError.
+    redirected = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(redirected, encoding="cp1252"))
+    with pytest.raises(SystemExit) as exited:
+        main(["edit-head", "--help"])
+    assert exited.value.code == 0
+    sys.stdout.flush()
+    assert "\\u03bb3, the regulariser's weight" in redirected.getvalue().decode("cp1252")
+
+
 @pytest.fixture(scope="module")
 def relabelled_set(server, world_images):
     """A set whose every image is labelled heart: all non-hearts are heart mistakes."""

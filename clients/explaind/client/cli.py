@@ -1753,7 +1753,17 @@ def _standard_output_failed(error: OSError) -> bool:
     return unbuffered and error.filename is None and error.errno in _OUTPUT_ERRNOS
 
 
+def _escape_what_standard_output_cannot_encode() -> None:
+    """Print a character standard output's encoding lacks as an escape ("\\u03bb"), not fail
+    with UnicodeEncodeError: on Windows, output redirected to a file or pipe is in the
+    locale's encoding (cp1252), which has no "λ" of the help or "≤" of a warning, and no
+    letter of many class names. An encoding's own handler (surrogateescape in a C locale) stays."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _escape_what_standard_output_cannot_encode()
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.run(args)
