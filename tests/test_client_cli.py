@@ -407,6 +407,19 @@ def test_an_output_file_is_replaced_where_the_os_has_no_fchmod(tmp_path, monkeyp
     assert old.read_bytes() == b"new report" and sorted(tmp_path.iterdir()) == [old]
 
 
+def test_an_output_file_is_opened_in_binary_mode_where_the_os_has_a_text_mode(tmp_path, monkeypatch):
+    # Windows opens a descriptor in text mode unless asked for O_BINARY (0x8000 there;
+    # harmless to a new file on Linux): a PNG written there had each "\n" byte as "\r\n".
+    from explaind.client.cli import _write
+
+    monkeypatch.setattr(os, "O_BINARY", 0x8000, raising=False)
+    flags, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda name, flag, *args: (flags.append(flag), real_open(name, flag, *args))[1])
+    _write(tmp_path / "mistakes.png", b"\x89PNG\r\n\x1a\n")
+    assert [flag & 0x8000 for flag in flags] == [0x8000]
+    assert (tmp_path / "mistakes.png").read_bytes() == b"\x89PNG\r\n\x1a\n"
+
+
 def test_an_output_through_a_link_to_a_file_not_made_yet_is_written_where_the_link_points(tmp_path):
     # The check before the work refused it ("File exists") though the write follows the link.
     from explaind.client.cli import _require_writable, _write

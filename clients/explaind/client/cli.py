@@ -366,7 +366,9 @@ def _write(path: str | Path, data: bytes) -> None:
         kept_mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file's mode: as the umask allows
+            # O_BINARY: Windows opens a descriptor in text mode otherwise, writing each "\n" byte of a PNG as "\r\n".
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            descriptor = os.open(temporary, flags, 0o666)  # a new file's mode: as the umask allows
         except PermissionError:
             target.write_bytes(data)
             return
