@@ -9,8 +9,12 @@ TEST_WORKERS ?= 2
 
 .PHONY: test test-gpu coverage demo proto bench world serve clean
 
+# A venv of another Python (macOS's python3 is 3.9, Homebrew's may be 3.14) is refused with
+# what to do: pip's own refusal left it in place, and `make demo PYTHON=python3.13` then
+# reused it and failed again. The bounds are pyproject.toml's requires-python.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(None if (3, 11) <= sys.version_info < (3, 14) else f"$(VENV) is Python {sys.version.split()[0]}; explaind needs 3.11 to 3.13: rm -rf $(VENV), then run make with PYTHON=python3.13 (or 3.11, 3.12)")'
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 

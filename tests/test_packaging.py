@@ -38,17 +38,47 @@ def test_the_wheel_ships_every_data_file_and_the_stubs(tmp_path):
     assert "explaind = explaind.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def _admitted_minors() -> set[int]:
+    """The CPython 3 minor versions pyproject.toml's requires-python admits."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {minor for minor in range(0, 100) if f"3.{minor}" in SpecifierSet(project["requires-python"])}
+
+
 def test_requires_python_admits_exactly_the_python_versions_the_classifiers_name():
     # The exact torch/torchvision pins have wheels for a bounded range of CPython minors
     # (and no sdist), so requires-python needs an upper bound: without one, pip on a newer
     # Python accepts the project and then fails on "no matching distribution for torch".
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    admitted = {minor for minor in range(0, 100) if f"3.{minor}" in SpecifierSet(project["requires-python"])}
+    admitted = _admitted_minors()
     assert admitted and max(admitted) < 99, "requires-python has no upper bound"
     assert admitted == set(range(min(admitted), max(admitted) + 1))
     prefix = "Programming Language :: Python :: 3."
-    classified = {int(c.removeprefix(prefix)) for c in project["classifiers"] if c.startswith(prefix)}
+    classifiers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["classifiers"]
+    classified = {int(c.removeprefix(prefix)) for c in classifiers if c.startswith(prefix)}
     assert classified == admitted
+
+
+def test_make_refuses_a_venv_of_a_python_the_project_does_not_admit_saying_what_to_do(tmp_path):
+    # macOS's python3 is 3.9 (Homebrew's may be newer than 3.13): pip refused the install
+    # and left the venv, which `make demo PYTHON=python3.13` then reused and failed again.
+    calls = tmp_path / "calls"
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    admitted = _admitted_minors()
+    for minor in (min(admitted) - 1, min(admitted), max(admitted), max(admitted) + 1):
+        # The venv's python: its version faked for make's check, anything else (pip) only recorded.
+        python.write_text(f"#!/bin/sh\n[ \"$1\" = -c ] || {{ echo \"$*\" >> {calls}; exit 1; }}\n"
+                          f"exec {sys.executable} -c \"import sys; sys.version_info = (3, {minor}, 0, 'final', 0); "
+                          f"sys.version = '3.{minor}.0'\n$2\"\n")
+        python.chmod(0o755)
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(["make", "-s", f"VENV={tmp_path / 'venv'}", str(tmp_path / "venv" / ".installed")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode != 0
+        if minor in admitted:
+            assert calls.read_text() == "-m pip install -e .[dev]\n", done.stderr
+        else:
+            assert f"venv is Python 3.{minor}.0; explaind needs 3.{min(admitted)} to 3.{max(admitted)}: rm -rf " in done.stderr
+            assert not calls.exists()
 
 
 def test_make_coverage_measures_every_source_root_but_the_generated_stubs():
