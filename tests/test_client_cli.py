@@ -1597,6 +1597,12 @@ def test_an_artifact_goes_to_a_file_of_its_own_name_unless_given_one(server, cap
     monkeypatch.setattr(Operation, "artifact", lambda *_: pytest.fail("downloaded for a file it cannot write"))
     assert _error(capsys, ["--target", server.target, "operations", "artifact", job.name, "mistakes.png"]) == (
         "error: cannot write mistakes.png: it is a directory")
+    # A visualisation's name holds its class's, which may hold a "/" (no such directory) or a ":" (Windows: a stream).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Operation, "artifact", lambda _, name: name.encode())
+    for artifact, file_name in [("03_neuron7_Chihuahua/toy: é.png", "03_neuron7_Chihuahua-toy-e.png"), ("../up", "up")]:
+        assert main(["--target", server.target, "operations", "artifact", job.name, artifact]) == 0
+        assert capsys.readouterr().out.startswith(f"wrote {file_name} (") and (tmp_path / file_name).read_bytes() == artifact.encode()
 
 
 def test_operations_list_asks_for_the_newest_100_unless_given_a_limit(server, capsys, monkeypatch):

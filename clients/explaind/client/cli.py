@@ -977,6 +977,18 @@ def _safe_file_name(class_name: str) -> str:
     return re.sub(r'[^A-Za-z0-9_.-]+', '-', ascii_name)[:SAFE_FILE_NAME_CHARS].strip('.-') or 'class'
 
 
+def _artifact_file_name(artifact: str) -> str:
+    """The file in the current directory an artifact is written to without --output: its
+    name, whose stem is made safe as a class name's (:func:`_safe_file_name`): a
+    visualisation's name holds its class's ("03_neuron7_Chihuahua/toy.png"), whose "/"
+    made the write fail with "no such directory", and whose ":" Windows takes for a stream
+    of another file. A suffix of letters and digits (".png") is kept."""
+    stem, dot, suffix = artifact.rpartition(".")
+    if not dot or not re.fullmatch(r"[A-Za-z0-9]{1,10}", suffix):
+        stem, suffix = artifact, ""
+    return _safe_file_name(stem) + (f".{suffix}" if suffix else "")
+
+
 def cmd_edit_head(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = client.edit_head(
@@ -1040,16 +1052,16 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
                 raise
         elif args.action == "artifact":
-            if args.output != "-":  # before the download, which may be large (a ranking's omega.npy)
-                _require_writable(args.output or args.artifact)
+            output = args.output or _artifact_file_name(args.artifact)
+            if output != "-":  # before the download, which may be large (a ranking's omega.npy)
+                _require_writable(output)
             data = operation.artifact(args.artifact)
-            if args.output == "-":  # the bytes alone on stdout, for a pipe
+            if output == "-":  # the bytes alone on stdout, for a pipe
                 sys.stdout.buffer.write(data)
                 print(f"wrote {len(data)} bytes to standard output", file=sys.stderr)
                 return 0
-            _write(args.output or args.artifact, data)
-            print(json.dumps({"file": args.output or args.artifact, "size_bytes": len(data)}) if args.json
-                  else f"wrote {args.output or args.artifact} ({len(data)} bytes)")
+            _write(output, data)
+            print(json.dumps({"file": output, "size_bytes": len(data)}) if args.json else f"wrote {output} ({len(data)} bytes)")
             return 0
         result: Any
         result, deleted_version = None, False
@@ -1484,7 +1496,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
     operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
-    operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name; - for standard output)")
+    operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name, in the current directory, with what a file name cannot hold as \"-\"; - for standard output)")
     operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
                                                                 "one per line as it changes (watch)")
     operations.set_defaults(run=cmd_operations)
