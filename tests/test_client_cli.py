@@ -2470,3 +2470,11 @@ def test_counts_of_one_read_in_the_singular():
     from explaind.client.cli import _counted
 
     assert (_counted(1, "neuron"), _counted(2, "neuron"), _counted(0, "more mistake")) == ("1 neuron", "2 neurons", "0 more mistakes")
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_command_that_runs_the_server_says_where_it_runs_on_windows(capsys, monkeypatch, command):
+    # Its store locks with fcntl and its limits use resource: on Windows it ended in ModuleNotFoundError.
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert _error(capsys, [command]) == (f"error: {command}: the server runs on Linux and macOS; on Windows run it in WSL or its "
+                                         "container (deploy/Dockerfile), and this SDK and CLI against it")

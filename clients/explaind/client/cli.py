@@ -507,7 +507,16 @@ def _as_typed(key: str, value: object) -> str:
     return " ".join(f"{flag} {shlex.quote(str(item))}" for item in (value if isinstance(value, tuple) else (value,)))
 
 
+def _require_server_platform(command: str) -> None:
+    """Refuse, saying where it runs, a command that runs the server on Windows, whose
+    store and limits need POSIX (fcntl locks, resource): it failed with ModuleNotFoundError."""
+    if sys.platform == "win32":
+        raise CommandError(f"{command}: the server runs on Linux and macOS; on Windows run it in WSL or its container "
+                           "(deploy/Dockerfile), and this SDK and CLI against it")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _require_server_platform("serve")
     from explaind.signals import stop_on_signals
 
     stop_requested = stop_on_signals()  # before the seconds of imports below: a container's PID 1 ignored SIGTERM then
@@ -1161,6 +1170,7 @@ def _free_port() -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Serve the shapes world on a loopback port and run a client session against it."""
+    _require_server_platform("demo")
     token = ""
     if args.config:  # the session must send the token the config's server will ask for
         from explaind.config import ConfigError, load_config
