@@ -627,7 +627,8 @@ def test_a_server_error_about_an_image_past_the_files_given_names_no_file():
 
 def test_a_predict_refusal_listing_images_the_model_gives_no_usable_logits_for_names_their_files():
     # The refusal's field is images, its images[i] in the text (counted within the failing
-    # request): the command named no file, where it names one for an images[i] field.
+    # request): the command named no file, where it names one for an images[i] field. An
+    # older server lists them in the text alone, without precondition violations.
     from explaind.client import FailedPreconditionError
     from explaind.client.cli import _naming_failing_file
     from explaind.engine.core import _unusable_rows
@@ -640,6 +641,20 @@ def test_a_predict_refusal_listing_images_the_model_gives_no_usable_logits_for_n
         with pytest.raises(FailedPreconditionError), _naming_failing_file(files):
             raise error
         assert error.__notes__ == [note]
+
+
+def test_a_predict_refusal_listing_images_as_precondition_violations_names_their_files_from_them():
+    # A server that lists them structurally: their names in the message are not read.
+    from explaind.client import FailedPreconditionError
+    from explaind.client.cli import _naming_failing_file
+
+    files = [f"{i}.png" for i in range(8)]
+    error = FailedPreconditionError("images: the served classifier's logits of 2 images of the request hold NaN (images[9], ...)", field="images",
+                                    precondition_violations=[("UNUSABLE_LOGITS", "images[0]", ""), ("UNUSABLE_LOGITS", "images[3]", "")])
+    error.request_offset = 4
+    with pytest.raises(FailedPreconditionError), _naming_failing_file(files):
+        raise error
+    assert error.__notes__ == ["those are files 4.png, 7.png"]
 
 
 def test_a_closed_pipe_ends_the_command_quietly(server, world_images):

@@ -1056,7 +1056,8 @@ def test_a_failing_request_of_a_predict_one_request_at_a_time_says_where_it_bega
 
 def test_a_predict_refusal_listing_images_of_a_later_request_says_where_that_request_began():
     # The server names images its model gives no usable logits for as images[i] of the
-    # request, under the field images: i is the caller's item start + i.
+    # request, under the field images: i is the caller's item start + i. An older server
+    # lists them in the message alone.
     from explaind.client import FailedPreconditionError, InvalidArgumentError
     from explaind.client._client import _note_chunk
 
@@ -1071,6 +1072,11 @@ def test_a_predict_refusal_listing_images_of_a_later_request_says_where_that_req
     first = FailedPreconditionError(listing.details, field="images")
     _note_chunk(first, 0, 40)
     assert first.request_offset == 0 and not hasattr(first, "__notes__")
+    # A server that lists them as precondition violations is read from those, not its text.
+    structured = FailedPreconditionError("images: the served classifier's logits of 1 image hold NaN", field="images",
+                                         precondition_violations=[("UNUSABLE_LOGITS", "images[1]", "")])
+    _note_chunk(structured, 32, 40)
+    assert structured.__notes__ == listing.__notes__
 
 
 def test_an_image_unread_after_a_failing_request_raises_the_request_s_error_as_one_at_a_time_does():

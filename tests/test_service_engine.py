@@ -3690,6 +3690,7 @@ def test_a_predict_refusal_names_ten_images_and_counts_the_rest(tmp_path, unusab
             engine.predict(images, top_k=1)
         named = ", ".join(f"images[{i}]" for i in range(10))
         assert f"logits of {unusable} images of the request hold NaN or +infinity, or are -infinity for every class ({named}{more}): " in refused.value.description
+        assert refused.value.violations == tuple(("UNUSABLE_LOGITS", f"images[{i}]") for i in range(10))  # the same ten, whatever more
     finally:
         engine.close()
         engine.store.close()

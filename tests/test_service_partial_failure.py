@@ -70,8 +70,9 @@ def test_each_failing_image_gets_its_own_error_and_the_others_their_answers(serv
     assert corrupt.error.details[0].Unpack(violation) and violation.field_violations[0].field == "images[1].encoded"
     assert black.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert black.error.message.startswith("images[2]: the served classifier's logits of 1 image of the request hold NaN"), black.error.message
-    info = error_details_pb2.ErrorInfo()
+    info, failure = error_details_pb2.ErrorInfo(), error_details_pb2.PreconditionFailure()
     assert black.error.details[0].Unpack(info) and info.metadata["field"] == "images[2]" and info.domain == "explaind.v1"
+    assert black.error.details[1].Unpack(failure) and [v.subject for v in failure.violations] == ["images[2]"]
     for failed in (corrupt, black):
         assert not failed.labels and not failed.class_indices and not failed.probabilities
     features = np.frombuffer(response.features.data, np.float32).reshape(tuple(response.features.shape))
@@ -130,6 +131,36 @@ def test_without_partial_failure_one_failing_image_still_fails_the_call(stub):
         assert refused.value.code() == code
 
 
+def _status_of(refused: grpc.RpcError):
+    from google.rpc import status_pb2
+
+    return status_pb2.Status.FromString(dict(refused.trailing_metadata())["grpc-status-details-bin"])
+
+
+def test_a_whole_call_refused_for_unusable_logits_lists_its_images_as_precondition_violations(stub):
+    # Before, the images were named in the message alone: clients parsed its text.
+    with pytest.raises(grpc.RpcError) as refused:
+        _predict(stub, GOOD, BLACK, GOOD, BLACK)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "(images[1], images[3]): " in refused.value.details()  # the message as it was
+    info, failure = error_details_pb2.ErrorInfo(), error_details_pb2.PreconditionFailure()
+    details = _status_of(refused.value).details
+    assert len(details) == 2 and details[0].Unpack(info) and info.metadata["field"] == "images"
+    assert details[1].Unpack(failure)
+    assert [(v.type, v.subject, v.description) for v in failure.violations] == [("UNUSABLE_LOGITS", "images[1]", ""), ("UNUSABLE_LOGITS", "images[3]", "")]
+
+
+def test_the_sdk_reads_the_refused_images_of_a_later_request_from_the_violations(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with pytest.raises(FailedPreconditionError) as refused:
+            client.predict([GOOD, GOOD, BLACK, BLACK, GOOD], top_k=2, max_in_flight=1)  # requests of 2: the second fails
+    error = refused.value
+    # Numbered within the request, as the field and the message are, with its offset beside them.
+    assert error.field == "images" and error.request_offset == 2
+    assert error.precondition_violations == [("UNUSABLE_LOGITS", "images[0]", ""), ("UNUSABLE_LOGITS", "images[1]", "")]
+    assert error.__notes__ == ["the failing request began at item 2 of 5: [i] there is item 2 + i here"]
+
+
 def test_the_server_lists_the_capability(stub):
     assert "predict_partial_failure" in stub.GetModelMetadata(inference_pb2.GetModelMetadataRequest(), timeout=30).capabilities
 
@@ -147,6 +178,7 @@ def test_the_sdk_names_each_failed_image_by_its_index_in_the_callers_list_across
     assert corrupt.error.details.startswith("images[3].encoded: ")
     assert isinstance(black.error, FailedPreconditionError) and black.error.field == "images[4]"
     assert black.error.details.startswith("images[4]: ") and "(images[4])" in black.error.details and "images[0]" not in black.error.details
+    assert black.error.precondition_violations == [("UNUSABLE_LOGITS", "images[4]", "")]  # renamed as its field is
     for failed in (corrupt, black):
         assert failed.labels == [] and failed.class_indices == [] and failed.probabilities == []
         assert failed.features.shape == (4,) and np.isnan(failed.features).all()
@@ -228,6 +260,9 @@ def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, 
     out, err = capsys.readouterr()
     assert out.count(good) == 2 and out.count("\n") == 2  # only the two good ones of the --keep-going run
     assert f"that is file {corrupt}" in err
+    (tmp_path / "black2.png").write_bytes(BLACK)
+    assert cli_main([*target, "predict", good, good, black, str(tmp_path / "black2.png")]) == 1  # the second request of two fails
+    assert f"  those are files {black}, {tmp_path / 'black2.png'}" in capsys.readouterr().err.splitlines()
 
 
 def test_a_batch_answers_a_partial_failure_request_with_its_unusable_rows_and_refuses_a_plain_one_batched_with_it():

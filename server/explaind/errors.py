@@ -13,6 +13,8 @@ import re
 import secrets
 import sqlite3
 import sys
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
@@ -27,9 +29,13 @@ class ExplaindError(Exception):
     # (AIP-194); None where retrying would not help.
     retry_delay_s: float | None = None
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, violations: Sequence[PreconditionViolation] = ()) -> None:
+        """``violations``: the request items a FAILED_PRECONDITION is about, sent as a
+        ``google.rpc.PreconditionFailure`` (:func:`precondition_failure`) beside the
+        message that names them too."""
         self.field = field
         self.description = message  # without the field
+        self.violations = tuple(violations)
         super().__init__(f"{field}: {message}" if field else message)
 
 
@@ -42,6 +48,21 @@ def field_detail(code: str, field: str, description: str) -> Message:
     if code == "INVALID_ARGUMENT":
         return error_details_pb2.BadRequest(field_violations=[{"field": field, "description": description}])
     return error_details_pb2.ErrorInfo(reason=code, domain=ERROR_DOMAIN, metadata={"field": field})
+
+
+class PreconditionViolation(NamedTuple):
+    """One item of a request a precondition fails for: ``type`` says which (e.g.
+    "UNUSABLE_LOGITS"), ``subject`` names the item as the request does (``images[3]``)."""
+
+    type: str
+    subject: str
+
+
+def precondition_failure(violations: Sequence[PreconditionViolation]) -> Message:
+    """The status detail listing the request items ``violations`` names, so a client reads
+    each (and, say, the file it sent as that image) without parsing the message. No
+    descriptions: the message says what is wrong, and a violation stays ~30 bytes."""
+    return error_details_pb2.PreconditionFailure(violations=[{"type": v.type, "subject": v.subject} for v in violations])
 
 
 class InvalidArgument(ExplaindError):

@@ -43,7 +43,7 @@ from explaind.v1 import (
 )
 
 from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PlaintextTokenWarning, ResourceExhaustedError,
-                      UnavailableError, UnimplementedError, error_from_code, error_from_status, from_rpc_error)
+                      UnavailableError, UnimplementedError, error_from_code, error_from_status, from_rpc_error, listed_items)
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -323,14 +323,13 @@ def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
 
 def _note_chunk(error: ExplaindError, start: int, total: int | None) -> None:
     """Say where a failed request of a split call began, when its error names
-    ``samples[i]`` or ``images[i]`` (as its field, or in the text of one about the
-    ``images``: a Predict's images the model gives no usable logits for): the server
-    numbers them within the request, not within the caller's list. Also kept as
-    ``error.request_offset`` (item ``request_offset + i`` of the caller's list)."""
+    ``samples[i]`` or ``images[i]`` (as its field, or as the items it lists:
+    :func:`listed_items`): the server numbers them within the request, not within the
+    caller's list. Also kept as ``error.request_offset`` (item ``request_offset + i`` of
+    the caller's list)."""
     error.request_offset = start
-    named = [getattr(error, "field", None) or "", *(field for field, _ in getattr(error, "field_violations", ()))]
-    listed = named[0] == "images" and "images[" in error.details
-    if start and (listed or any(field.startswith(("samples[", "images[")) for field in named)):  # not, say, a replaced set's sample_set_uid
+    named = [error.field or "", *(field for field, _ in error.field_violations), *listed_items(error)]
+    if start and any(field.startswith(("samples[", "images[")) for field in named):  # not, say, a replaced set's sample_set_uid
         of = f" of {total}" if total is not None else ""
         error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
 

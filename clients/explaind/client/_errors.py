@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,6 +21,10 @@ class ExplaindError(Exception):
     ``("samples[3].label", "required: ...")``; ``field`` is the first one's field, or the
     field another error is about (``google.rpc.ErrorInfo`` details, e.g. the
     ``sample_set_id`` of a NOT_FOUND), None if it names none.
+    ``precondition_violations`` lists ``(type, subject, description)`` for each request
+    item a FAILED_PRECONDITION is about (``google.rpc.PreconditionFailure`` details), e.g.
+    ``("UNUSABLE_LOGITS", "images[3]", "")`` for an image the model gives no usable
+    logits for; empty from a server older than them, whose message alone names them.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
     not say. ``operation`` is the job a DeadlineExceededError gave up waiting for
@@ -34,10 +39,11 @@ class ExplaindError(Exception):
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None,
                  field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, precondition_violations: list[tuple[str, str, str]] | None = None) -> None:
         super().__init__(details)
         self.details = details
         self.field_violations = field_violations or []
+        self.precondition_violations = precondition_violations or []
         self.retry_delay = retry_delay
         self._field = field
         if code is not None:
@@ -141,9 +147,10 @@ globals().update({cls.__name__: cls for cls in _OPERATION_BY_CODE.values()})
 
 
 def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
-                    retry_delay: float | None = None, field: str | None = None) -> ExplaindError:
+                    retry_delay: float | None = None, field: str | None = None,
+                    precondition_violations: list[tuple[str, str, str]] | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
-    return cls(details, code, field_violations, retry_delay=retry_delay, field=field)
+    return cls(details, code, field_violations, retry_delay=retry_delay, field=field, precondition_violations=precondition_violations)
 
 
 # Each status code by its number, as a google.rpc.Status holds it.
@@ -158,11 +165,12 @@ def code_of(status: status_pb2.Status) -> grpc.StatusCode:
 def error_from_status(status: status_pb2.Status, *, rename: Callable[[str], str] = str) -> ExplaindError:
     """The typed error a ``google.rpc.Status`` in a response stands for (an image's error
     in a partial_failure Predict), with the fields of its details; its message and the
-    fields it names passed through ``rename``."""
+    fields and items it names passed through ``rename``."""
     code = code_of(status)
     named = named_field(status)
     return error_from_code(code, rename(status.message) or code.name, [(rename(field), description) for field, description in field_violations(status)],
-                           field=None if named is None else rename(named))
+                           field=None if named is None else rename(named),
+                           precondition_violations=[(kind, rename(subject), description) for kind, subject, description in precondition_violations(status)])
 
 
 def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
@@ -178,7 +186,8 @@ def from_rpc_error(error: grpc.RpcError) -> ExplaindError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     status = _status(error)
-    return error_from_code(code, details or code.name, field_violations(status), retry_delay=_retry_delay(status), field=named_field(status))
+    return error_from_code(code, details or code.name, field_violations(status), retry_delay=_retry_delay(status), field=named_field(status),
+                           precondition_violations=precondition_violations(status))
 
 
 def _status(error: grpc.RpcError) -> status_pb2.Status:
@@ -220,3 +229,27 @@ def field_violations(status: status_pb2.Status) -> list[tuple[str, str]]:
         if detail.Unpack(bad_request):
             violations += [(v.field, v.description) for v in bad_request.field_violations]
     return violations
+
+
+def precondition_violations(status: status_pb2.Status) -> list[tuple[str, str, str]]:
+    """``(type, subject, description)`` of each ``google.rpc.PreconditionFailure`` violation
+    in a status's details."""
+    violations = []
+    for detail in status.details:
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure):
+            violations += [(v.type, v.subject, v.description) for v in failure.violations]
+    return violations
+
+
+_IMAGE_IN_TEXT = re.compile(r"\bimages\[\d+\]")
+
+
+def listed_items(error: ExplaindError) -> list[str]:
+    """The request items (``images[i]``, numbered within the request) an error lists
+    beside its field: its precondition violations' subjects (a Predict's images the model
+    gives no usable logits for), or from a server older than those, which names them in
+    the message alone, the ``images[i]`` in the text of an error about ``images``."""
+    if error.precondition_violations:
+        return [subject for _, subject, _ in error.precondition_violations]
+    return _IMAGE_IN_TEXT.findall(error.details) if error.field == "images" else []

@@ -51,7 +51,7 @@ from explaind.class_names import class_name_key
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
-                      UnavailableError)
+                      UnavailableError, listed_items)
 from ._images import image_folder
 from ._operations import OPERATION_STATES, cancel_outcome
 from ._types import ModelMetadata, escape_controls
@@ -335,15 +335,15 @@ def _world_spec(spec: str) -> tuple[str, str, int]:
 @contextlib.contextmanager
 def _naming_failing_file(files: list[str] | list[Path] | None) -> Iterator[None]:
     """Add the file names to a server error about ``images[i]`` / ``samples[i]``, as its
-    field or, for the field ``images``, in its text (a Predict of images the model gives
-    no usable logits for): the index counts within the failing request, which may not be
-    the first (``request_offset``)."""
+    field or as the items it lists (:func:`listed_items`: a Predict of images the model
+    gives no usable logits for): the index counts within the failing request, which may
+    not be the first (``request_offset``)."""
     try:
         yield
     except ExplaindError as error:
-        match = re.match(r"(?:images|samples)\[(\d+)\]", error.field or "")
-        listed = [match.group(1)] if match else re.findall(r"\bimages\[(\d+)\]", error.details) if error.field == "images" else []
-        indices = [getattr(error, "request_offset", 0) + int(index) for index in listed]
+        item = re.compile(r"(?:images|samples)\[(\d+)\]")
+        items = [error.field] if error.field and item.match(error.field) else listed_items(error)
+        indices = [getattr(error, "request_offset", 0) + int(match.group(1)) for name in items if (match := item.match(name))]
         named = [str(files[index]) for index in indices if files and index < len(files)]
         if len(named) == 1:
             error.add_note(f"that is file {named[0]}")

@@ -29,7 +29,7 @@ import torch
 
 from ..config import Config
 from ..decode_memory import DecodeMemory, trim_arenas
-from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
 from ..imaging import PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..methods.neuroinspect._ranking import top_ids
@@ -227,6 +227,8 @@ class SampleFeatures:
 
 # Rows a non-finite output's error lists by index; the rest are counted.
 MAX_SAMPLES_NAMED = 10
+# PreconditionFailure.Violation.type of an image a Predict's model gives unusable logits for.
+UNUSABLE_LOGITS = "UNUSABLE_LOGITS"
 # Of each kind of a served model's outputs: what makes a row unusable, and what the model
 # does to give one. A logit of -inf is a class the model rules out (one that masks
 # classes it may not answer), of probability exactly 0; a row needs one class not ruled
@@ -241,17 +243,20 @@ def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str
     """FailedPrecondition naming ``field`` and the rows ``bad`` of the served model's
     ``what`` (a key of _UNUSABLE_ROWS) that no answer can come from: samples of sample
     set ``sample_set_id`` by sample_index, else images of a Predict request as
-    ``images[i]`` (which the SDK renumbers in the caller's list, see its _note_chunk)."""
+    ``images[i]`` (which the SDK renumbers in the caller's list, see its _note_chunk),
+    in the message and, the same ones, as its violations (UNUSABLE_LOGITS, ``images[i]``)."""
     fault, cause = _UNUSABLE_ROWS[what]
     many, first = len(bad) != 1, bad[:MAX_SAMPLES_NAMED]
+    violations: list[PreconditionViolation] = []
     if sample_set_id is not None:
         rows, named, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", "sample_index " + ", ".join(map(str, first)), "use a set"
     else:
-        rows, named, remedy = f"image{'s' * many} of the request", ", ".join(f"images[{row}]" for row in first), "send the request"
+        violations = [PreconditionViolation(UNUSABLE_LOGITS, f"images[{row}]") for row in first]
+        rows, named, remedy = f"image{'s' * many} of the request", ", ".join(subject for _, subject in violations), "send the request"
     more = f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else ""
     return FailedPrecondition(f"the served classifier's {what} of {len(bad)} {rows} {fault} ({named}{more}): the model {cause} on "
                               f"{'their images' if many else 'its image'}; {remedy} without {'them' if many else 'it'}, or mend the model",
-                              field=field)
+                              field=field, violations=violations)
 
 
 def unusable_image(index: int) -> FailedPrecondition:

@@ -4,7 +4,8 @@ audit line of a call that changed something (explaind.service.audit).
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
 code it names with its message, and an error naming a field also carries it in the
 status details (:func:`~explaind.errors.field_detail`, AIP-193), so clients in any
-language read the field without parsing the message, and an UNAVAILABLE the
+language read the field without parsing the message (and the request items a
+FAILED_PRECONDITION lists, as a ``google.rpc.PreconditionFailure``), and an UNAVAILABLE the
 server sends itself carries a ``google.rpc.RetryInfo`` (AIP-194). Anything else becomes
 INTERNAL with the exception's type and an incident id (its text and traceback go to the
 log, never to the caller: they can hold server paths). A response larger than the send limit becomes
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +36,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import ExplaindError, field_detail, report_unexpected
+from ..errors import ExplaindError, PreconditionViolation, field_detail, precondition_failure, report_unexpected
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
 from .audit import auditing, log_change
@@ -339,12 +340,15 @@ class _Observed:
         remaining = self._context.time_remaining()
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
-    def abort(self, code: str, message: str, *, field: str | None = None, description: str = "", retry_delay_s: float | None = None) -> None:
+    def abort(self, code: str, message: str, *, field: str | None = None, description: str = "", retry_delay_s: float | None = None,
+              violations: Sequence[PreconditionViolation] = ()) -> None:
         self._code = code
         status_code = grpc.StatusCode[code]
         details: list[Message] = []
         if field:
             details.append(field_detail(code, _shorten(field, MAX_VIOLATION_BYTES), _shorten(description, MAX_VIOLATION_BYTES)))
+        if violations:
+            details.append(precondition_failure(violations))
         if retry_delay_s is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
@@ -366,7 +370,8 @@ class _Observed:
                        f"({request.error}); is the client built from the same .proto?")
 
     def _abort_with(self, error: ExplaindError) -> None:
-        self.abort(error.code, str(error), field=error.field, description=error.description, retry_delay_s=error.retry_delay_s)
+        self.abort(error.code, str(error), field=error.field, description=error.description, retry_delay_s=error.retry_delay_s,
+                   violations=error.violations)
 
     @contextmanager
     def _serving(self) -> Iterator[None]:
