@@ -70,6 +70,8 @@ def test_each_failing_image_gets_its_own_error_and_the_others_their_answers(serv
     assert corrupt.error.details[0].Unpack(violation) and violation.field_violations[0].field == "images[1].encoded"
     assert black.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert black.error.message.startswith("images[2]: the served classifier's logits of 1 image of the request hold NaN"), black.error.message
+    # Answered on its own: "send the request without it" would change nothing.
+    assert black.error.message.endswith("rules out every class on its image; only a mended model answers it"), black.error.message
     info, failure = error_details_pb2.ErrorInfo(), error_details_pb2.PreconditionFailure()
     assert black.error.details[0].Unpack(info) and info.metadata["field"] == "images[2]" and info.domain == "explaind.v1"
     assert black.error.details[1].Unpack(failure) and [v.subject for v in failure.violations] == ["images[2]"]

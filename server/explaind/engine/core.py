@@ -239,30 +239,33 @@ _UNUSABLE_ROWS = {
 }
 
 
-def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str | None = None) -> FailedPrecondition:
+def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str | None = None, *, answered_alone: bool = False) -> FailedPrecondition:
     """FailedPrecondition naming ``field`` and the rows ``bad`` of the served model's
     ``what`` (a key of _UNUSABLE_ROWS) that no answer can come from: samples of sample
     set ``sample_set_id`` by sample_index, else images of a Predict request as
     ``images[i]`` (which the SDK renumbers in the caller's list, see its _note_chunk),
-    in the message and, the same ones, as its violations (UNUSABLE_LOGITS, ``images[i]``)."""
+    in the message and, the same ones, as its violations (UNUSABLE_LOGITS, ``images[i]``).
+    ``answered_alone``: the error of one image of a request whose others are answered
+    (partial_failure), which leaving the image out would not mend."""
     fault, cause = _UNUSABLE_ROWS[what]
     many, first = len(bad) != 1, bad[:MAX_SAMPLES_NAMED]
+    them = "them" if many else "it"
     violations: list[PreconditionViolation] = []
     if sample_set_id is not None:
-        rows, named, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", "sample_index " + ", ".join(map(str, first)), "use a set"
+        rows, named, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", "sample_index " + ", ".join(map(str, first)), f"use a set without {them}, or mend the model"
     else:
         violations = [PreconditionViolation(UNUSABLE_LOGITS, f"images[{row}]") for row in first]
-        rows, named, remedy = f"image{'s' * many} of the request", ", ".join(subject for _, subject in violations), "send the request"
+        rows, named = f"image{'s' * many} of the request", ", ".join(subject for _, subject in violations)
+        remedy = "only a mended model answers it" if answered_alone else f"send the request without {them}, or mend the model"
     more = f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else ""
     return FailedPrecondition(f"the served classifier's {what} of {len(bad)} {rows} {fault} ({named}{more}): the model {cause} on "
-                              f"{'their images' if many else 'its image'}; {remedy} without {'them' if many else 'it'}, or mend the model",
-                              field=field, violations=violations)
+                              f"{'their images' if many else 'its image'}; {remedy}", field=field, violations=violations)
 
 
 def unusable_image(index: int) -> FailedPrecondition:
     """The error of ``images[index]`` alone, whose logits are unusable (_UNUSABLE_ROWS): a
     partial_failure Predict answers it with this, naming the image as its field."""
-    return _unusable_rows([index], "logits", f"images[{index}]")
+    return _unusable_rows([index], "logits", f"images[{index}]", answered_alone=True)
 
 
 def _require_usable_rows(outputs: np.ndarray, sample_set_id: str, field: str, what: str) -> None:
