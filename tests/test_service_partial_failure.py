@@ -234,7 +234,7 @@ def test_the_cli_names_keep_going_where_the_server_lacks_the_capability(server, 
     assert "good.png" in out and err == ""
 
 
-def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, tmp_path, capsys):
+def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_3(server, tmp_path, capsys):
     import json
 
     from explaind.client.cli import main as cli_main
@@ -244,13 +244,14 @@ def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, 
         (tmp_path / name).write_bytes(data)
     good, corrupt, black = (str(tmp_path / name) for name in files)
     target = ["--target", f"127.0.0.1:{server.port}"]
-    assert cli_main([*target, "predict", good, corrupt, black, "--keep-going", "--top-k", "2"]) == 1
+    # 3: some printed, others failed; 1 is a failure's with nothing answered (below).
+    assert cli_main([*target, "predict", good, corrupt, black, "--keep-going", "--top-k", "2"]) == 3
     out, err = capsys.readouterr()
     assert out.startswith(good + "  ") and len(out.splitlines()) == 1
     assert err.splitlines() == [line for line in err.splitlines() if line.startswith("error: ")]
     assert err.startswith(f"error: {corrupt}: INVALID_ARGUMENT: images[1].encoded: ")
     assert f"error: {black}: FAILED_PRECONDITION: images[2]: the served classifier's logits" in err
-    assert cli_main([*target, "predict", good, corrupt, black, "--keep-going", "--top-k", "2", "--json"]) == 1
+    assert cli_main([*target, "predict", good, corrupt, black, "--keep-going", "--top-k", "2", "--json"]) == 3
     entries = json.loads(capsys.readouterr().out)
     assert [entry["image"] for entry in entries] == [good, corrupt, black] and len(entries[0]["labels"]) == 2
     assert entries[1]["error"]["code"] == "INVALID_ARGUMENT" and entries[1]["error"]["field"] == "images[1].encoded"
@@ -265,6 +266,23 @@ def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_1(server, 
     (tmp_path / "black2.png").write_bytes(BLACK)
     assert cli_main([*target, "predict", good, good, black, str(tmp_path / "black2.png")]) == 1  # the second request of two fails
     assert f"  those are files {black}, {tmp_path / 'black2.png'}" in capsys.readouterr().err.splitlines()
+
+
+def test_the_cli_keeping_going_past_every_file_exits_1_as_a_failure_does(server, tmp_path, capsys):
+    import json
+
+    from explaind.client.cli import main as cli_main
+
+    (tmp_path / "corrupt.png").write_bytes(CORRUPT)
+    (tmp_path / "black.png").write_bytes(BLACK)
+    files = [str(tmp_path / "corrupt.png"), str(tmp_path / "black.png")]
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    assert cli_main([*target, "predict", *files, "--keep-going"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 2
+    assert cli_main([*target, "predict", *files, "--keep-going", "--json"]) == 1
+    assert [entry["error"]["code"] for entry in json.loads(capsys.readouterr().out)] == ["INVALID_ARGUMENT", "FAILED_PRECONDITION"]
+    assert cli_main([*target, "predict", *files]) == 1  # as without --keep-going
 
 
 def test_a_batch_answers_a_partial_failure_request_with_its_unusable_rows_and_refuses_a_plain_one_batched_with_it():

@@ -408,6 +408,9 @@ def _require_writable(path: str) -> None:
 
 DEFAULT_TIMEOUT_S = 60.0  # per call: longer than the SDK's 30 s, for a person on a slow link
 DEFAULT_PREDICT_CLASSES = 3  # predict's lines per image, when --top-k is not given
+# predict --keep-going's exit status when some files were answered and printed and others
+# failed; with none answered it is 1, as any failure's, so a script tells "some output" from none.
+EXIT_SOME_FAILED = 3
 UPLOAD_PROGRESS_SAMPLES = 512  # sample-set create/append show progress above this many samples
 DEMO_SERVER_STOP_S = 30.0  # the demo's server, sent SIGTERM, is killed if it has not ended by then
 
@@ -609,7 +612,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         answered = [(name, p) for name, p in zip(args.images, predictions, strict=True) if p.error is None]
         _print_predictions([name for name, _ in answered], [p for _, p in answered])
-    return 1 if failed else 0
+    if not failed:
+        return 0
+    return EXIT_SOME_FAILED if len(failed) < len(predictions) else 1
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -1405,7 +1410,8 @@ def build_parser() -> argparse.ArgumentParser:
                               f"the last answered (default: {DEFAULT_PREDICT_IN_FLIGHT})")
     predict.add_argument("--keep-going", dest="keep_going", action="store_true",
                          help="print the files the server can answer when others fail (do not decode, unusable logits): each "
-                              "failed file's error on stderr (with --json, an \"error\" entry for it), exit status 1 if any failed "
+                              "failed file's error on stderr (with --json, an \"error\" entry for it); exit status "
+                              f"{EXIT_SOME_FAILED} if some failed and others were printed, 1 (as for any error) if every file failed "
                               "(needs a server with the predict_partial_failure capability)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=cmd_predict)
