@@ -209,12 +209,76 @@ def test_the_sdk_refuses_partial_failure_up_front_on_a_server_without_the_capabi
 
     monkeypatch.setattr(convert, "CAPABILITIES", tuple(c for c in convert.CAPABILITIES if c != "predict_partial_failure"))
     sent = server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"})
+    asked = server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "GetModelMetadata"}) or 0
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
-        with pytest.raises(UnimplementedError, match="does not honour partial_failure .*'predict_partial_failure'"):
-            client.predict([GOOD, CORRUPT], partial_failure=True)
+        for refusal in (1, 2):  # asked once each: by a new client, and again by one that kept an answer without it
+            with pytest.raises(UnimplementedError, match="does not honour partial_failure .*'predict_partial_failure'"):
+                client.predict([GOOD, CORRUPT], partial_failure=True)
+            assert server.metrics.registry.get_sample_value(
+                "explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "GetModelMetadata"}) == asked + refusal
         with pytest.raises(InvalidArgumentError, match=r"images\[1\]"):  # without it, as ever
             client.predict([GOOD, CORRUPT])
     assert server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"}) == sent + 1
+
+
+def _predicts_started(server) -> float:
+    return server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "Predict"})
+
+
+def test_the_sdk_notices_a_server_upgraded_to_partial_failure_behind_its_target(server, monkeypatch):
+    from explaind.service import convert
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        monkeypatch.setattr(convert, "CAPABILITIES", tuple(c for c in convert.CAPABILITIES if c != "predict_partial_failure"))
+        with pytest.raises(UnimplementedError):
+            client.predict([GOOD, CORRUPT], partial_failure=True)
+        monkeypatch.undo()  # upgraded: the client asks again rather than refuse for its whole life
+        good, corrupt = client.predict([GOOD, CORRUPT], partial_failure=True)
+    assert good.error is None and isinstance(corrupt.error, InvalidArgumentError)
+
+
+def _ignoring_partial_failure(servicer, request, context, geometry, budget):
+    """InferenceServicer._predict_each as an older release answers: the request as if
+    partial_failure were not set."""
+    plain = inference_pb2.PredictRequest()
+    plain.CopyFrom(request)
+    plain.partial_failure = False
+    return servicer.Predict(plain, context)
+
+
+@pytest.mark.parametrize("still_listed", [False, True])
+def test_the_sdk_notices_a_server_downgraded_behind_its_target_by_a_request_failed_whole_for_an_image(server, monkeypatch, still_listed):
+    from explaind.service import convert
+    from explaind.service.inference import InferenceServicer
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        assert client.predict([GOOD], partial_failure=True)[0].error is None  # its capabilities kept
+        monkeypatch.setattr(InferenceServicer, "_predict_each", _ignoring_partial_failure)
+        if not still_listed:
+            monkeypatch.setattr(convert, "CAPABILITIES", tuple(c for c in convert.CAPABILITIES if c != "predict_partial_failure"))
+        with pytest.raises(UnimplementedError if not still_listed else InvalidArgumentError) as raised:
+            client.predict([GOOD, CORRUPT], partial_failure=True)
+        if still_listed:  # a server that says it honours it: its error as it came
+            assert raised.value.field == "images[1].encoded"
+            return
+        assert isinstance(raised.value.__cause__, InvalidArgumentError) and raised.value.__cause__.field == "images[1].encoded"
+        sent = _predicts_started(server)
+        with pytest.raises(UnimplementedError):  # up front from then on
+            client.predict([GOOD, CORRUPT], partial_failure=True)
+        assert _predicts_started(server) == sent
+
+
+def test_a_request_failed_whole_for_an_image_is_raised_as_it_came_where_the_capabilities_cannot_be_asked_again(server, monkeypatch):
+    from explaind.client import UnavailableError
+    from explaind.service.inference import InferenceServicer
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.predict([GOOD], partial_failure=True)
+        monkeypatch.setattr(InferenceServicer, "_predict_each", _ignoring_partial_failure)
+        monkeypatch.setattr(client, "model_metadata", lambda **kwargs: (_ for _ in ()).throw(UnavailableError("loading its models")))
+        with pytest.raises(InvalidArgumentError) as raised:  # not the metadata's UnavailableError
+            client.predict([GOOD, CORRUPT], partial_failure=True)
+    assert raised.value.field == "images[1].encoded" and raised.value.__suppress_context__  # its traceback without the metadata's
 
 
 def test_the_cli_names_keep_going_where_the_server_lacks_the_capability(server, monkeypatch, tmp_path, capsys):

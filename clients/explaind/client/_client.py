@@ -334,6 +334,13 @@ def _note_chunk(error: ExplaindError, start: int, total: int | None) -> None:
         error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
 
 
+def _fails_for_an_image(error: ExplaindError) -> bool:
+    """Whether a Predict failed whole for images of its own (``images[i]`` its field or
+    among the items it lists), which a server honouring partial_failure answers each with
+    its error instead: a server that ignored it."""
+    return any(name.startswith("images[") for name in (error.field or "", *listed_items(error)))
+
+
 def _image_error(status: status_pb2.Status, index: int, position: int) -> ExplaindError:
     """The error of image ``index`` of one request of a split partial_failure Predict,
     naming it as the caller's list does, ``images[position]`` (in its message and fields).
@@ -813,16 +820,18 @@ class Client:
         of a whole request (a full queue, the deadline, top_k, the pixel limit) still
         raises. A server that does not list the ``"predict_partial_failure"`` capability
         (an older release, which would fail the whole request for one image) is refused
-        up front with UnimplementedError, before any image is read or sent."""
+        up front with UnimplementedError, before any image is read or sent. The client
+        keeps the server's capabilities, asking again where they lack it (a server
+        upgraded behind the target) and where a request fails whole for one image, as
+        only a server that ignores partial_failure answers (one downgraded behind it):
+        UnimplementedError then too, from that error, and up front from then on."""
         timeout = checked_timeout(timeout)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
         require_files(images)  # requests already answered would be thrown away with the error
-        if partial_failure and PARTIAL_FAILURE_CAPABILITY not in self._server_capabilities(timeout):
-            raise UnimplementedError(f"the server at {self.target} does not honour partial_failure (it lacks the "
-                                     f"{PARTIAL_FAILURE_CAPABILITY!r} capability: an older release, which fails the whole request for one "
-                                     "image); upgrade it, or predict without partial_failure")
+        if partial_failure and not self._honours_partial_failure(timeout):
+            raise self._partial_failure_unsupported()
         # One image needs no limits: the usual low-latency call, in this thread.
         chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True,
                                      timeout=timeout)
@@ -830,19 +839,45 @@ class Client:
                               partial_failure=partial_failure), len(chunk))
                     for chunk in chunks)
         predictions: list[Prediction] = []
-        with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
-                                                      timeout=timeout)) as responses:
-            for response in responses:
-                features = None
-                if response.HasField("features"):
-                    features = float32_array(response.features)
-                offset = len(predictions)  # of the request's first image in the caller's list
-                predictions += [
-                    Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i], response.model_version,
-                               _image_error(p.error, i, offset + i) if p.error.code else None)
-                    for i, p in enumerate(response.predictions)
-                ]
+        try:
+            with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
+                                                          timeout=timeout)) as responses:
+                for response in responses:
+                    features = None
+                    if response.HasField("features"):
+                        features = float32_array(response.features)
+                    offset = len(predictions)  # of the request's first image in the caller's list
+                    predictions += [
+                        Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i],
+                                   response.model_version, _image_error(p.error, i, offset + i) if p.error.code else None)
+                        for i, p in enumerate(response.predictions)
+                    ]
+        except ExplaindError as error:
+            if not (partial_failure and _fails_for_an_image(error)):
+                raise
+            try:  # the server behind the target changed since its capabilities were asked: ask again
+                self._keep_limits(self.model_metadata(timeout=timeout))
+            except ExplaindError:
+                raise error from None
+            if PARTIAL_FAILURE_CAPABILITY not in self._capabilities:
+                raise self._partial_failure_unsupported() from error
+            raise
         return predictions
+
+    def _honours_partial_failure(self, timeout: float | None) -> bool:
+        """Whether the server lists Predict's partial_failure capability: the kept answer
+        if it does, else asked again (within ``timeout``), so a server upgraded behind the
+        target is not refused for the client's life; one without it costs a
+        GetModelMetadata per refused call."""
+        kept = self._limits is not None
+        if PARTIAL_FAILURE_CAPABILITY not in self._server_capabilities(timeout) and kept:
+            self._keep_limits(self.model_metadata(timeout=timeout))
+        return PARTIAL_FAILURE_CAPABILITY in self._capabilities
+
+    def _partial_failure_unsupported(self) -> UnimplementedError:
+        return UnimplementedError(f"the server at {self.target} does not honour partial_failure (it lacks the "
+                                  f"{PARTIAL_FAILURE_CAPABILITY!r} capability: an older release, which fails the whole request for one "
+                                  "image); upgrade it, or predict without partial_failure")
 
     def _pipelined_calls(self, service: str, method: str, requests: Iterator[tuple[Any, int]], total: int | None, max_in_flight: int, *,
                          timeout: float | None) -> Generator[Any, None, None]:
