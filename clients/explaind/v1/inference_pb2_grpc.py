@@ -66,8 +66,10 @@ class InferenceServiceServicer:
         model rules out (one that masks classes), of probability 0. FAILED_PRECONDITION
         (field images) where the model's logits for some of the images hold NaN or
         +infinity, or are -infinity for every class (no probability is defined), naming
-        them as images[i]; the requests batched with it are answered. With partial_failure,
-        an image that fails on its own is answered with Prediction.error instead.
+        them as images[i] (the first ten, also as google.rpc.PreconditionFailure violations
+        of type UNUSABLE_LOGITS, subject images[i]); the requests batched with it are
+        answered. With partial_failure, an image that fails on its own is answered with
+        Prediction.error instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
