@@ -268,6 +268,23 @@ def test_the_sdk_notices_a_server_downgraded_behind_its_target_by_a_request_fail
         assert _predicts_started(server) == sent
 
 
+def test_the_sdk_notices_a_downgraded_server_by_a_later_request_refused_for_the_images_it_lists(server, monkeypatch):
+    # Unusable logits fail a request ignoring partial_failure under the field images, the
+    # images listed as its precondition violations: those tell, not the field.
+    from explaind.service import convert
+    from explaind.service.inference import InferenceServicer
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.predict([GOOD], partial_failure=True)
+        monkeypatch.setattr(InferenceServicer, "_predict_each", _ignoring_partial_failure)
+        monkeypatch.setattr(convert, "CAPABILITIES", tuple(c for c in convert.CAPABILITIES if c != "predict_partial_failure"))
+        with pytest.raises(UnimplementedError) as raised:
+            client.predict([GOOD, GOOD, GOOD, BLACK], partial_failure=True, max_in_flight=1)  # requests of 2: the second fails
+    cause = raised.value.__cause__
+    assert isinstance(cause, FailedPreconditionError) and cause.field == "images" and cause.request_offset == 2
+    assert cause.precondition_violations == [("UNUSABLE_LOGITS", "images[1]", "")]
+
+
 def test_a_request_failed_whole_for_an_image_is_raised_as_it_came_where_the_capabilities_cannot_be_asked_again(server, monkeypatch):
     from explaind.client import UnavailableError
     from explaind.service.inference import InferenceServicer
