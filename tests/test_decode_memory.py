@@ -266,12 +266,14 @@ def test_small_images_take_nothing_and_many_calls_leave_nothing_held():
 
 
 @pytest.fixture
-def engine(tmp_path, classifier_dir):
+def engine(tmp_path, classifier_dir, request):
+    """An engine serving the world classifier; with ``indirect`` parameters, these `[jobs]` keys."""
     from explaind.config import default_config
     from explaind.engine import Engine
     from explaind.store import SQLiteStore
 
     config = default_config().replace("classifier", path=str(classifier_dir)).replace("server", data_dir=str(tmp_path / "data"))
+    config = config.replace("jobs", **getattr(request, "param", {}))
     engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
     engine.load()
     yield engine
@@ -345,6 +347,23 @@ def test_a_jobs_stored_image_waits_for_room_and_decodes_once_it_is_given_back(en
 def test_a_cancelled_job_waiting_for_room_ends_cancelled_holding_nothing(engine):
     _store_a_large_sample(engine, "large")
     _cancel_an_evaluation_waiting_for_room(engine, "large")
+
+
+@pytest.mark.parametrize("engine", [{"max_run_seconds": 3.0}], indirect=True)
+def test_a_job_waiting_for_room_past_its_run_time_limit_fails_as_a_job_past_it_does(engine):
+    # It waited until it got room, however long past [jobs].max_run_seconds: the limit
+    # that frees a worker from a runaway job held no worker waiting to decode.
+    _store_a_large_sample(engine, "large")
+    memory = engine.decode_memory
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        job_id = engine.evaluate_sample_set("large").record.job_id
+        _until(lambda: memory._waiting, "waited for room")
+        ended = engine.jobs.wait(job_id, 30).record
+        assert (ended.state, ended.error_code) == ("failed", "DEADLINE_EXCEEDED")
+        assert ended.error_message.startswith("the job ran longer than the server allows an operation, 3 s ([jobs].max_run_seconds)")
+        assert memory.held == memory.capacity and not memory._waiting
+    assert memory.held == 0
 
 
 def _cancel_an_evaluation_waiting_for_room(engine, sample_set_id: str) -> None:

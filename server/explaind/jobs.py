@@ -169,8 +169,17 @@ class JobContext:
         if self.cancelled:
             raise JobCancelled(self.job_id)
         if self._run_deadline is not None and time.monotonic() > self._run_deadline:
-            raise DeadlineExceeded(f"the job ran longer than the server allows an operation, {self._manager.max_run_s:g} s "
-                                   f"([jobs].max_run_seconds); ask for less work (fewer samples, steps or pairs), or for a higher limit")
+            raise self.ran_too_long()
+
+    def run_time_remaining(self) -> float | None:
+        """Seconds the job may still run before ``max_run_s`` ends it (0 once past it);
+        None: no limit. A wait inside the job ends by then (its decodes' waits for room)."""
+        return None if self._run_deadline is None else max(0.0, self._run_deadline - time.monotonic())
+
+    def ran_too_long(self) -> DeadlineExceeded:
+        """The error a job past ``max_run_s`` ends with, FAILED."""
+        return DeadlineExceeded(f"the job ran longer than the server allows an operation, {self._manager.max_run_s:g} s "
+                                f"([jobs].max_run_seconds); ask for less work (fewer samples, steps or pairs), or for a higher limit")
 
     def stage(self, name: str) -> None:
         """The job's time from now on goes to stage ``name`` (until the next call or its

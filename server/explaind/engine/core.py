@@ -29,7 +29,7 @@ import torch
 
 from ..config import Config
 from ..decode_memory import DecodeMemory, trim_arenas
-from ..errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
+from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
 from ..imaging import PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..methods.neuroinspect._ranking import top_ids
@@ -120,15 +120,15 @@ def require_caller(caller_waits: Callable[[], bool]) -> None:
 
 class _JobDecodeWait:
     """A job as the context of its stored images' waits for room in [server].max_decode_bytes
-    (a :class:`~explaind.decode_memory.CallContext`): no call's deadline; active until the
-    job is cancelled. With no job (an inline ranking's features), it
-    waits until there is room."""
+    (a :class:`~explaind.decode_memory.CallContext`): its deadline is its run-time limit
+    ([jobs].max_run_seconds; none without one); active until the job is cancelled. With no
+    job (an inline ranking's features), it waits until there is room."""
 
     def __init__(self, job: JobContext | None) -> None:
         self._job = job
 
     def time_remaining(self) -> float | None:
-        return None
+        return None if self._job is None else self._job.run_time_remaining()
 
     def is_active(self) -> bool:
         return self._job is None or not self._job.cancelled
@@ -637,7 +637,8 @@ class Engine:
         active one by default). Its decode holds room in [server].max_decode_bytes, as a
         request's image does, until it is fitted: a stored image may be 4096² (436 MB to
         decode), and a job decodes several at once. Waiting for room ends as ``job`` does
-        (:class:`_JobDecodeWait`). ``trim``: as :meth:`DecodeMemory.lease`'s."""
+        (:class:`_JobDecodeWait`): cancelled, or at its run-time limit, failing as a job
+        past it does. ``trim``: as :meth:`DecodeMemory.lease`'s."""
         geometry = (version or self.models.active).input_geometry
         field = f"sample {digest[:12]}"
         data = self.store.get_blob(digest)
@@ -648,6 +649,10 @@ class Engine:
         except Cancelled:
             if job is not None:
                 job.raise_if_cancelled()  # the job's own end (JobCancelled), not a call's CANCELLED
+            raise
+        except DeadlineExceeded:
+            if job is not None:  # a job's wait has no deadline but its run-time limit
+                raise job.ran_too_long() from None
             raise
 
     def sample_set_features(
