@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -38,21 +39,30 @@ class _Call:
         return "ipv4:127.0.0.1:1"
 
 
-def _reserve_in_thread(memory: DecodeMemory, nbytes: int, call: _Call) -> tuple[threading.Thread, list[object]]:
-    """A thread reserving ``nbytes`` on a new lease; its outcome (the lease, or the error) lands in the list."""
+def _in_thread(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """A thread running ``work``; its outcome (what it returned, or its error) lands in the list."""
     outcome: list[object] = []
 
     def run() -> None:
-        lease = memory.lease(call)
         try:
-            lease.reserve(nbytes)
-            outcome.append(lease)
+            outcome.append(work())
         except Exception as error:  # noqa: BLE001 - the test reads it
             outcome.append(error)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
+
+
+def _reserve_in_thread(memory: DecodeMemory, nbytes: int, call: _Call) -> tuple[threading.Thread, list[object]]:
+    """A thread reserving ``nbytes`` on a new lease; its outcome (the lease, or the error) lands in the list."""
+
+    def reserve() -> object:
+        lease = memory.lease(call)
+        lease.reserve(nbytes)
+        return lease
+
+    return _in_thread(reserve)
 
 
 def test_a_call_waits_for_room_and_decodes_once_another_gives_it_back():
@@ -363,6 +373,38 @@ def test_a_job_waiting_for_room_past_its_run_time_limit_fails_as_a_job_past_it_d
         assert (ended.state, ended.error_code) == ("failed", "DEADLINE_EXCEEDED")
         assert ended.error_message.startswith("the job ran longer than the server allows an operation, 3 s ([jobs].max_run_seconds)")
         assert memory.held == memory.capacity and not memory._waiting
+    assert memory.held == 0
+
+
+@pytest.mark.parametrize("stops", ["at its deadline", "as its caller leaves"])
+def test_an_inline_ranking_waits_for_room_only_while_its_caller_does(engine, stops):
+    # Its stored samples waited for room with no deadline: past its caller's deadline, or
+    # with its caller gone, it held its RPC's thread and its held call's slot for nobody.
+    from explaind.engine.neuroinspect import NeuroInspectEngine
+    from explaind.service.interceptors import HeldCalls
+    from explaind.service.neuroinspect import NeuroInspectServicer
+    from explaind.v1 import neuroinspect_pb2
+
+    _store_a_large_sample(engine, "large")
+    inspect = NeuroInspectEngine(engine)
+    inspect.restore()
+    servicer = NeuroInspectServicer(inspect, max_message_bytes=1 << 22, held_calls=HeldCalls(1))
+    request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="large", class_index=0, execution=neuroinspect_pb2.EXECUTION_INLINE)
+    call = _Call(remaining=0.5 if stops == "at its deadline" else None)
+    memory = engine.decode_memory
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        thread, outcome = _in_thread(lambda: servicer.RankMistakeNeurons(request, call))
+        if stops == "as its caller leaves":
+            _until(call.waiting.is_set, "asked whether its caller stays")
+            call.leave.set()
+        thread.join(30)
+        assert not thread.is_alive(), "it still waits for room"
+        if stops == "at its deadline":
+            assert isinstance(outcome[0], DeadlineExceeded) and "found no room to decode in [server].max_decode_bytes" in str(outcome[0])
+        else:
+            assert isinstance(outcome[0], Cancelled) and str(outcome[0]) == "the call was cancelled"
+        assert memory.held == memory.capacity and not memory._waiting and engine.jobs.list() == []  # nor run as an operation
     assert memory.held == 0
 
 

@@ -1383,6 +1383,8 @@ def test_a_ranking_whose_shifts_overflow_on_the_served_head_fails_failed_precond
 def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_set):
     # It ran in the RPC's thread to the end: a caller past its 2 s deadline left the
     # solver busy for nobody, 100000 steps of it, slowing every Predict.
+    from types import SimpleNamespace
+
     from explaind.engine.neuroinspect import RankSettings
     from explaind.errors import Cancelled
 
@@ -1390,8 +1392,9 @@ def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_s
     try:
         _create_train_set(engine, world_set)
         asked = []
+        call = SimpleNamespace(is_active=lambda: asked.append(1) or len(asked) < 3, time_remaining=lambda: None)
         with pytest.raises(Cancelled, match="the caller stopped waiting"):
-            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", caller_waits=lambda: asked.append(1) or len(asked) < 3,
+            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call,
                                          settings=RankSettings(max_iterations=100_000, l1=1000.0))
         assert len(asked) == 3  # asked at each step: it stopped at the first step the caller had gone
     finally:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..decode_memory import DecodeMemory, trim_arenas
+from ..decode_memory import CallContext, DecodeMemory, trim_arenas
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
 from ..imaging import PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
@@ -122,7 +122,7 @@ class _JobDecodeWait:
     """A job as the context of its stored images' waits for room in [server].max_decode_bytes
     (a :class:`~explaind.decode_memory.CallContext`): its deadline is its run-time limit
     ([jobs].max_run_seconds; none without one); active until the job is cancelled. With no
-    job (an inline ranking's features), it waits until there is room."""
+    job (the engine used in-process, with no call waiting on it), it waits until there is room."""
 
     def __init__(self, job: JobContext | None) -> None:
         self._job = job
@@ -632,19 +632,21 @@ class Engine:
         return [SampleRecord(digest, sample.label, dict(sample.attributes)) for digest, sample in zip(digests, samples, strict=True)]
 
     def load_sample_image(self, digest: str, version: ClassifierVersion | None = None, *, job: JobContext | None = None,
-                          trim: bool = True) -> torch.Tensor:
+                          call: CallContext | None = None, trim: bool = True) -> torch.Tensor:
         """A stored sample as (3, S, S) in [0, 1], fitted to the input of ``version`` (the
         active one by default). Its decode holds room in [server].max_decode_bytes, as a
         request's image does, until it is fitted: a stored image may be 4096² (436 MB to
         decode), and a job decodes several at once. Waiting for room ends as ``job`` does
         (:class:`_JobDecodeWait`): cancelled, or at its run-time limit, failing as a job
-        past it does. ``trim``: as :meth:`DecodeMemory.lease`'s."""
+        past it does; for an inline computation, as the RPC ``call`` it answers does, as a
+        Predict's (DEADLINE_EXCEEDED at its deadline, CANCELLED once its caller left).
+        ``trim``: as :meth:`DecodeMemory.lease`'s."""
         geometry = (version or self.models.active).input_geometry
         field = f"sample {digest[:12]}"
         data = self.store.get_blob(digest)
         # Stored samples passed the pixel limit when they were sent: only the memory is budgeted here.
         try:
-            with PixelBudget(sys.maxsize, field=field, memory=self.decode_memory.lease(_JobDecodeWait(job), trim=trim)) as budget:
+            with PixelBudget(sys.maxsize, field=field, memory=self.decode_memory.lease(call if call is not None else _JobDecodeWait(job), trim=trim)) as budget:
                 return decode_encoded(data, field=field, geometry=geometry, budget=budget)
         except Cancelled:
             if job is not None:
@@ -662,13 +664,16 @@ class Engine:
         version: ClassifierVersion | None = None,
         batch_size: int = 0,
         context: JobContext | None = None,
+        call: CallContext | None = None,
         field: str = "sample_set_id",
         uid: str | None = None,
         count: int | None = None,
     ) -> SampleFeatures:
         """Penultimate features of every sample, from the (feature version, image) cache
         where present; the rest are computed in batches, with progress and cancellation
-        through ``context`` when given. The set is checked again here, when a job runs: it
+        through ``context`` when given; ``call``: the RPC computing them inline, whose
+        deadline and caller the decodes' waits for room end with (:meth:`load_sample_image`).
+        The set is checked again here, when a job runs: it
         may have been deleted, or replaced (``uid``: the set the job was submitted for), since
         the job was queued. With ``count``, only its first ``count`` samples: the set as it
         was when it held that many (samples are only appended), not samples appended since.
@@ -699,7 +704,7 @@ class Engine:
         computed_into = stacked if len(missing) == len(digests) else None
         with self._reading_images_of(sample_set_id, field):
             for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
-                                                        "computing features", outputs=computed_into):
+                                                        "computing features", outputs=computed_into, call=call):
                 self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True)))
                 if computed_into is None:
                     for digest, vector in zip(chunk, computed, strict=True):
@@ -758,11 +763,12 @@ class Engine:
         return records
 
     def _run_on_samples(self, digests: list[str], version: ClassifierVersion, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
-                        context: JobContext | None, activity: str, *,
-                        outputs: np.ndarray | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+                        context: JobContext | None, activity: str, *, outputs: np.ndarray | None = None,
+                        call: CallContext | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
         """``fn`` on the stored images ``digests`` (decoded on the CPU) in batches of
         ``batch_size`` (0: ``[jobs].evaluate_batch_size``): each batch's digests and float
-        outputs, with progress ("<activity> i/n") and cancellation through ``context``.
+        outputs, with progress ("<activity> i/n") and cancellation through ``context``
+        (``call``: the RPC computing them inline instead, see :meth:`load_sample_image`).
 
         The outputs are rows of one (len(digests), ...) array, filled batch by batch (the
         caller's ``outputs``, or one of its own): each batch's own output, kept by the
@@ -772,7 +778,7 @@ class Engine:
         batch_size = batch_size or self.config.jobs.evaluate_batch_size
         chunks = [digests[start : start + batch_size] for start in range(0, len(digests), batch_size)]
         done = 0
-        with contextlib.closing(self._decoded_chunks(chunks, version, context)) as decoded:  # a cancel stops the decoding too
+        with contextlib.closing(self._decoded_chunks(chunks, version, context, call)) as decoded:  # a cancel stops the decoding too
             for chunk, images in zip(chunks, decoded, strict=True):
                 if context is not None:
                     context.raise_if_cancelled()
@@ -786,22 +792,24 @@ class Engine:
                 yield chunk, rows
                 done += len(chunk)
 
-    def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion, job: JobContext | None) -> Iterator[torch.Tensor]:
+    def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion, job: JobContext | None,
+                        call: CallContext | None = None) -> Iterator[torch.Tensor]:
         """Each chunk of stored samples as images (n, 3, S, S), decoded by a thread pool
         while the model runs on the chunk before: decoding and resizing one at a time
         (3 ms a 224 px image) left a GPU idle most of the time. Only the next chunk is
         decoded ahead of the one in use. Each decode holds its own room in
-        [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job``;
+        [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job`` or ``call``;
         the arenas are trimmed once, at the end, not after each."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
         try:
-            upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, trim=False) for digest in chunks[0]]
+            upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
                 images = torch.stack([future.result() for future in upcoming])
                 # Nothing else holds this chunk's decoded images while the model runs on it.
-                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, trim=False) for digest in following] if following else []
+                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False)
+                            for digest in following] if following else []
                 yield images
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

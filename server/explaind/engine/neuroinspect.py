@@ -31,6 +31,7 @@ from torch import nn
 from explaind.v1 import common_pb2, neuroinspect_pb2
 
 from ..config import MAX_LOSS_WEIGHT
+from ..decode_memory import CallContext
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
@@ -259,7 +260,7 @@ class NeuroInspectEngine:
         target_class: ClassRef | None,
         settings: RankSettings = RankSettings(),
         execution: str = "auto",
-        caller_waits: Callable[[], bool] = lambda: True,
+        call: CallContext | None = None,
         request: RequestKey | None = None,
         caller: str | None = None,
     ) -> neuroinspect_pb2.NeuronRanking | JobSnapshot:
@@ -267,8 +268,11 @@ class NeuroInspectEngine:
         ranking itself when small (see ``INLINE_MAX_*``), else the job computing it. AUTO
         never answers inline what might outgrow [server].max_message_bytes: its response
         would be refused after the work, and the operation's result fits (cut if need be).
-        An inline ranking stops (Cancelled) once ``caller_waits()`` is False: a caller past
-        its deadline, or gone, must not leave the solver running for nobody. ``request``:
+        An inline ranking lasts as long as the RPC ``call`` it answers waits (None: no RPC):
+        its stored samples wait for room to decode only within the call's deadline and while
+        its caller stays (DEADLINE_EXCEEDED, CANCELLED), and its solver stops (Cancelled)
+        once ``call.is_active()`` is False: a caller past its deadline, or gone, must not
+        leave it running for nobody. ``request``:
         the job an earlier request of its request_id started, if kept; an inline ranking
         has no effect to repeat and runs again. ``caller``: the named caller, owner of the job."""
         if (previous := self._engine.jobs.submitted(request)) is not None:
@@ -287,7 +291,7 @@ class NeuroInspectEngine:
             raise FailedPrecondition(f"the set has {count} samples (inline limit {INLINE_MAX_SAMPLES}); use execution OPERATION", field="execution")
         # ``uid``: the set checked above, not one made under its id since (as a job reads it);
         # ``count``: the samples counted above, not those appended since (past the inline limit).
-        features = self._engine.sample_set_features(sample_set_id, version=version, uid=info.uid, count=count)
+        features = self._engine.sample_set_features(sample_set_id, version=version, call=call, uid=info.uid, count=count)
         mistakes, _ = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
         too_many = len(mistakes) > INLINE_MAX_MISTAKES
         if too_many and execution == "inline":
@@ -296,7 +300,7 @@ class NeuroInspectEngine:
         if too_many or (execution == "auto" and _inline_response_bound(version, sample_set_id, class_index, settings, count, len(mistakes))
                         > self._engine.config.server.max_message_bytes):
             return self._submit_ranking(sample_set_id, info, version, class_index, class_field, settings, request, caller)
-        return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, caller_waits=caller_waits)
+        return self._rank(None, sample_set_id, version, class_index, class_field, settings, features=features, call=call)
 
     def _submit_ranking(self, sample_set_id: str, info: SampleSetInfo, version: ClassifierVersion, class_index: int, class_field: str,
                         settings: RankSettings, request: RequestKey | None, caller: str | None) -> JobSnapshot:
@@ -342,7 +346,7 @@ class NeuroInspectEngine:
         return in_class[wrong], predicted[wrong]
 
     def _rank(self, context: JobContext | None, sample_set_id: str, version: ClassifierVersion, class_index: int, class_field: str,
-              settings: RankSettings, features=None, caller_waits: Callable[[], bool] = lambda: True,
+              settings: RankSettings, features=None, call: CallContext | None = None,
               uid: str | None = None, count: int | None = None) -> neuroinspect_pb2.NeuronRanking:
         stage = context.stage if context is not None else lambda name: None
         stage("features")
@@ -358,8 +362,8 @@ class NeuroInspectEngine:
                 context.raise_if_cancelled()
                 if step % 25 == 0:
                     context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
-            else:
-                require_caller(caller_waits)
+            elif call is not None:
+                require_caller(call.is_active)
             return False
 
         try:

@@ -81,7 +81,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
                                         "or use execution AUTO or OPERATION")
             outcome = self._engine.rank_mistake_neurons(
                 request.sample_set_id, target_class=_target_class(request), settings=settings,
-                execution=execution if held else "operation", caller_waits=context.is_active, request=convert.request_key(request),
+                execution=execution if held else "operation", call=context, request=convert.request_key(request),
                 caller=caller,
             )
         if isinstance(outcome, JobSnapshot):
