@@ -117,21 +117,24 @@ class DecodeLease:
         """Hold at least ``nbytes``, waiting for room within the call's deadline (else
         DEADLINE_EXCEEDED) while the caller stays (else CANCELLED). A lease that must
         wait to grow gives back what it holds first: no call waits holding any, so
-        calls never wait on each other in a cycle."""
+        calls never wait on each other in a cycle. The wait is timed however it ends: a
+        call that gave up is the one the budget starved most."""
         if nbytes <= self.held or nbytes < UNRESERVED_DECODE_BYTES:
             return
         memory = self._memory
         started = time.monotonic()
-        with memory._room:
-            if memory._waiting or not memory._fits(nbytes - self.held):
-                memory._add(-self.held)
-                self.held = 0
-                memory._room.notify_all()
-                self._wait(nbytes, started)
-            memory._add(nbytes - self.held)
-            self.held = nbytes
-        if memory._wait_seconds is not None:
-            memory._wait_seconds.observe(time.monotonic() - started)
+        try:
+            with memory._room:
+                if memory._waiting or not memory._fits(nbytes - self.held):
+                    memory._add(-self.held)
+                    self.held = 0
+                    memory._room.notify_all()
+                    self._wait(nbytes, started)
+                memory._add(nbytes - self.held)
+                self.held = nbytes
+        finally:
+            if memory._wait_seconds is not None:
+                memory._wait_seconds.observe(time.monotonic() - started)
 
     def _wait(self, nbytes: int, started: float) -> None:
         """Wait, holding the budget's lock, until this lease is the earliest waiter and

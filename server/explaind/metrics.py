@@ -123,7 +123,8 @@ class Metrics:
         self.batch_size = Histogram("explaind_batch_size_images", "Images per forward pass of Predict's batcher (jobs' forwards are not counted).", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("explaind_predict_queue_depth_images", "Images waiting for the model.", registry=r)
         # [server].max_decode_bytes: held near it, with waits rising, the budget binds (calls
-        # queue for room to decode their images); observed for each reservation of 16 MiB or more.
+        # queue for room to decode their images); observed for each reservation of 16 MiB or
+        # more, one that gave up (DEADLINE_EXCEEDED, CANCELLED) included.
         self.decode_memory_held = Gauge("explaind_decode_memory_bytes", "Decode memory the calls decoding images hold.", registry=r)
         self.decode_memory_wait = Histogram("explaind_decode_memory_wait_seconds", "Time a call waited for room to decode its images.",
                                             buckets=QUEUE_WAIT_BUCKETS, registry=r)
