@@ -26,6 +26,7 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info, generate_latest
@@ -793,6 +794,9 @@ def test_a_real_prometheus_shows_every_panel_and_alerts_only_when_the_server_is_
             # Two rounds, each scraped: a rate needs a series to grow between two samples.
             for round_ in (1, 2):
                 client.predict(images[:8])
+                # A 1024² float16 tensor reserves decode memory (18 MiB, over the 16 taken
+                # unreserved), so its wait for room is timed.
+                client.predict(np.full((3, 1024, 1024), 0.5, dtype=np.float16))
                 client.rank_mistake_neurons("probe", 0, execution="operation")
                 operation = client.visualize_neurons([3], method="no_clip", steps=2)
                 operation.result()
