@@ -645,8 +645,9 @@ class Engine:
         field = f"sample {digest[:12]}"
         data = self.store.get_blob(digest)
         # Stored samples passed the pixel limit when they were sent: only the memory is budgeted here.
+        lease = self.decode_memory.lease(call if call is not None else _JobDecodeWait(job), trim=trim)
         try:
-            with PixelBudget(sys.maxsize, field=field, memory=self.decode_memory.lease(call if call is not None else _JobDecodeWait(job), trim=trim)) as budget:
+            with PixelBudget(sys.maxsize, field=field, memory=lease) as budget:
                 return decode_encoded(data, field=field, geometry=geometry, budget=budget)
         except Cancelled:
             if job is not None:
@@ -673,12 +674,11 @@ class Engine:
         where present; the rest are computed in batches, with progress and cancellation
         through ``context`` when given; ``call``: the RPC computing them inline, whose
         deadline and caller the decodes' waits for room end with (:meth:`load_sample_image`).
-        The set is checked again here, when a job runs: it
-        may have been deleted, or replaced (``uid``: the set the job was submitted for), since
-        the job was queued. With ``count``, only its first ``count`` samples: the set as it
-        was when it held that many (samples are only appended), not samples appended since.
-        FailedPrecondition naming ``field`` and the samples whose features are NaN or
-        infinite (:func:`_require_usable_rows`)."""
+        The set is checked again here, when a job runs: it may have been deleted, or replaced
+        (``uid``: the set the job was submitted for), since the job was queued. With
+        ``count``, only its first ``count`` samples: the set as it was when it held that many
+        (samples are only appended), not samples appended since. FailedPrecondition naming
+        ``field`` and the samples whose features are NaN or infinite (:func:`_require_usable_rows`)."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
         records = self._samples_of(sample_set_id, field, uid, count)

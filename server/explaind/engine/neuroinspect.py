@@ -272,9 +272,9 @@ class NeuroInspectEngine:
         its stored samples wait for room to decode only within the call's deadline and while
         its caller stays (DEADLINE_EXCEEDED, CANCELLED), and its solver stops (Cancelled)
         once ``call.is_active()`` is False: a caller past its deadline, or gone, must not
-        leave it running for nobody. ``request``:
-        the job an earlier request of its request_id started, if kept; an inline ranking
-        has no effect to repeat and runs again. ``caller``: the named caller, owner of the job."""
+        leave it running for nobody. ``request``: the job an earlier request of its
+        request_id started, if kept; an inline ranking has no effect to repeat and runs
+        again. ``caller``: the named caller, owner of the job."""
         if (previous := self._engine.jobs.submitted(request)) is not None:
             return previous
         version = self._split_version()
