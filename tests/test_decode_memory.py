@@ -95,13 +95,16 @@ def test_a_wait_ends_deadline_exceeded_at_the_calls_deadline_holding_nothing():
 
 
 def test_a_wait_ends_cancelled_when_the_caller_leaves():
-    memory = DecodeMemory(100 * MIB)
+    metrics = Metrics()
+    memory = DecodeMemory(100 * MIB, wait_seconds=metrics.decode_memory_wait)
     memory.lease(_Call()).reserve(80 * MIB)
     call = _Call()
     thread, outcome = _reserve_in_thread(memory, 40 * MIB, call)
     call.leave.set()
     thread.join(10)
     assert isinstance(outcome[0], Cancelled) and memory.held == 80 * MIB
+    # Timed too, as README says: a caller that left waiting is one the budget starved.
+    assert metrics.registry.get_sample_value("explaind_decode_memory_wait_seconds_count") == 2
 
 
 def test_a_call_larger_than_the_whole_budget_decodes_alone():
