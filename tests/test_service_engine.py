@@ -8325,6 +8325,33 @@ def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(eng
     assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")], cancelled  # the pool is gone
 
 
+def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_leaves(engine):
+    # An inline ranking's features went on, batch after batch, for a caller past its
+    # deadline or gone (its decodes' waits for room aside): up to 4096 stored images
+    # decoded and forwarded for nobody, holding the RPC's thread and its held call's slot.
+    from types import SimpleNamespace
+
+    from explaind.errors import Cancelled
+
+    rng = np.random.default_rng(4)
+    samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
+    engine.create_sample_set("left", "", samples)
+    version = engine.models.active
+    forward, forwarded = engine._feature_fns[version.feature_cache_key], []
+    answers = iter([True])  # the caller waits for the first batch, then leaves
+
+    def running(images):
+        forwarded.append(len(images))
+        return forward(images)
+
+    call = SimpleNamespace(is_active=lambda: next(answers, False), time_remaining=lambda: None)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Cancelled, match="the caller stopped waiting"):
+        patch.setitem(engine._feature_fns, version.feature_cache_key, running)
+        engine.sample_set_features("left", batch_size=3, call=call)
+    assert forwarded == [3]  # the first batch only, of 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")]  # the pool is gone
+
+
 # Request identification (AIP-155) ------------------------------------------------------
 
 

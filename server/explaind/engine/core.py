@@ -673,7 +673,8 @@ class Engine:
         """Penultimate features of every sample, from the (feature version, image) cache
         where present; the rest are computed in batches, with progress and cancellation
         through ``context`` when given; ``call``: the RPC computing them inline, whose
-        deadline and caller the decodes' waits for room end with (:meth:`load_sample_image`).
+        deadline and caller the decodes' waits for room end with (:meth:`load_sample_image`),
+        and whose caller's leaving stops the next batch (Cancelled).
         The set is checked again here, when a job runs: it may have been deleted, or replaced
         (``uid``: the set the job was submitted for), since the job was queued. With
         ``count``, only its first ``count`` samples: the set as it was when it held that many
@@ -768,7 +769,8 @@ class Engine:
         """``fn`` on the stored images ``digests`` (decoded on the CPU) in batches of
         ``batch_size`` (0: ``[jobs].evaluate_batch_size``): each batch's digests and float
         outputs, with progress ("<activity> i/n") and cancellation through ``context``
-        (``call``: the RPC computing them inline instead, see :meth:`load_sample_image`).
+        (``call``: the RPC computing them inline instead, see :meth:`load_sample_image`;
+        each batch stops, Cancelled, once its caller no longer waits).
 
         The outputs are rows of one (len(digests), ...) array, filled batch by batch (the
         caller's ``outputs``, or one of its own): each batch's own output, kept by the
@@ -783,6 +785,8 @@ class Engine:
                 if context is not None:
                     context.raise_if_cancelled()
                     context.report_progress(done, len(digests), f"{activity} {done}/{len(digests)}")
+                elif call is not None:
+                    require_caller(call.is_active)
                 output = fn(images).float().cpu().numpy()
                 if outputs is None:
                     outputs = np.empty((len(digests), *output.shape[1:]), dtype=np.float32)

@@ -270,8 +270,8 @@ class NeuroInspectEngine:
         would be refused after the work, and the operation's result fits (cut if need be).
         An inline ranking lasts as long as the RPC ``call`` it answers waits (None: no RPC):
         its stored samples wait for room to decode only within the call's deadline and while
-        its caller stays (DEADLINE_EXCEEDED, CANCELLED), and its solver stops (Cancelled)
-        once ``call.is_active()`` is False: a caller past its deadline, or gone, must not
+        its caller stays (DEADLINE_EXCEEDED, CANCELLED), and its features' next batch or its
+        solver's next step stops (Cancelled) once ``call.is_active()`` is False: a caller past its deadline, or gone, must not
         leave it running for nobody. ``request``: the job an earlier request of its
         request_id started, if kept; an inline ranking has no effect to repeat and runs
         again. ``caller``: the named caller, owner of the job."""
