@@ -46,6 +46,8 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff]")
 # Start-of-frame markers of JPEG's lossless processes (SOF3, 7, 11, 15 of ITU T.81), which
 # have no DCT to scale: libjpeg-turbo (3.0 on) decodes them whole only.
 _JPEG_LOSSLESS_FRAMES = (0xC3, 0xC7, 0xCB, 0xCF)
+# Start-of-frame markers of JPEG's progressive processes (SOF2, 6, 10, 14 of ITU T.81).
+_JPEG_PROGRESSIVE_FRAMES = (0xC2, 0xC6, 0xCA, 0xCE)
 # The largest side of a JPEG's minimum coded unit (pixels): 8 times the largest sampling
 # factor a component may have, 4.
 _JPEG_LARGEST_MCU = 32
@@ -176,13 +178,14 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
 def _decode_bytes(decoded_size: tuple[int, int], stored_size: tuple[int, int], jpeg: _JpegStream | None) -> int:
     """What an image file may take while it decodes (bytes): ENCODED_DECODE_BYTES_PER_PIXEL
     of the size it decodes to, which a JPEG decoded at reduced scale makes 4 to 64 times
-    smaller than its stored size, plus, for a JPEG of several scans (progressive), the DCT
-    coefficients libjpeg keeps for the whole stored image before any pixel comes out: two
-    bytes per pixel and component at most, each side padded to the largest MCU (32 px).
-    bench/decode_bytes_per_pixel.py measures both against this."""
+    smaller than its stored size, plus, for a JPEG libjpeg decodes in several scans
+    (:attr:`_JpegStream.buffers_coefficients`), the DCT coefficients it keeps for the whole
+    stored image before any pixel comes out: two bytes per pixel and component at most,
+    each side padded to the largest MCU (32 px). bench/decode_bytes_per_pixel.py measures
+    both against this."""
     width, height = decoded_size
     reserved = width * height * ENCODED_DECODE_BYTES_PER_PIXEL
-    if jpeg is not None and jpeg.scans > 1:
+    if jpeg is not None and jpeg.buffers_coefficients:
         padded_width, padded_height = (-(-side // _JPEG_LARGEST_MCU) * _JPEG_LARGEST_MCU for side in stored_size)
         reserved += 2 * jpeg.components * padded_width * padded_height
     return reserved
@@ -232,8 +235,18 @@ class _JpegStream:
     scans: int  # SOS markers
     frame: int | None  # the first start-of-frame marker's second byte
     components: int  # the colour components that frame names (1 grey, 3 YCbCr, 4 CMYK); 0 where none
+    first_scan_components: int  # the components the first scan (SOS) names; 0 where none
     multi_picture_index: bytes  # the last MPF (APP2) segment's TIFF structure before the first scan; empty where none
     exif: bytes  # the EXIF block of its APP1 segments before the first scan, joined as Pillow joins them; empty where none
+
+    @property
+    def buffers_coefficients(self) -> bool:
+        """Whether libjpeg keeps the whole image's coefficients before any pixel comes out.
+        It decides at the first scan (its ``has_multiple_scans``, jdinput.c): for a
+        progressive frame, or a first scan that leaves out some of the frame's components,
+        however many scans follow: a progressive file cut after its first scan, or a
+        baseline one of a single scan of one component, held 96 MiB at 4096² all the same."""
+        return self.frame in _JPEG_PROGRESSIVE_FRAMES or self.first_scan_components < self.components
 
 
 def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
@@ -242,7 +255,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
     and Pillow skip them; a malformed file is left for the decoder to refuse."""
     scans = markers = 0
     frame: int | None = None
-    components = 0
+    components = first_scan_components = 0
     multi_picture_index = b""
     exif: list[bytes] = []
     position = 2  # after SOI
@@ -267,6 +280,8 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             multi_picture_index = data[position + 8:end]
         if marker == 0xE1 and not scans and data[position + 4:position + 10] == b"Exif\0\0":
             exif.append(data[position + (10 if exif else 4):end])
+        if marker == 0xDA and not scans:
+            first_scan_components = data[position + 4] if position + 4 < len(data) else 0  # after length
         position = end
         if marker == 0xDA:
             scans += 1
@@ -274,7 +289,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             if after_scan is None:
                 break
             position = after_scan.start()
-    return _JpegStream(scans, frame, components, multi_picture_index, b"".join(exif))
+    return _JpegStream(scans, frame, components, first_scan_components, multi_picture_index, b"".join(exif))
 
 
 def _check_jpeg_tag_values(jpeg: _JpegStream, field: str) -> None:
