@@ -16,6 +16,7 @@ codec's tables) is not counted as the file's.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,9 @@ def _write_files(directory: Path, side: int) -> list[Path]:
         "progressive-444.jpg": (smooth, {"quality": 95, "progressive": True, "subsampling": 0}),
         "progressive-444.jpg reduced": (smooth, {"quality": 95, "progressive": True, "subsampling": 0}),
         "progressive-cmyk.jpg reduced": (smooth.convert("CMYK"), {"quality": 95, "progressive": True}),
+        # One scan each (_ONE_SCAN), which libjpeg still buffers whole before any pixel comes out.
+        "first-scan-only.jpg reduced": (smooth, {"quality": 95, "progressive": True, "subsampling": 0}),
+        "one-component-scan.jpg reduced": (smooth, {"quality": 95, "subsampling": 0}),
         "cmyk-turned.jpg": (rgb.convert("CMYK"), {"exif": turned, "quality": 90}),
         "rgb-turned.tif": (rgb, {"exif": turned}),
         "rgba-turned.tif": (rgba, {"exif": turned}),
@@ -60,8 +64,28 @@ def _write_files(directory: Path, side: int) -> list[Path]:
     }
     for name, (image, options) in files.items():
         for side_name, shown in (("", image), ("small-", image.resize((64, 64)))):
-            shown.save(directory / (side_name + name), format=Path(name.split()[0]).suffix[1:].replace("jpg", "jpeg").replace("tif", "tiff"), **options)
+            path = directory / (side_name + name)
+            shown.save(path, format=Path(name.split()[0]).suffix[1:].replace("jpg", "jpeg").replace("tif", "tiff"), **options)
+            if name in _ONE_SCAN:
+                path.write_bytes(_ONE_SCAN[name](path.read_bytes()))
     return [directory / name for name in files]
+
+
+def _first_scan_only(data: bytes) -> bytes:
+    """A JPEG cut after its first scan's data, then ended (EOI): a progressive one's DC scan."""
+    start = data.index(b"\xff\xda")
+    return data[:re.compile(rb"\xff[^\x00]").search(data, start + 2).start()] + b"\xff\xd9"
+
+
+def _first_component_scanned_only(data: bytes) -> bytes:
+    """A baseline JPEG whose one scan names only its first component (its data, read as
+    that component's alone, still decodes)."""
+    start = data.index(b"\xff\xda")
+    named = data[start + 4]
+    return data[:start] + b"\xff\xda\x00\x08\x01" + data[start + 5:start + 7] + data[start + 5 + 2 * named:]
+
+
+_ONE_SCAN = {"first-scan-only.jpg reduced": _first_scan_only, "one-component-scan.jpg reduced": _first_component_scanned_only}
 
 
 def _decode_peak(path: Path) -> tuple[int, int]:
