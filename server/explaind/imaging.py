@@ -178,11 +178,11 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
 def _decode_bytes(decoded_size: tuple[int, int], stored_size: tuple[int, int], jpeg: _JpegStream | None) -> int:
     """What an image file may take while it decodes (bytes): ENCODED_DECODE_BYTES_PER_PIXEL
     of the size it decodes to, which a JPEG decoded at reduced scale makes 4 to 64 times
-    smaller than its stored size, plus, for a JPEG libjpeg decodes in several scans
-    (:attr:`_JpegStream.buffers_coefficients`), the DCT coefficients it keeps for the whole
-    stored image before any pixel comes out: two bytes per pixel and component at most,
-    each side padded to the largest MCU (32 px). bench/decode_bytes_per_pixel.py measures
-    both against this."""
+    smaller than its stored size, plus, for a JPEG libjpeg reads as one of several scans
+    (:attr:`_JpegStream.buffers_coefficients`: a progressive one, however few it has), the
+    DCT coefficients it keeps for the whole stored image before any pixel comes out: two
+    bytes per pixel and component at most, each side padded to the largest MCU (32 px).
+    bench/decode_bytes_per_pixel.py measures both against this."""
     width, height = decoded_size
     reserved = width * height * ENCODED_DECODE_BYTES_PER_PIXEL
     if jpeg is not None and jpeg.buffers_coefficients:
