@@ -36,7 +36,7 @@ from explaind.methods.neuroinspect import FeatureExtractor, HeadEditor, MistakeN
 from explaind.world.assets import ASSETS_DIR, classifier_dir
 from explaind.world.classifier import load_classifier
 from explaind.world.probes import probe_batch
-from explaind.world.scenarios import WorldBatch, get_scenario, scenario_names
+from explaind.world.scenarios import Scenario, WorldBatch, get_scenario, scenario_names
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
 
@@ -78,20 +78,51 @@ def precision_at_3(ranking: NeuronRanking, fires_on: set[int], fires_off: set[in
     }
 
 
-def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
+def spurious_scenarios() -> list[str]:
+    """The scenarios with a planted focus value, the ones a ranking can be scored on."""
+    return [name for name in scenario_names() if get_scenario(name).focus is not None]
+
+
+@dataclass
+class RankingInputs:
+    """What a scenario's ranking is computed from and scored against: the shipped
+    classifier's features of the test split's two halves (ranked on the first), the focus
+    class, and the probe ground truth (the neurons' AUCs (D,) and the two sets they give)."""
+
+    scenario: Scenario
+    extractor: FeatureExtractor
+    target_class: int
+    auc: torch.Tensor
+    fires_on: set[int]
+    fires_off: set[int]
+    rank_set: Split
+    eval_set: Split
+
+
+def has_shipped_classifier(name: str, assets: Path) -> bool:
+    return (classifier_dir(name, assets) / "model.safetensors").is_file()
+
+
+def ranking_inputs(name: str, assets: Path, probe_size: int, test_size: int | None, probe_seed: int) -> RankingInputs:
     scenario = get_scenario(name)
     focus = scenario.focus
-    model = load_classifier(classifier_dir(name, Path(args.assets)))
+    model = load_classifier(classifier_dir(name, assets))
     extractor = FeatureExtractor(model, feature_layer=model.config.feature_layer, head=model.config.head)
     target_class = model.config.class_names.index(focus.klass)
 
-    probe = probe_batch(args.probe_size, seed=args.seed)
+    probe = probe_batch(probe_size, seed=probe_seed)
     auc = neuron_auc(extractor.features(probe.images), probe.attributes[focus.attribute] == focus.value)
     fires_on, fires_off = neurons_carrying(auc)
 
-    test = split_features(extractor, scenario.dataset("test", size=args.test_size).all(), scenario.group_attribute)
+    test = split_features(extractor, scenario.dataset("test", size=test_size).all(), scenario.group_attribute)
     half = len(test.labels) // 2
-    rank_set, eval_set = test[:half], test[half:]
+    return RankingInputs(scenario, extractor, target_class, auc, fires_on, fires_off, test[:half], test[half:])
+
+
+def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
+    inputs = ranking_inputs(name, Path(args.assets), args.probe_size, args.test_size, args.seed)
+    scenario, extractor, target_class = inputs.scenario, inputs.extractor, inputs.target_class
+    fires_on, fires_off, rank_set, eval_set = inputs.fires_on, inputs.fires_off, inputs.rank_set, inputs.eval_set
     ranker = MistakeNeuronRanker(extractor.head)
     rankings = {solver: ranker.rank(rank_set.features, rank_set.labels, solver=solver, target_class=target_class)
                 for solver in ("faithful", "proximal")}
@@ -113,7 +144,7 @@ def evaluate_scenario(name: str, args: argparse.Namespace) -> dict:
         # Control: the same retraining without any penalty, to see what the regulariser adds.
         "retrain (λ=0)": editor.edit(train.features, train.labels, method="probability_ratio", strength=0.0, **common),
     }
-    return {"name": name, "focus": focus, "rankings": rankings, "auc": auc, "precision": precision,
+    return {"name": name, "focus": scenario.focus, "rankings": rankings, "auc": inputs.auc, "precision": precision,
             "num_on": len(fires_on), "num_off": len(fires_off), "edits": edits}
 
 
@@ -143,8 +174,7 @@ def print_tables(results: list[dict], solver: str) -> None:
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    spurious = [n for n in scenario_names() if get_scenario(n).focus is not None]
-    parser.add_argument("--scenarios", default=",".join(spurious), help="comma-separated spurious scenarios")
+    parser.add_argument("--scenarios", default=",".join(spurious_scenarios()), help="comma-separated spurious scenarios")
     parser.add_argument("--assets", default=str(ASSETS_DIR), help="assets root holding classifiers/<scenario>")
     parser.add_argument("--solver", default="faithful", choices=("faithful", "proximal"), help="whose top-3 is edited")
     parser.add_argument("--probe-size", type=positive_int, default=1200, help="balanced probe scenes for the neurons' ground truth")
@@ -165,7 +195,7 @@ def main() -> None:
 
     results = []
     for name in args.scenarios.split(","):
-        if not (classifier_dir(name, Path(args.assets)) / "model.safetensors").is_file():
+        if not has_shipped_classifier(name, Path(args.assets)):
             print(f"skipping {name}: no shipped classifier under {args.assets}")
             continue
         start = time.perf_counter()
