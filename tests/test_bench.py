@@ -19,7 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("[a-z]*.py"))
 # The scripts whose --help still waits for torch: a default drawn from the world's scenario names,
 # or module-level helpers the tests below import.
-HELP_IMPORTS_TORCH = {"illusion_eval.py", "neuroinspect_eval.py", "neuroinspect_solver.py"}
+HELP_IMPORTS_TORCH = {"illusion_eval.py", "neuroinspect_eval.py", "neuroinspect_solver.py", "ranking_stability.py"}
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
@@ -472,3 +472,54 @@ def test_the_solver_bench_prints_the_faithful_solver_s_agreement_and_speed_up_ov
     assert abs(speed_up * seconds - reference) <= 0.0005 * speed_up + 0.05 * seconds + 0.0005, run.stdout
     same = re.search(r"^faithful vs reference: identical top-5 sets ([0-9.]+)% of samples", run.stdout, re.M)
     assert same and float(same[1]) >= 99, run.stdout
+
+
+def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_reference_ranking(monkeypatch, capsys):
+    import argparse
+    import dataclasses
+
+    from explaind.world.assets import ASSETS_DIR, classifier_dir
+
+    stability = _bench_module("ranking_stability", monkeypatch)
+    name = "spurious_background"
+    if not (classifier_dir(name) / "model.safetensors").is_file():
+        pytest.skip(f"shipped {name} classifier not built yet")
+    small = ["--scenarios", name, "--resamples", "2", "--test-size", "400", "--probe-size", "200"]
+
+    def tables(*argv: str):
+        monkeypatch.setattr(sys, "argv", ["ranking_stability.py", *small, *argv])
+        stability.main()
+        out = capsys.readouterr().out
+        reference = re.search(rf"^{name} +(\d+)  (?:\d+\((?:ins|exc|bot)\) ){{5}} *(?:\d+ ){{1,5}} *([0-9.]+) +[0-9.]+$", out, re.M)
+        assert reference, out
+        header = out.split(f"== 2 resamples per count ({argv[-1]}) against the reference ==\n", 1)[1].splitlines()[0]
+        assert header.split() == ["scenario", "n", "distinct", "J", "top-5", "J", "ins-5", "top-1", "in", "5", "P@3", "mean",
+                                  "P@3", "min", "P@3>=2/3", "ms/rank"], out
+        rows = [line.split() for line in out.split(header + "\n", 1)[1].splitlines()]
+        assert all(row[0] == name and len(row) == 10 for row in rows), out
+        return int(reference[1]), float(reference[2]), [(int(row[1]), *map(float, row[2:])) for row in rows]
+
+    # 400 test scenes: about 50 heart mistakes in the first half, more than 20 and fewer than 10000.
+    mistakes, precision, rows = tables("--counts", "10000,all,3,20,10", "--sampling", "subsample")
+    assert 20 < mistakes < 10000 and [row[0] for row in rows] == [3, 10, 20, mistakes]  # ascending, 10000 skipped, "all" is M
+    assert all(row[1] == row[0] for row in rows)  # distinct mistakes, every one
+    # Every mistake drawn once is the reference itself: both top-5s the same, its P@3 each time.
+    assert rows[-1][2:] == (1.0, 1.0, 1.0, precision, precision, float(precision >= 2 / 3), rows[-1][-1])
+    # A bootstrap draw of M with replacement repeats some (all distinct has chance M!/M^M).
+    _, _, rows = tables("--counts", "all", "--sampling", "bootstrap")
+    assert [row[0] for row in rows] == [mistakes] and rows[0][1] < mistakes
+    assert all(0 <= value <= 1 for value in rows[0][2:8])
+
+    # Ground truth that makes exactly 2 of the reference's top 3 hits: P@3 = 2/3 reaches acceptance 2's bar.
+    inputs = stability.ranking_inputs(name, ASSETS_DIR, 200, 400, 0)
+    reference = stability.measure_scenario(inputs, name, [None], 1, "subsample", "faithful", 0).reference
+    hits = set(reference.neuron_ids[:2])
+    two_of_three = stability.measure_scenario(dataclasses.replace(inputs, fires_on=hits, fires_off=hits), name, [None], 2,
+                                              "subsample", "faithful", 0)
+    assert two_of_three.reference_precision == 2 / 3
+    assert [(row.precision_mean, row.precision_min, row.precision_two_of_three) for row in two_of_three.counts] == [(2 / 3, 2 / 3, 1.0)]
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected distinct counts, got '5,all,5'"):
+        stability.mistake_counts("5,all,5")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 1, got '0'"):
+        stability.mistake_counts("0,all")
