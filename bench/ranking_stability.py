@@ -28,9 +28,9 @@ measurement). For n well below M the two agree (a bootstrap draw repeats few mis
 A mistake's ω does not depend on the others solved with it, and a copy counts as one
 more mistake (docs/neuroinspect.md), so a repeated mistake weighs as a drawn one should.
 
-B is 200: a ranking takes milliseconds, so the default run is spent computing features
-(under a minute on one thread), and at 20 resamples a mean Jaccard lay up to 0.18
-from its value at 200. ``P@3 min`` is the worst of B draws: it falls as B grows.
+B is 200: a ranking takes milliseconds, so 200 resamples per count cost about what the
+features do (the default run: about a minute on one thread), and at 20 resamples a
+mean Jaccard lay up to 0.18 from its value at 200. ``P@3 min`` is the worst of B draws: it falls as B grows.
 """
 
 from __future__ import annotations
