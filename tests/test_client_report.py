@@ -523,6 +523,17 @@ def test_mistakes_without_a_neuron_past_the_cut_say_so_instead_of_a_table():
     assert "no-mistakes" not in page and "<th>neuron</th>" not in page
 
 
+def test_a_ranking_of_few_mistakes_is_read_with_a_caution_and_one_of_ten_without():
+    import dataclasses
+
+    report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
+    few = render_report(report)  # 2 mistakes
+    assert ("<p id='few-mistakes' class='warning'>Only 2 mistakes: past the first neuron, a ranking of fewer than 10 changes with the "
+            "mistakes drawn (docs/neuroinspect.md, How many mistakes a ranking needs).</p>") in few
+    assert few.index("few-mistakes") > few.index("<h2>Ranked neurons</h2>")
+    assert "few-mistakes" not in render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, mistake_count=10)))
+
+
 def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     # A job failing in the second request of 64 pairs must not cost the first one's images;
     # resources it lacks other than the device's memory for its pairs are not retried.

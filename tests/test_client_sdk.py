@@ -2830,18 +2830,23 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     assert lines[0] == "8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top 3 (solver faithful):"
     assert lines[1:3] == ["  neuron  direction     insufficient  excessive  importance  top classes", "       0  excessive               0%       100%        0.87  square; circle"]
     assert lines[3].startswith("       1  excessive               0%        90%  ")
-    assert lines[4:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
+    few = ("only 8 mistakes: past the first neuron, a ranking of fewer than 10 changes with the mistakes drawn "
+           "(docs/neuroinspect.md, How many mistakes a ranking needs)")
+    assert lines[4:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction", few]
+    # From 10 mistakes no caution: bench/ranking_stability.py's top 3 held in every resample from there.
+    assert dataclasses.replace(_ranking(8), mistake_count=10).summary().splitlines()[-1].startswith("predicted as: ")
+    assert dataclasses.replace(_ranking(8), mistake_count=1).summary().splitlines()[-1].startswith("only 1 mistake: past")
     # A server too old to report top_k (0): no "top 5" it cannot know.
     lines = _ranking(8).summary(limit=1).splitlines()
     assert lines[0] == ("8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top k "
                         "(solver faithful, k not reported by this server):")
     assert lines[1:] == ["  neuron  direction     insufficient  excessive  importance  top classes", "       0  excessive               0%       100%        0.87  square; circle",
-                         "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
-    assert len(_ranking(8).summary(limit=0).splitlines()) == 7  # every neuron, under the header
+                         "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction", few]
+    assert len(_ranking(8).summary(limit=0).splitlines()) == 8  # every neuron, under the header
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.
     assert dataclasses.replace(_ranking(8), top_k=3, neurons=[]).summary().splitlines()[1:] == [
-        "  none passed the cut ratio", "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction"]
+        "  none passed the cut ratio", "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction", few]
     with pytest.raises(ValueError, match="limit must be 0"):
         _ranking(8).summary(limit=-1)
 

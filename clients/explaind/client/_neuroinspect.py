@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from ._operations import Operation
 
 _DIRECTIONS = enum_names(neuroinspect_pb2.NeuronDirection, "NEURON_DIRECTION_")
+# Mistakes below which a ranking past its first neuron depends most on which mistakes it
+# was given: bench/ranking_stability.py found the first neuron in every resample's top-5
+# from 5 mistakes, the top 3 carrying the planted value in each from 10 (docs/neuroinspect.md).
+FEW_MISTAKES = 10
+
+
+def few_mistakes_note(mistake_count: int) -> str | None:
+    """What a ranking of ``mistake_count`` mistakes should be read with, when they are few."""
+    if not 0 < mistake_count < FEW_MISTAKES:
+        return None
+    return (f"only {mistake_count} mistake{'' if mistake_count == 1 else 's'}: past the first neuron, a ranking of fewer than "
+            f"{FEW_MISTAKES} changes with the mistakes drawn (docs/neuroinspect.md, How many mistakes a ranking needs)")
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,8 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         lines += neuron_lines(self.neurons, limit)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
+        if (note := few_mistakes_note(self.mistake_count)) is not None:
+            lines.append(note)
         return "\n".join(lines)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:

@@ -23,7 +23,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron
+from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron, few_mistakes_note
 from ._types import escape_controls
 
 if TYPE_CHECKING:
@@ -403,6 +403,8 @@ def render_report(report: MistakeReport) -> str:
         f"<tr><th scope='row'>predicted instead as</th><td class='names'>{predicted}</td></tr></table>",
         "<h2>Ranked neurons</h2>",
     ]
+    if (few := few_mistakes_note(ranking.mistake_count)) is not None:
+        parts.append(f"<p id='few-mistakes' class='warning'>{escape(few[0].upper() + few[1:])}.</p>")
     if ranking.neurons:
         # The header rows in <thead>: printed, each page of a long ranking repeats them over its numbers.
         parts.append("<table><thead><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th>"
