@@ -1,15 +1,18 @@
 """What an image file takes while it decodes, per pixel, against what its call reserves
 (explaind.imaging's reservation: ENCODED_DECODE_BYTES_PER_PIXEL of the size it decodes
-to, and a progressive JPEG's coefficients), measured in one run.
+to, and the coefficients of a JPEG libjpeg buffers whole: progressive, or a first scan
+leaving out a component), measured in one run.
 
     python bench/decode_bytes_per_pixel.py [--side 4096]
 
-Writes one ``--side``² file of random pixels per format and mode (incompressible, so the
-file is as large as it gets; those with EXIF Orientation 6 are turned as decoded), then
-decodes each in a fresh process as Predict does (decode_encoded to 224 px; the JPEGs
-marked "reduced" as with [classifier].jpeg_reduced_decode, at 1/8 of their size) and
-prints the peak resident growth per pixel of the stored size and its ratio to what the
-decode reserved: above 1, the budget under-counts that file. Each process first decodes a
+Writes one ``--side``² file per format and mode, of random pixels (incompressible, so the
+file is as large as it gets) but for the progressive and one-scan JPEGs, of a smooth ramp
+(random pixels overflow Pillow's progressive encoder); those with EXIF Orientation 6 are
+turned as decoded. Then decodes each in a fresh process as Predict does (decode_encoded
+to 224 px; the JPEGs marked "reduced" as with [classifier].jpeg_reduced_decode, at the
+least scale leaving both sides at least 512: 1/8 of their size at 4096², 1/4 at 2048²)
+and prints the peak resident growth per pixel of the stored size and its ratio to what
+the decode reserved: above 1, the budget under-counts that file. Each process first decodes a
 64² file of the same kind, so that what the first decode sets up once (torch's resize, the
 codec's tables) is not counted as the file's.
 """

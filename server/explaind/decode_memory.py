@@ -22,9 +22,11 @@ MIB = 1024 * 1024
 # thumbnails (an image file under 0.6 megapixels) pays nothing, and 64 threads decoding
 # that much each hold 1 GiB at most.
 UNRESERVED_DECODE_BYTES = 16 * MIB
-# What an image file takes while it decodes, per pixel of its header's size, at worst: a
-# lossless WebP with alpha turned by its EXIF Orientation took 25.2, a phone's JPEG turned
-# upright 14.1, PNGs 10 to 18 (bench/decode_bytes_per_pixel.py, 4096²).
+# What an image file takes while it decodes, per pixel of the size it decodes to (its
+# header's, but a JPEG's at reduced scale), at worst: a lossless WebP with alpha turned by
+# its EXIF Orientation took 25.2, a phone's JPEG turned upright 14.1, PNGs 10 to 18
+# (bench/decode_bytes_per_pixel.py, 4096²). A JPEG libjpeg buffers whole reserves its
+# coefficients besides (explaind.imaging's _decode_bytes).
 ENCODED_DECODE_BYTES_PER_PIXEL = 26
 # What a raw tensor's decode takes per value beside its own bytes: its float32 copy.
 TENSOR_DECODE_BYTES_PER_VALUE = 4
