@@ -1211,7 +1211,7 @@ class Client:
         return cast(RequestLimits, self._limits)
 
     def _server_capabilities(self, timeout: float | None) -> tuple[str, ...]:
-        """The server's capabilities, asked with its limits (once per client), waiting out
+        """The server's capabilities, asked with its limits where none are kept, waiting out
         its loading as a call of ``timeout`` would (None: the client's)."""
         if self._limits is None:
             self._keep_limits(self.model_metadata(timeout=timeout))
