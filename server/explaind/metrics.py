@@ -125,8 +125,8 @@ class Metrics:
         # [server].max_decode_bytes: held near it, with waits rising, the budget binds (calls
         # queue for room to decode their images); observed for each reservation of 16 MiB or
         # more, one that gave up (DEADLINE_EXCEEDED, CANCELLED) included.
-        self.decode_memory_held = Gauge("explaind_decode_memory_bytes", "Decode memory the calls decoding images hold.", registry=r)
-        self.decode_memory_wait = Histogram("explaind_decode_memory_wait_seconds", "Time a call waited for room to decode its images.",
+        self.decode_memory_held = Gauge("explaind_decode_memory_bytes", "Decode memory the calls and jobs decoding images hold.", registry=r)
+        self.decode_memory_wait = Histogram("explaind_decode_memory_wait_seconds", "Time a call or job waited for room to decode its images, those that gave up included.",
                                             buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.predicted_images = Counter("explaind_predicted_images_total", "Images classified by Predict.", registry=r)
         # Images a partial_failure Predict answered with an error rather than failing the
