@@ -343,9 +343,9 @@ def _fails_for_an_image(error: ExplaindError) -> bool:
 
 def _image_error(status: status_pb2.Status, index: int, position: int) -> ExplaindError:
     """The error of image ``index`` of one request of a split partial_failure Predict,
-    naming it as the caller's list does, ``images[position]`` (in its message and fields).
-    The server names only that image in it, so its name alone is replaced; the bracket
-    keeps images[1] from matching images[10]."""
+    naming it as the caller's list does, ``images[position]`` (in its message, fields and
+    precondition violations). The server names only that image in it, so its name alone
+    is replaced; the bracket keeps images[1] from matching images[10]."""
     within, caller_s = f"images[{index}]", f"images[{position}]"
     return error_from_status(status, rename=lambda text: text.replace(within, caller_s))
 
