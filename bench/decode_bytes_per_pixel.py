@@ -74,13 +74,13 @@ def _write_files(directory: Path, side: int) -> list[Path]:
     return [directory / name for name in files]
 
 
-def _first_scan_only(data: bytes) -> bytes:
+def first_scan_only(data: bytes) -> bytes:
     """A JPEG cut after its first scan's data, then ended (EOI): a progressive one's DC scan."""
     start = data.index(b"\xff\xda")
     return data[:re.compile(rb"\xff[^\x00]").search(data, start + 2).start()] + b"\xff\xd9"
 
 
-def _first_component_scanned_only(data: bytes) -> bytes:
+def first_component_scanned_only(data: bytes) -> bytes:
     """A baseline JPEG whose one scan names only its first component (its data, read as
     that component's alone, still decodes)."""
     start = data.index(b"\xff\xda")
@@ -88,7 +88,8 @@ def _first_component_scanned_only(data: bytes) -> bytes:
     return data[:start] + b"\xff\xda\x00\x08\x01" + data[start + 5:start + 7] + data[start + 5 + 2 * named:]
 
 
-_ONE_SCAN = {"first-scan-only.jpg reduced": _first_scan_only, "one-component-scan.jpg reduced": _first_component_scanned_only}
+# Also tests/test_decode_memory.py's files: rewrites of a JPEG libjpeg buffers whole though it has one scan.
+_ONE_SCAN = {"first-scan-only.jpg reduced": first_scan_only, "one-component-scan.jpg reduced": first_component_scanned_only}
 
 
 def _decode_peak(path: Path) -> tuple[int, int]:

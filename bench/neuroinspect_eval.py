@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,14 @@ class RankingInputs:
     eval_set: Split
 
 
-def has_shipped_classifier(name: str, assets: Path) -> bool:
-    return (classifier_dir(name, assets) / "model.safetensors").is_file()
+def shipped_scenarios(names: str, assets: Path) -> Iterator[str]:
+    """The comma-separated scenarios ``names`` whose classifier is shipped under ``assets``,
+    saying which it skips."""
+    for name in names.split(","):
+        if (classifier_dir(name, assets) / "model.safetensors").is_file():
+            yield name
+        else:
+            print(f"skipping {name}: no shipped classifier under {assets}")
 
 
 def ranking_inputs(name: str, assets: Path, probe_size: int, test_size: int | None, probe_seed: int) -> RankingInputs:
@@ -194,10 +201,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     results = []
-    for name in args.scenarios.split(","):
-        if not has_shipped_classifier(name, Path(args.assets)):
-            print(f"skipping {name}: no shipped classifier under {args.assets}")
-            continue
+    for name in shipped_scenarios(args.scenarios, Path(args.assets)):
         start = time.perf_counter()
         results.append(evaluate_scenario(name, args))
         print(f"{name}: evaluated in {time.perf_counter() - start:.0f}s")

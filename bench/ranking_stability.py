@@ -48,7 +48,7 @@ from explaind.methods.neuroinspect import MistakeNeuronRanker, NeuronRanking
 from explaind.world.assets import ASSETS_DIR
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
-from neuroinspect_eval import RankingInputs, has_shipped_classifier, precision_at_3, ranking_inputs, spurious_scenarios
+from neuroinspect_eval import RankingInputs, precision_at_3, ranking_inputs, shipped_scenarios, spurious_scenarios
 
 TOP = 5  # the top-k compared, the paper's k
 
@@ -181,10 +181,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     results = []
-    for name in args.scenarios.split(","):
-        if not has_shipped_classifier(name, Path(args.assets)):
-            print(f"skipping {name}: no shipped classifier under {args.assets}")
-            continue
+    for name in shipped_scenarios(args.scenarios, Path(args.assets)):
         start = time.perf_counter()
         inputs = ranking_inputs(name, Path(args.assets), args.probe_size, args.test_size, args.seed)
         prepared = time.perf_counter()

@@ -489,31 +489,27 @@ def test_a_jpeg_reserves_by_the_size_it_decodes_to_and_a_progressive_one_its_coe
     assert memory.held == 0
 
 
-def _first_scan_only(data: bytes) -> bytes:
-    """A JPEG cut after its first scan's data, then ended (EOI)."""
-    import re
+def _crafted_jpeg(name: str):
+    """bench/decode_bytes_per_pixel.py's JPEG rewrite ``name`` (bytes -> bytes), or for
+    "first_component_scanned_then_all" its one-component scan followed by the file's own."""
+    import importlib
+    import sys
+    from pathlib import Path
 
-    start = data.index(b"\xff\xda")
-    return data[:re.compile(rb"\xff[^\x00]").search(data, start + 2).start()] + b"\xff\xd9"
-
-
-def _first_component_scanned_only(data: bytes) -> bytes:
-    """A baseline JPEG whose one scan names only its first component (its data, read as
-    that component's alone, still decodes)."""
-    start = data.index(b"\xff\xda")
-    named = data[start + 4]
-    return data[:start] + b"\xff\xda\x00\x08\x01" + data[start + 5:start + 7] + data[start + 5 + 2 * named:]
-
-
-def _first_component_scanned_then_all(data: bytes) -> bytes:
-    """A baseline JPEG whose first scan names only its first component, the next all of them."""
-    return _first_component_scanned_only(data)[:-2] + data[data.index(b"\xff\xda"):]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the script's own imports (_cli) resolve as when it runs
+    try:
+        bench = importlib.import_module("decode_bytes_per_pixel")
+    finally:
+        sys.path.pop(0)
+    if name == "first_component_scanned_then_all":
+        return lambda data: bench.first_component_scanned_only(data)[:-2] + data[data.index(b"\xff\xda"):]
+    return getattr(bench, name)
 
 
 @pytest.mark.parametrize(("progressive", "cut"), [
-    (True, _first_scan_only),
-    (False, _first_component_scanned_only),
-    (False, _first_component_scanned_then_all),  # the first scan decides, not the last
+    (True, "first_scan_only"),
+    (False, "first_component_scanned_only"),
+    (False, "first_component_scanned_then_all"),  # the first scan decides, not the last
 ])
 def test_a_jpeg_of_one_scan_that_libjpeg_still_buffers_reserves_its_coefficients(progressive, cut):
     # libjpeg keeps every coefficient of a progressive frame, or of one whose first scan
@@ -530,5 +526,5 @@ def test_a_jpeg_of_one_scan_that_libjpeg_still_buffers_reserves_its_coefficients
     memory = DecodeMemory(1024 * MIB)
     geometry = InputGeometry(size=224, resize_size=256, jpeg_reduced_decode=True)
     with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
-        decode_encoded(cut(encoded.getvalue()), field="images[0]", geometry=geometry, budget=budget)
+        decode_encoded(_crafted_jpeg(cut)(encoded.getvalue()), field="images[0]", geometry=geometry, budget=budget)
         assert memory.held == 512 * 512 * 26 + 2 * 3 * 2048 * 2048  # at 1/4: 2 x resize_size 256 the least side
