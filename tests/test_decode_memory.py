@@ -3,6 +3,7 @@ deadline and while their caller stays, and give it back however their decode end
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -348,13 +349,22 @@ def _until(condition, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_jobs_stored_image_waits_for_room_and_decodes_once_it_is_given_back(engine):
-    _store_a_large_sample(engine, "large")
+@contextlib.contextmanager
+def _evaluation_waiting_for_room(engine, sample_set_id: str):
+    """An evaluation of ``sample_set_id`` started while another lease holds the whole
+    budget, once it waits for room: yields its job id; the other lease is given back after."""
     memory = engine.decode_memory
     with memory.lease(_Call()) as other:
         other.reserve(memory.capacity)
-        job_id = engine.evaluate_sample_set("large").record.job_id
+        job_id = engine.evaluate_sample_set(sample_set_id).record.job_id
         _until(lambda: memory._waiting, "waited for room")
+        yield job_id
+
+
+def test_a_jobs_stored_image_waits_for_room_and_decodes_once_it_is_given_back(engine):
+    _store_a_large_sample(engine, "large")
+    memory = engine.decode_memory
+    with _evaluation_waiting_for_room(engine, "large") as job_id:
         assert not engine.jobs.get(job_id).done and memory.held == memory.capacity
     assert engine.jobs.wait(job_id, 60).record.state == "succeeded"
     assert memory.held == 0
@@ -371,10 +381,7 @@ def test_a_job_waiting_for_room_past_its_run_time_limit_fails_as_a_job_past_it_d
     # that frees a worker from a runaway job held no worker waiting to decode.
     _store_a_large_sample(engine, "large")
     memory = engine.decode_memory
-    with memory.lease(_Call()) as other:
-        other.reserve(memory.capacity)
-        job_id = engine.evaluate_sample_set("large").record.job_id
-        _until(lambda: memory._waiting, "waited for room")
+    with _evaluation_waiting_for_room(engine, "large") as job_id:
         ended = engine.jobs.wait(job_id, 30).record
         assert (ended.state, ended.error_code) == ("failed", "DEADLINE_EXCEEDED")
         assert ended.error_message.startswith("the job ran longer than the server allows an operation, 3 s ([jobs].max_run_seconds)")
@@ -419,10 +426,7 @@ def _cancel_an_evaluation_waiting_for_room(engine, sample_set_id: str) -> None:
     budget, and cancels it once it waits: it must end CANCELLED at once, waiting no more,
     and nothing be held once the other lease is given back."""
     memory = engine.decode_memory
-    with memory.lease(_Call()) as other:
-        other.reserve(memory.capacity)
-        job_id = engine.evaluate_sample_set(sample_set_id).record.job_id
-        _until(lambda: memory._waiting, "waited for room")
+    with _evaluation_waiting_for_room(engine, sample_set_id) as job_id:
         engine.jobs.cancel(job_id)
         ended = engine.jobs.wait(job_id, 60).record
         assert (ended.state, ended.error_code) == ("cancelled", "CANCELLED")
