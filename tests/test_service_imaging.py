@@ -883,6 +883,16 @@ def test_a_damaged_jpeg_is_refused_at_every_reduced_scale_as_it_is_whole(progres
     assert decode_pixels(early_end, field="f").shape == (192, 320, 3) and decode_pixels(early_end, field="f", jpeg_min_side=20).shape == (24, 40, 3)
 
 
+def test_a_jpeg_cut_off_inside_its_frame_header_is_refused_as_undecodable():
+    # Its component count (the header's tenth byte) is read for the decode's reservation:
+    # a file ending before it is the decoder's to refuse, not an IndexError (INTERNAL).
+    data = _smooth_jpeg(64, 48)
+    frame = data.index(b"\xff\xc0")
+    for end in range(frame + 2, frame + 11):
+        with pytest.raises(InvalidArgument):
+            decode_pixels(data[:end], field="f")
+
+
 @pytest.mark.parametrize("resize_size", [0, 20])
 def test_a_jpeg_decoded_at_a_reduced_scale_fits_to_nearly_the_input_of_the_whole_image(resize_size):
     # Not the same pixels (the classifier was trained on the whole image resized), hence
