@@ -532,3 +532,21 @@ def test_a_jpeg_of_one_scan_that_libjpeg_still_buffers_reserves_its_coefficients
     with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
         decode_encoded(_crafted_jpeg(cut)(encoded.getvalue()), field="images[0]", geometry=geometry, budget=budget)
         assert memory.held == 512 * 512 * 26 + 2 * 3 * 2048 * 2048  # at 1/4: 2 x resize_size 256 the least side
+
+
+def test_features_computed_for_a_call_wait_for_room_as_it_does_in_every_batch(engine):
+    # The first batch's decodes alone were tied to the call: a later one waited with no
+    # deadline, for nobody. A small image (no reservation), then a 1024² one, a batch each.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    samples = [sample_sets_pb2.Sample(image=_float16_tensor(np.full((3, side, side), 0.5, dtype=np.float16)), label=0) for side in (64, 1024)]
+    SampleSetServicer(engine).CreateSampleSet(sample_sets_pb2.CreateSampleSetRequest(sample_set_id="mixed", samples=samples), _Call())
+    memory = engine.decode_memory
+    with memory.lease(_Call()) as other:
+        other.reserve(memory.capacity)
+        thread, outcome = _in_thread(lambda: engine.sample_set_features("mixed", batch_size=1, call=_Call(remaining=0.5)))
+        thread.join(30)
+        assert not thread.is_alive(), "the second batch's decode still waits for room"
+        assert isinstance(outcome[0], DeadlineExceeded) and "found no room to decode in [server].max_decode_bytes" in str(outcome[0])
+    assert memory.held == 0
