@@ -625,6 +625,17 @@ def test_a_server_error_about_an_image_past_the_files_given_names_no_file():
     assert raised.value is error and not hasattr(error, "__notes__")
 
 
+def test_a_server_error_about_another_field_quoting_an_image_index_names_no_file():
+    # Only a refusal about the field images lists its images[i] in its text: a set's own
+    # id that reads so, refused, is no file sent.
+    from explaind.client import AlreadyExistsError
+    from explaind.client.cli import _naming_failing_file
+
+    error = AlreadyExistsError("sample_set_id: sample set 'images[1]' already exists", field="sample_set_id")
+    with pytest.raises(AlreadyExistsError), _naming_failing_file(["a.png", "b.png"]):
+        raise error
+    assert not hasattr(error, "__notes__")
+
 def test_a_predict_refusal_listing_images_the_model_gives_no_usable_logits_for_names_their_files():
     # The refusal's field is images, its images[i] in the text (counted within the failing
     # request): the command named no file, where it names one for an images[i] field. An
@@ -1875,6 +1886,14 @@ def test_help_goes_to_a_redirect_whose_encoding_lacks_its_letters(monkeypatch):
     sys.stdout.flush()
     assert "\\u03bb3, the regulariser's weight" in redirected.getvalue().decode("cp1252")
 
+
+def test_the_cli_runs_where_there_is_no_standard_output(monkeypatch):
+    # pythonw on Windows, and some services, start it with sys.stdout None: escaping what
+    # standard output cannot encode must leave it be.
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
 
 @pytest.fixture(scope="module")
 def relabelled_set(server, world_images):
