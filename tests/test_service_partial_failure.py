@@ -246,6 +246,27 @@ def _ignoring_partial_failure(servicer, request, context, geometry, budget):
     return servicer.Predict(plain, context)
 
 
+def test_a_request_refused_whole_for_its_images_together_asks_the_server_nothing_more(server, monkeypatch):
+    # Only a request failed whole for one image of its own tells of a server ignoring
+    # partial_failure; one refused for the field images (a pixel limit) is raised as it came.
+    from explaind.errors import InvalidArgument
+    from explaind.service.inference import InferenceServicer
+
+    def refused(servicer, request, context, geometry, budget):
+        raise InvalidArgument("the images decode to more than the server allows a request", field="images")
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.predict([GOOD], partial_failure=True)  # its capabilities kept
+        asked = _metadata_asked(server)
+        monkeypatch.setattr(InferenceServicer, "_predict_each", refused)
+        with pytest.raises(InvalidArgumentError) as raised:
+            client.predict([GOOD, GOOD], partial_failure=True)
+    assert raised.value.field == "images" and _metadata_asked(server) == asked
+
+
+def _metadata_asked(server) -> float:
+    return server.metrics.registry.get_sample_value("explaind_rpcs_started_total", {"service": "explaind.v1.InferenceService", "method": "GetModelMetadata"}) or 0
+
 @pytest.mark.parametrize("still_listed", [False, True])
 def test_the_sdk_notices_a_server_downgraded_behind_its_target_by_a_request_failed_whole_for_an_image(server, monkeypatch, still_listed):
     from explaind.service import convert
