@@ -1626,7 +1626,8 @@ def test_an_artifact_goes_to_a_file_of_its_own_name_unless_given_one(server, cap
     # A visualisation's name holds its class's, which may hold a "/" (no such directory) or a ":" (Windows: a stream).
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(Operation, "artifact", lambda _, name: name.encode())
-    for artifact, file_name in [("03_neuron7_Chihuahua/toy: é.png", "03_neuron7_Chihuahua-toy-e.png"), ("../up", "up")]:
+    # A suffix is kept only of letters and digits: any other is made safe with the rest.
+    for artifact, file_name in [("03_neuron7_Chihuahua/toy: é.png", "03_neuron7_Chihuahua-toy-e.png"), ("../up", "up"), ("toy.p g", "toy.p-g")]:
         assert main(["--target", server.target, "operations", "artifact", job.name, artifact]) == 0
         assert capsys.readouterr().out.startswith(f"wrote {file_name} (") and (tmp_path / file_name).read_bytes() == artifact.encode()
 
