@@ -2508,8 +2508,9 @@ def test_counts_of_one_read_in_the_singular():
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])
-def test_a_command_that_runs_the_server_says_where_it_runs_on_windows(capsys, monkeypatch, command):
+def test_a_command_that_runs_the_server_says_where_it_runs_on_windows(capsys, monkeypatch, tmp_path, command):
     # Its store locks with fcntl and its limits use resource: on Windows it ended in ModuleNotFoundError.
+    # The config does not exist, so a command that went on would fail at once on it, not start a server.
     monkeypatch.setattr(sys, "platform", "win32")
-    assert _error(capsys, [command]) == (f"error: {command}: the server runs on Linux and macOS; on Windows run it in WSL or its "
+    assert _error(capsys, [command, "--config", str(tmp_path / "missing.toml")]) == (f"error: {command}: the server runs on Linux and macOS; on Windows run it in WSL or its "
                                          "container (deploy/Dockerfile), and this SDK and CLI against it")
