@@ -4406,10 +4406,11 @@ def test_a_job_past_max_run_seconds_fails_deadline_exceeded_at_its_next_check_an
     checks = []
 
     def endless(ctx):
-        while True:
+        for _ in range(3000):  # 30 s, the wait below: a limit not enforced fails the test rather than hang the run's exit
             ctx.raise_if_cancelled()
             checks.append(ctx.job_id)
             time.sleep(0.01)
+        return _empty()
 
     runaway = jobs.submit("visualize_neurons", endless)
     behind = jobs.submit("evaluate_sample_set", lambda ctx: (ctx.raise_if_cancelled(), _empty())[1])  # checks at once: in budget
