@@ -523,3 +523,11 @@ def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_re
         stability.mistake_counts("5,all,5")
     with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 1, got '0'"):
         stability.mistake_counts("0,all")
+
+
+def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection():
+    run = _run(str(BENCH / "stability_cost.py"), "--mistakes", "64", "--dim", "32", "--resamples", "10,20", "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "M = 64, D = 32, 1 thread(s), median of 1"
+    for name in ("top-k selection", "stability B=10", "stability B=20"):
+        assert re.search(rf"^{name} +[0-9.]+ s +[0-9.]+ x the top-k selection$", run.stdout, re.M), run.stdout

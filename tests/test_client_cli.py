@@ -1925,6 +1925,12 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart"]) == 0
     out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise
     assert len(out[2:-1]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
+    assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--show", "2", "--stability", "50"]) == 0
+    out = capsys.readouterr().out.splitlines()  # a stability column, and what it is under the table
+    assert out[1].split() == ["neuron", "direction", "insufficient", "excessive", "importance", "stability", "top", "classes"]
+    assert out[2].split()[5].endswith("%") and out[4].startswith("stability: share of 50 bootstrap resamples")
+    stable = _json_out(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "heart", "--stability", "50", "--json"])
+    assert stable["stability_resamples"] == 50 and 0 < stable["neurons"][0]["stability"] <= 1
     proximal = _json_out(capsys, ["--target", server.target, "rank", sample_set_id, "--class", "heart", "--solver", "proximal", "--json"])
     assert proximal["solver"] == "proximal"
     for given, said, field in (("circle", "class_name: sample set 'all-hearts' has no sample of class 'circle'", "class_name"),

@@ -2843,6 +2843,13 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     assert lines[1:] == ["  neuron  direction     insufficient  excessive  importance  top classes", "       0  excessive               0%       100%        0.87  square; circle",
                          "predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction", few]
     assert len(_ranking(8).summary(limit=0).splitlines()) == 8  # every neuron, under the header
+    # With stability asked for, a column before the top classes and a line saying what it is.
+    stable = dataclasses.replace(_ranking(8), top_k=3, stability_resamples=200,
+                                 neurons=[dataclasses.replace(n, stability=0.875) for n in _ranking(8).neurons])
+    lines = stable.summary(limit=1).splitlines()
+    assert lines[1:4] == ["  neuron  direction     insufficient  excessive  importance  stability  top classes",
+                          "       0  excessive               0%       100%        0.87        88%  square; circle",
+                          "stability: share of 200 bootstrap resamples of the mistakes with the neuron in their top 5"]
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.
     assert dataclasses.replace(_ranking(8), top_k=3, neurons=[]).summary().splitlines()[1:] == [
@@ -3581,17 +3588,17 @@ def test_a_rankings_fields_are_the_servers_each_in_its_place():
     omega = np.arange(6, dtype="<f4").reshape(2, 3)
     message = ni.NeuronRanking(
         sample_set_id="s", model_version="v", class_index=2, class_name="heart", solver="faithful", sample_count=30, mistake_count=6,
-        converged_count=5, top_k=3, predicted_as={"circle": 2, "square": 4},
+        converged_count=5, top_k=3, predicted_as={"circle": 2, "square": 4}, stability_resamples=40,
         omega=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2, 3], data=omega.tobytes()),
         neurons=[ni.RankedNeuron(neuron=7, direction=ni.NEURON_DIRECTION_EXCESSIVE, insufficient_ratio=0.25, excessive_ratio=0.75,
-                                 mean_omega=-0.5, importance=1.5, top_classes=[1, 0], top_class_names=["square", "circle"])],
+                                 mean_omega=-0.5, importance=1.5, top_classes=[1, 0], top_class_names=["square", "circle"], stability=0.625)],
         mistakes=[ni.MistakeSummary(sample_index=4, predicted_class=1, converged=True, iterations=12, insufficient_neurons=[7, 3],
                                     excessive_neurons=[9], omega_l1=2.5)])
     read = ranking(message)
     assert (read.sample_set_id, read.model_version, read.class_index, read.class_name, read.solver) == ("s", "v", 2, "heart", "faithful")
-    assert (read.sample_count, read.mistake_count, read.converged_count, read.top_k) == (30, 6, 5, 3)
+    assert (read.sample_count, read.mistake_count, read.converged_count, read.top_k, read.stability_resamples) == (30, 6, 5, 3, 40)
     assert list(read.predicted_as.items()) == [("square", 4), ("circle", 2)]  # most first
-    assert read.neurons == [RankedNeuron(7, "excessive", 0.25, 0.75, -0.5, 1.5, ["square", "circle"], [1, 0])]
+    assert read.neurons == [RankedNeuron(7, "excessive", 0.25, 0.75, -0.5, 1.5, ["square", "circle"], [1, 0], 0.625)]
     assert read.neurons[0].rank_ratio == 0.75
     assert read.mistakes == [MistakeSummary(4, 1, True, 12, [7, 3], [9], 2.5)]
     assert read.omega.dtype == np.float32 and np.array_equal(read.omega, omega)

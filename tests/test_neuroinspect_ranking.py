@@ -340,7 +340,8 @@ def test_rank_reports_cancellation():
     ("kwargs", "field"),
     [({"top_k": 0}, "top_k"), ({"cut_ratio": 1.5}, "cut_ratio"), ({"l1": -1.0}, "l1"),
      ({"target_class": 7}, "target_class"), ({"max_iterations": 0}, "max_iterations"),
-     ({"class_mean_feature": torch.zeros(3)}, "class_mean_feature")],
+     ({"class_mean_feature": torch.zeros(3)}, "class_mean_feature"),
+     ({"stability_resamples": -1}, "stability_resamples"), ({"stability_resamples": 1001}, "stability_resamples")],
 )
 def test_bad_arguments_raise_value_errors_naming_the_field(kwargs, field):
     head, features, labels = planted_problem(n=30)
@@ -483,3 +484,41 @@ def test_importances_read_with_two_decimals_below_1e6_and_in_exponent_form_from_
     assert (importance["0"], importance["5"], importance["6"], importance["15"]) == ("1.00", "100000.00", "1.00e+06", "1.00e+15")
     below = SimpleNamespace(**{**vars(neurons[0]), "importance": 999999.99})
     assert neuron_lines([below], 0)[1].split()[4] == "999999.99"
+
+
+def test_mistakes_alike_give_every_resample_the_ranking_s_top_5_and_nothing_else():
+    # Every mistake has the same ω: each neuron is in every top-8, and the top-5 is the
+    # five largest |ω| (2, 7, 0, 5, 3), in every resample.
+    row = torch.tensor([3.0, -0.5, -8.0, 2.0, 1.0, 2.5, 0.7, 4.0])
+    ranking = MistakeNeuronRanker(always_wrong_head()).rank(
+        torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=Shifts(row.expand(6, 8)), top_k=8,
+        stability_resamples=50)
+    assert ranking.neuron_ids[:5] == [2, 7, 0, 5, 3] and ranking.stability_resamples == 50
+    lines = ranking.summary(limit=2).splitlines()
+    assert lines[1:4] == ["  neuron  direction     insufficient  excessive  importance  stability  top classes",
+                          "       2  excessive               0%       100%        1.00       100%  0; 1",
+                          "       7  insufficient          100%         0%        1.00       100%  0; 1"]
+    assert lines[4] == "stability: share of 50 bootstrap resamples of the mistakes with the neuron in their top 5"
+    assert {n.neuron: n.stability for n in ranking.neurons} == {2: 1.0, 7: 1.0, 0: 1.0, 5: 1.0, 3: 1.0, 1: 0.0, 4: 0.0, 6: 0.0}
+
+
+def test_a_neuron_of_one_mistake_is_in_the_resamples_that_draw_it_and_the_numbers_repeat():
+    # Nine of ten mistakes need neuron 0, one needs neuron 1: a resample holds 1 where it
+    # draws that mistake, 1 - 0.9 ** 10 = 0.65 of them (not where it is in no drawn
+    # mistake's top-k, though the top 5 then has room for it).
+    omega = torch.zeros(10, 8)
+    omega[:9, 0], omega[9, 1] = 1.0, 1.0
+    ranker = MistakeNeuronRanker(always_wrong_head())
+    features, labels = torch.rand(10, 8), torch.zeros(10, dtype=torch.long)
+    ranking = ranker.rank(features, labels, solver=Shifts(omega), top_k=1, stability_resamples=1000)
+    assert ranking.neuron_ids == [0, 1]
+    assert ranking.neurons[0].stability == 1.0
+    assert ranking.neurons[1].stability == pytest.approx(1 - 0.9 ** 10, abs=0.05)
+    again = ranker.rank(features, labels, solver=Shifts(omega), top_k=1, stability_resamples=1000)
+    assert [n.stability for n in again.neurons] == [n.stability for n in ranking.neurons]
+
+
+def test_without_resamples_no_stability_is_computed():
+    ranking = MistakeNeuronRanker(always_wrong_head()).rank(
+        torch.rand(4, 8), torch.zeros(4, dtype=torch.long), solver=FixedShifts(), top_k=2)
+    assert ranking.stability_resamples == 0 and all(n.stability == 0.0 for n in ranking.neurons)

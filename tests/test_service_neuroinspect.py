@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.rank_mistake_neurons("", "heart"), InvalidArgumentError, "sample_set_id"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", top_k=500), InvalidArgumentError, "top_k"),
         (lambda: client.rank_mistake_neurons("spurious", "heart", cut_ratio=1.5), InvalidArgumentError, "cut_ratio"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", stability_resamples=-1), InvalidArgumentError,
+         "stability_resamples: -1 is not in [0, 1000]"),
+        (lambda: client.rank_mistake_neurons("spurious", "heart", stability_resamples=1001), InvalidArgumentError,
+         "stability_resamples: 1001 is not in [0, 1000]"),
         (lambda: client.rank_mistake_neurons("nope", "heart"), NotFoundError, "sample_set_id"),
         (lambda: client.visualize_neurons([]), InvalidArgumentError, "pairs"),
         (lambda: client.visualize_neurons([128], method="no_clip"), InvalidArgumentError, "pairs[0].neuron"),
@@ -2890,3 +2895,21 @@ def test_evaluated_samples_without_the_group_attribute_form_their_class_s_group_
         assert any(group.endswith("/") for group in expected) and not all(group.endswith("/") for group in expected)
     finally:
         _shut(engine)
+
+
+def test_a_ranking_asked_for_its_stability_reports_each_neuron_s_share_of_resamples_and_repeats_it(client):
+    plain = client.rank_mistake_neurons("spurious", "heart", execution="inline")
+    assert plain.stability_resamples == 0 and all(n.stability == 0.0 for n in plain.neurons)
+    inline = client.rank_mistake_neurons("spurious", "heart", execution="inline", stability_resamples=200)
+    assert inline.stability_resamples == 200 and inline.neuron_ids == plain.neuron_ids
+    shares = [n.stability for n in inline.neurons]
+    assert all(0 <= share <= 1 for share in shares) and shares[0] > 0.5
+    assert 4 < sum(shares) <= 5 + 1e-9  # each resample holds five neurons, nearly all of them passing the cut
+    # The same numbers every time, as an operation too (fixed seed, the same mistakes).
+    as_operation = client.rank_mistake_neurons("spurious", "heart", execution="operation", stability_resamples=200)
+    assert [n.stability for n in as_operation.neurons] == shares
+    # The stability asked for is part of a request_id's request: another is not a repeat.
+    request_id = uuid.uuid4()
+    client.rank_mistake_neurons("spurious", "heart", execution="operation", stability_resamples=10, request_id=request_id)
+    with pytest.raises(InvalidArgumentError, match="request_id"):
+        client.rank_mistake_neurons("spurious", "heart", execution="operation", stability_resamples=20, request_id=request_id)

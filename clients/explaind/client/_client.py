@@ -1333,6 +1333,7 @@ class Client:
         timeout: float | None = None,
         download: bool = True,
         request_id: str | uuid.UUID | None = None,
+        stability_resamples: int = 0,
     ) -> NeuronRanking:
         """Rank the neurons behind ``target_class``'s (name or index) mistakes in a sample
         set. Small sets are answered inline; for large ones the server starts an operation
@@ -1344,6 +1345,8 @@ class Client:
         number of neurons taken per mistake and direction, not the number returned: every
         neuron whose share of mistakes passes ``cut_ratio`` is (a class with no mistakes
         gets none, and ``mistake_count`` 0); the ranking's ``top_k`` says which it used.
+        ``stability_resamples`` (0-1000, 0: none): each neuron's ``stability`` is then the
+        share of that many bootstrap resamples of the mistakes with it in their top 5.
 
         ``timeout`` (seconds) bounds the whole ranking, the operation's wait included:
         DeadlineExceededError names the operation, which keeps running, and holds it as
@@ -1355,7 +1358,7 @@ class Client:
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
         request = _request(neuroinspect_pb2.RankMistakeNeuronsRequest,
             sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
-            top_k=top_k, include_samples=include_samples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
+            top_k=top_k, include_samples=include_samples, stability_resamples=stability_resamples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
             request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
         started = time.monotonic()

@@ -51,6 +51,9 @@ class RankedNeuron:
     importance: float  # p_c(f̄) / p_c(f̄ with the neuron zeroed)
     top_classes: list[str]  # names of the classes with the largest head weight for the neuron, largest first
     top_class_indices: list[int] = field(default_factory=list)  # the same classes' indices
+    # Share of the ranking's stability_resamples bootstrap resamples of the mistakes whose
+    # top 5 holds the neuron (0-1); 0 where none were asked for (stability_resamples 0).
+    stability: float = 0.0
 
     @property
     def rank_ratio(self) -> float:
@@ -101,6 +104,8 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     # Neurons taken per mistake and direction (the request's top_k, or the default 5, D
     # where D < 5); 0 from a server too old to report it.
     top_k: int = 0
+    # Bootstrap resamples behind each neuron's stability; 0: none asked (or an older server).
+    stability_resamples: int = 0
 
     @property
     def neuron_ids(self) -> list[int]:
@@ -122,7 +127,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
-        lines += neuron_lines(self.neurons, limit)
+        lines += neuron_lines(self.neurons, limit, self.stability_resamples)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         if (note := few_mistakes_note(self.mistake_count)) is not None:
@@ -343,7 +348,7 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
         converged_count=message.converged_count,
         neurons=[
             RankedNeuron(n.neuron, _DIRECTIONS.get(n.direction, "unspecified"), n.insufficient_ratio, n.excessive_ratio, n.mean_omega, n.importance, list(n.top_class_names),
-                         list(n.top_classes))
+                         list(n.top_classes), n.stability)
             for n in message.neurons
         ],
         # Most first, ties by name: a proto map iterates in its hash order, not the server's.
@@ -354,6 +359,7 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
         ],
         omega=omega,
         top_k=message.top_k,
+        stability_resamples=message.stability_resamples,
     )
 
 

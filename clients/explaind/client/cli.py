@@ -880,7 +880,8 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         # Progress goes to stderr, so --json's stdout stays JSON alone.
-        ranking = client.rank_mistake_neurons(args.id, _target_class(client, args), solver=args.solver, progress=True, request_id=args.request_id)
+        ranking = client.rank_mistake_neurons(args.id, _target_class(client, args), solver=args.solver, progress=True, request_id=args.request_id,
+                                               stability_resamples=args.stability)
     if args.json:
         _print_json(_ranking_json(ranking))
         return 0
@@ -1447,6 +1448,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained: a name or index (name:X, index:N where classes are named by digits)")
     rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
     rank.add_argument("--show", type=_non_negative_int, default=RANKING_LINES, help="neurons to print; 0: all")
+    rank.add_argument("--stability", type=_non_negative_int, default=0, metavar="N",
+                      help="a stability column: each neuron's share of N bootstrap resamples of the mistakes (0-1000) with it in their top 5")
     rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     rank.set_defaults(run=cmd_rank)
 

@@ -63,7 +63,7 @@ HEAD_EDIT_METHOD_PROBABILITY_RATIO: HeadEditMethod
 HEAD_EDIT_METHOD_CONSTRAIN: HeadEditMethod
 
 class RankMistakeNeuronsRequest(_message.Message):
-    __slots__ = ("sample_set_id", "class_name", "class_index", "solver", "l1", "l2", "max_iterations", "cut_ratio", "top_k", "include_samples", "execution", "request_id")
+    __slots__ = ("sample_set_id", "class_name", "class_index", "solver", "l1", "l2", "max_iterations", "cut_ratio", "top_k", "include_samples", "execution", "request_id", "stability_resamples")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class RankMistakeNeuronsRequest(_message.Message):
     INCLUDE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_RESAMPLES_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     class_name: str
     class_index: int
@@ -88,7 +89,8 @@ class RankMistakeNeuronsRequest(_message.Message):
     include_samples: bool
     execution: Execution
     request_id: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ..., solver: _Optional[_Union[CounterfactualSolver, str]] = ..., l1: _Optional[float] = ..., l2: _Optional[float] = ..., max_iterations: _Optional[int] = ..., cut_ratio: _Optional[float] = ..., top_k: _Optional[int] = ..., include_samples: _Optional[bool] = ..., execution: _Optional[_Union[Execution, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    stability_resamples: int
+    def __init__(self, sample_set_id: _Optional[str] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ..., solver: _Optional[_Union[CounterfactualSolver, str]] = ..., l1: _Optional[float] = ..., l2: _Optional[float] = ..., max_iterations: _Optional[int] = ..., cut_ratio: _Optional[float] = ..., top_k: _Optional[int] = ..., include_samples: _Optional[bool] = ..., execution: _Optional[_Union[Execution, str]] = ..., request_id: _Optional[str] = ..., stability_resamples: _Optional[int] = ...) -> None: ...
 
 class RankMistakeNeuronsResponse(_message.Message):
     __slots__ = ("ranking", "operation")
@@ -99,7 +101,7 @@ class RankMistakeNeuronsResponse(_message.Message):
     def __init__(self, ranking: _Optional[_Union[NeuronRanking, _Mapping[str, _Any]]] = ..., operation: _Optional[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class RankedNeuron(_message.Message):
-    __slots__ = ("neuron", "direction", "insufficient_ratio", "excessive_ratio", "mean_omega", "importance", "top_classes", "top_class_names")
+    __slots__ = ("neuron", "direction", "insufficient_ratio", "excessive_ratio", "mean_omega", "importance", "top_classes", "top_class_names", "stability")
     NEURON_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     INSUFFICIENT_RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +110,7 @@ class RankedNeuron(_message.Message):
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     TOP_CLASSES_FIELD_NUMBER: _ClassVar[int]
     TOP_CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_FIELD_NUMBER: _ClassVar[int]
     neuron: int
     direction: NeuronDirection
     insufficient_ratio: float
@@ -116,7 +119,8 @@ class RankedNeuron(_message.Message):
     importance: float
     top_classes: _containers.RepeatedScalarFieldContainer[int]
     top_class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, neuron: _Optional[int] = ..., direction: _Optional[_Union[NeuronDirection, str]] = ..., insufficient_ratio: _Optional[float] = ..., excessive_ratio: _Optional[float] = ..., mean_omega: _Optional[float] = ..., importance: _Optional[float] = ..., top_classes: _Optional[_Iterable[int]] = ..., top_class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    stability: float
+    def __init__(self, neuron: _Optional[int] = ..., direction: _Optional[_Union[NeuronDirection, str]] = ..., insufficient_ratio: _Optional[float] = ..., excessive_ratio: _Optional[float] = ..., mean_omega: _Optional[float] = ..., importance: _Optional[float] = ..., top_classes: _Optional[_Iterable[int]] = ..., top_class_names: _Optional[_Iterable[str]] = ..., stability: _Optional[float] = ...) -> None: ...
 
 class MistakeSummary(_message.Message):
     __slots__ = ("sample_index", "predicted_class", "converged", "iterations", "insufficient_neurons", "excessive_neurons", "omega_l1")
@@ -137,7 +141,7 @@ class MistakeSummary(_message.Message):
     def __init__(self, sample_index: _Optional[int] = ..., predicted_class: _Optional[int] = ..., converged: _Optional[bool] = ..., iterations: _Optional[int] = ..., insufficient_neurons: _Optional[_Iterable[int]] = ..., excessive_neurons: _Optional[_Iterable[int]] = ..., omega_l1: _Optional[float] = ...) -> None: ...
 
 class NeuronRanking(_message.Message):
-    __slots__ = ("sample_set_id", "model_version", "class_index", "class_name", "solver", "sample_count", "mistake_count", "converged_count", "neurons", "mistakes", "omega", "predicted_as", "omega_artifact", "top_k")
+    __slots__ = ("sample_set_id", "model_version", "class_index", "class_name", "solver", "sample_count", "mistake_count", "converged_count", "neurons", "mistakes", "omega", "predicted_as", "omega_artifact", "top_k", "stability_resamples")
     class PredictedAsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +163,7 @@ class NeuronRanking(_message.Message):
     PREDICTED_AS_FIELD_NUMBER: _ClassVar[int]
     OMEGA_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_RESAMPLES_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     model_version: str
     class_index: int
@@ -173,7 +178,8 @@ class NeuronRanking(_message.Message):
     predicted_as: _containers.ScalarMap[str, int]
     omega_artifact: str
     top_k: int
-    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., solver: _Optional[str] = ..., sample_count: _Optional[int] = ..., mistake_count: _Optional[int] = ..., converged_count: _Optional[int] = ..., neurons: _Optional[_Iterable[_Union[RankedNeuron, _Mapping[str, _Any]]]] = ..., mistakes: _Optional[_Iterable[_Union[MistakeSummary, _Mapping[str, _Any]]]] = ..., omega: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., predicted_as: _Optional[_Mapping[str, int]] = ..., omega_artifact: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+    stability_resamples: int
+    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., solver: _Optional[str] = ..., sample_count: _Optional[int] = ..., mistake_count: _Optional[int] = ..., converged_count: _Optional[int] = ..., neurons: _Optional[_Iterable[_Union[RankedNeuron, _Mapping[str, _Any]]]] = ..., mistakes: _Optional[_Iterable[_Union[MistakeSummary, _Mapping[str, _Any]]]] = ..., omega: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., predicted_as: _Optional[_Mapping[str, int]] = ..., omega_artifact: _Optional[str] = ..., top_k: _Optional[int] = ..., stability_resamples: _Optional[int] = ...) -> None: ...
 
 class NeuronClassPair(_message.Message):
     __slots__ = ("neuron", "class_name", "class_index")

@@ -49,7 +49,7 @@ from ..methods.neuroinspect import (
     TrainingDiverged,
 )
 from ..methods.neuroinspect._probability import predicted_classes
-from ..methods.neuroinspect._ranking import DEFAULT_TOP_K, neuron_top_classes
+from ..methods.neuroinspect._ranking import DEFAULT_TOP_K, MAX_STABILITY_RESAMPLES, neuron_top_classes
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from ..class_names import class_name_key
@@ -102,6 +102,7 @@ class RankSettings:
     cut_ratio: float = 0.03
     top_k: int = 0  # 0: the ranker's default, 5 (D where D < 5)
     include_samples: bool = False
+    stability_resamples: int = 0  # bootstrap resamples behind each neuron's stability; 0: none
 
 
 class _Classifier(nn.Module):
@@ -145,11 +146,12 @@ def _inline_response_bound(version: ClassifierVersion, sample_set_id: str, class
     ranking = neuroinspect_pb2.NeuronRanking(
         sample_set_id=sample_set_id, model_version=version.version, class_index=class_index, class_name=names[class_index],
         solver=settings.solver, sample_count=sample_count, mistake_count=mistake_count, converged_count=mistake_count, top_k=top_k,
+        stability_resamples=settings.stability_resamples,
         predicted_as=dict.fromkeys(list(dict.fromkeys(longest))[:mistake_count], mistake_count),  # distinct names, as the map's keys
     )
     neuron = neuroinspect_pb2.RankedNeuron(
         neuron=dim - 1, direction=max(neuroinspect_pb2.NeuronDirection.values()), insufficient_ratio=1.0, excessive_ratio=1.0,
-        mean_omega=1.0, importance=1.0, top_classes=[len(names) - 1] * shown, top_class_names=longest[:shown],
+        mean_omega=1.0, importance=1.0, top_classes=[len(names) - 1] * shown, top_class_names=longest[:shown], stability=1.0,
     )
     size = ranking.ByteSize() + min(dim, 2 * top_k * mistake_count) * _length_delimited(neuron.ByteSize())
     if settings.include_samples:
@@ -322,6 +324,9 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{settings.max_iterations} is not in [1, 100000] (0 means 1000)", field="max_iterations")
         if settings.top_k and not 1 <= settings.top_k <= version.feature_dim:
             raise InvalidArgument(f"{settings.top_k} is not in [1, {version.feature_dim}] (0 means 5, or D where D < 5)", field="top_k")
+        if not 0 <= settings.stability_resamples <= MAX_STABILITY_RESAMPLES:
+            raise InvalidArgument(f"{settings.stability_resamples} is not in [0, {MAX_STABILITY_RESAMPLES}] (0: no stability)",
+                                  field="stability_resamples")
 
     @staticmethod
     def _mistakes(version: ClassifierVersion, features: torch.Tensor, labels: torch.Tensor, class_index: int, class_field: str,
@@ -371,6 +376,7 @@ class NeuroInspectEngine:
                 features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
                 max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
                 target_class=class_index, num_top_classes=RANKED_NEURON_TOP_CLASSES, callback_on_step_end=on_step,
+                stability_resamples=settings.stability_resamples,
             )
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None
@@ -388,13 +394,14 @@ class NeuroInspectEngine:
             mistake_count=ranking.num_mistakes,
             converged_count=ranking.num_converged,
             top_k=ranking.top_k,
+            stability_resamples=ranking.stability_resamples,
             predicted_as={names[c]: n for c, n in sorted(Counter(predicted.tolist()).items())},
         )
         for neuron in ranking.neurons:
             message.neurons.add(
                 neuron=neuron.neuron, direction=neuroinspect_pb2.NeuronDirection.Value(f"NEURON_DIRECTION_{neuron.direction.upper()}"),
                 insufficient_ratio=neuron.insufficient_ratio, excessive_ratio=neuron.excessive_ratio, mean_omega=neuron.mean_omega, importance=neuron.importance,
-                top_classes=list(neuron.top_classes), top_class_names=[names[c] for c in neuron.top_classes],
+                top_classes=list(neuron.top_classes), top_class_names=[names[c] for c in neuron.top_classes], stability=neuron.stability,
             )
         if settings.include_samples:
             omega = ranking.omega.float().cpu()

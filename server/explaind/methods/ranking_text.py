@@ -24,6 +24,8 @@ class RankedNeuronLike(Protocol):
     def importance(self) -> float: ...
     @property
     def top_classes(self) -> Sequence[object]: ...  # names or indices
+    @property
+    def stability(self) -> float: ...  # share of bootstrap resamples (0-1)
 
 
 def check_limit(limit: int) -> None:
@@ -35,21 +37,27 @@ def check_limit(limit: int) -> None:
         raise ValueError(f"limit must be 0 (all) or more, got {limit}")
 
 
-def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int) -> list[str]:
+def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resamples: int = 0) -> list[str]:
     """A table of the first ``limit`` ranked neurons (0: all) under a header row: each
     one's direction, the shares of mistakes with it in their top k (which the ranking's
     heading states) as insufficient and as excessive, its importance and top classes
     (semicolons between them, as ImageNet's names hold commas); one line saying so where
-    none passed the cut ratio (a summary of mistakes then ended in a heading over nothing)."""
+    none passed the cut ratio (a summary of mistakes then ended in a heading over nothing).
+    With ``stability_resamples`` (the ranking's B, 0: none asked) a stability column
+    before the top classes, and a line under the table saying what it is."""
     check_limit(limit)
     if not neurons:
         return ["  none passed the cut ratio"]
-    header = f"  {'neuron':>6}  {'direction':<12}  {'insufficient':>12}  {'excessive':>9}  {'importance':>10}  top classes"
-    return [header] + [
-        f"  {n.neuron:>6}  {n.direction:<12}  {n.insufficient_ratio:>12.0%}  {n.excessive_ratio:>9.0%}  {_importance(n.importance):>10}  "
-        f"{'; '.join(map(str, n.top_classes))}"
+    stable = f"  {'stability':>9}" if stability_resamples else ""
+    header = f"  {'neuron':>6}  {'direction':<12}  {'insufficient':>12}  {'excessive':>9}  {'importance':>10}{stable}  top classes"
+    lines = [header] + [
+        f"  {n.neuron:>6}  {n.direction:<12}  {n.insufficient_ratio:>12.0%}  {n.excessive_ratio:>9.0%}  {_importance(n.importance):>10}"
+        f"{f'  {n.stability:>9.0%}' if stability_resamples else ''}  {'; '.join(map(str, n.top_classes))}"
         for n in neurons[:limit or None]
     ]
+    if stability_resamples:
+        lines.append(f"stability: share of {stability_resamples} bootstrap resamples of the mistakes with the neuron in their top 5")
+    return lines
 
 
 def _importance(ratio: float) -> str:

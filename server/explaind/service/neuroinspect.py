@@ -68,6 +68,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
             cut_ratio=_optional(request, "cut_ratio", defaults.cut_ratio),
             top_k=request.top_k,
             include_samples=request.include_samples,
+            stability_resamples=request.stability_resamples,
         )
         execution, caller = _EXECUTION(request.execution, "execution"), current_caller()
         # An inline ranking holds its thread for seconds (features of up to 4096 samples,

@@ -20,6 +20,14 @@ EXCESSIVE = "excessive"  # ω < 0: the neuron pushed the sample away from its cl
 BOTH = "both"
 # Neurons taken per sample and direction when top_k is not given (the paper's), or D where D is smaller.
 DEFAULT_TOP_K = 5
+# Bootstrap resamples a ranking's stability may ask for: 1000 on M = 4096, D = 2048 took
+# 1.0 s on one CPU thread, 200 took 0.21 s (bench/stability_cost.py, docs/neuroinspect.md).
+MAX_STABILITY_RESAMPLES = 1000
+# The neurons a resample's stability counts: the first this many of its merged ranking.
+STABILITY_TOP = 5
+# Seed of the resamples: fixed, so the same mistakes give the same stability every time
+# (a repeated request, a notebook rerun); the mistakes themselves are what varies.
+STABILITY_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class RankedNeuron:
     mean_omega: float  # mean ω over the mistakes (feature units)
     importance: float  # p_c(f̄) / p_c(f̄ with the neuron zeroed), f̄ the class mean feature
     top_classes: tuple[int, ...]  # classes with the largest head weight for the neuron
+    # Share of bootstrap resamples of the mistakes whose merged top-5 holds the neuron;
+    # 0 where ``rank`` was not given ``stability_resamples`` (see NeuronRanking's).
+    stability: float = 0.0
 
     @property
     def rank_ratio(self) -> float:
@@ -70,6 +81,8 @@ class NeuronRanking:
     insufficient_top: torch.Tensor = field(repr=False)  # (M, k) neuron ids, -1 where ω > 0 has < k entries
     excessive_top: torch.Tensor = field(repr=False)  # (M, k) neuron ids, -1 where ω < 0 has < k entries
     cancelled: bool = False
+    # Bootstrap resamples behind each neuron's ``stability``; 0: not asked, stabilities all 0.
+    stability_resamples: int = field(default=0, repr=False)
 
     @property
     def num_mistakes(self) -> int:
@@ -106,7 +119,7 @@ class NeuronRanking:
         top = f"top {self.top_k}"
         lines = [f"{self.num_mistakes} mistakes of class {self.target_class} in {self.num_samples} samples{cancelled}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}):"]
-        lines += neuron_lines(self.neurons, limit)
+        lines += neuron_lines(self.neurons, limit, self.stability_resamples)
         lines.append(f"{self.num_converged} of {self.num_mistakes} counterfactuals flipped the prediction")
         return "\n".join(lines)
 
@@ -179,6 +192,42 @@ def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(values > 0, ids, -1)
 
 
+def _indicator(top: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """(M, D) 1 where a mistake's top-k ``top`` (M, k), -1 padded, holds the neuron."""
+    marks = torch.zeros(len(top), dim + 1, dtype=dtype, device=top.device)
+    marks.scatter_(1, torch.where(top >= 0, top, dim), 1.0)
+    return marks[:, :dim]
+
+
+def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top: torch.Tensor,
+              resamples: int, *, chunk: int = 50) -> torch.Tensor:
+    """(D,) share of ``resamples`` bootstrap resamples of the M mistakes (drawn with
+    replacement, seed STABILITY_SEED) whose merged top-5 holds each neuron. A resample is
+    ranked as ``rank`` ranks (by rank ratio, then |mean ω|, then id; neurons in no drawn
+    mistake's top-k left out), before any cut. ω is per mistake, so nothing is solved
+    again: a resample's top-k counts and ω sums are its (M,) draw counts times the (M, D)
+    indicator and ω matrices, ``chunk`` resamples per product (memory: the two (M, D)
+    indicators, and (chunk, D) per product)."""
+    omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # counts up to M exact; half's end at 2048
+    num_mistakes, dim = omega.shape
+    generator = torch.Generator().manual_seed(STABILITY_SEED)
+    draws = torch.randint(num_mistakes, (resamples, num_mistakes), generator=generator)
+    weights = torch.zeros(resamples, num_mistakes, dtype=omega.dtype).scatter_add_(
+        1, draws, torch.ones(1, dtype=omega.dtype).expand_as(draws)).to(omega.device)  # (B, M) draws per mistake
+    insufficient, excessive = _indicator(insufficient_top, dim, omega.dtype), _indicator(excessive_top, dim, omega.dtype)
+    held = torch.zeros(dim, dtype=torch.float64, device=omega.device)
+    for start in range(0, resamples, chunk):
+        part = weights[start:start + chunk]
+        counts = torch.maximum(part @ insufficient, part @ excessive)  # (b, D) integers, exact in float32
+        size = (part @ omega).abs()  # |mean ω| times M: the same order
+        by_size = size.sort(dim=1, descending=True, stable=True).indices  # equal sizes by id
+        order = counts.gather(1, by_size).sort(dim=1, descending=True, stable=True).indices
+        first = by_size.gather(1, order[:, :STABILITY_TOP])
+        listed = counts.gather(1, first) > 0
+        held.index_add_(0, first[listed], torch.ones(int(listed.sum()), dtype=torch.float64, device=omega.device))
+    return held / resamples
+
+
 def _ratios(top: torch.Tensor, dim: int) -> torch.Tensor:
     counts = torch.bincount(top[top >= 0], minlength=dim).to(torch.float64)
     return counts / max(len(top), 1)
@@ -222,6 +271,7 @@ class MistakeNeuronRanker:
         class_mean_feature: torch.Tensor | None = None,
         num_top_classes: int = 3,
         callback_on_step_end: SolverCallback | None = None,
+        stability_resamples: int = 0,
     ) -> NeuronRanking:
         """Rank the neurons behind the mistakes among ``features`` (N, D) with true ``labels`` (N,).
 
@@ -244,6 +294,9 @@ class MistakeNeuronRanker:
             num_top_classes: classes reported per neuron by head weight (at most C).
             callback_on_step_end: ``(step, max_iterations, samples running)`` after each
                 solver step; return True to stop (the ranking is then marked cancelled).
+            stability_resamples: B, 0..1000: each neuron's ``stability`` is the share of B
+                bootstrap resamples of the mistakes whose top-5 holds it (:func:`stability`);
+                0, the default, computes none (stabilities 0).
         """
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
         finite_head(weight, bias, "head.")
@@ -260,6 +313,9 @@ class MistakeNeuronRanker:
             raise ValueError(f"cut_ratio must lie in [0, 1], got {cut_ratio}")
         if target_class is not None:
             target_class = index(target_class, "target_class", num_classes)
+        stability_resamples = count(stability_resamples, "stability_resamples", low=0)
+        if stability_resamples > MAX_STABILITY_RESAMPLES:
+            raise ValueError(f"stability_resamples must be at most {MAX_STABILITY_RESAMPLES}, got {stability_resamples}")
         solver = make_solver(solver)
         callback_or_none(callback_on_step_end, "callback_on_step_end")  # before the mistakes are found, not at the first step
 
@@ -293,14 +349,17 @@ class MistakeNeuronRanker:
         excessive_ratio = _ratios(excessive_top, dim)
         mean_omega = omega.mean(0) if len(omega) else torch.zeros(dim, device=omega.device)
         top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
+        shares = (stability(omega, insufficient_top, excessive_top, stability_resamples)
+                  if stability_resamples and len(omega) else torch.zeros(dim))
 
         # The per-neuron loop reads Python lists: indexing device tensors neuron by neuron
         # synchronised with a GPU several times per neuron (8000 times for D = 2048).
         passes_insufficient = ((insufficient_ratio > 0) & (insufficient_ratio >= cut_ratio)).tolist()
         passes_excessive = ((excessive_ratio > 0) & (excessive_ratio >= cut_ratio)).tolist()
-        columns = zip(insufficient_ratio.tolist(), excessive_ratio.tolist(), mean_omega.tolist(), importance.tolist(), top_classes.tolist())
+        columns = zip(insufficient_ratio.tolist(), excessive_ratio.tolist(), mean_omega.tolist(), importance.tolist(),
+                      top_classes.tolist(), shares.tolist())
         ranked = []
-        for neuron, (insufficient, excessive, omega_mean, probability_ratio, classes) in enumerate(columns):
+        for neuron, (insufficient, excessive, omega_mean, probability_ratio, classes, share) in enumerate(columns):
             if not (passes_insufficient[neuron] or passes_excessive[neuron]):
                 continue
             direction = BOTH if passes_insufficient[neuron] and passes_excessive[neuron] else (
@@ -313,6 +372,7 @@ class MistakeNeuronRanker:
                 mean_omega=omega_mean,
                 importance=probability_ratio,
                 top_classes=tuple(classes),
+                stability=share,
             ))
         ranked.sort(key=lambda n: (-n.rank_ratio, -abs(n.mean_omega), n.neuron))
         return NeuronRanking(
@@ -327,4 +387,5 @@ class MistakeNeuronRanker:
             insufficient_top=insufficient_top,
             excessive_top=excessive_top,
             cancelled=solution.cancelled,
+            stability_resamples=stability_resamples,
         )
