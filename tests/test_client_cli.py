@@ -162,6 +162,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--learning-rate", "fast"], "--learning-rate: expected a finite number, got 'fast'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--max-epochs", "-1"], "--max-epochs: expected an integer >= 0, got '-1'"),
         (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
+        (["rank", "s", "--stability", "-1"], "--stability: expected an integer >= 0, got '-1'"),
+        (["rank", "s", "--stability", "2.5"], "--stability: expected an integer >= 0, got '2.5'"),
+        (["rank", "s", "--stability", "99999999999"], "--stability: 99999999999 is out of range"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
         # A digit int() does not read was "invalid _positive_int value: '²'", naming a function of the CLI's code.
         (["predict", __file__, "--top-k", "²"], "--top-k: expected an integer >= 1, got '²'"),
@@ -1938,6 +1941,9 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
         assert main(["--target", server.target, "rank", sample_set_id, "--class", given]) == 1
         err = capsys.readouterr().err
         assert said in err and err.endswith(f"\n  ({field} is --class here)\n"), err
+    assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--stability", "1001"]) == 1
+    err = capsys.readouterr().err  # the server's range, and which option set the field it names
+    assert "stability_resamples: 1001 is not in [0, 1000]" in err and err.endswith("\n  (stability_resamples is --stability here)\n"), err
 
 
 def _artifact_reads(server) -> float:

@@ -1693,7 +1693,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 # Request fields whose option is not named after them.
-_OPTION_DESTS = {"class_name": "target_class", "class_index": "target_class", "sample_set_id": "sample_set"}
+_OPTION_DESTS = {"class_name": "target_class", "class_index": "target_class", "sample_set_id": "sample_set",
+                 "stability_resamples": "stability"}
 # Repeated request fields that hold a positional argument's values, one item each.
 _ARGUMENT_DESTS = {"pairs": "neurons"}
 
