@@ -522,3 +522,21 @@ def test_without_resamples_no_stability_is_computed():
     ranking = MistakeNeuronRanker(always_wrong_head()).rank(
         torch.rand(4, 8), torch.zeros(4, dtype=torch.long), solver=FixedShifts(), top_k=2)
     assert ranking.stability_resamples == 0 and all(n.stability == 0.0 for n in ranking.neurons)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stability_is_the_share_of_resamples_whose_own_ranking_starts_with_the_neuron(seed):
+    # The reference ranks each resample's mistakes with ``rank`` itself (no cut), the same
+    # draws: ω of small integers ties both the top-k counts and |mean ω|.
+    torch.manual_seed(seed)
+    num_mistakes, dim, resamples = 12, 15, 30
+    omega = torch.randint(-2, 3, (num_mistakes, dim)).float() * (torch.rand(num_mistakes, dim) < 0.5)
+    ranker = MistakeNeuronRanker(always_wrong_head(dim))
+    features, labels = torch.rand(num_mistakes, dim), torch.zeros(num_mistakes, dtype=torch.long)
+    ranking = ranker.rank(features, labels, solver=Shifts(omega), top_k=3, cut_ratio=0.0, stability_resamples=resamples)
+    draws = torch.randint(num_mistakes, (resamples, num_mistakes), generator=torch.Generator().manual_seed(_ranking.STABILITY_SEED))
+    held = torch.zeros(dim)
+    for drawn in draws:
+        resampled = ranker.rank(features, labels, solver=Shifts(omega[drawn]), top_k=3, cut_ratio=0.0)
+        held[resampled.neuron_ids[:_ranking.STABILITY_TOP]] += 1
+    assert {n.neuron: n.stability for n in ranking.neurons} == {n.neuron: held[n.neuron].item() / resamples for n in ranking.neurons}
