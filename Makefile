@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # Test processes (pytest-xdist; 0: one). Each takes whole files, so a module's server
 # serves only its own tests.
 TEST_WORKERS ?= 2
+FORK_TESTS = tests/test_client_fork.py
 
 .PHONY: test test-gpu coverage demo proto bench world serve clean
 
@@ -24,7 +25,12 @@ test: $(STAMP)
 	@# 2 cores, and oversubscribed torch thread pools are several times slower. Two test
 	@# processes: much of a test's time is a server starting or a client waiting, and the
 	@# other process uses that core meanwhile.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=$(FORK_TESTS)
+	@# The fork tests in a process of their own (15 s): a child forked from a worker that had
+	@# run other files' in-process gRPC servers hung in one run of the suite (2026-12-06),
+	@# never in 25 runs on their own (at a fork the SDK sees only its own calls, not other
+	@# gRPC users').
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(FORK_TESTS)
 
 # The tests marked gpu, which `make test` skips without CUDA; here no CUDA is an error,
 # not quiet skips.
