@@ -540,3 +540,33 @@ def test_stability_is_the_share_of_resamples_whose_own_ranking_starts_with_the_n
         resampled = ranker.rank(features, labels, solver=Shifts(omega[drawn]), top_k=3, cut_ratio=0.0)
         held[resampled.neuron_ids[:_ranking.STABILITY_TOP]] += 1
     assert {n.neuron: n.stability for n in ranking.neurons} == {n.neuron: held[n.neuron].item() / resamples for n in ranking.neurons}
+
+
+def test_stability_breaks_a_tie_of_mean_omega_as_rank_does_where_the_sums_differ_in_rounding():
+    # Neurons 4 and 5 shift only mistake 0, by adjacent float32s: their ω sums differ, but
+    # divided by M = 3 their means are equal, so ``rank`` ties them and lists 4 first. The
+    # resamples ordered by the sum put 5 in the top 5 of every resample drawing mistake 0.
+    smaller, larger = 1.5000011920928955, 1.500001311302185
+    assert torch.tensor(larger) > torch.tensor(smaller) and torch.tensor(larger) / 3 == torch.tensor(smaller) / 3
+    omega = torch.tensor([[10.0] * 4 + [smaller, larger], [10.0] * 4 + [0.0, 0.0], [10.0] * 4 + [0.0, 0.0]])
+    ranker = MistakeNeuronRanker(always_wrong_head(6))
+    features, labels = torch.rand(3, 6), torch.zeros(3, dtype=torch.long)
+    ranking = ranker.rank(features, labels, solver=Shifts(omega), top_k=6, cut_ratio=0.0, stability_resamples=40)
+    assert ranking.neuron_ids == [0, 1, 2, 3, 4, 5]
+    draws = torch.randint(3, (40, 3), generator=torch.Generator().manual_seed(_ranking.STABILITY_SEED))
+    drawing_the_first = float((draws == 0).any(1).float().mean())
+    assert 0 < drawing_the_first < 1
+    assert {n.neuron: n.stability for n in ranking.neurons} == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: drawing_the_first, 5: 0.0}
+
+
+def test_a_ranking_stopped_during_its_resamples_is_cancelled_without_stability():
+    # 1000 resamples of M = 16384 mistakes took 3.3 s with no way to stop them.
+    ranker = MistakeNeuronRanker(always_wrong_head())
+    calls = []
+    ranking = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
+                          stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)) or done >= 100)
+    assert calls == [(50, 120), (100, 120)]
+    assert ranking.cancelled and ranking.stability_resamples == 0 and all(n.stability == 0.0 for n in ranking.neurons)
+    finished = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
+                           stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)))
+    assert calls[2:] == [(50, 120), (100, 120), (120, 120)] and not finished.cancelled and finished.stability_resamples == 120

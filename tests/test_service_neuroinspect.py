@@ -1068,6 +1068,54 @@ def test_a_ranking_cancelled_while_it_solves_stops_at_that_step(tmp_path, world_
         _shut(engine)
 
 
+
+def test_a_ranking_cancelled_while_it_resamples_stops_at_that_chunk(tmp_path, world_set, monkeypatch):
+    # Its stability's resamples ran to the end past a cancel: 3.3 s for 1000 of 16384 mistakes.
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        chunks, jobs = [], []
+        monkeypatch.setattr(engine_module, "MistakeNeuronRanker",
+                            _cancelling_at_its_first_callback(engine, engine_module.MistakeNeuronRanker, "rank", "callback_on_resamples", chunks, jobs))
+        gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
+        jobs.append(inspect.rank_mistake_neurons("train", target_class="heart", execution="operation",
+                                                 settings=RankSettings(max_iterations=5, stability_resamples=1000)).record.job_id)
+        gate.set()
+        assert engine.jobs.wait(jobs[0], 60).record.state == "cancelled"
+        assert chunks == [50]  # the first of 20 chunks
+    finally:
+        _shut(engine)
+
+
+def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_path, world_set, monkeypatch):
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import Cancelled
+
+    chunks: list[int] = []
+
+    class RecordingRanker(engine_module.MistakeNeuronRanker):
+        def rank(self, features, labels, **options):
+            given = options.pop("callback_on_resamples")
+            return super().rank(features, labels, **options, callback_on_resamples=lambda done, total: chunks.append(done) or given(done, total))
+
+    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        call = SimpleNamespace(is_active=lambda: not chunks, time_remaining=lambda: None)  # gone once the resampling began
+        with pytest.raises(Cancelled, match="the caller stopped waiting"):
+            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call,
+                                         settings=RankSettings(max_iterations=5, stability_resamples=1000))
+        assert chunks == [50]
+    finally:
+        _shut(engine)
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a

@@ -362,13 +362,18 @@ class NeuroInspectEngine:
         # alone, a BLAS's kernel for few rows rounded some on the boundary to their own class.
         _, mistaken_for = self._mistakes(version, features.features, features.labels, class_index, class_field, sample_set_id)
 
-        def on_step(step: int, total: int, running: int) -> bool:
+        def check() -> bool:
+            """Raise once the job is cancelled or past its run time, or the inline caller stopped waiting."""
             if context is not None:
                 context.raise_if_cancelled()
-                if step % 25 == 0:
-                    context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
             elif call is not None:
                 require_caller(call.is_active)
+            return False
+
+        def on_step(step: int, total: int, running: int) -> bool:
+            check()
+            if context is not None and step % 25 == 0:
+                context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
             return False
 
         try:
@@ -376,7 +381,7 @@ class NeuroInspectEngine:
                 features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
                 max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
                 target_class=class_index, num_top_classes=RANKED_NEURON_TOP_CLASSES, callback_on_step_end=on_step,
-                stability_resamples=settings.stability_resamples,
+                stability_resamples=settings.stability_resamples, callback_on_resamples=lambda done, total: check(),
             )
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None
