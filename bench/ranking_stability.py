@@ -2,9 +2,11 @@
 the shipped classifiers in one run.
 
     python bench/ranking_stability.py [--scenarios spurious_background,...] [--resamples 200] [--counts 5,10,20,40,80,all]
+                                      [--solver faithful|proximal]
 
 The reference ranking is bench/neuroinspect_eval.py's: the focus class's mistakes among
-the first half of the test split, ranked by the faithful solver. For each count n of
+the first half of the test split, ranked by ``--solver`` (faithful by default; the
+resamples by the same). For each count n of
 mistakes (counts above the scenario's M mistakes skipped; "all" is M), B resamples of n
 of those M mistakes are each ranked on their own and compared with the reference:
 
