@@ -165,6 +165,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["rank", "s", "--stability", "-1"], "--stability: expected an integer >= 0, got '-1'"),
         (["rank", "s", "--stability", "2.5"], "--stability: expected an integer >= 0, got '2.5'"),
         (["rank", "s", "--stability", "99999999999"], "--stability: 99999999999 is out of range"),
+        (["report", "--class", "heart", "--stability", "-1"], "--stability: expected an integer >= 0, got '-1'"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
         # A digit int() does not read was "invalid _positive_int value: '²'", naming a function of the CLI's code.
         (["predict", __file__, "--top-k", "²"], "--top-k: expected an integer >= 1, got '²'"),
@@ -1357,9 +1358,10 @@ def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(
         name = client.model_metadata().class_names[int(mislabelled[0])]
     page = tmp_path / "report.html"
     assert main(["--target", server.target, "report", "--class", name, "--out", str(page), "--neurons", "1", "--steps", "3",
-                 "--validation-sample-set", "newest-validation", "--group-attribute", "background"]) == 0
+                 "--validation-sample-set", "newest-validation", "--group-attribute", "background", "--stability", "20"]) == 0
     printed = capsys.readouterr()
     assert "using the newest sample set, newest\n" in printed.err and page.exists()
+    assert "<th>stability</th>" in page.read_text() and "the share of 20 bootstrap resamples" in page.read_text()
     edit = re.search(r"^suggested head edit (v\d+), evaluated on sample set newest-validation \(24 samples\); they also chose the best epoch",
                      printed.out, flags=re.M)
     assert edit, printed.out
@@ -1369,6 +1371,10 @@ def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(
         groups = client.head_version(edit[1]).evaluation.group_accuracy  # (class, background) pairs
         assert {group.partition("/")[2] for group in groups} == {"grass", "sand"}
         client.delete_head_version(edit[1])
+    # Refused by the server before any work, in the option's words.
+    assert main(["--target", server.target, "report", "--class", name, "--out", str(page), "--stability", "1001"]) == 1
+    err = capsys.readouterr().err
+    assert "stability_resamples: 1001 is not in [0, 1000]" in err and err.endswith("\n  (stability_resamples is --stability here)\n"), err
 
 
 def test_a_report_without_sample_set_on_a_server_without_any_says_to_create_one(capsys, tmp_path):

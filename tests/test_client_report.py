@@ -491,6 +491,33 @@ def test_the_page_reads_each_number_in_its_own_column():
     assert rows["overall accuracy"] == ["0.500", "0.625", "+0.125"] and rows["class goldfish"] == ["0.750", "0.500", "-0.250"]
 
 
+def test_a_ranking_with_resamples_shows_each_neuron_s_stability_in_a_column_the_legend_explains():
+    import dataclasses
+
+    report = _edited_report()
+    neurons = [dataclasses.replace(n, stability=share) for n, share in zip(report.ranking.neurons, (1.0, 0.25))]
+    page = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons, stability_resamples=200)))
+    assert "<th>importance</th><th>stability</th><th class='text'>top classes</th>" in page
+    assert "<td>-1.000</td><td>0.900</td><td>100%</td><td class='names'>tench</td>" in page and "<td>1.200</td><td>25%</td>" in page
+    assert "<b>stability</b>: the share of 200 bootstrap resamples of the mistakes" in page
+    assert "stability" not in render_report(report)  # none asked for (or an older server): no column of zeros
+
+
+def test_the_report_asks_for_its_ranking_s_stability():
+    from types import SimpleNamespace
+
+    from explaind.client._neuroinspect import NeuronRanking
+    from explaind.client.report import REPORT_STABILITY_RESAMPLES
+
+    asked = []
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 0, 0, [], {}, [], None)
+    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: asked.append(k["stability_resamples"]) or ranking,
+                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+    build_report(client, "heart", "s")
+    build_report(client, "heart", "s", stability_resamples=0)
+    assert asked == [REPORT_STABILITY_RESAMPLES, 0] and REPORT_STABILITY_RESAMPLES > 0
+
+
 def test_a_measure_that_was_not_taken_reads_as_a_dash_not_nan():
     # Without CLIP the server sends NaN similarity and relevance.
     import dataclasses

@@ -54,6 +54,7 @@ from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, Opera
                       UnavailableError, listed_items)
 from ._images import image_folder
 from ._operations import OPERATION_STATES, cancel_outcome
+from .report import REPORT_STABILITY_RESAMPLES
 from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
@@ -1294,6 +1295,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         report = build_report(
             client, _target_class(client, args), sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
             evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
+            stability_resamples=args.stability,
         )
     with noting_stored_edit(report.edit):
         _write(args.out, render_report(report).encode("utf-8"))
@@ -1526,6 +1528,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
     report.add_argument("--neurons", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
     report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
+    report.add_argument("--stability", type=_non_negative_int, default=REPORT_STABILITY_RESAMPLES, metavar="N",
+                        help="a stability column in the ranking: each neuron's share of N bootstrap resamples of the mistakes (0-1000) "
+                             f"with it in their top 5; 0: none (default: {REPORT_STABILITY_RESAMPLES}, a fraction of a second)")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(
         "--evaluation-sample-set", dest="evaluation_sample_set", default="",
