@@ -570,3 +570,12 @@ def test_a_ranking_stopped_during_its_resamples_is_cancelled_without_stability()
     finished = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
                            stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)))
     assert calls[2:] == [(50, 120), (100, 120), (120, 120)] and not finished.cancelled and finished.stability_resamples == 120
+
+
+def test_a_float16_head_s_mean_omega_is_summed_in_float32():
+    # 1000 mistakes shifting neuron 0 by 100: the float16 sum (100,000) overflowed to an
+    # infinite mean ω, and rounded neuron 1's 50 to 49.97 (torch's mean sums in float32).
+    omega = torch.tensor([[100.0, 50.0, -1.0, 0.0]]).repeat(1000, 1).half()
+    ranking = MistakeNeuronRanker(always_wrong_head(4).half()).rank(
+        torch.rand(1000, 4).half(), torch.zeros(1000, dtype=torch.long), solver=Shifts(omega), top_k=2, cut_ratio=0.0)
+    assert [(n.neuron, n.mean_omega) for n in ranking.neurons] == [(0, 100.0), (1, 50.0), (2, -1.0)]

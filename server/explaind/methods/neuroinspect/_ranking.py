@@ -368,8 +368,9 @@ class MistakeNeuronRanker:
         insufficient_ratio = insufficient_count.to(torch.float64) / max(len(omega), 1)
         excessive_ratio = excessive_count.to(torch.float64) / max(len(omega), 1)
         # The ω sum over M, as stability's resamples take their means (not torch's mean: a
-        # GPU's multiplies by 1/M), so a tie of |mean ω| is the same tie there.
-        mean_omega = omega.sum(0) / max(len(omega), 1)
+        # GPU's multiplies by 1/M), so a tie of |mean ω| is the same tie there; summed in
+        # float32 at least, as they are: a float16 sum of 1000 ω of 100 overflowed.
+        mean_omega = omega.sum(0, dtype=torch.promote_types(omega.dtype, torch.float32)) / max(len(omega), 1)
         order = _rank_order(torch.maximum(insufficient_count, excessive_count)[None], mean_omega[None])[0]
         top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
         shares = (stability(omega, insufficient_top, excessive_top, stability_resamples, callback_on_chunk_end=callback_on_resamples)
