@@ -308,7 +308,8 @@ class MistakeNeuronRanker:
                 given samples labelled ``target_class``.
             num_top_classes: classes reported per neuron by head weight (at most C).
             callback_on_step_end: ``(step, max_iterations, samples running)`` after each
-                solver step; return True to stop (the ranking is then marked cancelled).
+                solver step; return True to stop (the ranking is then marked cancelled, and
+                draws no resamples: ``stability_resamples`` 0).
             stability_resamples: B, 0..1000: each neuron's ``stability`` is the share of B
                 bootstrap resamples of the mistakes whose top-5 holds it (:func:`stability`);
                 0, the default, computes none (stabilities 0).
@@ -373,10 +374,11 @@ class MistakeNeuronRanker:
         mean_omega = omega.sum(0, dtype=torch.promote_types(omega.dtype, torch.float32)) / max(len(omega), 1)
         order = _rank_order(torch.maximum(insufficient_count, excessive_count)[None], mean_omega[None])[0]
         top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
+        # No resamples of a solver the caller stopped: its ω is half-solved, and it asked to stop.
         shares = (stability(omega, insufficient_top, excessive_top, stability_resamples, callback_on_chunk_end=callback_on_resamples)
-                  if stability_resamples and len(omega) else torch.zeros(dim))
+                  if stability_resamples and len(omega) and not solution.cancelled else torch.zeros(dim))
         cancelled = solution.cancelled or shares is None
-        if shares is None:
+        if cancelled:
             shares, stability_resamples = torch.zeros(dim), 0
 
         # The per-neuron loop reads Python lists: indexing device tensors neuron by neuron
