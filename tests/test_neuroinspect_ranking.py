@@ -393,7 +393,7 @@ def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
     right = ranker.rank(features, torch.ones(4, dtype=torch.long), solver=FixedShifts(), top_k=2)
     assert right.summary() == "no mistakes of class 1 in 4 samples: nothing to explain"
     stopped = ranker.rank(features, torch.ones(4, dtype=torch.long), solver=Cancelled(), top_k=2)
-    assert stopped.summary() == "no mistakes of class 1 in 4 samples: nothing to explain (cancelled: the solver was stopped early)"
+    assert stopped.summary() == "no mistakes of class 1 in 4 samples: nothing to explain (cancelled: stopped early)"
     with pytest.raises(ValueError, match="limit must be 0"):
         right.summary(limit=-1)
 
@@ -567,6 +567,8 @@ def test_a_ranking_stopped_during_its_resamples_is_cancelled_without_stability()
                           stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)) or done >= 100)
     assert calls == [(50, 120), (100, 120)]
     assert ranking.cancelled and ranking.stability_resamples == 0 and all(n.stability == 0.0 for n in ranking.neurons)
+    # Its solver ran to the end: the summary said "the solver was stopped early".
+    assert ranking.summary().startswith("6 mistakes of class 0 in 6 samples (cancelled: stopped early); ")
     finished = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
                            stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)))
     assert calls[2:] == [(50, 120), (100, 120), (120, 120)] and not finished.cancelled and finished.stability_resamples == 120

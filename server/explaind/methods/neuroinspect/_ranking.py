@@ -116,7 +116,7 @@ class NeuronRanking:
         shares, importance and top classes (indices here), and how many counterfactuals
         flipped the prediction. ``print(ranking.summary())``."""
         check_limit(limit)
-        cancelled = " (cancelled: the solver was stopped early)" if self.cancelled else ""
+        cancelled = " (cancelled: stopped early)" if self.cancelled else ""  # in its solver or its resamples
         if not self.num_mistakes:
             return f"no mistakes of class {self.target_class} in {self.num_samples} samples: nothing to explain{cancelled}"
         top = f"top {self.top_k}"
