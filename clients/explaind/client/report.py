@@ -32,11 +32,11 @@ if TYPE_CHECKING:
 __all__ = ["MistakeReport", "build_report", "render_report"]
 
 
-# VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).
 # Bootstrap resamples behind the ranked neurons' stability column: the report edits the top
 # three on the ranking's word, and 200 cost 0.21 s for 4,096 mistakes (docs/neuroinspect.md),
 # beside the minutes of its visualisations.
 REPORT_STABILITY_RESAMPLES = 200
+# VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).
 VISUALIZATION_PAIRS_PER_REQUEST = 64
 
 
