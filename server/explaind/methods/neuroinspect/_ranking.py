@@ -378,7 +378,7 @@ class MistakeNeuronRanker:
         shares = (stability(omega, insufficient_top, excessive_top, stability_resamples, callback_on_chunk_end=callback_on_resamples)
                   if stability_resamples and len(omega) and not solution.cancelled else torch.zeros(dim))
         cancelled = solution.cancelled or shares is None
-        if cancelled:
+        if shares is None or cancelled:
             shares, stability_resamples = torch.zeros(dim), 0
 
         # The per-neuron loop reads Python lists: indexing device tensors neuron by neuron
