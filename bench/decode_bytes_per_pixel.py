@@ -7,8 +7,9 @@ leaving out a component), measured in one run.
 
 Writes one ``--side``² file per format and mode, of random pixels (incompressible, so the
 file is as large as it gets) but for the progressive and one-scan JPEGs, of a smooth ramp
-(random pixels overflow Pillow's progressive encoder); those with EXIF Orientation 6 are
-turned as decoded. Then decodes each in a fresh process as Predict does (decode_encoded
+(random pixels overflow Pillow's progressive encoder), and the crafted JPEGs Pillow cannot
+write (sampling factors of 3, lossless), of mid-grey; those with EXIF Orientation 6 are
+turned as decoded. JPEG-in-TIFF comes striped, in one strip, tiled and old-style. Then decodes each in a fresh process as Predict does (decode_encoded
 to 224 px; the JPEGs marked "reduced" as with [classifier].jpeg_reduced_decode, at the
 least scale leaving both sides at least 512: 1/8 of their size at 4096², 1/4 at 2048²)
 and prints the peak resident growth per pixel of the stored size and its ratio to what
@@ -19,6 +20,7 @@ codec's tables) is not counted as the file's.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -61,6 +63,12 @@ def _write_files(directory: Path, side: int) -> list[Path]:
         "cmyk-turned.jpg": (rgb.convert("CMYK"), {"exif": turned, "quality": 90}),
         "rgb-turned.tif": (rgb, {"exif": turned}),
         "rgba-turned.tif": (rgba, {"exif": turned}),
+        # JPEG-in-TIFF (Compression 7), decoded by libtiff's libjpeg: in strips of 64 KiB, or one.
+        "rgb-jpeg.tif": (rgb, {"compression": "jpeg", "quality": 90}),
+        "rgb-jpeg-one-strip.tif": (rgb, {"compression": "jpeg", "quality": 90, "strip_size": 1 << 40}),
+        "ycbcr-jpeg.tif": (rgb.convert("YCbCr"), {"compression": "jpeg", "quality": 90}),
+        "cmyk-jpeg.tif": (rgb.convert("CMYK"), {"compression": "jpeg", "quality": 90}),
+        "grey-jpeg.tif": (grey, {"compression": "jpeg", "quality": 90}),
         "rgb-lossy-turned.webp": (rgb, {"exif": turned, "quality": 90}),
         "rgba-lossless.webp": (rgba, {"lossless": True}),
         "rgba-lossless-turned.webp": (rgba, {"exif": turned, "lossless": True}),
@@ -71,7 +79,10 @@ def _write_files(directory: Path, side: int) -> list[Path]:
             shown.save(path, format=Path(name.split()[0]).suffix[1:].replace("jpg", "jpeg").replace("tif", "tiff"), **options)
             if name in _ONE_SCAN:
                 path.write_bytes(_ONE_SCAN[name](path.read_bytes()))
-    return [directory / name for name in files]
+    for name, crafted in _CRAFTED.items():
+        for side_name, shown in (("", rgb), ("small-", rgb.resize((64, 64)))):
+            (directory / (side_name + name)).write_bytes(crafted(shown))
+    return [directory / name for name in [*files, *_CRAFTED]]
 
 
 def first_scan_only(data: bytes) -> bytes:
@@ -88,8 +99,100 @@ def first_component_scanned_only(data: bytes) -> bytes:
     return data[:start] + b"\xff\xda\x00\x08\x01" + data[start + 5:start + 7] + data[start + 5 + 2 * named:]
 
 
+def grey_jpeg(side: int, factors: list[tuple[int, int]], *, lossless: bool = False, interleaved: bool = True) -> bytes:
+    """A ``side``² JPEG of mid-grey whose components have the sampling ``factors``
+    (horizontal, vertical) of 1 to 4 each, which Pillow cannot write (3, or any but 4:4:4,
+    4:2:2 and 4:2:0), or of the lossless process (SOF3, predictor 1); ``interleaved``
+    False gives each component a scan of its own. Every difference is zero, coded as the
+    one Huffman code "0" (DC/lossless category 0, AC end of block), so each block (each
+    sample, lossless) takes its 1 or 2 bits of zeros."""
+    unit = 1 if lossless else 8  # pixels on a side of a component's block (lossless: a sample)
+    largest_h, largest_v = (max(axis) for axis in zip(*factors))
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes((0xFF, marker)) + (len(body) + 2).to_bytes(2, "big") + body
+
+    one_code_zero = bytes((1,) + (0,) * 15) + b"\x00"  # one code of length 1, for the symbol 0
+    header = b"\xff\xd8" + segment(0xC4, b"\x00" + one_code_zero + (b"" if lossless else b"\x10" + one_code_zero))
+    if not lossless:
+        header += segment(0xDB, b"\x00" + b"\x01" * 64)
+    frame = bytes((8,)) + side.to_bytes(2, "big") * 2 + bytes((len(factors),))
+    frame += b"".join(bytes((index + 1, h << 4 | v, 0)) for index, (h, v) in enumerate(factors))
+    spectral = b"\x01\x00\x00" if lossless else b"\x00\x3f\x00"  # lossless: predictor 1, point transform 0
+    bits_per_block = 1 if lossless else 2
+    scans = b""
+    if interleaved:
+        units = -(-side // (unit * largest_h)) * -(-side // (unit * largest_v)) * sum(h * v for h, v in factors)
+        scans = segment(0xDA, bytes((len(factors),)) + b"".join(bytes((index + 1, 0)) for index in range(len(factors))) + spectral)
+        scans += bytes(-(-units * bits_per_block // 8))
+    else:
+        for index, (h, v) in enumerate(factors):  # a scan of one component codes its own blocks, unpadded
+            units = -(-side * h // (unit * largest_h)) * -(-side * v // (unit * largest_v))
+            scans += segment(0xDA, bytes((1, index + 1, 0)) + spectral) + bytes(-(-units * bits_per_block // 8))
+    return header + segment(0xC3 if lossless else 0xC0, frame) + scans + b"\xff\xd9"
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=90)  # 4:2:0 YCbCr
+    return encoded.getvalue()
+
+
+def _little_endian_tiff(tags: dict[int, tuple[int, ...]], blocks: list[bytes], offsets_tags: tuple[int, ...]) -> bytes:
+    """A TIFF of ``blocks`` (its strips or tiles, in order) and one directory of ``tags``
+    (SHORT values; LONG those of image sizes and offsets), ``offsets_tags`` given the
+    blocks' offsets, and each of them first, their byte counts too."""
+    data = bytearray(b"II*\x00\x00\x00\x00\x00")
+    offsets = []
+    for block in blocks:
+        offsets.append(len(data))
+        data += block + b"\x00" * (len(block) % 2)  # values start on a word boundary
+    tags = {**tags, **dict.fromkeys(offsets_tags, tuple(offsets))}
+    tags[offsets_tags[0] + (6 if offsets_tags[0] == 273 else 1)] = tuple(len(block) for block in blocks)  # their byte counts
+    directory = len(data)
+    data[4:8] = directory.to_bytes(4, "little")
+    values = bytearray()
+    values_at = directory + 2 + 12 * len(tags) + 4
+    entries = b""
+    for tag, value in sorted(tags.items()):
+        long = tag in (256, 257, 273, 279, 322, 323, 324, 325, 513, 514)
+        packed = b"".join(number.to_bytes(4 if long else 2, "little") for number in value)
+        if len(packed) > 4:
+            packed, values = (values_at + len(values)).to_bytes(4, "little"), values + packed
+        entries += tag.to_bytes(2, "little") + (4 if long else 3).to_bytes(2, "little") + len(value).to_bytes(4, "little") + packed.ljust(4, b"\x00")
+    return bytes(data + len(tags).to_bytes(2, "little") + entries + bytes(4) + values)
+
+
+def old_style_jpeg_tiff(image: Image.Image) -> bytes:
+    """An RGB ``image`` as a TIFF of old-style JPEG compression (6): one JPEG interchange
+    stream (JPEGInterchangeFormat) as its one strip, 4:2:0 YCbCr as libtiff reads it."""
+    width, height = image.size
+    tags = {256: (width,), 257: (height,), 258: (8, 8, 8), 259: (6,), 262: (6,), 277: (3,), 278: (height,), 530: (2, 2)}
+    return _little_endian_tiff(tags, [_jpeg(image)], (273, 513))
+
+
+def tiled_jpeg_tiff(image: Image.Image, tile: int = 256) -> bytes:
+    """An RGB ``image`` as a TIFF of JPEG compression (7) in ``tile``² tiles, each a JPEG
+    stream of its own (4:2:0 YCbCr), which Pillow cannot write."""
+    width, height = image.size
+    tiles = [_jpeg(image.crop((left, top, left + tile, top + tile))) for top in range(0, height, tile) for left in range(0, width, tile)]
+    tags = {256: (width,), 257: (height,), 258: (8, 8, 8), 259: (7,), 262: (6,), 277: (3,), 322: (tile,), 323: (tile,), 530: (2, 2)}
+    return _little_endian_tiff(tags, tiles, (324,))
+
+
 # Also tests/test_decode_memory.py's files: rewrites of a JPEG libjpeg buffers whole though it has one scan.
 _ONE_SCAN = {"first-scan-only.jpg reduced": first_scan_only, "one-component-scan.jpg reduced": first_component_scanned_only}
+# Files Pillow cannot write, of the random RGB image or its size. libjpeg buffers whole the
+# JPEGs of a scan for each component. A factor of 3 makes a 24-pixel MCU; 3x3 for all three
+# components, 11 blocks to an MCU, libjpeg takes only in scans of one component.
+_CRAFTED = {
+    "sampling-3-scan-each.jpg reduced": lambda rgb: grey_jpeg(rgb.width, [(3, 3)] * 3, interleaved=False),
+    "sampling-3-1-scan-each.jpg": lambda rgb: grey_jpeg(rgb.width, [(3, 1), (1, 1), (1, 1)], interleaved=False),
+    "lossless.jpg reduced": lambda rgb: grey_jpeg(rgb.width, [(1, 1)] * 3, lossless=True),
+    "lossless-scan-each.jpg reduced": lambda rgb: grey_jpeg(rgb.width, [(1, 1)] * 3, lossless=True, interleaved=False),
+    "old-style-jpeg.tif": old_style_jpeg_tiff,
+    "tiled-jpeg.tif": tiled_jpeg_tiff,
+}
 
 
 def _decode_peak(path: Path) -> tuple[int, int]:
