@@ -470,7 +470,9 @@ def test_a_feature_pass_trims_the_arenas_once_at_its_end_and_a_call_after_each_d
     ({"progressive": True}, False, 2048 * 2048 * 26 + 2 * 3 * 2048 * 2048),
     ({"progressive": True, "mode": "L"}, True, 1024 * 1024 * 26 + 2 * 1 * 2048 * 2048),
     ({"progressive": True, "mode": "CMYK"}, True, 1024 * 1024 * 26 + 2 * 4 * 2048 * 2048),
-    ({"progressive": True, "size": 2050}, True, 1025 * 1025 * 26 + 2 * 3 * 2080 * 2080),  # each side padded to 32 px
+    # Each side padded to the MCU: 16 px, of 4:2:0's factor 2 (to 2064, not 32's 2080).
+    ({"progressive": True, "size": 2050}, True, 1025 * 1025 * 26 + 2 * 3 * 2064 * 2064),
+    ({"progressive": True, "size": 2050, "subsampling": 0}, True, 1025 * 1025 * 26 + 2 * 3 * 2056 * 2056),  # 4:4:4: 8 px
 ])
 def test_a_jpeg_reserves_by_the_size_it_decodes_to_and_a_progressive_one_its_coefficients_too(options, reduced, expected):
     # bench/decode_bytes_per_pixel.py: a 2048² JPEG decoded at 1/8 took 0.65 B/px of its
@@ -494,7 +496,7 @@ def test_a_jpeg_reserves_by_the_size_it_decodes_to_and_a_progressive_one_its_coe
 
 
 def _crafted_jpeg(name: str):
-    """bench/decode_bytes_per_pixel.py's JPEG rewrite ``name`` (bytes -> bytes), or for
+    """bench/decode_bytes_per_pixel.py's JPEG rewrite or maker ``name``, or for
     "first_component_scanned_then_all" its one-component scan followed by the file's own."""
     import importlib
     import sys
@@ -532,6 +534,24 @@ def test_a_jpeg_of_one_scan_that_libjpeg_still_buffers_reserves_its_coefficients
     with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
         decode_encoded(_crafted_jpeg(cut)(encoded.getvalue()), field="images[0]", geometry=geometry, budget=budget)
         assert memory.held == 512 * 512 * 26 + 2 * 3 * 2048 * 2048  # at 1/4: 2 x resize_size 256 the least side
+
+
+@pytest.mark.parametrize(("factors", "padded"), [
+    ([(3, 3)] * 3, (2064, 2064)),  # 24-px MCUs: 86 of them a side, past 2048, which padding to 32 px left
+    ([(3, 1), (1, 1), (1, 1)], (2064, 2048)),  # 24 x 8
+])
+def test_a_jpeg_libjpeg_buffers_pads_its_coefficients_to_the_mcu_of_its_sampling_factors(factors, padded):
+    # libjpeg pads each component's blocks to a multiple of its sampling factor: with 3,
+    # every 24 px; a 4096² file held 0.4% more than 32-px padding reserved.
+    from explaind.imaging import InputGeometry, decode_encoded
+
+    encoded = _crafted_jpeg("grey_jpeg")(2048, factors, interleaved=False)  # a scan for each component: buffered whole
+    memory = DecodeMemory(1024 * MIB)
+    geometry = InputGeometry(size=224, resize_size=256, jpeg_reduced_decode=True)
+    with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+        pixels = decode_encoded(encoded, field="images[0]", geometry=geometry, budget=budget)
+        assert memory.held == 512 * 512 * 26 + 2 * len(factors) * padded[0] * padded[1]  # at 1/4: 2 x resize_size 256 the least side
+    assert np.allclose(pixels.numpy(), 128 / 255, atol=1e-6)  # mid-grey: the file decodes as libjpeg read it
 
 
 def test_features_computed_for_a_call_wait_for_room_as_it_does_in_every_batch(engine):

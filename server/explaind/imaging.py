@@ -48,9 +48,9 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff]")
 _JPEG_LOSSLESS_FRAMES = (0xC3, 0xC7, 0xCB, 0xCF)
 # Start-of-frame markers of JPEG's progressive processes (SOF2, 6, 10, 14 of ITU T.81).
 _JPEG_PROGRESSIVE_FRAMES = (0xC2, 0xC6, 0xCA, 0xCE)
-# The largest side of a JPEG's minimum coded unit (pixels): 8 times the largest sampling
-# factor a component may have, 4.
-_JPEG_LARGEST_MCU = 32
+# The sampling factors libjpeg takes (its MAX_SAMP_FACTOR 4, jdinput.c); it refuses a frame
+# with others before it allocates anything.
+_JPEG_SAMPLING_FACTORS = range(1, 5)
 # Most zTXt/iTXt chunks a PNG may hold. Pillow inflates each (up to 1 MB from about 1 KB)
 # while it reads the file; the PNG spec allows one iCCP, and Pillow inflated every one of
 # 300 (4.7 s for a 670 KB file).
@@ -181,12 +181,15 @@ def _decode_bytes(decoded_size: tuple[int, int], stored_size: tuple[int, int], j
     smaller than its stored size, plus, for a JPEG libjpeg reads as one of several scans
     (:attr:`_JpegStream.buffers_coefficients`: a progressive one, however few it has), the
     DCT coefficients it keeps for the whole stored image before any pixel comes out: two
-    bytes per pixel and component at most, each side padded to the largest MCU (32 px).
+    bytes per pixel and component at most, each side padded to the frame's MCU (8 pixels
+    times its largest sampling factor: 24 for a factor of 3, which padding to 32 missed).
+    libjpeg pads each component's blocks to a multiple of its own factor (jdcoefct.c), which
+    at full size never passes the MCU's padding; a subsampled component keeps fewer.
     bench/decode_bytes_per_pixel.py measures both against this."""
     width, height = decoded_size
     reserved = width * height * ENCODED_DECODE_BYTES_PER_PIXEL
     if jpeg is not None and jpeg.buffers_coefficients:
-        padded_width, padded_height = (-(-side // _JPEG_LARGEST_MCU) * _JPEG_LARGEST_MCU for side in stored_size)
+        padded_width, padded_height = (-(-side // (8 * factor)) * 8 * factor for side, factor in zip(stored_size, jpeg.largest_sampling))
         reserved += 2 * jpeg.components * padded_width * padded_height
     return reserved
 
@@ -235,6 +238,9 @@ class _JpegStream:
     scans: int  # SOS markers
     frame: int | None  # the first start-of-frame marker's second byte
     components: int  # the colour components that frame names (1 grey, 3 YCbCr, 4 CMYK); 0 where none
+    # The largest horizontal and vertical sampling factors of that frame's components (1
+    # to 4); (4, 4), the largest libjpeg takes, where they cannot be read or it refuses one.
+    largest_sampling: tuple[int, int]
     first_scan_components: int  # the components the first scan (SOS) names; 0 where none
     multi_picture_index: bytes  # the last MPF (APP2) segment's TIFF structure before the first scan; empty where none
     exif: bytes  # the EXIF block of its APP1 segments before the first scan, joined as Pillow joins them; empty where none
@@ -256,6 +262,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
     scans = markers = 0
     frame: int | None = None
     components = first_scan_components = 0
+    largest_sampling = (4, 4)
     multi_picture_index = b""
     exif: list[bytes] = []
     position = 2  # after SOI
@@ -273,6 +280,10 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
         if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT, JPG or DAC
             frame = marker
             components = data[position + 9] if position + 9 < len(data) else 0  # after length, precision, height and width
+            # Each component's identifier, sampling factors (a byte: horizontal, vertical) and quantization table.
+            factors = [(byte >> 4, byte & 15) for byte in data[position + 11:position + 10 + 3 * components:3]]
+            if factors and len(factors) == components and all(h in _JPEG_SAMPLING_FACTORS and v in _JPEG_SAMPLING_FACTORS for h, v in factors):
+                largest_sampling = (max(h for h, _ in factors), max(v for _, v in factors))
         end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
         # Pillow reads the segments before the first scan while it opens the file: the last
         # MPF one's index, and the EXIF ones joined, the first whole, the others past "Exif\0\0".
@@ -289,7 +300,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             if after_scan is None:
                 break
             position = after_scan.start()
-    return _JpegStream(scans, frame, components, first_scan_components, multi_picture_index, b"".join(exif))
+    return _JpegStream(scans, frame, components, largest_sampling, first_scan_components, multi_picture_index, b"".join(exif))
 
 
 def _check_jpeg_tag_values(jpeg: _JpegStream, field: str) -> None:
