@@ -554,6 +554,21 @@ def test_a_jpeg_libjpeg_buffers_pads_its_coefficients_to_the_mcu_of_its_sampling
     assert np.allclose(pixels.numpy(), 128 / 255, atol=1e-6)  # mid-grey: the file decodes as libjpeg read it
 
 
+def test_a_jpeg_of_sampling_factors_libjpeg_refuses_is_refused_as_it_is_not_a_reservation_s_error():
+    # Factors of 0 gave no MCU to pad to (ZeroDivisionError); libjpeg takes 1 to 4 only.
+    from explaind.imaging import decode_pixels
+
+    data = _crafted_jpeg("grey_jpeg")(64, [(1, 1)] * 3, interleaved=False)
+    frame = data.index(b"\xff\xc0")
+    components = slice(frame + 10, frame + 19)  # each one's identifier, sampling factors 1x1 (11) and table
+    data = data[:components.start] + data[components].replace(b"\x11", b"\x00") + data[components.stop:]
+    memory = DecodeMemory(1024 * MIB)
+    with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
+        with pytest.raises(InvalidArgument, match="cannot decode image bytes") as refused:
+            decode_pixels(data, field="images[0]", budget=budget)
+    assert "ZeroDivisionError" not in str(refused.value) and memory.held == 0
+
+
 def test_features_computed_for_a_call_wait_for_room_as_it_does_in_every_batch(engine):
     # The first batch's decodes alone were tied to the call: a later one waited with no
     # deadline, for nobody. A small image (no reservation), then a 1024² one, a batch each.

@@ -239,7 +239,7 @@ class _JpegStream:
     frame: int | None  # the first start-of-frame marker's second byte
     components: int  # the colour components that frame names (1 grey, 3 YCbCr, 4 CMYK); 0 where none
     # The largest horizontal and vertical sampling factors of that frame's components (1
-    # to 4); (4, 4), the largest libjpeg takes, where they cannot be read or it refuses one.
+    # to 4); (4, 4), the largest libjpeg takes, where there are none or it refuses one.
     largest_sampling: tuple[int, int]
     first_scan_components: int  # the components the first scan (SOS) names; 0 where none
     multi_picture_index: bytes  # the last MPF (APP2) segment's TIFF structure before the first scan; empty where none
@@ -282,7 +282,7 @@ def _jpeg_stream(data: bytes, field: str) -> _JpegStream:
             components = data[position + 9] if position + 9 < len(data) else 0  # after length, precision, height and width
             # Each component's identifier, sampling factors (a byte: horizontal, vertical) and quantization table.
             factors = [(byte >> 4, byte & 15) for byte in data[position + 11:position + 10 + 3 * components:3]]
-            if factors and len(factors) == components and all(h in _JPEG_SAMPLING_FACTORS and v in _JPEG_SAMPLING_FACTORS for h, v in factors):
+            if factors and all(h in _JPEG_SAMPLING_FACTORS and v in _JPEG_SAMPLING_FACTORS for h, v in factors):
                 largest_sampling = (max(h for h, _ in factors), max(v for _, v in factors))
         end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
         # Pillow reads the segments before the first scan while it opens the file: the last
