@@ -9,10 +9,10 @@ Writes one ``--side``² file per format and mode, of random pixels (incompressib
 file is as large as it gets) but for the progressive and one-scan JPEGs, of a smooth ramp
 (random pixels overflow Pillow's progressive encoder), and the crafted JPEGs Pillow cannot
 write (sampling factors of 3, lossless), of mid-grey; those with EXIF Orientation 6 are
-turned as decoded. JPEG-in-TIFF comes striped, in one strip, tiled and old-style. Then decodes each in a fresh process as Predict does (decode_encoded
-to 224 px; the JPEGs marked "reduced" as with [classifier].jpeg_reduced_decode, at the
-least scale leaving both sides at least 512: 1/8 of their size at 4096², 1/4 at 2048²)
-and prints the peak resident growth per pixel of the stored size and its ratio to what
+turned as decoded. JPEG-in-TIFF comes striped, in one strip, tiled and old-style. Then
+decodes each in a fresh process as Predict does (decode_encoded to 224 px; the JPEGs
+marked "reduced" as with [classifier].jpeg_reduced_decode, at the least scale leaving
+both sides at least 512: 1/8 of their size at 4096², 1/4 at 2048²) and prints the peak resident growth per pixel of the stored size and its ratio to what
 the decode reserved: above 1, the budget under-counts that file. Each process first decodes a
 64² file of the same kind, so that what the first decode sets up once (torch's resize, the
 codec's tables) is not counted as the file's.
@@ -138,17 +138,20 @@ def _jpeg(image: Image.Image) -> bytes:
     return encoded.getvalue()
 
 
-def _little_endian_tiff(tags: dict[int, tuple[int, ...]], blocks: list[bytes], offsets_tags: tuple[int, ...]) -> bytes:
+# StripOffsets and TileOffsets: the tags of their blocks' byte counts.
+_BYTE_COUNTS_TAGS = {273: 279, 324: 325}
+
+
+def _little_endian_tiff(tags: dict[int, tuple[int, ...]], blocks: list[bytes], offsets_tag: int) -> bytes:
     """A TIFF of ``blocks`` (its strips or tiles, in order) and one directory of ``tags``
-    (SHORT values; LONG those of image sizes and offsets), ``offsets_tags`` given the
-    blocks' offsets, and each of them first, their byte counts too."""
+    (SHORT values; LONG those of sizes and offsets) and of the blocks' offsets
+    (``offsets_tag``: 273 strips, 324 tiles) and byte counts."""
     data = bytearray(b"II*\x00\x00\x00\x00\x00")
     offsets = []
     for block in blocks:
         offsets.append(len(data))
         data += block + b"\x00" * (len(block) % 2)  # values start on a word boundary
-    tags = {**tags, **dict.fromkeys(offsets_tags, tuple(offsets))}
-    tags[offsets_tags[0] + (6 if offsets_tags[0] == 273 else 1)] = tuple(len(block) for block in blocks)  # their byte counts
+    tags = {**tags, offsets_tag: tuple(offsets), _BYTE_COUNTS_TAGS[offsets_tag]: tuple(len(block) for block in blocks)}
     directory = len(data)
     data[4:8] = directory.to_bytes(4, "little")
     values = bytearray()
@@ -166,9 +169,10 @@ def _little_endian_tiff(tags: dict[int, tuple[int, ...]], blocks: list[bytes], o
 def old_style_jpeg_tiff(image: Image.Image) -> bytes:
     """An RGB ``image`` as a TIFF of old-style JPEG compression (6): one JPEG interchange
     stream (JPEGInterchangeFormat) as its one strip, 4:2:0 YCbCr as libtiff reads it."""
-    width, height = image.size
+    width, height, stream = *image.size, _jpeg(image)
     tags = {256: (width,), 257: (height,), 258: (8, 8, 8), 259: (6,), 262: (6,), 277: (3,), 278: (height,), 530: (2, 2)}
-    return _little_endian_tiff(tags, [_jpeg(image)], (273, 513))
+    tags |= {513: (8,), 514: (len(stream),)}  # JPEGInterchangeFormat: the strip, the first block after the header
+    return _little_endian_tiff(tags, [stream], 273)
 
 
 def tiled_jpeg_tiff(image: Image.Image, tile: int = 256) -> bytes:
@@ -177,7 +181,7 @@ def tiled_jpeg_tiff(image: Image.Image, tile: int = 256) -> bytes:
     width, height = image.size
     tiles = [_jpeg(image.crop((left, top, left + tile, top + tile))) for top in range(0, height, tile) for left in range(0, width, tile)]
     tags = {256: (width,), 257: (height,), 258: (8, 8, 8), 259: (7,), 262: (6,), 277: (3,), 322: (tile,), 323: (tile,), 530: (2, 2)}
-    return _little_endian_tiff(tags, tiles, (324,))
+    return _little_endian_tiff(tags, tiles, 324)
 
 
 # Also tests/test_decode_memory.py's files: rewrites of a JPEG libjpeg buffers whole though it has one scan.
