@@ -1897,6 +1897,20 @@ def test_help_goes_to_a_redirect_whose_encoding_lacks_its_letters(monkeypatch):
     assert "\\u03bb3, the regulariser's weight" in redirected.getvalue().decode("cp1252")
 
 
+def test_main_leaves_a_strict_standard_output_strict(capsys, monkeypatch, tmp_path):
+    # Escaping what standard output cannot encode set a program's stdout, which calls
+    # main in-process, to errors="backslashreplace" for good, whether main returned or raised.
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert stdout.errors == "strict"
+    with pytest.raises(SystemExit):
+        main(["edit-head", "--help"])
+    assert stdout.errors == "strict"
+    # The help was escaped meanwhile.
+    assert "\\u03bb3" in stdout.buffer.getvalue().decode("cp1252")
+
+
 def test_the_cli_runs_where_there_is_no_standard_output(monkeypatch):
     # pythonw on Windows, and some services, start it with sys.stdout None: escaping what
     # standard output cannot encode must leave it be.

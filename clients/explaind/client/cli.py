@@ -1792,18 +1792,31 @@ def _standard_output_failed(error: OSError) -> bool:
     return unbuffered and error.filename is None and error.errno in _OUTPUT_ERRNOS
 
 
-def _escape_what_standard_output_cannot_encode() -> None:
+@contextlib.contextmanager
+def _escaping_what_standard_output_cannot_encode() -> Iterator[None]:
     """Print a character standard output's encoding lacks as an escape ("\\u03bb"), not fail
     with UnicodeEncodeError: on Windows, output redirected to a file or pipe is in the
     locale's encoding (cp1252), which has no "λ" of the help or "≤" of a warning, and no
-    letter of many class names. An encoding's own handler (surrogateescape in a C locale) stays."""
-    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
-        sys.stdout.reconfigure(errors="backslashreplace")
+    letter of many class names. An encoding's own handler (surrogateescape in a C locale)
+    stays, and a strict one is strict again afterwards, for a program calling main in-process."""
+    stdout = sys.stdout
+    if not (isinstance(stdout, io.TextIOWrapper) and stdout.errors == "strict"):
+        yield
+        return
+    stdout.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:  # flushes: a failed output was pointed at os.devnull by then
+        stdout.reconfigure(errors="strict")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _escape_what_standard_output_cannot_encode()
-    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    with _escaping_what_standard_output_cannot_encode():
+        return _run_command(sys.argv[1:] if argv is None else argv)
+
+
+def _run_command(argv: list[str]) -> int:
+    args = parse_arguments(argv)
     try:
         code: int = args.run(args)
         sys.stdout.flush()  # a full disk or a closed pipe fails here, where it is handled, not at the interpreter's exit
