@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -364,7 +365,6 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_
 def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     # A write that failed half-way (a full disk) left a truncated report where the old one had been.
     import resource
-    import stat
 
     from explaind.client.cli import CommandError, _write
 
@@ -439,8 +439,6 @@ def test_an_output_through_a_link_to_a_file_not_made_yet_is_written_where_the_li
 def test_an_output_that_is_a_pipe_is_written_into_not_replaced_by_a_file(tmp_path, monkeypatch):
     # `--out /dev/stdout` or a named pipe a reader waits on: a file renamed over it would
     # take its place, and the check before the work must not open it (that blocks).
-    import stat
-
     from explaind.client.cli import _require_writable, _write
 
     pipe = tmp_path / "report.pipe"
@@ -679,6 +677,32 @@ def test_a_closed_pipe_ends_the_command_quietly(server, world_images):
     command.stdout.close()  # the reader is gone before the first line is printed
     stderr = command.stderr.read().decode()
     assert command.wait(timeout=120) == 141 and "Traceback" not in stderr, stderr
+
+
+class _PipeWithoutReaderAsOnWindows(io.FileIO):
+    """A pipe's writing end whose reader left, as Windows reports it: a write fails with
+    EINVAL, not EPIPE. Once pointed elsewhere (os.devnull), writes go through."""
+
+    def write(self, data):
+        if stat.S_ISFIFO(os.fstat(self.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return super().write(data)
+
+
+@pytest.mark.parametrize(("platform", "unbuffered", "code", "err"), [  # unbuffered (PYTHONUNBUFFERED=1): the print itself fails
+    ("win32", False, 141, ""), ("win32", True, 141, ""), ("linux", False, 1, "error: cannot write standard output: Invalid argument\n")])
+def test_a_closed_pipe_on_windows_ends_the_command_quietly_too(server, capsys, monkeypatch, platform, unbuffered, code, err):
+    # There the write fails with EINVAL, and the command said it cannot write standard output
+    # and exited 1 where `explaind info | more` stopped early; elsewhere EINVAL is no closed pipe.
+    reader, writer = os.pipe()
+    os.close(reader)
+    pipe = _PipeWithoutReaderAsOnWindows(writer, "w")
+    with io.TextIOWrapper(pipe if unbuffered else io.BufferedWriter(pipe), write_through=unbuffered) as stdout:
+        monkeypatch.setattr(sys, "platform", platform)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["--target", server.target, "info"]) == code
+        monkeypatch.undo()
+    assert capsys.readouterr().err == err
 
 
 def test_operations_state_must_be_a_known_state(capsys):

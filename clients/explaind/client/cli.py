@@ -1789,7 +1789,14 @@ def _standard_output_failed(error: OSError) -> bool:
     except OSError:
         return True
     unbuffered = getattr(sys.stdout, "write_through", False)
-    return unbuffered and error.filename is None and error.errno in _OUTPUT_ERRNOS
+    return unbuffered and error.filename is None and (error.errno in _OUTPUT_ERRNOS or _reader_went_away(error))
+
+
+def _reader_went_away(error: OSError) -> bool:
+    """Whether ``error``, met writing standard output, says its reader closed the pipe
+    (`explaind operations list | head -1`): a BrokenPipeError, or on Windows, where such a
+    write fails with EINVAL instead, that."""
+    return isinstance(error, BrokenPipeError) or (sys.platform == "win32" and error.errno == errno.EINVAL)
 
 
 @contextlib.contextmanager
@@ -1831,15 +1838,14 @@ def _run_command(argv: list[str]) -> int:
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader went away (`explaind operations list | head -1`): stop quietly like other tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush would fail too
-        return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
     except OSError as error:
-        if not _standard_output_failed(error):
+        if not (isinstance(error, BrokenPipeError) or _standard_output_failed(error)):
             raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush would fail too
+        if _reader_went_away(error):  # stop quietly like other tools
+            return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
         # The output failed (`explaind info > /dev/full`); files are named where they are written.
         print(f"error: cannot write standard output: {error.strerror or error}", file=sys.stderr)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
