@@ -1935,6 +1935,20 @@ def test_main_leaves_a_strict_standard_output_strict(capsys, monkeypatch, tmp_pa
     assert "\\u03bb3" in stdout.buffer.getvalue().decode("cp1252")
 
 
+def test_restoring_a_strict_standard_output_does_not_fail_over_what_main_ended_with(monkeypatch):
+    # The restore flushes: the help still buffered for a reader that left (`explaind
+    # edit-head --help | head -1`) raised BrokenPipeError over argparse's SystemExit, a
+    # traceback where the pipe's end should be quiet; so over an error's exit code.
+    reader, writer = os.pipe()
+    os.close(reader)
+    with io.TextIOWrapper(io.BufferedWriter(io.FileIO(writer, "w")), encoding="utf-8") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        with pytest.raises(SystemExit) as exited:
+            main(["edit-head", "--help"])
+        assert exited.value.code == 0 and stdout.errors == "strict"
+        monkeypatch.undo()
+
+
 def test_the_cli_runs_where_there_is_no_standard_output(monkeypatch):
     # pythonw on Windows, and some services, start it with sys.stdout None: escaping what
     # standard output cannot encode must leave it be.

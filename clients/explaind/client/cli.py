@@ -45,7 +45,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast, overload
 
 from explaind.class_names import class_name_key
 
@@ -1813,8 +1813,20 @@ def _escaping_what_standard_output_cannot_encode() -> Iterator[None]:
     stdout.reconfigure(errors="backslashreplace")
     try:
         yield
-    finally:  # flushes: a failed output was pointed at os.devnull by then
-        stdout.reconfigure(errors="strict")
+    finally:
+        try:
+            stdout.reconfigure(errors="strict")  # flushes first
+        except OSError:  # what an error or --help left buffered for a reader gone or a full disk: not over main's outcome
+            _discard_standard_output(stdout)
+            stdout.reconfigure(errors="strict")
+
+
+def _discard_standard_output(stdout: TextIO) -> None:
+    """Point ``stdout``'s file descriptor at os.devnull, so that what it still holds, and the
+    interpreter's final flush, go nowhere instead of failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1841,7 +1853,7 @@ def _run_command(argv: list[str]) -> int:
     except OSError as error:
         if not (isinstance(error, BrokenPipeError) or _standard_output_failed(error)):
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush would fail too
+        _discard_standard_output(sys.stdout)
         if _reader_went_away(error):  # stop quietly like other tools
             return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
         # The output failed (`explaind info > /dev/full`); files are named where they are written.
