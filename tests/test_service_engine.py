@@ -5458,6 +5458,35 @@ def test_an_error_naming_a_field_has_its_message_field_and_description_cut_to_th
         assert part.startswith(character * 100) and part.endswith(" characters left out)") and len(part) <= MAX_VIOLATION_BYTES
 
 
+def test_an_error_listing_many_long_precondition_violations_sends_the_first_ten_cut_to_their_budget():
+    # The interceptor cut an error's message and field to their budgets but sent its
+    # violations whole: a list of thousands, or a subject of kilobytes, took the status
+    # header past gRPC's 8 KiB limit (the caller saw RESOURCE_EXHAUSTED, not the error).
+    import base64
+
+    from google.rpc import error_details_pb2, status_pb2
+
+    from explaind.errors import MAX_PRECONDITION_VIOLATIONS, MAX_VIOLATION_PART_BYTES, FailedPrecondition, PreconditionViolation
+    from explaind.service.interceptors import _Observed
+
+    context = _AbortingContext()
+    violations = [PreconditionViolation("T" * 5_000, f"images[{index}]" + "é" * 5_000) for index in range(1_000)]
+
+    def fail(request, context):
+        raise FailedPrecondition("z" * 10_000, field="images", violations=violations)
+
+    with pytest.raises(RuntimeError, match="aborted"), _Observed(Metrics(), "explaind.v1.Svc", "Get", context, 1000) as observed:
+        observed.call(fail, None, context)
+    (key, value), = context.trailing_metadata
+    assert key == "grpc-status-details-bin" and len(base64.b64encode(value)) + len(context.details.encode()) < 8192
+    failure = error_details_pb2.PreconditionFailure()
+    assert any(detail.Unpack(failure) for detail in status_pb2.Status.FromString(value).details)
+    assert len(failure.violations) == MAX_PRECONDITION_VIOLATIONS
+    for index, violation in enumerate(failure.violations):
+        assert violation.type.startswith("TTT") and violation.subject.startswith(f"images[{index}]é")
+        assert all(len(part.encode()) <= MAX_VIOLATION_PART_BYTES and part.endswith("...") for part in (violation.type, violation.subject))
+
+
 def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_unary_one():
     # A server stream's messages skipped the size check: gRPC then failed the call itself,
     # after the metric had counted it OK; once checked, the abort must not turn INTERNAL.

@@ -58,11 +58,29 @@ class PreconditionViolation(NamedTuple):
     subject: str
 
 
+# A PreconditionFailure lists at most this many violations, each type and subject cut to
+# MAX_VIOLATION_PART_BYTES (UTF-8): it travels in a status header (base64, beside the
+# message: see the interceptor's budgets) and is stored with a failed job's error.
+MAX_PRECONDITION_VIOLATIONS = 10
+MAX_VIOLATION_PART_BYTES = 64
+
+
+def _cut_part(text: str) -> str:
+    """``text`` within MAX_VIOLATION_PART_BYTES UTF-8 bytes, a cut one ending in "..."."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_VIOLATION_PART_BYTES:
+        return text
+    return encoded[: MAX_VIOLATION_PART_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
 def precondition_failure(violations: Sequence[PreconditionViolation]) -> Message:
     """The status detail listing the request items ``violations`` names, so a client reads
-    each (and, say, the file it sent as that image) without parsing the message. No
-    descriptions: the message says what is wrong, and a violation stays ~30 bytes."""
-    return error_details_pb2.PreconditionFailure(violations=[{"type": v.type, "subject": v.subject} for v in violations])
+    each (and, say, the file it sent as that image) without parsing the message: the
+    first MAX_PRECONDITION_VIOLATIONS, their parts cut to MAX_VIOLATION_PART_BYTES (the
+    message says how many there are). No descriptions: the message says what is wrong,
+    and a violation stays ~30 bytes."""
+    return error_details_pb2.PreconditionFailure(violations=[{"type": _cut_part(v.type), "subject": _cut_part(v.subject)}
+                                                             for v in violations[:MAX_PRECONDITION_VIOLATIONS]])
 
 
 class InvalidArgument(ExplaindError):

@@ -60,8 +60,9 @@ _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": 
 # caller see RESOURCE_EXHAUSTED ("received metadata size exceeds ... limit") instead.
 MAX_STATUS_MESSAGE_BYTES = 4096
 # With BadRequest details the message travels twice more, base64-encoded in
-# grpc-status-details-bin (as the Status's message, and the violation's description):
-# 2 KiB + 4/3 · (2 KiB + 512 B) stays under 6 KB in all.
+# grpc-status-details-bin (as the Status's message, and the violation's description),
+# maybe beside a PreconditionFailure (at most 10 violations of two 64-byte parts, see
+# explaind.errors.precondition_failure): 2 KiB + 4/3 · (2 KiB + 512 B + 1.4 KB) stays under 7.5 KB in all.
 MAX_DETAILED_MESSAGE_BYTES = 2048
 MAX_VIOLATION_BYTES = 512
 
