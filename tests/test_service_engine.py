@@ -8560,6 +8560,41 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
         assert store.job_of_request(RequestKey(request_id, "f")) is None
 
 
+def test_a_failed_jobs_error_details_live_in_a_table_the_previous_release_neither_needs_nor_loses(tmp_path):
+    """A failed job's precondition violations (JobRecord.error_details) are a table of their
+    own, schema version kept: a store the release before left opens with its jobs read as
+    they were; that release opens one with details, reads each job's field from its
+    result alone, leaves the details for the next upgrade, and deletes them with their job."""
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    store = SQLiteStore(tmp_path)
+    store.insert_job(JobRecord("before", "evaluate", "failed", 1.0, end_time=2.0, error_code="FAILED_PRECONDITION", result=b"field"))
+    store.close()
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
+        db.execute("DROP TABLE job_error_details")
+    store = SQLiteStore(tmp_path)
+    assert (store.get_job("before").result, store.get_job("before").error_details) == (b"field", b"")
+    store.insert_job(JobRecord("failed", "evaluate", "running", 3.0))
+    store.update_job(JobRecord("failed", "evaluate", "failed", 3.0, end_time=4.0, error_code="FAILED_PRECONDITION", result=b"field",
+                               error_details=b"violations"))
+    assert store.get_job("failed").error_details == b"violations"
+    assert [job.error_details for job in store.list_jobs(responses=False)] == [b"violations", b""]
+    store.close()
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before reads and deletes
+        assert db.execute("SELECT result FROM jobs WHERE id = 'failed'").fetchone() == (b"field",)
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM jobs WHERE id = 'before'")
+    with closing(SQLiteStore(tmp_path)) as store:  # upgraded again: nothing lost
+        assert store.get_job("failed").error_details == b"violations"
+        # A failure whose end the store refused is stored again without them (JobManager._finish).
+        store.update_job(JobRecord("failed", "evaluate", "failed", 3.0, end_time=4.0, error_code="INTERNAL"))
+        assert store.get_job("failed").error_details == b""
+        store.delete_job("failed")
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3")) as db:
+        assert db.execute("SELECT COUNT(*) FROM job_error_details").fetchone() == (0,)
+
+
 def test_upload_requests_answered_as_repeats_are_counted_by_method_from_zero(engine):
     # Operations' repeats were counted (explaind_job_requests_repeated_total), an upload's
     # not: resends after dropped answers, and uploads run again, went unseen.

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from explaind.client import Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
@@ -1393,12 +1394,17 @@ def test_a_ranking_or_edit_on_samples_the_model_gives_nan_or_infinite_features_f
         with pytest.raises(FailedPrecondition) as refused:
             inspect.rank_mistake_neurons("dark", target_class="b", execution="inline", settings=settings)
         assert (refused.value.field, refused.value.description) == ("sample_set_id", refusal)
+        assert refused.value.violations == (("UNUSABLE_FEATURES", "samples[3]"),)  # the sample, as a PreconditionFailure names it
         jobs = [inspect.rank_mistake_neurons("dark", target_class="b", execution="operation", settings=settings),
                 inspect.edit_head("dark", target_class="b", neurons=[1], max_epochs=1),
                 inspect.edit_head("bright", target_class="b", neurons=[1], max_epochs=1, validation_sample_set_id="dark")]
         ended = [engine.jobs.wait(job.record.job_id, 60).record for job in jobs]
         assert [(job.state, job.error_code, job.error_message) for job in ended] == [
             ("failed", "FAILED_PRECONDITION", f"{field}: {refusal}") for field in ("sample_set_id", "sample_set_id", "validation_sample_set_id")]
+        for job in ended:  # the operation's error lists them as the inline call's does
+            failure = error_details_pb2.PreconditionFailure()
+            assert [detail.Unpack(failure) for detail in status_pb2.Status.FromString(job.error_details).details] == [True]
+            assert [(v.type, v.subject) for v in failure.violations] == [("UNUSABLE_FEATURES", "samples[3]")]
         assert [r.version_id for r in inspect.head_versions()[0]] == ["v0"]
     finally:
         _shut(engine)

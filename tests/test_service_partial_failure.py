@@ -1,5 +1,6 @@
 """Predict's partial_failure: an image that fails alone gets Prediction.error, the others
-their answers; request-level faults and requests without it fail as a whole."""
+their answers; request-level faults and requests without it fail as a whole. And the
+samples of an operation the model gives unusable outputs for, listed as a call's images."""
 
 from __future__ import annotations
 
@@ -553,3 +554,15 @@ def test_an_image_error_with_a_code_and_no_message_is_an_error_named_by_its_code
         good, corrupt = client.predict([GOOD, CORRUPT], partial_failure=True)
     assert good.error is None and isinstance(corrupt.error, InvalidArgumentError)
     assert corrupt.error.details == "INVALID_ARGUMENT" and corrupt.error.field == "images[1].encoded"
+
+
+def test_an_operation_failed_for_samples_the_model_gives_unusable_outputs_lists_them_as_precondition_violations(server):
+    # Its stored error kept the field alone: the samples were named in its message only,
+    # and the SDK's precondition_violations of an operation's error was always empty.
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([GOOD, BLACK, GOOD, BLACK], [0, 0, 1, 1], sample_set_id="blackened")
+        operation = client.evaluate_sample_set("blackened").wait(60)  # WaitOperation
+        for error in (operation.error, operation.refresh().error):  # and GetOperation
+            assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
+            assert "(sample_index 1, 3)" in error.details
+            assert error.precondition_violations == [("UNUSABLE_FEATURES", "samples[1]", ""), ("UNUSABLE_FEATURES", "samples[3]", "")]

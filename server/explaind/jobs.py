@@ -54,8 +54,10 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+from google.rpc import status_pb2
 
-from .errors import DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail, report_unexpected
+from .errors import (DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail,
+                     precondition_failure, report_unexpected)
 from .imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png
 from .logs import FIELDS, log_fields
 from .messages import leading_items_that_fit
@@ -216,6 +218,17 @@ def _field_violation(error: ExplaindError) -> bytes:
     packed = any_pb2.Any()
     packed.Pack(field_detail(error.code, error.field, error.description))
     return packed.SerializeToString()
+
+
+def _precondition_violations(error: ExplaindError) -> bytes:
+    """A failed job's ``error_details``: the items its error names (the samples a model gives
+    unusable outputs for), as a serialised Status holding :func:`precondition_failure` (at
+    most ten violations, their parts cut short), or nothing."""
+    if not error.violations:
+        return b""
+    status = status_pb2.Status()
+    status.details.add().Pack(precondition_failure(error.violations))
+    return status.SerializeToString()
 
 
 # Failures that are the server's to fix; others (refused input, cancels, restarts) are
@@ -473,7 +486,7 @@ class JobManager:
             else:  # only shutdown() stops a job nobody cancelled
                 self._finish(live, FAILED, error=(ABORTED, "the server shut down while this job was running; submit it again"))
         except ExplaindError as error:
-            self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error))
+            self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error), error_details=_precondition_violations(error))
         except BaseException as error:  # noqa: BLE001 - a job's failure is reported, not raised
             # BaseException too: a library's sys.exit() in the job's thread (SystemExit) left the
             # job running forever to its waiters, its worker free for the next one.
@@ -533,7 +546,7 @@ class JobManager:
         except Exception as write_error:  # noqa: BLE001 - e.g. a full disk; the outcome is lost, say so
             _log_write_failure(write_error, "job %s (%s): storing its end (%s) failed", live.record.job_id, live.record.kind, state)
             code, why = _store_refusal(write_error)
-            failed = dict(state=FAILED, end_time=self.store.now(), error_code=code, result=b"", message="failed",
+            failed = dict(state=FAILED, end_time=self.store.now(), error_code=code, result=b"", error_details=b"", message="failed",
                           error_message=f"the job ended {state} but {why}; submit it again")
             try:
                 self._end(live, **failed)

@@ -174,10 +174,11 @@ def error_from_status(status: status_pb2.Status, *, rename: Callable[[str], str]
 
 
 def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
-                    field: str | None = None) -> OperationError:
+                    field: str | None = None, precondition_violations: list[tuple[str, str, str]] | None = None) -> OperationError:
     """A failed or cancelled job's error: an OperationError and the typed error of ``code``."""
     # cast: the classes type() made are OperationError subclasses.
-    return cast(OperationError, _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations, field=field))
+    return cast(OperationError, _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations, field=field,
+                                                                             precondition_violations=precondition_violations))
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:

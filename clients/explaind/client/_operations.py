@@ -34,6 +34,7 @@ from ._errors import (
     field_violations,
     named_field,
     operation_error,
+    precondition_violations,
 )
 from ._images import open_image
 from ._types import AbbreviatedRepr, Artifact, ComparedByValue, Progress
@@ -366,7 +367,8 @@ class Operation(Generic[ResultT]):
         if not self._message.HasField("error"):
             return None
         status = self._message.error
-        return operation_error(code_of(status), status.message, field_violations(status), field=named_field(status))
+        return operation_error(code_of(status), status.message, field_violations(status), field=named_field(status),
+                               precondition_violations=precondition_violations(status))
 
     def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for

@@ -89,7 +89,8 @@ class InferenceServiceServicer:
         Predict). The operation fails FAILED_PRECONDITION (field sample_set_id) naming by
         sample_index the samples whose logits hold NaN or +infinity, or are -infinity for
         every class, or, for a classifier split into features and head, whose features
-        are NaN or infinite.
+        are NaN or infinite (the first ten, also as google.rpc.PreconditionFailure
+        violations of type UNUSABLE_LOGITS or UNUSABLE_FEATURES, subject samples[i]).
         Operation metadata: OperationMetadata; response: EvaluateSampleSetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -227,34 +227,38 @@ class SampleFeatures:
 
 # Rows a non-finite output's error lists by index; the rest are counted.
 MAX_SAMPLES_NAMED = 10
-# PreconditionFailure.Violation.type of an image a Predict's model gives unusable logits for.
+# PreconditionFailure.Violation.type of an image or sample the served model gives unusable
+# logits, or (a split model's) penultimate features, for.
 UNUSABLE_LOGITS = "UNUSABLE_LOGITS"
-# Of each kind of a served model's outputs: what makes a row unusable, and what the model
-# does to give one. A logit of -inf is a class the model rules out (one that masks
-# classes it may not answer), of probability exactly 0; a row needs one class not ruled
-# out, and NaN or +inf leaves no probability defined (softmax gives NaN for the row).
+UNUSABLE_FEATURES = "UNUSABLE_FEATURES"
+# Of each kind of a served model's outputs: what makes a row unusable, what the model
+# does to give one, and its violations' type. A logit of -inf is a class the model rules
+# out (one that masks classes it may not answer), of probability exactly 0; a row needs
+# one class not ruled out, and NaN or +inf leaves no probability defined (softmax gives
+# NaN for the row).
 _UNUSABLE_ROWS = {
-    "penultimate features": ("are NaN or infinite", "overflows or divides by zero"),
-    "logits": ("hold NaN or +infinity, or are -infinity for every class", "overflows, divides by zero or rules out every class"),
+    "penultimate features": ("are NaN or infinite", "overflows or divides by zero", UNUSABLE_FEATURES),
+    "logits": ("hold NaN or +infinity, or are -infinity for every class", "overflows, divides by zero or rules out every class", UNUSABLE_LOGITS),
 }
 
 
 def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str | None = None, *, answered_alone: bool = False) -> FailedPrecondition:
     """FailedPrecondition naming ``field`` and the rows ``bad`` of the served model's
     ``what`` (a key of _UNUSABLE_ROWS) that no answer can come from: samples of sample
-    set ``sample_set_id`` by sample_index, else images of a Predict request as
-    ``images[i]`` (which the SDK renumbers in the caller's list, see its _note_chunk),
-    in the message and, the same ones, as its violations (UNUSABLE_LOGITS, ``images[i]``).
+    set ``sample_set_id`` by sample_index in the message, as ``samples[i]`` in its
+    violations (of a job or an inline call alike), else images of a Predict request as
+    ``images[i]`` in both (which the SDK renumbers in the caller's list, see its
+    _note_chunk); the violations' type is UNUSABLE_LOGITS or UNUSABLE_FEATURES.
     ``answered_alone``: the error of one image of a request whose others are answered
     (partial_failure), which leaving the image out would not mend."""
-    fault, cause = _UNUSABLE_ROWS[what]
+    fault, cause, violation_type = _UNUSABLE_ROWS[what]
     many, first = len(bad) != 1, bad[:MAX_SAMPLES_NAMED]
     them = "them" if many else "it"
-    violations: list[PreconditionViolation] = []
     if sample_set_id is not None:
+        violations = [PreconditionViolation(violation_type, f"samples[{row}]") for row in first]
         rows, named, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", "sample_index " + ", ".join(map(str, first)), f"use a set without {them}, or mend the model"
     else:
-        violations = [PreconditionViolation(UNUSABLE_LOGITS, f"images[{row}]") for row in first]
+        violations = [PreconditionViolation(violation_type, f"images[{row}]") for row in first]
         rows, named = f"image{'s' * many} of the request", ", ".join(subject for _, subject in violations)
         remedy = "only a mended model answers it" if answered_alone else f"send the request without {them}, or mend the model"
     more = f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else ""

@@ -200,4 +200,5 @@ def operation(snapshot: JobSnapshot, *, response: bool = True, preview: bool = T
         message.error.CopyFrom(status_pb2.Status(code=code.value[0], message=record.error_message))
         if record.result:  # the field a refused request names (jobs.py)
             message.error.details.add().ParseFromString(record.result)
+        message.error.details.extend(status_pb2.Status.FromString(record.error_details).details)  # the items it names
     return message

@@ -111,8 +111,11 @@ class ArtifactRef:
 @dataclass(frozen=True)
 class JobRecord:
     """A job as persisted. ``result`` is a serialised ``google.protobuf.Any``: the response
-    of a succeeded job, the error's details of a failed one (if any); ``error_code`` a
-    ``grpc.StatusCode`` name."""
+    of a succeeded job, the detail naming the field of a failed one's error (if any);
+    ``error_details``, a failed job's other details (its PreconditionFailure naming the
+    samples it failed for), as a serialised ``google.rpc.Status`` holding only them, or
+    b"" (kept apart: a release before them reads ``result`` as one Any); ``error_code``
+    a ``grpc.StatusCode`` name."""
 
     job_id: str
     kind: str
@@ -129,6 +132,7 @@ class JobRecord:
     result: bytes = b""
     artifacts: tuple[ArtifactRef, ...] = ()
     owner: str | None = None  # the named caller that submitted it (None: none, see explaind.ownership)
+    error_details: bytes = b""
 
 
 @dataclass(frozen=True)

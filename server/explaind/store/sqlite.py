@@ -100,6 +100,12 @@ CREATE TABLE IF NOT EXISTS sample_set_owners (
 -- id; sets oldest first), read from where it starts (_resume_after): neither other
 -- callers' objects nor the caller's others are read or sorted.
 CREATE INDEX IF NOT EXISTS job_owners_by_owner ON job_owners (owner, create_time DESC, job_id);
+-- A failed job's error details besides the one in jobs.result (JobRecord.error_details):
+-- a table, not a column, as job_owners; the release before reads jobs.result alone, and
+-- deletes these with their job.
+CREATE TABLE IF NOT EXISTS job_error_details (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, details BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS sample_set_owners_by_owner ON sample_set_owners (owner, create_time, set_id);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
@@ -287,8 +293,8 @@ _JOB_SELECTED = ", ".join(f"jobs.{column}" for column in _JOB_COLUMNS)
 # the few that fit in one message. A failed one's is its error's details, which stay.
 _JOB_SELECTED_WITHOUT_RESPONSE = ", ".join(f"CASE WHEN jobs.state = '{SUCCEEDED}' THEN X'' ELSE jobs.result END" if column == "result"
                                            else f"jobs.{column}" for column in _JOB_COLUMNS)
-# Read after a job's columns: its owner (job_owners).
-_JOB_OWNER = "(SELECT owner FROM job_owners WHERE job_id = jobs.id)"
+# Read after a job's columns: its owner (job_owners) and error details (job_error_details).
+_JOB_OWNER_AND_ERROR_DETAILS = "(SELECT owner FROM job_owners WHERE job_id = jobs.id), (SELECT details FROM job_error_details WHERE job_id = jobs.id)"
 
 
 def _sync_directory(path: Path) -> None:
@@ -985,8 +991,9 @@ class SQLiteStore:
 
     @staticmethod
     def _job_from_row(row: tuple) -> JobRecord:
-        """A job from its _JOB_COLUMNS and _JOB_OWNER."""
-        values = dict(zip((*_JOB_COLUMNS, "owner"), row, strict=True))
+        """A job from its _JOB_COLUMNS and _JOB_OWNER_AND_ERROR_DETAILS."""
+        values = dict(zip((*_JOB_COLUMNS, "owner", "error_details"), row, strict=True))
+        values["error_details"] = values["error_details"] or b""
         values["job_id"] = values.pop("id")
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["artifacts"] = tuple(ArtifactRef(**a) for a in json.loads(values["artifacts"]))
@@ -996,6 +1003,7 @@ class SQLiteStore:
         self._refuse_while_reserve_released()
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", self._job_row(job))
+            self._write_error_details(db, job)
             if job.owner is not None:
                 db.execute("INSERT INTO job_owners (job_id, owner, create_time) VALUES (?, ?, ?)", (job.job_id, job.owner, job.create_time))
             if request is not None:
@@ -1029,10 +1037,19 @@ class SQLiteStore:
         row = self._job_row(job)
         with self._transaction() as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _JOB_COLUMNS[1:])} WHERE id = ?", (*row[1:], row[0]))
+            self._write_error_details(db, job)
+
+    @staticmethod
+    def _write_error_details(db: sqlite3.Connection, job: JobRecord) -> None:
+        """Store ``job.error_details`` in job_error_details (b"": none, a row there deleted)."""
+        if job.error_details:
+            db.execute("INSERT OR REPLACE INTO job_error_details VALUES (?, ?)", (job.job_id, job.error_details))
+        else:
+            db.execute("DELETE FROM job_error_details WHERE job_id = ?", (job.job_id,))
 
     def get_job(self, job_id: str) -> JobRecord:
         with self._lock:
-            row = self._db.execute(f"SELECT {_JOB_SELECTED}, {_JOB_OWNER} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_JOB_SELECTED}, {_JOB_OWNER_AND_ERROR_DETAILS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no operation {job_id!r}", field="name")
         return self._job_from_row(row)
@@ -1056,7 +1073,7 @@ class SQLiteStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_JOB_SELECTED if responses else _JOB_SELECTED_WITHOUT_RESPONSE}, {_JOB_OWNER} FROM {listing.source} {where} "
+                f"SELECT {_JOB_SELECTED if responses else _JOB_SELECTED_WITHOUT_RESPONSE}, {_JOB_OWNER_AND_ERROR_DETAILS} FROM {listing.source} {where} "
                 f"ORDER BY {listing.time_column} DESC, {listing.id_column} LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._job_from_row(row) for row in rows]
