@@ -8375,11 +8375,18 @@ def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_lea
         return forward(images)
 
     call = SimpleNamespace(is_active=lambda: next(answers, False), time_remaining=lambda: None)
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(Cancelled, match="the caller stopped waiting"):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setitem(engine._feature_fns, version.feature_cache_key, running)
-        engine.sample_set_features("left", batch_size=3, call=call)
-    assert forwarded == [3]  # the first batch only, of 4
-    assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")]  # the pool is gone
+        with pytest.raises(Cancelled) as refused:
+            engine.sample_set_features("left", batch_size=3, call=call)
+        assert forwarded == [3]  # the first batch only, of 4
+        assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")]  # the pool is gone
+        # It said "nothing was stored", the first batch's features cached all the same: as
+        # the message says now, a retry computes the other 7 alone.
+        assert str(refused.value) == ("the caller stopped waiting (its deadline passed, or it left); the features of the 3 images "
+                                      "computed before it stopped are cached: a retry computes only the other 7")
+        engine.sample_set_features("left", batch_size=3, call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: None))
+    assert forwarded == [3, 3, 3, 1]
 
 
 # Request identification (AIP-155) ------------------------------------------------------

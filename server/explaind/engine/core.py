@@ -111,11 +111,12 @@ def check_new_sample_set(sample_set_id: str, display_name: str) -> None:
     check_display_name(display_name)
 
 
-def require_caller(caller_waits: Callable[[], bool]) -> None:
+def require_caller(caller_waits: Callable[[], bool], kept: str = "") -> None:
     """Raise Cancelled once ``caller_waits()`` is False: work a caller no longer waits for
-    (its deadline passed, or it left) stops before storing anything it was told failed."""
+    (its deadline passed, or it left) stops; ``kept``, ending the message, says what it
+    leaves stored ("nothing was stored": nothing the caller was told failed turns up)."""
     if not caller_waits():
-        raise Cancelled("the caller stopped waiting (its deadline passed, or it left); nothing was stored")
+        raise Cancelled("the caller stopped waiting (its deadline passed, or it left)" + (f"; {kept}" if kept else ""))
 
 
 class _JobDecodeWait:
@@ -628,11 +629,11 @@ class Engine:
             _check_attributes(sample.attributes, f"samples[{index}].attributes")
         digests: list[str] = []
         for start in range(0, len(samples), BLOB_WRITE_THREADS):
-            require_caller(caller_waits)
+            require_caller(caller_waits, "nothing was stored")
             writes = [self._blob_writers.submit(put, sample.encoded) for sample in samples[start : start + BLOB_WRITE_THREADS]]
             futures.wait(writes)  # all of them, failed or not, before the block that counts them as written ends
             digests += [write.result() for write in writes]
-        require_caller(caller_waits)
+        require_caller(caller_waits, "nothing was stored")
         return [SampleRecord(digest, sample.label, dict(sample.attributes)) for digest, sample in zip(digests, samples, strict=True)]
 
     def load_sample_image(self, digest: str, version: ClassifierVersion | None = None, *, job: JobContext | None = None,
@@ -678,7 +679,8 @@ class Engine:
         where present; the rest are computed in batches, with progress and cancellation
         through ``context`` when given; ``call``: the RPC computing them inline, whose
         deadline and caller the decodes' waits for room end with (:meth:`load_sample_image`),
-        and whose caller's leaving stops the next batch (Cancelled).
+        and whose caller's leaving stops the next batch (Cancelled); the batches computed
+        by then stay cached, and its error says a retry computes only the rest.
         The set is checked again here, when a job runs: it may have been deleted, or replaced
         (``uid``: the set the job was submitted for), since the job was queued. With
         ``count``, only its first ``count`` samples: the set as it was when it held that many
@@ -707,13 +709,22 @@ class Engine:
         # A set none of whose rows are cached or repeated is computed straight into
         # ``stacked``: an array of the computed rows beside it was twice its features.
         computed_into = stacked if len(missing) == len(digests) else None
-        with self._reading_images_of(sample_set_id, field):
-            for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
-                                                        "computing features", outputs=computed_into, call=call):
-                self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True)))
-                if computed_into is None:
-                    for digest, vector in zip(chunk, computed, strict=True):
-                        stacked[rows_of[digest]] = vector
+        cached = 0  # of ``missing``, computed and put in the cache so far
+        try:
+            with self._reading_images_of(sample_set_id, field):
+                for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
+                                                            "computing features", outputs=computed_into, call=call):
+                    self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True)))
+                    cached += len(chunk)
+                    if computed_into is None:
+                        for digest, vector in zip(chunk, computed, strict=True):
+                            stacked[rows_of[digest]] = vector
+        except (Cancelled, DeadlineExceeded) as error:  # an inline call's caller gone, or its deadline passed waiting for decode memory
+            if call is None:
+                raise
+            kept = (f"the features of the {cached} image{'s' * (cached != 1)} computed before it stopped are cached: a retry computes only the other {len(missing) - cached}"
+                    if cached else "nothing was stored")
+            raise type(error)(f"{error.description}; {kept}", field=error.field) from None
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
         _require_usable_rows(stacked, sample_set_id, field, "penultimate features")
