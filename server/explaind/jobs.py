@@ -26,7 +26,7 @@ its checks, so a repeat is answered as the first was whatever changed since.
 The returned message is stored (as ``google.protobuf.Any``) and becomes the
 operation's response (stored whole as an artifact, and cut to fit a message, when it is
 larger than ``max_result_bytes``: ``submit(..., cut_lists=...)``); an exception fails the job (an :class:`~explaind.errors.ExplaindError`
-keeps its status code, e.g. INVALID_ARGUMENT, and the field it names). Every job kind uses the models, so all
+keeps its status code, e.g. INVALID_ARGUMENT, the field it names and the items it lists). Every job kind uses the models, so all
 share one pool of ``jobs.gpu_workers`` threads (one by default: GPU memory holds one job's
 batch); Predict has its own batcher thread and keeps flowing.
 

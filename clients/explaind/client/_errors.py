@@ -24,7 +24,9 @@ class ExplaindError(Exception):
     ``precondition_violations`` lists ``(type, subject, description)`` for each request
     item a FAILED_PRECONDITION is about (``google.rpc.PreconditionFailure`` details), e.g.
     ``("UNUSABLE_LOGITS", "images[3]", "")`` for an image the model gives no usable
-    logits for; empty from a server older than them, whose message alone names them.
+    logits for, ``("UNUSABLE_FEATURES", "samples[3]", "")`` for sample 3 of a set a
+    ranking, evaluation or edit (inline, or its operation's error) was refused for;
+    empty from a server older than them, whose message alone names them.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
     not say. ``operation`` is the job a DeadlineExceededError gave up waiting for

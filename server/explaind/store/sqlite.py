@@ -100,13 +100,13 @@ CREATE TABLE IF NOT EXISTS sample_set_owners (
 -- id; sets oldest first), read from where it starts (_resume_after): neither other
 -- callers' objects nor the caller's others are read or sorted.
 CREATE INDEX IF NOT EXISTS job_owners_by_owner ON job_owners (owner, create_time DESC, job_id);
+CREATE INDEX IF NOT EXISTS sample_set_owners_by_owner ON sample_set_owners (owner, create_time, set_id);
 -- A failed job's error details besides the one in jobs.result (JobRecord.error_details):
 -- a table, not a column, as job_owners; the release before reads jobs.result alone, and
 -- deletes these with their job.
 CREATE TABLE IF NOT EXISTS job_error_details (
     job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, details BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS sample_set_owners_by_owner ON sample_set_owners (owner, create_time, set_id);
 CREATE TABLE IF NOT EXISTS features (
     version TEXT NOT NULL, digest TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, digest)
 );
