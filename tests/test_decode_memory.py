@@ -584,7 +584,7 @@ def test_features_computed_for_a_call_wait_for_room_as_it_does_in_every_batch(en
         thread.join(30)
         assert not thread.is_alive(), "the second batch's decode still waits for room"
         assert isinstance(outcome[0], DeadlineExceeded) and "found no room to decode in [server].max_decode_bytes" in str(outcome[0])
-        assert str(outcome[0]).endswith("; the features of the 1 image computed before it stopped are cached: a retry computes only the other 1")
+        assert str(outcome[0]).endswith("; the features of the 1 image computed before it stopped are cached: a retry on the same model computes only the other 1")
         # Again: the small image's features are cached, and the large one's wait, its first batch's, gives up with none computed.
         thread, outcome = _in_thread(lambda: engine.sample_set_features("mixed", batch_size=1, call=_Call(remaining=0.5)))
         thread.join(30)

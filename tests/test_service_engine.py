@@ -8384,7 +8384,7 @@ def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_lea
         # It said "nothing was stored", the first batch's features cached all the same: as
         # the message says now, a retry computes the other 7 alone.
         assert str(refused.value) == ("the caller stopped waiting (its deadline passed, or it left); the features of the 3 images "
-                                      "computed before it stopped are cached: a retry computes only the other 7")
+                                      "computed before it stopped are cached: a retry on the same model computes only the other 7")
         engine.sample_set_features("left", batch_size=3, call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: None))
     assert forwarded == [3, 3, 3, 1]
 

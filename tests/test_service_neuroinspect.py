@@ -1458,7 +1458,7 @@ def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_s
         assert len(asked) == 3  # asked at each step: it stopped at the first step the caller had gone
         # It said "nothing was stored", the set's features cached all the same: a retry computes none.
         assert str(refused.value) == ("the caller stopped waiting (its deadline passed, or it left); the set's features are cached: "
-                                      "a retry computes none but those of samples appended since")
+                                      "a retry on the same model computes none but those of samples appended since")
         misses = engine.metrics.registry.get_sample_value("explaind_feature_cache_misses_total")
         assert misses > 0  # the set's, computed before it gave up
         inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", settings=RankSettings(max_iterations=5))

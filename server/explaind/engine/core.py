@@ -722,8 +722,8 @@ class Engine:
         except (Cancelled, DeadlineExceeded) as error:  # an inline call's caller gone, or its deadline passed waiting for decode memory
             if call is None:
                 raise
-            kept = (f"the features of the {cached} image{'s' * (cached != 1)} computed before it stopped are cached: a retry computes only the other {len(missing) - cached}"
-                    if cached else "nothing was stored")
+            kept = (f"the features of the {cached} image{'s' * (cached != 1)} computed before it stopped are cached: "
+                    f"a retry on the same model computes only the other {len(missing) - cached}" if cached else "nothing was stored")
             raise type(error)(f"{error.description}; {kept}", field=error.field) from None
         if context is not None:
             context.report_progress(len(missing), len(missing), "features ready")
