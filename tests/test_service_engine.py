@@ -2344,9 +2344,9 @@ def _rows_cached(engine, monkeypatch) -> list[np.ndarray]:
     cached: list[np.ndarray] = []
     put_features = engine.store.put_features
 
-    def recording(version: str, features: dict[str, np.ndarray]) -> None:
+    def recording(version: str, features: dict[str, np.ndarray]) -> bool:
         cached.extend(features.values())
-        put_features(version, features)
+        return put_features(version, features)
 
     monkeypatch.setattr(engine.store, "put_features", recording)
     return cached
@@ -8387,6 +8387,34 @@ def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_lea
                                       "computed before it stopped are cached: a retry on the same model computes only the other 7")
         engine.sample_set_features("left", batch_size=3, call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: None))
     assert forwarded == [3, 3, 3, 1]
+
+
+def test_features_a_call_gave_up_on_with_the_data_dir_full_are_not_said_to_be_cached(engine):
+    # The give-up message said the first batch's features were cached, a retry computing
+    # only the rest; with the data dir full put_features skips them, and a retry computes all.
+    from types import SimpleNamespace
+
+    from explaind.errors import Cancelled
+
+    rng = np.random.default_rng(5)
+    samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
+    engine.create_sample_set("full", "", samples)
+    version = engine.models.active
+    forward, forwarded = engine._feature_fns[version.feature_cache_key], []
+    answers = iter([True])  # the caller waits for the first batch, then leaves
+
+    def running(images):
+        forwarded.append(len(images))
+        return forward(images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(engine._feature_fns, version.feature_cache_key, running)
+        patch.setattr(engine.store, "_reserve_released", True)  # the data dir is full: nothing is cached
+        with pytest.raises(Cancelled) as refused:
+            engine.sample_set_features("full", batch_size=3, call=SimpleNamespace(is_active=lambda: next(answers, False), time_remaining=lambda: None))
+        assert str(refused.value) == "the caller stopped waiting (its deadline passed, or it left); nothing was stored"
+        engine.sample_set_features("full", batch_size=3, call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: None))
+    assert forwarded == [3, 3, 3, 3, 1]  # the retry computed all 10 again
 
 
 # Request identification (AIP-155) ------------------------------------------------------

@@ -1467,6 +1467,28 @@ def test_an_inline_ranking_stops_once_its_caller_stops_waiting(tmp_path, world_s
         _shut(engine)
 
 
+def test_an_inline_ranking_given_up_with_the_data_dir_full_does_not_say_its_features_are_cached(tmp_path, world_set, monkeypatch):
+    # With the data dir full put_features skips the set's features: a retry computes
+    # them all again, as the message must say (it said they were cached).
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import Cancelled
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        monkeypatch.setattr(engine.store, "_reserve_released", True)
+        asked = []
+        call = SimpleNamespace(is_active=lambda: asked.append(1) or len(asked) < 3, time_remaining=lambda: None)
+        with pytest.raises(Cancelled) as refused:
+            inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call,
+                                         settings=RankSettings(max_iterations=100_000, l1=1000.0))
+        assert str(refused.value) == "the caller stopped waiting (its deadline passed, or it left); nothing was stored"
+    finally:
+        _shut(engine)
+
+
 def test_a_ranking_classifies_only_the_samples_of_its_class(tmp_path, world_set, monkeypatch):
     # It classified the whole set to find one class's mistakes, twice an inline ranking:
     # (N, C) logits, 2.4 s for 50,000 samples of a 1000-class head, for its class's 50.

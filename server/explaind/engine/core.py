@@ -214,12 +214,15 @@ class NewSample:
 @dataclass(frozen=True)
 class SampleFeatures:
     """Penultimate features (N, D) and labels (N,) of a sample set, in insertion order,
-    and the N samples they were computed from (a set may grow after: read these, not it)."""
+    and the N samples they were computed from (a set may grow after: read these, not it).
+    ``all_cached``: each row is in the feature cache (none computed was skipped, the data
+    dir full), so the same model reads them all back."""
 
     features: torch.Tensor
     labels: torch.Tensor
     records: list[SampleRecord]
     version: ClassifierVersion
+    all_cached: bool = True
 
     @property
     def digests(self) -> list[str]:
@@ -709,13 +712,13 @@ class Engine:
         # A set none of whose rows are cached or repeated is computed straight into
         # ``stacked``: an array of the computed rows beside it was twice its features.
         computed_into = stacked if len(missing) == len(digests) else None
-        cached = 0  # of ``missing``, computed and put in the cache so far
+        cached = 0  # of ``missing``, computed and put in the cache so far (not while the data dir is full)
         try:
             with self._reading_images_of(sample_set_id, field):
                 for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
                                                             "computing features", outputs=computed_into, call=call):
-                    self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True)))
-                    cached += len(chunk)
+                    if self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True))):
+                        cached += len(chunk)
                     if computed_into is None:
                         for digest, vector in zip(chunk, computed, strict=True):
                             stacked[rows_of[digest]] = vector
@@ -730,7 +733,7 @@ class Engine:
         _require_usable_rows(stacked, sample_set_id, field, "penultimate features")
         features = torch.from_numpy(stacked).to(self.device)
         labels = torch.tensor([record.label for record in records], dtype=torch.long, device="cpu")
-        return SampleFeatures(features, labels, records, version)
+        return SampleFeatures(features, labels, records, version, all_cached=cached == len(missing))
 
     def sample_set_logits(self, sample_set_id: str, *, version: ClassifierVersion, batch_size: int = 0,
                           context: JobContext | None = None, uid: str | None = None, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

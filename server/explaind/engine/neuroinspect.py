@@ -367,7 +367,8 @@ class NeuroInspectEngine:
             if context is not None:
                 context.raise_if_cancelled()
             elif call is not None:
-                require_caller(call.is_active, "the set's features are cached: a retry on the same model computes none but those of samples appended since")
+                require_caller(call.is_active, "the set's features are cached: a retry on the same model computes none but those of samples appended since"
+                               if features.all_cached else "nothing was stored")
             return False
 
         def on_step(step: int, total: int, running: int) -> bool:

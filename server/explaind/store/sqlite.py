@@ -1142,15 +1142,17 @@ class SQLiteStore:
                 found.update((digest, np.frombuffer(vector, dtype=np.float32)) for digest, vector in rows)
         return found
 
-    def put_features(self, version: str, features: dict[str, np.ndarray]) -> None:
-        """Cache computed features; skipped while the data dir is full (the reserve released)."""
+    def put_features(self, version: str, features: dict[str, np.ndarray]) -> bool:
+        """Cache computed features; skipped while the data dir is full (the reserve released),
+        False then: a caller told they are cached would compute them again."""
         if self._reserve_released:
-            return
+            return False
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
                 [(version, digest, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for digest, v in features.items()],
             )
+        return True
 
     def retain_features(self, version: str) -> int:
         """Drop cached features of every other model version; returns rows removed."""
