@@ -5487,6 +5487,20 @@ def test_an_error_listing_many_long_precondition_violations_sends_the_first_ten_
         assert all(len(part.encode()) <= MAX_VIOLATION_PART_BYTES and part.endswith("...") for part in (violation.type, violation.subject))
 
 
+def test_a_precondition_violation_cut_inside_a_character_keeps_the_whole_characters_before_it():
+    # Cut at a byte count, a part ending inside a multi-byte character must drop that
+    # character, not mangle it: a string field's bytes must be valid UTF-8.
+    from explaind.errors import MAX_VIOLATION_PART_BYTES, PreconditionViolation, precondition_failure
+
+    for padding in range(4):  # the cut falls at each byte of a 4-byte character
+        text = "x" * padding + "\U0001F600" * 100
+        (violation,) = precondition_failure([PreconditionViolation(text, text)]).violations
+        for part in (violation.type, violation.subject):
+            kept = part.removesuffix("...")
+            assert text.startswith(kept) and len(part.encode()) <= MAX_VIOLATION_PART_BYTES
+            assert len(text[: len(kept) + 1].encode()) > MAX_VIOLATION_PART_BYTES - 3  # no whole character more fitted
+
+
 def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_unary_one():
     # A server stream's messages skipped the size check: gRPC then failed the call itself,
     # after the metric had counted it OK; once checked, the abort must not turn INTERNAL.
