@@ -8369,7 +8369,8 @@ def test_features_are_decoded_ahead_in_order_and_a_cancel_stops_the_decoding(eng
     assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")], cancelled  # the pool is gone
 
 
-def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_leaves(engine):
+@pytest.mark.parametrize("data_dir_full", [False, True])
+def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_leaves(engine, data_dir_full):
     # An inline ranking's features went on, batch after batch, for a caller past its
     # deadline or gone (its decodes' waits for room aside): up to 4096 stored images
     # decoded and forwarded for nobody, holding the RPC's thread and its held call's slot.
@@ -8391,44 +8392,19 @@ def test_features_computed_for_a_call_stop_at_the_next_batch_once_its_caller_lea
     call = SimpleNamespace(is_active=lambda: next(answers, False), time_remaining=lambda: None)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(engine._feature_fns, version.feature_cache_key, running)
+        if data_dir_full:  # put_features skips the batches then: nothing is cached
+            patch.setattr(engine.store, "_reserve_released", True)
         with pytest.raises(Cancelled) as refused:
             engine.sample_set_features("left", batch_size=3, call=call)
         assert forwarded == [3]  # the first batch only, of 4
         assert not [t for t in threading.enumerate() if t.name.startswith("explaind-decode")]  # the pool is gone
-        # It said "nothing was stored", the first batch's features cached all the same: as
-        # the message says now, a retry computes the other 7 alone.
-        assert str(refused.value) == ("the caller stopped waiting (its deadline passed, or it left); the features of the 3 images "
-                                      "computed before it stopped are cached: a retry on the same model computes only the other 7")
+        # It said "nothing was stored", the first batch's features cached all the same, and
+        # the message that replaced it must not say they are cached where they were not.
+        assert str(refused.value) == "the caller stopped waiting (its deadline passed, or it left); " + (
+            "nothing was stored" if data_dir_full else
+            "the features of the 3 images computed before it stopped are cached: a retry on the same model computes only the other 7")
         engine.sample_set_features("left", batch_size=3, call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: None))
-    assert forwarded == [3, 3, 3, 1]
-
-
-def test_features_a_call_gave_up_on_with_the_data_dir_full_are_not_said_to_be_cached(engine):
-    # The give-up message said the first batch's features were cached, a retry computing
-    # only the rest; with the data dir full put_features skips them, and a retry computes all.
-    from types import SimpleNamespace
-
-    from explaind.errors import Cancelled
-
-    rng = np.random.default_rng(5)
-    samples = [NewSample.from_array(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 6) for i in range(10)]
-    engine.create_sample_set("full", "", samples)
-    version = engine.models.active
-    forward, forwarded = engine._feature_fns[version.feature_cache_key], []
-    answers = iter([True])  # the caller waits for the first batch, then leaves
-
-    def running(images):
-        forwarded.append(len(images))
-        return forward(images)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(engine._feature_fns, version.feature_cache_key, running)
-        patch.setattr(engine.store, "_reserve_released", True)  # the data dir is full: nothing is cached
-        with pytest.raises(Cancelled) as refused:
-            engine.sample_set_features("full", batch_size=3, call=SimpleNamespace(is_active=lambda: next(answers, False), time_remaining=lambda: None))
-        assert str(refused.value) == "the caller stopped waiting (its deadline passed, or it left); nothing was stored"
-        engine.sample_set_features("full", batch_size=3, call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: None))
-    assert forwarded == [3, 3, 3, 3, 1]  # the retry computed all 10 again
+    assert forwarded == ([3, 3, 3, 3, 1] if data_dir_full else [3, 3, 3, 1])  # the retry computed all 10 again, or only the rest
 
 
 # Request identification (AIP-155) ------------------------------------------------------

@@ -1048,45 +1048,28 @@ def test_an_edit_cancelled_while_it_trains_stops_at_that_epoch_and_stores_nothin
         _shut(engine)
 
 
-def test_a_ranking_cancelled_while_it_solves_stops_at_that_step(tmp_path, world_set, monkeypatch):
+@pytest.mark.parametrize("callback, settings, stopped_at", [
     # Else the solver runs its max_iterations for nobody, holding the one job worker.
-    from explaind.engine import neuroinspect as engine_module
-    from explaind.engine.neuroinspect import RankSettings
-
-    engine, inspect = _in_process(tmp_path)
-    try:
-        _create_train_set(engine, world_set)
-        steps, jobs = [], []
-        monkeypatch.setattr(engine_module, "MistakeNeuronRanker",
-                            _cancelling_at_its_first_callback(engine, engine_module.MistakeNeuronRanker, "rank", "callback_on_step_end", steps, jobs))
-        gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
-        jobs.append(inspect.rank_mistake_neurons("train", target_class="heart", execution="operation",
-                                                 settings=RankSettings(max_iterations=1000, l1=1000.0)).record.job_id)
-        gate.set()
-        assert engine.jobs.wait(jobs[0], 60).record.state == "cancelled"
-        assert len(steps) == 1
-    finally:
-        _shut(engine)
-
-
-
-def test_a_ranking_cancelled_while_it_resamples_stops_at_that_chunk(tmp_path, world_set, monkeypatch):
+    ("callback_on_step_end", {"max_iterations": 1000, "l1": 1000.0}, 1),
     # Its stability's resamples ran to the end past a cancel: 3.3 s for 1000 of 16384 mistakes.
+    ("callback_on_resamples", {"max_iterations": 5, "stability_resamples": 1000}, 50),  # the first of 20 chunks
+])
+def test_a_ranking_cancelled_while_it_works_stops_at_its_next_callback(tmp_path, world_set, monkeypatch, callback, settings, stopped_at):
     from explaind.engine import neuroinspect as engine_module
     from explaind.engine.neuroinspect import RankSettings
 
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
-        chunks, jobs = [], []
+        calls, jobs = [], []
         monkeypatch.setattr(engine_module, "MistakeNeuronRanker",
-                            _cancelling_at_its_first_callback(engine, engine_module.MistakeNeuronRanker, "rank", "callback_on_resamples", chunks, jobs))
+                            _cancelling_at_its_first_callback(engine, engine_module.MistakeNeuronRanker, "rank", callback, calls, jobs))
         gate, _ = _hold_the_job_worker(engine)  # the job waits queued until its id is known
         jobs.append(inspect.rank_mistake_neurons("train", target_class="heart", execution="operation",
-                                                 settings=RankSettings(max_iterations=5, stability_resamples=1000)).record.job_id)
+                                                 settings=RankSettings(**settings)).record.job_id)
         gate.set()
         assert engine.jobs.wait(jobs[0], 60).record.state == "cancelled"
-        assert chunks == [50]  # the first of 20 chunks
+        assert calls == [stopped_at]
     finally:
         _shut(engine)
 
