@@ -592,3 +592,40 @@ def test_a_ranking_whose_solver_was_stopped_draws_no_resamples():
         callback_on_resamples=lambda done, total: calls.append(done))
     assert ranking.cancelled and calls == [] and ranking.stability_resamples == 0
     assert ranking.neurons and all(n.stability == 0.0 for n in ranking.neurons)
+
+
+def test_ties_among_more_neurons_than_torch_s_small_sort_takes_are_broken_by_id():
+    # torch's CPU sort keeps equal keys in their order from 17 of them on only when asked
+    # (stable=True): ties of top-k count and |mean ω| over 32 neurons, in rank and resamples.
+    omega = torch.tensor([1.0, -1.0] * 16).expand(3, 32)
+    ranking = MistakeNeuronRanker(always_wrong_head(32)).rank(
+        torch.rand(3, 32), torch.zeros(3, dtype=torch.long), solver=Shifts(omega), top_k=32, cut_ratio=0.0, stability_resamples=10)
+    assert ranking.neuron_ids == list(range(32))
+    assert [n.stability for n in ranking.neurons] == [1.0] * 5 + [0.0] * 27
+
+
+def test_a_single_mistake_gives_the_neurons_of_its_top_k_a_ratio_of_1():
+    omega = torch.tensor([[3.0, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    ranking = MistakeNeuronRanker(always_wrong_head()).rank(torch.rand(1, 8), torch.zeros(1, dtype=torch.long), solver=Shifts(omega), top_k=2)
+    assert [(n.neuron, n.insufficient_ratio, n.excessive_ratio) for n in ranking.neurons] == [(0, 1.0, 0.0), (2, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_mean_omega_is_the_sum_in_float32_or_wider_divided_by_the_mistakes(dtype):
+    # As stability's resamples take it: float16's own mean rounded 1/3 to 0.33325, a
+    # float32 sum of float64 ω to 0.3333333432674408.
+    omega = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=dtype)
+    ranking = MistakeNeuronRanker(always_wrong_head(2).to(dtype)).rank(
+        torch.rand(3, 2, dtype=dtype), torch.zeros(3, dtype=torch.long), solver=Shifts(omega), top_k=1, cut_ratio=0.0)
+    assert ranking.neurons[0].mean_omega == (torch.tensor(1.0, dtype=torch.promote_types(dtype, torch.float32)) / 3).item()
+
+
+def test_a_float16_head_s_resamples_are_summed_in_float32():
+    # 1000 mistakes shifting neurons 0-3 by 1000, 4 by 90 and 5 by 100: in float16 every
+    # resample's sums overflowed, and the tie of infinities put 4 in the top 5, not 5.
+    omega = torch.tensor([1000.0] * 4 + [90.0, 100.0]).repeat(1000, 1).half()
+    ranking = MistakeNeuronRanker(always_wrong_head(6).half()).rank(
+        torch.rand(1000, 6).half(), torch.zeros(1000, dtype=torch.long), solver=Shifts(omega), top_k=6, cut_ratio=0.0,
+        stability_resamples=10)
+    assert ranking.neuron_ids == [0, 1, 2, 3, 5, 4]
+    assert {n.neuron: n.stability for n in ranking.neurons} == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 5: 1.0, 4: 0.0}
