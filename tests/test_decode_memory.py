@@ -473,6 +473,8 @@ def test_a_feature_pass_trims_the_arenas_once_at_its_end_and_a_call_after_each_d
     # Each side padded to the MCU: 16 px, of 4:2:0's factor 2 (to 2064, not 32's 2080).
     ({"progressive": True, "size": 2050}, True, 1025 * 1025 * 26 + 2 * 3 * 2064 * 2064),
     ({"progressive": True, "size": 2050, "subsampling": 0}, True, 1025 * 1025 * 26 + 2 * 3 * 2056 * 2056),  # 4:4:4: 8 px
+    # 4:2:2's factors 2 x 1, horizontally and vertically: 16 x 8 px, not 8 x 16 (2056 x 1040).
+    ({"progressive": True, "size": (2050, 1030), "subsampling": 1}, False, 2050 * 1030 * 26 + 2 * 3 * 2064 * 1032),
 ])
 def test_a_jpeg_reserves_by_the_size_it_decodes_to_and_a_progressive_one_its_coefficients_too(options, reduced, expected):
     # bench/decode_bytes_per_pixel.py: a 2048² JPEG decoded at 1/8 took 0.65 B/px of its
@@ -484,14 +486,15 @@ def test_a_jpeg_reserves_by_the_size_it_decodes_to_and_a_progressive_one_its_coe
     from explaind.imaging import InputGeometry, decode_encoded
 
     options = dict(options)
-    side, mode = options.pop("size", 2048), options.pop("mode", "RGB")
+    size, mode = options.pop("size", 2048), options.pop("mode", "RGB")
+    width, height = (size, size) if isinstance(size, int) else size
     encoded = io.BytesIO()
-    Image.new(mode, (side, side)).save(encoded, format="JPEG", **options)
+    Image.new(mode, (width, height)).save(encoded, format="JPEG", **options)
     memory = DecodeMemory(1024 * MIB)
     geometry = InputGeometry(size=448, resize_size=512, jpeg_reduced_decode=reduced)
     with PixelBudget(1 << 30, field="images", memory=memory.lease(_Call())) as budget:
         decode_encoded(encoded.getvalue(), field="images[0]", geometry=geometry, budget=budget)
-        assert (memory.held, budget.used) == (expected, side * side)  # the pixel limit counts the stored size
+        assert (memory.held, budget.used) == (expected, width * height)  # the pixel limit counts the stored size
     assert memory.held == 0
 
 
@@ -539,6 +542,7 @@ def test_a_jpeg_of_one_scan_that_libjpeg_still_buffers_reserves_its_coefficients
 @pytest.mark.parametrize(("factors", "padded"), [
     ([(3, 3)] * 3, (2064, 2064)),  # 24-px MCUs: 86 of them a side, past 2048, which padding to 32 px left
     ([(3, 1), (1, 1), (1, 1)], (2064, 2048)),  # 24 x 8
+    ([(1, 1), (1, 1), (4, 3)], (2048, 2064)),  # 32 x 24, of the last component's factors, 4 among them
 ])
 def test_a_jpeg_libjpeg_buffers_pads_its_coefficients_to_the_mcu_of_its_sampling_factors(factors, padded):
     # libjpeg pads each component's blocks to a multiple of its sampling factor: with 3,
