@@ -501,6 +501,8 @@ def test_a_ranking_with_resamples_shows_each_neuron_s_stability_in_a_column_the_
     assert "<td>-1.000</td><td>0.900</td><td>100%</td><td class='names'>tench</td>" in page and "<td>1.200</td><td>25%</td>" in page
     assert "<b>stability</b>: the share of 200 bootstrap resamples of the mistakes" in page
     assert "stability" not in render_report(report)  # none asked for (or an older server): no column of zeros
+    one = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons, stability_resamples=1)))
+    assert "<th>stability</th>" in one and "the share of 1 bootstrap resamples" in one  # one is some
 
 
 def test_the_report_asks_for_its_ranking_s_stability():
