@@ -1372,6 +1372,14 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     assert "<h2>Suggested head edit</h2>" in page and "id='ranking-legend'" in page  # the work before them is kept
 
 
+def test_a_report_asks_for_its_ranking_s_stability_unless_told_not_to():
+    from explaind.client.cli import parse_arguments
+    from explaind.client.report import REPORT_STABILITY_RESAMPLES
+
+    assert parse_arguments(["report", "--class", "heart"]).stability == REPORT_STABILITY_RESAMPLES > 0
+    assert parse_arguments(["report", "--class", "heart", "--stability", "0"]).stability == 0
+
+
 def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(server, capsys, world_images, tmp_path):
     images, labels = world_images
     mislabelled = (labels[:24] + 1) % 6
@@ -1947,6 +1955,27 @@ def test_restoring_a_strict_standard_output_does_not_fail_over_what_main_ended_w
             main(["edit-head", "--help"])
         assert exited.value.code == 0 and stdout.errors == "strict"
         monkeypatch.undo()
+
+
+def test_main_leaves_a_standard_output_of_another_error_handler_as_it_was(monkeypatch):
+    # surrogateescape, as in a C locale: neither escaped meanwhile nor made strict after.
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert stdout.errors == "surrogateescape"
+
+
+def test_a_closed_pipe_ends_the_command_quietly_whatever_standard_output_s_error_handler(server, world_images):
+    # A strict one's restore discards what is left for the reader gone; any other has no
+    # restore, so the command's own handling must, or the interpreter's final flush of the
+    # buffered output fails ("Exception ignored ... BrokenPipeError", exit code 120).
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # buffered, as by default
+    command = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", "--target", server.target, "info"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment | {"PYTHONIOENCODING": "utf-8:surrogateescape"})
+    command.stdout.close()
+    stderr = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 141 and stderr == "", stderr
 
 
 def test_the_cli_runs_where_there_is_no_standard_output(monkeypatch):
