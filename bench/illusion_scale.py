@@ -17,7 +17,7 @@ on a GPU), the least-squares MB per pair and fixed MB, and their sum at the limi
 Measured on 2026-12-06 (2-core CPU, shared, one thread, float32), resnet50 (224 px,
 D = 2048, 1000 classes): with ViT-B-32, 2 steps, 1/2/4/8 pairs +160/+293/+568/+1140 MB,
 a fit of 140 MB per pair + 14 MB, about 8.8 GB for 64 pairs; with ViT-L-14, 1 step,
-1/2 pairs +541/+1143 MB, about 600 MB per pair, 38 GB for 64 (README, Memory of a
+1/2 pairs +541/+1143 MB, about 600 MB per pair, 38 GB for 64 (docs/performance.md, Memory of a
 visualisation).
 """
 

@@ -592,7 +592,7 @@ def to_uint8_hwc(image: torch.Tensor, *, overwrite: bool = False) -> np.ndarray:
 # zlib level of the images a job makes (progress previews, grids, visualisations): the
 # fastest, lossless as any. Level 6, Pillow's default, took 4.6 times as long on a
 # visualisation preview (50 ms against 11 ms, 16 noisy 128 px tiles) for files 10 % smaller,
-# and 7 % of a VisualizeNeurons job went to its PNGs (bench/png_encoding.py, README.md).
+# and 7 % of a VisualizeNeurons job went to its PNGs (bench/png_encoding.py, docs/performance.md).
 JOB_IMAGE_COMPRESS_LEVEL = 1
 
 
