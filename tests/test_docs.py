@@ -93,13 +93,44 @@ def test_every_rows_default_is_the_dataclasss():
     assert not wrong, "\n".join(wrong)
 
 
+def _outside_code(text: str) -> list[str]:
+    """``text``'s lines outside fenced code blocks (a list item's indented fence included):
+    where GitHub renders headings and links."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        if marker := re.match(r" *(```|~~~)", line):
+            fence = None if fence == marker[1] else fence or marker[1]
+        elif fence is None:
+            lines.append(line)
+    return lines
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, every character but letters, digits, ``_``,
+    ``-`` and spaces dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for ``page``'s headings; a repeated one gets ``-1``, ``-2``."""
+    anchors: set[str] = set()
+    for line in _outside_code(page.read_text()):
+        if heading := re.match(r" {0,3}#{1,6} +(.*?) *#* *$", line):
+            slug = _slug(heading[1])
+            anchor, repeat = slug, 0
+            while anchor in anchors:
+                repeat += 1
+                anchor = f"{slug}-{repeat}"
+            anchors.add(anchor)
+    return anchors
+
+
 def test_the_readme_points_at_the_reference():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     assert "(docs/configuration.md)" in section
     # Anchors the README links into must exist (GitHub's: lower case, spaces as hyphens).
-    headings = {re.sub(r"[^\w -]", "", line.lstrip("#").strip()).lower().replace(" ", "-")
-                for line in REFERENCE.read_text().splitlines() if line.startswith("#")}
+    headings = _anchors(REFERENCE)
     for anchor in re.findall(r"\(docs/configuration\.md#([\w-]+)\)", readme):
         assert anchor in headings, f"README links docs/configuration.md#{anchor}, which has no such heading"
     for anchor in re.findall(r"\]\(#([\w-]+)\)", REFERENCE.read_text()):
@@ -186,3 +217,44 @@ def test_every_toml_example_in_the_docs_is_a_valid_config(tmp_path):
         (tmp_path / f"{number}.toml").write_text(example)
         config = load_config(tmp_path / f"{number}.toml")
         assert config.source.endswith(f"{number}.toml") and ignored_keys(config) == [], page
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    # The README's performance results moved to docs/performance.md: a link left pointing
+    # at README.md#memory-of-a-visualisation would land a reader at the top of the README.
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken, checked = [], 0
+    for page in pages:
+        prose = re.sub(r"`[^`]*`", "", "\n".join(_outside_code(page.read_text())))  # inline code, across line breaks too
+        for target in re.findall(r"\]\(<?([^)\s>]+)>?(?: \"[^\"]*\")?\)", prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading in {linked.relative_to(ROOT)})")
+    assert checked > 30 and not broken, "\n".join(broken)
+
+
+def _numbers(text: str) -> set[str]:
+    """The numbers ``text`` states, as written: "1.04-1.08 ms" gives 1.04 and 1.08."""
+    return set(re.findall(r"\d+(?:[.,]\d+)*", text))
+
+
+def test_the_readmes_headline_results_are_numbers_of_the_subsections_they_link():
+    # The README keeps one line per result and docs/performance.md the measurements: a
+    # rerun that changes a subsection's numbers must change its headline too.
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Performance\n", 1)[1].split("\n## ", 1)[0]
+    page = (ROOT / "docs" / "performance.md").read_text()
+    subsections = {_slug(heading): text for heading, text in re.findall(r"^## ([^\n]+)\n(.*?)(?=^## |\Z)", page, flags=re.S | re.M)}
+    headlines = re.findall(r"^- \[[^\]]+\]\(docs/performance\.md#([\w-]+)\): ([^\n]+)$", section, flags=re.M)
+    assert len(headlines) >= len(subsections) > 10
+    for anchor, line in headlines:
+        assert anchor in subsections, f"README's Performance links docs/performance.md#{anchor}, which has no such subsection"
+        missing = _numbers(line) - _numbers(subsections[anchor])
+        assert not missing, f"README's headline for #{anchor} states {sorted(missing)}, which its subsection does not: {line}"
+    assert set(subsections) <= {anchor for anchor, _ in headlines}, "a docs/performance.md subsection without a headline in the README"
