@@ -542,6 +542,45 @@ def test_stability_is_the_share_of_resamples_whose_own_ranking_starts_with_the_n
     assert {n.neuron: n.stability for n in ranking.neurons} == {n.neuron: held[n.neuron].item() / resamples for n in ranking.neurons}
 
 
+def _dense_stability(omega, insufficient_top, excessive_top, resamples, chunk):
+    """The stability as first written: all (B, M) draw counts at once, times (M, D) 0/1
+    indicators of the top-k ids (1.2 GB beyond ω at M = 50,000, D = 2048)."""
+    num_mistakes, dim = omega.shape
+    draws = torch.randint(num_mistakes, (resamples, num_mistakes), generator=torch.Generator().manual_seed(_ranking.STABILITY_SEED))
+    weights = torch.zeros(resamples, num_mistakes).scatter_add_(1, draws, torch.ones(resamples, num_mistakes))
+    insufficient, excessive = (torch.zeros(num_mistakes, dim + 1).scatter_(1, torch.where(top >= 0, top, dim), 1.0)[:, :dim]
+                               for top in (insufficient_top, excessive_top))
+    held = torch.zeros(dim, dtype=torch.float64)
+    for start in range(0, resamples, chunk):
+        part = weights[start:start + chunk]
+        counts = torch.maximum(part @ insufficient, part @ excessive)
+        first = _ranking._rank_order(counts, (part @ omega) / num_mistakes)[:, :_ranking.STABILITY_TOP]
+        listed = counts.gather(1, first) > 0
+        held.index_add_(0, first[listed], torch.ones(int(listed.sum()), dtype=torch.float64))
+    return held / resamples
+
+
+@pytest.mark.parametrize("num_mistakes, dim, top_k, resamples, chunk", [
+    (1, 3, 1, 7, 50), (9, 4, 4, 13, 4), (40, 16, 5, 101, 50), (300, 64, 5, 120, 7), (64, 10, 10, 33, 1), (2000, 128, 3, 60, 25)])
+@pytest.mark.parametrize("shifts", ["continuous", "tied integers, -1 padded", "no negative ω"])
+def test_stability_drawn_chunk_by_chunk_without_indicators_equals_the_dense_products(num_mistakes, dim, top_k, resamples, chunk, shifts):
+    # Counting each resample's top-k by adding its draws into the mistakes' ids (no (M, D)
+    # indicators) and drawing (chunk, M) at a time must give the same shares, bit for bit.
+    generator = torch.Generator().manual_seed(num_mistakes + dim)
+    omega = torch.randn(num_mistakes, dim, generator=generator)
+    if shifts != "continuous":  # |mean ω| and top-k counts tied, rows with fewer than k nonzero ω
+        omega = torch.randint(-2, 3, (num_mistakes, dim), generator=generator).float() * (torch.rand(num_mistakes, dim, generator=generator) < 0.3)
+        omega[1::3, top_k - 1:] = 0.0  # fewer than k shifts each way
+        omega[2::3] = 0.0  # none: rows of -1 only
+    if shifts == "no negative ω":
+        omega = omega.abs()
+    insufficient_top, excessive_top = _ranking._top_neurons(omega, top_k), _ranking._top_neurons(-omega, top_k)
+    assert (excessive_top == -1).all() or shifts != "no negative ω"
+    assert (insufficient_top[1::3] == -1).any(1).all() or shifts == "continuous"
+    assert _ranking.stability(omega, insufficient_top, excessive_top, resamples, chunk=chunk).tolist() == \
+        _dense_stability(omega, insufficient_top, excessive_top, resamples, chunk).tolist()
+
+
 def test_stability_breaks_a_tie_of_mean_omega_as_rank_does_where_the_sums_differ_in_rounding():
     # Neurons 4 and 5 shift only mistake 0, by adjacent float32s: their ω sums differ, but
     # divided by M = 3 their means are equal, so ``rank`` ties them and lists 4 first. The

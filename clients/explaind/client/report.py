@@ -33,7 +33,7 @@ __all__ = ["MistakeReport", "build_report", "render_report"]
 
 
 # Bootstrap resamples behind the ranked neurons' stability column: the report edits the top
-# three on the ranking's word, and 200 cost 0.21 s for 4,096 mistakes (docs/neuroinspect.md),
+# three on the ranking's word, and 200 cost 0.11 s for 4,096 mistakes (docs/neuroinspect.md),
 # beside the minutes of its visualisations.
 REPORT_STABILITY_RESAMPLES = 200
 # VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).

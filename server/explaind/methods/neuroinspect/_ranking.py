@@ -22,7 +22,7 @@ BOTH = "both"
 # Neurons taken per sample and direction when top_k is not given (the paper's), or D where D is smaller.
 DEFAULT_TOP_K = 5
 # Bootstrap resamples a ranking's stability may ask for: 1000 on M = 4096, D = 2048 took
-# 1.0 s on one CPU thread, 200 took 0.21 s (bench/stability_cost.py, docs/neuroinspect.md).
+# 0.52 s on one CPU thread, 200 took 0.11 s (bench/stability_cost.py, docs/neuroinspect.md).
 MAX_STABILITY_RESAMPLES = 1000
 # The neurons a resample's stability counts: the first this many of its merged ranking.
 STABILITY_TOP = 5
@@ -195,11 +195,16 @@ def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(values > 0, ids, -1)
 
 
-def _indicator(top: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """(M, D) 1 where a mistake's top-k ``top`` (M, k), -1 padded, holds the neuron."""
-    marks = torch.zeros(len(top), dim + 1, dtype=dtype, device=top.device)
-    marks.scatter_(1, torch.where(top >= 0, top, dim), 1.0)
-    return marks[:, :dim]
+def _top_counts(weights: torch.Tensor, top: torch.Tensor, dim: int) -> torch.Tensor:
+    """(b, D) per resample, the drawn mistakes whose top-k ``top`` (M, k), -1 padded, holds
+    each neuron: the draw ``weights`` (b, M) added into the k ids of each mistake, one top-k
+    column at a time, so memory is (M, b) + (D, b), not the (M, D) 0/1 indicator whose
+    product it equals (whole numbers up to M, exact in float32 in any order)."""
+    counts = torch.zeros(dim + 1, len(weights), dtype=weights.dtype, device=weights.device)  # row D: the -1 pads
+    per_mistake = weights.T.contiguous()  # (M, b)
+    for ids in torch.where(top >= 0, top, dim).T:
+        counts.index_add_(0, ids, per_mistake)
+    return counts[:dim].T
 
 
 def _rank_order(counts: torch.Tensor, mean_omega: torch.Tensor) -> torch.Tensor:
@@ -218,26 +223,27 @@ def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top
     """(D,) share of ``resamples`` bootstrap resamples of the M mistakes (drawn with
     replacement, seed STABILITY_SEED) whose merged top-5 holds each neuron. A resample is
     ranked as ``rank`` ranks (:func:`_rank_order`; neurons in no drawn mistake's top-k left
-    out), before any cut. ω is per mistake, so nothing is solved again: a resample's top-k
-    counts and ω sums are its (M,) draw counts times the (M, D) indicator and ω matrices,
-    ``chunk`` resamples per product (memory: the two (M, D) indicators, and (chunk, D) per
-    product). ``callback_on_chunk_end(resamples done, resamples)`` after each chunk: return
-    True to stop (None is returned then); M = 16384 and 1000 resamples took 3.3 s on a CPU."""
+    out), before any cut. ω is per mistake, so nothing is solved again: ``chunk`` resamples
+    at a time are drawn as (chunk, M) draw counts, added into their mistakes' top-k
+    neurons (:func:`_top_counts`) and multiplied by ω (M, D) for the ω sums. Memory beyond
+    ω: (chunk, M) draws and (chunk, D) results, never M x D (M = 50,000, D = 2048, 200
+    resamples: 70 MB of peak RSS, where the (B, M) draws and (M, D) indicators took 905 MB).
+    ``callback_on_chunk_end(resamples done, resamples)`` after each chunk: return True
+    to stop (None is returned then). 200 resamples took 0.11 s on one CPU thread for
+    M = 4096, D = 2048 and 0.85 s for M = 50,000, 0.6 s of it the ω product."""
     omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # counts up to M exact; half's end at 2048
     num_mistakes, dim = omega.shape
-    generator = torch.Generator().manual_seed(STABILITY_SEED)
-    draws = torch.randint(num_mistakes, (resamples, num_mistakes), generator=generator)
-    weights = torch.zeros(resamples, num_mistakes, dtype=omega.dtype).scatter_add_(
-        1, draws, torch.ones(1, dtype=omega.dtype).expand_as(draws)).to(omega.device)  # (B, M) draws per mistake
-    insufficient, excessive = _indicator(insufficient_top, dim, omega.dtype), _indicator(excessive_top, dim, omega.dtype)
+    generator = torch.Generator().manual_seed(STABILITY_SEED)  # one stream: chunk by chunk, the draws of one (B, M) call
     held = torch.zeros(dim, dtype=torch.float64, device=omega.device)
     for start in range(0, resamples, chunk):
-        part = weights[start:start + chunk]
-        counts = torch.maximum(part @ insufficient, part @ excessive)  # (b, D) integers, exact in float32
+        draws = torch.randint(num_mistakes, (min(chunk, resamples - start), num_mistakes), generator=generator)
+        part = torch.zeros(draws.shape, dtype=omega.dtype).scatter_add_(
+            1, draws, torch.ones(1, dtype=omega.dtype).expand_as(draws)).to(omega.device)  # (b, M) draws per mistake
+        counts = torch.maximum(_top_counts(part, insufficient_top, dim), _top_counts(part, excessive_top, dim))
         first = _rank_order(counts, (part @ omega) / num_mistakes)[:, :STABILITY_TOP]
         listed = counts.gather(1, first) > 0
         held.index_add_(0, first[listed], torch.ones(int(listed.sum()), dtype=torch.float64, device=omega.device))
-        if callback_on_chunk_end is not None and callback_on_chunk_end(min(start + chunk, resamples), resamples):
+        if callback_on_chunk_end is not None and callback_on_chunk_end(start + len(draws), resamples):
             return None
     return held / resamples
 
@@ -375,7 +381,8 @@ class MistakeNeuronRanker:
         order = _rank_order(torch.maximum(insufficient_count, excessive_count)[None], mean_omega[None])[0]
         top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
         # No resamples of a solver the caller stopped: its ω is half-solved, and it asked to stop.
-        shares = (stability(omega, insufficient_top, excessive_top, stability_resamples, callback_on_chunk_end=callback_on_resamples)
+        shares = (stability(omega, insufficient_top, excessive_top, stability_resamples,
+                            callback_on_chunk_end=callback_on_resamples)
                   if stability_resamples and len(omega) and not solution.cancelled else torch.zeros(dim))
         cancelled = solution.cancelled or shares is None
         if shares is None or cancelled:
