@@ -58,7 +58,7 @@ def test_the_ranker_refuses_what_it_would_silently_misread(head):
         # Were "'bool' object is not callable" at the solver's first step.
         (dict(callback_on_step_end=True), TypeError, r"callback_on_step_end must be callable or None, got True \(bool\)"),
         # Before the solver too, not at the first chunk of resamples after it.
-        (dict(callback_on_resamples="stop"), TypeError, r"callback_on_resamples must be callable or None, got 'stop' \(str\)"),
+        (dict(callback_on_resample_chunk_end="stop"), TypeError, r"callback_on_resample_chunk_end must be callable or None, got 'stop' \(str\)"),
         # Was "ProximalGradient.solve() missing 1 required positional argument: 'labels'".
         (dict(solver=ProximalGradient), TypeError, r"solver must be a name or a solver instance, got the class ProximalGradient; call it: ProximalGradient\(\)"),
     ]

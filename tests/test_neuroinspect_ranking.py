@@ -603,13 +603,13 @@ def test_a_ranking_stopped_during_its_resamples_is_cancelled_without_stability()
     ranker = MistakeNeuronRanker(always_wrong_head())
     calls = []
     ranking = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
-                          stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)) or done >= 100)
+                          stability_resamples=120, callback_on_resample_chunk_end=lambda done, total: calls.append((done, total)) or done >= 100)
     assert calls == [(50, 120), (100, 120)]
     assert ranking.cancelled and ranking.stability_resamples == 0 and all(n.stability == 0.0 for n in ranking.neurons)
     # Its solver ran to the end: the summary said "the solver was stopped early".
     assert ranking.summary().startswith("6 mistakes of class 0 in 6 samples (cancelled: stopped early); ")
     finished = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
-                           stability_resamples=120, callback_on_resamples=lambda done, total: calls.append((done, total)))
+                           stability_resamples=120, callback_on_resample_chunk_end=lambda done, total: calls.append((done, total)))
     assert calls[2:] == [(50, 120), (100, 120), (120, 120)] and not finished.cancelled and finished.stability_resamples == 120
 
 
@@ -628,7 +628,7 @@ def test_a_ranking_whose_solver_was_stopped_draws_no_resamples():
     calls = []
     ranking = MistakeNeuronRanker(always_wrong_head()).rank(
         torch.rand(4, 8), torch.zeros(4, dtype=torch.long), solver=Cancelled(), top_k=2, stability_resamples=1000,
-        callback_on_resamples=lambda done, total: calls.append(done))
+        callback_on_resample_chunk_end=lambda done, total: calls.append(done))
     assert ranking.cancelled and calls == [] and ranking.stability_resamples == 0
     assert ranking.neurons and all(n.stability == 0.0 for n in ranking.neurons)
 

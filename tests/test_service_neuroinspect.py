@@ -1052,7 +1052,7 @@ def test_an_edit_cancelled_while_it_trains_stops_at_that_epoch_and_stores_nothin
     # Else the solver runs its max_iterations for nobody, holding the one job worker.
     ("callback_on_step_end", {"max_iterations": 1000, "l1": 1000.0}, 1),
     # Its stability's resamples ran to the end past a cancel: 3.3 s for 1000 of 16384 mistakes.
-    ("callback_on_resamples", {"max_iterations": 5, "stability_resamples": 1000}, 50),  # the first of 20 chunks
+    ("callback_on_resample_chunk_end", {"max_iterations": 5, "stability_resamples": 1000}, 50),  # the first of 20 chunks
 ])
 def test_a_ranking_cancelled_while_it_works_stops_at_its_next_callback(tmp_path, world_set, monkeypatch, callback, settings, stopped_at):
     from explaind.engine import neuroinspect as engine_module
@@ -1085,8 +1085,8 @@ def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_pa
 
     class RecordingRanker(engine_module.MistakeNeuronRanker):
         def rank(self, features, labels, **options):
-            given = options.pop("callback_on_resamples")
-            return super().rank(features, labels, **options, callback_on_resamples=lambda done, total: chunks.append(done) or given(done, total))
+            given = options.pop("callback_on_resample_chunk_end")
+            return super().rank(features, labels, **options, callback_on_resample_chunk_end=lambda done, total: chunks.append(done) or given(done, total))
 
     monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
     engine, inspect = _in_process(tmp_path)
@@ -1099,6 +1099,7 @@ def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_pa
         assert chunks == [50]
     finally:
         _shut(engine)
+
 
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's

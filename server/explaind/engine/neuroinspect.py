@@ -382,7 +382,7 @@ class NeuroInspectEngine:
                 features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
                 max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
                 target_class=class_index, num_top_classes=RANKED_NEURON_TOP_CLASSES, callback_on_step_end=on_step,
-                stability_resamples=settings.stability_resamples, callback_on_resamples=lambda done, total: check(),
+                stability_resamples=settings.stability_resamples, callback_on_resample_chunk_end=lambda done, total: check(),
             )
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None

@@ -219,7 +219,7 @@ def _rank_order(counts: torch.Tensor, mean_omega: torch.Tensor) -> torch.Tensor:
 
 def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top: torch.Tensor,
               resamples: int, *, chunk: int = 50,
-              callback_on_chunk_end: ResampleCallback | None = None) -> torch.Tensor | None:
+              callback_on_resample_chunk_end: ResampleCallback | None = None) -> torch.Tensor | None:
     """(D,) share of ``resamples`` bootstrap resamples of the M mistakes (drawn with
     replacement, seed STABILITY_SEED) whose merged top-5 holds each neuron. A resample is
     ranked as ``rank`` ranks (:func:`_rank_order`; neurons in no drawn mistake's top-k left
@@ -228,8 +228,8 @@ def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top
     neurons (:func:`_top_counts`) and multiplied by ω (M, D) for the ω sums. Memory beyond
     ω: (chunk, M) draws and (chunk, D) results, never M x D (M = 50,000, D = 2048, 200
     resamples: 70 MB of peak RSS, where the (B, M) draws and (M, D) indicators took 905 MB).
-    ``callback_on_chunk_end(resamples done, resamples)`` after each chunk: return True
-    to stop (None is returned then). 200 resamples took 0.11 s on one CPU thread for
+    ``callback_on_resample_chunk_end(resamples done, resamples)`` after each chunk: return
+    True to stop (None is returned then). 200 resamples took 0.11 s on one CPU thread for
     M = 4096, D = 2048 and 0.85 s for M = 50,000, 0.6 s of it the ω product."""
     omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # counts up to M exact; half's end at 2048
     num_mistakes, dim = omega.shape
@@ -243,7 +243,7 @@ def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top
         first = _rank_order(counts, (part @ omega) / num_mistakes)[:, :STABILITY_TOP]
         listed = counts.gather(1, first) > 0
         held.index_add_(0, first[listed], torch.ones(int(listed.sum()), dtype=torch.float64, device=omega.device))
-        if callback_on_chunk_end is not None and callback_on_chunk_end(start + len(draws), resamples):
+        if callback_on_resample_chunk_end is not None and callback_on_resample_chunk_end(start + len(draws), resamples):
             return None
     return held / resamples
 
@@ -292,7 +292,7 @@ class MistakeNeuronRanker:
         num_top_classes: int = 3,
         callback_on_step_end: SolverCallback | None = None,
         stability_resamples: int = 0,
-        callback_on_resamples: ResampleCallback | None = None,
+        callback_on_resample_chunk_end: ResampleCallback | None = None,
     ) -> NeuronRanking:
         """Rank the neurons behind the mistakes among ``features`` (N, D) with true ``labels`` (N,).
 
@@ -319,9 +319,11 @@ class MistakeNeuronRanker:
             stability_resamples: B, 0..1000: each neuron's ``stability`` is the share of B
                 bootstrap resamples of the mistakes whose top-5 holds it (:func:`stability`);
                 0, the default, computes none (stabilities 0).
-            callback_on_resamples: ``(resamples done, stability_resamples)`` after each
-                chunk of them; return True to stop (the ranking is then marked cancelled,
-                with no stability: ``stability_resamples`` 0).
+            callback_on_resample_chunk_end: ``(resamples done, stability_resamples)`` after
+                each chunk of them, as ``callback_on_step_end`` after each solver step;
+                return True to stop (the ranking is then marked cancelled, with no
+                stability: ``stability_resamples`` 0). :func:`stability` takes it by the
+                same name.
         """
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
         finite_head(weight, bias, "head.")
@@ -343,7 +345,7 @@ class MistakeNeuronRanker:
             raise ValueError(f"stability_resamples must be at most {MAX_STABILITY_RESAMPLES}, got {stability_resamples}")
         solver = make_solver(solver)
         callback_or_none(callback_on_step_end, "callback_on_step_end")  # before the mistakes are found, not at the first step
-        callback_or_none(callback_on_resamples, "callback_on_resamples")
+        callback_or_none(callback_on_resample_chunk_end, "callback_on_resample_chunk_end")
 
         # Only the samples explained need a prediction: with a target class its own, not all
         # of a large set (50,000 samples, D = 2048, 1000 classes: 2.4 s and 390 MB of logits
@@ -382,7 +384,7 @@ class MistakeNeuronRanker:
         top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
         # No resamples of a solver the caller stopped: its ω is half-solved, and it asked to stop.
         shares = (stability(omega, insufficient_top, excessive_top, stability_resamples,
-                            callback_on_chunk_end=callback_on_resamples)
+                            callback_on_resample_chunk_end=callback_on_resample_chunk_end)
                   if stability_resamples and len(omega) and not solution.cancelled else torch.zeros(dim))
         cancelled = solution.cancelled or shares is None
         if shares is None or cancelled:
