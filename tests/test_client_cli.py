@@ -1917,6 +1917,13 @@ def test_help_states_each_options_default_once(capsys):
         assert not repeated, f"explaind {command} --help: {repeated}"
 
 
+def test_the_cli_imports_the_report_module_only_for_report():
+    # It imported report.py at start-up for --stability's default alone: 5-8 ms on every command.
+    script = "import sys, explaind.client.cli\nprint('explaind.client.report' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout == "False\n", done.stderr
+
+
 def test_help_goes_to_a_redirect_whose_encoding_lacks_its_letters(monkeypatch):
     # On Windows, output redirected to a file or pipe is in the locale's encoding, cp1252,
     # which has no "λ": `explaind edit-head --help > help.txt` ended in UnicodeEncodeError.

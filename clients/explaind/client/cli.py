@@ -53,8 +53,8 @@ from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
                       UnavailableError, listed_items)
 from ._images import image_folder
+from ._neuroinspect import REPORT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, cancel_outcome
-from .report import REPORT_STABILITY_RESAMPLES
 from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
@@ -1530,7 +1530,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
     report.add_argument("--stability", type=_non_negative_int, default=REPORT_STABILITY_RESAMPLES, metavar="N",
                         help="a stability column in the ranking: each neuron's share of N bootstrap resamples of the mistakes (0-1000) "
-                             f"with it in their top 5; 0: none (default: {REPORT_STABILITY_RESAMPLES}, a fraction of a second)")
+                             f"with it in their top 5; 0: none (default: {REPORT_STABILITY_RESAMPLES}; on one server CPU thread 0.1 s "
+                             "for 4,096 mistakes of 2048 features, 0.9 s for 50,000)")
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(
         "--evaluation-sample-set", dest="evaluation_sample_set", default="",

@@ -23,7 +23,8 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._neuroinspect import HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations, RankedNeuron, few_mistakes_note
+from ._neuroinspect import (REPORT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
+                            RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
 
 if TYPE_CHECKING:
@@ -32,10 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["MistakeReport", "build_report", "render_report"]
 
 
-# Bootstrap resamples behind the ranked neurons' stability column: the report edits the top
-# three on the ranking's word, and 200 cost 0.11 s for 4,096 mistakes (docs/neuroinspect.md),
-# beside the minutes of its visualisations.
-REPORT_STABILITY_RESAMPLES = 200
 # VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).
 VISUALIZATION_PAIRS_PER_REQUEST = 64
 
