@@ -560,12 +560,16 @@ def _dense_stability(omega, insufficient_top, excessive_top, resamples, chunk):
     return held / resamples
 
 
-@pytest.mark.parametrize("num_mistakes, dim, top_k, resamples, chunk", [
-    (1, 3, 1, 7, 50), (9, 4, 4, 13, 4), (40, 16, 5, 101, 50), (300, 64, 5, 120, 7), (64, 10, 10, 33, 1), (2000, 128, 3, 60, 25)])
+@pytest.mark.parametrize("num_mistakes, dim, top_k, resamples, chunk", [  # k * 16 <= D: ids added one by one; else blocks
+    (1, 3, 1, 7, 50), (9, 4, 4, 13, 4), (40, 16, 5, 101, 50), (300, 64, 5, 120, 7), (64, 10, 10, 33, 1),
+    (1, 32, 2, 9, 50), (300, 256, 5, 120, 7), (2000, 128, 3, 60, 25), (100, 160, 10, 20, 3)])
 @pytest.mark.parametrize("shifts", ["continuous", "tied integers, -1 padded", "no negative ω"])
-def test_stability_drawn_chunk_by_chunk_without_indicators_equals_the_dense_products(num_mistakes, dim, top_k, resamples, chunk, shifts):
-    # Counting each resample's top-k by adding its draws into the mistakes' ids (no (M, D)
-    # indicators) and drawing (chunk, M) at a time must give the same shares, bit for bit.
+def test_stability_drawn_chunk_by_chunk_without_indicators_equals_the_dense_products(num_mistakes, dim, top_k, resamples, chunk, shifts,
+                                                                                      monkeypatch):
+    # Counting each resample's top-k without (M, D) indicators (its draws added id by id, or
+    # blocks of 40 mistakes' indicators) and drawing (chunk, M) at a time must give the same
+    # shares, bit for bit.
+    monkeypatch.setattr(_ranking, "INDICATOR_BLOCK", 40 * (dim + 1))
     generator = torch.Generator().manual_seed(num_mistakes + dim)
     omega = torch.randn(num_mistakes, dim, generator=generator)
     if shifts != "continuous":  # |mean ω| and top-k counts tied, rows with fewer than k nonzero ω
