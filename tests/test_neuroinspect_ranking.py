@@ -585,6 +585,36 @@ def test_stability_drawn_chunk_by_chunk_without_indicators_equals_the_dense_prod
         _dense_stability(omega, insufficient_top, excessive_top, resamples, chunk).tolist()
 
 
+class _LargestTensorMade(torch.overrides.TorchFunctionMode):
+    """Records the most elements of any tensor a torch call makes while active (not one it
+    returns as given: ``omega.to`` of a float32 ω)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        given = {arg.data_ptr() for arg in args if isinstance(arg, torch.Tensor)}
+        if isinstance(result, torch.Tensor) and result.data_ptr() not in given:
+            self.numel = max(self.numel, result.numel())
+        return result
+
+
+@pytest.mark.parametrize("dim, top_k", [(256, 16), (64, 64)])  # ids added one by one; blocks of indicators
+def test_stability_makes_no_tensor_of_the_mistakes_top_k_ids_per_chunk(dim, top_k, monkeypatch):
+    # A (M, k) copy of the -1 padded ids, made in each chunk, was 819 MB at M = 50,000 and
+    # k = D = 2048 (a peak RSS 952 MB above ω's): the largest made now is the (b, M) draws
+    # (the blocks of indicators made smaller here).
+    monkeypatch.setattr(_ranking, "INDICATOR_BLOCK", 20 * (dim + 1))
+    num_mistakes, chunk = 500, 4
+    omega = torch.randn(num_mistakes, dim, generator=torch.Generator().manual_seed(0))
+    insufficient_top, excessive_top = _ranking._top_neurons(omega, top_k), _ranking._top_neurons(-omega, top_k)
+    with _LargestTensorMade() as made:
+        _ranking.stability(omega, insufficient_top, excessive_top, 10, chunk=chunk)
+    assert made.numel == chunk * num_mistakes < num_mistakes * top_k
+
+
 def test_stability_breaks_a_tie_of_mean_omega_as_rank_does_where_the_sums_differ_in_rounding():
     # Neurons 4 and 5 shift only mistake 0, by adjacent float32s: their ω sums differ, but
     # divided by M = 3 their means are equal, so ``rank`` ties them and lists 4 first. The

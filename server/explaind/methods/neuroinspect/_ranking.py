@@ -208,19 +208,21 @@ INDICATOR_BLOCK = 2**18
 def _top_counts(weights: torch.Tensor, top: torch.Tensor, dim: int) -> torch.Tensor:
     """(b, D) per resample, the drawn mistakes whose top-k ``top`` (M, k), -1 padded, holds
     each neuron: the draw ``weights`` (b, M) times the mistakes' (M, D) 0/1 indicators,
-    without ever holding them (memory (M, b) + (D, b), or one block of INDICATOR_BLOCK).
-    Whole numbers up to M, exact in float32 whatever the order they are summed in."""
-    ids = torch.where(top >= 0, top, dim)  # a -1 pad counts in a column D, dropped
+    without ever holding them (memory (M, b) + (D, b), or one block of INDICATOR_BLOCK; the
+    ids are mapped a column or block at a time: a copy of all of them, (M, k) int64, was
+    819 MB at M = 50,000 and k = D = 2048). A -1 pad, mapped to D (``remainder``), counts
+    in a column D that is dropped. Whole numbers up to M, exact in float32 whatever the
+    order they are summed in."""
     if top.shape[1] * ADDED_IDS_PER_FEATURE <= dim:
         counts = torch.zeros(dim + 1, len(weights), dtype=weights.dtype, device=weights.device)
         per_mistake = weights.T.contiguous()  # (M, b)
-        for column in ids.T:
-            counts.index_add_(0, column, per_mistake)
+        for column in top.T:
+            counts.index_add_(0, column.remainder(dim + 1), per_mistake)
         return counts[:dim].T
     counts = torch.zeros(len(weights), dim + 1, dtype=weights.dtype, device=weights.device)
     rows = max(1, INDICATOR_BLOCK // (dim + 1))
-    for start in range(0, len(ids), rows):
-        block = ids[start:start + rows]
+    for start in range(0, len(top), rows):
+        block = top[start:start + rows].remainder(dim + 1)
         marks = torch.zeros(len(block), dim + 1, dtype=weights.dtype, device=weights.device).scatter_(1, block, 1.0)
         counts += weights[:, start:start + rows] @ marks
     return counts[:, :dim]
