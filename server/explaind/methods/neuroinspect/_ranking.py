@@ -197,8 +197,10 @@ def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 # Mistakes' top-k ids are added id by id into a resample's counts while k is at most D over
 # this; past it, a product with a block of mistakes' 0/1 indicators is quicker (equal at
-# D / k = 16 on a CPU thread: k = 128 of D = 2048, 16 of 256; at k = 5 of 2048 adding took
-# 0.7 ms per 50 resamples of 4096 mistakes where the product took 54 ms).
+# D / k = 16 on a CPU thread: k = 128 of D = 2048, 16 of 256). Per 50 resamples of 4096
+# mistakes and D = 2048, adding took 0.7 ms at k = 5 where the product took 13 ms (its two
+# directions would double the default's whole cost), and 250 ms at k = D where the product
+# took 56 ms.
 ADDED_IDS_PER_FEATURE = 16
 # Elements of one block's (rows, D + 1) indicators in that product: 1 MB of float32, which
 # kept in cache took 0.26 s for 200 resamples of k = 256 of D = 2048 where 16 MB took 0.33 s.
