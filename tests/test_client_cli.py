@@ -31,6 +31,7 @@ from PIL import Image
 from conftest import free_port
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
 from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
+from explaind.client.report import DEFAULT_STABILITY_RESAMPLES
 from explaind.v1 import inference_pb2_grpc, neuroinspect_pb2_grpc, sample_sets_pb2_grpc
 
 
@@ -1372,12 +1373,12 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     assert "<h2>Suggested head edit</h2>" in page and "id='ranking-legend'" in page  # the work before them is kept
 
 
-def test_a_report_asks_for_its_ranking_s_stability_unless_told_not_to():
+@pytest.mark.parametrize("command", [["report", "--class", "heart"], ["rank", "s", "--class", "heart"]])
+def test_a_ranking_a_person_reads_comes_with_its_stability_unless_told_not_to(command):
     from explaind.client.cli import parse_arguments
-    from explaind.client.report import REPORT_STABILITY_RESAMPLES
 
-    assert parse_arguments(["report", "--class", "heart"]).stability == REPORT_STABILITY_RESAMPLES > 0
-    assert parse_arguments(["report", "--class", "heart", "--stability", "0"]).stability == 0
+    assert parse_arguments(command).stability == DEFAULT_STABILITY_RESAMPLES > 0
+    assert parse_arguments([*command, "--stability", "0"]).stability == 0
 
 
 def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(server, capsys, world_images, tmp_path):
@@ -2007,7 +2008,7 @@ def relabelled_set(server, world_images):
 
 def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     sample_set_id, expected = relabelled_set
-    assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--show", "3"]) == 0
+    assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--show", "3", "--stability", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{expected.mistake_count} mistakes of heart in all-hearts")
     assert "in their top 5 (solver faithful)" in out[0] and out[1].split() == ["neuron", "direction", "insufficient", "excessive", "importance", "top", "classes"]
@@ -2022,8 +2023,9 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert ranking["mistake_count"] == expected.mistake_count > 0 and "mistakes" not in ranking  # not asked for: not an empty list
     assert "omega" not in ranking  # (mistakes x features) floats: the SDK's result or omega.npy has them
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart"]) == 0
-    out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise
-    assert len(out[2:-1]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
+    out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise, how far to trust each unless --stability 0 says not
+    assert len(out[2:-2]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
+    assert "stability" in out[1].split() and out[-2].startswith(f"stability: share of {DEFAULT_STABILITY_RESAMPLES} bootstrap resamples")
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--show", "2", "--stability", "50"]) == 0
     out = capsys.readouterr().out.splitlines()  # a stability column, and what it is under the table
     assert out[1].split() == ["neuron", "direction", "insufficient", "excessive", "importance", "stability", "top", "classes"]

@@ -509,7 +509,7 @@ def test_the_report_asks_for_its_ranking_s_stability():
     from types import SimpleNamespace
 
     from explaind.client._neuroinspect import NeuronRanking
-    from explaind.client.report import REPORT_STABILITY_RESAMPLES
+    from explaind.client.report import DEFAULT_STABILITY_RESAMPLES
 
     asked = []
     ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 0, 0, [], {}, [], None)
@@ -517,7 +517,7 @@ def test_the_report_asks_for_its_ranking_s_stability():
                              model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
     build_report(client, "heart", "s")
     build_report(client, "heart", "s", stability_resamples=0)
-    assert asked == [REPORT_STABILITY_RESAMPLES, 0] and REPORT_STABILITY_RESAMPLES > 0
+    assert asked == [DEFAULT_STABILITY_RESAMPLES, 0] and DEFAULT_STABILITY_RESAMPLES > 0
 
 
 def test_a_measure_that_was_not_taken_reads_as_a_dash_not_nan():

@@ -29,11 +29,13 @@ _DIRECTIONS = enum_names(neuroinspect_pb2.NeuronDirection, "NEURON_DIRECTION_")
 # from 5 mistakes, and at least 2 of the top 3 carrying the planted value in each from 10
 # where the full ranking's do (docs/neuroinspect.md).
 FEW_MISTAKES = 10
-# Bootstrap resamples behind ``explaind report``'s stability column (its ``--stability`` and
-# build_report's default; here, not in report.py, so the CLI's arguments need not import
-# that): the report edits the top three on the ranking's word, and 200 cost the server
-# 0.11 s for 4,096 mistakes (docs/neuroinspect.md), beside the minutes of its visualisations.
-REPORT_STABILITY_RESAMPLES = 200
+# Bootstrap resamples behind the stability column of ``explaind rank`` and ``explaind
+# report`` (their ``--stability`` and build_report's default; here, not in report.py, so the
+# CLI's arguments need not import that): a person reading a ranking, or editing the top
+# three on its word as the report does, should see how far to trust it, and 200 cost the
+# server 0.11 s for 4,096 mistakes (docs/neuroinspect.md). The RPC and SDK ask for none
+# unless told: a pipeline pays only for what it reads.
+DEFAULT_STABILITY_RESAMPLES = 200
 
 
 def few_mistakes_note(mistake_count: int) -> str | None:

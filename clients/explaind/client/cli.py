@@ -53,7 +53,7 @@ from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
                       UnavailableError, listed_items)
 from ._images import image_folder
-from ._neuroinspect import REPORT_STABILITY_RESAMPLES
+from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, cancel_outcome
 from ._types import ModelMetadata, escape_controls
 
@@ -815,6 +815,9 @@ def _print_evaluation(report: Evaluation) -> None:
 OPERATIONS_LISTED = 100
 # Ranked neurons printed by default (rank --show, operations get).
 RANKING_LINES = 10
+_STABILITY_HELP = ("a stability column: each neuron's share of N bootstrap resamples of the mistakes (0-1000) with it in their top 5, "
+                   f"how far to trust its place; 0: none (default: {DEFAULT_STABILITY_RESAMPLES}; on one server CPU thread 0.1 s "
+                   "for 4,096 mistakes of 2048 features, 0.9 s for 50,000)")
 
 
 def _print_ranking(ranking: NeuronRanking, limit: int = RANKING_LINES) -> None:
@@ -1450,8 +1453,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="the true class whose mistakes are explained: a name or index (name:X, index:N where classes are named by digits)")
     rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
     rank.add_argument("--show", type=_non_negative_int, default=RANKING_LINES, help="neurons to print; 0: all")
-    rank.add_argument("--stability", type=_non_negative_int, default=0, metavar="N",
-                      help="a stability column: each neuron's share of N bootstrap resamples of the mistakes (0-1000) with it in their top 5")
+    rank.add_argument("--stability", type=_non_negative_int, default=DEFAULT_STABILITY_RESAMPLES, metavar="N", help=_STABILITY_HELP)
     rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     rank.set_defaults(run=cmd_rank)
 
@@ -1528,10 +1530,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
     report.add_argument("--neurons", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
     report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
-    report.add_argument("--stability", type=_non_negative_int, default=REPORT_STABILITY_RESAMPLES, metavar="N",
-                        help="a stability column in the ranking: each neuron's share of N bootstrap resamples of the mistakes (0-1000) "
-                             f"with it in their top 5; 0: none (default: {REPORT_STABILITY_RESAMPLES}; on one server CPU thread 0.1 s "
-                             "for 4,096 mistakes of 2048 features, 0.9 s for 50,000)")
+    report.add_argument("--stability", type=_non_negative_int, default=DEFAULT_STABILITY_RESAMPLES, metavar="N", help=_STABILITY_HELP)
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(
         "--evaluation-sample-set", dest="evaluation_sample_set", default="",

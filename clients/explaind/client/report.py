@@ -23,7 +23,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._neuroinspect import (REPORT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
+from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
 
@@ -73,7 +73,7 @@ def build_report(
     evaluation_sample_set_id: str = "",
     validation_sample_set_id: str = "",
     progress: bool = False,
-    stability_resamples: int = REPORT_STABILITY_RESAMPLES,
+    stability_resamples: int = DEFAULT_STABILITY_RESAMPLES,
 ) -> MistakeReport:
     """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class (an
     excessive one on its top class by head weight), with CLIP-Illusion when the server has
