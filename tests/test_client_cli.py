@@ -1561,7 +1561,8 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     outcome = re.fullmatch(r"error: CANCELLED: (cancelled (by request|before it started))\n", waited.err)
     assert outcome, waited.err
     got = _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])
-    assert got["cancel_requested"] is True and got["error"] == {"code": "CANCELLED", "message": outcome[1]}  # the message without the code
+    assert got["cancel_requested"] is True and got["error"] == {"code": "CANCELLED", "message": outcome[1], "field": None,  # the message without the code
+                                                             "precondition_violations": []}
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
     got = capsys.readouterr().out
     assert got.endswith(waited.err)  # get describes the operation, error included

@@ -358,7 +358,8 @@ def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_3(server, 
     entries = json.loads(capsys.readouterr().out)
     assert [entry["image"] for entry in entries] == [good, corrupt, black] and len(entries[0]["labels"]) == 2
     assert entries[1]["error"]["code"] == "INVALID_ARGUMENT" and entries[1]["error"]["field"] == "images[1].encoded"
-    assert entries[2]["error"] == {"code": "FAILED_PRECONDITION", "field": "images[2]", "message": entries[2]["error"]["message"]}
+    assert entries[2]["error"] == {"code": "FAILED_PRECONDITION", "field": "images[2]", "message": entries[2]["error"]["message"],
+                                   "precondition_violations": [{"type": "UNUSABLE_LOGITS", "subject": "images[2]", "description": ""}]}
     assert "labels" not in entries[1] and "labels" not in entries[2]
     assert cli_main([*target, "predict", good, good, "--keep-going"]) == 0
     # Without it, the first failing file fails the command, as ever.
@@ -566,3 +567,45 @@ def test_an_operation_failed_for_samples_the_model_gives_unusable_outputs_lists_
             assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
             assert "(sample_index 1, 3)" in error.details
             assert error.precondition_violations == [("UNUSABLE_FEATURES", "samples[1]", ""), ("UNUSABLE_FEATURES", "samples[3]", "")]
+
+
+def test_the_cli_json_of_an_operation_failed_for_unusable_samples_lists_them_and_its_text_names_them_once(server, capsys):
+    # The JSON of `operations get/wait --json` gave the error's code and message alone: a
+    # script had to parse "(sample_index 1, 3)" out of the text to learn which samples failed.
+    import json
+
+    from explaind.client.cli import main as cli_main
+
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([GOOD, BLACK, GOOD, BLACK], [0, 0, 1, 1], sample_set_id="blackened-cli")
+    unusable = [{"type": "UNUSABLE_FEATURES", "subject": f"samples[{i}]", "description": ""} for i in (1, 3)]
+    for argv in (["evaluate", "blackened-cli"], ["rank", "blackened-cli", "--class", "0"]):  # a job's failure, an inline refusal
+        assert cli_main([*target, *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.count("sample_index 1, 3") == 1 and "error: FAILED_PRECONDITION: sample_set_id: " in err, err
+    assert cli_main([*target, "evaluate", "blackened-cli", "--no-wait", "--json"]) == 0
+    name = json.loads(capsys.readouterr().out)["name"]
+    for action, code in (("wait", 1), ("get", 0)):
+        assert cli_main([*target, "operations", action, name, "--json"]) == code
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert (error["code"], error["field"], error["precondition_violations"]) == ("FAILED_PRECONDITION", "sample_set_id", unusable)
+        assert "(sample_index 1, 3)" in error["message"]
+
+
+def test_the_async_client_s_operation_error_lists_the_unusable_samples_too(server):
+    import asyncio
+
+    async def evaluate() -> tuple[FailedPreconditionError, FailedPreconditionError | None]:
+        async with AsyncClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            operation = await client.evaluate_sample_set("blackened-async")
+            with pytest.raises(FailedPreconditionError) as raised:
+                await client.result(operation, timeout=60)
+            return raised.value, operation.error
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([BLACK, GOOD, GOOD, BLACK], [0, 0, 1, 1], sample_set_id="blackened-async")
+    raised, stored = asyncio.run(evaluate())
+    for error in (raised, stored):
+        assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
+        assert error.precondition_violations == [("UNUSABLE_FEATURES", "samples[0]", ""), ("UNUSABLE_FEATURES", "samples[3]", "")]

@@ -607,7 +607,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, refusal in failed:
         print(f"error: {name}: {refusal}", file=sys.stderr)
     if args.json:
-        _print_json([{"image": i, "error": {"code": p.error.code.name, "message": p.error.details, "field": p.error.field}} if p.error is not None
+        _print_json([{"image": i, "error": _error_json(p.error)} if p.error is not None
                      else {"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
                            "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
     else:
@@ -1125,8 +1125,8 @@ def _operation_line(operation: Operation[Any]) -> str:
 
 
 def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, Any]:
-    """An operation as JSON: state, progress and artifacts; its error as its gRPC code and
-    message; ``result`` (when given) as the kind's command prints it with --json."""
+    """An operation as JSON: state, progress and artifacts; its error as :func:`_error_json`;
+    ``result`` (when given) as the kind's command prints it with --json."""
     error = operation.error
     value = {
         "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
@@ -1134,11 +1134,21 @@ def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, 
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
         "start_time": _json_value(operation.start_time), "end_time": _json_value(operation.end_time),
         "artifacts": _json_value(operation.artifacts),
-        "error": {"code": error.code.name, "message": error.details} if error is not None else None,
+        "error": _error_json(error) if error is not None else None,
     }
     if result is not None:
         value["result"] = _RESULT_JSON.get(operation.kind, _json_value)(result)
     return value
+
+
+def _error_json(error: ExplaindError) -> dict[str, Any]:
+    """A server's error as JSON: its gRPC code, message, the request field it names (None
+    if none) and the request items it was refused for (``precondition_violations``: e.g.
+    {"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""} for a sample
+    the model gives NaN features for; empty from a server older than them)."""
+    return {"code": error.code.name, "message": error.details, "field": error.field,
+            "precondition_violations": [{"type": kind, "subject": subject, "description": description}
+                                        for kind, subject, description in error.precondition_violations]}
 
 
 def _ports_below_the_ephemeral_range() -> range:
