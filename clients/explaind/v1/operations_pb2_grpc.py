@@ -40,7 +40,9 @@ class OperationsServiceStub:
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
-    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does.
+    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
+    a FAILED_PRECONDITION naming samples whose logits or features are unusable also lists
+    them as google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -112,7 +114,9 @@ class OperationsServiceServicer:
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
-    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does.
+    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
+    a FAILED_PRECONDITION naming samples whose logits or features are unusable also lists
+    them as google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -256,7 +260,9 @@ class OperationsService:
     codes are those the job-starting RPC documents (e.g. INVALID_ARGUMENT when the set
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
-    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does.
+    google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
+    a FAILED_PRECONDITION naming samples whose logits or features are unusable also lists
+    them as google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
