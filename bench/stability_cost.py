@@ -4,7 +4,8 @@
     python bench/stability_cost.py [--mistakes 4096] [--dim 2048] [--resamples 200,1000] [--threads 1]
 
 Each resample re-counts the mistakes' top-k rows (nothing is solved again): its draw
-counts added into the k ids of each mistake, one (B, M) x (M, D) product for the mean ω,
+counts added into the k ids of each mistake (a k above D/16 in 1 MB blocks of 0/1
+indicators), one (B, M) x (M, D) product for the mean ω,
 then two sorts of (B, D). It is printed beside the per-mistake top-k selection every ranking does anyway
 (both lists, ``_top_neurons``), as a ratio: the solver's steps, far longer, are left out.
 """
