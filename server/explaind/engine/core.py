@@ -683,7 +683,7 @@ class Engine:
         through ``context`` when given; ``call``: the RPC computing them inline, whose
         deadline and caller the decodes' waits for room end with (:meth:`load_sample_image`),
         and whose caller's leaving stops the next batch (Cancelled); the batches computed
-        by then stay cached, and its error says a retry computes only the rest.
+        by then stay cached (unless the data dir was full), and its error says what a retry computes.
         The set is checked again here, when a job runs: it may have been deleted, or replaced
         (``uid``: the set the job was submitted for), since the job was queued. With
         ``count``, only its first ``count`` samples: the set as it was when it held that many
