@@ -122,8 +122,9 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
 
     def summary(self, limit: int = 10) -> str:
         """The ranking as lines of text, as ``explaind rank`` prints it: the mistakes, the
-        first ``limit`` neurons (0: all) with their direction, shares, importance and top
-        classes, and what the mistakes were predicted as. ``print(ranking.summary())``.
+        first ``limit`` neurons (0: all) with their direction, shares, importance, stability
+        (where ``stability_resamples`` is above 0) and top classes, and what the mistakes
+        were predicted as. ``print(ranking.summary())``.
         From a server that does not report ``top_k`` (0) it says "top k", not a number.
         Top classes are separated by semicolons, as ImageNet's names hold commas."""
         check_limit(limit)
