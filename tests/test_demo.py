@@ -27,7 +27,10 @@ def test_demo_predicts_evaluates_and_explains_the_worst_class(tmp_path):
     assert re.search(r"accuracy 0\.\d+ on 120 samples", out)
     # The planted shortcut makes hearts the worst class; the loop ranks neurons for it.
     assert "explaining the mistakes of 'heart'" in out
-    assert re.search(r"^ +neuron +direction +insufficient +excessive +importance +top classes\n +\d+ +(insufficient|excessive|both) +\d+% +\d+%", out, re.M)
+    # The report's ranking comes with its stability (200 resamples unless --stability says otherwise).
+    assert re.search(r"^ +neuron +direction +insufficient +excessive +importance +stability +top classes\n"
+                     r" +\d+ +(insufficient|excessive|both) +\d+% +\d+% +\d\.\d\d +\d+%", out, re.M)
+    assert "stability: share of 200 bootstrap resamples of the mistakes" in out
     report = Path(re.search(r"HTML report .*: (\S+\.html)", out).group(1))
     assert report.is_file() and report.read_text().count("<img") >= 2 and report.parent.parent == tmp_path
     # What it wrote for the user stays; the server's store (images, database) does not.
