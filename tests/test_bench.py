@@ -525,9 +525,13 @@ def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_re
         stability.mistake_counts("0,all")
 
 
-def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection():
-    run = _run(str(BENCH / "stability_cost.py"), "--mistakes", "64", "--dim", "32", "--resamples", "10,20", "--repeats", "1")
+def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection_and_its_peak_memory():
+    run = _run(str(BENCH / "stability_cost.py"), "--mistakes", "64", "--dim", "32", "--top-k", "3", "--resamples", "10,20", "--repeats", "1")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[0] == "M = 64, D = 32, 1 thread(s), median of 1"
-    for name in ("top-k selection", "stability B=10", "stability B=20"):
-        assert re.search(rf"^{name} +[0-9.]+ s +[0-9.]+ x the top-k selection$", run.stdout, re.M), run.stdout
+    assert run.stdout.splitlines()[0] == "M = 64, D = 32, k = 3, 1 thread(s), median of 1"
+    assert re.search(r"^top-k selection +[0-9.]+ s +[0-9.]+ x the top-k selection$", run.stdout, re.M), run.stdout
+    peak = "-?[0-9]+ MB" if Path("/proc/self/clear_refs").exists() else "n/a"
+    for name in ("stability B=10", "stability B=20"):
+        assert re.search(rf"^{name} +[0-9.]+ s +[0-9.]+ x the top-k selection +{peak}$", run.stdout, re.M), run.stdout
+    refused = _run(str(BENCH / "stability_cost.py"), "--dim", "32", "--top-k", "33")
+    assert refused.returncode == 2 and "--top-k 33 is above --dim 32" in refused.stderr, refused.stderr
