@@ -1041,10 +1041,12 @@ class SQLiteStore:
 
     @staticmethod
     def _write_error_details(db: sqlite3.Connection, job: JobRecord) -> None:
-        """Store ``job.error_details`` in job_error_details (b"": none, a row there deleted)."""
+        """Store ``job.error_details`` in job_error_details (b"": none, a row there deleted).
+        Only a finished job has any, so a queued or running one's writes (its progress) touch
+        nothing there."""
         if job.error_details:
             db.execute("INSERT OR REPLACE INTO job_error_details VALUES (?, ?)", (job.job_id, job.error_details))
-        else:
+        elif job.state in FINISHED_STATES:
             db.execute("DELETE FROM job_error_details WHERE job_id = ?", (job.job_id,))
 
     def get_job(self, job_id: str) -> JobRecord:
