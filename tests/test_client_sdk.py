@@ -2849,7 +2849,7 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     lines = stable.summary(limit=1).splitlines()
     assert lines[1:4] == ["  neuron  direction     insufficient  excessive  importance  stability  top classes",
                           "       0  excessive               0%       100%        0.87        88%  square; circle",
-                          "stability: share of 200 bootstrap resamples of the mistakes with the neuron in their top 5"]
+                          "stability: share of 200 bootstrap resamples of the mistakes whose own ranking has the neuron in its top 5"]
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.
     assert dataclasses.replace(_ranking(8), top_k=3, neurons=[]).summary().splitlines()[1:] == [

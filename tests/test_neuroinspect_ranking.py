@@ -498,7 +498,7 @@ def test_mistakes_alike_give_every_resample_the_ranking_s_top_5_and_nothing_else
     assert lines[1:4] == ["  neuron  direction     insufficient  excessive  importance  stability  top classes",
                           "       2  excessive               0%       100%        1.00       100%  0; 1",
                           "       7  insufficient          100%         0%        1.00       100%  0; 1"]
-    assert lines[4] == "stability: share of 50 bootstrap resamples of the mistakes with the neuron in their top 5"
+    assert lines[4] == "stability: share of 50 bootstrap resamples of the mistakes whose own ranking has the neuron in its top 5"
     assert {n.neuron: n.stability for n in ranking.neurons} == {2: 1.0, 7: 1.0, 0: 1.0, 5: 1.0, 3: 1.0, 1: 0.0, 4: 0.0, 6: 0.0}
 
 

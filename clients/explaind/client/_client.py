@@ -1346,7 +1346,8 @@ class Client:
         neuron whose share of mistakes passes ``cut_ratio`` is (a class with no mistakes
         gets none, and ``mistake_count`` 0); the ranking's ``top_k`` says which it used.
         ``stability_resamples`` (0-1000, 0: none): each neuron's ``stability`` is then the
-        share of that many bootstrap resamples of the mistakes with it in their top 5.
+        share of that many bootstrap resamples of the mistakes whose own ranking has it in
+        its top 5.
 
         ``timeout`` (seconds) bounds the whole ranking, the operation's wait included:
         DeadlineExceededError names the operation, which keeps running, and holds it as

@@ -815,7 +815,7 @@ def _print_evaluation(report: Evaluation) -> None:
 OPERATIONS_LISTED = 100
 # Ranked neurons printed by default (rank --show, operations get).
 RANKING_LINES = 10
-_STABILITY_HELP = ("a stability column: each neuron's share of N bootstrap resamples of the mistakes (0-1000) with it in their top 5, "
+_STABILITY_HELP = ("a stability column: each neuron's share of N bootstrap resamples of the mistakes (0-1000) whose own ranking has it in its top 5, "
                    f"how far to trust its place; 0: none (default: {DEFAULT_STABILITY_RESAMPLES}; on one server CPU thread 0.1 s "
                    "for 4,096 mistakes of 2048 features, 0.9 s for 50,000)")
 

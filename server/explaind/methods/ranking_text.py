@@ -56,7 +56,7 @@ def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resa
         for n in neurons[:limit or None]
     ]
     if stability_resamples:
-        lines.append(f"stability: share of {stability_resamples} bootstrap resamples of the mistakes with the neuron in their top 5")
+        lines.append(f"stability: share of {stability_resamples} bootstrap resamples of the mistakes whose own ranking has the neuron in its top 5")
     return lines
 
 
