@@ -2391,6 +2391,32 @@ def test_a_jobs_logits_are_those_of_the_set_as_it_was_submitted_not_of_samples_a
     assert [labels.device.type for labels in labelled] == ["cpu"] * 3
 
 
+def test_a_stored_image_that_does_not_decode_now_is_refused_naming_the_samples_holding_it_the_first_ten(engine, monkeypatch):
+    # The error named the image (field "sample <digest12>") and no sample: a set may hold
+    # it several times, and its owner could not tell which samples to replace. Split
+    # (features) and inference-only (the whole model's logits) read the set's images alike.
+    from explaind import imaging
+
+    rng = np.random.default_rng(5)
+    wide, narrow = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    samples = [NewSample.from_array(narrow if row == 5 else wide, row % 6) for row in range(12)]
+    engine.create_sample_set("widened", "", samples)
+    digest = engine.store.list_samples("widened")[0].digest
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)  # a server stricter than the one it was uploaded to
+    split = engine.models.active
+    whole = dataclasses.replace(split, feature_extractor=None, head=None, predict_fn=lambda images: split.logits(split.features(images)))
+    for version in (split, whole):
+        with pytest.raises(FailedPrecondition) as refused:
+            engine.sample_set_logits("widened", version=version)
+        assert str(refused.value) == (f"sample_set_id: the image {digest[:12]} of 11 samples of sample set 'widened' (sample_index 0, 1, 2, 3, 4, "
+                                      "6, 7, 8, 9, 10 and 1 more) does not decode now: image is 32x32; the largest side allowed is 24; "
+                                      "use a set without them")
+        assert refused.value.violations == tuple(("UNDECODABLE_IMAGE", f"samples[{row}]") for row in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10))
+    # Asked for under another field, the error names that one.
+    with pytest.raises(FailedPrecondition, match=r"^validation_sample_set_id: the image .* \(sample_index 0, 1, 2, 3, 4, 6, 7, 8, 9, 10 and 1 more\)"):
+        engine.sample_set_features("widened", field="validation_sample_set_id")
+
+
 def test_features_of_a_set_for_an_inference_only_classifier_are_refused_saying_why(engine):
     # An explanation method handed such a version is told so, not given features it has none of.
     engine.create_sample_set("whole", "", [NewSample.from_array(np.zeros((64, 64, 3), np.uint8), 0)])

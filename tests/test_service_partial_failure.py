@@ -609,3 +609,54 @@ def test_the_async_client_s_operation_error_lists_the_unusable_samples_too(serve
     for error in (raised, stored):
         assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
         assert error.precondition_violations == [("UNUSABLE_FEATURES", "samples[0]", ""), ("UNUSABLE_FEATURES", "samples[3]", "")]
+
+
+def _set_with_an_image_that_does_not_decode_now(client: Client, sample_set_id: str, shade: int, monkeypatch) -> str:
+    """A set of four samples whose rows 1 and 3 are one 32² image, which a server that
+    allows 24 px a side at most no longer decodes (as a stricter server or decoder since
+    its upload would refuse it); the image's digest."""
+    import hashlib
+
+    from explaind import imaging
+
+    wide = _png(shade, side=32)
+    client.create_sample_set([GOOD, wide, GOOD, wide], [0, 0, 1, 1], sample_set_id=sample_set_id)
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    return hashlib.sha256(wide).hexdigest()
+
+
+def test_an_operation_failed_for_a_stored_image_that_does_not_decode_names_the_samples_holding_it(server, monkeypatch):
+    # Its error named the image alone, as field "sample <digest12>": one image may be
+    # several samples of a set, and nothing said which to replace.
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        digest = _set_with_an_image_that_does_not_decode_now(client, "undecodable", 41, monkeypatch)
+        operation = client.evaluate_sample_set("undecodable").wait(60)  # WaitOperation
+        for error in (operation.error, operation.refresh().error):  # and GetOperation, from job_error_details
+            assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
+            assert f"the image {digest[:12]} of 2 samples of sample set 'undecodable' (sample_index 1, 3) does not decode now: " in error.details
+            assert "the largest side allowed is 24" in error.details
+            assert error.precondition_violations == [("UNDECODABLE_IMAGE", "samples[1]", ""), ("UNDECODABLE_IMAGE", "samples[3]", "")]
+
+
+def test_an_inline_ranking_refused_for_a_stored_image_that_does_not_decode_names_the_samples_holding_it(server, monkeypatch, capsys):
+    import json
+
+    from explaind.client.cli import main as cli_main
+
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        digest = _set_with_an_image_that_does_not_decode_now(client, "undecodable-inline", 42, monkeypatch)
+        with pytest.raises(FailedPreconditionError) as raised:
+            client.rank_mistake_neurons("undecodable-inline", 0)
+    assert raised.value.field == "sample_set_id" and f"the image {digest[:12]} of 2 samples" in raised.value.details
+    assert raised.value.precondition_violations == [("UNDECODABLE_IMAGE", "samples[1]", ""), ("UNDECODABLE_IMAGE", "samples[3]", "")]
+    assert cli_main([*target, "rank", "undecodable-inline", "--class", "0", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("(sample_index 1, 3)") == 1 and "error: FAILED_PRECONDITION: sample_set_id: " in err, err
+    # The same set's evaluation, as `operations get --json` shows its error.
+    assert cli_main([*target, "evaluate", "undecodable-inline", "--no-wait", "--json"]) == 0
+    name = json.loads(capsys.readouterr().out)["name"]
+    assert cli_main([*target, "operations", "wait", name, "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    undecodable = [{"type": "UNDECODABLE_IMAGE", "subject": f"samples[{i}]", "description": ""} for i in (1, 3)]
+    assert (error["code"], error["field"], error["precondition_violations"]) == ("FAILED_PRECONDITION", "sample_set_id", undecodable)

@@ -25,7 +25,8 @@ class ExplaindError(Exception):
     item a FAILED_PRECONDITION is about (``google.rpc.PreconditionFailure`` details), e.g.
     ``("UNUSABLE_LOGITS", "images[3]", "")`` for an image the model gives no usable
     logits for, ``("UNUSABLE_FEATURES", "samples[3]", "")`` for sample 3 of a set a
-    ranking, evaluation or edit (inline, or its operation's error) was refused for;
+    ranking, evaluation or edit (inline, or its operation's error) was refused for,
+    ``("UNDECODABLE_IMAGE", "samples[3]", "")`` for one whose stored image does not decode now;
     empty from a server older than them, whose message alone names them.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did

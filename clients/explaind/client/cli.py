@@ -1145,7 +1145,8 @@ def _error_json(error: ExplaindError) -> dict[str, Any]:
     """A server's error as JSON: its gRPC code, message, the request field it names (None
     if none) and the request items it was refused for (``precondition_violations``: e.g.
     {"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""} for a sample
-    the model gives NaN features for; empty from a server older than them)."""
+    the model gives NaN features for, type "UNDECODABLE_IMAGE" for one whose stored image
+    does not decode now; empty from a server older than them)."""
     return {"code": error.code.name, "message": error.details, "field": error.field,
             "precondition_violations": [{"type": kind, "subject": subject, "description": description}
                                         for kind, subject, description in error.precondition_violations]}

@@ -90,7 +90,9 @@ class InferenceServiceServicer:
         sample_index the samples whose logits hold NaN or +infinity, or are -infinity for
         every class, or, for a classifier split into features and head, whose features
         are NaN or infinite (the first ten, also as google.rpc.PreconditionFailure
-        violations of type UNUSABLE_LOGITS or UNUSABLE_FEATURES, subject samples[i]).
+        violations of type UNUSABLE_LOGITS or UNUSABLE_FEATURES, subject samples[i]); so
+        it does naming the samples holding a stored image it does not decode now (one its
+        upload decoded: type UNDECODABLE_IMAGE), the image's digest in its message.
         Operation metadata: OperationMetadata; response: EvaluateSampleSetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

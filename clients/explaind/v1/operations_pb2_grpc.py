@@ -41,8 +41,9 @@ class OperationsServiceStub:
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
     google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
-    a FAILED_PRECONDITION naming samples whose logits or features are unusable also lists
-    them as google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
+    a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
+    stored image does not decode now (type UNDECODABLE_IMAGE), also lists them as
+    google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -115,8 +116,9 @@ class OperationsServiceServicer:
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
     google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
-    a FAILED_PRECONDITION naming samples whose logits or features are unusable also lists
-    them as google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
+    a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
+    stored image does not decode now (type UNDECODABLE_IMAGE), also lists them as
+    google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -261,8 +263,9 @@ class OperationsService:
     changed since the job was submitted); an INVALID_ARGUMENT carries the field it names
     as a google.rpc.BadRequest in the status's details, another error about a field as a
     google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
-    a FAILED_PRECONDITION naming samples whose logits or features are unusable also lists
-    them as google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
+    a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
+    stored image does not decode now (type UNDECODABLE_IMAGE), also lists them as
+    google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.

@@ -17,7 +17,7 @@ import sys
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -235,6 +235,8 @@ MAX_SAMPLES_NAMED = 10
 # logits, or (a split model's) penultimate features, for.
 UNUSABLE_LOGITS = "UNUSABLE_LOGITS"
 UNUSABLE_FEATURES = "UNUSABLE_FEATURES"
+# PreconditionFailure.Violation.type of a sample whose stored image does not decode now.
+UNDECODABLE_IMAGE = "UNDECODABLE_IMAGE"
 # Of each kind of a served model's outputs: what makes a row unusable, what the model
 # does to give one, and its violations' type. A logit of -inf is a class the model rules
 # out (one that masks classes it may not answer), of probability exactly 0; a row needs
@@ -256,18 +258,64 @@ def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str
     ``answered_alone``: the error of one image of a request whose others are answered
     (partial_failure), which leaving the image out would not mend."""
     fault, cause, violation_type = _UNUSABLE_ROWS[what]
-    many, first = len(bad) != 1, bad[:MAX_SAMPLES_NAMED]
+    many = len(bad) != 1
     them = "them" if many else "it"
     if sample_set_id is not None:
-        violations = [PreconditionViolation(violation_type, f"samples[{row}]") for row in first]
-        rows, named, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", "sample_index " + ", ".join(map(str, first)), f"use a set without {them}, or mend the model"
+        named, violations = _named_samples(bad, violation_type)
+        rows, remedy = f"sample{'s' * many} of sample set {sample_set_id!r}", f"use a set without {them}, or mend the model"
     else:
-        violations = [PreconditionViolation(violation_type, f"images[{row}]") for row in first]
-        rows, named = f"image{'s' * many} of the request", ", ".join(subject for _, subject in violations)
+        violations = [PreconditionViolation(violation_type, f"images[{row}]") for row in bad[:MAX_SAMPLES_NAMED]]
+        rows, named = f"image{'s' * many} of the request", ", ".join(subject for _, subject in violations) + _more_than_named(len(bad))
         remedy = "only a mended model answers it" if answered_alone else f"send the request without {them}, or mend the model"
-    more = f" and {len(bad) - MAX_SAMPLES_NAMED} more" if len(bad) > MAX_SAMPLES_NAMED else ""
-    return FailedPrecondition(f"the served classifier's {what} of {len(bad)} {rows} {fault} ({named}{more}): the model {cause} on "
+    return FailedPrecondition(f"the served classifier's {what} of {len(bad)} {rows} {fault} ({named}): the model {cause} on "
                               f"{'their images' if many else 'its image'}; {remedy}", field=field, violations=violations)
+
+
+def _more_than_named(count: int) -> str:
+    """What a list of ``count`` rows, cut to its first MAX_SAMPLES_NAMED, says of the rest."""
+    return f" and {count - MAX_SAMPLES_NAMED} more" if count > MAX_SAMPLES_NAMED else ""
+
+
+def _named_samples(rows: Sequence[int], violation_type: str) -> tuple[str, list[PreconditionViolation]]:
+    """How an error names ``rows`` of a sample set: by sample_index in its message (the
+    first MAX_SAMPLES_NAMED, the rest counted), and as violations of ``violation_type``
+    whose subject is ``samples[i]``, i the sample's index in the set."""
+    first = rows[:MAX_SAMPLES_NAMED]
+    return ("sample_index " + ", ".join(map(str, first)) + _more_than_named(len(rows)),
+            [PreconditionViolation(violation_type, f"samples[{row}]") for row in first])
+
+
+class _UndecodableSample(InvalidArgument):
+    """A stored sample's image that does not decode now, as :meth:`Engine.load_sample_image`
+    refuses it (its upload decoded it: a server or classifier since then decodes it
+    otherwise); ``digest``: the image, which a set read names as its rows
+    (:meth:`Engine._reading_images_of`)."""
+
+    def __init__(self, digest: str, refusal: InvalidArgument) -> None:
+        super().__init__(refusal.description, field=refusal.field)
+        self.digest = digest
+
+
+def _undecodable_rows(error: _UndecodableSample, rows: Sequence[int], sample_set_id: str, field: str) -> FailedPrecondition:
+    """FailedPrecondition naming ``field`` and the ``rows`` of sample set ``sample_set_id``
+    holding the image ``error`` could not decode (by sample_index, and as UNDECODABLE_IMAGE
+    violations of subject ``samples[i]``, as :func:`_unusable_rows` names them): one image
+    may be several samples of a set, and only their indices tell its owner what to replace.
+    Not INVALID_ARGUMENT: the request is sound, and the set, not it, must change."""
+    named, violations = _named_samples(rows, UNDECODABLE_IMAGE)
+    many = len(rows) != 1
+    return FailedPrecondition(f"the image {error.digest[:12]} of {len(rows)} sample{'s' * many} of sample set {sample_set_id!r} ({named}) "
+                              f"does not decode now: {error.description}; use a set without {'them' if many else 'it'}",
+                              field=field, violations=violations)
+
+
+def _rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
+    """The rows of each image among ``digests`` (a set's samples, in order), in the order
+    the images first appear: a set may hold one image several times."""
+    rows_of: dict[str, list[int]] = {}
+    for row, digest in enumerate(digests):
+        rows_of.setdefault(digest, []).append(row)
+    return rows_of
 
 
 def unusable_image(index: int) -> FailedPrecondition:
@@ -657,6 +705,8 @@ class Engine:
         try:
             with PixelBudget(sys.maxsize, field=field, memory=lease) as budget:
                 return decode_encoded(data, field=field, geometry=geometry, budget=budget)
+        except InvalidArgument as refusal:
+            raise _UndecodableSample(digest, refusal) from None
         except Cancelled:
             if job is not None:
                 job.raise_if_cancelled()  # the job's own end (JobCancelled), not a call's CANCELLED
@@ -688,14 +738,13 @@ class Engine:
         (``uid``: the set the job was submitted for), since the job was queued. With
         ``count``, only its first ``count`` samples: the set as it was when it held that many
         (samples are only appended), not samples appended since. FailedPrecondition naming
-        ``field`` and the samples whose features are NaN or infinite (:func:`_require_usable_rows`)."""
+        ``field`` and the samples whose features are NaN or infinite (:func:`_require_usable_rows`),
+        or that hold an image that does not decode now (:func:`_undecodable_rows`)."""
         version = version or self.models.active
         version.require_split("explanation methods need a split classifier")
         records = self._samples_of(sample_set_id, field, uid, count)
         digests = [record.digest for record in records]
-        rows_of: dict[str, list[int]] = {}  # a set may hold one image several times
-        for row, digest in enumerate(digests):
-            rows_of.setdefault(digest, []).append(row)
+        rows_of = _rows_by_digest(digests)
         stacked = np.empty((len(digests), version.feature_dim), dtype=np.float32)
         unique, missing = list(rows_of), []
         for start in range(0, len(unique), FEATURE_READ_ROWS):
@@ -714,7 +763,7 @@ class Engine:
         computed_into = stacked if len(missing) == len(digests) else None
         cached = 0  # of ``missing``, computed and put in the cache so far (not while the data dir is full)
         try:
-            with self._reading_images_of(sample_set_id, field):
+            with self._reading_images_of(sample_set_id, field, rows_of):
                 for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
                                                             "computing features", outputs=computed_into, call=call):
                     if self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True))):
@@ -750,10 +799,10 @@ class Engine:
             return logits, sample.labels, sample.digests
         records = self._samples_of(sample_set_id, "sample_set_id", uid, count)
         digests = [record.digest for record in records]
-        unique = list(dict.fromkeys(digests))
+        rows_of = _rows_by_digest(digests)
         computed: dict[str, np.ndarray] = {}
-        with self._reading_images_of(sample_set_id, "sample_set_id"):
-            for chunk, logits in self._run_on_samples(unique, version, version.predict_fn, batch_size, context, "classifying"):
+        with self._reading_images_of(sample_set_id, "sample_set_id", rows_of):
+            for chunk, logits in self._run_on_samples(list(rows_of), version, version.predict_fn, batch_size, context, "classifying"):
                 computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests]))  # never empty: usable sets have samples
         _require_usable_rows(logits.numpy(), sample_set_id, "sample_set_id", "logits")
@@ -761,13 +810,16 @@ class Engine:
 
     @staticmethod
     @contextlib.contextmanager
-    def _reading_images_of(sample_set_id: str, field: str) -> Iterator[None]:
-        """Around reading a set's images: a stored image that is NotFound (no longer
-        referenced, its file swept) means the set was deleted while it was read. A job's
-        reads are safe from sweeps (see the server's sweep); a call's inline ones are not,
-        and told "no artifact with digest ..." with no field."""
+    def _reading_images_of(sample_set_id: str, field: str, rows_of: Mapping[str, Sequence[int]]) -> Iterator[None]:
+        """Around reading a set's images (``rows_of``: each image's rows in the set): a stored
+        image that is NotFound (no longer referenced, its file swept) means the set was
+        deleted while it was read. A job's reads are safe from sweeps (see the server's
+        sweep); a call's inline ones are not, and told "no artifact with digest ..." with no
+        field. One that does not decode now fails naming its rows (:func:`_undecodable_rows`)."""
         try:
             yield
+        except _UndecodableSample as error:
+            raise _undecodable_rows(error, rows_of[error.digest], sample_set_id, field) from None
         except NotFound:
             raise NotFound(f"sample set {sample_set_id!r} was deleted while it was read", field=field) from None
 
