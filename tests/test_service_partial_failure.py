@@ -660,3 +660,23 @@ def test_an_inline_ranking_refused_for_a_stored_image_that_does_not_decode_names
     error = json.loads(capsys.readouterr().out)["error"]
     undecodable = [{"type": "UNDECODABLE_IMAGE", "subject": f"samples[{i}]", "description": ""} for i in (1, 3)]
     assert (error["code"], error["field"], error["precondition_violations"]) == ("FAILED_PRECONDITION", "sample_set_id", undecodable)
+
+
+def test_an_evaluation_whose_features_are_cached_names_the_samples_of_a_mistake_it_cannot_draw(server, monkeypatch):
+    # Features cached before the image stopped decoding classify the set without a
+    # decode: its mistakes grid decoded the image next, and failed INVALID_ARGUMENT
+    # naming field "sample <digest12>", not the samples holding it.
+    from explaind import imaging
+
+    wide = _png(43, side=32)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([GOOD, wide], [0, 0], sample_set_id="cached-wide")
+        result = client.evaluate_sample_set("cached-wide").result(timeout=60, download=False)  # caches both images' features
+        predicted = next(iter(m.predicted_class for m in result.mistakes if m.sample_index == 1), 0)
+        mistaken = (predicted + 1) % 3  # a label the model does not give the wide image
+        client.create_sample_set([GOOD, wide, GOOD, wide], [0, mistaken, 1, mistaken], sample_set_id="cached-wide-mistaken")
+        monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+        error = client.evaluate_sample_set("cached-wide-mistaken").wait(60).error
+    assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id", error
+    assert "of 2 samples of sample set 'cached-wide-mistaken' (sample_index 1, 3) does not decode now: " in error.details
+    assert error.precondition_violations == [("UNDECODABLE_IMAGE", "samples[1]", ""), ("UNDECODABLE_IMAGE", "samples[3]", "")]
