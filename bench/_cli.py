@@ -80,7 +80,13 @@ def require_peak_rss(parser: argparse.ArgumentParser) -> None:
 
 
 def peak_rss_growth_mb(run: Callable[[], object]) -> float:
-    """MB the peak resident memory of ``run()`` rose above the resident memory before it."""
+    """MB the peak resident memory of ``run()`` rose above the resident memory before it,
+    measured from a baseline with the allocator's free memory handed back: glibc keeps
+    freed memory resident, and ``run()`` reusing it would grow the peak unseen (at
+    stability_cost.py's k = D, 0 MB instead of 24). Elsewhere (musl, macOS) nothing is trimmed."""
+    from explaind.decode_memory import trim_arenas  # here, not at import: a bench's --help answers without explaind
+
+    trim_arenas()
     _CLEAR_REFS.write_text("5")  # the peak (VmHWM) starts again from the current RSS
     before = _status_mb("VmRSS")
     run()

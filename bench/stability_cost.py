@@ -48,12 +48,10 @@ def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def peak_rss_growth_of_one_call_mb(args: argparse.Namespace, resamples: int) -> float:
     """Run in a fresh process: MB of peak resident memory one ``stability`` call adds to its inputs'."""
-    from explaind.decode_memory import trim_arenas
     from explaind.methods.neuroinspect._ranking import stability
 
     omega, insufficient, excessive = inputs(args)
     stability(omega[:2], insufficient[:2], excessive[:2], 1)  # its code paths' first run: pages of torch's libraries, not memory it holds
-    trim_arenas()  # glibc keeps the top-k selection's freed temporaries resident, and the call would reuse them unseen
     return peak_rss_growth_mb(lambda: stability(omega, insufficient, excessive, resamples))
 
 
