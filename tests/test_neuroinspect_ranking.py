@@ -1,6 +1,7 @@
 """Mistake-neuron ranking: ratios, cut, both lists, importance, and a planted spurious neuron."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -613,6 +614,49 @@ def test_stability_makes_no_tensor_of_the_mistakes_top_k_ids_per_chunk(dim, top_
     with _LargestTensorMade() as made:
         _ranking.stability(omega, insufficient_top, excessive_top, 10, chunk=chunk)
     assert made.numel == chunk * num_mistakes < num_mistakes * top_k
+
+
+class _DrawsAlive(torch.overrides.TorchFunctionMode):
+    """Weak references to every (b, M) tensor a torch call makes while active, int64 (the
+    draws) and not (their counts per mistake and copies of them)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.draws, self.others = shape, [], []
+        self.randint_calls = 0
+
+    def alive(self, refs):
+        return sum(ref() is not None for ref in refs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.randint:
+            self.randint_calls += 1
+            assert self.alive(self.draws) + self.alive(self.others) == 0, "an earlier chunk's (b, M) tensors are held while the next draws"
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and result.numel() == self.shape[0] * self.shape[1]:
+            (self.draws if result.dtype == torch.int64 else self.others).append(weakref.ref(result))
+        return result
+
+
+def test_stability_frees_a_chunk_s_draws_before_counting_them_and_the_chunk_before_the_next(monkeypatch):
+    # The (b, M) tensors are what grows with M: the int64 draws (20 MB a chunk at M = 50,000)
+    # held while they were counted and ranked, and a chunk's tensors still held while the
+    # next chunk drew, raised stability_cost.py's peak at M = 50,000 (B = 200) from 34 MB to 72.
+    num_mistakes, chunk = 300, 4
+    omega = torch.randn(num_mistakes, 32, generator=torch.Generator().manual_seed(0))
+    insufficient_top, excessive_top = _ranking._top_neurons(omega, 5), _ranking._top_neurons(-omega, 5)
+    counted = []
+    real_top_counts = _ranking._top_counts
+
+    def top_counts(weights, top, dim):
+        counted.append(mode.alive(mode.draws))
+        return real_top_counts(weights, top, dim)
+
+    monkeypatch.setattr(_ranking, "_top_counts", top_counts)
+    with _DrawsAlive((chunk, num_mistakes)) as mode:
+        _ranking.stability(omega, insufficient_top, excessive_top, 3 * chunk, chunk=chunk)
+    assert mode.randint_calls == 3 and len(mode.draws) == 3
+    assert counted == [0] * 6  # two top-k lists a chunk, each counted with no draws alive
 
 
 def test_stability_breaks_a_tie_of_mean_omega_as_rank_does_where_the_sums_differ_in_rounding():

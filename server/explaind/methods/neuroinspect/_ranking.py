@@ -253,24 +253,41 @@ def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top
     the inputs: (chunk, M) draws and (chunk, D) results, never M x D.
     ``callback_on_resample_chunk_end(resamples done, resamples)`` after each chunk: return
     True to stop (None is returned then). 200 resamples of D = 2048 on one CPU thread
-    (``bench/stability_cost.py``, 2026-12-06): 0.11 s and 10 MB of peak RSS for M = 4096,
-    0.88 s and 68 MB for M = 50,000 (``--mistakes 50000``); at k = D (``--top-k 2048``)
-    0.46 s and 24 MB, and 5.2 s and 65 MB."""
+    (``bench/stability_cost.py``, 2026-12-06): 0.11 s and 8 MB of peak RSS for M = 4096,
+    0.88 s and 34 MB for M = 50,000 (``--mistakes 50000``); at k = D (``--top-k 2048``)
+    0.46 s and 22 MB, and 5.2 s and 41 MB (the seconds of a quieter run before
+    :func:`_listed_top`, which changed the memory alone)."""
     omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # counts up to M exact; half's end at 2048
     num_mistakes, dim = omega.shape
     generator = torch.Generator().manual_seed(STABILITY_SEED)  # one stream: chunk by chunk, the draws of one (B, M) call
     held = torch.zeros(dim, dtype=torch.float64, device=omega.device)
     for start in range(0, resamples, chunk):
-        draws = torch.randint(num_mistakes, (min(chunk, resamples - start), num_mistakes), generator=generator)
-        part = torch.zeros(draws.shape, dtype=omega.dtype).scatter_add_(
-            1, draws, torch.ones(1, dtype=omega.dtype).expand_as(draws)).to(omega.device)  # (b, M) draws per mistake
-        counts = torch.maximum(_top_counts(part, insufficient_top, dim), _top_counts(part, excessive_top, dim))
-        first = _rank_order(counts, (part @ omega) / num_mistakes)[:, :STABILITY_TOP]
-        listed = counts.gather(1, first) > 0
-        held.index_add_(0, first[listed], torch.ones(int(listed.sum()), dtype=torch.float64, device=omega.device))
-        if callback_on_resample_chunk_end is not None and callback_on_resample_chunk_end(start + len(draws), resamples):
+        size = min(chunk, resamples - start)
+        listed = _listed_top(_draw_counts(generator, size, num_mistakes, omega), omega, insufficient_top, excessive_top)
+        held.index_add_(0, listed, torch.ones(len(listed), dtype=torch.float64, device=omega.device))
+        if callback_on_resample_chunk_end is not None and callback_on_resample_chunk_end(start + size, resamples):
             return None
     return held / resamples
+
+
+def _draw_counts(generator: torch.Generator, resamples: int, num_mistakes: int, like: torch.Tensor) -> torch.Tensor:
+    """(resamples, M) how often each bootstrap resample draws each mistake, ``like``'s dtype
+    and device. Its (resamples, M) int64 draws, twice its size in float32, are freed on
+    return, before the counts are counted over the top-k (20 MB a chunk at M = 50,000)."""
+    draws = torch.randint(num_mistakes, (resamples, num_mistakes), generator=generator)
+    return torch.zeros(draws.shape, dtype=like.dtype).scatter_add_(
+        1, draws, torch.ones(1, dtype=like.dtype).expand_as(draws)).to(like.device)
+
+
+def _listed_top(part: torch.Tensor, omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top: torch.Tensor) -> torch.Tensor:
+    """The neuron ids in each resample's merged top STABILITY_TOP (one flat int64 list), for
+    resamples of draw counts ``part`` (b, M): neurons in no drawn mistake's top-k left out.
+    A function of its own so that the chunk's (b, M) and (b, D) tensors are freed on return,
+    not held while the next chunk draws (at M = 50,000, 30 MB more at the peak)."""
+    num_mistakes, dim = omega.shape
+    counts = torch.maximum(_top_counts(part, insufficient_top, dim), _top_counts(part, excessive_top, dim))
+    first = _rank_order(counts, (part @ omega) / num_mistakes)[:, :STABILITY_TOP]
+    return first[counts.gather(1, first) > 0]
 
 
 def _counts(top: torch.Tensor, dim: int) -> torch.Tensor:
