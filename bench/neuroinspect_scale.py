@@ -19,12 +19,13 @@ of one float32 (N, D) matrix of its inputs, and its seconds:
 
 The peak counts what the allocator keeps as well as what is live: one line may read
 100 MB or so more in one run than in the next. Measured on 2026-12-06 (2-core CPU,
-shared, one thread), before -> after the fixes this script came with:
+shared, one thread), before -> after the fixes this script came with (after: from a
+trimmed baseline, docs/performance.md, ResNet-50 sizes):
 
-    faithful         +1336 MB (8.5 x) ->  +871 MB (5.6 x)
+    faithful         +1336 MB (8.5 x) ->  +868 MB (5.6 x)
     proximal         +1576 MB (10.1 x) -> +885 MB (5.7 x)
-    rank one class    +781 MB, 2.2 s  ->    +32 MB, 0.4 s
-    evaluate_head     +781 MB         ->    +32 MB (a float64 copy in the finite check, then the logits)
+    rank one class    +781 MB, 2.2 s  ->    +48 MB, 0.4 s (a quiet machine) to 0.8 s (a busy one)
+    evaluate_head     +781 MB         ->    +48 to +192 MB (a float64 copy in the finite check, then the logits)
 """
 
 from __future__ import annotations
