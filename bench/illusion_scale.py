@@ -15,8 +15,9 @@ memory on the CPU, through /proc/self/clear_refs; ``torch.cuda.max_memory_alloca
 on a GPU), the least-squares MB per pair and fixed MB, and their sum at the limit.
 
 Measured on 2026-12-06 (2-core CPU, shared, one thread, float32), resnet50 (224 px,
-D = 2048, 1000 classes): with ViT-B-32, 2 steps, 1/2/4/8 pairs +160/+293/+568/+1140 MB,
-a fit of 140 MB per pair + 14 MB, about 8.8 GB for 64 pairs; with ViT-L-14, 1 step,
+D = 2048, 1000 classes): with ViT-B-32, 2 steps, 1/2/4/8 pairs +175/+298/+575/+1144 MB,
+a fit of 139 MB per pair + 26 MB, about 8.7 GB for 64 pairs (the largest of three
+runs: the 8-pair peak varies by 100 MB); with ViT-L-14, 1 step,
 1/2 pairs +541/+1143 MB, about 600 MB per pair, 38 GB for 64 (docs/performance.md, Memory of a
 visualisation).
 """
