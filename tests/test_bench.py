@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from explaind import decode_memory
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("[a-z]*.py"))
 # The scripts whose --help still waits for torch: a default drawn from the world's scenario names,
@@ -147,6 +149,18 @@ def _bench_module(name: str, monkeypatch):
 
     monkeypatch.syspath_prepend(str(BENCH))
     return importlib.import_module(name)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or decode_memory._MALLOC_TRIM is None,
+                    reason="needs Linux's clear_refs and glibc's malloc_trim")
+def test_peak_rss_growth_counts_memory_the_run_takes_from_what_the_allocator_kept_freed(monkeypatch):
+    # 64 MB of 64 KB blocks freed between small ones that stay: glibc keeps them resident,
+    # and a run allocating 48 MB of such blocks took them unseen (0 MB grown; stability_cost.py
+    # read 0 MB at k = D for 24).
+    peak_rss_growth_mb = _bench_module("_cli", monkeypatch).peak_rss_growth_mb
+    kept = [small for _, small in [(bytearray(64 * 1024), bytearray(600)) for _ in range(64 * 16)]]
+    grown = peak_rss_growth_mb(lambda: [bytearray(64 * 1024) for _ in range(48 * 16)])
+    assert 40 < grown and kept
 
 
 def test_the_illusion_scale_bench_fits_mb_per_pair_apart_from_the_fixed_memory(monkeypatch):
