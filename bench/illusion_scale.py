@@ -18,8 +18,8 @@ Measured on 2026-12-06 (2-core CPU, shared, one thread, float32), resnet50 (224 
 D = 2048, 1000 classes): with ViT-B-32, 2 steps, 1/2/4/8 pairs +175/+298/+575/+1144 MB,
 a fit of 139 MB per pair + 26 MB, about 8.7 GB for 64 pairs (the largest of three
 runs: the 8-pair peak varies by 100 MB); with ViT-L-14, 1 step,
-1/2 pairs +541/+1143 MB, about 600 MB per pair, 38 GB for 64 (docs/performance.md, Memory of a
-visualisation).
+1/2 pairs +560/+1090 MB, 531 MB per pair + 29 MB, about 33.2 GB for 64 (an earlier run
++541/+1143 MB, about 600 MB per pair, 38 GB; docs/performance.md, Memory of a visualisation).
 """
 
 from __future__ import annotations
