@@ -156,6 +156,46 @@ def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_tie
             assert top_ids(torch.tensor([row]), k)[1][0].tolist() == expected[:k], (row, k)
 
 
+def _ranked_by_score_then_id(row: list[float]) -> list[int]:
+    """A row's ids by score, largest first (NaN above every number, NaNs tied), equal ones by id."""
+    return sorted(range(len(row)), key=lambda i: (not math.isnan(row[i]), 0.0 if math.isnan(row[i]) else -row[i], i))
+
+
+def test_top_ids_and_top_neurons_match_a_plain_sort_for_every_k_ties_nan_and_infinities():
+    # Every k of 1..n (past n too), so topk's path and the whole-row sort of a large k are
+    # both checked, on rows of few distinct values (ties at the k-th score, runs of more
+    # than 16 equal scores), mostly zeros (the proximal solver's ω), -0.0, NaN, ±inf.
+    from explaind.methods.neuroinspect._ranking import _top_neurons, top_ids
+
+    generator = torch.Generator().manual_seed(1)
+    palette = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.0, -1.0, math.nan, math.inf, -math.inf])
+    for n in (1, 2, 5, 9, 24, 61):
+        for zeros in (0.0, 0.9):
+            scores = palette[torch.randint(len(palette), (7, n), generator=generator)]
+            scores[torch.rand(7, n, generator=generator) < zeros] = 0.0
+            scores[0] = torch.randn(n, generator=generator)  # no tie
+            scores[1] = 0.0
+            ranked = [_ranked_by_score_then_id(row) for row in scores.tolist()]
+            for k in range(1, n + 2):
+                expected = [order[:k] for order in ranked]
+                values, ids = top_ids(scores, k)
+                assert ids.tolist() == expected, (n, zeros, k)
+                assert torch.equal(values.nan_to_num(7.0), scores.gather(1, ids).nan_to_num(7.0))
+                positive = [[i if not (row[i] <= 0.0) and not math.isnan(row[i]) else -1 for i in top] for row, top in zip(scores.tolist(), expected)]
+                assert _top_neurons(scores, k).tolist() == positive, (n, zeros, k)
+                # Ties at or below ties_kept_above may take any of the tied ids: the same
+                # values, the same ids above it, and ids of a tie listed by id.
+                values, ids = top_ids(scores, k, ties_kept_above=0.0)
+                reference = scores.gather(1, torch.tensor(expected))
+                assert torch.equal(values.nan_to_num(7.0), reference.nan_to_num(7.0)), (n, zeros, k)
+                kept = (values > 0) | values.isnan()
+                assert torch.equal(ids[kept], torch.tensor(expected)[kept]), (n, zeros, k)
+                assert all(len(set(row)) == len(row) for row in ids.tolist())
+                assert torch.equal(scores.gather(1, ids).nan_to_num(7.0), values.nan_to_num(7.0))
+                tied_next = (values[:, 1:] == values[:, :-1]) | (values[:, 1:].isnan() & values[:, :-1].isnan())
+                assert (ids[:, 1:] > ids[:, :-1])[tied_next].all(), (n, zeros, k)
+
+
 def test_only_mistakes_of_the_target_class_are_explained():
     ranker = MistakeNeuronRanker(always_wrong_head())
     labels = torch.tensor([0, 1, 0, 1])  # samples 1 and 3 are predicted correctly
