@@ -123,12 +123,17 @@ def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_s
 
 
 def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same_neurons():
-    run = _run(str(BENCH / "top_neurons.py"), "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--repeats", "1")
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^top 5 of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions \(median of 1\):$", run.stdout, re.M), run.stdout
-    assert re.search(r"^  ties at zero left +[0-9.]+ s   \([0-9.]+x, same neurons: yes\)$", run.stdout, re.M), run.stdout
+    for top_k in ("5", "64"):  # topk's path, and the whole-row sort of a large k
+        run = _run(str(BENCH / "top_neurons.py"), "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--top-k", top_k, "--repeats", "1")
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines()[0] == f"top {top_k} of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions (median of 1):", run.stdout
+        for name in ("every tie ordered", "topk alone"):
+            assert re.search(rf"^  {name} +[0-9.]+ s   \([0-9.]+x ours\)$", run.stdout, re.M), run.stdout
+        assert re.search(r"^  ours +[0-9.]+ s   \(same neurons: yes\)$", run.stdout, re.M), run.stdout
     refused = _run(str(BENCH / "top_neurons.py"), "--nonzero", "0")
     assert refused.returncode == 2 and "argument --nonzero: expected a share in (0, 1], got '0'" in refused.stderr
+    refused = _run(str(BENCH / "top_neurons.py"), "--neurons", "64", "--top-k", "65")
+    assert refused.returncode == 2 and "--top-k 65 is above --neurons 64" in refused.stderr
 
 
 def test_the_scale_bench_prints_each_step_s_peak_as_a_multiple_of_one_feature_matrix():
