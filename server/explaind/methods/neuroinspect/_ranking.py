@@ -163,7 +163,7 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     NaN (a Predict's logit where the model overflows: inf - inf), which topk puts above
     every number, ties with NaN here: a row's NaNs are ordered by id, whatever the other
     rows hold.
-    A k of at least a FULL_SORT_SHARE of the row is one stable descending sort, which
+    A k of at least 1 / FULL_SORT_SHARE of the row is one stable descending sort, which
     orders every tie by id (and takes the first ids of a tie at or below
     ``ties_kept_above``) in less time than topk and the ties' ordering after it."""
     if k * FULL_SORT_SHARE >= scores.shape[1]:
