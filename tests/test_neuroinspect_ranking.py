@@ -194,6 +194,9 @@ def test_top_ids_and_top_neurons_match_a_plain_sort_for_every_k_ties_nan_and_inf
                 assert torch.equal(scores.gather(1, ids).nan_to_num(7.0), values.nan_to_num(7.0))
                 tied_next = (values[:, 1:] == values[:, :-1]) | (values[:, 1:].isnan() & values[:, :-1].isnan())
                 assert (ids[:, 1:] > ids[:, :-1])[tied_next].all(), (n, zeros, k)
+    # A large k of a wide row (Predict's top classes of 21k) holds k columns, not the row's sort.
+    values, ids = top_ids(torch.randn(4, 3000, generator=generator), 1000)
+    assert ids.untyped_storage().nbytes() == 4 * 1000 * 8 and values.untyped_storage().nbytes() == 4 * 1000 * 4
 
 
 def test_only_mistakes_of_the_target_class_are_explained():
