@@ -2588,6 +2588,92 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert _json_out(capsys, [*target, "head-versions", "delete", version["version_id"], "--json"]) == {"deleted": version["version_id"]}
 
 
+def _json_failure(capsys, argv: list[str]) -> tuple[dict, str]:
+    """Run ``argv`` expecting exit status 1 with one JSON line on stdout; returns its
+    "error" and stderr."""
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1, out
+    failure = json.loads(out)
+    assert list(failure) == ["error"], failure
+    return failure["error"], err
+
+
+def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_words_on_stderr(server, capsys, tmp_path):
+    # stdout was empty: `explaind rank ... --json | jq` and a monitoring script saw nothing to parse.
+    target = ["--target", server.target]
+    error, err = _json_failure(capsys, [*target, "rank", "nosuch", "--class", "heart", "--json"])
+    assert error == {"code": "NOT_FOUND", "message": "sample_set_id: no sample set 'nosuch'", "field": "sample_set_id",
+                     "precondition_violations": [], "notes": []}
+    assert err.startswith("error: NOT_FOUND: sample_set_id: no sample set 'nosuch'\n") and err.endswith(
+        "  (explaind sample-set list shows what there is)\n"), err  # the words as without --json
+    assert main([*target, "rank", "nosuch", "--class", "heart"]) == 1
+    assert capsys.readouterr().out == ""  # without --json, stdout stays empty
+    # A refusal here, not the server's: no gRPC code to mistake it for.
+    image = _png(tmp_path / "a.png", 0)
+    error, err = _json_failure(capsys, [*target, "predict", image, "--top-k", "7", "--json"])
+    assert error == {"code": "CLIENT_ERROR", "message": "--top-k: 7 is more than the served model's 6 classes", "field": None,
+                     "precondition_violations": [], "notes": []}
+    assert err == "error: --top-k: 7 is more than the served model's 6 classes\n"
+    # The notes stderr prints under the error, here the file the server refused.
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    error, err = _json_failure(capsys, [*target, "predict", image, str(bad), "--json"])
+    assert (error["code"], error["field"], error["notes"]) == ("INVALID_ARGUMENT", "images[1].encoded", [f"that is file {bad}"])
+    assert err.splitlines()[-1] == f"  that is file {bad}"
+
+
+def test_a_failed_command_s_json_error_lists_the_precondition_violations(server, capsys, monkeypatch):
+    from explaind.client import FailedPreconditionError
+
+    refusal = FailedPreconditionError("samples: the served model's features of 2 samples hold NaN", field="sample_set_id",
+                                      precondition_violations=[("UNUSABLE_FEATURES", "samples[3]", ""), ("UNDECODABLE_IMAGE", "samples[7]", "")])
+    monkeypatch.setattr(Client, "rank_mistake_neurons", lambda self, *args, **kwargs: (_ for _ in ()).throw(refusal))
+    error, _ = _json_failure(capsys, ["--target", server.target, "rank", "two", "--class", "heart", "--json"])
+    assert error["code"] == "FAILED_PRECONDITION" and error["precondition_violations"] == [
+        {"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""},
+        {"type": "UNDECODABLE_IMAGE", "subject": "samples[7]", "description": ""}]
+
+
+def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error(server, capsys, monkeypatch):
+    from explaind.client import UnavailableError
+
+    watch = Operation.watch
+
+    def server_gone_after_one_update(self, *args, **kwargs):
+        for update in watch(self, *args, **kwargs):
+            yield update
+            raise UnavailableError("the server is shutting down; no new jobs are accepted")
+
+    monkeypatch.setattr(Operation, "watch", server_gone_after_one_update)
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
+        try:
+            assert main(["--target", server.target, "operations", "watch", job.name, "--json"]) == 1
+        finally:
+            client.operation(job.name).cancel()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("name") for line in lines] == [job.name, None]  # one update, then the error: one value a line
+    assert lines[-1] == {"error": {"code": "UNAVAILABLE", "message": "the server is shutting down; no new jobs are accepted", "field": None,
+                                   "precondition_violations": [], "notes": []}}
+
+
+def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):
+    # Standard output fails too (a full disk): the error is said once on stderr, with no traceback and no second try.
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        assert main(["--target", server.target, "rank", "nosuch", "--class", "heart", "--json"]) == 1
+        monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.startswith("error: NOT_FOUND: ") and err.count("error:") == 1 and "Traceback" not in err, err
+
+
+def test_an_artifact_written_to_standard_output_gets_no_json_error_among_its_bytes(server, capsys):
+    assert main(["--target", server.target, "operations", "artifact", "operations/0123456789abcdef", "omega.npy", "-o", "-", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: NOT_FOUND: "), err
+
+
 def test_edit_head_passes_its_training_options_and_says_the_target_ratio_auto_chose(server, capsys, world_images):
     # The CLI had no way to set λ3, o (or ask for auto), the learning rate, epochs, patience
     # or a description, which the SDK and the API take.

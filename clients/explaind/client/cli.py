@@ -1152,6 +1152,22 @@ def _error_json(error: ExplaindError) -> dict[str, Any]:
                                         for kind, subject, description in error.precondition_violations]}
 
 
+# The code of a failed command's --json error that no server sent (a CommandError: a file
+# that cannot be written, an option the served model cannot take): none of gRPC's, so a
+# script that retries on UNAVAILABLE or reports INVALID_ARGUMENT tells this machine's from them.
+CLIENT_ERROR_CODE = "CLIENT_ERROR"
+
+
+def _failure_json(error: ExplaindError | CommandError) -> dict[str, Any]:
+    """What a failed command prints on stdout with --json, as its one value (or, after
+    ``operations watch``'s lines, its last): {"error": ...} as :func:`_error_json` has it,
+    code :data:`CLIENT_ERROR_CODE` for a CommandError, with the notes stderr prints under
+    it (e.g. "that is file a.png", what a failed upload left behind)."""
+    value = _error_json(error) if isinstance(error, ExplaindError) else {
+        "code": CLIENT_ERROR_CODE, "message": str(error), "field": None, "precondition_violations": []}
+    return {"error": {**value, "notes": list(getattr(error, "__notes__", ()))}}
+
+
 def _ports_below_the_ephemeral_range() -> range:
     """Loopback ports the kernel hands out to no one unasked: a port from ``bind(("", 0))``
     may be handed out again as soon as it is released (two such probes in a row gave CI's
@@ -1372,6 +1388,13 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _json_option(parser: argparse.ArgumentParser, output: str) -> None:
+    """A client command's --json: ``output`` says what it prints, the rest what a failure prints."""
+    parser.add_argument("--json", action="store_true",
+                        help=f'{output}; if the command fails (exit status 1), {{"error": {{"code": ..., "message": ..., ...}}}}, '
+                             f'its code a gRPC status name, or {CLIENT_ERROR_CODE} (a file or option refused here)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _global_options(argparse.ArgumentParser(
         prog="explaind", description="Serve an image classifier and explain its mistakes.", formatter_class=_HelpFormatter,
@@ -1430,11 +1453,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "failed file's error on stderr (with --json, an \"error\" entry for it); exit status "
                               f"{EXIT_SOME_FAILED} if some failed and others were printed, 1 (as for any error) if every file failed "
                               "(needs a server with the predict_partial_failure capability)")
-    predict.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(predict, "print JSON")
     predict.set_defaults(run=cmd_predict)
 
     info = command("info", "what the server serves")
-    info.add_argument("--json", action="store_true", help="print JSON (with every class name)")
+    _json_option(info, "print JSON (with every class name)")
     info.set_defaults(run=cmd_info)
 
     sample_set = command("sample-set", "create, append to, list, show, delete sample sets")
@@ -1447,7 +1470,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("--images", nargs="*", help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file (name:X, index:N where classes are named by digits)")
     sample_set.add_argument("--owner", metavar="NAME", help="list only the sets this named caller created")
-    sample_set.add_argument("--json", action="store_true", help="print the set (create, append, show) or the sets (list) as JSON")
+    _json_option(sample_set, "print the set (create, append, show) or the sets (list) as JSON")
     sample_set.set_defaults(run=cmd_sample_set)
 
     evaluate = command("evaluate", "classify a sample set (a job with progress; Ctrl-C cancels it)")
@@ -1456,7 +1479,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--grid", type=_path, help="write the mistakes grid PNG here")
     evaluate.add_argument("--max-grid-images", type=_integer, default=0, help="mistakes drawn in the --grid PNG, 1..1024; 0: 64")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON (every class with samples, every mistake, the confusion matrix)")
+    _json_option(evaluate, "print the result as JSON (every class with samples, every mistake, the confusion matrix)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     rank = command("rank", "rank the neurons behind a class's mistakes in a sample set (NeuroInspect)")
@@ -1465,7 +1488,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--solver", choices=("faithful", "proximal"), default="faithful", help="counterfactual solver")
     rank.add_argument("--show", type=_non_negative_int, default=RANKING_LINES, help="neurons to print; 0: all")
     rank.add_argument("--stability", type=_non_negative_int, default=DEFAULT_STABILITY_RESAMPLES, metavar="N", help=_STABILITY_HELP)
-    rank.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
+    _json_option(rank, "print the whole ranking as JSON")
     rank.set_defaults(run=cmd_rank)
 
     visualize = command("visualize", "optimise images of what neurons respond to (a job with progress; Ctrl-C cancels it)")
@@ -1483,7 +1506,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--learning-rate", dest="learning_rate", type=_finite_number, help="AdamW's learning rate in (0, 10] (default 9e-3)")
     visualize.add_argument("--out-dir", dest="out_dir", type=_path, help="directory for <i>_neuron<N>_<class>.png and its _masked.png (default: .)")
     visualize.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
-    visualize.add_argument("--json", action="store_true", help="print the visualisations and the files written as JSON")
+    _json_option(visualize, "print the visualisations and the files written as JSON")
     visualize.set_defaults(run=cmd_visualize)
 
     edit_head = command("edit-head", "retrain the head so a class relies less on some neurons (a new head version)")
@@ -1508,7 +1531,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_head.add_argument("--seed", type=_int64, default=0, help="random seed of the minibatch order (the same seed: the same head)")
     edit_head.add_argument("--promote", action="store_true", help="serve the new version at once")
     edit_head.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
-    edit_head.add_argument("--json", action="store_true", help="print the new head version and its evaluations as JSON")
+    _json_option(edit_head, "print the new head version and its evaluations as JSON")
     edit_head.set_defaults(run=cmd_edit_head)
 
     for repeatable, first_run_made in ((sample_set, "the set the first run created or appended to, appending nothing twice"),
@@ -1531,8 +1554,8 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
     operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name, in the current directory, with what a file name cannot hold as \"-\"; - for standard output)")
-    operations.add_argument("--json", action="store_true", help="print JSON: the operations (list), the operation with its result, "
-                                                                "one per line as it changes (watch)")
+    _json_option(operations, "print JSON: the operations (list), the operation with its result, one per line as it changes "
+                             "(watch, whose failure is its last line)")
     operations.set_defaults(run=cmd_operations)
 
     report = command("report", "write one self-contained HTML report on a class's mistakes")
@@ -1561,7 +1584,7 @@ def build_parser() -> argparse.ArgumentParser:
              "delete VERSION removes a version not served",
     )
     head_versions.add_argument("version", nargs="?", help="a version id from list, e.g. v1")
-    head_versions.add_argument("--json", action="store_true", help="print the versions (list), the version (show) or the served version as JSON")
+    _json_option(head_versions, "print the versions (list), the version (show) or the served version as JSON")
     head_versions.set_defaults(run=cmd_head_versions)
 
     demo = command("demo", "serve the shapes world and run a client session end to end", client=False)
@@ -1860,6 +1883,11 @@ def _run_command(argv: list[str]) -> int:
             print(f"  ({hint})", file=sys.stderr)
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
+        if getattr(args, "json", False) and getattr(args, "output", None) != "-":  # not into an artifact's bytes
+            try:
+                print(json.dumps(_failure_json(error)), flush=True)
+            except OSError:  # the output fails too (a reader gone, a full disk): stderr said it all
+                _discard_standard_output(sys.stdout)
         return 1
     except OSError as error:
         if not (isinstance(error, BrokenPipeError) or _standard_output_failed(error)):
