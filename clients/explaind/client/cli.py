@@ -72,7 +72,8 @@ _Item = TypeVar("_Item")
 
 
 class CommandError(Exception):
-    """A user error the CLI reports as one ``error:`` line on stderr, exit code 1."""
+    """A user error the CLI reports as one ``error:`` line on stderr, exit code 1 (with
+    --json, also code ``CLIENT_ERROR`` on stdout: :func:`_failure_json`)."""
 
 
 def _command_error(error: Exception) -> CommandError:
