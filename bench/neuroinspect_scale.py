@@ -24,7 +24,7 @@ trimmed baseline, docs/performance.md, ResNet-50 sizes):
 
     faithful         +1336 MB (8.5 x) ->  +868 MB (5.6 x)
     proximal         +1576 MB (10.1 x) -> +885 MB (5.7 x)
-    rank one class    +781 MB, 2.2 s  ->    +48 MB, 0.4 s (a quiet machine) to 0.8 s (a busy one)
+    rank one class    +781 MB, 2.2 s  ->    +48 MB, 0.4 s (a quiet machine), 0.59 s (a busy one)
     evaluate_head     +781 MB         ->    +48 to +192 MB (a float64 copy in the finite check, then the logits)
 """
 

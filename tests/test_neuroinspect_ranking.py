@@ -684,7 +684,7 @@ class _DrawsAlive(torch.overrides.TorchFunctionMode):
 def test_stability_frees_a_chunk_s_draws_before_counting_them_and_the_chunk_before_the_next(monkeypatch):
     # The (b, M) tensors are what grows with M: the int64 draws (20 MB a chunk at M = 50,000)
     # held while they were counted and ranked, and a chunk's tensors still held while the
-    # next chunk drew, raised stability_cost.py's peak at M = 50,000 (B = 200) from 34 MB to 72.
+    # next chunk drew, raised stability_cost.py's peak at M = 50,000 (B = 200) from 34 MB to 68-72 (two runs).
     num_mistakes, chunk = 300, 4
     omega = torch.randn(num_mistakes, 32, generator=torch.Generator().manual_seed(0))
     insufficient_top, excessive_top = _ranking._top_neurons(omega, 5), _ranking._top_neurons(-omega, 5)
