@@ -1454,7 +1454,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "failed file's error on stderr (with --json, an \"error\" entry for it); exit status "
                               f"{EXIT_SOME_FAILED} if some failed and others were printed, 1 (as for any error) if every file failed "
                               "(needs a server with the predict_partial_failure capability)")
-    _json_option(predict, "print JSON")
+    _json_option(predict, "print JSON (with --keep-going the list, each failed file an \"error\" entry, even where every file failed: exit status 1)")
     predict.set_defaults(run=cmd_predict)
 
     info = command("info", "what the server serves")
@@ -1555,8 +1555,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
     operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name, in the current directory, with what a file name cannot hold as \"-\"; - for standard output)")
-    _json_option(operations, "print JSON: the operations (list), the operation with its result, one per line as it changes "
-                             "(watch, whose failure is its last line)")
+    _json_option(operations, "print JSON: the operations (list), the operation with its result or its \"error\" (wait and watch exit with status 1 where the job did not succeed), one per line as it changes (watch, whose failure is its last line)")
     operations.set_defaults(run=cmd_operations)
 
     report = command("report", "write one self-contained HTML report on a class's mistakes")
