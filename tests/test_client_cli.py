@@ -2604,7 +2604,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     target = ["--target", server.target]
     error, err = _json_failure(capsys, [*target, "rank", "nosuch", "--class", "heart", "--json"])
     assert error == {"code": "NOT_FOUND", "message": "sample_set_id: no sample set 'nosuch'", "field": "sample_set_id",
-                     "precondition_violations": [], "notes": []}
+                     "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err.startswith("error: NOT_FOUND: sample_set_id: no sample set 'nosuch'\n") and err.endswith(
         "  (explaind sample-set list shows what there is)\n"), err  # the words as without --json
     assert main([*target, "rank", "nosuch", "--class", "heart"]) == 1
@@ -2613,7 +2613,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     image = _png(tmp_path / "a.png", 0)
     error, err = _json_failure(capsys, [*target, "predict", image, "--top-k", "7", "--json"])
     assert error == {"code": "CLIENT_ERROR", "message": "--top-k: 7 is more than the served model's 6 classes", "field": None,
-                     "precondition_violations": [], "notes": []}
+                     "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err == "error: --top-k: 7 is more than the served model's 6 classes\n"
     # The notes stderr prints under the error, here the file the server refused.
     bad = tmp_path / "bad.png"
@@ -2624,7 +2624,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
 
 
 def test_a_failed_command_s_json_error_lists_the_precondition_violations(server, capsys, monkeypatch):
-    from explaind.client import FailedPreconditionError
+    from explaind.client import FailedPreconditionError, ResourceExhaustedError
 
     refusal = FailedPreconditionError("samples: the served model's features of 2 samples hold NaN", field="sample_set_id",
                                       precondition_violations=[("UNUSABLE_FEATURES", "samples[3]", ""), ("UNDECODABLE_IMAGE", "samples[7]", "")])
@@ -2633,6 +2633,22 @@ def test_a_failed_command_s_json_error_lists_the_precondition_violations(server,
     assert error["code"] == "FAILED_PRECONDITION" and error["precondition_violations"] == [
         {"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""},
         {"type": "UNDECODABLE_IMAGE", "subject": "samples[7]", "description": ""}]
+    # A full queue says when to come back (google.rpc.RetryInfo): a script's retry loop reads it.
+    busy = ResourceExhaustedError("the job queue is full", retry_delay=2.5)
+    monkeypatch.setattr(Client, "rank_mistake_neurons", lambda self, *args, **kwargs: (_ for _ in ()).throw(busy))
+    error, _ = _json_failure(capsys, ["--target", server.target, "rank", "two", "--class", "heart", "--json"])
+    assert (error["code"], error["retry_delay_seconds"], error["operation"]) == ("RESOURCE_EXHAUSTED", 2.5, None)
+
+
+def test_a_failed_job_s_json_error_names_its_operation(server, capsys, monkeypatch):
+    # The job's name was only in stderr's "started ..." line: a script had to parse words to look at it later.
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
+        assert client.operation(job.name).cancel().wait(timeout=60).error.operation.name == job.name  # the SDK's error says which job too
+        monkeypatch.setattr(Client, "visualize_neurons", lambda self, *args, **kwargs: self.operation(job.name))  # the CLI waits on that job
+    error, err = _json_failure(capsys, ["--target", server.target, "visualize", "3", "--method", "feature_visualization", "--json"])
+    assert (error["code"], error["operation"], error["retry_delay_seconds"]) == ("CANCELLED", job.name, None), error
+    assert f"started {job.name}" in err
 
 
 def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error(server, capsys, monkeypatch):
@@ -2655,7 +2671,7 @@ def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line.get("name") for line in lines] == [job.name, None]  # one update, then the error: one value a line
     assert lines[-1] == {"error": {"code": "UNAVAILABLE", "message": "the server is shutting down; no new jobs are accepted", "field": None,
-                                   "precondition_violations": [], "notes": []}}
+                                   "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}}
 
 
 def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):

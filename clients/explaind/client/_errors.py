@@ -32,7 +32,7 @@ class ExplaindError(Exception):
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
     not say. ``operation`` is the job a DeadlineExceededError gave up waiting for
     (``result(timeout=...)``, ``rank_mistake_neurons``), still running: wait on it later;
-    None on other errors."""
+    or the job an OperationError ended; None on other errors."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     operation: Operation[Any] | None = None

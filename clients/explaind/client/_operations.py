@@ -367,8 +367,10 @@ class Operation(Generic[ResultT]):
         if not self._message.HasField("error"):
             return None
         status = self._message.error
-        return operation_error(code_of(status), status.message, field_violations(status), field=named_field(status),
-                               precondition_violations=precondition_violations(status))
+        error = operation_error(code_of(status), status.message, field_violations(status), field=named_field(status),
+                                precondition_violations=precondition_violations(status))
+        error.operation = self  # which job it was, for a caller that only sees the error (``result()``'s)
+        return error
 
     def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for

@@ -1163,10 +1163,15 @@ def _failure_json(error: ExplaindError | CommandError) -> dict[str, Any]:
     """What a failed command prints on stdout with --json, as its one value (or, after
     ``operations watch``'s lines, its last): {"error": ...} as :func:`_error_json` has it,
     code :data:`CLIENT_ERROR_CODE` for a CommandError, with the notes stderr prints under
-    it (e.g. "that is file a.png", what a failed upload left behind)."""
-    value = _error_json(error) if isinstance(error, ExplaindError) else {
-        "code": CLIENT_ERROR_CODE, "message": str(error), "field": None, "precondition_violations": []}
-    return {"error": {**value, "notes": list(getattr(error, "__notes__", ()))}}
+    it (e.g. "that is file a.png", what a failed upload left behind), the seconds the server
+    asked to wait before retrying (``retry_delay_seconds``, null if it did not say), and the
+    ``operation`` the error ended or gave up waiting for (its name, null if none), which
+    stderr names as the command started it."""
+    if isinstance(error, CommandError):
+        return {"error": {"code": CLIENT_ERROR_CODE, "message": str(error), "field": None, "precondition_violations": [],
+                          "notes": list(getattr(error, "__notes__", ())), "retry_delay_seconds": None, "operation": None}}
+    return {"error": {**_error_json(error), "notes": list(getattr(error, "__notes__", ())), "retry_delay_seconds": error.retry_delay,
+                      "operation": None if error.operation is None else error.operation.name}}
 
 
 def _ports_below_the_ephemeral_range() -> range:
