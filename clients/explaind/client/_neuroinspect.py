@@ -59,7 +59,8 @@ class RankedNeuron:
     top_classes: list[str]  # names of the classes with the largest head weight for the neuron, largest first
     top_class_indices: list[int] = field(default_factory=list)  # the same classes' indices
     # Share of the ranking's stability_resamples bootstrap resamples of the mistakes whose
-    # top 5 holds the neuron (0-1); 0 where none were asked for (stability_resamples 0).
+    # own ranking has the neuron in its top 5 (0-1); 0 where none were asked for
+    # (stability_resamples 0).
     stability: float = 0.0
 
     @property

@@ -381,8 +381,8 @@ class MistakeNeuronRanker:
                 solver step; return True to stop (the ranking is then marked cancelled, and
                 draws no resamples: ``stability_resamples`` 0).
             stability_resamples: B, 0..1000: each neuron's ``stability`` is the share of B
-                bootstrap resamples of the mistakes whose top-5 holds it (:func:`stability`);
-                0, the default, computes none (stabilities 0).
+                bootstrap resamples of the mistakes whose own ranking has it in its top 5
+                (:func:`stability`); 0, the default, computes none (stabilities 0).
             callback_on_resample_chunk_end: ``(resamples done, stability_resamples)`` after
                 each chunk of them, as ``callback_on_step_end`` after each solver step;
                 return True to stop (the ranking is then marked cancelled, with no
