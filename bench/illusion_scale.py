@@ -11,7 +11,8 @@ splits it and wrapped as the engine wraps it for ``ClipIllusion``, and an open_c
 and runs ``--steps`` steps of clip_illusion for each number of ``--pairs``, each in a
 fresh process: the memory one run's allocator keeps would hide the next run's growth.
 It prints each run's peak growth over the memory the models hold (the peak resident
-memory on the CPU, through /proc/self/clear_refs; ``torch.cuda.max_memory_allocated``
+memory on the CPU, through /proc/self/clear_refs, from a baseline with the allocator's
+free memory handed back; ``torch.cuda.max_memory_allocated``
 on a GPU), the least-squares MB per pair and fixed MB, and their sum at the limit.
 
 Measured on 2026-12-06 (2-core CPU, shared, one thread, float32), resnet50 (224 px,

@@ -6,7 +6,8 @@ on synthetic features, in one process on the CPU.
 A ResNet-50 head is D = 2048 features by 1000 classes, and its sets hold tens of
 thousands of samples. Prints, for each step a ranking or an edit takes on such a set,
 the growth of the process's resident memory over what it held before (Linux's peak
-RSS, reset before each step through /proc/self/clear_refs), as MB and as a multiple
+RSS, reset before each step through /proc/self/clear_refs, from a baseline with the
+allocator's free memory handed back), as MB and as a multiple
 of one float32 (N, D) matrix of its inputs, and its seconds:
 
 * each solver on ``--mistakes`` mistakes for ``--steps`` steps (a solve needs ω, its
