@@ -92,7 +92,8 @@ class InferenceServiceServicer:
         are NaN or infinite (the first ten, also as google.rpc.PreconditionFailure
         violations of type UNUSABLE_LOGITS or UNUSABLE_FEATURES, subject samples[i]); so
         it does naming the samples holding a stored image it does not decode now (one its
-        upload decoded: type UNDECODABLE_IMAGE), the image's digest in its message.
+        upload decoded: type UNDECODABLE_IMAGE), the first 12 hex digits of the image's
+        digest in its message.
         Operation metadata: OperationMetadata; response: EvaluateSampleSetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
