@@ -22,7 +22,7 @@ BOTH = "both"
 # Neurons taken per sample and direction when top_k is not given (the paper's), or D where D is smaller.
 DEFAULT_TOP_K = 5
 # Bootstrap resamples a ranking's stability may ask for: 1000 on M = 4096, D = 2048 took
-# 0.52 s on one CPU thread, 200 took 0.11 s (bench/stability_cost.py, docs/neuroinspect.md).
+# 0.53 s on one CPU thread, 200 took 0.11 s (bench/stability_cost.py, docs/neuroinspect.md).
 MAX_STABILITY_RESAMPLES = 1000
 # The neurons a resample's stability counts: the first this many of its merged ranking.
 STABILITY_TOP = 5
