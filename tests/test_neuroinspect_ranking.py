@@ -199,6 +199,23 @@ def test_top_ids_and_top_neurons_match_a_plain_sort_for_every_k_ties_nan_and_inf
     assert ids.untyped_storage().nbytes() == 4 * 1000 * 8 and values.untyped_storage().nbytes() == 4 * 1000 * 4
 
 
+def test_top_neurons_of_a_large_k_select_only_as_many_places_as_a_row_has_positive_or_nan_scores(monkeypatch):
+    # The proximal solver's ω is mostly exact zeros: a large k sorted every row whole for
+    # places that can only be pads. Zeros and negatives are not selected, NaN is (it ranks
+    # above every number); k * FULL_SORT_SHARE == D is a large k. No rows: no places.
+    asked = []
+    real_top_ids = _ranking.top_ids
+    monkeypatch.setattr(_ranking, "top_ids", lambda scores, k, **kwargs: asked.append(k) or real_top_ids(scores, k, **kwargs))
+    nan = math.nan
+    scores = torch.tensor([[0.0, 2.0, 0.0, -1.0, 0.0, 3.0, 0.0, 0.0, -0.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.0, nan, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0, -2.0, 0.0],
+                           [-1.0, -2.0, -3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]])
+    k = scores.shape[1] // _ranking.FULL_SORT_SHARE
+    assert _ranking._top_neurons(scores, k).tolist() == [[5, 1, -1, -1], [-1, 4, 7, -1], [11, -1, -1, -1]]
+    assert asked == [3]  # row 1's NaN (a -1 in its place) and two positive scores
+    assert _ranking._top_neurons(torch.empty(0, 12), k).shape == (0, k)
+
+
 def test_only_mistakes_of_the_target_class_are_explained():
     ranker = MistakeNeuronRanker(always_wrong_head())
     labels = torch.tensor([0, 1, 0, 1])  # samples 1 and 3 are predicted correctly
