@@ -2320,6 +2320,20 @@ def test_a_set_holding_one_image_several_times_computes_its_features_once(engine
     assert engine.load_sample_image(engine.store.list_samples("repeats")[0].digest, other_size).shape == (3, 48, 48)
 
 
+def test_a_set_holding_one_image_several_times_is_classified_once_per_image_by_an_inference_only_model(engine):
+    # An inference-only model caches nothing: each image is decoded and classified where
+    # the set holds it once, and its logits given to every sample holding it.
+    rng = np.random.default_rng(2)
+    a, b = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    engine.create_sample_set("repeats-whole", "", [NewSample.from_array(p, i) for i, p in enumerate((a, b, a, a))])
+    split, classified = engine.models.active, []
+    whole = dataclasses.replace(split, feature_extractor=None, head=None,
+                                predict_fn=lambda images: classified.append(len(images)) or split.logits(split.features(images)))
+    logits, labels, digests = engine.sample_set_logits("repeats-whole", version=whole)
+    assert sum(classified) == 2 and labels.tolist() == [0, 1, 2, 3] and len(set(digests)) == 2
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[0], logits[3]) and not torch.equal(logits[0], logits[1])
+
+
 def test_a_set_s_cached_features_are_read_a_chunk_at_a_time_into_one_array(engine, monkeypatch):
     # All of them read at once and then stacked were twice a set's features: 1.6 GB for
     # 100,000 samples of D = 2048.
