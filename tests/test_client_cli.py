@@ -1106,6 +1106,10 @@ def test_an_upload_that_fails_after_its_first_request_says_under_its_error_what_
     err = capsys.readouterr().err
     assert err.endswith(f"error: images[1025]: cannot read {images[1025]}: Permission denied\n"
                         "  the partly uploaded sample set 'partial' was deleted\n"), err
+    # With --json, on stdout too: the note is a CLIENT_ERROR's, the file refused here.
+    assert main(["--target", server.target, "sample-set", "create", "--id", "partial", "--images", *images, "--labels", *["0"] * 1026, "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["code"], error["notes"]) == ("CLIENT_ERROR", ["the partly uploaded sample set 'partial' was deleted"]), error
     with Client(server.target, timeout=30) as client:
         assert "partial" not in [s.sample_set_id for s in client.sample_sets()]
 
