@@ -2686,6 +2686,13 @@ def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, 
         monkeypatch.undo()
     err = capsys.readouterr().err
     assert err.startswith("error: NOT_FOUND: ") and err.count("error:") == 1 and "Traceback" not in err, err
+    # Buffered, as by default: the failed JSON line stayed in the buffer, and the interpreter's
+    # final flush failed again ("Exception ignored ... No space left on device", exit code 120).
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "explaind.client.cli", "--target", server.target, "rank", "nosuch", "--class", "heart", "--json"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=environment, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: NOT_FOUND: ") and done.stderr.count("error") == 1, done.stderr
 
 
 def test_an_artifact_written_to_standard_output_gets_no_json_error_among_its_bytes(server, capsys):
