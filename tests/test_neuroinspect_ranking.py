@@ -197,6 +197,9 @@ def test_top_ids_and_top_neurons_match_a_plain_sort_for_every_k_ties_nan_and_inf
     # A large k of a wide row (Predict's top classes of 21k) holds k columns, not the row's sort.
     values, ids = top_ids(torch.randn(4, 3000, generator=generator), 1000)
     assert ids.untyped_storage().nbytes() == 4 * 1000 * 8 and values.untyped_storage().nbytes() == 4 * 1000 * 4
+    # What a large k is depends on the row's length alone, not on how many rows: a batch of 10 of 6 classes, k = 2.
+    values, ids = top_ids(torch.randn(10, 6, generator=generator), 2)
+    assert ids.untyped_storage().nbytes() == 10 * 2 * 8 and values.untyped_storage().nbytes() == 10 * 2 * 4
 
 
 def test_top_neurons_of_a_large_k_select_only_as_many_places_as_a_row_has_positive_or_nan_scores(monkeypatch):
