@@ -289,7 +289,7 @@ class _UndecodableSample(InvalidArgument):
     """A stored sample's image that does not decode now, as :meth:`Engine.load_sample_image`
     refuses it (its upload decoded it: a server or classifier since then decodes it
     otherwise); ``digest``: the image, which a set read names as its rows
-    (:meth:`Engine._reading_images_of`)."""
+    (:meth:`Engine.reading_images_of`)."""
 
     def __init__(self, digest: str, refusal: InvalidArgument) -> None:
         super().__init__(refusal.description, field=refusal.field)
@@ -309,7 +309,7 @@ def _undecodable_rows(error: _UndecodableSample, rows: Sequence[int], sample_set
                               field=field, violations=violations)
 
 
-def _rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
+def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
     """The rows of each image among ``digests`` (a set's samples, in order), in the order
     the images first appear: a set may hold one image several times."""
     rows_of: dict[str, list[int]] = {}
@@ -744,7 +744,7 @@ class Engine:
         version.require_split("explanation methods need a split classifier")
         records = self._samples_of(sample_set_id, field, uid, count)
         digests = [record.digest for record in records]
-        rows_of = _rows_by_digest(digests)
+        rows_of = rows_by_digest(digests)
         stacked = np.empty((len(digests), version.feature_dim), dtype=np.float32)
         unique, missing = list(rows_of), []
         for start in range(0, len(unique), FEATURE_READ_ROWS):
@@ -763,7 +763,7 @@ class Engine:
         computed_into = stacked if len(missing) == len(digests) else None
         cached = 0  # of ``missing``, computed and put in the cache so far (not while the data dir is full)
         try:
-            with self._reading_images_of(sample_set_id, field, rows_of):
+            with self.reading_images_of(sample_set_id, field, rows_of):
                 for chunk, computed in self._run_on_samples(missing, version, lambda images: fn(images.to(self.device)), batch_size, context,
                                                             "computing features", outputs=computed_into, call=call):
                     if self.store.put_features(version.feature_cache_key, dict(zip(chunk, computed, strict=True))):
@@ -799,9 +799,9 @@ class Engine:
             return logits, sample.labels, sample.digests
         records = self._samples_of(sample_set_id, "sample_set_id", uid, count)
         digests = [record.digest for record in records]
-        rows_of = _rows_by_digest(digests)
+        rows_of = rows_by_digest(digests)
         computed: dict[str, np.ndarray] = {}
-        with self._reading_images_of(sample_set_id, "sample_set_id", rows_of):
+        with self.reading_images_of(sample_set_id, "sample_set_id", rows_of):
             for chunk, logits in self._run_on_samples(list(rows_of), version, version.predict_fn, batch_size, context, "classifying"):
                 computed.update(zip(chunk, logits, strict=True))
         logits = torch.from_numpy(np.stack([computed[digest] for digest in digests]))  # never empty: usable sets have samples
@@ -810,7 +810,7 @@ class Engine:
 
     @staticmethod
     @contextlib.contextmanager
-    def _reading_images_of(sample_set_id: str, field: str, rows_of: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    def reading_images_of(sample_set_id: str, field: str, rows_of: Mapping[str, Sequence[int]]) -> Iterator[None]:
         """Around reading a set's images (``rows_of``: each image's rows in the set): a stored
         image that is NotFound (no longer referenced, its file swept) means the set was
         deleted while it was read. A job's reads are safe from sweeps (see the server's
@@ -923,4 +923,4 @@ class Engine:
         return image_grid([to_uint8_hwc(self.load_sample_image(d, job=job)) for d in digests], list(captions) if captions else None)
 
 
-__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOptions", "PredictOutput", "SampleFeatures", "check_sample_set_id", "unusable_image"]
+__all__ = ["BatchOutput", "Engine", "NewSample", "PredictOptions", "PredictOutput", "SampleFeatures", "check_sample_set_id", "rows_by_digest", "unusable_image"]

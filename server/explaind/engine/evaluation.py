@@ -9,7 +9,7 @@ import torch
 from explaind.v1 import inference_pb2
 from ..errors import ResourceExhausted
 from ..jobs import JobContext
-from .core import _rows_by_digest
+from .core import rows_by_digest
 from .models import ClassifierVersion
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
     captions = [f"{names[int(labels[i])]}>{names[int(predicted[i])]}" for i in shown]
     # Cached features classify a set without decoding it: an image that no longer decodes
     # fails here, naming every sample holding it as a computation's decode would.
-    with engine._reading_images_of(sample_set_id, "sample_set_id", _rows_by_digest(digests)):
+    with engine.reading_images_of(sample_set_id, "sample_set_id", rows_by_digest(digests)):
         grid = engine.sample_grid([digests[i] for i in shown], captions, job=context)
     context.save_image("mistakes.png", grid)
     return result
