@@ -1369,12 +1369,43 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
             for stored in {v.version_id for v in client.head_versions()} - before:
                 client.delete_head_version(stored)
             client.delete_sample_set("unvisualised")
-    assert capsys.readouterr().err.endswith(
-        "error: the visualisations stopped after 0 neurons: RESOURCE_EXHAUSTED: the GPU ran out of memory <while optimising>\n")
+    assert re.search(r"error: the visualisations stopped after 0 neurons: RESOURCE_EXHAUSTED: the GPU ran out of memory <while optimising>\n"
+                     r"  head version v\d+, the suggested edit, stays stored \(not served\); delete it if it is not wanted\n\Z", capsys.readouterr().err)
     page = out.read_text()
     assert "<p id='visualization-failed'>The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: the GPU ran out " \
            "of memory &lt;while optimising&gt;</p>" in page
     assert "<h2>Suggested head edit</h2>" in page and "id='ranking-legend'" in page  # the work before them is kept
+
+
+def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_same(server, capsys, world_images, tmp_path):
+    # report had no --json: a nightly job parsed "suggested head edit v3" from its text to
+    # delete the version each run stores, and a failure left no machine-readable reason.
+    images, labels = world_images
+    mislabelled = (labels[:24] + 1) % 6
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:24], mislabelled, sample_set_id="nightly")
+        name = client.model_metadata().class_names[int(mislabelled[0])]
+        before = {v.version_id for v in client.head_versions()}
+    page = tmp_path / "report.html"
+    argv = ["--target", server.target, "report", "--class", name, "--sample-set", "nightly", "--out", str(page), "--neurons", "1",
+            "--steps", "2", "--stability", "0", "--json"]
+    try:
+        assert main(argv) == 0
+        printed = capsys.readouterr()
+        with Client(server.target, timeout=30) as client:
+            (stored,) = {v.version_id for v in client.head_versions()} - before
+        value = json.loads(printed.out)  # the JSON alone: the summary lines go to stderr
+        assert value == {"file": str(page), "sample_set_id": "nightly", "class_name": name, "mistake_count": value["mistake_count"],
+                         "ranked_neurons": value["ranked_neurons"], "visualized_neurons": 1, "head_version": stored,
+                         "evaluated_on": value["evaluated_on"], "no_edit_reason": None, "no_visualization_reason": None}
+        assert value["mistake_count"] > 0 and value["ranked_neurons"] >= 1 and "wrote " in printed.err and page.exists()
+        assert main([*argv[:6], "no-such-set", *argv[7:]]) == 1
+        assert json.loads(capsys.readouterr().out)["error"]["code"] == "NOT_FOUND"
+    finally:
+        with Client(server.target, timeout=30) as client:
+            for version in {v.version_id for v in client.head_versions()} - before:
+                client.delete_head_version(version)
+            client.delete_sample_set("nightly")
 
 
 @pytest.mark.parametrize("command", [["report", "--class", "heart"], ["rank", "s", "--class", "heart"]])

@@ -1308,12 +1308,24 @@ def _require_whole(report: MistakeReport) -> None:
         raise CommandError(f"the visualisations stopped after {len(report.visualizations)} neurons: {report.visualization_error}")
 
 
-def _print_report_gaps(report: MistakeReport) -> None:
+def _print_report_gaps(report: MistakeReport, file: TextIO | None = None) -> None:
     """Why a report lacks its head edit or its visualisations, where it does."""
     if report.no_edit_reason:
-        print(f"no head edit suggested: {report.no_edit_reason}")
+        print(f"no head edit suggested: {report.no_edit_reason}", file=file)
     if report.no_visualization_reason:
-        print(f"no visualisations: {report.no_visualization_reason}")
+        print(f"no visualisations: {report.no_visualization_reason}", file=file)
+
+
+def _report_json(report: MistakeReport, out: str, sample_set_id: str) -> dict[str, Any]:
+    """What --json prints for a written report: the page, what it holds, and the head
+    version its suggested edit stored (null if none), which a nightly job must delete or
+    keep (each report stores one); a reason is null where there is no gap."""
+    return {"file": out, "sample_set_id": sample_set_id, "class_name": report.ranking.class_name,
+            "mistake_count": report.ranking.mistake_count, "ranked_neurons": len(report.ranking.neurons),
+            "visualized_neurons": len(report.visualizations),
+            "head_version": None if report.edit is None else report.edit.version.version_id,
+            "evaluated_on": report.evaluated_on or None, "no_edit_reason": report.no_edit_reason or None,
+            "no_visualization_reason": report.no_visualization_reason or None}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1333,13 +1345,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
             stability_resamples=args.stability,
         )
+    notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with noting_stored_edit(report.edit):
         _write(args.out, render_report(report).encode("utf-8"))
-    print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, {len(report.visualizations)} visualised")
-    if report.edit is not None:
-        print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}")
-    _print_report_gaps(report)
-    _require_whole(report)
+        print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, "
+              f"{len(report.visualizations)} visualised", file=notes)
+        if report.edit is not None:
+            print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}", file=notes)
+        _print_report_gaps(report, notes)
+        _require_whole(report)  # its error names the stored edit, which --json's output would not
+    if args.json:
+        _print_json(_report_json(report, args.out, sample_set_id))
     return 0
 
 
@@ -1579,6 +1595,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--validation-sample-set", dest="validation_sample_set", default="",
         help="set for the suggested edit's early stopping (default: every 5th sample of --sample-set, which the edit does not train on)",
     )
+    _json_option(report, "print JSON: the file written, the mistakes, neurons ranked and visualised, the head_version the suggested edit "
+                         "stored (null if none) and why an edit or the visualisations are missing (null if they are not)")
     report.set_defaults(run=cmd_report)
 
     head_versions = command("head-versions", "list, show, promote, roll back or delete classifier head versions")
