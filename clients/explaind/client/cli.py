@@ -929,7 +929,12 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
         if not args.json:
             print(f"started {operation.name}; explaind operations wait {operation.name} waits for it", file=sys.stderr)
         return None
-    print(f"started {operation.name}", file=sys.stderr if args.json else sys.stdout)
+    notes = sys.stderr if args.json else sys.stdout
+    if operation.done:  # the server answers a new job QUEUED: this is an earlier run's under the same --request-id
+        again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
+        print(f"{operation.name}, started by an earlier run with this --request-id, ended already ({operation.state}){again}", file=notes)
+    else:
+        print(f"started {operation.name}", file=notes)
     return operation.result(progress=True)
 
 
