@@ -2058,6 +2058,7 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert ranking["neurons"][0]["rank_ratio"] == expected.neurons[0].rank_ratio and ranking["class_name"] == "heart"
     assert ranking["mistake_count"] == expected.mistake_count > 0 and "mistakes" not in ranking  # not asked for: not an empty list
     assert "omega" not in ranking  # (mistakes x features) floats: the SDK's result or omega.npy has them
+    assert ranking["operation"] is None  # a small set, ranked inline: no job to name
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart"]) == 0
     out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise, how far to trust each unless --stability 0 says not
     assert len(out[2:-2]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")
@@ -2092,7 +2093,7 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
         client.rank_mistake_neurons(sample_set_id, "heart", execution="operation")  # an older one, for the list below
         ranking = client.rank_mistake_neurons(sample_set_id, "heart", execution="operation", include_samples=True)
         (operation,) = client.operations(kind="rank_mistake_neurons", limit=1)
-        assert ranking.omega.shape == (expected.mistake_count, 128)
+        assert ranking.omega.shape == (expected.mistake_count, 128) and ranking.operation == operation.name
         assert operation.result(download=False).omega is None and operation.result(download=False).neurons == ranking.neurons
     reads = _artifact_reads(server)
     assert reads > 0  # the SDK's result() above read ω

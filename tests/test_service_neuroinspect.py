@@ -460,6 +460,8 @@ def test_rank_matches_the_in_process_ranker(client, world_set):
     assert as_operation.mistakes == ranking.mistakes
     (operation,) = client.operations(kind="rank_mistake_neurons", limit=1)
     assert [(a.name, a.media_type) for a in operation.artifacts] == [("omega.npy", "application/x-npy")]
+    # Which job computed it (a script that only holds the ranking had to list operations); not compared.
+    assert (as_operation.operation, ranking.operation) == (operation.name, None) and as_operation == dataclasses.replace(ranking, omega=as_operation.omega)
     # ω may stay on the server; and the timeout bounds the operation's wait too (it had no limit).
     kept = client.rank_mistake_neurons("spurious", "heart", execution="operation", include_samples=True, download=False)
     assert kept.omega is None and [n.neuron for n in kept.neurons] == expected.neuron_ids

@@ -1355,7 +1355,8 @@ class Client:
         request gets at least 300 s and the operation no limit). ``download=False`` leaves
         a large set's ω (``include_samples``) on the server: ``omega`` is then None.
         ``request_id``: see :meth:`evaluate_sample_set` (only a ranking that runs as an
-        operation is remembered)."""
+        operation is remembered). A ranking that ran as an operation names it
+        (``ranking.operation``; None inline)."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
         request = _request(neuroinspect_pb2.RankMistakeNeuronsRequest,
             sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
@@ -1374,7 +1375,8 @@ class Client:
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
         # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
         # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
-        return Operation[NeuronRanking](self, response.operation).result(progress=progress, timeout=left, download=download)
+        ranking = Operation[NeuronRanking](self, response.operation).result(progress=progress, timeout=left, download=download)
+        return dataclasses.replace(ranking, operation=response.operation.name)
 
     def visualize_neurons(
         self,

@@ -114,6 +114,9 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     top_k: int = 0
     # Bootstrap resamples behind each neuron's stability; 0: none asked (or an older server).
     stability_resamples: int = 0
+    # The job that computed it (its name), where ``rank_mistake_neurons`` ran the set as
+    # one; None inline. Not compared: the same ranking, however it was computed.
+    operation: str | None = field(default=None, compare=False)
 
     @property
     def neuron_ids(self) -> list[int]:

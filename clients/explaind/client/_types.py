@@ -27,7 +27,7 @@ class ComparedByValue:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return all(_equal(getattr(self, item.name), getattr(other, item.name)) for item in fields(self))  # type: ignore[arg-type]
+        return all(_equal(getattr(self, item.name), getattr(other, item.name)) for item in fields(self) if item.compare)  # type: ignore[arg-type]
 
 
 class AbbreviatedRepr:
