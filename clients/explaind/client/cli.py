@@ -1172,11 +1172,10 @@ def _failure_json(error: ExplaindError | CommandError) -> dict[str, Any]:
     asked to wait before retrying (``retry_delay_seconds``, null if it did not say), and the
     ``operation`` the error ended or gave up waiting for (its name, null if none), which
     stderr names as the command started it."""
-    if isinstance(error, CommandError):
-        return {"error": {"code": CLIENT_ERROR_CODE, "message": str(error), "field": None, "precondition_violations": [],
-                          "notes": list(getattr(error, "__notes__", ())), "retry_delay_seconds": None, "operation": None}}
-    return {"error": {**_error_json(error), "notes": list(getattr(error, "__notes__", ())), "retry_delay_seconds": error.retry_delay,
-                      "operation": None if error.operation is None else error.operation.name}}
+    server = error if isinstance(error, ExplaindError) else None
+    value = _error_json(server) if server is not None else {"code": CLIENT_ERROR_CODE, "message": str(error), "field": None, "precondition_violations": []}
+    return {"error": {**value, "notes": list(getattr(error, "__notes__", ())), "retry_delay_seconds": None if server is None else server.retry_delay,
+                      "operation": None if server is None or server.operation is None else server.operation.name}}
 
 
 def _ports_below_the_ephemeral_range() -> range:
