@@ -40,7 +40,7 @@ from torch import nn
 
 from explaind.config import ClassifierSection, ConfigError, default_config, load_config
 from explaind.engine import DynamicBatcher, Engine, NewSample
-from explaind.engine.core import BLOB_WRITE_THREADS
+from explaind.engine.core import BLOB_WRITE_THREADS, rows_by_digest
 from explaind.engine.models import Preprocess, load_classifier
 from explaind.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, PermissionDenied,
                              ResourceExhausted, Unavailable)
@@ -2429,6 +2429,65 @@ def test_a_stored_image_that_does_not_decode_now_is_refused_naming_the_samples_h
     # Asked for under another field, the error names that one.
     with pytest.raises(FailedPrecondition, match=r"^validation_sample_set_id: the image .* \(sample_index 0, 1, 2, 3, 4, 6, 7, 8, 9, 10 and 1 more\)"):
         engine.sample_set_features("widened", field="validation_sample_set_id")
+
+
+def test_a_read_names_every_stored_image_that_does_not_decode_now_not_only_the_first(engine, monkeypatch):
+    # Only the first image a read failed on was named: the others showed on the next run,
+    # so a set's owner replaced its images one a run. Each is named with its first three
+    # samples and its refusal, the violations list the first ten samples of them all, and
+    # the model runs on no batch once the read is bound to fail (the first is in batch 0).
+    from explaind import imaging
+
+    rng = np.random.default_rng(6)
+    narrow = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    wide = {side: rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for side in (32, 30, 28)}
+    side_of_row = {1: 32, 4: 32, 9: 32, 12: 32, 13: 32, 2: 30, 7: 28}
+    samples = [NewSample.from_array(wide[side_of_row[row]] if row in side_of_row else narrow, row % 6) for row in range(14)]
+    engine.create_sample_set("several", "", samples)
+    digests = [record.digest for record in engine.store.list_samples("several")]
+    engine.create_sample_set("many", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 0) for _ in range(13)])
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    split = engine.models.active
+    batches = []
+    whole = dataclasses.replace(split, feature_extractor=None, head=None,
+                                predict_fn=lambda images: batches.append(len(images)) or split.logits(split.features(images)))
+    for version in (split, whole):
+        with pytest.raises(FailedPrecondition) as refused:
+            engine.sample_set_logits("several", version=version, batch_size=2)
+        assert str(refused.value) == (
+            f"sample_set_id: 3 images of 7 samples of sample set 'several' do not decode now: "
+            f"[{digests[1][:12]}, sample_index 1, 4, 9 and 2 more: image is 32x32; the largest side allowed is 24], "
+            f"[{digests[2][:12]}, sample_index 2: image is 30x30; the largest side allowed is 24], "
+            f"[{digests[7][:12]}, sample_index 7: image is 28x28; the largest side allowed is 24]; use a set without them")
+        assert refused.value.violations == tuple(("UNDECODABLE_IMAGE", f"samples[{row}]") for row in (1, 2, 4, 7, 9, 12, 13))
+    assert batches == []
+    # An evaluation's mistakes grid (its features cached, the set classified undecoded) alike.
+    with pytest.raises(FailedPrecondition) as drawn, engine.reading_images_of("several", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid([digests[row] for row in (0, 7, 1, 2, 1)])
+    assert str(drawn.value) == str(refused.value) and drawn.value.violations == refused.value.violations
+    # Past ten images, the rest are counted; past ten samples, the violations stop.
+    with pytest.raises(FailedPrecondition, match=r"^sample_set_id: 13 images of 13 samples .*, \[[0-9a-f]{12}, sample_index 9: [^]]*\] "
+                                                 r"and 3 more images; use a set without them$") as refused:
+        engine.sample_set_features("many", batch_size=4)
+    assert str(refused.value).count("[") == 10
+    assert refused.value.violations == tuple(("UNDECODABLE_IMAGE", f"samples[{row}]") for row in range(10))
+
+
+def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
+    # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
+    # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
+    # owner to replace an image that decodes once the server has memory again.
+    from explaind import imaging
+
+    engine.create_sample_set("fine", "", [NewSample.from_array(np.zeros((32, 32, 3), np.uint8), 0)])
+
+    def out_of_memory(image, orientation):
+        raise MemoryError()
+
+    monkeypatch.setattr(imaging, "_as_viewed", out_of_memory)
+    with pytest.raises(ResourceExhausted, match="ran out of memory decoding the image; retry later") as refused:
+        engine.sample_set_features("fine")
+    assert refused.value.retry_delay_s is not None and refused.value.retry_delay_s > 0 and not refused.value.violations
 
 
 def test_features_of_a_set_for_an_inference_only_classifier_are_refused_saying_why(engine):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import INTERPOLATIONS
 from .decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL, DecodeLease
-from .errors import ExplaindError, InvalidArgument
+from .errors import ExplaindError, InvalidArgument, ResourceExhausted
 from .exif import directories_read, exif_orientation, stored_value_bytes, values_fit
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
@@ -122,10 +122,18 @@ class PixelBudget:
             )
 
 
+class DecodeOutOfMemory(ResourceExhausted):
+    """A decoder's allocation refused (MemoryError): the server's memory was short, full of
+    concurrent work, which may pass; the file is not at fault (not INVALID_ARGUMENT, nor a
+    stored image's "does not decode now")."""
+
+    retry_delay_s = 1.0
+
+
 def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None, jpeg_min_side: int = 0) -> np.ndarray:
     """PNG/JPEG/WebP/BMP/GIF/TIFF bytes -> (H, W, 3) uint8 RGB as a viewer shows them
     (turned by the EXIF Orientation, :func:`_as_viewed`; possibly read-only); any failure
-    is INVALID_ARGUMENT. ``jpeg_min_side`` N > 0 decodes a JPEG at 1/2, 1/4 or 1/8 of its
+    of the file is INVALID_ARGUMENT, the decoder out of memory :class:`DecodeOutOfMemory`. ``jpeg_min_side`` N > 0 decodes a JPEG at 1/2, 1/4 or 1/8 of its
     size (libjpeg's DCT scaling, several times faster), the smallest with both sides still
     at least N (:attr:`InputGeometry.jpeg_min_side`); other formats, a lossless JPEG
     (which has no DCT: libjpeg-turbo fails to scale one), and 0, decode whole.
@@ -171,6 +179,8 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
+    except MemoryError:  # the process's memory, not the file: a stored image that decoded at upload still does
+        raise DecodeOutOfMemory("the server ran out of memory decoding the image; retry later, or with fewer or smaller images", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
 

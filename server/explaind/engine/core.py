@@ -271,42 +271,62 @@ def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str
                               f"{'their images' if many else 'its image'}; {remedy}", field=field, violations=violations)
 
 
-def _more_than_named(count: int) -> str:
-    """What a list of ``count`` rows, cut to its first MAX_SAMPLES_NAMED, says of the rest."""
-    return f" and {count - MAX_SAMPLES_NAMED} more" if count > MAX_SAMPLES_NAMED else ""
+def _more_than_named(count: int, items: str = "", named: int = MAX_SAMPLES_NAMED) -> str:
+    """What a list of ``count`` ``items``, cut to its first ``named``, says of the rest."""
+    return f" and {count - named} more{items}" if count > named else ""
 
 
-def _named_samples(rows: Sequence[int], violation_type: str) -> tuple[str, list[PreconditionViolation]]:
+def _named_samples(rows: Sequence[int], violation_type: str, named: int = MAX_SAMPLES_NAMED) -> tuple[str, list[PreconditionViolation]]:
     """How an error names ``rows`` of a sample set: by sample_index in its message (the
-    first MAX_SAMPLES_NAMED, the rest counted), and as violations of ``violation_type``
-    whose subject is ``samples[i]``, i the sample's index in the set."""
-    first = rows[:MAX_SAMPLES_NAMED]
-    return ("sample_index " + ", ".join(map(str, first)) + _more_than_named(len(rows)),
+    first ``named``, the rest counted), and as violations of ``violation_type`` whose
+    subject is ``samples[i]``, i the sample's index in the set."""
+    first = rows[:named]
+    return ("sample_index " + ", ".join(map(str, first)) + _more_than_named(len(rows), named=named),
             [PreconditionViolation(violation_type, f"samples[{row}]") for row in first])
 
 
-class _UndecodableSample(InvalidArgument):
-    """A stored sample's image that does not decode now, as :meth:`Engine.load_sample_image`
-    refuses it (its upload decoded it: a server or classifier since then decodes it
-    otherwise); ``digest``: the image, which a set read names as its rows
-    (:meth:`Engine.reading_images_of`)."""
+class _UndecodableImages(InvalidArgument):
+    """Stored samples' images that do not decode now, as :meth:`Engine.load_sample_image`
+    refuses each (their upload decoded them: a server or classifier since then decodes
+    them otherwise); ``refusals``: each image's digest and refusal, in the order met, which
+    a set read names as their rows (:meth:`Engine.reading_images_of`). A read collects them
+    all before it fails, so their owner replaces them in one go, not one a run."""
 
-    def __init__(self, digest: str, refusal: InvalidArgument) -> None:
-        super().__init__(refusal.description, field=refusal.field)
-        self.digest = digest
+    def __init__(self, refusals: Mapping[str, InvalidArgument]) -> None:
+        first = next(iter(refusals.values()))
+        super().__init__(first.description, field=first.field)
+        self.refusals = dict(refusals)
 
 
-def _undecodable_rows(error: _UndecodableSample, rows: Sequence[int], sample_set_id: str, field: str) -> FailedPrecondition:
-    """FailedPrecondition naming ``field`` and the ``rows`` of sample set ``sample_set_id``
-    holding the image ``error`` could not decode (by sample_index, and as UNDECODABLE_IMAGE
-    violations of subject ``samples[i]``, as :func:`_unusable_rows` names them): one image
-    may be several samples of a set, and only their indices tell its owner what to replace.
+# Of a read's images that do not decode now, each named in its error lists its first this
+# many samples (the error's violations list the first MAX_SAMPLES_NAMED of them all).
+_ROWS_NAMED_PER_IMAGE = 3
+
+
+def _undecodable_rows(refusals: Mapping[str, InvalidArgument], rows_of: Mapping[str, Sequence[int]], sample_set_id: str,
+                      field: str) -> FailedPrecondition:
+    """FailedPrecondition naming ``field`` and the rows of sample set ``sample_set_id``
+    holding the images ``refusals`` could not decode (``rows_of``: each image's rows), as
+    UNDECODABLE_IMAGE violations of subject ``samples[i]``, the first MAX_SAMPLES_NAMED by
+    sample_index (as :func:`_unusable_rows` names them; a status carries no more, see
+    MAX_PRECONDITION_VIOLATIONS). Its message names the first MAX_SAMPLES_NAMED images
+    (the rest counted), each by its digest's first 12 hex digits, its samples and its
+    refusal, so it stays within the status message's 2 KiB: one image may be several
+    samples of a set, and only their indices tell its owner what to replace.
     Not INVALID_ARGUMENT: the request is sound, and the set, not it, must change."""
-    named, violations = _named_samples(rows, UNDECODABLE_IMAGE)
+    digests = sorted(refusals, key=lambda digest: rows_of[digest][0])
+    rows = sorted(row for digest in digests for row in rows_of[digest])
     many = len(rows) != 1
-    return FailedPrecondition(f"the image {error.digest[:12]} of {len(rows)} sample{'s' * many} of sample set {sample_set_id!r} ({named}) "
-                              f"does not decode now: {error.description}; use a set without {'them' if many else 'it'}",
-                              field=field, violations=violations)
+    named, violations = _named_samples(rows, UNDECODABLE_IMAGE)
+    remedy = f"use a set without {'them' if many else 'it'}"
+    if len(digests) == 1:
+        (digest,) = digests
+        return FailedPrecondition(f"the image {digest[:12]} of {len(rows)} sample{'s' * many} of sample set {sample_set_id!r} ({named}) "
+                                  f"does not decode now: {refusals[digest].description}; {remedy}", field=field, violations=violations)
+    images = ", ".join(f"[{digest[:12]}, {_named_samples(rows_of[digest], UNDECODABLE_IMAGE, _ROWS_NAMED_PER_IMAGE)[0]}: "
+                       f"{refusals[digest].description}]" for digest in digests[:MAX_SAMPLES_NAMED])
+    return FailedPrecondition(f"{len(digests)} images of {len(rows)} samples of sample set {sample_set_id!r} do not decode now: "
+                              f"{images}{_more_than_named(len(digests), ' images')}; {remedy}", field=field, violations=violations)
 
 
 def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
@@ -706,7 +726,7 @@ class Engine:
             with PixelBudget(sys.maxsize, field=field, memory=lease) as budget:
                 return decode_encoded(data, field=field, geometry=geometry, budget=budget)
         except InvalidArgument as refusal:
-            raise _UndecodableSample(digest, refusal) from None
+            raise _UndecodableImages({digest: refusal}) from None
         except Cancelled:
             if job is not None:
                 job.raise_if_cancelled()  # the job's own end (JobCancelled), not a call's CANCELLED
@@ -815,11 +835,11 @@ class Engine:
         image that is NotFound (no longer referenced, its file swept) means the set was
         deleted while it was read. A job's reads are safe from sweeps (see the server's
         sweep); a call's inline ones are not, and told "no artifact with digest ..." with no
-        field. One that does not decode now fails naming its rows (:func:`_undecodable_rows`)."""
+        field. Those that do not decode now fail naming their rows (:func:`_undecodable_rows`)."""
         try:
             yield
-        except _UndecodableSample as error:
-            raise _undecodable_rows(error, rows_of[error.digest], sample_set_id, field) from None
+        except _UndecodableImages as error:
+            raise _undecodable_rows(error.refusals, rows_of, sample_set_id, field) from None
         except NotFound:
             raise NotFound(f"sample set {sample_set_id!r} was deleted while it was read", field=field) from None
 
@@ -857,6 +877,9 @@ class Engine:
                     context.report_progress(done, len(digests), f"{activity} {done}/{len(digests)}")
                 elif call is not None:
                     require_caller(call.is_active)
+                if images is None:  # the read fails once decoded: the model need not run
+                    done += len(chunk)
+                    continue
                 output = fn(images).float().cpu().numpy()
                 if outputs is None:
                     outputs = np.empty((len(digests), *output.shape[1:]), dtype=np.float32)
@@ -867,24 +890,37 @@ class Engine:
                 done += len(chunk)
 
     def _decoded_chunks(self, chunks: list[list[str]], version: ClassifierVersion, job: JobContext | None,
-                        call: CallContext | None = None) -> Iterator[torch.Tensor]:
+                        call: CallContext | None = None) -> Iterator[torch.Tensor | None]:
         """Each chunk of stored samples as images (n, 3, S, S), decoded by a thread pool
         while the model runs on the chunk before: decoding and resizing one at a time
         (3 ms a 224 px image) left a GPU idle most of the time. Only the next chunk is
         decoded ahead of the one in use. Each decode holds its own room in
         [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job`` or ``call``;
-        the arenas are trimmed once, at the end, not after each."""
+        the arenas are trimmed once, at the end, not after each. Once an image does not
+        decode now, the read will fail: each chunk after it is None, its images decoded only
+        to find any others (dropped as they come), and the end raises :class:`_UndecodableImages`
+        naming them all."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
+        refusals: dict[str, InvalidArgument] = {}  # the images met so far that do not decode now
         try:
             upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
-                images = torch.stack([future.result() for future in upcoming])
+                decoded = []
+                for future in upcoming:
+                    try:
+                        decoded.append(future.result())
+                    except _UndecodableImages as refused:
+                        refusals.update(refused.refusals)
+                images = None if refusals else torch.stack(decoded)
                 # Nothing else holds this chunk's decoded images while the model runs on it.
+                del decoded
                 upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False)
                             for digest in following] if following else []
                 yield images
+            if refusals:
+                raise _UndecodableImages(refusals)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             trim_arenas()
@@ -919,8 +955,24 @@ class Engine:
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None, *, job: JobContext | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory
-        end as ``job`` does (:meth:`load_sample_image`)."""
-        return image_grid([to_uint8_hwc(self.load_sample_image(d, job=job)) for d in digests], list(captions) if captions else None)
+        end as ``job`` does (:meth:`load_sample_image`). Images that do not decode now are
+        all found before it fails (:class:`_UndecodableImages`), the tiles dropped once one is."""
+        tiles: list[np.ndarray] = []
+        refusals: dict[str, InvalidArgument] = {}
+        for digest in digests:
+            if digest in refusals:
+                continue
+            try:
+                tile = to_uint8_hwc(self.load_sample_image(digest, job=job))
+            except _UndecodableImages as refused:
+                refusals.update(refused.refusals)
+                tiles.clear()
+                continue
+            if not refusals:
+                tiles.append(tile)
+        if refusals:
+            raise _UndecodableImages(refusals)
+        return image_grid(tiles, list(captions) if captions else None)
 
 
 __all__ = ["BatchOutput", "Engine", "NewSample", "PredictOptions", "PredictOutput", "SampleFeatures", "check_sample_set_id", "rows_by_digest", "unusable_image"]
