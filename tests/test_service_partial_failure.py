@@ -13,7 +13,7 @@ from conftest import DIVIDES_BY_MEAN_CLASSIFIER
 from google.rpc import error_details_pb2
 from PIL import Image
 
-from explaind.client import AsyncClient, Client, FailedPreconditionError, InvalidArgumentError, UnimplementedError
+from explaind.client import AsyncClient, Client, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnimplementedError
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -636,6 +636,46 @@ def test_an_operation_failed_for_a_stored_image_that_does_not_decode_names_the_s
             assert f"the image {digest[:12]} of 2 samples of sample set 'undecodable' (sample_index 1, 3) does not decode now: " in error.details
             assert "the largest side allowed is 24" in error.details
             assert error.precondition_violations == [("UNDECODABLE_IMAGE", "samples[1]", ""), ("UNDECODABLE_IMAGE", "samples[3]", "")]
+
+
+def test_an_operation_failed_for_stored_images_that_do_not_decode_names_them_all_not_only_the_first(server, monkeypatch):
+    # The job's error named the first image its read met, and the next run the next one.
+    import hashlib
+
+    from explaind import imaging
+
+    first, second = _png(44, side=32), _png(45, side=30)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([GOOD, first, GOOD, second, first], [0, 0, 1, 1, 2], sample_set_id="undecodable-two")
+        monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+        operation = client.evaluate_sample_set("undecodable-two").wait(60)
+        for error in (operation.error, operation.refresh().error):  # WaitOperation, and GetOperation from job_error_details
+            assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
+            assert (f"2 images of 3 samples of sample set 'undecodable-two' do not decode now: "
+                    f"[{hashlib.sha256(first).hexdigest()[:12]}, sample_index 1, 4: image is 32x32; the largest side allowed is 24], "
+                    f"[{hashlib.sha256(second).hexdigest()[:12]}, sample_index 3: image is 30x30; ") in error.details
+            assert error.precondition_violations == [("UNDECODABLE_IMAGE", f"samples[{row}]", "") for row in (1, 3, 4)]
+
+
+def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_the_images_fault(server, monkeypatch):
+    # Its MemoryError read as the file's fault: INVALID_ARGUMENT "cannot decode image bytes",
+    # which partial_failure answered as that image's error, and a stored image's "does not
+    # decode now" (FAILED_PRECONDITION, replace it), though it decodes once memory is free.
+    from explaind import imaging
+
+    def out_of_memory(image, orientation):
+        raise MemoryError()
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([GOOD, GOOD], [0, 1], sample_set_id="decodes-later")
+        monkeypatch.setattr(imaging, "_as_viewed", out_of_memory)
+        errors = []
+        for call in (lambda: client.predict([GOOD, GOOD], partial_failure=True), lambda: client.evaluate_sample_set("decodes-later").result(timeout=60)):
+            with pytest.raises(ResourceExhaustedError) as raised:
+                call()
+            errors.append(raised.value)
+    assert all("ran out of memory decoding the image; retry later" in error.details and not error.precondition_violations for error in errors)
+    assert errors[0].retry_delay == 1.0
 
 
 def test_an_inline_ranking_refused_for_a_stored_image_that_does_not_decode_names_the_samples_holding_it(server, monkeypatch, capsys):
