@@ -91,9 +91,11 @@ class InferenceServiceServicer:
         every class, or, for a classifier split into features and head, whose features
         are NaN or infinite (the first ten, also as google.rpc.PreconditionFailure
         violations of type UNUSABLE_LOGITS or UNUSABLE_FEATURES, subject samples[i]); so
-        it does naming the samples holding a stored image it does not decode now (one its
-        upload decoded: type UNDECODABLE_IMAGE), the first 12 hex digits of the image's
-        digest in its message.
+        it does naming the samples holding stored images it does not decode now (ones their
+        upload decoded: type UNDECODABLE_IMAGE), every such image the read met, the first
+        ten by the first 12 hex digits of their digest in its message, the rest counted. An
+        image decoder out of memory is RESOURCE_EXHAUSTED (with a google.rpc.RetryInfo),
+        not an image that does not decode.
         Operation metadata: OperationMetadata; response: EvaluateSampleSetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

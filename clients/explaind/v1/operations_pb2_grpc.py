@@ -42,8 +42,9 @@ class OperationsServiceStub:
     as a google.rpc.BadRequest in the status's details, another error about a field as a
     google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
     a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
-    stored image does not decode now (type UNDECODABLE_IMAGE), also lists them as
-    google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
+    stored image does not decode now (type UNDECODABLE_IMAGE, of every such image the
+    read met), also lists them as google.rpc.PreconditionFailure violations (subject
+    samples[i], the first ten by sample_index).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -117,8 +118,9 @@ class OperationsServiceServicer:
     as a google.rpc.BadRequest in the status's details, another error about a field as a
     google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
     a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
-    stored image does not decode now (type UNDECODABLE_IMAGE), also lists them as
-    google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
+    stored image does not decode now (type UNDECODABLE_IMAGE, of every such image the
+    read met), also lists them as google.rpc.PreconditionFailure violations (subject
+    samples[i], the first ten by sample_index).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -264,8 +266,9 @@ class OperationsService:
     as a google.rpc.BadRequest in the status's details, another error about a field as a
     google.rpc.ErrorInfo (domain "explaind.v1", metadata "field"), as a call's error does;
     a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
-    stored image does not decode now (type UNDECODABLE_IMAGE), also lists them as
-    google.rpc.PreconditionFailure violations (subject samples[i], the first ten).
+    stored image does not decode now (type UNDECODABLE_IMAGE, of every such image the
+    read met), also lists them as google.rpc.PreconditionFailure violations (subject
+    samples[i], the first ten by sample_index).
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
