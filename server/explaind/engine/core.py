@@ -311,8 +311,9 @@ def _undecodable_rows(refusals: Mapping[str, InvalidArgument], rows_of: Mapping[
     sample_index (as :func:`_unusable_rows` names them; a status carries no more, see
     MAX_PRECONDITION_VIOLATIONS). Its message names the first MAX_SAMPLES_NAMED images
     (the rest counted), each by its digest's first 12 hex digits, its samples and its
-    refusal, so it stays within the status message's 2 KiB: one image may be several
-    samples of a set, and only their indices tell its owner what to replace.
+    refusal (1.25 kB for ten images refused in 50 characters each, within the 2 KiB a
+    status message with details is cut to): one image may be several samples of a set,
+    and only their indices tell its owner what to replace.
     Not INVALID_ARGUMENT: the request is sound, and the set, not it, must change."""
     digests = sorted(refusals, key=lambda digest: rows_of[digest][0])
     rows = sorted(row for digest in digests for row in rows_of[digest])
