@@ -2473,6 +2473,23 @@ def test_a_read_names_every_stored_image_that_does_not_decode_now_not_only_the_f
     assert refused.value.violations == tuple(("UNDECODABLE_IMAGE", f"samples[{row}]") for row in range(10))
 
 
+def test_a_read_past_ten_stored_images_that_do_not_decode_counts_the_rest_in_the_singular_for_one(engine, monkeypatch):
+    # Eleven such images said "and 1 more images"; ten name them all and count none.
+    from explaind import imaging
+
+    rng = np.random.default_rng(7)
+    for count in (10, 11):
+        engine.create_sample_set(f"wide{count}", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 0)
+                                                      for _ in range(count)])
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    with pytest.raises(FailedPrecondition, match=r"^sample_set_id: 10 images of 10 samples .*sample_index 9: [^]]*\]; use a set without them$"):
+        engine.sample_set_features("wide10")
+    with pytest.raises(FailedPrecondition, match=r"^sample_set_id: 11 images of 11 samples .*sample_index 9: [^]]*\] "
+                                                 r"and 1 more image; use a set without them$") as refused:
+        engine.sample_set_features("wide11")
+    assert str(refused.value).count("[") == 10 and len(refused.value.violations) == 10
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its

@@ -271,9 +271,13 @@ def _unusable_rows(bad: Sequence[int], what: str, field: str, sample_set_id: str
                               f"{'their images' if many else 'its image'}; {remedy}", field=field, violations=violations)
 
 
-def _more_than_named(count: int, items: str = "", named: int = MAX_SAMPLES_NAMED) -> str:
-    """What a list of ``count`` ``items``, cut to its first ``named``, says of the rest."""
-    return f" and {count - named} more{items}" if count > named else ""
+def _more_than_named(count: int, noun: str = "", named: int = MAX_SAMPLES_NAMED) -> str:
+    """What a list of ``count`` items, cut to its first ``named``, says of the rest
+    (``noun``: what one item is, "image", said after their number; "": nothing)."""
+    rest = count - named
+    if rest <= 0:
+        return ""
+    return f" and {rest} more" + (f" {noun}{'s' * (rest != 1)}" if noun else "")
 
 
 def _named_samples(rows: Sequence[int], violation_type: str, named: int = MAX_SAMPLES_NAMED) -> tuple[str, list[PreconditionViolation]]:
@@ -327,7 +331,7 @@ def _undecodable_rows(refusals: Mapping[str, InvalidArgument], rows_of: Mapping[
     images = ", ".join(f"[{digest[:12]}, {_named_samples(rows_of[digest], UNDECODABLE_IMAGE, _ROWS_NAMED_PER_IMAGE)[0]}: "
                        f"{refusals[digest].description}]" for digest in digests[:MAX_SAMPLES_NAMED])
     return FailedPrecondition(f"{len(digests)} images of {len(rows)} samples of sample set {sample_set_id!r} do not decode now: "
-                              f"{images}{_more_than_named(len(digests), ' images')}; {remedy}", field=field, violations=violations)
+                              f"{images}{_more_than_named(len(digests), 'image')}; {remedy}", field=field, violations=violations)
 
 
 def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
