@@ -94,8 +94,8 @@ class InferenceServiceServicer:
         it does naming the samples holding stored images it does not decode now (ones their
         upload decoded: type UNDECODABLE_IMAGE), every such image the read met, the first
         ten by the first 12 hex digits of their digest in its message, the rest counted. An
-        image decoder out of memory is RESOURCE_EXHAUSTED (with a google.rpc.RetryInfo),
-        not an image that does not decode.
+        image decoder out of memory fails it RESOURCE_EXHAUSTED, not as an image that does
+        not decode: submit it again later (an operation's error carries no RetryInfo).
         Operation metadata: OperationMetadata; response: EvaluateSampleSetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
