@@ -2490,6 +2490,29 @@ def test_a_read_past_ten_stored_images_that_do_not_decode_counts_the_rest_in_the
     assert str(refused.value).count("[") == 10 and len(refused.value.violations) == 10
 
 
+def test_a_mistakes_grid_looking_for_more_stored_images_that_do_not_decode_ends_once_its_job_is_cancelled(engine, monkeypatch):
+    # Past the first image that did not decode, the grid decoded every other one (up to
+    # 1024) to name them all, none of them checking the job: a cancelled job ran on.
+    from explaind import imaging
+
+    rng = np.random.default_rng(8)
+    engine.create_sample_set("wide", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 0) for _ in range(4)])
+    digests = [record.digest for record in engine.store.list_samples("wide")]
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    context, loaded = _EvaluationContext(), []
+    load = engine.load_sample_image
+
+    def load_then_cancel(digest, *args, **kwargs):
+        loaded.append(digest)
+        context.cancel()
+        return load(digest, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_then_cancel)
+    with pytest.raises(JobCancelled):
+        engine.sample_grid(digests, job=context)
+    assert loaded == digests[:1]
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its

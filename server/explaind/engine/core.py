@@ -960,11 +960,14 @@ class Engine:
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None, *, job: JobContext | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory
-        end as ``job`` does (:meth:`load_sample_image`). Images that do not decode now are
-        all found before it fails (:class:`_UndecodableImages`), the tiles dropped once one is."""
+        end as ``job`` does (:meth:`load_sample_image`), and so does the grid, between two
+        images. Images that do not decode now are all found before it fails
+        (:class:`_UndecodableImages`), the tiles dropped once one is."""
         tiles: list[np.ndarray] = []
         refusals: dict[str, InvalidArgument] = {}
         for digest in digests:
+            if job is not None:
+                job.raise_if_cancelled()
             if digest in refusals:
                 continue
             try:
