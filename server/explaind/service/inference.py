@@ -69,7 +69,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         alone (INVALID_ARGUMENT decoding it, unusable logits) is answered with its error,
         and only the images that decoded go to the batcher (none: no forward pass). Faults
         of the request (its options, the pixel budget of all its images, a full queue, the
-        deadline) still fail the call."""
+        deadline) still fail the call, as a decoder out of memory does (the server's, not
+        the image's: DecodeOutOfMemory is no InvalidArgument)."""
         decoded: list[torch.Tensor] = []
         rows: list[int] = []  # the request index of each decoded image
         failed: dict[int, ExplaindError] = {}
