@@ -651,7 +651,7 @@ def test_an_operation_failed_for_stored_images_that_do_not_decode_names_them_all
         operation = client.evaluate_sample_set("undecodable-two").wait(60)
         for error in (operation.error, operation.refresh().error):  # WaitOperation, and GetOperation from job_error_details
             assert isinstance(error, FailedPreconditionError) and error.field == "sample_set_id"
-            assert (f"2 images of 3 samples of sample set 'undecodable-two' do not decode now: "
+            assert (f"2 images of 3 samples of sample set 'undecodable-two' do not decode now; use a set without them: "
                     f"[{hashlib.sha256(first).hexdigest()[:12]}, sample_index 1, 4: image is 32x32; the largest side allowed is 24], "
                     f"[{hashlib.sha256(second).hexdigest()[:12]}, sample_index 3: image is 30x30; ") in error.details
             assert error.precondition_violations == [("UNDECODABLE_IMAGE", f"samples[{row}]", "") for row in (1, 3, 4)]

@@ -330,8 +330,22 @@ def _undecodable_rows(refusals: Mapping[str, InvalidArgument], rows_of: Mapping[
                                   f"does not decode now: {refusals[digest].description}; {remedy}", field=field, violations=violations)
     images = ", ".join(f"[{digest[:12]}, {_named_samples(rows_of[digest], UNDECODABLE_IMAGE, _ROWS_NAMED_PER_IMAGE)[0]}: "
                        f"{refusals[digest].description}]" for digest in digests[:MAX_SAMPLES_NAMED])
-    return FailedPrecondition(f"{len(digests)} images of {len(rows)} samples of sample set {sample_set_id!r} do not decode now: "
-                              f"{images}{_more_than_named(len(digests), 'image')}; {remedy}", field=field, violations=violations)
+    # The count and remedy come first: a status message past 2 KiB (long refusals) loses its tail.
+    return FailedPrecondition(f"{len(digests)} images of {len(rows)} samples of sample set {sample_set_id!r} do not decode now; "
+                              f"{remedy}: {images}{_more_than_named(len(digests), 'image')}", field=field, violations=violations)
+
+
+def _stacked_unless_refused(decoding: list[Future[torch.Tensor]], refusals: dict[str, InvalidArgument]) -> torch.Tensor | None:
+    """The images ``decoding`` gives, stacked (n, 3, S, S); None once the read met an image
+    that does not decode now, whose refusal it adds to ``refusals``. A function of its own
+    so that no loop variable keeps one of the images alive while the model runs on them."""
+    decoded = []
+    for future in decoding:
+        try:
+            decoded.append(future.result())
+        except _UndecodableImages as refused:
+            refusals.update(refused.refusals)
+    return None if refusals else torch.stack(decoded)
 
 
 def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
@@ -912,15 +926,8 @@ class Engine:
         try:
             upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
-                decoded = []
-                for future in upcoming:
-                    try:
-                        decoded.append(future.result())
-                    except _UndecodableImages as refused:
-                        refusals.update(refused.refusals)
-                images = None if refusals else torch.stack(decoded)
+                images = _stacked_unless_refused(upcoming, refusals)
                 # Nothing else holds this chunk's decoded images while the model runs on it.
-                del decoded
                 upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False)
                             for digest in following] if following else []
                 yield images
