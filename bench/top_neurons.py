@@ -1,7 +1,9 @@
 """A ranking's per-mistake top-k neurons (ours, ``_top_neurons``) against every tie
-ordered by id and against topk alone, in one run.
+ordered by id and against topk alone, in one run; or, with ``--crossover``, ``top_ids``'
+whole-row sort against its topk over a grid of shapes.
 
-    python bench/top_neurons.py [--mistakes 10000] [--neurons 2048] [--nonzero 0.002] [--top-k 5] [--repeats 3]
+    python bench/top_neurons.py [--mistakes 10000] [--neurons 2048] [--nonzero 0.002] [--top-k 5] [--repeats 3] [--threads 1]
+    python bench/top_neurons.py --crossover [--max-elements 2097152] [--repeats 5] [--threads 1]
 
 The proximal solver's ω is mostly exact zeros (``--nonzero``; 1 is the faithful solver's
 dense ω): a mistake with fewer than k + 1 nonzero shifts ties at zero where its top k
@@ -10,14 +12,36 @@ of ties, a cumulative sum over each) buys nothing: ours leaves them, where "ever
 ordered" orders them and masks the same way. Past k = D / FULL_SORT_SHARE ours sorts
 whole rows, and selects no more than any row's positive scores; "topk alone" is ours
 with that turned off (FULL_SORT_SHARE = 0: topk of k + 1, then the ties' ordering).
+Past k = D / POSITIVES_COUNTED_SHARE ours counts each row's positive scores first;
+"counted from D / 3" waits for k = D / FULL_SORT_SHARE, as it did before.
 Each takes both directions (insufficient ω, excessive -ω), alternating, ``--repeats``
 times; prints the median seconds, ours' ratio to each, and whether all give the same
 neurons (they must, exactly).
+
+``--crossover`` times ``top_ids`` forced to sort whole rows and forced to take topk, on
+rows of n in 10, 100, 1000, 2048, 21000 (up to ``--max-elements`` per batch of 1, 64 or
+4096 rows), k from 1 to n in 8 steps, float32 and float16, of three kinds: dense normal
+scores (logits; every tie ordered), 95 % exact zeros (a proximal ω; ties at or below 0
+left, as a ranking asks) and 8 distinct values (heavy ties; every tie ordered). Each
+line gives the median milliseconds of each, sort / topk, and ours (the one FULL_SORT_SHARE
+picks) over the quicker; then the worst of those, over every point and over the points
+whose quicker took at least 0.5 ms (below that a call's few microseconds of fixed cost
+decide), and whether both gave the same ids everywhere.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from _cli import bench_parser, median_seconds, positive_int, share  # bench/, the script's directory, is on sys.path
+
+# Shapes of --crossover: row lengths n, batch sizes, and the share of zeros of a sparse row.
+CROSSOVER_ROW_LENGTHS = (10, 100, 1000, 2048, 21000)
+CROSSOVER_BATCHES = (1, 64, 4096)
+SPARSE_ZEROS = 0.95
+# Below this many milliseconds of the quicker of the two a point is not counted in the
+# worst ratio that matters: topk's tie ordering costs about 0.1 ms of fixed calls.
+TIMED_FLOOR_MS = 0.5
 
 
 def main() -> None:
@@ -27,6 +51,9 @@ def main() -> None:
     parser.add_argument("--nonzero", type=share, default=0.002, help="share of ω entries not exactly zero")
     parser.add_argument("--top-k", type=positive_int, default=5, help="k, each mistake's top neurons per list (rank's top_k)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, alternating; the median is printed")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch's CPU threads")
+    parser.add_argument("--crossover", action="store_true", help="time top_ids' whole-row sort against its topk over a grid of shapes instead")
+    parser.add_argument("--max-elements", type=positive_int, default=2**21, help="--crossover: largest batch, in scores")
     args = parser.parse_args()
     if args.top_k > args.neurons:
         parser.error(f"--top-k {args.top_k} is above --neurons {args.neurons}")
@@ -35,7 +62,10 @@ def main() -> None:
 
     from explaind.methods.neuroinspect import _ranking
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.crossover:
+        crossover(args.max_elements, args.repeats)
+        return
 
     generator = torch.Generator().manual_seed(0)
     omega = torch.randn(args.mistakes, args.neurons, generator=generator)
@@ -52,20 +82,74 @@ def main() -> None:
         return [_ranking._top_neurons(scores, args.top_k) for scores in (omega, -omega)]
 
     def topk_alone() -> list[torch.Tensor]:
-        full_sort_share, _ranking.FULL_SORT_SHARE = _ranking.FULL_SORT_SHARE, 0
+        return with_shares(0, 0)
+
+    def counted_from_a_third() -> list[torch.Tensor]:
+        return with_shares(_ranking.FULL_SORT_SHARE, _ranking.FULL_SORT_SHARE)
+
+    def with_shares(full_sort: int, positives_counted: int) -> list[torch.Tensor]:
+        saved = _ranking.FULL_SORT_SHARE, _ranking.POSITIVES_COUNTED_SHARE
+        _ranking.FULL_SORT_SHARE, _ranking.POSITIVES_COUNTED_SHARE = full_sort, positives_counted
         try:
             return ours()
         finally:
-            _ranking.FULL_SORT_SHARE = full_sort_share
+            _ranking.FULL_SORT_SHARE, _ranking.POSITIVES_COUNTED_SHARE = saved
 
-    runs = {"every tie ordered": every_tie_ordered, "topk alone": topk_alone, "ours": ours}
+    runs = {"every tie ordered": every_tie_ordered, "topk alone": topk_alone, "counted from D / 3": counted_from_a_third, "ours": ours}
     results = {name: run() for name, run in runs.items()}  # warm-up, and the neurons compared below
     seconds = median_seconds(runs, args.repeats)
     same = all(torch.equal(a, b) for top in results.values() for a, b in zip(results["ours"], top, strict=True))
     print(f"top {args.top_k} of {args.mistakes} mistakes x {args.neurons} neurons, {args.nonzero:.1%} of ω nonzero, both directions (median of {args.repeats}):")
-    for name in ("every tie ordered", "topk alone"):
+    for name in ("every tie ordered", "topk alone", "counted from D / 3"):
         print(f"  {name:<22} {seconds[name]:8.3f} s   ({seconds[name] / seconds['ours']:.1f}x ours)")
     print(f"  {'ours':<22} {seconds['ours']:8.3f} s   (same neurons: {'yes' if same else 'NO'})")
+
+
+def crossover(max_elements: int, repeats: int) -> None:
+    """Prints, per shape, top_ids' whole-row sort against its topk (see the docstring)."""
+    import torch
+
+    from explaind.methods.neuroinspect import _ranking
+
+    generator = torch.Generator().manual_seed(0)
+
+    def forced(scores: torch.Tensor, k: int, full_sort_share: int, ties_kept_above: float | None) -> Any:
+        saved, _ranking.FULL_SORT_SHARE = _ranking.FULL_SORT_SHARE, full_sort_share
+        try:
+            return _ranking.top_ids(scores, k, ties_kept_above=ties_kept_above)
+        finally:
+            _ranking.FULL_SORT_SHARE = saved
+
+    print(f"top_ids, whole-row sort against topk, {torch.get_num_threads()} thread(s), median of {repeats} (ms):")
+    print(f"  {'n':>5} {'k':>5} {'rows':>4} {'dtype':<7} {'kind':<6} {'sort':>9} {'topk':>9} {'sort/topk':>9} {'ours/best':>9}")
+    worst, worst_timed, same = 1.0, 1.0, True
+    for n in CROSSOVER_ROW_LENGTHS:
+        ks = sorted({1, max(1, n // 50), max(1, n // 16), max(1, n // 8), max(1, n // 5), -(-n // 3), n // 2, n})
+        for rows in (batch for batch in CROSSOVER_BATCHES if batch * n <= max_elements):
+            for dtype in (torch.float32, torch.float16):
+                for kind in ("dense", "sparse", "ties"):
+                    if kind == "ties":
+                        scores = torch.randint(0, 8, (rows, n), generator=generator).float()
+                    else:
+                        scores = torch.randn(rows, n, generator=generator)
+                        if kind == "sparse":
+                            scores[torch.rand(rows, n, generator=generator) < SPARSE_ZEROS] = 0.0
+                    scores = scores.to(dtype)
+                    ties_kept_above = 0.0 if kind == "sparse" else None
+                    for k in ks:
+                        by_sort, by_topk = forced(scores, k, n + 1, ties_kept_above), forced(scores, k, 0, ties_kept_above)
+                        same &= torch.equal(by_sort[0], by_topk[0]) and (ties_kept_above is not None or torch.equal(by_sort[1], by_topk[1]))
+                        runs = {"sort": lambda: forced(scores, k, n + 1, ties_kept_above), "topk": lambda: forced(scores, k, 0, ties_kept_above)}
+                        ms = {name: seconds * 1e3 for name, seconds in median_seconds(runs, repeats).items()}
+                        best = min(ms.values())
+                        ours = ms["sort" if k * _ranking.FULL_SORT_SHARE >= n else "topk"] / best
+                        worst = max(worst, ours)
+                        if best >= TIMED_FLOOR_MS:
+                            worst_timed = max(worst_timed, ours)
+                        print(f"  {n:>5} {k:>5} {rows:>4} {str(dtype)[6:]:<7} {kind:<6} {ms['sort']:>9.3f} {ms['topk']:>9.3f} "
+                              f"{ms['sort'] / ms['topk']:>9.2f} {ours:>9.2f}", flush=True)
+    print(f"ours over the quicker, worst: {worst:.2f}x; where the quicker took >= {TIMED_FLOOR_MS} ms: {worst_timed:.2f}x "
+          f"(same values and ids: {'yes' if same else 'NO'})")
 
 
 if __name__ == "__main__":

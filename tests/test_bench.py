@@ -127,9 +127,22 @@ def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same
         run = _run(str(BENCH / "top_neurons.py"), "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--top-k", top_k, "--repeats", "1")
         assert run.returncode == 0, run.stderr
         assert run.stdout.splitlines()[0] == f"top {top_k} of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions (median of 1):", run.stdout
-        for name in ("every tie ordered", "topk alone"):
+        for name in ("every tie ordered", "topk alone", "counted from D / 3"):
             assert re.search(rf"^  {name} +[0-9.]+ s   \([0-9.]+x ours\)$", run.stdout, re.M), run.stdout
         assert re.search(r"^  ours +[0-9.]+ s   \(same neurons: yes\)$", run.stdout, re.M), run.stdout
+    # The crossover grid: a line per shape, whose ratios are its times', and the worst of ours.
+    run = _run(str(BENCH / "top_neurons.py"), "--crossover", "--max-elements", "100", "--repeats", "1", "--threads", "2")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "top_ids, whole-row sort against topk, 2 thread(s), median of 1 (ms):", run.stdout
+    points = re.findall(r"^ +(\d+) +(\d+) +(\d+) (float32|float16) (dense|sparse|ties) +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)$", run.stdout, re.M)
+    # n = 10 in batches of 1 row (100 scores at most), 5 values of k, 2 dtypes, 3 kinds; n = 100 in one row, 8 values of k.
+    assert len(points) == (5 + 8) * 2 * 3, run.stdout
+    for n, k, _rows, _dtype, _kind, by_sort, by_topk, ratio, ours in points:
+        if float(by_topk) >= 0.01:  # printed to 3 places: the ratio is of the unrounded times
+            assert float(ratio) == pytest.approx(float(by_sort) / float(by_topk), rel=0.1, abs=0.02)
+        sorted_whole = int(k) * 3 >= int(n)  # FULL_SORT_SHARE's pick: its time over the quicker
+        assert float(ours) == pytest.approx(max(float(ratio), 1.0) if sorted_whole else max(1 / float(ratio), 1.0), rel=0.1, abs=0.01)
+    assert re.search(r"^ours over the quicker, worst: [0-9.]+x; where the quicker took >= 0.5 ms: [0-9.]+x \(same values and ids: yes\)$", run.stdout, re.M), run.stdout
     refused = _run(str(BENCH / "top_neurons.py"), "--nonzero", "0")
     assert refused.returncode == 2 and "argument --nonzero: expected a share in (0, 1], got '0'" in refused.stderr
     refused = _run(str(BENCH / "top_neurons.py"), "--neurons", "64", "--top-k", "65")

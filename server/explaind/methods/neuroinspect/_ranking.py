@@ -146,8 +146,15 @@ class NeuronRanking:
 # top_ids sorts whole rows where k is at least 1 / FULL_SORT_SHARE of them: of 4096 rows of
 # D = 2048 on a CPU thread, one stable sort took 0.48 s of normal scores and 0.14 s of 95 %
 # zeros whatever k, topk of k + 1 with its ties ordered 0.39 s and 0.15 s at k = 600, and
-# 1.6 s and 0.75 s at k = D. Rows without ties (most logits) lose a little near the
-# threshold: 256 rows of 1000 logits at k = 334, 12.7 ms against topk's 6.1 ms.
+# 1.6 s and 0.75 s at k = D. Rows without ties (logits) cross over at about n / 3 where n
+# is 1000 or more (median of 15, one CPU thread, shared machine at load 4 on 2 cores, so
+# +-30 %): sort / topk 0.98 for 64 rows of 1000 at k = 333 (0.64 at n / 2), 1.05 for 256 of
+# 2048 at k = 683, 1.03 for 16 of 21000 at k = 7000. Short rows in large batches lose:
+# 4096 rows of 100 took 1.9x topk's time at k = 33, 1.3x at 50, 1.0x at 60 (a Predict of
+# 100 classes asking a top_k of 34 to 60). Below about 0.5 ms a call's fixed cost decides
+# instead: topk's tie ordering alone is about 0.1 to 0.25 ms of calls, so a row of 10 to
+# 2048 scores with ties sorts 4 to 13 times quicker whole, whatever k (logits seldom tie,
+# and there topk's path is about 0.02 ms). bench/top_neurons.py --crossover, docs/performance.md.
 FULL_SORT_SHARE = 3
 
 
@@ -203,14 +210,26 @@ def neuron_top_classes(weight: torch.Tensor, neuron: int, k: int) -> list[int]:
     return top_ids(weight.detach()[:, neuron].unsqueeze(0), k)[1][0].tolist()
 
 
+# _top_neurons counts each row's positive scores where k is at least D over this. Of ω of
+# 4096 mistakes x D = 2048 on a CPU thread (bench/top_neurons.py, both directions, median
+# of 5 on a shared 2-core machine whose medians moved up to 2x between identical runs),
+# counting only from D / 3 (FULL_SORT_SHARE) left 5 % nonzero ω to topk at k = 256, 409
+# and 683: 468, 574 and 420 ms, where counting first took 337, 362 and 348 ms (0.2 %
+# nonzero: 250, 235, 157 ms against 169, 94, 108). Of dense ω a count selects all k: it
+# costs one pass (0.03 s here), against topk's 0.4 to 0.8 s at those k.
+POSITIVES_COUNTED_SHARE = 16
+
+
 def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the ids of the k largest strictly positive scores, largest first, equal
     ones by id (:func:`top_ids`); -1 pads rows with fewer (and stands where a NaN is,
     which ranks above every number). Past the most positive or NaN scores of any row
-    every place is a pad, so only that many are selected: the proximal solver's ω, mostly
-    exact zeros, has a few dozen per row of D = 2048 whatever k."""
+    every place is a pad, so only that many are selected where k is large
+    (POSITIVES_COUNTED_SHARE): the proximal solver's ω, mostly exact zeros, has a few
+    dozen per row of D = 2048 whatever k, which topk takes where a whole-row sort or a
+    topk of k and its tied zeros took 1.4 to 2.5 times as long."""
     k_selected = k
-    if k * FULL_SORT_SHARE >= scores.shape[1] and len(scores):  # counting took 0.03 s of M = 4096, D = 2048 on a CPU thread, the sort 0.5 s
+    if k * POSITIVES_COUNTED_SHARE >= scores.shape[1] and len(scores):  # counting took 0.03 s of M = 4096, D = 2048 on a CPU thread, the sort 0.5 s
         k_selected = min(k, scores.shape[1] - int(scores.le(0).sum(1, dtype=torch.int32).min()))  # not <= 0: > 0 or NaN
     values, ids = top_ids(scores, k_selected, ties_kept_above=0.0)
     top = torch.where(values > 0, ids, -1)
