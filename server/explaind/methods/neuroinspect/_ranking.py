@@ -210,14 +210,15 @@ def neuron_top_classes(weight: torch.Tensor, neuron: int, k: int) -> list[int]:
     return top_ids(weight.detach()[:, neuron].unsqueeze(0), k)[1][0].tolist()
 
 
-# _top_neurons counts each row's positive scores where k is at least D over this. Of ω of
-# 4096 mistakes x D = 2048 on a CPU thread (bench/top_neurons.py, both directions, median
-# of 5 on a shared 2-core machine whose medians moved up to 2x between identical runs),
-# counting only from D / 3 (FULL_SORT_SHARE) left 5 % nonzero ω to topk at k = 256, 409
-# and 683: 468, 574 and 420 ms, where counting first took 337, 362 and 348 ms (0.2 %
-# nonzero: 250, 235, 157 ms against 169, 94, 108). Of dense ω a count selects all k: it
-# costs one pass (0.03 s here), against topk's 0.4 to 0.8 s at those k.
-POSITIVES_COUNTED_SHARE = 16
+# _top_neurons counts each row's positive scores where k is at least D over this, not only
+# from D / FULL_SORT_SHARE. Of ω of 4096 mistakes x D = 2048, both directions, on a CPU
+# thread (bench/top_neurons.py, median of 7, one run each, a shared machine on which the
+# same code differed by up to 15 %): at k = 409, 0.18 s where counting from D / 3 took
+# 0.27 s (5 % of ω nonzero) and 0.09 s against 0.17 s (0.2 %); at k = 256, 0.19 s against
+# 0.22 s (5 %) and, of dense ω, whose count (about 0.02 s a direction) selects all k,
+# 0.47 s against 0.43 s. From D / 16 the count cost more than it saved: at k = 128,
+# 0.24 s against 0.20 s (5 %) and 0.33 s against 0.27 s (dense).
+POSITIVES_COUNTED_SHARE = 8
 
 
 def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,8 +227,8 @@ def _top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     which ranks above every number). Past the most positive or NaN scores of any row
     every place is a pad, so only that many are selected where k is large
     (POSITIVES_COUNTED_SHARE): the proximal solver's ω, mostly exact zeros, has a few
-    dozen per row of D = 2048 whatever k, which topk takes where a whole-row sort or a
-    topk of k and its tied zeros took 1.4 to 2.5 times as long."""
+    dozen per row of D = 2048 whatever k, which topk takes where a topk of k and its
+    tied zeros took 1.5 to 1.9 times as long at k = D / 5."""
     k_selected = k
     if k * POSITIVES_COUNTED_SHARE >= scores.shape[1] and len(scores):  # counting took 0.03 s of M = 4096, D = 2048 on a CPU thread, the sort 0.5 s
         k_selected = min(k, scores.shape[1] - int(scores.le(0).sum(1, dtype=torch.int32).min()))  # not <= 0: > 0 or NaN
