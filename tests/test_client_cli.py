@@ -131,8 +131,10 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["operations", "list", "junk"], "operations list takes no operation name"),
         (["operations", "get", "operations/0123456789abcdef", "extra"], "operations get takes one operation name, got 'extra' as well"),
         (["operations", "wait", "operations/0123456789abcdef", "-o", "out.png"], "operations wait takes one operation name, got --output as well"),
-        (["operations", "get", "x", "--state", "failed"], "operations get: --kind, --state, --owner and --limit are options of list"),
-        (["operations", "cancel", "x", "--owner", "monitoring"], "operations cancel: --kind, --state, --owner and --limit are options of list"),
+        (["operations", "get", "x", "--state", "failed"], "operations get: --kind, --state, --owner, --limit and --json-object are options of list"),
+        (["operations", "cancel", "x", "--owner", "monitoring"], "operations cancel: --kind, --state, --owner, --limit and --json-object are options of list"),
+        (["operations", "get", "x", "--json", "--json-object"], "operations get: --kind, --state, --owner, --limit and --json-object are options of list"),
+        (["operations", "list", "--json-object"], "operations list: --json-object shapes --json's output; add --json"),
         (["sample-set", "show", "x", "--owner", "monitoring"], "sample-set show: --owner is an option of list"),
         (["operations", "list", "--limit", "0"], "--limit: expected an integer >= 1, got '0'"),
         (["sample-set", "list", "junk"], "sample-set list takes no sample set id"),
@@ -655,6 +657,39 @@ def test_a_predict_refusal_listing_images_the_model_gives_no_usable_logits_for_n
         with pytest.raises(FailedPreconditionError), _naming_failing_file(files):
             raise error
         assert error.__notes__ == [note]
+
+
+def _terminated_after_lines(argv: list[str], stream: str, lines: int) -> subprocess.CompletedProcess:
+    """Run the CLI with ``argv`` in a subprocess, send it SIGTERM once it has written
+    ``lines`` lines on ``stream`` (it waits on a job by then), and return what it did."""
+    command = subprocess.Popen([sys.executable, "-m", "explaind.client.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    written = "".join(getattr(command, stream).readline() for _ in range(lines))
+    command.send_signal(signal.SIGTERM)  # what cron's `timeout` and a systemd stop send
+    out, err = command.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, command.returncode, out if stream == "stderr" else written + out,
+                                       err if stream == "stdout" else written + err)
+
+
+def test_sigterm_stops_a_wait_as_ctrl_c_does_saying_what_became_of_the_job(server, tmp_path):
+    # The CLI died at once with 143: a job it started ran on, and no word said so, nor --json's stdout.
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
+        try:
+            watched = _terminated_after_lines(["--target", server.target, "operations", "watch", job.name], "stdout", 1)
+            assert watched.returncode == 143, watched
+            assert watched.stderr == f"terminated\n  {job.name} goes on; explaind operations cancel {job.name} stops it\n"
+            assert not job.refresh().done  # not this command's job: only the waiting stopped
+            # Its second line on stderr is the progress of the job it started: it waits on it.
+            started = _terminated_after_lines(["--target", server.target, "visualize", "5", "--method", "feature_visualization",
+                                               "--steps", "10000", "--out-dir", str(tmp_path), "--json"], "stderr", 2)
+            assert started.returncode == 143, started
+            error = json.loads(started.stdout)["error"]  # the one JSON value, as a failure's
+            name = error["operation"]
+            assert (error["code"], error["message"], error["notes"]) == ("INTERRUPTED", "terminated", [f"cancelled {name}"]), error
+            assert started.stderr.startswith(f"started {name}\n") and started.stderr.endswith(f"terminated\n  cancelled {name}\n")
+            assert client.operation(name).state == "cancelled"  # queued behind the first: it ends at once
+        finally:
+            job.cancel()
 
 
 def test_a_predict_refusal_listing_images_as_precondition_violations_names_their_files_from_them():
@@ -1522,8 +1557,10 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert result["class_accuracy"] == pytest.approx(evaluation.class_accuracy)
     assert result["class_counts"] == {"circle": given.count("circle"), "heart": given.count("heart")}
     # Keyed by the SDK's field names (rank --json's mistakes also say predicted_class); floats round-trip exactly.
-    assert [EvaluatedMistake(**m) for m in result["mistakes"]] == evaluation.mistakes
-    assert any(m["sample_index"] == wrong and names[m["label"]] == "heart" and names[m["predicted_class"]] == "circle" for m in result["mistakes"])
+    assert [EvaluatedMistake(*(m[field] for field in EvaluatedMistake._fields)) for m in result["mistakes"]] == evaluation.mistakes
+    # The classes' names beside their indices: a script had to look each up in class_names.
+    assert all((m["label_name"], m["predicted_class_name"]) == (names[m["label"]], names[m["predicted_class"]]) for m in result["mistakes"])
+    assert any(m["sample_index"] == wrong and m["label_name"] == "heart" and m["predicted_class_name"] == "circle" for m in result["mistakes"])
     assert result["confusion_matrix"] == evaluation.confusion_matrix.tolist() and result["class_names"] == names
     assert result["confusion_cells"] == evaluation.confusion_cells.tolist() and sum(count for _, _, count in result["confusion_cells"]) == len(given)
     assert "started operations/" in err and f"wrote {grid}" in err and grid.stat().st_size > 0
@@ -1531,6 +1568,7 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--no-wait"]) == 0
     out, err = capsys.readouterr()
     started = json.loads(out)["name"]
+    assert json.loads(out) == {"operation": started, "name": started}  # named as evaluate's result names it, and as before
     assert err == ""  # the JSON says it all: no note to wait for it
     with Client(server.target, timeout=30) as client:
         assert client.operation(started).result(timeout=60).confusion_matrix.tolist() == result["confusion_matrix"]
@@ -2076,6 +2114,9 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
         assert main(["--target", server.target, "rank", sample_set_id, "--class", given]) == 1
         err = capsys.readouterr().err
         assert said in err and err.endswith(f"\n  ({field} is --class here)\n"), err
+        # --json's error names the option as typed beside the API's field, which a script could not map back.
+        error, _ = _json_failure(capsys, ["--target", server.target, "rank", sample_set_id, "--class", given, "--json"])
+        assert (error["field"], error["option"]) == (field, "--class")
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart", "--stability", "1001"]) == 1
     err = capsys.readouterr().err  # the server's range, and which option set the field it names
     assert "stability_resamples: 1001 is not in [0, 1000]" in err and err.endswith("\n  (stability_resamples is --stability here)\n"), err
@@ -2110,8 +2151,8 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
     assert capsys.readouterr().err == ""  # all listed: no hint (it showed whenever the count was the limit)
     assert main(["--target", server.target, "operations", "list", "--state", "queued"]) == 0
     assert capsys.readouterr() == ("", "no operations of that kind or state\n")
-    assert main(["--target", server.target, "operations", "delete", operation.name]) == 0
-    assert capsys.readouterr().out == f"deleted {operation.name}\n"
+    assert main(["--target", server.target, "operations", "delete", operation.name, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": operation.name, "operation": operation.name}
     assert "NOT_FOUND" in _error(capsys, ["--target", server.target, "operations", "get", operation.name])
 
 
@@ -2615,18 +2656,25 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
     assert (waited["name"], waited["kind"], waited["state"], waited["error"]) == (name, "evaluate_sample_set", "succeeded", None)
     # Every field of the SDK's Operation but the result, which is waited["result"]; times as ISO 8601.
     sdk_fields = {field for field, value in vars(Operation).items() if isinstance(value, property)}
-    assert set(waited) == sdk_fields | {"result"}, set(waited) ^ (sdk_fields | {"result"})
+    assert set(waited) == sdk_fields | {"result", "operation"}, set(waited) ^ (sdk_fields | {"result", "operation"})
+    assert waited["operation"] == name  # the key evaluate's and every job command's JSON names the job by
     assert waited["create_time"] <= waited["start_time"] <= waited["end_time"] and waited["end_time"].endswith("+00:00")
     assert waited["result"]["sample_count"] == 2 and [a["name"] for a in waited["artifacts"]] == ["mistakes.png"]
     assert _json_out(capsys, [*target, "operations", "get", name, "--json"]) == waited
     assert main([*target, "operations", "watch", name, "--json"]) == 0  # done already: one line, the final state
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [waited]
     listed = _json_out(capsys, [*target, "operations", "list", "--kind", "evaluate_sample_set", "--limit", "1", "--json"])
-    assert [op["name"] for op in listed] == [name] and "result" not in listed[0]
+    assert [op["name"] for op in listed] == [op["operation"] for op in listed] == [name] and "result" not in listed[0]
     # A cron job run again with its --request-id (after a timeout, say) gets the first run's operation.
     request_id = str(uuid.uuid4())
     repeated = [_json_out(capsys, [*target, "evaluate", "json", "--no-wait", "--json", "--request-id", request_id])["name"] for _ in range(2)]
     assert repeated[0] == repeated[1] != name
+    # A bare list could not say that --limit cut it; --json-object wraps it with whether it did.
+    evaluations = [*target, "operations", "list", "--kind", "evaluate_sample_set", "--json"]
+    assert _json_out(capsys, [*evaluations, "--limit", "1", "--json-object"]) == {
+        "operations": _json_out(capsys, [*evaluations, "--limit", "1"]), "truncated": True}
+    every = _json_out(capsys, [*evaluations, "--limit", "100000", "--json-object"])
+    assert every["truncated"] is False and [op["operation"] for op in every["operations"]][:2] == [repeated[0], name]
     upload = str(uuid.uuid4())
     appended = [_json_out(capsys, [*target, "sample-set", "append", "json", "--world", "balanced:test:3", "--request-id", upload, "--json"])
                 for _ in range(2)]
@@ -2668,7 +2716,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     target = ["--target", server.target]
     error, err = _json_failure(capsys, [*target, "rank", "nosuch", "--class", "heart", "--json"])
     assert error == {"code": "NOT_FOUND", "message": "sample_set_id: no sample set 'nosuch'", "field": "sample_set_id",
-                     "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
+                     "precondition_violations": [], "option": None, "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err.startswith("error: NOT_FOUND: sample_set_id: no sample set 'nosuch'\n") and err.endswith(
         "  (explaind sample-set list shows what there is)\n"), err  # the words as without --json
     assert main([*target, "rank", "nosuch", "--class", "heart"]) == 1
@@ -2677,7 +2725,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     image = _png(tmp_path / "a.png", 0)
     error, err = _json_failure(capsys, [*target, "predict", image, "--top-k", "7", "--json"])
     assert error == {"code": "CLIENT_ERROR", "message": "--top-k: 7 is more than the served model's 6 classes", "field": None,
-                     "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
+                     "precondition_violations": [], "option": None, "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err == "error: --top-k: 7 is more than the served model's 6 classes\n"
     # The notes stderr prints under the error, here the file the server refused.
     bad = tmp_path / "bad.png"
@@ -2735,7 +2783,7 @@ def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line.get("name") for line in lines] == [job.name, None]  # one update, then the error: one value a line
     assert lines[-1] == {"error": {"code": "UNAVAILABLE", "message": "the server is shutting down; no new jobs are accepted", "field": None,
-                                   "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}}
+                                   "precondition_violations": [], "option": None, "notes": [], "retry_delay_seconds": None, "operation": None}}
 
 
 def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):

@@ -34,11 +34,13 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import uuid
@@ -74,6 +76,67 @@ _Item = TypeVar("_Item")
 class CommandError(Exception):
     """A user error the CLI reports as one ``error:`` line on stderr, exit code 1 (with
     --json, also code ``CLIENT_ERROR`` on stdout: :func:`_failure_json`)."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (cron's ``timeout``, a systemd stop) raised where the command is, as Ctrl-C
+    raises KeyboardInterrupt: what handles Ctrl-C handles it (a job the command started is
+    cancelled, a wait says its job goes on); exit status 143 (128 + SIGTERM)."""
+
+
+# Seconds past --timeout (the bound of the cancel call a stopped job command makes) that a
+# command stopped by SIGTERM has to end before it exits regardless (:func:`_terminating_like_ctrl_c`).
+TERMINATED_GRACE_S = 5.0
+
+
+@contextlib.contextmanager
+def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
+    """Raise :class:`_Terminated` on SIGTERM while the command runs (Python's default ends
+    the process at once: a job it started kept running, with no word), and restore the
+    previous handler after, for a program calling main in-process. Only the main thread
+    can set a handler: elsewhere SIGTERM stays as it was.
+
+    A stop must end the command: an interrupt that lands inside gRPC as it sets up a call
+    can leave a lock held that closing the channel then waits on forever (once in 20
+    SIGTERMs sent right after a job started), so the process exits with 143 anyway once
+    --timeout + TERMINATED_GRACE_S seconds have passed since the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    deadline: list[threading.Timer] = []
+
+    def exit_stuck() -> None:
+        print("terminated\n  (the command did not end within "
+              f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
+              file=sys.stderr, flush=True)
+        _print_failure_json(_Terminated("terminated"), args)
+        os._exit(128 + signal.SIGTERM)
+
+    def terminated(_signum: int, _frame: object) -> None:
+        if not deadline:
+            deadline.append(threading.Timer(args.timeout + TERMINATED_GRACE_S, exit_stuck))
+            deadline[0].daemon = True
+            deadline[0].start()
+        raise _Terminated("terminated")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+        for timer in deadline:  # ended in time
+            timer.cancel()
+
+
+@contextlib.contextmanager
+def _naming_interrupted_job(operation: Operation[Any]) -> Iterator[None]:
+    """Mark Ctrl-C or SIGTERM met while waiting on ``operation`` with its name, the
+    --json error's ``operation``."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        interrupt.operation_name = operation.name  # type: ignore[attr-defined]
+        raise
 
 
 def _command_error(error: Exception) -> CommandError:
@@ -869,9 +932,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
     """The evaluation as JSON: classes without samples are left out of ``class_counts``
     and ``class_accuracy`` (thousands of zeros for an ImageNet model), mistakes are
-    objects, the confusion matrix is rows of counts (true label by row; none where the
+    objects with their classes' names beside the indices (``label_name``,
+    ``predicted_class_name``; null for an index the model has no name for), the confusion matrix is rows of counts (true label by row; none where the
     server sent only its cells) and its cells [label, predicted, count], most samples first."""
-    mistakes = [mistake._asdict() for mistake in evaluation.mistakes]  # the SDK's field names, as rank's mistakes have them
+    names = evaluation.class_names
+
+    def name(index: int) -> str | None:
+        return names[index] if 0 <= index < len(names) else None
+
+    # The SDK's field names, as rank's mistakes have them, and the names a script otherwise looks up in class_names.
+    mistakes = [{**mistake._asdict(), "label_name": name(mistake.label), "predicted_class_name": name(mistake.predicted_class)}
+                for mistake in evaluation.mistakes]
     return {
         "sample_set_id": evaluation.sample_set_id, "model_version": evaluation.model_version,
         "sample_count": evaluation.sample_count, "accuracy": evaluation.accuracy,
@@ -922,10 +993,11 @@ def _counted(count: int, noun: str) -> str:
 def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
     """Print the operation's name, then (unless --no-wait) wait for its result with a
     progress bar; None with --no-wait. With --no-wait, stdout gets the name alone
-    (``N=$(explaind evaluate s --no-wait)``), or {"name": ...} with --json, and the note
-    goes to stderr; with --json, stdout gets only the JSON."""
+    (``N=$(explaind evaluate s --no-wait)``), or {"operation": ..., "name": ...} with
+    --json (``operation`` as every command's JSON names a job; ``name`` kept for scripts
+    that read it), and the note goes to stderr; with --json, stdout gets only the JSON."""
     if args.no_wait:
-        print(json.dumps({"name": operation.name}) if args.json else operation.name)
+        print(json.dumps({"operation": operation.name, "name": operation.name}) if args.json else operation.name)
         if not args.json:
             print(f"started {operation.name}; explaind operations wait {operation.name} waits for it", file=sys.stderr)
         return None
@@ -935,7 +1007,8 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
         print(f"{operation.name}, started by an earlier run with this --request-id, ended already ({operation.state}){again}", file=notes)
     else:
         print(f"started {operation.name}", file=notes)
-    return operation.result(progress=True)
+    with _naming_interrupted_job(operation):
+        return operation.result(progress=True)
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -1041,7 +1114,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
             listed = client.operations(kind=args.kind or "", state=args.state or "", owner=args.owner or "",
                                        limit=limit + 1)  # one more: are there more?
             if args.json:
-                _print_json([_operation_json(op) for op in listed[:limit]])
+                shown = [_operation_json(op) for op in listed[:limit]]
+                _print_json({"operations": shown, "truncated": len(listed) > limit} if args.json_object else shown)
             else:
                 for op in listed[:limit]:
                     print(_operation_line(op))
@@ -1053,7 +1127,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
-            print(json.dumps({"deleted": args.name}) if args.json else f"deleted {args.name}")
+            print(json.dumps({"deleted": args.name, "operation": args.name}) if args.json else f"deleted {args.name}")
             return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
@@ -1066,16 +1140,17 @@ def cmd_operations(args: argparse.Namespace) -> int:
                     print(cancel_outcome(operation) + ("" if operation.done else f" (explaind operations wait {operation.name})"))
                     return 0
         elif args.action in ("wait", "watch"):
-            try:
-                if args.action == "wait":
-                    operation.wait()
-                else:
-                    for update in operation.watch():
-                        if not update.done:  # the last state is printed below, with the result
-                            print(json.dumps(_operation_json(update)) if args.json else _operation_line(update), flush=True)
-            except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
-                interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
-                raise
+            with _naming_interrupted_job(operation):
+                try:
+                    if args.action == "wait":
+                        operation.wait()
+                    else:
+                        for update in operation.watch():
+                            if not update.done:  # the last state is printed below, with the result
+                                print(json.dumps(_operation_json(update)) if args.json else _operation_line(update), flush=True)
+                except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
+                    interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
+                    raise
         elif args.action == "artifact":
             output = args.output or _artifact_file_name(args.artifact)
             if output != "-":  # before the download, which may be large (a ranking's omega.npy)
@@ -1131,11 +1206,12 @@ def _operation_line(operation: Operation[Any]) -> str:
 
 
 def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, Any]:
-    """An operation as JSON: state, progress and artifacts; its error as :func:`_error_json`;
-    ``result`` (when given) as the kind's command prints it with --json."""
+    """An operation as JSON: its name as ``operation`` (the key every command's JSON names
+    a job by) and as ``name`` (the SDK's, kept), state, progress and artifacts; its error as
+    :func:`_error_json`; ``result`` (when given) as the kind's command prints it with --json."""
     error = operation.error
     value = {
-        "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
+        "operation": operation.name, "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
         "cancel_requested": operation.cancel_requested, "response_cut": operation.response_cut, "owner": operation.owner,
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
         "start_time": _json_value(operation.start_time), "end_time": _json_value(operation.end_time),
@@ -1162,20 +1238,50 @@ def _error_json(error: ExplaindError) -> dict[str, Any]:
 # that cannot be written, an option the served model cannot take): none of gRPC's, so a
 # script that retries on UNAVAILABLE or reports INVALID_ARGUMENT tells this machine's from them.
 CLIENT_ERROR_CODE = "CLIENT_ERROR"
+# The code of the --json error of a command stopped by Ctrl-C (message "interrupted") or
+# SIGTERM ("terminated"), whose notes say what became of its job.
+INTERRUPTED_CODE = "INTERRUPTED"
 
 
-def _failure_json(error: ExplaindError | CommandError) -> dict[str, Any]:
+def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args: argparse.Namespace) -> dict[str, Any]:
     """What a failed command prints on stdout with --json, as its one value (or, after
     ``operations watch``'s lines, its last): {"error": ...} as :func:`_error_json` has it,
-    code :data:`CLIENT_ERROR_CODE` for a CommandError, with the notes stderr prints under
-    it (e.g. "that is file a.png", what a failed upload left behind), the seconds the server
+    code :data:`CLIENT_ERROR_CODE` for a CommandError, :data:`INTERRUPTED_CODE` for Ctrl-C
+    or SIGTERM, with the notes stderr prints under
+    it (e.g. "that is file a.png", what a failed upload left behind), the command's
+    ``option`` that set its ``field`` (``--class`` for ``class_name``; null where no option
+    did), the seconds the server
     asked to wait before retrying (``retry_delay_seconds``, null if it did not say), and the
     ``operation`` the error ended or gave up waiting for (its name, null if none), which
     stderr names as the command started it."""
     server = error if isinstance(error, ExplaindError) else None
-    value = _error_json(server) if server is not None else {"code": CLIENT_ERROR_CODE, "message": str(error), "field": None, "precondition_violations": []}
-    return {"error": {**value, "notes": list(getattr(error, "__notes__", ())), "retry_delay_seconds": None if server is None else server.retry_delay,
-                      "operation": None if server is None or server.operation is None else server.operation.name}}
+    if server is not None:
+        value = _error_json(server)
+        operation = None if server.operation is None else server.operation.name
+    else:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        value = {"code": INTERRUPTED_CODE if interrupted else CLIENT_ERROR_CODE, "message": _failure_words(error), "field": None,
+                 "precondition_violations": []}
+        operation = getattr(error, "operation_name", None)  # the job an interrupted wait was on (_naming_interrupted_job)
+    option = _option_setting(args, value["field"]) if value["field"] else None
+    return {"error": {**value, "option": option, "notes": list(getattr(error, "__notes__", ())),
+                      "retry_delay_seconds": None if server is None else server.retry_delay, "operation": operation}}
+
+
+def _failure_words(error: BaseException) -> str:
+    """What stderr's first line says of a failure: the error, "interrupted" for Ctrl-C,
+    "terminated" for SIGTERM."""
+    return (str(error) or "interrupted") if isinstance(error, KeyboardInterrupt) else str(error)
+
+
+def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args: argparse.Namespace) -> None:
+    """With --json, :func:`_failure_json` on stdout, unless stdout holds an artifact's bytes
+    or cannot be written itself (a reader gone, a full disk: stderr said it all)."""
+    if getattr(args, "json", False) and getattr(args, "output", None) != "-":
+        try:
+            print(json.dumps(_failure_json(error, args)), flush=True)
+        except OSError:
+            _discard_standard_output(sys.stdout)
 
 
 def _ports_below_the_ephemeral_range() -> range:
@@ -1579,8 +1685,12 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
     operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
     operations.add_argument("--limit", type=_positive_int, help=f"list at most this many, newest first (default {OPERATIONS_LISTED})")
+    operations.add_argument("--json-object", dest="json_object", action="store_true",
+                            help='list --json: print {"operations": [...], "truncated": true|false} instead of the bare list, '
+                                 "truncated saying whether --limit (or its default) left older operations out")
     operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name, in the current directory, with what a file name cannot hold as \"-\"; - for standard output)")
-    _json_option(operations, "print JSON: the operations (list), the operation with its result or its \"error\" (wait and watch exit with status 1 where the job did not succeed), one per line as it changes (watch, whose failure is its last line)")
+    _json_option(operations, "print JSON, each operation's name as \"operation\" (and \"name\"): the operations (list; --json-object says "
+                             "whether --limit cut it), the operation with its result or its \"error\" (wait and watch exit with status 1 where the job did not succeed), one per line as it changes (watch, whose failure is its last line)")
     operations.set_defaults(run=cmd_operations)
 
     report = command("report", "write one self-contained HTML report on a class's mistakes")
@@ -1742,8 +1852,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         usage_error("head-versions list takes no version id")
     if args.command == "operations" and args.action == "list" and args.name:
         usage_error("operations list takes no operation name (filter with --kind, --state or --owner)")
-    if args.command == "operations" and args.action != "list" and (args.kind or args.state or args.owner or args.limit):
-        usage_error(f"operations {args.action}: --kind, --state, --owner and --limit are options of list")
+    if args.command == "operations" and args.action != "list" and (args.kind or args.state or args.owner or args.limit or args.json_object):
+        usage_error(f"operations {args.action}: --kind, --state, --owner, --limit and --json-object are options of list")
+    if args.command == "operations" and args.json_object and not args.json:
+        usage_error("operations list: --json-object shapes --json's output; add --json")
     if args.command == "operations" and args.action != "list" and not args.name:
         usage_error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
@@ -1773,6 +1885,13 @@ def _option_of_field(args: argparse.Namespace, field: str) -> str | None:
     item = re.match(rf"{re.escape(name)}\[(\d+)\]", field)
     if item and (dest := _ARGUMENT_DESTS.get(name)) in args.argument_names:
         return f"the {args.argument_names[dest]} at position {int(item[1]) + 1}"
+    return _option_setting(args, field)
+
+
+def _option_setting(args: argparse.Namespace, field: str) -> str | None:
+    """The command's option (``--class``), not a positional argument, that set the request
+    ``field`` (``class_name``), or None: the --json error's ``option``."""
+    name = re.split(r"[.\[]", field, maxsplit=1)[0]
     return next((args.option_names[dest] for dest in (name, name.removesuffix("_id"), _OPTION_DESTS.get(name)) if dest in args.option_names), None)
 
 
@@ -1898,7 +2017,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(argv: list[str]) -> int:
     args = parse_arguments(argv)
     try:
-        code: int = args.run(args)
+        with _terminating_like_ctrl_c(args):
+            code: int = args.run(args)
         sys.stdout.flush()  # a full disk or a closed pipe fails here, where it is handled, not at the interpreter's exit
         return code
     except (ExplaindError, CommandError) as error:
@@ -1910,11 +2030,7 @@ def _run_command(argv: list[str]) -> int:
             print(f"  ({hint})", file=sys.stderr)
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
             print(f"  {note}", file=sys.stderr)
-        if getattr(args, "json", False) and getattr(args, "output", None) != "-":  # not into an artifact's bytes
-            try:
-                print(json.dumps(_failure_json(error)), flush=True)
-            except OSError:  # the output fails too (a reader gone, a full disk): stderr said it all
-                _discard_standard_output(sys.stdout)
+        _print_failure_json(error, args)
         return 1
     except OSError as error:
         if not (isinstance(error, BrokenPipeError) or _standard_output_failed(error)):
@@ -1925,11 +2041,12 @@ def _run_command(argv: list[str]) -> int:
         # The output failed (`explaind info > /dev/full`); files are named where they are written.
         print(f"error: cannot write standard output: {error.strerror or error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as interrupt:
-        print("interrupted", file=sys.stderr)
-        for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as _Terminated
+        print(_failure_words(interrupt), file=sys.stderr)
+        for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted, a job cancelled or going on
             print(f"  {note}", file=sys.stderr)
-        return 130
+        _print_failure_json(interrupt, args)
+        return 128 + signal.SIGTERM if isinstance(interrupt, _Terminated) else 130
 
 
 if __name__ == "__main__":
