@@ -692,6 +692,35 @@ def test_sigterm_stops_a_wait_as_ctrl_c_does_saying_what_became_of_the_job(serve
             job.cancel()
 
 
+def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsys):
+    # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
+    import explaind.client.cli as cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    before = signal.getsignal(signal.SIGTERM)
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+        with pytest.raises(cli._Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+        for _ in range(6000):  # the close that never returns
+            if exits:
+                break
+            time.sleep(0.01)
+    assert exits == [143] and signal.getsignal(signal.SIGTERM) is before
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"] == {"code": "INTERRUPTED", "message": "terminated", "field": None, "option": None,
+                                        "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
+    assert err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may still run"), err
+    # A command that ends in time is not cut short afterwards: main called in-process returns to its caller.
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)), pytest.raises(cli._Terminated):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    time.sleep(0.5)  # well past its deadline
+    assert exits == [143] and capsys.readouterr() == ("", "")
+
+
 def test_a_predict_refusal_listing_images_as_precondition_violations_names_their_files_from_them():
     # A server that lists them structurally: their names in the message are not read.
     from explaind.client import FailedPreconditionError
