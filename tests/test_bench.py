@@ -169,8 +169,9 @@ def _bench_module(name: str, monkeypatch):
     return importlib.import_module(name)
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or decode_memory._MALLOC_TRIM is None,
-                    reason="needs Linux's clear_refs and glibc's malloc_trim")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or decode_memory._MALLOC_TRIM is None
+                    or "malloc" in os.environ.get("LD_PRELOAD", ""),  # libjemalloc, libtcmalloc, libmimalloc: not glibc's blocks
+                    reason="needs Linux's clear_refs and glibc's malloc (malloc_trim), not a preloaded one")
 def test_peak_rss_growth_counts_memory_the_run_takes_from_what_the_allocator_kept_freed(monkeypatch):
     # 64 MB of 64 KB blocks freed between small ones that stay: glibc keeps them resident,
     # and a run allocating 48 MB of such blocks took them unseen (0 MB grown; stability_cost.py
