@@ -2517,17 +2517,28 @@ def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
     # owner to replace an image that decodes once the server has memory again.
+    from PIL import ImageFile
+
     from explaind import imaging
 
     engine.create_sample_set("fine", "", [NewSample.from_array(np.zeros((32, 32, 3), np.uint8), 0)])
 
-    def out_of_memory(image, orientation):
-        raise MemoryError()
+    # Pillow's C decoders say so with an OSError of their own words (IMAGING_CODEC_MEMORY).
+    for raised in (MemoryError(), ImageFile._get_oserror(-9, encoder=False)):
+        def out_of_memory(image, orientation, raised=raised):
+            raise raised
 
-    monkeypatch.setattr(imaging, "_as_viewed", out_of_memory)
-    with pytest.raises(ResourceExhausted, match="ran out of memory decoding the image; retry later") as refused:
+        monkeypatch.setattr(imaging, "_as_viewed", out_of_memory)
+        with pytest.raises(ResourceExhausted, match="ran out of memory decoding the image; retry later") as refused:
+            engine.sample_set_features("fine")
+        assert refused.value.retry_delay_s is not None and refused.value.retry_delay_s > 0 and not refused.value.violations
+    # Another of their errors is still the file's.
+    def broken(image, orientation):
+        raise ImageFile._get_oserror(-2, encoder=False)
+
+    monkeypatch.setattr(imaging, "_as_viewed", broken)
+    with pytest.raises(FailedPrecondition, match=r"does not decode now: cannot decode image bytes \(OSError: broken data stream"):
         engine.sample_set_features("fine")
-    assert refused.value.retry_delay_s is not None and refused.value.retry_delay_s > 0 and not refused.value.violations
 
 
 def test_features_of_a_set_for_an_inference_only_classifier_are_refused_saying_why(engine):

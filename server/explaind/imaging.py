@@ -122,8 +122,14 @@ class PixelBudget:
             )
 
 
+# How Pillow's C decoders say an allocation failed (IMAGING_CODEC_MEMORY, ImageFile's
+# "out of memory when reading image file"): an OSError, where Python's own allocations
+# raise MemoryError.
+_PILLOW_OUT_OF_MEMORY = "out of memory"
+
+
 class DecodeOutOfMemory(ResourceExhausted):
-    """A decoder's allocation refused (MemoryError): the server's memory was short, full of
+    """A decoder's allocation refused (MemoryError, or Pillow's OSError saying so): the server's memory was short, full of
     concurrent work, which may pass; the file is not at fault (not INVALID_ARGUMENT, nor a
     stored image's "does not decode now")."""
 
@@ -179,9 +185,10 @@ def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None,
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(f"bytes are not an image in a supported format ({', '.join(ENCODED_FORMATS)})", field=field) from None
-    except MemoryError:  # the process's memory, not the file: a stored image that decoded at upload still does
-        raise DecodeOutOfMemory("the server ran out of memory decoding the image; retry later, or with fewer or smaller images", field=field) from None
     except Exception as error:  # noqa: BLE001 - a decoder's failure on bad bytes is the caller's, whatever it raises
+        if isinstance(error, MemoryError) or (isinstance(error, OSError) and str(error).startswith(_PILLOW_OUT_OF_MEMORY)):
+            # The process's memory, not the file: a stored image that decoded at upload still does.
+            raise DecodeOutOfMemory("the server ran out of memory decoding the image; retry later, or with fewer or smaller images", field=field) from None
         raise InvalidArgument(f"cannot decode image bytes ({type(error).__name__}: {error})", field=field) from None
 
 
