@@ -3887,6 +3887,58 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     jobs.shutdown(1)
 
 
+def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, monkeypatch):
+    # A full queue's refusal said "retry later" and no when (no google.rpc.RetryInfo): a
+    # pipeline's retry loop could only guess, hammering the server or idling long after a
+    # worker had freed. Its delay: the median run time of recent jobs over the workers,
+    # 1 to 60 s, and 10 s before any job has ended. The jobs' clock is moved by the jobs.
+    import types
+
+    import explaind.jobs
+
+    skipped = [0.0]  # seconds the jobs' clock is ahead of the real one
+    clock = types.SimpleNamespace(**{name: value for name, value in vars(time).items() if not name.startswith("__")})
+    clock.monotonic = lambda: time.monotonic() + skipped[0]
+    monkeypatch.setattr(explaind.jobs, "time", clock)
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued=1, max_queued_per_caller=1, workers=2)
+
+    def taking(seconds: float) -> Callable:
+        def job(ctx):
+            skipped[0] += seconds
+            return _empty()
+        return job
+
+    def run_one_at_a_time(seconds: float, count: int) -> None:
+        for _ in range(count):
+            assert jobs.wait(jobs.submit("evaluate", taking(seconds)).record.job_id, 10).record.state == "succeeded"
+
+    def refusals_of_a_full_queue() -> tuple[float | None, float | None]:
+        """The retry delays of a caller at its own limit and of a call past the queue's (both workers busy)."""
+        gate = threading.Event()
+        busy = []
+        for _ in range(2):  # one at a time: a job not yet running fills the queue
+            busy.append(jobs.submit("block", lambda ctx: (gate.wait(10), _empty())[1]))
+            while jobs.get(busy[-1].record.job_id).record.state != "running":
+                time.sleep(0.01)
+        queued = jobs.submit("evaluate", taking(0), owner="analyst")
+        with pytest.raises(ResourceExhausted, match="job queue is full for caller 'analyst'") as mine:
+            jobs.submit("evaluate", taking(0), owner="analyst")
+        with pytest.raises(ResourceExhausted, match=r"job queue is full \(1 queued") as everyone:
+            jobs.submit("evaluate", taking(0))
+        gate.set()
+        for job in (*busy, queued):
+            jobs.wait(job.record.job_id, 10)
+        return mine.value.retry_delay_s, everyone.value.retry_delay_s
+
+    assert refusals_of_a_full_queue() == (10.0, 10.0)  # no job has ended: nothing to go by
+    assert refusals_of_a_full_queue() == (1.0, 1.0)  # three jobs that took no time: no retry sooner than a second
+    run_one_at_a_time(40.0, 7)  # six jobs ran 0 s (the two queues'), seven 40 s: the median, 40 s, over two workers
+    assert refusals_of_a_full_queue() == (pytest.approx(20.0, abs=0.5),) * 2
+    run_one_at_a_time(500.0, 16)  # the last 16 jobs took 500 s: a caller still looks again within a minute
+    assert refusals_of_a_full_queue() == (60.0, 60.0)
+    jobs.shutdown(1)
+
+
 def test_a_job_deleted_as_soon_as_a_waiter_sees_it_end_is_deleted(tmp_path, monkeypatch):
     # Between storing a job's end (which wakes its waiters) and leaving the live jobs, a
     # waiter's delete read it as a job whose end the store had refused: 7 of 600 deletes
@@ -8584,7 +8636,7 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     assert other.record.job_id != job_id
     with pytest.raises(InvalidArgument, match=f"request_id {key.request_id} was sent with another request, which created operations/{job_id}") as caught:
         jobs.submitted(RequestKey(key.request_id, "another fingerprint"))
-    assert caught.value.field == "request_id"
+    assert (caught.value.field, caught.value.operation) == ("request_id", f"operations/{job_id}")  # for clients to read
     with pytest.raises(InvalidArgument):
         jobs.submit("evaluate", job, request=RequestKey(key.request_id, "another fingerprint"))
     gate.set()

@@ -271,7 +271,7 @@ def _send(target: str, method: str, request: Any) -> str:
 def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_after_a_restart(server):
     # A call starting an operation could not be repeated after a dropped connection: its
     # first attempt may have started it, and a second ran it again (an edit stored twice).
-    from explaind.client._errors import from_rpc_error
+    from explaind.client._errors import from_rpc_error, named_operation
 
     with Client(server.target, timeout=60) as client:
         client.create_sample_set(_distinct_images(30, 21), [i % 6 for i in range(30)], sample_set_id="identified")
@@ -300,6 +300,7 @@ def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_
         error = from_rpc_error(caught.value)
         assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id")
         assert f"was sent with another request, which created {operation}" in error.details
+        assert named_operation(caught.value) == operation  # a google.rpc.ResourceInfo names it, for clients to read
     for malformed in ("not-a-uuid", "123e4567e89b42d3a456426614174000", "123e4567-e89b-42d3-a456-426614174000\n"):
         with pytest.raises(grpc.RpcError) as caught:
             _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="identified", request_id=malformed))
@@ -333,6 +334,34 @@ class _DroppingProxy(grpc.GenericRpcHandler):
             return response
 
         return grpc.unary_unary_rpc_method_handler(forward)
+
+
+def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
+    # A pipeline refused for a full queue got RESOURCE_EXHAUSTED "retry later" and no
+    # RetryInfo: the SDK's retry_delay (the CLI's retry_delay_seconds) was None.
+    from google.rpc import error_details_pb2, status_pb2
+
+    from explaind.client import ResourceExhaustedError
+
+    server = server_factory(jobs={"max_queued": 1})
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(4, 31), [0, 1, 2, 3], sample_set_id="full-queue")
+        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
+        while running.refresh().state != "running":  # not yet taken, it would fill the queue itself
+            time.sleep(0.05)
+        queued = client.evaluate_sample_set("full-queue")
+        try:
+            with pytest.raises(ResourceExhaustedError, match=r"job queue is full \(1 queued, limit 1\)") as caught:
+                client.evaluate_sample_set("full-queue")
+            assert caught.value.retry_delay == 10.0  # no job has ended yet: the documented guess
+            with pytest.raises(grpc.RpcError) as refused:  # what any gRPC client reads
+                _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="full-queue"))
+            status = status_pb2.Status.FromString(dict(refused.value.trailing_metadata())["grpc-status-details-bin"])
+            retry_info = error_details_pb2.RetryInfo()
+            assert [detail.Unpack(retry_info) for detail in status.details] == [True] and retry_info.retry_delay.seconds == 10
+        finally:
+            for operation in (queued, running):
+                operation.cancel()
 
 
 def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_one_operation(server):

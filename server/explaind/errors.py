@@ -21,6 +21,8 @@ from google.rpc import error_details_pb2
 
 # ErrorInfo.domain of the errors this service raises.
 ERROR_DOMAIN = "explaind.v1"
+# ResourceInfo.resource_type of an operation an error names (its resource_name: operations/<id>).
+OPERATION_RESOURCE_TYPE = "google.longrunning.Operation"
 
 
 class ExplaindError(Exception):
@@ -29,11 +31,19 @@ class ExplaindError(Exception):
     # (AIP-194); None where retrying would not help.
     retry_delay_s: float | None = None
 
-    def __init__(self, message: str, *, field: str | None = None, violations: Sequence[PreconditionViolation] = ()) -> None:
+    def __init__(self, message: str, *, field: str | None = None, violations: Sequence[PreconditionViolation] = (),
+                 retry_delay_s: float | None = None, operation: str | None = None) -> None:
         """``violations``: the request items a FAILED_PRECONDITION is about, sent as a
         ``google.rpc.PreconditionFailure`` (:func:`precondition_failure`) beside the
-        message that names them too."""
+        message that names them too. ``retry_delay_s``: this error's own delay, over
+        its class's. ``operation``: the operation (``operations/<id>``) the error is
+        about, e.g. the one a reused request_id created, sent as a
+        ``google.rpc.ResourceInfo`` (:data:`OPERATION_RESOURCE_TYPE`) so clients read it
+        without parsing the message."""
         self.field = field
+        self.operation = operation
+        if retry_delay_s is not None:
+            self.retry_delay_s = retry_delay_s
         self.description = message  # without the field
         self.violations = tuple(violations)
         super().__init__(f"{field}: {message}" if field else message)

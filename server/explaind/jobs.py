@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 import logging
 import re
+import statistics
 import threading
 import time
 import uuid
@@ -75,6 +76,18 @@ PERSIST_INTERVAL_S = 1.0
 # sent thousands of messages, the same preview in each, and a slow reader got them one by
 # one, long after the job had ended.
 WATCH_PROGRESS_INTERVAL_S = 0.2
+# The delay a full queue's refusal asks callers to wait (google.rpc.RetryInfo): a place
+# frees when a worker takes a queued job, so about when the next running job ends. With
+# W workers busy on jobs of run time T, one ends every T / W on average; T is the median
+# run time of the last QUEUE_RETRY_SAMPLE jobs that ran (a median: one runaway job does
+# not stretch it). Clamped to QUEUE_RETRY_RANGE_S: under a second a retry loop spins on a
+# queue that cannot have moved, and over a minute a caller sleeps through a cancel that
+# freed a place. Before any job has ended there is no run time to go by:
+# QUEUE_RETRY_UNKNOWN_S. A caller at its own limit ([jobs].max_queued_per_caller) may wait
+# longer (its next job starts on its turn), but a place of its can free no sooner.
+QUEUE_RETRY_SAMPLE = 16
+QUEUE_RETRY_RANGE_S = (1.0, 60.0)
+QUEUE_RETRY_UNKNOWN_S = 10.0
 # The artifact holding a result too large to be the response whole (JobManager.max_result_bytes).
 RESULT_ARTIFACT = "result.binpb"
 RESULT_MEDIA_TYPE = "application/x-protobuf"
@@ -312,6 +325,9 @@ class JobManager:
         self.max_result_bytes = max_result_bytes
         self._kinds: set[str] = set()  # what list() may filter by: registered or submitted
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
+        self._workers = workers
+        # Seconds each of the latest jobs that ran took, for a full queue's retry delay (_queue_retry_delay_s).
+        self._recent_run_s: deque[float] = deque(maxlen=QUEUE_RETRY_SAMPLE)
         self._live: dict[str, _LiveJob] = {}  # in submission order
         # The turn each owner's latest job started at (a count of starts), for the fair order (_queue_order).
         self._last_start: dict[str | None, int] = {}
@@ -391,9 +407,11 @@ class JobManager:
             if owner is not None and self.max_queued_per_caller:
                 if (mine := sum(live.record.owner == owner for live in queued)) >= self.max_queued_per_caller:
                     raise ResourceExhausted(f"job queue is full for caller {owner!r} ({mine} of its jobs queued, limit "
-                                            f"{self.max_queued_per_caller}, [jobs].max_queued_per_caller); retry later")
+                                            f"{self.max_queued_per_caller}, [jobs].max_queued_per_caller); retry later",
+                                            retry_delay_s=self._queue_retry_delay_s())
             if len(queued) >= self.max_queued:
-                raise ResourceExhausted(f"job queue is full ({len(queued)} queued, limit {self.max_queued}); retry later")
+                raise ResourceExhausted(f"job queue is full ({len(queued)} queued, limit {self.max_queued}); retry later",
+                                        retry_delay_s=self._queue_retry_delay_s())
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=self.store.now(), message=message, owner=owner)
             self.store.insert_job(record, request=request)
@@ -405,6 +423,13 @@ class JobManager:
             submitted = self._snapshot(live)
         log.info("operation %s (%s) queued", record.job_id, kind, extra={FIELDS: _operation_ids(record)})
         return submitted
+
+    def _queue_retry_delay_s(self) -> float:
+        """Seconds a caller refused for a full queue should wait: see QUEUE_RETRY_SAMPLE."""
+        if not self._recent_run_s:
+            return QUEUE_RETRY_UNKNOWN_S
+        low, high = QUEUE_RETRY_RANGE_S
+        return min(max(statistics.median(self._recent_run_s) / self._workers, low), high)
 
     def _queue_order(self) -> list[_LiveJob]:
         """The queued jobs no worker has taken yet, in the order the workers will take
@@ -468,7 +493,10 @@ class JobManager:
             stages.enter(None)
             for stage, seconds in stages.seconds.items():
                 self.metrics.job_stage_duration.labels(kind=end.kind, stage=stage).observe(seconds, linked)
-            self.metrics.job_duration.labels(kind=end.kind, outcome=end.state).observe(time.monotonic() - started_clock, linked)
+            ran = time.monotonic() - started_clock
+            self.metrics.job_duration.labels(kind=end.kind, outcome=end.state).observe(ran, linked)
+            with self._changed:  # read under it by submit (a median iterates it)
+                self._recent_run_s.append(ran)
 
         live.on_end = record_the_run
         try:

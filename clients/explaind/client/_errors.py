@@ -30,9 +30,12 @@ class ExplaindError(Exception):
     empty from a server older than them, whose message alone names them.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
-    not say. ``operation`` is the job a DeadlineExceededError gave up waiting for
-    (``result(timeout=...)``, ``rank_mistake_neurons``), still running: wait on it later;
-    or the job an OperationError ended; None on other errors."""
+    not say (e.g. while it loads its models, or a full job queue). ``operation`` is the job a
+    DeadlineExceededError gave up waiting for (``result(timeout=...)``,
+    ``rank_mistake_neurons``), still running: wait on it later; or the job an
+    OperationError ended; or the one an earlier request under a reused ``request_id``
+    created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``);
+    None on other errors."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     operation: Operation[Any] | None = None
@@ -221,6 +224,20 @@ def named_field(status: status_pb2.Status) -> str | None:
     for detail in status.details:
         if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and "field" in info.metadata:
             return info.metadata["field"]
+    return None
+
+
+# ResourceInfo.resource_type of an operation the server's error names.
+_OPERATION_RESOURCE_TYPE = "google.longrunning.Operation"
+
+
+def named_operation(error: grpc.RpcError) -> str | None:
+    """The operation (``operations/<id>``) a failed call's ``google.rpc.ResourceInfo``
+    names, e.g. the one a reused request_id created; None if none."""
+    info = error_details_pb2.ResourceInfo()
+    for detail in _status(error).details:
+        if detail.Unpack(info) and info.resource_type == _OPERATION_RESOURCE_TYPE:
+            return info.resource_name
     return None
 
 

@@ -54,6 +54,11 @@ class OperationsServiceStub:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
+    That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
+    run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
+    A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
+    and, when that id's first request created an operation, a google.rpc.ResourceInfo
+    (resource_type "google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space.
     """
@@ -130,6 +135,11 @@ class OperationsServiceServicer:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
+    That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
+    run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
+    A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
+    and, when that id's first request created an operation, a google.rpc.ResourceInfo
+    (resource_type "google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space.
     """
@@ -278,6 +288,11 @@ class OperationsService:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
+    That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
+    run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
+    A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
+    and, when that id's first request created an operation, a google.rpc.ResourceInfo
+    (resource_type "google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space.
     """

@@ -6,7 +6,8 @@ code it names with its message, and an error naming a field also carries it in t
 status details (:func:`~explaind.errors.field_detail`, AIP-193), so clients in any
 language read the field without parsing the message (and the request items a
 FAILED_PRECONDITION lists, as a ``google.rpc.PreconditionFailure``), and an UNAVAILABLE the
-server sends itself carries a ``google.rpc.RetryInfo`` (AIP-194). Anything else becomes
+server sends itself, or a full job queue, carries a ``google.rpc.RetryInfo`` (AIP-194), and one
+about an operation (a reused request_id's) names it in a ``google.rpc.ResourceInfo``. Anything else becomes
 INTERNAL with the exception's type and an incident id (its text and traceback go to the
 log, never to the caller: they can hold server paths). A response larger than the send limit becomes
 RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been
@@ -36,7 +37,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import ExplaindError, PreconditionViolation, field_detail, precondition_failure, report_unexpected
+from ..errors import OPERATION_RESOURCE_TYPE, ExplaindError, PreconditionViolation, field_detail, precondition_failure, report_unexpected
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
 from .audit import auditing, log_change
@@ -342,7 +343,7 @@ class _Observed:
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
     def abort(self, code: str, message: str, *, field: str | None = None, description: str = "", retry_delay_s: float | None = None,
-              violations: Sequence[PreconditionViolation] = ()) -> None:
+              violations: Sequence[PreconditionViolation] = (), operation: str | None = None) -> None:
         self._code = code
         status_code = grpc.StatusCode[code]
         details: list[Message] = []
@@ -354,6 +355,8 @@ class _Observed:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        if operation:
+            details.append(error_details_pb2.ResourceInfo(resource_type=OPERATION_RESOURCE_TYPE, resource_name=operation))
         message = _shorten(message, MAX_DETAILED_MESSAGE_BYTES if details else MAX_STATUS_MESSAGE_BYTES)
         if code in _LOGGED_REFUSALS and self._log_refusal is not None:
             self._log_refusal(self._service, self._method, self._context, code, message, self._caller)
@@ -372,7 +375,7 @@ class _Observed:
 
     def _abort_with(self, error: ExplaindError) -> None:
         self.abort(error.code, str(error), field=error.field, description=error.description, retry_delay_s=error.retry_delay_s,
-                   violations=error.violations)
+                   violations=error.violations, operation=error.operation)
 
     @contextmanager
     def _serving(self) -> Iterator[None]:
