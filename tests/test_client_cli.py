@@ -2655,6 +2655,9 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
         assert main([*target, "evaluate", "rerun", "--request-id", done]) == 0
         assert capsys.readouterr().out.startswith(f"{first['operation']}, started by an earlier run with this --request-id, "
                                                   "ended already (succeeded)\n")
+        # The id with another request: refused, naming the id's operation as JSON too (it was null), not in words alone.
+        error, _ = _json_failure(capsys, [*target, "evaluate", "rerun", "--batch-size", "8", "--json", "--request-id", done])
+        assert (error["code"], error["field"], error["operation"]) == ("INVALID_ARGUMENT", "request_id", first["operation"]), error
         client.delete_sample_set("rerun")
 
 

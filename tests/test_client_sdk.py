@@ -2266,7 +2266,7 @@ def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(cl
     assert client.evaluate_sample_set(set_id).name != first.name
     with pytest.raises(InvalidArgumentError, match="was sent with another request") as caught:  # an id names one request
         client.edit_head(set_id, "heart", [1], max_epochs=1, request_id=request_id)
-    assert caught.value.field == "request_id"
+    assert caught.value.field == "request_id" and caught.value.operation.name == first.name  # the id's operation, to wait on
     versions, edit_id = len(client.head_versions()), uuid.uuid5(request_id, "edit")
     edit = client.edit_head(set_id, "heart", [1], max_epochs=1, request_id=edit_id.hex)
     edit.result(timeout=60)

@@ -43,7 +43,8 @@ from explaind.v1 import (
 )
 
 from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PlaintextTokenWarning, ResourceExhaustedError,
-                      UnavailableError, UnimplementedError, error_from_code, error_from_status, from_rpc_error, listed_items)
+                      UnavailableError, UnimplementedError, error_from_code, error_from_status, from_rpc_error, listed_items,
+                      named_operation)
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
@@ -644,6 +645,8 @@ class Client:
                     # with another error (NOT_FOUND, say) just before the deadline.
                     if attempts > 1 and ((unavailable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
                         self._note_retries(error, attempts, started)
+                    if (name := named_operation(rpc_error)) is not None:
+                        error.operation = self._operation_if_kept(name)
                     raise error from None
             else:
                 self._reached = True
@@ -1283,6 +1286,14 @@ class Client:
         request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images,
                            request_id=_request_id(request_id))
         return Operation[Evaluation](self, self._call("inference", "EvaluateSampleSet", request).operation)
+
+    def _operation_if_kept(self, name: str) -> Operation | None:
+        """The operation an error names, as it is now; None if it is gone (deleted since) or
+        cannot be read: the error is the caller's news, not this lookup's."""
+        try:
+            return self.operation(name)
+        except ExplaindError:
+            return None
 
     def operation(self, name: str) -> Operation:
         """An operation by name (``operations/<id>`` or the id)."""

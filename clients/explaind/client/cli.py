@@ -1252,8 +1252,9 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     ``option`` that set its ``field`` (``--class`` for ``class_name``; null where no option
     did), the seconds the server
     asked to wait before retrying (``retry_delay_seconds``, null if it did not say), and the
-    ``operation`` the error ended or gave up waiting for (its name, null if none), which
-    stderr names as the command started it."""
+    ``operation`` the error ended or gave up waiting for, which stderr names as the command
+    started it, or that an earlier request under a reused --request-id created (its name,
+    null if none)."""
     server = error if isinstance(error, ExplaindError) else None
     if server is not None:
         value = _error_json(server)
