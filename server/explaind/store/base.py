@@ -92,10 +92,12 @@ class RequestKey:
 OnRepeat = Callable[[str, RequestKey], object]
 
 
-def request_id_reused(request_id: str, outcome: str, *, operation: str | None = None) -> InvalidArgument:
+def request_id_reused(request_id: str, *, operation: str | None = None, sample_set: str | None = None) -> InvalidArgument:
     """The error for a request_id (AIP-155) sent with another request than the one it
-    named, whose ``outcome`` it says (e.g. "created operations/<id>"); ``operation``: the
-    operation that request created, if it did, for clients to read (ExplaindError.operation)."""
+    named, saying what that request did: created ``operation`` (``operations/<id>``, which
+    the error names for clients to read too: ExplaindError.operation), or was applied to
+    ``sample_set``."""
+    outcome = f"created {operation}" if operation is not None else f"was applied to sample set {sample_set!r}"
     return InvalidArgument(f"request_id {request_id} was sent with another request, which {outcome}; "
                            "give each request its own request_id (a new UUID) and send it again only with the same request",
                            field="request_id", operation=operation)

@@ -899,7 +899,7 @@ class SQLiteStore:
         if row is None:
             return None
         if row[1] != request.fingerprint:
-            raise request_id_reused(request.request_id, f"was applied to sample set {row[0]!r}")
+            raise request_id_reused(request.request_id, sample_set=row[0])
         if on_repeat is not None:
             on_repeat(row[0], request)
         return row[0]
@@ -908,7 +908,7 @@ class SQLiteStore:
     def _record_request(db: sqlite3.Connection, request: RequestKey | None, set_id: str) -> None:
         if request is not None:
             if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone():
-                raise request_id_reused(request.request_id, f"created operations/{row[0]}", operation=f"operations/{row[0]}")  # one id, one request, whatever its RPC
+                raise request_id_reused(request.request_id, operation=f"operations/{row[0]}")  # one id, one request, whatever its RPC
             db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request.request_id, set_id, request.fingerprint))
 
     @staticmethod
@@ -1013,14 +1013,14 @@ class SQLiteStore:
                 if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
                     raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id", operation=f"operations/{row[0]}")
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
-                    raise request_id_reused(request_id, f"was applied to sample set {row[0]!r}")
+                    raise request_id_reused(request_id, sample_set=row[0])
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
 
     def job_of_request(self, request: RequestKey) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone()
         if row is not None and row[1] != request.fingerprint:
-            raise request_id_reused(request.request_id, f"created operations/{row[0]}", operation=f"operations/{row[0]}")
+            raise request_id_reused(request.request_id, operation=f"operations/{row[0]}")
         return None if row is None else row[0]
 
     def update_job(self, job: JobRecord) -> None:
