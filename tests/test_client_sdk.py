@@ -2275,6 +2275,68 @@ def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(cl
     first.result(timeout=60)
 
 
+class _RefusingAReusedRequestId(inference_pb2_grpc.InferenceServiceServicer, operations_pb2_grpc.OperationsServiceServicer):
+    """A server refusing EvaluateSampleSet's request_id as reused (naming operations/first
+    in a google.rpc.ResourceInfo, as explaind does) ``answer_s`` seconds after it came,
+    then restarting: GetOperation is UNAVAILABLE with a RetryInfo. It keeps the seconds
+    each GetOperation had left of its deadline."""
+
+    def __init__(self, answer_s: float) -> None:
+        self.answer_s = answer_s
+        self.lookups_left_s: list[float] = []
+
+    @staticmethod
+    def _abort(context, code: grpc.StatusCode, message: str, *details) -> None:
+        from google.rpc import status_pb2
+
+        status = status_pb2.Status(code=code.value[0], message=message)
+        for detail in details:
+            status.details.add().Pack(detail)
+        context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+        context.abort(code, message)
+
+    def EvaluateSampleSet(self, request, context):
+        from google.rpc import error_details_pb2
+
+        time.sleep(self.answer_s)
+        message = f"request_id: request_id {request.request_id} was sent with another request, which created operations/first"
+        self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, message,
+                    error_details_pb2.BadRequest(field_violations=[{"field": "request_id", "description": message}]),
+                    error_details_pb2.ResourceInfo(resource_type="google.longrunning.Operation", resource_name="operations/first"))
+
+    def GetOperation(self, request, context):
+        from google.protobuf import duration_pb2
+        from google.rpc import error_details_pb2
+
+        self.lookups_left_s.append(context.time_remaining())
+        self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down",
+                    error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=50_000_000)))
+
+
+def test_a_reused_request_id_s_error_waits_for_one_look_at_its_operation_within_the_call_s_deadline():
+    # The SDK read the operation a reused request_id's error names with a call of its own,
+    # with the client's whole timeout and retried on UNAVAILABLE: a server restarting just
+    # after refusing the id held the caller's INVALID_ARGUMENT back for up to that timeout
+    # again, for a lookup whose failure it then dropped.
+    from explaind.client import InvalidArgumentError
+
+    refusing = _RefusingAReusedRequestId(answer_s=1.0)
+
+    def add(servicer, server: grpc.Server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
+
+    server, target = _serve(refusing, add=add)
+    try:
+        with Client(target, timeout=5) as client, pytest.raises(InvalidArgumentError, match="was sent with another request") as caught:
+            client.evaluate_sample_set("s", request_id="123e4567-e89b-42d3-a456-426614174000")
+    finally:
+        server.stop(0)
+    assert (caught.value.field, caught.value.operation) == ("request_id", None)  # not read: the error as the server sent it
+    assert len(refusing.lookups_left_s) == 1, refusing.lookups_left_s  # looked up once, not retried
+    assert refusing.lookups_left_s[0] <= 4.0  # what the call had left of its 5 s, not 5 s more
+
+
 def test_an_upload_run_again_with_its_request_id_stores_each_image_once(client):
     # A pipeline that restarted could only upload again: a second set, or samples twice.
     import uuid

@@ -646,7 +646,7 @@ class Client:
                     if attempts > 1 and ((unavailable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
                         self._note_retries(error, attempts, started)
                     if (name := named_operation(rpc_error)) is not None:
-                        error.operation = self._operation_if_kept(name)
+                        error.operation = self._operation_if_kept(name, deadline)
                     raise error from None
             else:
                 self._reached = True
@@ -1287,11 +1287,18 @@ class Client:
                            request_id=_request_id(request_id))
         return Operation[Evaluation](self, self._call("inference", "EvaluateSampleSet", request).operation)
 
-    def _operation_if_kept(self, name: str) -> Operation | None:
+    def _operation_if_kept(self, name: str, deadline: float) -> Operation | None:
         """The operation an error names, as it is now; None if it is gone (deleted since) or
-        cannot be read: the error is the caller's news, not this lookup's."""
-        try:
-            return self.operation(name)
+        cannot be read in one attempt before the failed call's ``deadline``
+        (``time.monotonic()``): the error is the caller's news, not this lookup's, and is
+        held back for no retry of it (a server restarting then took the client's whole
+        timeout again)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        request = _request(operations_pb2.GetOperationRequest, name=name)
+        try:  # retried until now: not at all
+            return Operation(self, self._call("operations", "GetOperation", request, timeout=left, retry_until=time.monotonic()).operation)
         except ExplaindError:
             return None
 
