@@ -29,12 +29,13 @@ class ExplaindError(Exception):
     ``("UNDECODABLE_IMAGE", "samples[3]", "")`` for one whose stored image does not decode now;
     empty from a server older than them, whose message alone names them.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
-    succeed (``google.rpc.RetryInfo``, e.g. while it loads its models), None if it did
-    not say (e.g. while it loads its models, or a full job queue). ``operation`` is the job a
+    succeed (``google.rpc.RetryInfo``, e.g. while it loads its models, or for a full job
+    queue), None if it did not say. ``operation`` is the job a
     DeadlineExceededError gave up waiting for (``result(timeout=...)``,
     ``rank_mistake_neurons``), still running: wait on it later; or the job an
     OperationError ended; or the one an earlier request under a reused ``request_id``
-    created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``);
+    created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``),
+    as read once when the error came (None if that read failed);
     None on other errors."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
