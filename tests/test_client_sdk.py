@@ -2302,7 +2302,7 @@ class _RefusingAReusedRequestId(inference_pb2_grpc.InferenceServiceServicer, ope
         message = f"request_id: request_id {request.request_id} was sent with another request, which created operations/first"
         self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, message,
                     error_details_pb2.BadRequest(field_violations=[{"field": "request_id", "description": message}]),
-                    error_details_pb2.ResourceInfo(resource_type="google.longrunning.Operation", resource_name="operations/first"))
+                    error_details_pb2.ResourceInfo(resource_type="type.googleapis.com/google.longrunning.Operation", resource_name="operations/first"))
 
     def GetOperation(self, request, context):
         from google.protobuf import duration_pb2

@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2
 # ErrorInfo.domain of the errors this service raises.
 ERROR_DOMAIN = "explaind.v1"
 # ResourceInfo.resource_type of an operation an error names (its resource_name: operations/<id>).
-OPERATION_RESOURCE_TYPE = "google.longrunning.Operation"
+OPERATION_RESOURCE_TYPE = "type.googleapis.com/google.longrunning.Operation"
 
 
 class ExplaindError(Exception):

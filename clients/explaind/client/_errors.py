@@ -229,7 +229,7 @@ def named_field(status: status_pb2.Status) -> str | None:
 
 
 # ResourceInfo.resource_type of an operation the server's error names.
-_OPERATION_RESOURCE_TYPE = "google.longrunning.Operation"
+_OPERATION_RESOURCE_TYPE = "type.googleapis.com/google.longrunning.Operation"
 
 
 def named_operation(error: grpc.RpcError) -> str | None:

@@ -58,7 +58,7 @@ class OperationsServiceStub:
     run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
-    (resource_type "google.longrunning.Operation", resource_name "operations/<id>") naming it.
+    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space.
     """
@@ -139,7 +139,7 @@ class OperationsServiceServicer:
     run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
-    (resource_type "google.longrunning.Operation", resource_name "operations/<id>") naming it.
+    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space.
     """
@@ -292,7 +292,7 @@ class OperationsService:
     run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
-    (resource_type "google.longrunning.Operation", resource_name "operations/<id>") naming it.
+    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space.
     """
