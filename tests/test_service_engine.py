@@ -3936,6 +3936,8 @@ def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, 
     assert refusals_of_a_full_queue() == (pytest.approx(20.0, abs=0.5),) * 2
     run_one_at_a_time(500.0, 16)  # the last 16 jobs took 500 s: a caller still looks again within a minute
     assert refusals_of_a_full_queue() == (60.0, 60.0)
+    run_one_at_a_time(30.0, 10)  # the last 16: ten of 30 s, three of 500 s, three of 0 s (all 45 jobs': 40 s)
+    assert refusals_of_a_full_queue() == (pytest.approx(15.0, abs=0.5),) * 2
     jobs.shutdown(1)
 
 
