@@ -1600,7 +1600,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_set.add_argument("id", nargs="?", help="sample set id (create: optional, the server picks one)")
     sample_set.add_argument("--id", dest="id_option", metavar="ID", help="same as the positional ID")
     sample_set.add_argument("--name", help="display name (create)")
-    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200 (create, append)")
+    sample_set.add_argument("--world", type=_world_spec, help="scenario[:split[:count]] of the shapes world, e.g. balanced:test:200; split test "
+                            "and 64 samples by default (create, append)")
     sample_set.add_argument("--folder", type=_path, help="create or append from DIR/<class name>/**/*.png|jpg... (the ImageFolder layout, subfolders included); folder names are class names")
     sample_set.add_argument("--images", nargs="*", help="image files (create, append; with --labels)")
     sample_set.add_argument("--labels", nargs="*", type=_class_ref, help="a class name or index per --images file (name:X, index:N where classes are named by digits)")
