@@ -188,7 +188,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["sample-set", "create", "--world", "balanced:test:5:9"], "'balanced:test:5:9' is not scenario[:split[:count]]"),
         (["sample-set", "append", "a", "--world", "balanced", "--name", "x"], "sample-set append: --name is an option of create"),
         (["sample-set", "delete"], "sample-set delete: give a sample set id"),
-        (["operations", "artifact", "operations/0123456789abcdef"], "operations artifact: give an artifact name, e.g. mistakes.png"),
+        (["operations", "artifact", "operations/0123456789abcdef"], "operations artifact: give an artifact name (operations get NAME lists its artifacts)"),
         (["sample-set", "create", "--images", "/nonexistent.png", "--labels", "0"], "argument --images: no such file: /nonexistent.png"),
         (["predict", "/dev/null"], "argument images: /dev/null is not a regular file but a pipe or a device"),  # was "no such file"
         # An empty address (an unset $HOST) printed gRPC's C-core errors around an UNKNOWN one.

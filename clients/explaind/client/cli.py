@@ -1684,7 +1684,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
                             help="wait and watch exit 1 unless the job succeeded")
     operations.add_argument("name", nargs="?", help="operation name (operations/ID or ID); all actions but list")
-    operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, e.g. mistakes.png")
+    operations.add_argument("artifact", nargs="?", help="artifact name for the artifact action, as operations get lists them (an evaluation's grid: mistakes.png)")
     operations.add_argument("--kind", choices=tuple(_RESULT_PRINTERS), help="list only this kind")
     operations.add_argument("--state", choices=OPERATION_STATES, help="list only this state")
     operations.add_argument("--owner", metavar="NAME", help="list only the operations this named caller submitted")
@@ -1863,7 +1863,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if args.command == "operations" and args.action != "list" and not args.name:
         usage_error("operations: give an operation name")
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
-        usage_error("operations artifact: give an artifact name, e.g. mistakes.png")
+        usage_error("operations artifact: give an artifact name (operations get NAME lists its artifacts)")
     if args.command == "operations" and args.action != "artifact" and (args.artifact or args.output):
         extra = f"{args.artifact!r}" if args.artifact else "--output"
         usage_error(f"operations {args.action} takes one operation name, got {extra} as well (artifacts: operations artifact NAME FILE)")
