@@ -3,6 +3,7 @@ measured on samples the suggested edit did not train on."""
 
 import base64
 import contextlib
+import html
 import io
 import re
 import shutil
@@ -137,6 +138,79 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
     (stored,) = {v.version_id for v in client.head_versions()} - before
     assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
     client.delete_head_version(stored)
+
+
+def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys):
+    # A nightly report stored one head version per night, which the pipeline had to delete itself.
+    import json
+    import shlex
+
+    from explaind.client.cli import _json_value, main
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=60).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="nightly-discard", attributes=[
+        {"background": str(b)} for b in batch.attributes["background"]])
+    before = {v.version_id for v in client.head_versions()}
+    try:
+        kept = build_report(client, "heart", "nightly-discard", max_neurons=1, steps=2, stability_resamples=0, group_attribute="background")
+        assert kept.edit_kept and {v.version_id for v in client.head_versions()} - before == {kept.edit.version.version_id}
+        client.delete_head_version(kept.edit.version.version_id)
+        discarded = build_report(client, "heart", "nightly-discard", max_neurons=1, steps=2, stability_resamples=0,
+                                 group_attribute="background", keep_edit=False)
+        assert {v.version_id for v in client.head_versions()} == before
+        version = discarded.edit.version
+        assert not discarded.edit_kept and discarded.edit_discard_error is None and version.evaluation is not None
+        assert discarded.edit_command == kept.edit_command == (
+            f"explaind edit-head nightly-discard --class heart --neurons {' '.join(map(str, version.neurons))} --seed 0 "
+            "--group-attribute background --description 'suggested by explaind report for heart'")
+        page = render_report(discarded)
+        assert (f"<span id='edit-not-kept'>Stored as head version <b>{version.version_id}</b> (from {version.parent_version_id}) to be "
+                "evaluated, then deleted as the report was asked: not kept.</span>") in page
+        assert f"<code id='edit-command'>{discarded.edit_command.replace(chr(39), '&#x27;')}</code>" in page
+        assert "<table class='evaluation'>" in page and "head-versions promote" not in page
+        # The command stores the same edit: its seed fixes the minibatch order.
+        assert main(["--target", client.target, *shlex.split(discarded.edit_command)[1:], "--json"]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["version"]["evaluation"] == _json_value(version.evaluation)
+        assert again["version"]["parent_evaluation"] == _json_value(version.parent_evaluation)
+        assert again["validation_accuracy"] == _json_value(discarded.edit.validation_accuracy)
+    finally:
+        for stored in {v.version_id for v in client.head_versions()} - before:
+            client.delete_head_version(stored)
+        client.delete_sample_set("nightly-discard")
+
+
+def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, monkeypatch):
+    # Someone promoted the version meanwhile: the server refuses to delete the served head.
+    from explaind.client import FailedPreconditionError
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=60).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="promoted-meanwhile")
+    served = next(v.version_id for v in client.head_versions() if v.active)
+    delete = client.delete_head_version
+
+    def promoted_first(version_id):
+        client.promote_head_version(version_id)
+        delete(version_id)
+
+    monkeypatch.setattr(client, "delete_head_version", promoted_first)
+    try:
+        report = build_report(client, "heart", "promoted-meanwhile", max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
+    finally:
+        monkeypatch.undo()
+        client.promote_head_version(served)
+        client.delete_sample_set("promoted-meanwhile")
+    version = report.edit.version.version_id
+    client.head_version(version)  # still stored
+    client.delete_head_version(version)
+    assert report.edit_kept and isinstance(report.edit_discard_error, FailedPreconditionError) and report.visualizations
+    page = render_report(report)
+    assert (f"<span id='edit-discard-failed' class='warning'>Stored as head version <b>{version}</b> (from {served}); deleting it, as the "
+            f"report was asked, failed ({html.escape(str(report.edit_discard_error))}), so it stays stored, not served:</span> "
+            f"<code>explaind head-versions delete {version}</code> once it can be.") in page
+    assert "<table class='evaluation'>" in page
 
 
 def test_a_report_stopped_without_an_edit_stored_names_none():

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import html
 import math
+import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ VISUALIZATION_PAIRS_PER_REQUEST = 64
 class MistakeReport:
     ranking: NeuronRanking
     visualizations: list[NeuronVisualization]  # one per shown neuron (every ranked one by default), in ranking order
-    edit: HeadEdit | None  # the suggested edit (stored as a version, not promoted)
+    edit: HeadEdit | None  # the suggested edit (stored as a version, not promoted; deleted again unless kept)
     visualization_method: str
     evaluated_on: str = ""  # the held-out samples of the edit's before/after evaluation
     no_edit_reason: str = ""  # why no edit was suggested, when the server refused one (e.g. too few samples)
@@ -59,6 +60,13 @@ class MistakeReport:
     # request the rest were then visualised with.
     visualization_out_of_memory_at: int = 0
     visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
+    # Whether the edit's head version stays stored: False once build_report(keep_edit=False)
+    # deleted it, True where it was kept or its deletion failed (edit_discard_error says why).
+    edit_kept: bool = True
+    edit_discard_error: ExplaindError | None = None
+    # The `explaind edit-head` command that stores the same edit again (the report's set,
+    # class, neurons, validation and evaluation sets, group attribute and seed); "" without an edit.
+    edit_command: str = ""
 
 
 def build_report(
@@ -74,6 +82,7 @@ def build_report(
     validation_sample_set_id: str = "",
     progress: bool = False,
     stability_resamples: int = DEFAULT_STABILITY_RESAMPLES,
+    keep_edit: bool = True,
 ) -> MistakeReport:
     """Rank, visualise every ranked neuron (or the top ``max_neurons``) on the class (an
     excessive one on its top class by head weight), with CLIP-Illusion when the server has
@@ -85,6 +94,13 @@ def build_report(
     ``evaluation_sample_set_id``, else that validation data; ``group_attribute`` adds
     per-group accuracy (e.g. "background"). ``stability_resamples`` (0..1000; 0: none) gives
     each ranked neuron its stability, a column of the page's ranking.
+
+    The edit is stored as a head version (not promoted), which ``keep_edit=False`` deletes
+    as soon as it is evaluated: the report keeps its numbers, ``edit_kept`` is False and
+    ``edit_command`` stores it again (the same head, given the same served head and sets:
+    its seed fixes the minibatch order). A deletion the server refuses (the version
+    promoted meanwhile, another caller's) or cannot answer leaves it stored, the report
+    going on with the error in ``edit_discard_error``.
 
     A wrong option of the caller's (an unknown set, a group attribute the samples lack)
     raises, before the visualisations (the longest part) where it can: the edit runs
@@ -102,23 +118,33 @@ def build_report(
         if named:
             _require_sample_set(client, named, field)
     ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress, stability_resamples=stability_resamples)
-    edit, evaluated_on, no_edit_reason = None, "", ""
+    edit, evaluated_on, no_edit_reason, edit_command = None, "", "", ""
+    edit_kept, edit_discard_error = True, None
     if ranking.neurons:
         neurons = [n.neuron for n in ranking.neurons[:edit_neurons]]
         try:
             edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id,
                                                validation_sample_set_id, group_attribute, progress)
+            edit_command = edit_head_command(sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id,
+                                             group_attribute)
         except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
             if any(field in _CALLERS_OPTIONS for field, _ in error.field_violations):
                 raise
             no_edit_reason = error.details
-    with noting_stored_edit(edit):
+    if edit is not None and not keep_edit:  # now, not after the images: an interrupt there leaves no version behind
+        try:
+            client.delete_head_version(edit.version.version_id)
+            edit_kept = False
+        except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
+            edit_discard_error = error
+    with noting_stored_edit(edit if edit_kept else None):
         visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
     visualizations = [v for result in visualized.results for v in result.visualizations]
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
-                         visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request)
+                         visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request,
+                         edit_kept, edit_discard_error, edit_command)
 
 
 @contextlib.contextmanager
@@ -212,6 +238,28 @@ def _require_sample_set(client: Client, sample_set_id: str, field: str) -> None:
         raise error_from_code(error.code, f"{field}: {message}", [(field, message)]) from None
 
 
+# The seed the report's edit runs with (edit_head's default, written out in its command).
+EDIT_SEED = 0
+
+
+def _edit_description(class_name: str) -> str:
+    return f"suggested by explaind report for {class_name}"
+
+
+def edit_head_command(sample_set_id: str, class_name: str, neurons: list[int], evaluation_sample_set_id: str, validation_sample_set_id: str,
+                      group_attribute: str) -> str:
+    """The ``explaind edit-head`` command that makes the report's edit again, quoted for a
+    POSIX shell; ``--class name:X`` where X alone would read as an index or a prefix."""
+    plain = not (class_name.removeprefix("-").isdecimal() or class_name.startswith(("name:", "index:")))
+    words = ["explaind", "edit-head", sample_set_id, "--class", class_name if plain else f"name:{class_name}",
+             "--neurons", *map(str, neurons), "--seed", str(EDIT_SEED)]
+    for option, value in (("--validation-sample-set", validation_sample_set_id), ("--evaluation-sample-set", evaluation_sample_set_id),
+                          ("--group-attribute", group_attribute)):
+        if value:
+            words += [option, value]
+    return shlex.join([*words, "--description", _edit_description(class_name)])
+
+
 def _suggest_edit(
     client: Client, class_name: str, neurons: list[int], sample_set_id: str, evaluation_sample_set_id: str, validation_sample_set_id: str,
     group_attribute: str, progress: bool,
@@ -219,7 +267,7 @@ def _suggest_edit(
     """The edit, and which samples its before/after evaluation used."""
     edit = client.edit_head(sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
                             evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
-                            description=f"suggested by explaind report for {class_name}").result(progress=progress)
+                            seed=EDIT_SEED, description=_edit_description(class_name)).result(progress=progress)
     return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
 
 
@@ -388,6 +436,23 @@ def _flipped_warning(flipped: list[NeuronVisualization], shown: int) -> str:
             "the SDK's <code>visualize_neurons(epsilon=...)</code>, or the server's <code>[clip].illusion_epsilon</code>.</p>")
 
 
+def _edit_storage(report: MistakeReport) -> str:
+    """What became of the suggested edit's head version: stored (how to serve or delete it),
+    deleted as the report was asked (how to store it again), or kept after its deletion failed."""
+    version = cast("HeadEdit", report.edit).version
+    stored = f"Stored as head version <b>{_text(version.version_id)}</b> (from {_text(version.parent_version_id)})"
+    delete = f"<code>explaind head-versions delete {_text(version.version_id)}</code>"
+    if not report.edit_kept:
+        return (f"<span id='edit-not-kept'>{stored} to be evaluated, then deleted as the report was asked: not kept.</span> To store it again: "
+                f"<code id='edit-command'>{_text(report.edit_command)}</code> (its seed fixes the minibatch order: the same head, as long as "
+                f"the served head is still {_text(version.parent_version_id)} and the sets are unchanged).")
+    if report.edit_discard_error is not None:
+        return (f"<span id='edit-discard-failed' class='warning'>{stored}; deleting it, as the report was asked, failed "
+                f"({_text(str(report.edit_discard_error))}), so it stays stored, not served:</span> {delete} once it can be.")
+    return (f"{stored}; not served until promoted: <code>explaind head-versions promote {_text(version.version_id)}</code>, "
+            f"or, if you do not want it, {delete}.")
+
+
 def render_report(report: MistakeReport) -> str:
     """The report as one HTML document (UTF-8, images inlined, no scripts)."""
     ranking = report.ranking
@@ -482,9 +547,7 @@ def render_report(report: MistakeReport) -> str:
         version = report.edit.version
         parts.append(
             f"<h2>Suggested head edit</h2><p>Retrain the head ({escape(version.method)}) to shrink the effect of neurons "
-            f"{', '.join(map(str, version.neurons))} on the decision for <em>{escape(version.class_name)}</em>. Stored as head version <b>{escape(version.version_id)}</b> "
-            f"(from {escape(version.parent_version_id)}); not served until promoted: <code>explaind head-versions promote {escape(version.version_id)}</code>, "
-            f"or, if you do not want it, <code>explaind head-versions delete {escape(version.version_id)}</code>.</p>"
+            f"{', '.join(map(str, version.neurons))} on the decision for <em>{escape(version.class_name)}</em>. {_edit_storage(report)}</p>"
         )
         if version.evaluation is not None and version.parent_evaluation is not None:
             parts.append(f"<table class='evaluation'><thead><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th>"
