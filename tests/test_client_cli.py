@@ -1461,7 +1461,9 @@ def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_sa
         value = json.loads(printed.out)  # the JSON alone: the summary lines go to stderr
         assert value == {"file": str(page), "sample_set_id": "nightly", "class_name": name, "mistake_count": value["mistake_count"],
                          "ranked_neurons": value["ranked_neurons"], "visualized_neurons": 1, "head_version": stored,
-                         "evaluated_on": value["evaluated_on"], "no_edit_reason": None, "no_visualization_reason": None}
+                         "head_version_kept": True, "edit_command": value["edit_command"], "evaluated_on": value["evaluated_on"],
+                         "no_edit_reason": None, "no_visualization_reason": None}
+        assert value["edit_command"].startswith(f"explaind edit-head nightly --class {name} --neurons ")
         assert value["mistake_count"] > 0 and value["ranked_neurons"] >= 1 and "wrote " in printed.err and page.exists()
         assert main([*argv[:6], "no-such-set", *argv[7:]]) == 1
         assert json.loads(capsys.readouterr().out)["error"]["code"] == "NOT_FOUND"
@@ -1470,6 +1472,74 @@ def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_sa
             for version in {v.version_id for v in client.head_versions()} - before:
                 client.delete_head_version(version)
             client.delete_sample_set("nightly")
+
+
+def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_it_again(server, capsys, world_images, tmp_path):
+    # A nightly report piled up one head version per night unless the pipeline deleted each itself.
+    images, labels = world_images
+    mislabelled = (labels[:24] + 1) % 6
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:24], mislabelled, sample_set_id="discarded")
+        name = client.model_metadata().class_names[int(mislabelled[0])]
+        before = {v.version_id for v in client.head_versions()}
+    page = tmp_path / "report.html"
+    argv = ["--target", server.target, "report", "--class", name, "--sample-set", "discarded", "--out", str(page), "--neurons", "1",
+            "--steps", "2", "--stability", "0", "--discard-edit"]
+    try:
+        assert main([*argv, "--json"]) == 0
+        printed = capsys.readouterr()
+        value = json.loads(printed.out)
+        with Client(server.target, timeout=30) as client:
+            assert {v.version_id for v in client.head_versions()} == before
+        version, command = value["head_version"], value["edit_command"]
+        assert value["head_version_kept"] is False and version not in before
+        assert command.startswith(f"explaind edit-head discarded --class {name} --neurons ") and " --seed 0 " in command
+        assert f"head version {version} is not kept (--discard-edit); to store the edit again: {command}\n" in printed.err
+        assert "<span id='edit-not-kept'>" in page.read_text() and "<table class='evaluation'>" in page.read_text()
+        assert main(argv) == 0  # without --json, the same on stdout
+        assert re.search(r"^head version v\d+ is not kept \(--discard-edit\); to store the edit again: explaind edit-head discarded ",
+                         capsys.readouterr().out, flags=re.M)
+    finally:
+        with Client(server.target, timeout=30) as client:
+            for stored in {v.version_id for v in client.head_versions()} - before:
+                client.delete_head_version(stored)
+            client.delete_sample_set("discarded")
+
+
+def test_a_report_whose_edit_cannot_be_discarded_writes_its_page_and_fails_naming_the_version_kept(server, capsys, world_images, tmp_path,
+                                                                                                    monkeypatch):
+    import grpc
+
+    from explaind.client._errors import error_from_code
+
+    images, labels = world_images
+    mislabelled = (labels[:24] + 1) % 6
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:24], mislabelled, sample_set_id="undeletable")
+        name = client.model_metadata().class_names[int(mislabelled[0])]
+        before = {v.version_id for v in client.head_versions()}
+
+    def server_gone(self, version_id):
+        raise error_from_code(grpc.StatusCode.UNAVAILABLE, "the server went away")
+
+    page = tmp_path / "report.html"
+    monkeypatch.setattr(Client, "delete_head_version", server_gone)
+    try:
+        assert main(["--target", server.target, "report", "--class", name, "--sample-set", "undeletable", "--out", str(page), "--neurons", "1",
+                     "--steps", "2", "--stability", "0", "--discard-edit", "--json"]) == 1
+    finally:
+        monkeypatch.undo()
+        with Client(server.target, timeout=30) as client:
+            (stored,) = {v.version_id for v in client.head_versions()} - before  # kept
+            client.delete_head_version(stored)
+            client.delete_sample_set("undeletable")
+    printed = capsys.readouterr()
+    message = f"{page} is written, but deleting head version {stored}, the suggested edit (--discard-edit), failed: the server went away"
+    note = f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"
+    assert f"error: UNAVAILABLE: {message}\n" in printed.err and printed.err.endswith(f"\n  {note}\n")
+    error = json.loads(printed.out)["error"]
+    assert (error["code"], error["message"], error["notes"]) == ("UNAVAILABLE", message, [note])
+    assert "<span id='edit-discard-failed' class='warning'>" in page.read_text() and "<table class='evaluation'>" in page.read_text()
 
 
 @pytest.mark.parametrize("command", [["report", "--class", "heart"], ["rank", "s", "--class", "heart"]])

@@ -53,7 +53,7 @@ from explaind.class_names import class_name_key
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
-                      UnavailableError, listed_items)
+                      UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, cancel_outcome
@@ -1428,15 +1428,28 @@ def _print_report_gaps(report: MistakeReport, file: TextIO | None = None) -> Non
 
 
 def _report_json(report: MistakeReport, out: str, sample_set_id: str) -> dict[str, Any]:
-    """What --json prints for a written report: the page, what it holds, and the head
-    version its suggested edit stored (null if none), which a nightly job must delete or
-    keep (each report stores one); a reason is null where there is no gap."""
+    """What --json prints for a written report: the page, what it holds, the head version
+    its suggested edit stored (null if none), whether that version is kept (false after
+    --discard-edit deleted it; null without an edit) and the ``edit-head`` command that
+    stores the edit again (null without one); a reason is null where there is no gap."""
+    edit = report.edit
     return {"file": out, "sample_set_id": sample_set_id, "class_name": report.ranking.class_name,
             "mistake_count": report.ranking.mistake_count, "ranked_neurons": len(report.ranking.neurons),
             "visualized_neurons": len(report.visualizations),
-            "head_version": None if report.edit is None else report.edit.version.version_id,
+            "head_version": None if edit is None else edit.version.version_id,
+            "head_version_kept": None if edit is None else report.edit_kept,
+            "edit_command": report.edit_command or None,
             "evaluated_on": report.evaluated_on or None, "no_edit_reason": report.no_edit_reason or None,
             "no_visualization_reason": report.no_visualization_reason or None}
+
+
+def _require_discarded(report: MistakeReport, out: str) -> None:
+    """The error of a --discard-edit whose deletion failed (its page written, saying so),
+    with the server's code, so that a nightly job sees it and its version is not forgotten."""
+    if (error := report.edit_discard_error) is not None:
+        version = cast("HeadEdit", report.edit).version.version_id
+        raise error_from_code(error.code, f"{out} is written, but deleting head version {version}, the suggested edit "
+                                          f"(--discard-edit), failed: {error.details}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1454,17 +1467,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         report = build_report(
             client, _target_class(client, args), sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
             evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
-            stability_resamples=args.stability,
+            stability_resamples=args.stability, keep_edit=not args.discard_edit,
         )
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
-    with noting_stored_edit(report.edit):
+    with noting_stored_edit(report.edit if report.edit_kept else None):
         _write(args.out, render_report(report).encode("utf-8"))
         print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, "
               f"{len(report.visualizations)} visualised", file=notes)
         if report.edit is not None:
             print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}", file=notes)
+            if not report.edit_kept:
+                print(f"head version {report.edit.version.version_id} is not kept (--discard-edit); to store the edit again: "
+                      f"{report.edit_command}", file=notes)
         _print_report_gaps(report, notes)
         _require_whole(report)  # its error names the stored edit, which --json's output would not
+        _require_discarded(report, args.out)
     if args.json:
         _print_json(_report_json(report, args.out, sample_set_id))
     return 0
@@ -1713,8 +1730,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--validation-sample-set", dest="validation_sample_set", default="",
         help="set for the suggested edit's early stopping (default: every 5th sample of --sample-set, which the edit does not train on)",
     )
+    report.add_argument(
+        "--discard-edit", dest="discard_edit", action="store_true",
+        help="delete the suggested edit's head version once evaluated (the page keeps its before/after numbers and the edit-head "
+             "command that stores it again); if the deletion fails, the page is written, says so, and the command exits 1 with the "
+             "server's error, the version kept. Default: keep it (stored, not served)")
     _json_option(report, "print JSON: the file written, the mistakes, neurons ranked and visualised, the head_version the suggested edit "
-                         "stored (null if none) and why an edit or the visualisations are missing (null if they are not)")
+                         "stored (null if none), head_version_kept (false after --discard-edit deleted it, null without an edit), "
+                         "edit_command (the edit-head command that stores the edit again, null without one) and why an edit or the "
+                         "visualisations are missing (null if they are not)")
     report.set_defaults(run=cmd_report)
 
     head_versions = command("head-versions", "list, show, promote, roll back or delete classifier head versions")
