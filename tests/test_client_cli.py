@@ -1474,8 +1474,13 @@ def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_sa
             client.delete_sample_set("nightly")
 
 
-def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_it_again(server, capsys, world_images, tmp_path):
+def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_it_again(server, capsys, world_images, tmp_path, monkeypatch):
     # A nightly report piled up one head version per night unless the pipeline deleted each itself.
+    import explaind.client.cli as cli
+
+    def disk_full(path, _data):
+        raise cli.CommandError(f"cannot write {path}: No space left on device")
+
     images, labels = world_images
     mislabelled = (labels[:24] + 1) % 6
     with Client(server.target, timeout=30) as client:
@@ -1499,6 +1504,14 @@ def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_
         assert main(argv) == 0  # without --json, the same on stdout
         assert re.search(r"^head version v\d+ is not kept \(--discard-edit\); to store the edit again: explaind edit-head discarded ",
                          capsys.readouterr().out, flags=re.M)
+        # A page that cannot be written: the version is gone, and the error says how to store the edit again.
+        monkeypatch.setattr(cli, "_write", disk_full)
+        assert main(argv) == 1
+        assert re.search(r"error: cannot write .*\n  head version v\d+, the suggested edit, was not kept; explaind edit-head discarded "
+                         r".* stores it again\n\Z", capsys.readouterr().err)
+        monkeypatch.undo()
+        with Client(server.target, timeout=30) as client:
+            assert {v.version_id for v in client.head_versions()} == before
     finally:
         with Client(server.target, timeout=30) as client:
             for stored in {v.version_id for v in client.head_versions()} - before:

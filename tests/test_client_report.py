@@ -132,12 +132,19 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
     try:
         with pytest.raises(KeyboardInterrupt) as raised:
             build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2)
+        (stored,) = {v.version_id for v in client.head_versions()} - before
+        client.delete_head_version(stored)
+        # Told not to keep it, the report had deleted it before the images: the note says how to store it again.
+        with pytest.raises(KeyboardInterrupt) as discarded:
+            build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2, keep_edit=False)
     finally:
         monkeypatch.undo()
         client.delete_sample_set("interrupted-report")
-    (stored,) = {v.version_id for v in client.head_versions()} - before
     assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
-    client.delete_head_version(stored)
+    assert {v.version_id for v in client.head_versions()} == before
+    (note,) = discarded.value.__notes__
+    assert re.fullmatch(r"head version v\d+, the suggested edit, was not kept; explaind edit-head interrupted-report --class heart "
+                        r"--neurons \d+ \d+ \d+ --seed 0 --description 'suggested by explaind report for heart' stores it again", note), note
 
 
 def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys):
@@ -169,9 +176,10 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_tha
                 "evaluated, then deleted as the report was asked: not kept.</span>") in page
         assert f"<code id='edit-command'>{discarded.edit_command.replace(chr(39), '&#x27;')}</code>" in page
         assert "<table class='evaluation'>" in page and "head-versions promote" not in page
-        # The command stores the same edit: its seed fixes the minibatch order.
+        # The command stores the same head (model_version holds a hash of its weights): its seed fixes the minibatch order.
         assert main(["--target", client.target, *shlex.split(discarded.edit_command)[1:], "--json"]) == 0
         again = json.loads(capsys.readouterr().out)
+        assert again["version"]["model_version"] == version.model_version == kept.edit.version.model_version
         assert again["version"]["evaluation"] == _json_value(version.evaluation)
         assert again["version"]["parent_evaluation"] == _json_value(version.parent_evaluation)
         assert again["validation_accuracy"] == _json_value(discarded.edit.validation_accuracy)
@@ -179,6 +187,17 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_tha
         for stored in {v.version_id for v in client.head_versions()} - before:
             client.delete_head_version(stored)
         client.delete_sample_set("nightly-discard")
+
+
+def test_the_command_that_stores_a_discarded_edit_again_reads_its_class_as_a_name_and_quotes_for_the_shell():
+    from explaind.client.report import edit_head_command
+
+    # Bare digits would be read as a class index, "index:2" as one too.
+    assert edit_head_command("s", "7", [3, 1], "", "", "") == ("explaind edit-head s --class name:7 --neurons 3 1 --seed 0 "
+                                                               "--description 'suggested by explaind report for 7'")
+    assert edit_head_command("my set", "index:2", [5], "eval", "val", "back ground").startswith(
+        "explaind edit-head 'my set' --class name:index:2 --neurons 5 --seed 0 --validation-sample-set val --evaluation-sample-set eval "
+        "--group-attribute 'back ground' --description ")
 
 
 def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, monkeypatch):

@@ -139,7 +139,7 @@ def build_report(
             edit_kept = False
         except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
             edit_discard_error = error
-    with noting_stored_edit(edit if edit_kept else None):
+    with noting_stored_edit(edit, kept=edit_kept, command=edit_command):
         visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
     visualizations = [v for result in visualized.results for v in result.visualizations]
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
@@ -148,15 +148,17 @@ def build_report(
 
 
 @contextlib.contextmanager
-def noting_stored_edit(edit: HeadEdit | None) -> Iterator[None]:
-    """Name the suggested edit, stored already, on an error or Ctrl-C that stops the report
-    after it (in the images, or writing the page): else nothing would mention it."""
+def noting_stored_edit(edit: HeadEdit | None, *, kept: bool = True, command: str = "") -> Iterator[None]:
+    """Name the suggested edit on an error or Ctrl-C that stops the report after it (in the
+    images, or writing the page): else nothing would mention it. Stored already, or, not
+    ``kept``, deleted: then ``command`` (the report's ``edit_command``) stores it again."""
     try:
         yield
     except BaseException as error:
         if edit is not None:
-            error.add_note(f"head version {edit.version.version_id}, the suggested edit, stays stored (not served); "
-                           "delete it if it is not wanted")
+            version = edit.version.version_id
+            error.add_note(f"head version {version}, the suggested edit, stays stored (not served); delete it if it is not wanted" if kept
+                           else f"head version {version}, the suggested edit, was not kept; {command} stores it again")
         raise
 
 
