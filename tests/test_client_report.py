@@ -192,7 +192,8 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_tha
 def test_the_command_that_stores_a_discarded_edit_again_reads_its_class_as_a_name_and_quotes_for_the_shell():
     from explaind.client.report import edit_head_command
 
-    # Bare digits would be read as a class index, "index:2" as one too.
+    # Bare digits would be read as a class index, "index:2" as one too, and "-x" as an option.
+    assert edit_head_command("s", "-x", [1], "", "", "").startswith("explaind edit-head s --class name:-x --neurons 1 ")
     assert edit_head_command("s", "7", [3, 1], "", "", "") == ("explaind edit-head s --class name:7 --neurons 3 1 --seed 0 "
                                                                "--description 'suggested by explaind report for 7'")
     assert edit_head_command("my set", "index:2", [5], "eval", "val", "back ground").startswith(
