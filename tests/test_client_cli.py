@@ -692,6 +692,39 @@ def test_sigterm_stops_a_wait_as_ctrl_c_does_saying_what_became_of_the_job(serve
             job.cancel()
 
 
+def test_a_second_sigterm_does_not_stop_the_cancel_of_the_job_the_first_stopped(server, capsys, monkeypatch, tmp_path):
+    # coreutils' timeout sends SIGTERM to the command and then to its process group: the second,
+    # landing in the cancel the first began, ended the command with its job still running and no word.
+    watch, cancel = Operation.watch, Operation.cancel
+
+    def watch_until_terminated(self, *args, **kwargs):
+        for update in watch(self, *args, **kwargs):
+            yield update
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+
+    def cancel_terminated_again(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # where the second signal's handler runs
+        return cancel(self, *args, **kwargs)
+
+    monkeypatch.setattr(Operation, "watch", watch_until_terminated)
+    monkeypatch.setattr(Operation, "cancel", cancel_terminated_again)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
+                 "--out-dir", str(tmp_path), "--json"]) == 143
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is before
+    error = json.loads(capsys.readouterr().out)["error"]
+    name = error["operation"]
+    with Client(server.target, timeout=30) as client:
+        job = client.operation(name)
+        try:
+            assert job.cancel_requested and error["notes"] in ([f"cancelled {name}"], [f"cancel requested for {name} (running); it ends at its next check"]), error
+        finally:
+            job.cancel()
+
+
 def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsys):
     # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
     import explaind.client.cli as cli

@@ -99,7 +99,9 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
     A stop must end the command: an interrupt that lands inside gRPC as it sets up a call
     can leave a lock held that closing the channel then waits on forever (once in 20
     SIGTERMs sent right after a job started), so the process exits with 143 anyway once
-    --timeout + TERMINATED_GRACE_S seconds have passed since the signal."""
+    --timeout + TERMINATED_GRACE_S seconds have passed since the signal. A second SIGTERM
+    (coreutils' timeout sends one to the command and one to its process group) raises
+    nothing: it would stop the cancel the first began, or skip restoring the handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -113,10 +115,11 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
         os._exit(128 + signal.SIGTERM)
 
     def terminated(_signum: int, _frame: object) -> None:
-        if not deadline:
-            deadline.append(threading.Timer(args.timeout + TERMINATED_GRACE_S, exit_stuck))
-            deadline[0].daemon = True
-            deadline[0].start()
+        if deadline:  # the first one's stop goes on, bounded by its timer
+            return
+        deadline.append(threading.Timer(args.timeout + TERMINATED_GRACE_S, exit_stuck))
+        deadline[0].daemon = True
+        deadline[0].start()
         raise _Terminated("terminated")
 
     previous = signal.signal(signal.SIGTERM, terminated)
