@@ -1130,7 +1130,9 @@ def cmd_operations(args: argparse.Namespace) -> int:
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
-            print(json.dumps({"deleted": args.name, "operation": args.name}) if args.json else f"deleted {args.name}")
+            # "deleted" as given (operations/ID or ID); "operation" as every other command names a job.
+            operation_name = f"{OPERATION_NAME_PREFIX}{args.name.removeprefix(OPERATION_NAME_PREFIX)}"
+            print(json.dumps({"deleted": args.name, "operation": operation_name}) if args.json else f"deleted {args.name}")
             return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
@@ -1197,6 +1199,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 _RESULT_PRINTERS[operation.kind](result)
     # Like `kubectl wait`: a script waiting on a job learns from the exit code that it failed.
     return 1 if args.action in ("wait", "watch") and operation.state != "succeeded" else 0
+
+
+# The server's operation names, "operations/<id>"; the CLI's operation commands also take the id alone.
+OPERATION_NAME_PREFIX = "operations/"
 
 
 def _operation_line(operation: Operation[Any]) -> str:
