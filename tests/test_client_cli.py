@@ -754,6 +754,26 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and capsys.readouterr() == ("", "")
 
 
+def test_a_command_stuck_after_sigterm_keeps_what_it_printed_before():
+    # os._exit skips the flush at exit: a result printed before the stuck close, still in stdout's
+    # buffer (a pipe, a file), was lost, where --json's error was flushed.
+    stuck = """
+import argparse, os, signal, time
+import explaind.client.cli as cli
+cli.TERMINATED_GRACE_S = 0.0
+with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=False)):
+    print("the result")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+    except cli._Terminated:
+        time.sleep(60)  # the close that never returns
+"""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # stdout buffered, as usual
+    ended = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=60, env=environment)
+    assert (ended.returncode, ended.stdout) == (143, "the result\n"), ended
+
+
 def test_a_predict_refusal_listing_images_as_precondition_violations_names_their_files_from_them():
     # A server that lists them structurally: their names in the message are not read.
     from explaind.client import FailedPreconditionError

@@ -112,6 +112,10 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
               f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
               file=sys.stderr, flush=True)
         _print_failure_json(_Terminated("terminated"), args)
+        try:  # what the command printed before (os._exit skips the flush at exit)
+            sys.stdout.flush()
+        except (OSError, ValueError):  # a reader gone, a full disk; a closed stdout
+            pass
         os._exit(128 + signal.SIGTERM)
 
     def terminated(_signum: int, _frame: object) -> None:
