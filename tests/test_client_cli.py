@@ -725,6 +725,29 @@ def test_a_second_sigterm_does_not_stop_the_cancel_of_the_job_the_first_stopped(
             job.cancel()
 
 
+def test_sigterm_stopping_a_job_the_sdk_started_inside_a_command_names_it_as_operation(server, capsys, monkeypatch, world_images, tmp_path):
+    # report (and rank) wait through the SDK, which started the job: the --json error's operation was null,
+    # its name only in the note.
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:24], (labels[:24] + 1) % 6, sample_set_id="terminated-report")
+        name = client.model_metadata().class_names[int((labels[0] + 1) % 6)]
+    watch = Operation.watch
+
+    def watch_until_terminated(self, *args, **kwargs):
+        for update in watch(self, *args, **kwargs):
+            yield update
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Operation, "watch", watch_until_terminated)
+    assert main(["--target", server.target, "report", "--class", name, "--sample-set", "terminated-report", "--neurons", "1",
+                 "--steps", "10000", "--stability", "0", "--out", str(tmp_path / "r.html"), "--json"]) == 143
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["code"] == "INTERRUPTED" and error["operation"] is not None, error
+    assert len(error["notes"]) == 1 and error["operation"] in error["notes"][0], error
+
+
 def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsys):
     # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
     import explaind.client.cli as cli

@@ -497,7 +497,8 @@ class Operation(Generic[ResultT]):
         """Wait for the job and return its result (a dataclass where the SDK has one,
         else the response message). ``progress=True`` shows a tqdm bar, or plain lines
         when stderr is not a terminal; Ctrl-C cancels the job on the server before
-        re-raising. Raises OperationError if it failed, and DeadlineExceededError if it
+        re-raising (the KeyboardInterrupt's ``operation`` is this one, a note what the
+        cancel did). Raises OperationError if it failed, and DeadlineExceededError if it
         is not done within ``timeout`` seconds (None: no limit); the job keeps running
         then (the error's ``operation`` is this one: ``cancel()`` stops it, ``result()``
         again waits on). ``download=False``
@@ -521,6 +522,7 @@ class Operation(Generic[ResultT]):
                 raise
             # A call of the watch or the wait went unanswered (a hung server): late, as below.
         except KeyboardInterrupt as interrupt:
+            interrupt.operation = self  # type: ignore[attr-defined]  # as an error's: the job it stopped waiting for
             try:
                 self.cancel()
             except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened

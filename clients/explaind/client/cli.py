@@ -137,12 +137,12 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _naming_interrupted_job(operation: Operation[Any]) -> Iterator[None]:
-    """Mark Ctrl-C or SIGTERM met while waiting on ``operation`` with its name, the
-    --json error's ``operation``."""
+    """Mark Ctrl-C or SIGTERM met while waiting on ``operation`` with it, as the SDK's
+    ``result()`` does: the --json error's ``operation``."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
-        interrupt.operation_name = operation.name  # type: ignore[attr-defined]
+        interrupt.operation = operation  # type: ignore[attr-defined]
         raise
 
 
@@ -1271,12 +1271,13 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     server = error if isinstance(error, ExplaindError) else None
     if server is not None:
         value = _error_json(server)
-        operation = None if server.operation is None else server.operation.name
     else:
         interrupted = isinstance(error, KeyboardInterrupt)
         value = {"code": INTERRUPTED_CODE if interrupted else CLIENT_ERROR_CODE, "message": _failure_words(error), "field": None,
                  "precondition_violations": []}
-        operation = getattr(error, "operation_name", None)  # the job an interrupted wait was on (_naming_interrupted_job)
+    # A server error's; an interrupt's, the job its wait was on (the SDK's result(), _naming_interrupted_job).
+    job: Operation[Any] | None = getattr(error, "operation", None)
+    operation = None if job is None else job.name
     option = _option_setting(args, value["field"]) if value["field"] else None
     return {"error": {**value, "option": option, "notes": list(getattr(error, "__notes__", ())),
                       "retry_delay_seconds": None if server is None else server.retry_delay, "operation": operation}}
