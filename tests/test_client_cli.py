@@ -777,6 +777,22 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and capsys.readouterr() == ("", "")
 
 
+def test_a_command_whose_sigterm_is_ignored_keeps_ignoring_it():
+    # `trap '' TERM` (or a supervisor's SIG_IGN) before the command: the handler undid it and a SIGTERM stopped it.
+    import explaind.client.cli as cli
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # where a handler would run
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    except cli._Terminated:  # not KeyboardInterrupt's, which would end the test run
+        pytest.fail("a SIGTERM the process ignores stopped the command")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_command_stuck_after_sigterm_keeps_what_it_printed_before():
     # os._exit skips the flush at exit: a result printed before the stuck close, still in stdout's
     # buffer (a pipe, a file), was lost, where --json's error was flushed.

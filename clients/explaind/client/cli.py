@@ -94,7 +94,7 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
     """Raise :class:`_Terminated` on SIGTERM while the command runs (Python's default ends
     the process at once: a job it started kept running, with no word), and restore the
     previous handler after, for a program calling main in-process. Only the main thread
-    can set a handler: elsewhere SIGTERM stays as it was.
+    can set a handler: elsewhere SIGTERM stays as it was, as it does where it is ignored.
 
     A stop must end the command: an interrupt that lands inside gRPC as it sets up a call
     can leave a lock held that closing the channel then waits on forever (once in 20
@@ -102,8 +102,8 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
     --timeout + TERMINATED_GRACE_S seconds have passed since the signal. A second SIGTERM
     (coreutils' timeout sends one to the command and one to its process group) raises
     nothing: it would stop the cancel the first began, or skip restoring the handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield  # no handler here, or SIGTERM ignored on purpose (`trap '' TERM`, a supervisor's choice): it stays so
         return
     deadline: list[threading.Timer] = []
 
