@@ -777,6 +777,26 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and capsys.readouterr() == ("", "")
 
 
+def test_sigterm_while_the_json_is_written_puts_its_error_on_a_line_of_its_own():
+    # A value larger than the pipe holds, its reader slow: the signal cut it, and the error went on
+    # the same line, after it, so neither the last line nor the whole output parsed.
+    cut = """
+import argparse, sys
+import explaind.client.cli as cli
+args = argparse.Namespace(timeout=5.0, json=True, run=lambda args: cli._print_json({"mistakes": list(range(300_000))}))
+cli.parse_arguments = lambda argv: args
+sys.exit(cli.main([]))
+"""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    command = subprocess.Popen([sys.executable, "-c", cut], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    assert command.stdout.read(1) == b"{"  # it writes, and waits for the pipe
+    time.sleep(1)  # blocked on the full pipe
+    command.send_signal(signal.SIGTERM)
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 143, err
+    assert json.loads(out.decode().splitlines()[-1])["error"]["code"] == "INTERRUPTED", out[-300:]
+
+
 def test_a_command_whose_sigterm_is_ignored_keeps_ignoring_it():
     # `trap '' TERM` (or a supervisor's SIG_IGN) before the command: the handler undid it and a SIGTERM stopped it.
     import explaind.client.cli as cli

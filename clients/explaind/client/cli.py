@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import unicodedata
 import uuid
 import warnings
@@ -1291,10 +1292,14 @@ def _failure_words(error: BaseException) -> str:
 
 def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args: argparse.Namespace) -> None:
     """With --json, :func:`_failure_json` on stdout, unless stdout holds an artifact's bytes
-    or cannot be written itself (a reader gone, a full disk: stderr said it all)."""
+    or cannot be written itself (a reader gone, a full disk: stderr said it all). On a line
+    of its own where Ctrl-C or SIGTERM cut the command's own JSON short (a value larger
+    than a slow reader's pipe holds): after it on the same line, the error did not parse."""
     if getattr(args, "json", False) and getattr(args, "output", None) != "-":
+        cut_short = isinstance(error, KeyboardInterrupt) and any(
+            frame.f_code is _print_json.__code__ for frame, _line in traceback.walk_tb(error.__traceback__))
         try:
-            print(json.dumps(_failure_json(error, args)), flush=True)
+            print(("\n" if cut_short else "") + json.dumps(_failure_json(error, args)), flush=True)
         except OSError:
             _discard_standard_output(sys.stdout)
 
