@@ -1563,7 +1563,7 @@ def _json_option(parser: argparse.ArgumentParser, output: str) -> None:
     parser.add_argument("--json", action="store_true",
                         help=f'{output}; if the command fails (exit status 1), {{"error": {{"code": ..., "message": ..., ...}}}}, '
                              f'its code a gRPC status name, {CLIENT_ERROR_CODE} (a file or option refused here) or {INTERRUPTED_CODE} '
-                             '(Ctrl-C or SIGTERM), its "option" the option that set its "field", a job named as "operation"')
+                             '(Ctrl-C, exit status 130, or SIGTERM, 143), its "option" the option that set its "field", a job named as "operation"')
 
 
 def build_parser() -> argparse.ArgumentParser:
