@@ -797,6 +797,21 @@ sys.exit(cli.main([]))
     assert json.loads(out.decode().splitlines()[-1])["error"]["code"] == "INTERRUPTED", out[-300:]
 
 
+def test_sigterm_with_a_timeout_beyond_what_a_timer_takes_stops_the_command_without_a_traceback(monkeypatch):
+    # --timeout 1e10 (about "none"): the safety timer's thread failed with OverflowError, its traceback on stderr.
+    import threading
+
+    import explaind.client.cli as cli
+
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda failure: failures.append(failure.exc_value))
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=1e10, json=True)), pytest.raises(cli._Terminated):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+    time.sleep(0.2)  # the timer's thread has started and, cancelled, ended
+    assert failures == []
+
+
 def test_a_command_whose_sigterm_is_ignored_keeps_ignoring_it():
     # `trap '' TERM` (or a supervisor's SIG_IGN) before the command: the handler undid it and a SIGTERM stopped it.
     import explaind.client.cli as cli

@@ -122,7 +122,8 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
     def terminated(_signum: int, _frame: object) -> None:
         if deadline:  # the first one's stop goes on, bounded by its timer
             return
-        deadline.append(threading.Timer(args.timeout + TERMINATED_GRACE_S, exit_stuck))
+        # At most what a thread's wait takes (292 years): --timeout 1e10, "no limit", failed the timer's thread.
+        deadline.append(threading.Timer(min(args.timeout + TERMINATED_GRACE_S, threading.TIMEOUT_MAX), exit_stuck))
         deadline[0].daemon = True
         deadline[0].start()
         raise _Terminated("terminated")
