@@ -797,6 +797,43 @@ sys.exit(cli.main([]))
     assert json.loads(out.decode().splitlines()[-1])["error"]["code"] == "INTERRUPTED", out[-300:]
 
 
+def test_sigterm_once_the_command_has_run_does_not_cut_short_the_words_saying_how_it_ended(monkeypatch):
+    # Its output (or an error's) being written, a SIGTERM raised there and replaced it with
+    # a second outcome, "terminated"; it now only bounds how long they take.
+    import explaind.client.cli as cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.2, json=True)) as ran:
+        ran()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs, and raises nothing
+    time.sleep(0.5)  # past the bound: the timer was cancelled as the words were out
+    assert exits == []
+
+
+def test_a_command_stuck_after_sigterm_exits_though_nobody_reads_its_output():
+    # Its stdout a full pipe whose reader had stopped reading: the safety exit wrote its
+    # error there first, and blocked on it like the command.
+    stuck = """
+import argparse, sys
+import explaind.client.cli as cli
+cli.TERMINATED_GRACE_S = 0.0
+args = argparse.Namespace(timeout=0.5, json=True, run=lambda args: cli._print_json({"mistakes": list(range(300_000))}))
+cli.parse_arguments = lambda argv: args
+sys.exit(cli.main([]))
+"""
+    command = subprocess.Popen([sys.executable, "-c", stuck], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert command.stdout.read(1) == b"{"  # it writes, and waits for the pipe, which is read no more
+    time.sleep(1)
+    command.send_signal(signal.SIGTERM)
+    try:
+        assert command.wait(timeout=30) == 143
+    finally:
+        command.kill()
+        command.communicate()
+
+
 def test_sigterm_with_a_timeout_beyond_what_a_timer_takes_stops_the_command_without_a_traceback(monkeypatch):
     # --timeout 1e10 (about "none"): the safety timer's thread failed with OverflowError, its traceback on stderr.
     import threading

@@ -88,27 +88,33 @@ class _Terminated(KeyboardInterrupt):
 # Seconds past --timeout (the bound of the cancel call a stopped job command makes) that a
 # command stopped by SIGTERM has to end before it exits regardless (:func:`_terminating_like_ctrl_c`).
 TERMINATED_GRACE_S = 5.0
+# Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
+TERMINATED_WORDS_S = 1.0
 
 
 @contextlib.contextmanager
-def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
+def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], None]]:
     """Raise :class:`_Terminated` on SIGTERM while the command runs (Python's default ends
     the process at once: a job it started kept running, with no word), and restore the
     previous handler after, for a program calling main in-process. Only the main thread
     can set a handler: elsewhere SIGTERM stays as it was, as it does where it is ignored.
+    Yields ``ran``, to call once the command has run: a SIGTERM then raises nothing, so
+    the words that say how it ended (its output, or a stop's error) are not cut short.
 
     A stop must end the command: an interrupt that lands inside gRPC as it sets up a call
     can leave a lock held that closing the channel then waits on forever (once in 20
-    SIGTERMs sent right after a job started), so the process exits with 143 anyway once
-    --timeout + TERMINATED_GRACE_S seconds have passed since the signal. A second SIGTERM
-    (coreutils' timeout sends one to the command and one to its process group) raises
-    nothing: it would stop the cancel the first began, or skip restoring the handler."""
+    SIGTERMs sent right after a job started), and its words may block on a pipe nobody
+    reads, so the process exits with 143 anyway once --timeout + TERMINATED_GRACE_S
+    seconds have passed since the signal. A second SIGTERM (coreutils' timeout sends one
+    to the command and one to its process group) raises nothing: it would stop the cancel
+    the first began, or skip restoring the handler."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield  # no handler here, or SIGTERM ignored on purpose (`trap '' TERM`, a supervisor's choice): it stays so
+        yield lambda: None  # no handler here, or SIGTERM ignored on purpose (`trap '' TERM`, a supervisor's choice): it stays so
         return
     deadline: list[threading.Timer] = []
+    running = [True]
 
-    def exit_stuck() -> None:
+    def say_why() -> None:
         print("terminated\n  (the command did not end within "
               f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
               file=sys.stderr, flush=True)
@@ -117,6 +123,12 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
             sys.stdout.flush()
         except (OSError, ValueError):  # a reader gone, a full disk; a closed stdout
             pass
+
+    def exit_stuck() -> None:
+        # The words may block too, where the command's did: they get a while of their own.
+        saying = threading.Thread(target=say_why, name="explaind-terminated", daemon=True)
+        saying.start()
+        saying.join(TERMINATED_WORDS_S)
         os._exit(128 + signal.SIGTERM)
 
     def terminated(_signum: int, _frame: object) -> None:
@@ -126,11 +138,12 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
         deadline.append(threading.Timer(min(args.timeout + TERMINATED_GRACE_S, threading.TIMEOUT_MAX), exit_stuck))
         deadline[0].daemon = True
         deadline[0].start()
-        raise _Terminated("terminated")
+        if running[0]:
+            raise _Terminated("terminated")
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        yield
+        yield lambda: running.__setitem__(0, False)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
         for timer in deadline:  # ended in time
@@ -2064,9 +2077,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(argv: list[str]) -> int:
     args = parse_arguments(argv)
+    with _terminating_like_ctrl_c(args) as ran:  # until its words are out
+        return _command_outcome(args, ran)
+
+
+def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
+    """Run the command of ``args``, calling ``ran`` once it has ended, and say how it ended:
+    its exit status, with an error's words on stderr (and JSON on stdout)."""
     try:
-        with _terminating_like_ctrl_c(args):
+        try:
             code: int = args.run(args)
+        finally:
+            ran()
         sys.stdout.flush()  # a full disk or a closed pipe fails here, where it is handled, not at the interpreter's exit
         return code
     except (ExplaindError, CommandError) as error:
