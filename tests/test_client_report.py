@@ -233,6 +233,31 @@ def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, mon
     assert "<table class='evaluation'>" in page
 
 
+def test_a_report_whose_edit_someone_else_deleted_first_counts_it_as_discarded(client, monkeypatch):
+    # A cleanup job (or an admin) deleting the version first made --discard-edit fail with NOT_FOUND, exit 1,
+    # and say the version "stays stored": it was gone, as asked.
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=60).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="deleted-meanwhile")
+    before = {v.version_id for v in client.head_versions()}
+    delete = client.delete_head_version
+
+    def deleted_first(version_id):
+        delete(version_id)  # someone else's deletion
+        delete(version_id)
+
+    monkeypatch.setattr(client, "delete_head_version", deleted_first)
+    try:
+        report = build_report(client, "heart", "deleted-meanwhile", max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
+    finally:
+        monkeypatch.undo()
+        client.delete_sample_set("deleted-meanwhile")
+    assert {v.version_id for v in client.head_versions()} == before
+    assert not report.edit_kept and report.edit_discard_error is None and report.edit_command
+    page = render_report(report)
+    assert "<span id='edit-not-kept'>" in page and "edit-discard-failed" not in page
+
 def test_a_report_stopped_without_an_edit_stored_names_none():
     # The server refused the edit (too few samples): an interrupt in the images has no version to mention.
     from explaind.client.report import noting_stored_edit

@@ -98,9 +98,9 @@ def build_report(
     The edit is stored as a head version (not promoted), which ``keep_edit=False`` deletes
     as soon as it is evaluated: the report keeps its numbers, ``edit_kept`` is False and
     ``edit_command`` stores it again (the same head, given the same served head and sets:
-    its seed fixes the minibatch order). A deletion the server refuses (the version
-    promoted meanwhile, another caller's) or cannot answer leaves it stored, the report
-    going on with the error in ``edit_discard_error``.
+    its seed fixes the minibatch order); one deleted already (NOT_FOUND) counts as
+    deleted. A deletion the server refuses (the version promoted meanwhile) or cannot
+    answer leaves it stored, the report going on with the error in ``edit_discard_error``.
 
     A wrong option of the caller's (an unknown set, a group attribute the samples lack)
     raises, before the visualisations (the longest part) where it can: the edit runs
@@ -136,9 +136,11 @@ def build_report(
     if edit is not None and not keep_edit:  # now, not after the images: an interrupt there leaves no version behind
         try:
             client.delete_head_version(edit.version.version_id)
-            edit_kept = False
+        except NotFoundError:  # deleted already (a cleanup job, an admin): not kept, as asked
+            pass
         except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
             edit_discard_error = error
+        edit_kept = edit_discard_error is not None
     with noting_stored_edit(edit, kept=edit_kept, command=edit_command):
         visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
     visualizations = [v for result in visualized.results for v in result.visualizations]
