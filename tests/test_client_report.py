@@ -170,7 +170,7 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_tha
         assert not discarded.edit_kept and discarded.edit_discard_error is None and version.evaluation is not None
         assert discarded.edit_command == kept.edit_command == (
             f"explaind edit-head nightly-discard --class heart --neurons {' '.join(map(str, version.neurons))} --seed 0 "
-            "--group-attribute background --description 'suggested by explaind report for heart'")
+            "--group-attribute=background --description 'suggested by explaind report for heart'")
         page = render_report(discarded)
         assert (f"<span id='edit-not-kept'>Stored as head version <b>{version.version_id}</b> (from {version.parent_version_id}) to be "
                 "evaluated, then deleted as the report was asked: not kept.</span>") in page
@@ -197,9 +197,25 @@ def test_the_command_that_stores_a_discarded_edit_again_reads_its_class_as_a_nam
     assert edit_head_command("s", "7", [3, 1], "", "", "") == ("explaind edit-head s --class name:7 --neurons 3 1 --seed 0 "
                                                                "--description 'suggested by explaind report for 7'")
     assert edit_head_command("my set", "index:2", [5], "eval", "val", "back ground").startswith(
-        "explaind edit-head 'my set' --class name:index:2 --neurons 5 --seed 0 --validation-sample-set val --evaluation-sample-set eval "
-        "--group-attribute 'back ground' --description ")
+        "explaind edit-head 'my set' --class name:index:2 --neurons 5 --seed 0 --validation-sample-set=val --evaluation-sample-set=eval "
+        "'--group-attribute=back ground' --description ")
 
+
+@pytest.mark.parametrize("class_name, group_attribute", [("-x", "-background"), ("7", "--x"), ("héart\nnew 'line'", "a=b c"),
+                                                          ("index:2", "-1")])
+def test_the_command_that_stores_a_discarded_edit_again_parses_back_to_the_report_s_edit(class_name, group_attribute):
+    # An attribute named "-background" (any name is allowed) printed as `--group-attribute -background`,
+    # which edit-head refused ("expected one argument").
+    import shlex
+
+    from explaind.client.cli import parse_arguments
+    from explaind.client.report import edit_head_command
+
+    command = edit_head_command("nightly-1", class_name, [4, 0], "eval-set", "val-set", group_attribute)
+    args = parse_arguments(shlex.split(command)[1:])
+    assert (args.command, args.id, args.target_class, args.neurons, args.seed) == ("edit-head", "nightly-1", class_name, [4, 0], 0)
+    assert (args.validation_sample_set, args.evaluation_sample_set, args.group_attribute) == ("val-set", "eval-set", group_attribute)
+    assert args.description == f"suggested by explaind report for {class_name}" and not args.promote
 
 def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, monkeypatch):
     # Someone promoted the version meanwhile: the server refuses to delete the served head.

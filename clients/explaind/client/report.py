@@ -253,14 +253,15 @@ def _edit_description(class_name: str) -> str:
 def edit_head_command(sample_set_id: str, class_name: str, neurons: list[int], evaluation_sample_set_id: str, validation_sample_set_id: str,
                       group_attribute: str) -> str:
     """The ``explaind edit-head`` command that makes the report's edit again, quoted for a
-    POSIX shell; ``--class name:X`` where X alone would read as an index, a prefix or an option ("-x")."""
+    POSIX shell; ``--class name:X`` where X alone would read as an index, a prefix or an option ("-x"),
+    and ``--option=value`` where the value (an attribute named "-x") would read as an option too."""
     plain = not (class_name.isdecimal() or class_name.startswith(("-", "name:", "index:")))
     words = ["explaind", "edit-head", sample_set_id, "--class", class_name if plain else f"name:{class_name}",
              "--neurons", *map(str, neurons), "--seed", str(EDIT_SEED)]
     for option, value in (("--validation-sample-set", validation_sample_set_id), ("--evaluation-sample-set", evaluation_sample_set_id),
                           ("--group-attribute", group_attribute)):
         if value:
-            words += [option, value]
+            words.append(f"{option}={value}")
     return shlex.join([*words, "--description", _edit_description(class_name)])
 
 
