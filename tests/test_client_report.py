@@ -274,6 +274,28 @@ def test_a_report_whose_edit_someone_else_deleted_first_counts_it_as_discarded(c
     page = render_report(report)
     assert "<span id='edit-not-kept'>" in page and "edit-discard-failed" not in page
 
+def test_a_report_interrupted_while_deleting_its_edit_names_the_version(client, monkeypatch):
+    # Ctrl-C during the deletion itself (a slow server) left the version stored, and nothing mentioned it.
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=60).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="interrupted-deletion")
+    before = {v.version_id for v in client.head_versions()}
+
+    def interrupted(_version_id):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "delete_head_version", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            build_report(client, "heart", "interrupted-deletion", max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
+    finally:
+        monkeypatch.undo()
+        client.delete_sample_set("interrupted-deletion")
+    (stored,) = {v.version_id for v in client.head_versions()} - before
+    client.delete_head_version(stored)
+    assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
+
 def test_a_report_stopped_without_an_edit_stored_names_none():
     # The server refused the edit (too few samples): an interrupt in the images has no version to mention.
     from explaind.client.report import noting_stored_edit

@@ -134,12 +134,13 @@ def build_report(
                 raise
             no_edit_reason = error.details
     if edit is not None and not keep_edit:  # now, not after the images: an interrupt there leaves no version behind
-        try:
-            client.delete_head_version(edit.version.version_id)
-        except NotFoundError:  # deleted already (a cleanup job, an admin): not kept, as asked
-            pass
-        except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
-            edit_discard_error = error
+        with noting_stored_edit(edit):  # an interrupt in the call itself may leave it stored
+            try:
+                client.delete_head_version(edit.version.version_id)
+            except NotFoundError:  # deleted already (a cleanup job, an admin): not kept, as asked
+                pass
+            except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
+                edit_discard_error = error
         edit_kept = edit_discard_error is not None
     with noting_stored_edit(edit, kept=edit_kept, command=edit_command):
         visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
