@@ -1478,11 +1478,13 @@ def _report_json(report: MistakeReport, out: str, sample_set_id: str) -> dict[st
 
 def _require_discarded(report: MistakeReport, out: str) -> None:
     """The error of a --discard-edit whose deletion failed (its page written, saying so),
-    with the server's code, so that a nightly job sees it and its version is not forgotten."""
+    with the server's code, so that a nightly job sees it and its version is not forgotten.
+    Raised outside ``noting_stored_edit``, whose "(not served)" may be false here: the
+    server refuses to delete the served head, so someone may have promoted it."""
     if (error := report.edit_discard_error) is not None:
         version = cast("HeadEdit", report.edit).version.version_id
         raise error_from_code(error.code, f"{out} is written, but deleting head version {version}, the suggested edit "
-                                          f"(--discard-edit), failed: {error.details}")
+                                          f"(--discard-edit), failed, so it stays stored: {error.details}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1514,7 +1516,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                       f"{report.edit_command}", file=notes)
         _print_report_gaps(report, notes)
         _require_whole(report)  # its error names the stored edit, which --json's output would not
-        _require_discarded(report, args.out)
+    _require_discarded(report, args.out)
     if args.json:
         _print_json(_report_json(report, args.out, sample_set_id))
     return 0

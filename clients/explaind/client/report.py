@@ -454,7 +454,7 @@ def _edit_storage(report: MistakeReport) -> str:
                 f"the served head is still {_text(version.parent_version_id)} and the sets are unchanged).")
     if report.edit_discard_error is not None:
         return (f"<span id='edit-discard-failed' class='warning'>{stored}; deleting it, as the report was asked, failed "
-                f"({_text(str(report.edit_discard_error))}), so it stays stored, not served:</span> {delete} once it can be.")
+                f"({_text(str(report.edit_discard_error))}), so it stays stored:</span> {delete} once it can be.")
     return (f"{stored}; not served until promoted: <code>explaind head-versions promote {_text(version.version_id)}</code>, "
             f"or, if you do not want it, {delete}.")
 
