@@ -1064,3 +1064,17 @@ def test_a_report_pairs_each_visualisation_with_the_epsilon_of_the_request_that_
     page = render_report(report)
     assert "Warning:</strong> 64 of the 65 images shown (" in page and "<a href='#neuron-9'>neuron 9</a> and 54 more) ended" in page and "<figure class='neuron' id='neuron-64'>" in page
     assert "epsilon 0.5, learning rate" in page.split("id='neuron-64'")[1]
+
+
+def test_a_report_s_json_says_whether_its_edit_is_kept_only_where_there_is_one():
+    # head_version_kept is null without an edit (nothing stored, nothing to keep), not true.
+    import dataclasses
+
+    from explaind.client.cli import _report_json
+
+    edited = dataclasses.replace(_edited_report(), edit_command="explaind edit-head s --class tench --neurons 7 8 --seed 0")
+    states = {"none": dataclasses.replace(edited, edit=None, edit_command="", no_edit_reason="too few samples"), "kept": edited,
+              "discarded": dataclasses.replace(edited, edit_kept=False)}
+    printed = {state: _report_json(report, "r.html", "s") for state, report in states.items()}
+    assert [(p["head_version"], p["head_version_kept"], p["edit_command"]) for p in printed.values()] == [
+        (None, None, None), ("v2tench", True, edited.edit_command), ("v2tench", False, edited.edit_command)]
