@@ -61,7 +61,8 @@ class MistakeReport:
     visualization_out_of_memory_at: int = 0
     visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
     # Whether the edit's head version stays stored: False once build_report(keep_edit=False)
-    # deleted it, True where it was kept or its deletion failed (edit_discard_error says why).
+    # deleted it (or found it deleted already), True where it was kept or its deletion failed
+    # (edit_discard_error says why).
     edit_kept: bool = True
     edit_discard_error: ExplaindError | None = None
     # The `explaind edit-head` command that stores the same edit again (the report's set,
