@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import explaind.client.report as report_module
 from explaind.client import Client, InvalidArgumentError, OperationError, ResourceExhaustedError
 from explaind.client._neuroinspect import HeadEvaluation
 from explaind.client.report import _evaluation_rows, build_report, render_report
@@ -134,6 +135,13 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
             build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2)
         (stored,) = {v.version_id for v in client.head_versions()} - before
         client.delete_head_version(stored)
+        # Stopped as it read which samples the edit was evaluated on, just after storing it.
+        with monkeypatch.context() as reading:
+            reading.setattr(report_module, "edit_evaluated_on", interrupted)
+            with pytest.raises(KeyboardInterrupt) as evaluated:
+                build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2)
+        (stored_then,) = {v.version_id for v in client.head_versions()} - before
+        client.delete_head_version(stored_then)
         # Told not to keep it, the report had deleted it before the images: the note says how to store it again.
         with pytest.raises(KeyboardInterrupt) as discarded:
             build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2, keep_edit=False)
@@ -141,6 +149,7 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
         monkeypatch.undo()
         client.delete_sample_set("interrupted-report")
     assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
+    assert evaluated.value.__notes__ == [f"head version {stored_then}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
     assert {v.version_id for v in client.head_versions()} == before
     (note,) = discarded.value.__notes__
     assert re.fullmatch(r"head version v\d+, the suggested edit, was not kept; explaind edit-head interrupted-report --class heart "

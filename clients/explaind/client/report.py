@@ -275,7 +275,8 @@ def _suggest_edit(
     edit = client.edit_head(sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
                             evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
                             seed=EDIT_SEED, description=_edit_description(class_name)).result(progress=progress)
-    return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
+    with noting_stored_edit(edit):
+        return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
 
 
 def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_id: str, validation_sample_set_id: str) -> str:
