@@ -3130,3 +3130,13 @@ def test_a_command_that_runs_the_server_says_where_it_runs_on_windows(capsys, mo
     monkeypatch.setattr(sys, "platform", "win32")
     assert _error(capsys, [command, "--config", str(tmp_path / "missing.toml")]) == (f"error: {command}: the server runs on Linux and macOS; on Windows run it in WSL or its "
                                          "container (deploy/Dockerfile), and this SDK and CLI against it")
+
+
+def test_an_error_s_option_is_one_that_sets_the_field_it_names_not_one_of_the_same_name():
+    # report's --neurons counts the neurons it visualises: an edit's refused "neurons" (the
+    # ones it edits) was said to be that option, which sets no neuron.
+    from explaind.client.cli import _option_of_field, parse_arguments
+
+    report = parse_arguments(["report", "--class", "heart", "--neurons", "3"])
+    assert (_option_of_field(report, "neurons"), _option_of_field(report, "sample_set_id")) == (None, "--sample-set")
+    assert _option_of_field(parse_arguments(["edit-head", "train", "--class", "heart", "--neurons", "1", "2"]), "neurons") == "--neurons"

@@ -1500,7 +1500,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             sample_set_id = sets[-1].sample_set_id
             print(f"using the newest sample set, {sample_set_id}", file=sys.stderr)
         report = build_report(
-            client, _target_class(client, args), sample_set_id, max_neurons=args.neurons or None, steps=args.steps, group_attribute=args.group_attribute,
+            client, _target_class(client, args), sample_set_id, max_neurons=args.neurons_visualized or None, steps=args.steps, group_attribute=args.group_attribute,
             evaluation_sample_set_id=args.evaluation_sample_set, validation_sample_set_id=args.validation_sample_set, progress=True,
             stability_resamples=args.stability, keep_edit=not args.discard_edit,
         )
@@ -1753,7 +1753,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--class", dest="target_class", type=_class_ref, required=True, help="class name or index (name:X, index:N where classes are named by digits)")
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
     report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
-    report.add_argument("--neurons", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
+    report.add_argument("--neurons", dest="neurons_visualized", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
     report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps")
     report.add_argument("--stability", type=_non_negative_int, default=DEFAULT_STABILITY_RESAMPLES, metavar="N", help=_STABILITY_HELP)
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
