@@ -3,17 +3,17 @@ ordered by id and against topk alone, in one run; or, with ``--crossover``, ``to
 whole-row sort against its topk over a grid of shapes.
 
     python bench/top_neurons.py [--mistakes 10000] [--neurons 2048] [--nonzero 0.002] [--top-k 5] [--repeats 3] [--threads 1]
-    python bench/top_neurons.py --crossover [--max-elements 2097152] [--repeats 5] [--threads 1]
+    python bench/top_neurons.py --crossover [--max-elements 2097152] [--repeats 3] [--threads 1]
 
 The proximal solver's ω is mostly exact zeros (``--nonzero``; 1 is the faithful solver's
 dense ω): a mistake with fewer than k + 1 nonzero shifts ties at zero where its top k
 end. Only positive scores are ranked, so ordering the tied zeros by id (``top_ids``' rows
 of ties, a cumulative sum over each) buys nothing: ours leaves them, where "every tie
-ordered" orders them and masks the same way. Past k = D / FULL_SORT_SHARE ours sorts
-whole rows, and selects no more than any row's positive scores; "topk alone" is ours
-with that turned off (FULL_SORT_SHARE = 0: topk of k + 1, then the ties' ordering).
-Past k = D / POSITIVES_COUNTED_SHARE ours counts each row's positive scores first;
-"counted from D / 3" waits for k = D / FULL_SORT_SHARE, as it did before.
+ordered" orders them and masks the same way. Past k = D / POSITIVES_COUNTED_SHARE ours
+counts each row's positive scores first and selects no more than the most of them, and
+past k = D / FULL_SORT_SHARE it sorts whole rows; "topk alone" is ours with both turned
+off (both shares 0: topk of k + 1, then the ties' ordering), "counted from D / 3" ours
+counting only from k = D / FULL_SORT_SHARE, as it did before.
 Each takes both directions (insufficient ω, excessive -ω), alternating, ``--repeats``
 times; prints the median seconds, ours' ratio to each, and whether all give the same
 neurons (they must, exactly).
@@ -25,8 +25,8 @@ scores (logits; every tie ordered), 95 % exact zeros (a proximal ω; ties at or 
 left, as a ranking asks) and 8 distinct values (heavy ties; every tie ordered). Each
 line gives the median milliseconds of each, sort / topk, and ours (the one FULL_SORT_SHARE
 picks) over the quicker; then the worst of those, over every point and over the points
-whose quicker took at least 0.5 ms (below that a call's few microseconds of fixed cost
-decide), and whether both gave the same ids everywhere.
+whose quicker took at least 0.5 ms (below that a call's fixed cost decides: topk's tie
+ordering alone is about 0.1 ms of calls), and whether both gave the same ids everywhere.
 """
 
 from __future__ import annotations
