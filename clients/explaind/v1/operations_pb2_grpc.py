@@ -55,12 +55,15 @@ class OperationsServiceStub:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
+    run time of the last 16 jobs that ran over [jobs].gpu_workers, 1 to 60 s; 10 s before
+    any has ended).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
-    dir is full: submit it again once its operator has freed space.
+    dir is full: submit it again once its operator has freed space. An operation reading a
+    set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
+    out of memory (the server's fault, not the image's): submit it again later.
     """
 
     def __init__(self, channel):
@@ -136,12 +139,15 @@ class OperationsServiceServicer:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
+    run time of the last 16 jobs that ran over [jobs].gpu_workers, 1 to 60 s; 10 s before
+    any has ended).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
-    dir is full: submit it again once its operator has freed space.
+    dir is full: submit it again once its operator has freed space. An operation reading a
+    set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
+    out of memory (the server's fault, not the image's): submit it again later.
     """
 
     def GetOperation(self, request, context):
@@ -289,12 +295,15 @@ class OperationsService:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of recently ended jobs over the workers, 1 to 60 s; 10 s before any has ended).
+    run time of the last 16 jobs that ran over [jobs].gpu_workers, 1 to 60 s; 10 s before
+    any has ended).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
-    dir is full: submit it again once its operator has freed space.
+    dir is full: submit it again once its operator has freed space. An operation reading a
+    set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
+    out of memory (the server's fault, not the image's): submit it again later.
     """
 
     @staticmethod
