@@ -1566,7 +1566,8 @@ def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive_seconds,
                         help=f"seconds per call (default: {DEFAULT_TIMEOUT_S:g}); waiting for a job to end (evaluate, rank, "
                              "visualize, edit-head, report, operations wait/watch) is not bounded by it: Ctrl-C or "
-                             "SIGTERM stops that")
+                             f"SIGTERM stops that (after SIGTERM the command exits within this + "
+                             f"{TERMINATED_GRACE_S + TERMINATED_WORDS_S:g} s at the latest)")
     parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the three options below)")
     parser.add_argument("--ca-file", dest="ca_file", type=_path, help="PEM file of the CAs to trust (default: the system's)")
     parser.add_argument("--cert-file", dest="cert_file", type=_path, help="PEM client certificate, for a server that asks for one (with --key-file)")
