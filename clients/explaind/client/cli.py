@@ -1668,7 +1668,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--grid", type=_path, help="write the mistakes grid PNG here")
     evaluate.add_argument("--max-grid-images", type=_integer, default=0, help="mistakes drawn in the --grid PNG, 1..1024; 0: 64")
     evaluate.add_argument("--no-wait", action="store_true", help="print the operation name and return (then: operations wait NAME)")
-    _json_option(evaluate, "print the result as JSON (every class with samples, every mistake, the confusion matrix)")
+    _json_option(evaluate, "print the result as JSON (every class with samples, every mistake with its label_name and "
+                           "predicted_class_name, the confusion matrix)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     rank = command("rank", "rank the neurons behind a class's mistakes in a sample set (NeuroInspect)")
