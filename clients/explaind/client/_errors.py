@@ -29,8 +29,9 @@ class ExplaindError(Exception):
     ``("UNDECODABLE_IMAGE", "samples[3]", "")`` for one whose stored image does not decode now;
     empty from a server older than them, whose message alone names them.
     ``retry_delay`` is the seconds the server asked to wait before the same call may
-    succeed (``google.rpc.RetryInfo``, e.g. while it loads its models, or for a full job
-    queue), None if it did not say. ``operation`` is the job a
+    succeed (``google.rpc.RetryInfo``, e.g. while it loads its models, for a full job
+    queue, or 1 s after an image decoder ran out of memory; no operation's error has one),
+    None if it did not say. ``operation`` is the job a
     DeadlineExceededError gave up waiting for (``result(timeout=...)``,
     ``rank_mistake_neurons``), still running: wait on it later; or the job an
     OperationError ended; or the one an earlier request under a reused ``request_id``
