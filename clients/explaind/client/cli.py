@@ -1732,7 +1732,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        (edit_head, "the operation the first run started, not a second head version")):
         repeatable.add_argument("--request-id", dest="request_id", type=_request_id, metavar="UUID",
                                 help=f"names this request: the command run again with it (after a timeout or a crash, say) gets "
-                                     f"{first_run_made} (default: a new UUID per run)")
+                                     f"{first_run_made} (default: a new UUID per run); other options under it are INVALID_ARGUMENT, "
+                                     "--json's error naming the first run's job as operation")
 
     operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
