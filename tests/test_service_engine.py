@@ -2429,6 +2429,29 @@ def test_a_stored_image_that_does_not_decode_now_is_refused_naming_the_samples_h
     # Asked for under another field, the error names that one.
     with pytest.raises(FailedPrecondition, match=r"^validation_sample_set_id: the image .* \(sample_index 0, 1, 2, 3, 4, 6, 7, 8, 9, 10 and 1 more\)"):
         engine.sample_set_features("widened", field="validation_sample_set_id")
+    # One sample holding it: said in the singular.
+    engine.create_sample_set("widened-once", "", [NewSample.from_array(narrow, 0), NewSample.from_array(wide, 1)])
+    with pytest.raises(FailedPrecondition) as refused:
+        engine.sample_set_features("widened-once")
+    assert str(refused.value) == (f"sample_set_id: the image {digest[:12]} of 1 sample of sample set 'widened-once' (sample_index 1) "
+                                  "does not decode now: image is 32x32; the largest side allowed is 24; use a set without it")
+
+
+def test_a_read_bound_to_fail_on_an_image_that_does_not_decode_now_reports_its_progress_to_the_end(engine, monkeypatch):
+    # Past a batch holding such an image, the read decodes the rest (the model idle) to name
+    # them all: its job's progress counts those batches too, not stuck where the first was.
+    from explaind import imaging
+
+    rng = np.random.default_rng(9)
+    engine.create_sample_set("wide-first", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3) if row == 0 else (16, 16, 3), dtype=np.uint8), 0)
+                                                for row in range(6)])
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    split = engine.models.active
+    whole = dataclasses.replace(split, feature_extractor=None, head=None, predict_fn=lambda images: split.logits(split.features(images)))
+    context = _EvaluationContext()
+    with pytest.raises(FailedPrecondition, match=r"of 1 sample of sample set 'wide-first' \(sample_index 0\) does not decode now"):
+        engine.sample_set_logits("wide-first", version=whole, batch_size=2, context=context)
+    assert [step for step, _, _ in context.progress] == [0, 2, 4]
 
 
 def test_a_read_names_every_stored_image_that_does_not_decode_now_not_only_the_first(engine, monkeypatch):
