@@ -8776,7 +8776,7 @@ def test_a_request_id_is_given_to_a_second_job_only_after_its_first_failed_abort
     store.insert_job(JobRecord("first", "evaluate", FAILED, 1.0, error_code="INVALID_ARGUMENT"), request=request)
     with pytest.raises(AlreadyExists, match="was given to operations/first") as refused:
         store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=request)
-    assert refused.value.field == "request_id" and store.job_of_request(request) == "first"
+    assert (refused.value.field, refused.value.operation) == ("request_id", "operations/first") and store.job_of_request(request) == "first"
     store.update_job(JobRecord("first", "evaluate", FAILED, 1.0, error_code=ABORTED))
     store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=request)
     assert store.job_of_request(request) == "second"
