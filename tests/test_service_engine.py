@@ -2536,6 +2536,39 @@ def test_a_mistakes_grid_looking_for_more_stored_images_that_do_not_decode_ends_
     assert loaded == digests[:1]
 
 
+def test_a_mistakes_grid_bound_to_fail_keeps_no_tile_and_decodes_a_refused_image_once(engine, monkeypatch):
+    # Once an image is refused the grid cannot be drawn: the tiles decoded before it, and
+    # those after, are let go as it looks for the other refused images (up to 1024 tiles
+    # held for nothing; the one last decoded lives until the next), and one met again is
+    # not decoded again.
+    import explaind.engine.core as core
+    from explaind import imaging
+
+    rng = np.random.default_rng(10)
+    engine.create_sample_set("one-wide", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3) if row == 1 else (16, 16, 3), dtype=np.uint8), 0)
+                                              for row in range(5)])
+    digests = [record.digest for record in engine.store.list_samples("one-wide")]
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    tiles, loaded = [], []
+
+    def tracked_tile(image):
+        tile = imaging.to_uint8_hwc(image)
+        tiles.append(weakref.ref(tile))
+        return tile
+
+    load = engine.load_sample_image
+
+    def load_counting_live_tiles(digest, *args, **kwargs):
+        loaded.append((digest, sum(tile() is not None for tile in tiles)))
+        return load(digest, *args, **kwargs)
+
+    monkeypatch.setattr(core, "to_uint8_hwc", tracked_tile)
+    monkeypatch.setattr(engine, "load_sample_image", load_counting_live_tiles)
+    with pytest.raises(InvalidArgument, match="image is 32x32"):
+        engine.sample_grid([digests[0], digests[1], digests[2], digests[1], digests[3], digests[4]])
+    assert loaded == [(digests[0], 0), (digests[1], 1), (digests[2], 1), (digests[3], 1), (digests[4], 1)]
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
