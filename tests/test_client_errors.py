@@ -101,3 +101,16 @@ def test_the_package_exports_each_public_name_it_imports():
     # a class imported here for users but left out of it was missing there.
     public = {name for name, value in vars(explaind.client).items() if not name.startswith("_") and not isinstance(value, types.ModuleType)}
     assert set(explaind.client.__all__) == public
+
+
+def test_the_operation_an_error_names_is_read_from_its_operation_resource_info_alone():
+    # A ResourceInfo naming another kind of resource (a sample set, say) is not an operation
+    # to look up; the operation's is found among such details, whatever their order.
+    from explaind.client._errors import named_operation
+
+    operation = error_details_pb2.ResourceInfo(resource_type="type.googleapis.com/google.longrunning.Operation", resource_name="operations/first")
+    sample_set = error_details_pb2.ResourceInfo(resource_type="type.googleapis.com/explaind.v1.SampleSet", resource_name="sample-sets/s")
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    assert named_operation(_Refused(code, "reused", sample_set)) is None
+    assert named_operation(_Refused(code, "reused", sample_set, operation)) == "operations/first"
+    assert named_operation(_Refused(code, "reused")) is None
