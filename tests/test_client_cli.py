@@ -885,6 +885,35 @@ with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=False)):
     assert (ended.returncode, ended.stdout) == (143, "the result\n"), ended
 
 
+def test_sigterm_handling_gives_back_the_caller_s_handler_and_is_left_alone_off_the_main_thread():
+    # main called in-process by a program with a SIGTERM handler of its own gets that one
+    # back; run on another thread (which cannot set a handler) the command runs all the same.
+    import threading
+
+    import explaind.client.cli as cli
+
+    def own(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=1.0, json=False)):
+            assert signal.getsignal(signal.SIGTERM) is not own
+        assert signal.getsignal(signal.SIGTERM) is own
+        ran: list[object] = []
+
+        def command() -> None:
+            with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=1.0, json=False)):
+                ran.append(signal.getsignal(signal.SIGTERM))
+
+        thread = threading.Thread(target=command)
+        thread.start()
+        thread.join()
+        assert ran == [own]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_predict_refusal_listing_images_as_precondition_violations_names_their_files_from_them():
     # A server that lists them structurally: their names in the message are not read.
     from explaind.client import FailedPreconditionError
@@ -2848,6 +2877,24 @@ def test_per_class_lines_of_a_large_classifier_show_the_worst_classes_and_count_
 
     assert _named_counts(Server(), {i: 1 for i in range(999, -1, -1)}) == ", ".join(f"c{i} 1" for i in range(20)) + ", ... and 980 more classes"
     assert _named_counts(Server(), {i: 1 for i in range(20)}) == ", ".join(f"c{i} 1" for i in range(20))
+
+
+def test_evaluate_json_names_each_mistake_s_classes_null_past_the_model_s_names():
+    # A label or prediction the model has no name for (a server sending fewer names than
+    # classes, or none; a negative index, which int32 lets through) is null beside its
+    # index, not an IndexError nor another class's name.
+    from explaind.client._operations import Evaluation
+    from explaind.client.cli import _evaluation_json
+
+    def names_of(class_names: list[str]) -> list[tuple[str | None, str | None]]:
+        evaluation = Evaluation(sample_set_id="s", model_version="v", sample_count=3, accuracy=0.0, class_accuracy={},
+                                confusion_matrix=np.zeros((3, 3), np.int64), class_names=class_names,
+                                mistakes=[EvaluatedMistake(0, 0, 1, 0.9), EvaluatedMistake(1, 1, 2, 0.8), EvaluatedMistake(2, 2, 0, 0.7),
+                                          EvaluatedMistake(3, -1, 0, 0.6)])
+        return [(mistake["label_name"], mistake["predicted_class_name"]) for mistake in _evaluation_json(evaluation)["mistakes"]]
+
+    assert names_of(["cat", "dog"]) == [("cat", "dog"), ("dog", None), (None, "cat"), (None, "cat")]
+    assert names_of([]) == [(None, None)] * 4
 
 
 def test_an_evaluation_of_20_classes_and_5_mistakes_lists_every_class_and_mistake_with_no_remainder(capsys):
