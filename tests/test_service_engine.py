@@ -3994,6 +3994,10 @@ def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, 
     assert refusals_of_a_full_queue() == (60.0, 60.0)
     run_one_at_a_time(30.0, 10)  # the last 16: ten of 30 s, three of 500 s, three of 0 s (all 45 jobs': 40 s)
     assert refusals_of_a_full_queue() == (pytest.approx(15.0, abs=0.5),) * 2
+    # Sixteen exactly: of the last 16, five of 30 s, three of 0 s and eight of 100 s, whose
+    # median (65 s) one job more or less (30 s, or 100 s) would move.
+    run_one_at_a_time(100.0, 8)
+    assert refusals_of_a_full_queue() == (pytest.approx(32.5, abs=0.5),) * 2
     jobs.shutdown(1)
 
 
