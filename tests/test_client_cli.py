@@ -3004,8 +3004,10 @@ def test_sample_sets_visualisations_operations_and_head_versions_print_json_alon
         "operations": _json_out(capsys, [*evaluations, "--limit", "1"]), "truncated": True}
     every = _json_out(capsys, [*evaluations, "--limit", "100000", "--json-object"])
     assert every["truncated"] is False and [op["operation"] for op in every["operations"]][:2] == [repeated[0], name]
-    exactly = _json_out(capsys, [*evaluations, "--limit", str(len(every["operations"])), "--json-object"])  # none left out
+    listed = len(every["operations"])  # a --limit of them all leaves none out; one fewer does
+    exactly = _json_out(capsys, [*evaluations, "--limit", str(listed), "--json-object"])
     assert exactly == every, exactly["truncated"]
+    assert _json_out(capsys, [*evaluations, "--limit", str(listed - 1), "--json-object"])["truncated"] is True
     upload = str(uuid.uuid4())
     appended = [_json_out(capsys, [*target, "sample-set", "append", "json", "--world", "balanced:test:3", "--request-id", upload, "--json"])
                 for _ in range(2)]
