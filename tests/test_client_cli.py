@@ -914,6 +914,16 @@ def test_sigterm_handling_gives_back_the_caller_s_handler_and_is_left_alone_off_
         signal.signal(signal.SIGTERM, before)
 
 
+def test_an_error_on_one_item_of_an_option_s_values_names_that_option():
+    # The server names the item ("neurons[1]": a neuron out of range); the option the values
+    # came from is --neurons, for --json's "option" as for stderr's hint.
+    from explaind.client.cli import _option_of_field, _option_setting, parse_arguments
+
+    args = parse_arguments(["edit-head", "s", "--class", "cat", "--neurons", "1", "99999"])
+    assert _option_setting(args, "neurons[1]") == _option_of_field(args, "neurons[1]") == "--neurons"
+    assert _option_setting(args, "no_such_field[0]") is None
+
+
 def test_a_predict_refusal_listing_images_as_precondition_violations_names_their_files_from_them():
     # A server that lists them structurally: their names in the message are not read.
     from explaind.client import FailedPreconditionError
