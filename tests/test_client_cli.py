@@ -521,6 +521,10 @@ def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_c
             assert main(["--target", server.target, "operations", "wait", job.name]) == 130
             assert capsys.readouterr().err == f"interrupted\n  {job.name} goes on; explaind operations cancel {job.name} stops it\n"
             assert not job.refresh().done
+            # With --json, its error names the job the wait was on, as a command's own job is named.
+            assert main(["--target", server.target, "operations", "wait", job.name, "--json"]) == 130
+            error = json.loads(capsys.readouterr().out)["error"]
+            assert (error["code"], error["message"], error["operation"]) == ("INTERRUPTED", "interrupted", job.name), error
             monkeypatch.setattr(Operation, "watch", interrupted)  # what a command that shows progress waits with
             assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
                          "--out-dir", str(tmp_path)]) == 130
