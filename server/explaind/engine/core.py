@@ -978,13 +978,14 @@ class Engine:
             if digest in refusals:
                 continue
             try:
-                tile = to_uint8_hwc(self.load_sample_image(digest, job=job))
+                image = self.load_sample_image(digest, job=job)
             except _UndecodableImages as refused:
                 refusals.update(refused.refusals)
                 tiles.clear()
                 continue
-            if not refusals:
-                tiles.append(tile)
+            if not refusals:  # else decoded only to find the others refused
+                tiles.append(to_uint8_hwc(image))
+            del image
         if refusals:
             raise _UndecodableImages(refusals)
         return image_grid(tiles, list(captions) if captions else None)
