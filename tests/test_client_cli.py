@@ -1648,15 +1648,20 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     assert "<h2>Suggested head edit</h2>" in page and "id='ranking-legend'" in page  # the work before them is kept
 
 
-def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_same(server, capsys, world_images, tmp_path):
-    # report had no --json: a nightly job parsed "suggested head edit v3" from its text to
-    # delete the version each run stores, and a failure left no machine-readable reason.
+def _mislabelled_set(server, world_images, sample_set_id: str) -> tuple[str, set[str]]:
+    """A set of 24 images each labelled as the next class (all mistakes, for a report), the
+    name of its first label, and the head versions stored before the report."""
     images, labels = world_images
     mislabelled = (labels[:24] + 1) % 6
     with Client(server.target, timeout=30) as client:
-        client.create_sample_set(images[:24], mislabelled, sample_set_id="nightly")
-        name = client.model_metadata().class_names[int(mislabelled[0])]
-        before = {v.version_id for v in client.head_versions()}
+        client.create_sample_set(images[:24], mislabelled, sample_set_id=sample_set_id)
+        return client.model_metadata().class_names[int(mislabelled[0])], {v.version_id for v in client.head_versions()}
+
+
+def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_same(server, capsys, world_images, tmp_path):
+    # report had no --json: a nightly job parsed "suggested head edit v3" from its text to
+    # delete the version each run stores, and a failure left no machine-readable reason.
+    name, before = _mislabelled_set(server, world_images, "nightly")
     page = tmp_path / "report.html"
     argv = ["--target", server.target, "report", "--class", name, "--sample-set", "nightly", "--out", str(page), "--neurons", "1",
             "--steps", "2", "--stability", "0", "--json"]
@@ -1688,12 +1693,7 @@ def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_
     def disk_full(path, _data):
         raise cli.CommandError(f"cannot write {path}: No space left on device")
 
-    images, labels = world_images
-    mislabelled = (labels[:24] + 1) % 6
-    with Client(server.target, timeout=30) as client:
-        client.create_sample_set(images[:24], mislabelled, sample_set_id="discarded")
-        name = client.model_metadata().class_names[int(mislabelled[0])]
-        before = {v.version_id for v in client.head_versions()}
+    name, before = _mislabelled_set(server, world_images, "discarded")
     page = tmp_path / "report.html"
     argv = ["--target", server.target, "report", "--class", name, "--sample-set", "discarded", "--out", str(page), "--neurons", "1",
             "--steps", "2", "--stability", "0", "--discard-edit"]
@@ -1732,12 +1732,7 @@ def test_a_report_whose_edit_cannot_be_discarded_writes_its_page_and_fails_namin
 
     from explaind.client._errors import error_from_code
 
-    images, labels = world_images
-    mislabelled = (labels[:24] + 1) % 6
-    with Client(server.target, timeout=30) as client:
-        client.create_sample_set(images[:24], mislabelled, sample_set_id="undeletable")
-        name = client.model_metadata().class_names[int(mislabelled[0])]
-        before = {v.version_id for v in client.head_versions()}
+    name, before = _mislabelled_set(server, world_images, "undeletable")
 
     def server_gone(self, version_id):
         raise error_from_code(grpc.StatusCode.UNAVAILABLE, "the server went away")

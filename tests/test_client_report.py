@@ -226,27 +226,36 @@ def test_the_command_that_stores_a_discarded_edit_again_parses_back_to_the_repor
     assert (args.validation_sample_set, args.evaluation_sample_set, args.group_attribute) == ("val-set", "eval-set", group_attribute)
     assert args.description == f"suggested by explaind report for {class_name}" and not args.promote
 
-def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, monkeypatch):
-    # Someone promoted the version meanwhile: the server refuses to delete the served head.
-    from explaind.client import FailedPreconditionError
+def _report_not_keeping_its_edit(client, monkeypatch, sample_set_id: str, deleting):
+    """A report of spurious_background's test samples told not to keep its edit, whose
+    deletion is ``deleting(delete, version_id)`` (``delete``: the SDK's own)."""
     from explaind.world.scenarios import get_scenario
 
     batch = get_scenario("spurious_background").dataset("test", size=60).all()
-    client.create_sample_set(batch.images, batch.labels, sample_set_id="promoted-meanwhile")
-    served = next(v.version_id for v in client.head_versions() if v.active)
+    client.create_sample_set(batch.images, batch.labels, sample_set_id=sample_set_id)
     delete = client.delete_head_version
+    monkeypatch.setattr(client, "delete_head_version", lambda version_id: deleting(delete, version_id))
+    try:
+        return build_report(client, "heart", sample_set_id, max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
+    finally:
+        monkeypatch.undo()
+        client.delete_sample_set(sample_set_id)
 
-    def promoted_first(version_id):
+
+def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, monkeypatch):
+    # Someone promoted the version meanwhile: the server refuses to delete the served head.
+    from explaind.client import FailedPreconditionError
+
+    served = next(v.version_id for v in client.head_versions() if v.active)
+
+    def promoted_first(delete, version_id):
         client.promote_head_version(version_id)
         delete(version_id)
 
-    monkeypatch.setattr(client, "delete_head_version", promoted_first)
     try:
-        report = build_report(client, "heart", "promoted-meanwhile", max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
+        report = _report_not_keeping_its_edit(client, monkeypatch, "promoted-meanwhile", promoted_first)
     finally:
-        monkeypatch.undo()
         client.promote_head_version(served)
-        client.delete_sample_set("promoted-meanwhile")
     version = report.edit.version.version_id
     client.head_version(version)  # still stored
     client.delete_head_version(version)
@@ -261,23 +270,13 @@ def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, mon
 def test_a_report_whose_edit_someone_else_deleted_first_counts_it_as_discarded(client, monkeypatch):
     # A cleanup job (or an admin) deleting the version first made --discard-edit fail with NOT_FOUND, exit 1,
     # and say the version "stays stored": it was gone, as asked.
-    from explaind.world.scenarios import get_scenario
-
-    batch = get_scenario("spurious_background").dataset("test", size=60).all()
-    client.create_sample_set(batch.images, batch.labels, sample_set_id="deleted-meanwhile")
     before = {v.version_id for v in client.head_versions()}
-    delete = client.delete_head_version
 
-    def deleted_first(version_id):
+    def deleted_first(delete, version_id):
         delete(version_id)  # someone else's deletion
         delete(version_id)
 
-    monkeypatch.setattr(client, "delete_head_version", deleted_first)
-    try:
-        report = build_report(client, "heart", "deleted-meanwhile", max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
-    finally:
-        monkeypatch.undo()
-        client.delete_sample_set("deleted-meanwhile")
+    report = _report_not_keeping_its_edit(client, monkeypatch, "deleted-meanwhile", deleted_first)
     assert {v.version_id for v in client.head_versions()} == before
     assert not report.edit_kept and report.edit_discard_error is None and report.edit_command
     page = render_report(report)
