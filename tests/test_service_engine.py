@@ -2568,6 +2568,41 @@ def test_a_mistakes_grid_bound_to_fail_keeps_no_tile_and_decodes_a_refused_image
     assert loaded == [(digests[0], 0), (digests[1], 1), (digests[2], 0), (digests[3], 0), (digests[4], 0)]
 
 
+def test_a_read_bound_to_fail_on_an_image_that_does_not_decode_stops_on_a_decoder_out_of_memory_still_naming_it(engine, monkeypatch):
+    # Past the first image that does not decode, a read decodes the rest only to name any
+    # others: a decoder out of memory there made the read RESOURCE_EXHAUSTED ("retry
+    # later"), losing the refusal it had already met, which any retry meets again. It stops
+    # there, naming the images met; within the batch it met both in, whatever their order.
+    from explaind import imaging
+
+    rng = np.random.default_rng(11)
+    engine.create_sample_set("mixed", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3) if row == 1 else (16, 16, 3), dtype=np.uint8), 0)
+                                           for row in range(6)])
+    digests = [record.digest for record in engine.store.list_samples("mixed")]
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    load, loaded = engine.load_sample_image, []
+
+    for out_of_memory_row in (0, 2, 4):  # before the refused image in its batch, after it, in the next batch
+        def load_out_of_memory(digest, *args, out_of_memory_row=out_of_memory_row, **kwargs):
+            loaded.append(digest)
+            if digest == digests[out_of_memory_row]:
+                raise imaging.DecodeOutOfMemory("the server ran out of memory decoding the image; retry later", field="image")
+            return load(digest, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "load_sample_image", load_out_of_memory)
+        loaded.clear()
+        with pytest.raises(FailedPrecondition, match=r"^sample_set_id: the image [0-9a-f]{12} of 1 sample .*\(sample_index 1\) does not decode now"):
+            engine.sample_set_features("mixed", batch_size=3)
+        if out_of_memory_row < 3:  # the read stopped at the batch out of memory, the next one not decoded
+            assert set(loaded) == set(digests[:3])
+        with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now"), \
+                engine.reading_images_of("mixed", "sample_set_id", rows_by_digest(digests)):
+            engine.sample_grid(digests[1:])
+    # Out of memory before any image was refused (row 4's, last patched), the read is RESOURCE_EXHAUSTED as before.
+    with pytest.raises(ResourceExhausted, match="retry later"), engine.reading_images_of("mixed", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid([digests[row] for row in (0, 4, 1)])
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its

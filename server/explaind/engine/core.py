@@ -30,7 +30,7 @@ import torch
 from ..config import Config
 from ..decode_memory import CallContext, DecodeMemory, trim_arenas
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
-from ..imaging import PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
+from ..imaging import DecodeOutOfMemory, PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..methods.neuroinspect._ranking import top_ids
 from ..metrics import Metrics
@@ -337,14 +337,22 @@ def _undecodable_rows(refusals: Mapping[str, InvalidArgument], rows_of: Mapping[
 
 def _stacked_unless_refused(decoding: list[Future[torch.Tensor]], refusals: dict[str, InvalidArgument]) -> torch.Tensor | None:
     """The images ``decoding`` gives, stacked (n, 3, S, S); None once the read met an image
-    that does not decode now, whose refusal it adds to ``refusals``. A function of its own
-    so that no loop variable keeps one of the images alive while the model runs on them."""
+    that does not decode now, whose refusal it adds to ``refusals``. A decoder out of
+    memory ends the read: as :class:`_UndecodableImages` once it met such an image (in this
+    chunk, whatever their order, or before), whose refusal a retry meets again, else as
+    itself. A function of its own so that no loop variable keeps one of the images alive
+    while the model runs on them."""
     decoded = []
+    out_of_memory: DecodeOutOfMemory | None = None
     for future in decoding:
         try:
             decoded.append(future.result())
         except _UndecodableImages as refused:
             refusals.update(refused.refusals)
+        except DecodeOutOfMemory as error:
+            out_of_memory = out_of_memory or error
+    if out_of_memory is not None:
+        raise _UndecodableImages(refusals) if refusals else out_of_memory
     return None if refusals else torch.stack(decoded)
 
 
@@ -969,7 +977,8 @@ class Engine:
         """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory
         end as ``job`` does (:meth:`load_sample_image`), and so does the grid, between two
         images. Images that do not decode now are all found before it fails
-        (:class:`_UndecodableImages`), the tiles dropped once one is."""
+        (:class:`_UndecodableImages`), the tiles dropped once one is; a decoder out of
+        memory past the first ends the search, failing on those found."""
         tiles: list[np.ndarray] = []
         refusals: dict[str, InvalidArgument] = {}
         for digest in digests:
@@ -983,6 +992,10 @@ class Engine:
                 refusals.update(refused.refusals)
                 tiles.clear()
                 continue
+            except DecodeOutOfMemory:
+                if refusals:  # the grid fails anyway: on the refusals met, which a retry meets again
+                    raise _UndecodableImages(refusals) from None
+                raise
             if not refusals:  # else decoded only to find the others refused
                 tiles.append(to_uint8_hwc(image))
             del image
