@@ -156,6 +156,38 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
                         r"--neurons \d+ \d+ \d+ --seed 0 --description 'suggested by explaind report for heart' stores it again", note), note
 
 
+def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_that_it_is_not_served(client, monkeypatch):
+    # Ctrl-C in the images (or writing the page) after a failed deletion said the version
+    # "stays stored (not served)": the server refuses to delete the served head, so it may
+    # be served now, and the deletion the caller asked for went unmentioned.
+    from explaind.client._errors import error_from_code
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=100).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="undiscarded-report")
+    before = {v.version_id for v in client.head_versions()}
+
+    def refused(version_id):
+        raise error_from_code(grpc.StatusCode.FAILED_PRECONDITION, f"head version {version_id} is served")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "delete_head_version", refused)
+    monkeypatch.setattr(client, "visualize_neurons", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            build_report(client, "heart", "undiscarded-report", max_neurons=1, steps=2, keep_edit=False)
+    finally:
+        monkeypatch.undo()
+        for version in {v.version_id for v in client.head_versions()} - before:
+            client.delete_head_version(version)
+        client.delete_sample_set("undiscarded-report")
+    (note,) = raised.value.__notes__
+    assert re.fullmatch(r"head version (v\d+), the suggested edit, stays stored: deleting it failed "
+                        r"\(FAILED_PRECONDITION: head version \1 is served\); delete it once it can be", note), note
+
+
 def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys):
     # A nightly report stored one head version per night, which the pipeline had to delete itself.
     import json

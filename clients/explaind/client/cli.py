@@ -1505,7 +1505,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             stability_resamples=args.stability, keep_edit=not args.discard_edit,
         )
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
-    with noting_stored_edit(report.edit, kept=report.edit_kept, command=report.edit_command):
+    with noting_stored_edit(report.edit, kept=report.edit_kept, command=report.edit_command, discard_error=report.edit_discard_error):
         _write(args.out, render_report(report).encode("utf-8"))
         print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, "
               f"{len(report.visualizations)} visualised", file=notes)

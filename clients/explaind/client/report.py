@@ -143,7 +143,7 @@ def build_report(
             except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
                 edit_discard_error = error
         edit_kept = edit_discard_error is not None
-    with noting_stored_edit(edit, kept=edit_kept, command=edit_command):
+    with noting_stored_edit(edit, kept=edit_kept, command=edit_command, discard_error=edit_discard_error):
         visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
     visualizations = [v for result in visualized.results for v in result.visualizations]
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
@@ -152,17 +152,25 @@ def build_report(
 
 
 @contextlib.contextmanager
-def noting_stored_edit(edit: HeadEdit | None, *, kept: bool = True, command: str = "") -> Iterator[None]:
+def noting_stored_edit(edit: HeadEdit | None, *, kept: bool = True, command: str = "",
+                       discard_error: ExplaindError | None = None) -> Iterator[None]:
     """Name the suggested edit on an error or Ctrl-C that stops the report after it (in the
     images, or writing the page): else nothing would mention it. Stored already, or, not
-    ``kept``, deleted: then ``command`` (the report's ``edit_command``) stores it again."""
+    ``kept``, deleted: then ``command`` (the report's ``edit_command``) stores it again.
+    Kept as its deletion failed (``discard_error``, the report's ``edit_discard_error``), not
+    said to be unserved: the server refuses to delete the served head, so it may be served."""
     try:
         yield
     except BaseException as error:
         if edit is not None:
             version = edit.version.version_id
-            error.add_note(f"head version {version}, the suggested edit, stays stored (not served); delete it if it is not wanted" if kept
-                           else f"head version {version}, the suggested edit, was not kept; {command} stores it again")
+            if not kept:
+                error.add_note(f"head version {version}, the suggested edit, was not kept; {command} stores it again")
+            elif discard_error is not None:
+                error.add_note(f"head version {version}, the suggested edit, stays stored: deleting it failed ({discard_error}); "
+                               "delete it once it can be")
+            else:
+                error.add_note(f"head version {version}, the suggested edit, stays stored (not served); delete it if it is not wanted")
         raise
 
 
