@@ -2964,6 +2964,12 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
         # The id with another request: refused, naming the id's operation as JSON too (it was null), not in words alone.
         error, _ = _json_failure(capsys, [*target, "evaluate", "rerun", "--batch-size", "8", "--json", "--request-id", done])
         assert (error["code"], error["field"], error["operation"]) == ("INVALID_ARGUMENT", "request_id", first["operation"]), error
+        # --no-wait said "started" of an ended job: its name alone stays on stdout, for N=$(...).
+        assert main([*target, "evaluate", "rerun", "--no-wait", "--request-id", request_id]) == 0
+        printed = capsys.readouterr()
+        assert printed.out == f"{queued}\n"
+        assert printed.err == (f"{queued}, started by an earlier run with this --request-id, ended already (cancelled); its outcome stays "
+                               f"that id's: give a new --request-id to run it again\n")
         client.delete_sample_set("rerun")
 
 

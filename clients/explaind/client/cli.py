@@ -1012,6 +1012,13 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _ended_already(operation: Operation[Any]) -> str:
+    """What a job command says of the ended ``operation`` it got: the server answers a new
+    job QUEUED, so this is an earlier run's under the same --request-id."""
+    again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
+    return f"{operation.name}, started by an earlier run with this --request-id, ended already ({operation.state}){again}"
+
+
 def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
     """Print the operation's name, then (unless --no-wait) wait for its result with a
     progress bar; None with --no-wait. With --no-wait, stdout gets the name alone
@@ -1021,14 +1028,10 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
     if args.no_wait:
         print(json.dumps({"operation": operation.name, "name": operation.name}) if args.json else operation.name)
         if not args.json:
-            print(f"started {operation.name}; explaind operations wait {operation.name} waits for it", file=sys.stderr)
+            print(_ended_already(operation) if operation.done else f"started {operation.name}; explaind operations wait {operation.name} waits for it",
+                  file=sys.stderr)
         return None
-    notes = sys.stderr if args.json else sys.stdout
-    if operation.done:  # the server answers a new job QUEUED: this is an earlier run's under the same --request-id
-        again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
-        print(f"{operation.name}, started by an earlier run with this --request-id, ended already ({operation.state}){again}", file=notes)
-    else:
-        print(f"started {operation.name}", file=notes)
+    print(_ended_already(operation) if operation.done else f"started {operation.name}", file=sys.stderr if args.json else sys.stdout)
     with _naming_interrupted_job(operation):
         return operation.result(progress=True)
 
