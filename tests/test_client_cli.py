@@ -752,6 +752,42 @@ def test_sigterm_stopping_a_job_the_sdk_started_inside_a_command_names_it_as_ope
     assert len(error["notes"]) == 1 and error["operation"] in error["notes"][0], error
 
 
+def test_sigterm_in_the_visualisations_of_a_report_told_to_discard_its_edit_says_it_was_not_kept(server, capsys, monkeypatch, world_images,
+                                                                                                 tmp_path):
+    # SIGTERM (raised like Ctrl-C) meets --discard-edit: the version deleted before the
+    # images stays deleted, the --json error names the visualisation job it stopped and
+    # notes its cancel and the command that stores the edit again; exit status 143.
+    images, labels = world_images
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:24], (labels[:24] + 1) % 6, sample_set_id="terminated-discard")
+        name = client.model_metadata().class_names[int((labels[0] + 1) % 6)]
+        before = {v.version_id for v in client.head_versions()}
+    watch = Operation.watch
+
+    def watch_visualisations_until_terminated(self, *args, **kwargs):
+        for update in watch(self, *args, **kwargs):
+            yield update
+            if self.kind == "visualize_neurons":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Operation, "watch", watch_visualisations_until_terminated)
+    try:
+        assert main(["--target", server.target, "report", "--class", name, "--sample-set", "terminated-discard", "--neurons", "1",
+                     "--steps", "10000", "--stability", "0", "--out", str(tmp_path / "r.html"), "--discard-edit", "--json"]) == 143
+    finally:
+        monkeypatch.undo()
+        with Client(server.target, timeout=30) as client:
+            after = {v.version_id for v in client.head_versions()}
+            client.delete_sample_set("terminated-discard")
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["code"], error["message"]) == ("INTERRUPTED", "terminated") and after == before, error
+    cancelled, stored_again = error["notes"]
+    assert error["operation"] in cancelled and not (tmp_path / "r.html").exists()
+    assert re.fullmatch(r"head version v\d+, the suggested edit, was not kept; explaind edit-head terminated-discard .* stores it again",
+                        stored_again), stored_again
+
+
 def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsys):
     # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
     import explaind.client.cli as cli
