@@ -926,7 +926,7 @@ class Engine:
         the arenas are trimmed once, at the end, not after each. Once an image does not
         decode now, the read will fail: each chunk after it is None, its images decoded only
         to find any others (dropped as they come), and the end raises :class:`_UndecodableImages`
-        naming them all."""
+        naming them all, or those found when a decoder runs out of memory (:func:`_stacked_unless_refused`)."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
