@@ -364,6 +364,41 @@ def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
                 operation.cancel()
 
 
+def test_a_full_queue_gives_a_repeated_request_id_its_job_and_refuses_another_request_under_it_naming_that_job(server_factory, capsys):
+    # A full queue's refusal (RetryInfo) must not shadow a request_id's: a repeat still gets
+    # the job it queued, and the id sent with another request is INVALID_ARGUMENT naming that
+    # job (the CLI's --json operation), with no retry delay: waiting would not help.
+    import json
+
+    from explaind.client import InvalidArgumentError
+    from explaind.client.cli import main
+
+    server = server_factory(jobs={"max_queued": 1})
+    request_id = str(uuid.uuid4())
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(4, 37), [0, 1, 2, 3], sample_set_id="full-rerun")
+        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
+        while running.refresh().state != "running":
+            time.sleep(0.05)
+        queued = client.evaluate_sample_set("full-rerun", request_id=request_id)  # fills the queue
+        try:
+            assert client.evaluate_sample_set("full-rerun", request_id=request_id).name == queued.name
+            with pytest.raises(InvalidArgumentError) as refused:
+                client.evaluate_sample_set("full-rerun", batch_size=8, request_id=request_id)
+            assert refused.value.operation is not None and refused.value.operation.name == queued.name
+            assert refused.value.retry_delay is None
+            capsys.readouterr()
+            assert main(["--target", server.target, "evaluate", "full-rerun", "--no-wait", "--json", "--request-id", request_id]) == 0
+            assert json.loads(capsys.readouterr().out)["operation"] == queued.name
+            assert main(["--target", server.target, "evaluate", "full-rerun", "--batch-size", "8", "--json", "--request-id", request_id]) == 1
+            error = json.loads(capsys.readouterr().out)["error"]
+            assert (error["code"], error["option"], error["operation"], error["retry_delay_seconds"]) == (
+                "INVALID_ARGUMENT", "--request-id", queued.name, None), error
+        finally:
+            for operation in (queued, running):
+                operation.cancel()
+
+
 def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_one_operation(server):
     from concurrent.futures import ThreadPoolExecutor
 
