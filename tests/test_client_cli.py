@@ -1654,6 +1654,7 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     # A visualisation job out of memory lost the ranking and the edit already made: no page at all.
     import grpc
 
+    from explaind.client import ResourceExhaustedError
     from explaind.client._errors import operation_error
 
     images, labels = world_images
@@ -1666,18 +1667,29 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     def out_of_memory(self, *args, **kwargs):
         raise operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the GPU ran out of memory <while optimising>")
 
+    def queue_full(self, *args, **kwargs):
+        raise ResourceExhaustedError("job queue is full (1 queued, limit 1); retry later", retry_delay=2.5)
+
     out = tmp_path / "report.html"
     monkeypatch.setattr(Client, "visualize_neurons", out_of_memory)
     try:
         assert main(["--target", server.target, "report", "--class", name, "--sample-set", "unvisualised", "--out", str(out), "--steps", "2"]) == 1
+        assert re.search(r"error: RESOURCE_EXHAUSTED: the visualisations stopped after 0 neurons: the GPU ran out of memory <while optimising>\n"
+                         r"  head version v\d+, the suggested edit, stays stored \(not served\); delete it if it is not wanted\n\Z",
+                         capsys.readouterr().err)
+        # The server's error, not the CLI's own (CLIENT_ERROR): a full queue's --json error says when to retry.
+        monkeypatch.setattr(Client, "visualize_neurons", queue_full)
+        assert main(["--target", server.target, "report", "--class", name, "--sample-set", "unvisualised", "--out", str(tmp_path / "full.html"),
+                     "--steps", "2", "--json"]) == 1
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert (error["code"], error["retry_delay_seconds"]) == ("RESOURCE_EXHAUSTED", 2.5), error
+        assert error["message"] == "the visualisations stopped after 0 neurons: job queue is full (1 queued, limit 1); retry later", error
     finally:
         monkeypatch.undo()
         with Client(server.target, timeout=30) as client:
             for stored in {v.version_id for v in client.head_versions()} - before:
                 client.delete_head_version(stored)
             client.delete_sample_set("unvisualised")
-    assert re.search(r"error: the visualisations stopped after 0 neurons: RESOURCE_EXHAUSTED: the GPU ran out of memory <while optimising>\n"
-                     r"  head version v\d+, the suggested edit, stays stored \(not served\); delete it if it is not wanted\n\Z", capsys.readouterr().err)
     page = out.read_text()
     assert "<p id='visualization-failed'>The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: the GPU ran out " \
            "of memory &lt;while optimising&gt;</p>" in page

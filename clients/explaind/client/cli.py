@@ -1449,10 +1449,14 @@ def _explain_worst_class(client: Client, evaluation: Evaluation, sample_set_id: 
 
 
 def _require_whole(report: MistakeReport) -> None:
-    """CommandError when the report's visualisations stopped part way (its page is written
-    without the rest): a pipeline must not take it as done."""
-    if report.visualization_error is not None:
-        raise CommandError(f"the visualisations stopped after {len(report.visualizations)} neurons: {report.visualization_error}")
+    """The server's error when the report's visualisations stopped part way (its page is
+    written without the rest): a pipeline must not take it as done. Its code, retry delay
+    (a full job queue's) and job stay the server's, not the CLI's own CLIENT_ERROR."""
+    if (error := report.visualization_error) is not None:
+        stopped = error_from_code(error.code, f"the visualisations stopped after {len(report.visualizations)} neurons: {error.details}",
+                                  retry_delay=error.retry_delay)
+        stopped.operation = error.operation
+        raise stopped
 
 
 def _print_report_gaps(report: MistakeReport, file: TextIO | None = None) -> None:
