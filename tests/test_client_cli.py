@@ -1664,8 +1664,13 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
         client.create_sample_set(images, mislabelled, sample_set_id="unvisualised")
         before = {v.version_id for v in client.head_versions()}
 
+    failed_jobs = []
+
     def out_of_memory(self, *args, **kwargs):
-        raise operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the GPU ran out of memory <while optimising>")
+        error = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the GPU ran out of memory <while optimising>")
+        error.operation = self.operations(limit=1)[0]  # the job it ended (here the edit's, the newest)
+        failed_jobs.append(error.operation.name)
+        raise error
 
     def queue_full(self, *args, **kwargs):
         raise ResourceExhaustedError("job queue is full (1 queued, limit 1); retry later", retry_delay=2.5)
@@ -1673,10 +1678,12 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
     out = tmp_path / "report.html"
     monkeypatch.setattr(Client, "visualize_neurons", out_of_memory)
     try:
-        assert main(["--target", server.target, "report", "--class", name, "--sample-set", "unvisualised", "--out", str(out), "--steps", "2"]) == 1
+        assert main(["--target", server.target, "report", "--class", name, "--sample-set", "unvisualised", "--out", str(out), "--steps", "2",
+                     "--json"]) == 1
+        printed = capsys.readouterr()
         assert re.search(r"error: RESOURCE_EXHAUSTED: the visualisations stopped after 0 neurons: the GPU ran out of memory <while optimising>\n"
-                         r"  head version v\d+, the suggested edit, stays stored \(not served\); delete it if it is not wanted\n\Z",
-                         capsys.readouterr().err)
+                         r"  head version v\d+, the suggested edit, stays stored \(not served\); delete it if it is not wanted\n\Z", printed.err)
+        assert json.loads(printed.out)["error"]["operation"] == failed_jobs[0]
         # The server's error, not the CLI's own (CLIENT_ERROR): a full queue's --json error says when to retry.
         monkeypatch.setattr(Client, "visualize_neurons", queue_full)
         assert main(["--target", server.target, "report", "--class", name, "--sample-set", "unvisualised", "--out", str(tmp_path / "full.html"),
