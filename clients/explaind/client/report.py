@@ -135,7 +135,7 @@ def build_report(
                 raise
             no_edit_reason = error.details
     if edit is not None and not keep_edit:  # now, not after the images: an interrupt there leaves no version behind
-        with noting_stored_edit(edit):  # an interrupt in the call itself may leave it stored
+        with noting_stored_edit(edit, deleting=True):
             try:
                 client.delete_head_version(edit.version.version_id)
             except NotFoundError:  # deleted already (a cleanup job, an admin): not kept, as asked
@@ -153,18 +153,22 @@ def build_report(
 
 @contextlib.contextmanager
 def noting_stored_edit(edit: HeadEdit | None, *, kept: bool = True, command: str = "",
-                       discard_error: ExplaindError | None = None) -> Iterator[None]:
+                       discard_error: ExplaindError | None = None, deleting: bool = False) -> Iterator[None]:
     """Name the suggested edit on an error or Ctrl-C that stops the report after it (in the
     images, or writing the page): else nothing would mention it. Stored already, or, not
     ``kept``, deleted: then ``command`` (the report's ``edit_command``) stores it again.
     Kept as its deletion failed (``discard_error``, the report's ``edit_discard_error``), not
-    said to be unserved: the server refuses to delete the served head, so it may be served."""
+    said to be unserved: the server refuses to delete the served head, so it may be served.
+    Stopped while ``deleting`` it: the server may have deleted it or not."""
     try:
         yield
     except BaseException as error:
         if edit is not None:
             version = edit.version.version_id
-            if not kept:
+            if deleting:
+                error.add_note(f"head version {version}, the suggested edit, may stay stored: the report stopped as it deleted it; "
+                               f"explaind head-versions delete {version} if it is still listed")
+            elif not kept:
                 error.add_note(f"head version {version}, the suggested edit, was not kept; {command} stores it again")
             elif discard_error is not None:
                 error.add_note(f"head version {version}, the suggested edit, stays stored: deleting it failed ({discard_error}); "
