@@ -525,6 +525,10 @@ def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_c
             assert main(["--target", server.target, "operations", "wait", job.name, "--json"]) == 130
             error = json.loads(capsys.readouterr().out)["error"]
             assert (error["code"], error["message"], error["operation"]) == ("INTERRUPTED", "interrupted", job.name), error
+            with monkeypatch.context() as cancelling:  # and so does one stopped as it cancelled the job
+                cancelling.setattr(Operation, "cancel", interrupted)
+                assert main(["--target", server.target, "operations", "cancel", job.name, "--json"]) == 130
+                assert json.loads(capsys.readouterr().out)["error"]["operation"] == job.name
             monkeypatch.setattr(Operation, "watch", interrupted)  # what a command that shows progress waits with
             assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
                          "--out-dir", str(tmp_path)]) == 130

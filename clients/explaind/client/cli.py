@@ -152,8 +152,8 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
 
 @contextlib.contextmanager
 def _naming_interrupted_job(operation: Operation[Any]) -> Iterator[None]:
-    """Mark Ctrl-C or SIGTERM met while waiting on ``operation`` with it, as the SDK's
-    ``result()`` does: the --json error's ``operation``."""
+    """Mark Ctrl-C or SIGTERM met while waiting on or cancelling ``operation`` with it, as
+    the SDK's ``result()`` does: the --json error's ``operation``."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
@@ -1162,7 +1162,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 print(f"{operation.name} had already finished ({operation.state}); nothing to cancel")
                 return 0
             if not operation.done:
-                operation.cancel()
+                with _naming_interrupted_job(operation):
+                    operation.cancel()
                 if not args.json:  # a queued job ends at once, a running one at its next check
                     print(cancel_outcome(operation) + ("" if operation.done else f" (explaind operations wait {operation.name})"))
                     return 0
