@@ -2536,6 +2536,18 @@ def test_a_mistakes_grid_looking_for_more_stored_images_that_do_not_decode_ends_
     assert loaded == digests[:1]
 
 
+def _set_whose_second_image_does_not_decode_now(engine, monkeypatch, sample_set_id: str, size: int) -> list[str]:
+    """The digests of a new set of ``size`` random images whose second (32 px) a server
+    allowing 24 px at most, as this one now is, refuses; the others are 16 px."""
+    from explaind import imaging
+
+    rng = np.random.default_rng(10)
+    engine.create_sample_set(sample_set_id, "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3) if row == 1 else (16, 16, 3), dtype=np.uint8), 0)
+                                                 for row in range(size)])
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    return [record.digest for record in engine.store.list_samples(sample_set_id)]
+
+
 def test_a_mistakes_grid_bound_to_fail_keeps_no_tile_and_decodes_a_refused_image_once(engine, monkeypatch):
     # Once an image is refused the grid cannot be drawn: the tiles decoded before it, and
     # those after, are let go as it looks for the other refused images (up to 1024 tiles
@@ -2543,11 +2555,7 @@ def test_a_mistakes_grid_bound_to_fail_keeps_no_tile_and_decodes_a_refused_image
     import explaind.engine.core as core
     from explaind import imaging
 
-    rng = np.random.default_rng(10)
-    engine.create_sample_set("one-wide", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3) if row == 1 else (16, 16, 3), dtype=np.uint8), 0)
-                                              for row in range(5)])
-    digests = [record.digest for record in engine.store.list_samples("one-wide")]
-    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "one-wide", 5)
     tiles, loaded = [], []
 
     def tracked_tile(image):
@@ -2575,11 +2583,7 @@ def test_a_read_bound_to_fail_on_an_image_that_does_not_decode_stops_on_a_decode
     # there, naming the images met; within the batch it met both in, whatever their order.
     from explaind import imaging
 
-    rng = np.random.default_rng(11)
-    engine.create_sample_set("mixed", "", [NewSample.from_array(rng.integers(0, 256, (32, 32, 3) if row == 1 else (16, 16, 3), dtype=np.uint8), 0)
-                                           for row in range(6)])
-    digests = [record.digest for record in engine.store.list_samples("mixed")]
-    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "mixed", 6)
     load, loaded = engine.load_sample_image, []
 
     for out_of_memory_row in (0, 2, 4):  # before the refused image in its batch, after it, in the next batch
