@@ -925,7 +925,7 @@ class Engine:
         [server].max_decode_bytes while it runs (:meth:`load_sample_image`) for ``job`` or ``call``;
         the arenas are trimmed once, at the end, not after each. Once an image does not
         decode now, the read will fail: each chunk after it is None, its images decoded only
-        to find any others (dropped as they come), and the end raises :class:`_UndecodableImages`
+        to find any others (dropped with their chunk, never stacked), and the end raises :class:`_UndecodableImages`
         naming them all, or those found when a decoder runs out of memory (:func:`_stacked_unless_refused`)."""
         if not chunks:
             return
