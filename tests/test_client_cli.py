@@ -1154,6 +1154,18 @@ def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
     assert "stop requested while starting: exiting before serving" in err and "listening on" not in err
 
 
+def test_serve_is_left_to_stop_on_its_own_signal_handling():
+    # The CLI's SIGTERM handler, set before serve's own, took a stop sent in between (which a
+    # supervisor, seeing a handler, may send): "terminated", exit 143, not serve's graceful stop.
+    from explaind.client.cli import _terminating_like_ctrl_c, parse_arguments
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _terminating_like_ctrl_c(parse_arguments(["serve", "--port", "0"])):
+        assert signal.getsignal(signal.SIGTERM) is before
+    with _terminating_like_ctrl_c(parse_arguments(["info"])):
+        assert signal.getsignal(signal.SIGTERM) is not before
+
+
 def test_serve_says_which_values_of_the_config_file_its_flags_override(capsys, tmp_path):
     # An image's entrypoint passes --port and --data-dir: a config's own port was ignored without a word.
     config = tmp_path / "explaind.toml"

@@ -108,8 +108,11 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
     seconds have passed since the signal. A second SIGTERM (coreutils' timeout sends one
     to the command and one to its process group) raises nothing: it would stop the cancel
     the first began, or skip restoring the handler."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield lambda: None  # no handler here, or SIGTERM ignored on purpose (`trap '' TERM`, a supervisor's choice): it stays so
+    if (threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            or getattr(args, "stops_on_its_own_signals", False)):
+        # No handler here, SIGTERM ignored on purpose (`trap '' TERM`, a supervisor's choice), or
+        # the server's own (its handler would take a SIGTERM sent before the server's came): it stays so.
+        yield lambda: None
         return
     deadline: list[threading.Timer] = []
     running = [True]
@@ -1636,7 +1639,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: [tracing].otlp_endpoint, off)")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"),
                        help="log lines on stderr: text, or one JSON object per line (default: [server].log_format, text)")
-    serve.set_defaults(run=cmd_serve)
+    serve.set_defaults(run=cmd_serve, stops_on_its_own_signals=True)  # explaind.signals: a graceful stop, exit 0
 
     predict = command("predict", "classify image files")
     predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
