@@ -3981,30 +3981,43 @@ def test_jobs_fail_with_their_code_cancel_when_queued_and_bound_the_queue(tmp_pa
     jobs.shutdown(1)
 
 
-def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, monkeypatch):
-    # A full queue's refusal said "retry later" and no when (no google.rpc.RetryInfo): a
-    # pipeline's retry loop could only guess, hammering the server or idling long after a
-    # worker had freed. Its delay: the median run time of recent jobs over the workers,
-    # 1 to 60 s, and 10 s before any job has ended. The jobs' clock is moved by the jobs.
+@pytest.fixture
+def jobs_clock(monkeypatch) -> list[float]:
+    """``[seconds]`` explaind.jobs' monotonic clock is ahead of the real one: a job adds to
+    it to have run that long (:func:`_taking`). Wait for the jobs without a timeout: a
+    jump of the clock past a wait's deadline ends it with the job still running."""
     import types
 
     import explaind.jobs
 
-    skipped = [0.0]  # seconds the jobs' clock is ahead of the real one
+    skipped = [0.0]
     clock = types.SimpleNamespace(**{name: value for name, value in vars(time).items() if not name.startswith("__")})
     clock.monotonic = lambda: time.monotonic() + skipped[0]
     monkeypatch.setattr(explaind.jobs, "time", clock)
+    return skipped
+
+
+def _taking(jobs_clock: list[float], seconds: float) -> Callable:
+    """A job that runs ``seconds`` by the ``jobs_clock`` fixture's clock, and succeeds."""
+    def job(ctx):
+        jobs_clock[0] += seconds
+        return _empty()
+    return job
+
+
+def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, jobs_clock):
+    # A full queue's refusal said "retry later" and no when (no google.rpc.RetryInfo): a
+    # pipeline's retry loop could only guess, hammering the server or idling long after a
+    # worker had freed. Its delay: the median run time of recent jobs over the workers,
+    # 1 to 60 s, and 10 s before any job has ended. The jobs' clock is moved by the jobs.
     jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued=1, max_queued_per_caller=1, workers=2)
 
     def taking(seconds: float) -> Callable:
-        def job(ctx):
-            skipped[0] += seconds
-            return _empty()
-        return job
+        return _taking(jobs_clock, seconds)
 
     def run_one_at_a_time(seconds: float, count: int) -> None:
         for _ in range(count):
-            assert jobs.wait(jobs.submit("evaluate", taking(seconds)).record.job_id, 10).record.state == "succeeded"
+            assert jobs.wait(jobs.submit("evaluate", taking(seconds)).record.job_id).record.state == "succeeded"
 
     def refusals_of_a_full_queue() -> tuple[float | None, float | None]:
         """The retry delays of a caller at its own limit and of a call past the queue's (both workers busy)."""
@@ -4021,7 +4034,7 @@ def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, 
             jobs.submit("evaluate", taking(0))
         gate.set()
         for job in (*busy, queued):
-            jobs.wait(job.record.job_id, 10)
+            jobs.wait(job.record.job_id)
         return mine.value.retry_delay_s, everyone.value.retry_delay_s
 
     assert refusals_of_a_full_queue() == (10.0, 10.0)  # no job has ended: nothing to go by
@@ -4036,6 +4049,41 @@ def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, 
     # median (65 s) one job more or less (30 s, or 100 s) would move.
     run_one_at_a_time(100.0, 8)
     assert refusals_of_a_full_queue() == (pytest.approx(32.5, abs=0.5),) * 2
+    jobs.shutdown(1)
+
+
+def test_a_full_queue_s_retry_delay_goes_by_jobs_that_succeeded_not_by_ones_refused_or_cancelled_early(tmp_path, jobs_clock):
+    # Jobs refused at once (a sample set that does not exist, say) or cancelled just after
+    # they started counted their run times of ~0 s: a burst of them made the median, and so
+    # the delay, a second while the worker stayed busy with jobs of 30 s.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued=1, workers=1)
+    for _ in range(3):
+        assert jobs.wait(jobs.submit("evaluate", _taking(jobs_clock, 30.0)).record.job_id).record.state == "succeeded"
+
+    def refused(ctx):
+        raise InvalidArgument("sample set 'gone' does not exist", field="sample_set_id")
+
+    def until_cancelled(ctx):
+        started.set()
+        while True:
+            ctx.raise_if_cancelled()
+            time.sleep(0.01)
+
+    for _ in range(4):
+        assert jobs.wait(jobs.submit("evaluate", refused).record.job_id).record.state == "failed"
+        started = threading.Event()
+        stopped = jobs.submit("evaluate", until_cancelled).record.job_id
+        assert started.wait(10)
+        jobs.cancel(stopped)
+        assert jobs.wait(stopped).record.state == "cancelled"
+    running, gate = _started_after_a_gate(jobs, None)
+    queued = jobs.submit("evaluate", _taking(jobs_clock, 0.0))
+    with pytest.raises(ResourceExhausted, match=r"job queue is full \(1 queued") as full:
+        jobs.submit("evaluate", _taking(jobs_clock, 0.0))
+    assert full.value.retry_delay_s == pytest.approx(30.0, abs=0.5)  # the three that ran to success; not 1 s, the clamp of 0 s
+    gate.set()
+    for job_id in (running, queued.record.job_id):
+        jobs.wait(job_id)
     jobs.shutdown(1)
 
 

@@ -79,11 +79,13 @@ WATCH_PROGRESS_INTERVAL_S = 0.2
 # The delay a full queue's refusal asks callers to wait (google.rpc.RetryInfo): a place
 # frees when a worker takes a queued job, so about when the next running job ends. With
 # W workers busy on jobs of run time T, one ends every T / W on average; T is the median
-# run time of the last QUEUE_RETRY_SAMPLE jobs that ran (a median: one runaway job does
-# not stretch it). Clamped to QUEUE_RETRY_RANGE_S: under a second a retry loop spins on a
-# queue that cannot have moved, and over a minute a caller sleeps through a cancel that
-# freed a place. Before any job has ended there is no run time to go by:
-# QUEUE_RETRY_UNKNOWN_S. A caller at its own limit ([jobs].max_queued_per_caller) may wait
+# run time of the last QUEUE_RETRY_SAMPLE jobs that succeeded (a median: one runaway job
+# does not stretch it; successes only: a job refused at once or cancelled early says
+# nothing of how long a job holds a worker, and a burst of them made the delay a second
+# while the workers stayed busy with long jobs). Clamped to QUEUE_RETRY_RANGE_S: under a
+# second a retry loop spins on a queue that cannot have moved, and over a minute a caller
+# sleeps through a cancel that freed a place. Before any job has succeeded there is no
+# run time to go by: QUEUE_RETRY_UNKNOWN_S. A caller at its own limit ([jobs].max_queued_per_caller) may wait
 # longer (its next job starts on its turn), but a place of its can free no sooner.
 QUEUE_RETRY_SAMPLE = 16
 QUEUE_RETRY_RANGE_S = (1.0, 60.0)
@@ -326,7 +328,7 @@ class JobManager:
         self._kinds: set[str] = set()  # what list() may filter by: registered or submitted
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
         self._workers = workers
-        # Seconds each of the latest jobs that ran took, for a full queue's retry delay (_queue_retry_delay_s).
+        # Seconds each of the latest jobs that succeeded ran, for a full queue's retry delay (_queue_retry_delay_s).
         self._recent_run_s: deque[float] = deque(maxlen=QUEUE_RETRY_SAMPLE)
         self._live: dict[str, _LiveJob] = {}  # in submission order
         # The turn each owner's latest job started at (a count of starts), for the fair order (_queue_order).
@@ -495,8 +497,9 @@ class JobManager:
                 self.metrics.job_stage_duration.labels(kind=end.kind, stage=stage).observe(seconds, linked)
             ran = time.monotonic() - started_clock
             self.metrics.job_duration.labels(kind=end.kind, outcome=end.state).observe(ran, linked)
-            with self._changed:  # read under it by submit (a median iterates it)
-                self._recent_run_s.append(ran)
+            if end.state == SUCCEEDED:  # see QUEUE_RETRY_SAMPLE
+                with self._changed:  # read under it by submit (a median iterates it)
+                    self._recent_run_s.append(ran)
 
         live.on_end = record_the_run
         try:

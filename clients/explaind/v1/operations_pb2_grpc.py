@@ -55,8 +55,8 @@ class OperationsServiceStub:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of the last 16 jobs that ran over [jobs].gpu_workers, 1 to 60 s; 10 s before
-    any has ended).
+    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, 1 to 60 s; 10 s
+    before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
@@ -139,8 +139,8 @@ class OperationsServiceServicer:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of the last 16 jobs that ran over [jobs].gpu_workers, 1 to 60 s; 10 s before
-    any has ended).
+    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, 1 to 60 s; 10 s
+    before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
@@ -295,8 +295,8 @@ class OperationsService:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of the last 16 jobs that ran over [jobs].gpu_workers, 1 to 60 s; 10 s before
-    any has ended).
+    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, 1 to 60 s; 10 s
+    before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
