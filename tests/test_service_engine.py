@@ -4087,6 +4087,28 @@ def test_a_full_queue_s_retry_delay_goes_by_jobs_that_succeeded_not_by_ones_refu
     jobs.shutdown(1)
 
 
+def test_a_caller_at_its_own_queue_limit_is_asked_to_wait_for_its_turn_not_for_the_next_free_worker(tmp_path, jobs_clock):
+    # A caller at [jobs].max_queued_per_caller got the delay of a full queue, when the next
+    # worker frees; but a place of its frees only when a worker takes its own queued job,
+    # on its turn: after the jobs of the callers before it in the fair order.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued_per_caller=1, workers=1)
+    for _ in range(3):
+        assert jobs.wait(jobs.submit("evaluate", _taking(jobs_clock, 10.0)).record.job_id).record.state == "succeeded"
+    running, gate = _started_after_a_gate(jobs, "pipeline")
+    queued = [jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner) for owner in ("monitoring", "labeller", "analyst")]
+    delays = {}
+    for owner in ("monitoring", "analyst"):
+        with pytest.raises(ResourceExhausted, match=f"job queue is full for caller '{owner}'") as mine:
+            jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner)
+        delays[owner] = mine.value.retry_delay_s
+    # Its job next: when the running one ends. The analyst's is third: three ends of 10 s away.
+    assert delays == {"monitoring": pytest.approx(10.0, abs=0.5), "analyst": pytest.approx(30.0, abs=0.5)}
+    gate.set()
+    for job_id in (running, *(job.record.job_id for job in queued)):
+        jobs.wait(job_id)
+    jobs.shutdown(1)
+
+
 def test_a_job_deleted_as_soon_as_a_waiter_sees_it_end_is_deleted(tmp_path, monkeypatch):
     # Between storing a job's end (which wakes its waiters) and leaving the live jobs, a
     # waiter's delete read it as a job whose end the store had refused: 7 of 600 deletes

@@ -85,8 +85,11 @@ WATCH_PROGRESS_INTERVAL_S = 0.2
 # while the workers stayed busy with long jobs). Clamped to QUEUE_RETRY_RANGE_S: under a
 # second a retry loop spins on a queue that cannot have moved, and over a minute a caller
 # sleeps through a cancel that freed a place. Before any job has succeeded there is no
-# run time to go by: QUEUE_RETRY_UNKNOWN_S. A caller at its own limit ([jobs].max_queued_per_caller) may wait
-# longer (its next job starts on its turn), but a place of its can free no sooner.
+# run time to go by: QUEUE_RETRY_UNKNOWN_S. A caller at its own limit
+# ([jobs].max_queued_per_caller) gets a place when a worker takes its first queued job, on
+# its turn (the fair order, see the module's docstring): once the k jobs ahead of that one
+# have started, so in about (k + 1) T / W, clamped alike (its own running jobs ending frees
+# no place of its: the limit counts queued jobs).
 QUEUE_RETRY_SAMPLE = 16
 QUEUE_RETRY_RANGE_S = (1.0, 60.0)
 QUEUE_RETRY_UNKNOWN_S = 10.0
@@ -408,9 +411,11 @@ class JobManager:
             queued = [live for live in self._live.values() if live.record.state == QUEUED]
             if owner is not None and self.max_queued_per_caller:
                 if (mine := sum(live.record.owner == owner for live in queued)) >= self.max_queued_per_caller:
+                    order = self._queue_order()
+                    ahead = next((place for place, live in enumerate(order) if live.record.owner == owner), 0)  # none: a worker has just taken it
                     raise ResourceExhausted(f"job queue is full for caller {owner!r} ({mine} of its jobs queued, limit "
                                             f"{self.max_queued_per_caller}, [jobs].max_queued_per_caller); retry later",
-                                            retry_delay_s=self._queue_retry_delay_s())
+                                            retry_delay_s=self._queue_retry_delay_s(ahead))
             if len(queued) >= self.max_queued:
                 raise ResourceExhausted(f"job queue is full ({len(queued)} queued, limit {self.max_queued}); retry later",
                                         retry_delay_s=self._queue_retry_delay_s())
@@ -426,12 +431,13 @@ class JobManager:
         log.info("operation %s (%s) queued", record.job_id, kind, extra={FIELDS: _operation_ids(record)})
         return submitted
 
-    def _queue_retry_delay_s(self) -> float:
-        """Seconds a caller refused for a full queue should wait: see QUEUE_RETRY_SAMPLE."""
+    def _queue_retry_delay_s(self, ahead: int = 0) -> float:
+        """Seconds a caller refused for a full queue should wait until the queued job with
+        ``ahead`` jobs before it in the queue's order starts: see QUEUE_RETRY_SAMPLE."""
         if not self._recent_run_s:
             return QUEUE_RETRY_UNKNOWN_S
         low, high = QUEUE_RETRY_RANGE_S
-        return min(max(statistics.median(self._recent_run_s) / self._workers, low), high)
+        return min(max((ahead + 1) * statistics.median(self._recent_run_s) / self._workers, low), high)
 
     def _queue_order(self) -> list[_LiveJob]:
         """The queued jobs no worker has taken yet, in the order the workers will take

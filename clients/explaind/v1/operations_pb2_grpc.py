@@ -54,9 +54,10 @@ class OperationsServiceStub:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
-    That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, 1 to 60 s; 10 s
-    before any has succeeded).
+    That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
+    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, times one more than
+    the jobs ahead of the caller's first queued one for a caller at its own limit; 1 to
+    60 s; 10 s before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
@@ -138,9 +139,10 @@ class OperationsServiceServicer:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
-    That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, 1 to 60 s; 10 s
-    before any has succeeded).
+    That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
+    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, times one more than
+    the jobs ahead of the caller's first queued one for a caller at its own limit; 1 to
+    60 s; 10 s before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
@@ -294,9 +296,10 @@ class OperationsService:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
-    That refusal carries a google.rpc.RetryInfo: about how soon a worker frees (the median
-    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, 1 to 60 s; 10 s
-    before any has succeeded).
+    That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
+    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, times one more than
+    the jobs ahead of the caller's first queued one for a caller at its own limit; 1 to
+    60 s; 10 s before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
