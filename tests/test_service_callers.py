@@ -186,7 +186,8 @@ def test_a_head_the_server_loaded_from_a_model_file_is_deleted_by_an_admin_only(
 def test_a_request_id_is_its_callers_own_and_another_caller_sending_it_again_gets_nothing_of_the_first(tmp_path, classifier_dir, callers_file):
     # A repeat is answered with what the first request made: from another caller, with the
     # same request, it would get the first caller's set or operation as its own (and an
-    # audit line naming it as their maker).
+    # audit line naming it as their maker). Its refusal named them too: the operation in a
+    # google.rpc.ResourceInfo, which the SDK read as error.operation, the caller's own.
     server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
     upload, evaluation = "123e4567-e89b-42d3-a456-426614174000", "00000000-0000-4000-8000-000000000001"
     try:
@@ -199,9 +200,14 @@ def test_a_request_id_is_its_callers_own_and_another_caller_sending_it_again_get
                     with pytest.raises(ExplaindError) as refused:
                         call()
                     assert (refused.value.code, refused.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id"), refused.value
-            # The caller's own repeats still get what the first made.
+                    assert "was sent with another request by another caller; give each request its own" in refused.value.details
+                    assert refused.value.operation is None and operation.name not in refused.value.details
+            # The caller's own repeats still get what the first made, and its own other request under the id names it.
             assert monitoring.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="train", request_id=upload).uid == made.uid
             assert monitoring.evaluate_sample_set("train", request_id=evaluation).name == operation.name
+            with pytest.raises(ExplaindError, match=f"which created {operation.name}") as refused:
+                monitoring.evaluate_sample_set("train", batch_size=8, request_id=evaluation)
+            assert refused.value.operation is not None and refused.value.operation.name == operation.name
             assert [op.owner for op in root.operations()] == ["monitoring"]
     finally:
         server.stop(0)

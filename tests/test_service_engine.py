@@ -8928,6 +8928,36 @@ def test_a_request_id_is_given_to_a_second_job_only_after_its_first_failed_abort
     store.close()
 
 
+def test_a_request_id_s_refusal_names_what_it_went_to_only_to_the_caller_that_made_it(tmp_path):
+    # Two callers deriving the same ids got each other's operation named in the refusal
+    # (a google.rpc.ResourceInfo: the SDK's error.operation), and sample set in its message,
+    # each read as their own; two processes racing (ALREADY_EXISTS) alike.
+    store = SQLiteStore(tmp_path)
+    job_request, set_request = "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174001"
+    store.insert_job(JobRecord("first", "evaluate", "queued", 1.0, owner="analyst"), request=RequestKey(job_request, "analyst's", "analyst"))
+    with store.writing_blobs() as put:
+        sample = SampleRecord(put(b"an image"), 0)
+    store.create_sample_set("analysts", "", [sample], request=RequestKey(set_request, "analyst's", "analyst"), owner="analyst")
+    for caller, named in (("analyst", True), ("pipeline", False)):
+        refusals = []
+        for refused in (lambda: store.job_of_request(RequestKey(job_request, "another", caller)),
+                        lambda: store.create_sample_set("other", "", [sample], request=RequestKey(job_request, "another", caller)),
+                        lambda: store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=RequestKey(job_request, "racing", caller)),
+                        lambda: store.create_sample_set("other", "", [sample], request=RequestKey(set_request, "another", caller)),
+                        lambda: store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=RequestKey(set_request, "another", caller))):
+            with pytest.raises((InvalidArgument, AlreadyExists)) as caught:
+                refused()
+            refusals.append((caught.value.field, caught.value.operation, "first" in str(caught.value), "analysts" in str(caught.value)))
+        job, sample_set = ("request_id", "operations/first" if named else None, named, False), ("request_id", None, False, named)
+        assert refusals == [job, job, job, sample_set, sample_set], caller
+    with pytest.raises(InvalidArgument, match=f"^request_id: request_id {job_request} was sent with another request by another caller; "
+                                              "give each request its own request_id"):
+        store.job_of_request(RequestKey(job_request, "another", "pipeline"))
+    with pytest.raises(InvalidArgument, match="which created operations/first"):  # without named callers, as before
+        store.job_of_request(RequestKey(job_request, "another"))
+    store.close()
+
+
 def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
     """job_requests is added without a schema version (a rollback must still open the data
     dir): the table appears in a store the release before left, and a job deleted as that

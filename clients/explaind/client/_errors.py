@@ -35,7 +35,8 @@ class ExplaindError(Exception):
     DeadlineExceededError gave up waiting for (``result(timeout=...)``,
     ``rank_mistake_neurons``), still running: wait on it later; or the job an
     OperationError ended; or the one an earlier request under a reused ``request_id``
-    created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``),
+    created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``;
+    with named callers only if this caller sent that request),
     as read once when the error came (None if that read failed);
     None on other errors."""
 

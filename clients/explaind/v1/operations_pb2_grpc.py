@@ -60,7 +60,8 @@ class OperationsServiceStub:
     60 s; 10 s before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
-    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
+    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
+    with named callers, only when the same caller sent that first request.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space. An operation reading a
     set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
@@ -145,7 +146,8 @@ class OperationsServiceServicer:
     60 s; 10 s before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
-    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
+    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
+    with named callers, only when the same caller sent that first request.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space. An operation reading a
     set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
@@ -302,7 +304,8 @@ class OperationsService:
     60 s; 10 s before any has succeeded).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
-    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it.
+    (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
+    with named callers, only when the same caller sent that first request.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space. An operation reading a
     set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran

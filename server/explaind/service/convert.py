@@ -81,7 +81,7 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
     for part in (rest, *(getattr(request, apart) if apart else ())):  # length-prefixed, so no two requests hash alike
         encoded = part.SerializeToString(deterministic=True)
         hashed.update(len(encoded).to_bytes(8, "little") + encoded)
-    return RequestKey(request_id.lower(), hashed.hexdigest())
+    return RequestKey(request_id.lower(), hashed.hexdigest(), caller)
 
 
 def unknown_enum_value(enum, value: int, field: str) -> InvalidArgument:

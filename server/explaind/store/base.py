@@ -82,10 +82,14 @@ def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | No
 @dataclass(frozen=True)
 class RequestKey:
     """What identifies a request to repeat (AIP-155): the client's ``request_id`` (a UUID)
-    and a ``fingerprint`` of the rest of the request, which a repeat must match."""
+    and a ``fingerprint`` of the rest of the request, which a repeat must match. ``caller``:
+    the named caller sending it (explaind.ownership; None: none named), whom an error for
+    its id reused names the operation or set of only if it made them
+    (:func:`request_id_reused`)."""
 
     request_id: str
     fingerprint: str
+    caller: str | None = None
 
 
 # Told of an upload's request answered as a repeat: (the set it was applied to, its key).
@@ -96,9 +100,12 @@ def request_id_reused(request_id: str, *, operation: str | None = None, sample_s
     """The error for a request_id (AIP-155) sent with another request than the one it
     named, saying what that request did: created ``operation`` (``operations/<id>``, which
     the error names for clients to read too: ExplaindError.operation), or was applied to
-    ``sample_set``."""
-    outcome = f"created {operation}" if operation is not None else f"was applied to sample set {sample_set!r}"
-    return InvalidArgument(f"request_id {request_id} was sent with another request, which {outcome}; "
+    ``sample_set``. Neither: it was another named caller's request (two callers deriving
+    the same ids, say), whose operation or set the error does not name: a client reading
+    the operation would take that caller's for its own."""
+    outcome = (f", which created {operation}" if operation is not None else
+               f", which was applied to sample set {sample_set!r}" if sample_set is not None else " by another caller")
+    return InvalidArgument(f"request_id {request_id} was sent with another request{outcome}; "
                            "give each request its own request_id (a new UUID) and send it again only with the same request",
                            field="request_id", operation=operation)
 
@@ -218,7 +225,8 @@ class Store(Protocol):
     # request_id.
     def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None: ...
     # The job inserted with ``request_id``; None if none is kept. Another request's
-    # ``fingerprint`` raises InvalidArgument naming request_id.
+    # ``fingerprint`` raises InvalidArgument naming request_id (request_id_reused: the job
+    # too, unless another caller made it).
     def job_of_request(self, request: RequestKey) -> str | None: ...
     def update_job(self, job: JobRecord) -> None: ...
     def get_job(self, job_id: str) -> JobRecord: ...

@@ -899,16 +899,34 @@ class SQLiteStore:
         if row is None:
             return None
         if row[1] != request.fingerprint:
-            raise request_id_reused(request.request_id, sample_set=row[0])
+            made_by_caller = SQLiteStore._made_by(db, request, "sample_set_owners", "set_id", row[0])
+            raise request_id_reused(request.request_id, sample_set=row[0] if made_by_caller else None)
         if on_repeat is not None:
             on_repeat(row[0], request)
         return row[0]
 
     @staticmethod
+    def _made_by(db: sqlite3.Connection, request: RequestKey, owners: str, key: str, made: str) -> bool:
+        """Whether ``request``'s caller made the job or set ``made`` (``key`` in the owner
+        table ``owners``), so that an error for its request_id may name it: always without
+        a named caller (None), never for one that did not make it (see request_id_reused)."""
+        if request.caller is None:
+            return True
+        row = db.execute(f"SELECT owner FROM {owners} WHERE {key} = ?", (made,)).fetchone()
+        return row is not None and row[0] == request.caller
+
+    @staticmethod
+    def _operation_of_request(db: sqlite3.Connection, request: RequestKey, job_id: str) -> str | None:
+        """``operations/<job_id>``, the job ``request``'s id went to, for an error to name;
+        None if another caller made it (:meth:`_made_by`)."""
+        return f"operations/{job_id}" if SQLiteStore._made_by(db, request, "job_owners", "job_id", job_id) else None
+
+    @staticmethod
     def _record_request(db: sqlite3.Connection, request: RequestKey | None, set_id: str) -> None:
         if request is not None:
             if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone():
-                raise request_id_reused(request.request_id, operation=f"operations/{row[0]}")  # one id, one request, whatever its RPC
+                # One id, one request, whatever its RPC.
+                raise request_id_reused(request.request_id, operation=SQLiteStore._operation_of_request(db, request, row[0]))
             db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request.request_id, set_id, request.fingerprint))
 
     @staticmethod
@@ -1011,16 +1029,19 @@ class SQLiteStore:
                 row = db.execute("SELECT jobs.id, state, error_code FROM job_requests JOIN jobs ON jobs.id = job_id WHERE request_id = ?",
                                  (request_id,)).fetchone()
                 if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
-                    raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id", operation=f"operations/{row[0]}")
+                    operation = self._operation_of_request(db, request, row[0])
+                    raise AlreadyExists(f"request_id {request_id} was given to {operation or 'an operation of another caller'}",
+                                        field="request_id", operation=operation)
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
-                    raise request_id_reused(request_id, sample_set=row[0])
+                    made_by_caller = self._made_by(db, request, "sample_set_owners", "set_id", row[0])
+                    raise request_id_reused(request_id, sample_set=row[0] if made_by_caller else None)
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
 
     def job_of_request(self, request: RequestKey) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone()
-        if row is not None and row[1] != request.fingerprint:
-            raise request_id_reused(request.request_id, operation=f"operations/{row[0]}")
+            if row is not None and row[1] != request.fingerprint:
+                raise request_id_reused(request.request_id, operation=self._operation_of_request(self._db, request, row[0]))
         return None if row is None else row[0]
 
     def update_job(self, job: JobRecord) -> None:
