@@ -23,7 +23,8 @@ from explaind.client import (AsyncClient, Client, DeadlineExceededError, Evaluat
 from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
-from test_client_sdk import _channels_made_while_another_thread_warns, _operation_message, _ranking_with_omega, _running_operation, _serve
+from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _operation_message, _ranking_with_omega,
+                             _running_operation, _serve, _serve_a_reused_request_id_s_refusal)
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -733,3 +734,24 @@ def test_a_function_on_the_async_clients_threads_runs_in_the_callers_context(ser
             return await asynchronous.to_thread(stage.get)
 
     assert asyncio.run(main()) == "the caller's"
+
+
+def test_a_reused_request_id_s_error_is_raised_as_it_came_by_an_async_client_closed_before_its_operation_is_looked_up(monkeypatch):
+    # As the Client's: the closed client's ValueError from the lookup replaced the error.
+    from explaind.client import InvalidArgumentError
+
+    server, target, refusing = _serve_a_reused_request_id_s_refusal()
+
+    async def main() -> InvalidArgumentError:
+        loop = asyncio.get_running_loop()
+        async with AsyncClient(target, timeout=5) as client:
+            _closing_before_the_lookup(monkeypatch, lambda: asyncio.run_coroutine_threadsafe(client.close(), loop).result(5))
+            with pytest.raises(InvalidArgumentError, match="was sent with another request") as caught:
+                await client.evaluate_sample_set("s", request_id="123e4567-e89b-42d3-a456-426614174000")
+        return caught.value
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        server.stop(0)
+    assert (error.field, error.operation, refusing.lookups_left_s) == ("request_id", None, [])

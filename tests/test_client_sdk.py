@@ -10,7 +10,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -2335,6 +2335,45 @@ def test_a_reused_request_id_s_error_waits_for_one_look_at_its_operation_within_
     assert (caught.value.field, caught.value.operation) == ("request_id", None)  # not read: the error as the server sent it
     assert len(refusing.lookups_left_s) == 1, refusing.lookups_left_s  # looked up once, not retried
     assert refusing.lookups_left_s[0] <= 4.0  # what the call had left of its 5 s, not 5 s more
+
+
+def _closing_before_the_lookup(monkeypatch, close: Callable[[], object]) -> None:
+    """Has ``close`` run as a refusal naming an operation has come, before the SDK looks
+    the operation up: a client closed by another thread (or task) between the two."""
+    from explaind.client import _client
+
+    def named_then_closed(error):
+        close()
+        return named_operation(error)
+
+    named_operation = _client.named_operation
+    monkeypatch.setattr(_client, "named_operation", named_then_closed)
+
+
+def _serve_a_reused_request_id_s_refusal() -> tuple[grpc.Server, str, _RefusingAReusedRequestId]:
+    refusing = _RefusingAReusedRequestId(answer_s=0.0)
+
+    def add(servicer, server: grpc.Server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
+
+    return (*_serve(refusing, add=add), refusing)
+
+
+def test_a_reused_request_id_s_error_is_raised_as_it_came_by_a_client_closed_before_its_operation_is_looked_up(monkeypatch):
+    # The lookup of the operation the error names met the closed client's ValueError, which
+    # was raised instead of the InvalidArgumentError the call got.
+    from explaind.client import InvalidArgumentError
+
+    server, target, refusing = _serve_a_reused_request_id_s_refusal()
+    try:
+        with Client(target, timeout=5) as client:
+            _closing_before_the_lookup(monkeypatch, client.close)
+            with pytest.raises(InvalidArgumentError, match="was sent with another request") as caught:
+                client.evaluate_sample_set("s", request_id="123e4567-e89b-42d3-a456-426614174000")
+    finally:
+        server.stop(0)
+    assert (caught.value.field, caught.value.operation, refusing.lookups_left_s) == ("request_id", None, [])
 
 
 def test_an_upload_run_again_with_its_request_id_stores_each_image_once(client):

@@ -1290,16 +1290,16 @@ class Client:
     def _operation_if_kept(self, name: str, deadline: float) -> Operation | None:
         """The operation an error names, as it is now; None if it is gone (deleted since) or
         cannot be read in one attempt before the failed call's ``deadline``
-        (``time.monotonic()``): the error is the caller's news, not this lookup's, and is
-        held back for no retry of it (a server restarting then took the client's whole
-        timeout again)."""
+        (``time.monotonic()``), or the client was closed since the error came: the error is
+        the caller's news, not this lookup's, and is held back for no retry of it (a server
+        restarting then took the client's whole timeout again)."""
         left = deadline - time.monotonic()
         if left <= 0:
             return None
         request = _request(operations_pb2.GetOperationRequest, name=name)
         try:  # retried until now: not at all
             return Operation(self, self._call("operations", "GetOperation", request, timeout=left, retry_until=time.monotonic()).operation)
-        except ExplaindError:
+        except (ExplaindError, ValueError):  # ValueError: closed (ours, or gRPC's for a channel closed during the lookup)
             return None
 
     def operation(self, name: str) -> Operation:
