@@ -1026,12 +1026,15 @@ class SQLiteStore:
                 db.execute("INSERT INTO job_owners (job_id, owner, create_time) VALUES (?, ?, ?)", (job.job_id, job.owner, job.create_time))
             if request is not None:
                 request_id = request.request_id
-                row = db.execute("SELECT jobs.id, state, error_code FROM job_requests JOIN jobs ON jobs.id = job_id WHERE request_id = ?",
-                                 (request_id,)).fetchone()
+                row = db.execute("SELECT jobs.id, state, error_code, fingerprint FROM job_requests JOIN jobs ON jobs.id = job_id "
+                                 "WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
-                    operation = self._operation_of_request(db, request, row[0])
-                    raise AlreadyExists(f"request_id {request_id} was given to {operation or 'an operation of another caller'}",
-                                        field="request_id", operation=operation)
+                    if row[3] != request.fingerprint:  # another request, stored since job_of_request looked
+                        raise request_id_reused(request_id, operation=self._operation_of_request(db, request, row[0]))
+                    # The same request (of the same caller: its fingerprint has the caller's name),
+                    # which another process on this store submitted in the same moment: its job is this one's.
+                    raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id",
+                                        operation=f"operations/{row[0]}")
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
                     made_by_caller = self._made_by(db, request, "sample_set_owners", "set_id", row[0])
                     raise request_id_reused(request_id, sample_set=row[0] if made_by_caller else None)
