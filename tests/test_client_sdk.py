@@ -2279,10 +2279,13 @@ class _RefusingAReusedRequestId(inference_pb2_grpc.InferenceServiceServicer, ope
     """A server refusing EvaluateSampleSet's request_id as reused (naming operations/first
     in a google.rpc.ResourceInfo, as explaind does) ``answer_s`` seconds after it came,
     then restarting: GetOperation is UNAVAILABLE with a RetryInfo. It keeps the seconds
-    each GetOperation had left of its deadline."""
+    each GetOperation had left of its deadline. ``racing``: it refuses the id as another
+    server process took it for the same request (ALREADY_EXISTS, the same ResourceInfo),
+    and GetOperation answers operations/first running."""
 
-    def __init__(self, answer_s: float) -> None:
+    def __init__(self, answer_s: float, *, racing: bool = False) -> None:
         self.answer_s = answer_s
+        self.racing = racing
         self.lookups_left_s: list[float] = []
 
     @staticmethod
@@ -2299,16 +2302,22 @@ class _RefusingAReusedRequestId(inference_pb2_grpc.InferenceServiceServicer, ope
         from google.rpc import error_details_pb2
 
         time.sleep(self.answer_s)
+        operation = error_details_pb2.ResourceInfo(resource_type="type.googleapis.com/google.longrunning.Operation", resource_name="operations/first")
+        if self.racing:
+            message = f"request_id: request_id {request.request_id} was given to operations/first"
+            self._abort(context, grpc.StatusCode.ALREADY_EXISTS, message,
+                        error_details_pb2.ErrorInfo(reason="ALREADY_EXISTS", domain="explaind.v1", metadata={"field": "request_id"}), operation)
         message = f"request_id: request_id {request.request_id} was sent with another request, which created operations/first"
         self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, message,
-                    error_details_pb2.BadRequest(field_violations=[{"field": "request_id", "description": message}]),
-                    error_details_pb2.ResourceInfo(resource_type="type.googleapis.com/google.longrunning.Operation", resource_name="operations/first"))
+                    error_details_pb2.BadRequest(field_violations=[{"field": "request_id", "description": message}]), operation)
 
     def GetOperation(self, request, context):
         from google.protobuf import duration_pb2
         from google.rpc import error_details_pb2
 
         self.lookups_left_s.append(context.time_remaining())
+        if self.racing:
+            return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
         self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down",
                     error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=50_000_000)))
 
@@ -2350,8 +2359,8 @@ def _closing_before_the_lookup(monkeypatch, close: Callable[[], object]) -> None
     monkeypatch.setattr(_client, "named_operation", named_then_closed)
 
 
-def _serve_a_reused_request_id_s_refusal() -> tuple[grpc.Server, str, _RefusingAReusedRequestId]:
-    refusing = _RefusingAReusedRequestId(answer_s=0.0)
+def _serve_a_reused_request_id_s_refusal(*, racing: bool = False) -> tuple[grpc.Server, str, _RefusingAReusedRequestId]:
+    refusing = _RefusingAReusedRequestId(answer_s=0.0, racing=racing)
 
     def add(servicer, server: grpc.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
@@ -2374,6 +2383,22 @@ def test_a_reused_request_id_s_error_is_raised_as_it_came_by_a_client_closed_bef
     finally:
         server.stop(0)
     assert (caught.value.field, caught.value.operation, refusing.lookups_left_s) == ("request_id", None, [])
+
+
+def test_a_request_id_another_server_process_took_in_the_same_moment_names_its_operation_as_a_reused_one_does():
+    # Two server processes on one data dir given the same request: the second to store it
+    # is ALREADY_EXISTS with the ResourceInfo a reused id's INVALID_ARGUMENT has; the
+    # operation it names is the request's own, to wait on.
+    from explaind.client import AlreadyExistsError
+
+    server, target, refusing = _serve_a_reused_request_id_s_refusal(racing=True)
+    try:
+        with Client(target, timeout=5) as client, pytest.raises(AlreadyExistsError, match="was given to operations/first") as caught:
+            client.evaluate_sample_set("s", request_id="123e4567-e89b-42d3-a456-426614174000")
+    finally:
+        server.stop(0)
+    assert caught.value.field == "request_id" and len(refusing.lookups_left_s) == 1
+    assert caught.value.operation is not None and (caught.value.operation.name, caught.value.operation.state) == ("operations/first", "running")
 
 
 def test_an_upload_run_again_with_its_request_id_stores_each_image_once(client):
