@@ -82,9 +82,9 @@ def require_sample_set_uid(sample_set_id: str, create_time: float, uid: str | No
 @dataclass(frozen=True)
 class RequestKey:
     """What identifies a request to repeat (AIP-155): the client's ``request_id`` (a UUID)
-    and a ``fingerprint`` of the rest of the request, which a repeat must match. ``caller``:
-    the named caller sending it (explaind.ownership; None: none named), whom an error for
-    its id reused names the operation or set of only if it made them
+    and a ``fingerprint`` of the rest of the request, which a repeat must match; ``caller``,
+    the named caller sending it (explaind.ownership; None: none named): an error for its id
+    reused names the operation or set the id went to only if this caller made it
     (:func:`request_id_reused`)."""
 
     request_id: str
