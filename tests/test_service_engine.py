@@ -8963,6 +8963,25 @@ def test_a_request_id_s_refusal_names_what_it_went_to_only_to_the_caller_that_ma
     store.close()
 
 
+def test_a_request_id_s_refusal_names_what_it_went_to_to_every_caller_when_no_named_caller_made_it(tmp_path):
+    # A job or set made before named callers has no owner and is open to every caller
+    # (explaind.ownership); a caller's request under its id (the fingerprint now has the
+    # caller's name, so even the same request is another) was told the id was sent "by
+    # another caller", which none was, and lost the operation to wait on (error.operation).
+    store = SQLiteStore(tmp_path)
+    job_request, set_request = "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174001"
+    store.insert_job(JobRecord("first", "evaluate", "queued", 1.0), request=RequestKey(job_request, "before callers"))
+    with store.writing_blobs() as put:
+        sample = SampleRecord(put(b"an image"), 0)
+    store.create_sample_set("before", "", [sample], request=RequestKey(set_request, "before callers"))
+    with pytest.raises(InvalidArgument, match="which created operations/first") as refused:
+        store.job_of_request(RequestKey(job_request, "pipeline's", "pipeline"))
+    assert refused.value.operation == "operations/first"
+    with pytest.raises(InvalidArgument, match="which was applied to sample set 'before'"):
+        store.create_sample_set("other", "", [sample], request=RequestKey(set_request, "pipeline's", "pipeline"))
+    store.close()
+
+
 def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
     """job_requests is added without a schema version (a rollback must still open the data
     dir): the table appears in a store the release before left, and a job deleted as that

@@ -61,7 +61,7 @@ class OperationsServiceStub:
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
-    with named callers, only when the same caller sent that first request. Two server
+    with named callers, only when the same caller (or none) sent that first request. Two server
     processes on one data dir given a request_id in the same moment start one operation:
     the other is ALREADY_EXISTS naming request_id, with the same ResourceInfo.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
@@ -149,7 +149,7 @@ class OperationsServiceServicer:
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
-    with named callers, only when the same caller sent that first request. Two server
+    with named callers, only when the same caller (or none) sent that first request. Two server
     processes on one data dir given a request_id in the same moment start one operation:
     the other is ALREADY_EXISTS naming request_id, with the same ResourceInfo.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
@@ -309,7 +309,7 @@ class OperationsService:
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
-    with named callers, only when the same caller sent that first request. Two server
+    with named callers, only when the same caller (or none) sent that first request. Two server
     processes on one data dir given a request_id in the same moment start one operation:
     the other is ALREADY_EXISTS naming request_id, with the same ResourceInfo.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data

@@ -84,8 +84,8 @@ class RequestKey:
     """What identifies a request to repeat (AIP-155): the client's ``request_id`` (a UUID)
     and a ``fingerprint`` of the rest of the request, which a repeat must match; ``caller``,
     the named caller sending it (explaind.ownership; None: none named): an error for its id
-    reused names the operation or set the id went to only if this caller made it
-    (:func:`request_id_reused`)."""
+    reused names the operation or set the id went to only if this caller, or no named
+    caller, made it (:func:`request_id_reused`)."""
 
     request_id: str
     fingerprint: str

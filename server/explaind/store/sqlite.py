@@ -909,11 +909,12 @@ class SQLiteStore:
     def _made_by(db: sqlite3.Connection, request: RequestKey, owners: str, key: str, made: str) -> bool:
         """Whether ``request``'s caller made the job or set ``made`` (``key`` in the owner
         table ``owners``), so that an error for its request_id may name it: always without
-        a named caller (None), never for one that did not make it (see request_id_reused)."""
+        a named caller (None), or for one no named caller made (no owner: open to every
+        caller, explaind.ownership), never for another caller's (see request_id_reused)."""
         if request.caller is None:
             return True
         row = db.execute(f"SELECT owner FROM {owners} WHERE {key} = ?", (made,)).fetchone()
-        return row is not None and row[0] == request.caller
+        return row is None or row[0] == request.caller
 
     @staticmethod
     def _operation_of_request(db: sqlite3.Connection, request: RequestKey, job_id: str) -> str | None:
