@@ -2279,9 +2279,9 @@ class _RefusingAReusedRequestId(inference_pb2_grpc.InferenceServiceServicer, ope
     """A server refusing EvaluateSampleSet's request_id as reused (naming operations/first
     in a google.rpc.ResourceInfo, as explaind does) ``answer_s`` seconds after it came,
     then restarting: GetOperation is UNAVAILABLE with a RetryInfo. It keeps the seconds
-    each GetOperation had left of its deadline. ``racing``: it refuses the id as another
-    server process took it for the same request (ALREADY_EXISTS, the same ResourceInfo),
-    and GetOperation answers operations/first running."""
+    each GetOperation had left of its deadline. ``racing``: it refuses the id as given to
+    operations/first for the same request (ALREADY_EXISTS, the same ResourceInfo: explaind's
+    store on a request inserted twice), and GetOperation answers operations/first running."""
 
     def __init__(self, answer_s: float, *, racing: bool = False) -> None:
         self.answer_s = answer_s
@@ -2385,10 +2385,10 @@ def test_a_reused_request_id_s_error_is_raised_as_it_came_by_a_client_closed_bef
     assert (caught.value.field, caught.value.operation, refusing.lookups_left_s) == ("request_id", None, [])
 
 
-def test_a_request_id_another_server_process_took_in_the_same_moment_names_its_operation_as_a_reused_one_does():
-    # Two server processes on one data dir given the same request: the second to store it
-    # is ALREADY_EXISTS with the ResourceInfo a reused id's INVALID_ARGUMENT has; the
-    # operation it names is the request's own, to wait on.
+def test_a_request_id_s_already_exists_names_its_operation_as_a_reused_one_does():
+    # An ALREADY_EXISTS on request_id carries the ResourceInfo a reused id's
+    # INVALID_ARGUMENT has (the store's, for a request inserted twice; no second server
+    # process can take the id: the data dir's lock keeps it out); the SDK reads it alike.
     from explaind.client import AlreadyExistsError
 
     server, target, refusing = _serve_a_reused_request_id_s_refusal(racing=True)

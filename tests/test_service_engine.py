@@ -8922,8 +8922,8 @@ def test_a_request_id_is_given_to_a_second_job_only_after_its_first_failed_abort
     with pytest.raises(AlreadyExists, match="was given to operations/first") as refused:
         store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=request)
     assert (refused.value.field, refused.value.operation) == ("request_id", "operations/first") and store.job_of_request(request) == "first"
-    # Another request under the id, stored after its job_of_request (another process's): the
-    # id reused, not the request's own operation to wait on.
+    # Another request under the id, inserted without asking job_of_request first: the id
+    # reused, not the request's own operation to wait on.
     with pytest.raises(InvalidArgument, match="was sent with another request, which created operations/first") as reused:
         store.insert_job(JobRecord("second", "evaluate", "queued", 2.0), request=RequestKey(request.request_id, "another fingerprint"))
     assert (reused.value.field, reused.value.operation) == ("request_id", "operations/first")

@@ -37,8 +37,7 @@ class ExplaindError(Exception):
         ``google.rpc.PreconditionFailure`` (:func:`precondition_failure`) beside the
         message that names them too. ``retry_delay_s``: this error's own delay, over
         its class's. ``operation``: the operation (``operations/<id>``) the error is
-        about, e.g. the one a reused request_id created (or another server process on
-        the same store created for it in the same moment: ALREADY_EXISTS), sent as a
+        about, e.g. the one a reused request_id created, sent as a
         ``google.rpc.ResourceInfo`` (:data:`OPERATION_RESOURCE_TYPE`) so clients read it
         without parsing the message."""
         self.field = field

@@ -36,9 +36,7 @@ class ExplaindError(Exception):
     ``rank_mistake_neurons``), still running: wait on it later; or the job an
     OperationError ended; or the one an earlier request under a reused ``request_id``
     created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``;
-    with named callers only if this caller, or none, sent that request), or that another server
-    process on the same data dir started for this request in the same moment (an
-    AlreadyExistsError on ``request_id``: wait on it rather than submit again),
+    with named callers only if this caller, or none, sent that request),
     as read once when the error came (None if that read failed);
     None on other errors."""
 

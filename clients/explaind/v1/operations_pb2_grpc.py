@@ -61,9 +61,7 @@ class OperationsServiceStub:
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
-    with named callers, only when the same caller (or none) sent that first request. Two server
-    processes on one data dir given a request_id in the same moment start one operation:
-    the other is ALREADY_EXISTS naming request_id, with the same ResourceInfo.
+    with named callers, only when the same caller (or none) sent that first request.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space. An operation reading a
     set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
@@ -149,9 +147,7 @@ class OperationsServiceServicer:
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
-    with named callers, only when the same caller (or none) sent that first request. Two server
-    processes on one data dir given a request_id in the same moment start one operation:
-    the other is ALREADY_EXISTS naming request_id, with the same ResourceInfo.
+    with named callers, only when the same caller (or none) sent that first request.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space. An operation reading a
     set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran
@@ -309,9 +305,7 @@ class OperationsService:
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
-    with named callers, only when the same caller (or none) sent that first request. Two server
-    processes on one data dir given a request_id in the same moment start one operation:
-    the other is ALREADY_EXISTS naming request_id, with the same ResourceInfo.
+    with named callers, only when the same caller (or none) sent that first request.
     A job-starting RPC, or the operation, is RESOURCE_EXHAUSTED too while the server's data
     dir is full: submit it again once its operator has freed space. An operation reading a
     set's stored images is RESOURCE_EXHAUSTED, with no RetryInfo, when an image decoder ran

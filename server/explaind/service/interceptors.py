@@ -7,8 +7,7 @@ status details (:func:`~explaind.errors.field_detail`, AIP-193), so clients in a
 language read the field without parsing the message (and the request items a
 FAILED_PRECONDITION lists, as a ``google.rpc.PreconditionFailure``), and an UNAVAILABLE the
 server sends itself, a full job queue or an image decoder out of memory carries a ``google.rpc.RetryInfo`` (AIP-194), and one
-about an operation (a reused request_id's, or one another process took in the same moment:
-ALREADY_EXISTS) names it in a ``google.rpc.ResourceInfo``. Anything else becomes
+about an operation (a reused request_id's) names it in a ``google.rpc.ResourceInfo``. Anything else becomes
 INTERNAL with the exception's type and an incident id (its text and traceback go to the
 log, never to the caller: they can hold server paths). A response larger than the send limit becomes
 RESOURCE_EXHAUSTED here, before gRPC would fail to send it after the call had been

@@ -1030,10 +1030,12 @@ class SQLiteStore:
                 row = db.execute("SELECT jobs.id, state, error_code, fingerprint FROM job_requests JOIN jobs ON jobs.id = job_id "
                                  "WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None and (row[1], row[2]) != (FAILED, ABORTED):  # an aborted job's id starts it again
-                    if row[3] != request.fingerprint:  # another request, stored since job_of_request looked
+                    # A caller inserting without asking job_of_request under the same lock first
+                    # (JobManager.submit does; the data dir's lock keeps other processes out):
+                    # another request under the id is the id reused, as job_of_request says.
+                    if row[3] != request.fingerprint:
                         raise request_id_reused(request_id, operation=self._operation_of_request(db, request, row[0]))
-                    # The same request (of the same caller: its fingerprint has the caller's name),
-                    # which another process on this store submitted in the same moment: its job is this one's.
+                    # The same request (of the same caller: its fingerprint has the caller's name): its job is this one's.
                     raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id",
                                         operation=f"operations/{row[0]}")
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
