@@ -811,7 +811,7 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and signal.getsignal(signal.SIGTERM) is before
     out, err = capsys.readouterr()
     assert json.loads(out)["error"] == {"code": "INTERRUPTED", "message": "terminated", "field": None, "option": None,
-                                        "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
+                                        "option_defaulted": None, "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may still run"), err
     # A command that ends in time is not cut short afterwards: main called in-process returns to its caller.
     with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)), pytest.raises(cli._Terminated):
@@ -3135,7 +3135,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     target = ["--target", server.target]
     error, err = _json_failure(capsys, [*target, "rank", "nosuch", "--class", "heart", "--json"])
     assert error == {"code": "NOT_FOUND", "message": "sample_set_id: no sample set 'nosuch'", "field": "sample_set_id",
-                     "precondition_violations": [], "option": None, "notes": [], "retry_delay_seconds": None, "operation": None}
+                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err.startswith("error: NOT_FOUND: sample_set_id: no sample set 'nosuch'\n") and err.endswith(
         "  (explaind sample-set list shows what there is)\n"), err  # the words as without --json
     assert main([*target, "rank", "nosuch", "--class", "heart"]) == 1
@@ -3144,7 +3144,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     image = _png(tmp_path / "a.png", 0)
     error, err = _json_failure(capsys, [*target, "predict", image, "--top-k", "7", "--json"])
     assert error == {"code": "CLIENT_ERROR", "message": "--top-k: 7 is more than the served model's 6 classes", "field": None,
-                     "precondition_violations": [], "option": None, "notes": [], "retry_delay_seconds": None, "operation": None}
+                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None}
     assert err == "error: --top-k: 7 is more than the served model's 6 classes\n"
     # The notes stderr prints under the error, here the file the server refused.
     bad = tmp_path / "bad.png"
@@ -3202,7 +3202,7 @@ def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line.get("name") for line in lines] == [job.name, None]  # one update, then the error: one value a line
     assert lines[-1] == {"error": {"code": "UNAVAILABLE", "message": "the server is shutting down; no new jobs are accepted", "field": None,
-                                   "precondition_violations": [], "option": None, "notes": [], "retry_delay_seconds": None, "operation": None}}
+                                   "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None}}
 
 
 def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):
@@ -3275,3 +3275,31 @@ def test_an_error_s_option_is_one_that_sets_the_field_it_names_not_one_of_the_sa
     report = parse_arguments(["report", "--class", "heart", "--neurons", "3"])
     assert (_option_of_field(report, "neurons"), _option_of_field(report, "sample_set_id")) == (None, "--sample-set")
     assert _option_of_field(parse_arguments(["edit-head", "train", "--class", "heart", "--neurons", "1", "2"]), "neurons") == "--neurons"
+
+
+@pytest.mark.parametrize(("argv", "option", "defaulted"), [
+    (["report", "--class", "heart"], "--sample-set", True),  # the newest set, not one the user named
+    (["report", "--class", "heart", "--sample-set", "s"], "--sample-set", False),
+    (["report", "--class", "heart", "--sample-set=s"], "--sample-set", False),
+    (["sample-set", "create", "--id", "s", "--world", "balanced"], "--id", False),  # was null
+    (["sample-set", "create", "--id=s", "--world", "balanced"], "--id", False),
+    (["sample-set", "create", "s", "--world", "balanced"], None, None),  # the positional ID set it, no option
+    (["evaluate", "s"], None, None),
+])
+def test_a_json_error_s_option_says_whether_the_user_gave_it_or_its_default_set_the_field(argv, option, defaulted):
+    # report's --sample-set, left out, was named as if given: a script told the user to fix an option they never typed.
+    from explaind.client import NotFoundError
+    from explaind.client.cli import _failure_json, parse_arguments
+
+    error = _failure_json(NotFoundError("no sample set 's'", field="sample_set_id"), parse_arguments(argv))["error"]
+    assert (error["option"], error["option_defaulted"]) == (option, defaulted)
+
+
+def test_an_error_on_a_defaulted_option_s_field_says_so_on_stderr(server, capsys, monkeypatch):
+    from explaind.client import NotFoundError
+
+    gone = NotFoundError("sample_set_id: no sample set 'newest'", field="sample_set_id")
+    monkeypatch.setattr(Client, "sample_sets", lambda self, **kwargs: (_ for _ in ()).throw(gone))
+    error, err = _json_failure(capsys, ["--target", server.target, "report", "--class", "heart", "--json"])
+    assert (error["option"], error["option_defaulted"]) == ("--sample-set", True)
+    assert "  (sample_set_id is --sample-set here, left out: its default)\n" in err, err

@@ -1285,7 +1285,8 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     or SIGTERM, with the notes stderr prints under
     it (e.g. "that is file a.png", what a failed upload left behind), the command's
     ``option`` that set its ``field`` (``--class`` for ``class_name``; null where no option
-    did), the seconds the server
+    did) and ``option_defaulted``, whether that option was left out so that its default set
+    the field (null where ``option`` is), the seconds the server
     asked to wait before retrying (``retry_delay_seconds``, null if it did not say), and the
     ``operation`` the error ended or gave up waiting for, which stderr names as the command
     started it, or that an earlier request under a reused --request-id created (its name,
@@ -1300,8 +1301,9 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     # A server error's; an interrupt's, the job its wait was on (the SDK's result(), _naming_interrupted_job).
     job: Operation[Any] | None = getattr(error, "operation", None)
     operation = None if job is None else job.name
-    option = _option_setting(args, value["field"]) if value["field"] else None
-    return {"error": {**value, "option": option, "notes": list(getattr(error, "__notes__", ())),
+    field = value["field"]
+    return {"error": {**value, "option": _option_setting(args, field) if field else None,
+                      "option_defaulted": _option_defaulted(args, field) if field else None, "notes": list(getattr(error, "__notes__", ())),
                       "retry_delay_seconds": None if server is None else server.retry_delay, "operation": operation}}
 
 
@@ -1591,7 +1593,7 @@ def _json_option(parser: argparse.ArgumentParser, output: str) -> None:
     parser.add_argument("--json", action="store_true",
                         help=f'{output}; if the command fails (exit status 1), {{"error": {{"code": ..., "message": ..., ...}}}}, '
                              f'its code a gRPC status name, {CLIENT_ERROR_CODE} (a file or option refused here) or {INTERRUPTED_CODE} '
-                             '(Ctrl-C, exit status 130, or SIGTERM, 143), its "option" the option that set its "field", a job named as "operation"')
+                             '(Ctrl-C, exit status 130, or SIGTERM, 143), its "option" the option that set its "field" ("option_defaulted": true where it was left at its default), a job named as "operation"')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1854,6 +1856,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     command_actions = subcommands.choices[args.command]._actions
     args.option_names = {action.dest: max(action.option_strings, key=len) for action in command_actions if action.option_strings}
     args.argument_names = {action.dest: action.metavar or action.dest for action in command_actions if not action.option_strings}
+    args.options_given = _options_given(command_actions, argv)
     if args.command in _SERVER_COMMANDS:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
@@ -1888,6 +1891,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if args.id and args.id_option and args.id != args.id_option:
             usage_error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
         args.id = args.id or args.id_option
+        if not args.id_option:  # the positional ID set sample_set_id, or none did (create: the server picks it), not --id
+            del args.option_names["id_option"]
         if args.action in ("append", "show", "delete") and not args.id:
             usage_error(f"sample-set {args.action}: give a sample set id")
         if args.action == "list" and args.id:
@@ -1947,9 +1952,18 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# Request fields whose option is not named after them.
-_OPTION_DESTS = {"class_name": "target_class", "class_index": "target_class", "sample_set_id": "sample_set",
-                 "stability_resamples": "stability"}
+def _options_given(actions: Iterable[argparse.Action], argv: Sequence[str]) -> set[str]:
+    """The dests of the options among ``actions`` that ``argv`` gives (``--flag``,
+    ``--flag=value``, ``-oVALUE``), not left at their default. Read as argparse reads them:
+    a word that is an option string is that option, wherever it stands, but after ``--``."""
+    typed = argv[:argv.index("--")] if "--" in argv else argv
+    return {action.dest for action in actions for flag in action.option_strings for arg in typed
+            if arg == flag or arg.startswith(flag + "=") or (not flag.startswith("--") and arg.startswith(flag))}
+
+
+# Request fields whose option is not named after them (a command has one of them at most).
+_OPTION_DESTS = {"class_name": ("target_class",), "class_index": ("target_class",), "sample_set_id": ("sample_set", "id_option"),
+                 "stability_resamples": ("stability",)}
 # Repeated request fields that hold a positional argument's values, one item each.
 _ARGUMENT_DESTS = {"pairs": "neurons"}
 
@@ -1968,8 +1982,22 @@ def _option_of_field(args: argparse.Namespace, field: str) -> str | None:
 def _option_setting(args: argparse.Namespace, field: str) -> str | None:
     """The command's option (``--class``), not a positional argument, that set the request
     ``field`` (``class_name``), or None: the --json error's ``option``."""
+    dest = _option_dest(args, field)
+    return None if dest is None else args.option_names[dest]
+
+
+def _option_defaulted(args: argparse.Namespace, field: str) -> bool | None:
+    """Whether the option that set ``field`` was left out, so its default set it (report's
+    --sample-set: the newest set), or None where no option did: the --json error's
+    ``option_defaulted``."""
+    dest = _option_dest(args, field)
+    return None if dest is None else dest not in args.options_given
+
+
+def _option_dest(args: argparse.Namespace, field: str) -> str | None:
+    """The dest of the command's option that set the request ``field``, or None."""
     name = re.split(r"[.\[]", field, maxsplit=1)[0]
-    return next((args.option_names[dest] for dest in (name, name.removesuffix("_id"), _OPTION_DESTS.get(name)) if dest in args.option_names), None)
+    return next((dest for dest in (name, name.removesuffix("_id"), *_OPTION_DESTS.get(name, ())) if dest in args.option_names), None)
 
 
 def _fields_named(error: Exception) -> list[str]:
@@ -2111,7 +2139,8 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
         print(f"error: {error}", file=sys.stderr)
         for field in _fields_named(error):
             if option := _option_of_field(args, field):
-                print(f"  ({field} is {option} here)", file=sys.stderr)
+                left_out = ", left out: its default" if _option_defaulted(args, field) else ""
+                print(f"  ({field} is {option} here{left_out})", file=sys.stderr)
         if hint := _connection_hint(args, error) or _listing_hint(error):
             print(f"  ({hint})", file=sys.stderr)
         for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
