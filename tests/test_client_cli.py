@@ -3044,6 +3044,27 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
         client.delete_sample_set("rerun")
 
 
+def test_a_rerun_with_the_request_id_of_a_running_job_says_it_waits_on_that_job_not_that_it_started_one(server, capsys, monkeypatch):
+    # It printed "started operations/X", as of a new job, where only an ended one's rerun said whose job it was.
+    request_id = str(uuid.uuid4())
+    rerun = [*["--target", server.target], "visualize", "3", "--method", "no_clip", "--steps", "10000", "--request-id", request_id]
+    with Client(server.target, timeout=30) as client:
+        running = client.visualize_neurons([3], method="no_clip", steps=10000, request_id=request_id)
+        try:
+            while running.refresh().state != "running":
+                time.sleep(0.05)
+            assert main([*rerun, "--no-wait"]) == 0
+            printed = capsys.readouterr()
+            assert printed.out == f"{running.name}\n"
+            assert printed.err == (f"{running.name}, started by an earlier run with this --request-id, is running already; "
+                                   f"explaind operations wait {running.name} waits for it\n"), printed.err
+            monkeypatch.setattr(Operation, "result", lambda self, **kwargs: None)  # the wait itself is not this test's
+            assert main(rerun) == 0
+            assert capsys.readouterr().out == f"{running.name}, started by an earlier run with this --request-id, is running already; waiting for it\n"
+        finally:
+            running.cancel()
+
+
 def test_sample_sets_visualisations_operations_and_head_versions_print_json_alone(server, capsys, world_images, tmp_path):
     images, labels = world_images
     paths = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 255)]

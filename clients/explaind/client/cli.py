@@ -1015,11 +1015,18 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _ended_already(operation: Operation[Any]) -> str:
-    """What a job command says of the ended ``operation`` it got: the server answers a new
-    job QUEUED, so this is an earlier run's under the same --request-id."""
-    again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
-    return f"{operation.name}, started by an earlier run with this --request-id, ended already ({operation.state}){again}"
+def _announcement(operation: Operation[Any], waiting: bool) -> str:
+    """What a job command says of the ``operation`` it got: the server answers a new job
+    QUEUED, so one running or ended is an earlier run's under the same --request-id (one
+    still queued is said to be started: nothing tells it from a new one)."""
+    earlier = f"{operation.name}, started by an earlier run with this --request-id,"
+    if operation.done:
+        again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
+        return f"{earlier} ended already ({operation.state}){again}"
+    wait = f"explaind operations wait {operation.name} waits for it"
+    if operation.state != "queued":
+        return f"{earlier} is running already; {'waiting for it' if waiting else wait}"
+    return f"started {operation.name}" + ("" if waiting else f"; {wait}")
 
 
 def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
@@ -1031,10 +1038,9 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
     if args.no_wait:
         print(json.dumps({"operation": operation.name, "name": operation.name}) if args.json else operation.name)
         if not args.json:
-            print(_ended_already(operation) if operation.done else f"started {operation.name}; explaind operations wait {operation.name} waits for it",
-                  file=sys.stderr)
+            print(_announcement(operation, waiting=False), file=sys.stderr)
         return None
-    print(_ended_already(operation) if operation.done else f"started {operation.name}", file=sys.stderr if args.json else sys.stdout)
+    print(_announcement(operation, waiting=True), file=sys.stderr if args.json else sys.stdout)
     with _naming_interrupted_job(operation):
         return operation.result(progress=True)
 
