@@ -590,6 +590,29 @@ def test_predictions_line_up_after_file_names_of_wide_characters_and_combining_a
     assert capsys.readouterr().out.splitlines() == ["\u732b\u732b.png  dog 0.75", "abcd.png  dog 0.75", "cafe\u0301.png  dog 0.75", "x.png     dog 0.75"]
 
 
+def _require_utf8(value):
+    """``value``, parsed JSON, as a strict parser would take it: UTF-8 throughout, escapes
+    included (a "\\udcff" escape, a lone surrogate, is none: Go's and Rust's parsers refuse it)."""
+    json.dumps(value, ensure_ascii=False).encode("utf-8", "strict")  # raises on a lone surrogate
+    return value
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="the name's bytes are UTF-8's undecodable ones")
+def test_json_output_writes_a_file_name_s_undecodable_bytes_as_backslash_x_not_lone_surrogates(server, capsys, tmp_path, monkeypatch):
+    # A file named in Latin-1 on a UTF-8 system reached --json as "\udcff", which strict parsers refuse.
+    name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.png")
+    _png(name, 0)
+    printed = _require_utf8(_json_out(capsys, ["--target", server.target, "predict", name, "--json"]))
+    assert printed[0]["image"] == f"{tmp_path}/caf\\xe9.png" and len(printed[0]["labels"]) == 3
+    # A failure's words too: the output file it cannot write, refused before any call. (stderr
+    # writes its surrogates as the interpreter's own does, not strictly as capsys's.)
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace"))
+    grid = os.fsdecode(os.fsencode(str(tmp_path)) + b"/missing/\xff.png")
+    assert main(["--target", server.target, "evaluate", "s", "--grid", grid, "--json"]) == 1
+    error = _require_utf8(json.loads(capsys.readouterr().out))["error"]
+    assert error["message"] == f"cannot write {tmp_path}/missing/\\xff.png: no such directory", error
+
+
 @pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
 def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
     asked = []

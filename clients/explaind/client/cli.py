@@ -210,16 +210,23 @@ def _display_width(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def _shown_file_name(name: str) -> str:
-    """A file name as printed: bytes of it that do not decode (held by Python as lone
-    surrogates, which a UTF-8 stdout refuses with a traceback) written ``\\xff``."""
-    return os.fsencode(name).decode(sys.getfilesystemencoding(), "backslashreplace")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _shown_text(text: str) -> str:
+    """A file name (or any text from this machine: an argument) as printed, on a terminal
+    or in --json's output: bytes of it that do not decode (held by Python as lone
+    surrogates, which a UTF-8 stdout refuses with a traceback, and JSON as ``"\\udcff"``,
+    which strict parsers refuse: it is no UTF-8) written ``\\xff``, four characters."""
+    if not _LONE_SURROGATE.search(text):
+        return text
+    return os.fsencode(text).decode(sys.getfilesystemencoding(), "backslashreplace")
 
 
 def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
     """One line an image, its name padded to the widest name's columns (not characters:
     a file named in CJK shifted its predictions)."""
-    names = [_shown_file_name(n) for n in names]
+    names = [_shown_text(n) for n in names]
     width = max((_display_width(n) for n in names), default=8)
     for name, prediction in zip(names, predictions, strict=True):
         ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
@@ -827,7 +834,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                   f"created {_local_time(s.create_time)}")
         else:  # delete: the last of the action's choices
             client.delete_sample_set(args.id)
-            print(json.dumps({"deleted": args.id}) if args.json else f"deleted {args.id}")
+            print(_json_text({"deleted": args.id}) if args.json else f"deleted {args.id}")
     return 0
 
 
@@ -850,13 +857,17 @@ _NOT_IN_JSON = ("image", "masked_image", "preview", "omega")
 
 def _json_value(value: Any) -> Any:
     """An SDK result as a JSON value: dataclasses as objects (``_NOT_IN_JSON`` fields left
-    out), times in ISO 8601, and NaN or infinity as null, since JSON has neither (a
-    visualisation without CLIP has no similarity). No array reaches it: an evaluation's
-    (its confusion matrix) goes through ``_evaluation_json``, a ranking's ω is left out."""
+    out), times in ISO 8601, NaN or infinity as null, since JSON has neither (a
+    visualisation without CLIP has no similarity), and text as :func:`_shown_text` (a file
+    name's undecodable bytes as ``\\xff``, not lone surrogates: the output is UTF-8). No
+    array reaches it: an evaluation's (its confusion matrix) goes through
+    ``_evaluation_json``, a ranking's ω is left out."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in _NOT_IN_JSON}
     if isinstance(value, dict):
-        return {str(key): _json_value(item) for key, item in value.items()}
+        return {_shown_text(str(key)): _json_value(item) for key, item in value.items()}
+    if isinstance(value, str):
+        return _shown_text(value)
     if isinstance(value, (list, tuple)):
         return [_json_value(item) for item in value]
     if isinstance(value, float):
@@ -866,8 +877,13 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _json_text(value: Any) -> str:
+    """``value`` (:func:`_json_value`) as one line of JSON, the form of every --json output."""
+    return json.dumps(_json_value(value))
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(_json_value(value)))
+    print(_json_text(value))
 
 
 # The most confident mistakes an evaluation prints.
@@ -1036,7 +1052,7 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
     --json (``operation`` as every command's JSON names a job; ``name`` kept for scripts
     that read it), and the note goes to stderr; with --json, stdout gets only the JSON."""
     if args.no_wait:
-        print(json.dumps({"operation": operation.name, "name": operation.name}) if args.json else operation.name)
+        print(_json_text({"operation": operation.name, "name": operation.name}) if args.json else operation.name)
         if not args.json:
             print(_announcement(operation, waiting=False), file=sys.stderr)
         return None
@@ -1163,7 +1179,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
             client.delete_operation(args.name)
             # "deleted" as given (operations/ID or ID); "operation" as every other command names a job.
             operation_name = f"{OPERATION_NAME_PREFIX}{args.name.removeprefix(OPERATION_NAME_PREFIX)}"
-            print(json.dumps({"deleted": args.name, "operation": operation_name}) if args.json else f"deleted {args.name}")
+            print(_json_text({"deleted": args.name, "operation": operation_name}) if args.json else f"deleted {args.name}")
             return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
@@ -1184,7 +1200,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                     else:
                         for update in operation.watch():
                             if not update.done:  # the last state is printed below, with the result
-                                print(json.dumps(_operation_json(update)) if args.json else _operation_line(update), flush=True)
+                                print(_json_text(_operation_json(update)) if args.json else _operation_line(update), flush=True)
                 except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
                     interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
                     raise
@@ -1198,7 +1214,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 print(f"wrote {len(data)} bytes to standard output", file=sys.stderr)
                 return 0
             _write(output, data)
-            print(json.dumps({"file": output, "size_bytes": len(data)}) if args.json else f"wrote {output} ({len(data)} bytes)")
+            print(_json_text({"file": output, "size_bytes": len(data)}) if args.json else f"wrote {output} ({len(data)} bytes)")
             return 0
         result: Any
         result, deleted_version = None, False
@@ -1328,7 +1344,7 @@ def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt,
         cut_short = isinstance(error, KeyboardInterrupt) and any(
             frame.f_code is _print_json.__code__ for frame, _line in traceback.walk_tb(error.__traceback__))
         try:
-            print(("\n" if cut_short else "") + json.dumps(_failure_json(error, args)), flush=True)
+            print(("\n" if cut_short else "") + _json_text(_failure_json(error, args)), flush=True)
         except OSError:
             _discard_standard_output(sys.stdout)
 
@@ -1551,7 +1567,7 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
                 print(f"serving {change.version.version_id} (was {change.previous_version_id})")
         elif args.action == "delete":
             client.delete_head_version(args.version)
-            print(json.dumps({"deleted": args.version}) if args.json else f"deleted {args.version}")
+            print(_json_text({"deleted": args.version}) if args.json else f"deleted {args.version}")
         elif args.action == "show":
             version = client.head_version(args.version)
             if args.json:
