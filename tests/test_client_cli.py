@@ -1780,6 +1780,26 @@ def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_sa
             client.delete_sample_set("nightly")
 
 
+def test_a_report_with_discard_edit_shows_the_command_that_stores_it_again_as_a_shell_reads_it_back(capsys, monkeypatch, tmp_path):
+    # A class named with a control character: its raw line break or escape sequence reached the terminal.
+    import explaind.client.report as report_module
+    from explaind.client.report import edit_head_command, shown_command
+
+    command = edit_head_command("s", "bad\x1b[2Jclass", [1], "", "", "", ["--target=127.0.0.1:1"])
+    edit = types.SimpleNamespace(version=types.SimpleNamespace(version_id="v2", parent_version_id="v1"))
+    ranking = types.SimpleNamespace(mistake_count=3, neurons=[1], class_name="bad\x1b[2Jclass")
+    report = types.SimpleNamespace(edit=edit, edit_kept=False, edit_command=command, edit_discard_error=None, ranking=ranking, visualizations=[],
+                                   evaluated_on="sample set s", no_edit_reason="", no_visualization_reason="", visualization_error=None)
+    monkeypatch.setattr(report_module, "build_report", lambda *args, **kwargs: report)
+    monkeypatch.setattr(report_module, "render_report", lambda report: "<html>")
+    argv = ["--target", "127.0.0.1:1", "report", "--class", "x", "--sample-set", "s", "--out", str(tmp_path / "r.html"), "--discard-edit"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"to store the edit again: {shown_command(command)}\n" in out and "\x1b" not in out, out
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["edit_command"] == command  # shlex.split reads it back, as scripts do
+
+
 def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_it_again(server, capsys, world_images, tmp_path, monkeypatch):
     # A nightly report piled up one head version per night unless the pipeline deleted each itself.
     import explaind.client.cli as cli

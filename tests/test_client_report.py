@@ -153,7 +153,8 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
     assert {v.version_id for v in client.head_versions()} == before
     (note,) = discarded.value.__notes__
     assert re.fullmatch(r"head version v\d+, the suggested edit, was not kept; explaind edit-head interrupted-report --class heart "
-                        r"--neurons \d+ \d+ \d+ --seed 0 --description 'suggested by explaind report for heart' stores it again", note), note
+                        r"--neurons \d+ \d+ \d+ --seed 0 --description 'suggested by explaind report for heart' "
+                        rf"--target={re.escape(client.target)} stores it again", note), note
 
 
 def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_that_it_is_not_served(client, monkeypatch):
@@ -188,7 +189,7 @@ def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_
                         r"\(FAILED_PRECONDITION: head version \1 is served\); delete it once it can be", note), note
 
 
-def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys):
+def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys, monkeypatch):
     # A nightly report stored one head version per night, which the pipeline had to delete itself.
     import json
     import shlex
@@ -211,14 +212,16 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_tha
         assert not discarded.edit_kept and discarded.edit_discard_error is None and version.evaluation is not None
         assert discarded.edit_command == kept.edit_command == (
             f"explaind edit-head nightly-discard --class heart --neurons {' '.join(map(str, version.neurons))} --seed 0 "
-            "--group-attribute=background --description 'suggested by explaind report for heart'")
+            f"--group-attribute=background --description 'suggested by explaind report for heart' --target={client.target}")
         page = render_report(discarded)
         assert (f"<span id='edit-not-kept'>Stored as head version <b>{version.version_id}</b> (from {version.parent_version_id}) to be "
                 "evaluated, then deleted as the report was asked: not kept.</span>") in page
         assert f"<code id='edit-command'>{discarded.edit_command.replace(chr(39), '&#x27;')}</code>" in page
         assert "<table class='evaluation'>" in page and "head-versions promote" not in page
         # The command stores the same head (model_version holds a hash of its weights): its seed fixes the minibatch order.
-        assert main(["--target", client.target, *shlex.split(discarded.edit_command)[1:], "--json"]) == 0
+        # Run where EXPLAIND_TARGET names another server, it reaches the report's: it went to that one.
+        monkeypatch.setenv("EXPLAIND_TARGET", "127.0.0.1:1")
+        assert main([*shlex.split(discarded.edit_command)[1:], "--json"]) == 0
         again = json.loads(capsys.readouterr().out)
         assert again["version"]["model_version"] == version.model_version == kept.edit.version.model_version
         assert again["version"]["evaluation"] == _json_value(version.evaluation)
@@ -240,6 +243,58 @@ def test_the_command_that_stores_a_discarded_edit_again_reads_its_class_as_a_nam
     assert edit_head_command("my set", "index:2", [5], "eval", "val", "back ground").startswith(
         "explaind edit-head 'my set' --class name:index:2 --neurons 5 --seed 0 --validation-sample-set=val --evaluation-sample-set=eval "
         "'--group-attribute=back ground' --description ")
+
+
+def test_the_command_that_stores_a_discarded_edit_again_reaches_the_report_s_server_with_its_tls_files_not_its_token(tmp_path, monkeypatch):
+    # It carried no --target: run elsewhere, it went to EXPLAIND_TARGET or localhost, without TLS.
+    import shlex
+
+    from explaind.client.cli import parse_arguments
+    from explaind.client.report import connection_options, edit_head_command
+    from test_service_tls import Authority
+
+    authority = Authority(tmp_path, "clients")
+    cert, key = authority.issue("analyst")
+    monkeypatch.chdir(tmp_path)  # relative paths: the command gives them absolute, for another directory
+    with Client("example.org:443", token="s3cret", tls=True, root_certificates=authority.file.name, certificate_chain=cert.name,
+                private_key=key.name) as client:
+        options = connection_options(client)
+    assert options == ["--target=example.org:443", "--tls", f"--ca-file={authority.file}", f"--cert-file={cert}", f"--key-file={key}"]
+    monkeypatch.setenv("EXPLAIND_TARGET", "elsewhere:1")
+    args = parse_arguments(shlex.split(edit_head_command("s", "heart", [1], "", "", "", options))[1:])
+    assert (args.target, args.tls, args.ca_file, args.cert_file, args.key_file, args.token) == (
+        "example.org:443", True, str(authority.file), str(cert), str(key), None)
+    with Client("127.0.0.1:1") as plaintext:
+        assert connection_options(plaintext) == ["--target=127.0.0.1:1"]
+
+
+@pytest.mark.parametrize("class_name", ["h\u00e9art\nnew 'line'", "tab\there", "esc\x1b[31m\\n", "rtl\u202eoverride", "plain heart"])
+def test_the_shown_command_that_stores_a_discarded_edit_again_pastes_back_to_the_same_words(class_name):
+    # The page showed a class with a line break as 'h\u00e9art\nnew ...' in plain quotes: pasted, the shell
+    # read a backslash and an "n", another class. Shown in $'...' quotes, bash reads the same words as the command.
+    import shlex
+
+    from explaind.client.report import edit_head_command, shown_command
+
+    command = edit_head_command("nightly-1", class_name, [4, 0], "", "", "")
+    shown = shown_command(command)
+    assert "\n" not in shown and "\x1b" not in shown and "\u202e" not in shown  # nothing a terminal acts on, nor a page shows as a space
+    pasted = subprocess.run(["bash", "-c", f"printf '%s\\0' {shown}"], capture_output=True, check=True).stdout
+    assert pasted.decode().split("\0")[:-1] == shlex.split(command)
+    if class_name == "plain heart":  # as shlex.join quotes it
+        assert shown == command
+    from types import SimpleNamespace
+
+    from explaind.client.report import _edit_storage
+
+    discarded = SimpleNamespace(edit=SimpleNamespace(version=SimpleNamespace(version_id="v2", parent_version_id="v1")), edit_kept=False,
+                                edit_command=command, edit_discard_error=None)
+    assert f"<code id='edit-command'>{html.escape(shown)}</code>" in _edit_storage(discarded)  # the page's
+    from explaind.client.report import noting_stored_edit
+
+    with pytest.raises(KeyboardInterrupt) as stopped, noting_stored_edit(discarded.edit, kept=False, command=command):
+        raise KeyboardInterrupt  # after the deletion: the note gives the command too
+    assert stopped.value.__notes__ == [f"head version v2, the suggested edit, was not kept; {shown} stores it again"]
 
 
 @pytest.mark.parametrize("class_name, group_attribute", [("-x", "-background"), ("7", "--x"), ("héart\nnew 'line'", "a=b c"),

@@ -1523,7 +1523,7 @@ def _require_discarded(report: MistakeReport, out: str) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report, noting_stored_edit, render_report
+    from .report import build_report, noting_stored_edit, render_report, shown_command
 
     _require_writable(args.out)
     with _client(args) as client:
@@ -1548,7 +1548,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}", file=notes)
             if not report.edit_kept:
                 print(f"head version {report.edit.version.version_id} is not kept (--discard-edit); to store the edit again: "
-                      f"{report.edit_command}", file=notes)
+                      f"{shown_command(report.edit_command)}", file=notes)
         _print_report_gaps(report, notes)
         _require_whole(report)  # its error names the stored edit, which --json's output would not
     _require_discarded(report, args.out)

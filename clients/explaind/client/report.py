@@ -15,7 +15,7 @@ import html
 import math
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -127,7 +127,7 @@ def build_report(
             edit, evaluated_on = _suggest_edit(client, ranking.class_name, neurons, sample_set_id, evaluation_sample_set_id,
                                                validation_sample_set_id, group_attribute, progress)
             edit_command = edit_head_command(sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id,
-                                             group_attribute)
+                                             group_attribute, connection_options(client))
         except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
@@ -169,7 +169,7 @@ def noting_stored_edit(edit: HeadEdit | None, *, kept: bool = True, command: str
                 error.add_note(f"head version {version}, the suggested edit, may stay stored: the report stopped as it deleted it; "
                                f"explaind head-versions delete {version} if it is still listed")
             elif not kept:
-                error.add_note(f"head version {version}, the suggested edit, was not kept; {command} stores it again")
+                error.add_note(f"head version {version}, the suggested edit, was not kept; {shown_command(command)} stores it again")
             elif discard_error is not None:
                 error.add_note(f"head version {version}, the suggested edit, stays stored: deleting it failed ({discard_error}); "
                                "delete it once it can be")
@@ -265,10 +265,12 @@ def _edit_description(class_name: str) -> str:
 
 
 def edit_head_command(sample_set_id: str, class_name: str, neurons: list[int], evaluation_sample_set_id: str, validation_sample_set_id: str,
-                      group_attribute: str) -> str:
+                      group_attribute: str, connection: Sequence[str] = ()) -> str:
     """The ``explaind edit-head`` command that makes the report's edit again, quoted for a
-    POSIX shell; ``--class name:X`` where X alone would read as an index, a prefix or an option ("-x"),
-    and ``--option=value`` where the value (an attribute named "-x") would read as an option too."""
+    POSIX shell (:func:`shlex.split` reads it back; :func:`shown_command` is its form to
+    show), ending in the ``connection`` options (:func:`connection_options`); ``--class name:X``
+    where X alone would read as an index, a prefix or an option ("-x"), and ``--option=value``
+    where the value (an attribute named "-x") would read as an option too."""
     plain = not (class_name.isdecimal() or class_name.startswith(("-", "name:", "index:")))
     words = ["explaind", "edit-head", sample_set_id, "--class", class_name if plain else f"name:{class_name}",
              "--neurons", *map(str, neurons), "--seed", str(EDIT_SEED)]
@@ -276,7 +278,33 @@ def edit_head_command(sample_set_id: str, class_name: str, neurons: list[int], e
                           ("--group-attribute", group_attribute)):
         if value:
             words.append(f"{option}={value}")
-    return shlex.join([*words, "--description", _edit_description(class_name)])
+    return shlex.join([*words, "--description", _edit_description(class_name), *connection])
+
+
+def connection_options(client: Client) -> list[str]:
+    """The CLI options that reach the server ``client`` calls, for a command run elsewhere
+    (where EXPLAIND_TARGET may name another server): ``--target``, and where it connects over
+    TLS ``--tls`` and its PEM files' absolute paths. Never its token, a secret: the command
+    takes EXPLAIND_TOKEN or --token as any other does."""
+    arguments = client._arguments
+    files = (("--ca-file", "root_certificates"), ("--cert-file", "certificate_chain"), ("--key-file", "private_key"))
+    return [f"--target={client.target}", *(["--tls"] if arguments["tls"] else []),
+            *(f"{flag}={arguments[name]}" for flag, name in files if arguments[name] is not None)]
+
+
+def shown_command(command: str) -> str:
+    """``command`` (:func:`shlex.join`'s POSIX shell words) as a page or a terminal shows it,
+    still working when pasted: a word holding a control, bidirectional-control or
+    line-separator character (a class named with a line break) in ANSI-C quotes,
+    ``$'heart\\nnew'``, which bash, zsh, ksh and POSIX.1-2024 sh read back (an older sh such
+    as dash does not), not raw, which a terminal acts on and a page shows as a space, nor
+    escaped inside plain quotes, which the shell takes as a backslash and an "n"."""
+    def word(text: str) -> str:
+        if escape_controls(text) == text:
+            return shlex.quote(text)
+        return "$'" + escape_controls(text.replace("\\", "\\\\").replace("'", "\\'")) + "'"
+
+    return " ".join(word(text) for text in shlex.split(command))
 
 
 def _suggest_edit(
@@ -464,7 +492,7 @@ def _edit_storage(report: MistakeReport) -> str:
     delete = f"<code>explaind head-versions delete {_text(version.version_id)}</code>"
     if not report.edit_kept:
         return (f"<span id='edit-not-kept'>{stored} to be evaluated, then deleted as the report was asked: not kept.</span> To store it again: "
-                f"<code id='edit-command'>{_text(report.edit_command)}</code> (its seed fixes the minibatch order: the same head, as long as "
+                f"<code id='edit-command'>{_text(shown_command(report.edit_command))}</code> (its seed fixes the minibatch order: the same head, as long as "
                 f"the served head is still {_text(version.parent_version_id)} and the sets are unchanged).")
     if report.edit_discard_error is not None:
         return (f"<span id='edit-discard-failed' class='warning'>{stored}; deleting it, as the report was asked, failed "
