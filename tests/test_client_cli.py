@@ -844,13 +844,48 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and capsys.readouterr() == ("", "")
 
 
+def test_sigterm_in_the_channel_s_close_after_the_json_was_written_prints_no_second_value(server, capsys, monkeypatch):
+    # The command's value was out; the error a SIGTERM met closing the channel followed it as a
+    # second value, and `explaind info --json | jq` or json.loads of the whole output failed.
+    import explaind.client.cli as cli
+
+    close = Client.close
+
+    def terminated_while_closing(self):
+        close(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    assert main(["--target", server.target, "head-versions", "list", "--json"]) == 143  # printed before the client closes
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and isinstance(json.loads(out), list), out  # the value alone
+    assert err == "terminated\n", err
+    # Nor where the close never ends and the process exits by its deadline: its words say terminated, with no JSON.
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    args = argparse.Namespace(timeout=0.01, json=True)
+    with cli._terminating_like_ctrl_c(args):
+        with pytest.raises(cli._Terminated):
+            cli._print_json({"done": True}, args)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+        for _ in range(6000):  # the close that never returns
+            if exits:
+                break
+            time.sleep(0.01)
+    out, err = capsys.readouterr()
+    assert exits == [143] and out == '{"done": true}\n' and err.startswith("terminated\n"), (out, err)
+
+
 def test_sigterm_while_the_json_is_written_puts_its_error_on_a_line_of_its_own():
     # A value larger than the pipe holds, its reader slow: the signal cut it, and the error went on
     # the same line, after it, so neither the last line nor the whole output parsed.
     cut = """
 import argparse, sys
 import explaind.client.cli as cli
-args = argparse.Namespace(timeout=5.0, json=True, run=lambda args: cli._print_json({"mistakes": list(range(300_000))}))
+args = argparse.Namespace(timeout=5.0, json=True, run=lambda args: cli._print_json({"mistakes": list(range(300_000))}, args))
 cli.parse_arguments = lambda argv: args
 sys.exit(cli.main([]))
 """
@@ -886,7 +921,7 @@ def test_a_command_stuck_after_sigterm_exits_though_nobody_reads_its_output():
 import argparse, sys
 import explaind.client.cli as cli
 cli.TERMINATED_GRACE_S = 0.0
-args = argparse.Namespace(timeout=0.5, json=True, run=lambda args: cli._print_json({"mistakes": list(range(300_000))}))
+args = argparse.Namespace(timeout=0.5, json=True, run=lambda args: cli._print_json({"mistakes": list(range(300_000))}, args))
 cli.parse_arguments = lambda argv: args
 sys.exit(cli.main([]))
 """

@@ -705,7 +705,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([{"image": i, "error": _error_json(p.error)} if p.error is not None
                      else {"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
-                           "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)])
+                           "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)], args)
     else:
         answered = [(name, p) for name, p in zip(args.images, predictions, strict=True) if p.error is None]
         _print_predictions([name for name, _ in answered], [p for _, p in answered])
@@ -718,7 +718,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         meta = client.model_metadata()
     if args.json:
-        _print_json(meta)
+        _print_json(meta, args)
     else:
         _print_metadata(meta)
     return 0
@@ -806,7 +806,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             except (ValueError, OSError) as error:  # a label that is no class of the served model; a file unreadable when its turn came
                 raise _command_error(error) from None
             if args.json:
-                _print_json(_sample_set_json(_served_class_names(client), stored))
+                _print_json(_sample_set_json(_served_class_names(client), stored), args)
                 return 0
             # An append says how many it added, then the set's new total: not one count for the other.
             done = "created" if args.action == "create" else f"appended {_counted(len(labels), 'sample')} to"
@@ -816,7 +816,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
             listed = client.sample_sets(owner=args.owner or "")
             if args.json:
                 names = _served_class_names(client)  # once for every set
-                _print_json([_sample_set_json(names, s) for s in listed])
+                _print_json([_sample_set_json(names, s) for s in listed], args)
                 return 0
             for s in listed:
                 uploading = ", still uploading" if s.uploading else ""
@@ -827,14 +827,17 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
         elif args.action == "show":
             s = client.sample_set(args.id)
             if args.json:
-                _print_json(_sample_set_json(_served_class_names(client), s))
+                _print_json(_sample_set_json(_served_class_names(client), s), args)
                 return 0
             named = f" ({s.display_name!r})" if s.display_name else ""
             print(f"{s.sample_set_id}{named}: {_counted(s.sample_count, 'sample')}, per class {_named_counts(client, s.class_counts)}, "
                   f"created {_local_time(s.create_time)}")
         else:  # delete: the last of the action's choices
             client.delete_sample_set(args.id)
-            print(_json_text({"deleted": args.id}) if args.json else f"deleted {args.id}")
+            if args.json:
+                _print_json({"deleted": args.id}, args)
+            else:
+                print(f"deleted {args.id}")
     return 0
 
 
@@ -882,8 +885,11 @@ def _json_text(value: Any) -> str:
     return json.dumps(_json_value(value))
 
 
-def _print_json(value: Any) -> None:
+def _print_json(value: Any, args: argparse.Namespace) -> None:
+    """Print the command's --json value, its last: any error after it (a SIGTERM in the
+    channel's close) prints no second value (:func:`_print_failure_json`)."""
     print(_json_text(value))
+    args.json_written = True
 
 
 # The most confident mistakes an evaluation prints.
@@ -966,7 +972,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"wrote {args.grid}", file=notes)
         if args.json:  # with what the notes on stderr say: the operation, and the grid file where one was written
             grid = {"grid_file": args.grid if evaluation.mistakes else None} if args.grid else {}
-            _print_json({"operation": operation.name, **_evaluation_json(evaluation), **grid})
+            _print_json({"operation": operation.name, **_evaluation_json(evaluation), **grid}, args)
     return 0
 
 
@@ -1000,7 +1006,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         ranking = client.rank_mistake_neurons(args.id, _target_class(client, args), solver=args.solver, progress=True, request_id=args.request_id,
                                                stability_resamples=args.stability)
     if args.json:
-        _print_json(_ranking_json(ranking))
+        _print_json(_ranking_json(ranking), args)
         return 0
     _print_ranking(ranking, args.show)
     return 0
@@ -1052,8 +1058,10 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
     --json (``operation`` as every command's JSON names a job; ``name`` kept for scripts
     that read it), and the note goes to stderr; with --json, stdout gets only the JSON."""
     if args.no_wait:
-        print(_json_text({"operation": operation.name, "name": operation.name}) if args.json else operation.name)
-        if not args.json:
+        if args.json:
+            _print_json({"operation": operation.name, "name": operation.name}, args)
+        else:
+            print(operation.name)
             print(_announcement(operation, waiting=False), file=sys.stderr)
         return None
     print(_announcement(operation, waiting=True), file=sys.stderr if args.json else sys.stdout)
@@ -1099,7 +1107,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             _write(path, buffer.getvalue())
             shown[key] = str(path)
     if args.json:
-        _print_json({"operation": operation.name, **value})
+        _print_json({"operation": operation.name, **value}, args)
     else:
         print(f"wrote {2 * len(result.visualizations)} images to {out_dir}")
     return 0
@@ -1147,7 +1155,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
         )
         edit = _announce_and_wait(operation, args)
         if edit is not None and args.json:
-            _print_json({"operation": operation.name, **_json_value(edit)})
+            _print_json({"operation": operation.name, **_json_value(edit)}, args)
         elif edit is not None:
             from .report import edit_evaluated_on
 
@@ -1165,7 +1173,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
                                        limit=limit + 1)  # one more: are there more?
             if args.json:
                 shown = [_operation_json(op) for op in listed[:limit]]
-                _print_json({"operations": shown, "truncated": len(listed) > limit} if args.json_object else shown)
+                _print_json({"operations": shown, "truncated": len(listed) > limit} if args.json_object else shown, args)
             else:
                 for op in listed[:limit]:
                     print(_operation_line(op))
@@ -1179,7 +1187,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
             client.delete_operation(args.name)
             # "deleted" as given (operations/ID or ID); "operation" as every other command names a job.
             operation_name = f"{OPERATION_NAME_PREFIX}{args.name.removeprefix(OPERATION_NAME_PREFIX)}"
-            print(_json_text({"deleted": args.name, "operation": operation_name}) if args.json else f"deleted {args.name}")
+            if args.json:
+                _print_json({"deleted": args.name, "operation": operation_name}, args)
+            else:
+                print(f"deleted {args.name}")
             return 0
         operation = client.operation(args.name)
         if args.action == "cancel":
@@ -1214,7 +1225,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
                 print(f"wrote {len(data)} bytes to standard output", file=sys.stderr)
                 return 0
             _write(output, data)
-            print(_json_text({"file": output, "size_bytes": len(data)}) if args.json else f"wrote {output} ({len(data)} bytes)")
+            if args.json:
+                _print_json({"file": output, "size_bytes": len(data)}, args)
+            else:
+                print(f"wrote {output} ({len(data)} bytes)")
             return 0
         result: Any
         result, deleted_version = None, False
@@ -1231,7 +1245,7 @@ def cmd_operations(args: argparse.Namespace) -> int:
             value = _operation_json(operation, result)
             if deleted_version:
                 value["result"]["version"].update(active=False, deleted=True)
-            _print_json(value)
+            _print_json(value, args)
         else:
             print(_operation_line(operation))
             if operation.artifacts:
@@ -1336,11 +1350,13 @@ def _failure_words(error: BaseException) -> str:
 
 
 def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args: argparse.Namespace) -> None:
-    """With --json, :func:`_failure_json` on stdout, unless stdout holds an artifact's bytes
-    or cannot be written itself (a reader gone, a full disk: stderr said it all). On a line
+    """With --json, :func:`_failure_json` on stdout, unless stdout holds an artifact's bytes,
+    or the command's own value, whole (:func:`_print_json`: a SIGTERM met closing the channel
+    after it made a second value, which a reader of one JSON value refuses), or it cannot be
+    written itself (a reader gone, a full disk: stderr said it all). On a line
     of its own where Ctrl-C or SIGTERM cut the command's own JSON short (a value larger
     than a slow reader's pipe holds): after it on the same line, the error did not parse."""
-    if getattr(args, "json", False) and getattr(args, "output", None) != "-":
+    if getattr(args, "json", False) and getattr(args, "output", None) != "-" and not getattr(args, "json_written", False):
         cut_short = isinstance(error, KeyboardInterrupt) and any(
             frame.f_code is _print_json.__code__ for frame, _line in traceback.walk_tb(error.__traceback__))
         try:
@@ -1553,7 +1569,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _require_whole(report)  # its error names the stored edit, which --json's output would not
     _require_discarded(report, args.out)
     if args.json:
-        _print_json(_report_json(report, args.out, sample_set_id))
+        _print_json(_report_json(report, args.out, sample_set_id), args)
     return 0
 
 
@@ -1562,20 +1578,23 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
         if args.action in ("promote", "rollback"):
             change = client.promote_head_version(args.version) if args.action == "promote" else client.rollback_head_version(args.version or "")
             if args.json:
-                _print_json(change)
+                _print_json(change, args)
             else:
                 print(f"serving {change.version.version_id} (was {change.previous_version_id})")
         elif args.action == "delete":
             client.delete_head_version(args.version)
-            print(_json_text({"deleted": args.version}) if args.json else f"deleted {args.version}")
+            if args.json:
+                _print_json({"deleted": args.version}, args)
+            else:
+                print(f"deleted {args.version}")
         elif args.action == "show":
             version = client.head_version(args.version)
             if args.json:
-                _print_json(version)
+                _print_json(version, args)
             else:
                 print(version.summary())
         elif args.json:
-            _print_json(client.head_versions())
+            _print_json(client.head_versions(), args)
         else:
             for v in client.head_versions():
                 print(v.summary())
