@@ -268,7 +268,9 @@ def test_the_command_that_stores_a_discarded_edit_again_reaches_the_report_s_ser
         assert connection_options(plaintext) == ["--target=127.0.0.1:1"]
 
 
-@pytest.mark.parametrize("class_name", ["h\u00e9art\nnew 'line'", "tab\there", "esc\x1b[31m\\n", "rtl\u202eoverride", "plain heart"])
+# "next\x85line": a C1 control, which $'\x85' made the byte 0x85, no UTF-8 (another class), not U+0085.
+@pytest.mark.parametrize("class_name", ["h\u00e9art\nnew 'line'", "tab\there", "esc\x1b[31m\\n", "rtl\u202eoverride", "next\x85line\u009b1m",
+                                        "plain heart"])
 def test_the_shown_command_that_stores_a_discarded_edit_again_pastes_back_to_the_same_words(class_name):
     # The page showed a class with a line break as 'h\u00e9art\nnew ...' in plain quotes: pasted, the shell
     # read a backslash and an "n", another class. Shown in $'...' quotes, bash reads the same words as the command.

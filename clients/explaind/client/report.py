@@ -298,11 +298,19 @@ def shown_command(command: str) -> str:
     line-separator character (a class named with a line break) in ANSI-C quotes,
     ``$'heart\\nnew'``, which bash, zsh, ksh and POSIX.1-2024 sh read back (an older sh such
     as dash does not), not raw, which a terminal acts on and a page shows as a space, nor
-    escaped inside plain quotes, which the shell takes as a backslash and an "n"."""
+    escaped inside plain quotes, which the shell takes as a backslash and an "n". A C1
+    control (U+0080..U+009F) is written ``\\u0085``: ``$'\\x85'`` is the byte 0x85, no UTF-8."""
+    def character(text: str) -> str:
+        if text in "\\'":
+            return "\\" + text
+        if escape_controls(text) == text:
+            return text
+        return escape_controls(text) if text < "\x80" else f"\\u{ord(text):04x}"
+
     def word(text: str) -> str:
         if escape_controls(text) == text:
             return shlex.quote(text)
-        return "$'" + escape_controls(text.replace("\\", "\\\\").replace("'", "\\'")) + "'"
+        return "$'" + "".join(map(character, text)) + "'"
 
     return " ".join(word(text) for text in shlex.split(command))
 
