@@ -5,6 +5,7 @@ import base64
 import contextlib
 import html
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -266,6 +267,13 @@ def test_the_command_that_stores_a_discarded_edit_again_reaches_the_report_s_ser
         "example.org:443", True, str(authority.file), str(cert), str(key), None)
     with Client("127.0.0.1:1") as plaintext:
         assert connection_options(plaintext) == ["--target=127.0.0.1:1"]
+    # A unix socket named relative to this directory, as the TLS files: run in another, it named another socket.
+    for relative in ("unix:run/explaind.sock", "unix:./explaind.sock"):
+        with Client(relative) as local:
+            assert connection_options(local) == [f"--target=unix:{os.path.abspath(relative.removeprefix('unix:'))}"]
+    for absolute in ("unix:/run/explaind.sock", "unix:///run/explaind.sock", "[::1]:50051", "unix-abstract:explaind"):
+        with Client(absolute) as local:
+            assert connection_options(local) == [f"--target={absolute}"]
 
 
 # "next\x85line": a C1 control, which $'\x85' made the byte 0x85, no UTF-8 (another class), not U+0085.

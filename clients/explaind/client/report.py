@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import html
 import math
+import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -284,11 +285,15 @@ def edit_head_command(sample_set_id: str, class_name: str, neurons: list[int], e
 def connection_options(client: Client) -> list[str]:
     """The CLI options that reach the server ``client`` calls, for a command run elsewhere
     (where EXPLAIND_TARGET may name another server): ``--target``, and where it connects over
-    TLS ``--tls`` and its PEM files' absolute paths. Never its token, a secret: the command
-    takes EXPLAIND_TOKEN or --token as any other does."""
+    TLS ``--tls`` and its PEM files' absolute paths (a ``unix:`` socket's path absolute too:
+    gRPC reads ``unix:run/x.sock`` from the current directory). Never its token, a secret: the
+    command takes EXPLAIND_TOKEN or --token as any other does."""
     arguments = client._arguments
     files = (("--ca-file", "root_certificates"), ("--cert-file", "certificate_chain"), ("--key-file", "private_key"))
-    return [f"--target={client.target}", *(["--tls"] if arguments["tls"] else []),
+    target = client.target
+    if target.startswith("unix:") and not target.startswith("unix://"):  # unix:///path is absolute already
+        target = f"unix:{os.path.abspath(target.removeprefix('unix:'))}"
+    return [f"--target={target}", *(["--tls"] if arguments["tls"] else []),
             *(f"{flag}={arguments[name]}" for flag, name in files if arguments[name] is not None)]
 
 
