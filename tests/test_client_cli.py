@@ -3143,6 +3143,26 @@ def test_a_rerun_with_the_request_id_of_a_running_job_says_it_waits_on_that_job_
             running.cancel()
 
 
+def test_a_start_retried_by_the_sdk_that_finds_its_own_job_running_says_it_started_it(server, capsys, monkeypatch):
+    # Without --request-id, the SDK's own retry of a start whose answer was lost gets the job its first
+    # attempt started, running by then: it was said to be "started by an earlier run with this --request-id".
+    import explaind.client._client as client_module
+
+    request_id = str(uuid.uuid4())
+    choose = client_module._request_id
+    with Client(server.target, timeout=30) as client:
+        running = client.visualize_neurons([3], method="no_clip", steps=10000, request_id=request_id)
+        try:
+            while running.refresh().state != "running":
+                time.sleep(0.05)
+            monkeypatch.setattr(client_module, "_request_id", lambda given: choose(request_id if given is None else given))
+            assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "10000", "--no-wait"]) == 0
+            printed = capsys.readouterr()
+            assert printed == (f"{running.name}\n", f"started {running.name}; explaind operations wait {running.name} waits for it\n"), printed
+        finally:
+            running.cancel()
+
+
 def test_sample_sets_visualisations_operations_and_head_versions_print_json_alone(server, capsys, world_images, tmp_path):
     images, labels = world_images
     paths = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 255)]
@@ -3276,7 +3296,8 @@ def test_a_failed_job_s_json_error_names_its_operation(server, capsys, monkeypat
         job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
         assert client.operation(job.name).cancel().wait(timeout=60).error.operation.name == job.name  # the SDK's error says which job too
         monkeypatch.setattr(Client, "visualize_neurons", lambda self, *args, **kwargs: self.operation(job.name))  # the CLI waits on that job
-    error, err = _json_failure(capsys, ["--target", server.target, "visualize", "3", "--method", "feature_visualization", "--json"])
+    error, err = _json_failure(capsys, ["--target", server.target, "visualize", "3", "--method", "feature_visualization", "--json",
+                                        "--request-id", str(uuid.uuid4())])
     assert (error["code"], error["operation"], error["retry_delay_seconds"]) == ("CANCELLED", job.name, None), error
     assert err.startswith(f"{job.name}, ")  # an ended job, as a rerun's --request-id gets: named, not said to be started
 

@@ -1037,16 +1037,18 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _announcement(operation: Operation[Any], waiting: bool) -> str:
+def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
     """What a job command says of the ``operation`` it got: the server answers a new job
-    QUEUED, so one running or ended is an earlier run's under the same --request-id (one
-    still queued is said to be started: nothing tells it from a new one)."""
+    QUEUED, so one running or ended is, where the user gave a --request-id (``rerun``), an
+    earlier run's under it (one still queued is said to be started: nothing tells it from
+    a new one); without one, this run's own, which the SDK's retry of a start whose answer
+    was lost found running or ended."""
     earlier = f"{operation.name}, started by an earlier run with this --request-id,"
-    if operation.done:
+    if rerun and operation.done:
         again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
         return f"{earlier} ended already ({operation.state}){again}"
     wait = f"explaind operations wait {operation.name} waits for it"
-    if operation.state != "queued":
+    if rerun and operation.state != "queued":
         return f"{earlier} is running already; {'waiting for it' if waiting else wait}"
     return f"started {operation.name}" + ("" if waiting else f"; {wait}")
 
@@ -1062,9 +1064,9 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
             _print_json({"operation": operation.name, "name": operation.name}, args)
         else:
             print(operation.name)
-            print(_announcement(operation, waiting=False), file=sys.stderr)
+            print(_announcement(operation, waiting=False, rerun=args.request_id is not None), file=sys.stderr)
         return None
-    print(_announcement(operation, waiting=True), file=sys.stderr if args.json else sys.stdout)
+    print(_announcement(operation, waiting=True, rerun=args.request_id is not None), file=sys.stderr if args.json else sys.stdout)
     with _naming_interrupted_job(operation):
         return operation.result(progress=True)
 
