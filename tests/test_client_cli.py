@@ -82,6 +82,11 @@ def test_predict_of_a_missing_file_is_a_usage_error(capsys, tmp_path):
     (["evaluate", "s", "--gird", "g.png", "--bach-size=3"],
      "explaind evaluate: error: unrecognized arguments: --gird g.png --bach-size=3; did you mean --grid for --gird, --batch-size for --bach-size?"),
     (["info", "--verbose"], "explaind info: error: unrecognized arguments: --verbose\n"),
+    # Before the command only the options every command shares are read: "did you mean --json?" named the option given.
+    (["--json", "rank", "s", "--class", "circle"],
+     "explaind rank: error: unrecognized arguments: --json; --json is an option of rank: give it after rank\n"),
+    (["--json", "--stability=5", "rank", "s", "--class", "circle"],
+     "unrecognized arguments: --json --stability=5; --json, --stability are options of rank: give them after rank\n"),
 ])
 def test_a_mistyped_option_is_named_with_the_option_it_resembles(capsys, tmp_path, argv, said):
     argv = [_png(tmp_path / "a.png", 0) if arg == "IMAGE" else arg for arg in argv]

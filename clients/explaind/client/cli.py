@@ -1873,12 +1873,16 @@ def _address_problem(target: str) -> str | None:
     return None
 
 
-def _option_guesses(unrecognized: list[str], actions: list[argparse.Action]) -> str:
+def _option_guesses(unrecognized: list[str], actions: list[argparse.Action], command: str) -> str:
     """"; did you mean --top-k?" for the unrecognized options that look like a typo of one
-    of ``actions``' (``--topk``, ``--gird=x``), or "" for none."""
+    of ``actions``' (``--topk``, ``--gird=x``), or "" for none. One that is ``command``'s
+    own came before it (``explaind --json report``), where only the options all commands
+    share are read: it is told to move, not offered itself."""
     options = [flag for action in actions for flag in action.option_strings if flag.startswith("--")]
-    guesses = [(flag, close[0]) for flag in (arg.partition("=")[0] for arg in unrecognized if arg.startswith("--"))
-               if (close := difflib.get_close_matches(flag, options, n=1))]
+    flags = [arg.partition("=")[0] for arg in unrecognized if arg.startswith("--")]
+    if misplaced := [flag for flag in flags if flag in options]:
+        return f"; {', '.join(misplaced)} {'is an option' if len(misplaced) == 1 else 'are options'} of {command}: give {'it' if len(misplaced) == 1 else 'them'} after {command}"
+    guesses = [(flag, close[0]) for flag in flags if (close := difflib.get_close_matches(flag, options, n=1))]
     if len(guesses) == 1:
         return f"; did you mean {guesses[0][1]}?"
     return "; did you mean " + ", ".join(f"{guess} for {flag}" for flag, guess in guesses) + "?" if guesses else ""
@@ -1919,7 +1923,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if args.command not in _SERVER_COMMANDS and bool(args.cert_file) != bool(args.key_file):  # the SDK's error named its parameters
         usage_error("--cert-file and --key-file go together: a client certificate needs its private key")
     if unrecognized:
-        usage_error(f"unrecognized arguments: {' '.join(unrecognized)}{_option_guesses(unrecognized, command_actions)}")
+        usage_error(f"unrecognized arguments: {' '.join(unrecognized)}{_option_guesses(unrecognized, command_actions, args.command)}")
     # Files are checked once every option is known: in `predict --topk 2 a.png` the "2" is
     # the mistyped option's value, and "no such file: 2" would hide the typo.
     images = "images" if args.command == "predict" else "--images"
