@@ -18,19 +18,22 @@ Each takes both directions (insufficient ω, excessive -ω), alternating, ``--re
 times; prints the median seconds, ours' ratio to each, and whether all give the same
 neurons (they must, exactly).
 
-``--crossover`` times ``top_ids`` forced to sort whole rows and forced to take topk, on
-rows of n in 10, 100, 1000, 2048, 21000 (up to ``--max-elements`` per batch of 1, 64 or
-4096 rows), k from 1 to n in 8 steps, float32 and float16, of three kinds: dense normal
-scores (logits; every tie ordered), 95 % exact zeros (a proximal ω; ties at or below 0
-left, as a ranking asks) and 8 distinct values (heavy ties; every tie ordered). Each
-line gives the median milliseconds of each, sort / topk, and ours (the one FULL_SORT_SHARE
-picks) over the quicker; then the worst of those, over every point and over the points
-whose quicker took at least 0.5 ms (below that a call's fixed cost decides: topk's tie
-ordering alone is about 0.1 ms of calls), and whether both gave the same ids everywhere.
+``--crossover`` times ``top_ids`` forced to sort whole rows, forced to take topk (its
+ties ordered after it) and as its rule picks (ours: FULL_SORT_SHARE, SORTED_CALL_SCORES,
+TIED_CALL_SORTED_SCORES), alternating, on rows of n in 10, 100, 1000, 2048, 21000 (up to
+``--max-elements`` per batch of 1, 64 or 4096 rows), k from 1 to n in 8 steps, float32
+and float16, of three kinds: dense normal scores (logits; every tie ordered), 95 % exact
+zeros (a proximal ω; ties at or below 0 left, as a ranking asks) and 8 distinct values
+(heavy ties; every tie ordered). Each line gives the median milliseconds of the three,
+sort / topk, and ours over the quicker of the two; then the worst of those, over every
+point and over the points whose quicker took at least 0.5 ms (below that a call's fixed
+cost decides: topk's tie ordering alone is about 0.1 ms of calls), and whether all three
+gave the same ids everywhere.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from _cli import bench_parser, median_seconds, positive_int, share  # bench/, the script's directory, is on sys.path
@@ -113,15 +116,24 @@ def crossover(max_elements: int, repeats: int) -> None:
 
     generator = torch.Generator().manual_seed(0)
 
-    def forced(scores: torch.Tensor, k: int, full_sort_share: int, ties_kept_above: float | None) -> Any:
-        saved, _ranking.FULL_SORT_SHARE = _ranking.FULL_SORT_SHARE, full_sort_share
+    def forced(scores: torch.Tensor, k: int, strategy: str, ties_kept_above: float | None) -> Any:
+        """top_ids by ``strategy``: "sort" (whole rows), "topk" (topk, then its ties
+        ordered) or "ours" (the module's rule, which picks between them)."""
+        constants = ("FULL_SORT_SHARE", "SORTED_CALL_SCORES", "TIED_CALL_SORTED_SCORES")
+        saved = {name: getattr(_ranking, name) for name in constants}
+        if strategy == "sort":
+            _ranking.FULL_SORT_SHARE = scores.shape[1] + 1
+        elif strategy == "topk":
+            for name in constants:
+                setattr(_ranking, name, 0)
         try:
             return _ranking.top_ids(scores, k, ties_kept_above=ties_kept_above)
         finally:
-            _ranking.FULL_SORT_SHARE = saved
+            for name, value in saved.items():
+                setattr(_ranking, name, value)
 
     print(f"top_ids, whole-row sort against topk, {torch.get_num_threads()} thread(s), median of {repeats} (ms):")
-    print(f"  {'n':>5} {'k':>5} {'rows':>4} {'dtype':<7} {'kind':<6} {'sort':>9} {'topk':>9} {'sort/topk':>9} {'ours/best':>9}")
+    print(f"  {'n':>5} {'k':>5} {'rows':>4} {'dtype':<7} {'kind':<6} {'sort':>9} {'topk':>9} {'ours':>9} {'sort/topk':>9} {'ours/best':>9}")
     worst, worst_timed, same = 1.0, 1.0, True
     for n in CROSSOVER_ROW_LENGTHS:
         ks = sorted({1, max(1, n // 50), max(1, n // 16), max(1, n // 8), max(1, n // 5), -(-n // 3), n // 2, n})
@@ -137,16 +149,18 @@ def crossover(max_elements: int, repeats: int) -> None:
                     scores = scores.to(dtype)
                     ties_kept_above = 0.0 if kind == "sparse" else None
                     for k in ks:
-                        by_sort, by_topk = forced(scores, k, n + 1, ties_kept_above), forced(scores, k, 0, ties_kept_above)
-                        same &= torch.equal(by_sort[0], by_topk[0]) and (ties_kept_above is not None or torch.equal(by_sort[1], by_topk[1]))
-                        runs = {"sort": lambda: forced(scores, k, n + 1, ties_kept_above), "topk": lambda: forced(scores, k, 0, ties_kept_above)}
+                        runs = {strategy: partial(forced, scores, k, strategy, ties_kept_above) for strategy in ("sort", "topk", "ours")}
+                        answers = [run() for run in runs.values()]
+                        # Which tied ids at or below ties_kept_above are taken is left to topk.
+                        same &= all(torch.equal(answers[0][0], values) and (ties_kept_above is not None or torch.equal(answers[0][1], ids))
+                                    for values, ids in answers[1:])
                         ms = {name: seconds * 1e3 for name, seconds in median_seconds(runs, repeats).items()}
-                        best = min(ms.values())
-                        ours = ms["sort" if k * _ranking.FULL_SORT_SHARE >= n else "topk"] / best
+                        best = min(ms["sort"], ms["topk"])
+                        ours = ms["ours"] / best
                         worst = max(worst, ours)
                         if best >= TIMED_FLOOR_MS:
                             worst_timed = max(worst_timed, ours)
-                        print(f"  {n:>5} {k:>5} {rows:>4} {str(dtype)[6:]:<7} {kind:<6} {ms['sort']:>9.3f} {ms['topk']:>9.3f} "
+                        print(f"  {n:>5} {k:>5} {rows:>4} {str(dtype)[6:]:<7} {kind:<6} {ms['sort']:>9.3f} {ms['topk']:>9.3f} {ms['ours']:>9.3f} "
                               f"{ms['sort'] / ms['topk']:>9.2f} {ours:>9.2f}", flush=True)
     print(f"ours over the quicker, worst: {worst:.2f}x; where the quicker took >= {TIMED_FLOOR_MS} ms: {worst_timed:.2f}x "
           f"(same values and ids: {'yes' if same else 'NO'})")

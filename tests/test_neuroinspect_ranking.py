@@ -1,5 +1,6 @@
 """Mistake-neuron ranking: ratios, cut, both lists, importance, and a planted spurious neuron."""
 
+import itertools
 import math
 import weakref
 
@@ -113,7 +114,26 @@ def test_equal_shifts_are_taken_by_neuron_id():
     assert [n.top_classes for n in ranking.neurons] == [(0, 1, 2)] * 2
 
 
-def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_ties():
+# top_ids' ways to its answer, each forced by its module constants (the rule picks by k,
+# the call's size and whether topk's k + 1 tie): they must give the same ids in the same
+# order, so which one the rule picks is a matter of time alone.
+TOP_IDS_STRATEGIES = {
+    "as the rule picks": {},
+    "whole rows sorted": {"FULL_SORT_SHARE": 10**9},
+    "topk, its ties ordered": {"FULL_SORT_SHARE": 0, "SORTED_CALL_SCORES": 0, "TIED_CALL_SORTED_SCORES": 0},
+    "topk, whole rows sorted where it ties": {"FULL_SORT_SHARE": 0, "SORTED_CALL_SCORES": 0, "TIED_CALL_SORTED_SCORES": 10**9},
+}
+
+
+@pytest.fixture(params=list(TOP_IDS_STRATEGIES))
+def top_ids_strategy(request, monkeypatch):
+    """Forces top_ids down one way (TOP_IDS_STRATEGIES) for the test."""
+    for name, value in TOP_IDS_STRATEGIES[request.param].items():
+        monkeypatch.setattr(_ranking, name, value)
+    return request.param
+
+
+def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_ties(top_ids_strategy):
     # Checked against a plain sort by (-score, id): a tie where the k-th score meets the
     # next one (k = n - 1 included), more than 16 equal scores (where an unstable sort
     # reorders them), -0.0 beside 0.0, k = 1 and k = n, and rows of one value.
@@ -161,45 +181,55 @@ def _ranked_by_score_then_id(row: list[float]) -> list[int]:
     return sorted(range(len(row)), key=lambda i: (not math.isnan(row[i]), 0.0 if math.isnan(row[i]) else -row[i], i))
 
 
-def test_top_ids_and_top_neurons_match_a_plain_sort_for_every_k_ties_nan_and_infinities():
-    # Every k of 1..n (past n too), so topk's path and the whole-row sort of a large k are
-    # both checked, on rows of few distinct values (ties at the k-th score, runs of more
-    # than 16 equal scores), mostly zeros (the proximal solver's ω), -0.0, NaN, ±inf.
+def test_top_ids_and_top_neurons_match_a_plain_sort_for_every_k_ties_nan_and_infinities(top_ids_strategy):
+    # Every k of 1..n (past n too), each way forced and as the rule picks, on rows of few
+    # distinct values (ties at the k-th score, runs of more than 16 equal scores), mostly
+    # zeros (the proximal solver's ω), -0.0, NaN, ±inf, in float32 and float16 (whose
+    # normal scores tie where float32's do not).
     from explaind.methods.neuroinspect._ranking import _top_neurons, top_ids
 
     generator = torch.Generator().manual_seed(1)
     palette = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.0, -1.0, math.nan, math.inf, -math.inf])
-    for n in (1, 2, 5, 9, 24, 61):
-        for zeros in (0.0, 0.9):
-            scores = palette[torch.randint(len(palette), (7, n), generator=generator)]
-            scores[torch.rand(7, n, generator=generator) < zeros] = 0.0
-            scores[0] = torch.randn(n, generator=generator)  # no tie
-            scores[1] = 0.0
-            ranked = [_ranked_by_score_then_id(row) for row in scores.tolist()]
-            for k in range(1, n + 2):
-                expected = [order[:k] for order in ranked]
-                values, ids = top_ids(scores, k)
-                assert ids.tolist() == expected, (n, zeros, k)
-                assert torch.equal(values.nan_to_num(7.0), scores.gather(1, ids).nan_to_num(7.0))
-                positive = [[i if not (row[i] <= 0.0) and not math.isnan(row[i]) else -1 for i in top] for row, top in zip(scores.tolist(), expected)]
-                assert _top_neurons(scores, k).tolist() == positive, (n, zeros, k)
-                # Ties at or below ties_kept_above may take any of the tied ids: the same
-                # values, the same ids above it, and ids of a tie listed by id.
-                values, ids = top_ids(scores, k, ties_kept_above=0.0)
-                reference = scores.gather(1, torch.tensor(expected))
-                assert torch.equal(values.nan_to_num(7.0), reference.nan_to_num(7.0)), (n, zeros, k)
-                kept = (values > 0) | values.isnan()
-                assert torch.equal(ids[kept], torch.tensor(expected)[kept]), (n, zeros, k)
-                assert all(len(set(row)) == len(row) for row in ids.tolist())
-                assert torch.equal(scores.gather(1, ids).nan_to_num(7.0), values.nan_to_num(7.0))
-                tied_next = (values[:, 1:] == values[:, :-1]) | (values[:, 1:].isnan() & values[:, :-1].isnan())
-                assert (ids[:, 1:] > ids[:, :-1])[tied_next].all(), (n, zeros, k)
+    for n, dtype, zeros in itertools.product((1, 2, 5, 9, 24, 61), (torch.float32, torch.float16), (0.0, 0.9)):
+        scores = palette[torch.randint(len(palette), (7, n), generator=generator)]
+        scores[torch.rand(7, n, generator=generator) < zeros] = 0.0
+        scores[0] = torch.randn(n, generator=generator)  # no tie (in float32)
+        scores[1] = 0.0
+        scores = scores.to(dtype)
+        ranked = [_ranked_by_score_then_id(row) for row in scores.tolist()]
+        for k in range(1, n + 2):
+            expected = [order[:k] for order in ranked]
+            values, ids = top_ids(scores, k)
+            assert ids.tolist() == expected, (n, dtype, zeros, k)
+            assert torch.equal(values.nan_to_num(7.0), scores.gather(1, ids).nan_to_num(7.0))
+            positive = [[i if not (row[i] <= 0.0) and not math.isnan(row[i]) else -1 for i in top] for row, top in zip(scores.tolist(), expected)]
+            assert _top_neurons(scores, k).tolist() == positive, (n, dtype, zeros, k)
+            # Ties at or below ties_kept_above may take any of the tied ids: the same
+            # values, the same ids above it, and ids of a tie listed by id.
+            values, ids = top_ids(scores, k, ties_kept_above=0.0)
+            reference = scores.gather(1, torch.tensor(expected))
+            assert torch.equal(values.nan_to_num(7.0), reference.nan_to_num(7.0)), (n, dtype, zeros, k)
+            kept = (values > 0) | values.isnan()
+            assert torch.equal(ids[kept], torch.tensor(expected)[kept]), (n, dtype, zeros, k)
+            assert all(len(set(row)) == len(row) for row in ids.tolist())
+            assert torch.equal(scores.gather(1, ids).nan_to_num(7.0), values.nan_to_num(7.0))
+            tied_next = (values[:, 1:] == values[:, :-1]) | (values[:, 1:].isnan() & values[:, :-1].isnan())
+            assert (ids[:, 1:] > ids[:, :-1])[tied_next].all(), (n, dtype, zeros, k)
+
+
+def test_top_ids_of_a_large_k_sort_whole_rows_and_hold_only_k_columns():
+    from explaind.methods.neuroinspect._ranking import top_ids
+
+    generator = torch.Generator().manual_seed(1)
     # A large k of a wide row (Predict's top classes of 21k) holds k columns, not the row's sort.
     values, ids = top_ids(torch.randn(4, 3000, generator=generator), 1000)
     assert ids.untyped_storage().nbytes() == 4 * 1000 * 8 and values.untyped_storage().nbytes() == 4 * 1000 * 4
-    # What a large k is depends on the row's length alone, not on how many rows: a batch of 10 of 6 classes, k = 2.
-    values, ids = top_ids(torch.randn(10, 6, generator=generator), 2)
-    assert ids.untyped_storage().nbytes() == 10 * 2 * 8 and values.untyped_storage().nbytes() == 10 * 2 * 4
+    # What a large k is depends on the row's length alone, not on how many rows: a batch
+    # of 200 of 6 classes (above a small call's size), k = 2, is sorted whole (topk's
+    # columns would be k + 1).
+    assert 200 * 6 > _ranking.SORTED_CALL_SCORES
+    values, ids = top_ids(torch.randn(200, 6, generator=generator), 2)
+    assert ids.untyped_storage().nbytes() == 200 * 2 * 8 and values.untyped_storage().nbytes() == 200 * 2 * 4
 
 
 def test_top_neurons_of_a_large_k_select_only_as_many_places_as_a_row_has_positive_or_nan_scores(monkeypatch):

@@ -146,16 +146,30 @@ class NeuronRanking:
 # top_ids sorts whole rows where k is at least 1 / FULL_SORT_SHARE of them: of 4096 rows of
 # D = 2048 on a CPU thread, one stable sort took 0.48 s of normal scores and 0.14 s of 95 %
 # zeros whatever k, topk of k + 1 with its ties ordered 0.39 s and 0.15 s at k = 600, and
-# 1.6 s and 0.75 s at k = D. Rows without ties (logits) cross over at about n / 3 where n
-# is 1000 or more (median of 15, one CPU thread, shared machine at load 4 on 2 cores, so
-# +-30 %): sort / topk 0.98 for 64 rows of 1000 at k = 333 (0.64 at n / 2), 1.05 for 256 of
-# 2048 at k = 683, 1.03 for 16 of 21000 at k = 7000. Short rows in large batches lose:
-# 4096 rows of 100 took 1.9x topk's time at k = 33, 1.3x at 50, 1.0x at 60 (a Predict of
-# 100 classes asking a top_k of 34 to 60). Below about 0.5 ms a call's fixed cost decides
-# instead: topk's tie ordering alone is about 0.1 to 0.25 ms of calls, so a row of 10 to
-# 2048 scores with ties sorts 4 to 13 times quicker whole, whatever k (logits seldom tie,
-# and there topk's path is about 0.02 ms). bench/top_neurons.py --crossover, docs/performance.md.
+# 1.6 s and 0.75 s at k = D. Rows that tie in topk's k + 1 (a ranking's ω, float16, and
+# float32 normal scores from rows of about 2048) cross over at about n / 3: sort / topk
+# 1.05 for 256 rows of 2048 at k = 683, 1.03 for 16 of 21000 at k = 7000 (median of 15,
+# one CPU thread, a shared machine at load 4 on 2 cores, so +-30 %); 4096 rows of 100 (a
+# Predict of 100 classes) 0.93 at k = 34 and 0.66 at 50 (2026-12-07, an earlier, busier
+# run read 1.3 at 50). Rows without a tie skip the ordering and cross over later, which a
+# rule of the shape alone cannot see: 64 rows of 1000 float32 normal scores, none tied,
+# took 2.0 to 3.2 times topk's time at k = 333 (4 seeds) and 1.6 to 2.0 at 500, where
+# float16 ones took 1.0 and 0.7. bench/top_neurons.py --crossover, docs/performance.md.
 FULL_SORT_SHARE = 3
+# A call of at most this many scores (rows x n) sorts whole rows whatever k: there a
+# call's fixed cost decides. On a CPU thread one row of 10 to 1000 scores sorted in 0.010
+# to 0.025 ms, where topk's path took 0.020 to 0.025 ms of scores without ties and 0.11 to
+# 0.16 ms with (its ties' ordering is about 25 small operations); 64 rows of 10, 0.02 ms
+# against 0.023 and 0.13. Past it the sort loses where nothing ties: one row of 2048
+# logits took 0.036 to 0.059 ms where topk took 0.024 to 0.039.
+SORTED_CALL_SCORES = 1024
+# Where topk's k + 1 of a call of at most this many scores tie, the whole rows are sorted
+# instead of ordering the ties (topk's time spent for nothing, but no more than a small
+# sort's): one row of 2048 took 0.07 ms where ordering its ties took 0.15 (the sort alone
+# 0.04), 64 rows of 100 0.12 ms against 0.19 (0.07). 4096 rows of 10 (40,960 scores)
+# gain nothing: the sort's 0.25 to 0.7 ms after topk's 0.4 to 0.7 is as long as the
+# ordering, 0.45 to 1.2.
+TIED_CALL_SORTED_SCORES = 8192
 
 
 def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,15 +188,19 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     A k of at least 1 / FULL_SORT_SHARE of the row is one stable descending sort, which
     orders every tie by id (and takes the first ids of a tie at or below
     ``ties_kept_above``) in less time than topk and the ties' ordering after it, where rows
-    tie (a ranking's ω). Only the first k columns are kept: not the whole (R, n) sort."""
-    if k * FULL_SORT_SHARE >= scores.shape[1]:
-        values, ids = scores.sort(dim=1, descending=True, stable=True)  # NaN first, as topk
-        return values[:, :k].contiguous(), ids[:, :k].contiguous()
-    values, ids = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    tie (a ranking's ω); so is a call of at most SORTED_CALL_SCORES scores whatever k, and
+    one of at most TIED_CALL_SORTED_SCORES whose topk ties, where the ordering's fixed cost
+    decides. Only the first k columns are kept: not the whole (R, n) sort."""
+    row_count, n = scores.shape
+    if k * FULL_SORT_SHARE >= n or row_count * n <= SORTED_CALL_SCORES:
+        return _sorted_top(scores, k)
+    values, ids = scores.topk(min(k + 1, n), dim=1)
     if not _tied(values[:, 1:], values[:, :-1]).any():  # no ties: topk's answer is the only one (Predict's usual case)
         return values[:, :k], ids[:, :k]
+    if row_count * n <= TIED_CALL_SORTED_SCORES:
+        return _sorted_top(scores, k)
     ids = ids[:, :k].clone()
-    if k < scores.shape[1]:  # rows whose k-th score ties the next: the first tied ids fill them
+    if k < n:  # rows whose k-th score ties the next: the first tied ids fill them
         last, following = values[:, k - 1], values[:, k]
         cut_tie = _tied(last, following)
         if ties_kept_above is not None:
@@ -196,6 +214,13 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     ids = ids.sort(dim=1).values
     values, order = scores.gather(1, ids).sort(dim=1, descending=True, stable=True)
     return values, ids.gather(1, order)
+
+
+def _sorted_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_ids' answer by one stable descending sort of whole rows (NaN first, as topk):
+    every tie ordered by id. Only the first k columns are kept, not the whole (R, n) sort."""
+    values, ids = scores.sort(dim=1, descending=True, stable=True)
+    return values[:, :k].contiguous(), ids[:, :k].contiguous()
 
 
 def _tied(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
