@@ -12,7 +12,8 @@ of ties, a cumulative sum over each) buys nothing: ours leaves them, where "ever
 ordered" orders them and masks the same way. Past k = D / POSITIVES_COUNTED_SHARE ours
 counts each row's positive scores first and selects no more than the most of them, and
 past k = D / FULL_SORT_SHARE it sorts whole rows; "topk alone" is ours with both turned
-off (both shares 0: topk of k + 1, then the ties' ordering), "counted from D / 3" ours
+off, and the whole-row sort of a small call (both shares and SORTED_CALL_SCORES and
+TIED_CALL_SORTED_SCORES 0: topk of k + 1, then the ties' ordering), "counted from D / 3" ours
 counting only from k = D / FULL_SORT_SHARE, as it did before.
 Each takes both directions (insufficient ω, excessive -ω), alternating, ``--repeats``
 times; prints the median seconds, ours' ratio to each, and whether all give the same
@@ -33,10 +34,33 @@ gave the same ids everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 from _cli import bench_parser, median_seconds, positive_int, share  # bench/, the script's directory, is on sys.path
+
+# _ranking's constants that send top_ids down topk's path (0) or not: the share of a large k
+# and the sizes of a small call.
+TOP_IDS_RULE = ("FULL_SORT_SHARE", "SORTED_CALL_SCORES", "TIED_CALL_SORTED_SCORES")
+
+
+@contextmanager
+def ranking_constants(**values: int) -> Iterator[None]:
+    """_ranking's module constants set to ``values`` in the block, then restored: a way
+    forced."""
+    from explaind.methods.neuroinspect import _ranking
+
+    saved = {name: getattr(_ranking, name) for name in values}
+    for name, value in values.items():
+        setattr(_ranking, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_ranking, name, value)
+
 
 # Shapes of --crossover: row lengths n, batch sizes, and the share of zeros of a sparse row.
 CROSSOVER_ROW_LENGTHS = (10, 100, 1000, 2048, 21000)
@@ -85,18 +109,13 @@ def main() -> None:
         return [_ranking._top_neurons(scores, args.top_k) for scores in (omega, -omega)]
 
     def topk_alone() -> list[torch.Tensor]:
-        return with_shares(0, 0)
+        # The small calls' sizes too: top_ids sorts those whole whatever the share.
+        with ranking_constants(POSITIVES_COUNTED_SHARE=0, **dict.fromkeys(TOP_IDS_RULE, 0)):
+            return ours()
 
     def counted_from_a_third() -> list[torch.Tensor]:
-        return with_shares(_ranking.FULL_SORT_SHARE, _ranking.FULL_SORT_SHARE)
-
-    def with_shares(full_sort: int, positives_counted: int) -> list[torch.Tensor]:
-        saved = _ranking.FULL_SORT_SHARE, _ranking.POSITIVES_COUNTED_SHARE
-        _ranking.FULL_SORT_SHARE, _ranking.POSITIVES_COUNTED_SHARE = full_sort, positives_counted
-        try:
+        with ranking_constants(POSITIVES_COUNTED_SHARE=_ranking.FULL_SORT_SHARE):
             return ours()
-        finally:
-            _ranking.FULL_SORT_SHARE, _ranking.POSITIVES_COUNTED_SHARE = saved
 
     runs = {"every tie ordered": every_tie_ordered, "topk alone": topk_alone, "counted from D / 3": counted_from_a_third, "ours": ours}
     results = {name: run() for name, run in runs.items()}  # warm-up, and the neurons compared below
@@ -119,18 +138,9 @@ def crossover(max_elements: int, repeats: int) -> None:
     def forced(scores: torch.Tensor, k: int, strategy: str, ties_kept_above: float | None) -> Any:
         """top_ids by ``strategy``: "sort" (whole rows), "topk" (topk, then its ties
         ordered) or "ours" (the module's rule, which picks between them)."""
-        constants = ("FULL_SORT_SHARE", "SORTED_CALL_SCORES", "TIED_CALL_SORTED_SCORES")
-        saved = {name: getattr(_ranking, name) for name in constants}
-        if strategy == "sort":
-            _ranking.FULL_SORT_SHARE = scores.shape[1] + 1
-        elif strategy == "topk":
-            for name in constants:
-                setattr(_ranking, name, 0)
-        try:
+        constants = {"sort": {"FULL_SORT_SHARE": scores.shape[1] + 1}, "topk": dict.fromkeys(TOP_IDS_RULE, 0), "ours": {}}[strategy]
+        with ranking_constants(**constants):
             return _ranking.top_ids(scores, k, ties_kept_above=ties_kept_above)
-        finally:
-            for name, value in saved.items():
-                setattr(_ranking, name, value)
 
     print(f"top_ids, whole-row sort against topk, {torch.get_num_threads()} thread(s), median of {repeats} (ms):")
     print(f"  {'n':>5} {'k':>5} {'rows':>4} {'dtype':<7} {'kind':<6} {'sort':>9} {'topk':>9} {'ours':>9} {'sort/topk':>9} {'ours/best':>9}")

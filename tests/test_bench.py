@@ -184,6 +184,32 @@ def test_peak_rss_growth_counts_memory_the_run_takes_from_what_the_allocator_kep
     assert 40 < grown and kept
 
 
+def test_the_top_neurons_bench_s_topk_alone_takes_topk_s_path_in_a_small_call_too(monkeypatch):
+    # top_ids sorts whole rows of a call of few scores (SORTED_CALL_SCORES), and of one a
+    # little larger whose topk ties (TIED_CALL_SORTED_SCORES): "topk alone" turned off the
+    # shares only, so 10 or 20 mistakes of 64 neurons timed a sort under topk's name.
+    from explaind.methods.neuroinspect import _ranking
+
+    bench = _bench_module("top_neurons", monkeypatch)
+    sorted_alone = []
+    sorted_top = _ranking._sorted_top
+
+    def spied(scores: torch.Tensor, k: int):
+        sorted_alone.append(_ranking.FULL_SORT_SHARE == 0)  # "topk alone" is the only run with share 0
+        return sorted_top(scores, k)
+
+    monkeypatch.setattr(_ranking, "_sorted_top", spied)
+    threads = torch.get_num_threads()
+    try:
+        for mistakes in ("10", "20"):  # 640 scores a direction, and 1280 with tied zeros
+            monkeypatch.setattr(sys, "argv", ["top_neurons.py", "--mistakes", mistakes, "--neurons", "64", "--nonzero", "0.05",
+                                              "--top-k", "5", "--repeats", "1", "--threads", "1"])
+            bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted_alone and not any(sorted_alone), sorted_alone
+
+
 def test_the_illusion_scale_bench_fits_mb_per_pair_apart_from_the_fixed_memory(monkeypatch):
     fit = _bench_module("illusion_scale", monkeypatch).per_pair_fit
     assert fit({1: 150.0, 2: 290.0, 4: 570.0, 8: 1130.0}) == pytest.approx((140.0, 10.0))  # on a line: its slope and intercept
