@@ -176,6 +176,28 @@ def test_top_ids_are_the_largest_scores_then_the_smallest_ids_whatever_k_and_tie
             assert top_ids(torch.tensor([row]), k)[1][0].tolist() == expected[:k], (row, k)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_a_nan_of_either_sign_ranks_above_every_number_each_way(top_ids_strategy):
+    # CUDA's radix sort orders NaN by its bits: one with the sign bit set (0 * -inf's, a
+    # negated NaN ω) went below -inf in a descending sort of rows past 128 scores, where
+    # topk and the CPU put it first.
+    from explaind.methods.neuroinspect._ranking import top_ids
+
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 300, generator=generator)
+    negative_nan = torch.tensor(math.nan).neg()
+    assert torch.signbit(negative_nan)
+    scores[0, 7] = negative_nan
+    scores[1, [5, 250]] = torch.stack([negative_nan, torch.tensor(math.nan)])
+    scores[2, 100] = -math.inf
+    scores[2, 299] = negative_nan
+    for k in (1, 3, 150, 300):
+        expected = [_ranked_by_score_then_id(row)[:k] for row in scores.tolist()]
+        assert top_ids(scores, k)[1].tolist() == expected, k
+        assert top_ids(scores.cuda(), k)[1].cpu().tolist() == expected, k
+
+
 def _ranked_by_score_then_id(row: list[float]) -> list[int]:
     """A row's ids by score, largest first (NaN above every number, NaNs tied), equal ones by id."""
     return sorted(range(len(row)), key=lambda i: (not math.isnan(row[i]), 0.0 if math.isnan(row[i]) else -row[i], i))

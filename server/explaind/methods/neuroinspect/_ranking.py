@@ -184,7 +184,9 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     Without it every tie is ordered, -inf's too (a Predict's classes a model masks).
     NaN (a Predict's logit where the model overflows: inf - inf), which topk puts above
     every number, ties with NaN here: a row's NaNs are ordered by id, whatever the other
-    rows hold.
+    rows hold. Off the CPU every NaN is made positive first: CUDA's radix sort orders NaN
+    by its bits, a NaN with the sign bit set below -inf (pytorch/pytorch#190781, as MPS's
+    sort, #116567), where the CPU's puts every NaN first.
     A k of at least 1 / FULL_SORT_SHARE of the row is one stable descending sort, which
     orders every tie by id (and takes the first ids of a tie at or below
     ``ties_kept_above``) in less time than topk and the ties' ordering after it, where rows
@@ -192,6 +194,8 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     one of at most TIED_CALL_SORTED_SCORES whose topk ties, where the ordering's fixed cost
     decides. Only the first k columns are kept: not the whole (R, n) sort."""
     row_count, n = scores.shape
+    if scores.device.type != "cpu":  # a NaN of sign bit set (-nan, 0 * -inf's) is any NaN
+        scores = torch.where(scores.isnan(), scores.abs(), scores)
     if k * FULL_SORT_SHARE >= n or row_count * n <= SORTED_CALL_SCORES:
         return _sorted_top(scores, k)
     values, ids = scores.topk(min(k + 1, n), dim=1)
