@@ -301,8 +301,8 @@ def shown_command(command: str) -> str:
     """``command`` (:func:`shlex.join`'s POSIX shell words) as a page or a terminal shows it,
     still working when pasted: a word holding a control, bidirectional-control or
     line-separator character (a class named with a line break) in ANSI-C quotes,
-    ``$'heart\\nnew'``, which bash, zsh, ksh and POSIX.1-2024 sh read back (an older sh such
-    as dash does not), not raw, which a terminal acts on and a page shows as a space, nor
+    ``$'heart\\nnew'``, which bash and zsh read back (dash does not, nor POSIX.1-2024 sh
+    its ``\\u``; ksh93 may take a hex digit after ``\\x1b`` as the escape's), not raw, which a terminal acts on and a page shows as a space, nor
     escaped inside plain quotes, which the shell takes as a backslash and an "n". A C1
     control (U+0080..U+009F) is written ``\\u0085``: ``$'\\x85'`` is the byte 0x85, no UTF-8."""
     def character(text: str) -> str:
