@@ -42,8 +42,8 @@ from explaind.config import ClassifierSection, ConfigError, default_config, load
 from explaind.engine import DynamicBatcher, Engine, NewSample
 from explaind.engine.core import BLOB_WRITE_THREADS, rows_by_digest
 from explaind.engine.models import Preprocess, load_classifier
-from explaind.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound, PermissionDenied,
-                             ResourceExhausted, Unavailable)
+from explaind.errors import (AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ModelLoadError, NotFound,
+                             PermissionDenied, ResourceExhausted, Unavailable)
 from explaind.imaging import DECODING_VERSION, InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
@@ -2607,6 +2607,68 @@ def test_a_read_bound_to_fail_on_an_image_that_does_not_decode_stops_on_a_decode
         engine.sample_grid([digests[row] for row in (0, 4, 1)])
 
 
+def test_a_read_bound_to_fail_looks_for_more_images_that_do_not_decode_for_a_bounded_time_saying_where_it_stopped(engine, monkeypatch):
+    # Past the first image that does not decode, a read decoded every other image of the set
+    # to name any more (hours for a large set of large images, its job's worker held). It
+    # looks for UNDECODABLE_SEARCH_SECONDS at most; one that stops says how far it looked,
+    # and counts those found as "at least", not as all of them.
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "long", 8)
+    rng = np.random.default_rng(11)
+    engine.create_sample_set("long-several", "", [NewSample.from_array(rng.integers(0, 256, (32 if row in (0, 1, 6) else 16,) * 2 + (3,), dtype=np.uint8), 0)
+                                                  for row in range(8)])
+    several = [record.digest for record in engine.store.list_samples("long-several")]
+    load, loaded = engine.load_sample_image, []
+    monkeypatch.setattr(engine, "load_sample_image", lambda digest, *args, **kwargs: loaded.append(digest) or load(digest, *args, **kwargs))
+    with pytest.raises(FailedPrecondition, match=r"^sample_set_id: 3 images of 3 samples of sample set 'long-several' do not decode now; use"):
+        engine.sample_set_features("long-several", batch_size=2)  # within the time: all found
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.0)
+    loaded.clear()
+    with pytest.raises(FailedPrecondition) as refused:
+        engine.sample_set_features("long", batch_size=2)
+    assert str(refused.value) == (f"sample_set_id: the image {digests[1][:12]} of 1 sample of sample set 'long' (sample_index 1) does not decode now: "
+                                  "image is 32x32; the largest side allowed is 24; use a set without it "
+                                  "(the only one found checking 2 of the 8 images read; the rest were not checked)")
+    assert sorted(loaded) == sorted(digests[:2])  # the next batch was not decoded
+    with pytest.raises(FailedPrecondition) as refused:
+        engine.sample_set_features("long-several", batch_size=2)
+    assert str(refused.value).startswith("sample_set_id: at least 2 images of 2 samples of sample set 'long-several' do not decode now "
+                                         "(found checking 2 of the 8 images read; the rest were not checked); use a set without them: "
+                                         f"[{several[0][:12]}, sample_index 0: image is 32x32")
+    assert refused.value.violations == (("UNDECODABLE_IMAGE", "samples[0]"), ("UNDECODABLE_IMAGE", "samples[1]"))
+    # A mistakes grid alike, image by image.
+    loaded.clear()
+    with pytest.raises(FailedPrecondition, match=r"\(the only one found checking 2 of the 4 images read; the rest were not checked\)$"), \
+            engine.reading_images_of("long", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid(digests[:4])
+    assert loaded == digests[:2]
+
+
+def test_a_read_bound_to_fail_that_runs_out_of_time_names_the_images_that_do_not_decode_it_found(engine, monkeypatch):
+    # Its job's run-time limit (or its call's deadline) passing while it looked for more
+    # such images ended it DEADLINE_EXCEEDED (or CANCELLED), losing those it had found, which
+    # any retry meets again: it stops looking when the time left is short, naming them.
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "late", 6)
+    load = engine.load_sample_image
+    for deadline, grid in ((_OutOfTimeContext(), False), (_OutOfTimeCall(), False), (_OutOfTimeContext(), True)):  # a job's mistakes grid alike
+        def load_running_out_of_time(digest, *args, deadline=deadline, **kwargs):
+            if digest == digests[1]:
+                deadline.remaining = 0.0
+            return load(digest, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "load_sample_image", load_running_out_of_time)
+        with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 2 of the "
+                                                     rf"{3 if grid else 6} images read; the rest were not checked\)$"), \
+                engine.reading_images_of("late", "sample_set_id", rows_by_digest(digests)):
+            if grid:
+                engine.sample_grid(digests[:3], job=deadline)
+            elif isinstance(deadline, _OutOfTimeContext):
+                engine.sample_set_features("late", batch_size=2, context=deadline)
+            else:
+                engine.sample_set_features("late", batch_size=2, call=deadline)
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
@@ -3543,6 +3605,9 @@ class _EvaluationContext:
         if self.cancelled:
             raise JobCancelled("evaluation")
 
+    def run_time_remaining(self):
+        return None  # no run-time limit
+
     def stage(self, name):
         self.stages.append(name)
 
@@ -3551,6 +3616,36 @@ class _EvaluationContext:
 
     def save_image(self, name, pixels):
         assert name == "mistakes.png"
+
+
+class _OutOfTimeContext(_EvaluationContext):
+    """A job with ``remaining`` seconds left of its run-time limit, ended by its next
+    cancellation check once none is, as a JobContext is (DEADLINE_EXCEEDED)."""
+
+    def __init__(self):
+        super().__init__()
+        self.remaining = 600.0
+
+    def raise_if_cancelled(self):
+        super().raise_if_cancelled()
+        if not self.remaining:
+            raise DeadlineExceeded("the job ran longer than the server allows an operation")
+
+    def run_time_remaining(self):
+        return self.remaining
+
+
+class _OutOfTimeCall:
+    """An RPC (a CallContext) with ``remaining`` seconds left before its deadline."""
+
+    def __init__(self):
+        self.remaining = 600.0
+
+    def time_remaining(self):
+        return self.remaining
+
+    def is_active(self):
+        return self.remaining > 0
 
 
 def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident_first(engine, monkeypatch):

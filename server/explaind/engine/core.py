@@ -294,12 +294,65 @@ class _UndecodableImages(InvalidArgument):
     refuses each (their upload decoded them: a server or classifier since then decodes
     them otherwise); ``refusals``: each image's digest and refusal, in the order met, which
     a set read names as their rows (:meth:`Engine.reading_images_of`). A read collects them
-    all before it fails, so their owner replaces them in one go, not one a run."""
+    before it fails, so their owner replaces them in one go, not one a run; ``checked`` of
+    its ``total`` images were decoded to find them (fewer where its search stopped early,
+    see :class:`_RefusalSearch`; None: all of them)."""
 
-    def __init__(self, refusals: Mapping[str, InvalidArgument]) -> None:
+    def __init__(self, refusals: Mapping[str, InvalidArgument], checked: int | None = None, total: int | None = None) -> None:
         first = next(iter(refusals.values()))
         super().__init__(first.description, field=first.field)
         self.refusals = dict(refusals)
+        self.checked, self.total = checked, total
+
+    @property
+    def search_stopped(self) -> bool:
+        """Whether images of the read were left unchecked: there may be more such images."""
+        return self.checked is not None and self.total is not None and self.checked < self.total
+
+
+# Seconds a read bound to fail on an image that does not decode now goes on decoding its
+# other images to name them too (the model idle). A count of images would bound nothing: one
+# PNG takes 0.8 ms at 16 px, 2 ms at 224 px, 0.36 s at 4096² (decoded and fitted to 224 px on
+# one CPU thread). Meanwhile it holds a job worker, decode memory and its caller: 30 s name
+# every such image of most sets (50,000 PNGs of 224 px take about 25 s on 4 threads) without
+# a set of large images holding them for hours.
+UNDECODABLE_SEARCH_SECONDS = 30.0
+# The search also stops once the time left to its job ([jobs].max_run_seconds) or call (its
+# deadline) is under this many times what its last batch of images took to decode: the
+# next may take longer, and the error naming those found must come before the deadline's.
+_UNDECODABLE_SEARCH_DEADLINE_MARGIN = 2.0
+
+
+class _RefusalSearch:
+    """Of a read of ``total`` images, those that do not decode now met so far (``refusals``,
+    by digest) and how many images it has checked: once one is met, the read will fail, and
+    decodes the rest only to name others, for UNDECODABLE_SEARCH_SECONDS at most and while
+    ``deadline`` (the job's or call's, :class:`~explaind.decode_memory.CallContext`) leaves
+    time for more (:meth:`stops_before`)."""
+
+    def __init__(self, total: int, deadline: CallContext) -> None:
+        self.total, self.checked = total, 0
+        self.refusals: dict[str, InvalidArgument] = {}
+        self._deadline = deadline
+        self._first_refused_at: float | None = None  # time.monotonic() of the first refusal met
+
+    def refused(self, refusals: Mapping[str, InvalidArgument]) -> None:
+        if self._first_refused_at is None:
+            self._first_refused_at = time.monotonic()
+        self.refusals.update(refusals)
+
+    def stops_before(self, next_seconds: float) -> bool:
+        """Whether a read bound to fail stops looking rather than decode more images, which
+        would take about ``next_seconds`` (what the last as many took)."""
+        if self._first_refused_at is None or self.checked >= self.total:
+            return False
+        if time.monotonic() - self._first_refused_at + next_seconds > UNDECODABLE_SEARCH_SECONDS:
+            return True
+        remaining = self._deadline.time_remaining()
+        return remaining is not None and remaining <= _UNDECODABLE_SEARCH_DEADLINE_MARGIN * next_seconds
+
+    def failure(self) -> _UndecodableImages:
+        return _UndecodableImages(self.refusals, self.checked, self.total)
 
 
 # Of a read's images that do not decode now, each named in its error lists its first this
@@ -307,53 +360,60 @@ class _UndecodableImages(InvalidArgument):
 _ROWS_NAMED_PER_IMAGE = 3
 
 
-def _undecodable_rows(refusals: Mapping[str, InvalidArgument], rows_of: Mapping[str, Sequence[int]], sample_set_id: str,
-                      field: str) -> FailedPrecondition:
+def _undecodable_rows(refused: _UndecodableImages, rows_of: Mapping[str, Sequence[int]], sample_set_id: str, field: str) -> FailedPrecondition:
     """FailedPrecondition naming ``field`` and the rows of sample set ``sample_set_id``
-    holding the images ``refusals`` could not decode (``rows_of``: each image's rows), as
+    holding the images ``refused`` could not decode (``rows_of``: each image's rows), as
     UNDECODABLE_IMAGE violations of subject ``samples[i]``, the first MAX_SAMPLES_NAMED by
     sample_index (as :func:`_unusable_rows` names them; a status carries no more, see
     MAX_PRECONDITION_VIOLATIONS). Its message names the first MAX_SAMPLES_NAMED images
     (the rest counted), each by its digest's first 12 hex digits, its samples and its
     refusal (1.25 kB for ten images refused in 50 characters each, within the 2 KiB a
     status message with details is cut to): one image may be several samples of a set,
-    and only their indices tell its owner what to replace.
+    and only their indices tell its owner what to replace. Where the read stopped looking
+    before its last image, it says how far it looked, and counts them as "at least".
     Not INVALID_ARGUMENT: the request is sound, and the set, not it, must change."""
+    refusals = refused.refusals
     digests = sorted(refusals, key=lambda digest: rows_of[digest][0])
     rows = sorted(row for digest in digests for row in rows_of[digest])
     many = len(rows) != 1
     named, violations = _named_samples(rows, UNDECODABLE_IMAGE)
     remedy = f"use a set without {'them' if many else 'it'}"
+    unchecked = (f"found checking {refused.checked} of the {refused.total} images read; the rest were not checked"
+                 if refused.search_stopped else "")
     if len(digests) == 1:
         (digest,) = digests
         return FailedPrecondition(f"the image {digest[:12]} of {len(rows)} sample{'s' * many} of sample set {sample_set_id!r} ({named}) "
-                                  f"does not decode now: {refusals[digest].description}; {remedy}", field=field, violations=violations)
+                                  f"does not decode now: {refusals[digest].description}; {remedy}" + (f" (the only one {unchecked})" if unchecked else ""),
+                                  field=field, violations=violations)
     images = ", ".join(f"[{digest[:12]}, {_named_samples(rows_of[digest], UNDECODABLE_IMAGE, _ROWS_NAMED_PER_IMAGE)[0]}: "
                        f"{refusals[digest].description}]" for digest in digests[:MAX_SAMPLES_NAMED])
     # The count and remedy come first: a status message past 2 KiB (long refusals) loses its tail.
-    return FailedPrecondition(f"{len(digests)} images of {len(rows)} samples of sample set {sample_set_id!r} do not decode now; "
-                              f"{remedy}: {images}{_more_than_named(len(digests), 'image')}", field=field, violations=violations)
+    return FailedPrecondition(f"{'at least ' if unchecked else ''}{len(digests)} images of {len(rows)} samples of sample set {sample_set_id!r} "
+                              f"do not decode now{f' ({unchecked})' if unchecked else ''}; {remedy}: {images}{_more_than_named(len(digests), 'image')}",
+                              field=field, violations=violations)
 
 
-def _stacked_unless_refused(decoding: list[Future[torch.Tensor]], refusals: dict[str, InvalidArgument]) -> torch.Tensor | None:
+def _stacked_unless_refused(decoding: list[Future[torch.Tensor]], search: _RefusalSearch) -> torch.Tensor | None:
     """The images ``decoding`` gives, stacked (n, 3, S, S); None once the read met an image
-    that does not decode now, whose refusal it adds to ``refusals``. A decoder out of
-    memory ends the read: as :class:`_UndecodableImages` once it met such an image (in this
-    chunk, whatever their order, or before), whose refusal a retry meets again, else as
-    itself. A function of its own so that no loop variable keeps one of the images alive
-    while the model runs on them."""
+    that does not decode now, whose refusal it adds to ``search``. A decoder out of memory,
+    or a wait for decode memory past the deadline, ends the read: as
+    :meth:`_RefusalSearch.failure` once it met such an image (in this chunk, whatever their
+    order, or before), whose refusal a retry meets again, else as itself. A function of its
+    own so that no loop variable keeps one of the images alive while the model runs on them."""
     decoded = []
-    out_of_memory: DecodeOutOfMemory | None = None
+    stopped: DecodeOutOfMemory | DeadlineExceeded | None = None
     for future in decoding:
         try:
             decoded.append(future.result())
         except _UndecodableImages as refused:
-            refusals.update(refused.refusals)
-        except DecodeOutOfMemory as error:
-            out_of_memory = out_of_memory or error
-    if out_of_memory is not None:
-        raise _UndecodableImages(refusals) if refusals else out_of_memory
-    return None if refusals else torch.stack(decoded)
+            search.refused(refused.refusals)
+        except (DecodeOutOfMemory, DeadlineExceeded) as error:
+            stopped = stopped or error
+            continue
+        search.checked += 1
+    if stopped is not None:
+        raise search.failure() if search.refusals else stopped
+    return None if search.refusals else torch.stack(decoded)
 
 
 def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
@@ -866,7 +926,7 @@ class Engine:
         try:
             yield
         except _UndecodableImages as error:
-            raise _undecodable_rows(error.refusals, rows_of, sample_set_id, field) from None
+            raise _undecodable_rows(error, rows_of, sample_set_id, field) from None
         except NotFound:
             raise NotFound(f"sample set {sample_set_id!r} was deleted while it was read", field=field) from None
 
@@ -926,21 +986,27 @@ class Engine:
         the arenas are trimmed once, at the end, not after each. Once an image does not
         decode now, the read will fail: each chunk after it is None, its images decoded only
         to find any others (dropped with their chunk, never stacked), and the end raises :class:`_UndecodableImages`
-        naming them all, or those found when a decoder runs out of memory (:func:`_stacked_unless_refused`)."""
+        naming them all, or those found when the search stops early (:class:`_RefusalSearch`: at
+        its time limit or near the deadline of ``job`` or ``call``, on a decoder out of memory,
+        :func:`_stacked_unless_refused`)."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
-        refusals: dict[str, InvalidArgument] = {}  # the images met so far that do not decode now
+        search = _RefusalSearch(sum(map(len, chunks)), call if call is not None else _JobDecodeWait(job))
         try:
+            started = time.monotonic()
             upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
-                images = _stacked_unless_refused(upcoming, refusals)
+                images = _stacked_unless_refused(upcoming, search)
+                if search.stops_before(time.monotonic() - started):
+                    raise search.failure()
                 # Nothing else holds this chunk's decoded images while the model runs on it.
+                started = time.monotonic()
                 upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False)
                             for digest in following] if following else []
                 yield images
-            if refusals:
-                raise _UndecodableImages(refusals)
+            if search.refusals:
+                raise search.failure()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             trim_arenas()
@@ -976,31 +1042,36 @@ class Engine:
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None, *, job: JobContext | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory
         end as ``job`` does (:meth:`load_sample_image`), and so does the grid, between two
-        images. Images that do not decode now are all found before it fails
-        (:class:`_UndecodableImages`), the tiles dropped once one is; a decoder out of
-        memory past the first ends the search, failing on those found."""
+        images. Images that do not decode now are found before it fails
+        (:class:`_UndecodableImages`), the tiles dropped once one is; the search for more
+        stops as a set read's does (:class:`_RefusalSearch`), or on a decoder out of memory,
+        failing on those found."""
         tiles: list[np.ndarray] = []
-        refusals: dict[str, InvalidArgument] = {}
+        search, took = _RefusalSearch(len(digests), _JobDecodeWait(job)), 0.0  # took: seconds the last image took
         for digest in digests:
+            if search.stops_before(took):
+                raise search.failure()
             if job is not None:
                 job.raise_if_cancelled()
-            if digest in refusals:
-                continue
-            try:
-                image = self.load_sample_image(digest, job=job)
-            except _UndecodableImages as refused:
-                refusals.update(refused.refusals)
-                tiles.clear()
-                continue
-            except DecodeOutOfMemory:
-                if refusals:  # the grid fails anyway: on the refusals met, which a retry meets again
-                    raise _UndecodableImages(refusals) from None
-                raise
-            if not refusals:  # else decoded only to find the others refused
-                tiles.append(to_uint8_hwc(image))
-            del image
-        if refusals:
-            raise _UndecodableImages(refusals)
+            if digest not in search.refusals:  # one met again is not decoded again
+                started = time.monotonic()
+                try:
+                    image = self.load_sample_image(digest, job=job)
+                except _UndecodableImages as refused:
+                    search.refused(refused.refusals)
+                    tiles.clear()
+                except (DecodeOutOfMemory, DeadlineExceeded):
+                    if search.refusals:  # the grid fails anyway: on the refusals met, which a retry meets again
+                        raise search.failure() from None
+                    raise
+                else:
+                    if not search.refusals:  # else decoded only to find the others refused
+                        tiles.append(to_uint8_hwc(image))
+                    del image
+                took = time.monotonic() - started
+            search.checked += 1
+        if search.refusals:
+            raise search.failure()
         return image_grid(tiles, list(captions) if captions else None)
 
 
