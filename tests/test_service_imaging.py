@@ -944,3 +944,33 @@ def test_a_lossless_jpeg_is_decoded_whole_when_a_reduced_scale_is_asked_for():
     assert np.array_equal(decode_pixels(data, field="f", jpeg_min_side=12), decode_pixels(data, field="f"))
     # A lossy file of that size is still reduced: only the frame's process decides.
     assert decode_pixels(_smooth_jpeg(80, 48), field="f", jpeg_min_side=12).shape == (12, 20, 3)
+
+
+def test_out_of_memory_fitting_an_image_is_decode_out_of_memory_and_another_runtime_error_is_not(monkeypatch):
+    # PyTorch's CPU allocator says it with a RuntimeError of its own words, numpy with a
+    # MemoryError; any other RuntimeError there is a bug, not the server's memory short.
+    from explaind import imaging
+    from explaind.imaging import DecodeOutOfMemory
+
+    png, pixels = encode_png(np.zeros((32, 32, 3), np.uint8)), np.zeros((3, 32, 32), np.float32)
+    allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 bytes.")
+    for error, expected in ((allocator, DecodeOutOfMemory), (MemoryError(), DecodeOutOfMemory), (RuntimeError("a kernel's own failure"), RuntimeError)):
+        def failing(self, image, error=error):
+            raise error
+
+        monkeypatch.setattr(InputGeometry, "fit", failing)
+        for decode in (lambda: decode_encoded(png, field="images[0]", geometry=InputGeometry(16)),
+                       lambda: decode_array(pixels, field="images[0]", geometry=InputGeometry(16)),
+                       lambda: decode_array(np.zeros((32, 32, 3), np.uint8), field="images[0]", geometry=InputGeometry(16))):
+            with pytest.raises(expected) as raised:
+                decode()
+            assert type(raised.value) is expected
+            if expected is DecodeOutOfMemory:
+                assert raised.value.field == "images[0]" and raised.value.retry_delay_s == 1.0
+    # A float tensor's one copy alike.
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(imaging.np, "array", no_memory)
+    with pytest.raises(DecodeOutOfMemory, match="ran out of memory preparing the images for the model"):
+        decode_array(pixels, field="images[0]")

@@ -678,6 +678,36 @@ def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_the
     assert errors[0].retry_delay == 1.0 and errors[1].retry_delay is None  # an operation's error carries none, as the docs say
 
 
+def test_out_of_memory_preparing_images_for_the_model_is_resource_exhausted_as_the_decoders_not_internal(server, monkeypatch):
+    # Past the decoder, memory running out resizing an image, converting it to float or
+    # stacking a batch (numpy's MemoryError, PyTorch's CPU allocator's RuntimeError) was
+    # INTERNAL, a bug to report, though the call passes once memory is free.
+    import torch
+
+    from explaind import imaging
+
+    allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                             "1073741824 bytes. Error code 12 (Cannot allocate memory)")
+    wide = _png(90, 32)  # resized to the model's 16 px
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        client.create_sample_set([wide, wide], [0, 1], sample_set_id="prepared-later")
+        for owner, name, error in ((imaging.InputGeometry, "fit", allocator), (imaging, "uint8_hwc_to_float_chw", MemoryError()), (torch, "stack", allocator)):
+            def out_of_memory(*args, error=error, **kwargs):
+                raise error
+
+            errors = []
+            with monkeypatch.context() as patched:
+                patched.setattr(owner, name, out_of_memory)
+                for call in (lambda: client.predict([wide, wide]), lambda: client.predict([wide, wide], partial_failure=True),
+                             lambda: client.evaluate_sample_set("prepared-later").result(timeout=60)):
+                    with pytest.raises(ResourceExhaustedError) as raised:
+                        call()
+                    errors.append(raised.value)
+            assert all("ran out of memory preparing the images for the model; retry later" in error.details for error in errors), (name, errors)
+            assert [error.retry_delay for error in errors] == [1.0, 1.0, None]  # an operation's error carries none, as a decoder's
+        assert len(client.predict([wide, wide])) == 2  # memory free again, the same call passes
+
+
 def test_an_inline_ranking_refused_for_a_stored_image_that_does_not_decode_names_the_samples_holding_it(server, monkeypatch, capsys):
     import json
 

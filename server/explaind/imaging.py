@@ -6,10 +6,12 @@ Decoded images are float32 tensors (3, H, W) in [0, 1], RGB. Every check raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,12 +130,35 @@ class PixelBudget:
 _PILLOW_OUT_OF_MEMORY = "out of memory"
 
 
+# How PyTorch's CPU allocator says an allocation failed (c10's alloc_cpu): a RuntimeError
+# ("[enforce fail at alloc_cpu.cpp:...] ... DefaultCPUAllocator: can't allocate memory: you
+# tried to allocate N bytes"), where numpy raises MemoryError.
+_TORCH_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
 class DecodeOutOfMemory(ResourceExhausted):
-    """A decoder's allocation refused (MemoryError, or Pillow's OSError saying so): the server's memory was short, full of
+    """An allocation refused decoding an image (MemoryError, or Pillow's OSError saying so)
+    or preparing it for the model (:func:`preparing_images`): the server's memory was short, full of
     concurrent work, which may pass; the file is not at fault (not INVALID_ARGUMENT, nor a
     stored image's "does not decode now")."""
 
     retry_delay_s = 1.0
+
+
+@contextlib.contextmanager
+def preparing_images(field: str | None) -> Iterator[None]:
+    """Around preparing decoded images for the model (resizing, converting to float,
+    stacking a batch): the host's memory running out there (numpy's MemoryError, PyTorch's
+    allocator's RuntimeError) is the server's, as the decoder's is, a
+    :class:`DecodeOutOfMemory` naming ``field``, not a bug (INTERNAL). Only there: the
+    model's own run on the CPU is not caught as this."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and _TORCH_CPU_OUT_OF_MEMORY not in str(error):
+            raise
+        raise DecodeOutOfMemory("the server ran out of memory preparing the images for the model; retry later, or with fewer or smaller images",
+                                field=field) from None
 
 
 def decode_pixels(data: bytes, *, field: str, budget: PixelBudget | None = None, jpeg_min_side: int = 0) -> np.ndarray:
@@ -511,12 +536,20 @@ class InputGeometry:
         return resized.clamp_(0.0, 1.0) if resized.is_floating_point() else resized
 
 
+def stacked_batch(images: list[torch.Tensor], *, field: str | None) -> torch.Tensor:
+    """``images``, each (3, S, S), as one batch (n, 3, S, S); out of memory,
+    :class:`DecodeOutOfMemory` naming ``field`` (:func:`preparing_images`)."""
+    with preparing_images(field):
+        return torch.stack(images)
+
+
 def decode_encoded(data: bytes, *, field: str, geometry: InputGeometry | None = None, budget: PixelBudget | None = None) -> torch.Tensor:
     """Encoded bytes -> (3, H, W) float32 in [0, 1]; with ``geometry``, (3, size, size),
     resized while still uint8 so a large image never exists as float, from a JPEG decoded
     at a reduced scale where the geometry asks for it (``jpeg_reduced_decode``)."""
     pixels = decode_pixels(data, field=field, budget=budget, jpeg_min_side=0 if geometry is None else geometry.jpeg_min_side)
-    return uint8_hwc_to_float_chw(_fit_uint8(pixels, geometry))
+    with preparing_images(field):
+        return uint8_hwc_to_float_chw(_fit_uint8(pixels, geometry))
 
 
 def _fit_uint8(pixels: np.ndarray, geometry: InputGeometry | None) -> np.ndarray:
@@ -552,7 +585,8 @@ def decode_array(array: np.ndarray, *, field: str, geometry: InputGeometry | Non
         if array.shape[2] != 3:
             raise InvalidArgument(f"uint8 images must be (H, W, 3), got shape {tuple(array.shape)}", field=f"{field}.shape")
         _check_side(array.shape[1], array.shape[0], field, budget)
-        return uint8_hwc_to_float_chw(_fit_uint8(array, geometry))
+        with preparing_images(field):
+            return uint8_hwc_to_float_chw(_fit_uint8(array, geometry))
     if array.dtype in (np.float16, np.float32):
         if array.shape[0] != 3 and array.shape[2] != 3:
             raise InvalidArgument(f"float images must be (3, H, W) or (H, W, 3), got shape {tuple(array.shape)}", field=f"{field}.shape")
@@ -561,7 +595,8 @@ def decode_array(array: np.ndarray, *, field: str, geometry: InputGeometry | Non
         # The one copy, float32, writeable (the array may be a read-only view of the request's
         # bytes); the checks and the clamp below allocate no other: isfinite's temporaries
         # and an out-of-place clamp took 2.25 more of its size, per worker thread at once.
-        tensor = torch.from_numpy(np.array(array, dtype=np.float32))
+        with preparing_images(field):
+            tensor = torch.from_numpy(np.array(array, dtype=np.float32))
         if array.shape[0] != 3:
             tensor = tensor.permute(2, 0, 1)
         low, high = (float(bound) for bound in torch.aminmax(tensor))  # a NaN makes both NaN
@@ -570,7 +605,10 @@ def decode_array(array: np.ndarray, *, field: str, geometry: InputGeometry | Non
         if low < -1e-3 or high > 1 + 1e-3:
             raise InvalidArgument(f"float pixels must lie in [0, 1], got [{low:.3g}, {high:.3g}] (normalisation happens on the server)", field=field)
         tensor = tensor.clamp_(0.0, 1.0)
-        return tensor if geometry is None else geometry.fit(tensor)
+        if geometry is None:
+            return tensor
+        with preparing_images(field):
+            return geometry.fit(tensor)
     raise InvalidArgument(f"unsupported dtype {array.dtype}; use uint8, float16 or float32", field=field)
 
 

@@ -30,7 +30,7 @@ import torch
 from ..config import Config
 from ..decode_memory import CallContext, DecodeMemory, trim_arenas
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
-from ..imaging import DecodeOutOfMemory, PixelBudget, decode_encoded, encode_png, image_grid, to_uint8_hwc
+from ..imaging import DecodeOutOfMemory, PixelBudget, decode_encoded, encode_png, image_grid, stacked_batch, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..methods.neuroinspect._ranking import top_ids
 from ..metrics import Metrics
@@ -413,7 +413,7 @@ def _stacked_unless_refused(decoding: list[Future[torch.Tensor]], search: _Refus
         search.checked += 1
     if stopped is not None:
         raise search.failure() if search.refusals else stopped
-    return None if search.refusals else torch.stack(decoded)
+    return None if search.refusals else stacked_batch(decoded, field=None)
 
 
 def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:

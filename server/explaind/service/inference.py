@@ -14,7 +14,7 @@ from explaind.v1 import inference_pb2, inference_pb2_grpc
 
 from ..engine import BatchOutput, Engine, PredictOutput, unusable_image
 from ..errors import Cancelled, DeadlineExceeded, ExplaindError, InvalidArgument, Unavailable
-from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget
+from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget, stacked_batch
 from ..messages import array_to_tensor
 from ..tracing import count_on_current_span
 from . import convert
@@ -53,7 +53,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if request.partial_failure:
             return self._predict_each(request, context, geometry, budget)
         with budget:  # the decode memory held, given back before the forward
-            images = torch.stack([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)])
+            images = stacked_batch([convert.decode_image(image, field=f"images[{i}]", geometry=geometry, budget=budget) for i, image in enumerate(request.images)],
+                                   field="images")
         future = self._engine.submit_predict(images, top_k=request.top_k, return_features=request.return_features, caller=current_caller())
         result = self._engine.finish_predict(_awaited(future, context))
         response = inference_pb2.PredictResponse(model_version=result.model_version)
@@ -88,7 +89,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     failed[i] = InvalidArgument(error.description, field=error.field)
         result: PredictOutput | None = None
         if decoded:
-            future = self._engine.submit_predict(torch.stack(decoded), top_k=request.top_k, return_features=request.return_features,
+            future = self._engine.submit_predict(stacked_batch(decoded, field="images"), top_k=request.top_k, return_features=request.return_features,
                                                  partial_failure=True, caller=current_caller())
             result = self._engine.finish_predict(_awaited(future, context))
             failed.update((rows[row], unusable_image(rows[row])) for row in result.unusable_rows)
