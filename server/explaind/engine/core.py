@@ -987,8 +987,8 @@ class Engine:
         decode now, the read will fail: each chunk after it is None, its images decoded only
         to find any others (dropped with their chunk, never stacked), and the end raises :class:`_UndecodableImages`
         naming them all, or those found when the search stops early (:class:`_RefusalSearch`: at
-        its time limit or near the deadline of ``job`` or ``call``, on a decoder out of memory,
-        :func:`_stacked_unless_refused`)."""
+        its time limit or near the deadline of ``job`` or ``call``; on a decoder out of memory
+        or a wait for decode memory past that deadline, :func:`_stacked_unless_refused`)."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
