@@ -2669,6 +2669,27 @@ def test_a_read_bound_to_fail_that_runs_out_of_time_names_the_images_that_do_not
                 engine.sample_set_features("late", batch_size=2, call=deadline)
 
 
+def test_a_read_bound_to_fail_whose_wait_for_decode_memory_passes_the_deadline_names_the_images_found(engine, monkeypatch):
+    # A wait for decode memory past the job's run-time limit (or the call's deadline) after
+    # the first image that does not decode ended the read DEADLINE_EXCEEDED, losing the
+    # images found, which any retry meets again; a set read and a mistakes grid alike.
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "waited", 6)
+    load = engine.load_sample_image
+
+    def load_past_the_deadline(digest, *args, **kwargs):
+        if digest == digests[3]:
+            raise DeadlineExceeded("the job ran longer than the server allows an operation")
+        return load(digest, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_past_the_deadline)
+    with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 3 of the 6 images read; "
+                                                 r"the rest were not checked\)$"):
+        engine.sample_set_features("waited", batch_size=2)
+    with pytest.raises(FailedPrecondition, match=r"\(the only one found checking 3 of the 5 images read; the rest were not checked\)$"), \
+            engine.reading_images_of("waited", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid(digests[:5])
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
