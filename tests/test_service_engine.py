@@ -2690,6 +2690,38 @@ def test_a_read_bound_to_fail_whose_wait_for_decode_memory_passes_the_deadline_n
         engine.sample_grid(digests[:5])
 
 
+def test_a_calls_read_bound_to_fail_waiting_for_decode_memory_ends_before_the_calls_deadline_naming_the_images_found(engine, monkeypatch):
+    # Past the first image that does not decode, an inline read's next images waited for
+    # decode memory until the call's own deadline, where gRPC ends the call: its caller
+    # heard DEADLINE_EXCEEDED (the server CANCELLED), not the images found, which any
+    # retry meets again. The wait ends early enough for the error naming them to come first.
+    import explaind.decode_memory as decode_memory
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "starved", 6)
+    monkeypatch.setattr(core, "_DECODE_THREADS", 1)  # the images decode in order
+    monkeypatch.setattr(decode_memory, "UNRESERVED_DECODE_BYTES", 0)  # each decode reserves
+    call, taken = _CallWithDeadline(2.0), engine.decode_memory.lease(core._JobDecodeWait(None))
+    load = engine.load_sample_image
+
+    def load_then_take_the_memory(digest, *args, **kwargs):
+        try:
+            return load(digest, *args, **kwargs)
+        finally:
+            if digest == digests[1]:  # refused: the other calls' decodes take every byte from now on
+                time.sleep(0.2)  # a batch long enough for the margin to outlast the thread's wake-up
+                taken.reserve(engine.decode_memory.capacity)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_then_take_the_memory)
+    try:
+        with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 2 of the 6 images read; "
+                                                     r"the rest were not checked\)$"):
+            engine.sample_set_features("starved", batch_size=2, call=call)
+        assert call.is_active()  # told while the caller still waits
+    finally:
+        taken.release()
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
@@ -3667,6 +3699,19 @@ class _OutOfTimeCall:
 
     def is_active(self):
         return self.remaining > 0
+
+
+class _CallWithDeadline:
+    """An RPC (a CallContext) whose deadline is ``seconds`` from now, ended then as gRPC ends it."""
+
+    def __init__(self, seconds):
+        self.deadline = time.monotonic() + seconds
+
+    def time_remaining(self):
+        return max(0.0, self.deadline - time.monotonic())
+
+    def is_active(self):
+        return time.monotonic() < self.deadline
 
 
 def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident_first(engine, monkeypatch):

@@ -354,6 +354,32 @@ class _RefusalSearch:
     def failure(self) -> _UndecodableImages:
         return _UndecodableImages(self.refusals, self.checked, self.total)
 
+    def decoding_for(self, call: CallContext | None, next_seconds: float) -> CallContext | None:
+        """The context of the read's next decodes for the RPC ``call`` (None: a job's or no
+        caller's, left as it is): once the read is bound to fail, ``call`` with its deadline
+        the margin of ``next_seconds`` earlier, so that a wait for decode memory ends
+        (DEADLINE_EXCEEDED, then :meth:`failure`) while its caller still waits; at the call's
+        own deadline gRPC has ended it, and its caller hears DEADLINE_EXCEEDED, not the images
+        found. A job's run-time limit ends nothing by itself: its waits keep theirs."""
+        if call is None or self._first_refused_at is None:
+            return call
+        return _EarlierDeadline(call, _UNDECODABLE_SEARCH_DEADLINE_MARGIN * next_seconds)
+
+
+class _EarlierDeadline:
+    """An RPC's context (a :class:`~explaind.decode_memory.CallContext`) whose deadline
+    comes ``seconds`` before its own."""
+
+    def __init__(self, call: CallContext, seconds: float) -> None:
+        self._call, self._seconds = call, seconds
+
+    def time_remaining(self) -> float | None:
+        remaining = self._call.time_remaining()
+        return None if remaining is None else max(0.0, remaining - self._seconds)
+
+    def is_active(self) -> bool:
+        return self._call.is_active()
+
 
 # Of a read's images that do not decode now, each named in its error lists its first this
 # many samples (the error's violations list the first MAX_SAMPLES_NAMED of them all).
@@ -988,7 +1014,8 @@ class Engine:
         to find any others (dropped with their chunk, never stacked), and the end raises :class:`_UndecodableImages`
         naming them all, or those found when the search stops early (:class:`_RefusalSearch`: at
         its time limit or near the deadline of ``job`` or ``call``; on a decoder out of memory
-        or a wait for decode memory past that deadline, :func:`_stacked_unless_refused`)."""
+        or a wait for decode memory past that deadline, for ``call`` the margin before it,
+        :meth:`_RefusalSearch.decoding_for`, :func:`_stacked_unless_refused`)."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
@@ -998,11 +1025,13 @@ class Engine:
             upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
                 images = _stacked_unless_refused(upcoming, search)
-                if search.stops_before(time.monotonic() - started):
+                took = time.monotonic() - started
+                if search.stops_before(took):
                     raise search.failure()
                 # Nothing else holds this chunk's decoded images while the model runs on it.
                 started = time.monotonic()
-                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False)
+                decoding_for = search.decoding_for(call, took)
+                upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=decoding_for, trim=False)
                             for digest in following] if following else []
                 yield images
             if search.refusals:
