@@ -502,10 +502,12 @@ def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
     import onnxruntime
 
     state = onnxruntime.capi.onnxruntime_pybind11_state
-    for error in (state.Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed"), RuntimeError("Error in execution: Got invalid dimensions"),
-                  RuntimeError("DefaultCPUAllocator: can't allocate memory: Failed to allocate memory for requested buffer"),
-                  MemoryError("bad allocation")):
+    for error in (state.Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed"), RuntimeError("Error in execution: Got invalid dimensions")):
         assert report_unexpected(log, "a run", error)[0] == "INTERNAL"
+    # The host's memory (PyTorch's CPU allocator, a MemoryError) is the server's, as the device's is, said as the host's.
+    for error in (RuntimeError("DefaultCPUAllocator: can't allocate memory: Failed to allocate memory for requested buffer"), MemoryError("bad allocation")):
+        code, message = report_unexpected(log, "a run", error)
+        assert code == "RESOURCE_EXHAUSTED" and message.startswith("the server ran out of memory; retry with fewer images")
     # A server that never loaded ONNX Runtime cannot have met its failure (the same words are a bug), nor imports it to judge one.
     with pytest.MonkeyPatch.context() as patched:
         patched.delitem(sys.modules, "onnxruntime")

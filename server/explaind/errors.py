@@ -178,6 +178,18 @@ def is_onnx_runtime_out_of_memory(error: BaseException) -> bool:
     return raised_by_onnx_runtime and _ONNX_RUNTIME_OUT_OF_MEMORY.search(str(error)) is not None
 
 
+# How PyTorch's CPU allocator says an allocation failed (c10's alloc_cpu): a RuntimeError
+# ("[enforce fail at alloc_cpu.cpp:...] ... DefaultCPUAllocator: can't allocate memory: you
+# tried to allocate N bytes"), where numpy raises MemoryError.
+_TORCH_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_host_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the host's memory refusing an allocation: Python's or numpy's
+    MemoryError, or PyTorch's CPU allocator's RuntimeError (torch raises no MemoryError)."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _TORCH_CPU_OUT_OF_MEMORY in str(error))
+
+
 def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
     the caller's (code, message). Why: an exception's text can hold server file paths and
@@ -202,5 +214,10 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -
         # A GPU's (or ONNX Runtime's host) memory, full of this call's or of concurrent work: no bug to quote, and a
         # smaller request may pass.
         return "RESOURCE_EXHAUSTED", (f"the model's device ran out of memory; retry with fewer images or a smaller batch, or later "
+                                      f"(the server log has the details under incident {incident})")
+    if is_host_out_of_memory(error):
+        # The host's memory, where nothing more specific caught it (the model's run on a CPU,
+        # joining requests into one batch): the server's, full of concurrent work; no bug.
+        return "RESOURCE_EXHAUSTED", (f"the server ran out of memory; retry with fewer images or a smaller batch, or later "
                                       f"(the server log has the details under incident {incident})")
     return "INTERNAL", f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .config import INTERPOLATIONS
 from .decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL, DecodeLease
-from .errors import ExplaindError, InvalidArgument, ResourceExhausted
+from .errors import ExplaindError, InvalidArgument, ResourceExhausted, is_host_out_of_memory
 from .exif import directories_read, exif_orientation, stored_value_bytes, values_fit
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.
@@ -130,12 +130,6 @@ class PixelBudget:
 _PILLOW_OUT_OF_MEMORY = "out of memory"
 
 
-# How PyTorch's CPU allocator says an allocation failed (c10's alloc_cpu): a RuntimeError
-# ("[enforce fail at alloc_cpu.cpp:...] ... DefaultCPUAllocator: can't allocate memory: you
-# tried to allocate N bytes"), where numpy raises MemoryError.
-_TORCH_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-
-
 class DecodeOutOfMemory(ResourceExhausted):
     """An allocation refused decoding an image (MemoryError, or Pillow's OSError saying so)
     or preparing it for the model (:func:`preparing_images`): the server's memory was short, full of
@@ -150,12 +144,14 @@ def preparing_images(field: str | None) -> Iterator[None]:
     """Around preparing decoded images for the model (resizing, converting to float,
     stacking a batch): the host's memory running out there (numpy's MemoryError, PyTorch's
     allocator's RuntimeError) is the server's, as the decoder's is, a
-    :class:`DecodeOutOfMemory` naming ``field``, not a bug (INTERNAL). Only there: the
-    model's own run on the CPU is not caught as this."""
+    :class:`DecodeOutOfMemory` naming ``field``, not a bug (INTERNAL), and asking a
+    call's caller to wait a second. Elsewhere (the model's own run on a CPU) the same
+    error is RESOURCE_EXHAUSTED too, by :func:`~explaind.errors.report_unexpected`, which
+    names no field and asks no delay."""
     try:
         yield
     except (MemoryError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and _TORCH_CPU_OUT_OF_MEMORY not in str(error):
+        if not is_host_out_of_memory(error):
             raise
         raise DecodeOutOfMemory("the server ran out of memory preparing the images for the model; retry later, or with fewer or smaller images",
                                 field=field) from None
