@@ -864,10 +864,14 @@ def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     assert [v.neuron for v in report.visualizations] == list(range(64)) and report.visualization_error is failure and len(methods) == 2
 
 
+# How a GPU says it ran out of memory.
+_CUDA_OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+
+
 @contextlib.contextmanager
-def _served_holding(images: int, data_dir) -> Iterator[Client]:
+def _served_holding(images: int, data_dir, out_of_memory: BaseException = _CUDA_OUT_OF_MEMORY) -> Iterator[Client]:
     """A client of a server in this process whose device holds ``images`` images at once
-    while optimising them: a larger batch raises torch.OutOfMemoryError, as a small GPU does."""
+    while optimising them: a larger batch raises ``out_of_memory``, as a small GPU does."""
     from explaind.config import default_config
     from explaind.engine import neuroinspect as engine_module
     from explaind.service import ExplaindServer
@@ -876,7 +880,7 @@ def _served_holding(images: int, data_dir) -> Iterator[Client]:
 
     def holds(self, batch):
         if torch.is_grad_enabled() and len(batch) > images:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+            raise out_of_memory
         return forward(self, batch)
 
     config = (default_config().replace("classifier", loader="world", path=str(SPURIOUS)).replace("clip", path="").replace("diffusion", path="")
@@ -918,6 +922,19 @@ def test_visualisations_out_of_device_memory_are_requested_in_halves_until_they_
     assert "the device ran out of memory visualising 3 pairs at once; retrying 2 at a time" in capsys.readouterr().err
     assert ("<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising 3 pairs at once, so the "
             "visualisations were requested 2 at a time.</p>") in render_report(report)
+
+
+@pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
+def test_visualisations_out_of_the_host_s_memory_are_requested_in_halves_too(tmp_path):
+    # A server on a CPU runs out of the host's memory (PyTorch's allocator's RuntimeError):
+    # that was RESOURCE_EXHAUSTED naming no field, so the report stopped where fewer pairs fit.
+    host = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                        "2147483648 bytes. Error code 12 (Cannot allocate memory)")
+    with _served_holding(2, tmp_path / "data", host) as client:
+        _ranked(client, [9, 3, 14, 0, 7])
+        report = build_report(client, "heart", "s", steps=2)
+    assert report.visualization_error is None and [v.neuron for v in report.visualizations] == [9, 3, 14, 0, 7]
+    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (3, 2)
 
 
 @pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")

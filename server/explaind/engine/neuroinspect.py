@@ -32,7 +32,7 @@ from explaind.v1 import common_pb2, neuroinspect_pb2
 
 from ..config import MAX_LOSS_WEIGHT
 from ..decode_memory import CallContext
-from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, is_host_out_of_memory
 from ..imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
@@ -539,11 +539,14 @@ class NeuroInspectEngine:
                 pairs, method=method, steps=steps, gamma=gamma, epsilon=epsilon, learning_rate=learning_rate, seed=seed,
                 callback_on_step_end=on_step,
             )
-        except torch.OutOfMemoryError as error:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             # All the images are optimised in one batch, each keeping its activations through the
             # classifier (and CLIP) for the backward pass: the pairs are what to cut, which the
-            # generic "fewer images or a smaller batch" did not say. The allocator's report is the operator's, at
-            # ERROR as any device out of memory is.
+            # generic "fewer images or a smaller batch" did not say; on a GPU, or on a CPU the
+            # host's memory (PyTorch's allocator's RuntimeError), which the report halves alike.
+            # The allocator's report is the operator's, at ERROR as any device out of memory is.
+            if not (isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)):
+                raise
             log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
             raise ResourceExhausted(f"the model's device ran out of memory optimising {counted} at once; retry with fewer pairs "
                                     "(or a smaller classes_per_neuron) per request, or later", field="pairs") from None
