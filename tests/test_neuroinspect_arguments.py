@@ -367,6 +367,14 @@ def test_the_feature_extractor_and_clip_illusion_check_the_split_they_are_given(
         patch.setattr(type(model), "forward", out_of_memory)
         with pytest.raises(torch.OutOfMemoryError):
             ClipIllusion(model, "features", head="classifier", image_size=9, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
+    # So is the host's memory on a CPU (PyTorch's allocator's RuntimeError), which read as a classifier failing on image_size.
+    def out_of_host_memory(self, images):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "forward", out_of_host_memory)
+        with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+            ClipIllusion(model, "features", head="classifier", image_size=9, class_names=list("abc")).visualize([(0, 0)], method="no_clip", steps=3)
     assert FeatureExtractor(model, "hidden", head="classifier").features(images).shape == (2, 6)
     # Features are the head's input whatever the layer, but a layer that is not the one
     # the head reads would mask every visualisation wrongly: refused by features() too.

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explaind.errors import is_host_out_of_memory
+
 from ._checks import callback_or_none, count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
@@ -347,6 +349,8 @@ class ClipIllusion:
             except torch.OutOfMemoryError:
                 raise  # the device's state, not an argument: kept as it is for callers that retry
             except (RuntimeError, AssertionError) as error:  # a torchvision ViT asserts its input size
+                if is_host_out_of_memory(error):  # the CPU's state (PyTorch's allocator), as above
+                    raise
                 raise ValueError(f"the classifier fails on a {self.image_size}x{self.image_size} image (image_size): "
                                  f"{error}") from error
 
