@@ -307,6 +307,19 @@ def test_the_shown_command_that_stores_a_discarded_edit_again_pastes_back_to_the
     assert stopped.value.__notes__ == [f"head version v2, the suggested edit, was not kept; {shown} stores it again"]
 
 
+def test_the_shown_command_names_a_tls_file_whose_name_does_not_decode_by_its_bytes():
+    # A --ca-file named with bytes that do not decode (Python's lone surrogates) made the
+    # shown command unprintable: the page's UTF-8 refused it, after the whole report's work.
+    from explaind.client.report import edit_head_command, shown_command
+
+    name = b"/etc/explaind/ca-\xff\xfe.pem"
+    command = edit_head_command("nightly-1", "heart", [4, 0], "", "", "", ["--target=[::1]:50051", f"--ca-file={os.fsdecode(name)}"])
+    shown = shown_command(command)
+    shown.encode("utf-8")  # a page, a terminal
+    pasted = subprocess.run(["bash", "-c", f"printf '%s\\0' {shown}"], capture_output=True, check=True).stdout
+    assert pasted.split(b"\0")[-2] == b"--ca-file=" + name
+
+
 @pytest.mark.parametrize("class_name, group_attribute", [("-x", "-background"), ("7", "--x"), ("héart\nnew 'line'", "a=b c"),
                                                           ("index:2", "-1")])
 def test_the_command_that_stores_a_discarded_edit_again_parses_back_to_the_report_s_edit(class_name, group_attribute):

@@ -14,6 +14,7 @@ import dataclasses
 import html
 import math
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -297,6 +298,10 @@ def connection_options(client: Client) -> list[str]:
             *(f"{flag}={arguments[name]}" for flag, name in files if arguments[name] is not None)]
 
 
+# A byte that did not decode, as os.fsdecode holds it (surrogateescape).
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def shown_command(command: str) -> str:
     """``command`` (:func:`shlex.join`'s POSIX shell words) as a page or a terminal shows it,
     still working when pasted: a word holding a control, bidirectional-control or
@@ -304,16 +309,20 @@ def shown_command(command: str) -> str:
     ``$'heart\\nnew'``, which bash and zsh read back (dash does not, nor POSIX.1-2024 sh
     its ``\\u``; ksh93 may take a hex digit after ``\\x1b`` as the escape's), not raw, which a terminal acts on and a page shows as a space, nor
     escaped inside plain quotes, which the shell takes as a backslash and an "n". A C1
-    control (U+0080..U+009F) is written ``\\u0085``: ``$'\\x85'`` is the byte 0x85, no UTF-8."""
+    control (U+0080..U+009F) is written ``\\u0085``: ``$'\\x85'`` is the byte 0x85, no UTF-8.
+    A byte of a file name that does not decode (a TLS file's: Python holds it as a lone
+    surrogate, which no page or terminal encodes) is written as that byte, ``\\xff``."""
     def character(text: str) -> str:
         if text in "\\'":
             return "\\" + text
+        if _UNDECODED_BYTE.fullmatch(text):
+            return f"\\x{os.fsencode(text)[0]:02x}"
         if escape_controls(text) == text:
             return text
         return escape_controls(text) if text < "\x80" else f"\\u{ord(text):04x}"
 
     def word(text: str) -> str:
-        if escape_controls(text) == text:
+        if escape_controls(text) == text and not _UNDECODED_BYTE.search(text):
             return shlex.quote(text)
         return "$'" + "".join(map(character, text)) + "'"
 
