@@ -545,6 +545,78 @@ def test_ctrl_c_stops_a_wait_but_not_the_job_it_waits_on_and_cancels_a_job_the_c
             job.cancel()
 
 
+def _interrupted_once_started(monkeypatch, method: str, *, sent: bool) -> list[str]:
+    """Make the first call of the Client's job-starting ``method`` raise KeyboardInterrupt,
+    after it reached the server (``sent``) or before; returns the request_id of each call."""
+    start = getattr(Client, method)
+    request_ids: list[str] = []
+
+    def interrupted_once(self, *args, **kwargs):
+        request_ids.append(kwargs["request_id"])
+        if len(request_ids) > 1:
+            return start(self, *args, **kwargs)
+        if sent:
+            start(self, *args, **kwargs)
+        raise KeyboardInterrupt  # where Ctrl-C or SIGTERM lands while the job's answer is on its way
+
+    monkeypatch.setattr(Client, method, interrupted_once)
+    return request_ids
+
+
+@pytest.mark.parametrize("options", [[], ["--no-wait", "--json"]])
+def test_ctrl_c_inside_the_call_that_started_a_job_cancels_that_job_and_names_it(server, capsys, monkeypatch, tmp_path, options):
+    # The job started on the server, its answer unread: the command neither named nor cancelled it.
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            request_ids = _interrupted_once_started(monkeypatch, "visualize_neurons", sent=True)
+            assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
+                         *(options or ["--out-dir", str(tmp_path)])]) == 130
+            out, err = capsys.readouterr()
+            assert len(request_ids) == 2 and request_ids[0] == request_ids[1] and uuid.UUID(request_ids[0]), request_ids
+            started = re.fullmatch(r"interrupted\n  cancelled (operations/[0-9a-f]{16})\n", err)
+            assert started, err
+            assert client.operation(started[1]).state == "cancelled"
+            assert [op.name for op in client.operations(kind="visualize_neurons", state="cancelled")].count(started[1]) == 1
+            if "--json" in options:
+                error = json.loads(out)["error"]
+                assert (error["code"], error["operation"], error["notes"]) == ("INTERRUPTED", started[1], [f"cancelled {started[1]}"]), error
+        finally:
+            ahead.cancel()
+
+
+@pytest.mark.parametrize("again", ["unreachable", "interrupted"])
+def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the_job_cannot_be_found(capsys, monkeypatch, again):
+    # No server to ask (or a second Ctrl-C while asking): the words say which request_id a job may have started under.
+    target = f"127.0.0.1:{free_port()}"
+    request_ids = _interrupted_once_started(monkeypatch, "evaluate_sample_set", sent=False)
+    if again == "interrupted":
+        monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["--target", target, "--timeout", "2", "evaluate", "some-set", "--json"]) == 130
+    out, err = capsys.readouterr()
+    request_id = request_ids[0]
+    maybe = f"a job may have started under request_id {request_id}, not found ("
+    find = (f"): this command again with --request-id {request_id} --no-wait names it (starting it if none did), and explaind "
+            "operations cancel NAME stops it\n")
+    assert err.startswith(f"interrupted\n  {maybe}") and err.endswith(find) and err.count("\n") == 2, err
+    assert ("(interrupted again)" in err) == (again == "interrupted"), err
+    error = json.loads(out)["error"]
+    assert error["operation"] is None and error["notes"] == [err.split("\n")[1].strip()], error
+    # With --request-id, that one.
+    given = str(uuid.uuid4())
+    request_ids.clear()
+    assert main(["--target", target, "--timeout", "2", "evaluate", "some-set", "--request-id", given]) == 130
+    assert request_ids[0] == given and f"under request_id {given}, not found (" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id(capsys, monkeypatch):
+    request_ids = _interrupted_once_started(monkeypatch, "rank_mistake_neurons", sent=False)
+    assert main(["--target", f"127.0.0.1:{free_port()}", "rank", "some-set", "--class", "index:0"]) == 130
+    assert capsys.readouterr().err == (f"interrupted\n  a ranking job may have started under request_id {request_ids[0]}: explaind "
+                                       "operations list --kind rank_mistake_neurons shows it, and explaind operations cancel NAME stops it\n")
+    assert uuid.UUID(request_ids[0])
+
+
 def test_predict_top_k_beyond_the_classes_is_refused_in_the_option_s_terms(server, capsys, tmp_path):
     # The server's refusal offered "or 0 for the default", which --top-k refuses.
     image = _png(tmp_path / "a.png", 10)
@@ -3151,16 +3223,13 @@ def test_a_rerun_with_the_request_id_of_a_running_job_says_it_waits_on_that_job_
 def test_a_start_retried_by_the_sdk_that_finds_its_own_job_running_says_it_started_it(server, capsys, monkeypatch):
     # Without --request-id, the SDK's own retry of a start whose answer was lost gets the job its first
     # attempt started, running by then: it was said to be "started by an earlier run with this --request-id".
-    import explaind.client._client as client_module
-
     request_id = str(uuid.uuid4())
-    choose = client_module._request_id
     with Client(server.target, timeout=30) as client:
         running = client.visualize_neurons([3], method="no_clip", steps=10000, request_id=request_id)
         try:
             while running.refresh().state != "running":
                 time.sleep(0.05)
-            monkeypatch.setattr(client_module, "_request_id", lambda given: choose(request_id if given is None else given))
+            monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(request_id))  # the id of the run, whichever picks it
             assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "10000", "--no-wait"]) == 0
             printed = capsys.readouterr()
             assert printed == (f"{running.name}\n", f"started {running.name}; explaind operations wait {running.name} waits for it\n"), printed
