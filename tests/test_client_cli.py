@@ -585,6 +585,34 @@ def test_ctrl_c_inside_the_call_that_started_a_job_cancels_that_job_and_names_it
             ahead.cancel()
 
 
+def test_sigterm_inside_the_call_that_started_a_job_cancels_it_through_a_second_sigterm(server, capsys, monkeypatch, tmp_path):
+    # coreutils' timeout sends a second SIGTERM to the process group: it must not stop the search for the job the first left.
+    start = Client.visualize_neurons
+    request_ids: list[str] = []
+
+    def terminated_in_each_start(self, *args, **kwargs):
+        request_ids.append(kwargs["request_id"])
+        operation = start(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # where the signal's handler runs: the first raises, the second not
+        return operation
+
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            monkeypatch.setattr(Client, "visualize_neurons", terminated_in_each_start)
+            before = signal.getsignal(signal.SIGTERM)
+            assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
+                         "--no-wait", "--json"]) == 143
+            assert signal.getsignal(signal.SIGTERM) is before
+            error = json.loads(capsys.readouterr().out)["error"]
+            assert (error["message"], error["notes"]) == ("terminated", [f"cancelled {error['operation']}"]), error
+            assert len(request_ids) == 2 and request_ids[0] == request_ids[1], request_ids
+            assert client.operation(error["operation"]).state == "cancelled"
+        finally:
+            ahead.cancel()
+
+
 @pytest.mark.parametrize("again", ["unreachable", "interrupted"])
 def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the_job_cannot_be_found(capsys, monkeypatch, again):
     # No server to ask (or a second Ctrl-C while asking): the words say which request_id a job may have started under.
