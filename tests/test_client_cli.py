@@ -637,6 +637,22 @@ def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the
     assert request_ids[0] == given and f"under request_id {given}, not found (" in capsys.readouterr().err
 
 
+def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job_started_under_it(server, capsys, monkeypatch):
+    # --request-id an earlier run used with other options: the repeat is refused (as the start, had it arrived, was), so no
+    # job of this command's is under it, and running it again (as a note advised) is refused again.
+    given = str(uuid.uuid4())
+    with Client(server.target, timeout=30) as client:
+        earlier = client.visualize_neurons([3], method="no_clip", steps=1, request_id=given)
+    _interrupted_once_started(monkeypatch, "visualize_neurons", sent=False)
+    assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", given,
+                 "--no-wait", "--json"]) == 130
+    out, err = capsys.readouterr()
+    assert err.startswith(f"interrupted\n  no job started under request_id {given} (INVALID_ARGUMENT: request_id: request_id {given} "
+                          f"was sent with another request, which created {earlier.name};") and "--no-wait names it" not in err and err.count("\n") == 2, err
+    error = json.loads(out)["error"]
+    assert (error["code"], error["operation"]) == ("INTERRUPTED", None), error
+
+
 def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id(capsys, monkeypatch):
     request_ids = _interrupted_once_started(monkeypatch, "rank_mistake_neurons", sent=False)
     assert main(["--target", f"127.0.0.1:{free_port()}", "rank", "some-set", "--class", "index:0"]) == 130

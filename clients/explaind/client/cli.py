@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast, overload
 from explaind.class_names import class_name_key
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUEST_ID_CAPABILITY, Client
-from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning, UnauthenticatedError,
-                      UnavailableError, error_from_code, listed_items)
+from ._errors import (DeadlineExceededError, ExplaindError, InvalidArgumentError, NotFoundError, OperationError, PlaintextTokenWarning,
+                      UnauthenticatedError, UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, cancel_outcome
@@ -192,6 +192,9 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
             return
         operation = start(request_id)
     except (ExplaindError, KeyboardInterrupt) as error:  # e.g. the server gone: the interrupt is still what happened
+        if isinstance(error, InvalidArgumentError) and error.field == "request_id":  # --request-id another request's: refused again
+            interrupt.add_note(f"no job started under request_id {request_id} ({error})")
+            return
         why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
         interrupt.add_note(f"{maybe_started}, not found ({why}): this command again with --request-id {request_id} --no-wait "
                            "names it (starting it if none did), and explaind operations cancel NAME stops it")
