@@ -637,6 +637,22 @@ def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the
     assert request_ids[0] == given and f"under request_id {given}, not found (" in capsys.readouterr().err
 
 
+def test_ctrl_c_inside_a_start_on_a_server_that_keeps_no_request_id_starts_no_second_job(server, capsys, monkeypatch):
+    # A server that ignores request_id would answer the repeat with a second job: none is sent, the note sends to the list.
+    metadata = Client.model_metadata
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
+        metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "request_id")))
+    request_ids = _interrupted_once_started(monkeypatch, "visualize_neurons", sent=True)
+    with Client(server.target, timeout=30) as client:
+        before = {op.name for op in client.operations(kind="visualize_neurons")}
+        assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--no-wait", "--json"]) == 130
+        out, err = capsys.readouterr()
+        assert len(request_ids) == 1 and err == (f"interrupted\n  a job may have started under request_id {request_ids[0]}, which this "
+                                                 "server keeps no record of: explaind operations list shows it\n"), err
+        assert json.loads(out)["error"]["operation"] is None
+        assert len({op.name for op in client.operations(kind="visualize_neurons")} - before) == 1
+
+
 def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job_started_under_it(server, capsys, monkeypatch):
     # --request-id an earlier run used with other options: the repeat is refused (as the start, had it arrived, was), so no
     # job of this command's is under it, and running it again (as a note advised) is refused again.
