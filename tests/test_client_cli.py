@@ -637,6 +637,19 @@ def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the
     assert request_ids[0] == given and f"under request_id {given}, not found (" in capsys.readouterr().err
 
 
+def test_ctrl_c_inside_a_start_whose_job_cannot_be_cancelled_names_that_job(server, capsys, monkeypatch):
+    # The repeat got the job (started by the first call, or by the repeat itself); the cancel failing leaves it running.
+    _interrupted_once_started(monkeypatch, "visualize_neurons", sent=True)
+    monkeypatch.setattr(Operation, "cancel", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))  # a second Ctrl-C
+    assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--no-wait", "--json"]) == 130
+    out, err = capsys.readouterr()
+    error = json.loads(out)["error"]
+    name = error["operation"]
+    assert re.fullmatch(r"operations/[0-9a-f]{16}", name or ""), error
+    assert err == (f"interrupted\n  {name} may still be running: cancelling it failed (interrupted again); explaind operations "
+                   f"cancel {name} stops it\n"), err
+
+
 def test_ctrl_c_inside_a_start_on_a_server_that_keeps_no_request_id_starts_no_second_job(server, capsys, monkeypatch):
     # A server that ignores request_id would answer the repeat with a second job: none is sent, the note sends to the list.
     metadata = Client.model_metadata
