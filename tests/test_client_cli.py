@@ -616,12 +616,20 @@ def test_sigterm_inside_the_call_that_started_a_job_cancels_it_through_a_second_
 @pytest.mark.parametrize("again", ["unreachable", "interrupted"])
 def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the_job_cannot_be_found(capsys, monkeypatch, again):
     # No server to ask (or a second Ctrl-C while asking): the words say which request_id a job may have started under.
+    # Looking for it took the --timeout of 2 s on no server: after a second it says so (at
+    # once here), and what a Ctrl-C then does; where the search ends at once, never.
+    import explaind.client.cli as cli
+
     target = f"127.0.0.1:{free_port()}"
     request_ids = _interrupted_once_started(monkeypatch, "evaluate_sample_set", sent=False)
+    monkeypatch.setattr(cli, "INTERRUPTED_START_WORDS_S", 0.0 if again == "unreachable" else 60.0)
     if again == "interrupted":
         monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["--target", target, "--timeout", "2", "evaluate", "some-set", "--json"]) == 130
     out, err = capsys.readouterr()
+    looking = "interrupted: looking for the job this command may have started, to cancel it (a second Ctrl-C stops looking)\n"
+    assert err.startswith(looking) == (again == "unreachable"), err
+    err = err.removeprefix(looking)
     request_id = request_ids[0]
     maybe = f"a job may have started under request_id {request_id}, not found ("
     find = (f"): this command again with --request-id {request_id} --no-wait names it (starting it if none did), and explaind "

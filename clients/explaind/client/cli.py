@@ -90,6 +90,10 @@ class _Terminated(KeyboardInterrupt):
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
+# Seconds the search for the job an interrupted start may have left (:func:`_started_job`)
+# runs before the CLI says what it waits on: against a server restarting, each of its calls
+# may take --timeout, and the Ctrl-C had seemed ignored.
+INTERRUPTED_START_WORDS_S = 1.0
 
 
 @contextlib.contextmanager
@@ -176,7 +180,14 @@ def _started_job(client: Client, args: argparse.Namespace, start: Callable[[str]
     try:
         return start(request_id)
     except KeyboardInterrupt as interrupt:
-        _cancel_interrupted_start(interrupt, client, request_id, start)
+        saying = threading.Timer(INTERRUPTED_START_WORDS_S, print, ("interrupted: looking for the job this command may have started, to cancel it "
+                                                                    "(a second Ctrl-C stops looking)",), {"file": sys.stderr, "flush": True})
+        saying.daemon = True
+        saying.start()
+        try:
+            _cancel_interrupted_start(interrupt, client, request_id, start)
+        finally:
+            saying.cancel()
         raise
 
 
