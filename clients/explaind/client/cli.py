@@ -85,8 +85,11 @@ class _Terminated(KeyboardInterrupt):
     cancelled, a wait says its job goes on); exit status 143 (128 + SIGTERM)."""
 
 
-# Seconds past --timeout (the bound of the cancel call a stopped job command makes) that a
-# command stopped by SIGTERM has to end before it exits regardless (:func:`_terminating_like_ctrl_c`).
+# Seconds past --timeout that a command stopped by SIGTERM has to end before it exits
+# regardless (:func:`_terminating_like_ctrl_c`): --timeout bounds one call, the cancel a
+# stopped wait makes. A start stopped inside its call makes up to three (the server's
+# metadata, the start again, the cancel: :func:`_cancel_interrupted_start`), which together
+# can outlast it (a server slow to answer each): the exit then names no request_id, only the listing.
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
