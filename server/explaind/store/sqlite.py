@@ -899,8 +899,7 @@ class SQLiteStore:
         if row is None:
             return None
         if row[1] != request.fingerprint:
-            made_by_caller = SQLiteStore._made_by(db, request, "sample_set_owners", "set_id", row[0])
-            raise request_id_reused(request.request_id, sample_set=row[0] if made_by_caller else None)
+            raise request_id_reused(request.request_id, sample_set=SQLiteStore._sample_set_of_request(db, request, row[0]))
         if on_repeat is not None:
             on_repeat(row[0], request)
         return row[0]
@@ -921,6 +920,12 @@ class SQLiteStore:
         """``operations/<job_id>``, the job ``request``'s id went to, for an error to name;
         None if another caller made it (:meth:`_made_by`)."""
         return f"operations/{job_id}" if SQLiteStore._made_by(db, request, "job_owners", "job_id", job_id) else None
+
+    @staticmethod
+    def _sample_set_of_request(db: sqlite3.Connection, request: RequestKey, set_id: str) -> str | None:
+        """``set_id``, the sample set ``request``'s id was applied to, for an error to name;
+        None if another caller made it (:meth:`_made_by`)."""
+        return set_id if SQLiteStore._made_by(db, request, "sample_set_owners", "set_id", set_id) else None
 
     @staticmethod
     def _record_request(db: sqlite3.Connection, request: RequestKey | None, set_id: str) -> None:
@@ -1039,8 +1044,7 @@ class SQLiteStore:
                     raise AlreadyExists(f"request_id {request_id} was given to operations/{row[0]}", field="request_id",
                                         operation=f"operations/{row[0]}")
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
-                    made_by_caller = self._made_by(db, request, "sample_set_owners", "set_id", row[0])
-                    raise request_id_reused(request_id, sample_set=row[0] if made_by_caller else None)
+                    raise request_id_reused(request_id, sample_set=self._sample_set_of_request(db, request, row[0]))
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
 
     def job_of_request(self, request: RequestKey) -> str | None:
