@@ -983,3 +983,15 @@ def test_public_helpers_name_the_argument_they_refuse(head):
     edits = [HeadEditor(head).edit(features, labels, target_class=1, neurons=neurons, validation_features=features,
                                    validation_labels=labels, max_epochs=1).neurons for neurons in ({5, 2}, torch.tensor([2, 5]), np.array([2, 5]))]
     assert edits == [(2, 5), (2, 5), (2, 5)]
+
+
+def test_the_methods_import_nothing_of_grpc_nor_of_the_service():
+    # The methods are plain PyTorch for analysts in-process: the visualisation's out-of-memory
+    # check imported explaind.errors, and with it protobuf's google.rpc.
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, explaind.methods.neuroinspect; "
+                             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google') or m in ('explaind.errors', 'explaind.service')))"],
+                            capture_output=True, text=True, check=True, timeout=120)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

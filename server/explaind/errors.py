@@ -19,6 +19,8 @@ from typing import NamedTuple
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
+from .methods.memory import is_host_out_of_memory
+
 # ErrorInfo.domain of the errors this service raises.
 ERROR_DOMAIN = "explaind.v1"
 # ResourceInfo.resource_type of an operation an error names (its resource_name: operations/<id>).
@@ -176,18 +178,6 @@ def is_onnx_runtime_out_of_memory(error: BaseException) -> bool:
     raised_by_onnx_runtime = (isinstance(error, (state.Fail, state.RuntimeException))
                               or (type(error) is RuntimeError and str(error).startswith("Error in execution: ")))
     return raised_by_onnx_runtime and _ONNX_RUNTIME_OUT_OF_MEMORY.search(str(error)) is not None
-
-
-# How PyTorch's CPU allocator says an allocation failed (c10's alloc_cpu): a RuntimeError
-# ("[enforce fail at alloc_cpu.cpp:...] ... DefaultCPUAllocator: can't allocate memory: you
-# tried to allocate N bytes"), where numpy raises MemoryError.
-_TORCH_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-
-
-def is_host_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the host's memory refusing an allocation: Python's or numpy's
-    MemoryError, or PyTorch's CPU allocator's RuntimeError (torch raises no MemoryError)."""
-    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _TORCH_CPU_OUT_OF_MEMORY in str(error))
 
 
 def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:

@@ -20,7 +20,8 @@ from PIL import Image
 
 from .config import INTERPOLATIONS
 from .decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL, DecodeLease
-from .errors import ExplaindError, InvalidArgument, ResourceExhausted, is_host_out_of_memory
+from .errors import ExplaindError, InvalidArgument, ResourceExhausted
+from .methods.memory import is_host_out_of_memory
 from .exif import directories_read, exif_orientation, stored_value_bytes, values_fit
 
 # Largest accepted side in pixels; larger inputs are rejected before decoding.

@@ -32,10 +32,11 @@ from explaind.v1 import common_pb2, neuroinspect_pb2
 
 from ..config import MAX_LOSS_WEIGHT
 from ..decode_memory import CallContext
-from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, is_host_out_of_memory
+from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png, image_grid, to_uint8_hwc
 from ..jobs import JobContext, JobSnapshot
 from ..messages import array_to_tensor, timestamp
+from ..methods.memory import is_host_out_of_memory
 from ..methods.neuroinspect import (
     EDIT_METHODS,
     SOLVERS,

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explaind.errors import is_host_out_of_memory
 
+from ..memory import is_host_out_of_memory
 from ._checks import callback_or_none, count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
