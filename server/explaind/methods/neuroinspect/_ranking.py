@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ def top_ids(scores: torch.Tensor, k: int, *, ties_kept_above: float | None = Non
     decides. Only the first k columns are kept: not the whole (R, n) sort."""
     row_count, n = scores.shape
     if scores.device.type != "cpu":  # a NaN of sign bit set (-nan, 0 * -inf's) is any NaN
-        scores = torch.where(scores.isnan(), scores.abs(), scores)
+        scores = torch.where(scores.isnan(), math.nan, scores)  # math.nan: the sign bit clear
     if k * FULL_SORT_SHARE >= n or row_count * n <= SORTED_CALL_SCORES:
         return _sorted_top(scores, k)
     values, ids = scores.topk(min(k + 1, n), dim=1)
