@@ -758,6 +758,38 @@ def test_a_visualisation_out_of_device_memory_fails_naming_its_images_and_the_pa
         _shut(engine)
 
 
+@pytest.mark.parametrize("error, code", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes"),
+     "RESOURCE_EXHAUSTED"),
+    (MemoryError(), "RESOURCE_EXHAUSTED"),
+    (RuntimeError("a kernel's own failure"), "INTERNAL"),
+])
+def test_a_visualisation_out_of_the_host_s_memory_fails_as_out_of_device_memory_and_another_runtime_error_stays_a_bug(tmp_path, monkeypatch,
+                                                                                                                     error, code):
+    # On a CPU the host's memory running out optimising the batch is PyTorch's allocator's
+    # RuntimeError (or a MemoryError): the pairs are what to cut, as on a GPU. Any other
+    # RuntimeError there is a bug (INTERNAL), not the server's memory short.
+    from explaind.engine import neuroinspect as engine_module
+
+    forward = engine_module._Classifier.forward
+
+    def fails_optimising(self, images):
+        if torch.is_grad_enabled():
+            raise error
+        return forward(self, images)
+
+    monkeypatch.setattr(engine_module._Classifier, "forward", fails_optimising)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", code)
+        if code == "RESOURCE_EXHAUSTED":
+            assert record.error_message.startswith("pairs: the model's device ran out of memory optimising ")
+    finally:
+        _shut(engine)
+
+
 def _clip_illusion_with_similarities(engine, monkeypatch, similarities=None):
     """clip_illusion served by a stand-in CLIP: the images are optimised as no_clip (no
     CLIP model here) and, given ``similarities``, report them as their CLIP cosines."""
