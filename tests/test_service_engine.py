@@ -2645,6 +2645,36 @@ def test_a_read_bound_to_fail_looks_for_more_images_that_do_not_decode_for_a_bou
     assert loaded == digests[:2]
 
 
+def test_a_read_bound_to_fail_stops_looking_before_a_batch_that_would_end_past_its_time_counted_from_the_first_image_refused(engine, monkeypatch):
+    # The search's UNDECODABLE_SEARCH_SECONDS run from the first image refused, not the
+    # latest, and a batch is not begun that would end past them (each takes as long as the
+    # last). Each image takes 1 s of core's clock here: 5 s allow the batches up to 6 s,
+    # [2, 3] and [4, 5] after the first refusal (at 2 s), not [6, 7].
+    import types
+
+    import explaind.engine.core as core
+    from explaind import imaging
+
+    rng = np.random.default_rng(12)
+    engine.create_sample_set("paced", "", [NewSample.from_array(rng.integers(0, 256, (32 if row in (1, 3) else 16,) * 2 + (3,), dtype=np.uint8), 0)
+                                           for row in range(10)])
+    monkeypatch.setattr(imaging, "MAX_IMAGE_SIDE", 24)
+    clock = [0.0]
+    monkeypatch.setattr(core, "time", types.SimpleNamespace(**{**{name: value for name, value in vars(time).items() if not name.startswith("__")},
+                                                               "monotonic": lambda: clock[0]}))
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 5.0)
+    load = engine.load_sample_image
+
+    def load_in_a_second(digest, *args, **kwargs):
+        clock[0] += 1.0
+        return load(digest, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_in_a_second)
+    with pytest.raises(FailedPrecondition, match=r"^sample_set_id: at least 2 images of 2 samples of sample set 'paced' do not decode now "
+                                                 r"\(found checking 6 of the 10 images read; the rest were not checked\)"):
+        engine.sample_set_features("paced", batch_size=2)
+
+
 def test_a_read_bound_to_fail_that_runs_out_of_time_names_the_images_that_do_not_decode_it_found(engine, monkeypatch):
     # Its job's run-time limit (or its call's deadline) passing while it looked for more
     # such images ended it DEADLINE_EXCEEDED (or CANCELLED), losing those it had found, which
@@ -4264,6 +4294,24 @@ def test_a_caller_at_its_own_queue_limit_is_asked_to_wait_for_its_turn_not_for_t
         delays[owner] = mine.value.retry_delay_s
     # Its job next: when the running one ends. The analyst's is third: three ends of 10 s away.
     assert delays == {"monitoring": pytest.approx(10.0, abs=0.5), "analyst": pytest.approx(30.0, abs=0.5)}
+    gate.set()
+    for job_id in (running, *(job.record.job_id for job in queued)):
+        jobs.wait(job_id)
+    jobs.shutdown(1)
+
+
+def test_a_caller_at_its_own_queue_limit_waits_for_its_turn_in_the_fair_order_not_its_place_in_submission(tmp_path, jobs_clock):
+    # The analyst's queued job was submitted first, but the analyst's running job took the
+    # latest turn: the callers that have had none go before it, so its place frees after
+    # theirs, three ends of 10 s away, not at the next end.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued_per_caller=1, workers=1)
+    for _ in range(3):
+        assert jobs.wait(jobs.submit("evaluate", _taking(jobs_clock, 10.0)).record.job_id).record.state == "succeeded"
+    running, gate = _started_after_a_gate(jobs, "analyst")
+    queued = [jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner) for owner in ("analyst", "monitoring", "labeller")]
+    with pytest.raises(ResourceExhausted, match="job queue is full for caller 'analyst'") as mine:
+        jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner="analyst")
+    assert mine.value.retry_delay_s == pytest.approx(30.0, abs=0.5)
     gate.set()
     for job_id in (running, *(job.record.job_id for job in queued)):
         jobs.wait(job_id)
