@@ -698,6 +698,88 @@ def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id(capsy
     assert uuid.UUID(request_ids[0])
 
 
+def _interrupted_start_notes(start, *, cancel=None) -> tuple[list[str], object]:
+    """The notes _cancel_interrupted_start leaves on an interrupt, and the operation it names,
+    for a server keeping request_ids whose repeat of the start is ``start(request_id)``."""
+    from explaind.client.cli import _cancel_interrupted_start
+
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
+    interrupt = KeyboardInterrupt()
+    _cancel_interrupted_start(interrupt, client, "r-1", start)
+    return list(getattr(interrupt, "__notes__", ())), getattr(interrupt, "operation", None)
+
+
+def test_an_interrupted_start_whose_job_ended_already_is_not_cancelled_and_says_it_finished():
+    # A --request-id's earlier run's job, ended: no cancel is sent (one failing said the job "may still be running").
+    def cancel():
+        raise AssertionError("an ended job is not cancelled")
+
+    ended = types.SimpleNamespace(name="operations/0123456789abcdef", state="succeeded", done=True, cancel=cancel)
+    notes, named = _interrupted_start_notes(lambda request_id: ended)
+    assert (notes, named) == (["operations/0123456789abcdef had already finished (succeeded); nothing to cancel"], ended)
+
+
+def test_an_interrupted_start_whose_repeat_is_refused_on_another_field_than_request_id_may_still_have_started_a_job():
+    # Only a refusal of the request_id itself says no job started under it.
+    from explaind.client import InvalidArgumentError
+
+    def refused(request_id):
+        raise InvalidArgumentError("class_name: no class 'x'", field="class_name")
+
+    notes, named = _interrupted_start_notes(refused)
+    assert named is None and len(notes) == 1 and notes[0].startswith("a job may have started under request_id r-1, not found ("), notes
+
+
+def test_an_interrupted_start_found_at_once_says_nothing_of_looking_for_it(server, capsys, monkeypatch):
+    # The words "looking for the job ..." are for a search that lasts (a server restarting): one
+    # that ends first has them cancelled, not printed later over the command's own words.
+    import explaind.client.cli as cli
+
+    timers = []
+
+    class RecordedTimer:
+        def __init__(self, *args, **kwargs):
+            self.started = self.cancelled = False
+            timers.append(self)
+
+        def start(self):
+            self.started = True
+
+        def cancel(self):
+            self.cancelled = True
+
+    monkeypatch.setattr(cli.threading, "Timer", RecordedTimer)
+    _interrupted_once_started(monkeypatch, "visualize_neurons", sent=True)
+    assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--no-wait", "--json"]) == 130
+    capsys.readouterr()
+    assert [(timer.started, timer.cancelled) for timer in timers] == [(True, True)]
+
+
+@pytest.mark.parametrize(("state", "rerun", "said"), [
+    ("succeeded", False, "started operations/x; explaind operations wait operations/x waits for it"),  # the SDK's retry found its own job ended
+    ("queued", True, "started operations/x; explaind operations wait operations/x waits for it"),  # nothing tells it from a new one
+    ("running", True, "operations/x, started by an earlier run with this --request-id, is running already; "
+                      "explaind operations wait operations/x waits for it"),
+    ("failed", True, "operations/x, started by an earlier run with this --request-id, ended already (failed); its outcome stays that "
+                     "id's: give a new --request-id to run it again"),
+])
+def test_a_job_command_says_whose_job_it_got_by_its_state_and_whether_a_request_id_was_given(state, rerun, said):
+    from explaind.client.cli import _announcement
+
+    operation = types.SimpleNamespace(name="operations/x", state=state, done=state in ("succeeded", "failed", "cancelled"))
+    assert _announcement(operation, waiting=False, rerun=rerun) == said
+
+
+def test_an_option_s_word_after_a_double_dash_is_an_argument_not_the_option_given():
+    from explaind.client.cli import _options_given
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sample-set")
+    parser.add_argument("files", nargs="*")
+    assert _options_given(parser._actions, ["--", "--sample-set"]) == set()
+    assert _options_given(parser._actions, ["--sample-set", "s", "--", "x"]) == {"sample_set"}
+
+
 def test_predict_top_k_beyond_the_classes_is_refused_in_the_option_s_terms(server, capsys, tmp_path):
     # The server's refusal offered "or 0 for the default", which --top-k refuses.
     image = _png(tmp_path / "a.png", 10)
