@@ -1055,6 +1055,15 @@ def test_sigterm_in_the_visualisations_of_a_report_told_to_discard_its_edit_says
                         stored_again), stored_again
 
 
+def _wait_for_an_exit(exits: list[int]) -> None:
+    """Wait up to a minute for the stuck command's exit (os._exit patched to append to ``exits``):
+    the close that never returns stands still meanwhile."""
+    for _ in range(6000):
+        if exits:
+            return
+        time.sleep(0.01)
+
+
 def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsys):
     # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
     import explaind.client.cli as cli
@@ -1067,10 +1076,7 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
         with pytest.raises(cli._Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)  # the signal ends it
-        for _ in range(6000):  # the close that never returns
-            if exits:
-                break
-            time.sleep(0.01)
+        _wait_for_an_exit(exits)
     assert exits == [143] and signal.getsignal(signal.SIGTERM) is before
     out, err = capsys.readouterr()
     assert json.loads(out)["error"] == {"code": "INTERRUPTED", "message": "terminated", "field": None, "option": None,
@@ -1111,10 +1117,7 @@ def test_sigterm_in_the_channel_s_close_after_the_json_was_written_prints_no_sec
             cli._print_json({"done": True}, args)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)  # the signal ends it
-        for _ in range(6000):  # the close that never returns
-            if exits:
-                break
-            time.sleep(0.01)
+        _wait_for_an_exit(exits)
     out, err = capsys.readouterr()
     assert exits == [143] and out == '{"done": true}\n' and err.startswith("terminated\n"), (out, err)
 

@@ -4278,40 +4278,31 @@ def test_a_full_queue_s_retry_delay_goes_by_jobs_that_succeeded_not_by_ones_refu
     jobs.shutdown(1)
 
 
-def test_a_caller_at_its_own_queue_limit_is_asked_to_wait_for_its_turn_not_for_the_next_free_worker(tmp_path, jobs_clock):
+@pytest.mark.parametrize(("running_owner", "queued_owners", "expected"), [
     # A caller at [jobs].max_queued_per_caller got the delay of a full queue, when the next
     # worker frees; but a place of its frees only when a worker takes its own queued job,
-    # on its turn: after the jobs of the callers before it in the fair order.
+    # on its turn: after the jobs of the callers before it in the fair order. The
+    # monitoring job is next, when the running one ends; the analyst's third, three ends
+    # of 10 s away.
+    ("pipeline", ("monitoring", "labeller", "analyst"), {"monitoring": 10.0, "analyst": 30.0}),
+    # The analyst's queued job was submitted first, but the analyst's running job took the
+    # latest turn: the callers that have had none go before it, so its place frees after
+    # theirs, not at the next end (its place in submission order).
+    ("analyst", ("analyst", "monitoring", "labeller"), {"analyst": 30.0}),
+])
+def test_a_caller_at_its_own_queue_limit_is_asked_to_wait_for_its_turn_in_the_fair_order(tmp_path, jobs_clock, running_owner, queued_owners,
+                                                                                          expected):
     jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued_per_caller=1, workers=1)
     for _ in range(3):
         assert jobs.wait(jobs.submit("evaluate", _taking(jobs_clock, 10.0)).record.job_id).record.state == "succeeded"
-    running, gate = _started_after_a_gate(jobs, "pipeline")
-    queued = [jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner) for owner in ("monitoring", "labeller", "analyst")]
+    running, gate = _started_after_a_gate(jobs, running_owner)
+    queued = [jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner) for owner in queued_owners]
     delays = {}
-    for owner in ("monitoring", "analyst"):
+    for owner in expected:
         with pytest.raises(ResourceExhausted, match=f"job queue is full for caller '{owner}'") as mine:
             jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner)
         delays[owner] = mine.value.retry_delay_s
-    # Its job next: when the running one ends. The analyst's is third: three ends of 10 s away.
-    assert delays == {"monitoring": pytest.approx(10.0, abs=0.5), "analyst": pytest.approx(30.0, abs=0.5)}
-    gate.set()
-    for job_id in (running, *(job.record.job_id for job in queued)):
-        jobs.wait(job_id)
-    jobs.shutdown(1)
-
-
-def test_a_caller_at_its_own_queue_limit_waits_for_its_turn_in_the_fair_order_not_its_place_in_submission(tmp_path, jobs_clock):
-    # The analyst's queued job was submitted first, but the analyst's running job took the
-    # latest turn: the callers that have had none go before it, so its place frees after
-    # theirs, three ends of 10 s away, not at the next end.
-    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued_per_caller=1, workers=1)
-    for _ in range(3):
-        assert jobs.wait(jobs.submit("evaluate", _taking(jobs_clock, 10.0)).record.job_id).record.state == "succeeded"
-    running, gate = _started_after_a_gate(jobs, "analyst")
-    queued = [jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner=owner) for owner in ("analyst", "monitoring", "labeller")]
-    with pytest.raises(ResourceExhausted, match="job queue is full for caller 'analyst'") as mine:
-        jobs.submit("evaluate", _taking(jobs_clock, 0.0), owner="analyst")
-    assert mine.value.retry_delay_s == pytest.approx(30.0, abs=0.5)
+    assert delays == {owner: pytest.approx(delay, abs=0.5) for owner, delay in expected.items()}
     gate.set()
     for job_id in (running, *(job.record.job_id for job in queued)):
         jobs.wait(job_id)
