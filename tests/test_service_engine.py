@@ -4278,6 +4278,31 @@ def test_a_full_queue_s_retry_delay_goes_by_jobs_that_succeeded_not_by_ones_refu
     jobs.shutdown(1)
 
 
+def test_a_full_queue_s_retry_delay_counts_jobs_that_ran_to_the_run_time_limit(tmp_path, jobs_clock):
+    # A job ended DEADLINE_EXCEEDED at [jobs].max_run_seconds held its worker all that while:
+    # left out as a failure, the delay went by the short jobs alone while the workers stayed
+    # busy with ones running to the limit.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), max_queued=1, workers=1, max_run_s=50.0)
+    assert jobs.wait(jobs.submit("evaluate", _taking(jobs_clock, 2.0)).record.job_id).record.state == "succeeded"
+
+    def past_the_limit(ctx):
+        jobs_clock[0] += 50.5
+        ctx.raise_if_cancelled()
+
+    for _ in range(2):
+        record = jobs.wait(jobs.submit("evaluate", past_the_limit).record.job_id).record
+        assert (record.state, record.error_code) == ("failed", "DEADLINE_EXCEEDED")
+    running, gate = _started_after_a_gate(jobs, None)
+    queued = jobs.submit("evaluate", _taking(jobs_clock, 0.0))
+    with pytest.raises(ResourceExhausted, match=r"job queue is full \(1 queued") as full:
+        jobs.submit("evaluate", _taking(jobs_clock, 0.0))
+    assert full.value.retry_delay_s == pytest.approx(50.5, abs=0.5)  # the median of 2, 50.5 and 50.5 s; not 2 s
+    gate.set()
+    for job_id in (running, queued.record.job_id):
+        jobs.wait(job_id)
+    jobs.shutdown(1)
+
+
 @pytest.mark.parametrize(("running_owner", "queued_owners", "expected"), [
     # A caller at [jobs].max_queued_per_caller got the delay of a full queue, when the next
     # worker frees; but a place of its frees only when a worker takes its own queued job,

@@ -79,10 +79,11 @@ WATCH_PROGRESS_INTERVAL_S = 0.2
 # The delay a full queue's refusal asks callers to wait (google.rpc.RetryInfo): a place
 # frees when a worker takes a queued job, so about when the next running job ends. With
 # W workers busy on jobs of run time T, one ends every T / W on average; T is the median
-# run time of the last QUEUE_RETRY_SAMPLE jobs that succeeded (a median: one runaway job
-# does not stretch it; successes only: a job refused at once or cancelled early says
-# nothing of how long a job holds a worker, and a burst of them made the delay a second
-# while the workers stayed busy with long jobs). Clamped to QUEUE_RETRY_RANGE_S: under a
+# run time of the last QUEUE_RETRY_SAMPLE jobs that succeeded or ran to [jobs].max_run_seconds
+# (a median: one runaway job does not stretch it; not other ends: a job refused at once or
+# cancelled early says nothing of how long a job holds a worker, and a burst of them made
+# the delay a second while the workers stayed busy with long jobs; one ended at the limit
+# held its worker all that while). Clamped to QUEUE_RETRY_RANGE_S: under a
 # second a retry loop spins on a queue that cannot have moved, and over a minute a caller
 # sleeps through a cancel that freed a place. Before any job has succeeded there is no
 # run time to go by: QUEUE_RETRY_UNKNOWN_S. A caller at its own limit
@@ -331,7 +332,7 @@ class JobManager:
         self._kinds: set[str] = set()  # what list() may filter by: registered or submitted
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="job")
         self._workers = workers
-        # Seconds each of the latest jobs that succeeded ran, for a full queue's retry delay (_queue_retry_delay_s).
+        # Seconds each of the latest jobs that succeeded (or ran to the limit) ran, for a full queue's retry delay (_queue_retry_delay_s).
         self._recent_run_s: deque[float] = deque(maxlen=QUEUE_RETRY_SAMPLE)
         self._live: dict[str, _LiveJob] = {}  # in submission order
         # The turn each owner's latest job started at (a count of starts), for the fair order (_queue_order).
@@ -503,7 +504,7 @@ class JobManager:
                 self.metrics.job_stage_duration.labels(kind=end.kind, stage=stage).observe(seconds, linked)
             ran = time.monotonic() - started_clock
             self.metrics.job_duration.labels(kind=end.kind, outcome=end.state).observe(ran, linked)
-            if end.state == SUCCEEDED:  # see QUEUE_RETRY_SAMPLE
+            if end.state == SUCCEEDED or (end.state, end.error_code) == (FAILED, "DEADLINE_EXCEEDED"):  # see QUEUE_RETRY_SAMPLE
                 with self._changed:  # read under it by submit (a median iterates it)
                     self._recent_run_s.append(ran)
 

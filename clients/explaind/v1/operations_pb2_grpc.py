@@ -55,9 +55,9 @@ class OperationsServiceStub:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
-    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, times one more than
-    the jobs ahead of the caller's first queued one for a caller at its own limit; 1 to
-    60 s; 10 s before any has succeeded).
+    run time of the last 16 jobs that succeeded or ran to [jobs].max_run_seconds over
+    [jobs].gpu_workers, times one more than the jobs ahead of the caller's first queued one
+    for a caller at its own limit; 1 to 60 s; 10 s before any has).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
@@ -141,9 +141,9 @@ class OperationsServiceServicer:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
-    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, times one more than
-    the jobs ahead of the caller's first queued one for a caller at its own limit; 1 to
-    60 s; 10 s before any has succeeded).
+    run time of the last 16 jobs that succeeded or ran to [jobs].max_run_seconds over
+    [jobs].gpu_workers, times one more than the jobs ahead of the caller's first queued one
+    for a caller at its own limit; 1 to 60 s; 10 s before any has).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
@@ -299,9 +299,9 @@ class OperationsService:
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
     That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
-    run time of the last 16 jobs that succeeded over [jobs].gpu_workers, times one more than
-    the jobs ahead of the caller's first queued one for a caller at its own limit; 1 to
-    60 s; 10 s before any has succeeded).
+    run time of the last 16 jobs that succeeded or ran to [jobs].max_run_seconds over
+    [jobs].gpu_workers, times one more than the jobs ahead of the caller's first queued one
+    for a caller at its own limit; 1 to 60 s; 10 s before any has).
     A request_id sent again with a different request is INVALID_ARGUMENT naming request_id
     and, when that id's first request created an operation, a google.rpc.ResourceInfo
     (resource_type "type.googleapis.com/google.longrunning.Operation", resource_name "operations/<id>") naming it;
