@@ -2675,6 +2675,30 @@ def test_a_read_bound_to_fail_stops_looking_before_a_batch_that_would_end_past_i
         engine.sample_set_features("paced", batch_size=2)
 
 
+def test_a_read_bound_to_fail_whose_job_is_cancelled_as_its_search_stops_ends_cancelled(engine, monkeypatch):
+    # A cancel that came in the batch where the search for more such images stopped ended
+    # the job FAILED on the images found, not CANCELLED as asked.
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "dropped", 6)
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.0)
+    load = engine.load_sample_image
+    for grid in (False, True):
+        context = _OutOfTimeContext()
+
+        def load_then_cancel(digest, *args, context=context, **kwargs):
+            if digest == digests[1]:
+                context.cancel()
+            return load(digest, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "load_sample_image", load_then_cancel)
+        with pytest.raises(JobCancelled), engine.reading_images_of("dropped", "sample_set_id", rows_by_digest(digests)):
+            if grid:
+                engine.sample_grid(digests[:3], job=context)
+            else:
+                engine.sample_set_features("dropped", batch_size=2, context=context)
+
+
 def test_a_read_bound_to_fail_that_runs_out_of_time_names_the_images_that_do_not_decode_it_found(engine, monkeypatch):
     # Its job's run-time limit (or its call's deadline) passing while it looked for more
     # such images ended it DEADLINE_EXCEEDED (or CANCELLED), losing those it had found, which

@@ -442,6 +442,14 @@ def _stacked_unless_refused(decoding: list[Future[torch.Tensor]], search: _Refus
     return None if search.refusals else stacked_batch(decoded, field=None)
 
 
+def _raise_if_cancelled(job: JobContext | None) -> None:
+    """End a read whose search for images that do not decode stops as its ``job``'s cancel
+    where the job was cancelled (CANCELLED, not FAILED naming those found); not as its
+    run-time limit, near which the search stops to name them (:class:`_RefusalSearch`)."""
+    if job is not None and job.cancelled:
+        job.raise_if_cancelled()
+
+
 def rows_by_digest(digests: Sequence[str]) -> dict[str, list[int]]:
     """The rows of each image among ``digests`` (a set's samples, in order), in the order
     the images first appear: a set may hold one image several times."""
@@ -1027,6 +1035,7 @@ class Engine:
                 images = _stacked_unless_refused(upcoming, search)
                 took = time.monotonic() - started
                 if search.stops_before(took):
+                    _raise_if_cancelled(job)
                     raise search.failure()
                 # Nothing else holds this chunk's decoded images while the model runs on it.
                 started = time.monotonic()
@@ -1079,6 +1088,7 @@ class Engine:
         search, took = _RefusalSearch(len(digests), _JobDecodeWait(job)), 0.0  # took: seconds the last image took
         for digest in digests:
             if search.stops_before(took):
+                _raise_if_cancelled(job)
                 raise search.failure()
             if job is not None:
                 job.raise_if_cancelled()
