@@ -618,11 +618,11 @@ def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the
     # No server to ask (or a second Ctrl-C while asking): the words say which request_id a job may have started under.
     # Looking for it took the --timeout of 2 s on no server: after a second it says so (at
     # once here), and what a Ctrl-C then does; where the search ends at once, never.
-    import explaind.client.cli as cli
+    import explaind.client._interrupted as _interrupted
 
     target = f"127.0.0.1:{free_port()}"
     request_ids = _interrupted_once_started(monkeypatch, "evaluate_sample_set", sent=False)
-    monkeypatch.setattr(cli, "INTERRUPTED_START_WORDS_S", 0.0 if again == "unreachable" else 60.0)
+    monkeypatch.setattr(_interrupted, "INTERRUPTED_START_WORDS_S", 0.0 if again == "unreachable" else 60.0)
     if again == "interrupted":
         monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["--target", target, "--timeout", "2", "evaluate", "some-set", "--json"]) == 130
@@ -699,13 +699,13 @@ def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id(capsy
 
 
 def _interrupted_start_notes(start, *, cancel=None) -> tuple[list[str], object]:
-    """The notes _cancel_interrupted_start leaves on an interrupt, and the operation it names,
+    """The notes cancel_interrupted_start leaves on an interrupt, and the operation it names,
     for a server keeping request_ids whose repeat of the start is ``start(request_id)``."""
-    from explaind.client.cli import _cancel_interrupted_start
+    from explaind.client._interrupted import cancel_interrupted_start
 
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
     interrupt = KeyboardInterrupt()
-    _cancel_interrupted_start(interrupt, client, "r-1", start)
+    cancel_interrupted_start(interrupt, client, "r-1", start)
     return list(getattr(interrupt, "__notes__", ())), getattr(interrupt, "operation", None)
 
 

@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -130,7 +132,8 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(client, "visualize_neurons", interrupted)
+    # In the wait on the images' job (one in its start is followed to the job: see the tests of interrupted starts).
+    monkeypatch.setattr(client, "visualize_neurons", lambda *args, **kwargs: SimpleNamespace(result=interrupted))
     try:
         with pytest.raises(KeyboardInterrupt) as raised:
             build_report(client, "heart", "interrupted-report", max_neurons=1, steps=2)
@@ -176,7 +179,8 @@ def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(client, "delete_head_version", refused)
-    monkeypatch.setattr(client, "visualize_neurons", interrupted)
+    # In the wait on the images' job (one in its start is followed to the job: see the tests of interrupted starts).
+    monkeypatch.setattr(client, "visualize_neurons", lambda *args, **kwargs: SimpleNamespace(result=interrupted))
     try:
         with pytest.raises(KeyboardInterrupt) as raised:
             build_report(client, "heart", "undiscarded-report", max_neurons=1, steps=2, keep_edit=False)
@@ -424,6 +428,99 @@ def test_a_report_stopped_without_an_edit_stored_names_none():
     with pytest.raises(KeyboardInterrupt) as raised, noting_stored_edit(None):
         raise KeyboardInterrupt
     assert not hasattr(raised.value, "__notes__")
+
+
+def _interrupted_start_client(job: str, repeat_state: str):
+    """A fake client whose ranking has one neuron and whose first call starting ``job``
+    ("edit_head" or "visualize_neurons") is interrupted (Ctrl-C inside it); the repeat
+    answers with a job in ``repeat_state``. Returns the client, each call's request_id and
+    the cancels sent."""
+    from types import SimpleNamespace
+
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 1, 1, [RankedNeuron(7, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"])],
+                            {}, [], None)
+    request_ids: list[str] = []
+    cancels: list[str] = []
+    job_done = repeat_state in ("succeeded", "failed", "cancelled")
+    operation = SimpleNamespace(name="operations/0123456789abcdef", state=repeat_state, done=job_done)
+
+    def cancel():
+        cancels.append(operation.name)
+        operation.state, operation.done = "cancelled", True
+
+    operation.cancel = cancel
+
+    def interrupted_once(*args, request_id, **kwargs):
+        request_ids.append(request_id)
+        if len(request_ids) == 1:
+            raise KeyboardInterrupt  # where Ctrl-C lands while the job's answer is on its way
+        return operation
+
+    refused = OperationError("sample_set_id: too few samples", grpc.StatusCode.INVALID_ARGUMENT)
+    client = SimpleNamespace(
+        rank_mistake_neurons=lambda *a, **k: ranking,
+        edit_head=interrupted_once if job == "edit_head" else lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
+        visualize_neurons=interrupted_once,
+        model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world", capabilities=("request_id",)))
+    return client, request_ids, cancels
+
+
+@pytest.mark.parametrize("job", ["edit_head", "visualize_neurons"])
+def test_a_report_interrupted_inside_the_call_that_starts_a_job_cancels_that_job_and_names_it(job):
+    # The job started on the server, its answer unread: nothing named or cancelled it. The
+    # report chose its request_id, so the same start again gets that job to cancel.
+    client, request_ids, cancels = _interrupted_start_client(job, "queued")
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2)
+    assert len(request_ids) == 2 and request_ids[0] == request_ids[1] and uuid.UUID(request_ids[0]), request_ids
+    assert cancels == ["operations/0123456789abcdef"] and raised.value.operation.name == cancels[0]
+    assert raised.value.__notes__ == ["cancelled operations/0123456789abcdef"]  # a cancelled edit stored no version: none named
+
+
+def test_a_report_interrupted_inside_the_start_of_an_edit_that_had_succeeded_says_the_edit_stays_stored():
+    client, _, cancels = _interrupted_start_client("edit_head", "succeeded")
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2)
+    assert cancels == []
+    assert raised.value.__notes__ == ["operations/0123456789abcdef had already finished (succeeded); nothing to cancel",
+                                      "the suggested edit stays stored as a head version (not served): explaind operations get "
+                                      "operations/0123456789abcdef names it; delete it if it is not wanted"]
+
+
+def test_a_report_interrupted_inside_a_start_whose_job_cannot_be_found_sends_to_the_list_not_to_an_option_it_lacks():
+    from explaind.client import UnavailableError
+
+    client, request_ids, _ = _interrupted_start_client("visualize_neurons", "queued")
+    interrupted_once = client.visualize_neurons
+
+    def gone_after(*args, **kwargs):  # the server gone before the repeat
+        interrupted_once(*args, **kwargs)
+        raise UnavailableError("server gone")
+
+    client.visualize_neurons = gone_after
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2)
+    (note,) = raised.value.__notes__
+    assert note.startswith(f"a job may have started under request_id {request_ids[0]}, not found (") and note.endswith(
+        "): explaind operations list shows it, and explaind operations cancel NAME stops it"), note
+
+
+def test_a_report_interrupted_inside_its_ranking_s_start_names_the_request_id_it_chose():
+    client, _, _ = _interrupted_start_client("visualize_neurons", "queued")
+    ranked_under: list[str] = []
+
+    def interrupted(*args, request_id, **kwargs):
+        ranked_under.append(request_id)
+        raise KeyboardInterrupt
+
+    client.rank_mistake_neurons = interrupted
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2)
+    assert uuid.UUID(ranked_under[0]) and raised.value.__notes__ == [
+        f"a ranking job may have started under request_id {ranked_under[0]}: explaind operations list --kind rank_mistake_neurons "
+        "shows it, and explaind operations cancel NAME stops it"]
 
 
 def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
@@ -854,7 +951,7 @@ def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     failure = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's data dir /var/lib/explaind is full")
     methods = []
 
-    def visualize_neurons(pairs, method, steps):
+    def visualize_neurons(pairs, method, steps, request_id=None):
         methods.append(method)
         if len(methods) == 2:
             return SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(failure))
@@ -1190,7 +1287,7 @@ def test_a_report_pairs_each_visualisation_with_the_epsilon_of_the_request_that_
     ranking = NeuronRanking("s", "m", 0, "tench", "faithful", 100, 65, 65, neurons, {}, [], None)
     epsilons = iter([0.05, 0.5])  # the second request's, as a server of another default would echo it
 
-    def visualize_neurons(pairs, method, steps):
+    def visualize_neurons(pairs, method, steps, request_id=None):
         made = _visualized([(n, -0.1) for n, _ in pairs], epsilon=next(epsilons), method=method)
         return SimpleNamespace(result=lambda progress: made)
 

@@ -52,10 +52,11 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast, overload
 
 from explaind.class_names import class_name_key
 
-from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUEST_ID_CAPABILITY, Client
-from ._errors import (DeadlineExceededError, ExplaindError, InvalidArgumentError, NotFoundError, OperationError, PlaintextTokenWarning,
+from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, Client
+from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
                       UnauthenticatedError, UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
+from ._interrupted import naming_interrupted_ranking, started_job
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, cancel_outcome
 from ._types import ModelMetadata, escape_controls
@@ -88,15 +89,11 @@ class _Terminated(KeyboardInterrupt):
 # Seconds past --timeout that a command stopped by SIGTERM has to end before it exits
 # regardless (:func:`_terminating_like_ctrl_c`): --timeout bounds one call, the cancel a
 # stopped wait makes. A start stopped inside its call makes up to three (the server's
-# metadata, the start again, the cancel: :func:`_cancel_interrupted_start`), which together
+# metadata, the start again, the cancel: :func:`~explaind.client._interrupted.cancel_interrupted_start`), which together
 # can outlast it (a server slow to answer each): the exit then names no request_id, only the listing.
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
-# Seconds the search for the job an interrupted start may have left (:func:`_started_job`)
-# runs before the CLI says what it waits on: against a server restarting, each of its calls
-# may take --timeout, and the Ctrl-C had seemed ignored.
-INTERRUPTED_START_WORDS_S = 1.0
 
 
 @contextlib.contextmanager
@@ -169,59 +166,6 @@ def _naming_interrupted_job(operation: Operation[Any]) -> Iterator[None]:
     except KeyboardInterrupt as interrupt:
         interrupt.operation = operation  # type: ignore[attr-defined]
         raise
-
-
-def _started_job(client: Client, args: argparse.Namespace, start: Callable[[str], Operation[_Result]]) -> Operation[_Result]:
-    """The job ``start(request_id)`` (the SDK call that starts the command's job) starts,
-    under --request-id, else a new UUID chosen here rather than by the SDK, so that a
-    Ctrl-C or SIGTERM landing inside the call, which may have started the job with its
-    answer unread, can be followed to it: the same request again under that id gets the
-    job (or starts it now), which is cancelled, as a job the command started is on
-    Ctrl-C, and named as the interrupt's ``operation``. Where that repeat fails, the
-    interrupt's notes give the id to find the job by."""
-    request_id = args.request_id or str(uuid.uuid4())
-    try:
-        return start(request_id)
-    except KeyboardInterrupt as interrupt:
-        saying = threading.Timer(INTERRUPTED_START_WORDS_S, print, ("interrupted: looking for the job this command may have started, to cancel it "
-                                                                    "(a second Ctrl-C stops looking)",), {"file": sys.stderr, "flush": True})
-        saying.daemon = True
-        saying.start()
-        try:
-            _cancel_interrupted_start(interrupt, client, request_id, start)
-        finally:
-            saying.cancel()
-        raise
-
-
-def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str,
-                              start: Callable[[str], Operation[Any]]) -> None:
-    """Cancel the job an ``interrupt`` in ``start(request_id)`` may have left started (see
-    :func:`_started_job`), saying on ``interrupt`` what became of it. A second Ctrl-C here
-    stops the search, not the words (a second SIGTERM raises nothing: the first's bound runs)."""
-    maybe_started = f"a job may have started under request_id {request_id}"
-    try:
-        if REQUEST_ID_CAPABILITY not in client.model_metadata().capabilities:  # a repeat would start a second job
-            interrupt.add_note(f"{maybe_started}, which this server keeps no record of: explaind operations list shows it")
-            return
-        operation = start(request_id)
-    except (ExplaindError, KeyboardInterrupt) as error:  # e.g. the server gone: the interrupt is still what happened
-        if isinstance(error, InvalidArgumentError) and error.field == "request_id":  # --request-id another request's: refused again
-            interrupt.add_note(f"no job started under request_id {request_id} ({error})")
-            return
-        why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
-        interrupt.add_note(f"{maybe_started}, not found ({why}): this command again with --request-id {request_id} --no-wait "
-                           "names it (starting it if none did), and explaind operations cancel NAME stops it")
-        return
-    interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
-    try:
-        if not operation.done:  # one ended already (a --request-id's earlier run's) says so
-            operation.cancel()
-    except (ExplaindError, KeyboardInterrupt) as error:
-        why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
-        interrupt.add_note(f"{operation.name} may still be running: cancelling it failed ({why}); explaind operations cancel {operation.name} stops it")
-    else:
-        interrupt.add_note(cancel_outcome(operation))
 
 
 def _command_error(error: Exception) -> CommandError:
@@ -1018,8 +962,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _require_writable(args.grid)
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
-        operation = _started_job(client, args, lambda request_id: client.evaluate_sample_set(
-            args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images, request_id=request_id))
+        operation = started_job(client, lambda request_id: client.evaluate_sample_set(
+            args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images, request_id=request_id), args.request_id)
         evaluation = _announce_and_wait(operation, args)
         if evaluation is None:
             return 0
@@ -1064,16 +1008,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         target_class = _target_class(client, args)
         request_id = args.request_id or str(uuid.uuid4())  # chosen here, to name it should the start be interrupted
-        try:  # progress goes to stderr, so --json's stdout stays JSON alone
+        with naming_interrupted_ranking(request_id):  # progress goes to stderr, so --json's stdout stays JSON alone
             ranking = client.rank_mistake_neurons(args.id, target_class, solver=args.solver, progress=True, request_id=request_id,
                                                    stability_resamples=args.stability)
-        except KeyboardInterrupt as interrupt:
-            # Not in the wait, whose job the SDK cancelled, but in the start: the SDK's call that starts a ranking job also
-            # waits on it, so no repeat gets the job to cancel without waiting for it; the request_id finds it.
-            if not hasattr(interrupt, "operation"):
-                interrupt.add_note(f"a ranking job may have started under request_id {request_id}: explaind operations list --kind "
-                                   "rank_mistake_neurons shows it, and explaind operations cancel NAME stops it")
-            raise
     if args.json:
         _print_json(_ranking_json(ranking), args)
         return 0
@@ -1155,9 +1092,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         with _client(args) as client:
             names = _class_names_for(client, [pair[1] for pair in args.neurons if isinstance(pair, tuple)])
             neurons = [(pair[0], _resolved_class(pair[1], names, f"{pair[0]}:")) if isinstance(pair, tuple) else pair for pair in args.neurons]
-            operation = _started_job(client, args, lambda request_id: client.visualize_neurons(
+            operation = started_job(client, lambda request_id: client.visualize_neurons(
                 neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron, gamma=args.gamma,
-                epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed, request_id=request_id))
+                epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed, request_id=request_id), args.request_id)
             result = _announce_and_wait(operation, args)
     except BaseException:  # no images to write (no server, a refused request, Ctrl-C): no empty directories left either
         for directory in created:
@@ -1219,12 +1156,12 @@ def _artifact_file_name(artifact: str) -> str:
 def cmd_edit_head(args: argparse.Namespace) -> int:
     with _client(args) as client:
         target_class = _target_class(client, args)
-        operation = _started_job(client, args, lambda request_id: client.edit_head(
+        operation = started_job(client, lambda request_id: client.edit_head(
             args.id, target_class, args.neurons, method=args.method, validation_sample_set_id=args.validation_sample_set,
             evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, strength=args.strength,
             target_ratio=args.target_ratio, learning_rate=args.learning_rate, max_epochs=args.max_epochs, patience=args.patience,
             seed=args.seed, promote=args.promote, description=args.description, request_id=request_id,
-        ))
+        ), args.request_id)
         edit = _announce_and_wait(operation, args)
         if edit is not None and args.json:
             _print_json({"operation": operation.name, **_json_value(edit)}, args)

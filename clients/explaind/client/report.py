@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -26,6 +27,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
+from ._interrupted import naming_interrupted_ranking, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
@@ -120,7 +122,10 @@ def build_report(
             raise TypeError(f"{field} must be a string, got {named!r}")
         if named:
             _require_sample_set(client, named, field)
-    ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress, stability_resamples=stability_resamples)
+    request_id = str(uuid.uuid4())  # chosen here, to name it should the start be interrupted
+    with naming_interrupted_ranking(request_id):
+        ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress, stability_resamples=stability_resamples,
+                                               request_id=request_id)
     edit, evaluated_on, no_edit_reason, edit_command = None, "", "", ""
     edit_kept, edit_discard_error = True, None
     if ranking.neurons:
@@ -211,7 +216,8 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     while meta.supports_visualization and start < len(shown):
         pairs = [(n.neuron, _conditioning_class(n, ranking.class_name)) for n in shown[start : start + per_request]]
         try:
-            results.append(client.visualize_neurons(pairs, method=method, steps=steps).result(progress=progress))
+            results.append(started_job(client, lambda request_id: client.visualize_neurons(pairs, method=method, steps=steps, request_id=request_id),
+                                       rerun_hint=False).result(progress=progress))
         except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
             if not (_out_of_device_memory(error) and len(pairs) > 1):
                 return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, per_request)
@@ -334,9 +340,17 @@ def _suggest_edit(
     group_attribute: str, progress: bool,
 ) -> tuple[HeadEdit, str]:
     """The edit, and which samples its before/after evaluation used."""
-    edit = client.edit_head(sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
-                            evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
-                            seed=EDIT_SEED, description=_edit_description(class_name)).result(progress=progress)
+    try:
+        edit = started_job(client, lambda request_id: client.edit_head(
+            sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
+            evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
+            seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), rerun_hint=False).result(progress=progress)
+    except KeyboardInterrupt as interrupt:  # a job cancelled in time stores no version; one that had succeeded did
+        operation = getattr(interrupt, "operation", None)
+        if operation is not None and operation.state == "succeeded":
+            interrupt.add_note(f"the suggested edit stays stored as a head version (not served): explaind operations get {operation.name} "
+                               "names it; delete it if it is not wanted")
+        raise
     with noting_stored_edit(edit):
         return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
 

@@ -1,0 +1,96 @@
+"""Following the job a Ctrl-C (or SIGTERM handled as one) inside the call that starts it
+may have left: the call may have started the job with its answer unread, so nothing would
+name or cancel it. Used by the CLI's job commands and by ``build_report``."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._client import REQUEST_ID_CAPABILITY
+from ._errors import ExplaindError, InvalidArgumentError
+from ._operations import cancel_outcome
+
+if TYPE_CHECKING:
+    from ._client import Client
+    from ._operations import Operation
+
+_Result = TypeVar("_Result")  # what an Operation[_Result] returns
+
+# Seconds the search for the job an interrupted start may have left (:func:`started_job`)
+# runs before saying what it waits on: against a server restarting, each of its calls may
+# take the client's timeout, and the Ctrl-C had seemed ignored.
+INTERRUPTED_START_WORDS_S = 1.0
+
+
+def started_job(client: Client, start: Callable[[str], Operation[_Result]], request_id: str | None = None, *,
+                rerun_hint: bool = True) -> Operation[_Result]:
+    """The job ``start(request_id)`` (the SDK call that starts it) starts, under
+    ``request_id``, else a new UUID chosen here rather than by the SDK, so that a Ctrl-C or
+    SIGTERM landing inside the call can be followed to the job: the same request again
+    under that id gets the job (or starts it now), which is cancelled and named as the
+    interrupt's ``operation``. Where that repeat fails, the interrupt's notes give the id
+    to find the job by (``rerun_hint``: as the same CLI command with ``--request-id``)."""
+    request_id = request_id or str(uuid.uuid4())
+    try:
+        return start(request_id)
+    except KeyboardInterrupt as interrupt:
+        saying = threading.Timer(INTERRUPTED_START_WORDS_S, print, ("interrupted: looking for the job this command may have started, to cancel it "
+                                                                    "(a second Ctrl-C stops looking)",), {"file": sys.stderr, "flush": True})
+        saying.daemon = True
+        saying.start()
+        try:
+            cancel_interrupted_start(interrupt, client, request_id, start, rerun_hint=rerun_hint)
+        finally:
+            saying.cancel()
+        raise
+
+
+def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any]], *,
+                             rerun_hint: bool = True) -> None:
+    """Cancel the job an ``interrupt`` in ``start(request_id)`` may have left started (see
+    :func:`started_job`), saying on ``interrupt`` what became of it. A second Ctrl-C here
+    stops the search, not the words (a second SIGTERM raises nothing: the first's bound runs)."""
+    maybe_started = f"a job may have started under request_id {request_id}"
+    try:
+        if REQUEST_ID_CAPABILITY not in client.model_metadata().capabilities:  # a repeat would start a second job
+            interrupt.add_note(f"{maybe_started}, which this server keeps no record of: explaind operations list shows it")
+            return
+        operation = start(request_id)
+    except (ExplaindError, KeyboardInterrupt) as error:  # e.g. the server gone: the interrupt is still what happened
+        if isinstance(error, InvalidArgumentError) and error.field == "request_id":  # --request-id another request's: refused again
+            interrupt.add_note(f"no job started under request_id {request_id} ({error})")
+            return
+        why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
+        find = (f"this command again with --request-id {request_id} --no-wait names it (starting it if none did)" if rerun_hint
+                else "explaind operations list shows it")
+        interrupt.add_note(f"{maybe_started}, not found ({why}): {find}, and explaind operations cancel NAME stops it")
+        return
+    interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
+    try:
+        if not operation.done:  # one ended already (a --request-id's earlier run's) says so
+            operation.cancel()
+    except (ExplaindError, KeyboardInterrupt) as error:
+        why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
+        interrupt.add_note(f"{operation.name} may still be running: cancelling it failed ({why}); explaind operations cancel {operation.name} stops it")
+    else:
+        interrupt.add_note(cancel_outcome(operation))
+
+
+@contextlib.contextmanager
+def naming_interrupted_ranking(request_id: str) -> Iterator[None]:
+    """Name ``request_id`` on a Ctrl-C inside ``rank_mistake_neurons(request_id=...)``'s
+    start: the SDK's call that starts a ranking job also waits on it (a Ctrl-C in the wait
+    cancels the job and names it as ``operation``), so no repeat gets the job to cancel
+    without waiting for it; the request_id finds it."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if not hasattr(interrupt, "operation"):
+            interrupt.add_note(f"a ranking job may have started under request_id {request_id}: explaind operations list --kind "
+                               "rank_mistake_neurons shows it, and explaind operations cancel NAME stops it")
+        raise
