@@ -690,12 +690,43 @@ def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job
     assert (error["code"], error["operation"]) == ("INTERRUPTED", None), error
 
 
-def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id(capsys, monkeypatch):
-    request_ids = _interrupted_once_started(monkeypatch, "rank_mistake_neurons", sent=False)
-    assert main(["--target", f"127.0.0.1:{free_port()}", "rank", "some-set", "--class", "index:0"]) == 130
-    assert capsys.readouterr().err == (f"interrupted\n  a ranking job may have started under request_id {request_ids[0]}: explaind "
-                                       "operations list --kind rank_mistake_neurons shows it, and explaind operations cancel NAME stops it\n")
-    assert uuid.UUID(request_ids[0])
+def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id_where_the_job_cannot_be_found(capsys, monkeypatch):
+    # rank has no --no-wait: the note sends to the list.
+    request_ids = _interrupted_once_started(monkeypatch, "_start_ranking", sent=False)
+    assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "2", "rank", "some-set", "--class", "index:0"]) == 130
+    err = capsys.readouterr().err
+    assert uuid.UUID(request_ids[0])  # no server to ask whether it keeps request_ids: no repeat
+    assert err.startswith(f"interrupted\n  a job may have started under request_id {request_ids[0]}, not found (") and err.endswith(
+        "): explaind operations list shows it, and explaind operations cancel NAME stops it\n"), err
+
+
+@pytest.mark.parametrize("execution", ["operation", "auto"])
+def test_ctrl_c_inside_the_call_that_started_a_ranking_cancels_its_job_and_names_it(server, capsys, monkeypatch, relabelled_set, execution):
+    # The ranking's job started, its answer unread: the same start again gets it to cancel. A small set is answered inline: no job.
+    start = Client._start_ranking
+    request_ids: list[str] = []
+
+    def interrupted_once(self, *args, **kwargs):
+        request_ids.append(kwargs["request_id"])
+        answer = start(self, *args, **{**kwargs, "execution": execution})
+        if len(request_ids) == 1:
+            raise KeyboardInterrupt  # where Ctrl-C lands while the answer is on its way
+        return answer
+
+    monkeypatch.setattr(Client, "_start_ranking", interrupted_once)
+    assert main(["--target", server.target, "rank", relabelled_set[0], "--class", "heart", "--json"]) == 130
+    out, err = capsys.readouterr()
+    assert len(request_ids) == 2 and request_ids[0] == request_ids[1], request_ids
+    error = json.loads(out)["error"]
+    if execution == "auto":
+        assert error["operation"] is None and error["notes"] == [f"no job started under request_id {request_ids[0]}: the server answers it inline"]
+        return
+    name = error["operation"]
+    assert re.fullmatch(r"operations/[0-9a-f]{16}", name or ""), error
+    assert error["notes"][0] in (f"cancelled {name}", f"{name} had already finished (succeeded); nothing to cancel") or error[
+        "notes"][0].startswith(f"cancel requested for {name} ("), error
+    with Client(server.target, timeout=30) as client:
+        assert client.operation(name).wait(timeout=60).state in ("cancelled", "succeeded")
 
 
 def _interrupted_start_notes(start, *, cancel=None) -> tuple[list[str], object]:
@@ -3521,14 +3552,14 @@ def test_a_failed_command_s_json_error_lists_the_precondition_violations(server,
 
     refusal = FailedPreconditionError("samples: the served model's features of 2 samples hold NaN", field="sample_set_id",
                                       precondition_violations=[("UNUSABLE_FEATURES", "samples[3]", ""), ("UNDECODABLE_IMAGE", "samples[7]", "")])
-    monkeypatch.setattr(Client, "rank_mistake_neurons", lambda self, *args, **kwargs: (_ for _ in ()).throw(refusal))
+    monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: (_ for _ in ()).throw(refusal))
     error, _ = _json_failure(capsys, ["--target", server.target, "rank", "two", "--class", "heart", "--json"])
     assert error["code"] == "FAILED_PRECONDITION" and error["precondition_violations"] == [
         {"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""},
         {"type": "UNDECODABLE_IMAGE", "subject": "samples[7]", "description": ""}]
     # A full queue says when to come back (google.rpc.RetryInfo): a script's retry loop reads it.
     busy = ResourceExhaustedError("the job queue is full", retry_delay=2.5)
-    monkeypatch.setattr(Client, "rank_mistake_neurons", lambda self, *args, **kwargs: (_ for _ in ()).throw(busy))
+    monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: (_ for _ in ()).throw(busy))
     error, _ = _json_failure(capsys, ["--target", server.target, "rank", "two", "--class", "heart", "--json"])
     assert (error["code"], error["retry_delay_seconds"], error["operation"]) == ("RESOURCE_EXHAUSTED", 2.5, None)
 

@@ -1375,14 +1375,31 @@ class Client:
         ``request_id``: see :meth:`evaluate_sample_set` (only a ranking that runs as an
         operation is remembered). A ranking that ran as an operation names it
         (``ranking.operation``; None inline)."""
+        started = time.monotonic()
+        timeout = checked_timeout(timeout)
+        answer = self._start_ranking(sample_set_id, target_class, solver=solver, l1=l1, l2=l2, max_iterations=max_iterations,
+                                     cut_ratio=cut_ratio, top_k=top_k, include_samples=include_samples, execution=execution,
+                                     timeout=timeout, request_id=request_id,
+                                     stability_resamples=stability_resamples)
+        if not isinstance(answer, Operation):
+            return answer
+        left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
+        # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
+        # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
+        return dataclasses.replace(answer.result(progress=progress, timeout=left, download=download), operation=answer.name)
+
+    def _start_ranking(self, sample_set_id: str, target_class: str | int, *, solver: str, l1: float | None, l2: float | None,
+                       max_iterations: int, cut_ratio: float | None, top_k: int, include_samples: bool, execution: str, timeout: float | None,
+                       request_id: str | uuid.UUID | None, stability_resamples: int) -> NeuronRanking | Operation[NeuronRanking]:
+        """:meth:`rank_mistake_neurons`' call: the ranking answered inline, or the job that
+        computes it, not waited on (the CLI follows a start a Ctrl-C interrupts to its job).
+        ``timeout``: the call's, in seconds (None: at least 300)."""
         optional = {k: v for k, v in (("l1", l1), ("l2", l2), ("cut_ratio", cut_ratio)) if v is not None}
         request = _request(neuroinspect_pb2.RankMistakeNeuronsRequest,
             sample_set_id=sample_set_id, solver=enum_number(neuroinspect_pb2.CounterfactualSolver, "COUNTERFACTUAL_SOLVER_", solver, "solver"), max_iterations=max_iterations,
             top_k=top_k, include_samples=include_samples, stability_resamples=stability_resamples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
             request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
-        started = time.monotonic()
-        timeout = checked_timeout(timeout)
         response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
         outcome = response.WhichOneof("outcome")
         if outcome == "ranking":
@@ -1390,11 +1407,7 @@ class Client:
         if outcome != "operation":  # an answer a newer server added to the oneof
             raise error_from_code(grpc.StatusCode.UNIMPLEMENTED, "RankMistakeNeurons answered with neither a ranking nor an operation: "
                                   "the server is newer than this explaind SDK; upgrade the SDK")
-        left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
-        # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
-        # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
-        ranking = Operation[NeuronRanking](self, response.operation).result(progress=progress, timeout=left, download=download)
-        return dataclasses.replace(ranking, operation=response.operation.name)
+        return Operation[NeuronRanking](self, response.operation)
 
     def visualize_neurons(
         self,

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._client import REQUEST_ID_CAPABILITY
 from ._errors import ExplaindError, InvalidArgumentError
+from ._neuroinspect import NeuronRanking
 from ._operations import cancel_outcome
 
 if TYPE_CHECKING:
     from ._client import Client
     from ._operations import Operation
 
-_Result = TypeVar("_Result")  # what an Operation[_Result] returns
+_Started = TypeVar("_Started", bound="Operation[Any] | NeuronRanking")  # what the start returns: a job, or a ranking answered inline
 
 # Seconds the search for the job an interrupted start may have left (:func:`started_job`)
 # runs before saying what it waits on: against a server restarting, each of its calls may
@@ -27,8 +28,8 @@ _Result = TypeVar("_Result")  # what an Operation[_Result] returns
 INTERRUPTED_START_WORDS_S = 1.0
 
 
-def started_job(client: Client, start: Callable[[str], Operation[_Result]], request_id: str | None = None, *,
-                rerun_hint: bool = True) -> Operation[_Result]:
+def started_job(client: Client, start: Callable[[str], _Started], request_id: str | None = None, *,
+                rerun_hint: bool = True) -> _Started:
     """The job ``start(request_id)`` (the SDK call that starts it) starts, under
     ``request_id``, else a new UUID chosen here rather than by the SDK, so that a Ctrl-C or
     SIGTERM landing inside the call can be followed to the job: the same request again
@@ -50,7 +51,7 @@ def started_job(client: Client, start: Callable[[str], Operation[_Result]], requ
         raise
 
 
-def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any]], *,
+def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any] | NeuronRanking], *,
                              rerun_hint: bool = True) -> None:
     """Cancel the job an ``interrupt`` in ``start(request_id)`` may have left started (see
     :func:`started_job`), saying on ``interrupt`` what became of it. A second Ctrl-C here
@@ -69,6 +70,9 @@ def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, reque
         find = (f"this command again with --request-id {request_id} --no-wait names it (starting it if none did)" if rerun_hint
                 else "explaind operations list shows it")
         interrupt.add_note(f"{maybe_started}, not found ({why}): {find}, and explaind operations cancel NAME stops it")
+        return
+    if isinstance(operation, NeuronRanking):  # a ranking the server answers inline: it started no job
+        interrupt.add_note(f"no job started under request_id {request_id}: the server answers it inline")
         return
     interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
     try:

@@ -56,9 +56,9 @@ from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
                       UnauthenticatedError, UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
-from ._interrupted import naming_interrupted_ranking, started_job
+from ._interrupted import started_job
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
-from ._operations import OPERATION_STATES, cancel_outcome
+from ._operations import OPERATION_STATES, Operation, cancel_outcome
 from ._types import ModelMetadata, escape_controls
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from ._neuroinspect import HeadEdit, NeuronRanking, NeuronVisualizations
-    from ._operations import Evaluation, Operation
+    from ._operations import Evaluation
     from ._types import Prediction, SampleSet
     from .report import MistakeReport
 
@@ -1007,10 +1007,13 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         target_class = _target_class(client, args)
-        request_id = args.request_id or str(uuid.uuid4())  # chosen here, to name it should the start be interrupted
-        with naming_interrupted_ranking(request_id):  # progress goes to stderr, so --json's stdout stays JSON alone
-            ranking = client.rank_mistake_neurons(args.id, target_class, solver=args.solver, progress=True, request_id=request_id,
-                                                   stability_resamples=args.stability)
+        # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start.
+        started = started_job(client, lambda request_id: client._start_ranking(
+            args.id, target_class, solver=args.solver, l1=None, l2=None, max_iterations=0, cut_ratio=None, top_k=0, include_samples=False,
+            execution="auto", timeout=None, request_id=request_id, stability_resamples=args.stability),
+            args.request_id, rerun_hint=False)  # rank has no --no-wait
+        # progress goes to stderr, so --json's stdout stays JSON alone
+        ranking = started if not isinstance(started, Operation) else dataclasses.replace(started.result(progress=True), operation=started.name)
     if args.json:
         _print_json(_ranking_json(ranking), args)
         return 0
