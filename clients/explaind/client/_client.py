@@ -1388,9 +1388,10 @@ class Client:
         # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
         return dataclasses.replace(answer.result(progress=progress, timeout=left, download=download), operation=answer.name)
 
-    def _start_ranking(self, sample_set_id: str, target_class: str | int, *, solver: str, l1: float | None, l2: float | None,
-                       max_iterations: int, cut_ratio: float | None, top_k: int, include_samples: bool, execution: str, timeout: float | None,
-                       request_id: str | uuid.UUID | None, stability_resamples: int) -> NeuronRanking | Operation[NeuronRanking]:
+    def _start_ranking(self, sample_set_id: str, target_class: str | int, *, solver: str = "faithful", l1: float | None = None,
+                       l2: float | None = None, max_iterations: int = 0, cut_ratio: float | None = None, top_k: int = 0,
+                       include_samples: bool = False, execution: str = "auto", timeout: float | None = None,
+                       request_id: str | uuid.UUID | None = None, stability_resamples: int = 0) -> NeuronRanking | Operation[NeuronRanking]:
         """:meth:`rank_mistake_neurons`' call: the ranking answered inline, or the job that
         computes it, not waited on (the CLI follows a start a Ctrl-C interrupts to its job).
         ``timeout``: the call's, in seconds (None: at least 300)."""

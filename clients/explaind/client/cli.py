@@ -1009,8 +1009,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         target_class = _target_class(client, args)
         # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start.
         started = started_job(client, lambda request_id: client._start_ranking(
-            args.id, target_class, solver=args.solver, l1=None, l2=None, max_iterations=0, cut_ratio=None, top_k=0, include_samples=False,
-            execution="auto", timeout=None, request_id=request_id, stability_resamples=args.stability),
+            args.id, target_class, solver=args.solver, request_id=request_id, stability_resamples=args.stability),
             args.request_id, rerun_hint=False)  # rank has no --no-wait
         # progress goes to stderr, so --json's stdout stays JSON alone
         ranking = started if not isinstance(started, Operation) else dataclasses.replace(started.result(progress=True), operation=started.name)
