@@ -700,6 +700,29 @@ def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id_where
         "): explaind operations list shows it, and explaind operations cancel NAME stops it\n"), err
 
 
+def test_ctrl_c_inside_a_ranking_s_start_bounds_the_start_sent_again_which_inline_would_rank_in_full(capsys, monkeypatch):
+    # A small set's ranking is answered inline, and the same start again (to find a job) runs it
+    # again in full: minutes with --stability. Bounded, it is stopped; the note still names the request_id.
+    import grpc
+
+    import explaind.client.cli as cli
+    from explaind.client._errors import error_from_code
+
+    timeouts: list[float | None] = []
+
+    def interrupted_then_ranking_inline_again(self, *args, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        if len(timeouts) == 1:
+            raise KeyboardInterrupt  # where Ctrl-C lands while the inline ranking runs
+        raise error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")  # the repeat, ranking again, stopped
+
+    monkeypatch.setattr(Client, "_start_ranking", interrupted_then_ranking_inline_again)
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=("request_id",)))
+    assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "rank", "some-set", "--class", "index:0"]) == 130
+    assert timeouts == [None, cli.RANKING_REPEAT_TIMEOUT_S], timeouts
+    assert "a job may have started under request_id " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("execution", ["operation", "auto"])
 def test_ctrl_c_inside_the_call_that_started_a_ranking_cancels_its_job_and_names_it(server, capsys, monkeypatch, relabelled_set, execution):
     # The ranking's job started, its answer unread: the same start again gets it to cancel. A small set is answered inline: no job.

@@ -29,13 +29,15 @@ INTERRUPTED_START_WORDS_S = 1.0
 
 
 def started_job(client: Client, start: Callable[[str], _Started], request_id: str | None = None, *,
-                rerun_hint: bool = True) -> _Started:
+                rerun_hint: bool = True, repeat: Callable[[str], _Started] | None = None) -> _Started:
     """The job ``start(request_id)`` (the SDK call that starts it) starts, under
     ``request_id``, else a new UUID chosen here rather than by the SDK, so that a Ctrl-C or
     SIGTERM landing inside the call can be followed to the job: the same request again
     under that id gets the job (or starts it now), which is cancelled and named as the
     interrupt's ``operation``. Where that repeat fails, the interrupt's notes give the id
-    to find the job by (``rerun_hint``: as the same CLI command with ``--request-id``)."""
+    to find the job by (``rerun_hint``: as the same CLI command with ``--request-id``).
+    ``repeat``: the start to send again, if not ``start`` itself (a ranking's, bounded: one
+    answered inline would run again in full)."""
     request_id = request_id or str(uuid.uuid4())
     try:
         return start(request_id)
@@ -45,7 +47,7 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
         saying.daemon = True
         saying.start()
         try:
-            cancel_interrupted_start(interrupt, client, request_id, start, rerun_hint=rerun_hint)
+            cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint)
         finally:
             saying.cancel()
         raise

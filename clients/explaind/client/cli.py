@@ -94,6 +94,10 @@ class _Terminated(KeyboardInterrupt):
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
+# Seconds (at most; --timeout if less) that `rank`, Ctrl-C'd inside its start, gives the start
+# sent again to find its job: the server answers a job's at once, but runs a small set's
+# ranking inline again in full (seconds, minutes with --stability), which that call stops.
+RANKING_REPEAT_TIMEOUT_S = 5.0
 
 
 @contextlib.contextmanager
@@ -1007,10 +1011,11 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         target_class = _target_class(client, args)
-        # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start.
-        started = started_job(client, lambda request_id: client._start_ranking(
-            args.id, target_class, solver=args.solver, request_id=request_id, stability_resamples=args.stability),
-            args.request_id, rerun_hint=False)  # rank has no --no-wait
+        # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start. The start
+        # sent again to find the job is bounded: one the server answers inline would run the whole ranking again.
+        rank = functools.partial(client._start_ranking, args.id, target_class, solver=args.solver, stability_resamples=args.stability)
+        started = started_job(client, lambda request_id: rank(request_id=request_id), args.request_id, rerun_hint=False,  # rank has no --no-wait
+                              repeat=lambda request_id: rank(request_id=request_id, timeout=min(client.timeout, RANKING_REPEAT_TIMEOUT_S)))
         # progress goes to stderr, so --json's stdout stays JSON alone
         ranking = started if not isinstance(started, Operation) else dataclasses.replace(started.result(progress=True), operation=started.name)
     if args.json:
