@@ -700,6 +700,16 @@ def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id_where
         "): explaind operations list shows it, and explaind operations cancel NAME stops it\n"), err
 
 
+def test_rank_json_names_the_job_that_computed_the_ranking(server, capsys, monkeypatch, relabelled_set):
+    # A large set's ranking runs as a job, which the CLI waits on itself: its JSON names it, as the SDK's ranking does.
+    start = Client._start_ranking
+    monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: start(self, *args, **{**kwargs, "execution": "operation"}))
+    assert main(["--target", server.target, "rank", relabelled_set[0], "--class", "heart", "--stability", "0", "--json"]) == 0
+    name = json.loads(capsys.readouterr().out)["operation"]
+    with Client(server.target, timeout=30) as client:
+        assert client.operation(name).kind == "rank_mistake_neurons"
+
+
 def test_ctrl_c_inside_a_ranking_s_start_bounds_the_start_sent_again_which_inline_would_rank_in_full(capsys, monkeypatch):
     # A small set's ranking is answered inline, and the same start again (to find a job) runs it
     # again in full: minutes with --stability. Bounded, it is stopped; the note still names the request_id.
