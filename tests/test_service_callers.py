@@ -189,7 +189,8 @@ def test_a_request_id_is_its_callers_own_and_another_caller_sending_it_again_get
     # audit line naming it as their maker). Its refusal named them too: the operation in a
     # google.rpc.ResourceInfo, which the SDK read as error.operation, the caller's own.
     server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",))
-    upload, evaluation = "123e4567-e89b-42d3-a456-426614174000", "00000000-0000-4000-8000-000000000001"
+    upload, evaluation, appended = ("123e4567-e89b-42d3-a456-426614174000", "00000000-0000-4000-8000-000000000001",
+                                    "00000000-0000-4000-8000-000000000002")
     try:
         with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
             made = monitoring.create_sample_set([IMAGE] * 2, [0, 1], sample_set_id="train", request_id=upload)
@@ -209,6 +210,10 @@ def test_a_request_id_is_its_callers_own_and_another_caller_sending_it_again_get
                 monitoring.evaluate_sample_set("train", batch_size=8, request_id=evaluation)
             assert refused.value.operation is not None and refused.value.operation.name == operation.name
             assert [op.owner for op in root.operations()] == ["monitoring"]
+            # An admin's append to the caller's set is the admin's request: its refusal names the set to the admin.
+            root.append_samples("train", [IMAGE], [0], request_id=appended)
+            with pytest.raises(ExplaindError, match="which was applied to sample set 'train'"):
+                root.append_samples("train", [IMAGE] * 2, [0, 1], request_id=appended)
     finally:
         server.stop(0)
 

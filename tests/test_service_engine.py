@@ -9231,6 +9231,55 @@ def test_a_request_id_s_refusal_names_what_it_went_to_to_every_caller_when_no_na
     store.close()
 
 
+def test_a_request_id_s_refusal_names_the_set_to_the_caller_that_sent_the_request_not_the_set_s_owner(tmp_path):
+    # An admin appending to another caller's set under its own request_id, then sending
+    # the id with another request, was told "by another caller": the store kept the set's
+    # owner, not each request's sender. The owner, who never sent it, is not told the set.
+    store = SQLiteStore(tmp_path)
+    created, appended = "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174001"
+    with store.writing_blobs() as put:
+        sample = SampleRecord(put(b"an image"), 0)
+    store.create_sample_set("analysts", "", [sample], request=RequestKey(created, "analyst's", "analyst"), owner="analyst")
+    store.append_samples("analysts", [sample], request=RequestKey(appended, "root's", "root"))
+    for caller, named in (("root", True), ("analyst", False), ("pipeline", False)):
+        with pytest.raises(InvalidArgument) as caught:
+            store.append_samples("analysts", [sample, sample], request=RequestKey(appended, "another", caller))
+        assert ("which was applied to sample set 'analysts'" in str(caught.value)) is named, caller
+    with pytest.raises(InvalidArgument, match="which was applied to sample set 'analysts'"):  # a job's request under the id alike
+        store.insert_job(JobRecord("job", "evaluate", "queued", 1.0, owner="root"), request=RequestKey(appended, "a job", "root"))
+    with pytest.raises(InvalidArgument, match="which was applied to sample set 'analysts'"):  # the owner's own request still names it
+        store.append_samples("analysts", [sample], request=RequestKey(created, "another", "analyst"))
+    store.close()
+
+
+def test_a_request_s_sender_is_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
+    """sample_set_request_senders is added without a schema version: a store the release
+    before left opens, its requests' refusals named as before (to the set's owner), and a
+    set deleted as that release deletes one takes its requests' senders along."""
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    before, after = "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174001"
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        sample = SampleRecord(put(b"an image"), 0)
+    store.create_sample_set("analysts", "", [sample], request=RequestKey(before, "analyst's", "analyst"), owner="analyst")
+    store.close()
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
+        db.execute("DROP TABLE sample_set_request_senders")
+    store = SQLiteStore(tmp_path)
+    with pytest.raises(InvalidArgument, match="which was applied to sample set 'analysts'"):  # no sender kept: the owner's
+        store.append_samples("analysts", [sample], request=RequestKey(before, "another", "analyst"))
+    store.append_samples("analysts", [sample], request=RequestKey(after, "root's", "root"))
+    with pytest.raises(InvalidArgument, match="which was applied to sample set 'analysts'"):
+        store.append_samples("analysts", [sample, sample], request=RequestKey(after, "another", "root"))
+    store.close()
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # the release before deletes the set
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM sample_sets WHERE id = 'analysts'")
+        assert db.execute("SELECT COUNT(*) FROM sample_set_request_senders").fetchone() == (0,)
+
+
 def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
     """job_requests is added without a schema version (a rollback must still open the data
     dir): the table appears in a store the release before left, and a job deleted as that

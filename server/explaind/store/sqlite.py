@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS sample_set_requests (
     request_id TEXT PRIMARY KEY, set_id TEXT NOT NULL REFERENCES sample_sets(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sample_set_requests_by_set ON sample_set_requests (set_id);
+-- The named caller that sent each of those requests, for those one did: an admin may
+-- append to another caller's set, and the refusal of a request_id reused names the set
+-- only to the request's sender (request_id_reused), not to the set's owner. A table, not
+-- a column, as job_owners below; its rows go with their request, and those with their set.
+-- A request without one (applied by the release before it) is named as its set's owner's.
+CREATE TABLE IF NOT EXISTS sample_set_request_senders (
+    request_id TEXT PRIMARY KEY REFERENCES sample_set_requests(request_id) ON DELETE CASCADE, sender TEXT NOT NULL
+);
 -- The named caller that made a job, set or head version (explaind.ownership), for those
 -- one did. Tables, not columns: releases before them insert rows by position, all
 -- columns, and the rows go with their object when such a release deletes it. A job's
@@ -144,8 +152,9 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # (every store before versioning, and a new file). The version goes up only for a change an
 # older release would misread or damage: a table it never reads, whose rows go with their
 # job or set when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
-# opens the data dir (job_requests and sample_set_requests, 2026-12-03); so does an index,
-# which SQLite keeps up to date for any release that writes the table.
+# opens the data dir (job_requests and sample_set_requests, 2026-12-03;
+# sample_set_request_senders, 2026-12-07); so does an index, which SQLite keeps up to date
+# for any release that writes the table.
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -924,7 +933,11 @@ class SQLiteStore:
     @staticmethod
     def _sample_set_of_request(db: sqlite3.Connection, request: RequestKey, set_id: str) -> str | None:
         """``set_id``, the sample set ``request``'s id was applied to, for an error to name;
-        None if another caller made it (:meth:`_made_by`)."""
+        None if another named caller sent that request (an admin's append to someone's set
+        is the admin's to be told of), or, where no sender is kept, made the set (:meth:`_made_by`)."""
+        sender = db.execute("SELECT sender FROM sample_set_request_senders WHERE request_id = ?", (request.request_id,)).fetchone()
+        if sender is not None:
+            return set_id if request.caller in (None, sender[0]) else None
         return set_id if SQLiteStore._made_by(db, request, "sample_set_owners", "set_id", set_id) else None
 
     @staticmethod
@@ -934,6 +947,8 @@ class SQLiteStore:
                 # One id, one request, whatever its RPC.
                 raise request_id_reused(request.request_id, operation=SQLiteStore._operation_of_request(db, request, row[0]))
             db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request.request_id, set_id, request.fingerprint))
+            if request.caller is not None:
+                db.execute("INSERT INTO sample_set_request_senders VALUES (?, ?)", (request.request_id, request.caller))
 
     @staticmethod
     def _insert_samples(db: sqlite3.Connection, set_id: str, start: int, samples: Sequence[SampleRecord]) -> None:
