@@ -878,6 +878,9 @@ def test_a_ranking_with_resamples_shows_each_neuron_s_stability_in_a_column_the_
     assert "stability" not in render_report(report)  # none asked for (or an older server): no column of zeros
     one = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons, stability_resamples=1)))
     assert "<th>stability</th>" in one and "the share of 1 bootstrap resamples" in one  # one is some
+    stopped = render_report(dataclasses.replace(report, ranking=dataclasses.replace(
+        report.ranking, neurons=neurons, stability_resamples=50, stability_resamples_requested=200)))
+    assert "the share of 50 bootstrap resamples (of 200 asked: the server's run time limit stopped the rest) of the mistakes" in stopped
 
 
 def test_the_report_asks_for_its_ranking_s_stability():

@@ -2976,6 +2976,9 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     assert lines[1:4] == ["  neuron  direction     insufficient  excessive  importance  stability  top classes",
                           "       0  excessive               0%       100%        0.87        88%  square; circle",
                           "stability: share of 200 bootstrap resamples of the mistakes whose own ranking has the neuron in its top 5"]
+    # Fewer where the server's run time limit stopped them: said, with the number asked.
+    assert dataclasses.replace(stable, stability_resamples=50, stability_resamples_requested=200).summary(limit=1).splitlines()[3] == (
+        "stability: share of 50 bootstrap resamples (of 200 asked: stopped at a deadline) of the mistakes whose own ranking has the neuron in its top 5")
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.
     assert dataclasses.replace(_ranking(8), top_k=3, neurons=[]).summary().splitlines()[1:] == [
@@ -3714,7 +3717,7 @@ def test_a_rankings_fields_are_the_servers_each_in_its_place():
     omega = np.arange(6, dtype="<f4").reshape(2, 3)
     message = ni.NeuronRanking(
         sample_set_id="s", model_version="v", class_index=2, class_name="heart", solver="faithful", sample_count=30, mistake_count=6,
-        converged_count=5, top_k=3, predicted_as={"circle": 2, "square": 4}, stability_resamples=40,
+        converged_count=5, top_k=3, predicted_as={"circle": 2, "square": 4}, stability_resamples=40, stability_resamples_requested=200,
         omega=common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2, 3], data=omega.tobytes()),
         neurons=[ni.RankedNeuron(neuron=7, direction=ni.NEURON_DIRECTION_EXCESSIVE, insufficient_ratio=0.25, excessive_ratio=0.75,
                                  mean_omega=-0.5, importance=1.5, top_classes=[1, 0], top_class_names=["square", "circle"], stability=0.625)],
@@ -3723,6 +3726,7 @@ def test_a_rankings_fields_are_the_servers_each_in_its_place():
     read = ranking(message)
     assert (read.sample_set_id, read.model_version, read.class_index, read.class_name, read.solver) == ("s", "v", 2, "heart", "faithful")
     assert (read.sample_count, read.mistake_count, read.converged_count, read.top_k, read.stability_resamples) == (30, 6, 5, 3, 40)
+    assert read.stability_resamples_requested == 200
     assert list(read.predicted_as.items()) == [("square", 4), ("circle", 2)]  # most first
     assert read.neurons == [RankedNeuron(7, "excessive", 0.25, 0.75, -0.5, 1.5, ["square", "circle"], [1, 0], 0.625)]
     assert read.neurons[0].rank_ratio == 0.75

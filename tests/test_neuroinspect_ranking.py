@@ -706,8 +706,8 @@ def test_stability_drawn_chunk_by_chunk_without_indicators_equals_the_dense_prod
     insufficient_top, excessive_top = _ranking._top_neurons(omega, top_k), _ranking._top_neurons(-omega, top_k)
     assert (excessive_top == -1).all() or shifts != "no negative ω"
     assert (insufficient_top[1::3] == -1).any(1).all() or shifts == "continuous"
-    assert _ranking.stability(omega, insufficient_top, excessive_top, resamples, chunk=chunk).tolist() == \
-        _dense_stability(omega, insufficient_top, excessive_top, resamples, chunk).tolist()
+    shares, drawn = _ranking.stability(omega, insufficient_top, excessive_top, resamples, chunk=chunk)
+    assert drawn == resamples and shares.tolist() == _dense_stability(omega, insufficient_top, excessive_top, resamples, chunk).tolist()
 
 
 class _LargestTensorMade(torch.overrides.TorchFunctionMode):
@@ -800,19 +800,28 @@ def test_stability_breaks_a_tie_of_mean_omega_as_rank_does_where_the_sums_differ
     assert {n.neuron: n.stability for n in ranking.neurons} == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: drawing_the_first, 5: 0.0}
 
 
-def test_a_ranking_stopped_during_its_resamples_is_cancelled_without_stability():
-    # 1000 resamples of M = 16384 mistakes took 3.3 s with no way to stop them.
-    ranker = MistakeNeuronRanker(always_wrong_head())
+def test_a_ranking_stopped_during_its_resamples_keeps_the_shares_of_those_drawn_and_says_of_how_many():
+    # 1000 resamples of M = 16384 mistakes took 3.3 s with no way to stop them; a stop then
+    # threw away the ranking's stability, complete and all, where a deadline (not a cancel,
+    # which raises) would rather have the shares of the resamples drawn, labelled so.
+    ranker = MistakeNeuronRanker(always_wrong_head(4))
+    features, labels = torch.rand(9, 4), torch.zeros(9, dtype=torch.long)
+    omega = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
     calls = []
-    ranking = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
-                          stability_resamples=120, callback_on_resample_chunk_end=lambda done, total: calls.append((done, total)) or done >= 100)
+    stopped = ranker.rank(features, labels, solver=Shifts(omega), top_k=1, cut_ratio=0.0, stability_resamples=120,
+                          callback_on_resample_chunk_end=lambda done, total: calls.append((done, total)) or done >= 100)
     assert calls == [(50, 120), (100, 120)]
-    assert ranking.cancelled and ranking.stability_resamples == 0 and all(n.stability == 0.0 for n in ranking.neurons)
-    # Its solver ran to the end: the summary said "the solver was stopped early".
-    assert ranking.summary().startswith("6 mistakes of class 0 in 6 samples (cancelled: stopped early); ")
-    finished = ranker.rank(torch.rand(6, 8), torch.zeros(6, dtype=torch.long), solver=FixedShifts(), top_k=2,
-                           stability_resamples=120, callback_on_resample_chunk_end=lambda done, total: calls.append((done, total)))
-    assert calls[2:] == [(50, 120), (100, 120), (120, 120)] and not finished.cancelled and finished.stability_resamples == 120
+    # The first 100 of one stream of draws: the shares of a ranking that asked for 100.
+    first = ranker.rank(features, labels, solver=Shifts(omega), top_k=1, cut_ratio=0.0, stability_resamples=100)
+    assert not stopped.cancelled and (stopped.stability_resamples, stopped.stability_resamples_requested) == (100, 120)
+    assert [n.stability for n in stopped.neurons] == [n.stability for n in first.neurons] and stopped.neurons[0].stability > 0
+    assert first.stability_resamples_requested == 0
+    assert stopped.summary().splitlines()[-2] == ("stability: share of 100 bootstrap resamples (of 120 asked: stopped at a deadline) "
+                                                  "of the mistakes whose own ranking has the neuron in its top 5")
+    finished = ranker.rank(features, labels, solver=Shifts(omega), top_k=1, stability_resamples=120,
+                           callback_on_resample_chunk_end=lambda done, total: calls.append((done, total)))
+    assert calls[2:] == [(50, 120), (100, 120), (120, 120)]
+    assert not finished.cancelled and (finished.stability_resamples, finished.stability_resamples_requested) == (120, 0)
 
 
 def test_a_float16_head_s_mean_omega_is_summed_in_float32():

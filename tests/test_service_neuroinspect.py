@@ -1135,6 +1135,39 @@ def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_pa
         _shut(engine)
 
 
+def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares_of_those_drawn(tmp_path, world_set, monkeypatch):
+    # It failed DEADLINE_EXCEEDED, the solved ranking and the resamples drawn lost, where a
+    # user would rather have "stability of 50 of 1000 resamples" than nothing.
+    from explaind import jobs as jobs_module
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+
+    chunks: list[int] = []
+
+    class RecordingRanker(engine_module.MistakeNeuronRanker):
+        def rank(self, features, labels, **options):
+            given = options.pop("callback_on_resample_chunk_end")
+            return super().rank(features, labels, **options, callback_on_resample_chunk_end=lambda done, total: chunks.append(done) or given(done, total))
+
+    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
+    monkeypatch.setattr(jobs_module.JobContext, "run_time_remaining", lambda self: 0.0 if chunks else 3600.0)  # past it from the first chunk on
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        settings = RankSettings(max_iterations=5, stability_resamples=1000)
+        job = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", settings=settings).record.job_id
+        ranking = _succeeded_result(engine.jobs.wait(job, 60).record, neuroinspect_pb2.NeuronRanking())
+        assert chunks == [50]
+        assert (ranking.stability_resamples, ranking.stability_resamples_requested) == (50, 1000)
+        chunks.clear()
+        first = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline",
+                                             settings=RankSettings(max_iterations=5, stability_resamples=50))
+        assert first.stability_resamples_requested == 0
+        assert [n.stability for n in ranking.neurons] == [n.stability for n in first.neurons] and ranking.neurons[0].stability > 0
+    finally:
+        _shut(engine)
+
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a

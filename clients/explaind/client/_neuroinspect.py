@@ -114,6 +114,9 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     top_k: int = 0
     # Bootstrap resamples behind each neuron's stability; 0: none asked (or an older server).
     stability_resamples: int = 0
+    # The resamples asked where the operation's run time limit stopped them after
+    # ``stability_resamples``; 0: all were drawn (or an older server).
+    stability_resamples_requested: int = 0
     # The job that computed it (its name), where ``rank_mistake_neurons`` ran the set as
     # one; None inline. Not compared: the same ranking, however it was computed.
     operation: str | None = field(default=None, compare=False)
@@ -139,7 +142,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
-        lines += neuron_lines(self.neurons, limit, self.stability_resamples)
+        lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         if (note := few_mistakes_note(self.mistake_count)) is not None:
@@ -372,6 +375,7 @@ def ranking(message: neuroinspect_pb2.NeuronRanking, operation: Operation | None
         omega=omega,
         top_k=message.top_k,
         stability_resamples=message.stability_resamples,
+        stability_resamples_requested=message.stability_resamples_requested,
     )
 
 

@@ -465,7 +465,7 @@ _RANKING_LEGEND = (
     "classes whose head weight for the neuron is largest.{stability}</p>"
 )
 _STABILITY_LEGEND = (
-    " <b>stability</b>: the share of {resamples} bootstrap resamples of the mistakes (as many, drawn with replacement) whose own "
+    " <b>stability</b>: the share of {resamples} bootstrap resamples{of} of the mistakes (as many, drawn with replacement) whose own "
     "ranking has the neuron in its top 5: about how often a fresh set of as many mistakes would rank it there."
 )
 _VISUALIZATION_LEGEND = (
@@ -577,7 +577,9 @@ def render_report(report: MistakeReport) -> str:
         # A server too old to say (0) took the default, 5 (or D where D < 5).
         parts.append("</tbody></table>" + _RANKING_LEGEND.format(
             top=f"the {ranking.top_k} largest" if ranking.top_k else "top 5 by default",
-            stability=_STABILITY_LEGEND.format(resamples=ranking.stability_resamples) if stable else ""))
+            stability=_STABILITY_LEGEND.format(
+                resamples=ranking.stability_resamples, of=f" (of {ranking.stability_resamples_requested} asked: the server's run time "
+                f"limit stopped the rest)" if ranking.stability_resamples_requested else "") if stable else ""))
     elif not ranking.mistake_count:  # not an empty table under a heading that asks why
         parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
     else:

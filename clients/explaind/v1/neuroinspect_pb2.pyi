@@ -141,7 +141,7 @@ class MistakeSummary(_message.Message):
     def __init__(self, sample_index: _Optional[int] = ..., predicted_class: _Optional[int] = ..., converged: _Optional[bool] = ..., iterations: _Optional[int] = ..., insufficient_neurons: _Optional[_Iterable[int]] = ..., excessive_neurons: _Optional[_Iterable[int]] = ..., omega_l1: _Optional[float] = ...) -> None: ...
 
 class NeuronRanking(_message.Message):
-    __slots__ = ("sample_set_id", "model_version", "class_index", "class_name", "solver", "sample_count", "mistake_count", "converged_count", "neurons", "mistakes", "omega", "predicted_as", "omega_artifact", "top_k", "stability_resamples")
+    __slots__ = ("sample_set_id", "model_version", "class_index", "class_name", "solver", "sample_count", "mistake_count", "converged_count", "neurons", "mistakes", "omega", "predicted_as", "omega_artifact", "top_k", "stability_resamples", "stability_resamples_requested")
     class PredictedAsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class NeuronRanking(_message.Message):
     OMEGA_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     STABILITY_RESAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_RESAMPLES_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     model_version: str
     class_index: int
@@ -179,7 +180,8 @@ class NeuronRanking(_message.Message):
     omega_artifact: str
     top_k: int
     stability_resamples: int
-    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., solver: _Optional[str] = ..., sample_count: _Optional[int] = ..., mistake_count: _Optional[int] = ..., converged_count: _Optional[int] = ..., neurons: _Optional[_Iterable[_Union[RankedNeuron, _Mapping[str, _Any]]]] = ..., mistakes: _Optional[_Iterable[_Union[MistakeSummary, _Mapping[str, _Any]]]] = ..., omega: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., predicted_as: _Optional[_Mapping[str, int]] = ..., omega_artifact: _Optional[str] = ..., top_k: _Optional[int] = ..., stability_resamples: _Optional[int] = ...) -> None: ...
+    stability_resamples_requested: int
+    def __init__(self, sample_set_id: _Optional[str] = ..., model_version: _Optional[str] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., solver: _Optional[str] = ..., sample_count: _Optional[int] = ..., mistake_count: _Optional[int] = ..., converged_count: _Optional[int] = ..., neurons: _Optional[_Iterable[_Union[RankedNeuron, _Mapping[str, _Any]]]] = ..., mistakes: _Optional[_Iterable[_Union[MistakeSummary, _Mapping[str, _Any]]]] = ..., omega: _Optional[_Union[_common_pb2.Tensor, _Mapping[str, _Any]]] = ..., predicted_as: _Optional[_Mapping[str, int]] = ..., omega_artifact: _Optional[str] = ..., top_k: _Optional[int] = ..., stability_resamples: _Optional[int] = ..., stability_resamples_requested: _Optional[int] = ...) -> None: ...
 
 class NeuronClassPair(_message.Message):
     __slots__ = ("neuron", "class_name", "class_index")

@@ -147,7 +147,7 @@ def _inline_response_bound(version: ClassifierVersion, sample_set_id: str, class
     ranking = neuroinspect_pb2.NeuronRanking(
         sample_set_id=sample_set_id, model_version=version.version, class_index=class_index, class_name=names[class_index],
         solver=settings.solver, sample_count=sample_count, mistake_count=mistake_count, converged_count=mistake_count, top_k=top_k,
-        stability_resamples=settings.stability_resamples,
+        stability_resamples=settings.stability_resamples, stability_resamples_requested=settings.stability_resamples,
         predicted_as=dict.fromkeys(list(dict.fromkeys(longest))[:mistake_count], mistake_count),  # distinct names, as the map's keys
     )
     neuron = neuroinspect_pb2.RankedNeuron(
@@ -372,6 +372,14 @@ class NeuroInspectEngine:
                                if features.all_cached else "nothing was stored")
             return False
 
+        def on_resample_chunk(done: int, total: int) -> bool:
+            """Stop the resamples once the job is past its run time, keeping the shares of those
+            drawn (the ranking is complete: ω is solved), labelled with how many; a cancel, or
+            an inline caller gone, ends the ranking as at a solver step."""
+            if context is not None and not context.cancelled and context.run_time_remaining() == 0:
+                return True
+            return check()
+
         def on_step(step: int, total: int, running: int) -> bool:
             check()
             if context is not None and step % 25 == 0:
@@ -383,7 +391,7 @@ class NeuroInspectEngine:
                 features.features, features.labels, solver=settings.solver, l1=settings.l1, l2=settings.l2,
                 max_iterations=settings.max_iterations, cut_ratio=settings.cut_ratio, top_k=settings.top_k or None,
                 target_class=class_index, num_top_classes=RANKED_NEURON_TOP_CLASSES, callback_on_step_end=on_step,
-                stability_resamples=settings.stability_resamples, callback_on_resample_chunk_end=lambda done, total: check(),
+                stability_resamples=settings.stability_resamples, callback_on_resample_chunk_end=on_resample_chunk,
             )
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None
@@ -402,6 +410,7 @@ class NeuroInspectEngine:
             converged_count=ranking.num_converged,
             top_k=ranking.top_k,
             stability_resamples=ranking.stability_resamples,
+            stability_resamples_requested=ranking.stability_resamples_requested,
             predicted_as={names[c]: n for c, n in sorted(Counter(predicted.tolist()).items())},
         )
         for neuron in ranking.neurons:

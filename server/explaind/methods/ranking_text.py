@@ -37,14 +37,16 @@ def check_limit(limit: int) -> None:
         raise ValueError(f"limit must be 0 (all) or more, got {limit}")
 
 
-def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resamples: int = 0) -> list[str]:
+def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resamples: int = 0,
+                 stability_resamples_requested: int = 0) -> list[str]:
     """A table of the first ``limit`` ranked neurons (0: all) under a header row: each
     one's direction, the shares of mistakes with it in their top k (which the ranking's
     heading states) as insufficient and as excessive, its importance and top classes
     (semicolons between them, as ImageNet's names hold commas); one line saying so where
     none passed the cut ratio (a summary of mistakes then ended in a heading over nothing).
     With ``stability_resamples`` (the ranking's B, 0: none asked) a stability column
-    before the top classes, and a line under the table saying what it is."""
+    before the top classes, and a line under the table saying what it is, and of how many
+    asked (``stability_resamples_requested``) where a deadline stopped the resamples."""
     check_limit(limit)
     if not neurons:
         return ["  none passed the cut ratio"]
@@ -56,7 +58,9 @@ def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resa
         for n in neurons[:limit or None]
     ]
     if stability_resamples:
-        lines.append(f"stability: share of {stability_resamples} bootstrap resamples of the mistakes whose own ranking has the neuron in its top 5")
+        of = f" (of {stability_resamples_requested} asked: stopped at a deadline)" if stability_resamples_requested else ""
+        lines.append(f"stability: share of {stability_resamples} bootstrap resamples{of} of the mistakes whose own ranking "
+                     "has the neuron in its top 5")
     return lines
 
 

@@ -87,6 +87,9 @@ class NeuronRanking:
     cancelled: bool = False
     # Bootstrap resamples behind each neuron's ``stability``; 0: not asked, stabilities all 0.
     stability_resamples: int = field(default=0, repr=False)
+    # The B asked where a stop between resamples drew fewer (``stability_resamples``, a
+    # chunk of 50 at least): ``rank``'s callback_on_resample_chunk_end. 0: all were drawn.
+    stability_resamples_requested: int = field(default=0, repr=False)
 
     @property
     def num_mistakes(self) -> int:
@@ -117,13 +120,13 @@ class NeuronRanking:
         shares, importance and top classes (indices here), and how many counterfactuals
         flipped the prediction. ``print(ranking.summary())``."""
         check_limit(limit)
-        cancelled = " (cancelled: stopped early)" if self.cancelled else ""  # in its solver or its resamples
+        cancelled = " (cancelled: stopped early)" if self.cancelled else ""  # in its solver
         if not self.num_mistakes:
             return f"no mistakes of class {self.target_class} in {self.num_samples} samples: nothing to explain{cancelled}"
         top = f"top {self.top_k}"
         lines = [f"{self.num_mistakes} mistakes of class {self.target_class} in {self.num_samples} samples{cancelled}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}):"]
-        lines += neuron_lines(self.neurons, limit, self.stability_resamples)
+        lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested)
         lines.append(f"{self.num_converged} of {self.num_mistakes} counterfactuals flipped the prediction")
         return "\n".join(lines)
 
@@ -315,7 +318,7 @@ def _rank_order(counts: torch.Tensor, mean_omega: torch.Tensor) -> torch.Tensor:
 
 def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top: torch.Tensor,
               resamples: int, *, chunk: int = 50,
-              callback_on_resample_chunk_end: ResampleCallback | None = None) -> torch.Tensor | None:
+              callback_on_resample_chunk_end: ResampleCallback | None = None) -> tuple[torch.Tensor, int]:
     """(D,) share of ``resamples`` bootstrap resamples of the M mistakes (drawn with
     replacement, seed STABILITY_SEED) whose merged top-5 holds each neuron. A resample is
     ranked as ``rank`` ranks (:func:`_rank_order`; neurons in no drawn mistake's top-k left
@@ -324,7 +327,9 @@ def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top
     neurons (:func:`_top_counts`) and multiplied by ω (M, D) for the ω sums. Memory beyond
     the inputs: (chunk, M) draws and (chunk, D) results, never M x D.
     ``callback_on_resample_chunk_end(resamples done, resamples)`` after each chunk: return
-    True to stop (None is returned then). 200 resamples of D = 2048 on one CPU thread
+    True to stop there. Returns the shares and the resamples they are of: ``resamples``,
+    or fewer after a stop (a chunk at least), the first ones of a run to the end, as the
+    draws are one stream. 200 resamples of D = 2048 on one CPU thread
     (``bench/stability_cost.py``, 2026-12-06): 0.11 s and 8 MB of peak RSS for M = 4096,
     0.88 s and 34 MB for M = 50,000 (``--mistakes 50000``); at k = D (``--top-k 2048``)
     0.46 s and 22 MB, and 5.2 s and 41 MB (the seconds of a quieter run before
@@ -338,8 +343,8 @@ def stability(omega: torch.Tensor, insufficient_top: torch.Tensor, excessive_top
         listed = _listed_top(_draw_counts(generator, size, num_mistakes, omega), omega, insufficient_top, excessive_top)
         held.index_add_(0, listed, torch.ones(len(listed), dtype=torch.float64, device=omega.device))
         if callback_on_resample_chunk_end is not None and callback_on_resample_chunk_end(start + size, resamples):
-            return None
-    return held / resamples
+            return held / (start + size), start + size
+    return held / resamples, resamples
 
 
 def _draw_counts(generator: torch.Generator, resamples: int, num_mistakes: int, like: torch.Tensor) -> torch.Tensor:
@@ -435,9 +440,10 @@ class MistakeNeuronRanker:
                 (:func:`stability`); 0, the default, computes none (stabilities 0).
             callback_on_resample_chunk_end: ``(resamples done, stability_resamples)`` after
                 each chunk of them, as ``callback_on_step_end`` after each solver step;
-                return True to stop (the ranking is then marked cancelled, with no
-                stability: ``stability_resamples`` 0). :func:`stability` takes it by the
-                same name.
+                return True to stop them there (a deadline): the ranking, complete, keeps
+                the shares of the resamples drawn (``stability_resamples`` says how many,
+                ``stability_resamples_requested`` B); raise to abandon it (a cancel).
+                :func:`stability` takes it by the same name.
         """
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
         finite_head(weight, bias, "head.")
@@ -497,12 +503,11 @@ class MistakeNeuronRanker:
         order = _rank_order(torch.maximum(insufficient_count, excessive_count)[None], mean_omega[None])[0]
         top_classes = top_ids(weight.T, min(num_top_classes, num_classes))[1]  # (D, num_top_classes)
         # No resamples of a solver the caller stopped: its ω is half-solved, and it asked to stop.
-        shares = (stability(omega, insufficient_top, excessive_top, stability_resamples,
-                            callback_on_resample_chunk_end=callback_on_resample_chunk_end)
-                  if stability_resamples and len(omega) and not solution.cancelled else torch.zeros(dim))
-        cancelled = solution.cancelled or shares is None
-        if shares is None or cancelled:
-            shares, stability_resamples = torch.zeros(dim), 0
+        if stability_resamples and len(omega) and not solution.cancelled:
+            shares, drawn = stability(omega, insufficient_top, excessive_top, stability_resamples,
+                                      callback_on_resample_chunk_end=callback_on_resample_chunk_end)
+        else:
+            shares, drawn = torch.zeros(dim), 0 if solution.cancelled else stability_resamples
 
         # The per-neuron loop reads Python lists: indexing device tensors neuron by neuron
         # synchronised with a GPU several times per neuron (8000 times for D = 2048).
@@ -538,6 +543,7 @@ class MistakeNeuronRanker:
             iterations=solution.iterations,
             insufficient_top=insufficient_top,
             excessive_top=excessive_top,
-            cancelled=cancelled,
-            stability_resamples=stability_resamples,
+            cancelled=solution.cancelled,
+            stability_resamples=drawn,
+            stability_resamples_requested=stability_resamples if 0 < drawn < stability_resamples else 0,
         )
