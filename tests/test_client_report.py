@@ -1034,7 +1034,23 @@ def test_visualisations_out_of_device_memory_are_requested_in_halves_until_they_
     assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (3, 2)  # 5, then 3, ran out
     assert "the device ran out of memory visualising 3 pairs at once; retrying 2 at a time" in capsys.readouterr().err
     assert ("<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising 3 pairs at once, so the "
-            "visualisations were requested 2 at a time.</p>") in render_report(report)
+            "visualisations were requested at most 2 at a time.</p>") in render_report(report)
+
+
+@pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
+def test_visualisations_grow_back_after_a_halving_up_to_below_the_fewest_pairs_that_ran_out(tmp_path, capsys):
+    # Once halved, the rest went at the half: a device holding 7 visualised 20 neurons 5 at
+    # a time, where each request that fit now lets the next take half the way up to the
+    # fewest that ran out (never that many again), falling back to the most that fit.
+    neurons = list(range(20))
+    with _served_holding(7, tmp_path / "data") as client:
+        _ranked(client, neurons)
+        report = build_report(client, "heart", "s", steps=2, progress=True)
+    assert report.visualization_error is None and [v.neuron for v in report.visualizations] == neurons
+    # 20 and 10 ran out; 5 fit, then 7; 8 (half way from 7 to 10) ran out, so 7 again, and the last one.
+    assert [len(r.visualizations) for r in report.visualization_results] == [5, 7, 7, 1]
+    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (8, 7)
+    assert "the device ran out of memory visualising 8 pairs at once; retrying 7 at a time" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
@@ -1062,7 +1078,7 @@ def test_a_single_visualisation_out_of_device_memory_stops_the_visualisations_wi
                              "(or a smaller classes_per_neuron) per request, or later")
     assert report.visualizations == [] and (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (2, 1)
     page = render_report(report)
-    assert "requested 1 at a time." in page and "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: pairs: " in page
+    assert "requested at most 1 at a time." in page and "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: pairs: " in page
 
 
 def _relative_luminance(colour: str) -> float:

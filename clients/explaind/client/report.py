@@ -60,8 +60,8 @@ class MistakeReport:
     # CLIP-Illusion loss flipped sign. A visualisation found in none is shown without them.
     visualization_results: list[NeuronVisualizations] = dataclasses.field(default_factory=list)
     # Where a visualisation job ran out of device memory and its pairs were retried in
-    # halves: the fewest pairs of a request that ran out (0: none did), and the pairs per
-    # request the rest were then visualised with.
+    # halves: the fewest pairs of a request that ran out (0: none did), and the most pairs
+    # of a request that fit after the first ran out (the pairs last tried where none did).
     visualization_out_of_memory_at: int = 0
     visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
     # Whether the edit's head version stays stored: False once build_report(keep_edit=False)
@@ -203,8 +203,13 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     request's visualisations with the settings they ran with), the method, why there are
     none where the classifier has no gradients, and the server's error that stopped them
     part way (those before it kept). A job out of device memory optimising its pairs in
-    one batch is retried with half of them, and the rest go at that size: only one pair
-    out of memory stops them."""
+    one batch is retried with half of them (or, once one fit, with as many as the most
+    that did), and each request that fits lets the next take half the way up to the fewest
+    pairs that ran out: a bisection that finds about as many as the device holds in a few
+    jobs out of memory (each fails at its first step), where staying at the half took up
+    to twice the requests, each a job's setup and steps. Never back to a size that ran
+    out: that is the device's memory for this model and these settings (a memory another
+    job held for a while is not told apart). Only one pair out of memory stops them."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -212,7 +217,8 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     results: list[NeuronVisualizations] = []
     no_visualization_reason = "" if meta.supports_visualization or not shown else (
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
-    per_request, out_of_memory_at, start = VISUALIZATION_PAIRS_PER_REQUEST, 0, 0
+    # The pairs of the next request; the fewest of one that ran out (0: none yet); the most of one that fit since.
+    per_request, out_of_memory_at, fits, start = VISUALIZATION_PAIRS_PER_REQUEST, 0, 0, 0
     while meta.supports_visualization and start < len(shown):
         pairs = [(n.neuron, _conditioning_class(n, ranking.class_name)) for n in shown[start : start + per_request]]
         try:
@@ -220,14 +226,17 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
                                        rerun_hint=False).result(progress=progress))
         except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
             if not (_out_of_device_memory(error) and len(pairs) > 1):
-                return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, per_request)
-            out_of_memory_at, per_request = len(pairs), (len(pairs) + 1) // 2
+                return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, fits or per_request)
+            out_of_memory_at, per_request = len(pairs), fits or (len(pairs) + 1) // 2  # fits < every size that ran out
             if progress:
                 print(f"the device ran out of memory visualising {out_of_memory_at} pairs at once; retrying {per_request} at a time",
                       file=sys.stderr)
             continue
         start += len(pairs)
-    return _Visualized(results, method, no_visualization_reason, None, out_of_memory_at, per_request)
+        if out_of_memory_at:
+            fits = max(fits, len(pairs))
+            per_request = (fits + out_of_memory_at) // 2
+    return _Visualized(results, method, no_visualization_reason, None, out_of_memory_at, fits or per_request)
 
 
 def _conditioning_class(neuron: RankedNeuron, class_name: str) -> str | None:
@@ -625,7 +634,7 @@ def render_report(report: MistakeReport) -> str:
     if report.visualization_out_of_memory_at:
         parts.append(f"<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising "
                      f"{report.visualization_out_of_memory_at} pairs at once, so the visualisations were requested "
-                     f"{report.visualization_pairs_per_request} at a time.</p>")
+                     f"at most {report.visualization_pairs_per_request} at a time.</p>")
     if report.visualization_error is not None:
         parts.append(f"<p id='visualization-failed'>The visualisations stopped after {len(report.visualizations)} of the ranked neurons: "
                      f"{escape(str(report.visualization_error))}</p>")
