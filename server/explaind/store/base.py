@@ -85,7 +85,8 @@ class RequestKey:
     and a ``fingerprint`` of the rest of the request, which a repeat must match; ``caller``,
     the named caller sending it (explaind.ownership; None: none named): an error for its id
     reused names the operation or set the id went to only if this caller, or no named
-    caller, made it (:func:`request_id_reused`)."""
+    caller, sent the request that used it (:func:`request_id_reused`), kept with an upload's
+    request (an admin's append to another caller's set is the admin's)."""
 
     request_id: str
     fingerprint: str
