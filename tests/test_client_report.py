@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import grpc
@@ -982,9 +982,10 @@ _CUDA_OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to alloc
 
 
 @contextlib.contextmanager
-def _served_holding(images: int, data_dir, out_of_memory: BaseException = _CUDA_OUT_OF_MEMORY) -> Iterator[Client]:
+def _served_holding(images: int | Callable[[int], bool], data_dir, out_of_memory: BaseException = _CUDA_OUT_OF_MEMORY) -> Iterator[Client]:
     """A client of a server in this process whose device holds ``images`` images at once
-    while optimising them: a larger batch raises ``out_of_memory``, as a small GPU does."""
+    while optimising them: a larger batch raises ``out_of_memory``, as a small GPU does
+    (or, given a function of the batch's size, where it says False: a device shared)."""
     from explaind.config import default_config
     from explaind.engine import neuroinspect as engine_module
     from explaind.service import ExplaindServer
@@ -992,7 +993,7 @@ def _served_holding(images: int, data_dir, out_of_memory: BaseException = _CUDA_
     forward = engine_module._Classifier.forward
 
     def holds(self, batch):
-        if torch.is_grad_enabled() and len(batch) > images:
+        if torch.is_grad_enabled() and not (images(len(batch)) if callable(images) else len(batch) <= images):
             raise out_of_memory
         return forward(self, batch)
 
@@ -1064,6 +1065,33 @@ def test_visualisations_out_of_the_host_s_memory_are_requested_in_halves_too(tmp
         report = build_report(client, "heart", "s", steps=2)
     assert report.visualization_error is None and [v.neuron for v in report.visualizations] == [9, 3, 14, 0, 7]
     assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (3, 2)
+
+
+@pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
+def test_visualisations_halve_again_when_a_size_that_fit_runs_out(tmp_path):
+    # Grown back, a request of as many pairs as had fit went out of memory (another job took
+    # the device's memory meanwhile): it was retried at that same size, the most that fit,
+    # again and again, for as long as the memory stayed taken. Each out of memory must lower it.
+    taken, refused = [False], [0]
+
+    def fits(batch: int) -> bool:
+        if batch <= (3 if taken[0] else 7):
+            taken[0] = taken[0] or batch == 7  # another job takes memory once 7 pairs fit
+            return True
+        refused[0] += 1
+        if refused[0] > 12:  # the same size over and over: a distinct error stops the report
+            raise RuntimeError("the report kept retrying pairs that run out of memory")
+        return False
+
+    neurons = list(range(20))
+    with _served_holding(fits, tmp_path / "data") as client:
+        _ranked(client, neurons)
+        report = build_report(client, "heart", "s", steps=2)
+    assert report.visualization_error is None and [v.neuron for v in report.visualizations] == neurons
+    # 20 and 10 ran out; 5 fit, 7 ran out at its second step (the memory taken), then 5, which had fit: halved to 3,
+    # 4 (half way up to 5) ran out, and 3 at a time from then on.
+    assert [len(r.visualizations) for r in report.visualization_results] == [5, 3, 3, 3, 3, 3]
+    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (4, 3)
 
 
 @pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")

@@ -209,7 +209,9 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     jobs out of memory (each fails at its first step), where staying at the half took up
     to twice the requests, each a job's setup and steps. Never back to a size that ran
     out: that is the device's memory for this model and these settings (a memory another
-    job held for a while is not told apart). Only one pair out of memory stops them."""
+    job held for a while is not told apart); where as many as had fit run out, the most
+    that fit is forgotten and the halving starts again from them, so each request out of
+    memory is smaller than the last. Only one pair out of memory stops them."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -227,6 +229,8 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
         except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
             if not (_out_of_device_memory(error) and len(pairs) > 1):
                 return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, fits or per_request)
+            if fits >= len(pairs):  # as many as had fit ran out (memory another job took): halve again, from these
+                fits = 0
             out_of_memory_at, per_request = len(pairs), fits or (len(pairs) + 1) // 2  # fits < every size that ran out
             if progress:
                 print(f"the device ran out of memory visualising {out_of_memory_at} pairs at once; retrying {per_request} at a time",
