@@ -142,7 +142,8 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
-        lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested)
+        lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested,
+                              stopped_by="the server's run time limit")
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         if (note := few_mistakes_note(self.mistake_count)) is not None:

@@ -38,7 +38,7 @@ def check_limit(limit: int) -> None:
 
 
 def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resamples: int = 0,
-                 stability_resamples_requested: int = 0) -> list[str]:
+                 stability_resamples_requested: int = 0, stopped_by: str = "callback_on_resample_chunk_end") -> list[str]:
     """A table of the first ``limit`` ranked neurons (0: all) under a header row: each
     one's direction, the shares of mistakes with it in their top k (which the ranking's
     heading states) as insufficient and as excessive, its importance and top classes
@@ -46,7 +46,8 @@ def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resa
     none passed the cut ratio (a summary of mistakes then ended in a heading over nothing).
     With ``stability_resamples`` (the ranking's B, 0: none asked) a stability column
     before the top classes, and a line under the table saying what it is, and of how many
-    asked (``stability_resamples_requested``) where a deadline stopped the resamples."""
+    asked (``stability_resamples_requested``) where ``stopped_by`` stopped the resamples
+    (an in-process ranking's callback, or the server's run time limit)."""
     check_limit(limit)
     if not neurons:
         return ["  none passed the cut ratio"]
@@ -58,7 +59,7 @@ def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resa
         for n in neurons[:limit or None]
     ]
     if stability_resamples:
-        of = f" (of {stability_resamples_requested} asked: stopped at a deadline)" if stability_resamples_requested else ""
+        of = f" (of {stability_resamples_requested} asked: {stopped_by} stopped the rest)" if stability_resamples_requested else ""
         lines.append(f"stability: share of {stability_resamples} bootstrap resamples{of} of the mistakes whose own ranking "
                      "has the neuron in its top 5")
     return lines
