@@ -1168,6 +1168,34 @@ def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares
         _shut(engine)
 
 
+def test_a_ranking_stopped_in_its_resamples_both_past_its_run_time_and_cancelled_keeps_nothing(tmp_path, world_set, monkeypatch):
+    # The run time limit keeps the shares drawn; a stop asked for as well (a cancel, the
+    # server's shutdown) still ends the job with no result: whoever asked reads none.
+    from explaind import jobs as jobs_module
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+
+    resampling: list[int] = []
+
+    class RecordingRanker(engine_module.MistakeNeuronRanker):
+        def rank(self, features, labels, **options):
+            given = options.pop("callback_on_resample_chunk_end")
+            return super().rank(features, labels, **options, callback_on_resample_chunk_end=lambda done, total: resampling.append(done) or given(done, total))
+
+    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
+    monkeypatch.setattr(jobs_module.JobContext, "run_time_remaining", lambda self: 0.0 if resampling else 3600.0)
+    monkeypatch.setattr(jobs_module.JobContext, "cancelled", property(lambda self: bool(resampling) or self._live.cancel_event.is_set()))
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        settings = RankSettings(max_iterations=5, stability_resamples=1000)
+        job = inspect.rank_mistake_neurons("train", target_class="heart", execution="operation", settings=settings).record.job_id
+        record = engine.jobs.wait(job, 60).record
+        assert resampling == [50] and (record.state, record.error_code) == ("failed", "ABORTED"), record.error_message
+    finally:
+        _shut(engine)
+
+
 def test_serving_a_stored_head_version_leaves_the_global_random_generator_alone(tmp_path):
     # Reading a stored head built an initialised nn.Linear first, which drew from torch's
     # global generator: every promote or restart of an edited head moved the stream of a
