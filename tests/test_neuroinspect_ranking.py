@@ -459,6 +459,9 @@ def test_rank_reports_cancellation():
     assert not ranking.converged.all()
     assert ranking.num_converged == int(ranking.converged.sum()) < ranking.num_mistakes
     assert ranking.summary().endswith(f"{ranking.num_converged} of {ranking.num_mistakes} counterfactuals flipped the prediction")
+    # A stopped solver draws no resamples (its ω half-solved): no stability, and none said to be cut short.
+    stable = MistakeNeuronRanker(head).rank(features, labels, callback_on_step_end=lambda step, total, n: True, stability_resamples=100)
+    assert stable.cancelled and (stable.stability_resamples, stable.stability_resamples_requested) == (0, 0)
 
 
 @pytest.mark.parametrize(
