@@ -9241,7 +9241,7 @@ def test_a_request_id_s_refusal_names_the_set_to_the_caller_that_sent_the_reques
         sample = SampleRecord(put(b"an image"), 0)
     store.create_sample_set("analysts", "", [sample], request=RequestKey(created, "analyst's", "analyst"), owner="analyst")
     store.append_samples("analysts", [sample], request=RequestKey(appended, "root's", "root"))
-    for caller, named in (("root", True), ("analyst", False), ("pipeline", False)):
+    for caller, named in (("root", True), ("analyst", False), ("pipeline", False), (None, True)):  # None: callers no longer named
         with pytest.raises(InvalidArgument) as caught:
             store.append_samples("analysts", [sample, sample], request=RequestKey(appended, "another", caller))
         assert ("which was applied to sample set 'analysts'" in str(caught.value)) is named, caller
