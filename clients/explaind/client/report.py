@@ -61,7 +61,8 @@ class MistakeReport:
     visualization_results: list[NeuronVisualizations] = dataclasses.field(default_factory=list)
     # Where a visualisation job ran out of device memory and its pairs were retried in
     # halves: the fewest pairs of a request that ran out (0: none did), and the most pairs
-    # of a request that fit after the first ran out (the pairs last tried where none did).
+    # of a request that fit after the first ran out (the pairs last tried where none did;
+    # after the last where as many as had fit ran out, another job's memory taken since).
     visualization_out_of_memory_at: int = 0
     visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
     # Whether the edit's head version stays stored: False once build_report(keep_edit=False)
