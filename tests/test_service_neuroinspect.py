@@ -1135,7 +1135,7 @@ def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_pa
         _shut(engine)
 
 
-def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares_of_those_drawn(tmp_path, world_set, monkeypatch):
+def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares_of_those_drawn(tmp_path, world_set, monkeypatch, caplog):
     # It failed DEADLINE_EXCEEDED, the solved ranking and the resamples drawn lost, where a
     # user would rather have "stability of 50 of 1000 resamples" than nothing.
     from explaind import jobs as jobs_module
@@ -1159,6 +1159,7 @@ def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares
         ranking = _succeeded_result(engine.jobs.wait(job, 60).record, neuroinspect_pb2.NeuronRanking())
         assert chunks == [50]
         assert (ranking.stability_resamples, ranking.stability_resamples_requested) == (50, 1000)
+        assert f"job {job}: the run time limit ([jobs].max_run_seconds) stopped its stability resamples after 50 of 1000" in caplog.text
         chunks.clear()
         first = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline",
                                              settings=RankSettings(max_iterations=5, stability_resamples=50))

@@ -396,6 +396,9 @@ class NeuroInspectEngine:
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None
         stage("response")
+        if ranking.stability_resamples_requested and context is not None:  # succeeds, so say it somewhere an operator reads
+            log.warning("job %s: the run time limit ([jobs].max_run_seconds) stopped its stability resamples after %d of %d",
+                        context.job_id, ranking.stability_resamples, ranking.stability_resamples_requested)
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
         predicted = mistaken_for.cpu()
