@@ -715,7 +715,7 @@ def test_ctrl_c_inside_a_ranking_s_start_bounds_the_start_sent_again_which_inlin
     # again in full: minutes with --stability. Bounded, it is stopped; the note still names the request_id.
     import grpc
 
-    import explaind.client.cli as cli
+    import explaind.client._interrupted as _interrupted
     from explaind.client._errors import error_from_code
 
     timeouts: list[float | None] = []
@@ -729,7 +729,7 @@ def test_ctrl_c_inside_a_ranking_s_start_bounds_the_start_sent_again_which_inlin
     monkeypatch.setattr(Client, "_start_ranking", interrupted_then_ranking_inline_again)
     monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=("request_id",)))
     assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "rank", "some-set", "--class", "index:0"]) == 130
-    assert timeouts == [None, cli.RANKING_REPEAT_TIMEOUT_S], timeouts
+    assert timeouts == [None, _interrupted.RANKING_REPEAT_TIMEOUT_S], timeouts
     assert "a job may have started under request_id " in capsys.readouterr().err
 
 

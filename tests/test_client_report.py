@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -460,7 +461,7 @@ def _interrupted_start_client(job: str, repeat_state: str):
 
     refused = OperationError("sample_set_id: too few samples", grpc.StatusCode.INVALID_ARGUMENT)
     client = SimpleNamespace(
-        rank_mistake_neurons=lambda *a, **k: ranking,
+        _start_ranking=lambda *a, **k: ranking,
         edit_head=interrupted_once if job == "edit_head" else lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
         visualize_neurons=interrupted_once,
         model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world", capabilities=("request_id",)))
@@ -507,20 +508,45 @@ def test_a_report_interrupted_inside_a_start_whose_job_cannot_be_found_sends_to_
         "): explaind operations list shows it, and explaind operations cancel NAME stops it"), note
 
 
-def test_a_report_interrupted_inside_its_ranking_s_start_names_the_request_id_it_chose():
+@pytest.mark.parametrize("repeat_answer", ["job", "inline"])
+def test_a_report_interrupted_inside_its_ranking_s_start_cancels_the_job_and_names_it_as_rank_does(capsys, monkeypatch, repeat_answer):
+    # Only the request_id was named, the job left running. The start sent again under it gets the job (bounded: a small
+    # set's, answered inline, would rank again in full), which is cancelled and named; inline, no job started. A search
+    # past a second says so, in words that are not the CLI's "this command": build_report runs in an SDK caller's program.
+    import explaind.client._interrupted as _interrupted
+
     client, _, _ = _interrupted_start_client("visualize_neurons", "queued")
-    ranked_under: list[str] = []
+    ranking = client._start_ranking()
+    operation = SimpleNamespace(name="operations/00000000000000aa", state="running", done=False, cancel=lambda: cancels.append(operation.name))
+    cancels: list[str] = []
+    starts: list[tuple[str, float | None]] = []
+    looking = "interrupted: looking for the job the report may have started, to cancel it (a second Ctrl-C stops looking)\n"
+    said: list[str] = []
 
-    def interrupted(*args, request_id, **kwargs):
-        ranked_under.append(request_id)
-        raise KeyboardInterrupt
+    def interrupted_once(sample_set_id, target_class, *, request_id, timeout=None, stability_resamples):
+        starts.append((request_id, timeout))
+        if len(starts) == 1:
+            raise KeyboardInterrupt  # where Ctrl-C lands while the answer is on its way
+        for _ in range(1000):  # the search's words, said after INTERRUPTED_START_WORDS_S (0 here), by a timer's thread
+            said.append(capsys.readouterr().err)
+            if "\n" in said[-1]:
+                break
+            time.sleep(0.01)
+        return operation if repeat_answer == "job" else ranking
 
-    client.rank_mistake_neurons = interrupted
+    client._start_ranking, client.timeout = interrupted_once, 60.0
+    monkeypatch.setattr(_interrupted, "INTERRUPTED_START_WORDS_S", 0.0)
     with pytest.raises(KeyboardInterrupt) as raised:
         build_report(client, "heart", "s", steps=2)
-    assert uuid.UUID(ranked_under[0]) and raised.value.__notes__ == [
-        f"a ranking job may have started under request_id {ranked_under[0]}: explaind operations list --kind rank_mistake_neurons "
-        "shows it, and explaind operations cancel NAME stops it"]
+    (first, _), (again, repeat_timeout) = starts
+    assert uuid.UUID(first) and again == first and repeat_timeout == _interrupted.RANKING_REPEAT_TIMEOUT_S == 5.0, starts
+    if repeat_answer == "job":
+        assert cancels == [operation.name] and raised.value.operation is operation
+        assert raised.value.__notes__ == [f"cancel requested for {operation.name} (running); it ends at its next check"]
+    else:
+        assert cancels == [] and not hasattr(raised.value, "operation")
+        assert raised.value.__notes__ == [f"no job started under request_id {first}: the server answers it inline"]
+    assert "".join(said) + capsys.readouterr().err == looking
 
 
 def test_a_set_too_small_to_edit_still_gets_its_report_with_the_reason(client):
@@ -605,7 +631,7 @@ def test_a_wrong_option_of_the_callers_fails_the_report_before_its_visualisation
             recorded = Recorded(client)
             with pytest.raises(error, match=message) as refused:
                 build_report(recorded, "heart", "options", **options)
-            assert refused.value.field == next(iter(options)) and "rank_mistake_neurons" not in recorded.calls
+            assert refused.value.field == next(iter(options)) and "_start_ranking" not in recorded.calls
         recorded = Recorded(client)
         with pytest.raises(InvalidArgumentError, match=r"group_attribute: ") as refused:
             build_report(recorded, "heart", "options", evaluation_sample_set_id="options", group_attribute="mood")
@@ -648,7 +674,7 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
 
     edited = []
 
-    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons, edit_head=edit_head,
+    client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons, edit_head=edit_head,
                              model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
     report = build_report(client, "heart", "s", steps=2)
     assert [len(pairs) for pairs in requests] == [64, 6] and [v.neuron for v in report.visualizations] == list(range(70))
@@ -684,7 +710,7 @@ def test_an_excessive_neuron_is_visualised_on_its_top_class_and_the_others_on_th
         return SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[SimpleNamespace(neuron=n) for n, _ in pairs]))
 
     refused = InvalidArgumentError("sample_set_id: needs at least 5 samples")
-    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
+    client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
                              edit_head=lambda *a, **k: (_ for _ in ()).throw(refused),
                              model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
     build_report(client, "heart", "s", steps=2)
@@ -891,7 +917,7 @@ def test_the_report_asks_for_its_ranking_s_stability():
 
     asked = []
     ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 0, 0, [], {}, [], None)
-    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: asked.append(k["stability_resamples"]) or ranking,
+    client = SimpleNamespace(_start_ranking=lambda *a, **k: asked.append(k["stability_resamples"]) or ranking,
                              model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
     build_report(client, "heart", "s")
     build_report(client, "heart", "s", stability_resamples=0)
@@ -961,7 +987,7 @@ def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
         return SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[SimpleNamespace(neuron=n) for n, _ in pairs]))
 
     refused = OperationError("sample_set_id: the held-out fifth has no sample of class 'heart'", grpc.StatusCode.INVALID_ARGUMENT)
-    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
+    client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
                              edit_head=lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
                              model_metadata=lambda: SimpleNamespace(components={"clip": SimpleNamespace(loaded=False)}, supports_visualization=True, loader="world"))
     report = build_report(client, "heart", "s", steps=2)
@@ -1018,7 +1044,7 @@ def _ranked(client: Client, neurons: list[int]) -> None:
 
     ranked = [RankedNeuron(n, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"]) for n in neurons]
     ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, len(neurons), len(neurons), ranked, {}, [], None)
-    client.rank_mistake_neurons = lambda *args, **kwargs: ranking
+    client._start_ranking = lambda *args, **kwargs: ranking
     client.edit_head = lambda *args, **kwargs: (_ for _ in ()).throw(InvalidArgumentError("sample_set_id: needs at least 5 samples"))
 
 
@@ -1338,7 +1364,7 @@ def test_a_report_pairs_each_visualisation_with_the_epsilon_of_the_request_that_
         made = _visualized([(n, -0.1) for n, _ in pairs], epsilon=next(epsilons), method=method)
         return SimpleNamespace(result=lambda progress: made)
 
-    client = SimpleNamespace(rank_mistake_neurons=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
+    client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
                              edit_head=lambda *a, **k: (_ for _ in ()).throw(InvalidArgumentError("sample_set_id: needs at least 5 samples")),
                              model_metadata=lambda: SimpleNamespace(components={"clip": SimpleNamespace(loaded=True)}, supports_visualization=True, loader="world"))
     report = build_report(client, "tench", "s", steps=2)

@@ -4,11 +4,12 @@ name or cancel it. Used by the CLI's job commands and by ``build_report``."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._client import REQUEST_ID_CAPABILITY
@@ -26,9 +27,14 @@ _Started = TypeVar("_Started", bound="Operation[Any] | NeuronRanking")  # what t
 # runs before saying what it waits on: against a server restarting, each of its calls may
 # take the client's timeout, and the Ctrl-C had seemed ignored.
 INTERRUPTED_START_WORDS_S = 1.0
+# Seconds (at most; the client's timeout if less) that a ranking's start, interrupted, gets
+# when sent again to find its job (:func:`followed_ranking`): the server answers a job's at
+# once, but runs a small set's ranking inline again in full (seconds, minutes with
+# stability resamples), which that call stops.
+RANKING_REPEAT_TIMEOUT_S = 5.0
 
 
-def started_job(client: Client, start: Callable[[str], _Started], request_id: str | None = None, *,
+def started_job(client: Client, start: Callable[[str], _Started], request_id: str | None = None, *, started_by: str,
                 rerun_hint: bool = True, repeat: Callable[[str], _Started] | None = None) -> _Started:
     """The job ``start(request_id)`` (the SDK call that starts it) starts, under
     ``request_id``, else a new UUID chosen here rather than by the SDK, so that a Ctrl-C or
@@ -37,12 +43,13 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
     interrupt's ``operation``. Where that repeat fails, the interrupt's notes give the id
     to find the job by (``rerun_hint``: as the same CLI command with ``--request-id``).
     ``repeat``: the start to send again, if not ``start`` itself (a ranking's, bounded: one
-    answered inline would run again in full)."""
+    answered inline would run again in full). ``started_by``: who started it, in the words
+    printed to stderr should the search outlast a second ("this command", "the report")."""
     request_id = request_id or str(uuid.uuid4())
     try:
         return start(request_id)
     except KeyboardInterrupt as interrupt:
-        saying = threading.Timer(INTERRUPTED_START_WORDS_S, print, ("interrupted: looking for the job this command may have started, to cancel it "
+        saying = threading.Timer(INTERRUPTED_START_WORDS_S, print, (f"interrupted: looking for the job {started_by} may have started, to cancel it "
                                                                     "(a second Ctrl-C stops looking)",), {"file": sys.stderr, "flush": True})
         saying.daemon = True
         saying.start()
@@ -87,16 +94,16 @@ def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, reque
         interrupt.add_note(cancel_outcome(operation))
 
 
-@contextlib.contextmanager
-def naming_interrupted_ranking(request_id: str) -> Iterator[None]:
-    """Name ``request_id`` on a Ctrl-C inside ``rank_mistake_neurons(request_id=...)``'s
-    start: the SDK's call that starts a ranking job also waits on it (a Ctrl-C in the wait
-    cancels the job and names it as ``operation``), so no repeat gets the job to cancel
-    without waiting for it; the request_id finds it."""
-    try:
-        yield
-    except KeyboardInterrupt as interrupt:
-        if not hasattr(interrupt, "operation"):
-            interrupt.add_note(f"a ranking job may have started under request_id {request_id}: explaind operations list --kind "
-                               "rank_mistake_neurons shows it, and explaind operations cancel NAME stops it")
-        raise
+def followed_ranking(client: Client, sample_set_id: str, target_class: str | int, request_id: str | None = None, *, started_by: str,
+                     progress: bool, **options: Any) -> NeuronRanking:
+    """``client.rank_mistake_neurons(sample_set_id, target_class, **options)``'s ranking, its
+    start followed to its job should a Ctrl-C land inside it (:func:`started_job`, its notes
+    sending to the list: no --no-wait makes a ranking's job name itself), and a job's wait
+    showing ``progress`` (a Ctrl-C there cancels the job and names it). The start sent
+    again is bounded by :data:`RANKING_REPEAT_TIMEOUT_S`."""
+    rank = functools.partial(client._start_ranking, sample_set_id, target_class, **options)
+    started = started_job(client, lambda request_id: rank(request_id=request_id), request_id, started_by=started_by, rerun_hint=False,
+                          repeat=lambda request_id: rank(request_id=request_id, timeout=min(client.timeout, RANKING_REPEAT_TIMEOUT_S)))
+    if isinstance(started, NeuronRanking):  # answered inline
+        return started
+    return dataclasses.replace(started.result(progress=progress), operation=started.name)

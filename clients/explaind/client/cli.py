@@ -56,7 +56,7 @@ from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
                       UnauthenticatedError, UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
-from ._interrupted import started_job
+from ._interrupted import followed_ranking, started_job
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, Operation, cancel_outcome
 from ._types import ModelMetadata, escape_controls
@@ -90,14 +90,10 @@ class _Terminated(KeyboardInterrupt):
 # regardless (:func:`_terminating_like_ctrl_c`): --timeout bounds one call, the cancel a
 # stopped wait makes. A start stopped inside its call makes up to three (the server's
 # metadata, the start again, the cancel: :func:`~explaind.client._interrupted.cancel_interrupted_start`), which together
-# can outlast it (a server slow to answer each): the exit then names no request_id, only the listing.
+# can outlast it (a server slow to answer each).
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
-# Seconds (at most; --timeout if less) that `rank`, Ctrl-C'd inside its start, gives the start
-# sent again to find its job: the server answers a job's at once, but runs a small set's
-# ranking inline again in full (seconds, minutes with --stability), which that call stops.
-RANKING_REPEAT_TIMEOUT_S = 5.0
 
 
 @contextlib.contextmanager
@@ -967,7 +963,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with _client(args) as client:
         operation = started_job(client, lambda request_id: client.evaluate_sample_set(
-            args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images, request_id=request_id), args.request_id)
+            args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images, request_id=request_id), args.request_id, started_by="this command")
         evaluation = _announce_and_wait(operation, args)
         if evaluation is None:
             return 0
@@ -1011,13 +1007,10 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 def cmd_rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         target_class = _target_class(client, args)
-        # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start. The start
-        # sent again to find the job is bounded: one the server answers inline would run the whole ranking again.
-        rank = functools.partial(client._start_ranking, args.id, target_class, solver=args.solver, stability_resamples=args.stability)
-        started = started_job(client, lambda request_id: rank(request_id=request_id), args.request_id, rerun_hint=False,  # rank has no --no-wait
-                              repeat=lambda request_id: rank(request_id=request_id, timeout=min(client.timeout, RANKING_REPEAT_TIMEOUT_S)))
-        # progress goes to stderr, so --json's stdout stays JSON alone
-        ranking = started if not isinstance(started, Operation) else dataclasses.replace(started.result(progress=True), operation=started.name)
+        # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start;
+        # progress goes to stderr, so --json's stdout stays JSON alone.
+        ranking = followed_ranking(client, args.id, target_class, args.request_id, started_by="this command", progress=True,
+                                   solver=args.solver, stability_resamples=args.stability)
     if args.json:
         _print_json(_ranking_json(ranking), args)
         return 0
@@ -1101,7 +1094,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             neurons = [(pair[0], _resolved_class(pair[1], names, f"{pair[0]}:")) if isinstance(pair, tuple) else pair for pair in args.neurons]
             operation = started_job(client, lambda request_id: client.visualize_neurons(
                 neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron, gamma=args.gamma,
-                epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed, request_id=request_id), args.request_id)
+                epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed, request_id=request_id), args.request_id, started_by="this command")
             result = _announce_and_wait(operation, args)
     except BaseException:  # no images to write (no server, a refused request, Ctrl-C): no empty directories left either
         for directory in created:
@@ -1168,7 +1161,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
             evaluation_sample_set_id=args.evaluation_sample_set, group_attribute=args.group_attribute, strength=args.strength,
             target_ratio=args.target_ratio, learning_rate=args.learning_rate, max_epochs=args.max_epochs, patience=args.patience,
             seed=args.seed, promote=args.promote, description=args.description, request_id=request_id,
-        ), args.request_id)
+        ), args.request_id, started_by="this command")
         edit = _announce_and_wait(operation, args)
         if edit is not None and args.json:
             _print_json({"operation": operation.name, **_json_value(edit)}, args)

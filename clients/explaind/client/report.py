@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -27,7 +26,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._interrupted import naming_interrupted_ranking, started_job
+from ._interrupted import followed_ranking, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
@@ -37,6 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
 
+
+# Who started a job, in the words printed should a Ctrl-C inside its start be followed to it
+# (an SDK caller's program, or the CLI's report: not "this command").
+REPORT_WORDS = "the report"
 
 # VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).
 VISUALIZATION_PAIRS_PER_REQUEST = 64
@@ -123,10 +126,8 @@ def build_report(
             raise TypeError(f"{field} must be a string, got {named!r}")
         if named:
             _require_sample_set(client, named, field)
-    request_id = str(uuid.uuid4())  # chosen here, to name it should the start be interrupted
-    with naming_interrupted_ranking(request_id):
-        ranking = client.rank_mistake_neurons(sample_set_id, target_class, progress=progress, stability_resamples=stability_resamples,
-                                               request_id=request_id)
+    ranking = followed_ranking(client, sample_set_id, target_class, started_by=REPORT_WORDS, progress=progress,
+                               stability_resamples=stability_resamples)
     edit, evaluated_on, no_edit_reason, edit_command = None, "", "", ""
     edit_kept, edit_discard_error = True, None
     if ranking.neurons:
@@ -226,7 +227,7 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
         pairs = [(n.neuron, _conditioning_class(n, ranking.class_name)) for n in shown[start : start + per_request]]
         try:
             results.append(started_job(client, lambda request_id: client.visualize_neurons(pairs, method=method, steps=steps, request_id=request_id),
-                                       rerun_hint=False).result(progress=progress))
+                                       started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress))
         except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
             if not (_out_of_device_memory(error) and len(pairs) > 1):
                 return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, fits or per_request)
@@ -358,7 +359,7 @@ def _suggest_edit(
         edit = started_job(client, lambda request_id: client.edit_head(
             sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
             evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
-            seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), rerun_hint=False).result(progress=progress)
+            seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress)
     except KeyboardInterrupt as interrupt:  # a job cancelled in time stores no version; one that had succeeded did
         operation = getattr(interrupt, "operation", None)
         if operation is not None and operation.state == "succeeded":
