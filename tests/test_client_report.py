@@ -192,7 +192,7 @@ def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_
         client.delete_sample_set("undiscarded-report")
     (note,) = raised.value.__notes__
     assert re.fullmatch(r"head version (v\d+), the suggested edit, stays stored: deleting it failed "
-                        r"\(FAILED_PRECONDITION: head version \1 is served\); delete it once it can be", note), note
+                        r"\(FAILED_PRECONDITION: head version \1 is served\); explaind head-versions delete \1 once it can be", note), note
 
 
 def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys, monkeypatch):
@@ -445,7 +445,8 @@ def _interrupted_start_client(job: str, repeat_state: str):
     request_ids: list[str] = []
     cancels: list[str] = []
     job_done = repeat_state in ("succeeded", "failed", "cancelled")
-    operation = SimpleNamespace(name="operations/0123456789abcdef", state=repeat_state, done=job_done)
+    operation = SimpleNamespace(name="operations/0123456789abcdef", state=repeat_state, done=job_done,
+                                result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
 
     def cancel():
         cancels.append(operation.name)
@@ -464,7 +465,8 @@ def _interrupted_start_client(job: str, repeat_state: str):
         _start_ranking=lambda *a, **k: ranking,
         edit_head=interrupted_once if job == "edit_head" else lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
         visualize_neurons=interrupted_once,
-        model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world", capabilities=("request_id",)))
+        model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world", capabilities=("request_id",)),
+        target="localhost:50051", _arguments={"tls": False, "root_certificates": None, "certificate_chain": None, "private_key": None})
     return client, request_ids, cancels
 
 
@@ -480,14 +482,46 @@ def test_a_report_interrupted_inside_the_call_that_starts_a_job_cancels_that_job
     assert raised.value.__notes__ == ["cancelled operations/0123456789abcdef"]  # a cancelled edit stored no version: none named
 
 
-def test_a_report_interrupted_inside_the_start_of_an_edit_that_had_succeeded_says_the_edit_stays_stored():
+_EDIT_COMMAND = ("explaind edit-head s --class heart --neurons 7 --seed 0 --description 'suggested by explaind report for heart' "
+                 "--target=localhost:50051")
+
+
+@pytest.mark.parametrize("where", ["start", "wait"])
+@pytest.mark.parametrize("deleting", ["kept", "deleted", "refused"])
+def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_deletes_it_where_told_not_to_keep_it(where, deleting):
+    # The cancel came too late (the job had succeeded when the start was sent again, or as Ctrl-C stopped the wait): the
+    # notes named the job alone, and --discard-edit kept the version. It is named, and deleted where not to be kept.
+    from explaind.client import FailedPreconditionError
+
     client, _, cancels = _interrupted_start_client("edit_head", "succeeded")
+    if where == "wait":  # as the SDK's result() says it: the job ended before its cancel
+        succeeded = SimpleNamespace(name="operations/0123456789abcdef", state="succeeded", done=True,
+                                    result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
+
+        def interrupted_wait(progress):
+            interrupt = KeyboardInterrupt()
+            interrupt.operation = succeeded
+            interrupt.add_note(f"{succeeded.name} had already finished (succeeded); nothing to cancel")
+            raise interrupt
+
+        client.edit_head = lambda *args, **kwargs: SimpleNamespace(result=interrupted_wait)
+    deleted: list[str] = []
+    refused = FailedPreconditionError("head version v7 is served")
+
+    def delete_head_version(version_id):
+        deleted.append(version_id)
+        if deleting == "refused":
+            raise refused
+
+    client.delete_head_version = delete_head_version
     with pytest.raises(KeyboardInterrupt) as raised:
-        build_report(client, "heart", "s", steps=2)
-    assert cancels == []
-    assert raised.value.__notes__ == ["operations/0123456789abcdef had already finished (succeeded); nothing to cancel",
-                                      "the suggested edit stays stored as a head version (not served): explaind operations get "
-                                      "operations/0123456789abcdef names it; delete it if it is not wanted"]
+        build_report(client, "heart", "s", steps=2, keep_edit=deleting == "kept")
+    assert cancels == [] and deleted == ([] if deleting == "kept" else ["v7"])
+    assert raised.value.__notes__ == ["operations/0123456789abcdef had already finished (succeeded); nothing to cancel", {
+        "kept": "head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted",
+        "deleted": f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again",
+        "refused": f"head version v7, the suggested edit, stays stored: deleting it failed ({refused}); explaind head-versions delete v7 "
+                   "once it can be"}[deleting]]
 
 
 def test_a_report_interrupted_inside_a_start_whose_job_cannot_be_found_sends_to_the_list_not_to_an_option_it_lacks():

@@ -17,7 +17,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -33,6 +33,8 @@ from ._types import escape_controls
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from ._operations import Operation
 
 __all__ = ["MistakeReport", "build_report", "render_report"]
 
@@ -137,6 +139,11 @@ def build_report(
                                                validation_sample_set_id, group_attribute, progress)
             edit_command = edit_head_command(sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id,
                                              group_attribute, connection_options(client))
+        except KeyboardInterrupt as interrupt:  # in the edit's start or wait: its job may have succeeded all the same, storing a version
+            _settle_interrupted_edit(client, interrupt, keep_edit, lambda: edit_head_command(
+                sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id, group_attribute,
+                connection_options(client)))
+            raise
         except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
@@ -144,13 +151,7 @@ def build_report(
                 raise
             no_edit_reason = error.details
     if edit is not None and not keep_edit:  # now, not after the images: an interrupt there leaves no version behind
-        with noting_stored_edit(edit, deleting=True):
-            try:
-                client.delete_head_version(edit.version.version_id)
-            except NotFoundError:  # deleted already (a cleanup job, an admin): not kept, as asked
-                pass
-            except ExplaindError as error:  # the page still shows the edit, saying it stays stored and why
-                edit_discard_error = error
+        edit_discard_error = _discard_edit(client, edit)
         edit_kept = edit_discard_error is not None
     with noting_stored_edit(edit, kept=edit_kept, command=edit_command, discard_error=edit_discard_error):
         visualized = _visualize_ranked(client, ranking, max_neurons, steps, progress)
@@ -158,6 +159,40 @@ def build_report(
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
                          visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request,
                          edit_kept, edit_discard_error, edit_command)
+
+
+def _discard_edit(client: Client, edit: HeadEdit) -> ExplaindError | None:
+    """Delete the edit's head version, as ``keep_edit=False`` asks: the server's error where
+    it stays stored (refused: promoted meanwhile; or unanswered), None where it is gone (one
+    deleted already, NOT_FOUND, counts: a cleanup job or an admin was quicker). A Ctrl-C
+    inside the deletion names the version as it may stay stored."""
+    with noting_stored_edit(edit, deleting=True):
+        try:
+            client.delete_head_version(edit.version.version_id)
+        except NotFoundError:
+            pass
+        except ExplaindError as error:
+            return error
+    return None
+
+
+def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_edit: bool, edit_command: Callable[[], str]) -> None:
+    """Name, on ``interrupt``, the head version of an edit whose job succeeded though the
+    interrupt stopped the report in its start or its wait (the cancel came too late), and,
+    not ``keep_edit``, delete it first, as the report was asked (``edit_command()``: the
+    command that stores it again). A job cancelled in time stored none."""
+    operation: Operation[HeadEdit] | None = getattr(interrupt, "operation", None)
+    if operation is None or operation.state != "succeeded":
+        return
+    try:
+        edit = operation.result(download=False)  # the result the cancel's answer holds: its version
+    except ExplaindError as error:
+        interrupt.add_note(f"the suggested edit stays stored as a head version (not served), which reading its result failed to name ({error}): "
+                           f"explaind operations get {operation.name} names it; delete it if it is not wanted")
+        return
+    discard_error = None if keep_edit else _discard_edit(client, edit)
+    interrupt.add_note(_stored_edit_note(edit, kept=keep_edit or discard_error is not None, command="" if keep_edit else edit_command(),
+                                         discard_error=discard_error))
 
 
 @contextlib.contextmanager
@@ -173,18 +208,22 @@ def noting_stored_edit(edit: HeadEdit | None, *, kept: bool = True, command: str
         yield
     except BaseException as error:
         if edit is not None:
-            version = edit.version.version_id
-            if deleting:
-                error.add_note(f"head version {version}, the suggested edit, may stay stored: the report stopped as it deleted it; "
-                               f"explaind head-versions delete {version} if it is still listed")
-            elif not kept:
-                error.add_note(f"head version {version}, the suggested edit, was not kept; {shown_command(command)} stores it again")
-            elif discard_error is not None:
-                error.add_note(f"head version {version}, the suggested edit, stays stored: deleting it failed ({discard_error}); "
-                               "delete it once it can be")
-            else:
-                error.add_note(f"head version {version}, the suggested edit, stays stored (not served); delete it if it is not wanted")
+            error.add_note(_stored_edit_note(edit, kept=kept, command=command, discard_error=discard_error, deleting=deleting))
         raise
+
+
+def _stored_edit_note(edit: HeadEdit, *, kept: bool, command: str, discard_error: ExplaindError | None, deleting: bool = False) -> str:
+    """What became of the suggested edit's head version, as :func:`noting_stored_edit` says it."""
+    version = edit.version.version_id
+    if deleting:
+        return (f"head version {version}, the suggested edit, may stay stored: the report stopped as it deleted it; "
+                f"explaind head-versions delete {version} if it is still listed")
+    if not kept:
+        return f"head version {version}, the suggested edit, was not kept; {shown_command(command)} stores it again"
+    if discard_error is not None:
+        return (f"head version {version}, the suggested edit, stays stored: deleting it failed ({discard_error}); "
+                f"explaind head-versions delete {version} once it can be")
+    return f"head version {version}, the suggested edit, stays stored (not served); delete it if it is not wanted"
 
 
 @dataclass(frozen=True)
@@ -355,17 +394,10 @@ def _suggest_edit(
     group_attribute: str, progress: bool,
 ) -> tuple[HeadEdit, str]:
     """The edit, and which samples its before/after evaluation used."""
-    try:
-        edit = started_job(client, lambda request_id: client.edit_head(
-            sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
-            evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
-            seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress)
-    except KeyboardInterrupt as interrupt:  # a job cancelled in time stores no version; one that had succeeded did
-        operation = getattr(interrupt, "operation", None)
-        if operation is not None and operation.state == "succeeded":
-            interrupt.add_note(f"the suggested edit stays stored as a head version (not served): explaind operations get {operation.name} "
-                               "names it; delete it if it is not wanted")
-        raise
+    edit = started_job(client, lambda request_id: client.edit_head(
+        sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
+        evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
+        seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress)
     with noting_stored_edit(edit):
         return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
 
