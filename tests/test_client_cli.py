@@ -1154,6 +1154,69 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and capsys.readouterr() == ("", "")
 
 
+@pytest.mark.parametrize("stuck_in", ["start_again", "cancel"])
+def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_request_id_or_job(monkeypatch, capsys, stuck_in):
+    # SIGTERM inside a job's start: the search for its job (metadata, the start again, the cancel), each call up to
+    # --timeout, outlasted the exit at --timeout + 5 s, whose words named no request_id: only the listing.
+    import explaind.client.cli as cli
+    from explaind.client._interrupted import started_job
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False)
+    starts: list[str] = []
+
+    def stuck(*_args):  # a server slow to answer: until the exit
+        _wait_for_an_exit(exits)
+
+    def start(request_id):
+        starts.append(request_id)
+        if len(starts) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+        if stuck_in == "start_again":
+            stuck()
+        return job
+
+    job.cancel = stuck
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+        with pytest.raises(cli._Terminated):
+            started_job(client, start, started_by="this command", rerun_hint=False)
+    out, err = capsys.readouterr()
+    assert exits == [143] and len(starts) == 2, (exits, starts)
+    note = (f"a job may have started under request_id {starts[0]}, looked for to cancel it, which was cut short: explaind operations "
+            "list shows it, and explaind operations cancel NAME stops it" if stuck_in == "start_again" else
+            f"{job.name} may still be running: cancelling it was cut short; explaind operations cancel {job.name} stops it")
+    assert err == ("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may still run: explaind "
+                   f"operations list)\n  {note}\n"), err
+    error = json.loads(out)["error"]
+    assert (error["message"], error["notes"], error["operation"]) == ("terminated", [note], None if stuck_in == "start_again" else job.name)
+
+
+def test_sigterm_after_ctrl_c_exits_143_as_sigterm_does(monkeypatch, capsys):
+    # The SIGTERM, in the Ctrl-C's search for the job its start left, was taken as a second Ctrl-C: exit 130, "interrupted".
+    starts: list[str] = []
+
+    def interrupted_then_terminated(self, *args, request_id, **kwargs):
+        starts.append(request_id)
+        if len(starts) == 1:
+            raise KeyboardInterrupt  # Ctrl-C inside the start
+        os.kill(os.getpid(), signal.SIGTERM)  # then SIGTERM (a systemd stop) while the start is sent again
+        time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", interrupted_then_terminated)
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=("request_id",)))
+    assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]) == 143
+    out, err = capsys.readouterr()
+    note = (f"a job may have started under request_id {starts[0]}, not found (interrupted again): this command again with --request-id "
+            f"{starts[0]} --no-wait names it (starting it if none did), and explaind operations cancel NAME stops it")
+    assert err == f"terminated\n  {note}\n", err
+    error = json.loads(out)["error"]
+    assert (error["code"], error["message"], error["notes"]) == ("INTERRUPTED", "terminated", [note]), error
+
+
 def test_sigterm_in_the_channel_s_close_after_the_json_was_written_prints_no_second_value(server, capsys, monkeypatch):
     # The command's value was out; the error a SIGTERM met closing the channel followed it as a
     # second value, and `explaind info --json | jq` or json.loads of the whole output failed.

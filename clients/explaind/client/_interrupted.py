@@ -27,6 +27,9 @@ _Started = TypeVar("_Started", bound="Operation[Any] | NeuronRanking")  # what t
 # runs before saying what it waits on: against a server restarting, each of its calls may
 # take the client's timeout, and the Ctrl-C had seemed ignored.
 INTERRUPTED_START_WORDS_S = 1.0
+# The interrupts whose job :func:`started_job` is looking for now (the CLI's main thread's:
+# one at a time), for words that cannot wait for the search to end (:func:`interrupt_being_followed`).
+_followed: list[KeyboardInterrupt] = []
 # Seconds (at most; the client's timeout if less) that a ranking's start, interrupted, gets
 # when sent again to find its job (:func:`followed_ranking`): the server answers a job's at
 # once, but runs a small set's ranking inline again in full (seconds, minutes with
@@ -53,18 +56,50 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
                                                                     "(a second Ctrl-C stops looking)",), {"file": sys.stderr, "flush": True})
         saying.daemon = True
         saying.start()
+        _followed.append(interrupt)
         try:
             cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint)
         finally:
             saying.cancel()
+            _followed.remove(interrupt)
         raise
+
+
+def interrupt_being_followed() -> KeyboardInterrupt | None:
+    """The interrupt whose job :func:`started_job` is looking for now (None: none), for an
+    exit that cuts the search short (the CLI's, at SIGTERM's deadline): meanwhile its notes
+    name the request_id, or the job once found, and its ``operation`` is that job."""
+    return _followed[-1] if _followed else None
 
 
 def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any] | NeuronRanking], *,
                              rerun_hint: bool = True) -> None:
     """Cancel the job an ``interrupt`` in ``start(request_id)`` may have left started (see
     :func:`started_job`), saying on ``interrupt`` what became of it. A second Ctrl-C here
-    stops the search, not the words (a second SIGTERM raises nothing: the first's bound runs)."""
+    stops the search, not the words (a second SIGTERM raises nothing: the first's bound runs).
+    While it runs, a last note says what an exit cutting it short leaves (see
+    :func:`interrupt_being_followed`), in place of the words it ends with."""
+    meanwhile: list[str] = []  # that last note, if any
+
+    def say_meanwhile(note: str | None) -> None:
+        for said in meanwhile:
+            interrupt.__notes__.remove(said)
+        meanwhile[:] = [] if note is None else [note]
+        if note is not None:
+            interrupt.add_note(note)
+
+    say_meanwhile(f"a job may have started under request_id {request_id}, looked for to cancel it, which was cut short: explaind operations list shows it, and explaind "
+                  "operations cancel NAME stops it")
+    try:
+        _cancel_interrupted_start(interrupt, client, request_id, start, rerun_hint, say_meanwhile)
+    finally:
+        say_meanwhile(None)
+
+
+def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any] | NeuronRanking],
+                              rerun_hint: bool, say_meanwhile: Callable[[str | None], None]) -> None:
+    """:func:`cancel_interrupted_start`'s search, ``say_meanwhile`` keeping its note of what
+    an exit cutting it short leaves."""
     maybe_started = f"a job may have started under request_id {request_id}"
     try:
         if REQUEST_ID_CAPABILITY not in client.model_metadata().capabilities:  # a repeat would start a second job
@@ -84,6 +119,7 @@ def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, reque
         interrupt.add_note(f"no job started under request_id {request_id}: the server answers it inline")
         return
     interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
+    say_meanwhile(f"{operation.name} may still be running: cancelling it was cut short; explaind operations cancel {operation.name} stops it")
     try:
         if not operation.done:  # one ended already (a --request-id's earlier run's) says so
             operation.cancel()

@@ -56,7 +56,7 @@ from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
                       UnauthenticatedError, UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
-from ._interrupted import followed_ranking, started_job
+from ._interrupted import followed_ranking, interrupt_being_followed, started_job
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
 from ._operations import OPERATION_STATES, Operation, cancel_outcome
 from ._types import ModelMetadata, escape_controls
@@ -90,7 +90,7 @@ class _Terminated(KeyboardInterrupt):
 # regardless (:func:`_terminating_like_ctrl_c`): --timeout bounds one call, the cancel a
 # stopped wait makes. A start stopped inside its call makes up to three (the server's
 # metadata, the start again, the cancel: :func:`~explaind.client._interrupted.cancel_interrupted_start`), which together
-# can outlast it (a server slow to answer each).
+# can outlast it (a server slow to answer each): the exit's words then name the request_id, or the job once found.
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
@@ -122,10 +122,13 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
     running = [True]
 
     def say_why() -> None:
+        # A search for the job an interrupted start left, cut short: its notes name the request_id, or the job.
+        followed = interrupt_being_followed()
+        stopped = _Terminated("terminated") if followed is None else _as_terminated(followed)
         print("terminated\n  (the command did not end within "
               f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
-              file=sys.stderr, flush=True)
-        _print_failure_json(_Terminated("terminated"), args)
+              *(f"  {note}" for note in getattr(stopped, "__notes__", ())), sep="\n", file=sys.stderr, flush=True)
+        _print_failure_json(stopped, args)
         try:  # what the command printed before (os._exit skips the flush at exit)
             sys.stdout.flush()
         except (OSError, ValueError):  # a reader gone, a full disk; a closed stdout
@@ -139,6 +142,7 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
         os._exit(128 + signal.SIGTERM)
 
     def terminated(_signum: int, _frame: object) -> None:
+        args.terminated = True  # what the command's end says, where a Ctrl-C's cleanup took the SIGTERM as a second interrupt
         if deadline:  # the first one's stop goes on, bounded by its timer
             return
         # At most what a thread's wait takes (292 years): --timeout 1e10, "no limit", failed the timer's thread.
@@ -155,6 +159,19 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
         for timer in deadline:  # ended in time
             timer.cancel()
+
+
+def _as_terminated(interrupt: KeyboardInterrupt) -> _Terminated:
+    """``interrupt`` as SIGTERM's: a Ctrl-C whose cleanup a SIGTERM then stopped (taken there
+    as a second interrupt) ends as a SIGTERM does, exit status 143, with its notes and job."""
+    if isinstance(interrupt, _Terminated):
+        return interrupt
+    terminated = _Terminated("terminated")
+    for note in getattr(interrupt, "__notes__", ()):
+        terminated.add_note(note)
+    if (operation := getattr(interrupt, "operation", None)) is not None:
+        terminated.operation = operation  # type: ignore[attr-defined]
+    return terminated
 
 
 @contextlib.contextmanager
@@ -2211,6 +2228,8 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
         print(f"error: cannot write standard output: {error.strerror or error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as _Terminated
+        if getattr(args, "terminated", False):  # a SIGTERM after a Ctrl-C: it stopped the command (130 read as the user's stop)
+            interrupt = _as_terminated(interrupt)
         print(_failure_words(interrupt), file=sys.stderr)
         for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted, a job cancelled or going on
             print(f"  {note}", file=sys.stderr)
