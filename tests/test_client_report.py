@@ -487,7 +487,7 @@ _EDIT_COMMAND = ("explaind edit-head s --class heart --neurons 7 --seed 0 --desc
 
 
 @pytest.mark.parametrize("where", ["start", "wait"])
-@pytest.mark.parametrize("deleting", ["kept", "deleted", "refused"])
+@pytest.mark.parametrize("deleting", ["kept", "deleted", "refused", "interrupted"])
 def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_deletes_it_where_told_not_to_keep_it(where, deleting):
     # The cancel came too late (the job had succeeded when the start was sent again, or as Ctrl-C stopped the wait): the
     # notes named the job alone, and --discard-edit kept the version. It is named, and deleted where not to be kept.
@@ -512,6 +512,8 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
         deleted.append(version_id)
         if deleting == "refused":
             raise refused
+        if deleting == "interrupted":
+            raise KeyboardInterrupt  # a second Ctrl-C
 
     client.delete_head_version = delete_head_version
     with pytest.raises(KeyboardInterrupt) as raised:
@@ -521,7 +523,9 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
         "kept": "head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted",
         "deleted": f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again",
         "refused": f"head version v7, the suggested edit, stays stored: deleting it failed ({refused}); explaind head-versions delete v7 "
-                   "once it can be"}[deleting]]
+                   "once it can be",
+        "interrupted": "head version v7, the suggested edit, may stay stored: the report stopped as it deleted it; explaind "
+                       "head-versions delete v7 if it is still listed"}[deleting]]
 
 
 def test_a_report_interrupted_inside_a_start_whose_job_cannot_be_found_sends_to_the_list_not_to_an_option_it_lacks():

@@ -190,7 +190,12 @@ def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_
         interrupt.add_note(f"the suggested edit stays stored as a head version (not served), which reading its result failed to name ({error}): "
                            f"explaind operations get {operation.name} names it; delete it if it is not wanted")
         return
-    discard_error = None if keep_edit else _discard_edit(client, edit)
+    try:
+        discard_error = None if keep_edit else _discard_edit(client, edit)
+    except KeyboardInterrupt as again:  # a second Ctrl-C in the deletion: its note, that the version may stay stored, on the first
+        for note in again.__notes__:
+            interrupt.add_note(note)
+        return
     interrupt.add_note(_stored_edit_note(edit, kept=keep_edit or discard_error is not None, command="" if keep_edit else edit_command(),
                                          discard_error=discard_error))
 
