@@ -195,6 +195,44 @@ def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_
                         r"\(FAILED_PRECONDITION: head version \1 is served\); explaind head-versions delete \1 once it can be", note), note
 
 
+@pytest.mark.parametrize("where", ["wait", "evaluated_on"])
+def test_a_report_told_not_to_keep_its_edit_deletes_it_when_ctrl_c_lands_as_the_edit_ended(client, monkeypatch, where):
+    # Against a real server (the SDK's own cancel and result): Ctrl-C as the edit's wait ended (the job had succeeded), or
+    # just after, as the report read which samples it was evaluated on. keep_edit=False asked for no version kept.
+    from explaind.client._operations import Operation
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=60).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id=f"interrupted-discard-{where}")
+    before = {v.version_id for v in client.head_versions()}
+    real_edit_head = Client.edit_head
+
+    def edit_head(self, *args, **kwargs):
+        operation = real_edit_head(self, *args, **kwargs)
+
+        def waited_then_interrupted(timeout=None):
+            Operation.wait(operation, timeout)
+            del operation.wait  # once
+            if where == "wait":
+                raise KeyboardInterrupt  # as the job ended
+            monkeypatch.setattr(Client, "sample_set", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+            return operation
+
+        operation.wait = waited_then_interrupted
+        return operation
+
+    monkeypatch.setattr(Client, "edit_head", edit_head)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            build_report(client, "heart", f"interrupted-discard-{where}", max_neurons=1, steps=2, stability_resamples=0, keep_edit=False)
+        assert {v.version_id for v in client.head_versions()} == before, raised.value.__notes__
+        assert re.fullmatch(r"head version v\d+, the suggested edit, was not kept; explaind edit-head .* stores it again",
+                            raised.value.__notes__[-1]), raised.value.__notes__
+    finally:
+        for stored in {v.version_id for v in client.head_versions()} - before:
+            client.delete_head_version(stored)
+
+
 def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_that_stores_it_again(client, capsys, monkeypatch):
     # A nightly report stored one head version per night, which the pipeline had to delete itself.
     import json

@@ -178,7 +178,8 @@ def _discard_edit(client: Client, edit: HeadEdit) -> ExplaindError | None:
 
 def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_edit: bool, edit_command: Callable[[], str]) -> None:
     """Name, on ``interrupt``, the head version of an edit whose job succeeded though the
-    interrupt stopped the report in its start or its wait (the cancel came too late), and,
+    interrupt stopped the report in its start or its wait (the cancel came too late), or
+    just after (its ``operation`` then the edit's job, set by :func:`_suggest_edit`), and,
     not ``keep_edit``, delete it first, as the report was asked (``edit_command()``: the
     command that stores it again). A job cancelled in time stored none."""
     operation: Operation[HeadEdit] | None = getattr(interrupt, "operation", None)
@@ -399,12 +400,19 @@ def _suggest_edit(
     group_attribute: str, progress: bool,
 ) -> tuple[HeadEdit, str]:
     """The edit, and which samples its before/after evaluation used."""
-    edit = started_job(client, lambda request_id: client.edit_head(
+    operation = started_job(client, lambda request_id: client.edit_head(
         sample_set_id, target_class=class_name, neurons=neurons, group_attribute=group_attribute,
         evaluation_sample_set_id=evaluation_sample_set_id, validation_sample_set_id=validation_sample_set_id,
-        seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress)
-    with noting_stored_edit(edit):
+        seed=EDIT_SEED, description=_edit_description(class_name), request_id=request_id), started_by=REPORT_WORDS, rerun_hint=False)
+    edit = operation.result(progress=progress)
+    try:
         return edit, edit_evaluated_on(client, sample_set_id, evaluation_sample_set_id, validation_sample_set_id)
+    except KeyboardInterrupt as interrupt:  # its job succeeded: build_report names its version, or deletes it as asked
+        interrupt.operation = operation  # type: ignore[attr-defined]
+        raise
+    except BaseException as error:
+        error.add_note(_stored_edit_note(edit, kept=True, command="", discard_error=None))
+        raise
 
 
 def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_id: str, validation_sample_set_id: str) -> str:
