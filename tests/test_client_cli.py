@@ -1195,6 +1195,39 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     assert (error["message"], error["notes"], error["operation"]) == ("terminated", [note], None if stuck_in == "start_again" else job.name)
 
 
+def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_found(monkeypatch, capsys):
+    # The search ended (its job not found: a server slow to answer), then the channel's close stood still (a lock a
+    # SIGTERM inside gRPC's call setup left held): the exit's words named neither the request_id nor what became of it.
+    import explaind.client.cli as cli
+    from explaind.client._errors import DeadlineExceededError
+    from explaind.client._interrupted import started_job
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    starts: list[str] = []
+
+    def start(request_id):
+        starts.append(request_id)
+        if len(starts) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+        raise DeadlineExceededError("no answer")
+
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+        with pytest.raises(cli._Terminated):
+            try:
+                started_job(client, start, started_by="this command", rerun_hint=False)
+            finally:
+                _wait_for_an_exit(exits)  # the channel's close, stuck
+    out, err = capsys.readouterr()
+    note = (f"a job may have started under request_id {starts[0]}, not found (DEADLINE_EXCEEDED: no answer): explaind operations list "
+            "shows it, and explaind operations cancel NAME stops it")
+    assert exits == [143] and err.endswith(f"operations list)\n  {note}\n"), err
+    assert json.loads(out)["error"]["notes"] == [note]
+
+
 def test_sigterm_after_ctrl_c_exits_143_as_sigterm_does(monkeypatch, capsys):
     # The SIGTERM, in the Ctrl-C's search for the job its start left, was taken as a second Ctrl-C: exit 130, "interrupted".
     starts: list[str] = []

@@ -120,10 +120,13 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
         return
     deadline: list[threading.Timer] = []
     running = [True]
+    # The interrupt that stops the command: the one SIGTERM raised, or the Ctrl-C whose search for its start's job the
+    # SIGTERM landed in. Its notes say what the stop did, should the command not end after it (the channel's close stuck).
+    stopping: list[KeyboardInterrupt] = []
 
     def say_why() -> None:
         # A search for the job an interrupted start left, cut short: its notes name the request_id, or the job.
-        followed = interrupt_being_followed()
+        followed = interrupt_being_followed() or next(iter(stopping), None)
         stopped = _Terminated("terminated") if followed is None else _as_terminated(followed)
         print("terminated\n  (the command did not end within "
               f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
@@ -150,7 +153,9 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
         deadline[0].daemon = True
         deadline[0].start()
         if running[0]:
-            raise _Terminated("terminated")
+            terminating = _Terminated("terminated")
+            stopping.append(interrupt_being_followed() or terminating)
+            raise terminating
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
