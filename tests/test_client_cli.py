@@ -1228,6 +1228,33 @@ def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_
     assert json.loads(out)["error"]["notes"] == [note]
 
 
+def test_a_second_ctrl_c_as_the_search_for_a_start_s_job_ends_leaves_it_followed_no_more(monkeypatch):
+    # One landing as the search's words were called off skipped forgetting the interrupt: a later SIGTERM's exit (main
+    # called in-process again, from a notebook) printed that stale interrupt's notes as its own.
+    import explaind.client._interrupted as _interrupted
+
+    class Timer:  # the search's words, whose calling off the second Ctrl-C lands in
+        daemon = False
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            raise KeyboardInterrupt
+
+    def start(request_id):
+        raise KeyboardInterrupt  # the first Ctrl-C, inside the start
+
+    monkeypatch.setattr(_interrupted, "threading", types.SimpleNamespace(Timer=Timer))
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=()))
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted.started_job(client, start, started_by="the report")
+    assert _interrupted.interrupt_being_followed() is None
+
+
 def test_sigterm_after_ctrl_c_exits_143_as_sigterm_does(monkeypatch, capsys):
     # The SIGTERM, in the Ctrl-C's search for the job its start left, was taken as a second Ctrl-C: exit 130, "interrupted".
     starts: list[str] = []

@@ -59,9 +59,9 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
         _followed.append(interrupt)
         try:
             cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint)
-        finally:
-            saying.cancel()
+        finally:  # forgotten first: a second Ctrl-C may land in calling the words off
             _followed.remove(interrupt)
+            saying.cancel()
         raise
 
 
