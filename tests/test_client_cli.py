@@ -1228,6 +1228,37 @@ def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_
     assert json.loads(out)["error"]["notes"] == [note]
 
 
+def test_an_exit_stuck_after_a_sigterm_stopped_a_ctrl_c_s_search_names_what_the_ctrl_c_left(monkeypatch, capsys):
+    # The SIGTERM, taken in the Ctrl-C's search as a second interrupt, ended it; the channel's close then stood still.
+    import explaind.client.cli as cli
+    from explaind.client._interrupted import started_job
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    starts: list[str] = []
+
+    def start(request_id):
+        starts.append(request_id)
+        if len(starts) == 1:
+            raise KeyboardInterrupt  # Ctrl-C inside the start
+        os.kill(os.getpid(), signal.SIGTERM)  # then SIGTERM while the start is sent again
+        time.sleep(60)  # the signal ends it
+
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                started_job(client, start, started_by="this command", rerun_hint=False)
+            finally:
+                _wait_for_an_exit(exits)  # the channel's close, stuck
+    out, err = capsys.readouterr()
+    note = (f"a job may have started under request_id {starts[0]}, not found (interrupted again): explaind operations list shows it, "
+            "and explaind operations cancel NAME stops it")
+    assert exits == [143] and err.endswith(f"operations list)\n  {note}\n"), err
+    assert json.loads(out)["error"]["notes"] == [note]
+
+
 def test_a_second_ctrl_c_as_the_search_for_a_start_s_job_ends_leaves_it_followed_no_more(monkeypatch):
     # One landing as the search's words were called off skipped forgetting the interrupt: a later SIGTERM's exit (main
     # called in-process again, from a notebook) printed that stale interrupt's notes as its own.

@@ -66,9 +66,10 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
 
 
 def interrupt_being_followed() -> KeyboardInterrupt | None:
-    """The interrupt whose job :func:`started_job` is looking for now (None: none), for an
-    exit that cuts the search short (the CLI's, at SIGTERM's deadline): meanwhile its notes
-    name the request_id, or the job once found, and its ``operation`` is that job."""
+    """The interrupt whose job :func:`started_job` is looking for now (None: none), for a
+    SIGTERM landing in the search (the CLI's), whose exit, should the command not end in
+    time, says what that interrupt left: meanwhile its notes name the request_id, or the
+    job once found, and its ``operation`` is that job."""
     return _followed[-1] if _followed else None
 
 
