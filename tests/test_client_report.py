@@ -566,6 +566,42 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
                        "head-versions delete v7 if it is still listed"}[deleting]]
 
 
+def test_a_report_interrupted_as_its_edit_succeeded_whose_result_cannot_be_read_sends_to_the_job_for_the_version():
+    from explaind.client import UnavailableError
+
+    client, _, _ = _interrupted_start_client("edit_head", "succeeded")
+    unread = UnavailableError("the server is restarting")
+    succeeded = SimpleNamespace(name="operations/0123456789abcdef", state="succeeded", done=True,
+                                result=lambda download: (_ for _ in ()).throw(unread))
+
+    def interrupted_wait(progress):
+        interrupt = KeyboardInterrupt()
+        interrupt.operation = succeeded
+        raise interrupt
+
+    client.edit_head = lambda *args, **kwargs: SimpleNamespace(result=interrupted_wait)
+    client.delete_head_version = lambda version_id: pytest.fail("no version to delete is known")
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2, keep_edit=False)
+    assert raised.value.__notes__ == [f"the suggested edit stays stored as a head version (not served), which reading its result failed to "
+                                      f"name ({unread}): explaind operations get operations/0123456789abcdef names it; delete it if it is "
+                                      "not wanted"]
+
+
+def test_a_report_whose_edit_succeeded_and_then_failed_to_say_what_evaluated_it_says_the_version_stays_stored():
+    # Not an interrupt: the error of reading the set, with the version named, which no page shows.
+    from explaind.client import NotFoundError
+
+    client, _, _ = _interrupted_start_client("visualize_neurons", "queued")
+    gone = NotFoundError("sample set s was deleted")
+    edit = SimpleNamespace(version=SimpleNamespace(version_id="v7"))
+    client.edit_head = lambda *args, **kwargs: SimpleNamespace(result=lambda progress: edit)
+    client.sample_set = lambda sample_set_id: (_ for _ in ()).throw(gone)
+    with pytest.raises(NotFoundError) as raised:
+        build_report(client, "heart", "s", steps=2)
+    assert raised.value.__notes__ == ["head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted"]
+
+
 def test_a_report_interrupted_inside_a_start_whose_job_cannot_be_found_sends_to_the_list_not_to_an_option_it_lacks():
     from explaind.client import UnavailableError
 
