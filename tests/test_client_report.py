@@ -195,10 +195,11 @@ def test_a_report_interrupted_after_its_edit_failed_to_be_discarded_says_so_not_
                         r"\(FAILED_PRECONDITION: head version \1 is served\); explaind head-versions delete \1 once it can be", note), note
 
 
-@pytest.mark.parametrize("where", ["wait", "evaluated_on"])
+@pytest.mark.parametrize("where", ["start", "wait", "evaluated_on"])
 def test_a_report_told_not_to_keep_its_edit_deletes_it_when_ctrl_c_lands_as_the_edit_ended(client, monkeypatch, where):
-    # Against a real server (the SDK's own cancel and result): Ctrl-C as the edit's wait ended (the job had succeeded), or
-    # just after, as the report read which samples it was evaluated on. keep_edit=False asked for no version kept.
+    # Against a real server (the SDK's own start sent again, cancel and result): Ctrl-C in the edit's start, its answer
+    # unread, once the job had succeeded; as its wait ended; or just after, as the report read which samples it was
+    # evaluated on. keep_edit=False asked for no version kept.
     from explaind.client._operations import Operation
     from explaind.world.scenarios import get_scenario
 
@@ -209,6 +210,10 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_when_ctrl_c_lands_as_the_
 
     def edit_head(self, *args, **kwargs):
         operation = real_edit_head(self, *args, **kwargs)
+        if where == "start":
+            monkeypatch.setattr(Client, "edit_head", real_edit_head)  # the start sent again gets the job
+            operation.wait()
+            raise KeyboardInterrupt
 
         def waited_then_interrupted(timeout=None):
             Operation.wait(operation, timeout)
