@@ -83,11 +83,11 @@ def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, reque
     meanwhile: list[str] = []  # that last note, if any
 
     def say_meanwhile(note: str | None) -> None:
+        if note is not None:  # added before the old one goes, so a stuck exit reading the notes between finds one
+            interrupt.add_note(note)
         for said in meanwhile:
             interrupt.__notes__.remove(said)
         meanwhile[:] = [] if note is None else [note]
-        if note is not None:
-            interrupt.add_note(note)
 
     say_meanwhile(f"a job may have started under request_id {request_id}, looked for to cancel it, which was cut short: explaind operations list shows it, and explaind "
                   "operations cancel NAME stops it")
