@@ -2776,6 +2776,89 @@ def test_a_calls_read_bound_to_fail_waiting_for_decode_memory_ends_before_the_ca
         taken.release()
 
 
+def test_a_read_whose_first_image_that_does_not_decode_is_in_its_last_batch_past_the_run_time_limit_names_it(engine, monkeypatch):
+    # The job's run-time limit passing as its last batch decoded ended it DEADLINE_EXCEEDED
+    # at its next check, losing the image found in that batch, which any retry meets again.
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "last-late", 2)
+    context, load = _OutOfTimeContext(), engine.load_sample_image
+
+    def load_running_out_of_time(digest, *args, **kwargs):
+        if digest == digests[1]:
+            context.remaining = 0.0
+        return load(digest, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_running_out_of_time)
+    with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: image is 32x32; the largest side allowed is 24; "
+                                                 r"use a set without it$"):
+        engine.sample_set_features("last-late", batch_size=1, context=context)
+
+
+def test_a_read_bound_to_fail_expects_its_next_batch_to_take_as_long_as_its_slowest_not_its_last(engine, monkeypatch):
+    # The margin before the deadline was twice the last batch's time: a quick batch (the
+    # refused image's, 1 s of core's clock) after a slow one (3 s) let the read begin one
+    # as slow, ending past the call's deadline, where gRPC has ended the call.
+    import types
+
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "uneven", 6)
+    clock = [0.0]
+    monkeypatch.setattr(core, "time", types.SimpleNamespace(**{**{name: value for name, value in vars(time).items() if not name.startswith("__")},
+                                                               "monotonic": lambda: clock[0]}))
+    load, loaded = engine.load_sample_image, []
+
+    def load_slow_but_the_refused(digest, *args, **kwargs):
+        loaded.append(digest)
+        clock[0] += 1.0 if digest == digests[1] else 3.0
+        return load(digest, *args, **kwargs)
+
+    class CallOfCoresClock:
+        def time_remaining(self):
+            return max(0.0, 6.5 - clock[0])
+
+        def is_active(self):
+            return self.time_remaining() > 0
+
+    monkeypatch.setattr(engine, "load_sample_image", load_slow_but_the_refused)
+    with pytest.raises(FailedPrecondition, match=r"\(the only one found checking 2 of the 6 images read; the rest were not checked\)$"):
+        engine.sample_set_features("uneven", batch_size=1, call=CallOfCoresClock())
+    assert loaded == digests[:2]
+
+
+def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_search_may_last(engine, monkeypatch):
+    # A job without a run-time limit, past the first image that does not decode, waited for
+    # decode memory as long as other work held it, past UNDECODABLE_SEARCH_SECONDS. Here the
+    # memory comes free 20 s later: the search ends first, having checked the first batch.
+    import explaind.decode_memory as decode_memory
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "starved-job", 6)
+    monkeypatch.setattr(core, "_DECODE_THREADS", 1)  # the images decode in order
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.5)
+    monkeypatch.setattr(decode_memory, "UNRESERVED_DECODE_BYTES", 0)  # each decode reserves
+    taken = engine.decode_memory.lease(core._JobDecodeWait(None))
+    freed = threading.Timer(20.0, taken.release)
+    load = engine.load_sample_image
+
+    def load_then_take_the_memory(digest, *args, **kwargs):
+        try:
+            return load(digest, *args, **kwargs)
+        finally:
+            if digest == digests[1]:  # refused: other work takes every byte from now on
+                taken.reserve(engine.decode_memory.capacity)
+                freed.start()
+
+    monkeypatch.setattr(engine, "load_sample_image", load_then_take_the_memory)
+    try:
+        with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 2 of the 6 images read; "
+                                                     r"the rest were not checked\)$"):
+            engine.sample_set_features("starved-job", batch_size=2, context=_EvaluationContext())
+    finally:
+        freed.cancel()
+        freed.join()
+        taken.release()
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its
@@ -3714,6 +3797,9 @@ class _EvaluationContext:
 
     def run_time_remaining(self):
         return None  # no run-time limit
+
+    def ran_too_long(self):
+        return DeadlineExceeded("the job ran longer than the server allows an operation")
 
     def stage(self, name):
         self.stages.append(name)

@@ -318,67 +318,79 @@ class _UndecodableImages(InvalidArgument):
 # a set of large images holding them for hours.
 UNDECODABLE_SEARCH_SECONDS = 30.0
 # The search also stops once the time left to its job ([jobs].max_run_seconds) or call (its
-# deadline) is under this many times what its last batch of images took to decode: the
-# next may take longer, and the error naming those found must come before the deadline's.
+# deadline) is under this many times what the slowest batch of images so far took to
+# decode: the next may take longer, and the error naming those found must come before the
+# deadline's.
 _UNDECODABLE_SEARCH_DEADLINE_MARGIN = 2.0
 
 
 class _RefusalSearch:
-    """Of a read of ``total`` images, those that do not decode now met so far (``refusals``,
-    by digest) and how many images it has checked: once one is met, the read will fail, and
-    decodes the rest only to name others, for UNDECODABLE_SEARCH_SECONDS at most and while
-    ``deadline`` (the job's or call's, :class:`~explaind.decode_memory.CallContext`) leaves
-    time for more (:meth:`stops_before`)."""
+    """Of a read of ``total`` distinct images, those that do not decode now met so far
+    (``refusals``, by digest) and how many it has checked: once one is met, the read will
+    fail, and decodes the rest only to name others, for UNDECODABLE_SEARCH_SECONDS at most
+    (waits for decode memory included) and while ``deadline`` (the job's or call's,
+    :class:`~explaind.decode_memory.CallContext`) leaves time for more (:meth:`stops_before`).
+    The next step (a batch, or a grid's image) is expected to take as long as the slowest
+    so far (:meth:`timed`): the last alone let a slower one overshoot the deadline."""
 
     def __init__(self, total: int, deadline: CallContext) -> None:
         self.total, self.checked = total, 0
         self.refusals: dict[str, InvalidArgument] = {}
         self._deadline = deadline
         self._first_refused_at: float | None = None  # time.monotonic() of the first refusal met
+        self._slowest = 0.0  # seconds the slowest step of the read took
 
     def refused(self, refusals: Mapping[str, InvalidArgument]) -> None:
         if self._first_refused_at is None:
             self._first_refused_at = time.monotonic()
         self.refusals.update(refusals)
 
-    def stops_before(self, next_seconds: float) -> bool:
+    def timed(self, seconds: float) -> None:
+        """Count a step of the read (a batch's decodes, or an image's) that took ``seconds``."""
+        self._slowest = max(self._slowest, seconds)
+
+    def stops_before(self) -> bool:
         """Whether a read bound to fail stops looking rather than decode more images, which
-        would take about ``next_seconds`` (what the last as many took)."""
+        would take about as long as its slowest step so far."""
         if self._first_refused_at is None or self.checked >= self.total:
             return False
-        if time.monotonic() - self._first_refused_at + next_seconds > UNDECODABLE_SEARCH_SECONDS:
+        if time.monotonic() - self._first_refused_at + self._slowest > UNDECODABLE_SEARCH_SECONDS:
             return True
         remaining = self._deadline.time_remaining()
-        return remaining is not None and remaining <= _UNDECODABLE_SEARCH_DEADLINE_MARGIN * next_seconds
+        return remaining is not None and remaining <= _UNDECODABLE_SEARCH_DEADLINE_MARGIN * self._slowest
 
     def failure(self) -> _UndecodableImages:
         return _UndecodableImages(self.refusals, self.checked, self.total)
 
-    def decoding_for(self, call: CallContext | None, next_seconds: float) -> CallContext | None:
+    def decoding_for(self, call: CallContext | None) -> CallContext | None:
         """The context of the read's next decodes for the RPC ``call`` (None: a job's or no
-        caller's, left as it is): once the read is bound to fail, ``call`` with its deadline
-        the margin of ``next_seconds`` earlier, so that a wait for decode memory ends
-        (DEADLINE_EXCEEDED, then :meth:`failure`) while its caller still waits; at the call's
-        own deadline gRPC has ended it, and its caller hears DEADLINE_EXCEEDED, not the images
-        found. A job's run-time limit ends nothing by itself: its waits keep theirs."""
-        if call is None or self._first_refused_at is None:
+        caller's): ``call`` as it is until the read is bound to fail; from then on the
+        read's deadline the margin of its slowest step earlier, and the search's end at the
+        latest, so that a wait for decode memory ends (DEADLINE_EXCEEDED, then
+        :meth:`failure`) while a caller still waits (at the call's own deadline gRPC has
+        ended it, and its caller hears DEADLINE_EXCEEDED, not the images found), and a job
+        without a run-time limit waits no longer than the search may last."""
+        if self._first_refused_at is None:
             return call
-        return _EarlierDeadline(call, _UNDECODABLE_SEARCH_DEADLINE_MARGIN * next_seconds)
+        return _EarlierDeadline(self._deadline, _UNDECODABLE_SEARCH_DEADLINE_MARGIN * self._slowest,
+                                self._first_refused_at + UNDECODABLE_SEARCH_SECONDS)
 
 
 class _EarlierDeadline:
-    """An RPC's context (a :class:`~explaind.decode_memory.CallContext`) whose deadline
-    comes ``seconds`` before its own."""
+    """A :class:`~explaind.decode_memory.CallContext` ending ``seconds`` before ``context``'s
+    deadline, and at ``latest`` (a time.monotonic()) if that comes first; active as long as
+    ``context`` is."""
 
-    def __init__(self, call: CallContext, seconds: float) -> None:
-        self._call, self._seconds = call, seconds
+    def __init__(self, context: CallContext, seconds: float, latest: float) -> None:
+        self._context, self._seconds, self._latest = context, seconds, latest
 
-    def time_remaining(self) -> float | None:
-        remaining = self._call.time_remaining()
-        return None if remaining is None else max(0.0, remaining - self._seconds)
+    def time_remaining(self) -> float:
+        remaining = self._context.time_remaining()
+        until_latest = self._latest - time.monotonic()
+        return max(0.0, until_latest if remaining is None else min(until_latest, remaining - self._seconds))
 
     def is_active(self) -> bool:
-        return self._call.is_active()
+        return self._context.is_active()
 
 
 # Of a read's images that do not decode now, each named in its error lists its first this
@@ -994,7 +1006,10 @@ class Engine:
         with contextlib.closing(self._decoded_chunks(chunks, version, context, call)) as decoded:  # a cancel stops the decoding too
             for chunk, images in zip(chunks, decoded, strict=True):
                 if context is not None:
-                    context.raise_if_cancelled()
+                    if images is None:  # bound to fail: the search stops near the run-time limit by itself, naming the images found
+                        _raise_if_cancelled(context)
+                    else:
+                        context.raise_if_cancelled()
                     context.report_progress(done, len(digests), f"{activity} {done}/{len(digests)}")
                 elif call is not None:
                     require_caller(call.is_active)
@@ -1022,8 +1037,8 @@ class Engine:
         to find any others (dropped with their chunk, never stacked), and the end raises :class:`_UndecodableImages`
         naming them all, or those found when the search stops early (:class:`_RefusalSearch`: at
         its time limit or near the deadline of ``job`` or ``call``; on a decoder out of memory
-        or a wait for decode memory past that deadline, for ``call`` the margin before it,
-        :meth:`_RefusalSearch.decoding_for`, :func:`_stacked_unless_refused`)."""
+        or a wait for decode memory past the margin before that deadline or past the search's
+        time, :meth:`_RefusalSearch.decoding_for`, :func:`_stacked_unless_refused`)."""
         if not chunks:
             return
         pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="explaind-decode")
@@ -1033,13 +1048,13 @@ class Engine:
             upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=call, trim=False) for digest in chunks[0]]
             for following in [*chunks[1:], None]:
                 images = _stacked_unless_refused(upcoming, search)
-                took = time.monotonic() - started
-                if search.stops_before(took):
+                search.timed(time.monotonic() - started)
+                if search.stops_before():
                     _raise_if_cancelled(job)
                     raise search.failure()
                 # Nothing else holds this chunk's decoded images while the model runs on it.
                 started = time.monotonic()
-                decoding_for = search.decoding_for(call, took)
+                decoding_for = search.decoding_for(call)
                 upcoming = [pool.submit(self.load_sample_image, digest, version, job=job, call=decoding_for, trim=False)
                             for digest in following] if following else []
                 yield images
@@ -1085,9 +1100,9 @@ class Engine:
         stops as a set read's does (:class:`_RefusalSearch`), or on a decoder out of memory,
         failing on those found."""
         tiles: list[np.ndarray] = []
-        search, took = _RefusalSearch(len(digests), _JobDecodeWait(job)), 0.0  # took: seconds the last image took
+        search = _RefusalSearch(len(digests), _JobDecodeWait(job))
         for digest in digests:
-            if search.stops_before(took):
+            if search.stops_before():
                 _raise_if_cancelled(job)
                 raise search.failure()
             if job is not None:
@@ -1095,7 +1110,7 @@ class Engine:
             if digest not in search.refusals:  # one met again is not decoded again
                 started = time.monotonic()
                 try:
-                    image = self.load_sample_image(digest, job=job)
+                    image = self.load_sample_image(digest, job=job, call=search.decoding_for(None))
                 except _UndecodableImages as refused:
                     search.refused(refused.refusals)
                     tiles.clear()
@@ -1107,7 +1122,7 @@ class Engine:
                     if not search.refusals:  # else decoded only to find the others refused
                         tiles.append(to_uint8_hwc(image))
                     del image
-                took = time.monotonic() - started
+                search.timed(time.monotonic() - started)
             search.checked += 1
         if search.refusals:
             raise search.failure()
