@@ -2859,6 +2859,29 @@ def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_se
         taken.release()
 
 
+def test_a_grid_bound_to_fail_counts_the_images_it_checked_not_its_tiles(engine, monkeypatch):
+    # A grid showing an image in several tiles said it stopped "checking 3 of the 6 images
+    # read" of 4 images, one checked twice; an image checked is not decoded again.
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "tiled", 4)
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.0)
+    load, loaded = engine.load_sample_image, []
+    monkeypatch.setattr(engine, "load_sample_image", lambda digest, *args, **kwargs: loaded.append(digest) or load(digest, *args, **kwargs))
+    with pytest.raises(FailedPrecondition, match=r"\(the only one found checking 2 of the 4 images read; the rest were not checked\)$"), \
+            engine.reading_images_of("tiled", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid([digests[row] for row in (0, 0, 1, 1, 0, 2, 3)])
+    assert loaded == [digests[0], digests[0], digests[1]]
+    # Within its time, it names them all, decoding each image once past the first refused.
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 30.0)
+    loaded.clear()
+    with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: image is 32x32; the largest side allowed is 24; "
+                                                 r"use a set without it$"), \
+            engine.reading_images_of("tiled", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid([digests[row] for row in (0, 1, 1, 0, 2, 3, 2)])
+    assert loaded == digests
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its

@@ -1097,33 +1097,37 @@ class Engine:
         end as ``job`` does (:meth:`load_sample_image`), and so does the grid, between two
         images. Images that do not decode now are found before it fails
         (:class:`_UndecodableImages`), the tiles dropped once one is; the search for more
-        stops as a set read's does (:class:`_RefusalSearch`), or on a decoder out of memory,
-        failing on those found."""
+        stops as a set read's does (:class:`_RefusalSearch`, counting the distinct images
+        checked, not tiles), or on a decoder out of memory, failing on those found."""
         tiles: list[np.ndarray] = []
-        search = _RefusalSearch(len(digests), _JobDecodeWait(job))
+        met: set[str] = set()  # the images checked: a grid may show one in several tiles, and the search counts images
+        search = _RefusalSearch(len(set(digests)), _JobDecodeWait(job))
         for digest in digests:
             if search.stops_before():
                 _raise_if_cancelled(job)
                 raise search.failure()
             if job is not None:
                 job.raise_if_cancelled()
-            if digest not in search.refusals:  # one met again is not decoded again
-                started = time.monotonic()
-                try:
-                    image = self.load_sample_image(digest, job=job, call=search.decoding_for(None))
-                except _UndecodableImages as refused:
-                    search.refused(refused.refusals)
-                    tiles.clear()
-                except (DecodeOutOfMemory, DeadlineExceeded):
-                    if search.refusals:  # the grid fails anyway: on the refusals met, which a retry meets again
-                        raise search.failure() from None
-                    raise
-                else:
-                    if not search.refusals:  # else decoded only to find the others refused
-                        tiles.append(to_uint8_hwc(image))
-                    del image
-                search.timed(time.monotonic() - started)
-            search.checked += 1
+            if search.refusals and digest in met:  # bound to fail, a tile is drawn no more, and this image was checked
+                continue
+            started = time.monotonic()
+            try:
+                image = self.load_sample_image(digest, job=job, call=search.decoding_for(None))
+            except _UndecodableImages as refused:
+                search.refused(refused.refusals)
+                tiles.clear()
+            except (DecodeOutOfMemory, DeadlineExceeded):
+                if search.refusals:  # the grid fails anyway: on the refusals met, which a retry meets again
+                    raise search.failure() from None
+                raise
+            else:
+                if not search.refusals:  # else decoded only to find the others refused
+                    tiles.append(to_uint8_hwc(image))
+                del image
+            search.timed(time.monotonic() - started)
+            if digest not in met:
+                met.add(digest)
+                search.checked += 1
         if search.refusals:
             raise search.failure()
         return image_grid(tiles, list(captions) if captions else None)
