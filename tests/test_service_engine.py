@@ -8913,7 +8913,7 @@ def test_a_device_out_of_memory_is_resource_exhausted_for_calls_and_jobs(tmp_pat
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB")
 
-    message = (r"^the model's device ran out of memory; retry with fewer images or a smaller batch, or later "
+    message = (r"^the model's device ran out of memory; retry later "
                r"\(the server log has the details under incident [0-9a-f]{8}\)$")
     server, port = _intercepted_server(Metrics(), out_of_memory)
     server.start()
@@ -8930,6 +8930,49 @@ def test_a_device_out_of_memory_is_resource_exhausted_for_calls_and_jobs(tmp_pat
     finally:
         jobs.shutdown(5)
     assert caplog.text.count("Traceback") == 2 and "GPU 0 has a total capacity" in caplog.text  # the operator's log keeps the allocator's report
+
+
+def test_out_of_memory_advises_less_of_what_the_work_at_hand_takes_not_always_fewer_images(engine, monkeypatch):
+    # The host or device out of memory said "retry with fewer images or a smaller batch"
+    # to any call or job: no advice to one that sends no images, or none to cut. A job says
+    # what its kind may ask less of; a call, its method's; any other, to retry later.
+    import grpc
+
+    from explaind.engine import evaluation
+    from explaind.errors import report_unexpected
+    from explaind.service.auth import BearerToken
+    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
+
+    logger = logging.getLogger("explaind.test")
+    incident = r" \(the server log has the details under incident [0-9a-f]{8}\)$"
+    assert re.match(r"^the server ran out of memory; retry with fewer pairs, or later" + incident,
+                    report_unexpected(logger, "a run", MemoryError(), less_work="fewer pairs")[1])
+    assert re.match(r"^the server ran out of memory; retry later" + incident, report_unexpected(logger, "a run", MemoryError())[1])
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(evaluation, "evaluate", out_of_memory)
+    engine.create_sample_set("evaluated", "", [NewSample.from_array(np.zeros((16, 16, 3), np.uint8), 0)])
+    record = engine.jobs.wait(engine.evaluate_sample_set("evaluated").record.job_id, 60).record
+    assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+    assert re.match(r"^the server ran out of memory; retry with a smaller batch_size, or later" + incident, record.error_message)
+    # A call's method says what a retry may cut: Predict's images; another's nothing.
+    handler = grpc.unary_unary_rpc_method_handler(out_of_memory, response_serializer=lambda message: message.SerializeToString())
+    interceptor = ServiceInterceptor(Metrics(), BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
+    server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor],
+                         handlers=[grpc.method_handlers_generic_handler("test.Service", {"Predict": handler, "GetArtifact": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for method, retry in (("Predict", "retry with fewer images or a smaller batch, or later"), ("GetArtifact", "retry later")):
+                with pytest.raises(grpc.RpcError) as caught:
+                    channel.unary_unary(f"/test.Service/{method}")(b"", timeout=10)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert re.match(f"^the server ran out of memory; {retry}" + incident, caught.value.details()), method
+    finally:
+        server.stop(None)
 
 
 def test_calls_whose_caller_is_gone_are_counted_as_timed_out_or_cancelled():

@@ -3076,3 +3076,30 @@ def test_a_ranking_asked_for_its_stability_reports_each_neuron_s_share_of_resamp
     client.rank_mistake_neurons("spurious", "heart", execution="operation", stability_resamples=10, request_id=request_id)
     with pytest.raises(InvalidArgumentError, match="request_id"):
         client.rank_mistake_neurons("spurious", "heart", execution="operation", stability_resamples=20, request_id=request_id)
+
+
+def test_out_of_memory_in_a_neuroinspect_job_advises_less_of_what_the_job_takes(tmp_path, world_set, monkeypatch):
+    # The host out of memory said "retry with fewer images or a smaller batch" to every job:
+    # a visualisation sends no images (its pairs are what to cut), a ranking or a head edit
+    # no batch (their sample sets are).
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import NeuroInspectEngine, RankSettings
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    for owner, name in ((NeuroInspectEngine, "_visualize"), (NeuroInspectEngine, "_rank"), (engine_module.HeadEditor, "edit")):
+        monkeypatch.setattr(owner, name, out_of_memory)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        started = {"fewer pairs (or a smaller classes_per_neuron) per request": inspect.visualize_neurons([(3, "heart")], method="no_clip"),
+                   "a smaller sample set": inspect.rank_mistake_neurons("train", target_class="heart", settings=RankSettings(), execution="operation"),
+                   "smaller sample sets": inspect.edit_head("train", target_class="heart", neurons=[1])}
+        for less_work, job in started.items():
+            record = engine.jobs.wait(job.record.job_id, 120).record
+            assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
+            assert re.match(rf"^the server ran out of memory; retry with {re.escape(less_work)}, or later \(the server log has the details "
+                            r"under incident [0-9a-f]{8}\)$", record.error_message), record.error_message
+    finally:
+        _shut(engine)

@@ -180,12 +180,16 @@ def is_onnx_runtime_out_of_memory(error: BaseException) -> bool:
     return raised_by_onnx_runtime and _ONNX_RUNTIME_OUT_OF_MEMORY.search(str(error)) is not None
 
 
-def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -> tuple[str, str]:
+def report_unexpected(logger: logging.Logger, what: str, error: BaseException, *, less_work: str = "") -> tuple[str, str]:
     """Log an unexpected ``error`` with its traceback under a fresh incident id and return
     the caller's (code, message). Why: an exception's text can hold server file paths and
     internals; the caller gets its type and an id to quote, the operator's log the rest.
     A damaged SQLite database is DATA_LOSS, not a bug: the operator must restore it; the
-    process out of file descriptors (EMFILE, ENFILE) is RESOURCE_EXHAUSTED."""
+    process out of file descriptors (EMFILE, ENFILE) is RESOURCE_EXHAUSTED, and so is the
+    memory of the host or the model's device running out, where ``less_work`` says what a
+    retry may ask less of ("fewer pairs"; "": nothing the caller sets, a retry waits): "fewer
+    images" would be no advice to a visualisation or a head edit, which send none."""
+    retry = f"retry with {less_work}, or later" if less_work else "retry later"
     incident = secrets.token_hex(4)
     if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
         # Every call that opens a file fails alike until descriptors are freed: one line
@@ -203,11 +207,11 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException) -
     if (torch is not None and isinstance(error, torch.OutOfMemoryError)) or is_onnx_runtime_out_of_memory(error):
         # A GPU's (or ONNX Runtime's host) memory, full of this call's or of concurrent work: no bug to quote, and a
         # smaller request may pass.
-        return "RESOURCE_EXHAUSTED", (f"the model's device ran out of memory; retry with fewer images or a smaller batch, or later "
+        return "RESOURCE_EXHAUSTED", (f"the model's device ran out of memory; {retry} "
                                       f"(the server log has the details under incident {incident})")
     if is_host_out_of_memory(error):
         # The host's memory, where nothing more specific caught it (the model's run on a CPU,
         # joining requests into one batch): the server's, full of concurrent work; no bug.
-        return "RESOURCE_EXHAUSTED", (f"the server ran out of memory; retry with fewer images or a smaller batch, or later "
+        return "RESOURCE_EXHAUSTED", (f"the server ran out of memory; {retry} "
                                       f"(the server log has the details under incident {incident})")
     return "INTERNAL", f"internal error ({type(error).__name__}); the server log has the details under incident {incident}"

@@ -153,9 +153,10 @@ _Work = tuple[Callable[["JobContext"], Message], tuple[str, ...]]
 
 
 class _LiveJob:
-    def __init__(self, record: JobRecord, work: _Work, trace: OperationTrace | None = None) -> None:
+    def __init__(self, record: JobRecord, work: _Work, trace: OperationTrace | None = None, less_work: str = "") -> None:
         self.record = record
         self.work = work
+        self.less_work = less_work  # what a retry may ask less of should the job run out of memory (report_unexpected)
         self.taken = False  # by a worker, which is starting it: no longer in the queue's order
         self.trace = trace  # its spans, when tracing is on
         self.preview = b""
@@ -394,14 +395,17 @@ class JobManager:
             return previous
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
-               cut_lists: tuple[str, ...] = (), request: RequestKey | None = None, owner: str | None = None) -> JobSnapshot:
+               cut_lists: tuple[str, ...] = (), request: RequestKey | None = None, owner: str | None = None,
+               less_work: str = "") -> JobSnapshot:
         """Queue ``fn`` as a job of ``kind``; returns its QUEUED snapshot at once.
         ``cut_lists`` names the repeated fields of its result that may lose trailing items
         when the result is over ``max_result_bytes`` (see :meth:`_packed`). With
         ``request``, the job a request of its request_id submitted before (see
         :meth:`submitted`), if one is kept, instead of a new one: checked and recorded
         under one lock, so repeats racing each other make one job. ``owner``: the named
-        caller submitting it, if any."""
+        caller submitting it, if any. ``less_work``: what a retry may ask less of should the
+        job run the host or the model's device out of memory ("fewer pairs"; "": nothing,
+        see :func:`~explaind.errors.report_unexpected`)."""
         with self._changed:
             if (previous := self.submitted(request)) is not None:
                 log.info("operation %s (%s) requested again (request_id %s)", previous.record.job_id, previous.record.kind,
@@ -423,7 +427,7 @@ class JobManager:
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=self.store.now(), message=message, owner=owner)
             self.store.insert_job(record, request=request)
-            live = _LiveJob(record, (fn, cut_lists), self.tracing.operation(record.job_id, kind))
+            live = _LiveJob(record, (fn, cut_lists), self.tracing.operation(record.job_id, kind), less_work)
             self._live[record.job_id] = live
             self.metrics.jobs_queued.inc()
             # One turn of a worker per job: the turn takes whichever job is first then (_queue_order).
@@ -528,7 +532,8 @@ class JobManager:
         except BaseException as error:  # noqa: BLE001 - a job's failure is reported, not raised
             # BaseException too: a library's sys.exit() in the job's thread (SystemExit) left the
             # job running forever to its waiters, its worker free for the next one.
-            self._finish(live, FAILED, error=report_unexpected(log, f"job {live.record.job_id} ({live.record.kind}) failed", error))
+            self._finish(live, FAILED, error=report_unexpected(log, f"job {live.record.job_id} ({live.record.kind}) failed", error,
+                                                               less_work=live.less_work))
         else:
             self._finish(live, SUCCEEDED, result=packed.SerializeToString())
         finally:

@@ -1090,7 +1090,8 @@ class Engine:
         run: Callable[[JobContext], object] = lambda context: evaluate(self, context, sample_set_id, info.uid, info.sample_count, version, batch_size,
                                                                       max_grid_images or 64, dense_confusion=dense)
         # Cut, each keeps its head: the most confident mistakes, the cells of the most samples.
-        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes", "confusion_cells"), request=request, owner=caller)
+        return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes", "confusion_cells"), request=request, owner=caller,
+                                less_work="a smaller batch_size")
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None, *, job: JobContext | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory

@@ -312,7 +312,7 @@ class NeuroInspectEngine:
         # Cut to fit a message, a ranking keeps its top neurons and its first mistakes' summaries.
         return self._engine.jobs.submit(RANK_KIND, lambda ctx: self._rank(ctx, sample_set_id, version, class_index, class_field, settings,
                                                                           uid=info.uid, count=info.sample_count),
-                                        cut_lists=("mistakes", "neurons"), request=request, owner=caller)
+                                        cut_lists=("mistakes", "neurons"), request=request, owner=caller, less_work="a smaller sample set")
 
     @staticmethod
     def _check_rank_settings(settings: RankSettings, version: ClassifierVersion) -> None:
@@ -517,7 +517,7 @@ class NeuroInspectEngine:
         return self._engine.jobs.submit(
             VISUALIZE_KIND,
             lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
-            request=request, owner=caller,
+            request=request, owner=caller, less_work="fewer pairs (or a smaller classes_per_neuron) per request",
         )
 
     def _visualize(self, context: JobContext, version: ClassifierVersion, pairs: list[tuple[int, int]], method: str, steps: int,
@@ -752,7 +752,7 @@ class NeuroInspectEngine:
             # A repeat racing the first past the checks above: only edits pass this lock.
             if (previous := self._engine.jobs.submitted(request)) is not None:
                 return previous
-            snapshot = self._engine.jobs.submit(EDIT_KIND, run, request=request, owner=caller)
+            snapshot = self._engine.jobs.submit(EDIT_KIND, run, request=request, owner=caller, less_work="smaller sample sets")
             self._edits_from[snapshot.record.job_id] = (version.feature_version, parent.version_id)
         return snapshot
 

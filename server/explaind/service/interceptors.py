@@ -56,6 +56,12 @@ _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": 
                     "INVALID_ARGUMENT": logging.INFO, "NOT_FOUND": logging.INFO, "ALREADY_EXISTS": logging.INFO,
                     "FAILED_PRECONDITION": logging.INFO}
 
+# What a retry of an inline call may ask less of should it run the host or the model's
+# device out of memory (explaind.errors.report_unexpected), by method; any other is told to
+# retry later.
+_LESS_WORK_BY_METHOD = {"Predict": "fewer images or a smaller batch", "CreateSampleSet": "fewer samples per request",
+                        "AppendSamples": "fewer samples per request", "RankMistakeNeurons": "a smaller sample set"}
+
 # Longest status message sent, in bytes as gRPC percent-encodes it into the grpc-message
 # header. Messages quote the caller's ids; a header over gRPC's 8 KiB soft limit made the
 # caller see RESOURCE_EXHAUSTED ("received metadata size exceeds ... limit") instead.
@@ -442,4 +448,5 @@ class _Observed:
             # (reflection's, when a client closes its channel): no failure of the server's,
             # counted as any call whose caller is gone.
             return
-        self.abort(*report_unexpected(log, f"unexpected error in {self._service}/{self._method}", error))
+        self.abort(*report_unexpected(log, f"unexpected error in {self._service}/{self._method}", error,
+                                      less_work=_LESS_WORK_BY_METHOD.get(self._method, "")))
