@@ -2882,6 +2882,25 @@ def test_a_grid_bound_to_fail_counts_the_images_it_checked_not_its_tiles(engine,
     assert loaded == digests
 
 
+def test_a_grid_whose_last_image_to_check_does_not_decode_past_the_run_time_limit_names_it_whatever_tiles_follow(engine, monkeypatch):
+    # Every image checked, the one refused last and past the job's run-time limit, a tile
+    # showing an image met before still followed: its cancellation check ended the grid
+    # DEADLINE_EXCEEDED, losing the image found, which any retry meets again.
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "tiled-late", 2)
+    context, load = _OutOfTimeContext(), engine.load_sample_image
+
+    def load_running_out_of_time(digest, *args, **kwargs):
+        if digest == digests[1]:
+            context.remaining = 0.0
+        return load(digest, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_running_out_of_time)
+    with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: image is 32x32; the largest side allowed is 24; "
+                                                 r"use a set without it$"), \
+            engine.reading_images_of("tiled-late", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid([digests[row] for row in (0, 1, 0)], job=context)
+
+
 def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_an_image_that_does_not_decode_now(engine, monkeypatch):
     # A MemoryError inside the decoder read as the file's fault: INVALID_ARGUMENT for a sent
     # image, and for a stored one FAILED_PRECONDITION "does not decode now", telling its

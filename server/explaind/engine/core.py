@@ -1107,7 +1107,9 @@ class Engine:
             if search.stops_before():
                 _raise_if_cancelled(job)
                 raise search.failure()
-            if job is not None:
+            if search.refusals:  # bound to fail: its run-time limit ends the search (stops_before), naming those found
+                _raise_if_cancelled(job)
+            elif job is not None:
                 job.raise_if_cancelled()
             if search.refusals and digest in met:  # bound to fail, a tile is drawn no more, and this image was checked
                 continue
