@@ -2825,10 +2825,12 @@ def test_a_read_bound_to_fail_expects_its_next_batch_to_take_as_long_as_its_slow
     assert loaded == digests[:2]
 
 
-def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_search_may_last(engine, monkeypatch):
-    # A job without a run-time limit, past the first image that does not decode, waited for
-    # decode memory as long as other work held it, past UNDECODABLE_SEARCH_SECONDS. Here the
-    # memory comes free 20 s later: the search ends first, having checked the first batch.
+@pytest.mark.parametrize("run_time_limit", [False, True])
+def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_search_may_last(engine, monkeypatch, run_time_limit):
+    # A job without a run-time limit (or with one far off), past the first image that does
+    # not decode, waited for decode memory as long as other work held it (or its limit allowed),
+    # past UNDECODABLE_SEARCH_SECONDS. Here the memory comes free 20 s later: the search ends
+    # first, having checked the first batch.
     import explaind.decode_memory as decode_memory
     import explaind.engine.core as core
 
@@ -2852,7 +2854,7 @@ def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_se
     try:
         with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 2 of the 6 images read; "
                                                      r"the rest were not checked\)$"):
-            engine.sample_set_features("starved-job", batch_size=2, context=_EvaluationContext())
+            engine.sample_set_features("starved-job", batch_size=2, context=_OutOfTimeContext() if run_time_limit else _EvaluationContext())
     finally:
         freed.cancel()
         freed.join()
