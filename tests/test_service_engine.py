@@ -8977,7 +8977,7 @@ def test_out_of_memory_advises_less_of_what_the_work_at_hand_takes_not_always_fe
     engine.create_sample_set("evaluated", "", [NewSample.from_array(np.zeros((16, 16, 3), np.uint8), 0)])
     record = engine.jobs.wait(engine.evaluate_sample_set("evaluated").record.job_id, 60).record
     assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
-    assert re.match(r"^the server ran out of memory; retry with a smaller batch_size, or later" + incident, record.error_message)
+    assert re.match(r"^the server ran out of memory; retry with a smaller batch_size or sample set, or later" + incident, record.error_message)
     # A call's method says what a retry may cut: Predict's images; another's nothing.
     handler = grpc.unary_unary_rpc_method_handler(out_of_memory, response_serializer=lambda message: message.SerializeToString())
     interceptor = ServiceInterceptor(Metrics(), BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))

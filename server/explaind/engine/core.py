@@ -1091,7 +1091,7 @@ class Engine:
                                                                       max_grid_images or 64, dense_confusion=dense)
         # Cut, each keeps its head: the most confident mistakes, the cells of the most samples.
         return self.jobs.submit(EVALUATE_KIND, run, cut_lists=("mistakes", "confusion_cells"), request=request, owner=caller,
-                                less_work="a smaller batch_size")
+                                less_work="a smaller batch_size or sample set")  # its features and logits are the whole set's
 
     def sample_grid(self, digests: Sequence[str], captions: Sequence[str] | None = None, *, job: JobContext | None = None) -> np.ndarray:
         """A (H', W', 3) uint8 tile image of stored samples; their waits for decode memory
