@@ -8987,7 +8987,7 @@ def test_out_of_memory_advises_less_of_what_the_work_at_hand_takes_not_always_fe
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for method, retry in (("Predict", "retry with fewer images or a smaller batch, or later"), ("GetArtifact", "retry later")):
+            for method, retry in (("Predict", "retry with fewer images per request, or later"), ("GetArtifact", "retry later")):
                 with pytest.raises(grpc.RpcError) as caught:
                     channel.unary_unary(f"/test.Service/{method}")(b"", timeout=10)
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -10061,3 +10061,14 @@ def test_only_a_damaged_database_is_data_loss_and_sqlites_other_errors_stay_inte
                   sqlite3.IntegrityError("UNIQUE constraint failed"), sqlite3.ProgrammingError("Cannot operate on a closed database.")):
         code, message = report_unexpected(logger, "read", error)
         assert (code, "backup" in message) == ("INTERNAL", False), error
+
+
+def test_out_of_memory_advice_is_kept_for_methods_the_api_has():
+    # The interceptor looks the advice up by a method's bare name; a name the API lacks (a typo,
+    # a renamed RPC) would fall back to "retry later" with no test noticing.
+    from explaind.service import interceptors
+    from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
+    methods = {method.name for module in (inference_pb2, sample_sets_pb2, neuroinspect_pb2, operations_pb2)
+               for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+    assert set(interceptors._LESS_WORK_BY_METHOD) <= methods
+    assert {"Predict", "CreateSampleSet", "AppendSamples", "RankMistakeNeurons"} <= set(interceptors._LESS_WORK_BY_METHOD)

@@ -720,7 +720,7 @@ def test_the_host_out_of_memory_running_the_model_is_resource_exhausted_not_a_bu
 
             with monkeypatch.context() as patched:
                 patched.setattr(server.engine._batcher, "_run", out_of_memory)
-                with pytest.raises(ResourceExhaustedError, match="the server ran out of memory; retry with fewer images or a smaller batch, or later"):
+                with pytest.raises(ResourceExhaustedError, match="the server ran out of memory; retry with fewer images per request, or later"):
                     client.predict([GOOD])
         assert len(client.predict([GOOD])) == 1  # memory free again, the same call passes
 

@@ -59,7 +59,7 @@ _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": 
 # What a retry of an inline call may ask less of should it run the host or the model's
 # device out of memory (explaind.errors.report_unexpected), by method; any other is told to
 # retry later.
-_LESS_WORK_BY_METHOD = {"Predict": "fewer images or a smaller batch", "CreateSampleSet": "fewer samples per request",
+_LESS_WORK_BY_METHOD = {"Predict": "fewer images per request", "CreateSampleSet": "fewer samples per request",
                         "AppendSamples": "fewer samples per request", "RankMistakeNeurons": "a smaller sample set"}
 
 # Longest status message sent, in bytes as gRPC percent-encodes it into the grpc-message
