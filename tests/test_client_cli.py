@@ -917,6 +917,22 @@ def test_json_output_writes_a_file_name_s_undecodable_bytes_as_backslash_x_not_l
     assert error["message"] == f"cannot write {tmp_path}/missing/\\xff.png: no such directory", error
 
 
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="the name's bytes are UTF-8's undecodable ones")
+@pytest.mark.parametrize("argv", [["predict", "{name}"], ["predict", "--max-in-flight", "{name}", "x.png"],
+                                  ["evaluate", "s", "--grid", "{tmp}/missing/{name}"]])
+def test_stderr_writes_a_file_name_s_undecodable_bytes_as_backslash_x_as_stdout_does(capsys, tmp_path, monkeypatch, argv):
+    # stderr showed them "\udce9" (the interpreter's backslashreplace), and an argument
+    # quoted in a message ("got '...'") too, where stdout shows "\xe9".
+    name = os.fsdecode(b"caf\xe9.png")
+    stderr = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with contextlib.suppress(SystemExit):  # argparse's usage errors exit 2
+        main(["--target", "127.0.0.1:1", *(a.format(name=name, tmp=tmp_path) for a in argv)])
+    written = stderr.buffer.getvalue().decode("utf-8")
+    assert "caf\\xe9.png" in written and "udc" not in written, written
+    assert stderr.errors == "backslashreplace"  # as it was, for a program calling main in-process
+
+
 @pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
 def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
     asked = []

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import datetime as dt
@@ -235,17 +236,39 @@ def _display_width(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+def _escaping_undecodable_bytes(error: UnicodeError) -> tuple[str, int]:
+    """The codec error handler ``"explaind.shown"``: a byte of a file name (or argument) that
+    did not decode, which Python holds as a lone surrogate U+DC80..U+DCFF, written as that
+    byte, ``\\xe9`` (four characters); any other character the encoding lacks as
+    ``backslashreplace`` writes it (``\\u03bb``; ``\\ud800`` for a surrogate no byte made)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c.encode("ascii", "backslashreplace").decode("ascii")
+                   for c in error.object[error.start:error.end]), error.end
+
+
+_SHOWN = "explaind.shown"
+codecs.register_error(_SHOWN, _escaping_undecodable_bytes)
 
 
 def _shown_text(text: str) -> str:
     """A file name (or any text from this machine: an argument) as printed, on a terminal
     or in --json's output: bytes of it that do not decode (held by Python as lone
     surrogates, which a UTF-8 stdout refuses with a traceback, and JSON as ``"\\udcff"``,
-    which strict parsers refuse: it is no UTF-8) written ``\\xff``, four characters."""
-    if not _LONE_SURROGATE.search(text):
-        return text
-    return os.fsencode(text).decode(sys.getfilesystemencoding(), "backslashreplace")
+    which strict parsers refuse: it is no UTF-8) written ``\\xff``, four characters, as
+    stdout and stderr write them (:func:`_showing_undecodable_bytes`)."""
+    return text.encode("utf-8", _SHOWN).decode("utf-8")
+
+
+# A byte that did not decode, as repr() writes its lone surrogate: "\\udce9" after an even
+# number of backslashes (an odd one is an escaped backslash followed by the letters).
+_REPR_OF_UNDECODED_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+
+
+def _quoted(text: str) -> str:
+    """``repr(text)``, for messages quoting what the user gave, with a byte that did not
+    decode written ``\\xe9`` as :func:`_shown_text` writes it, not ``\\udce9``."""
+    return _REPR_OF_UNDECODED_BYTE.sub(r"\1\\x\2", repr(text))
 
 
 def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
@@ -298,7 +321,7 @@ def _integer(value: str, bits: int = 32) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, got {_quoted(value)}") from None
     if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
         raise argparse.ArgumentTypeError(f"{value} is out of range [{-(2 ** (bits - 1))}, {2 ** (bits - 1) - 1}]")
     return number
@@ -327,11 +350,11 @@ def _class_ref(value: str) -> str | int:
     anything else a name."""
     if value.startswith("name:"):
         if value == "name:":  # an empty name is no class: a pair's would be conditioned on its top classes instead
-            raise argparse.ArgumentTypeError(f"{value!r}: expected name:X with X a class name")
+            raise argparse.ArgumentTypeError(f"{_quoted(value)}: expected name:X with X a class name")
         return value.removeprefix("name:")
     if value.startswith("index:"):
         if not value.removeprefix("index:").removeprefix("-").isdecimal():
-            raise argparse.ArgumentTypeError(f"{value!r}: expected index:N with N an integer")
+            raise argparse.ArgumentTypeError(f"{_quoted(value)}: expected index:N with N an integer")
         return _integer(value.removeprefix("index:"))
     return _BareIndex(value) if value.removeprefix("-").isdecimal() else value
 
@@ -349,7 +372,7 @@ def _resolved_class(ref: str | int, names: Sequence[str], prefix: str) -> str | 
     if not 0 <= ref < len(names):
         return ref.text
     raise CommandError(f"{prefix}{ref.text} is ambiguous: class {int(ref)} is {names[ref]!r} and class {named} is named "
-                       f"{ref.text!r}; write {prefix}index:{ref.text} or {prefix}name:{ref.text}")
+                       f"{_quoted(ref.text)}; write {prefix}index:{ref.text} or {prefix}name:{ref.text}")
 
 
 def _target_class(client: Client, args: argparse.Namespace) -> str | int:
@@ -368,20 +391,20 @@ def _request_id(value: str) -> str:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a UUID (e.g. from uuidgen), got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a UUID (e.g. from uuidgen), got {_quoted(value)}") from None
 
 
 def _non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
     if not value.isdecimal():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {_quoted(value)}")
     return _integer(value)
 
 
 def _positive_int(value: str) -> int:
     """argparse type: an integer >= 1."""
     if not value.isdecimal() or int(value) < 1:  # not isdigit(): "²" is a digit that int() does not read
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {_quoted(value)}")
     return _integer(value)
 
 
@@ -398,7 +421,7 @@ def _positive_seconds(value: str) -> float:
     """argparse type: a number of seconds > 0."""
     seconds = _number_or_nan(value)
     if not seconds > 0 or seconds == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {_quoted(value)}")
     return seconds
 
 
@@ -406,7 +429,7 @@ def _finite_number(value: str) -> float:
     """argparse type: a finite number (the server checks its range and names the field)."""
     number = _number_or_nan(value)
     if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {_quoted(value)}")
     return number
 
 
@@ -417,7 +440,7 @@ def _target_ratio(value: str) -> float | str:
         return "auto"
     number = _number_or_nan(value)
     if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"expected a finite number or auto, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number or auto, got {_quoted(value)}")
     return number
 
 
@@ -425,7 +448,7 @@ def _neuron_pair(spec: str) -> int | tuple[int, str | int]:
     """argparse type: ``NEURON`` or ``NEURON:CLASS`` (class name or index)."""
     neuron, colon, target = spec.partition(":")
     if not neuron.isdecimal() or (colon and not target):
-        raise argparse.ArgumentTypeError(f"{spec!r} is not NEURON or NEURON:CLASS, e.g. 8 or 8:heart")
+        raise argparse.ArgumentTypeError(f"{_quoted(spec)} is not NEURON or NEURON:CLASS, e.g. 8 or 8:heart")
     return (_integer(neuron), _class_ref(target)) if target else _integer(neuron)
 
 
@@ -434,7 +457,7 @@ def _scenario(name: str) -> str:
     from explaind.world.scenarios import scenario_names
 
     if name not in scenario_names():
-        raise argparse.ArgumentTypeError(f"unknown scenario {name!r}; known: {', '.join(scenario_names())}")
+        raise argparse.ArgumentTypeError(f"unknown scenario {_quoted(name)}; known: {', '.join(scenario_names())}")
     return name
 
 
@@ -444,13 +467,13 @@ def _world_spec(spec: str) -> tuple[str, str, int]:
 
     parts = spec.split(":")
     if len(parts) > 3:
-        raise argparse.ArgumentTypeError(f"{spec!r} is not scenario[:split[:count]]")
+        raise argparse.ArgumentTypeError(f"{_quoted(spec)} is not scenario[:split[:count]]")
     scenario, split, count = parts + ["test", "64"][len(parts) - 1 :]
     _scenario(scenario)
     if split not in SPLITS:
-        raise argparse.ArgumentTypeError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        raise argparse.ArgumentTypeError(f"unknown split {_quoted(split)}; known: {', '.join(SPLITS)}")
     if not count.isdecimal() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"count must be a positive integer, got {count!r}")
+        raise argparse.ArgumentTypeError(f"count must be a positive integer, got {_quoted(count)}")
     return scenario, split, int(count)
 
 
@@ -1392,7 +1415,7 @@ def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt,
         try:
             print(("\n" if cut_short else "") + _json_text(_failure_json(error, args)), flush=True)
         except OSError:
-            _discard_standard_output(sys.stdout)
+            _discard_output(sys.stdout)
 
 
 def _ports_below_the_ephemeral_range() -> range:
@@ -1893,9 +1916,9 @@ def _address_problem(target: str) -> str | None:
     empty host (``"$HOST:$PORT"`` with HOST unset) failed each call as UNAVAILABLE."""
     host, _, port = target.rpartition(":")
     if target.startswith(":") and target.count(":") == 1:  # not a bare IPv6 address such as ::1
-        return f"{target!r} has no host before its ':' (e.g. localhost{target})"
+        return f"{_quoted(target)} has no host before its ':' (e.g. localhost{target})"
     if host and not port and host not in _TARGET_SCHEMES:
-        return f"{target!r} has no port after its ':'"
+        return f"{_quoted(target)} has no port after its ':'"
     if re.fullmatch(r"[-+]?\d+", port) and not 0 < int(port) < 2**16:
         return f"port {port} is out of range [1, 65535]"
     return None
@@ -1964,7 +1987,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             usage_error(f"sample-set {args.action}: the sample set id is empty"
                         + ("; leave it out for one the server picks" if args.action == "create" else ""))
         if args.id and args.id_option and args.id != args.id_option:
-            usage_error(f"sample-set {args.action}: two ids, {args.id!r} and --id {args.id_option!r}; give one")
+            usage_error(f"sample-set {args.action}: two ids, {_quoted(args.id)} and --id {_quoted(args.id_option)}; give one")
         args.id = args.id or args.id_option
         if not args.id_option:  # the positional ID set sample_set_id, or none did (create: the server picks it), not --id
             del args.option_names["id_option"]
@@ -2018,7 +2041,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if args.command == "operations" and args.action == "artifact" and not args.artifact:
         usage_error("operations artifact: give an artifact name (operations get NAME lists its artifacts)")
     if args.command == "operations" and args.action != "artifact" and (args.artifact or args.output):
-        extra = f"{args.artifact!r}" if args.artifact else "--output"
+        extra = f"{_quoted(args.artifact)}" if args.artifact else "--output"
         usage_error(f"operations {args.action} takes one operation name, got {extra} as well (artifacts: operations artifact NAME FILE)")
     if args.command == "serve":  # an unset $VAR would silently serve without auth or TLS
         for key in ("token_file", "callers_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
@@ -2095,7 +2118,7 @@ def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
             return f"the server refused the token of {_token_source(args)}: was it rotated?"
         return "the server asks for a token: --token or EXPLAIND_TOKEN"
     if "Failed to create channel" in details:  # gRPC could not parse the target (UNKNOWN)
-        return (f"{args.target!r} is no gRPC target: --target or EXPLAIND_TARGET is host:port, or a URI such as "
+        return (f"{_quoted(args.target)} is no gRPC target: --target or EXPLAIND_TARGET is host:port, or a URI such as "
                 "dns:///host:port, ipv4:10.0.0.7:50051 or unix:///run/explaind.sock")
     if not isinstance(error, UnavailableError):
         return None
@@ -2160,37 +2183,40 @@ def _reader_went_away(error: OSError) -> bool:
 
 
 @contextlib.contextmanager
-def _escaping_what_standard_output_cannot_encode() -> Iterator[None]:
-    """Print a character standard output's encoding lacks as an escape ("\\u03bb"), not fail
-    with UnicodeEncodeError: on Windows, output redirected to a file or pipe is in the
-    locale's encoding (cp1252), which has no "λ" of the help or "≤" of a warning, and no
-    letter of many class names. An encoding's own handler (surrogateescape in a C locale)
-    stays, and a strict one is strict again afterwards, for a program calling main in-process."""
-    stdout = sys.stdout
-    if not (isinstance(stdout, io.TextIOWrapper) and stdout.errors == "strict"):
+def _showing_undecodable_bytes(stream: TextIO | None) -> Iterator[None]:
+    """Write to ``stream`` (stdout or stderr) with :func:`_escaping_undecodable_bytes`: a
+    file name's byte that does not decode as ``\\xe9``, not as the traceback of a strict
+    stdout or the ``\\udce9`` of the interpreter's stderr (an error naming a file, argparse's
+    too), and a character the encoding lacks as an escape (``\\u03bb``), not a failure with
+    UnicodeEncodeError: on Windows, output redirected to a file or pipe is in the locale's
+    encoding (cp1252), which has no "λ" of the help or "≤" of a warning, and no letter of
+    many class names. An encoding's own handler (surrogateescape in a C locale) stays, and
+    the handler before is back afterwards, for a program calling main in-process."""
+    if not (isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "backslashreplace")):
         yield
         return
-    stdout.reconfigure(errors="backslashreplace")
+    before = stream.errors
+    stream.reconfigure(errors=_SHOWN)
     try:
         yield
     finally:
         try:
-            stdout.reconfigure(errors="strict")  # flushes first
+            stream.reconfigure(errors=before)  # flushes first
         except OSError:  # what an error or --help left buffered for a reader gone or a full disk: not over main's outcome
-            _discard_standard_output(stdout)
-            stdout.reconfigure(errors="strict")
+            _discard_output(stream)
+            stream.reconfigure(errors=before)
 
 
-def _discard_standard_output(stdout: TextIO) -> None:
-    """Point ``stdout``'s file descriptor at os.devnull, so that what it still holds, and the
-    interpreter's final flush, go nowhere instead of failing again."""
+def _discard_output(stream: TextIO) -> None:
+    """Point ``stream``'s (stdout's, stderr's) file descriptor at os.devnull, so that what it
+    still holds, and the interpreter's final flush, go nowhere instead of failing again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stdout.fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
-    with _escaping_what_standard_output_cannot_encode():
+    with _showing_undecodable_bytes(sys.stdout), _showing_undecodable_bytes(sys.stderr):
         return _run_command(sys.argv[1:] if argv is None else argv)
 
 
@@ -2225,7 +2251,7 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
     except OSError as error:
         if not (isinstance(error, BrokenPipeError) or _standard_output_failed(error)):
             raise
-        _discard_standard_output(sys.stdout)
+        _discard_output(sys.stdout)
         if _reader_went_away(error):  # stop quietly like other tools
             return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe ended
         # The output failed (`explaind info > /dev/full`); files are named where they are written.
