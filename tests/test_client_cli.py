@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import stat
@@ -2279,9 +2280,10 @@ def test_a_report_s_json_names_the_head_version_it_stored_and_its_failure_the_sa
         value = json.loads(printed.out)  # the JSON alone: the summary lines go to stderr
         assert value == {"file": str(page), "sample_set_id": "nightly", "class_name": name, "mistake_count": value["mistake_count"],
                          "ranked_neurons": value["ranked_neurons"], "visualized_neurons": 1, "head_version": stored,
-                         "head_version_kept": True, "edit_command": value["edit_command"], "evaluated_on": value["evaluated_on"],
-                         "no_edit_reason": None, "no_visualization_reason": None}
+                         "head_version_kept": True, "edit_command": value["edit_command"], "edit_argv": value["edit_argv"],
+                         "evaluated_on": value["evaluated_on"], "no_edit_reason": None, "no_visualization_reason": None}
         assert value["edit_command"].startswith(f"explaind edit-head nightly --class {name} --neurons ")
+        assert value["edit_argv"] == shlex.split(value["edit_command"])
         assert value["mistake_count"] > 0 and value["ranked_neurons"] >= 1 and "wrote " in printed.err and page.exists()
         assert main([*argv[:6], "no-such-set", *argv[7:]]) == 1
         assert json.loads(capsys.readouterr().out)["error"]["code"] == "NOT_FOUND"

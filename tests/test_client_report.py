@@ -1491,9 +1491,29 @@ def test_a_report_pairs_each_visualisation_with_the_epsilon_of_the_request_that_
     assert "epsilon 0.5, learning rate" in page.split("id='neuron-64'")[1]
 
 
+def test_a_report_s_json_gives_the_edit_command_s_arguments_byte_for_byte():
+    # edit_command wrote a TLS file name's byte that does not decode as the four characters
+    # "\\xff", which shlex.split reads back as those, not as the byte: the command named
+    # another file. edit_argv gives such an argument's bytes in base64.
+    import dataclasses
+    import json
+    import shlex
+
+    from explaind.client.cli import _json_text, _report_json
+    from explaind.client.report import edit_head_command
+
+    name = b"/etc/explaind/ca-\xff\xfe.pem"
+    command = edit_head_command("nightly-1", "h\u00e9art", [4, 0], "", "", "", ["--target=[::1]:50051", f"--ca-file={os.fsdecode(name)}"])
+    printed = json.loads(_json_text(_report_json(dataclasses.replace(_edited_report(), edit_command=command), "r.html", "s")))
+    json.dumps(printed, ensure_ascii=False).encode("utf-8", "strict")  # no lone surrogate: strict parsers take it
+    argv = [word if isinstance(word, str) else base64.b64decode(word["base64"]) for word in printed["edit_argv"]]
+    assert argv == [*shlex.split(command)[:-1], b"--ca-file=" + name] and "h\u00e9art" in argv
+
+
 def test_a_report_s_json_says_whether_its_edit_is_kept_only_where_there_is_one():
     # head_version_kept is null without an edit (nothing stored, nothing to keep), not true.
     import dataclasses
+    import shlex
 
     from explaind.client.cli import _report_json
 
@@ -1503,3 +1523,4 @@ def test_a_report_s_json_says_whether_its_edit_is_kept_only_where_there_is_one()
     printed = {state: _report_json(report, "r.html", "s") for state, report in states.items()}
     assert [(p["head_version"], p["head_version_kept"], p["edit_command"]) for p in printed.values()] == [
         (None, None, None), ("v2tench", True, edited.edit_command), ("v2tench", False, edited.edit_command)]
+    assert printed["none"]["edit_argv"] is None and printed["kept"]["edit_argv"] == shlex.split(edited.edit_command)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import codecs
 import contextlib
 import dataclasses
@@ -1564,11 +1565,23 @@ def _print_report_gaps(report: MistakeReport, file: TextIO | None = None) -> Non
         print(f"no visualisations: {report.no_visualization_reason}", file=file)
 
 
+def _argument_json(argument: str) -> str | dict[str, str]:
+    """A command's argument as --json gives it without loss: the string, or where it is no
+    UTF-8 (a TLS file named in Latin-1, whose bytes the string edit_command writes ``\\xff``)
+    ``{"base64": its bytes}``, which ``base64.b64decode`` gives back for subprocess.run."""
+    try:
+        argument.encode("utf-8")
+    except UnicodeEncodeError:
+        return {"base64": base64.b64encode(os.fsencode(argument)).decode("ascii")}
+    return argument
+
+
 def _report_json(report: MistakeReport, out: str, sample_set_id: str) -> dict[str, Any]:
     """What --json prints for a written report: the page, what it holds, the head version
     its suggested edit stored (null if none), whether that version is kept (false after
     --discard-edit deleted it; null without an edit) and the ``edit-head`` command that
-    stores the edit again (null without one); a reason is null where there is no gap."""
+    stores the edit again (null without one), as shell words and as a list of arguments
+    (:func:`_argument_json`); a reason is null where there is no gap."""
     edit = report.edit
     return {"file": out, "sample_set_id": sample_set_id, "class_name": report.ranking.class_name,
             "mistake_count": report.ranking.mistake_count, "ranked_neurons": len(report.ranking.neurons),
@@ -1576,6 +1589,7 @@ def _report_json(report: MistakeReport, out: str, sample_set_id: str) -> dict[st
             "head_version": None if edit is None else edit.version.version_id,
             "head_version_kept": None if edit is None else report.edit_kept,
             "edit_command": report.edit_command or None,
+            "edit_argv": [_argument_json(word) for word in shlex.split(report.edit_command)] if report.edit_command else None,
             "evaluated_on": report.evaluated_on or None, "no_edit_reason": report.no_edit_reason or None,
             "no_visualization_reason": report.no_visualization_reason or None}
 
@@ -1882,7 +1896,8 @@ def build_parser() -> argparse.ArgumentParser:
              "server's error, the version kept. Default: keep it (stored, not served)")
     _json_option(report, "print JSON: the file written, the mistakes, neurons ranked and visualised, the head_version the suggested edit "
                          "stored (null if none), head_version_kept (false after --discard-edit deleted it, null without an edit), "
-                         "edit_command (the edit-head command that stores the edit again, null without one) and why an edit or the "
+                         "edit_command (the edit-head command that stores the edit again, null without one), edit_argv (its arguments, "
+                         "one that is no UTF-8 as {\"base64\": its bytes}) and why an edit or the "
                          "visualisations are missing (null if they are not)")
     report.set_defaults(run=cmd_report)
 
