@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
-from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
+from explaind.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, sample_sets_pb2,
+                         sample_sets_pb2_grpc)
 from test_service_api import _metric
 
 
@@ -262,10 +263,20 @@ def _identified_requests(sample_set_id: str) -> dict[str, Any]:
 
 def _send(target: str, method: str, request: Any) -> str:
     """``method`` with ``request`` as it is (no SDK in between); the operation's name."""
+    return _start(target, method, request)[0]
+
+
+def _start(target: str, method: str, request: Any) -> tuple[str, bool]:
+    """:func:`_send`'s operation name, and whether the answer says the request_id had made
+    that operation already (OperationMetadata.requested_again)."""
     with grpc.insecure_channel(target) as channel:
         if method == "EvaluateSampleSet":
-            return inference_pb2_grpc.InferenceServiceStub(channel).EvaluateSampleSet(request, timeout=60).operation.name
-        return getattr(neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel), method)(request, timeout=60).operation.name
+            operation = inference_pb2_grpc.InferenceServiceStub(channel).EvaluateSampleSet(request, timeout=60).operation
+        else:
+            operation = getattr(neuroinspect_pb2_grpc.NeuroInspectServiceStub(channel), method)(request, timeout=60).operation
+    metadata = operations_pb2.OperationMetadata()
+    operation.metadata.Unpack(metadata)
+    return operation.name, metadata.requested_again
 
 
 def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_after_a_restart(server):
@@ -278,9 +289,15 @@ def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_
         before = {op.name for op in client.operations(limit=1000)}
         versions = len(client.head_versions())
     requests = _identified_requests("identified")
-    first = {method: _send(server.target, method, request) for method, request in requests.items()}
+    answers = {method: _start(server.target, method, request) for method, request in requests.items()}
+    first = {method: name for method, (name, _) in answers.items()}
     assert len(set(first.values())) == 4
-    assert {method: _send(server.target, method, request) for method, request in requests.items()} == first
+    # Each answer says whether it is an earlier request's operation (a rerun still queued
+    # looked like a new start): the first time not, the second time so.
+    assert {method: _start(server.target, method, request) for method, request in requests.items()} == {
+        method: (name, True) for method, name in first.items()} and not any(again for _, again in answers.values())
+    with Client(server.target, timeout=60) as client:
+        assert not any(client.operation(name).metadata.requested_again for name in first.values())  # only a start's answer
     with Client(server.target, timeout=60) as client:
         for name in first.values():
             assert client.operation(name).wait(timeout=120).state == "succeeded"

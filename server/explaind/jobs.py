@@ -106,10 +106,13 @@ class JobCancelled(Exception):
 
 @dataclass(frozen=True)
 class JobSnapshot:
-    """A job's state at one moment; ``preview`` (PNG) is live-only, never persisted."""
+    """A job's state at one moment; ``preview`` (PNG) is live-only, never persisted.
+    ``requested_again``: returned to a request whose request_id had made the job
+    already (:meth:`JobManager.submitted`), not made by it."""
 
     record: JobRecord
     preview: bytes = b""
+    requested_again: bool = False
 
     @property
     def done(self) -> bool:
@@ -392,7 +395,7 @@ class JobManager:
             if (previous.record.state, previous.record.error_code) == (FAILED, ABORTED):
                 return None  # the server's shutdown ended it, not the request: it runs again
             self.metrics.job_requests_repeated.labels(kind=previous.record.kind).inc()
-            return previous
+            return dataclasses.replace(previous, requested_again=True)
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
                cut_lists: tuple[str, ...] = (), request: RequestKey | None = None, owner: str | None = None,

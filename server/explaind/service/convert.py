@@ -190,6 +190,7 @@ def operation(snapshot: JobSnapshot, *, response: bool = True, preview: bool = T
         # Only once the cut response is there: the whole is saved just before the job ends.
         full_response_artifact=RESULT_ARTIFACT if record.state == SUCCEEDED and any(a.name == RESULT_ARTIFACT for a in record.artifacts) else "",
         owner=record.owner or "",
+        requested_again=snapshot.requested_again,
     )
     message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
     message.metadata.Pack(metadata)
