@@ -820,18 +820,21 @@ def test_an_interrupted_start_found_at_once_says_nothing_of_looking_for_it(serve
     assert [(timer.started, timer.cancelled) for timer in timers] == [(True, True)]
 
 
-@pytest.mark.parametrize(("state", "rerun", "said"), [
-    ("succeeded", False, "started operations/x; explaind operations wait operations/x waits for it"),  # the SDK's retry found its own job ended
-    ("queued", True, "started operations/x; explaind operations wait operations/x waits for it"),  # nothing tells it from a new one
-    ("running", True, "operations/x, started by an earlier run with this --request-id, is running already; "
-                      "explaind operations wait operations/x waits for it"),
-    ("failed", True, "operations/x, started by an earlier run with this --request-id, ended already (failed); its outcome stays that "
-                     "id's: give a new --request-id to run it again"),
+@pytest.mark.parametrize(("state", "rerun", "requested_again", "said"), [
+    ("succeeded", False, True, "started operations/x; explaind operations wait operations/x waits for it"),  # the SDK's retry found its own job ended
+    ("queued", True, False, "started operations/x; explaind operations wait operations/x waits for it"),  # an older server's: nothing tells it from a new one
+    ("queued", True, True, "operations/x, started by an earlier run with this --request-id, is queued; "
+                           "explaind operations wait operations/x waits for it"),  # it was said to be started
+    ("running", True, True, "operations/x, started by an earlier run with this --request-id, is running already; "
+                            "explaind operations wait operations/x waits for it"),
+    ("failed", True, True, "operations/x, started by an earlier run with this --request-id, ended already (failed); its outcome stays that "
+                           "id's: give a new --request-id to run it again"),
 ])
-def test_a_job_command_says_whose_job_it_got_by_its_state_and_whether_a_request_id_was_given(state, rerun, said):
+def test_a_job_command_says_whose_job_it_got_by_its_state_and_whether_a_request_id_was_given(state, rerun, requested_again, said):
     from explaind.client.cli import _announcement
 
-    operation = types.SimpleNamespace(name="operations/x", state=state, done=state in ("succeeded", "failed", "cancelled"))
+    operation = types.SimpleNamespace(name="operations/x", state=state, done=state in ("succeeded", "failed", "cancelled"),
+                                      requested_again=requested_again)
     assert _announcement(operation, waiting=False, rerun=rerun) == said
 
 
@@ -3575,6 +3578,11 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
         ahead = client.visualize_neurons([3], method="no_clip", steps=1000)  # one worker: the evaluation queues behind it
         try:
             queued = _json_out(capsys, [*target, "evaluate", "rerun", "--no-wait", "--json", "--request-id", request_id])["name"]
+            # Rerun while still queued: it said "started" as of a new job.
+            assert main([*target, "evaluate", "rerun", "--no-wait", "--request-id", request_id]) == 0
+            printed = capsys.readouterr()
+            assert printed.out == f"{queued}\n" and printed.err == (f"{queued}, started by an earlier run with this --request-id, is queued; "
+                                                                     f"explaind operations wait {queued} waits for it\n"), printed.err
             client.operation(queued).cancel()
         finally:
             ahead.cancel()

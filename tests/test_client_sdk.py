@@ -2272,6 +2272,10 @@ def test_a_pipeline_s_own_request_id_sent_again_gets_the_operation_it_started(cl
     edit.result(timeout=60)
     again = client.edit_head(set_id, "heart", [1], max_epochs=1, request_id=edit_id.hex)
     assert again.name == edit.name and len(client.head_versions()) == versions + 1  # its version is stored once
+    # The repeat says it got the earlier request's operation (a queued one looked new), and
+    # still does once refreshed, whose answer (GetOperation) does not say it.
+    assert (edit.requested_again, again.requested_again, again.refresh().requested_again) == (False, True, True)
+    assert not client.operation(again.name).requested_again
     first.result(timeout=60)
 
 

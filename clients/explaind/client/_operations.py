@@ -280,6 +280,7 @@ class Operation(Generic[ResultT]):
     def __init__(self, client: Client, message: lro_pb2.Operation) -> None:
         self._client = client
         self._update(message)
+        self._requested_again = self.metadata.requested_again  # a start's answer says it; later updates do not
 
     def _update(self, message: lro_pb2.Operation, *, keep_preview: bool = False) -> None:
         """``keep_preview``: a message of a watch, which sends each preview once; a running
@@ -348,6 +349,13 @@ class Operation(Generic[ResultT]):
     def cancel_requested(self) -> bool:
         """Whether a cancel was asked for (the job ends CANCELLED at its next check)."""
         return self.metadata.cancel_requested
+
+    @property
+    def requested_again(self) -> bool:
+        """Whether the call that started it got, for its request_id, the operation an
+        earlier request under that id had started (AIP-155), not a new one: False for one
+        fetched by name, and from a server older than the field."""
+        return self._requested_again
 
     @property
     def owner(self) -> str:

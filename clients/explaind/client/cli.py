@@ -1091,16 +1091,18 @@ def _counted(count: int, noun: str) -> str:
 def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
     """What a job command says of the ``operation`` it got: the server answers a new job
     QUEUED, so one running or ended is, where the user gave a --request-id (``rerun``), an
-    earlier run's under it (one still queued is said to be started: nothing tells it from
-    a new one); without one, this run's own, which the SDK's retry of a start whose answer
-    was lost found running or ended."""
+    earlier run's under it, as is one still queued that the server says it had started
+    (``requested_again``; an older server does not: it is said to be started); without
+    one, this run's own, which the SDK's retry of a start whose answer was lost found
+    running or ended."""
     earlier = f"{operation.name}, started by an earlier run with this --request-id,"
     if rerun and operation.done:
         again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
         return f"{earlier} ended already ({operation.state}){again}"
     wait = f"explaind operations wait {operation.name} waits for it"
-    if rerun and operation.state != "queued":
-        return f"{earlier} is running already; {'waiting for it' if waiting else wait}"
+    if rerun and (operation.state != "queued" or operation.requested_again):
+        now = "is queued" if operation.state == "queued" else "is running already"
+        return f"{earlier} {now}; {'waiting for it' if waiting else wait}"
     return f"started {operation.name}" + ("" if waiting else f"; {wait}")
 
 
