@@ -923,7 +923,7 @@ def test_json_output_writes_a_file_name_s_undecodable_bytes_as_backslash_x_not_l
 
 @pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="the name's bytes are UTF-8's undecodable ones")
 @pytest.mark.parametrize("argv", [["predict", "{name}"], ["predict", "--max-in-flight", "{name}", "x.png"],
-                                  ["evaluate", "s", "--grid", "{tmp}/missing/{name}"]])
+                                  ["evaluate", "s", "--grid", "{tmp}/missing/{name}"], ["{name}"]])
 def test_stderr_writes_a_file_name_s_undecodable_bytes_as_backslash_x_as_stdout_does(capsys, tmp_path, monkeypatch, argv):
     # stderr showed them "\udce9" (the interpreter's backslashreplace), and an argument
     # quoted in a message ("got '...'") too, where stdout shows "\xe9".

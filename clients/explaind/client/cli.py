@@ -50,7 +50,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, cast, overload
 
 from explaind.class_names import class_name_key
 
@@ -266,10 +266,24 @@ def _shown_text(text: str) -> str:
 _REPR_OF_UNDECODED_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
 
 
+def _shown_in_reprs(message: str) -> str:
+    """``message``, quoting what the user gave as repr() does (argparse's "invalid choice:
+    'x'" too), with a byte that did not decode written ``\\xe9`` as :func:`_shown_text`
+    writes it, not ``\\udce9``."""
+    return _REPR_OF_UNDECODED_BYTE.sub(r"\1\\x\2", message)
+
+
 def _quoted(text: str) -> str:
-    """``repr(text)``, for messages quoting what the user gave, with a byte that did not
-    decode written ``\\xe9`` as :func:`_shown_text` writes it, not ``\\udce9``."""
-    return _REPR_OF_UNDECODED_BYTE.sub(r"\1\\x\2", repr(text))
+    """``repr(text)``, for messages quoting what the user gave: :func:`_shown_in_reprs`."""
+    return _shown_in_reprs(repr(text))
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose own usage errors quote an argument (``invalid choice:
+    'caf\\udce9'``) shown as :func:`_quoted` shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_shown_in_reprs(message))
 
 
 def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
@@ -1707,7 +1721,7 @@ def _json_option(parser: argparse.ArgumentParser, output: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _global_options(argparse.ArgumentParser(
+    parser = _global_options(_ArgumentParser(
         prog="explaind", description="Serve an image classifier and explain its mistakes.", formatter_class=_HelpFormatter,
         allow_abbrev=False,  # `--tok T serve` must be refused like `--token T serve`, not slip past the check
         epilog="The options above (--target, --token, --timeout, --tls and its files) go before or after a client command "
