@@ -1354,6 +1354,7 @@ def _operation_json(operation: Operation[Any], result: Any = None) -> dict[str, 
     value = {
         "operation": operation.name, "name": operation.name, "kind": operation.kind, "state": operation.state, "done": operation.done,
         "cancel_requested": operation.cancel_requested, "response_cut": operation.response_cut, "owner": operation.owner,
+        "requested_again": operation.requested_again,
         "progress": _json_value(operation.progress), "create_time": _json_value(operation.create_time),
         "start_time": _json_value(operation.start_time), "end_time": _json_value(operation.end_time),
         "artifacts": _json_value(operation.artifacts),
