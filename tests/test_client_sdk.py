@@ -2010,6 +2010,36 @@ def test_a_call_starting_an_operation_is_sent_again_with_its_request_id_only_to_
     assert len(older.request_ids) == 1
 
 
+class _RepeatSayingServer(_EvaluatingServer):
+    """An :class:`_EvaluatingServer` (honouring request_id, its first answer lost) whose
+    answer to a request_id it had started an operation for says so (requested_again)."""
+
+    def EvaluateSampleSet(self, request, context):
+        again = request.request_id in self.operations
+        response = super().EvaluateSampleSet(request, context)
+        response.operation.metadata.Pack(operations_pb2.OperationMetadata(state=operations_pb2.OPERATION_STATE_QUEUED, requested_again=again))
+        return response
+
+
+def test_a_start_whose_lost_answer_the_sdk_retried_is_not_said_to_be_requested_again():
+    # The retry gets the job its own first attempt started: requested_again said an earlier
+    # request's (the CLI: "started by an earlier run with this --request-id, is queued").
+    import uuid
+
+    servicer = _RepeatSayingServer(capable=True)
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            request_id = uuid.uuid4()
+            started = client.evaluate_sample_set("s", request_id=request_id)
+            again = client.evaluate_sample_set("s", request_id=request_id)
+            new = client.evaluate_sample_set("s")
+    finally:
+        server.stop(0)
+    assert len(servicer.request_ids) == 4 and started.name == again.name != new.name  # the first answer lost, retried once
+    assert (started.requested_again, again.requested_again, new.requested_again) == (False, True, False)
+
+
 class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2_grpc.InferenceServiceServicer):
     """A SampleSetService whose first answer to each method of ``drop`` is lost (UNAVAILABLE
     without a RetryInfo, after the request was applied), which lists ``capabilities`` and

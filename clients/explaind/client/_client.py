@@ -608,12 +608,13 @@ class Client:
         return self._metadata + tuple(carrier.items())
 
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None,
-              cancellation: _Cancellation | None = None) -> Any:
+              cancellation: _Cancellation | None = None, tries: list[int] | None = None) -> Any:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
         ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
-        or pause, as grpc.FutureCancelledError."""
+        or pause, as grpc.FutureCancelledError. ``tries``: given, the number of attempts
+        the answer took is appended to it."""
         deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
@@ -650,6 +651,8 @@ class Client:
                     raise error from None
             else:
                 self._reached = True
+                if tries is not None:
+                    tries.append(attempts)
                 return response
             if cancellation is None:
                 time.sleep(pause)
@@ -1285,7 +1288,17 @@ class Client:
         call (repeated only by this call's own retries)."""
         request = _request(inference_pb2.EvaluateSampleSetRequest, sample_set_id=sample_set_id, batch_size=batch_size, max_grid_images=max_grid_images,
                            request_id=_request_id(request_id))
-        return Operation[Evaluation](self, self._call("inference", "EvaluateSampleSet", request).operation)
+        response, retried = self._start("inference", "EvaluateSampleSet", request)
+        return Operation[Evaluation](self, response.operation, retried=retried)
+
+    def _start(self, service: str, method: str, request: Any, **call: Any) -> tuple[Any, bool]:
+        """The answer of a call that starts an operation (``call``: :meth:`_call`'s
+        options), and whether a retry of it got that answer: an attempt before went
+        unanswered, and may have started the operation the retry's answer says an earlier
+        request under its request_id started (``requested_again``)."""
+        tries: list[int] = []
+        response = self._call(service, method, request, tries=tries, **call)
+        return response, tries != [1]
 
     def _operation_if_kept(self, name: str, deadline: float) -> Operation | None:
         """The operation an error names, as it is now; None if it is gone (deleted since) or
@@ -1401,14 +1414,14 @@ class Client:
             top_k=top_k, include_samples=include_samples, stability_resamples=stability_resamples, execution=enum_number(neuroinspect_pb2.Execution, "EXECUTION_", execution, "execution", unset="auto"),
             request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
-        response = self._call("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
+        response, retried = self._start("neuroinspect", "RankMistakeNeurons", request, timeout=max(self.timeout, 300.0) if timeout is None else timeout)
         outcome = response.WhichOneof("outcome")
         if outcome == "ranking":
             return _neuroinspect.ranking(response.ranking)
         if outcome != "operation":  # an answer a newer server added to the oneof
             raise error_from_code(grpc.StatusCode.UNIMPLEMENTED, "RankMistakeNeurons answered with neither a ranking nor an operation: "
                                   "the server is newer than this explaind SDK; upgrade the SDK")
-        return Operation[NeuronRanking](self, response.operation)
+        return Operation[NeuronRanking](self, response.operation, retried=retried)
 
     def visualize_neurons(
         self,
@@ -1452,7 +1465,8 @@ class Client:
             pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,
             seed=seed, preview_every=preview_every, classes_per_neuron=classes_per_neuron, request_id=_request_id(request_id), **optional,
         )
-        return Operation[NeuronVisualizations](self, self._call("neuroinspect", "VisualizeNeurons", request).operation)
+        response, retried = self._start("neuroinspect", "VisualizeNeurons", request)
+        return Operation[NeuronVisualizations](self, response.operation, retried=retried)
 
     def edit_head(
         self,
@@ -1507,7 +1521,8 @@ class Client:
             group_attribute=group_attribute, auto_target_ratio=auto_target_ratio, max_epochs=max_epochs, patience=patience,
             seed=seed, promote=promote, description=description, request_id=_request_id(request_id), **class_fields(target_class), **optional,
         )
-        return Operation[HeadEdit](self, self._call("neuroinspect", "EditHead", request).operation)
+        response, retried = self._start("neuroinspect", "EditHead", request)
+        return Operation[HeadEdit](self, response.operation, retried=retried)
 
     def head_versions(self) -> list[HeadVersion]:
         """Head versions of the served feature extractor, oldest first. ``active`` marks the

@@ -277,10 +277,13 @@ class Operation(Generic[ResultT]):
 
     metadata: operations_pb2.OperationMetadata  # as of the last update
 
-    def __init__(self, client: Client, message: lro_pb2.Operation) -> None:
+    def __init__(self, client: Client, message: lro_pb2.Operation, *, retried: bool = False) -> None:
+        """``retried``: ``message`` is a start's answer to the SDK's retry of it, after an
+        attempt whose answer was lost (:attr:`requested_again`)."""
         self._client = client
         self._update(message)
-        self._requested_again = self.metadata.requested_again  # a start's answer says it; later updates do not
+        # A start's answer says it; later updates do not. One to a retry may be this call's own lost attempt's.
+        self._requested_again = self.metadata.requested_again and not retried
 
     def _update(self, message: lro_pb2.Operation, *, keep_preview: bool = False) -> None:
         """``keep_preview``: a message of a watch, which sends each preview once; a running
@@ -354,7 +357,8 @@ class Operation(Generic[ResultT]):
     def requested_again(self) -> bool:
         """Whether the call that started it got, for its request_id, the operation an
         earlier request under that id had started (AIP-155), not a new one: False for one
-        fetched by name, and from a server older than the field."""
+        fetched by name, from a server older than the field, and where the SDK retried the
+        call after an attempt whose answer was lost (that attempt may have started it)."""
         return self._requested_again
 
     @property
