@@ -303,7 +303,9 @@ def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_
             assert client.operation(name).wait(timeout=120).state == "succeeded"
     server.stop()
     server.start()
-    assert {method: _send(server.target, method, request) for method, request in requests.items()} == first
+    # Kept in the store, ended: still an earlier request's.
+    assert {method: _start(server.target, method, request) for method, request in requests.items()} == {
+        method: (name, True) for method, name in first.items()}
     with Client(server.target, timeout=60) as client:
         assert {op.name for op in client.operations(limit=1000)} - before == set(first.values())  # one job each
         assert len(client.head_versions()) == versions + 1  # one edit stored
@@ -423,7 +425,7 @@ def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_
         client.create_sample_set(_distinct_images(30, 23), [i % 6 for i in range(30)], sample_set_id="answer-lost")
         before = {op.name for op in client.operations(limit=1000)}
         versions = len(client.head_versions())
-    proxy = _DroppingProxy(server.target, {"EvaluateSampleSet", "EditHead"})
+    proxy = _DroppingProxy(server.target, {"EvaluateSampleSet", "EditHead", "VisualizeNeurons", "RankMistakeNeurons"})
     relay = grpc.server(ThreadPoolExecutor(4), handlers=[proxy])
     port = relay.add_insecure_port("127.0.0.1:0")
     relay.start()
@@ -431,12 +433,18 @@ def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_
         with Client(f"127.0.0.1:{port}", timeout=60) as client:  # the first call of this client is the one dropped
             evaluation = client.evaluate_sample_set("answer-lost")
             edit = client.edit_head("answer-lost", 0, [1], max_epochs=1)
+            visualization = client.visualize_neurons([3], method="no_clip", steps=1)
+            ranking = client._start_ranking("answer-lost", 0, execution="operation")
             assert evaluation.result(timeout=120).sample_count == 30 and edit.result(timeout=120).version.version_id
+            assert visualization.result(timeout=120).visualizations and ranking.result(timeout=120).class_name
     finally:
         relay.stop(0)
-    assert proxy.calls.count("EvaluateSampleSet") == 2 and proxy.calls.count("EditHead") == 2
+    started = (evaluation, edit, visualization, ranking)
+    assert [proxy.calls.count(method) for method in ("EvaluateSampleSet", "EditHead", "VisualizeNeurons", "RankMistakeNeurons")] == [2, 2, 2, 2]
+    # The retry's answer is the job its own lost attempt started: not an earlier request's.
+    assert not any(operation.requested_again for operation in started)
     with Client(server.target, timeout=60) as client:
-        assert {op.name for op in client.operations(limit=1000)} - before == {evaluation.name, edit.name}
+        assert {op.name for op in client.operations(limit=1000)} - before == {operation.name for operation in started}
         assert len(client.head_versions()) == versions + 1
 
 
