@@ -937,6 +937,18 @@ def test_stderr_writes_a_file_name_s_undecodable_bytes_as_backslash_x_as_stdout_
     assert stderr.errors == "backslashreplace"  # as it was, for a program calling main in-process
 
 
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="the name's bytes are UTF-8's undecodable ones")
+def test_a_message_quoting_an_argument_rewrites_only_an_undecodable_byte_s_escape_not_what_was_typed():
+    # An argument typed with a backslash (caf\udce9, a backslash and five characters) holds no
+    # byte that did not decode: quoted, it reads as typed; a backslash before such a byte stays.
+    from explaind.client.cli import _quoted
+
+    byte = os.fsdecode(b"\xe9")
+    assert _quoted(f"caf{byte}") == "'caf\\xe9'"
+    assert _quoted("caf\\udce9") == repr("caf\\udce9")
+    assert _quoted(f"caf\\{byte}") == "'caf\\\\\\xe9'"
+
+
 @pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
 def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
     asked = []
