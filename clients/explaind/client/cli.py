@@ -1106,7 +1106,8 @@ def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
     """What a job command says of the ``operation`` it got: the server answers a new job
     QUEUED, so one running or ended is, where the user gave a --request-id (``rerun``), an
     earlier run's under it, as is one still queued that the server says it had started
-    (``requested_again``; an older server does not: it is said to be started); without
+    (``requested_again``; not from an older server, nor for a start the SDK retried after
+    a lost answer, whose first attempt may have started it: it is said to be started); without
     one, this run's own, which the SDK's retry of a start whose answer was lost found
     running or ended."""
     earlier = f"{operation.name}, started by an earlier run with this --request-id,"
