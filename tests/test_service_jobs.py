@@ -448,6 +448,33 @@ def test_a_call_whose_answer_a_dropped_connection_lost_is_sent_again_and_starts_
         assert len(client.head_versions()) == versions + 1
 
 
+def test_a_cli_start_under_a_new_request_id_whose_answer_was_lost_says_it_started_its_queued_job(server, capsys):
+    # The SDK's retry got the job its own first attempt queued, which the server's answer
+    # says was requested again: the CLI said "started by an earlier run with this --request-id".
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explaind.client.cli import main
+
+    proxy = _DroppingProxy(server.target, {"EvaluateSampleSet"})
+    relay = grpc.server(ThreadPoolExecutor(4), handlers=[proxy])
+    port = relay.add_insecure_port("127.0.0.1:0")
+    relay.start()
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(6, 29), [i % 6 for i in range(6)], sample_set_id="answer-lost-cli")
+        ahead = client.visualize_neurons([3], method="no_clip", steps=10_000)  # one worker: the evaluation queues behind it
+        try:
+            capsys.readouterr()
+            assert main(["--target", f"127.0.0.1:{port}", "evaluate", "answer-lost-cli", "--no-wait", "--request-id", str(uuid.uuid4())]) == 0
+            printed = capsys.readouterr()
+            name = printed.out.strip()
+            assert proxy.calls.count("EvaluateSampleSet") == 2 and client.operation(name).state == "queued"
+            assert printed.err == f"started {name}; explaind operations wait {name} waits for it\n", printed.err
+            client.operation(name).cancel()
+        finally:
+            ahead.cancel()
+            relay.stop(0)
+
+
 def test_an_upload_whose_answers_a_dropped_connection_lost_ends_with_each_image_once(server):
     # A dropped answer to CreateSampleSet or AppendSamples lost the whole upload: sent
     # again, a create was ALREADY_EXISTS and an append added its samples twice.
