@@ -571,6 +571,52 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
                        "head-versions delete v7 if it is still listed"}[deleting]]
 
 
+@pytest.mark.parametrize("ending", ["succeeded", "succeeded, not kept", "cancelled", "still running", "interrupted again"])
+def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled_job_and_names_or_deletes_its_version(ending, capsys):
+    # A running job's cancel is only requested: the edit could still succeed and store a
+    # version, which the report neither named nor, under --discard-edit, deleted.
+    from explaind.client import report as report_module
+
+    client, _, _ = _interrupted_start_client("edit_head", "succeeded")
+    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False,
+                              result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
+    waits: list[float] = []
+
+    def wait(timeout):
+        waits.append(timeout)
+        if ending == "interrupted again":
+            raise KeyboardInterrupt  # a second Ctrl-C
+        if ending != "still running":
+            running.state, running.done = ending.split(",")[0], True
+
+    running.wait = wait
+
+    def interrupted_wait(progress):
+        interrupt = KeyboardInterrupt()
+        interrupt.operation = running
+        interrupt.add_note(f"cancel requested for {running.name} (running); it ends at its next check")
+        raise interrupt
+
+    client.edit_head = lambda *args, **kwargs: SimpleNamespace(result=interrupted_wait)
+    deleted: list[str] = []
+    client.delete_head_version = deleted.append
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2, keep_edit=ending != "succeeded, not kept")
+    assert waits == [report_module.CANCELLED_EDIT_WAIT_S] == [5.0]
+    assert "waiting up to 5 s for the cancelled edit operations/0123456789abcdef to end" in capsys.readouterr().err
+    assert deleted == (["v7"] if ending == "succeeded, not kept" else [])
+    find = ("explaind operations get operations/0123456789abcdef names the version once it has succeeded, and explaind head-versions "
+            "delete VERSION deletes it")
+    assert raised.value.__notes__[1:] == {
+        "succeeded": ["head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted"],
+        "succeeded, not kept": [f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again"],
+        "cancelled": [],  # it stored none
+        "still running": [f"operations/0123456789abcdef may still store the suggested edit as a head version, it had not ended 5 s after "
+                          f"its cancel: {find}"],
+        "interrupted again": [f"operations/0123456789abcdef may still store the suggested edit as a head version, waiting for it to end was "
+                              f"interrupted: {find}"]}[ending]
+
+
 def test_a_report_interrupted_as_its_edit_succeeded_whose_result_cannot_be_read_sends_to_the_job_for_the_version():
     from explaind.client import UnavailableError
 

@@ -43,6 +43,11 @@ __all__ = ["MistakeReport", "build_report", "render_report"]
 # (an SDK caller's program, or the CLI's report: not "this command").
 REPORT_WORDS = "the report"
 
+# Seconds a report stopped by Ctrl-C waits for its edit's job, whose cancel the job may not
+# heed before it succeeds (it was running), to end: the version it stored is then named, or
+# deleted as the report was asked.
+CANCELLED_EDIT_WAIT_S = 5.0
+
 # VisualizeNeuronsRequest takes at most this many (neuron, class) pairs (the proto's 1..64).
 VISUALIZATION_PAIRS_PER_REQUEST = 64
 
@@ -181,9 +186,14 @@ def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_
     interrupt stopped the report in its start or its wait (the cancel came too late), or
     just after (its ``operation`` then the edit's job, set by :func:`_suggest_edit`), and,
     not ``keep_edit``, delete it first, as the report was asked (``edit_command()``: the
-    command that stores it again). A job cancelled in time stored none."""
+    command that stores it again). A job cancelled in time stored none; one still running
+    after its cancel is waited for a few seconds (:func:`_ended_after_cancel`)."""
     operation: Operation[HeadEdit] | None = getattr(interrupt, "operation", None)
-    if operation is None or operation.state != "succeeded":
+    if operation is None:
+        return
+    if not operation.done and not _ended_after_cancel(operation, interrupt):
+        return
+    if operation.state != "succeeded":
         return
     try:
         edit = operation.result(download=False)  # the result the cancel's answer holds: its version
@@ -199,6 +209,27 @@ def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_
         return
     interrupt.add_note(_stored_edit_note(edit, kept=keep_edit or discard_error is not None, command="" if keep_edit else edit_command(),
                                          discard_error=discard_error))
+
+
+def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInterrupt) -> bool:
+    """Wait, at most :data:`CANCELLED_EDIT_WAIT_S` (a second Ctrl-C stops it), for the edit's
+    job whose cancel was only requested (it was running) to end: it may still succeed and
+    store a version. False, with a note on ``interrupt`` saying how to find and delete that
+    version, where it had not ended."""
+    print(f"interrupted: waiting up to {CANCELLED_EDIT_WAIT_S:g} s for the cancelled edit {operation.name} to end, as it may still store "
+          "a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+    try:
+        operation.wait(CANCELLED_EDIT_WAIT_S)
+        why = f"it had not ended {CANCELLED_EDIT_WAIT_S:g} s after its cancel"
+    except KeyboardInterrupt:
+        why = "waiting for it to end was interrupted"
+    except ExplaindError as error:  # e.g. the server gone
+        why = f"waiting for it to end failed ({error})"
+    if operation.done:
+        return True
+    interrupt.add_note(f"{operation.name} may still store the suggested edit as a head version, {why}: explaind operations get "
+                       f"{operation.name} names the version once it has succeeded, and explaind head-versions delete VERSION deletes it")
+    return False
 
 
 @contextlib.contextmanager
