@@ -1224,7 +1224,7 @@ def test_visualisations_out_of_device_memory_are_requested_in_halves_until_they_
     assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (3, 2)  # 5, then 3, ran out
     assert "the device ran out of memory visualising 3 pairs at once; retrying 2 at a time" in capsys.readouterr().err
     assert ("<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising 3 pairs at once, so the "
-            "visualisations were requested at most 2 at a time.</p>") in render_report(report)
+            "visualisations were requested at most 2 at a time after it.</p>") in render_report(report)
 
 
 @pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
@@ -1239,7 +1239,7 @@ def test_visualisations_grow_back_after_a_halving_up_to_below_the_fewest_pairs_t
     assert report.visualization_error is None and [v.neuron for v in report.visualizations] == neurons
     # 20 and 10 ran out; 5 fit, then 7; 8 (half way from 7 to 10) ran out, so 7 again, and the last one.
     assert [len(r.visualizations) for r in report.visualization_results] == [5, 7, 7, 1]
-    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (8, 7)
+    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request, report.visualization_largest_fit) == (8, 7, 7)
     assert "the device ran out of memory visualising 8 pairs at once; retrying 7 at a time" in capsys.readouterr().err
 
 
@@ -1280,7 +1280,11 @@ def test_visualisations_halve_again_when_a_size_that_fit_runs_out(tmp_path):
     # 20 and 10 ran out; 5 fit, 7 ran out at its second step (the memory taken), then 5, which had fit: halved to 3,
     # 4 (half way up to 5) ran out, and 3 at a time from then on.
     assert [len(r.visualizations) for r in report.visualization_results] == [5, 3, 3, 3, 3, 3]
-    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (4, 3)
+    assert (report.visualization_out_of_memory_at, report.visualization_pairs_per_request, report.visualization_largest_fit) == (4, 3, 5)
+    # The 5 that fit first are not hidden behind "at most 3".
+    assert ("<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising 4 pairs at once (the largest "
+            "request that fit held 5 pairs, before that), so the visualisations were requested at most 3 at a time after it.</p>"
+            ) in render_report(report)
 
 
 @pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
@@ -1295,7 +1299,7 @@ def test_a_single_visualisation_out_of_device_memory_stops_the_visualisations_wi
                              "(or a smaller classes_per_neuron) per request, or later")
     assert report.visualizations == [] and (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (2, 1)
     page = render_report(report)
-    assert "requested at most 1 at a time." in page and "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: pairs: " in page
+    assert report.visualization_largest_fit == 0 and "2 pairs at once, so the visualisations were requested at most 1 at a time after it." in page and "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: pairs: " in page
 
 
 def _relative_luminance(colour: str) -> float:

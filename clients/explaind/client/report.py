@@ -75,6 +75,9 @@ class MistakeReport:
     # after the last where as many as had fit ran out, another job's memory taken since).
     visualization_out_of_memory_at: int = 0
     visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
+    # The most pairs of any request that fit (0: none did), before the first ran out too, or
+    # before as many as had fit ran out: more than visualization_pairs_per_request there.
+    visualization_largest_fit: int = 0
     # Whether the edit's head version stays stored: False once build_report(keep_edit=False)
     # deleted it (or found it deleted already), True where it was kept or its deletion failed
     # (edit_discard_error says why).
@@ -163,7 +166,7 @@ def build_report(
     visualizations = [v for result in visualized.results for v in result.visualizations]
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
                          visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request,
-                         edit_kept, edit_discard_error, edit_command)
+                         visualized.largest_fit, edit_kept, edit_discard_error, edit_command)
 
 
 def _discard_edit(client: Client, edit: HeadEdit) -> ExplaindError | None:
@@ -273,6 +276,7 @@ class _Visualized:
     error: ExplaindError | None
     out_of_memory_at: int
     pairs_per_request: int
+    largest_fit: int
 
 
 def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int | None, steps: int, progress: bool) -> _Visualized:
@@ -297,8 +301,8 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     results: list[NeuronVisualizations] = []
     no_visualization_reason = "" if meta.supports_visualization or not shown else (
         f"the served {meta.loader} classifier has no gradients to optimise images with; visualising neurons needs a PyTorch classifier")
-    # The pairs of the next request; the fewest of one that ran out (0: none yet); the most of one that fit since.
-    per_request, out_of_memory_at, fits, start = VISUALIZATION_PAIRS_PER_REQUEST, 0, 0, 0
+    # The pairs of the next request; the fewest of one that ran out (0: none yet); the most of one that fit since; of any that fit.
+    per_request, out_of_memory_at, fits, largest_fit, start = VISUALIZATION_PAIRS_PER_REQUEST, 0, 0, 0, 0
     while meta.supports_visualization and start < len(shown):
         pairs = [(n.neuron, _conditioning_class(n, ranking.class_name)) for n in shown[start : start + per_request]]
         try:
@@ -306,7 +310,7 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
                                        started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress))
         except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
             if not (_out_of_device_memory(error) and len(pairs) > 1):
-                return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, fits or per_request)
+                return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, fits or per_request, largest_fit)
             if fits >= len(pairs):  # as many as had fit ran out (memory another job took): halve again, from these
                 fits = 0
             out_of_memory_at, per_request = len(pairs), fits or (len(pairs) + 1) // 2  # fits < every size that ran out
@@ -315,10 +319,11 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
                       file=sys.stderr)
             continue
         start += len(pairs)
+        largest_fit = max(largest_fit, len(pairs))
         if out_of_memory_at:
             fits = max(fits, len(pairs))
             per_request = (fits + out_of_memory_at) // 2
-    return _Visualized(results, method, no_visualization_reason, None, out_of_memory_at, fits or per_request)
+    return _Visualized(results, method, no_visualization_reason, None, out_of_memory_at, fits or per_request, largest_fit)
 
 
 def _conditioning_class(neuron: RankedNeuron, class_name: str) -> str | None:
@@ -714,9 +719,12 @@ def render_report(report: MistakeReport) -> str:
         if report.no_visualization_reason:
             parts.append(f"<p id='no-visualization'>Not shown: {escape(report.no_visualization_reason)}.</p>")
     if report.visualization_out_of_memory_at:
+        # A request larger than the last size fit before (the first, or before memory another job took): "at most" would understate.
+        earlier = (f" (the largest request that fit held {report.visualization_largest_fit} pairs, before that)"
+                   if report.visualization_largest_fit > report.visualization_pairs_per_request else "")
         parts.append(f"<p class='muted' id='visualization-halved'>The server's device ran out of memory optimising "
-                     f"{report.visualization_out_of_memory_at} pairs at once, so the visualisations were requested "
-                     f"at most {report.visualization_pairs_per_request} at a time.</p>")
+                     f"{report.visualization_out_of_memory_at} pairs at once{earlier}, so the visualisations were requested "
+                     f"at most {report.visualization_pairs_per_request} at a time after it.</p>")
     if report.visualization_error is not None:
         parts.append(f"<p id='visualization-failed'>The visualisations stopped after {len(report.visualizations)} of the ranked neurons: "
                      f"{escape(str(report.visualization_error))}</p>")
