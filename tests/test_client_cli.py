@@ -2526,7 +2526,8 @@ def test_evaluating_a_set_without_some_classes_does_not_score_them_zero(server, 
     assert main(["--target", server.target, "evaluate", "two-classes", "--json", "--no-wait"]) == 0
     out, err = capsys.readouterr()
     started = json.loads(out)["name"]
-    assert json.loads(out) == {"operation": started, "name": started}  # named as evaluate's result names it, and as before
+    # Named as evaluate's result names it, and as before; a new job, not an earlier run's under a --request-id.
+    assert json.loads(out) == {"operation": started, "name": started, "requested_again": False}
     assert err == ""  # the JSON says it all: no note to wait for it
     with Client(server.target, timeout=30) as client:
         assert client.operation(started).result(timeout=60).confusion_matrix.tolist() == result["confusion_matrix"]
@@ -3589,7 +3590,11 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
         client.create_sample_set(images[:8], labels[:8], sample_set_id="rerun")
         ahead = client.visualize_neurons([3], method="no_clip", steps=1000)  # one worker: the evaluation queues behind it
         try:
-            queued = _json_out(capsys, [*target, "evaluate", "rerun", "--no-wait", "--json", "--request-id", request_id])["name"]
+            started = _json_out(capsys, [*target, "evaluate", "rerun", "--no-wait", "--json", "--request-id", request_id])
+            queued = started["name"]
+            # A script read the same JSON for its rerun as for the first start, the job queued both times.
+            assert _json_out(capsys, [*target, "evaluate", "rerun", "--no-wait", "--json", "--request-id", request_id]) == {
+                **started, "requested_again": True} and started["requested_again"] is False
             # Rerun while still queued: it said "started" as of a new job.
             assert main([*target, "evaluate", "rerun", "--no-wait", "--request-id", request_id]) == 0
             printed = capsys.readouterr()
@@ -3605,7 +3610,8 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
                                       "outcome stays that id's: give a new --request-id to run it again\n"), printed.err
         done = str(uuid.uuid4())
         first = _json_out(capsys, [*target, "evaluate", "rerun", "--json", "--request-id", done])
-        assert _json_out(capsys, [*target, "evaluate", "rerun", "--json", "--request-id", done]) == first
+        assert _json_out(capsys, [*target, "evaluate", "rerun", "--json", "--request-id", done]) == {**first, "requested_again": True}
+        assert first["requested_again"] is False  # the result JSON says whose job it is too
         assert main([*target, "evaluate", "rerun", "--request-id", done]) == 0
         assert capsys.readouterr().out.startswith(f"{first['operation']}, started by an earlier run with this --request-id, "
                                                   "ended already (succeeded)\n")

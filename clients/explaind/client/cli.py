@@ -1035,7 +1035,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"wrote {args.grid}", file=notes)
         if args.json:  # with what the notes on stderr say: the operation, and the grid file where one was written
             grid = {"grid_file": args.grid if evaluation.mistakes else None} if args.grid else {}
-            _print_json({"operation": operation.name, **_evaluation_json(evaluation), **grid}, args)
+            _print_json({**_started_json(operation), **_evaluation_json(evaluation), **grid}, args)
     return 0
 
 
@@ -1124,12 +1124,13 @@ def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
 def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
     """Print the operation's name, then (unless --no-wait) wait for its result with a
     progress bar; None with --no-wait. With --no-wait, stdout gets the name alone
-    (``N=$(explaind evaluate s --no-wait)``), or {"operation": ..., "name": ...} with
-    --json (``operation`` as every command's JSON names a job; ``name`` kept for scripts
-    that read it), and the note goes to stderr; with --json, stdout gets only the JSON."""
+    (``N=$(explaind evaluate s --no-wait)``), or {"operation": ..., "name": ...,
+    "requested_again": ...} with --json (``operation`` as every command's JSON names a
+    job; ``name`` kept for scripts that read it; see :func:`_started_json`), and the note
+    goes to stderr; with --json, stdout gets only the JSON."""
     if args.no_wait:
         if args.json:
-            _print_json({"operation": operation.name, "name": operation.name}, args)
+            _print_json({"operation": operation.name, "name": operation.name, "requested_again": operation.requested_again}, args)
         else:
             print(operation.name)
             print(_announcement(operation, waiting=False, rerun=args.request_id is not None), file=sys.stderr)
@@ -1137,6 +1138,14 @@ def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) 
     print(_announcement(operation, waiting=True, rerun=args.request_id is not None), file=sys.stderr if args.json else sys.stdout)
     with _naming_interrupted_job(operation):
         return operation.result(progress=True)
+
+
+def _started_json(operation: Operation[Any]) -> dict[str, Any]:
+    """The keys a job command's --json gives its job by: ``operation``, its name, and
+    ``requested_again``, whether it is an earlier run's under the same --request-id (the
+    SDK's :attr:`Operation.requested_again`), which a script cannot tell from a queued job's
+    state alone as the text's "started" or "started by an earlier run" tells a reader."""
+    return {"operation": operation.name, "requested_again": operation.requested_again}
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -1177,7 +1186,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             _write(path, buffer.getvalue())
             shown[key] = str(path)
     if args.json:
-        _print_json({"operation": operation.name, **value}, args)
+        _print_json({**_started_json(operation), **value}, args)
     else:
         print(f"wrote {2 * len(result.visualizations)} images to {out_dir}")
     return 0
@@ -1226,7 +1235,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
         ), args.request_id, started_by="this command")
         edit = _announce_and_wait(operation, args)
         if edit is not None and args.json:
-            _print_json({"operation": operation.name, **_json_value(edit)}, args)
+            _print_json({**_started_json(operation), **_json_value(edit)}, args)
         elif edit is not None:
             from .report import edit_evaluated_on
 
