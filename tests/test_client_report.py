@@ -611,10 +611,10 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
         "succeeded": ["head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted"],
         "succeeded, not kept": [f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again"],
         "cancelled": [],  # it stored none
-        "still running": [f"operations/0123456789abcdef may still store the suggested edit as a head version, it had not ended 5 s after "
-                          f"its cancel: {find}"],
-        "interrupted again": [f"operations/0123456789abcdef may still store the suggested edit as a head version, waiting for it to end was "
-                              f"interrupted: {find}"]}[ending]
+        "still running": [f"operations/0123456789abcdef may still store the suggested edit as a head version (it had not ended after 5 s of "
+                          f"waiting): {find}"],
+        "interrupted again": [f"operations/0123456789abcdef may still store the suggested edit as a head version (waiting for it to end was "
+                              f"interrupted): {find}"]}[ending]
 
 
 def test_a_report_interrupted_as_its_edit_succeeded_whose_result_cannot_be_read_sends_to_the_job_for_the_version():

@@ -223,14 +223,14 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
           "a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
     try:
         operation.wait(CANCELLED_EDIT_WAIT_S)
-        why = f"it had not ended {CANCELLED_EDIT_WAIT_S:g} s after its cancel"
+        why = f"it had not ended after {CANCELLED_EDIT_WAIT_S:g} s of waiting"
     except KeyboardInterrupt:
         why = "waiting for it to end was interrupted"
     except ExplaindError as error:  # e.g. the server gone
         why = f"waiting for it to end failed ({error})"
     if operation.done:
         return True
-    interrupt.add_note(f"{operation.name} may still store the suggested edit as a head version, {why}: explaind operations get "
+    interrupt.add_note(f"{operation.name} may still store the suggested edit as a head version ({why}): explaind operations get "
                        f"{operation.name} names the version once it has succeeded, and explaind head-versions delete VERSION deletes it")
     return False
 
