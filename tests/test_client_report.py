@@ -571,14 +571,16 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
                        "head-versions delete v7 if it is still listed"}[deleting]]
 
 
-@pytest.mark.parametrize("ending", ["succeeded", "succeeded, not kept", "cancelled", "still running", "interrupted again"])
+@pytest.mark.parametrize("ending", ["succeeded", "succeeded, not kept", "cancelled", "still running", "interrupted again", "cancel cut short"])
 def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled_job_and_names_or_deletes_its_version(ending, capsys):
     # A running job's cancel is only requested: the edit could still succeed and store a
     # version, which the report neither named nor, under --discard-edit, deleted.
     from explaind.client import report as report_module
 
     client, _, _ = _interrupted_start_client("edit_head", "succeeded")
-    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False,
+    # "cancel cut short": a second Ctrl-C stopped the cancel (or it failed): the job runs on, and
+    # waiting for it would hold the user, who pressed Ctrl-C twice, for nothing.
+    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=ending != "cancel cut short",
                               result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
     waits: list[float] = []
 
@@ -602,8 +604,12 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     client.delete_head_version = deleted.append
     with pytest.raises(KeyboardInterrupt) as raised:
         build_report(client, "heart", "s", steps=2, keep_edit=ending != "succeeded, not kept")
-    assert waits == [report_module.CANCELLED_EDIT_WAIT_S] == [5.0]
-    assert "waiting up to 5 s for the cancelled edit operations/0123456789abcdef to end" in capsys.readouterr().err
+    waiting = "waiting up to 5 s for the cancelled edit operations/0123456789abcdef to end"
+    if ending == "cancel cut short":
+        assert waits == [] and waiting not in capsys.readouterr().err
+    else:
+        assert waits == [report_module.CANCELLED_EDIT_WAIT_S] == [5.0]
+        assert waiting in capsys.readouterr().err
     assert deleted == (["v7"] if ending == "succeeded, not kept" else [])
     find = ("explaind operations get operations/0123456789abcdef names the version once it has succeeded, and explaind head-versions "
             "delete VERSION deletes it")
@@ -614,7 +620,9 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
         "still running": [f"operations/0123456789abcdef may still store the suggested edit as a head version (it had not ended after 5 s of "
                           f"waiting): {find}"],
         "interrupted again": [f"operations/0123456789abcdef may still store the suggested edit as a head version (waiting for it to end was "
-                              f"interrupted): {find}"]}[ending]
+                              f"interrupted): {find}"],
+        "cancel cut short": [f"operations/0123456789abcdef may still store the suggested edit as a head version (its cancel failed): {find}"],
+        }[ending]
 
 
 def test_a_report_interrupted_as_its_edit_succeeded_whose_result_cannot_be_read_sends_to_the_job_for_the_version():

@@ -218,16 +218,20 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
     """Wait, at most :data:`CANCELLED_EDIT_WAIT_S` (a second Ctrl-C stops it), for the edit's
     job whose cancel was only requested (it was running) to end: it may still succeed and
     store a version. False, with a note on ``interrupt`` saying how to find and delete that
-    version, where it had not ended."""
-    print(f"interrupted: waiting up to {CANCELLED_EDIT_WAIT_S:g} s for the cancelled edit {operation.name} to end, as it may still store "
-          "a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
-    try:
-        operation.wait(CANCELLED_EDIT_WAIT_S)
-        why = f"it had not ended after {CANCELLED_EDIT_WAIT_S:g} s of waiting"
-    except KeyboardInterrupt:
-        why = "waiting for it to end was interrupted"
-    except ExplaindError as error:  # e.g. the server gone
-        why = f"waiting for it to end failed ({error})"
+    version, where it had not ended. One whose cancel failed or was cut short (a second
+    Ctrl-C) runs on: it is not waited for, its note said at once."""
+    if not operation.cancel_requested:
+        why = "its cancel failed"
+    else:
+        print(f"interrupted: waiting up to {CANCELLED_EDIT_WAIT_S:g} s for the cancelled edit {operation.name} to end, as it may still store "
+              "a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+        try:
+            operation.wait(CANCELLED_EDIT_WAIT_S)
+            why = f"it had not ended after {CANCELLED_EDIT_WAIT_S:g} s of waiting"
+        except KeyboardInterrupt:
+            why = "waiting for it to end was interrupted"
+        except ExplaindError as error:  # e.g. the server gone
+            why = f"waiting for it to end failed ({error})"
     if operation.done:
         return True
     interrupt.add_note(f"{operation.name} may still store the suggested edit as a head version ({why}): explaind operations get "
