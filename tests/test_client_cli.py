@@ -582,6 +582,8 @@ def test_ctrl_c_inside_the_call_that_started_a_job_cancels_that_job_and_names_it
             if "--json" in options:
                 error = json.loads(out)["error"]
                 assert (error["code"], error["operation"], error["notes"]) == ("INTERRUPTED", started[1], [f"cancelled {started[1]}"]), error
+                # The search's start sent again got the first attempt's job "again": that is no earlier run's.
+                assert error["requested_again"] is False, error
         finally:
             ahead.cancel()
 
@@ -1176,7 +1178,7 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and signal.getsignal(signal.SIGTERM) is before
     out, err = capsys.readouterr()
     assert json.loads(out)["error"] == {"code": "INTERRUPTED", "message": "terminated", "field": None, "option": None,
-                                        "option_defaulted": None, "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None}
+                                        "option_defaulted": None, "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
     assert err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may still run"), err
     # A command that ends in time is not cut short afterwards: main called in-process returns to its caller.
     with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)), pytest.raises(cli._Terminated):
@@ -3605,7 +3607,9 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
             ahead.cancel()
         assert main([*target, "evaluate", "rerun", "--json", "--request-id", request_id]) == 1
         printed = capsys.readouterr()
-        assert json.loads(printed.out)["error"]["code"] == "CANCELLED"
+        # The earlier run's outcome, which a script tells from this run's failing by requested_again, as stderr's words say.
+        assert {key: json.loads(printed.out)["error"][key] for key in ("code", "operation", "requested_again")} == {
+            "code": "CANCELLED", "operation": queued, "requested_again": True}
         assert printed.err.startswith(f"{queued}, started by an earlier run with this --request-id, ended already (cancelled); its "
                                       "outcome stays that id's: give a new --request-id to run it again\n"), printed.err
         done = str(uuid.uuid4())
@@ -3618,6 +3622,7 @@ def test_a_rerun_with_the_request_id_of_an_ended_job_says_so_not_that_it_started
         # The id with another request: refused, naming the id's operation as JSON too (it was null), not in words alone.
         error, _ = _json_failure(capsys, [*target, "evaluate", "rerun", "--batch-size", "8", "--json", "--request-id", done])
         assert (error["code"], error["field"], error["operation"]) == ("INVALID_ARGUMENT", "request_id", first["operation"]), error
+        assert error["requested_again"] is False, error  # refused: the command got no job, the id's first one only named
         # --no-wait said "started" of an ended job: its name alone stays on stdout, for N=$(...).
         assert main([*target, "evaluate", "rerun", "--no-wait", "--request-id", request_id]) == 0
         printed = capsys.readouterr()
@@ -3759,7 +3764,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     target = ["--target", server.target]
     error, err = _json_failure(capsys, [*target, "rank", "nosuch", "--class", "heart", "--json"])
     assert error == {"code": "NOT_FOUND", "message": "sample_set_id: no sample set 'nosuch'", "field": "sample_set_id",
-                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None}
+                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
     assert err.startswith("error: NOT_FOUND: sample_set_id: no sample set 'nosuch'\n") and err.endswith(
         "  (explaind sample-set list shows what there is)\n"), err  # the words as without --json
     assert main([*target, "rank", "nosuch", "--class", "heart"]) == 1
@@ -3768,7 +3773,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     image = _png(tmp_path / "a.png", 0)
     error, err = _json_failure(capsys, [*target, "predict", image, "--top-k", "7", "--json"])
     assert error == {"code": "CLIENT_ERROR", "message": "--top-k: 7 is more than the served model's 6 classes", "field": None,
-                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None}
+                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
     assert err == "error: --top-k: 7 is more than the served model's 6 classes\n"
     # The notes stderr prints under the error, here the file the server refused.
     bad = tmp_path / "bad.png"
@@ -3827,7 +3832,7 @@ def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line.get("name") for line in lines] == [job.name, None]  # one update, then the error: one value a line
     assert lines[-1] == {"error": {"code": "UNAVAILABLE", "message": "the server is shutting down; no new jobs are accepted", "field": None,
-                                   "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None}}
+                                   "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}}
 
 
 def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):

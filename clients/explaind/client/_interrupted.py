@@ -119,6 +119,9 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     if isinstance(operation, NeuronRanking):  # a ranking the server answers inline: it started no job
         interrupt.add_note(f"no job started under request_id {request_id}: the server answers it inline")
         return
+    # The start sent again found its own first attempt's job: like the SDK's retry of a start whose answer was lost,
+    # that says nothing of an earlier run's (the first attempt's answer, which would have, is lost).
+    operation._requested_again = False
     interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
     say_meanwhile(f"{operation.name} may still be running: cancelling it was cut short; explaind operations cancel {operation.name} stops it")
     try:

@@ -1407,7 +1407,8 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     asked to wait before retrying (``retry_delay_seconds``, null if it did not say), and the
     ``operation`` the error ended or gave up waiting for, which stderr names as the command
     started it, or that an earlier request under a reused --request-id created (its name,
-    null if none)."""
+    null if none), with its ``requested_again`` as :func:`_started_json` gives it (a rerun of
+    a failed job under its --request-id fails again: a script tells that from a new failure)."""
     server = error if isinstance(error, ExplaindError) else None
     if server is not None:
         value = _error_json(server)
@@ -1421,7 +1422,8 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     field = value["field"]
     return {"error": {**value, "option": _option_setting(args, field) if field else None,
                       "option_defaulted": _option_defaulted(args, field) if field else None, "notes": list(getattr(error, "__notes__", ())),
-                      "retry_delay_seconds": None if server is None else server.retry_delay, "operation": operation}}
+                      "retry_delay_seconds": None if server is None else server.retry_delay, "operation": operation,
+                      "requested_again": None if job is None else job.requested_again}}
 
 
 def _failure_words(error: BaseException) -> str:
