@@ -583,18 +583,22 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=ending != "cancel cut short",
                               result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
     waits: list[float] = []
+    notes_while_waiting: list[str] = []
 
     def wait(timeout):
         waits.append(timeout)
+        notes_while_waiting.extend(interrupts[0].__notes__[1:])  # what an exit cutting the wait short (SIGTERM's, stuck) prints
         if ending == "interrupted again":
             raise KeyboardInterrupt  # a second Ctrl-C
         if ending != "still running":
             running.state, running.done = ending.split(",")[0], True
 
     running.wait = wait
+    interrupts: list[KeyboardInterrupt] = []
 
     def interrupted_wait(progress):
         interrupt = KeyboardInterrupt()
+        interrupts.append(interrupt)
         interrupt.operation = running
         interrupt.add_note(f"cancel requested for {running.name} (running); it ends at its next check")
         raise interrupt
@@ -613,6 +617,8 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     assert deleted == (["v7"] if ending == "succeeded, not kept" else [])
     find = ("explaind operations get operations/0123456789abcdef names the version once it has succeeded, and explaind head-versions "
             "delete VERSION deletes it")
+    assert notes_while_waiting == ([] if ending == "cancel cut short" else [
+        f"operations/0123456789abcdef may still store the suggested edit as a head version (waiting for it to end was cut short): {find}"])
     assert raised.value.__notes__[1:] == {
         "succeeded": ["head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted"],
         "succeeded, not kept": [f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again"],

@@ -219,12 +219,22 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
     job whose cancel was only requested (it was running) to end: it may still succeed and
     store a version. False, with a note on ``interrupt`` saying how to find and delete that
     version, where it had not ended. One whose cancel failed or was cut short (a second
-    Ctrl-C) runs on: it is not waited for, its note said at once."""
+    Ctrl-C) runs on: it is not waited for, its note said at once. While waiting, that note
+    is on ``interrupt`` already, for an exit cutting the wait short (the CLI's, where a
+    SIGTERM's command does not end in time) to say."""
+
+    def may_store(why: str) -> str:
+        return (f"{operation.name} may still store the suggested edit as a head version ({why}): explaind operations get "
+                f"{operation.name} names the version once it has succeeded, and explaind head-versions delete VERSION deletes it")
+
+    meanwhile = None
     if not operation.cancel_requested:
         why = "its cancel failed"
     else:
         print(f"interrupted: waiting up to {CANCELLED_EDIT_WAIT_S:g} s for the cancelled edit {operation.name} to end, as it may still store "
               "a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+        meanwhile = may_store("waiting for it to end was cut short")
+        interrupt.add_note(meanwhile)
         try:
             operation.wait(CANCELLED_EDIT_WAIT_S)
             why = f"it had not ended after {CANCELLED_EDIT_WAIT_S:g} s of waiting"
@@ -232,11 +242,11 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
             why = "waiting for it to end was interrupted"
         except ExplaindError as error:  # e.g. the server gone
             why = f"waiting for it to end failed ({error})"
-    if operation.done:
-        return True
-    interrupt.add_note(f"{operation.name} may still store the suggested edit as a head version ({why}): explaind operations get "
-                       f"{operation.name} names the version once it has succeeded, and explaind head-versions delete VERSION deletes it")
-    return False
+    if not operation.done:
+        interrupt.add_note(may_store(why))
+    if meanwhile is not None:  # gone after its successor came: an exit reading the notes between finds one
+        interrupt.__notes__.remove(meanwhile)
+    return operation.done
 
 
 @contextlib.contextmanager
