@@ -1198,7 +1198,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     exits: list[int] = []
     monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
     monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
-    job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False)
+    job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False, requested_again=False)
     starts: list[str] = []
 
     def stuck(*_args):  # a server slow to answer: until the exit

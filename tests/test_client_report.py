@@ -575,6 +575,7 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
 def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled_job_and_names_or_deletes_its_version(ending, capsys):
     # A running job's cancel is only requested: the edit could still succeed and store a
     # version, which the report neither named nor, under --discard-edit, deleted.
+    from explaind.client import _interrupted
     from explaind.client import report as report_module
 
     client, _, _ = _interrupted_start_client("edit_head", "succeeded")
@@ -588,6 +589,8 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     def wait(timeout):
         waits.append(timeout)
         notes_while_waiting.extend(interrupts[0].__notes__[1:])  # what an exit cutting the wait short (SIGTERM's, stuck) prints
+        # ...where that SIGTERM, landing in this wait, takes this interrupt's notes as its own (it raised none of them).
+        assert _interrupted.interrupt_being_followed() is interrupts[0]
         if ending == "interrupted again":
             raise KeyboardInterrupt  # a second Ctrl-C
         if ending != "still running":
@@ -608,6 +611,7 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     client.delete_head_version = deleted.append
     with pytest.raises(KeyboardInterrupt) as raised:
         build_report(client, "heart", "s", steps=2, keep_edit=ending != "succeeded, not kept")
+    assert _interrupted.interrupt_being_followed() is None
     waiting = "waiting up to 5 s for the cancelled edit operations/0123456789abcdef to end"
     if ending == "cancel cut short":
         assert waits == [] and waiting not in capsys.readouterr().err

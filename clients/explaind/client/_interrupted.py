@@ -4,12 +4,13 @@ name or cancel it. Used by the CLI's job commands and by ``build_report``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._client import REQUEST_ID_CAPABILITY
@@ -27,8 +28,9 @@ _Started = TypeVar("_Started", bound="Operation[Any] | NeuronRanking")  # what t
 # runs before saying what it waits on: against a server restarting, each of its calls may
 # take the client's timeout, and the Ctrl-C had seemed ignored.
 INTERRUPTED_START_WORDS_S = 1.0
-# The interrupts whose job :func:`started_job` is looking for now (the CLI's main thread's:
-# one at a time), for words that cannot wait for the search to end (:func:`interrupt_being_followed`).
+# The interrupts whose job :func:`started_job` is looking for now, or whose cleanup is
+# otherwise under way (:func:`following`; the CLI's main thread's: one at a time), for words
+# that cannot wait for it to end (:func:`interrupt_being_followed`).
 _followed: list[KeyboardInterrupt] = []
 # Seconds (at most; the client's timeout if less) that a ranking's start, interrupted, gets
 # when sent again to find its job (:func:`followed_ranking`): the server answers a job's at
@@ -56,20 +58,32 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
                                                                     "(a second Ctrl-C stops looking)",), {"file": sys.stderr, "flush": True})
         saying.daemon = True
         saying.start()
-        _followed.append(interrupt)
         try:
-            cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint)
+            with following(interrupt):
+                cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint)
         finally:  # forgotten first: a second Ctrl-C may land in calling the words off
-            _followed.remove(interrupt)
             saying.cancel()
         raise
 
 
+@contextlib.contextmanager
+def following(interrupt: KeyboardInterrupt) -> Iterator[None]:
+    """Make ``interrupt`` :func:`interrupt_being_followed` while the cleanup it began runs
+    (the search for its start's job, the report's wait for its cancelled edit): a SIGTERM
+    landing there, should the command then not end in time, exits saying its notes."""
+    _followed.append(interrupt)
+    try:
+        yield
+    finally:
+        _followed.remove(interrupt)
+
+
 def interrupt_being_followed() -> KeyboardInterrupt | None:
-    """The interrupt whose job :func:`started_job` is looking for now (None: none), for a
-    SIGTERM landing in the search (the CLI's), whose exit, should the command not end in
-    time, says what that interrupt left: meanwhile its notes name the request_id, or the
-    job once found, and its ``operation`` is that job."""
+    """The interrupt whose job :func:`started_job` is looking for now, or whose cleanup is
+    otherwise under way (:func:`following`; None: none), for a SIGTERM landing there (the
+    CLI's), whose exit, should the command not end in time, says what that interrupt left:
+    meanwhile its notes name the request_id, or the job once found, and its ``operation``
+    is that job."""
     return _followed[-1] if _followed else None
 
 

@@ -26,7 +26,7 @@ import grpc
 from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
-from ._interrupted import followed_ranking, started_job
+from ._interrupted import followed_ranking, following, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
@@ -148,9 +148,10 @@ def build_report(
             edit_command = edit_head_command(sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id,
                                              group_attribute, connection_options(client))
         except KeyboardInterrupt as interrupt:  # in the edit's start or wait: its job may have succeeded all the same, storing a version
-            _settle_interrupted_edit(client, interrupt, keep_edit, lambda: edit_head_command(
-                sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id, group_attribute,
-                connection_options(client)))
+            with following(interrupt):  # seconds, waiting for a running job: a SIGTERM's stuck exit then says what this one left
+                _settle_interrupted_edit(client, interrupt, keep_edit, lambda: edit_head_command(
+                    sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id, group_attribute,
+                    connection_options(client)))
             raise
         except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
             if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
