@@ -75,9 +75,6 @@ class MistakeReport:
     # after the last where as many as had fit ran out, another job's memory taken since).
     visualization_out_of_memory_at: int = 0
     visualization_pairs_per_request: int = VISUALIZATION_PAIRS_PER_REQUEST
-    # The most pairs of any request that fit (0: none did), before the first ran out too, or
-    # before as many as had fit ran out: more than visualization_pairs_per_request there.
-    visualization_largest_fit: int = 0
     # Whether the edit's head version stays stored: False once build_report(keep_edit=False)
     # deleted it (or found it deleted already), True where it was kept or its deletion failed
     # (edit_discard_error says why).
@@ -86,6 +83,10 @@ class MistakeReport:
     # The `explaind edit-head` command that stores the same edit again (the report's set,
     # class, neurons, validation and evaluation sets, group attribute and seed); "" without an edit.
     edit_command: str = ""
+    # The most pairs of any request that fit (0: none did), before the first ran out too, or
+    # before as many as had fit ran out: more than visualization_pairs_per_request there.
+    # Last, as fields added later are, so positional construction keeps its meaning.
+    visualization_largest_fit: int = 0
 
 
 def build_report(
@@ -167,7 +168,7 @@ def build_report(
     visualizations = [v for result in visualized.results for v in result.visualizations]
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
                          visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request,
-                         visualized.largest_fit, edit_kept, edit_discard_error, edit_command)
+                         edit_kept, edit_discard_error, edit_command, visualized.largest_fit)
 
 
 def _discard_edit(client: Client, edit: HeadEdit) -> ExplaindError | None:
