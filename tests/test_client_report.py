@@ -1087,7 +1087,7 @@ def test_a_ranking_with_resamples_shows_each_neuron_s_stability_in_a_column_the_
     assert "<th>stability</th>" in one and "the share of 1 bootstrap resamples" in one  # one is some
     stopped = render_report(dataclasses.replace(report, ranking=dataclasses.replace(
         report.ranking, neurons=neurons, stability_resamples=50, stability_resamples_requested=200)))
-    assert "the share of 50 bootstrap resamples (of 200 asked: the server's run time limit stopped the rest) of the mistakes" in stopped
+    assert "the share of 50 bootstrap resamples (of 200 asked: a time limit stopped the rest) of the mistakes" in stopped
 
 
 def test_the_report_asks_for_its_ranking_s_stability():

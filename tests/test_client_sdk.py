@@ -3012,7 +3012,7 @@ def test_a_ranking_reads_as_the_cli_prints_it():
                           "stability: share of 200 bootstrap resamples of the mistakes whose own ranking has the neuron in its top 5"]
     # Fewer where the server's run time limit stopped them: said, with the number asked.
     assert dataclasses.replace(stable, stability_resamples=50, stability_resamples_requested=200).summary(limit=1).splitlines()[3] == (
-        "stability: share of 50 bootstrap resamples (of 200 asked: the server's run time limit stopped the rest) of the mistakes "
+        "stability: share of 50 bootstrap resamples (of 200 asked: a time limit stopped the rest) of the mistakes "
         "whose own ranking has the neuron in its top 5")
     assert _ranking(0).summary() == "no mistakes of heart in hearts (30 samples): nothing to explain"
     # Mistakes, but no neuron passed the cut: said, not a heading ending in a colon over nothing.

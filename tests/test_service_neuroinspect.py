@@ -1135,6 +1135,56 @@ def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_pa
         _shut(engine)
 
 
+def test_an_inline_ranking_whose_deadline_nears_in_its_resamples_answers_with_the_shares_of_those_drawn(tmp_path, world_set, monkeypatch, caplog):
+    # The caller's deadline passed during the resamples, and it heard DEADLINE_EXCEEDED:
+    # the solved ranking lost. They stop once the time left is within twice the slowest
+    # chunk, and the answer says how many were drawn. A fake clock: each solver step takes
+    # 10 s (not a chunk's), the first chunk 1.5 s, the others 1 s.
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+
+    chunks: list[int] = []
+    now = [0.0]
+
+    def taking(seconds, callback):
+        def timed(*args):
+            now[0] += seconds(*args)
+            return callback(*args)
+        return timed
+
+    class TimedRanker(engine_module.MistakeNeuronRanker):
+        def rank(self, features, labels, **options):
+            step, chunk = options.pop("callback_on_step_end"), options.pop("callback_on_resample_chunk_end")
+            return super().rank(features, labels, **options, callback_on_step_end=taking(lambda *_: 10.0, step),
+                                callback_on_resample_chunk_end=taking(lambda done, total: chunks.append(done) or (1.5 if done == 50 else 1.0), chunk))
+
+    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", TimedRanker)
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        settings = RankSettings(max_iterations=5, stability_resamples=1000)
+        # 3.2 s left through the second chunk's end: another chunk of 1.5 s at most still
+        # leaves time to answer; 2.9 s after the third does not.
+        call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 3.2 if len(chunks) < 3 else 2.9)
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call, settings=settings)
+        assert chunks == [50, 100, 150]
+        assert (ranking.stability_resamples, ranking.stability_resamples_requested) == (150, 1000)
+        assert "an inline ranking: its call's deadline stopped its stability resamples after 150 of 1000" in caplog.text
+        chunks.clear()
+        call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 0.0 if chunks else 3600.0)
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call, settings=settings)
+        assert chunks == [50] and (ranking.stability_resamples, ranking.stability_resamples_requested) == (50, 1000)  # one chunk at least
+        chunks.clear()
+        call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 3600.0)
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call, settings=settings)
+        assert len(chunks) == 20 and (ranking.stability_resamples, ranking.stability_resamples_requested) == (1000, 0)
+    finally:
+        _shut(engine)
+
+
 def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares_of_those_drawn(tmp_path, world_set, monkeypatch, caplog):
     # It failed DEADLINE_EXCEEDED, the solved ranking and the resamples drawn lost, where a
     # user would rather have "stability of 50 of 1000 resamples" than nothing.

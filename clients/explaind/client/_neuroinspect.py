@@ -36,6 +36,10 @@ FEW_MISTAKES = 10
 # server 0.11 s for 4,096 mistakes (docs/neuroinspect.md). The RPC and SDK ask for none
 # unless told: a pipeline pays only for what it reads.
 DEFAULT_STABILITY_RESAMPLES = 200
+# What stopped a server's ranking's resamples early (stability_resamples_requested set):
+# an operation's run time limit ([jobs].max_run_seconds) or an inline call's deadline,
+# which the response does not tell apart.
+RESAMPLES_STOPPED_BY_SERVER = "a time limit"
 
 
 def few_mistakes_note(mistake_count: int) -> str | None:
@@ -114,8 +118,9 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     top_k: int = 0
     # Bootstrap resamples behind each neuron's stability; 0: none asked (or an older server).
     stability_resamples: int = 0
-    # The resamples asked where the operation's run time limit stopped them after
-    # ``stability_resamples``; 0: all were drawn (or an older server).
+    # The resamples asked where a time limit (an operation's run time limit, an inline
+    # call's deadline) stopped them after ``stability_resamples``; 0: all were drawn (or an
+    # older server).
     stability_resamples_requested: int = 0
     # The job that computed it (its name), where ``rank_mistake_neurons`` ran the set as
     # one; None inline. Not compared: the same ranking, however it was computed.
@@ -143,7 +148,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
         lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested,
-                              stopped_by="the server's run time limit")
+                              stopped_by=RESAMPLES_STOPPED_BY_SERVER)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
         if (note := few_mistakes_note(self.mistake_count)) is not None:

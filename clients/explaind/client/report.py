@@ -28,7 +28,7 @@ from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, Operati
 from ._images import IMAGE_BOX, image_data_uri
 from ._interrupted import followed_ranking, following, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
-                            RankedNeuron, few_mistakes_note)
+                            RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
 
 if TYPE_CHECKING:
@@ -690,8 +690,8 @@ def render_report(report: MistakeReport) -> str:
         parts.append("</tbody></table>" + _RANKING_LEGEND.format(
             top=f"the {ranking.top_k} largest" if ranking.top_k else "top 5 by default",
             stability=_STABILITY_LEGEND.format(
-                resamples=ranking.stability_resamples, of=f" (of {ranking.stability_resamples_requested} asked: the server's run time "
-                f"limit stopped the rest)" if ranking.stability_resamples_requested else "") if stable else ""))
+                resamples=ranking.stability_resamples, of=f" (of {ranking.stability_resamples_requested} asked: {RESAMPLES_STOPPED_BY_SERVER} "
+                "stopped the rest)" if ranking.stability_resamples_requested else "") if stable else ""))
     elif not ranking.mistake_count:  # not an empty table under a heading that asks why
         parts.append(f"<p id='no-mistakes'>The classifier makes no mistakes on {escape(ranking.class_name)} in this set: nothing to explain.</p>")
     else:

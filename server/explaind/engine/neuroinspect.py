@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ log = logging.getLogger(__name__)
 # response cannot outgrow [server].max_message_bytes (see _inline_response_bound).
 INLINE_MAX_SAMPLES = 4096
 INLINE_MAX_MISTAKES = 256
+# An inline ranking stops its stability resamples (a chunk of 50 at least) once the time
+# left to its call (the deadline) is under this many times what its slowest chunk so far
+# took: the next may take longer, and the answer, built and sent after them, must come
+# before the caller hears DEADLINE_EXCEEDED and loses the solved ranking.
+_RESAMPLE_DEADLINE_MARGIN = 2.0
 # Classes a ranked neuron reports by head weight (RankedNeuron.top_classes).
 RANKED_NEURON_TOP_CLASSES = 3
 MAX_VISUALIZATION_PAIRS = 64
@@ -372,15 +378,27 @@ class NeuroInspectEngine:
                                if features.all_cached else "nothing was stored")
             return False
 
+        # time.monotonic() a chunk of resamples began (the first: at the solver's last step,
+        # an overestimate on the safe side), and seconds the slowest chunk so far took.
+        chunk_began, slowest_chunk = time.monotonic(), 0.0
+
         def on_resample_chunk(done: int, total: int) -> bool:
-            """Stop the resamples once the job is past its run time, keeping the shares of those
-            drawn (the ranking is complete: ω is solved), labelled with how many; a cancel, or
-            an inline caller gone, ends the ranking as at a solver step."""
+            """Stop the resamples once the job is past its run time, or an inline call's deadline
+            is within the margin of its slowest chunk, keeping the shares of those drawn (the
+            ranking is complete: ω is solved), labelled with how many; a cancel, or an inline
+            caller gone, ends the ranking as at a solver step."""
+            nonlocal chunk_began, slowest_chunk
+            now = time.monotonic()
+            chunk_began, slowest_chunk = now, max(slowest_chunk, now - chunk_began)
             if context is not None and not context.cancelled and context.run_time_remaining() == 0:
                 return True
-            return check()
+            check()
+            remaining = call.time_remaining() if call is not None else None
+            return remaining is not None and remaining <= _RESAMPLE_DEADLINE_MARGIN * slowest_chunk
 
         def on_step(step: int, total: int, running: int) -> bool:
+            nonlocal chunk_began
+            chunk_began = time.monotonic()
             check()
             if context is not None and step % 25 == 0:
                 context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
@@ -396,9 +414,11 @@ class NeuroInspectEngine:
         except ShiftsOverflowed as error:  # a head of huge (finite) weights overflows them with any settings
             raise FailedPrecondition(str(error)) from None
         stage("response")
-        if ranking.stability_resamples_requested and context is not None:  # succeeds, so say it somewhere an operator reads
-            log.warning("job %s: the run time limit ([jobs].max_run_seconds) stopped its stability resamples after %d of %d",
-                        context.job_id, ranking.stability_resamples, ranking.stability_resamples_requested)
+        if ranking.stability_resamples_requested:  # succeeds, so say it somewhere an operator reads
+            stopped_by = (f"job {context.job_id}: the run time limit ([jobs].max_run_seconds)" if context is not None
+                          else "an inline ranking: its call's deadline")
+            log.warning("%s stopped its stability resamples after %d of %d",
+                        stopped_by, ranking.stability_resamples, ranking.stability_resamples_requested)
         names = version.class_names
         mistake_indices = ranking.mistake_indices.cpu()
         predicted = mistaken_for.cpu()

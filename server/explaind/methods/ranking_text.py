@@ -47,7 +47,7 @@ def neuron_lines(neurons: Sequence[RankedNeuronLike], limit: int, stability_resa
     With ``stability_resamples`` (the ranking's B, 0: none asked) a stability column
     before the top classes, and a line under the table saying what it is, and of how many
     asked (``stability_resamples_requested``) where ``stopped_by`` stopped the resamples
-    (an in-process ranking's callback, or the server's run time limit)."""
+    (an in-process ranking's callback, or a server's time limit)."""
     check_limit(limit)
     if not neurons:
         return ["  none passed the cut ratio"]
