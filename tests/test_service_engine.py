@@ -10051,6 +10051,35 @@ def test_a_sample_set_listing_refuses_an_owner_that_is_no_caller_name_and_tokens
         assert (refused.value.field, refused.value.description) == ("page_token", f"{token[:40]!r} is not a page token from a previous response")
 
 
+def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_refused_asking_to_list_from_the_start(engine):
+    # Tokens carried no version: a release changing what they hold would have misread
+    # this one's. Those handed out before versions (none) still resume, as a client may
+    # hold one across an upgrade.
+    from explaind.service.paging import RESUME_TOKEN_VERSION
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    for sample_set_id in ("a", "b", "c"):
+        engine.create_sample_set(sample_set_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+    servicer = SampleSetServicer(engine)
+
+    def listed(token: str) -> list[str]:
+        request = sample_sets_pb2.ListSampleSetsRequest(page_size=1, page_token=token)
+        return [s.sample_set_id for s in servicer.ListSampleSets(request, None).sample_sets]
+
+    token = servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=1), None).next_page_token
+    prefix = f"{RESUME_TOKEN_VERSION}:"
+    assert token.startswith(prefix + "sample_sets/")
+    assert listed(token) == listed(token.removeprefix(prefix)) == ["b"]  # the unversioned one of the release before
+    for version in (1, 3, 999999999):
+        unknown = f"{version}:{token.removeprefix(prefix)}"
+        with pytest.raises(InvalidArgument) as refused:
+            listed(unknown)
+        assert refused.value.field == "page_token", refused.value
+        assert refused.value.description == (f"{unknown[:40]!r} is a page token of format version {version}, which this server does not read "
+                                             f"(it writes version {RESUME_TOKEN_VERSION}): list from the start, without a page_token")
+
+
 def test_only_a_damaged_database_is_data_loss_and_sqlites_other_errors_stay_internal():
     # A locked, full or misused database is no reason to restore a backup.
     from explaind.errors import report_unexpected

@@ -8,6 +8,12 @@ where it would resume at an unrelated point, typically past the end: an empty la
 A listing kept to one caller's items (owner=) or to some of them (kind=, state=) is
 named for those too, so its tokens are refused by a listing asked with other ones, as
 AIP-158 asks (it would resume at the right time, but among other items than page one's).
+
+A resume point carries its format's version, ``"2:<listing>/<create_time>/<id>"``, so that
+a later release that changes what a token holds refuses (or converts) this one's rather
+than misreading them; tokens without one (version 1, handed out before versions, which a
+client may hold across an upgrade) read as they always did, and one of a version this
+release does not know is INVALID_ARGUMENT telling to list from the start.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from ..config import CALLER_NAME
 from ..errors import InvalidArgument
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
+# The format of the resume points resume_token writes, their "<version>:" prefix. Version
+# 1's have none: they begin with their listing's name, never a digit.
+RESUME_TOKEN_VERSION = 2
+_VERSION_PREFIX = re.compile(r"([0-9]{1,9}):")
 _FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
 # What listing_name writes (a quoted value is "%XX" escapes and URL-safe characters); a
 # token's name that is not is no token of ours, and is not echoed back as words.
@@ -61,8 +71,8 @@ def next_offset_token(offset: int, limit: int, returned: int) -> str:
 
 def resume_token(listing: str, create_time: float, item_id: str) -> str:
     """The token of ``listing`` (e.g. "operations") that resumes after the item created
-    at ``create_time`` (s) with ``item_id``."""
-    return f"{listing}/{create_time!r}/{item_id}"
+    at ``create_time`` (s) with ``item_id``, prefixed with its format's version."""
+    return f"{RESUME_TOKEN_VERSION}:{listing}/{create_time!r}/{item_id}"
 
 
 def listing_name(listing: str, *, owner: str = "", **filters: str) -> str:
@@ -89,10 +99,17 @@ def _described(name: str) -> str:
 
 def resume_point(token: str, listing: str) -> tuple[float, str] | None:
     """(create_time, id) of the last item of the previous page, from its token, which
-    must be one of ``listing``'s (a listing_name: of the same owner and filters)."""
+    must be one of ``listing``'s (a listing_name: of the same owner and filters), of
+    RESUME_TOKEN_VERSION or of version 1 (unprefixed)."""
     if not token:
         return None
-    name, _, point = token.partition("/")
+    body = token
+    if (version := _VERSION_PREFIX.match(token)) is not None:
+        if int(version[1]) != RESUME_TOKEN_VERSION:
+            raise InvalidArgument(f"{token[:40]!r} is a page token of format version {int(version[1])}, which this server does not read "
+                                  f"(it writes version {RESUME_TOKEN_VERSION}): list from the start, without a page_token", field="page_token")
+        body = token[version.end():]
+    name, _, point = body.partition("/")
     create_time, _, item_id = point.partition("/")
     if name != listing and _LISTING_NAME.fullmatch(name) and name.partition("[")[0].partition("@")[0] == listing.partition("[")[0].partition("@")[0]:
         raise InvalidArgument(f"{token[:40]!r} is a page token of {_described(name)}, not of {_described(listing)}: "
