@@ -586,6 +586,14 @@ def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_re
         stability.mistake_counts("0,all")
 
 
+def test_the_inline_answer_time_bench_prints_a_chunk_s_seconds_and_each_answer_s_as_a_ratio_to_two_chunks():
+    run = _run(str(BENCH / "inline_answer_time.py"), "--mistakes", "8", "--dim", "16", "--classes", "5", "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^M = 8, D = 16, cpu: slowest chunk of 50 resamples [0-9.]+ ms \(median of 1 runs\)$", run.stdout, re.M), run.stdout
+    for name in ("bare", "include_samples"):
+        assert re.search(rf"^  answer {name}: [0-9.]+ MB built and serialised in [0-9.]+ ms; answer / 2 chunks [0-9.]+$", run.stdout, re.M), run.stdout
+
+
 def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection_and_its_peak_memory():
     run = _run(str(BENCH / "stability_cost.py"), "--mistakes", "64", "--dim", "32", "--top-k", "3", "--resamples", "10,20", "--repeats", "1")
     assert run.returncode == 0, run.stderr

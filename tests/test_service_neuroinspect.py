@@ -1166,9 +1166,9 @@ def test_an_inline_ranking_whose_deadline_nears_in_its_resamples_answers_with_th
     try:
         _create_train_set(engine, world_set)
         settings = RankSettings(max_iterations=5, stability_resamples=1000)
-        # 3.2 s left through the second chunk's end: another chunk of 1.5 s at most still
-        # leaves time to answer; 2.9 s after the third does not.
-        call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 3.2 if len(chunks) < 3 else 2.9)
+        # 3.3 s left through the second chunk's end: another chunk of 1.5 s at most still
+        # leaves time to answer (0.25 s); 3.2 s after the third does not.
+        call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 3.3 if len(chunks) < 3 else 3.2)
         ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call, settings=settings)
         assert chunks == [50, 100, 150]
         assert (ranking.stability_resamples, ranking.stability_resamples_requested) == (150, 1000)
@@ -1181,6 +1181,42 @@ def test_an_inline_ranking_whose_deadline_nears_in_its_resamples_answers_with_th
         call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 3600.0)
         ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call, settings=settings)
         assert len(chunks) == 20 and (ranking.stability_resamples, ranking.stability_resamples_requested) == (1000, 0)
+    finally:
+        _shut(engine)
+
+
+def test_an_inline_ranking_keeps_time_to_answer_however_fast_its_resamples(tmp_path, world_set, monkeypatch):
+    # Twice a chunk alone was the margin: a GPU's chunk takes about a millisecond, less
+    # than building and serialising the answer (12 ms for the largest inline one on a CPU),
+    # which must then cross the network before the caller's deadline.
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.engine.neuroinspect import RankSettings
+
+    chunks: list[int] = []
+    now = [0.0]
+
+    class TimedRanker(engine_module.MistakeNeuronRanker):
+        def rank(self, features, labels, **options):
+            chunk = options.pop("callback_on_resample_chunk_end")
+
+            def timed(done, total):  # a millisecond a chunk
+                chunks.append(done)
+                now[0] += 0.001
+                return chunk(done, total)
+            return super().rank(features, labels, **options, callback_on_resample_chunk_end=timed)
+
+    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", TimedRanker)
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        settings = RankSettings(max_iterations=5, stability_resamples=1000)
+        # 0.2 s left after the third chunk: ample for another, not for the answer's trip.
+        call = SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 1.0 if len(chunks) < 3 else 0.2)
+        ranking = inspect.rank_mistake_neurons("train", target_class="heart", execution="inline", call=call, settings=settings)
+        assert chunks == [50, 100, 150] and (ranking.stability_resamples, ranking.stability_resamples_requested) == (150, 1000)
     finally:
         _shut(engine)
 

@@ -65,9 +65,18 @@ INLINE_MAX_SAMPLES = 4096
 INLINE_MAX_MISTAKES = 256
 # An inline ranking stops its stability resamples (a chunk of 50 at least) once the time
 # left to its call (the deadline) is under this many times what its slowest chunk so far
-# took: the next may take longer, and the answer, built and sent after them, must come
-# before the caller hears DEADLINE_EXCEEDED and loses the solved ranking.
+# took, plus _RESAMPLE_ANSWER_SECONDS: the next may take longer, and the answer, built and
+# sent after them, must come before the caller hears DEADLINE_EXCEEDED and loses the
+# solved ranking.
 _RESAMPLE_DEADLINE_MARGIN = 2.0
+# Seconds kept for the answer itself, whatever the chunks take: building and serialising
+# the largest inline one (2.4 MB: 256 mistakes with include_samples at D = 2048) took 28 ms
+# on one CPU thread, 0.57 of twice its slowest chunk (bench/inline_answer_time.py,
+# 2026-12-07), but a GPU's chunk may take far less (its CPU draws took 0.06 ms; not
+# measured on a GPU); and the answer must still cross the network (0.19 s for 2.4 MB at
+# 100 Mbit/s), the server's view of the deadline later than the caller's by the request's
+# own trip.
+_RESAMPLE_ANSWER_SECONDS = 0.25
 # Classes a ranked neuron reports by head weight (RankedNeuron.top_classes).
 RANKED_NEURON_TOP_CLASSES = 3
 MAX_VISUALIZATION_PAIRS = 64
@@ -384,9 +393,9 @@ class NeuroInspectEngine:
 
         def on_resample_chunk(done: int, total: int) -> bool:
             """Stop the resamples once the job is past its run time, or an inline call's deadline
-            is within the margin of its slowest chunk, keeping the shares of those drawn (the
-            ranking is complete: ω is solved), labelled with how many; a cancel, or an inline
-            caller gone, ends the ranking as at a solver step."""
+            is within the margin of its slowest chunk and of its answer, keeping the shares of
+            those drawn (the ranking is complete: ω is solved), labelled with how many; a
+            cancel, or an inline caller gone, ends the ranking as at a solver step."""
             nonlocal chunk_began, slowest_chunk
             now = time.monotonic()
             chunk_began, slowest_chunk = now, max(slowest_chunk, now - chunk_began)
@@ -394,7 +403,7 @@ class NeuroInspectEngine:
                 return True
             check()
             remaining = call.time_remaining() if call is not None else None
-            return remaining is not None and remaining <= _RESAMPLE_DEADLINE_MARGIN * slowest_chunk
+            return remaining is not None and remaining <= _RESAMPLE_DEADLINE_MARGIN * slowest_chunk + _RESAMPLE_ANSWER_SECONDS
 
         def on_step(step: int, total: int, running: int) -> bool:
             nonlocal chunk_began
