@@ -10071,13 +10071,20 @@ def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_r
     prefix = f"{RESUME_TOKEN_VERSION}:"
     assert token.startswith(prefix + "sample_sets/")
     assert listed(token) == listed(token.removeprefix(prefix)) == ["b"]  # the unversioned one of the release before
-    for version in (1, 3, 999999999):
+    for version in (3, 999999999):
         unknown = f"{version}:{token.removeprefix(prefix)}"
         with pytest.raises(InvalidArgument) as refused:
             listed(unknown)
         assert refused.value.field == "page_token", refused.value
         assert refused.value.description == (f"{unknown[:40]!r} is a page token of format version {version}, which this server does not read "
                                              f"(it writes version {RESUME_TOKEN_VERSION}): list from the start, without a page_token")
+    # No server wrote a version below its own with a prefix: not "a version this server
+    # does not read" of version 1, which it reads (unprefixed), but no token of ours.
+    for version in (0, 1):
+        forged = f"{version}:{token.removeprefix(prefix)}"
+        with pytest.raises(InvalidArgument) as refused:
+            listed(forged)
+        assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
 
 
 def test_only_a_damaged_database_is_data_loss_and_sqlites_other_errors_stay_internal():

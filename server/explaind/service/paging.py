@@ -105,7 +105,9 @@ def resume_point(token: str, listing: str) -> tuple[float, str] | None:
         return None
     body = token
     if (version := _VERSION_PREFIX.match(token)) is not None:
-        if int(version[1]) != RESUME_TOKEN_VERSION:
+        if int(version[1]) < RESUME_TOKEN_VERSION:  # no release wrote one: version 1's have no prefix, and this one reads them
+            raise bad_page_token(token)
+        if int(version[1]) > RESUME_TOKEN_VERSION:
             raise InvalidArgument(f"{token[:40]!r} is a page token of format version {int(version[1])}, which this server does not read "
                                   f"(it writes version {RESUME_TOKEN_VERSION}): list from the start, without a page_token", field="page_token")
         body = token[version.end():]
