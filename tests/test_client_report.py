@@ -635,6 +635,24 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
         }[ending]
 
 
+def test_a_second_ctrl_c_before_the_deletion_of_an_interrupted_edit_s_version_is_sent_still_names_the_version(monkeypatch):
+    # A Ctrl-C landing in the deletion before its noting context is entered carries no notes:
+    # reading them failed with AttributeError, which took the interrupt's place and named nothing.
+    from explaind.client import report
+
+    client, _, _ = _interrupted_start_client("edit_head", "succeeded")
+
+    def interrupted_before_the_deletion(client, edit):
+        raise KeyboardInterrupt  # a second Ctrl-C, no note on it
+
+    monkeypatch.setattr(report, "_discard_edit", interrupted_before_the_deletion)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2, keep_edit=False)
+    assert raised.value.__notes__ == ["operations/0123456789abcdef had already finished (succeeded); nothing to cancel",
+                                      "head version v7, the suggested edit, may stay stored: the report stopped as it deleted it; "
+                                      "explaind head-versions delete v7 if it is still listed"]
+
+
 def test_a_report_interrupted_as_its_edit_succeeded_whose_result_cannot_be_read_sends_to_the_job_for_the_version():
     from explaind.client import UnavailableError
 

@@ -208,9 +208,8 @@ def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_
         return
     try:
         discard_error = None if keep_edit else _discard_edit(client, edit)
-    except KeyboardInterrupt as again:  # a second Ctrl-C in the deletion: its note, that the version may stay stored, on the first
-        for note in again.__notes__:
-            interrupt.add_note(note)
+    except KeyboardInterrupt:  # a second Ctrl-C in the deletion, wherever it landed (before its noting too): on the first, the version may stay stored
+        interrupt.add_note(_stored_edit_note(edit, kept=True, command="", discard_error=None, deleting=True))
         return
     interrupt.add_note(_stored_edit_note(edit, kept=keep_edit or discard_error is not None, command="" if keep_edit else edit_command(),
                                          discard_error=discard_error))
