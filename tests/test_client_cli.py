@@ -3933,3 +3933,62 @@ def test_an_error_on_a_defaulted_option_s_field_says_so_on_stderr(server, capsys
     error, err = _json_failure(capsys, ["--target", server.target, "report", "--class", "heart", "--json"])
     assert (error["option"], error["option_defaulted"]) == ("--sample-set", True)
     assert "  (sample_set_id is --sample-set here, left out: its default)\n" in err, err
+
+
+def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_left(monkeypatch, capsys):
+    # Ctrl-C inside the start; its search found the job and cancelled it; then the channel's close stood still and a SIGTERM
+    # (a systemd stop) landed there: its interrupt took the Ctrl-C's place, and the words said "terminated" alone, not
+    # which job was cancelled (nor, had the search failed, which request_id to look for).
+    starts: list[str] = []
+    job = types.SimpleNamespace(name="operations/0123456789abcdef", state="queued", done=False)
+
+    def cancel():
+        job.state, job.done = "cancelled", True
+
+    job.cancel = cancel
+
+    def interrupted_once(self, *args, request_id, **kwargs):
+        starts.append(request_id)
+        if len(starts) == 1:
+            raise KeyboardInterrupt  # Ctrl-C inside the start
+        return job
+
+    close = Client.close
+
+    def terminated_while_closing(self):
+        close(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", interrupted_once)
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=("request_id",)))
+    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]) == 143
+    out, err = capsys.readouterr()
+    assert err == f"terminated\n  cancelled {job.name}\n", err
+    error = json.loads(out)["error"]
+    assert (error["message"], error["notes"], error["operation"]) == ("terminated", [f"cancelled {job.name}"], job.name), error
+    # Nor where the close never ends and the process exits by its deadline: its words name that job too.
+    import explaind.client.cli as cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    starts.clear()
+    job.state, job.done = "queued", False
+
+    def stuck_closing(self):
+        close(self)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # its interrupt lands here
+            time.sleep(60)
+        finally:
+            _wait_for_an_exit(exits)  # and the close stands still all the same
+
+    monkeypatch.setattr(Client, "close", stuck_closing)
+    main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "0.01", "evaluate", "some-set", "--json"])
+    out, err = capsys.readouterr()
+    assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
+                                             f"still run: explaind operations list)\n  cancelled {job.name}\n"), err
+    error = json.loads(out.splitlines()[0])["error"]
+    assert (error["notes"], error["operation"]) == ([f"cancelled {job.name}"], job.name), error

@@ -169,14 +169,21 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
 
 def _as_terminated(interrupt: KeyboardInterrupt) -> _Terminated:
     """``interrupt`` as SIGTERM's: a Ctrl-C whose cleanup a SIGTERM then stopped (taken there
-    as a second interrupt) ends as a SIGTERM does, exit status 143, with its notes and job."""
+    as a second interrupt) ends as a SIGTERM does, exit status 143, with its notes and job;
+    so does SIGTERM's own interrupt where it cut short a Ctrl-C on its way out (the channel's
+    close, stuck), which it took the place of: that Ctrl-C's notes first, then its own."""
+    stopped = [interrupt]
     if isinstance(interrupt, _Terminated):
-        return interrupt
+        cut_short = interrupt.__context__
+        if not isinstance(cut_short, KeyboardInterrupt) or isinstance(cut_short, _Terminated):
+            return interrupt
+        stopped.insert(0, cut_short)
     terminated = _Terminated("terminated")
-    for note in getattr(interrupt, "__notes__", ()):
-        terminated.add_note(note)
-    if (operation := getattr(interrupt, "operation", None)) is not None:
-        terminated.operation = operation  # type: ignore[attr-defined]
+    for each in stopped:
+        for note in getattr(each, "__notes__", ()):
+            terminated.add_note(note)
+        if (operation := getattr(each, "operation", None)) is not None:  # the SIGTERM's own, if it has one
+            terminated.operation = operation  # type: ignore[attr-defined]
     return terminated
 
 
