@@ -2040,6 +2040,40 @@ def test_a_start_whose_lost_answer_the_sdk_retried_is_not_said_to_be_requested_a
     assert (started.requested_again, again.requested_again, new.requested_again) == (False, True, False)
 
 
+
+def test_a_start_the_server_refused_with_a_retry_delay_first_still_says_an_earlier_request_started_its_operation():
+    # An UNAVAILABLE with a RetryInfo says the server did nothing: the retry's answer is
+    # as a first attempt's, and its requested_again true. Any attempt before the answer
+    # counted as one that may have started the operation, hiding that an earlier run had.
+    import uuid
+
+    from google.protobuf import duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    class RefusingTheRerunOnce(_RepeatSayingServer):
+        def EvaluateSampleSet(self, request, context):
+            if len(self.request_ids) == 2 and not getattr(self, "refused", False):  # the rerun's first attempt
+                self.refused = True
+                delay = duration_pb2.Duration()
+                delay.FromNanoseconds(50_000_000)
+                status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="the queue is full")
+                status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the queue is full")
+            return super().EvaluateSampleSet(request, context)
+
+    servicer = RefusingTheRerunOnce(capable=True)
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            request_id = uuid.uuid4()
+            started = client.evaluate_sample_set("s", request_id=request_id)  # its first answer lost, retried
+            again = client.evaluate_sample_set("s", request_id=request_id)  # refused with a delay once, then answered
+    finally:
+        server.stop(0)
+    assert servicer.refused and len(servicer.request_ids) == 3 and started.name == again.name
+    assert (started.requested_again, again.requested_again) == (False, True)
+
 class _UploadServer(sample_sets_pb2_grpc.SampleSetServiceServicer, inference_pb2_grpc.InferenceServiceServicer):
     """A SampleSetService whose first answer to each method of ``drop`` is lost (UNAVAILABLE
     without a RetryInfo, after the request was applied), which lists ``capabilities`` and

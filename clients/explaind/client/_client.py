@@ -608,17 +608,18 @@ class Client:
         return self._metadata + tuple(carrier.items())
 
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None,
-              cancellation: _Cancellation | None = None, tries: list[int] | None = None) -> Any:
+              cancellation: _Cancellation | None = None, unanswered: list[int] | None = None) -> Any:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE (see the class), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
         ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
-        or pause, as grpc.FutureCancelledError. ``tries``: given, the number of attempts
-        the answer took is appended to it."""
+        or pause, as grpc.FutureCancelledError. ``unanswered``: given, the number of attempts
+        before the answer that may have taken effect (no answer came, or one without a
+        RetryInfo saying the server did nothing) is appended to it."""
         deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
-        started, attempts = time.monotonic(), 0
+        started, attempts, maybe_taken_effect = time.monotonic(), 0, 0
         while True:
             self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
             _require_usable_grpc()
@@ -640,6 +641,7 @@ class Client:
                 pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
+                maybe_taken_effect += error.retry_delay is None
                 identified = not repeatable and method in _IDENTIFIED and bool(request.request_id)
                 if not (self._retry and unavailable and pause >= 0 and ((repeatable and self._reached) or identified)):
                     # Retried until out of time: not a last attempt that the server answered
@@ -651,8 +653,8 @@ class Client:
                     raise error from None
             else:
                 self._reached = True
-                if tries is not None:
-                    tries.append(attempts)
+                if unanswered is not None:
+                    unanswered.append(maybe_taken_effect)
                 return response
             if cancellation is None:
                 time.sleep(pause)
@@ -1295,10 +1297,11 @@ class Client:
         """The answer of a call that starts an operation (``call``: :meth:`_call`'s
         options), and whether a retry of it got that answer: an attempt before went
         unanswered, and may have started the operation the retry's answer says an earlier
-        request under its request_id started (``requested_again``)."""
-        tries: list[int] = []
-        response = self._call(service, method, request, tries=tries, **call)
-        return response, tries != [1]
+        request under its request_id started (``requested_again``). One the server refused
+        with a RetryInfo did nothing: the answer after it is as the first's."""
+        unanswered: list[int] = []
+        response = self._call(service, method, request, unanswered=unanswered, **call)
+        return response, unanswered != [0]
 
     def _operation_if_kept(self, name: str, deadline: float) -> Operation | None:
         """The operation an error names, as it is now; None if it is gone (deleted since) or
