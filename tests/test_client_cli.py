@@ -708,9 +708,54 @@ def test_rank_json_names_the_job_that_computed_the_ranking(server, capsys, monke
     start = Client._start_ranking
     monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: start(self, *args, **{**kwargs, "execution": "operation"}))
     assert main(["--target", server.target, "rank", relabelled_set[0], "--class", "heart", "--stability", "0", "--json"]) == 0
-    name = json.loads(capsys.readouterr().out)["operation"]
+    ranking = json.loads(capsys.readouterr().out)
+    name = ranking["operation"]
+    assert ranking["requested_again"] is False  # a new job, as evaluate's JSON says of its own
     with Client(server.target, timeout=30) as client:
         assert client.operation(name).kind == "rank_mistake_neurons"
+
+
+def test_a_rank_rerun_under_its_request_id_says_the_ranking_s_job_is_an_earlier_run_s(server, capsys, monkeypatch, relabelled_set):
+    # rank's JSON named the ranking's job with nothing telling an earlier run's, queued, from a new one, and its text
+    # said nothing of a rerun, where evaluate, visualize and edit-head say it.
+    sample_set_id, _ = relabelled_set
+    start = Client._start_ranking
+    monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: start(self, *args, **{**kwargs, "execution": "operation"}))
+    rank = ["--target", server.target, "rank", sample_set_id, "--class", "heart", "--stability", "0"]
+    queued_id, cancelled_id = str(uuid.uuid4()), str(uuid.uuid4())
+    earlier = "started by an earlier run with this --request-id"
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="no_clip", steps=1000)  # one worker: the rankings queue behind it
+        try:
+            queued = client._start_ranking(sample_set_id, "heart", request_id=queued_id).name
+            cancelled = client._start_ranking(sample_set_id, "heart", request_id=cancelled_id).cancel().name
+            result = Operation.result
+
+            def ahead_cancelled_first(self, *args, **kwargs):
+                ahead.cancel()  # the rerun read its job queued: it runs now
+                return result(self, *args, **kwargs)
+
+            monkeypatch.setattr(Operation, "result", ahead_cancelled_first)
+            assert main([*rank, "--json", "--request-id", queued_id]) == 0
+        finally:
+            ahead.cancel()
+        printed = capsys.readouterr()
+        ranking = json.loads(printed.out)
+        assert (ranking["operation"], ranking["requested_again"]) == (queued, True), ranking
+        assert printed.err.startswith(f"{queued}, {earlier}, is queued; waiting for it\n"), printed.err
+        monkeypatch.setattr(Operation, "result", result)
+        # Ended: the text says so before the ranking, which follows as ever.
+        assert main([*rank, "--request-id", queued_id]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"{queued}, {earlier}, ended already (succeeded)" and out[1].startswith(f"{ranking['mistake_count']} mistakes of heart"), out
+        # The earlier run's job cancelled: its outcome, told from this run's failing by requested_again, as the words say.
+        error, err = _json_failure(capsys, [*rank, "--json", "--request-id", cancelled_id])
+        assert (error["code"], error["operation"], error["requested_again"]) == ("CANCELLED", cancelled, True), error
+        assert err.startswith(f"{cancelled}, {earlier}, ended already (cancelled); its outcome stays that id's: give a new "
+                              "--request-id to run it again\n"), err
+        # A new job under a new id: not an earlier run's, and nothing said of one.
+        assert main([*rank, "--request-id", str(uuid.uuid4())]) == 0
+        assert capsys.readouterr().out.startswith(f"{ranking['mistake_count']} mistakes of heart")
 
 
 def test_ctrl_c_inside_a_ranking_s_start_bounds_the_start_sent_again_which_inline_would_rank_in_full(capsys, monkeypatch):
@@ -756,9 +801,11 @@ def test_ctrl_c_inside_the_call_that_started_a_ranking_cancels_its_job_and_names
     error = json.loads(out)["error"]
     if execution == "auto":
         assert error["operation"] is None and error["notes"] == [f"no job started under request_id {request_ids[0]}: the server answers it inline"]
+        assert error["requested_again"] is None, error  # no job
         return
     name = error["operation"]
     assert re.fullmatch(r"operations/[0-9a-f]{16}", name or ""), error
+    assert error["requested_again"] is False, error  # the start sent again got the first attempt's job: no earlier run's
     assert error["notes"][0] in (f"cancelled {name}", f"{name} had already finished (succeeded); nothing to cancel") or error[
         "notes"][0].startswith(f"cancel requested for {name} ("), error
     with Client(server.target, timeout=30) as client:
@@ -3057,7 +3104,7 @@ def test_rank_prints_the_ranked_neurons_or_json(server, capsys, relabelled_set):
     assert ranking["neurons"][0]["rank_ratio"] == expected.neurons[0].rank_ratio and ranking["class_name"] == "heart"
     assert ranking["mistake_count"] == expected.mistake_count > 0 and "mistakes" not in ranking  # not asked for: not an empty list
     assert "omega" not in ranking  # (mistakes x features) floats: the SDK's result or omega.npy has them
-    assert ranking["operation"] is None  # a small set, ranked inline: no job to name
+    assert ranking["operation"] is None and ranking["requested_again"] is False  # a small set, ranked inline: no job, no earlier run's
     assert main(["--target", server.target, "rank", sample_set_id, "--class", "heart"]) == 0
     out = capsys.readouterr().out.splitlines()  # 10 neurons unless --show says otherwise, how far to trust each unless --stability 0 says not
     assert len(out[2:-2]) == 10 < len(expected.neurons) and out[-1].startswith("predicted as: ")

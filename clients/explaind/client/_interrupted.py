@@ -149,15 +149,18 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
 
 
 def followed_ranking(client: Client, sample_set_id: str, target_class: str | int, request_id: str | None = None, *, started_by: str,
-                     progress: bool, **options: Any) -> NeuronRanking:
+                     progress: bool, announce: Callable[[Operation[NeuronRanking]], None] | None = None, **options: Any) -> NeuronRanking:
     """``client.rank_mistake_neurons(sample_set_id, target_class, **options)``'s ranking, its
     start followed to its job should a Ctrl-C land inside it (:func:`started_job`, its notes
     sending to the list: no --no-wait makes a ranking's job name itself), and a job's wait
     showing ``progress`` (a Ctrl-C there cancels the job and names it). The start sent
-    again is bounded by :data:`RANKING_REPEAT_TIMEOUT_S`."""
+    again is bounded by :data:`RANKING_REPEAT_TIMEOUT_S`. ``announce`` gets the job, where
+    the set is ranked as one, before its wait (the CLI's rank says whose job it is)."""
     rank = functools.partial(client._start_ranking, sample_set_id, target_class, **options)
     started = started_job(client, lambda request_id: rank(request_id=request_id), request_id, started_by=started_by, rerun_hint=False,
                           repeat=lambda request_id: rank(request_id=request_id, timeout=min(client.timeout, RANKING_REPEAT_TIMEOUT_S)))
     if isinstance(started, NeuronRanking):  # answered inline
         return started
+    if announce is not None:
+        announce(started)
     return dataclasses.replace(started.result(progress=progress), operation=started.name)

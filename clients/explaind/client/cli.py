@@ -1071,14 +1071,23 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    jobs: list[Operation[NeuronRanking]] = []  # the job that computes the ranking, where the set is ranked as one
+
+    def announce(job: Operation[NeuronRanking]) -> None:
+        """Say, as the other job commands do, where the job is an earlier run's (a new one is
+        not named: the ranking's --json names it)."""
+        jobs.append(job)
+        if _started_by_earlier_run(job, rerun=args.request_id is not None):
+            print(_announcement(job, waiting=True, rerun=True), file=sys.stderr if args.json else sys.stdout)
+
     with _client(args) as client:
         target_class = _target_class(client, args)
         # The ranking inline (a small set), or its job, followed to it should a Ctrl-C land inside the start;
         # progress goes to stderr, so --json's stdout stays JSON alone.
         ranking = followed_ranking(client, args.id, target_class, args.request_id, started_by="this command", progress=True,
-                                   solver=args.solver, stability_resamples=args.stability)
-    if args.json:
-        _print_json(_ranking_json(ranking), args)
+                                   announce=announce, solver=args.solver, stability_resamples=args.stability)
+    if args.json:  # requested_again as the other job commands give it; false inline: no job, no earlier run's
+        _print_json({**_ranking_json(ranking), "requested_again": any(job.requested_again for job in jobs)}, args)
         return 0
     _print_ranking(ranking, args.show)
     return 0
@@ -1109,23 +1118,28 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _started_by_earlier_run(operation: Operation[Any], rerun: bool) -> bool:
+    """Whether a job command's ``operation`` is an earlier run's under the --request-id
+    the user gave (``rerun``): the server answers a new job QUEUED, so one running or ended
+    is, as is one still queued that the server says it had started (``requested_again``;
+    not from an older server, nor for a start the SDK retried after a lost answer, whose
+    first attempt may have started it); without one, this run's own, which the SDK's retry
+    of a start whose answer was lost found running or ended."""
+    return rerun and (operation.state != "queued" or operation.requested_again)
+
+
 def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
-    """What a job command says of the ``operation`` it got: the server answers a new job
-    QUEUED, so one running or ended is, where the user gave a --request-id (``rerun``), an
-    earlier run's under it, as is one still queued that the server says it had started
-    (``requested_again``; not from an older server, nor for a start the SDK retried after
-    a lost answer, whose first attempt may have started it: it is said to be started); without
-    one, this run's own, which the SDK's retry of a start whose answer was lost found
-    running or ended."""
+    """What a job command says of the ``operation`` it got: started by this run, or by an
+    earlier one (:func:`_started_by_earlier_run`), queued, running or ended."""
+    wait = f"explaind operations wait {operation.name} waits for it"
+    if not _started_by_earlier_run(operation, rerun):
+        return f"started {operation.name}" + ("" if waiting else f"; {wait}")
     earlier = f"{operation.name}, started by an earlier run with this --request-id,"
-    if rerun and operation.done:
+    if operation.done:
         again = "" if operation.state == "succeeded" else "; its outcome stays that id's: give a new --request-id to run it again"
         return f"{earlier} ended already ({operation.state}){again}"
-    wait = f"explaind operations wait {operation.name} waits for it"
-    if rerun and (operation.state != "queued" or operation.requested_again):
-        now = "is queued" if operation.state == "queued" else "is running already"
-        return f"{earlier} {now}; {'waiting for it' if waiting else wait}"
-    return f"started {operation.name}" + ("" if waiting else f"; {wait}")
+    now = "is queued" if operation.state == "queued" else "is running already"
+    return f"{earlier} {now}; {'waiting for it' if waiting else wait}"
 
 
 def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
