@@ -845,6 +845,8 @@ def test_a_ranking_whose_solver_was_stopped_draws_no_resamples():
         torch.rand(4, 8), torch.zeros(4, dtype=torch.long), solver=Cancelled(), top_k=2, stability_resamples=1000,
         callback_on_resample_chunk_end=lambda done, total: calls.append(done))
     assert ranking.cancelled and calls == [] and ranking.stability_resamples == 0
+    # None drawn is no time limit's stop after some: not "0 of 1000", which reads as resamples cut short.
+    assert ranking.stability_resamples_requested == 0
     assert ranking.neurons and all(n.stability == 0.0 for n in ranking.neurons)
 
 
