@@ -2008,6 +2008,15 @@ def test_the_bound_auto_decides_by_holds_where_it_is_exact():
     assert neuron.insufficient_ratio and neuron.excessive_ratio and neuron.mean_omega and len(neuron.top_classes) == 3
     size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=answered).ByteSize()
     assert size <= _inline_response_bound(version, "exact", 0, settings, len(features), len(mistakes))
+    # Resamples a deadline stopped after a chunk: stability_resamples takes a byte less than
+    # the 1000 asked, and stability_resamples_requested (1000) its 3, which the bound counts.
+    resampled = RankSettings(cut_ratio=0.0, stability_resamples=1000)
+    stopped = NeuroInspectEngine._rank(inspect, None, "exact", version, 0, "class_index", resampled,
+                                       features=SimpleNamespace(features=features, labels=labels, all_cached=True),
+                                       call=SimpleNamespace(is_active=lambda: True, time_remaining=lambda: 0.0))
+    assert (stopped.stability_resamples, stopped.stability_resamples_requested) == (50, 1000)
+    size = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=stopped).ByteSize()
+    assert size <= _inline_response_bound(version, "exact", 0, resampled, len(features), len(mistakes))
 
 
 def test_the_bounds_length_delimited_fields_take_the_bytes_protobuf_gives_them():
