@@ -850,6 +850,17 @@ def test_a_ranking_whose_solver_was_stopped_draws_no_resamples():
     assert ranking.neurons and all(n.stability == 0.0 for n in ranking.neurons)
 
 
+def test_a_ranking_of_no_mistakes_says_the_resamples_asked_for_as_all_drawn():
+    # Nothing to resample is no stop: the B asked stands (NeuronRanking.stability_resamples,
+    # "the request's stability_resamples"), none said cut short, no chunk reported.
+    calls = []
+    ranking = MistakeNeuronRanker(always_wrong_head()).rank(
+        torch.rand(4, 8), torch.ones(4, dtype=torch.long), solver=FixedShifts(), top_k=2, stability_resamples=200,
+        callback_on_resample_chunk_end=lambda done, total: calls.append(done))
+    assert not ranking.num_mistakes and not ranking.cancelled and calls == []
+    assert (ranking.stability_resamples, ranking.stability_resamples_requested) == (200, 0)
+
+
 def test_ties_among_more_neurons_than_torch_s_small_sort_takes_are_broken_by_id():
     # torch's CPU sort keeps equal keys in their order from 17 of them on only when asked
     # (stable=True): ties of top-k count and |mean ω| over 32 neurons, in rank and resamples.
