@@ -2861,6 +2861,38 @@ def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_se
         taken.release()
 
 
+def test_a_jobs_grid_bound_to_fail_waits_for_decode_memory_no_longer_than_its_search_may_last(engine, monkeypatch):
+    # As a set read's: past the image refused, a job without a run-time limit waited for
+    # decode memory as long as other work held it (20 s here), past UNDECODABLE_SEARCH_SECONDS.
+    import explaind.decode_memory as decode_memory
+    import explaind.engine.core as core
+
+    digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "starved-grid", 4)
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.5)
+    monkeypatch.setattr(decode_memory, "UNRESERVED_DECODE_BYTES", 0)  # each decode reserves
+    taken = engine.decode_memory.lease(core._JobDecodeWait(None))
+    freed = threading.Timer(20.0, taken.release)
+    load = engine.load_sample_image
+
+    def load_then_take_the_memory(digest, *args, **kwargs):
+        try:
+            return load(digest, *args, **kwargs)
+        finally:
+            if digest == digests[1]:  # refused: other work takes every byte from now on
+                taken.reserve(engine.decode_memory.capacity)
+                freed.start()
+
+    monkeypatch.setattr(engine, "load_sample_image", load_then_take_the_memory)
+    try:
+        with pytest.raises(FailedPrecondition, match=r"\(the only one found checking 2 of the 4 images read; the rest were not checked\)$"), \
+                engine.reading_images_of("starved-grid", "sample_set_id", rows_by_digest(digests)):
+            engine.sample_grid(digests, job=_EvaluationContext())
+    finally:
+        freed.cancel()
+        freed.join()
+        taken.release()
+
+
 def test_a_grid_bound_to_fail_counts_the_images_it_checked_not_its_tiles(engine, monkeypatch):
     # A grid showing an image in several tiles said it stopped "checking 3 of the 6 images
     # read" of 4 images, one checked twice; an image checked is not decoded again.
