@@ -987,6 +987,16 @@ def test_stderr_writes_a_file_name_s_undecodable_bytes_as_backslash_x_as_stdout_
 
 
 @pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="the name's bytes are UTF-8's undecodable ones")
+def test_every_byte_that_does_not_decode_is_shown_as_backslash_x_the_lowest_and_highest_too():
+    # Python holds bytes 0x80..0xff that do not decode as U+DC80..U+DCFF; a lone surrogate
+    # below them came from no byte, and is shown as backslashreplace writes it.
+    from explaind.client.cli import _shown_text
+
+    assert _shown_text(os.fsdecode(b"\x80caf\xe9\xff.png")) == "\\x80caf\\xe9\\xff.png"
+    assert _shown_text("\udc7f.png") == "\\udc7f.png"
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="the name's bytes are UTF-8's undecodable ones")
 def test_a_message_quoting_an_argument_rewrites_only_an_undecodable_byte_s_escape_not_what_was_typed():
     # An argument typed with a backslash (caf\udce9, a backslash and five characters) holds no
     # byte that did not decode: quoted, it reads as typed; a backslash before such a byte stays.
