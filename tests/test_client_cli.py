@@ -1399,6 +1399,32 @@ def test_sigterm_after_ctrl_c_exits_143_as_sigterm_does(monkeypatch, capsys):
     assert (error["code"], error["message"], error["notes"]) == ("INTERRUPTED", "terminated", [note]), error
 
 
+def test_sigterm_in_the_cancel_of_the_job_a_ctrl_c_s_search_found_names_that_job_as_operation(monkeypatch, capsys):
+    # Exit 143 as SIGTERM's, with the Ctrl-C's notes and the job its search found, which a script cancels by name.
+    job_name = "operations/00000000000000cc"
+    starts: list[str] = []
+
+    def cancel():
+        os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM (a systemd stop) while the job found is cancelled
+        time.sleep(60)  # the signal ends it
+
+    job = types.SimpleNamespace(name=job_name, state="running", done=False, requested_again=False, cancel=cancel)
+
+    def interrupted_then_found(self, *args, request_id, **kwargs):
+        starts.append(request_id)
+        if len(starts) == 1:
+            raise KeyboardInterrupt  # Ctrl-C inside the start
+        return job  # the start sent again finds its job
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", interrupted_then_found)
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=("request_id",)))
+    assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]) == 143
+    error = json.loads(capsys.readouterr().out)["error"]
+    note = f"{job_name} may still be running: cancelling it failed (interrupted again); explaind operations cancel {job_name} stops it"
+    assert (error["code"], error["message"], error["notes"], error["operation"]) == ("INTERRUPTED", "terminated", [note], job_name), error
+    assert error["requested_again"] is False
+
+
 def test_sigterm_in_the_channel_s_close_after_the_json_was_written_prints_no_second_value(server, capsys, monkeypatch):
     # The command's value was out; the error a SIGTERM met closing the channel followed it as a
     # second value, and `explaind info --json | jq` or json.loads of the whole output failed.
