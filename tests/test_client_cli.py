@@ -4023,7 +4023,7 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
     # (a systemd stop) landed there: its interrupt took the Ctrl-C's place, and the words said "terminated" alone, not
     # which job was cancelled (nor, had the search failed, which request_id to look for).
     starts: list[str] = []
-    job = types.SimpleNamespace(name="operations/0123456789abcdef", state="queued", done=False)
+    job = types.SimpleNamespace(name="operations/0123456789abcdef", state="queued", done=False, requested_again=False)
 
     def cancel():
         job.state, job.done = "cancelled", True
