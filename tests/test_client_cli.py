@@ -1210,6 +1210,17 @@ def test_sigterm_in_the_visualisations_of_a_report_told_to_discard_its_edit_says
                         stored_again), stored_again
 
 
+def _stuck_exits_recorded(monkeypatch) -> list[int]:
+    """The statuses a stuck command's exit would end the process with (os._exit patched to
+    record them), its grace after a SIGTERM's deadline none."""
+    import explaind.client.cli as cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    return exits
+
+
 def _wait_for_an_exit(exits: list[int]) -> None:
     """Wait up to a minute for the stuck command's exit (os._exit patched to append to ``exits``):
     the close that never returns stands still meanwhile."""
@@ -1223,9 +1234,7 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
     import explaind.client.cli as cli
 
-    exits: list[int] = []
-    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    exits = _stuck_exits_recorded(monkeypatch)
     before = signal.getsignal(signal.SIGTERM)
     with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
         with pytest.raises(cli._Terminated):
@@ -1252,9 +1261,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     import explaind.client.cli as cli
     from explaind.client._interrupted import started_job
 
-    exits: list[int] = []
-    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    exits = _stuck_exits_recorded(monkeypatch)
     job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False, requested_again=False)
     starts: list[str] = []
 
@@ -1293,9 +1300,7 @@ def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_
     from explaind.client._errors import DeadlineExceededError
     from explaind.client._interrupted import started_job
 
-    exits: list[int] = []
-    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    exits = _stuck_exits_recorded(monkeypatch)
     starts: list[str] = []
 
     def start(request_id):
@@ -1324,9 +1329,7 @@ def test_an_exit_stuck_after_a_sigterm_stopped_a_ctrl_c_s_search_names_what_the_
     import explaind.client.cli as cli
     from explaind.client._interrupted import started_job
 
-    exits: list[int] = []
-    monkeypatch.setattr(os, "_exit", exits.append)  # what the process would exit with
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    exits = _stuck_exits_recorded(monkeypatch)
     starts: list[str] = []
 
     def start(request_id):
@@ -1443,9 +1446,7 @@ def test_sigterm_in_the_channel_s_close_after_the_json_was_written_prints_no_sec
     assert out.count("\n") == 1 and isinstance(json.loads(out), list), out  # the value alone
     assert err == "terminated\n", err
     # Nor where the close never ends and the process exits by its deadline: its words say terminated, with no JSON.
-    exits = []
-    monkeypatch.setattr(os, "_exit", exits.append)
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    exits = _stuck_exits_recorded(monkeypatch)
     args = argparse.Namespace(timeout=0.01, json=True)
     with cli._terminating_like_ctrl_c(args):
         with pytest.raises(cli._Terminated):
@@ -4052,11 +4053,7 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
     error = json.loads(out)["error"]
     assert (error["message"], error["notes"], error["operation"]) == ("terminated", [f"cancelled {job.name}"], job.name), error
     # Nor where the close never ends and the process exits by its deadline: its words name that job too.
-    import explaind.client.cli as cli
-
-    exits: list[int] = []
-    monkeypatch.setattr(os, "_exit", exits.append)
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    exits = _stuck_exits_recorded(monkeypatch)
     starts.clear()
     job.state, job.done = "queued", False
 

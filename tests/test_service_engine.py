@@ -4,6 +4,7 @@ feature cache, jobs, config errors, health before load, auth."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -2825,72 +2826,60 @@ def test_a_read_bound_to_fail_expects_its_next_batch_to_take_as_long_as_its_slow
     assert loaded == digests[:2]
 
 
+@contextlib.contextmanager
+def _decode_memory_taken_once_refused(engine, monkeypatch, refused: str) -> Iterator[None]:
+    """Every byte of decode memory taken by other work once the image ``refused`` was
+    loaded (and refused), given back 20 s later: a read waiting for it that long, past its
+    search's UNDECODABLE_SEARCH_SECONDS (0.5 s here), is what the caller is kept from."""
+    import explaind.decode_memory as decode_memory
+    import explaind.engine.core as core
+
+    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.5)
+    monkeypatch.setattr(decode_memory, "UNRESERVED_DECODE_BYTES", 0)  # each decode reserves
+    taken = engine.decode_memory.lease(core._JobDecodeWait(None))
+    freed = threading.Timer(20.0, taken.release)
+    load = engine.load_sample_image
+
+    def load_then_take_the_memory(digest, *args, **kwargs):
+        try:
+            return load(digest, *args, **kwargs)
+        finally:
+            if digest == refused:
+                taken.reserve(engine.decode_memory.capacity)
+                freed.start()
+
+    monkeypatch.setattr(engine, "load_sample_image", load_then_take_the_memory)
+    try:
+        yield
+    finally:
+        freed.cancel()
+        freed.join()
+        taken.release()
+
+
 @pytest.mark.parametrize("run_time_limit", [False, True])
 def test_a_jobs_read_bound_to_fail_waits_for_decode_memory_no_longer_than_its_search_may_last(engine, monkeypatch, run_time_limit):
     # A job without a run-time limit (or with one far off), past the first image that does
     # not decode, waited for decode memory as long as other work held it (or its limit allowed),
-    # past UNDECODABLE_SEARCH_SECONDS. Here the memory comes free 20 s later: the search ends
-    # first, having checked the first batch.
-    import explaind.decode_memory as decode_memory
+    # past UNDECODABLE_SEARCH_SECONDS. The search ends first, having checked the first batch.
     import explaind.engine.core as core
 
     digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "starved-job", 6)
     monkeypatch.setattr(core, "_DECODE_THREADS", 1)  # the images decode in order
-    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.5)
-    monkeypatch.setattr(decode_memory, "UNRESERVED_DECODE_BYTES", 0)  # each decode reserves
-    taken = engine.decode_memory.lease(core._JobDecodeWait(None))
-    freed = threading.Timer(20.0, taken.release)
-    load = engine.load_sample_image
-
-    def load_then_take_the_memory(digest, *args, **kwargs):
-        try:
-            return load(digest, *args, **kwargs)
-        finally:
-            if digest == digests[1]:  # refused: other work takes every byte from now on
-                taken.reserve(engine.decode_memory.capacity)
-                freed.start()
-
-    monkeypatch.setattr(engine, "load_sample_image", load_then_take_the_memory)
-    try:
-        with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 2 of the 6 images read; "
-                                                     r"the rest were not checked\)$"):
-            engine.sample_set_features("starved-job", batch_size=2, context=_OutOfTimeContext() if run_time_limit else _EvaluationContext())
-    finally:
-        freed.cancel()
-        freed.join()
-        taken.release()
+    with _decode_memory_taken_once_refused(engine, monkeypatch, digests[1]), \
+            pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: .* \(the only one found checking 2 of the 6 images read; "
+                                                    r"the rest were not checked\)$"):
+        engine.sample_set_features("starved-job", batch_size=2, context=_OutOfTimeContext() if run_time_limit else _EvaluationContext())
 
 
 def test_a_jobs_grid_bound_to_fail_waits_for_decode_memory_no_longer_than_its_search_may_last(engine, monkeypatch):
     # As a set read's: past the image refused, a job without a run-time limit waited for
-    # decode memory as long as other work held it (20 s here), past UNDECODABLE_SEARCH_SECONDS.
-    import explaind.decode_memory as decode_memory
-    import explaind.engine.core as core
-
+    # decode memory as long as other work held it, past UNDECODABLE_SEARCH_SECONDS.
     digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "starved-grid", 4)
-    monkeypatch.setattr(core, "UNDECODABLE_SEARCH_SECONDS", 0.5)
-    monkeypatch.setattr(decode_memory, "UNRESERVED_DECODE_BYTES", 0)  # each decode reserves
-    taken = engine.decode_memory.lease(core._JobDecodeWait(None))
-    freed = threading.Timer(20.0, taken.release)
-    load = engine.load_sample_image
-
-    def load_then_take_the_memory(digest, *args, **kwargs):
-        try:
-            return load(digest, *args, **kwargs)
-        finally:
-            if digest == digests[1]:  # refused: other work takes every byte from now on
-                taken.reserve(engine.decode_memory.capacity)
-                freed.start()
-
-    monkeypatch.setattr(engine, "load_sample_image", load_then_take_the_memory)
-    try:
-        with pytest.raises(FailedPrecondition, match=r"\(the only one found checking 2 of the 4 images read; the rest were not checked\)$"), \
-                engine.reading_images_of("starved-grid", "sample_set_id", rows_by_digest(digests)):
-            engine.sample_grid(digests, job=_EvaluationContext())
-    finally:
-        freed.cancel()
-        freed.join()
-        taken.release()
+    with _decode_memory_taken_once_refused(engine, monkeypatch, digests[1]), \
+            pytest.raises(FailedPrecondition, match=r"\(the only one found checking 2 of the 4 images read; the rest were not checked\)$"), \
+            engine.reading_images_of("starved-grid", "sample_set_id", rows_by_digest(digests)):
+        engine.sample_grid(digests, job=_EvaluationContext())
 
 
 def test_a_grid_bound_to_fail_counts_the_images_it_checked_not_its_tiles(engine, monkeypatch):

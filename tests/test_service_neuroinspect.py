@@ -1108,12 +1108,10 @@ def test_a_ranking_cancelled_while_it_works_stops_at_its_next_callback(tmp_path,
         _shut(engine)
 
 
-def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_path, world_set, monkeypatch):
-    from types import SimpleNamespace
-
+def _resample_chunks_recorded(monkeypatch) -> list[int]:
+    """The resamples done at each chunk's end of the engine's rankings, as the engine's
+    callback_on_resample_chunk_end is called (before it decides)."""
     from explaind.engine import neuroinspect as engine_module
-    from explaind.engine.neuroinspect import RankSettings
-    from explaind.errors import Cancelled
 
     chunks: list[int] = []
 
@@ -1123,6 +1121,16 @@ def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_pa
             return super().rank(features, labels, **options, callback_on_resample_chunk_end=lambda done, total: chunks.append(done) or given(done, total))
 
     monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
+    return chunks
+
+
+def test_an_inline_ranking_stops_resampling_once_its_caller_stops_waiting(tmp_path, world_set, monkeypatch):
+    from types import SimpleNamespace
+
+    from explaind.engine.neuroinspect import RankSettings
+    from explaind.errors import Cancelled
+
+    chunks = _resample_chunks_recorded(monkeypatch)
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
@@ -1225,17 +1233,9 @@ def test_a_ranking_whose_run_time_ends_in_its_resamples_succeeds_with_the_shares
     # It failed DEADLINE_EXCEEDED, the solved ranking and the resamples drawn lost, where a
     # user would rather have "stability of 50 of 1000 resamples" than nothing.
     from explaind import jobs as jobs_module
-    from explaind.engine import neuroinspect as engine_module
     from explaind.engine.neuroinspect import RankSettings
 
-    chunks: list[int] = []
-
-    class RecordingRanker(engine_module.MistakeNeuronRanker):
-        def rank(self, features, labels, **options):
-            given = options.pop("callback_on_resample_chunk_end")
-            return super().rank(features, labels, **options, callback_on_resample_chunk_end=lambda done, total: chunks.append(done) or given(done, total))
-
-    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
+    chunks = _resample_chunks_recorded(monkeypatch)
     monkeypatch.setattr(jobs_module.JobContext, "run_time_remaining", lambda self: 0.0 if chunks else 3600.0)  # past it from the first chunk on
     engine, inspect = _in_process(tmp_path)
     try:
@@ -1259,17 +1259,9 @@ def test_a_ranking_stopped_in_its_resamples_both_past_its_run_time_and_cancelled
     # The run time limit keeps the shares drawn; a stop asked for as well (a cancel, the
     # server's shutdown) still ends the job with no result: whoever asked reads none.
     from explaind import jobs as jobs_module
-    from explaind.engine import neuroinspect as engine_module
     from explaind.engine.neuroinspect import RankSettings
 
-    resampling: list[int] = []
-
-    class RecordingRanker(engine_module.MistakeNeuronRanker):
-        def rank(self, features, labels, **options):
-            given = options.pop("callback_on_resample_chunk_end")
-            return super().rank(features, labels, **options, callback_on_resample_chunk_end=lambda done, total: resampling.append(done) or given(done, total))
-
-    monkeypatch.setattr(engine_module, "MistakeNeuronRanker", RecordingRanker)
+    resampling = _resample_chunks_recorded(monkeypatch)
     monkeypatch.setattr(jobs_module.JobContext, "run_time_remaining", lambda self: 0.0 if resampling else 3600.0)
     monkeypatch.setattr(jobs_module.JobContext, "cancelled", property(lambda self: bool(resampling) or self._live.cancel_event.is_set()))
     engine, inspect = _in_process(tmp_path)
