@@ -2777,18 +2777,24 @@ def test_a_calls_read_bound_to_fail_waiting_for_decode_memory_ends_before_the_ca
         taken.release()
 
 
+def _out_of_time_once_loading(engine, monkeypatch, digest: str) -> "_OutOfTimeContext":
+    """A job's context whose run-time limit passes as the image ``digest`` is loaded."""
+    context, load = _OutOfTimeContext(), engine.load_sample_image
+
+    def load_running_out_of_time(loaded, *args, **kwargs):
+        if loaded == digest:
+            context.remaining = 0.0
+        return load(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_sample_image", load_running_out_of_time)
+    return context
+
+
 def test_a_read_whose_first_image_that_does_not_decode_is_in_its_last_batch_past_the_run_time_limit_names_it(engine, monkeypatch):
     # The job's run-time limit passing as its last batch decoded ended it DEADLINE_EXCEEDED
     # at its next check, losing the image found in that batch, which any retry meets again.
     digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "last-late", 2)
-    context, load = _OutOfTimeContext(), engine.load_sample_image
-
-    def load_running_out_of_time(digest, *args, **kwargs):
-        if digest == digests[1]:
-            context.remaining = 0.0
-        return load(digest, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "load_sample_image", load_running_out_of_time)
+    context = _out_of_time_once_loading(engine, monkeypatch, digests[1])
     with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: image is 32x32; the largest side allowed is 24; "
                                                  r"use a set without it$"):
         engine.sample_set_features("last-late", batch_size=1, context=context)
@@ -2910,14 +2916,7 @@ def test_a_grid_whose_last_image_to_check_does_not_decode_past_the_run_time_limi
     # showing an image met before still followed: its cancellation check ended the grid
     # DEADLINE_EXCEEDED, losing the image found, which any retry meets again.
     digests = _set_whose_second_image_does_not_decode_now(engine, monkeypatch, "tiled-late", 2)
-    context, load = _OutOfTimeContext(), engine.load_sample_image
-
-    def load_running_out_of_time(digest, *args, **kwargs):
-        if digest == digests[1]:
-            context.remaining = 0.0
-        return load(digest, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "load_sample_image", load_running_out_of_time)
+    context = _out_of_time_once_loading(engine, monkeypatch, digests[1])
     with pytest.raises(FailedPrecondition, match=r"\(sample_index 1\) does not decode now: image is 32x32; the largest side allowed is 24; "
                                                  r"use a set without it$"), \
             engine.reading_images_of("tiled-late", "sample_set_id", rows_by_digest(digests)):
