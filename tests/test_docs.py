@@ -219,12 +219,15 @@ def test_every_toml_example_in_the_docs_is_a_valid_config(tmp_path):
         assert config.source.endswith(f"{number}.toml") and ignored_keys(config) == [], page
 
 
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def test_every_relative_link_in_the_readme_and_docs_resolves():
     # The README's performance results moved to docs/performance.md: a link left pointing
     # at README.md#memory-of-a-visualisation would land a reader at the top of the README.
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     broken, checked = [], 0
-    for page in pages:
+    for page in _pages():
         prose = re.sub(r"`[^`]*`", "", "\n".join(_outside_code(page.read_text())))  # inline code, across line breaks too
         for target in re.findall(r"\]\(<?([^)\s>]+)>?(?: \"[^\"]*\")?\)", prose):
             if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
@@ -258,3 +261,50 @@ def test_the_readmes_headline_results_are_numbers_of_the_subsections_they_link()
         missing = _numbers(line) - _numbers(subsections[anchor])
         assert not missing, f"README's headline for #{anchor} states {sorted(missing)}, which its subsection does not: {line}"
     assert set(subsections) <= {anchor for anchor, _ in headlines}, "a docs/performance.md subsection without a headline in the README"
+
+
+def _cli_claims(text: str) -> list[tuple[str, list[str]]]:
+    """The `explaind COMMAND ...` spans of ``text``, each alternative of the CLI synopsis's
+    ``a | b | c`` on its own: (the command, its other words)."""
+    claims = []
+    for span in re.findall(r"`explaind ([^`]+)`", " ".join(text.split())):  # a span may cross a line break
+        for alternative in span.split(" | "):
+            command, *words = alternative.split()
+            claims.append((command, words))
+    return claims
+
+
+def _cli_mismatches(claims: list[tuple[str, list[str]]]) -> list[str]:
+    """What ``claims`` name that the CLI's parser lacks: a command, an option of that
+    command, or an action (`operations get`, `sample-set create/append`)."""
+    import argparse
+
+    from explaind.client.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)).choices
+    wrong = []
+    for command, words in claims:
+        if command.isupper():  # a placeholder: `explaind COMMAND --help`
+            continue
+        if command not in commands:
+            wrong.append(f"explaind {command}: no such command")
+            continue
+        options = {option for action in commands[command]._actions for option in action.option_strings}
+        wrong += [f"explaind {command} {word}: no such option" for word in words
+                  if re.fullmatch(r"--[\w-]+", word.strip("[]")) and word.strip("[]") not in options]
+        choices = [action.choices for action in commands[command]._actions if action.dest == "action"]
+        if choices:  # the action words: the first word, and the /-separated ones ("NAME]/show/delete")
+            named = [part for index, word in enumerate(words) if index == 0 or "/" in word for part in word.split("/")]
+            wrong += [f"explaind {command} {action}: no such action" for part in named
+                      for action in part.split("|") if re.fullmatch(r"[a-z]+", action) and action not in choices[0]]
+    return wrong
+
+
+def test_every_explaind_command_the_prose_names_is_one_the_cli_takes():
+    # tests/test_readme.py runs the session block's commands; the prose names many more
+    # (`explaind operations list --owner monitoring`, the CLI synopsis), which a renamed
+    # option or action would leave pointing at nothing.
+    claims = {page.name: _cli_claims(page.read_text()) for page in _pages()}
+    assert sum(map(len, claims.values())) > 30 and claims["world.md"]
+    wrong = [f"{page}: {mismatch}" for page, named in claims.items() for mismatch in _cli_mismatches(named)]
+    assert not wrong, "\n".join(wrong)
