@@ -308,3 +308,17 @@ def test_every_explaind_command_the_prose_names_is_one_the_cli_takes():
     assert sum(map(len, claims.values())) > 30 and claims["world.md"]
     wrong = [f"{page}: {mismatch}" for page, named in claims.items() for mismatch in _cli_mismatches(named)]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_repository_file_and_test_the_prose_names_exists():
+    # The docs send a reader to scripts, tests and deploy files by path, and to the test
+    # that checks a claim by its name: a file or test renamed or removed leaves them at nothing.
+    tests = {name for path in (ROOT / "tests").glob("*.py") for name in re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M)}
+    missing = []
+    for page in _pages():
+        text = page.read_text()
+        for path in set(re.findall(r"(?<![\w/$.-])((?:bench|clients|deploy|kernels|proto|server|tests)/[\w./*-]*\w)", text)):
+            if path != "tests/test_x.py" and not list(ROOT.glob(path)):  # test_x: `TESTS=tests/test_x.py`, a placeholder
+                missing.append(f"{page.name}: {path}")
+        missing += [f"{page.name}: {name}" for name in set(re.findall(r"`(test_\w+)`", text)) - tests]
+    assert not missing, "\n".join(sorted(missing))
