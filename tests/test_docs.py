@@ -322,3 +322,61 @@ def test_every_repository_file_and_test_the_prose_names_exists():
                 missing.append(f"{page.name}: {path}")
         missing += [f"{page.name}: {name}" for name in set(re.findall(r"`(test_\w+)`", text)) - tests]
     assert not missing, "\n".join(sorted(missing))
+
+
+def _unresolved_names(text: str) -> list[str]:
+    """The Python and protobuf names ``text`` states that do not exist: a dotted
+    `explaind.module.name` (file names such as explaind.toml, and span attributes, name
+    no module and are left alone), and a `Class.attribute` of the SDK's, the methods' or
+    the API's messages (`Operation.requested_again`, `PredictRequest.partial_failure`)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import explaind
+    import explaind.client
+    import explaind.client.report
+    import explaind.methods.neuroinspect
+    import explaind.v1
+
+    missing, absent = [], object()
+    modules = {module.name for module in pkgutil.iter_modules(explaind.__path__)}
+    for name in set(re.findall(r"\bexplaind(?:\.\w+)+(?![\w/])", text)):
+        if name.split(".")[1] not in modules:
+            continue
+        parts = name.split(".")
+        for index in range(len(parts), 1, -1):  # the longest module prefix, then attributes
+            try:
+                found: object = importlib.import_module(".".join(parts[:index]))
+            except ImportError:
+                continue
+            for attribute in parts[index:]:
+                found = getattr(found, attribute, absent)
+            break
+        if found is absent:
+            missing.append(name)
+    fields: dict[str, set[str]] = {}
+    for module in pkgutil.iter_modules(explaind.v1.__path__):
+        if module.name.endswith("_pb2"):
+            descriptor = importlib.import_module(f"explaind.v1.{module.name}").DESCRIPTOR
+            for message in descriptor.message_types_by_name.values():
+                fields[message.name] = {field.name for field in message.fields}
+    classes = {name: value for module in (explaind.client, explaind.client.report, explaind.methods.neuroinspect)
+               for name, value in vars(module).items() if inspect.isclass(value)}
+    for owner, attribute in set(re.findall(r"`([A-Z]\w+)\.([a-z_]\w*)(?:\(\))?`", text)):
+        if owner in classes:
+            known = hasattr(classes[owner], attribute) or attribute in getattr(classes[owner], "__dataclass_fields__", {})
+        elif owner in fields and owner != "Image":  # `Image.open` is Pillow's
+            known = attribute in fields[owner]
+        else:
+            continue
+        if not known:
+            missing.append(f"{owner}.{attribute}")
+    return missing
+
+
+def test_every_module_function_field_and_attribute_the_prose_names_exists():
+    # `explaind.world.clip.load_world_clip()`, `OperationMetadata.requested_again`,
+    # `MistakeReport.visualization_largest_fit`: names a reader types or greps for.
+    missing = [f"{page.name}: {name}" for page in _pages() for name in _unresolved_names(page.read_text())]
+    assert not missing, "\n".join(sorted(missing))
