@@ -13,9 +13,9 @@ language, any protoc) finds them: see README, "Stubs for other languages".
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,10 +111,22 @@ def strict_stub(text: str) -> str:
     return text
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--includes":
-        exported = export_includes(Path(sys.argv[2]))
-        print(f"wrote {len(exported)} google/* protos under {sys.argv[2]}: protoc -I{PROTO_ROOT} -I{sys.argv[2]} ...")
+def main(argv: list[str] | None = None) -> None:
+    """The command line the module docstring shows. ``--help`` prints it, and a misspelt
+    option or ``--includes`` without its directory is a usage error: none is taken for a
+    directory to write into."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", type=Path, default=DEFAULT_OUT, metavar="OUT_DIR",
+                        help="where the Python stubs go (default: clients/, the committed stubs)")
+    parser.add_argument("--includes", type=Path, metavar="DIR", help="write the google/* protos the protos import under DIR instead")
+    args = parser.parse_args(argv)
+    if args.includes is not None:
+        exported = export_includes(args.includes)
+        print(f"wrote {len(exported)} google/* protos under {args.includes}: protoc -I{PROTO_ROOT} -I{args.includes} ...")
     else:
-        written = generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+        written = generate(args.out_dir)
         print(f"generated {len(written)} files under {written[0].parent}")
+
+
+if __name__ == "__main__":
+    main()

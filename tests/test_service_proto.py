@@ -28,6 +28,17 @@ def test_committed_stubs_match_the_protos(tmp_path):
     assert not stale, f"stubs drifted from proto/: {stale}; run `make proto` and commit"
 
 
+def test_the_generator_takes_no_option_for_the_directory_to_write_stubs_into(tmp_path, monkeypatch, capsys):
+    # `python proto/generate.py --help` generated the stubs into a directory named "--help",
+    # and `--includes` without its directory into one named "--includes".
+    monkeypatch.chdir(tmp_path)
+    for argv, status in (["--help"], 0), (["--includes"], 2), (["--out", "stubs"], 2):
+        with pytest.raises(SystemExit) as exited:
+            _generator().main(argv)
+        assert exited.value.code == status, argv
+    assert "--includes DIR" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
 def test_every_rpc_takes_its_own_request_and_response():
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
 
