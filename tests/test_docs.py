@@ -380,3 +380,23 @@ def test_every_module_function_field_and_attribute_the_prose_names_exists():
     # `MistakeReport.visualization_largest_fit`: names a reader types or greps for.
     missing = [f"{page.name}: {name}" for page in _pages() for name in _unresolved_names(page.read_text())]
     assert not missing, "\n".join(sorted(missing))
+
+
+def test_the_readmes_alert_table_is_the_alerts_deploy_ships():
+    # An operator reads the table, not the rules: each shipped alert has its row, with its
+    # severity, its threshold ("over 5 %", "over 0.5 s") and the minutes its condition must
+    # hold ("for 10 min"), and no row is of an alert that is gone.
+    import yaml
+
+    rules = [rule for group in yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())["groups"] for rule in group["rules"]]
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(Explaind\w+)` (\([a-z]+\) \|[^\n]*)\|$", readme, flags=re.M))
+    assert sorted(rows) == sorted(rule["alert"] for rule in rules)
+    for rule in rules:
+        row = rows[rule["alert"]]
+        assert row.startswith(f"({rule['labels']['severity']}) |"), (rule["alert"], row)
+        threshold = re.search(r"[<>] *([\d.]+)\s*$", rule["expr"])
+        if threshold and (value := float(threshold[1])):  # "> 0" is "any", as the row says in words
+            assert f"{value * 100:g} %" in row or f"{value:g} s" in row, (rule["alert"], value, row)
+        if "for" in rule:
+            assert f"{int(rule['for'].removesuffix('m'))} min" in row, (rule["alert"], rule["for"], row)
