@@ -400,3 +400,10 @@ def test_the_readmes_alert_table_is_the_alerts_deploy_ships():
             assert f"{value * 100:g} %" in row or f"{value:g} s" in row, (rule["alert"], value, row)
         if "for" in rule:
             assert f"{int(rule['for'].removesuffix('m'))} min" in row, (rule["alert"], rule["for"], row)
+
+
+def test_the_readmes_count_of_gpu_tests_is_the_suites():
+    # `make test-gpu` is run by hand on a lent GPU: the count tells its runner whether all ran.
+    marked = sum(len(re.findall(r"^@pytest\.mark\.gpu$", path.read_text(), flags=re.M)) for path in (ROOT / "tests").glob("test_*.py"))
+    stated = re.search(r"the tests marked `gpu`, which `make test` skips without CUDA, (\d+) of them", " ".join((ROOT / "README.md").read_text().split()))
+    assert stated and int(stated[1]) == marked, (stated and stated[1], marked)
