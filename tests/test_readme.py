@@ -1,4 +1,4 @@
-"""The README's examples run as written."""
+"""The README's examples, and docs/world.md's, run as written."""
 
 import contextlib
 import re
@@ -292,6 +292,26 @@ def test_the_report_lines_build_and_render_the_page_the_cli_writes(default_serve
     assert [shown.neuron for shown in report.visualizations] == report.ranking.neuron_ids[:5] and len(report.visualizations) == 5
     assert report.edit is not None and served_after == served_before
     assert page.startswith("<!DOCTYPE html>") and report.edit.version.version_id in page
+
+
+def test_the_world_pages_upload_block_stores_the_split_with_its_backgrounds(default_server):
+    """docs/world.md's block: a split of the shapes world uploaded with each sample's
+    background, which `edit_head(..., group_attribute="background")` groups by."""
+    from explaind.client import Client, NotFoundError
+
+    page = README.parent / "docs" / "world.md"
+    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    namespace: dict = {}
+    try:
+        exec(compile(_at(default_server.target, block), str(page), "exec"), namespace)
+        with Client(default_server.target, timeout=30) as client:
+            stored = list(client.samples("sb-test"))
+    finally:
+        with Client(default_server.target, timeout=30) as client, contextlib.suppress(NotFoundError):
+            client.delete_sample_set("sb-test")
+    test = namespace["test"]
+    assert [sample.label for sample in stored] == test.labels.tolist()
+    assert [sample.attributes for sample in stored] == [{"background": str(value)} for value in test.attributes["background"]]
 
 
 def test_the_session_by_hand_runs_as_written_against_a_fresh_server(server_factory, tmp_path, monkeypatch, capsys):
