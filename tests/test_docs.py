@@ -407,3 +407,49 @@ def test_the_readmes_count_of_gpu_tests_is_the_suites():
     marked = sum(len(re.findall(r"^@pytest\.mark\.gpu$", path.read_text(), flags=re.M)) for path in (ROOT / "tests").glob("test_*.py"))
     stated = re.search(r"the tests marked `gpu`, which `make test` skips without CUDA, (\d+) of them", " ".join((ROOT / "README.md").read_text().split()))
     assert stated and int(stated[1]) == marked, (stated and stated[1], marked)
+
+
+def _stated_constants() -> list[str]:
+    """The README's sentences that state a limit or period the code keeps as a constant,
+    each with its number filled in from that constant."""
+    from explaind import errors, imaging
+    from explaind.client import _async, _client, _interrupted, _operations, cli, report
+    from explaind.engine import core, neuroinspect
+    from explaind.service import interceptors, server
+
+    mib, kib = 2**20, 2**10
+    in_words = {10: "ten", 60: "minute"}  # a changed constant has no word here: a KeyError, as a failure
+    return [
+        f"inline when the set has ≤ {neuroinspect.INLINE_MAX_SAMPLES} samples, the class ≤ {neuroinspect.INLINE_MAX_MISTAKES} mistakes",
+        f"`group_attribute` takes at most {neuroinspect.MAX_EDIT_GROUPS} (class, value) groups",
+        f"an image side over {imaging.MAX_IMAGE_SIDE} px",
+        f"a JPEG of over {imaging.MAX_JPEG_SCANS} scans or {imaging.MAX_JPEG_MARKERS} markers",
+        f"over {imaging.MAX_PNG_COMPRESSED_TEXT_CHUNKS} compressed text chunks or over {imaging.MAX_PNG_CHUNKS} chunks",
+        f"a GIF of over {imaging.MAX_GIF_BLOCKS} extension blocks",
+        f"a TIFF of over {imaging.MAX_TIFF_STRIPS} strips or tiles",
+        f"cut to {interceptors.MAX_STATUS_MESSAGE_BYTES // kib} KiB, {interceptors.MAX_DETAILED_MESSAGE_BYTES // kib} KiB where the status carries details",
+        f"At most {in_words[errors.MAX_PRECONDITION_VIOLATIONS]} violations are sent",
+        f"each type and subject cut to {errors.MAX_VIOLATION_PART_BYTES} bytes",
+        f"for {core.UNDECODABLE_SEARCH_SECONDS:g} s at most",
+        f"a sweep every {in_words[int(server.SWEEP_INTERVAL_S)]} removes",
+        f"reads large artifacts in ranges of at most {_operations.ARTIFACT_RANGE_BYTES // mib} MiB",
+        f"up to `max_in_flight={_client.DEFAULT_PREDICT_IN_FLIGHT}` of them in flight",
+        f"with backoff up to {_client.RETRY_MAX_BACKOFF_S:g} s",
+        f"its own pool of `max_workers` threads ({_async.DEFAULT_MAX_WORKERS};",
+        f"waits for a job in steps of {_async.RESULT_STEP_S:g} s",
+        f"the CLI shows it above {cli.UPLOAD_PROGRESS_SAMPLES} samples",
+        f"Text output names at most {cli._CLASSES_SHOWN} classes",
+        f"then the {cli.CONFUSIONS_SHOWN} (true, predicted) pairs of the most mistakes",
+        f"`operations list` shows the newest {cli.OPERATIONS_LISTED} (says so",
+        f"ending `--timeout` + {cli.TERMINATED_GRACE_S:g} s after the signal",
+        f"gets {_interrupted.RANKING_REPEAT_TIMEOUT_S:g} s at most",
+        f"is waited for up to {report.CANCELLED_EDIT_WAIT_S:g} s",
+    ]
+
+
+def test_the_limits_and_periods_the_readme_states_are_the_codes():
+    # "inline when the set has ≤ 4096 samples", "cut to 4 KiB": a reader sizes requests and
+    # reads errors by them; a changed constant must change its sentence.
+    prose = " ".join((ROOT / "README.md").read_text().split())
+    wrong = [sentence for sentence in _stated_constants() if sentence not in prose]
+    assert not wrong, "\n".join(wrong)
