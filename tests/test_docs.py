@@ -453,3 +453,11 @@ def test_the_limits_and_periods_the_readme_states_are_the_codes():
     prose = " ".join((ROOT / "README.md").read_text().split())
     wrong = [sentence for sentence in _stated_constants() if sentence not in prose]
     assert not wrong, "\n".join(wrong)
+
+
+def test_docs_performance_md_names_every_bench_script():
+    # The README sends a reader there for the bench measurements: one kept beside what it
+    # bounds (decode memory, a ranking's stability cost) is pointed to from there.
+    page = (ROOT / "docs" / "performance.md").read_text()
+    unnamed = [script.name for script in sorted((ROOT / "bench").glob("[a-z]*.py")) if f"bench/{script.name}" not in page]
+    assert not unnamed, f"docs/performance.md names no {unnamed}"
