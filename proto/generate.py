@@ -116,15 +116,17 @@ def main(argv: list[str] | None = None) -> None:
     option or ``--includes`` without its directory is a usage error: none is taken for a
     directory to write into."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", nargs="?", type=Path, default=DEFAULT_OUT, metavar="OUT_DIR",
+    parser.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR",
                         help="where the Python stubs go (default: clients/, the committed stubs)")
     parser.add_argument("--includes", type=Path, metavar="DIR", help="write the google/* protos the protos import under DIR instead")
     args = parser.parse_args(argv)
+    if args.includes is not None and args.out_dir is not None:
+        parser.error("OUT_DIR and --includes DIR are two commands: give one")
     if args.includes is not None:
         exported = export_includes(args.includes)
         print(f"wrote {len(exported)} google/* protos under {args.includes}: protoc -I{PROTO_ROOT} -I{args.includes} ...")
     else:
-        written = generate(args.out_dir)
+        written = generate(args.out_dir or DEFAULT_OUT)
         print(f"generated {len(written)} files under {written[0].parent}")
 
 

@@ -30,9 +30,10 @@ def test_committed_stubs_match_the_protos(tmp_path):
 
 def test_the_generator_takes_no_option_for_the_directory_to_write_stubs_into(tmp_path, monkeypatch, capsys):
     # `python proto/generate.py --help` generated the stubs into a directory named "--help",
-    # and `--includes` without its directory into one named "--includes".
+    # and `--includes` without its directory into one named "--includes"; OUT_DIR beside
+    # `--includes DIR` is one of the two forms, not both.
     monkeypatch.chdir(tmp_path)
-    for argv, status in (["--help"], 0), (["--includes"], 2), (["--out", "stubs"], 2):
+    for argv, status in (["--help"], 0), (["--includes"], 2), (["--out", "stubs"], 2), (["stubs", "--includes", "includes"], 2):
         with pytest.raises(SystemExit) as exited:
             _generator().main(argv)
         assert exited.value.code == status, argv
