@@ -413,7 +413,7 @@ def test_the_readmes_count_of_gpu_tests_is_the_suites():
     import subprocess
     import sys
 
-    files = [f"tests/{path.name}" for path in sorted((ROOT / "tests").glob("test_*.py")) if "mark.gpu" in path.read_text()]
+    files = [f"tests/{path.name}" for path in sorted((ROOT / "tests").glob("test_*.py")) if "pytest.mark.gpu" in path.read_text()]
     listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     marked = sum("::" in line for line in listed.stdout.splitlines())
