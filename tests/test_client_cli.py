@@ -4072,3 +4072,45 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
                                              f"still run: explaind operations list)\n  cancelled {job.name}\n"), err
     error = json.loads(out.splitlines()[0])["error"]
     assert (error["notes"], error["operation"]) == ([f"cancelled {job.name}"], job.name), error
+
+
+def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(monkeypatch, capsys):
+    # The command failed (its set unknown); a SIGTERM (a systemd stop) then landed in the channel's close: its interrupt took
+    # the error's place, and the words said "terminated" alone, not what had failed.
+    from explaind.client import NotFoundError
+
+    gone = NotFoundError("no sample set 'some-set'", field="sample_set_id")
+    gone.add_note("that is the set --id names")
+    close = Client.close
+
+    def terminated_while_closing(self):
+        close(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", lambda self, *args, **kwargs: (_ for _ in ()).throw(gone))
+    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    argv = ["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]
+    assert main(argv) == 143
+    out, err = capsys.readouterr()
+    notes = [f"error: {gone}", "that is the set --id names"]
+    assert err == "terminated\n" + "".join(f"  {note}\n" for note in notes), err
+    error = json.loads(out)["error"]
+    assert (error["code"], error["message"], error["notes"]) == ("INTERRUPTED", "terminated", notes), error
+    # Nor where the close never ends and the process exits by its deadline: its words say the error too.
+    exits = _stuck_exits_recorded(monkeypatch)
+
+    def stuck_closing(self):
+        close(self)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # its interrupt lands here
+            time.sleep(60)
+        finally:
+            _wait_for_an_exit(exits)  # and the close stands still all the same
+
+    monkeypatch.setattr(Client, "close", stuck_closing)
+    main([*argv[:3], "0.01", *argv[4:]])
+    out, err = capsys.readouterr()
+    assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
+                                             f"still run: explaind operations list)\n  {notes[0]}\n  {notes[1]}\n"), err
+    assert json.loads(out.splitlines()[0])["error"]["notes"] == notes

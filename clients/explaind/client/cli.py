@@ -170,15 +170,18 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
 def _as_terminated(interrupt: KeyboardInterrupt) -> _Terminated:
     """``interrupt`` as SIGTERM's: a Ctrl-C whose cleanup a SIGTERM then stopped (taken there
     as a second interrupt) ends as a SIGTERM does, exit status 143, with its notes and job;
-    so does SIGTERM's own interrupt where it cut short a Ctrl-C on its way out (the channel's
-    close, stuck), which it took the place of: that Ctrl-C's notes first, then its own."""
-    stopped = [interrupt]
+    so does SIGTERM's own interrupt where it cut short a Ctrl-C or a failed command on its
+    way out (the channel's close, stuck), which it took the place of: that Ctrl-C's notes,
+    or the error's words ("error: ...") and notes, first, then its own."""
+    stopped: list[BaseException] = [interrupt]
+    terminated = _Terminated("terminated")
     if isinstance(interrupt, _Terminated):
         cut_short = interrupt.__context__
-        if not isinstance(cut_short, KeyboardInterrupt) or isinstance(cut_short, _Terminated):
+        if isinstance(cut_short, (ExplaindError, CommandError)):
+            terminated.add_note(f"error: {cut_short}")
+        elif not isinstance(cut_short, KeyboardInterrupt) or isinstance(cut_short, _Terminated):
             return interrupt
         stopped.insert(0, cut_short)
-    terminated = _Terminated("terminated")
     for each in stopped:
         for note in getattr(each, "__notes__", ()):
             terminated.add_note(note)
