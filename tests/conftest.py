@@ -205,6 +205,24 @@ def auth_clock(monkeypatch: pytest.MonkeyPatch) -> StoppedClock:
     return clock
 
 
+@contextlib.contextmanager
+def stderr_nobody_reads() -> Iterator[None]:
+    """sys.stderr, within, a pipe whose reader has gone (`explaind report 2>&1 | head -1`):
+    each line written to it fails with BrokenPipeError, until the CLI points its descriptor
+    elsewhere. (Entered in the test itself: pytest's capture sets sys.stderr again as the
+    test's call begins, over a fixture's.)"""
+    reader, writer = os.pipe()
+    os.close(reader)
+    stream = open(writer, "w", buffering=1)  # line-buffered: a line fails as it is printed
+    before, sys.stderr = sys.stderr, stream
+    try:
+        yield
+    finally:
+        sys.stderr = before
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
 def _candidate_ports() -> Iterator[int]:
     """This test process's ports for servers: below the kernel's ephemeral range, which a
     server's ``port=0`` or another probe never gets, a slice of their own per xdist worker,

@@ -4114,3 +4114,19 @@ def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(m
     assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
                                              f"still run: explaind operations list)\n  {notes[0]}\n  {notes[1]}\n"), err
     assert json.loads(out.splitlines()[0])["error"]["notes"] == notes
+
+
+def test_a_command_interrupted_where_stderr_s_reader_has_gone_still_exits_as_interrupted(monkeypatch, capsys):
+    # Its words failed with BrokenPipeError, which left main as a traceback (exit status 1): a script read no interrupt.
+    from conftest import stderr_nobody_reads
+
+    def interrupted(self, *args, request_id, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C inside the start
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", interrupted)
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=()))
+    with stderr_nobody_reads():
+        assert main(["--target", f"127.0.0.1:{free_port()}", "evaluate", "some-set", "--json"]) == 130
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["code"], error["message"]) == ("INTERRUPTED", "interrupted"), error
+    assert error["notes"][0].startswith("a job may have started under request_id "), error

@@ -25,7 +25,7 @@ from explaind.client._neuroinspect import HeadEvaluation
 from explaind.client.report import _evaluation_rows, build_report, render_report
 from explaind.world import assets
 
-from conftest import ServerProcess, write_config
+from conftest import ServerProcess, stderr_nobody_reads, write_config
 
 
 def evaluation(classes: dict[str, float], groups: dict[str, float]) -> HeadEvaluation:
@@ -633,6 +633,28 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
                               f"interrupted): {find}"],
         "cancel cut short": [f"operations/0123456789abcdef may still store the suggested edit as a head version (its cancel failed): {find}"],
         }[ending]
+
+
+def test_a_report_interrupted_in_its_running_edit_s_wait_stays_interrupted_where_stderr_s_reader_has_gone():
+    # The line saying the report waits up to 5 s for the cancelled edit failed with BrokenPipeError, which took the
+    # interrupt's place: the CLI exited 141, as for a closed stdout, saying nothing of the version the edit may store.
+    client, _, _ = _interrupted_start_client("edit_head", "succeeded")
+    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=True)
+    waits: list[float] = []
+    running.wait = waits.append  # it has not ended when the wait is over
+
+    def interrupted_wait(progress):
+        interrupt = KeyboardInterrupt()
+        interrupt.operation = running
+        raise interrupt
+
+    client.edit_head = lambda *args, **kwargs: SimpleNamespace(result=interrupted_wait)
+    with stderr_nobody_reads(), pytest.raises(KeyboardInterrupt) as raised:
+        build_report(client, "heart", "s", steps=2)
+    assert waits == [report_module.CANCELLED_EDIT_WAIT_S]
+    assert raised.value.__notes__ == ["operations/0123456789abcdef may still store the suggested edit as a head version (it had not ended "
+                                      "after 5 s of waiting): explaind operations get operations/0123456789abcdef names the version once "
+                                      "it has succeeded, and explaind head-versions delete VERSION deletes it"]
 
 
 def test_a_second_ctrl_c_before_the_deletion_of_an_interrupted_edit_s_version_is_sent_still_names_the_version(monkeypatch):

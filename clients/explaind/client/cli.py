@@ -2328,9 +2328,12 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as _Terminated
         if getattr(args, "terminated", False):  # a SIGTERM after a Ctrl-C: it stopped the command (130 read as the user's stop)
             interrupt = _as_terminated(interrupt)
-        print(_failure_words(interrupt), file=sys.stderr)
-        for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted, a job cancelled or going on
-            print(f"  {note}", file=sys.stderr)
+        try:
+            print(_failure_words(interrupt), file=sys.stderr)
+            for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted, a job cancelled or going on
+                print(f"  {note}", file=sys.stderr)
+        except OSError:  # its reader gone (`2>&1 | head -1`): the command was interrupted all the same, which its status says
+            _discard_output(sys.stderr)
         _print_failure_json(interrupt, args)
         return 128 + signal.SIGTERM if isinstance(interrupt, _Terminated) else 130
 

@@ -232,8 +232,9 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
     if not operation.cancel_requested:
         why = "its cancel failed"
     else:
-        print(f"interrupted: waiting up to {CANCELLED_EDIT_WAIT_S:g} s for the cancelled edit {operation.name} to end, as it may still store "
-              "a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # stderr's reader gone: the wait, and the interrupt's notes, matter more than this line
+            print(f"interrupted: waiting up to {CANCELLED_EDIT_WAIT_S:g} s for the cancelled edit {operation.name} to end, as it may still "
+                  "store a head version (a second Ctrl-C stops waiting)", file=sys.stderr, flush=True)
         meanwhile = may_store("waiting for it to end was cut short")
         interrupt.add_note(meanwhile)
         try:
