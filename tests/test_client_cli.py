@@ -677,6 +677,55 @@ def test_ctrl_c_inside_a_start_on_a_server_that_keeps_no_request_id_starts_no_se
         assert len({op.name for op in client.operations(kind="visualize_neurons")} - before) == 1
 
 
+@pytest.mark.parametrize("server_says_requested_again", [True, False])
+def test_ctrl_c_inside_a_start_that_never_reached_the_server_leaves_no_job_behind(server, capsys, monkeypatch, server_says_requested_again):
+    # The search's start sent again, under the request_id nothing had used, started the job, which it then cancelled: a
+    # CANCELLED job nobody had asked for stayed listed. Cancelled before it ran, it is deleted too. A server that does not
+    # say requested_again cannot tell it from the interrupted start's own: it stays, named, as before.
+    if not server_says_requested_again:
+        metadata = Client.model_metadata
+        monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
+            metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "requested_again")))
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            request_ids = _interrupted_once_started(monkeypatch, "visualize_neurons", sent=False)
+            before = {op.name for op in client.operations(kind="visualize_neurons")}
+            assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--no-wait", "--json"]) == 130
+            out, err = capsys.readouterr()
+            left = {op.name for op in client.operations(kind="visualize_neurons")} - before
+        finally:
+            ahead.cancel()
+    error = json.loads(out)["error"]
+    assert len(request_ids) == 2, request_ids
+    if not server_says_requested_again:
+        assert left == {error["operation"]} and error["notes"] == [f"cancelled {error['operation']}"], error
+        return
+    note = (f"no job had started under request_id {request_ids[0]}: the one sending it again started, to find it, was cancelled "
+            "before it ran, and deleted")
+    assert left == set() and err == f"interrupted\n  {note}\n", err
+    assert (error["operation"], error["notes"]) == (None, [note]), error
+
+
+def test_an_interrupted_start_whose_repeat_started_a_job_it_cannot_delete_names_it_cancelled():
+    # The server gone before the deletion: the job stays listed, cancelled, as the note says.
+    from explaind.client import UnavailableError
+    from explaind.client._interrupted import cancel_interrupted_start
+
+    def cancel():
+        job.state, job.done = "cancelled", True
+
+    def delete():
+        raise UnavailableError("the server is restarting")
+
+    job = types.SimpleNamespace(name="operations/00000000000000dd", state="queued", done=False, cancel=cancel, delete=delete,
+                                metadata=types.SimpleNamespace(requested_again=False))
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id", "requested_again")))
+    interrupt = KeyboardInterrupt()
+    cancel_interrupted_start(interrupt, client, "r-1", lambda request_id: job)
+    assert (interrupt.__notes__, interrupt.operation) == ([f"cancelled {job.name}"], job)
+
+
 def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job_started_under_it(server, capsys, monkeypatch):
     # --request-id an earlier run used with other options: the repeat is refused (as the start, had it arrived, was), so no
     # job of this command's is under it, and running it again (as a note advised) is refused again.

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._client import REQUEST_ID_CAPABILITY
+from ._client import REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY
 from ._errors import ExplaindError, InvalidArgumentError
 from ._neuroinspect import NeuronRanking
 from ._operations import cancel_outcome
@@ -117,7 +117,8 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     an exit cutting it short leaves."""
     maybe_started = f"a job may have started under request_id {request_id}"
     try:
-        if REQUEST_ID_CAPABILITY not in client.model_metadata().capabilities:  # a repeat would start a second job
+        capabilities = client.model_metadata().capabilities
+        if REQUEST_ID_CAPABILITY not in capabilities:  # a repeat would start a second job
             interrupt.add_note(f"{maybe_started}, which this server keeps no record of: explaind operations list shows it")
             return
         operation = start(request_id)
@@ -133,6 +134,10 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     if isinstance(operation, NeuronRanking):  # a ranking the server answers inline: it started no job
         interrupt.add_note(f"no job started under request_id {request_id}: the server answers it inline")
         return
+    # A server that says whether a start's answer is an earlier request's operation (its answer's own, before a cancel's
+    # answer replaces it) tells the job the repeat itself started: none was kept under the id, as where the interrupt came
+    # before the server had the start (the channel still connecting, say), or a small set's ranking was answered inline.
+    started_by_repeat = REQUESTED_AGAIN_CAPABILITY in capabilities and not operation.metadata.requested_again
     # The start sent again found its own first attempt's job: like the SDK's retry of a start whose answer was lost,
     # that says nothing of an earlier run's (the first attempt's answer, which would have, is lost).
     operation._requested_again = False
@@ -144,8 +149,25 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     except (ExplaindError, KeyboardInterrupt) as error:
         why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
         interrupt.add_note(f"{operation.name} may still be running: cancelling it failed ({why}); explaind operations cancel {operation.name} stops it")
-    else:
-        interrupt.add_note(cancel_outcome(operation))
+        return
+    if started_by_repeat and operation.state == "cancelled" and _deleted(operation, say_meanwhile):
+        # Nobody asked for it: a CANCELLED job listed would read as one this command had started.
+        del interrupt.operation  # type: ignore[attr-defined]
+        interrupt.add_note(f"no job had started under request_id {request_id}: the one sending it again started, to find it, was cancelled "
+                           "before it ran, and deleted")
+        return
+    interrupt.add_note(cancel_outcome(operation))
+
+
+def _deleted(operation: Operation[Any], say_meanwhile: Callable[[str | None], None]) -> bool:
+    """Whether ``operation``, cancelled, was deleted; where not (a second Ctrl-C, the server
+    gone), it stays listed as cancelled, which the interrupt's notes then say."""
+    say_meanwhile(cancel_outcome(operation))
+    try:
+        operation.delete()
+    except (ExplaindError, KeyboardInterrupt):
+        return False
+    return True
 
 
 def followed_ranking(client: Client, sample_set_id: str, target_class: str | int, request_id: str | None = None, *, started_by: str,

@@ -46,8 +46,10 @@ OPERATION_PREFIX = "operations/"
 # and AppendSamples (a client that knows only the first must not retry uploads);
 # "list_owner_filter": ListOperations' and ListSampleSets' owner (an older server lists
 # everyone's); "predict_partial_failure": Predict's partial_failure (an older server fails
-# the whole request for one bad image).
-CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter", "predict_partial_failure")
+# the whole request for one bad image); "requested_again": a start's answer sets
+# OperationMetadata.requested_again (an older server's, keeping request_ids, never does, so
+# a client cannot tell there that the operation is no new one).
+CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter", "predict_partial_failure", "requested_again")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
