@@ -35,7 +35,11 @@ _followed: list[KeyboardInterrupt] = []
 # Seconds (at most; the client's timeout if less) that a ranking's start, interrupted, gets
 # when sent again to find its job (:func:`followed_ranking`): the server answers a job's at
 # once, but runs a small set's ranking inline again in full (seconds, minutes with
-# stability resamples), which that call stops.
+# stability resamples), which that call stops. Those seconds of a server thread are spent
+# for nothing, yet no request avoids them: none finds a job by its request_id without
+# running the request, and the same start as an operation (never inline) would, for a set
+# answered inline, start a job only to cancel it, which an idle worker may start before the
+# cancel reaches it: then it stays listed, CANCELLED (not deleted: cancelled while running).
 RANKING_REPEAT_TIMEOUT_S = 5.0
 
 
@@ -44,9 +48,11 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
     """The job ``start(request_id)`` (the SDK call that starts it) starts, under
     ``request_id``, else a new UUID chosen here rather than by the SDK, so that a Ctrl-C or
     SIGTERM landing inside the call can be followed to the job: the same request again
-    under that id gets the job (or starts it now), which is cancelled and named as the
-    interrupt's ``operation``. Where that repeat fails, the interrupt's notes give the id
-    to find the job by (``rerun_hint``: as the same CLI command with ``--request-id``).
+    under that id gets the job (or starts it now, the interrupted call not having reached
+    the server: one the server says so of is deleted once cancelled before it ran), which
+    is cancelled and named as the interrupt's ``operation``. Where that repeat fails, the
+    interrupt's notes give the id to find the job by (``rerun_hint``: as the same CLI
+    command with ``--request-id``).
     ``repeat``: the start to send again, if not ``start`` itself (a ranking's, bounded: one
     answered inline would run again in full). ``started_by``: who started it, in the words
     printed to stderr should the search outlast a second ("this command", "the report")."""
