@@ -701,10 +701,23 @@ def test_ctrl_c_inside_a_start_that_never_reached_the_server_leaves_no_job_behin
     if not server_says_requested_again:
         assert left == {error["operation"]} and error["notes"] == [f"cancelled {error['operation']}"], error
         return
-    note = (f"no job had started under request_id {request_ids[0]}: the one sending it again started, to find it, was cancelled "
-            "before it ran, and deleted")
+    note = f"no job had started under request_id {request_ids[0]}: the one sending it again started, to find it, was cancelled and deleted"
     assert left == set() and err == f"interrupted\n  {note}\n", err
     assert (error["operation"], error["notes"]) == (None, [note]), error
+
+
+def test_ctrl_c_inside_a_start_that_never_reached_an_idle_server_leaves_no_job_behind(server, capsys, monkeypatch):
+    # An idle worker starts the job the search's repeat made before the cancel reaches it: the cancel was only requested,
+    # and the job, nobody's, stayed listed CANCELLED (every time, on an idle server). It is waited for to end, then deleted.
+    with Client(server.target, timeout=30) as client:
+        request_ids = _interrupted_once_started(monkeypatch, "visualize_neurons", sent=False)
+        before = {op.name for op in client.operations(kind="visualize_neurons")}
+        assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "10000", "--no-wait", "--json"]) == 130
+        out, err = capsys.readouterr()
+        left = {op.name for op in client.operations(kind="visualize_neurons")} - before
+    note = f"no job had started under request_id {request_ids[0]}: the one sending it again started, to find it, was cancelled and deleted"
+    assert left == set() and err == f"interrupted\n  {note}\n", err
+    assert json.loads(out)["error"]["notes"] == [note]
 
 
 def test_an_interrupted_start_whose_repeat_started_a_job_it_cannot_delete_names_it_cancelled():

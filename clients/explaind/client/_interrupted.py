@@ -38,9 +38,14 @@ _followed: list[KeyboardInterrupt] = []
 # stability resamples), which that call stops. Those seconds of a server thread are spent
 # for nothing, yet no request avoids them: none finds a job by its request_id without
 # running the request, and the same start as an operation (never inline) would, for a set
-# answered inline, start a job only to cancel it, which an idle worker may start before the
-# cancel reaches it: then it stays listed, CANCELLED (not deleted: cancelled while running).
+# answered inline, start a job only to cancel it, which an idle worker starts before the
+# cancel reaches it: work too, and waiting for it to end (REPEATED_JOB_END_WAIT_S) to delete it.
 RANKING_REPEAT_TIMEOUT_S = 5.0
+# Seconds (at most) that a job the start sent again made itself (no job was kept under the
+# request_id) is waited for to end once cancelled, to delete it: an idle worker starts it
+# before the cancel reaches it, and it ends at its next check (a step, a batch: well under
+# this, but an edit's epoch may be longer, and it then stays listed, CANCELLED).
+REPEATED_JOB_END_WAIT_S = 2.0
 
 
 def started_job(client: Client, start: Callable[[str], _Started], request_id: str | None = None, *, started_by: str,
@@ -49,7 +54,7 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
     ``request_id``, else a new UUID chosen here rather than by the SDK, so that a Ctrl-C or
     SIGTERM landing inside the call can be followed to the job: the same request again
     under that id gets the job (or starts it now, the interrupted call not having reached
-    the server: one the server says so of is deleted once cancelled before it ran), which
+    the server: one the server says so of is deleted once it has ended cancelled), which
     is cancelled and named as the interrupt's ``operation``. Where that repeat fails, the
     interrupt's notes give the id to find the job by (``rerun_hint``: as the same CLI
     command with ``--request-id``).
@@ -156,19 +161,32 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
         why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
         interrupt.add_note(f"{operation.name} may still be running: cancelling it failed ({why}); explaind operations cancel {operation.name} stops it")
         return
-    if started_by_repeat and operation.state == "cancelled" and _deleted(operation, say_meanwhile):
+    if started_by_repeat and _ended_cancelled(operation, say_meanwhile) and _deleted(operation):
         # Nobody asked for it: a CANCELLED job listed would read as one this command had started.
         del interrupt.operation  # type: ignore[attr-defined]
         interrupt.add_note(f"no job had started under request_id {request_id}: the one sending it again started, to find it, was cancelled "
-                           "before it ran, and deleted")
+                           "and deleted")
         return
     interrupt.add_note(cancel_outcome(operation))
 
 
-def _deleted(operation: Operation[Any], say_meanwhile: Callable[[str | None], None]) -> bool:
+def _ended_cancelled(operation: Operation[Any], say_meanwhile: Callable[[str | None], None]) -> bool:
+    """Whether ``operation``, its cancel asked for, has ended CANCELLED: one running (an idle
+    worker starts the job the repeat made before the cancel reaches it) is waited for up to
+    :data:`REPEATED_JOB_END_WAIT_S` (a second Ctrl-C, or an error, stops waiting)."""
+    say_meanwhile(cancel_outcome(operation))
+    if not operation.done and operation.cancel_requested:
+        try:
+            operation.wait(REPEATED_JOB_END_WAIT_S)
+        except (ExplaindError, KeyboardInterrupt):
+            return False
+        say_meanwhile(cancel_outcome(operation))
+    return operation.state == "cancelled"
+
+
+def _deleted(operation: Operation[Any]) -> bool:
     """Whether ``operation``, cancelled, was deleted; where not (a second Ctrl-C, the server
     gone), it stays listed as cancelled, which the interrupt's notes then say."""
-    say_meanwhile(cancel_outcome(operation))
     try:
         operation.delete()
     except (ExplaindError, KeyboardInterrupt):

@@ -91,7 +91,8 @@ class _Terminated(KeyboardInterrupt):
 # Seconds past --timeout that a command stopped by SIGTERM has to end before it exits
 # regardless (:func:`_terminating_like_ctrl_c`): --timeout bounds one call, the cancel a
 # stopped wait makes. A start stopped inside its call makes up to three (the server's
-# metadata, the start again, the cancel: :func:`~explaind.client._interrupted.cancel_interrupted_start`), which together
+# metadata, the start again, the cancel: :func:`~explaind.client._interrupted.cancel_interrupted_start`;
+# then, for a job that repeat made itself, a wait of up to 2 s for its end and its deletion), which together
 # can outlast it (a server slow to answer each): the exit's words then name the request_id, or the job once found.
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
