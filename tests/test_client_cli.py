@@ -739,6 +739,24 @@ def test_an_interrupted_start_whose_repeat_started_a_job_it_cannot_delete_names_
     assert (interrupt.__notes__, interrupt.operation) == ([f"cancelled {job.name}"], job)
 
 
+def test_an_interrupted_start_whose_repeat_the_sdk_retried_to_an_earlier_job_does_not_delete_it():
+    # The repeat's first answer lost, the SDK's retry got the job with requested_again set: the SDK's Operation.requested_again
+    # says False (the lost attempt may have made it), yet the job may be the interrupted start's own, which must stay.
+    from explaind.client._interrupted import cancel_interrupted_start
+
+    def cancel():
+        job.state, job.done = "cancelled", True
+
+    deleted: list[str] = []
+    job = types.SimpleNamespace(name="operations/00000000000000ee", state="queued", done=False, cancel=cancel,
+                                delete=lambda: deleted.append(job.name), requested_again=False,
+                                metadata=types.SimpleNamespace(requested_again=True))
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id", "requested_again")))
+    interrupt = KeyboardInterrupt()
+    cancel_interrupted_start(interrupt, client, "r-1", lambda request_id: job)
+    assert (deleted, interrupt.__notes__, interrupt.operation) == ([], [f"cancelled {job.name}"], job)
+
+
 def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job_started_under_it(server, capsys, monkeypatch):
     # --request-id an earlier run used with other options: the repeat is refused (as the start, had it arrived, was), so no
     # job of this command's is under it, and running it again (as a note advised) is refused again.
