@@ -4210,3 +4210,19 @@ def test_a_command_interrupted_where_stderr_s_reader_has_gone_still_exits_as_int
     error = json.loads(capsys.readouterr().out)["error"]
     assert (error["code"], error["message"]) == ("INTERRUPTED", "interrupted"), error
     assert error["notes"][0].startswith("a job may have started under request_id "), error
+
+
+def test_a_command_stuck_after_sigterm_where_stderr_s_reader_has_gone_still_prints_its_json(monkeypatch, capsys):
+    # The exit's words failed with BrokenPipeError in their thread, which then never printed the --json error on stdout.
+    import explaind.client.cli as cli
+    from conftest import stderr_nobody_reads
+
+    exits = _stuck_exits_recorded(monkeypatch)
+    with stderr_nobody_reads(), cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+        with pytest.raises(cli._Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the signal ends it
+        _wait_for_an_exit(exits)
+    assert exits == [143]
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["code"], error["message"]) == ("INTERRUPTED", "terminated"), error

@@ -130,9 +130,10 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
     def say_why() -> None:
         # A search for the job an interrupted start left, cut short: its notes name the request_id, or the job.
         stopped = _as_terminated(stopping[0]) if stopping else _Terminated("terminated")
-        print("terminated\n  (the command did not end within "
-              f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
-              *(f"  {note}" for note in getattr(stopped, "__notes__", ())), sep="\n", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # its reader gone: the --json error on stdout still says it
+            print("terminated\n  (the command did not end within "
+                  f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
+                  *(f"  {note}" for note in getattr(stopped, "__notes__", ())), sep="\n", file=sys.stderr, flush=True)
         _print_failure_json(stopped, args)
         try:  # what the command printed before (os._exit skips the flush at exit)
             sys.stdout.flush()
