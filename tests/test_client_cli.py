@@ -3607,7 +3607,7 @@ def test_info_prints_the_served_models_and_json_with_every_class(server, capsys)
     assert f"{len(meta.class_names)} classes: {', '.join(meta.class_names)}\n" in text  # few enough to name them all
     classifier = meta.components["classifier"]
     assert f"classifier  loaded: {classifier.detail}, from {classifier.source}\n" in text
-    assert info["capabilities"] == list(meta.capabilities) and f"honours     {', '.join(meta.capabilities)}\n" in text
+    assert info["capabilities"] == list(meta.capabilities) and f"supports    {', '.join(meta.capabilities)}\n" in text
     assert info["jpeg_reduced_decode"] is False and "decoded at reduced scale" not in text  # off by default
     # The world's classifier normalises its images itself.
     assert info["normalization"] == {"mean": [], "std": []} and "; pixels in [0, 1], not normalised)\n" in text
