@@ -1942,6 +1942,44 @@ def test_a_ranking_answered_neither_inline_nor_as_an_operation_says_to_upgrade(c
         client.rank_mistake_neurons("any", 0)
 
 
+@pytest.mark.parametrize(("said_again", "lost_attempts", "requested_again"), [
+    (False, 0, False),  # a new job
+    (True, 0, True),  # an earlier request's under the request_id
+    (True, 1, False),  # the SDK's retry after a lost answer: that attempt may have started it
+])
+def test_a_ranking_run_as_an_operation_says_whether_an_earlier_request_started_it(client, monkeypatch, said_again, lost_attempts, requested_again):
+    # The ranking named its job but not whether a repeat of a request_id got an earlier
+    # request's (Operation.requested_again): an SDK caller could not tell a rerun's result.
+    import uuid
+
+    from explaind.v1 import neuroinspect_pb2
+
+    job = _operation_message("operations/r", done=True, kind="rank_mistake_neurons", state=operations_pb2.OPERATION_STATE_SUCCEEDED,
+                             requested_again=said_again)
+    job.response.Pack(neuroinspect_pb2.NeuronRanking(class_name="heart"))
+
+    def answer(service, method, request, unanswered=None, **kwargs):
+        assert method == "RankMistakeNeurons"
+        unanswered.append(lost_attempts)
+        return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=job)
+
+    monkeypatch.setattr(client, "_call", answer)
+    ranking = client.rank_mistake_neurons("any", 0, request_id=uuid.uuid4())
+    assert (ranking.operation, ranking.requested_again) == ("operations/r", requested_again)
+
+
+def test_a_ranking_answered_inline_is_not_said_to_be_requested_again(client, monkeypatch):
+    # No job ran, and the server keeps no request_id of an inline ranking: the same id again computes it again.
+    import uuid
+
+    from explaind.v1 import neuroinspect_pb2
+
+    answer = neuroinspect_pb2.RankMistakeNeuronsResponse(ranking=neuroinspect_pb2.NeuronRanking(class_name="heart"))
+    monkeypatch.setattr(client, "_call", lambda service, method, request, unanswered=None, **kwargs: answer)
+    ranking = client.rank_mistake_neurons("any", 0, request_id=uuid.uuid4())
+    assert (ranking.operation, ranking.requested_again) == (None, False)
+
+
 def test_a_ranking_without_a_timeout_gives_its_request_at_least_300_s_and_one_with_a_timeout_that(client, monkeypatch):
     # rank_mistake_neurons: "None: the request gets at least 300 s" (an inline ranking
     # computes in the call), the client's timeout where that is longer; a given timeout as is.

@@ -1393,7 +1393,9 @@ class Client:
         a large set's ω (``include_samples``) on the server: ``omega`` is then None.
         ``request_id``: see :meth:`evaluate_sample_set` (only a ranking that runs as an
         operation is remembered). A ranking that ran as an operation names it
-        (``ranking.operation``; None inline)."""
+        (``ranking.operation``; None inline), and says whether it is the one an earlier
+        request under ``request_id`` started (``ranking.requested_again``, as
+        :attr:`Operation.requested_again`; False inline)."""
         started = time.monotonic()
         timeout = checked_timeout(timeout)
         answer = self._start_ranking(sample_set_id, target_class, solver=solver, l1=l1, l2=l2, max_iterations=max_iterations,
@@ -1405,7 +1407,8 @@ class Client:
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 1e-3)
         # A refusal when its job ran is an InvalidArgumentError (and an OperationError), as an
         # inline ranking's is: one `except InvalidArgumentError` serves small and large sets.
-        return dataclasses.replace(answer.result(progress=progress, timeout=left, download=download), operation=answer.name)
+        return dataclasses.replace(answer.result(progress=progress, timeout=left, download=download), operation=answer.name,
+                                   requested_again=answer.requested_again)
 
     def _start_ranking(self, sample_set_id: str, target_class: str | int, *, solver: str = "faithful", l1: float | None = None,
                        l2: float | None = None, max_iterations: int = 0, cut_ratio: float | None = None, top_k: int = 0,

@@ -209,4 +209,4 @@ def followed_ranking(client: Client, sample_set_id: str, target_class: str | int
         return started
     if announce is not None:
         announce(started)
-    return dataclasses.replace(started.result(progress=progress), operation=started.name)
+    return dataclasses.replace(started.result(progress=progress), operation=started.name, requested_again=started.requested_again)

@@ -125,6 +125,11 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
     # The job that computed it (its name), where ``rank_mistake_neurons`` ran the set as
     # one; None inline. Not compared: the same ranking, however it was computed.
     operation: str | None = field(default=None, compare=False)
+    # Whether that job is one an earlier request under the same request_id started (its
+    # ``Operation.requested_again``, with its rules: False for a new job, and after the
+    # SDK's retry of a start whose answer was lost); False inline, where no job ran and the
+    # server keeps no request_id. Not compared, as ``operation``.
+    requested_again: bool = field(default=False, compare=False)
 
     @property
     def neuron_ids(self) -> list[int]:

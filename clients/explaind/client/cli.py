@@ -1076,12 +1076,9 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    jobs: list[Operation[NeuronRanking]] = []  # the job that computes the ranking, where the set is ranked as one
-
     def announce(job: Operation[NeuronRanking]) -> None:
         """Say, as the other job commands do, where the job is an earlier run's (a new one is
         not named: the ranking's --json names it)."""
-        jobs.append(job)
         if _started_by_earlier_run(job, rerun=args.request_id is not None):
             print(_announcement(job, waiting=True, rerun=True), file=sys.stderr if args.json else sys.stdout)
 
@@ -1091,8 +1088,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         # progress goes to stderr, so --json's stdout stays JSON alone.
         ranking = followed_ranking(client, args.id, target_class, args.request_id, started_by="this command", progress=True,
                                    announce=announce, solver=args.solver, stability_resamples=args.stability)
-    if args.json:  # requested_again as the other job commands give it; false inline: no job, no earlier run's
-        _print_json({**_ranking_json(ranking), "requested_again": any(job.requested_again for job in jobs)}, args)
+    if args.json:  # with the ranking's requested_again, as the other job commands give it (false inline: no job, no earlier run's)
+        _print_json(_ranking_json(ranking), args)
         return 0
     _print_ranking(ranking, args.show)
     return 0
