@@ -1716,7 +1716,7 @@ def test_a_sample_alone_over_a_pages_budget_still_goes_out_on_a_page_of_its_own(
             tokens.append(token)
             if not token:
                 break
-    assert pages == [[len(small)], [len(big)], [len(small)]] and tokens == ["1", "2", ""]
+    assert pages == [[len(small)], [len(big)], [len(small)]] and tokens == ["2:1", "2:2", ""]
 
 
 def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_messages):

@@ -10071,39 +10071,48 @@ def test_a_sample_set_listing_refuses_an_owner_that_is_no_caller_name_and_tokens
         assert (refused.value.field, refused.value.description) == ("page_token", f"{token[:40]!r} is not a page token from a previous response")
 
 
-def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_refused_asking_to_list_from_the_start(engine):
+@pytest.mark.parametrize(("listing", "second_page", "written"), [
+    ("ListSampleSets", ["b"], "sample_sets/"),
+    # ListSamples' offsets carried none either: a later release could not change them
+    # (tie one to its set's uid, say) without misreading this one's.
+    ("ListSamples", [1], "1"),
+])
+def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_refused_asking_to_list_from_the_start(engine, listing, second_page, written):
     # Tokens carried no version: a release changing what they hold would have misread
     # this one's. Those handed out before versions (none) still resume, as a client may
     # hold one across an upgrade.
-    from explaind.service.paging import RESUME_TOKEN_VERSION
+    from explaind.service.paging import PAGE_TOKEN_VERSION
     from explaind.service.sample_sets import SampleSetServicer
     from explaind.v1 import sample_sets_pb2
 
     for sample_set_id in ("a", "b", "c"):
-        engine.create_sample_set(sample_set_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)])
+        engine.create_sample_set(sample_set_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), label) for label in range(3)])
     servicer = SampleSetServicer(engine)
 
-    def listed(token: str) -> list[str]:
-        request = sample_sets_pb2.ListSampleSetsRequest(page_size=1, page_token=token)
-        return [s.sample_set_id for s in servicer.ListSampleSets(request, None).sample_sets]
+    def page(token: str) -> tuple[list[str | int], str]:
+        if listing == "ListSampleSets":
+            sets = servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=1, page_token=token), None)
+            return [s.sample_set_id for s in sets.sample_sets], sets.next_page_token
+        samples = servicer.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="a", page_size=1, page_token=token), None)
+        return [s.label for s in samples.samples], samples.next_page_token
 
-    token = servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=1), None).next_page_token
-    prefix = f"{RESUME_TOKEN_VERSION}:"
-    assert token.startswith(prefix + "sample_sets/")
-    assert listed(token) == listed(token.removeprefix(prefix)) == ["b"]  # the unversioned one of the release before
+    token = page("")[1]
+    prefix = f"{PAGE_TOKEN_VERSION}:"
+    assert token.startswith(prefix + written)
+    assert page(token)[0] == page(token.removeprefix(prefix))[0] == second_page  # the unversioned one of the releases before
     for version in (3, 999999999):
         unknown = f"{version}:{token.removeprefix(prefix)}"
         with pytest.raises(InvalidArgument) as refused:
-            listed(unknown)
+            page(unknown)
         assert refused.value.field == "page_token", refused.value
         assert refused.value.description == (f"{unknown[:40]!r} is a page token of format version {version}, which this server does not read "
-                                             f"(it writes version {RESUME_TOKEN_VERSION}): list from the start, without a page_token")
+                                             f"(it writes version {PAGE_TOKEN_VERSION}): list from the start, without a page_token")
     # No server wrote a version below its own with a prefix: not "a version this server
-    # does not read" of version 1, which it reads (unprefixed), but no token of ours.
-    for version in (0, 1):
-        forged = f"{version}:{token.removeprefix(prefix)}"
+    # does not read" of version 1, which it reads (unprefixed), but no token of ours; nor
+    # is a prefix with nothing after it (an offset's: not the first page).
+    for forged in (f"0:{token.removeprefix(prefix)}", f"1:{token.removeprefix(prefix)}", prefix):
         with pytest.raises(InvalidArgument) as refused:
-            listed(forged)
+            page(forged)
         assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
 
 

@@ -1258,7 +1258,7 @@ class Client:
         images as PIL images, turned by their EXIF Orientation as the server turned them."""
         if not _is_index(start) or start < 0:
             raise ValueError(f"start must be a sample index (an int ≥ 0), got {start!r}")
-        token = str(start) if start else ""  # ListSamples' page tokens are offsets (samples are only appended)
+        token = str(start) if start else ""  # a bare offset: a ListSamples page token every release reads (samples are only appended)
         while True:
             request = _request(sample_sets_pb2.ListSamplesRequest, sample_set_id=sample_set_id, page_token=token)
             response = self._call("sample_sets", "ListSamples", request)

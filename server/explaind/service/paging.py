@@ -9,11 +9,13 @@ A listing kept to one caller's items (owner=) or to some of them (kind=, state=)
 named for those too, so its tokens are refused by a listing asked with other ones, as
 AIP-158 asks (it would resume at the right time, but among other items than page one's).
 
-A resume point carries its format's version, ``"2:<listing>/<create_time>/<id>"``, so that
-a later release that changes what a token holds refuses (or converts) this one's rather
-than misreading them; tokens without one (version 1, handed out before versions, which a
-client may hold across an upgrade) read as they always did, and one of a version this
-release does not know is INVALID_ARGUMENT telling to list from the start.
+Both carry their format's version, ``"2:<listing>/<create_time>/<id>"`` and ``"2:<offset>"``,
+so that a later release that changes what a token holds refuses (or converts) this one's
+rather than misreading them, and a release rolled back to tells a newer one's from a
+damaged one; tokens without one (version 1, handed out before versions, which a client
+may hold across an upgrade; a bare offset is also how the SDK starts a set's samples at an
+index, against any release) read as they always did, and one of a version this release
+does not know is INVALID_ARGUMENT telling to list from the start.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from ..config import CALLER_NAME
 from ..errors import InvalidArgument
 
 _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
-# The format of the resume points resume_token writes, their "<version>:" prefix. Version
-# 1's have none: they begin with their listing's name, never a digit.
-RESUME_TOKEN_VERSION = 2
+# The format of the page tokens written, their "<version>:" prefix. Version 1's have none:
+# a resume point begins with its listing's name, never a digit; an offset is digits alone.
+PAGE_TOKEN_VERSION = 2
 _VERSION_PREFIX = re.compile(r"([0-9]{1,9}):")
 _FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
 # What listing_name writes (a quoted value is "%XX" escapes and URL-safe characters); a
@@ -56,23 +58,49 @@ def bad_page_token(token: str) -> InvalidArgument:
     return InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
 
 
-def offset_page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
-    """(offset, limit) from an offset page token and a page size."""
-    limit = page_limit(size, default, maximum)
-    # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
-    if token and not (token.isascii() and token.isdigit() and len(token) <= 19 and int(token) <= _MAX_OFFSET):
+def _token_body(token: str) -> str:
+    """A non-empty page token without its format version's prefix: one of
+    PAGE_TOKEN_VERSION, or of version 1 (unprefixed) as it is. A prefix of a version below
+    (no release wrote one) is no token of ours; one above is INVALID_ARGUMENT telling to
+    list from the start."""
+    version = _VERSION_PREFIX.match(token)
+    if version is None:
+        return token
+    if int(version[1]) < PAGE_TOKEN_VERSION:  # version 1's have no prefix, and this release reads them
         raise bad_page_token(token)
-    return int(token or 0), limit
+    if int(version[1]) > PAGE_TOKEN_VERSION:
+        raise InvalidArgument(f"{token[:40]!r} is a page token of format version {int(version[1])}, which this server does not read "
+                              f"(it writes version {PAGE_TOKEN_VERSION}): list from the start, without a page_token", field="page_token")
+    return token[version.end():]
+
+
+def offset_page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
+    """(offset, limit) from an offset page token (of PAGE_TOKEN_VERSION, or a bare offset)
+    and a page size."""
+    limit = page_limit(size, default, maximum)
+    if not token:
+        return 0, limit
+    offset = _token_body(token)
+    # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
+    if not (offset.isascii() and offset.isdigit() and len(offset) <= 19 and int(offset) <= _MAX_OFFSET):
+        raise bad_page_token(token)
+    return int(offset), limit
+
+
+def offset_token(offset: int) -> str:
+    """The token of the page starting at item ``offset``, prefixed with its format's version."""
+    return f"{PAGE_TOKEN_VERSION}:{offset}"
 
 
 def next_offset_token(offset: int, limit: int, returned: int) -> str:
-    return str(offset + limit) if returned == limit else ""
+    """The token of the page after a full one (``returned == limit``); "" after a short one, the last."""
+    return offset_token(offset + limit) if returned == limit else ""
 
 
 def resume_token(listing: str, create_time: float, item_id: str) -> str:
     """The token of ``listing`` (e.g. "operations") that resumes after the item created
     at ``create_time`` (s) with ``item_id``, prefixed with its format's version."""
-    return f"{RESUME_TOKEN_VERSION}:{listing}/{create_time!r}/{item_id}"
+    return f"{PAGE_TOKEN_VERSION}:{listing}/{create_time!r}/{item_id}"
 
 
 def listing_name(listing: str, *, owner: str = "", **filters: str) -> str:
@@ -100,18 +128,10 @@ def _described(name: str) -> str:
 def resume_point(token: str, listing: str) -> tuple[float, str] | None:
     """(create_time, id) of the last item of the previous page, from its token, which
     must be one of ``listing``'s (a listing_name: of the same owner and filters), of
-    RESUME_TOKEN_VERSION or of version 1 (unprefixed)."""
+    PAGE_TOKEN_VERSION or of version 1 (unprefixed)."""
     if not token:
         return None
-    body = token
-    if (version := _VERSION_PREFIX.match(token)) is not None:
-        if int(version[1]) < RESUME_TOKEN_VERSION:  # no release wrote one: version 1's have no prefix, and this one reads them
-            raise bad_page_token(token)
-        if int(version[1]) > RESUME_TOKEN_VERSION:
-            raise InvalidArgument(f"{token[:40]!r} is a page token of format version {int(version[1])}, which this server does not read "
-                                  f"(it writes version {RESUME_TOKEN_VERSION}): list from the start, without a page_token", field="page_token")
-        body = token[version.end():]
-    name, _, point = body.partition("/")
+    name, _, point = _token_body(token).partition("/")
     create_time, _, item_id = point.partition("/")
     if name != listing and _LISTING_NAME.fullmatch(name) and name.partition("[")[0].partition("@")[0] == listing.partition("[")[0].partition("@")[0]:
         raise InvalidArgument(f"{token[:40]!r} is a page token of {_described(name)}, not of {_described(listing)}: "

@@ -12,7 +12,7 @@ from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
 from .auth import current_caller
-from .paging import messages_that_fit, listing_name, next_offset_token, offset_page, page_limit, resume_point, resume_token
+from .paging import messages_that_fit, listing_name, next_offset_token, offset_page, offset_token, page_limit, resume_point, resume_token
 
 def required_set_id(request) -> str:
     """The request's ``sample_set_id``; an empty or malformed one is a bad request, not an unknown set."""
@@ -104,7 +104,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         ended_early = len(samples) < len(records)
         return sample_sets_pb2.ListSamplesResponse(
             samples=samples,
-            next_page_token=str(offset + len(samples)) if ended_early else next_offset_token(offset, limit, len(records)))
+            next_page_token=offset_token(offset + len(samples)) if ended_early else next_offset_token(offset, limit, len(records)))
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
         self._engine.delete_sample_set(required_set_id(request), uid=optional_uid(request), caller=current_caller())
