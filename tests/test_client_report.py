@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import numpy as np
@@ -1229,10 +1230,12 @@ _CUDA_OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to alloc
 
 
 @contextlib.contextmanager
-def _served_holding(images: int | Callable[[int], bool], data_dir, out_of_memory: BaseException = _CUDA_OUT_OF_MEMORY) -> Iterator[Client]:
+def _served_holding(images: int | Callable[[int], bool], data_dir, out_of_memory: BaseException = _CUDA_OUT_OF_MEMORY,
+                    clip: Any = None) -> Iterator[Client]:
     """A client of a server in this process whose device holds ``images`` images at once
     while optimising them: a larger batch raises ``out_of_memory``, as a small GPU does
-    (or, given a function of the batch's size, where it says False: a device shared)."""
+    (or, given a function of the batch's size, where it says False: a device shared).
+    ``clip``: the CLIP component it serves (a stand-in), if any."""
     from explaind.config import default_config
     from explaind.engine import neuroinspect as engine_module
     from explaind.service import ExplaindServer
@@ -1252,6 +1255,8 @@ def _served_holding(images: int | Callable[[int], bool], data_dir, out_of_memory
         port = server.start()
         try:
             server.load_models()
+            if clip is not None:
+                patch.setitem(server.engine.components, "clip", clip)
             with Client(f"127.0.0.1:{port}", timeout=60) as client:
                 yield client
         finally:
@@ -1352,12 +1357,40 @@ def test_a_single_visualisation_out_of_device_memory_stops_the_visualisations_wi
         report = build_report(client, "heart", "s", steps=2)
     assert "retrying" not in capsys.readouterr().err  # said only with the progress shown
     error = report.visualization_error
-    assert isinstance(error, ResourceExhaustedError) and isinstance(error, OperationError) and error.field == "pairs"
-    assert error.details == ("pairs: the model's device ran out of memory optimising 1 image at once; retry with fewer pairs "
-                             "(or a smaller classes_per_neuron) per request, or later")
+    # Not "retry with fewer pairs" on field pairs: one pair is the fewest a request can ask for.
+    assert isinstance(error, ResourceExhaustedError) and isinstance(error, OperationError) and error.field is None
+    assert error.details == ("the model's device ran out of memory optimising 1 image, the fewest a request can ask for; retry later "
+                             "(should it recur, the device has no room to optimise one image of this classifier, which only the server's "
+                             "operator can change)")
     assert report.visualizations == [] and (report.visualization_out_of_memory_at, report.visualization_pairs_per_request) == (2, 1)
     page = render_report(report)
-    assert report.visualization_largest_fit == 0 and "2 pairs at once, so the visualisations were requested at most 1 at a time after it." in page and "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: pairs: " in page
+    assert report.visualization_largest_fit == 0 and "2 pairs at once, so the visualisations were requested at most 1 at a time after it." in page
+    assert "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: the model&#x27;s device ran out of memory optimising 1 image, " in page
+
+
+@pytest.mark.skipif(not (SPURIOUS / "model.safetensors").is_file(), reason=f"the spurious_background classifier is not shipped ({SPURIOUS})")
+def test_visualisations_whose_device_has_no_room_for_clip_stop_at_once_saying_fewer_pairs_would_not_help(tmp_path, capsys):
+    # The job out of memory moving CLIP onto the device advised fewer pairs, which the
+    # report could not follow and no halving would have helped: it stops at the first
+    # request, with the server's words of where the memory ran out.
+    class ClipTooLargeForTheDevice(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            raise _CUDA_OUT_OF_MEMORY
+
+    clip = SimpleNamespace(name="clip", loaded=True, source="stand-in", detail="", model=(ClipTooLargeForTheDevice(), None, lambda texts: None))
+    with _served_holding(64, tmp_path / "data", clip=clip) as client:
+        _ranked(client, [9, 3, 14, 0, 7])
+        report = build_report(client, "heart", "s", steps=2, progress=True)
+        jobs = client.operations(kind="visualize_neurons")
+    assert "retrying" not in capsys.readouterr().err and len(jobs) == 1 and report.visualization_method == "clip_illusion"
+    error = report.visualization_error
+    assert isinstance(error, ResourceExhaustedError) and error.field is None
+    assert error.details.startswith("the model's device ran out of memory moving CLIP onto it, before optimising any image, so fewer pairs "
+                                    "would not help; retry later")
+    assert report.visualizations == [] and report.visualization_out_of_memory_at == 0
+    page = render_report(report)
+    assert "visualization-halved" not in page
+    assert "The visualisations stopped after 0 of the ranked neurons: RESOURCE_EXHAUSTED: the model&#x27;s device ran out of memory moving CLIP" in page
 
 
 def _relative_luminance(colour: str) -> float:

@@ -781,11 +781,53 @@ def test_a_visualisation_out_of_the_host_s_memory_fails_as_out_of_device_memory_
     monkeypatch.setattr(engine_module._Classifier, "forward", fails_optimising)
     engine, inspect = _in_process(tmp_path)
     try:
-        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
+        job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="no_clip", steps=2)
         record = engine.jobs.wait(job.record.job_id, 120).record
         assert (record.state, record.error_code) == ("failed", code)
         if code == "RESOURCE_EXHAUSTED":
-            assert record.error_message.startswith("pairs: the model's device ran out of memory optimising ")
+            assert record.error_message.startswith("pairs: the model's device ran out of memory optimising 2 images at once; ")
+    finally:
+        _shut(engine)
+
+
+def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no_pairs_and_says_to_retry_later(tmp_path, monkeypatch, caplog):
+    # Memory that ran out moving CLIP onto the device (CLIP's size, whatever the pairs) said
+    # "retry with fewer pairs", naming no field: `explaind report` stopped on advice it could
+    # not follow. One image out of memory named pairs, of which there are no fewer to ask for.
+    from types import SimpleNamespace
+
+    from explaind.engine import neuroinspect as engine_module
+
+    class ClipTooLargeForTheDevice(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.60 GiB. GPU 0 has a total capacity of 7.79 GiB")
+
+    forward = engine_module._Classifier.forward
+
+    def holds_none(self, images):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, images)
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        clip = SimpleNamespace(name="clip", loaded=True, source="", detail="", model=(ClipTooLargeForTheDevice(), None, lambda texts: None))
+        with monkeypatch.context() as patch:
+            patch.setitem(engine.components, "clip", clip)
+            job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", steps=2)
+            record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+        assert record.error_message == ("the model's device ran out of memory moving CLIP onto it, before optimising any image, so fewer pairs "
+                                        "would not help; retry later (should it recur, the device has no room for CLIP beside the classifier, "
+                                        "which only the server's operator can change)")
+        assert [r.levelname for r in caplog.records if "moving CLIP onto it: CUDA out of memory" in r.getMessage()] == ["ERROR"]
+        monkeypatch.setattr(engine_module._Classifier, "forward", holds_none)
+        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+        assert record.error_message == ("the model's device ran out of memory optimising 1 image, the fewest a request can ask for; retry later "
+                                        "(should it recur, the device has no room to optimise one image of this classifier, which only the "
+                                        "server's operator can change)")
     finally:
         _shut(engine)
 
@@ -3180,13 +3222,16 @@ def test_out_of_memory_in_a_neuroinspect_job_advises_less_of_what_the_job_takes(
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
-        started = {"fewer pairs (or a smaller classes_per_neuron) per request": inspect.visualize_neurons([(3, "heart")], method="no_clip"),
-                   "a smaller sample set": inspect.rank_mistake_neurons("train", target_class="heart", settings=RankSettings(), execution="operation"),
-                   "smaller sample sets": inspect.edit_head("train", target_class="heart", neurons=[1])}
-        for less_work, job in started.items():
+        # A visualisation's pairs are on the device at once only in its optimisation, whose own
+        # error names them (tests above): elsewhere in the job fewer would not help.
+        started = {"retry later": inspect.visualize_neurons([(3, "heart")], method="no_clip"),
+                   "retry with a smaller sample set, or later": inspect.rank_mistake_neurons("train", target_class="heart", settings=RankSettings(),
+                                                                                              execution="operation"),
+                   "retry with smaller sample sets, or later": inspect.edit_head("train", target_class="heart", neurons=[1])}
+        for retry, job in started.items():
             record = engine.jobs.wait(job.record.job_id, 120).record
             assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
-            assert re.match(rf"^the server ran out of memory; retry with {re.escape(less_work)}, or later \(the server log has the details "
+            assert re.match(rf"^the server ran out of memory; {re.escape(retry)} \(the server log has the details "
                             r"under incident [0-9a-f]{8}\)$", record.error_message), record.error_message
     finally:
         _shut(engine)

@@ -187,8 +187,8 @@ def report_unexpected(logger: logging.Logger, what: str, error: BaseException, *
     A damaged SQLite database is DATA_LOSS, not a bug: the operator must restore it; the
     process out of file descriptors (EMFILE, ENFILE) is RESOURCE_EXHAUSTED, and so is the
     memory of the host or the model's device running out, where ``less_work`` says what a
-    retry may ask less of ("fewer pairs"; "": nothing the caller sets, a retry waits): "fewer
-    images" would be no advice to a visualisation or a head edit, which send none."""
+    retry may ask less of ("a smaller sample set"; "": nothing the caller sets, a retry
+    waits): "fewer images" would be no advice to a ranking or a head edit, which send none."""
     retry = f"retry with {less_work}, or later" if less_work else "retry later"
     incident = secrets.token_hex(4)
     if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):

@@ -407,8 +407,10 @@ class JobManager:
         :meth:`submitted`), if one is kept, instead of a new one: checked and recorded
         under one lock, so repeats racing each other make one job. ``owner``: the named
         caller submitting it, if any. ``less_work``: what a retry may ask less of should the
-        job run the host or the model's device out of memory ("fewer pairs"; "": nothing,
-        see :func:`~explaind.errors.report_unexpected`)."""
+        job run the host or the model's device out of memory anywhere in it ("a smaller
+        sample set"; "": nothing, see :func:`~explaind.errors.report_unexpected`): advice
+        true of only part of a job (a visualisation's pairs, on the device at once only as
+        they are optimised) is that part's own error's, not this."""
         with self._changed:
             if (previous := self.submitted(request)) is not None:
                 log.info("operation %s (%s) requested again (request_id %s)", previous.record.job_id, previous.record.kind,

@@ -127,8 +127,10 @@ def build_report(
     before them. A refusal the data causes (too few samples, training that diverged)
     leaves the page without an edit, saying why; a server error that stops the
     visualisations leaves it without the rest of them, in ``visualization_error``, rather
-    than losing the ranking and the edit; a job out of device memory is retried with
-    half its pairs, down to one (``visualization_out_of_memory_at``)."""
+    than losing the ranking and the edit; a job out of device memory for its pairs (the
+    server's error names ``pairs``) is retried with half of them, down to one
+    (``visualization_out_of_memory_at``), and one out of memory where fewer would not help
+    (moving CLIP onto the device, a single image) stops them with the server's words."""
     for name, count in (("edit_neurons", edit_neurons), ("max_neurons", max_neurons)):
         if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
@@ -358,7 +360,8 @@ def _conditioning_class(neuron: RankedNeuron, class_name: str) -> str | None:
 def _out_of_device_memory(error: ExplaindError) -> bool:
     """Whether a visualisation job failed for its batch of pairs not fitting the device's
     memory (RESOURCE_EXHAUSTED on field ``pairs``), which fewer pairs per request may fit;
-    a full queue, say, is RESOURCE_EXHAUSTED on no field."""
+    a full queue, say, is RESOURCE_EXHAUSTED on no field, as is memory that ran out where
+    fewer pairs would not help (moving CLIP onto the device, optimising a single image)."""
     return isinstance(error, ResourceExhaustedError) and error.field == "pairs"
 
 

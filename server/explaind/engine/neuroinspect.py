@@ -59,6 +59,13 @@ from .models import ClassifierVersion, model_version
 
 log = logging.getLogger(__name__)
 
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the model's device (a GPU's allocator) or, on a CPU, the host
+    running out of memory, rather than a bug."""
+    return isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)
+
+
 # RankMistakeNeurons answers inline up to these sizes (execution "auto"), and while its
 # response cannot outgrow [server].max_message_bytes (see _inline_response_bound).
 INLINE_MAX_SAMPLES = 4096
@@ -546,7 +553,10 @@ class NeuroInspectEngine:
         return self._engine.jobs.submit(
             VISUALIZE_KIND,
             lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
-            request=request, owner=caller, less_work="fewer pairs (or a smaller classes_per_neuron) per request",
+            # No less_work: fewer pairs help only where the pairs are on the device at once, in the
+            # optimisation, whose own error names them; elsewhere (moving CLIP there, saving the
+            # images one by one) a retry waits.
+            request=request, owner=caller,
         )
 
     def _visualize(self, context: JobContext, version: ClassifierVersion, pairs: list[tuple[int, int]], method: str, steps: int,
@@ -555,7 +565,17 @@ class NeuroInspectEngine:
         clip = self._engine.components.get("clip")
         clip_model, tokenizer = (clip.model[0], clip.model[2]) if clip is not None and clip.loaded else (None, None)
         if clip_model is not None:
-            clip_model.to(self._engine.device)
+            try:
+                clip_model.to(self._engine.device)
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                # CLIP's size alone, whatever the pairs: fewer of them would not help, and the
+                # report, told so by no field, stops rather than halving them.
+                if not _out_of_memory(error):
+                    raise
+                log.error("job %s (%s): the device ran out of memory moving CLIP onto it: %s", context.job_id, VISUALIZE_KIND, error)
+                raise ResourceExhausted("the model's device ran out of memory moving CLIP onto it, before optimising any image, so fewer "
+                                        "pairs would not help; retry later (should it recur, the device has no room for CLIP beside the "
+                                        "classifier, which only the server's operator can change)") from None
         illusion = ClipIllusion(
             _Classifier(version), f"features.trunk.{version.feature_layer}", clip_model, tokenizer,
             class_names=version.class_names, head="head", image_size=version.image_size,
@@ -587,9 +607,13 @@ class NeuroInspectEngine:
             # generic "fewer images or a smaller batch" did not say; on a GPU, or on a CPU the
             # host's memory (PyTorch's allocator's RuntimeError), which the report halves alike.
             # The allocator's report is the operator's, at ERROR as any device out of memory is.
-            if not (isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)):
+            if not _out_of_memory(error):
                 raise
             log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
+            if len(pairs) == 1:  # no fewer to ask for: naming pairs would send the report (or a caller) to halve one
+                raise ResourceExhausted("the model's device ran out of memory optimising 1 image, the fewest a request can ask for; retry "
+                                        "later (should it recur, the device has no room to optimise one image of this classifier, which "
+                                        "only the server's operator can change)") from None
             raise ResourceExhausted(f"the model's device ran out of memory optimising {counted} at once; retry with fewer pairs "
                                     "(or a smaller classes_per_neuron) per request, or later", field="pairs") from None
         context.stage("images")
