@@ -832,6 +832,28 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
         _shut(engine)
 
 
+def test_a_clip_move_that_fails_for_another_reason_than_memory_stays_a_bug_not_a_retry_later(tmp_path):
+    # Only memory running out moving CLIP onto the device is RESOURCE_EXHAUSTED "retry
+    # later": a broken device (a CUDA error, even one that speaks of memory) is INTERNAL,
+    # which no wait fixes, as the optimisation's own RuntimeErrors are.
+    from types import SimpleNamespace
+
+    class ClipOnABrokenDevice(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine, inspect = _in_process(tmp_path)
+    try:
+        engine.components["clip"] = SimpleNamespace(name="clip", loaded=True, source="", detail="",
+                                                    model=(ClipOnABrokenDevice(), None, lambda texts: None))
+        job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "INTERNAL"), record
+        assert record.error_message.startswith("internal error (RuntimeError); the server log has the details under incident "), record.error_message
+    finally:
+        _shut(engine)
+
+
 def _clip_illusion_with_similarities(engine, monkeypatch, similarities=None):
     """clip_illusion served by a stand-in CLIP: the images are optimised as no_clip (no
     CLIP model here) and, given ``similarities``, report them as their CLIP cosines."""
