@@ -62,8 +62,8 @@ class MistakeReport:
     no_edit_reason: str = ""  # why no edit was suggested, when the server refused one (e.g. too few samples)
     no_visualization_reason: str = ""  # why there are no visualisations (a classifier without gradients)
     # The server's failure that stopped the visualisations part way (a full data dir, or a
-    # job out of memory on one pair); those made before it are kept, and the page still
-    # shows the ranking and edit.
+    # job out of memory where fewer pairs would not help: one pair, or moving CLIP onto the
+    # device); those made before it are kept, and the page still shows the ranking and edit.
     visualization_error: ExplaindError | None = None
     # The results the visualisations came from, with the settings each ran with (method,
     # steps, epsilon...): the page states them beside each image and flags those whose
@@ -311,7 +311,8 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
     out: that is the device's memory for this model and these settings (a memory another
     job held for a while is not told apart); where as many as had fit run out, the most
     that fit is forgotten and the halving starts again from them, so each request out of
-    memory is smaller than the last. Only one pair out of memory stops them."""
+    memory is smaller than the last. Only memory that fewer pairs would not free stops them
+    (one pair, or moving CLIP onto the device: the server's error names no ``pairs``)."""
     shown = ranking.neurons if max_neurons is None else ranking.neurons[:max_neurons]
     meta = client.model_metadata()
     clip = meta.components.get("clip")
@@ -326,7 +327,7 @@ def _visualize_ranked(client: Client, ranking: NeuronRanking, max_neurons: int |
         try:
             results.append(started_job(client, lambda request_id: client.visualize_neurons(pairs, method=method, steps=steps, request_id=request_id),
                                        started_by=REPORT_WORDS, rerun_hint=False).result(progress=progress))
-        except ExplaindError as error:  # the queue full, a job out of memory on one pair: what came before is still worth its page
+        except ExplaindError as error:  # the queue full, a job out of memory on one pair or moving CLIP: what came before is still worth its page
             if not (_out_of_device_memory(error) and len(pairs) > 1):
                 return _Visualized(results, method, no_visualization_reason, error, out_of_memory_at, fits or per_request, largest_fit)
             if fits >= len(pairs):  # as many as had fit ran out (memory another job took): halve again, from these
