@@ -1251,7 +1251,12 @@ def test_sigterm_stopping_a_job_the_sdk_started_inside_a_command_names_it_as_ope
                  "--steps", "10000", "--stability", "0", "--out", str(tmp_path / "r.html"), "--json"]) == 143
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["code"] == "INTERRUPTED" and error["operation"] is not None, error
-    assert len(error["notes"]) == 1 and error["operation"] in error["notes"][0], error
+    stopped, *stored = error["notes"]
+    assert error["operation"] in stopped, error
+    # The edit, the first job watched, may store its version before the cancel reaches it or while the report waits
+    # for it to end (on a loaded machine, about one run in three): then that version is named too.
+    assert stored == [] or (len(stored) == 1 and re.fullmatch(r"head version v\d+, the suggested edit, stays stored \(not served\); .*",
+                                                              stored[0])), error
 
 
 def test_sigterm_in_the_visualisations_of_a_report_told_to_discard_its_edit_says_it_was_not_kept(server, capsys, monkeypatch, world_images,
