@@ -288,6 +288,16 @@ def test_a_file_without_classifier_serves_the_worlds_and_relative_paths_are_the_
     assert config.classifier == default_config().classifier
 
 
+def test_a_config_file_beginning_with_a_byte_order_mark_is_read_as_without_it(tmp_path):
+    # Windows Notepad and PowerShell 5 begin UTF-8 files with one: tomllib refused the file
+    # as "Invalid statement (at line 1, column 1)", which no one could see in it.
+    (tmp_path / "c.toml").write_bytes("\ufeff[server]\nport = 50100\n".encode())
+    assert load_config(tmp_path / "c.toml").server.port == 50100
+    (tmp_path / "c.toml").write_bytes("\ufeff[server]\nhost = \"caf".encode() + b'\xe9"\n')
+    with pytest.raises(ConfigError, match=r"c.toml: not UTF-8 text \(byte 23\), as TOML must be$"):  # the file's byte, its mark counted
+        load_config(tmp_path / "c.toml")
+
+
 @pytest.mark.parametrize("section, key", [("server", "data_dir"), ("server", "token_file"), ("classifier", "weights"), ("diffusion", "path")])
 def test_a_blank_path_in_the_file_is_refused_not_resolved_to_a_file_named_blank(tmp_path, section, key):
     (tmp_path / "c.toml").write_text(f'[{section}]\n{key} = " \t"\n')

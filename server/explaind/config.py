@@ -451,8 +451,10 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None:
         return default_config()
     path = Path(path)
+    # A byte order mark (Windows Notepad's, PowerShell 5's `-Encoding utf8`) is dropped: tomllib refused such a file
+    # as "Invalid statement (at line 1, column 1)", a line that reads as written.
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))  # not "utf-8-sig", whose error offsets leave out the mark
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as error:  # a directory, or unreadable
