@@ -8731,13 +8731,37 @@ def test_a_diffusion_directory_without_model_index_json_needs_all_of_vae_unet_an
     from explaind.engine.models import ComponentStatus, load_diffusion
 
     no_clip = ComponentStatus("clip", False, "", "not configured")
-    for parts in (("unet",), ("unet", "vae")):
-        directory = tmp_path / "-".join(parts)
+    # The parts it lacks, and those it has: a copy that left out one said only "nor vae/, unet/, scheduler/".
+    for parts, said in (((), "nor vae/, unet/, scheduler/"), (("unet",), "nor vae/, scheduler/; it has unet/"),
+                        (("unet", "vae"), "nor scheduler/; it has vae/, unet/")):
+        directory = tmp_path / ("-".join(parts) or "empty")
+        directory.mkdir()
         for part in parts:
-            (directory / part).mkdir(parents=True)
+            (directory / part).mkdir()
         status = load_diffusion(DiffusionSection(path=str(directory)), no_clip, required=False)
         # Not "takes CLIP's text encoder": without its other parts it is no pipeline at all.
-        assert not status.loaded and status.detail == f"[diffusion].path: not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)"
+        assert not status.loaded and status.detail == f"[diffusion].path: not found: {directory / 'model_index.json'} ({said})"
+
+
+def test_a_diffusers_directory_whose_components_need_an_absent_package_names_it_before_diffusers_loads(tmp_path):
+    # A Stable Diffusion directory's text encoder and tokenizer are transformers', which explaind does not
+    # install: diffusers failed with "AttributeError: 'super' object has no attribute '__getattr__'".
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": ["own_code", "Extractor"], "vae": ["diffusers", "AutoencoderKL"],
+             "safety_checker": [None, None], "text_encoder": ["no_such_package_x", "CLIPTextModel"],
+             "tokenizer": ["no_such_package_x", "CLIPTokenizer"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "feature_extractor").mkdir()
+    (tmp_path / "feature_extractor" / "own_code.py").write_text("")  # a component of the directory's own code: diffusers imports it
+    no_clip = ComponentStatus("clip", False, "", "not configured")
+    said = (f"[diffusion].path: {tmp_path / 'model_index.json'} loads text_encoder (CLIPTextModel), tokenizer (CLIPTokenizer) with the "
+            "'no_such_package_x' package, which is not installed: pip install no_such_package_x")
+    status = load_diffusion(DiffusionSection(path=str(tmp_path)), no_clip, required=False)
+    assert not status.loaded and status.detail == said
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(said)}$"):
+        load_diffusion(DiffusionSection(path=str(tmp_path)), no_clip, required=True)
 
 
 def test_a_diffusers_directory_that_fails_to_load_is_reported_or_refused_as_required(tmp_path):

@@ -17,6 +17,8 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import importlib.util
+import json
 import logging
 import pickle
 import re
@@ -1005,9 +1007,20 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
         return ComponentStatus("diffusion", False, "", "not configured")
     directory = Path(section.path)
     has_index = (directory / "model_index.json").is_file()
-    if not has_index and not all((directory / part).is_dir() for part in ("vae", "unet", "scheduler")):
+    if not has_index and (missing := [f"{part}/" for part in _WORLD_T2I_PARTS if not (directory / part).is_dir()]):
+        # The parts it has say which one a copy left out: the whole list said nothing of it.
+        present = [f"{part}/" for part in _WORLD_T2I_PARTS if f"{part}/" not in missing]
         return _optional_failure(
-            "diffusion", section.path, f"[diffusion].path: not found: {directory / 'model_index.json'} (nor vae/, unet/, scheduler/)", required
+            "diffusion", section.path,
+            f"[diffusion].path: not found: {directory / 'model_index.json'} (nor {', '.join(missing)}{'; it has ' + ', '.join(present) if present else ''})",
+            required,
+        )
+    if has_index and (absent := _absent_pipeline_libraries(directory / "model_index.json")):
+        library, components = next(iter(absent.items()))
+        return _optional_failure(
+            "diffusion", section.path,
+            f"[diffusion].path: {directory / 'model_index.json'} loads {', '.join(components)} with the {library!r} package, which is not "
+            f"installed: pip install {library}", required
         )
     if not has_index and not clip.loaded:
         return _optional_failure(
@@ -1026,6 +1039,30 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
     except Exception as error:  # noqa: BLE001
         return _optional_failure("diffusion", section.path, f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {type(error).__name__}: {error}", required)
     return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
+
+
+# What a diffusers directory without model_index.json must hold: the shapes world's layout.
+_WORLD_T2I_PARTS = ("vae", "unet", "scheduler")
+
+
+def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
+    """Package -> the components of a diffusers ``model_index.json`` it loads, for each
+    package that is not installed ({} when none is missing, or the file is no JSON object,
+    which diffusers then reports). A Stable Diffusion directory's text encoder and tokenizer
+    are ``transformers``', no dependency of explaind: without it, diffusers failed with
+    "AttributeError: 'super' object has no attribute '__getattr__'"."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    absent: dict[str, list[str]] = {}
+    for component, value in index.items() if isinstance(index, dict) else ():
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(library := value[0], str)):  # [null, null]: none; "_class_name"
+            continue
+        custom_code = index_file.parent / component / f"{library}.py"  # a component of the directory's own code
+        if importlib.util.find_spec(library.split(".")[0]) is None and not custom_code.is_file():
+            absent.setdefault(library, []).append(f"{component} ({value[1]})")
+    return absent
 
 
 def _optional_failure(name: str, source: str, detail: str, required: bool) -> ComponentStatus:
