@@ -118,7 +118,7 @@ def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, c
     assert "s3cret" not in caplog.text
 
 
-@pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.2", True), ("::1", True), ("0.0.0.0", False), ("::", False),
+@pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
                                                 ("explaind.internal", False)])
 def test_only_loopback_addresses_count_as_taking_connections_from_this_machine_alone(host, loopback):
     # A host name other than localhost may resolve to any address: its callers' tokens
@@ -416,6 +416,31 @@ def test_a_port_that_cannot_be_bound_frees_the_ones_already_bound(tmp_path, clas
     for freed in (port, metrics_port):
         with socket.socket() as again:
             again.bind(("127.0.0.1", freed))  # OSError (address in use) if the failed start kept it
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_serves_grpc_health_and_metrics_written_with_or_without_brackets(tmp_path, classifier_dir, host):
+    # "::1" reached gRPC as "::1:PORT", which it cannot bind ("is another server using the port?"), and "[::1]"
+    # reached /metrics' getaddrinfo, which cannot resolve it: neither spelling of an IPv6 host started.
+    import socket
+    import urllib.request
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", host=host, port=0, metrics_port=free_port(), health_port=free_port(), data_dir=str(tmp_path / "data"))
+    server = ExplaindServer(config)
+    try:
+        port = server.start()
+        for bound in (port, server.health_port):
+            with Client(f"[::1]:{bound}", timeout=10) as client:
+                assert client.health() == "NOT_SERVING"  # answered: the models are not loaded
+        assert urllib.request.urlopen(f"http://[::1]:{server.metrics_port}/metrics", timeout=10).status == 200
+    finally:
+        server.stop(0)
 
 
 def test_a_stopped_server_closes_its_metrics_socket_itself_and_frees_the_port(tmp_path, classifier_dir):

@@ -161,14 +161,15 @@ class Metrics:
 
         A wildcard host listens on IPv6 and IPv4 alike, as gRPC does on it: an IPv6-only
         cluster's Prometheus scrapes the pod's IPv6 address."""
-        wildcard, server = host in ("0.0.0.0", "::", "[::]"), None
+        host = host.removeprefix("[").removesuffix("]")  # "[::1]", as gRPC takes it, is no address to getaddrinfo
+        wildcard, server = host in ("0.0.0.0", "::"), None
         if wildcard and socket.has_ipv6:
             try:
                 server = make_server("::", port, make_wsgi_app(self.registry), _DualStackServer, handler_class=_QuietHandler)
             except OSError as error:  # IPv6 off in the kernel or the pod: IPv4 only; a port in use is the caller's
                 if error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     raise
-        if server is None:  # a named host, or a wildcard with IPv6 off: IPv4's ("[::]" is no address to getaddrinfo)
+        if server is None:  # a named host, or a wildcard with IPv6 off: IPv4's
             family, _, _, _, address = socket.getaddrinfo("0.0.0.0" if wildcard else host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
             server_class = type("_MetricsServerOfFamily", (_MetricsServer,), {"address_family": family})
             server = make_server(str(address[0]), port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)

@@ -145,7 +145,7 @@ class ExplaindServer:
             try:
                 self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
             except OSError as error:
-                raise OSError(f"cannot bind metrics {settings.host}:{settings.metrics_port}: {error.strerror}") from None
+                raise OSError(f"cannot bind metrics {_host_port(settings.host, settings.metrics_port)}: {error.strerror}") from None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -164,7 +164,7 @@ class ExplaindServer:
         _enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = _bind(server, f"{settings.host}:{settings.port}", self._tls.server_credentials() if self._tls else None)
+            self.port = _bind(server, _host_port(settings.host, settings.port), self._tls.server_credentials() if self._tls else None)
             if settings.health_port:
                 self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port)
         except OSError:
@@ -192,7 +192,7 @@ class ExplaindServer:
         answer by closing it (GOAWAY too_many_pings)."""
         server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0), *keepalive_options()])
         health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), server)
-        bound = _bind(server, f"{host}:{port}", None, what="health ")
+        bound = _bind(server, _host_port(host, port), None, what="health ")
         server.start()
         return server, bound
 
@@ -416,6 +416,12 @@ def _store_failure(data_dir: str, error: Exception) -> StoreOpenError:
     return StoreOpenError(f"cannot use the store in {data_dir}: {error}{remedy}")
 
 
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC and URLs take it, an IPv6 address in brackets ("[::1]:50051"):
+    gRPC could not bind "::1:50051" nor ":::50051", and blamed the port."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, what: str = "") -> int:
     """Bind ``address`` (host:port) with TLS ``credentials`` or in plaintext; the port, or
     OSError naming the address."""
@@ -444,7 +450,7 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False
 
@@ -501,16 +507,16 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     except BaseException:
         server.store.close()  # and with it the data dir's lock
         raise
-    metrics = f", metrics http://{config.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    metrics = f", metrics http://{_host_port(config.server.host, server.metrics_port)}/metrics" if server.metrics_port else ""
     tls = (" with mutual TLS" if config.server.tls_client_ca_file else " with TLS") if config.server.tls_cert_file else ""
-    health_port = f", health (plaintext) {config.server.host}:{server.health_port}" if server.health_port else ""
+    health_port = f", health (plaintext) {_host_port(config.server.host, server.health_port)}" if server.health_port else ""
     traces = f", traces to {config.tracing.otlp_endpoint}" if config.tracing.otlp_endpoint else ""
-    log.info("listening on %s:%d%s%s%s%s (config: %s, data dir: %s)", config.server.host, port, tls, metrics, health_port, traces, config.source,
+    log.info("listening on %s%s%s%s%s (config: %s, data dir: %s)", _host_port(config.server.host, port), tls, metrics, health_port, traces, config.source,
              Path(config.server.data_dir).resolve())
     settings = config.server
     if (settings.token or settings.token_file or settings.callers_file) and not settings.tls_cert_file and not _is_loopback(settings.host):
-        log.warning("callers' tokens reach %s:%d in plaintext: serve with TLS ([server].tls_cert_file), or behind a proxy or "
-                    "service mesh that terminates it", settings.host, port)
+        log.warning("callers' tokens reach %s in plaintext: serve with TLS ([server].tls_cert_file), or behind a proxy or "
+                    "service mesh that terminates it", _host_port(settings.host, port))
     # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
     # take minutes, longer than Kubernetes waits before it kills the pod.
     load_failures: list[Exception] = []
