@@ -19,9 +19,11 @@ NOT_NEGATIVE = [
     "jobs.retention_days", "jobs.max_run_seconds", "jobs.max_queued_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
 ]
 AT_LEAST_ONE = [
-    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes", "server.max_workers", "batching.max_batch_size",
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes", "batching.max_batch_size",
     "batching.max_queue_size", "batching.max_images_per_request", "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 ]
+# A stream or wait may hold half the gRPC threads, and one at least: with one thread it held them all.
+AT_LEAST_TWO = ["server.max_workers"]
 # Sent as int32 (RequestLimits) or passed to gRPC or torch as a C int.
 C_INT = [
     "server.max_message_bytes", "server.max_concurrent_rpcs", "server.max_samples_per_caller", "runtime.num_threads",
@@ -45,7 +47,7 @@ def test_keys_where_0_means_something_take_0_and_refuse_below_it(tmp_path, class
         config_with(tmp_path, classifier_dir, key, -1)
 
 
-@pytest.mark.parametrize("key", NOT_NEGATIVE + AT_LEAST_ONE)
+@pytest.mark.parametrize("key", NOT_NEGATIVE + AT_LEAST_ONE + AT_LEAST_TWO)
 def test_only_the_never_ending_durations_take_inf(tmp_path, classifier_dir, key):
     # An integer key, or one with an upper bound, given inf must stop the start by name,
     # not overflow a timer or a C int later.
@@ -65,6 +67,15 @@ def test_sizes_and_counts_take_1_and_refuse_0(tmp_path, classifier_dir, key):
     assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 1, **fitted), section), name) == 1
     with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at least 1, got 0"):
         config_with(tmp_path, classifier_dir, key, 0)
+
+
+@pytest.mark.parametrize("key", AT_LEAST_TWO)
+def test_thread_pools_that_streams_hold_half_of_take_2_and_refuse_1(tmp_path, classifier_dir, key):
+    # With one gRPC thread, one health Watch (which needs no token) left none for any other call.
+    section, _, name = key.partition(".")
+    assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 2), section), name) == 2
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at least 2, got 1"):
+        config_with(tmp_path, classifier_dir, key, 1)
 
 
 @pytest.mark.parametrize("key", C_INT)

@@ -5882,7 +5882,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, classifier_dir):
         ({"jobs": {"gpu_workers": 0}}, r"\[jobs\].gpu_workers must be at least 1, got 0"),
         ({"jobs": {"max_queued": -1}}, r"\[jobs\].max_queued must be at least 1, got -1"),
         ({"batching": {"max_images_per_request": 0}}, r"\[batching\].max_images_per_request must be at least 1"),
-        ({"server": {"max_workers": 0}}, r"\[server\].max_workers must be at least 1"),
+        ({"server": {"max_workers": 0}}, r"\[server\].max_workers must be at least 2"),
         ({"server": {"max_pixels_per_request": 0}}, r"\[server\].max_pixels_per_request must be at least 1"),
         ({"server": {"grace_period_s": -5}}, r"\[server\].grace_period_s must be at least 0, got -5.0"),
         ({"jobs": {"gpu_workers": 1.5}}, r"\[jobs\].gpu_workers must be an integer, got 1.5"),

@@ -75,10 +75,14 @@ CLIP_SETTINGS_FILE = "explaind.json"
 
 # Sizes, counts and thread pools: 0 or less would fail later as a traceback or INTERNAL.
 _AT_LEAST_ONE = (
-    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes", "server.max_workers",
+    "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes",
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request",
     "jobs.max_queued", "jobs.gpu_workers", "jobs.evaluate_batch_size",
 )
+# Streams and waits (WatchOperation, WaitOperation, health's Watch) may hold half the gRPC
+# threads, and one at least (explaind.service.interceptors.HeldCalls): with a single thread,
+# one watch left none for any other call, Predict and CancelOperation included.
+_AT_LEAST_TWO = ("server.max_workers",)
 # 0 means something here (any port, no metrics, no grace, no reserve, no upload expiry, the model's size, stretched images,
 # torch's threads, keeping operations, no run-time limit, no per-caller queue limit, 4 x max_workers); below 0 nothing does.
 _NOT_NEGATIVE = (
@@ -736,7 +740,7 @@ def _validate(path: Path | str, config: Config) -> None:
             value = getattr(values, key_field.name)
             if isinstance(value, float) and math.isnan(value):  # it compares false with every limit
                 raise ConfigError(f"{path}: [{section_field.name}].{key_field.name} must be a number, got nan")
-    for least, keys in ((1, _AT_LEAST_ONE), (0, _NOT_NEGATIVE)):
+    for least, keys in ((1, _AT_LEAST_ONE), (2, _AT_LEAST_TWO), (0, _NOT_NEGATIVE)):
         for key in keys:
             section, _, name = key.partition(".")
             value = getattr(getattr(config, section), name)
