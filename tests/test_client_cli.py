@@ -2039,6 +2039,17 @@ def test_json_logging_prints_huggingface_hub_warnings_once_as_json():
         ("huggingface_hub.utils._http", "Retrying in 1s")], done.stderr
 
 
+def test_json_logging_prints_torch_s_warnings_once_as_json():
+    # torch's loggers had a stderr handler of their own: a .pt file given to the export loader
+    # logged "W1207 07:50:14.036000 2931 torch/export/...] Unable to load package" as a plain line.
+    script = ("import logging\nimport torch\nfrom explaind.logs import configure_logging\nconfigure_logging('json')\n"  # torch first, as serve imports it
+              "logging.getLogger('torch.export.pt2_archive._package').warning('Unable to load package')\n"
+              "logging.getLogger('torch._dynamo').warning('recompiling')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert [(line["logger"], line["message"]) for line in map(json.loads, done.stderr.splitlines())] == [
+        ("torch.export.pt2_archive._package", "Unable to load package"), ("torch._dynamo", "recompiling")], done.stderr
+
+
 @pytest.mark.parametrize("loader", ["export", "torchscript"])
 def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_output_json_too(tmp_path, loader):
     # torch printed a traceback (export) or a FutureWarning (torchscript) as plain lines.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import importlib
 import json
 import logging
 import sys
@@ -93,6 +94,7 @@ def configure_logging(log_format: str) -> None:
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     _silence_libtiff()
     _drop_huggingface_handler()
+    _drop_torch_handlers()
     logging.getLogger("explaind").setLevel(logging.INFO)
 
 
@@ -108,6 +110,25 @@ def _drop_huggingface_handler() -> None:
     root = huggingface_logging.get_logger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+
+
+def _drop_torch_handlers() -> None:
+    """torch puts a stderr handler of its own on each of its loggers (torch, torch.export,
+    torch._dynamo, ...) and stops their lines there: a weights file the export loader could
+    not read logged "W1207 07:50:14.036000 2931 torch/export/...] Unable to load package"
+    outside the log's format (a JSON log's one object a line). Their lines go through the
+    root handler alone; the loggers torch keeps quiet (no handler, no propagation) stay so."""
+    try:
+        importlib.import_module("torch")  # its import sets its loggers up
+    except ImportError:  # a client without the server's dependencies
+        return
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not (isinstance(logger, logging.Logger) and name.partition(".")[0] == "torch"):
+            continue
+        if own := [handler for handler in logger.handlers if getattr(handler, "stream", None) is sys.stderr]:
+            for handler in own:
+                logger.removeHandler(handler)
+            logger.propagate = True
 
 
 def _silence_libtiff() -> None:
