@@ -1963,6 +1963,11 @@ def test_serve_refuses_an_empty_file_name_rather_than_serving_without_auth_or_tl
     assert f"serve: {flag} needs a file name" in _usage_error(capsys, ["serve", flag, ""])
 
 
+def test_serve_refuses_an_empty_config_file_name_naming_the_flag(capsys):
+    # An unset $VAR in `--config "$CONFIG"` was read as the directory ".": "cannot read the config file .: Is a directory".
+    assert "serve: --config needs a file name (without --config it serves the shapes world)" in _usage_error(capsys, ["serve", "--config", ""])
+
+
 def test_serve_refuses_a_token_and_a_token_file_together(capsys, tmp_path):
     config = tmp_path / "explaind.toml"
     config.write_text('[server]\ntoken = "s3cret"\n')

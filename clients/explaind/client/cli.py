@@ -2114,6 +2114,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         for key in ("token_file", "callers_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if getattr(args, key) == "":
                 usage_error(f"serve: {_SERVE_OVERRIDES[key][1]} needs a file name")
+        if args.config == "":  # read as the directory ".": "cannot read the config file .: Is a directory"
+            usage_error("serve: --config needs a file name (without --config it serves the shapes world)")
     return args
 
 
