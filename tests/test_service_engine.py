@@ -8764,6 +8764,21 @@ def test_a_diffusers_directory_whose_components_need_an_absent_package_names_it_
         load_diffusion(DiffusionSection(path=str(tmp_path)), no_clip, required=True)
 
 
+def test_a_diffusers_directory_whose_component_is_a_diffusers_pipeline_module_is_loaded_not_refused_as_a_package(tmp_path):
+    # Stable Diffusion 1.x's model_index.json names its safety checker ["stable_diffusion", ...]: diffusers' own
+    # diffusers.pipelines.stable_diffusion, no package. It was refused "pip install stable_diffusion", a name on PyPI
+    # that is not diffusers', where transformers was installed.
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    index = {"_class_name": "StableDiffusionPipeline", "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    status = load_diffusion(DiffusionSection(path=str(tmp_path)), ComponentStatus("clip", False, "", "not configured"), required=False)
+    # Given to diffusers, which fails on the missing component directories, not before.
+    assert not status.loaded and status.detail.startswith(f"cannot load the diffusion pipeline ([diffusion].path) from {tmp_path}: "), status.detail
+
+
 def test_a_diffusers_directory_that_fails_to_load_is_reported_or_refused_as_required(tmp_path):
     # Optional, the server starts without it and says why; required, it does not start.
     from explaind.config import DiffusionSection

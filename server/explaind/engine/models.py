@@ -1060,9 +1060,16 @@ def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
         if not (isinstance(value, list) and len(value) == 2 and isinstance(library := value[0], str)):  # [null, null]: none; "_class_name"
             continue
         custom_code = index_file.parent / component / f"{library}.py"  # a component of the directory's own code
-        if importlib.util.find_spec(library.split(".")[0]) is None and not custom_code.is_file():
+        if importlib.util.find_spec(library.split(".")[0]) is None and not custom_code.is_file() and not _is_diffusers_pipeline_module(library):
             absent.setdefault(library, []).append(f"{component} ({value[1]})")
     return absent
+
+
+def _is_diffusers_pipeline_module(library: str) -> bool:
+    """Whether a component's ``library`` is a module of ``diffusers.pipelines``, where
+    diffusers looks first: Stable Diffusion 1.x's safety checker is ``["stable_diffusion",
+    "StableDiffusionSafetyChecker"]``, no package to install."""
+    return library.isidentifier() and importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
 
 
 def _optional_failure(name: str, source: str, detail: str, required: bool) -> ComponentStatus:
