@@ -109,6 +109,9 @@ def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_pat
     ("classifier.class_names", "cat", r"\[classifier\]\.class_names must be a list, got 'cat'"),
     ("classifier.mean", [True, True, True], r"\[classifier\]\.mean must be a list of numbers, got \[True, True, True\]"),
     ("server.host", "  ", r"\[server\]\.host must be an address to listen on .* got '  '"),
+    # With its port: gRPC's bind failure blamed "another server using the port" on "[0.0.0.0:50051]:50051".
+    ("server.host", "0.0.0.0:50051", r"\[server\]\.host must be an address without a port \(that is \[server\]\.port\), got '0.0.0.0:50051'$"),
+    ("server.host", "[::1]:50051", r"\[server\]\.host must be an address without a port \(that is \[server\]\.port\), got '\[::1\]:50051'$"),
     ("server.log_format", "xml", r"\[server\]\.log_format must be one of .* got 'xml'"),
     ("server.token", "a b", r"\[server\]\.token holds a character other than printable ASCII"),
     ("runtime.backend", "tvm", r"\[runtime\]\.backend must be one of .* got 'tvm'"),
@@ -123,6 +126,11 @@ def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_pat
 def test_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path, classifier_dir, key, value, error):
     with pytest.raises(ConfigError, match=r"c.toml: " + error):
         config_with(tmp_path, classifier_dir, key, value)
+
+
+@pytest.mark.parametrize("host", ["::", "[::]", "::1", "[::1]", "::ffff:127.0.0.1", "fe80::1%eth0", "[fe80::1%eth0]", "explaind.internal"])
+def test_ipv6_hosts_with_or_without_brackets_and_host_names_are_addresses_to_listen_on(tmp_path, classifier_dir, host):
+    assert config_with(tmp_path, classifier_dir, "server.host", host).server.host == host
 
 
 @pytest.mark.parametrize(("name", "bad"), [("mean", float("nan")), ("mean", float("inf")), ("mean", -float("inf")), ("std", float("inf"))])

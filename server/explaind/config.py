@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import json
 import math
 import re
@@ -449,6 +450,15 @@ def default_config() -> Config:
     )
 
 
+def _is_ipv6_address(text: str) -> bool:
+    """Whether ``text`` is an IPv6 address ("::1", "fe80::1%eth0"): the one kind of host with a colon."""
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Parse a TOML config; with ``None`` the shapes-world defaults. Relative paths in
     the file are resolved against the file's directory."""
@@ -791,6 +801,9 @@ def _validate(path: Path | str, config: Config) -> None:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")
     if not server.host.strip():  # an unset variable in `--host "$HOST"`: gRPC's bind failure would blame the port
         raise ConfigError(f"{path}: [server].host must be an address to listen on (127.0.0.1, or 0.0.0.0 for every interface), got {server.host!r}")
+    if ":" in server.host and not _is_ipv6_address(server.host.removeprefix("[").removesuffix("]")):
+        # "0.0.0.0:50051" reached gRPC as "[0.0.0.0:50051]:50051", whose bind failure blamed another server using the port.
+        raise ConfigError(f"{path}: [server].host must be an address without a port (that is [server].port), got {server.host!r}")
     if not server.data_dir.strip():  # it would be the working directory, whatever that is
         raise ConfigError(f"{path}: [server].data_dir must name a directory, got {server.data_dir!r}")
     taken: dict[int, str] = {}  # port -> the key that took it (0: any free port, or off)
