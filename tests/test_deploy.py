@@ -615,10 +615,11 @@ def test_helm_chart_gives_the_pod_time_for_the_servers_whole_shutdown(chart_rend
     assert values["terminationGracePeriodSeconds"] >= ServerSection.grace_period_s + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
     for config in ('[server]\ngrace_period_s = 60\n', 'server.grace_period_s = 60.5\n', 'server = { port = 50051, grace_period_s = 60 }\n',
                    '[server]\n"grace_period_s" = 11\n', '[server]\ngrace_period_s = 1e2\n', '[server]\ngrace_period_s = +60\n',
-                   '[server]\ngrace_period_s = 1_00\n'):  # TOML's other ways to write a number: the digits before the "e", "+" or "_" alone passed
+                   '[server]\ngrace_period_s = 1_00\n',  # TOML's other ways to write a number: the digits before the "e", "+" or "_" alone passed
+                   '[server]\ngrace_period_s = 0x3c\n', '[server]\ngrace_period_s = 0o74\n', '[server]\ngrace_period_s = 0b111100\n'):  # and the "0" before the x, o or b
+        grace = float(tomllib.loads(config)["server"]["grace_period_s"])  # as the server reads it
         refused = render_chart(chart_renderer, config=config)
-        assert refused.returncode != 0 and "terminationGracePeriodSeconds (45) must be at least config's [server].grace_period_s" in refused.stderr, config
-        grace = float(re.search(r"grace_period_s\"? = ([^\s,}]+)", config)[1])
+        assert refused.returncode != 0 and f"terminationGracePeriodSeconds (45) must be at least config's [server].grace_period_s ({grace:g})" in refused.stderr, config
         shutdown = grace + ABORTED_JOBS_WAIT_S + FINAL_STATE_MARGIN_S
         pod = rendered(chart_renderer, config=config, terminationGracePeriodSeconds=math.ceil(shutdown) + 4)["StatefulSet"]["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] > shutdown, config
