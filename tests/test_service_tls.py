@@ -119,7 +119,7 @@ def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, c
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
-                                                ("explaind.internal", False)])
+                                                ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.7", False), ("explaind.internal", False)])
 def test_only_loopback_addresses_count_as_taking_connections_from_this_machine_alone(host, loopback):
     # A host name other than localhost may resolve to any address: its callers' tokens
     # may cross the network, so the plaintext warning is due.

@@ -450,9 +450,11 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
     except ValueError:
         return False
+    # "::ffff:127.0.0.1", IPv4's loopback on an IPv6 socket: Python before 3.13 says no loopback.
+    return address.is_loopback or bool(isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and address.ipv4_mapped.is_loopback)
 
 
 def check_temporary_directory() -> None:
