@@ -106,7 +106,7 @@ def _trims(log: Path) -> tuple[int, float]:
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--message-mib", type=positive_int, default=64, help=f"[server].max_message_bytes in MiB, at most {MAX_MESSAGE_MIB}")
-    parser.add_argument("--workers", type=positive_int, default=4, help="[server].max_workers")
+    parser.add_argument("--workers", type=positive_int, default=4, help="[server].max_workers, at least 2")
     parser.add_argument("--levels", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="requests sent at once, in turn")
     parser.add_argument("--requests", nargs="+", choices=list(DECODE_MESSAGES), default=list(DECODE_MESSAGES), help="the requests to send, in turn")
     parser.add_argument("--decode-mib", type=positive_int, help="[server].max_decode_bytes in MiB (default: the config's)")
@@ -115,6 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.message_mib > MAX_MESSAGE_MIB:
         parser.error(f"argument --message-mib: at most {MAX_MESSAGE_MIB} (one float16 image of 4096x4096)")
+    if args.workers < 2:  # the server refuses fewer (explaind.config), unseen here: its output goes nowhere
+        parser.error("argument --workers: at least 2, as [server].max_workers must be")
     message_bytes = args.message_mib * MIB
     root = Path(tempfile.mkdtemp(prefix="request-memory-"))
     config = root / "explaind.toml"

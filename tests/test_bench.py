@@ -84,6 +84,13 @@ def test_the_request_memory_bench_prints_each_level_s_peak_against_the_documente
     assert refused.returncode == 2 and "argument --message-mib: at most 96" in refused.stderr
 
 
+def test_the_request_memory_bench_refuses_one_worker_which_the_server_it_starts_would():
+    # [server].max_workers must be at least 2: the server refused its config unseen (stderr to /dev/null),
+    # and the bench waited 300 s for it to be ready.
+    refused = subprocess.run([sys.executable, str(BENCH / "request_memory.py"), "--workers", "1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "argument --workers: at least 2, as [server].max_workers must be" in refused.stderr, refused.stderr
+
+
 def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
     run = _run(str(BENCH / "predict_under_load.py"), "--rounds", "1", "--seconds", "0.3", "--eval-images", "64", "--neurons", "1")
     assert run.returncode == 0, run.stderr
