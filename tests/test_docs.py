@@ -361,11 +361,14 @@ def _unresolved_names(text: str) -> list[str]:
             descriptor = importlib.import_module(f"explaind.v1.{module.name}").DESCRIPTOR
             for message in descriptor.message_types_by_name.values():
                 fields[message.name] = {field.name for field in message.fields}
-    classes = {name: value for module in (explaind.client, explaind.client.report, explaind.methods.neuroinspect)
-               for name, value in vars(module).items() if inspect.isclass(value)}
+    classes: dict[str, list[type]] = {}  # by name: the SDK's NeuronRanking and the methods' are two classes
+    for module in (explaind.client, explaind.client.report, explaind.methods.neuroinspect):
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and value not in classes.setdefault(name, []):
+                classes[name].append(value)
     for owner, attribute in set(re.findall(r"`([A-Z]\w+)\.([a-z_]\w*)(?:\(\))?`", text)):
         if owner in classes:
-            known = hasattr(classes[owner], attribute) or attribute in getattr(classes[owner], "__dataclass_fields__", {})
+            known = any(hasattr(each, attribute) or attribute in getattr(each, "__dataclass_fields__", {}) for each in classes[owner])
         elif owner in fields and owner != "Image":  # `Image.open` is Pillow's
             known = attribute in fields[owner]
         else:
