@@ -8764,6 +8764,25 @@ def test_a_diffusers_directory_whose_components_need_an_absent_package_names_it_
         load_diffusion(DiffusionSection(path=str(tmp_path)), no_clip, required=True)
 
 
+def test_a_stable_diffusion_directory_without_transformers_says_to_install_the_stable_diffusion_extra(tmp_path, monkeypatch):
+    # The extra, not `pip install transformers`: that would take whichever release is newest, not the range
+    # explaind declares for its diffusers.
+    import importlib.util
+
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "transformers" else find_spec(name, *args))
+    status = load_diffusion(DiffusionSection(path=str(tmp_path)), ComponentStatus("clip", False, "", "not configured"), required=False)
+    assert not status.loaded and status.detail == (
+        f"[diffusion].path: {tmp_path / 'model_index.json'} loads text_encoder (CLIPTextModel), tokenizer (CLIPTokenizer) with the "
+        "'transformers' package, which is not installed: pip install 'explaind[stable-diffusion]'")
+
+
 def test_a_diffusers_directory_whose_component_is_a_diffusers_pipeline_module_is_loaded_not_refused_as_a_package(tmp_path):
     # Stable Diffusion 1.x's model_index.json names its safety checker ["stable_diffusion", ...]: diffusers' own
     # diffusers.pipelines.stable_diffusion, no package. It was refused "pip install stable_diffusion", a name on PyPI

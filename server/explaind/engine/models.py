@@ -1020,7 +1020,7 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
         return _optional_failure(
             "diffusion", section.path,
             f"[diffusion].path: {directory / 'model_index.json'} loads {', '.join(components)} with the {library!r} package, which is not "
-            f"installed: pip install {library}", required
+            f"installed: {_install_command(library)}", required
         )
     if not has_index and not clip.loaded:
         return _optional_failure(
@@ -1044,12 +1044,22 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
 # What a diffusers directory without model_index.json must hold: the shapes world's layout.
 _WORLD_T2I_PARTS = ("vae", "unet", "scheduler")
 
+# The packages a diffusers component may need that an explaind extra installs, by extra:
+# its version range is explaind's, which a bare `pip install transformers` would not keep.
+_EXTRA_OF_PACKAGE = {"transformers": "stable-diffusion"}
+
+
+def _install_command(package: str) -> str:
+    """What installs ``package``: explaind's extra that declares it, else the package itself."""
+    extra = _EXTRA_OF_PACKAGE.get(package)
+    return f"pip install 'explaind[{extra}]'" if extra else f"pip install {package}"
+
 
 def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
     """Package -> the components of a diffusers ``model_index.json`` it loads, for each
     package that is not installed ({} when none is missing, or the file is no JSON object,
     which diffusers then reports). A Stable Diffusion directory's text encoder and tokenizer
-    are ``transformers``', no dependency of explaind: without it, diffusers failed with
+    are ``transformers``' (the ``stable-diffusion`` extra): without it, diffusers failed with
     "AttributeError: 'super' object has no attribute '__getattr__'"."""
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
