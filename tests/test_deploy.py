@@ -302,7 +302,8 @@ def test_the_image_installs_the_project_dependencies_before_copying_the_sources(
     shutil.copy(DEPLOY.parent / "pyproject.toml", tmp_path)
     listed = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines()
     project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
-    assert listed == project["dependencies"] + project["optional-dependencies"]["tracing"] and "torch==2.14.1" in listed
+    extras = project["optional-dependencies"]
+    assert listed == project["dependencies"] + extras["tracing"] + extras["stable-diffusion"] and "torch==2.14.1" in listed
 
 def test_the_image_builds_on_a_named_debian_release_and_the_projects_python():
     """python:3.11-slim follows Debian's newest release: a rebuild of the same sources got
